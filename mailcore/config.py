@@ -1,0 +1,193 @@
+"""Daemon and CLI configuration: command-line options over an optional TOML file.
+
+The precedence is command line, then the TOML file, then the embedded defaults. The result
+is one frozen `Config` that every service receives through its constructor.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+
+DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
+DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs to know, resolved once at start-up."""
+
+    data_dir: Path = Path("var")
+    db_url: str | None = None
+    smtp_endpoints: tuple[str, ...] = (DEFAULT_SMTP,)
+    http_endpoints: tuple[str, ...] = (DEFAULT_HTTP,)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    hostname: str = "localhost"
+    # HTTP
+    http_max_body: int = 25 * 1024 * 1024
+    session_token_ttl: int = 3600
+    # Sections of the TOML file that later services read (smtp, queue, filters, fetch ...).
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL: the one given, else SQLite in the data directory."""
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.data_dir / 'mailcore.sqlite').resolve()}"
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The TOML table `[name]`, empty when absent."""
+        return dict(self.sections.get(name, {}))
+
+
+# TOML keys at the top level that map onto Config fields, and their types.
+_TOP_LEVEL: dict[str, type] = {
+    "data_dir": str,
+    "db": str,
+    "smtp": list,
+    "http": list,
+    "tls_cert": str,
+    "tls_key": str,
+    "hostname": str,
+    "http_max_body": int,
+    "session_token_ttl": int,
+}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file, turning every failure into a one-line ConfigError."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    return data
+
+
+def config_from_toml(data: dict[str, Any]) -> Config:
+    """Build a Config from a parsed TOML document, checking the types of known keys."""
+    values: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            sections[key] = value
+            continue
+        expected = _TOP_LEVEL.get(key)
+        if expected is None:
+            raise ConfigError(f"unknown config key: {key}")
+        if expected is list:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"config key {key} must be a string or a list of strings")
+        elif not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"config key {key} must be of type {expected.__name__}")
+        values[key] = value
+    return _apply(Config(sections=sections), values)
+
+
+def _apply(config: Config, values: dict[str, Any]) -> Config:
+    """Overlay option values (TOML or command-line spelling) on a Config."""
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "data_dir":
+            changes["data_dir"] = Path(value)
+        elif key == "db":
+            changes["db_url"] = value
+        elif key == "smtp":
+            changes["smtp_endpoints"] = tuple(value)
+        elif key == "http":
+            changes["http_endpoints"] = tuple(value)
+        elif key in ("tls_cert", "tls_key"):
+            changes[key] = Path(value)
+        elif key in {f.name for f in fields(Config)}:
+            changes[key] = value
+    return replace(config, **changes)
+
+
+class CommonOptions(usage.Options):
+    """Options shared by the daemon and the admin CLI: where the data lives."""
+
+    optParameters: list[list[Any]] = [
+        ["data-dir", None, None,
+         "Directory for the database, keys and certificates [default: ./var]."],
+        ["db", None, None, "SQLAlchemy database URL [default: SQLite in the data directory]; "
+         "postgresql+psycopg://user:pass@host/db for PostgreSQL."],
+        ["config", "c", None, "TOML configuration file; command-line options win over it."],
+    ]
+
+    def resolve(self) -> Config:
+        """The effective Config: defaults, then the TOML file, then these options."""
+        config = Config()
+        if self["config"]:
+            config = config_from_toml(load_toml(Path(self["config"])))
+        return _apply(config, self.overrides())
+
+    def overrides(self) -> dict[str, Any]:
+        """Values given on the command line, in TOML spelling."""
+        return {"data_dir": self["data-dir"], "db": self["db"]}
+
+
+class DaemonOptions(CommonOptions):
+    """`twistd mailcore` options."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Mailcore gateway: the SMTP MX relay, the fetch engine and the HTTP APIs, "
+        "in one process. Listeners are Twisted endpoint strings, e.g. "
+        "tcp:2525:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem."
+    )
+    optParameters: list[list[Any]] = [
+        *CommonOptions.optParameters,
+        ["tls-cert", None, None, "PEM certificate for STARTTLS [default: self-signed, generated "
+         "in the data directory on first start]."],
+        ["tls-key", None, None, "PEM private key matching --tls-cert."],
+        ["hostname", None, None, "Host name announced in SMTP greetings and Received headers "
+         "[default: localhost]."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["smtp"] = []
+        self["http"] = []
+
+    def opt_smtp(self, endpoint: str) -> None:
+        """SMTP listener endpoint (repeatable) [default: tcp:2525:interface=127.0.0.1]."""
+        self["smtp"].append(endpoint)
+
+    def opt_http(self, endpoint: str) -> None:
+        """HTTP listener endpoint (repeatable) [default: tcp:8080:interface=127.0.0.1]."""
+        self["http"].append(endpoint)
+
+    def overrides(self) -> dict[str, Any]:
+        values = super().overrides()
+        values.update(
+            smtp=self["smtp"] or None,
+            http=self["http"] or None,
+            tls_cert=self["tls-cert"],
+            tls_key=self["tls-key"],
+            hostname=self["hostname"],
+        )
+        return values
+
+    def postOptions(self) -> None:
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        try:
+            self.config = self.resolve()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None

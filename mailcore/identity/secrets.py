@@ -1,0 +1,36 @@
+"""Credential secrets: generation, the stored digest and the lookup prefix.
+
+A secret is 160 random bits as 40 hex characters (the shape DRF tokens and safedrop keys
+have). Only SHA-256 of it is stored; its first PREFIX_LEN characters are stored in clear to
+find candidate rows, and the digest is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets as _secrets
+
+SECRET_BYTES = 20
+PREFIX_LEN = 8
+
+
+def new_secret() -> str:
+    return _secrets.token_hex(SECRET_BYTES)
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def prefix_of(secret: str) -> str:
+    return secret[:PREFIX_LEN]
+
+
+def well_formed(secret: str) -> bool:
+    """Cheap shape check before touching the store: 40 lower-case hex characters."""
+    return len(secret) == 2 * SECRET_BYTES and all(c in "0123456789abcdef" for c in secret)
+
+
+def matches(stored_digest: bytes, secret: str) -> bool:
+    return hmac.compare_digest(stored_digest, digest(secret))

@@ -1,0 +1,445 @@
+"""Identity: users, their profiles, passwords and credentials of every kind.
+
+One mechanism serves every API: a credential row has a kind ("apikey", "token", "session"),
+scopes, and optionally an expiry. `resolve` turns a presented secret into a Principal, or
+None; the web layer turns None into each API's own 401.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import secrets as _random
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.identity import passwords
+from mailcore.identity import secrets as creds
+from mailcore.store import Database
+from mailcore.store.schema import credentials, users
+from mailcore.workers import CpuPool
+
+KINDS = ("apikey", "token", "session")
+PROFILE_FIELDS = (
+    "nic",
+    "first_name",
+    "last_name",
+    "email",
+    "organisation",
+    "tva_intra",
+    "address",
+    "city",
+    "zip",
+    "country",
+    "phone",
+)
+EDITABLE_PROFILE_FIELDS = tuple(f for f in PROFILE_FIELDS if f != "nic")
+PLANS = ("free", "standard", "agency")
+_USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,253}$")
+# last_used_at is refreshed at most this often, so that reads do not become writes.
+_LAST_USED_GRANULARITY = 300
+
+
+class IdentityError(Exception):
+    """A user or credential operation was refused; `field` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    email: str
+    nic: str
+    first_name: str
+    last_name: str
+    organisation: str
+    tva_intra: str
+    address: str
+    city: str
+    zip: str
+    country: str
+    phone: str
+    plan: str
+    is_active: bool
+    created_at: datetime.datetime
+
+    def profile(self) -> dict[str, str]:
+        """Seed 004's User object."""
+        return {f: getattr(self, f) for f in PROFILE_FIELDS}
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    """A credential as it may be shown: never the secret, never the digest."""
+
+    id: int
+    kind: str
+    prefix: str
+    label: str
+    scopes: tuple[str, ...]
+    created_at: datetime.datetime
+    expires_at: datetime.datetime | None
+    last_used_at: datetime.datetime | None
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as, and through which credential."""
+
+    user: User
+    credential_id: int | None
+    kind: str
+    scopes: tuple[str, ...]
+
+    def allows(self, scope: str) -> bool:
+        return "*" in self.scopes or scope in self.scopes
+
+
+def utc(value: datetime.datetime | None) -> datetime.datetime | None:
+    """SQLite hands back naive datetimes; every time we store is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=datetime.UTC)
+    return value
+
+
+def _user(row: Any) -> User:
+    m = row._mapping
+    return User(
+        id=m["id"],
+        username=m["username"],
+        **{k: m[k] for k in PROFILE_FIELDS},
+        plan=m["plan"],
+        is_active=bool(m["is_active"]),
+        created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+    )
+
+
+def _credential(row: Any) -> CredentialInfo:
+    m = row._mapping
+    return CredentialInfo(
+        id=m["id"],
+        kind=m["kind"],
+        prefix=m["prefix"],
+        label=m["label"],
+        scopes=tuple(m["scopes"].split()),
+        created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+        expires_at=utc(m["expires_at"]),
+        last_used_at=utc(m["last_used_at"]),
+        revoked=m["revoked_at"] is not None,
+    )
+
+
+def normalise_email(email: str) -> str:
+    email = email.strip()
+    if not _EMAIL.match(email):
+        raise IdentityError("Enter a valid email address.", "email")
+    local, _, domain = email.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+class Identity:
+    """Users and credentials. Hashing runs on `cpu`, SQL on the store's pool."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        cpu: CpuPool,
+        *,
+        session_ttl: int = 3600,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.cpu = cpu
+        self.session_ttl = session_ttl
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+
+    # -- users ----------------------------------------------------------------------------
+
+    async def create_user(
+        self,
+        username: str,
+        email: str,
+        password: str | None = None,
+        *,
+        plan: str = "free",
+        **profile: str,
+    ) -> User:
+        """A new active user. Raises IdentityError on bad input or a taken name/email."""
+        if not _USERNAME.match(username):
+            raise IdentityError(
+                "Username may contain only letters, digits and @.+-_ (150 at most).", "username"
+            )
+        email = normalise_email(email)
+        if plan not in PLANS:
+            raise IdentityError(f"Plan must be one of {', '.join(PLANS)}.", "plan")
+        unknown = set(profile) - set(EDITABLE_PROFILE_FIELDS)
+        if unknown:
+            raise IdentityError(f"Unknown profile field: {sorted(unknown)[0]}.", sorted(unknown)[0])
+        password_hash = None
+        if password is not None:
+            self._check_password(password)
+            password_hash = await self.cpu.run(passwords.hash_password, password)
+        values = {f: "" for f in EDITABLE_PROFILE_FIELDS}
+        values.update({k: str(v) for k, v in profile.items()})
+        values.update(
+            username=username,
+            email=email,
+            password_hash=password_hash,
+            nic="MC-" + _random.token_hex(4).upper(),
+            plan=plan,
+            is_active=True,
+            created_at=self.now(),
+        )
+
+        def txn(conn: Connection) -> int:
+            for column, value in (("username", username), ("email", email)):
+                taken = conn.execute(
+                    select(users.c.id).where(func.lower(users.c[column]) == value.lower())
+                ).first()
+                if taken:
+                    raise IdentityError(f"A user with that {column} already exists.", column)
+            try:
+                return int(conn.execute(insert(users).values(**values)).inserted_primary_key[0])
+            except IntegrityError:
+                raise IdentityError("A user with that username or email already exists.") from None
+
+        user_id = await self.db.run("create_user", txn)
+        user = await self.get_user(user_id)
+        assert user is not None
+        return user
+
+    @staticmethod
+    def _check_password(password: str) -> None:
+        if not 1 <= len(password) <= passwords.MAX_PASSWORD_LENGTH:
+            raise IdentityError("Password must be 1 to 1024 characters.", "password")
+
+    async def get_user(self, user_id: int) -> User | None:
+        def txn(conn: Connection) -> User | None:
+            row = conn.execute(select(users).where(users.c.id == user_id)).first()
+            return _user(row) if row else None
+
+        return await self.db.read("get_user", txn)
+
+    async def find_user(self, name_or_email: str) -> User | None:
+        """The user whose username, or else email, is `name_or_email` (case-insensitive)."""
+        key = name_or_email.strip().lower()
+
+        def txn(conn: Connection) -> User | None:
+            for column in (users.c.username, users.c.email):
+                row = conn.execute(select(users).where(func.lower(column) == key)).first()
+                if row:
+                    return _user(row)
+            return None
+
+        return await self.db.read("find_user", txn)
+
+    async def list_users(self) -> list[User]:
+        def txn(conn: Connection) -> list[User]:
+            return [_user(r) for r in conn.execute(select(users).order_by(users.c.id))]
+
+        return await self.db.read("list_users", txn)
+
+    async def update_profile(self, user_id: int, changes: dict[str, Any]) -> User:
+        """Apply seed 004 profile edits. Unknown fields and non-strings are refused."""
+        values: dict[str, str] = {}
+        for key, value in changes.items():
+            if key == "nic":
+                continue  # the nic is ours to assign; clients echo it back unchanged
+            if key not in EDITABLE_PROFILE_FIELDS:
+                raise IdentityError(f"Unknown field: {key}.", key)
+            if not isinstance(value, str):
+                raise IdentityError(f"Field {key} must be a string.", key)
+            if len(value) > 255:
+                raise IdentityError(f"Field {key} is too long (255 at most).", key)
+            values[key] = normalise_email(value) if key == "email" else value
+
+        def txn(conn: Connection) -> None:
+            if "email" in values:
+                taken = conn.execute(
+                    select(users.c.id).where(
+                        and_(func.lower(users.c.email) == values["email"].lower(),
+                             users.c.id != user_id)
+                    )
+                ).first()
+                if taken:
+                    raise IdentityError("A user with that email already exists.", "email")
+            if values:
+                conn.execute(update(users).where(users.c.id == user_id).values(**values))
+
+        await self.db.run("update_profile", txn)
+        user = await self.get_user(user_id)
+        if user is None:
+            raise IdentityError("No such user.")
+        return user
+
+    async def set_password(self, user_id: int, password: str) -> None:
+        self._check_password(password)
+        hashed = await self.cpu.run(passwords.hash_password, password)
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.id == user_id).values(password_hash=hashed))
+
+        await self.db.run("set_password", txn)
+
+    async def set_plan(self, user_id: int, plan: str) -> None:
+        if plan not in PLANS:
+            raise IdentityError(f"Plan must be one of {', '.join(PLANS)}.", "plan")
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.id == user_id).values(plan=plan))
+
+        await self.db.run("set_plan", txn)
+
+    async def authenticate_password(self, name_or_email: str, password: str) -> User | None:
+        """The active user whose password this is, else None (same cost either way)."""
+
+        def txn(conn: Connection) -> tuple[User, str | None] | None:
+            key = name_or_email.strip().lower()
+            for column in (users.c.username, users.c.email):
+                row = conn.execute(select(users).where(func.lower(column) == key)).first()
+                if row:
+                    return _user(row), row._mapping["password_hash"]
+            return None
+
+        found = await self.db.read("authenticate_password", txn)
+        stored = found[1] if found else None
+        ok = await self.cpu.run(passwords.verify_password, stored, password)
+        if not ok or found is None or not found[0].is_active:
+            return None
+        return found[0]
+
+    # -- credentials ----------------------------------------------------------------------
+
+    async def create_credential(
+        self,
+        user_id: int,
+        kind: str,
+        *,
+        label: str = "",
+        scopes: tuple[str, ...] = ("*",),
+        ttl: float | None = None,
+    ) -> tuple[str, CredentialInfo]:
+        """A new credential; returns the secret (shown once, never stored) and its info."""
+        if kind not in KINDS:
+            raise IdentityError(f"Unknown credential kind {kind!r}.")
+        if len(label) > 255:
+            raise IdentityError("Label is too long (255 at most).", "label")
+        if kind == "session" and ttl is None:
+            ttl = self.session_ttl
+        now = self.now()
+        expires = now + datetime.timedelta(seconds=ttl) if ttl is not None else None
+        secret = creds.new_secret()
+
+        def txn(conn: Connection) -> CredentialInfo:
+            if conn.execute(select(users.c.id).where(users.c.id == user_id)).first() is None:
+                raise IdentityError("No such user.")
+            new_id = conn.execute(
+                insert(credentials).values(
+                    user_id=user_id,
+                    kind=kind,
+                    prefix=creds.prefix_of(secret),
+                    digest=creds.digest(secret),
+                    label=label,
+                    scopes=" ".join(scopes),
+                    created_at=now,
+                    expires_at=expires,
+                )
+            ).inserted_primary_key[0]
+            row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
+            return _credential(row)
+
+        info = await self.db.run("create_credential", txn)
+        return secret, info
+
+    async def list_credentials(self, user_id: int, kind: str | None = None) -> list[CredentialInfo]:
+        def txn(conn: Connection) -> list[CredentialInfo]:
+            q = select(credentials).where(credentials.c.user_id == user_id)
+            if kind is not None:
+                q = q.where(credentials.c.kind == kind)
+            return [_credential(r) for r in conn.execute(q.order_by(credentials.c.id))]
+
+        return await self.db.read("list_credentials", txn)
+
+    async def revoke_credential(self, user_id: int, prefix: str, kind: str | None = None) -> int:
+        """Revoke the user's live credentials whose prefix starts with `prefix`; the count."""
+        if len(prefix) < 4:
+            raise IdentityError("Give at least 4 characters of the key prefix.", "prefix")
+        now = self.now()
+
+        def txn(conn: Connection) -> int:
+            q = update(credentials).where(
+                credentials.c.user_id == user_id,
+                credentials.c.prefix == prefix[: creds.PREFIX_LEN]
+                if len(prefix) >= creds.PREFIX_LEN
+                else credentials.c.prefix.startswith(prefix, autoescape=True),
+                credentials.c.revoked_at.is_(None),
+            )
+            if kind is not None:
+                q = q.where(credentials.c.kind == kind)
+            return int(conn.execute(q.values(revoked_at=now)).rowcount)
+
+        return await self.db.run("revoke_credential", txn)
+
+    async def resolve(self, secret: str, kinds: tuple[str, ...]) -> Principal | None:
+        """The principal a presented secret stands for, or None if it is not live."""
+        if not creds.well_formed(secret):
+            return None
+        now = self.now()
+
+        def txn(conn: Connection) -> tuple[Principal, bool] | None:
+            rows = conn.execute(
+                select(credentials).where(
+                    credentials.c.prefix == creds.prefix_of(secret),
+                    credentials.c.kind.in_(kinds),
+                )
+            ).all()
+            match = None
+            for row in rows:  # check every candidate: the time does not depend on which matched
+                if creds.matches(row._mapping["digest"], secret):
+                    match = row
+            if match is None:
+                return None
+            m = match._mapping
+            expires = utc(m["expires_at"])
+            if m["revoked_at"] is not None or (expires is not None and expires <= now):
+                return None
+            user_row = conn.execute(select(users).where(users.c.id == m["user_id"])).first()
+            if user_row is None or not user_row._mapping["is_active"]:
+                return None
+            last = utc(m["last_used_at"])
+            stale = last is None or (now - last).total_seconds() > _LAST_USED_GRANULARITY
+            principal = Principal(
+                user=_user(user_row),
+                credential_id=m["id"],
+                kind=m["kind"],
+                scopes=tuple(m["scopes"].split()),
+            )
+            return principal, stale
+
+        found = await self.db.read("resolve_credential", txn)
+        if found is None:
+            return None
+        principal, stale = found
+        if stale:
+            await self.db.run("touch_credential", _touch, principal.credential_id, now)
+        return principal
+
+
+def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) -> None:
+    conn.execute(
+        update(credentials).where(credentials.c.id == credential_id).values(last_used_at=now)
+    )

@@ -1,0 +1,79 @@
+"""Assembling the daemon: the store first, then the services, then the listeners.
+
+`makeService` runs the schema migrations before it returns (the reactor is not running yet,
+so blocking here is safe), which guarantees no listener opens on an old schema. Services stop
+in reverse order: listeners close first, in-flight work finishes, the store closes last.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+
+from mailcore.config import Config, DaemonOptions
+from mailcore.core import Core
+from mailcore.store import Database
+from mailcore.tls import ensure_certificate
+
+log = Logger()
+
+Options = DaemonOptions
+
+
+class StoreService(service.Service):
+    """Owns the Database: starts its thread pool, closes it after everything else stops."""
+
+    name = "store"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def startService(self) -> None:
+        super().startService()
+        self._opened = self.db.open()
+
+    async def _close(self) -> None:
+        await self.db.close()
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._close())
+
+
+def build_core(config: Config, reactor: IReactorCore) -> Core:
+    """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.database_url, reactor)  # type: ignore[arg-type]
+    db.migrate_blocking()
+    cert, key = ensure_certificate(
+        config.data_dir, config.tls_cert, config.tls_key, config.hostname
+    )
+    return Core.build(config, db, reactor, tls_cert=cert, tls_key=key)
+
+
+def makeService(options: DaemonOptions) -> service.MultiService:
+    """The whole daemon as one MultiService (called by the twistd plugin)."""
+    from twisted.internet import reactor
+
+    config: Config = options.config
+    core = build_core(config, reactor)  # type: ignore[arg-type]
+    top = service.MultiService()
+    StoreService(core.db).setServiceParent(top)
+    for svc in core.background_services():
+        svc.setServiceParent(top)
+    from web.root import build_site
+
+    site = build_site(core)
+    for description in config.http_endpoints:
+        strports.service(description, site).setServiceParent(top)
+    for svc in core.listener_services(reactor):  # type: ignore[arg-type]
+        svc.setServiceParent(top)
+    log.info(
+        "mailcore starting: data {data}, database {db}",
+        data=str(config.data_dir.resolve()),
+        db=core.db.engine.url.render_as_string(hide_password=True),
+    )
+    return top

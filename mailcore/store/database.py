@@ -1,0 +1,161 @@
+"""The Database: blocking SQLAlchemy work on a thread pool of its own, Deferreds outside.
+
+Every piece of SQL in Mailcore is a function `thd_xxx(conn, ...)` (or a local `txn`) that
+runs inside one transaction on a pool thread; callers get a Deferred with its result. The
+reactor thread never waits on the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mailcore.store.engine import WRITE_INTENT, is_sqlite, make_engine
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+log = Logger()
+
+# PostgreSQL SQLSTATEs after which the whole transaction may simply run again.
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+MAX_ATTEMPTS = 5
+
+
+class StoreError(Exception):
+    """A store operation failed in a way the caller can report."""
+
+
+def _retryable(error: DBAPIError) -> bool:
+    orig = getattr(error, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _RETRYABLE_SQLSTATES:
+        return True
+    return isinstance(error, OperationalError) and "database is locked" in str(orig)
+
+
+class Database:
+    """One database: an engine, a thread pool, and transactions run as named functions.
+
+    With `synchronous=True` (tests only) the work runs on the calling thread and the
+    Deferred has already fired when `run` returns; with the in-memory SQLite URL this gives
+    unit tests a real schema without threads.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        reactor: IReactorFromThreads,
+        *,
+        max_threads: int = 4,
+        synchronous: bool = False,
+    ) -> None:
+        self.url = url
+        self.is_sqlite = is_sqlite(url)
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self.engine: Engine = make_engine(url, pool_size=max_threads + 1)
+        self._pool: ThreadPool | None = None
+        if not synchronous:
+            self._pool = ThreadPool(minthreads=1, maxthreads=max_threads, name="mailcore-db")
+
+    @classmethod
+    def for_tests(cls, url: str = "sqlite://") -> Database:
+        """A synchronous in-memory database with the full schema, for unit tests."""
+        from twisted.internet.testing import MemoryReactor
+
+        db = cls(url, MemoryReactor(), synchronous=True)
+        db.migrate_blocking()
+        return db
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the thread pool and bring the schema to the newest revision."""
+        if self._pool is not None and not self._pool.started:
+            self._pool.start()
+        await self._defer(self.migrate_blocking)
+
+    def migrate_blocking(self) -> None:
+        """Run Alembic to head. Blocks: call through `open()` or from a thread."""
+        from mailcore.store.migrate import upgrade_to_head
+
+        upgrade_to_head(self.engine)
+
+    async def close(self) -> None:
+        """Finish queued work, stop the pool's threads and release connections."""
+        if self._pool is not None and self._pool.started:
+            pool = self._pool
+            await self._defer(lambda: None)
+            pool.stop()
+        self.engine.dispose()
+
+    # -- running work ---------------------------------------------------------------------
+
+    def run(
+        self,
+        name: str,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        """Run `fn(conn, *args, **kwargs)` in one write transaction on the pool.
+
+        `name` says what the transaction is for; it appears in logs and slow-query reports.
+        Lock conflicts and serialization failures roll back and run the function again.
+        """
+        return self._defer(self._transaction, name, True, fn, *args, **kwargs)
+
+    def read(
+        self,
+        name: str,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        """Like `run`, for work that only reads (no write lock is taken on SQLite)."""
+        return self._defer(self._transaction, name, False, fn, *args, **kwargs)
+
+    def _defer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        if self._pool is None:
+            try:
+                return defer.succeed(fn(*args, **kwargs))
+            except BaseException:
+                return defer.fail()
+        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+
+    def _transaction(
+        self, name: str, write: bool, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
+        """Blocking: one transaction, retried on lock conflicts. Runs on a pool thread."""
+        delay = 0.05
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            started = time.monotonic()
+            try:
+                with self.engine.connect() as conn:
+                    conn.info[WRITE_INTENT] = write
+                    with conn.begin():
+                        result = fn(conn, *args, **kwargs)
+                elapsed = time.monotonic() - started
+                if elapsed > 1.0:
+                    log.warn("slow transaction {name}: {elapsed:.2f}s", name=name, elapsed=elapsed)
+                return result
+            except DBAPIError as e:
+                if attempt == MAX_ATTEMPTS or not _retryable(e):
+                    raise
+                log.info(
+                    "transaction {name} conflicted (attempt {attempt}); retrying",
+                    name=name,
+                    attempt=attempt,
+                )
+                time.sleep(delay)  # on a pool thread, never the reactor
+                delay *= 2
+        raise AssertionError("unreachable")

@@ -1,0 +1,52 @@
+"""Served domains and their address lists (migration 0002)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from mailcore.store.schema.meta import metadata
+
+# A customer domain we are MX for. `name` is the IDNA (A-label), lower-case form.
+# redirect_host/redirect_port is the next hop ("redirectTo"); the resume_* fields are seed
+# 004's quarantine-summary settings.
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("redirect_host", String(255), nullable=False),
+    Column("redirect_port", Integer, nullable=False, server_default="25"),
+    Column("require_tls", Boolean, nullable=False, server_default="0"),
+    Column("spam_action", Integer, nullable=False, server_default="0"),
+    Column("virus_action", Integer, nullable=False, server_default="0"),
+    Column("send_resume", Boolean, nullable=False, server_default="0"),
+    Column("resume_template_subject", Text, nullable=True),
+    Column("resume_template_body", Text, nullable=True),
+    Column("resume_template_resume", Text, nullable=True),
+    Column("resume_link_hostname", String(255), nullable=True),
+    Column("resume_reply_to", String(254), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# The local parts a domain accepts; a domain with no rows accepts every local part.
+domain_addresses = Table(
+    "domain_addresses",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "domain_id", Integer, ForeignKey("domains.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("local_part", String(64), nullable=False),
+    UniqueConstraint("domain_id", "local_part", name="uq_domain_addresses_domain_local"),
+)

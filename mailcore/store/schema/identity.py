@@ -1,0 +1,64 @@
+"""Identity tables: users and their credentials (migration 0001)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+)
+
+from mailcore.store.schema.meta import metadata
+
+# -- identity (0001) ----------------------------------------------------------------------
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(150), nullable=False, unique=True),
+    Column("email", String(254), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=True),
+    Column("nic", String(64), nullable=False),
+    Column("first_name", String(150), nullable=False, server_default=""),
+    Column("last_name", String(150), nullable=False, server_default=""),
+    Column("organisation", String(255), nullable=False, server_default=""),
+    Column("tva_intra", String(64), nullable=False, server_default=""),
+    Column("address", String(255), nullable=False, server_default=""),
+    Column("city", String(150), nullable=False, server_default=""),
+    Column("zip", String(32), nullable=False, server_default=""),
+    Column("country", String(64), nullable=False, server_default=""),
+    Column("phone", String(64), nullable=False, server_default=""),
+    Column("plan", String(16), nullable=False, server_default="free"),
+    Column("is_active", Boolean, nullable=False, server_default="1"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# One table for every credential kind: "apikey" (Protecmail Api-Key, safedrop X-Auth-Key),
+# "token" (IMAP2API Token, Mail API auth_key; no expiry) and "session" (safedrop
+# X-Auth-Token; expires). The secret itself is never stored: `digest` is SHA-256 of it and
+# `prefix` (its first characters) finds the candidate rows.
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("prefix", String(16), nullable=False),
+    Column("digest", LargeBinary(32), nullable=False),
+    Column("label", String(255), nullable=False, server_default=""),
+    Column("scopes", String(255), nullable=False, server_default="*"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Index("ix_credentials_prefix", "prefix"),
+    Index("ix_credentials_user_kind", "user_id", "kind"),
+)
+

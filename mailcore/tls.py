@@ -1,0 +1,68 @@
+"""The daemon's TLS identity: load the configured pair, or make a self-signed one once."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+log = Logger()
+
+
+def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
+    """Write a fresh RSA-2048 key and a self-signed certificate for `hostname`. Blocks."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def ensure_certificate(
+    data_dir: Path, cert: Path | None, key: Path | None, hostname: str
+) -> tuple[Path, Path]:
+    """The (cert, key) paths to use; generates a self-signed pair in data_dir when none given."""
+    if cert is not None and key is not None:
+        return cert, key
+    cert_path, key_path = data_dir / "tls" / "cert.pem", data_dir / "tls" / "key.pem"
+    if not (cert_path.exists() and key_path.exists()):
+        generate_self_signed(cert_path, key_path, hostname)
+        log.info(
+            "generated a self-signed TLS certificate for {hostname} at {path}",
+            hostname=hostname,
+            path=str(cert_path),
+        )
+    return cert_path, key_path
+
+
+def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:
+    """Server-side TLS options for STARTTLS and TLS listeners."""
+    certificate = ssl.PrivateCertificate.loadPEM(cert.read_bytes() + b"\n" + key.read_bytes())
+    return certificate.options()

@@ -1,0 +1,35 @@
+"""Packaging for Mailcore, a mail gateway daemon on Twisted."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mailcore",
+    version="0.1.0",
+    description="Mail gateway daemon: SMTP MX relay, fetch clients and HTTP admin APIs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mailcore", "mailcore.*", "web", "web.*", "filters", "filters.*"])
+    + ["twisted.plugins"],
+    package_data={"mailcore.store": ["migrations/*.py", "migrations/versions/*.py", "alembic.ini"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "klein>=24.8.0",
+        "treq>=24.9.1",
+        "pyopenssl>=24.2.1",
+        "service-identity>=24.1.0",
+        "cryptography>=43.0.0",
+        "sqlalchemy>=2.0.30",
+        "alembic>=1.13.0",
+        "argon2-cffi>=23.1.0",
+        "psycopg[binary]>=3.2.0",
+        "prometheus-client>=0.20.0",
+        "idna>=3.7",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.100.0"],
+        "dev": ["ruff>=0.6.0", "mypy>=1.11.0", "hypothesis>=6.100.0"],
+    },
+    entry_points={"console_scripts": ["mailcore = mailcore.cli:main"]},
+)
