@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
 
@@ -27,6 +28,7 @@ class Core:
     clock: IReactorTime
     identity: Identity
     cpu: CpuPool
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
