@@ -1,8 +1,271 @@
-"""Placeholder: replaced by the web skeleton."""
+"""The root of the HTTP tree: one listener, five seed APIs, dispatched by path prefix.
 
+The seeds' paths collide under `/api/v1/` and `/` (API-MAP.md), so no resource tree can
+separate them: the root is a leaf resource that picks the app from the table below and hands
+it the request with its full path, which the app's Klein router then matches. The root also
+does what every request needs whichever API serves it: a request id, the size limit (413 in
+the API's shape), the access log, the metrics, and a JSON 500 if anything escapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+
+from mailcore.core import Core
+from web.accesslog import AccessLog
+from web.api import ApiApp
+from web.auth import CredentialResolver
+from web.context import context_of
+from web.dropmyemail import DropmyemailApp
+from web.errors import ApiError, too_large
+from web.imap2api import Imap2ApiApp
+from web.limits import LimitedRequest, body_exceeds
+from web.login import PasswordLogin
+from web.mailapi import MailApiApp
+from web.meta import MetaApp
+from web.metrics import HttpMetrics
+from web.openapi import document
+from web.protecmail import ProtecmailApp
+from web.ratelimit import Rate, RateLimiter
+from web.safedrop import SafedropApp
+from web.settings import WebSettings
+
+log = Logger(namespace="mailcore.web")
+
+# Which app serves a path: the longest matching prefix of path segments wins. A prefix
+# matches itself and everything below it ("/api/v1/user" does not match "/api/v1/users").
+ROUTES: tuple[tuple[str, str], ...] = (
+    # Simple IMAP2API (seed 001), also under /api/v1/
+    ("/api-token-auth", "imap2api"),
+    ("/api/imap-servers", "imap2api"),
+    ("/api/emails", "imap2api"),
+    ("/api/v1/imap-servers", "imap2api"),
+    ("/api/v1/emails", "imap2api"),
+    # Mail API (seed 002)
+    ("/api/v1/auth", "mailapi"),
+    ("/api/v1/mail", "mailapi"),
+    ("/api/v1/mailboxes", "mailapi"),
+    # Protecmail (seed 004)
+    ("/api/v1/ping", "protecmail"),
+    ("/api/v1/user", "protecmail"),
+    ("/api/v1/invoices", "protecmail"),
+    ("/api/v1/tanks", "protecmail"),
+    ("/api/v1/tolens", "protecmail"),
+    ("/api/v1/token", "protecmail"),
+    ("/api/v1/domain", "protecmail"),
+    ("/api/v1/domains", "protecmail"),
+    ("/api/v1/quarantine", "protecmail"),
+    # Dropmyemail (seed 000 + dropmyemail-v1.md)
+    ("/oauth", "dropmyemail"),
+    ("/v1", "dropmyemail"),
+    # safedrop (seed 003): the auth server at / and /auth, the API at /dropbundles
+    ("/auth", "safedrop"),
+    ("/dropbundles", "safedrop"),
+    # the service itself
+    ("/metrics", "meta"),
+    ("/openapi.json", "meta"),
+)
+# Paths served only as themselves, not as a prefix.
+EXACT: tuple[tuple[str, str], ...] = (("/", "safedrop"),)
+# Whose 404 an unknown path gets: the API its prefix most resembles, else plain JSON.
+NOT_FOUND: tuple[tuple[str, str], ...] = (
+    ("/api/v1", "meta"),  # shared by three APIs: no shape is closer than another
+    ("/api", "imap2api"),
+    ("/", "meta"),
+)
 
 
-def build_site(core):  # type: ignore[no-untyped-def]
-    return Site(Resource())
+def _is_utf8(segment: bytes) -> bool:
+    try:
+        segment.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _segments(path: str) -> tuple[str, ...]:
+    return tuple(s for s in path.split("/") if s)
+
+
+class Dispatcher:
+    """Maps a request path to the name of the app that serves it (or that answers 404)."""
+
+    def __init__(
+        self,
+        routes: Sequence[tuple[str, str]] = ROUTES,
+        exact: Sequence[tuple[str, str]] = EXACT,
+        not_found: Sequence[tuple[str, str]] = NOT_FOUND,
+    ) -> None:
+        by_length = sorted(routes, key=lambda r: len(_segments(r[0])), reverse=True)
+        self._routes = [(_segments(p), name) for p, name in by_length]
+        self._exact = {_segments(p): name for p, name in exact}
+        fallback = sorted(not_found, key=lambda r: len(_segments(r[0])), reverse=True)
+        self._not_found = [(_segments(p), name) for p, name in fallback]
+
+    def dispatch(self, segments: Sequence[str]) -> tuple[str, bool]:
+        """(app name, True) for a served prefix, or (app name, False) for its 404."""
+        key = tuple(s for s in segments if s)
+        if key in self._exact:
+            return self._exact[key], True
+        for prefix, name in self._routes:
+            if key[: len(prefix)] == prefix:
+                return name, True
+        for prefix, name in self._not_found:
+            if key[: len(prefix)] == prefix:
+                return name, False
+        return "meta", False
+
+
+class RootResource(Resource):
+    """A leaf resource in front of every app: dispatch, limits, log, metrics, last-resort 500."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        apps: Mapping[str, ApiApp],
+        *,
+        settings: WebSettings,
+        clock: IReactorTime,
+        metrics: HttpMetrics,
+        access_log: AccessLog | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        self.apps = dict(apps)
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.access_log = access_log or AccessLog()
+        self.dispatcher = dispatcher or Dispatcher()
+
+    def render(self, request: IRequest) -> Any:
+        ctx = context_of(request)
+        ctx.started = self.clock.seconds()
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        valid_path = all(_is_utf8(s) for s in request.postpath)
+        name, served = self.dispatcher.dispatch(segments)
+        app = self.apps[name]
+        ctx.api = app.name
+        request.setHeader(b"Server", b"mailcore")
+        request.setHeader(b"X-Request-Id", ctx.request_id.encode("ascii"))
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        cast(server.Request, request).notifyFinish().addBoth(self._finished, request)
+        try:
+            if not valid_path:
+                return app.error_reply(request, ApiError(400, "The path is not valid UTF-8."))
+            if body_exceeds(request, self.settings.max_body):
+                request.setHeader(b"Connection", b"close")
+                return app.error_reply(request, too_large(self.settings.max_body))
+            if not served:
+                return app.error_reply(request, ApiError(404, app.shape.not_found()))
+            return app.render(request)
+        except Exception:
+            return app.handle_failure(request, Failure())
+
+    def _finished(self, result: object, request: IRequest) -> None:
+        ctx = context_of(request)
+        seconds = self.clock.seconds() - ctx.started
+        status = int(getattr(request, "code", 200))
+        aborted = isinstance(result, Failure)
+        try:
+            self.metrics.observe(ctx.api, request.method.decode("latin-1", "replace"), status,
+                                 seconds)
+            self.access_log.record(request, ctx, status, seconds, aborted=aborted)
+        except Exception:
+            log.failure("could not record a finished request")
+
+
+class MailcoreSite(server.Site):
+    """The Site: our request class and size limit; Twisted's own access log turned off."""
+
+    def __init__(self, root: RootResource, settings: WebSettings, reactor: Any) -> None:
+        super().__init__(
+            root,
+            requestFactory=LimitedRequest,
+            reactor=reactor,
+            timeout=settings.idle_timeout,
+            parsePOSTFormSubmission=False,
+        )
+        self.max_body = settings.max_body
+        self.displayTracebacks = False
+
+    def startFactory(self) -> None:
+        """Nothing to open: the root resource writes the access log (Twisted's would show
+        query strings, tokens included, and ticks a timer every second)."""
+
+    def stopFactory(self) -> None:
+        """Nothing to close (see startFactory)."""
+
+    def log(self, request: Any) -> None:
+        """Twisted's access log is replaced by the root resource's (see AccessLog)."""
+
+
+def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
+    """Every app, built from the Core's services; keyed by name."""
+    clock = core.clock
+    identity = core.identity
+    resolver = CredentialResolver(identity)
+    # Password logins share one limiter, so /api-token-auth/ and /api/v1/auth/ together
+    # allow a client no more guesses than either alone. A huge rate stands for "off".
+    login_rate = settings.login_rate or Rate(10**9, 1)
+    login = PasswordLogin(identity, RateLimiter(clock, login_rate))
+    apps: list[ApiApp] = [
+        Imap2ApiApp(
+            settings,
+            resolver=resolver,
+            login=login,
+            user_limiter=RateLimiter(clock, settings.imap2api_user_rate),
+            anonymous_limiter=RateLimiter(clock, settings.imap2api_anonymous_rate),
+        ),
+        MailApiApp(settings, resolver=resolver, login=login),
+        ProtecmailApp(settings, resolver=resolver, identity=identity),
+        SafedropApp(settings, resolver=resolver, identity=identity),
+        DropmyemailApp(
+            settings,
+            resolver=resolver,
+            token_limiter=RateLimiter(clock, settings.dropmyemail_token_rate),
+        ),
+    ]
+    meta = MetaApp(
+        settings,
+        registry=core.metrics,
+        openapi=lambda: document(
+            [*apps, meta], title="Mailcore HTTP APIs", version=_version()
+        ),
+    )
+    return {app.name: app for app in [*apps, meta]}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mailcore")
+    except Exception:
+        return "0"
+
+
+def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
+    """The root resource over every app (tests drive it through StubTreq)."""
+    settings = settings or WebSettings.from_config(core.config)
+    return RootResource(
+        build_apps(core, settings),
+        settings=settings,
+        clock=core.clock,
+        metrics=HttpMetrics.for_registry(core.metrics),
+    )
+
+
+def build_site(core: Core) -> server.Site:
+    """The HTTP site every listener serves (called by mailcore.service)."""
+    settings = WebSettings.from_config(core.config)
+    return MailcoreSite(build_root(core, settings), settings, core.clock)

@@ -1,0 +1,218 @@
+"""The root resource: which app serves which path, and what every API answers when a path,
+a method or a handler goes wrong (404, 405, 500), each in its own shape."""
+
+from __future__ import annotations
+
+import re
+
+from klein import Klein
+from twisted.trial.unittest import TestCase
+from twisted.web.iweb import IRequest
+
+from tests.support.web import Web, header
+from web.api import ApiApp
+from web.errors import ApiError, PlainErrors
+from web.metrics import HttpMetrics
+from web.openapi import RouteTable
+from web.root import Dispatcher, RootResource, build_apps
+from web.settings import WebSettings
+
+
+class DispatcherTests(TestCase):
+    def check(self, path: str, expected: tuple[str, bool]) -> None:
+        segments = path.split("/")[1:]
+        self.assertEqual(Dispatcher().dispatch(segments), expected, path)
+
+    def test_each_seed_prefix_goes_to_its_api(self) -> None:
+        for path, api in [
+            ("/api-token-auth/", "imap2api"),
+            ("/api/imap-servers/3/sync/", "imap2api"),
+            ("/api/emails/threads/", "imap2api"),
+            ("/api/v1/emails/7/thread/", "imap2api"),
+            ("/api/v1/imap-servers/", "imap2api"),
+            ("/api/v1/auth/", "mailapi"),
+            ("/api/v1/mail/e2ac585", "mailapi"),
+            ("/api/v1/mailboxes/bob@example.test/access/joe", "mailapi"),
+            ("/api/v1/ping", "protecmail"),
+            ("/api/v1/user", "protecmail"),
+            ("/api/v1/invoices/26589", "protecmail"),
+            ("/api/v1/tanks", "protecmail"),
+            ("/api/v1/tolens", "protecmail"),
+            ("/api/v1/token/daily-average", "protecmail"),
+            ("/api/v1/domain/example.tld/addresses", "protecmail"),
+            ("/api/v1/domains/example.tld", "protecmail"),
+            ("/api/v1/quarantine/example.tld/0/3", "protecmail"),
+            ("/oauth/authorize", "dropmyemail"),
+            ("/oauth/token", "dropmyemail"),
+            ("/v1/accounts/4/mailboxes/2/messages", "dropmyemail"),
+            ("/", "safedrop"),
+            ("/auth", "safedrop"),
+            ("/dropbundles/5740/dropfiles", "safedrop"),
+            ("/metrics", "meta"),
+            ("/openapi.json", "meta"),
+        ]:
+            self.check(path, (api, True))
+
+    def test_prefixes_match_whole_segments(self) -> None:
+        self.check("/api/v1/users", ("meta", False))
+        self.check("/api/v1/mailx", ("meta", False))
+        self.check("/authx", ("meta", False))
+
+    def test_unknown_paths_get_the_closest_api(self) -> None:
+        self.check("/api/v1/nothing", ("meta", False))  # three APIs share /api/v1
+        self.check("/api/nothing", ("imap2api", False))
+        self.check("/favicon.ico", ("meta", False))
+
+    def test_root_is_exact(self) -> None:
+        self.check("/", ("safedrop", True))
+        self.check("//", ("safedrop", True))
+
+    def test_every_declared_route_dispatches_to_its_own_app(self) -> None:
+        web = Web.build()
+        dispatcher = Dispatcher()
+        for app in web.root.apps.values():
+            for rule in app.app.url_map.iter_rules():
+                path = re.sub(r"<[^>]+>", "x", rule.rule)
+                name, served = dispatcher.dispatch(path.split("/")[1:])
+                self.assertEqual((name, served), (app.name, True), rule.rule)
+
+
+class _Probe(ApiApp):
+    """An app that shows what Klein saw, and fails on demand."""
+
+    name = "probe"
+    title = "probe"
+    shape = PlainErrors()
+    app = Klein()
+    routes = RouteTable(app, "probe")
+
+    @routes.route("/deep/<path:rest>", "GET", summary="echo")
+    def echo(self, request: IRequest, rest: str) -> bytes:
+        if rest == "boom":
+            raise RuntimeError("handler exploded with a secret 0123456789abcdef")
+        if rest == "apierror":
+            raise ApiError(409, "conflict here", headers={"X-Why": "test"})
+        return self.reply(request, {"path": request.path.decode(), "rest": rest})
+
+
+def _probe_web() -> Web:
+    web = Web.build()
+    settings = WebSettings()
+    apps = dict(build_apps(web.core, settings))
+    apps["probe"] = _Probe(settings)
+    root = RootResource(
+        apps,
+        settings=settings,
+        clock=web.clock,
+        metrics=HttpMetrics.for_registry(web.core.metrics),
+        dispatcher=Dispatcher(routes=[("/deep", "probe")], exact=(), not_found=[("/", "meta")]),
+    )
+    from treq.testing import StubTreq
+
+    return Web(web.core, web.clock, root, StubTreq(root))
+
+
+class RootBehaviourTests(TestCase):
+    async def test_klein_routes_on_the_full_path(self) -> None:
+        web = _probe_web()
+        status, _, body = await web.call("GET", "/deep/a/b/c")
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"path": "/deep/a/b/c", "rest": "a/b/c"})
+
+    async def test_an_unexpected_error_is_a_logged_500_in_the_apps_shape(self) -> None:
+        web = _probe_web()
+        status, headers, body = await web.call("GET", "/deep/boom")
+        self.assertEqual(status, 500)
+        self.assertEqual(body, {"error": "Internal server error.", "status": 500})
+        self.assertNotIn("Traceback", str(body))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(header(headers, "X-Request-Id"))
+
+    async def test_an_api_error_keeps_its_status_and_headers(self) -> None:
+        web = _probe_web()
+        status, headers, body = await web.call("GET", "/deep/apierror")
+        self.assertEqual(status, 409)
+        self.assertEqual(header(headers, "X-Why"), "test")
+        self.assertEqual(body["error"], "conflict here")
+
+    async def test_every_reply_has_its_own_request_id(self) -> None:
+        web = Web.build()
+        seen = set()
+        for path in ("/api/v1/ping", "/api/v1/ping", "/nothing", "/metrics"):
+            _, headers, _ = await web.call("GET", path)
+            seen.add(header(headers, "X-Request-Id"))
+        self.assertEqual(len(seen), 4)
+
+    async def test_a_path_that_is_not_utf8_is_a_400(self) -> None:
+        web = Web.build()
+        status, _, body = await web.call("GET", "/api/v1/user/%ff")
+        self.assertEqual(status, 400)
+        self.assertFalse(body["success"])
+
+
+class NotFoundShapeTests(TestCase):
+    async def test_each_api_answers_unknown_paths_in_its_shape(self) -> None:
+        web = Web.build()
+        cases = [
+            ("/api/nothing", {"detail": "Not found."}),
+            ("/api/emails/", {"detail": "Not found."}),  # IMAP2API prefix, no route yet
+            ("/api/v1/mail/e2ac585", {"message": "not found"}),
+            ("/v1/accounts", {"error": "not_found", "error_description": "Not found."}),
+            ("/dropbundles/12", {"error": "Not found."}),
+            ("/nothing", {"error": "Not found.", "status": 404}),
+            ("/api/v1/nothing", {"error": "Not found.", "status": 404}),
+        ]
+        for path, expected in cases:
+            status, _, body = await web.call("GET", path)
+            self.assertEqual((status, body), (404, expected), path)
+
+    async def test_protecmail_404_is_an_envelope(self) -> None:
+        web = Web.build()
+        status, _, body = await web.call("GET", "/api/v1/domain/example.tld")
+        self.assertEqual(status, 404)
+        self.assertEqual(set(body), {"request_id", "success", "msg"})
+        self.assertIs(body["success"], False)
+
+
+class MethodNotAllowedTests(TestCase):
+    async def test_each_api_answers_405_in_its_shape_with_allow(self) -> None:
+        web = Web.build()
+        cases = [
+            ("GET", "/api-token-auth/", {"detail": 'Method "GET" not allowed.'}, "POST"),
+            ("GET", "/api/v1/auth/", {"message": "Method GET not allowed."}, "POST"),
+            ("POST", "/auth", {"error": "Method POST not allowed."}, "GET, HEAD"),
+            ("DELETE", "/metrics", {"error": "Method DELETE not allowed.", "status": 405},
+             "GET, HEAD"),
+        ]
+        for method, path, expected, allow in cases:
+            status, headers, body = await web.call(method, path)
+            self.assertEqual((status, body), (405, expected), path)
+            self.assertEqual(header(headers, "Allow"), allow, path)
+
+    async def test_protecmail_405_is_an_envelope(self) -> None:
+        web = Web.build()
+        status, headers, body = await web.call("POST", "/api/v1/ping")
+        self.assertEqual(status, 405)
+        self.assertIs(body["success"], False)
+        self.assertEqual(body["msg"], "Method POST not allowed.")
+        self.assertEqual(header(headers, "Allow"), "GET, HEAD")
+
+
+class SlashTests(TestCase):
+    async def test_trailing_slash_is_optional(self) -> None:
+        web = Web.build()
+        await web.user()
+        status, _, _ = await web.call(
+            "POST", "/api-token-auth", json={"username": "alice", "password": "s3cret-Pa55"}
+        )
+        self.assertEqual(status, 200)
+        status, _, body = await web.call("GET", "/api/v1/ping/")
+        self.assertEqual(status, 401)  # reached Protecmail's ping, which wants a key
+        self.assertEqual(body["msg"], "missing Api-Key header")
+
+    async def test_head_is_served_where_get_is(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        status, _, body = await web.call("HEAD", "/api/v1/ping", headers={"Api-Key": key})
+        self.assertEqual((status, body), (200, b""))

@@ -1,0 +1,261 @@
+"""The request-size limit: 413 in each API's shape, decided before the body is stored.
+
+StubTreq hands the root a fully received body, so it shows the shapes only. The streaming
+behaviour is driven byte by byte through the real Site and channel on a StringTransport,
+and once end to end over a loopback socket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from mailcore.config import Config
+from tests.support.reactor import get_reactor
+from tests.support.web import PASSWORD, Web, make_core
+from web.limits import LINGER_SECONDS, LimitedRequest
+from web.root import MailcoreSite, build_root, build_site
+from web.settings import WebSettings
+
+MAX = 1000
+
+
+class ShapeTests(TestCase):
+    async def test_each_api_answers_413_in_its_shape(self) -> None:
+        web = Web.build(Config(http_max_body=MAX))
+        big = b"x" * (MAX + 1)
+        cases: list[tuple[str, str, Any]] = [
+            ("POST", "/api-token-auth/", lambda b: b["detail"]),
+            ("POST", "/api/v1/auth/", lambda b: b["message"]),
+            ("PUT", "/api/v1/user", lambda b: (b["success"], b["msg"])[1]),
+            ("POST", "/dropbundles", lambda b: b["error"]),
+            ("POST", "/v1/accounts", lambda b: b["error_description"]),
+        ]
+        for method, path, message in cases:
+            status, _, body = await web.call(
+                method, path, data=big, headers={"Content-Type": "application/json"}
+            )
+            self.assertEqual(status, 413, path)
+            self.assertEqual(message(body), f"Request body too large (at most {MAX} bytes).")
+        _, _, body = await web.call("PUT", "/api/v1/user", data=big)
+        self.assertIs(body["success"], False)
+
+    async def test_json_has_its_own_smaller_limit(self) -> None:
+        web = Web.build(
+            Config(http_max_body=10 * MAX, sections={"web": {"json_max_body": MAX}})
+        )
+        body = json.dumps({"username": "a" * MAX, "password": "b"})
+        status, _, reply = await web.call(
+            "POST", "/api-token-auth/", data=body, headers={"Content-Type": "application/json"}
+        )
+        self.assertEqual((status, reply), (413, {"detail": f"Request body too large (at most "
+                                                           f"{MAX} bytes)."}))
+
+
+class _CountingBuffer(io.BytesIO):
+    """A request body buffer that remembers the most it ever held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def write(self, data: Any) -> int:
+        written = super().write(data)
+        self.most = max(self.most, self.tell())
+        return written
+
+
+class _Recording(LimitedRequest):
+    """Keeps the body buffer of every request, to show how much of a body was stored."""
+
+    buffers: list[_CountingBuffer] = []
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        if not self.body_too_large:
+            self.content = _CountingBuffer()
+            _Recording.buffers.append(self.content)
+
+
+
+class HalfClosingTransport(StringTransport):
+    """A StringTransport that can close its write side only, as TCP can."""
+
+    write_closed = False
+    resumed = 0
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+
+class StreamingTests(TestCase):
+    def setUp(self) -> None:
+        core, _ = make_core(Config(http_max_body=MAX))
+        self.clock = Clock()
+        settings = WebSettings(max_body=MAX)
+        self.site = MailcoreSite(build_root(core, settings), settings, self.clock)
+        self.site.requestFactory = _Recording
+        _Recording.buffers = []
+        self.transport = HalfClosingTransport()
+        self.channel = self.site.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+
+    def tearDown(self) -> None:
+        self.channel.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def sent(self) -> bytes:
+        return bytes(self.transport.value())
+
+    def reply(self) -> tuple[bytes, dict[str, Any]]:
+        head, _, body = self.sent().partition(b"\r\n\r\n")
+        return head, json.loads(body)
+
+    def test_a_declared_oversized_body_is_refused_before_it_is_sent(self) -> None:
+        self.channel.dataReceived(
+            b"POST /api/v1/auth/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 100000000\r\n\r\n"
+        )
+        head, body = self.reply()
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertNotIn(b"100 Continue", self.sent())
+        self.assertIn(b"Connection: close", head)
+        self.assertIn(b"Server: mailcore", head)
+        self.assertIn(b"Content-Length: " + str(len(self.sent()) - len(head) - 4).encode(), head)
+        self.assertEqual(body, {"message": f"Request body too large (at most {MAX} bytes)."})
+        # Lingering close: the write side is shut, what the client still sends is dropped.
+        self.assertTrue(self.transport.write_closed)
+        self.assertFalse(self.transport.disconnecting)
+        written = len(self.sent())
+        for _ in range(50):
+            self.channel.dataReceived(b"y" * 10_000)
+        self.assertEqual(len(self.sent()), written)
+        self.assertEqual(_Recording.buffers, [])  # the body never had a buffer
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_the_lingering_close_ends_once_the_declared_body_has_arrived(self) -> None:
+        self.channel.dataReceived(
+            b"PUT /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
+        )
+        head, body = self.reply()
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "))
+        self.assertIs(body["success"], False)
+        self.channel.dataReceived(b"z" * 4999)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.dataReceived(b"z")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(self) -> None:
+        self.channel.dataReceived(
+            b"POST /api-token-auth/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n"
+        )
+        self.channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n")
+        self.assertEqual(self.sent(), b"")  # 600 bytes: still under the limit
+        self.channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n" + b"258\r\n" + b"a" * 100)
+        head, body = self.reply()
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertEqual(body, {"detail": f"Request body too large (at most {MAX} bytes)."})
+        self.assertLessEqual(max(b.most for b in _Recording.buffers), MAX)
+        written = len(self.sent())
+        self.channel.dataReceived(b"a" * 500 + b"\r\n0\r\n\r\n")
+        self.assertEqual(len(self.sent()), written)
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_bodies_within_the_limit_are_served_and_the_connection_kept(self) -> None:
+        body = b"username=nobody&password=x"
+        request = (
+            b"POST /api/v1/auth/ HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.channel.dataReceived(request + request)
+        self.assertEqual(self.sent().count(b"HTTP/1.1 401 Unauthorized"), 2)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class LoopbackTests(TestCase):
+    """The whole site on a real socket, with a real client."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        reactor = get_reactor()
+        core, _ = make_core(Config(http_max_body=100_000))
+        core.clock = reactor
+        await core.identity.create_user("alice", "alice@example.test", PASSWORD)
+        site = build_site(core)
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        # Wait for every server-side connection to close (a refused upload lingers while
+        # the client finishes sending) before the test ends.
+        closed: list[Deferred[None]] = []
+        build = site.buildProtocol
+
+        def build_protocol(addr: Any) -> Any:
+            protocol = build(addr)
+            done: Deferred[None] = Deferred()
+            closed.append(done)
+            lost = protocol.connectionLost
+
+            def connection_lost(reason: Any) -> None:
+                lost(reason)
+                done.callback(None)
+
+            protocol.connectionLost = connection_lost
+            return protocol
+
+        site.buildProtocol = build_protocol  # type: ignore[method-assign]
+        self.addCleanup(lambda: gatherResults(closed))
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.client = HTTPClient(Agent(reactor, pool=pool))
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    async def test_treq_gets_the_413_for_a_large_upload(self) -> None:
+        response = await self.client.put(
+            self.base + "/api/v1/user", data=b"x" * 3_000_000,
+            headers=Headers({b"Content-Type": [b"application/json"]}),
+        )
+        body = json.loads(await response.content())
+        self.assertEqual(response.code, 413)
+        self.assertEqual(body["msg"], "Request body too large (at most 100000 bytes).")
+
+    async def test_a_client_that_sends_everything_before_reading_sees_the_413(self) -> None:
+        port = self.port.getHost().port
+
+        def blocking_upload() -> tuple[int, bytes]:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            try:
+                connection.request("POST", "/api/v1/auth/", body=b"x" * 3_000_000,
+                                   headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                return response.status, response.read()
+            finally:
+                connection.close()
+
+        status, body = await threads.deferToThread(blocking_upload)
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body), {"message": "Request body too large (at most "
+                                                       "100000 bytes)."})
+
+    async def test_an_ordinary_login_over_the_socket(self) -> None:
+        response = await self.client.post(
+            self.base + "/api-token-auth/", json={"username": "alice", "password": PASSWORD}
+        )
+        self.assertEqual(response.code, 200)
+        self.assertIn("token", json.loads(await response.content()))

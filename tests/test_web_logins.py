@@ -1,0 +1,152 @@
+"""Password logins: IMAP2API `POST /api-token-auth/` and Mail API `POST /api/v1/auth/`,
+and the per-address limit that slows password guessing on both."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from tests.support.web import PASSWORD, Web, header
+
+CREDENTIALS = {"username": "alice", "password": PASSWORD}
+LOGIN_FAILED = {"non_field_errors": ["Unable to log in with provided credentials."]}
+
+
+class ApiTokenAuthTests(TestCase):
+    async def test_json_login_gives_a_token_that_resolves_to_the_user(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        status, headers, body = await web.call("POST", "/api-token-auth/", json=CREDENTIALS)
+        self.assertEqual(status, 200)
+        self.assertEqual(set(body), {"token"})
+        self.assertEqual(header(headers, "Cache-Control"), "no-store")
+        principal = await web.core.identity.resolve(body["token"], ("token",))
+        assert principal is not None
+        self.assertEqual(principal.user.id, alice.id)
+
+    async def test_form_and_multipart_logins_work_too(self) -> None:
+        web = Web.build()
+        await web.user()
+        status, _, body = await web.call("POST", "/api-token-auth/", data=CREDENTIALS)
+        self.assertEqual(status, 200, body)
+        multipart = (
+            b"--b0undary\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n"
+            b"alice\r\n--b0undary\r\nContent-Disposition: form-data; name=\"password\"\r\n"
+            b"\r\n" + PASSWORD.encode() + b"\r\n--b0undary--\r\n"
+        )
+        status, _, body = await web.call(
+            "POST", "/api-token-auth/", data=multipart,
+            headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+        )
+        self.assertEqual(status, 200, body)
+
+    async def test_each_login_makes_a_new_labelled_token(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        first = (await web.call("POST", "/api-token-auth/", json=CREDENTIALS))[2]["token"]
+        second = (await web.call("POST", "/api-token-auth/", json=CREDENTIALS))[2]["token"]
+        self.assertNotEqual(first, second)
+        infos = await web.core.identity.list_credentials(alice.id, "token")
+        self.assertEqual([i.label for i in infos], ["api-token-auth", "api-token-auth"])
+
+    async def test_the_email_address_works_as_username(self) -> None:
+        web = Web.build()
+        await web.user()
+        status, _, _ = await web.call(
+            "POST", "/api-token-auth/",
+            json={"username": "alice@example.test", "password": PASSWORD},
+        )
+        self.assertEqual(status, 200)
+
+    async def test_a_wrong_password_or_user_is_a_non_field_error(self) -> None:
+        web = Web.build()
+        await web.user()
+        for credentials in ({"username": "alice", "password": "wrong"},
+                            {"username": "nobody", "password": PASSWORD}):
+            status, _, body = await web.call("POST", "/api-token-auth/", json=credentials)
+            self.assertEqual((status, body), (400, LOGIN_FAILED))
+
+    async def test_missing_fields_are_field_errors(self) -> None:
+        web = Web.build()
+        status, _, body = await web.call("POST", "/api-token-auth/", json={"password": "x"})
+        self.assertEqual((status, body), (400, {"username": ["This field is required."]}))
+        status, _, body = await web.call(
+            "POST", "/api-token-auth/", json={"username": "alice", "password": ""}
+        )
+        self.assertEqual((status, body), (400, {"password": ["This field may not be blank."]}))
+
+
+class MailApiAuthTests(TestCase):
+    async def test_form_and_json_logins_give_an_auth_key(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        for kwargs in ({"data": CREDENTIALS}, {"json": CREDENTIALS}):
+            status, headers, body = await web.call("POST", "/api/v1/auth/", **kwargs)
+            self.assertEqual(status, 200)
+            self.assertEqual(set(body), {"auth_key"})
+            self.assertEqual(header(headers, "Cache-Control"), "no-store")
+            principal = await web.core.identity.resolve(body["auth_key"], ("token",))
+            assert principal is not None
+            self.assertEqual(principal.user.id, alice.id)
+
+    async def test_the_seeds_input_errors(self) -> None:
+        web = Web.build()
+        for data, expected in [
+            ({"password": "x"}, {"error": "Please provide username."}),
+            ({"username": "", "password": "x"}, {"error": "Please provide username."}),
+            ({"username": "alice"}, {"error": "Please provide password."}),
+            ({}, {"error": "Please provide username."}),
+        ]:
+            status, _, body = await web.call("POST", "/api/v1/auth/", data=data)
+            self.assertEqual((status, body), (400, expected), data)
+
+    async def test_wrong_credentials_are_401_unauthorized(self) -> None:
+        web = Web.build()
+        await web.user()
+        status, _, body = await web.call(
+            "POST", "/api/v1/auth/", data={"username": "alice", "password": "nope"}
+        )
+        self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+
+
+class LoginRateLimitTests(TestCase):
+    async def test_both_endpoints_share_one_limit_per_address(self) -> None:
+        web = Web.build(Config(sections={"web": {"login_rate": "3/minute"}}))
+        await web.user()
+        wrong = {"username": "alice", "password": "wrong"}
+        remaining = []
+        for path in ("/api-token-auth/", "/api/v1/auth/", "/api-token-auth/"):
+            status, headers, _ = await web.call("POST", path, data=wrong)
+            self.assertIn(status, (400, 401))
+            self.assertEqual(header(headers, "X-RateLimit-Limit"), "3")
+            remaining.append(header(headers, "X-RateLimit-Remaining"))
+        self.assertEqual(remaining, ["2", "1", "0"])
+        # Even the right password is refused now: guesses cannot continue.
+        status, headers, body = await web.call("POST", "/api/v1/auth/", data=CREDENTIALS)
+        self.assertEqual(status, 429)
+        self.assertEqual(header(headers, "Retry-After"), "20")
+        self.assertTrue(body["message"].startswith("Request was throttled."))
+        self.assertEqual(
+            int(header(headers, "X-RateLimit-Reset") or 0), int(web.clock.seconds()) + 60
+        )
+        status, _, body = await web.call("POST", "/api-token-auth/", data=CREDENTIALS)
+        self.assertEqual(status, 429)
+        self.assertEqual(body, {"detail": "Request was throttled. Expected available in 20 "
+                                          "seconds."})
+        web.clock.advance(20)
+        status, _, _ = await web.call("POST", "/api-token-auth/", data=CREDENTIALS)
+        self.assertEqual(status, 200)
+
+    async def test_the_default_is_100_per_hour(self) -> None:
+        web = Web.build()
+        _, headers, _ = await web.call("POST", "/api/v1/auth/", data={"username": "a",
+                                                                     "password": "b"})
+        self.assertEqual(header(headers, "X-RateLimit-Limit"), "100")
+        self.assertEqual(header(headers, "X-RateLimit-Remaining"), "99")
+
+    async def test_zero_turns_the_login_limit_off(self) -> None:
+        web = Web.build(Config(sections={"web": {"login_rate": 0}}))
+        for _ in range(3):
+            status, _, _ = await web.call("POST", "/api/v1/auth/", data={"username": "a",
+                                                                         "password": "b"})
+            self.assertEqual(status, 401)

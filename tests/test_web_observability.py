@@ -1,0 +1,125 @@
+"""What the web layer tells the operator: Prometheus metrics per API and status, and an
+access log that names the user but never a credential."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from tests.support.web import PASSWORD, Web
+from web.accesslog import redacted_target
+
+
+class MetricsTests(TestCase):
+    async def test_requests_are_counted_per_api_method_and_status(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        await web.call("GET", "/api/v1/ping", headers={"Api-Key": key})
+        await web.call("GET", "/api/v1/ping", headers={"Api-Key": key})
+        await web.call("GET", "/api/v1/ping")
+        await web.call("GET", "/nothing")
+        await web.call("POST", "/api-token-auth/", json={"username": "alice", "password": "x"})
+        registry = web.core.metrics
+
+        def count(api: str, method: str, status: str) -> Any:
+            return registry.get_sample_value(
+                "mailcore_http_requests_total", {"api": api, "method": method, "status": status}
+            )
+
+        self.assertEqual(count("protecmail", "GET", "200"), 2)
+        self.assertEqual(count("protecmail", "GET", "401"), 1)
+        self.assertEqual(count("meta", "GET", "404"), 1)
+        self.assertEqual(count("imap2api", "POST", "400"), 1)
+        self.assertEqual(
+            registry.get_sample_value(
+                "mailcore_http_request_duration_seconds_count", {"api": "protecmail"}
+            ),
+            3,
+        )
+
+    async def test_latency_is_measured_on_the_injected_clock(self) -> None:
+        web = Web.build()
+        real_check = web.core.identity.authenticate_password
+
+        async def slow_check(name: str, password: str) -> Any:
+            web.clock.advance(0.2)
+            return await real_check(name, password)
+
+        identity: Any = web.core.identity
+        identity.authenticate_password = slow_check
+        await web.call("POST", "/api/v1/auth/", data={"username": "a", "password": "b"})
+        total = web.core.metrics.get_sample_value(
+            "mailcore_http_request_duration_seconds_sum", {"api": "mailapi"}
+        )
+        self.assertAlmostEqual(total, 0.2)
+
+    async def test_metrics_endpoint_serves_prometheus_text(self) -> None:
+        web = Web.build()
+        await web.call("GET", "/api/v1/ping")
+        status, headers, body = await web.call("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"][0].startswith("text/plain"))
+        text = body.decode()
+        self.assertIn(
+            'mailcore_http_requests_total{api="protecmail",method="GET",status="401"} 1.0', text
+        )
+        self.assertIn("# TYPE mailcore_http_request_duration_seconds histogram", text)
+
+    async def test_metrics_can_be_restricted_or_turned_off(self) -> None:
+        web = Web.build(Config(sections={"web": {"metrics_allow": ["10.0.0.0/8"]}}))
+        status, _, body = await web.call("GET", "/metrics")  # StubTreq is 127.0.0.1
+        self.assertEqual((status, body["error"]), (403, "Metrics are not served to this client."))
+        web = Web.build(Config(sections={"web": {"metrics_allow": ["127.0.0.0/8"]}}))
+        self.assertEqual((await web.call("GET", "/metrics"))[0], 200)
+        web = Web.build(Config(sections={"web": {"metrics": False}}))
+        self.assertEqual((await web.call("GET", "/metrics"))[0], 403)
+
+
+class AccessLogTests(TestCase):
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+        def collect(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "mailcore.web.access":
+                self.events.append(event)
+
+        observe: Any = collect
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    async def test_one_line_per_reply_with_user_status_bytes_and_no_secret(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        token = await web.credential(alice, "token")
+        await web.call("GET", "/api/v1/ping", headers={"Api-Key": key})
+        await web.call("GET", f"/v1/accounts?sort=email&access_token={token}")
+        await web.call("POST", "/api/v1/auth/", data={"username": "alice", "password": PASSWORD})
+        self.assertEqual(len(self.events), 3)
+        ping, accounts, login = self.events
+        self.assertEqual(
+            (ping["user"], ping["method"], ping["target"], ping["status"], ping["api"]),
+            ("alice", "GET", "/api/v1/ping", 200, "protecmail"),
+        )
+        self.assertGreater(ping["bytes"], 0)
+        self.assertEqual(ping["client"], "127.0.0.1")
+        self.assertEqual(accounts["target"], "/v1/accounts?sort=email&access_token=[redacted]")
+        self.assertEqual((accounts["status"], accounts["user"]), (404, "-"))
+        self.assertEqual((login["user"], login["status"]), ("alice", 200))
+        for event in self.events:
+            line = formatEvent(event)
+            for secret in (key, token, PASSWORD):
+                self.assertNotIn(secret, line)
+                self.assertNotIn(secret, repr(event))
+        self.assertIn("alice GET /api/v1/ping 200", formatEvent(ping))
+
+    def test_redaction(self) -> None:
+        self.assertEqual(redacted_target(b"/a/b"), "/a/b")
+        self.assertEqual(
+            redacted_target(b"/x?q=hello%20world&auth_key=s&Password=p&code=c"),
+            "/x?q=hello%20world&auth_key=[redacted]&Password=[redacted]&code=[redacted]",
+        )

@@ -1,0 +1,131 @@
+"""The OpenAPI document lists exactly the routes that are served, generated from the route
+declarations of every app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.trial.unittest import TestCase
+from twisted.web.iweb import IRequest
+
+from tests.support.web import Web
+from web.api import ApiApp
+from web.auth import PROTECMAIL
+from web.errors import PlainErrors
+from web.openapi import RouteTable, document, openapi_path
+from web.settings import WebSettings
+
+IGNORED_METHODS = {"HEAD", "OPTIONS"}
+
+
+def served_operations(apps: Any) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) of every Klein rule of every app."""
+    served = set()
+    for app in apps:
+        for rule in app.app.url_map.iter_rules():
+            path, _ = openapi_path(rule.rule)
+            for method in set(rule.methods or ()) - IGNORED_METHODS:
+                served.add((path, method.lower()))
+    return served
+
+
+def documented_operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (path, method)
+        for path, item in doc["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+
+
+class CompletenessTests(TestCase):
+    async def test_every_served_route_is_documented_and_nothing_else(self) -> None:
+        web = Web.build()
+        status, _, doc = await web.call("GET", "/openapi.json")
+        self.assertEqual(status, 200)
+        self.assertEqual(doc["openapi"], "3.1.0")
+        served = served_operations(web.root.apps.values())
+        self.assertEqual(documented_operations(doc), served)
+        for expected in [
+            ("/api-token-auth/", "post"), ("/api/v1/auth/", "post"),
+            ("/api/v1/ping", "get"), ("/api/v1/user", "get"), ("/api/v1/user", "put"),
+            ("/", "get"), ("/auth", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
+        ]:
+            self.assertIn(expected, served)
+
+    async def test_operations_are_well_formed(self) -> None:
+        web = Web.build()
+        _, _, doc = await web.call("GET", "/openapi.json")
+        schemes = doc["components"]["securitySchemes"]
+        ids = []
+        for item in doc["paths"].values():
+            for method, op in item.items():
+                if method == "parameters":
+                    continue
+                ids.append(op["operationId"])
+                self.assertTrue(op["summary"])
+                self.assertIn("500", op["responses"])
+                for requirement in op.get("security", []):
+                    for name in requirement:
+                        self.assertIn(name, schemes)
+        self.assertEqual(len(ids), len(set(ids)))
+        ping = doc["paths"]["/api/v1/ping"]["get"]
+        self.assertEqual(ping["security"], [{"protecmailApiKey": []}])
+        self.assertIn("401", ping["responses"])
+        put_user = doc["paths"]["/api/v1/user"]["put"]
+        self.assertIn("application/json", put_user["requestBody"]["content"])
+        self.assertIn("409", put_user["responses"])
+        login = doc["paths"]["/api-token-auth/"]["post"]
+        self.assertEqual(
+            set(login["requestBody"]["content"]),
+            {"application/json", "application/x-www-form-urlencoded", "multipart/form-data"},
+        )
+        safedrop = doc["paths"]["/auth"]["get"]
+        self.assertEqual(
+            safedrop["security"],
+            [{"safedropUser": [], "safedropApiKey": []}, {"safedropToken": []}],
+        )
+
+    def test_a_new_route_appears_without_further_work(self) -> None:
+        class Later(ApiApp):
+            name = "later"
+            title = "a later issue's app"
+            shape = PlainErrors()
+            app = Klein()
+            routes = RouteTable(app, "later")
+
+            @routes.route(["/api/v1/domain/<domain>/addresses/<int:n>",
+                           "/api/v1/domains/<domain>/addresses/<int:n>"],
+                          ["GET", "DELETE"], summary="an address", auth=PROTECMAIL)
+            def address(self, request: IRequest, domain: str, n: int) -> bytes:
+                return b""
+
+        app = Later(WebSettings())
+        doc = document([app], title="t", version="1")
+        self.assertEqual(documented_operations(doc), served_operations([app]))
+        item = doc["paths"]["/api/v1/domain/{domain}/addresses/{n}"]
+        self.assertEqual(
+            item["parameters"],
+            [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}},
+             {"name": "n", "in": "path", "required": True, "schema": {"type": "integer"}}],
+        )
+        self.assertEqual(item["get"]["security"], [{"protecmailApiKey": []}])
+
+    def test_a_path_and_method_declared_twice_is_refused(self) -> None:
+        class Twice(ApiApp):
+            name = "twice"
+            title = "twice"
+            shape = PlainErrors()
+            app = Klein()
+            routes = RouteTable(app, "twice")
+
+            @routes.route("/x", "GET", summary="one")
+            def one(self, request: IRequest) -> bytes:
+                return b""
+
+            @routes.route("/x", "GET", summary="two")
+            def two(self, request: IRequest) -> bytes:
+                return b""
+
+        self.assertRaises(ValueError, document, [Twice(WebSettings())], title="t", version="1")

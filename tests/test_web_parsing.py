@@ -1,0 +1,217 @@
+"""Reading input: JSON, forms, multipart, query strings and fields, with clear 400s; and the
+same errors as each API shows them."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from tests.support.web import Web
+from web.errors import ApiError
+from web.parsing import (
+    Upload,
+    bool_field,
+    collect_fields,
+    int_field,
+    query_params,
+    read_fields,
+    read_json_object,
+    string_field,
+)
+
+LIMIT = 1024
+
+
+def request(body: bytes = b"", content_type: str | None = None, uri: bytes = b"/") -> Any:
+    req: Any = DummyRequest([b""])
+    req.content = io.BytesIO(body)
+    req.uri = uri
+    if content_type is not None:
+        req.requestHeaders.setRawHeaders(b"content-type", [content_type.encode()])
+    return req
+
+
+class JsonTests(TestCase):
+    def test_an_object_is_read(self) -> None:
+        data = read_json_object(request(b'{"a": 1}', "application/json"), LIMIT)
+        self.assertEqual(data, {"a": 1})
+
+    def test_json_with_charset_and_suffix_types_is_read(self) -> None:
+        for ctype in ("application/json; charset=utf-8", "application/merge-patch+json"):
+            self.assertEqual(read_json_object(request(b"{}", ctype), LIMIT), {})
+
+    def test_an_empty_body_is_an_empty_object(self) -> None:
+        self.assertEqual(read_json_object(request(b"", "application/json"), LIMIT), {})
+        self.assertEqual(read_json_object(request(b""), LIMIT), {})
+
+    def test_bad_json_says_where(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_json_object, request(b'{"a": ', "application/json"), LIMIT
+        )
+        self.assertEqual(e.status, 400)
+        self.assertTrue(e.message.startswith("JSON parse error - Expecting value"), e.message)
+
+    def test_nan_is_refused(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_json_object, request(b'{"a": NaN}', "application/json"), LIMIT
+        )
+        self.assertIn("NaN is not valid JSON", e.message)
+
+    def test_non_utf8_is_refused(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_json_object, request(b'{"a": "\xff"}', "application/json"), LIMIT
+        )
+        self.assertIn("UTF-8", e.message)
+
+    def test_a_non_object_is_refused(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_json_object, request(b"[1, 2]", "application/json"), LIMIT
+        )
+        self.assertEqual(e.message, "Invalid data. Expected a JSON object, but got list.")
+
+    def test_wrong_content_type_is_a_400_naming_it(self) -> None:
+        e = self.assertRaises(ApiError, read_json_object, request(b"{}", "text/plain"), LIMIT)
+        self.assertEqual(e.status, 400)
+        self.assertIn('"text/plain"', e.message)
+        self.assertIn("application/json", e.message)
+
+    def test_json_longer_than_the_limit_is_a_413(self) -> None:
+        body = json.dumps({"a": "x" * LIMIT}).encode()
+        e = self.assertRaises(ApiError, read_json_object, request(body, "application/json"), LIMIT)
+        self.assertEqual(e.status, 413)
+
+
+class FormTests(TestCase):
+    def test_form_fields_are_strings_and_the_last_value_wins(self) -> None:
+        req = request(b"a=1&b=x%20y&a=2&empty=", "application/x-www-form-urlencoded")
+        self.assertEqual(read_fields(req, LIMIT), {"a": "2", "b": "x y", "empty": ""})
+
+    def test_json_is_accepted_where_forms_are(self) -> None:
+        req = request(b'{"a": true}', "application/json")
+        self.assertEqual(read_fields(req, LIMIT), {"a": True})
+
+    def test_multipart_gives_text_fields_and_uploads(self) -> None:
+        body = (
+            b"--XyZ\r\n"
+            b'Content-Disposition: form-data; name="subject"\r\n\r\n'
+            b"Lorem \xc3\xa9\r\n"
+            b"--XyZ\r\n"
+            b'Content-Disposition: form-data; name="the_file"; filename="file1.txt"\r\n'
+            b"Content-Type: text/plain\r\n\r\n"
+            b"hello\r\nworld\r\n"
+            b"--XyZ--\r\n"
+        )
+        fields = read_fields(request(body, "multipart/form-data; boundary=XyZ"), LIMIT)
+        self.assertEqual(fields["subject"], "Lorem \u00e9")
+        self.assertEqual(
+            fields["the_file"], Upload("the_file", "file1.txt", "text/plain", b"hello\r\nworld")
+        )
+
+    def test_multipart_without_boundary_is_a_400(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_fields, request(b"junk", "multipart/form-data"), LIMIT
+        )
+        self.assertEqual(e.status, 400)
+
+    def test_other_types_are_refused_with_the_accepted_list(self) -> None:
+        e = self.assertRaises(ApiError, read_fields, request(b"<x/>", "application/xml"), LIMIT)
+        self.assertIn("application/x-www-form-urlencoded", e.message)
+
+    def test_a_body_without_type_is_refused_but_an_empty_one_is_no_fields(self) -> None:
+        self.assertRaises(ApiError, read_fields, request(b"a=1"), LIMIT)
+        self.assertEqual(read_fields(request(b""), LIMIT), {})
+
+
+class QueryTests(TestCase):
+    def test_query_comes_from_the_uri_only(self) -> None:
+        req = request(b"access_token=body", "application/x-www-form-urlencoded",
+                      uri=b"/v1/accounts?type=imap&sort=email&sort=storage")
+        self.assertEqual(query_params(req), {"type": "imap", "sort": "storage"})
+
+
+class FieldTests(TestCase):
+    def test_strings(self) -> None:
+        self.assertEqual(string_field({"a": "x"}, "a"), "x")
+        self.assertIsNone(string_field({}, "a", required=False))
+        for data, message in [
+            ({}, "This field is required."),
+            ({"a": None}, "This field is required."),
+            ({"a": 5}, "Not a valid string."),
+            ({"a": "  "}, "This field may not be blank."),
+        ]:
+            e = self.assertRaises(ApiError, string_field, data, "a")
+            self.assertEqual(e.fields, {"a": [message]})
+            self.assertEqual(e.message, f"a: {message}")
+        self.assertEqual(string_field({"a": "  "}, "a", trim=False), "  ")
+
+    def test_booleans_take_json_and_zero_one(self) -> None:
+        for value, expected in [(True, True), (0, False), ("1", True), ("0", False),
+                                ("true", True), ("off", False)]:
+            self.assertEqual(bool_field({"b": value}, "b"), expected, value)
+        self.assertRaises(ApiError, bool_field, {"b": "maybe"}, "b")
+        self.assertRaises(ApiError, bool_field, {"b": 2}, "b")
+
+    def test_integers(self) -> None:
+        self.assertEqual(int_field({"n": "42"}, "n"), 42)
+        self.assertEqual(int_field({"n": 7}, "n", maximum=7), 7)
+        self.assertRaises(ApiError, int_field, {"n": True}, "n")
+        self.assertRaises(ApiError, int_field, {"n": "4x"}, "n")
+        self.assertRaises(ApiError, int_field, {"n": 41}, "n", maximum=40)
+
+    def test_collect_reports_every_bad_field(self) -> None:
+        data = {"b": 3}
+        e = self.assertRaises(
+            ApiError,
+            collect_fields,
+            {"a": lambda: string_field(data, "a"), "b": lambda: string_field(data, "b")},
+        )
+        self.assertEqual(
+            e.fields, {"a": ["This field is required."], "b": ["Not a valid string."]}
+        )
+
+
+class ParseErrorsPerApiTests(TestCase):
+    """The same input mistakes, as each API words them."""
+
+    async def test_drf_bad_json(self) -> None:
+        web = Web.build()
+        status, _, body = await web.call(
+            "POST", "/api-token-auth/", data=b'{"username":',
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual(status, 400)
+        self.assertTrue(body["detail"].startswith("JSON parse error"), body)
+
+    async def test_drf_wrong_types(self) -> None:
+        web = Web.build()
+        status, _, body = await web.call(
+            "POST", "/api-token-auth/", json={"username": ["alice"], "password": 1}
+        )
+        self.assertEqual(status, 400)
+        self.assertEqual(
+            body, {"username": ["Not a valid string."], "password": ["Not a valid string."]}
+        )
+
+    async def test_mailapi_wrong_content_type(self) -> None:
+        web = Web.build()
+        status, _, body = await web.call(
+            "POST", "/api/v1/auth/", data=b"username=a", headers={"Content-Type": "text/plain"}
+        )
+        self.assertEqual(status, 400)
+        self.assertIn('Unsupported media type "text/plain"', body["message"])
+
+    async def test_protecmail_bad_json_is_an_envelope(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        status, _, body = await web.call(
+            "PUT", "/api/v1/user", data=b"{nope",
+            headers={"Api-Key": key, "Content-Type": "application/json"},
+        )
+        self.assertEqual(status, 400)
+        self.assertIs(body["success"], False)
+        self.assertTrue(body["msg"].startswith("JSON parse error"))

@@ -1,0 +1,65 @@
+"""The `[web]` table of the configuration and what the site takes from it."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config, ConfigError
+from tests.support.web import make_core
+from web.ratelimit import Rate
+from web.root import build_site
+from web.settings import WebSettings
+
+
+def settings(**web: Any) -> WebSettings:
+    return WebSettings.from_config(Config(sections={"web": dict(web)}))
+
+
+class WebSettingsTests(TestCase):
+    def test_defaults_follow_the_config(self) -> None:
+        s = WebSettings.from_config(Config(http_max_body=5000, session_token_ttl=90))
+        self.assertEqual((s.max_body, s.json_max_body, s.session_token_ttl), (5000, 5000, 90))
+        s = WebSettings.from_config(Config())
+        self.assertEqual(s.json_max_body, 1024 * 1024)
+        self.assertEqual(s.login_rate, Rate(100, 3600))
+        self.assertEqual(s.imap2api_user_rate, Rate(1000, 3600))
+        self.assertEqual(s.imap2api_anonymous_rate, Rate(100, 3600))
+        self.assertEqual(s.dropmyemail_token_rate, Rate(20, 1))
+        self.assertTrue(s.metrics_allowed("192.0.2.1"))
+
+    def test_values_are_read(self) -> None:
+        s = settings(login_rate="5/minute", dropmyemail_token_rate="50/second",
+                     metrics_allow=["127.0.0.1/32", "::1"], idle_timeout=30)
+        self.assertEqual(s.login_rate, Rate(5, 60))
+        self.assertEqual(s.dropmyemail_token_rate, Rate(50, 1))
+        self.assertEqual(s.metrics_allow, (ipaddress.ip_network("127.0.0.1/32"),
+                                           ipaddress.ip_network("::1/128")))
+        self.assertTrue(s.metrics_allowed("::1"))
+        self.assertFalse(s.metrics_allowed("10.1.2.3"))
+        self.assertFalse(s.metrics_allowed(None))
+        self.assertEqual(s.idle_timeout, 30.0)
+        self.assertIsNone(settings(login_rate=0).login_rate)
+
+    def test_mistakes_name_the_key(self) -> None:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"nope": 1}, "unknown key in [web]: nope"),
+            ({"login_rate": "lots"}, "[web] login_rate"),
+            ({"login_rate": 5}, "[web] login_rate"),
+            ({"metrics": "yes"}, "[web] metrics must be true or false"),
+            ({"metrics_allow": ["not a net"]}, "[web] metrics_allow"),
+            ({"json_max_body": -1}, "[web] json_max_body"),
+            ({"idle_timeout": True}, "[web] idle_timeout"),
+        ]
+        for web, words in cases:
+            error = self.assertRaises(ConfigError, settings, **web)
+            self.assertIn(words, str(error))
+
+    def test_the_site_takes_its_limits(self) -> None:
+        core, _ = make_core(Config(http_max_body=4096, sections={"web": {"idle_timeout": 15}}))
+        site = build_site(core)
+        self.assertEqual(site.max_body, 4096)  # type: ignore[attr-defined]
+        self.assertEqual(site.timeOut, 15)
+        self.assertFalse(site.displayTracebacks)

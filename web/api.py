@@ -1,0 +1,128 @@
+"""The base class of every seed API app: a Klein app per class, replies in the API's shape.
+
+A subclass sets `name`, `title`, `shape`, `app = Klein()` and `routes = RouteTable(app,
+name)`, takes the services it needs in `__init__`, and declares its handlers with
+`@routes.route(...)`. Whatever a handler raises comes back in the API's error shape:
+`ApiError` as itself, Werkzeug's routing errors as 404/405, anything else as a logged 500
+without a trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
+
+from web.context import context_of
+from web.errors import ApiError, ErrorShape
+from web.openapi import RouteTable
+from web.parsing import read_fields, read_json_object
+from web.replies import encode_json, json_reply
+from web.settings import WebSettings
+
+log = Logger(namespace="mailcore.web")
+
+
+def _klein_failure(self: Any, request: IRequest, failure: Failure) -> bytes:
+    """Klein error handler installed on every app: delegate to the app instance."""
+    app: ApiApp = self
+    return app.handle_failure(request, failure)
+
+
+class ApiApp:
+    """One seed API: its routes, its error shape, and helpers to reply in that shape."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    shape: ClassVar[ErrorShape]
+    app: ClassVar[Klein]
+    routes: ClassVar[RouteTable]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "app" in cls.__dict__:
+            cls.app.handle_errors(Exception)(_klein_failure)
+
+    def __init__(self, settings: WebSettings) -> None:
+        self.settings = settings
+        # Reading `self.app` binds the class's Klein app to this instance; the resource
+        # keeps that binding alive.
+        self._resource = self.app.resource()
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def render(self, request: IRequest) -> Any:
+        """Route and render `request` (the root resource hands it over with its full path)."""
+        return self._resource.render(request)
+
+    def reply(
+        self,
+        request: IRequest,
+        body: Any,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """A JSON reply."""
+        return json_reply(request, body, status, headers)
+
+    def error_reply(self, request: IRequest, error: ApiError) -> bytes:
+        """`error` in this API's shape."""
+        body = self.shape.body(error, context_of(request).request_id)
+        return json_reply(request, body, error.status, error.headers)
+
+    def handle_failure(self, request: IRequest, failure: Failure) -> bytes:
+        """Turn anything a handler or the router raised into a reply in this API's shape."""
+        try:
+            return self.error_reply(request, self._as_error(request, failure))
+        except Exception:
+            log.failure("error while rendering an error reply", api=self.name)
+            request.setResponseCode(500)
+            request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+            return encode_json({"error": "Internal server error."})
+
+    def _as_error(self, request: IRequest, failure: Failure) -> ApiError:
+        error = failure.value
+        if isinstance(error, ApiError):
+            return error
+        if isinstance(error, RequestRedirect):
+            target = urlsplit(error.new_url)
+            location = target.path + (f"?{target.query}" if target.query else "")
+            return ApiError(308, "Moved.", headers={"Location": location})
+        if isinstance(error, NotFound):
+            return ApiError(404, self.shape.not_found())
+        if isinstance(error, MethodNotAllowed):
+            allowed = sorted(set(error.valid_methods or ()))
+            method = request.method.decode("latin-1", "replace")
+            return ApiError(
+                405, self.shape.method_not_allowed(method), headers={"Allow": ", ".join(allowed)}
+            )
+        if isinstance(error, HTTPException) and error.code is not None:
+            return ApiError(error.code, error.description or error.name)
+        log.failure(
+            "unhandled error serving {method} {path} ({api}, request {request_id})",
+            failure,
+            method=request.method.decode("latin-1", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+            api=self.name,
+            request_id=context_of(request).request_id,
+        )
+        return ApiError(500, self.shape.internal_error())
+
+    # -- input -----------------------------------------------------------------------------
+
+    def fields(self, request: IRequest) -> dict[str, Any]:
+        """Input fields from a JSON, form-encoded or multipart body."""
+        return read_fields(
+            request, self.settings.json_max_body, multipart_limit=self.settings.max_body
+        )
+
+    def json_object(self, request: IRequest) -> dict[str, Any]:
+        """A JSON object body (only JSON is accepted)."""
+        return read_json_object(request, self.settings.json_max_body)

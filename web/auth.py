@@ -1,0 +1,300 @@
+"""One credential resolver for every API: find the secret a request presents, resolve it.
+
+Each API reads credentials its own way (API-MAP.md); an `AuthPolicy` says where to look
+(headers, an `Authorization` scheme, query parameters), which credential kinds count, and how
+the API words its 401. `CredentialResolver.require` yields the `Principal` or raises that
+API's own 401 as an `ApiError`, which the app renders in its shape.
+
+| policy | reads | kinds |
+|---|---|---|
+| IMAP2API | `Authorization: Token <t>` | token |
+| MAIL_API | `Auth-Key`, `auth_key` (header or query), `Authorization: Token <t>` | token |
+| PROTECMAIL | `Api-Key` | apikey |
+| SAFEDROP_KEY | `X-Auth-Key` (the auth server, with `X-Auth-User`) | apikey |
+| SAFEDROP | `X-Auth-Token`, `Auth-Token` | session |
+| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` | token, scope-checked |
+
+The secret is never logged, never put in an error, and only its digest is looked up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from mailcore.identity import Identity, Principal
+from web.context import context_of
+from web.errors import ApiError
+from web.parsing import query_params
+
+# A custom lookup: (identity, secret, policy) -> the principal, or None when not live.
+Lookup = Callable[[Identity, str, "AuthPolicy"], Awaitable[Principal | None]]
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """Where one API reads its credential, which kinds it accepts, how it says 401.
+
+    `messages` keys: "missing" (nothing presented), "invalid" (presented, not live),
+    "header_empty" and "header_spaces" (a malformed `Authorization` header; DRF words those
+    apart). `lookup` replaces the default `identity.resolve(secret, kinds)`; it is the
+    extension point for credentials that do not live in the credentials table.
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    headers: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()
+    messages: Mapping[str, str] = field(default_factory=dict)
+    key: str | None = None
+    challenge: str | None = None
+    error_code: str | None = None
+    lookup: Lookup | None = None
+    security_schemes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # True when every scheme above must be presented together (safedrop user + key).
+    all_required: bool = False
+
+    def security(self, scopes: list[str]) -> list[dict[str, list[str]]]:
+        """OpenAPI security requirements: one of the schemes, or all of them together."""
+        if self.all_required:
+            return [{name: list(scopes) for name in self.security_schemes}]
+        return [{name: list(scopes)} for name in self.security_schemes]
+
+    def error(self, reason: str, status: int = 401, **headers: str) -> ApiError:
+        message = self.messages.get(reason) or self.messages.get("invalid") or "Unauthorized."
+        extra_headers = dict(headers)
+        if self.challenge and "WWW-Authenticate" not in extra_headers:
+            challenge = self.challenge
+            if self.error_code and reason != "missing":  # RFC 6750 §3: no code when absent
+                challenge += f', error="{self.error_code}"'
+            extra_headers["WWW-Authenticate"] = challenge
+        return ApiError(status, message, key=self.key, code=self.error_code, headers=extra_headers)
+
+
+IMAP2API = AuthPolicy(
+    name="imap2api",
+    kinds=("token",),
+    schemes=("Token",),
+    messages={
+        "missing": "Authentication credentials were not provided.",
+        "invalid": "Invalid token.",
+        "header_empty": "Invalid token header. No credentials provided.",
+        "header_spaces": "Invalid token header. Token string should not contain spaces.",
+    },
+    challenge="Token",
+    security_schemes={
+        "imap2apiToken": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "`Authorization: Token <token>`; the token comes from "
+            "POST /api-token-auth/.",
+        }
+    },
+)
+
+MAIL_API = AuthPolicy(
+    name="mailapi",
+    kinds=("token",),
+    headers=("Auth-Key", "auth_key"),
+    schemes=("Token",),
+    query=("auth_key",),
+    messages={"missing": "unauthorized", "invalid": "unauthorized"},
+    security_schemes={
+        "mailapiAuthKey": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Auth-Key",
+            "description": "The auth_key from POST /api/v1/auth/ (also accepted as header "
+            "or query parameter `auth_key`, or `Authorization: Token <key>`).",
+        }
+    },
+)
+
+PROTECMAIL = AuthPolicy(
+    name="protecmail",
+    kinds=("apikey",),
+    headers=("Api-Key",),
+    messages={"missing": "missing Api-Key header", "invalid": "invalid Api-Key"},
+    security_schemes={
+        "protecmailApiKey": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Api-Key",
+            "description": "An API key (`mailcore apikey create NAME`).",
+        }
+    },
+)
+
+SAFEDROP_KEY = AuthPolicy(
+    name="safedrop-key",
+    kinds=("apikey",),
+    headers=("X-Auth-Key",),
+    messages={
+        "missing": "X-Auth-User and X-Auth-Key headers are required.",
+        "invalid": "Invalid X-Auth-User or X-Auth-Key.",
+    },
+    security_schemes={
+        "safedropUser": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Auth-User",
+            "description": "The e-mail address of the account.",
+        },
+        "safedropApiKey": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Auth-Key",
+            "description": "An API key of that account.",
+        },
+    },
+    all_required=True,
+)
+
+SAFEDROP = AuthPolicy(
+    name="safedrop",
+    kinds=("session",),
+    headers=("X-Auth-Token", "Auth-Token"),
+    messages={
+        "missing": "An X-Auth-Token header is required.",
+        "invalid": "The authentication token is invalid or has expired.",
+    },
+    security_schemes={
+        "safedropToken": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Auth-Token",
+            "description": "A temporary token from GET / (or /auth) with X-Auth-User and "
+            "X-Auth-Key; `Auth-Token` is accepted too.",
+        }
+    },
+)
+
+# Dropmyemail's access tokens come from its OAuth flow, which a later issue builds. Until
+# then a non-expiring "token" credential with the right scopes serves; the OAuth work
+# changes `kinds` (e.g. to ("oauth",)) or sets `lookup`, and nothing else here moves.
+DROPMYEMAIL_SCOPES = {
+    "read": "Read accounts, migrates and restores.",
+    "write": "Create, change and delete accounts; start migrates and restores.",
+    "email": "Read backed-up mailboxes and messages (implied by read).",
+    "attachment": "Read backed-up attachments (implied by read).",
+    "contact": "Read backed-up contacts (implied by read).",
+}
+DROPMYEMAIL = AuthPolicy(
+    name="dropmyemail",
+    kinds=("token",),
+    schemes=("Bearer",),
+    query=("access_token",),
+    messages={
+        "missing": "An access token is required (access_token or Authorization: Bearer).",
+        "invalid": "The access token is invalid.",
+        "scope": "The access token does not grant this scope.",
+    },
+    challenge='Bearer realm="dropmyemail"',
+    error_code="invalid_token",
+    security_schemes={
+        "dropmyemailOAuth": {
+            "type": "oauth2",
+            "flows": {
+                "authorizationCode": {
+                    "authorizationUrl": "/oauth/authorize",
+                    "tokenUrl": "/oauth/token",
+                    "scopes": DROPMYEMAIL_SCOPES,
+                }
+            },
+        },
+        "dropmyemailAccessToken": {
+            "type": "apiKey",
+            "in": "query",
+            "name": "access_token",
+        },
+    },
+)
+
+# Scopes that "read" implies (dropmyemail-v1.md).
+IMPLIED_SCOPES: dict[str, tuple[str, ...]] = {"read": ("email", "attachment", "contact")}
+
+
+def grants(principal: Principal, scope: str) -> bool:
+    """Whether the principal's scopes cover `scope`, counting scopes that `read` implies."""
+    if principal.allows(scope):
+        return True
+    return any(
+        scope in implied and principal.allows(parent)
+        for parent, implied in IMPLIED_SCOPES.items()
+    )
+
+
+class CredentialResolver:
+    """Reads the credential a request presents under a policy and resolves it."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    def presented(self, request: IRequest, policy: AuthPolicy) -> str | None:
+        """The secret the request presents under `policy`, or None; bad headers raise 401."""
+        for scheme in policy.schemes:
+            header = request.getHeader(b"authorization")
+            if header is None:
+                break
+            parts = header.split()
+            if not parts or parts[0].lower() != scheme.lower().encode():
+                continue
+            if len(parts) == 1:
+                raise policy.error("header_empty")
+            if len(parts) > 2:
+                raise policy.error("header_spaces")
+            return _text(parts[1], policy)
+        for name in policy.headers:
+            value = request.getHeader(name.encode("latin-1"))
+            if value is not None and value.strip():
+                return _text(value.strip(), policy)
+        if policy.query:
+            params = query_params(request)
+            for name in policy.query:
+                if params.get(name):
+                    return params[name].strip()
+        return None
+
+    async def resolve(self, secret: str, policy: AuthPolicy) -> Principal | None:
+        if policy.lookup is not None:
+            return await policy.lookup(self.identity, secret, policy)
+        return await self.identity.resolve(secret, policy.kinds)
+
+    async def optional(self, request: IRequest, policy: AuthPolicy) -> Principal | None:
+        """The principal, None when no credential is presented; a bad one is still a 401."""
+        secret = self.presented(request, policy)
+        if secret is None:
+            return None
+        principal = await self.resolve(secret, policy)
+        if principal is None:
+            raise policy.error("invalid")
+        context_of(request).authenticated(principal)
+        return principal
+
+    async def require(
+        self, request: IRequest, policy: AuthPolicy, *, scope: str | None = None
+    ) -> Principal:
+        """The principal, or the API's own 401 (403 when a scope is missing)."""
+        principal = await self.optional(request, policy)
+        if principal is None:
+            raise policy.error("missing")
+        if scope is not None and not grants(principal, scope):
+            challenge = f'{policy.challenge or "Bearer"}, error="insufficient_scope", '
+            error = policy.error(
+                "scope", 403, **{"WWW-Authenticate": challenge + f'scope="{scope}"'}
+            )
+            error.code = "insufficient_scope"
+            raise error
+        return principal
+
+
+def _text(raw: bytes, policy: AuthPolicy) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise policy.error("invalid") from None

@@ -1,0 +1,66 @@
+"""The service's own endpoints: `GET /metrics` (Prometheus) and `GET /openapi.json`.
+
+/metrics has no credential: the default listener is on loopback, and `[web] metrics_allow`
+restricts it to client networks (`metrics = false` turns it off) when the listener is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from prometheus_client import CollectorRegistry
+from twisted.web.iweb import IRequest
+
+from web.api import ApiApp
+from web.errors import ApiError, PlainErrors
+from web.metrics import exposition
+from web.openapi import Reply, RouteTable
+from web.settings import WebSettings
+
+
+class MetaApp(ApiApp):
+    name = "meta"
+    title = "The gateway itself: metrics and this document"
+    shape = PlainErrors()
+    app = Klein()
+    routes = RouteTable(app, "meta")
+
+    def __init__(
+        self,
+        settings: WebSettings,
+        *,
+        registry: CollectorRegistry,
+        openapi: Callable[[], dict[str, Any]],
+    ) -> None:
+        super().__init__(settings)
+        self.registry = registry
+        self.openapi = openapi
+
+    @routes.route(
+        "/metrics",
+        "GET",
+        summary="Prometheus metrics",
+        replies={200: Reply("Prometheus text exposition format", {"type": "string"},
+                            content_type="text/plain")},
+        errors=(403,),
+    )
+    def metrics(self, request: IRequest) -> bytes:
+        """Counters and histograms of the whole process, HTTP requests by API included."""
+        host = getattr(request.getClientAddress(), "host", None)
+        if not self.settings.metrics_allowed(host):
+            raise ApiError(403, "Metrics are not served to this client.")
+        body, content_type = exposition(self.registry)
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
+
+    @routes.route(
+        "/openapi.json",
+        "GET",
+        summary="This OpenAPI 3.1 document",
+        replies={200: Reply("The OpenAPI document", {"type": "object"})},
+    )
+    def openapi_document(self, request: IRequest) -> bytes:
+        """Every route served, generated from the routes the apps declare."""
+        return self.reply(request, self.openapi())

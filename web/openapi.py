@@ -1,0 +1,245 @@
+"""The route registry every app declares its routes through, and the OpenAPI 3.1 document.
+
+An app never calls `Klein.route` itself: it declares each route on its `RouteTable`, which
+registers the Klein rule and records what the document needs (summary, credential, input
+and output schemas). The document is built from those records, so it lists exactly the
+routes that are served; a test checks that the Klein rules and the document agree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from klein import Klein
+
+from web.auth import AuthPolicy
+from web.errors import ErrorShape
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_CONVERTER = re.compile(r"<(?:(?P<conv>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_]\w*)>")
+_CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "uuid": {"type": "string", "format": "uuid"},
+}
+_DEFAULT_ERRORS = {
+    400: "Bad input",
+    401: "No or bad credential",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Request body too large",
+    429: "Rate limited",
+    500: "Internal error",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One documented reply: a description, and a schema for its body (None: no body)."""
+
+    description: str
+    schema: Mapping[str, Any] | None = None
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One declared route: its paths, methods and what the document says about it."""
+
+    api: str
+    name: str
+    paths: tuple[str, ...]
+    methods: tuple[str, ...]
+    summary: str
+    description: str = ""
+    auth: tuple[AuthPolicy, ...] = ()
+    scope: str | None = None
+    body: Mapping[str, Any] | None = None
+    body_types: tuple[str, ...] = ("application/json",)
+    query: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    replies: Mapping[int, Reply] = field(default_factory=dict)
+    errors: tuple[int, ...] = ()
+
+
+class RouteTable:
+    """Declares routes on one Klein app and remembers them for the OpenAPI document."""
+
+    def __init__(self, klein: Klein, api: str) -> None:
+        self.klein = klein
+        self.api = api
+        self.specs: list[RouteSpec] = []
+
+    def route(
+        self,
+        paths: str | Sequence[str],
+        methods: str | Sequence[str],
+        *,
+        summary: str,
+        description: str = "",
+        auth: AuthPolicy | Sequence[AuthPolicy] = (),
+        scope: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        body_types: Sequence[str] = ("application/json",),
+        query: Mapping[str, Mapping[str, Any]] | None = None,
+        replies: Mapping[int, Reply] | None = None,
+        errors: Sequence[int] = (),
+    ) -> Callable[[F], F]:
+        """Serve the decorated method at `paths` for `methods`, and document it.
+
+        Trailing slashes are optional on every path (a client may send either form).
+        `auth` lists the credential policies of which the route accepts any one.
+        """
+        policies = (auth,) if isinstance(auth, AuthPolicy) else tuple(auth)
+        path_list = (paths,) if isinstance(paths, str) else tuple(paths)
+        method_list = (methods,) if isinstance(methods, str) else tuple(methods)
+
+        def decorate(f: F) -> F:
+            for i, path in enumerate(path_list):
+                endpoint = f.__name__ if i == 0 else f"{f.__name__}__{i}"
+                self.klein.route(
+                    path, methods=list(method_list), strict_slashes=False, endpoint=endpoint
+                )(f)
+            self.specs.append(
+                RouteSpec(
+                    api=self.api,
+                    name=f.__name__,
+                    paths=path_list,
+                    methods=method_list,
+                    summary=summary,
+                    description=description or (f.__doc__ or "").strip(),
+                    auth=policies,
+                    scope=scope,
+                    body=body,
+                    body_types=tuple(body_types),
+                    query=dict(query or {}),
+                    replies=dict(replies or {200: Reply("OK")}),
+                    errors=tuple(errors),
+                )
+            )
+            return f
+
+        return decorate
+
+
+class DocumentedApi(Protocol):
+    """What the document needs from an app: its name, title, routes and error shape."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def routes(self) -> RouteTable: ...
+
+    @property
+    def shape(self) -> ErrorShape: ...
+
+
+def openapi_path(rule: str) -> tuple[str, list[dict[str, Any]]]:
+    """A Werkzeug rule as an OpenAPI path, with its path parameters."""
+    parameters: list[dict[str, Any]] = []
+
+    def replace(m: re.Match[str]) -> str:
+        schema = _CONVERTER_SCHEMAS.get(m.group("conv") or "", {"type": "string"})
+        parameters.append(
+            {"name": m.group("name"), "in": "path", "required": True, "schema": dict(schema)}
+        )
+        return "{" + m.group("name") + "}"
+
+    return _CONVERTER.sub(replace, rule), parameters
+
+
+def error_schema_name(api: str) -> str:
+    return f"{api}Error"
+
+
+def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
+    suffix = "" if index == 0 else f"_{index}"
+    op: dict[str, Any] = {
+        "operationId": f"{spec.api}.{spec.name}.{method.lower()}{suffix}",
+        "summary": spec.summary,
+        "tags": [spec.api],
+    }
+    if spec.description:
+        op["description"] = spec.description
+    if spec.query:
+        op["parameters"] = [
+            {"name": name, "in": "query", "required": False, "schema": dict(schema)}
+            for name, schema in spec.query.items()
+        ]
+    if spec.body is not None and method not in ("GET", "HEAD", "DELETE"):
+        op["requestBody"] = {
+            "required": True,
+            "content": {t: {"schema": dict(spec.body)} for t in spec.body_types},
+        }
+    if spec.auth:
+        scopes = [spec.scope] if spec.scope else []
+        op["security"] = [req for policy in spec.auth for req in policy.security(scopes)]
+    responses: dict[str, Any] = {}
+    for status, reply in sorted(spec.replies.items()):
+        entry: dict[str, Any] = {"description": reply.description}
+        if reply.schema is not None:
+            entry["content"] = {reply.content_type: {"schema": dict(reply.schema)}}
+        if reply.headers:
+            entry["headers"] = {
+                name: {"description": text, "schema": {"type": "string"}}
+                for name, text in reply.headers.items()
+            }
+        responses[str(status)] = entry
+    error_statuses = set(spec.errors) | {404, 405, 413, 500}
+    if spec.auth:
+        error_statuses.add(401)
+    if spec.body is not None:
+        error_statuses.add(400)
+    error_schema = {"$ref": f"#/components/schemas/{error_schema_name(spec.api)}"}
+    for status in sorted(error_statuses):
+        if str(status) in responses:
+            continue
+        responses[str(status)] = {
+            "description": _DEFAULT_ERRORS.get(status, "Error"),
+            "content": {"application/json": {"schema": error_schema}},
+        }
+    op["responses"] = responses
+    return op
+
+
+def document(apis: Iterable[DocumentedApi], *, title: str, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route the given apps declare."""
+    paths: dict[str, dict[str, Any]] = {}
+    schemes: dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
+    tags = []
+    for api in apis:
+        tags.append({"name": api.name, "description": api.title})
+        schemas[error_schema_name(api.name)] = api.shape.schema()
+        for spec in api.routes.specs:
+            for policy in spec.auth:
+                for name, scheme in policy.security_schemes.items():
+                    schemes[name] = dict(scheme)
+            for index, rule in enumerate(spec.paths):
+                path, parameters = openapi_path(rule)
+                item = paths.setdefault(path, {})
+                if parameters:
+                    item["parameters"] = parameters
+                for method in spec.methods:
+                    key = method.lower()
+                    if key in item:
+                        raise ValueError(f"{method} {path} is declared twice")
+                    item[key] = _operation(spec, method, index)
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "tags": tags,
+        "paths": dict(sorted(paths.items())),
+    }
+    doc["components"] = {"schemas": dict(sorted(schemas.items()))}
+    if schemes:
+        doc["components"]["securitySchemes"] = dict(sorted(schemes.items()))
+    return doc

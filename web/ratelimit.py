@@ -1,0 +1,150 @@
+"""Rate limits: a token bucket per key, on an injected clock, and the headers that report it.
+
+A `Rate` of N per period lets a key make N requests at once, then one more every
+period/N seconds. Every reply of a limited endpoint carries `X-RateLimit-Limit`,
+`X-RateLimit-Remaining` and `X-RateLimit-Reset` (epoch seconds when the bucket is full again);
+a refused request gets 429 with `Retry-After`. Users: the password-login endpoints (per
+client address), IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from web.errors import ApiError
+from web.replies import set_headers
+
+_UNITS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`limit` requests per `period` seconds."""
+
+    limit: int
+    period: float
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.period <= 0:
+            raise ValueError("a rate needs a positive limit and period")
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """Read "100/hour", "20/second", "5/10min" (N per [count] unit)."""
+        m = _RATE.match(text.lower())
+        if not m or m.group(3) not in _UNITS:
+            raise ValueError(f"not a rate: {text!r} (write e.g. 100/hour or 20/second)")
+        count = int(m.group(2) or 1)
+        return cls(int(m.group(1)), count * _UNITS[m.group(3)])
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one check, and what the rate-limit headers say."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: int
+    retry_after: int
+
+    def headers(self) -> dict[str, str]:
+        values = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset),
+        }
+        if not self.allowed:
+            values["Retry-After"] = str(self.retry_after)
+        return values
+
+
+class RateLimited(ApiError):
+    """429 Too Many Requests, with the rate-limit headers and Retry-After."""
+
+    def __init__(self, decision: Decision) -> None:
+        wait = decision.retry_after
+        unit = "second" if wait == 1 else "seconds"
+        super().__init__(
+            429,
+            f"Request was throttled. Expected available in {wait} {unit}.",
+            headers=decision.headers(),
+        )
+        self.decision = decision
+
+
+class RateLimiter:
+    """Token buckets keyed by anything hashable (a user id, a token id, a client address).
+
+    Memory stays bounded: once more than `max_keys` buckets exist, the ones that have
+    refilled completely (they carry no state worth keeping) are dropped, then the oldest.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: Rate, *, max_keys: int = 100_000) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.max_keys = max_keys
+        # key -> (tokens left, time of that count)
+        self._buckets: dict[Hashable, tuple[float, float]] = {}
+
+    def _refilled(self, key: Hashable, now: float) -> float:
+        limit, period = self.rate.limit, self.rate.period
+        tokens, at = self._buckets.get(key, (float(limit), now))
+        return min(float(limit), tokens + (now - at) * limit / period)
+
+    def check(self, key: Hashable, cost: int = 1) -> Decision:
+        """Take `cost` tokens from `key`'s bucket if it has them; say what happened."""
+        now = self.clock.seconds()
+        limit, period = self.rate.limit, self.rate.period
+        per_token = period / limit
+        tokens = self._refilled(key, now)
+        allowed = tokens >= cost
+        if allowed:
+            tokens -= cost
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            self._prune(now)
+        self._buckets[key] = (tokens, now)
+        retry_after = 0 if allowed else max(1, math.ceil((cost - tokens) * per_token))
+        reset = math.ceil(now + (limit - tokens) * per_token)
+        return Decision(allowed, limit, max(0, math.floor(tokens)), reset, retry_after)
+
+    def peek(self, key: Hashable) -> int:
+        """How many requests `key` may still make now (nothing is taken)."""
+        return math.floor(self._refilled(key, self.clock.seconds()))
+
+    def _prune(self, now: float) -> None:
+        full = [k for k in self._buckets if self._refilled(k, now) >= self.rate.limit]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.max_keys:
+            oldest = sorted(self._buckets, key=lambda k: self._buckets[k][1])
+            for k in oldest[: len(oldest) // 2 + 1]:
+                del self._buckets[k]
+
+
+def enforce(request: IRequest, limiter: RateLimiter, key: Hashable) -> Decision:
+    """Check `key` against `limiter`, put the headers on the reply, raise 429 when refused."""
+    decision = limiter.check(key)
+    set_headers(request, decision.headers())
+    if not decision.allowed:
+        raise RateLimited(decision)
+    return decision
+
+
+def client_key(request: IRequest) -> str:
+    """The key of an anonymous client: its address (the peer of the connection)."""
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return str(host) if host else "unknown"

@@ -1,0 +1,47 @@
+"""Writing replies: JSON bodies with the right status, content type and headers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def encode_json(body: Any) -> bytes:
+    """Compact UTF-8 JSON (the seeds' examples are compact); NaN and Infinity are refused."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def set_headers(request: IRequest, headers: Mapping[str, str] | None) -> None:
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+
+
+def json_reply(
+    request: IRequest,
+    body: Any,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """Set the status and headers of a JSON reply and return its bytes."""
+    encoded = encode_json(body)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    request.setHeader(b"Content-Length", str(len(encoded)).encode("ascii"))
+    set_headers(request, headers)
+    return encoded
+
+
+def empty_reply(
+    request: IRequest, status: int = 204, headers: Mapping[str, str] | None = None
+) -> bytes:
+    """A reply without a body (safedrop's 204 from the auth server)."""
+    request.setResponseCode(status)
+    set_headers(request, headers)
+    return b""

@@ -1,0 +1,139 @@
+"""HTTP settings: the Config's HTTP fields and the optional `[web]` table of the TOML file.
+
+```toml
+[web]
+json_max_body = 1048576          # largest JSON/form body (multipart uploads use http_max_body)
+login_rate = "100/hour"          # password logins per client address (0 turns it off)
+imap2api_user_rate = "1000/hour" # IMAP2API requests per user
+imap2api_anonymous_rate = "100/hour"
+dropmyemail_token_rate = "20/second"
+metrics = true                   # serve GET /metrics
+metrics_allow = ["127.0.0.1/32", "::1/128"]   # client networks allowed (empty: all)
+idle_timeout = 60                # seconds an idle HTTP connection stays open
+```
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailcore.config import Config, ConfigError
+from web.ratelimit import Rate
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_KEYS = {
+    "json_max_body",
+    "login_rate",
+    "imap2api_user_rate",
+    "imap2api_anonymous_rate",
+    "dropmyemail_token_rate",
+    "metrics",
+    "metrics_allow",
+    "idle_timeout",
+}
+
+
+# Defaults (module constants: a frozen Rate is safe to share).
+LOGIN_RATE = Rate(100, 3600)
+IMAP2API_USER_RATE = Rate(1000, 3600)
+IMAP2API_ANONYMOUS_RATE = Rate(100, 3600)
+DROPMYEMAIL_TOKEN_RATE = Rate(20, 1)
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Everything the web layer reads from the configuration, checked once."""
+
+    max_body: int = 25 * 1024 * 1024
+    json_max_body: int = 1024 * 1024
+    session_token_ttl: int = 3600
+    login_rate: Rate | None = LOGIN_RATE
+    imap2api_user_rate: Rate = IMAP2API_USER_RATE
+    imap2api_anonymous_rate: Rate = IMAP2API_ANONYMOUS_RATE
+    dropmyemail_token_rate: Rate = DROPMYEMAIL_TOKEN_RATE
+    metrics: bool = True
+    metrics_allow: tuple[IPNetwork, ...] = ()
+    idle_timeout: float = 60.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> WebSettings:
+        """Settings from a Config; a bad `[web]` value raises ConfigError naming it."""
+        table = config.section("web")
+        unknown = set(table) - _KEYS
+        if unknown:
+            raise ConfigError(f"unknown key in [web]: {sorted(unknown)[0]}")
+        defaults = cls()
+        json_max = _int(table, "json_max_body", defaults.json_max_body)
+        return cls(
+            max_body=config.http_max_body,
+            json_max_body=min(json_max, config.http_max_body),
+            session_token_ttl=config.session_token_ttl,
+            login_rate=_rate(table, "login_rate", defaults.login_rate, allow_off=True),
+            imap2api_user_rate=_rate(table, "imap2api_user_rate", defaults.imap2api_user_rate),
+            imap2api_anonymous_rate=_rate(
+                table, "imap2api_anonymous_rate", defaults.imap2api_anonymous_rate
+            ),
+            dropmyemail_token_rate=_rate(
+                table, "dropmyemail_token_rate", defaults.dropmyemail_token_rate
+            ),
+            metrics=_bool(table, "metrics", defaults.metrics),
+            metrics_allow=_networks(table.get("metrics_allow", [])),
+            idle_timeout=float(_int(table, "idle_timeout", int(defaults.idle_timeout))),
+        )
+
+    def metrics_allowed(self, host: str | None) -> bool:
+        """Whether a client at `host` may read /metrics."""
+        if not self.metrics:
+            return False
+        if not self.metrics_allow:
+            return True
+        try:
+            address = ipaddress.ip_address(host or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self.metrics_allow)
+
+
+def _int(table: dict[str, Any], key: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"[web] {key} must be a positive integer")
+    return value
+
+
+def _bool(table: dict[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"[web] {key} must be true or false")
+    return value
+
+
+def _rate(
+    table: dict[str, Any], key: str, default: Any, *, allow_off: bool = False
+) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if allow_off and (value == 0 or value == "0" or value is False):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f'[web] {key} must be a rate such as "100/hour"')
+    try:
+        return Rate.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"[web] {key}: {e}") from None
+
+
+def _networks(values: Any) -> tuple[IPNetwork, ...]:
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise ConfigError("[web] metrics_allow must be a list of networks")
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except ValueError as e:
+        raise ConfigError(f"[web] metrics_allow: {e}") from None
