@@ -1,0 +1,384 @@
+"""Fetch accounts: the remote IMAP/POP3 mailboxes a user backs up, and their sync status.
+
+One model serves seed 001 (imap-servers: name, host, port, username, use_ssl, sync limits,
+folders_to_sync, exclude_trash, last_sync) and Dropmyemail (accounts: email, protocol
+imap|pop, ssl, start_tls, port). The password is stored encrypted and never leaves this module
+except to the sync engine, through `credentials`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.fetch.errors import AccountError, AccountNotFound
+from mailcore.fetch.secrets import SecretBox
+from mailcore.fetch.tls import check_ca_pem, normalise_fingerprint
+from mailcore.messages.sql import new_id, utc
+from mailcore.messages.store import thd_collect_garbage
+from mailcore.messages.threading import thd_drop_empty_threads
+from mailcore.store import Database
+from mailcore.store.schema import fetch_accounts, fetch_folders, messages
+
+PROTOCOLS = ("imap", "pop")
+SYNC_LIMIT_TYPES = ("all", "last_n", "days", "weeks", "months")
+SYNC_STATUSES = ("never", "running", "success", "error")
+DEFAULT_PORTS = {("imap", True): 993, ("imap", False): 143, ("pop", True): 995,
+                 ("pop", False): 110}
+MIN_SYNC_INTERVAL = 60
+_HOST = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
+
+# Fields a caller may set on create or update, and their types.
+EDITABLE: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "email": str,
+    "protocol": str,
+    "host": str,
+    "port": int,
+    "username": str,
+    "password": str,
+    "use_ssl": bool,
+    "start_tls": bool,
+    "allow_cleartext": bool,
+    "tls_ca_pem": (str, type(None)),
+    "tls_fingerprint": (str, type(None)),
+    "sync_limit_type": str,
+    "sync_limit_value": int,
+    "folders_to_sync": (str, list),
+    "exclude_trash": bool,
+    "sync_interval": (int, type(None)),
+    "enabled": bool,
+}
+
+
+@dataclass(frozen=True)
+class Account:
+    """An account as it may be shown: never the password."""
+
+    id: int
+    user_id: int
+    name: str
+    email: str
+    protocol: str
+    host: str
+    port: int
+    username: str
+    use_ssl: bool
+    start_tls: bool
+    allow_cleartext: bool
+    tls_ca_pem: str | None
+    tls_fingerprint: str | None
+    sync_limit_type: str
+    sync_limit_value: int
+    folders_to_sync: str
+    exclude_trash: bool
+    sync_interval: int | None
+    enabled: bool
+    last_sync: datetime.datetime | None
+    sync_status: str
+    sync_error: str | None
+    sync_started_at: datetime.datetime | None
+    progress_folder: str | None
+    progress_done: int
+    progress_total: int
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+
+    @property
+    def folder_list(self) -> list[str]:
+        """The folders to sync, or [] for every folder."""
+        return [f.strip() for f in self.folders_to_sync.split(",") if f.strip()]
+
+
+_ACCOUNT_FIELDS = [f.name for f in fields(Account)]
+_DATETIME_FIELDS = {"last_sync", "sync_started_at", "created_at", "updated_at"}
+
+
+def _account(row: Any) -> Account:
+    m = row._mapping
+    values = {k: (utc(m[k]) if k in _DATETIME_FIELDS else m[k]) for k in _ACCOUNT_FIELDS}
+    return Account(**values)  # type: ignore[arg-type]
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        expected = EDITABLE.get(key)
+        if expected is None:
+            raise AccountError(f"unknown field {key!r}", key)
+        types = expected if isinstance(expected, tuple) else (expected,)
+        if isinstance(value, bool) and bool not in types:
+            raise AccountError(f"{key} has the wrong type", key)
+        if not isinstance(value, types):
+            raise AccountError(f"{key} has the wrong type", key)
+
+
+def validate(values: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checked and normalised column values from create/update input.
+
+    `current` holds the stored values on update, so that cross-field rules (port defaults,
+    ssl vs start_tls, limits) are checked on the result.
+    """
+    _check_types(values)
+    merged = {**(current or {}), **values}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, str) and key not in ("password", "tls_ca_pem"):
+            value = value.strip()
+        out[key] = value
+
+    protocol = merged.get("protocol", "imap")
+    if protocol not in PROTOCOLS:
+        raise AccountError("protocol must be imap or pop", "protocol")
+    host = (merged.get("host") or "").strip()
+    if not host or not _HOST.match(host):
+        raise AccountError("host must be a host name or an IP address", "host")
+    username = (merged.get("username") or merged.get("email") or "").strip()
+    if not username or len(username) > 255:
+        raise AccountError("username (or email) is required", "username")
+    if current is None or "username" in values or "email" in values:
+        if not (merged.get("username") or "").strip():
+            out["username"] = username
+    if current is None and not values.get("password"):
+        raise AccountError("password is required", "password")
+    if "password" in values and not values["password"]:
+        raise AccountError("password must not be empty", "password")
+    if merged.get("use_ssl") and merged.get("start_tls"):
+        raise AccountError("ssl and start_tls exclude each other", "start_tls")
+    port = merged.get("port")
+    if port is None:
+        if current is None or "use_ssl" in values or "protocol" in values:
+            out["port"] = DEFAULT_PORTS[(protocol, bool(merged.get("use_ssl")))]
+    elif not 1 <= int(port) <= 65535:
+        raise AccountError("port must be between 1 and 65535", "port")
+    limit_type = merged.get("sync_limit_type", "all")
+    if limit_type not in SYNC_LIMIT_TYPES:
+        raise AccountError(
+            "sync_limit_type must be one of " + ", ".join(SYNC_LIMIT_TYPES), "sync_limit_type"
+        )
+    limit_value = merged.get("sync_limit_value", 0)
+    if limit_value < 0 or limit_value > 1_000_000:
+        raise AccountError("sync_limit_value must be between 0 and 1000000", "sync_limit_value")
+    if limit_type != "all" and limit_value == 0:
+        raise AccountError(
+            f"sync_limit_value must be positive with sync_limit_type {limit_type}",
+            "sync_limit_value",
+        )
+    if "folders_to_sync" in out and isinstance(out["folders_to_sync"], list):
+        if not all(isinstance(f, str) for f in out["folders_to_sync"]):
+            raise AccountError("folders_to_sync must list folder names", "folders_to_sync")
+        out["folders_to_sync"] = ",".join(f.strip() for f in out["folders_to_sync"] if f.strip())
+    if out.get("tls_fingerprint"):
+        out["tls_fingerprint"] = normalise_fingerprint(out["tls_fingerprint"])
+    elif "tls_fingerprint" in out:
+        out["tls_fingerprint"] = None
+    if out.get("tls_ca_pem"):
+        out["tls_ca_pem"] = check_ca_pem(out["tls_ca_pem"])
+    elif "tls_ca_pem" in out:
+        out["tls_ca_pem"] = None
+    interval = merged.get("sync_interval")
+    if interval is not None and interval < MIN_SYNC_INTERVAL:
+        raise AccountError(
+            f"sync_interval must be at least {MIN_SYNC_INTERVAL} seconds", "sync_interval"
+        )
+    for key, limit in (("name", 255), ("email", 254)):
+        if len(out.get(key) or "") > limit:
+            raise AccountError(f"{key} is longer than {limit} characters", key)
+    return out
+
+
+class Accounts:
+    """Create, read, update and delete fetch accounts; keep their sync status."""
+
+    def __init__(self, db: Database, clock: IReactorTime, secrets: SecretBox) -> None:
+        self.db = db
+        self.clock = clock
+        self.secrets = secrets
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(
+            self.clock.seconds(), datetime.UTC  # type: ignore[misc]
+        )
+
+    async def create(self, user_id: int, **values: Any) -> Account:
+        """A new account for `user_id`; raises AccountError naming the bad field."""
+        clean = validate(values)
+        password = clean.pop("password")
+        now = self.now()
+        clean.update(
+            user_id=user_id,
+            password_enc=self.secrets.encrypt(password),
+            created_at=now,
+            updated_at=now,
+        )
+
+        def txn(conn: Connection) -> Account:
+            account_id = new_id(conn.execute(insert(fetch_accounts).values(**clean)))
+            return thd_get_account(conn, user_id, account_id)
+
+        return await self.db.run("create_fetch_account", txn)
+
+    async def update(self, user_id: int, account_id: int, **values: Any) -> Account:
+        """Change some fields (a partial update, as the seed's PUT)."""
+        now = self.now()
+        secrets = self.secrets
+
+        def txn(conn: Connection) -> Account:
+            current = thd_get_account(conn, user_id, account_id)
+            clean = validate(values, current.__dict__)
+            if "password" in clean:
+                clean["password_enc"] = secrets.encrypt(clean.pop("password"))
+            clean["updated_at"] = now
+            conn.execute(
+                update(fetch_accounts).where(fetch_accounts.c.id == account_id).values(**clean)
+            )
+            return thd_get_account(conn, user_id, account_id)
+
+        return await self.db.run("update_fetch_account", txn)
+
+    async def delete(self, user_id: int, account_id: int) -> Account:
+        """Delete the account and every message fetched through it; returns what it was."""
+
+        def txn(conn: Connection) -> Account:
+            account = thd_get_account(conn, user_id, account_id)
+            conn.execute(delete(fetch_accounts).where(fetch_accounts.c.id == account_id))
+            # The cascade removed its messages; their blobs and empty threads go too.
+            thd_collect_garbage(conn)
+            thd_drop_empty_threads(conn, user_id)
+            return account
+
+        return await self.db.run("delete_fetch_account", txn)
+
+    async def get(self, user_id: int, account_id: int) -> Account:
+        return await self.db.read("get_fetch_account", thd_get_account, user_id, account_id)
+
+    async def list_accounts(
+        self, user_id: int, *, protocol: str | None = None, sort: str = "id",
+        direction: str = "asc",
+    ) -> list[Account]:
+        """The user's accounts. `sort`: id, name, email, host, created_at, updated_at,
+        last_sync, message_count or storage."""
+        if protocol not in (None, "all", *PROTOCOLS):
+            raise AccountError("type must be all, imap or pop", "type")
+        if direction not in ("asc", "desc"):
+            raise AccountError("direction must be asc or desc", "direction")
+        simple = {"id", "name", "email", "host", "created_at", "updated_at", "last_sync"}
+        if sort not in simple | {"message_count", "storage"}:
+            raise AccountError(f"cannot sort by {sort!r}", "sort")
+
+        def txn(conn: Connection) -> list[Account]:
+            usage = (
+                select(
+                    messages.c.account_id,
+                    func.count().label("message_count"),
+                    func.coalesce(func.sum(messages.c.size), 0).label("storage"),
+                )
+                .where(messages.c.user_id == user_id)
+                .group_by(messages.c.account_id)
+                .subquery()
+            )
+            key: Any = (
+                fetch_accounts.c[sort] if sort in simple
+                else func.coalesce(usage.c[sort], 0)
+            )
+            q = (
+                select(fetch_accounts)
+                .select_from(fetch_accounts.outerjoin(
+                    usage, usage.c.account_id == fetch_accounts.c.id
+                ))
+                .where(fetch_accounts.c.user_id == user_id)
+            )
+            if protocol in PROTOCOLS:
+                q = q.where(fetch_accounts.c.protocol == protocol)
+            q = q.order_by(key.desc() if direction == "desc" else key.asc(),
+                           fetch_accounts.c.id)
+            return [_account(r) for r in conn.execute(q)]
+
+        return await self.db.read("list_fetch_accounts", txn)
+
+    # -- for the sync engine -------------------------------------------------------------
+
+    async def credentials(self, account_id: int) -> tuple[Account, str]:
+        """The account and its clear password, for a session about to log in."""
+
+        def txn(conn: Connection) -> tuple[Account, bytes]:
+            row = conn.execute(
+                select(fetch_accounts).where(fetch_accounts.c.id == account_id)
+            ).first()
+            if row is None:
+                raise AccountNotFound("no such account", "id")
+            return _account(row), row.password_enc
+
+        account, token = await self.db.read("get_fetch_credentials", txn)
+        return account, self.secrets.decrypt(token)
+
+    async def owner_of(self, account_id: int) -> int:
+        def txn(conn: Connection) -> int | None:
+            return conn.execute(
+                select(fetch_accounts.c.user_id).where(fetch_accounts.c.id == account_id)
+            ).scalar()
+
+        owner = await self.db.read("get_fetch_account_owner", txn)
+        if owner is None:
+            raise AccountNotFound("no such account", "id")
+        return int(owner)
+
+    async def set_status(self, account_id: int, **values: Any) -> None:
+        """Record sync status/progress fields (sync_status, sync_error, progress_*, ...)."""
+        allowed = {"sync_status", "sync_error", "sync_started_at", "last_sync",
+                   "progress_folder", "progress_done", "progress_total"}
+        unknown = set(values) - allowed
+        if unknown:
+            raise ValueError(f"not status fields: {sorted(unknown)}")
+
+        def txn(conn: Connection) -> None:
+            conn.execute(
+                update(fetch_accounts).where(fetch_accounts.c.id == account_id).values(**values)
+            )
+
+        await self.db.run("set_fetch_status", txn)
+
+    async def all_enabled(self) -> list[Account]:
+        """Every enabled account of every user (for the scheduler)."""
+
+        def txn(conn: Connection) -> list[Account]:
+            return [
+                _account(r)
+                for r in conn.execute(
+                    select(fetch_accounts)
+                    .where(fetch_accounts.c.enabled.is_(True))
+                    .order_by(fetch_accounts.c.id)
+                )
+            ]
+
+        return await self.db.read("list_enabled_fetch_accounts", txn)
+
+    async def folders(self, account_id: int) -> list[dict[str, Any]]:
+        """The folder state rows of an account (name, uidvalidity, uidnext, errors ...)."""
+
+        def txn(conn: Connection) -> list[dict[str, Any]]:
+            return [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(fetch_folders)
+                    .where(fetch_folders.c.account_id == account_id)
+                    .order_by(fetch_folders.c.name)
+                )
+            ]
+
+        return await self.db.read("list_fetch_folders", txn)
+
+
+def thd_get_account(conn: Connection, user_id: int, account_id: int) -> Account:
+    row = conn.execute(
+        select(fetch_accounts)
+        .where(fetch_accounts.c.id == account_id)
+        .where(fetch_accounts.c.user_id == user_id)
+    ).first()
+    if row is None:
+        raise AccountNotFound("no such account", "id")
+    return _account(row)

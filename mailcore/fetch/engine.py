@@ -1,0 +1,582 @@
+"""The sync engine: bring our copy of an account up to date with its server.
+
+IMAP, per folder: EXAMINE (with CONDSTORE/QRESYNC when offered), find the UIDs we do not hold
+(server-side SEARCH with the account's limits), learn their sizes, then fetch them in
+pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE. Each batch is
+committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
+order, so a sync killed at any moment and run again stores exactly the source set. A changed
+UIDVALIDITY rescans the folder and matches our copies by content hash; nothing of ours is
+ever deleted. POP3: UIDL says what is new; nothing is ever deleted on the server.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.fetch.accounts import Account, Accounts
+from mailcore.fetch.errors import FetchError, ProtocolFailed
+from mailcore.fetch.imap import FetchItem, IMAPClient, RemoteFolder, ServerSpec, open_session
+from mailcore.fetch.pop3 import POP3Session, open_pop3
+from mailcore.fetch.secrets import SecretError
+from mailcore.fetch.settings import FetchSettings
+from mailcore.fetch.state import (
+    FolderState,
+    thd_folder,
+    thd_mark_gone,
+    thd_mark_stale,
+    thd_max_uid,
+    thd_save_folder_state,
+    thd_set_folder_error,
+    thd_stored_uidls,
+    thd_stored_uids,
+    thd_update_flags,
+    thd_upsert_folders,
+)
+from mailcore.fetch.tls import client_tls
+from mailcore.messages.models import FetchedMessage, Location
+from mailcore.messages.store import MessageStore
+from mailcore.store import Database
+
+log = Logger()
+
+TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_SIZE_CHUNK = 2000
+
+
+class TLSFactory(Protocol):
+    def __call__(
+        self, hostname: str, *, ca_pem: str | None = None, fingerprint: str | None = None
+    ) -> IOpenSSLClientConnectionCreator: ...
+
+
+@dataclass
+class FolderResult:
+    """What a sync did to one folder."""
+
+    new: int = 0
+    relinked: int = 0
+    skipped: list[str] = field(default_factory=list)
+    flags_updated: int = 0
+    error: str | None = None
+
+
+@dataclass
+class SyncResult:
+    """What a sync of one account did. `status` is "success" or "error"."""
+
+    account_id: int
+    user_id: int
+    started_at: datetime.datetime
+    finished_at: datetime.datetime | None = None
+    status: str = "running"
+    error: str | None = None
+    new_messages: int = 0
+    relinked: int = 0
+    new_message_ids: list[int] = field(default_factory=list)
+    thread_ids: set[int] = field(default_factory=set)
+    folders: dict[str, FolderResult] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    def problems(self) -> str | None:
+        """One line naming what went wrong, or None."""
+        parts = [self.error] if self.error else []
+        parts += [f"{name}: {fr.error}" for name, fr in self.folders.items() if fr.error]
+        return "; ".join(parts) if parts else None
+
+
+def imap_date(day: datetime.date) -> str:
+    """A date as IMAP SEARCH wants it (1-Feb-2024), independent of the locale."""
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
+
+
+def limit_since(account: Account, now: datetime.datetime) -> datetime.date | None:
+    """The first day to sync for days/weeks/months limits, else None."""
+    n = account.sync_limit_value
+    if account.sync_limit_type == "days":
+        return (now - datetime.timedelta(days=n)).date()
+    if account.sync_limit_type == "weeks":
+        return (now - datetime.timedelta(weeks=n)).date()
+    if account.sync_limit_type == "months":
+        month_index = now.year * 12 + (now.month - 1) - n
+        year, month = divmod(month_index, 12)
+        day = min(now.day, 28)
+        return datetime.date(year, month + 1, day)
+    return None
+
+
+def is_trash(folder: RemoteFolder) -> bool:
+    if folder.special_use == "\\Trash":
+        return True
+    last = folder.name
+    if folder.delimiter:
+        last = folder.name.rsplit(folder.delimiter, 1)[-1]
+    return last.strip().lower() in TRASH_NAMES
+
+
+def choose_folders(account: Account, remote: list[RemoteFolder]) -> tuple[list[RemoteFolder],
+                                                                         list[str]]:
+    """The folders to sync, and the wanted names the server does not have."""
+    usable = [f for f in remote if f.selectable]
+    if account.exclude_trash:
+        usable = [f for f in usable if not is_trash(f)]
+    wanted = account.folder_list
+    if not wanted:
+        return usable, []
+    by_name = {f.name: f for f in usable}
+    by_name.update({f.name.upper(): f for f in usable if f.name.upper() == "INBOX"})
+    chosen: list[RemoteFolder] = []
+    missing: list[str] = []
+    for name in wanted:
+        folder = by_name.get(name) or (by_name.get("INBOX") if name.upper() == "INBOX" else None)
+        if folder is None:
+            missing.append(name)
+        elif folder not in chosen:
+            chosen.append(folder)
+    return chosen, missing
+
+
+def batches(uids: list[int], sizes: dict[int, int], max_count: int,
+            max_bytes: int) -> list[list[int]]:
+    """UIDs in ascending order cut into batches bounded in count and declared bytes."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if current and (len(current) >= max_count or total + size > max_bytes):
+            out.append(current)
+            current, total = [], 0
+        current.append(uid)
+        total += size
+    if current:
+        out.append(current)
+    return out
+
+
+def _swallow(d: defer.Deferred[Any]) -> None:
+    """Consume the outcome of a pipelined request we no longer wait for."""
+    d.addErrback(lambda _f: None)
+
+
+class SyncEngine:
+    """Runs account syncs: one at a time per account, at most `max_concurrent` at once."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        db: Database,
+        accounts: Accounts,
+        store: MessageStore,
+        settings: FetchSettings | None = None,
+        *,
+        tls_factory: TLSFactory = client_tls,
+    ) -> None:
+        self.reactor = reactor
+        self.db = db
+        self.accounts = accounts
+        self.store = store
+        self.settings = settings or FetchSettings()
+        self.tls_factory = tls_factory
+        self._limit = defer.DeferredSemaphore(self.settings.max_concurrent)
+        self._running: dict[int, defer.Deferred[SyncResult]] = {}
+        self._waiters: dict[int, list[defer.Deferred[SyncResult]]] = {}
+        self.listeners: list[Callable[[SyncResult], object]] = []
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
+
+    # -- public --------------------------------------------------------------------------
+
+    def is_running(self, account_id: int) -> bool:
+        return account_id in self._running
+
+    def running(self) -> list[int]:
+        return sorted(self._running)
+
+    def sync(self, account_id: int) -> defer.Deferred[SyncResult]:
+        """Sync an account now (or join the sync already running); fires with the result.
+
+        Cancelling the returned Deferred of the sync that started it stops that sync: what
+        was committed stays, and the account shows the sync as cancelled.
+        """
+        if account_id in self._running:
+            waiter: defer.Deferred[SyncResult] = defer.Deferred()
+            self._waiters[account_id].append(waiter)
+            return waiter
+        main = self._limit.run(lambda: defer.Deferred.fromCoroutine(self._sync(account_id)))
+        self._running[account_id] = main
+        self._waiters[account_id] = []
+
+        def done(outcome: SyncResult | Failure) -> SyncResult | Failure:
+            self._running.pop(account_id, None)
+            for w in self._waiters.pop(account_id, []):
+                if isinstance(outcome, Failure):
+                    w.errback(outcome)
+                else:
+                    w.callback(outcome)
+            return outcome
+
+        main.addBoth(done)
+        return main
+
+    async def sync_now(self, account_id: int) -> SyncResult:
+        """`sync` for callers that await."""
+        return await self.sync(account_id)
+
+    async def stop(self) -> None:
+        """Cancel every running sync and wait for them to record their state."""
+        pending = list(self._running.values())
+        for d in pending:
+            d.cancel()
+        for d in pending:
+            try:
+                await d
+            except Exception as e:  # cancelled or failed: the account shows it
+                log.debug("sync ended on stop: {e!r}", e=e)
+
+    # -- one account ---------------------------------------------------------------------
+
+    async def _sync(self, account_id: int) -> SyncResult:
+        try:
+            account, password = await self.accounts.credentials(account_id)
+        except SecretError as e:
+            owner = await self.accounts.owner_of(account_id)
+            await self.accounts.set_status(account_id, sync_status="error", sync_error=str(e))
+            return SyncResult(account_id=account_id, user_id=owner, started_at=self.now(),
+                              finished_at=self.now(), status="error", error=str(e))
+        result = SyncResult(account_id=account.id, user_id=account.user_id,
+                            started_at=self.now())
+        await self.accounts.set_status(
+            account.id, sync_status="running", sync_started_at=result.started_at,
+            sync_error=None, progress_folder=None, progress_done=0, progress_total=0,
+        )
+        cancelled = False
+        try:
+            if account.protocol == "pop":
+                await self._sync_pop(account, password, result)
+            else:
+                await self._sync_imap(account, password, result)
+        except FetchError as e:
+            result.error = str(e)
+        except defer.CancelledError:
+            result.error = "sync cancelled"
+            cancelled = True
+        except Exception as e:
+            log.failure("sync of account {account} failed", account=account.id)
+            result.error = f"internal error: {type(e).__name__}: {e}"
+        result.finished_at = self.now()
+        problems = result.problems()
+        result.status = "error" if problems else "success"
+        status: dict[str, Any] = {
+            "sync_status": result.status, "sync_error": problems, "progress_folder": None,
+        }
+        if result.ok:
+            status["last_sync"] = result.finished_at
+        await self.accounts.set_status(account.id, **status)
+        if cancelled:
+            raise defer.CancelledError()
+        for listener in list(self.listeners):
+            try:
+                listener(result)
+            except Exception:
+                log.failure("sync listener failed")
+        return result
+
+    def _spec(self, account: Account, password: str) -> ServerSpec:
+        return ServerSpec(
+            host=account.host, port=account.port, use_ssl=account.use_ssl,
+            start_tls=account.start_tls, allow_cleartext=account.allow_cleartext,
+            username=account.username, password=password,
+        )
+
+    def _creator(self, account: Account) -> IOpenSSLClientConnectionCreator:
+        return self.tls_factory(
+            account.host, ca_pem=account.tls_ca_pem, fingerprint=account.tls_fingerprint
+        )
+
+    async def _progress(self, account: Account, folder: str | None, done: int,
+                        total: int) -> None:
+        await self.accounts.set_status(
+            account.id, progress_folder=folder, progress_done=done, progress_total=total
+        )
+
+    # -- IMAP ----------------------------------------------------------------------------
+
+    async def _open_imap(self, account: Account, password: str) -> IMAPClient:
+        s = self.settings
+        session = await open_session(
+            self.reactor, self._spec(account, password), self._creator(account),
+            max_literal=s.max_message_bytes, connect_timeout=s.connect_timeout,
+            idle_timeout=s.idle_timeout,
+        )
+        if "QRESYNC" in session.capabilities and "ENABLE" in session.capabilities:
+            await session.enable(b"QRESYNC")
+            session.qresync_enabled = True  # type: ignore[attr-defined]
+        return session
+
+    async def _sync_imap(self, account: Account, password: str, result: SyncResult) -> None:
+        session = await self._open_imap(account, password)
+        try:
+            remote = await session.list_folders()
+            chosen, missing = choose_folders(account, remote)
+            states = await self.db.run(
+                "upsert_fetch_folders", thd_upsert_folders, account.id,
+                [(f.name, f.delimiter, f.special_use) for f in remote],
+            )
+            for name in missing:
+                result.folders[name] = FolderResult(error="folder not found on the server")
+            progress = [0, 0]
+            for folder in chosen:
+                folder_result = result.folders.setdefault(folder.name, FolderResult())
+                state = states[folder.name]
+                try:
+                    await self._sync_imap_folder(
+                        session, account, state, result, folder_result, progress
+                    )
+                except FetchError as e:
+                    folder_result.error = str(e)
+                    await self.db.run("set_fetch_folder_error", thd_set_folder_error,
+                                      state.id, str(e))
+                    if session.error is not None:
+                        # The session died with this folder; the others get a new one.
+                        session.abort()
+                        session = await self._open_imap(account, password)
+        finally:
+            await session.close_session()
+
+    async def _sync_imap_folder(
+        self,
+        session: IMAPClient,
+        account: Account,
+        state: FolderState,
+        result: SyncResult,
+        folder_result: FolderResult,
+        progress: list[int],
+    ) -> None:
+        s = self.settings
+        caps = session.capabilities
+        condstore = "CONDSTORE" in caps or "QRESYNC" in caps
+        qresync = None
+        if getattr(session, "qresync_enabled", False) and state.uidvalidity and (
+            state.highestmodseq
+        ):
+            qresync = (state.uidvalidity, state.highestmodseq)
+        await self._progress(account, state.name, progress[0], progress[1])
+        info = await session.examine(state.name, condstore=condstore, qresync=qresync)
+        uidvalidity = info.uidvalidity
+        assert uidvalidity is not None
+        rescan = state.uidvalidity is not None and state.uidvalidity != uidvalidity
+        now = self.now()
+
+        unchanged = (
+            not rescan and info.highestmodseq is not None
+            and state.highestmodseq == info.highestmodseq
+            and state.uidnext is not None and state.uidnext == info.uidnext
+        )
+        if unchanged:
+            await self.db.run(
+                "save_fetch_folder_state", thd_save_folder_state, state.id,
+                uidvalidity=uidvalidity, uidnext=info.uidnext,
+                highestmodseq=info.highestmodseq, now=now, error=None,
+            )
+            return
+
+        max_uid = await self.db.read("fetch_max_uid", thd_max_uid, state.id, uidvalidity)
+        if not rescan:
+            changes = dict(info.changed_flags)
+            if qresync is None and condstore and state.highestmodseq and max_uid and (
+                info.highestmodseq != state.highestmodseq
+            ):
+                items = await session.uid_fetch(
+                    b"1:%d" % max_uid, b"UID FLAGS",
+                    b"CHANGEDSINCE %d" % state.highestmodseq,
+                )
+                changes.update({i.uid: i.flags for i in items
+                                if i.uid is not None and i.flags is not None})
+            if changes:
+                folder_result.flags_updated = await self.db.run(
+                    "update_fetch_flags", thd_update_flags, state.id, uidvalidity, changes, now
+                )
+            if info.vanished:
+                await self.db.run("mark_fetch_gone", thd_mark_gone, state.id, uidvalidity,
+                                  info.vanished)
+
+        uids = await self._wanted_uids(session, account, info.exists, uidvalidity, state,
+                                       max_uid, rescan, now)
+        skipped: list[str] = []
+        sizes: dict[int, int] = {}
+        for i in range(0, len(uids), _SIZE_CHUNK):
+            for item in await session.uid_fetch(uids[i : i + _SIZE_CHUNK], b"UID RFC822.SIZE"):
+                if item.uid is not None:
+                    sizes[item.uid] = item.size or 0
+        todo = []
+        for uid in uids:
+            if uid not in sizes:
+                continue  # expunged since the search
+            if sizes[uid] > s.max_message_bytes:
+                skipped.append(
+                    f"UID {uid} is {sizes[uid]} bytes, over the limit of "
+                    f"{s.max_message_bytes}; not fetched"
+                )
+                continue
+            todo.append(uid)
+        progress[1] += len(todo)
+        await self._progress(account, state.name, progress[0], progress[1])
+
+        where = Location(user_id=account.user_id, account_id=account.id, folder_id=state.id,
+                         folder=state.name, uidvalidity=uidvalidity)
+        pending: deque[tuple[list[int], defer.Deferred[list[FetchItem]]]] = deque()
+        queue = deque(batches(todo, sizes, s.batch_messages, s.batch_bytes))
+        try:
+            while queue or pending:
+                while queue and len(pending) < s.pipeline_depth:
+                    batch = queue.popleft()
+                    pending.append((batch, session.uid_fetch(
+                        batch, b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
+                    )))
+                batch, d = pending.popleft()
+                items = await d
+                fetched = self._fetched(batch, items)
+                stored = await self.store.store_batch(where, fetched, rescan=rescan)
+                folder_result.new += len(stored.created)
+                folder_result.relinked += stored.relinked
+                result.new_messages += len(stored.created)
+                result.relinked += stored.relinked
+                result.new_message_ids.extend(stored.created)
+                result.thread_ids.update(stored.thread_ids)
+                progress[0] += len(batch)
+                await self._progress(account, state.name, progress[0], progress[1])
+        finally:
+            for _batch, d in pending:
+                _swallow(d)
+        folder_result.skipped = skipped
+        if skipped:
+            folder_result.error = "; ".join(skipped)
+        if rescan and account.sync_limit_type == "all" and not skipped:
+            # Copies under the old UIDVALIDITY that matched nothing are gone from the
+            # server; they stay ours, marked as such.
+            await self.db.run("mark_fetch_stale", thd_mark_stale, state.id, uidvalidity)
+        await self.db.run(
+            "save_fetch_folder_state", thd_save_folder_state, state.id,
+            uidvalidity=uidvalidity, uidnext=info.uidnext, highestmodseq=info.highestmodseq,
+            now=self.now(), error="; ".join(skipped) if skipped else None,
+        )
+
+    async def _wanted_uids(
+        self, session: IMAPClient, account: Account, exists: int, uidvalidity: int,
+        state: FolderState, max_uid: int, rescan: bool, now: datetime.datetime,
+    ) -> list[int]:
+        """UIDs on the server, within the account's limits, that we do not hold yet."""
+        if exists == 0:
+            return []
+        criteria: list[bytes] = []
+        if account.sync_limit_type == "last_n":
+            first = max(1, exists - account.sync_limit_value + 1)
+            criteria.append(b"%d:*" % first)
+        since = limit_since(account, now)
+        if since is not None:
+            criteria.append(b"SINCE " + imap_date(since).encode("ascii"))
+        if rescan or max_uid == 0:
+            if not criteria:
+                criteria.append(b"ALL")
+            found = await session.uid_search(b" ".join(criteria))
+            held = await self.db.read("fetch_stored_uids", thd_stored_uids, state.id,
+                                      uidvalidity)
+            return [u for u in found if u not in held]
+        criteria.append(b"UID %d:*" % (max_uid + 1))
+        found = await session.uid_search(b" ".join(criteria))
+        return [u for u in found if u > max_uid]
+
+    def _fetched(self, batch: list[int], items: list[FetchItem]) -> list[FetchedMessage]:
+        by_uid = {i.uid: i for i in items if i.uid is not None and i.body is not None}
+        out = []
+        for uid in batch:
+            item = by_uid.get(uid)
+            if item is None or item.body is None:
+                continue  # expunged between SEARCH and FETCH
+            if len(item.body) > self.settings.max_message_bytes:
+                raise ProtocolFailed(f"UID {uid} came back over the size limit")
+            out.append(FetchedMessage(raw=item.body, uid=uid, flags=item.flags or (),
+                                      internal_date=item.internal_date))
+        return out
+
+    # -- POP3 ----------------------------------------------------------------------------
+
+    async def _sync_pop(self, account: Account, password: str, result: SyncResult) -> None:
+        s = self.settings
+        session: POP3Session = await open_pop3(
+            self.reactor, self._spec(account, password), self._creator(account),
+            max_message=s.max_message_bytes, connect_timeout=s.connect_timeout,
+            idle_timeout=s.idle_timeout,
+        )
+        folder_result = result.folders.setdefault("INBOX", FolderResult())
+        try:
+            state = await self.db.run("fetch_pop_folder", thd_folder, account.id, "INBOX")
+            listing = await session.uidls()
+            sizes = await session.sizes()
+            held = await self.db.read("fetch_stored_uidls", thd_stored_uidls, state.id)
+            new = [(i, u) for i, u in listing if u not in held]
+            if account.sync_limit_type == "last_n":
+                keep = {u for _, u in listing[-account.sync_limit_value:]}
+                new = [(i, u) for i, u in new if u in keep]
+            since = limit_since(account, self.now())
+            todo = []
+            for index, uidl in new:
+                size = sizes[index] if index < len(sizes) else 0
+                if size > s.max_message_bytes:
+                    folder_result.skipped.append(
+                        f"message {uidl} is {size} bytes, over the limit; not fetched"
+                    )
+                    continue
+                todo.append((index, uidl))
+            await self._progress(account, "INBOX", 0, len(todo))
+            where = Location(user_id=account.user_id, account_id=account.id,
+                             folder_id=state.id, folder="INBOX")
+            done = 0
+            for start in range(0, len(todo), s.batch_messages):
+                chunk = todo[start : start + s.batch_messages]
+                fetched = []
+                for index, uidl in chunk:
+                    raw = await session.retrieve_bytes(index)
+                    fetched.append(FetchedMessage(raw=raw, uidl=uidl))
+                if since is not None:
+                    fetched = await self._within(fetched, since)
+                stored = await self.store.store_batch(where, fetched)
+                folder_result.new += len(stored.created)
+                result.new_messages += len(stored.created)
+                result.new_message_ids.extend(stored.created)
+                result.thread_ids.update(stored.thread_ids)
+                done += len(chunk)
+                await self._progress(account, "INBOX", done, len(todo))
+            if folder_result.skipped:
+                folder_result.error = "; ".join(folder_result.skipped)
+            await self.db.run(
+                "save_fetch_folder_state", thd_save_folder_state, state.id,
+                uidvalidity=None, uidnext=None, highestmodseq=None, now=self.now(),
+                error=folder_result.error,
+            )
+        except FetchError as e:
+            folder_result.error = str(e)
+        finally:
+            await session.close_session()
+
+    async def _within(self, fetched: list[FetchedMessage],
+                      since: datetime.date) -> list[FetchedMessage]:
+        """POP3 has no SEARCH: keep messages whose Date is on or after `since`."""
+        parsed = await self.store.parse([f.raw for f in fetched])
+        first = datetime.datetime(since.year, since.month, since.day, tzinfo=datetime.UTC)
+        return [f for f, p in zip(fetched, parsed, strict=True)
+                if p.date is None or p.date >= first]

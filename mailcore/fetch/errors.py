@@ -1,0 +1,48 @@
+"""Errors of the fetch engine. Each carries a message fit to show the account's owner."""
+
+from __future__ import annotations
+
+
+class FetchError(Exception):
+    """A sync of an account (or of one folder) failed; `str(e)` says why in one line."""
+
+
+class ConnectFailed(FetchError):
+    """The server could not be reached."""
+
+
+class TLSFailed(FetchError):
+    """TLS could not be set up or the server's certificate did not verify."""
+
+
+class CleartextRefused(FetchError):
+    """No TLS was available and the account does not allow sending the password in clear."""
+
+
+class AuthFailed(FetchError):
+    """The server refused the credentials."""
+
+
+class ProtocolFailed(FetchError):
+    """The server said something we cannot accept (malformed, refused, or over a bound)."""
+
+
+class LiteralTooLarge(ProtocolFailed):
+    """The server announced a literal over the configured bound."""
+
+
+class FetchTimeout(FetchError):
+    """The server stopped answering."""
+
+
+class AccountError(Exception):
+    """An account operation was refused; `field` names the offending input, if any."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class AccountNotFound(AccountError):
+    """No such account for this user."""

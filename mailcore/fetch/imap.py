@@ -1,0 +1,612 @@
+"""The IMAP client session the sync engine drives, on `twisted.mail.imap4.IMAP4Client`.
+
+We keep Twisted's line/literal reader and its tagged-command queue, and replace what is
+unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4, 7, 8):
+
+- literals are bounded: a `{N}` over `max_literal` fails the session with LiteralTooLarge
+  before a byte of it is buffered, and the bytes received for one command are bounded too;
+- STARTTLS discards whatever plaintext followed the server's OK, and CAPABILITY is asked
+  again over TLS;
+- TLS is always verified (the caller passes a connection creator from mailcore.fetch.tls),
+  and the password never goes out in clear unless the account explicitly allows it;
+- credentials and bodies stay bytes on the wire (AUTHENTICATE PLAIN or LOGIN with quoting);
+- a malformed reply fails the session with a ProtocolFailed naming it, never a traceback;
+- untagged replies come back raw, so SELECT gives UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ,
+  and FETCH gives BODY[] as the exact bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.mail import imap4
+from twisted.python.failure import Failure
+
+from mailcore.fetch.errors import (
+    AuthFailed,
+    CleartextRefused,
+    ConnectFailed,
+    FetchError,
+    FetchTimeout,
+    LiteralTooLarge,
+    ProtocolFailed,
+    TLSFailed,
+)
+
+DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
+MAX_LINE = 16 * 1024 * 1024
+
+
+def _show(data: bytes, limit: int = 120) -> str:
+    """Server text for an error message: printable, short."""
+    text = data[:limit].decode("ascii", "replace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text + ("..." if len(data) > limit else "")
+
+
+def quote(value: bytes) -> bytes:
+    """An IMAP quoted string; refuses bytes that cannot be quoted."""
+    if any(b in value for b in (0, 10, 13)) or any(b > 127 for b in value):
+        raise ValueError("value cannot be sent as an IMAP quoted string")
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def mailbox_arg(name: str) -> bytes:
+    """A mailbox name as a command argument (modified UTF-7, quoted)."""
+    return quote(name.encode("imap4-utf-7"))
+
+
+@dataclass(frozen=True)
+class RemoteFolder:
+    """A LIST reply: the folder name (decoded), its delimiter, flags and special use."""
+
+    name: str
+    delimiter: str | None
+    flags: frozenset[str]
+
+    @property
+    def selectable(self) -> bool:
+        return not ({"\\NOSELECT", "\\NONEXISTENT"} & self.flags)
+
+    @property
+    def special_use(self) -> str | None:
+        for flag in ("\\Trash", "\\Junk", "\\Sent", "\\Drafts", "\\Archive", "\\All",
+                     "\\Flagged"):
+            if flag.upper() in self.flags:
+                return flag
+        return None
+
+
+@dataclass
+class SelectInfo:
+    """What SELECT/EXAMINE told us about a folder."""
+
+    exists: int = 0
+    uidvalidity: int | None = None
+    uidnext: int | None = None
+    highestmodseq: int | None = None
+    vanished: list[int] = field(default_factory=list)
+    changed_flags: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FetchItem:
+    """One FETCH reply."""
+
+    seq: int
+    uid: int | None
+    flags: tuple[str, ...] | None
+    internal_date: datetime.datetime | None
+    size: int | None
+    body: bytes | None
+    modseq: int | None
+
+
+class _RawCommand(imap4.Command):
+    """A command whose untagged replies are handed back unparsed (literals inline)."""
+
+    def finish(self, lastLine: bytes, unusedCallback: Any) -> None:
+        d, self.defer = self.defer, None
+        if d is not None and not d.called:  # a cancelled command's late reply is dropped
+            d.callback((self.lines, lastLine))
+
+
+_RE_EXISTS = re.compile(rb"^(\d+) EXISTS", re.IGNORECASE)
+_RE_CODE = re.compile(rb"^OK \[(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)\]", re.IGNORECASE)
+_RE_VANISHED = re.compile(rb"^VANISHED (?:\(EARLIER\) )?([\d:,]+)", re.IGNORECASE)
+_RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
+
+
+def expand_set(spec: bytes) -> list[int]:
+    """An IMAP sequence set of numbers ("1:3,7") as a list; bounded in size."""
+    out: list[int] = []
+    for piece in spec.split(b","):
+        if b":" in piece:
+            a, b = (int(x) for x in piece.split(b":", 1))
+            lo, hi = min(a, b), max(a, b)
+            if hi - lo > 10_000_000:
+                raise ProtocolFailed("sequence set too large")
+            out.extend(range(lo, hi + 1))
+        elif piece:
+            out.append(int(piece))
+    return out
+
+
+def compress_set(numbers: list[int]) -> bytes:
+    """Sorted numbers as a compact IMAP set ("1:3,7")."""
+    ranges: list[str] = []
+    nums = sorted(set(numbers))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        ranges.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
+    return ",".join(ranges).encode("ascii")
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bytes) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _parse_internaldate(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return datetime.datetime.strptime(
+            value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z"
+        ).astimezone(datetime.UTC)
+    except ValueError:
+        return None
+
+
+def parse_fetch(line: bytes) -> FetchItem:
+    """One untagged FETCH reply (`N FETCH (...)`, literals inline) as a FetchItem."""
+    try:
+        tokens = imap4.parseNestedParens(line)
+    except (imap4.MismatchedNesting, imap4.MismatchedQuoting, ValueError, IndexError):
+        raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}") from None
+    if len(tokens) < 3 or not isinstance(tokens[2], list) or _as_int(tokens[0]) is None:
+        raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
+    items = tokens[2]
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        key = items[i]
+        if not isinstance(key, bytes):
+            raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
+        name = key.upper()
+        i += 1
+        if name in (b"BODY", b"BINARY", b"RFC822") and i < len(items) and isinstance(
+            items[i], list
+        ):
+            section = items[i]
+            i += 1
+            if i < len(items) and isinstance(items[i], bytes) and items[i].startswith(b"<"):
+                i += 1
+            if i >= len(items):
+                raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
+            if section == []:
+                values["BODY[]"] = items[i]
+            i += 1
+            continue
+        if i >= len(items):
+            raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
+        values[name.decode("ascii", "replace")] = items[i]
+        i += 1
+    flags = values.get("FLAGS")
+    modseq = values.get("MODSEQ")
+    body = values.get("BODY[]", values.get("RFC822"))
+    return FetchItem(
+        seq=int(tokens[0]),
+        uid=_as_int(values.get("UID")),
+        # \Recent belongs to one session, not to the message: it is not kept.
+        flags=tuple(f.decode("utf-8", "replace") for f in flags
+                    if isinstance(f, bytes) and f.upper() != b"\\RECENT")
+        if isinstance(flags, list) else None,
+        internal_date=_parse_internaldate(values.get("INTERNALDATE")),
+        size=_as_int(values.get("RFC822.SIZE")),
+        body=body if isinstance(body, bytes) else None,
+        modseq=_as_int(modseq[0]) if isinstance(modseq, list) and modseq else None,
+    )
+
+
+def abort_transport(transport: Any) -> None:
+    """Drop a connection at once (TCP and TLS transports both offer abortConnection)."""
+    transport.abortConnection()
+
+
+def _tls_failure(reason: Failure) -> bool:
+    if reason.check(SSL.Error):
+        return True
+    try:
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover - service_identity is a dependency
+        return False
+    return reason.check(VerificationError) is not None
+
+
+class IMAPClient(imap4.IMAP4Client):
+    """One IMAP session. Create through `open_session`; every method fails with FetchError."""
+
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        max_literal: int = DEFAULT_MAX_LITERAL,
+        max_reply_bytes: int | None = None,
+        idle_timeout: float = 120.0,
+        host: str = "server",
+    ) -> None:
+        super().__init__()
+        self.greeted: defer.Deferred[None] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.error: FetchError | None = None
+        self.capabilities: set[str] = set()
+        self.max_literal = max_literal
+        self.max_reply_bytes = max_reply_bytes or (max_literal * 2 + MAX_LINE)
+        self.host = host
+        self.timeout = int(idle_timeout) if idle_timeout > 0 else 0
+        self.callLater = clock.callLater  # type: ignore[assignment]
+        self._inflight = 0
+        self._dead = False
+
+    # -- reading, bounded ---------------------------------------------------------------
+
+    def _fail(self, err: FetchError) -> None:
+        """Fail every pending command with `err` and drop the connection at once."""
+        if self.error is None:
+            self.error = err
+        self._dead = True
+        pending = [c for c in (self.tags or {}).values() if c is not None]
+        pending += list(self.queued or [])
+        self.tags, self.queued, self.waiting = {}, [], None
+        for cmd in pending:
+            d, cmd.defer = cmd.defer, None
+            if d is not None and not d.called:
+                d.errback(Failure(self.error))
+        if not self.greeted.called:
+            self.greeted.errback(Failure(self.error))
+        self.clearLineBuffer()
+        if self.transport is not None:
+            abort_transport(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dead:
+            return  # a failed session reads nothing more, so buffers nothing more
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._dead:
+            return
+        self._inflight += len(line) + 2
+        if self._inflight > self.max_reply_bytes:
+            self._fail(ProtocolFailed(
+                f"{self.host} sent more than {self.max_reply_bytes} bytes for one command"
+            ))
+            return
+        tagged = self._parts is None and not line.startswith((b"*", b"+"))
+        try:
+            super().lineReceived(line)
+        except Exception:
+            self._fail(ProtocolFailed(f"malformed reply from {self.host}: {_show(line)}"))
+            return
+        if tagged:
+            self._inflight = 0
+
+    def _setupForLiteral(self, rest: bytes, octets: int) -> None:
+        if octets > self.max_literal:
+            self._fail(LiteralTooLarge(
+                f"{self.host} announced a {octets}-byte literal, over the limit of "
+                f"{self.max_literal} bytes"
+            ))
+            return
+        self._inflight += octets
+        if self._inflight > self.max_reply_bytes:
+            self._fail(ProtocolFailed(
+                f"{self.host} sent more than {self.max_reply_bytes} bytes for one command"
+            ))
+            return
+        super()._setupForLiteral(rest, octets)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._dead:
+            return
+        super().rawDataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(ProtocolFailed(f"{self.host} sent a line longer than {self.MAX_LENGTH} bytes"))
+
+    def dispatchCommand(self, tag: bytes, rest: bytes) -> None:
+        if self._dead:
+            return
+        handler = (
+            self.response_UNAUTH if self.state is None
+            else getattr(self, "response_" + self.state.upper(), None)
+        )
+        try:
+            if handler is None:
+                raise imap4.IllegalServerResponse(tag + b" " + rest)
+            handler(tag, rest)
+        except Exception:
+            self._fail(ProtocolFailed(
+                f"malformed reply from {self.host}: {_show(tag + b' ' + rest)}"
+            ))
+
+    def serverGreeting(self, caps: Any) -> None:
+        if not self.greeted.called:
+            self.greeted.callback(None)
+
+    def _extraInfo(self, lines: Any) -> None:
+        """Untagged replies outside any command: nothing to do for a backup client."""
+
+    def timeoutConnection(self) -> None:
+        self._fail(FetchTimeout(f"{self.host} stopped answering for {self.timeout} s"))
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._dead = True
+        if self.error is None:
+            if _tls_failure(reason):
+                self.error = TLSFailed(
+                    f"TLS with {self.host} failed (certificate not trusted or not for this "
+                    f"host): {reason.getErrorMessage()}"
+                )
+            else:
+                self.error = ConnectFailed(
+                    f"connection to {self.host} closed: {reason.getErrorMessage()}"
+                )
+        if not self.greeted.called:
+            self.greeted.errback(Failure(self.error))
+        super().connectionLost(Failure(self.error))
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def send(self, name: bytes, args: bytes | None = None,
+             continuation: Any = None) -> defer.Deferred[tuple[list[bytes], bytes]]:
+        """Queue a command; the Deferred fires with (untagged lines, tagged line)."""
+        if self._dead or self.tags is None:
+            return defer.fail(self.error or ConnectFailed(f"connection to {self.host} closed"))
+        d: defer.Deferred[tuple[list[bytes], bytes]] = self.sendCommand(
+            _RawCommand(name, args, (), continuation)
+        )
+
+        def refused(f: Failure) -> Failure:
+            if f.check(imap4.IMAP4Exception):
+                said = f.value.args[0] if f.value is not None and f.value.args else b""
+                text = _show(said) if isinstance(said, bytes) else str(said)
+                raise ProtocolFailed(f"{name.decode()} refused by {self.host}: {text}")
+            return f
+
+        d.addErrback(refused)
+        return d
+
+    async def ask_capabilities(self) -> set[str]:
+        lines, _ = await self.send(b"CAPABILITY")
+        caps: set[str] = set()
+        for line in lines:
+            words = line.split()
+            if words and words[0].upper() == b"CAPABILITY":
+                caps.update(w.decode("ascii", "replace").upper() for w in words[1:])
+        if not caps:
+            raise ProtocolFailed(f"{self.host} gave no CAPABILITY reply")
+        self.capabilities = caps
+        return caps
+
+    def _switch_to_tls(self, result: Any, creator: IOpenSSLClientConnectionCreator) -> Any:
+        # Runs while the tagged OK is being dispatched: whatever plaintext followed it in the
+        # same read is still in the line buffer and would be read as if it came over TLS.
+        self.clearLineBuffer()
+        self.transport.startTLS(creator)  # type: ignore[union-attr]
+        self.startedTLS = True
+        self._capCache = None
+        self.capabilities = set()
+        return result
+
+    async def starttls(self, creator: IOpenSSLClientConnectionCreator) -> set[str]:
+        """Switch to TLS and learn the capabilities again over it."""
+        d = self.send(b"STARTTLS")
+        d.addCallback(self._switch_to_tls, creator)
+        await d
+        return await self.ask_capabilities()
+
+    async def authenticate_plain(self, username: str, password: str) -> None:
+        """Log in with AUTHENTICATE PLAIN when offered, else LOGIN (never over cleartext
+        unless the caller allowed it before calling)."""
+        user, secret = username.encode("utf-8"), password.encode("utf-8")
+        try:
+            if "AUTH=PLAIN" in self.capabilities:
+                token = base64.b64encode(b"\0" + user + b"\0" + secret)
+                if "SASL-IR" in self.capabilities:
+                    await self.send(b"AUTHENTICATE", b"PLAIN " + token)
+                else:
+                    sent: list[bool] = []
+
+                    def answer(_challenge: bytes) -> None:
+                        self.sendLine(b"*" if sent else token)
+                        sent.append(True)
+
+                    await self.send(b"AUTHENTICATE", b"PLAIN", answer)
+            elif "LOGINDISABLED" in self.capabilities:
+                raise AuthFailed(f"{self.host} disables LOGIN and offers no AUTH=PLAIN")
+            else:
+                try:
+                    args = quote(user) + b" " + quote(secret)
+                except ValueError:
+                    raise AuthFailed(
+                        f"{self.host} offers only LOGIN, which cannot carry these credentials"
+                    ) from None
+                await self.send(b"LOGIN", args)
+        except ProtocolFailed as e:
+            if self.error is not None:
+                raise
+            raise AuthFailed(f"login refused: {e}") from None
+
+    async def list_folders(self) -> list[RemoteFolder]:
+        lines, _ = await self.send(b"LIST", b'"" "*"')
+        folders: list[RemoteFolder] = []
+        for line in lines:
+            if not line[:5].upper() == b"LIST ":
+                continue
+            try:
+                tokens = imap4.parseNestedParens(line)
+                flags = frozenset(
+                    f.decode("ascii", "replace").upper() for f in tokens[1]
+                    if isinstance(f, bytes)
+                )
+                delim = tokens[2].decode("utf-8", "replace") if tokens[2] else None
+                raw_name = tokens[3]
+                name = raw_name.decode("imap4-utf-7")
+            except (IndexError, AttributeError, TypeError, ValueError, UnicodeError,
+                    imap4.MismatchedNesting, imap4.MismatchedQuoting):
+                raise ProtocolFailed(f"malformed LIST reply: {_show(line)}") from None
+            folders.append(RemoteFolder(name=name, delimiter=delim, flags=flags))
+        return folders
+
+    async def examine(
+        self, name: str, *, condstore: bool = False,
+        qresync: tuple[int, int] | None = None,
+    ) -> SelectInfo:
+        """EXAMINE a folder (read-only: nothing we do changes it)."""
+        args = mailbox_arg(name)
+        if qresync is not None:
+            args += b" (QRESYNC (%d %d))" % qresync
+        elif condstore:
+            args += b" (CONDSTORE)"
+        lines, _ = await self.send(b"EXAMINE", args)
+        info = SelectInfo()
+        for line in lines:
+            if m := _RE_EXISTS.match(line):
+                info.exists = int(m.group(1))
+            elif m := _RE_CODE.match(line):
+                value = int(m.group(2))
+                key = m.group(1).upper()
+                if key == b"UIDVALIDITY":
+                    info.uidvalidity = value
+                elif key == b"UIDNEXT":
+                    info.uidnext = value
+                else:
+                    info.highestmodseq = value
+            elif m := _RE_VANISHED.match(line):
+                info.vanished.extend(expand_set(m.group(1)))
+            elif _RE_FETCH.match(line):
+                item = parse_fetch(line)
+                if item.uid is not None and item.flags is not None:
+                    info.changed_flags[item.uid] = item.flags
+        if info.uidvalidity is None:
+            raise ProtocolFailed(f"{self.host} gave no UIDVALIDITY for {name!r}")
+        return info
+
+    async def uid_search(self, criteria: bytes) -> list[int]:
+        lines, _ = await self.send(b"UID SEARCH", criteria)
+        uids: list[int] = []
+        for line in lines:
+            words = line.split()
+            if not words or words[0].upper() != b"SEARCH":
+                continue
+            for w in words[1:]:
+                if w.isdigit():
+                    uids.append(int(w))
+                elif w.startswith(b"("):
+                    break
+        return sorted(set(uids))
+
+    def uid_fetch(
+        self, uids: list[int] | bytes, items: bytes, modifiers: bytes = b""
+    ) -> defer.Deferred[list[FetchItem]]:
+        """Queue a UID FETCH of a list of UIDs or a set like b"1:500" (callers pipeline by
+        queueing several before awaiting)."""
+        uid_set = uids if isinstance(uids, bytes) else compress_set(uids)
+        args = uid_set + b" (" + items + b")"
+        if modifiers:
+            args += b" (" + modifiers + b")"
+        d = self.send(b"UID FETCH", args)
+
+        def parse(result: tuple[list[bytes], bytes]) -> list[FetchItem]:
+            return [parse_fetch(line) for line in result[0] if _RE_FETCH.match(line)]
+
+        return d.addCallback(parse)
+
+    async def enable(self, *extensions: bytes) -> None:
+        await self.send(b"ENABLE", b" ".join(extensions))
+
+    async def close_session(self) -> None:
+        """LOGOUT politely, then make sure the connection is gone."""
+        if not self._dead and self.tags is not None:
+            try:
+                await self.send(b"LOGOUT")
+            except FetchError:
+                pass
+        self.abort()
+
+    def abort(self) -> None:
+        self._dead = True
+        if self.transport is not None:
+            abort_transport(self.transport)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Where and how to reach a server (from an Account)."""
+
+    host: str
+    port: int
+    use_ssl: bool
+    start_tls: bool
+    allow_cleartext: bool
+    username: str
+    password: str
+
+
+async def open_session(
+    reactor: Any,
+    spec: ServerSpec,
+    creator: IOpenSSLClientConnectionCreator,
+    *,
+    max_literal: int = DEFAULT_MAX_LITERAL,
+    connect_timeout: float = 30.0,
+    idle_timeout: float = 120.0,
+) -> IMAPClient:
+    """Connect, secure (TLS or STARTTLS, verified), log in; the session is ready to use."""
+    client = IMAPClient(
+        reactor, max_literal=max_literal, idle_timeout=idle_timeout,
+        host=f"{spec.host}:{spec.port}",
+    )
+    endpoint: Any = HostnameEndpoint(reactor, spec.host, spec.port, timeout=connect_timeout)
+    if spec.use_ssl:
+        endpoint = wrapClientTLS(creator, endpoint)
+    try:
+        await connectProtocol(endpoint, client)
+    except Exception as e:  # every connect failure becomes one clear error
+        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
+    try:
+        await client.greeted
+        caps = await client.ask_capabilities()
+        if not spec.use_ssl:
+            if "STARTTLS" in caps:
+                caps = await client.starttls(creator)
+            elif spec.start_tls or not spec.allow_cleartext:
+                raise CleartextRefused(
+                    f"{spec.host}:{spec.port} does not offer STARTTLS; refusing to send the "
+                    "password in cleartext"
+                )
+        await client.authenticate_plain(spec.username, spec.password)
+        await client.ask_capabilities()
+    except BaseException:
+        client.abort()
+        raise
+    return client

@@ -1,0 +1,237 @@
+"""The POP3 client session the sync engine drives, on `twisted.mail.pop3client.POP3Client`.
+
+A backup client only reads: UIDL to know what is new, LIST for sizes, RETR for the bytes.
+It never sends DELE. Like the IMAP session it verifies TLS, discards plaintext that follows
+the server's reply to STLS, refuses to send a password in clear unless the account allows
+it, bounds what one message may cost, and turns every failure into one FetchError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.mail import pop3client
+from twisted.mail._except import ServerErrorResponse
+from twisted.python.failure import Failure
+
+from mailcore.fetch.errors import (
+    AuthFailed,
+    CleartextRefused,
+    ConnectFailed,
+    FetchError,
+    FetchTimeout,
+    ProtocolFailed,
+    TLSFailed,
+)
+from mailcore.fetch.imap import (
+    DEFAULT_MAX_LITERAL,
+    ServerSpec,
+    _show,
+    _tls_failure,
+    abort_transport,
+)
+
+
+class MessageTooLarge(ProtocolFailed):
+    """A message was longer than the bound while being retrieved."""
+
+
+class POP3Session(pop3client.POP3Client):
+    """One POP3 session. Create through `open_pop3`."""
+
+    MAX_LENGTH = 1024 * 1024
+
+    def __init__(
+        self, clock: IReactorTime, *, max_message: int = DEFAULT_MAX_LITERAL,
+        idle_timeout: float = 120.0, host: str = "server",
+    ) -> None:
+        self.greeted: defer.Deferred[None] = defer.Deferred()
+        self.error: FetchError | None = None
+        self.max_message = max_message
+        self.host = host
+        self.timeout = int(idle_timeout) if idle_timeout > 0 else 0
+        self.callLater = clock.callLater  # type: ignore[assignment]
+        self._discard = False
+        self._dead = False
+
+    def serverGreeting(self, greeting: bytes) -> None:
+        if not self.greeted.called:
+            self.greeted.callback(None)
+
+    def _fail(self, err: FetchError) -> None:
+        if self.error is None:
+            self.error = err
+        self._dead = True
+        if self.transport is not None:
+            abort_transport(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dead:
+            return
+        self._discard = False
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._dead or self._discard:
+            return
+        try:
+            super().lineReceived(line)
+        except Exception:
+            self._fail(ProtocolFailed(f"malformed reply from {self.host}: {_show(line)}"))
+
+    def lineLengthExceeded(self, buffer: bytes) -> None:
+        self._fail(ProtocolFailed(f"{self.host} sent a line longer than {self.MAX_LENGTH}"))
+
+    def timeoutConnection(self) -> None:
+        self._fail(FetchTimeout(f"{self.host} stopped answering for {self.timeout} s"))
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._dead = True
+        if self.error is None:
+            if _tls_failure(reason):
+                self.error = TLSFailed(
+                    f"TLS with {self.host} failed (certificate not trusted or not for this "
+                    f"host): {reason.getErrorMessage()}"
+                )
+            elif self._greetingError:
+                self.error = ProtocolFailed(
+                    f"{self.host} refused the connection: {_show(self._greetingError)}"
+                )
+            else:
+                self.error = ConnectFailed(
+                    f"connection to {self.host} closed: {reason.getErrorMessage()}"
+                )
+        if not self.greeted.called:
+            self.greeted.errback(Failure(self.error))
+        self._timedOut = False
+        self._greetingError = None
+        super().connectionLost(Failure(self.error))
+
+    async def _call(self, d: defer.Deferred[Any], what: str) -> Any:
+        try:
+            return await d
+        except ServerErrorResponse as e:
+            raise ProtocolFailed(f"{what} refused by {self.host}: {_show(e.args[0])}") from None
+        except FetchError:
+            raise
+        except Exception as e:
+            raise self.error or ProtocolFailed(f"{what} failed on {self.host}: {e}") from None
+
+    async def ask_capabilities(self) -> set[str]:
+        caps = await self._call(self.capabilities(useCache=False), "CAPA")
+        return {c.decode("ascii", "replace").upper() for c in caps}
+
+    def _switch_to_tls(self, result: Any, creator: IOpenSSLClientConnectionCreator) -> Any:
+        # Lines already read after +OK in this same read are plaintext: drop them.
+        self._discard = True
+        self._buffer = b""
+        self.transport.startTLS(creator)  # type: ignore[union-attr]
+        self.startedTLS = True
+        self._capCache = None
+        return result
+
+    async def stls(self, creator: IOpenSSLClientConnectionCreator) -> set[str]:
+        d = self.sendShort(b"STLS", None)
+        d.addCallback(self._switch_to_tls, creator)
+        await self._call(d, "STLS")
+        return await self.ask_capabilities()
+
+    async def log_in(self, username: str, password: str) -> None:
+        try:
+            await self._call(self.user(username.encode("utf-8")), "USER")
+            await self._call(self.password(password.encode("utf-8")), "PASS")
+        except ProtocolFailed as e:
+            if self.error is not None:
+                raise self.error from None
+            raise AuthFailed(f"login refused by {self.host}: {e}") from None
+
+    async def uidls(self) -> list[tuple[int, str]]:
+        """(index, uidl) of every message, index counted from 0 as Twisted does."""
+        found: list[tuple[int, str]] = []
+        raw = await self._call(self.listUID(), "UIDL")
+        for index, uid in enumerate(raw):
+            if uid is not None:
+                found.append((index, uid.decode("ascii", "replace")
+                              if isinstance(uid, bytes) else str(uid)))
+        return found
+
+    async def sizes(self) -> list[int]:
+        return list(await self._call(self.listSize(), "LIST"))
+
+    async def retrieve_bytes(self, index: int) -> bytes:
+        """The exact message (dot-unstuffed, CRLF line ends), bounded by max_message."""
+        lines: list[bytes] = []
+        total = [0]
+
+        def consume(line: bytes) -> None:
+            total[0] += len(line) + 2
+            if total[0] > self.max_message and not self._dead:
+                self._fail(MessageTooLarge(
+                    f"message {index + 1} on {self.host} is over the limit of "
+                    f"{self.max_message} bytes"
+                ))
+                return
+            lines.append(line)
+
+        await self._call(self.retrieve(index, consumer=consume), "RETR")
+        return b"".join(line + b"\r\n" for line in lines)
+
+    async def close_session(self) -> None:
+        if not self._dead:
+            try:
+                await self._call(self.quit(), "QUIT")
+            except FetchError:
+                pass
+        self.abort()
+
+    def abort(self) -> None:
+        self._dead = True
+        if self.transport is not None:
+            abort_transport(self.transport)
+
+
+async def open_pop3(
+    reactor: Any,
+    spec: ServerSpec,
+    creator: IOpenSSLClientConnectionCreator,
+    *,
+    max_message: int = DEFAULT_MAX_LITERAL,
+    connect_timeout: float = 30.0,
+    idle_timeout: float = 120.0,
+) -> POP3Session:
+    """Connect, secure (TLS or STLS, verified), log in."""
+    session = POP3Session(
+        reactor, max_message=max_message, idle_timeout=idle_timeout,
+        host=f"{spec.host}:{spec.port}",
+    )
+    endpoint: Any = HostnameEndpoint(reactor, spec.host, spec.port, timeout=connect_timeout)
+    if spec.use_ssl:
+        endpoint = wrapClientTLS(creator, endpoint)
+    try:
+        await connectProtocol(endpoint, session)
+    except Exception as e:
+        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
+    try:
+        await session.greeted
+        if not spec.use_ssl:
+            caps: set[str] = set()
+            try:
+                caps = await session.ask_capabilities()
+            except ProtocolFailed:
+                if session.error is not None:
+                    raise
+            if "STLS" in caps:
+                await session.stls(creator)
+            elif spec.start_tls or not spec.allow_cleartext:
+                raise CleartextRefused(
+                    f"{spec.host}:{spec.port} does not offer STLS; refusing to send the "
+                    "password in cleartext"
+                )
+        await session.log_in(spec.username, spec.password)
+    except BaseException:
+        session.abort()
+        raise
+    return session

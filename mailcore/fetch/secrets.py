@@ -1,0 +1,90 @@
+"""Remote mailbox passwords encrypted at rest (Fernet: AES-128-CBC with HMAC-SHA256).
+
+The key is given in the configuration (`[fetch] secret_key`) or kept in the data directory
+as `fetch.key`, mode 0600, generated on first use. Ciphertext is all the database ever holds;
+the clear password exists only in memory while a session logs in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+KEY_FILE = "fetch.key"
+
+
+class SecretError(Exception):
+    """A stored secret cannot be decrypted (wrong or rotated key, damaged ciphertext)."""
+
+
+class SecretBox:
+    """Encrypts and decrypts short secrets with one Fernet key."""
+
+    def __init__(self, key: bytes) -> None:
+        try:
+            self._fernet = Fernet(key)
+        except (ValueError, TypeError) as e:
+            raise SecretError(f"the fetch secret key is not a valid Fernet key: {e}") from None
+
+    @classmethod
+    def generate(cls) -> SecretBox:
+        """A box with a fresh random key (tests)."""
+        return cls(Fernet.generate_key())
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path, configured: str | None = None) -> SecretBox:
+        """The configured key, else the one in `data_dir/fetch.key` (made 0600 if absent).
+
+        Blocks on the file system: call at start-up, before the reactor runs.
+        """
+        if configured:
+            return cls(configured.encode("ascii"))
+        path = data_dir / KEY_FILE
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return cls(path.read_bytes().strip())
+        key = Fernet.generate_key()
+        with os.fdopen(fd, "wb") as f:
+            f.write(key + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return cls(key)
+
+    def encrypt(self, secret: str) -> bytes:
+        return self._fernet.encrypt(secret.encode("utf-8"))
+
+    def decrypt(self, token: bytes) -> str:
+        try:
+            return self._fernet.decrypt(bytes(token)).decode("utf-8")
+        except (InvalidToken, UnicodeDecodeError):
+            raise SecretError(
+                "the stored password cannot be decrypted with the current key"
+            ) from None
+
+
+class KeyFileSecretBox(SecretBox):
+    """A SecretBox whose key is read (or made) from the data directory on first use, so
+    building the services touches no file; the daemon calls `load()` at start-up."""
+
+    def __init__(self, data_dir: Path, configured: str | None = None) -> None:
+        self._data_dir = data_dir
+        self._configured = configured
+        self._box: SecretBox | None = None
+
+    def load(self) -> SecretBox:
+        """The real box (blocks on the file system the first time)."""
+        if self._box is None:
+            self._box = SecretBox.from_data_dir(self._data_dir, self._configured)
+        return self._box
+
+    def encrypt(self, secret: str) -> bytes:
+        return self.load().encrypt(secret)
+
+    def decrypt(self, token: bytes) -> str:
+        return self.load().decrypt(token)

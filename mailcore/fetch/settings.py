@@ -1,0 +1,58 @@
+"""The `[fetch]` section of the configuration, checked once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mailcore.config import ConfigError
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """How the fetch engine behaves. Every field can be set in `[fetch]` of the TOML file."""
+
+    # Periodic sync: every account is synced about every `sync_interval` seconds (its own
+    # `sync_interval` wins), spread by +/- `jitter` (a fraction), at most `max_concurrent`
+    # accounts at once; the scheduler looks for due accounts every `tick` seconds.
+    sync_interval: float = 900.0
+    jitter: float = 0.1
+    max_concurrent: int = 4
+    tick: float = 30.0
+    # The biggest message we accept; an IMAP literal or POP3 message over it fails/skips.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Messages per pipelined UID FETCH, bounded in count and in declared bytes, and how many
+    # such fetches may be queued on the connection while the previous batch is stored.
+    batch_messages: int = 200
+    batch_bytes: int = 8 * 1024 * 1024
+    pipeline_depth: int = 2
+    connect_timeout: float = 30.0
+    idle_timeout: float = 120.0
+    # Fernet key for remote passwords; default: `fetch.key` in the data directory.
+    secret_key: str | None = None
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> FetchSettings:
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            if key not in known:
+                raise ConfigError(f"unknown key in [fetch]: {key}")
+            default = getattr(cls, key)
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(
+                value, bool
+            ):
+                value = float(value)
+            expected = type(default) if default is not None else str
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ConfigError(f"[fetch] {key} must be of type {expected.__name__}")
+            values[key] = value
+        settings = cls(**values)
+        if settings.max_concurrent < 1 or settings.batch_messages < 1 or (
+            settings.pipeline_depth < 1
+        ):
+            raise ConfigError("[fetch] max_concurrent, batch_messages and pipeline_depth must "
+                              "be at least 1")
+        if not 0 <= settings.jitter < 1:
+            raise ConfigError("[fetch] jitter must be a fraction in [0, 1)")
+        return settings

@@ -1,0 +1,193 @@
+"""Per-folder sync state in the store: folder rows, what we hold of a folder, flag updates.
+
+The messages table is the authority on what we hold: a (folder, uidvalidity, uid) row exists
+only once its message is committed. The folder row's uidvalidity/uidnext/highestmodseq are
+written after a folder sync completes and only serve to skip work.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, select, update
+
+from mailcore.messages.sql import new_id
+from mailcore.store.schema import fetch_folders, messages
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """A folder row as the engine needs it."""
+
+    id: int
+    name: str
+    uidvalidity: int | None
+    uidnext: int | None
+    highestmodseq: int | None
+
+
+def _state(row: Any) -> FolderState:
+    m = row._mapping
+    return FolderState(m["id"], m["name"], m["uidvalidity"], m["uidnext"], m["highestmodseq"])
+
+
+def thd_upsert_folders(
+    conn: Connection, account_id: int, remote: list[tuple[str, str | None, str | None]]
+) -> dict[str, FolderState]:
+    """Make sure a row exists for every remote (name, delimiter, special_use); rows for
+    folders gone from the server are kept (with their messages) and flagged."""
+    existing = {
+        r.name: r
+        for r in conn.execute(
+            select(fetch_folders).where(fetch_folders.c.account_id == account_id)
+        )
+    }
+    names = set()
+    for name, delimiter, special_use in remote:
+        names.add(name)
+        row = existing.get(name)
+        if row is None:
+            conn.execute(
+                insert(fetch_folders).values(
+                    account_id=account_id, name=name, delimiter=delimiter,
+                    special_use=special_use, exists_on_server=True,
+                )
+            )
+        elif (row.delimiter, row.special_use, row.exists_on_server) != (
+            delimiter, special_use, True
+        ):
+            conn.execute(
+                update(fetch_folders).where(fetch_folders.c.id == row.id).values(
+                    delimiter=delimiter, special_use=special_use, exists_on_server=True
+                )
+            )
+    gone = [row.id for name, row in existing.items() if name not in names]
+    if gone:
+        conn.execute(
+            update(fetch_folders).where(fetch_folders.c.id.in_(gone)).values(
+                exists_on_server=False
+            )
+        )
+    return {
+        r.name: _state(r)
+        for r in conn.execute(
+            select(fetch_folders).where(fetch_folders.c.account_id == account_id)
+        )
+    }
+
+
+def thd_folder(conn: Connection, account_id: int, name: str) -> FolderState:
+    """The folder row `name` of the account, created if missing (POP3's INBOX)."""
+    row = conn.execute(
+        select(fetch_folders)
+        .where(fetch_folders.c.account_id == account_id)
+        .where(fetch_folders.c.name == name)
+    ).first()
+    if row is None:
+        new_id(conn.execute(insert(fetch_folders).values(account_id=account_id, name=name)))
+        row = conn.execute(
+            select(fetch_folders)
+            .where(fetch_folders.c.account_id == account_id)
+            .where(fetch_folders.c.name == name)
+        ).one()
+    return _state(row)
+
+
+def thd_max_uid(conn: Connection, folder_id: int, uidvalidity: int) -> int:
+    """The highest UID we hold for (folder, uidvalidity); 0 when none."""
+    value = conn.execute(
+        select(func.max(messages.c.uid))
+        .where(messages.c.folder_id == folder_id)
+        .where(messages.c.uidvalidity == uidvalidity)
+    ).scalar()
+    return int(value or 0)
+
+
+def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
+    return set(
+        conn.execute(
+            select(messages.c.uid)
+            .where(messages.c.folder_id == folder_id)
+            .where(messages.c.uidvalidity == uidvalidity)
+        ).scalars()
+    )
+
+
+def thd_stored_uidls(conn: Connection, folder_id: int) -> set[str]:
+    return set(
+        conn.execute(
+            select(messages.c.pop_uidl)
+            .where(messages.c.folder_id == folder_id)
+            .where(messages.c.pop_uidl.is_not(None))
+        ).scalars()
+    )
+
+
+def thd_save_folder_state(
+    conn: Connection,
+    folder_id: int,
+    *,
+    uidvalidity: int | None,
+    uidnext: int | None,
+    highestmodseq: int | None,
+    now: datetime.datetime,
+    error: str | None,
+) -> None:
+    conn.execute(
+        update(fetch_folders).where(fetch_folders.c.id == folder_id).values(
+            uidvalidity=uidvalidity, uidnext=uidnext, highestmodseq=highestmodseq,
+            last_sync=now, sync_error=error,
+        )
+    )
+
+
+def thd_set_folder_error(conn: Connection, folder_id: int, error: str | None) -> None:
+    conn.execute(
+        update(fetch_folders).where(fetch_folders.c.id == folder_id).values(sync_error=error)
+    )
+
+
+def thd_update_flags(
+    conn: Connection, folder_id: int, uidvalidity: int, flags: dict[int, tuple[str, ...]],
+    now: datetime.datetime,
+) -> int:
+    """Apply flag changes the server reported (CONDSTORE/QRESYNC) to our copies."""
+    changed = 0
+    for uid, values in flags.items():
+        result = conn.execute(
+            update(messages)
+            .where(messages.c.folder_id == folder_id)
+            .where(messages.c.uidvalidity == uidvalidity)
+            .where(messages.c.uid == uid)
+            .values(flags=" ".join(values), updated_at=now)
+        )
+        changed += int(result.rowcount or 0)
+    return changed
+
+
+def thd_mark_stale(conn: Connection, folder_id: int, uidvalidity: int) -> None:
+    """After a complete rescan: copies left under another UIDVALIDITY are not on the server."""
+    conn.execute(
+        update(messages)
+        .where(messages.c.folder_id == folder_id)
+        .where(messages.c.uidvalidity != uidvalidity)
+        .values(on_server=False)
+    )
+
+
+def thd_mark_gone(
+    conn: Connection, folder_id: int, uidvalidity: int, uids: list[int]
+) -> None:
+    """Messages expunged on the server: our copies stay, marked as no longer there."""
+    for i in range(0, len(uids), 500):
+        conn.execute(
+            update(messages)
+            .where(and_(
+                messages.c.folder_id == folder_id,
+                messages.c.uidvalidity == uidvalidity,
+                messages.c.uid.in_(uids[i : i + 500]),
+            ))
+            .values(on_server=False)
+        )

@@ -1,0 +1,166 @@
+"""Values the message store hands out and takes in (no SQL here)."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+# Fields a message list may be ordered by (prefix "-" for descending), as the seed APIs name
+# them; "from"/"to" are Dropmyemail's names for sender/recipient.
+ORDERING_FIELDS = (
+    "id", "date", "subject", "sender", "recipient", "folder", "size", "created_at",
+    "updated_at", "message_id", "has_attachments",
+)
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    """One message as a fetch session got it: the exact bytes plus what the server said."""
+
+    raw: bytes
+    uid: int | None = None
+    uidl: str | None = None
+    flags: tuple[str, ...] = ()
+    internal_date: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where fetched messages go: the owner, the account and the folder."""
+
+    user_id: int
+    account_id: int | None
+    folder_id: int | None
+    folder: str
+    uidvalidity: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What one batch did: rows created, rows re-linked after a UIDVALIDITY change, skipped."""
+
+    created: list[int] = field(default_factory=list)
+    relinked: int = 0
+    already_stored: int = 0
+    thread_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MessageQuery:
+    """Filters, ordering and a window for listing messages.
+
+    `date_from`/`date_to` are inclusive calendar days (UTC). `threads_only` keeps one row per
+    thread: the newest message of it among those matching the filters.
+    """
+
+    q: str | None = None
+    folder: str | None = None
+    folder_id: int | None = None
+    account_id: int | None = None
+    date_from: datetime.date | None = None
+    date_to: datetime.date | None = None
+    has_attachments: bool | None = None
+    thread_id: int | None = None
+    threads_only: bool = False
+    ordering: str = "-date"
+    offset: int = 0
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    """A message as list endpoints show it."""
+
+    id: int
+    user_id: int
+    account_id: int | None
+    folder_id: int | None
+    folder: str
+    message_id: str
+    subject: str
+    sender: str
+    sender_address: str
+    recipient: str
+    date: datetime.datetime | None
+    size: int
+    has_attachments: bool
+    flags: tuple[str, ...]
+    thread_id: int | None
+    thread_count: int
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+
+
+@dataclass(frozen=True)
+class AttachmentSummary:
+    """An attachment as list endpoints show it."""
+
+    id: int
+    message_row_id: int
+    account_id: int | None
+    part_path: str
+    filename: str
+    mime_type: str
+    size: int
+    content_id: str | None
+    sender: str
+    date: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class MessageDetail:
+    """A message with its bodies, headers and attachments."""
+
+    summary: MessageSummary
+    cc: str
+    body_text: str
+    body_html: str
+    headers: str
+    in_reply_to: str
+    references: tuple[str, ...]
+    internal_date: datetime.datetime | None
+    uidvalidity: int | None
+    uid: int | None
+    sha256: str
+    parse_problems: tuple[str, ...]
+    attachments: tuple[AttachmentSummary, ...]
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One window of a result set and the size of the whole set."""
+
+    count: int
+    items: list[T]
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """A folder (Dropmyemail: mailbox) and how many messages we hold from it."""
+
+    id: int | None
+    account_id: int | None
+    name: str
+    message_count: int
+    special_use: str | None = None
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Seed 001 statistics: totals and per-folder counts."""
+
+    total_emails: int
+    total_threads: int
+    folders: dict[str, int]
+
+
+@dataclass(frozen=True)
+class AccountUsage:
+    """How many messages and bytes an account holds in the store (Dropmyemail msg_count,
+    storage)."""
+
+    message_count: int
+    storage: int

@@ -1,0 +1,444 @@
+"""Parsing a raw message into the fields the store indexes, with bounds against hostile MIME.
+
+Pure functions on bytes, safe to run on the CpuPool. The raw bytes are never changed: parsing
+only reads them. Headers are decoded once here (RFC 2047 encoded-words, RFC 2231 parameters,
+8-bit headers as UTF-8 or Windows-1252), bodies are decoded from their transfer encoding and
+charset. A message that breaks a bound (header block size, number of parts, nesting depth) is
+still stored; what could not be parsed is listed in `problems`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import datetime
+import email.utils
+import hashlib
+import quopri
+import re
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+
+# Transfer and charset decoding of a whole body is bounded by the message size, which the
+# fetch engine bounds; these bound the work and storage for structure and for indexed text.
+MAX_HEADER_BYTES = 256 * 1024
+MAX_PARTS = 1000
+MAX_DEPTH = 20
+MAX_MULTIPARTS = 100
+MAX_BODY_CHARS = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MimeLimits:
+    """Bounds on what parsing one message may cost."""
+
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_parts: int = MAX_PARTS
+    max_depth: int = MAX_DEPTH
+    max_multiparts: int = MAX_MULTIPARTS
+    max_body_chars: int = MAX_BODY_CHARS
+
+
+@dataclass(frozen=True)
+class AttachmentInfo:
+    """One attachment: where it sits in the MIME tree and what it is."""
+
+    part_path: str
+    filename: str
+    mime_type: str
+    size: int
+    content_id: str | None = None
+
+
+@dataclass
+class ParsedMessage:
+    """The indexed view of one raw message."""
+
+    sha256: str
+    size: int
+    message_id: str = ""
+    subject: str = ""
+    sender: str = ""
+    sender_address: str = ""
+    recipient: str = ""
+    cc: str = ""
+    date: datetime.datetime | None = None
+    body_text: str = ""
+    body_html: str = ""
+    headers: str = ""
+    in_reply_to: str = ""
+    references: list[str] = field(default_factory=list)
+    has_attachments: bool = False
+    attachments: list[AttachmentInfo] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def thread_refs(self) -> list[str]:
+        """Message-IDs this message points at, oldest first, without duplicates."""
+        seen: list[str] = []
+        for ref in [*self.references, self.in_reply_to]:
+            if ref and ref not in seen and ref != self.message_id:
+                seen.append(ref)
+        return seen
+
+
+def sha256_hex(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+# -- text decoding -----------------------------------------------------------------------
+
+_CHARSET_ALIASES = {"x-unknown": "windows-1252", "unknown-8bit": "windows-1252"}
+
+
+def _codec(charset: str | None) -> str | None:
+    """A Python codec name for a MIME charset, or None when unknown."""
+    if not charset:
+        return None
+    name = charset.strip().strip('"').lower()
+    name = _CHARSET_ALIASES.get(name, name)
+    try:
+        return codecs.lookup(name).name
+    except (LookupError, ValueError):
+        return None
+
+
+def decode_bytes(data: bytes, charset: str | None) -> str:
+    """Bytes in a declared charset to str; unknown or ASCII labels try UTF-8, then cp1252."""
+    codec = _codec(charset)
+    if codec is None or codec == "ascii":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("windows-1252", errors="replace")
+    if codec == "iso8859-1":
+        # Mail labelled Latin-1 is very often Windows-1252 (curly quotes, euro sign).
+        codec = "windows-1252"
+    return data.decode(codec, errors="replace")
+
+
+def _fix_8bit(value: str) -> str:
+    """Header text with raw 8-bit bytes (surrogate-escaped by the parser) made readable."""
+    if any("\udc80" <= ch <= "\udcff" for ch in value):
+        return decode_bytes(value.encode("ascii", "surrogateescape"), None)
+    return value
+
+
+_ENCODED_WORD = re.compile(
+    r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=",
+)
+_BETWEEN_WORDS = re.compile(r"(\?=)[ \t\r\n]+(?==\?)")
+
+
+def _decode_word(match: re.Match[str]) -> str:
+    charset, encoding, text = match.group(1), match.group(2).lower(), match.group(3)
+    try:
+        if encoding == "b":
+            pad = (-len(text)) % 4
+            data = base64.b64decode(text + "=" * pad)
+        else:
+            data = quopri.decodestring(text.replace("_", " ").encode("ascii"), header=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return match.group(0)
+    return decode_bytes(data, charset)
+
+
+def decode_header_value(value: str | None) -> str:
+    """A header value unfolded, with RFC 2047 encoded-words and 8-bit bytes decoded."""
+    if value is None:
+        return ""
+    text = _fix_8bit(str(value))
+    text = re.sub(r"\r?\n[ \t]", " ", text).replace("\r", "").replace("\n", "")
+    if "=?" in text:
+        text = _BETWEEN_WORDS.sub(r"\1", text)
+        text = _ENCODED_WORD.sub(_decode_word, text)
+    return text.strip()
+
+
+def _addresses(values: list[str]) -> tuple[str, str]:
+    """(display text, first bare address) of address headers, names decoded."""
+    shown: list[str] = []
+    first = ""
+    raw = [_fix_8bit(v) for v in values]
+    for name, addr in email.utils.getaddresses(raw):
+        name = decode_header_value(name)
+        if not first and addr:
+            first = addr.lower()
+        if name and addr:
+            shown.append(f"{name} <{addr}>")
+        elif addr:
+            shown.append(addr)
+        elif name:
+            shown.append(name)
+    return ", ".join(shown), first
+
+
+_MSGID = re.compile(r"<[^<>\s]+>")
+
+
+def _msgids(value: str | None) -> list[str]:
+    if not value:
+        return []
+    return _MSGID.findall(_fix_8bit(str(value)))
+
+
+def _first_msgid(value: str | None) -> str:
+    ids = _msgids(value)
+    if ids:
+        return ids[0][:998]
+    text = (str(value) if value else "").strip()
+    return text[:998]
+
+
+def _date(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(_fix_8bit(str(value)).strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    try:
+        return parsed.astimezone(datetime.UTC)
+    except (OverflowError, ValueError):
+        return None
+
+
+_SUBJECT_PREFIX = re.compile(
+    r"^\s*((re|fwd?|aw|sv|vs|antw|tr|wg|rif|r)\s*(\[\d+\]|\(\d+\))?\s*:\s*)+", re.IGNORECASE
+)
+_LIST_TAG = re.compile(r"^\s*\[[^\]]{1,40}\]\s*")
+
+
+def subject_key(subject: str) -> tuple[str, bool]:
+    """The subject normalised for threading, and whether it was marked as a reply/forward."""
+    text = subject
+    is_reply = False
+    for _ in range(10):
+        stripped = _LIST_TAG.sub("", text, count=1)
+        m = _SUBJECT_PREFIX.match(stripped)
+        if m:
+            is_reply = True
+            stripped = stripped[m.end():]
+        if stripped == text:
+            break
+        text = stripped
+    return " ".join(text.lower().split()), is_reply
+
+
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+
+
+def html_to_text(html: str) -> str:
+    """Rough text of an HTML body, for the search index only."""
+    import html as _html
+
+    return " ".join(_html.unescape(_TAG.sub(" ", html)).split())
+
+
+# -- structure ---------------------------------------------------------------------------
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MULTIPART_LINE = re.compile(rb"(?im)^content-type:[ \t]*multipart/")
+_CONTENT_TYPE_LINE = re.compile(rb"(?im)^content-type:")
+
+
+def _header_block_end(raw: bytes, limit: int) -> int | None:
+    """Offset where the top-level header block ends, or None if it is longer than `limit`."""
+    m = _HEADER_END.search(raw, 0, limit + 4)
+    if m is None:
+        return None if len(raw) > limit else len(raw)
+    return m.start()
+
+
+def _payload_bytes(part: Message) -> bytes:
+    """The decoded content of a leaf part (transfer encoding undone)."""
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        return payload
+    raw = part.get_payload()
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _filename(part: Message) -> str:
+    try:
+        name = part.get_filename()
+    except (LookupError, UnicodeError, ValueError, TypeError):
+        name = None
+    if not name:
+        try:
+            name = part.get_param("name")  # type: ignore[assignment]
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            name = None
+        if isinstance(name, tuple):
+            name = email.utils.collapse_rfc2231_value(name)
+    if not name or not isinstance(name, str):
+        return ""
+    return decode_header_value(name)[:1024]
+
+
+def _is_attachment(part: Message, filename: str) -> bool:
+    disposition = (part.get_content_disposition() or "").lower()
+    if disposition == "attachment" or filename:
+        return True
+    maintype = part.get_content_maintype()
+    return maintype not in ("text", "multipart")
+
+
+def walk_parts(
+    msg: Message, limits: MimeLimits, problems: list[str]
+) -> list[tuple[str, Message]]:
+    """Leaf parts with IMAP-style part paths ("1", "2.1"), bounded in count and depth."""
+    out: list[tuple[str, Message]] = []
+    stack: list[tuple[str, Message, int]] = [("", msg, 0)]
+    seen = 0
+    while stack:
+        path, part, depth = stack.pop()
+        seen += 1
+        if seen > limits.max_parts:
+            problems.append(f"more than {limits.max_parts} MIME parts; the rest not indexed")
+            break
+        if part.is_multipart() and part.get_content_maintype() == "multipart":
+            if depth >= limits.max_depth:
+                problems.append(f"MIME nesting deeper than {limits.max_depth}; not indexed")
+                continue
+            children = part.get_payload()
+            if not isinstance(children, list):
+                continue
+            prefix = f"{path}." if path else ""
+            for i in range(len(children) - 1, -1, -1):
+                child = children[i]
+                if isinstance(child, Message):
+                    stack.append((f"{prefix}{i + 1}", child, depth + 1))
+            continue
+        out.append((path or "1", part))
+    return out
+
+
+def _parse_tree(raw: bytes, limits: MimeLimits, problems: list[str]) -> Message:
+    """The email package's tree for `raw`, or a headers-only tree when a bound is broken."""
+    end = _header_block_end(raw, limits.max_header_bytes)
+    if end is None:
+        problems.append(f"header block over {limits.max_header_bytes} bytes; truncated")
+        cut = raw.rfind(b"\n", 0, limits.max_header_bytes)
+        return message_from_bytes(raw[: max(cut, 0)] + b"\n\n")
+    if len(_MULTIPART_LINE.findall(raw, end)) + 1 > limits.max_multiparts:
+        problems.append(f"more than {limits.max_multiparts} multipart containers; not parsed")
+        return message_from_bytes(raw[:end] + b"\n\n")
+    if len(_CONTENT_TYPE_LINE.findall(raw)) > limits.max_parts * 2:
+        problems.append(f"more than {limits.max_parts} MIME parts; not parsed")
+        return message_from_bytes(raw[:end] + b"\n\n")
+    try:
+        return message_from_bytes(raw)
+    except (RecursionError, ValueError, LookupError, TypeError) as e:
+        problems.append(f"MIME structure unreadable ({type(e).__name__}); headers only")
+        return message_from_bytes(raw[:end] + b"\n\n")
+
+
+def _all_headers(msg: Message, name: str) -> list[str]:
+    """Raw values (8-bit bytes surrogate-escaped) of every `name` header of `msg`."""
+    wanted = name.lower()
+    return [str(v) for k, v in msg.raw_items() if k.lower() == wanted]
+
+
+def _header(msg: Message, name: str) -> str | None:
+    values = _all_headers(msg, name)
+    return values[0] if values else None
+
+
+def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage:
+    """Every indexed field of one raw message. Never raises on bad input; CPU-bound."""
+    limits = limits or MimeLimits()
+    problems: list[str] = []
+    msg = _parse_tree(raw, limits, problems)
+    result = ParsedMessage(sha256=sha256_hex(raw), size=len(raw), problems=problems)
+
+    end = _header_block_end(raw, limits.max_header_bytes)
+    header_bytes = raw[: end if end is not None else limits.max_header_bytes]
+    result.headers = decode_bytes(header_bytes, None)
+
+    result.message_id = _first_msgid(_header(msg, "Message-ID"))
+    result.subject = decode_header_value(_header(msg, "Subject"))[:4096]
+    result.sender, result.sender_address = _addresses(_all_headers(msg, "From"))
+    result.sender_address = result.sender_address[:320]
+    result.recipient, _ = _addresses(_all_headers(msg, "To"))
+    result.cc, _ = _addresses(_all_headers(msg, "Cc"))
+    result.date = _date(_header(msg, "Date"))
+    result.in_reply_to = _first_msgid(_header(msg, "In-Reply-To")) if _msgids(
+        _header(msg, "In-Reply-To")
+    ) else ""
+    result.references = [r[:998] for r in _msgids(_header(msg, "References"))][-200:]
+
+    for path, part in walk_parts(msg, limits, problems):
+        try:
+            _index_part(result, path, part, limits)
+        except (LookupError, UnicodeError, ValueError, TypeError, AssertionError) as e:
+            problems.append(f"part {path} unreadable ({type(e).__name__})")
+    result.has_attachments = bool(result.attachments)
+    return result
+
+
+def _index_part(result: ParsedMessage, path: str, part: Message, limits: MimeLimits) -> None:
+    content_type = part.get_content_type()
+    filename = _filename(part)
+    if content_type == "message/rfc822" or _is_attachment(part, filename):
+        if content_type == "message/rfc822":
+            inner = part.get_payload()
+            inner_msg = inner[0] if isinstance(inner, list) and inner else None
+            size = len(inner_msg.as_bytes()) if isinstance(inner_msg, Message) else 0
+        else:
+            size = len(_payload_bytes(part))
+        cid = _header(part, "Content-ID")
+        result.attachments.append(
+            AttachmentInfo(
+                part_path=path,
+                filename=filename,
+                mime_type=content_type[:255],
+                size=size,
+                content_id=cid.strip()[:998] if cid else None,
+            )
+        )
+        return
+    if content_type == "text/plain" and not result.body_text:
+        result.body_text = decode_bytes(_payload_bytes(part), part.get_content_charset())[
+            : limits.max_body_chars
+        ]
+    elif content_type == "text/html" and not result.body_html:
+        result.body_html = decode_bytes(_payload_bytes(part), part.get_content_charset())[
+            : limits.max_body_chars
+        ]
+
+
+def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -> bytes | None:
+    """The decoded content of the leaf part at `part_path`, or None. CPU-bound."""
+    limits = limits or MimeLimits()
+    problems: list[str] = []
+    msg = _parse_tree(raw, limits, problems)
+    for path, part in walk_parts(msg, limits, problems):
+        if path == part_path:
+            if part.get_content_type() == "message/rfc822":
+                inner = part.get_payload()
+                if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+                    return inner[0].as_bytes()
+                return b""
+            return _payload_bytes(part)
+    return None
+
+
+def search_document(parsed: ParsedMessage) -> tuple[str, str, str, str]:
+    """(subject, sender, recipient, body) as indexed for full-text search."""
+    body = parsed.body_text
+    if parsed.body_html:
+        body = f"{body}\n{html_to_text(parsed.body_html)}" if body else html_to_text(
+            parsed.body_html
+        )
+    names = " ".join(a.filename for a in parsed.attachments if a.filename)
+    recipient = f"{parsed.recipient} {parsed.cc}".strip()
+    return parsed.subject, parsed.sender, recipient, f"{body}\n{names}".strip()

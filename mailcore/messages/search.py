@@ -1,0 +1,95 @@
+"""Full-text search over subject, sender, recipient and bodies.
+
+SQLite: an FTS5 table `messages_fts` whose rowid is the message row id (a trigger removes
+rows with their message). PostgreSQL: `message_search` with a weighted tsvector and a GIN
+index. Both built by migration 0004. User input never reaches either query language as
+syntax: it is cut into word tokens, each matched as a prefix, all required.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from sqlalchemy import Column, Connection, Integer, MetaData, Table, bindparam, text
+from sqlalchemy.sql.elements import ColumnElement
+
+from mailcore.messages.parse import ParsedMessage, search_document
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+MAX_TOKENS = 16
+# PostgreSQL refuses a tsvector over 1 MB; index at most this much body text there.
+_PG_BODY_CHARS = 256 * 1024
+
+_meta = MetaData()
+# Light handles on the dialect-specific tables, for use inside SQLAlchemy expressions.
+_sqlite_fts = Table("messages_fts", _meta, Column("rowid", Integer))
+_pg_search = Table("message_search", _meta, Column("message_row_id", Integer))
+
+
+def tokens(query: str) -> list[str]:
+    """The word tokens of a search query, lower-cased, at most MAX_TOKENS."""
+    return [t.lower() for t in _WORD.findall(query)][:MAX_TOKENS]
+
+
+def fold(text: str) -> str:
+    """Words of `text` without diacritics, lower-cased, separated by spaces.
+
+    PostgreSQL's 'simple' configuration keeps accents and reads `a@b.c` as one token;
+    indexing and querying the folded words makes "reunion" find "Réunion" and "corp" find
+    "zoe@corp.test", as SQLite's unicode61 tokenizer does.
+    """
+    decomposed = unicodedata.normalize("NFKD", text)
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(_WORD.findall(plain.lower()))
+
+
+def thd_index_message(conn: Connection, row_id: int, parsed: ParsedMessage) -> None:
+    """Add one message row to the full-text index (same transaction as the row)."""
+    subject, sender, recipient, body = search_document(parsed)
+    if conn.dialect.name == "sqlite":
+        conn.execute(
+            text(
+                "INSERT INTO messages_fts (rowid, subject, sender, recipient, body) "
+                "VALUES (:id, :subject, :sender, :recipient, :body)"
+            ),
+            {"id": row_id, "subject": subject, "sender": sender, "recipient": recipient,
+             "body": body},
+        )
+    else:
+        conn.execute(
+            text(
+                "INSERT INTO message_search (message_row_id, document) VALUES (:id, "
+                "setweight(to_tsvector('simple', :subject), 'A') || "
+                "setweight(to_tsvector('simple', :people), 'B') || "
+                "setweight(to_tsvector('simple', :body), 'C'))"
+            ),
+            {"id": row_id, "subject": fold(subject),
+             "people": f"{fold(sender)} {fold(recipient)}",
+             "body": fold(body[:_PG_BODY_CHARS])},
+        )
+
+
+def match_clause(dialect: str, id_column: ColumnElement[int], query: str) -> ColumnElement[bool]:
+    """A WHERE clause: `id_column` is a message whose indexed text matches `query`.
+
+    An empty token list matches nothing (a query of punctuation only finds no word).
+    """
+    words = tokens(query)
+    if not words:
+        return text("1 = 0")  # type: ignore[return-value]
+    if dialect == "sqlite":
+        fts_query = " AND ".join('"' + w.replace('"', "") + '"*' for w in words)
+        sub = text("SELECT rowid FROM messages_fts WHERE messages_fts MATCH :fts").bindparams(
+            bindparam("fts", fts_query)
+        ).columns(_sqlite_fts.c.rowid)
+        return id_column.in_(sub.subquery().select())
+    folded = [f for w in words for f in fold(w).split()][:MAX_TOKENS]
+    if not folded:
+        return text("1 = 0")  # type: ignore[return-value]
+    ts_query = " & ".join(f"{w}:*" for w in folded)
+    sub = text(
+        "SELECT message_row_id FROM message_search "
+        "WHERE document @@ to_tsquery('simple', :tsq)"
+    ).bindparams(bindparam("tsq", ts_query)).columns(_pg_search.c.message_row_id)
+    return id_column.in_(sub.subquery().select())

@@ -1,0 +1,759 @@
+"""The message store service: storing fetched messages and answering every read the APIs need.
+
+Raw bytes are kept byte-exact, once per SHA-256, in `message_blobs`; each copy of a message
+in a folder is a `messages` row carrying the parsed fields, its (folder, uidvalidity, uid) or
+(folder, uidl), its thread and its full-text entry, all written in one transaction per batch.
+A batch stored twice changes nothing: a rerun after a crash gives exactly the source set.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.messages.models import (
+    AccountUsage,
+    AttachmentSummary,
+    FetchedMessage,
+    FolderInfo,
+    Location,
+    MessageDetail,
+    MessageQuery,
+    MessageSummary,
+    Page,
+    Statistics,
+    StoreResult,
+)
+from mailcore.messages.parse import MimeLimits, ParsedMessage, extract_part, parse_message
+from mailcore.messages.search import match_clause, thd_index_message
+from mailcore.messages.sql import dialect_insert, new_id, utc
+from mailcore.messages.threading import thd_assign_thread, thd_drop_empty_threads
+from mailcore.store import Database
+from mailcore.store.schema import (
+    fetch_folders,
+    message_attachments,
+    message_blobs,
+    message_refs,
+    messages,
+    threads,
+)
+from mailcore.workers import CpuPool
+
+_ORDER_COLUMNS = {
+    "id": messages.c.id,
+    "date": messages.c.date,
+    "subject": messages.c.subject,
+    "sender": messages.c.sender,
+    "from": messages.c.sender,
+    "recipient": messages.c.recipient,
+    "to": messages.c.recipient,
+    "folder": messages.c.folder,
+    "size": messages.c.size,
+    "created_at": messages.c.created_at,
+    "updated_at": messages.c.updated_at,
+    "message_id": messages.c.message_id,
+    "has_attachments": messages.c.has_attachments,
+}
+
+_SUMMARY_COLUMNS = (
+    messages.c.id, messages.c.user_id, messages.c.account_id, messages.c.folder_id,
+    messages.c.folder, messages.c.message_id, messages.c.subject, messages.c.sender,
+    messages.c.sender_address, messages.c.recipient, messages.c.date, messages.c.size,
+    messages.c.has_attachments, messages.c.flags, messages.c.thread_id, messages.c.created_at,
+    messages.c.updated_at,
+)
+
+
+# Namespace of the per-user PostgreSQL advisory lock taken while storing messages.
+_THREAD_LOCK = 0x6D61696C << 32
+
+
+class MessageNotFound(Exception):
+    """No such message (or attachment) for this user."""
+
+
+class QueryError(ValueError):
+    """A list query asks for something we cannot do; `field` names the parameter."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+# Statements of the hot path, built once: values come as bound parameters, so SQLAlchemy
+# compiles each statement once and a batch of hundreds of messages stays cheap.
+_BLOB_EXISTS = select(literal(1)).where(message_blobs.c.sha256 == bindparam("h"))
+_COPY_BY_UID = select(messages.c.id).where(
+    messages.c.folder_id == bindparam("f"),
+    messages.c.uidvalidity == bindparam("v"),
+    messages.c.uid == bindparam("u"),
+)
+_COPY_BY_UIDL = select(messages.c.id).where(
+    messages.c.folder_id == bindparam("f"), messages.c.pop_uidl == bindparam("l")
+)
+_INSERT_MESSAGE = insert(messages)
+_INSERT_REF = insert(message_refs)
+_INSERT_ATTACHMENT = insert(message_attachments)
+
+
+def thd_put_blob(conn: Connection, raw: bytes, sha256: str, now: datetime.datetime) -> None:
+    """Store the bytes under their hash unless they are there already."""
+    if conn.execute(_BLOB_EXISTS, {"h": sha256}).first() is None:
+        ins = dialect_insert(conn)(message_blobs).on_conflict_do_nothing(
+            index_elements=["sha256"]
+        )
+        conn.execute(ins, {"sha256": sha256, "size": len(raw), "raw": raw, "created_at": now})
+
+
+def _existing_copy(conn: Connection, where: Location, item: FetchedMessage) -> int | None:
+    """The row already holding this (folder, uidvalidity, uid) or (folder, uidl), if any."""
+    if where.folder_id is None:
+        return None
+    if item.uid is not None:
+        return conn.execute(
+            _COPY_BY_UID, {"f": where.folder_id, "v": where.uidvalidity, "u": item.uid}
+        ).scalar()
+    if item.uidl is not None:
+        return conn.execute(_COPY_BY_UIDL, {"f": where.folder_id, "l": item.uidl}).scalar()
+    return None
+
+
+def _relink_candidate(
+    conn: Connection, where: Location, sha256: str
+) -> int | None:
+    """After a UIDVALIDITY change: our copy of these bytes in this folder under an old
+    UIDVALIDITY, not yet matched to a new UID."""
+    return conn.execute(
+        select(messages.c.id)
+        .where(messages.c.folder_id == where.folder_id)
+        .where(messages.c.sha256 == sha256)
+        .where(or_(messages.c.uidvalidity.is_(None),
+                   messages.c.uidvalidity != where.uidvalidity))
+        .order_by(messages.c.id)
+        .limit(1)
+    ).scalar()
+
+
+def thd_store_batch(
+    conn: Connection,
+    where: Location,
+    items: Sequence[tuple[FetchedMessage, ParsedMessage]],
+    now: datetime.datetime,
+    rescan: bool = False,
+) -> StoreResult:
+    """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid)."""
+    if conn.dialect.name == "postgresql":
+        # Threads of one user are built by one transaction at a time (SQLite serialises
+        # writers anyway): two accounts syncing at once must not split a conversation.
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:k)"), {"k": _THREAD_LOCK + where.user_id}
+        )
+    created: list[int] = []
+    thread_ids: list[int] = []
+    relinked = already = 0
+    for item, parsed in items:
+        if _existing_copy(conn, where, item) is not None:
+            already += 1
+            continue
+        if rescan and item.uid is not None:
+            old = _relink_candidate(conn, where, parsed.sha256)
+            if old is not None:
+                conn.execute(
+                    update(messages).where(messages.c.id == old).values(
+                        uidvalidity=where.uidvalidity, uid=item.uid,
+                        flags=" ".join(item.flags), on_server=True, updated_at=now,
+                    )
+                )
+                relinked += 1
+                continue
+        row_id = thd_insert_message(conn, where, item, parsed, now)
+        created.append(row_id)
+        thread_ids.append(thd_assign_thread(conn, where.user_id, row_id, parsed, now))
+    return StoreResult(
+        created=created, relinked=relinked, already_stored=already, thread_ids=thread_ids
+    )
+
+
+def thd_insert_message(
+    conn: Connection,
+    where: Location,
+    item: FetchedMessage,
+    parsed: ParsedMessage,
+    now: datetime.datetime,
+) -> int:
+    """One new message row with its blob, references, attachments and search entry."""
+    thd_put_blob(conn, item.raw, parsed.sha256, now)
+    row_id = new_id(conn.execute(
+        _INSERT_MESSAGE,
+        {
+            "user_id": where.user_id,
+            "account_id": where.account_id,
+            "folder_id": where.folder_id,
+            "folder": where.folder,
+            "uidvalidity": where.uidvalidity if item.uid is not None else None,
+            "uid": item.uid,
+            "pop_uidl": item.uidl,
+            "sha256": parsed.sha256,
+            "size": parsed.size,
+            "flags": " ".join(item.flags),
+            "internal_date": item.internal_date,
+            "on_server": True,
+            "message_id": parsed.message_id,
+            "subject": parsed.subject,
+            "sender": parsed.sender,
+            "sender_address": parsed.sender_address,
+            "recipient": parsed.recipient,
+            "cc": parsed.cc,
+            "date": parsed.date or item.internal_date or now,
+            "body_text": parsed.body_text,
+            "body_html": parsed.body_html,
+            "headers": parsed.headers,
+            "in_reply_to": parsed.in_reply_to,
+            "references": " ".join(parsed.references),
+            "has_attachments": parsed.has_attachments,
+            "parse_problems": "\n".join(parsed.problems),
+            "created_at": now,
+            "updated_at": now,
+        },
+    ))
+    refs = parsed.thread_refs
+    if refs:
+        conn.execute(
+            _INSERT_REF,
+            [{"message_row_id": row_id, "user_id": where.user_id, "ref": r} for r in refs],
+        )
+    if parsed.attachments:
+        conn.execute(
+            _INSERT_ATTACHMENT,
+            [
+                {
+                    "message_row_id": row_id,
+                    "part_path": a.part_path,
+                    "filename": a.filename,
+                    "mime_type": a.mime_type,
+                    "size": a.size,
+                    "content_id": a.content_id,
+                }
+                for a in parsed.attachments
+            ],
+        )
+    thd_index_message(conn, row_id, parsed)
+    return row_id
+
+
+def thd_collect_garbage(conn: Connection) -> int:
+    """Delete blobs no message points at; returns how many went."""
+    result = conn.execute(
+        delete(message_blobs).where(
+            ~message_blobs.c.sha256.in_(select(messages.c.sha256).distinct())
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def _day_start(day: datetime.date) -> datetime.datetime:
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC)
+
+
+def _filters(dialect: str, user_id: int, query: MessageQuery) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = [messages.c.user_id == user_id]
+    if query.folder is not None:
+        conds.append(messages.c.folder == query.folder)
+    if query.folder_id is not None:
+        conds.append(messages.c.folder_id == query.folder_id)
+    if query.account_id is not None:
+        conds.append(messages.c.account_id == query.account_id)
+    if query.date_from is not None:
+        conds.append(messages.c.date >= _day_start(query.date_from))
+    if query.date_to is not None:
+        conds.append(messages.c.date < _day_start(query.date_to) + datetime.timedelta(days=1))
+    if query.has_attachments is not None:
+        conds.append(messages.c.has_attachments == query.has_attachments)
+    if query.thread_id is not None:
+        conds.append(messages.c.thread_id == query.thread_id)
+    if query.q:
+        conds.append(match_clause(dialect, messages.c.id, query.q))
+    return conds
+
+
+def _order_by(ordering: str) -> list[Any]:
+    out: list[Any] = []
+    for term in [t.strip() for t in (ordering or "-date").split(",") if t.strip()]:
+        desc = term.startswith("-")
+        name = term.lstrip("-+")
+        column = _ORDER_COLUMNS.get(name)
+        if column is None:
+            raise QueryError(f"cannot order by {name!r}", "ordering")
+        out.append(column.desc() if desc else column.asc())
+    out.append(messages.c.id.desc() if ordering.startswith("-") else messages.c.id.asc())
+    return out
+
+
+def _summary(row: Any, thread_counts: dict[int, int]) -> MessageSummary:
+    m = row._mapping
+    thread_id = m["thread_id"]
+    return MessageSummary(
+        id=m["id"],
+        user_id=m["user_id"],
+        account_id=m["account_id"],
+        folder_id=m["folder_id"],
+        folder=m["folder"],
+        message_id=m["message_id"],
+        subject=m["subject"],
+        sender=m["sender"],
+        sender_address=m["sender_address"],
+        recipient=m["recipient"],
+        date=utc(m["date"]),
+        size=m["size"],
+        has_attachments=bool(m["has_attachments"]),
+        flags=tuple(m["flags"].split()),
+        thread_id=thread_id,
+        thread_count=thread_counts.get(thread_id, 1) if thread_id is not None else 1,
+        created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+        updated_at=utc(m["updated_at"]),  # type: ignore[arg-type]
+    )
+
+
+def _thread_counts(conn: Connection, thread_ids: set[int]) -> dict[int, int]:
+    if not thread_ids:
+        return {}
+    rows = conn.execute(
+        select(messages.c.thread_id, func.count())
+        .where(messages.c.thread_id.in_(sorted(thread_ids)))
+        .group_by(messages.c.thread_id)
+    )
+    return {tid: int(n) for tid, n in rows}
+
+
+def thd_list_messages(conn: Connection, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
+    """One page of the user's messages matching `query`, and the total count."""
+    conds = _filters(conn.dialect.name, user_id, query)
+    order = _order_by(query.ordering)
+    if query.threads_only:
+        ranked = (
+            select(
+                messages.c.id,
+                func.row_number()
+                .over(
+                    partition_by=func.coalesce(messages.c.thread_id, -messages.c.id),
+                    order_by=(messages.c.date.desc(), messages.c.id.desc()),
+                )
+                .label("rn"),
+            )
+            .where(*conds)
+            .subquery()
+        )
+        ids = select(ranked.c.id).where(ranked.c.rn == 1)
+        conds = [messages.c.id.in_(ids)]
+    count = conn.execute(select(func.count()).select_from(messages).where(*conds)).scalar() or 0
+    rows = conn.execute(
+        select(*_SUMMARY_COLUMNS)
+        .where(*conds)
+        .order_by(*order)
+        .offset(max(query.offset, 0))
+        .limit(max(query.limit, 0))
+    ).all()
+    counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
+    return Page(count=int(count), items=[_summary(r, counts) for r in rows])
+
+
+def _attachment(row: Any) -> AttachmentSummary:
+    m = row._mapping
+    return AttachmentSummary(
+        id=m["id"],
+        message_row_id=m["message_row_id"],
+        account_id=m["account_id"],
+        part_path=m["part_path"],
+        filename=m["filename"],
+        mime_type=m["mime_type"],
+        size=m["size"],
+        content_id=m["content_id"],
+        sender=m["sender"],
+        date=utc(m["date"]),
+    )
+
+
+_ATTACHMENT_COLUMNS = (
+    message_attachments.c.id, message_attachments.c.message_row_id, messages.c.account_id,
+    message_attachments.c.part_path, message_attachments.c.filename,
+    message_attachments.c.mime_type, message_attachments.c.size,
+    message_attachments.c.content_id, messages.c.sender, messages.c.date,
+)
+_ATTACHMENT_JOIN = message_attachments.join(
+    messages, messages.c.id == message_attachments.c.message_row_id
+)
+
+
+def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int]) -> list[MessageDetail]:
+    """Full details of the user's messages with these row ids (missing ids left out)."""
+    if not ids:
+        return []
+    rows = conn.execute(
+        select(
+            *_SUMMARY_COLUMNS, messages.c.cc, messages.c.body_text, messages.c.body_html,
+            messages.c.headers, messages.c.in_reply_to, messages.c.references,
+            messages.c.internal_date, messages.c.uidvalidity, messages.c.uid,
+            messages.c.sha256, messages.c.parse_problems,
+        )
+        .where(messages.c.user_id == user_id)
+        .where(messages.c.id.in_(list(ids)))
+    ).all()
+    counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
+    attachments: dict[int, list[AttachmentSummary]] = {}
+    for a in conn.execute(
+        select(*_ATTACHMENT_COLUMNS)
+        .select_from(_ATTACHMENT_JOIN)
+        .where(message_attachments.c.message_row_id.in_([r.id for r in rows]))
+        .order_by(message_attachments.c.id)
+    ):
+        attachments.setdefault(a.message_row_id, []).append(_attachment(a))
+    by_id = {}
+    for r in rows:
+        m = r._mapping
+        by_id[m["id"]] = MessageDetail(
+            summary=_summary(r, counts),
+            cc=m["cc"],
+            body_text=m["body_text"],
+            body_html=m["body_html"],
+            headers=m["headers"],
+            in_reply_to=m["in_reply_to"],
+            references=tuple(m["references"].split()),
+            internal_date=utc(m["internal_date"]),
+            uidvalidity=m["uidvalidity"],
+            uid=m["uid"],
+            sha256=m["sha256"],
+            parse_problems=tuple(p for p in m["parse_problems"].split("\n") if p),
+            attachments=tuple(attachments.get(m["id"], ())),
+        )
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def thd_thread_ids(conn: Connection, user_id: int, row_id: int) -> list[int]:
+    """Row ids of every message in the thread of `row_id`, oldest first."""
+    thread_id = conn.execute(
+        select(messages.c.thread_id)
+        .where(messages.c.user_id == user_id)
+        .where(messages.c.id == row_id)
+    ).first()
+    if thread_id is None:
+        raise MessageNotFound(row_id)
+    if thread_id[0] is None:
+        return [row_id]
+    return list(
+        conn.execute(
+            select(messages.c.id)
+            .where(messages.c.user_id == user_id)
+            .where(messages.c.thread_id == thread_id[0])
+            .order_by(messages.c.date.asc(), messages.c.id.asc())
+        ).scalars()
+    )
+
+
+class MessageStore:
+    """Stores fetched messages and answers the message, thread, folder and search reads."""
+
+    def __init__(
+        self,
+        db: Database,
+        cpu: CpuPool,
+        clock: IReactorTime,
+        *,
+        limits: MimeLimits | None = None,
+    ) -> None:
+        self.db = db
+        self.cpu = cpu
+        self.clock = clock
+        self.limits = limits or MimeLimits()
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(
+            self.clock.seconds(), datetime.UTC  # type: ignore[misc]
+        )
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def parse(self, raws: Sequence[bytes]) -> list[ParsedMessage]:
+        """Parse raw messages on the CPU pool (never on the reactor thread)."""
+        limits = self.limits
+        return await self.cpu.run(lambda: [parse_message(r, limits) for r in raws])
+
+    async def store_batch(
+        self, where: Location, fetched: Sequence[FetchedMessage], *, rescan: bool = False
+    ) -> StoreResult:
+        """Parse and store one batch atomically; a rerun of the same batch stores nothing."""
+        if not fetched:
+            return StoreResult()
+        parsed = await self.parse([f.raw for f in fetched])
+        return await self.db.run(
+            "store_message_batch", thd_store_batch, where, list(zip(fetched, parsed, strict=True)),
+            self.now(), rescan,
+        )
+
+    async def add_message(
+        self, user_id: int, raw: bytes, *, folder: str = "INBOX",
+        internal_date: datetime.datetime | None = None,
+    ) -> int:
+        """Store one message outside any fetch account (local delivery, imports, tests)."""
+        result = await self.store_batch(
+            Location(user_id=user_id, account_id=None, folder_id=None, folder=folder),
+            [FetchedMessage(raw=raw, internal_date=internal_date)],
+        )
+        return result.created[0]
+
+    async def collect_garbage(self) -> int:
+        """Drop blobs and threads nothing refers to any more (after deleting an account)."""
+
+        def txn(conn: Connection) -> int:
+            return thd_collect_garbage(conn)
+
+        return await self.db.run("collect_message_garbage", txn)
+
+    async def drop_empty_threads(self, user_id: int) -> None:
+        await self.db.run("drop_empty_threads", thd_drop_empty_threads, user_id)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def list_messages(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
+        """A page of messages: filters, full-text `q`, ordering, optional one-per-thread."""
+        _order_by(query.ordering)  # reject a bad ordering before touching the store
+        return await self.db.read("list_messages", thd_list_messages, user_id, query)
+
+    async def list_threads(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
+        """One row per thread (its newest matching message) with thread_count."""
+        return await self.list_messages(
+            user_id,
+            MessageQuery(**{**query.__dict__, "threads_only": True}),
+        )
+
+    async def get_message(self, user_id: int, row_id: int) -> MessageDetail:
+        found = await self.db.read("get_message", thd_get_messages, user_id, [row_id])
+        if not found:
+            raise MessageNotFound(row_id)
+        return found[0]
+
+    async def thread_of(self, user_id: int, row_id: int) -> list[MessageDetail]:
+        """Every message of the thread `row_id` belongs to, oldest first (itself included)."""
+
+        def txn(conn: Connection) -> list[MessageDetail]:
+            return thd_get_messages(conn, user_id, thd_thread_ids(conn, user_id, row_id))
+
+        return await self.db.read("get_thread", txn)
+
+    async def raw_message(self, user_id: int, row_id: int) -> bytes:
+        """The exact bytes of a message (the .eml)."""
+
+        def txn(conn: Connection) -> bytes | None:
+            return conn.execute(
+                select(message_blobs.c.raw)
+                .select_from(messages.join(
+                    message_blobs, message_blobs.c.sha256 == messages.c.sha256
+                ))
+                .where(messages.c.user_id == user_id)
+                .where(messages.c.id == row_id)
+            ).scalar()
+
+        raw = await self.db.read("get_raw_message", txn)
+        if raw is None:
+            raise MessageNotFound(row_id)
+        return bytes(raw)
+
+    async def folder_names(self, user_id: int, account_id: int | None = None) -> list[str]:
+        """Distinct folder names the user has messages in, sorted (seed 001 /folders/)."""
+
+        def txn(conn: Connection) -> list[str]:
+            q = select(messages.c.folder).where(messages.c.user_id == user_id)
+            if account_id is not None:
+                q = q.where(messages.c.account_id == account_id)
+            return list(conn.execute(q.distinct().order_by(messages.c.folder)).scalars())
+
+        return await self.db.read("list_folder_names", txn)
+
+    async def mailboxes(
+        self, user_id: int, account_id: int, *, sort: str = "name", direction: str = "asc",
+        offset: int = 0, limit: int = 20,
+    ) -> Page[FolderInfo]:
+        """An account's folders with how many messages we hold of each (Dropmyemail)."""
+        if sort not in ("name", "message_count"):
+            raise QueryError(f"cannot sort by {sort!r}", "sort")
+        if direction not in ("asc", "desc"):
+            raise QueryError(f"direction must be asc or desc, not {direction!r}", "direction")
+
+        def txn(conn: Connection) -> Page[FolderInfo]:
+            counts = (
+                select(messages.c.folder_id, func.count().label("n"))
+                .where(messages.c.user_id == user_id)
+                .where(messages.c.account_id == account_id)
+                .group_by(messages.c.folder_id)
+                .subquery()
+            )
+            n = func.coalesce(counts.c.n, 0)
+            key = fetch_folders.c.name if sort == "name" else n
+            base = (
+                select(fetch_folders.c.id, fetch_folders.c.name, fetch_folders.c.special_use,
+                       n.label("n"))
+                .select_from(fetch_folders.outerjoin(
+                    counts, counts.c.folder_id == fetch_folders.c.id
+                ))
+                .where(fetch_folders.c.account_id == account_id)
+            )
+            total = conn.execute(
+                select(func.count()).select_from(base.subquery())
+            ).scalar() or 0
+            order = key.desc() if direction == "desc" else key.asc()
+            rows = conn.execute(
+                base.order_by(order, fetch_folders.c.id).offset(offset).limit(limit)
+            ).all()
+            return Page(
+                count=int(total),
+                items=[FolderInfo(id=r.id, account_id=account_id, name=r.name,
+                                  message_count=int(r.n), special_use=r.special_use)
+                       for r in rows],
+            )
+
+        return await self.db.read("list_mailboxes", txn)
+
+    async def statistics(self, user_id: int, account_id: int | None = None) -> Statistics:
+        """Totals of messages and threads, and messages per folder (seed 001)."""
+
+        def txn(conn: Connection) -> Statistics:
+            conds = [messages.c.user_id == user_id]
+            if account_id is not None:
+                conds.append(messages.c.account_id == account_id)
+            total = conn.execute(
+                select(func.count()).select_from(messages).where(*conds)
+            ).scalar() or 0
+            total_threads = conn.execute(
+                select(func.count(func.distinct(
+                    case((messages.c.thread_id.is_(None), -messages.c.id),
+                         else_=messages.c.thread_id)
+                ))).where(*conds)
+            ).scalar() or 0
+            folders = {
+                name: int(n)
+                for name, n in conn.execute(
+                    select(messages.c.folder, func.count())
+                    .where(*conds)
+                    .group_by(messages.c.folder)
+                    .order_by(func.count().desc(), messages.c.folder)
+                )
+            }
+            return Statistics(
+                total_emails=int(total), total_threads=int(total_threads), folders=folders
+            )
+
+        return await self.db.read("message_statistics", txn)
+
+    async def account_usage(self, user_id: int) -> dict[int, AccountUsage]:
+        """Per account of the user: messages held and their total size in bytes."""
+
+        def txn(conn: Connection) -> dict[int, AccountUsage]:
+            rows = conn.execute(
+                select(messages.c.account_id, func.count(), func.coalesce(
+                    func.sum(messages.c.size), 0))
+                .where(messages.c.user_id == user_id)
+                .where(messages.c.account_id.is_not(None))
+                .group_by(messages.c.account_id)
+            )
+            return {aid: AccountUsage(int(n), int(s)) for aid, n, s in rows}
+
+        return await self.db.read("account_usage", txn)
+
+    async def list_attachments(
+        self, user_id: int, *, account_id: int | None = None, query: str | None = None,
+        sort: str = "date", direction: str = "asc", offset: int = 0, limit: int = 20,
+    ) -> Page[AttachmentSummary]:
+        """Attachments of the user's messages; `query` matches file names (substring)."""
+        keys = {"date": messages.c.date, "filename": message_attachments.c.filename,
+                "sender": messages.c.sender, "size": message_attachments.c.size}
+        if sort not in keys:
+            raise QueryError(f"cannot sort by {sort!r}", "sort")
+        if direction not in ("asc", "desc"):
+            raise QueryError(f"direction must be asc or desc, not {direction!r}", "direction")
+
+        def txn(conn: Connection) -> Page[AttachmentSummary]:
+            conds: list[ColumnElement[bool]] = [messages.c.user_id == user_id]
+            if account_id is not None:
+                conds.append(messages.c.account_id == account_id)
+            if query:
+                pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace(
+                    "_", "\\_") + "%"
+                conds.append(or_(
+                    message_attachments.c.filename.ilike(pattern, escape="\\"),
+                    message_attachments.c.mime_type.ilike(pattern, escape="\\"),
+                ))
+            total = conn.execute(
+                select(func.count()).select_from(_ATTACHMENT_JOIN).where(*conds)
+            ).scalar() or 0
+            key = keys[sort]
+            rows = conn.execute(
+                select(*_ATTACHMENT_COLUMNS)
+                .select_from(_ATTACHMENT_JOIN)
+                .where(*conds)
+                .order_by(key.desc() if direction == "desc" else key.asc(),
+                          message_attachments.c.id)
+                .offset(offset)
+                .limit(limit)
+            ).all()
+            return Page(count=int(total), items=[_attachment(r) for r in rows])
+
+        return await self.db.read("list_attachments", txn)
+
+    async def attachment_content(
+        self, user_id: int, attachment_id: int
+    ) -> tuple[AttachmentSummary, bytes]:
+        """An attachment and its decoded bytes, cut from the raw message on the CPU pool."""
+
+        def txn(conn: Connection) -> tuple[AttachmentSummary, bytes] | None:
+            row = conn.execute(
+                select(*_ATTACHMENT_COLUMNS, message_blobs.c.raw)
+                .select_from(_ATTACHMENT_JOIN.join(
+                    message_blobs, message_blobs.c.sha256 == messages.c.sha256
+                ))
+                .where(messages.c.user_id == user_id)
+                .where(message_attachments.c.id == attachment_id)
+            ).first()
+            if row is None:
+                return None
+            return _attachment(row), bytes(row.raw)
+
+        found = await self.db.read("get_attachment", txn)
+        if found is None:
+            raise MessageNotFound(attachment_id)
+        info, raw = found
+        content = await self.cpu.run(extract_part, raw, info.part_path, self.limits)
+        if content is None:
+            raise MessageNotFound(attachment_id)
+        return info, content
+
+    async def thread_subject_count(self, user_id: int) -> int:
+        """How many threads the user has (rows in `threads`)."""
+
+        def txn(conn: Connection) -> int:
+            return int(conn.execute(
+                select(func.count()).select_from(threads).where(threads.c.user_id == user_id)
+            ).scalar() or 0)
+
+        return await self.db.read("count_threads", txn)

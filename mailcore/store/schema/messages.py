@@ -1,0 +1,141 @@
+"""The message store: raw blobs by hash, parsed messages, attachments, threads (migration 0004).
+
+The full-text index is not declared here: it is a dialect-specific object made by the
+migration (SQLite: FTS5 virtual table `messages_fts` and its shadow tables; PostgreSQL:
+`message_search` with a tsvector column and a GIN index). `FTS_TABLES` names them so a schema
+comparison can leave them out.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from mailcore.store.schema.meta import metadata
+
+FTS_TABLES = (
+    "messages_fts",
+    "messages_fts_data",
+    "messages_fts_idx",
+    "messages_fts_content",
+    "messages_fts_docsize",
+    "messages_fts_config",
+    "message_search",
+)
+
+# The exact bytes of a message, stored once per SHA-256 (hex) whatever the number of copies.
+message_blobs = Table(
+    "message_blobs",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# A conversation of one user; messages point at it. `subject_key` is the normalised subject
+# (no Re:/Fwd: prefixes, lower case) used by the subject fallback of threading.
+threads = Table(
+    "threads",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("subject_key", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_threads_user_subject", "user_id", "subject_key"),
+)
+
+# One copy of a message in one folder: IMAP (folder, uidvalidity, uid) or POP3 (folder, uidl).
+# Parsed fields are those of the blob; copies of one blob share them.
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column(
+        "account_id", Integer, ForeignKey("fetch_accounts.id", ondelete="CASCADE"),
+        nullable=True,
+    ),
+    Column(
+        "folder_id", Integer, ForeignKey("fetch_folders.id", ondelete="CASCADE"),
+        nullable=True,
+    ),
+    Column("folder", String(1024), nullable=False, server_default="INBOX"),
+    Column("uidvalidity", BigInteger, nullable=True),
+    Column("uid", BigInteger, nullable=True),
+    Column("pop_uidl", String(255), nullable=True),
+    Column("sha256", String(64), ForeignKey("message_blobs.sha256"), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("flags", Text, nullable=False, server_default=""),
+    Column("internal_date", DateTime(timezone=True), nullable=True),
+    Column("on_server", Boolean, nullable=False, server_default="1"),
+    Column("message_id", String(998), nullable=False, server_default=""),
+    Column("subject", Text, nullable=False, server_default=""),
+    Column("sender", Text, nullable=False, server_default=""),
+    Column("sender_address", String(320), nullable=False, server_default=""),
+    Column("recipient", Text, nullable=False, server_default=""),
+    Column("cc", Text, nullable=False, server_default=""),
+    Column("date", DateTime(timezone=True), nullable=True),
+    Column("body_text", Text, nullable=False, server_default=""),
+    Column("body_html", Text, nullable=False, server_default=""),
+    Column("headers", Text, nullable=False, server_default=""),
+    Column("in_reply_to", String(998), nullable=False, server_default=""),
+    Column("references", Text, nullable=False, server_default=""),
+    Column("has_attachments", Boolean, nullable=False, server_default="0"),
+    Column("parse_problems", Text, nullable=False, server_default=""),
+    Column("thread_id", Integer, ForeignKey("threads.id", ondelete="SET NULL"), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uid"),
+    UniqueConstraint("folder_id", "pop_uidl", name="uq_messages_folder_uidl"),
+    Index("ix_messages_user_date", "user_id", "date"),
+    Index("ix_messages_account_folder", "account_id", "folder"),
+    Index("ix_messages_thread_id", "thread_id"),
+    Index("ix_messages_user_message_id", "user_id", "message_id"),
+    Index("ix_messages_sha256", "sha256"),
+)
+
+# Message-IDs a message points at (References and In-Reply-To), to find the children of a
+# message that arrives after them.
+message_refs = Table(
+    "message_refs",
+    metadata,
+    Column(
+        "message_row_id", Integer, ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("user_id", Integer, nullable=False),
+    Column("ref", String(998), nullable=False),
+    Index("ix_message_refs_user_ref", "user_id", "ref"),
+    Index("ix_message_refs_message_row_id", "message_row_id"),
+)
+
+# Attachments of a message: what they are, and where in the MIME tree (`part_path`, e.g.
+# "2.1") so the content can be cut out of the raw blob on demand.
+message_attachments = Table(
+    "message_attachments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "message_row_id", Integer, ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("part_path", String(255), nullable=False),
+    Column("filename", Text, nullable=False, server_default=""),
+    Column("mime_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("content_id", String(998), nullable=True),
+    Index("ix_message_attachments_message_row_id", "message_row_id"),
+)

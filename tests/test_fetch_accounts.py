@@ -1,0 +1,287 @@
+"""Fetch accounts: validation, encrypted passwords that are never returned, the key file,
+partial updates, deletion with the messages, and the periodic scheduler on a Clock."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import ConfigError
+from mailcore.fetch import AccountError, AccountNotFound, Accounts, FetchSettings, SecretBox
+from mailcore.fetch.engine import SyncEngine, SyncResult, imap_date, limit_since
+from mailcore.fetch.scheduler import FetchScheduler
+from mailcore.fetch.secrets import SecretError
+from mailcore.messages import MessageQuery, MessageStore
+from mailcore.store import Database
+from mailcore.store.schema import fetch_accounts
+from mailcore.workers import CpuPool
+from tests.support.fetchenv import thd_make_user
+
+BASE: dict[str, Any] = {"host": "imap.example.test", "username": "me@example.test",
+                        "password": "hunter2 ✓"}
+
+
+class AccountsTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.db = Database.for_tests()
+        self.user = self.successResultOf(self.db.run("make_user", thd_make_user, "owner"))
+        self.accounts = Accounts(self.db, self.clock, SecretBox.generate())
+
+    def create(self, **kw: Any) -> Any:
+        return self.successResultOf(
+            defer.Deferred.fromCoroutine(self.accounts.create(self.user, **{**BASE, **kw}))
+        )
+
+    def refused(self, coro: Any) -> AccountError:
+        failure = self.failureResultOf(defer.Deferred.fromCoroutine(coro), AccountError)
+        return failure.value  # type: ignore[no-any-return]
+
+    def test_defaults_and_ports(self) -> None:
+        imap = self.create()
+        self.assertEqual((imap.protocol, imap.port, imap.sync_limit_type, imap.sync_status),
+                         ("imap", 143, "all", "never"))
+        imaps = self.create(use_ssl=True)
+        self.assertEqual(imaps.port, 993)
+        pop = self.create(protocol="pop", use_ssl=True)
+        self.assertEqual(pop.port, 995)
+        drop = self.create(username="", email="me@drop.test", protocol="pop")
+        self.assertEqual((drop.username, drop.port), ("me@drop.test", 110))
+
+    def test_password_is_encrypted_and_never_returned(self) -> None:
+        account = self.create()
+        self.assertFalse(hasattr(account, "password"))
+        self.assertNotIn("hunter2", repr(account))
+
+        def stored(conn: Connection) -> bytes:
+            return bytes(conn.execute(select(fetch_accounts.c.password_enc)).scalar_one())
+
+        token = self.successResultOf(self.db.read("pw", stored))
+        self.assertNotIn(b"hunter2", token)
+        _, clear = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.credentials(account.id)))
+        self.assertEqual(clear, "hunter2 ✓")
+
+    def test_validation_names_the_field(self) -> None:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"protocol": "smtp"}, "protocol"),
+            ({"host": ""}, "host"),
+            ({"host": "bad host name"}, "host"),
+            ({"password": ""}, "password"),
+            ({"use_ssl": True, "start_tls": True}, "start_tls"),
+            ({"port": 70000}, "port"),
+            ({"sync_limit_type": "years"}, "sync_limit_type"),
+            ({"sync_limit_type": "days", "sync_limit_value": 0}, "sync_limit_value"),
+            ({"tls_fingerprint": "abc"}, "tls_fingerprint"),
+            ({"tls_ca_pem": "not a certificate"}, "tls_ca_pem"),
+            ({"sync_interval": 5}, "sync_interval"),
+            ({"port": "143"}, "port"),
+            ({"use_ssl": "yes"}, "use_ssl"),
+            ({"colour": "red"}, "colour"),
+        ]
+        for values, field in cases:
+            error = self.refused(self.accounts.create(self.user, **{**BASE, **values}))
+            self.assertEqual(error.field, field, values)
+
+    def test_partial_update_and_password_change(self) -> None:
+        account = self.create(name="Mine", folders_to_sync=["INBOX", " Sent "])
+        self.assertEqual(account.folder_list, ["INBOX", "Sent"])
+        self.clock.advance(60)
+        updated = self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.update(
+            self.user, account.id, name="Renamed", sync_limit_type="weeks",
+            sync_limit_value=2, password="new secret",
+        )))
+        self.assertEqual((updated.name, updated.host, updated.sync_limit_value),
+                         ("Renamed", "imap.example.test", 2))
+        self.assertGreater(updated.updated_at, account.updated_at)
+        _, clear = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.credentials(account.id)))
+        self.assertEqual(clear, "new secret")
+        error = self.refused(self.accounts.update(self.user, account.id, start_tls=True,
+                                                  use_ssl=True))
+        self.assertEqual(error.field, "start_tls")
+
+    def test_other_users_accounts_are_invisible(self) -> None:
+        account = self.create()
+        other = self.successResultOf(self.db.run("make_user", thd_make_user, "other"))
+        self.assertIsInstance(self.refused(self.accounts.get(other, account.id)),
+                              AccountNotFound)
+        self.assertIsInstance(self.refused(self.accounts.delete(other, account.id)),
+                              AccountNotFound)
+        listed = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.list_accounts(other)))
+        self.assertEqual(listed, [])
+
+    def test_list_filters_and_sorts(self) -> None:
+        self.create(email="b@x.test", username="b")
+        self.create(email="a@x.test", username="a", protocol="pop")
+        by_email = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.list_accounts(self.user, sort="email")))
+        self.assertEqual([a.email for a in by_email], ["a@x.test", "b@x.test"])
+        pops = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.list_accounts(self.user, protocol="pop")))
+        self.assertEqual([a.email for a in pops], ["a@x.test"])
+        by_count = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.list_accounts(self.user, sort="message_count", direction="desc")))
+        self.assertEqual(len(by_count), 2)
+
+    def test_delete_removes_the_account_and_its_messages(self) -> None:
+        account = self.create()
+        store = MessageStore(self.db, CpuPool.for_tests(), self.clock)
+        from mailcore.messages import FetchedMessage, Location
+
+        self.successResultOf(defer.Deferred.fromCoroutine(store.store_batch(
+            Location(self.user, account.id, None, "INBOX"),
+            [FetchedMessage(raw=b"Subject: x\r\n\r\ny\r\n")],
+        )))
+        deleted = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.delete(self.user, account.id)))
+        self.assertEqual(deleted.id, account.id)
+        page = self.successResultOf(defer.Deferred.fromCoroutine(
+            store.list_messages(self.user, MessageQuery(q="y"))))
+        self.assertEqual(page.count, 0)
+        # Its blob went with it: nothing is left to collect.
+        removed = self.successResultOf(defer.Deferred.fromCoroutine(store.collect_garbage()))
+        self.assertEqual(removed, 0)
+
+
+class SecretsTests(TestCase):
+    def test_key_file_is_made_once_with_mode_0600(self) -> None:
+        directory = Path(self.mktemp())
+        box = SecretBox.from_data_dir(directory)
+        path = directory / "fetch.key"
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        token = box.encrypt("pw")
+        again = SecretBox.from_data_dir(directory)
+        self.assertEqual(again.decrypt(token), "pw")
+
+    def test_configured_key_wins_and_wrong_key_fails_clearly(self) -> None:
+        key = SecretBox.generate()
+        token = key.encrypt("pw")
+        with self.assertRaises(SecretError):
+            SecretBox.generate().decrypt(token)
+        with self.assertRaises(SecretError):
+            SecretBox(b"not a key")
+
+
+class SettingsTests(TestCase):
+    def test_section_is_checked(self) -> None:
+        settings = FetchSettings.from_section({"sync_interval": 600, "max_concurrent": 2})
+        self.assertEqual((settings.sync_interval, settings.max_concurrent), (600.0, 2))
+        for bad in ({"nope": 1}, {"max_concurrent": "2"}, {"jitter": 2.0},
+                    {"max_concurrent": 0}):
+            with self.assertRaises(ConfigError):
+                FetchSettings.from_section(bad)
+
+    def test_limit_dates(self) -> None:
+        now = datetime.datetime(2024, 3, 31, 12, tzinfo=datetime.UTC)
+
+        def since(kind: str, n: int) -> Any:
+            account = type("A", (), {"sync_limit_type": kind, "sync_limit_value": n})()
+            return limit_since(account, now)  # type: ignore[arg-type]
+
+        self.assertEqual(since("days", 30), datetime.date(2024, 3, 1))
+        self.assertEqual(since("weeks", 1), datetime.date(2024, 3, 24))
+        self.assertEqual(since("months", 2), datetime.date(2024, 1, 28))
+        self.assertIsNone(since("all", 0))
+        self.assertEqual(imap_date(datetime.date(2024, 2, 5)), "5-Feb-2024")
+
+
+class FakeEngine(SyncEngine):
+    """A SyncEngine whose syncs are Deferreds the test fires by hand."""
+
+    def __init__(self, clock: Clock, accounts: Accounts, settings: FetchSettings) -> None:
+        super().__init__(clock, accounts.db, accounts, None, settings)  # type: ignore[arg-type]
+        self.started: list[int] = []
+        self.gates: dict[int, defer.Deferred[None]] = {}
+
+    async def _sync(self, account_id: int) -> SyncResult:
+        self.started.append(account_id)
+        gate: defer.Deferred[None] = defer.Deferred()
+        self.gates[account_id] = gate
+        await self.accounts.set_status(account_id, sync_started_at=self.now())
+        await gate
+        return SyncResult(account_id=account_id, user_id=0, started_at=self.now(),
+                          status="success")
+
+
+class SchedulerTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.db = Database.for_tests()
+        user = self.successResultOf(self.db.run("make_user", thd_make_user, "owner"))
+        self.accounts = Accounts(self.db, self.clock, SecretBox.generate())
+        self.ids = [
+            self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.create(
+                user, **{**BASE, "username": f"u{i}"}))).id
+            for i in range(5)
+        ]
+        settings = FetchSettings(sync_interval=600, jitter=0.1, max_concurrent=2, tick=30)
+        self.engine = FakeEngine(self.clock, self.accounts, settings)
+        import random
+
+        self.scheduler = FetchScheduler(self.engine, rng=random.Random(1))
+
+    def release_all(self) -> None:
+        for gate in list(self.engine.gates.values()):
+            if not gate.called:
+                gate.callback(None)
+
+    def test_bounded_concurrency_then_periodic_with_jitter(self) -> None:
+        self.scheduler.startService()
+        # All five are due; only two run at once.
+        self.assertEqual(self.engine.started, self.ids[:2])
+        self.assertEqual(self.engine.running(), self.ids)
+        self.release_all()
+        self.assertEqual(self.engine.started, self.ids[:4])
+        self.release_all()
+        self.release_all()
+        self.assertEqual(sorted(self.engine.started), sorted(self.ids))
+        self.assertEqual(self.engine.running(), [])
+        # Nothing is due before the interval (minus the jitter) has passed.
+        self.clock.advance(30)
+        self.assertEqual(len(self.engine.started), 5)
+        self.clock.advance(540 - 30 - 1)
+        self.assertEqual(len(self.engine.started), 5)
+        for _ in range(10):
+            self.clock.advance(30)
+            self.release_all()
+        self.assertEqual(len(self.engine.started), 10)
+        self.scheduler.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_on_demand_sync_joins_the_running_one(self) -> None:
+        first = self.engine.sync(self.ids[0])
+        second = self.engine.sync(self.ids[0])
+        self.assertEqual(self.engine.started, [self.ids[0]])
+        self.release_all()
+        self.assertIs(self.successResultOf(first).account_id, self.ids[0])
+        self.assertEqual(self.successResultOf(second).account_id, self.ids[0])
+
+
+class UndecryptablePasswordTests(TestCase):
+    def test_sync_reports_a_password_the_key_cannot_open(self) -> None:
+        clock = Clock()
+        db = Database.for_tests()
+        user = self.successResultOf(db.run("make_user", thd_make_user, "owner"))
+        created = self.successResultOf(defer.Deferred.fromCoroutine(
+            Accounts(db, clock, SecretBox.generate()).create(user, **BASE)))
+        other_key = Accounts(db, clock, SecretBox.generate())
+        engine = SyncEngine(clock, db, other_key,
+                            MessageStore(db, CpuPool.for_tests(), clock))
+        result = self.successResultOf(engine.sync(created.id))
+        self.assertEqual(result.status, "error")
+        self.assertIn("cannot be decrypted", result.error or "")
+        stored = self.successResultOf(defer.Deferred.fromCoroutine(
+            other_key.get(user, created.id)))
+        self.assertEqual(stored.sync_status, "error")

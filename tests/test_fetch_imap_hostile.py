@@ -1,0 +1,346 @@
+"""A hostile or broken IMAP server gives a clear error on that account, never a crash.
+
+Regression tests for shared/notes/twisted-pitfalls.md 3, 4 and 7, each failing on stock
+`IMAP4Client` behaviour: an announced 4 GB literal is refused before a byte is buffered;
+plaintext injected after STARTTLS's OK is discarded and CAPABILITY is asked again over TLS;
+malformed replies fail the session with a message; a password never goes out in cleartext
+when STARTTLS is missing; credentials are sent as UTF-8 bytes and bodies come back as the
+exact bytes. The first group drives the session over a StringTransport; the second runs
+the whole engine against a scripted server on a real loopback socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import resource
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.errors import FetchError, LiteralTooLarge, ProtocolFailed
+from mailcore.fetch.imap import IMAPClient, parse_fetch
+from tests.support.dovecot import dovecot_pki
+from tests.support.fetchenv import make_env
+from tests.support.reactor import get_reactor
+
+
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records a switch to TLS."""
+
+    tls_started = False
+
+    def startTLS(self, contextFactory: Any) -> None:
+        self.tls_started = True
+
+
+def connected_client(**kw: Any) -> tuple[IMAPClient, TLSStringTransport]:
+    client = IMAPClient(Clock(), host="fake", **kw)
+    transport = TLSStringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"* OK fake ready\r\n")
+    return client, transport
+
+
+def failure_of(d: defer.Deferred[Any]) -> BaseException:
+    box: list[Any] = []
+    d.addErrback(box.append)
+    assert box, "the Deferred did not fail"
+    return box[0].value
+
+
+class SessionUnitTests(TestCase):
+    def test_announced_4gb_literal_fails_at_once_without_buffering(self) -> None:
+        client, transport = connected_client(max_literal=1024 * 1024)
+        d = client.uid_fetch([1], b"UID BODY.PEEK[]")
+        client.dataReceived(b"* 1 FETCH (UID 1 BODY[] {4294967296}\r\n" + b"x" * 65536)
+        error = failure_of(d)
+        self.assertIsInstance(error, LiteralTooLarge)
+        self.assertIn("4294967296-byte literal", str(error))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(client._pendingBuffer if hasattr(client, "_pendingBuffer") else None)
+        # Nothing more is read: more junk is ignored, nothing is buffered.
+        client.dataReceived(b"y" * 65536)
+        self.assertEqual(client._buffer, b"")
+
+    def test_bytes_after_starttls_ok_are_discarded_and_capability_asked_again(self) -> None:
+        client, transport = connected_client()
+        d = defer.Deferred.fromCoroutine(client.starttls(object()))  # type: ignore[arg-type]
+        self.assertEqual(transport.value(), b"0001 STARTTLS\r\n")
+        transport.clear()
+        client.dataReceived(
+            b"0001 OK Begin TLS now\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN INJECTED\r\n"
+        )
+        self.assertTrue(transport.tls_started)
+        self.assertEqual(transport.value(), b"0002 CAPABILITY\r\n")
+        client.dataReceived(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n0002 OK done\r\n")
+        caps = self.successResultOf(d)
+        self.assertNotIn("INJECTED", caps)
+        self.assertEqual(caps, {"IMAP4REV1", "AUTH=PLAIN"})
+
+    def test_malformed_replies_fail_with_a_clear_error(self) -> None:
+        cases = [
+            b"* LIST (\\HasNoChildren \"/\" INBOX\r\n0001 OK\r\n",   # unbalanced parens
+            b"0001\r\n",                                                # tag alone
+            b"9999 OK who are you\r\n",                                 # unknown tag
+            b"* 1 FETCH (UID 1 BODY[] {12x}\r\n",                       # bad literal count
+        ]
+        for data in cases:
+            client, transport = connected_client()
+            d = defer.Deferred.fromCoroutine(client.list_folders())
+            client.dataReceived(data)
+            error = failure_of(d)
+            self.assertIsInstance(error, ProtocolFailed, data)
+            self.assertIn("malformed", str(error))
+            self.assertTrue(transport.disconnecting)
+
+    def test_plain_credentials_are_utf8_bytes(self) -> None:
+        client, transport = connected_client()
+        client.capabilities = {"IMAP4REV1", "AUTH=PLAIN", "SASL-IR"}
+        d = defer.Deferred.fromCoroutine(client.authenticate_plain("zoë", "pässwörd✓"))
+        line = transport.value().rstrip(b"\r\n")
+        token = line.split(b" ")[-1]
+        self.assertEqual(base64.b64decode(token), "\0zoë\0pässwörd✓".encode())
+        client.dataReceived(b"0001 OK logged in\r\n")
+        self.successResultOf(d)
+
+    def test_fetched_body_is_the_exact_bytes(self) -> None:
+        raw = b"Subject: \xe9t\xe9\r\n\r\nbody \x00\xff {3}\r\n)(\r\n"
+        line = b"1 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE %d BODY[] {%d}\r\n%s)" % (
+            len(raw), len(raw), raw)
+        item = parse_fetch(line)
+        self.assertEqual(item.body, raw)
+        self.assertIsInstance(item.body, bytes)
+        self.assertEqual((item.uid, item.flags, item.size), (7, ("\\Seen",), len(raw)))
+
+
+# -- a scripted server on a real socket -------------------------------------------------
+
+
+class FakeIMAP(LineReceiver):
+    """Speaks just enough IMAP; `factory.hooks` override replies per command."""
+
+    factory: FakeIMAPFactory
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.tls = False
+        self.factory.connections.append(self)
+        self.sendLine(b"* OK fake IMAP ready")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.lost.append(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.factory.received.append((self.tls, line))
+        tag, _, rest = line.partition(b" ")
+        command = rest.split(b" ", 2)
+        name = command[0].upper()
+        if name == b"UID":
+            name = b"UID " + command[1].upper()
+        hook = self.factory.hooks.get(name.decode())
+        if hook is not None and hook(self, tag, rest) is not None:
+            return
+        if name == b"CAPABILITY":
+            self.sendLine(b"* CAPABILITY " + self.factory.caps)
+            self.sendLine(tag + b" OK capabilities")
+        elif name == b"STARTTLS":
+            self.sendLine(tag + b" OK Begin TLS")
+            self.transport.startTLS(dovecot_pki_options())
+            self.tls = True
+        elif name in (b"LOGIN", b"AUTHENTICATE"):
+            self.sendLine(tag + b" OK logged in")
+        elif name == b"LIST":
+            self.sendLine(b'* LIST () "/" INBOX')
+            self.sendLine(tag + b" OK listed")
+        elif name == b"EXAMINE":
+            self.sendLine(b"* 1 EXISTS")
+            self.sendLine(b"* OK [UIDVALIDITY 7] ok")
+            self.sendLine(b"* OK [UIDNEXT 2] ok")
+            self.sendLine(tag + b" OK [READ-ONLY] done")
+        elif name == b"UID SEARCH":
+            self.sendLine(b"* SEARCH 1")
+            self.sendLine(tag + b" OK searched")
+        elif name == b"UID FETCH" and b"BODY" not in rest:
+            self.sendLine(b"* 1 FETCH (UID 1 RFC822.SIZE 20)")
+            self.sendLine(tag + b" OK fetched")
+        elif name == b"UID FETCH":
+            body = b"Subject: hi\r\n\r\nhello\r\n"
+            self.transport.write(
+                b"* 1 FETCH (UID 1 FLAGS () RFC822.SIZE %d BODY[] {%d}\r\n%s)\r\n"
+                % (len(body), len(body), body)
+            )
+            self.sendLine(tag + b" OK fetched")
+        elif name == b"LOGOUT":
+            self.sendLine(b"* BYE bye")
+            self.sendLine(tag + b" OK bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(tag + b" BAD unknown")
+
+
+def dovecot_pki_options() -> Any:
+    from twisted.internet import ssl
+
+    pki = dovecot_pki()
+    return ssl.PrivateCertificate.loadPEM(pki.cert_pem + pki.key_pem).options()
+
+
+class FakeIMAPFactory(protocol.ServerFactory):
+    protocol = FakeIMAP  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.caps = b"IMAP4rev1 STARTTLS AUTH=PLAIN"
+        self.hooks: dict[str, Any] = {}
+        self.received: list[tuple[bool, bytes]] = []
+        self.connections: list[FakeIMAP] = []
+        self.lost: list[FakeIMAP] = []
+
+
+class HostileServerTests(TestCase):
+    timeout = 30
+
+    async def run_sync(self, factory: FakeIMAPFactory, **account: Any) -> Any:
+        reactor = get_reactor()
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        env = await make_env(self)
+        values: dict[str, Any] = {
+            "host": "localhost", "port": port.getHost().port, "username": "alice",
+            "password": "sécret", "tls_ca_pem": dovecot_pki().ca_pem.decode(),
+        }
+        values.update(account)
+        created = await env.accounts.create(env.user_id, **values)
+        result = await env.engine.sync(created.id)
+        for conn in factory.connections:
+            if conn.transport is not None:
+                conn.transport.loseConnection()
+        return result, env, created
+
+    async def test_4gb_literal_is_an_error_on_the_account_and_memory_stays_bounded(
+        self,
+    ) -> None:
+        factory = FakeIMAPFactory()
+        chunk = b"A" * (1024 * 1024)
+
+        def huge(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if b"BODY" not in rest:
+                return None
+            conn.transport.write(b"* 1 FETCH (UID 1 BODY[] {4294967296}\r\n")
+            for _ in range(16):
+                conn.transport.write(chunk)
+            return True
+
+        factory.hooks["UID FETCH"] = huge
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result, env, account = await self.run_sync(factory)
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        self.assertEqual(result.status, "error")
+        self.assertIn("4294967296-byte literal", result.problems())
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual(stored.sync_status, "error")
+        self.assertIn("over the limit", stored.sync_error)
+        self.assertLess(grown_kib, 200 * 1024)
+        self.assertEqual(await env.count(account.id), 0)
+
+    async def test_injection_after_starttls_is_ignored_over_real_tls(self) -> None:
+        factory = FakeIMAPFactory()
+
+        def inject(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(
+                tag + b" OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN INJECTED\r\n"
+            )
+            conn.transport.startTLS(dovecot_pki_options())
+            conn.tls = True
+            return True
+
+        factory.hooks["STARTTLS"] = inject
+        result, _env, _account = await self.run_sync(factory, start_tls=True)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(result.new_messages, 1)
+        after_tls = [line for tls, line in factory.received if tls]
+        self.assertTrue(after_tls[0].endswith(b"CAPABILITY"))
+        self.assertFalse(any(b"AUTHENTICATE" in line or b"LOGIN" in line
+                             for tls, line in factory.received if not tls))
+
+    async def test_starttls_required_but_not_offered_refuses_to_log_in(self) -> None:
+        for account in ({"start_tls": True}, {"start_tls": False}):
+            factory = FakeIMAPFactory()
+            factory.caps = b"IMAP4rev1 AUTH=PLAIN"
+            result, _env, _created = await self.run_sync(factory, **account)
+            self.assertEqual(result.status, "error")
+            self.assertIn("refusing to send the password in cleartext", result.error)
+            sent = b" ".join(line for _tls, line in factory.received)
+            self.assertNotIn(b"AUTHENTICATE", sent)
+            self.assertNotIn(b"LOGIN", sent)
+
+    async def test_cleartext_only_when_the_account_allows_it(self) -> None:
+        factory = FakeIMAPFactory()
+        factory.caps = b"IMAP4rev1 AUTH=PLAIN"
+        result, _env, _created = await self.run_sync(factory, allow_cleartext=True)
+        self.assertEqual(result.status, "success", result.problems())
+
+    async def test_malformed_server_reply_is_a_clear_error(self) -> None:
+        factory = FakeIMAPFactory()
+
+        def garbage(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.sendLine(b"* 1 EXISTS")
+            conn.sendLine(b"* OK [UIDVALIDITY 7] ok")
+            conn.sendLine(b"* 1 FETCH (UID 1 ((((")
+            conn.sendLine(tag + b" OK done")
+            return True
+
+        factory.hooks["EXAMINE"] = garbage
+        result, _env, _created = await self.run_sync(factory)
+        self.assertEqual(result.status, "error")
+        self.assertIn("malformed FETCH reply", result.problems())
+
+    async def test_server_that_hangs_up_is_a_clear_error(self) -> None:
+        factory = FakeIMAPFactory()
+
+        def hang_up(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.loseConnection()
+            return True
+
+        factory.hooks["LIST"] = hang_up
+        result, _env, _created = await self.run_sync(factory)
+        self.assertEqual(result.status, "error")
+        self.assertIn("closed", result.error)
+        self.assertIsInstance(FetchError("x"), Exception)
+
+
+class POP3SessionUnitTests(TestCase):
+    def test_lines_after_stls_ok_are_discarded_and_capa_asked_again(self) -> None:
+        from mailcore.fetch.pop3 import POP3Session
+
+        session = POP3Session(Clock(), host="fake")
+        transport = TLSStringTransport()
+        session.makeConnection(transport)
+        session.dataReceived(b"+OK fake POP3\r\n")
+        d = defer.Deferred.fromCoroutine(session.stls(object()))  # type: ignore[arg-type]
+        self.assertEqual(transport.value(), b"STLS\r\n")
+        transport.clear()
+        session.dataReceived(b"+OK Begin TLS\r\n+OK\r\nSTLS\r\nINJECTED\r\n.\r\n")
+        self.assertTrue(transport.tls_started)
+        self.assertEqual(transport.value(), b"CAPA\r\n")
+        session.dataReceived(b"+OK\r\nUIDL\r\nUSER\r\n.\r\n")
+        self.assertEqual(self.successResultOf(d), {"UIDL", "USER"})
+
+    def test_message_over_the_bound_fails_the_session(self) -> None:
+        from mailcore.fetch.pop3 import MessageTooLarge, POP3Session
+
+        session = POP3Session(Clock(), host="fake", max_message=100)
+        transport = TLSStringTransport()
+        session.makeConnection(transport)
+        session.dataReceived(b"+OK fake POP3\r\n")
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+        session.dataReceived(b"+OK\r\n" + b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n")
+        session.connectionLost(Failure(ConnectionDone()))
+        error = failure_of(d)
+        self.assertIsInstance(error, MessageTooLarge)
+        self.assertTrue(transport.disconnecting)

@@ -1,0 +1,366 @@
+"""IMAP sync against a real Dovecot: complete, incremental, kill-safe, UIDVALIDITY-safe.
+
+One Dovecot serves the whole class; each test takes a fresh user and fills its mailbox with
+500 messages in INBOX, Archive and Sent (threads, attachments, non-ASCII headers, 8-bit
+bodies) plus a Trash folder the account excludes.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.engine import SyncResult
+from mailcore.messages.models import MessageQuery
+from mailcore.messages.parse import sha256_hex
+from tests.support.corpus import make_corpus
+from tests.support.dovecot import DovecotClassMixin, DovecotServer
+from tests.support.fetchenv import FetchEnv, expected, make_env
+from tests.support.reactor import get_reactor
+
+FOLDERS = {"INBOX": (0, 300), "Archive": (300, 150), "Sent": (450, 50)}
+SYNCED = sorted(FOLDERS)
+
+
+def fill(server: DovecotServer, user: str) -> None:
+    for folder, (start, count) in FOLDERS.items():
+        server.add_messages(user, folder, [m.raw for m in make_corpus(start, count)])
+    server.add_messages(user, "Trash", [m.raw for m in make_corpus(900, 10, "trash")])
+
+
+class IMAPSyncTests(DovecotClassMixin, TestCase):
+    timeout = 120
+
+    async def setup(self, **settings: Any) -> tuple[DovecotServer, str, FetchEnv]:
+        server = await self.dovecot()
+        user = server.new_user()
+        fill(server, user)
+        env = await make_env(self, **settings)
+        return server, user, env
+
+    def count_fetched(self, env: FetchEnv) -> list[int]:
+        """Counts how many message bodies each store_batch call received."""
+        seen: list[int] = []
+        original = env.store.store_batch
+
+        async def counting(where: Any, fetched: Any, **kw: Any) -> Any:
+            seen.append(len(fetched))
+            return await original(where, fetched, **kw)
+
+        env.store.store_batch = counting  # type: ignore[method-assign]
+        return seen
+
+    async def test_first_sync_stores_all_second_adds_nothing(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+
+        first = await env.engine.sync(account.id)
+        self.assertEqual(first.status, "success", first.problems())
+        self.assertEqual(first.new_messages, 500)
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+        self.assertNotIn("Trash", first.folders)
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual((stored.progress_done, stored.progress_total), (500, 500))
+
+        fetched = self.count_fetched(env)
+        second = await env.engine.sync(account.id)
+        self.assertEqual(second.status, "success", second.problems())
+        self.assertEqual(second.new_messages, 0)
+        self.assertEqual(sum(fetched), 0)
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual(stored.sync_status, "success")
+        self.assertIsNotNone(stored.last_sync)
+        folders = {f["name"]: f for f in await env.accounts.folders(account.id)}
+        self.assertIsNotNone(folders["INBOX"]["uidvalidity"])
+        self.assertIsNotNone(folders["INBOX"]["highestmodseq"])
+
+    async def test_parsed_fields_threads_attachments_and_search(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+
+        page = await env.store.list_messages(
+            env.user_id, MessageQuery(q="word7x", account_id=account.id)
+        )
+        self.assertEqual(page.count, 1)
+        detail = await env.store.get_message(env.user_id, page.items[0].id)
+        self.assertEqual(detail.summary.subject, "Re: Topic 5 réunion cafe")
+        self.assertEqual(detail.summary.sender, "Jürgen Groß <user1@example.test>")
+        self.assertEqual([a.filename for a in detail.attachments], ["résumé-7.pdf"])
+        thread = await env.store.thread_of(env.user_id, detail.summary.id)
+        self.assertEqual(
+            sorted(m.summary.message_id for m in thread),
+            [f"<corpus-{n}@corpus.test>" for n in range(5, 10)],
+        )
+        # 8-bit Latin-1 bodies come back byte-exact and decoded.
+        latin = await env.store.list_messages(env.user_id, MessageQuery(q="word11x"))
+        raw = await env.store.raw_message(env.user_id, latin.items[0].id)
+        self.assertIn("Déjà vu".encode("iso-8859-1"), raw)
+        self.assertIn("Déjà vu", (await env.store.get_message(
+            env.user_id, latin.items[0].id)).body_text)
+        stats = await env.store.statistics(env.user_id)
+        self.assertEqual(stats.total_emails, 500)
+        self.assertEqual(stats.total_threads, 100)
+        self.assertEqual(stats.folders, {"INBOX": 300, "Archive": 150, "Sent": 50})
+        self.assertEqual(await env.store.folder_names(env.user_id), ["Archive", "INBOX", "Sent"])
+
+    async def test_new_messages_only_are_fetched(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+        await env.engine.sync(account.id)
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(1000, 7, "new")])
+        server.add_messages(user, "Archive", [m.raw for m in make_corpus(1100, 3, "new")])
+
+        fetched = self.count_fetched(env)
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(result.new_messages, 10)
+        self.assertEqual(sum(fetched), 10)
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+    async def test_imaps_with_pinned_fingerprint(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(
+            server, user, host="127.0.0.1", port=server.imaps, use_ssl=True, start_tls=False,
+            tls_ca_pem=None, tls_fingerprint=server.pki.fingerprint,
+        )
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+    async def test_cancelled_at_random_points_then_rerun_gives_exact_set(self) -> None:
+        server, user, env = await self.setup(batch_messages=25)
+        account = await env.imap_account(server, user)
+        rng = random.Random(5)
+        original = env.store.store_batch
+        cancelled_rounds = 0
+        for _round in range(3):
+            stop_after = rng.randint(1, 12)
+            calls = [0]
+            running: list[defer.Deferred[SyncResult]] = []
+
+            async def store_then_cancel(
+                where: Any, fetched: Any, calls: list[int] = calls, stop_after: int = stop_after,
+                running: list[Any] = running, **kw: Any,
+            ) -> Any:
+                result = await original(where, fetched, **kw)
+                calls[0] += 1
+                if calls[0] == stop_after:
+                    get_reactor().callLater(0, running[0].cancel)
+                return result
+
+            env.store.store_batch = store_then_cancel  # type: ignore[method-assign]
+            d = env.engine.sync(account.id)
+            running.append(d)
+            cancelled = False
+            try:
+                await d
+            except defer.CancelledError:
+                cancelled = True
+            status = await env.accounts.get(env.user_id, account.id)
+            if cancelled:
+                cancelled_rounds += 1
+                self.assertEqual(status.sync_status, "error")
+                self.assertEqual(status.sync_error, "sync cancelled")
+            held = await env.held(account.id)
+            self.assertEqual(len(held), len(set(held)), "a message stored twice")
+            self.assertTrue(set(held) <= set(expected(server, user, SYNCED)))
+        self.assertGreater(cancelled_rounds, 0)
+        env.store.store_batch = original  # type: ignore[method-assign]
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+    async def test_connection_dropped_mid_fetch_then_rerun_gives_exact_set(self) -> None:
+        server, user, env = await self.setup(batch_messages=30)
+        account = await env.imap_account(server, user)
+        original = env.store.store_batch
+        calls = [0]
+        sessions: list[Any] = []
+        from mailcore.fetch import engine as engine_module
+
+        real_open = engine_module.open_session
+
+        async def remember(*a: Any, **kw: Any) -> Any:
+            session = await real_open(*a, **kw)
+            sessions.append(session)
+            return session
+
+        async def store_then_drop(where: Any, fetched: Any, **kw: Any) -> Any:
+            result = await original(where, fetched, **kw)
+            calls[0] += 1
+            if calls[0] == 4:
+                sessions[-1].transport.abortConnection()
+            return result
+
+        self.patch(engine_module, "open_session", remember)
+        env.store.store_batch = store_then_drop  # type: ignore[method-assign]
+        broken = await env.engine.sync(account.id)
+        self.assertEqual(broken.status, "error")
+        self.assertIn("closed", broken.problems() or "")
+        env.store.store_batch = original  # type: ignore[method-assign]
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+    async def test_uidvalidity_reset_relinks_without_duplicates_or_loss(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+        await env.engine.sync(account.id)
+        before = {f["name"]: f["uidvalidity"] for f in await env.accounts.folders(account.id)}
+
+        server.expunge(user, "INBOX", "300")
+        server.reset_uidvalidity(user, "INBOX")
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(2000, 2, "after")])
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(result.folders["INBOX"].relinked, 299)
+        self.assertEqual(result.folders["INBOX"].new, 2)
+        # The message expunged meanwhile is still ours, marked as gone from the server.
+        gone = make_corpus(299, 1)[0].raw
+        held = await env.held(account.id)
+        self.assertEqual(sorted(set(held) - {("INBOX", sha256_hex(gone))}),
+                         expected(server, user, SYNCED))
+        self.assertEqual(len(held), 502)
+        self.assertEqual(await env.count(account.id, on_server=False), 1)
+        after = {f["name"]: f["uidvalidity"] for f in await env.accounts.folders(account.id)}
+        self.assertNotEqual(before["INBOX"], after["INBOX"])
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.new_messages, again.relinked), (0, 0))
+
+    async def test_flag_changes_and_expunges_reach_our_copies_which_stay(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+        await env.engine.sync(account.id)
+        server.add_flag(user, "INBOX", "1:3", "\\Flagged")
+        server.expunge(user, "INBOX", "4")
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(result.new_messages, 0)
+        self.assertGreaterEqual(result.folders["INBOX"].flags_updated, 3)
+        copies = await env.copies(account.id, "INBOX")
+        self.assertEqual(len(copies), 300)
+        for uid in (1, 2, 3):
+            self.assertIn("\\Flagged", copies[uid][0])
+        self.assertEqual(copies[4][1], False)
+        self.assertEqual(copies[5], ("", True))
+        self.assertEqual(await env.count(account.id), 500)
+
+    async def test_sync_limits_last_n_and_folders_to_sync(self) -> None:
+        server, user, env = await self.setup()
+        account = await env.imap_account(
+            server, user, sync_limit_type="last_n", sync_limit_value=20,
+            folders_to_sync="INBOX,Sent,Nowhere",
+        )
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.folders["INBOX"].new, 20)
+        self.assertEqual(result.folders["Sent"].new, 20)
+        self.assertNotIn("Archive", result.folders)
+        self.assertEqual(result.folders["Nowhere"].error, "folder not found on the server")
+        self.assertEqual(result.status, "error")
+        inbox = server.source_hashes(user, "INBOX")
+        held = {h for f, h in await env.held(account.id) if f == "INBOX"}
+        newest = {sha256_hex(m.raw) for m in make_corpus(280, 20)}
+        self.assertEqual(held, newest)
+        self.assertTrue(held <= set(inbox))
+
+
+    async def test_days_limit_is_a_server_side_search_since(self) -> None:
+        server = await self.dovecot()
+        user = server.new_user()
+        now = get_reactor().seconds()
+        old, recent = make_corpus(0, 10, "old"), make_corpus(10, 10, "recent")
+        server.add_messages(user, "INBOX", [m.raw for m in old + recent],
+                            mtimes=[now - 60 * 86400] * 10 + [now - 2 * 86400] * 10)
+        env = await make_env(self)
+        account = await env.imap_account(server, user, sync_limit_type="days",
+                                          sync_limit_value=7)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 10))
+        self.assertEqual({h for _f, h in await env.held(account.id)},
+                         {sha256_hex(m.raw) for m in recent})
+
+    async def test_message_over_the_size_bound_is_skipped_with_a_clear_error(self) -> None:
+        server = await self.dovecot()
+        user = server.new_user()
+        big = b"Subject: big\r\nMessage-ID: <big@x>\r\n\r\n" + b"x" * 50_000 + b"\r\n"
+        small = [m.raw for m in make_corpus(0, 5)]
+        server.add_messages(user, "INBOX", [*small[:2], big, *small[2:]])
+        env = await make_env(self, max_message_bytes=20_000)
+        account = await env.imap_account(server, user)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("error", 5))
+        self.assertIn("UID 3 is", result.problems())
+        self.assertIn("over the limit of 20000", result.problems())
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertIn("over the limit", stored.sync_error)
+
+    async def test_kill_9_of_a_syncing_process_then_rerun_gives_exact_set(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        from tests.support.servers import sleep
+
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+        url = env.db.url
+        child = subprocess.Popen(  # noqa: ASYNC220 (a child to kill -9; never waited on here)
+            [sys.executable, "-m", "tests.support.fetch_child", url, str(account.id)],
+            env={**os.environ, "FETCH_CHILD_KEY": env.key},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            for _ in range(600):
+                if await env.count(account.id) >= 60 or child.poll() is not None:
+                    break
+                await sleep(0.01)
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.wait()
+        partial = await env.count(account.id)
+        self.assertGreater(partial, 0, child.stderr.read().decode() if child.stderr else "")
+        self.assertLess(partial, 500, "the child finished before it was killed")
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+
+class CondstoreOnlyTests(DovecotClassMixin, TestCase):
+    """A server offering CONDSTORE without QRESYNC: flag changes come from CHANGEDSINCE."""
+
+    timeout = 60
+    extra_config = (
+        "imap_capability = IMAP4rev1 SASL-IR LITERAL+ ENABLE UIDPLUS CONDSTORE SPECIAL-USE"
+    )
+
+    async def test_flags_updated_through_changedsince(self) -> None:
+        server = await self.dovecot()
+        user = server.new_user()
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(0, 40)])
+        env = await make_env(self)
+        from mailcore.fetch.imap import IMAPClient
+
+        enabled: list[Any] = []
+
+        async def record(client: IMAPClient, *extensions: bytes) -> None:
+            enabled.append(extensions)
+
+        self.patch(IMAPClient, "enable", record)
+        account = await env.imap_account(server, user)
+        first = await env.engine.sync(account.id)
+        self.assertEqual((first.status, first.new_messages), ("success", 40), first.problems())
+        self.assertEqual(enabled, [], "QRESYNC was offered: this test needs CONDSTORE only")
+        server.add_flag(user, "INBOX", "7", "\\Answered")
+        second = await env.engine.sync(account.id)
+        self.assertEqual(second.folders["INBOX"].flags_updated, 1)
+        self.assertIn("\\Answered", (await env.copies(account.id, "INBOX"))[7][0])
+        third = await env.engine.sync(account.id)
+        self.assertEqual((third.new_messages, third.folders["INBOX"].flags_updated), (0, 0))

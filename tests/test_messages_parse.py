@@ -1,0 +1,185 @@
+"""Parsing raw messages: RFC 2047/2231, charsets, addresses, dates, attachments, and bounds
+that keep hostile MIME cheap."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.messages.parse import (
+    MimeLimits,
+    decode_header_value,
+    extract_part,
+    parse_message,
+    subject_key,
+)
+
+
+def msg(headers: str, body: bytes = b"body\r\n") -> bytes:
+    return headers.replace("\n", "\r\n").encode("utf-8", "surrogateescape") + b"\r\n\r\n" + body
+
+
+class HeaderDecodingTests(TestCase):
+    def test_rfc2047_b_and_q_words_adjacent_words_joined(self) -> None:
+        self.assertEqual(
+            decode_header_value("=?utf-8?b?Q2Fmw6k=?= =?iso-8859-1?q?_cr=E8me?= au lait"),
+            "Café crème au lait",
+        )
+
+    def test_folded_header_and_unknown_charset_fall_back(self) -> None:
+        self.assertEqual(decode_header_value("Hello\r\n  =?x-bogus?q?w=C3=B6rld?="),
+                         "Hello  wörld")
+
+    def test_eight_bit_headers_as_utf8_or_cp1252(self) -> None:
+        raw = b"Subject: r\xc3\xa9sum\xc3\xa9\r\nFrom: Fran\xe7ois <f@x.test>\r\n\r\nx\r\n"
+        parsed = parse_message(raw)
+        self.assertEqual(parsed.subject, "résumé")
+        self.assertEqual(parsed.sender, "François <f@x.test>")
+        self.assertEqual(parsed.sender_address, "f@x.test")
+
+    def test_addresses_dates_ids(self) -> None:
+        raw = msg(
+            "From: =?utf-8?q?Zo=C3=AB?= <Zoe@Example.TEST>\n"
+            "To: a@x.test, \"B, C\" <b@x.test>\nCc: c@x.test\n"
+            "Date: Tue, 1 Oct 2024 10:00:00 +0200\n"
+            "Message-ID:  <id-1@x.test> \nIn-Reply-To: <p@x> (comment)\n"
+            "References: <a@x>\n <b@x> <p@x>"
+        )
+        p = parse_message(raw)
+        self.assertEqual(p.sender, "Zoë <Zoe@Example.TEST>")
+        self.assertEqual(p.sender_address, "zoe@example.test")
+        self.assertEqual(p.recipient, "a@x.test, B, C <b@x.test>")
+        self.assertEqual(p.cc, "c@x.test")
+        self.assertEqual(p.date, datetime.datetime(2024, 10, 1, 8, 0, tzinfo=datetime.UTC))
+        self.assertEqual(p.message_id, "<id-1@x.test>")
+        self.assertEqual(p.in_reply_to, "<p@x>")
+        self.assertEqual(p.references, ["<a@x>", "<b@x>", "<p@x>"])
+        self.assertEqual(p.thread_refs, ["<a@x>", "<b@x>", "<p@x>"])
+
+    def test_bad_date_is_none(self) -> None:
+        self.assertIsNone(parse_message(msg("Date: the day after tomorrow")).date)
+
+    def test_subject_key_strips_reply_prefixes_and_list_tags(self) -> None:
+        self.assertEqual(subject_key("Re: [list] AW: Fwd:  Hello  World"), ("hello world", True))
+        self.assertEqual(subject_key("Hello"), ("hello", False))
+        self.assertEqual(subject_key("Re[2]: Hello"), ("hello", True))
+
+
+class BodyAndAttachmentTests(TestCase):
+    def test_charsets_of_bodies(self) -> None:
+        cases = [
+            ("iso-8859-1", "Garçon déjà".encode("iso-8859-1"), "Garçon déjà"),
+            ("windows-1252", "“quoted” €".encode("windows-1252"), "“quoted” €"),
+            ("koi8-r", "Привет".encode("koi8-r"), "Привет"),
+            ("shift_jis", "日本語".encode("shift_jis"), "日本語"),
+            ("x-unknown-thing", "naïve".encode(), "naïve"),
+            ("us-ascii", "naïve".encode(), "naïve"),
+        ]
+        for charset, body, text in cases:
+            raw = msg(f"Content-Type: text/plain; charset={charset}\n"
+                      "Content-Transfer-Encoding: 8bit", body)
+            self.assertEqual(parse_message(raw).body_text, text, charset)
+
+    def test_quoted_printable_and_base64_bodies(self) -> None:
+        raw = msg("Content-Type: text/plain; charset=utf-8\n"
+                  "Content-Transfer-Encoding: quoted-printable", b"caf=C3=A9 =\r\nau lait\r\n")
+        self.assertEqual(parse_message(raw).body_text, "café au lait\r\n")
+
+    def test_multipart_alternative_with_attachments(self) -> None:
+        raw = msg(
+            'Content-Type: multipart/mixed; boundary="outer"',
+            b"--outer\r\n"
+            b'Content-Type: multipart/alternative; boundary="inner"\r\n\r\n'
+            b"--inner\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nplain \xe2\x9c\x93\r\n"
+            b"--inner\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>html</p>\r\n"
+            b"--inner--\r\n"
+            b"--outer\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment;\r\n"
+            b" filename*0*=utf-8''%E6%97%A5%E6%9C%AC;\r\n filename*1*=%E8%AA%9E.bin\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n"
+            b"--outer\r\nContent-Type: image/png\r\nContent-ID: <img1>\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\niVBORw==\r\n"
+            b"--outer\r\nContent-Type: application/pdf;\r\n"
+            b" name=\"=?utf-8?q?r=C3=A9sum=C3=A9.pdf?=\"\r\n"
+            b"\r\nPDF\r\n"
+            b"--outer--\r\n",
+        )
+        p = parse_message(raw)
+        self.assertEqual(p.body_text, "plain ✓")
+        self.assertEqual(p.body_html, "<p>html</p>")
+        self.assertTrue(p.has_attachments)
+        self.assertEqual(
+            [(a.part_path, a.filename, a.mime_type, a.size) for a in p.attachments],
+            [("2", "日本語.bin", "application/octet-stream", 4),
+             ("3", "", "image/png", 4),
+             ("4", "résumé.pdf", "application/pdf", 3)],
+        )
+        self.assertEqual(p.attachments[1].content_id, "<img1>")
+        self.assertEqual(extract_part(raw, "2"), b"\x00\x01\x02\x03")
+        self.assertIsNone(extract_part(raw, "9"))
+
+    def test_attached_message_is_an_attachment(self) -> None:
+        inner = b"Subject: inner\r\n\r\ninner body\r\n"
+        raw = msg('Content-Type: multipart/mixed; boundary="b"',
+                  b"--b\r\nContent-Type: text/plain\r\n\r\nouter\r\n"
+                  b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"--b--\r\n")
+        p = parse_message(raw)
+        self.assertEqual(p.body_text, "outer")
+        self.assertEqual([a.mime_type for a in p.attachments], ["message/rfc822"])
+        self.assertIn(b"inner body", extract_part(raw, "2") or b"")
+
+
+class HostileMimeTests(TestCase):
+    def assertQuick(self, started: float, limit: float = 5.0) -> None:
+        self.assertLess(time.monotonic() - started, limit)
+
+    def test_too_many_parts_is_bounded(self) -> None:
+        parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\np%d\r\n" % i
+                         for i in range(5000))
+        raw = msg('Content-Type: multipart/mixed; boundary="b"', parts + b"--b--\r\n")
+        started = time.monotonic()
+        p = parse_message(raw, MimeLimits(max_parts=200))
+        self.assertQuick(started)
+        self.assertTrue(any("MIME parts" in problem for problem in p.problems))
+        self.assertLessEqual(len(p.attachments), 200)
+
+    def test_deep_nesting_is_bounded(self) -> None:
+        depth = 3000
+        opening = b"".join(
+            b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1)
+            for i in range(depth)
+        )
+        raw = msg('Content-Type: multipart/mixed; boundary="b0"', opening + b"leaf\r\n")
+        started = time.monotonic()
+        p = parse_message(raw)
+        self.assertQuick(started)
+        self.assertTrue(p.problems)
+        self.assertEqual(p.size, len(raw))
+
+    def test_nesting_within_container_bound_but_over_depth_bound(self) -> None:
+        depth = 40
+        opening = b"".join(
+            b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1)
+            for i in range(depth)
+        )
+        raw = msg('Content-Type: multipart/mixed; boundary="b0"', opening + b"leaf\r\n")
+        p = parse_message(raw, MimeLimits(max_depth=10))
+        self.assertTrue(any("nesting deeper than 10" in problem for problem in p.problems))
+
+    def test_huge_header_block_is_truncated(self) -> None:
+        raw = b"Subject: big\r\n" + b"X-Junk: " + b"a" * (2 * 1024 * 1024) + b"\r\n\r\nbody\r\n"
+        started = time.monotonic()
+        p = parse_message(raw, MimeLimits(max_header_bytes=64 * 1024))
+        self.assertQuick(started)
+        self.assertEqual(p.subject, "big")
+        self.assertTrue(any("header block" in problem for problem in p.problems))
+        self.assertLessEqual(len(p.headers), 64 * 1024)
+
+    def test_garbage_never_raises(self) -> None:
+        for raw in (b"", b"\x00\xff" * 1000, b"no headers at all", b"\r\n\r\n\r\n",
+                    b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+                    b"Content-Type: text/plain; charset=\"\r\n\r\nx"):
+            p = parse_message(raw)
+            self.assertEqual(p.size, len(raw))

@@ -1,0 +1,224 @@
+"""The message store: dedup by hash, threads, full-text search, filters, ordering, pages.
+
+Every test runs on SQLite (FTS5) and on PostgreSQL (tsvector) through tests.support.db.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from sqlalchemy import Connection, func, select
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.messages import (
+    FetchedMessage,
+    Location,
+    MessageNotFound,
+    MessageQuery,
+    MessageStore,
+    QueryError,
+)
+from mailcore.messages.sql import new_id
+from mailcore.store.schema import fetch_accounts, message_blobs, threads
+from mailcore.workers import CpuPool
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
+
+
+def mail(n: int, subject: str, *, body: str = "", refs: str = "", reply_to: str = "",
+         sender: str = "alice@x.test", to: str = "bob@y.test", day: int = 1,
+         msgid: str | None = None, extra: str = "") -> bytes:
+    headers = [
+        f"Message-ID: {msgid or f'<m{n}@x.test>'}",
+        f"Subject: {subject}",
+        f"From: {sender}",
+        f"To: {to}",
+        f"Date: {day} Oct 2024 12:00:00 +0000",
+        "Content-Type: text/plain; charset=utf-8",
+    ]
+    if refs:
+        headers.append(f"References: {refs}")
+    if reply_to:
+        headers.append(f"In-Reply-To: {reply_to}")
+    if extra:
+        headers.append(extra)
+    return ("\r\n".join(headers) + "\r\n\r\n" + (body or f"body {n}") + "\r\n").encode()
+
+
+class StoreTestsMixin(DatabaseMixin):
+    async def make_store(self) -> tuple[MessageStore, int]:
+        db = await self.open_database()
+        self.db = db
+        user = await db.run("make_user", thd_make_user, "owner")
+        return MessageStore(db, CpuPool.for_tests(), Clock()), user
+
+    async def scalar(self, fn: object) -> int:
+        return int(await self.db.read("test_scalar", fn))  # type: ignore[arg-type]
+
+    async def test_same_bytes_stored_once_and_batches_are_idempotent(self) -> None:
+        store, user = await self.make_store()
+        raw = mail(1, "Hello")
+        inbox = Location(user, None, None, "INBOX")
+        a = await store.add_message(user, raw)
+        b = await store.add_message(user, raw, folder="Archive")
+        self.assertNotEqual(a, b)
+
+        def blobs(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(message_blobs)).scalar()
+                       or 0)
+
+        self.assertEqual(await self.scalar(blobs), 1)
+        self.assertEqual(await store.raw_message(user, b), raw)
+        # Both copies are one conversation.
+        self.assertEqual((await store.get_message(user, a)).summary.thread_id,
+                         (await store.get_message(user, b)).summary.thread_id)
+        self.assertIsNotNone(inbox)
+
+    async def test_refetched_uid_is_not_stored_twice(self) -> None:
+        store, user = await self.make_store()
+
+        def make_folder(conn: Connection) -> int:
+            from mailcore.fetch.state import thd_folder
+
+            account = new_id(conn.execute(fetch_accounts.insert().values(
+                user_id=user, host="h", port=1, username="u", password_enc=b"x",
+                created_at=datetime.datetime.now(datetime.UTC),
+                updated_at=datetime.datetime.now(datetime.UTC),
+            )))
+            return thd_folder(conn, account, "INBOX").id
+
+        folder_id = await self.db.run("make_folder", make_folder)
+        where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
+        batch = [FetchedMessage(raw=mail(i, f"s{i}"), uid=i) for i in range(1, 4)]
+        first = await store.store_batch(where, batch)
+        second = await store.store_batch(where, batch)
+        self.assertEqual((len(first.created), first.already_stored), (3, 0))
+        self.assertEqual((len(second.created), second.already_stored), (0, 3))
+
+    async def test_threads_by_references_out_of_order_and_merge(self) -> None:
+        store, user = await self.make_store()
+        # The reply to a reply arrives first; it names the root and the missing middle one.
+        c = await store.add_message(user, mail(3, "Re: Re: Plan", refs="<m1@x.test> <m2@x.test>",
+                                               reply_to="<m2@x.test>", day=3))
+        unrelated = await store.add_message(user, mail(9, "Other", day=2))
+        a = await store.add_message(user, mail(1, "Plan", day=1))
+        # A separate conversation that later turns out to be the same one.
+        d = await store.add_message(user, mail(4, "Side note", reply_to="<m2@x.test>", day=4))
+        b = await store.add_message(user, mail(2, "Re: Plan", refs="<m1@x.test>",
+                                               reply_to="<m1@x.test>", day=2))
+        thread = await store.thread_of(user, a)
+        self.assertEqual([m.summary.id for m in thread], [a, b, c, d])
+        self.assertEqual({m.summary.thread_count for m in thread}, {4})
+        self.assertEqual(len(await store.thread_of(user, unrelated)), 1)
+
+        def thread_rows(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(threads)).scalar() or 0)
+
+        self.assertEqual(await self.scalar(thread_rows), 2)
+        stats = await store.statistics(user)
+        self.assertEqual((stats.total_emails, stats.total_threads), (5, 2))
+
+    async def test_subject_fallback_joins_replies_without_references(self) -> None:
+        store, user = await self.make_store()
+        a = await store.add_message(user, mail(1, "Lunch on Friday?"))
+        b = await store.add_message(user, mail(2, "RE: Lunch on  friday?"))
+        c = await store.add_message(user, mail(3, "Lunch on Friday?"))  # not a reply
+        self.assertEqual([m.summary.id for m in await store.thread_of(user, b)], [a, b])
+        self.assertEqual([m.summary.id for m in await store.thread_of(user, c)], [c])
+
+    async def test_search_words_in_subject_body_sender_recipient(self) -> None:
+        store, user = await self.make_store()
+        ids = [
+            await store.add_message(user, mail(1, "Quarterly réunion", body="Budget figures")),
+            await store.add_message(user, mail(2, "Lunch", body="Meeting at the café",
+                                               sender="Zoë <zoe@corp.test>")),
+            await store.add_message(user, mail(3, "Other", body="nothing here",
+                                               to="finance@corp.test")),
+        ]
+
+        async def found(q: str) -> list[int]:
+            page = await store.list_messages(user, MessageQuery(q=q, ordering="id"))
+            return [m.id for m in page.items]
+
+        self.assertEqual(await found("budget"), [ids[0]])
+        self.assertEqual(await found("REUNION"), [ids[0]])
+        self.assertEqual(await found("réunion"), [ids[0]])
+        self.assertEqual(await found("café"), [ids[1]])
+        self.assertEqual(await found("zoe@corp.test"), [ids[1]])
+        self.assertEqual(await found("corp zoë"), [ids[1]])
+        self.assertEqual(await found("finance"), [ids[2]])
+        self.assertEqual(await found("meet"), [ids[1]])  # prefix
+        self.assertEqual(await found("meeting budget"), [])  # all words required
+        self.assertEqual(await found('"); DROP TABLE messages; --'), [])
+        self.assertEqual(await found("!!!"), [])
+        self.assertEqual(await found('body OR "'), [])
+
+    async def test_filters_ordering_and_pages(self) -> None:
+        store, user = await self.make_store()
+        for n in range(1, 13):
+            await store.add_message(user, mail(n, f"S{n:02d}", day=n),
+                                    folder="INBOX" if n % 2 else "Sent")
+        page = await store.list_messages(user, MessageQuery(limit=5))
+        self.assertEqual(page.count, 12)
+        self.assertEqual([m.subject for m in page.items], ["S12", "S11", "S10", "S09", "S08"])
+        page3 = await store.list_messages(user, MessageQuery(limit=5, offset=10))
+        self.assertEqual([m.subject for m in page3.items], ["S02", "S01"])
+        by_subject = await store.list_messages(user, MessageQuery(ordering="subject", limit=2))
+        self.assertEqual([m.subject for m in by_subject.items], ["S01", "S02"])
+        sent = await store.list_messages(user, MessageQuery(folder="Sent"))
+        self.assertEqual(sent.count, 6)
+        days = await store.list_messages(user, MessageQuery(
+            date_from=datetime.date(2024, 10, 3), date_to=datetime.date(2024, 10, 5),
+            ordering="date"))
+        self.assertEqual([m.subject for m in days.items], ["S03", "S04", "S05"])
+        with self.assertRaises(QueryError):
+            await store.list_messages(user, MessageQuery(ordering="password"))
+        self.assertEqual(await store.folder_names(user), ["INBOX", "Sent"])
+        stats = await store.statistics(user)
+        self.assertEqual(stats.folders, {"INBOX": 6, "Sent": 6})
+
+    async def test_threads_view_one_row_per_thread(self) -> None:
+        store, user = await self.make_store()
+        await store.add_message(user, mail(1, "Plan", day=1))
+        newest = await store.add_message(user, mail(2, "Re: Plan", reply_to="<m1@x.test>",
+                                                    day=5))
+        alone = await store.add_message(user, mail(3, "Alone", day=3))
+        page = await store.list_threads(user, MessageQuery())
+        self.assertEqual(page.count, 2)
+        self.assertEqual([(m.id, m.thread_count) for m in page.items],
+                         [(newest, 2), (alone, 1)])
+
+    async def test_other_users_see_nothing(self) -> None:
+        store, user = await self.make_store()
+        other = await self.db.run("make_user", thd_make_user, "other")
+        mine = await store.add_message(user, mail(1, "Secret plan", body="private words"))
+        self.assertEqual((await store.list_messages(other, MessageQuery(q="private"))).count, 0)
+        with self.assertRaises(MessageNotFound):
+            await store.get_message(other, mine)
+        with self.assertRaises(MessageNotFound):
+            await store.raw_message(other, mine)
+
+    async def test_attachments_listed_and_extracted(self) -> None:
+        store, user = await self.make_store()
+        raw = (b"Subject: files\r\nFrom: a@x.test\r\nContent-Type: multipart/mixed; "
+               b"boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee file\r\n"
+               b"--B\r\nContent-Type: text/csv\r\nContent-Disposition: attachment; "
+               b"filename=\"data.csv\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+               b"YSxiCjEsMgo=\r\n--B--\r\n")
+        row = await store.add_message(user, raw)
+        page = await store.list_attachments(user, query="data")
+        self.assertEqual([(a.filename, a.mime_type, a.size) for a in page.items],
+                         [("data.csv", "text/csv", 8)])
+        info, content = await store.attachment_content(user, page.items[0].id)
+        self.assertEqual((info.message_row_id, content), (row, b"a,b\n1,2\n"))
+        listed = await store.list_messages(user, MessageQuery(has_attachments=True))
+        self.assertEqual([m.id for m in listed.items], [row])
+
+
+class SQLiteStoreTests(StoreTestsMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLStoreTests(StoreTestsMixin, TestCase):
+    backend = "postgresql"
