@@ -1,0 +1,235 @@
+"""What the daemon clients share: addresses, endpoints, deadlines and a one-shot exchange.
+
+spamd and clamd both speak "connect, send one request, read one reply, close"; `Exchange`
+is that protocol with a bounded reply buffer and a Deferred that can be cancelled (which
+aborts the connection). `run_exchange` connects through an endpoint and applies the
+client's deadline with the injected clock, turning every failure into a `FilterError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from filters.interface import FilterError, FilterTimeout
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a daemon listens: a TCP host and port, or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.path:
+            return self.path
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(value: str, default_port: int | None = None) -> Address:
+    """Parse `host:port`, `[v6]:port`, `unix:/path` or `/path` (a unix socket).
+
+    Raises ValueError with a one-line message on anything else.
+    """
+    text = value.strip()
+    if text.startswith("unix:"):
+        text = text[len("unix:"):]
+        if not text:
+            raise ValueError(f"empty unix socket path in {value!r}")
+        return Address(path=text)
+    if text.startswith("/"):
+        return Address(path=text)
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad address {value!r}: missing ]")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad address {value!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"bad address {value!r}: write IPv6 addresses as [addr]:port")
+    if not host:
+        raise ValueError(f"bad address {value!r}: no host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"bad address {value!r}: no port")
+        return Address(host=host, port=default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad address {value!r}: bad port {port_text!r}")
+    return Address(host=host, port=int(port_text))
+
+
+def client_endpoint(reactor: Any, address: Address, timeout: float) -> IStreamClientEndpoint:
+    """A client endpoint for `address`: unix socket, IP literal (connects at once, no
+    resolver thread), or a host name (HostnameEndpoint resolves it)."""
+    if address.path:
+        return UNIXClientEndpoint(reactor, address.path, timeout=timeout)
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    if ip.version == 6:
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+
+
+async def with_deadline(
+    filter_name: str,
+    clock: IReactorTime,
+    timeout: float | None,  # noqa: ASYNC109 (Twisted clock, not asyncio)
+    work: Coroutine[Any, Any, T],
+) -> T:
+    """Await `work`, cancelling it after `timeout` seconds of `clock` (FilterTimeout)."""
+    d: defer.Deferred[T] = defer.Deferred.fromCoroutine(work)
+    if timeout is not None and timeout > 0:
+
+        def timed_out(result: Any, seconds: float) -> Any:
+            # However the cancelled work failed (CancelledError, an HTTP client's
+            # ResponseNeverReceived, ...), the reason is the deadline.
+            if isinstance(result, Failure):
+                raise FilterTimeout(filter_name, f"no answer within {seconds:g} s")
+            return result
+
+        d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
+    return await d
+
+
+class ProtocolViolation(Exception):
+    """The peer's reply breaks the protocol (garbage, too large, cut short)."""
+
+
+class Exchange(Protocol):
+    """Send one request, collect one reply (at most `max_reply` bytes), report it.
+
+    Subclasses implement `send` (write the request) and `reply_complete(buffer, closed)`
+    which returns the parsed reply once it is complete (None to keep reading) or raises
+    ProtocolViolation. `done` fires with the parsed reply; cancelling it aborts the
+    connection.
+    """
+
+    def __init__(self, max_reply: int) -> None:
+        self.max_reply = max_reply
+        self.buffer = bytearray()
+        self.done: defer.Deferred[Any] = defer.Deferred(self._cancel)
+
+    # -- for subclasses -------------------------------------------------------------------
+
+    def send(self) -> None:
+        raise NotImplementedError
+
+    def reply_complete(self, buffer: bytes, closed: bool) -> Any | None:
+        raise NotImplementedError
+
+    def stopped(self) -> None:
+        """Called when the exchange ends (maybe more than once: keep it idempotent), for
+        subclasses that are still producing data."""
+
+    # -- Protocol -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.send()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.buffer += data
+        if len(self.buffer) > self.max_reply:
+            self._finish(Failure(ProtocolViolation(
+                f"reply larger than {self.max_reply} bytes")))
+            self._abort()
+            return
+        try:
+            reply = self.reply_complete(bytes(self.buffer), closed=False)
+        except ProtocolViolation:
+            self._finish(Failure())
+            self._abort()
+            return
+        if reply is not None:
+            self._finish(reply)
+            transport: Any = self.transport
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            self.stopped()
+            return
+        try:
+            reply = self.reply_complete(bytes(self.buffer), closed=True)
+        except ProtocolViolation:
+            self._finish(Failure())
+            return
+        if reply is None:
+            what = "before replying" if not self.buffer else "in the middle of the reply"
+            self._finish(Failure(ProtocolViolation(f"connection closed {what}")))
+        else:
+            self._finish(reply)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _finish(self, result: Any) -> None:
+        if not self.done.called:
+            self.stopped()
+            if isinstance(result, Failure):
+                self.done.errback(result)
+            else:
+                self.done.callback(result)
+
+    def _abort(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def _cancel(self, d: defer.Deferred[Any]) -> None:
+        self.stopped()
+        self._abort()
+
+
+async def run_exchange(
+    filter_name: str,
+    endpoint: IStreamClientEndpoint,
+    address: Address,
+    make_protocol: Callable[[], Exchange],
+) -> Any:
+    """Connect, run one Exchange, return its parsed reply; failures become FilterError."""
+    try:
+        proto = await connectProtocol(endpoint, make_protocol())
+    except error.ConnectingCancelledError:
+        # A cancelled connection attempt (our deadline): report it as the cancellation it
+        # is, so that the deadline turns it into FilterTimeout.
+        raise defer.CancelledError() from None
+    except (error.ConnectError, error.DNSLookupError, OSError) as e:
+        raise FilterError(filter_name, f"cannot connect to {address}: {_why(e)}") from None
+    try:
+        return await proto.done
+    except ProtocolViolation as e:
+        raise FilterError(filter_name, f"bad reply from {address}: {e}") from None
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return text or type(e).__name__

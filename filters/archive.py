@@ -1,0 +1,185 @@
+"""Zip attachments opened in memory (stdlib zipfile) within limits against zip bombs.
+
+`inspect_zip` hands every entry (its path, and its bytes unless encrypted) to a visitor and
+recurses into nested zips. It stops and reports a bomb when an archive declares too many
+entries, an entry expands by more than `max_ratio`, the bytes expanded across the whole
+attachment exceed `max_total_size`, or zips nest deeper than `max_depth`. Declared sizes are
+checked before anything is decompressed; reads are chunked and counted as well.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+ZIP_TYPES = frozenset({
+    "application/zip", "application/x-zip", "application/x-zip-compressed",
+    "application/zip-compressed",
+})
+_CHUNK = 64 * 1024
+_EOCD = b"PK\x05\x06"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Bounds for opening one attachment (nested zips included)."""
+
+    max_entries: int = 1000
+    max_total_size: int = 100 * 1024 * 1024
+    max_ratio: float = 100.0
+    ratio_min_size: int = 1024 * 1024  # smaller entries may compress as well as they like
+    max_depth: int = 3
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One file inside the archive: `path` names it from the attachment down
+    ("a.zip/inner.zip/x.exe"); `content` is None when it could not be read (encrypted)."""
+
+    path: str
+    name: str
+    content: bytes | None
+    depth: int
+
+
+@dataclass
+class ZipReport:
+    """What opening the attachment found besides the entries themselves."""
+
+    bombs: list[str] = field(default_factory=list)
+    encrypted: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    entries: int = 0
+    expanded: int = 0
+
+
+def looks_like_zip(data: bytes, filename: str = "", content_type: str = "") -> bool:
+    """Zip by magic bytes, or by name or type (an archive with junk in front still opens)."""
+    if data[:4] in ZIP_MAGIC:
+        return True
+    return filename.lower().endswith(".zip") or content_type in ZIP_TYPES
+
+
+def inspect_zip(
+    data: bytes, label: str, limits: ZipLimits, visit: Callable[[ZipEntry], None],
+) -> ZipReport:
+    """Open `data` as a zip, visit each entry, recurse into nested zips; never raises."""
+    report = ZipReport()
+    _inspect(data, label, 1, limits, visit, report)
+    return report
+
+
+def declared_entries(data: bytes) -> int | None:
+    """The entry count from the end-of-central-directory record, before zipfile reads the
+    central directory (a million tiny entries would cost far more memory than the bytes)."""
+    start = max(0, len(data) - (65535 + 22))
+    pos = data.rfind(_EOCD, start)
+    if pos < 0 or pos + 22 > len(data):
+        return None
+    (count,) = struct.unpack_from("<H", data, pos + 10)
+    if count != 0xFFFF:
+        return int(count)
+    z64 = data.rfind(_ZIP64_EOCD, 0, pos)
+    if z64 < 0 or z64 + 56 > len(data):
+        return None
+    (count64,) = struct.unpack_from("<Q", data, z64 + 32)
+    return int(count64)
+
+
+def _inspect(
+    data: bytes, label: str, depth: int, limits: ZipLimits,
+    visit: Callable[[ZipEntry], None], report: ZipReport,
+) -> None:
+    if depth > limits.max_depth:
+        report.bombs.append(f"{label}: zips nested deeper than {limits.max_depth}")
+        return
+    count = declared_entries(data)
+    if count is not None and report.entries + count > limits.max_entries:
+        report.bombs.append(f"{label}: {count} entries (limit {limits.max_entries})")
+        return
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except Exception as e:  # hostile input: any failure to open means "unreadable"
+        report.unreadable.append(f"{label}: {type(e).__name__}: {e}"[:300])
+        return
+    with archive:
+        for info in infos:
+            if info.is_dir():
+                continue
+            report.entries += 1
+            if report.entries > limits.max_entries:
+                report.bombs.append(f"{label}: more than {limits.max_entries} entries")
+                return
+            path = f"{label}/{info.filename}"
+            problem = _declared_problem(info, report, limits)
+            if problem is not None:
+                report.bombs.append(f"{path}: {problem}")
+                return
+            if info.flag_bits & 0x1:
+                report.encrypted.append(path)
+                visit(ZipEntry(path, info.filename, None, depth))
+                continue
+            content, problem = _read(archive, info, report, limits)
+            if problem is not None:
+                report.bombs.append(f"{path}: {problem}")
+                return
+            if content is None:
+                report.unreadable.append(path)
+                visit(ZipEntry(path, info.filename, None, depth))
+                continue
+            visit(ZipEntry(path, info.filename, content, depth))
+            if content[:4] in ZIP_MAGIC:
+                _inspect(content, path, depth + 1, limits, visit, report)
+                if report.bombs:
+                    return
+
+
+def _declared_problem(
+    info: zipfile.ZipInfo, report: ZipReport, limits: ZipLimits
+) -> str | None:
+    if report.expanded + info.file_size > limits.max_total_size:
+        return (f"expands to more than {limits.max_total_size} bytes "
+                f"(declares {info.file_size})")
+    return _ratio_problem(info.file_size, info.compress_size, limits)
+
+
+def _ratio_problem(size: int, compressed: int, limits: ZipLimits) -> str | None:
+    if size <= limits.ratio_min_size:
+        return None
+    ratio = size / max(compressed, 1)
+    if ratio > limits.max_ratio:
+        return f"compression ratio {ratio:.0f}:1 (limit {limits.max_ratio:g}:1)"
+    return None
+
+
+def _read(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, report: ZipReport, limits: ZipLimits,
+) -> tuple[bytes | None, str | None]:
+    """The entry's bytes, read in counted chunks: (content, None), (None, bomb reason),
+    or (None, None) when it cannot be read."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with archive.open(info) as stream:
+            while True:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                report.expanded += len(chunk)
+                if report.expanded > limits.max_total_size:
+                    return None, f"expands to more than {limits.max_total_size} bytes"
+                chunks.append(chunk)
+    except Exception:  # CRC errors, unsupported methods, truncation: keep what we read
+        if not chunks:
+            return None, None
+    problem = _ratio_problem(size, info.compress_size, limits)
+    if problem is not None:
+        return None, problem
+    return b"".join(chunks), None

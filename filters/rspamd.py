@@ -1,0 +1,313 @@
+"""rspamd's normal worker: `POST /checkv2` with the raw message, through treq.
+
+The envelope goes in request headers (`From`, one `Rcpt` per recipient, `IP`, `Helo`,
+`Hostname`, `Queue-Id`, `User`); the JSON reply carries `action`, `score`,
+`required_score` and `symbols`. The message is spam when rspamd's action is one of the
+configured spam actions (by default `reject`, `rewrite subject`, `add header`) or the score
+reaches the threshold (by default rspamd's own `required_score`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from filters._net import Address, client_endpoint, parse_address, with_deadline
+from filters.interface import FilterError, MessageTooLarge, ScanContext, Symbol, Verdict
+
+DEFAULT_PORT = 11333
+DEFAULT_SPAM_ACTIONS = ("reject", "rewrite subject", "add header")
+KNOWN_ACTIONS = (
+    "no action", "greylist", "add header", "rewrite subject", "soft reject", "reject",
+)
+MAX_REPLY = 1024 * 1024
+_MAX_SYMBOLS = 1000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def target(value: str) -> tuple[str, Address]:
+    """The base URL and the address to connect to, from `host:port`, `[v6]:port`,
+    `http(s)://host[:port]` or a unix socket path (the URL's host is then a placeholder).
+    Raises ValueError on anything else."""
+    if value.startswith(("http://", "https://")):
+        parts = urlsplit(value)
+        if not parts.hostname or parts.path.strip("/") or parts.query:
+            raise ValueError(f"bad rspamd URL {value!r}: want http(s)://host[:port]")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return value.rstrip("/"), Address(host=parts.hostname, port=port)
+    address = parse_address(value, DEFAULT_PORT)
+    if address.path:
+        return "http://rspamd", address
+    return f"http://{address}", address
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    """Lets an Agent reach rspamd on a unix socket whatever the URL says."""
+
+    def __init__(self, reactor: Any, address: Address, timeout: float) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.timeout = timeout
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return client_endpoint(self.reactor, self.address, self.timeout)
+
+
+def make_http_client(
+    reactor: Any, address: Address, connect_timeout: float
+) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client with its own persistent pool (the caller closes the pool)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool.cachedConnectionTimeout = 30
+    if address.path:
+        agent = Agent.usingEndpointFactory(
+            reactor, _UnixEndpoints(reactor, address, connect_timeout), pool=pool)
+    else:
+        agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    return HTTPClient(agent), pool
+
+
+def request_headers(context: ScanContext | None) -> Headers:
+    """rspamd's envelope headers from the scan context (only the fields that are known)."""
+    headers = Headers()
+    if context is None:
+        return headers
+    single = {
+        b"From": context.mail_from,
+        b"IP": context.client_ip,
+        b"Helo": context.helo,
+        b"Hostname": context.hostname,
+        b"Queue-Id": context.queue_id,
+        b"User": context.user,
+    }
+    for name, value in single.items():
+        if value:
+            headers.setRawHeaders(name, [_header_value(value)])
+    if context.recipients:
+        headers.setRawHeaders(b"Rcpt", [_header_value(r) for r in context.recipients])
+    return headers
+
+
+def _header_value(value: str) -> bytes:
+    """A header value that cannot split the request (no CR, LF or NUL)."""
+    cleaned = "".join(ch for ch in value if ch not in "\r\n\0")
+    return cleaned.encode("utf-8")
+
+
+def parse_reply(
+    name: str, body: bytes, *, spam_actions: tuple[str, ...], threshold: float | None,
+) -> Verdict:
+    """Turn rspamd's checkv2 JSON into a Verdict; FilterError on anything malformed."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise FilterError(name, f"rspamd reply is not JSON: {body[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise FilterError(name, "rspamd reply is not a JSON object")
+    if "error" in data and "action" not in data:
+        raise FilterError(name, f"rspamd error: {str(data['error'])[:200]}")
+    action = data.get("action")
+    score = _number(data.get("score"))
+    required = _number(data.get("required_score"))
+    if not isinstance(action, str) or score is None:
+        raise FilterError(name, "rspamd reply lacks action or score")
+    limit = threshold if threshold is not None else required
+    if limit is None or limit <= 0:
+        raise FilterError(name, "rspamd reply lacks required_score and no threshold is set")
+    symbols = _symbols(data.get("symbols"))
+    reasons = [f"rspamd: {action} ({score:g} / {limit:g})"]
+    messages = data.get("messages")
+    if isinstance(messages, dict):
+        smtp_message = messages.get("smtp_message")
+        if isinstance(smtp_message, str) and smtp_message:
+            reasons.append(f"rspamd: {smtp_message[:200]}")
+    spam = action in spam_actions or score >= limit
+    return Verdict(
+        filter=name, score=score, threshold=limit, spam=spam,
+        symbols=symbols, reasons=tuple(reasons),
+    )
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    result = float(value)
+    return result if math.isfinite(result) else None
+
+
+def _symbols(raw: Any) -> tuple[Symbol, ...]:
+    if not isinstance(raw, dict):
+        return ()
+    found: list[Symbol] = []
+    for key, value in list(raw.items())[:_MAX_SYMBOLS]:
+        if not isinstance(key, str) or not key:
+            continue
+        score: float | None = None
+        description = ""
+        if isinstance(value, dict):
+            score = _number(value.get("score"))
+            desc = value.get("description")
+            if isinstance(desc, str):
+                description = desc[:200]
+        found.append(Symbol(key[:128], score, description))
+    return tuple(found)
+
+
+class RspamdClient:
+    """A Filter asking rspamd over HTTP (treq). Give it an HTTPClient (or StubTreq)."""
+
+    def __init__(
+        self,
+        http: Any,
+        clock: IReactorTime,
+        *,
+        url: str = f"http://127.0.0.1:{DEFAULT_PORT}",
+        name: str = "rspamd",
+        timeout: float = 30.0,
+        threshold: float | None = None,
+        spam_actions: tuple[str, ...] = DEFAULT_SPAM_ACTIONS,
+        max_size: int = 0,
+        max_reply: int = MAX_REPLY,
+        pool: HTTPConnectionPool | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"rspamd url must be http(s)://host[:port], not {url!r}")
+        self.name = name
+        self.http = http
+        self.clock = clock
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.threshold = threshold
+        self.spam_actions = spam_actions
+        self.max_size = max_size
+        self.max_reply = max_reply
+        self._pool = pool
+
+    async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
+        """POST the message to /checkv2 and read rspamd's decision."""
+        if self.max_size and len(message) > self.max_size:
+            raise MessageTooLarge(
+                self.name, f"message of {len(message)} bytes exceeds max_size {self.max_size}")
+        headers = request_headers(context)
+        body = await with_deadline(
+            self.name, self.clock, self.timeout,
+            self._request("POST", "/checkv2", message, headers))
+        return parse_reply(
+            self.name, body, spam_actions=self.spam_actions, threshold=self.threshold)
+
+    async def ping(self) -> str:
+        """`GET /ping`; returns the body ("pong") or raises FilterError."""
+        body = await with_deadline(
+            self.name, self.clock, self.timeout, self._request("GET", "/ping", None, Headers()))
+        text = body.decode("utf-8", "replace").strip()
+        if text != "pong":
+            raise FilterError(self.name, f"unexpected /ping reply {text[:80]!r}")
+        return text
+
+    async def close(self) -> None:
+        """Close idle keep-alive connections of the pool this client owns."""
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    async def _request(
+        self, method: str, path: str, data: bytes | None, headers: Headers,
+    ) -> bytes:
+        try:
+            response = await self.http.request(
+                method, self.url + path, data=data, headers=headers)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            raise FilterError(self.name, f"cannot reach {self.url}: {_why(e)}") from None
+        body = await self._read_body(response)
+        if response.code != 200:
+            detail = body[:200].decode("utf-8", "replace").strip()
+            raise FilterError(self.name, f"rspamd answered HTTP {response.code}: {detail!r}")
+        return body
+
+    async def _read_body(self, response: Any) -> bytes:
+        """The response body, at most max_reply bytes (else the connection is dropped)."""
+        declared = response.length if isinstance(response.length, int) else None
+        if declared is not None and declared > self.max_reply:
+            reader = _BoundedBody(0)
+        else:
+            reader = _BoundedBody(self.max_reply)
+        response.deliverBody(reader)
+        try:
+            return await reader.done
+        except _TooLarge:
+            raise FilterError(self.name, f"reply larger than {self.max_reply} bytes") from None
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            raise FilterError(self.name, f"reply cut short: {_why(e)}") from None
+
+
+class _BoundedBody(Protocol):
+    """Reads a response body up to `limit` bytes; beyond that, or when cancelled, it stops
+    the transport so a hostile or hung server cannot hold the connection or our memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        if self.limit == 0:
+            self._stop(_TooLarge())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._stop(_TooLarge())
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+    def _stop(self, error: Exception) -> None:
+        if not self.done.called:
+            self.done.errback(error)
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+    def _cancel(self, d: defer.Deferred[bytes]) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    if hasattr(e, "reasons"):  # ResponseFailed and friends carry a list of Failures
+        text = "; ".join(str(r.value) for r in e.reasons) or text
+    return text or type(e).__name__

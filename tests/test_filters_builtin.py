@@ -1,0 +1,403 @@
+"""The built-in checks: GTUBE, EICAR (plain, encoded, zipped), zip bombs, dangerous
+attachments, MIME limits and the BuiltinFilter's use of the CPU pool."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import struct
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from filters.archive import ZipLimits, declared_entries, inspect_zip
+from filters.builtin import (
+    DANGEROUS_NAME,
+    EICAR,
+    EICAR_NAME,
+    ENCRYPTED_ZIP_NAME,
+    GTUBE,
+    LIMITS_NAME,
+    ZIP_BOMB_NAME,
+    BuiltinFilter,
+    BuiltinSettings,
+    analyse,
+    executable_kind,
+    extension,
+)
+from filters.interface import Verdict
+from filters.mime import MimeLimits
+from mailcore.workers import CpuPool
+from tests.support.filterd import (
+    attachment,
+    message,
+    multipart,
+    multipart_body,
+    text_part,
+    zip_bytes,
+)
+
+SETTINGS = BuiltinSettings()
+
+
+def scan(data: bytes, settings: BuiltinSettings = SETTINGS) -> Verdict:
+    return analyse(data, settings)
+
+
+def minimal_pe() -> bytes:
+    """The first bytes of a Windows PE file: MZ header pointing at a PE signature."""
+    header = bytearray(b"MZ" + b"\0" * 0x3A + struct.pack("<I", 0x80))
+    header += b"\0" * (0x80 - len(header)) + b"PE\0\0" + b"\0" * 64
+    return bytes(header)
+
+
+def nested_zip(depth: int, payload: dict[str, bytes]) -> bytes:
+    data = zip_bytes(payload)
+    for level in range(depth - 1):
+        data = zip_bytes({f"level{level}.zip": data})
+    return data
+
+
+class CleanMessageTests(TestCase):
+    def test_clean_message_has_no_findings(self) -> None:
+        verdict = scan(message())
+        self.assertFalse(verdict.spam)
+        self.assertEqual(verdict.viruses, ())
+        self.assertEqual(verdict.symbols, ())
+        self.assertEqual(verdict.score, 0.0)
+        self.assertEqual(verdict.filter, "builtin")
+
+    def test_clean_zip_and_pdf_attachments_are_fine(self) -> None:
+        data = multipart([
+            text_part(),
+            attachment("report.pdf", b"%PDF-1.4 not really", "application/pdf"),
+            attachment("photos.zip", zip_bytes({"a.jpg": b"\xff\xd8\xff" + b"x" * 5000}),
+                       "application/zip"),
+        ])
+        verdict = scan(data)
+        self.assertTrue(verdict.clean, verdict.reasons)
+        self.assertEqual(verdict.symbols, ())
+
+
+class GtubeTests(TestCase):
+    def test_gtube_in_body_is_spam_with_1000_points(self) -> None:
+        verdict = scan(message(b"test\r\n" + GTUBE + b"\r\n"))
+        self.assertTrue(verdict.spam)
+        self.assertEqual(verdict.symbol_names, ("GTUBE",))
+        self.assertEqual(verdict.score, 1000.0)
+
+    def test_gtube_in_base64_text_part_is_found(self) -> None:
+        part = ([("Content-Type", "text/plain"), ("Content-Transfer-Encoding", "base64")],
+                base64.encodebytes(b"hello " + GTUBE))
+        verdict = scan(multipart([part]))
+        self.assertIn("GTUBE", verdict.symbol_names)
+        self.assertTrue(verdict.spam)
+
+    def test_gtube_check_can_be_turned_off(self) -> None:
+        verdict = scan(message(GTUBE), BuiltinSettings(gtube=False))
+        self.assertFalse(verdict.spam)
+
+    def test_a_near_miss_is_not_gtube(self) -> None:
+        verdict = scan(message(GTUBE[:-1] + b"Y"))
+        self.assertNotIn("GTUBE", verdict.symbol_names)
+
+
+class EicarTests(TestCase):
+    def test_eicar_is_68_bytes(self) -> None:
+        self.assertEqual(len(EICAR), 68)
+
+    def test_plain_eicar_body_is_a_virus(self) -> None:
+        verdict = scan(message(EICAR))
+        self.assertEqual(verdict.viruses, (EICAR_NAME,))
+        self.assertTrue(verdict.virus)
+
+    def test_eicar_in_base64_attachment(self) -> None:
+        verdict = scan(multipart([text_part(), attachment("eicar.com.txt", EICAR)]))
+        self.assertIn(EICAR_NAME, verdict.viruses)
+        self.assertTrue(any("eicar.com.txt" in r for r in verdict.reasons), verdict.reasons)
+
+    def test_eicar_in_base64_with_junk_and_bad_padding(self) -> None:
+        encoded = base64.b64encode(EICAR).rstrip(b"=")
+        mangled = b"\r\n".join(encoded[i:i + 7] for i in range(0, len(encoded), 7)) + b"!!"
+        part = ([("Content-Type", "application/octet-stream"),
+                 ("Content-Transfer-Encoding", "BASE64")], mangled)
+        self.assertIn(EICAR_NAME, scan(multipart([part])).viruses)
+
+    def test_eicar_hidden_after_premature_base64_padding(self) -> None:
+        part = ([("Content-Type", "application/octet-stream"),
+                 ("Content-Transfer-Encoding", "base64")],
+                b"QQ==\r\n" + base64.encodebytes(EICAR))
+        self.assertIn(EICAR_NAME, scan(multipart([part])).viruses)
+
+    def test_eicar_in_quoted_printable_part(self) -> None:
+        # "$" written as =24 and a soft line break in the middle, as a mailer might.
+        encoded = EICAR.replace(b"$", b"=24")
+        encoded = encoded[:30] + b"=\r\n" + encoded[30:]
+        self.assertEqual(binascii.a2b_qp(encoded), EICAR)
+        self.assertNotIn(EICAR, encoded)
+        part = ([("Content-Type", "text/plain"),
+                 ("Content-Transfer-Encoding", "quoted-printable")], encoded)
+        self.assertIn(EICAR_NAME, scan(multipart([part])).viruses)
+
+    def test_eicar_in_zip_attachment(self) -> None:
+        data = multipart([attachment("files.zip", zip_bytes({"docs/eicar.com": EICAR}))])
+        verdict = scan(data)
+        self.assertIn(EICAR_NAME, verdict.viruses)
+        self.assertTrue(any("files.zip/docs/eicar.com" in r for r in verdict.reasons))
+
+    def test_eicar_in_zip_inside_zip_inside_forwarded_message(self) -> None:
+        inner = multipart_body([attachment("x.zip", nested_zip(2, {"e.txt": EICAR}))], "in")
+        forwarded = (b"From: c@example.net\r\nSubject: fwd\r\nMIME-Version: 1.0\r\n"
+                     b'Content-Type: multipart/mixed; boundary="in"\r\n\r\n' + inner)
+        part = ([("Content-Type", "message/rfc822")], forwarded)
+        verdict = scan(multipart([text_part(), part]))
+        self.assertIn(EICAR_NAME, verdict.viruses)
+
+    def test_eicar_check_can_be_turned_off(self) -> None:
+        self.assertEqual(scan(message(EICAR), BuiltinSettings(eicar=False)).viruses, ())
+
+
+class ZipBombTests(TestCase):
+    def bomb_verdict(self, archive: bytes, **limits: Any) -> Verdict:
+        settings = BuiltinSettings(zip=ZipLimits(**limits))
+        return scan(multipart([attachment("a.zip", archive)]), settings)
+
+    def test_high_compression_ratio_is_a_bomb(self) -> None:
+        archive = zip_bytes({"zeros.bin": b"\0" * (4 * 1024 * 1024)})
+        verdict = self.bomb_verdict(archive)
+        self.assertIn(ZIP_BOMB_NAME, verdict.viruses)
+        self.assertTrue(any("compression ratio" in r for r in verdict.reasons), verdict.reasons)
+
+    def test_small_entries_may_compress_well(self) -> None:
+        archive = zip_bytes({"zeros.bin": b"\0" * 100_000})
+        self.assertNotIn(ZIP_BOMB_NAME, self.bomb_verdict(archive).viruses)
+
+    def test_total_expanded_size_limit(self) -> None:
+        files = {f"f{i}.bin": bytes(range(256)) * 400 for i in range(5)}  # 5 x 100 KiB
+        archive = zip_bytes(files, compression=zipfile.ZIP_STORED)
+        verdict = self.bomb_verdict(archive, max_total_size=300_000)
+        self.assertIn(ZIP_BOMB_NAME, verdict.viruses)
+        self.assertTrue(any("expands to more than 300000" in r for r in verdict.reasons))
+
+    def test_too_many_entries(self) -> None:
+        archive = zip_bytes({f"f{i}.txt": b"x" for i in range(20)})
+        verdict = self.bomb_verdict(archive, max_entries=10)
+        self.assertIn(ZIP_BOMB_NAME, verdict.viruses)
+        self.assertTrue(any("20 entries" in r for r in verdict.reasons), verdict.reasons)
+
+    def test_entry_count_is_read_before_the_central_directory(self) -> None:
+        archive = zip_bytes({f"f{i}.txt": b"x" for i in range(7)})
+        self.assertEqual(declared_entries(archive), 7)
+        self.assertIsNone(declared_entries(b"not a zip"))
+
+    def test_nesting_deeper_than_the_limit(self) -> None:
+        archive = nested_zip(5, {"deep.txt": b"hello"})
+        verdict = self.bomb_verdict(archive, max_depth=3)
+        self.assertIn(ZIP_BOMB_NAME, verdict.viruses)
+        self.assertTrue(any("nested deeper than 3" in r for r in verdict.reasons))
+
+    def test_nesting_within_the_limit_is_scanned(self) -> None:
+        archive = nested_zip(3, {"e.txt": EICAR})
+        verdict = self.bomb_verdict(archive, max_depth=3)
+        self.assertEqual(verdict.viruses, (EICAR_NAME,))
+
+    def test_lying_declared_size_cannot_make_us_expand_more(self) -> None:
+        """Sizes patched down to 10 bytes in both headers: the 3 MiB of zeros behind them
+        never come out, so the declared-size checks are a real bound."""
+        archive = bytearray(zip_bytes({"z.bin": b"\0" * (3 * 1024 * 1024)}))
+        real = zipfile.ZipFile(io.BytesIO(bytes(archive))).infolist()[0]
+        for offset in _find_all(bytes(archive), struct.pack("<I", real.file_size)):
+            archive[offset:offset + 4] = struct.pack("<I", 10)
+        seen: list[int] = []
+        report = inspect_zip(bytes(archive), "a.zip", ZipLimits(),
+                             lambda entry: seen.append(len(entry.content or b"")))
+        self.assertLessEqual(report.expanded, 10)
+        self.assertEqual(report.bombs, [])
+        self.assertLessEqual(max(seen, default=0), 10)
+
+    def test_bomb_action_spam_scores_instead(self) -> None:
+        archive = zip_bytes({"zeros.bin": b"\0" * (4 * 1024 * 1024)})
+        settings = BuiltinSettings(zip_bomb_action="spam")
+        verdict = scan(multipart([attachment("a.zip", archive)]), settings)
+        self.assertEqual(verdict.viruses, ())
+        self.assertIn("ZIP_BOMB", verdict.symbol_names)
+        self.assertTrue(verdict.spam)
+
+    def test_bomb_action_off(self) -> None:
+        archive = zip_bytes({"zeros.bin": b"\0" * (4 * 1024 * 1024)})
+        verdict = scan(multipart([attachment("a.zip", archive)]),
+                       BuiltinSettings(zip_bomb_action="off"))
+        self.assertTrue(verdict.clean)
+
+    def test_garbage_named_zip_is_not_an_error(self) -> None:
+        verdict = scan(multipart([attachment("broken.zip", b"PK\x03\x04garbage")]))
+        self.assertTrue(verdict.clean, verdict.reasons)
+        self.assertTrue(any("not opened" in r and "broken.zip" in r for r in verdict.reasons))
+
+
+class EncryptedZipTests(TestCase):
+    def encrypted_zip(self) -> bytes:
+        """A zip whose entry carries the "encrypted" flag (zipfile cannot write real ones):
+        set bit 0 of the flags in the local header (offset 6) and central header (8)."""
+        data = bytearray(zip_bytes({"secret.txt": b"not really encrypted"}))
+        for magic, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            pos = data.find(magic) + offset
+            data[pos] |= 0x1
+        return bytes(data)
+
+    def test_encrypted_entries_are_ignored_by_default(self) -> None:
+        verdict = scan(multipart([attachment("s.zip", self.encrypted_zip())]))
+        self.assertTrue(verdict.clean, verdict.reasons)
+
+    def test_encrypted_entries_as_virus_when_configured(self) -> None:
+        verdict = scan(multipart([attachment("s.zip", self.encrypted_zip())]),
+                       BuiltinSettings(encrypted_zip_action="virus"))
+        self.assertEqual(verdict.viruses, (ENCRYPTED_ZIP_NAME,))
+
+
+class DangerousAttachmentTests(TestCase):
+    def assertDangerous(self, data: bytes, expect: str) -> None:
+        verdict = scan(data)
+        self.assertIn(DANGEROUS_NAME, verdict.viruses, verdict.reasons)
+        self.assertTrue(any(expect in r for r in verdict.reasons), verdict.reasons)
+
+    def test_each_default_extension_is_dangerous(self) -> None:
+        for ext in ("exe", "scr", "js", "vbs", "bat", "cmd", "com", "pif", "jar", "msi",
+                    "hta", "lnk", "iso"):
+            data = multipart([attachment(f"invoice.{ext}", b"hello")])
+            self.assertDangerous(data, f".{ext}")
+
+    def test_double_extension_and_trailing_dots(self) -> None:
+        self.assertDangerous(multipart([attachment("invoice.pdf.exe", b"x")]), ".exe")
+        self.assertDangerous(multipart([attachment("invoice.exe. . ", b"x")]), ".exe")
+        self.assertEqual(extension("INVOICE.EXE"), "exe")
+        self.assertEqual(extension("dir\\sub/readme"), "")
+
+    def test_rfc2231_and_encoded_word_file_names(self) -> None:
+        part = ([("Content-Type", "application/octet-stream"),
+                 ("Content-Disposition", "attachment; filename*=utf-8''r%C3%A9sum%C3%A9.scr"),
+                 ("Content-Transfer-Encoding", "base64")], base64.encodebytes(b"x"))
+        self.assertDangerous(multipart([part]), "résumé.scr")
+        part = ([("Content-Type", 'application/octet-stream; name="=?utf-8?b?'
+                  + base64.b64encode("fätura.js".encode()).decode() + '?="'),
+                 ("Content-Transfer-Encoding", "base64")], base64.encodebytes(b"x"))
+        self.assertDangerous(multipart([part]), "fätura.js")
+
+    def test_dangerous_mime_type_without_file_name(self) -> None:
+        part = ([("Content-Type", "application/x-msdownload"),
+                 ("Content-Transfer-Encoding", "base64")], base64.encodebytes(b"x"))
+        self.assertDangerous(multipart([part]), "application/x-msdownload")
+
+    def test_executable_content_under_an_innocent_name(self) -> None:
+        self.assertEqual(executable_kind(minimal_pe()), "Windows PE")
+        self.assertEqual(executable_kind(b"\x7fELF\x02\x01"), "ELF")
+        self.assertIsNone(executable_kind(b"MZ but not a PE"))
+        self.assertDangerous(multipart([attachment("photo.jpg", minimal_pe())]), "Windows PE")
+
+    def test_dangerous_file_inside_a_zip(self) -> None:
+        data = multipart([attachment("docs.zip", zip_bytes({"docs/readme.txt": b"hi",
+                                                            "docs/setup.js": b"alert(1)"}))])
+        self.assertDangerous(data, "docs.zip/docs/setup.js")
+
+    def test_configured_extension_list_replaces_the_default(self) -> None:
+        settings = BuiltinSettings(dangerous_extensions=frozenset({"docm"}),
+                                   dangerous_types=frozenset())
+        self.assertTrue(scan(multipart([attachment("a.exe", b"x")]), settings).clean)
+        verdict = scan(multipart([attachment("a.docm", b"x")]), settings)
+        self.assertIn(DANGEROUS_NAME, verdict.viruses)
+
+    def test_dangerous_action_spam(self) -> None:
+        verdict = scan(multipart([attachment("a.exe", b"x")]),
+                       BuiltinSettings(dangerous_action="spam"))
+        self.assertEqual(verdict.viruses, ())
+        self.assertIn("DANGEROUS_ATTACHMENT", verdict.symbol_names)
+        self.assertTrue(verdict.spam)
+
+    def test_inline_text_body_is_not_an_attachment(self) -> None:
+        self.assertTrue(scan(message(b"please run setup.exe from the share")).clean)
+
+
+class MimeLimitTests(TestCase):
+    def test_too_many_parts_is_reported(self) -> None:
+        data = multipart([text_part(b"p%d" % i) for i in range(30)])
+        verdict = scan(data, BuiltinSettings(mime=MimeLimits(max_parts=10)))
+        self.assertIn(LIMITS_NAME, verdict.viruses)
+        self.assertTrue(any("more than 10 MIME parts" in r for r in verdict.reasons))
+
+    def test_too_deep_is_reported(self) -> None:
+        body = b"leaf"
+        fields: list[tuple[str, str]] = [("Content-Type", "text/plain")]
+        for level in range(8):
+            boundary = f"b{level}"
+            body = multipart_body([(fields, body)], boundary)
+            fields = [("Content-Type", f'multipart/mixed; boundary="{boundary}"')]
+        data = message(body, headers=[("From", "a@example.com"), *fields])
+        verdict = scan(data, BuiltinSettings(mime=MimeLimits(max_depth=5)))
+        self.assertIn(LIMITS_NAME, verdict.viruses)
+        self.assertTrue(any("deeper than 5" in r for r in verdict.reasons))
+
+    def test_eicar_past_the_limits_is_still_found_in_the_raw_bytes(self) -> None:
+        data = multipart([text_part(b"p%d" % i) for i in range(30)] + [text_part(EICAR)])
+        verdict = scan(data, BuiltinSettings(mime=MimeLimits(max_parts=10)))
+        self.assertIn(EICAR_NAME, verdict.viruses)
+
+    def test_limits_action_off(self) -> None:
+        data = multipart([text_part(b"p%d" % i) for i in range(30)])
+        settings = BuiltinSettings(mime=MimeLimits(max_parts=10), limits_action="off")
+        self.assertEqual(scan(data, settings).viruses, ())
+
+    def test_hostile_structure_is_walked_quickly(self) -> None:
+        # 200,000 empty parts: bounded by max_parts, the walk stops early.
+        body = b"--b\r\n\r\n" * 200_000
+        data = message(body, headers=[("From", "a@example.com"),
+                                      ("Content-Type", 'multipart/mixed; boundary="b"')])
+        verdict = scan(data)
+        self.assertIn(LIMITS_NAME, verdict.viruses)
+
+    def test_settings_reject_unknown_actions(self) -> None:
+        self.assertRaises(ValueError, BuiltinSettings, dangerous_action="quarantine")
+        self.assertRaises(ValueError, BuiltinSettings, threshold=0)
+
+
+class RecordingRunner:
+    """A CpuPool stand-in that records what it is asked to run."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[..., Any]] = []
+        self.pool = CpuPool.for_tests()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        self.calls.append(fn)
+        return self.pool.run(fn, *args, **kwargs)
+
+
+class BuiltinFilterTests(TestCase):
+    async def test_small_messages_run_inline(self) -> None:
+        runner = RecordingRunner()
+        verdict = await BuiltinFilter(runner).scan(message(GTUBE))
+        self.assertTrue(verdict.spam)
+        self.assertEqual(runner.calls, [])
+
+    async def test_large_messages_run_on_the_cpu_pool(self) -> None:
+        runner = RecordingRunner()
+        big = multipart([text_part(b"x" * 100_000), attachment("e.bin", EICAR)])
+        verdict = await BuiltinFilter(runner).scan(big)
+        self.assertEqual(verdict.viruses, (EICAR_NAME,))
+        self.assertEqual(runner.calls, [analyse])
+
+    async def test_works_with_cpu_pool_for_tests(self) -> None:
+        settings = BuiltinSettings(inline_max=0)
+        verdict = await BuiltinFilter(CpuPool.for_tests(), settings).scan(message(EICAR))
+        self.assertEqual(verdict.viruses, (EICAR_NAME,))
+
+
+def _find_all(data: bytes, needle: bytes) -> list[int]:
+    found, start = [], 0
+    while (pos := data.find(needle, start)) >= 0:
+        found.append(pos)
+        start = pos + 1
+    return found

@@ -1,0 +1,210 @@
+"""The bounded MIME walker and the header sanity checks."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from twisted.trial.unittest import TestCase
+
+from filters.builtin import BuiltinSettings, analyse
+from filters.headers import address_list_problem, check_headers, date_ok
+from filters.mime import MimeLimits, decode_base64, parse, split_header
+from tests.support.filterd import attachment, message, multipart, multipart_body, text_part
+
+
+class SplitHeaderTests(TestCase):
+    def test_crlf_and_lf_messages(self) -> None:
+        self.assertEqual(split_header(b"A: 1\r\nB: 2\r\n\r\nbody", 100),
+                         (b"A: 1\r\nB: 2", b"body", True))
+        self.assertEqual(split_header(b"A: 1\n\nbody", 100), (b"A: 1", b"body", True))
+
+    def test_no_body(self) -> None:
+        self.assertEqual(split_header(b"A: 1\r\n", 100), (b"A: 1\r\n", b"", True))
+
+    def test_header_block_over_the_limit(self) -> None:
+        block, body, complete = split_header(b"A: " + b"x" * 500 + b"\r\n\r\nbody", 100)
+        self.assertFalse(complete)
+        self.assertEqual(len(block), 100)
+        self.assertEqual(body, b"")
+
+
+class ParseTests(TestCase):
+    def test_header_fields_unfolded(self) -> None:
+        parsed = parse(b"Subject: a long\r\n  folded subject\r\nFrom: a@b.c\r\n\r\nx")
+        self.assertEqual(parsed.header("subject"), ["a long folded subject"])
+        self.assertEqual(parsed.header("FROM"), ["a@b.c"])
+
+    def test_leaves_of_a_multipart(self) -> None:
+        data = multipart([text_part(b"hello"), attachment("a.bin", b"\x00\x01\x02")])
+        parsed = parse(data)
+        self.assertEqual([(p.content_type, p.filename, p.body) for p in parsed.parts], [
+            ("text/plain", "", b"hello"),
+            ("application/octet-stream", "a.bin", b"\x00\x01\x02"),
+        ])
+        self.assertEqual([p.position for p in parsed.parts], ["1", "2"])
+        self.assertEqual(parsed.problems, [])
+
+    def test_missing_close_delimiter_runs_to_the_end(self) -> None:
+        body = b"--b\r\nContent-Type: text/plain\r\n\r\none\r\n--b\r\n\r\ntwo, never closed"
+        parsed = parse(message(body, headers=[("Content-Type", 'multipart/mixed; boundary="b"')]))
+        self.assertEqual([p.body for p in parsed.parts], [b"one", b"two, never closed\r\n"])
+
+    def test_preamble_and_epilogue_are_not_parts(self) -> None:
+        body = b"preamble\r\n--b\r\n\r\nonly\r\n--b--\r\nepilogue"
+        parsed = parse(message(body, headers=[("Content-Type", "multipart/mixed; boundary=b")]))
+        self.assertEqual([p.body for p in parsed.parts], [b"only"])
+
+    def test_boundary_lookalike_inside_a_line_does_not_split(self) -> None:
+        body = b"--b\r\n\r\ntext with --b inside\r\n--b--\r\n"
+        parsed = parse(message(body, headers=[("Content-Type", "multipart/mixed; boundary=b")]))
+        self.assertEqual([p.body for p in parsed.parts], [b"text with --b inside"])
+
+    def test_message_rfc822_is_walked(self) -> None:
+        inner = b"From: x@y.z\r\nContent-Type: text/html\r\n\r\n<p>hi</p>"
+        data = multipart([([("Content-Type", "message/rfc822")], inner)])
+        parsed = parse(data)
+        self.assertEqual([(p.content_type, p.body, p.position) for p in parsed.parts],
+                         [("text/html", b"<p>hi</p>", "1.1")])
+
+    def test_multipart_without_boundary_is_one_leaf(self) -> None:
+        data = message(b"opaque", headers=[("Content-Type", "multipart/mixed")])
+        self.assertEqual([p.body for p in parse(data).parts], [b"opaque\r\n"])
+
+    def test_garbled_content_type_means_text_plain(self) -> None:
+        data = message(b"x", headers=[("Content-Type", "garbage")])
+        self.assertEqual(parse(data).parts[0].content_type, "text/plain")
+
+    def test_part_limit_reported_once(self) -> None:
+        data = multipart([text_part(b"%d" % i) for i in range(50)])
+        parsed = parse(data, MimeLimits(max_parts=5))
+        self.assertEqual(parsed.problems, ["more than 5 MIME parts"])
+        self.assertLessEqual(len(parsed.parts), 5)
+
+    def test_depth_limit(self) -> None:
+        body = b"leaf"
+        ctype = "text/plain"
+        for level in range(10):
+            body = multipart_body([([("Content-Type", ctype)], body)], f"b{level}")
+            ctype = f'multipart/mixed; boundary="b{level}"'
+        parsed = parse(message(body, headers=[("Content-Type", ctype)]), MimeLimits(max_depth=4))
+        self.assertEqual(parsed.problems, ["MIME nesting deeper than 4"])
+
+    def test_huge_part_header_is_a_problem(self) -> None:
+        part = ([("X-Junk", "j" * 5000)], b"body")
+        parsed = parse(multipart([part]), MimeLimits(max_header_bytes=1000))
+        self.assertTrue(any("part header larger" in p for p in parsed.problems))
+
+    def test_decode_base64_tolerates_junk(self) -> None:
+        self.assertEqual(decode_base64(b"aGVs\r\nbG8*"), b"hello")
+        self.assertEqual(decode_base64(b"aGVsbG8"), b"hello")  # missing padding
+        self.assertEqual(decode_base64(b"!!!"), b"")
+        # Separately padded chunks glued together all come out (nothing hides after "=").
+        self.assertEqual(decode_base64(b"aGVsbG8=\r\nIHdvcmxk\r\n"), b"hello world")
+        self.assertEqual(decode_base64(b"QQ==" + base64.b64encode(b"hidden")), b"Ahidden")
+
+    def test_many_boundaries_parse_in_bounded_time(self) -> None:
+        body = b"--b\r\n\r\nx\r\n" * 300_000
+        data = message(body, headers=[("Content-Type", "multipart/mixed; boundary=b")])
+        started = time.perf_counter()
+        parsed = parse(data)
+        self.assertLess(time.perf_counter() - started, 2.0)
+        self.assertEqual(len(parsed.parts), 999)  # the container counts as a part
+        self.assertTrue(parsed.problems)
+
+
+class HeaderCheckTests(TestCase):
+    def findings(self, data: bytes) -> dict[str, str]:
+        return {f.symbol: f.detail for f in check_headers(parse(data), 16 * 1024)}
+
+    def test_well_formed_message_has_no_findings(self) -> None:
+        self.assertEqual(self.findings(message()), {})
+
+    def test_missing_fields(self) -> None:
+        found = self.findings(message(headers=[("Subject", "x")]))
+        self.assertEqual(set(found), {"MISSING_FROM", "MISSING_DATE", "MISSING_MESSAGE_ID"})
+
+    def test_duplicate_fields(self) -> None:
+        headers = [("From", "a@example.com"), ("From", "b@example.com"),
+                   ("Date", "Mon, 24 Nov 2025 10:00:00 +0000"),
+                   ("Date", "Mon, 24 Nov 2025 10:00:01 +0000"),
+                   ("Message-ID", "<1@x>"), ("Message-ID", "<2@x>")]
+        found = self.findings(message(headers=headers))
+        self.assertEqual(set(found), {"DUPLICATE_FROM", "DUPLICATE_DATE", "DUPLICATE_MESSAGE_ID"})
+        self.assertEqual(found["DUPLICATE_FROM"], "2 From fields")
+
+    def test_malformed_fields(self) -> None:
+        headers = [("From", "Alice <alice@exa mple.com>"), ("To", "bob"),
+                   ("Date", "yesterday"), ("Message-ID", "no-angle-brackets")]
+        found = self.findings(message(headers=headers))
+        self.assertEqual(set(found), {"MALFORMED_FROM", "MALFORMED_ADDRESS", "MALFORMED_DATE",
+                                      "MALFORMED_MESSAGE_ID"})
+
+    def test_oversized_field_and_header_block(self) -> None:
+        headers = [("From", "a@example.com"), ("Date", "Mon, 24 Nov 2025 10:00:00 +0000"),
+                   ("Message-ID", "<1@x>"), ("X-Long", "y" * 20_000)]
+        self.assertIn("HEADER_TOO_LONG", self.findings(message(headers=headers)))
+        huge = message(headers=[(f"X-{i}", "z" * 900) for i in range(400)])
+        self.assertIn("HEADERS_TOO_LARGE", self.findings(huge))
+
+    def test_lines_that_are_not_fields(self) -> None:
+        data = message().replace(b"Subject:", b"Subject without colon\r\nSubject:", 1)
+        self.assertIn("MALFORMED_HEADER", self.findings(data))
+
+    def test_points_add_up_to_spam(self) -> None:
+        verdict = analyse(message(b"hi", headers=[("Subject", "no from, no date, no id"),
+                                                  ("To", "<>")]), BuiltinSettings())
+        self.assertEqual(verdict.score, 2.0 + 1.0 + 0.5 + 1.0)
+        self.assertFalse(verdict.spam)
+        verdict = analyse(message(b"hi", headers=[("From", "a@b.c"), ("From", "<bad")]),
+                          BuiltinSettings())
+        # DUPLICATE_FROM 3 + MALFORMED_FROM 2.5 + MISSING_DATE 1 + MISSING_MESSAGE_ID 0.5
+        self.assertEqual(verdict.score, 7.0)
+        self.assertTrue(verdict.spam)
+
+    def test_scores_are_configurable_and_zero_turns_a_check_off(self) -> None:
+        scores = {"MISSING_FROM": 9.0, "MISSING_DATE": 0.0, "MISSING_MESSAGE_ID": 0.0}
+        verdict = analyse(message(b"hi", headers=[("Subject", "x")]),
+                          BuiltinSettings(scores=scores))
+        self.assertEqual(verdict.symbol_names, ("MISSING_FROM",))
+        self.assertTrue(verdict.spam)
+
+
+class AddressTests(TestCase):
+    def test_usable_addresses(self) -> None:
+        for value in ("alice@example.com", "Alice <alice@example.com>",
+                      '"Smith, Bob" <bob@example.org>, carol@example.net',
+                      "=?utf-8?q?Al=C3=AFce?= <a@example.com>", "Ålice <å@exämple.com>",
+                      "alice@[127.0.0.1]", "x (comment (nested)) <a@b.c>",
+                      "friends: a@b.c, d@e.f;, g@h.i", "john@x.com <john@x.com>"):
+            self.assertIsNone(address_list_problem(value, allow_empty=False), value)
+
+    def test_unusable_addresses(self) -> None:
+        for value in ("foo", "a@", "@b", "<>", "a@b@c", "<a@b.c", "a..b@c.d",
+                      "Alice <alice@exa mple.com>", "Eve <eve@example.com> trailing", "(((("):
+            self.assertIsNotNone(address_list_problem(value, allow_empty=False), value)
+
+    def test_empty_groups_only_where_allowed(self) -> None:
+        self.assertIsNone(address_list_problem("undisclosed-recipients:;", allow_empty=True))
+        self.assertEqual(address_list_problem("undisclosed-recipients:;", allow_empty=False),
+                         "no address")
+
+    def test_hostile_values_are_linear(self) -> None:
+        started = time.perf_counter()
+        for value in ("(" * 16000, "\\" * 16000, '"' + "a" * 16000, "<" * 16000,
+                      ", ".join(["a@b.c"] * 3000)):
+            address_list_problem(value, allow_empty=False)
+        self.assertLess(time.perf_counter() - started, 1.0)
+
+    def test_dates(self) -> None:
+        self.assertTrue(date_ok("Mon, 24 Nov 2025 10:00:00 +0000"))
+        self.assertTrue(date_ok("24 Nov 2025 10:00 GMT"))
+        self.assertFalse(date_ok("yesterday"))
+        self.assertFalse(date_ok("Mon, 24 Nov 2025 10:00:00 +0000" * 20))
+
+    def test_base64_attachment_names_do_not_confuse_headers(self) -> None:
+        data = multipart([attachment("a.pdf", base64.b64encode(b"x"))])
+        self.assertEqual(self.check(data), [])
+
+    def check(self, data: bytes) -> list[str]:
+        return [f.symbol for f in check_headers(parse(data), 16 * 1024)]

@@ -1,0 +1,234 @@
+"""The spamd client: SPAMC/1.5 requests and replies byte for byte (StringTransport), hostile
+replies, timeouts by the Clock, and a real spamd (TCP and unix socket)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from filters._net import parse_address
+from filters.builtin import GTUBE
+from filters.interface import FilterError, FilterTimeout, MessageTooLarge, Symbol, Verdict
+from filters.spamd import SpamdClient, build_request, parse_report
+from tests.support import filterd
+from tests.support.filterd import FakeEndpoint, message
+from tests.support.reactor import get_reactor
+
+SYMBOLS_REPLY = (b"SPAMD/1.1 0 EX_OK\r\nContent-length: 55\r\nSpam: True ; 1000.0 / 5.0\r\n"
+                 b"\r\nGTUBE,MSGID_SHORT,NO_RECEIVED,NO_RELAYS,TVD_SPACE_RATIO")
+REPORT_BODY = (
+    b"Spam detection software, running on the system \"vm\",\n"
+    b"has identified this incoming email as possible spam.\n\n"
+    b"Content analysis details:   (1000.0 points, 5.0 required)\n\n"
+    b" pts rule name              description\n"
+    b"---- ---------------------- --------------------------------------------------\n"
+    b"-0.0 NO_RECEIVED            Informational: message has no Received headers\n"
+    b"1000 GTUBE                  BODY: Generic Test for Unsolicited Bulk Email\n"
+    b" 2.5 LONG_RULE              A description that goes on and on and wraps onto\n"
+    b"                            a second line\n\n"
+)
+
+
+class SpamdProtocolTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+
+    def client(self, **kw: Any) -> SpamdClient:
+        return SpamdClient(cast(IStreamClientEndpoint, self.endpoint), self.clock, **kw)
+
+    def start(self, client: SpamdClient, msg: bytes = b"Subject: x\r\n\r\nhi\r\n"
+              ) -> defer.Deferred[Verdict]:
+        return defer.Deferred.fromCoroutine(client.scan(msg))
+
+    def reply(self, data: bytes, close: bool = True) -> None:
+        proto = self.endpoint.protocols[-1]
+        proto.dataReceived(data)
+        if close:
+            proto.connectionLost(Failure(ConnectionDone()))
+
+    def test_request_bytes(self) -> None:
+        d = self.start(self.client(user="mail"), b"Subject: x\r\n\r\nhi\r\n")
+        self.assertEqual(self.endpoint.transports[0].value(),
+                         b"SYMBOLS SPAMC/1.5\r\nContent-length: 18\r\nUser: mail\r\n\r\n"
+                         b"Subject: x\r\n\r\nhi\r\n")
+        self.reply(SYMBOLS_REPLY)
+        self.successResultOf(d)
+
+    def test_symbols_reply(self) -> None:
+        d = self.start(self.client())
+        self.reply(SYMBOLS_REPLY, close=False)  # complete at Content-length: no close needed
+        verdict = self.successResultOf(d)
+        self.assertTrue(verdict.spam)
+        self.assertEqual((verdict.score, verdict.threshold), (1000.0, 5.0))
+        self.assertEqual(verdict.symbol_names,
+                         ("GTUBE", "MSGID_SHORT", "NO_RECEIVED", "NO_RELAYS", "TVD_SPACE_RATIO"))
+        self.assertTrue(self.endpoint.transports[0].disconnecting)
+
+    def test_reply_in_tiny_pieces(self) -> None:
+        d = self.start(self.client())
+        proto = self.endpoint.protocols[0]
+        for i in range(len(SYMBOLS_REPLY)):
+            self.assertNoResult(d)
+            proto.dataReceived(SYMBOLS_REPLY[i:i + 1])
+        self.assertTrue(self.successResultOf(d).spam)
+
+    def test_check_reply_ends_at_close(self) -> None:
+        d = self.start(self.client(command="CHECK"))
+        self.assertTrue(self.endpoint.transports[0].value().startswith(b"CHECK SPAMC/1.5\r\n"))
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 1.2 / 5.0\r\n\r\n", close=False)
+        self.assertNoResult(d)
+        self.endpoint.protocols[0].connectionLost(Failure(ConnectionDone()))
+        verdict = self.successResultOf(d)
+        self.assertFalse(verdict.spam)
+        self.assertEqual(verdict.score, 1.2)
+        self.assertEqual(verdict.symbols, ())
+
+    def test_report_reply_gives_points_per_rule(self) -> None:
+        d = self.start(self.client(command="REPORT"))
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: True ; 1000.0 / 5.0"
+                   b"\r\n\r\n" % len(REPORT_BODY) + REPORT_BODY)
+        verdict = self.successResultOf(d)
+        self.assertEqual(verdict.symbols, (
+            Symbol("NO_RECEIVED", -0.0, "Informational: message has no Received headers"),
+            Symbol("GTUBE", 1000.0, "BODY: Generic Test for Unsolicited Bulk Email"),
+            Symbol("LONG_RULE", 2.5,
+                   "A description that goes on and on and wraps onto a second line"),
+        ))
+
+    def test_spamd_error_status(self) -> None:
+        d = self.start(self.client())
+        self.reply(b"SPAMD/1.0 76 Bad header line: GARBAGE\r\n")
+        failure = self.failureResultOf(d, FilterError)
+        self.assertIn("spamd error 76: Bad header line", str(failure.value))
+
+    def test_garbage_reply(self) -> None:
+        d = self.start(self.client())
+        self.reply(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertIn("not a SPAMD status line", str(self.failureResultOf(d, FilterError).value))
+        self.assertTrue(self.endpoint.transports[0].disconnecting)
+
+    def test_unparsable_spam_header(self) -> None:
+        d = self.start(self.client(command="CHECK"))
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe\r\n\r\n")
+        self.assertIn("cannot parse Spam header", str(self.failureResultOf(d, FilterError).value))
+
+    def test_missing_spam_header(self) -> None:
+        d = self.start(self.client(command="CHECK"))
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\n\r\n")
+        self.assertIn("without a Spam header", str(self.failureResultOf(d, FilterError).value))
+
+    def test_huge_reply_is_cut_off(self) -> None:
+        d = self.start(self.client(max_reply=1000))
+        proto = self.endpoint.protocols[0]
+        proto.dataReceived(b"SPAMD/1.1 0 EX_OK\r\nContent-length: 100000000\r\n"
+                           b"Spam: True ; 1.0 / 5.0\r\n\r\n")
+        proto.dataReceived(b"A," * 600)
+        self.assertIn("reply larger than 1000 bytes",
+                      str(self.failureResultOf(d, FilterError).value))
+        self.assertTrue(self.endpoint.transports[0].disconnecting)
+
+    def test_endless_status_line(self) -> None:
+        d = self.start(self.client())
+        self.endpoint.protocols[0].dataReceived(b"S" * 600)
+        self.assertIn("status line too long", str(self.failureResultOf(d, FilterError).value))
+
+    def test_connection_dropped_mid_reply(self) -> None:
+        d = self.start(self.client())
+        self.reply(SYMBOLS_REPLY[:-10])
+        self.assertIn("connection closed after", str(self.failureResultOf(d, FilterError).value))
+
+    def test_connection_dropped_before_reply(self) -> None:
+        d = self.start(self.client())
+        self.reply(b"")
+        self.assertIn("no status line", str(self.failureResultOf(d, FilterError).value))
+
+    def test_connection_refused(self) -> None:
+        self.endpoint.error = ConnectionRefusedError()
+        client = self.client(address=parse_address("127.0.0.1:783"))
+        failure = self.failureResultOf(self.start(client), FilterError)
+        self.assertIn("cannot connect to 127.0.0.1:783", str(failure.value))
+
+    def test_silent_server_times_out(self) -> None:
+        d = self.start(self.client(timeout=30))
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.assertIn("no answer within 30 s", str(self.failureResultOf(d, FilterTimeout).value))
+        self.assertTrue(self.endpoint.transports[0].disconnecting)  # aborted
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connect_that_hangs_times_out(self) -> None:
+        self.endpoint.hang = True
+        d = self.start(self.client(timeout=5))
+        self.clock.advance(5)
+        self.failureResultOf(d, FilterTimeout)
+        self.assertEqual(self.endpoint.cancelled, 1)
+
+    def test_max_size_refuses_without_connecting(self) -> None:
+        d = self.start(self.client(max_size=10), b"x" * 11)
+        failure = self.failureResultOf(d, MessageTooLarge)
+        self.assertTrue(failure.value.permanent)
+        self.assertEqual(self.endpoint.transports, [])
+
+    def test_ping(self) -> None:
+        d = defer.Deferred.fromCoroutine(self.client().ping())
+        self.assertEqual(self.endpoint.transports[0].value(), b"PING SPAMC/1.5\r\n\r\n")
+        self.reply(b"SPAMD/1.5 0 PONG\r\n")
+        self.assertEqual(self.successResultOf(d), "PONG")
+
+    def test_helpers(self) -> None:
+        self.assertEqual(build_request("CHECK", b"ab"),
+                         b"CHECK SPAMC/1.5\r\nContent-length: 2\r\n\r\nab")
+        self.assertEqual(parse_report("no table here"), ())
+        self.assertRaises(ValueError, self.client, command="PROCESS")
+
+
+class SpamdIntegrationTests(TestCase):
+    """A real spamd, started once for this process (see tests/support/filterd.py)."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.reactor = get_reactor()
+        self.daemon = await filterd.spamd()
+
+    def client(self, address: str, **kw: Any) -> SpamdClient:
+        from filters._net import client_endpoint
+
+        parsed = parse_address(address)
+        return SpamdClient(client_endpoint(self.reactor, parsed, 10), self.reactor,
+                           address=parsed, timeout=20, **kw)
+
+    async def test_gtube_is_spam_with_1000_points(self) -> None:
+        verdict = await self.client(self.daemon.address).scan(message(GTUBE))
+        self.assertTrue(verdict.spam)
+        self.assertGreaterEqual(verdict.score, 1000.0)
+        self.assertEqual(verdict.threshold, 5.0)
+        self.assertIn("GTUBE", verdict.symbol_names)
+
+    async def test_clean_message_is_not_spam(self) -> None:
+        verdict = await self.client(self.daemon.address).scan(message())
+        self.assertFalse(verdict.spam)
+        self.assertLess(verdict.score, 5.0)
+
+    async def test_report_over_the_unix_socket(self) -> None:
+        verdict = await self.client(self.daemon.socket, command="REPORT").scan(message(GTUBE))
+        gtube = [s for s in verdict.symbols if s.name == "GTUBE"]
+        self.assertEqual(gtube, [Symbol("GTUBE", 1000.0, gtube[0].description)])
+
+    async def test_ping(self) -> None:
+        self.assertEqual(await self.client(self.daemon.address).ping(), "PONG")
+
+    async def test_nothing_listening_is_a_filter_error(self) -> None:
+        from tests.support.servers import free_port
+
+        with self.assertRaises(FilterError) as caught:
+            await self.client(f"127.0.0.1:{free_port()}").scan(message())
+        self.assertIn("cannot connect", str(caught.exception))
