@@ -9,6 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # An explicit root package_dir makes `pip install -e .` a plain .pth of the project root,
+    # which twisted.plugins needs to find twisted/plugins/ (setuptools' import-hook finder
+    # for other layouts hides it).
+    package_dir={"": "."},
     packages=find_packages(include=["mailcore", "mailcore.*", "web", "web.*", "filters", "filters.*"])
     + ["twisted.plugins"],
     package_data={"mailcore.store": ["migrations/*.py", "migrations/versions/*.py", "alembic.ini"]},
@@ -29,7 +33,7 @@ setup(
     ],
     extras_require={
         "test": ["hypothesis>=6.100.0"],
-        "dev": ["ruff>=0.6.0", "mypy>=1.11.0", "hypothesis>=6.100.0"],
+        "dev": ["ruff>=0.6.0", "mypy>=1.11.0", "mypy-zope>=1.0.0", "hypothesis>=6.100.0"],
     },
     entry_points={"console_scripts": ["mailcore = mailcore.cli:main"]},
 )

@@ -95,10 +95,10 @@ def config_from_toml(data: dict[str, Any]) -> Config:
         elif not isinstance(value, expected) or isinstance(value, bool):
             raise ConfigError(f"config key {key} must be of type {expected.__name__}")
         values[key] = value
-    return _apply(Config(sections=sections), values)
+    return apply_overrides(Config(sections=sections), values)
 
 
-def _apply(config: Config, values: dict[str, Any]) -> Config:
+def apply_overrides(config: Config, values: dict[str, Any]) -> Config:
     """Overlay option values (TOML or command-line spelling) on a Config."""
     changes: dict[str, Any] = {}
     for key, value in values.items():
@@ -135,7 +135,7 @@ class CommonOptions(usage.Options):
         config = Config()
         if self["config"]:
             config = config_from_toml(load_toml(Path(self["config"])))
-        return _apply(config, self.overrides())
+        return apply_overrides(config, self.overrides())
 
     def overrides(self) -> dict[str, Any]:
         """Values given on the command line, in TOML spelling."""

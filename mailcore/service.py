@@ -31,7 +31,10 @@ class StoreService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._opened = self.db.open()
+        from twisted.internet.defer import Deferred
+
+        # open() is a coroutine: it must be driven, or the pool never starts (no SQL runs).
+        self._opened = Deferred.fromCoroutine(self.db.open())
 
     async def _close(self) -> None:
         await self.db.close()
@@ -43,6 +46,28 @@ class StoreService(service.Service):
         return Deferred.fromCoroutine(self._close())
 
 
+class OrderedMultiService(service.MultiService):
+    """A MultiService that stops its children one at a time, the last started first.
+
+    Twisted's MultiService stops every child at once, so the store would close while the
+    queue or a listener still finishes in-flight work that needs it (and that work, and
+    with it SIGTERM, would hang). Here each child has stopped before the next one stops.
+    """
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        service.Service.stopService(self)
+        from twisted.internet.defer import Deferred, maybeDeferred
+
+        async def stop_in_order() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {service} failed", service=child)
+
+        return Deferred.fromCoroutine(stop_in_order())
+
+
 def build_core(config: Config, reactor: IReactorCore) -> Core:
     """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +76,7 @@ def build_core(config: Config, reactor: IReactorCore) -> Core:
     cert, key = ensure_certificate(
         config.data_dir, config.tls_cert, config.tls_key, config.hostname
     )
-    return Core.build(config, db, reactor, tls_cert=cert, tls_key=key)
+    return Core.build(config, db, reactor, tls_cert=cert, tls_key=key)  # type: ignore[arg-type]
 
 
 def makeService(options: DaemonOptions) -> service.MultiService:
@@ -60,7 +85,7 @@ def makeService(options: DaemonOptions) -> service.MultiService:
 
     config: Config = options.config
     core = build_core(config, reactor)  # type: ignore[arg-type]
-    top = service.MultiService()
+    top = OrderedMultiService()
     StoreService(core.db).setServiceParent(top)
     for svc in core.background_services():
         svc.setServiceParent(top)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 # RFC 9106's second recommended option (64 MiB, 3 passes), which fits a 2-core gateway.
 _hasher = PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=2)
-
-# A hash of a random password, verified when the user does not exist, so that a login for an
-# unknown name costs the same time as one for a known name.
-_DUMMY_HASH = _hasher.hash("mailcore-dummy-password-for-timing")
-
 MAX_PASSWORD_LENGTH = 1024
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash verified when the user does not exist, so that a login for an unknown name
+    costs the same time as one for a known name. Made on first use (on the CpuPool), not
+    at import: it costs ~0.2 s and 64 MiB, which every CLI call would otherwise pay."""
+    return _hasher.hash("mailcore-dummy-password-for-timing")
 
 
 def hash_password(password: str) -> str:
@@ -25,7 +30,7 @@ def verify_password(stored: str | None, password: str) -> bool:
     if len(password) > MAX_PASSWORD_LENGTH:
         return False
     try:
-        return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+        return _hasher.verify(stored or _dummy_hash(), password) and stored is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

@@ -142,10 +142,28 @@ def _credential(row: Any) -> CredentialInfo:
 
 def normalise_email(email: str) -> str:
     email = email.strip()
-    if not _EMAIL.match(email):
+    if not _EMAIL.match(email) or len(email) > _max_length("email"):
         raise IdentityError("Enter a valid email address.", "email")
     local, _, domain = email.rpartition("@")
     return f"{local}@{domain.lower()}"
+
+
+def _new_id(result: Any) -> int:
+    """The primary key of the row an INSERT just made."""
+    return int(result.inserted_primary_key[0])
+
+
+def _max_length(column: str) -> int:
+    """The users column's declared length: longer values fail on PostgreSQL."""
+    return int(users.c[column].type.length)  # type: ignore[attr-defined]
+
+
+def _check_profile_lengths(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        if key != "email" and len(value) > _max_length(key):
+            raise IdentityError(
+                f"Field {key} is too long ({_max_length(key)} at most).", key
+            )
 
 
 class Identity:
@@ -193,8 +211,9 @@ class Identity:
         if password is not None:
             self._check_password(password)
             password_hash = await self.cpu.run(passwords.hash_password, password)
-        values = {f: "" for f in EDITABLE_PROFILE_FIELDS}
+        values: dict[str, Any] = {f: "" for f in EDITABLE_PROFILE_FIELDS}
         values.update({k: str(v) for k, v in profile.items()})
+        _check_profile_lengths(values)
         values.update(
             username=username,
             email=email,
@@ -213,7 +232,7 @@ class Identity:
                 if taken:
                     raise IdentityError(f"A user with that {column} already exists.", column)
             try:
-                return int(conn.execute(insert(users).values(**values)).inserted_primary_key[0])
+                return _new_id(conn.execute(insert(users).values(**values)))
             except IntegrityError:
                 raise IdentityError("A user with that username or email already exists.") from None
 
@@ -263,9 +282,8 @@ class Identity:
                 raise IdentityError(f"Unknown field: {key}.", key)
             if not isinstance(value, str):
                 raise IdentityError(f"Field {key} must be a string.", key)
-            if len(value) > 255:
-                raise IdentityError(f"Field {key} is too long (255 at most).", key)
             values[key] = normalise_email(value) if key == "email" else value
+        _check_profile_lengths(values)
 
         def txn(conn: Connection) -> None:
             if "email" in values:
@@ -347,7 +365,7 @@ class Identity:
         def txn(conn: Connection) -> CredentialInfo:
             if conn.execute(select(users.c.id).where(users.c.id == user_id)).first() is None:
                 raise IdentityError("No such user.")
-            new_id = conn.execute(
+            new_id = _new_id(conn.execute(
                 insert(credentials).values(
                     user_id=user_id,
                     kind=kind,
@@ -358,7 +376,7 @@ class Identity:
                     created_at=now,
                     expires_at=expires,
                 )
-            ).inserted_primary_key[0]
+            ))
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
             return _credential(row)
 

@@ -72,7 +72,8 @@ class Database:
         """A synchronous in-memory database with the full schema, for unit tests."""
         from twisted.internet.testing import MemoryReactor
 
-        db = cls(url, MemoryReactor(), synchronous=True)
+        # Synchronous: the reactor is never asked to run anything from a thread.
+        db = cls(url, MemoryReactor(), synchronous=True)  # type: ignore[arg-type]
         db.migrate_blocking()
         return db
 
@@ -130,6 +131,9 @@ class Database:
                 return defer.succeed(fn(*args, **kwargs))
             except BaseException:
                 return defer.fail()
+        if self._pool.joined:
+            # A stopped ThreadPool drops new work silently: the Deferred would never fire.
+            return defer.fail(StoreError("the database is closed"))
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
 
     def _transaction(

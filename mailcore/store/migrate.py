@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -21,12 +22,23 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return cfg
 
 
+# Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
+# migrations in two threads at once (two Databases opening) corrupt each other: one at a time.
+_ALEMBIC_LOCK = threading.Lock()
+
+
 def upgrade_to_head(engine: Engine) -> None:
     """Bring the database at `engine` to the newest revision. Blocks."""
-    with engine.connect() as conn:
+    with _ALEMBIC_LOCK, engine.connect() as conn:
         # A migration is DDL plus data; on SQLite take the write lock for all of it.
         with conn.begin():
             command.upgrade(alembic_config(conn), "head")
+
+
+def downgrade_to(engine: Engine, revision: str) -> None:
+    """Take the database at `engine` down to `revision` ("base": empty). Blocks."""
+    with _ALEMBIC_LOCK, engine.connect() as conn, conn.begin():
+        command.downgrade(alembic_config(conn), revision)
 
 
 def head_revision() -> str | None:

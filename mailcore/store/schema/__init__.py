@@ -6,8 +6,51 @@ module and a migration beside the others. Times are timezone-aware UTC. Secrets 
 in clear: only digests or ciphertext.
 """
 
+from mailcore.store.schema.billing import (
+    billing_counters,
+    invoice_lines,
+    invoices,
+    token_charges,
+    token_tanks,
+    token_usage,
+)
 from mailcore.store.schema.domains import domain_addresses, domains
+from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
+from mailcore.store.schema.messages import (
+    FTS_TABLES,
+    message_attachments,
+    message_blobs,
+    message_refs,
+    messages,
+    threads,
+)
 from mailcore.store.schema.meta import metadata
+from mailcore.store.schema.queue import queue_messages, queue_recipients
+from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
 
-__all__ = ["credentials", "domain_addresses", "domains", "metadata", "users"]
+__all__ = [
+    "FTS_TABLES",
+    "billing_counters",
+    "credentials",
+    "domain_addresses",
+    "domains",
+    "fetch_accounts",
+    "fetch_folders",
+    "invoice_lines",
+    "invoices",
+    "message_attachments",
+    "message_blobs",
+    "message_refs",
+    "messages",
+    "metadata",
+    "queue_messages",
+    "queue_recipients",
+    "threads",
+    "token_charges",
+    "token_tanks",
+    "token_usage",
+    "users",
+    "webhook_deliveries",
+    "webhooks",
+]

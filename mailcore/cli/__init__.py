@@ -1,0 +1,184 @@
+"""The `mailcore` admin command: users, keys, domains and the queue, from a shell.
+
+It reads the same `--data-dir`, `--db` and `--config` as the daemon and builds the same Core
+(`mailcore.service.build_core`: the data directory, the migrated store, the TLS pair), so
+what it writes is what the daemon serves. Subcommands live in the modules of
+`COMMAND_MODULES`; each has `register(subparsers)` and gives every command it adds a
+`handler=async def handler(args, core) -> int` (and optionally `prepare=def prepare(args)`,
+run before the reactor starts, for blocking terminal input such as a password prompt).
+
+A mistake (bad option, unknown user, unreadable config, unreachable database ...) prints one
+line on stderr and exits 1; set MAILCORE_DEBUG=1 to see the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sqlalchemy.exc import SQLAlchemyError
+from twisted.internet import defer, task
+
+from mailcore.config import Config, ConfigError, apply_overrides, config_from_toml, load_toml
+from mailcore.identity import IdentityError
+
+PROG = "mailcore"
+COMMAND_MODULES = ("mailcore.cli.users", "mailcore.cli.domains", "mailcore.cli.queue")
+
+Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
+
+
+class CommandError(Exception):
+    """A user mistake a handler reports: the message is printed as is, the exit status is 1."""
+
+
+class UsageError(CommandError):
+    """The command line itself is wrong."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit status 1, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> ArgumentParser:
+    """The whole command line: global options and every available command module."""
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Administer a Mailcore installation: the daemon's data directory or "
+        "database. Global options go before the command.",
+    )
+    parser.add_argument(
+        "--data-dir", help="directory for the database, keys and certificates [default: ./var]"
+    )
+    parser.add_argument(
+        "--db", help="SQLAlchemy database URL [default: SQLite in the data directory]"
+    )
+    parser.add_argument(
+        "-c", "--config", help="TOML configuration file; command-line options win over it"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module exists but one of its imports is missing
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults, then the TOML file, then the global options: the daemon's precedence."""
+    config = Config()
+    if args.config:
+        config = config_from_toml(load_toml(Path(args.config)))
+    return apply_overrides(config, {"data_dir": args.data_dir, "db": args.db})
+
+
+def one_line(error: BaseException) -> str:
+    """A short, single-line description of an error, for stderr."""
+    if isinstance(error, SQLAlchemyError):
+        orig = getattr(error, "orig", None)
+        text = str(orig) if orig is not None else str(error)
+        return f"database error: {_first_line(text)}"
+    if isinstance(error, IdentityError):
+        return error.message
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror or error}: {error.filename}"
+    return _first_line(str(error)) or type(error).__name__
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Rows in aligned columns under a header line, on stdout."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in (headers, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one admin command; returns the exit status."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        config = resolve_config(args)
+        prepare = getattr(args, "prepare", None)
+        if prepare is not None:
+            prepare(args)
+        handler: Handler = args.handler
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except (CommandError, ConfigError) as e:
+        return fail(str(e))
+    except (KeyboardInterrupt, EOFError):
+        return fail("interrupted")
+
+    from twisted.internet import reactor
+
+    from mailcore.service import build_core
+
+    try:
+        # Blocks (creates the data dir, migrates): the reactor is not running yet.
+        core = build_core(config, reactor)  # type: ignore[arg-type]
+    except Exception as e:
+        return _unexpected(e, where="cannot open the store")
+
+    async def run(_reactor: Any) -> None:
+        status = await _run_handler(handler, args, core)
+        if status:
+            raise SystemExit(status)
+
+    try:
+        task.react(lambda r: defer.Deferred.fromCoroutine(run(r)))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+async def _run_handler(handler: Handler, args: argparse.Namespace, core: Any) -> int:
+    """Open the store, run the command, close the store; every error becomes one line."""
+    try:
+        try:
+            await core.db.open()
+        except Exception as e:
+            return _unexpected(e, where="cannot open the store")
+        return await handler(args, core)
+    except (CommandError, ConfigError, IdentityError) as e:
+        return fail(one_line(e))
+    except Exception as e:
+        return _unexpected(e)
+    finally:
+        core.cpu.stop()
+        await core.db.close()
+
+
+def _unexpected(error: BaseException, where: str | None = None) -> int:
+    if os.environ.get("MAILCORE_DEBUG"):
+        traceback.print_exception(error)
+    if isinstance(error, ConfigError | CommandError):
+        return fail(str(error))
+    message = one_line(error)
+    return fail(f"{where}: {message}" if where else message)

@@ -1,0 +1,184 @@
+"""`mailcore init`, `user …`, `apikey …` and `token …`: the installation, users and credentials.
+
+A new key or token is printed alone on stdout (one line, nothing else) so that scripts can
+capture it: `KEY=$(mailcore apikey create alice)`. It is shown once and never stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import sys
+from typing import Any
+
+from mailcore.cli import CommandError, print_table
+from mailcore.identity import PLANS, User
+
+
+def register(subparsers: Any) -> None:
+    """Add init, user, apikey and token to the `mailcore` command line."""
+    init = subparsers.add_parser(
+        "init", help="create the data directory and the database schema",
+        description="Create the data directory, migrate the database to the newest schema "
+        "and make the self-signed TLS pair if none is configured; prints where they are.",
+    )
+    init.set_defaults(handler=init_command)
+
+    user = subparsers.add_parser("user", help="add, list and change users")
+    users = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = users.add_parser(
+        "add", help="create a user",
+        description="Create a user. Without --password the password is read from stdin: "
+        "one line from a pipe, or a prompt on a terminal.",
+    )
+    add.add_argument("name", help="user name (letters, digits and @.+-_)")
+    add.add_argument("--email", required=True, help="the user's email address")
+    add.add_argument("--password", help="the password [default: read from stdin]")
+    add.add_argument("--plan", choices=PLANS, default="free", help="plan [default: free]")
+    add.set_defaults(handler=user_add, prepare=read_password)
+
+    listing = users.add_parser("list", help="list users")
+    listing.set_defaults(handler=user_list)
+
+    set_plan = users.add_parser("set-plan", help="change a user's plan")
+    set_plan.add_argument("name", help="user name or email")
+    set_plan.add_argument("plan", choices=PLANS)
+    set_plan.set_defaults(handler=user_set_plan)
+
+    apikey = subparsers.add_parser("apikey", help="create, list and revoke API keys")
+    keys = apikey.add_subparsers(dest="apikey_command", metavar="ACTION", required=True)
+    create = keys.add_parser(
+        "create", help="create an API key and print it (alone, once)",
+        description="Create an API key for the user and print it alone on stdout. It is "
+        "shown only now: the database keeps a digest.",
+    )
+    create.add_argument("name", help="user name or email")
+    create.add_argument("--label", default="", help="a note saying what the key is for")
+    create.set_defaults(handler=credential_create, kind="apikey")
+
+    key_list = keys.add_parser("list", help="list a user's API keys (never the secrets)")
+    key_list.add_argument("name", help="user name or email")
+    key_list.set_defaults(handler=apikey_list)
+
+    revoke = keys.add_parser("revoke", help="revoke an API key by its prefix")
+    revoke.add_argument("name", help="user name or email")
+    revoke.add_argument("prefix", help="the key's prefix, as `apikey list` shows it")
+    revoke.set_defaults(handler=apikey_revoke)
+
+    token = subparsers.add_parser("token", help="create non-expiring API tokens")
+    tokens = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    token_create = tokens.add_parser(
+        "create", help="create a token and print it (alone, once)",
+        description="Create a non-expiring token (IMAP2API `Token`, Mail API `auth_key`) "
+        "and print it alone on stdout.",
+    )
+    token_create.add_argument("name", help="user name or email")
+    token_create.add_argument("--label", default="", help="a note saying what it is for")
+    token_create.set_defaults(handler=credential_create, kind="token")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def read_password(args: argparse.Namespace) -> None:
+    """Fill args.password from stdin when not given: a line from a pipe, or a prompt.
+
+    Runs before the reactor starts, so blocking on the terminal is fine.
+    """
+    if args.password is not None:
+        return
+    stdin = sys.stdin
+    if stdin is None:
+        raise CommandError("no password: give --password or pipe it on stdin")
+    if stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Password (again): ") != first:
+            raise CommandError("the passwords do not match")
+        args.password = first
+        return
+    line = stdin.readline()
+    if not line:
+        raise CommandError("no password on stdin: give --password or pipe one line")
+    args.password = line.rstrip("\r\n")
+
+
+async def require_user(core: Any, name: str) -> User:
+    """The user named `name` (user name or email), else a CommandError."""
+    user: User | None = await core.identity.find_user(name)
+    if user is None:
+        raise CommandError(f"no such user: {name}")
+    return user
+
+
+def when(value: datetime.datetime | None) -> str:
+    """A UTC time to the minute, or "-"."""
+    if value is None:
+        return "-"
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+async def init_command(args: argparse.Namespace, core: Any) -> int:
+    config = core.config
+    print(f"data directory: {config.data_dir.resolve()}")
+    print(f"database: {core.db.engine.url.render_as_string(hide_password=True)}")
+    if core.tls_cert is not None:
+        print(f"TLS certificate: {core.tls_cert.resolve()}")
+    return 0
+
+
+async def user_add(args: argparse.Namespace, core: Any) -> int:
+    user: User = await core.identity.create_user(
+        args.name, args.email, args.password, plan=args.plan
+    )
+    print(f"created user {user.username} <{user.email}> (plan {user.plan})")
+    return 0
+
+
+async def user_list(args: argparse.Namespace, core: Any) -> int:
+    found: list[User] = await core.identity.list_users()
+    print_table(
+        ("USERNAME", "EMAIL", "PLAN", "CREATED"),
+        [(u.username, u.email, u.plan, when(u.created_at)) for u in found],
+    )
+    return 0
+
+
+async def user_set_plan(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    await core.identity.set_plan(user.id, args.plan)
+    print(f"{user.username}: plan {args.plan}")
+    return 0
+
+
+async def credential_create(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    secret, _info = await core.identity.create_credential(user.id, args.kind, label=args.label)
+    print(secret)
+    return 0
+
+
+async def apikey_list(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    found = await core.identity.list_credentials(user.id, "apikey")
+    print_table(
+        ("PREFIX", "LABEL", "CREATED", "LAST USED", "REVOKED"),
+        [
+            (c.prefix, c.label or "-", when(c.created_at), when(c.last_used_at),
+             "yes" if c.revoked else "no")
+            for c in found
+        ],
+    )
+    return 0
+
+
+async def apikey_revoke(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    count: int = await core.identity.revoke_credential(user.id, args.prefix, "apikey")
+    if count == 0:
+        raise CommandError(f"no live API key of {user.username} has the prefix {args.prefix}")
+    print(f"revoked {count} API key{'s' if count > 1 else ''} of {user.username}")
+    return 0

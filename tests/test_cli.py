@@ -1,0 +1,299 @@
+"""The `mailcore` admin command, run as a real subprocess against a temp data directory.
+
+Every command, and every mistake: a mistake exits 1 with one line on stderr, never a
+traceback. Keys and tokens printed by the CLI are checked to work by resolving them through
+Identity on the same store afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet import defer, threads
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from mailcore.identity import Identity
+from mailcore.identity import secrets as creds
+from mailcore.store.migrate import current_revision, head_revision
+from mailcore.workers import CpuPool
+from tests.support.db import open_database_at
+from tests.support.pg import create_test_database
+from tests.support.reactor import get_reactor
+from tests.support.servers import CommandResult, free_port, run_command, tempdir_for
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+async def gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run coroutines concurrently; their results in order."""
+    return await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True
+    )
+
+
+class CliTestCase(TestCase):
+    def setUp(self) -> None:
+        self.base = tempdir_for(self, "mailcore-cli-")
+        self.data_dir = self.base / "var"
+
+    async def run_cli(self, *args: str, stdin: bytes = b"") -> CommandResult:
+        """`python -m mailcore.cli ARGS` with no implicit data dir (cwd: the temp base)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("MAILCORE_DEBUG", None)
+        return await run_command(
+            [sys.executable, "-m", "mailcore.cli", *args], stdin=stdin, env=env, cwd=self.base
+        )
+
+    async def mc(self, *args: str, stdin: bytes = b"") -> CommandResult:
+        """The CLI on this test's data directory."""
+        return await self.run_cli("--data-dir", str(self.data_dir), *args, stdin=stdin)
+
+    async def ok(self, *args: str, stdin: bytes = b"") -> str:
+        """Run a command that must succeed quietly on stderr; its stdout."""
+        result = await self.mc(*args, stdin=stdin)
+        self.assertEqual(
+            (result.status, result.err), (0, ""), f"mailcore {' '.join(args)}: {result.err}"
+        )
+        return result.out
+
+    def assertOneLineError(
+        self, result: CommandResult, *fragments: str, context: object = ""
+    ) -> None:
+        """Exit 1, nothing on stdout, one `mailcore: ...` line on stderr with the fragments."""
+        why = f"{context}: {result.err}"
+        self.assertEqual(result.status, 1, why)
+        self.assertNotIn("Traceback", result.err, why)
+        lines = result.err.splitlines()
+        self.assertEqual(len(lines), 1, why)
+        self.assertTrue(lines[0].startswith("mailcore: "), why)
+        for fragment in fragments:
+            self.assertIn(fragment, lines[0], why)
+        self.assertEqual(result.out, "", why)
+
+    async def identity(self, url: str | None = None) -> Identity:
+        """Identity on the same store the CLI wrote, with a real thread pool and clock."""
+        db = await open_database_at(self, url or Config(data_dir=self.data_dir).database_url)
+        cpu = CpuPool(get_reactor())
+        self.addCleanup(cpu.stop)
+        return Identity(db, get_reactor(), cpu)
+
+
+class InitTests(CliTestCase):
+    async def test_init_creates_data_dir_schema_and_certificate(self) -> None:
+        self.data_dir = self.base / "nested" / "var"
+        out = await self.ok("init")
+        lines = out.splitlines()
+        self.assertEqual(lines[0], f"data directory: {self.data_dir}")
+        self.assertEqual(lines[1], f"database: sqlite:///{self.data_dir / 'mailcore.sqlite'}")
+        self.assertEqual(lines[2], f"TLS certificate: {self.data_dir / 'tls' / 'cert.pem'}")
+        self.assertTrue((self.data_dir / "tls" / "key.pem").exists())
+        self.assertEqual((self.data_dir / "tls" / "key.pem").stat().st_mode & 0o077, 0)
+        identity = await self.identity()
+        self.assertEqual(
+            await threads.deferToThread(current_revision, identity.db.engine), head_revision()
+        )
+        # Running it again changes nothing and still succeeds.
+        self.assertEqual(await self.ok("init"), out)
+
+    async def test_relative_data_dir_is_resolved_against_cwd(self) -> None:
+        result = await self.run_cli("--data-dir", "rel", "init")
+        self.assertEqual(result.status, 0, result.err)
+        self.assertIn(f"data directory: {self.base / 'rel'}", result.out)
+        self.assertTrue((self.base / "rel" / "mailcore.sqlite").exists())
+
+
+class HelpTests(CliTestCase):
+    async def test_help_lists_the_commands_and_exits_0(self) -> None:
+        top, sub = await gather([self.run_cli("--help"), self.run_cli("user", "add", "--help")])
+        self.assertEqual((top.status, sub.status), (0, 0), top.err + sub.err)
+        for command in ("init", "user", "apikey", "token"):
+            self.assertIn(command, top.out)
+        self.assertIn("--password", sub.out)
+        self.assertIn("stdin", sub.out)
+
+
+class UserTests(CliTestCase):
+    async def test_user_add_list_and_set_plan(self) -> None:
+        out = await self.ok("user", "add", "alice", "--email", "alice@Example.TEST",
+                            "--password", "s3cret")
+        self.assertIn("alice", out)
+        # Without --password: one line from the pipe.
+        await self.ok("user", "add", "bob", "--email", "bob@example.test", "--plan", "agency",
+                      stdin=b"piped-pw\n")
+        await self.ok("user", "set-plan", "alice", "standard")
+
+        lines = (await self.ok("user", "list")).splitlines()
+        self.assertEqual(lines[0].split(), ["USERNAME", "EMAIL", "PLAN", "CREATED"])
+        rows = [line.split() for line in lines[1:]]
+        self.assertEqual(
+            [row[:3] for row in rows],
+            [["alice", "alice@example.test", "standard"], ["bob", "bob@example.test", "agency"]],
+        )
+        self.assertRegex(lines[1], r"\d{4}-\d\d-\d\d \d\d:\d\d$")
+
+        identity = await self.identity()
+        alice = await identity.authenticate_password("alice", "s3cret")
+        bob = await identity.authenticate_password("bob", "piped-pw")
+        assert alice is not None and bob is not None
+        self.assertEqual((alice.plan, bob.plan), ("standard", "agency"))
+
+    async def test_password_from_pipe_keeps_inner_spaces_and_drops_crlf(self) -> None:
+        await self.ok("user", "add", "carol", "--email", "c@example.test",
+                      stdin=b" two words \r\nsecond line ignored\n")
+        identity = await self.identity()
+        self.assertIsNotNone(await identity.authenticate_password("carol", " two words "))
+
+    async def test_empty_user_list_prints_the_header(self) -> None:
+        self.assertEqual((await self.ok("user", "list")).split(),
+                         ["USERNAME", "EMAIL", "PLAN", "CREATED"])
+
+
+class CredentialTests(CliTestCase):
+    async def test_apikey_create_prints_the_key_alone_and_it_works(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        out = await self.ok("apikey", "create", "alice", "--label", "ci")
+        key = out.removesuffix("\n")
+        self.assertEqual(out, key + "\n")
+        self.assertTrue(creds.well_formed(key), out)
+
+        identity = await self.identity()
+        principal = await identity.resolve(key, ("apikey",))
+        assert principal is not None
+        self.assertEqual((principal.user.username, principal.kind), ("alice", "apikey"))
+
+        listing = await self.ok("apikey", "list", "alice")
+        self.assertNotIn(key, listing)
+        header, row = listing.splitlines()
+        self.assertEqual(header.split(), ["PREFIX", "LABEL", "CREATED", "LAST", "USED", "REVOKED"])
+        self.assertEqual(row.split()[:2], [key[: creds.PREFIX_LEN], "ci"])
+        self.assertEqual(row.split()[-1], "no")
+        self.assertNotIn(" - ", row)  # resolved once: "last used" has a time
+
+        revoked = await self.ok("apikey", "revoke", "alice", key[:6])
+        self.assertIn("revoked 1", revoked)
+        self.assertIsNone(await identity.resolve(key, ("apikey",)))
+        self.assertEqual((await self.ok("apikey", "list", "alice")).splitlines()[1].split()[-1],
+                         "yes")
+
+    async def test_token_create_prints_a_token_alone(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        out = await self.ok("token", "create", "alice@example.test", "--label", "imap2api")
+        token = out.strip()
+        self.assertEqual(out, token + "\n")
+        identity = await self.identity()
+        principal = await identity.resolve(token, ("token",))
+        assert principal is not None
+        self.assertEqual(principal.kind, "token")
+        self.assertIsNone(await identity.resolve(token, ("apikey",)))
+        # Tokens are not API keys: `apikey list` does not show them.
+        self.assertEqual(len((await self.ok("apikey", "list", "alice")).splitlines()), 1)
+
+    async def test_nothing_secret_in_the_database_files(self) -> None:
+        """The raw SQLite files hold no password, key or token the CLI handed out."""
+        password = "CLI-password-Zq9"
+        await self.ok("user", "add", "alice", "--email", "alice@example.test",
+                      "--password", password)
+        secrets = [password]
+        for command in ("apikey", "apikey", "token"):
+            secrets.append((await self.ok(command, "create", "alice")).strip())
+        raw = b"".join(p.read_bytes() for p in self.data_dir.glob("mailcore.sqlite*"))
+        self.assertGreater(len(raw), 0)
+        for secret in secrets:
+            self.assertNotIn(secret.encode(), raw)
+
+
+class MistakeTests(CliTestCase):
+    async def test_mistakes_exit_1_with_one_line(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        cases: list[tuple[tuple[str, ...], bytes, tuple[str, ...]]] = [
+            (("apikey", "create", "nobody"), b"", ("no such user: nobody",)),
+            (("apikey", "list", "nobody"), b"", ("no such user",)),
+            (("token", "create", "nobody"), b"", ("no such user",)),
+            (("user", "set-plan", "nobody", "free"), b"", ("no such user",)),
+            (("user", "add", "ALICE", "--email", "x@example.test", "--password", "p"), b"",
+             ("username already exists",)),
+            (("user", "add", "alice2", "--email", "alice@EXAMPLE.test", "--password", "p"), b"",
+             ("email already exists",)),
+            (("user", "add", "bad name", "--email", "b@example.test", "--password", "p"), b"",
+             ("Username",)),
+            (("user", "add", "dave", "--email", "not-an-email", "--password", "p"), b"",
+             ("email",)),
+            (("user", "add", "erin", "--email", "e@example.test"), b"", ("no password",)),
+            (("user", "add", "erin", "--email", "e@example.test"), b"\n", ("Password",)),
+            (("user", "add", "erin", "--email", "e@example.test", "--bogus"), b"",
+             ("unrecognized arguments: --bogus",)),
+            (("user", "add", "erin"), b"", ("--email",)),
+            (("user", "set-plan", "alice", "gold"), b"", ("invalid choice: 'gold'",)),
+            (("user",), b"", ("required",)),
+            (("frobnicate",), b"", ("invalid choice",)),
+            ((), b"", ("required",)),
+            (("apikey", "revoke", "alice", "abc"), b"", ("at least 4 characters",)),
+            (("apikey", "revoke", "alice", "ffffffff"), b"", ("no live API key",)),
+        ]
+        results = await gather(self.mc(*args, stdin=stdin) for args, stdin, _ in cases)
+        for (args, _stdin, fragments), result in zip(cases, results, strict=True):
+            self.assertOneLineError(result, *fragments, context=args)
+        # None of them changed anything.
+        self.assertEqual(len((await self.ok("user", "list")).splitlines()), 2)
+
+    async def test_bad_config_and_unreachable_database(self) -> None:
+        bad_toml = self.base / "bad.toml"
+        bad_toml.write_text("data_dir = \n[oops\n")
+        unknown_key = self.base / "unknown.toml"
+        unknown_key.write_text('colour = "blue"\n')
+        wrong_type = self.base / "type.toml"
+        wrong_type.write_text("session_token_ttl = \"soon\"\n")
+        a_file = self.base / "file"
+        a_file.write_text("")
+        cases: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+            (("--config", str(self.base / "missing.toml"), "user", "list"),
+             ("config file not found",)),
+            (("--config", str(bad_toml), "user", "list"), ("cannot read config file",)),
+            (("--config", str(unknown_key), "user", "list"), ("unknown config key: colour",)),
+            (("--config", str(wrong_type), "user", "list"), ("session_token_ttl",)),
+            (("--db", f"postgresql+psycopg://mc@127.0.0.1:{free_port()}/mc", "user", "list"),
+             ("cannot open the store", "127.0.0.1")),
+            (("--db", "nosuchdialect://x", "user", "list"), ("cannot open the store",)),
+            (("--data-dir", str(a_file / "sub"), "user", "list"), ("cannot open the store",)),
+        ]
+        results = await gather(self.run_cli(*args) for args, _ in cases)
+        for (args, fragments), result in zip(cases, results, strict=True):
+            self.assertOneLineError(result, *fragments, context=args)
+
+
+class ConfigTests(CliTestCase):
+    async def test_config_file_and_command_line_precedence(self) -> None:
+        from_file = self.base / "from-file"
+        config = self.base / "mailcore.toml"
+        config.write_text(f'data_dir = "{from_file}"\n')
+        result = await self.run_cli("--config", str(config), "init")
+        self.assertEqual(result.status, 0, result.err)
+        self.assertTrue((from_file / "mailcore.sqlite").exists())
+        result = await self.run_cli("--config", str(config), "--data-dir", str(self.data_dir),
+                                    "init")
+        self.assertEqual(result.status, 0, result.err)
+        self.assertTrue((self.data_dir / "mailcore.sqlite").exists())
+
+
+class PostgresTests(CliTestCase):
+    async def test_cli_on_postgresql(self) -> None:
+        url = await create_test_database(self)
+        result = await self.run_cli("--db", url, "--data-dir", str(self.data_dir),
+                                    "user", "add", "pg", "--email", "pg@example.test",
+                                    "--password", "pw")
+        self.assertEqual(result.status, 0, result.err)
+        result = await self.run_cli("--db", url, "--data-dir", str(self.data_dir),
+                                    "apikey", "create", "pg")
+        self.assertEqual(result.status, 0, result.err)
+        identity = await self.identity(url)
+        principal = await identity.resolve(result.out.strip(), ("apikey",))
+        assert principal is not None
+        self.assertEqual(principal.user.username, "pg")
+        self.assertFalse((self.data_dir / "mailcore.sqlite").exists())

@@ -1,0 +1,219 @@
+"""The real daemon: `twistd -n mailcore` as a subprocess on free ports in a temp data dir.
+
+It generates its TLS pair, migrates before it listens, stops cleanly on SIGTERM (exit 0 in
+a few seconds), does the same on PostgreSQL, and serves `/api/v1/ping` to a key the CLI made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import threads
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mailcore.store.engine import make_engine
+from mailcore.store.migrate import current_revision, head_revision
+from tests.support.pg import create_test_database
+from tests.support.reactor import get_reactor
+from tests.support.servers import (
+    ServerProcess,
+    free_port,
+    port_open,
+    run_command,
+    tempdir_for,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# twistd without relying on $PATH or on where the venv put its scripts.
+TWISTD = (
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+)
+
+
+def _env(with_repo: bool = True) -> dict[str, str]:
+    env = dict(os.environ)
+    # twistd logs to stdout, a file here: unbuffered, or the last lines are lost when it
+    # re-raises SIGTERM on itself after shutting down.
+    env["PYTHONUNBUFFERED"] = "1"
+    if with_repo:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _revision_blocking(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        return current_revision(engine)
+    finally:
+        engine.dispose()
+
+
+class DaemonTestCase(TestCase):
+    def setUp(self) -> None:
+        self.base = tempdir_for(self, "mailcore-daemon-")
+        self.data_dir = self.base / "var"
+        self.http_port = free_port()
+        self.smtp_port = free_port()
+
+    async def start_daemon(self, *extra: str) -> ServerProcess:
+        """twistd -n mailcore on this test's ports; waits until HTTP and SMTP listen."""
+        daemon = ServerProcess(
+            [
+                *TWISTD, "-n", "--pidfile=", "mailcore",
+                "--data-dir", str(self.data_dir),
+                "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+                "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1",
+                *extra,
+            ],
+            directory=self.base,
+            name="twistd",
+            env=_env(),
+            grace=10.0,
+        ).start()
+        self.addCleanup(daemon.stop)
+        await daemon.wait_for_port(self.http_port, timeout=30)
+        await daemon.wait_for_port(self.smtp_port, timeout=10)
+        await self.wait_until_serving()
+        return daemon
+
+    async def wait_until_serving(self) -> None:
+        """Wait for an HTTP answer: the reactor runs and has its signal handlers.
+
+        twistd opens the listeners before the reactor starts, so an open port alone does
+        not mean SIGTERM would be handled yet (it would kill the process outright).
+        """
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        response = await http.get(f"http://127.0.0.1:{self.http_port}/")
+        await treq.content(response)
+        await pool.closeCachedConnections()
+
+    async def stop_cleanly(self, daemon: ServerProcess) -> None:
+        """SIGTERM: the daemon closes its listeners and the store, and exits within seconds.
+
+        After a clean shutdown twistd re-raises the signal on itself (app._exitWithSignal),
+        so the status is "killed by SIGTERM", which service managers count as success; an
+        exit status of 0 is accepted too. The log lines are what show the shutdown was clean.
+        """
+        reactor = get_reactor()
+        started = reactor.seconds()
+        status = await daemon.stop(grace=10.0)
+        elapsed = reactor.seconds() - started
+        self.assertIn(status, (0, -signal.SIGTERM), daemon.log())
+        self.assertLess(elapsed, 8.0, daemon.log())
+        log = daemon.stdout_path.read_text()
+        self.assertIn("Received SIGTERM", log)
+        self.assertIn("Main loop terminated", log)
+        self.assertIn("Server Shut Down", log)
+        self.assertNotIn("Traceback", log)
+        self.assertFalse(await port_open(self.http_port))
+        self.assertFalse(await port_open(self.smtp_port))
+        # The store was closed: SQLite checkpoints and removes its WAL when the last
+        # connection closes; a daemon that just died would leave it behind.
+        self.assertFalse((self.data_dir / "mailcore.sqlite-wal").exists())
+
+    def assertMigratedBeforeListening(self, daemon: ServerProcess) -> None:
+        """The store was built (migrated) before the first listener opened."""
+        log = daemon.stdout_path.read_text()
+        building = log.find("mailcore starting:")
+        listening = log.find(f"starting on {self.http_port}")
+        self.assertNotEqual(building, -1, log)
+        self.assertNotEqual(listening, -1, log)
+        self.assertLess(building, listening, log)
+
+
+class DaemonLifecycleTests(DaemonTestCase):
+    async def test_starts_with_self_signed_certificate_and_stops_on_sigterm(self) -> None:
+        daemon = await self.start_daemon()
+        cert, key = self.data_dir / "tls" / "cert.pem", self.data_dir / "tls" / "key.pem"
+        self.assertTrue(cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----"))
+        self.assertEqual(key.stat().st_mode & 0o077, 0)
+        self.assertIn("generated a self-signed", daemon.stdout_path.read_text())
+        self.assertMigratedBeforeListening(daemon)
+        url = f"sqlite:///{self.data_dir / 'mailcore.sqlite'}"
+        self.assertEqual(await threads.deferToThread(_revision_blocking, url), head_revision())
+        await self.stop_cleanly(daemon)
+
+        # Second start: the pair exists, nothing is generated again.
+        before = cert.read_bytes()
+        again = await self.start_daemon()
+        self.assertNotIn("generated a self-signed", again.stdout_path.read_text())
+        self.assertEqual(cert.read_bytes(), before)
+        await self.stop_cleanly(again)
+
+    async def test_runs_on_postgresql(self) -> None:
+        url = await create_test_database(self)
+        daemon = await self.start_daemon("--db", url)
+        self.assertMigratedBeforeListening(daemon)
+        self.assertEqual(await threads.deferToThread(_revision_blocking, url), head_revision())
+        self.assertFalse((self.data_dir / "mailcore.sqlite").exists())
+        await self.stop_cleanly(daemon)
+
+    async def test_bad_option_exits_with_usage_error(self) -> None:
+        result = await run_command(
+            [*TWISTD, "-n", "--pidfile=", "mailcore", "--tls-cert", "/nonexistent.pem"],
+            env=_env(), cwd=self.base,
+        )
+        self.assertNotEqual(result.status, 0)
+        self.assertIn("--tls-cert and --tls-key go together", result.out + result.err)
+
+    async def test_plugin_is_found_from_any_directory(self) -> None:
+        """The installed project (pip install -e .) exposes the twistd plugin everywhere."""
+        result = await run_command([*TWISTD, "--help"], env=_env(with_repo=False), cwd=self.base)
+        self.assertEqual(result.status, 0, result.err)
+        self.assertRegex(result.out, r"\n\s+mailcore\s+Mail gateway")
+
+
+class DaemonServesApiTests(DaemonTestCase):
+    async def test_ping_with_a_key_made_by_the_cli(self) -> None:
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        made = await run_command(
+            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
+            env=_env(), cwd=self.base,
+        )
+        self.assertEqual(made.status, 0, made.err)
+        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
+        self.assertEqual(key.status, 0, key.err)
+        api_key = key.out.strip()
+
+        daemon = await self.start_daemon()
+        pool = HTTPConnectionPool(get_reactor(), persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        url = f"http://127.0.0.1:{self.http_port}/api/v1/ping"
+
+        headers: dict[bytes | str, bytes | str] = {"Api-Key": api_key}
+        response = await http.get(url, headers=headers)
+        body: Any = json.loads(await treq.content(response))
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(body.get("msg"), "pong")
+        self.assertIs(body.get("success"), True)
+        self.assertTrue(body.get("request_id"))
+
+        response = await http.get(url)
+        body = json.loads(await treq.content(response))
+        self.assertEqual(response.code, 401, body)
+        self.assertIs(body.get("success"), False)
+
+        headers = {"Api-Key": "0" * 40}
+        response = await http.get(url, headers=headers)
+        self.assertEqual(response.code, 401)
+        await treq.content(response)
+
+        # The key was used: `apikey list` now shows when.
+        listing = await run_command([*cli, "apikey", "list", "alice"], env=_env(), cwd=self.base)
+        row = listing.out.splitlines()[1].split()
+        self.assertEqual(len(row), 7, listing.out)  # prefix, label, created, last used, revoked
+        self.assertEqual(row[-1], "no")
+        await pool.closeCachedConnections()
+        await self.stop_cleanly(daemon)

@@ -1,0 +1,408 @@
+"""Identity: users, passwords and credentials, on the synchronous test store and a Clock."""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+from typing import Any
+from unittest import mock
+
+from sqlalchemy import Connection, insert, inspect, select, update
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.identity import Identity, IdentityError, User, passwords
+from mailcore.identity import secrets as creds
+from mailcore.identity.service import utc
+from mailcore.store import Database
+from mailcore.store.schema import credentials, users
+from mailcore.workers import CpuPool
+
+START = 1_800_000_000.0  # 2027-01-15, an arbitrary fixed "now" for the Clock
+
+
+class IdentityTestCase(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.db = Database.for_tests()
+        self.identity = Identity(self.db, self.clock, CpuPool.for_tests(), session_ttl=3600)
+
+    async def user(
+        self, name: str = "alice", password: str | None = "s3cret", **kwargs: Any  # noqa: S107
+    ) -> User:
+        return await self.identity.create_user(
+            name, kwargs.pop("email", f"{name}@Example.TEST"), password, **kwargs
+        )
+
+    async def assertRefused(self, field: str | None, coro: Any) -> IdentityError:
+        """The coroutine raises IdentityError naming `field`, with a one-line message."""
+        with self.assertRaises(IdentityError) as caught:
+            await coro
+        self.assertEqual(caught.exception.field, field)
+        self.assertNotIn("\n", caught.exception.message)
+        self.assertTrue(caught.exception.message)
+        return caught.exception
+
+    async def deactivate(self, user_id: int) -> None:
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.id == user_id).values(is_active=False))
+
+        await self.db.run("deactivate", txn)
+
+    async def credential_row(self, credential_id: int) -> dict[str, Any]:
+        def txn(conn: Connection) -> dict[str, Any]:
+            row = conn.execute(
+                select(credentials).where(credentials.c.id == credential_id)
+            ).one()
+            found = dict(row._mapping)
+            for key in ("created_at", "expires_at", "last_used_at", "revoked_at"):
+                found[key] = utc(found[key])
+            return found
+
+        return await self.db.read("credential_row", txn)
+
+
+class UserTests(IdentityTestCase):
+    async def test_create_user_with_profile(self) -> None:
+        user = await self.user(
+            "alice", first_name="Alice", city="Lyon", plan="agency", phone="+33 1 23"
+        )
+        self.assertEqual(user.username, "alice")
+        self.assertEqual(user.email, "alice@example.test")  # domain lower-cased
+        self.assertEqual(user.plan, "agency")
+        self.assertTrue(user.is_active)
+        self.assertTrue(user.nic.startswith("MC-"))
+        self.assertEqual(user.created_at, datetime.datetime.fromtimestamp(START, datetime.UTC))
+        profile = user.profile()
+        self.assertEqual(
+            set(profile),
+            {"nic", "first_name", "last_name", "email", "organisation", "tva_intra", "address",
+             "city", "zip", "country", "phone"},
+        )
+        self.assertEqual((profile["first_name"], profile["city"]), ("Alice", "Lyon"))
+        self.assertEqual(profile["last_name"], "")
+        self.assertEqual(await self.identity.get_user(user.id), user)
+
+    async def test_email_local_part_keeps_its_case(self) -> None:
+        user = await self.user("bob", email="  Bob.Smith@EXAMPLE.test ")
+        self.assertEqual(user.email, "Bob.Smith@example.test")
+
+    async def test_user_without_password(self) -> None:
+        user = await self.user("nopw", password=None)
+        self.assertIsNone(await self.identity.authenticate_password(user.username, ""))
+        self.assertIsNone(await self.identity.authenticate_password(user.username, "x"))
+
+    async def test_validation_errors(self) -> None:
+        await self.assertRefused("username", self.identity.create_user("a b", "a@x.test"))
+        await self.assertRefused("username", self.identity.create_user("", "a@x.test"))
+        await self.assertRefused("username", self.identity.create_user("x" * 151, "a@x.test"))
+        await self.assertRefused("email", self.identity.create_user("a", "not-an-email"))
+        await self.assertRefused("email", self.identity.create_user("a", "a@b@c"))
+        await self.assertRefused("email", self.identity.create_user("a", "a" * 65 + "@x.test"))
+        too_long = "a" * 64 + "@" + "d" * 200 + ".test"  # fits the pattern, not the column
+        await self.assertRefused("email", self.identity.create_user("a", too_long))
+        await self.assertRefused("plan", self.identity.create_user("a", "a@x.test", plan="gold"))
+        await self.assertRefused("password", self.identity.create_user("a", "a@x.test", ""))
+        await self.assertRefused(
+            "password", self.identity.create_user("a", "a@x.test", "p" * 1025)
+        )
+        await self.assertRefused(
+            "shoe_size", self.identity.create_user("a", "a@x.test", shoe_size="44")
+        )
+        await self.assertRefused("zip", self.identity.create_user("a", "a@x.test", zip="9" * 40))
+        self.assertEqual(await self.identity.list_users(), [])
+
+    async def test_duplicate_username_and_email(self) -> None:
+        await self.user("alice")
+        await self.assertRefused("username", self.user("ALICE", email="other@example.test"))
+        await self.assertRefused("email", self.user("alice2", email="alice@EXAMPLE.test"))
+        self.assertEqual(len(await self.identity.list_users()), 1)
+
+    async def test_find_user_by_name_or_email(self) -> None:
+        alice = await self.user("alice")
+        self.assertEqual(await self.identity.find_user("ALICE"), alice)
+        self.assertEqual(await self.identity.find_user("alice@example.test"), alice)
+        self.assertIsNone(await self.identity.find_user("nobody"))
+
+    async def test_list_users_in_creation_order(self) -> None:
+        for name in ("carol", "alice", "bob"):
+            await self.user(name, password=None)
+        names = [u.username for u in await self.identity.list_users()]
+        self.assertEqual(names, ["carol", "alice", "bob"])
+
+    async def test_set_plan(self) -> None:
+        alice = await self.user()
+        await self.identity.set_plan(alice.id, "standard")
+        user = await self.identity.get_user(alice.id)
+        assert user is not None
+        self.assertEqual(user.plan, "standard")
+        await self.assertRefused("plan", self.identity.set_plan(alice.id, "platinum"))
+
+    async def test_update_profile(self) -> None:
+        alice = await self.user()
+        await self.user("bob")
+        user = await self.identity.update_profile(
+            alice.id, {"city": "Paris", "nic": "ignored", "email": "new@Example.test"}
+        )
+        self.assertEqual(
+            (user.city, user.email, user.nic), ("Paris", "new@example.test", alice.nic)
+        )
+        update = self.identity.update_profile
+        await self.assertRefused("email", update(alice.id, {"email": "bob@example.test"}))
+        await self.assertRefused("plan", update(alice.id, {"plan": "agency"}))
+        await self.assertRefused("city", update(alice.id, {"city": 3}))
+        await self.assertRefused("zip", update(alice.id, {"zip": "1" * 33}))
+        await self.assertRefused("city", update(alice.id, {"city": "c" * 300}))
+        unchanged = await self.identity.get_user(alice.id)
+        assert unchanged is not None
+        self.assertEqual((unchanged.city, unchanged.zip), ("Paris", ""))
+
+
+class PasswordTests(IdentityTestCase):
+    async def test_password_is_hashed_with_argon2id(self) -> None:
+        alice = await self.user(password="correct horse")
+
+        def stored(conn: Connection) -> str:
+            return str(
+                conn.execute(select(users.c.password_hash).where(users.c.id == alice.id))
+                .scalar_one()
+            )
+
+        hashed = await self.db.read("hash", stored)
+        self.assertTrue(hashed.startswith("$argon2id$"), hashed)
+        self.assertNotIn("correct horse", hashed)
+        self.assertFalse(passwords.needs_rehash(hashed))
+
+    async def test_right_password(self) -> None:
+        alice = await self.user(password="s3cret")
+        self.assertEqual(await self.identity.authenticate_password("alice", "s3cret"), alice)
+        self.assertEqual(
+            await self.identity.authenticate_password("ALICE@example.test", "s3cret"), alice
+        )
+
+    async def test_wrong_password(self) -> None:
+        await self.user(password="s3cret")
+        self.assertIsNone(await self.identity.authenticate_password("alice", "S3cret"))
+        self.assertIsNone(await self.identity.authenticate_password("alice", ""))
+        self.assertIsNone(await self.identity.authenticate_password("alice", "s" * 5000))
+
+    async def test_unknown_user_costs_a_hash_too(self) -> None:
+        """An unknown name is verified against a dummy hash: same work, no enumeration."""
+        hasher = mock.Mock(wraps=passwords._hasher)
+        with mock.patch.object(passwords, "_hasher", hasher):
+            self.assertIsNone(await self.identity.authenticate_password("ghost", "s3cret"))
+        hasher.verify.assert_called_once_with(passwords._dummy_hash(), "s3cret")
+
+    async def test_inactive_user_cannot_log_in(self) -> None:
+        alice = await self.user(password="s3cret")
+        await self.deactivate(alice.id)
+        self.assertIsNone(await self.identity.authenticate_password("alice", "s3cret"))
+
+    async def test_set_password(self) -> None:
+        alice = await self.user(password="old")
+        await self.identity.set_password(alice.id, "new")
+        self.assertIsNone(await self.identity.authenticate_password("alice", "old"))
+        self.assertEqual(await self.identity.authenticate_password("alice", "new"), alice)
+        await self.assertRefused("password", self.identity.set_password(alice.id, ""))
+
+
+class CredentialTests(IdentityTestCase):
+    async def test_create_list_and_resolve_api_key(self) -> None:
+        alice = await self.user()
+        secret, info = await self.identity.create_credential(alice.id, "apikey", label="ci")
+        self.assertTrue(creds.well_formed(secret))
+        self.assertGreaterEqual(len(secret) * 4, 128)  # hex: 4 bits a character
+        self.assertEqual(info.prefix, secret[: creds.PREFIX_LEN])
+        self.assertEqual((info.kind, info.label, info.scopes), ("apikey", "ci", ("*",)))
+        self.assertIsNone(info.expires_at)
+        self.assertFalse(info.revoked)
+        self.assertEqual(await self.identity.list_credentials(alice.id), [info])
+        self.assertEqual(await self.identity.list_credentials(alice.id, "token"), [])
+
+        principal = await self.identity.resolve(secret, ("apikey",))
+        assert principal is not None
+        self.assertEqual(principal.user, alice)
+        self.assertEqual((principal.credential_id, principal.kind), (info.id, "apikey"))
+        self.assertTrue(principal.allows("anything"))
+
+    async def test_secrets_are_random(self) -> None:
+        alice = await self.user()
+        made = {(await self.identity.create_credential(alice.id, "token"))[0] for _ in range(20)}
+        self.assertEqual(len(made), 20)
+
+    async def test_resolve_refuses_wrong_kind_and_garbage(self) -> None:
+        alice = await self.user()
+        secret, _ = await self.identity.create_credential(alice.id, "token")
+        self.assertIsNone(await self.identity.resolve(secret, ("apikey", "session")))
+        self.assertIsNotNone(await self.identity.resolve(secret, ("apikey", "token")))
+        for garbage in ("", "x" * 40, secret.upper(), secret + "0", secret[:-1]):
+            self.assertIsNone(await self.identity.resolve(garbage, ("token",)))
+
+    async def test_unknown_kind_and_unknown_user(self) -> None:
+        alice = await self.user()
+        await self.assertRefused(None, self.identity.create_credential(alice.id, "password"))
+        await self.assertRefused(None, self.identity.create_credential(9999, "apikey"))
+        await self.assertRefused(
+            "label", self.identity.create_credential(alice.id, "apikey", label="l" * 256)
+        )
+
+    async def test_scopes(self) -> None:
+        alice = await self.user()
+        secret, info = await self.identity.create_credential(
+            alice.id, "token", scopes=("mail:read", "mail:send")
+        )
+        self.assertEqual(info.scopes, ("mail:read", "mail:send"))
+        principal = await self.identity.resolve(secret, ("token",))
+        assert principal is not None
+        self.assertEqual(principal.scopes, ("mail:read", "mail:send"))
+        self.assertTrue(principal.allows("mail:read"))
+        self.assertFalse(principal.allows("admin"))
+
+    async def test_revoke_by_prefix(self) -> None:
+        alice = await self.user()
+        bob = await self.user("bob")
+        secret, info = await self.identity.create_credential(alice.id, "apikey")
+        other, _ = await self.identity.create_credential(alice.id, "apikey")
+        # Another user cannot revoke alice's key, even knowing its prefix.
+        self.assertEqual(await self.identity.revoke_credential(bob.id, info.prefix), 0)
+        self.assertEqual(await self.identity.revoke_credential(alice.id, info.prefix), 1)
+        self.assertIsNone(await self.identity.resolve(secret, ("apikey",)))
+        self.assertIsNotNone(await self.identity.resolve(other, ("apikey",)))
+        listed = {c.prefix: c.revoked for c in await self.identity.list_credentials(alice.id)}
+        self.assertEqual(listed, {info.prefix: True, other[: creds.PREFIX_LEN]: False})
+        # Revoking again changes nothing.
+        self.assertEqual(await self.identity.revoke_credential(alice.id, info.prefix), 0)
+
+    async def test_revoke_needs_four_characters_and_escapes_wildcards(self) -> None:
+        alice = await self.user()
+        secret, _ = await self.identity.create_credential(alice.id, "apikey")
+        await self.assertRefused("prefix", self.identity.revoke_credential(alice.id, secret[:3]))
+        self.assertEqual(await self.identity.revoke_credential(alice.id, "%%%%"), 0)
+        self.assertEqual(await self.identity.revoke_credential(alice.id, "____"), 0)
+        self.assertEqual(await self.identity.revoke_credential(alice.id, secret[:5]), 1)
+
+    async def test_revoke_by_kind(self) -> None:
+        alice = await self.user()
+        token, info = await self.identity.create_credential(alice.id, "token")
+        self.assertEqual(await self.identity.revoke_credential(alice.id, info.prefix, "apikey"), 0)
+        self.assertIsNotNone(await self.identity.resolve(token, ("token",)))
+
+    async def test_inactive_user_credentials_do_not_resolve(self) -> None:
+        alice = await self.user()
+        secret, _ = await self.identity.create_credential(alice.id, "apikey")
+        await self.deactivate(alice.id)
+        self.assertIsNone(await self.identity.resolve(secret, ("apikey",)))
+
+    async def test_session_expires_after_its_ttl(self) -> None:
+        alice = await self.user()
+        secret, info = await self.identity.create_credential(alice.id, "session")
+        assert info.expires_at is not None
+        self.assertEqual(info.expires_at - info.created_at, datetime.timedelta(seconds=3600))
+        self.clock.advance(3599)
+        self.assertIsNotNone(await self.identity.resolve(secret, ("session",)))
+        self.clock.advance(1)
+        self.assertIsNone(await self.identity.resolve(secret, ("session",)))
+
+    async def test_session_ttl_is_configurable(self) -> None:
+        identity = Identity(self.db, self.clock, CpuPool.for_tests(), session_ttl=60)
+        alice = await self.user()
+        secret, _ = await identity.create_credential(alice.id, "session")
+        self.clock.advance(59)
+        self.assertIsNotNone(await identity.resolve(secret, ("session",)))
+        self.clock.advance(1)
+        self.assertIsNone(await identity.resolve(secret, ("session",)))
+
+    async def test_explicit_ttl_and_non_expiring_tokens(self) -> None:
+        alice = await self.user()
+        short, _ = await self.identity.create_credential(alice.id, "apikey", ttl=10)
+        forever, info = await self.identity.create_credential(alice.id, "token")
+        self.assertIsNone(info.expires_at)
+        self.clock.advance(10 * 365 * 86400)
+        self.assertIsNone(await self.identity.resolve(short, ("apikey",)))
+        self.assertIsNotNone(await self.identity.resolve(forever, ("token",)))
+
+    async def test_last_used_at_is_throttled(self) -> None:
+        """Resolving refreshes last_used_at at most every five minutes (reads stay reads)."""
+        alice = await self.user()
+        secret, info = await self.identity.create_credential(alice.id, "apikey")
+        self.assertIsNone(info.last_used_at)
+        first = self.identity.now()
+        await self.identity.resolve(secret, ("apikey",))
+        self.assertEqual((await self.credential_row(info.id))["last_used_at"], first)
+
+        with mock.patch.object(self.db, "run", wraps=self.db.run) as run:
+            self.clock.advance(300)
+            await self.identity.resolve(secret, ("apikey",))
+            run.assert_not_called()
+        self.assertEqual((await self.credential_row(info.id))["last_used_at"], first)
+
+        self.clock.advance(1)
+        await self.identity.resolve(secret, ("apikey",))
+        last = (await self.identity.list_credentials(alice.id))[0].last_used_at
+        self.assertEqual(last, first + datetime.timedelta(seconds=301))
+
+    async def test_prefix_lookup_compares_every_candidate_in_constant_time(self) -> None:
+        """Rows sharing a prefix are all checked with hmac.compare_digest; only the match wins."""
+        alice = await self.user()
+        bob = await self.user("bob")
+        secret, info = await self.identity.create_credential(alice.id, "apikey")
+        # A forged row for bob with the same prefix and another digest.
+        twin = secret[: creds.PREFIX_LEN] + "0" * (len(secret) - creds.PREFIX_LEN)
+        if twin == secret:
+            twin = secret[: creds.PREFIX_LEN] + "1" * (len(secret) - creds.PREFIX_LEN)
+
+        def forge(conn: Connection) -> None:
+            conn.execute(
+                insert(credentials).values(
+                    user_id=bob.id, kind="apikey", prefix=info.prefix,
+                    digest=creds.digest(twin), created_at=self.identity.now(),
+                )
+            )
+
+        await self.db.run("forge", forge)
+        with mock.patch.object(
+            creds.hmac, "compare_digest", wraps=hmac.compare_digest
+        ) as compare:
+            principal = await self.identity.resolve(secret, ("apikey",))
+        assert principal is not None
+        self.assertEqual(principal.user.id, alice.id)
+        self.assertEqual(compare.call_count, 2)
+        twin_principal = await self.identity.resolve(twin, ("apikey",))
+        assert twin_principal is not None
+        self.assertEqual(twin_principal.user.id, bob.id)
+        # Same prefix, unknown rest: no match.
+        wrong = secret[: creds.PREFIX_LEN] + "f" * (len(secret) - creds.PREFIX_LEN)
+        if wrong not in (secret, twin):
+            self.assertIsNone(await self.identity.resolve(wrong, ("apikey",)))
+
+    async def test_no_secret_is_stored_in_clear(self) -> None:
+        """Every column of every row, searched for each password and secret handed out."""
+        alice = await self.user("alice", password="pa55-alice-XYZ")
+        bob = await self.user("bob", password="pa55-bob-XYZ")
+        handed_out = ["pa55-alice-XYZ", "pa55-bob-XYZ"]
+        for user in (alice, bob):
+            for kind in ("apikey", "token", "session"):
+                secret, _ = await self.identity.create_credential(user.id, kind, label=kind)
+                handed_out.append(secret)
+                await self.identity.resolve(secret, (kind,))
+
+        def every_value(conn: Connection) -> list[Any]:
+            values: list[Any] = []
+            for table in inspect(conn).get_table_names():
+                for row in conn.exec_driver_sql(f'SELECT * FROM "{table}"'):
+                    values.extend(row)
+            return values
+
+        values = await self.db.read("dump", every_value)
+        self.assertGreater(len(values), 20)
+        for value in values:
+            if isinstance(value, str):
+                text = value.lower()
+            elif isinstance(value, bytes | bytearray | memoryview):
+                raw = bytes(value)
+                text = raw.decode("latin-1").lower() + raw.hex()
+            else:
+                continue
+            for secret in handed_out:
+                self.assertNotIn(secret.lower(), text)

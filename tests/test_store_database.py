@@ -1,0 +1,251 @@
+"""The Database on a real backend: work on its thread pool, whole transactions, SQLite durability.
+
+Every test runs twice, on a temp-file SQLite and on PostgreSQL (the throwaway cluster from
+tests.support.pg, or MAILCORE_TEST_PG_URL).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+import threading
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from twisted.internet import defer, threads
+from twisted.trial.unittest import TestCase
+
+from mailcore.store import Database, StoreError
+from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS
+from mailcore.store.schema import credentials, users
+from tests.support.db import DatabaseMixin
+from tests.support.reactor import get_reactor
+
+_NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+
+def _add_user(conn: Connection, name: str) -> int:
+    result = conn.execute(
+        insert(users).values(
+            username=name, email=f"{name}@example.test", nic=f"MC-{name}", created_at=_NOW
+        )
+    )
+    key: Any = result.inserted_primary_key
+    return int(key[0])
+
+
+def _count_users(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
+
+
+class Boom(Exception):
+    """Raised inside a transaction to check that it rolls back."""
+
+
+class DatabaseTestsMixin(DatabaseMixin):
+    """The behaviour both backends share. Mixed into one TestCase per backend."""
+
+    db: Database
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.open_database()
+
+    async def test_run_and_read_return_results_from_a_pool_thread(self) -> None:
+        """Work runs on the Database's own threads; its result comes back in the Deferred."""
+        reactor_thread = threading.get_ident()
+
+        def txn(conn: Connection, name: str) -> tuple[int, int]:
+            return _add_user(conn, name), threading.get_ident()
+
+        d = self.db.run("add_user", txn, "alice")
+        self.assertIsInstance(d, defer.Deferred)
+        user_id, thread = await d
+        self.assertNotEqual(thread, reactor_thread)
+        self.assertIsInstance(user_id, int)
+
+        def names(conn: Connection) -> tuple[list[str], int]:
+            rows = conn.execute(select(users.c.username)).scalars().all()
+            return list(rows), threading.get_ident()
+
+        found, thread = await self.db.read("names", names)
+        self.assertEqual(found, ["alice"])
+        self.assertNotEqual(thread, reactor_thread)
+
+    async def test_exception_rolls_back_the_whole_transaction(self) -> None:
+        """Everything a failing function wrote is undone, and its exception reaches the caller."""
+
+        def txn(conn: Connection) -> None:
+            _add_user(conn, "first")
+            _add_user(conn, "second")
+            raise Boom("after two inserts")
+
+        with self.assertRaises(Boom):
+            await self.db.run("failing", txn)
+        self.assertEqual(await self.db.read("count", _count_users), 0)
+
+    async def test_integrity_error_rolls_back_and_propagates(self) -> None:
+        def txn(conn: Connection) -> None:
+            _add_user(conn, "dup")
+            _add_user(conn, "other")
+            _add_user(conn, "dup")
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("duplicate", txn)
+        self.assertEqual(await self.db.read("count", _count_users), 0)
+
+    async def test_foreign_keys_are_enforced(self) -> None:
+        def txn(conn: Connection) -> None:
+            conn.execute(
+                insert(credentials).values(
+                    user_id=12345, kind="apikey", prefix="abcd1234", digest=b"\0" * 32,
+                    created_at=_NOW,
+                )
+            )
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("orphan_credential", txn)
+
+    async def test_concurrent_read_then_write_transactions_all_commit(self) -> None:
+        """Many writers at once, from two engines (as two processes would), none fails.
+
+        Each transaction reads before it writes: on SQLite a plain BEGIN would fail the
+        read-to-write upgrade with "database is locked"; BEGIN IMMEDIATE plus the busy
+        timeout and the retry make every one of them commit.
+        """
+        other = await self.open_database_at(self.db.url)
+
+        def txn(conn: Connection, name: str) -> int:
+            before = _count_users(conn)
+            _add_user(conn, name)
+            return before
+
+        writes = [
+            (self.db if i % 2 else other).run("concurrent_add", txn, f"user{i}")
+            for i in range(40)
+        ]
+        results = await defer.gatherResults(writes, consumeErrors=True)
+        self.assertEqual(await self.db.read("count", _count_users), 40)
+        if self.db.is_sqlite:
+            # Serialised: every transaction saw a different number of earlier rows.
+            self.assertEqual(sorted(results), list(range(40)))
+
+    async def test_read_does_not_wait_for_a_writer(self) -> None:
+        """A read transaction runs while a write transaction is open and sees committed data."""
+        await self.db.run("add_user", _add_user, "committed")
+        inserted = threading.Event()
+        release = threading.Event()
+
+        def slow_writer(conn: Connection) -> None:
+            _add_user(conn, "uncommitted")
+            inserted.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+
+        writer = self.db.run("slow_writer", slow_writer)
+        self.addCleanup(release.set)
+        self.assertTrue(await threads.deferToThread(inserted.wait, 30))
+        count = await self.db.read("count", _count_users)
+        self.assertFalse(writer.called)
+        self.assertEqual(count, 1)
+        release.set()
+        await writer
+        self.assertEqual(await self.db.read("count", _count_users), 2)
+
+    async def test_close_finishes_queued_work(self) -> None:
+        """close() lets transactions already queued commit before the threads stop."""
+        db = Database(self.db.url, get_reactor(), max_threads=1)
+        await db.open()
+        pending = [db.run("add_user", _add_user, f"late{i}") for i in range(5)]
+        await db.close()
+        self.assertTrue(all(d.called for d in pending))
+        await defer.gatherResults(pending)
+        self.assertEqual(await self.db.read("count", _count_users), 5)
+
+
+    async def test_work_after_close_fails_instead_of_hanging(self) -> None:
+        """A closed Database refuses work at once (a stopped pool would drop it silently)."""
+        db = Database(self.db.url, get_reactor(), max_threads=1)
+        await db.open()
+        await db.close()
+        with self.assertRaises(StoreError):
+            await db.run("late", _add_user, "late")
+
+
+class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
+    backend = "sqlite"
+
+    async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
+        """WAL, synchronous=FULL, a busy timeout and foreign keys on every connection."""
+
+        def pragmas(conn: Connection) -> dict[str, Any]:
+            return {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+            }
+
+        found = await self.db.read("pragmas", pragmas)
+        self.assertEqual(
+            found,
+            {
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL
+                "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+                "foreign_keys": 1,
+            },
+        )
+        self.assertGreaterEqual(SQLITE_BUSY_TIMEOUT_MS, 5000)
+
+    async def test_database_is_locked_is_retried(self) -> None:
+        """A transaction that fails with "database is locked" runs again and commits."""
+        attempts: list[int] = []
+
+        def flaky(conn: Connection) -> str:
+            attempts.append(1)
+            _add_user(conn, f"try{len(attempts)}")
+            if len(attempts) < 3:
+                raise OperationalError(
+                    "INSERT", {}, sqlite3.OperationalError("database is locked")
+                )
+            return "done"
+
+        self.assertEqual(await self.db.run("flaky", flaky), "done")
+        self.assertEqual(len(attempts), 3)
+        names = await self.db.read(
+            "names", lambda conn: list(conn.execute(select(users.c.username)).scalars())
+        )
+        self.assertEqual(names, ["try3"])  # the failed attempts left nothing behind
+
+    async def test_other_operational_errors_are_not_retried(self) -> None:
+        attempts: list[int] = []
+
+        def broken(conn: Connection) -> None:
+            attempts.append(1)
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
+
+        with self.assertRaises(OperationalError):
+            await self.db.run("broken", broken)
+        self.assertEqual(len(attempts), 1)
+
+
+class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
+    backend = "postgresql"
+
+    async def test_serialization_failure_is_retried(self) -> None:
+        """SQLSTATE 40001 (serialization failure) rolls back and runs the function again."""
+        attempts: list[int] = []
+
+        def flaky(conn: Connection) -> int:
+            attempts.append(1)
+            _add_user(conn, f"try{len(attempts)}")
+            if len(attempts) == 1:
+                conn.exec_driver_sql(
+                    "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$"
+                )
+            return len(attempts)
+
+        self.assertEqual(await self.db.run("flaky", flaky), 2)
+        names = await self.db.read(
+            "names", lambda conn: list(conn.execute(select(users.c.username)).scalars())
+        )
+        self.assertEqual(names, ["try2"])
