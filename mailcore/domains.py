@@ -1,0 +1,636 @@
+"""Served domains and their address lists: the store's rows, and a snapshot for SMTP.
+
+A domain is a customer's mail domain we are MX for; `redirect_host`/`redirect_port` is its
+next hop (seed 004's `redirectTo`). When a domain has an address list only those local parts
+are accepted; an empty list accepts every local part.
+
+The SMTP server asks `lookup` and `accepts` for every RCPT, so they answer from an
+in-memory snapshot and never touch SQL. The snapshot is reloaded after every change made
+through this service, and every `refresh_interval` seconds, since several nodes may share
+one database and change it behind our back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import idna
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.store import Database
+from mailcore.store.schema import domain_addresses, domains, users
+
+log = Logger()
+
+DEFAULT_PORT = 25
+DEFAULT_REFRESH_INTERVAL = 30.0
+ACTIONS = (0, 1)  # seed 004: 0 quarantine, 1 tag and deliver
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL_PART = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,253}$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+# Domain fields that `update` may change, and the optional text fields of seed 004.
+_RESUME_FIELDS = (
+    "resume_template_subject",
+    "resume_template_body",
+    "resume_template_resume",
+    "resume_link_hostname",
+    "resume_reply_to",
+)
+UPDATABLE_FIELDS = (
+    "redirect_to",
+    "require_tls",
+    "spam_action",
+    "virus_action",
+    "send_resume",
+    *_RESUME_FIELDS,
+)
+
+
+class DomainError(Exception):
+    """A domain or address operation was refused; `field` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One served domain. `name` and `redirect_host` are ASCII (A-labels), lower case."""
+
+    id: int
+    owner_id: int
+    name: str
+    redirect_host: str
+    redirect_port: int
+    require_tls: bool
+    spam_action: int
+    virus_action: int
+    send_resume: bool
+    resume_template_subject: str | None
+    resume_template_body: str | None
+    resume_template_resume: str | None
+    resume_link_hostname: str | None
+    resume_reply_to: str | None
+    created_at: datetime.datetime
+
+    @property
+    def unicode_name(self) -> str:
+        """The name as people write it (U-labels), for display."""
+        try:
+            return idna.decode(self.name)
+        except idna.IDNAError:
+            return self.name
+
+    @property
+    def redirect_to(self) -> str:
+        """The next hop in seed 004's `redirectTo` spelling (the port only when not 25)."""
+        return format_redirect(self.redirect_host, self.redirect_port)
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+def _to_ascii(name: str, what: str, field: str) -> str:
+    """IDNA (UTS 46) A-label form of a host name, lower case, checked label by label."""
+    text = name.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise DomainError(f"{what} is empty.", field)
+    try:
+        ascii_name = idna.encode(text, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError) as e:
+        raise DomainError(f"{what} {name!r} is not a valid host name: {e}.", field) from None
+    if len(ascii_name) > 253:
+        raise DomainError(f"{what} {name!r} is longer than 253 characters.", field)
+    labels = ascii_name.split(".")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise DomainError(
+                f"{what} {name!r} is not a valid host name: bad label {label!r}.", field
+            )
+    if labels[-1].isdigit():
+        raise DomainError(f"{what} {name!r} is not a host name (numeric last label).", field)
+    return ascii_name
+
+
+def normalise_domain(name: str) -> str:
+    """The stored form of a domain name: A-labels, lower case, no trailing dot.
+
+    Raises DomainError for anything that is not a fully qualified DNS name (an IP address,
+    a single label, bad characters, over-long labels).
+    """
+    ascii_name = _to_ascii(name, "Domain name", "domain")
+    if "." not in ascii_name:
+        raise DomainError(
+            f"Domain name {name!r} must be fully qualified (at least two labels).", "domain"
+        )
+    return ascii_name
+
+
+def normalise_local_part(local_part: str) -> str:
+    """The stored form of a local part: a dot-atom (RFC 5321), at most 64 octets, lower case.
+
+    Matching is case-insensitive, as every MX does in practice, so the list keeps one case.
+    """
+    text = local_part.strip()
+    if not text:
+        raise DomainError("Local part is empty.", "address")
+    if "@" in text:
+        raise DomainError(
+            f"Give the local part only (the text before the @), not {local_part!r}.", "address"
+        )
+    if len(text.encode("utf-8")) > 64:
+        raise DomainError(f"Local part {local_part!r} is longer than 64 octets.", "address")
+    if not text.isascii() or not _LOCAL_PART.match(text):
+        raise DomainError(
+            f"Local part {local_part!r} is not a valid dot-atom (letters, digits and "
+            "!#$%&'*+/=?^_`{|}~- separated by single dots).",
+            "address",
+        )
+    return text.lower()
+
+
+def _parse_port(text: str, value: str) -> int:
+    if not _PORT.match(text) or not 1 <= int(text) <= 65535:
+        raise DomainError(f"redirectTo {value!r}: port must be a number from 1 to 65535.",
+                          "redirectTo")
+    return int(text)
+
+
+def parse_redirect(value: str) -> tuple[str, int]:
+    """Parse seed 004's `redirectTo` into (host, port); the port is 25 when absent.
+
+    Accepted spellings: `host`, `host:port`, `1.2.3.4`, `1.2.3.4:port`, `[1.2.3.4]`,
+    `[1.2.3.4]:port`, `[2001:db8::1]`, `[IPv6:2001:db8::1]:port`, and a bare IPv6 address
+    (no port then: brackets are needed to give one). Host names are IDNA-normalised; IP
+    addresses come back in their compressed form, without brackets.
+    """
+    text = value.strip()
+    if not text:
+        raise DomainError("redirectTo is empty.", "redirectTo")
+    port = DEFAULT_PORT
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise DomainError(f"redirectTo {value!r}: missing ']'.", "redirectTo")
+        inner, rest = text[1:close], text[close + 1:]
+        if inner[:5].lower() == "ipv6:":
+            inner = inner[5:]
+        try:
+            host = ipaddress.ip_address(inner).compressed
+        except ValueError:
+            raise DomainError(
+                f"redirectTo {value!r}: only an IP address may stand in brackets.", "redirectTo"
+            ) from None
+        if rest:
+            if not rest.startswith(":"):
+                raise DomainError(
+                    f"redirectTo {value!r}: unexpected text after ']'.", "redirectTo"
+                )
+            port = _parse_port(rest[1:], value)
+        return host, port
+    try:
+        return ipaddress.ip_address(text).compressed, port
+    except ValueError:
+        pass
+    if text.count(":") > 1:
+        raise DomainError(
+            f"redirectTo {value!r}: write an IPv6 address with a port as [address]:port.",
+            "redirectTo",
+        )
+    host_text, sep, port_text = text.partition(":")
+    if sep:
+        port = _parse_port(port_text, value)
+    try:
+        return ipaddress.IPv4Address(host_text).compressed, port
+    except ValueError:
+        pass
+    return _to_ascii(host_text, "redirectTo host", "redirectTo"), port
+
+
+def format_redirect(host: str, port: int) -> str:
+    """The inverse of `parse_redirect`: brackets around IPv6, the port only when not 25."""
+    try:
+        is_v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        is_v6 = False
+    shown = f"[{host}]" if is_v6 else host
+    return shown if port == DEFAULT_PORT else f"{shown}:{port}"
+
+
+# -- option checking -----------------------------------------------------------------------
+
+
+def _check_action(value: Any, field: str) -> int:
+    if isinstance(value, bool) or value not in ACTIONS:
+        raise DomainError(f"{field} must be 0 (quarantine) or 1 (tag and deliver).", field)
+    return int(value)
+
+
+def _check_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise DomainError(f"{field} must be true or false.", field)
+    return value
+
+
+def _check_text(value: Any, field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DomainError(f"{field} must be a string.", field)
+    if field == "resume_link_hostname":
+        return _to_ascii(value, "resume_link_hostname", field)
+    if field == "resume_reply_to":
+        if len(value) > 254 or not _EMAIL.match(value.strip()):
+            raise DomainError("resume_reply_to must be an e-mail address.", field)
+        return value.strip()
+    if len(value) > 100_000:
+        raise DomainError(f"{field} is longer than 100000 characters.", field)
+    return value
+
+
+def _column_values(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check domain options (UPDATABLE_FIELDS spelling) and turn them into column values."""
+    unknown = set(options) - set(UPDATABLE_FIELDS)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise DomainError(f"Unknown domain field: {name}.", name)
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "redirect_to":
+            if not isinstance(value, str):
+                raise DomainError("redirectTo must be a string.", "redirectTo")
+            values["redirect_host"], values["redirect_port"] = parse_redirect(value)
+        elif key in ("spam_action", "virus_action"):
+            values[key] = _check_action(value, key)
+        elif key in ("send_resume", "require_tls"):
+            values[key] = _check_bool(value, key)
+        else:
+            values[key] = _check_text(value, key)
+    return values
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value
+
+
+def _domain(row: Any) -> Domain:
+    m = row._mapping
+    return Domain(
+        id=m["id"],
+        owner_id=m["owner_id"],
+        name=m["name"],
+        redirect_host=m["redirect_host"],
+        redirect_port=int(m["redirect_port"]),
+        require_tls=bool(m["require_tls"]),
+        spam_action=int(m["spam_action"]),
+        virus_action=int(m["virus_action"]),
+        send_resume=bool(m["send_resume"]),
+        resume_template_subject=m["resume_template_subject"],
+        resume_template_body=m["resume_template_body"],
+        resume_template_resume=m["resume_template_resume"],
+        resume_link_hostname=m["resume_link_hostname"],
+        resume_reply_to=m["resume_reply_to"],
+        created_at=_utc(m["created_at"]),
+    )
+
+
+def _find_domain_txn(conn: Connection, name: str, owner_id: int | None) -> Domain:
+    """Blocking: the domain row, or DomainError when absent (or owned by someone else)."""
+    row = conn.execute(select(domains).where(domains.c.name == name)).first()
+    if row is None or (owner_id is not None and row._mapping["owner_id"] != owner_id):
+        raise DomainError(f"No such domain: {name}.", "domain")
+    return _domain(row)
+
+
+def _snapshot_txn(conn: Connection) -> tuple[dict[str, Domain], dict[int, frozenset[str]]]:
+    """Blocking: every domain and every address list, for the RCPT snapshot."""
+    by_name = {d.name: d for d in map(_domain, conn.execute(select(domains)))}
+    lists: dict[int, set[str]] = {}
+    rows = conn.execute(select(domain_addresses.c.domain_id, domain_addresses.c.local_part))
+    for domain_id, local_part in rows:
+        lists.setdefault(domain_id, set()).add(local_part.lower())
+    return by_name, {k: frozenset(v) for k, v in lists.items()}
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+class DomainService(Service):
+    """Domains and address lists in the store, with a snapshot for per-RCPT checks.
+
+    As a twisted Service it loads the snapshot when started and reloads it every
+    `refresh_interval` seconds on `clock` until stopped (the daemon reads it from the TOML
+    table `[domains] refresh_interval`, default 30). Used without starting (the admin CLI),
+    it is a plain store API and keeps no snapshot.
+    """
+
+    name = "domains"
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        *,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+    ) -> None:
+        if refresh_interval <= 0:
+            raise ValueError("refresh_interval must be positive")
+        self.db = db
+        self.clock = clock
+        self.refresh_interval = refresh_interval
+        self._by_name: dict[str, Domain] = {}
+        self._by_id: dict[int, Domain] = {}
+        self._addresses: dict[int, frozenset[str]] = {}
+        self._loaded = False
+        self._lock = defer.DeferredLock()
+        self._loading: defer.Deferred[None] | None = None
+        self._waiters: list[defer.Deferred[None]] = []
+        self._loop: LoopingCall | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.refresh_interval, now=True)
+
+    def stopService(self) -> None:
+        """Stop the timer. A reload in flight finishes on its own (the store waits for it)."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _tick(self) -> defer.Deferred[None]:
+        """One periodic reload; failures are logged and never stop the loop."""
+        return self._start_load()
+
+    def _start_load(self) -> defer.Deferred[None]:
+        """Begin a reload unless one is already running; the Deferred never fails."""
+        if self._loading is None:
+            loading = defer.Deferred.fromCoroutine(self._load_logged())
+            if not loading.called:
+                self._loading = loading
+                loading.addBoth(self._load_done)
+            return loading
+        return self._loading
+
+    def _load_done(self, result: object) -> object:
+        self._loading = None
+        return result
+
+    async def _load_logged(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as e:
+            log.failure("could not load the domain snapshot", Failure(e))
+
+    # -- the snapshot (no SQL on these paths) ---------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a snapshot has been loaded at least once (RCPTs can be answered)."""
+        return self._loaded
+
+    def when_loaded(self) -> defer.Deferred[None]:
+        """Fires once a snapshot is loaded; fails if the load attempt it waits on fails."""
+        if self._loaded:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(waiter)
+        self._start_load()
+        return waiter
+
+    def lookup(self, domain_name: str) -> Domain | None:
+        """The served domain called `domain_name` (any case, A- or U-labels), or None."""
+        found = self._by_name.get(domain_name)
+        if found is not None:
+            return found
+        key = domain_name.lower()
+        if key.endswith("."):
+            key = key[:-1]
+        found = self._by_name.get(key)
+        if found is None and not key.isascii():
+            try:
+                found = self._by_name.get(normalise_domain(key))
+            except DomainError:
+                return None
+        return found
+
+    def accepts(self, local_part: str, domain_name: str) -> bool:
+        """Whether mail to `local_part@domain_name` is accepted (served, and listed if
+        the domain has an address list)."""
+        found = self.lookup(domain_name)
+        if found is None:
+            return False
+        allowed = self._addresses.get(found.id)
+        return not allowed or local_part.lower() in allowed
+
+    def domain_by_id(self, domain_id: int) -> Domain | None:
+        """The snapshot's domain with this id (for the queue's routing), or None."""
+        return self._by_id.get(domain_id)
+
+    async def refresh(self) -> None:
+        """Reload the snapshot from the store. Reloads run one at a time, in order."""
+        await self._lock.acquire()
+        try:
+            try:
+                by_name, lists = await self.db.read("domain_snapshot", _snapshot_txn)
+            except Exception as e:
+                waiters, self._waiters = self._waiters, []
+                if not self._loaded:
+                    for waiter in waiters:
+                        waiter.errback(Failure(e))
+                else:
+                    for waiter in waiters:
+                        waiter.callback(None)
+                raise
+            self._by_name = by_name
+            self._by_id = {d.id: d for d in by_name.values()}
+            self._addresses = lists
+            self._loaded = True
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        finally:
+            self._lock.release()
+
+    async def _changed(self) -> None:
+        """After a committed change: reload the snapshot if one is in use."""
+        if self._loaded or self.running:
+            await self.refresh()
+
+    # -- domains --------------------------------------------------------------------------
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+
+    async def add(
+        self, name: str, owner_id: int, redirect_to: str, **options: Any
+    ) -> Domain:
+        """Serve a new domain for `owner_id`. Options: the other UPDATABLE_FIELDS."""
+        domain_name = normalise_domain(name)
+        values = _column_values({"redirect_to": redirect_to, **options})
+        values.setdefault("require_tls", False)
+        values.setdefault("spam_action", 0)
+        values.setdefault("virus_action", 0)
+        values.setdefault("send_resume", False)
+        values.update(name=domain_name, owner_id=owner_id, created_at=self.now())
+
+        def txn(conn: Connection) -> Domain:
+            if conn.execute(select(users.c.id).where(users.c.id == owner_id)).first() is None:
+                raise DomainError(f"No such user (id {owner_id}).", "owner")
+            taken = conn.execute(select(domains.c.id).where(domains.c.name == domain_name))
+            if taken.first() is not None:
+                raise DomainError(f"Domain {domain_name} is already served.", "domain")
+            try:
+                conn.execute(insert(domains).values(**values))
+            except IntegrityError:
+                raise DomainError(f"Domain {domain_name} is already served.", "domain") from None
+            return _find_domain_txn(conn, domain_name, None)
+
+        domain = await self.db.run("add_domain", txn)
+        await self._changed()
+        return domain
+
+    async def get(self, name: str, *, owner_id: int | None = None) -> Domain | None:
+        """The domain from the store (not the snapshot); with `owner_id`, only if theirs."""
+        try:
+            domain_name = normalise_domain(name)
+        except DomainError:
+            return None
+
+        def txn(conn: Connection) -> Domain | None:
+            try:
+                return _find_domain_txn(conn, domain_name, owner_id)
+            except DomainError:
+                return None
+
+        return await self.db.read("get_domain", txn)
+
+    async def list(self, owner_id: int | None = None) -> list[Domain]:
+        """Every domain, or those of one owner, by name."""
+
+        def txn(conn: Connection) -> list[Domain]:
+            query = select(domains).order_by(domains.c.name)
+            if owner_id is not None:
+                query = query.where(domains.c.owner_id == owner_id)
+            return [_domain(r) for r in conn.execute(query)]
+
+        return await self.db.read("list_domains", txn)
+
+    async def update(
+        self, name: str, changes: Mapping[str, Any], *, owner_id: int | None = None
+    ) -> Domain:
+        """Change some of a domain's UPDATABLE_FIELDS; returns the domain as stored."""
+        domain_name = normalise_domain(name)
+        values = _column_values(changes)
+
+        def txn(conn: Connection) -> Domain:
+            found = _find_domain_txn(conn, domain_name, owner_id)
+            if values:
+                conn.execute(update(domains).where(domains.c.id == found.id).values(**values))
+            return _find_domain_txn(conn, domain_name, None)
+
+        domain = await self.db.run("update_domain", txn)
+        await self._changed()
+        return domain
+
+    async def remove(self, name: str, *, owner_id: int | None = None) -> None:
+        """Stop serving a domain; its address list goes with it."""
+        domain_name = normalise_domain(name)
+
+        def txn(conn: Connection) -> None:
+            found = _find_domain_txn(conn, domain_name, owner_id)
+            conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id == found.id))
+            conn.execute(delete(domains).where(domains.c.id == found.id))
+
+        await self.db.run("remove_domain", txn)
+        await self._changed()
+
+    # -- addresses ------------------------------------------------------------------------
+
+    async def add_address(
+        self, domain: str, local_part: str, *, owner_id: int | None = None
+    ) -> bool:
+        """Add a local part to the domain's list; False when it was already there."""
+        domain_name = normalise_domain(domain)
+        local = normalise_local_part(local_part)
+
+        def txn(conn: Connection) -> bool:
+            found = _find_domain_txn(conn, domain_name, owner_id)
+            exists = conn.execute(
+                select(domain_addresses.c.id).where(
+                    domain_addresses.c.domain_id == found.id,
+                    domain_addresses.c.local_part == local,
+                )
+            ).first()
+            if exists is not None:
+                return False
+            conn.execute(insert(domain_addresses).values(domain_id=found.id, local_part=local))
+            return True
+
+        added = await self.db.run("add_domain_address", txn)
+        if added:
+            await self._changed()
+        return added
+
+    async def remove_address(
+        self, domain: str, local_part: str, *, owner_id: int | None = None
+    ) -> None:
+        """Remove a local part from the domain's list; DomainError when it is not listed."""
+        domain_name = normalise_domain(domain)
+        local = normalise_local_part(local_part)
+
+        def txn(conn: Connection) -> None:
+            found = _find_domain_txn(conn, domain_name, owner_id)
+            result = conn.execute(
+                delete(domain_addresses).where(
+                    domain_addresses.c.domain_id == found.id,
+                    domain_addresses.c.local_part == local,
+                )
+            )
+            if result.rowcount == 0:
+                raise DomainError(f"{local}@{domain_name} is not in the address list.", "address")
+
+        await self.db.run("remove_domain_address", txn)
+        await self._changed()
+
+    async def list_addresses(
+        self, domain: str, *, owner_id: int | None = None
+    ) -> builtins.list[str]:
+        """The domain's address list, sorted (empty: every local part is accepted)."""
+        domain_name = normalise_domain(domain)
+
+        def txn(conn: Connection) -> builtins.list[str]:
+            found = _find_domain_txn(conn, domain_name, owner_id)
+            rows = conn.execute(
+                select(domain_addresses.c.local_part)
+                .where(domain_addresses.c.domain_id == found.id)
+                .order_by(domain_addresses.c.local_part)
+            )
+            return [r[0] for r in rows]
+
+        return await self.db.read("list_domain_addresses", txn)

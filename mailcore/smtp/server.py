@@ -1,0 +1,808 @@
+"""Inbound ESMTP: the MX side of the gateway, for the domains we serve.
+
+Written on a bare `Protocol` rather than `twisted.mail.smtp.ESMTP`, whose behaviour we must
+not inherit (see shared/notes/twisted-pitfalls.md):
+
+- commands run one at a time: while a command waits on a Deferred (the domain snapshot
+  still loading, the spool committing a message) later input stays buffered, so replies to
+  pipelined commands come back in order (pitfall 5, twisted#8126);
+- input that arrived together with STARTTLS is thrown away before TLS starts
+  (pitfall 2, CVE-2011-0411);
+- DATA ends only at CRLF "." CRLF, and a message with a bare CR or bare LF anywhere in it is
+  refused as a whole, so no next hop can see two messages where we saw one (pitfall 6, the
+  2023 SMTP-smuggling class).
+
+Recipients are checked against a `RecipientDirectory` (the DomainService's in-memory
+snapshot: no SQL per RCPT) and accepted messages go to a `MessageSink` (the spool), whose
+`accept` returns only once the message is durably committed; only then do we say 250.
+
+Configuration: the `[smtp]` table of the TOML file (see `SMTPSettings`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import functools
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    INegotiated,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.config import Config, ConfigError
+from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.queue.ids import new_queue_id
+from mailcore.smtp.address import (
+    Mailbox,
+    PathError,
+    parse_mail_from,
+    parse_rcpt_to,
+    relay_refusal,
+)
+
+log = Logger()
+
+END_OF_DATA = b"\r\n.\r\n"
+# Bytes of pipelined input held while a command is pending before we stop reading the socket.
+MAX_BACKLOG = 64 * 1024
+_HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
+_HELO_DOMAIN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[\x21-\x5a\x5e-\x7e]+\]"
+)
+
+
+# -- what the server depends on --------------------------------------------------------
+
+
+class MessageSink(Protocol):
+    """Where accepted messages go: the spool. `accept` returns once the message is durable."""
+
+    async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> None: ...
+
+
+class ServedDomain(Protocol):
+    """What the server needs to know of a served domain."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class RecipientDirectory(Protocol):
+    """Which recipients we accept (the DomainService). Lookups answer from memory."""
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def when_loaded(self) -> defer.Deferred[None]: ...
+
+    def lookup(self, domain_name: str) -> ServedDomain | None: ...
+
+    def accepts(self, local_part: str, domain_name: str) -> bool: ...
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SMTPSettings:
+    """Limits and timeouts of the inbound server: the `[smtp]` table of the TOML file.
+
+    Keys (all optional; sizes in octets, times in seconds):
+
+    - `max_message_size` (52428800): the SIZE advertised in EHLO; larger messages get 552,
+      at MAIL when the client declares SIZE=, else at the end of DATA.
+    - `max_recipients` (100): accepted RCPTs per message; more get 452 4.5.3.
+    - `max_connections` (200): concurrent connections in total; more get 421 4.7.0.
+    - `max_connections_per_ip` (20): concurrent connections from one client address.
+    - `idle_timeout` (300): silence from the client (between commands or inside DATA)
+      before we say 421 4.4.2 and close.
+    - `command_timeout` (120): how long one command may wait on us (a store lookup, the
+      spool's commit) before we say 421 4.4.2 and close.
+    - `max_errors` (20): refused commands and recipients in one session before 421 4.7.0.
+    - `max_line_length` (1000): longest DATA line, CRLF included (RFC 5321 4.5.3.1.6).
+    - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
+
+    The host name in the greeting and in Received headers is the top-level `hostname`.
+    """
+
+    hostname: str = "localhost"
+    max_message_size: int = 52_428_800
+    max_recipients: int = 100
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    idle_timeout: float = 300.0
+    command_timeout: float = 120.0
+    max_errors: int = 20
+    max_line_length: int = 1000
+    max_command_length: int = 512
+
+    @classmethod
+    def from_config(cls, config: Config) -> SMTPSettings:
+        """Read `[smtp]`; a known key with a wrong type or value raises ConfigError."""
+        section = config.section("smtp")
+        values: dict[str, Any] = {"hostname": config.hostname}
+        for f in fields(cls):
+            if f.name == "hostname" or f.name not in section:
+                continue
+            value = section[f.name]
+            numeric = (int,) if f.type in ("int", int) else (int, float)
+            if isinstance(value, bool) or not isinstance(value, numeric) or value <= 0:
+                raise ConfigError(f"[smtp] {f.name} must be a positive number")
+            values[f.name] = value
+        settings = cls(**values)
+        if settings.max_line_length < 80 or settings.max_command_length < 80:
+            raise ConfigError("[smtp] line length limits must be at least 80")
+        return settings
+
+
+# -- the Received header ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_literal(ip: str) -> str:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    return f"[IPv6:{address.compressed}]" if address.version == 6 else f"[{address}]"
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """`Sun, 15 Jun 2025 15:06:40 +0000` (cached: a busy second formats its date once)."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
+
+
+def received_protocol(*, esmtp: bool, tls: bool, authenticated: bool = False) -> str:
+    """The `with` keyword of RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA."""
+    if not (esmtp or tls or authenticated):
+        return "SMTP"
+    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: tuple[Recipient, ...],
+    when: float,
+) -> bytes:
+    """The trace header we prepend (RFC 5321 4.4), folded, CRLF-terminated, ASCII.
+
+    `for <rcpt>` only when there is a single recipient, so as not to disclose the others.
+    A HELO name that is not a domain or an address literal is written as "unknown".
+    """
+    name = helo if _HELO_DOMAIN.fullmatch(helo) and len(helo) <= 255 else "unknown"
+    literal = _ip_literal(client_ip)
+    source = f"from {name} ({literal})" if literal else f"from {name}"
+    date = _rfc5322_date(int(when))
+    lines = [f"Received: {source}", f"\tby {hostname} (Mailcore) with {protocol} id {queue_id}"]
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0].address}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def _line_too_long(data: bytes, start: int, limit: int) -> bool:
+    """Whether a CRLF-separated line of data[start:] exceeds `limit` octets with its CRLF.
+
+    Jumps from the last CRLF inside each window of `limit` octets, so short lines cost
+    nothing each (no per-line Python work). `data` must end with CRLF or be shorter.
+    """
+    pos, end = start, len(data)
+    while end - pos > limit:
+        last = data.rfind(b"\r\n", pos, pos + limit)
+        if last < 0:
+            return True
+        pos = last + 2
+    return False
+
+
+# -- the protocol -------------------------------------------------------------------------
+
+
+Handler = Callable[["ESMTPServerProtocol", str], "defer.Deferred[None] | None"]
+
+
+class ESMTPServerProtocol(TwistedProtocol):
+    """One inbound SMTP session. See the module docstring for what it guarantees."""
+
+    factory: SMTPServerFactory
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.settings = factory.settings
+        self.clock = factory.clock
+        self.client_ip = ""
+        self.tls = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self._open = False
+        self._admitted = False
+        self._errors = 0
+        # Input not yet handled, from _pos on; _paused while a command's Deferred is pending.
+        self._buf = b""
+        self._pos = 0
+        self._paused = False
+        self._reading_paused = False
+        self._discarding = False
+        # The transaction.
+        self._mail_from: str | None = None
+        self._recipients: list[Recipient] = []
+        self._seen: set[str] = set()
+        # DATA: chunks received so far, their size, the last 4 octets (to find the end
+        # marker across chunk boundaries), and whether the size limit was passed.
+        self._in_data = False
+        self._chunks: list[bytes] = []
+        self._data_len = 0
+        self._tail = b""
+        self._overflow = False
+        # Timers.
+        self._last_activity = 0.0
+        self._idle_call: IDelayedCall | None = None
+        self._command_call: IDelayedCall | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.client_ip = _normalise_ip(getattr(peer, "host", "") or "")
+        self.tls = ISSLTransport.providedBy(self.transport) or INegotiated.providedBy(
+            self.transport
+        )
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._write(f"421 4.7.0 {self.settings.hostname} {refusal}\r\n")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._admitted = True
+        self._open = True
+        self._last_activity = self.clock.seconds()
+        self._idle_call = self.clock.callLater(self.settings.idle_timeout, self._idle_check)
+        self._write(f"220 {self.settings.hostname} ESMTP Mailcore\r\n")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._open = False
+        self._chunks = []
+        for call in (self._idle_call, self._command_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._command_call = None
+        if self._admitted:
+            self._admitted = False
+            self.factory.release(self)
+
+    def _write(self, text: str) -> None:
+        self.transport.write(text.encode("ascii", "replace"))  # type: ignore[union-attr]
+
+    def reply(self, code: int, status: str, text: str) -> None:
+        """Send one reply line (with its enhanced status code) if still connected."""
+        if self._open:
+            self._write(f"{code} {status} {text}\r\n")
+
+    def _error(self, code: int, status: str, text: str) -> None:
+        """Refuse a command; too many refusals end the session."""
+        self.reply(code, status, text)
+        self._errors += 1
+        if self._errors >= self.settings.max_errors:
+            self.shutdown("4.7.0", "Error: too many errors")
+
+    def shutdown(self, status: str, text: str) -> None:
+        """Say 421 and close: the server's way to end a session."""
+        if not self._open:
+            return
+        self.reply(421, status, f"{self.settings.hostname} {text}")
+        self._open = False
+        self._buf = b""
+        self._pos = 0
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- input --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._open:
+            return
+        self._last_activity = self.clock.seconds()
+        if self._in_data and not self._paused and not self._buf:
+            rest = self._feed_data(data)
+            if rest is None:
+                return
+            self._buf = rest
+        else:
+            self._buf += data
+        self._process()
+        if self._paused and len(self._buf) > MAX_BACKLOG and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _process(self) -> None:
+        """Handle buffered input until it runs out, a command pauses, or the session ends."""
+        try:
+            self._process_buffer()
+        finally:
+            if self._pos:
+                self._buf = self._buf[self._pos:]
+                self._pos = 0
+
+    def _process_buffer(self) -> None:
+        limit = self.settings.max_command_length
+        while self._open and not self._paused:
+            if self._in_data:
+                if self._pos >= len(self._buf):
+                    return
+                chunk = self._buf[self._pos:]
+                self._buf, self._pos = b"", 0
+                rest = self._feed_data(chunk)
+                if rest is None:
+                    return
+                self._buf = rest
+                continue
+            end = self._buf.find(b"\r\n", self._pos)
+            if end < 0:
+                pending = len(self._buf) - self._pos
+                if self._buf.endswith(b"\r"):
+                    pending -= 1  # the CR of the CRLF still to come
+                if self._discarding or pending > limit - 2:
+                    if not self._discarding:
+                        self._discarding = True
+                        self._error(500, "5.5.2", "Error: line too long")
+                    # Keep a final CR: its LF may come in the next segment.
+                    self._buf = b"\r" if self._buf.endswith(b"\r") else b""
+                    self._pos = 0
+                return
+            line = self._buf[self._pos:end]
+            self._pos = end + 2
+            if self._discarding:
+                self._discarding = False
+                continue
+            if len(line) + 2 > limit:
+                self._error(500, "5.5.2", "Error: line too long")
+                continue
+            self._command(line)
+
+    def _command(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line:
+            self._error(500, "5.5.2", "Error: bare CR or LF in command")
+            return
+        text = line.decode("latin-1")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler = _VERBS.get(verb)
+        if handler is None:
+            if verb in _HTTP_VERBS:
+                self.shutdown("4.7.0", "Error: this is an SMTP server")
+                return
+            self._error(502, "5.5.2", "Error: command not recognized")
+            return
+        pending = handler(self, arg)
+        if pending is not None:
+            self._wait(pending)
+
+    def _wait(self, pending: defer.Deferred[None]) -> None:
+        """Hold later input until `pending` fires: this keeps pipelined replies in order."""
+        pending.addErrback(self._internal_error)
+        if pending.called:
+            return
+        self._paused = True
+        self._command_call = self.clock.callLater(
+            self.settings.command_timeout, self._command_timed_out
+        )
+        pending.addBoth(self._resume)
+
+    def _resume(self, result: object) -> None:
+        if self._command_call is not None and self._command_call.active():
+            self._command_call.cancel()
+        self._command_call = None
+        self._paused = False
+        if not self._open:
+            return
+        self._process()
+        if self._reading_paused and not self._paused and len(self._buf) <= MAX_BACKLOG:
+            self._reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("SMTP command failed", failure)
+        self._reset_transaction()
+        self.reply(451, "4.3.0", "Error: internal error, try again later")
+
+    def _command_timed_out(self) -> None:
+        self._command_call = None
+        self.shutdown("4.4.2", "Error: timeout exceeded")
+
+    def _idle_check(self) -> None:
+        self._idle_call = None
+        if not self._open:
+            return
+        timeout = self.settings.idle_timeout
+        idle = self.clock.seconds() - self._last_activity
+        if self._paused or idle < timeout:
+            # While a command is pending the client waits on us: the command timeout rules.
+            delay = timeout if self._paused else timeout - idle
+            self._idle_call = self.clock.callLater(delay, self._idle_check)
+            return
+        self.shutdown("4.4.2", "Error: timeout exceeded")
+
+    # -- session commands ----------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._mail_from = None
+        self._recipients = []
+        self._seen = set()
+
+    def do_HELO(self, arg: str) -> None:
+        self._greet(arg, esmtp=False)
+
+    def do_EHLO(self, arg: str) -> None:
+        self._greet(arg, esmtp=True)
+
+    def _greet(self, arg: str, *, esmtp: bool) -> None:
+        name = arg.strip()
+        if not name:
+            self._error(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+            return
+        self.helo = name
+        self.esmtp = esmtp
+        self._reset_transaction()
+        hostname = self.settings.hostname
+        if not esmtp:
+            self._write(f"250 {hostname}\r\n")
+            return
+        lines = [
+            hostname,
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self._can_start_tls():
+            lines.append("STARTTLS")
+        text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        self._write(text)
+
+    def _can_start_tls(self) -> bool:
+        return (
+            not self.tls
+            and self.factory.tls is not None
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def do_STARTTLS(self, arg: str) -> None:
+        if arg.strip():
+            self._error(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        if self.tls:
+            self._error(503, "5.5.1", "Error: TLS already active")
+            return
+        if not self._can_start_tls():
+            self._error(454, "4.7.0", "Error: TLS not available")
+            return
+        self.reply(220, "2.0.0", "Ready to start TLS")
+        # Pitfall 2 (CVE-2011-0411): whatever came in the clear behind STARTTLS must not
+        # be read as if it had come over TLS.
+        self._buf = b""
+        self._pos = 0
+        self._discarding = False
+        self.transport.startTLS(self.factory.tls)  # type: ignore[union-attr]
+        self.tls = True
+        self.helo = None
+        self.esmtp = False
+        self._reset_transaction()
+
+    def do_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_RSET(self, arg: str) -> None:
+        self._reset_transaction()
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_QUIT(self, arg: str) -> None:
+        self.reply(221, "2.0.0", "Bye")
+        self._open = False
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def do_VRFY(self, arg: str) -> None:
+        self.reply(252, "2.5.0", "Cannot VRFY user; send a message and we will try")
+
+    def do_HELP(self, arg: str) -> None:
+        self.reply(
+            214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"
+        )
+
+    # -- transaction commands -------------------------------------------------------------
+
+    def do_MAIL(self, arg: str) -> None:
+        if self.helo is None:
+            self._error(503, "5.5.1", "Error: send HELO/EHLO first")
+            return
+        if self._mail_from is not None:
+            self._error(503, "5.5.1", "Error: nested MAIL command")
+            return
+        try:
+            mailbox, params = parse_mail_from(arg)
+        except PathError as e:
+            self._error(e.code, e.status, e.text)
+            return
+        for key, value in params.items():
+            if key == "SIZE" and self.esmtp:
+                if value is None or not value.isdigit() or len(value) > 20:
+                    self._error(501, "5.5.4", "Bad SIZE parameter")
+                    return
+                if int(value) > self.settings.max_message_size:
+                    self._error(552, "5.3.4", "Message size exceeds fixed limit")
+                    return
+            elif key == "BODY" and self.esmtp:
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(501, "5.5.4", "Bad BODY parameter")
+                    return
+            else:
+                self._error(555, "5.5.4", f"Unsupported parameter {key}")
+                return
+        self._mail_from = str(mailbox) if mailbox is not None else ""
+        self.reply(250, "2.1.0", "Ok")
+
+    def do_RCPT(self, arg: str) -> defer.Deferred[None] | None:
+        if self._mail_from is None:
+            self._error(503, "5.5.1", "Error: need MAIL command")
+            return None
+        try:
+            mailbox, params = parse_rcpt_to(arg)
+        except PathError as e:
+            self._error(e.code, e.status, e.text)
+            return None
+        if params:
+            self._error(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
+            return None
+        if len(self._recipients) >= self.settings.max_recipients:
+            self.reply(452, "4.5.3", "Error: too many recipients")
+            return None
+        reason = relay_refusal(mailbox)
+        if reason is not None:
+            self._error(550, "5.7.1", f"<{mailbox}>: Relaying denied: {reason}")
+            return None
+        if not mailbox.domain:
+            self._error(550, "5.1.1", "<postmaster>: no local mailboxes here; "
+                                      "write to postmaster@ a domain we serve")
+            return None
+        directory = self.factory.directory
+        if not directory.loaded:
+            return defer.Deferred.fromCoroutine(self._rcpt_when_loaded(mailbox))
+        self._check_recipient(mailbox)
+        return None
+
+    async def _rcpt_when_loaded(self, mailbox: Mailbox) -> None:
+        try:
+            await self.factory.directory.when_loaded()
+        except Exception:
+            self.reply(451, "4.3.0", f"<{mailbox}>: Temporary lookup failure")
+            return
+        self._check_recipient(mailbox)
+
+    def _check_recipient(self, mailbox: Mailbox) -> None:
+        directory = self.factory.directory
+        domain = directory.lookup(mailbox.domain)
+        address = str(mailbox)
+        if domain is None:
+            self._error(550, "5.7.1", f"<{address}>: Relaying denied")
+            return
+        if not directory.accepts(mailbox.local_part, mailbox.domain):
+            self._error(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
+            return
+        key = address.lower()
+        if key not in self._seen:
+            self._seen.add(key)
+            self._recipients.append(Recipient(address=address, domain_id=domain.id))
+        self.reply(250, "2.1.5", "Ok")
+
+    def do_DATA(self, arg: str) -> None:
+        if arg.strip():
+            self._error(501, "5.5.4", "Syntax: DATA")
+            return
+        if self._mail_from is None:
+            self._error(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not self._recipients:
+            self._error(554, "5.5.1", "Error: no valid recipients")
+            return
+        self._write("354 End data with <CR><LF>.<CR><LF>\r\n")
+        self._in_data = True
+        self._chunks = []
+        self._data_len = 0
+        self._tail = b"\r\n"  # DATA's own CRLF: a message may be just ".\r\n"
+        self._overflow = False
+
+    # -- DATA -----------------------------------------------------------------------------
+
+    def _feed_data(self, chunk: bytes) -> bytes | None:
+        """Take message bytes; at CRLF.CRLF finish the message and return what follows."""
+        tail = self._tail
+        boundary = (tail + chunk[:4]).find(END_OF_DATA)
+        if 0 <= boundary < len(tail):
+            at = boundary - len(tail)  # the marker began in earlier data
+        else:
+            found = chunk.find(END_OF_DATA)
+            if found < 0:
+                self._store(chunk)
+                self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+                return None
+            at = found
+        body_end = at + 2  # the CRLF before the dot belongs to the message
+        if body_end >= 0:
+            self._store(chunk[:body_end])
+        else:
+            self._trim(-body_end)
+        rest = chunk[at + len(END_OF_DATA):]
+        self._end_of_data()
+        return rest
+
+    def _store(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._data_len += len(piece)
+        if self._overflow:
+            return
+        if self._data_len > self.settings.max_message_size:
+            self._overflow = True
+            self._chunks = []
+            return
+        self._chunks.append(piece)
+
+    def _trim(self, count: int) -> None:
+        """Drop the last `count` stored octets (part of an end marker split across reads)."""
+        self._data_len -= count
+        while count and self._chunks:
+            last = self._chunks.pop()
+            if len(last) > count:
+                self._chunks.append(last[:-count])
+                return
+            count -= len(last)
+
+    def _end_of_data(self) -> None:
+        """The message is complete: check it, then hand it to the sink (asynchronously)."""
+        self._in_data = False
+        chunks, self._chunks = self._chunks, []
+        overflow = self._overflow
+        mail_from, recipients = self._mail_from or "", tuple(self._recipients)
+        self._reset_transaction()
+        if overflow:
+            self._error(552, "5.3.4", "Error: message size exceeds fixed limit")
+            return
+        queue_id = new_queue_id(self.clock.seconds())
+        header = received_header(
+            helo=self.helo or "",
+            client_ip=self.client_ip,
+            hostname=self.settings.hostname,
+            protocol=received_protocol(esmtp=self.esmtp, tls=self.tls),
+            queue_id=queue_id,
+            recipients=recipients,
+            when=self.clock.seconds(),
+        )
+        data = b"".join([header, *chunks])
+        del chunks
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            # Pitfall 6: a bare CR or LF could end the message early at a next hop.
+            self._error(550, "5.5.2", "Error: bare CR or LF in message data; message refused")
+            return
+        if _line_too_long(data, len(header), self.settings.max_line_length):
+            self._error(500, "5.5.2", "Error: line too long; message refused")
+            return
+        if b"\r\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n")  # undo dot-stuffing (RFC 5321 4.5.2)
+        envelope = Envelope(
+            mail_from=mail_from,
+            recipients=recipients,
+            client_ip=self.client_ip,
+            helo=self.helo or "",
+            tls=self.tls,
+        )
+        self._wait(defer.Deferred.fromCoroutine(self._queue(queue_id, envelope, data)))
+
+    async def _queue(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+        sink = self.factory.sink
+        try:
+            if sink is None:
+                raise RuntimeError("no spool is configured")
+            await sink.accept(queue_id, envelope, data)
+        except Exception:
+            log.failure("could not queue message {queue_id}", queue_id=queue_id)
+            self.reply(451, "4.3.0", "Error: queue file write error, try again later")
+            return
+        self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def _normalise_ip(host: str) -> str:
+    """The client address as text; IPv4-mapped IPv6 addresses become plain IPv4."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return address.compressed
+
+
+_VERBS: dict[str, Handler] = {
+    "HELO": ESMTPServerProtocol.do_HELO,
+    "EHLO": ESMTPServerProtocol.do_EHLO,
+    "STARTTLS": ESMTPServerProtocol.do_STARTTLS,
+    "MAIL": ESMTPServerProtocol.do_MAIL,
+    "RCPT": ESMTPServerProtocol.do_RCPT,
+    "DATA": ESMTPServerProtocol.do_DATA,
+    "RSET": ESMTPServerProtocol.do_RSET,
+    "NOOP": ESMTPServerProtocol.do_NOOP,
+    "QUIT": ESMTPServerProtocol.do_QUIT,
+    "VRFY": ESMTPServerProtocol.do_VRFY,
+    "HELP": ESMTPServerProtocol.do_HELP,
+}
+
+
+# -- the factory -----------------------------------------------------------------------
+
+
+class SMTPServerFactory(ServerFactory):
+    """Builds sessions and enforces the connection limits (total and per client address)."""
+
+    def __init__(
+        self,
+        settings: SMTPSettings,
+        directory: RecipientDirectory,
+        sink: MessageSink | None,
+        clock: IReactorTime,
+        *,
+        tls: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.sink = sink
+        self.clock = clock
+        self.tls = tls  # an IOpenSSLContextFactory (CertificateOptions) for STARTTLS, or None
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:  # type: ignore[override]
+        return ESMTPServerProtocol(self)
+
+    def admit(self, session: ESMTPServerProtocol) -> str | None:
+        """Count a new session in, or say why it must be refused (421)."""
+        if self.connections >= self.settings.max_connections:
+            return "Error: too many connections"
+        ip = session.client_ip
+        count = self.per_ip.get(ip, 0)
+        if count >= self.settings.max_connections_per_ip:
+            return "Error: too many connections from your address"
+        self.connections += 1
+        self.per_ip[ip] = count + 1
+        return None
+
+    def release(self, session: ESMTPServerProtocol) -> None:
+        """Count a finished session out."""
+        self.connections -= 1
+        ip = session.client_ip
+        count = self.per_ip.get(ip, 0) - 1
+        if count > 0:
+            self.per_ip[ip] = count
+        else:
+            self.per_ip.pop(ip, None)

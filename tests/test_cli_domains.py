@@ -1,0 +1,119 @@
+"""`mailcore domain …` and `mailcore address …`, run as real subprocesses on a temp data dir.
+
+What the CLI writes is what a daemon's DomainService then serves (checked on the same
+store); every mistake exits 1 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.domains import DomainService
+from tests.support.db import open_database_at
+from tests.support.reactor import get_reactor
+from tests.support.servers import CommandResult, run_command, tempdir_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class DomainCliTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.base = tempdir_for(self, "mailcore-cli-domains-")
+        self.data_dir = self.base / "var"
+
+    async def mc(self, *args: str) -> CommandResult:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("MAILCORE_DEBUG", None)
+        return await run_command(
+            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir), *args],
+            env=env, cwd=self.base,
+        )
+
+    async def ok(self, *args: str) -> str:
+        result = await self.mc(*args)
+        self.assertEqual((result.status, result.err), (0, ""), f"{args}: {result.err}")
+        return result.out
+
+    async def refused(self, *args: str, fragment: str) -> None:
+        result = await self.mc(*args)
+        why = f"{args}: {result.out!r} {result.err!r}"
+        self.assertEqual(result.status, 1, why)
+        self.assertEqual(result.out, "", why)
+        self.assertNotIn("Traceback", result.err, why)
+        [line] = result.err.splitlines()
+        self.assertTrue(line.startswith("mailcore: "), why)
+        self.assertIn(fragment, line, why)
+
+    async def test_domains_and_addresses_end_to_end(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@users.test", "--password", "x")
+        await self.ok("user", "add", "bob", "--email", "bob@users.test", "--password", "x")
+        out = await self.ok("domain", "add", "Bücher.DE", "--owner", "alice",
+                            "--redirect-to", "[2001:db8::1]:2525", "--spam-action", "1",
+                            "--require-tls")
+        self.assertEqual(out, "serving xn--bcher-kva.de (bücher.de) for alice: mail goes to "
+                              "[2001:db8::1]:2525\n")
+        await self.ok("domain", "add", "example.com", "--owner", "bob@users.test",
+                      "--redirect-to", "mx.example.net")
+        await self.refused("domain", "add", "EXAMPLE.com", "--owner", "alice",
+                           "--redirect-to", "mx.example.net", fragment="already served")
+        await self.refused("domain", "add", "other.test", "--owner", "carol",
+                           "--redirect-to", "mx.example.net", fragment="no such user: carol")
+        await self.refused("domain", "add", "bad_name.test", "--owner", "alice",
+                           "--redirect-to", "mx.example.net", fragment="not a valid host name")
+        await self.refused("domain", "add", "other.test", "--owner", "alice",
+                           "--redirect-to", "mx:0", fragment="port must be a number")
+        await self.refused("domain", "add", "other.test", "--owner", "alice",
+                           "--redirect-to", "mx", "--spam-action", "2", fragment="invalid choice")
+
+        listing = (await self.ok("domain", "list")).splitlines()
+        self.assertEqual(listing[0].split(), ["DOMAIN", "OWNER", "REDIRECT", "TO", "SPAM",
+                                              "VIRUS", "TLS"])
+        self.assertEqual([line.split() for line in listing[1:]], [
+            ["example.com", "bob", "mx.example.net", "quarantine", "quarantine", "may"],
+            ["xn--bcher-kva.de", "alice", "[2001:db8::1]:2525", "tag", "quarantine",
+             "required"],
+        ])
+        only_alice = (await self.ok("domain", "list", "--owner", "alice")).splitlines()
+        self.assertEqual([line.split()[0] for line in only_alice[1:]], ["xn--bcher-kva.de"])
+
+        self.assertEqual(await self.ok("address", "add", "example.com", "John"),
+                         "example.com: accepting john\n")
+        await self.ok("address", "add", "example.com", "postmaster")
+        self.assertIn("already", await self.ok("address", "add", "example.com", "JOHN"))
+        await self.refused("address", "add", "example.com", "bad..local",
+                           fragment="not a valid dot-atom")
+        await self.refused("address", "add", "nowhere.test", "john", fragment="No such domain")
+        self.assertEqual(await self.ok("address", "list", "example.com"), "john\npostmaster\n")
+
+        # a daemon's snapshot on the same store sees exactly this
+        db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")
+        served = DomainService(db, get_reactor())
+        await served.refresh()
+        self.assertTrue(served.accepts("john", "example.com"))
+        self.assertFalse(served.accepts("jane", "example.com"))
+        self.assertTrue(served.accepts("anyone", "bücher.de"))
+        bucher = served.lookup("xn--bcher-kva.de")
+        assert bucher is not None
+        self.assertEqual((bucher.redirect_host, bucher.redirect_port, bucher.require_tls,
+                          bucher.spam_action), ("2001:db8::1", 2525, True, 1))
+
+        await self.ok("address", "remove", "example.com", "john")
+        await self.refused("address", "remove", "example.com", "john",
+                           fragment="not in the address list")
+        self.assertEqual(await self.ok("domain", "remove", "example.com"),
+                         "no longer serving example.com\n")
+        await self.refused("domain", "remove", "example.com", fragment="No such domain")
+        await served.refresh()
+        self.assertIsNone(served.lookup("example.com"))
+
+    async def test_usage_mistakes_are_one_line(self) -> None:
+        await self.refused("domain", fragment="required")
+        await self.refused("domain", "add", "example.com", fragment="required")
+        await self.refused("address", "add", "example.com", fragment="required")

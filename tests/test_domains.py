@@ -1,0 +1,328 @@
+"""DomainService: domains and address lists in the store, and the per-RCPT snapshot."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, insert, select
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.domains import (
+    DomainError,
+    DomainService,
+    format_redirect,
+    normalise_domain,
+    normalise_local_part,
+    parse_redirect,
+)
+from mailcore.identity import Identity
+from mailcore.store import Database
+from mailcore.store.schema import domain_addresses, domains
+from mailcore.workers import CpuPool
+
+
+class NamesTests(TestCase):
+    """Normalisation and validation of domain names, local parts and redirectTo."""
+
+    def test_domain_names_are_idna_lower_case_without_trailing_dot(self) -> None:
+        self.assertEqual(normalise_domain("Example.COM."), "example.com")
+        self.assertEqual(normalise_domain("Bücher.de"), "xn--bcher-kva.de")
+        self.assertEqual(normalise_domain("xn--bcher-kva.de"), "xn--bcher-kva.de")
+        self.assertEqual(normalise_domain(" ÉCOLE.fr "), "xn--cole-9oa.fr")
+
+    def test_bad_domain_names_are_refused_with_a_reason(self) -> None:
+        for bad in ("", ".", "localhost", "1.2.3.4", "a..b", "-a.com", "a_b.com",
+                    "[1.2.3.4]", "a" * 64 + ".com", "ex ample.com", "user@example.com"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(DomainError) as cm:
+                    normalise_domain(bad)
+                self.assertEqual(cm.exception.field, "domain")
+                self.assertTrue(cm.exception.message)
+
+    def test_local_parts_are_dot_atoms_kept_in_lower_case(self) -> None:
+        self.assertEqual(normalise_local_part("John.Doe"), "john.doe")
+        self.assertEqual(normalise_local_part("a+tag"), "a+tag")
+        for bad in ("", "a..b", ".a", "a.", '"quoted"', "a b", "x" * 65, "é", "a@b.com"):
+            with self.subTest(bad=bad), self.assertRaises(DomainError):
+                normalise_local_part(bad)
+
+    def test_redirect_spellings(self) -> None:
+        cases = {
+            "mx.example.net": ("mx.example.net", 25),
+            "MX.Example.NET:2525": ("mx.example.net", 2525),
+            "localhost": ("localhost", 25),
+            "192.0.2.7": ("192.0.2.7", 25),
+            "192.0.2.7:587": ("192.0.2.7", 587),
+            "[192.0.2.7]": ("192.0.2.7", 25),
+            "[192.0.2.7]:26": ("192.0.2.7", 26),
+            "[2001:db8::1]": ("2001:db8::1", 25),
+            "[2001:DB8:0::1]:2525": ("2001:db8::1", 2525),
+            "[IPv6:2001:db8::1]:2526": ("2001:db8::1", 2526),
+            "2001:db8::1": ("2001:db8::1", 25),
+            "bücher.de:26": ("xn--bcher-kva.de", 26),
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(parse_redirect(text), expected)
+
+    def test_bad_redirects_are_refused(self) -> None:
+        for bad in ("", "host:", "host:0", "host:65536", "host:abc", "[mx.example.net]",
+                    "[2001:db8::1", "[192.0.2.1]x", "2001:db8::1:25x", "a b", "host:25:26"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(DomainError) as cm:
+                    parse_redirect(bad)
+                self.assertEqual(cm.exception.field, "redirectTo")
+
+    def test_format_redirect_inverts_parse(self) -> None:
+        for text in ("mx.example.net", "mx.example.net:2525", "[2001:db8::1]",
+                     "[2001:db8::1]:2525", "192.0.2.7:26"):
+            with self.subTest(text=text):
+                self.assertEqual(format_redirect(*parse_redirect(text)), text)
+
+
+class DomainServiceTests(TestCase):
+    """The store API, on the synchronous in-memory database."""
+
+    def setUp(self) -> None:
+        self.db = Database.for_tests()
+        self.clock = Clock()
+        self.clock.advance(1_750_000_000)
+        self.identity = Identity(self.db, self.clock, CpuPool.for_tests())
+        self.domains = DomainService(self.db, self.clock, refresh_interval=30)
+
+    async def user(self, name: str) -> int:
+        return (await self.identity.create_user(name, f"{name}@users.test")).id
+
+    async def test_add_get_list(self) -> None:
+        alice = await self.user("alice")
+        bob = await self.user("bob")
+        added = await self.domains.add("Bücher.DE", alice, "[2001:db8::25]:2525",
+                                       spam_action=1, require_tls=True)
+        self.assertEqual(added.name, "xn--bcher-kva.de")
+        self.assertEqual(added.unicode_name, "bücher.de")
+        self.assertEqual((added.redirect_host, added.redirect_port), ("2001:db8::25", 2525))
+        self.assertEqual(added.redirect_to, "[2001:db8::25]:2525")
+        self.assertEqual((added.spam_action, added.virus_action), (1, 0))
+        self.assertTrue(added.require_tls)
+        self.assertFalse(added.send_resume)
+        self.assertEqual(added.created_at.timestamp(), 1_750_000_000)
+        await self.domains.add("b.example", bob, "mx.b.example")
+        await self.domains.add("a.example", alice, "mx.a.example")
+        self.assertEqual(await self.domains.get("BÜCHER.de"), added)
+        self.assertIsNone(await self.domains.get("bücher.de", owner_id=bob))
+        self.assertIsNone(await self.domains.get("not a domain"))
+        self.assertEqual([d.name for d in await self.domains.list()],
+                         ["a.example", "b.example", "xn--bcher-kva.de"])
+        self.assertEqual([d.name for d in await self.domains.list(alice)],
+                         ["a.example", "xn--bcher-kva.de"])
+
+    async def test_add_refuses_duplicates_unknown_owners_and_bad_options(self) -> None:
+        alice = await self.user("alice")
+        await self.domains.add("example.com", alice, "mx.example.net")
+        with self.assertRaises(DomainError) as cm:
+            await self.domains.add("EXAMPLE.com.", alice, "mx.example.net")
+        self.assertIn("already served", cm.exception.message)
+        with self.assertRaises(DomainError) as cm:
+            await self.domains.add("other.com", 999, "mx.example.net")
+        self.assertEqual(cm.exception.field, "owner")
+        for options, field in (
+            ({"spam_action": 2}, "spam_action"),
+            ({"virus_action": True}, "virus_action"),
+            ({"send_resume": "yes"}, "send_resume"),
+            ({"resume_reply_to": "not-an-address"}, "resume_reply_to"),
+            ({"colour": "blue"}, "colour"),
+        ):
+            with self.subTest(options=options):
+                with self.assertRaises(DomainError) as cm:
+                    await self.domains.add("other.com", alice, "mx.example.net", **options)
+                self.assertEqual(cm.exception.field, field)
+        self.assertEqual(len(await self.domains.list()), 1)
+
+    async def test_update_changes_only_what_is_given(self) -> None:
+        alice = await self.user("alice")
+        bob = await self.user("bob")
+        await self.domains.add("example.com", alice, "mx.example.net", send_resume=True)
+        updated = await self.domains.update(
+            "example.com", {"redirect_to": "192.0.2.9:2525", "virus_action": 1,
+                            "resume_link_hostname": "Quarantine.Example.com"}
+        )
+        self.assertEqual(updated.redirect_to, "192.0.2.9:2525")
+        self.assertEqual(updated.virus_action, 1)
+        self.assertTrue(updated.send_resume)
+        self.assertEqual(updated.resume_link_hostname, "quarantine.example.com")
+        with self.assertRaises(DomainError):
+            await self.domains.update("example.com", {"virus_action": 1}, owner_id=bob)
+        with self.assertRaises(DomainError):
+            await self.domains.update("nowhere.example", {"virus_action": 1})
+
+    async def test_remove_takes_the_address_list_along(self) -> None:
+        alice = await self.user("alice")
+        await self.domains.add("example.com", alice, "mx.example.net")
+        await self.domains.add_address("example.com", "john")
+        await self.domains.remove("Example.com")
+        self.assertIsNone(await self.domains.get("example.com"))
+
+        def count(conn: Connection) -> int:
+            return len(conn.execute(select(domain_addresses)).all())
+
+        self.assertEqual(await self.db.read("count", count), 0)
+        with self.assertRaises(DomainError) as cm:
+            await self.domains.remove("example.com")
+        self.assertIn("No such domain", cm.exception.message)
+
+    async def test_addresses(self) -> None:
+        alice = await self.user("alice")
+        await self.domains.add("example.com", alice, "mx.example.net")
+        self.assertEqual(await self.domains.list_addresses("example.com"), [])
+        self.assertTrue(await self.domains.add_address("example.com", "Postmaster"))
+        self.assertTrue(await self.domains.add_address("EXAMPLE.com", "john"))
+        self.assertFalse(await self.domains.add_address("example.com", "JOHN"))
+        self.assertEqual(await self.domains.list_addresses("example.com"),
+                         ["john", "postmaster"])
+        await self.domains.remove_address("example.com", "John")
+        self.assertEqual(await self.domains.list_addresses("example.com"), ["postmaster"])
+        with self.assertRaises(DomainError):
+            await self.domains.remove_address("example.com", "john")
+        with self.assertRaises(DomainError):
+            await self.domains.add_address("nowhere.example", "john")
+        with self.assertRaises(DomainError):
+            await self.domains.add_address("example.com", "bad..local")
+
+
+class SnapshotTests(TestCase):
+    """lookup/accepts answer from memory; changes and the timer refresh them."""
+
+    def setUp(self) -> None:
+        self.db = Database.for_tests()
+        self.clock = Clock()
+        self.identity = Identity(self.db, self.clock, CpuPool.for_tests())
+        self.domains = DomainService(self.db, self.clock, refresh_interval=30)
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.domains.running:
+            self.domains.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def owner(self) -> int:
+        return (await self.identity.create_user("alice", "alice@users.test")).id
+
+    async def test_changes_through_the_service_show_at_once(self) -> None:
+        owner = await self.owner()
+        self.domains.startService()
+        self.assertTrue(self.domains.loaded)
+        self.assertIsNone(self.domains.lookup("example.com"))
+        added = await self.domains.add("example.com", owner, "mx.example.net")
+        self.assertEqual(self.domains.lookup("EXAMPLE.COM"), added)
+        self.assertEqual(self.domains.lookup("example.com."), added)
+        self.assertEqual(self.domains.domain_by_id(added.id), added)
+        self.assertTrue(self.domains.accepts("anyone", "example.com"))
+        await self.domains.add_address("example.com", "john")
+        self.assertTrue(self.domains.accepts("John", "example.com"))
+        self.assertFalse(self.domains.accepts("anyone", "example.com"))
+        self.assertFalse(self.domains.accepts("john", "other.example"))
+        await self.domains.remove("example.com")
+        self.assertIsNone(self.domains.lookup("example.com"))
+
+    async def test_unicode_lookup(self) -> None:
+        owner = await self.owner()
+        self.domains.startService()
+        added = await self.domains.add("bücher.de", owner, "mx.example.net")
+        self.assertEqual(self.domains.lookup("BÜCHER.de"), added)
+        self.assertEqual(self.domains.lookup("XN--BCHER-KVA.DE"), added)
+
+    async def test_lookups_use_no_sql(self) -> None:
+        owner = await self.owner()
+        self.domains.startService()
+        await self.domains.add("example.com", owner, "mx.example.net")
+        calls: list[str] = []
+        original = self.db._transaction
+
+        def counting(name: str, *args: object, **kwargs: object) -> object:
+            calls.append(name)
+            return original(name, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.db._transaction = counting  # type: ignore[method-assign,assignment]
+        for _ in range(100):
+            self.assertTrue(self.domains.accepts("x", "example.com"))
+            self.assertIsNotNone(self.domains.lookup("example.com"))
+        self.assertEqual(calls, [])
+
+    async def test_changes_by_another_node_show_after_the_refresh_interval(self) -> None:
+        owner = await self.owner()
+        self.domains.startService()
+
+        def other_node(conn: Connection) -> None:
+            conn.execute(insert(domains).values(
+                owner_id=owner, name="late.example", redirect_host="mx", redirect_port=25,
+                created_at=self.domains.now()))
+
+        await self.db.run("other_node", other_node)
+        self.assertIsNone(self.domains.lookup("late.example"))
+        self.clock.advance(29)
+        self.assertIsNone(self.domains.lookup("late.example"))
+        self.clock.advance(1)
+        self.assertIsNotNone(self.domains.lookup("late.example"))
+
+    async def test_unused_service_keeps_no_snapshot(self) -> None:
+        owner = await self.owner()
+        await self.domains.add("example.com", owner, "mx.example.net")
+        self.assertFalse(self.domains.loaded)
+        self.assertIsNone(self.domains.lookup("example.com"))
+
+    async def test_when_loaded_waits_for_the_first_load(self) -> None:
+        owner = await self.owner()
+        await self.domains.add("example.com", owner, "mx.example.net")
+        waiter = self.domains.when_loaded()
+        self.assertTrue(waiter.called)
+        self.assertTrue(self.domains.loaded)
+        self.assertIsNotNone(self.domains.lookup("example.com"))
+
+    async def test_a_failed_first_load_fails_the_waiters_and_later_loads_recover(self) -> None:
+        owner = await self.owner()
+        await self.domains.add("example.com", owner, "mx.example.net")
+        original = self.db.read
+        self.db.read = lambda *a, **k: fail(RuntimeError("database down"))  # type: ignore
+        waiter = self.domains.when_loaded()
+        self.failureResultOf(waiter, RuntimeError)
+        self.assertFalse(self.domains.loaded)
+        self.flushLoggedErrors(RuntimeError)
+        self.db.read = original  # type: ignore[method-assign]
+        self.domains.startService()
+        self.assertTrue(self.domains.loaded)
+
+    async def test_a_failed_refresh_keeps_the_old_snapshot_and_the_timer(self) -> None:
+        owner = await self.owner()
+        self.domains.startService()
+        await self.domains.add("example.com", owner, "mx.example.net")
+        original = self.db.read
+        self.db.read = lambda *a, **k: fail(RuntimeError("database down"))  # type: ignore
+        self.clock.advance(30)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNotNone(self.domains.lookup("example.com"))
+        self.db.read = original  # type: ignore[method-assign]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    async def test_pending_load_is_shared(self) -> None:
+        """While a load is in flight, waiters share it rather than each reading the store."""
+        owner = await self.owner()
+        await self.domains.add("example.com", owner, "mx.example.net")
+        gate: Deferred[None] = Deferred()
+        original = self.db.read
+        reads: list[str] = []
+
+        def slow_read(name: str, fn: object, *a: object, **k: object) -> Deferred[object]:
+            reads.append(name)
+            d: Deferred[object] = original(name, fn, *a, **k)  # type: ignore[arg-type]
+            result: Deferred[object] = Deferred()
+            gate.addCallback(lambda _: d.addCallback(result.callback))
+            return result
+
+        self.db.read = slow_read  # type: ignore[assignment]
+        first, second = self.domains.when_loaded(), self.domains.when_loaded()
+        self.assertNoResult(first)
+        self.assertEqual(reads, ["domain_snapshot"])
+        gate.callback(None)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertIsNotNone(self.domains.lookup("example.com"))

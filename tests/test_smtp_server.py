@@ -1,0 +1,695 @@
+"""The inbound ESMTP server, fed raw bytes over a StringTransport with a Clock.
+
+Covers the protocol (EHLO, sequencing, limits, timeouts), the open-relay and smuggling
+batteries, pipelining order while checks wait on Deferreds (pitfall 5), STARTTLS input
+discarding (pitfall 2), bare CR/LF refusal (pitfall 6), byte-exactness and the Received
+header.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.domains import DomainService
+from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.smtp.server import (
+    SMTPServerFactory,
+    received_header,
+    received_protocol,
+)
+from mailcore.store import Database
+from tests.support.smtpsession import (
+    RecordingSink,
+    Session,
+    TLSStringTransport,
+    make_factory,
+    served_domains,
+)
+
+NOW = 1_750_000_000  # Sun, 15 Jun 2025 15:06:40 +0000
+DATE = email.utils.format_datetime(datetime.datetime.fromtimestamp(NOW, datetime.UTC))
+
+
+def stuff(content: bytes) -> bytes:
+    """What a client puts on the wire for `content` (CRLF lines): dots doubled, then the end."""
+    return (b"\r\n" + content).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+
+
+class ServerTestCase(TestCase):
+    """A served example.com (all local parts) and listed.example (john, postmaster)."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.db = Database.for_tests()
+        self.sink = RecordingSink()
+        self.sessions: list[Session] = []
+        self.addCleanup(self.no_timers_left)
+        self.domains: DomainService = await served_domains(self.db, self.clock)
+        self.factory = self.make_factory()
+
+    def make_factory(self, **kwargs: Any) -> SMTPServerFactory:
+        return make_factory(self.domains, self.sink, self.clock, **kwargs)
+
+    def session(self, factory: SMTPServerFactory | None = None, **kwargs: Any) -> Session:
+        s = Session(factory or self.factory, **kwargs)
+        self.sessions.append(s)
+        return s
+
+    def no_timers_left(self) -> None:
+        for s in self.sessions:
+            s.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def start(self, s: Session, *rcpts: str, sender: str = "sender@remote.test") -> None:
+        """EHLO, MAIL and RCPTs that must all succeed, then DATA's 354."""
+        s.hello()
+        self.assertEqual(s.codes(f"MAIL FROM:<{sender}>\r\n".encode()), ["250"])
+        for rcpt in rcpts or ("user@example.com",):
+            self.assertEqual(s.codes(f"RCPT TO:<{rcpt}>\r\n".encode()), ["250"], rcpt)
+        self.assertEqual(s.send(b"DATA\r\n"), ["354 End data with <CR><LF>.<CR><LF>"])
+
+
+class GreetingTests(ServerTestCase):
+    def test_greeting_and_capabilities(self) -> None:
+        s = self.session(self.make_factory(tls=object()), transport=TLSStringTransport())
+        self.assertEqual(s.greeting, ["220 mx.gateway.test ESMTP Mailcore"])
+        self.assertEqual(s.hello(), [
+            "250-mx.gateway.test",
+            "250-PIPELINING",
+            "250-SIZE 52428800",
+            "250-8BITMIME",
+            "250-ENHANCEDSTATUSCODES",
+            "250 STARTTLS",
+        ])
+
+    def test_no_starttls_without_a_certificate_and_never_auth(self) -> None:
+        s = self.session()
+        lines = s.hello()
+        self.assertEqual(lines[-1], "250 ENHANCEDSTATUSCODES")
+        self.assertFalse([line for line in lines if "AUTH" in line or "STARTTLS" in line])
+        self.assertEqual(s.send(b"STARTTLS\r\n"), ["454 4.7.0 Error: TLS not available"])
+        self.assertEqual(s.codes(b"AUTH PLAIN AGVtAHg=\r\n"), ["502"])
+
+    def test_size_follows_the_setting(self) -> None:
+        s = self.session(self.make_factory(max_message_size=1000))
+        self.assertIn("250-SIZE 1000", s.hello())
+
+    def test_helo_works_and_is_recorded_as_smtp(self) -> None:
+        s = self.session()
+        self.assertEqual(s.send(b"HELO old.client\r\n"), ["250 mx.gateway.test"])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.com>\r\n"
+                                 b"DATA\r\nhi\r\n.\r\n"), ["250", "250", "354", "250"])
+        self.assertIn(b" with SMTP id ", self.sink.messages[0].data)
+        self.assertEqual(self.sink.messages[0].envelope.helo, "old.client")
+
+    def test_helo_and_ehlo_need_a_name(self) -> None:
+        s = self.session()
+        self.assertEqual(s.send(b"EHLO\r\n"), ["501 5.5.4 Syntax: EHLO hostname"])
+        self.assertEqual(s.send(b"HELO \r\n"), ["501 5.5.4 Syntax: HELO hostname"])
+
+
+class TransactionTests(ServerTestCase):
+    def test_message_is_queued_with_a_received_header_and_the_exact_bytes(self) -> None:
+        s = self.session()
+        s.hello("client.example")
+        self.assertEqual(s.send(b"MAIL FROM:<sender@remote.test>\r\n"), ["250 2.1.0 Ok"])
+        self.assertEqual(s.send(b"RCPT TO:<User@Example.COM>\r\n"), ["250 2.1.5 Ok"])
+        self.assertEqual(s.send(b"DATA\r\n"), ["354 End data with <CR><LF>.<CR><LF>"])
+        body = b"Subject: hi\r\n\r\nline one\r\n.leading dot\r\n\r\n"
+        self.assertIn(b"\r\n..leading dot\r\n", stuff(body))
+        [reply] = s.send(stuff(body))
+        [accepted] = self.sink.messages
+        self.assertEqual(reply, f"250 2.0.0 Ok: queued as {accepted.queue_id}")
+        self.assertEqual(len(accepted.queue_id), 14)
+        domain = self.domains.lookup("example.com")
+        assert domain is not None
+        self.assertEqual(accepted.envelope, Envelope(
+            mail_from="sender@remote.test",
+            recipients=(Recipient("User@Example.COM", domain.id),),
+            client_ip="192.0.2.10",
+            helo="client.example",
+            tls=False,
+        ))
+        header = (
+            "Received: from client.example ([192.0.2.10])\r\n"
+            f"\tby mx.gateway.test (Mailcore) with ESMTP id {accepted.queue_id}\r\n"
+            f"\tfor <User@Example.COM>; {DATE}\r\n"
+        ).encode()
+        self.assertEqual(accepted.data, header + body)
+
+    def test_transaction_is_reset_after_data(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(b"x\r\n.\r\n"), ["250"])
+        self.assertEqual(s.send(b"RCPT TO:<u@example.com>\r\n"),
+                         ["503 5.5.1 Error: need MAIL command"])
+
+    def test_null_sender_and_several_recipients(self) -> None:
+        s = self.session()
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<>\r\nRCPT TO:<a@example.com>\r\n"
+                                 b"RCPT TO:<john@listed.example>\r\nRCPT TO:<A@example.com>\r\n"
+                                 b"DATA\r\nx\r\n.\r\n"), ["250", "250", "250", "250", "354", "250"])
+        [accepted] = self.sink.messages
+        self.assertEqual(accepted.envelope.mail_from, "")
+        # the same address twice is one recipient
+        self.assertEqual([r.address for r in accepted.envelope.recipients],
+                         ["a@example.com", "john@listed.example"])
+        self.assertNotIn(b"\tfor <", accepted.data)
+
+    def test_empty_message(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(b".\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [b""])
+
+    def test_mail_parameters(self) -> None:
+        s = self.session()
+        s.hello()
+        self.assertEqual(s.send(b"MAIL FROM:<a@remote.test> SIZE=52428801\r\n"),
+                         ["552 5.3.4 Message size exceeds fixed limit"])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test> SIZE=abc\r\n"), ["501"])
+        self.assertEqual(s.send(b"MAIL FROM:<a@remote.test> AUTH=<>\r\n"),
+                         ["555 5.5.4 Unsupported parameter AUTH"])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test> BODY=BINARYMIME\r\n"), ["501"])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test> SIZE=52428800 BODY=8BITMIME\r\n"),
+                         ["250"])
+        self.assertEqual(s.codes(b"RCPT TO:<a@example.com> NOTIFY=NEVER\r\n"), ["555"])
+
+    def test_parameters_need_ehlo(self) -> None:
+        s = self.session()
+        s.send(b"HELO c.example\r\n")
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test> SIZE=10\r\n"), ["555"])
+
+    def test_lenient_but_safe_spelling(self) -> None:
+        s = self.session()
+        s.hello()
+        self.assertEqual(s.codes(b"mail from: <a@remote.test>\r\nrcpt to:<u@example.com>\r\n"),
+                         ["250", "250"])
+
+    def test_accept_failure_is_451_and_loses_nothing(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.sink.fail = True
+        self.assertEqual(s.send(b"body\r\n.\r\n"),
+                         ["451 4.3.0 Error: queue file write error, try again later"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.sink.fail = False
+        self.start(s)
+        self.assertEqual(s.codes(b"body\r\n.\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [b"body\r\n"])
+
+    def test_no_spool_means_451(self) -> None:
+        s = self.session(make_factory(self.domains, None, self.clock))
+        self.start(s)
+        self.assertEqual(s.codes(b"body\r\n.\r\n"), ["451"])
+        self.flushLoggedErrors(RuntimeError)
+
+
+class SequenceTests(ServerTestCase):
+    def test_commands_out_of_sequence(self) -> None:
+        s = self.session()
+        self.assertEqual(s.send(b"MAIL FROM:<a@remote.test>\r\n"),
+                         ["503 5.5.1 Error: send HELO/EHLO first"])
+        s.hello()
+        self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+        self.assertEqual(s.codes(b"DATA\r\n"), ["503"])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        self.assertEqual(s.send(b"MAIL FROM:<a@remote.test>\r\n"),
+                         ["503 5.5.1 Error: nested MAIL command"])
+        self.assertEqual(s.send(b"DATA\r\n"), ["554 5.5.1 Error: no valid recipients"])
+        self.assertEqual(s.codes(b"DATA extra\r\n"), ["501"])
+
+    def test_rset_noop_vrfy_help_quit(self) -> None:
+        s = self.session()
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        self.assertEqual(s.send(b"RSET\r\n"), ["250 2.0.0 Ok"])
+        self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+        self.assertEqual(s.send(b"NOOP\r\n"), ["250 2.0.0 Ok"])
+        self.assertEqual(s.codes(b"VRFY john\r\n"), ["252"])
+        self.assertEqual(s.codes(b"HELP\r\n"), ["214"])
+        self.assertEqual(s.send(b"QUIT\r\nNOOP\r\n"), ["221 2.0.0 Bye"])
+        self.assertTrue(s.closing)
+        self.assertEqual(s.send(b"NOOP\r\n"), [])
+
+    def test_unknown_commands(self) -> None:
+        s = self.session()
+        self.assertEqual(s.send(b"EXPN staff\r\nXYZZY\r\n"),
+                         ["502 5.5.2 Error: command not recognized"] * 2)
+        self.assertFalse(s.closing)
+
+    def test_http_requests_are_dropped(self) -> None:
+        s = self.session()
+        self.assertEqual(s.codes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), ["421"])
+        self.assertTrue(s.closing)
+
+    def test_too_many_errors_disconnects(self) -> None:
+        s = self.session(self.make_factory(max_errors=3))
+        self.assertEqual(s.codes(b"A\r\nB\r\nC\r\nNOOP\r\n"), ["502", "502", "502", "421"])
+        self.assertTrue(s.closing)
+
+    def test_bare_lf_in_a_command_is_one_bad_line(self) -> None:
+        s = self.session()
+        s.hello()
+        self.assertEqual(s.send(b"NOOP\nRSET\r\nNOOP\r\n"),
+                         ["500 5.5.2 Error: bare CR or LF in command", "250 2.0.0 Ok"])
+
+
+class RelayTests(ServerTestCase):
+    """The open-relay battery: every way of getting mail to a domain we do not serve."""
+
+    RELAY_ATTEMPTS = (
+        "<user@foreign.test>",
+        "<user@sub.example.com>",
+        "<user@example.com.foreign.test>",
+        "<user@localhost>",
+        "<postmaster@foreign.test>",
+        "user@foreign.test",
+        "<user%foreign.test@example.com>",
+        "<user%foreign.test@listed.example>",
+        "<foreign.test!user@example.com>",
+        "<a!b!user@example.com>",
+        "<@example.com:user@foreign.test>",
+        "<@example.com:user@example.com>",
+        "<@foreign.test,@example.com:user@example.com>",
+        '<"user@foreign.test"@example.com>',
+        '<"user%foreign.test"@example.com>',
+        '<"user"@example.com>',
+        "<user@[192.0.2.1]>",
+        "<user@[127.0.0.1]>",
+        "<user@[IPv6:2001:db8::1]>",
+        "<user@foreign.test@example.com>",
+        "<user@example.com.>",
+        "<user@example.com%foreign.test>",
+        "<user@foreign.test>,<user@example.com>",
+        "<>",
+        "<postmaster>",
+    )
+    SENDERS = ("<sender@remote.test>", "<>", "<user@example.com>")
+
+    def test_every_relay_attempt_is_refused(self) -> None:
+        for sender in self.SENDERS:
+            for rcpt in self.RELAY_ATTEMPTS:
+                with self.subTest(sender=sender, rcpt=rcpt):
+                    s = self.session()
+                    s.hello()
+                    self.assertEqual(s.codes(f"MAIL FROM:{sender}\r\n".encode()), ["250"])
+                    [reply] = s.send(f"RCPT TO:{rcpt}\r\n".encode())
+                    self.assertEqual(reply[0], "5", reply)
+                    if reply.startswith("550"):
+                        self.assertRegex(reply, r"^550 5\.(7\.1 .*Relaying denied|1\.1 )")
+                    self.assertEqual(s.codes(b"DATA\r\n"), ["554"])
+                    s.close()
+        self.assertEqual(self.sink.messages, [])
+
+    def test_relay_hacks_get_5_7_1(self) -> None:
+        s = self.session(self.make_factory(max_errors=100))
+        s.hello()
+        s.send(b"MAIL FROM:<>\r\n")
+        for rcpt in self.RELAY_ATTEMPTS[:19]:
+            with self.subTest(rcpt=rcpt):
+                [reply] = s.send(f"RCPT TO:{rcpt}\r\n".encode())
+                self.assertTrue(reply.startswith("550 5.7.1 "), reply)
+                self.assertIn("Relaying denied", reply)
+
+    def test_served_recipients(self) -> None:
+        s = self.session()
+        s.hello()
+        s.send(b"MAIL FROM:<sender@remote.test>\r\n")
+        for rcpt in ("anyone@example.com", "ANYONE@EXAMPLE.COM", "john@listed.example",
+                     "JOHN@Listed.Example", "postmaster@listed.example"):
+            with self.subTest(rcpt=rcpt):
+                self.assertEqual(s.send(f"RCPT TO:<{rcpt}>\r\n".encode()), ["250 2.1.5 Ok"])
+        self.assertEqual(
+            s.send(b"RCPT TO:<jane@listed.example>\r\n"),
+            ["550 5.1.1 <jane@listed.example>: Recipient address rejected: User unknown"],
+        )
+
+
+class SmugglingTests(ServerTestCase):
+    """Pitfall 6: only CRLF.CRLF ends DATA, and bare CR or LF refuses the message whole."""
+
+    SMUGGLED = (b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                b"From: ceo@example.com\r\n\r\nsmuggled\r\n")
+    CASES = {
+        "LF.LF": b"Subject: a\r\n\r\nbody\n.\n" + SMUGGLED + b".\r\n",
+        "LF.CRLF": b"Subject: a\r\n\r\nbody\n.\r\n" + SMUGGLED + b".\r\n",
+        "CRLF.LF": b"Subject: a\r\n\r\nbody\r\n.\n" + SMUGGLED + b".\r\n",
+        "CR.CR": b"Subject: a\r\n\r\nbody\r.\r" + SMUGGLED + b".\r\n",
+        "CR.CRLF": b"Subject: a\r\n\r\nbody\r.\r\n" + SMUGGLED + b".\r\n",
+        "CRLF.CR": b"Subject: a\r\n\r\nbody\r\n.\r" + SMUGGLED + b".\r\n",
+        "bare LF in a line": b"Subject: a\r\n\r\none\ntwo\r\n.\r\n",
+        "bare CR in a line": b"Subject: a\r\n\r\none\rtwo\r\n.\r\n",
+        "bare LF at the start": b"\nSubject: a\r\n\r\nbody\r\n.\r\n",
+        "CR before CRLF": b"Subject: a\r\n\r\nbody\r\r\n.\r\n",
+        "LF at the end": b"Subject: a\r\n\r\nbody\n\r\n.\r\n",
+    }
+
+    def test_smuggling_battery_is_refused_whole(self) -> None:
+        for name, wire in self.CASES.items():
+            for chunked in (False, True):
+                with self.subTest(case=name, chunked=chunked):
+                    s = self.session()
+                    self.start(s)
+                    if chunked:
+                        replies: list[str] = []
+                        for i in range(len(wire)):
+                            replies += s.send(wire[i:i + 1])
+                    else:
+                        replies = s.send(wire)
+                    self.assertEqual(replies, [
+                        "550 5.5.2 Error: bare CR or LF in message data; message refused"
+                    ])
+                    # the session is back in command state, nothing was smuggled
+                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+                    s.close()
+        self.assertEqual(self.sink.messages, [])
+
+    def test_session_goes_on_after_a_refused_message(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(self.CASES["LF.LF"]), ["550"])
+        self.start(s)
+        self.assertEqual(s.codes(b"clean\r\n.\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [b"clean\r\n"])
+
+
+class ByteExactTests(ServerTestCase):
+    """What the client meant is what the spool gets, however the bytes arrive."""
+
+    def content_with_dot_line_at_16384(self) -> bytes:
+        line = b"x" * 62 + b"\r\n"  # 64 octets
+        content = b"Subject: dots\r\n\r\n" + b"y" * 47 + b"\r\n"  # 17 + 49 = 66 octets
+        content += line * ((16384 - len(content)) // 64)
+        content += b"z" * (16384 - len(content) - 2) + b"\r\n"
+        assert len(content) == 16384
+        content += b".\r\n..\r\n.x\r\nafter the dots\r\n" + line * 300 + b".\r\n"
+        return content
+
+    def test_dot_line_at_offset_16384_in_any_chunking(self) -> None:
+        content = self.content_with_dot_line_at_16384()
+        self.assertEqual(content[16382:16387], b"\r\n.\r\n")
+        wire = stuff(content)
+        for size in (len(wire), 16384, 16385, 4096, 1000, 7, 1):
+            with self.subTest(chunk=size):
+                s = self.session()
+                self.start(s)
+                replies: list[str] = []
+                for i in range(0, len(wire), size):
+                    replies += s.send(wire[i:i + size])
+                self.assertEqual([r[:3] for r in replies], ["250"])
+                self.assertEqual(self.sink.bodies[-1], content)
+                s.close()
+
+    def test_end_marker_split_anywhere_with_pipelined_commands(self) -> None:
+        content = b"a\r\n.b\r\n\r\n"
+        wire = stuff(content) + b"NOOP\r\n"
+        for cut in range(len(wire) + 1):
+            with self.subTest(cut=cut):
+                s = self.session()
+                self.start(s)
+                codes = [r[:3] for r in s.send(wire[:cut]) + s.send(wire[cut:])]
+                self.assertEqual(codes, ["250", "250"])
+                self.assertEqual(self.sink.bodies[-1], content)
+                s.close()
+
+    def test_bodies_in_crlf_and_8bit_pass_unchanged(self) -> None:
+        content = ("Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\ncafé ☕\r\n\r\n\r\n\tindent\r\n"
+                   ).encode() + bytes(range(0x80, 0x100)) + b"\r\n"
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(stuff(content)), ["250"])
+        self.assertEqual(self.sink.bodies, [content])
+
+
+class LimitTests(ServerTestCase):
+    def test_recipient_limit(self) -> None:
+        s = self.session(self.make_factory(max_recipients=3))
+        s.hello()
+        s.send(b"MAIL FROM:<a@remote.test>\r\n")
+        for i in range(3):
+            self.assertEqual(s.codes(f"RCPT TO:<u{i}@example.com>\r\n".encode()), ["250"])
+        self.assertEqual(s.send(b"RCPT TO:<u9@example.com>\r\n"),
+                         ["452 4.5.3 Error: too many recipients"])
+        self.assertEqual(s.codes(b"DATA\r\nx\r\n.\r\n"), ["354", "250"])
+        self.assertEqual(len(self.sink.messages[0].envelope.recipients), 3)
+
+    def test_oversized_message_is_refused_after_data_and_not_kept(self) -> None:
+        s = self.session(self.make_factory(max_message_size=1000))
+        self.start(s)
+        line = b"x" * 98 + b"\r\n"
+        self.assertEqual(s.send(line * 10), [])  # exactly 1000 octets: still fine
+        self.assertEqual(s.send(line * 10), [])
+        self.assertLessEqual(sum(map(len, s.protocol._chunks)), 1000)
+        self.assertEqual(s.send(b".\r\n"), ["552 5.3.4 Error: message size exceeds fixed limit"])
+        self.assertEqual(self.sink.messages, [])
+        self.start(s)
+        self.assertEqual(s.codes(line * 10 + b".\r\n"), ["250"])
+
+    def test_text_line_limit_is_1000_octets_with_crlf(self) -> None:
+        for length, code in ((998, "250"), (999, "500")):
+            for where in ("first", "middle", "last"):
+                with self.subTest(length=length, where=where):
+                    long_line = b"L" * length + b"\r\n"
+                    short = b"short\r\n" * 200
+                    body = {"first": long_line + short, "middle": short + long_line + short,
+                            "last": short + long_line}[where]
+                    s = self.session()
+                    self.start(s)
+                    replies = s.send(stuff(body))
+                    self.assertEqual([r[:3] for r in replies], [code])
+                    if code == "500":
+                        self.assertEqual(replies, ["500 5.5.2 Error: line too long; "
+                                                   "message refused"])
+                    s.close()
+        self.assertEqual(len(self.sink.messages), 3)
+
+    def test_command_line_limit_is_512_octets_with_crlf(self) -> None:
+        s = self.session()
+        s.hello()
+        ok = b"NOOP " + b"x" * (512 - 7) + b"\r\n"
+        self.assertEqual(len(ok), 512)
+        self.assertEqual(s.codes(ok), ["250"])
+        self.assertEqual(s.codes(ok[:-1]), [])  # split between CR and LF: still fits
+        self.assertEqual(s.codes(ok[-1:]), ["250"])
+        self.assertEqual(s.send(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n"),
+                         ["500 5.5.2 Error: line too long", "250 2.0.0 Ok"])
+        # a long line arriving in pieces is one error, and what follows it is in step
+        self.assertEqual(s.codes(b"NOOP " + b"x" * 600), ["500"])
+        self.assertEqual(s.codes(b"y" * 600 + b"\r"), [])
+        self.assertEqual(s.codes(b"\nRSET\r\n"), ["250"])
+
+    def test_connection_limits_total_and_per_address(self) -> None:
+        factory = self.make_factory(max_connections=2, max_connections_per_ip=1)
+        first = self.session(factory, client_ip="192.0.2.1")
+        self.assertEqual([g[:3] for g in first.greeting], ["220"])
+        again = self.session(factory, client_ip="192.0.2.1")
+        self.assertEqual(again.greeting, [
+            "421 4.7.0 mx.gateway.test Error: too many connections from your address"])
+        self.assertTrue(again.closing)
+        other = self.session(factory, client_ip="2001:db8::5")
+        self.assertEqual([g[:3] for g in other.greeting], ["220"])
+        third = self.session(factory, client_ip="192.0.2.3")
+        self.assertEqual(third.greeting,
+                         ["421 4.7.0 mx.gateway.test Error: too many connections"])
+        again.close()
+        third.close()
+        self.assertEqual(factory.connections, 2)
+        first.close()
+        self.assertEqual(factory.per_ip, {"2001:db8::5": 1})
+        back = self.session(factory, client_ip="192.0.2.1")
+        self.assertEqual([g[:3] for g in back.greeting], ["220"])
+
+    def test_ipv4_mapped_addresses_count_as_ipv4(self) -> None:
+        factory = self.make_factory(max_connections_per_ip=1)
+        self.session(factory, client_ip="192.0.2.1")
+        mapped = self.session(factory, client_ip="::ffff:192.0.2.1")
+        self.assertEqual([g[:3] for g in mapped.greeting], ["421"])
+
+
+class TimeoutTests(ServerTestCase):
+    def test_idle_timeout(self) -> None:
+        s = self.session()
+        self.clock.advance(299)
+        s.hello()
+        self.clock.advance(299)
+        self.assertFalse(s.closing)
+        self.clock.advance(1)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        self.assertTrue(s.closing)
+
+    def test_idle_timeout_inside_data(self) -> None:
+        s = self.session(self.make_factory(idle_timeout=60))
+        self.start(s)
+        s.send(b"partial line")
+        self.clock.advance(59)
+        self.assertFalse(s.closing)
+        self.clock.advance(1)
+        self.assertEqual([r[:3] for r in s.replies()], ["421"])
+        self.assertEqual(self.sink.messages, [])
+
+    def test_command_timeout_while_the_spool_hangs(self) -> None:
+        s = self.session(self.make_factory(idle_timeout=10, command_timeout=120))
+        self.sink.hold = True
+        self.start(s)
+        self.assertEqual(s.send(b"x\r\n.\r\n"), [])
+        self.clock.advance(60)  # the idle timer does not run while we owe a reply
+        self.assertFalse(s.closing)
+        self.clock.advance(60)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        self.assertTrue(s.closing)
+        s.close()
+        self.sink.release()
+        self.assertEqual(s.replies(), [])
+        self.assertEqual(len(self.sink.messages), 1)  # committed late: a duplicate, not a loss
+
+    def test_spool_finishing_after_the_client_left(self) -> None:
+        s = self.session()
+        self.sink.hold = True
+        self.start(s)
+        s.send(b"x\r\n.\r\n")
+        s.close()
+        self.sink.release()
+        self.assertEqual(len(self.sink.messages), 1)
+
+
+class PipeliningTests(ServerTestCase):
+    """Pitfall 5: replies stay in order while a command waits on a Deferred."""
+
+    def gate_directory(self) -> defer.Deferred[None]:
+        """Make the directory unloaded, its next load waiting for the returned Deferred."""
+        self.domains = DomainService(self.db, self.clock)
+        self.factory = self.make_factory()
+        gate: defer.Deferred[None] = defer.Deferred()
+        read = self.db.read
+
+        def gated(name: str, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            result: defer.Deferred[Any] = defer.Deferred()
+            gate.addCallback(lambda _: read(name, fn, *args, **kwargs).chainDeferred(result))
+            return result
+
+        self.db.read = gated  # type: ignore[method-assign]
+        self.addCleanup(setattr, self.db, "read", read)
+        return gate
+
+    def test_pipelined_rcpts_answered_in_order_while_the_directory_loads(self) -> None:
+        gate = self.gate_directory()
+        s = self.session()
+        replies = s.send(
+            b"EHLO client.example\r\nMAIL FROM:<a@remote.test>\r\n"
+            b"RCPT TO:<x@example.com>\r\nRCPT TO:<y@foreign.test>\r\n"
+            b"RCPT TO:<jane@listed.example>\r\nRCPT TO:<z@example.com>\r\nDATA\r\n"
+        )
+        self.assertEqual(replies[-1], "250 2.1.0 Ok")  # EHLO and MAIL; the RCPT waits
+        gate.callback(None)
+        self.assertEqual([r[:9] for r in s.replies()],
+                         ["250 2.1.5", "550 5.7.1", "550 5.1.1", "250 2.1.5", "354 End d"])
+        self.assertEqual(s.codes(b"x\r\n.\r\n"), ["250"])
+        self.assertEqual([r.address for r in self.sink.messages[0].envelope.recipients],
+                         ["x@example.com", "z@example.com"])
+
+    def test_directory_that_cannot_load_gives_451_in_order(self) -> None:
+        self.domains = DomainService(self.db, self.clock)
+        self.factory = self.make_factory()
+        read = self.db.read
+        self.db.read = lambda *a, **k: defer.fail(RuntimeError("db down"))  # type: ignore
+        self.addCleanup(setattr, self.db, "read", read)
+        s = self.session()
+        s.hello()
+        self.assertEqual([r[:9] for r in s.send(b"MAIL FROM:<a@remote.test>\r\n"
+                                                b"RCPT TO:<x@example.com>\r\nNOOP\r\n")],
+                         ["250 2.1.0", "451 4.3.0", "250 2.0.0"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_commands_after_end_of_data_wait_for_the_commit(self) -> None:
+        self.sink.hold = True
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.send(b"one\r\n.\r\nMAIL FROM:<b@remote.test>\r\n"
+                                b"RCPT TO:<u@example.com>\r\nDATA\r\n"), [])
+        self.assertEqual(self.sink.messages, [])
+        self.sink.release()
+        self.assertEqual([r[:3] for r in s.replies()], ["250", "250", "250", "354"])
+        self.assertEqual(s.codes(b"two\r\n.\r\nQUIT\r\n"), [])
+        self.sink.release()
+        self.assertEqual([r[:3] for r in s.replies()], ["250", "221"])
+        self.assertEqual(self.sink.bodies, [b"one\r\n", b"two\r\n"])
+
+    def test_a_large_backlog_pauses_reading(self) -> None:
+        self.sink.hold = True
+        s = self.session()
+        self.start(s)
+        s.send(b"x\r\n.\r\n" + b"NOOP\r\n" * 20000)
+        self.assertEqual(s.transport.producerState, "paused")
+        self.sink.release()
+        replies = s.replies()
+        self.assertEqual(len(replies), 20001)
+        self.assertTrue(replies[0].startswith("250 2.0.0 Ok: queued as "))
+        self.assertEqual(set(replies[1:]), {"250 2.0.0 Ok"})
+        self.assertEqual(s.transport.producerState, "producing")
+
+
+class StartTLSInjectionTests(ServerTestCase):
+    """Pitfall 2: plaintext sent behind STARTTLS is thrown away (CVE-2011-0411)."""
+
+    def test_commands_behind_starttls_never_run(self) -> None:
+        context = object()
+        transport = TLSStringTransport()
+        s = self.session(self.make_factory(tls=context), transport=transport)
+        s.hello()
+        after = s.send(b"STARTTLS\r\nRSET\r\nEHLO evil\r\nMAIL FROM:<evil@remote.test>\r\n")
+        self.assertEqual(transport.before_tls, b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertIs(transport.tls_started_with, context)
+        self.assertEqual(after, [])  # RSET, EHLO and MAIL were dropped, not answered
+        # the injected MAIL did not run, and the session wants a new EHLO
+        self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+        self.assertEqual(s.send(b"MAIL FROM:<a@remote.test>\r\n"),
+                         ["503 5.5.1 Error: send HELO/EHLO first"])
+        lines = s.hello()
+        self.assertNotIn("250-STARTTLS", lines)
+        self.assertNotIn("250 STARTTLS", lines)
+        self.assertEqual(s.codes(b"STARTTLS\r\n"), ["503"])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.com>\r\n"
+                                 b"DATA\r\nx\r\n.\r\n"), ["250", "250", "354", "250"])
+        self.assertTrue(self.sink.messages[0].envelope.tls)
+        self.assertIn(b" with ESMTPS id ", self.sink.messages[0].data)
+
+    def test_starttls_takes_no_argument(self) -> None:
+        s = self.session(self.make_factory(tls=object()), transport=TLSStringTransport())
+        s.hello()
+        self.assertEqual(s.codes(b"STARTTLS now\r\n"), ["501"])
+
+
+class ReceivedHeaderTests(TestCase):
+    def test_protocol_keywords_of_rfc_3848(self) -> None:
+        self.assertEqual(received_protocol(esmtp=False, tls=False), "SMTP")
+        self.assertEqual(received_protocol(esmtp=True, tls=False), "ESMTP")
+        self.assertEqual(received_protocol(esmtp=True, tls=True), "ESMTPS")
+        self.assertEqual(received_protocol(esmtp=True, tls=False, authenticated=True), "ESMTPA")
+        self.assertEqual(received_protocol(esmtp=True, tls=True, authenticated=True), "ESMTPSA")
+
+    def test_header_shapes(self) -> None:
+        one = (Recipient("u@example.com", 1),)
+        two = (Recipient("u@example.com", 1), Recipient("v@example.com", 1))
+        self.assertEqual(
+            received_header(helo="[192.0.2.9]", client_ip="2001:db8::9", hostname="mx.test",
+                            protocol="ESMTPS", queue_id="QID", recipients=one, when=NOW),
+            ("Received: from [192.0.2.9] ([IPv6:2001:db8::9])\r\n"
+             "\tby mx.test (Mailcore) with ESMTPS id QID\r\n"
+             f"\tfor <u@example.com>; {DATE}\r\n").encode(),
+        )
+        self.assertEqual(
+            received_header(helo="bad helo (x)", client_ip="192.0.2.9", hostname="mx.test",
+                            protocol="ESMTP", queue_id="QID", recipients=two, when=NOW),
+            ("Received: from unknown ([192.0.2.9])\r\n"
+             f"\tby mx.test (Mailcore) with ESMTP id QID; {DATE}\r\n").encode(),
+        )
+        self.assertEqual(DATE, "Sun, 15 Jun 2025 15:06:40 +0000")

@@ -1,0 +1,95 @@
+"""How the Core builds the inbound server: [smtp] settings, listeners, the domain service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config, ConfigError
+from mailcore.core import Core
+from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
+from mailcore.store import Database
+from tests.support.testca import shared_pki
+
+
+class SettingsTests(TestCase):
+    def test_defaults(self) -> None:
+        settings = SMTPSettings.from_config(Config(hostname="mx.example.net"))
+        self.assertEqual(settings, SMTPSettings(
+            hostname="mx.example.net", max_message_size=52428800, max_recipients=100,
+            max_connections=200, max_connections_per_ip=20, idle_timeout=300.0,
+            command_timeout=120.0, max_errors=20, max_line_length=1000,
+            max_command_length=512,
+        ))
+
+    def test_the_smtp_table(self) -> None:
+        config = Config(sections={"smtp": {
+            "max_message_size": 1000000, "max_recipients": 5, "max_connections": 7,
+            "max_connections_per_ip": 2, "idle_timeout": 30, "command_timeout": 4.5,
+            "max_errors": 3, "listen": ["tcp:25"],
+        }})
+        settings = SMTPSettings.from_config(config)
+        self.assertEqual((settings.max_message_size, settings.max_recipients,
+                          settings.max_connections, settings.max_connections_per_ip,
+                          settings.idle_timeout, settings.command_timeout, settings.max_errors),
+                         (1000000, 5, 7, 2, 30, 4.5, 3))
+
+    def test_bad_values_are_config_errors(self) -> None:
+        for key, value in (("max_recipients", 0), ("max_recipients", 2.5),
+                           ("idle_timeout", "long"), ("max_errors", True),
+                           ("max_line_length", 20)):
+            with self.subTest(key=key, value=value):
+                with self.assertRaises(ConfigError):
+                    SMTPSettings.from_config(Config(sections={"smtp": {key: value}}))
+
+
+class CoreWiringTests(TestCase):
+    def core(self, config: Config, *, tls: bool = True) -> tuple[Core, MemoryReactorClock]:
+        reactor = MemoryReactorClock()
+        cert = key = None
+        if tls:
+            cert, key = shared_pki().write_server_pair(Path(self.mktemp()))
+        core = Core.build(config, Database.for_tests(), reactor, tls_cert=cert, tls_key=key)
+        return core, reactor
+
+    def test_one_listener_per_endpoint_sharing_one_factory(self) -> None:
+        config = Config(smtp_endpoints=("tcp:2525:interface=127.0.0.1", "tcp:2526"),
+                        hostname="mx.example.net")
+        core, reactor = self.core(config)
+        services = core.listener_services(reactor)
+        self.assertEqual(len(services), 2)
+        for svc in services:
+            assert isinstance(svc, StreamServerEndpointService)
+            svc.startService()
+            self.addCleanup(svc.stopService)
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers],
+                         [(2525, "127.0.0.1"), (2526, "")])
+        factories = {id(factory) for _, factory, _, _ in reactor.tcpServers}
+        self.assertEqual(len(factories), 1)
+        factory = reactor.tcpServers[0][1]
+        assert isinstance(factory, SMTPServerFactory)
+        self.assertIs(factory.directory, core.domains)
+        self.assertIsNotNone(factory.tls)
+        self.assertEqual(factory.settings.hostname, "mx.example.net")
+        self.assertIs(factory.sink, core.spool)
+
+    def test_without_a_certificate_no_starttls(self) -> None:
+        core, _ = self.core(Config(), tls=False)
+        self.assertIsNone(core.smtp_factory().tls)
+
+    def test_the_domain_service_runs_in_the_background(self) -> None:
+        core, reactor = self.core(Config(sections={"domains": {"refresh_interval": 5}}))
+        self.assertIn(core.domains, core.background_services())
+        self.assertEqual(core.domains.refresh_interval, 5)
+        core.domains.startService()
+        self.assertTrue(core.domains.loaded)
+        self.assertEqual([c.getTime() for c in reactor.getDelayedCalls()], [5])
+        core.domains.stopService()
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_bad_refresh_interval(self) -> None:
+        with self.assertRaises(ConfigError):
+            self.core(Config(sections={"domains": {"refresh_interval": 0}}), tls=False)
