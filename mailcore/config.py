@@ -82,20 +82,38 @@ def config_from_toml(data: dict[str, Any]) -> Config:
     sections: dict[str, dict[str, Any]] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            sections[key] = value
+            table = dict(value)
+            # Listeners may also be given inside their service's table, so that a file can
+            # hold both `[smtp] listen = [...]` and the other [smtp] settings.
+            listen_key = _LISTEN_TABLES.get(key)
+            if listen_key is not None and "listen" in table:
+                if listen_key in values:
+                    raise ConfigError(f"listeners given twice: {listen_key} and [{key}] listen")
+                values[listen_key] = _checked(f"[{key}] listen", table.pop("listen"), list)
+            sections[key] = table
             continue
         expected = _TOP_LEVEL.get(key)
         if expected is None:
             raise ConfigError(f"unknown config key: {key}")
-        if expected is list:
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"config key {key} must be a string or a list of strings")
-        elif not isinstance(value, expected) or isinstance(value, bool):
-            raise ConfigError(f"config key {key} must be of type {expected.__name__}")
-        values[key] = value
+        if key in values:
+            raise ConfigError(f"listeners given twice: {key} and [{key}] listen")
+        values[key] = _checked(key, value, expected)
     return apply_overrides(Config(sections=sections), values)
+
+
+# Tables whose `listen` key sets the endpoints of that service.
+_LISTEN_TABLES = {"smtp": "smtp", "web": "http"}
+
+
+def _checked(key: str, value: Any, expected: type) -> Any:
+    if expected is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {key} must be a string or a list of strings")
+    elif not isinstance(value, expected) or isinstance(value, bool):
+        raise ConfigError(f"config key {key} must be of type {expected.__name__}")
+    return value
 
 
 def apply_overrides(config: Config, values: dict[str, Any]) -> Config:

@@ -195,3 +195,30 @@ class ErrorTests(ConfigTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_toml(Path(self.mktemp()).parent)
         self.assertIn("cannot read config file", str(caught.exception))
+
+
+class ListenTableTests(ConfigTestCase):
+    def test_listeners_inside_their_tables_beside_other_settings(self) -> None:
+        path = self.write_toml(
+            '[smtp]\nlisten = ["tcp:2526"]\nmax_recipients = 50\n'
+            '[web]\nlisten = "tcp:8081"\nlogin_rate = 0\n'
+        )
+        config = self.parse("--config", str(path))
+        self.assertEqual(config.smtp_endpoints, ("tcp:2526",))
+        self.assertEqual(config.http_endpoints, ("tcp:8081",))
+        # `listen` is taken out; the service sees only its own settings.
+        self.assertEqual(config.section("smtp"), {"max_recipients": 50})
+        self.assertEqual(config.section("web"), {"login_rate": 0})
+
+    def test_command_line_wins_over_listen_table(self) -> None:
+        path = self.write_toml('[smtp]\nlisten = ["tcp:2526"]\n')
+        config = self.parse("--config", str(path), "--smtp", "tcp:2527")
+        self.assertEqual(config.smtp_endpoints, ("tcp:2527",))
+
+    def test_http_listeners_given_twice_is_an_error(self) -> None:
+        path = self.write_toml('http = ["tcp:80"]\n[web]\nlisten = ["tcp:81"]\n')
+        self.assertIn("listeners given twice", self.usage_error("--config", str(path)))
+
+    def test_listen_of_wrong_type(self) -> None:
+        path = self.write_toml("[smtp]\nlisten = 25\n")
+        self.assertIn("[smtp] listen", self.usage_error("--config", str(path)))
