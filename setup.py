@@ -29,6 +29,7 @@ setup(
         "argon2-cffi>=23.1.0",
         "psycopg[binary]>=3.2.0",
         "prometheus-client>=0.20.0",
+        "fpdf2>=2.7.0",
         "idna>=3.7",
     ],
     extras_require={

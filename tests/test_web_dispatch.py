@@ -155,7 +155,7 @@ class NotFoundShapeTests(TestCase):
         web = Web.build()
         cases = [
             ("/api/nothing", {"detail": "Not found."}),
-            ("/api/emails/", {"detail": "Not found."}),  # IMAP2API prefix, no route yet
+            ("/api/emails/no/such/route/", {"detail": "Not found."}),  # IMAP2API prefix
             ("/api/v1/mail/e2ac585", {"message": "not found"}),
             ("/v1/accounts", {"error": "not_found", "error_description": "Not found."}),
             ("/dropbundles/12", {"error": "Not found."}),
@@ -168,7 +168,7 @@ class NotFoundShapeTests(TestCase):
 
     async def test_protecmail_404_is_an_envelope(self) -> None:
         web = Web.build()
-        status, _, body = await web.call("GET", "/api/v1/domain/example.tld")
+        status, _, body = await web.call("GET", "/api/v1/domain/example.tld/no/such/path")
         self.assertEqual(status, 404)
         self.assertEqual(set(body), {"request_id", "success", "msg"})
         self.assertIs(body["success"], False)

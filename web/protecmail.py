@@ -2,25 +2,64 @@
 
 Every reply, errors included, is the envelope `{"request_id", "success", "msg", "data"}`
 with a fresh request id (the one the access log shows); `msg` and `data` appear only when
-there is something to say.
+there is something to say. The one exception is the invoice download, a PDF.
 
-Working now: `GET /api/v1/ping`, `GET`/`PUT /api/v1/user`. Domains, addresses, quarantine,
-token tanks and invoices come with their own issues.
+Served: ping, user (GET/PUT), domains (`domain/all`, GET/POST/PUT/DELETE `domain/{d}`, also
+DELETE `domains/{d}`), address lists, token tanks (`tanks`, also `tolens`), the daily token
+average, invoices (list, PDF). The quarantine routes come with the quarantine work.
+
+Paths the seed prints in its curl examples are served as printed, typos included: POST
+`/api/v1/domais/{d}` adds a domain and DELETE `/api/v1/domain/{d}/{address}` removes an
+address, beside the documented `/api/v1/domain/{d}` and `…/addresses/{address}`.
+
+Decisions (the seed leaves them open):
+- The Domain object always has domain, redirectTo, spamAction, virusAction and sendResume;
+  the agency-only fields (resumeTemplate*, resumeLinkHostname, resumeReplyTo) appear only
+  when set, as in the seed's example. In a body, null or "" clears one of them.
+- PUT is partial: fields left out keep their value. A `domain` in a body must name the
+  domain of the path. Unknown fields, wrong types (spamAction/virusAction only 0 or 1,
+  sendResume only true/false) and bad redirectTo values are 400 with the field named.
+- A setting the account's plan does not allow is 403 (an envelope whose msg names the
+  plans: sendResume is not on Free, the agency fields only on Agency; its data is
+  `{"plan": <the account's plan>}`). Nothing is changed then. Sending back the
+  stored value unchanged is allowed, so that an account moved to a smaller plan can still
+  edit its other settings with the object it read.
+- A redirectTo inside a network of `[protecmail] forbidden_redirects` is 400
+  (`mailcore.redirects` says what is forbidden by default).
+- A user sees only its own domains: another user's domain is 404 (as an unknown one),
+  except on POST, where any served name is 409.
+- Adding an address already listed is 200 with a msg saying so; removing one that is not
+  listed is 404. An address may be given as `local` or `local@domain`.
+- Invoice dates are RFC 3339 with the offset of `[billing] timezone`; totals are numbers
+  (60, 724.8). Another user's or an unknown invoice is 404.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from mailcore.domains import (
+    Domain,
+    DomainError,
+    DomainService,
+    normalise_domain,
+    parse_redirect,
+)
 from mailcore.identity import PROFILE_FIELDS, Identity, IdentityError, Principal
+from mailcore.invoices import InvoiceService, money_number
+from mailcore.plans import PlanError, Plans
+from mailcore.redirects import RedirectForbidden, RedirectPolicy
+from mailcore.tokens import TokenService
 from web.api import ApiApp
 from web.auth import PROTECMAIL, CredentialResolver
 from web.context import context_of
-from web.errors import ApiError, EnvelopeErrors, envelope_schema
+from web.errors import ApiError, EnvelopeErrors, envelope_schema, field_error
 from web.openapi import Reply, RouteTable
+from web.parsing import collect_fields
 from web.settings import WebSettings
 
 _ABSENT: Any = object()
@@ -36,6 +75,99 @@ USER_EDIT_SCHEMA: dict[str, Any] = {
     "be changed.",
 }
 
+# The Domain object's fields (seed spelling) and the DomainService options they set.
+DOMAIN_OPTIONS: dict[str, str] = {
+    "redirectTo": "redirect_to",
+    "spamAction": "spam_action",
+    "virusAction": "virus_action",
+    "sendResume": "send_resume",
+    "resumeTemplateSubject": "resume_template_subject",
+    "resumeTemplateBody": "resume_template_body",
+    "resumeTemplateResume": "resume_template_resume",
+    "resumeLinkHostname": "resume_link_hostname",
+    "resumeReplyTo": "resume_reply_to",
+}
+SEED_NAME = {option: name for name, option in DOMAIN_OPTIONS.items()}
+OPTIONAL_FIELDS = (
+    "resumeTemplateSubject",
+    "resumeTemplateBody",
+    "resumeTemplateResume",
+    "resumeLinkHostname",
+    "resumeReplyTo",
+)
+_ACTION_TEXT = "must be 0 (quarantine) or 1 (tag and deliver)."
+
+_ACTION_SCHEMA = {"type": "integer", "enum": [0, 1]}
+DOMAIN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "domain": {"type": "string", "description": "The domain name (A-labels)."},
+        "redirectTo": {
+            "type": "string",
+            "description": "Next hop: host, host:port, IP, [IPv6]:port; port 25 by default.",
+        },
+        "spamAction": {**_ACTION_SCHEMA, "description": "0 quarantine, 1 tag and deliver."},
+        "virusAction": {**_ACTION_SCHEMA, "description": "0 quarantine, 1 tag and deliver."},
+        "sendResume": {"type": "boolean", "description": "Quarantine summaries (not on Free)."},
+        **{
+            name: {"type": ["string", "null"], "description": "Agency plan only."}
+            for name in OPTIONAL_FIELDS
+        },
+    },
+    "additionalProperties": False,
+}
+DOMAIN_EDIT_SCHEMA: dict[str, Any] = {
+    **DOMAIN_SCHEMA,
+    "description": "A Domain object. POST needs redirectTo; PUT changes only the fields "
+    "given; null or \"\" clears an agency-only field.",
+}
+NAMES_SCHEMA: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+TANKS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {k: {"type": "integer"} for k in ("monthly", "perm", "total")},
+}
+INVOICES_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "ref": {"type": "integer"},
+            "date": {"type": "string", "format": "date-time"},
+            "total": {"type": "number"},
+        },
+    },
+}
+
+
+def domain_object(domain: Domain) -> dict[str, Any]:
+    """Seed 004's Domain object; the agency-only fields only when set."""
+    data: dict[str, Any] = {
+        "domain": domain.name,
+        "redirectTo": domain.redirect_to,
+        "spamAction": domain.spam_action,
+        "virusAction": domain.virus_action,
+        "sendResume": domain.send_resume,
+    }
+    for name in OPTIONAL_FIELDS:
+        value = getattr(domain, DOMAIN_OPTIONS[name])
+        if value is not None:
+            data[name] = value
+    return data
+
+
+def _seed_message(error: DomainError) -> str:
+    """A DomainService message with its option names in the seed's spelling."""
+    message = error.message
+    for option, name in SEED_NAME.items():
+        message = message.replace(option, name)
+    return message
+
+
+def _bad_domain_input(error: DomainError) -> ApiError:
+    field = SEED_NAME.get(error.field or "", error.field or "")
+    message = _seed_message(error)
+    return ApiError(400, message, fields={field: [message]} if field else None)
+
 
 class ProtecmailApp(ApiApp):
     name = "protecmail"
@@ -45,11 +177,25 @@ class ProtecmailApp(ApiApp):
     routes = RouteTable(app, "protecmail")
 
     def __init__(
-        self, settings: WebSettings, *, resolver: CredentialResolver, identity: Identity
+        self,
+        settings: WebSettings,
+        *,
+        resolver: CredentialResolver,
+        identity: Identity,
+        domains: DomainService,
+        plans: Plans,
+        tokens: TokenService,
+        invoices: InvoiceService,
+        redirects: RedirectPolicy,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
         self.identity = identity
+        self.domains = domains
+        self.plans = plans
+        self.tokens = tokens
+        self.invoices = invoices
+        self.redirects = redirects
 
     async def principal(self, request: IRequest) -> Principal:
         """The API key's user, or a 401 envelope."""
@@ -70,6 +216,8 @@ class ProtecmailApp(ApiApp):
         if data is not _ABSENT:
             body["data"] = data
         return self.reply(request, body, status)
+
+    # -- account ---------------------------------------------------------------------------
 
     @routes.route(
         "/api/v1/ping",
@@ -120,3 +268,347 @@ class ProtecmailApp(ApiApp):
             fields = {e.field: [e.message]} if e.field else None
             raise ApiError(409 if conflict else 400, e.message, fields=fields) from None
         return self.envelope(request)
+
+    # -- domains ---------------------------------------------------------------------------
+
+    async def owned_domain(self, principal: Principal, name: str) -> Domain:
+        """The principal's domain called `name`, or a 404 envelope (also for others')."""
+        domain = await self.domains.get(name, owner_id=principal.user.id)
+        if domain is None:
+            raise ApiError(404, f"No such domain: {name}.")
+        return domain
+
+    def domain_options(
+        self, body: Mapping[str, Any], path_name: str, *, creating: bool
+    ) -> dict[str, Any]:
+        """The DomainService options a Domain object body asks for; 400 on bad input."""
+        for key in body:
+            if key != "domain" and key not in DOMAIN_OPTIONS:
+                raise ApiError(400, f"unknown field: {key}", fields={key: ["Unknown field."]})
+        checks: dict[str, Callable[[], Any]] = {}
+        if "domain" in body:
+            checks["domain"] = lambda: self._check_same_domain(body["domain"], path_name)
+        for name, option in DOMAIN_OPTIONS.items():
+            if name in body:
+                checks[option] = _checker(name, body[name], self._check_redirect)
+        if creating and "redirectTo" not in body:
+            checks["redirect_to"] = _missing("redirectTo")
+        values = collect_fields(checks)
+        values.pop("domain", None)
+        return values
+
+    @staticmethod
+    def _check_same_domain(value: Any, path_name: str) -> None:
+        if not isinstance(value, str):
+            raise field_error("domain", "must be a string.")
+        try:
+            same = normalise_domain(value) == normalise_domain(path_name)
+        except DomainError:
+            same = False
+        if not same:
+            raise field_error(
+                "domain", f"{value!r} is not the domain of the path ({path_name})."
+            )
+
+    def _check_redirect(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise field_error("redirectTo", "must be a string.")
+        try:
+            host, _port = parse_redirect(value)
+            self.redirects.check(host)
+        except DomainError as e:
+            raise field_error("redirectTo", _seed_message(e)) from None
+        except RedirectForbidden as e:
+            raise field_error("redirectTo", str(e)) from None
+        return value
+
+    def check_plan(
+        self, principal: Principal, options: Mapping[str, Any], current: Domain | None
+    ) -> None:
+        """403 when the account's plan does not allow one of `options`."""
+        stored = None
+        if current is not None:
+            stored = {option: getattr(current, option) for option in options
+                      if hasattr(current, option)}
+        try:
+            self.plans.check_domain_options(principal.user.plan, options, stored)
+        except PlanError as e:
+            name = SEED_NAME.get(e.option, e.option)
+            raise ApiError(403, e.describe(name), extra={"plan": e.plan.name}) from None
+
+    @routes.route(
+        "/api/v1/domain/all",
+        "GET",
+        summary="Get domains list",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is the account's domain names", envelope_schema(
+            NAMES_SCHEMA))},
+    )
+    async def list_domains(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        found = await self.domains.list(principal.user.id)
+        return self.envelope(request, data=[d.name for d in found])
+
+    @routes.route(
+        "/api/v1/domain/<domain>",
+        "GET",
+        summary="Domain info",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is the Domain object", envelope_schema(DOMAIN_SCHEMA))},
+    )
+    async def get_domain(self, request: IRequest, domain: str) -> bytes:
+        principal = await self.principal(request)
+        found = await self.owned_domain(principal, domain)
+        return self.envelope(request, data=domain_object(found))
+
+    @routes.route(
+        ["/api/v1/domain/<domain>", "/api/v1/domais/<domain>"],
+        "POST",
+        summary="Add a domain",
+        description="The body is a Domain object with at least redirectTo. The seed's "
+        "example posts to /api/v1/domais/{domain}, which is served too.",
+        auth=PROTECMAIL,
+        body=DOMAIN_EDIT_SCHEMA,
+        replies={200: Reply("Added", envelope_schema(None))},
+        errors=(403, 409),
+    )
+    async def add_domain(self, request: IRequest, domain: str) -> bytes:
+        principal = await self.principal(request)
+        options = self.domain_options(self.json_object(request), domain, creating=True)
+        self.check_plan(principal, options, None)
+        redirect_to = options.pop("redirect_to")
+        try:
+            await self.domains.add(domain, principal.user.id, redirect_to, **options)
+        except DomainError as e:
+            if "already served" in e.message:
+                raise ApiError(409, e.message) from None
+            raise _bad_domain_input(e) from None
+        return self.envelope(request)
+
+    @routes.route(
+        "/api/v1/domain/<domain>",
+        "PUT",
+        summary="Update a domain",
+        description="The body is a Domain object; fields left out keep their value.",
+        auth=PROTECMAIL,
+        body=DOMAIN_EDIT_SCHEMA,
+        replies={200: Reply("Saved", envelope_schema(None))},
+        errors=(403,),
+    )
+    async def update_domain(self, request: IRequest, domain: str) -> bytes:
+        principal = await self.principal(request)
+        current = await self.owned_domain(principal, domain)
+        options = self.domain_options(self.json_object(request), domain, creating=False)
+        self.check_plan(principal, options, current)
+        try:
+            await self.domains.update(current.name, options, owner_id=principal.user.id)
+        except DomainError as e:
+            if e.message.startswith("No such domain"):
+                raise ApiError(404, f"No such domain: {domain}.") from None
+            raise _bad_domain_input(e) from None
+        return self.envelope(request)
+
+    @routes.route(
+        ["/api/v1/domain/<domain>", "/api/v1/domains/<domain>"],
+        "DELETE",
+        summary="Delete a domain",
+        description="Stops serving the domain; its address list goes with it.",
+        auth=PROTECMAIL,
+        replies={200: Reply("Deleted", envelope_schema(None))},
+    )
+    async def delete_domain(self, request: IRequest, domain: str) -> bytes:
+        principal = await self.principal(request)
+        current = await self.owned_domain(principal, domain)
+        try:
+            await self.domains.remove(current.name, owner_id=principal.user.id)
+        except DomainError:
+            raise ApiError(404, f"No such domain: {domain}.") from None
+        return self.envelope(request)
+
+    # -- addresses -------------------------------------------------------------------------
+
+    @staticmethod
+    def local_part(address: str, domain: Domain) -> str:
+        """The local part of `address` (`local` or `local@domain` of this domain)."""
+        local, at, rest = address.rpartition("@")
+        if not at:
+            return address
+        try:
+            same = normalise_domain(rest) == domain.name
+        except DomainError:
+            same = False
+        if not same:
+            raise field_error("address", f"{address!r} is not an address of {domain.name}.")
+        return local
+
+    @routes.route(
+        "/api/v1/domain/<domain>/addresses",
+        "GET",
+        summary="List domain addresses",
+        description="The local parts the domain accepts; empty: it accepts every one.",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is the list of local parts", envelope_schema(
+            NAMES_SCHEMA))},
+    )
+    async def list_addresses(self, request: IRequest, domain: str) -> bytes:
+        principal = await self.principal(request)
+        found = await self.owned_domain(principal, domain)
+        try:
+            names = await self.domains.list_addresses(found.name, owner_id=principal.user.id)
+        except DomainError:
+            raise ApiError(404, f"No such domain: {domain}.") from None
+        return self.envelope(request, data=names)
+
+    @routes.route(
+        "/api/v1/domain/<domain>/addresses/<address>",
+        "PUT",
+        summary="Add an address",
+        auth=PROTECMAIL,
+        replies={200: Reply("Listed (msg says so when it already was)", envelope_schema(
+            None))},
+    )
+    async def add_address(self, request: IRequest, domain: str, address: str) -> bytes:
+        principal = await self.principal(request)
+        found = await self.owned_domain(principal, domain)
+        local = self.local_part(address, found)
+        try:
+            added = await self.domains.add_address(
+                found.name, local, owner_id=principal.user.id
+            )
+        except DomainError as e:
+            if e.message.startswith("No such domain"):
+                raise ApiError(404, f"No such domain: {domain}.") from None
+            raise _bad_domain_input(e) from None
+        if not added:
+            return self.envelope(request, msg=f"{local}@{found.name} was already listed.")
+        return self.envelope(request)
+
+    @routes.route(
+        ["/api/v1/domain/<domain>/addresses/<address>", "/api/v1/domain/<domain>/<address>"],
+        "DELETE",
+        summary="Remove an address",
+        description="The seed's example omits `addresses/`; both paths are served.",
+        auth=PROTECMAIL,
+        replies={200: Reply("Removed", envelope_schema(None))},
+    )
+    async def remove_address(self, request: IRequest, domain: str, address: str) -> bytes:
+        principal = await self.principal(request)
+        found = await self.owned_domain(principal, domain)
+        local = self.local_part(address, found)
+        try:
+            await self.domains.remove_address(found.name, local, owner_id=principal.user.id)
+        except DomainError as e:
+            if e.message.startswith("No such domain") or "not in the address list" in e.message:
+                raise ApiError(404, _seed_message(e)) from None
+            raise _bad_domain_input(e) from None
+        return self.envelope(request)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    @routes.route(
+        ["/api/v1/tanks", "/api/v1/tolens"],
+        "GET",
+        summary="Filtering token tanks",
+        description="`monthly` (this month's remaining tokens), `perm` (unused monthly "
+        "tokens of earlier months and purchased tokens), `total`.",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is the tanks", envelope_schema(TANKS_SCHEMA))},
+    )
+    async def tanks(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        found = await self.tokens.tanks(principal.user.id)
+        return self.envelope(request, data=found.as_dict())
+
+    @routes.route(
+        "/api/v1/token/daily-average",
+        "GET",
+        summary="Daily consumption",
+        description="Tokens used per day, averaged over the last 30 days (today included), "
+        "rounded down.",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is an integer", envelope_schema({"type": "integer"}))},
+    )
+    async def daily_average(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        average = await self.tokens.daily_average(principal.user.id)
+        return self.envelope(request, data=average)
+
+    # -- invoices --------------------------------------------------------------------------
+
+    @routes.route(
+        "/api/v1/invoices",
+        "GET",
+        summary="List invoices",
+        description="Newest first; dates are RFC 3339 with an offset.",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is `[{ref, date, total}]`", envelope_schema(
+            INVOICES_SCHEMA))},
+    )
+    async def list_invoices(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        found = await self.invoices.list(principal.user.id)
+        data = [
+            {
+                "ref": invoice.ref,
+                "date": self.invoices.date_text(invoice.issued_at),
+                "total": money_number(invoice.total_cents),
+            }
+            for invoice in found
+        ]
+        return self.envelope(request, data=data)
+
+    @routes.route(
+        "/api/v1/invoices/<ref>",
+        "GET",
+        summary="Download an invoice",
+        description="Exceptionally the reply is a PDF file (errors are envelopes).",
+        auth=PROTECMAIL,
+        replies={200: Reply("The invoice", {"type": "string", "format": "binary"},
+                            content_type="application/pdf")},
+    )
+    async def get_invoice(self, request: IRequest, ref: str) -> bytes:
+        principal = await self.principal(request)
+        pdf = None
+        if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+            pdf = await self.invoices.pdf(int(ref), user_id=principal.user.id)
+        if pdf is None:
+            raise ApiError(404, f"No such invoice: {ref}.")
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/pdf")
+        request.setHeader(b"Content-Length", str(len(pdf)).encode("ascii"))
+        request.setHeader(
+            b"Content-Disposition", f'inline; filename="invoice-{int(ref)}.pdf"'.encode("ascii")
+        )
+        return pdf
+
+
+def _missing(name: str) -> Callable[[], Any]:
+    def check() -> Any:
+        raise field_error(name, "This field is required.")
+
+    return check
+
+
+def _checker(name: str, value: Any, redirect: Callable[[Any], str]) -> Callable[[], Any]:
+    """The check of one Domain object field (seed name `name`)."""
+
+    def check() -> Any:
+        if name == "redirectTo":
+            if value is None:
+                raise field_error(name, "may not be null.")
+            return redirect(value)
+        if name in ("spamAction", "virusAction"):
+            if type(value) is not int or value not in (0, 1):
+                raise field_error(name, _ACTION_TEXT)
+            return int(value)
+        if name == "sendResume":
+            if not isinstance(value, bool):
+                raise field_error(name, "must be true or false.")
+            return value
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise field_error(name, "must be a string or null.")
+        return value
+
+    return check

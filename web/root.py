@@ -49,6 +49,8 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("/api/emails", "imap2api"),
     ("/api/v1/imap-servers", "imap2api"),
     ("/api/v1/emails", "imap2api"),
+    ("/api/webhooks", "imap2api"),
+    ("/api/v1/webhooks", "imap2api"),
     # Mail API (seed 002)
     ("/api/v1/auth", "mailapi"),
     ("/api/v1/mail", "mailapi"),
@@ -62,6 +64,7 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("/api/v1/token", "protecmail"),
     ("/api/v1/domain", "protecmail"),
     ("/api/v1/domains", "protecmail"),
+    ("/api/v1/domais", "protecmail"),  # seed 004's "Add a domain" example posts here
     ("/api/v1/quarantine", "protecmail"),
     # Dropmyemail (seed 000 + dropmyemail-v1.md)
     ("/oauth", "dropmyemail"),
@@ -225,9 +228,23 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             login=login,
             user_limiter=RateLimiter(clock, settings.imap2api_user_rate),
             anonymous_limiter=RateLimiter(clock, settings.imap2api_anonymous_rate),
+            accounts=core.fetch.accounts,
+            engine=core.fetch.engine,
+            messages=core.messages,
+            webhooks=core.webhooks,
+            clock=clock,
         ),
         MailApiApp(settings, resolver=resolver, login=login),
-        ProtecmailApp(settings, resolver=resolver, identity=identity),
+        ProtecmailApp(
+            settings,
+            resolver=resolver,
+            identity=identity,
+            domains=core.domains,
+            plans=core.plans,
+            tokens=core.tokens,
+            invoices=core.invoices,
+            redirects=core.redirects,
+        ),
         SafedropApp(settings, resolver=resolver, identity=identity),
         DropmyemailApp(
             settings,

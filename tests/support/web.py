@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 
 from mailcore.config import Config
 from mailcore.core import Core
-from mailcore.identity import Identity, User
+from mailcore.identity import User
 from mailcore.store import Database
 from mailcore.workers import CpuPool
 from web.root import RootResource, build_root
@@ -36,9 +36,7 @@ def make_core(config: Config | None = None) -> tuple[Core, Clock]:
     clock.advance(START)
     config = config or Config()
     db = Database.for_tests()
-    core = Core.build(config, db, clock)
-    core.cpu = CpuPool.for_tests()
-    core.identity = Identity(db, clock, core.cpu, session_ttl=config.session_token_ttl)
+    core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
     return core, clock
 
 
