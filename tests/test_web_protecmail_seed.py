@@ -5,7 +5,7 @@ The examples are embedded below as the seed prints them (a line break of the doc
 space); when the seed file is found beside the repository (`../shared/seeds/004_*.txt`), a
 test checks that the embedded examples are exactly the ones the file holds. The endpoint
 lines of the seed ("DELETE https://…/domains/{domain}") are run too, their placeholders
-filled in. The quarantine examples wait for the quarantine work (skipped, named below).
+filled in. The two quarantine examples run against messages kept in the quarantine.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.quarantine import ToKeep
+from mailcore.store.schema import quarantine
 from tests.support.web import Web, header
 from tests.test_invoices import PROFILE, pdf_text
 from tests.test_web_protecmail_domains import build_web
@@ -301,4 +304,27 @@ class SeedClientTests(TestCase):
         self.assertEqual([p for p in paths if p.startswith(QUARANTINE)],
                          ["/api/v1/quarantine/protecmail.fr/0/3",
                           "/api/v1/quarantine/11062018225433918076"])
-        raise self.skipTest("the quarantine routes come with the quarantine work (issue 4 #3)")
+        core = self.web.core
+        dom = await core.domains.add("protecmail.fr", self.user.id, "in.mail.protecmail.com")
+        for n in range(4):
+            [ident] = await core.quarantine.keep(
+                [ToKeep(f"Q{n}", "CanadaExOhrcp@www.Hlawatschek.de", "xxxx@protecmail.fr",
+                        dom.id, "spam", "spam: score=1000.0")],
+                b"Subject: Check quality\r\n\r\nbuy\r\n",
+            )
+            self.web.clock.advance(60)
+        await core.db.run("seed ident", lambda c: c.execute(
+            update(quarantine).where(quarantine.c.ident == ident)
+            .values(ident="11062018225433918076")))
+        listing, release = (parse_curl(c) for c in SEED_EXAMPLES
+                            if parse_curl(c).path.startswith(QUARANTINE))
+        status, _, reply = await self.send(listing)
+        self.assertEqual(status, 200)
+        data = self.envelope(reply, listing)["data"]
+        self.assertEqual((data["count"], data["nb_pages"], data["current_page"]), (4, 2, 1))
+        self.assertEqual(data["emails"][0]["ident"], "11062018225433918076")
+        self.assertEqual(set(data["emails"][0]), {"date", "email", "domain", "mailfrom",
+                                                  "subject", "ident"})
+        status, _, reply = await self.send(release)
+        self.assertEqual(status, 200)
+        self.assertEqual(set(self.envelope(reply, release)), {"request_id", "success"})

@@ -6,7 +6,7 @@ there is something to say. The one exception is the invoice download, a PDF.
 
 Served: ping, user (GET/PUT), domains (`domain/all`, GET/POST/PUT/DELETE `domain/{d}`, also
 DELETE `domains/{d}`), address lists, token tanks (`tanks`, also `tolens`), the daily token
-average, invoices (list, PDF). The quarantine routes come with the quarantine work.
+average, invoices (list, PDF), the quarantine (list, release).
 
 Paths the seed prints in its curl examples are served as printed, typos included: POST
 `/api/v1/domais/{d}` adds a domain and DELETE `/api/v1/domain/{d}/{address}` removes an
@@ -30,6 +30,13 @@ Decisions (the seed leaves them open):
   except on POST, where any served name is 409.
 - Adding an address already listed is 200 with a msg saying so; removing one that is not
   listed is 404. An address may be given as `local` or `local@domain`.
+- Quarantine listing: `{start}` is an offset into the newest-first list and `{count}` the
+  page size (1 to 1000); `current_page` is start // count + 1 and `nb_pages` is
+  ceil(total / count), as the seed's example (0/3 → page 1 of 575 for 1724 mails). The
+  target is one of the user's domains or an address of one; others are 404. Dates are
+  RFC 3339 in UTC. A release (`GET /api/v1/quarantine/{ident}`) queues the message once; a
+  second one is 409 with success false and msg "already released" and sends nothing; an
+  unknown ident or another user's is 404.
 - Invoice dates are RFC 3339 with the offset of `[billing] timezone`; totals are numbers
   (60, 724.8). Another user's or an unknown invoice is 404.
 """
@@ -52,6 +59,14 @@ from mailcore.domains import (
 from mailcore.identity import PROFILE_FIELDS, Identity, IdentityError, Principal
 from mailcore.invoices import InvoiceService, money_number
 from mailcore.plans import PlanError, Plans
+from mailcore.quarantine import (
+    ALREADY,
+    MAX_PAGE,
+    MISSING,
+    QuarantineError,
+    QuarantineService,
+    rfc3339,
+)
 from mailcore.redirects import RedirectForbidden, RedirectPolicy
 from mailcore.tokens import TokenService
 from web.api import ApiApp
@@ -138,6 +153,26 @@ INVOICES_SCHEMA: dict[str, Any] = {
     },
 }
 
+QUARANTINE_PAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "emails": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "date": {"type": "string", "format": "date-time"},
+                    **{k: {"type": "string"} for k in ("email", "domain", "mailfrom",
+                                                       "subject", "ident")},
+                },
+            },
+        },
+        "count": {"type": "integer"},
+        "nb_pages": {"type": "integer"},
+        "current_page": {"type": "integer"},
+    },
+}
+
 
 def domain_object(domain: Domain) -> dict[str, Any]:
     """Seed 004's Domain object; the agency-only fields only when set."""
@@ -187,6 +222,7 @@ class ProtecmailApp(ApiApp):
         tokens: TokenService,
         invoices: InvoiceService,
         redirects: RedirectPolicy,
+        quarantine: QuarantineService | None = None,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
@@ -196,6 +232,7 @@ class ProtecmailApp(ApiApp):
         self.tokens = tokens
         self.invoices = invoices
         self.redirects = redirects
+        self.quarantine = quarantine
 
     async def principal(self, request: IRequest) -> Principal:
         """The API key's user, or a 401 envelope."""
@@ -580,6 +617,81 @@ class ProtecmailApp(ApiApp):
             b"Content-Disposition", f'inline; filename="invoice-{int(ref)}.pdf"'.encode("ascii")
         )
         return pdf
+
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def _quarantine(self) -> QuarantineService:
+        if self.quarantine is None:
+            raise ApiError(503, "The quarantine is not available.")
+        return self.quarantine
+
+    @routes.route(
+        "/api/v1/quarantine/<target>/<start>/<count>",
+        "GET",
+        summary="List quarantined emails",
+        description="Newest first, from offset `start`, `count` of them, for one of your "
+        "domains or an address of one.",
+        auth=PROTECMAIL,
+        replies={200: Reply("`data` is the page", envelope_schema(QUARANTINE_PAGE_SCHEMA))},
+    )
+    async def list_quarantine(
+        self, request: IRequest, target: str, start: str, count: str
+    ) -> bytes:
+        principal = await self.principal(request)
+        service = self._quarantine()
+        first = _bounded_int(start, "start", 0, 10**9)
+        size = _bounded_int(count, "count", 1, MAX_PAGE)
+        local, at, name = target.rpartition("@")
+        domain = await self.owned_domain(principal, name if at else target)
+        address = None
+        if at:
+            if not local:
+                raise field_error("address", f"{target!r} is not an address.")
+            address = f"{local}@{domain.name}"
+        page = await service.page(domain.id, address, first, size)
+        return self.envelope(request, data={
+            "emails": [
+                {"date": rfc3339(h.date), "email": h.email, "domain": h.domain,
+                 "mailfrom": h.mailfrom, "subject": h.subject, "ident": h.ident}
+                for h in page.emails
+            ],
+            "count": page.count,
+            "nb_pages": page.nb_pages,
+            "current_page": page.current_page,
+        })
+
+    @routes.route(
+        "/api/v1/quarantine/<ident>",
+        "GET",
+        summary="Resend a quarantined mail",
+        description="Queues the message for its recipient, once. A second release is 409 "
+        "(msg \"already released\") and sends nothing.",
+        auth=PROTECMAIL,
+        replies={200: Reply("Queued for delivery", envelope_schema(None))},
+        errors=(409,),
+    )
+    async def release_quarantine(self, request: IRequest, ident: str) -> bytes:
+        principal = await self.principal(request)
+        service = self._quarantine()
+        try:
+            status = await service.release(ident, owner_id=principal.user.id)
+        except QuarantineError as e:
+            raise ApiError(503, str(e)) from None
+        if status == MISSING:
+            raise ApiError(404, f"No such quarantined mail: {ident}.")
+        if status == ALREADY:
+            raise ApiError(409, "already released")
+        return self.envelope(request)
+
+
+def _bounded_int(text: str, name: str, low: int, high: int) -> int:
+    """A path segment as an integer within [low, high], or a 400 envelope naming it."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or not (
+        low <= int(text) <= high
+    ):
+        raise field_error(name, f"must be an integer from {low} to {high}.")
+    return int(text)
 
 
 def _missing(name: str) -> Callable[[], Any]:

@@ -34,6 +34,7 @@ from web.meta import MetaApp
 from web.metrics import HttpMetrics
 from web.openapi import document
 from web.protecmail import ProtecmailApp
+from web.quarantine_page import QuarantinePageApp
 from web.ratelimit import Rate, RateLimiter
 from web.safedrop import SafedropApp
 from web.settings import WebSettings
@@ -72,6 +73,8 @@ ROUTES: tuple[tuple[str, str], ...] = (
     # safedrop (seed 003): the auth server at / and /auth, the API at /dropbundles
     ("/auth", "safedrop"),
     ("/dropbundles", "safedrop"),
+    # the release page of quarantine digest links
+    ("/quarantine", "quarantine"),
     # the service itself
     ("/metrics", "meta"),
     ("/openapi.json", "meta"),
@@ -244,8 +247,10 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             tokens=core.tokens,
             invoices=core.invoices,
             redirects=core.redirects,
+            quarantine=core.quarantine,
         ),
         SafedropApp(settings, resolver=resolver, identity=identity),
+        QuarantinePageApp(settings, quarantine=core.quarantine),
         DropmyemailApp(
             settings,
             resolver=resolver,

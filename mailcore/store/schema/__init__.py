@@ -26,6 +26,7 @@ from mailcore.store.schema.messages import (
     threads,
 )
 from mailcore.store.schema.meta import metadata
+from mailcore.store.schema.quarantine import quarantine
 from mailcore.store.schema.queue import queue_messages, queue_recipients
 from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
 
@@ -44,6 +45,7 @@ __all__ = [
     "message_refs",
     "messages",
     "metadata",
+    "quarantine",
     "queue_messages",
     "queue_recipients",
     "threads",

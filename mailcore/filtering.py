@@ -1,0 +1,182 @@
+"""The filtering stage of the pipeline: tokens, the filter chain, then the domain's policy.
+
+Only messages of kind "relay" are filtered (bounces, releases, digests are ours, and a
+released message was judged already). For a relay message:
+
+1. Filtering tokens: one per recipient, charged to the owner of each recipient domain,
+   keyed by queue id and domain so a retried message is not charged twice. An empty tank
+   (with `[tokens] when_empty = "defer"`) defers the message: it stays queued, nothing lost.
+2. The filter chain scans the bytes. `FilterUnavailable` defers the message (a fail-open
+   filter never raises it: the chain skips that filter instead, as the operator chose).
+3. Per recipient domain, seed 004's policy: `virusAction` for a virus, else `spamAction`
+   for spam: 0 quarantine (not delivered), 1 tag and deliver. Tags are `X-Spam-Flag: YES`,
+   `X-Spam-Score`, `X-Spam-Status: Yes, score=… required=… tests=…`, for a virus
+   `X-Virus-Status: Infected (names)`, and the subject tag. Clean mail is not touched.
+
+```toml
+[pipeline]
+filtering = false              # run this stage at all; off by default in this release
+                               # (see README: token charging is not yet batched)
+subject_tag = "[SPAM]"         # put before the Subject of tagged spam ("" = none)
+virus_subject_tag = "[VIRUS]"  # put before the Subject of tagged virus mail ("" = none)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import defer
+
+from filters import FilterChain, FilterUnavailable, ScanContext, Verdict
+from mailcore.config import ConfigError
+from mailcore.domains import Domain
+from mailcore.pipeline import Action, Decision, PipelineMessage
+from mailcore.quarantine import QuarantineService, ToKeep
+from mailcore.tokens import EMPTY, TokenService
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The `[pipeline]` table."""
+
+    filtering: bool = False
+    subject_tag: str = "[SPAM]"
+    virus_subject_tag: str = "[VIRUS]"
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> PolicySettings:
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            if key == "filtering":
+                if not isinstance(value, bool):
+                    raise ConfigError("[pipeline] filtering must be true or false")
+            elif key not in ("subject_tag", "virus_subject_tag"):
+                raise ConfigError(f"[pipeline] unknown key {key!r}")
+            elif not isinstance(value, str):
+                raise ConfigError(f"[pipeline] {key} must be a string")
+            values[key] = value
+        return cls(**values)
+
+
+class DomainLookup(Protocol):
+    def domain_by_id(self, domain_id: int) -> Domain | None: ...
+
+
+def spam_headers(verdict: Verdict) -> tuple[tuple[str, str], ...]:
+    """SpamAssassin-style header fields for a spam verdict."""
+    tests = ",".join(verdict.symbol_names) or "none"
+    return (
+        ("X-Spam-Flag", "YES"),
+        ("X-Spam-Score", f"{verdict.score:.1f}"),
+        ("X-Spam-Status",
+         f"Yes, score={verdict.score:.1f} required={verdict.threshold:.1f} tests={tests}"),
+    )
+
+
+def describe(verdict: Verdict) -> tuple[str, str]:
+    """(category, reason) of a verdict that is not clean."""
+    if verdict.viruses:
+        return "virus", "virus: " + ", ".join(verdict.viruses)
+    tests = ",".join(verdict.symbol_names)
+    return "spam", f"spam: score={verdict.score:.1f} required={verdict.threshold:.1f} " \
+                   f"tests={tests}"
+
+
+class FilteringStage:
+    """A pipeline Stage; see the module docstring."""
+
+    def __init__(
+        self,
+        chain: FilterChain,
+        domains: DomainLookup,
+        tokens: TokenService | None,
+        settings: PolicySettings | None = None,
+    ) -> None:
+        self.chain = chain
+        self.domains = domains
+        self.tokens = tokens
+        self.settings = settings or PolicySettings()
+
+    async def process(self, message: PipelineMessage) -> Decision | None:
+        if message.kind != "relay":
+            return None
+        by_domain: dict[int, list[str]] = {}
+        doms: dict[int, Domain] = {}
+        for rcpt in message.recipients:
+            dom = self.domains.domain_by_id(rcpt.domain_id) if rcpt.domain_id else None
+            if dom is None:
+                return Decision(Action.DEFER, reason="4.3.0 recipient domain not known to the "
+                                "filtering policy yet")
+            doms[dom.id] = dom
+            by_domain.setdefault(dom.id, []).append(rcpt.address)
+        if self.tokens is not None:
+            for domain_id, addresses in by_domain.items():
+                dom = doms[domain_id]
+                result = await self.tokens.consume(
+                    dom.owner_id, len(addresses), key=f"{message.queue_id}:{domain_id}"
+                )
+                if result == EMPTY:
+                    return Decision(Action.DEFER, reason=f"4.7.1 filtering tokens of the owner "
+                                    f"of {dom.name} are exhausted")
+        context = ScanContext(
+            mail_from=message.mail_from,
+            recipients=tuple(r.address for r in message.recipients),
+            queue_id=message.queue_id,
+        )
+        try:
+            verdict = await self.chain.scan(message.body, context)
+        except FilterUnavailable as e:
+            return Decision(Action.DEFER, reason=f"4.7.0 filtering unavailable: {e}")
+        if verdict.clean:
+            return None
+        category, reason = describe(verdict)
+        held: list[str] = []
+        for domain_id, addresses in by_domain.items():
+            dom = doms[domain_id]
+            action = dom.virus_action if verdict.viruses else dom.spam_action
+            if action == 0:
+                held.extend(addresses)
+        if len(held) == len(message.recipients):
+            return Decision(Action.QUARANTINE, reason=reason, category=category)
+        headers: tuple[tuple[str, str], ...] = ()
+        prefix = ""
+        if verdict.spam:
+            headers += spam_headers(verdict)
+            prefix = self.settings.subject_tag
+        if verdict.viruses:
+            headers += (("X-Virus-Status", f"Infected ({', '.join(verdict.viruses)})"),)
+            prefix = self.settings.virus_subject_tag
+        return Decision(Action.TAG, headers, reason=reason, quarantine=tuple(held),
+                        subject_prefix=prefix, category=category)
+
+
+def quarantine_store(service: QuarantineService) -> Any:
+    """The pipeline's `quarantine` callback: keep the message for the decision's recipients
+    (all of them for a QUARANTINE, else those named in `decision.quarantine`)."""
+
+    async def keep(message: PipelineMessage, decision: Decision) -> None:
+        wanted = set(decision.quarantine)
+        items = [
+            ToKeep(message.queue_id, message.mail_from, r.address, int(r.domain_id or 0),
+                   decision.category or "spam", decision.reason)
+            for r in message.recipients
+            if decision.action is Action.QUARANTINE or r.address in wanted
+        ]
+        await service.keep(items, message.body)
+
+    return keep
+
+
+class ChainService(Service):
+    """Owns the filter chain's lifetime: closes its connections (rspamd pool) at stop."""
+
+    def __init__(self, chain: FilterChain) -> None:
+        self.chain = chain
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self.chain.close())

@@ -1,0 +1,587 @@
+"""The quarantine: held messages, their listing and release, retention, and digests.
+
+A message the pipeline decides to quarantine is kept here, one row per recipient, with a
+seed-004-shaped `ident` (ddmmyyyyHHMMSS in UTC + 6 random digits). A release hands the kept
+bytes back to the queue (`Spool.accept`, kind "release", the original sender and the
+quarantined recipient): nothing is filtered again. A release happens at most once: the row is
+claimed with `UPDATE … WHERE released_at IS NULL`, and only the request whose UPDATE changed
+the row queues the message (if the spool refuses it, the claim is undone).
+
+Digests (seed 004's `sendResume`): every `digest_interval` seconds each recipient of a domain
+with `send_resume` (and a plan that allows it, re-checked when sending) gets one mail listing
+the messages quarantined for it since its last digest. Each item carries a signed, expiring
+link `https://{host}/quarantine/release/{token}` that opens a small page (web/quarantine_page)
+whose POST releases that one message; the token is HMAC-SHA256 over ident and expiry with a
+key kept in `{data_dir}/quarantine.key` (mode 0600). A link is single-use because a message
+is released only once.
+
+Templates (agency plan; defaults otherwise). Placeholders are replaced by plain text
+substitution of `{name}`; anything else stays as written:
+- subject (`resumeTemplateSubject`): {email} {domain} {count}
+- body (`resumeTemplateBody`): {email} {domain} {count} {items}
+- item (`resumeTemplateResume`, one per message, joined into {items}): {date} {mailfrom}
+  {subject} {link} {ident} {email} {reason}
+
+```toml
+[quarantine]
+retention_days = 30        # quarantined messages older than this are purged
+purge_interval = 3600      # seconds between purge runs
+digest_interval = 86400    # seconds between digest runs
+link_ttl = 604800          # seconds a release link stays valid (7 days)
+link_hostname = ""         # host of release links when the domain sets none; "" = hostname
+digest_from = ""           # From of digests; "" = quarantine@{hostname}
+digest_sender = ""         # envelope sender of digests; "" = the null sender <>
+```
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import email.utils
+import hashlib
+import hmac
+import math
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.policy import SMTP
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mailcore.config import ConfigError
+from mailcore.plans import Plans
+from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.queue.ids import new_queue_id
+from mailcore.queue.model import header_block
+from mailcore.store import Database
+from mailcore.store.schema import domains, quarantine, users
+
+log = Logger()
+
+RELEASED = "released"
+ALREADY = "already released"
+MISSING = "missing"
+
+MAX_PAGE = 1000
+
+DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
+DEFAULT_BODY = (
+    "Hello,\n\n"
+    "{count} message(s) addressed to {email} were held in quarantine by the filters of\n"
+    "{domain}. They will not be delivered unless you release them.\n\n"
+    "{items}\n"
+    "Each link works once and for a limited time.\n"
+)
+DEFAULT_ITEM = (
+    "- {date}  from {mailfrom}\n"
+    "  Subject: {subject}\n"
+    "  Release: {link}\n"
+)
+
+
+@dataclass(frozen=True)
+class QuarantineSettings:
+    """The `[quarantine]` table (see the module docstring)."""
+
+    retention_days: int = 30
+    purge_interval: float = 3600.0
+    digest_interval: float = 86400.0
+    link_ttl: float = 7 * 86400.0
+    link_hostname: str = ""
+    digest_from: str = ""
+    digest_sender: str = ""
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> QuarantineSettings:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(section) - known
+        if unknown:
+            raise ConfigError(f"[quarantine] unknown key {sorted(unknown)[0]!r}")
+        values: dict[str, Any] = {}
+        for key in ("purge_interval", "digest_interval", "link_ttl"):
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                    raise ConfigError(f"[quarantine] {key} must be a positive number of seconds")
+                values[key] = float(v)
+        if "retention_days" in section:
+            v = section["retention_days"]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError("[quarantine] retention_days must be a positive integer")
+            values["retention_days"] = v
+        for key in ("link_hostname", "digest_from", "digest_sender"):
+            if key in section:
+                if not isinstance(section[key], str):
+                    raise ConfigError(f"[quarantine] {key} must be a string")
+                values[key] = section[key]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Held:
+    """One quarantined message for one recipient, as listings show it."""
+
+    ident: str
+    date: datetime.datetime
+    email: str
+    domain: str
+    mailfrom: str
+    subject: str
+    category: str
+    reason: str
+    released_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class Page:
+    emails: list[Held]
+    count: int
+    nb_pages: int
+    current_page: int
+
+
+@dataclass(frozen=True)
+class ToKeep:
+    """What the pipeline hands over for one recipient."""
+
+    queue_id: str
+    mailfrom: str
+    email: str
+    domain_id: int
+    category: str
+    reason: str
+
+
+class QuarantineError(Exception):
+    """A release could not be queued (the spool refused it); nothing was released."""
+
+
+class NotOwned(Exception):
+    """The domain or address is not one of the user's (shown as 404)."""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+def rfc3339(value: datetime.datetime) -> str:
+    """A UTC time as RFC 3339 with an explicit offset (the seed writes `+02:00`)."""
+    return _utc(value).astimezone(datetime.UTC).isoformat(timespec="seconds")
+
+
+def new_ident(when: datetime.datetime) -> str:
+    """Twenty digits like the seed's: ddmmyyyyHHMMSS (UTC) and six random digits."""
+    return when.strftime("%d%m%Y%H%M%S") + f"{secrets.randbelow(10**6):06d}"
+
+
+def decoded_subject(body: bytes) -> str:
+    """The message's Subject, RFC 2047 words decoded; "" when absent or unreadable."""
+    try:
+        headers = BytesHeaderParser().parsebytes(header_block(body))
+        raw = headers.get("Subject")
+        if raw is None:
+            return ""
+        text = str(make_header(decode_header(str(raw))))
+    except Exception:
+        return ""
+    return " ".join(text.split())
+
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """`template` with each known `{name}` replaced; no format-string semantics at all."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+# -- link tokens -----------------------------------------------------------------------------
+
+
+class LinkSigner:
+    """Signed, expiring release tokens: `{ident}.{expiry}.{base64url HMAC-SHA256}`."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    @classmethod
+    def from_file(cls, path: Path) -> LinkSigner:
+        """Load the key, making a new one (mode 0600) if the file is absent. Blocks."""
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+        if len(key) < 32:
+            raise ConfigError(f"{path}: the quarantine link key is too short")
+        return cls(key)
+
+    def _mac(self, payload: str) -> str:
+        digest = hmac.new(self.key, payload.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def sign(self, ident: str, expires: float) -> str:
+        payload = f"{ident}.{int(expires)}"
+        return f"{payload}.{self._mac(payload)}"
+
+    def verify(self, token: str, now: float) -> str | None:
+        """The ident of a genuine, unexpired token, else None."""
+        parts = token.split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None
+        payload = f"{parts[0]}.{parts[1]}"
+        if not hmac.compare_digest(self._mac(payload), parts[2]):
+            return None
+        if int(parts[1]) < now:
+            return None
+        return parts[0]
+
+
+# -- transactions ----------------------------------------------------------------------------
+
+
+def _keep_txn(
+    conn: Connection, items: Sequence[ToKeep], body: bytes, now: datetime.datetime
+) -> list[str]:
+    """Blocking: store one row per recipient; returns their idents."""
+    subject = decoded_subject(body)
+    ids = {i.domain_id for i in items}
+    rows = conn.execute(
+        sa.select(domains.c.id, domains.c.name, domains.c.owner_id).where(domains.c.id.in_(ids))
+    ).all()
+    by_id = {r.id: r for r in rows}
+    idents = []
+    for item in items:
+        dom = by_id.get(item.domain_id)
+        if dom is None:
+            raise QuarantineError(f"domain {item.domain_id} no longer exists")
+        for _ in range(20):
+            ident = new_ident(now)
+            try:
+                with conn.begin_nested():
+                    conn.execute(quarantine.insert().values(
+                        ident=ident, owner_id=dom.owner_id, domain_id=dom.id, domain=dom.name,
+                        email=item.email, mailfrom=item.mailfrom, subject=subject,
+                        category=item.category, reason=item.reason, queue_id=item.queue_id,
+                        body=body, size=len(body), created_at=now,
+                    ))
+            except IntegrityError:
+                continue  # the same second and the same six digits: draw again
+            idents.append(ident)
+            break
+        else:
+            raise QuarantineError("could not draw a unique ident")
+    return idents
+
+
+def _held(row: Any) -> Held:
+    return Held(
+        ident=row.ident, date=_utc(row.created_at), email=row.email, domain=row.domain,
+        mailfrom=row.mailfrom, subject=row.subject, category=row.category, reason=row.reason,
+        released_at=_utc(row.released_at) if row.released_at is not None else None,
+    )
+
+
+_LIST_COLUMNS = (
+    quarantine.c.ident, quarantine.c.created_at, quarantine.c.email, quarantine.c.domain,
+    quarantine.c.mailfrom, quarantine.c.subject, quarantine.c.category, quarantine.c.reason,
+    quarantine.c.released_at,
+)
+
+
+def _list_txn(
+    conn: Connection, domain_id: int, email: str | None, start: int, count: int
+) -> tuple[list[Held], int]:
+    """Blocking: one page, newest first, and the total."""
+    where = [quarantine.c.domain_id == domain_id]
+    if email is not None:
+        where.append(sa.func.lower(quarantine.c.email) == email.lower())
+    total = conn.execute(
+        sa.select(sa.func.count()).select_from(quarantine).where(*where)
+    ).scalar_one()
+    rows = conn.execute(
+        sa.select(*_LIST_COLUMNS).where(*where)
+        .order_by(quarantine.c.created_at.desc(), quarantine.c.id.desc())
+        .offset(start).limit(count)
+    ).all()
+    return [_held(r) for r in rows], int(total)
+
+
+def _claim_txn(
+    conn: Connection, ident: str, owner_id: int | None, now: datetime.datetime, queue_id: str
+) -> tuple[str, Any]:
+    """Blocking: mark the row released if nobody did; (status, row for RELEASED)."""
+    where = [quarantine.c.ident == ident]
+    if owner_id is not None:
+        where.append(quarantine.c.owner_id == owner_id)
+    row = conn.execute(
+        sa.select(quarantine.c.id, quarantine.c.mailfrom, quarantine.c.email,
+                  quarantine.c.domain_id, quarantine.c.body).where(*where)
+    ).first()
+    if row is None:
+        return MISSING, None
+    changed = conn.execute(
+        quarantine.update()
+        .where(quarantine.c.id == row.id, quarantine.c.released_at.is_(None))
+        .values(released_at=now, release_queue_id=queue_id)
+    ).rowcount
+    return (RELEASED, row) if changed == 1 else (ALREADY, None)
+
+
+def _unclaim_txn(conn: Connection, row_id: int, queue_id: str) -> None:
+    conn.execute(
+        quarantine.update()
+        .where(quarantine.c.id == row_id, quarantine.c.release_queue_id == queue_id)
+        .values(released_at=None, release_queue_id=None)
+    )
+
+
+def _find_txn(conn: Connection, ident: str) -> Held | None:
+    row = conn.execute(sa.select(*_LIST_COLUMNS).where(quarantine.c.ident == ident)).first()
+    return _held(row) if row is not None else None
+
+
+def _purge_txn(conn: Connection, before: datetime.datetime) -> int:
+    return int(conn.execute(
+        quarantine.delete().where(quarantine.c.created_at < before)
+    ).rowcount)
+
+
+def _digest_candidates_txn(conn: Connection) -> list[Any]:
+    """Blocking: held, unreleased, undigested rows of domains with send_resume."""
+    return list(conn.execute(
+        sa.select(
+            quarantine.c.id, quarantine.c.ident, quarantine.c.created_at, quarantine.c.email,
+            quarantine.c.mailfrom, quarantine.c.subject, quarantine.c.reason,
+            quarantine.c.domain_id, domains.c.name.label("domain_name"),
+            domains.c.resume_template_subject, domains.c.resume_template_body,
+            domains.c.resume_template_resume, domains.c.resume_link_hostname,
+            domains.c.resume_reply_to, users.c.plan,
+        )
+        .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
+                     .join(users, users.c.id == domains.c.owner_id))
+        .where(quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None),
+               domains.c.send_resume.is_(True))
+        .order_by(quarantine.c.domain_id, quarantine.c.email, quarantine.c.created_at)
+    ).all())
+
+
+def _mark_digested_txn(conn: Connection, ids: Sequence[int], now: datetime.datetime) -> None:
+    conn.execute(
+        quarantine.update().where(quarantine.c.id.in_(list(ids))).values(digested_at=now)
+    )
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+class QuarantineService(Service):
+    """Keeps, lists and releases quarantined mail; purges and sends digests on timers."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settings: QuarantineSettings,
+        plans: Plans,
+        *,
+        hostname: str,
+        signer: LinkSigner | Path,
+        spool: Any = None,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.settings = settings
+        self.plans = plans
+        self.hostname = hostname
+        # The link key: a LinkSigner, or the key file's path, read (or made) by load_key()
+        # or on first use.
+        self._signer = signer if isinstance(signer, LinkSigner) else None
+        self._key_path = signer if isinstance(signer, Path) else None
+        self.spool = spool  # a Spool; set by the Core once the queue exists
+        self._purge: LoopingCall | None = None
+        self._digest: LoopingCall | None = None
+
+    def load_key(self) -> None:
+        """Read or make the link key now (blocks: call before the reactor runs)."""
+        if self._signer is None and self._key_path is not None:
+            self._signer = LinkSigner.from_file(self._key_path)
+
+    @property
+    def signer(self) -> LinkSigner:
+        self.load_key()
+        assert self._signer is not None
+        return self._signer
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+
+    # -- keeping ---------------------------------------------------------------------------
+
+    async def keep(self, items: Sequence[ToKeep], body: bytes) -> list[str]:
+        """Store `body` for each recipient in `items`; returns the idents."""
+        return list(await self.db.run("quarantine_keep", _keep_txn, list(items), body,
+                                      self.now()))
+
+    # -- listing ---------------------------------------------------------------------------
+
+    async def page(self, domain_id: int, email: str | None, start: int, count: int) -> Page:
+        """Newest first from offset `start`; page numbers as the seed's example shows them
+        (start 0, count 3 → page 1 of ceil(total / 3))."""
+        emails, total = await self.db.read("quarantine_list", _list_txn, domain_id, email,
+                                           start, count)
+        return Page(emails, total, math.ceil(total / count), start // count + 1)
+
+    async def find(self, ident: str) -> Held | None:
+        return await self.db.read("quarantine_find", _find_txn, ident)
+
+    # -- releasing -------------------------------------------------------------------------
+
+    async def release(self, ident: str, *, owner_id: int | None = None) -> str:
+        """Queue the kept message for its recipient once: RELEASED, ALREADY or MISSING."""
+        if not (ident.isascii() and ident.isdigit() and len(ident) == 20):
+            return MISSING
+        queue_id = new_queue_id(self.clock.seconds())
+        status, row = await self.db.run(
+            "quarantine_claim_release", _claim_txn, ident, owner_id, self.now(), queue_id
+        )
+        if status != RELEASED:
+            return str(status)
+        envelope = Envelope(row.mailfrom, (Recipient(row.email, row.domain_id),),
+                            kind="release")
+        try:
+            if self.spool is None:
+                raise QuarantineError("no queue to release into")
+            await self.spool.accept(queue_id, envelope, bytes(row.body))
+        except Exception as e:
+            await self.db.run("quarantine_unclaim", _unclaim_txn, row.id, queue_id)
+            raise QuarantineError(f"the release could not be queued: {e}") from e
+        log.info("quarantine {ident} released as {queue_id}", ident=ident, queue_id=queue_id)
+        return RELEASED
+
+    def link_ident(self, token: str) -> str | None:
+        """The ident a release link names, if genuine and unexpired."""
+        return self.signer.verify(token, self.clock.seconds())
+
+    def link(self, ident: str, hostname: str | None) -> str:
+        host = hostname or self.settings.link_hostname or self.hostname
+        token = self.signer.sign(ident, self.clock.seconds() + self.settings.link_ttl)
+        return f"https://{host}/quarantine/release/{token}"
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def purge(self) -> int:
+        """Delete what is older than the retention period; returns how many rows."""
+        before = self.now() - datetime.timedelta(days=self.settings.retention_days)
+        n = int(await self.db.run("quarantine_purge", _purge_txn, before))
+        if n:
+            log.info("quarantine purge removed {n} message(s)", n=n)
+        return n
+
+    # -- digests ---------------------------------------------------------------------------
+
+    async def send_digests(self) -> int:
+        """One digest per recipient with new quarantined mail; returns how many were sent."""
+        rows = await self.db.read("quarantine_digest_candidates", _digest_candidates_txn)
+        groups: dict[tuple[int, str], list[Any]] = {}
+        for row in rows:
+            groups.setdefault((row.domain_id, row.email.lower()), []).append(row)
+        sent = 0
+        for (domain_id, _), items in groups.items():
+            plan = self.plans[items[0].plan]
+            if not plan.send_resume:
+                continue  # the plan changed since sendResume was set
+            message = self.digest_message(items, agency=plan.agency_options)
+            sender = self.settings.digest_sender
+            envelope = Envelope(sender, (Recipient(items[0].email, domain_id),), kind="digest")
+            try:
+                await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message)
+            except Exception:
+                log.failure("queueing a quarantine digest for {email} failed",
+                            email=items[0].email)
+                continue
+            await self.db.run("quarantine_mark_digested", _mark_digested_txn,
+                              [r.id for r in items], self.now())
+            sent += 1
+        return sent
+
+    def digest_message(self, items: Sequence[Any], *, agency: bool) -> bytes:
+        """The digest for one recipient, built from the domain's templates or defaults."""
+        first = items[0]
+
+        def custom(value: str | None) -> str | None:
+            return value if agency and value else None
+
+        item_template = custom(first.resume_template_resume) or DEFAULT_ITEM
+        hostname = custom(first.resume_link_hostname)
+        lines = []
+        for row in items:
+            lines.append(render(item_template, {
+                "date": rfc3339(row.created_at), "mailfrom": row.mailfrom or "<>",
+                "subject": row.subject, "link": self.link(row.ident, hostname),
+                "ident": row.ident, "email": row.email, "reason": row.reason,
+            }))
+        values = {"email": first.email, "domain": first.domain_name, "count": str(len(items))}
+        subject = render(custom(first.resume_template_subject) or DEFAULT_SUBJECT, values)
+        body = render(custom(first.resume_template_body) or DEFAULT_BODY,
+                      {**values, "items": "\n".join(lines)})
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = self.settings.digest_from or f"quarantine@{self.hostname}"
+        msg["To"] = first.email
+        reply_to = custom(first.resume_reply_to)
+        if reply_to:
+            msg["Reply-To"] = reply_to
+        msg["Subject"] = " ".join(subject.split())
+        msg["Date"] = email.utils.format_datetime(self.now())
+        msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
+        msg["Auto-Submitted"] = "auto-generated"
+        msg.set_content(body)
+        return msg.as_bytes()
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._purge = LoopingCall(self._tick, self.purge, "purge")
+        self._purge.clock = self.clock
+        self._purge.start(self.settings.purge_interval, now=False)
+        self._digest = LoopingCall(self._tick, self.send_digests, "digest")
+        self._digest.clock = self.clock
+        self._digest.start(self.settings.digest_interval, now=False)
+
+    def stopService(self) -> None:
+        for loop in (self._purge, self._digest):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._purge = self._digest = None
+        super().stopService()
+
+    def _tick(self, job: Any, name: str) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._run(job, name))
+
+    async def _run(self, job: Any, name: str) -> None:
+        try:
+            await job()
+        except Exception:
+            log.failure("quarantine {name} run failed", name=name)

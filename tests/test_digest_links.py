@@ -1,0 +1,125 @@
+"""Quarantine digests on a Clock: one per recipient with new mail, templates, plan re-check,
+and their release links (once; used, expired and tampered links refused; GET never
+releases)."""
+
+from __future__ import annotations
+
+import email
+import re
+import stat
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.quarantine import LinkSigner, render
+from tests.support.quarantine import GTUBE, Gateway, message, stopper
+
+LINK = re.compile(r"https://([^/\s]+)/quarantine/release/(\S+)")
+
+
+class DigestTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.gw = Gateway()
+        self.addCleanup(stopper(self.gw))
+        self.user = await self.gw.owner("alice")
+        await self.gw.core.identity.set_plan(self.user.id, "standard")
+        await self.gw.domain(self.user, "q.test", spam_action=0, send_resume=True)
+        await self.gw.send(message("first", GTUBE), "ann@q.test")
+        await self.gw.send(message("second", GTUBE), "ann@q.test")
+        await self.gw.send(message("third", GTUBE), "joe@q.test")
+        self.gw.core.quarantine.startService()
+
+    def digests(self) -> list[tuple[list[str], email.message.Message]]:
+        return [(rcpts, email.message_from_bytes(body))
+                for sender, rcpts, body in self.gw.delivered() if sender == ""]
+
+    def tick(self) -> None:
+        self.gw.clock.advance(self.gw.core.quarantine.settings.digest_interval)
+
+    async def test_one_digest_per_recipient_then_only_new_mail(self) -> None:
+        self.tick()
+        got = {tuple(r): m for r, m in self.digests()}
+        self.assertEqual(set(got), {("ann@q.test",), ("joe@q.test",)})
+        ann = got[("ann@q.test",)]
+        self.assertEqual(ann["Subject"], "Quarantine summary for ann@q.test: 2 new message(s)")
+        text = ann.get_payload(decode=True).decode()  # type: ignore[union-attr]
+        self.assertIn("first", text)
+        self.assertEqual(len(LINK.findall(text)), 2)
+        self.tick()
+        self.assertEqual(len(self.digests()), 2)  # nothing new: no digest
+        await self.gw.send(message("fourth", GTUBE), "ann@q.test")
+        self.tick()
+        self.assertEqual(len(self.digests()), 3)
+
+    async def test_free_plan_gets_no_digest(self) -> None:
+        await self.gw.core.identity.set_plan(self.user.id, "free")
+        self.tick()
+        self.assertEqual(self.digests(), [])
+
+    async def test_agency_templates_reply_to_and_link_host(self) -> None:
+        await self.gw.core.identity.set_plan(self.user.id, "agency")
+        await self.gw.core.domains.update("q.test", {
+            "resume_template_subject": "{count} held for {email} {nope} {email.__class__}",
+            "resume_template_body": "Items:\n{items}",
+            "resume_template_resume": "* {subject} {link}\n",
+            "resume_link_hostname": "links.q.test", "resume_reply_to": "help@q.test",
+        })
+        self.tick()
+        ann = dict((tuple(r), m) for r, m in self.digests())[("ann@q.test",)]
+        self.assertEqual(ann["Subject"], "2 held for ann@q.test {nope} {email.__class__}")
+        self.assertEqual(ann["Reply-To"], "help@q.test")
+        text = ann.get_payload(decode=True).decode()  # type: ignore[union-attr]
+        text = text.replace("\r\n", "\n")
+        self.assertTrue(text.startswith("Items:\n* first https://links.q.test/"), text)
+
+    async def release_link(self) -> tuple[str, str]:
+        self.tick()
+        joe = next(m for r, m in self.digests() if r == ["joe@q.test"])
+        text = joe.get_payload(decode=True).decode()  # type: ignore[union-attr]
+        [(host, token)] = LINK.findall(text)
+        return host, token
+
+    async def test_link_releases_once_get_never_releases(self) -> None:
+        _host, token = await self.release_link()
+        path = f"/quarantine/release/{token}"
+        status, _headers, body = await self.gw.web.call("GET", path)
+        self.assertEqual(status, 200)
+        self.assertIn(b"third", body)
+        self.assertIn(b'method="post"', body)
+        before = len(self.gw.delivered())
+        status, _, body = await self.gw.web.call("POST", path)
+        self.assertEqual(status, 200)
+        released = self.gw.delivered()[before:]
+        self.assertEqual([(s, r) for s, r, _b in released], [("spammer@x.test", ["joe@q.test"])])
+        status, _, body = await self.gw.web.call("POST", path)
+        self.assertEqual(status, 409)
+        self.assertIn(b"used already", body)
+        self.assertEqual(len(self.gw.delivered()), before + 1)
+
+    async def test_expired_and_tampered_links_are_refused(self) -> None:
+        _host, token = await self.release_link()
+        ident, expiry, mac = token.split(".")
+        forged = f"{ident}.{int(expiry) + 86400}.{mac}"
+        status, _, _ = await self.gw.web.call("POST", f"/quarantine/release/{forged}")
+        self.assertEqual(status, 404)
+        self.gw.clock.advance(self.gw.core.quarantine.settings.link_ttl + 1)
+        for method in ("GET", "POST"):
+            status, _, body = await self.gw.web.call(method, f"/quarantine/release/{token}")
+            self.assertEqual(status, 404)
+            self.assertIn(b"not valid", body)
+        self.assertEqual([r for s, r, _b in self.gw.delivered() if s], [])
+
+
+class LinkKeyTests(TestCase):
+    def test_key_file_is_made_with_mode_0600_and_reused(self) -> None:
+        from pathlib import Path
+
+        path = Path(self.mktemp()) / "quarantine.key"
+        first = LinkSigner.from_file(path)
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertEqual(LinkSigner.from_file(path).key, first.key)
+        token = first.sign("01012024000000123456", 100)
+        self.assertEqual(first.verify(token, 50), "01012024000000123456")
+        self.assertIsNone(LinkSigner(b"k" * 32).verify(token, 50))
+
+    def test_render_is_plain_substitution(self) -> None:
+        self.assertEqual(render("{a} {b} {a.x} {0}", {"a": "1"}), "1 {b} {a.x} {0}")

@@ -1,0 +1,121 @@
+"""Protecmail's quarantine API: listing (pagination as the seed, newest first, own domains and
+addresses only, bad start/count), release (once, through the queue, 409 the second time,
+404 for unknown or another user's ident, exactly once under concurrent requests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from mailcore.quarantine import ALREADY, RELEASED
+from tests.support.quarantine import GTUBE, Gateway, message, stopper
+
+
+class QuarantineApiTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.gw = Gateway()
+        self.addCleanup(stopper(self.gw))
+        self.alice = await self.gw.owner("alice")
+        self.key = await self.gw.web.credential(self.alice)
+        self.bob = await self.gw.owner("bob")
+        self.bob_key = await self.gw.web.credential(self.bob)
+        await self.gw.domain(self.alice, "q.test", spam_action=0)
+        await self.gw.domain(self.bob, "bob.test", spam_action=0)
+        for i in range(5):
+            rcpt = "ann@q.test" if i % 2 else "joe@q.test"
+            await self.gw.send(message(f"spam {i}", GTUBE), rcpt)
+            self.gw.clock.advance(61)
+        await self.gw.send(message("bob's", GTUBE), "x@bob.test")
+
+    async def get(self, path: str, key: str | None = None) -> tuple[int, Any]:
+        status, _, body = await self.gw.web.call(
+            "GET", path, headers={"Api-Key": key or self.key})
+        return status, body
+
+    async def test_list_newest_first_with_seed_pagination(self) -> None:
+        status, body = await self.get("/api/v1/quarantine/q.test/0/2")
+        self.assertEqual(status, 200)
+        data = body["data"]
+        self.assertEqual((data["count"], data["nb_pages"], data["current_page"]), (5, 3, 1))
+        self.assertEqual([e["subject"] for e in data["emails"]], ["spam 4", "spam 3"])
+        first = data["emails"][0]
+        self.assertEqual((first["email"], first["domain"], first["mailfrom"]),
+                         ("joe@q.test", "q.test", "spammer@x.test"))
+        self.assertRegex(first["date"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")
+        self.assertRegex(first["ident"], r"^\d{20}$")
+        _, body = await self.get("/api/v1/quarantine/q.test/4/2")
+        self.assertEqual(body["data"]["current_page"], 3)
+        self.assertEqual([e["subject"] for e in body["data"]["emails"]], ["spam 0"])
+
+    async def test_list_by_address(self) -> None:
+        _, body = await self.get("/api/v1/quarantine/ann@q.test/0/10")
+        self.assertEqual([e["subject"] for e in body["data"]["emails"]], ["spam 3", "spam 1"])
+        self.assertEqual(body["data"]["count"], 2)
+
+    async def test_other_users_domain_and_address_are_404(self) -> None:
+        for path in ("/api/v1/quarantine/bob.test/0/3", "/api/v1/quarantine/x@bob.test/0/3",
+                     "/api/v1/quarantine/nope.test/0/3"):
+            status, body = await self.get(path)
+            self.assertEqual(status, 404, path)
+            self.assertIs(body["success"], False)
+
+    async def test_bad_start_or_count_is_400(self) -> None:
+        for path in ("/api/v1/quarantine/q.test/-1/3", "/api/v1/quarantine/q.test/0/0",
+                     "/api/v1/quarantine/q.test/x/3", "/api/v1/quarantine/q.test/0/1001"):
+            status, body = await self.get(path)
+            self.assertEqual(status, 400, path)
+            self.assertIs(body["success"], False)
+
+    async def ident(self, subject: str = "spam 4") -> str:
+        _, body = await self.get("/api/v1/quarantine/q.test/0/10")
+        return next(e["ident"] for e in body["data"]["emails"] if e["subject"] == subject)
+
+    async def test_release_delivers_once_and_second_is_409(self) -> None:
+        ident = await self.ident()
+        status, body = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual((status, body["success"]), (200, True))
+        self.assertEqual(set(body), {"request_id", "success"})
+        [(sender, rcpts, got)] = self.gw.delivered()
+        self.assertEqual((sender, rcpts), ("spammer@x.test", ["joe@q.test"]))
+        self.assertEqual(got, message("spam 4", GTUBE))  # the original bytes, not re-filtered
+        status, body = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual((status, body["success"], body["msg"]), (409, False, ALREADY))
+        self.assertEqual(len(self.gw.delivered()), 1)
+
+    async def test_unknown_or_other_users_ident_is_404(self) -> None:
+        ident = await self.ident()
+        status, body = await self.get(f"/api/v1/quarantine/{ident}", key=self.bob_key)
+        self.assertEqual((status, body["success"]), (404, False))
+        status, _ = await self.get("/api/v1/quarantine/12345678901234567890")
+        self.assertEqual(status, 404)
+        self.assertEqual(self.gw.delivered(), [])
+
+    async def test_concurrent_releases_release_exactly_once(self) -> None:
+        ident = await self.ident()
+        service = self.gw.core.quarantine
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(service.release(ident)) for _ in range(3)
+        ])
+        self.assertEqual(sorted(results), sorted([RELEASED, ALREADY, ALREADY]))
+        self.assertEqual(len(self.gw.delivered()), 1)
+
+    async def test_failed_queueing_undoes_the_claim(self) -> None:
+        ident = await self.ident()
+        service = self.gw.core.quarantine
+        spool, service.spool = service.spool, None
+        status, body = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual((status, body["success"]), (503, False))
+        service.spool = spool
+        status, _ = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.gw.delivered()), 1)
+
+    async def test_purge_after_retention(self) -> None:
+        service = self.gw.core.quarantine
+        self.assertEqual(await service.purge(), 0)
+        self.gw.clock.advance(30 * 86400 - 200)
+        self.assertEqual(await service.purge(), 2)  # the three newest remain + bob's
+        _, body = await self.get("/api/v1/quarantine/q.test/0/10")
+        self.assertEqual(body["data"]["count"], 3)
