@@ -12,12 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.config import Config
+from mailcore.config import Config, ConfigError
+from mailcore.domains import DEFAULT_REFRESH_INTERVAL, DomainService
+from mailcore.fetch import FetchServices, build_fetch
 from mailcore.identity import Identity
+from mailcore.invoices import BillingSettings, InvoiceService
+from mailcore.messages import MessageStore
+from mailcore.plans import Plans
+from mailcore.queue import Queue, build_queue
+from mailcore.queue.spool import Spool
+from mailcore.redirects import RedirectPolicy
+from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
+from mailcore.tls import server_context
+from mailcore.tokens import TokenService, TokenSettings
+from mailcore.webhooks import Webhooks, build_webhooks
 from mailcore.workers import CpuPool
 
 
@@ -32,6 +46,81 @@ class Core:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # Served domains and the RCPT snapshot; built from db/clock/config in __post_init__.
+    domains: DomainService = field(init=False)
+    # Fetch accounts, the sync engine and its scheduler ([fetch]); the message store.
+    fetch: FetchServices = field(init=False)
+    messages: MessageStore = field(init=False)
+    # The durable spool the SMTP server commits into, and the delivery runner ([queue]).
+    queue: Queue = field(init=False)
+    spool: Spool = field(init=False)
+    # Plans ([plans]), filtering token tanks ([tokens]), invoices ([billing]), and the
+    # next hops customers may not use ([protecmail] forbidden_redirects).
+    plans: Plans = field(init=False)
+    tokens: TokenService = field(init=False)
+    invoices: InvoiceService = field(init=False)
+    redirects: RedirectPolicy = field(init=False)
+    # Webhooks ([webhooks]): told by the sync engine, sent by a background sender.
+    webhooks: Webhooks = field(init=False)
+    # Quarantine ([quarantine]: store, release, purge, digests) and the filter chain
+    # ([filters]) the queue runner's pipeline stage scans with.
+    quarantine: Any = field(init=False)
+    filter_chain: Any = field(init=False)
+    filter_service: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        refresh = self.config.section("domains").get("refresh_interval", DEFAULT_REFRESH_INTERVAL)
+        if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh <= 0:
+            raise ConfigError("[domains] refresh_interval must be a positive number of seconds")
+        self.domains = DomainService(self.db, self.clock, refresh_interval=float(refresh))
+        self.fetch = build_fetch(
+            self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch")
+        )
+        self.messages = self.fetch.messages
+        self.queue = build_queue(
+            self.config, self.db, self.clock, self.metrics, reactor=self.clock
+        )
+        self.spool = self.queue.spool
+        self.plans = Plans.from_config(self.config.section("plans"))
+        token_settings = TokenSettings.from_config(self.config.section("tokens"))
+        self.tokens = TokenService(self.db, self.clock, self.plans, token_settings)
+        self.invoices = InvoiceService(
+            self.db, self.clock, self.cpu, self.tokens,
+            BillingSettings.from_config(self.config.section("billing")),
+        )
+        self.redirects = RedirectPolicy.from_config(self.config.section("protecmail"))
+        self.webhooks = build_webhooks(
+            self.config.section("webhooks"), self.db, self.clock, self.fetch.secrets
+        )
+        self.fetch.engine.listeners.append(self.webhooks.on_sync)
+        self._build_filtering()
+
+    def _build_filtering(self) -> None:
+        """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],
+        [pipeline]) that the queue runner runs before delivery."""
+        from filters import build_chain
+        from mailcore.filtering import (
+            ChainService,
+            FilteringStage,
+            PolicySettings,
+            quarantine_store,
+        )
+        from mailcore.pipeline import Pipeline
+        from mailcore.quarantine import QuarantineService, QuarantineSettings
+
+        self.quarantine = QuarantineService(
+            self.db, self.clock, QuarantineSettings.from_config(self.config.section("quarantine")),
+            self.plans, hostname=self.config.hostname,
+            signer=self.config.data_dir / "quarantine.key", spool=self.spool,
+        )
+        self.filter_chain = build_chain(
+            self.config.section("filters"), reactor=self.clock, runner=self.cpu
+        )
+        self.filter_service = ChainService(self.filter_chain)
+        policy = PolicySettings.from_config(self.config.section("pipeline"))
+        if policy.filtering:
+            stage = FilteringStage(self.filter_chain, self.domains, self.tokens, policy)
+            self.queue.runner.pipeline = Pipeline([stage], quarantine_store(self.quarantine))
 
     @classmethod
     def build(
@@ -42,10 +131,13 @@ class Core:
         *,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        cpu: CpuPool | None = None,
     ) -> Core:
-        cpu = CpuPool(clock)  # type: ignore[arg-type]
+        """Every service over `db`; `cpu` defaults to a real thread pool (tests hand in
+        `CpuPool.for_tests()`)."""
+        cpu = cpu or CpuPool(clock)  # type: ignore[arg-type]
         identity = Identity(db, clock, cpu, session_ttl=config.session_token_ttl)
-        return cls(
+        core = cls(
             config=config,
             db=db,
             clock=clock,
@@ -54,11 +146,37 @@ class Core:
             tls_cert=tls_cert,
             tls_key=tls_key,
         )
+        core.fetch.load_key()  # the fetch password key file, before the reactor runs
+        core.quarantine.load_key()  # the release-link key file, likewise
+        return core
 
     def background_services(self) -> list[IService]:
         """Timers and workers (queue runners, sync schedulers) owned by the daemon."""
-        return []
+        # The filter chain first, so it is closed after the queue stopped using it.
+        services: list[IService] = [self.filter_service, self.domains, self.fetch.scheduler,
+                                    self.queue.service, self.quarantine]
+        services.append(self.tokens)
+        if self.webhooks.sender is not None:
+            services.append(self.webhooks.sender)
+        return services
 
     def listener_services(self, reactor: Any) -> list[IService]:
-        """Non-HTTP listeners (SMTP), started after the HTTP site."""
-        return []
+        """Non-HTTP listeners: one per `config.smtp_endpoints`, all sharing one SMTP factory
+        (so the connection limits are global). Started after the HTTP site."""
+        factory = self.smtp_factory()
+        services: list[IService] = []
+        for description in self.config.smtp_endpoints:
+            svc = StreamServerEndpointService(serverFromString(reactor, description), factory)
+            svc._raiseSynchronously = True  # a port in use fails the start, as strports does
+            services.append(svc)
+        return services
+
+    def smtp_factory(self) -> SMTPServerFactory:
+        """The inbound ESMTP factory: [smtp] settings, the domain snapshot, the spool, and
+        the daemon's TLS pair for STARTTLS. Reads the certificate files (blocks)."""
+        tls = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            tls = server_context(self.tls_cert, self.tls_key)
+        sink = self.spool
+        settings = SMTPSettings.from_config(self.config)
+        return SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls)

@@ -1,0 +1,71 @@
+"""The mail queue: durable spool, leased per-recipient state, delivery runner, bounces.
+
+`build_queue` wires the pieces for the Core: the Spool the SMTP server commits into, the
+QueueRunner that delivers, and the QueueService that sweeps, renews leases and stops them in
+order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.config import Config
+from mailcore.pipeline import Pipeline
+from mailcore.queue.metrics import QueueMetrics
+from mailcore.queue.routing import MXResolver, Router
+from mailcore.queue.runner import Connector, QueueRunner
+from mailcore.queue.service import QueueService
+from mailcore.queue.settings import QueueSettings
+from mailcore.queue.spool import Spool, SpoolError, relaxed_twin
+from mailcore.store import Database
+
+
+@dataclass
+class Queue:
+    """The queue's parts as the Core holds them."""
+
+    settings: QueueSettings
+    spool: Spool
+    runner: QueueRunner
+    service: QueueService
+    metrics: QueueMetrics
+
+
+def build_queue(
+    config: Config,
+    db: Database,
+    clock: IReactorTime,
+    registry: CollectorRegistry,
+    *,
+    reactor: Any = None,
+    connector: Connector | None = None,
+    pipeline: Pipeline | None = None,
+    resolver: MXResolver | None = None,
+    settings: QueueSettings | None = None,
+) -> Queue:
+    """Spool, runner and service for one node. `reactor` is needed for real connections."""
+    settings = settings or QueueSettings.from_config(config)
+    metrics = QueueMetrics(registry)
+    if connector is None:
+        from mailcore.queue.connector import TCPConnector
+
+        connector = TCPConnector(reactor if reactor is not None else clock, settings,
+                                 config.hostname)
+    router = Router(db, clock, settings, resolver)
+    runner = QueueRunner(
+        db, clock, settings, metrics, router, connector, pipeline or Pipeline(), config.hostname
+    )
+    spool = Spool(
+        db, clock, settings, metrics, runner, reporting_mta=config.hostname,
+        results_db=relaxed_twin(db, reactor if reactor is not None else clock),
+    )
+    runner.spool = spool
+    service = QueueService(db, clock, settings, spool, runner)
+    return Queue(settings, spool, runner, service, metrics)
+
+
+__all__ = ["Queue", "QueueSettings", "Spool", "SpoolError", "build_queue"]

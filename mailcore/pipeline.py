@@ -1,0 +1,144 @@
+"""The stage between the spool and delivery: what happens to an accepted message.
+
+Every message passes through `Pipeline.process` before it is sent. A pipeline is a chain of
+stages (the filtering issue adds spam and virus filters and the per-domain policy); each
+stage may return a Decision, and the first one that does not say "deliver" wins. With no
+stages, everything is delivered unchanged, which is today's behaviour.
+
+Decisions the queue runner carries out:
+- DELIVER: send the message as it is.
+- TAG: send it with extra header fields prepended (e.g. `X-Spam-Flag: YES`).
+- QUARANTINE: hand the message to `quarantine` (set by the filtering issue) and finish the
+  recipients as `quarantined`; without a quarantine store, the message stays queued.
+- DISCARD: finish the recipients without sending (policy "drop"), with the reason logged.
+- DEFER: leave the message queued and try again later (a filter is down, the owner's
+  filtering tokens are spent): a temporary failure, nothing is lost.
+
+A decision other than QUARANTINE may name some recipients in `quarantine`: those are
+quarantined and the others get the decision (recipients of domains with different
+policies can share one delivery). `subject_prefix` is put before the Subject of a TAG.
+
+`FilteringStage` is the filtering issue's stage: filter chain, tokens, domain policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Action(enum.Enum):
+    DELIVER = "deliver"
+    TAG = "tag"
+    QUARANTINE = "quarantine"
+    DISCARD = "discard"
+    DEFER = "defer"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one message for the recipients it was processed for."""
+
+    action: Action = Action.DELIVER
+    add_headers: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+    quarantine: tuple[str, ...] = ()  # addresses to quarantine while the others go on
+    subject_prefix: str = ""
+    category: str = ""  # "spam" or "virus" for a quarantine
+
+    @classmethod
+    def deliver(cls) -> Decision:
+        return _DELIVER
+
+
+_DELIVER = Decision()
+
+
+@dataclass(frozen=True)
+class PipelineRecipient:
+    address: str
+    domain_id: int | None
+
+
+@dataclass(frozen=True)
+class PipelineMessage:
+    """An accepted message on its way out, with the recipients of this delivery."""
+
+    queue_id: str
+    kind: str
+    mail_from: str
+    recipients: tuple[PipelineRecipient, ...]
+    body: bytes
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    """One step of the chain (a filter plus the policy that acts on its verdict)."""
+
+    async def process(self, message: PipelineMessage) -> Decision | None: ...
+
+
+QuarantineStore = Callable[[PipelineMessage, Decision], Awaitable[None]]
+
+
+class Pipeline:
+    """A chain of stages; with none, every message is delivered as it came."""
+
+    def __init__(
+        self, stages: Sequence[Stage] = (), quarantine: QuarantineStore | None = None
+    ) -> None:
+        self.stages = list(stages)
+        self.quarantine = quarantine
+
+    async def process(self, message: PipelineMessage) -> Decision:
+        """The decision for `message`: the first stage's non-deliver decision, else deliver."""
+        tags: list[tuple[str, str]] = []
+        prefix = ""
+        reasons: list[str] = []
+        for stage in self.stages:
+            decision = await stage.process(message)
+            if decision is None or decision.action is Action.DELIVER:
+                continue
+            if decision.action is Action.TAG and not decision.quarantine:
+                tags.extend(decision.add_headers)
+                prefix = decision.subject_prefix or prefix
+                if decision.reason:
+                    reasons.append(decision.reason)
+                continue
+            return decision
+        if tags or prefix:
+            return Decision(Action.TAG, tuple(tags), reason="; ".join(reasons),
+                            subject_prefix=prefix)
+        return Decision.deliver()
+
+
+def apply_tags(
+    body: bytes, headers: Sequence[tuple[str, str]], subject_prefix: str = ""
+) -> bytes:
+    """The body with header fields prepended (values folded to one line, CRLF-terminated)
+    and, with `subject_prefix`, the Subject starting with it (added when absent)."""
+    if subject_prefix:
+        body = _prefix_subject(body, subject_prefix)
+    lines = b"".join(
+        f"{name}: {' '.join(value.split())}\r\n".encode() for name, value in headers
+    )
+    return lines + body
+
+
+_SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")
+
+
+def _prefix_subject(body: bytes, prefix: str) -> bytes:
+    """Put `prefix` before the first Subject field's value (in the header block only)."""
+    end = body.find(b"\r\n\r\n")
+    head_end = len(body) if end < 0 else end + 2
+    tag = prefix.encode("utf-8")
+    m = _SUBJECT.search(body, 0, head_end)
+    if m is None:
+        return b"Subject: " + tag + b"\r\n" + body
+    if body[m.end():m.end() + len(tag)] == tag:
+        return body
+    return body[:m.end()] + tag + b" " + body[m.end():]

@@ -1,0 +1,85 @@
+"""Opening SMTP sessions to next hops over TCP, and the TLS options for STARTTLS.
+
+Opportunistic TLS ('may') encrypts without checking the certificate, as Postfix's `may`
+level does; 'verify' checks the chain and the host name with
+`optionsForClientTLS(hostname, trustRoot=…)`, trusting `tls_ca_file` when configured (a
+private CA) and the platform's roots otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+from mailcore.queue.routing import Hop
+from mailcore.queue.runner import Connector
+from mailcore.queue.settings import QueueSettings
+from mailcore.smtp.client import SMTPClientProtocol, SMTPSession, client_factory
+
+
+class TCPConnector(Connector):
+    """Real connections through the reactor (IP literals skip name resolution)."""
+
+    def __init__(self, reactor: Any, settings: QueueSettings, helo_name: str) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.helo_name = helo_name
+        self._trust: Any = None
+
+    def endpoint(self, hop: Hop) -> IStreamClientEndpoint:
+        timeout = self.settings.connect_timeout
+        if isIPAddress(hop.host):
+            return TCP4ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
+        if isIPv6Address(hop.host):
+            return TCP6ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
+        return HostnameEndpoint(self.reactor, hop.host.encode("idna"), hop.port,
+                                timeout=timeout)
+
+    def connect(self, hop: Hop) -> defer.Deferred[SMTPSession]:
+        return defer.Deferred.fromCoroutine(self._connect(hop))
+
+    async def _connect(self, hop: Hop) -> SMTPSession:
+        factory = client_factory(self.reactor, self.settings.command_timeout)
+        protocol = await self.endpoint(hop).connect(factory)
+        assert isinstance(protocol, SMTPClientProtocol)
+        session = SMTPSession(
+            protocol, helo_name=self.helo_name, data_timeout=self.settings.data_timeout
+        )
+        try:
+            await session.handshake()
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    def check_peer(self, session: SMTPSession, hop: Hop) -> None:
+        """Check the host name (or address) once more on the finished handshake.
+
+        `optionsForClientTLS` already verifies it during the handshake, but an exception
+        other than VerificationError there (a certificate with a malformed name) is only
+        logged and the connection goes on; this makes any such doubt a failure.
+        """
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+        transport: Any = session.protocol.transport
+        connection = transport.getHandle()
+        if isIPAddress(hop.host) or isIPv6Address(hop.host):
+            verify_ip_address(connection, hop.host)
+        else:
+            verify_hostname(connection, hop.host)
+
+    def tls_creator(self, hop: Hop, verify: bool) -> Any:
+        if not verify:
+            return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        if self._trust is None:
+            if self.settings.tls_ca_file:
+                pem = Path(self.settings.tls_ca_file).read_bytes()
+                self._trust = ssl.Certificate.loadPEM(pem)
+            else:
+                self._trust = ssl.platformTrust()
+        return ssl.optionsForClientTLS(hop.host, trustRoot=self._trust)

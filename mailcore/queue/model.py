@@ -1,0 +1,484 @@
+"""The queue's rows and every transaction on them (`thd_…`: blocking, run on the DB pool).
+
+A recipient is active while `queued` or `deferred`, final once `delivered`, `bounced` or
+`quarantined`. A message is finished when none of its recipients is active: its body is then
+dropped (`done_at` set) and the row stays as the log `queue show` reads until pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
+
+from mailcore.queue.envelope import Envelope
+from mailcore.store.schema import domains, queue_messages, queue_recipients
+
+QUEUED = "queued"
+DEFERRED = "deferred"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+QUARANTINED = "quarantined"
+ACTIVE = (QUEUED, DEFERRED)
+FINAL = (DELIVERED, BOUNCED, QUARANTINED)
+
+_m = queue_messages.c
+_r = queue_recipients.c
+
+# The hot statements, built once (per call they would cost more than their SQL).
+_INSERT_MESSAGES = queue_messages.insert()
+_INSERT_RECIPIENTS = queue_recipients.insert().returning(_r.id, sort_by_parameter_order=True)
+_APPLY_RESULT = (
+    update(queue_recipients)
+    .where(_r.id == bindparam("rid"), _r.lease_owner == bindparam("owner"))
+    .values(
+        state=bindparam("state"),
+        attempts=_r.attempts + bindparam("inc"),
+        next_attempt_at=bindparam("next_at"),
+        last_error=bindparam("detail"),
+        next_hop=func.coalesce(bindparam("hop"), _r.next_hop),
+        updated_at=bindparam("now"),
+        lease_owner=None,
+        lease_until=None,
+    )
+)
+_DONE_AMONG = select(_m.id).where(
+    _m.id.in_(bindparam("ids", expanding=True)),
+    _m.done_at.is_(None),
+    ~exists().where(_r.message_id == _m.id, _r.state.in_(ACTIVE)),
+)
+_BOUNCED_AMONG = (
+    select(_r.message_id, _r.address, _r.last_error, _r.next_hop)
+    .where(_r.message_id.in_(bindparam("ids", expanding=True)), _r.state == BOUNCED)
+    .order_by(_r.id)
+)
+_FINISH = (
+    update(queue_messages)
+    .where(_m.id.in_(bindparam("ids", expanding=True)))
+    .values(body=None, done_at=bindparam("now"))
+)
+
+
+@dataclass(frozen=True)
+class Rcpt:
+    """One active recipient the runner holds: enough to route and report it."""
+
+    id: int
+    address: str
+    domain_id: int | None
+    attempts: int
+
+
+@dataclass
+class Job:
+    """One message's recipients that go to one next hop in one SMTP transaction."""
+
+    message_id: str
+    mail_from: str
+    kind: str
+    created_at: float
+    size: int
+    recipients: list[Rcpt] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to insert: what the spool commits in one group."""
+
+    queue_id: str
+    envelope: Envelope
+    body: bytes
+    leased: bool
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome for one recipient, as the runner reports it."""
+
+    rcpt_id: int
+    message_id: str
+    state: str  # delivered | deferred | bounced | quarantined
+    detail: str
+    hop: str = ""
+    next_attempt_at: float = 0.0
+    count_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class BouncedRecipient:
+    """A failed recipient of a finished message, for its one DSN."""
+
+    address: str
+    detail: str
+    hop: str
+
+
+@dataclass(frozen=True)
+class FinishedWithFailures:
+    """A message that just finished with at least one bounced recipient."""
+
+    message_id: str
+    mail_from: str
+    kind: str
+    created_at: float
+    headers: bytes
+    failures: tuple[BouncedRecipient, ...]
+
+
+# -- accepting ------------------------------------------------------------------------------
+
+
+def thd_insert_messages(
+    conn: Connection, messages: Sequence[NewMessage], node_id: str, now: float,
+    lease_until: float,
+) -> list[list[int]]:
+    """Insert messages and their recipients; returns the recipient ids of each message.
+
+    Recipients of a `leased` message are claimed by this node at once, so that the accepting
+    node can deliver them without waiting for the sweeper.
+    """
+    conn.execute(
+        _INSERT_MESSAGES,
+        [
+            {
+                "id": m.queue_id,
+                "kind": m.envelope.kind,
+                "mail_from": m.envelope.mail_from,
+                "client_ip": m.envelope.client_ip,
+                "helo": m.envelope.helo,
+                "tls": m.envelope.tls,
+                "size": len(m.body),
+                "body": m.body,
+                "created_at": now,
+                "done_at": None,
+            }
+            for m in messages
+        ],
+    )
+    rows = [
+        {
+            "message_id": m.queue_id,
+            "address": r.address,
+            "domain_id": r.domain_id,
+            "state": QUEUED,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "lease_owner": node_id if m.leased else None,
+            "lease_until": lease_until if m.leased else None,
+            "last_error": None,
+            "next_hop": None,
+            "updated_at": now,
+        }
+        for m in messages
+        for r in m.envelope.recipients
+    ]
+    if not rows:
+        return [[] for _ in messages]
+    result = conn.execute(_INSERT_RECIPIENTS, rows)
+    ids = [row[0] for row in result]
+    out: list[list[int]] = []
+    i = 0
+    for m in messages:
+        n = len(m.envelope.recipients)
+        out.append(ids[i : i + n])
+        i += n
+    return out
+
+
+# -- claiming and leases --------------------------------------------------------------------
+
+
+def thd_claim_due(
+    conn: Connection, node_id: str, now: float, lease_until: float, limit: int
+) -> list[Job]:
+    """Lease up to `limit` due recipients whose lease is absent or lapsed; return them as jobs.
+
+    On PostgreSQL the candidate rows are locked with SKIP LOCKED, so concurrent claimers on
+    other nodes pass over them; on SQLite the write transaction (BEGIN IMMEDIATE) serialises
+    claims.
+    """
+    if limit <= 0:
+        return []
+    candidates = (
+        select(_r.id)
+        .where(
+            _r.state.in_(ACTIVE),
+            _r.next_attempt_at <= now,
+            or_(_r.lease_until.is_(None), _r.lease_until < now),
+        )
+        .order_by(_r.next_attempt_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    ids = [row[0] for row in conn.execute(candidates)]
+    if not ids:
+        return []
+    conn.execute(
+        update(queue_recipients)
+        .where(_r.id.in_(ids))
+        .values(lease_owner=node_id, lease_until=lease_until)
+    )
+    return _jobs_for(conn, ids)
+
+
+def _jobs_for(conn: Connection, rcpt_ids: Sequence[int]) -> list[Job]:
+    """Load recipients and their messages' envelopes (never the body), grouped per message."""
+    rows = conn.execute(
+        select(
+            _r.id, _r.message_id, _r.address, _r.domain_id, _r.attempts,
+            _m.mail_from, _m.kind, _m.created_at, _m.size,
+        )
+        .join(queue_messages, _m.id == _r.message_id)
+        .where(_r.id.in_(list(rcpt_ids)))
+        .order_by(_r.id)
+    ).all()
+    jobs: dict[str, Job] = {}
+    for row in rows:
+        job = jobs.get(row.message_id)
+        if job is None:
+            job = jobs[row.message_id] = Job(
+                row.message_id, row.mail_from, row.kind, row.created_at, row.size
+            )
+        job.recipients.append(Rcpt(row.id, row.address, row.domain_id, row.attempts))
+    return list(jobs.values())
+
+
+def thd_renew_leases(conn: Connection, node_id: str, lease_until: float) -> int:
+    """Extend every active lease this node holds; returns how many."""
+    result = conn.execute(
+        update(queue_recipients)
+        .where(_r.lease_owner == node_id, _r.state.in_(ACTIVE))
+        .values(lease_until=lease_until)
+    )
+    return result.rowcount or 0
+
+
+def thd_release_leases(conn: Connection, node_id: str, rcpt_ids: Sequence[int] | None) -> int:
+    """Give up this node's leases (all of them, or those listed) so any node may claim them."""
+    stmt = update(queue_recipients).where(_r.lease_owner == node_id)
+    if rcpt_ids is not None:
+        if not rcpt_ids:
+            return 0
+        stmt = stmt.where(_r.id.in_(list(rcpt_ids)))
+    result = conn.execute(stmt.values(lease_owner=None, lease_until=None))
+    return result.rowcount or 0
+
+
+def thd_load_bodies(conn: Connection, message_ids: Sequence[str]) -> dict[str, bytes]:
+    """The bodies of messages about to be sent."""
+    rows = conn.execute(
+        select(_m.id, _m.body).where(_m.id.in_(list(message_ids)))
+    ).all()
+    return {row.id: bytes(row.body) for row in rows if row.body is not None}
+
+
+def thd_depth(conn: Connection) -> int:
+    """Active recipients in the whole queue (for the queue-depth gauge)."""
+    return int(
+        conn.execute(
+            select(func.count()).select_from(queue_recipients).where(_r.state.in_(ACTIVE))
+        ).scalar_one()
+    )
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+def thd_apply_results(
+    conn: Connection, node_id: str, now: float, results: Sequence[Result]
+) -> tuple[list[FinishedWithFailures], int]:
+    """Record outcomes in one transaction, finish messages that have no active recipient.
+
+    Only rows this node still leases are changed: if another node took a lease over (ours
+    lapsed), its outcome wins. Returns the messages that finished with bounced recipients
+    (each gets exactly one DSN, made by the caller in this same transaction) and how many
+    results were applied.
+    """
+    if not results:
+        return [], 0
+    params = [
+        {
+            "rid": r.rcpt_id,
+            "owner": node_id,
+            "state": r.state,
+            "detail": r.detail[:2000],
+            "hop": r.hop[:300] or None,
+            "next_at": r.next_attempt_at if r.state == DEFERRED else now,
+            "inc": 1 if r.count_attempt else 0,
+            "now": now,
+        }
+        for r in results
+    ]
+    applied = conn.execute(_APPLY_RESULT, params).rowcount or 0
+    message_ids = sorted({r.message_id for r in results})
+    finished = _finish_messages(conn, message_ids, now)
+    return finished, applied
+
+
+def _finish_messages(
+    conn: Connection, message_ids: Sequence[str], now: float
+) -> list[FinishedWithFailures]:
+    """Mark messages with no active recipient done and drop their bodies."""
+    done_ids = [row[0] for row in conn.execute(_DONE_AMONG, {"ids": list(message_ids)})]
+    if not done_ids:
+        return []
+    bounced = conn.execute(_BOUNCED_AMONG, {"ids": done_ids}).all()
+    failures: dict[str, list[BouncedRecipient]] = {}
+    for b in bounced:
+        failures.setdefault(b.message_id, []).append(
+            BouncedRecipient(b.address, b.last_error or "", b.next_hop or "")
+        )
+    out: list[FinishedWithFailures] = []
+    if failures:
+        body_rows = conn.execute(
+            select(_m.id, _m.mail_from, _m.kind, _m.created_at, _m.body).where(
+                _m.id.in_(list(failures))
+            )
+        ).all()
+        for row in body_rows:
+            out.append(
+                FinishedWithFailures(
+                    row.id, row.mail_from, row.kind, row.created_at,
+                    header_block(bytes(row.body or b"")), tuple(failures[row.id]),
+                )
+            )
+    conn.execute(_FINISH, {"ids": done_ids, "now": now})
+    return out
+
+
+def header_block(body: bytes, limit: int = 65536) -> bytes:
+    """The header section of a message (up to the first empty line), capped in size."""
+    end = body.find(b"\r\n\r\n")
+    if end < 0:
+        end = body.find(b"\n\n")
+    head = body if end < 0 else body[: end + 2]
+    return head[:limit]
+
+
+def thd_domain_for(conn: Connection, domain: str) -> int | None:
+    """The id of a served domain by name (lower-case A-label), or None."""
+    row = conn.execute(select(domains.c.id).where(domains.c.name == domain)).first()
+    return None if row is None else int(row[0])
+
+
+def thd_prune(conn: Connection, before: float) -> int:
+    """Forget finished messages older than `before` (their recipients go with them)."""
+    old = [
+        row[0]
+        for row in conn.execute(
+            select(_m.id).where(_m.done_at.is_not(None), _m.done_at < before).limit(5000)
+        )
+    ]
+    if not old:
+        return 0
+    conn.execute(delete(queue_recipients).where(_r.message_id.in_(old)))
+    conn.execute(delete(queue_messages).where(_m.id.in_(old)))
+    return len(old)
+
+
+# -- operating (the queue CLI) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipientView:
+    address: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    lease_owner: str | None
+    last_error: str | None
+    next_hop: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class MessageView:
+    id: str
+    kind: str
+    mail_from: str
+    size: int
+    created_at: float
+    done_at: float | None
+    client_ip: str
+    recipients: tuple[RecipientView, ...]
+
+
+def _views(conn: Connection, message_rows: Iterable[Any]) -> list[MessageView]:
+    msgs = list(message_rows)
+    if not msgs:
+        return []
+    ids = [m.id for m in msgs]
+    rcpts: dict[str, list[RecipientView]] = {}
+    for row in conn.execute(
+        select(queue_recipients).where(_r.message_id.in_(ids)).order_by(_r.id)
+    ):
+        rcpts.setdefault(row.message_id, []).append(
+            RecipientView(
+                row.address, row.state, row.attempts, row.next_attempt_at, row.lease_owner,
+                row.last_error, row.next_hop, row.updated_at,
+            )
+        )
+    return [
+        MessageView(
+            m.id, m.kind, m.mail_from, m.size, m.created_at, m.done_at, m.client_ip,
+            tuple(rcpts.get(m.id, ())),
+        )
+        for m in msgs
+    ]
+
+
+_HEAD = (_m.id, _m.kind, _m.mail_from, _m.size, _m.created_at, _m.done_at, _m.client_ip)
+
+
+def thd_list_active(conn: Connection, limit: int) -> list[MessageView]:
+    """Messages with at least one active recipient, oldest first."""
+    active = exists().where(_r.message_id == _m.id, _r.state.in_(ACTIVE))
+    rows = conn.execute(
+        select(*_HEAD).where(_m.done_at.is_(None), active).order_by(_m.created_at).limit(limit)
+    )
+    return _views(conn, rows)
+
+
+def thd_show(conn: Connection, message_id: str) -> MessageView | None:
+    """One message and its recipients, finished or not."""
+    rows = conn.execute(select(*_HEAD).where(_m.id == message_id)).all()
+    views = _views(conn, rows)
+    return views[0] if views else None
+
+
+def thd_flush(conn: Connection, now: float) -> int:
+    """Make every deferred recipient due now; returns how many."""
+    result = conn.execute(
+        update(queue_recipients)
+        .where(_r.state == DEFERRED, _r.next_attempt_at > now)
+        .values(next_attempt_at=now)
+    )
+    return result.rowcount or 0
+
+
+def thd_delete(conn: Connection, message_id: str) -> bool:
+    """Remove a message from the queue without delivering or bouncing it."""
+    found = conn.execute(select(_m.id).where(_m.id == message_id)).first()
+    if found is None:
+        return False
+    conn.execute(delete(queue_recipients).where(_r.message_id == message_id))
+    conn.execute(delete(queue_messages).where(_m.id == message_id))
+    return True
+
+
+def thd_counts(conn: Connection) -> dict[str, int]:
+    """Recipients per state."""
+    rows = conn.execute(
+        select(_r.state, func.count()).group_by(_r.state)
+    ).all()
+    return {row[0]: int(row[1]) for row in rows}
+
+
+__all__ = [
+    "ACTIVE", "BOUNCED", "DEFERRED", "DELIVERED", "FINAL", "QUARANTINED", "QUEUED",
+    "BouncedRecipient", "FinishedWithFailures", "Job", "MessageView", "NewMessage", "Rcpt",
+    "RecipientView", "Result",
+]

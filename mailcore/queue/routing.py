@@ -1,0 +1,162 @@
+"""Where a recipient's mail goes next: the served domain's redirect, a relayhost, or its MX.
+
+Mail for a served domain goes to that domain's `redirect_host:redirect_port` (its
+`redirectTo`), with TLS required and verified when the domain says so. Mail for anyone else
+(bounces to foreign senders) goes to the configured `relayhost`, or, when none is set, to the
+recipient domain's best MX found with twisted.names (the resolver is injectable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, select
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.queue.settings import QueueSettings
+from mailcore.store import Database
+from mailcore.store.schema import domains
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A next hop: host, port and TLS policy ('none', 'may' or 'verify')."""
+
+    host: str
+    port: int
+    tls: str = "may"
+
+    @property
+    def label(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class RoutingError(Exception):
+    """No next hop for a recipient; `permanent` says whether to bounce rather than retry."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class MXResolver(Protocol):
+    """The part of twisted.names' resolver interface we use."""
+
+    def lookupMailExchange(self, name: str) -> Any: ...
+
+
+def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` to (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+        return host, port
+    if text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return host, int(port_text)
+    return text, default_port
+
+
+def _domain_routes(conn: Connection, ids: list[int]) -> dict[int, tuple[str, int, bool]]:
+    rows = conn.execute(
+        select(
+            domains.c.id, domains.c.redirect_host, domains.c.redirect_port, domains.c.require_tls
+        ).where(domains.c.id.in_(ids))
+    ).all()
+    return {row.id: (row.redirect_host, row.redirect_port, bool(row.require_tls)) for row in rows}
+
+
+class Router:
+    """Maps (domain_id, address) to a Hop, caching the domains table for a short while."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settings: QueueSettings,
+        resolver: MXResolver | None = None,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.settings = settings
+        self._resolver = resolver
+        self._cache: dict[int, tuple[float, Hop | None]] = {}
+
+    def _policy(self, require_tls: bool) -> str:
+        if require_tls or self.settings.tls == "verify":
+            return "verify"
+        return self.settings.tls
+
+    async def prefetch(self, domain_ids: Iterable[int | None]) -> None:
+        """Load the routes of served domains not in the cache (one query for all)."""
+        now = self.clock.seconds()
+        missing = sorted(
+            {
+                d for d in domain_ids
+                if d is not None and (d not in self._cache or self._cache[d][0] < now)
+            }
+        )
+        if not missing:
+            return
+        found = await self.db.read("queue_routes", _domain_routes, missing)
+        expires = now + self.settings.route_cache_seconds
+        for d in missing:
+            route = found.get(d)
+            hop = None
+            if route is not None:
+                host, port, require_tls = route
+                host, parsed_port = parse_hostport(host, port)
+                hop = Hop(host, parsed_port, self._policy(require_tls))
+            self._cache[d] = (expires, hop)
+
+    async def route(self, domain_id: int | None, address: str) -> Hop:
+        """The next hop for one recipient, or RoutingError."""
+        if domain_id is not None:
+            await self.prefetch([domain_id])
+            hop = self._cache[domain_id][1]
+            if hop is None:
+                raise RoutingError(f"domain {domain_id} is no longer served")
+            return hop
+        if self.settings.relayhost:
+            host, port = parse_hostport(self.settings.relayhost)
+            return Hop(host, port, self._policy(False))
+        return await self._mx(address)
+
+    async def _mx(self, address: str) -> Hop:
+        """The lowest-preference MX of the address's domain (its A record if it has none)."""
+        from twisted.names.error import DNSNameError
+
+        domain = address.rpartition("@")[2].strip().rstrip(".").lower()
+        if not domain:
+            raise RoutingError(f"no domain in {address!r}", permanent=True)
+        if domain.startswith("[") and domain.endswith("]"):
+            raise RoutingError("address literals are not routed", permanent=True)
+        resolver = self._resolver
+        if resolver is None:
+            from twisted.names import client
+
+            resolver = self._resolver = client.createResolver()
+        try:
+            answers, _authority, _additional = await resolver.lookupMailExchange(domain)
+        except DNSNameError:
+            raise RoutingError(f"domain {domain} does not exist", permanent=True) from None
+        except Exception as e:
+            raise RoutingError(f"MX lookup for {domain} failed: {e}") from None
+        best: tuple[int, str] | None = None
+        for rr in answers:
+            payload = getattr(rr, "payload", None)
+            if payload is None or not hasattr(payload, "preference"):
+                continue
+            name = str(payload.name).rstrip(".").lower()
+            candidate = (int(payload.preference), name)
+            if best is None or candidate < best:
+                best = candidate
+        if best is None:
+            return Hop(domain, 25, self._policy(False))
+        if best[1] in ("", "."):
+            raise RoutingError(f"domain {domain} accepts no mail (null MX)", permanent=True)
+        return Hop(best[1], 25, self._policy(False))

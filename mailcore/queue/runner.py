@@ -1,0 +1,585 @@
+"""The queue runner: in-memory delivery queues per next hop, connection pools, results.
+
+Work arrives from two places: the spool hands over what it just committed (already leased to
+this node), and the sweeper claims due work whose lease is absent or lapsed. The runner
+routes each recipient to a next hop, groups the recipients of one message on one hop into
+one transaction, and keeps per hop a bounded pool of connections that each carry several
+messages. Outcomes go back to the spool, which writes them in its group transactions and
+finishes messages (and makes their one DSN) there.
+
+Memory is bounded: at most `max_in_memory` recipients are held (reserved, queued or in
+flight); bodies are kept only from accept to send within `body_cache_bytes`, otherwise
+loaded from the store when a connection is ready to send them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mailcore.pipeline import (
+    Action,
+    Decision,
+    Pipeline,
+    PipelineMessage,
+    PipelineRecipient,
+    apply_tags,
+)
+from mailcore.queue.metrics import QueueMetrics
+from mailcore.queue.model import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    QUARANTINED,
+    Job,
+    Rcpt,
+    Result,
+    thd_load_bodies,
+)
+from mailcore.queue.retry import expired, next_attempt
+from mailcore.queue.routing import Hop, Router, RoutingError
+from mailcore.queue.settings import QueueSettings
+from mailcore.queue.spool import Spool
+from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
+from mailcore.store import Database
+
+log = Logger()
+
+# How long to stay in cleartext with a hop whose opportunistic STARTTLS failed.
+CLEARTEXT_AFTER_TLS_FAILURE = 3600.0
+
+
+class Connector:
+    """Opens an SMTPSession to a hop (greeting and EHLO done); STARTTLS is the runner's call."""
+
+    def connect(self, hop: Hop) -> defer.Deferred[SMTPSession]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def tls_creator(self, hop: Hop, verify: bool) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check_peer(self, session: SMTPSession, hop: Hop) -> None:  # pragma: no cover
+        """After a verified STARTTLS: raise unless the peer's certificate names the hop."""
+        raise NotImplementedError
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+
+class BodyCache:
+    """Bodies kept from accept to send, within a byte budget (never for waiting messages)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: dict[str, bytes] = {}
+
+    def put(self, message_id: str, body: bytes) -> None:
+        if message_id in self._items or self.bytes + len(body) > self.max_bytes:
+            return
+        self._items[message_id] = body
+        self.bytes += len(body)
+
+    def get(self, message_id: str) -> bytes | None:
+        return self._items.get(message_id)
+
+    def drop(self, message_id: str) -> None:
+        body = self._items.pop(message_id, None)
+        if body is not None:
+            self.bytes -= len(body)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class BodyLoader:
+    """Loads bodies from the store, one query for all the requests that arrive together."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._wanted: dict[str, list[defer.Deferred[bytes | None]]] = {}
+        self._loading = False
+
+    async def get(self, message_id: str) -> bytes | None:
+        d: defer.Deferred[bytes | None] = defer.Deferred()
+        self._wanted.setdefault(message_id, []).append(d)
+        self._kick()
+        return await d
+
+    def _kick(self) -> None:
+        if self._loading or not self._wanted:
+            return
+        self._loading = True
+        defer.Deferred.fromCoroutine(self._load())
+
+    async def _load(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        try:
+            bodies = await self.db.read("queue_load_bodies", thd_load_bodies, list(wanted))
+        except Exception as e:
+            for waiters in wanted.values():
+                for d in waiters:
+                    d.errback(e)
+        else:
+            for mid, waiters in wanted.items():
+                for d in waiters:
+                    d.callback(bodies.get(mid))
+        finally:
+            self._loading = False
+            self._kick()
+
+
+# -- per-hop queues ---------------------------------------------------------------------------
+
+
+@dataclass
+class HopQueue:
+    """The jobs waiting for one next hop and the connections serving it."""
+
+    hop: Hop
+    jobs: deque[Job] = field(default_factory=deque)
+    active: int = 0
+    connecting: int = 0
+    established: int = 0
+    dead_until: float = 0.0
+    dead_reason: str = ""
+    cleartext_until: float = 0.0
+    idle: deque[tuple[defer.Deferred[Job | None], IDelayedCall | None]] = field(
+        default_factory=deque
+    )
+    limit: int = 0  # connection limit now; lowered when the hop refuses extra connections
+
+
+class QueueRunner:
+    """Delivers held work to next hops; see the module docstring."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settings: QueueSettings,
+        metrics: QueueMetrics,
+        router: Router,
+        connector: Connector,
+        pipeline: Pipeline,
+        hostname: str,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.settings = settings
+        self.metrics = metrics
+        self.router = router
+        self.connector = connector
+        self.pipeline = pipeline
+        self.hostname = hostname
+        self.held = 0
+        self.running = False
+        self.bodies = BodyCache(settings.body_cache_bytes)
+        self.loader = BodyLoader(db)
+        self.spool: Spool | None = None  # the write lane for results; set by build_queue
+        self.hops: dict[Hop, HopQueue] = {}
+        self._workers: set[defer.Deferred[None]] = set()
+        self._sessions: set[SMTPSession] = set()
+        self._routing: set[defer.Deferred[None]] = set()
+        self.on_room: Callable[[], None] | None = None  # the sweeper's "claim more" hook
+
+    # -- taking work --------------------------------------------------------------------
+
+    @property
+    def room(self) -> int:
+        return max(0, self.settings.max_in_memory - self.held) if self.running else 0
+
+    def reserve(self, recipients: int) -> bool:
+        """Hold room for recipients the spool is about to commit leased to this node."""
+        if not self.running or self.held + recipients > self.settings.max_in_memory:
+            return False
+        self.held += recipients
+        return True
+
+    def unreserve(self, recipients: int) -> None:
+        self.held -= recipients
+
+    def submit(self, jobs: Sequence[Job], bodies: dict[str, bytes]) -> None:
+        """Take reserved, committed work (from the spool or the sweeper) and start on it."""
+        for mid, body in bodies.items():
+            self.bodies.put(mid, body)
+        d = defer.Deferred.fromCoroutine(self._route(list(jobs)))
+        self._routing.add(d)
+
+        def done(result: object) -> object:
+            self._routing.discard(d)
+            return result
+
+        d.addBoth(done)
+
+    def enqueue_new(self, dsns: Sequence[tuple[Job, bytes]]) -> None:
+        """Take messages the spool made itself (DSNs), already leased to this node."""
+        jobs = []
+        for job, body in dsns:
+            self.held += len(job.recipients)
+            self.bodies.put(job.message_id, body)
+            jobs.append(job)
+        self.submit(jobs, {})
+
+    async def _route(self, jobs: list[Job]) -> None:
+        try:
+            await self.router.prefetch({r.domain_id for j in jobs for r in j.recipients})
+        except Exception:
+            log.failure("loading routes failed")
+        now = self.clock.seconds()
+        touched: dict[Hop, HopQueue] = {}
+        for job in jobs:
+            groups: OrderedDict[Hop, list[Rcpt]] = OrderedDict()
+            for rcpt in job.recipients:
+                try:
+                    hop = await self.router.route(rcpt.domain_id, rcpt.address)
+                except RoutingError as e:
+                    self._fail(job, [rcpt], f"5.1.2 {e}" if e.permanent else f"4.4.3 {e}",
+                               permanent=e.permanent, hop="", now=now)
+                    continue
+                except Exception as e:
+                    self._fail(job, [rcpt], f"4.4.3 routing failed: {e}", permanent=False,
+                               hop="", now=now)
+                    continue
+                groups.setdefault(hop, []).append(rcpt)
+            for hop, rcpts in groups.items():
+                hq = self.hops.get(hop)
+                if hq is None:
+                    hq = self.hops[hop] = HopQueue(hop, limit=self.settings.hop_concurrency)
+                part = job if len(groups) == 1 else Job(
+                    job.message_id, job.mail_from, job.kind, job.created_at, job.size, rcpts
+                )
+                hq.jobs.append(part)
+                touched[hop] = hq
+        for hq in touched.values():
+            self._pump(hq)
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    def _release_memory(self, job: Job, count: int) -> None:
+        self.held -= count
+        self.bodies.drop(job.message_id)
+        if self.on_room is not None and self.running:
+            self.on_room()
+
+    def _fail(
+        self, job: Job, rcpts: Sequence[Rcpt], detail: str, *, permanent: bool, hop: str,
+        now: float, count_attempt: bool = True,
+    ) -> None:
+        """Record a temporary or permanent failure; temporary ones past the lifetime bounce."""
+        results = []
+        for r in rcpts:
+            if permanent:
+                results.append(Result(r.id, job.message_id, BOUNCED, detail, hop))
+                self.metrics.bounced.inc()
+            elif expired(job.created_at, now, self.settings):
+                days = self.settings.lifetime / 86400
+                results.append(Result(
+                    r.id, job.message_id, BOUNCED,
+                    f"5.4.7 delivery time expired after {days:g} days; last error: {detail}",
+                    hop,
+                ))
+                self.metrics.bounced.inc()
+            else:
+                attempts = r.attempts + (1 if count_attempt else 0)
+                results.append(Result(
+                    r.id, job.message_id, DEFERRED, detail, hop,
+                    next_attempt(attempts, job.created_at, now, self.settings),
+                    count_attempt,
+                ))
+                self.metrics.deferred.inc()
+        self._record(results)
+        self._release_memory(job, len(rcpts))
+
+    def _delivered(self, job: Job, rcpts: Sequence[Rcpt], reply: str, hop: str,
+                   now: float, state: str = DELIVERED) -> None:
+        self._record([Result(r.id, job.message_id, state, reply, hop) for r in rcpts])
+        if state == DELIVERED:
+            self.metrics.delivered.inc(len(rcpts))
+            self.metrics.latency.observe(max(0.0, now - job.created_at))
+        self._release_memory(job, len(rcpts))
+
+    def _record(self, results: list[Result]) -> None:
+        assert self.spool is not None, "build_queue attaches the spool"
+        self.spool.record(results)
+
+    # -- connections --------------------------------------------------------------------
+
+    def _pump(self, hq: HopQueue) -> None:
+        """Give queued jobs to idle connections, open connections up to the limit, or defer
+        everything at once when the hop is known to be down."""
+        now = self.clock.seconds()
+        if hq.dead_until > now and hq.established == 0:
+            while hq.jobs:
+                job = hq.jobs.popleft()
+                self._fail(job, job.recipients, hq.dead_reason, permanent=False,
+                           hop=hq.hop.label, now=now)
+            return
+        while hq.jobs and hq.idle:
+            d, timer = hq.idle.popleft()
+            if timer is not None and timer.active():
+                timer.cancel()
+            d.callback(hq.jobs.popleft())
+        if not self.running:
+            return
+        while (
+            hq.jobs and hq.active < hq.limit
+            and len(hq.jobs) > hq.connecting
+        ):
+            hq.active += 1
+            hq.connecting += 1
+            self._track(defer.Deferred.fromCoroutine(self._worker(hq)))
+
+    def _track(self, worker: defer.Deferred[None]) -> None:
+        self._workers.add(worker)
+
+        def done(result: object) -> object:
+            self._workers.discard(worker)
+            return result
+
+        worker.addBoth(done)
+
+    def _next_job(self, hq: HopQueue) -> defer.Deferred[Job | None]:
+        if hq.jobs:
+            return defer.succeed(hq.jobs.popleft())
+        if not self.running:
+            return defer.succeed(None)
+        d: defer.Deferred[Job | None] = defer.Deferred()
+        entry: list[Any] = [d, None]
+
+        def expire() -> None:
+            try:
+                hq.idle.remove((d, entry[1]))
+            except ValueError:
+                return
+            d.callback(None)
+
+        entry[1] = self.clock.callLater(self.settings.connection_idle, expire)
+        hq.idle.append((d, entry[1]))
+        return d
+
+    async def _open(self, hq: HopQueue) -> SMTPSession:
+        """Connect, and STARTTLS as the hop's policy says; opportunistic TLS that fails is
+        retried once in cleartext (pitfall 9: never QUIT-and-defer forever)."""
+        hop = hq.hop
+        session = await self.connector.connect(hop)
+        if hop.tls == "verify":
+            if "STARTTLS" not in session.extensions:
+                session.abort()
+                raise SMTPClientError("4.7.5 TLS is required but the server offers no STARTTLS")
+            try:
+                await session.starttls(self.connector.tls_creator(hop, verify=True))
+                self.connector.check_peer(session, hop)
+            except TLSFailed as e:
+                session.abort()
+                raise SMTPClientError(f"4.7.5 TLS is required and failed: {e}") from e
+            except Exception as e:
+                session.abort()
+                raise SMTPClientError(
+                    f"4.7.5 TLS is required and the certificate does not name {hop.host}: {e}"
+                ) from e
+            return session
+        if hop.tls == "may" and "STARTTLS" in session.extensions:
+            if hq.cleartext_until > self.clock.seconds():
+                return session
+            try:
+                await session.starttls(self.connector.tls_creator(hop, verify=False))
+            except TLSFailed as e:
+                session.abort()
+                log.info("STARTTLS to {hop} failed ({error}); delivering in cleartext",
+                         hop=hop.label, error=str(e))
+                hq.cleartext_until = self.clock.seconds() + CLEARTEXT_AFTER_TLS_FAILURE
+                session = await self.connector.connect(hop)
+        return session
+
+    async def _worker(self, hq: HopQueue) -> None:
+        """One connection: open it, deliver jobs until idle or the per-connection cap."""
+        session: SMTPSession | None = None
+        try:
+            try:
+                session = await self._open(hq)
+            except Exception as e:
+                hq.connecting -= 1
+                reason = describe(e, hq.hop)
+                if hq.established == 0:
+                    hq.dead_until = self.clock.seconds() + min(
+                        self.settings.dead_hop_seconds, self.settings.min_backoff
+                    )
+                    hq.dead_reason = reason
+                    log.info("next hop {hop} unusable: {reason}", hop=hq.hop.label,
+                             reason=reason)
+                else:
+                    hq.limit = max(1, hq.established)
+                return
+            hq.connecting -= 1
+            hq.established += 1
+            hq.dead_until = 0.0
+            self._sessions.add(session)
+            reset = False
+            while session.usable and session.transactions < self.settings.messages_per_connection:
+                job = await self._next_job(hq)
+                if job is None:
+                    break
+                if not await self._deliver(session, job, hq, reset):
+                    break
+                reset = True
+            await session.quit()
+        finally:
+            if session is not None:
+                self._sessions.discard(session)
+                hq.established -= 1
+            hq.active -= 1
+            self._pump(hq)
+            if not hq.jobs and not hq.active and not hq.idle and hq.dead_until <= 0:
+                self.hops.pop(hq.hop, None)
+
+    async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue, reset: bool) -> bool:
+        """Send one job on an open session; returns False when the session is unusable."""
+        hop = hq.hop.label
+        body = self.bodies.get(job.message_id)
+        if body is None:
+            try:
+                body = await self.loader.get(job.message_id)
+            except Exception as e:
+                self._fail(job, job.recipients, f"4.3.0 cannot load message: {e}",
+                           permanent=False, hop="", now=self.clock.seconds(),
+                           count_attempt=False)
+                return True
+            if body is None:
+                # Deleted by an operator, or finished elsewhere: nothing to do.
+                self._release_memory(job, len(job.recipients))
+                return True
+        message = PipelineMessage(
+            job.message_id, job.kind, job.mail_from,
+            tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
+        )
+        try:
+            decision = await self.pipeline.process(message)
+        except Exception as e:
+            log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
+            decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
+        if decision.action is Action.DEFER:
+            self._fail(job, job.recipients, decision.reason, permanent=False, hop="",
+                       now=self.clock.seconds())
+            return True
+        if decision.quarantine and decision.action is not Action.QUARANTINE:
+            # Some recipients' domains quarantine, the others take the decision.
+            held = [r for r in job.recipients if r.address in decision.quarantine]
+            if self.pipeline.quarantine is None:
+                self._fail(job, job.recipients, "4.3.0 quarantine requested but no store",
+                           permanent=False, hop="", now=self.clock.seconds(),
+                           count_attempt=False)
+                return True
+            try:
+                await self.pipeline.quarantine(message, decision)
+            except Exception as e:
+                log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
+                self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
+                           permanent=False, hop="", now=self.clock.seconds())
+                return True
+            self._delivered(job, held, f"quarantined: {decision.reason}", "",
+                            self.clock.seconds(), state=QUARANTINED)
+            job = Job(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
+                      [r for r in job.recipients if r.address not in decision.quarantine])
+        if decision.action is Action.TAG:
+            body = apply_tags(body, decision.add_headers, decision.subject_prefix)
+        elif decision.action is Action.DISCARD:
+            self._delivered(job, job.recipients, f"discarded by policy: {decision.reason}", "",
+                            self.clock.seconds(), state=DELIVERED)
+            return True
+        elif decision.action is Action.QUARANTINE:
+            now = self.clock.seconds()
+            if self.pipeline.quarantine is None:
+                self._fail(job, job.recipients, "4.3.0 quarantine requested but no store",
+                           permanent=False, hop="", now=now, count_attempt=False)
+                return True
+            try:
+                await self.pipeline.quarantine(message, decision)
+            except Exception as e:
+                log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
+                self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
+                           permanent=False, hop="", now=now)
+                return True
+            self._delivered(job, job.recipients, f"quarantined: {decision.reason}", "", now,
+                            state=QUARANTINED)
+            return True
+        try:
+            result = await session.send(
+                job.mail_from, [r.address for r in job.recipients], body, reset_first=reset
+            )
+        except SMTPClientError as e:
+            self._fail(job, job.recipients, describe(e, hq.hop), permanent=False, hop=hop,
+                       now=self.clock.seconds())
+            session.abort()
+            return False
+        now = self.clock.seconds()
+        delivered: list[Rcpt] = []
+        by_reply: dict[Reply, list[Rcpt]] = {}
+        for i, rcpt in enumerate(job.recipients):
+            reply = result.for_recipient(i)
+            if reply.ok:
+                delivered.append(rcpt)
+            else:
+                by_reply.setdefault(reply, []).append(rcpt)
+        if delivered:
+            assert result.data is not None
+            self._delivered(job, delivered, str(result.data), hop, now)
+        for reply, rcpts in by_reply.items():
+            self._fail(job, rcpts, str(reply), permanent=not reply.temporary, hop=hop, now=now)
+        return session.usable
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+
+    async def stop(self) -> list[int]:
+        """Stop taking work, let in-flight transactions finish (up to the grace period,
+        then cut them), write every result; returns the recipients still held in memory,
+        whose leases the caller releases."""
+        self.running = False
+        for hq in list(self.hops.values()):
+            while hq.idle:
+                d, timer = hq.idle.popleft()
+                if timer is not None and timer.active():
+                    timer.cancel()
+                d.callback(None)
+        if self._routing:
+            await defer.DeferredList(list(self._routing))
+        leftover: list[int] = []
+        for hq in self.hops.values():
+            while hq.jobs:
+                job = hq.jobs.popleft()
+                leftover.extend(r.id for r in job.recipients)
+                self.held -= len(job.recipients)
+        if self._workers:
+            workers = defer.DeferredList(list(self._workers))
+            timer = self.clock.callLater(self.settings.stop_grace, self._abort_all)
+            await workers
+            if timer.active():
+                timer.cancel()
+        if self.spool is not None:
+            await self.spool.drain()
+            self.spool.cancel()
+        self.bodies = BodyCache(self.settings.body_cache_bytes)
+        return leftover
+
+    def _abort_all(self) -> None:
+        for session in list(self._sessions):
+            session.abort()
+
+
+def describe(error: BaseException, hop: Hop) -> str:
+    """A one-line reason for a connection-level failure, for logs, `queue show` and DSNs."""
+    text = str(error) or error.__class__.__name__
+    if isinstance(error, SMTPClientError) and error.code:
+        return text
+    if text[:1].isdigit():
+        return text
+    return f"4.4.1 {hop.label}: {text}"

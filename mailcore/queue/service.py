@@ -1,0 +1,201 @@
+"""The queue as a daemon service: the sweeper, lease renewal, and an orderly stop.
+
+On start the node releases leases left under its own id by a previous run (it has nothing in
+flight yet), and only then starts taking work: accepts committed meanwhile stay unleased and
+the first sweep, at once, claims them with everything else that is due. A LoopingCall on the
+injected clock sweeps every `poll_interval` (and sooner when the runner frees room after a
+full claim), renews this node's leases every third of `lease_seconds`, refreshes the
+queue-depth gauge and prunes the delivered log. On stop it stops claiming, lets the spool's
+pending group commits finish, lets in-flight deliveries finish (or cuts them after the grace
+period), writes every result and releases the leases it still holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mailcore.queue.model import (
+    thd_claim_due,
+    thd_depth,
+    thd_prune,
+    thd_release_leases,
+    thd_renew_leases,
+)
+from mailcore.queue.runner import QueueRunner
+from mailcore.queue.settings import QueueSettings
+from mailcore.queue.spool import Spool
+from mailcore.store import Database
+
+log = Logger()
+
+# Claim in batches of at most this many recipients.
+CLAIM_BATCH = 1000
+
+
+class Sweeper:
+    """Claims due, unleased (or lapsed) work for the runner; one claim in flight at a time."""
+
+    def __init__(
+        self, db: Database, clock: IReactorTime, settings: QueueSettings, runner: QueueRunner,
+        spool: Spool,
+    ) -> None:
+        self.db = db
+        self.spool = spool
+        self.clock = clock
+        self.settings = settings
+        self.runner = runner
+        self._claiming = False
+        self._more = False
+        self._soon: IDelayedCall | None = None
+        self.claimed = 0
+        runner.on_room = self._room_freed
+
+    async def sweep(self) -> int:
+        """Claim what is due now (up to the runner's room); returns how many recipients."""
+        if self._claiming:
+            return 0
+        room = min(self.runner.room, CLAIM_BATCH)
+        if room <= 0:
+            self._more = True
+            return 0
+        self._claiming = True
+        self.runner.held += room
+        claimed = 0
+        try:
+            now = self.clock.seconds()
+            jobs = await self.spool.run_serialized(
+                "queue_claim", thd_claim_due, self.settings.node_id, now,
+                now + self.settings.lease_seconds, room,
+            )
+            claimed = sum(len(j.recipients) for j in jobs)
+            self.runner.held -= room - claimed
+            if jobs:
+                self.runner.submit(jobs, {})
+            self._more = claimed == room
+            self.claimed += claimed
+        except Exception:
+            self.runner.held -= room
+            log.failure("claiming due queue work failed")
+        finally:
+            self._claiming = False
+        return claimed
+
+    def _room_freed(self) -> None:
+        """The runner finished something: if the last claim was full, claim again soon."""
+        if self._more and self._soon is None and self.runner.room >= CLAIM_BATCH // 4:
+            self._soon = self.clock.callLater(0, self._sweep_soon)
+
+    def _sweep_soon(self) -> None:
+        self._soon = None
+        defer.Deferred.fromCoroutine(self.sweep())
+
+    def cancel(self) -> None:
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+
+
+class QueueService(Service):
+    """Owns the runner's lifecycle and the periodic queue chores."""
+
+    name = "queue"
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settings: QueueSettings,
+        spool: Spool,
+        runner: QueueRunner,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.settings = settings
+        self.spool = spool
+        self.runner = runner
+        self.sweeper = Sweeper(db, clock, settings, runner, spool)
+        self._sweep_loop: task.LoopingCall | None = None
+        self._renew_loop: task.LoopingCall | None = None
+        self._started: defer.Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        if self.spool.results_db is not self.db:
+            await self.spool.results_db.open()
+        try:
+            released = await self.spool.run_serialized(
+                "queue_release_own", thd_release_leases, self.settings.node_id, None
+            )
+            if released:
+                log.info("took back {n} recipients leased by this node's previous run",
+                         n=released)
+        except Exception:
+            log.failure("releasing this node's old leases failed")
+        if not self.running:
+            return
+        # Only now may the spool lease new work to this node: an earlier lease would have
+        # been released just above and then claimed a second time.
+        self.runner.start()
+        self._sweep_loop = task.LoopingCall(self._tick)
+        self._sweep_loop.clock = self.clock
+        self._sweep_loop.start(self.settings.poll_interval, now=True).addErrback(
+            lambda f: log.failure("queue sweeper stopped", f)
+        )
+        self._renew_loop = task.LoopingCall(self._renew)
+        self._renew_loop.clock = self.clock
+        self._renew_loop.start(self.settings.lease_seconds / 3, now=False).addErrback(
+            lambda f: log.failure("lease renewal stopped", f)
+        )
+
+    async def _tick(self) -> None:
+        """One sweep: claim due work, refresh the depth gauge, prune the log."""
+        await self.sweeper.sweep()
+        now = self.clock.seconds()
+        try:
+            depth = await self.db.read("queue_depth", thd_depth)
+            self.runner.metrics.depth.set(depth)
+            await self.spool.run_serialized(
+                "queue_prune", thd_prune, now - self.settings.log_retention
+            )
+        except Exception:
+            log.failure("queue housekeeping failed")
+
+    async def _renew(self) -> None:
+        try:
+            await self.spool.run_serialized(
+                "queue_renew_leases", thd_renew_leases, self.settings.node_id,
+                self.clock.seconds() + self.settings.lease_seconds,
+            )
+        except Exception:
+            log.failure("renewing leases failed")
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for loop in (self._sweep_loop, self._renew_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        self.sweeper.cancel()
+        if self._started is not None:
+            await self._started
+        await self.spool.drain()
+        leftover = await self.runner.stop()
+        try:
+            await self.spool.run_serialized(
+                "queue_release_own", thd_release_leases, self.settings.node_id, None
+            )
+        except Exception:
+            log.failure("releasing leases at stop failed ({n} recipients held)",
+                        n=len(leftover))
+        if self.spool.results_db is not self.db:
+            await self.spool.results_db.close()

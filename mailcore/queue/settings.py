@@ -1,0 +1,78 @@
+"""Queue settings: the `[queue]` table of the TOML file, with Postfix-like defaults."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mailcore.config import Config, ConfigError
+
+TLS_POLICIES = ("none", "may", "verify")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Every knob of the spool and the runner. Times are seconds."""
+
+    # Retry schedule (RFC 5321 4.5.4.1; Postfix minimal/maximal_backoff_time, queue lifetime).
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    lifetime: float = 5 * 86400.0
+    # Leases: how long a claim lasts without renewal, and how often the sweeper looks.
+    lease_seconds: float = 120.0
+    poll_interval: float = 5.0
+    # Delivery.
+    hop_concurrency: int = 10
+    messages_per_connection: int = 100
+    connection_idle: float = 2.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    dead_hop_seconds: float = 60.0
+    stop_grace: float = 10.0
+    # Memory bounds: recipients held by the runner, and bodies kept hot from accept to send.
+    max_in_memory: int = 10000
+    body_cache_bytes: int = 64 * 1024 * 1024
+    # Group commit caps.
+    batch_max_messages: int = 256
+    batch_max_bytes: int = 16 * 1024 * 1024
+    # Routing and TLS.
+    relayhost: str = ""
+    tls: str = "may"
+    tls_ca_file: str = ""
+    route_cache_seconds: float = 30.0
+    # Identity of this node in leases; default host name plus the data directory.
+    node_id: str = ""
+    # How long a finished message stays visible to `queue show`.
+    log_retention: float = 86400.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> QueueSettings:
+        """Read `[queue]`, checking names and types; the node id defaults per data dir."""
+        section = config.section("queue")
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            if key not in known:
+                raise ConfigError(f"unknown key in [queue]: {key}")
+            default = getattr(cls, key)
+            if isinstance(default, bool) or isinstance(value, bool):
+                raise ConfigError(f"[queue] {key} has the wrong type")
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, type(default)):
+                raise ConfigError(f"[queue] {key} must be of type {type(default).__name__}")
+            values[key] = value
+        if values.get("tls", "may") not in TLS_POLICIES:
+            raise ConfigError(f"[queue] tls must be one of {', '.join(TLS_POLICIES)}")
+        if not values.get("node_id"):
+            values["node_id"] = default_node_id(config.data_dir)
+        return cls(**values)
+
+
+def default_node_id(data_dir: Path) -> str:
+    """Host name and data directory: stable across restarts, distinct per daemon."""
+    return f"{socket.gethostname()}:{os.path.abspath(data_dir)}"[:128]

@@ -1,0 +1,392 @@
+"""The durable spool: a message is on disk before the SMTP server says 250.
+
+`Spool.accept` returns only once the message bytes and its envelope are committed (SQLite
+with `synchronous=FULL`, or a PostgreSQL commit). Commits are grouped: while one transaction
+is in flight, the accepts that arrive wait together and go into the next single transaction,
+so one fsync covers many messages. A batch is capped in messages and bytes. Each caller's
+await completes after its batch commits, or raises SpoolError, and the server answers 451.
+
+The spool is the queue's one write lane: new messages, delivery results (`record`, written
+in large groups, when the lane is free or they have waited RESULTS_DELAY, through a twin
+connection that does not wait for the disk, see `relaxed_twin`) and the sweeper's chores
+(`run_serialized`) take turns, one transaction at a time, so two
+writers of ours never meet on SQLite's lock (where its busy handler would sleep).
+
+The accepting node inserts the recipients already leased to itself (when its runner has
+room) and hands them straight to the runner, so delivery starts without waiting for a poll.
+Messages that finish with bounced recipients get their one DSN in the transaction that
+finishes them, inserted through the same tables.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import make_url
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.queue.ids import new_queue_id
+from mailcore.queue.metrics import QueueMetrics
+from mailcore.queue.model import (
+    Job,
+    NewMessage,
+    Rcpt,
+    Result,
+    thd_apply_results,
+    thd_domain_for,
+    thd_insert_messages,
+)
+from mailcore.queue.settings import QueueSettings
+from mailcore.smtp.dsn import Failure as DsnFailure
+from mailcore.smtp.dsn import build_dsn, should_bounce
+from mailcore.store import Database
+
+log = Logger()
+
+T = TypeVar("T")
+
+# Results written per transaction at most.
+MAX_RESULTS = 4000
+# While accepts are waiting, results wait for the lane until this many have gathered or the
+# oldest is this old: few large results transactions leave the lane to the accepts.
+RESULTS_BATCH = 500
+RESULTS_DELAY = 0.25
+# After a failed transaction, results are tried again this much later.
+RETRY_DELAY = 1.0
+
+
+class SpoolError(Exception):
+    """The message could not be committed; the SMTP server answers 451."""
+
+
+class Consumer(Protocol):
+    """What the spool hands committed work to (the queue runner)."""
+
+    def reserve(self, recipients: int) -> bool: ...
+
+    def unreserve(self, recipients: int) -> None: ...
+
+    def submit(self, jobs: Sequence[Job], bodies: dict[str, bytes]) -> None: ...
+
+    def enqueue_new(self, jobs: Sequence[tuple[Job, bytes]]) -> None: ...
+
+
+class _Pending:
+    __slots__ = ("body", "done", "envelope", "queue_id")
+
+    def __init__(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
+        self.queue_id = queue_id
+        self.envelope = envelope
+        self.body = body
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+
+class _Chore:
+    __slots__ = ("args", "done", "fn", "name")
+
+    def __init__(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.name = name
+        self.fn = fn
+        self.args = args
+        self.done: defer.Deferred[Any] = defer.Deferred()
+
+
+def _host_of(label: str) -> str:
+    """The host of a hop label `host:port` / `[v6]:port` (Remote-MTA names a host)."""
+    host = label.rpartition(":")[0] if label.count(":") == 1 or "]:" in label else label
+    return host.strip("[]")
+
+
+def thd_record_results(
+    conn: Connection,
+    results: Sequence[Result],
+    node_id: str,
+    now: float,
+    lease_until: float,
+    reporting_mta: str,
+) -> list[tuple[Job, bytes]]:
+    """Apply delivery results and give each message that finished with bounced recipients
+    its one DSN, inserted through the same tables in this same transaction (so a crash can
+    never keep one without the other). Returns the DSNs as jobs leased to this node."""
+    dsns: list[tuple[Job, bytes]] = []
+    finished, _applied = thd_apply_results(conn, node_id, now, results)
+    for msg in finished:
+        if msg.kind == "bounce" or not should_bounce(msg.mail_from):
+            continue
+        queue_id = new_queue_id(now)
+        dsn = build_dsn(
+            reporting_mta=reporting_mta,
+            queue_id=msg.message_id,
+            original_sender=msg.mail_from,
+            original_headers=msg.headers,
+            arrival_date=msg.created_at,
+            failures=[DsnFailure(f.address, f.detail, _host_of(f.hop)) for f in msg.failures],
+            now=now,
+        )
+        sender_domain = msg.mail_from.rpartition("@")[2].lower()
+        domain_id = thd_domain_for(conn, sender_domain) if sender_domain else None
+        env = Envelope(
+            "", (Recipient(msg.mail_from, domain_id),), kind="bounce"  # type: ignore[arg-type]
+        )
+        [rcpt_ids] = thd_insert_messages(
+            conn, [NewMessage(queue_id, env, dsn, True)], node_id, now, lease_until
+        )
+        job = Job(queue_id, "", "bounce", now, len(dsn),
+                  [Rcpt(rcpt_ids[0], msg.mail_from, domain_id, 0)])
+        dsns.append((job, dsn))
+    return dsns
+
+
+def relaxed_twin(db: Database, reactor: Any) -> Database:
+    """A second Database on the same URL whose commits do not wait for the disk.
+
+    Delivery results go through it: losing the last few on a crash only means those
+    recipients are delivered again (a rare duplicate), never a lost message, while waiting
+    for an fsync per result batch would hold up the accepts queued behind it. SQLite gets
+    `synchronous=NORMAL` (WAL stays consistent), PostgreSQL `synchronous_commit=off`.
+    An in-memory database (tests) has no twin: the same one is used.
+    """
+    url = make_url(db.url)
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return db
+    twin = Database(db.url, reactor, max_threads=1)
+    sqlite = db.is_sqlite
+
+    @event.listens_for(twin.engine, "connect")
+    def _relax(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        if sqlite:
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        else:
+            cursor.execute("SET synchronous_commit TO off")
+        cursor.close()
+        if not sqlite:
+            dbapi_connection.commit()
+
+    return twin
+
+
+class Spool:
+    """Group-committing message store and write lane in front of the queue runner."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settings: QueueSettings,
+        metrics: QueueMetrics,
+        consumer: Consumer | None = None,
+        reporting_mta: str = "localhost",
+        results_db: Database | None = None,
+    ) -> None:
+        self.db = db
+        self.results_db = results_db or db
+        self.clock = clock
+        self.settings = settings
+        self.metrics = metrics
+        self.consumer = consumer
+        self.reporting_mta = reporting_mta
+        self._pending: deque[_Pending] = deque()
+        self._results: list[Result] = []
+        self._chores: deque[_Chore] = deque()
+        self._busy = False
+        self._idle: list[defer.Deferred[None]] = []
+        self._retry: IDelayedCall | None = None
+        self._results_since = 0.0
+        self._results_timer: IDelayedCall | None = None
+        self._flushing = False
+        self.commits = 0  # group transactions run (for tests and the benchmark)
+
+    # -- the API ------------------------------------------------------------------------
+
+    async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+        """Commit one message; returns when it is durable, raises SpoolError otherwise."""
+        if not envelope.recipients:
+            raise SpoolError("a message needs at least one recipient")
+        item = _Pending(queue_id, envelope, data)
+        self._pending.append(item)
+        self._kick()
+        await item.done
+
+    def record(self, results: Sequence[Result]) -> None:
+        """Queue delivery results for a results transaction (soon, not necessarily next)."""
+        if not self._results:
+            self._results_since = self.clock.seconds()
+        self._results.extend(results)
+        if self._results_timer is None or not self._results_timer.active():
+            self._results_timer = self.clock.callLater(RESULTS_DELAY, self._kick)
+        self._kick()
+
+    def run_serialized(
+        self, name: str, fn: Callable[..., T], *args: Any
+    ) -> defer.Deferred[T]:
+        """Run a write transaction of the queue in turn with the group commits."""
+        chore = _Chore(name, fn, args)
+        self._chores.append(chore)
+        self._kick()
+        return chore.done
+
+    async def drain(self) -> None:
+        """Wait until everything handed in so far is written (results: or given up on)."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+            self._retry = None
+            self._kick()
+        if not self._busy and not self._pending and not self._results and not self._chores:
+            return
+        self._flushing = True
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        self._kick()
+        await d
+
+    def cancel(self) -> None:
+        """Stop retrying failed result writes (at shutdown, after `drain`)."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._results_timer is not None and self._results_timer.active():
+            self._results_timer.cancel()
+        self._results_timer = None
+
+    # -- the lane -----------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = 0
+        while self._pending and len(batch) < self.settings.batch_max_messages:
+            nxt = self._pending[0]
+            if batch and size + len(nxt.body) > self.settings.batch_max_bytes:
+                break
+            batch.append(self._pending.popleft())
+            size += len(nxt.body)
+        return batch
+
+    def _kick(self) -> None:
+        """Start the next transaction: chores first, then accepts; results when the lane
+        has nothing else to do, or once enough of them (or old enough ones) have gathered."""
+        if self._busy:
+            return
+        results_ready = bool(self._results) and not (
+            self._retry is not None and self._retry.active()
+        )
+        results_due = results_ready and (
+            not self._pending
+            or self._flushing
+            or len(self._results) >= RESULTS_BATCH
+            or self.clock.seconds() - self._results_since >= RESULTS_DELAY
+        )
+        if self._chores:
+            self._busy = True
+            defer.Deferred.fromCoroutine(self._run_chore(self._chores.popleft()))
+        elif results_due:
+            self._busy = True
+            results = self._results[:MAX_RESULTS]
+            del self._results[:MAX_RESULTS]
+            self._results_since = self.clock.seconds()
+            defer.Deferred.fromCoroutine(self._write_results(results))
+        elif self._pending:
+            self._busy = True
+            defer.Deferred.fromCoroutine(self._commit(self._take_batch()))
+        elif not self._results:
+            if self._results_timer is not None and self._results_timer.active():
+                self._results_timer.cancel()
+            self._results_timer = None
+            self._flushing = False
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    async def _run_chore(self, chore: _Chore) -> None:
+        try:
+            result = await self.db.run(chore.name, chore.fn, *chore.args)
+        except Exception as e:
+            chore.done.errback(e)
+        else:
+            chore.done.callback(result)
+        finally:
+            self._busy = False
+            self._kick()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        now = self.clock.seconds()
+        consumer = self.consumer
+        messages: list[NewMessage] = []
+        reserved = 0
+        for p in batch:
+            n = len(p.envelope.recipients)
+            leased = consumer is not None and consumer.reserve(n)
+            if leased:
+                reserved += n
+            messages.append(NewMessage(p.queue_id, p.envelope, p.body, leased))
+        try:
+            ids = await self.db.run(
+                "queue_commit", thd_insert_messages, messages, self.settings.node_id, now,
+                now + self.settings.lease_seconds,
+            )
+        except Exception as e:
+            log.failure("spool commit of {n} messages failed", n=len(batch))
+            if consumer is not None and reserved:
+                consumer.unreserve(reserved)
+            for p in batch:
+                p.done.errback(SpoolError(f"commit failed: {e}"))
+        else:
+            self.commits += 1
+            self.metrics.accepted.inc(len(batch))
+            if consumer is not None:
+                self._hand_over(consumer, now, messages, ids)
+            for p in batch:
+                p.done.callback(None)
+        finally:
+            self._busy = False
+            self._kick()
+
+    async def _write_results(self, results: list[Result]) -> None:
+        now = self.clock.seconds()
+        try:
+            dsns = await self.results_db.run(
+                "queue_results", thd_record_results, results, self.settings.node_id, now,
+                now + self.settings.lease_seconds, self.reporting_mta,
+            )
+        except Exception:
+            log.failure("writing {n} delivery results failed; retrying", n=len(results))
+            self._results[:0] = results
+            self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
+        else:
+            if dsns and self.consumer is not None:
+                self.consumer.enqueue_new(dsns)
+        finally:
+            self._busy = False
+            self._kick()
+
+    def _hand_over(
+        self, consumer: Consumer, now: float, messages: list[NewMessage], ids: list[list[int]]
+    ) -> None:
+        jobs: list[Job] = []
+        bodies: dict[str, bytes] = {}
+        for m, rcpt_ids in zip(messages, ids, strict=True):
+            if not m.leased:
+                continue
+            env = m.envelope
+            jobs.append(
+                Job(
+                    m.queue_id, env.mail_from, env.kind, now, len(m.body),
+                    [
+                        Rcpt(rid, r.address, r.domain_id, 0)
+                        for rid, r in zip(rcpt_ids, env.recipients, strict=True)
+                    ],
+                )
+            )
+            bodies[m.queue_id] = m.body
+        if jobs:
+            consumer.submit(jobs, bodies)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._kick()

@@ -1,0 +1,417 @@
+"""The outbound ESMTP client: one connection to a next hop, many transactions on it.
+
+Written on LineReceiver rather than on `twisted.mail.smtp.ESMTPClient` so that the things
+that matter for a relay are ours: dot-stuffing that holds across chunks (pitfall 1),
+PIPELINING, multi-line reply parsing, timeouts on the injected clock, a result per
+recipient, and STARTTLS whose failure the caller can answer by retrying in cleartext instead
+of giving up (pitfall 9).
+
+Usage: `connect_session(...)` gives a `SMTPSession` that has read the greeting and said
+EHLO (and STARTTLS when asked); then `send(...)` per message and `quit()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IReactorTime as _IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from mailcore.smtp.dotstuff import DotStuffer
+
+WRITE_CHUNK = 65536
+
+
+class SMTPClientError(Exception):
+    """A session-level failure: the connection or the dialogue broke (not a reply)."""
+
+    def __init__(self, message: str, *, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+class ReplyTimeout(SMTPClientError):
+    """The server did not answer within the timeout."""
+
+
+class ConnectionLostError(SMTPClientError):
+    """The connection closed while a reply was awaited."""
+
+
+class TLSFailed(SMTPClientError):
+    """STARTTLS was refused or the TLS handshake failed."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One (possibly multi-line) server reply."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+@dataclass
+class TransactionResult:
+    """The replies of one mail transaction; `for_recipient` gives each recipient's outcome."""
+
+    mail: Reply
+    rcpts: list[Reply]
+    data: Reply | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def for_recipient(self, index: int) -> Reply:
+        """The reply that decides recipient `index`: the first failure on its path, or DATA."""
+        if not self.mail.ok:
+            return self.mail
+        rcpt = self.rcpts[index]
+        if not rcpt.ok:
+            return rcpt
+        assert self.data is not None
+        return self.data
+
+
+class SMTPClientProtocol(LineReceiver):
+    """The wire side: writes commands, parses replies in order, enforces timeouts."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self, clock: _IReactorTime, timeout: float) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self._waiting: deque[tuple[defer.Deferred[Reply], float]] = deque()
+        self._lines: list[str] = []
+        self._timer: IDelayedCall | None = None
+        self._deadline = 0.0
+        self._lost: Failure | None = None
+        self.connected_deferred: defer.Deferred[SMTPClientProtocol] = defer.Deferred()
+        self.tls_started = False
+
+    # -- connection events --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected_deferred.callback(self)
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self._lost = reason
+        self._cancel_timer()
+        waiting, self._waiting = self._waiting, deque()
+        message = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+        for d, _ in waiting:
+            error_cls = TLSFailed if self.tls_started and not self._lines_after_tls else (
+                ConnectionLostError
+            )
+            d.errback(error_cls(f"connection lost: {message}"))
+
+    _lines_after_tls = False
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail_all(SMTPClientError("reply line too long"))
+        self.abort()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.tls_started:
+            self._lines_after_tls = True
+        text = line.decode("utf-8", "replace")
+        if len(text) < 3 or not text[:3].isdigit():
+            self._fail_all(SMTPClientError(f"malformed reply: {text[:80]!r}"))
+            self.abort()
+            return
+        self._lines.append(text[4:])
+        if len(text) > 3 and text[3] == "-":
+            self._arm_timer()  # progress: a long multi-line reply keeps the session alive
+            return
+        reply = Reply(int(text[:3]), tuple(self._lines))
+        self._lines = []
+        if not self._waiting:
+            # Unsolicited (e.g. 421 before closing): nothing to hand it to.
+            return
+        d, _ = self._waiting.popleft()
+        self._arm_timer()
+        d.callback(reply)
+
+    # -- sending ------------------------------------------------------------------------
+
+    @property
+    def is_lost(self) -> bool:
+        return self._lost is not None
+
+    def expect(self, timeout: float | None = None) -> defer.Deferred[Reply]:
+        """A Deferred for the next reply not yet claimed (replies come in command order)."""
+        d: defer.Deferred[Reply] = defer.Deferred()
+        if self._lost is not None:
+            d.errback(ConnectionLostError(f"connection lost: {self._lost.getErrorMessage()}"))
+            return d
+        self._waiting.append((d, self.timeout if timeout is None else timeout))
+        if len(self._waiting) == 1:
+            self._arm_timer()
+        return d
+
+    def write_lines(self, *lines: bytes) -> None:
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))  # type: ignore[union-attr]
+
+    def write_raw(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def start_tls(self, creator: IOpenSSLClientConnectionCreator) -> None:
+        """Switch to TLS; bytes the server sent before the switch are discarded."""
+        self.clearLineBuffer()
+        self._lines = []
+        self.tls_started = True
+        self.transport.startTLS(creator)  # type: ignore[union-attr]
+
+    # -- timeouts -----------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        """Restart the reply timeout for the oldest awaited reply.
+
+        One DelayedCall per connection, moved lazily: arming only records a deadline, and
+        the call re-schedules itself when it fires early (a reply per command would
+        otherwise cost a callLater and a cancel each).
+        """
+        if not self._waiting:
+            return
+        _, seconds = self._waiting[0]
+        self._deadline = self.clock.seconds() + seconds
+        if self._timer is None:
+            self._timer = self.clock.callLater(seconds, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return
+        remaining = self._deadline - self.clock.seconds()
+        if remaining > 0:
+            self._timer = self.clock.callLater(remaining, self._check_deadline)
+            return
+        self._timed_out()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail_all(ReplyTimeout("timed out waiting for the server's reply"))
+        self.abort()
+
+    def _fail_all(self, error: Exception) -> None:
+        self._cancel_timer()
+        waiting, self._waiting = self._waiting, deque()
+        for d, _ in waiting:
+            d.errback(error)
+
+
+class SMTPSession:
+    """A conversation with one next hop, after greeting and EHLO: send messages, then quit."""
+
+    def __init__(self, protocol: SMTPClientProtocol, *, helo_name: str, data_timeout: float):
+        self.protocol = protocol
+        self.helo_name = helo_name
+        self.data_timeout = data_timeout
+        self.extensions: dict[str, str] = {}
+        self.greeting: Reply | None = None
+        self.tls = False
+        self.transactions = 0
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    @property
+    def usable(self) -> bool:
+        return not self.protocol.is_lost
+
+    async def handshake(self) -> None:
+        """Read the greeting and say EHLO (HELO if EHLO is refused)."""
+        self.greeting = await self.protocol.expect()
+        if self.greeting.code != 220:
+            raise SMTPClientError(f"greeting: {self.greeting}", code=self.greeting.code)
+        await self.ehlo()
+
+    async def ehlo(self) -> None:
+        self.protocol.write_lines(b"EHLO " + self.helo_name.encode("ascii", "replace"))
+        reply = await self.protocol.expect()
+        if reply.code == 250:
+            self.extensions = parse_extensions(reply)
+            return
+        if 500 <= reply.code < 600:
+            self.protocol.write_lines(b"HELO " + self.helo_name.encode("ascii", "replace"))
+            reply = await self.protocol.expect()
+            if reply.code == 250:
+                self.extensions = {}
+                return
+        raise SMTPClientError(f"EHLO: {reply}", code=reply.code)
+
+    async def starttls(self, creator: IOpenSSLClientConnectionCreator) -> None:
+        """STARTTLS then EHLO again; any failure raises TLSFailed (the caller may go cleartext)."""
+        self.protocol.write_lines(b"STARTTLS")
+        reply = await self.protocol.expect()
+        if reply.code != 220:
+            raise TLSFailed(f"STARTTLS refused: {reply}", code=reply.code)
+        self.protocol.start_tls(creator)
+        try:
+            await self.ehlo()
+        except TLSFailed:
+            raise
+        except SMTPClientError as e:
+            raise TLSFailed(f"after STARTTLS: {e}", code=e.code) from e
+        self.tls = True
+
+    async def send(
+        self, mail_from: str, recipients: list[str], body: bytes, *, reset_first: bool = False
+    ) -> TransactionResult:
+        """One mail transaction; pipelined when the server offers PIPELINING."""
+        p = self.protocol
+        mail = b"MAIL FROM:<" + mail_from.encode("utf-8") + b">"
+        if "SIZE" in self.extensions:
+            mail += b" SIZE=%d" % len(body)
+        rcpts = [b"RCPT TO:<" + r.encode("utf-8") + b">" for r in recipients]
+        self.transactions += 1
+        if self.pipelining:
+            commands = ([b"RSET"] if reset_first else []) + [mail, *rcpts, b"DATA"]
+            waits = [p.expect() for _ in commands]
+            p.write_lines(*commands)
+            replies = await _in_order(waits)
+            if reset_first:
+                replies.pop(0)
+            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+        else:
+            if reset_first:
+                await self._command(b"RSET")
+            mail_reply = await self._command(mail)
+            rcpt_replies = []
+            data_reply = None
+            if mail_reply.ok:
+                for r in rcpts:
+                    rcpt_replies.append(await self._command(r))
+                if any(r.ok for r in rcpt_replies):
+                    data_reply = await self._command(b"DATA")
+            else:
+                rcpt_replies = [mail_reply] * len(rcpts)
+        result = TransactionResult(mail_reply, rcpt_replies)
+        if data_reply is None:
+            result.data = Reply(503, ("5.5.1 no valid recipients",))
+            return result
+        if data_reply.code != 354:
+            result.data = data_reply
+            return result
+        if not mail_reply.ok or not any(r.ok for r in rcpt_replies):
+            # RFC 2920 3.1: DATA was accepted though nobody was: end it with no content.
+            wait = p.expect()
+            p.write_raw(b".\r\n")
+            await wait
+            result.data = Reply(503, ("5.5.1 no valid recipients",))
+            return result
+        wait = p.expect(self.data_timeout)
+        write_body(p.write_raw, body)
+        result.data = await wait
+        return result
+
+    async def _command(self, line: bytes) -> Reply:
+        wait = self.protocol.expect()
+        self.protocol.write_lines(line)
+        return await wait
+
+    async def quit(self) -> None:
+        """Say QUIT and close, whatever the server answers."""
+        if self.protocol.is_lost:
+            return
+        try:
+            wait = self.protocol.expect()
+            self.protocol.write_lines(b"QUIT")
+            await wait
+        except SMTPClientError:
+            pass
+        finally:
+            if self.protocol.transport is not None:
+                self.protocol.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.protocol.abort()
+
+
+async def _in_order(waits: list[defer.Deferred[Reply]]) -> list[Reply]:
+    """Await pipelined replies in order; on a failure, the rest are consumed quietly."""
+    replies: list[Reply] = []
+    try:
+        for w in waits:
+            replies.append(await w)
+    except BaseException:
+        for w in waits[len(replies) + 1 :]:
+            w.addErrback(lambda _f: None)
+        raise
+    return replies
+
+
+def write_body(write: Callable[[bytes], None], body: bytes) -> None:
+    """Write `body` as a DATA stream through a fresh DotStuffer, in chunks."""
+    stuffer = DotStuffer()
+    if len(body) <= WRITE_CHUNK:
+        write(stuffer.feed(body) + stuffer.finish())
+        return
+    for i in range(0, len(body), WRITE_CHUNK):
+        out = stuffer.feed(body[i : i + WRITE_CHUNK])
+        if out:
+            write(out)
+    write(stuffer.finish())
+
+
+def parse_extensions(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper-case) and their parameters; the first line is the greeting."""
+    out: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            out[keyword.upper()] = params
+    return out
+
+
+class _ClientFactory(Factory):
+    noisy = False  # one factory per outbound connection: no start/stop log lines
+
+    def __init__(self, clock: _IReactorTime, timeout: float) -> None:
+        self.clock = clock
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        p = SMTPClientProtocol(self.clock, self.timeout)
+        p.factory = self
+        return p
+
+
+def client_factory(clock: _IReactorTime, timeout: float) -> Factory:
+    """The protocol factory to hand an endpoint's `connect`."""
+    return _ClientFactory(clock, timeout)

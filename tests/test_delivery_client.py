@@ -1,0 +1,199 @@
+"""The outbound ESMTP client fed raw bytes: reply parsing, pipelining, per-recipient results,
+timeouts on a Clock, and failures mid-dialogue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from mailcore.smtp.client import (
+    ConnectionLostError,
+    Reply,
+    ReplyTimeout,
+    SMTPClientError,
+    SMTPClientProtocol,
+    SMTPSession,
+    TLSFailed,
+    parse_extensions,
+)
+
+
+class ClientTestBase(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.proto = SMTPClientProtocol(self.clock, timeout=30)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.session = SMTPSession(self.proto, helo_name="mx.test", data_timeout=60)
+
+    def server(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def sent(self) -> bytes:
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def handshake(self, extensions: bytes = b"250-PIPELINING\r\n250 SIZE 1000000\r\n") -> None:
+        d = defer.Deferred.fromCoroutine(self.session.handshake())
+        self.server(b"220 sink.test ESMTP\r\n")
+        self.assertEqual(self.sent(), b"EHLO mx.test\r\n")
+        self.server(b"250-sink.test hello\r\n" + extensions)
+        self.successResultOf(d)
+
+
+class ReplyParsingTests(ClientTestBase):
+    def test_multiline_ehlo_reply_gives_extensions(self) -> None:
+        self.handshake(b"250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+        self.assertEqual(
+            self.session.extensions,
+            {"PIPELINING": "", "SIZE": "1000", "STARTTLS": "", "8BITMIME": ""},
+        )
+
+    def test_helo_when_ehlo_is_refused(self) -> None:
+        d = defer.Deferred.fromCoroutine(self.session.handshake())
+        self.server(b"220 old\r\n")
+        self.sent()
+        self.server(b"502 5.5.2 what\r\n")
+        self.assertEqual(self.sent(), b"HELO mx.test\r\n")
+        self.server(b"250 old\r\n")
+        self.successResultOf(d)
+        self.assertEqual(self.session.extensions, {})
+
+    def test_bad_greeting_fails_the_handshake(self) -> None:
+        d = defer.Deferred.fromCoroutine(self.session.handshake())
+        self.server(b"554 5.3.2 go away\r\n")
+        self.assertEqual(self.failureResultOf(d, SMTPClientError).value.code, 554)
+
+    def test_malformed_reply_aborts(self) -> None:
+        d = defer.Deferred.fromCoroutine(self.session.handshake())
+        self.server(b"hello there\r\n")
+        self.failureResultOf(d, SMTPClientError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_parse_extensions_skips_the_greeting_line(self) -> None:
+        reply = Reply(250, ("host says hi", "pipelining", "SIZE 10"))
+        self.assertEqual(parse_extensions(reply), {"PIPELINING": "", "SIZE": "10"})
+
+
+class PipelinedTransactionTests(ClientTestBase):
+    def test_commands_go_out_in_one_write_and_replies_map_to_recipients(self) -> None:
+        self.handshake()
+        body = b"Subject: x\r\n\r\n.leading dot\r\n"
+        d = defer.Deferred.fromCoroutine(
+            self.session.send("a@x.test", ["b@c.test", "bad@c.test", "d@c.test"], body)
+        )
+        self.assertEqual(
+            self.sent(),
+            b"MAIL FROM:<a@x.test> SIZE=%d\r\nRCPT TO:<b@c.test>\r\n"
+            b"RCPT TO:<bad@c.test>\r\nRCPT TO:<d@c.test>\r\nDATA\r\n" % len(body),
+        )
+        self.server(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(self.sent(), b"Subject: x\r\n\r\n..leading dot\r\n.\r\n")
+        self.server(b"250 2.0.0 queued as X\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(
+            [result.for_recipient(i).code for i in range(3)], [250, 550, 250]
+        )
+
+    def test_reset_first_is_pipelined_before_mail(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(
+            self.session.send("a@x.test", ["b@c.test"], b"x\r\n", reset_first=True)
+        )
+        self.assertTrue(self.sent().startswith(b"RSET\r\nMAIL FROM:<a@x.test>"))
+        self.server(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.sent()
+        self.server(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).data, Reply(250, ("queued",)))
+
+    def test_all_recipients_refused_but_data_accepted_ends_with_a_lone_dot(self) -> None:
+        """RFC 2920 3.1: no content may follow when nobody was accepted."""
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"secret\r\n"))
+        self.sent()
+        self.server(b"250 ok\r\n550 no\r\n354 go\r\n")
+        self.assertEqual(self.sent(), b".\r\n")
+        self.server(b"554 no valid recipients\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(result.for_recipient(0).code, 550)
+
+    def test_mail_refused_decides_every_recipient(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c", "d@c"], b"x\r\n"))
+        self.sent()
+        self.server(b"452 4.3.1 full\r\n503 need mail\r\n503 need mail\r\n503 need mail\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual({result.for_recipient(i).code for i in range(2)}, {452})
+
+
+class LockstepTransactionTests(ClientTestBase):
+    def test_without_pipelining_each_command_waits_for_its_reply(self) -> None:
+        self.handshake(b"250 SIZE 100\r\n")
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        self.assertEqual(self.sent(), b"MAIL FROM:<a@x> SIZE=3\r\n")
+        self.server(b"250 ok\r\n")
+        self.assertEqual(self.sent(), b"RCPT TO:<b@c>\r\n")
+        self.server(b"250 ok\r\n")
+        self.assertEqual(self.sent(), b"DATA\r\n")
+        self.server(b"354 go\r\n")
+        self.assertEqual(self.sent(), b"x\r\n.\r\n")
+        self.server(b"250 done\r\n")
+        self.assertEqual(self.successResultOf(d).for_recipient(0).code, 250)
+
+
+class FailureTests(ClientTestBase):
+    def test_silence_times_out_on_the_clock(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        self.failureResultOf(d, ReplyTimeout)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_data_gets_the_longer_timeout(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.clock.advance(45)
+        self.assertNoResult(d)
+        self.clock.advance(20)
+        self.failureResultOf(d, ReplyTimeout)
+
+    def test_connection_lost_fails_every_pending_reply(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c", "c@c"], b"x\r\n"))
+        self.server(b"250 ok\r\n")
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.proto.connectionLost(Failure(ConnectionLost("reset")))
+        self.failureResultOf(d, ConnectionLostError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_starttls_refused_raises_tls_failed(self) -> None:
+        self.handshake(b"250 STARTTLS\r\n")
+        d = defer.Deferred.fromCoroutine(self.session.starttls(object()))  # type: ignore[arg-type]
+        self.assertEqual(self.sent(), b"STARTTLS\r\n")
+        self.server(b"454 4.7.0 not now\r\n")
+        self.assertEqual(self.failureResultOf(d, TLSFailed).value.code, 454)
+
+    def test_bytes_before_the_tls_switch_are_discarded(self) -> None:
+        """An injected reply sent in the same packet as 220 must not be read after TLS."""
+        self.handshake(b"250 STARTTLS\r\n")
+        started: list[Any] = []
+        self.transport.startTLS = started.append  # type: ignore[attr-defined]
+        d = defer.Deferred.fromCoroutine(self.session.starttls(object()))  # type: ignore[arg-type]
+        self.sent()
+        self.server(b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+        self.assertEqual(len(started), 1)
+        self.assertEqual(self.sent(), b"EHLO mx.test\r\n")
+        self.assertNoResult(d)
+        self.server(b"250-sink.test\r\n250 SIZE 5\r\n")
+        self.successResultOf(d)
+        self.assertEqual(self.session.extensions, {"SIZE": "5"})

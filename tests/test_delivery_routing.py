@@ -1,0 +1,107 @@
+"""Next-hop routing: a served domain's redirect, relayhost for foreign recipients, and the
+MX lookup (with an injected resolver; no DNS traffic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.names import dns
+from twisted.names.error import DNSNameError, DNSServerError
+from twisted.trial.unittest import TestCase
+
+from mailcore.queue.routing import Hop, Router, RoutingError, parse_hostport
+from mailcore.queue.settings import QueueSettings
+from mailcore.store import Database
+from tests.support.mailsink import done, thd_add_domain
+
+
+class FakeResolver:
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def lookupMailExchange(self, name: str) -> defer.Deferred[Any]:
+        self.asked.append(name)
+        answer = self.answers.get(name)
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        records = [
+            dns.RRHeader(name, dns.MX, payload=dns.Record_MX(pref, host))
+            for pref, host in (answer or [])
+        ]
+        return defer.succeed((records, [], []))
+
+
+class RouterTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.db = Database.for_tests()
+        self.served = done(self.db.run("d", thd_add_domain, "customer.test", "mx.customer.test",
+                                  2525))
+        self.strict = done(self.db.run("d", thd_add_domain, "strict.test", "[2001:db8::1]:26", 25,
+                                  require_tls=True))
+
+    def router(self, resolver: Any = None, **settings: Any) -> Router:
+        return Router(self.db, self.clock, QueueSettings(**settings), resolver)
+
+    async def test_served_domain_goes_to_its_redirect(self) -> None:
+        hop = await self.router().route(self.served, "b@customer.test")
+        self.assertEqual(hop, Hop("mx.customer.test", 2525, "may"))
+
+    async def test_require_tls_domain_gets_the_verify_policy(self) -> None:
+        hop = await self.router().route(self.strict, "b@strict.test")
+        self.assertEqual(hop.tls, "verify")
+
+    async def test_routes_are_cached_for_a_while(self) -> None:
+        router = self.router(route_cache_seconds=30)
+        await router.route(self.served, "b@customer.test")
+        done(self.db.run("u", lambda c: c.exec_driver_sql(
+            "UPDATE domains SET redirect_port = 2626")))
+        self.assertEqual((await router.route(self.served, "b@customer.test")).port, 2525)
+        self.clock.advance(31)
+        self.assertEqual((await router.route(self.served, "b@customer.test")).port, 2626)
+
+    async def test_a_removed_domain_is_a_temporary_routing_error(self) -> None:
+        with self.assertRaises(RoutingError) as e:
+            await self.router().route(999, "x@gone.test")
+        self.assertFalse(e.exception.permanent)
+
+    async def test_foreign_recipient_goes_to_the_relayhost(self) -> None:
+        resolver = FakeResolver({})
+        hop = await self.router(resolver, relayhost="[10.1.2.3]:587").route(None, "a@x.test")
+        self.assertEqual(hop, Hop("10.1.2.3", 587, "may"))
+        self.assertEqual(resolver.asked, [])
+
+    async def test_without_relayhost_the_best_mx_is_used(self) -> None:
+        resolver = FakeResolver({"x.test": [(20, "backup.x.test"), (10, "mx1.x.test")]})
+        hop = await self.router(resolver).route(None, "a@X.test")
+        self.assertEqual(hop, Hop("mx1.x.test", 25, "may"))
+
+    async def test_no_mx_falls_back_to_the_domain_itself(self) -> None:
+        hop = await self.router(FakeResolver({"x.test": []})).route(None, "a@x.test")
+        self.assertEqual(hop, Hop("x.test", 25, "may"))
+
+    async def test_nonexistent_domain_is_permanent(self) -> None:
+        resolver = FakeResolver({"nx.test": DNSNameError("nx")})
+        with self.assertRaises(RoutingError) as e:
+            await self.router(resolver).route(None, "a@nx.test")
+        self.assertTrue(e.exception.permanent)
+
+    async def test_dns_failure_is_temporary(self) -> None:
+        resolver = FakeResolver({"x.test": DNSServerError("servfail")})
+        with self.assertRaises(RoutingError) as e:
+            await self.router(resolver).route(None, "a@x.test")
+        self.assertFalse(e.exception.permanent)
+
+    async def test_null_mx_is_permanent(self) -> None:
+        with self.assertRaises(RoutingError) as e:
+            await self.router(FakeResolver({"x.test": [(0, b"")]})).route(None, "a@x.test")
+        self.assertTrue(e.exception.permanent)
+
+    def test_parse_hostport(self) -> None:
+        self.assertEqual(parse_hostport("mx.test"), ("mx.test", 25))
+        self.assertEqual(parse_hostport("mx.test:2525"), ("mx.test", 2525))
+        self.assertEqual(parse_hostport("[::1]:26"), ("::1", 26))
+        self.assertEqual(parse_hostport("[::1]"), ("::1", 25))

@@ -1,0 +1,107 @@
+"""RFC 3464 delivery status notifications, parsed back with the email package."""
+
+from __future__ import annotations
+
+from email import message_from_bytes
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.smtp.dsn import Failure, build_dsn, diagnostic_code, should_bounce, status_of
+
+ORIGINAL = (
+    b"From: Alice <alice@example.test>\r\n"
+    b"To: bob@customer.test\r\n"
+    b"Subject: quarterly numbers\r\n"
+    b"Message-ID: <orig-1@example.test>\r\n\r\n"
+)
+
+
+def make(failures: list[Failure]) -> bytes:
+    return build_dsn(
+        reporting_mta="mx.test",
+        queue_id="QID123",
+        original_sender="alice@example.test",
+        original_headers=ORIGINAL,
+        arrival_date=1_700_000_000.0,
+        failures=failures,
+        now=1_700_000_500.0,
+    )
+
+
+class DSNFormatTests(TestCase):
+    def setUp(self) -> None:
+        self.raw = make([
+            Failure("bob@customer.test", "550 5.1.1 <bob@customer.test>: user unknown",
+                    "mx.customer.test"),
+            Failure("carol@customer.test", "5.4.7 delivery time expired after 5 days; "
+                    "last error: 4.4.1 connection refused"),
+        ])
+        self.msg: Any = message_from_bytes(self.raw)
+
+    def test_is_multipart_report_of_delivery_status(self) -> None:
+        self.assertEqual(self.msg.get_content_type(), "multipart/report")
+        self.assertEqual(self.msg.get_param("report-type"), "delivery-status")
+        parts = self.msg.get_payload()
+        assert isinstance(parts, list)
+        self.assertEqual(
+            [p.get_content_type() for p in parts],
+            ["text/plain", "message/delivery-status", "text/rfc822-headers"],
+        )
+
+    def test_headers_say_who_and_what(self) -> None:
+        self.assertEqual(self.msg["To"], "<alice@example.test>")
+        self.assertIn("MAILER-DAEMON@mx.test", self.msg["From"])
+        self.assertEqual(self.msg["Auto-Submitted"], "auto-replied")
+        self.assertTrue(self.msg["Message-ID"])
+        self.assertTrue(self.msg["Date"])
+
+    def test_delivery_status_has_per_message_and_per_recipient_fields(self) -> None:
+        status = self.msg.get_payload()[1]
+        blocks: list[Any] = status.get_payload()
+        self.assertEqual(blocks[0]["Reporting-MTA"], "dns; mx.test")
+        self.assertTrue(blocks[0]["Arrival-Date"])
+        self.assertEqual(len(blocks), 3)
+        bob, carol = blocks[1], blocks[2]
+        self.assertEqual(bob["Final-Recipient"], "rfc822; bob@customer.test")
+        self.assertEqual(bob["Action"], "failed")
+        self.assertEqual(bob["Status"], "5.1.1")
+        self.assertEqual(bob["Remote-MTA"], "dns; mx.customer.test")
+        self.assertEqual(
+            bob["Diagnostic-Code"], "smtp; 550 5.1.1 <bob@customer.test>: user unknown"
+        )
+        self.assertEqual(carol["Status"], "5.4.7")
+        self.assertTrue(carol["Diagnostic-Code"].startswith("X-Mailcore; 5.4.7"))
+
+    def test_original_headers_are_returned(self) -> None:
+        headers = self.msg.get_payload()[2].get_payload()
+        self.assertIn("Subject: quarterly numbers", headers)
+        self.assertIn("Message-ID: <orig-1@example.test>", headers)
+
+    def test_every_line_ends_in_crlf(self) -> None:
+        self.assertEqual(self.raw.count(b"\n"), self.raw.count(b"\r\n"))
+
+    def test_no_header_injection_through_the_reply_text(self) -> None:
+        raw = make([Failure("x@c.test", "550 bad\r\nBcc: victim@example.test")])
+        self.assertNotIn(b"\r\nBcc:", raw)
+
+
+class StatusTests(TestCase):
+    def test_status_from_reply(self) -> None:
+        self.assertEqual(status_of("550 5.7.1 relaying denied"), "5.7.1")
+        self.assertEqual(status_of("550 no enhanced code"), "5.0.0")
+        self.assertEqual(status_of("5.4.7 expired"), "5.4.7")
+        self.assertEqual(status_of("connection refused"), "5.0.0")
+
+    def test_diagnostic_type(self) -> None:
+        self.assertEqual(diagnostic_code("554 5.7.1 no"), "smtp; 554 5.7.1 no")
+        self.assertEqual(diagnostic_code("4.4.1 refused"), "X-Mailcore; 4.4.1 refused")
+
+    def test_never_bounce_the_null_sender(self) -> None:
+        self.assertFalse(should_bounce(""))
+        self.assertFalse(should_bounce("<>"))
+        self.assertTrue(should_bounce("a@x.test"))
+
+    def test_a_dsn_needs_a_failure(self) -> None:
+        with self.assertRaises(ValueError):
+            make([])

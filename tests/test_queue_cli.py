@@ -1,0 +1,90 @@
+"""`mailcore queue list|show|flush|delete`, run as real subprocesses on a temp data dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+from twisted.trial.unittest import TestCase
+
+from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.queue.model import NewMessage, Result, thd_apply_results, thd_insert_messages
+from mailcore.store.schema import queue_recipients
+from tests.support.db import open_database_at
+from tests.support.mailsink import thd_add_domain
+from tests.support.servers import CommandResult, run_command, tempdir_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class QueueCliTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.base = tempdir_for(self, "mailcore-cli-queue-")
+        self.data_dir = self.base / "var"
+        self.data_dir.mkdir()
+
+    async def mc(self, *args: str) -> CommandResult:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("MAILCORE_DEBUG", None)
+        return await run_command(
+            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir), *args],
+            env=env, cwd=self.base,
+        )
+
+    async def ok(self, *args: str) -> str:
+        result = await self.mc(*args)
+        self.assertEqual((result.status, result.err), (0, ""), f"{args}: {result.err}")
+        return result.out
+
+    async def test_list_show_flush_delete(self) -> None:
+        db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")
+        domain = await db.run("d", thd_add_domain, "customer.test", "127.0.0.1", 25)
+        env = Envelope("alice@x.test", (Recipient("bob@customer.test", domain),
+                                        Recipient("carol@customer.test", domain)))
+        far = 4_000_000_000.0
+        [ids] = await db.run(
+            "i", thd_insert_messages, [NewMessage("QCLI1", env, b"Subject: x\r\n\r\nhi\r\n",
+                                                  True)], "node", 1000.0, far)
+        await db.run("r", thd_apply_results, "node", 1001.0, [
+            Result(ids[0], "QCLI1", "deferred", "451 4.3.0 try later", "127.0.0.1:25", far),
+            Result(ids[1], "QCLI1", "delivered", "250 2.0.0 ok", "127.0.0.1:25"),
+        ])
+        await db.close()
+
+        out = await self.ok("queue", "list")
+        self.assertIn("QCLI1", out)
+        self.assertIn("alice@x.test", out)
+        self.assertIn("1/2", out)
+        self.assertIn("451 4.3.0 try later", out)
+        self.assertIn("1 recipient(s) waiting (0 queued, 1 deferred)", out)
+
+        out = await self.ok("queue", "show", "QCLI1")
+        self.assertIn("bob@customer.test", out)
+        self.assertIn("deferred", out)
+        self.assertIn("carol@customer.test", out)
+        self.assertIn("delivered", out)
+
+        out = await self.ok("queue", "flush")
+        self.assertIn("1 deferred recipient(s) are due now", out)
+        self.assertIn("next sweep", out)
+        db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")
+        r = queue_recipients.c
+        due = await db.read("n", lambda c: c.execute(
+            select(r.next_attempt_at).where(r.address == "bob@customer.test")).scalar_one())
+        self.assertLess(due, far)
+        await db.close()
+
+        self.assertEqual(await self.ok("queue", "delete", "QCLI1"), "deleted QCLI1\n")
+        out = await self.ok("queue", "list")
+        self.assertNotIn("QCLI1", out)
+
+        result = await self.mc("queue", "show", "QCLI1")
+        self.assertEqual(result.status, 1)
+        self.assertIn("no message QCLI1", result.err)
+        result = await self.mc("queue", "delete", "NOPE")
+        self.assertEqual(result.status, 1)

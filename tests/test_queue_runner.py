@@ -1,0 +1,350 @@
+"""The queue runner on a Clock: hand-off from the spool, deferral and the retry schedule,
+lifetime expiry, bounces, connection reuse, opportunistic TLS fallback, stop."""
+
+from __future__ import annotations
+
+from email import message_from_bytes
+from typing import Any
+
+from sqlalchemy import select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
+from mailcore.queue.model import thd_show
+from mailcore.queue.retry import backoff, next_attempt
+from mailcore.queue.routing import Hop
+from mailcore.queue.settings import QueueSettings
+from mailcore.store import Database
+from mailcore.store.schema import queue_messages, queue_recipients
+from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
+
+BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
+HOP = Hop("10.0.0.1", 2525, "may")
+
+
+class RetryScheduleTests(TestCase):
+    def test_backoff_doubles_from_min_to_max(self) -> None:
+        s = QueueSettings()
+        self.assertEqual(
+            [backoff(n, s) for n in range(1, 7)], [300, 600, 1200, 2400, 4000, 4000]
+        )
+
+    def test_backoff_is_configurable(self) -> None:
+        s = QueueSettings(min_backoff=10, max_backoff=35)
+        self.assertEqual([backoff(n, s) for n in range(1, 5)], [10, 20, 35, 35])
+
+    def test_next_attempt_never_after_the_lifetime(self) -> None:
+        s = QueueSettings(lifetime=1000)
+        self.assertEqual(next_attempt(5, created_at=0, now=900, settings=s), 1000)
+        self.assertEqual(next_attempt(1, created_at=0, now=100, settings=s), 400)
+
+
+class RunnerTestBase(TestCase):
+    settings: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.db = Database.for_tests()
+        self.connector = ScriptedConnector()
+        self.domain = done(self.db.run(
+            "add", thd_add_domain, "customer.test", HOP.host, HOP.port
+        ))
+        self.q = make_queue(self.db, self.clock, self.connector, **self.settings)
+        self.q.service.startService()
+        self.addCleanup(self.stop)
+
+    async def stop_async(self) -> None:
+        if self.q.service.running:
+            d = self.q.service.stopService()
+            self.clock.advance(60)
+            await d
+
+    def stop(self) -> defer.Deferred[None]:
+        d = defer.Deferred.fromCoroutine(self.stop_async())
+        d.addCallback(lambda _: self.assertEqual(self.clock.getDelayedCalls(), []))
+        return d
+
+    async def accept(self, qid: str, *rcpts: str, sender: str = "a@x.test",
+                     body: bytes = BODY) -> None:
+        env = envelope(sender, *[(r, self.domain) for r in rcpts])
+        await self.q.spool.accept(qid, env, body)
+
+    def rows(self) -> dict[str, tuple[str, int, float, str | None]]:
+        r = queue_recipients.c
+
+        def txn(conn):  # type: ignore[no-untyped-def]
+            return {
+                row.address: (row.state, row.attempts, row.next_attempt_at, row.lease_owner)
+                for row in conn.execute(select(r.address, r.state, r.attempts,
+                                               r.next_attempt_at, r.lease_owner))
+            }
+
+        return done(self.db.read("rows", txn))
+
+
+class DeliveryTests(RunnerTestBase):
+    async def test_accepted_message_is_delivered_without_waiting_for_a_poll(self) -> None:
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+        self.assertEqual(self.connector.delivered[0][3], BODY)
+        self.assertEqual(self.rows()["b@customer.test"][0], "delivered")
+        self.assertEqual(self.q.metrics.delivered._value.get(), 1)
+
+    async def test_recipients_of_one_message_share_one_transaction(self) -> None:
+        await self.accept("Q1", "b@customer.test", "c@customer.test", "d@customer.test")
+        self.assertEqual(len(self.connector.delivered), 1)
+        self.assertEqual(
+            self.connector.delivered[0][2],
+            ["b@customer.test", "c@customer.test", "d@customer.test"],
+        )
+
+    async def test_several_messages_reuse_one_connection(self) -> None:
+        for i in range(5):
+            await self.accept(f"Q{i}", "b@customer.test")
+        self.assertEqual(len(self.connector.delivered), 5)
+        self.assertEqual(len(self.connector.connects), 1)
+        self.clock.advance(self.q.settings.connection_idle + 0.1)
+        self.assertEqual(self.connector.quits, 1)
+
+    async def test_finished_message_drops_its_body_and_keeps_a_log(self) -> None:
+        await self.accept("Q1", "b@customer.test")
+        view = done(self.db.read("show", thd_show, "Q1"))
+        self.assertIsNotNone(view.done_at)
+        self.assertEqual(view.recipients[0].state, "delivered")
+        self.assertIn("250", view.recipients[0].last_error)
+        body = done(self.db.read(
+            "b", lambda c: c.execute(select(queue_messages.c.body)).scalar()
+        ))
+        self.assertIsNone(body)
+
+    async def test_concurrency_per_hop_is_limited(self) -> None:
+        self.connector.hold = defer.Deferred()
+        for i in range(30):
+            await self.accept(f"Q{i}", "b@customer.test")
+        self.assertEqual(len(self.connector.connects), self.q.settings.hop_concurrency)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.assertEqual(len(self.connector.delivered), 30)
+
+
+class DeferralTests(RunnerTestBase):
+    settings = {"min_backoff": 300.0, "max_backoff": 4000.0, "lifetime": 5 * 86400.0}
+
+    async def test_next_hop_down_defers_and_retries_on_schedule(self) -> None:
+        self.connector.down.add(HOP)
+        t0 = self.clock.seconds()
+        await self.accept("Q1", "b@customer.test")
+        state, attempts, next_at, owner = self.rows()["b@customer.test"]
+        self.assertEqual((state, attempts, owner), ("deferred", 1, None))
+        self.assertEqual(next_at, t0 + 300)
+        self.assertEqual(self.q.metrics.deferred._value.get(), 1)
+        # Still down at the next two tries: 600 s, then 1200 s.
+        self.clock.advance(300)
+        self.assertEqual(self.rows()["b@customer.test"][:3], ("deferred", 2, t0 + 900))
+        self.clock.advance(600)
+        self.assertEqual(self.rows()["b@customer.test"][:3], ("deferred", 3, t0 + 2100))
+        # Nothing is tried early.
+        self.clock.advance(1199)
+        self.assertEqual(self.rows()["b@customer.test"][1], 3)
+        self.connector.down.clear()
+        self.clock.advance(1)
+        self.assertEqual(self.rows()["b@customer.test"][0], "delivered")
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+
+    async def test_temporary_reply_defers_only_that_recipient(self) -> None:
+        self.connector.replies["c@customer.test"] = (451, ("4.3.0 try later",))
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        rows = self.rows()
+        self.assertEqual(rows["b@customer.test"][0], "delivered")
+        self.assertEqual(rows["c@customer.test"][:2], ("deferred", 1))
+        self.connector.replies.clear()
+        self.clock.advance(300)
+        self.assertEqual(self.rows()["c@customer.test"][0], "delivered")
+        self.assertEqual(self.connector.addresses(), ["b@customer.test", "c@customer.test"])
+
+    async def test_lifetime_passing_bounces_once(self) -> None:
+        self.connector.down.add(HOP)
+        await self.accept("Q1", "b@customer.test", sender="sender@customer.test")
+        for _ in range(120):
+            self.clock.advance(4000)
+        self.assertEqual(self.rows()["b@customer.test"][0], "bounced")
+        dsns = self.dsn_rows()
+        self.assertEqual(len(dsns), 1)
+        report: Any = message_from_bytes(dsns[0])
+        status = report.get_payload()[1].get_payload()[1]
+        self.assertEqual(status["Status"], "5.4.7")
+        self.assertEqual(status["Action"], "failed")
+
+    def dsn_rows(self) -> list[Any]:
+        m = queue_messages.c
+        # Finished DSNs lose their body; read them from the sink instead when delivered.
+        bodies = [b for _h, frm, _r, b, _t in self.connector.delivered if frm == ""]
+        pending = done(self.db.read(
+            "d", lambda c: [bytes(r[0]) for r in c.execute(
+                select(m.body).where(m.kind == "bounce", m.body.is_not(None)))]
+        ))
+        return bodies + pending
+
+
+class BounceTests(RunnerTestBase):
+    async def test_permanent_failure_gives_exactly_one_dsn_for_all_failed_recipients(
+        self,
+    ) -> None:
+        self.connector.replies["c@customer.test"] = (550, ("5.1.1 <c@customer.test>: unknown",))
+        self.connector.replies["d@customer.test"] = (554, ("5.7.1 rejected",))
+        await self.accept("Q1", "b@customer.test", "c@customer.test", "d@customer.test",
+                          sender="sender@customer.test")
+        rows = self.rows()
+        self.assertEqual(rows["b@customer.test"][0], "delivered")
+        self.assertEqual(rows["c@customer.test"][0], "bounced")
+        self.assertEqual(rows["d@customer.test"][0], "bounced")
+        dsns = [d for d in self.connector.delivered if d[1] == ""]
+        self.assertEqual(len(dsns), 1)
+        _hop, _sender, rcpts, body, _tls = dsns[0]
+        self.assertEqual(rcpts, ["sender@customer.test"])
+        report: Any = message_from_bytes(body)
+        self.assertEqual(report.get_content_type(), "multipart/report")
+        groups = report.get_payload()[1].get_payload()[1:]
+        self.assertEqual(
+            [(g["Final-Recipient"], g["Status"]) for g in groups],
+            [("rfc822; c@customer.test", "5.1.1"), ("rfc822; d@customer.test", "5.7.1")],
+        )
+        self.assertEqual(self.q.metrics.bounced._value.get(), 2)
+
+    async def test_dsn_waits_until_every_recipient_is_final(self) -> None:
+        self.connector.replies["c@customer.test"] = (550, ("5.1.1 unknown",))
+        self.connector.replies["d@customer.test"] = (451, ("4.3.0 later",))
+        await self.accept("Q1", "c@customer.test", "d@customer.test",
+                          sender="sender@customer.test")
+        self.assertEqual([d for d in self.connector.delivered if d[1] == ""], [])
+        self.connector.replies["d@customer.test"] = (550, ("5.1.1 gone",))
+        self.clock.advance(300)
+        dsns = [d for d in self.connector.delivered if d[1] == ""]
+        self.assertEqual(len(dsns), 1)
+        self.assertIn(b"d@customer.test", dsns[0][3])
+        self.assertIn(b"c@customer.test", dsns[0][3])
+
+    async def test_no_dsn_for_the_null_sender(self) -> None:
+        self.connector.replies["c@customer.test"] = (550, ("5.1.1 unknown",))
+        await self.accept("Q1", "c@customer.test", sender="")
+        self.assertEqual(self.rows()["c@customer.test"][0], "bounced")
+        self.assertEqual(self.connector.delivered, [])
+        kinds = done(self.db.read(
+            "k", lambda c: [r[0] for r in c.execute(select(queue_messages.c.kind))]
+        ))
+        self.assertEqual(kinds, ["relay"])
+
+    async def test_a_failing_bounce_is_not_bounced_again(self) -> None:
+        self.connector.replies["c@customer.test"] = (550, ("5.1.1 unknown",))
+        self.connector.replies["sender@customer.test"] = (550, ("5.1.1 no such sender",))
+        await self.accept("Q1", "c@customer.test", sender="sender@customer.test")
+        kinds = done(self.db.read(
+            "k", lambda c: sorted(r[0] for r in c.execute(select(queue_messages.c.kind)))
+        ))
+        self.assertEqual(kinds, ["bounce", "relay"])
+
+
+class TLSFallbackTests(RunnerTestBase):
+    async def test_opportunistic_starttls_failure_delivers_in_cleartext(self) -> None:
+        """Pitfall 9: a refused STARTTLS must not QUIT-and-defer forever."""
+        self.connector.offer_starttls = True
+        self.connector.starttls_fails = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+        self.assertEqual(self.connector.tls_attempts, 1)
+        self.assertEqual(len(self.connector.connects), 2)
+
+    async def test_required_tls_that_fails_defers(self) -> None:
+        done(self.db.run("tls", lambda c: c.exec_driver_sql(
+            "UPDATE domains SET require_tls = 1")))
+        self.q.runner.router._cache.clear()
+        self.connector.offer_starttls = True
+        self.connector.starttls_fails = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.delivered, [])
+        self.assertEqual(self.rows()["b@customer.test"][0], "deferred")
+
+    async def test_starttls_used_when_offered(self) -> None:
+        self.connector.offer_starttls = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertTrue(self.connector.delivered[0][4])
+
+
+class PipelineTests(TestCase):
+    async def test_empty_pipeline_delivers(self) -> None:
+        msg = PipelineMessage("Q", "relay", "a@x", (), b"")
+        self.assertEqual((await Pipeline().process(msg)).action, Action.DELIVER)
+
+    async def test_first_non_deliver_decision_wins_and_tags_accumulate(self) -> None:
+        class Tag:
+            async def process(self, message: PipelineMessage) -> Decision:
+                return Decision(Action.TAG, (("X-Spam-Flag", "YES"),))
+
+        class Quarantine:
+            async def process(self, message: PipelineMessage) -> Decision:
+                return Decision(Action.QUARANTINE, reason="virus")
+
+        msg = PipelineMessage("Q", "relay", "a@x", (), b"")
+        tagged = await Pipeline([Tag(), Tag()]).process(msg)
+        self.assertEqual(tagged.add_headers, (("X-Spam-Flag", "YES"),) * 2)
+        self.assertEqual((await Pipeline([Tag(), Quarantine()]).process(msg)).action,
+                         Action.QUARANTINE)
+
+
+class PipelineDecisionTests(RunnerTestBase):
+    async def test_tag_decision_prepends_headers(self) -> None:
+        class Tag:
+            async def process(self, message: PipelineMessage) -> Decision:
+                return Decision(Action.TAG, (("X-Spam-Flag", "YES"),))
+
+        self.q.runner.pipeline = Pipeline([Tag()])
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.delivered[0][3], b"X-Spam-Flag: YES\r\n" + BODY)
+
+
+class StopTests(RunnerTestBase):
+    async def test_stop_finishes_in_flight_and_releases_leases(self) -> None:
+        self.connector.hold = defer.Deferred()
+        for i in range(15):
+            await self.accept(f"Q{i}", "b@customer.test")
+        stopping = self.q.service.stopService()
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        await stopping
+        rows = self.rows()
+        self.assertEqual(len(self.connector.delivered), 10)  # the ones in flight
+        self.assertEqual(rows["b@customer.test"][0], "queued")  # the last one, never sent
+        owners = done(self.db.read(
+            "o", lambda c: {r[0] for r in c.execute(select(queue_recipients.c.lease_owner))}
+        ))
+        self.assertEqual(owners, {None})
+
+
+class MetricsTests(RunnerTestBase):
+    async def test_depth_gauge_counts_waiting_recipients_on_each_sweep(self) -> None:
+        self.connector.down.add(HOP)
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        await self.accept("Q2", "d@customer.test")
+        self.clock.advance(self.q.settings.poll_interval)
+        self.assertEqual(self.q.metrics.depth._value.get(), 3)
+        self.assertEqual(self.q.metrics.accepted._value.get(), 2)
+        self.assertEqual(self.q.metrics.deferred._value.get(), 3)
+        self.connector.down.clear()
+        self.clock.advance(300)
+        self.clock.advance(self.q.settings.poll_interval)
+        self.assertEqual(self.q.metrics.depth._value.get(), 0)
+        self.assertEqual(self.q.metrics.delivered._value.get(), 3)
+        self.assertEqual(self.q.metrics.latency._sum.get() > 0, True)
+
+    async def test_required_tls_with_a_peer_of_another_name_defers(self) -> None:
+        done(self.db.run("tls", lambda c: c.exec_driver_sql(
+            "UPDATE domains SET require_tls = 1")))
+        self.q.runner.router._cache.clear()
+        self.connector.offer_starttls = True
+        self.connector.peer_name_mismatch = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.delivered, [])
+        self.assertEqual(self.rows()["b@customer.test"][0], "deferred")

@@ -1,0 +1,151 @@
+"""The durable spool: accept returns only after the commit, group commit batches, failures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.queue.spool import SpoolError
+from mailcore.store import Database
+from mailcore.store.schema import queue_messages, queue_recipients
+from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
+
+
+class GatedDatabase:
+    """A synchronous test Database whose accept transactions complete only when released,
+    as a real commit in flight would; it counts transactions and can fail them."""
+
+    def __init__(self) -> None:
+        self.inner = Database.for_tests()
+        self.url = self.inner.url
+        self.is_sqlite = True
+        self.gates: list[defer.Deferred[None]] = []
+        self.accept_batches: list[int] = []
+        self.fail_next = False
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        if name != "queue_commit":
+            return self.inner.run(name, fn, *args, **kw)
+        gate: defer.Deferred[None] = defer.Deferred()
+        self.gates.append(gate)
+        self.accept_batches.append(len(args[0]))
+
+        def go(_: object) -> Any:
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("disk full")
+            return self.inner.run(name, fn, *args, **kw)
+
+        return gate.addCallback(go)
+
+    def read(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return self.inner.read(name, fn, *args, **kw)
+
+    def release(self) -> None:
+        gates, self.gates = self.gates, []
+        for g in gates:
+            g.callback(None)
+
+
+class SpoolTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.db = GatedDatabase()
+        self.domain = done(self.db.inner.run(
+            "d", thd_add_domain, "customer.test", "10.0.0.1", 25
+        ))
+        self.connector = ScriptedConnector()
+        self.q = make_queue(self.db, self.clock, self.connector)  # type: ignore[arg-type]
+
+    def accept(self, qid: str) -> defer.Deferred[None]:
+        env = envelope("a@x.test", ("b@customer.test", self.domain))
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        return defer.Deferred.fromCoroutine(self.q.spool.accept(qid, env, body))
+
+    def count(self, table: Any) -> int:
+        return done(self.db.inner.read(
+            "n", lambda c: c.execute(select(func.count()).select_from(table)).scalar_one()
+        ))
+
+    def test_accept_returns_only_after_the_commit(self) -> None:
+        d = self.accept("Q1")
+        self.assertNoResult(d)
+        self.assertEqual(self.count(queue_messages), 0)
+        self.db.release()
+        self.successResultOf(d)
+        self.assertEqual(self.count(queue_messages), 1)
+        self.assertEqual(self.count(queue_recipients), 1)
+
+    def test_accepts_during_a_commit_share_the_next_transaction(self) -> None:
+        first = self.accept("Q0")
+        waiting = [self.accept(f"Q{i}") for i in range(1, 51)]
+        self.assertEqual(self.db.accept_batches, [1])
+        self.db.release()
+        self.successResultOf(first)
+        for d in waiting:
+            self.assertNoResult(d)
+        self.assertEqual(self.db.accept_batches, [1, 50])
+        self.db.release()
+        for d in waiting:
+            self.successResultOf(d)
+        self.assertEqual(self.count(queue_messages), 51)
+        self.assertEqual(self.q.spool.commits, 2)
+        self.assertEqual(self.q.metrics.accepted._value.get(), 51)
+
+    def test_batches_are_capped(self) -> None:
+        self.q.spool.settings = self.q.settings.__class__(batch_max_messages=20)
+        first = self.accept("Q0")
+        rest = [self.accept(f"Q{i}") for i in range(1, 46)]
+        for _ in range(4):
+            self.db.release()
+        self.successResultOf(first)
+        for d in rest:
+            self.successResultOf(d)
+        self.assertEqual(self.db.accept_batches, [1, 20, 20, 5])
+
+    def test_a_failed_commit_fails_every_accept_in_it(self) -> None:
+        first = self.accept("Q0")
+        batch = [self.accept(f"Q{i}") for i in range(1, 4)]
+        self.db.release()
+        self.db.fail_next = True
+        self.db.release()
+        for d in batch:
+            self.failureResultOf(d, SpoolError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.q.runner.held, 0)
+        self.successResultOf(first)
+        # The spool carries on with the next accept.
+        later = self.accept("Q9")
+        self.db.release()
+        self.successResultOf(later)
+        self.assertEqual(self.count(queue_messages), 2)
+
+    def test_drain_waits_for_pending_commits(self) -> None:
+        self.accept("Q0")
+        self.accept("Q1")
+        drained = defer.Deferred.fromCoroutine(self.q.spool.drain())
+        self.db.release()
+        self.assertNoResult(drained)
+        self.db.release()
+        self.successResultOf(drained)
+
+    def test_a_message_without_recipients_is_refused(self) -> None:
+        d = defer.Deferred.fromCoroutine(self.q.spool.accept("Q", envelope("a@x"), b"x"))
+        self.failureResultOf(d, SpoolError)
+
+    def test_leased_to_this_node_only_while_the_runner_has_room(self) -> None:
+        self.q.runner.start()
+        self.q.runner.held = self.q.settings.max_in_memory  # full
+        d = self.accept("Q1")
+        self.db.release()
+        self.successResultOf(d)
+        owner = done(self.db.inner.read(
+            "o", lambda c: c.execute(select(queue_recipients.c.lease_owner)).scalar()
+        ))
+        self.assertIsNone(owner)
+        self.assertEqual(self.connector.delivered, [])
