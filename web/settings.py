@@ -10,12 +10,15 @@ dropmyemail_token_rate = "20/second"
 metrics = true                   # serve GET /metrics
 metrics_allow = ["127.0.0.1/32", "::1/128"]   # client networks allowed (empty: all)
 idle_timeout = 60                # seconds an idle HTTP connection stays open
+cors_origins = []                # IMAP2API origins allowed by CORS ("*": any; [] none)
+imap2api_sync_wait = 25          # seconds POST .../sync/ waits before answering 202
 ```
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,8 @@ _KEYS = {
     "metrics",
     "metrics_allow",
     "idle_timeout",
+    "cors_origins",
+    "imap2api_sync_wait",
 }
 
 
@@ -58,6 +63,8 @@ class WebSettings:
     metrics: bool = True
     metrics_allow: tuple[IPNetwork, ...] = ()
     idle_timeout: float = 60.0
+    cors_origins: tuple[str, ...] = ()
+    imap2api_sync_wait: float = 25.0
 
     @classmethod
     def from_config(cls, config: Config) -> WebSettings:
@@ -83,6 +90,10 @@ class WebSettings:
             metrics=_bool(table, "metrics", defaults.metrics),
             metrics_allow=_networks(table.get("metrics_allow", [])),
             idle_timeout=float(_int(table, "idle_timeout", int(defaults.idle_timeout))),
+            cors_origins=_origins(table.get("cors_origins", [])),
+            imap2api_sync_wait=float(
+                _int(table, "imap2api_sync_wait", int(defaults.imap2api_sync_wait))
+            ),
         )
 
     def metrics_allowed(self, host: str | None) -> bool:
@@ -137,3 +148,18 @@ def _networks(values: Any) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(v, strict=False) for v in values)
     except ValueError as e:
         raise ConfigError(f"[web] metrics_allow: {e}") from None
+
+
+def _origins(values: Any) -> tuple[str, ...]:
+    """CORS origins: "*" or scheme://host[:port] each, compared lower-case."""
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise ConfigError("[web] cors_origins must be a list of origins")
+    out = []
+    for value in values:
+        origin = value.strip().rstrip("/").lower()
+        if origin != "*" and not re.match(r"^https?://[^/?#\s]+$", origin):
+            raise ConfigError(f"[web] cors_origins: not an origin: {value!r}")
+        out.append(origin)
+    return tuple(out)

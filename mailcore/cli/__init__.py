@@ -29,7 +29,13 @@ from mailcore.config import Config, ConfigError, apply_overrides, config_from_to
 from mailcore.identity import IdentityError
 
 PROG = "mailcore"
-COMMAND_MODULES = ("mailcore.cli.users", "mailcore.cli.domains", "mailcore.cli.queue")
+COMMAND_MODULES = (
+    "mailcore.cli.users",
+    "mailcore.cli.domains",
+    "mailcore.cli.queue",
+    "mailcore.cli.billing",
+    "mailcore.cli.webhooks",
+)
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
 

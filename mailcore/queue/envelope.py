@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Recipient:
-    """One accepted RCPT: the address as given (str) and the served domain it belongs to."""
+    """One RCPT: the address as given (str) and the served domain it belongs to (None for
+    a recipient outside the served domains, such as the sender a bounce goes back to)."""
 
     address: str
-    domain_id: int
+    domain_id: int | None
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def thd_record_results(
         sender_domain = msg.mail_from.rpartition("@")[2].lower()
         domain_id = thd_domain_for(conn, sender_domain) if sender_domain else None
         env = Envelope(
-            "", (Recipient(msg.mail_from, domain_id),), kind="bounce"  # type: ignore[arg-type]
+            "", (Recipient(msg.mail_from, domain_id),), kind="bounce"
         )
         [rcpt_ids] = thd_insert_messages(
             conn, [NewMessage(queue_id, env, dsn, True)], node_id, now, lease_until
