@@ -572,6 +572,24 @@ class ServerSpec:
     password: str
 
 
+async def connect_to(
+    reactor: Any,
+    spec: ServerSpec,
+    creator: IOpenSSLClientConnectionCreator,
+    protocol: Any,
+    connect_timeout: float,
+) -> None:
+    """Connect `protocol` to the account's server, in TLS from the start when `use_ssl`
+    (verified by `creator`); every connect failure becomes one ConnectFailed."""
+    endpoint: Any = HostnameEndpoint(reactor, spec.host, spec.port, timeout=connect_timeout)
+    if spec.use_ssl:
+        endpoint = wrapClientTLS(creator, endpoint)
+    try:
+        await connectProtocol(endpoint, protocol)
+    except Exception as e:
+        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
+
+
 async def open_session(
     reactor: Any,
     spec: ServerSpec,
@@ -586,13 +604,7 @@ async def open_session(
         reactor, max_literal=max_literal, idle_timeout=idle_timeout,
         host=f"{spec.host}:{spec.port}",
     )
-    endpoint: Any = HostnameEndpoint(reactor, spec.host, spec.port, timeout=connect_timeout)
-    if spec.use_ssl:
-        endpoint = wrapClientTLS(creator, endpoint)
-    try:
-        await connectProtocol(endpoint, client)
-    except Exception as e:  # every connect failure becomes one clear error
-        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
+    await connect_to(reactor, spec, creator, client, connect_timeout)
     try:
         await client.greeted
         caps = await client.ask_capabilities()

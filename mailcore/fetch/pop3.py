@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.mail import pop3client
 from twisted.mail._except import ServerErrorResponse
@@ -32,6 +31,7 @@ from mailcore.fetch.imap import (
     _show,
     _tls_failure,
     abort_transport,
+    connect_to,
 )
 
 
@@ -207,13 +207,7 @@ async def open_pop3(
         reactor, max_message=max_message, idle_timeout=idle_timeout,
         host=f"{spec.host}:{spec.port}",
     )
-    endpoint: Any = HostnameEndpoint(reactor, spec.host, spec.port, timeout=connect_timeout)
-    if spec.use_ssl:
-        endpoint = wrapClientTLS(creator, endpoint)
-    try:
-        await connectProtocol(endpoint, session)
-    except Exception as e:
-        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
+    await connect_to(reactor, spec, creator, session, connect_timeout)
     try:
         await session.greeted
         if not spec.use_ssl:
