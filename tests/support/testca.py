@@ -30,6 +30,11 @@ class PKI:
     cert_pem: bytes
     key_pem: bytes
 
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the server certificate, hex (for pinning)."""
+        return x509.load_pem_x509_certificate(self.cert_pem).fingerprint(hashes.SHA256()).hex()
+
     def client_options(self, hostname: str = "localhost") -> IOpenSSLClientConnectionCreator:
         """Client TLS options that trust only this CA and check `hostname`."""
         return ssl.optionsForClientTLS(hostname, trustRoot=ssl.Certificate.loadPEM(self.ca_pem))
@@ -58,10 +63,15 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @functools.cache
 def shared_pki() -> PKI:
-    """The process-wide test CA and its `localhost` server certificate."""
+    """The process-wide test CA and its `localhost` (and 127.0.0.1) server certificate."""
+    return make_pki("Mailcore Test CA", ip_addresses=("127.0.0.1",))
+
+
+def make_pki(ca_common_name: str, *, ip_addresses: tuple[str, ...] = ()) -> PKI:
+    """A fresh CA and a server certificate it signed for DNS:localhost plus `ip_addresses`."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Mailcore Test CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_common_name)])
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -95,7 +105,8 @@ def shared_pki() -> PKI:
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost")]
+                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
             ),
             critical=False,
         )
