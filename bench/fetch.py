@@ -1,0 +1,519 @@
+"""Fetch benchmark: our IMAP sync next to mbsync on the same Dovecot, and the IMAP2API under wrk.
+
+1. A private Dovecot (127.0.0.1, STARTTLS with a test CA) gets 20,000 messages of about 4 KiB
+   in one INBOX, written as Maildir files and indexed with `doveadm index`; Dovecot's size
+   cache is then warmed so that neither client pays for it.
+2. `twistd -n mailcore` on a temp data dir (SQLite) syncs that INBOX through
+   `POST /api/imap-servers/{id}/sync/` (polling the server object past the request's wait),
+   and `mbsync` (isync, its defaults: FSync on) copies the same INBOX into a Maildir over
+   STARTTLS. Both rates in messages/s and our ratio to mbsync; then each resyncs with nothing
+   new, timed.
+3. The daemon stops; this script fills the same store with more messages through the message
+   store's own batch transaction (rows, threads, full-text index; each variant parsed once)
+   until it holds 100,000; the daemon starts again and `wrk` measures `GET /api/emails/`
+   (page 1, newest first), a search for a word in about 2% of the messages, and a search
+   for a rare word: requests/s, p50 and p99 latency.
+
+Needs dovecot-imapd, isync (mbsync) and wrk (apt-get install dovecot-imapd isync wrk).
+Options: --messages N (20000), --store N (100000), --duration S (8), --connections N (16),
+--keep (leave the temp dir). Prints a table; exits 0 unless a step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PYTHON = sys.executable
+
+USER = "alice"
+PASSWORD = "bench-Pa55word"  # noqa: S105 (a throwaway user of a temp store)
+RARE = "quokka"  # in about 1 message in 1000
+COMMON = "invoice"  # in about 2 messages in 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"exited early ({proc.returncode}): {proc.args!r}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {timeout}s: {proc.args!r}")
+
+
+def need(name: str, package: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise SystemExit(f"{name} not found: apt-get install {package}")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    return e
+
+
+# -- the mail ----------------------------------------------------------------------------------
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "te", "vi", "do", "pe", "zu", "ba", "ri",
+              "go", "fa", "chu", "lin", "mor", "tes", "quan"]
+
+
+def vocabulary(size: int = 4000) -> list[str]:
+    rng = random.Random(7)
+    words: set[str] = set()
+    while len(words) < size:
+        words.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))))
+    return sorted(words)
+
+
+def make_message(n: int, words: list[str], size: int = 4096) -> bytes:
+    """Message `n`: about `size` bytes, every 10th starts a thread the next nine answer."""
+    rng = random.Random(n)
+    root = n - n % 10
+    subject_words = " ".join(rng.choice(words) for _ in range(4))
+    if n % 50 == 0:
+        subject_words += f" {COMMON}"
+    subject = f"Re: Topic {root} {subject_words}" if n != root else f"Topic {root} {subject_words}"
+    day = 1 + n % 28
+    headers = [
+        f"From: Sender {n % 97} <sender{n % 97}@example.test>",
+        "To: Bench Owner <owner@example.test>",
+        f"Subject: {subject}",
+        f"Message-ID: <bench-{n}@bench.test>",
+        f"Date: {day:02d} Oct 2024 {n % 24:02d}:{n % 60:02d}:{(n // 60) % 60:02d} +0000",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+    ]
+    if n != root:
+        headers.append(f"In-Reply-To: <bench-{n - 1}@bench.test>")
+        headers.append("References: " + " ".join(f"<bench-{k}@bench.test>"
+                                                 for k in range(root, n)))
+    head = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii")
+    lines = [f"Message {n} token{n}x."]
+    if n % 1000 == 7:
+        lines.append(f"A {RARE} was seen.")
+    line: list[str] = []
+    length = len(head) + sum(len(x) + 2 for x in lines)
+    while length < size - 2:
+        word = rng.choice(words)
+        line.append(word)
+        length += len(word) + 1
+        if len(line) == 12:
+            lines.append(" ".join(line))
+            line = []
+            length += 1
+    if line:
+        lines.append(" ".join(line))
+    return head + "\r\n".join(lines).encode("ascii") + b"\r\n"
+
+
+# -- Dovecot -----------------------------------------------------------------------------------
+
+
+class Dovecot:
+    """The test suite's Dovecot configuration, started here as a plain subprocess."""
+
+    def __init__(self, directory: Path) -> None:
+        from tests.support.dovecot import DovecotServer
+
+        self.server = DovecotServer(directory)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        s = self.server
+        s.write_config()
+        self.proc = subprocess.Popen(
+            [s.dovecot, "-F", "-c", str(s.config_path)], stdout=subprocess.DEVNULL,
+            stderr=(s.dir / "dovecot.err").open("wb"),
+        )
+        wait_port(s.imap, self.proc)
+
+    def fill(self, count: int) -> float:
+        """Write `count` messages into alice's INBOX and index them; returns seconds."""
+        words = vocabulary()
+        started = time.monotonic()
+        batch = 2000
+        for start in range(0, count, batch):
+            raws = [make_message(n, words) for n in range(start, min(count, start + batch))]
+            self.server.add_messages(USER, "INBOX", raws, index=False)
+        self.server.index(USER, "INBOX")
+        elapsed = time.monotonic() - started
+        # Warm Dovecot's size cache, which the first client to ask RFC822.SIZE would fill.
+        self.server.doveadm_run("fetch", "-u", USER, "size.virtual", "mailbox", "INBOX", "all")
+        return elapsed
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- mbsync ------------------------------------------------------------------------------------
+
+
+def mbsync_config(dovecot: Dovecot, directory: Path) -> Path:
+    s = dovecot.server
+    ca = directory / "ca.pem"
+    ca.write_bytes(s.pki.ca_pem)
+    maildir = directory / "mbsync-maildir"
+    maildir.mkdir()
+    config = directory / "mbsyncrc"
+    config.write_text(
+        f"IMAPAccount bench\nHost localhost\nPort {s.imap}\nUser {USER}\n"
+        f"Pass {s.PASSWORD}\nSSLType STARTTLS\nCertificateFile {ca}\n\n"
+        "IMAPStore remote\nAccount bench\n\n"
+        f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\n\n"
+        "Channel bench\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Near\n"
+        "Sync Pull\nSyncState *\n"
+    )
+    return config
+
+
+def run_mbsync(mbsync: str, config: Path) -> float:
+    started = time.monotonic()
+    result = subprocess.run([mbsync, "-q", "-c", str(config), "-a"], capture_output=True,
+                            check=False)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise SystemExit(f"mbsync failed: {result.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+class Daemon:
+    """`twistd -n mailcore` on a temp data dir, without rate limits or periodic syncs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.data = directory / "data"
+        self.http = free_port()
+        self.smtp = free_port()
+        self.config = directory / "mailcore.toml"
+        self.config.write_text(
+            '[web]\nimap2api_user_rate = "1000000000/hour"\nimap2api_sync_wait = 5\n'
+            'login_rate = 0\n\n[fetch]\nsync_interval = 86400\ntick = 3600\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = f"http://127.0.0.1:{self.http}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(Path(PYTHON).parent / "twistd"), "-n", "--pidfile=", "-l",
+             str(self.dir / "twistd.log"), "mailcore", "--data-dir", str(self.data), "-c",
+             str(self.config), "--http", f"tcp:{self.http}:interface=127.0.0.1",
+             "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1"],
+            env=env(), cwd=self.dir, stdout=subprocess.DEVNULL,
+            stderr=(self.dir / "twistd.err").open("ab"),
+        )
+        wait_port(self.http, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [PYTHON, "-m", "mailcore.cli", "--data-dir", str(self.data), "-c",
+             str(self.config), *args], env=env(), capture_output=True, check=False,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"mailcore {' '.join(args)}: {result.stderr.decode()}")
+        return result.stdout.decode()
+
+    def call(self, method: str, path: str, token: str | None = None,
+             body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(  # noqa: S310 (our own http://127.0.0.1 base)
+            self.base + path, data=data, method=method
+        )
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if token:
+            request.add_header("Authorization", f"Token {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:  # noqa: S310
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+
+def iso_seconds(value: str) -> float:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def sync(daemon: Daemon, token: str, server_id: int) -> tuple[float, float, int]:
+    """(wall seconds, server-side seconds, new messages) of one sync through the API."""
+    started = time.monotonic()
+    status, body = daemon.call("POST", f"/api/imap-servers/{server_id}/sync/", token)
+    if status not in (200, 202):
+        raise SystemExit(f"sync failed: {status} {body}")
+    while True:
+        _, server = daemon.call("GET", f"/api/imap-servers/{server_id}/", token)
+        if server["sync_status"] != "running":
+            break
+        time.sleep(0.05)
+    wall = time.monotonic() - started
+    if server["sync_status"] != "success":
+        raise SystemExit(f"sync ended in {server['sync_status']}: {server['sync_error']}")
+    inside = iso_seconds(server["last_sync"]) - iso_seconds(server["sync_started_at"])
+    new = body.get("new_messages", server["sync_progress"]["done"]) if status == 200 else (
+        server["sync_progress"]["done"])
+    return wall, inside, int(new)
+
+
+# -- filling the store -------------------------------------------------------------------------
+
+
+def fill_store(data_dir: Path, username: str, account_id: int, first: int, count: int) -> None:
+    """In a child process: store `count` more messages through the message store's batch
+    transaction. Each of 500 template messages is parsed once; the others are variants
+    (their own Message-ID, subject number, bytes and hash), stored with their own rows,
+    threads and full-text entries."""
+    from sqlalchemy import select
+    from twisted.internet import defer, task
+
+    from mailcore.messages.models import FetchedMessage, Location
+    from mailcore.messages.parse import parse_message
+    from mailcore.messages.store import thd_store_batch
+    from mailcore.store import Database
+    from mailcore.store.schema import users
+
+    words = vocabulary()
+    templates = [(raw, parse_message(raw)) for raw in
+                 (make_message(n, words) for n in range(first, first + 500))]
+
+    async def run(reactor: Any) -> None:
+        db = Database(f"sqlite:///{(data_dir / 'mailcore.sqlite').resolve()}", reactor,
+                      max_threads=1)
+        await db.open()
+        user_id = await db.read("bench_user", lambda conn: conn.execute(
+            select(users.c.id).where(users.c.username == username)).scalar_one())
+        where = Location(user_id=user_id, account_id=account_id, folder_id=None,
+                         folder="Archive")
+        now = datetime.datetime.now(datetime.UTC)
+        batch: list[tuple[FetchedMessage, Any]] = []
+        for i in range(count):
+            n = first + i
+            raw, parsed = templates[i % len(templates)]
+            old_id = f"<bench-{first + i % len(templates)}@bench.test>"
+            new_id = f"<bench-{n}@bench.test>"
+            variant = raw.replace(old_id.encode(), new_id.encode(), 1)
+            if i % 10 == 0:
+                refs: list[str] = []
+            else:
+                refs = [f"<bench-{n - 1}@bench.test>"]
+            copy = dataclasses.replace(
+                parsed, sha256=hashlib.sha256(variant).hexdigest(), size=len(variant),
+                message_id=new_id, in_reply_to=refs[0] if refs else "", references=refs,
+                subject=re.sub(r"Topic \d+", f"Topic {n - n % 10}", parsed.subject),
+                date=(parsed.date or now) - datetime.timedelta(days=30 + i % 700),
+            )
+            batch.append((FetchedMessage(raw=variant), copy))
+            if len(batch) == 1000 or i == count - 1:
+                await db.run("bench_store_batch", thd_store_batch, where, batch, now)
+                batch = []
+        await db.close()
+
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, float]:
+    binary = need("wrk", "wrk")
+    result = subprocess.run(
+        [binary, "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-H", f"Authorization: Token {token}", url],
+        capture_output=True, check=False, text=True,
+    )
+    out = result.stdout
+    if result.returncode != 0:
+        raise SystemExit(f"wrk failed: {result.stderr}")
+    stats = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": _ms(re.search(r"\s50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p99": _ms(re.search(r"\s99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "errors": 0.0,
+    }
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if bad:
+        stats["errors"] = float(bad.group(1))
+    return stats
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--store", type=int, default=100000)
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--fill-store", nargs=5, metavar=("DATA", "USER", "ACCOUNT", "FIRST",
+                                                          "COUNT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.fill_store:
+        data, user, account, first, count = args.fill_store
+        fill_store(Path(data), user, int(account), int(first), int(count))
+        return 0
+
+    mbsync = need("mbsync", "isync")
+    need("wrk", "wrk")
+    need("dovecot", "dovecot-imapd")
+    base = Path(tempfile.mkdtemp(prefix="mailcore-bench-fetch-"))
+    base.chmod(0o755)
+    (base / "dovecot").mkdir()
+    (base / "dovecot").chmod(0o755)
+    (base / "daemon").mkdir()
+    dovecot = Dovecot(base / "dovecot")
+    daemon = Daemon(base / "daemon")
+    rows: list[tuple[str, str]] = []
+    total_started = time.monotonic()
+    try:
+        dovecot.start()
+        print(f"filling Dovecot with {args.messages} messages ...", flush=True)
+        filled = dovecot.fill(args.messages)
+        rows.append(("Dovecot fill (Maildir files + doveadm index)", f"{filled:.1f} s"))
+
+        daemon.start()
+        daemon.cli("user", "add", USER, "--email", "alice@bench.test", "--password", PASSWORD)
+        status, body = daemon.call("POST", "/api-token-auth/", None,
+                                   {"username": USER, "password": PASSWORD})
+        token = body["token"]
+        s = dovecot.server
+        status, server = daemon.call("POST", "/api/imap-servers/", token, {
+            "name": "bench", "host": "localhost", "port": s.imap, "username": USER,
+            "password": s.PASSWORD, "use_ssl": False, "start_tls": True,
+            "tls_ca_pem": s.pki.ca_pem.decode(), "folders_to_sync": "INBOX",
+        })
+        if status != 201:
+            raise SystemExit(f"cannot create the IMAP server: {status} {server}")
+
+        print("initial sync: mailcore ...", flush=True)
+        wall, inside, new = sync(daemon, token, server["id"])
+        if new != args.messages:
+            raise SystemExit(f"mailcore synced {new} messages, expected {args.messages}")
+        ours = args.messages / wall
+        print("initial sync: mbsync ...", flush=True)
+        config = mbsync_config(dovecot, base)
+        theirs_s = run_mbsync(mbsync, config)
+        copied = len(list((base / "mbsync-maildir" / "INBOX" / "cur").iterdir())) + len(
+            list((base / "mbsync-maildir" / "INBOX" / "new").iterdir()))
+        if copied != args.messages:
+            raise SystemExit(f"mbsync copied {copied} messages, expected {args.messages}")
+        theirs = args.messages / theirs_s
+        rows.append(("initial sync, mailcore (API request to done)",
+                     f"{ours:,.0f} msg/s ({wall:.1f} s; {args.messages / inside:,.0f} msg/s "
+                     "inside the engine)"))
+        rows.append(("initial sync, mbsync (FSync on, its default)",
+                     f"{theirs:,.0f} msg/s ({theirs_s:.1f} s)"))
+        rows.append(("ratio mailcore / mbsync", f"{ours / theirs:.2f}"))
+
+        re_wall, re_inside, re_new = sync(daemon, token, server["id"])
+        if re_new != 0:
+            raise SystemExit(f"the resync found {re_new} new messages")
+        rows.append(("resync, nothing new: mailcore", f"{re_wall:.3f} s (engine "
+                                                       f"{re_inside:.3f} s)"))
+        rows.append(("resync, nothing new: mbsync", f"{run_mbsync(mbsync, config):.3f} s"))
+
+        daemon.stop()
+        more = max(0, args.store - args.messages)
+        print(f"filling the store to {args.store} messages ...", flush=True)
+        started = time.monotonic()
+        subprocess.run([PYTHON, __file__, "--fill-store", str(daemon.data), USER,
+                        str(server["id"]), str(args.messages), str(more)],
+                       env=env(), check=True)
+        fill_s = time.monotonic() - started
+        rows.append((f"store fill +{more} (message store batches)",
+                     f"{fill_s:.1f} s ({more / max(fill_s, 1e-9):,.0f} msg/s)"))
+        daemon.start()
+        _, page = daemon.call("GET", "/api/emails/?page_size=1", token)
+        if page["count"] != args.store:
+            raise SystemExit(f"the store holds {page['count']} messages, not {args.store}")
+        _, hits = daemon.call("GET", f"/api/emails/?q={COMMON}&page_size=1", token)
+        _, rare = daemon.call("GET", f"/api/emails/?q={RARE}&page_size=1", token)
+        for label, path in [
+            (f"GET /api/emails/ ({args.store:,} stored)", "/api/emails/"),
+            (f"search q={COMMON} ({hits['count']:,} hits)", f"/api/emails/?q={COMMON}"),
+            (f"search q={RARE} ({rare['count']:,} hits)", f"/api/emails/?q={RARE}"),
+        ]:
+            print(f"wrk: {label} ...", flush=True)
+            wrk(daemon.base + path, token, 2, args.connections)  # warm up
+            stats = wrk(daemon.base + path, token, args.duration, args.connections)
+            errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
+            rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
+                                f"p99 {stats['p99']:.1f} ms{errors}"))
+    finally:
+        daemon.stop()
+        dovecot.stop()
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, True)
+
+    width = max(len(label) for label, _ in rows)
+    print()
+    print(f"Fetch benchmark: {args.messages:,} messages of ~4 KiB, wrk -t2 "
+          f"-c{args.connections} -d{args.duration}s, {os.cpu_count()} CPUs, "
+          f"{time.monotonic() - total_started:.0f} s in all")
+    for label, value in rows:
+        print(f"  {label.ljust(width)}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,590 @@
+"""Simple IMAP2API (seed 001) over StubTreq: the requests of the seed's Postman collection,
+search, filters, ordering, DRF pagination and errors, rate limits, CORS, and ownership."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.engine import SyncResult
+from tests.support.imap2api import Client, client, config, mail, store
+from tests.support.web import BASE, Web, header
+from web.imap2api import Imap2ApiApp
+
+GMAIL = {
+    "name": "My Gmail",
+    "host": "imap.gmail.com",
+    "port": 993,
+    "username": "user@gmail.com",
+    "password": "your-password",
+    "use_ssl": True,
+    "sync_limit_type": "days",
+    "sync_limit_value": 30,
+    "folders_to_sync": "INBOX,Sent",
+    "exclude_trash": True,
+}
+SEED_SERVER_FIELDS = {
+    "id", "name", "host", "port", "username", "use_ssl", "sync_limit_type",
+    "sync_limit_value", "folders_to_sync", "exclude_trash", "last_sync",
+}
+SEED_EMAIL_FIELDS = {
+    "id", "message_id", "subject", "sender", "recipient", "date", "folder", "thread_id",
+    "thread_count",
+}
+SEED_THREAD_EMAIL_FIELDS = {
+    "id", "subject", "sender", "recipient", "date", "body_text", "body_html", "folder",
+}
+
+
+async def setup(**web: Any) -> tuple[Web, Client]:
+    w = Web.build(config(web=web or None))
+    return w, await client(w)
+
+
+class PostmanCollectionTests(TestCase):
+    """Each request of the seed's collection, in its order, with the seed's shapes."""
+
+    async def test_imap_servers_list_create_update_delete(self) -> None:
+        web, alice = await setup()
+        self.assertEqual(await alice.ok("GET", "/api/imap-servers/"),
+                         {"count": 0, "next": None, "previous": None, "results": []})
+
+        status, headers, created = await alice.call("POST", "/api/imap-servers/", json=GMAIL)
+        self.assertEqual(status, 201, created)
+        self.assertLessEqual(SEED_SERVER_FIELDS, set(created))
+        self.assertNotIn("password", created)
+        self.assertNotIn("your-password", repr(created))
+        self.assertEqual(
+            {k: created[k] for k in GMAIL if k != "password"},
+            {k: v for k, v in GMAIL.items() if k != "password"},
+        )
+        self.assertIsNone(created["last_sync"])
+        self.assertEqual(created["sync_status"], "never")
+        server_id = created["id"]
+        self.assertEqual(header(headers, "Location"), f"{BASE}/api/imap-servers/{server_id}/")
+
+        listing = await alice.ok("GET", "/api/imap-servers/")
+        self.assertEqual(listing["count"], 1)
+        self.assertEqual(listing["results"], [created])
+
+        # The seed's PUT is partial: only the fields given change.
+        updated = await alice.ok("PUT", f"/api/imap-servers/{server_id}/", json={
+            "name": "Updated Gmail", "sync_limit_type": "weeks", "sync_limit_value": 2,
+        })
+        self.assertEqual((updated["name"], updated["sync_limit_type"],
+                          updated["sync_limit_value"]), ("Updated Gmail", "weeks", 2))
+        self.assertEqual(updated["host"], "imap.gmail.com")
+        patched = await alice.ok("PATCH", f"/api/imap-servers/{server_id}/",
+                                 json={"exclude_trash": False})
+        self.assertIs(patched["exclude_trash"], False)
+        self.assertEqual(patched["name"], "Updated Gmail")
+        self.assertEqual(await alice.ok("GET", f"/api/imap-servers/{server_id}/"), patched)
+
+        # A new password is accepted, stored encrypted and never shown.
+        await alice.ok("PUT", f"/api/imap-servers/{server_id}/", json={"password": "n3w"})
+        _, clear = await web.core.fetch.accounts.credentials(server_id)
+        self.assertEqual(clear, "n3w")
+
+        status, _, body = await alice.call("DELETE", f"/api/imap-servers/{server_id}/")
+        self.assertEqual((status, body), (204, b""))
+        status, _, body = await alice.call("GET", f"/api/imap-servers/{server_id}/")
+        self.assertEqual((status, body), (404, {"detail": "Not found."}))
+
+    async def test_every_route_also_answers_under_v1(self) -> None:
+        web, alice = await setup()
+        created = await alice.ok("POST", "/api/v1/imap-servers/", 201, json=GMAIL)
+        await store(web, alice.user.id, [mail(1)], account_id=created["id"])
+        for path in ("/api/v1/imap-servers/", f"/api/v1/imap-servers/{created['id']}/",
+                     "/api/v1/emails/", "/api/v1/emails/threads/", "/api/v1/emails/folders/",
+                     "/api/v1/emails/statistics/", "/api/v1/emails/1/",
+                     "/api/v1/emails/1/thread/", "/api/v1/webhooks/"):
+            status, _, body = await alice.call("GET", path)
+            self.assertEqual(status, 200, (path, body))
+
+    async def test_emails_list_details_thread_threads_folders_statistics(self) -> None:
+        web, alice = await setup()
+        ids = await store(web, alice.user.id, [
+            mail(1, subject="Original Email", body="Original content"),
+            mail(2, subject="Re: Original Email", body="Reply content", reply_to=1),
+            mail(3, subject="Re: Original Email", body="Second reply", reply_to=2),
+        ])
+        await store(web, alice.user.id, [mail(4, subject="Lone")], folder="Sent")
+
+        listing = await alice.ok("GET", "/api/emails/")
+        self.assertEqual(listing["count"], 4)
+        self.assertEqual([e["id"] for e in listing["results"]], [ids[2] + 1, *ids[::-1]])
+        first = listing["results"][1]
+        self.assertLessEqual(SEED_EMAIL_FIELDS, set(first))
+        self.assertEqual(first["message_id"], "<m-3@test>")
+        self.assertRegex(first["thread_id"], r"^thread-\d+$")
+        self.assertEqual(first["thread_count"], 3)
+        self.assertEqual(first["date"], "2024-11-01T12:03:00Z")
+
+        detail = await alice.ok("GET", f"/api/emails/{ids[0]}/")
+        self.assertEqual(detail["body_text"].strip(), "Original content")
+        self.assertEqual(detail["in_reply_to"], "")
+        self.assertEqual(detail["thread_id"], first["thread_id"])
+        for key in ("created_at", "updated_at", "body_html"):
+            self.assertIn(key, detail)
+        self.assertEqual([t["id"] for t in detail["thread_emails"]], ids[1:])
+        self.assertLessEqual(SEED_THREAD_EMAIL_FIELDS, set(detail["thread_emails"][0]))
+        self.assertEqual(detail["thread_emails"][0]["body_text"].strip(), "Reply content")
+        reply = await alice.ok("GET", f"/api/emails/{ids[1]}/")
+        self.assertEqual(reply["in_reply_to"], "<m-1@test>")
+
+        thread = await alice.ok("GET", f"/api/emails/{ids[2]}/thread/")
+        self.assertEqual([t["id"] for t in thread], ids)
+        self.assertEqual(thread[0]["subject"], "Original Email")
+
+        threads = await alice.ok("GET", "/api/emails/threads/")
+        self.assertEqual(threads["count"], 2)
+        self.assertEqual({(t["subject"], t["thread_count"]) for t in threads["results"]},
+                         {("Re: Original Email", 3), ("Lone", 1)})
+
+        self.assertEqual(await alice.ok("GET", "/api/emails/folders/"), ["INBOX", "Sent"])
+        self.assertEqual(await alice.ok("GET", "/api/emails/statistics/"), {
+            "total_emails": 4, "total_threads": 2, "folders": {"INBOX": 3, "Sent": 1},
+        })
+
+
+class SyncEndpointTests(TestCase):
+    """POST /api/imap-servers/{id}/sync/ against an engine whose sync we control."""
+
+    timeout = 10
+
+    async def prepare(self) -> tuple[Web, Client, int, list[Deferred[SyncResult]]]:
+        web, alice = await setup(imap2api_sync_wait=25)
+        server = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        app = cast(Imap2ApiApp, web.root.apps["imap2api"])
+        started: list[Deferred[SyncResult]] = []
+
+        class Engine:
+            """Stands in for the sync engine: the test fires each sync's Deferred."""
+
+            def __init__(self) -> None:
+                self.cancelled: list[int] = []
+
+            def sync(self, account_id: int) -> Deferred[SyncResult]:
+                d: Deferred[SyncResult] = Deferred(lambda _: self.cancelled.append(account_id))
+                started.append(d)
+                return d
+
+        app.engine = Engine()  # type: ignore[assignment]
+        return web, alice, server["id"], started
+
+    def result(self, web: Web, account_id: int, user_id: int, **kw: Any) -> SyncResult:
+        now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
+        return SyncResult(account_id=account_id, user_id=user_id, started_at=now,
+                          finished_at=now, **kw)
+
+    async def test_a_completed_sync_answers_the_seeds_success(self) -> None:
+        web, alice, server_id, started = await self.prepare()
+        reply = Deferred.fromCoroutine(alice.call("POST", f"/api/imap-servers/{server_id}/sync/"))
+        self.assertFalse(reply.called)  # it waits for the sync
+        started[0].callback(self.result(web, server_id, alice.user.id, status="success",
+                                        new_messages=7))
+        web.http.flush()  # StubTreq delivers a reply written after the request returned
+        status, _, body = await reply
+        self.assertEqual((status, body), (200, {"status": "success",
+                                                "message": "Email sync completed",
+                                                "new_messages": 7}))
+
+    async def test_a_long_sync_answers_202_and_shows_progress_then_finishes(self) -> None:
+        web, alice, server_id, started = await self.prepare()
+        await web.core.fetch.accounts.set_status(
+            server_id, sync_status="running", progress_folder="INBOX", progress_done=120,
+            progress_total=500,
+        )
+        reply = Deferred.fromCoroutine(alice.call("POST", f"/api/imap-servers/{server_id}/sync/"))
+        web.clock.advance(24.9)
+        self.assertFalse(reply.called)
+        web.clock.advance(0.2)
+        web.http.flush()
+        status, headers, body = await reply
+        self.assertEqual(status, 202)
+        self.assertEqual(body["status"], "running")
+        self.assertEqual(body["imap_server"]["sync_progress"],
+                         {"folder": "INBOX", "done": 120, "total": 500})
+        self.assertEqual(header(headers, "Location"), f"{BASE}/api/imap-servers/{server_id}/")
+        server = await alice.ok("GET", f"/api/imap-servers/{server_id}/")
+        self.assertEqual(server["sync_status"], "running")
+        # The sync goes on (it is not cancelled because the request stopped waiting).
+        engine: Any = cast(Imap2ApiApp, web.root.apps["imap2api"]).engine
+        self.assertEqual(engine.cancelled, [])
+        started[0].callback(self.result(web, server_id, alice.user.id, status="success"))
+        self.assertEqual(web.clock.getDelayedCalls(), [])
+
+    async def test_a_failed_sync_is_a_502_with_the_reason(self) -> None:
+        web, alice, server_id, started = await self.prepare()
+        reply = Deferred.fromCoroutine(alice.call("POST", f"/api/imap-servers/{server_id}/sync/"))
+        started[0].callback(self.result(web, server_id, alice.user.id, status="error",
+                                        error="login refused: [AUTHENTICATIONFAILED]"))
+        web.http.flush()
+        status, _, body = await reply
+        self.assertEqual(status, 502)
+        self.assertEqual(body["status"], "error")
+        self.assertIn("login refused", body["detail"])
+        self.assertEqual(body["message"], body["detail"])
+
+    async def test_sync_of_an_unknown_or_foreign_server_is_404(self) -> None:
+        web, alice, server_id, started = await self.prepare()
+        bob = await client(web, "bob")
+        for who, path in ((bob, f"/api/imap-servers/{server_id}/sync/"),
+                          (alice, "/api/imap-servers/999/sync/")):
+            status, _, body = await who.call("POST", path)
+            self.assertEqual((status, body), (404, {"detail": "Not found."}))
+        self.assertEqual(started, [])
+
+
+class ServerInputTests(TestCase):
+    async def test_required_fields_and_drf_messages(self) -> None:
+        _, alice = await setup()
+        status, _, body = await alice.call("POST", "/api/imap-servers/", json={"name": "x"})
+        self.assertEqual(status, 400)
+        self.assertEqual(body, {"host": ["This field is required."],
+                                "username": ["This field is required."],
+                                "password": ["This field is required."]})
+
+    async def test_bad_values_name_their_field(self) -> None:
+        _, alice = await setup()
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"port": "nine"}, "port"),
+            ({"port": 70000}, "port"),
+            ({"use_ssl": "maybe"}, "use_ssl"),
+            ({"sync_limit_type": "years"}, "sync_limit_type"),
+            ({"sync_limit_type": "days", "sync_limit_value": 0}, "sync_limit_value"),
+            ({"use_ssl": True, "start_tls": True}, "start_tls"),
+            ({"tls_fingerprint": "abc"}, "tls_fingerprint"),
+            ({"host": "bad host!"}, "host"),
+        ]
+        for change, field in cases:
+            status, _, body = await alice.call("POST", "/api/imap-servers/",
+                                               json={**GMAIL, **change})
+            self.assertEqual(status, 400, change)
+            self.assertEqual(list(body), [field], change)
+            self.assertIsInstance(body[field][0], str)
+
+    async def test_form_bodies_work_and_use_ssl_defaults_to_true(self) -> None:
+        _, alice = await setup()
+        body = await alice.ok("POST", "/api/imap-servers/", 201, data={
+            "name": "Form", "host": "mail.example.test", "username": "u", "password": "p",
+            "folders_to_sync": "INBOX",
+        })
+        self.assertEqual((body["use_ssl"], body["port"]), (True, 993))
+        tls = await alice.ok("POST", "/api/imap-servers/", 201, json={
+            "host": "mail.example.test", "username": "u", "password": "p", "start_tls": True,
+        })
+        self.assertEqual((tls["use_ssl"], tls["start_tls"], tls["port"]), (False, True, 143))
+
+    async def test_unknown_and_read_only_fields_are_ignored(self) -> None:
+        _, alice = await setup()
+        body = await alice.ok("POST", "/api/imap-servers/", 201,
+                              json={**GMAIL, "id": 77, "last_sync": "2020-01-01T00:00:00Z",
+                                    "owner": "mallory"})
+        self.assertNotEqual(body["id"], 77)
+        self.assertIsNone(body["last_sync"])
+
+    async def test_a_json_array_body_is_a_400(self) -> None:
+        _, alice = await setup()
+        status, _, body = await alice.call("POST", "/api/imap-servers/", json=[1, 2])
+        self.assertEqual(status, 400)
+        self.assertIn("detail", body)
+
+
+class OwnershipTests(TestCase):
+    async def test_another_users_objects_are_404_and_never_listed(self) -> None:
+        web, alice = await setup()
+        bob = await client(web, "bob")
+        server = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        [email] = await store(web, alice.user.id, [mail(1)], account_id=server["id"])
+        hook = await alice.ok("POST", "/api/webhooks/", 201,
+                              json={"url": "https://hooks.example.com/in"})
+        for method, path in [
+            ("GET", f"/api/imap-servers/{server['id']}/"),
+            ("PUT", f"/api/imap-servers/{server['id']}/"),
+            ("PATCH", f"/api/imap-servers/{server['id']}/"),
+            ("DELETE", f"/api/imap-servers/{server['id']}/"),
+            ("GET", f"/api/emails/{email}/"),
+            ("GET", f"/api/emails/{email}/thread/"),
+            ("GET", f"/api/webhooks/{hook['id']}/"),
+            ("PATCH", f"/api/webhooks/{hook['id']}/"),
+            ("DELETE", f"/api/webhooks/{hook['id']}/"),
+            ("GET", f"/api/webhooks/{hook['id']}/deliveries/"),
+        ]:
+            status, _, body = await bob.call(method, path, json={"name": "mine now"})
+            self.assertEqual((status, body), (404, {"detail": "Not found."}), (method, path))
+        for path in ("/api/imap-servers/", "/api/emails/", "/api/emails/threads/",
+                     "/api/webhooks/", f"/api/emails/?imap_server={server['id']}"):
+            self.assertEqual((await bob.ok("GET", path))["count"], 0, path)
+        self.assertEqual(await bob.ok("GET", "/api/emails/folders/"), [])
+        self.assertEqual((await bob.ok("GET", "/api/emails/statistics/"))["total_emails"], 0)
+        # Alice's objects are untouched.
+        self.assertEqual((await alice.ok("GET", f"/api/imap-servers/{server['id']}/"))["name"],
+                         "My Gmail")
+
+    async def test_a_pop3_account_is_not_an_imap_server(self) -> None:
+        web, alice = await setup()
+        pop = await web.core.fetch.accounts.create(
+            alice.user.id, protocol="pop", host="pop.example.test", username="u", password="p",
+        )
+        self.assertEqual((await alice.ok("GET", "/api/imap-servers/"))["count"], 0)
+        status, _, _ = await alice.call("GET", f"/api/imap-servers/{pop.id}/")
+        self.assertEqual(status, 404)
+
+
+class SearchAndFilterTests(TestCase):
+    async def prepare(self) -> tuple[Web, Client, dict[str, int]]:
+        web, alice = await setup()
+        work = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        home = await alice.ok("POST", "/api/imap-servers/", 201,
+                              json={**GMAIL, "name": "Home", "host": "imap.home.test"})
+        ids: dict[str, int] = {}
+        [ids["budget"]] = await store(web, alice.user.id, [mail(
+            1, subject="Quarterly budget", body="Numbers attached.",
+            sender="Carol <carol@corp.test>", day=datetime.date(2024, 10, 5),
+        )], account_id=work["id"])
+        [ids["pony"]] = await store(web, alice.user.id, [mail(
+            2, subject="Weekend", body="The pony arrives on Saturday.",
+            sender="Dave <dave@home.test>", day=datetime.date(2024, 11, 2),
+        )], folder="Personal", account_id=home["id"])
+        [ids["réunion"]] = await store(web, alice.user.id, [mail(
+            3, subject="Réunion lundi", body="Agenda: budget review.",
+            recipient="Team <team@corp.test>", day=datetime.date(2024, 11, 20),
+        )], account_id=work["id"])
+        ids["work"], ids["home"] = work["id"], home["id"]
+        return web, alice, ids
+
+    async def found(self, alice: Client, query: str) -> list[int]:
+        body = await alice.ok("GET", "/api/emails/" + query)
+        return [e["id"] for e in body["results"]]
+
+    async def test_q_finds_words_in_subjects_bodies_and_addresses(self) -> None:
+        _, alice, ids = await self.prepare()
+        self.assertEqual(await self.found(alice, "?q=pony"), [ids["pony"]])  # body only
+        self.assertEqual(await self.found(alice, "?q=quarterly"), [ids["budget"]])  # subject
+        self.assertEqual(sorted(await self.found(alice, "?q=budget")),
+                         sorted([ids["budget"], ids["réunion"]]))  # subject and body
+        self.assertEqual(await self.found(alice, "?q=carol"), [ids["budget"]])  # sender
+        self.assertEqual(await self.found(alice, "?q=team%40corp.test"), [ids["réunion"]])
+        self.assertEqual(await self.found(alice, "?q=budget+review"), [ids["réunion"]])
+        self.assertEqual(await self.found(alice, "?q=r%C3%A9union"), [ids["réunion"]])
+        self.assertEqual(await self.found(alice, "?q=saturd"), [ids["pony"]])  # prefix
+        self.assertEqual(await self.found(alice, "?q=nothinglikethis"), [])
+        self.assertEqual(await self.found(alice, '?q=%22%29+OR+%2A'), [])  # no FTS syntax
+
+    async def test_filters(self) -> None:
+        _, alice, ids = await self.prepare()
+        self.assertEqual(await self.found(alice, "?folder=Personal"), [ids["pony"]])
+        self.assertEqual(await self.found(alice, f"?imap_server={ids['home']}"), [ids["pony"]])
+        self.assertEqual(await self.found(alice, "?date_from=2024-11-01"),
+                         [ids["réunion"], ids["pony"]])
+        self.assertEqual(await self.found(alice, "?date_to=2024-11-02"),
+                         [ids["pony"], ids["budget"]])  # the whole last day counts
+        self.assertEqual(await self.found(alice, "?date_from=2024-11-01&date_to=2024-11-19"),
+                         [ids["pony"]])
+        self.assertEqual(
+            await self.found(alice, f"?q=budget&imap_server={ids['work']}&date_from=2024-11-01"),
+            [ids["réunion"]],
+        )
+
+    async def test_ordering(self) -> None:
+        _, alice, ids = await self.prepare()
+        newest_first = [ids["réunion"], ids["pony"], ids["budget"]]
+        self.assertEqual(await self.found(alice, ""), newest_first)
+        self.assertEqual(await self.found(alice, "?ordering=-date"), newest_first)
+        self.assertEqual(await self.found(alice, "?ordering=date"), newest_first[::-1])
+        self.assertEqual(await self.found(alice, "?ordering=subject"),
+                         [ids["budget"], ids["réunion"], ids["pony"]])
+        self.assertEqual(await self.found(alice, "?ordering=-sender"),
+                         [ids["pony"], ids["budget"], ids["réunion"]])
+
+    async def test_bad_parameters_are_field_errors(self) -> None:
+        _, alice, _ = await self.prepare()
+        for query, field in [
+            ("?date_from=2024-13-01", "date_from"),
+            ("?date_to=yesterday", "date_to"),
+            ("?date_from=20241101", "date_from"),
+            ("?imap_server=abc", "imap_server"),
+            ("?thread=perhaps", "thread"),
+            ("?ordering=password", "ordering"),
+        ]:
+            status, _, body = await alice.call("GET", "/api/emails/" + query)
+            self.assertEqual(status, 400, query)
+            self.assertEqual(list(body), [field], query)
+        status, _, body = await alice.call("GET", "/api/emails/?date_from=x&thread=x")
+        self.assertEqual((status, set(body)), (400, {"date_from", "thread"}))
+        self.assertEqual(body["date_from"], ["Enter a valid date."])
+
+    async def test_thread_true_shows_one_row_per_thread(self) -> None:
+        web, alice, ids = await self.prepare()
+        [reply] = await store(web, alice.user.id, [mail(9, subject="Re: Quarterly budget",
+                                                        reply_to=1,
+                                                        day=datetime.date(2024, 10, 6))])
+        flat = await alice.ok("GET", "/api/emails/")
+        threaded = await alice.ok("GET", "/api/emails/?thread=true")
+        self.assertEqual((flat["count"], threaded["count"]), (4, 3))
+        self.assertIn(reply, [e["id"] for e in threaded["results"]])
+        self.assertNotIn(ids["budget"], [e["id"] for e in threaded["results"]])
+        row = next(e for e in threaded["results"] if e["id"] == reply)
+        self.assertEqual(row["thread_count"], 2)
+        self.assertEqual((await alice.ok("GET", "/api/emails/?thread=false"))["count"], 4)
+
+
+class PaginationTests(TestCase):
+    async def prepare(self, n: int = 120) -> tuple[Web, Client]:
+        web, alice = await setup()
+        await store(web, alice.user.id, [mail(i) for i in range(n)])
+        return web, alice
+
+    async def test_default_page_is_50_with_absolute_next_and_previous(self) -> None:
+        _, alice = await self.prepare()
+        first = await alice.ok("GET", "/api/emails/")
+        self.assertEqual((first["count"], len(first["results"])), (120, 50))
+        self.assertEqual(first["next"], f"{BASE}/api/emails/?page=2")
+        self.assertIsNone(first["previous"])
+        second = await alice.ok("GET", "/api/emails/?page=2")
+        self.assertEqual(second["previous"], f"{BASE}/api/emails/")
+        self.assertEqual(second["next"], f"{BASE}/api/emails/?page=3")
+        third = await alice.ok("GET", "/api/emails/?page=3")
+        self.assertEqual((len(third["results"]), third["next"]), (20, None))
+        self.assertEqual(third["previous"], f"{BASE}/api/emails/?page=2")
+        seen = [e["id"] for page in (first, second, third) for e in page["results"]]
+        self.assertEqual(len(set(seen)), 120)
+
+    async def test_page_size_keeps_other_parameters_and_is_capped_at_100(self) -> None:
+        _, alice = await self.prepare()
+        body = await alice.ok("GET", "/api/v1/emails/?q=message&page_size=7&folder=INBOX")
+        self.assertEqual(len(body["results"]), 7)
+        self.assertEqual(body["next"],
+                         f"{BASE}/api/v1/emails/?folder=INBOX&page=2&page_size=7&q=message")
+        self.assertEqual(len((await alice.ok("GET", "/api/emails/?page_size=500"))["results"]),
+                         100)
+        for bad in ("0", "-3", "x"):  # as DRF: a bad page_size falls back to the default
+            body = await alice.ok("GET", f"/api/emails/?page_size={bad}")
+            self.assertEqual(len(body["results"]), 50)
+
+    async def test_invalid_pages_are_404_invalid_page(self) -> None:
+        _, alice = await self.prepare()
+        for page in ("0", "-1", "abc", "4", "1.5", "99999999999999"):
+            status, _, body = await alice.call("GET", f"/api/emails/?page={page}")
+            self.assertEqual((status, body), (404, {"detail": "Invalid page."}), page)
+        last = await alice.ok("GET", "/api/emails/?page=last")
+        self.assertEqual(len(last["results"]), 20)
+        self.assertIsNone(last["next"])
+
+    async def test_an_empty_list_has_a_first_page(self) -> None:
+        web = Web.build(config())
+        alice = await client(web)
+        self.assertEqual(await alice.ok("GET", "/api/emails/threads/?page=1"),
+                         {"count": 0, "next": None, "previous": None, "results": []})
+
+    async def test_links_follow_the_host_header_and_scheme(self) -> None:
+        _, alice = await self.prepare()
+        body = await alice.ok("GET", "/api/emails/", headers={"Host": "mail.example.com:8443"})
+        self.assertEqual(body["next"], "http://mail.example.com:8443/api/emails/?page=2")
+        body = await alice.ok("GET", "/api/emails/",
+                              headers={"Host": "evil.test/<script>"})  # not a host: ignored
+        self.assertTrue(body["next"].startswith("http://127.0.0.1"), body["next"])
+
+
+class AuthAndRateLimitTests(TestCase):
+    async def test_every_route_needs_a_token(self) -> None:
+        web, _ = await setup()
+        for method, path in [("GET", "/api/imap-servers/"), ("POST", "/api/imap-servers/"),
+                             ("GET", "/api/emails/"), ("GET", "/api/emails/1/"),
+                             ("POST", "/api/imap-servers/1/sync/"), ("GET", "/api/webhooks/"),
+                             ("GET", "/api/emails/statistics/")]:
+            status, headers, body = await web.call(method, path)
+            self.assertEqual(
+                (status, body),
+                (401, {"detail": "Authentication credentials were not provided."}), path,
+            )
+            self.assertEqual(header(headers, "WWW-Authenticate"), "Token")
+        status, _, body = await web.call("GET", "/api/emails/",
+                                         headers={"Authorization": "Token nope"})
+        self.assertEqual((status, body), (401, {"detail": "Invalid token."}))
+
+    async def test_users_get_1000_an_hour_with_headers_then_429(self) -> None:
+        web, alice = await setup()
+        status, headers, _ = await alice.call("GET", "/api/emails/")
+        self.assertEqual(status, 200)
+        self.assertEqual(header(headers, "X-RateLimit-Limit"), "1000")
+        self.assertEqual(header(headers, "X-RateLimit-Remaining"), "999")
+        reset = int(header(headers, "X-RateLimit-Reset") or 0)
+        self.assertGreater(reset, web.clock.seconds())
+        for _ in range(999):
+            await alice.call("GET", "/api/emails/folders/")
+        status, headers, body = await alice.call("GET", "/api/emails/")
+        self.assertEqual(status, 429)
+        self.assertEqual(header(headers, "X-RateLimit-Remaining"), "0")
+        self.assertEqual(header(headers, "Retry-After"), "4")  # one request per 3.6 s
+        self.assertIn("throttled", body["detail"])
+        web.clock.advance(4)
+        self.assertEqual((await alice.call("GET", "/api/emails/"))[0], 200)
+        # Another user has a bucket of its own.
+        bob = await client(web, "bob")
+        self.assertEqual((await bob.call("GET", "/api/emails/"))[0], 200)
+
+    async def test_anonymous_clients_get_100_an_hour(self) -> None:
+        web, _ = await setup()
+        for _ in range(100):
+            status, headers, _ = await web.call("GET", "/api/emails/")
+            self.assertEqual(status, 401)
+        self.assertEqual(header(headers, "X-RateLimit-Limit"), "100")
+        status, headers, _ = await web.call("GET", "/api/emails/")
+        self.assertEqual(status, 429)
+        self.assertIsNotNone(header(headers, "Retry-After"))
+
+
+class CorsTests(TestCase):
+    async def test_no_cors_headers_by_default(self) -> None:
+        web, alice = await setup()
+        _, headers, _ = await alice.call("GET", "/api/emails/",
+                                         headers={"Origin": "https://app.example.com"})
+        self.assertIsNone(header(headers, "Access-Control-Allow-Origin"))
+        status, headers, _ = await web.call("OPTIONS", "/api/emails/", headers={
+            "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET",
+        })
+        self.assertEqual(status, 200)
+        self.assertIsNone(header(headers, "Access-Control-Allow-Origin"))
+
+    async def test_configured_origins_get_cors_and_preflights_need_no_token(self) -> None:
+        web, alice = await setup(cors_origins=["https://app.example.com"])
+        origin = {"Origin": "https://app.example.com"}
+        status, headers, _ = await web.call("OPTIONS", "/api/imap-servers/1/", headers={
+            **origin, "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        })
+        self.assertEqual(status, 200)
+        self.assertEqual(header(headers, "Access-Control-Allow-Origin"),
+                         "https://app.example.com")
+        self.assertEqual(header(headers, "Access-Control-Allow-Methods"),
+                         "DELETE, GET, HEAD, OPTIONS, PATCH, PUT")
+        self.assertIn("Authorization", header(headers, "Access-Control-Allow-Headers") or "")
+        self.assertIsNone(header(headers, "X-RateLimit-Remaining"))  # not counted
+        self.assertEqual(header(headers, "Vary"), "Origin")
+
+        _, headers, _ = await alice.call("GET", "/api/emails/", headers=origin)
+        self.assertEqual(header(headers, "Access-Control-Allow-Origin"),
+                         "https://app.example.com")
+        self.assertIn("X-RateLimit-Remaining",
+                      header(headers, "Access-Control-Expose-Headers") or "")
+        # Errors carry them too, so a browser can read the 401.
+        _, headers, _ = await web.call("GET", "/api/emails/", headers=origin)
+        self.assertEqual(header(headers, "Access-Control-Allow-Origin"),
+                         "https://app.example.com")
+
+        _, headers, _ = await alice.call("GET", "/api/emails/",
+                                         headers={"Origin": "https://evil.example.net"})
+        self.assertIsNone(header(headers, "Access-Control-Allow-Origin"))
+        status, _, body = await web.call("OPTIONS", "/api/nothing/here/", headers=origin)
+        self.assertEqual((status, body), (404, {"detail": "Not found."}))
+
+    async def test_a_wildcard_allows_any_origin(self) -> None:
+        _, alice = await setup(cors_origins=["*"])
+        _, headers, _ = await alice.call("GET", "/api/emails/",
+                                         headers={"Origin": "https://anything.example"})
+        self.assertEqual(header(headers, "Access-Control-Allow-Origin"), "*")

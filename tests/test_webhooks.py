@@ -1,0 +1,393 @@
+"""Webhooks: settings, the address policy, signatures, the events a sync queues, and the
+background sender (signing, retries with backoff on a Clock, timeouts, 410, the delivery log),
+with receivers behind StubTreq."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import ConfigError
+from mailcore.fetch.engine import SyncResult
+from mailcore.webhooks import (
+    AddressPolicy,
+    WebhookError,
+    WebhookSender,
+    WebhookSettings,
+    sign,
+    verify_signature,
+)
+from tests.support.imap2api import Client, Receiver, client, config, mail, store
+from tests.support.web import Web
+
+HOOK = "https://hooks.example.com/in"
+
+
+class SettingsTests(TestCase):
+    def test_defaults_and_parsing(self) -> None:
+        s = WebhookSettings.from_section({})
+        self.assertEqual((s.allow_loopback, s.allow_private, s.max_attempts), (False, False, 8))
+        s = WebhookSettings.from_section({
+            "allow_loopback": True, "allow_networks": ["10.1.0.0/16"], "timeout": 3,
+            "backoff_base": 1.5, "max_attempts": 2,
+        })
+        self.assertTrue(s.allow_loopback)
+        self.assertEqual(str(s.allow_networks[0]), "10.1.0.0/16")
+        self.assertEqual((s.timeout, s.backoff_base, s.max_attempts), (3.0, 1.5, 2))
+
+    def test_backoff_doubles_up_to_the_maximum(self) -> None:
+        s = WebhookSettings(backoff_base=30, backoff_max=200)
+        self.assertEqual([s.backoff(n) for n in (1, 2, 3, 4, 5)], [30, 60, 120, 200, 200])
+
+    def test_bad_values_are_config_errors(self) -> None:
+        for section in ({"allow_private": "yes"}, {"timeout": 0}, {"max_attempts": 1.5},
+                        {"deny_networks": ["not a net"]}, {"colour": "blue"},
+                        {"concurrency": True}):
+            self.assertRaises(ConfigError, WebhookSettings.from_section, section)
+
+
+class AddressPolicyTests(TestCase):
+    def policy(self, **kw: Any) -> AddressPolicy:
+        return AddressPolicy(WebhookSettings.from_section(kw))
+
+    def test_only_global_addresses_by_default(self) -> None:
+        p = self.policy()
+        for allowed in ("93.184.216.34", "2606:4700::1111"):
+            self.assertTrue(p.allows(allowed), allowed)
+        for refused in ("127.0.0.1", "::1", "10.0.0.5", "192.168.1.1", "172.16.0.1",
+                        "169.254.169.254", "100.64.0.1", "fd00::1", "fe80::1", "0.0.0.0",  # noqa: S104
+                        "224.0.0.1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "not an ip"):
+            self.assertFalse(p.allows(refused), refused)
+
+    def test_the_operator_opens_and_closes_ranges(self) -> None:
+        loopback = self.policy(allow_loopback=True)
+        self.assertTrue(loopback.allows("127.0.0.1"))
+        self.assertTrue(loopback.allows("::ffff:127.0.0.1"))
+        self.assertFalse(loopback.allows("10.0.0.1"))
+        private = self.policy(allow_private=True)
+        self.assertTrue(private.allows("10.0.0.1"))
+        self.assertFalse(private.allows("127.0.0.1"))
+        self.assertFalse(private.allows("0.0.0.0"))  # noqa: S104 (never allowed)
+        some = self.policy(allow_networks=["10.1.2.0/24"], deny_networks=["93.184.0.0/16"])
+        self.assertTrue(some.allows("10.1.2.3"))
+        self.assertFalse(some.allows("10.1.3.3"))
+        self.assertFalse(some.allows("93.184.216.34"))
+        deny_wins = self.policy(allow_loopback=True, deny_networks=["127.0.0.0/8"])
+        self.assertFalse(deny_wins.allows("127.0.0.1"))
+
+    def test_urls(self) -> None:
+        p = self.policy()
+        self.assertEqual(p.check_url(" HTTPS://Hooks.Example.COM:8443/in?x=1#frag "),
+                         "https://hooks.example.com:8443/in?x=1")
+        self.assertEqual(p.check_url("http://bücher.example"), "http://xn--bcher-kva.example/")
+        self.assertEqual(p.check_url("http://[2606:4700::1111]/h"), "http://[2606:4700::1111]/h")
+        for bad in ("ftp://hooks.example.com/", "https://user:pw@hooks.example.com/",
+                    "http:///nohost", "https://hooks.example.com:0/", "javascript:alert(1)",
+                    "http://127.0.0.1/", "http://[::1]:8080/", "http://localhost/",
+                    "http://api.localhost/", "http://2130706433/", "http://0x7f.1/",
+                    "http://10.0.0.1/", "http://hooks .example.com/", "", None, 42,
+                    "https://" + "a" * 2100 + ".com/"):
+            with self.assertRaises(WebhookError, msg=repr(bad)) as caught:
+                p.check_url(bad)
+            self.assertEqual(caught.exception.field, "url")
+        loopback = self.policy(allow_loopback=True)
+        self.assertEqual(loopback.check_url("http://localhost:8080/x"),
+                         "http://localhost:8080/x")
+        self.assertEqual(loopback.check_url("http://127.0.0.1:9/"), "http://127.0.0.1:9/")
+
+
+class SignatureTests(TestCase):
+    def test_a_receiver_verifies_what_we_sign(self) -> None:
+        body = b'{"event":"email.new"}'
+        signature = sign("s3cret-s3cret-s3cret", 1_700_000_000, body)
+        self.assertRegex(signature, r"^sha256=[0-9a-f]{64}$")
+        ok = verify_signature("s3cret-s3cret-s3cret", "1700000000", body, signature,
+                              now=1_700_000_060)
+        self.assertTrue(ok)
+
+    def test_tampering_a_wrong_secret_or_an_old_timestamp_fail(self) -> None:
+        body = b'{"event":"email.new"}'
+        secret = "s3cret-s3cret-s3cret"
+        good = sign(secret, 1_700_000_000, body)
+        now = 1_700_000_010
+        self.assertFalse(verify_signature(secret, "1700000000", body + b" ", good, now=now))
+        self.assertFalse(verify_signature("another-secret-xxxx", "1700000000", body, good,
+                                          now=now))
+        # The timestamp is signed: a replay with a fresh timestamp does not verify ...
+        self.assertFalse(verify_signature(secret, "1700000005", body, good, now=now))
+        # ... and the original is refused once it is old.
+        self.assertFalse(verify_signature(secret, "1700000000", body, good,
+                                          now=1_700_000_000 + 301))
+        self.assertFalse(verify_signature(secret, None, body, good, now=now))
+        self.assertFalse(verify_signature(secret, "1700000000", body, None, now=now))
+
+
+class Setup:
+    """A Web whose webhook sender posts to a StubTreq receiver, on the Web's Clock."""
+
+    def __init__(self, web: Web, alice: Client, receiver: Receiver, sender: WebhookSender):
+        self.web = web
+        self.alice = alice
+        self.receiver = receiver
+        self.sender = sender
+
+    @classmethod
+    async def build(cls, **settings: Any) -> Setup:
+        web = Web.build(config(webhooks={"poll_interval": 1, **settings}))
+        alice = await client(web)
+        receiver = Receiver()
+        sender = WebhookSender(web.core.webhooks, web.clock, StubTreq(receiver))
+        sender.startService()
+        return cls(web, alice, receiver, sender)
+
+    @property
+    def webhooks(self) -> Any:
+        return self.web.core.webhooks
+
+    def result(self, account_id: int | None, **kw: Any) -> SyncResult:
+        now = datetime.datetime.fromtimestamp(self.web.clock.seconds(), datetime.UTC)
+        return SyncResult(account_id=account_id or 0, user_id=self.alice.user.id,
+                          started_at=now - datetime.timedelta(seconds=3), finished_at=now,
+                          status="success", **kw)
+
+    async def log(self, webhook_id: int) -> list[Any]:
+        return list((await self.webhooks.deliveries(self.alice.user.id, webhook_id)).items)
+
+
+class SenderTestCase(TestCase):
+    async def setup(self, **settings: Any) -> Setup:
+        s = await Setup.build(**settings)
+        self.addCleanup(self.stop, s)
+        return s
+
+    async def stop(self, s: Setup) -> None:
+        await s.sender.stopService()
+        self.assertEqual(s.web.clock.getDelayedCalls(), [])
+
+
+class EnqueueTests(SenderTestCase):
+    async def test_a_sync_queues_each_subscribed_event_in_batches_of_100(self) -> None:
+        s = await self.setup()
+        s.sender.stopService()  # nothing is sent: this test reads what was queued
+        uid = s.alice.user.id
+        everything, _ = await s.webhooks.create(uid, url=HOOK)
+        emails_only, _ = await s.webhooks.create(uid, url=HOOK, events=["email.new"])
+        off, _ = await s.webhooks.create(uid, url=HOOK, active=False)
+        bob = await client(s.web, "bob")
+        bobs, _ = await s.webhooks.create(bob.user.id, url=HOOK)
+        raws = [mail(i, reply_to=i - 1 if i % 3 else None) for i in range(150)]
+        ids = await store(s.web, uid, raws)
+        details = [await s.web.core.messages.get_message(uid, i) for i in ids]
+        threads = {d.summary.thread_id for d in details if d.summary.thread_id is not None}
+        self.assertEqual(len(threads), 50)
+
+        result = s.result(None, new_messages=150, new_message_ids=ids, thread_ids=threads)
+        for listener in s.web.core.fetch.engine.listeners:
+            self.assertIsNone(listener(result))
+        await s.webhooks.settle()
+
+        log = await s.log(everything.id)
+        self.assertEqual(sorted(d.event for d in log),
+                         ["email.new", "email.new", "sync.completed", "thread.updated"])
+        self.assertEqual([d.event for d in await s.log(emails_only.id)],
+                         ["email.new", "email.new"])
+        self.assertEqual(await s.log(off.id), [])
+        self.assertEqual(list((await s.webhooks.deliveries(bob.user.id, bobs.id)).items), [])
+
+        emails = [json.loads(d.payload) for d in log if d.event == "email.new"]
+        self.assertEqual(sorted(len(p["data"]["emails"]) for p in emails), [50, 100])
+        shown = {e["id"]: e for p in emails for e in p["data"]["emails"]}
+        self.assertEqual(set(shown), set(ids))
+        listed = await s.alice.ok("GET", f"/api/emails/{ids[4]}/")
+        self.assertEqual(shown[ids[4]], {k: listed[k] for k in shown[ids[4]]})
+
+        [completed] = [json.loads(d.payload) for d in log if d.event == "sync.completed"]
+        self.assertEqual(completed["event"], "sync.completed")
+        self.assertEqual(completed["data"]["status"], "success")
+        self.assertEqual(completed["data"]["new_messages"], 150)
+        [threaded] = [json.loads(d.payload) for d in log if d.event == "thread.updated"]
+        entries = threaded["data"]["threads"]
+        self.assertEqual(len(entries), 50)
+        self.assertEqual({e["thread_count"] for e in entries}, {3})
+        self.assertTrue(all(e["thread_id"] == e["latest_email"]["thread_id"] for e in entries))
+        self.assertEqual({d.status for d in log}, {"pending"})
+        self.assertEqual(len({d.delivery_id for d in log}), 4)
+
+    async def test_no_webhook_means_no_rows_and_a_failed_sync_is_reported(self) -> None:
+        s = await self.setup()
+        self.assertEqual(await s.webhooks.enqueue_sync(s.result(None)), 0)
+        await s.webhooks.create(s.alice.user.id, url=HOOK, events="sync.completed")
+        failed = s.result(7)
+        failed.status, failed.error = "error", "login refused"
+        self.assertEqual(await s.webhooks.enqueue_sync(failed), 1)
+        s.web.clock.advance(0)
+        [(_, body)] = s.receiver.received
+        data = json.loads(body)["data"]
+        self.assertEqual((data["imap_server"], data["status"], data["error"]),
+                         (7, "error", "login refused"))
+
+
+class DeliveryTests(SenderTestCase):
+    async def test_a_delivery_is_signed_and_logged(self) -> None:
+        s = await self.setup()
+        hook, secret = await s.webhooks.create(s.alice.user.id, url=HOOK,
+                                               events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(3, new_messages=2))
+        s.web.clock.advance(0)
+        [(headers, body)] = s.receiver.received
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["x-mailcore-event"], "sync.completed")
+        self.assertTrue(verify_signature(
+            secret, headers["x-mailcore-timestamp"], body, headers["x-mailcore-signature"],
+            now=s.web.clock.seconds(),
+        ))
+        payload = json.loads(body)
+        self.assertEqual(payload["id"], headers["x-mailcore-delivery"])
+        self.assertEqual(payload["data"]["new_messages"], 2)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts, entry.last_status_code,
+                          entry.last_error), ("success", 1, 200, None))
+        self.assertEqual(entry.completed_at, s.web.clock.seconds())
+
+    async def test_failures_are_retried_with_exponential_backoff_then_given_up(self) -> None:
+        s = await self.setup(max_attempts=4, backoff_base=10)
+        s.receiver.codes = [500, 503, 502, 500]
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        start = s.web.clock.seconds()
+        times = [0.0]
+        for wait in (10, 20, 40):
+            s.web.clock.advance(wait - 1)  # the poll runs every second: not yet
+            self.assertEqual(len(s.receiver.received), len(times))
+            s.web.clock.advance(1)
+            self.assertEqual(len(s.receiver.received), len(times) + 1)
+            times.append(s.web.clock.seconds() - start)
+        self.assertEqual(times, [0, 10, 30, 70])
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts, entry.last_status_code),
+                         ("failed", 4, 500))
+        self.assertTrue(entry.last_error.startswith("HTTP 500: boom"), entry.last_error)
+        self.assertLessEqual(len(entry.last_error), 600)  # the answer is cut short
+        s.web.clock.advance(1000)
+        self.assertEqual(len(s.receiver.received), 4)  # given up
+        ids = {h["x-mailcore-delivery"] for h, _ in s.receiver.received}
+        self.assertEqual(len(ids), 1)  # every retry names the same delivery
+
+    async def test_a_receiver_that_recovers_gets_the_delivery(self) -> None:
+        s = await self.setup(backoff_base=5)
+        s.receiver.codes = [500]
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts), ("pending", 1))
+        self.assertEqual(entry.next_attempt_at, s.web.clock.seconds() + 5)
+        s.web.clock.advance(5)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts, entry.last_status_code),
+                         ("success", 2, 200))
+
+    async def test_410_gone_stops_and_disables_the_webhook(self) -> None:
+        s = await self.setup(concurrency=1)
+        s.receiver.codes = [410]
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        entries = await s.log(hook.id)
+        self.assertEqual(sorted(e.status for e in entries), ["cancelled", "failed"])
+        self.assertFalse((await s.webhooks.get(s.alice.user.id, hook.id)).active)
+        self.assertEqual(len(s.receiver.received), 1)
+
+    async def test_a_receiver_that_never_answers_times_out_and_is_retried(self) -> None:
+        s = await self.setup(timeout=10, backoff_base=60)
+        s.receiver.hang = True
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        self.assertEqual(len(s.receiver.received), 1)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts), ("pending", 0))  # in flight
+        s.web.clock.advance(10)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts, entry.last_error),
+                         ("pending", 1, "no answer within 10 s"))
+        self.assertEqual(entry.next_attempt_at, s.web.clock.seconds() + 60)
+
+    async def test_at_most_concurrency_attempts_at_once(self) -> None:
+        s = await self.setup(concurrency=2, timeout=30)
+        s.receiver.hang = True
+        await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        for _ in range(5):
+            await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        s.web.clock.advance(1)
+        self.assertEqual(len(s.receiver.received), 2)
+        s.web.clock.advance(30)  # both time out; the next two go
+        self.assertEqual(len(s.receiver.received), 4)
+
+    async def test_a_dead_receiver_holds_only_its_share_of_the_slots(self) -> None:
+        s = await self.setup(concurrency=4, per_webhook=2, timeout=30)
+        s.receiver.hang_paths = {b"/dead"}
+        dead, _ = await s.webhooks.create(s.alice.user.id, url="https://dead.example.com/dead",
+                                          events=["sync.completed"])
+        live, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        for _ in range(6):
+            await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        s.web.clock.advance(1)
+        self.assertEqual(len(s.receiver.hanging), 2)  # the dead one: two at a time
+        self.assertEqual({e.status for e in await s.log(live.id)}, {"success"})
+        self.assertEqual(len(await s.log(live.id)), 6)
+        self.assertEqual(sorted(e.status for e in await s.log(dead.id)), ["pending"] * 6)
+
+    async def test_a_dead_receiver_never_delays_the_sync_listener(self) -> None:
+        s = await self.setup(timeout=10)
+        s.receiver.hang = True
+        await s.webhooks.create(s.alice.user.id, url=HOOK)
+        ids = await store(s.web, s.alice.user.id, [mail(1)])
+        result = s.result(1, new_messages=1, new_message_ids=ids)
+        for listener in s.web.core.fetch.engine.listeners:
+            self.assertIsNone(listener(result))  # returns at once, nothing to wait for
+        await s.webhooks.settle()
+        s.web.clock.advance(0)
+        self.assertEqual(len(s.receiver.received), 2)  # sync.completed and email.new
+        self.assertEqual(len(s.receiver.hanging), 2)  # still unanswered
+
+    async def test_a_disabled_webhook_cancels_its_queued_deliveries(self) -> None:
+        s = await self.setup()
+        s.sender.stopService()
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        await s.webhooks.update(s.alice.user.id, hook.id, active=False)
+        s.sender.startService()
+        s.web.clock.advance(0)
+        [entry] = await s.log(hook.id)
+        self.assertEqual(entry.status, "cancelled")
+        self.assertEqual(s.receiver.received, [])
+
+    async def test_an_address_the_operator_closed_later_is_not_contacted(self) -> None:
+        s = await self.setup(allow_loopback=True)
+        hook, _ = await s.webhooks.create(s.alice.user.id, url="http://127.0.0.1:9/in",
+                                          events=["sync.completed"])
+        s.webhooks.policy.settings = WebhookSettings()  # the operator turns loopback off
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts), ("failed", 1))
+        self.assertIn("does not send webhooks", entry.last_error)
+        self.assertEqual(s.receiver.received, [])
+
+    async def test_old_finished_deliveries_are_pruned(self) -> None:
+        s = await self.setup(retention_days=1)
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        self.assertEqual(len(await s.log(hook.id)), 1)
+        s.web.clock.advance(86400 + 3600)
+        self.assertEqual(await s.log(hook.id), [])

@@ -1,0 +1,176 @@
+"""The real delivery client: connections only to addresses the operator allows, checked on
+what a host name resolves to (so DNS cannot redirect a saved webhook), over real sockets to a
+local receiver; and the `mailcore webhook` CLI."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import TestCase
+from twisted.web.client import URI
+from twisted.web.server import Site
+
+from mailcore.fetch.engine import SyncResult
+from mailcore.webhooks import (
+    AddressPolicy,
+    AddressRefused,
+    WebhookSettings,
+    _GuardedEndpoint,
+    verify_signature,
+)
+from tests.support.imap2api import Receiver, live_api
+from tests.support.reactor import get_reactor
+from tests.support.servers import CommandResult, run_command, sleep, tempdir_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeResolver:
+    """A name resolver that answers from a table, at once."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+
+    def resolveHostName(self, receiver: IResolutionReceiver, host: str, port: int = 0,
+                        *args: Any) -> Any:
+        receiver.resolutionBegan(None)  # type: ignore[arg-type]
+        for address in self.table.get(host, []):
+            receiver.addressResolved(IPv4Address("TCP", address, port))
+        receiver.resolutionComplete()
+
+
+class GuardedEndpointTests(TestCase):
+    def endpoint(self, table: dict[str, list[str]], url: bytes, **settings: Any) -> Any:
+        reactor = MemoryReactorClock()
+        reactor.nameResolver = FakeResolver(table)  # type: ignore[assignment]
+        policy = AddressPolicy(WebhookSettings.from_section(settings))
+        return reactor, _GuardedEndpoint(reactor, policy, URI.fromBytes(url), 5.0)
+
+    async def test_a_name_that_resolves_to_a_forbidden_address_is_refused(self) -> None:
+        reactor, endpoint = self.endpoint({"hooks.example.com": ["127.0.0.1", "10.0.0.7"]},
+                                          b"http://hooks.example.com/in")
+        with self.assertRaises(AddressRefused) as caught:
+            await endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertIn("10.0.0.7, 127.0.0.1", str(caught.exception))
+        self.assertEqual(reactor.tcpClients, [])  # nothing was even attempted
+
+    async def test_only_the_allowed_addresses_of_a_name_are_tried(self) -> None:
+        reactor, endpoint = self.endpoint(
+            {"hooks.example.com": ["10.0.0.7", "93.184.216.34"]}, b"http://hooks.example.com/"
+        )
+        endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("93.184.216.34", 80)])
+
+    async def test_an_address_literal_is_checked_without_resolving(self) -> None:
+        reactor, endpoint = self.endpoint({}, b"http://127.0.0.1:8080/", allow_loopback=True)
+        endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("127.0.0.1", 8080)])
+
+    async def test_a_name_that_does_not_resolve_fails_cleanly(self) -> None:
+        _, endpoint = self.endpoint({}, b"https://nowhere.example.com/")
+        with self.assertRaises(AddressRefused):
+            await endpoint.connect(Factory.forProtocol(Protocol))
+
+
+class RealSocketTests(TestCase):
+    timeout = 30
+
+    async def deliver(self, allow_loopback_at_send: bool) -> tuple[Any, Receiver, str, Any]:
+        reactor = get_reactor()
+        receiver = Receiver()
+        port = reactor.listenTCP(0, Site(receiver, timeout=None), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        api = await live_api(self, {"webhooks": {"allow_loopback": True, "timeout": 5}})
+        user = await api.core.identity.create_user("alice", "alice@example.test", "pw-pw-pw-1")
+        hook, secret = await api.core.webhooks.create(
+            user.id, url=f"http://127.0.0.1:{port.getHost().port}/hook",
+            events=["sync.completed"],
+        )
+        api.core.webhooks.policy.settings = WebhookSettings(
+            allow_loopback=allow_loopback_at_send, timeout=5
+        )
+        sender = api.core.webhooks.sender
+        sender.startService()
+        self.addCleanup(sender.stopService)
+        now = datetime.datetime.now(datetime.UTC)
+        await api.core.webhooks.enqueue_sync(SyncResult(
+            account_id=1, user_id=user.id, started_at=now, finished_at=now, status="success",
+        ))
+        for _ in range(100):
+            log = (await api.core.webhooks.deliveries(user.id, hook.id)).items
+            if log and log[0].status != "pending":
+                break
+            await sleep(0.05)
+        return api, receiver, secret, log[0]
+
+    async def test_a_signed_post_reaches_a_real_receiver(self) -> None:
+        _, receiver, secret, entry = await self.deliver(allow_loopback_at_send=True)
+        self.assertEqual((entry.status, entry.last_status_code), ("success", 200))
+        [(headers, body)] = receiver.received
+        self.assertEqual(headers["user-agent"], "Mailcore-Webhooks/1")
+        self.assertTrue(verify_signature(secret, headers["x-mailcore-timestamp"], body,
+                                         headers["x-mailcore-signature"],
+                                         now=get_reactor().seconds()))
+
+    async def test_a_forbidden_address_is_never_connected_to(self) -> None:
+        _, receiver, _, entry = await self.deliver(allow_loopback_at_send=False)
+        self.assertEqual(entry.status, "failed")
+        self.assertIn("does not send webhooks", entry.last_error)
+        self.assertEqual(receiver.received, [])
+
+
+class CliTests(TestCase):
+    timeout = 120
+
+    async def mc(self, data_dir: Path, *args: str) -> CommandResult:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("MAILCORE_DEBUG", None)
+        return await run_command(
+            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(data_dir), *args],
+            env=env, cwd=data_dir.parent,
+        )
+
+    async def test_add_list_deliveries_remove(self) -> None:
+        data_dir = tempdir_for(self, "mailcore-cli-webhooks-") / "var"
+        result = await self.mc(data_dir, "user", "add", "alice", "--email", "a@x.test",
+                               "--password", "pw")
+        self.assertEqual(result.status, 0, result.err)
+        result = await self.mc(data_dir, "webhook", "add", "alice",
+                               "https://hooks.example.com/in", "--events",
+                               "email.new,sync.completed", "--description", "crm")
+        self.assertEqual((result.status, result.err), (0, ""))
+        first, second = result.out.splitlines()
+        self.assertEqual(first, "webhook 1 for alice: https://hooks.example.com/in "
+                                "(sync.completed,email.new)")
+        self.assertRegex(second, r"^secret: whsec_\S{40,}$")
+        result = await self.mc(data_dir, "webhook", "list", "alice")
+        self.assertIn("https://hooks.example.com/in  sync.completed,email.new  yes     crm",
+                      result.out)
+        self.assertNotIn("whsec_", result.out)
+        result = await self.mc(data_dir, "webhook", "deliveries", "alice", "1")
+        self.assertEqual((result.status, result.out.split()[:3]), (0, ["ID", "EVENT", "STATUS"]))
+        for args, fragment in [
+            (("webhook", "add", "alice", "http://10.0.0.1/"), "url: This server does not"),
+            (("webhook", "add", "alice", "https://h.example.com/", "--events", "x"),
+             "events:"),
+            (("webhook", "add", "nobody", "https://h.example.com/"), "no such user"),
+            (("webhook", "remove", "alice", "7"), "no such webhook"),
+        ]:
+            result = await self.mc(data_dir, *args)
+            self.assertEqual(result.status, 1, args)
+            self.assertIn(fragment, result.err, args)
+            self.assertNotIn("Traceback", result.err)
+        result = await self.mc(data_dir, "webhook", "remove", "alice", "1")
+        self.assertEqual((result.status, result.out.strip()),
+                         (0, "removed webhook 1 (https://hooks.example.com/in)"))
+        self.assertEqual((await self.mc(data_dir, "webhook", "list", "alice")).out.strip(),
+                         "ID  URL  EVENTS  ACTIVE  DESCRIPTION")
