@@ -81,8 +81,20 @@ test: venv deps lint
 run: venv
 	$(BIN)/twistd -n --pidfile= mailcore $(RUN_ARGS)
 
-bench: venv
+# The benchmarks need a few more tools than the tests (mbsync, wrk).
+BENCH_PKGS := isync wrk
+
+bench: venv deps
+	@missing=""; for pkg in $(BENCH_PKGS); do \
+	  dpkg-query -W -f='$${Status}\n' "$$pkg" 2>/dev/null | grep -q ' installed$$' \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$${missing// }" ] && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && $(APT_INSTALL) $$missing; \
+	fi
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/filters.py
+	$(BIN)/python bench/fetch.py
 
 clean:
 	rm -rf _trial_temp* build dist *.egg-info .mypy_cache .ruff_cache .hypothesis
