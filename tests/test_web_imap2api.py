@@ -6,9 +6,10 @@ from __future__ import annotations
 import datetime
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch import AccountNotFound
 from mailcore.fetch.engine import SyncResult
 from tests.support.imap2api import Client, client, config, mail, store
 from tests.support.web import BASE, Web, header
@@ -228,6 +229,21 @@ class SyncEndpointTests(TestCase):
         self.assertEqual(body["status"], "error")
         self.assertIn("login refused", body["detail"])
         self.assertEqual(body["message"], body["detail"])
+
+    async def test_an_interrupted_or_crashed_sync_is_a_clear_error(self) -> None:
+        web, alice, server_id, started = await self.prepare()
+        path = f"/api/imap-servers/{server_id}/sync/"
+        reply = Deferred.fromCoroutine(alice.call("POST", path))
+        started[0].errback(CancelledError())
+        web.http.flush()
+        status, _, body = await reply
+        self.assertEqual((status, body["status"]), (503, "error"))
+        self.assertIn("interrupted", body["detail"])
+        reply = Deferred.fromCoroutine(alice.call("POST", path))
+        started[1].errback(AccountNotFound("no such account", "id"))
+        web.http.flush()
+        status, _, body = await reply
+        self.assertEqual((status, body["detail"]), (502, "Email sync failed: no such account"))
 
     async def test_sync_of_an_unknown_or_foreign_server_is_404(self) -> None:
         web, alice, server_id, started = await self.prepare()

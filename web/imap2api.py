@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -875,8 +875,11 @@ class Imap2ApiApp(ApiApp):
             }, 202, headers={"Location": request_base(request) + _path(request).rsplit(
                 "/sync", 1)[0] + "/"})
         if isinstance(outcome, Failure):
-            raise ApiError(503, "The sync was interrupted (the service is stopping); try "
-                           "again.", extra={"status": "error"})
+            if outcome.check(CancelledError):
+                raise ApiError(503, "The sync was interrupted (the service is stopping); "
+                               "try again.", extra={"status": "error"})
+            message = f"Email sync failed: {outcome.getErrorMessage()}"
+            raise ApiError(502, message, extra={"status": "error", "message": message})
         if not outcome.ok:
             reason = outcome.problems() or "unknown error"
             message = f"Email sync failed: {reason}"
@@ -889,20 +892,22 @@ class Imap2ApiApp(ApiApp):
             SyncResult | Failure | None):
         """The sync's result, its failure, or None once `budget` seconds have passed. The
         sync itself is never cancelled here (a client going away does not stop it)."""
-        waiter: Deferred[SyncResult | Failure | None] = Deferred()
+        # The outcome travels in a list: a Failure given to callback() would be raised.
+        waiter: Deferred[list[SyncResult | Failure | None]] = Deferred()
 
         def forward(outcome: SyncResult | Failure) -> None:
             if not waiter.called:
-                waiter.callback(outcome)
+                waiter.callback([outcome])
 
         def expire() -> None:
             if not waiter.called:
-                waiter.callback(None)
+                waiter.callback([None])
 
         sync.addBoth(forward)
         timer = self.clock.callLater(budget, expire)
         try:
-            return await waiter
+            [outcome] = await waiter
+            return outcome
         finally:
             if timer.active():
                 timer.cancel()
