@@ -92,9 +92,11 @@ bench: venv deps
 	if [ -n "$${missing// }" ] && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update && $(APT_INSTALL) $$missing; \
 	fi
-	$(BIN)/python bench/run.py
-	$(BIN)/python bench/filters.py
-	$(BIN)/python bench/fetch.py
+	@status=0; \
+	$(BIN)/python bench/run.py || status=1; \
+	$(BIN)/python bench/filters.py || status=1; \
+	$(BIN)/python bench/fetch.py || status=1; \
+	exit $$status
 
 clean:
 	rm -rf _trial_temp* build dist *.egg-info .mypy_cache .ruff_cache .hypothesis

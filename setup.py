@@ -13,9 +13,13 @@ setup(
     # which twisted.plugins needs to find twisted/plugins/ (setuptools' import-hook finder
     # for other layouts hides it).
     package_dir={"": "."},
-    packages=find_packages(include=["mailcore", "mailcore.*", "web", "web.*", "filters", "filters.*"])
-    + ["twisted.plugins"],
-    package_data={"mailcore.store": ["migrations/*.py", "migrations/versions/*.py", "alembic.ini"]},
+    packages=[
+        *find_packages(include=["mailcore", "mailcore.*", "web", "web.*", "filters", "filters.*"]),
+        "mailcore.store.migrations",
+        "mailcore.store.migrations.versions",
+        "twisted.plugins",
+    ],
+    package_data={"mailcore.store.migrations": ["script.py.mako"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=24.7.0",
