@@ -228,7 +228,7 @@ class Daemon:
         self.config = directory / "mailcore.toml"
         self.config.write_text(
             '[web]\nimap2api_user_rate = "1000000000/hour"\nimap2api_sync_wait = 5\n'
-            'login_rate = 0\n\n[fetch]\nsync_interval = 86400\ntick = 3600\n'
+            'login_rate = 0\n\n[fetch]\nsync_interval = 86400\ntick = 3600\nallow_loopback = true\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.http}"

@@ -66,7 +66,7 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from http.cookiejar import Cookie
 from typing import Any
@@ -77,17 +77,10 @@ from treq.cookies import IndexableCookieJar
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IHostResolution,
-    IProtocolFactory,
     IReactorTime,
-    IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
@@ -98,12 +91,14 @@ from twisted.web.client import URI
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from mailcore import netpolicy
 from mailcore.config import ConfigError
 from mailcore.fetch.engine import SyncResult
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.messages.models import MessageSummary, Page
 from mailcore.messages.sql import new_id, utc
 from mailcore.messages.store import thd_get_messages
+from mailcore.netpolicy import AddressRefused, GuardedEndpoint, IPNetwork, parse_networks
 from mailcore.store import Database
 from mailcore.store.schema import messages, webhook_deliveries, webhooks
 
@@ -125,14 +120,6 @@ MIN_SECRET_LENGTH = 16
 MAX_SECRET_LENGTH = 256
 SIGNATURE_TOLERANCE = 300
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-# Never reachable, whatever the configuration: "this network", broadcast, multicast.
-_ALWAYS_DENIED = tuple(
-    ipaddress.ip_network(n) for n in ("0.0.0.0/8", "255.255.255.255/32", "224.0.0.0/4",
-                                      "::/128", "ff00::/8")
-)
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -147,10 +134,6 @@ class WebhookError(Exception):
 
 class WebhookNotFound(WebhookError):
     """No such webhook for this user."""
-
-
-class AddressRefused(Exception):
-    """A delivery would connect to an address the operator does not allow."""
 
 
 # -- settings and the address policy ------------------------------------------------------
@@ -184,7 +167,7 @@ class WebhookSettings:
                 raise ConfigError(f"unknown key in [webhooks]: {key}")
             default = getattr(cls, key)
             if key in ("allow_networks", "deny_networks"):
-                values[key] = _networks(key, value)
+                values[key] = parse_networks("webhooks", key, value)
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"[webhooks] {key} must be true or false")
@@ -204,51 +187,9 @@ class WebhookSettings:
         return float(min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1)))
 
 
-def _networks(key: str, value: Any) -> tuple[IPNetwork, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"[webhooks] {key} must be a list of CIDR networks")
-    try:
-        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value)
-    except ValueError as e:
-        raise ConfigError(f"[webhooks] {key}: {e}") from None
-
-
-class AddressPolicy:
-    """Which addresses deliveries may connect to: the operator's rules, checked in order.
-
-    deny_networks, then the never-reachable ranges, refuse; allow_networks allows; loopback
-    needs allow_loopback; any other non-global address needs allow_private.
-    """
-
-    def __init__(self, settings: WebhookSettings) -> None:
-        self.settings = settings
-
-    def allows(self, address: IPAddress | str) -> bool:
-        """Whether a delivery may connect to `address`."""
-        try:
-            ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        s = self.settings
-
-        def within(networks: Iterable[IPNetwork]) -> bool:
-            return any(ip.version == n.version and ip in n for n in networks)
-
-        if within(s.deny_networks) or within(_ALWAYS_DENIED):
-            return False
-        if within(s.allow_networks):
-            return True
-        if ip.is_loopback:
-            return s.allow_loopback
-        if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
-            return False
-        if not ip.is_global:
-            return s.allow_private
-        return True
+class AddressPolicy(netpolicy.AddressPolicy):
+    """The operator's network policy (mailcore.netpolicy) plus the check of a webhook URL
+    when it is saved."""
 
     def check_url(self, url: Any) -> str:
         """The URL, normalised, if deliveries may go there; else WebhookError("url")."""
@@ -908,69 +849,18 @@ class _NoCookies(IndexableCookieJar):
         pass
 
 
-@implementer(IResolutionReceiver)
-class _Addresses:
-    def __init__(self) -> None:
-        self.found: list[str] = []
-        self.done: Deferred[list[str]] = Deferred()
-
-    def resolutionBegan(self, resolution: IHostResolution) -> None:
-        pass
-
-    def addressResolved(self, address: Any) -> None:
-        self.found.append(address.host)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(self.found)
-
-
-@implementer(IStreamClientEndpoint)
-class _GuardedEndpoint:
-    """Connects only to addresses the policy allows, checked after resolution (so DNS can
-    not point an accepted name at a forbidden address)."""
-
-    def __init__(self, reactor: Any, policy: AddressPolicy, uri: URI, timeout: float) -> None:
-        self.reactor = reactor
-        self.policy = policy
-        self.host = uri.host.decode("ascii")
-        self.port = uri.port
-        self.tls = uri.scheme == b"https"
-        self.timeout = timeout
-
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._connect(factory))
-
-    async def _connect(self, factory: IProtocolFactory) -> Any:
-        host = self.host.strip("[]")
-        try:
-            addresses = [str(ipaddress.ip_address(host))]
-        except ValueError:
-            receiver = _Addresses()
-            self.reactor.nameResolver.resolveHostName(receiver, host, self.port)
-            addresses = await receiver.done
-        if not addresses:
-            raise AddressRefused(f"{host} does not resolve")
-        allowed = [a for a in addresses if self.policy.allows(a)]
-        if not allowed:
-            raise AddressRefused(
-                f"{host} resolves to {', '.join(sorted(set(addresses)))}, where this server "
-                "does not send webhooks"
-            )
-        last: BaseException | None = None
-        for address in allowed:
-            endpoint: IStreamClientEndpoint
-            if ":" in address:
-                endpoint = TCP6ClientEndpoint(self.reactor, address, self.port, self.timeout)
-            else:
-                endpoint = TCP4ClientEndpoint(self.reactor, address, self.port, self.timeout)
-            if self.tls:
-                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-            try:
-                return await endpoint.connect(factory)
-            except Exception as e:
-                last = e
-        assert last is not None
-        raise last
+def _GuardedEndpoint(reactor: Any, policy: AddressPolicy, uri: URI,
+                     timeout: float) -> IStreamClientEndpoint:
+    """The endpoint of one delivery: only to addresses the policy allows (checked after
+    resolution, so DNS cannot point an accepted name at a forbidden address), TLS for https."""
+    host = uri.host.decode("ascii").strip("[]")
+    endpoint: IStreamClientEndpoint = GuardedEndpoint(
+        reactor, policy, host, uri.port, timeout,
+        refusal="is where this server does not send webhooks",
+    )
+    if uri.scheme == b"https":
+        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+    return endpoint
 
 
 class _GuardedEndpointFactory:

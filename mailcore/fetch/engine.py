@@ -320,7 +320,7 @@ class SyncEngine:
         session = await open_session(
             self.reactor, self._spec(account, password), self._creator(account),
             max_literal=s.max_message_bytes, connect_timeout=s.connect_timeout,
-            idle_timeout=s.idle_timeout,
+            idle_timeout=s.idle_timeout, policy=s.address_policy(),
         )
         if "QRESYNC" in session.capabilities and "ENABLE" in session.capabilities:
             await session.enable(b"QRESYNC")
@@ -520,7 +520,7 @@ class SyncEngine:
         session: POP3Session = await open_pop3(
             self.reactor, self._spec(account, password), self._creator(account),
             max_message=s.max_message_bytes, connect_timeout=s.connect_timeout,
-            idle_timeout=s.idle_timeout,
+            idle_timeout=s.idle_timeout, policy=s.address_policy(),
         )
         folder_result = result.folders.setdefault("INBOX", FolderResult())
         try:

@@ -25,7 +25,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.mail import imap4
 from twisted.python.failure import Failure
@@ -40,6 +40,7 @@ from mailcore.fetch.errors import (
     ProtocolFailed,
     TLSFailed,
 )
+from mailcore.netpolicy import AddressPolicy, AddressRefused, GuardedEndpoint
 
 DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024
@@ -578,14 +579,20 @@ async def connect_to(
     creator: IOpenSSLClientConnectionCreator,
     protocol: Any,
     connect_timeout: float,
+    policy: AddressPolicy,
 ) -> None:
     """Connect `protocol` to the account's server, in TLS from the start when `use_ssl`
-    (verified by `creator`); every connect failure becomes one ConnectFailed."""
-    endpoint: Any = HostnameEndpoint(reactor, spec.host, spec.port, timeout=connect_timeout)
+    (verified by `creator`); every connect failure becomes one ConnectFailed. The host is
+    data from a user: only the addresses it resolves to that `policy` allows are tried, and
+    a host with none fails before any connection is opened."""
+    endpoint: Any = GuardedEndpoint(reactor, policy, spec.host, spec.port, connect_timeout)
     if spec.use_ssl:
         endpoint = wrapClientTLS(creator, endpoint)
     try:
         await connectProtocol(endpoint, protocol)
+    except AddressRefused as e:
+        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e} (the operator's "
+                            "[fetch] address policy)") from None
     except Exception as e:
         raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
 
@@ -598,13 +605,15 @@ async def open_session(
     max_literal: int = DEFAULT_MAX_LITERAL,
     connect_timeout: float = 30.0,
     idle_timeout: float = 120.0,
+    policy: AddressPolicy,
 ) -> IMAPClient:
-    """Connect, secure (TLS or STARTTLS, verified), log in; the session is ready to use."""
+    """Connect (only to an address `policy` allows), secure (TLS or STARTTLS, verified), log
+    in; the session is ready to use."""
     client = IMAPClient(
         reactor, max_literal=max_literal, idle_timeout=idle_timeout,
         host=f"{spec.host}:{spec.port}",
     )
-    await connect_to(reactor, spec, creator, client, connect_timeout)
+    await connect_to(reactor, spec, creator, client, connect_timeout, policy)
     try:
         await client.greeted
         caps = await client.ask_capabilities()

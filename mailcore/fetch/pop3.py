@@ -33,6 +33,7 @@ from mailcore.fetch.imap import (
     abort_transport,
     connect_to,
 )
+from mailcore.netpolicy import AddressPolicy
 
 
 class MessageTooLarge(ProtocolFailed):
@@ -201,13 +202,14 @@ async def open_pop3(
     max_message: int = DEFAULT_MAX_LITERAL,
     connect_timeout: float = 30.0,
     idle_timeout: float = 120.0,
+    policy: AddressPolicy,
 ) -> POP3Session:
-    """Connect, secure (TLS or STLS, verified), log in."""
+    """Connect (only to an address `policy` allows), secure (TLS or STLS, verified), log in."""
     session = POP3Session(
         reactor, max_message=max_message, idle_timeout=idle_timeout,
         host=f"{spec.host}:{spec.port}",
     )
-    await connect_to(reactor, spec, creator, session, connect_timeout)
+    await connect_to(reactor, spec, creator, session, connect_timeout, policy)
     try:
         await session.greeted
         if not spec.use_ssl:

@@ -1,4 +1,18 @@
-"""The `[fetch]` section of the configuration, checked once at start-up."""
+"""The `[fetch]` section of the configuration, checked once at start-up.
+
+Which servers an account may name is the operator's decision (mailcore.netpolicy): every
+address the account's host resolves to is checked when the sync connects, and a host with no
+allowed address fails the sync ("... is not an address this server may connect to") before
+any connection is opened:
+
+```toml
+[fetch]
+allow_loopback = false       # 127.0.0.0/8 and ::1 (tests and single-host setups)
+allow_private = false        # RFC 1918, CGNAT, ULA, link-local and other non-global ranges
+allow_networks = []          # CIDRs allowed even if private ("10.1.2.0/24")
+deny_networks = []           # CIDRs refused whatever else says
+```
+"""
 
 from __future__ import annotations
 
@@ -6,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mailcore.config import ConfigError
+from mailcore.netpolicy import AddressPolicy, IPNetwork, parse_networks
 
 
 @dataclass(frozen=True)
@@ -30,15 +45,30 @@ class FetchSettings:
     idle_timeout: float = 120.0
     # Fernet key for remote passwords; default: `fetch.key` in the data directory.
     secret_key: str | None = None
+    # Where accounts may connect (see the module docstring): loopback and other non-global
+    # addresses are refused unless allowed; deny_networks wins over everything.
+    allow_loopback: bool = False
+    allow_private: bool = False
+    allow_networks: tuple[IPNetwork, ...] = ()
+    deny_networks: tuple[IPNetwork, ...] = ()
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> FetchSettings:
+        """Settings from `[fetch]`; an unknown key or a bad value raises ConfigError."""
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in section.items():
             if key not in known:
                 raise ConfigError(f"unknown key in [fetch]: {key}")
+            if key in ("allow_networks", "deny_networks"):
+                values[key] = parse_networks("fetch", key, value)
+                continue
             default = getattr(cls, key)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"[fetch] {key} must be true or false")
+                values[key] = value
+                continue
             if isinstance(default, float) and isinstance(value, int) and not isinstance(
                 value, bool
             ):
@@ -56,3 +86,7 @@ class FetchSettings:
         if not 0 <= settings.jitter < 1:
             raise ConfigError("[fetch] jitter must be a fraction in [0, 1)")
         return settings
+
+    def address_policy(self) -> AddressPolicy:
+        """The policy on the addresses an account's server may resolve to."""
+        return AddressPolicy(self)

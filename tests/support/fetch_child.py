@@ -26,7 +26,8 @@ async def run(reactor: Any, url: str, account_id: int) -> None:
     await db.open()
     accounts = Accounts(db, reactor, SecretBox(os.environ["FETCH_CHILD_KEY"].encode()))
     store = MessageStore(db, CpuPool.for_tests(), reactor)
-    engine = SyncEngine(reactor, db, accounts, store, FetchSettings(batch_messages=5))
+    settings = FetchSettings(batch_messages=5, allow_loopback=True)  # Dovecot is on 127.0.0.1
+    engine = SyncEngine(reactor, db, accounts, store, settings)
     await engine.sync(account_id)
     await db.close()
 

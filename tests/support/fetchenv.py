@@ -105,6 +105,8 @@ async def make_env(test: TestCase, **settings: Any) -> FetchEnv:
     key = Fernet.generate_key()
     accounts = Accounts(db, reactor, SecretBox(key))
     store = MessageStore(db, CpuPool.for_tests(), reactor)
+    # The test servers listen on 127.0.0.1, which the default address policy refuses.
+    settings = {"allow_loopback": True, **settings}
     engine = SyncEngine(reactor, db, accounts, store, FetchSettings(**settings))
     return FetchEnv(db=db, accounts=accounts, store=store, engine=engine, user_id=user_id,
                     key=key.decode("ascii"))

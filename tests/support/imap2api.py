@@ -24,12 +24,18 @@ FETCH_KEY = Fernet.generate_key().decode("ascii")
 def config(web: dict[str, Any] | None = None, webhooks: dict[str, Any] | None = None,
            **sections: dict[str, Any]) -> Config:
     """A Config with a fixed fetch key (nothing written to disk) and the given tables."""
-    tables: dict[str, dict[str, Any]] = {"fetch": {"secret_key": FETCH_KEY}, **sections}
+    tables: dict[str, dict[str, Any]] = {**sections, "fetch": fetch_section(sections)}
     if web is not None:
         tables["web"] = web
     if webhooks is not None:
         tables["webhooks"] = webhooks
     return Config(sections=tables)
+
+
+def fetch_section(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`[fetch]` with the test key and loopback allowed (the test servers are on 127.0.0.1),
+    under what the test gives in `sections["fetch"]`."""
+    return {"secret_key": FETCH_KEY, "allow_loopback": True, **sections.get("fetch", {})}
 
 
 @dataclass
@@ -139,7 +145,7 @@ async def live_api(test: Any, sections: dict[str, dict[str, Any]]) -> LiveApi:
     reactor = get_reactor()
     data_dir = tempdir_for(test, "mailcore-imap2api-")
     db = await open_database(test, "sqlite")
-    tables = {"fetch": {"secret_key": FETCH_KEY}, **sections}
+    tables = {**sections, "fetch": fetch_section(sections)}
     core = Core.build(Config(data_dir=data_dir, sections=tables), db, reactor)
     test.addCleanup(core.cpu.stop)
     port = reactor.listenTCP(0, build_site(core), interface="127.0.0.1")

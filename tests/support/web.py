@@ -34,7 +34,8 @@ def make_core(config: Config | None = None) -> tuple[Core, Clock]:
     """A Core on a synchronous in-memory database, a synchronous CPU pool and a Clock."""
     clock = Clock()
     clock.advance(START)
-    config = config or Config()
+    # Servers in tests listen on 127.0.0.1, which the default fetch address policy refuses.
+    config = config or Config(sections={"fetch": {"allow_loopback": True}})
     db = Database.for_tests()
     core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
     return core, clock

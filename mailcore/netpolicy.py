@@ -1,0 +1,190 @@
+"""Which remote addresses a user-supplied host may reach: the operator's network policy.
+
+Hosts given to the API (webhook URLs, IMAP/POP servers) are data: a user must never make
+the daemon connect to what the operator did not allow (its own loopback services, the
+private network behind it). Each user of this module has a config table with the same four
+keys:
+
+```toml
+allow_loopback = false       # 127.0.0.0/8 and ::1 (tests and single-host setups)
+allow_private = false        # RFC 1918, CGNAT, ULA, link-local and other non-global ranges
+allow_networks = []          # CIDRs allowed even if private ("10.1.2.0/24")
+deny_networks = []           # CIDRs refused whatever else says
+```
+
+`AddressPolicy.allows` decides for one address; `GuardedEndpoint` resolves a host name and
+connects only to the addresses the policy allows, so DNS cannot point an accepted name at a
+forbidden address, and no connection to a refused address is ever opened.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IHostResolution,
+    IProtocolFactory,
+    IResolutionReceiver,
+    IStreamClientEndpoint,
+)
+from zope.interface import implementer
+
+from mailcore.config import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Never reachable, whatever the configuration: "this network", broadcast, multicast.
+_ALWAYS_DENIED = tuple(
+    ipaddress.ip_network(n) for n in ("0.0.0.0/8", "255.255.255.255/32", "224.0.0.0/4",
+                                      "::/128", "ff00::/8")
+)
+
+
+class AddressRefused(Exception):
+    """A connection would go to an address the operator does not allow (or nowhere)."""
+
+
+class NetworkRules(Protocol):
+    """The four policy keys, as a settings object (WebhookSettings, FetchSettings) holds them."""
+
+    @property
+    def allow_loopback(self) -> bool: ...
+
+    @property
+    def allow_private(self) -> bool: ...
+
+    @property
+    def allow_networks(self) -> tuple[IPNetwork, ...]: ...
+
+    @property
+    def deny_networks(self) -> tuple[IPNetwork, ...]: ...
+
+
+def parse_networks(table: str, key: str, value: Any) -> tuple[IPNetwork, ...]:
+    """The CIDR list of `[table] key` (a string is a list of one); else ConfigError."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"[{table}] {key} must be a list of CIDR networks")
+    try:
+        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value)
+    except ValueError as e:
+        raise ConfigError(f"[{table}] {key}: {e}") from None
+
+
+class AddressPolicy:
+    """Which addresses may be connected to: the operator's rules, checked in order.
+
+    deny_networks, then the never-reachable ranges, refuse; allow_networks allows; loopback
+    needs allow_loopback; any other non-global address needs allow_private. The rules are
+    read from `settings` on every check (an operator may swap them at run time).
+    """
+
+    def __init__(self, settings: NetworkRules) -> None:
+        self.settings = settings
+
+    def allows(self, address: IPAddress | str) -> bool:
+        """Whether a connection to `address` is allowed."""
+        try:
+            ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        s = self.settings
+
+        def within(networks: Iterable[IPNetwork]) -> bool:
+            return any(ip.version == n.version and ip in n for n in networks)
+
+        if within(s.deny_networks) or within(_ALWAYS_DENIED):
+            return False
+        if within(s.allow_networks):
+            return True
+        if ip.is_loopback:
+            return s.allow_loopback
+        if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+            return False
+        if not ip.is_global:
+            return s.allow_private
+        return True
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects what a host name resolves to."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self.done: Deferred[list[str]] = Deferred()
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        self.found.append(address.host)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.found)
+
+
+@implementer(IStreamClientEndpoint)
+class GuardedEndpoint:
+    """A TCP client endpoint that connects only to addresses `policy` allows, checked after
+    resolution; the allowed addresses are tried in turn. A host with no allowed address
+    fails with AddressRefused "<host> (<addresses>) <refusal>" before any connection."""
+
+    def __init__(self, reactor: Any, policy: AddressPolicy, host: str, port: int,
+                 timeout: float, *,
+                 refusal: str = "is not an address this server may connect to") -> None:
+        self.reactor = reactor
+        self.policy = policy
+        self.host = host.strip("[]")
+        self.port = port
+        self.timeout = timeout
+        self.refusal = refusal
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory: IProtocolFactory) -> Any:
+        host = self.host
+        try:
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            receiver = _Addresses()
+            self.reactor.nameResolver.resolveHostName(receiver, host, self.port)
+            addresses = await receiver.done
+        if not addresses:
+            raise AddressRefused(f"{host} does not resolve")
+        allowed = [a for a in addresses if self.policy.allows(a)]
+        if not allowed:
+            raise AddressRefused(f"{host} ({', '.join(sorted(set(addresses)))}) {self.refusal}")
+        last: BaseException | None = None
+        for address in allowed:
+            endpoint: IStreamClientEndpoint
+            if ":" in address:
+                endpoint = TCP6ClientEndpoint(self.reactor, address, self.port, self.timeout)
+            else:
+                endpoint = TCP4ClientEndpoint(self.reactor, address, self.port, self.timeout)
+            try:
+                return await endpoint.connect(factory)
+            except Exception as e:
+                last = e
+        assert last is not None
+        raise last
+
+
+__all__ = [
+    "AddressPolicy",
+    "AddressRefused",
+    "GuardedEndpoint",
+    "IPAddress",
+    "IPNetwork",
+    "NetworkRules",
+    "parse_networks",
+]
