@@ -69,6 +69,7 @@ class VerifiedTLSTests(TestCase):
     timeout = 60
 
     async def setup(self, *, require_tls: bool, trusted: bool, host: str = "localhost",
+                    policy: str = "may",
                     cert_host: str | None = None) -> tuple[Queue, Any, SinkState]:
         directory = tempdir_for(self)
         ca_key, ca_cert, _ca_path = make_ca(directory, "test-ca")
@@ -83,7 +84,7 @@ class VerifiedTLSTests(TestCase):
         db = await open_database(self, "sqlite")
         domain = await add_domain(db, "customer.test", host, port, require_tls=require_tls)
         ca_file = str(directory / "test-ca.pem") if trusted else str(other_path)
-        settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file,
+        settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file, tls=policy,
                                  relayhost=f"127.0.0.1:{port}")
         q = build_queue(Config(hostname="mx.test"), db, get_reactor(), CollectorRegistry(),
                         reactor=get_reactor(), settings=settings)
@@ -122,7 +123,21 @@ class VerifiedTLSTests(TestCase):
         self.assertEqual(state.messages, [])
 
     async def test_opportunistic_tls_does_not_need_a_trusted_certificate(self) -> None:
-        _q, db, state = await self.setup(require_tls=False, trusted=False)
+        _q, db, state = await self.setup(require_tls=False, trusted=False, policy="may")
+        await state.wait_for(1)
+        self.assertIn(b"STARTTLS", state.commands)
+        await self.wait_state(db, "delivered")
+
+    async def test_verify_if_offered_refuses_an_untrusted_certificate(self) -> None:
+        """`verify-if-offered`: a hop that offers STARTTLS gets verified TLS or nothing."""
+        _q, db, state = await self.setup(require_tls=False, trusted=False,
+                                         policy="verify-if-offered")
+        await self.wait_state(db, "deferred")
+        self.assertEqual(state.messages, [])
+
+    async def test_verify_if_offered_with_a_trusted_certificate_delivers(self) -> None:
+        _q, db, state = await self.setup(require_tls=False, trusted=True,
+                                         policy="verify-if-offered")
         await state.wait_for(1)
         self.assertIn(b"STARTTLS", state.commands)
         await self.wait_state(db, "delivered")

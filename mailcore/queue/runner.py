@@ -369,8 +369,9 @@ class QueueRunner:
         retried once in cleartext (pitfall 9: never QUIT-and-defer forever)."""
         hop = hq.hop
         session = await self.connector.connect(hop)
-        if hop.tls == "verify":
-            if "STARTTLS" not in session.extensions:
+        offered = "STARTTLS" in session.extensions
+        if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
+            if not offered:
                 session.abort()
                 raise SMTPClientError("4.7.5 TLS is required but the server offers no STARTTLS")
             try:
@@ -385,7 +386,7 @@ class QueueRunner:
                     f"4.7.5 TLS is required and the certificate does not name {hop.host}: {e}"
                 ) from e
             return session
-        if hop.tls == "may" and "STARTTLS" in session.extensions:
+        if hop.tls == "may" and offered:
             if hq.cleartext_until > self.clock.seconds():
                 return session
             try:

@@ -10,7 +10,12 @@ from typing import Any
 
 from mailcore.config import Config, ConfigError
 
-TLS_POLICIES = ("none", "may", "verify")
+# Outbound STARTTLS: "none" never; "may" (default) when offered, certificate not checked
+# (Postfix `may`); "verify-if-offered": when offered the certificate must verify against
+# the trust roots (`tls_ca_file` or the system's) and name the hop, else the delivery is
+# deferred (4.7.5), and a hop that offers no STARTTLS gets cleartext; "verify" always, and
+# verified (also what a domain's require_tls asks for).
+TLS_POLICIES = ("none", "may", "verify-if-offered", "verify")
 
 
 @dataclass(frozen=True)
