@@ -360,15 +360,7 @@ class IMAPClient(imap4.IMAP4Client):
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._dead = True
         if self.error is None:
-            if _tls_failure(reason):
-                self.error = TLSFailed(
-                    f"TLS with {self.host} failed (certificate not trusted or not for this "
-                    f"host): {reason.getErrorMessage()}"
-                )
-            else:
-                self.error = ConnectFailed(
-                    f"connection to {self.host} closed: {reason.getErrorMessage()}"
-                )
+            self.error = connection_lost_error(self.host, reason)
         if not self.greeted.called:
             self.greeted.errback(Failure(self.error))
         super().connectionLost(Failure(self.error))
@@ -571,6 +563,16 @@ class ServerSpec:
     allow_cleartext: bool
     username: str
     password: str
+
+
+def connection_lost_error(host: str, reason: Failure) -> FetchError:
+    """Why a session's connection ended, as the one error the account will show."""
+    if _tls_failure(reason):
+        return TLSFailed(
+            f"TLS with {host} failed (certificate not trusted or not for this host): "
+            f"{reason.getErrorMessage()}"
+        )
+    return ConnectFailed(f"connection to {host} closed: {reason.getErrorMessage()}")
 
 
 async def connect_to(

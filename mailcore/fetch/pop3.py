@@ -19,11 +19,9 @@ from twisted.python.failure import Failure
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
-    ConnectFailed,
     FetchError,
     FetchTimeout,
     ProtocolFailed,
-    TLSFailed,
 )
 from mailcore.fetch.imap import (
     DEFAULT_MAX_LITERAL,
@@ -32,6 +30,7 @@ from mailcore.fetch.imap import (
     _tls_failure,
     abort_transport,
     connect_to,
+    connection_lost_error,
 )
 from mailcore.netpolicy import AddressPolicy
 
@@ -92,19 +91,12 @@ class POP3Session(pop3client.POP3Client):
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._dead = True
         if self.error is None:
-            if _tls_failure(reason):
-                self.error = TLSFailed(
-                    f"TLS with {self.host} failed (certificate not trusted or not for this "
-                    f"host): {reason.getErrorMessage()}"
-                )
-            elif self._greetingError:
+            if self._greetingError and not _tls_failure(reason):
                 self.error = ProtocolFailed(
                     f"{self.host} refused the connection: {_show(self._greetingError)}"
                 )
             else:
-                self.error = ConnectFailed(
-                    f"connection to {self.host} closed: {reason.getErrorMessage()}"
-                )
+                self.error = connection_lost_error(self.host, reason)
         if not self.greeted.called:
             self.greeted.errback(Failure(self.error))
         self._timedOut = False
