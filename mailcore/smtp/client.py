@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from mailcore.netwrite import write_now
 from mailcore.smtp.dotstuff import DotStuffer
 
 WRITE_CHUNK = 65536
@@ -175,10 +176,10 @@ class SMTPClientProtocol(LineReceiver):
         return d
 
     def write_lines(self, *lines: bytes) -> None:
-        self.transport.write(b"".join(line + b"\r\n" for line in lines))  # type: ignore[union-attr]
+        write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
 
     def write_raw(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        write_now(self.transport, data)
 
     def abort(self) -> None:
         if self.transport is not None:

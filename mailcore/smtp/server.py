@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.config import Config, ConfigError
+from mailcore.netwrite import write_now
 from mailcore.queue.envelope import Envelope, Recipient
 from mailcore.queue.ids import new_queue_id
 from mailcore.smtp.address import (
@@ -244,6 +245,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._errors = 0
         # Input not yet handled, from _pos on; _paused while a command's Deferred is pending.
         self._buf = b""
+        self._cork: list[bytes] | None = None
         self._pos = 0
         self._paused = False
         self._reading_paused = False
@@ -275,6 +277,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         refusal = self.factory.admit(self)
         if refusal is not None:
             self._write(f"421 4.7.0 {self.settings.hostname} {refusal}\r\n")
+            self._flush()
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._admitted = True
@@ -295,7 +298,18 @@ class ESMTPServerProtocol(TwistedProtocol):
             self.factory.release(self)
 
     def _write(self, text: str) -> None:
-        self.transport.write(text.encode("ascii", "replace"))  # type: ignore[union-attr]
+        data = text.encode("ascii", "replace")
+        if self._cork is not None:
+            self._cork.append(data)
+        else:
+            write_now(self.transport, data)
+
+    def _flush(self) -> None:
+        """Send the replies gathered while one segment of input was handled, in one write
+        (pipelined commands get their replies together, as RFC 2920 suggests)."""
+        cork, self._cork = self._cork, None
+        if cork:
+            write_now(self.transport, b"".join(cork))
 
     def reply(self, code: int, status: str, text: str) -> None:
         """Send one reply line (with its enhanced status code) if still connected."""
@@ -317,6 +331,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._buf = b""
         self._pos = 0
+        self._flush()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- input --------------------------------------------------------------------------
@@ -325,6 +340,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         if not self._open:
             return
         self._last_activity = self.clock.seconds()
+        self._cork = []
+        try:
+            self._received(data)
+        finally:
+            self._flush()
+
+    def _received(self, data: bytes) -> None:
         if self._in_data and not self._paused and not self._buf:
             rest = self._feed_data(data)
             if rest is None:
@@ -505,6 +527,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._buf = b""
         self._pos = 0
         self._discarding = False
+        self._flush()
         self.transport.startTLS(self.factory.tls)  # type: ignore[union-attr]
         self.tls = True
         self.helo = None
@@ -521,6 +544,7 @@ class ESMTPServerProtocol(TwistedProtocol):
     def do_QUIT(self, arg: str) -> None:
         self.reply(221, "2.0.0", "Bye")
         self._open = False
+        self._flush()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def do_VRFY(self, arg: str) -> None:
