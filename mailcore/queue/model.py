@@ -139,6 +139,8 @@ def thd_insert_messages(
     Recipients of a `leased` message are claimed by this node at once, so that the accepting
     node can deliver them without waiting for the sweeper.
     """
+    if conn.dialect.name == "sqlite":
+        return _insert_messages_sqlite(conn, messages, node_id, now, lease_until)
     conn.execute(
         _INSERT_MESSAGES,
         [
@@ -184,6 +186,53 @@ def thd_insert_messages(
         n = len(m.envelope.recipients)
         out.append(ids[i : i + n])
         i += n
+    return out
+
+
+_SQLITE_INSERT_MESSAGE = (
+    "INSERT INTO queue_messages (id, kind, mail_from, client_ip, helo, tls, size, body, "
+    "created_at, done_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+)
+_SQLITE_INSERT_RECIPIENT = (
+    "INSERT INTO queue_recipients (id, message_id, address, domain_id, state, attempts, "
+    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
+)
+
+
+def _insert_messages_sqlite(
+    conn: Connection, messages: Sequence[NewMessage], node_id: str, now: float,
+    lease_until: float,
+) -> list[list[int]]:
+    """`thd_insert_messages` on SQLite, straight through the driver: this is the spool's hot
+    path, and the statements are fixed. The write transaction (BEGIN IMMEDIATE) is held, so
+    the recipient ids are allocated here, after the largest one in the table."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(
+            _SQLITE_INSERT_MESSAGE,
+            [
+                (m.queue_id, m.envelope.kind, m.envelope.mail_from, m.envelope.client_ip,
+                 m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
+                for m in messages
+            ],
+        )
+        (last,) = cursor.execute("SELECT coalesce(max(id), 0) FROM queue_recipients").fetchone()
+        out: list[list[int]] = []
+        rows = []
+        next_id = int(last) + 1
+        for m in messages:
+            owner, until = (node_id, lease_until) if m.leased else (None, None)
+            ids = []
+            for r in m.envelope.recipients:
+                rows.append((next_id, m.queue_id, r.address, r.domain_id, QUEUED, now, owner,
+                             until, now))
+                ids.append(next_id)
+                next_id += 1
+            out.append(ids)
+        cursor.executemany(_SQLITE_INSERT_RECIPIENT, rows)
+    finally:
+        cursor.close()
     return out
 
 

@@ -57,6 +57,7 @@ MAX_RESULTS = 4000
 # oldest is this old: few large results transactions leave the lane to the accepts.
 RESULTS_BATCH = 500
 RESULTS_DELAY = 0.25
+LOAD_COMMITS = 16
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
 
@@ -201,6 +202,7 @@ class Spool:
         self._results_since = 0.0
         self._results_timer: IDelayedCall | None = None
         self._flushing = False
+        self._recent_commits: deque[float] = deque()
         self.commits = 0  # group transactions run (for tests and the benchmark)
 
     # -- the API ------------------------------------------------------------------------
@@ -257,6 +259,16 @@ class Spool:
 
     # -- the lane -----------------------------------------------------------------------
 
+    def _under_load(self) -> bool:
+        """Whether accepts are streaming in (LOAD_COMMITS group commits within the last
+        RESULTS_DELAY): then results wait to be written in large groups, since every
+        transaction in the lane delays the next 250."""
+        recent = self._recent_commits
+        horizon = self.clock.seconds() - RESULTS_DELAY
+        while recent and recent[0] < horizon:
+            recent.popleft()
+        return len(recent) >= LOAD_COMMITS
+
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         size = 0
@@ -270,14 +282,15 @@ class Spool:
 
     def _kick(self) -> None:
         """Start the next transaction: chores first, then accepts; results when the lane
-        has nothing else to do, or once enough of them (or old enough ones) have gathered."""
+        has nothing else to do and mail is not streaming in, or once enough of them (or old
+        enough ones) have gathered."""
         if self._busy:
             return
         results_ready = bool(self._results) and not (
             self._retry is not None and self._retry.active()
         )
         results_due = results_ready and (
-            not self._pending
+            (not self._pending and not self._under_load())
             or self._flushing
             or len(self._results) >= RESULTS_BATCH
             or self.clock.seconds() - self._results_since >= RESULTS_DELAY
@@ -338,6 +351,7 @@ class Spool:
                 p.done.errback(SpoolError(f"commit failed: {e}"))
         else:
             self.commits += 1
+            self._recent_commits.append(now)
             self.metrics.accepted.inc(len(batch))
             if consumer is not None:
                 self._hand_over(consumer, now, messages, ids)
