@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.queue.spool import SpoolError
@@ -17,7 +18,7 @@ from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue
 
 
 class GatedDatabase:
-    """A synchronous test Database whose accept transactions complete only when released,
+    """A synchronous test Database whose commit groups (`stream`) complete only when released,
     as a real commit in flight would; it counts transactions and can fail them."""
 
     def __init__(self) -> None:
@@ -27,21 +28,37 @@ class GatedDatabase:
         self.gates: list[defer.Deferred[None]] = []
         self.accept_batches: list[int] = []
         self.fail_next = False
+        self.transactions: list[str] = []
+        self.group_results: list[int] = []
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        if name != "queue_commit":
-            return self.inner.run(name, fn, *args, **kw)
-        gate: defer.Deferred[None] = defer.Deferred()
-        self.gates.append(gate)
-        self.accept_batches.append(len(args[0]))
+        self.transactions.append(name)
+        return self.inner.run(name, fn, *args, **kw)
 
-        def go(_: object) -> Any:
-            if self.fail_next:
-                self.fail_next = False
-                raise RuntimeError("disk full")
-            return self.inner.run(name, fn, *args, **kw)
+    def stream(
+        self, name: str, take: Callable[[], Any], fn: Callable[..., Any],
+        done: Callable[[Any, Any], None],
+    ) -> defer.Deferred[None]:
+        """Database.stream with each group's transaction held at a gate."""
 
-        return gate.addCallback(go)
+        async def loop() -> None:
+            while True:
+                batch = take()
+                if not batch:
+                    return
+                gate: defer.Deferred[None] = defer.Deferred()
+                self.gates.append(gate)
+                self.accept_batches.append(len(batch))
+                self.group_results.append(len(getattr(batch, "results", ())))
+                await gate
+                if self.fail_next:
+                    self.fail_next = False
+                    done(batch, Failure(RuntimeError("disk full")))
+                    return
+                result = self.inner.run(name, fn, batch)
+                done(batch, result.result)
+
+        return defer.Deferred.fromCoroutine(loop())
 
     def read(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return self.inner.read(name, fn, *args, **kw)
@@ -149,3 +166,26 @@ class SpoolTests(TestCase):
         ))
         self.assertIsNone(owner)
         self.assertEqual(self.connector.delivered, [])
+
+    def test_results_ride_along_in_the_next_group_commit(self) -> None:
+        """While mail streams in, a delivery result is written by the next group commit,
+        not by a transaction of its own (which would delay the next 250)."""
+        self.q.runner.start()
+        first = self.accept("Q1")
+        second = self.accept("Q2")
+        self.db.release()  # Q1 commits and is delivered at once by the scripted hop
+        self.successResultOf(first)
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+        self.assertNoResult(second)
+        self.db.release()  # Q2's group, carrying Q1's result
+        self.successResultOf(second)
+        states = done(self.db.inner.read(
+            "s", lambda c: dict(c.execute(
+                select(queue_recipients.c.message_id, queue_recipients.c.state)
+            ).all())
+        ))
+        self.assertEqual(states["Q1"], "delivered")
+        self.assertEqual(self.db.group_results, [0, 1])
+        # Q2's own result, recorded once the lane was quiet, got a transaction.
+        self.assertEqual(self.db.transactions.count("queue_results"), 1)
+        self.q.runner.running = False

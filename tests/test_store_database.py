@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database, StoreError
@@ -71,6 +72,45 @@ class DatabaseTestsMixin(DatabaseMixin):
         found, thread = await self.db.read("names", names)
         self.assertEqual(found, ["alice"])
         self.assertNotEqual(thread, reactor_thread)
+
+    async def test_stream_commits_batches_back_to_back_and_reports_each(self) -> None:
+        """`stream` runs one transaction per batch on a pool thread, calls `done` in the
+        reactor thread after each, and ends when `take` has nothing more."""
+        reactor_thread = threading.get_ident()
+        batches: list[list[str]] = [["a1", "a2"], ["b1"]]
+        done: list[tuple[list[str], Any, int]] = []
+
+        def txn(conn: Connection, batch: list[str]) -> int:
+            for name in batch:
+                _add_user(conn, name)
+            return threading.get_ident()
+
+        def report(batch: list[str], result: Any) -> None:
+            done.append((batch, result, threading.get_ident()))
+
+        await self.db.stream("users", lambda: batches.pop(0) if batches else None, txn,
+                             report)
+        self.assertEqual([b for b, _, _ in done], [["a1", "a2"], ["b1"]])
+        self.assertEqual({t for _, _, t in done}, {reactor_thread})
+        self.assertNotIn(reactor_thread, {r for _, r, _ in done})
+        self.assertEqual(await self.db.read("n", _count_users), 3)
+
+    async def test_stream_reports_a_failed_batch_and_stops(self) -> None:
+        batches: list[list[str]] = [["ok"], ["dup", "dup"], ["never"]]
+        done: list[tuple[list[str], Any]] = []
+
+        def txn(conn: Connection, batch: list[str]) -> None:
+            for name in batch:
+                _add_user(conn, name)
+
+        await self.db.stream("users", lambda: batches.pop(0) if batches else None, txn,
+                             lambda b, r: done.append((b, r)))
+        self.assertEqual([b for b, _ in done], [["ok"], ["dup", "dup"]])
+        self.assertIsNone(done[0][1])
+        self.assertIsInstance(done[1][1], Failure)
+        self.assertTrue(done[1][1].check(IntegrityError))
+        self.assertEqual(batches, [["never"]])
+        self.assertEqual(await self.db.read("n", _count_users), 1)
 
     async def test_exception_rolls_back_the_whole_transaction(self) -> None:
         """Everything a failing function wrote is undone, and its exception reaches the caller."""

@@ -3,14 +3,19 @@
 `Spool.accept` returns only once the message bytes and its envelope are committed (SQLite
 with `synchronous=FULL`, or a PostgreSQL commit). Commits are grouped: while one transaction
 is in flight, the accepts that arrive wait together and go into the next single transaction,
-so one fsync covers many messages. A batch is capped in messages and bytes. Each caller's
-await completes after its batch commits, or raises SpoolError, and the server answers 451.
+so one fsync covers many messages. The groups are committed back to back on one pool thread
+(`Database.stream`), without waiting for the reactor between them. A group is capped in
+messages and bytes. Each caller's await completes after its group commits, or raises
+SpoolError, and the server answers 451.
 
-The spool is the queue's one write lane: new messages, delivery results (`record`, written
-in large groups, when the lane is free or they have waited RESULTS_DELAY, through a twin
-connection that does not wait for the disk, see `relaxed_twin`) and the sweeper's chores
-(`run_serialized`) take turns, one transaction at a time, so two
-writers of ours never meet on SQLite's lock (where its busy handler would sleep).
+The spool is the queue's one write lane: new messages, delivery results and the sweeper's
+chores (`run_serialized`) take turns, one transaction at a time, so two writers of ours never
+meet on SQLite's lock (where its busy handler would sleep). Delivery results (`record`)
+ride along in the next group commit while mail streams in; when the lane is quiet they get
+their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
+oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
+(see `relaxed_twin`). A result lost in a crash means a redelivery (a duplicate), never a
+lost message, so these waits trade a few duplicates for fewer transactions.
 
 The accepting node inserts the recipients already leased to itself (when its runner has
 room) and hands them straight to the runner, so delivery starts without waiting for a poll.
@@ -29,6 +34,7 @@ from sqlalchemy.engine import make_url
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailcore.queue.envelope import Envelope, Recipient
 from mailcore.queue.ids import new_queue_id
@@ -55,8 +61,8 @@ T = TypeVar("T")
 MAX_RESULTS = 4000
 # While accepts are waiting, results wait for the lane until this many have gathered or the
 # oldest is this old: few large results transactions leave the lane to the accepts.
-RESULTS_BATCH = 500
-RESULTS_DELAY = 0.25
+RESULTS_BATCH = 200
+RESULTS_DELAY = 0.1
 LOAD_COMMITS = 16
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
@@ -79,13 +85,38 @@ class Consumer(Protocol):
 
 
 class _Pending:
-    __slots__ = ("body", "done", "envelope", "queue_id")
+    __slots__ = ("body", "done", "envelope", "leased", "queue_id")
 
-    def __init__(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
+    def __init__(self, queue_id: str, envelope: Envelope, body: bytes, leased: bool) -> None:
         self.queue_id = queue_id
         self.envelope = envelope
         self.body = body
+        self.leased = leased  # the runner reserved room: insert it leased to this node
         self.done: defer.Deferred[None] = defer.Deferred()
+
+
+class _Group:
+    """What one transaction of the commit stream writes: new messages, and results."""
+
+    __slots__ = ("batch", "results")
+
+    def __init__(self, batch: list[_Pending], results: list[Result]) -> None:
+        self.batch = batch
+        self.results = results
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+class _Committed:
+    __slots__ = ("dsns", "ids", "messages", "now")
+
+    def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
+                 dsns: list[tuple[Job, bytes]]) -> None:
+        self.now = now
+        self.messages = messages
+        self.ids = ids
+        self.dsns = dsns
 
 
 class _Chore:
@@ -194,7 +225,9 @@ class Spool:
         self.consumer = consumer
         self.reporting_mta = reporting_mta
         self._pending: deque[_Pending] = deque()
-        self._results: list[Result] = []
+        # Appended by the reactor thread, taken by it or by the commit stream's thread
+        # (deque appends and pops are atomic).
+        self._results: deque[Result] = deque()
         self._chores: deque[_Chore] = deque()
         self._busy = False
         self._idle: list[defer.Deferred[None]] = []
@@ -203,6 +236,7 @@ class Spool:
         self._results_timer: IDelayedCall | None = None
         self._flushing = False
         self._recent_commits: deque[float] = deque()
+        self._yield_lane = False
         self.commits = 0  # group transactions run (for tests and the benchmark)
 
     # -- the API ------------------------------------------------------------------------
@@ -211,7 +245,9 @@ class Spool:
         """Commit one message; returns when it is durable, raises SpoolError otherwise."""
         if not envelope.recipients:
             raise SpoolError("a message needs at least one recipient")
-        item = _Pending(queue_id, envelope, data)
+        n = len(envelope.recipients)
+        leased = self.consumer is not None and self.consumer.reserve(n)
+        item = _Pending(queue_id, envelope, data, leased)
         self._pending.append(item)
         self._kick()
         await item.done
@@ -284,8 +320,6 @@ class Spool:
         """Start the next transaction: chores first, then accepts; results when the lane
         has nothing else to do and mail is not streaming in, or once enough of them (or old
         enough ones) have gathered."""
-        if self._busy:
-            return
         results_ready = bool(self._results) and not (
             self._retry is not None and self._retry.active()
         )
@@ -295,18 +329,22 @@ class Spool:
             or len(self._results) >= RESULTS_BATCH
             or self.clock.seconds() - self._results_since >= RESULTS_DELAY
         )
+        if self._busy:
+            if self._chores:
+                self._yield_lane = True  # the commit stream stops after its current group
+            return
+        self._yield_lane = False
         if self._chores:
             self._busy = True
             defer.Deferred.fromCoroutine(self._run_chore(self._chores.popleft()))
         elif results_due:
             self._busy = True
-            results = self._results[:MAX_RESULTS]
-            del self._results[:MAX_RESULTS]
+            results = self._take_results()
             self._results_since = self.clock.seconds()
             defer.Deferred.fromCoroutine(self._write_results(results))
         elif self._pending:
             self._busy = True
-            defer.Deferred.fromCoroutine(self._commit(self._take_batch()))
+            defer.Deferred.fromCoroutine(self._commit_stream())
         elif not self._results:
             if self._results_timer is not None and self._results_timer.active():
                 self._results_timer.cancel()
@@ -327,39 +365,76 @@ class Spool:
             self._busy = False
             self._kick()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
-        now = self.clock.seconds()
-        consumer = self.consumer
-        messages: list[NewMessage] = []
-        reserved = 0
-        for p in batch:
-            n = len(p.envelope.recipients)
-            leased = consumer is not None and consumer.reserve(n)
-            if leased:
-                reserved += n
-            messages.append(NewMessage(p.queue_id, p.envelope, p.body, leased))
+    async def _commit_stream(self) -> None:
+        """Commit groups of pending messages back to back until none are left or the lane
+        is wanted for a chore or results (see `Database.stream`)."""
         try:
-            ids = await self.db.run(
-                "queue_commit", thd_insert_messages, messages, self.settings.node_id, now,
-                now + self.settings.lease_seconds,
+            await self.db.stream(
+                "queue_commit", self._take_for_stream, self._thd_commit, self._committed
             )
-        except Exception as e:
-            log.failure("spool commit of {n} messages failed", n=len(batch))
-            if consumer is not None and reserved:
-                consumer.unreserve(reserved)
-            for p in batch:
-                p.done.errback(SpoolError(f"commit failed: {e}"))
-        else:
-            self.commits += 1
-            self._recent_commits.append(now)
-            self.metrics.accepted.inc(len(batch))
-            if consumer is not None:
-                self._hand_over(consumer, now, messages, ids)
-            for p in batch:
-                p.done.callback(None)
+        except Exception:  # pragma: no cover - the stream reports failures through _committed
+            log.failure("spool commit stream failed")
         finally:
             self._busy = False
             self._kick()
+
+    def _take_results(self) -> list[Result]:
+        """Up to MAX_RESULTS waiting results (either thread)."""
+        out: list[Result] = []
+        results = self._results
+        while results and len(out) < MAX_RESULTS:
+            out.append(results.popleft())
+        return out
+
+    def _take_for_stream(self) -> _Group | None:
+        """Called on the stream's pool thread: the next group, unless the lane is wanted.
+        Only the stream takes from `_pending` (the reactor thread only appends to it).
+        Delivery results waiting meanwhile ride along in the same transaction, so that
+        under load they are written within one group commit, without a lane turn of
+        their own."""
+        if self._yield_lane:
+            return None
+        batch = self._take_batch()
+        if not batch:
+            return None
+        results = self._take_results() if self._retry is None else []
+        return _Group(batch, results)
+
+    def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
+        now = self.clock.seconds()
+        until = now + self.settings.lease_seconds
+        messages = [NewMessage(p.queue_id, p.envelope, p.body, p.leased) for p in group.batch]
+        ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until)
+        dsns = (
+            thd_record_results(conn, group.results, self.settings.node_id, now, until,
+                               self.reporting_mta)
+            if group.results else []
+        )
+        return _Committed(now, messages, ids, dsns)
+
+    def _committed(self, group: _Group, result: _Committed | Failure) -> None:
+        """In the reactor thread, after a group's transaction: answer its callers."""
+        consumer = self.consumer
+        batch = group.batch
+        if isinstance(result, Failure):
+            log.failure("spool commit of {n} messages failed", result, n=len(batch))
+            reserved = sum(len(p.envelope.recipients) for p in batch if p.leased)
+            if consumer is not None and reserved:
+                consumer.unreserve(reserved)
+            for p in batch:
+                p.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
+            if group.results:
+                self._results.extendleft(reversed(group.results))
+            return
+        self.commits += 1
+        self._recent_commits.append(result.now)
+        self.metrics.accepted.inc(len(batch))
+        if consumer is not None:
+            self._hand_over(consumer, result.now, result.messages, result.ids)
+            if result.dsns:
+                consumer.enqueue_new(result.dsns)
+        for p in batch:
+            p.done.callback(None)
 
     async def _write_results(self, results: list[Result]) -> None:
         now = self.clock.seconds()
@@ -370,7 +445,7 @@ class Spool:
             )
         except Exception:
             log.failure("writing {n} delivery results failed; retrying", n=len(results))
-            self._results[:0] = results
+            self._results.extendleft(reversed(results))
             self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
         else:
             if dsns and self.consumer is not None:

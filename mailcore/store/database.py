@@ -16,11 +16,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailcore.store.engine import WRITE_INTENT, is_sqlite, make_engine
 
 T = TypeVar("T")
+B = TypeVar("B")
 P = ParamSpec("P")
 
 log = Logger()
@@ -124,6 +126,44 @@ class Database:
     ) -> defer.Deferred[T]:
         """Like `run`, for work that only reads (no write lock is taken on SQLite)."""
         return self._defer(self._transaction, name, False, fn, *args, **kwargs)
+
+    def stream(
+        self,
+        name: str,
+        take: Callable[[], B | None],
+        fn: Callable[[Connection, B], T],
+        done: Callable[[B, T | Failure], None],
+    ) -> defer.Deferred[None]:
+        """Run write transactions back to back on one pool thread, without a trip through
+        the reactor between them: `take()` (called on the pool thread; it must be safe
+        there) gives the next batch, `fn(conn, batch)` runs in its own transaction, and
+        `done(batch, result)` is called in the reactor thread after each commit (with a
+        Failure when the transaction failed, which also ends the stream). The stream ends
+        when `take()` returns nothing; the Deferred fires after the last `done`.
+
+        For a write lane such as the spool's group commit: the next group starts while the
+        reactor is still answering the previous one.
+        """
+
+        def loop() -> None:
+            while True:
+                batch = take()
+                if not batch:
+                    return
+                try:
+                    result = self._transaction(name, True, fn, batch)
+                except Exception:
+                    self._in_reactor(done, batch, Failure())
+                    return
+                self._in_reactor(done, batch, result)
+
+        return self._defer(loop)
+
+    def _in_reactor(self, fn: Callable[..., object], *args: Any) -> None:
+        if self._pool is None:
+            fn(*args)
+        else:
+            self._reactor.callFromThread(fn, *args)
 
     def _defer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         if self._pool is None:
