@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IPullProducer, IReactorTime, IStreamClie
 from zope.interface import implementer
 
 from filters._net import Address, Exchange, ProtocolViolation, run_exchange, with_deadline
-from filters.interface import FilterError, MessageTooLarge, ScanContext, Verdict
+from filters.interface import FilterError, MessageTooLarge, ScanContext, Verdict, refuse_oversized
 
 DEFAULT_PORT = 3310
 DEFAULT_CHUNK = 64 * 1024
@@ -176,10 +176,7 @@ class ClamdClient:
 
     async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
         """Stream the message to clamd; a FOUND line makes it a virus."""
-        if self.max_size and len(message) > self.max_size:
-            raise MessageTooLarge(
-                self.name, f"message of {len(message)} bytes exceeds max_size {self.max_size} "
-                "(clamd's StreamMaxLength)")
+        refuse_oversized(self.name, message, self.max_size, " (clamd's StreamMaxLength)")
         reply = await self._ask(b"zINSTREAM\0", message)
         return verdict_from_reply(self.name, reply)
 

@@ -9,6 +9,7 @@ per RFC 6532, groups such as `undisclosed-recipients:;`) and rejects what none c
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_tz
 
@@ -204,60 +205,51 @@ def _strip_comments(value: str) -> str:
     return "".join(out)
 
 
-def _split_top_level(value: str, sep: str) -> list[str]:
-    """Split at `sep` outside quotes, angle brackets and groups (`name: a, b;`)."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    angle = False
-    group = False
-    escaped = False
-    for ch in value:
-        if escaped:
-            escaped = False
-            current.append(ch)
-            continue
-        if ch == "\\":
-            escaped = True
-            current.append(ch)
-            continue
-        if ch == '"':
-            quoted = not quoted
-        elif not quoted:
-            if ch == "<":
-                angle = True
-            elif ch == ">":
-                angle = False
-            elif ch == ":" and not angle:
-                group = True
-            elif ch == ";" and not angle:
-                group = False
-            elif ch == sep and not angle and not group:
-                parts.append("".join(current))
-                current = []
-                continue
-        current.append(ch)
-    parts.append("".join(current))
-    return parts
-
-
-def _find_top_level(value: str, target: str) -> int | None:
+def _unquoted(value: str) -> Iterator[tuple[int, str, bool]]:
+    """(index, character, inside <>) of each character that may be structure: outside
+    quotes, not escaped, and not itself a quote, backslash or angle bracket."""
     quoted = False
     angle = False
     escaped = False
     for i, ch in enumerate(value):
         if escaped:
             escaped = False
-            continue
-        if ch == "\\":
+        elif ch == "\\":
             escaped = True
         elif ch == '"':
             quoted = not quoted
-        elif not quoted:
-            if ch == "<":
-                angle = True
-            elif ch == ">":
-                angle = False
-            elif ch == target and not angle:
-                return i
+        elif quoted:
+            continue
+        elif ch == "<":
+            angle = True
+        elif ch == ">":
+            angle = False
+        else:
+            yield i, ch, angle
+
+
+def _split_top_level(value: str, sep: str) -> list[str]:
+    """Split at `sep` outside quotes, angle brackets and groups (`name: a, b;`)."""
+    parts: list[str] = []
+    begin = 0
+    group = False
+    for i, ch, angle in _unquoted(value):
+        if angle:
+            continue
+        if ch == ":":
+            group = True
+        elif ch == ";":
+            group = False
+        elif ch == sep and not group:
+            parts.append(value[begin:i])
+            begin = i + 1
+    parts.append(value[begin:])
+    return parts
+
+
+def _find_top_level(value: str, target: str) -> int | None:
+    """The index of the first `target` outside quotes and angle brackets, or None."""
+    for i, ch, angle in _unquoted(value):
+        if ch == target and not angle:
+            return i
     return None

@@ -129,6 +129,14 @@ class MessageTooLarge(FilterError):
         super().__init__(filter_name, reason, permanent=True)
 
 
+def refuse_oversized(filter_name: str, message: bytes, max_size: int, limit: str = "") -> None:
+    """MessageTooLarge when the message is larger than `max_size` (0: no limit); `limit`
+    says what that limit is on the daemon's side."""
+    if max_size and len(message) > max_size:
+        raise MessageTooLarge(
+            filter_name, f"message of {len(message)} bytes exceeds max_size {max_size}{limit}")
+
+
 class FilterUnavailable(Exception):
     """The chain could not scan the message because a fail-closed filter gave no verdict.
 

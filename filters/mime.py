@@ -184,39 +184,56 @@ def _walk_entity(
     if ctype.startswith("multipart/"):
         boundary = holder.get_param("boundary")
         if isinstance(boundary, str) and 0 < len(boundary) <= _MAX_BOUNDARY:
-            if depth + 1 > limits.max_depth:
-                _problem(result, f"MIME nesting deeper than {limits.max_depth}")
+            if _too_deep(depth, limits, result):
                 return
             child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
             for index, sub in enumerate(_split_multipart(body, boundary), start=1):
                 if result.part_count >= limits.max_parts:
                     _problem(result, f"more than {limits.max_parts} MIME parts")
                     return
-                header_block, sub_body, complete = split_header(sub, limits.max_header_bytes)
-                if not complete:
-                    _problem(result, f"part header larger than {limits.max_header_bytes} bytes")
+                entity = _split_entity(sub, limits, result)
+                if entity is None:
                     continue
-                sub_fields, _ = parse_fields(header_block)
+                sub_fields, sub_body = entity
                 _walk_entity(sub_fields, sub_body, depth + 1, _join(position, index),
                              limits, result, child_default)
             return
         # A multipart without a usable boundary is scanned as one opaque leaf.
     decoded = decode_body(body, encoding)
     if ctype == "message/rfc822":
-        if depth + 1 > limits.max_depth:
-            _problem(result, f"MIME nesting deeper than {limits.max_depth}")
+        if _too_deep(depth, limits, result):
             return
-        header_block, inner_body, complete = split_header(decoded, limits.max_header_bytes)
-        if not complete:
-            _problem(result, f"part header larger than {limits.max_header_bytes} bytes")
+        entity = _split_entity(decoded, limits, result)
+        if entity is None:
             return
-        inner_fields, _ = parse_fields(header_block)
+        inner_fields, inner_body = entity
         _walk_entity(inner_fields, inner_body, depth + 1, _join(position, 1), limits, result)
         return
     result.parts.append(Part(
         content_type=ctype, filename=_filename(holder), encoding=encoding, body=decoded,
         depth=depth, position=position,
     ))
+
+
+def _too_deep(depth: int, limits: MimeLimits, result: ParsedMessage) -> bool:
+    """Whether an entity at `depth` may not have children (the problem is noted)."""
+    if depth + 1 > limits.max_depth:
+        _problem(result, f"MIME nesting deeper than {limits.max_depth}")
+        return True
+    return False
+
+
+def _split_entity(
+    raw: bytes, limits: MimeLimits, result: ParsedMessage
+) -> tuple[list[HeaderField], bytes] | None:
+    """The header fields and body of a nested entity; None (the problem noted) when its
+    header is larger than the limit."""
+    header_block, body, complete = split_header(raw, limits.max_header_bytes)
+    if not complete:
+        _problem(result, f"part header larger than {limits.max_header_bytes} bytes")
+        return None
+    fields, _ = parse_fields(header_block)
+    return fields, body
 
 
 def _problem(result: ParsedMessage, text: str) -> None:

@@ -26,7 +26,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from filters._net import Address, client_endpoint, parse_address, with_deadline
-from filters.interface import FilterError, MessageTooLarge, ScanContext, Symbol, Verdict
+from filters.interface import FilterError, ScanContext, Symbol, Verdict, refuse_oversized
 
 DEFAULT_PORT = 11333
 DEFAULT_SPAM_ACTIONS = ("reject", "rewrite subject", "add header")
@@ -204,9 +204,7 @@ class RspamdClient:
 
     async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
         """POST the message to /checkv2 and read rspamd's decision."""
-        if self.max_size and len(message) > self.max_size:
-            raise MessageTooLarge(
-                self.name, f"message of {len(message)} bytes exceeds max_size {self.max_size}")
+        refuse_oversized(self.name, message, self.max_size)
         headers = request_headers(context)
         body = await with_deadline(
             self.name, self.clock, self.timeout,

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from filters._net import Address, Exchange, ProtocolViolation, run_exchange, with_deadline
-from filters.interface import FilterError, MessageTooLarge, ScanContext, Symbol, Verdict
+from filters.interface import FilterError, ScanContext, Symbol, Verdict, refuse_oversized
 
 COMMANDS = ("SYMBOLS", "CHECK", "REPORT")
 DEFAULT_PORT = 783
@@ -211,9 +211,7 @@ class SpamdClient:
 
     async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
         """Send the message to spamd; its Spam header decides."""
-        if self.max_size and len(message) > self.max_size:
-            raise MessageTooLarge(
-                self.name, f"message of {len(message)} bytes exceeds max_size {self.max_size}")
+        refuse_oversized(self.name, message, self.max_size)
         request = build_request(self.command, message, self.user)
         reply = await with_deadline(self.name, self.clock, self.timeout, self._ask(request))
         return verdict_from_reply(self.name, self.command, reply)

@@ -66,7 +66,7 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from http.cookiejar import Cookie
 from typing import Any
@@ -539,6 +539,10 @@ class _Subscriber:
     events: tuple[str, ...]
 
 
+# Reads, in a transaction, the event data of one batch of ids (None: nothing to tell).
+_Build = Callable[[Connection, list[int]], dict[str, Any] | None]
+
+
 def thd_enqueue(
     conn: Connection, user_id: int, event: str, data_list: Sequence[dict[str, Any]],
     subscribers: Sequence[_Subscriber], created: datetime.datetime, now: float,
@@ -751,35 +755,41 @@ class Webhooks:
             }
             total += await self.db.run("enqueue_webhooks", thd_enqueue, user_id,
                                        "sync.completed", [data], subscribers, created, now)
-        if "email.new" in wanted:
-            ids = list(result.new_message_ids)
+
+        async def in_batches(name: str, event: str, ids: list[int], build: _Build) -> int:
+            """Queue `event` once per BATCH of `ids`, with the data `build` reads for them
+            in the same transaction (None: nothing of that batch to tell)."""
+            queued = 0
             for start in range(0, len(ids), BATCH):
                 chunk = ids[start:start + BATCH]
 
-                def emails_txn(conn: Connection, chunk: list[int] = chunk) -> int:
-                    found = thd_get_messages(conn, user_id, chunk)
-                    if not found:
+                def txn(conn: Connection, chunk: list[int] = chunk) -> int:
+                    data = build(conn, chunk)
+                    if data is None:
                         return 0
-                    data = {"imap_server": account,
-                            "emails": [email_json(d.summary) for d in found]}
-                    return thd_enqueue(conn, user_id, "email.new", [data], subscribers,
-                                       created, now)
+                    return thd_enqueue(conn, user_id, event, [data], subscribers, created, now)
 
-                total += await self.db.run("enqueue_email_webhooks", emails_txn)
+                queued += await self.db.run(name, txn)
+            return queued
+
+        def new_emails(conn: Connection, chunk: list[int]) -> dict[str, Any] | None:
+            found = thd_get_messages(conn, user_id, chunk)
+            if not found:
+                return None
+            return {"imap_server": account, "emails": [email_json(d.summary) for d in found]}
+
+        def updated_threads(conn: Connection, chunk: list[int]) -> dict[str, Any] | None:
+            entries = _thread_entries(conn, user_id, chunk)
+            if not entries:
+                return None
+            return {"imap_server": account, "threads": entries}
+
+        if "email.new" in wanted:
+            total += await in_batches("enqueue_email_webhooks", "email.new",
+                                      list(result.new_message_ids), new_emails)
         if "thread.updated" in wanted:
-            tids = sorted(result.thread_ids)
-            for start in range(0, len(tids), BATCH):
-                tchunk = tids[start:start + BATCH]
-
-                def threads_txn(conn: Connection, tchunk: list[int] = tchunk) -> int:
-                    entries = _thread_entries(conn, user_id, tchunk)
-                    if not entries:
-                        return 0
-                    data = {"imap_server": account, "threads": entries}
-                    return thd_enqueue(conn, user_id, "thread.updated", [data], subscribers,
-                                       created, now)
-
-                total += await self.db.run("enqueue_thread_webhooks", threads_txn)
+            total += await in_batches("enqueue_thread_webhooks", "thread.updated",
+                                      sorted(result.thread_ids), updated_threads)
         if total and self.sender is not None:
             self.sender.kick()
         return total

@@ -75,6 +75,17 @@ class AuthPolicy:
         return ApiError(status, message, key=self.key, code=self.error_code, headers=extra_headers)
 
 
+def api_key_scheme(
+    name: str, description: str | None = None, *, where: str = "header"
+) -> dict[str, str]:
+    """An OpenAPI `apiKey` security scheme: the secret travels in the header (or query
+    parameter, `where="query"`) called `name`."""
+    scheme = {"type": "apiKey", "in": where, "name": name}
+    if description is not None:
+        scheme["description"] = description
+    return scheme
+
+
 IMAP2API = AuthPolicy(
     name="imap2api",
     kinds=("token",),
@@ -87,13 +98,10 @@ IMAP2API = AuthPolicy(
     },
     challenge="Token",
     security_schemes={
-        "imap2apiToken": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Authorization",
-            "description": "`Authorization: Token <token>`; the token comes from "
-            "POST /api-token-auth/.",
-        }
+        "imap2apiToken": api_key_scheme(
+            "Authorization",
+            "`Authorization: Token <token>`; the token comes from POST /api-token-auth/.",
+        )
     },
 )
 
@@ -105,13 +113,11 @@ MAIL_API = AuthPolicy(
     query=("auth_key",),
     messages={"missing": "unauthorized", "invalid": "unauthorized"},
     security_schemes={
-        "mailapiAuthKey": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Auth-Key",
-            "description": "The auth_key from POST /api/v1/auth/ (also accepted as header "
+        "mailapiAuthKey": api_key_scheme(
+            "Auth-Key",
+            "The auth_key from POST /api/v1/auth/ (also accepted as header "
             "or query parameter `auth_key`, or `Authorization: Token <key>`).",
-        }
+        )
     },
 )
 
@@ -121,12 +127,9 @@ PROTECMAIL = AuthPolicy(
     headers=("Api-Key",),
     messages={"missing": "missing Api-Key header", "invalid": "invalid Api-Key"},
     security_schemes={
-        "protecmailApiKey": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Api-Key",
-            "description": "An API key (`mailcore apikey create NAME`).",
-        }
+        "protecmailApiKey": api_key_scheme(
+            "Api-Key", "An API key (`mailcore apikey create NAME`)."
+        )
     },
 )
 
@@ -139,18 +142,8 @@ SAFEDROP_KEY = AuthPolicy(
         "invalid": "Invalid X-Auth-User or X-Auth-Key.",
     },
     security_schemes={
-        "safedropUser": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "X-Auth-User",
-            "description": "The e-mail address of the account.",
-        },
-        "safedropApiKey": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "X-Auth-Key",
-            "description": "An API key of that account.",
-        },
+        "safedropUser": api_key_scheme("X-Auth-User", "The e-mail address of the account."),
+        "safedropApiKey": api_key_scheme("X-Auth-Key", "An API key of that account."),
     },
     all_required=True,
 )
@@ -164,13 +157,11 @@ SAFEDROP = AuthPolicy(
         "invalid": "The authentication token is invalid or has expired.",
     },
     security_schemes={
-        "safedropToken": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "X-Auth-Token",
-            "description": "A temporary token from GET / (or /auth) with X-Auth-User and "
+        "safedropToken": api_key_scheme(
+            "X-Auth-Token",
+            "A temporary token from GET / (or /auth) with X-Auth-User and "
             "X-Auth-Key; `Auth-Token` is accepted too.",
-        }
+        )
     },
 )
 
@@ -207,11 +198,7 @@ DROPMYEMAIL = AuthPolicy(
                 }
             },
         },
-        "dropmyemailAccessToken": {
-            "type": "apiKey",
-            "in": "query",
-            "name": "access_token",
-        },
+        "dropmyemailAccessToken": api_key_scheme("access_token", where="query"),
     },
 )
 

@@ -62,6 +62,27 @@ from mailcore.webhooks import (
 from web.api import ApiApp
 from web.auth import IMAP2API, CredentialResolver
 from web.errors import ApiError, DrfErrors, field_error
+from web.imap2api_schemas import (
+    CREDENTIALS_SCHEMA,
+    DELIVERIES_QUERY,
+    DELIVERY_SCHEMA,
+    EMAIL_DETAIL_SCHEMA,
+    EMAIL_SCHEMA,
+    EMAILS_QUERY,
+    FOLDERS_SCHEMA,
+    PAGE_QUERY,
+    SERVER_FILTER_QUERY,
+    SERVER_INPUT_SCHEMA,
+    SERVER_SCHEMA,
+    STATISTICS_SCHEMA,
+    SYNC_SCHEMA,
+    THREAD_SCHEMA,
+    THREADS_QUERY,
+    TOKEN_SCHEMA,
+    WEBHOOK_INPUT_SCHEMA,
+    WEBHOOK_SCHEMA,
+    page_schema,
+)
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
 from web.parsing import (
@@ -98,214 +119,6 @@ _HOST = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5
 def both(path: str) -> tuple[str, str]:
     """A seed path under /api/ and under /api/v1/."""
     return f"/api{path}", f"/api/v1{path}"
-
-
-# -- schemas for the OpenAPI document --------------------------------------------------------
-
-CREDENTIALS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "username": {"type": "string", "description": "user name or e-mail address"},
-        "password": {"type": "string", "format": "password"},
-    },
-    "required": ["username", "password"],
-}
-TOKEN_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"token": {"type": "string"}},
-    "required": ["token"],
-}
-_TIME = {"type": ["string", "null"], "format": "date-time"}
-SERVER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer"},
-        "name": {"type": "string"},
-        "email": {"type": "string"},
-        "host": {"type": "string"},
-        "port": {"type": "integer"},
-        "username": {"type": "string"},
-        "use_ssl": {"type": "boolean"},
-        "start_tls": {"type": "boolean"},
-        "allow_cleartext": {"type": "boolean"},
-        "tls_fingerprint": {"type": ["string", "null"]},
-        "has_tls_ca": {"type": "boolean"},
-        "sync_limit_type": {"enum": list(SYNC_LIMIT_TYPES)},
-        "sync_limit_value": {"type": "integer"},
-        "folders_to_sync": {"type": "string", "description": 'comma-separated; "" is all'},
-        "exclude_trash": {"type": "boolean"},
-        "sync_interval": {"type": ["integer", "null"]},
-        "enabled": {"type": "boolean"},
-        "last_sync": _TIME,
-        "sync_status": {"enum": ["never", "running", "success", "error"]},
-        "sync_error": {"type": ["string", "null"]},
-        "sync_started_at": _TIME,
-        "sync_progress": {
-            "type": "object",
-            "properties": {
-                "folder": {"type": ["string", "null"]},
-                "done": {"type": "integer"},
-                "total": {"type": "integer"},
-            },
-        },
-        "created_at": _TIME,
-        "updated_at": _TIME,
-    },
-}
-SERVER_INPUT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "host, username and password are required on create; every field is "
-    "optional on update (PUT and PATCH change only what is given). use_ssl defaults to true "
-    "unless start_tls is set.",
-    "properties": {
-        "name": {"type": "string"},
-        "email": {"type": "string"},
-        "host": {"type": "string"},
-        "port": {"type": "integer"},
-        "username": {"type": "string"},
-        "password": {"type": "string", "format": "password", "writeOnly": True},
-        "use_ssl": {"type": "boolean"},
-        "start_tls": {"type": "boolean"},
-        "allow_cleartext": {"type": "boolean"},
-        "tls_ca_pem": {"type": ["string", "null"]},
-        "tls_fingerprint": {"type": ["string", "null"]},
-        "sync_limit_type": {"enum": list(SYNC_LIMIT_TYPES)},
-        "sync_limit_value": {"type": "integer"},
-        "folders_to_sync": {"type": ["string", "array"], "items": {"type": "string"}},
-        "exclude_trash": {"type": "boolean"},
-        "sync_interval": {"type": ["integer", "null"]},
-        "enabled": {"type": "boolean"},
-    },
-}
-EMAIL_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer"},
-        "message_id": {"type": "string"},
-        "subject": {"type": "string"},
-        "sender": {"type": "string"},
-        "recipient": {"type": "string"},
-        "date": _TIME,
-        "folder": {"type": "string"},
-        "thread_id": {"type": ["string", "null"], "examples": ["thread-123"]},
-        "thread_count": {"type": "integer"},
-        "imap_server": {"type": ["integer", "null"]},
-        "has_attachments": {"type": "boolean"},
-    },
-}
-THREAD_EMAIL_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer"},
-        "message_id": {"type": "string"},
-        "subject": {"type": "string"},
-        "sender": {"type": "string"},
-        "recipient": {"type": "string"},
-        "date": _TIME,
-        "body_text": {"type": "string"},
-        "body_html": {"type": "string"},
-        "folder": {"type": "string"},
-    },
-}
-EMAIL_DETAIL_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        **EMAIL_SCHEMA["properties"],
-        **THREAD_EMAIL_SCHEMA["properties"],
-        "cc": {"type": "string"},
-        "in_reply_to": {"type": "string"},
-        "references": {"type": "array", "items": {"type": "string"}},
-        "size": {"type": "integer"},
-        "flags": {"type": "array", "items": {"type": "string"}},
-        "attachments": {"type": "array", "items": {"type": "object"}},
-        "created_at": _TIME,
-        "updated_at": _TIME,
-        "thread_emails": {"type": "array", "items": THREAD_EMAIL_SCHEMA},
-    },
-}
-WEBHOOK_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer"},
-        "url": {"type": "string", "format": "uri"},
-        "events": {"type": "array", "items": {"enum": list(EVENTS)}},
-        "description": {"type": "string"},
-        "active": {"type": "boolean"},
-        "created_at": _TIME,
-        "updated_at": _TIME,
-        "secret": {"type": "string", "description": "only when made or rotated"},
-    },
-}
-WEBHOOK_INPUT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "url is required on create; events default to all three. A secret "
-    "(16-256 characters) may be given, else one is made; rotate_secret=true makes a new one.",
-    "properties": {
-        "url": {"type": "string", "format": "uri"},
-        "events": {"type": "array", "items": {"enum": list(EVENTS)}},
-        "description": {"type": "string"},
-        "active": {"type": "boolean"},
-        "secret": {"type": "string", "writeOnly": True},
-        "rotate_secret": {"type": "boolean"},
-    },
-}
-DELIVERY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer"},
-        "delivery_id": {"type": "string", "format": "uuid"},
-        "event": {"enum": list(EVENTS)},
-        "status": {"enum": ["pending", "success", "failed", "cancelled"]},
-        "attempts": {"type": "integer"},
-        "last_status_code": {"type": ["integer", "null"]},
-        "last_error": {"type": ["string", "null"]},
-        "created_at": _TIME,
-        "last_attempt_at": _TIME,
-        "next_attempt_at": _TIME,
-        "completed_at": _TIME,
-        "payload": {"type": "object"},
-    },
-}
-SYNC_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "status": {"enum": ["success", "running"]},
-        "message": {"type": "string"},
-        "new_messages": {"type": "integer"},
-        "imap_server": SERVER_SCHEMA,
-    },
-    "required": ["status", "message"],
-}
-
-
-def page_schema(item: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "count": {"type": "integer"},
-            "next": {"type": ["string", "null"], "format": "uri"},
-            "previous": {"type": ["string", "null"], "format": "uri"},
-            "results": {"type": "array", "items": dict(item)},
-        },
-        "required": ["count", "next", "previous", "results"],
-    }
-
-
-PAGE_QUERY: dict[str, dict[str, Any]] = {
-    "page": {"type": ["integer", "string"], "description": 'page number (or "last")'},
-    "page_size": {"type": "integer", "description": "default 50, at most 100"},
-}
-FILTER_QUERY: dict[str, dict[str, Any]] = {
-    "q": {"type": "string", "description": "words in subject, sender, recipient or body"},
-    "folder": {"type": "string"},
-    "imap_server": {"type": "integer"},
-    "date_from": {"type": "string", "format": "date"},
-    "date_to": {"type": "string", "format": "date"},
-    "has_attachments": {"type": "boolean"},
-    "ordering": {"type": "string", "description": "e.g. -date, subject, sender, folder"},
-}
-EMAILS_QUERY = {**FILTER_QUERY, "thread": {"type": "boolean"}, **PAGE_QUERY}
-SERVER_FILTER_QUERY = {"imap_server": {"type": "integer"}}
 
 
 # -- representations -------------------------------------------------------------------------
@@ -477,21 +290,23 @@ def server_input(data: Mapping[str, Any], *, create: bool) -> dict[str, Any]:
     return out
 
 
+def _refusal(error: AccountError | WebhookError, *, not_found: bool) -> ApiError:
+    """A service's refusal as a DRF error: 404, or 400 naming the field (else
+    `non_field_errors`)."""
+    if not_found:
+        return ApiError(404, "Not found.")
+    field = error.field or "non_field_errors"
+    return ApiError(400, error.message, fields={field: [error.message]})
+
+
 def account_error(error: AccountError) -> ApiError:
     """An account refused by the fetch service, as a DRF error."""
-    if isinstance(error, AccountNotFound):
-        return ApiError(404, "Not found.")
-    if error.field:
-        return ApiError(400, error.message, fields={error.field: [error.message]})
-    return ApiError(400, error.message, fields={"non_field_errors": [error.message]})
+    return _refusal(error, not_found=isinstance(error, AccountNotFound))
 
 
 def webhook_error(error: WebhookError) -> ApiError:
-    if isinstance(error, WebhookNotFound):
-        return ApiError(404, "Not found.")
-    if error.field:
-        return ApiError(400, error.message, fields={error.field: [error.message]})
-    return ApiError(400, error.message, fields={"non_field_errors": [error.message]})
+    """A webhook refused by the webhook service, as a DRF error."""
+    return _refusal(error, not_found=isinstance(error, WebhookNotFound))
 
 
 def _day(params: Mapping[str, str], name: str) -> datetime.date | None:
@@ -516,6 +331,12 @@ def _server_filter(params: Mapping[str, str]) -> int | None:
     if not params.get("imap_server", "").strip():
         return None
     return int_field(params, "imap_server")
+
+
+def server_param(request: IRequest) -> int | None:
+    """The `imap_server` query parameter of a request (None: every server); 400 if bad."""
+    values = collect_fields({"imap_server": lambda: _server_filter(query_params(request))})
+    return values["imap_server"]
 
 
 def message_query(params: Mapping[str, str]) -> MessageQuery:
@@ -948,7 +769,7 @@ class Imap2ApiApp(ApiApp):
         "GET",
         summary="List email threads (one row per thread, its newest email)",
         auth=IMAP2API,
-        query={**FILTER_QUERY, **PAGE_QUERY},
+        query=THREADS_QUERY,
         replies={200: Reply("A page of threads", page_schema(EMAIL_SCHEMA))},
         errors=(400, 429),
     )
@@ -961,13 +782,12 @@ class Imap2ApiApp(ApiApp):
         summary="List the folders that hold emails",
         auth=IMAP2API,
         query=SERVER_FILTER_QUERY,
-        replies={200: Reply("Folder names", {"type": "array", "items": {"type": "string"}})},
+        replies={200: Reply("Folder names", FOLDERS_SCHEMA)},
         errors=(400, 429),
     )
     async def list_folders(self, request: IRequest) -> bytes:
         user_id = await self.user_id(request)
-        server = collect_fields({"imap_server": lambda: _server_filter(query_params(request))})
-        names = await self.messages.folder_names(user_id, server["imap_server"])
+        names = await self.messages.folder_names(user_id, server_param(request))
         return self.reply(request, names)
 
     @routes.route(
@@ -976,20 +796,12 @@ class Imap2ApiApp(ApiApp):
         summary="Email statistics: totals and emails per folder",
         auth=IMAP2API,
         query=SERVER_FILTER_QUERY,
-        replies={200: Reply("Statistics", {
-            "type": "object",
-            "properties": {
-                "total_emails": {"type": "integer"},
-                "total_threads": {"type": "integer"},
-                "folders": {"type": "object", "additionalProperties": {"type": "integer"}},
-            },
-        })},
+        replies={200: Reply("Statistics", STATISTICS_SCHEMA)},
         errors=(400, 429),
     )
     async def statistics(self, request: IRequest) -> bytes:
         user_id = await self.user_id(request)
-        server = collect_fields({"imap_server": lambda: _server_filter(query_params(request))})
-        stats = await self.messages.statistics(user_id, server["imap_server"])
+        stats = await self.messages.statistics(user_id, server_param(request))
         return self.reply(request, {
             "total_emails": stats.total_emails,
             "total_threads": stats.total_threads,
@@ -1024,7 +836,7 @@ class Imap2ApiApp(ApiApp):
         "GET",
         summary="Get the whole thread of an email, oldest first",
         auth=IMAP2API,
-        replies={200: Reply("The thread", {"type": "array", "items": THREAD_EMAIL_SCHEMA})},
+        replies={200: Reply("The thread", THREAD_SCHEMA)},
         errors=(429,),
     )
     async def get_thread(self, request: IRequest, email_id: int) -> bytes:
@@ -1150,8 +962,7 @@ class Imap2ApiApp(ApiApp):
         "GET",
         summary="The delivery log of a webhook, newest first",
         auth=IMAP2API,
-        query={"status": {"enum": ["pending", "success", "failed", "cancelled"]},
-               **PAGE_QUERY},
+        query=DELIVERIES_QUERY,
         replies={200: Reply("A page of deliveries", page_schema(DELIVERY_SCHEMA))},
         errors=(400, 429),
     )

@@ -222,6 +222,15 @@ def collect_fields(checks: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
     return values
 
 
+def _absent(data: Mapping[str, Any], name: str, *, required: bool) -> bool:
+    """Whether field `name` is missing or null (its value is then None); 400 if required."""
+    if name in data and data[name] is not None:
+        return False
+    if required:
+        raise field_error(name, REQUIRED)
+    return True
+
+
 def string_field(
     data: Mapping[str, Any],
     name: str,
@@ -235,9 +244,7 @@ def string_field(
 
     With `trim` a value of spaces only counts as blank (DRF trims, except passwords).
     """
-    if name not in data or data[name] is None:
-        if required:
-            raise field_error(name, REQUIRED)
+    if _absent(data, name, required=required):
         return None
     value = data[name]
     if not isinstance(value, str):
@@ -251,9 +258,7 @@ def string_field(
 
 def bool_field(data: Mapping[str, Any], name: str, *, required: bool = False) -> bool | None:
     """A boolean: JSON true/false, 0/1 (safedrop), or true/false/yes/no/on/off in forms."""
-    if name not in data or data[name] is None:
-        if required:
-            raise field_error(name, REQUIRED)
+    if _absent(data, name, required=required):
         return None
     value = data[name]
     if isinstance(value, bool):
@@ -278,9 +283,7 @@ def int_field(
     maximum: int | None = None,
 ) -> int | None:
     """An integer: a JSON integer or a string of digits."""
-    if name not in data or data[name] is None:
-        if required:
-            raise field_error(name, REQUIRED)
+    if _absent(data, name, required=required):
         return None
     value = data[name]
     if isinstance(value, bool):

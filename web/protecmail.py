@@ -204,6 +204,19 @@ def _bad_domain_input(error: DomainError) -> ApiError:
     return ApiError(400, message, fields={field: [message]} if field else None)
 
 
+def _no_such_domain(name: str) -> ApiError:
+    """The 404 envelope of a domain the caller does not have (unknown or another's)."""
+    return ApiError(404, f"No such domain: {name}.")
+
+
+def _domain_refusal(error: DomainError, name: str) -> ApiError:
+    """A DomainService refusal on the caller's domain `name`: 404 when it is gone (removed
+    meanwhile), else 400 naming the field."""
+    if error.message.startswith("No such domain"):
+        return _no_such_domain(name)
+    return _bad_domain_input(error)
+
+
 class ProtecmailApp(ApiApp):
     name = "protecmail"
     title = "Protecmail (seed 004): domains, quarantine, token tanks, account, invoices"
@@ -312,8 +325,13 @@ class ProtecmailApp(ApiApp):
         """The principal's domain called `name`, or a 404 envelope (also for others')."""
         domain = await self.domains.get(name, owner_id=principal.user.id)
         if domain is None:
-            raise ApiError(404, f"No such domain: {name}.")
+            raise _no_such_domain(name)
         return domain
+
+    async def caller_domain(self, request: IRequest, name: str) -> tuple[Principal, Domain]:
+        """The caller and its domain called `name`: a 401 or 404 envelope otherwise."""
+        principal = await self.principal(request)
+        return principal, await self.owned_domain(principal, name)
 
     def domain_options(
         self, body: Mapping[str, Any], path_name: str, *, creating: bool
@@ -394,8 +412,7 @@ class ProtecmailApp(ApiApp):
         replies={200: Reply("`data` is the Domain object", envelope_schema(DOMAIN_SCHEMA))},
     )
     async def get_domain(self, request: IRequest, domain: str) -> bytes:
-        principal = await self.principal(request)
-        found = await self.owned_domain(principal, domain)
+        _, found = await self.caller_domain(request, domain)
         return self.envelope(request, data=domain_object(found))
 
     @routes.route(
@@ -433,16 +450,13 @@ class ProtecmailApp(ApiApp):
         errors=(403,),
     )
     async def update_domain(self, request: IRequest, domain: str) -> bytes:
-        principal = await self.principal(request)
-        current = await self.owned_domain(principal, domain)
+        principal, current = await self.caller_domain(request, domain)
         options = self.domain_options(self.json_object(request), domain, creating=False)
         self.check_plan(principal, options, current)
         try:
             await self.domains.update(current.name, options, owner_id=principal.user.id)
         except DomainError as e:
-            if e.message.startswith("No such domain"):
-                raise ApiError(404, f"No such domain: {domain}.") from None
-            raise _bad_domain_input(e) from None
+            raise _domain_refusal(e, domain) from None
         return self.envelope(request)
 
     @routes.route(
@@ -454,12 +468,11 @@ class ProtecmailApp(ApiApp):
         replies={200: Reply("Deleted", envelope_schema(None))},
     )
     async def delete_domain(self, request: IRequest, domain: str) -> bytes:
-        principal = await self.principal(request)
-        current = await self.owned_domain(principal, domain)
+        principal, current = await self.caller_domain(request, domain)
         try:
             await self.domains.remove(current.name, owner_id=principal.user.id)
         except DomainError:
-            raise ApiError(404, f"No such domain: {domain}.") from None
+            raise _no_such_domain(domain) from None
         return self.envelope(request)
 
     # -- addresses -------------------------------------------------------------------------
@@ -488,12 +501,11 @@ class ProtecmailApp(ApiApp):
             NAMES_SCHEMA))},
     )
     async def list_addresses(self, request: IRequest, domain: str) -> bytes:
-        principal = await self.principal(request)
-        found = await self.owned_domain(principal, domain)
+        principal, found = await self.caller_domain(request, domain)
         try:
             names = await self.domains.list_addresses(found.name, owner_id=principal.user.id)
         except DomainError:
-            raise ApiError(404, f"No such domain: {domain}.") from None
+            raise _no_such_domain(domain) from None
         return self.envelope(request, data=names)
 
     @routes.route(
@@ -505,17 +517,14 @@ class ProtecmailApp(ApiApp):
             None))},
     )
     async def add_address(self, request: IRequest, domain: str, address: str) -> bytes:
-        principal = await self.principal(request)
-        found = await self.owned_domain(principal, domain)
+        principal, found = await self.caller_domain(request, domain)
         local = self.local_part(address, found)
         try:
             added = await self.domains.add_address(
                 found.name, local, owner_id=principal.user.id
             )
         except DomainError as e:
-            if e.message.startswith("No such domain"):
-                raise ApiError(404, f"No such domain: {domain}.") from None
-            raise _bad_domain_input(e) from None
+            raise _domain_refusal(e, domain) from None
         if not added:
             return self.envelope(request, msg=f"{local}@{found.name} was already listed.")
         return self.envelope(request)
@@ -529,8 +538,7 @@ class ProtecmailApp(ApiApp):
         replies={200: Reply("Removed", envelope_schema(None))},
     )
     async def remove_address(self, request: IRequest, domain: str, address: str) -> bytes:
-        principal = await self.principal(request)
-        found = await self.owned_domain(principal, domain)
+        principal, found = await self.caller_domain(request, domain)
         local = self.local_part(address, found)
         try:
             await self.domains.remove_address(found.name, local, owner_id=principal.user.id)
