@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 import time
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
+
+# Uniqueness, not secrecy, is what the random part is for (a queue id grants nothing), so a
+# generator seeded once from the OS, not a system call per id. Reseeded in a forked child.
+_random = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(16)))
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -15,7 +21,7 @@ def new_queue_id(now: float | None = None) -> str:
     for _ in range(9):
         millis, r = divmod(millis, len(_ALPHABET))
         out.append(_ALPHABET[r])
-    rand = secrets.randbits(40)
+    rand = _random.getrandbits(40)
     tail = []
     for _ in range(5):
         rand, r = divmod(rand, len(_ALPHABET))

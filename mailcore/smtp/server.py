@@ -759,6 +759,8 @@ class ESMTPServerProtocol(TwistedProtocol):
 
 def _normalise_ip(host: str) -> str:
     """The client address as text; IPv4-mapped IPv6 addresses become plain IPv4."""
+    if ":" not in host and host.count(".") == 3:
+        return host  # the kernel's dotted quad is already canonical (the common case)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
