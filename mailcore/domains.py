@@ -1,8 +1,12 @@
 """Served domains and their address lists: the store's rows, and a snapshot for SMTP.
 
 A domain is a customer's mail domain we are MX for; `redirect_host`/`redirect_port` is its
-next hop (seed 004's `redirectTo`). When a domain has an address list only those local parts
-are accepted; an empty list accepts every local part.
+next hop (seed 004's `redirectTo`), and `tls` its outbound STARTTLS policy: None follows the
+`[queue] tls` default, else one of `mailcore.queue.settings.TLS_POLICIES` overrides it for
+this domain (customers' own servers often have self-signed certificates: "may"). The older
+`require_tls` option is kept as a shorthand for the "verify" policy, so the two never
+disagree. When a domain has an address list only those local parts are accepted; an empty
+list accepts every local part.
 
 The SMTP server asks `lookup` and `accepts` for every RCPT, so they answer from an
 in-memory snapshot and never touch SQL. The snapshot is reloaded after every change made
@@ -30,6 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domains, users
 
@@ -55,7 +60,8 @@ _RESUME_FIELDS = (
 )
 UPDATABLE_FIELDS = (
     "redirect_to",
-    "require_tls",
+    "tls",
+    "require_tls",  # shorthand: true sets tls "verify", false drops a "verify" override
     "spam_action",
     "virus_action",
     "send_resume",
@@ -81,7 +87,7 @@ class Domain:
     name: str
     redirect_host: str
     redirect_port: int
-    require_tls: bool
+    tls: str | None
     spam_action: int
     virus_action: int
     send_resume: bool
@@ -99,6 +105,11 @@ class Domain:
             return idna.decode(self.name)
         except idna.IDNAError:
             return self.name
+
+    @property
+    def require_tls(self) -> bool:
+        """Whether mail to the next hop goes only over verified TLS (the "verify" policy)."""
+        return self.tls == "verify"
 
     @property
     def redirect_to(self) -> str:
@@ -253,6 +264,19 @@ def _check_bool(value: Any, field: str) -> bool:
     return value
 
 
+def check_tls_policy(value: Any) -> str | None:
+    """A domain's TLS policy: None (or "", "default") for the queue default, else a policy."""
+    if value is None or value in ("", "default"):
+        return None
+    if not isinstance(value, str) or value not in TLS_POLICIES:
+        raise DomainError(
+            f"tls must be one of {', '.join(TLS_POLICIES)}, or default (the [queue] tls "
+            "setting).",
+            "tls",
+        )
+    return value
+
+
 def _check_text(value: Any, field: str) -> str | None:
     if value is None or value == "":
         return None
@@ -270,7 +294,11 @@ def _check_text(value: Any, field: str) -> str | None:
 
 
 def _column_values(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Check domain options (UPDATABLE_FIELDS spelling) and turn them into column values."""
+    """Check domain options (UPDATABLE_FIELDS spelling) and turn them into column values.
+
+    `require_tls` true becomes tls "verify" (refused beside a different `tls`); false is
+    left to the caller, since it only drops a stored "verify".
+    """
     unknown = set(options) - set(UPDATABLE_FIELDS)
     if unknown:
         name = sorted(unknown)[0]
@@ -283,10 +311,22 @@ def _column_values(options: Mapping[str, Any]) -> dict[str, Any]:
             values["redirect_host"], values["redirect_port"] = parse_redirect(value)
         elif key in ("spam_action", "virus_action"):
             values[key] = _check_action(value, key)
-        elif key in ("send_resume", "require_tls"):
+        elif key == "send_resume":
             values[key] = _check_bool(value, key)
-        else:
+        elif key == "tls":
+            values[key] = check_tls_policy(value)
+        elif key != "require_tls":
             values[key] = _check_text(value, key)
+    if "require_tls" in options:
+        required = _check_bool(options["require_tls"], "require_tls")
+        if "tls" in values and (values["tls"] == "verify") != required:
+            raise DomainError(
+                f"require_tls {str(required).lower()} contradicts tls "
+                f"{values['tls'] or 'default'} (require_tls means tls verify).",
+                "tls",
+            )
+        if required:
+            values["tls"] = "verify"
     return values
 
 
@@ -302,7 +342,7 @@ def _domain(row: Any) -> Domain:
         name=m["name"],
         redirect_host=m["redirect_host"],
         redirect_port=int(m["redirect_port"]),
-        require_tls=bool(m["require_tls"]),
+        tls=m["tls"],
         spam_action=int(m["spam_action"]),
         virus_action=int(m["virus_action"]),
         send_resume=bool(m["send_resume"]),
@@ -493,7 +533,6 @@ class DomainService(Service):
         """Serve a new domain for `owner_id`. Options: the other UPDATABLE_FIELDS."""
         domain_name = normalise_domain(name)
         values = _column_values({"redirect_to": redirect_to, **options})
-        values.setdefault("require_tls", False)
         values.setdefault("spam_action", 0)
         values.setdefault("virus_action", 0)
         values.setdefault("send_resume", False)
@@ -544,12 +583,19 @@ class DomainService(Service):
     async def update(
         self, name: str, changes: Mapping[str, Any], *, owner_id: int | None = None
     ) -> Domain:
-        """Change some of a domain's UPDATABLE_FIELDS; returns the domain as stored."""
+        """Change some of a domain's UPDATABLE_FIELDS; returns the domain as stored.
+
+        `require_tls=False` drops a "verify" TLS policy back to the queue default and leaves
+        any other policy alone.
+        """
         domain_name = normalise_domain(name)
         values = _column_values(changes)
+        drop_verify = changes.get("require_tls") is False and "tls" not in values
 
         def txn(conn: Connection) -> Domain:
             found = _find_domain_txn(conn, domain_name, owner_id)
+            if drop_verify and found.tls == "verify":
+                values["tls"] = None
             if values:
                 conn.execute(update(domains).where(domains.c.id == found.id).values(**values))
             return _find_domain_txn(conn, domain_name, None)

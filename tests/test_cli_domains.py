@@ -10,9 +10,12 @@ import os
 import sys
 from pathlib import Path
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.domains import DomainService
+from mailcore.queue.routing import Hop, Router
+from mailcore.queue.settings import QueueSettings
 from tests.support.db import open_database_at
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, run_command, tempdir_for
@@ -58,7 +61,7 @@ class DomainCliTests(TestCase):
                             "--redirect-to", "[2001:db8::1]:2525", "--spam-action", "1",
                             "--require-tls")
         self.assertEqual(out, "serving xn--bcher-kva.de (bücher.de) for alice: mail goes to "
-                              "[2001:db8::1]:2525\n")
+                              "[2001:db8::1]:2525, TLS verify\n")
         await self.ok("domain", "add", "example.com", "--owner", "bob@users.test",
                       "--redirect-to", "mx.example.net")
         await self.refused("domain", "add", "EXAMPLE.com", "--owner", "alice",
@@ -76,9 +79,10 @@ class DomainCliTests(TestCase):
         self.assertEqual(listing[0].split(), ["DOMAIN", "OWNER", "REDIRECT", "TO", "SPAM",
                                               "VIRUS", "TLS"])
         self.assertEqual([line.split() for line in listing[1:]], [
-            ["example.com", "bob", "mx.example.net", "quarantine", "quarantine", "may"],
+            ["example.com", "bob", "mx.example.net", "quarantine", "quarantine",
+             "verify-if-offered", "(default)"],
             ["xn--bcher-kva.de", "alice", "[2001:db8::1]:2525", "tag", "quarantine",
-             "required"],
+             "verify"],
         ])
         only_alice = (await self.ok("domain", "list", "--owner", "alice")).splitlines()
         self.assertEqual([line.split()[0] for line in only_alice[1:]], ["xn--bcher-kva.de"])
@@ -112,6 +116,58 @@ class DomainCliTests(TestCase):
         await self.refused("domain", "remove", "example.com", fragment="No such domain")
         await served.refresh()
         self.assertIsNone(served.lookup("example.com"))
+
+    async def test_a_domains_tls_policy_is_set_changed_and_routed(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@users.test", "--password", "x")
+        out = await self.ok("domain", "add", "selfsigned.test", "--owner", "alice",
+                            "--redirect-to", "mx.selfsigned.test", "--tls", "may")
+        self.assertEqual(out, "serving selfsigned.test for alice: mail goes to "
+                              "mx.selfsigned.test, TLS may\n")
+        out = await self.ok("domain", "add", "plain.test", "--owner", "alice",
+                            "--redirect-to", "mx.plain.test")
+        self.assertTrue(out.endswith(", TLS verify-if-offered (default)\n"), out)
+        await self.refused("domain", "add", "other.test", "--owner", "alice",
+                           "--redirect-to", "mx", "--tls", "sometimes", fragment="invalid choice")
+        await self.refused("domain", "add", "other.test", "--owner", "alice",
+                           "--redirect-to", "mx", "--tls", "may", "--require-tls",
+                           fragment="not allowed with argument")
+
+        out = await self.ok("domain", "set", "plain.test", "--tls", "verify")
+        self.assertEqual(out, "plain.test: mail goes to mx.plain.test, TLS verify, "
+                              "spam: quarantine, viruses: quarantine\n")
+        out = await self.ok("domain", "set", "selfsigned.test", "--tls", "default",
+                            "--redirect-to", "mx2.selfsigned.test:2525")
+        self.assertIn("mx2.selfsigned.test:2525, TLS verify-if-offered (default)", out)
+        await self.ok("domain", "set", "selfsigned.test", "--tls", "none")
+        await self.refused("domain", "set", "plain.test", fragment="nothing to change")
+        await self.refused("domain", "set", "nowhere.test", "--tls", "may",
+                           fragment="No such domain")
+        await self.refused("domain", "set", "plain.test", "--tls", "maybe",
+                           fragment="invalid choice")
+
+        listing = (await self.ok("domain", "list")).splitlines()
+        self.assertEqual([line.split()[5:] for line in listing[1:]], [["verify"], ["none"]])
+
+        # the queue default comes from [queue] tls, and the list says which one applies
+        config = self.base / "mailcore.toml"
+        config.write_text('[queue]\ntls = "may"\n')
+        await self.ok("-c", str(config), "domain", "set", "plain.test", "--tls", "default")
+        listing = (await self.ok("-c", str(config), "domain", "list")).splitlines()
+        self.assertEqual([line.split()[5:] for line in listing[1:]],
+                         [["may", "(default)"], ["none"]])
+
+        # what the daemon's router makes of it, on the same store
+        db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")
+        served = DomainService(db, get_reactor())
+        await served.refresh()
+        selfsigned, plain = served.lookup("selfsigned.test"), served.lookup("plain.test")
+        assert selfsigned is not None and plain is not None
+        self.assertEqual((selfsigned.tls, plain.tls), ("none", None))
+        router = Router(db, Clock(), QueueSettings(node_id="n"))
+        self.assertEqual(await router.route(selfsigned.id, "b@selfsigned.test"),
+                         Hop("mx2.selfsigned.test", 2525, "none"))
+        self.assertEqual((await router.route(plain.id, "b@plain.test")).tls,
+                         "verify-if-offered")
 
     async def test_usage_mistakes_are_one_line(self) -> None:
         await self.refused("domain", fragment="required")

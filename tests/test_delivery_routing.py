@@ -1,5 +1,5 @@
-"""Next-hop routing: a served domain's redirect, relayhost for foreign recipients, and the
-MX lookup (with an injected resolver; no DNS traffic)."""
+"""Next-hop routing: a served domain's redirect and TLS policy, relayhost for foreign
+recipients, and the MX lookup (with an injected resolver; no DNS traffic)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,39 @@ class RouterTests(TestCase):
 
     async def test_served_domain_goes_to_its_redirect(self) -> None:
         hop = await self.router().route(self.served, "b@customer.test")
-        self.assertEqual(hop, Hop("mx.customer.test", 2525, "may"))
+        self.assertEqual(hop, Hop("mx.customer.test", 2525, "verify-if-offered"))
 
     async def test_require_tls_domain_gets_the_verify_policy(self) -> None:
         hop = await self.router().route(self.strict, "b@strict.test")
+        self.assertEqual(hop.tls, "verify")
+
+    async def test_a_domain_without_a_policy_follows_the_queue_default(self) -> None:
+        for policy in ("none", "may", "verify-if-offered", "verify"):
+            hop = await self.router(tls=policy).route(self.served, "b@customer.test")
+            self.assertEqual(hop.tls, policy)
+
+    async def test_the_domains_own_policy_wins_over_the_queue_default(self) -> None:
+        """A customer's server with a self-signed certificate gets `may`, even when the
+        queue default is stricter; a stricter domain policy wins over a laxer default."""
+        lax = done(self.db.run("d", thd_add_domain, "selfsigned.test", "mx.selfsigned.test",
+                               25, tls="may"))
+        hop = await self.router(tls="verify").route(lax, "b@selfsigned.test")
+        self.assertEqual(hop, Hop("mx.selfsigned.test", 25, "may"))
+        hop = await self.router(tls="none").route(self.strict, "b@strict.test")
+        self.assertEqual(hop.tls, "verify")
+
+    async def test_a_changed_domain_policy_is_seen_after_the_cache_expires(self) -> None:
+        router = self.router(route_cache_seconds=30)
+        self.assertEqual((await router.route(self.served, "b@customer.test")).tls,
+                         "verify-if-offered")
+        done(self.db.run("u", lambda c: c.exec_driver_sql("UPDATE domains SET tls = 'may'")))
+        self.clock.advance(31)
+        self.assertEqual((await router.route(self.served, "b@customer.test")).tls, "may")
+
+    async def test_an_unknown_stored_policy_fails_closed_as_verify(self) -> None:
+        done(self.db.run("u", lambda c: c.exec_driver_sql(
+            "UPDATE domains SET tls = 'opportunistic' WHERE name = 'customer.test'")))
+        hop = await self.router(tls="may").route(self.served, "b@customer.test")
         self.assertEqual(hop.tls, "verify")
 
     async def test_routes_are_cached_for_a_while(self) -> None:
@@ -71,17 +100,25 @@ class RouterTests(TestCase):
     async def test_foreign_recipient_goes_to_the_relayhost(self) -> None:
         resolver = FakeResolver({})
         hop = await self.router(resolver, relayhost="[10.1.2.3]:587").route(None, "a@x.test")
-        self.assertEqual(hop, Hop("10.1.2.3", 587, "may"))
+        self.assertEqual(hop, Hop("10.1.2.3", 587, "verify-if-offered"))
         self.assertEqual(resolver.asked, [])
 
     async def test_without_relayhost_the_best_mx_is_used(self) -> None:
         resolver = FakeResolver({"x.test": [(20, "backup.x.test"), (10, "mx1.x.test")]})
         hop = await self.router(resolver).route(None, "a@X.test")
-        self.assertEqual(hop, Hop("mx1.x.test", 25, "may"))
+        self.assertEqual(hop, Hop("mx1.x.test", 25, "verify-if-offered"))
 
     async def test_no_mx_falls_back_to_the_domain_itself(self) -> None:
         hop = await self.router(FakeResolver({"x.test": []})).route(None, "a@x.test")
-        self.assertEqual(hop, Hop("x.test", 25, "may"))
+        self.assertEqual(hop, Hop("x.test", 25, "verify-if-offered"))
+
+    async def test_foreign_hops_get_the_queue_default(self) -> None:
+        resolver = FakeResolver({"x.test": [(10, "mx1.x.test")]})
+        self.assertEqual((await self.router(resolver, tls="may").route(None, "a@x.test")).tls,
+                         "may")
+        relayed = await self.router(resolver, relayhost="relay.test", tls="verify").route(
+            None, "a@x.test")
+        self.assertEqual(relayed.tls, "verify")
 
     async def test_nonexistent_domain_is_permanent(self) -> None:
         resolver = FakeResolver({"nx.test": DNSNameError("nx")})

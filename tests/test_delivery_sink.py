@@ -164,10 +164,10 @@ class ByteExactTests(QueueOnReactor):
             self.assertTrue(a == b, f"body of {len(b)} bytes arrived as {len(a)} bytes")
 
     async def test_opportunistic_starttls_refused_still_delivers(self) -> None:
-        """Pitfall 9: the next hop offers STARTTLS and then refuses it."""
+        """Pitfall 9: the next hop offers STARTTLS and then refuses it (policy `may`)."""
         state = SinkState(starttls="refuse")
         port = self.listen_sink(state)
-        q, _db, domain = await self.start_queue(port)
+        q, _db, domain = await self.start_queue(port, tls="may")
         await self.accept(q, domain, "Q1", b"Subject: tls\r\n\r\nhi\r\n")
         await state.wait_for(1)
         self.assertIn(b"STARTTLS", state.commands)
@@ -175,10 +175,32 @@ class ByteExactTests(QueueOnReactor):
     async def test_broken_tls_handshake_falls_back_to_cleartext(self) -> None:
         state = SinkState(starttls="broken")
         port = self.listen_sink(state)
-        q, _db, domain = await self.start_queue(port)
+        q, _db, domain = await self.start_queue(port, tls="may")
         await self.accept(q, domain, "Q1", b"Subject: tls\r\n\r\nhi\r\n")
         await state.wait_for(1)
         self.assertEqual(state.connections, 2)
+
+    async def test_by_default_a_refused_or_broken_starttls_is_never_retried_in_cleartext(
+        self,
+    ) -> None:
+        """verify-if-offered (the default): a hop that offers STARTTLS gets TLS or nothing."""
+        for mode in ("refuse", "broken"):
+            state = SinkState(starttls=mode)
+            port = self.listen_sink(state)
+            q, db, domain = await self.start_queue(port)
+            await self.accept(q, domain, "Q1", b"Subject: tls\r\n\r\nsecret\r\n")
+
+            async def deferred(db: Database = db) -> bool:
+                return (await self.states(db)).get("Q1") == "deferred"
+
+            await self.wait_until(deferred, seconds=10)
+            self.assertEqual(state.messages, [], mode)
+            self.assertEqual(state.connections, 1, mode)
+            self.assertIn(b"STARTTLS", state.commands, mode)
+            self.assertNotIn(b"DATA", state.commands, mode)
+            error = await db.read("e", lambda c: c.execute(
+                select(queue_recipients.c.last_error)).scalar_one())
+            self.assertIn("4.7.5", error, mode)
 
     async def test_stock_twisted_client_gives_up_when_starttls_is_refused(self) -> None:
         """The stock behaviour pitfall 9 describes (twisted#10334), against the same sink."""

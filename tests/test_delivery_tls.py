@@ -1,5 +1,6 @@
 """STARTTLS to the next hop with real TLS: required-and-verified against a private CA
-(`tls_ca_file`), refused when the certificate does not verify, opportunistic otherwise."""
+(`tls_ca_file`), refused when the certificate does not verify, opportunistic under `may`,
+and the default (verify-if-offered) with a domain's own override."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tests.support.db import open_database
 from tests.support.mailsink import SinkFactory, SinkState, add_domain, envelope
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep, tempdir_for
+from tests.support.testca import shared_pki
 
 
 def _name(cn: str) -> x509.Name:
@@ -151,3 +153,71 @@ class VerifiedTLSTests(TestCase):
         await self.wait_state(db, "deferred")
         self.assertEqual(state.messages, [])
         self.flushLoggedErrors(CertificateError)
+
+
+class DefaultPolicyTests(TestCase):
+    """No `[queue] tls` configured (verify-if-offered), against a next hop whose certificate
+    comes from a CA the system does not trust (tests.support.testca), and a domain that
+    overrides the default."""
+
+    timeout = 60
+
+    async def setup(self, *, domain_tls: str | None = None,
+                    ca_file: str = "") -> tuple[Any, SinkState]:
+        pki = shared_pki()
+        state = SinkState(starttls="ok", tls_context=pki.server_options())
+        listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
+            SinkFactory(state)
+        )
+        self.addCleanup(listener.stopListening)
+        port = listener.getHost().port
+        db = await open_database(self, "sqlite")
+        domain = await add_domain(db, "customer.test", "localhost", port, tls=domain_tls)
+        settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file,
+                                 relayhost=f"127.0.0.1:{port}")
+        self.assertEqual(settings.tls, "verify-if-offered")
+        q = build_queue(Config(hostname="mx.test"), db, get_reactor(), CollectorRegistry(),
+                        reactor=get_reactor(), settings=settings)
+        q.service.startService()
+        self.addCleanup(q.service.stopService)
+        env = envelope("a@x.test", ("b@customer.test", domain))
+        await q.spool.accept("Q1", env, b"Subject: tls\r\n\r\nsecret\r\n")
+        return db, state
+
+    async def recipient(self, db: Any) -> tuple[str, str | None]:
+        r = queue_recipients.c
+        row = await db.read("r", lambda c: c.execute(select(r.state, r.last_error)).one())
+        return str(row[0]), row[1]
+
+    async def wait_state(self, db: Any, wanted: str) -> str | None:
+        for _ in range(200):
+            state, error = await self.recipient(db)
+            if state == wanted:
+                return error
+            await sleep(0.05)
+        self.fail(f"recipient never became {wanted}: {await self.recipient(db)}")
+
+    async def test_a_certificate_from_an_unknown_ca_defers_with_4_7_5(self) -> None:
+        db, state = await self.setup()
+        error = await self.wait_state(db, "deferred")
+        self.assertIn("4.7.5", error or "")
+        self.assertIn(b"STARTTLS", state.commands)
+        self.assertEqual(state.messages, [])  # and nothing in cleartext either
+        self.assertEqual(state.connections, 1)
+        self.assertNotIn(b"DATA", state.commands)
+
+    async def test_a_domain_set_to_may_is_delivered_over_unverified_tls(self) -> None:
+        db, state = await self.setup(domain_tls="may")
+        await state.wait_for(1)
+        self.assertIn(b"STARTTLS", state.commands)
+        self.assertEqual(state.messages[0].data, b"Subject: tls\r\n\r\nsecret\r\n")
+        await self.wait_state(db, "delivered")
+
+    async def test_a_trusted_certificate_is_delivered_by_default(self) -> None:
+        directory = tempdir_for(self)
+        ca = directory / "ca.pem"
+        ca.write_bytes(shared_pki().ca_pem)
+        db, state = await self.setup(ca_file=str(ca))
+        await state.wait_for(1)
+        self.assertIn(b"STARTTLS", state.commands)
+        await self.wait_state(db, "delivered")

@@ -155,6 +155,56 @@ class DomainServiceTests(TestCase):
         with self.assertRaises(DomainError):
             await self.domains.update("nowhere.example", {"virus_action": 1})
 
+    async def test_tls_policy_defaults_to_the_queue_and_can_be_overridden(self) -> None:
+        alice = await self.user("alice")
+        plain = await self.domains.add("plain.example", alice, "mx.plain.example")
+        self.assertIsNone(plain.tls)
+        self.assertFalse(plain.require_tls)
+        lax = await self.domains.add("lax.example", alice, "mx.lax.example", tls="may")
+        self.assertEqual(lax.tls, "may")
+        for policy in ("none", "verify-if-offered", "verify", "may"):
+            self.assertEqual((await self.domains.update("plain.example", {"tls": policy})).tls,
+                             policy)
+        for cleared in (None, "", "default"):
+            await self.domains.update("plain.example", {"tls": "verify"})
+            self.assertIsNone((await self.domains.update("plain.example",
+                                                          {"tls": cleared})).tls)
+        for bad in ("sometimes", "VERIFY", 1, True):
+            with self.subTest(bad=bad):
+                with self.assertRaises(DomainError) as cm:
+                    await self.domains.update("plain.example", {"tls": bad})
+                self.assertEqual(cm.exception.field, "tls")
+                self.assertIn("verify-if-offered", cm.exception.message)
+        self.assertIsNone((await self.domains.get("plain.example")).tls)  # type: ignore[union-attr]
+
+    async def test_require_tls_is_the_verify_policy_and_never_contradicts_it(self) -> None:
+        """One stored knob: require_tls true sets tls "verify"; false drops only a
+        "verify"; a request that says both ways at once is refused."""
+        alice = await self.user("alice")
+        strict = await self.domains.add("strict.example", alice, "mx", require_tls=True)
+        self.assertEqual((strict.tls, strict.require_tls), ("verify", True))
+        relaxed = await self.domains.update("strict.example", {"require_tls": False})
+        self.assertEqual((relaxed.tls, relaxed.require_tls), (None, False))
+        await self.domains.update("strict.example", {"tls": "may"})
+        kept = await self.domains.update("strict.example", {"require_tls": False})
+        self.assertEqual(kept.tls, "may")  # not a "verify" to drop
+        self.assertEqual((await self.domains.update("strict.example", {"tls": "verify"}))
+                         .require_tls, True)
+        both = await self.domains.add("both.example", alice, "mx", require_tls=True,
+                                      tls="verify")
+        self.assertEqual(both.tls, "verify")
+        for options in ({"require_tls": True, "tls": "may"},
+                        {"require_tls": False, "tls": "verify"},
+                        {"require_tls": True, "tls": None}):
+            with self.subTest(options=options):
+                with self.assertRaises(DomainError) as cm:
+                    await self.domains.update("strict.example", options)
+                self.assertEqual(cm.exception.field, "tls")
+                self.assertIn("contradicts", cm.exception.message)
+        with self.assertRaises(DomainError):
+            await self.domains.add("other.example", alice, "mx", require_tls=True, tls="none")
+        self.assertEqual((await self.domains.get("strict.example")).tls, "verify")  # type: ignore[union-attr]
+
     async def test_remove_takes_the_address_list_along(self) -> None:
         alice = await self.user("alice")
         await self.domains.add("example.com", alice, "mx.example.net")

@@ -1,7 +1,13 @@
 """`mailcore domain …` and `mailcore address …`: the served domains and their address lists.
 
 A running daemon sees changes made here within its `[domains] refresh_interval` (30 s by
-default), since it answers RCPTs from an in-memory snapshot of these tables.
+default), since it answers RCPTs from an in-memory snapshot of these tables; its queue picks
+up a changed next hop or TLS policy within `[queue] route_cache_seconds` (30 s).
+
+Each domain may override the outbound STARTTLS policy of `[queue] tls` (default
+verify-if-offered) with `--tls`: "may" for a customer's server with a self-signed
+certificate, "verify" to refuse cleartext altogether (`--require-tls` is the same as
+`--tls verify`), "default" to follow `[queue] tls` again.
 """
 
 from __future__ import annotations
@@ -14,14 +20,23 @@ from typing import Any
 from mailcore.cli import CommandError, print_table
 from mailcore.cli.users import require_user
 from mailcore.domains import Domain, DomainError
+from mailcore.queue.settings import TLS_POLICIES, effective_tls
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
+
+TLS_CHOICES = ("default", *TLS_POLICIES)
+TLS_HELP = (
+    "outbound STARTTLS to the next hop: none; may (encrypt if offered, certificate not "
+    "checked: for self-signed servers); verify-if-offered (if offered, the certificate must "
+    "verify, else the mail waits); verify (verified TLS or the mail waits); default: follow "
+    "[queue] tls (verify-if-offered unless configured)"
+)
 
 
 def register(subparsers: Any) -> None:
     """Add `domain` and `address` to the `mailcore` command line."""
     domain = subparsers.add_parser(
-        "domain", help="add, list and remove served domains",
+        "domain", help="add, change, list and remove served domains",
         description="The domains this gateway is MX for, and where their mail goes next.",
     )
     actions = domain.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
@@ -40,9 +55,27 @@ def register(subparsers: Any) -> None:
                      help="0: quarantine spam (default), 1: tag it and deliver")
     add.add_argument("--virus-action", type=int, choices=(0, 1), default=0,
                      help="0: quarantine viruses (default), 1: tag them and deliver")
-    add.add_argument("--require-tls", action="store_true",
-                     help="deliver to the next hop only over verified TLS")
+    tls = add.add_mutually_exclusive_group()
+    tls.add_argument("--tls", choices=TLS_CHOICES, default="default", metavar="POLICY",
+                     help=TLS_HELP + " (when omitted: default)")
+    tls.add_argument("--require-tls", action="store_true",
+                     help="deliver to the next hop only over verified TLS (= --tls verify)")
     add.set_defaults(handler=domain_add)
+
+    change = actions.add_parser(
+        "set", help="change a served domain's settings",
+        description="Change a served domain's next hop, actions or TLS policy; options left "
+        "out keep their value.",
+    )
+    change.add_argument("name", help="the domain")
+    change.add_argument("--redirect-to", metavar="HOST[:PORT]",
+                        help="next hop: host, host:port, [IPv6]:port or [IPv4]")
+    change.add_argument("--spam-action", type=int, choices=(0, 1),
+                        help="0: quarantine spam, 1: tag it and deliver")
+    change.add_argument("--virus-action", type=int, choices=(0, 1),
+                        help="0: quarantine viruses, 1: tag them and deliver")
+    change.add_argument("--tls", choices=TLS_CHOICES, metavar="POLICY", help=TLS_HELP)
+    change.set_defaults(handler=domain_set)
 
     listing = actions.add_parser("list", help="list served domains")
     listing.add_argument("--owner", help="only this user's domains (name or email)")
@@ -99,11 +132,33 @@ async def domain_add(args: argparse.Namespace, core: Any) -> int:
     domain: Domain = await core.domains.add(
         args.name, owner.id, args.redirect_to,
         spam_action=args.spam_action, virus_action=args.virus_action,
-        require_tls=args.require_tls,
+        tls="verify" if args.require_tls else args.tls,
     )
     print(f"serving {_describe(domain)} for {owner.username}: mail goes to "
-          f"{domain.redirect_to}")
+          f"{domain.redirect_to}, TLS {_tls(domain, core)}")
     return 0
+
+
+@_domain_errors
+async def domain_set(args: argparse.Namespace, core: Any) -> int:
+    changes: dict[str, Any] = {}
+    for option in ("redirect_to", "spam_action", "virus_action", "tls"):
+        value = getattr(args, option)
+        if value is not None:
+            changes[option] = value
+    if not changes:
+        raise CommandError("nothing to change: give --redirect-to, --spam-action, "
+                           "--virus-action or --tls")
+    domain: Domain = await core.domains.update(args.name, changes)
+    print(f"{_describe(domain)}: mail goes to {domain.redirect_to}, TLS {_tls(domain, core)}, "
+          f"spam: {_action(domain.spam_action)}, viruses: {_action(domain.virus_action)}")
+    return 0
+
+
+def _tls(domain: Domain, core: Any) -> str:
+    """The TLS policy mail to the domain's next hop gets, and whether it is the default."""
+    policy = effective_tls(domain.tls, core.queue.settings.tls)
+    return policy if domain.tls is not None else f"{policy} (default)"
 
 
 @_domain_errors
@@ -118,7 +173,7 @@ async def domain_list(args: argparse.Namespace, core: Any) -> int:
         [
             (d.name, names.get(d.owner_id, str(d.owner_id)), d.redirect_to,
              _action(d.spam_action), _action(d.virus_action),
-             "required" if d.require_tls else "may")
+             _tls(d, core))
             for d in found
         ],
     )

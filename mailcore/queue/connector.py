@@ -1,9 +1,10 @@
 """Opening SMTP sessions to next hops over TCP, and the TLS options for STARTTLS.
 
 Opportunistic TLS ('may') encrypts without checking the certificate, as Postfix's `may`
-level does; 'verify' checks the chain and the host name with
-`optionsForClientTLS(hostname, trustRoot=…)`, trusting `tls_ca_file` when configured (a
-private CA) and the platform's roots otherwise.
+level does; 'verify' and 'verify-if-offered' (the default, when the hop offers STARTTLS)
+check the chain and the host name with `optionsForClientTLS(hostname, trustRoot=…)`,
+trusting `tls_ca_file` when configured (a private CA) and the platform's roots otherwise.
+Which policy a hop gets is the router's business (`Hop.tls`); the runner's `_open` applies it.
 """
 
 from __future__ import annotations

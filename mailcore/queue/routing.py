@@ -1,9 +1,10 @@
 """Where a recipient's mail goes next: the served domain's redirect, a relayhost, or its MX.
 
 Mail for a served domain goes to that domain's `redirect_host:redirect_port` (its
-`redirectTo`), with TLS required and verified when the domain says so. Mail for anyone else
-(bounces to foreign senders) goes to the configured `relayhost`, or, when none is set, to the
-recipient domain's best MX found with twisted.names (the resolver is injectable).
+`redirectTo`), with the domain's own TLS policy when it has one and the `[queue] tls`
+default otherwise. Mail for anyone else (bounces to foreign senders) goes to the configured
+`relayhost`, or, when none is set, to the recipient domain's best MX found with
+twisted.names (the resolver is injectable), with the `[queue] tls` default.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, select
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.queue.settings import QueueSettings
+from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
 from mailcore.store import Database
 from mailcore.store.schema import domains
 
 
 @dataclass(frozen=True)
 class Hop:
-    """A next hop: host, port and TLS policy ('none', 'may' or 'verify')."""
+    """A next hop: host, port and TLS policy (one of settings.TLS_POLICIES)."""
 
     host: str
     port: int
-    tls: str = "may"
+    tls: str = DEFAULT_TLS
 
     @property
     def label(self) -> str:
@@ -61,13 +62,14 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
     return text, default_port
 
 
-def _domain_routes(conn: Connection, ids: list[int]) -> dict[int, tuple[str, int, bool]]:
+def _domain_routes(conn: Connection, ids: list[int]) -> dict[int, tuple[str, int, str | None]]:
+    """Blocking: (redirect host, port, TLS policy or None) of each served domain in `ids`."""
     rows = conn.execute(
         select(
-            domains.c.id, domains.c.redirect_host, domains.c.redirect_port, domains.c.require_tls
+            domains.c.id, domains.c.redirect_host, domains.c.redirect_port, domains.c.tls
         ).where(domains.c.id.in_(ids))
     ).all()
-    return {row.id: (row.redirect_host, row.redirect_port, bool(row.require_tls)) for row in rows}
+    return {row.id: (row.redirect_host, row.redirect_port, row.tls) for row in rows}
 
 
 class Router:
@@ -86,10 +88,9 @@ class Router:
         self._resolver = resolver
         self._cache: dict[int, tuple[float, Hop | None]] = {}
 
-    def _policy(self, require_tls: bool) -> str:
-        if require_tls or self.settings.tls == "verify":
-            return "verify"
-        return self.settings.tls
+    def _policy(self, domain_tls: str | None = None) -> str:
+        """The domain's own TLS policy, or the `[queue] tls` default."""
+        return effective_tls(domain_tls, self.settings.tls)
 
     async def prefetch(self, domain_ids: Iterable[int | None]) -> None:
         """Load the routes of served domains not in the cache (one query for all)."""
@@ -108,9 +109,9 @@ class Router:
             route = found.get(d)
             hop = None
             if route is not None:
-                host, port, require_tls = route
+                host, port, domain_tls = route
                 host, parsed_port = parse_hostport(host, port)
-                hop = Hop(host, parsed_port, self._policy(require_tls))
+                hop = Hop(host, parsed_port, self._policy(domain_tls))
             self._cache[d] = (expires, hop)
 
     async def route(self, domain_id: int | None, address: str) -> Hop:
@@ -123,7 +124,7 @@ class Router:
             return hop
         if self.settings.relayhost:
             host, port = parse_hostport(self.settings.relayhost)
-            return Hop(host, port, self._policy(False))
+            return Hop(host, port, self._policy())
         return await self._mx(address)
 
     async def _mx(self, address: str) -> Hop:
@@ -156,7 +157,7 @@ class Router:
             if best is None or candidate < best:
                 best = candidate
         if best is None:
-            return Hop(domain, 25, self._policy(False))
+            return Hop(domain, 25, self._policy())
         if best[1] in ("", "."):
             raise RoutingError(f"domain {domain} accepts no mail (null MX)", permanent=True)
-        return Hop(best[1], 25, self._policy(False))
+        return Hop(best[1], 25, self._policy())

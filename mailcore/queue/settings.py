@@ -10,12 +10,30 @@ from typing import Any
 
 from mailcore.config import Config, ConfigError
 
-# Outbound STARTTLS: "none" never; "may" (default) when offered, certificate not checked
-# (Postfix `may`); "verify-if-offered": when offered the certificate must verify against
-# the trust roots (`tls_ca_file` or the system's) and name the hop, else the delivery is
-# deferred (4.7.5), and a hop that offers no STARTTLS gets cleartext; "verify" always, and
-# verified (also what a domain's require_tls asks for).
+# Outbound STARTTLS policies, weakest first:
+# - "none": never;
+# - "may": when offered, certificate not checked, cleartext retry if the handshake fails
+#   (Postfix `may`; for next hops with self-signed certificates);
+# - "verify-if-offered" (the default): when offered, the certificate must verify against the
+#   trust roots (`tls_ca_file`, else the system's) and name the hop, else the delivery is
+#   deferred (4.7.5) and nothing goes out in cleartext; a hop that offers no STARTTLS gets
+#   cleartext;
+# - "verify": always, and verified (a hop without STARTTLS is deferred too).
+# A served domain may override the default with its own policy (`mailcore domain set NAME
+# --tls POLICY`); its `require_tls` is the same as an override of "verify".
 TLS_POLICIES = ("none", "may", "verify-if-offered", "verify")
+DEFAULT_TLS = "verify-if-offered"
+
+
+def effective_tls(domain_tls: str | None, default: str) -> str:
+    """The policy a hop gets: the domain's own when it has one, else the queue default.
+
+    A stored value that is not a known policy (written behind the service's back) fails
+    closed as "verify" rather than falling through to cleartext.
+    """
+    if domain_tls is None:
+        return default
+    return domain_tls if domain_tls in TLS_POLICIES else "verify"
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,7 @@ class QueueSettings:
     batch_max_bytes: int = 16 * 1024 * 1024
     # Routing and TLS.
     relayhost: str = ""
-    tls: str = "may"
+    tls: str = DEFAULT_TLS
     tls_ca_file: str = ""
     route_cache_seconds: float = 30.0
     # Identity of this node in leases; default host name plus the data directory.
@@ -71,7 +89,7 @@ class QueueSettings:
             if not isinstance(value, type(default)):
                 raise ConfigError(f"[queue] {key} must be of type {type(default).__name__}")
             values[key] = value
-        if values.get("tls", "may") not in TLS_POLICIES:
+        if values.get("tls", DEFAULT_TLS) not in TLS_POLICIES:
             raise ConfigError(f"[queue] tls must be one of {', '.join(TLS_POLICIES)}")
         if not values.get("node_id"):
             values["node_id"] = default_node_id(config.data_dir)

@@ -34,9 +34,13 @@ _owner_counter = itertools.count(1)
 
 
 def thd_add_domain(
-    conn: Connection, name: str, host: str, port: int, require_tls: bool = False
+    conn: Connection, name: str, host: str, port: int, require_tls: bool = False,
+    tls: str | None = None,
 ) -> int:
-    """Insert a served domain (and an owner when none exists); returns the domain id."""
+    """Insert a served domain (and an owner when none exists); returns the domain id.
+
+    `tls` is the domain's own outbound TLS policy (None: the queue default);
+    `require_tls` is the DomainService shorthand for tls "verify"."""
     now = datetime.datetime.now(datetime.UTC)
     owner = conn.execute(select(users.c.id).limit(1)).scalar()
     if owner is None:
@@ -51,7 +55,7 @@ def thd_add_domain(
         conn.execute(
             insert(domains).values(
                 owner_id=owner, name=name, redirect_host=host, redirect_port=port,
-                require_tls=require_tls, created_at=now,
+                tls="verify" if require_tls else tls, created_at=now,
             ).returning(domains.c.id)
         ).scalar_one()
     )
@@ -256,6 +260,7 @@ class ScriptedConnector(Connector):
         self.offer_starttls = False
         self.starttls_fails = False
         self.tls_attempts = 0
+        self.verified: list[bool] = []  # the `verify` flag of every TLS context asked for
         self.quits = 0
         self.hold: defer.Deferred[None] | None = None
         self.break_during_send = False
@@ -271,6 +276,7 @@ class ScriptedConnector(Connector):
         return defer.succeed(FakeSession(self, hop))
 
     def tls_creator(self, hop: Hop, verify: bool) -> Any:
+        self.verified.append(verify)
         return object()
 
     def check_peer(self, session: Any, hop: Hop) -> None:

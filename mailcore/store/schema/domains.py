@@ -17,8 +17,10 @@ from sqlalchemy import (
 from mailcore.store.schema.meta import metadata
 
 # A customer domain we are MX for. `name` is the IDNA (A-label), lower-case form.
-# redirect_host/redirect_port is the next hop ("redirectTo"); the resume_* fields are seed
-# 004's quarantine-summary settings.
+# redirect_host/redirect_port is the next hop ("redirectTo"); `tls` is the outbound STARTTLS
+# policy towards it (NULL: the `[queue] tls` default; else none, may, verify-if-offered or
+# verify; migration 0008 folded the former `require_tls` flag into it as "verify"); the
+# resume_* fields are seed 004's quarantine-summary settings.
 domains = Table(
     "domains",
     metadata,
@@ -27,7 +29,7 @@ domains = Table(
     Column("name", String(253), nullable=False, unique=True),
     Column("redirect_host", String(255), nullable=False),
     Column("redirect_port", Integer, nullable=False, server_default="25"),
-    Column("require_tls", Boolean, nullable=False, server_default="0"),
+    Column("tls", String(20), nullable=True),
     Column("spam_action", Integer, nullable=False, server_default="0"),
     Column("virus_action", Integer, nullable=False, server_default="0"),
     Column("send_resume", Boolean, nullable=False, server_default="0"),
