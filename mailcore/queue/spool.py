@@ -63,7 +63,7 @@ MAX_RESULTS = 4000
 # oldest is this old: few large results transactions leave the lane to the accepts.
 RESULTS_BATCH = 200
 RESULTS_DELAY = 0.1
-LOAD_COMMITS = 16
+LOAD_MESSAGES = 50
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
 
@@ -235,7 +235,8 @@ class Spool:
         self._results_since = 0.0
         self._results_timer: IDelayedCall | None = None
         self._flushing = False
-        self._recent_commits: deque[float] = deque()
+        self._recent_commits: deque[tuple[float, int]] = deque()  # (when, messages)
+        self._recent_messages = 0
         self._yield_lane = False
         self.commits = 0  # group transactions run (for tests and the benchmark)
 
@@ -296,14 +297,14 @@ class Spool:
     # -- the lane -----------------------------------------------------------------------
 
     def _under_load(self) -> bool:
-        """Whether accepts are streaming in (LOAD_COMMITS group commits within the last
-        RESULTS_DELAY): then results wait to be written in large groups, since every
-        transaction in the lane delays the next 250."""
+        """Whether accepts are streaming in (LOAD_MESSAGES committed within the last
+        RESULTS_DELAY): then results ride along in the next group commit (or wait to be
+        written in a large group), since every transaction in the lane delays the next 250."""
         recent = self._recent_commits
         horizon = self.clock.seconds() - RESULTS_DELAY
-        while recent and recent[0] < horizon:
-            recent.popleft()
-        return len(recent) >= LOAD_COMMITS
+        while recent and recent[0][0] < horizon:
+            self._recent_messages -= recent.popleft()[1]
+        return self._recent_messages >= LOAD_MESSAGES
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -427,7 +428,8 @@ class Spool:
                 self._results.extendleft(reversed(group.results))
             return
         self.commits += 1
-        self._recent_commits.append(result.now)
+        self._recent_commits.append((result.now, len(batch)))
+        self._recent_messages += len(batch)
         self.metrics.accepted.inc(len(batch))
         if consumer is not None:
             self._hand_over(consumer, result.now, result.messages, result.ids)
