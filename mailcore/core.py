@@ -107,6 +107,7 @@ class Core:
         )
         from mailcore.pipeline import Pipeline
         from mailcore.quarantine import QuarantineService, QuarantineSettings
+        from mailcore.tokens import ChargeBatcher
 
         self.quarantine = QuarantineService(
             self.db, self.clock, QuarantineSettings.from_config(self.config.section("quarantine")),
@@ -119,8 +120,13 @@ class Core:
         self.filter_service = ChainService(self.filter_chain)
         policy = PolicySettings.from_config(self.config.section("pipeline"))
         if policy.filtering:
-            stage = FilteringStage(self.filter_chain, self.domains, self.tokens, policy)
-            self.queue.runner.pipeline = Pipeline([stage], quarantine_store(self.quarantine))
+            # Charges of messages filtered together share one transaction, in the spool's
+            # write lane (in turn with the group commits).
+            charges = ChargeBatcher(self.tokens, lane=self.spool.run_serialized)
+            stage = FilteringStage(self.filter_chain, self.domains, charges, policy)
+            self.queue.runner.pipeline = Pipeline(
+                [stage], quarantine_store(self.quarantine), max_scans=policy.max_scans
+            )
 
     @classmethod
     def build(

@@ -6,6 +6,10 @@ released message was judged already). For a relay message:
 1. Filtering tokens: one per recipient, charged to the owner of each recipient domain,
    keyed by queue id and domain so a retried message is not charged twice. An empty tank
    (with `[tokens] when_empty = "defer"`) defers the message: it stays queued, nothing lost.
+   Each owner's charge is all or nothing; when one owner's tanks are empty the others'
+   charges stand, keyed, so the retry does not take them again. The charges of every
+   message being filtered at the same moment share one transaction
+   (`mailcore.tokens.ChargeBatcher`, in the spool's write lane in the daemon).
 2. The filter chain scans the bytes. `FilterUnavailable` defers the message (a fail-open
    filter never raises it: the chain skips that filter instead, as the operator chose).
 3. Per recipient domain, seed 004's policy: `virusAction` for a virus, else `spamAction`
@@ -13,10 +17,16 @@ released message was judged already). For a relay message:
    `X-Spam-Score`, `X-Spam-Status: Yes, score=… required=… tests=…`, for a virus
    `X-Virus-Status: Infected (names)`, and the subject tag. Clean mail is not touched.
 
+The queue runner runs the pipeline before it takes a connection to the next hop, for at
+most `max_scans` messages at a time (the others wait their turn, already counted in the
+runner's memory bound), so a slow filter never holds an outbound connection and a burst
+never opens thousands of scans at once.
+
 ```toml
 [pipeline]
-filtering = false              # run this stage at all; off by default in this release
-                               # (see README: token charging is not yet batched)
+filtering = true               # run this stage at all (false: every message is delivered
+                               # unfiltered, no tokens charged)
+max_scans = 32                 # messages filtered at the same time, at most
 subject_tag = "[SPAM]"         # put before the Subject of tagged spam ("" = none)
 virus_subject_tag = "[VIRUS]"  # put before the Subject of tagged virus mail ("" = none)
 ```
@@ -34,16 +44,17 @@ from twisted.internet import defer
 from filters import FilterChain, FilterUnavailable, ScanContext, Verdict
 from mailcore.config import ConfigError
 from mailcore.domains import Domain
-from mailcore.pipeline import Action, Decision, PipelineMessage
+from mailcore.pipeline import DEFAULT_MAX_SCANS, Action, Decision, PipelineMessage
 from mailcore.quarantine import QuarantineService, ToKeep
-from mailcore.tokens import EMPTY, TokenService
+from mailcore.tokens import EMPTY, Charge, ChargeBatcher, TokenService
 
 
 @dataclass(frozen=True)
 class PolicySettings:
     """The `[pipeline]` table."""
 
-    filtering: bool = False
+    filtering: bool = True
+    max_scans: int = DEFAULT_MAX_SCANS
     subject_tag: str = "[SPAM]"
     virus_subject_tag: str = "[VIRUS]"
 
@@ -54,6 +65,9 @@ class PolicySettings:
             if key == "filtering":
                 if not isinstance(value, bool):
                     raise ConfigError("[pipeline] filtering must be true or false")
+            elif key == "max_scans":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError("[pipeline] max_scans must be a positive integer")
             elif key not in ("subject_tag", "virus_subject_tag"):
                 raise ConfigError(f"[pipeline] unknown key {key!r}")
             elif not isinstance(value, str):
@@ -63,6 +77,13 @@ class PolicySettings:
 
 
 class DomainLookup(Protocol):
+    """The served-domain snapshot (DomainService)."""
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def when_loaded(self) -> defer.Deferred[None]: ...
+
     def domain_by_id(self, domain_id: int) -> Domain | None: ...
 
 
@@ -93,17 +114,21 @@ class FilteringStage:
         self,
         chain: FilterChain,
         domains: DomainLookup,
-        tokens: TokenService | None,
+        tokens: ChargeBatcher | TokenService | None,
         settings: PolicySettings | None = None,
     ) -> None:
         self.chain = chain
         self.domains = domains
-        self.tokens = tokens
+        # A bare TokenService charges through a batcher of its own, straight to the store.
+        self.tokens = ChargeBatcher(tokens) if isinstance(tokens, TokenService) else tokens
         self.settings = settings or PolicySettings()
 
     async def process(self, message: PipelineMessage) -> Decision | None:
         if message.kind != "relay":
             return None
+        if not self.domains.loaded:
+            # Just started: work claimed before the first snapshot is not deferred for it.
+            await self.domains.when_loaded()
         by_domain: dict[int, list[str]] = {}
         doms: dict[int, Domain] = {}
         for rcpt in message.recipients:
@@ -114,14 +139,15 @@ class FilteringStage:
             doms[dom.id] = dom
             by_domain.setdefault(dom.id, []).append(rcpt.address)
         if self.tokens is not None:
-            for domain_id, addresses in by_domain.items():
-                dom = doms[domain_id]
-                result = await self.tokens.consume(
-                    dom.owner_id, len(addresses), key=f"{message.queue_id}:{domain_id}"
-                )
+            charges = [
+                Charge(doms[domain_id].owner_id, len(addresses), f"{message.queue_id}:{domain_id}")
+                for domain_id, addresses in by_domain.items()
+            ]
+            results = await self.tokens.consume_all(charges)
+            for domain_id, result in zip(by_domain, results, strict=True):
                 if result == EMPTY:
                     return Decision(Action.DEFER, reason=f"4.7.1 filtering tokens of the owner "
-                                    f"of {dom.name} are exhausted")
+                                    f"of {doms[domain_id].name} are exhausted")
         context = ScanContext(
             mail_from=message.mail_from,
             recipients=tuple(r.address for r in message.recipients),

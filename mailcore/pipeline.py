@@ -1,13 +1,19 @@
 """The stage between the spool and delivery: what happens to an accepted message.
 
 Every message passes through `Pipeline.process` before it is sent. A pipeline is a chain of
-stages (the filtering issue adds spam and virus filters and the per-domain policy); each
+stages (the filtering stage adds spam and virus filters and the per-domain policy); each
 stage may return a Decision, and the first one that does not say "deliver" wins. With no
-stages, everything is delivered unchanged, which is today's behaviour.
+stages, everything is delivered unchanged and the queue runner skips the pipeline
+altogether (no body load, no wait).
+
+The queue runner processes a message once its recipients are routed and before it is put
+on a next hop's queue, so no connection is taken (or held) while a filter works; at most
+`max_scans` messages are processed at a time, the others wait their turn.
 
 Decisions the queue runner carries out:
 - DELIVER: send the message as it is.
-- TAG: send it with extra header fields prepended (e.g. `X-Spam-Flag: YES`).
+- TAG: send it with extra header fields prepended (e.g. `X-Spam-Flag: YES`); the tags
+  travel with the queued delivery and are applied when the body is sent.
 - QUARANTINE: hand the message to `quarantine` (set by the filtering issue) and finish the
   recipients as `quarantined`; without a quarantine store, the message stays queued.
 - DISCARD: finish the recipients without sending (policy "drop"), with the reason logged.
@@ -83,15 +89,22 @@ class Stage(Protocol):
 
 QuarantineStore = Callable[[PipelineMessage, Decision], Awaitable[None]]
 
+# Messages processed at the same time by one queue runner, at most (`[pipeline] max_scans`).
+DEFAULT_MAX_SCANS = 32
+
 
 class Pipeline:
     """A chain of stages; with none, every message is delivered as it came."""
 
     def __init__(
-        self, stages: Sequence[Stage] = (), quarantine: QuarantineStore | None = None
+        self,
+        stages: Sequence[Stage] = (),
+        quarantine: QuarantineStore | None = None,
+        max_scans: int = DEFAULT_MAX_SCANS,
     ) -> None:
         self.stages = list(stages)
         self.quarantine = quarantine
+        self.max_scans = max_scans
 
     async def process(self, message: PipelineMessage) -> Decision:
         """The decision for `message`: the first stage's non-deliver decision, else deliver."""

@@ -13,12 +13,19 @@ there first: the first charge, purchase or listing in the new month (lazily), or
 periodic sweep of `TokenService` (every `[tokens] rollover_interval` seconds) on any node.
 When the daemon missed whole months, each missed month counts as one unused allowance.
 
-The pipeline calls `consume(user_id, n_recipients, key=queue_id)` for each filtered
-message and gets "ok" or "empty"; on "empty" it defers the message with a 4xx (nothing is
-lost, the message is retried later). With `[tokens] when_empty = "allow"` an empty tank
-lets mail through instead: what is left is taken and the answer is "ok". The `key` makes a
-charge idempotent: a message processed again (after a crash, or a deferral further down)
-is not charged twice.
+Filtering a message charges `n_recipients` tokens to the owner of each recipient domain,
+keyed by queue id and domain, and gets "ok" or "empty"; on "empty" the message is deferred
+with a 4xx (nothing is lost, the message is retried later). With `[tokens] when_empty =
+"allow"` an empty tank lets mail through instead: what is left is taken and the answer is
+"ok". The `key` makes a charge idempotent: a message processed again (after a crash, or a
+deferral further down) is not charged twice.
+
+The pipeline charges through a `ChargeBatcher`: the charges requested while one charge
+transaction is in flight wait together and are applied in the next single transaction
+(each charge still all or nothing on its own), so one commit covers many messages. In the
+daemon that transaction runs in the spool's write lane (`Spool.run_serialized`), in turn
+with the group commits. `TokenService.consume` is the same charge alone, in its own
+transaction (HTTP API, CLI).
 
 Consumption is logged per user and UTC day for `daily_average` (seed 004's
 `/api/v1/token/daily-average`).
@@ -27,11 +34,21 @@ Consumption is logged per user and UTC day for `daily_average` (seed 004's
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Table, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -54,6 +71,8 @@ WHEN_EMPTY = ("defer", "allow")
 DAILY_AVERAGE_DAYS = 30
 ROLLOVER_BATCH = 500
 MAX_KEY_LENGTH = 128
+# Charges applied in one transaction at most (the rest wait for the next one).
+MAX_CHARGE_BATCH = 1000
 
 
 class TokenError(Exception):
@@ -163,6 +182,31 @@ def _plan_of_txn(conn: Connection, user_id: int) -> str:
     return str(plan)
 
 
+# The statements of a charge, built once (a batch runs them for every owner it charges).
+_LOCK_TANK = (
+    select(token_tanks.c.monthly, token_tanks.c.perm, token_tanks.c.period, users.c.plan)
+    .join(users, users.c.id == token_tanks.c.user_id)
+    .where(token_tanks.c.user_id == bindparam("uid"))
+    .with_for_update(of=token_tanks)
+)
+_SET_TANK = (
+    update(token_tanks)
+    .where(token_tanks.c.user_id == bindparam("uid"))
+    .values(monthly=bindparam("new_monthly"), perm=bindparam("new_perm"),
+            updated_at=bindparam("now"))
+)
+_ADD_USAGE = (
+    update(token_usage)
+    .where(token_usage.c.user_id == bindparam("uid"), token_usage.c.day == bindparam("d"))
+    .values(used=token_usage.c.used + bindparam("n"))
+)
+_CHARGED_KEYS = select(token_charges.c.charge_key).where(
+    token_charges.c.user_id == bindparam("uid"),
+    token_charges.c.charge_key.in_(bindparam("keys", expanding=True)),
+)
+_INSERT_CHARGES = insert(token_charges)
+
+
 def lock_tank_txn(
     conn: Connection, user_id: int, now: datetime.datetime, plans: Plans
 ) -> tuple[int, int]:
@@ -170,21 +214,21 @@ def lock_tank_txn(
 
     The row stays locked until the transaction ends, so the caller may change it safely.
     """
-    allowance = plans.monthly_tokens(_plan_of_txn(conn, user_id))
     current = month_index(now)
-    _insert_ignore_txn(
-        conn,
-        token_tanks,
-        {"user_id": user_id, "monthly": allowance, "perm": 0, "period": current,
-         "updated_at": now},
-    )
-    row = conn.execute(
-        select(token_tanks.c.monthly, token_tanks.c.perm, token_tanks.c.period)
-        .where(token_tanks.c.user_id == user_id)
-        .with_for_update()
-    ).one()
+    row = conn.execute(_LOCK_TANK, {"uid": user_id}).first()
+    if row is None:
+        # The first charge, credit or sweep of this user opens the tank (on PostgreSQL a
+        # concurrent opener's insert is waited for, then this one does nothing).
+        _insert_ignore_txn(
+            conn,
+            token_tanks,
+            {"user_id": user_id, "monthly": plans.monthly_tokens(_plan_of_txn(conn, user_id)),
+             "perm": 0, "period": current, "updated_at": now},
+        )
+        row = conn.execute(_LOCK_TANK, {"uid": user_id}).one()
     monthly, perm, period = rolled_over(
-        int(row.monthly), int(row.perm), int(row.period), current, allowance
+        int(row.monthly), int(row.perm), int(row.period), current,
+        plans.monthly_tokens(row.plan),
     )
     if period != row.period:
         _store_tank_txn(conn, user_id, monthly, perm, now, period=period)
@@ -200,10 +244,12 @@ def _store_tank_txn(
     *,
     period: int | None = None,
 ) -> None:
-    values: dict[str, Any] = {"monthly": monthly, "perm": perm, "updated_at": now}
-    if period is not None:
-        values["period"] = period
-    conn.execute(update(token_tanks).where(token_tanks.c.user_id == user_id).values(**values))
+    if period is None:
+        conn.execute(_SET_TANK, {"uid": user_id, "new_monthly": monthly, "new_perm": perm,
+                                 "now": now})
+        return
+    conn.execute(update(token_tanks).where(token_tanks.c.user_id == user_id).values(
+        monthly=monthly, perm=perm, updated_at=now, period=period))
 
 
 def credit_perm_txn(
@@ -219,50 +265,88 @@ def credit_perm_txn(
 
 def _log_usage_txn(conn: Connection, user_id: int, day: datetime.date, n: int) -> None:
     """Blocking: add `n` to the user's usage of `day` (the tank lock serialises writers)."""
-    changed = conn.execute(
-        update(token_usage)
-        .where(token_usage.c.user_id == user_id, token_usage.c.day == day)
-        .values(used=token_usage.c.used + n)
-    ).rowcount
+    changed = conn.execute(_ADD_USAGE, {"uid": user_id, "d": day, "n": n}).rowcount
     if not changed:
         conn.execute(insert(token_usage).values(user_id=user_id, day=day, used=n))
 
 
-def _consume_txn(
+@dataclass(frozen=True)
+class Charge:
+    """One charge: `n` tokens from `user_id`'s tanks, idempotent under `key` when given."""
+
+    user_id: int
+    n: int
+    key: str | None = None
+
+
+def check_charge(n: int, key: str | None) -> None:
+    """Raise TokenError for a count or key no charge may have."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise TokenError("The number of tokens must be a non-negative integer.")
+    if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise TokenError(f"A charge key is 1 to {MAX_KEY_LENGTH} characters.")
+
+
+def consume_batch_txn(
     conn: Connection,
-    user_id: int,
-    n: int,
-    key: str | None,
+    charges: Sequence[Charge],
     now: datetime.datetime,
     plans: Plans,
     allow_empty: bool,
-) -> ConsumeResult:
-    monthly, perm = lock_tank_txn(conn, user_id, now, plans)
-    if key is not None:
-        charged = conn.execute(
-            select(token_charges.c.tokens).where(
-                token_charges.c.user_id == user_id, token_charges.c.charge_key == key
-            )
-        ).first()
-        if charged is not None:
-            return OK
-    taken = n
-    if monthly + perm < n:
-        if not allow_empty:
-            return EMPTY
-        taken = monthly + perm
-    from_monthly = min(monthly, taken)
-    from_perm = taken - from_monthly
-    if taken:
-        _store_tank_txn(conn, user_id, monthly - from_monthly, perm - from_perm, now)
-        _log_usage_txn(conn, user_id, now.date(), taken)
-    if key is not None:
-        conn.execute(
-            insert(token_charges).values(
-                user_id=user_id, charge_key=key, tokens=taken, charged_at=now
-            )
-        )
-    return OK
+) -> list[ConsumeResult | TokenError]:
+    """Blocking: apply `charges` in this one transaction; one answer per charge, in order.
+
+    Each charge is all or nothing on its own ("empty" takes nothing, unless `allow_empty`:
+    then what is left is taken and the answer is "ok"); a key already charged (before, or
+    earlier in this batch) is "ok" and takes nothing more. Tank rows are locked in user id
+    order, so two nodes charging the same users can never deadlock. An unknown user gets a
+    TokenError as its answer and the other charges go on.
+    """
+    results: list[ConsumeResult | TokenError] = [OK] * len(charges)
+    by_user: dict[int, list[int]] = {}
+    for i, charge in enumerate(charges):
+        if charge.n:
+            by_user.setdefault(charge.user_id, []).append(i)
+    for user_id in sorted(by_user):
+        indexes = by_user[user_id]
+        try:
+            monthly, perm = lock_tank_txn(conn, user_id, now, plans)
+        except TokenError as e:
+            for i in indexes:
+                results[i] = e
+            continue
+        keys = {k for k in (charges[i].key for i in indexes) if k is not None}
+        charged: set[str] = set()
+        if keys:
+            charged = set(conn.execute(
+                _CHARGED_KEYS, {"uid": user_id, "keys": sorted(keys)}
+            ).scalars())
+        used = 0
+        rows: list[dict[str, Any]] = []
+        for i in indexes:
+            charge = charges[i]
+            if charge.key is not None and charge.key in charged:
+                continue
+            taken = charge.n
+            if monthly + perm < taken:
+                if not allow_empty:
+                    results[i] = EMPTY
+                    continue
+                taken = monthly + perm
+            from_monthly = min(monthly, taken)
+            monthly -= from_monthly
+            perm -= taken - from_monthly
+            used += taken
+            if charge.key is not None:
+                charged.add(charge.key)
+                rows.append({"user_id": user_id, "charge_key": charge.key, "tokens": taken,
+                             "charged_at": now})
+        if used:
+            _store_tank_txn(conn, user_id, monthly, perm, now)
+            _log_usage_txn(conn, user_id, now.date(), used)
+        if rows:
+            conn.execute(_INSERT_CHARGES, rows)
+    return results
 
 
 def _tanks_txn(
@@ -433,16 +517,21 @@ class TokenService(Service):
         "empty" takes nothing: the caller defers the message. With a `key` (the queue id)
         a second call with the same key is "ok" and takes nothing more.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise TokenError("The number of tokens must be a non-negative integer.")
-        if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
-            raise TokenError(f"A charge key is 1 to {MAX_KEY_LENGTH} characters.")
+        check_charge(n, key)
         if n == 0:
             return OK
-        return await self.db.run(
-            "consume_tokens", _consume_txn, user_id, n, key, self.now(), self.plans,
-            self.settings.when_empty == "allow",
+        [result] = await self.db.run(
+            "consume_tokens", consume_batch_txn, [Charge(user_id, n, key)], self.now(),
+            self.plans, self.allow_empty,
         )
+        if isinstance(result, TokenError):
+            raise result
+        return result
+
+    @property
+    def allow_empty(self) -> bool:
+        """Whether an empty tank lets mail through (`[tokens] when_empty = "allow"`)."""
+        return self.settings.when_empty == "allow"
 
     async def credit(self, user_id: int, n: int) -> Tanks:
         """Add `n` tokens to the permanent tank (purchases go through InvoiceService)."""
@@ -465,3 +554,90 @@ class TokenService(Service):
         since = self.now().date() - datetime.timedelta(days=days - 1)
         total = await self.db.read("token_usage", _usage_sum_txn, user_id, since)
         return total // days
+
+
+# -- batched charges -------------------------------------------------------------------------
+
+# Runs `fn(conn, *args)` as one write transaction: `Database.run` or `Spool.run_serialized`.
+Lane = Callable[..., "defer.Deferred[Any]"]
+
+
+class ChargeBatcher:
+    """Charges for the pipeline, many per transaction.
+
+    The charges requested while a charge transaction is in flight wait together and go
+    into the next single transaction (at most MAX_CHARGE_BATCH), as the spool groups its
+    commits: under load one commit covers the charges of many messages, and with no load a
+    charge is applied at once. `lane` runs that transaction: the spool's write lane in the
+    daemon (so it never meets a group commit on SQLite's lock), else the store directly.
+    Answers and idempotence are those of `TokenService.consume`.
+    """
+
+    def __init__(
+        self, tokens: TokenService, lane: Lane | None = None,
+        max_batch: int = MAX_CHARGE_BATCH,
+    ) -> None:
+        self.tokens = tokens
+        self.lane: Lane = lane or tokens.db.run
+        self.max_batch = max_batch
+        self._waiting: list[tuple[Charge, defer.Deferred[ConsumeResult]]] = []
+        self._busy = False
+        self.transactions = 0  # charge transactions run (for tests and the benchmark)
+
+    async def consume(self, user_id: int, n: int, *, key: str | None = None) -> ConsumeResult:
+        """One charge, in the next batch: "ok" or "empty" (see `TokenService.consume`)."""
+        [result] = await self.consume_all([Charge(user_id, n, key)])
+        return result
+
+    async def consume_all(self, charges: Sequence[Charge]) -> list[ConsumeResult]:
+        """Several charges (one message's owners), all in the same batch; one answer each.
+
+        Raises TokenError for a bad count or key (before anything is charged) or an unknown
+        user, and the store's error when the transaction failed (nothing was charged).
+        """
+        for charge in charges:
+            check_charge(charge.n, charge.key)
+        waits: list[defer.Deferred[ConsumeResult]] = []
+        for charge in charges:
+            if charge.n == 0:
+                waits.append(defer.succeed(OK))
+                continue
+            d: defer.Deferred[ConsumeResult] = defer.Deferred()
+            self._waiting.append((charge, d))
+            waits.append(d)
+        self._kick()
+        try:
+            return list(await defer.gatherResults(waits, consumeErrors=True))
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+            raise  # pragma: no cover - raiseException always raises
+
+    def _kick(self) -> None:
+        if self._busy or not self._waiting:
+            return
+        self._busy = True
+        batch = self._waiting[:self.max_batch]
+        del self._waiting[:self.max_batch]
+        defer.Deferred.fromCoroutine(self._apply(batch))
+
+    async def _apply(self, batch: list[tuple[Charge, defer.Deferred[ConsumeResult]]]) -> None:
+        tokens = self.tokens
+        try:
+            try:
+                results = await self.lane(
+                    "consume_tokens", consume_batch_txn, [c for c, _d in batch], tokens.now(),
+                    tokens.plans, tokens.allow_empty,
+                )
+            except Exception as e:
+                for _c, d in batch:
+                    d.errback(Failure(e))
+                return
+            self.transactions += 1
+            for (_c, d), result in zip(batch, results, strict=True):
+                if isinstance(result, TokenError):
+                    d.errback(Failure(result))
+                else:
+                    d.callback(result)
+        finally:
+            self._busy = False
+            self._kick()

@@ -148,23 +148,37 @@ class TagHelperTests(TestCase):
 
 
 class FilteringSwitchTests(TestCase):
-    """The stage runs only when `[pipeline] filtering = true` (off in this release)."""
+    """The stage runs unless `[pipeline] filtering = false` (on by default)."""
 
-    def test_default_core_passes_everything(self) -> None:
+    def test_default_core_filters(self) -> None:
         from mailcore.filtering import FilteringStage
+        from mailcore.pipeline import DEFAULT_MAX_SCANS
         from tests.support.web import make_core
 
         core, _clock = make_core()
-        stages = core.queue.runner.pipeline.stages
-        self.assertFalse(any(isinstance(s, FilteringStage) for s in stages))
+        pipeline = core.queue.runner.pipeline
+        [stage] = pipeline.stages
+        assert isinstance(stage, FilteringStage)
+        self.assertEqual(pipeline.max_scans, DEFAULT_MAX_SCANS)
+        # Charges are batched and written in the spool's lane, in turn with its commits.
+        assert stage.tokens is not None
+        self.assertEqual(stage.tokens.lane, core.spool.run_serialized)
 
-    def test_switch_on_installs_the_stage(self) -> None:
-        from mailcore.filtering import FilteringStage
+    def test_switch_off_passes_everything(self) -> None:
         from tests.support.web import make_core
 
-        core, _clock = make_core(Config(sections={"pipeline": {"filtering": True}}))
-        stages = core.queue.runner.pipeline.stages
-        self.assertTrue(any(isinstance(s, FilteringStage) for s in stages))
+        core, _clock = make_core(Config(sections={"pipeline": {"filtering": False}}))
+        self.assertEqual(core.queue.runner.pipeline.stages, [])
+
+    def test_max_scans_is_configurable_and_checked(self) -> None:
+        from mailcore.config import ConfigError
+        from tests.support.web import make_core
+
+        core, _clock = make_core(Config(sections={"pipeline": {"max_scans": 4}}))
+        self.assertEqual(core.queue.runner.pipeline.max_scans, 4)
+        for bad in (0, -1, True, 2.5, "8"):
+            with self.assertRaises(ConfigError, msg=repr(bad)):
+                make_core(Config(sections={"pipeline": {"max_scans": bad}}))
 
     def test_switch_must_be_boolean(self) -> None:
         from mailcore.config import ConfigError

@@ -1,5 +1,6 @@
 """The queue runner on a Clock: hand-off from the spool, deferral and the retry schedule,
-lifetime expiry, bounces, connection reuse, opportunistic TLS fallback, stop."""
+lifetime expiry, bounces, connection reuse, the TLS policies (verify-if-offered by default,
+opportunistic fallback under `may`), stop."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
 BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
-HOP = Hop("10.0.0.1", 2525, "may")
+HOP = Hop("10.0.0.1", 2525)  # with the default TLS policy, as the router gives it
 
 
 class RetryScheduleTests(TestCase):
@@ -248,6 +249,8 @@ class BounceTests(RunnerTestBase):
 
 
 class TLSFallbackTests(RunnerTestBase):
+    settings = {"tls": "may"}
+
     async def test_opportunistic_starttls_failure_delivers_in_cleartext(self) -> None:
         """Pitfall 9: a refused STARTTLS must not QUIT-and-defer forever."""
         self.connector.offer_starttls = True
@@ -259,7 +262,7 @@ class TLSFallbackTests(RunnerTestBase):
 
     async def test_required_tls_that_fails_defers(self) -> None:
         done(self.db.run("tls", lambda c: c.exec_driver_sql(
-            "UPDATE domains SET require_tls = 1")))
+            "UPDATE domains SET tls = 'verify'")))
         self.q.runner.router._cache.clear()
         self.connector.offer_starttls = True
         self.connector.starttls_fails = True
@@ -271,6 +274,51 @@ class TLSFallbackTests(RunnerTestBase):
         self.connector.offer_starttls = True
         await self.accept("Q1", "b@customer.test")
         self.assertTrue(self.connector.delivered[0][4])
+
+
+class DefaultTLSPolicyTests(RunnerTestBase):
+    """No `[queue] tls` given: verify-if-offered."""
+
+    def test_the_default_policy_is_verify_if_offered(self) -> None:
+        self.assertEqual(self.q.settings.tls, "verify-if-offered")
+
+    async def test_offered_starttls_is_verified_and_used(self) -> None:
+        self.connector.offer_starttls = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.verified, [True])
+        self.assertTrue(self.connector.delivered[0][4])
+
+    async def test_failed_starttls_defers_with_4_7_5_and_never_falls_back(self) -> None:
+        self.connector.offer_starttls = True
+        self.connector.starttls_fails = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.delivered, [])
+        self.assertEqual(len(self.connector.connects), 1)  # no cleartext retry
+        self.assertEqual(self.rows()["b@customer.test"][0], "deferred")
+        view = done(self.db.read("show", thd_show, "Q1"))
+        self.assertIn("4.7.5", view.recipients[0].last_error)
+
+    async def test_a_certificate_naming_someone_else_defers(self) -> None:
+        self.connector.offer_starttls = True
+        self.connector.peer_name_mismatch = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.delivered, [])
+        self.assertEqual(self.rows()["b@customer.test"][0], "deferred")
+
+    async def test_a_hop_without_starttls_gets_cleartext(self) -> None:
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+        self.assertFalse(self.connector.delivered[0][4])
+        self.assertEqual(self.connector.tls_attempts, 0)
+
+    async def test_a_domain_set_to_may_falls_back_to_cleartext(self) -> None:
+        done(self.db.run("tls", lambda c: c.exec_driver_sql("UPDATE domains SET tls = 'may'")))
+        self.q.runner.router._cache.clear()
+        self.connector.offer_starttls = True
+        self.connector.starttls_fails = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.verified, [False])
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
 
 
 class PipelineTests(TestCase):
@@ -341,7 +389,7 @@ class MetricsTests(RunnerTestBase):
 
     async def test_required_tls_with_a_peer_of_another_name_defers(self) -> None:
         done(self.db.run("tls", lambda c: c.exec_driver_sql(
-            "UPDATE domains SET require_tls = 1")))
+            "UPDATE domains SET tls = 'verify'")))
         self.q.runner.router._cache.clear()
         self.connector.offer_starttls = True
         self.connector.peer_name_mismatch = True

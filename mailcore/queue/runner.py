@@ -7,9 +7,17 @@ one transaction, and keeps per hop a bounded pool of connections that each carry
 messages. Outcomes go back to the spool, which writes them in its group transactions and
 finishes messages (and makes their one DSN) there.
 
-Memory is bounded: at most `max_in_memory` recipients are held (reserved, queued or in
-flight); bodies are kept only from accept to send within `body_cache_bytes`, otherwise
-loaded from the store when a connection is ready to send them.
+When the pipeline has stages (filtering), a routed message is processed by it before any
+of its recipients is put on a hop queue: no connection is opened for a message that is
+deferred, quarantined or discarded, and none is held while a filter works. At most
+`pipeline.max_scans` messages are processed at a time; the others wait their turn. Tags
+travel with the queued job and are applied when the body is sent. A message whose every
+hop is known to be down is deferred without being processed. With no stages, routed jobs
+go straight to their hop queues.
+
+Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
+processed, queued or in flight); bodies are kept only from accept to send within
+`body_cache_bytes`, otherwise loaded from the store when they are needed.
 """
 
 from __future__ import annotations
@@ -135,6 +143,32 @@ class BodyLoader:
             self._kick()
 
 
+# -- jobs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaggedJob(Job):
+    """A job the pipeline said to deliver tagged: the header fields and Subject prefix are
+    applied when the body is sent (it may have to be loaded from the store by then)."""
+
+    add_headers: tuple[tuple[str, str], ...] = ()
+    subject_prefix: str = ""
+
+
+def part_of(job: Job, rcpts: list[Rcpt]) -> Job:
+    """The job for some of `job`'s recipients, keeping its tags."""
+    if len(rcpts) == len(job.recipients):
+        return job
+    if isinstance(job, TaggedJob):
+        return TaggedJob(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
+                         rcpts, job.add_headers, job.subject_prefix)
+    return Job(job.message_id, job.mail_from, job.kind, job.created_at, job.size, rcpts)
+
+
+# Recipients of one job routed to each hop, in the order first seen.
+Groups = OrderedDict[Hop, list[Rcpt]]
+
+
 # -- per-hop queues ---------------------------------------------------------------------------
 
 
@@ -154,6 +188,10 @@ class HopQueue:
         default_factory=deque
     )
     limit: int = 0  # connection limit now; lowered when the hop refuses extra connections
+
+    def is_dead(self, now: float) -> bool:
+        """Known to be down, with no connection of ours still working."""
+        return self.dead_until > now and self.established == 0
 
 
 class QueueRunner:
@@ -187,6 +225,13 @@ class QueueRunner:
         self._workers: set[defer.Deferred[None]] = set()
         self._sessions: set[SMTPSession] = set()
         self._routing: set[defer.Deferred[None]] = set()
+        # Routed jobs waiting for the pipeline, the scans running, and what scans that
+        # ended during a stop left undelivered.
+        self._scan_wait: deque[tuple[Job, Groups]] = deque()
+        self._scanning: set[defer.Deferred[None]] = set()
+        self._scans = 0
+        self._starting_scans = False
+        self._stop_leftover: list[int] = []
         self.on_room: Callable[[], None] | None = None  # the sweeper's "claim more" hook
 
     # -- taking work --------------------------------------------------------------------
@@ -233,9 +278,10 @@ class QueueRunner:
         except Exception:
             log.failure("loading routes failed")
         now = self.clock.seconds()
+        scanning = bool(self.pipeline.stages)
         touched: dict[Hop, HopQueue] = {}
         for job in jobs:
-            groups: OrderedDict[Hop, list[Rcpt]] = OrderedDict()
+            groups: Groups = OrderedDict()
             for rcpt in job.recipients:
                 try:
                     hop = await self.router.route(rcpt.domain_id, rcpt.address)
@@ -248,17 +294,157 @@ class QueueRunner:
                                hop="", now=now)
                     continue
                 groups.setdefault(hop, []).append(rcpt)
-            for hop, rcpts in groups.items():
-                hq = self.hops.get(hop)
-                if hq is None:
-                    hq = self.hops[hop] = HopQueue(hop, limit=self.settings.hop_concurrency)
-                part = job if len(groups) == 1 else Job(
-                    job.message_id, job.mail_from, job.kind, job.created_at, job.size, rcpts
-                )
-                hq.jobs.append(part)
-                touched[hop] = hq
+            if not groups:
+                continue
+            if scanning:
+                self._scan_wait.append((job, groups))
+            else:
+                self._queue(job, groups, touched)
+        if scanning:
+            self._start_scans()
         for hq in touched.values():
             self._pump(hq)
+
+    def _queue(self, job: Job, groups: Groups, touched: dict[Hop, HopQueue]) -> None:
+        """Put each hop's part of `job` on that hop's queue (pumped by the caller)."""
+        for hop, rcpts in groups.items():
+            hq = self.hops.get(hop)
+            if hq is None:
+                hq = self.hops[hop] = HopQueue(hop, limit=self.settings.hop_concurrency)
+            hq.jobs.append(part_of(job, rcpts))
+            touched[hop] = hq
+
+    # -- the pipeline, before a connection is taken -------------------------------------
+
+    def _start_scans(self) -> None:
+        """Start processing waiting jobs, up to `pipeline.max_scans` at a time."""
+        if self._starting_scans:  # the loop below is running further up the stack
+            return
+        self._starting_scans = True
+        try:
+            while (self._scan_wait and self.running
+                   and self._scans < self.pipeline.max_scans):
+                job, groups = self._scan_wait.popleft()
+                self._scans += 1
+                d = defer.Deferred.fromCoroutine(self._scan(job, groups))
+                if not d.called:
+                    self._scanning.add(d)
+                    d.addBoth(self._scan_ended, d)
+        finally:
+            self._starting_scans = False
+
+    def _scan_ended(self, result: object, d: defer.Deferred[None]) -> object:
+        self._scanning.discard(d)
+        return result
+
+    async def _scan(self, job: Job, groups: Groups) -> None:
+        """Process one routed job by the pipeline and carry out the decision; what is left
+        to send goes on its hops' queues."""
+        try:
+            await self._process(job, groups)
+        except Exception:
+            # Not expected (every outcome is handled in _process); the recipients stay
+            # leased and are tried again once the lease lapses.
+            log.failure("processing {queue_id} failed", queue_id=job.message_id)
+        finally:
+            self._scans -= 1
+            self._start_scans()
+
+    async def _process(self, job: Job, groups: Groups) -> None:
+        now = self.clock.seconds()
+        live: Groups = OrderedDict()
+        for hop, rcpts in groups.items():
+            hq = self.hops.get(hop)
+            if hq is not None and hq.is_dead(now):
+                self._fail(job, rcpts, hq.dead_reason, permanent=False, hop=hq.hop.label,
+                           now=now)
+            else:
+                live[hop] = rcpts
+        if not live:
+            return
+        job = part_of(job, [r for rcpts in live.values() for r in rcpts])
+        body = self.bodies.get(job.message_id)
+        if body is None:
+            body = await self._load(job)
+            if body is None:
+                return
+            self.bodies.put(job.message_id, body)  # for the send, within the budget
+        message = PipelineMessage(
+            job.message_id, job.kind, job.mail_from,
+            tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
+        )
+        try:
+            decision = await self.pipeline.process(message)
+        except Exception as e:
+            log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
+            decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
+        rest = await self._act(job, message, decision)
+        if rest is None:
+            return
+        if not self.running:
+            # Stopping: not sent by this run; the caller releases the leases.
+            self._stop_leftover.extend(r.id for r in rest.recipients)
+            self.held -= len(rest.recipients)
+            return
+        keep = {r.id for r in rest.recipients}
+        touched: dict[Hop, HopQueue] = {}
+        self._queue(rest, OrderedDict(
+            (hop, kept) for hop, rcpts in live.items()
+            if (kept := [r for r in rcpts if r.id in keep])
+        ), touched)
+        for hq in touched.values():
+            self._pump(hq)
+
+    async def _act(self, job: Job, message: PipelineMessage, decision: Decision) -> Job | None:
+        """Carry out what a decision says before sending: defer, quarantine (all or some
+        recipients), discard. Returns the job still to send (tagged for a TAG), or None."""
+        now = self.clock.seconds()
+        if decision.action is Action.DEFER:
+            self._fail(job, job.recipients, decision.reason, permanent=False, hop="", now=now)
+            return None
+        if decision.action is Action.QUARANTINE:
+            held = job.recipients
+        else:
+            held = [r for r in job.recipients if r.address in decision.quarantine]
+        if held:
+            if self.pipeline.quarantine is None:
+                self._fail(job, job.recipients, "4.3.0 quarantine requested but no store",
+                           permanent=False, hop="", now=now, count_attempt=False)
+                return None
+            try:
+                await self.pipeline.quarantine(message, decision)
+            except Exception as e:
+                log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
+                self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
+                           permanent=False, hop="", now=self.clock.seconds())
+                return None
+            self._delivered(job, held, f"quarantined: {decision.reason}", "",
+                            self.clock.seconds(), state=QUARANTINED)
+            if len(held) == len(job.recipients):
+                return None
+            held_ids = {r.id for r in held}
+            job = part_of(job, [r for r in job.recipients if r.id not in held_ids])
+        if decision.action is Action.DISCARD:
+            self._delivered(job, job.recipients, f"discarded by policy: {decision.reason}", "",
+                            self.clock.seconds(), state=DELIVERED)
+            return None
+        if decision.action is Action.TAG and (decision.add_headers or decision.subject_prefix):
+            return TaggedJob(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
+                             job.recipients, decision.add_headers, decision.subject_prefix)
+        return job
+
+    async def _load(self, job: Job) -> bytes | None:
+        """The body from the store; None (and the job handled) when it cannot be had."""
+        try:
+            body = await self.loader.get(job.message_id)
+        except Exception as e:
+            self._fail(job, job.recipients, f"4.3.0 cannot load message: {e}",
+                       permanent=False, hop="", now=self.clock.seconds(), count_attempt=False)
+            return None
+        if body is None:
+            # Deleted by an operator, or finished elsewhere: nothing to do.
+            self._release_memory(job, len(job.recipients))
+        return body
 
     # -- outcomes -----------------------------------------------------------------------
 
@@ -315,7 +501,7 @@ class QueueRunner:
         """Give queued jobs to idle connections, open connections up to the limit, or defer
         everything at once when the hop is known to be down."""
         now = self.clock.seconds()
-        if hq.dead_until > now and hq.established == 0:
+        if hq.is_dead(now):
             while hq.jobs:
                 job = hq.jobs.popleft()
                 self._fail(job, job.recipients, hq.dead_reason, permanent=False,
@@ -445,71 +631,11 @@ class QueueRunner:
         hop = hq.hop.label
         body = self.bodies.get(job.message_id)
         if body is None:
-            try:
-                body = await self.loader.get(job.message_id)
-            except Exception as e:
-                self._fail(job, job.recipients, f"4.3.0 cannot load message: {e}",
-                           permanent=False, hop="", now=self.clock.seconds(),
-                           count_attempt=False)
-                return True
+            body = await self._load(job)
             if body is None:
-                # Deleted by an operator, or finished elsewhere: nothing to do.
-                self._release_memory(job, len(job.recipients))
                 return True
-        message = PipelineMessage(
-            job.message_id, job.kind, job.mail_from,
-            tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
-        )
-        try:
-            decision = await self.pipeline.process(message)
-        except Exception as e:
-            log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
-            decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
-        if decision.action is Action.DEFER:
-            self._fail(job, job.recipients, decision.reason, permanent=False, hop="",
-                       now=self.clock.seconds())
-            return True
-        if decision.quarantine and decision.action is not Action.QUARANTINE:
-            # Some recipients' domains quarantine, the others take the decision.
-            held = [r for r in job.recipients if r.address in decision.quarantine]
-            if self.pipeline.quarantine is None:
-                self._fail(job, job.recipients, "4.3.0 quarantine requested but no store",
-                           permanent=False, hop="", now=self.clock.seconds(),
-                           count_attempt=False)
-                return True
-            try:
-                await self.pipeline.quarantine(message, decision)
-            except Exception as e:
-                log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
-                self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
-                           permanent=False, hop="", now=self.clock.seconds())
-                return True
-            self._delivered(job, held, f"quarantined: {decision.reason}", "",
-                            self.clock.seconds(), state=QUARANTINED)
-            job = Job(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
-                      [r for r in job.recipients if r.address not in decision.quarantine])
-        if decision.action is Action.TAG:
-            body = apply_tags(body, decision.add_headers, decision.subject_prefix)
-        elif decision.action is Action.DISCARD:
-            self._delivered(job, job.recipients, f"discarded by policy: {decision.reason}", "",
-                            self.clock.seconds(), state=DELIVERED)
-            return True
-        elif decision.action is Action.QUARANTINE:
-            now = self.clock.seconds()
-            if self.pipeline.quarantine is None:
-                self._fail(job, job.recipients, "4.3.0 quarantine requested but no store",
-                           permanent=False, hop="", now=now, count_attempt=False)
-                return True
-            try:
-                await self.pipeline.quarantine(message, decision)
-            except Exception as e:
-                log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
-                self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
-                           permanent=False, hop="", now=now)
-                return True
-            self._delivered(job, job.recipients, f"quarantined: {decision.reason}", "", now,
-                            state=QUARANTINED)
-            return True
+        if isinstance(job, TaggedJob):
+            body = apply_tags(body, job.add_headers, job.subject_prefix)
         try:
             result = await session.send(
                 job.mail_from, [r.address for r in job.recipients], body, reset_first=reset
@@ -554,17 +680,26 @@ class QueueRunner:
         if self._routing:
             await defer.DeferredList(list(self._routing))
         leftover: list[int] = []
+        while self._scan_wait:
+            job, groups = self._scan_wait.popleft()
+            for rcpts in groups.values():
+                leftover.extend(r.id for r in rcpts)
+                self.held -= len(rcpts)
         for hq in self.hops.values():
             while hq.jobs:
                 job = hq.jobs.popleft()
                 leftover.extend(r.id for r in job.recipients)
                 self.held -= len(job.recipients)
-        if self._workers:
-            workers = defer.DeferredList(list(self._workers))
+        if self._workers or self._scanning:
+            # Scans in flight finish: their outcomes are recorded, or what they would have
+            # sent is left over.
+            busy = defer.DeferredList(list(self._workers) + list(self._scanning))
             timer = self.clock.callLater(self.settings.stop_grace, self._abort_all)
-            await workers
+            await busy
             if timer.active():
                 timer.cancel()
+        leftover.extend(self._stop_leftover)
+        self._stop_leftover = []
         if self.spool is not None:
             await self.spool.drain()
             self.spool.cancel()

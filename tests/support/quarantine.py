@@ -50,7 +50,7 @@ class Gateway:
     """A Web (Core + StubTreq) with its queue started on the scripted connector."""
 
     def __init__(self, config: Config | None = None) -> None:
-        # The filtering stage is opt-in ([pipeline] filtering); these tests are about it.
+        # These tests are about the filtering stage: on even if a config turns it off.
         config = config or Config()
         pipeline = {"filtering": True, **config.section("pipeline")}
         config = replace(config, sections={**config.sections, "pipeline": pipeline})

@@ -1,0 +1,312 @@
+"""The queue runner runs the pipeline before it takes a connection: a deferred, quarantined
+or discarded message never opens one, tags travel with the job and are applied at send time
+(also when the body is loaded from the store then), scans are bounded by `max_scans`, a
+message whose hops are all down is not scanned, a stop with scans in flight loses nobody,
+and with no stages nothing of this runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
+from mailcore.queue.routing import Hop
+from mailcore.store import Database
+from mailcore.store.schema import queue_recipients
+from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
+
+BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
+
+
+class Stage:
+    """A scripted pipeline stage: answers `decision`, or waits on `gate` when set; counts
+    the messages it saw and how many it was working on at once."""
+
+    def __init__(self, decision: Decision | None = None) -> None:
+        self.decision = decision
+        self.gate: defer.Deferred[None] | None = None
+        self.seen: list[PipelineMessage] = []
+        self.running = 0
+        self.most = 0
+        self.waiting: list[defer.Deferred[None]] = []
+
+    async def process(self, message: PipelineMessage) -> Decision | None:
+        self.seen.append(message)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            if self.gate is not None:
+                d: defer.Deferred[None] = defer.Deferred()
+                self.waiting.append(d)
+                await d
+            return self.decision
+        finally:
+            self.running -= 1
+
+    def release(self, n: int | None = None) -> None:
+        """Let the `n` oldest waiting scans (all by default) finish."""
+        count = len(self.waiting) if n is None else n
+        for d in self.waiting[:count]:
+            d.callback(None)
+        del self.waiting[:count]
+
+
+class Kept:
+    """The pipeline's quarantine callback: records what it was asked to keep."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, tuple[str, ...]]] = []
+
+    async def __call__(self, message: PipelineMessage, decision: Decision) -> None:
+        wanted = set(decision.quarantine)
+        self.items.append((message.queue_id, tuple(
+            r.address for r in message.recipients
+            if decision.action is Action.QUARANTINE or r.address in wanted
+        )))
+
+
+class PipelineRunnerBase(TestCase):
+    settings: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.db = Database.for_tests()
+        self.connector = ScriptedConnector()
+        self.domain = done(self.db.run("add", thd_add_domain, "customer.test", "10.0.0.1",
+                                       2525))
+        self.q = make_queue(self.db, self.clock, self.connector, **self.settings)
+        self.runner = self.q.runner
+        self.q.service.startService()
+        self.addCleanup(self.stop)
+
+    def use(self, *stages: Any, max_scans: int = 32, quarantine: Any = None) -> None:
+        self.runner.pipeline = Pipeline(list(stages), quarantine, max_scans=max_scans)
+
+    async def stop_async(self) -> None:
+        if self.q.service.running:
+            d = self.q.service.stopService()
+            self.clock.advance(60)
+            await d
+
+    def stop(self) -> defer.Deferred[None]:
+        d = defer.Deferred.fromCoroutine(self.stop_async())
+        d.addCallback(lambda _: self.assertEqual(self.clock.getDelayedCalls(), []))
+        return d
+
+    async def accept(self, qid: str, *rcpts: str, body: bytes = BODY) -> None:
+        env = envelope("a@x.test", *[(r, self.domain) for r in rcpts])
+        await self.q.spool.accept(qid, env, body)
+
+    def rows(self) -> dict[str, tuple[str, str | None]]:
+        r = queue_recipients.c
+        return done(self.db.read("rows", lambda c: {
+            row.address: (row.state, row.lease_owner)
+            for row in c.execute(select(r.address, r.state, r.lease_owner))
+        }))
+
+    def states(self) -> dict[str, str]:
+        return {a: s for a, (s, _o) in self.rows().items()}
+
+    async def hop(self) -> Hop:
+        hop: Hop = await self.runner.router.route(self.domain, "x@customer.test")
+        return hop
+
+
+class DecisionBeforeConnectTests(PipelineRunnerBase):
+    async def test_a_deferred_message_never_opens_a_connection(self) -> None:
+        stage = Stage(Decision(Action.DEFER, reason="4.7.1 tokens exhausted"))
+        self.use(stage)
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.states(), {"b@customer.test": "deferred",
+                                         "c@customer.test": "deferred"})
+        self.assertEqual(len(stage.seen), 1)
+        self.assertEqual(self.runner.held, 0)
+
+    async def test_a_quarantined_message_never_opens_a_connection(self) -> None:
+        kept = Kept()
+        self.use(Stage(Decision(Action.QUARANTINE, reason="spam", category="spam")),
+                 quarantine=kept)
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(kept.items, [("Q1", ("b@customer.test",))])
+        self.assertEqual(self.states(), {"b@customer.test": "quarantined"})
+
+    async def test_a_quarantine_without_a_store_stays_queued(self) -> None:
+        self.use(Stage(Decision(Action.QUARANTINE, reason="spam")))
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.states(), {"b@customer.test": "deferred"})
+
+    async def test_a_discarded_message_never_opens_a_connection(self) -> None:
+        self.use(Stage(Decision(Action.DISCARD, reason="policy")))
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.states(), {"b@customer.test": "delivered"})
+
+    async def test_partial_quarantine_sends_the_others_tagged(self) -> None:
+        kept = Kept()
+        self.use(Stage(Decision(Action.TAG, (("X-Spam-Flag", "YES"),), reason="spam",
+                                quarantine=("c@customer.test",), subject_prefix="[SPAM]")),
+                 quarantine=kept)
+        await self.accept("Q1", "b@customer.test", "c@customer.test", "d@customer.test")
+        self.assertEqual(kept.items, [("Q1", ("c@customer.test",))])
+        [(_hop, _f, rcpts, body, _tls)] = self.connector.delivered
+        self.assertEqual(rcpts, ["b@customer.test", "d@customer.test"])
+        self.assertEqual(body, b"X-Spam-Flag: YES\r\nFrom: a@x.test\r\n"
+                               b"Subject: [SPAM] hello\r\n\r\nbody line\r\n")
+        self.assertEqual(self.states(), {"b@customer.test": "delivered",
+                                         "c@customer.test": "quarantined",
+                                         "d@customer.test": "delivered"})
+
+    async def test_the_pipeline_runs_before_any_connection_is_taken(self) -> None:
+        stage = Stage()
+        stage.gate = defer.Deferred()
+        self.use(stage)
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(len(stage.waiting), 1)
+        self.assertEqual(self.connector.connects, [])
+        stage.release()
+        self.assertEqual(len(self.connector.connects), 1)
+        self.assertEqual(self.connector.delivered[0][3], BODY)
+
+    async def test_a_failing_pipeline_defers(self) -> None:
+        class Broken:
+            async def process(self, message: PipelineMessage) -> Decision:
+                raise ValueError("bug")
+
+        self.use(Broken())
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.states(), {"b@customer.test": "deferred"})
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class TagsFromTheStoreTests(PipelineRunnerBase):
+    # No body stays in memory: the scan and the send both load it from the store.
+    settings = {"body_cache_bytes": 0}
+
+    async def test_tags_are_applied_to_a_body_loaded_at_send_time(self) -> None:
+        stage = Stage(Decision(Action.TAG, (("X-Spam-Flag", "YES"), ("X-Spam-Score", "7.0")),
+                               subject_prefix="[SPAM]"))
+        self.use(stage)
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(stage.seen[0].body, BODY)
+        self.assertEqual(len(self.runner.bodies), 0)
+        [(_hop, _f, _r, body, _tls)] = self.connector.delivered
+        self.assertEqual(body, b"X-Spam-Flag: YES\r\nX-Spam-Score: 7.0\r\nFrom: a@x.test\r\n"
+                               b"Subject: [SPAM] hello\r\n\r\nbody line\r\n")
+
+    async def test_tags_survive_a_retry_of_one_recipient(self) -> None:
+        self.use(Stage(Decision(Action.TAG, (("X-Spam-Flag", "YES"),))))
+        self.connector.replies["c@customer.test"] = (451, ("4.3.0 later",))
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        self.connector.replies.clear()
+        self.clock.advance(self.q.settings.min_backoff)
+        bodies = [body for _h, _f, _r, body, _t in self.connector.delivered]
+        self.assertEqual(bodies, [b"X-Spam-Flag: YES\r\n" + BODY] * 2)
+        self.assertEqual(set(self.states().values()), {"delivered"})
+
+
+class ScanBoundTests(PipelineRunnerBase):
+    async def test_no_more_than_max_scans_run_at_once(self) -> None:
+        stage = Stage()
+        stage.gate = defer.Deferred()
+        self.use(stage, max_scans=3)
+        for i in range(10):
+            await self.accept(f"Q{i}", f"r{i}@customer.test")
+        self.assertEqual((stage.running, len(stage.seen)), (3, 3))
+        self.assertEqual(self.runner.held, 10)  # the waiting ones still count
+        stage.release(1)
+        self.assertEqual((stage.running, len(stage.seen)), (3, 4))
+        while stage.waiting:
+            stage.release()
+        self.assertEqual(stage.most, 3)
+        self.assertEqual(len(stage.seen), 10)
+        self.assertEqual(len(self.connector.delivered), 10)
+        self.assertEqual(self.runner.held, 0)
+
+    async def test_a_message_whose_hops_are_all_down_is_not_scanned(self) -> None:
+        stage = Stage()
+        self.use(stage)
+        self.connector.down.add(await self.hop())
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(len(stage.seen), 1)  # not known to be down yet
+        await self.accept("Q2", "c@customer.test")
+        self.assertEqual(len(stage.seen), 1)
+        self.assertEqual(len(self.connector.connects), 1)
+        self.assertEqual(self.states(), {"b@customer.test": "deferred",
+                                         "c@customer.test": "deferred"})
+
+
+class NoStageTests(PipelineRunnerBase):
+    async def test_without_stages_the_pipeline_is_never_called(self) -> None:
+        calls: list[str] = []
+
+        class Watched(Pipeline):
+            async def process(self, message: PipelineMessage) -> Decision:
+                calls.append(message.queue_id)
+                return Decision.deliver()
+
+        loads: list[str] = []
+        real_get = self.runner.loader.get
+
+        async def get(message_id: str) -> bytes | None:
+            loads.append(message_id)
+            return await real_get(message_id)
+
+        self.runner.loader.get = get  # type: ignore[method-assign]
+        self.runner.pipeline = Watched()
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        self.assertEqual(calls, [])
+        self.assertEqual(loads, [])  # the body came from the cache, as before
+        self.assertEqual(self.connector.delivered[0][2:4],
+                         (["b@customer.test", "c@customer.test"], BODY))
+
+
+class StopWithScansTests(PipelineRunnerBase):
+    async def test_scans_in_flight_and_waiting_lose_no_recipient(self) -> None:
+        stage = Stage()
+        stage.gate = defer.Deferred()
+        self.use(stage, max_scans=2)
+        for i in range(5):
+            await self.accept(f"Q{i}", f"r{i}@customer.test")
+        self.assertEqual(len(stage.waiting), 2)
+        stopping = defer.Deferred.fromCoroutine(self.runner.stop())
+        self.assertFalse(stopping.called)  # waits for the two scans in flight
+        stage.release()
+        leftover = await stopping
+        self.assertEqual(len(leftover), 5)
+        self.assertEqual(self.runner.held, 0)
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(len(stage.seen), 2)
+
+    async def test_a_decision_made_during_the_stop_is_recorded(self) -> None:
+        stage = Stage(Decision(Action.DEFER, reason="4.7.0 filter down"))
+        stage.gate = defer.Deferred()
+        self.use(stage)
+        await self.accept("Q1", "b@customer.test")
+        stopping = self.q.service.stopService()
+        stage.release()
+        self.clock.advance(60)
+        await stopping
+        self.assertEqual(self.rows(), {"b@customer.test": ("deferred", None)})
+        self.assertEqual(self.runner.held, 0)
+
+    async def test_leases_are_released_for_what_was_never_sent(self) -> None:
+        stage = Stage()
+        stage.gate = defer.Deferred()
+        self.use(stage, max_scans=1)
+        await self.accept("Q1", "b@customer.test")
+        await self.accept("Q2", "c@customer.test")
+        stopping = self.q.service.stopService()
+        stage.release()
+        self.clock.advance(60)
+        await stopping
+        self.assertEqual(self.rows(), {"b@customer.test": ("queued", None),
+                                       "c@customer.test": ("queued", None)})
