@@ -207,7 +207,7 @@ def _insert_messages_sqlite(
     """`thd_insert_messages` on SQLite, straight through the driver: this is the spool's hot
     path, and the statements are fixed. The write transaction (BEGIN IMMEDIATE) is held, so
     the recipient ids are allocated here, after the largest one in the table."""
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor = _driver_cursor(conn)
     try:
         cursor.executemany(
             _SQLITE_INSERT_MESSAGE,
@@ -348,37 +348,112 @@ def thd_apply_results(
     """
     if not results:
         return [], 0
-    params = [
-        {
-            "rid": r.rcpt_id,
-            "owner": node_id,
-            "state": r.state,
-            "detail": r.detail[:2000],
-            "hop": r.hop[:300] or None,
-            "next_at": r.next_attempt_at if r.state == DEFERRED else now,
-            "inc": 1 if r.count_attempt else 0,
-            "now": now,
-        }
-        for r in results
-    ]
-    applied = conn.execute(_APPLY_RESULT, params).rowcount or 0
+    if conn.dialect.name == "sqlite":
+        applied = _sqlite_apply_results(conn, node_id, now, results)
+    else:
+        params = [
+            {
+                "rid": r.rcpt_id,
+                "owner": node_id,
+                "state": r.state,
+                "detail": r.detail[:2000],
+                "hop": r.hop[:300] or None,
+                "next_at": r.next_attempt_at if r.state == DEFERRED else now,
+                "inc": 1 if r.count_attempt else 0,
+                "now": now,
+            }
+            for r in results
+        ]
+        applied = conn.execute(_APPLY_RESULT, params).rowcount or 0
     message_ids = sorted({r.message_id for r in results})
     finished = _finish_messages(conn, message_ids, now)
     return finished, applied
+
+
+# SQLite: the results path straight through the driver (it runs in the spool's group
+# commits, where every millisecond delays the next 250); same statements as above.
+_SQLITE_APPLY_RESULT = (
+    "UPDATE queue_recipients SET state = ?, attempts = attempts + ?, next_attempt_at = ?, "
+    "last_error = ?, next_hop = coalesce(?, next_hop), updated_at = ?, lease_owner = NULL, "
+    "lease_until = NULL WHERE id = ? AND lease_owner = ?"
+)
+_SQLITE_DONE_AMONG = (
+    "SELECT m.id FROM queue_messages AS m WHERE m.id IN ({ids}) AND m.done_at IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r WHERE r.message_id = m.id "
+    "AND r.state IN ({active}))"
+)
+_SQLITE_BOUNCED_AMONG = (
+    "SELECT message_id, address, last_error, next_hop FROM queue_recipients "
+    "WHERE message_id IN ({ids}) AND state = ? ORDER BY id"
+)
+_SQLITE_FINISH = "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids})"
+
+
+def _driver_cursor(conn: Connection) -> Any:
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _sqlite_apply_results(
+    conn: Connection, node_id: str, now: float, results: Sequence[Result]
+) -> int:
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.executemany(
+            _SQLITE_APPLY_RESULT,
+            [
+                (r.state, 1 if r.count_attempt else 0,
+                 r.next_attempt_at if r.state == DEFERRED else now, r.detail[:2000],
+                 r.hop[:300] or None, now, r.rcpt_id, node_id)
+                for r in results
+            ],
+        )
+        return int(cursor.rowcount or 0)
+    finally:
+        cursor.close()
+
+
+def _done_and_bounced(
+    conn: Connection, message_ids: Sequence[str]
+) -> tuple[list[str], list[tuple[str, str, str | None, str | None]]]:
+    """The messages among `message_ids` with no active recipient left (not yet marked
+    done), and the bounced recipients of those."""
+    if conn.dialect.name != "sqlite":
+        done_ids = [row[0] for row in conn.execute(_DONE_AMONG, {"ids": list(message_ids)})]
+        if not done_ids:
+            return [], []
+        rows = conn.execute(_BOUNCED_AMONG, {"ids": done_ids}).all()
+        return done_ids, [(r[0], r[1], r[2], r[3]) for r in rows]
+    cursor = _driver_cursor(conn)
+    try:
+        done_ids = [row[0] for row in cursor.execute(
+            _SQLITE_DONE_AMONG.format(ids=_marks(len(message_ids)), active=_marks(len(ACTIVE))),
+            [*message_ids, *ACTIVE],
+        )]
+        if not done_ids:
+            return [], []
+        bounced = cursor.execute(
+            _SQLITE_BOUNCED_AMONG.format(ids=_marks(len(done_ids))), [*done_ids, BOUNCED]
+        ).fetchall()
+        return done_ids, bounced
+    finally:
+        cursor.close()
 
 
 def _finish_messages(
     conn: Connection, message_ids: Sequence[str], now: float
 ) -> list[FinishedWithFailures]:
     """Mark messages with no active recipient done and drop their bodies."""
-    done_ids = [row[0] for row in conn.execute(_DONE_AMONG, {"ids": list(message_ids)})]
+    done_ids, bounced = _done_and_bounced(conn, message_ids)
     if not done_ids:
         return []
-    bounced = conn.execute(_BOUNCED_AMONG, {"ids": done_ids}).all()
     failures: dict[str, list[BouncedRecipient]] = {}
-    for b in bounced:
-        failures.setdefault(b.message_id, []).append(
-            BouncedRecipient(b.address, b.last_error or "", b.next_hop or "")
+    for message_id, address, last_error, next_hop in bounced:
+        failures.setdefault(message_id, []).append(
+            BouncedRecipient(address, last_error or "", next_hop or "")
         )
     out: list[FinishedWithFailures] = []
     if failures:
@@ -394,7 +469,14 @@ def _finish_messages(
                     header_block(bytes(row.body or b"")), tuple(failures[row.id]),
                 )
             )
-    conn.execute(_FINISH, {"ids": done_ids, "now": now})
+    if conn.dialect.name == "sqlite":
+        cursor = _driver_cursor(conn)
+        try:
+            cursor.execute(_SQLITE_FINISH.format(ids=_marks(len(done_ids))), [now, *done_ids])
+        finally:
+            cursor.close()
+    else:
+        conn.execute(_FINISH, {"ids": done_ids, "now": now})
     return out
 
 
