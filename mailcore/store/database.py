@@ -146,16 +146,24 @@ class Database:
         """
 
         def loop() -> None:
-            while True:
-                batch = take()
-                if not batch:
-                    return
-                try:
-                    result = self._transaction(name, True, fn, batch)
-                except Exception:
-                    self._in_reactor(done, batch, Failure())
-                    return
-                self._in_reactor(done, batch, result)
+            # One connection for the whole stream: no pool checkout and reset per group.
+            with self.engine.connect() as conn:
+                conn.info[WRITE_INTENT] = True
+                while True:
+                    batch = take()
+                    if not batch:
+                        return
+
+                    def once(batch: B = batch) -> T:
+                        with conn.begin():
+                            return fn(conn, batch)
+
+                    try:
+                        result = self._retrying(name, once)
+                    except Exception:
+                        self._in_reactor(done, batch, Failure())
+                        return
+                    self._in_reactor(done, batch, result)
 
         return self._defer(loop)
 
@@ -180,14 +188,23 @@ class Database:
         self, name: str, write: bool, fn: Callable[..., T], *args: Any, **kwargs: Any
     ) -> T:
         """Blocking: one transaction, retried on lock conflicts. Runs on a pool thread."""
+
+        def once() -> T:
+            with self.engine.connect() as conn:
+                conn.info[WRITE_INTENT] = write
+                with conn.begin():
+                    return fn(conn, *args, **kwargs)
+
+        return self._retrying(name, once)
+
+    def _retrying(self, name: str, once: Callable[[], T]) -> T:
+        """Blocking: `once()` (one transaction), run again after lock conflicts and
+        serialization failures; slow ones are logged."""
         delay = 0.05
         for attempt in range(1, MAX_ATTEMPTS + 1):
             started = time.monotonic()
             try:
-                with self.engine.connect() as conn:
-                    conn.info[WRITE_INTENT] = write
-                    with conn.begin():
-                        result = fn(conn, *args, **kwargs)
+                result = once()
                 elapsed = time.monotonic() - started
                 if elapsed > 1.0:
                     log.warn("slow transaction {name}: {elapsed:.2f}s", name=name, elapsed=elapsed)
