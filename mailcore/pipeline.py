@@ -131,14 +131,28 @@ class Pipeline:
 def apply_tags(
     body: bytes, headers: Sequence[tuple[str, str]], subject_prefix: str = ""
 ) -> bytes:
-    """The body with header fields prepended (values folded to one line, CRLF-terminated)
+    """The body with header fields added after its leading trace fields (values folded to
+    one line, CRLF-terminated)
     and, with `subject_prefix`, the Subject starting with it (added when absent)."""
     if subject_prefix:
         body = _prefix_subject(body, subject_prefix)
     lines = b"".join(
         f"{name}: {' '.join(value.split())}\r\n".encode() for name, value in headers
     )
-    return lines + body
+    at = _after_trace(body)
+    return body[:at] + lines + body[at:]
+
+
+_TRACE = re.compile(rb"(?i)(?:received|return-path):[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def _after_trace(body: bytes) -> int:
+    """Where the leading trace fields (Return-Path, Received, with their folded lines)
+    end: RFC 5322 3.6 keeps them in a block at the top, so added fields go after them."""
+    pos = 0
+    while (m := _TRACE.match(body, pos)) is not None:
+        pos = m.end()
+    return pos
 
 
 _SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")

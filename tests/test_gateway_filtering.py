@@ -41,7 +41,7 @@ from tests.support.filterd import attachment, message, multipart, text_part, zip
 from tests.support.mailsink import REPO, Daemon, Received, SinkFactory, SinkState
 from tests.support.reactor import get_reactor
 from tests.support.servers import free_port, run_command, sleep, tempdir, tempdir_for
-from tests.test_gateway_relay import strip_received
+from tests.support.smtpsession import strip_received
 
 QUARANTINE_DOMAIN = "held.test"  # spamAction 0, virusAction 0
 TAGGING_DOMAIN = "tagged.test"  # spamAction 1, virusAction 0
@@ -122,14 +122,17 @@ def spam(rcpt: str) -> bytes:
 
 
 def split_tags(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
-    """The X-Spam-* / X-Virus-* fields at the top of a delivered message, and the rest."""
+    """The X-Spam-* / X-Virus-* fields right after the gateway's Received header (trace
+    fields stay on top), and the message without them."""
+    received = data[: len(data) - len(strip_received(data))]
+    data = data[len(received):]
     tags = []
     while data.startswith((b"X-Spam-", b"X-Virus-")):
         end = data.index(b"\r\n")
         name, _, value = data[:end].decode().partition(": ")
         tags.append((name, value))
         data = data[end + 2:]
-    return tags, data
+    return tags, received + data
 
 
 async def wait_until(check: Callable[[], Awaitable[Any]], seconds: float, what: str) -> Any:
@@ -250,6 +253,14 @@ class FilteringGatewayTests(TestCase):
         self.assertEqual(len(rows), 1, rows)
         return rows[0][0], rows[0][1]
 
+    async def until_state(self, queue_id: str, state: str) -> None:
+        """Wait for the recipient's state (results are written a moment after delivery)."""
+
+        async def reached() -> bool:
+            return (await self.recipient_state(queue_id))[0] == state
+
+        await wait_until(reached, 10, f"{queue_id} to be {state}")
+
     async def held(self, queue_id: str) -> list[tuple[str, str, str]]:
         """(email, category, reason) of what the quarantine keeps for `queue_id`."""
         rows = await self.stored(
@@ -338,7 +349,7 @@ class FilteringGatewayTests(TestCase):
         self.assertEqual(strip_received(rest), expected)
         self.assertEqual(await self.api.quarantine(TAGGING_DOMAIN), [])
         self.assertEqual(await self.held(queue_id), [])
-        self.assertEqual((await self.recipient_state(queue_id))[0], "delivered")
+        await self.until_state(queue_id, "delivered")
         await self.assert_nothing_more_arrives(1)
 
     async def test_eicar_attachments_are_quarantined_with_clamds_virus_name(self) -> None:
@@ -376,7 +387,7 @@ class FilteringGatewayTests(TestCase):
         self.assertIn(f"(Mailcore) with ESMTP id {queue_id}".encode(),
                       got.data[: len(got.data) - len(body)])
         self.assertEqual(await self.api.quarantine(QUARANTINE_DOMAIN), [])
-        self.assertEqual((await self.recipient_state(queue_id))[0], "delivered")
+        await self.until_state(queue_id, "delivered")
         self.assertIn("(no action)", await self.rspamd_said(queue_id))
 
     async def test_a_release_delivers_exactly_once(self) -> None:
@@ -426,4 +437,4 @@ class FilteringGatewayTests(TestCase):
         await self.daemon.start()
         [got] = await self.arrived(1)
         self.assertEqual(strip_received(got.data), body)
-        self.assertEqual((await self.recipient_state(queue_id))[0], "delivered")
+        await self.until_state(queue_id, "delivered")

@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.mailsink import Daemon, SinkFactory, SinkState
 from tests.support.reactor import get_reactor
 from tests.support.servers import require_binary, run_command, tempdir_for
+from tests.support.smtpsession import strip_received
 
 
 def dot_at_16384() -> bytes:
@@ -25,16 +26,6 @@ def dot_at_16384() -> bytes:
     body = head + filler + b".\r\nafter the dot\r\n"
     assert body[16384:16387] == b".\r\n"
     return body
-
-
-def strip_received(data: bytes) -> bytes:
-    """The message without the one Received header the gateway prepends (folded lines)."""
-    assert data.startswith(b"Received: "), data[:60]
-    end = 0
-    while True:
-        end = data.index(b"\r\n", end) + 2
-        if data[end : end + 1] not in (b" ", b"\t"):
-            return data[end:]
 
 
 class GatewayRelayTests(TestCase):

@@ -131,6 +131,20 @@ class TagHelperTests(TestCase):
         self.assertEqual(apply_tags(b"From: a\r\n\r\nx", (), "[SPAM]"),
                          b"Subject: [SPAM]\r\nFrom: a\r\n\r\nx")
 
+    def test_tags_go_after_the_leading_trace_fields(self) -> None:
+        """RFC 5322 3.6: trace fields stay in one block at the top; added fields follow."""
+        body = (b"Return-Path: <a@x.test>\r\nReceived: from a\r\n\tby b; date\r\n"
+                b"received: from c by d; date\r\nFrom: a\r\nReceived: late\r\n\r\nx\r\n")
+        tagged = apply_tags(body, (("X-Spam-Flag", "YES"),))
+        self.assertEqual(
+            tagged,
+            b"Return-Path: <a@x.test>\r\nReceived: from a\r\n\tby b; date\r\n"
+            b"received: from c by d; date\r\nX-Spam-Flag: YES\r\nFrom: a\r\n"
+            b"Received: late\r\n\r\nx\r\n",
+        )
+        self.assertEqual(apply_tags(b"From: a\r\n\r\nx", (("X-A", "1"),)),
+                         b"X-A: 1\r\nFrom: a\r\n\r\nx")
+
     def test_pipeline_config_rejects_unknown_keys(self) -> None:
         from mailcore.config import ConfigError
         from mailcore.filtering import PolicySettings
