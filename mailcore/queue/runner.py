@@ -557,6 +557,7 @@ class QueueRunner:
         session = await self.connector.connect(hop)
         offered = "STARTTLS" in session.extensions
         if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
+            why = "is required" if hop.tls == "verify" else "was offered"
             if not offered:
                 session.abort()
                 raise SMTPClientError("4.7.5 TLS is required but the server offers no STARTTLS")
@@ -565,11 +566,11 @@ class QueueRunner:
                 self.connector.check_peer(session, hop)
             except TLSFailed as e:
                 session.abort()
-                raise SMTPClientError(f"4.7.5 TLS is required and failed: {e}") from e
+                raise SMTPClientError(f"4.7.5 TLS {why} and failed: {e}") from e
             except Exception as e:
                 session.abort()
                 raise SMTPClientError(
-                    f"4.7.5 TLS is required and the certificate does not name {hop.host}: {e}"
+                    f"4.7.5 TLS {why} and the certificate does not name {hop.host}: {e}"
                 ) from e
             return session
         if hop.tls == "may" and offered:

@@ -341,8 +341,8 @@ class Daemon:
         self.http_port = free_port()
         self.name = name
         self.runs = 0
-        # Limits for load from one address; no token accounting (that is the filtering
-        # issue's business, and a free plan's tank would run dry in these runs).
+        # Limits for load from one address. Mail is filtered and charged (the defaults), but
+        # an empty tank lets it through: a free plan's tank would run dry in these runs.
         lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000", "",
                  "[tokens]", 'when_empty = "allow"', "", "[queue]"]
         for key, value in (queue or {}).items():
