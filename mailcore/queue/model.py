@@ -189,15 +189,32 @@ def thd_insert_messages(
     return out
 
 
-_SQLITE_INSERT_MESSAGE = (
+_SQLITE_INSERT_MESSAGES = (
     "INSERT INTO queue_messages (id, kind, mail_from, client_ip, helo, tls, size, body, "
-    "created_at, done_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+    "created_at, done_at) VALUES "
 )
-_SQLITE_INSERT_RECIPIENT = (
+_SQLITE_MESSAGE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+_SQLITE_INSERT_RECIPIENTS = (
     "INSERT INTO queue_recipients (id, message_id, address, domain_id, state, attempts, "
-    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
+    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) VALUES "
 )
+_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
+# Bound parameters per statement: 999 is the smallest limit any SQLite build has.
+_SQLITE_MAX_PARAMS = 999
+
+
+def _insert_rows(cursor: Any, head: str, row: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert `rows` with as few multi-row INSERT statements as the parameter limit allows.
+
+    One statement for many rows, not one step per row: the driver releases and takes back
+    the GIL at every step, and in a busy daemon taking it back is what costs."""
+    if not rows:
+        return
+    per = max(1, _SQLITE_MAX_PARAMS // len(rows[0]))
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        cursor.execute(head + ", ".join([row] * len(chunk)),
+                       [value for r in chunk for value in r])
 
 
 def _insert_messages_sqlite(
@@ -209,14 +226,11 @@ def _insert_messages_sqlite(
     the recipient ids are allocated here, after the largest one in the table."""
     cursor = _driver_cursor(conn)
     try:
-        cursor.executemany(
-            _SQLITE_INSERT_MESSAGE,
-            [
-                (m.queue_id, m.envelope.kind, m.envelope.mail_from, m.envelope.client_ip,
-                 m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
-                for m in messages
-            ],
-        )
+        _insert_rows(cursor, _SQLITE_INSERT_MESSAGES, _SQLITE_MESSAGE_ROW, [
+            (m.queue_id, m.envelope.kind, m.envelope.mail_from, m.envelope.client_ip,
+             m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
+            for m in messages
+        ])
         (last,) = cursor.execute("SELECT coalesce(max(id), 0) FROM queue_recipients").fetchone()
         out: list[list[int]] = []
         rows = []
@@ -230,7 +244,7 @@ def _insert_messages_sqlite(
                 ids.append(next_id)
                 next_id += 1
             out.append(ids)
-        cursor.executemany(_SQLITE_INSERT_RECIPIENT, rows)
+        _insert_rows(cursor, _SQLITE_INSERT_RECIPIENTS, _SQLITE_RECIPIENT_ROW, rows)
     finally:
         cursor.close()
     return out
