@@ -386,15 +386,18 @@ def thd_apply_results(
 
 # SQLite: the results path straight through the driver (it runs in the spool's group
 # commits, where every millisecond delays the next 250); same statements as above.
-_SQLITE_APPLY_RESULT = (
-    "UPDATE queue_recipients SET state = ?, attempts = attempts + ?, next_attempt_at = ?, "
-    "last_error = ?, next_hop = coalesce(?, next_hop), updated_at = ?, lease_owner = NULL, "
-    "lease_until = NULL WHERE id = ? AND lease_owner = ?"
+_SQLITE_APPLY_RESULTS = (
+    "UPDATE queue_recipients SET state = v.column2, attempts = attempts + v.column3, "
+    "next_attempt_at = v.column4, last_error = v.column5, "
+    "next_hop = coalesce(v.column6, next_hop), updated_at = ?, lease_owner = NULL, "
+    "lease_until = NULL FROM (VALUES {rows}) AS v "
+    "WHERE queue_recipients.id = v.column1 AND queue_recipients.lease_owner = ?"
 )
+_SQLITE_RESULT_ROW = "(?, ?, ?, ?, ?, ?)"
 _SQLITE_DONE_AMONG = (
-    "SELECT m.id FROM queue_messages AS m WHERE m.id IN ({ids}) AND m.done_at IS NULL "
-    "AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r WHERE r.message_id = m.id "
-    "AND r.state IN ({active}))"
+    "SELECT group_concat(m.id, ' ') FROM queue_messages AS m WHERE m.id IN ({ids}) "
+    "AND m.done_at IS NULL AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r "
+    "WHERE r.message_id = m.id AND r.state IN ({active}))"
 )
 _SQLITE_BOUNCED_AMONG = (
     "SELECT message_id, address, last_error, next_hop FROM queue_recipients "
@@ -414,18 +417,26 @@ def _marks(n: int) -> str:
 def _sqlite_apply_results(
     conn: Connection, node_id: str, now: float, results: Sequence[Result]
 ) -> int:
+    """The results as UPDATE … FROM (VALUES …) statements: one driver step for many rows."""
+    latest = {r.rcpt_id: r for r in results}  # a recipient reported twice: the last wins
+    rows = [
+        (r.rcpt_id, r.state, 1 if r.count_attempt else 0,
+         r.next_attempt_at if r.state == DEFERRED else now, r.detail[:2000],
+         r.hop[:300] or None)
+        for r in latest.values()
+    ]
+    per = (_SQLITE_MAX_PARAMS - 2) // len(_SQLITE_RESULT_ROW.split(","))
     cursor = _driver_cursor(conn)
+    applied = 0
     try:
-        cursor.executemany(
-            _SQLITE_APPLY_RESULT,
-            [
-                (r.state, 1 if r.count_attempt else 0,
-                 r.next_attempt_at if r.state == DEFERRED else now, r.detail[:2000],
-                 r.hop[:300] or None, now, r.rcpt_id, node_id)
-                for r in results
-            ],
-        )
-        return int(cursor.rowcount or 0)
+        for i in range(0, len(rows), per):
+            chunk = rows[i : i + per]
+            cursor.execute(
+                _SQLITE_APPLY_RESULTS.format(rows=", ".join([_SQLITE_RESULT_ROW] * len(chunk))),
+                [now, *(value for row in chunk for value in row), node_id],
+            )
+            applied += int(cursor.rowcount or 0)
+        return applied
     finally:
         cursor.close()
 
@@ -443,15 +454,23 @@ def _done_and_bounced(
         return done_ids, [(r[0], r[1], r[2], r[3]) for r in rows]
     cursor = _driver_cursor(conn)
     try:
-        done_ids = [row[0] for row in cursor.execute(
-            _SQLITE_DONE_AMONG.format(ids=_marks(len(message_ids)), active=_marks(len(ACTIVE))),
-            [*message_ids, *ACTIVE],
-        )]
+        done_ids = []
+        per = _SQLITE_MAX_PARAMS - len(ACTIVE)
+        for i in range(0, len(message_ids), per):
+            chunk = list(message_ids[i : i + per])
+            (found,) = cursor.execute(
+                _SQLITE_DONE_AMONG.format(ids=_marks(len(chunk)), active=_marks(len(ACTIVE))),
+                [*chunk, *ACTIVE],
+            ).fetchone()
+            done_ids.extend(found.split() if found else ())  # queue ids have no spaces
         if not done_ids:
             return [], []
-        bounced = cursor.execute(
-            _SQLITE_BOUNCED_AMONG.format(ids=_marks(len(done_ids))), [*done_ids, BOUNCED]
-        ).fetchall()
+        bounced = []
+        for i in range(0, len(done_ids), _SQLITE_MAX_PARAMS - 1):
+            chunk = done_ids[i : i + _SQLITE_MAX_PARAMS - 1]
+            bounced.extend(cursor.execute(
+                _SQLITE_BOUNCED_AMONG.format(ids=_marks(len(chunk))), [*chunk, BOUNCED]
+            ).fetchall())
         return done_ids, bounced
     finally:
         cursor.close()
@@ -486,7 +505,9 @@ def _finish_messages(
     if conn.dialect.name == "sqlite":
         cursor = _driver_cursor(conn)
         try:
-            cursor.execute(_SQLITE_FINISH.format(ids=_marks(len(done_ids))), [now, *done_ids])
+            for i in range(0, len(done_ids), _SQLITE_MAX_PARAMS - 1):
+                chunk = done_ids[i : i + _SQLITE_MAX_PARAMS - 1]
+                cursor.execute(_SQLITE_FINISH.format(ids=_marks(len(chunk))), [now, *chunk])
         finally:
             cursor.close()
     else:
