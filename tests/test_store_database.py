@@ -11,7 +11,7 @@ import sqlite3
 import threading
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, event, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -22,6 +22,7 @@ from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS
 from mailcore.store.schema import credentials, users
 from tests.support.db import DatabaseMixin
 from tests.support.reactor import get_reactor
+from tests.support.servers import sleep
 
 _NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
 
@@ -255,6 +256,31 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
             "names", lambda conn: list(conn.execute(select(users.c.username)).scalars())
         )
         self.assertEqual(names, ["try3"])  # the failed attempts left nothing behind
+
+    async def test_a_locked_begin_is_retried(self) -> None:
+        """BEGIN IMMEDIATE goes straight to the driver; its "database is locked" (busy
+        timeout spent) is wrapped as SQLAlchemy would, so the transaction runs again."""
+        real = sqlite3.connect(self.db.url.removeprefix("sqlite:///"), timeout=0)
+        self.addCleanup(real.close)
+        real.isolation_level = None
+        real.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        attempts: list[int] = []
+
+        def quick_timeout(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute("PRAGMA busy_timeout=0")
+
+        event.listen(self.db.engine, "connect", quick_timeout)
+        self.db.engine.dispose()  # new connections, with the short busy timeout
+
+        def txn(conn: Connection) -> str:
+            attempts.append(1)
+            return _add_user(conn, "late") and "done"
+
+        d = self.db.run("locked", txn)
+        await sleep(0.08)  # the first attempt(s) meet the lock
+        real.execute("ROLLBACK")
+        self.assertEqual(await d, "done")
+        self.assertEqual(len(attempts), 1)  # it failed at BEGIN, before running txn
 
     async def test_other_operational_errors_are_not_retried(self) -> None:
         attempts: list[int] = []

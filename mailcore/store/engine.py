@@ -7,8 +7,10 @@ busy timeout, and explicit BEGIN statements so that writers take the lock up fro
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
@@ -52,7 +54,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.info.get(WRITE_INTENT, True):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # Straight to the driver: this runs for every transaction, spool commits included.
+        statement = "BEGIN IMMEDIATE" if conn.info.get(WRITE_INTENT, True) else "BEGIN"
+        try:
+            conn.connection.driver_connection.execute(statement)
+        except sqlite3.OperationalError as e:
+            # As SQLAlchemy would have wrapped it: "database is locked" is then retried.
+            raise sqlalchemy.exc.OperationalError(statement, None, e) from e
