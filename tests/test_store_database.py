@@ -274,7 +274,8 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
 
         def txn(conn: Connection) -> str:
             attempts.append(1)
-            return _add_user(conn, "late") and "done"
+            _add_user(conn, "late")
+            return "done"
 
         d = self.db.run("locked", txn)
         await sleep(0.08)  # the first attempt(s) meet the lock
