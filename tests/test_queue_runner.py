@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import select
 from twisted.internet import defer
-from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
@@ -17,11 +16,10 @@ from mailcore.queue.model import thd_show
 from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
 from mailcore.queue.settings import QueueSettings
-from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
+from tests.support.mailsink import done
+from tests.support.queuetest import BODY, QueueTestCase
 
-BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
 HOP = Hop("10.0.0.1", 2525)  # with the default TLS policy, as the router gives it
 
 
@@ -42,37 +40,7 @@ class RetryScheduleTests(TestCase):
         self.assertEqual(next_attempt(1, created_at=0, now=100, settings=s), 400)
 
 
-class RunnerTestBase(TestCase):
-    settings: dict[str, Any] = {}
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.db = Database.for_tests()
-        self.connector = ScriptedConnector()
-        self.domain = done(self.db.run(
-            "add", thd_add_domain, "customer.test", HOP.host, HOP.port
-        ))
-        self.q = make_queue(self.db, self.clock, self.connector, **self.settings)
-        self.q.service.startService()
-        self.addCleanup(self.stop)
-
-    async def stop_async(self) -> None:
-        if self.q.service.running:
-            d = self.q.service.stopService()
-            self.clock.advance(60)
-            await d
-
-    def stop(self) -> defer.Deferred[None]:
-        d = defer.Deferred.fromCoroutine(self.stop_async())
-        d.addCallback(lambda _: self.assertEqual(self.clock.getDelayedCalls(), []))
-        return d
-
-    async def accept(self, qid: str, *rcpts: str, sender: str = "a@x.test",
-                     body: bytes = BODY) -> None:
-        env = envelope(sender, *[(r, self.domain) for r in rcpts])
-        await self.q.spool.accept(qid, env, body)
-
+class RunnerTestBase(QueueTestCase):
     def rows(self) -> dict[str, tuple[str, int, float, str | None]]:
         r = queue_recipients.c
 

@@ -10,16 +10,12 @@ from typing import Any
 
 from sqlalchemy import select
 from twisted.internet import defer
-from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
 
 from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.routing import Hop
-from mailcore.store import Database
 from mailcore.store.schema import queue_recipients
-from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
-
-BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
+from tests.support.mailsink import done
+from tests.support.queuetest import BODY, QueueTestCase
 
 
 class Stage:
@@ -69,38 +65,9 @@ class Kept:
         )))
 
 
-class PipelineRunnerBase(TestCase):
-    settings: dict[str, Any] = {}
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.db = Database.for_tests()
-        self.connector = ScriptedConnector()
-        self.domain = done(self.db.run("add", thd_add_domain, "customer.test", "10.0.0.1",
-                                       2525))
-        self.q = make_queue(self.db, self.clock, self.connector, **self.settings)
-        self.runner = self.q.runner
-        self.q.service.startService()
-        self.addCleanup(self.stop)
-
+class PipelineRunnerBase(QueueTestCase):
     def use(self, *stages: Any, max_scans: int = 32, quarantine: Any = None) -> None:
         self.runner.pipeline = Pipeline(list(stages), quarantine, max_scans=max_scans)
-
-    async def stop_async(self) -> None:
-        if self.q.service.running:
-            d = self.q.service.stopService()
-            self.clock.advance(60)
-            await d
-
-    def stop(self) -> defer.Deferred[None]:
-        d = defer.Deferred.fromCoroutine(self.stop_async())
-        d.addCallback(lambda _: self.assertEqual(self.clock.getDelayedCalls(), []))
-        return d
-
-    async def accept(self, qid: str, *rcpts: str, body: bytes = BODY) -> None:
-        env = envelope("a@x.test", *[(r, self.domain) for r in rcpts])
-        await self.q.spool.accept(qid, env, body)
 
     def rows(self) -> dict[str, tuple[str, str | None]]:
         r = queue_recipients.c
