@@ -21,6 +21,7 @@ from mailcore.config import Config, ConfigError
 from mailcore.domains import DEFAULT_REFRESH_INTERVAL, DomainService
 from mailcore.fetch import FetchServices, build_fetch
 from mailcore.identity import Identity
+from mailcore.identity.service import CredentialSweeper
 from mailcore.invoices import BillingSettings, InvoiceService
 from mailcore.messages import MessageStore
 from mailcore.plans import Plans
@@ -162,6 +163,7 @@ class Core:
         services: list[IService] = [self.filter_service, self.domains, self.fetch.scheduler,
                                     self.queue.service, self.quarantine]
         services.append(self.tokens)
+        services.append(CredentialSweeper(self.identity, self.clock))
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
         return services

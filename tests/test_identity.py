@@ -304,6 +304,27 @@ class CredentialTests(IdentityTestCase):
         self.clock.advance(1)
         self.assertIsNone(await self.identity.resolve(secret, ("session",)))
 
+    async def test_expired_sessions_are_purged_by_the_sweeper(self) -> None:
+        """A day after they expired, sessions are deleted; live ones and tokens without an
+        expiry stay. The sweeper runs at start and then every interval on the clock."""
+        from mailcore.identity.service import EXPIRED_KEPT_SECONDS, CredentialSweeper
+
+        alice = await self.user()
+        _, old = await self.identity.create_credential(alice.id, "session")
+        _, token = await self.identity.create_credential(alice.id, "token")
+        sweeper = CredentialSweeper(self.identity, self.clock, interval=3600)
+        sweeper.startService()
+        self.addCleanup(sweeper.stopService)
+        self.clock.advance(EXPIRED_KEPT_SECONDS)  # `old` expired a day minus an hour ago
+        _, fresh = await self.identity.create_credential(alice.id, "session")
+        ids = {c.id for c in await self.identity.list_credentials(alice.id)}
+        self.assertEqual(ids, {old.id, token.id, fresh.id})
+        self.clock.advance(7200)  # two sweeps later: `old` expired over a day ago
+        ids = {c.id for c in await self.identity.list_credentials(alice.id)}
+        self.assertEqual(ids, {token.id, fresh.id})
+        sweeper.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     async def test_session_ttl_is_configurable(self) -> None:
         identity = Identity(self.db, self.clock, CpuPool.for_tests(), session_ttl=60)
         alice = await self.user()

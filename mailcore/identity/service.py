@@ -13,15 +13,21 @@ import secrets as _random
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
+
+log = Logger()
 
 KINDS = ("apikey", "token", "session")
 PROFILE_FIELDS = (
@@ -41,6 +47,8 @@ EDITABLE_PROFILE_FIELDS = tuple(f for f in PROFILE_FIELDS if f != "nic")
 PLANS = ("free", "standard", "agency")
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,253}$")
+# Expired credentials stay this long (for "expired" rather than "unknown" in logs).
+EXPIRED_KEPT_SECONDS = 86400.0
 # last_used_at is refreshed at most this often, so that reads do not become writes.
 _LAST_USED_GRANULARITY = 300
 
@@ -412,6 +420,20 @@ class Identity:
 
         return await self.db.run("revoke_credential", txn)
 
+    async def purge_expired(self, grace: float = EXPIRED_KEPT_SECONDS) -> int:
+        """Delete credentials (safedrop sessions, mostly) that expired more than `grace`
+        seconds ago; how many. An expired credential never resolves, so this only keeps
+        the table from growing with every login."""
+        cutoff = self.now() - datetime.timedelta(seconds=grace)
+
+        def txn(conn: Connection) -> int:
+            c = credentials.c
+            return int(conn.execute(
+                delete(credentials).where(c.expires_at.is_not(None), c.expires_at < cutoff)
+            ).rowcount or 0)
+
+        return await self.db.run("purge_expired_credentials", txn)
+
     async def resolve(self, secret: str, kinds: tuple[str, ...]) -> Principal | None:
         """The principal a presented secret stands for, or None if it is not live."""
         if not creds.well_formed(secret):
@@ -461,3 +483,40 @@ def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) 
     conn.execute(
         update(credentials).where(credentials.c.id == credential_id).values(last_used_at=now)
     )
+
+
+class CredentialSweeper(Service):
+    """Purges expired credentials every `interval` seconds on `clock` (every node may run
+    it: the delete is idempotent). Failures are logged and tried again next time."""
+
+    name = "credential-sweeper"
+
+    def __init__(self, identity: Identity, clock: IReactorTime, interval: float = 3600.0) -> None:
+        self.identity = identity
+        self.clock = clock
+        self.interval = interval
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            purged = await self.identity.purge_expired()
+        except Exception:
+            log.failure("purging expired credentials failed")
+            return
+        if purged:
+            log.info("purged {n} expired credentials", n=purged)
