@@ -27,13 +27,12 @@ from typing import Any
 import idna
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domains, users
@@ -376,7 +375,7 @@ def _snapshot_txn(conn: Connection) -> tuple[dict[str, Domain], dict[int, frozen
 # -- the service ---------------------------------------------------------------------------
 
 
-class DomainService(Service):
+class DomainService(PeriodicService):
     """Domains and address lists in the store, with a snapshot for per-RCPT checks.
 
     As a twisted Service it loads the snapshot when started and reloads it every
@@ -406,24 +405,15 @@ class DomainService(Service):
         self._lock = defer.DeferredLock()
         self._loading: defer.Deferred[None] | None = None
         self._waiters: list[defer.Deferred[None]] = []
-        self._loop: LoopingCall | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.refresh_interval, now=True)
+    # A reload in flight at stop finishes on its own (the store waits for it).
 
-    def stopService(self) -> None:
-        """Stop the timer. A reload in flight finishes on its own (the store waits for it)."""
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+    def interval(self) -> float:
+        return self.refresh_interval
 
-    def _tick(self) -> defer.Deferred[None]:
+    def tick(self) -> defer.Deferred[None]:
         """One periodic reload; failures are logged and never stop the loop."""
         return self._start_load()
 

@@ -49,14 +49,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.config import ConfigError
+from mailcore.periodic import PeriodicService
 from mailcore.plans import Plans
 from mailcore.store import Database
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
@@ -439,7 +438,7 @@ def _usage_sum_txn(conn: Connection, user_id: int, since: datetime.date) -> int:
 # -- the service -----------------------------------------------------------------------------
 
 
-class TokenService(Service):
+class TokenService(PeriodicService):
     """Charges, credits and month rollovers of the token tanks.
 
     As a twisted Service it sweeps every `settings.rollover_interval` seconds on `clock`:
@@ -461,26 +460,16 @@ class TokenService(Service):
         self.clock = clock
         self.plans = plans
         self.settings = settings or TokenSettings()
-        self._loop: LoopingCall | None = None
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.settings.rollover_interval, now=True)
+    def interval(self) -> float:
+        return self.settings.rollover_interval
 
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-    def _tick(self) -> defer.Deferred[None]:
+    def tick(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._sweep_logged())
 
     async def _sweep_logged(self) -> None:

@@ -312,7 +312,7 @@ class CredentialTests(IdentityTestCase):
         alice = await self.user()
         _, old = await self.identity.create_credential(alice.id, "session")
         _, token = await self.identity.create_credential(alice.id, "token")
-        sweeper = CredentialSweeper(self.identity, self.clock, interval=3600)
+        sweeper = CredentialSweeper(self.identity, self.clock, every=3600)
         sweeper.startService()
         self.addCleanup(sweeper.stopService)
         self.clock.advance(EXPIRED_KEPT_SECONDS)  # `old` expired a day minus an hour ago

@@ -15,14 +15,13 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
+from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
@@ -485,31 +484,21 @@ def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) 
     )
 
 
-class CredentialSweeper(Service):
-    """Purges expired credentials every `interval` seconds on `clock` (every node may run
-    it: the delete is idempotent). Failures are logged and tried again next time."""
+class CredentialSweeper(PeriodicService):
+    """Purges expired credentials every `every` seconds on `clock` (every node may run it:
+    the delete is idempotent). Failures are logged and tried again next time."""
 
     name = "credential-sweeper"
 
-    def __init__(self, identity: Identity, clock: IReactorTime, interval: float = 3600.0) -> None:
+    def __init__(self, identity: Identity, clock: IReactorTime, every: float = 3600.0) -> None:
         self.identity = identity
         self.clock = clock
-        self.interval = interval
-        self._loop: LoopingCall | None = None
+        self.every = every
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
+    def interval(self) -> float:
+        return self.every
 
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-    def _tick(self) -> defer.Deferred[None]:
+    def tick(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._sweep())
 
     async def _sweep(self) -> None:
