@@ -67,6 +67,20 @@ def server_options(ca_key: Any, ca_cert: x509.Certificate, host: str) -> Any:
     return ssl.PrivateCertificate.loadPEM(pem).options()
 
 
+async def queue_with_one_message(
+    test: TestCase, db: Any, settings: QueueSettings, domain: int
+) -> Queue:
+    """A started queue on the real reactor that has accepted one message for
+    b@customer.test (stopped when `test` ends)."""
+    q = build_queue(Config(hostname="mx.test"), db, get_reactor(), CollectorRegistry(),
+                    reactor=get_reactor(), settings=settings)
+    q.service.startService()
+    test.addCleanup(q.service.stopService)
+    env = envelope("a@x.test", ("b@customer.test", domain))
+    await q.spool.accept("Q1", env, b"Subject: tls\r\n\r\nsecret\r\n")
+    return q
+
+
 class VerifiedTLSTests(TestCase):
     timeout = 60
 
@@ -88,12 +102,7 @@ class VerifiedTLSTests(TestCase):
         ca_file = str(directory / "test-ca.pem") if trusted else str(other_path)
         settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file, tls=policy,
                                  relayhost=f"127.0.0.1:{port}")
-        q = build_queue(Config(hostname="mx.test"), db, get_reactor(), CollectorRegistry(),
-                        reactor=get_reactor(), settings=settings)
-        q.service.startService()
-        self.addCleanup(q.service.stopService)
-        env = envelope("a@x.test", ("b@customer.test", domain))
-        await q.spool.accept("Q1", env, b"Subject: tls\r\n\r\nsecret\r\n")
+        q = await queue_with_one_message(self, db, settings, domain)
         return q, db, state
 
     async def state_of(self, db: Any) -> str:
@@ -176,12 +185,7 @@ class DefaultPolicyTests(TestCase):
         settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file,
                                  relayhost=f"127.0.0.1:{port}")
         self.assertEqual(settings.tls, "verify-if-offered")
-        q = build_queue(Config(hostname="mx.test"), db, get_reactor(), CollectorRegistry(),
-                        reactor=get_reactor(), settings=settings)
-        q.service.startService()
-        self.addCleanup(q.service.stopService)
-        env = envelope("a@x.test", ("b@customer.test", domain))
-        await q.spool.accept("Q1", env, b"Subject: tls\r\n\r\nsecret\r\n")
+        await queue_with_one_message(self, db, settings, domain)
         return db, state
 
     async def recipient(self, db: Any) -> tuple[str, str | None]:
