@@ -471,12 +471,14 @@ class DomainService(PeriodicService):
 
     def accepts(self, local_part: str, domain_name: str) -> bool:
         """Whether mail to `local_part@domain_name` is accepted (served, and listed if
-        the domain has an address list)."""
+        the domain has an address list). postmaster@ a served domain is always accepted
+        (RFC 5321 4.5.1) and goes to the domain's next hop like the rest of its mail."""
         found = self.lookup(domain_name)
         if found is None:
             return False
         allowed = self._addresses.get(found.id)
-        return not allowed or local_part.lower() in allowed
+        local = local_part.lower()
+        return not allowed or local in allowed or local == "postmaster"
 
     def domain_by_id(self, domain_id: int) -> Domain | None:
         """The snapshot's domain with this id (for the queue's routing), or None."""

@@ -271,6 +271,9 @@ class SnapshotTests(TestCase):
         self.assertTrue(self.domains.accepts("John", "example.com"))
         self.assertFalse(self.domains.accepts("anyone", "example.com"))
         self.assertFalse(self.domains.accepts("john", "other.example"))
+        # RFC 5321 4.5.1: postmaster@ every served domain, listed or not.
+        self.assertTrue(self.domains.accepts("PostMaster", "example.com"))
+        self.assertFalse(self.domains.accepts("postmaster", "other.example"))
         await self.domains.remove("example.com")
         self.assertIsNone(self.domains.lookup("example.com"))
 
