@@ -48,8 +48,8 @@ class GatedDatabase:
                     return
                 gate: defer.Deferred[None] = defer.Deferred()
                 self.gates.append(gate)
-                self.accept_batches.append(len(batch))
-                self.group_results.append(len(getattr(batch, "results", ())))
+                self.accept_batches.append(len(batch.batch))
+                self.group_results.append(len(batch.results))
                 await gate
                 if self.fail_next:
                     self.fail_next = False

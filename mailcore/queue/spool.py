@@ -104,9 +104,6 @@ class _Group:
         self.batch = batch
         self.results = results
 
-    def __len__(self) -> int:
-        return len(self.batch)
-
 
 class _Committed:
     __slots__ = ("dsns", "ids", "messages", "now")
