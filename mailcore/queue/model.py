@@ -179,14 +179,7 @@ def thd_insert_messages(
     if not rows:
         return [[] for _ in messages]
     result = conn.execute(_INSERT_RECIPIENTS, rows)
-    ids = [row[0] for row in result]
-    out: list[list[int]] = []
-    i = 0
-    for m in messages:
-        n = len(m.envelope.recipients)
-        out.append(ids[i : i + n])
-        i += n
-    return out
+    return _ids_by_message(messages, [row[0] for row in result])
 
 
 _SQLITE_INSERT_MESSAGES = (
@@ -195,26 +188,36 @@ _SQLITE_INSERT_MESSAGES = (
 )
 _SQLITE_MESSAGE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
 _SQLITE_INSERT_RECIPIENTS = (
-    "INSERT INTO queue_recipients (id, message_id, address, domain_id, state, attempts, "
+    "INSERT INTO queue_recipients (message_id, address, domain_id, state, attempts, "
     "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) VALUES "
 )
-_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
+_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
 # Bound parameters per statement: 999 is the smallest limit any SQLite build has.
 _SQLITE_MAX_PARAMS = 999
 
 
-def _insert_rows(cursor: Any, head: str, row: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert `rows` with as few multi-row INSERT statements as the parameter limit allows.
+def _insert_rows(
+    cursor: Any, head: str, row: str, rows: Sequence[tuple[Any, ...]]
+) -> list[int]:
+    """Insert `rows` with as few multi-row INSERT statements as the parameter limit allows;
+    returns the rowid each row got.
 
     One statement for many rows, not one step per row: the driver releases and takes back
-    the GIL at every step, and in a busy daemon taking it back is what costs."""
+    the GIL at every step, and in a busy daemon taking it back is what costs. The rowids
+    come from `lastrowid` rather than a query: under the write lock (BEGIN IMMEDIATE) a
+    multi-row INSERT gives rows without an explicit rowid max(rowid) + 1, + 2, … in VALUES
+    order (SQLite's rowid algorithm; the table never nears the largest rowid)."""
     if not rows:
-        return
+        return []
+    ids: list[int] = []
     per = max(1, _SQLITE_MAX_PARAMS // len(rows[0]))
     for i in range(0, len(rows), per):
         chunk = rows[i : i + per]
         cursor.execute(head + ", ".join([row] * len(chunk)),
                        [value for r in chunk for value in r])
+        last = int(cursor.lastrowid)
+        ids.extend(range(last - len(chunk) + 1, last + 1))
+    return ids
 
 
 def _insert_messages_sqlite(
@@ -222,8 +225,7 @@ def _insert_messages_sqlite(
     lease_until: float,
 ) -> list[list[int]]:
     """`thd_insert_messages` on SQLite, straight through the driver: this is the spool's hot
-    path, and the statements are fixed. The write transaction (BEGIN IMMEDIATE) is held, so
-    the recipient ids are allocated here, after the largest one in the table."""
+    path, and the statements are fixed."""
     cursor = _driver_cursor(conn)
     try:
         _insert_rows(cursor, _SQLITE_INSERT_MESSAGES, _SQLITE_MESSAGE_ROW, [
@@ -231,22 +233,26 @@ def _insert_messages_sqlite(
              m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
             for m in messages
         ])
-        (last,) = cursor.execute("SELECT coalesce(max(id), 0) FROM queue_recipients").fetchone()
-        out: list[list[int]] = []
-        rows = []
-        next_id = int(last) + 1
-        for m in messages:
-            owner, until = (node_id, lease_until) if m.leased else (None, None)
-            ids = []
-            for r in m.envelope.recipients:
-                rows.append((next_id, m.queue_id, r.address, r.domain_id, QUEUED, now, owner,
-                             until, now))
-                ids.append(next_id)
-                next_id += 1
-            out.append(ids)
-        _insert_rows(cursor, _SQLITE_INSERT_RECIPIENTS, _SQLITE_RECIPIENT_ROW, rows)
+        rows = [
+            (m.queue_id, r.address, r.domain_id, QUEUED, now,
+             *((node_id, lease_until) if m.leased else (None, None)), now)
+            for m in messages
+            for r in m.envelope.recipients
+        ]
+        ids = _insert_rows(cursor, _SQLITE_INSERT_RECIPIENTS, _SQLITE_RECIPIENT_ROW, rows)
     finally:
         cursor.close()
+    return _ids_by_message(messages, ids)
+
+
+def _ids_by_message(messages: Sequence[NewMessage], ids: Sequence[int]) -> list[list[int]]:
+    """The recipient ids of all `messages` (in order) split into one list per message."""
+    out: list[list[int]] = []
+    i = 0
+    for m in messages:
+        n = len(m.envelope.recipients)
+        out.append(list(ids[i : i + n]))
+        i += n
     return out
 
 

@@ -55,9 +55,14 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Straight to the driver: this runs for every transaction, spool commits included.
+        # executescript runs it in one step with the GIL released once (execute releases
+        # it twice: step and reset); it would first COMMIT an open transaction, so refuse.
         statement = "BEGIN IMMEDIATE" if conn.info.get(WRITE_INTENT, True) else "BEGIN"
+        driver = conn.connection.driver_connection
+        if driver.in_transaction:
+            raise sqlalchemy.exc.InvalidRequestError("a driver transaction is already open")
         try:
-            conn.connection.driver_connection.execute(statement)
+            driver.executescript(statement)
         except sqlite3.OperationalError as e:
             # As SQLAlchemy would have wrapped it: "database is locked" is then retried.
             raise sqlalchemy.exc.OperationalError(statement, None, e) from e
