@@ -25,6 +25,7 @@ class GatedDatabase:
         self.inner = Database.for_tests()
         self.url = self.inner.url
         self.is_sqlite = True
+        self.threaded = False
         self.gates: list[defer.Deferred[None]] = []
         self.accept_batches: list[int] = []
         self.fail_next = False

@@ -4,9 +4,11 @@
 with `synchronous=FULL`, or a PostgreSQL commit). Commits are grouped: while one transaction
 is in flight, the accepts that arrive wait together and go into the next single transaction,
 so one fsync covers many messages. The groups are committed back to back on one pool thread
-(`Database.stream`), without waiting for the reactor between them. A group is capped in
-messages and bytes. Each caller's await completes after its group commits, or raises
-SpoolError, and the server answers 451.
+(`Database.stream`), without waiting for the reactor between them; when none is pending the
+stream lingers a moment (STREAM_LINGER) for the next accept, which then wakes it directly,
+so under steady load the lane never goes back through the reactor and the thread pool
+between groups. A group is capped in messages and bytes. Each caller's await completes
+after its group commits, or raises SpoolError, and the server answers 451.
 
 The spool is the queue's one write lane: new messages, delivery results and the sweeper's
 chores (`run_serialized`) take turns, one transaction at a time, so two writers of ours never
@@ -25,6 +27,7 @@ finishes them, inserted through the same tables.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -64,6 +67,9 @@ MAX_RESULTS = 4000
 RESULTS_BATCH = 200
 RESULTS_DELAY = 0.1
 LOAD_MESSAGES = 50
+# How long an idle commit stream waits for the next accept before it ends (threaded
+# databases only). A chore, due results or a drain end it at once.
+STREAM_LINGER = 0.05
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
 
@@ -213,6 +219,7 @@ class Spool:
         consumer: Consumer | None = None,
         reporting_mta: str = "localhost",
         results_db: Database | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.db = db
         self.results_db = results_db or db
@@ -222,6 +229,10 @@ class Spool:
         self.consumer = consumer
         self.reporting_mta = reporting_mta
         self._pending: deque[_Pending] = deque()
+        # Guards `_pending` and `_yield_lane` between the reactor thread and a lingering
+        # stream, which waits on it (held only for a few list operations, never over I/O).
+        self._wake = threading.Condition()
+        self.linger = linger
         # Appended by the reactor thread, taken by it or by the commit stream's thread
         # (deque appends and pops are atomic).
         self._results: deque[Result] = deque()
@@ -236,6 +247,7 @@ class Spool:
         self._recent_messages = 0
         self._yield_lane = False
         self.commits = 0  # group transactions run (for tests and the benchmark)
+        self.streams = 0  # commit streams started
 
     # -- the API ------------------------------------------------------------------------
 
@@ -246,7 +258,9 @@ class Spool:
         n = len(envelope.recipients)
         leased = self.consumer is not None and self.consumer.reserve(n)
         item = _Pending(queue_id, envelope, data, leased)
-        self._pending.append(item)
+        with self._wake:
+            self._pending.append(item)
+            self._wake.notify()
         self._kick()
         await item.done
 
@@ -328,8 +342,11 @@ class Spool:
             or self.clock.seconds() - self._results_since >= RESULTS_DELAY
         )
         if self._busy:
-            if self._chores:
-                self._yield_lane = True  # the commit stream stops after its current group
+            if self._chores or self._flushing or (results_due and not self._pending):
+                # The commit stream stops after its current group (or stops lingering).
+                with self._wake:
+                    self._yield_lane = True
+                    self._wake.notify()
             return
         self._yield_lane = False
         if self._chores:
@@ -366,6 +383,7 @@ class Spool:
     async def _commit_stream(self) -> None:
         """Commit groups of pending messages back to back until none are left or the lane
         is wanted for a chore or results (see `Database.stream`)."""
+        self.streams += 1
         try:
             await self.db.stream(
                 "queue_commit", self._take_for_stream, self._thd_commit, self._committed
@@ -386,13 +404,17 @@ class Spool:
 
     def _take_for_stream(self) -> _Group | None:
         """Called on the stream's pool thread: the next group, unless the lane is wanted.
-        Only the stream takes from `_pending` (the reactor thread only appends to it).
-        Delivery results waiting meanwhile ride along in the same transaction, so that
-        under load they are written within one group commit, without a lane turn of
-        their own."""
-        if self._yield_lane:
-            return None
-        batch = self._take_batch()
+        With nothing pending it waits up to `linger` seconds for an accept (or for the
+        lane to be wanted). Only the stream takes from `_pending` (the reactor thread only
+        appends to it). Delivery results waiting meanwhile ride along in the same
+        transaction, so that under load they are written within one group commit, without
+        a lane turn of their own."""
+        with self._wake:
+            if not self._pending and not self._yield_lane and self.linger > 0:
+                self._wake.wait_for(lambda: self._pending or self._yield_lane, self.linger)
+            if self._yield_lane:
+                return None
+            batch = self._take_batch()
         if not batch:
             return None
         results = self._take_results() if self._retry is None else []

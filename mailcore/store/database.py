@@ -69,6 +69,11 @@ class Database:
         if not synchronous:
             self._pool = ThreadPool(minthreads=1, maxthreads=max_threads, name="mailcore-db")
 
+    @property
+    def threaded(self) -> bool:
+        """Whether work runs on the pool (False: synchronously, in tests)."""
+        return self._pool is not None
+
     @classmethod
     def for_tests(cls, url: str = "sqlite://") -> Database:
         """A synchronous in-memory database with the full schema, for unit tests."""
