@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.smtp.client import (
@@ -100,16 +102,55 @@ class PipelinedTransactionTests(ClientTestBase):
             [result.for_recipient(i).code for i in range(3)], [250, 550, 250]
         )
 
-    def test_reset_first_is_pipelined_before_mail(self) -> None:
+    def test_no_rset_after_a_completed_transaction(self) -> None:
         self.handshake()
-        d = defer.Deferred.fromCoroutine(
-            self.session.send("a@x.test", ["b@c.test"], b"x\r\n", reset_first=True)
-        )
+        first = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
+        self.sent()
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.sent()
+        self.server(b"250 queued\r\n")
+        self.successResultOf(first)
+        second = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["d@c.test"], b"y\r\n"))
+        self.assertTrue(self.sent().startswith(b"MAIL FROM:<a@x.test>"))
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.sent()
+        self.server(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(second).data, Reply(250, ("queued",)))
+
+    def test_rset_is_pipelined_before_mail_after_a_transaction_without_data(self) -> None:
+        """DATA refused: MAIL may still stand at the server, so the next transaction resets."""
+        self.handshake()
+        first = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
+        self.sent()
+        self.server(b"250 ok\r\n250 ok\r\n451 4.3.0 not now\r\n")
+        self.assertEqual(self.successResultOf(first).data, Reply(451, ("4.3.0 not now",)))
+        second = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
         self.assertTrue(self.sent().startswith(b"RSET\r\nMAIL FROM:<a@x.test>"))
         self.server(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
         self.sent()
         self.server(b"250 queued\r\n")
-        self.assertEqual(self.successResultOf(d).data, Reply(250, ("queued",)))
+        self.assertEqual(self.successResultOf(second).data, Reply(250, ("queued",)))
+
+    def test_a_group_reply_split_across_reads_fires_once_complete(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c", "d@c"], b"x\r\n"))
+        self.sent()
+        self.server(b"250 ok\r\n250-long\r\n")
+        self.server(b"250 ok\r\n")
+        self.assertEqual(self.sent(), b"")  # DATA's reply has not come yet
+        self.clock.advance(29)
+        self.server(b"250 ok\r\n354 go\r\n")
+        self.assertEqual(self.sent(), b"x\r\n.\r\n")
+        self.server(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).rcpts[0], Reply(250, ("long", "ok")))
+
+    def test_connection_lost_mid_group_fails_the_send(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        self.sent()
+        self.server(b"250 ok\r\n")
+        self.proto.connectionLost(Failure(ConnectionDone("bye")))
+        self.failureResultOf(d, ConnectionLostError)
 
     def test_all_recipients_refused_but_data_accepted_ends_with_a_lone_dot(self) -> None:
         """RFC 2920 3.1: no content may follow when nobody was accepted."""

@@ -609,14 +609,12 @@ class QueueRunner:
             hq.established += 1
             hq.dead_until = 0.0
             self._sessions.add(session)
-            reset = False
             while session.usable and session.transactions < self.settings.messages_per_connection:
                 job = await self._next_job(hq)
                 if job is None:
                     break
-                if not await self._deliver(session, job, hq, reset):
+                if not await self._deliver(session, job, hq):
                     break
-                reset = True
             await session.quit()
         finally:
             if session is not None:
@@ -627,7 +625,7 @@ class QueueRunner:
             if not hq.jobs and not hq.active and not hq.idle and hq.dead_until <= 0:
                 self.hops.pop(hq.hop, None)
 
-    async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue, reset: bool) -> bool:
+    async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
         """Send one job on an open session; returns False when the session is unusable."""
         hop = hq.hop.label
         body = self.bodies.get(job.message_id)
@@ -639,7 +637,7 @@ class QueueRunner:
             body = apply_tags(body, job.add_headers, job.subject_prefix)
         try:
             result = await session.send(
-                job.mail_from, [r.address for r in job.recipients], body, reset_first=reset
+                job.mail_from, [r.address for r in job.recipients], body
             )
         except SMTPClientError as e:
             self._fail(job, job.recipients, describe(e, hq.hop), permanent=False, hop=hop,

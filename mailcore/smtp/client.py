@@ -98,6 +98,20 @@ class TransactionResult:
         return self.data
 
 
+class _Awaited:
+    """Who waits for the next `count` replies: one Deferred for a single reply, or one for a
+    whole pipelined group (firing with the list), instead of one Deferred per command."""
+
+    __slots__ = ("count", "deferred", "group", "replies", "timeout")
+
+    def __init__(self, count: int, timeout: float, group: bool) -> None:
+        self.count = count
+        self.timeout = timeout
+        self.group = group
+        self.replies: list[Reply] = []
+        self.deferred: defer.Deferred[Any] = defer.Deferred()
+
+
 class SMTPClientProtocol(LineReceiver):
     """The wire side: writes commands, parses replies in order, enforces timeouts."""
 
@@ -107,7 +121,7 @@ class SMTPClientProtocol(LineReceiver):
     def __init__(self, clock: _IReactorTime, timeout: float) -> None:
         self.clock = clock
         self.timeout = timeout
-        self._waiting: deque[tuple[defer.Deferred[Reply], float]] = deque()
+        self._waiting: deque[_Awaited] = deque()
         self._lines: list[str] = []
         self._timer: IDelayedCall | None = None
         self._deadline = 0.0
@@ -125,11 +139,11 @@ class SMTPClientProtocol(LineReceiver):
         self._cancel_timer()
         waiting, self._waiting = self._waiting, deque()
         message = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
-        for d, _ in waiting:
-            error_cls = TLSFailed if self.tls_started and not self._lines_after_tls else (
-                ConnectionLostError
-            )
-            d.errback(error_cls(f"connection lost: {message}"))
+        error_cls = TLSFailed if self.tls_started and not self._lines_after_tls else (
+            ConnectionLostError
+        )
+        for w in waiting:
+            w.deferred.errback(error_cls(f"connection lost: {message}"))
 
     _lines_after_tls = False
 
@@ -154,9 +168,14 @@ class SMTPClientProtocol(LineReceiver):
         if not self._waiting:
             # Unsolicited (e.g. 421 before closing): nothing to hand it to.
             return
-        d, _ = self._waiting.popleft()
+        w = self._waiting[0]
+        w.replies.append(reply)
+        if len(w.replies) < w.count:
+            self._arm_timer()
+            return
+        self._waiting.popleft()
         self._arm_timer()
-        d.callback(reply)
+        w.deferred.callback(w.replies if w.group else reply)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -166,14 +185,25 @@ class SMTPClientProtocol(LineReceiver):
 
     def expect(self, timeout: float | None = None) -> defer.Deferred[Reply]:
         """A Deferred for the next reply not yet claimed (replies come in command order)."""
-        d: defer.Deferred[Reply] = defer.Deferred()
+        return self._await(1, timeout, group=False)
+
+    def expect_group(self, count: int, timeout: float | None = None) -> defer.Deferred[
+        list[Reply]
+    ]:
+        """One Deferred for the next `count` replies (a pipelined group), as a list."""
+        return self._await(count, timeout, group=True)
+
+    def _await(self, count: int, timeout: float | None, *, group: bool) -> defer.Deferred[Any]:
+        w = _Awaited(count, self.timeout if timeout is None else timeout, group)
         if self._lost is not None:
-            d.errback(ConnectionLostError(f"connection lost: {self._lost.getErrorMessage()}"))
-            return d
-        self._waiting.append((d, self.timeout if timeout is None else timeout))
+            w.deferred.errback(
+                ConnectionLostError(f"connection lost: {self._lost.getErrorMessage()}")
+            )
+            return w.deferred
+        self._waiting.append(w)
         if len(self._waiting) == 1:
             self._arm_timer()
-        return d
+        return w.deferred
 
     def write_lines(self, *lines: bytes) -> None:
         write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
@@ -203,7 +233,7 @@ class SMTPClientProtocol(LineReceiver):
         """
         if not self._waiting:
             return
-        _, seconds = self._waiting[0]
+        seconds = self._waiting[0].timeout
         self._deadline = self.clock.seconds() + seconds
         if self._timer is None:
             self._timer = self.clock.callLater(seconds, self._check_deadline)
@@ -231,8 +261,8 @@ class SMTPClientProtocol(LineReceiver):
     def _fail_all(self, error: Exception) -> None:
         self._cancel_timer()
         waiting, self._waiting = self._waiting, deque()
-        for d, _ in waiting:
-            d.errback(error)
+        for w in waiting:
+            w.deferred.errback(error)
 
 
 class SMTPSession:
@@ -246,6 +276,9 @@ class SMTPSession:
         self.greeting: Reply | None = None
         self.tls = False
         self.transactions = 0
+        # A transaction may still be open at the server (MAIL sent, no end of data since):
+        # the next one starts with RSET. After a completed DATA phase there is none.
+        self.in_transaction = False
 
     @property
     def pipelining(self) -> bool:
@@ -291,11 +324,12 @@ class SMTPSession:
             raise TLSFailed(f"after STARTTLS: {e}", code=e.code) from e
         self.tls = True
 
-    async def send(
-        self, mail_from: str, recipients: list[str], body: bytes, *, reset_first: bool = False
-    ) -> TransactionResult:
-        """One mail transaction; pipelined when the server offers PIPELINING."""
+    async def send(self, mail_from: str, recipients: list[str], body: bytes) -> TransactionResult:
+        """One mail transaction; pipelined when the server offers PIPELINING. It starts with
+        RSET when the previous one on this session did not end with a DATA phase."""
         p = self.protocol
+        reset_first = self.in_transaction
+        self.in_transaction = True
         mail = b"MAIL FROM:<" + mail_from.encode("utf-8") + b">"
         if "SIZE" in self.extensions:
             mail += b" SIZE=%d" % len(body)
@@ -303,11 +337,11 @@ class SMTPSession:
         self.transactions += 1
         if self.pipelining:
             commands = ([b"RSET"] if reset_first else []) + [mail, *rcpts, b"DATA"]
-            waits = [p.expect() for _ in commands]
+            wait = p.expect_group(len(commands))
             p.write_lines(*commands)
-            replies = await _in_order(waits)
+            replies = await wait
             if reset_first:
-                replies.pop(0)
+                replies = replies[1:]
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             if reset_first:
@@ -334,11 +368,13 @@ class SMTPSession:
             wait = p.expect()
             p.write_raw(b".\r\n")
             await wait
+            self.in_transaction = False
             result.data = Reply(503, ("5.5.1 no valid recipients",))
             return result
         wait = p.expect(self.data_timeout)
         write_body(p.write_raw, body)
         result.data = await wait
+        self.in_transaction = False
         return result
 
     async def _command(self, line: bytes) -> Reply:
@@ -362,19 +398,6 @@ class SMTPSession:
 
     def abort(self) -> None:
         self.protocol.abort()
-
-
-async def _in_order(waits: list[defer.Deferred[Reply]]) -> list[Reply]:
-    """Await pipelined replies in order; on a failure, the rest are consumed quietly."""
-    replies: list[Reply] = []
-    try:
-        for w in waits:
-            replies.append(await w)
-    except BaseException:
-        for w in waits[len(replies) + 1 :]:
-            w.addErrback(lambda _f: None)
-        raise
-    return replies
 
 
 def write_body(write: Callable[[bytes], None], body: bytes) -> None:
