@@ -337,12 +337,11 @@ class SMTPSession:
         self.transactions += 1
         if self.pipelining:
             commands = ([b"RSET"] if reset_first else []) + [mail, *rcpts, b"DATA"]
-            wait = p.expect_group(len(commands))
+            group = p.expect_group(len(commands))
             p.write_lines(*commands)
-            replies = await wait
-            if reset_first:
-                replies = replies[1:]
-            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+            replies = (await group)[1 if reset_first else 0 :]
+            mail_reply, rcpt_replies = replies[0], replies[1:-1]
+            data_reply: Reply | None = replies[-1]
         else:
             if reset_first:
                 await self._command(b"RSET")
