@@ -222,9 +222,7 @@ class FakeSession:
             raise TLSFailed("STARTTLS refused: 454 4.7.0 not now", code=454)
         self.tls = True
 
-    async def send(
-        self, mail_from: str, recipients: list[str], body: bytes, *, reset_first: bool = False
-    ) -> TransactionResult:
+    async def send(self, mail_from: str, recipients: list[str], body: bytes) -> TransactionResult:
         self.transactions += 1
         c = self.connector
         if c.hold is not None:
@@ -451,8 +449,7 @@ async def send_numbered(
                     continue
             seq = queue.pop()
             try:
-                result = await session.send("a@x.test", [rcpt], numbered_message(seq),
-                                            reset_first=session.transactions > 0)
+                result = await session.send("a@x.test", [rcpt], numbered_message(seq))
             except Exception:
                 log.failed.add(seq)
                 session = None
