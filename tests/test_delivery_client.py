@@ -102,34 +102,32 @@ class PipelinedTransactionTests(ClientTestBase):
             [result.for_recipient(i).code for i in range(3)], [250, 550, 250]
         )
 
+    def send_one(self, envelope_replies: bytes) -> tuple[bytes, Reply | None]:
+        """One transaction to b@c.test: what the client sent first, and the final reply
+        (DATA's, or the body's once the envelope replies end with 354)."""
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
+        first = self.sent()
+        self.server(envelope_replies)
+        if envelope_replies.endswith(b"354 go\r\n"):
+            self.sent()
+            self.server(b"250 queued\r\n")
+        return first, self.successResultOf(d).data
+
     def test_no_rset_after_a_completed_transaction(self) -> None:
         self.handshake()
-        first = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
-        self.sent()
-        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        self.sent()
-        self.server(b"250 queued\r\n")
-        self.successResultOf(first)
-        second = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["d@c.test"], b"y\r\n"))
-        self.assertTrue(self.sent().startswith(b"MAIL FROM:<a@x.test>"))
-        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        self.sent()
-        self.server(b"250 queued\r\n")
-        self.assertEqual(self.successResultOf(second).data, Reply(250, ("queued",)))
+        self.send_one(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        sent, data = self.send_one(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertTrue(sent.startswith(b"MAIL FROM:<a@x.test>"))
+        self.assertEqual(data, Reply(250, ("queued",)))
 
     def test_rset_is_pipelined_before_mail_after_a_transaction_without_data(self) -> None:
         """DATA refused: MAIL may still stand at the server, so the next transaction resets."""
         self.handshake()
-        first = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
-        self.sent()
-        self.server(b"250 ok\r\n250 ok\r\n451 4.3.0 not now\r\n")
-        self.assertEqual(self.successResultOf(first).data, Reply(451, ("4.3.0 not now",)))
-        second = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
-        self.assertTrue(self.sent().startswith(b"RSET\r\nMAIL FROM:<a@x.test>"))
-        self.server(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
-        self.sent()
-        self.server(b"250 queued\r\n")
-        self.assertEqual(self.successResultOf(second).data, Reply(250, ("queued",)))
+        _, data = self.send_one(b"250 ok\r\n250 ok\r\n451 4.3.0 not now\r\n")
+        self.assertEqual(data, Reply(451, ("4.3.0 not now",)))
+        sent, data = self.send_one(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertTrue(sent.startswith(b"RSET\r\nMAIL FROM:<a@x.test>"))
+        self.assertEqual(data, Reply(250, ("queued",)))
 
     def test_a_group_reply_split_across_reads_fires_once_complete(self) -> None:
         self.handshake()
