@@ -141,10 +141,11 @@ class Database:
     ) -> defer.Deferred[None]:
         """Run write transactions back to back on one pool thread, without a trip through
         the reactor between them: `take()` (called on the pool thread; it must be safe
-        there, and may wait there a while for work) gives the next batch, `fn(conn, batch)` runs in its own transaction, and
-        `done(batch, result)` is called in the reactor thread after each commit (with a
-        Failure when the transaction failed, which also ends the stream). The stream ends
-        when `take()` returns nothing; the Deferred fires after the last `done`.
+        there, and may wait there a while for work) gives the next batch, `fn(conn, batch)`
+        runs in its own transaction, and `done(batch, result)` is called in the reactor
+        thread after each commit (with a Failure when the transaction failed, which also
+        ends the stream). The stream ends when `take()` returns nothing; the Deferred fires
+        after the last `done`.
 
         For a write lane such as the spool's group commit: the next group starts while the
         reactor is still answering the previous one.
