@@ -1,8 +1,8 @@
 """The queue runner runs the pipeline before it takes a connection: a deferred, quarantined
-or discarded message never opens one, tags travel with the job and are applied at send time
-(also when the body is loaded from the store then), scans are bounded by `max_scans`, a
-message whose hops are all down is not scanned, a stop with scans in flight loses nobody,
-and with no stages nothing of this runs."""
+or discarded message never opens one (and each of those decisions is logged), tags travel
+with the job and are applied at send time (also when the body is loaded from the store
+then), scans are bounded by `max_scans`, a message whose hops are all down is not scanned, a
+stop with scans in flight loses nobody, and with no stages nothing of this runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 from twisted.internet import defer
+from twisted.logger import capturedLogs, formatEvent
 
 from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.routing import Hop
@@ -130,6 +131,25 @@ class DecisionBeforeConnectTests(PipelineRunnerBase):
         self.assertEqual(self.states(), {"b@customer.test": "delivered",
                                          "c@customer.test": "quarantined",
                                          "d@customer.test": "delivered"})
+
+    async def test_each_decision_that_keeps_mail_back_is_logged(self) -> None:
+        cases = [
+            (Decision(Action.DEFER, reason="4.7.1 tokens exhausted"),
+             "Q1 deferred by the pipeline: 4.7.1 tokens exhausted"),
+            (Decision(Action.QUARANTINE, reason="spam score 9.1"),
+             "Q2 quarantined for 2 of 2 recipients: spam score 9.1"),
+            (Decision(Action.TAG, reason="one is strict", quarantine=("c@customer.test",)),
+             "Q3 quarantined for 1 of 2 recipients: one is strict"),
+            (Decision(Action.DISCARD, reason="virus found"),
+             "Q4 discarded by policy for 2 recipients: virus found"),
+        ]
+        stage = Stage()
+        self.use(stage, quarantine=Kept())
+        for n, (decision, line) in enumerate(cases, 1):
+            stage.decision = decision
+            with capturedLogs() as events:
+                await self.accept(f"Q{n}", "b@customer.test", "c@customer.test")
+            self.assertIn(line, [formatEvent(e) for e in events])
 
     async def test_the_pipeline_runs_before_any_connection_is_taken(self) -> None:
         stage = Stage()

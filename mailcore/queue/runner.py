@@ -400,6 +400,8 @@ class QueueRunner:
         recipients), discard. Returns the job still to send (tagged for a TAG), or None."""
         now = self.clock.seconds()
         if decision.action is Action.DEFER:
+            log.info("{queue_id} deferred by the pipeline: {reason}", queue_id=job.message_id,
+                     reason=decision.reason)
             self._fail(job, job.recipients, decision.reason, permanent=False, hop="", now=now)
             return None
         if decision.action is Action.QUARANTINE:
@@ -418,6 +420,9 @@ class QueueRunner:
                 self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
                            permanent=False, hop="", now=self.clock.seconds())
                 return None
+            log.info("{queue_id} quarantined for {held} of {count} recipients: {reason}",
+                     queue_id=job.message_id, held=len(held), count=len(job.recipients),
+                     reason=decision.reason)
             self._delivered(job, held, f"quarantined: {decision.reason}", "",
                             self.clock.seconds(), state=QUARANTINED)
             if len(held) == len(job.recipients):
@@ -425,6 +430,8 @@ class QueueRunner:
             held_ids = {r.id for r in held}
             job = part_of(job, [r for r in job.recipients if r.id not in held_ids])
         if decision.action is Action.DISCARD:
+            log.info("{queue_id} discarded by policy for {count} recipients: {reason}",
+                     queue_id=job.message_id, count=len(job.recipients), reason=decision.reason)
             self._delivered(job, job.recipients, f"discarded by policy: {decision.reason}", "",
                             self.clock.seconds(), state=DELIVERED)
             return None
