@@ -12,6 +12,7 @@ from mailcore.queue.model import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
+    QUARANTINED,
     NewMessage,
     Result,
     thd_apply_results,
@@ -100,6 +101,87 @@ class QueueModelTestsMixin(MixinBase):
                 select(m.id, m.body).where(m.done_at.is_not(None)))]
 
         self.assertEqual(await db.read("done", done_messages), [(f"Q{leased[-1]:05d}", None)])
+
+        # The deferred ones delivered now: every other leased message finishes, no DSN.
+        retried = [
+            Result(ids[i][1], f"Q{i:05d}", DELIVERED, "250 ok", "10.0.0.1:25")
+            for i in leased[:-1]
+        ]
+
+        def lease_again(conn):  # type: ignore[no-untyped-def]
+            r = queue_recipients.c
+            conn.execute(queue_recipients.update().where(
+                r.id.in_([x.rcpt_id for x in retried])).values(lease_owner="node"))
+
+        await db.run("lease", lease_again)
+        finished, applied = await db.run("res", thd_apply_results, "node", 300.0, retried)
+        self.assertEqual((finished, applied), ([], len(retried)))
+        self.assertEqual(sorted(mid for mid, _ in await db.read("done", done_messages)),
+                         [f"Q{i:05d}" for i in leased])
+
+    async def test_clean_messages_finish_in_one_step_and_the_others_the_full_way(self) -> None:
+        """Delivered or quarantined everywhere: finished without a DSN. A recipient that
+        bounced in an earlier batch still gets its DSN when the last one is delivered; a
+        message with a recipient still active (here one whose lease is another node's)
+        does not finish."""
+        db = await self.db()
+        rcpts = {
+            "Q1": ("a1@c.test", "b1@c.test"),  # both delivered now
+            "Q2": ("a2@c.test",),  # quarantined now
+            "Q3": ("a3@c.test", "b3@c.test"),  # b3 bounced before, a3 delivered now
+            "Q4": ("a4@c.test", "b4@c.test"),  # a4 delivered now, b4 still queued
+        }
+        msgs = [
+            NewMessage(qid, Envelope("s@x.test", tuple(Recipient(a, self.domain)
+                                                        for a in addresses)),
+                       b"Subject: %s\r\n\r\nbody\r\n" % qid.encode(), leased=True)
+            for qid, addresses in rcpts.items()
+        ]
+        ids = dict(zip(rcpts, await db.run("ins", thd_insert_messages, msgs, "node", 100.0,
+                                           160.0), strict=True))
+        finished, _ = await db.run("res", thd_apply_results, "node", 150.0, [
+            Result(ids["Q3"][1], "Q3", BOUNCED, "550 5.1.1 no", "h:25"),
+        ])
+        self.assertEqual(finished, [])
+        b4 = ids["Q4"][1]
+
+        def release_b4(conn):  # type: ignore[no-untyped-def]
+            r = queue_recipients.c
+            conn.execute(queue_recipients.update().where(r.id == b4).values(
+                lease_owner="other"))
+
+        await db.run("lease", release_b4)
+        finished, applied = await db.run("res", thd_apply_results, "node", 200.0, [
+            Result(ids["Q1"][0], "Q1", DELIVERED, "250 ok", "h:25"),
+            Result(ids["Q1"][1], "Q1", DELIVERED, "250 ok", "h:25"),
+            Result(ids["Q2"][0], "Q2", QUARANTINED, "quarantined: spam", ""),
+        ])
+        self.assertEqual((finished, applied), ([], 3))
+        finished, applied = await db.run("res", thd_apply_results, "node", 200.0, [
+            Result(ids["Q3"][0], "Q3", DELIVERED, "250 ok", "h:25"),
+            Result(ids["Q4"][0], "Q4", DELIVERED, "250 ok", "h:25"),
+            Result(b4, "Q4", DELIVERED, "250 ok", "h:25"),  # not ours: not applied
+        ])
+        self.assertEqual(applied, 2)
+        self.assertEqual([(f.message_id, [b.address for b in f.failures]) for f in finished],
+                         [("Q3", ["b3@c.test"])])
+
+        def done(conn):  # type: ignore[no-untyped-def]
+            m = queue_messages.c
+            return {row.id: (row.done_at, row.body is None)
+                    for row in conn.execute(select(m.id, m.done_at, m.body))}
+
+        self.assertEqual(await db.read("done", done), {
+            "Q1": (200.0, True), "Q2": (200.0, True), "Q3": (200.0, True),
+            "Q4": (None, False),
+        })
+        # A second report for finished messages changes nothing and makes no second DSN.
+        finished, _ = await db.run("res", thd_apply_results, "node", 300.0, [
+            Result(ids["Q1"][0], "Q1", DELIVERED, "250 ok", "h:25"),
+            Result(ids["Q3"][0], "Q3", DELIVERED, "250 ok", "h:25"),
+        ])
+        self.assertEqual(finished, [])
+        self.assertEqual((await db.read("done", done))["Q3"], (200.0, True))
 
 
 class SQLiteQueueModelTests(QueueModelTestsMixin, TestCase):

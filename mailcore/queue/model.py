@@ -59,6 +59,17 @@ _FINISH = (
     .where(_m.id.in_(bindparam("ids", expanding=True)))
     .values(body=None, done_at=bindparam("now"))
 )
+# Recipient states that keep a message from finishing without a DSN.
+_UNCLEAN = (*ACTIVE, BOUNCED)
+_FINISH_CLEAN = (
+    update(queue_messages)
+    .where(
+        _m.id.in_(bindparam("ids", expanding=True)),
+        _m.done_at.is_(None),
+        ~exists().where(_r.message_id == _m.id, _r.state.in_(_UNCLEAN)),
+    )
+    .values(body=None, done_at=bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -386,8 +397,45 @@ def thd_apply_results(
         ]
         applied = conn.execute(_APPLY_RESULT, params).rowcount or 0
     message_ids = sorted({r.message_id for r in results})
-    finished = _finish_messages(conn, message_ids, now)
+    # The common case: every result of a message here is final and none is a bounce, so it
+    # finishes without a DSN, and one guarded UPDATE does it (instead of a query for the
+    # finished, one for their bounces, and the UPDATE). If any of them did not finish that
+    # way (a recipient still active, or one that bounced earlier), all go the full way.
+    clean = _clean_among(results)
+    if clean and _finish_clean(conn, clean, now) == len(clean):
+        done = set(clean)
+        message_ids = [m for m in message_ids if m not in done]
+    finished = _finish_messages(conn, message_ids, now) if message_ids else []
     return finished, applied
+
+
+def _clean_among(results: Sequence[Result]) -> list[str]:
+    """The messages all of whose results here are delivered or quarantined."""
+    unclean = {r.message_id for r in results if r.state not in (DELIVERED, QUARANTINED)}
+    return sorted({r.message_id for r in results} - unclean)
+
+
+def _finish_clean(conn: Connection, message_ids: Sequence[str], now: float) -> int:
+    """Finish those of `message_ids` that have no active and no bounced recipient (and
+    are not finished yet); returns how many it finished."""
+    if conn.dialect.name != "sqlite":
+        return int(conn.execute(_FINISH_CLEAN, {"ids": list(message_ids), "now": now})
+                   .rowcount or 0)
+    cursor = _driver_cursor(conn)
+    finished = 0
+    try:
+        per = _SQLITE_MAX_PARAMS - 1 - len(_UNCLEAN)
+        for i in range(0, len(message_ids), per):
+            chunk = message_ids[i : i + per]
+            cursor.execute(
+                _SQLITE_FINISH_CLEAN.format(ids=_marks(len(chunk)),
+                                            states=_marks(len(_UNCLEAN))),
+                [now, *chunk, *_UNCLEAN],
+            )
+            finished += int(cursor.rowcount or 0)
+    finally:
+        cursor.close()
+    return finished
 
 
 # SQLite: the results path straight through the driver (it runs in the spool's group
@@ -410,6 +458,11 @@ _SQLITE_BOUNCED_AMONG = (
     "WHERE message_id IN ({ids}) AND state = ? ORDER BY id"
 )
 _SQLITE_FINISH = "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids})"
+_SQLITE_FINISH_CLEAN = (
+    "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids}) "
+    "AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r "
+    "WHERE r.message_id = queue_messages.id AND r.state IN ({states}))"
+)
 
 
 def _driver_cursor(conn: Connection) -> Any:
