@@ -117,8 +117,11 @@ class Router:
     async def route(self, domain_id: int | None, address: str) -> Hop:
         """The next hop for one recipient, or RoutingError."""
         if domain_id is not None:
-            await self.prefetch([domain_id])
-            hop = self._cache[domain_id][1]
+            cached = self._cache.get(domain_id)
+            if cached is None or cached[0] < self.clock.seconds():
+                await self.prefetch([domain_id])
+                cached = self._cache[domain_id]
+            hop = cached[1]
             if hop is None:
                 raise RoutingError(f"domain {domain_id} is no longer served")
             return hop
