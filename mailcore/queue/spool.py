@@ -450,12 +450,13 @@ class Spool:
         self._recent_commits.append((result.now, len(batch)))
         self._recent_messages += len(batch)
         self.metrics.accepted.inc(len(batch))
+        # The callers first (their 250s go out now), then the delivery work.
+        for p in batch:
+            p.done.callback(None)
         if consumer is not None:
             self._hand_over(consumer, result.now, result.messages, result.ids)
             if result.dsns:
                 consumer.enqueue_new(result.dsns)
-        for p in batch:
-            p.done.callback(None)
 
     async def _write_results(self, results: list[Result]) -> None:
         now = self.clock.seconds()
