@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from twisted.mail.smtp import SMTPClient
 from twisted.trial.unittest import TestCase
 
-from mailcore.smtp.dotstuff import DotStuffer, normalise, stuff, unstuff
+from mailcore.smtp.client import write_body
+from mailcore.smtp.dotstuff import CRLFBody, DotStuffer, normalise, stuff, unstuff
 
 # FileSender, which Twisted's SMTPClient sends bodies with, reads 2**14 bytes at a time.
 TWISTED_CHUNK = 2**14
@@ -109,6 +110,29 @@ class PropertyTests(TestCase):
         stream = b"".join(s.feed(c) for c in chunked(message, cuts)) + s.finish()
         self.assertEqual(stream.count(b"\n"), stream.count(b"\r\n"))
         self.assertEqual(stream.count(b"\r"), stream.count(b"\r\n"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(message=line_bytes, cuts=st.lists(st.integers(min_value=0, max_value=400),
+                                             max_size=12))
+    def test_crlf_only_skips_nothing_but_the_normalising(
+        self, message: bytes, cuts: list[int]
+    ) -> None:
+        """For a message with CRLF line endings only, the fast path gives the same stream
+        in any chunking (a CRLF split across chunks included)."""
+        clean = normalise(message)
+        fast = DotStuffer(crlf_only=True)
+        stream = b"".join(fast.feed(c) for c in chunked(clean, cuts)) + fast.finish()
+        self.assertEqual(stream, stuff(clean))
+
+    def test_write_body_takes_the_fast_path_only_for_a_crlf_body(self) -> None:
+        out: list[bytes] = []
+        write_body(out.append, b"a\nb\r\n.c\r\n")
+        self.assertEqual(b"".join(out), b"a\r\nb\r\n..c\r\n.\r\n")
+        big = CRLFBody(b"x" * 70000 + b"\r\n.\r\n" + b"y" * 70000 + b"\r\n")
+        out = []
+        write_body(out.append, big)
+        self.assertEqual(b"".join(out), stuff(bytes(big)))
+        self.assertGreater(len(out), 2)  # written in chunks
 
     @settings(max_examples=50, deadline=None)
     @given(offset=st.integers(min_value=0, max_value=40), chunk=st.sampled_from([1, 7, 4096]))

@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.domains import DomainService
 from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.smtp.dotstuff import CRLFBody
 from mailcore.smtp.server import (
     SMTPServerFactory,
     received_header,
@@ -420,6 +421,14 @@ class ByteExactTests(ServerTestCase):
                 self.assertEqual(codes, ["250", "250"])
                 self.assertEqual(self.sink.bodies[-1], content)
                 s.close()
+
+    def test_the_spool_is_told_the_line_endings_were_checked(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(b"Subject: a\r\n\r\n..dot\r\n.\r\n"), ["250"])
+        [accepted] = self.sink.messages
+        self.assertIsInstance(accepted.data, CRLFBody)
+        self.assertTrue(accepted.data.endswith(b"\r\n\r\n.dot\r\n"))
 
     def test_bodies_in_crlf_and_8bit_pass_unchanged(self) -> None:
         content = ("Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\ncafé ☕\r\n\r\n\r\n\tindent\r\n"

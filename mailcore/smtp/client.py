@@ -26,7 +26,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailcore.netwrite import write_now
-from mailcore.smtp.dotstuff import DotStuffer
+from mailcore.smtp.dotstuff import CRLFBody, DotStuffer
 
 WRITE_CHUNK = 65536
 
@@ -400,8 +400,9 @@ class SMTPSession:
 
 
 def write_body(write: Callable[[bytes], None], body: bytes) -> None:
-    """Write `body` as a DATA stream through a fresh DotStuffer, in chunks."""
-    stuffer = DotStuffer()
+    """Write `body` as a DATA stream through a fresh DotStuffer, in chunks (line endings
+    left as they are for a CRLFBody)."""
+    stuffer = DotStuffer(crlf_only=isinstance(body, CRLFBody))
     if len(body) <= WRITE_CHUNK:
         write(stuffer.feed(body) + stuffer.finish())
         return

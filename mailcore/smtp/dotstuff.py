@@ -12,6 +12,17 @@ from __future__ import annotations
 TERMINATOR = b".\r\n"
 
 
+class CRLFBody(bytes):
+    """Message bytes known to hold no bare CR and no bare LF: our SMTP server checked them
+    before it accepted the message (it refuses bare CR or LF, pitfall 6). Outbound, a
+    `DotStuffer(crlf_only=True)` then skips normalising the line endings (three passes over
+    the message); the dot-stuffing still runs. Anything built from such bytes (a slice, a
+    tagged copy) is plain `bytes` again. Only wrap bytes whose line endings were checked:
+    a bare LF let through here would reach the next hop as it is."""
+
+    __slots__ = ()
+
+
 class DotStuffer:
     """Turns message bytes into the DATA stream: CRLF everywhere, leading dots doubled.
 
@@ -20,11 +31,12 @@ class DotStuffer:
     Bare CR and bare LF both become CRLF; an existing CRLF stays one CRLF.
     """
 
-    __slots__ = ("_at_line_start", "_pending_cr")
+    __slots__ = ("_at_line_start", "_crlf_only", "_pending_cr")
 
-    def __init__(self) -> None:
+    def __init__(self, *, crlf_only: bool = False) -> None:
         self._at_line_start = True
         self._pending_cr = False
+        self._crlf_only = crlf_only  # every line ending is CRLF already (see CRLFBody)
 
     def feed(self, data: bytes) -> bytes:
         """The stuffed form of the next chunk (possibly holding back one trailing CR)."""
@@ -37,10 +49,12 @@ class DotStuffer:
             self._pending_cr = True
         if not data:
             return b""
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-            # Some bare CR or LF: normalise every line ending to CRLF.
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if not self._crlf_only:
+            crlf = data.count(b"\r\n")
+            if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+                # Some bare CR or LF: normalise every line ending to CRLF.
+                data = (data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                        .replace(b"\n", b"\r\n"))
         if b"\r\n." in data:
             data = data.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and data[:1] == b".":

@@ -54,6 +54,7 @@ from mailcore.smtp.address import (
     parse_rcpt_to,
     relay_refusal,
 )
+from mailcore.smtp.dotstuff import CRLFBody
 
 log = Logger()
 
@@ -735,6 +736,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         if b"\r\n." in data:
             data = data.replace(b"\r\n.", b"\r\n")  # undo dot-stuffing (RFC 5321 4.5.2)
+        data = CRLFBody(data)  # checked above: no bare CR or LF
         envelope = Envelope(
             mail_from=mail_from,
             recipients=recipients,
