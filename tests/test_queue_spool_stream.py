@@ -1,5 +1,6 @@
 """The spool's commit stream on a real threaded SQLite: it lingers for the next accept and
-gives the lane up at once when a chore, due results or a drain want it."""
+gives the lane up at once when a chore, due results or a drain want it; under load it waits
+for a fuller group, and when mail trickles in it does not."""
 
 from __future__ import annotations
 
@@ -71,3 +72,56 @@ class LingeringStreamTests(TestCase):
         await self.accept("Q1")
         await self.spool.drain()
         self.assertFalse(self.spool._busy)
+
+
+class GatheringStreamTests(TestCase):
+    """With a gather time far longer than the test, a group that waited for companions it
+    was not meant to wait for would hang the test instead of passing."""
+
+    timeout = 30
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db: Database = await open_database(self, "sqlite")
+        self.spool = Spool(
+            self.db, get_reactor(), QueueSettings(node_id="test"),
+            QueueMetrics(CollectorRegistry()), linger=FOREVER, gather=FOREVER, group_target=3,
+        )
+        self.addCleanup(self.spool.drain)
+
+    def accept(self, qid: str) -> defer.Deferred[None]:
+        env = Envelope("a@x.test", (Recipient("b@customer.test", None),))
+        return defer.Deferred.fromCoroutine(
+            self.spool.accept(qid, env, b"Subject: x\r\n\r\nhi\r\n")
+        )
+
+    async def test_under_load_a_group_waits_until_it_is_full(self) -> None:
+        self.spool._gathering = True  # as after a commit under load
+        first = self.accept("Q1")
+        await sleep(0.05)  # the stream has Q1 and waits for two more
+        self.assertEqual(self.spool.commits, 0)
+        await defer.gatherResults([first, self.accept("Q2"), self.accept("Q3")])
+        self.assertEqual(self.spool.commits, 1)
+        self.assertEqual(await self.db.read("n", _count), 3)
+
+    async def test_when_mail_trickles_in_nothing_waits(self) -> None:
+        await self.accept("Q1")
+        await self.accept("Q2")
+        self.assertEqual(self.spool.commits, 2)
+
+    async def test_a_drain_does_not_wait_for_a_full_group(self) -> None:
+        self.spool._gathering = True
+        accepted = self.accept("Q1")
+        await sleep(0.05)
+        await self.spool.drain()
+        await accepted
+        self.assertEqual(await self.db.read("n", _count), 1)
+
+    async def test_a_chore_still_gets_the_lane(self) -> None:
+        self.spool._gathering = True
+        accepted = self.accept("Q1")
+        await sleep(0.05)
+        self.assertEqual(await self.spool.run_serialized("chore", _count), 0)
+        self.spool._gathering = False  # the group need not wait again in this test
+        await self.accept("Q2")
+        await accepted
+        self.assertEqual(await self.db.read("n", _count), 2)

@@ -20,7 +20,13 @@ from mailcore.queue.routing import MXResolver, Router
 from mailcore.queue.runner import Connector, QueueRunner
 from mailcore.queue.service import QueueService
 from mailcore.queue.settings import QueueSettings
-from mailcore.queue.spool import STREAM_LINGER, Spool, SpoolError, relaxed_twin
+from mailcore.queue.spool import (
+    GROUP_GATHER,
+    STREAM_LINGER,
+    Spool,
+    SpoolError,
+    relaxed_twin,
+)
 from mailcore.store import Database
 
 
@@ -63,6 +69,7 @@ def build_queue(
         db, clock, settings, metrics, runner, reporting_mta=config.hostname,
         results_db=relaxed_twin(db, reactor if reactor is not None else clock),
         linger=STREAM_LINGER if db.threaded else 0.0,
+        gather=GROUP_GATHER if db.threaded else 0.0,
     )
     runner.spool = spool
     service = QueueService(db, clock, settings, spool, runner)

@@ -7,7 +7,12 @@ so one fsync covers many messages. The groups are committed back to back on one 
 (`Database.stream`), without waiting for the reactor between them; when none is pending the
 stream lingers a moment (STREAM_LINGER) for the next accept, which then wakes it directly,
 so under steady load the lane never goes back through the reactor and the thread pool
-between groups. A group is capped in messages and bytes. Each caller's await completes
+between groups. Under load (LOAD_MESSAGES committed within RESULTS_DELAY) the stream also
+waits up to GROUP_GATHER for a group of GROUP_TARGET messages before it commits, like
+PostgreSQL's commit_delay: a transaction has a fixed cost (its statements, the hand-overs
+of the GIL between the reactor and the pool thread, the fsync), and a fuller group spreads
+it over more messages; when mail trickles in, nothing waits. A group is capped in messages
+and bytes. Each caller's await completes
 after its group commits, or raises SpoolError, and the server answers 451.
 
 The spool is the queue's one write lane: new messages, delivery results and the sweeper's
@@ -70,6 +75,9 @@ LOAD_MESSAGES = 50
 # How long an idle commit stream waits for the next accept before it ends (threaded
 # databases only). A chore, due results or a drain end it at once.
 STREAM_LINGER = 0.05
+# Under load, how long a group may wait to fill up, and how full it needs to be.
+GROUP_GATHER = 0.001
+GROUP_TARGET = 12
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
 
@@ -220,6 +228,8 @@ class Spool:
         reporting_mta: str = "localhost",
         results_db: Database | None = None,
         linger: float = 0.0,
+        gather: float = 0.0,
+        group_target: int = GROUP_TARGET,
     ) -> None:
         self.db = db
         self.results_db = results_db or db
@@ -233,6 +243,11 @@ class Spool:
         # stream, which waits on it (held only for a few list operations, never over I/O).
         self._wake = threading.Condition()
         self.linger = linger
+        self.gather = gather
+        self.group_target = max(1, min(group_target, settings.batch_max_messages))
+        # Set by the reactor thread after each commit, read by the stream's: whether mail
+        # is streaming in, so that waiting for a fuller group pays.
+        self._gathering = False
         # Appended by the reactor thread, taken by it or by the commit stream's thread
         # (deque appends and pops are atomic).
         self._results: deque[Result] = deque()
@@ -260,7 +275,11 @@ class Spool:
         item = _Pending(queue_id, envelope, data, leased)
         with self._wake:
             self._pending.append(item)
-            self._wake.notify()
+            waiting = len(self._pending)
+            if waiting == 1 or waiting >= self.group_target:
+                # What a waiting stream waits for: the first message (the linger), or a
+                # full group (the gathering); the accepts in between do not wake it.
+                self._wake.notify()
         self._kick()
         await item.done
 
@@ -405,13 +424,22 @@ class Spool:
     def _take_for_stream(self) -> _Group | None:
         """Called on the stream's pool thread: the next group, unless the lane is wanted.
         With nothing pending it waits up to `linger` seconds for an accept (or for the
-        lane to be wanted). Only the stream takes from `_pending` (the reactor thread only
-        appends to it). Delivery results waiting meanwhile ride along in the same
-        transaction, so that under load they are written within one group commit, without
-        a lane turn of their own."""
+        lane to be wanted); under load it then waits up to `gather` seconds for a group of
+        `group_target`. Neither wait happens while draining. Only the stream takes from
+        `_pending` (the reactor thread only appends to it). Delivery results waiting
+        meanwhile ride along in the same transaction, so that under load they are written
+        within one group commit, without a lane turn of their own."""
         with self._wake:
-            if not self._pending and not self._yield_lane and self.linger > 0:
+            if (not self._pending and not self._yield_lane and not self._flushing
+                    and self.linger > 0):
                 self._wake.wait_for(lambda: self._pending or self._yield_lane, self.linger)
+            target = self.group_target
+            if (self._gathering and self.gather > 0 and self._pending
+                    and len(self._pending) < target
+                    and not self._yield_lane and not self._flushing):
+                self._wake.wait_for(
+                    lambda: len(self._pending) >= target or self._yield_lane, self.gather
+                )
             if self._yield_lane:
                 return None
             batch = self._take_batch()
@@ -449,6 +477,7 @@ class Spool:
         self.commits += 1
         self._recent_commits.append((result.now, len(batch)))
         self._recent_messages += len(batch)
+        self._gathering = self._under_load()
         self.metrics.accepted.inc(len(batch))
         # The callers first (their 250s go out now), then the delivery work.
         for p in batch:
