@@ -29,14 +29,15 @@ def _count(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(queue_messages)).scalar_one())
 
 
-class LingeringStreamTests(TestCase):
+class StreamTestCase(TestCase):
     timeout = 30
+    spool_options: dict[str, float | int] = {"linger": FOREVER}
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.db: Database = await open_database(self, "sqlite")
         self.spool = Spool(
             self.db, get_reactor(), QueueSettings(node_id="test"),
-            QueueMetrics(CollectorRegistry()), linger=FOREVER,
+            QueueMetrics(CollectorRegistry()), **self.spool_options,  # type: ignore[arg-type]
         )
         self.addCleanup(self.spool.drain)
 
@@ -45,6 +46,9 @@ class LingeringStreamTests(TestCase):
         return defer.Deferred.fromCoroutine(
             self.spool.accept(qid, env, b"Subject: x\r\n\r\nhi\r\n")
         )
+
+
+class LingeringStreamTests(StreamTestCase):
 
     async def test_a_lingering_stream_commits_the_next_accept_itself(self) -> None:
         await self.accept("Q1")
@@ -74,25 +78,11 @@ class LingeringStreamTests(TestCase):
         self.assertFalse(self.spool._busy)
 
 
-class GatheringStreamTests(TestCase):
+class GatheringStreamTests(StreamTestCase):
     """With a gather time far longer than the test, a group that waited for companions it
     was not meant to wait for would hang the test instead of passing."""
 
-    timeout = 30
-
-    async def setUp(self) -> None:  # type: ignore[override]
-        self.db: Database = await open_database(self, "sqlite")
-        self.spool = Spool(
-            self.db, get_reactor(), QueueSettings(node_id="test"),
-            QueueMetrics(CollectorRegistry()), linger=FOREVER, gather=FOREVER, group_target=3,
-        )
-        self.addCleanup(self.spool.drain)
-
-    def accept(self, qid: str) -> defer.Deferred[None]:
-        env = Envelope("a@x.test", (Recipient("b@customer.test", None),))
-        return defer.Deferred.fromCoroutine(
-            self.spool.accept(qid, env, b"Subject: x\r\n\r\nhi\r\n")
-        )
+    spool_options = {"linger": FOREVER, "gather": FOREVER, "group_target": 3}
 
     async def test_under_load_a_group_waits_until_it_is_full(self) -> None:
         self.spool._gathering = True  # as after a commit under load
