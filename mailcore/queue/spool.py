@@ -12,8 +12,8 @@ waits up to GROUP_GATHER for a group of GROUP_TARGET messages before it commits,
 PostgreSQL's commit_delay: a transaction has a fixed cost (its statements, the hand-overs
 of the GIL between the reactor and the pool thread, the fsync), and a fuller group spreads
 it over more messages; when mail trickles in, nothing waits. A group is capped in messages
-and bytes. Each caller's await completes
-after its group commits, or raises SpoolError, and the server answers 451.
+and bytes. Each caller's await completes after its group commits, or raises SpoolError,
+and the server answers 451.
 
 The spool is the queue's one write lane: new messages, delivery results and the sweeper's
 chores (`run_serialized`) take turns, one transaction at a time, so two writers of ours never
