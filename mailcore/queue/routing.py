@@ -92,14 +92,16 @@ class Router:
         """The domain's own TLS policy, or the `[queue] tls` default."""
         return effective_tls(domain_tls, self.settings.tls)
 
+    def _fresh(self, domain_id: int, now: float) -> tuple[float, Hop | None] | None:
+        """The cached route of a served domain, unless it is missing or has expired."""
+        entry = self._cache.get(domain_id)
+        return entry if entry is not None and entry[0] >= now else None
+
     async def prefetch(self, domain_ids: Iterable[int | None]) -> None:
         """Load the routes of served domains not in the cache (one query for all)."""
         now = self.clock.seconds()
         missing = sorted(
-            {
-                d for d in domain_ids
-                if d is not None and (d not in self._cache or self._cache[d][0] < now)
-            }
+            {d for d in domain_ids if d is not None and self._fresh(d, now) is None}
         )
         if not missing:
             return
@@ -117,8 +119,8 @@ class Router:
     async def route(self, domain_id: int | None, address: str) -> Hop:
         """The next hop for one recipient, or RoutingError."""
         if domain_id is not None:
-            cached = self._cache.get(domain_id)
-            if cached is None or cached[0] < self.clock.seconds():
+            cached = self._fresh(domain_id, self.clock.seconds())
+            if cached is None:
                 await self.prefetch([domain_id])
                 cached = self._cache[domain_id]
             hop = cached[1]
