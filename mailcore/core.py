@@ -17,21 +17,21 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 
+from mailcore.billing.invoices import BillingSettings, InvoiceService
+from mailcore.billing.plans import Plans
+from mailcore.billing.tokens import TokenService, TokenSettings
 from mailcore.config import Config, ConfigError
-from mailcore.domains import DEFAULT_REFRESH_INTERVAL, DomainService
 from mailcore.fetch import FetchServices, build_fetch
+from mailcore.gateway.domains import DEFAULT_REFRESH_INTERVAL, DomainService
+from mailcore.gateway.redirects import RedirectPolicy
 from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
-from mailcore.invoices import BillingSettings, InvoiceService
 from mailcore.messages import MessageStore
-from mailcore.plans import Plans
 from mailcore.queue import Queue, build_queue
 from mailcore.queue.spool import Spool
-from mailcore.redirects import RedirectPolicy
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.tls import server_context
-from mailcore.tokens import TokenService, TokenSettings
 from mailcore.webhooks import Webhooks, build_webhooks
 from mailcore.workers import CpuPool
 
@@ -100,15 +100,15 @@ class Core:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],
         [pipeline]) that the queue runner runs before delivery."""
         from filters import build_chain
-        from mailcore.filtering import (
+        from mailcore.billing.tokens import ChargeBatcher
+        from mailcore.gateway.filtering import (
             ChainService,
             FilteringStage,
             PolicySettings,
             quarantine_store,
         )
-        from mailcore.pipeline import Pipeline
-        from mailcore.quarantine import QuarantineService, QuarantineSettings
-        from mailcore.tokens import ChargeBatcher
+        from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
+        from mailcore.queue.pipeline import Pipeline
 
         self.quarantine = QuarantineService(
             self.db, self.clock, QuarantineSettings.from_config(self.config.section("quarantine")),

@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.domains import DomainService
+from mailcore.gateway.domains import DomainService
 from mailcore.queue.routing import Hop, Router
 from mailcore.queue.settings import QueueSettings
 from tests.support.db import open_database_at

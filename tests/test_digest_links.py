@@ -10,7 +10,7 @@ import stat
 
 from twisted.trial.unittest import TestCase
 
-from mailcore.quarantine import LinkSigner, render
+from mailcore.gateway.quarantine import LinkSigner, render
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 
 LINK = re.compile(r"https://([^/\s]+)/quarantine/release/(\S+)")

@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.domains import (
+from mailcore.gateway.domains import (
     DomainError,
     DomainService,
     format_redirect,

@@ -14,9 +14,7 @@ from sqlalchemy import Connection, select
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from mailcore.config import ConfigError
-from mailcore.identity import Identity, User
-from mailcore.invoices import (
+from mailcore.billing.invoices import (
     BillingSettings,
     Invoice,
     InvoiceError,
@@ -26,10 +24,12 @@ from mailcore.invoices import (
     parse_price,
     render_invoice_pdf,
 )
-from mailcore.plans import Plans
+from mailcore.billing.plans import Plans
+from mailcore.billing.tokens import Tanks, TokenService
+from mailcore.config import ConfigError
+from mailcore.identity import Identity, User
 from mailcore.store import Database
 from mailcore.store.schema import billing_counters
-from mailcore.tokens import Tanks, TokenService
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.servers import CommandResult, require_binary, run_command, tempdir_for

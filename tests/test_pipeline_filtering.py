@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from filters import FilterUnavailable, ScanContext, Verdict
 from mailcore.config import Config
-from mailcore.pipeline import Action, PipelineMessage, apply_tags
+from mailcore.queue.pipeline import Action, PipelineMessage, apply_tags
 from tests.support.quarantine import GTUBE, Gateway, eicar_attachment, message, stopper
 
 
@@ -147,7 +147,7 @@ class TagHelperTests(TestCase):
 
     def test_pipeline_config_rejects_unknown_keys(self) -> None:
         from mailcore.config import ConfigError
-        from mailcore.filtering import PolicySettings
+        from mailcore.gateway.filtering import PolicySettings
 
         self.assertEqual(PolicySettings.from_config({"subject_tag": "***"}).subject_tag, "***")
         self.assertRaises(ConfigError, PolicySettings.from_config, {"nope": 1})
@@ -165,8 +165,8 @@ class FilteringSwitchTests(TestCase):
     """The stage runs unless `[pipeline] filtering = false` (on by default)."""
 
     def test_default_core_filters(self) -> None:
-        from mailcore.filtering import FilteringStage
-        from mailcore.pipeline import DEFAULT_MAX_SCANS
+        from mailcore.gateway.filtering import FilteringStage
+        from mailcore.queue.pipeline import DEFAULT_MAX_SCANS
         from tests.support.web import make_core
 
         core, _clock = make_core()

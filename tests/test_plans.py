@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
+from mailcore.billing.plans import AGENCY_OPTIONS, DEFAULT_MONTHLY_TOKENS, PlanError, Plans
 from mailcore.config import ConfigError
-from mailcore.plans import AGENCY_OPTIONS, DEFAULT_MONTHLY_TOKENS, PlanError, Plans
 
 
 class PlanRulesTests(TestCase):

@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import select
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.envelope import Envelope, Recipient
 from mailcore.queue.model import NewMessage, Result, thd_apply_results, thd_insert_messages
+from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store.schema import queue_recipients
 from tests.support.db import open_database_at
 from tests.support.mailsink import thd_add_domain

@@ -9,7 +9,6 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.envelope import Envelope, Recipient
 from mailcore.queue.model import (
     NewMessage,
     thd_claim_due,
@@ -17,6 +16,7 @@ from mailcore.queue.model import (
     thd_release_leases,
     thd_renew_leases,
 )
+from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_recipients
 from tests.support.db import open_database, open_database_at

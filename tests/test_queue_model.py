@@ -7,7 +7,6 @@ from __future__ import annotations
 from sqlalchemy import select
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.envelope import Envelope, Recipient
 from mailcore.queue.model import (
     BOUNCED,
     DEFERRED,
@@ -18,6 +17,7 @@ from mailcore.queue.model import (
     thd_apply_results,
     thd_insert_messages,
 )
+from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.db import MixinBase, open_database

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.model import thd_show
+from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
 from mailcore.queue.settings import QueueSettings

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 
-from mailcore.pipeline import Action, Decision, Pipeline, PipelineMessage
+from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.routing import Hop
 from mailcore.store.schema import queue_recipients
 from tests.support.mailsink import done

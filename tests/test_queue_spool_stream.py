@@ -9,11 +9,11 @@ from sqlalchemy import Connection, func, select
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.envelope import Envelope, Recipient
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import DELIVERED, Result
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
+from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages
 from tests.support.db import open_database

@@ -16,9 +16,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.domains import DomainService
-from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.gateway.domains import DomainService
 from mailcore.smtp.dotstuff import CRLFBody
+from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.server import (
     SMTPServerFactory,
     received_header,

@@ -21,13 +21,13 @@ from twisted.internet import threads
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
-from mailcore.domains import DomainService
+from mailcore.gateway.domains import DomainService
 from mailcore.identity import Identity
-from mailcore.queue.envelope import Envelope
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import thd_load_bodies
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
+from mailcore.smtp.envelope import Envelope
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.tls import server_context

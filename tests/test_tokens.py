@@ -12,12 +12,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.config import ConfigError
-from mailcore.identity import Identity, User
-from mailcore.plans import Plans
-from mailcore.store import Database
-from mailcore.store.schema import token_charges, token_tanks, token_usage
-from mailcore.tokens import (
+from mailcore.billing.plans import Plans
+from mailcore.billing.tokens import (
     EMPTY,
     OK,
     ConsumeResult,
@@ -28,6 +24,10 @@ from mailcore.tokens import (
     month_index,
     rolled_over,
 )
+from mailcore.config import ConfigError
+from mailcore.identity import Identity, User
+from mailcore.store import Database
+from mailcore.store.schema import token_charges, token_tanks, token_usage
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 

@@ -12,11 +12,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.identity import User
-from mailcore.plans import Plans
-from mailcore.store import Database
-from mailcore.store.schema import token_charges
-from mailcore.tokens import (
+from mailcore.billing.plans import Plans
+from mailcore.billing.tokens import (
     EMPTY,
     OK,
     Charge,
@@ -27,6 +24,9 @@ from mailcore.tokens import (
     TokenService,
     TokenSettings,
 )
+from mailcore.identity import User
+from mailcore.store import Database
+from mailcore.store.schema import token_charges
 from tests.support.db import DatabaseMixin
 from tests.test_tokens import PLANS, clock_at, new_user
 
@@ -278,7 +278,7 @@ class StageChargeTests(TestCase):
         from types import SimpleNamespace
 
         from filters import build_chain
-        from mailcore.filtering import FilteringStage
+        from mailcore.gateway.filtering import FilteringStage
         from mailcore.workers import CpuPool
 
         self.db = Database.for_tests()
@@ -297,7 +297,7 @@ class StageChargeTests(TestCase):
         self.stage = FilteringStage(chain, Lookup(a, b), self.batcher)
 
     def process(self, queue_id: str, *rcpts: str) -> defer.Deferred[Any]:
-        from mailcore.pipeline import PipelineMessage, PipelineRecipient
+        from mailcore.queue.pipeline import PipelineMessage, PipelineRecipient
 
         recipients = tuple(
             PipelineRecipient(r, 1 if r.endswith("@a.test") else 2) for r in rcpts

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from mailcore.quarantine import ALREADY, RELEASED
+from mailcore.gateway.quarantine import ALREADY, RELEASED
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 
 

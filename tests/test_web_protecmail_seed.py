@@ -21,7 +21,7 @@ from sqlalchemy import update
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.quarantine import ToKeep
+from mailcore.gateway.quarantine import ToKeep
 from mailcore.store.schema import quarantine
 from tests.support.web import Web, header
 from tests.test_invoices import PROFILE, pdf_text

@@ -23,9 +23,9 @@ from mailcore.webhooks import (
     AddressPolicy,
     AddressRefused,
     WebhookSettings,
-    _GuardedEndpoint,
     verify_signature,
 )
+from mailcore.webhooks.client import _GuardedEndpoint
 from tests.support.imap2api import Receiver, live_api
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, run_command, sleep, tempdir_for

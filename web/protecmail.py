@@ -25,7 +25,7 @@ Decisions (the seed leaves them open):
   stored value unchanged is allowed, so that an account moved to a smaller plan can still
   edit its other settings with the object it read.
 - A redirectTo inside a network of `[protecmail] forbidden_redirects` is 400
-  (`mailcore.redirects` says what is forbidden by default).
+  (`mailcore.gateway.redirects` says what is forbidden by default).
 - A user sees only its own domains: another user's domain is 404 (as an unknown one),
   except on POST, where any served name is 409.
 - Adding an address already listed is 200 with a msg saying so; removing one that is not
@@ -49,17 +49,17 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from mailcore.domains import (
+from mailcore.billing.invoices import InvoiceService, money_number
+from mailcore.billing.plans import PlanError, Plans
+from mailcore.billing.tokens import TokenService
+from mailcore.gateway.domains import (
     Domain,
     DomainError,
     DomainService,
     normalise_domain,
     parse_redirect,
 )
-from mailcore.identity import PROFILE_FIELDS, Identity, IdentityError, Principal
-from mailcore.invoices import InvoiceService, money_number
-from mailcore.plans import PlanError, Plans
-from mailcore.quarantine import (
+from mailcore.gateway.quarantine import (
     ALREADY,
     MAX_PAGE,
     MISSING,
@@ -67,8 +67,8 @@ from mailcore.quarantine import (
     QuarantineService,
     rfc3339,
 )
-from mailcore.redirects import RedirectForbidden, RedirectPolicy
-from mailcore.tokens import TokenService
+from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
+from mailcore.identity import PROFILE_FIELDS, Identity, IdentityError, Principal
 from web.api import ApiApp
 from web.auth import PROTECMAIL, CredentialResolver
 from web.context import context_of

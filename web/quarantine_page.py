@@ -2,7 +2,7 @@
 
 `GET /quarantine/release/{token}` shows the message's date, sender and subject and a button;
 only `POST` to the same path releases it, so mail scanners that fetch links in advance
-release nothing. The token (signed, expiring; see mailcore.quarantine) is the credential.
+release nothing. The token (signed, expiring; see mailcore.gateway.quarantine) is the credential.
 A message is released once: a second POST says it was released already. Tampered or
 expired links get a 404 page that says the link is not valid.
 """
@@ -14,7 +14,13 @@ from html import escape
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from mailcore.quarantine import ALREADY, MISSING, QuarantineError, QuarantineService, rfc3339
+from mailcore.gateway.quarantine import (
+    ALREADY,
+    MISSING,
+    QuarantineError,
+    QuarantineService,
+    rfc3339,
+)
 from web.api import ApiApp
 from web.errors import PlainErrors
 from web.openapi import Reply, RouteTable

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mailcore.billing.invoices import Invoice, InvoiceError, InvoiceService
+from mailcore.billing.tokens import Tanks, TokenService
 from mailcore.cli import CommandError, print_table
 from mailcore.cli.users import require_user
-from mailcore.invoices import Invoice, InvoiceError, InvoiceService
-from mailcore.tokens import Tanks, TokenService
 
 
 def register(subparsers: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from mailcore.cli import CommandError, print_table
 from mailcore.cli.users import require_user
-from mailcore.domains import Domain, DomainError
+from mailcore.gateway.domains import Domain, DomainError
 from mailcore.queue.settings import TLS_POLICIES, effective_tls
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]

@@ -3,6 +3,9 @@
 `build_fetch` makes the services the daemon needs; `Accounts` is the account CRUD,
 `SyncEngine.sync(account_id)` syncs one account now, `FetchScheduler` syncs them all
 periodically.
+
+Migrating one account into another and restoring a backup into an account (APPEND back)
+belong here too, beside the engine that backs accounts up.
 """
 
 from __future__ import annotations

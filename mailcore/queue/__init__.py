@@ -1,4 +1,4 @@
-"""The mail queue: durable spool, leased per-recipient state, delivery runner, bounces.
+"""The mail queue: durable spool, leased per-recipient state, the pipeline, delivery, bounces.
 
 `build_queue` wires the pieces for the Core: the Spool the SMTP server commits into, the
 QueueRunner that delivers, and the QueueService that sweeps, renews leases and stops them in
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.config import Config
-from mailcore.pipeline import Pipeline
 from mailcore.queue.metrics import QueueMetrics
+from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.routing import MXResolver, Router
 from mailcore.queue.runner import Connector, QueueRunner
 from mailcore.queue.service import QueueService

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
 
-from mailcore.queue.envelope import Envelope
+from mailcore.smtp.envelope import Envelope
 from mailcore.store.schema import domains, queue_messages, queue_recipients
 
 QUEUED = "queued"

@@ -31,14 +31,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from mailcore.pipeline import (
-    Action,
-    Decision,
-    Pipeline,
-    PipelineMessage,
-    PipelineRecipient,
-    apply_tags,
-)
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
     BOUNCED,
@@ -49,6 +41,14 @@ from mailcore.queue.model import (
     Rcpt,
     Result,
     thd_load_bodies,
+)
+from mailcore.queue.pipeline import (
+    Action,
+    Decision,
+    Pipeline,
+    PipelineMessage,
+    PipelineRecipient,
+    apply_tags,
 )
 from mailcore.queue.retry import expired, next_attempt
 from mailcore.queue.routing import Hop, Router, RoutingError

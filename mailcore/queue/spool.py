@@ -44,8 +44,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailcore.queue.envelope import Envelope, Recipient
-from mailcore.queue.ids import new_queue_id
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
     Job,
@@ -59,6 +57,8 @@ from mailcore.queue.model import (
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.dsn import Failure as DsnFailure
 from mailcore.smtp.dsn import build_dsn, should_bounce
+from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 
 log = Logger()

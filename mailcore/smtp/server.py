@@ -45,8 +45,6 @@ from twisted.python.failure import Failure
 
 from mailcore.config import Config, ConfigError
 from mailcore.netwrite import write_now
-from mailcore.queue.envelope import Envelope, Recipient
-from mailcore.queue.ids import new_queue_id
 from mailcore.smtp.address import (
     Mailbox,
     PathError,
@@ -55,6 +53,8 @@ from mailcore.smtp.address import (
     relay_refusal,
 )
 from mailcore.smtp.dotstuff import CRLFBody
+from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.queueid import new_queue_id
 
 log = Logger()
 

@@ -307,7 +307,7 @@ def make_queue(
 
 
 def envelope(sender: str, *rcpts: tuple[str, int | None], kind: str = "relay") -> Any:
-    from mailcore.queue.envelope import Envelope, Recipient
+    from mailcore.smtp.envelope import Envelope, Recipient
 
     return Envelope(sender, tuple(Recipient(a, d) for a, d in rcpts), kind=kind)  # type: ignore[arg-type]
 

@@ -10,9 +10,9 @@ from sqlalchemy import select
 from twisted.internet import defer
 
 from mailcore.config import Config
-from mailcore.domains import Domain
+from mailcore.gateway.domains import Domain
 from mailcore.identity import User
-from mailcore.queue.envelope import Envelope, Recipient
+from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store.schema import queue_recipients
 from tests.support.mailsink import ScriptedConnector
 from tests.support.web import Web

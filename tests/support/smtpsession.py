@@ -13,9 +13,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mailcore.domains import DomainService
+from mailcore.gateway.domains import DomainService
 from mailcore.identity import Identity
-from mailcore.queue.envelope import Envelope
+from mailcore.smtp.envelope import Envelope
 from mailcore.smtp.server import ESMTPServerProtocol, SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.workers import CpuPool

@@ -63,11 +63,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError
-from mailcore.plans import Plans
-from mailcore.queue.envelope import Envelope, Recipient
-from mailcore.queue.ids import new_queue_id
 from mailcore.queue.model import header_block
+from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.schema import domains, quarantine, users
 

@@ -4,10 +4,10 @@ Filtering a message costs one token per recipient, taken from the monthly tank f
 from the permanent one, all or nothing, in one transaction that holds the user's tank row
 (`SELECT … FOR UPDATE` on PostgreSQL, SQLite's write lock): two nodes charging at once can
 never take the same token twice or drive a tank below zero (the table also has CHECK
-constraints). Purchases (`mailcore.invoices`) credit the permanent tank.
+constraints). Purchases (`mailcore.billing.invoices`) credit the permanent tank.
 
 Month start (UTC, from the injected clock): the unused monthly tokens move to the permanent
-tank and the monthly tank refills with the plan's allowance (`mailcore.plans`). A tank row
+tank and the monthly tank refills with the plan's allowance (`mailcore.billing.plans`). A tank row
 remembers the month it belongs to, so a rollover is applied once and only once whoever gets
 there first: the first charge, purchase or listing in the new month (lazily), or the
 periodic sweep of `TokenService` (every `[tokens] rollover_interval` seconds) on any node.
@@ -54,9 +54,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError
 from mailcore.periodic import PeriodicService
-from mailcore.plans import Plans
 from mailcore.store import Database
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
 

@@ -29,10 +29,10 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 from twisted.internet.interfaces import IReactorTime
 
+from mailcore.billing.tokens import TokenError, TokenService
 from mailcore.config import ConfigError
 from mailcore.store import Database
 from mailcore.store.schema import billing_counters, invoice_lines, invoices, users
-from mailcore.tokens import TokenError, TokenService
 from mailcore.workers import CpuPool
 
 INVOICE_COUNTER = "invoice_ref"

@@ -1,0 +1,108 @@
+"""Webhooks: a user's URLs told about syncs, new e-mails and updated threads, signed and retried.
+
+One module per job: `model` (what a webhook and a delivery are), `settings` (the
+`[webhooks]` table and where deliveries may go), `signing`, `payload` (event data shapes),
+`store` (the SQL), `service` (the user-facing operations), `client` (the guarded HTTP
+client) and `sender` (the background sender).
+
+Events (seed 001 lists them: "email sync completion, new email arrival, thread updates"):
+
+- `sync.completed`: every finished sync of an account, success or error. `data`:
+  `imap_server`, `status`, `error`, `new_messages`, `started_at`, `finished_at`.
+- `email.new`: a sync stored new e-mails. `data`: `imap_server` and `emails`, up to 100
+  e-mails as the emails list shows them (a bigger sync sends several deliveries).
+- `thread.updated`: a sync added e-mails to threads. `data`: `imap_server` and `threads`,
+  up to 100 of `{thread_id, thread_count, latest_email}`.
+
+Every delivery is an HTTP POST of a JSON body `{"id", "event", "created_at", "data"}` with:
+
+    Content-Type: application/json
+    X-Mailcore-Event: email.new
+    X-Mailcore-Delivery: <id, the same on every retry of this delivery>
+    X-Mailcore-Timestamp: <Unix time of this attempt, seconds>
+    X-Mailcore-Signature: sha256=<hex HMAC-SHA256 with the webhook's secret over
+                          "<timestamp>.<raw body>">
+
+A receiver recomputes the HMAC over the timestamp header, a dot and the raw body bytes,
+compares it in constant time, and refuses a timestamp more than a few minutes old (the
+signature covers the timestamp, so an old delivery cannot be replayed with a new one);
+`verify_signature` does exactly that. Retries carry the same `X-Mailcore-Delivery` id, so a
+receiver can drop duplicates.
+
+Deliveries are durable: the sync engine's listener only writes delivery rows (it never waits
+for a receiver), and the background `WebhookSender` posts them, at most `concurrency` at
+once (and `per_webhook` to any one webhook, so a dead receiver cannot hold up the others),
+each bounded by `timeout`. A non-2xx answer, a timeout or a connection failure is
+retried with exponential backoff (`backoff_base` * 2^(attempt-1), at most `backoff_max`)
+until `max_attempts`; 410 Gone stops at once and disables the webhook. Each row keeps its
+status (pending, success, failed, cancelled), attempts, last status code and last error:
+the delivery log.
+
+Where deliveries may go, retries and limits: the `[webhooks]` table, documented in
+`mailcore.webhooks.settings`.
+"""
+
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.fetch.secrets import SecretBox
+from mailcore.netpolicy import AddressRefused
+from mailcore.store import Database
+from mailcore.webhooks.model import (
+    EVENTS,
+    Delivery,
+    Webhook,
+    WebhookError,
+    WebhookNotFound,
+)
+from mailcore.webhooks.payload import email_json, iso, thread_ref
+from mailcore.webhooks.sender import WebhookSender
+from mailcore.webhooks.service import Webhooks
+from mailcore.webhooks.settings import AddressPolicy, WebhookSettings
+from mailcore.webhooks.signing import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+    verify_signature,
+)
+
+
+def build_webhooks(
+    section: Mapping[str, Any], db: Database, clock: IReactorTime, secrets_box: SecretBox,
+    *, http: Any = None,
+) -> Webhooks:
+    """The webhook service (with its sender at `.sender`) from the `[webhooks]` section."""
+    service = Webhooks(db, clock, secrets_box, WebhookSettings.from_section(section))
+    WebhookSender(service, clock, http)
+    return service
+
+
+__all__ = [
+    "DELIVERY_HEADER",
+    "EVENTS",
+    "EVENT_HEADER",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "AddressPolicy",
+    "AddressRefused",
+    "Delivery",
+    "Webhook",
+    "WebhookError",
+    "WebhookNotFound",
+    "WebhookSender",
+    "WebhookSettings",
+    "Webhooks",
+    "build_webhooks",
+    "email_json",
+    "iso",
+    "sign",
+    "thread_ref",
+    "verify_signature",
+]

@@ -1,0 +1,116 @@
+"""The guarded HTTP client deliveries go out on: every address a host resolves to is checked
+against the operator's network policy when the connection is made; no cookies, bounded reads."""
+
+from __future__ import annotations
+
+from http.cookiejar import Cookie
+from typing import Any
+
+from treq.cookies import IndexableCookieJar
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import (
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
+from twisted.web.client import URI
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from mailcore.netpolicy import GuardedEndpoint
+from mailcore.webhooks.settings import AddressPolicy
+
+USER_AGENT = "Mailcore-Webhooks/1"
+# How much of a receiver's answer the delivery log keeps.
+SNIPPET_BYTES = 512
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body written at once (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Snippet(Protocol):
+    """Keeps the first bytes of a receiver's answer and drops the connection after them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.data) < self.limit:
+            self.data += data[: self.limit - len(self.data)]
+            if len(self.data) >= self.limit and self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if not self.done.called:
+            self.done.callback(self.data)
+
+
+class _NoCookies(IndexableCookieJar):
+    """Receivers' cookies are never kept (nor sent to another receiver)."""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+def _GuardedEndpoint(reactor: Any, policy: AddressPolicy, uri: URI,
+                     timeout: float) -> IStreamClientEndpoint:
+    """The endpoint of one delivery: only to addresses the policy allows (checked after
+    resolution, so DNS cannot point an accepted name at a forbidden address), TLS for https."""
+    host = uri.host.decode("ascii").strip("[]")
+    endpoint: IStreamClientEndpoint = GuardedEndpoint(
+        reactor, policy, host, uri.port, timeout,
+        refusal="is where this server does not send webhooks",
+    )
+    if uri.scheme == b"https":
+        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+    return endpoint
+
+
+class _GuardedEndpointFactory:
+    def __init__(self, reactor: Any, policy: AddressPolicy, timeout: float) -> None:
+        self.reactor = reactor
+        self.policy = policy
+        self.timeout = timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _GuardedEndpoint(self.reactor, self.policy, uri, self.timeout)
+
+
+def guarded_http_client(reactor: Any, policy: AddressPolicy, timeout: float) -> Any:
+    """A treq HTTPClient whose connections go only where `policy` allows; no connection
+    pooling, no cookies, request bodies written without the global cooperator."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent.usingEndpointFactory(
+        reactor, _GuardedEndpointFactory(reactor, policy, timeout), pool=pool
+    )
+    return HTTPClient(agent, cookiejar=_NoCookies(), data_to_body_producer=_BytesProducer)

@@ -1,0 +1,49 @@
+"""The JSON shapes of event data (shared with the IMAP2API's e-mail list)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+from mailcore.messages.models import MessageSummary
+from mailcore.messages.sql import utc
+
+
+def iso(moment: datetime.datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z, as Django REST framework writes times."""
+    if moment is None:
+        return None
+    value = utc(moment)
+    assert value is not None
+    return value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def thread_ref(thread_id: int | None) -> str | None:
+    """Seed 001's thread id: "thread-N"."""
+    return f"thread-{thread_id}" if thread_id is not None else None
+
+
+def email_json(m: MessageSummary) -> dict[str, Any]:
+    """An e-mail as seed 001's emails list shows it (plus the account and attachments)."""
+    return {
+        "id": m.id,
+        "message_id": m.message_id,
+        "subject": m.subject,
+        "sender": m.sender,
+        "recipient": m.recipient,
+        "date": iso(m.date),
+        "folder": m.folder,
+        "thread_id": thread_ref(m.thread_id),
+        "thread_count": m.thread_count,
+        "imap_server": m.account_id,
+        "has_attachments": m.has_attachments,
+    }
+
+
+def _event_payload(delivery_id: str, event: str, created: datetime.datetime,
+                   data: dict[str, Any]) -> str:
+    return json.dumps(
+        {"id": delivery_id, "event": event, "created_at": iso(created), "data": data},
+        ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+    )

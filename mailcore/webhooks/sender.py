@@ -1,0 +1,292 @@
+"""The background sender: claims due deliveries, posts them signed, records each attempt and
+retries with backoff."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.fetch.secrets import SecretError
+from mailcore.netpolicy import AddressRefused
+from mailcore.webhooks.client import SNIPPET_BYTES, USER_AGENT, _Snippet, guarded_http_client
+from mailcore.webhooks.model import WebhookError
+from mailcore.webhooks.service import Webhooks
+from mailcore.webhooks.signing import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+)
+from mailcore.webhooks.store import Due, thd_claim_due, thd_prune, thd_record_attempt
+
+log = Logger()
+class AttemptTimedOut(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    """What one attempt got: a status code and what to log, or an error."""
+
+    status_code: int | None = None
+    error: str | None = None
+    refused: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class WebhookSender(Service):
+    """Posts due deliveries in the background: a sweep every `poll_interval` (and at once
+    when events are queued), at most `concurrency` attempts at a time, each bounded."""
+
+    name = "webhooks"
+
+    def __init__(
+        self, webhooks_service: Webhooks, clock: IReactorTime, http: Any,
+    ) -> None:
+        self.webhooks = webhooks_service
+        self.db = webhooks_service.db
+        self.clock = clock
+        self.settings = webhooks_service.settings
+        self._http = http
+        self._loop: task.LoopingCall | None = None
+        self._soon: IDelayedCall | None = None
+        self._sweeping: Deferred[int] | None = None
+        self._again = False
+        # delivery id -> (webhook id, the attempt)
+        self._in_flight: dict[int, tuple[int, Deferred[None]]] = {}
+        self._last_prune = float("-inf")
+        webhooks_service.sender = self
+
+    @property
+    def http(self) -> Any:
+        """The HTTP client (the guarded treq client, built on first use, unless injected)."""
+        if self._http is None:
+            self._http = guarded_http_client(
+                self.clock, self.webhooks.policy, self.settings.timeout
+            )
+        return self._http
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.settings.poll_interval, now=True).addErrback(
+            lambda f: log.failure("webhook sender stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self.webhooks.settle()
+        pending = [d for _, d in self._in_flight.values()]
+        for d in pending:
+            d.cancel()
+        if pending:
+            await defer.DeferredList(pending, consumeErrors=True)
+        if self._sweeping is not None:
+            await defer.DeferredList([self._sweeping], consumeErrors=True)
+
+    def kick(self) -> None:
+        """New deliveries were queued: sweep soon rather than at the next tick."""
+        if not self.running:
+            return
+        if self._soon is None or not self._soon.active():
+            self._soon = self.clock.callLater(0, self._tick)
+
+    def _tick(self) -> Deferred[int]:
+        self._soon = None
+        if self._sweeping is not None:
+            self._again = True
+            return defer.succeed(0)
+        d = Deferred.fromCoroutine(self.sweep())
+        d.addErrback(self._sweep_failed)
+        return d
+
+    def _sweep_failed(self, failure: Failure) -> int:
+        log.failure("webhook sweep failed", failure)
+        return 0
+
+    async def sweep(self) -> int:
+        """Claim what is due (up to free room) and start those attempts; returns how many."""
+        if self._sweeping is not None:
+            self._again = True
+            return 0
+        started = 0
+        self._sweeping = Deferred()
+        try:
+            while True:
+                self._again = False
+                room = self.settings.concurrency - len(self._in_flight)
+                if room <= 0:
+                    break
+                now = self.clock.seconds()
+                lease = now + self.settings.timeout * 3 + 30
+                busy: dict[int, int] = {}
+                for webhook_id, _ in self._in_flight.values():
+                    busy[webhook_id] = busy.get(webhook_id, 0) + 1
+                due = await self.db.run("claim_webhook_deliveries", thd_claim_due, now, lease,
+                                        room, busy, self.settings.per_webhook)
+                for item in due:
+                    self._start(item)
+                started += len(due)
+                if len(due) < room and not self._again:
+                    break
+            await self._prune()
+        finally:
+            sweeping, self._sweeping = self._sweeping, None
+            sweeping.callback(started)
+        return started
+
+    async def _prune(self) -> None:
+        now = self.clock.seconds()
+        if now - self._last_prune < 3600:
+            return
+        self._last_prune = now
+        await self.db.run("prune_webhook_deliveries", thd_prune,
+                          now - self.settings.retention_days * 86400)
+
+    def _start(self, item: Due) -> None:
+        d = Deferred.fromCoroutine(self.attempt(item))
+        self._in_flight[item.id] = (item.webhook_id, d)
+
+        def finished(outcome: Any) -> None:
+            self._in_flight.pop(item.id, None)
+            if isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
+                log.failure("webhook delivery {id} failed", outcome, id=item.id)
+            if self.running:
+                self.kick()
+
+        d.addBoth(finished)
+
+    async def attempt(self, item: Due) -> None:
+        """One attempt at one delivery, and its record in the log."""
+        now = self.clock.seconds()
+        if not item.active:
+            await self.db.run(
+                "record_webhook_attempt", thd_record_attempt, item.id, now=now,
+                status="cancelled", attempts=item.attempts, next_attempt_at=now,
+                status_code=None, error="the webhook is disabled",
+            )
+            return
+        try:
+            outcome = await self.post(item)
+        except defer.CancelledError:
+            # Stopping: the delivery stays pending and is retried after its lease.
+            raise
+        done = self.clock.seconds()
+        attempts = item.attempts + 1
+        disable = None
+        if outcome.ok:
+            status, next_at = "success", done
+        elif outcome.status_code == 410:
+            status, next_at, disable = "failed", done, item.webhook_id
+            outcome.error = (outcome.error or "") + " (410 Gone: the webhook was disabled)"
+        elif outcome.refused or attempts >= self.settings.max_attempts:
+            status, next_at = "failed", done
+        else:
+            status, next_at = "pending", done + self.settings.backoff(attempts)
+        await self.db.run(
+            "record_webhook_attempt", thd_record_attempt, item.id, now=done, status=status,
+            attempts=attempts, next_attempt_at=next_at, status_code=outcome.status_code,
+            error=outcome.error, disable_webhook=disable,
+        )
+
+    async def post(self, item: Due) -> Outcome:
+        """Sign and POST one delivery; never raises for what the receiver does."""
+        try:
+            url = self.webhooks.policy.check_url(item.url)
+        except WebhookError as e:
+            return Outcome(error=e.message, refused=True)
+        try:
+            secret = self.webhooks.secrets.decrypt(item.secret_enc)
+        except SecretError as e:
+            return Outcome(error=str(e), refused=True)
+        body = item.payload.encode("utf-8")
+        timestamp = int(self.clock.seconds())
+        headers = {
+            b"Content-Type": [b"application/json"],
+            b"User-Agent": [USER_AGENT.encode("ascii")],
+            EVENT_HEADER.encode("ascii"): [item.event.encode("ascii")],
+            DELIVERY_HEADER.encode("ascii"): [item.delivery_id.encode("ascii")],
+            TIMESTAMP_HEADER.encode("ascii"): [str(timestamp).encode("ascii")],
+            SIGNATURE_HEADER.encode("ascii"): [sign(secret, timestamp, body).encode("ascii")],
+        }
+        try:
+            response = await self._bounded(self.http.request(
+                "POST", url, headers=headers, data=body, allow_redirects=False,
+                unbuffered=True,
+            ))
+            snippet = _Snippet(SNIPPET_BYTES)
+            response.deliverBody(snippet)
+            text = (await self._bounded(snippet.done)).decode("utf-8", "replace").strip()
+        except AttemptTimedOut:
+            return Outcome(error=f"no answer within {self.settings.timeout:g} s")
+        except AddressRefused as e:
+            return Outcome(error=str(e), refused=True)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            return Outcome(error=_describe(e))
+        code = int(response.code)
+        if 200 <= code < 300:
+            return Outcome(status_code=code)
+        return Outcome(status_code=code, error=f"HTTP {code}" + (f": {text}" if text else ""))
+
+    async def _bounded(self, d: Deferred[Any]) -> Any:
+        """`d`'s result, or AttemptTimedOut (and `d` cancelled) after the timeout."""
+        result: Deferred[Any] = Deferred(lambda _: d.cancel())
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+            if not result.called:
+                result.errback(AttemptTimedOut())
+
+        timer = self.clock.callLater(self.settings.timeout, expire)
+
+        def forward(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if result.called:
+                return
+            if isinstance(outcome, Failure):
+                result.errback(AttemptTimedOut() if timed_out else outcome)
+            else:
+                result.callback(outcome)
+
+        d.addBoth(forward)
+        return await result
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line reason for a failed attempt."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        inner = reasons[0].value
+        if isinstance(inner, AddressRefused):
+            return str(inner)
+        return f"{type(inner).__name__}: {inner}".strip()
+    return f"{type(error).__name__}: {error}".strip()

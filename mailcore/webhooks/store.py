@@ -1,0 +1,173 @@
+"""Webhook and delivery rows: the SQL, run in the store's transactions (`thd_` functions block)."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from mailcore.messages.sql import utc
+from mailcore.messages.store import thd_get_messages
+from mailcore.store.schema import messages, webhook_deliveries, webhooks
+from mailcore.webhooks.model import Webhook, WebhookNotFound, _webhook
+from mailcore.webhooks.payload import _event_payload, email_json, thread_ref
+
+
+def thd_get_webhook(conn: Connection, user_id: int, webhook_id: int) -> Webhook:
+    row = conn.execute(
+        select(webhooks).where(webhooks.c.id == webhook_id, webhooks.c.user_id == user_id)
+    ).first()
+    if row is None:
+        raise WebhookNotFound("Not found.", "id")
+    return _webhook(row)
+
+
+@dataclass(frozen=True)
+class Due:
+    """A delivery claimed for one attempt, with what the attempt needs."""
+
+    id: int
+    webhook_id: int
+    user_id: int
+    delivery_id: str
+    event: str
+    payload: str
+    attempts: int
+    url: str
+    secret_enc: bytes
+    active: bool
+
+
+def thd_claim_due(
+    conn: Connection, now: float, lease_until: float, limit: int,
+    busy: Mapping[int, int] | None = None, per_webhook: int = 2,
+) -> list[Due]:
+    """Up to `limit` pending deliveries due at `now`, oldest first, at most `per_webhook`
+    per webhook counting the `busy` ones (webhook id -> attempts in flight), so that one
+    dead receiver cannot take every slot. Leased until `lease_until`: a crash mid-attempt
+    retries after the lease."""
+    busy = dict(busy or {})
+    full = [w for w, n in busy.items() if n >= per_webhook]
+    q = (
+        select(webhook_deliveries, webhooks.c.url, webhooks.c.secret_enc, webhooks.c.active)
+        .select_from(webhook_deliveries.join(
+            webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id
+        ))
+        .where(webhook_deliveries.c.status == "pending")
+        .where(webhook_deliveries.c.next_attempt_at <= now)
+        .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.id)
+        .limit(limit * 8)
+    )
+    if full:
+        q = q.where(webhook_deliveries.c.webhook_id.not_in(full))
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update(of=webhook_deliveries, skip_locked=True)
+    rows: list[Any] = []
+    for r in conn.execute(q):
+        if len(rows) >= limit:
+            break
+        if busy.get(r.webhook_id, 0) >= per_webhook:
+            continue
+        busy[r.webhook_id] = busy.get(r.webhook_id, 0) + 1
+        rows.append(r)
+    if rows:
+        conn.execute(
+            update(webhook_deliveries)
+            .where(webhook_deliveries.c.id.in_([r.id for r in rows]))
+            .values(next_attempt_at=lease_until)
+        )
+    return [
+        Due(id=r.id, webhook_id=r.webhook_id, user_id=r.user_id, delivery_id=r.delivery_uuid,
+            event=r.event, payload=r.payload, attempts=r.attempts, url=r.url,
+            secret_enc=bytes(r.secret_enc), active=bool(r.active))
+        for r in rows
+    ]
+
+
+def thd_record_attempt(
+    conn: Connection, delivery_id: int, *, now: float, status: str, attempts: int,
+    next_attempt_at: float, status_code: int | None, error: str | None,
+    disable_webhook: int | None = None,
+) -> None:
+    conn.execute(
+        update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(
+            status=status, attempts=attempts, next_attempt_at=next_attempt_at,
+            last_attempt_at=now, last_status_code=status_code, last_error=error,
+            completed_at=None if status == "pending" else now,
+        )
+    )
+    if disable_webhook is not None:
+        conn.execute(update(webhooks).where(webhooks.c.id == disable_webhook).values(
+            active=False))
+
+
+def thd_prune(conn: Connection, before: float) -> int:
+    """Drop finished deliveries that completed before `before`."""
+    result = conn.execute(
+        delete(webhook_deliveries)
+        .where(webhook_deliveries.c.status != "pending")
+        .where(webhook_deliveries.c.completed_at < before)
+    )
+    return int(result.rowcount or 0)
+
+
+def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int]) -> list[
+        dict[str, Any]]:
+    """thread.updated entries: each thread's size and its newest e-mail."""
+    rows = conn.execute(
+        select(messages.c.id, messages.c.thread_id, messages.c.date)
+        .where(messages.c.user_id == user_id)
+        .where(messages.c.thread_id.in_(list(thread_ids)))
+    ).all()
+    newest: dict[int, tuple[Any, int]] = {}
+    for r in rows:
+        key = (utc(r.date) or datetime.datetime.min.replace(tzinfo=datetime.UTC), r.id)
+        if r.thread_id not in newest or key > newest[r.thread_id]:
+            newest[r.thread_id] = key
+    latest = {d.summary.id: d.summary for d in thd_get_messages(
+        conn, user_id, [k[1] for k in newest.values()]
+    )}
+    out = []
+    for tid in thread_ids:
+        if tid in newest and newest[tid][1] in latest:
+            summary = latest[newest[tid][1]]
+            out.append({"thread_id": thread_ref(tid),
+                        "thread_count": summary.thread_count,
+                        "latest_email": email_json(summary)})
+    return out
+
+
+@dataclass
+class _Subscriber:
+    id: int
+    events: tuple[str, ...]
+
+
+# Reads, in a transaction, the event data of one batch of ids (None: nothing to tell).
+_Build = Callable[[Connection, list[int]], dict[str, Any] | None]
+
+
+def thd_enqueue(
+    conn: Connection, user_id: int, event: str, data_list: Sequence[dict[str, Any]],
+    subscribers: Sequence[_Subscriber], created: datetime.datetime, now: float,
+) -> int:
+    """One delivery row per (subscribed webhook, data); returns how many."""
+    rows = []
+    for hook in subscribers:
+        if event not in hook.events:
+            continue
+        for data in data_list:
+            delivery_id = str(uuid.uuid4())
+            rows.append({
+                "webhook_id": hook.id, "user_id": user_id, "delivery_uuid": delivery_id,
+                "event": event, "payload": _event_payload(delivery_id, event, created, data),
+                "status": "pending", "attempts": 0, "next_attempt_at": now,
+                "created_at": now,
+            })
+    if rows:
+        conn.execute(insert(webhook_deliveries), rows)
+    return len(rows)
