@@ -9,25 +9,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
+from filters import FilterChain, build_chain
 from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
-from mailcore.billing.tokens import TokenService, TokenSettings
+from mailcore.billing.tokens import ChargeBatcher, TokenService, TokenSettings
 from mailcore.config import Config, ConfigError
 from mailcore.fetch import FetchServices, build_fetch
 from mailcore.gateway.domains import DEFAULT_REFRESH_INTERVAL, DomainService
+from mailcore.gateway.filtering import (
+    ChainService,
+    FilteringStage,
+    PolicySettings,
+    quarantine_store,
+)
+from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
 from mailcore.gateway.redirects import RedirectPolicy
 from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
 from mailcore.messages import MessageStore
 from mailcore.queue import Queue, build_queue
+from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.spool import Spool
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
@@ -46,7 +54,6 @@ class Core:
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     # Served domains and the RCPT snapshot; built from db/clock/config in __post_init__.
     domains: DomainService = field(init=False)
     # Fetch accounts, the sync engine and its scheduler ([fetch]); the message store.
@@ -65,9 +72,9 @@ class Core:
     webhooks: Webhooks = field(init=False)
     # Quarantine ([quarantine]: store, release, purge, digests) and the filter chain
     # ([filters]) the queue runner's pipeline stage scans with.
-    quarantine: Any = field(init=False)
-    filter_chain: Any = field(init=False)
-    filter_service: Any = field(init=False)
+    quarantine: QuarantineService = field(init=False)
+    filter_chain: FilterChain = field(init=False)
+    filter_service: ChainService = field(init=False)
 
     def __post_init__(self) -> None:
         refresh = self.config.section("domains").get("refresh_interval", DEFAULT_REFRESH_INTERVAL)
@@ -99,17 +106,6 @@ class Core:
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],
         [pipeline]) that the queue runner runs before delivery."""
-        from filters import build_chain
-        from mailcore.billing.tokens import ChargeBatcher
-        from mailcore.gateway.filtering import (
-            ChainService,
-            FilteringStage,
-            PolicySettings,
-            quarantine_store,
-        )
-        from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
-        from mailcore.queue.pipeline import Pipeline
-
         self.quarantine = QuarantineService(
             self.db, self.clock, QuarantineSettings.from_config(self.config.section("quarantine")),
             self.plans, hostname=self.config.hostname,
@@ -168,7 +164,7 @@ class Core:
             services.append(self.webhooks.sender)
         return services
 
-    def listener_services(self, reactor: Any) -> list[IService]:
+    def listener_services(self, reactor: IReactorTCP) -> list[IService]:
         """Non-HTTP listeners: one per `config.smtp_endpoints`, all sharing one SMTP factory
         (so the connection limits are global). Started after the HTTP site."""
         factory = self.smtp_factory()
