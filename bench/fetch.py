@@ -30,8 +30,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +39,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from procs import REPO, env, free_port, need, terminate, wait_port
+
 sys.path.insert(0, str(REPO))
 PYTHON = sys.executable
 
@@ -49,38 +48,6 @@ USER = "alice"
 PASSWORD = "bench-Pa55word"  # noqa: S105 (a throwaway user of a temp store)
 RARE = "quokka"  # in about 1 message in 1000
 COMMON = "invoice"  # in about 2 messages in 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"exited early ({proc.returncode}): {proc.args!r}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s: {proc.args!r}")
-
-
-def need(name: str, package: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise SystemExit(f"{name} not found: apt-get install {package}")
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
-    return e
 
 
 # -- the mail ----------------------------------------------------------------------------------
@@ -157,7 +124,7 @@ class Dovecot:
             [s.dovecot, "-F", "-c", str(s.config_path)], stdout=subprocess.DEVNULL,
             stderr=(s.dir / "dovecot.err").open("wb"),
         )
-        wait_port(s.imap, self.proc)
+        wait_port(s.imap, self.proc, timeout=60)
 
     def fill(self, count: int) -> float:
         """Write `count` messages into alice's INBOX and index them; returns seconds."""
@@ -174,13 +141,7 @@ class Dovecot:
         return elapsed
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=10)
 
 
 # -- mbsync ------------------------------------------------------------------------------------
@@ -242,16 +203,10 @@ class Daemon:
             env=env(), cwd=self.dir, stdout=subprocess.DEVNULL,
             stderr=(self.dir / "twistd.err").open("ab"),
         )
-        wait_port(self.http, self.proc)
+        wait_port(self.http, self.proc, timeout=60)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=30)
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(

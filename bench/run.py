@@ -31,9 +31,7 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,41 +41,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from procs import REPO, env, free_port, need, terminate, wait_port
+
 PYTHON = sys.executable
 TARGET_RATIO = 0.6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited early ({proc.returncode}): {proc.args!r}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s: {proc.args!r}")
-
-
-def binary(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise SystemExit(f"{name} not found: apt-get install postfix (only its tools are used)")
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
-    return e
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,7 +67,7 @@ class Sink:
         self.port = port
         self.out = directory / f"sink-{port}.out"
         self.proc = subprocess.Popen(
-            [binary("smtp-sink"), "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"],
+            [need("smtp-sink", "postfix"), "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"],
             stdout=self.out.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         wait_port(port, self.proc)
@@ -164,7 +131,7 @@ class Result:
 
 def smtp_source(port: int, messages: int, sessions: int, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [binary("smtp-source"), "-s", str(sessions), "-l", "4096", "-m", str(messages),
+        [need("smtp-source", "postfix"), "-s", str(sessions), "-l", "4096", "-m", str(messages),
          "-f", "a@x.test", "-t", "b@customer.test", *extra, f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
@@ -243,13 +210,7 @@ class Daemon:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=60)
 
 
 def throughput(tmp: Path, messages: int, sessions: int, filters: list[str],
