@@ -62,7 +62,7 @@ from mailcore.webhooks import (
 from web.api import ApiApp
 from web.auth import IMAP2API, CredentialResolver
 from web.errors import ApiError, DrfErrors, field_error
-from web.imap2api_schemas import (
+from web.imap2api.schemas import (
     CREDENTIALS_SCHEMA,
     DELIVERIES_QUERY,
     DELIVERY_SCHEMA,
