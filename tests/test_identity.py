@@ -343,6 +343,43 @@ class CredentialTests(IdentityTestCase):
         self.assertIsNone(await self.identity.resolve(short, ("apikey",)))
         self.assertIsNotNone(await self.identity.resolve(forever, ("token",)))
 
+    async def test_a_session_ends_when_its_parent_key_is_revoked(self) -> None:
+        alice = await self.user()
+        key, key_info = await self.identity.create_credential(alice.id, "apikey")
+        other_key, _ = await self.identity.create_credential(alice.id, "apikey")
+        session, _ = await self.identity.create_credential(
+            alice.id, "session", parent_id=key_info.id
+        )
+        unrelated, _ = await self.identity.create_credential(alice.id, "session")
+        self.assertIsNotNone(await self.identity.resolve(session, ("session",)))
+        self.assertEqual(await self.identity.revoke_credential(alice.id, key_info.prefix), 1)
+        self.assertIsNone(await self.identity.resolve(session, ("session",)))
+        # Sessions of other keys, and sessions with no parent, live on.
+        self.assertIsNotNone(await self.identity.resolve(other_key, ("apikey",)))
+        self.assertIsNotNone(await self.identity.resolve(unrelated, ("session",)))
+        self.assertIsNone(await self.identity.resolve(key, ("apikey",)))
+
+    async def test_a_session_ends_when_its_parent_key_expires_or_is_deleted(self) -> None:
+        alice = await self.user()
+        _, short = await self.identity.create_credential(alice.id, "apikey", ttl=60)
+        session, _ = await self.identity.create_credential(
+            alice.id, "session", parent_id=short.id, ttl=3600
+        )
+        self.clock.advance(59)
+        self.assertIsNotNone(await self.identity.resolve(session, ("session",)))
+        self.clock.advance(1)
+        self.assertIsNone(await self.identity.resolve(session, ("session",)))
+
+        _, key = await self.identity.create_credential(alice.id, "apikey")
+        _, child = await self.identity.create_credential(alice.id, "session", parent_id=key.id)
+
+        def delete_key(conn: Connection) -> None:
+            conn.execute(credentials.delete().where(credentials.c.id == key.id))
+
+        await self.db.run("delete_key", delete_key)
+        remaining = {c.id for c in await self.identity.list_credentials(alice.id)}
+        self.assertNotIn(child.id, remaining)  # ON DELETE CASCADE
+
     async def test_last_used_at_is_throttled(self) -> None:
         """Resolving refreshes last_used_at at most every five minutes (reads stay reads)."""
         alice = await self.user()

@@ -80,6 +80,19 @@ class SafedropAuthTests(TestCase):
             self.assertEqual((status, body), (401, expected), headers)
             self.assertIsNone(header(reply_headers, "X-Auth-Token"))
 
+    async def test_revoking_the_api_key_ends_its_sessions_at_once(self) -> None:
+        _, headers, _ = await self.login()
+        token = header(headers, "X-Auth-Token")
+        assert token is not None
+        status, _, _ = await self.web.call("GET", "/auth", headers={"X-Auth-Token": token})
+        self.assertEqual(status, 204)
+        # The one revocation path: `mailcore apikey revoke` and any API route call it.
+        revoked = await self.web.core.identity.revoke_credential(self.alice.id, self.key[:8])
+        self.assertEqual(revoked, 1)
+        status, _, body = await self.web.call("GET", "/auth", headers={"X-Auth-Token": token})
+        self.assertEqual(status, 401)
+        self.assertEqual(body, {"error": "The authentication token is invalid or has expired."})
+
     async def test_an_unknown_token_is_401(self) -> None:
         status, _, _ = await self.web.call("GET", "/auth", headers={"X-Auth-Token": "a" * 40})
         self.assertEqual(status, 401)

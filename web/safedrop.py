@@ -3,7 +3,8 @@
 Authentication: `GET /` (or `/auth`) with `X-Auth-User` (the account's e-mail address) and
 `X-Auth-Key` (one of its API keys) answers 204 with a temporary `X-Auth-Token` (kind
 "session", `session_token_ttl` seconds, 1 h by default). Every API call carries it as
-`X-Auth-Token` (or `Auth-Token`); an expired or unknown token is a 401.
+`X-Auth-Token` (or `Auth-Token`); an expired or unknown token is a 401, and so is one whose
+API key has been revoked since (the session is linked to its key: `parent_id`).
 
 Input is form-encoded or multipart (JSON is accepted too), booleans are 0/1, dates RFC 3339,
 output JSON; a resource that does not allow a method in its current state answers 405.
@@ -83,6 +84,7 @@ class SafedropApp(ApiApp):
             label="safedrop",
             scopes=principal.scopes,
             ttl=self.settings.session_token_ttl,
+            parent_id=principal.credential_id,
         )
         return self._token_reply(request, token, info.expires_at)
 

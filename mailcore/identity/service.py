@@ -357,8 +357,14 @@ class Identity:
         label: str = "",
         scopes: tuple[str, ...] = ("*",),
         ttl: float | None = None,
+        parent_id: int | None = None,
     ) -> tuple[str, CredentialInfo]:
-        """A new credential; returns the secret (shown once, never stored) and its info."""
+        """A new credential; returns the secret (shown once, never stored) and its info.
+
+        `parent_id` names the credential this one was made with (a safedrop session's API
+        key): the new one resolves only while that parent does, so revoking the key, its
+        expiry or its deletion ends it too.
+        """
         if kind not in KINDS:
             raise IdentityError(f"Unknown credential kind {kind!r}.")
         if len(label) > 255:
@@ -382,6 +388,7 @@ class Identity:
                     scopes=" ".join(scopes),
                     created_at=now,
                     expires_at=expires,
+                    parent_id=parent_id,
                 )
             ))
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
@@ -440,8 +447,18 @@ class Identity:
         now = self.now()
 
         def txn(conn: Connection) -> tuple[Principal, bool] | None:
+            # The parent (if any) comes in the same statement: a primary-key probe per row.
             rows = conn.execute(
-                select(credentials).where(
+                select(
+                    credentials,
+                    _parent.c.id.label("parent_found"),
+                    _parent.c.expires_at.label("parent_expires_at"),
+                    _parent.c.revoked_at.label("parent_revoked_at"),
+                )
+                .select_from(
+                    credentials.outerjoin(_parent, _parent.c.id == credentials.c.parent_id)
+                )
+                .where(
                     credentials.c.prefix == creds.prefix_of(secret),
                     credentials.c.kind.in_(kinds),
                 )
@@ -455,6 +472,8 @@ class Identity:
             m = match._mapping
             expires = utc(m["expires_at"])
             if m["revoked_at"] is not None or (expires is not None and expires <= now):
+                return None
+            if m["parent_id"] is not None and not _parent_live(m, now):
                 return None
             user_row = conn.execute(select(users).where(users.c.id == m["user_id"])).first()
             if user_row is None or not user_row._mapping["is_active"]:
@@ -476,6 +495,18 @@ class Identity:
         if stale:
             await self.db.run("touch_credential", _touch, principal.credential_id, now)
         return principal
+
+
+# The credential another one was made with (see `create_credential`'s `parent_id`).
+_parent = credentials.alias("parent")
+
+
+def _parent_live(m: Any, now: datetime.datetime) -> bool:
+    """Whether the parent joined into row mapping `m` exists, is not revoked nor expired."""
+    if m["parent_found"] is None or m["parent_revoked_at"] is not None:
+        return False
+    expires = utc(m["parent_expires_at"])
+    return expires is None or expires > now
 
 
 def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) -> None:

@@ -1,4 +1,4 @@
-"""Identity tables: users and their credentials (migration 0001)."""
+"""Identity tables: users and their credentials (migrations 0001, 0009)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ users = Table(
 # One table for every credential kind: "apikey" (Protecmail Api-Key, safedrop X-Auth-Key),
 # "token" (IMAP2API Token, Mail API auth_key; no expiry) and "session" (safedrop
 # X-Auth-Token; expires). The secret itself is never stored: `digest` is SHA-256 of it and
-# `prefix` (its first characters) finds the candidate rows.
+# `prefix` (its first characters) finds the candidate rows. `parent_id` (0009) links a
+# credential made from another one (a safedrop session from its API key) to that parent:
+# it resolves only while the parent does, and goes when the parent row is deleted.
 credentials = Table(
     "credentials",
     metadata,
@@ -58,7 +60,11 @@ credentials = Table(
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("last_used_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column(
+        "parent_id", Integer, ForeignKey("credentials.id", ondelete="CASCADE"), nullable=True
+    ),
     Index("ix_credentials_prefix", "prefix"),
     Index("ix_credentials_user_kind", "user_id", "kind"),
+    Index("ix_credentials_parent_id", "parent_id"),
 )
 
