@@ -7,26 +7,22 @@ Identity on the same store afterwards.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Coroutine, Iterable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
-from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.identity import Identity
 from mailcore.identity import secrets as creds
 from mailcore.store.migrate import current_revision, head_revision
 from mailcore.workers import CpuPool
+from tests.support.cli import CliTestCase
 from tests.support.db import open_database_at
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
-from tests.support.servers import CommandResult, free_port, run_command, tempdir_for
+from tests.support.servers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
@@ -37,45 +33,8 @@ async def gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
     )
 
 
-class CliTestCase(TestCase):
-    def setUp(self) -> None:
-        self.base = tempdir_for(self, "mailcore-cli-")
-        self.data_dir = self.base / "var"
-
-    async def run_cli(self, *args: str, stdin: bytes = b"") -> CommandResult:
-        """`python -m mailcore.cli ARGS` with no implicit data dir (cwd: the temp base)."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.pop("MAILCORE_DEBUG", None)
-        return await run_command(
-            [sys.executable, "-m", "mailcore.cli", *args], stdin=stdin, env=env, cwd=self.base
-        )
-
-    async def mc(self, *args: str, stdin: bytes = b"") -> CommandResult:
-        """The CLI on this test's data directory."""
-        return await self.run_cli("--data-dir", str(self.data_dir), *args, stdin=stdin)
-
-    async def ok(self, *args: str, stdin: bytes = b"") -> str:
-        """Run a command that must succeed quietly on stderr; its stdout."""
-        result = await self.mc(*args, stdin=stdin)
-        self.assertEqual(
-            (result.status, result.err), (0, ""), f"mailcore {' '.join(args)}: {result.err}"
-        )
-        return result.out
-
-    def assertOneLineError(
-        self, result: CommandResult, *fragments: str, context: object = ""
-    ) -> None:
-        """Exit 1, nothing on stdout, one `mailcore: ...` line on stderr with the fragments."""
-        why = f"{context}: {result.err}"
-        self.assertEqual(result.status, 1, why)
-        self.assertNotIn("Traceback", result.err, why)
-        lines = result.err.splitlines()
-        self.assertEqual(len(lines), 1, why)
-        self.assertTrue(lines[0].startswith("mailcore: "), why)
-        for fragment in fragments:
-            self.assertIn(fragment, lines[0], why)
-        self.assertEqual(result.out, "", why)
+class IdentityCliTestCase(CliTestCase):
+    """A CLI test that checks what the CLI wrote through Identity on the same store."""
 
     async def identity(self, url: str | None = None) -> Identity:
         """Identity on the same store the CLI wrote, with a real thread pool and clock."""
@@ -85,7 +44,7 @@ class CliTestCase(TestCase):
         return Identity(db, get_reactor(), cpu)
 
 
-class InitTests(CliTestCase):
+class InitTests(IdentityCliTestCase):
     async def test_init_creates_data_dir_schema_and_certificate(self) -> None:
         self.data_dir = self.base / "nested" / "var"
         out = await self.ok("init")
@@ -119,7 +78,7 @@ class HelpTests(CliTestCase):
         self.assertIn("stdin", sub.out)
 
 
-class UserTests(CliTestCase):
+class UserTests(IdentityCliTestCase):
     async def test_user_add_list_and_set_plan(self) -> None:
         out = await self.ok("user", "add", "alice", "--email", "alice@Example.TEST",
                             "--password", "s3cret")
@@ -155,7 +114,7 @@ class UserTests(CliTestCase):
                          ["USERNAME", "EMAIL", "PLAN", "CREATED"])
 
 
-class CredentialTests(CliTestCase):
+class CredentialTests(IdentityCliTestCase):
     async def test_apikey_create_prints_the_key_alone_and_it_works(self) -> None:
         await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
         out = await self.ok("apikey", "create", "alice", "--label", "ci")
@@ -282,7 +241,7 @@ class ConfigTests(CliTestCase):
         self.assertTrue((self.data_dir / "mailcore.sqlite").exists())
 
 
-class PostgresTests(CliTestCase):
+class PostgresTests(IdentityCliTestCase):
     async def test_cli_on_postgresql(self) -> None:
         url = await create_test_database(self)
         result = await self.run_cli("--db", url, "--data-dir", str(self.data_dir),

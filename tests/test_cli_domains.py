@@ -6,53 +6,19 @@ store); every mistake exits 1 with one line on stderr.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
 from mailcore.queue.routing import Hop, Router
 from mailcore.queue.settings import QueueSettings
+from tests.support.cli import CliTestCase
 from tests.support.db import open_database_at
 from tests.support.reactor import get_reactor
-from tests.support.servers import CommandResult, run_command, tempdir_for
-
-REPO = Path(__file__).resolve().parent.parent
 
 
-class DomainCliTests(TestCase):
+class DomainCliTests(CliTestCase):
     timeout = 120
-
-    def setUp(self) -> None:
-        self.base = tempdir_for(self, "mailcore-cli-domains-")
-        self.data_dir = self.base / "var"
-
-    async def mc(self, *args: str) -> CommandResult:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.pop("MAILCORE_DEBUG", None)
-        return await run_command(
-            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir), *args],
-            env=env, cwd=self.base,
-        )
-
-    async def ok(self, *args: str) -> str:
-        result = await self.mc(*args)
-        self.assertEqual((result.status, result.err), (0, ""), f"{args}: {result.err}")
-        return result.out
-
-    async def refused(self, *args: str, fragment: str) -> None:
-        result = await self.mc(*args)
-        why = f"{args}: {result.out!r} {result.err!r}"
-        self.assertEqual(result.status, 1, why)
-        self.assertEqual(result.out, "", why)
-        self.assertNotIn("Traceback", result.err, why)
-        [line] = result.err.splitlines()
-        self.assertTrue(line.startswith("mailcore: "), why)
-        self.assertIn(fragment, line, why)
+    tempdir_prefix = "mailcore-cli-domains-"
 
     async def test_domains_and_addresses_end_to_end(self) -> None:
         await self.ok("user", "add", "alice", "--email", "alice@users.test", "--password", "x")

@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 from sqlalchemy import select
-from twisted.trial.unittest import TestCase
 
 from mailcore.queue.model import NewMessage, Result, thd_apply_results, thd_insert_messages
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store.schema import queue_recipients
+from tests.support.cli import CliTestCase
 from tests.support.db import open_database_at
 from tests.support.mailsink import thd_add_domain
-from tests.support.servers import CommandResult, run_command, tempdir_for
-
-REPO = Path(__file__).resolve().parent.parent
 
 
-class QueueCliTests(TestCase):
+class QueueCliTests(CliTestCase):
     timeout = 120
+    tempdir_prefix = "mailcore-cli-queue-"
 
     def setUp(self) -> None:
-        self.base = tempdir_for(self, "mailcore-cli-queue-")
-        self.data_dir = self.base / "var"
+        super().setUp()
         self.data_dir.mkdir()
-
-    async def mc(self, *args: str) -> CommandResult:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.pop("MAILCORE_DEBUG", None)
-        return await run_command(
-            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir), *args],
-            env=env, cwd=self.base,
-        )
-
-    async def ok(self, *args: str) -> str:
-        result = await self.mc(*args)
-        self.assertEqual((result.status, result.err), (0, ""), f"{args}: {result.err}")
-        return result.out
 
     async def test_list_show_flush_delete(self) -> None:
         db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")
