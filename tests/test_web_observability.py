@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from tests.support.web import PASSWORD, Web
-from web.accesslog import redacted_target
+from web.accesslog import RedactionRule, redacted_target
 
 
 class MetricsTests(TestCase):
@@ -123,3 +123,52 @@ class AccessLogTests(TestCase):
             redacted_target(b"/x?q=hello%20world&auth_key=s&Password=p&code=c"),
             "/x?q=hello%20world&auth_key=[redacted]&Password=[redacted]&code=[redacted]",
         )
+        # OAuth authorization responses: code and state.
+        self.assertEqual(redacted_target(b"/cb?code=abc&STATE=xyz&scope=read"),
+                         "/cb?code=[redacted]&STATE=[redacted]&scope=read")
+
+    def test_secret_path_segments_are_hidden_however_the_path_is_spelt(self) -> None:
+        for uri, shown in [
+            (b"/quarantine/release/0101.99.mac", "/quarantine/release/[redacted]"),
+            (b"/quarantine/release/0101.99.mac?x=1", "/quarantine/release/[redacted]?x=1"),
+            (b"//quarantine//release/t0k/more", "//quarantine//release/[redacted]/more"),
+            (b"/Quarantine/%72elease/t0k", "/Quarantine/%72elease/[redacted]"),
+            (b"/quarantine/release", "/quarantine/release"),
+            (b"/quarantine/other/t0k", "/quarantine/other/t0k"),
+        ]:
+            self.assertEqual(redacted_target(uri), shown, uri)
+
+    def test_one_rule_names_every_secret(self) -> None:
+        """A new secret URL is one more entry: `*` segments are shown, `{secret}` hidden."""
+        rule = RedactionRule(params=frozenset({"code"}),
+                             paths=("/drop/*/{secret}", "/d/{secret}"))
+        self.assertEqual(rule.target(b"/drop/42/s3cr3t?code=c&n=1"),
+                         "/drop/42/[redacted]?code=[redacted]&n=1")
+        self.assertEqual(rule.target(b"/d/s3cr3t"), "/d/[redacted]")
+        self.assertEqual(rule.target(b"/drop/42"), "/drop/42")
+
+    async def test_credential_headers_are_never_logged(self) -> None:
+        every: list[dict[str, Any]] = []
+        observe: Any = every.append
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        token = await web.credential(alice, "token")
+        wrong = "f" * 40
+        for headers in (
+            {"Authorization": f"Token {token}"},
+            {"Authorization": f"Bearer {wrong}"},
+            {"Api-Key": key},
+            {"Api-Key": wrong},
+            {"X-Auth-User": "alice@example.test", "X-Auth-Key": key},
+            {"X-Auth-Token": wrong},
+        ):
+            for path in ("/api/emails/", "/api/v1/ping", "/", "/v1/accounts"):
+                await web.call("GET", path, headers=headers)
+        self.assertEqual(len(self.events), 24)
+        for event in every:
+            for secret in (key, token, wrong):
+                self.assertNotIn(secret, formatEvent(event) or "")
+                self.assertNotIn(secret, repr(event))

@@ -1,39 +1,115 @@
-"""The access log: one line per reply, without credentials or secret query parameters.
+"""The access log: one line per reply, without credentials or secret URLs.
 
-Twisted's own access log writes the full URI (a Dropmyemail `access_token` or a Mail API
-`auth_key` would land in the log), so the site turns it off and this one is used instead.
+Twisted's own access log writes the full URI (a Dropmyemail `access_token`, a Mail API
+`auth_key` or a quarantine release token would land in the log), so the site turns it off
+and this one is used instead. What must never be logged is one rule, `SECRETS`: the query
+parameters whose values are hidden and the path patterns whose `{secret}` segment is
+hidden. A route that puts a secret in its URL (OAuth `code`/`state`, drop links) adds its
+parameter or path here, and every log line that shows a request target goes through
+`SECRETS.target` or `SECRETS.path`. No request header is ever logged (`Authorization`,
+`Api-Key`, `X-Auth-Key`, `X-Auth-Token` carry credentials).
 """
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from urllib.parse import parse_qsl, quote, unquote
 
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from web.context import RequestContext
 
-# Query parameters whose values are never logged.
-SECRET_PARAMS = frozenset(
-    {
-        "access_token", "refresh_token", "auth_key", "auth_token", "api_key", "apikey",
-        "key", "token", "password", "code", "client_secret", "secret",
-    }
-)
 REDACTED = "[redacted]"
+HIDDEN_SEGMENT = "{secret}"
+ANY_SEGMENT = "*"
+
+
+@dataclass(frozen=True)
+class RedactionRule:
+    """Which parts of a request target the logs replace by `REDACTED`.
+
+    `params`: query parameter names, lower case (a query's names are compared without
+    case), whose values are hidden.
+    `paths`: path patterns, one segment per `/`: a literal segment (compared without case,
+    after percent-decoding), `*` (any one segment, shown) or `{secret}` (any one segment,
+    hidden). A pattern matches the start of a path; empty segments (`//`) are skipped, as
+    the dispatcher skips them, so no spelling of a secret URL escapes the rule.
+    """
+
+    params: frozenset[str]
+    paths: tuple[str, ...] = ()
+
+    @cached_property
+    def _patterns(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(_pattern_segments(p) for p in self.paths)
+
+    def path(self, path: bytes) -> str:
+        """The path for a log line, its secret segments hidden."""
+        raw = path.decode("utf-8", "backslashreplace").split("/")
+        shown = list(raw)
+        present = [i for i, segment in enumerate(raw) if segment]
+        for pattern in self._patterns:
+            if len(present) < len(pattern):
+                continue
+            at = present[: len(pattern)]
+            if all(_segment_matches(want, raw[i]) for want, i in zip(pattern, at, strict=True)):
+                for want, i in zip(pattern, at, strict=True):
+                    if want == HIDDEN_SEGMENT:
+                        shown[i] = REDACTED
+        return "/".join(shown)
+
+    def target(self, uri: bytes) -> str:
+        """The request target for a log line: the path and the query, secrets hidden."""
+        path, sep, query = uri.partition(b"?")
+        shown = self.path(path)
+        if not sep:
+            return shown
+        pairs = parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True)
+        parts = [
+            f"{quote(k)}={REDACTED if k.lower() in self.params else quote(v)}"
+            for k, v in pairs
+        ]
+        return shown + "?" + "&".join(parts)
+
+
+def _pattern_segments(pattern: str) -> tuple[str, ...]:
+    return tuple(s.lower() if s not in (HIDDEN_SEGMENT, ANY_SEGMENT) else s
+                 for s in pattern.split("/") if s)
+
+
+def _segment_matches(want: str, segment: str) -> bool:
+    return want in (HIDDEN_SEGMENT, ANY_SEGMENT) or unquote(segment).lower() == want
+
+
+def _names(*groups: Iterable[str]) -> frozenset[str]:
+    return frozenset(name.lower() for group in groups for name in group)
+
+
+SECRETS = RedactionRule(
+    params=_names(
+        # credentials in the query (Dropmyemail, Mail API, generic spellings)
+        ("access_token", "refresh_token", "auth_key", "auth_token", "api_key", "apikey",
+         "key", "token", "password", "client_secret", "secret"),
+        # OAuth 2 authorization responses (RFC 6749 §4.1.2)
+        ("code", "state"),
+    ),
+    paths=(
+        "/quarantine/release/{secret}",  # digest links (web/quarantine_page.py)
+    ),
+)
 
 
 def redacted_target(uri: bytes) -> str:
-    """The request target for the log: the path, and the query with secret values hidden."""
-    path, sep, query = uri.partition(b"?")
-    shown = path.decode("utf-8", "backslashreplace")
-    if not sep:
-        return shown
-    pairs = parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True)
-    parts = [
-        f"{quote(k)}={REDACTED if k.lower() in SECRET_PARAMS else quote(v)}" for k, v in pairs
-    ]
-    return shown + "?" + "&".join(parts)
+    """The request target for the log: the path and the query with secrets hidden."""
+    return SECRETS.target(uri)
+
+
+def redacted_path(path: bytes) -> str:
+    """A request path for the log with secret segments hidden."""
+    return SECRETS.path(path)
 
 
 class AccessLog:

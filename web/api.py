@@ -20,6 +20,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
+from web.accesslog import redacted_path
 from web.context import context_of
 from web.errors import ApiError, ErrorShape
 from web.openapi import RouteTable
@@ -109,7 +110,7 @@ class ApiApp:
             "unhandled error serving {method} {path} ({api}, request {request_id})",
             failure,
             method=request.method.decode("latin-1", "replace"),
-            path=request.path.decode("utf-8", "replace"),
+            path=redacted_path(request.path),
             api=self.name,
             request_id=context_of(request).request_id,
         )
