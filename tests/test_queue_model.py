@@ -4,7 +4,9 @@ give the same rows, ids, results and finished messages."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import Connection, event, select
 from twisted.trial.unittest import TestCase
 
 from mailcore.queue.model import (
@@ -29,6 +31,8 @@ MESSAGES = 400
 
 class QueueModelTestsMixin(MixinBase):
     backend = ""
+    # What SQLAlchemy sees of a group commit (each statement's first two words).
+    through_sqlalchemy: frozenset[str] = frozenset()
 
     async def db(self) -> Database:
         db = await open_database(self, self.backend)
@@ -183,6 +187,72 @@ class QueueModelTestsMixin(MixinBase):
         self.assertEqual(finished, [])
         self.assertEqual((await db.read("done", done))["Q3"], (200.0, True))
 
+    async def test_a_group_commit_takes_the_statements_of_its_backend(self) -> None:
+        """On SQLite a group commit (insert, results, finish) goes straight to the driver:
+        SQLAlchemy sees none of its statements. Elsewhere they all go through SQLAlchemy."""
+        db = await self.db()
+        seen: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+            seen.append(" ".join(statement.split()[:2]))
+
+        event.listen(db.engine, "before_cursor_execute", record)
+        self.addCleanup(event.remove, db.engine, "before_cursor_execute", record)
+        msgs = [
+            NewMessage(qid, Envelope("s@x.test", (Recipient(f"a@{qid}.test", self.domain),)),
+                       b"Subject: x\r\n\r\nbody\r\n", leased=True)
+            for qid in ("Q1", "Q2")
+        ]
+
+        def group(conn: Connection) -> tuple[Any, ...]:
+            [[q1], [q2]] = thd_insert_messages(conn, msgs, "node", 100.0, 160.0)
+            return thd_apply_results(conn, "node", 100.0, [
+                Result(q1, "Q1", DELIVERED, "250 ok", "h:25"),  # finishes clean
+                Result(q2, "Q2", DEFERRED, "451 later", "", next_attempt_at=500.0),
+            ])
+
+        self.assertEqual(await db.run("group", group), ([], 2))
+        self.assertEqual(set(seen), self.through_sqlalchemy)
+
+        def done(conn: Connection) -> dict[str, float | None]:
+            m = queue_messages.c
+            return {row.id: row.done_at for row in conn.execute(select(m.id, m.done_at))}
+
+        self.assertEqual(await db.read("done", done), {"Q1": 100.0, "Q2": None})
+
+    async def test_more_messages_finish_at_once_than_one_statement_may_name(self) -> None:
+        """Clean messages and messages with a bounce, a thousand of each (more than one
+        statement may carry on SQLite), all finish in one call; each bounce is reported."""
+        db = await self.db()
+        count = 1000
+        msgs = [
+            NewMessage(f"{kind}{i:04d}",
+                       Envelope("s@x.test", (Recipient(f"{kind}{i}@c.test", self.domain),)),
+                       b"Subject: %d\r\n\r\nbody\r\n" % i, leased=True)
+            for kind in ("C", "B")
+            for i in range(count)
+        ]
+        ids = await db.run("ins", thd_insert_messages, msgs, "node", 100.0, 160.0)
+        results = [
+            Result(rid, m.queue_id, DELIVERED if m.queue_id[0] == "C" else BOUNCED,
+                   "250 ok" if m.queue_id[0] == "C" else "550 no", "h:25")
+            for m, [rid] in zip(msgs, ids, strict=True)
+        ]
+        finished, applied = await db.run("res", thd_apply_results, "node", 200.0, results)
+        self.assertEqual(applied, 2 * count)
+        self.assertEqual(
+            sorted((f.message_id, [(b.address, b.detail) for b in f.failures])
+                   for f in finished),
+            [(f"B{i:04d}", [(f"B{i}@c.test", "550 no")]) for i in range(count)],
+        )
+
+        def unfinished(conn: Connection) -> list[str]:
+            m = queue_messages.c
+            return [row.id for row in conn.execute(
+                select(m.id).where((m.done_at != 200.0) | m.body.is_not(None)))]
+
+        self.assertEqual(await db.read("unfinished", unfinished), [])
+
 
 class SQLiteQueueModelTests(QueueModelTestsMixin, TestCase):
     backend = "sqlite"
@@ -190,4 +260,8 @@ class SQLiteQueueModelTests(QueueModelTestsMixin, TestCase):
 
 class PostgresQueueModelTests(QueueModelTestsMixin, TestCase):
     backend = "postgresql"
+    through_sqlalchemy = frozenset({
+        "INSERT INTO", "UPDATE queue_recipients", "UPDATE queue_messages",
+        "SELECT queue_messages.id",
+    })
     timeout = 60

@@ -7,9 +7,10 @@ dropped (`done_at` set) and the row stays as the log `queue show` reads until pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
 
@@ -27,49 +28,7 @@ FINAL = (DELIVERED, BOUNCED, QUARANTINED)
 _m = queue_messages.c
 _r = queue_recipients.c
 
-# The hot statements, built once (per call they would cost more than their SQL).
-_INSERT_MESSAGES = queue_messages.insert()
-_INSERT_RECIPIENTS = queue_recipients.insert().returning(_r.id, sort_by_parameter_order=True)
-_APPLY_RESULT = (
-    update(queue_recipients)
-    .where(_r.id == bindparam("rid"), _r.lease_owner == bindparam("owner"))
-    .values(
-        state=bindparam("state"),
-        attempts=_r.attempts + bindparam("inc"),
-        next_attempt_at=bindparam("next_at"),
-        last_error=bindparam("detail"),
-        next_hop=func.coalesce(bindparam("hop"), _r.next_hop),
-        updated_at=bindparam("now"),
-        lease_owner=None,
-        lease_until=None,
-    )
-)
-_DONE_AMONG = select(_m.id).where(
-    _m.id.in_(bindparam("ids", expanding=True)),
-    _m.done_at.is_(None),
-    ~exists().where(_r.message_id == _m.id, _r.state.in_(ACTIVE)),
-)
-_BOUNCED_AMONG = (
-    select(_r.message_id, _r.address, _r.last_error, _r.next_hop)
-    .where(_r.message_id.in_(bindparam("ids", expanding=True)), _r.state == BOUNCED)
-    .order_by(_r.id)
-)
-_FINISH = (
-    update(queue_messages)
-    .where(_m.id.in_(bindparam("ids", expanding=True)))
-    .values(body=None, done_at=bindparam("now"))
-)
-# Recipient states that keep a message from finishing without a DSN.
-_UNCLEAN = (*ACTIVE, BOUNCED)
-_FINISH_CLEAN = (
-    update(queue_messages)
-    .where(
-        _m.id.in_(bindparam("ids", expanding=True)),
-        _m.done_at.is_(None),
-        ~exists().where(_r.message_id == _m.id, _r.state.in_(_UNCLEAN)),
-    )
-    .values(body=None, done_at=bindparam("now"))
-)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -150,109 +109,7 @@ def thd_insert_messages(
     Recipients of a `leased` message are claimed by this node at once, so that the accepting
     node can deliver them without waiting for the sweeper.
     """
-    if conn.dialect.name == "sqlite":
-        return _insert_messages_sqlite(conn, messages, node_id, now, lease_until)
-    conn.execute(
-        _INSERT_MESSAGES,
-        [
-            {
-                "id": m.queue_id,
-                "kind": m.envelope.kind,
-                "mail_from": m.envelope.mail_from,
-                "client_ip": m.envelope.client_ip,
-                "helo": m.envelope.helo,
-                "tls": m.envelope.tls,
-                "size": len(m.body),
-                "body": m.body,
-                "created_at": now,
-                "done_at": None,
-            }
-            for m in messages
-        ],
-    )
-    rows = [
-        {
-            "message_id": m.queue_id,
-            "address": r.address,
-            "domain_id": r.domain_id,
-            "state": QUEUED,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "lease_owner": node_id if m.leased else None,
-            "lease_until": lease_until if m.leased else None,
-            "last_error": None,
-            "next_hop": None,
-            "updated_at": now,
-        }
-        for m in messages
-        for r in m.envelope.recipients
-    ]
-    if not rows:
-        return [[] for _ in messages]
-    result = conn.execute(_INSERT_RECIPIENTS, rows)
-    return _ids_by_message(messages, [row[0] for row in result])
-
-
-_SQLITE_INSERT_MESSAGES = (
-    "INSERT INTO queue_messages (id, kind, mail_from, client_ip, helo, tls, size, body, "
-    "created_at, done_at) VALUES "
-)
-_SQLITE_MESSAGE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
-_SQLITE_INSERT_RECIPIENTS = (
-    "INSERT INTO queue_recipients (message_id, address, domain_id, state, attempts, "
-    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) VALUES "
-)
-_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
-# Bound parameters per statement: 999 is the smallest limit any SQLite build has.
-_SQLITE_MAX_PARAMS = 999
-
-
-def _insert_rows(
-    cursor: Any, head: str, row: str, rows: Sequence[tuple[Any, ...]]
-) -> list[int]:
-    """Insert `rows` with as few multi-row INSERT statements as the parameter limit allows;
-    returns the rowid each row got.
-
-    One statement for many rows, not one step per row: the driver releases and takes back
-    the GIL at every step, and in a busy daemon taking it back is what costs. The rowids
-    come from `lastrowid` rather than a query: under the write lock (BEGIN IMMEDIATE) a
-    multi-row INSERT gives rows without an explicit rowid max(rowid) + 1, + 2, … in VALUES
-    order (SQLite's rowid algorithm; the table never nears the largest rowid)."""
-    if not rows:
-        return []
-    ids: list[int] = []
-    per = max(1, _SQLITE_MAX_PARAMS // len(rows[0]))
-    for i in range(0, len(rows), per):
-        chunk = rows[i : i + per]
-        cursor.execute(head + ", ".join([row] * len(chunk)),
-                       [value for r in chunk for value in r])
-        last = int(cursor.lastrowid)
-        ids.extend(range(last - len(chunk) + 1, last + 1))
-    return ids
-
-
-def _insert_messages_sqlite(
-    conn: Connection, messages: Sequence[NewMessage], node_id: str, now: float,
-    lease_until: float,
-) -> list[list[int]]:
-    """`thd_insert_messages` on SQLite, straight through the driver: this is the spool's hot
-    path, and the statements are fixed."""
-    cursor = _driver_cursor(conn)
-    try:
-        _insert_rows(cursor, _SQLITE_INSERT_MESSAGES, _SQLITE_MESSAGE_ROW, [
-            (m.queue_id, m.envelope.kind, m.envelope.mail_from, m.envelope.client_ip,
-             m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
-            for m in messages
-        ])
-        rows = [
-            (m.queue_id, r.address, r.domain_id, QUEUED, now,
-             *((node_id, lease_until) if m.leased else (None, None)), now)
-            for m in messages
-            for r in m.envelope.recipients
-        ]
-        ids = _insert_rows(cursor, _SQLITE_INSERT_RECIPIENTS, _SQLITE_RECIPIENT_ROW, rows)
-    finally:
-        cursor.close()
+    ids = _hot(conn).insert_messages(conn, messages, node_id, now, lease_until)
     return _ids_by_message(messages, ids)
 
 
@@ -379,33 +236,18 @@ def thd_apply_results(
     """
     if not results:
         return [], 0
-    if conn.dialect.name == "sqlite":
-        applied = _sqlite_apply_results(conn, node_id, now, results)
-    else:
-        params = [
-            {
-                "rid": r.rcpt_id,
-                "owner": node_id,
-                "state": r.state,
-                "detail": r.detail[:2000],
-                "hop": r.hop[:300] or None,
-                "next_at": r.next_attempt_at if r.state == DEFERRED else now,
-                "inc": 1 if r.count_attempt else 0,
-                "now": now,
-            }
-            for r in results
-        ]
-        applied = conn.execute(_APPLY_RESULT, params).rowcount or 0
+    hot = _hot(conn)
+    applied = hot.apply_results(conn, node_id, now, results)
     message_ids = sorted({r.message_id for r in results})
     # The common case: every result of a message here is final and none is a bounce, so it
     # finishes without a DSN, and one guarded UPDATE does it (instead of a query for the
     # finished, one for their bounces, and the UPDATE). If any of them did not finish that
     # way (a recipient still active, or one that bounced earlier), all go the full way.
     clean = _clean_among(results)
-    if clean and _finish_clean(conn, clean, now) == len(clean):
+    if clean and hot.finish_clean(conn, clean, now) == len(clean):
         done = set(clean)
         message_ids = [m for m in message_ids if m not in done]
-    finished = _finish_messages(conn, message_ids, now) if message_ids else []
+    finished = _finish_messages(conn, hot, message_ids, now) if message_ids else []
     return finished, applied
 
 
@@ -415,131 +257,11 @@ def _clean_among(results: Sequence[Result]) -> list[str]:
     return sorted({r.message_id for r in results} - unclean)
 
 
-def _finish_clean(conn: Connection, message_ids: Sequence[str], now: float) -> int:
-    """Finish those of `message_ids` that have no active and no bounced recipient (and
-    are not finished yet); returns how many it finished."""
-    if conn.dialect.name != "sqlite":
-        return int(conn.execute(_FINISH_CLEAN, {"ids": list(message_ids), "now": now})
-                   .rowcount or 0)
-    cursor = _driver_cursor(conn)
-    finished = 0
-    try:
-        per = _SQLITE_MAX_PARAMS - 1 - len(_UNCLEAN)
-        for i in range(0, len(message_ids), per):
-            chunk = message_ids[i : i + per]
-            cursor.execute(
-                _SQLITE_FINISH_CLEAN.format(ids=_marks(len(chunk)),
-                                            states=_marks(len(_UNCLEAN))),
-                [now, *chunk, *_UNCLEAN],
-            )
-            finished += int(cursor.rowcount or 0)
-    finally:
-        cursor.close()
-    return finished
-
-
-# SQLite: the results path straight through the driver (it runs in the spool's group
-# commits, where every millisecond delays the next 250); same statements as above.
-_SQLITE_APPLY_RESULTS = (
-    "UPDATE queue_recipients SET state = v.column2, attempts = attempts + v.column3, "
-    "next_attempt_at = v.column4, last_error = v.column5, "
-    "next_hop = coalesce(v.column6, next_hop), updated_at = ?, lease_owner = NULL, "
-    "lease_until = NULL FROM (VALUES {rows}) AS v "
-    "WHERE queue_recipients.id = v.column1 AND queue_recipients.lease_owner = ?"
-)
-_SQLITE_RESULT_ROW = "(?, ?, ?, ?, ?, ?)"
-_SQLITE_DONE_AMONG = (
-    "SELECT group_concat(m.id, ' ') FROM queue_messages AS m WHERE m.id IN ({ids}) "
-    "AND m.done_at IS NULL AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r "
-    "WHERE r.message_id = m.id AND r.state IN ({active}))"
-)
-_SQLITE_BOUNCED_AMONG = (
-    "SELECT message_id, address, last_error, next_hop FROM queue_recipients "
-    "WHERE message_id IN ({ids}) AND state = ? ORDER BY id"
-)
-_SQLITE_FINISH = "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids})"
-_SQLITE_FINISH_CLEAN = (
-    "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids}) "
-    "AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r "
-    "WHERE r.message_id = queue_messages.id AND r.state IN ({states}))"
-)
-
-
-def _driver_cursor(conn: Connection) -> Any:
-    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-
-
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-def _sqlite_apply_results(
-    conn: Connection, node_id: str, now: float, results: Sequence[Result]
-) -> int:
-    """The results as UPDATE … FROM (VALUES …) statements: one driver step for many rows."""
-    latest = {r.rcpt_id: r for r in results}  # a recipient reported twice: the last wins
-    rows = [
-        (r.rcpt_id, r.state, 1 if r.count_attempt else 0,
-         r.next_attempt_at if r.state == DEFERRED else now, r.detail[:2000],
-         r.hop[:300] or None)
-        for r in latest.values()
-    ]
-    per = (_SQLITE_MAX_PARAMS - 2) // len(_SQLITE_RESULT_ROW.split(","))
-    cursor = _driver_cursor(conn)
-    applied = 0
-    try:
-        for i in range(0, len(rows), per):
-            chunk = rows[i : i + per]
-            cursor.execute(
-                _SQLITE_APPLY_RESULTS.format(rows=", ".join([_SQLITE_RESULT_ROW] * len(chunk))),
-                [now, *(value for row in chunk for value in row), node_id],
-            )
-            applied += int(cursor.rowcount or 0)
-        return applied
-    finally:
-        cursor.close()
-
-
-def _done_and_bounced(
-    conn: Connection, message_ids: Sequence[str]
-) -> tuple[list[str], list[tuple[str, str, str | None, str | None]]]:
-    """The messages among `message_ids` with no active recipient left (not yet marked
-    done), and the bounced recipients of those."""
-    if conn.dialect.name != "sqlite":
-        done_ids = [row[0] for row in conn.execute(_DONE_AMONG, {"ids": list(message_ids)})]
-        if not done_ids:
-            return [], []
-        rows = conn.execute(_BOUNCED_AMONG, {"ids": done_ids}).all()
-        return done_ids, [(r[0], r[1], r[2], r[3]) for r in rows]
-    cursor = _driver_cursor(conn)
-    try:
-        done_ids = []
-        per = _SQLITE_MAX_PARAMS - len(ACTIVE)
-        for i in range(0, len(message_ids), per):
-            chunk = list(message_ids[i : i + per])
-            (found,) = cursor.execute(
-                _SQLITE_DONE_AMONG.format(ids=_marks(len(chunk)), active=_marks(len(ACTIVE))),
-                [*chunk, *ACTIVE],
-            ).fetchone()
-            done_ids.extend(found.split() if found else ())  # queue ids have no spaces
-        if not done_ids:
-            return [], []
-        bounced = []
-        for i in range(0, len(done_ids), _SQLITE_MAX_PARAMS - 1):
-            chunk = done_ids[i : i + _SQLITE_MAX_PARAMS - 1]
-            bounced.extend(cursor.execute(
-                _SQLITE_BOUNCED_AMONG.format(ids=_marks(len(chunk))), [*chunk, BOUNCED]
-            ).fetchall())
-        return done_ids, bounced
-    finally:
-        cursor.close()
-
-
 def _finish_messages(
-    conn: Connection, message_ids: Sequence[str], now: float
+    conn: Connection, hot: _HotStatements, message_ids: Sequence[str], now: float
 ) -> list[FinishedWithFailures]:
     """Mark messages with no active recipient done and drop their bodies."""
-    done_ids, bounced = _done_and_bounced(conn, message_ids)
+    done_ids, bounced = hot.done_and_bounced(conn, message_ids)
     if not done_ids:
         return []
     failures: dict[str, list[BouncedRecipient]] = {}
@@ -561,16 +283,7 @@ def _finish_messages(
                     header_block(bytes(row.body or b"")), tuple(failures[row.id]),
                 )
             )
-    if conn.dialect.name == "sqlite":
-        cursor = _driver_cursor(conn)
-        try:
-            for i in range(0, len(done_ids), _SQLITE_MAX_PARAMS - 1):
-                chunk = done_ids[i : i + _SQLITE_MAX_PARAMS - 1]
-                cursor.execute(_SQLITE_FINISH.format(ids=_marks(len(chunk))), [now, *chunk])
-        finally:
-            cursor.close()
-    else:
-        conn.execute(_FINISH, {"ids": done_ids, "now": now})
+    hot.finish(conn, done_ids, now)
     return out
 
 
@@ -602,6 +315,338 @@ def thd_prune(conn: Connection, before: float) -> int:
     conn.execute(delete(queue_recipients).where(_r.message_id.in_(old)))
     conn.execute(delete(queue_messages).where(_m.id.in_(old)))
     return len(old)
+
+
+# -- the group commit's statements, one set per backend ---------------------------------------
+#
+# Accepting, results and finishing run in the spool's group commits, on the commit stream's
+# one pool thread, where every millisecond delays the next 250. On SQLite they go straight
+# to the sqlite3 driver with multi-row statements: SQLAlchemy's work per statement and one
+# driver step per row (the driver releases the GIL at every step and must take it back, which
+# in a busy daemon is what costs) were measured at several percent of the relay's throughput.
+# Any other backend gets the same SQL through SQLAlchemy Core. `_hot` picks the set for a
+# connection; the `thd_…` functions call it and never ask which backend they are on.
+
+# A bounced recipient of a finished message: message id, address, last error, next hop.
+_Bounced = tuple[str, str, str | None, str | None]
+
+
+class _HotStatements(Protocol):
+    """The group commit's statements on one backend: the same SQL and results on each."""
+
+    def insert_messages(
+        self, conn: Connection, messages: Sequence[NewMessage], node_id: str, now: float,
+        lease_until: float,
+    ) -> list[int]:
+        """Insert messages and their recipients (see `thd_insert_messages`); returns the
+        recipients' ids in order."""
+
+    def apply_results(
+        self, conn: Connection, node_id: str, now: float, results: Sequence[Result]
+    ) -> int:
+        """Record outcomes on the recipients this node leases; returns how many."""
+
+    def finish_clean(self, conn: Connection, message_ids: Sequence[str], now: float) -> int:
+        """Finish those of `message_ids` that have no active and no bounced recipient (and
+        are not finished yet); returns how many it finished."""
+
+    def done_and_bounced(
+        self, conn: Connection, message_ids: Sequence[str]
+    ) -> tuple[list[str], list[_Bounced]]:
+        """The messages among `message_ids` with no active recipient left (not yet marked
+        done), and the bounced recipients of those in recipient order."""
+
+    def finish(self, conn: Connection, message_ids: Sequence[str], now: float) -> None:
+        """Mark messages done and drop their bodies."""
+
+
+# Built once: per call they would cost more than their SQL.
+_INSERT_MESSAGES = queue_messages.insert()
+_INSERT_RECIPIENTS = queue_recipients.insert().returning(_r.id, sort_by_parameter_order=True)
+_APPLY_RESULT = (
+    update(queue_recipients)
+    .where(_r.id == bindparam("rid"), _r.lease_owner == bindparam("owner"))
+    .values(
+        state=bindparam("state"),
+        attempts=_r.attempts + bindparam("inc"),
+        next_attempt_at=bindparam("next_at"),
+        last_error=bindparam("detail"),
+        next_hop=func.coalesce(bindparam("hop"), _r.next_hop),
+        updated_at=bindparam("now"),
+        lease_owner=None,
+        lease_until=None,
+    )
+)
+_DONE_AMONG = select(_m.id).where(
+    _m.id.in_(bindparam("ids", expanding=True)),
+    _m.done_at.is_(None),
+    ~exists().where(_r.message_id == _m.id, _r.state.in_(ACTIVE)),
+)
+_BOUNCED_AMONG = (
+    select(_r.message_id, _r.address, _r.last_error, _r.next_hop)
+    .where(_r.message_id.in_(bindparam("ids", expanding=True)), _r.state == BOUNCED)
+    .order_by(_r.id)
+)
+_FINISH = (
+    update(queue_messages)
+    .where(_m.id.in_(bindparam("ids", expanding=True)))
+    .values(body=None, done_at=bindparam("now"))
+)
+# Recipient states that keep a message from finishing without a DSN.
+_UNCLEAN = (*ACTIVE, BOUNCED)
+_FINISH_CLEAN = (
+    update(queue_messages)
+    .where(
+        _m.id.in_(bindparam("ids", expanding=True)),
+        _m.done_at.is_(None),
+        ~exists().where(_r.message_id == _m.id, _r.state.in_(_UNCLEAN)),
+    )
+    .values(body=None, done_at=bindparam("now"))
+)
+
+
+class _CoreStatements:
+    """Through SQLAlchemy Core, on any backend (PostgreSQL in production)."""
+
+    def insert_messages(
+        self, conn: Connection, messages: Sequence[NewMessage], node_id: str, now: float,
+        lease_until: float,
+    ) -> list[int]:
+        conn.execute(
+            _INSERT_MESSAGES,
+            [
+                {
+                    "id": m.queue_id,
+                    "kind": m.envelope.kind,
+                    "mail_from": m.envelope.mail_from,
+                    "client_ip": m.envelope.client_ip,
+                    "helo": m.envelope.helo,
+                    "tls": m.envelope.tls,
+                    "size": len(m.body),
+                    "body": m.body,
+                    "created_at": now,
+                    "done_at": None,
+                }
+                for m in messages
+            ],
+        )
+        rows = [
+            {
+                "message_id": m.queue_id,
+                "address": r.address,
+                "domain_id": r.domain_id,
+                "state": QUEUED,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "lease_owner": node_id if m.leased else None,
+                "lease_until": lease_until if m.leased else None,
+                "last_error": None,
+                "next_hop": None,
+                "updated_at": now,
+            }
+            for m in messages
+            for r in m.envelope.recipients
+        ]
+        if not rows:
+            return []
+        return [row[0] for row in conn.execute(_INSERT_RECIPIENTS, rows)]
+
+    def apply_results(
+        self, conn: Connection, node_id: str, now: float, results: Sequence[Result]
+    ) -> int:
+        params = [
+            {
+                "rid": r.rcpt_id,
+                "owner": node_id,
+                "state": r.state,
+                "detail": r.detail[:2000],
+                "hop": r.hop[:300] or None,
+                "next_at": r.next_attempt_at if r.state == DEFERRED else now,
+                "inc": 1 if r.count_attempt else 0,
+                "now": now,
+            }
+            for r in results
+        ]
+        return conn.execute(_APPLY_RESULT, params).rowcount or 0
+
+    def finish_clean(self, conn: Connection, message_ids: Sequence[str], now: float) -> int:
+        return int(conn.execute(_FINISH_CLEAN, {"ids": list(message_ids), "now": now})
+                   .rowcount or 0)
+
+    def done_and_bounced(
+        self, conn: Connection, message_ids: Sequence[str]
+    ) -> tuple[list[str], list[_Bounced]]:
+        done_ids = [row[0] for row in conn.execute(_DONE_AMONG, {"ids": list(message_ids)})]
+        if not done_ids:
+            return [], []
+        rows = conn.execute(_BOUNCED_AMONG, {"ids": done_ids}).all()
+        return done_ids, [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def finish(self, conn: Connection, message_ids: Sequence[str], now: float) -> None:
+        conn.execute(_FINISH, {"ids": list(message_ids), "now": now})
+
+
+# The same statements for the sqlite3 driver. Multi-row VALUES: one driver step for many rows.
+_SQLITE_INSERT_MESSAGES = (
+    "INSERT INTO queue_messages (id, kind, mail_from, client_ip, helo, tls, size, body, "
+    "created_at, done_at) VALUES "
+)
+_SQLITE_MESSAGE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+_SQLITE_INSERT_RECIPIENTS = (
+    "INSERT INTO queue_recipients (message_id, address, domain_id, state, attempts, "
+    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) VALUES "
+)
+_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
+_SQLITE_APPLY_RESULTS = (
+    "UPDATE queue_recipients SET state = v.column2, attempts = attempts + v.column3, "
+    "next_attempt_at = v.column4, last_error = v.column5, "
+    "next_hop = coalesce(v.column6, next_hop), updated_at = ?, lease_owner = NULL, "
+    "lease_until = NULL FROM (VALUES {rows}) AS v "
+    "WHERE queue_recipients.id = v.column1 AND queue_recipients.lease_owner = ?"
+)
+_SQLITE_RESULT_ROW = "(?, ?, ?, ?, ?, ?)"
+_SQLITE_DONE_AMONG = (
+    "SELECT group_concat(m.id, ' ') FROM queue_messages AS m WHERE m.id IN ({ids}) "
+    "AND m.done_at IS NULL AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r "
+    "WHERE r.message_id = m.id AND r.state IN ({active}))"
+)
+_SQLITE_BOUNCED_AMONG = (
+    "SELECT message_id, address, last_error, next_hop FROM queue_recipients "
+    "WHERE message_id IN ({ids}) AND state = ? ORDER BY id"
+)
+_SQLITE_FINISH = "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids})"
+_SQLITE_FINISH_CLEAN = (
+    "UPDATE queue_messages SET body = NULL, done_at = ? WHERE id IN ({ids}) "
+    "AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM queue_recipients AS r "
+    "WHERE r.message_id = queue_messages.id AND r.state IN ({states}))"
+)
+# Bound parameters per statement: 999 is the smallest limit any SQLite build has.
+_SQLITE_MAX_PARAMS = 999
+
+
+class _SQLiteStatements:
+    """Straight through the sqlite3 driver, each statement split only where the parameter
+    limit demands."""
+
+    def insert_messages(
+        self, conn: Connection, messages: Sequence[NewMessage], node_id: str, now: float,
+        lease_until: float,
+    ) -> list[int]:
+        with closing(_driver_cursor(conn)) as cursor:
+            _insert_rows(cursor, _SQLITE_INSERT_MESSAGES, _SQLITE_MESSAGE_ROW, [
+                (m.queue_id, m.envelope.kind, m.envelope.mail_from, m.envelope.client_ip,
+                 m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
+                for m in messages
+            ])
+            rows = [
+                (m.queue_id, r.address, r.domain_id, QUEUED, now,
+                 *((node_id, lease_until) if m.leased else (None, None)), now)
+                for m in messages
+                for r in m.envelope.recipients
+            ]
+            return _insert_rows(cursor, _SQLITE_INSERT_RECIPIENTS, _SQLITE_RECIPIENT_ROW, rows)
+
+    def apply_results(
+        self, conn: Connection, node_id: str, now: float, results: Sequence[Result]
+    ) -> int:
+        latest = {r.rcpt_id: r for r in results}  # a recipient reported twice: the last wins
+        rows = [
+            (r.rcpt_id, r.state, 1 if r.count_attempt else 0,
+             r.next_attempt_at if r.state == DEFERRED else now, r.detail[:2000],
+             r.hop[:300] or None)
+            for r in latest.values()
+        ]
+        per = (_SQLITE_MAX_PARAMS - 2) // len(_SQLITE_RESULT_ROW.split(","))
+        applied = 0
+        with closing(_driver_cursor(conn)) as cursor:
+            for chunk in _chunks(rows, per):
+                cursor.execute(
+                    _SQLITE_APPLY_RESULTS.format(
+                        rows=", ".join([_SQLITE_RESULT_ROW] * len(chunk))),
+                    [now, *(value for row in chunk for value in row), node_id],
+                )
+                applied += int(cursor.rowcount or 0)
+        return applied
+
+    def finish_clean(self, conn: Connection, message_ids: Sequence[str], now: float) -> int:
+        finished = 0
+        with closing(_driver_cursor(conn)) as cursor:
+            for chunk in _chunks(message_ids, _SQLITE_MAX_PARAMS - 1 - len(_UNCLEAN)):
+                cursor.execute(
+                    _SQLITE_FINISH_CLEAN.format(ids=_marks(len(chunk)),
+                                                states=_marks(len(_UNCLEAN))),
+                    [now, *chunk, *_UNCLEAN],
+                )
+                finished += int(cursor.rowcount or 0)
+        return finished
+
+    def done_and_bounced(
+        self, conn: Connection, message_ids: Sequence[str]
+    ) -> tuple[list[str], list[_Bounced]]:
+        done_ids: list[str] = []
+        bounced: list[_Bounced] = []
+        with closing(_driver_cursor(conn)) as cursor:
+            for chunk in _chunks(message_ids, _SQLITE_MAX_PARAMS - len(ACTIVE)):
+                (found,) = cursor.execute(
+                    _SQLITE_DONE_AMONG.format(ids=_marks(len(chunk)),
+                                              active=_marks(len(ACTIVE))),
+                    [*chunk, *ACTIVE],
+                ).fetchone()
+                done_ids.extend(found.split() if found else ())  # queue ids have no spaces
+            for chunk in _chunks(done_ids, _SQLITE_MAX_PARAMS - 1):
+                bounced.extend(cursor.execute(
+                    _SQLITE_BOUNCED_AMONG.format(ids=_marks(len(chunk))), [*chunk, BOUNCED]
+                ).fetchall())
+        return done_ids, bounced
+
+    def finish(self, conn: Connection, message_ids: Sequence[str], now: float) -> None:
+        with closing(_driver_cursor(conn)) as cursor:
+            for chunk in _chunks(message_ids, _SQLITE_MAX_PARAMS - 1):
+                cursor.execute(_SQLITE_FINISH.format(ids=_marks(len(chunk))), [now, *chunk])
+
+
+def _driver_cursor(conn: Connection) -> Any:
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _chunks(items: Sequence[T], per: int) -> Iterator[Sequence[T]]:
+    """`items` in slices of at most `per`."""
+    for i in range(0, len(items), per):
+        yield items[i : i + per]
+
+
+def _insert_rows(
+    cursor: Any, head: str, row: str, rows: Sequence[tuple[Any, ...]]
+) -> list[int]:
+    """Insert `rows` with as few multi-row INSERT statements as the parameter limit allows;
+    returns the rowid each row got.
+
+    The rowids come from `lastrowid` rather than a query: under the write lock (BEGIN
+    IMMEDIATE) a multi-row INSERT gives rows without an explicit rowid max(rowid) + 1, + 2, …
+    in VALUES order (SQLite's rowid algorithm; the table never nears the largest rowid)."""
+    if not rows:
+        return []
+    ids: list[int] = []
+    for chunk in _chunks(rows, max(1, _SQLITE_MAX_PARAMS // len(rows[0]))):
+        cursor.execute(head + ", ".join([row] * len(chunk)),
+                       [value for r in chunk for value in r])
+        last = int(cursor.lastrowid)
+        ids.extend(range(last - len(chunk) + 1, last + 1))
+    return ids
+
+
+# The sqlite3 driver's own statements where it can have them; SQLAlchemy Core elsewhere.
+_HOT_BY_DRIVER: dict[str, _HotStatements] = {"pysqlite": _SQLiteStatements()}
+_CORE_STATEMENTS = _CoreStatements()
+
+
+def _hot(conn: Connection) -> _HotStatements:
+    """The group commit's statements for `conn`'s backend and driver."""
+    return _HOT_BY_DRIVER.get(conn.dialect.driver, _CORE_STATEMENTS)
 
 
 # -- operating (the queue CLI) ----------------------------------------------------------------
