@@ -3,7 +3,7 @@
 Covers the protocol (EHLO, sequencing, limits, timeouts), the open-relay and smuggling
 batteries, pipelining order while checks wait on Deferreds (pitfall 5), STARTTLS input
 discarding (pitfall 2), bare CR/LF refusal (pitfall 6), byte-exactness and the Received
-header.
+header, the hop limit (mail loops), NUL refusal and `RCPT TO:<postmaster>`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.gateway.domains import DomainService
 from mailcore.smtp.dotstuff import CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.hops import count_received
 from mailcore.smtp.server import (
     SMTPServerFactory,
     received_header,
@@ -67,6 +68,22 @@ class ServerTestCase(TestCase):
         for s in self.sessions:
             s.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def gate_directory(self) -> defer.Deferred[None]:
+        """Make the directory unloaded, its next load waiting for the returned Deferred."""
+        self.domains = DomainService(self.db, self.clock)
+        self.factory = self.make_factory()
+        gate: defer.Deferred[None] = defer.Deferred()
+        read = self.db.read
+
+        def gated(name: str, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            result: defer.Deferred[Any] = defer.Deferred()
+            gate.addCallback(lambda _: read(name, fn, *args, **kwargs).chainDeferred(result))
+            return result
+
+        self.db.read = gated  # type: ignore[method-assign]
+        self.addCleanup(setattr, self.db, "read", read)
+        return gate
 
     def start(self, s: Session, *rcpts: str, sender: str = "sender@remote.test") -> None:
         """EHLO, MAIL and RCPTs that must all succeed, then DATA's 354."""
@@ -292,7 +309,8 @@ class RelayTests(ServerTestCase):
         "<user@example.com%foreign.test>",
         "<user@foreign.test>,<user@example.com>",
         "<>",
-        "<postmaster>",
+        "<postmaster@>",
+        "<@foreign.test:postmaster>",
     )
     SENDERS = ("<sender@remote.test>", "<>", "<user@example.com>")
 
@@ -573,22 +591,6 @@ class TimeoutTests(ServerTestCase):
 class PipeliningTests(ServerTestCase):
     """Pitfall 5: replies stay in order while a command waits on a Deferred."""
 
-    def gate_directory(self) -> defer.Deferred[None]:
-        """Make the directory unloaded, its next load waiting for the returned Deferred."""
-        self.domains = DomainService(self.db, self.clock)
-        self.factory = self.make_factory()
-        gate: defer.Deferred[None] = defer.Deferred()
-        read = self.db.read
-
-        def gated(name: str, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-            result: defer.Deferred[Any] = defer.Deferred()
-            gate.addCallback(lambda _: read(name, fn, *args, **kwargs).chainDeferred(result))
-            return result
-
-        self.db.read = gated  # type: ignore[method-assign]
-        self.addCleanup(setattr, self.db, "read", read)
-        return gate
-
     def test_pipelined_rcpts_answered_in_order_while_the_directory_loads(self) -> None:
         gate = self.gate_directory()
         s = self.session()
@@ -702,3 +704,170 @@ class ReceivedHeaderTests(TestCase):
              f"\tby mx.test (Mailcore) with ESMTP id QID; {DATE}\r\n").encode(),
         )
         self.assertEqual(DATE, "Sun, 15 Jun 2025 15:06:40 +0000")
+
+
+def looped(hops: int) -> bytes:
+    """The header section of a message that went round `hops` times (folded fields)."""
+    return b"".join(
+        b"Received: from gw.test (gw.test [192.0.2.1])\r\n"
+        b"\tby gw.test (Mailcore) with ESMTP id Q%d\r\n"
+        b"\tfor <user@example.com>; Sun, 15 Jun 2025 15:06:40 +0000\r\n" % n
+        for n in range(hops)
+    )
+
+
+class HopLimitTests(ServerTestCase):
+    """Mail loops: a message may leave with at most `max_hops` (50) Received fields, ours
+    included, so one that arrives with 50 (51 with ours) is refused at the end of DATA."""
+
+    REFUSED = ["554 5.4.6 Too many hops (more than 49 Received header fields); "
+               "message refused"]
+
+    def send_chunked(self, s: Session, wire: bytes, size: int) -> list[str]:
+        replies: list[str] = []
+        for i in range(0, len(wire), size):
+            replies += s.send(wire[i:i + size])
+        return replies
+
+    def test_a_looping_message_is_refused_however_it_is_cut(self) -> None:
+        for arriving in (50, 51, 1181):
+            wire = stuff(looped(arriving) + b"Subject: loop\r\n\r\nbody\r\n")
+            # 1 and 7 cut inside "Received" names and folds; 4096 across field boundaries
+            for size in (len(wire), 4096, 100, 7, 1):
+                with self.subTest(arriving=arriving, chunk=size):
+                    s = self.session()
+                    self.start(s)
+                    self.assertEqual(self.send_chunked(s, wire, size), self.REFUSED)
+                    # back in command state, with nothing kept
+                    self.assertEqual(s.protocol._chunks, [])
+                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+                    s.close()
+        self.assertEqual(self.sink.messages, [])
+
+    def test_one_hop_fewer_passes_and_leaves_with_50(self) -> None:
+        content = looped(49) + b"Subject: almost\r\n\r\nbody\r\n"
+        wire = stuff(content)
+        for size in (len(wire), 7, 1):
+            with self.subTest(chunk=size):
+                s = self.session()
+                self.start(s)
+                self.assertEqual([r[:3] for r in self.send_chunked(s, wire, size)], ["250"])
+                s.close()
+        for accepted in self.sink.messages:
+            self.assertEqual(count_received(accepted.data), 50)
+        self.assertEqual(self.sink.bodies, [content] * 3)
+
+    def test_received_lines_in_the_body_do_not_count(self) -> None:
+        content = b"Subject: a forwarded loop\r\n\r\n" + looped(200)
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(stuff(content)), ["250"])
+        self.assertEqual(self.sink.bodies, [content])
+
+    def test_names_in_any_case_with_space_before_the_colon(self) -> None:
+        s = self.session(self.make_factory(max_hops=2))
+        self.start(s)
+        self.assertEqual(s.codes(b"RECEIVED: a\r\nreceived : b\r\n\r\nx\r\n.\r\n"),
+                         ["554"])
+        self.start(s)
+        self.assertEqual(s.codes(b"RECEIVED: a\r\nX-Received: b\r\n\r\nx\r\n.\r\n"),
+                         ["250"])
+
+    def test_the_limit_is_the_max_hops_setting(self) -> None:
+        s = self.session(self.make_factory(max_hops=100))
+        self.start(s)
+        self.assertEqual(s.codes(stuff(looped(99) + b"\r\nx\r\n")), ["250"])
+        self.start(s)
+        self.assertEqual(s.send(stuff(looped(100) + b"\r\nx\r\n")), [
+            "554 5.4.6 Too many hops (more than 99 Received header fields); message refused"
+        ])
+
+
+class NulTests(ServerTestCase):
+    """RFC 5321 content is text: a NUL anywhere refuses the message whole (not stripped)."""
+
+    def test_nul_in_the_header_or_the_body_is_refused(self) -> None:
+        for wire in (b"Subject: a\x00b\r\n\r\nbody\r\n.\r\n",
+                     b"Subject: a\r\n\r\nbo\x00dy\r\n.\r\n",
+                     b"Subject: a\r\n\r\n\x00\r\n.\r\n"):
+            for chunked in (False, True):
+                with self.subTest(wire=wire, chunked=chunked):
+                    s = self.session()
+                    self.start(s)
+                    replies: list[str] = []
+                    for piece in ([wire[i:i + 1] for i in range(len(wire))] if chunked
+                                  else [wire]):
+                        replies += s.send(piece)
+                    self.assertEqual(replies, ["554 5.6.0 Error: NUL character in message "
+                                               "data; message refused"])
+                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+                    s.close()
+        self.assertEqual(self.sink.messages, [])
+
+    def test_the_session_goes_on_after_a_nul(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(b"a\x00\r\n.\r\n"), ["554"])
+        self.start(s)
+        self.assertEqual(s.codes(b"clean\r\n.\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [b"clean\r\n"])
+
+
+class PostmasterTests(ServerTestCase):
+    """RFC 5321 4.5.1: `RCPT TO:<postmaster>` is accepted and goes to `[smtp] postmaster`."""
+
+    def send_to_postmaster(self, factory: SMTPServerFactory, rcpt: bytes = b"<postmaster>"
+                           ) -> Envelope:
+        s = self.session(factory)
+        s.hello()
+        s.send(b"MAIL FROM:<someone@remote.test>\r\n")
+        self.assertEqual(s.send(b"RCPT TO:" + rcpt + b"\r\n"), ["250 2.1.5 Ok"])
+        self.assertEqual(s.codes(b"DATA\r\nSubject: hi\r\n\r\nabuse report\r\n.\r\n"),
+                         ["354", "250"])
+        return self.sink.messages[-1].envelope
+
+    def test_a_served_postmaster_address_gets_its_domain(self) -> None:
+        factory = self.make_factory(postmaster="hostmaster@listed.example")
+        envelope = self.send_to_postmaster(factory)
+        listed = self.domains.lookup("listed.example")
+        assert listed is not None
+        # accepted even though listed.example lists only john and postmaster: the operator
+        # chose this address
+        self.assertEqual(envelope.recipients,
+                         (Recipient("hostmaster@listed.example", listed.id),))
+
+    def test_the_default_is_postmaster_at_the_hostname_routed_as_foreign(self) -> None:
+        envelope = self.send_to_postmaster(self.factory, b"<PostMaster>")
+        self.assertEqual(envelope.recipients, (Recipient("postmaster@mx.gateway.test", None),))
+
+    def test_postmaster_and_its_address_are_one_recipient(self) -> None:
+        s = self.session(self.make_factory(postmaster="abuse@example.com"))
+        s.hello()
+        s.send(b"MAIL FROM:<someone@remote.test>\r\n")
+        self.assertEqual(s.codes(b"RCPT TO:<postmaster>\r\nRCPT TO:<Abuse@Example.com>\r\n"
+                                 b"RCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\n"),
+                         ["250", "250", "250", "354", "250"])
+        self.assertEqual([r.address for r in self.sink.messages[0].envelope.recipients],
+                         ["abuse@example.com"])
+
+    def test_postmaster_waits_for_the_directory_like_any_recipient(self) -> None:
+        gate = self.gate_directory()
+        s = self.session(self.make_factory(postmaster="abuse@example.com"))
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<postmaster>\r\n"),
+                         ["250"])
+        gate.callback(None)
+        self.assertEqual(s.replies(), ["250 2.1.5 Ok"])
+        self.assertEqual(s.codes(b"DATA\r\nx\r\n.\r\n"), ["354", "250"])
+        example = self.domains.lookup("example.com")
+        assert example is not None
+        self.assertEqual(self.sink.messages[0].envelope.recipients,
+                         (Recipient("abuse@example.com", example.id),))
+
+    def test_an_address_that_could_split_an_smtp_line_is_refused(self) -> None:
+        for address in ("a@b.test\r\nRCPT TO:<x@evil.test>", "a@b.test\n", "a\x00@b.test",
+                        "a b@b.test", "a%evil.test@b.test", "@x.test:a@b.test", "postmaster",
+                        '"a"@b.test', "a@[192.0.2.1]"):
+            with self.subTest(address=address):
+                with self.assertRaises(ValueError):
+                    self.make_factory(postmaster=address)

@@ -10,7 +10,18 @@ not inherit (see shared/notes/twisted-pitfalls.md):
   (pitfall 2, CVE-2011-0411);
 - DATA ends only at CRLF "." CRLF, and a message with a bare CR or bare LF anywhere in it is
   refused as a whole, so no next hop can see two messages where we saw one (pitfall 6, the
-  2023 SMTP-smuggling class).
+  2023 SMTP-smuggling class);
+- a message with a NUL octet anywhere in it is refused as a whole (554 5.6.0): RFC 5321
+  2.3.8 and 4.1.1.4 make message content text, and NUL is not text. It is refused rather
+  than stripped, so that what we pass on is what the sender sent, or nothing;
+- a message that would leave us with more than `max_hops` Received header fields (ours
+  included) is refused at the end of DATA with 554 5.4.6 Too many hops: it is looping (see
+  `mailcore.smtp.hops`). The fields are counted as the header section streams in, and
+  once there are too many the rest of the message is read but not kept;
+- `RCPT TO:<postmaster>` (no domain) is always accepted (RFC 5321 4.5.1) and its mail goes
+  to the `postmaster` address: to that domain's next hop when we serve it, else routed like
+  a bounce to a foreign sender (the `[queue] relayhost`, or the domain's MX). Only that one
+  configured address can be reached this way, so it opens no relay.
 
 Recipients are checked against a `RecipientDirectory` (the DomainService's in-memory
 snapshot: no SQL per RCPT) and accepted messages go to a `MessageSink` (the spool), whose
@@ -54,6 +65,7 @@ from mailcore.smtp.address import (
 )
 from mailcore.smtp.dotstuff import CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.hops import DEFAULT_MAX_HOPS, ReceivedCounter
 from mailcore.smtp.queueid import new_queue_id
 
 log = Logger()
@@ -121,8 +133,19 @@ class SMTPSettings:
     - `max_errors` (20): refused commands and recipients in one session before 421 4.7.0.
     - `max_line_length` (1000): longest DATA line, CRLF included (RFC 5321 4.5.3.1.6).
     - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
+    - `max_hops` (50, as Postfix's `hopcount_limit`): most Received header fields a message
+      may carry when it leaves us, ours included; more is a mail loop, refused at the end of
+      DATA with 554 5.4.6 (a queued message is bounced with 5.4.6 instead).
+    - `postmaster` ("postmaster@" + `hostname`): where mail to `<postmaster>` without a
+      domain goes (RFC 5321 4.5.1 says it must be accepted). A plain `local@domain`
+      address: to its domain's next hop when the gateway serves that domain, else through
+      `[queue] relayhost` or the domain's MX. With the default `hostname` of `localhost`
+      there is nowhere sensible for it to go: it is accepted, has no useful next hop and
+      ends as a bounce to its sender (a warning is logged at start-up). Set `postmaster`,
+      or a `hostname` whose mail reaches you.
 
-    The host name in the greeting and in Received headers is the top-level `hostname`.
+    The host name in the greeting and in Received headers is the top-level `hostname`; it
+    may hold no space or control character, so that no SMTP line can be split by it.
     """
 
     hostname: str = "localhost"
@@ -135,14 +158,24 @@ class SMTPSettings:
     max_errors: int = 20
     max_line_length: int = 1000
     max_command_length: int = 512
+    max_hops: int = DEFAULT_MAX_HOPS
+    postmaster: str = ""  # "" is postmaster@hostname
 
     @classmethod
     def from_config(cls, config: Config) -> SMTPSettings:
         """Read `[smtp]`; a known key with a wrong type or value raises ConfigError."""
         section = config.section("smtp")
-        values: dict[str, Any] = {"hostname": config.hostname}
+        hostname = config.hostname
+        if not hostname or not all("\x21" <= c <= "\x7e" for c in hostname):
+            raise ConfigError(f"hostname {hostname!r} must be a host name without spaces "
+                              "or control characters")
+        values: dict[str, Any] = {"hostname": hostname}
+        if "postmaster" in section:
+            if not isinstance(section["postmaster"], str):
+                raise ConfigError("[smtp] postmaster must be a string")
+            values["postmaster"] = section["postmaster"]
         for f in fields(cls):
-            if f.name == "hostname" or f.name not in section:
+            if f.name in ("hostname", "postmaster") or f.name not in section:
                 continue
             value = section[f.name]
             numeric = (int,) if f.type in ("int", int) else (int, float)
@@ -152,7 +185,34 @@ class SMTPSettings:
         settings = cls(**values)
         if settings.max_line_length < 80 or settings.max_command_length < 80:
             raise ConfigError("[smtp] line length limits must be at least 80")
+        try:
+            postmaster_mailbox(settings)
+        except ValueError as e:
+            hint = "" if settings.postmaster else " (the default, from hostname); set it"
+            raise ConfigError(f"[smtp] postmaster: {e}{hint}") from None
         return settings
+
+    @property
+    def postmaster_address(self) -> str:
+        """Where mail to `<postmaster>` goes: the `postmaster` key, else postmaster@hostname."""
+        return self.postmaster or f"postmaster@{self.hostname}"
+
+
+def postmaster_mailbox(settings: SMTPSettings) -> Mailbox:
+    """The `postmaster` address parsed as a recipient would be; ValueError when it is not a
+    plain `local@domain` (no source route, %-hack, quotes or address literal, and, since
+    the parser takes only printable ASCII, no CR, LF or other control character that could
+    end up splitting an SMTP command line)."""
+    address = settings.postmaster_address
+    try:
+        mailbox, params = parse_rcpt_to(f"TO:<{address}>")
+    except PathError as e:
+        raise ValueError(f"{address!r} is not a usable address ({e.text})") from None
+    reason = relay_refusal(mailbox)
+    if params or not mailbox.domain or reason is not None:
+        raise ValueError(f"{address!r} is not a plain local@domain address"
+                         + (f" ({reason})" if reason else ""))
+    return mailbox
 
 
 # -- the Received header ----------------------------------------------------------------
@@ -256,12 +316,15 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._recipients: list[Recipient] = []
         self._seen: set[str] = set()
         # DATA: chunks received so far, their size, the last 4 octets (to find the end
-        # marker across chunk boundaries), and whether the size limit was passed.
+        # marker across chunk boundaries), whether the size limit was passed, and the
+        # Received fields of the header section (whether there are too many).
         self._in_data = False
         self._chunks: list[bytes] = []
         self._data_len = 0
         self._tail = b""
         self._overflow = False
+        self._hops = ReceivedCounter(stuffed=True)
+        self._looping = False
         # Timers.
         self._last_activity = 0.0
         self._idle_call: IDelayedCall | None = None
@@ -607,10 +670,6 @@ class ESMTPServerProtocol(TwistedProtocol):
         if reason is not None:
             self._error(550, "5.7.1", f"<{mailbox}>: Relaying denied: {reason}")
             return None
-        if not mailbox.domain:
-            self._error(550, "5.1.1", "<postmaster>: no local mailboxes here; "
-                                      "write to postmaster@ a domain we serve")
-            return None
         directory = self.factory.directory
         if not directory.loaded:
             return defer.Deferred.fromCoroutine(self._rcpt_when_loaded(mailbox))
@@ -627,6 +686,13 @@ class ESMTPServerProtocol(TwistedProtocol):
 
     def _check_recipient(self, mailbox: Mailbox) -> None:
         directory = self.factory.directory
+        if not mailbox.domain:
+            # <postmaster>: RFC 5321 4.5.1 says accept it; it goes to the configured address,
+            # in a served domain (its next hop) or not (routed like a foreign recipient).
+            postmaster = self.factory.postmaster
+            served = directory.lookup(postmaster.domain)
+            self._add_recipient(str(postmaster), served.id if served is not None else None)
+            return
         domain = directory.lookup(mailbox.domain)
         address = str(mailbox)
         if domain is None:
@@ -635,10 +701,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         if not directory.accepts(mailbox.local_part, mailbox.domain):
             self._error(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
             return
+        self._add_recipient(address, domain.id)
+
+    def _add_recipient(self, address: str, domain_id: int | None) -> None:
         key = address.lower()
         if key not in self._seen:
             self._seen.add(key)
-            self._recipients.append(Recipient(address=address, domain_id=domain.id))
+            self._recipients.append(Recipient(address=address, domain_id=domain_id))
         self.reply(250, "2.1.5", "Ok")
 
     def do_DATA(self, arg: str) -> None:
@@ -657,6 +726,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._data_len = 0
         self._tail = b"\r\n"  # DATA's own CRLF: a message may be just ".\r\n"
         self._overflow = False
+        self._hops = ReceivedCounter(stuffed=True)
+        self._looping = False
 
     # -- DATA -----------------------------------------------------------------------------
 
@@ -686,12 +757,20 @@ class ESMTPServerProtocol(TwistedProtocol):
         if not piece:
             return
         self._data_len += len(piece)
-        if self._overflow:
+        if self._overflow or self._looping:
             return
         if self._data_len > self.settings.max_message_size:
             self._overflow = True
             self._chunks = []
             return
+        hops = self._hops
+        if hops.in_header:
+            hops.feed(piece)
+            # With the Received field we would add: more than max_hops is a loop.
+            if hops.count + 1 > self.settings.max_hops:
+                self._looping = True
+                self._chunks = []
+                return
         self._chunks.append(piece)
 
     def _trim(self, count: int) -> None:
@@ -708,11 +787,16 @@ class ESMTPServerProtocol(TwistedProtocol):
         """The message is complete: check it, then hand it to the sink (asynchronously)."""
         self._in_data = False
         chunks, self._chunks = self._chunks, []
-        overflow = self._overflow
+        overflow, looping = self._overflow, self._looping
         mail_from, recipients = self._mail_from or "", tuple(self._recipients)
         self._reset_transaction()
         if overflow:
             self._error(552, "5.3.4", "Error: message size exceeds fixed limit")
+            return
+        if looping:
+            # Counted as the client sent it: ours would be one more.
+            self._error(554, "5.4.6", f"Too many hops (more than {self.settings.max_hops - 1} "
+                                      "Received header fields); message refused")
             return
         queue_id = new_queue_id(self.clock.seconds())
         header = received_header(
@@ -733,6 +817,10 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         if _line_too_long(data, len(header), self.settings.max_line_length):
             self._error(500, "5.5.2", "Error: line too long; message refused")
+            return
+        if b"\x00" in data:
+            # RFC 5321: the content is text. Refused rather than stripped (module docstring).
+            self._error(554, "5.6.0", "Error: NUL character in message data; message refused")
             return
         if b"\r\n." in data:
             data = data.replace(b"\r\n.", b"\r\n")  # undo dot-stuffing (RFC 5321 4.5.2)
@@ -807,6 +895,11 @@ class SMTPServerFactory(ServerFactory):
         self.sink = sink
         self.clock = clock
         self.tls = tls  # an IOpenSSLContextFactory (CertificateOptions) for STARTTLS, or None
+        self.postmaster = postmaster_mailbox(settings)  # where <postmaster> goes
+        if "." not in self.postmaster.domain:
+            log.warn("mail to <postmaster> goes to {address}, which has no next hop: set "
+                     "[smtp] postmaster (or a hostname whose mail reaches you)",
+                     address=str(self.postmaster))
         self.connections = 0
         self.per_ip: dict[str, int] = {}
 
