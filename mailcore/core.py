@@ -20,9 +20,9 @@ from filters import FilterChain, build_chain
 from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import ChargeBatcher, TokenService, TokenSettings
-from mailcore.config import Config, ConfigError
+from mailcore.config import Config
 from mailcore.fetch import FetchServices, build_fetch
-from mailcore.gateway.domains import DEFAULT_REFRESH_INTERVAL, DomainService
+from mailcore.gateway.domains import DomainService, DomainSettings
 from mailcore.gateway.filtering import (
     ChainService,
     FilteringStage,
@@ -77,10 +77,11 @@ class Core:
     filter_service: ChainService = field(init=False)
 
     def __post_init__(self) -> None:
-        refresh = self.config.section("domains").get("refresh_interval", DEFAULT_REFRESH_INTERVAL)
-        if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh <= 0:
-            raise ConfigError("[domains] refresh_interval must be a positive number of seconds")
-        self.domains = DomainService(self.db, self.clock, refresh_interval=float(refresh))
+        domain_settings = DomainSettings.from_config(self.config.section("domains"))
+        self.domains = DomainService(
+            self.db, self.clock, refresh_interval=domain_settings.refresh_interval,
+            poll_interval=domain_settings.poll_interval,
+        )
         self.fetch = build_fetch(
             self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch")
         )

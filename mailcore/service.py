@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from mailcore.config import Config, DaemonOptions
 from mailcore.core import Core
+from mailcore.files import restrict_umask
 from mailcore.store import Database
 from mailcore.tls import ensure_certificate
 
@@ -69,7 +70,11 @@ class OrderedMultiService(service.MultiService):
 
 
 def build_core(config: Config, reactor: IReactorCore) -> Core:
-    """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks."""
+    """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks.
+
+    What it creates is private to this user: the process umask gets 077 first (the CLI
+    comes here first; see mailcore.files)."""
+    restrict_umask()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.database_url, reactor)  # type: ignore[arg-type]
     db.migrate_blocking()
@@ -84,6 +89,9 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     from twisted.internet import reactor
 
     config: Config = options.config
+    # Before anything is written: the data dir, the database, its WAL, the lock file and
+    # twistd's log file (opened when this returns) are private to this user.
+    restrict_umask()
     core = build_core(config, reactor)  # type: ignore[arg-type]
     top = OrderedMultiService()
     StoreService(core.db).setServiceParent(top)

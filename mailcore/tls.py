@@ -13,6 +13,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.logger import Logger
 
+from mailcore.files import PRIVATE_FILE_MODE, private_directory
+
 log = Logger()
 
 
@@ -32,8 +34,9 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    private_directory(key_path.parent)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    os.fchmod(fd, PRIVATE_FILE_MODE)  # a key file left from before keeps no wider mode
     with os.fdopen(fd, "wb") as f:
         f.write(
             key.private_bytes(

@@ -7,6 +7,8 @@ Identity on the same store afterwards.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -60,6 +62,17 @@ class InitTests(IdentityCliTestCase):
         )
         # Running it again changes nothing and still succeeds.
         self.assertEqual(await self.ok("init"), out)
+
+    async def test_init_makes_everything_private_under_a_usual_umask(self) -> None:
+        previous = os.umask(0o022)  # the CLI inherits it: it must not make 0644 files
+        self.addCleanup(os.umask, previous)
+        await self.ok("init")
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        self.assertEqual(stat.S_IMODE(self.data_dir.stat().st_mode), 0o700)
+        made = [p for p in self.data_dir.rglob("*") if p.is_file()]
+        self.assertIn(self.data_dir / "mailcore.sqlite", made)
+        for path in made:
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode) & 0o077, 0, path)
 
     async def test_relative_data_dir_is_resolved_against_cwd(self) -> None:
         result = await self.run_cli("--data-dir", "rel", "init")
@@ -140,6 +153,20 @@ class CredentialTests(IdentityCliTestCase):
         self.assertIsNone(await identity.resolve(key, ("apikey",)))
         self.assertEqual((await self.ok("apikey", "list", "alice")).splitlines()[1].split()[-1],
                          "yes")
+
+    async def test_apikey_revoke_ends_the_sessions_made_with_the_key(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        key = (await self.ok("apikey", "create", "alice")).strip()
+        identity = await self.identity()
+        principal = await identity.resolve(key, ("apikey",))
+        assert principal is not None
+        # What safedrop's GET /auth makes from the key.
+        session, _ = await identity.create_credential(
+            principal.user.id, "session", parent_id=principal.credential_id
+        )
+        self.assertIsNotNone(await identity.resolve(session, ("session",)))
+        await self.ok("apikey", "revoke", "alice", key[:8])
+        self.assertIsNone(await identity.resolve(session, ("session",)))
 
     async def test_token_create_prints_a_token_alone(self) -> None:
         await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")

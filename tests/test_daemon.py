@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +67,14 @@ class DaemonTestCase(TestCase):
         self.http_port = free_port()
         self.smtp_port = free_port()
 
-    async def start_daemon(self, *extra: str) -> ServerProcess:
-        """twistd -n mailcore on this test's ports; waits until HTTP and SMTP listen."""
+    async def start_daemon(
+        self, *extra: str, twistd_options: Sequence[str] = ()
+    ) -> ServerProcess:
+        """twistd -n mailcore on this test's ports; waits until HTTP and SMTP listen.
+        `extra` go to mailcore, `twistd_options` to twistd (before the plugin name)."""
         daemon = ServerProcess(
             [
-                *TWISTD, "-n", "--pidfile=", "mailcore",
+                *TWISTD, "-n", "--pidfile=", *twistd_options, "mailcore",
                 "--data-dir", str(self.data_dir),
                 "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
                 "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1",
@@ -150,6 +155,29 @@ class DaemonLifecycleTests(DaemonTestCase):
         self.assertNotIn("generated a self-signed", again.stdout_path.read_text())
         self.assertEqual(cert.read_bytes(), before)
         await self.stop_cleanly(again)
+
+    async def test_log_file_data_dir_database_and_wal_are_private(self) -> None:
+        """Under the usual login umask 022 (which `twistd -n` keeps) the daemon still makes
+        its data dir 0700 and every file 0600, twistd's log file included."""
+        previous = os.umask(0o022)  # the child inherits it
+        self.addCleanup(os.umask, previous)
+        logfile = self.base / "twistd.log"
+        daemon = await self.start_daemon(twistd_options=("--logfile", str(logfile)))
+        self.assertPrivate(logfile)
+        await daemon.stop(grace=10.0)
+
+    def assertPrivate(self, logfile: Path) -> None:
+        """The data dir is 0700; the log file and every file in the data dir 0600."""
+        database = self.data_dir / "mailcore.sqlite"
+        wal, shm = Path(f"{database}-wal"), Path(f"{database}-shm")
+        self.assertTrue(wal.exists(), "the running daemon's database has a WAL")
+        self.assertEqual(stat.S_IMODE(self.data_dir.stat().st_mode), 0o700)
+        made = [p for p in self.data_dir.rglob("*") if p.is_file()]
+        for path in (database, wal, shm, self.data_dir / "tls" / "key.pem"):
+            self.assertIn(path, made)
+        for path in [logfile, *made]:
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600, path)
+        self.assertIn("mailcore starting", logfile.read_text())
 
     async def test_runs_on_postgresql(self) -> None:
         url = await create_test_database(self)

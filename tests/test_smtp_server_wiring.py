@@ -81,15 +81,24 @@ class CoreWiringTests(TestCase):
         self.assertIsNone(core.smtp_factory().tls)
 
     def test_the_domain_service_runs_in_the_background(self) -> None:
-        core, reactor = self.core(Config(sections={"domains": {"refresh_interval": 5}}))
+        core, reactor = self.core(Config(sections={"domains": {"refresh_interval": 5,
+                                                               "poll_interval": 0.25}}))
         self.assertIn(core.domains, core.background_services())
-        self.assertEqual(core.domains.refresh_interval, 5)
+        self.assertEqual((core.domains.refresh_interval, core.domains.poll_interval),
+                         (5, 0.25))
         core.domains.startService()
         self.assertTrue(core.domains.loaded)
-        self.assertEqual([c.getTime() for c in reactor.getDelayedCalls()], [5])
+        self.assertEqual([c.getTime() for c in reactor.getDelayedCalls()], [0.25])
         core.domains.stopService()
         self.assertEqual(reactor.getDelayedCalls(), [])
 
-    def test_bad_refresh_interval(self) -> None:
-        with self.assertRaises(ConfigError):
-            self.core(Config(sections={"domains": {"refresh_interval": 0}}), tls=False)
+    def test_bad_domains_settings_are_one_line_naming_the_key(self) -> None:
+        for section, key in (({"refresh_interval": 0}, "refresh_interval"),
+                             ({"poll_interval": -1}, "poll_interval"),
+                             ({"poll_interval": True}, "poll_interval"),
+                             ({"pol_interval": 1}, "pol_interval")):
+            with self.subTest(section=section):
+                with self.assertRaises(ConfigError) as cm:
+                    self.core(Config(sections={"domains": section}), tls=False)
+                self.assertIn("[domains]", str(cm.exception))
+                self.assertIn(key, str(cm.exception))

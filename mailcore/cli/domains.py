@@ -1,8 +1,9 @@
 """`mailcore domain …` and `mailcore address …`: the served domains and their address lists.
 
-A running daemon sees changes made here within its `[domains] refresh_interval` (30 s by
-default), since it answers RCPTs from an in-memory snapshot of these tables; its queue picks
-up a changed next hop or TLS policy within `[queue] route_cache_seconds` (30 s).
+A running daemon serves changes made here within about its `[domains] poll_interval` (0.5 s):
+each change raises the store's domain change counter, which every node polls before
+reloading its in-memory RCPT snapshot; its queue picks up a changed next hop or TLS policy
+within `[queue] route_cache_seconds` (30 s).
 
 Each domain may override the outbound STARTTLS policy of `[queue] tls` (default
 verify-if-offered) with `--tls`: "may" for a customer's server with a self-signed

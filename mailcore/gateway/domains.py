@@ -9,9 +9,16 @@ disagree. When a domain has an address list only those local parts are accepted;
 list accepts every local part.
 
 The SMTP server asks `lookup` and `accepts` for every RCPT, so they answer from an
-in-memory snapshot and never touch SQL. The snapshot is reloaded after every change made
-through this service, and every `refresh_interval` seconds, since several nodes may share
-one database and change it behind our back.
+in-memory snapshot and never touch SQL. Several nodes may share one database, and the admin
+CLI is a process of its own, so every change made through this service also raises the
+one-row `domain_generation` counter in the same transaction. A running service reads that
+counter every `poll_interval` seconds (0.5 by default: one primary-key read) and reloads the
+whole snapshot only when it moved; a change is therefore served on every node within about
+`poll_interval` of its commit (and at once on the node that made it). Every
+`refresh_interval` seconds (300 by default) the snapshot is reloaded anyway, for rows written
+behind the service's back. A RCPT for a domain that is not in the snapshot is refused at once
+(550) rather than looked up in the store: the poll keeps that window under a second without
+putting SQL on the RCPT path, which unknown-domain floods would otherwise reach.
 """
 
 from __future__ import annotations
@@ -32,15 +39,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.config import ConfigError
 from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
-from mailcore.store.schema import domain_addresses, domains, users
+from mailcore.store.schema import domain_addresses, domain_generation, domains, users
 
 log = Logger()
 
 DEFAULT_PORT = 25
-DEFAULT_REFRESH_INTERVAL = 30.0
+DEFAULT_POLL_INTERVAL = 0.5
+DEFAULT_REFRESH_INTERVAL = 300.0
 ACTIONS = (0, 1)  # seed 004: 0 quarantine, 1 tag and deliver
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -362,14 +371,67 @@ def _find_domain_txn(conn: Connection, name: str, owner_id: int | None) -> Domai
     return _domain(row)
 
 
-def _snapshot_txn(conn: Connection) -> tuple[dict[str, Domain], dict[int, frozenset[str]]]:
-    """Blocking: every domain and every address list, for the RCPT snapshot."""
+@dataclass(frozen=True)
+class _Snapshot:
+    generation: int
+    by_name: dict[str, Domain]
+    addresses: dict[int, frozenset[str]]
+
+
+def _generation_txn(conn: Connection) -> int:
+    """Blocking: the domain change counter (0 if its row is missing)."""
+    value = conn.execute(
+        select(domain_generation.c.generation).where(domain_generation.c.id == 1)
+    ).scalar()
+    return int(value or 0)
+
+
+def _bump_generation_txn(conn: Connection) -> None:
+    """Blocking: raise the change counter, inside the transaction that changes domains."""
+    result = conn.execute(
+        update(domain_generation)
+        .where(domain_generation.c.id == 1)
+        .values(generation=domain_generation.c.generation + 1)
+    )
+    if result.rowcount == 0:
+        conn.execute(insert(domain_generation).values(id=1, generation=1))
+
+
+def _snapshot_txn(conn: Connection) -> _Snapshot:
+    """Blocking: the change counter, then every domain and address list (RCPT snapshot).
+
+    The counter is read first: under READ COMMITTED (PostgreSQL) a change committed between
+    the statements then shows in the rows and moves the counter past the value kept, which
+    costs one more reload at worst, never a missed change.
+    """
+    generation = _generation_txn(conn)
     by_name = {d.name: d for d in map(_domain, conn.execute(select(domains)))}
     lists: dict[int, set[str]] = {}
     rows = conn.execute(select(domain_addresses.c.domain_id, domain_addresses.c.local_part))
     for domain_id, local_part in rows:
         lists.setdefault(domain_id, set()).add(local_part.lower())
-    return by_name, {k: frozenset(v) for k, v in lists.items()}
+    return _Snapshot(generation, by_name, {k: frozenset(v) for k, v in lists.items()})
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """The `[domains]` table: how fresh each node's RCPT snapshot is kept (seconds)."""
+
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    refresh_interval: float = DEFAULT_REFRESH_INTERVAL
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> DomainSettings:
+        """From `[domains]`; an unknown key or a value that is not a positive number of
+        seconds raises ConfigError naming it."""
+        values: dict[str, float] = {}
+        for key, value in section.items():
+            if key not in ("poll_interval", "refresh_interval"):
+                raise ConfigError(f"[domains] unknown key {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"[domains] {key} must be a positive number of seconds")
+            values[key] = float(value)
+        return cls(**values)
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -378,10 +440,12 @@ def _snapshot_txn(conn: Connection) -> tuple[dict[str, Domain], dict[int, frozen
 class DomainService(PeriodicService):
     """Domains and address lists in the store, with a snapshot for per-RCPT checks.
 
-    As a twisted Service it loads the snapshot when started and reloads it every
-    `refresh_interval` seconds on `clock` until stopped (the daemon reads it from the TOML
-    table `[domains] refresh_interval`, default 30). Used without starting (the admin CLI),
-    it is a plain store API and keeps no snapshot.
+    As a twisted Service it loads the snapshot when started, then every `poll_interval`
+    seconds on `clock` reads the change counter and reloads when it moved (or when
+    `refresh_interval` has passed since the last reload), until stopped. The daemon reads
+    both from the TOML table `[domains]` (`DomainSettings`). Used without starting (the
+    admin CLI), it is a plain store API and keeps no snapshot; its changes still raise the
+    counter, which is how a running daemon hears of them.
     """
 
     name = "domains"
@@ -392,50 +456,90 @@ class DomainService(PeriodicService):
         clock: IReactorTime,
         *,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         if refresh_interval <= 0:
             raise ValueError("refresh_interval must be positive")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
         self.db = db
         self.clock = clock
         self.refresh_interval = refresh_interval
+        self.poll_interval = poll_interval
         self._by_name: dict[str, Domain] = {}
         self._by_id: dict[int, Domain] = {}
         self._addresses: dict[int, frozenset[str]] = {}
+        self._generation = -1
+        self._loaded_at = 0.0
         self._loaded = False
+        self._failures = 0
         self._lock = defer.DeferredLock()
-        self._loading: defer.Deferred[None] | None = None
+        self._checking: defer.Deferred[None] | None = None
         self._waiters: list[defer.Deferred[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    # A reload in flight at stop finishes on its own (the store waits for it).
+    # A check in flight at stop finishes on its own (the store waits for it).
 
     def interval(self) -> float:
-        return self.refresh_interval
+        return self.poll_interval
 
     def tick(self) -> defer.Deferred[None]:
-        """One periodic reload; failures are logged and never stop the loop."""
-        return self._start_load()
+        """One poll of the change counter; failures are logged and never stop the loop."""
+        return self._start_check()
 
-    def _start_load(self) -> defer.Deferred[None]:
-        """Begin a reload unless one is already running; the Deferred never fails."""
-        if self._loading is None:
-            loading = defer.Deferred.fromCoroutine(self._load_logged())
-            if not loading.called:
-                self._loading = loading
-                loading.addBoth(self._load_done)
-            return loading
-        return self._loading
+    def _start_check(self) -> defer.Deferred[None]:
+        """Begin a check unless one is already running; the Deferred never fails."""
+        if self._checking is None:
+            checking = defer.Deferred.fromCoroutine(self._check_logged())
+            if not checking.called:
+                self._checking = checking
+                checking.addBoth(self._check_done)
+            return checking
+        return self._checking
 
-    def _load_done(self, result: object) -> object:
-        self._loading = None
+    def _check_done(self, result: object) -> object:
+        self._checking = None
         return result
 
-    async def _load_logged(self) -> None:
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once no check or reload started by the timer is in flight."""
+        if self._checking is None:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def finished(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._checking.addBoth(finished)
+        return done
+
+    async def _check_logged(self) -> None:
+        # The first failure is logged with its traceback; the rest of a run of failures
+        # (a database down for a minute would be 120 of them) only when it ends.
         try:
-            await self.refresh()
+            await self._check()
         except Exception as e:
-            log.failure("could not load the domain snapshot", Failure(e))
+            self._failures += 1
+            if self._failures == 1:
+                log.failure(
+                    "could not load the domain snapshot (retrying every {interval} s)",
+                    Failure(e), interval=self.poll_interval,
+                )
+            return
+        if self._failures:
+            log.info("domain snapshot loaded again after {count} failed attempts",
+                     count=self._failures)
+            self._failures = 0
+
+    async def _check(self) -> None:
+        """Reload when nothing is loaded yet, when the change counter moved, or when the
+        periodic full reload is due."""
+        if self._loaded and self.clock.seconds() - self._loaded_at < self.refresh_interval:
+            if await self.db.read("domain_generation", _generation_txn) == self._generation:
+                return
+        await self.refresh()
 
     # -- the snapshot (no SQL on these paths) ---------------------------------------------
 
@@ -450,7 +554,7 @@ class DomainService(PeriodicService):
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._waiters.append(waiter)
-        self._start_load()
+        self._start_check()
         return waiter
 
     def lookup(self, domain_name: str) -> Domain | None:
@@ -488,8 +592,9 @@ class DomainService(PeriodicService):
         """Reload the snapshot from the store. Reloads run one at a time, in order."""
         await self._lock.acquire()
         try:
+            started = self.clock.seconds()
             try:
-                by_name, lists = await self.db.read("domain_snapshot", _snapshot_txn)
+                snapshot = await self.db.read("domain_snapshot", _snapshot_txn)
             except Exception as e:
                 waiters, self._waiters = self._waiters, []
                 if not self._loaded:
@@ -499,9 +604,11 @@ class DomainService(PeriodicService):
                     for waiter in waiters:
                         waiter.callback(None)
                 raise
-            self._by_name = by_name
-            self._by_id = {d.id: d for d in by_name.values()}
-            self._addresses = lists
+            self._by_name = snapshot.by_name
+            self._by_id = {d.id: d for d in snapshot.by_name.values()}
+            self._addresses = snapshot.addresses
+            self._generation = snapshot.generation
+            self._loaded_at = started
             self._loaded = True
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -540,6 +647,7 @@ class DomainService(PeriodicService):
                 conn.execute(insert(domains).values(**values))
             except IntegrityError:
                 raise DomainError(f"Domain {domain_name} is already served.", "domain") from None
+            _bump_generation_txn(conn)
             return _find_domain_txn(conn, domain_name, None)
 
         domain = await self.db.run("add_domain", txn)
@@ -590,6 +698,7 @@ class DomainService(PeriodicService):
                 values["tls"] = None
             if values:
                 conn.execute(update(domains).where(domains.c.id == found.id).values(**values))
+                _bump_generation_txn(conn)
             return _find_domain_txn(conn, domain_name, None)
 
         domain = await self.db.run("update_domain", txn)
@@ -604,6 +713,7 @@ class DomainService(PeriodicService):
             found = _find_domain_txn(conn, domain_name, owner_id)
             conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id == found.id))
             conn.execute(delete(domains).where(domains.c.id == found.id))
+            _bump_generation_txn(conn)
 
         await self.db.run("remove_domain", txn)
         await self._changed()
@@ -628,6 +738,7 @@ class DomainService(PeriodicService):
             if exists is not None:
                 return False
             conn.execute(insert(domain_addresses).values(domain_id=found.id, local_part=local))
+            _bump_generation_txn(conn)
             return True
 
         added = await self.db.run("add_domain_address", txn)
@@ -652,6 +763,7 @@ class DomainService(PeriodicService):
             )
             if result.rowcount == 0:
                 raise DomainError(f"{local}@{domain_name} is not in the address list.", "address")
+            _bump_generation_txn(conn)
 
         await self.db.run("remove_domain_address", txn)
         await self._changed()

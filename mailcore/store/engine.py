@@ -2,18 +2,22 @@
 
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, and explicit BEGIN statements so that writers take the lock up front
-(`BEGIN IMMEDIATE`) instead of failing on a read-to-write upgrade.
+(`BEGIN IMMEDIATE`) instead of failing on a read-to-write upgrade. A new database file is
+made 0600 before SQLite opens it; SQLite gives its `-wal` and `-shm` files the same mode.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
+
+from mailcore.files import private_file
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -35,6 +39,11 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
         kwargs["poolclass"] = StaticPool
+    elif not parsed.query.get("uri") and not parsed.database.startswith("file:"):
+        try:
+            private_file(Path(parsed.database))
+        except OSError:
+            pass  # SQLite says what is wrong (no such directory, ...) when it connects
     engine = create_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine

@@ -14,7 +14,7 @@ from mailcore.store.schema.billing import (
     token_tanks,
     token_usage,
 )
-from mailcore.store.schema.domains import domain_addresses, domains
+from mailcore.store.schema.domains import domain_addresses, domain_generation, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
 from mailcore.store.schema.messages import (
@@ -35,6 +35,7 @@ __all__ = [
     "billing_counters",
     "credentials",
     "domain_addresses",
+    "domain_generation",
     "domains",
     "fetch_accounts",
     "fetch_folders",

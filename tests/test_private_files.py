@@ -1,0 +1,89 @@
+"""What the daemon and the CLI create is private: the data dir 0700, the database, its WAL
+and shared-memory files and every key 0600, even when the process started with the usual
+login umask 022. The daemon (its log file too) is checked in tests.test_daemon, the CLI in
+tests.test_cli."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from mailcore.files import private_directory, private_file, restrict_umask
+from mailcore.service import build_core
+from mailcore.store.engine import make_engine
+from tests.support.reactor import get_reactor
+from tests.support.servers import tempdir_for
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+class UmaskTestCase(TestCase):
+    def setUp(self) -> None:
+        self.base = tempdir_for(self, "mailcore-files-")
+        previous = os.umask(0o022)  # a usual login umask: what we must not inherit
+        self.addCleanup(os.umask, previous)
+
+
+class BuildCoreTests(UmaskTestCase):
+    def assertPrivate(self, data_dir: Path) -> None:
+        database = data_dir / "mailcore.sqlite"
+        wal, shm = Path(f"{database}-wal"), Path(f"{database}-shm")
+        self.assertTrue(wal.exists() and shm.exists())  # the store is open: WAL mode
+        self.assertEqual(mode(data_dir), 0o700)
+        self.assertEqual(mode(data_dir / "tls"), 0o700)
+        for private in (database, wal, shm, data_dir / "tls" / "key.pem",
+                        data_dir / "fetch.key", data_dir / "quarantine.key"):
+            self.assertEqual(mode(private), 0o600, private.name)
+
+    async def test_data_dir_database_wal_and_keys_are_private(self) -> None:
+        data_dir = self.base / "nested" / "var"
+        core = build_core(Config(data_dir=data_dir), get_reactor())
+        await core.db.open()
+        try:
+            await core.identity.create_user("alice", "alice@example.test", "pw")
+            core.fetch.load_key()
+            core.quarantine.signer.sign("1", 0)
+            self.assertPrivate(data_dir)
+        finally:
+            core.cpu.stop()
+            await core.db.close()
+        # What the process makes afterwards (twistd's log file) is private too.
+        self.assertEqual(os.umask(0o077) & 0o077, 0o077)
+
+
+class HelperTests(UmaskTestCase):
+    def test_a_new_database_file_is_0600_whatever_the_umask(self) -> None:
+        url = f"sqlite:///{self.base / 'plain.sqlite'}"
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+                for suffix in ("", "-wal", "-shm"):
+                    self.assertEqual(mode(self.base / f"plain.sqlite{suffix}"), 0o600, suffix)
+        finally:
+            engine.dispose()
+
+    def test_existing_files_and_directories_keep_their_mode(self) -> None:
+        shared = self.base / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o750)  # noqa: S103 - an operator's choice, which must be kept
+        private_directory(shared)
+        self.assertEqual(mode(shared), 0o750)
+        kept = shared / "kept"
+        kept.write_bytes(b"x")
+        os.chmod(kept, 0o640)
+        private_file(kept)
+        self.assertEqual((mode(kept), kept.read_bytes()), (0o640, b"x"))
+
+    def test_restrict_umask_adds_077_and_keeps_a_stricter_one(self) -> None:
+        os.umask(0o027)
+        self.assertEqual(restrict_umask(), 0o027)
+        self.assertEqual(os.umask(0o277), 0o077)
+        restrict_umask()
+        self.assertEqual(os.umask(0o022), 0o277)
