@@ -17,6 +17,11 @@ released message was judged already). For a relay message:
    `X-Spam-Score`, `X-Spam-Status: Yes, score=… required=… tests=…`, for a virus
    `X-Virus-Status: Infected (names)`, and the subject tag. Clean mail is not touched.
 
+A recipient outside the served domains (mail to `<postmaster>` when `[smtp] postmaster`
+is such an address: the only one the SMTP server accepts) costs no token and is never
+quarantined, there being no owner to charge or to release it: it is scanned with the
+rest and tagged when not clean.
+
 The queue runner runs the pipeline before it takes a connection to the next hop, for at
 most `max_scans` messages at a time (the others wait their turn, already counted in the
 runner's memory bound), so a slow filter never holds an outbound connection and a burst
@@ -132,7 +137,9 @@ class FilteringStage:
         by_domain: dict[int, list[str]] = {}
         doms: dict[int, Domain] = {}
         for rcpt in message.recipients:
-            dom = self.domains.domain_by_id(rcpt.domain_id) if rcpt.domain_id else None
+            if rcpt.domain_id is None:
+                continue  # the postmaster outside the served domains (module docstring)
+            dom = self.domains.domain_by_id(rcpt.domain_id)
             if dom is None:
                 return Decision(Action.DEFER, reason="4.3.0 recipient domain not known to the "
                                 "filtering policy yet")
