@@ -1,6 +1,6 @@
 """The queue runner on a Clock: hand-off from the spool, deferral and the retry schedule,
 lifetime expiry, bounces, connection reuse, the TLS policies (verify-if-offered by default,
-opportunistic fallback under `may`), stop."""
+opportunistic fallback under `may`), stop, and the hop limit on queued mail (5.4.6)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
 from mailcore.queue.settings import QueueSettings
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.mailsink import done
+from tests.support.mailsink import done, envelope
 from tests.support.queuetest import BODY, QueueTestCase
 
 HOP = Hop("10.0.0.1", 2525)  # with the default TLS policy, as the router gives it
@@ -364,3 +364,65 @@ class MetricsTests(RunnerTestBase):
         await self.accept("Q1", "b@customer.test")
         self.assertEqual(self.connector.delivered, [])
         self.assertEqual(self.rows()["b@customer.test"][0], "deferred")
+
+
+def looped(hops: int) -> bytes:
+    """A message that went round `hops` times: folded Received fields, then the rest."""
+    received = b"".join(
+        b"Received: from gw.test (gw.test [192.0.2.1])\r\n"
+        b"\tby gw.test (Mailcore) with ESMTP id Q%d; Sun, 15 Jun 2025 15:06:40 +0000\r\n"
+        % n for n in range(hops)
+    )
+    return received + BODY
+
+
+class HopLimitTests(RunnerTestBase):
+    """A queued message with more Received fields than `[smtp] max_hops` (50) is in a loop:
+    bounced with 5.4.6 (one DSN to its sender), never delivered."""
+
+    async def queue(self, kind: str, sender: str, hops: int) -> None:
+        env = envelope(sender, ("b@customer.test", self.domain), kind=kind)
+        await self.q.spool.accept("Q1", env, looped(hops))
+
+    async def test_a_looping_released_message_is_bounced_with_5_4_6(self) -> None:
+        await self.queue("release", "sender@remote.test", 51)
+        self.assertEqual(self.rows()["b@customer.test"][0], "bounced")
+        view = done(self.db.read("show", thd_show, "Q1"))
+        self.assertEqual(view.recipients[0].last_error,
+                         "5.4.6 Too many hops (51 Received header fields, limit 50)")
+        # nothing went to the customer's server; the one DSN went to the sender
+        [(_hop, sender, rcpts, body, _tls)] = self.connector.delivered
+        self.assertEqual((sender, rcpts), ("", ["sender@remote.test"]))
+        report: Any = message_from_bytes(body)
+        [group] = report.get_payload()[1].get_payload()[1:]
+        self.assertEqual((group["Final-Recipient"], group["Status"]),
+                         ("rfc822; b@customer.test", "5.4.6"))
+
+    async def test_a_queued_message_at_the_limit_is_delivered(self) -> None:
+        await self.queue("release", "sender@remote.test", 50)
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+        self.assertEqual(self.connector.delivered[0][3], looped(50))
+
+    async def test_a_looping_bounce_is_dropped_without_another_bounce(self) -> None:
+        await self.queue("bounce", "", 60)
+        self.assertEqual(self.rows()["b@customer.test"][0], "bounced")
+        self.assertEqual(self.connector.delivered, [])
+
+    async def test_the_limit_is_the_smtp_max_hops_setting(self) -> None:
+        self.runner.max_hops = 100
+        await self.queue("digest", "sender@remote.test", 60)
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+
+    def test_build_queue_reads_max_hops_from_the_smtp_table(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from mailcore.config import Config
+        from mailcore.queue import build_queue
+        from mailcore.smtp.hops import DEFAULT_MAX_HOPS
+
+        def runner_of(config: Config) -> Any:
+            return build_queue(config, self.db, self.clock, CollectorRegistry(),
+                               connector=self.connector, settings=self.q.settings).runner
+
+        self.assertEqual(runner_of(Config()).max_hops, DEFAULT_MAX_HOPS)
+        self.assertEqual(runner_of(Config(sections={"smtp": {"max_hops": 7}})).max_hops, 7)

@@ -297,3 +297,17 @@ class StopWithScansTests(PipelineRunnerBase):
         await stopping
         self.assertEqual(self.rows(), {"b@customer.test": ("queued", None),
                                        "c@customer.test": ("queued", None)})
+
+
+class HopLimitBeforeThePipelineTests(PipelineRunnerBase):
+    async def test_a_looping_message_is_bounced_before_any_stage_sees_it(self) -> None:
+        stage = Stage()
+        self.use(stage)
+        field = b"Received: from gw.test\r\n\tby gw.test (Mailcore)\r\n"
+        await self.accept("Q1", "b@customer.test", sender="", body=field * 51 + BODY)
+        self.assertEqual(stage.seen, [])  # not filtered, so no tokens charged for it
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.states(), {"b@customer.test": "bounced"})
+        await self.accept("Q2", "c@customer.test", body=field * 50 + BODY)
+        self.assertEqual([m.queue_id for m in stage.seen], ["Q2"])
+        self.assertEqual(self.connector.addresses(), ["c@customer.test"])

@@ -27,6 +27,7 @@ from mailcore.queue.spool import (
     SpoolError,
     relaxed_twin,
 )
+from mailcore.smtp.server import SMTPSettings
 from mailcore.store import Database
 
 
@@ -63,7 +64,8 @@ def build_queue(
                                  config.hostname)
     router = Router(db, clock, settings, resolver)
     runner = QueueRunner(
-        db, clock, settings, metrics, router, connector, pipeline or Pipeline(), config.hostname
+        db, clock, settings, metrics, router, connector, pipeline or Pipeline(), config.hostname,
+        max_hops=SMTPSettings.from_config(config).max_hops,  # the hop limit is [smtp]'s
     )
     spool = Spool(
         db, clock, settings, metrics, runner, reporting_mta=config.hostname,

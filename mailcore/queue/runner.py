@@ -15,6 +15,9 @@ travel with the queued job and are applied when the body is sent. A message whos
 hop is known to be down is deferred without being processed. With no stages, routed jobs
 go straight to their hop queues.
 
+A message in a mail loop (more Received header fields than `[smtp] max_hops`, see
+`mailcore.smtp.hops`) is bounced with 5.4.6 before it is processed or sent.
+
 Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
 processed, queued or in flight); bodies are kept only from accept to send within
 `body_cache_bytes`, otherwise loaded from the store when they are needed.
@@ -55,6 +58,7 @@ from mailcore.queue.routing import Hop, Router, RoutingError
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
 from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
+from mailcore.smtp.hops import DEFAULT_MAX_HOPS, count_received, too_many_hops
 from mailcore.store import Database
 
 log = Logger()
@@ -207,6 +211,7 @@ class QueueRunner:
         connector: Connector,
         pipeline: Pipeline,
         hostname: str,
+        max_hops: int = DEFAULT_MAX_HOPS,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -216,6 +221,7 @@ class QueueRunner:
         self.connector = connector
         self.pipeline = pipeline
         self.hostname = hostname
+        self.max_hops = max_hops  # [smtp] max_hops: more Received fields is a loop
         self.held = 0
         self.running = False
         self.bodies = BodyCache(settings.body_cache_bytes)
@@ -369,6 +375,8 @@ class QueueRunner:
             if body is None:
                 return
             self.bodies.put(job.message_id, body)  # for the send, within the budget
+        if self._looping(job, body):
+            return
         message = PipelineMessage(
             job.message_id, job.kind, job.mail_from,
             tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
@@ -439,6 +447,19 @@ class QueueRunner:
             return TaggedJob(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
                              job.recipients, decision.add_headers, decision.subject_prefix)
         return job
+
+    def _looping(self, job: Job, body: bytes) -> bool:
+        """Bounce (5.4.6) a message whose header section holds more Received fields than
+        `max_hops`: it is in a mail loop. Mail the SMTP server took was checked on the way
+        in; this catches what the queue took from elsewhere (released quarantine, digests,
+        bounces) and what was queued before the limit was lowered. Only the header
+        section is read."""
+        failure = too_many_hops(count_received(body), self.max_hops)
+        if failure is None:
+            return False
+        self._fail(job, job.recipients, failure, permanent=True, hop="",
+                   now=self.clock.seconds())
+        return True
 
     async def _load(self, job: Job) -> bytes | None:
         """The body from the store; None (and the job handled) when it cannot be had."""
@@ -640,6 +661,8 @@ class QueueRunner:
             body = await self._load(job)
             if body is None:
                 return True
+        if not self.pipeline.stages and self._looping(job, body):
+            return True  # (with stages, checked before the pipeline ran)
         if isinstance(job, TaggedJob):
             body = apply_tags(body, job.add_headers, job.subject_prefix)
         try:
