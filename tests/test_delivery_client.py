@@ -1,5 +1,5 @@
 """The outbound ESMTP client fed raw bytes: reply parsing, pipelining, per-recipient results,
-timeouts on a Clock, and failures mid-dialogue."""
+timeouts on a Clock, failures mid-dialogue, and no address that could split a command line."""
 
 from __future__ import annotations
 
@@ -168,6 +168,47 @@ class PipelinedTransactionTests(ClientTestBase):
         self.server(b"452 4.3.1 full\r\n503 need mail\r\n503 need mail\r\n503 need mail\r\n")
         result = self.successResultOf(d)
         self.assertEqual({result.for_recipient(i).code for i in range(2)}, {452})
+
+
+class ControlCharacterTests(ClientTestBase):
+    """No address can split a command line: one with CR, LF or another control character
+    is never written, and the recipient (or, for the sender, every recipient) gets a 553."""
+
+    def test_a_recipient_with_crlf_is_refused_and_the_others_are_sent(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send(
+            "a@x.test", ["b@c.test", "e@c.test>\r\nRCPT TO:<victim@elsewhere.test",
+                         "f@c.\ntest", "g@c.test"], b"x\r\n"))
+        self.assertEqual(self.sent(), b"MAIL FROM:<a@x.test> SIZE=3\r\nRCPT TO:<b@c.test>\r\n"
+                                      b"RCPT TO:<g@c.test>\r\nDATA\r\n")
+        self.server(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.sent()
+        self.server(b"250 queued\r\n")
+        result = self.successResultOf(d)
+        replies = [result.for_recipient(i) for i in range(4)]
+        self.assertEqual([r.code for r in replies], [250, 553, 553, 250])
+        self.assertFalse(replies[1].temporary)  # bounced, not retried for days
+
+    def test_a_sender_with_a_control_character_sends_nothing(self) -> None:
+        self.handshake()
+        for sender in ("a@x.test\r\nRSET", "a\x00@x.test", "a@x.test\x7f"):
+            with self.subTest(sender=sender):
+                result = self.successResultOf(defer.Deferred.fromCoroutine(
+                    self.session.send(sender, ["b@c.test", "d@c.test"], b"x\r\n")))
+                self.assertEqual(self.sent(), b"")
+                self.assertEqual({result.for_recipient(i).code for i in range(2)}, {553})
+
+    def test_when_every_recipient_is_refused_nothing_is_sent(self) -> None:
+        self.handshake()
+        result = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.session.send("a@x.test", ["b@c.test\r\n"], b"x\r\n")))
+        self.assertEqual(self.sent(), b"")
+        self.assertEqual(result.for_recipient(0).code, 553)
+
+    def test_a_quoted_local_part_with_a_space_still_goes_out(self) -> None:
+        self.handshake()
+        defer.Deferred.fromCoroutine(self.session.send('"a b"@x.test', ["b@c.test"], b"x\r\n"))
+        self.assertTrue(self.sent().startswith(b'MAIL FROM:<"a b"@x.test>'))
 
 
 class LockstepTransactionTests(ClientTestBase):

@@ -12,6 +12,7 @@ EHLO (and STARTTLS when asked); then `send(...)` per message and `quit()`.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -326,7 +327,30 @@ class SMTPSession:
 
     async def send(self, mail_from: str, recipients: list[str], body: bytes) -> TransactionResult:
         """One mail transaction; pipelined when the server offers PIPELINING. It starts with
-        RSET when the previous one on this session did not end with a DATA phase."""
+        RSET when the previous one on this session did not end with a DATA phase.
+
+        An address holding a control character (CR and LF above all, which would end the
+        command line and start another) is never written: such a recipient gets a 553 of
+        ours, and such a sender refuses the whole transaction. Our inputs never let one in
+        (the SMTP server's parser, the checked configuration); this is the last guard."""
+        if _unsafe(mail_from):
+            refused = Reply(553, ("5.1.7 sender address holds a control character; not sent",))
+            return TransactionResult(refused, [refused] * len(recipients))
+        bad = [i for i, r in enumerate(recipients) if _unsafe(r)]
+        if not bad:
+            return await self._transaction(mail_from, recipients, body)
+        refused = Reply(553, ("5.1.3 recipient address holds a control character; not sent",))
+        good = [r for i, r in enumerate(recipients) if i not in bad]
+        if not good:
+            return TransactionResult(refused, [refused] * len(recipients))
+        result = await self._transaction(mail_from, good, body)
+        replies = iter(result.rcpts)
+        result.rcpts = [refused if i in bad else next(replies) for i in range(len(recipients))]
+        return result
+
+    async def _transaction(
+        self, mail_from: str, recipients: list[str], body: bytes
+    ) -> TransactionResult:
         p = self.protocol
         reset_first = self.in_transaction
         self.in_transaction = True
@@ -397,6 +421,14 @@ class SMTPSession:
 
     def abort(self) -> None:
         self.protocol.abort()
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _unsafe(address: str) -> bool:
+    """Whether an address cannot go into a command line (it holds a control character)."""
+    return _CONTROL.search(address) is not None
 
 
 def write_body(write: Callable[[bytes], None], body: bytes) -> None:
