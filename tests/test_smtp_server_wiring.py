@@ -45,6 +45,31 @@ class SettingsTests(TestCase):
                 with self.assertRaises(ConfigError):
                     SMTPSettings.from_config(Config(sections={"smtp": {key: value}}))
 
+    def test_hop_limit_and_postmaster(self) -> None:
+        default = SMTPSettings.from_config(Config(hostname="mx.example.net"))
+        self.assertEqual((default.max_hops, default.postmaster_address),
+                         (50, "postmaster@mx.example.net"))
+        settings = SMTPSettings.from_config(Config(sections={"smtp": {
+            "max_hops": 30, "postmaster": "abuse@operator.example"}}))
+        self.assertEqual((settings.max_hops, settings.postmaster_address),
+                         (30, "abuse@operator.example"))
+
+    def test_nothing_from_the_config_can_split_an_smtp_line(self) -> None:
+        """The hostname goes into greetings, EHLO and Received; postmaster into RCPT TO."""
+        for postmaster in ("a@b.example\r\nRCPT TO:<victim@elsewhere.example>",
+                           "a@b.example\n", "a\x00@b.example", "a b@b.example",
+                           "a%elsewhere.example@b.example", "postmaster", 7):
+            with self.subTest(postmaster=postmaster):
+                with self.assertRaisesRegex(ConfigError, r"^\[smtp\] postmaster"):
+                    SMTPSettings.from_config(Config(sections={"smtp": {
+                        "postmaster": postmaster}}))
+        for hostname in ("mx.example\r\n250 injected", "mx example", "mx\x00", ""):
+            with self.subTest(hostname=hostname):
+                with self.assertRaisesRegex(ConfigError, "^hostname"):
+                    SMTPSettings.from_config(Config(hostname=hostname))
+        with self.assertRaisesRegex(ConfigError, r"the default, from hostname\); set it"):
+            SMTPSettings.from_config(Config(hostname="mx_1.example"))
+
 
 class CoreWiringTests(TestCase):
     def core(self, config: Config, *, tls: bool = True) -> tuple[Core, MemoryReactorClock]:
