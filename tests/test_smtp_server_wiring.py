@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config, ConfigError
 from mailcore.core import Core
+from mailcore.gateway.quarantine import QuarantineSettings
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from tests.support.testca import shared_pki
@@ -55,7 +56,8 @@ class SettingsTests(TestCase):
                          (30, "abuse@operator.example"))
 
     def test_nothing_from_the_config_can_split_an_smtp_line(self) -> None:
-        """The hostname goes into greetings, EHLO and Received; postmaster into RCPT TO."""
+        """The hostname goes into greetings, EHLO and Received; postmaster into RCPT TO; the
+        quarantine's digest_sender into MAIL FROM."""
         for postmaster in ("a@b.example\r\nRCPT TO:<victim@elsewhere.example>",
                            "a@b.example\n", "a\x00@b.example", "a b@b.example",
                            "a%elsewhere.example@b.example", "postmaster", 7):
@@ -69,6 +71,13 @@ class SettingsTests(TestCase):
                     SMTPSettings.from_config(Config(hostname=hostname))
         with self.assertRaisesRegex(ConfigError, r"the default, from hostname\); set it"):
             SMTPSettings.from_config(Config(hostname="mx_1.example"))
+        for sender in ("digest@gw.example\r\nRCPT TO:<victim@elsewhere.example>",
+                       "digest@gw.example\n", "di gest@gw.example", "digest"):
+            with self.subTest(digest_sender=sender):
+                with self.assertRaisesRegex(ConfigError, r"^\[quarantine\] digest_sender"):
+                    QuarantineSettings.from_config({"digest_sender": sender})
+        self.assertEqual(QuarantineSettings.from_config(
+            {"digest_sender": "digest@gw.example"}).digest_sender, "digest@gw.example")
 
 
 class CoreWiringTests(TestCase):

@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError
 from mailcore.queue.model import header_block
+from mailcore.smtp.address import PathError, parse_mail_from
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
@@ -129,6 +130,15 @@ class QuarantineSettings:
                 if not isinstance(section[key], str):
                     raise ConfigError(f"[quarantine] {key} must be a string")
                 values[key] = section[key]
+        sender = values.get("digest_sender", "")
+        if sender:
+            # It goes into MAIL FROM: a plain address, nothing that could split the line.
+            try:
+                mailbox, params = parse_mail_from(f"FROM:<{sender}>")
+            except PathError as e:
+                raise ConfigError(f"[quarantine] digest_sender {sender!r}: {e.text}") from None
+            if mailbox is None or params:
+                raise ConfigError(f"[quarantine] digest_sender {sender!r} is not an address")
         return cls(**values)
 
 
