@@ -262,3 +262,34 @@ class RealSocketTests(TestCase):
         self.assertEqual(codes, ["250 mx.ga", "250 2.1.0", "250 2.1.5", "354 End d",
                                  "550 5.5.2", "221 2.0.0"], transcript)
         self.assertEqual(self.spool.committed, [])
+
+    # -- mail loops -------------------------------------------------------------------------
+
+    def smtplib_send(self, message: bytes) -> tuple[int, bytes]:
+        """Blocking (runs in a thread): one message over a plain session; the DATA reply."""
+        with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.example",
+                          timeout=30) as client:
+            client.ehlo()
+            assert client.mail("sender@remote.test")[0] == 250
+            assert client.rcpt("user@example.com")[0] == 250
+            try:
+                return client.data(message)
+            except smtplib.SMTPDataError as e:
+                error = e.smtp_error
+                return e.smtp_code, error if isinstance(error, bytes) else error.encode()
+
+    async def test_a_looping_message_is_refused_over_a_real_socket(self) -> None:
+        """A header section of about 200 KB (long folded fields) arrives in many reads."""
+        fold = b"\tvia " + b"r" * 900 + b"\r\n"
+
+        def looped(hops: int) -> bytes:
+            return b"".join(b"Received: from hop%d.test\r\n" % n + fold * 4
+                            for n in range(hops)) + b"Subject: loop\r\n\r\nbody\r\n"
+
+        code, text = await threads.deferToThread(self.smtplib_send, looped(50))
+        self.assertEqual((code, text[:24]), (554, b"5.4.6 Too many hops (mor"))
+        self.assertEqual(self.spool.committed, [])
+        code, _ = await threads.deferToThread(self.smtplib_send, looped(49))
+        self.assertEqual(code, 250)
+        [body] = (await self.committed_bodies()).values()
+        self.assertEqual(strip_received(body), looped(49))
