@@ -24,8 +24,8 @@ def thread_ref(thread_id: int | None) -> str | None:
     return f"thread-{thread_id}" if thread_id is not None else None
 
 
-def email_json(m: MessageSummary) -> dict[str, Any]:
-    """An e-mail as seed 001's emails list shows it (plus the account and attachments)."""
+def email_head(m: MessageSummary) -> dict[str, Any]:
+    """The fields every seed 001 e-mail shape starts with (list item, thread item, detail)."""
     return {
         "id": m.id,
         "message_id": m.message_id,
@@ -33,6 +33,13 @@ def email_json(m: MessageSummary) -> dict[str, Any]:
         "sender": m.sender,
         "recipient": m.recipient,
         "date": iso(m.date),
+    }
+
+
+def email_json(m: MessageSummary) -> dict[str, Any]:
+    """An e-mail as seed 001's emails list shows it (plus the account and attachments)."""
+    return {
+        **email_head(m),
         "folder": m.folder,
         "thread_id": thread_ref(m.thread_id),
         "thread_count": m.thread_count,

@@ -1,8 +1,8 @@
 """The JSON schemas the Simple IMAP2API (seed 001) declares in the OpenAPI document.
 
-Bodies and replies of `web.imap2api`'s routes, and the query parameters of its lists. They
-describe what the handlers there accept and return (`server_json`, `email_detail_json`, …);
-keep the two in step.
+Bodies and replies of the routes in `app`, and the query parameters of its lists. They
+describe what `inputs` and `queries` accept and what `serializers` returns (`server_json`,
+`email_detail_json`, …); keep them in step.
 """
 
 from __future__ import annotations

@@ -1,0 +1,91 @@
+"""What a Simple IMAP2API list request asks for: its filters, ordering and page.
+
+DRF's readings: a bad filter value is a 400 naming the parameter; a bad `page` is 404
+"Invalid page."; a bad `page_size` quietly falls back to the default.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Mapping
+
+from twisted.web.iweb import IRequest
+
+from mailcore.messages import MessageQuery
+from web.errors import ApiError, field_error
+from web.parsing import bool_field, collect_fields, int_field, query_params
+
+INVALID_PAGE = "Invalid page."
+INVALID_DATE = "Enter a valid date."
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 100
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _day(params: Mapping[str, str], name: str) -> datetime.date | None:
+    value = params.get(name, "").strip()
+    if not value:
+        return None
+    if not _DATE.match(value):
+        raise field_error(name, INVALID_DATE)
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise field_error(name, INVALID_DATE) from None
+
+
+def _flag(params: Mapping[str, str], name: str) -> bool | None:
+    if not params.get(name, "").strip():
+        return None
+    return bool_field(params, name)
+
+
+def _server_filter(params: Mapping[str, str]) -> int | None:
+    if not params.get("imap_server", "").strip():
+        return None
+    return int_field(params, "imap_server")
+
+
+def server_param(request: IRequest) -> int | None:
+    """The `imap_server` query parameter of a request (None: every server); 400 if bad."""
+    values = collect_fields({"imap_server": lambda: _server_filter(query_params(request))})
+    return values["imap_server"]
+
+
+def message_query(params: Mapping[str, str]) -> MessageQuery:
+    """The filters and ordering of an emails list request (without the page window)."""
+    values = collect_fields({
+        "q": lambda: (params.get("q") or "").strip() or None,
+        "folder": lambda: params.get("folder") or None,
+        "imap_server": lambda: _server_filter(params),
+        "date_from": lambda: _day(params, "date_from"),
+        "date_to": lambda: _day(params, "date_to"),
+        "thread": lambda: _flag(params, "thread"),
+        "has_attachments": lambda: _flag(params, "has_attachments"),
+        "ordering": lambda: (params.get("ordering") or "").strip() or "-date",
+    })
+    return MessageQuery(
+        q=values["q"], folder=values["folder"], account_id=values["imap_server"],
+        date_from=values["date_from"], date_to=values["date_to"],
+        has_attachments=values["has_attachments"], threads_only=bool(values["thread"]),
+        ordering=values["ordering"],
+    )
+
+
+def page_size(params: Mapping[str, str]) -> int:
+    """`page_size` as DRF reads it: a positive integer, at most 100; anything else is 50."""
+    raw = params.get("page_size", "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return min(int(raw), MAX_PAGE_SIZE)
+    return DEFAULT_PAGE_SIZE
+
+
+def page_number(params: Mapping[str, str]) -> int | None:
+    """`page` (default 1); None for "last"; 404 "Invalid page." for anything else."""
+    raw = params.get("page", "").strip() or "1"
+    if raw == "last":
+        return None
+    if not raw.isdigit() or int(raw) < 1 or len(raw) > 9:
+        raise ApiError(404, INVALID_PAGE)
+    return int(raw)
