@@ -12,6 +12,7 @@ period), writes every result and releases the leases it still holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.application.service import Service
@@ -122,6 +123,8 @@ class QueueService(Service):
         self._sweep_loop: task.LoopingCall | None = None
         self._renew_loop: task.LoopingCall | None = None
         self._started: defer.Deferred[None] | None = None
+        # Chores in flight: a stop waits for them (LoopingCall.stop does not).
+        self._busy: set[defer.Deferred[None]] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -144,16 +147,28 @@ class QueueService(Service):
         # Only now may the spool lease new work to this node: an earlier lease would have
         # been released just above and then claimed a second time.
         self.runner.start()
-        self._sweep_loop = task.LoopingCall(self._tick)
+        self._sweep_loop = task.LoopingCall(self._tracked, self._tick)
         self._sweep_loop.clock = self.clock
         self._sweep_loop.start(self.settings.poll_interval, now=True).addErrback(
             lambda f: log.failure("queue sweeper stopped", f)
         )
-        self._renew_loop = task.LoopingCall(self._renew)
+        self._renew_loop = task.LoopingCall(self._tracked, self._renew)
         self._renew_loop.clock = self.clock
         self._renew_loop.start(self.settings.lease_seconds / 3, now=False).addErrback(
             lambda f: log.failure("lease renewal stopped", f)
         )
+
+    def _tracked(self, chore: Callable[[], Coroutine[Any, Any, None]]) -> defer.Deferred[None]:
+        """Run one chore, remembered until it ends so that a stop can wait for it."""
+        d = defer.Deferred.fromCoroutine(chore())
+        self._busy.add(d)
+
+        def ended(result: object) -> object:
+            self._busy.discard(d)
+            return result
+
+        d.addBoth(ended)
+        return d
 
     async def _tick(self) -> None:
         """One sweep: claim due work, refresh the depth gauge, prune the log."""
@@ -190,6 +205,9 @@ class QueueService(Service):
             await self._started
         await self.spool.drain()
         leftover = await self.runner.stop()
+        if self._busy:
+            # A sweep or lease renewal still running finishes on the open store.
+            await defer.DeferredList(list(self._busy))
         try:
             await self.spool.run_serialized(
                 "queue_release_own", thd_release_leases, self.settings.node_id, None
