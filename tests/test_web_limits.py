@@ -14,9 +14,13 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import threads
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -24,7 +28,7 @@ from twisted.web.http_headers import Headers
 from mailcore.config import Config
 from tests.support.reactor import get_reactor
 from tests.support.web import PASSWORD, Web, make_core
-from web.limits import LINGER_SECONDS, LimitedRequest
+from web.limits import LINGER_SECONDS, REFUSED_LINGER_SECONDS, LimitedChannel, LimitedRequest
 from web.root import MailcoreSite, build_root, build_site
 from web.settings import WebSettings
 
@@ -94,12 +98,17 @@ class HalfClosingTransport(StringTransport):
 
     write_closed = False
     resumed = 0
+    closed = False
+    aborted = False
 
     def loseWriteConnection(self) -> None:
         self.write_closed = True
 
     def resumeProducing(self) -> None:
         self.resumed += 1
+
+    def abortConnection(self) -> None:
+        self.aborted = True
 
 
 class StreamingTests(TestCase):
@@ -259,3 +268,153 @@ class LoopbackTests(TestCase):
         )
         self.assertEqual(response.code, 200)
         self.assertIn("token", json.loads(await response.content()))
+
+
+def peer(host: str, port: int = 40000) -> IPv4Address:
+    return IPv4Address("TCP", host, port)
+
+
+class ConnectionLimitTests(TestCase):
+    """The site's connection caps and deadlines, on a Clock and StringTransports."""
+
+    def setUp(self) -> None:
+        self.build()
+
+    def build(self, **limits: Any) -> None:
+        core, _ = make_core(Config())
+        self.clock = Clock()
+        settings = WebSettings(**{
+            "max_connections": 10, "max_connections_per_ip": 2, "header_timeout": 30.0,
+            "body_timeout": 60.0, "idle_timeout": 120.0, **limits,
+        })
+        self.site = MailcoreSite(build_root(core, settings), settings, self.clock)
+        self.open: list[tuple[Any, HalfClosingTransport]] = []
+
+    def tearDown(self) -> None:
+        for protocol, transport in self.open:
+            if not transport.closed:
+                transport.closed = True
+                protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.site.connections.total, self.site.connections.by_address),
+                         (0, {}))
+
+    def connect(self, host: str) -> tuple[Any, HalfClosingTransport]:
+        address = peer(host, 40000 + len(self.open))
+        protocol = self.site.buildProtocol(address)
+        transport = HalfClosingTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        self.open.append((protocol, transport))
+        return protocol, transport
+
+    def close(self, protocol: Any, transport: HalfClosingTransport) -> None:
+        transport.closed = True
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def assertServed(self, protocol: Any, transport: HalfClosingTransport) -> None:
+        protocol.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "), transport.value())
+        transport.clear()
+
+    def assertRefused(self, transport: HalfClosingTransport, why: bytes) -> None:
+        head, _, body = bytes(transport.value()).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), head)
+        self.assertIn(b"\r\nRetry-After: 10\r\n", head)
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertEqual(body, why + b"; try again later.\n")
+        self.assertTrue(transport.write_closed)
+        self.clock.advance(REFUSED_LINGER_SECONDS)
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_client_over_its_address_cap_is_refused_while_another_is_served(self) -> None:
+        first = self.connect("203.0.113.5")
+        self.connect("203.0.113.5")
+        refused, transport = self.connect("203.0.113.5")
+        self.assertNotIsInstance(refused, LimitedChannel)
+        refused.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n")  # dropped
+        self.assertRefused(transport, b"Too many connections from your address")
+        self.assertServed(*self.connect("198.51.100.7"))
+        self.assertServed(*first)
+        # The cap counts open connections: when one closes, the address may connect again.
+        self.close(*first)
+        again, again_transport = self.connect("203.0.113.5")
+        self.assertIsInstance(again, LimitedChannel)
+        self.assertServed(again, again_transport)
+
+    def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
+        self.connect("203.0.113.5")
+        self.connect("::ffff:203.0.113.5")
+        _, transport = self.connect("203.0.113.5")
+        self.assertRefused(transport, b"Too many connections from your address")
+
+    def test_the_total_cap(self) -> None:
+        self.site.connections.max_total = 3
+        for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            self.connect(host)
+        _, transport = self.connect("192.0.2.4")
+        self.assertRefused(transport, b"Too many connections")
+
+    def test_a_slowloris_header_trickle_is_cut_at_the_deadline(self) -> None:
+        channel, transport = self.connect("203.0.113.5")
+        self.clock.advance(100)  # silence before the first byte is the idle timeout's
+        channel.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\n")
+        for _ in range(29):  # one byte a second keeps the idle timeout from firing
+            self.clock.advance(1)
+            channel.dataReceived(b"X")
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)  # 30 s after the request's first byte
+        self.assertEqual(
+            transport.value(),
+            b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        )
+        self.assertTrue(transport.disconnecting)
+        channel.dataReceived(b"-Header: 1\r\n\r\n")  # too late: nothing is served
+        self.assertNotIn(b"401", transport.value())
+        self.clock.advance(channel.abortTimeout)  # a client that never lets go is aborted
+        self.assertTrue(transport.aborted)
+
+    def test_a_trickling_body_is_cut_at_the_deadline(self) -> None:
+        channel, transport = self.connect("203.0.113.5")
+        channel.dataReceived(
+            b"POST /api/v1/auth/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+        )
+        for _ in range(59):
+            self.clock.advance(1)
+            channel.dataReceived(b"a")
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_each_keepalive_request_gets_its_own_deadlines(self) -> None:
+        channel, transport = self.connect("203.0.113.5")
+        for _ in range(3):
+            channel.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\n")
+            self.clock.advance(29)
+            channel.dataReceived(b"Host: x\r\n\r\n")
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
+            transport.clear()
+            self.clock.advance(100)  # idle between requests: not the header deadline's
+        self.assertFalse(transport.disconnecting)
+        # A pipelined request whose rest never comes is cut at its own deadline.
+        channel.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\nGET /api/v1/p")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 401 "), 1)
+        self.clock.advance(30)
+        self.assertIn(b"HTTP/1.1 408 ", transport.value())
+
+    def test_an_idle_keepalive_connection_is_closed_quietly(self) -> None:
+        events: list[dict[str, Any]] = []
+        observe: Any = events.append
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        channel, transport = self.connect("203.0.113.5")
+        self.assertServed(channel, transport)
+        self.clock.advance(119)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")  # nothing is said to an idle client
+        timeouts = [e for e in events if "Timing out" in (e.get("log_format") or "")]
+        self.assertEqual([e["log_level"] for e in timeouts], [LogLevel.debug])

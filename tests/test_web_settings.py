@@ -52,14 +52,32 @@ class WebSettingsTests(TestCase):
             ({"metrics_allow": ["not a net"]}, "[web] metrics_allow"),
             ({"json_max_body": -1}, "[web] json_max_body"),
             ({"idle_timeout": True}, "[web] idle_timeout"),
+            ({"header_timeout": 0}, "[web] header_timeout"),
+            ({"body_timeout": "5"}, "[web] body_timeout"),
+            ({"max_connections": -1}, "[web] max_connections"),
+            ({"max_connections_per_ip": 1.5}, "[web] max_connections_per_ip"),
         ]
         for web, words in cases:
             error = self.assertRaises(ConfigError, settings, **web)
             self.assertIn(words, str(error))
 
     def test_the_site_takes_its_limits(self) -> None:
-        core, _ = make_core(Config(http_max_body=4096, sections={"web": {"idle_timeout": 15}}))
+        core, _ = make_core(Config(http_max_body=4096, sections={"web": {
+            "idle_timeout": 15, "header_timeout": 7, "body_timeout": 70,
+            "max_connections": 40, "max_connections_per_ip": 4,
+        }}))
         site = build_site(core)
         self.assertEqual(site.max_body, 4096)  # type: ignore[attr-defined]
         self.assertEqual(site.timeOut, 15)
         self.assertFalse(site.displayTracebacks)
+        connections = site.connections  # type: ignore[attr-defined]
+        self.assertEqual((connections.max_total, connections.max_per_address), (40, 4))
+        channel = site.buildProtocol(None)
+        self.assertEqual((channel.header_timeout, channel.body_timeout), (7.0, 70.0))
+        self.assertEqual(connections.total, 1)
+
+    def test_connection_defaults(self) -> None:
+        s = WebSettings.from_config(Config())
+        self.assertEqual((s.max_connections, s.max_connections_per_ip), (500, 50))
+        self.assertEqual((s.idle_timeout, s.header_timeout, s.body_timeout),
+                         (60.0, 30.0, 300.0))

@@ -1,4 +1,21 @@
-"""The request-size limit, enforced while the body arrives rather than after.
+"""Limits of the HTTP listener: request size, connections, and how slow a client may be.
+
+Connections (`LimitedChannel`, counted by the site with `mailcore.connlimits`):
+
+- At most `[web] max_connections` open connections, and `max_connections_per_ip` from one
+  client address. A connection over either cap is answered at once with
+  `503 Service Unavailable`, `Retry-After: 10` and `Connection: close` (a short text body
+  says which cap), and closed; nothing it sends is read as a request.
+- A request's headers must be complete within `header_timeout` seconds of its first byte,
+  and its body within `body_timeout` seconds of its headers, however the bytes trickle in
+  (slowloris). Past the deadline the client gets `408 Request Timeout` and the connection
+  closes.
+- A connection with no request in progress (a fresh one, or keep-alive between requests)
+  closes after `idle_timeout` seconds of silence. Idle closes are routine and logged at
+  debug level; refusals and deadlines at info, one line each (the daemon limits repeated
+  lines, see mailcore.logfilter).
+
+The request-size limit, enforced while the body arrives rather than after:
 
 `LimitedRequest` is the site's request class. A body declared larger than the limit
 (`Content-Length`) is refused as soon as the headers are in: no `100 Continue` is sent, no
@@ -16,13 +33,24 @@ http.client, requests) then sees the 413 instead of a connection reset.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
 DEFAULT_MAX_BODY = 25 * 1024 * 1024
 LINGER_SECONDS = 10.0
+# What a refused connection is told, and how long it may still send before we close.
+RETRY_AFTER_SECONDS = 10
+REFUSED_LINGER_SECONDS = 2.0
+
+log = Logger(namespace="mailcore.web.connections")
 
 
 def _discard(*args: Any) -> None:
@@ -156,3 +184,144 @@ def body_exceeds(request: IRequest, max_body: int) -> bool:
     size = content.tell()
     content.seek(position)
     return size > max_body
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+class _RoutineLogger(Logger):
+    """HTTPChannel's logger: it reports every idle timeout at info level ("Timing out
+    client"); an idle connection ending is routine, so those lines go out at debug."""
+
+    def info(self, format: str | None = None, **kwargs: object) -> None:
+        self.debug(format, **kwargs)
+
+
+_IDLE, _HEADERS, _BODY, _HANDLING, _CLOSED = range(5)
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+class LimitedChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel with deadlines for each request's headers and body.
+
+    The site sets `header_timeout` and `body_timeout` (seconds, None for none) and
+    `on_close`, called once when the connection ends. The deadlines run on the channel's
+    `callLater`, which the site points at its reactor (a Clock in tests).
+    """
+
+    header_timeout: float | None = None
+    body_timeout: float | None = None
+    on_close: Callable[[], None] | None = None
+    _log = _RoutineLogger()
+    _phase = _IDLE
+    _deadline: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._phase == _CLOSED:
+            return  # timed out: nothing more is parsed
+        if self._phase == _IDLE and data:
+            self._enter(_HEADERS)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._phase == _IDLE:  # a pipelined request, replayed after the previous reply
+            self._enter(_HEADERS)
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self.length != 0 and self._phase == _HEADERS:
+            self._enter(_BODY)
+
+    def allContentReceived(self) -> None:
+        self._enter(_HANDLING)
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        self._enter(_IDLE)
+        super().requestDone(request)  # may replay pipelined bytes through lineReceived
+        if self._phase == _IDLE and self.persistent and self._buffer:
+            self._enter(_HEADERS)  # part of the next request is already here
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._enter(_CLOSED)
+        try:
+            super().connectionLost(reason)
+        finally:
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                on_close()
+
+    def _enter(self, phase: int) -> None:
+        """Move to `phase`, starting its deadline (headers, body) or none."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._phase = phase
+        timeout = {_HEADERS: self.header_timeout, _BODY: self.body_timeout}.get(phase)
+        if timeout is not None:
+            self._deadline = self.callLater(timeout, partial(self._too_slow, phase, timeout))
+
+    def _too_slow(self, phase: int, timeout: float) -> None:
+        """A deadline passed: 408, then close (abort if the client does not let us)."""
+        self._deadline = None
+        peer = self.transport.getPeer() if self.transport is not None else None
+        log.info(
+            "closed an HTTP connection from {client}: request {part} not received "
+            "within {seconds:g} s",
+            client=getattr(peer, "host", "-"),
+            part="headers" if phase == _HEADERS else "body",
+            seconds=timeout,
+        )
+        self._enter(_CLOSED)
+        if self.transport is None:
+            return
+        self.transport.write(_TIMED_OUT)
+        self.loseConnection()
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+
+class RefusedConnection(Protocol):
+    """A connection over a cap: `503` with `Retry-After` at once, then close.
+
+    Our side stops writing at once; what the client still sends (its request) is read
+    and dropped for at most `REFUSED_LINGER_SECONDS`, so that it reads the 503 rather than
+    a connection reset.
+    """
+
+    def __init__(self, reason: str, clock: IReactorTime) -> None:
+        self.reason = reason
+        self.clock = clock
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        body = f"{self.reason[:1].upper()}{self.reason[1:]}; try again later.\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"Retry-After: %d\r\nConnection: close\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
+            % (RETRY_AFTER_SECONDS, len(body)) + body
+        )
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._timer = self.clock.callLater(REFUSED_LINGER_SECONDS, self._close)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Dropped: a refused connection serves nothing."""
+
+    def _close(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

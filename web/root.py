@@ -10,6 +10,7 @@ the API's shape), the access log, the metrics, and a JSON 500 if anything escape
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 from twisted.internet.interfaces import IReactorTime
@@ -19,6 +20,7 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
+from mailcore.connlimits import ConnectionCounter, client_address
 from mailcore.core import Core
 from web.accesslog import AccessLog
 from web.api import ApiApp
@@ -27,7 +29,7 @@ from web.context import context_of
 from web.dropmyemail import DropmyemailApp
 from web.errors import ApiError, too_large
 from web.imap2api import Imap2ApiApp
-from web.limits import LimitedRequest, body_exceeds
+from web.limits import LimitedChannel, LimitedRequest, RefusedConnection, body_exceeds
 from web.login import PasswordLogin
 from web.mailapi import MailApiApp
 from web.meta import MetaApp
@@ -191,7 +193,16 @@ class RootResource(Resource):
 
 
 class MailcoreSite(server.Site):
-    """The Site: our request class and size limit; Twisted's own access log turned off."""
+    """The Site: our channel, request class and limits (web.limits); Twisted's own access
+    log turned off.
+
+    Each connection is counted against `[web] max_connections` and
+    `max_connections_per_ip` when it arrives; one over a cap gets a `RefusedConnection`
+    (503, Retry-After) instead of a channel. Channels are plain HTTP/1.1 `LimitedChannel`s
+    (no HTTP/2: no listener offers it).
+    """
+
+    protocol = LimitedChannel  # type: ignore[assignment]
 
     def __init__(self, root: RootResource, settings: WebSettings, reactor: Any) -> None:
         super().__init__(
@@ -202,7 +213,25 @@ class MailcoreSite(server.Site):
             parsePOSTFormSubmission=False,
         )
         self.max_body = settings.max_body
+        self.settings = settings
+        self.connections = ConnectionCounter(
+            settings.max_connections, settings.max_connections_per_ip
+        )
         self.displayTracebacks = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel for an admitted connection, a 503 for one over a cap."""
+        address = client_address(getattr(addr, "host", None))
+        refusal = self.connections.admit(address)
+        if refusal is not None:
+            log.info("refused an HTTP connection from {client}: {reason}",
+                     client=address or "-", reason=refusal)
+            return RefusedConnection(refusal, self.reactor)
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self.settings.header_timeout
+        channel.body_timeout = self.settings.body_timeout
+        channel.on_close = partial(self.connections.release, address)
+        return channel
 
     def startFactory(self) -> None:
         """Nothing to open: the root resource writes the access log (Twisted's would show

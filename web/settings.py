@@ -9,7 +9,12 @@ imap2api_anonymous_rate = "100/hour"
 dropmyemail_token_rate = "20/second"
 metrics = true                   # serve GET /metrics
 metrics_allow = ["127.0.0.1/32", "::1/128"]   # client networks allowed (empty: all)
-idle_timeout = 60                # seconds an idle HTTP connection stays open
+idle_timeout = 60                # seconds an idle (keep-alive) HTTP connection stays open
+header_timeout = 30              # seconds from a request's first byte to its last header
+body_timeout = 300               # seconds from a request's headers to the end of its body
+max_connections = 500            # open HTTP connections in total (more: 503, Retry-After)
+max_connections_per_ip = 50      # ... from one client address (behind a reverse proxy
+                                 # every client has the proxy's: raise it to max_connections)
 cors_origins = []                # IMAP2API origins allowed by CORS ("*": any; [] none)
 imap2api_sync_wait = 25          # seconds POST .../sync/ waits before answering 202
 ```
@@ -37,6 +42,10 @@ _KEYS = {
     "metrics",
     "metrics_allow",
     "idle_timeout",
+    "header_timeout",
+    "body_timeout",
+    "max_connections",
+    "max_connections_per_ip",
     "cors_origins",
     "imap2api_sync_wait",
 }
@@ -63,6 +72,10 @@ class WebSettings:
     metrics: bool = True
     metrics_allow: tuple[IPNetwork, ...] = ()
     idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    body_timeout: float = 300.0
+    max_connections: int = 500
+    max_connections_per_ip: int = 50
     cors_origins: tuple[str, ...] = ()
     imap2api_sync_wait: float = 25.0
 
@@ -90,6 +103,14 @@ class WebSettings:
             metrics=_bool(table, "metrics", defaults.metrics),
             metrics_allow=_networks(table.get("metrics_allow", [])),
             idle_timeout=float(_int(table, "idle_timeout", int(defaults.idle_timeout))),
+            header_timeout=float(
+                _int(table, "header_timeout", int(defaults.header_timeout))
+            ),
+            body_timeout=float(_int(table, "body_timeout", int(defaults.body_timeout))),
+            max_connections=_int(table, "max_connections", defaults.max_connections),
+            max_connections_per_ip=_int(
+                table, "max_connections_per_ip", defaults.max_connections_per_ip
+            ),
             cors_origins=_origins(table.get("cors_origins", [])),
             imap2api_sync_wait=float(
                 _int(table, "imap2api_sync_wait", int(defaults.imap2api_sync_wait))
