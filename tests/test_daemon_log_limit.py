@@ -1,0 +1,54 @@
+"""The real daemon limits repeated log lines: a flood of refused HTTP connections from one
+address leaves ten lines and a summary in its log, not one line per connection."""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from mailcore.logfilter import BURST
+from tests.support.reactor import get_reactor
+from tests.test_daemon import DaemonTestCase
+
+REFUSAL = "refused an HTTP connection from 127.0.0.1: too many connections from your address"
+
+
+class Reader(Protocol):
+    """Reads what the server sends until it closes."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.closed.callback(self.received)
+
+
+class DaemonLogLimitTests(DaemonTestCase):
+    async def connect(self) -> Reader:
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", self.http_port)
+        return await connectProtocol(endpoint, Reader())
+
+    async def test_a_flood_of_refusals_gives_a_bounded_log(self) -> None:
+        config = self.base / "mailcore.toml"
+        config.write_text("[web]\nmax_connections_per_ip = 1\n")
+        daemon = await self.start_daemon("--config", str(config))
+        held = await self.connect()  # the one connection this address may have
+        self.addCleanup(lambda: held.transport.loseConnection() if held.transport else None)
+        refused = [await self.connect() for _ in range(100)]
+        replies = await gatherResults([r.closed for r in refused])
+        self.assertTrue(all(r.startswith(b"HTTP/1.1 503 ") for r in replies), replies[0])
+        status = await daemon.stop(grace=10.0)  # the summary is written at the latest then
+        self.assertIn(status, (0, -signal.SIGTERM))
+        lines = [line for line in daemon.stdout_path.read_text().splitlines()
+                 if REFUSAL in line]
+        self.assertEqual(len(lines), BURST + 1, "\n".join(lines))
+        self.assertIn(f"… {100 - BURST} more like this suppressed in the last 60 s: "
+                      f"{REFUSAL}", lines[-1])
