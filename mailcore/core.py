@@ -31,6 +31,7 @@ from mailcore.gateway.filtering import (
 )
 from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
 from mailcore.gateway.redirects import RedirectPolicy
+from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
 from mailcore.messages import MessageStore
@@ -75,13 +76,18 @@ class Core:
     quarantine: QuarantineService = field(init=False)
     filter_chain: FilterChain = field(init=False)
     filter_service: ChainService = field(init=False)
+    # Proof of domain ownership ([protecmail] verify_domains, dns_servers, verify_*).
+    verifier: DomainVerifier = field(init=False)
 
     def __post_init__(self) -> None:
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
+        verification = VerificationSettings.from_config(self.config.section("protecmail"))
         self.domains = DomainService(
             self.db, self.clock, refresh_interval=domain_settings.refresh_interval,
             poll_interval=domain_settings.poll_interval,
+            verify_domains=verification.verify_domains,
         )
+        self.verifier = DomainVerifier(self.domains, self.clock, verification)
         self.fetch = build_fetch(
             self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch")
         )
@@ -152,6 +158,7 @@ class Core:
         )
         core.fetch.load_key()  # the fetch password key file, before the reactor runs
         core.quarantine.load_key()  # the release-link key file, likewise
+        core.verifier.load_nameservers()  # /etc/resolv.conf unless dns_servers are given
         return core
 
     def background_services(self) -> list[IService]:
@@ -163,6 +170,8 @@ class Core:
         services.append(CredentialSweeper(self.identity, self.clock))
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
+        if self.verifier.settings.verify_domains:
+            services.append(self.verifier)
         return services
 
     def listener_services(self, reactor: IReactorTCP) -> list[IService]:

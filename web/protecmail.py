@@ -39,6 +39,13 @@ Decisions (the seed leaves them open):
   unknown ident or another user's is 404.
 - Invoice dates are RFC 3339 with the offset of `[billing] timezone`; totals are numbers
   (60, 724.8). Another user's or an unknown invoice is 404.
+- With `[protecmail] verify_domains` on, an added domain is served only once its owner
+  proves it in DNS (`mailcore.gateway.verification`). The reply to POST then has a `msg`
+  saying so and `data` `{"domain", "verified": false, "verification": {"name", "type":
+  "TXT", "value"}}`, the record to publish; until it is found, Domain info says it in
+  `msg` (its `data` stays the Domain object, so that a client may PUT back what it read).
+  The envelope's `msg` and `data` are optional in the seed, so clients that ignore them
+  lose nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from mailcore.gateway.quarantine import (
     rfc3339,
 )
 from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
+from mailcore.gateway.verification import verification_record
 from mailcore.identity import PROFILE_FIELDS, Identity, IdentityError, Principal
 from web.api import ApiApp
 from web.auth import PROTECMAIL, CredentialResolver
@@ -137,6 +145,25 @@ DOMAIN_EDIT_SCHEMA: dict[str, Any] = {
     "given; null or \"\" clears an agency-only field.",
 }
 NAMES_SCHEMA: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+VERIFICATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Only when [protecmail] verify_domains is on: the DNS record that proves "
+    "the domain is yours; the domain is served once it is found.",
+    "properties": {
+        "domain": {"type": "string"},
+        "verified": {"type": "boolean"},
+        "verification": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "_mailcore-verify.<domain>"},
+                "type": {"type": "string", "enum": ["TXT"]},
+                "value": {"type": "string", "description": "mailcore-verify=<token>"},
+            },
+            "required": ["name", "type", "value"],
+        },
+    },
+    "required": ["domain", "verified", "verification"],
+}
 TANKS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {k: {"type": "integer"} for k in ("monthly", "perm", "total")},
@@ -188,6 +215,15 @@ def domain_object(domain: Domain) -> dict[str, Any]:
         if value is not None:
             data[name] = value
     return data
+
+
+def pending_message(domain: Domain) -> str | None:
+    """What the owner of a domain waiting for its proof of ownership must do, or None."""
+    record = verification_record(domain)
+    if record is None or not domain.pending:
+        return None
+    return (f"{domain.name} is not served until it is verified: publish the DNS record "
+            f'{record.name} TXT "{record.value}".')
 
 
 def _seed_message(error: DomainError) -> str:
@@ -413,7 +449,7 @@ class ProtecmailApp(ApiApp):
     )
     async def get_domain(self, request: IRequest, domain: str) -> bytes:
         _, found = await self.caller_domain(request, domain)
-        return self.envelope(request, data=domain_object(found))
+        return self.envelope(request, data=domain_object(found), msg=pending_message(found))
 
     @routes.route(
         ["/api/v1/domain/<domain>", "/api/v1/domais/<domain>"],
@@ -423,7 +459,8 @@ class ProtecmailApp(ApiApp):
         "example posts to /api/v1/domais/{domain}, which is served too.",
         auth=PROTECMAIL,
         body=DOMAIN_EDIT_SCHEMA,
-        replies={200: Reply("Added", envelope_schema(None))},
+        replies={200: Reply("Added (`data` when it waits for proof of ownership)",
+                            envelope_schema(VERIFICATION_SCHEMA))},
         errors=(403, 409),
     )
     async def add_domain(self, request: IRequest, domain: str) -> bytes:
@@ -432,12 +469,16 @@ class ProtecmailApp(ApiApp):
         self.check_plan(principal, options, None)
         redirect_to = options.pop("redirect_to")
         try:
-            await self.domains.add(domain, principal.user.id, redirect_to, **options)
+            added = await self.domains.add(domain, principal.user.id, redirect_to, **options)
         except DomainError as e:
             if "already served" in e.message:
                 raise ApiError(409, e.message) from None
             raise _bad_domain_input(e) from None
-        return self.envelope(request)
+        record = verification_record(added)
+        if record is None:
+            return self.envelope(request)
+        data = {"domain": added.name, "verified": False, "verification": record.as_json()}
+        return self.envelope(request, msg=pending_message(added), data=data)
 
     @routes.route(
         "/api/v1/domain/<domain>",

@@ -19,6 +19,11 @@ whole snapshot only when it moved; a change is therefore served on every node wi
 behind the service's back. A RCPT for a domain that is not in the snapshot is refused at once
 (550) rather than looked up in the store: the poll keeps that window under a second without
 putting SQL on the RCPT path, which unknown-domain floods would otherwise reach.
+
+With `[protecmail] verify_domains` on, a domain added without `verified=True` is stored
+pending, with a random token its owner publishes in DNS (`mailcore.gateway.verification`);
+it is left out of the snapshot (its mail is refused like an unknown domain's) until
+`mark_verified` records the proof.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import builtins
 import datetime
 import ipaddress
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import idna
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -105,6 +111,15 @@ class Domain:
     resume_link_hostname: str | None
     resume_reply_to: str | None
     created_at: datetime.datetime
+    # Proof of ownership: None, None for a domain that never needed it; a token and no
+    # verified_at for one waiting for its DNS record (not served meanwhile).
+    verify_token: str | None = None
+    verified_at: datetime.datetime | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the domain waits for proof of ownership (and is not served meanwhile)."""
+        return self.verify_token is not None and self.verified_at is None
 
     @property
     def unicode_name(self) -> str:
@@ -360,7 +375,15 @@ def _domain(row: Any) -> Domain:
         resume_link_hostname=m["resume_link_hostname"],
         resume_reply_to=m["resume_reply_to"],
         created_at=_utc(m["created_at"]),
+        verify_token=m["verify_token"],
+        verified_at=_utc(m["verified_at"]) if m["verified_at"] is not None else None,
     )
+
+
+# The domains that may be served: never needed the proof, or have it.
+SERVABLE: ColumnElement[bool] = or_(
+    domains.c.verify_token.is_(None), domains.c.verified_at.is_not(None)
+)
 
 
 def _find_domain_txn(conn: Connection, name: str, owner_id: int | None) -> Domain:
@@ -397,15 +420,17 @@ def _bump_generation_txn(conn: Connection) -> None:
         conn.execute(insert(domain_generation).values(id=1, generation=1))
 
 
-def _snapshot_txn(conn: Connection) -> _Snapshot:
-    """Blocking: the change counter, then every domain and address list (RCPT snapshot).
+def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
+    """Blocking: the change counter, then every domain (only those that may be served, with
+    `servable_only`) and address list, for the RCPT snapshot.
 
     The counter is read first: under READ COMMITTED (PostgreSQL) a change committed between
     the statements then shows in the rows and moves the counter past the value kept, which
     costs one more reload at worst, never a missed change.
     """
     generation = _generation_txn(conn)
-    by_name = {d.name: d for d in map(_domain, conn.execute(select(domains)))}
+    query = select(domains).where(SERVABLE) if servable_only else select(domains)
+    by_name = {d.name: d for d in map(_domain, conn.execute(query))}
     lists: dict[int, set[str]] = {}
     rows = conn.execute(select(domain_addresses.c.domain_id, domain_addresses.c.local_part))
     for domain_id, local_part in rows:
@@ -457,6 +482,7 @@ class DomainService(PeriodicService):
         *,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        verify_domains: bool = False,
     ) -> None:
         if refresh_interval <= 0:
             raise ValueError("refresh_interval must be positive")
@@ -466,6 +492,9 @@ class DomainService(PeriodicService):
         self.clock = clock
         self.refresh_interval = refresh_interval
         self.poll_interval = poll_interval
+        # [protecmail] verify_domains: new domains wait for proof of ownership, and domains
+        # waiting for it are not served.
+        self.verify_domains = verify_domains
         self._by_name: dict[str, Domain] = {}
         self._by_id: dict[int, Domain] = {}
         self._addresses: dict[int, frozenset[str]] = {}
@@ -594,7 +623,9 @@ class DomainService(PeriodicService):
         try:
             started = self.clock.seconds()
             try:
-                snapshot = await self.db.read("domain_snapshot", _snapshot_txn)
+                snapshot = await self.db.read(
+                    "domain_snapshot", _snapshot_txn, self.verify_domains
+                )
             except Exception as e:
                 waiters, self._waiters = self._waiters, []
                 if not self._loaded:
@@ -627,15 +658,25 @@ class DomainService(PeriodicService):
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
 
     async def add(
-        self, name: str, owner_id: int, redirect_to: str, **options: Any
+        self, name: str, owner_id: int, redirect_to: str, *, verified: bool = False,
+        **options: Any,
     ) -> Domain:
-        """Serve a new domain for `owner_id`. Options: the other UPDATABLE_FIELDS."""
+        """Serve a new domain for `owner_id`. Options: the other UPDATABLE_FIELDS.
+
+        With `verify_domains` on the domain is stored pending, with a fresh token, unless
+        `verified` (an operator vouches for it).
+        """
         domain_name = normalise_domain(name)
         values = _column_values({"redirect_to": redirect_to, **options})
         values.setdefault("spam_action", 0)
         values.setdefault("virus_action", 0)
         values.setdefault("send_resume", False)
         values.update(name=domain_name, owner_id=owner_id, created_at=self.now())
+        if self.verify_domains:
+            if verified:
+                values["verified_at"] = values["created_at"]
+            else:
+                values["verify_token"] = secrets.token_hex(16)
 
         def txn(conn: Connection) -> Domain:
             if conn.execute(select(users.c.id).where(users.c.id == owner_id)).first() is None:
@@ -717,6 +758,68 @@ class DomainService(PeriodicService):
 
         await self.db.run("remove_domain", txn)
         await self._changed()
+
+    # -- proof of ownership ---------------------------------------------------------------
+
+    async def pending_domains(self) -> builtins.list[Domain]:
+        """The domains waiting for proof of ownership, oldest first."""
+
+        def txn(conn: Connection) -> builtins.list[Domain]:
+            query = (
+                select(domains)
+                .where(domains.c.verify_token.is_not(None), domains.c.verified_at.is_(None))
+                .order_by(domains.c.created_at, domains.c.id)
+            )
+            return [_domain(r) for r in conn.execute(query)]
+
+        return await self.db.read("pending_domains", txn)
+
+    async def mark_verified(self, domain: Domain) -> Domain | None:
+        """Record that `domain`'s token was found, so that it is served. None when the
+        domain is gone, or is no longer waiting for that token (removed and added again)."""
+        now = self.now()
+
+        def txn(conn: Connection) -> Domain | None:
+            result = conn.execute(
+                update(domains)
+                .where(domains.c.id == domain.id, domains.c.verify_token == domain.verify_token,
+                       domains.c.verified_at.is_(None))
+                .values(verified_at=now)
+            )
+            if result.rowcount == 0:
+                return None
+            _bump_generation_txn(conn)
+            return _find_domain_txn(conn, domain.name, None)
+
+        verified = await self.db.run("verify_domain", txn)
+        if verified is not None:
+            await self._changed()
+        return verified
+
+    async def drop_unverified(self, added_before: datetime.datetime) -> builtins.list[str]:
+        """Forget the domains added up to `added_before` that are still waiting for their
+        proof (so that an unproven claim does not keep the name from its owner forever);
+        their names, by name."""
+
+        def txn(conn: Connection) -> builtins.list[str]:
+            stale = conn.execute(
+                select(domains.c.id, domains.c.name).where(
+                    domains.c.verify_token.is_not(None), domains.c.verified_at.is_(None),
+                    domains.c.created_at <= added_before,
+                )
+            ).all()
+            if not stale:
+                return []
+            ids = [row.id for row in stale]
+            conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id.in_(ids)))
+            conn.execute(delete(domains).where(domains.c.id.in_(ids)))
+            _bump_generation_txn(conn)
+            return sorted(row.name for row in stale)
+
+        dropped = await self.db.run("drop_unverified_domains", txn)
+        if dropped:
+            await self._changed()
+        return dropped
 
     # -- addresses ------------------------------------------------------------------------
 

@@ -40,6 +40,11 @@ domains = Table(
     Column("resume_link_hostname", String(255), nullable=True),
     Column("resume_reply_to", String(254), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Proof of ownership ([protecmail] verify_domains, migration 0011): a domain added while
+    # verification is on gets a random `verify_token` to publish in DNS and is not served
+    # until `verified_at` is set; a NULL token means it never needed the proof.
+    Column("verify_token", String(64), nullable=True),
+    Column("verified_at", DateTime(timezone=True), nullable=True),
 )
 
 # The local parts a domain accepts; a domain with no rows accepts every local part.
