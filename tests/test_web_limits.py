@@ -17,6 +17,7 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from zope.interface import directlyProvides
 
 from mailcore.config import Config
 from tests.support.reactor import get_reactor
@@ -340,6 +342,17 @@ class ConnectionLimitTests(TestCase):
         again, again_transport = self.connect("203.0.113.5")
         self.assertIsInstance(again, LimitedChannel)
         self.assertServed(again, again_transport)
+
+    def test_over_tls_the_refusal_is_not_half_closed_under_the_handshake(self) -> None:
+        self.connect("203.0.113.5")
+        self.connect("203.0.113.5")
+        refused = self.site.buildProtocol(peer("203.0.113.5"))
+        transport = HalfClosingTransport(peerAddress=peer("203.0.113.5"))
+        directlyProvides(transport, INegotiated)  # what the TLS wrapper provides
+        refused.makeConnection(transport)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+        self.assertFalse(transport.write_closed)
+        self.assertTrue(transport.disconnecting)  # TLS sends it after the handshake
 
     def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
         self.connect("203.0.113.5")

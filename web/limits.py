@@ -37,7 +37,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, INegotiated, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -306,7 +306,10 @@ class RefusedConnection(Protocol):
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
             % (RETRY_AFTER_SECONDS, len(body)) + body
         )
-        half_close = getattr(self.transport, "loseWriteConnection", None)
+        # Under TLS the reply waits for the handshake, which a half-closed TCP connection
+        # could not finish (the TLS wrapper would hand us the TCP transport's method).
+        tls = INegotiated.providedBy(self.transport) or ISSLTransport.providedBy(self.transport)
+        half_close = None if tls else getattr(self.transport, "loseWriteConnection", None)
         if half_close is None:
             self.transport.loseConnection()
             return
