@@ -3,8 +3,10 @@
 
 Every MTA a message passes through prepends one `Received:` field (RFC 5321 4.4), so a
 message that carries very many has gone round in a loop (a customer's `redirectTo` pointing
-back at the gateway, two relays forwarding to each other). RFC 5321 6.3 asks for a hop
-limit; the reply is 554 5.4.6 (RFC 3463: routing loop detected).
+back at the gateway, two relays forwarding to each other). RFC 5321 6.3 describes this way
+of detecting loops and suggests a threshold of at least 100; the default here is Postfix's
+50 (raise `[smtp] max_hops` for the RFC's figure). The reply is 554 5.4.6 (RFC 3463:
+routing loop detected).
 
 The rule, shared by the SMTP server and the queue runner: a message may leave us with at
 most `[smtp] max_hops` Received fields in its header section, our own included. The server

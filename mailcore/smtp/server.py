@@ -11,9 +11,10 @@ not inherit (see shared/notes/twisted-pitfalls.md):
 - DATA ends only at CRLF "." CRLF, and a message with a bare CR or bare LF anywhere in it is
   refused as a whole, so no next hop can see two messages where we saw one (pitfall 6, the
   2023 SMTP-smuggling class);
-- a message with a NUL octet anywhere in it is refused as a whole (554 5.6.0): RFC 5321
-  2.3.8 and 4.1.1.4 make message content text, and NUL is not text. It is refused rather
-  than stripped, so that what we pass on is what the sender sent, or nothing;
+- a message with a NUL octet anywhere in it is refused as a whole (554 5.6.0): message
+  text has none (RFC 5322 3.5; RFC 2045 2.7 and 2.8 allow none in 7bit or 8bit data, and
+  we do not offer BINARYMIME). It is refused rather than stripped, so that what we pass on
+  is what the sender sent, or nothing;
 - a message that would leave us with more than `max_hops` Received header fields (ours
   included) is refused at the end of DATA with 554 5.4.6 Too many hops: it is looping (see
   `mailcore.smtp.hops`). The fields are counted as the header section streams in, and
@@ -819,7 +820,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._error(500, "5.5.2", "Error: line too long; message refused")
             return
         if b"\x00" in data:
-            # RFC 5321: the content is text. Refused rather than stripped (module docstring).
+            # Not text (RFC 5322 3.5): refused rather than stripped (module docstring).
             self._error(554, "5.6.0", "Error: NUL character in message data; message refused")
             return
         if b"\r\n." in data:
