@@ -784,7 +784,7 @@ class HopLimitTests(ServerTestCase):
 
 
 class NulTests(ServerTestCase):
-    """RFC 5321 content is text: a NUL anywhere refuses the message whole (not stripped)."""
+    """Message text holds no NUL (RFC 5322 3.5): one anywhere refuses the message whole."""
 
     def test_nul_in_the_header_or_the_body_is_refused(self) -> None:
         for wire in (b"Subject: a\x00b\r\n\r\nbody\r\n.\r\n",
