@@ -30,7 +30,7 @@ digest_interval = 86400    # seconds between digest runs
 link_ttl = 604800          # seconds a release link stays valid (7 days)
 link_hostname = ""         # host of release links when the domain sets none; "" = hostname
 digest_from = ""           # From of digests; "" = quarantine@{hostname}
-digest_sender = ""         # envelope sender of digests; "" = the null sender <>
+digest_sender = ""         # envelope sender of digests (an address); "" = the null sender <>
 ```
 """
 
