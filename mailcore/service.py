@@ -8,13 +8,13 @@ in reverse order: listeners close first, in-flight work finishes, the store clos
 from __future__ import annotations
 
 from twisted.application import service, strports
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from mailcore.config import Config, DaemonOptions
 from mailcore.core import Core
 from mailcore.files import restrict_umask
-from mailcore.logfilter import LogLimiterService
 from mailcore.store import Database
 from mailcore.tls import ensure_certificate
 
@@ -33,19 +33,12 @@ class StoreService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet.defer import Deferred
-
         # open() is a coroutine: it must be driven, or the pool never starts (no SQL runs).
         self._opened = Deferred.fromCoroutine(self.db.open())
 
-    async def _close(self) -> None:
-        await self.db.close()
-
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[None]:
         super().stopService()
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(self._close())
+        return Deferred.fromCoroutine(self.db.close())
 
 
 class OrderedMultiService(service.MultiService):
@@ -56,18 +49,16 @@ class OrderedMultiService(service.MultiService):
     with it SIGTERM, would hang). Here each child has stopped before the next one stops.
     """
 
-    def stopService(self):  # type: ignore[no-untyped-def]
-        service.Service.stopService(self)
-        from twisted.internet.defer import Deferred, maybeDeferred
+    def stopService(self) -> Deferred[None]:
+        service.Service.stopService(self)  # not MultiService's, which stops all at once
+        return Deferred.fromCoroutine(self._stop_in_order())
 
-        async def stop_in_order() -> None:
-            for child in reversed(list(self)):
-                try:
-                    await maybeDeferred(child.stopService)
-                except Exception:
-                    log.failure("stopping {service} failed", service=child)
-
-        return Deferred.fromCoroutine(stop_in_order())
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=child)
 
 
 def build_core(config: Config, reactor: IReactorCore) -> Core:
@@ -95,8 +86,6 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     restrict_umask()
     core = build_core(config, reactor)  # type: ignore[arg-type]
     top = OrderedMultiService()
-    # First in, last out: repeated log lines stay limited until the end of the shutdown.
-    LogLimiterService(reactor).setServiceParent(top)  # type: ignore[arg-type]
     StoreService(core.db).setServiceParent(top)
     for svc in core.background_services():
         svc.setServiceParent(top)
