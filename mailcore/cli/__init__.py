@@ -14,13 +14,15 @@ line on stderr and exits 1; set MAILCORE_DEBUG=1 to see the traceback of an unex
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet import defer, task
@@ -38,6 +40,7 @@ COMMAND_MODULES = (
 )
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
+E = TypeVar("E", bound=Exception)
 
 
 class CommandError(Exception):
@@ -118,6 +121,36 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     for row in (headers, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def command_group(subparsers: Any, name: str, help: str, description: str | None = None) -> Any:
+    """Add `mailcore NAME ACTION …` (ACTION required); returns the subparsers of its actions."""
+    group = subparsers.add_parser(name, help=help, description=description)
+    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+
+
+def refusals(error: type[E], message: Callable[[E], str]) -> Callable[[Handler], Handler]:
+    """A handler decorator: a service's `error` (a refused operation) is reported as
+    `message(error)`, one line on stderr with exit status 1, like any CommandError."""
+
+    def decorate(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def run(args: argparse.Namespace, core: Any) -> int:
+            try:
+                return await handler(args, core)
+            except error as e:
+                raise CommandError(message(e)) from None
+
+        return run
+
+    return decorate
+
+
+def utc_seconds(epoch: float | None) -> str:
+    """A Unix time as UTC to the second, or "-"."""
+    if epoch is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def fail(message: str) -> int:

@@ -13,18 +13,17 @@ from typing import Any
 
 from mailcore.billing.invoices import Invoice, InvoiceError, InvoiceService
 from mailcore.billing.tokens import Tanks, TokenService
-from mailcore.cli import CommandError, print_table
+from mailcore.cli import CommandError, command_group, print_table
 from mailcore.cli.users import require_user
 
 
 def register(subparsers: Any) -> None:
     """Add `tokens` to the `mailcore` command line."""
-    tokens = subparsers.add_parser(
-        "tokens", help="buy filtering tokens and show token tanks",
+    actions = command_group(
+        subparsers, "tokens", help="buy filtering tokens and show token tanks",
         description="Filtering tokens: one is used per recipient of each filtered message, "
         "from the monthly tank first, then the permanent one.",
     )
-    actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
     buy = actions.add_parser(
         "buy", help="credit tokens to a user's permanent tank and issue the invoice",
         description="Credit N tokens to USER's permanent tank and issue an invoice for "

@@ -9,10 +9,9 @@ These work on the store directly; a running daemon notices flushed work on its n
 from __future__ import annotations
 
 import argparse
-import datetime
 from typing import Any
 
-from mailcore.cli import CommandError, print_table
+from mailcore.cli import CommandError, command_group, print_table, utc_seconds
 from mailcore.queue.model import (
     ACTIVE,
     MessageView,
@@ -26,12 +25,11 @@ from mailcore.queue.model import (
 
 def register(subparsers: Any) -> None:
     """Add `queue` to the `mailcore` command line."""
-    queue = subparsers.add_parser(
-        "queue", help="list, show, flush and delete queued messages",
+    actions = command_group(
+        subparsers, "queue", help="list, show, flush and delete queued messages",
         description="The mail queue: messages accepted and not yet delivered to every "
         "recipient's next hop.",
     )
-    actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="messages with recipients still waiting")
     listing.add_argument("--limit", type=int, default=100,
                          help="show at most this many messages, oldest first [100]")
@@ -44,12 +42,6 @@ def register(subparsers: Any) -> None:
     delete = actions.add_parser("delete", help="drop a message without delivering it")
     delete.add_argument("id", help="the queue id")
     delete.set_defaults(handler=queue_delete)
-
-
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _sender(mail_from: str) -> str:
@@ -65,8 +57,8 @@ async def queue_list(args: argparse.Namespace, core: Any) -> int:
         next_at = min((r.next_attempt_at for r in waiting), default=None)
         last = next((r.last_error for r in waiting if r.last_error), "") or ""
         rows.append([
-            v.id, _when(v.created_at), str(v.size), _sender(v.mail_from),
-            f"{len(waiting)}/{len(v.recipients)}", _when(next_at), last[:60],
+            v.id, utc_seconds(v.created_at), str(v.size), _sender(v.mail_from),
+            f"{len(waiting)}/{len(v.recipients)}", utc_seconds(next_at), last[:60],
         ])
     if rows:
         print_table(["ID", "ARRIVED (UTC)", "SIZE", "FROM", "WAITING", "NEXT TRY", "LAST ERROR"],
@@ -86,11 +78,11 @@ async def queue_show(args: argparse.Namespace, core: Any) -> int:
     print(f"From:      {_sender(view.mail_from)}")
     print(f"Client:    {view.client_ip or '-'}")
     print(f"Size:      {view.size}")
-    print(f"Arrived:   {_when(view.created_at)} UTC")
-    print(f"Finished:  {_when(view.done_at)}{' UTC' if view.done_at else ''}")
+    print(f"Arrived:   {utc_seconds(view.created_at)} UTC")
+    print(f"Finished:  {utc_seconds(view.done_at)}{' UTC' if view.done_at else ''}")
     rows = [
         [r.address, r.state, str(r.attempts),
-         _when(r.next_attempt_at) if r.state in ACTIVE else "-",
+         utc_seconds(r.next_attempt_at) if r.state in ACTIVE else "-",
          r.next_hop or "-", r.lease_owner or "-", (r.last_error or "")[:80]]
         for r in view.recipients
     ]

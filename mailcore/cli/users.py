@@ -12,7 +12,7 @@ import getpass
 import sys
 from typing import Any
 
-from mailcore.cli import CommandError, print_table
+from mailcore.cli import CommandError, command_group, print_table
 from mailcore.identity import PLANS, User
 
 
@@ -25,8 +25,7 @@ def register(subparsers: Any) -> None:
     )
     init.set_defaults(handler=init_command)
 
-    user = subparsers.add_parser("user", help="add, list and change users")
-    users = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    users = command_group(subparsers, "user", help="add, list and change users")
     add = users.add_parser(
         "add", help="create a user",
         description="Create a user. Without --password the password is read from stdin: "
@@ -46,16 +45,13 @@ def register(subparsers: Any) -> None:
     set_plan.add_argument("plan", choices=PLANS)
     set_plan.set_defaults(handler=user_set_plan)
 
-    apikey = subparsers.add_parser("apikey", help="create, list and revoke API keys")
-    keys = apikey.add_subparsers(dest="apikey_command", metavar="ACTION", required=True)
-    create = keys.add_parser(
-        "create", help="create an API key and print it (alone, once)",
+    keys = command_group(subparsers, "apikey", help="create, list and revoke API keys")
+    _credential_create(
+        keys, "apikey", help="create an API key and print it (alone, once)",
         description="Create an API key for the user and print it alone on stdout. It is "
         "shown only now: the database keeps a digest.",
+        label="a note saying what the key is for",
     )
-    create.add_argument("name", help="user name or email")
-    create.add_argument("--label", default="", help="a note saying what the key is for")
-    create.set_defaults(handler=credential_create, kind="apikey")
 
     key_list = keys.add_parser("list", help="list a user's API keys (never the secrets)")
     key_list.add_argument("name", help="user name or email")
@@ -66,16 +62,21 @@ def register(subparsers: Any) -> None:
     revoke.add_argument("prefix", help="the key's prefix, as `apikey list` shows it")
     revoke.set_defaults(handler=apikey_revoke)
 
-    token = subparsers.add_parser("token", help="create non-expiring API tokens")
-    tokens = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
-    token_create = tokens.add_parser(
-        "create", help="create a token and print it (alone, once)",
+    tokens = command_group(subparsers, "token", help="create non-expiring API tokens")
+    _credential_create(
+        tokens, "token", help="create a token and print it (alone, once)",
         description="Create a non-expiring token (IMAP2API `Token`, Mail API `auth_key`) "
         "and print it alone on stdout.",
+        label="a note saying what it is for",
     )
-    token_create.add_argument("name", help="user name or email")
-    token_create.add_argument("--label", default="", help="a note saying what it is for")
-    token_create.set_defaults(handler=credential_create, kind="token")
+
+
+def _credential_create(actions: Any, kind: str, help: str, description: str, label: str) -> None:
+    """Add `create NAME [--label L]`: a new credential of `kind` for the user, printed alone."""
+    create = actions.add_parser("create", help=help, description=description)
+    create.add_argument("name", help="user name or email")
+    create.add_argument("--label", default="", help=label)
+    create.set_defaults(handler=credential_create, kind=kind)
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -7,25 +7,19 @@ operator's `[webhooks]` address rules, and the signing secret is printed once, a
 from __future__ import annotations
 
 import argparse
-import datetime
-from collections.abc import Awaitable, Callable
-from functools import wraps
 from typing import Any
 
-from mailcore.cli import CommandError, print_table
+from mailcore.cli import CommandError, command_group, print_table, refusals, utc_seconds
 from mailcore.cli.users import require_user
 from mailcore.webhooks import EVENTS, Webhook, WebhookError
-
-Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
 
 
 def register(subparsers: Any) -> None:
     """Add `webhook` to the `mailcore` command line."""
-    webhook = subparsers.add_parser(
-        "webhook", help="add, list and remove a user's webhooks",
+    actions = command_group(
+        subparsers, "webhook", help="add, list and remove a user's webhooks",
         description="Webhooks receive signed JSON POSTs on " + ", ".join(EVENTS) + ".",
     )
-    actions = webhook.add_subparsers(dest="webhook_command", metavar="ACTION", required=True)
     add = actions.add_parser(
         "add", help="register a webhook (prints its signing secret, once)",
         description="Register URL for USER. Deliveries carry X-Mailcore-Signature: "
@@ -57,25 +51,14 @@ def register(subparsers: Any) -> None:
     log.set_defaults(handler=webhook_deliveries)
 
 
-def _webhook_errors(handler: Handler) -> Handler:
-    """Report a refused webhook operation as one line (exit status 1)."""
-
-    @wraps(handler)
-    async def run(args: argparse.Namespace, core: Any) -> int:
-        try:
-            return await handler(args, core)
-        except WebhookError as e:
-            where = f"{e.field}: " if e.field and e.field != "id" else ""
-            message = "no such webhook" if e.field == "id" else e.message
-            raise CommandError(where + message) from None
-
-    return run
+def _refusal(e: WebhookError) -> str:
+    """The field at fault, then what is wrong with it; an unknown id is "no such webhook"."""
+    if e.field == "id":
+        return "no such webhook"
+    return f"{e.field}: {e.message}" if e.field else e.message
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+_webhook_errors = refusals(WebhookError, _refusal)
 
 
 @_webhook_errors
@@ -121,7 +104,7 @@ async def webhook_deliveries(args: argparse.Namespace, core: Any) -> int:
         ("ID", "EVENT", "STATUS", "ATTEMPTS", "CODE", "CREATED", "LAST ERROR"),
         [(str(d.id), d.event, d.status, str(d.attempts),
           str(d.last_status_code) if d.last_status_code is not None else "-",
-          _when(d.created_at), (d.last_error or "")[:80])
+          utc_seconds(d.created_at), (d.last_error or "")[:80])
          for d in page.items],
     )
     return 0
