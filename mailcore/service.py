@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from mailcore.config import Config, DaemonOptions
 from mailcore.core import Core
 from mailcore.files import restrict_umask
+from mailcore.logfilter import LogLimiterService
 from mailcore.store import Database
 from mailcore.tls import ensure_certificate
 
@@ -86,6 +87,8 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     restrict_umask()
     core = build_core(config, reactor)  # type: ignore[arg-type]
     top = OrderedMultiService()
+    # First in, last out: repeated log lines stay limited until the end of the shutdown.
+    LogLimiterService(reactor).setServiceParent(top)  # type: ignore[arg-type]
     StoreService(core.db).setServiceParent(top)
     for svc in core.background_services():
         svc.setServiceParent(top)

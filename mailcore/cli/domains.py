@@ -19,6 +19,7 @@ from typing import Any
 from mailcore.cli import CommandError, command_group, print_table, refusals
 from mailcore.cli.users import require_user
 from mailcore.gateway.domains import Domain, DomainError
+from mailcore.gateway.verification import CheckResult, verification_record
 from mailcore.queue.settings import TLS_POLICIES, effective_tls
 
 TLS_CHOICES = ("default", *TLS_POLICIES)
@@ -56,6 +57,9 @@ def register(subparsers: Any) -> None:
                      help=TLS_HELP + " (when omitted: default)")
     tls.add_argument("--require-tls", action="store_true",
                      help="deliver to the next hop only over verified TLS (= --tls verify)")
+    add.add_argument("--verified", action="store_true",
+                     help="with [protecmail] verify_domains on: serve the domain at once, "
+                     "without its DNS proof of ownership (you vouch for the owner)")
     add.set_defaults(handler=domain_add)
 
     change = actions.add_parser(
@@ -76,6 +80,17 @@ def register(subparsers: Any) -> None:
     listing = actions.add_parser("list", help="list served domains")
     listing.add_argument("--owner", help="only this user's domains (name or email)")
     listing.set_defaults(handler=domain_list)
+
+    verify = actions.add_parser(
+        "verify", help="print a domain's ownership record and look it up now",
+        description="With [protecmail] verify_domains on, a domain added without --verified "
+        "is served only once the DNS TXT record _mailcore-verify.DOMAIN carries "
+        '"mailcore-verify=TOKEN". Look for it now ([protecmail] dns_servers, else the system '
+        "resolver): exit 0 when the domain is verified, else 1 with the reason and the record "
+        "to publish.",
+    )
+    verify.add_argument("name", help="the domain")
+    verify.set_defaults(handler=domain_verify)
 
     remove = actions.add_parser("remove", help="stop serving a domain (and drop its list)")
     remove.add_argument("name", help="the domain")
@@ -115,10 +130,32 @@ async def domain_add(args: argparse.Namespace, core: Any) -> int:
     domain: Domain = await core.domains.add(
         args.name, owner.id, args.redirect_to,
         spam_action=args.spam_action, virus_action=args.virus_action,
-        tls="verify" if args.require_tls else args.tls,
+        tls="verify" if args.require_tls else args.tls, verified=args.verified,
     )
+    record = verification_record(domain)
+    if record is not None:
+        print(f"added {_describe(domain)} for {owner.username}, not served until its owner "
+              f"publishes {record.zone_line()} (`mailcore domain verify {domain.name}` looks "
+              "now; the daemon looks every [protecmail] verify_interval)")
+        return 0
     print(f"serving {_describe(domain)} for {owner.username}: mail goes to "
           f"{domain.redirect_to}, TLS {_tls(domain, core)}")
+    return 0
+
+
+@_domain_errors
+async def domain_verify(args: argparse.Namespace, core: Any) -> int:
+    result: CheckResult = await core.verifier.check(args.name)
+    domain = result.domain
+    record = verification_record(domain)
+    if record is None:
+        print(f"{domain.name} needs no proof of ownership (added while verification was off, "
+              "or with --verified)")
+    elif result.verified:
+        print(f"{domain.name} is verified ({record.name} carries its token) and served")
+    else:
+        raise CommandError(f"{domain.name} is not verified: {result.detail}; publish "
+                           f"{record.zone_line()}")
     return 0
 
 
@@ -154,7 +191,8 @@ async def domain_list(args: argparse.Namespace, core: Any) -> int:
     print_table(
         ("DOMAIN", "OWNER", "REDIRECT TO", "SPAM", "VIRUS", "TLS"),
         [
-            (d.name, names.get(d.owner_id, str(d.owner_id)), d.redirect_to,
+            (d.name + (" (unverified)" if d.pending else ""),
+             names.get(d.owner_id, str(d.owner_id)), d.redirect_to,
              _action(d.spam_action), _action(d.virus_action),
              _tls(d, core))
             for d in found
