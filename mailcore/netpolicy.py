@@ -12,9 +12,10 @@ allow_networks = []          # CIDRs allowed even if private ("10.1.2.0/24")
 deny_networks = []           # CIDRs refused whatever else says
 ```
 
-`AddressPolicy.allows` decides for one address; `GuardedEndpoint` resolves a host name and
-connects only to the addresses the policy allows, so DNS cannot point an accepted name at a
-forbidden address, and no connection to a refused address is ever opened.
+`AddressPolicy.allows` decides for one address (`refusal` says why not, naming the key that
+would allow it); `GuardedEndpoint` resolves a host name and connects only to the addresses
+the policy allows, so DNS cannot point an accepted name at a forbidden address, and no
+connection to a refused address is ever opened.
 """
 
 from __future__ import annotations
@@ -46,7 +47,20 @@ _ALWAYS_DENIED = tuple(
 
 
 class AddressRefused(Exception):
-    """A connection would go to an address the operator does not allow (or nowhere)."""
+    """A connection would go to an address the operator does not allow (or nowhere).
+
+    `reasons` maps each refused address to why it was refused (empty when the host did
+    not resolve)."""
+
+    def __init__(self, message: str, reasons: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons: dict[str, str] = dict(reasons or {})
+
+
+class AddressCheck(Protocol):
+    """What GuardedEndpoint asks of a policy: why an address is refused, or None."""
+
+    def refusal(self, address: str) -> str | None: ...
 
 
 class NetworkRules(Protocol):
@@ -82,36 +96,51 @@ class AddressPolicy:
 
     deny_networks, then the never-reachable ranges, refuse; allow_networks allows; loopback
     needs allow_loopback; any other non-global address needs allow_private. The rules are
-    read from `settings` on every check (an operator may swap them at run time).
+    read from `settings` on every check (an operator may swap them at run time). `table`,
+    when given, is the config table the keys live in, named in the refusals.
     """
 
-    def __init__(self, settings: NetworkRules) -> None:
+    def __init__(self, settings: NetworkRules, table: str | None = None) -> None:
         self.settings = settings
+        self.table = table
 
     def allows(self, address: IPAddress | str) -> bool:
         """Whether a connection to `address` is allowed."""
+        return self.refusal(address) is None
+
+    def refusal(self, address: IPAddress | str) -> str | None:
+        """Why a connection to `address` is refused ("loopback (allow with [queue]
+        allow_loopback = true)"), or None when it is allowed."""
         try:
             ip = ipaddress.ip_address(address) if isinstance(address, str) else address
         except ValueError:
-            return False
+            return "not an IP address"
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         s = self.settings
+        key = f"[{self.table}] " if self.table else ""
 
-        def within(networks: Iterable[IPNetwork]) -> bool:
-            return any(ip.version == n.version and ip in n for n in networks)
+        def within(networks: Iterable[IPNetwork]) -> IPNetwork | None:
+            return next((n for n in networks if ip.version == n.version and ip in n), None)
 
-        if within(s.deny_networks) or within(_ALWAYS_DENIED):
-            return False
-        if within(s.allow_networks):
-            return True
+        denied = within(s.deny_networks)
+        if denied is not None:
+            return f"in {key}deny_networks ({denied})"
+        if within(_ALWAYS_DENIED) is not None:
+            return "not a unicast address"
+        if within(s.allow_networks) is not None:
+            return None
         if ip.is_loopback:
-            return s.allow_loopback
+            return None if s.allow_loopback else f"loopback (allow with {key}allow_loopback = true)"
         if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
-            return False
+            return "not a unicast address"
         if not ip.is_global:
-            return s.allow_private
-        return True
+            if s.allow_private:
+                return None
+            kind = "link-local" if ip.is_link_local else "private"
+            return (f"{kind} (allow with {key}allow_private = true, or the network in "
+                    f"{key}allow_networks)")
+        return None
 
 
 @implementer(IResolutionReceiver)
@@ -138,7 +167,7 @@ class GuardedEndpoint:
     resolution; the allowed addresses are tried in turn. A host with no allowed address
     fails with AddressRefused "<host> (<addresses>) <refusal>" before any connection."""
 
-    def __init__(self, reactor: Any, policy: AddressPolicy, host: str, port: int,
+    def __init__(self, reactor: Any, policy: AddressCheck, host: str, port: int,
                  timeout: float, *,
                  refusal: str = "is not an address this server may connect to") -> None:
         self.reactor = reactor
@@ -161,9 +190,13 @@ class GuardedEndpoint:
             addresses = await receiver.done
         if not addresses:
             raise AddressRefused(f"{host} does not resolve")
-        allowed = [a for a in addresses if self.policy.allows(a)]
+        reasons = {a: self.policy.refusal(a) for a in addresses}
+        allowed = [a for a in addresses if reasons[a] is None]
         if not allowed:
-            raise AddressRefused(f"{host} ({', '.join(sorted(set(addresses)))}) {self.refusal}")
+            raise AddressRefused(
+                f"{host} ({', '.join(sorted(set(addresses)))}) {self.refusal}",
+                {a: r for a, r in reasons.items() if r is not None},
+            )
         last: BaseException | None = None
         for address in allowed:
             endpoint: IStreamClientEndpoint
@@ -180,6 +213,7 @@ class GuardedEndpoint:
 
 
 __all__ = [
+    "AddressCheck",
     "AddressPolicy",
     "AddressRefused",
     "GuardedEndpoint",
