@@ -45,6 +45,7 @@ class QueueOnReactor(TestCase):
         db = await open_database(self, "sqlite")
         domain = await add_domain(db, "customer.test", "127.0.0.1", port)
         settings.setdefault("relayhost", f"127.0.0.1:{port}")
+        settings.setdefault("allow_loopback", True)  # the sink is on 127.0.0.1
         qs = QueueSettings(node_id="test-node", **settings)
         q = build_queue(Config(hostname="mx.test"), db, get_reactor(), CollectorRegistry(),
                         reactor=get_reactor(), settings=qs)

@@ -101,7 +101,7 @@ class VerifiedTLSTests(TestCase):
         domain = await add_domain(db, "customer.test", host, port, require_tls=require_tls)
         ca_file = str(directory / "test-ca.pem") if trusted else str(other_path)
         settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file, tls=policy,
-                                 relayhost=f"127.0.0.1:{port}")
+                                 relayhost=f"127.0.0.1:{port}", allow_loopback=True)
         q = await queue_with_one_message(self, db, settings, domain)
         return q, db, state
 
@@ -183,7 +183,7 @@ class DefaultPolicyTests(TestCase):
         db = await open_database(self, "sqlite")
         domain = await add_domain(db, "customer.test", "localhost", port, tls=domain_tls)
         settings = QueueSettings(node_id="tls-node", tls_ca_file=ca_file,
-                                 relayhost=f"127.0.0.1:{port}")
+                                 relayhost=f"127.0.0.1:{port}", allow_loopback=True)
         self.assertEqual(settings.tls, "verify-if-offered")
         await queue_with_one_message(self, db, settings, domain)
         return db, state

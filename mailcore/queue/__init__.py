@@ -1,8 +1,8 @@
 """The mail queue: durable spool, leased per-recipient state, the pipeline, delivery, bounces.
 
 `build_queue` wires the pieces for the Core: the Spool the SMTP server commits into, the
-QueueRunner that delivers, and the QueueService that sweeps, renews leases and stops them in
-order.
+QueueRunner that delivers, the QueueService that sweeps, renews leases and stops them in
+order, and the NextHopPolicy every delivery's addresses are checked against.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailcore.config import Config
 from mailcore.queue.metrics import QueueMetrics
+from mailcore.queue.nexthop import Listeners, NextHopPolicy
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.routing import MXResolver, Router
 from mailcore.queue.runner import Connector, QueueRunner
@@ -40,6 +41,7 @@ class Queue:
     runner: QueueRunner
     service: QueueService
     metrics: QueueMetrics
+    next_hops: NextHopPolicy
 
 
 def build_queue(
@@ -53,15 +55,20 @@ def build_queue(
     pipeline: Pipeline | None = None,
     resolver: MXResolver | None = None,
     settings: QueueSettings | None = None,
+    listeners: Listeners | None = None,
 ) -> Queue:
-    """Spool, runner and service for one node. `reactor` is needed for real connections."""
+    """Spool, runner and service for one node. `reactor` is needed for real connections;
+    `listeners` are our own SMTP listeners (default: those of `config.smtp_endpoints`)."""
     settings = settings or QueueSettings.from_config(config)
     metrics = QueueMetrics(registry)
+    if listeners is None:
+        listeners = Listeners(config.smtp_endpoints)
+    next_hops = NextHopPolicy.from_config(config, settings, listeners)
     if connector is None:
         from mailcore.queue.connector import TCPConnector
 
         connector = TCPConnector(reactor if reactor is not None else clock, settings,
-                                 config.hostname)
+                                 config.hostname, next_hops)
     router = Router(db, clock, settings, resolver)
     runner = QueueRunner(
         db, clock, settings, metrics, router, connector, pipeline or Pipeline(), config.hostname,
@@ -75,7 +82,7 @@ def build_queue(
     )
     runner.spool = spool
     service = QueueService(db, clock, settings, spool, runner)
-    return Queue(settings, spool, runner, service, metrics)
+    return Queue(settings, spool, runner, service, metrics, next_hops)
 
 
 __all__ = ["Queue", "QueueSettings", "Spool", "SpoolError", "build_queue"]

@@ -5,6 +5,11 @@ level does; 'verify' and 'verify-if-offered' (the default, when the hop offers S
 check the chain and the host name with `optionsForClientTLS(hostname, trustRoot=…)`,
 trusting `tls_ca_file` when configured (a private CA) and the platform's roots otherwise.
 Which policy a hop gets is the router's business (`Hop.tls`); the runner's `_open` applies it.
+
+Which addresses a hop may have is `mailcore.queue.nexthop`'s: an IP-literal hop is checked
+(cached) before connecting, a host name is resolved and only the addresses the policy
+allows are tried (netpolicy's `GuardedEndpoint`), and a connection that reached one of our
+own listeners is closed before any SMTP is spoken. A refusal is a `NextHopRefused`.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Any
 
 from twisted.internet import defer, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
+from mailcore.netpolicy import AddressRefused, GuardedEndpoint
+from mailcore.queue.nexthop import NextHopPolicy, Verdict
 from mailcore.queue.routing import Hop
 from mailcore.queue.runner import Connector
 from mailcore.queue.settings import QueueSettings
@@ -24,30 +31,50 @@ from mailcore.smtp.client import SMTPClientProtocol, SMTPSession, client_factory
 
 
 class TCPConnector(Connector):
-    """Real connections through the reactor (IP literals skip name resolution)."""
+    """Real connections through the reactor, only to addresses `policy` allows (IP
+    literals skip name resolution)."""
 
-    def __init__(self, reactor: Any, settings: QueueSettings, helo_name: str) -> None:
+    def __init__(self, reactor: Any, settings: QueueSettings, helo_name: str,
+                 policy: NextHopPolicy | None = None) -> None:
         self.reactor = reactor
         self.settings = settings
         self.helo_name = helo_name
+        self.policy = policy if policy is not None else NextHopPolicy(settings)
         self._trust: Any = None
 
     def endpoint(self, hop: Hop) -> IStreamClientEndpoint:
+        """The endpoint to reach `hop`; NextHopRefused when its address is refused."""
         timeout = self.settings.connect_timeout
-        if isIPAddress(hop.host):
-            return TCP4ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
-        if isIPv6Address(hop.host):
+        literal = isIPAddress(hop.host) or isIPv6Address(hop.host)
+        if literal:
+            verdict = self.policy.verdict(hop.host, hop.port)
+            if verdict is not None:
+                raise self.policy.refused(hop.host, hop.port, {hop.host: verdict})
+            if isIPAddress(hop.host):
+                return TCP4ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
             return TCP6ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
-        return HostnameEndpoint(self.reactor, hop.host.encode("idna"), hop.port,
-                                timeout=timeout)
+        host = hop.host.encode("idna").decode("ascii")
+        return GuardedEndpoint(self.reactor, self.policy.at_port(hop.port), host, hop.port,
+                               timeout)
 
     def connect(self, hop: Hop) -> defer.Deferred[SMTPSession]:
         return defer.Deferred.fromCoroutine(self._connect(hop))
 
     async def _connect(self, hop: Hop) -> SMTPSession:
         factory = client_factory(self.reactor, self.settings.command_timeout)
-        protocol = await self.endpoint(hop).connect(factory)
+        try:
+            protocol = await self.endpoint(hop).connect(factory)
+        except AddressRefused as e:
+            if not e.reasons:  # the name did not resolve: a network failure, retried
+                raise
+            verdicts = {a: self.policy.verdict(a, hop.port) or Verdict(r)
+                        for a, r in e.reasons.items()}
+            raise self.policy.refused(hop.host, hop.port, verdicts) from None
         assert isinstance(protocol, SMTPClientProtocol)
+        looped = self.policy.check_connected(hop.host, hop.port, protocol.transport)
+        if looped is not None:
+            protocol.transport.abortConnection()  # type: ignore[union-attr]
+            raise looped
         session = SMTPSession(
             protocol, helo_name=self.helo_name, data_timeout=self.settings.data_timeout
         )

@@ -45,6 +45,7 @@ from mailcore.queue.model import (
     Result,
     thd_load_bodies,
 )
+from mailcore.queue.nexthop import NextHopRefused
 from mailcore.queue.pipeline import (
     Action,
     Decision,
@@ -187,6 +188,7 @@ class HopQueue:
     established: int = 0
     dead_until: float = 0.0
     dead_reason: str = ""
+    dead_permanent: bool = False  # the reason cannot change by retrying: bounce
     cleartext_until: float = 0.0
     idle: deque[tuple[defer.Deferred[Job | None], IDelayedCall | None]] = field(
         default_factory=deque
@@ -362,8 +364,8 @@ class QueueRunner:
         for hop, rcpts in groups.items():
             hq = self.hops.get(hop)
             if hq is not None and hq.is_dead(now):
-                self._fail(job, rcpts, hq.dead_reason, permanent=False, hop=hq.hop.label,
-                           now=now)
+                self._fail(job, rcpts, hq.dead_reason, permanent=hq.dead_permanent,
+                           hop=hq.hop.label, now=now)
             else:
                 live[hop] = rcpts
         if not live:
@@ -532,8 +534,8 @@ class QueueRunner:
         if hq.is_dead(now):
             while hq.jobs:
                 job = hq.jobs.popleft()
-                self._fail(job, job.recipients, hq.dead_reason, permanent=False,
-                           hop=hq.hop.label, now=now)
+                self._fail(job, job.recipients, hq.dead_reason,
+                           permanent=hq.dead_permanent, hop=hq.hop.label, now=now)
             return
         while hq.jobs and hq.idle:
             d, timer = hq.idle.popleft()
@@ -628,6 +630,7 @@ class QueueRunner:
                         self.settings.dead_hop_seconds, self.settings.min_backoff
                     )
                     hq.dead_reason = reason
+                    hq.dead_permanent = isinstance(e, NextHopRefused) and e.permanent
                     log.info("next hop {hop} unusable: {reason}", hop=hq.hop.label,
                              reason=reason)
                 else:

@@ -1,4 +1,21 @@
-"""Queue settings: the `[queue]` table of the TOML file, with Postfix-like defaults."""
+"""Queue settings: the `[queue]` table of the TOML file, with Postfix-like defaults.
+
+Which addresses a next hop may be (`mailcore.queue.nexthop`): the four keys of
+`mailcore.netpolicy`, checked on the address actually connected to, after resolution, on
+every delivery (served domains' redirects, MX answers, the relayhost) and when a redirect is
+set. The default forbids loopback, link-local and private ranges; an operator who relays to
+hosts on its own network or on the same host allows them here:
+
+```toml
+[queue]
+allow_loopback = false       # 127.0.0.0/8 and ::1 (tests, a next hop on the same host)
+allow_private = false        # RFC 1918, CGNAT, ULA, link-local and other non-global ranges
+allow_networks = []          # CIDRs allowed even if private ("10.1.2.0/24")
+deny_networks = []           # CIDRs refused whatever else says
+```
+
+The gateway's own SMTP listeners are never a next hop, whatever these say.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mailcore.config import Config, ConfigError
+from mailcore.netpolicy import IPNetwork, parse_networks
 
 # Outbound STARTTLS policies, weakest first:
 # - "none": never;
@@ -67,6 +85,11 @@ class QueueSettings:
     tls: str = DEFAULT_TLS
     tls_ca_file: str = ""
     route_cache_seconds: float = 30.0
+    # Which addresses a next hop may have (see the module docstring).
+    allow_loopback: bool = False
+    allow_private: bool = False
+    allow_networks: tuple[IPNetwork, ...] = ()
+    deny_networks: tuple[IPNetwork, ...] = ()
     # Identity of this node in leases; default host name plus the data directory.
     node_id: str = ""
     # How long a finished message stays visible to `queue show`.
@@ -81,7 +104,15 @@ class QueueSettings:
         for key, value in section.items():
             if key not in known:
                 raise ConfigError(f"unknown key in [queue]: {key}")
+            if key in ("allow_networks", "deny_networks"):
+                values[key] = parse_networks("queue", key, value)
+                continue
             default = getattr(cls, key)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"[queue] {key} must be true or false")
+                values[key] = value
+                continue
             if isinstance(default, bool) or isinstance(value, bool):
                 raise ConfigError(f"[queue] {key} has the wrong type")
             if isinstance(default, float) and isinstance(value, int):

@@ -341,8 +341,9 @@ class Daemon:
         self.runs = 0
         # Limits for load from one address. Mail is filtered and charged (the defaults), but
         # an empty tank lets it through: a free plan's tank would run dry in these runs.
+        # The next hops (sinks) listen on 127.0.0.1, which the operator must allow.
         lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000", "",
-                 "[tokens]", 'when_empty = "allow"', "", "[queue]"]
+                 "[tokens]", 'when_empty = "allow"', "", "[queue]", "allow_loopback = true"]
         for key, value in (queue or {}).items():
             lines.append(f"{key} = {value!r}" if not isinstance(value, str) else
                          f'{key} = "{value}"')
