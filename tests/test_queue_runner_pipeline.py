@@ -135,13 +135,16 @@ class DecisionBeforeConnectTests(PipelineRunnerBase):
     async def test_each_decision_that_keeps_mail_back_is_logged(self) -> None:
         cases = [
             (Decision(Action.DEFER, reason="4.7.1 tokens exhausted"),
-             "Q1 deferred by the pipeline: 4.7.1 tokens exhausted"),
+             "Q1: deferred to=<b@customer.test>,<c@customer.test> relay=- delay=0.00 "
+             "reason=4.7.1 tokens exhausted"),
             (Decision(Action.QUARANTINE, reason="spam score 9.1"),
-             "Q2 quarantined for 2 of 2 recipients: spam score 9.1"),
+             "Q2: quarantined nrcpt=2 to=<b@customer.test>,<c@customer.test> "
+             "reason=spam score 9.1"),
             (Decision(Action.TAG, reason="one is strict", quarantine=("c@customer.test",)),
-             "Q3 quarantined for 1 of 2 recipients: one is strict"),
+             "Q3: quarantined nrcpt=1 to=<c@customer.test> reason=one is strict"),
             (Decision(Action.DISCARD, reason="virus found"),
-             "Q4 discarded by policy for 2 recipients: virus found"),
+             "Q4: discarded nrcpt=2 to=<b@customer.test>,<c@customer.test> "
+             "reason=virus found"),
         ]
         stage = Stage()
         self.use(stage, quarantine=Kept())

@@ -47,6 +47,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 
 from filters import FilterChain, FilterUnavailable, ScanContext, Verdict
+from mailcore import maillog
 from mailcore.billing.tokens import EMPTY, Charge, ChargeBatcher, TokenService
 from mailcore.config import ConfigError
 from mailcore.gateway.domains import Domain
@@ -112,6 +113,20 @@ def describe(verdict: Verdict) -> tuple[str, str]:
                    f"tests={tests}"
 
 
+def log_verdict(queue_id: str, verdict: Verdict) -> None:
+    """The mail log's `filtered` line: the verdict, the score and which filters answered."""
+    if verdict.viruses:
+        word = "virus"
+    elif verdict.spam:
+        word = "spam"
+    else:
+        word = "clean"
+    names = [v.filter for v in verdict.results] or [verdict.filter]
+    skipped = f"skipped={','.join(verdict.skipped)}" if verdict.skipped else ""
+    maillog.filtered(queue_id, verdict=word, score=verdict.score, threshold=verdict.threshold,
+                     filters=names, detail=skipped)
+
+
 class FilteringStage:
     """A pipeline Stage; see the module docstring."""
 
@@ -164,6 +179,7 @@ class FilteringStage:
             verdict = await self.chain.scan(message.body, context)
         except FilterUnavailable as e:
             return Decision(Action.DEFER, reason=f"4.7.0 filtering unavailable: {e}")
+        log_verdict(message.queue_id, verdict)
         if verdict.clean:
             return None
         category, reason = describe(verdict)

@@ -34,6 +34,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mailcore import maillog
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
     BOUNCED,
@@ -410,8 +411,6 @@ class QueueRunner:
         recipients), discard. Returns the job still to send (tagged for a TAG), or None."""
         now = self.clock.seconds()
         if decision.action is Action.DEFER:
-            log.info("{queue_id} deferred by the pipeline: {reason}", queue_id=job.message_id,
-                     reason=decision.reason)
             self._fail(job, job.recipients, decision.reason, permanent=False, hop="", now=now)
             return None
         if decision.action is Action.QUARANTINE:
@@ -430,9 +429,8 @@ class QueueRunner:
                 self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
                            permanent=False, hop="", now=self.clock.seconds())
                 return None
-            log.info("{queue_id} quarantined for {held} of {count} recipients: {reason}",
-                     queue_id=job.message_id, held=len(held), count=len(job.recipients),
-                     reason=decision.reason)
+            maillog.kept(job.message_id, "quarantined", (r.address for r in held),
+                         decision.reason)
             self._delivered(job, held, f"quarantined: {decision.reason}", "",
                             self.clock.seconds(), state=QUARANTINED)
             if len(held) == len(job.recipients):
@@ -440,10 +438,10 @@ class QueueRunner:
             held_ids = {r.id for r in held}
             job = part_of(job, [r for r in job.recipients if r.id not in held_ids])
         if decision.action is Action.DISCARD:
-            log.info("{queue_id} discarded by policy for {count} recipients: {reason}",
-                     queue_id=job.message_id, count=len(job.recipients), reason=decision.reason)
+            maillog.kept(job.message_id, "discarded", (r.address for r in job.recipients),
+                         decision.reason)
             self._delivered(job, job.recipients, f"discarded by policy: {decision.reason}", "",
-                            self.clock.seconds(), state=DELIVERED)
+                            self.clock.seconds(), state=DELIVERED, logged=True)
             return None
         if decision.action is Action.TAG and (decision.add_headers or decision.subject_prefix):
             return TaggedJob(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
@@ -490,17 +488,16 @@ class QueueRunner:
     ) -> None:
         """Record a temporary or permanent failure; temporary ones past the lifetime bounce."""
         results = []
+        if not permanent and expired(job.created_at, now, self.settings):
+            days = self.settings.lifetime / 86400
+            detail = f"5.4.7 delivery time expired after {days:g} days; last error: {detail}"
+            permanent = True
+        maillog.outcome(job.message_id, BOUNCED if permanent else DEFERRED,
+                        (r.address for r in rcpts), relay=hop, delay=now - job.created_at,
+                        reply=detail)
         for r in rcpts:
             if permanent:
                 results.append(Result(r.id, job.message_id, BOUNCED, detail, hop))
-                self.metrics.bounced.inc()
-            elif expired(job.created_at, now, self.settings):
-                days = self.settings.lifetime / 86400
-                results.append(Result(
-                    r.id, job.message_id, BOUNCED,
-                    f"5.4.7 delivery time expired after {days:g} days; last error: {detail}",
-                    hop,
-                ))
                 self.metrics.bounced.inc()
             else:
                 attempts = r.attempts + (1 if count_attempt else 0)
@@ -514,9 +511,12 @@ class QueueRunner:
         self._release_memory(job, len(rcpts))
 
     def _delivered(self, job: Job, rcpts: Sequence[Rcpt], reply: str, hop: str,
-                   now: float, state: str = DELIVERED) -> None:
+                   now: float, state: str = DELIVERED, logged: bool = False) -> None:
+        """Record recipients as finished (`logged`: the mail log has its line already)."""
         self._record([Result(r.id, job.message_id, state, reply, hop) for r in rcpts])
-        if state == DELIVERED:
+        if state == DELIVERED and not logged:
+            maillog.outcome(job.message_id, DELIVERED, (r.address for r in rcpts), relay=hop,
+                            delay=now - job.created_at, reply=reply)
             self.metrics.delivered.inc(len(rcpts))
             self.metrics.latency.observe(max(0.0, now - job.created_at))
         self._release_memory(job, len(rcpts))

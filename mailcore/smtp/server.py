@@ -38,7 +38,7 @@ import email.utils
 import functools
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore import maillog
 from mailcore.config import Config, ConfigError
 from mailcore.netwrite import write_now
 from mailcore.smtp.address import (
@@ -381,6 +382,17 @@ class ESMTPServerProtocol(TwistedProtocol):
         if self._open:
             self._write(f"{code} {status} {text}\r\n")
 
+    def _refuse(self, stage: str, code: int, status: str, text: str, *,
+                recipients: Sequence[str] = (), mail_from: str | None = None) -> None:
+        """Refuse a recipient or a message, with its line in the mail log."""
+        if code >= 500:
+            self._error(code, status, text)
+        else:
+            self.reply(code, status, text)
+        maillog.refused(stage, f"{code} {status} {text}", client=self.client_ip,
+                        mail_from=self._mail_from if mail_from is None else mail_from,
+                        recipients=recipients)
+
     def _error(self, code: int, status: str, text: str) -> None:
         """Refuse a command; too many refusals end the session."""
         self.reply(code, status, text)
@@ -665,11 +677,13 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._error(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
             return None
         if len(self._recipients) >= self.settings.max_recipients:
-            self.reply(452, "4.5.3", "Error: too many recipients")
+            self._refuse("RCPT", 452, "4.5.3", "Error: too many recipients",
+                         recipients=[str(mailbox)])
             return None
         reason = relay_refusal(mailbox)
         if reason is not None:
-            self._error(550, "5.7.1", f"<{mailbox}>: Relaying denied: {reason}")
+            self._refuse("RCPT", 550, "5.7.1", f"<{mailbox}>: Relaying denied: {reason}",
+                         recipients=[str(mailbox)])
             return None
         directory = self.factory.directory
         if not directory.loaded:
@@ -681,7 +695,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         try:
             await self.factory.directory.when_loaded()
         except Exception:
-            self.reply(451, "4.3.0", f"<{mailbox}>: Temporary lookup failure")
+            self._refuse("RCPT", 451, "4.3.0", f"<{mailbox}>: Temporary lookup failure",
+                         recipients=[str(mailbox)])
             return
         self._check_recipient(mailbox)
 
@@ -697,10 +712,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         domain = directory.lookup(mailbox.domain)
         address = str(mailbox)
         if domain is None:
-            self._error(550, "5.7.1", f"<{address}>: Relaying denied")
+            self._refuse("RCPT", 550, "5.7.1", f"<{address}>: Relaying denied",
+                         recipients=[address])
             return
         if not directory.accepts(mailbox.local_part, mailbox.domain):
-            self._error(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
+            self._refuse("RCPT", 550, "5.1.1",
+                         f"<{address}>: Recipient address rejected: User unknown",
+                         recipients=[address])
             return
         self._add_recipient(address, domain.id)
 
@@ -791,13 +809,18 @@ class ESMTPServerProtocol(TwistedProtocol):
         overflow, looping = self._overflow, self._looping
         mail_from, recipients = self._mail_from or "", tuple(self._recipients)
         self._reset_transaction()
+        addresses = [r.address for r in recipients]
+
+        def refuse(code: int, status: str, text: str) -> None:
+            self._refuse("DATA", code, status, text, recipients=addresses, mail_from=mail_from)
+
         if overflow:
-            self._error(552, "5.3.4", "Error: message size exceeds fixed limit")
+            refuse(552, "5.3.4", "Error: message size exceeds fixed limit")
             return
         if looping:
             # Counted as the client sent it: ours would be one more.
-            self._error(554, "5.4.6", f"Too many hops (more than {self.settings.max_hops - 1} "
-                                      "Received header fields); message refused")
+            refuse(554, "5.4.6", f"Too many hops (more than {self.settings.max_hops - 1} "
+                                 "Received header fields); message refused")
             return
         queue_id = new_queue_id(self.clock.seconds())
         header = received_header(
@@ -814,14 +837,14 @@ class ESMTPServerProtocol(TwistedProtocol):
         crlf = data.count(b"\r\n")
         if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
             # Pitfall 6: a bare CR or LF could end the message early at a next hop.
-            self._error(550, "5.5.2", "Error: bare CR or LF in message data; message refused")
+            refuse(550, "5.5.2", "Error: bare CR or LF in message data; message refused")
             return
         if _line_too_long(data, len(header), self.settings.max_line_length):
-            self._error(500, "5.5.2", "Error: line too long; message refused")
+            refuse(500, "5.5.2", "Error: line too long; message refused")
             return
         if b"\x00" in data:
             # Not text (RFC 5322 3.5): refused rather than stripped (module docstring).
-            self._error(554, "5.6.0", "Error: NUL character in message data; message refused")
+            refuse(554, "5.6.0", "Error: NUL character in message data; message refused")
             return
         if b"\r\n." in data:
             data = data.replace(b"\r\n.", b"\r\n")  # undo dot-stuffing (RFC 5321 4.5.2)
@@ -844,8 +867,14 @@ class ESMTPServerProtocol(TwistedProtocol):
         except Exception:
             log.failure("could not queue message {queue_id}", queue_id=queue_id)
             self.reply(451, "4.3.0", "Error: queue file write error, try again later")
+            maillog.refused("DATA", "451 4.3.0 queue file write error", client=self.client_ip,
+                            mail_from=envelope.mail_from, queue_id=queue_id,
+                            recipients=[r.address for r in envelope.recipients])
             return
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        maillog.accepted(queue_id, client=envelope.client_ip, helo=envelope.helo,
+                         mail_from=envelope.mail_from, size=len(data),
+                         recipients=[r.address for r in envelope.recipients], tls=envelope.tls)
 
 
 def _normalise_ip(host: str) -> str:

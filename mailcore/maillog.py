@@ -1,0 +1,106 @@
+"""The operator's view of every message: one log line per message event, like Postfix's maillog.
+
+Every line starts with the queue id (or `NOQUEUE` for mail refused before it had one), so
+`grep 0KX7M3B2C4D5F6G twistd.log` tells a message's whole story:
+
+    0KX7M3B2C4D5F6G: accepted client=203.0.113.5 helo=mx.example.net
+        from=<a@example.net> size=4211 nrcpt=2 to=<bob@customer.test>,<carol@customer.test>
+        tls=yes
+    0KX7M3B2C4D5F6G: filtered verdict=spam score=7.2/5.0 filters=builtin,spamd
+    0KX7M3B2C4D5F6G: quarantined nrcpt=1 to=<bob@customer.test> reason=spam
+    0KX7M3B2C4D5F6G: delivered to=<carol@customer.test> relay=mx.customer.test:25
+        delay=0.41 reply=250 2.0.0 Ok
+    0KX7M3B2C4D5F6G: deferred to=<dave@other.test> relay=mx.other.test:25 delay=0.90
+        reason=4.4.1 connection refused
+    0KX7M3B2C4D5F6G: bounced to=<erin@other.test> relay=mx.other.test:25 delay=1.20
+        reason=550 5.1.1 unknown user
+    NOQUEUE: refused RCPT client=198.51.100.7 from=<x@spam.test> to=<y@elsewhere.test>:
+        550 5.7.1 Relaying denied
+
+(each is one line in the log; wrapped here).
+
+The events go to the `mailcore.mail` log namespace at level info (refusals of hostile
+clients are subject to the daemon's repeated-line limit like any other line). Addresses are
+shown between angle brackets and every value is made printable, so a line can never be
+split or forged by what a client sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.logger import Logger
+
+log = Logger(namespace="mailcore.mail")
+
+# Recipients named in one line at the most; the rest are counted.
+MAX_NAMED = 10
+
+
+def printable(value: str, limit: int = 200) -> str:
+    """`value` with control characters escaped and cut at `limit` characters."""
+    if value.isprintable() and len(value) <= limit:
+        return value
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value[:limit])
+    return text + ("…" if len(value) > limit else "")
+
+
+def addresses(values: Iterable[str]) -> str:
+    """`<a>,<b>` for at most MAX_NAMED addresses, then `(+N more)`."""
+    items = list(values)
+    shown = ",".join(f"<{printable(a, 256)}>" for a in items[:MAX_NAMED])
+    if len(items) > MAX_NAMED:
+        shown += f" (+{len(items) - MAX_NAMED} more)"
+    return shown
+
+
+def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int,
+             recipients: Iterable[str], tls: bool) -> None:
+    rcpts = list(recipients)
+    log.info(
+        "{queue_id}: accepted client={client} helo={helo} from={sender} size={size} "
+        "nrcpt={nrcpt} to={to} tls={tls}",
+        queue_id=queue_id, client=client or "-", helo=printable(helo) or "-",
+        sender=f"<{printable(mail_from, 256)}>", size=size, nrcpt=len(rcpts),
+        to=addresses(rcpts), tls="yes" if tls else "no",
+    )
+
+
+def refused(stage: str, reply: str, *, client: str, mail_from: str | None = None,
+            recipients: Iterable[str] = (), queue_id: str = "NOQUEUE") -> None:
+    """A recipient or message we refused (`reply` is what the client was told)."""
+    extra = ""
+    if mail_from is not None:
+        extra += f" from=<{printable(mail_from, 256)}>"
+    rcpts = list(recipients)
+    if rcpts:
+        extra += f" to={addresses(rcpts)}"
+    log.info("{queue_id}: refused {stage} client={client}{extra}: {reply}",
+             queue_id=queue_id, stage=stage, client=client or "-", extra=extra,
+             reply=printable(reply, 300))
+
+
+def filtered(queue_id: str, *, verdict: str, score: float, threshold: float,
+             filters: Iterable[str], detail: str = "") -> None:
+    log.info("{queue_id}: filtered verdict={verdict} score={score:.1f}/{threshold:.1f} "
+             "filters={filters}{detail}",
+             queue_id=queue_id, verdict=verdict, score=score, threshold=threshold,
+             filters=",".join(filters) or "-",
+             detail=f" {printable(detail, 300)}" if detail else "")
+
+
+def kept(queue_id: str, outcome: str, recipients: Iterable[str], reason: str) -> None:
+    """The pipeline kept mail back: `outcome` is quarantined, discarded or deferred."""
+    rcpts = list(recipients)
+    log.info("{queue_id}: {outcome} nrcpt={nrcpt} to={to} reason={reason}",
+             queue_id=queue_id, outcome=outcome, nrcpt=len(rcpts), to=addresses(rcpts),
+             reason=printable(reason, 300))
+
+
+def outcome(queue_id: str, state: str, recipients: Iterable[str], *, relay: str,
+            delay: float, reply: str) -> None:
+    """A delivery attempt's result for some recipients: delivered, deferred or bounced."""
+    log.info("{queue_id}: {state} to={to} relay={relay} delay={delay:.2f} {what}={reply}",
+             queue_id=queue_id, state=state, to=addresses(recipients), relay=relay or "-",
+             delay=max(0.0, delay), what="reply" if state == "delivered" else "reason",
+             reply=printable(reply, 500))
