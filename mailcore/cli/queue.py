@@ -58,7 +58,7 @@ async def queue_list(args: argparse.Namespace, core: Any) -> int:
         last = next((r.last_error for r in waiting if r.last_error), "") or ""
         rows.append([
             v.id, utc_seconds(v.created_at), str(v.size), _sender(v.mail_from),
-            f"{len(waiting)}/{len(v.recipients)}", utc_seconds(next_at), last[:60],
+            f"{len(waiting)}/{len(v.recipients)}", utc_seconds(next_at), last,
         ])
     if rows:
         print_table(["ID", "ARRIVED (UTC)", "SIZE", "FROM", "WAITING", "NEXT TRY", "LAST ERROR"],
@@ -83,7 +83,7 @@ async def queue_show(args: argparse.Namespace, core: Any) -> int:
     rows = [
         [r.address, r.state, str(r.attempts),
          utc_seconds(r.next_attempt_at) if r.state in ACTIVE else "-",
-         r.next_hop or "-", r.lease_owner or "-", (r.last_error or "")[:80]]
+         r.next_hop or "-", r.lease_owner or "-", r.last_error or ""]
         for r in view.recipients
     ]
     print_table(["RECIPIENT", "STATE", "TRIES", "NEXT TRY", "HOP", "LEASED BY", "LAST REPLY"],
