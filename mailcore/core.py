@@ -36,6 +36,7 @@ from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
 from mailcore.messages import MessageStore
 from mailcore.queue import Queue, build_queue
+from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.spool import Spool
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
@@ -60,11 +61,13 @@ class Core:
     # Fetch accounts, the sync engine and its scheduler ([fetch]); the message store.
     fetch: FetchServices = field(init=False)
     messages: MessageStore = field(init=False)
-    # The durable spool the SMTP server commits into, and the delivery runner ([queue]).
+    # The durable spool the SMTP server commits into, and the delivery runner ([queue]);
+    # our own SMTP listeners, which are never a next hop (configured, then as bound).
     queue: Queue = field(init=False)
+    listeners: Listeners = field(init=False)
     spool: Spool = field(init=False)
     # Plans ([plans]), filtering token tanks ([tokens]), invoices ([billing]), and the
-    # next hops customers may not use ([protecmail] forbidden_redirects).
+    # check of next hops when they are set (the queue's next-hop policy, early).
     plans: Plans = field(init=False)
     tokens: TokenService = field(init=False)
     invoices: InvoiceService = field(init=False)
@@ -92,8 +95,10 @@ class Core:
             self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch")
         )
         self.messages = self.fetch.messages
+        self.listeners = Listeners(self.config.smtp_endpoints)
         self.queue = build_queue(
-            self.config, self.db, self.clock, self.metrics, reactor=self.clock
+            self.config, self.db, self.clock, self.metrics, reactor=self.clock,
+            listeners=self.listeners,
         )
         self.spool = self.queue.spool
         self.plans = Plans.from_config(self.config.section("plans"))
@@ -103,7 +108,8 @@ class Core:
             self.db, self.clock, self.cpu, self.tokens,
             BillingSettings.from_config(self.config.section("billing")),
         )
-        self.redirects = RedirectPolicy.from_config(self.config.section("protecmail"))
+        self.redirects = RedirectPolicy(self.queue.next_hops)
+        self.domains.redirects = self.redirects
         self.webhooks = build_webhooks(
             self.config.section("webhooks"), self.db, self.clock, self.fetch.secrets
         )
@@ -176,11 +182,13 @@ class Core:
 
     def listener_services(self, reactor: IReactorTCP) -> list[IService]:
         """Non-HTTP listeners: one per `config.smtp_endpoints`, all sharing one SMTP factory
-        (so the connection limits are global). Started after the HTTP site."""
+        (so the connection limits are global). Started after the HTTP site. The address
+        each one binds is recorded in `listeners`."""
         factory = self.smtp_factory()
         services: list[IService] = []
         for description in self.config.smtp_endpoints:
-            svc = StreamServerEndpointService(serverFromString(reactor, description), factory)
+            endpoint = ListeningEndpoint(serverFromString(reactor, description), self.listeners)
+            svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use fails the start, as strports does
             services.append(svc)
         return services

@@ -1,5 +1,5 @@
 """Protecmail domains and address lists: ownership (404/409), validation, plans (403), the
-operator's forbidden next hops, and the envelope on every reply."""
+operator's next-hop policy, and the envelope on every reply."""
 
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ class DomainTestCase(TestCase):
 
 
 class DomainTests(DomainTestCase):
+    # Next hops on documentation (non-global) and loopback addresses: the operator allows
+    # them ([queue], mailcore.queue.nexthop).
+    config = Config(sections={"queue": {"allow_private": True, "allow_loopback": True}})
+
     async def test_add_get_list_and_delete_a_domain(self) -> None:
         reply = await self.alice.call("POST", "/api/v1/domain/protecmail.fr", SEED_DOMAIN)
         self.assertEqual(set(reply), {"request_id", "success"})
@@ -127,7 +131,7 @@ class DomainTests(DomainTestCase):
             ("[2001:db8::1]:2525", "2001:db8::1", 2525, "[2001:db8::1]:2525"),
             ("[IPv6:2001:DB8::2]", "2001:db8::2", 25, "[2001:db8::2]"),
             ("MX.Example.TEST.", "mx.example.test", 25, "mx.example.test"),
-            ("127.0.0.1:2525", "127.0.0.1", 2525, "127.0.0.1:2525"),
+            ("127.0.0.1:2526", "127.0.0.1", 2526, "127.0.0.1:2526"),
         ]:
             await self.alice.call("PUT", "/api/v1/domain/protecmail.fr", {"redirectTo": given})
             stored = await self.web.core.domains.get("protecmail.fr")
@@ -290,8 +294,14 @@ class PlanTests(DomainTestCase):
 
 
 class ForbiddenRedirectTests(DomainTestCase):
-    config = Config(sections={"protecmail": {"forbidden_redirects": [
-        "127.0.0.0/8", "::1/128", "10.0.0.0/8", "169.254.0.0/16"]}})
+    """The deprecated `[protecmail] forbidden_redirects` still refuses its networks, even
+    those `[queue]` allows."""
+
+    config = Config(sections={
+        "protecmail": {"forbidden_redirects": [
+            "127.0.0.0/8", "::1/128", "10.0.0.0/8", "169.254.0.0/16"]},
+        "queue": {"allow_private": True, "allow_loopback": True},
+    })
 
     async def test_a_forbidden_next_hop_is_refused(self) -> None:
         for target in ("127.0.0.1", "127.1.2.3:2525", "[::1]:25", "[::ffff:127.0.0.1]",
@@ -308,14 +318,15 @@ class ForbiddenRedirectTests(DomainTestCase):
 
 
 class DefaultRedirectPolicyTests(DomainTestCase):
-    async def test_only_addresses_that_cannot_be_mail_servers_are_refused_by_default(
-        self,
-    ) -> None:
-        for target in ("0.0.0.0", "169.254.169.254", "[fe80::1]", "224.0.0.1", "[::]"):  # noqa: S104
+    config = Config()
+
+    async def test_only_public_addresses_are_allowed_by_default(self) -> None:
+        for target in ("0.0.0.0", "169.254.169.254", "[fe80::1]", "224.0.0.1", "[::]",  # noqa: S104
+                       "127.0.0.1:2526", "localhost", "10.1.2.3", "192.168.1.1", "[fd00::1]"):
             await self.alice.call("POST", "/api/v1/domain/alice.example",
                                   {"redirectTo": target}, status=400)
         await self.alice.call("POST", "/api/v1/domain/alice.example",
-                              {"redirectTo": "127.0.0.1:2525"})
+                              {"redirectTo": "93.184.216.34:2525"})
 
 
 class AddressTests(DomainTestCase):

@@ -24,8 +24,10 @@ Decisions (the seed leaves them open):
   `{"plan": <the account's plan>}`). Nothing is changed then. Sending back the
   stored value unchanged is allowed, so that an account moved to a smaller plan can still
   edit its other settings with the object it read.
-- A redirectTo inside a network of `[protecmail] forbidden_redirects` is 400
-  (`mailcore.gateway.redirects` says what is forbidden by default).
+- A redirectTo the queue would refuse to deliver to is 400: an address (or `localhost`)
+  the operator's `[queue]` network policy refuses (loopback, link-local and private ones by
+  default) or `[protecmail] forbidden_redirects` lists, or one of the gateway's own SMTP
+  listeners (`mailcore.gateway.redirects`). Host names are checked at delivery.
 - A user sees only its own domains: another user's domain is 404 (as an unknown one),
   except on POST, where any served name is 409.
 - Adding an address already listed is 200 with a msg saying so; removing one that is not
@@ -405,8 +407,8 @@ class ProtecmailApp(ApiApp):
         if not isinstance(value, str):
             raise field_error("redirectTo", "must be a string.")
         try:
-            host, _port = parse_redirect(value)
-            self.redirects.check(host)
+            host, port = parse_redirect(value)
+            self.redirects.check(host, port)
         except DomainError as e:
             raise field_error("redirectTo", _seed_message(e)) from None
         except RedirectForbidden as e:

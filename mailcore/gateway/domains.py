@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.config import ConfigError
+from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
 from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
@@ -481,6 +482,7 @@ class DomainService(PeriodicService):
         clock: IReactorTime,
         *,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+        redirects: RedirectPolicy | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         verify_domains: bool = False,
     ) -> None:
@@ -491,6 +493,7 @@ class DomainService(PeriodicService):
         self.db = db
         self.clock = clock
         self.refresh_interval = refresh_interval
+        self.redirects = redirects  # the next hops refused when set (None: no check)
         self.poll_interval = poll_interval
         # [protecmail] verify_domains: new domains wait for proof of ownership, and domains
         # waiting for it are not served.
@@ -654,6 +657,16 @@ class DomainService(PeriodicService):
 
     # -- domains --------------------------------------------------------------------------
 
+    def _check_next_hop(self, values: Mapping[str, Any]) -> None:
+        """A DomainError when the next hop in `values` may not be set (the operator's
+        policy, or one of our own listeners: `mailcore.gateway.redirects`)."""
+        if self.redirects is None or "redirect_host" not in values:
+            return
+        try:
+            self.redirects.check(values["redirect_host"], values["redirect_port"])
+        except RedirectForbidden as e:
+            raise DomainError(str(e), "redirectTo") from None
+
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
 
@@ -668,6 +681,7 @@ class DomainService(PeriodicService):
         """
         domain_name = normalise_domain(name)
         values = _column_values({"redirect_to": redirect_to, **options})
+        self._check_next_hop(values)
         values.setdefault("spam_action", 0)
         values.setdefault("virus_action", 0)
         values.setdefault("send_resume", False)
@@ -731,6 +745,7 @@ class DomainService(PeriodicService):
         """
         domain_name = normalise_domain(name)
         values = _column_values(changes)
+        self._check_next_hop(values)
         drop_verify = changes.get("require_tls") is False and "tls" not in values
 
         def txn(conn: Connection) -> Domain:

@@ -1,97 +1,62 @@
-"""Which next hops (`redirectTo`) a customer may give: the operator's forbidden networks.
+"""Which next hops (`redirectTo`, `--redirect-to`) may be set: the delivery policy, early.
 
-`[protecmail] forbidden_redirects` is a list of CIDR networks (IPv4 and IPv6). A redirect
-to an IP address inside one of them is refused when it is written through the API. The
-default forbids only addresses that can never be a mail server: unspecified (0.0.0.0/8,
-::/128), link-local (169.254.0.0/16, fe80::/10, where cloud metadata services live),
-multicast and broadcast. Loopback and private networks stay allowed by default, since a
-gateway on premises relays to hosts on its own network; a shared, multi-tenant gateway
-should add them, for instance:
+A served domain's next hop is refused when it is set (through the API or the CLI, both
+through DomainService) if delivery to it would be refused anyway: an IP address, or the
+names `localhost` and `*.localhost` (RFC 6761, checked as 127.0.0.1 and ::1), that
 
-    [protecmail]
-    forbidden_redirects = ["0.0.0.0/8", "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12",
-                           "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "::/128",
-                           "::1/128", "fc00::/7", "fe80::/10", "224.0.0.0/4", "ff00::/8"]
+- is one of the gateway's own SMTP listeners at that port (the address:port of a listener,
+  or any loopback address at the port of a 0.0.0.0/:: listener): mail sent there would
+  come back to us and go round until a hop limit stops it;
+- or is refused by the operator's network policy, `[queue] allow_loopback`,
+  `allow_private`, `allow_networks`, `deny_networks` (by default loopback, link-local and
+  private addresses are refused), or lies in `[protecmail] forbidden_redirects`
+  (deprecated: the same as `[queue] deny_networks`).
 
-An IPv4-mapped IPv6 address is checked as the IPv4 address it maps. The names `localhost`
-and `*.localhost` (RFC 6761) are checked as 127.0.0.1 and ::1. Other host names are checked
-where they are resolved: the delivery side should call `allows_address` on each address it
-is about to connect to, since DNS can change after the API accepted the name.
+Other host names are accepted here and checked where they are used: the queue checks every
+address it connects to after resolution (`mailcore.queue.nexthop`), since DNS can change
+after the name was accepted. An IPv4-mapped IPv6 address is checked as the IPv4 address it
+maps.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
-from mailcore.config import ConfigError
+from mailcore.queue.nexthop import NextHopPolicy
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-DEFAULT_FORBIDDEN = (
-    "0.0.0.0/8",
-    "169.254.0.0/16",
-    "224.0.0.0/4",
-    "255.255.255.255/32",
-    "::/128",
-    "fe80::/10",
-    "ff00::/8",
-)
-_LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+_LOOPBACK = ("127.0.0.1", "::1")
 
 
 class RedirectForbidden(Exception):
-    """A next hop the operator does not allow."""
+    """A next hop the operator does not allow, or one of our own listeners."""
 
 
 class RedirectPolicy:
-    """The operator's forbidden next-hop networks."""
+    """The check of a next hop when it is set, by the queue's NextHopPolicy."""
 
-    def __init__(self, forbidden: Iterable[IPNetwork] | None = None) -> None:
-        networks = forbidden if forbidden is not None else _parse(DEFAULT_FORBIDDEN)
-        self.forbidden: tuple[IPNetwork, ...] = tuple(networks)
+    def __init__(self, next_hops: NextHopPolicy) -> None:
+        self.next_hops = next_hops
 
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> RedirectPolicy:
-        """From `[protecmail] forbidden_redirects` (absent: the default list)."""
-        value = section.get("forbidden_redirects")
-        if value is None:
-            return cls()
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError("[protecmail] forbidden_redirects must be a list of CIDR strings")
+    def check(self, host: str, port: int) -> None:
+        """Raise RedirectForbidden if `host:port` (an IP address or a name) is refused."""
         try:
-            return cls(_parse(value))
-        except ValueError as e:
-            raise ConfigError(f"[protecmail] forbidden_redirects: {e}") from None
-
-    def allows_address(self, address: IPAddress | str) -> bool:
-        """Whether a connection to `address` is allowed."""
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        candidates: list[IPAddress] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            candidates.append(ip.ipv4_mapped)
-        return not any(
-            c.version == net.version and c in net for c in candidates for net in self.forbidden
-        )
-
-    def check(self, host: str) -> None:
-        """Raise RedirectForbidden if `host` (an IP address or a name) is not allowed."""
-        try:
-            addresses: Sequence[IPAddress] = [ipaddress.ip_address(host)]
+            addresses: tuple[str, ...] = (str(ipaddress.ip_address(host)),)
         except ValueError:
             name = host.lower().rstrip(".")
             if name != "localhost" and not name.endswith(".localhost"):
                 return
             addresses = _LOOPBACK
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         for address in addresses:
-            if not self.allows_address(address):
+            verdict = self.next_hops.verdict(address, port)
+            if verdict is None:
+                continue
+            if verdict.loop:
                 raise RedirectForbidden(
-                    f"redirectTo {host}: this server does not relay to {address} "
-                    "(a network the operator forbids)."
+                    f"{shown} is this gateway's own SMTP listener: mail sent there would "
+                    "loop back to it."
                 )
-
-
-def _parse(values: Iterable[str]) -> list[IPNetwork]:
-    return [ipaddress.ip_network(v.strip(), strict=False) for v in values]
+            target = host if address == host else f"{host} ({address})"
+            raise RedirectForbidden(
+                f"this server does not relay to {target}: {verdict.reason}."
+            )
