@@ -359,6 +359,16 @@ class CredentialTests(IdentityTestCase):
         self.assertIsNotNone(await self.identity.resolve(unrelated, ("session",)))
         self.assertIsNone(await self.identity.resolve(key, ("apikey",)))
 
+    async def test_a_parent_must_be_a_credential_of_the_same_user(self) -> None:
+        alice = await self.user()
+        bob = await self.user("bob")
+        _, bobs = await self.identity.create_credential(bob.id, "apikey")
+        for parent in (bobs.id, bobs.id + 1000):
+            await self.assertRefused(None, self.identity.create_credential(
+                alice.id, "session", parent_id=parent
+            ))
+        self.assertEqual(await self.identity.list_credentials(alice.id), [])
+
     async def test_a_session_ends_when_its_parent_key_expires_or_is_deleted(self) -> None:
         alice = await self.user()
         _, short = await self.identity.create_credential(alice.id, "apikey", ttl=60)

@@ -378,6 +378,12 @@ class Identity:
         def txn(conn: Connection) -> CredentialInfo:
             if conn.execute(select(users.c.id).where(users.c.id == user_id)).first() is None:
                 raise IdentityError("No such user.")
+            if parent_id is not None and conn.execute(
+                select(credentials.c.id).where(
+                    credentials.c.id == parent_id, credentials.c.user_id == user_id
+                )
+            ).first() is None:
+                raise IdentityError("No such credential of this user to make it from.")
             new_id = _new_id(conn.execute(
                 insert(credentials).values(
                     user_id=user_id,
