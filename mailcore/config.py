@@ -7,6 +7,7 @@ is one frozen `Config` that every service receives through its constructor.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,11 @@ class Config:
         return f"sqlite:///{(self.data_dir / 'mailcore.sqlite').resolve()}"
 
     def section(self, name: str) -> dict[str, Any]:
-        """The TOML table `[name]`, empty when absent."""
+        """The TOML table `[name]`, empty when absent.
+
+        A table is known when it has a reader in `mailcore.startup.TABLES`; a key of it is
+        known when that reader looks at it (start-up refuses the others).
+        """
         return dict(self.sections.get(name, {}))
 
 
@@ -114,6 +119,26 @@ def _checked(key: str, value: Any, expected: type) -> Any:
     elif not isinstance(value, expected) or isinstance(value, bool):
         raise ConfigError(f"config key {key} must be of type {expected.__name__}")
     return value
+
+
+def unknown_key(table: str, key: str) -> ConfigError:
+    """The error for a key `[table]` does not have, worded the same for every table."""
+    return ConfigError(f"[{table}] unknown key: {key}")
+
+
+def check_positive(table: str, settings: Any, *, zero_ok: Iterable[str] = ()) -> None:
+    """Refuse zero or less in any number field of `settings`, the dataclass read from
+    `[table]` (less than zero for the fields in `zero_ok`): counts, sizes and durations
+    are positive, and a field added later is checked too."""
+    allowed = set(zero_ok)
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if f.name in allowed and value < 0:
+            raise ConfigError(f"[{table}] {f.name} must not be negative")
+        if f.name not in allowed and value <= 0:
+            raise ConfigError(f"[{table}] {f.name} must be a positive number")
 
 
 def apply_overrides(config: Config, values: dict[str, Any]) -> Config:
@@ -203,9 +228,8 @@ class DaemonOptions(CommonOptions):
         return values
 
     def postOptions(self) -> None:
+        """Resolve the Config; a mistake in the file raises ConfigError (one line), a
+        mistake in the options UsageError."""
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
-        try:
-            self.config = self.resolve()
-        except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+        self.config = self.resolve()

@@ -7,8 +7,10 @@ in reverse order: listeners close first, in-flight work finishes, the store clos
 
 from __future__ import annotations
 
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
@@ -16,12 +18,30 @@ from mailcore.config import Config, DaemonOptions
 from mailcore.core import Core
 from mailcore.files import restrict_umask
 from mailcore.logfilter import LogLimiterService
+from mailcore.startup import (
+    DataDirLock,
+    check_database_url,
+    check_listeners,
+    check_tables,
+    check_tls_files,
+    database_error,
+    ensure_data_dir,
+    listen_error,
+    report_config_errors,
+)
 from mailcore.store import Database
 from mailcore.tls import ensure_certificate
 
 log = Logger()
 
-Options = DaemonOptions
+
+class Options(DaemonOptions):
+    """`twistd mailcore` options. From here on a configuration mistake (ConfigError, from
+    the file, `makeService` or a listener) is one line on stderr and exit status 1."""
+
+    def postOptions(self) -> None:
+        report_config_errors()
+        super().postOptions()
 
 
 class StoreService(service.Service):
@@ -50,6 +70,15 @@ class OrderedMultiService(service.MultiService):
     with it SIGTERM, would hang). Here each child has stopped before the next one stops.
     """
 
+    def privilegedStartService(self) -> None:
+        # twistd opens the listeners here; one that cannot is one line, not a traceback.
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OverflowError) as e:  # a port in use, out of range
+            error = listen_error(e)
+            log.critical("mailcore: {message}", message=str(error))
+            raise error from None
+
     def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)  # not MultiService's, which stops all at once
         return Deferred.fromCoroutine(self._stop_in_order())
@@ -68,7 +97,7 @@ def build_core(config: Config, reactor: IReactorCore) -> Core:
     What it creates is private to this user: the process umask gets 077 first (the CLI
     comes here first; see mailcore.files)."""
     restrict_umask()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(config)
     db = Database(config.database_url, reactor)  # type: ignore[arg-type]
     db.migrate_blocking()
     cert, key = ensure_certificate(
@@ -85,10 +114,22 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     # Before anything is written: the data dir, the database, its WAL, the lock file and
     # twistd's log file (opened when this returns) are private to this user.
     restrict_umask()
-    core = build_core(config, reactor)  # type: ignore[arg-type]
+    # Every mistake is found before anything is written; then this daemon takes its data
+    # directory (SQLite) before it migrates.
+    check_tables(config, reactor)
+    check_listeners(config, reactor)
+    check_tls_files(config)
+    check_database_url(config)
+    lock = DataDirLock.acquire(config)
+    try:
+        core = build_core(config, reactor)  # type: ignore[arg-type]
+    except SQLAlchemyError as e:
+        raise database_error(config, e) from None
     top = OrderedMultiService()
     # First in, last out: repeated log lines stay limited until the end of the shutdown.
     LogLimiterService(reactor).setServiceParent(top)  # type: ignore[arg-type]
+    if lock is not None:
+        lock.setServiceParent(top)
     StoreService(core.db).setServiceParent(top)
     for svc in core.background_services():
         svc.setServiceParent(top)

@@ -2,6 +2,8 @@
 
 It generates its TLS pair, migrates before it listens, stops cleanly on SIGTERM (exit 0 in
 a few seconds), does the same on PostgreSQL, and serves `/api/v1/ping` to a key the CLI made.
+A mistake at start-up (in the file, a listener, the data directory, a port in use, a second
+daemon on the same data directory) is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import treq
 from treq.client import HTTPClient
 from twisted.internet import threads
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -245,3 +248,117 @@ class DaemonServesApiTests(DaemonTestCase):
         self.assertEqual(row[-1], "no")
         await pool.closeCachedConnections()
         await self.stop_cleanly(daemon)
+
+
+class DaemonStartupMistakesTests(DaemonTestCase):
+    """A mistake found at start-up is one line on stderr, `mailcore: …`, and exit status 1:
+    no traceback, on stderr or in the log."""
+
+    log = ""  # what the last refused daemon logged
+
+    def write_config(self, text: str) -> Path:
+        path = self.base / "mailcore.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    async def refused(self, *extra: str, config: str | None = None) -> str:
+        """Start the daemon as `start_daemon` would; it must refuse. Its one stderr line
+        (what it logged, on stdout, is in `self.log`)."""
+        argv = [
+            *TWISTD, "-n", "--pidfile=", "mailcore",
+            "--data-dir", str(self.data_dir),
+            "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+            "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1",
+        ]
+        if config is not None:
+            argv += ["--config", str(self.write_config(config))]
+        result = await run_command([*argv, *extra], env=_env(), cwd=self.base, timeout=30)
+        self.assertEqual(result.status, 1, result.out + result.err)
+        self.assertNotIn("Traceback", result.out + result.err)
+        self.assertEqual(result.err.count("\n"), 1, result.err)
+        self.assertFalse(await port_open(self.http_port))
+        self.log = result.out
+        return result.err.rstrip("\n")
+
+    async def assertRefusedBeforeWriting(self, config: str, message: str) -> None:
+        """The mistake in the file is refused before the data directory is even made."""
+        self.assertEqual(await self.refused(config=config), f"mailcore: {message}")
+        self.assertFalse(self.data_dir.exists())
+
+    async def test_unknown_table(self) -> None:
+        await self.assertRefusedBeforeWriting(
+            "[smpt]\nmax_recipients = 5\n",
+            "unknown table [smpt] (tables: billing, domains, fetch, filters, pipeline, plans, "
+            "protecmail, quarantine, queue, smtp, tokens, web, webhooks)",
+        )
+
+    async def test_unknown_keys_in_tables_that_took_anything(self) -> None:
+        for table in ("smtp", "domains", "protecmail"):
+            await self.assertRefusedBeforeWriting(
+                f"[{table}]\ncolour = 'red'\n", f"[{table}] unknown key: colour"
+            )
+
+    async def test_wrong_type(self) -> None:
+        await self.assertRefusedBeforeWriting(
+            "[queue]\nmin_backoff = 'soon'\n", "[queue] min_backoff must be of type float"
+        )
+
+    async def test_negative_sync_interval(self) -> None:
+        await self.assertRefusedBeforeWriting(
+            "[fetch]\nsync_interval = -5\n", "[fetch] sync_interval must be a positive number"
+        )
+
+    async def test_mistake_in_the_file_itself(self) -> None:
+        await self.assertRefusedBeforeWriting("data_dri = 'x'\n", "unknown config key: data_dri")
+
+    async def test_bad_listener_strings(self) -> None:
+        self.assertEqual(
+            await self.refused("--smtp", "tcp:notaport"),
+            "mailcore: SMTP listener 'tcp:notaport': 'notaport' is not a number",
+        )
+        self.assertEqual(
+            await self.refused("--http", "bogus:1"),
+            "mailcore: HTTP listener 'bogus:1': unknown endpoint type 'bogus' "
+            "(an endpoint is written like tcp:8080:interface=127.0.0.1)",
+        )
+        self.assertFalse(self.data_dir.exists())
+
+    async def test_unusable_data_dir(self) -> None:
+        self.data_dir.write_text("a file where the data directory should be")
+        self.assertEqual(
+            await self.refused(), f"mailcore: data directory {self.data_dir}: not a directory"
+        )
+
+    async def test_unreachable_database(self) -> None:
+        port = free_port()  # nothing listens there
+        line = await self.refused("--db", f"postgresql+psycopg://mc:secret@127.0.0.1:{port}/mc")
+        self.assertTrue(line.startswith(
+            f"mailcore: cannot open the database postgresql+psycopg://mc:***@127.0.0.1:{port}/mc: "
+            "connection failed"), line)
+        self.assertNotIn("secret", line)
+
+    async def test_port_in_use(self) -> None:
+        port = get_reactor().listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        busy = port.getHost().port
+        message = f"mailcore: cannot listen on 127.0.0.1:{busy}: address already in use"
+        self.assertEqual(await self.refused("--smtp", f"tcp:{busy}:interface=127.0.0.1"), message)
+        # The daemon had started logging: the log says it too (for a --logfile).
+        self.assertIn(f"[mailcore.service#critical] {message}\n", self.log)
+
+    async def test_second_daemon_on_the_same_data_dir(self) -> None:
+        first = await self.start_daemon()
+        ports = (self.http_port, self.smtp_port)
+        self.http_port, self.smtp_port = free_port(), free_port()
+        self.assertEqual(
+            await self.refused(),
+            f"mailcore: data directory {self.data_dir} is in use by another mailcore daemon "
+            f"(pid {first.pid})",
+        )
+        # The first one was not disturbed, and its data directory is free once it stopped.
+        self.assertTrue(await port_open(ports[0]))
+        self.http_port, self.smtp_port = ports
+        await self.stop_cleanly(first)
+        self.http_port, self.smtp_port = free_port(), free_port()
+        second = await self.start_daemon()
+        await self.stop_cleanly(second)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, check_positive
 from mailcore.netpolicy import AddressPolicy, IPNetwork, parse_networks
 
 
@@ -78,11 +78,7 @@ class FetchSettings:
                 raise ConfigError(f"[fetch] {key} must be of type {expected.__name__}")
             values[key] = value
         settings = cls(**values)
-        if settings.max_concurrent < 1 or settings.batch_messages < 1 or (
-            settings.pipeline_depth < 1
-        ):
-            raise ConfigError("[fetch] max_concurrent, batch_messages and pipeline_depth must "
-                              "be at least 1")
+        check_positive("fetch", settings, zero_ok=("jitter",))
         if not 0 <= settings.jitter < 1:
             raise ConfigError("[fetch] jitter must be a fraction in [0, 1)")
         return settings

@@ -1,0 +1,503 @@
+"""What the daemon and the admin CLI check before they touch anything, each mistake one line.
+
+- Every table of the TOML file is built by its reader in `TABLES` (the settings class of the
+  service that uses it). A table with no reader, a key its reader did not look at, and a
+  value its reader refuses are errors naming the table and the key. Readers are run on a
+  Config that records which keys they read, so a key added to a settings class is known
+  without a second list; a new table needs one line in `TABLES`.
+- Every listener string parses (`check_listeners`); a listener that cannot open (a port in
+  use, no permission) is one line too (`listen_error`).
+- `--db` names SQLite or PostgreSQL with an installed driver (`check_database_url`), and a
+  database that cannot be opened is one line (`database_error`).
+- The data directory exists or can be made, and is writable (`ensure_data_dir`).
+- One daemon per SQLite data directory (`DataDirLock`): the daemon holds an exclusive
+  `flock` on `DATA/mailcore.lock` for its lifetime, taken before the migrations; a second
+  daemon on the same directory is refused while the first runs (the kernel releases the
+  lock when the process ends, even on `kill -9`). On PostgreSQL no lock is taken: several
+  nodes share the database by design, each with its own data directory. The admin CLI
+  never takes it, so it can run beside the daemon.
+
+Every check raises ConfigError with a message that starts with what is wrong and names
+where (`[smtp] unknown key: foo`); the daemon prints it as `mailcore: …` and exits 1.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+from twisted.application.service import Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+from mailcore.config import DEFAULT_HTTP, DEFAULT_SMTP, Config, ConfigError, unknown_key
+
+# -- the tables ------------------------------------------------------------------------------
+
+Reader = Callable[[Config, Any], object]
+
+
+def _only_fields(config: Config, table: str, settings: type) -> None:
+    """Refuse a key of `[table]` that is no field of `settings`, its dataclass."""
+    known = {f.name for f in fields(settings)}
+    for key in config.sections.get(table, {}):
+        if key not in known:
+            raise unknown_key(table, key)
+
+
+def _smtp(config: Config, reactor: Any) -> object:
+    from mailcore.smtp.server import SMTPSettings
+
+    _only_fields(config, "smtp", SMTPSettings)
+    return SMTPSettings.from_config(config)
+
+
+def _domains(config: Config, reactor: Any) -> object:
+    from mailcore.gateway.domains import DomainSettings
+
+    _only_fields(config, "domains", DomainSettings)
+    return DomainSettings.from_config(config.section("domains"))
+
+
+def _queue(config: Config, reactor: Any) -> object:
+    from mailcore.queue.settings import QueueSettings
+
+    _only_fields(config, "queue", QueueSettings)
+    return QueueSettings.from_config(config)
+
+
+def _pipeline(config: Config, reactor: Any) -> object:
+    from mailcore.gateway.filtering import PolicySettings
+
+    _only_fields(config, "pipeline", PolicySettings)
+    return PolicySettings.from_config(config.section("pipeline"))
+
+
+def _filters(config: Config, reactor: Any) -> object:
+    from filters import build_chain
+    from mailcore.workers import CpuPool
+
+    # Built and dropped: the clients it makes connect only when a message is scanned.
+    return build_chain(
+        config.section("filters"), reactor=reactor, runner=CpuPool(None, synchronous=True)
+    )
+
+
+def _quarantine(config: Config, reactor: Any) -> object:
+    from mailcore.gateway.quarantine import QuarantineSettings
+
+    _only_fields(config, "quarantine", QuarantineSettings)
+    return QuarantineSettings.from_config(config.section("quarantine"))
+
+
+def _plans(config: Config, reactor: Any) -> object:
+    from mailcore.billing.plans import Plans
+
+    return Plans.from_config(config.section("plans"))
+
+
+def _tokens(config: Config, reactor: Any) -> object:
+    from mailcore.billing.tokens import TokenSettings
+
+    _only_fields(config, "tokens", TokenSettings)
+    return TokenSettings.from_config(config.section("tokens"))
+
+
+def _billing(config: Config, reactor: Any) -> object:
+    from mailcore.billing.invoices import BillingSettings
+
+    _only_fields(config, "billing", BillingSettings)
+    return BillingSettings.from_config(config.section("billing"))
+
+
+def _protecmail(config: Config, reactor: Any) -> object:
+    """Two readers share the table: the next-hop policy and domain verification."""
+    from mailcore.gateway.verification import VerificationSettings
+    from mailcore.queue.nexthop import forbidden_redirects
+
+    return forbidden_redirects(config), VerificationSettings.from_config(
+        config.section("protecmail")
+    )
+
+
+def _fetch(config: Config, reactor: Any) -> object:
+    from mailcore.fetch.settings import FetchSettings
+
+    _only_fields(config, "fetch", FetchSettings)
+    return FetchSettings.from_section(config.section("fetch"))
+
+
+def _webhooks(config: Config, reactor: Any) -> object:
+    from mailcore.webhooks.settings import WebhookSettings
+
+    _only_fields(config, "webhooks", WebhookSettings)
+    return WebhookSettings.from_section(config.section("webhooks"))
+
+
+def _web(config: Config, reactor: Any) -> object:
+    from web.settings import WebSettings  # imported here: mailcore itself is free of HTTP
+
+    _only_fields(config, "web", WebSettings)
+    return WebSettings.from_config(config)
+
+
+# Every table of the TOML file and what reads it, the way the service that uses it does.
+TABLES: dict[str, Reader] = {
+    "smtp": _smtp,
+    "domains": _domains,
+    "queue": _queue,
+    "pipeline": _pipeline,
+    "filters": _filters,
+    "quarantine": _quarantine,
+    "plans": _plans,
+    "tokens": _tokens,
+    "billing": _billing,
+    "protecmail": _protecmail,
+    "fetch": _fetch,
+    "webhooks": _webhooks,
+    "web": _web,
+}
+
+
+class _ReadKeys(dict[str, Any]):
+    """One table, remembering which keys its reader looked at. A reader that walks the
+    whole table (to refuse unknown keys itself) has looked at every key."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def unread(self) -> list[str]:
+        return sorted(set(dict.keys(self)) - self.read)
+
+    def _all(self) -> None:
+        self.read.update(dict.keys(self))
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.read.add(key)
+        return super().__contains__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().pop(key, *default)
+
+    def __iter__(self) -> Iterator[str]:
+        self._all()
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._all()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._all()
+        return super().values()
+
+    def items(self) -> Any:
+        self._all()
+        return super().items()
+
+    def copy(self) -> dict[str, Any]:
+        self._all()
+        return dict(super().items())
+
+
+@dataclass(frozen=True)
+class _ReadingConfig(Config):
+    """A Config whose `section()` hands out the same `_ReadKeys` for a table each time."""
+
+    read: dict[str, _ReadKeys] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: Config) -> _ReadingConfig:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(Config) if f.init})
+
+    def section(self, name: str) -> dict[str, Any]:
+        if name not in self.read:
+            self.read[name] = _ReadKeys(self.sections.get(name, {}))
+        return self.read[name]
+
+
+def check_tables(config: Config, reactor: Any) -> None:
+    """Build every table's settings: raise ConfigError for the first unknown table, unknown
+    key or refused value. Builds nothing lasting; `reactor` only constructs filter clients."""
+    unknown = sorted(set(config.sections) - set(TABLES))
+    if unknown:
+        raise ConfigError(f"unknown table [{unknown[0]}] (tables: {', '.join(sorted(TABLES))})")
+    reading = _ReadingConfig.of(config)
+    for name, reader in TABLES.items():
+        reader(reading, reactor)
+        table = reading.read.get(name)
+        keys = table.unread() if table is not None else sorted(config.sections.get(name, {}))
+        if keys:
+            raise unknown_key(name, keys[0])
+
+
+# -- listeners -------------------------------------------------------------------------------
+
+
+_UNKNOWN_TYPE = re.compile(r"Unknown endpoint type: '(.*)'")
+_NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base 10: '(.*)'")
+_UNKNOWN_PARAMETER = re.compile(r"unexpected keyword argument '(.*)'")
+_MISSING = re.compile(r"missing \d+ required positional arguments?: (.*)")
+_TWICE = re.compile(r"multiple values for (?:keyword )?argument '(.*)'")
+
+
+def check_listeners(config: Config, reactor: Any) -> None:
+    """Parse every listener string (nothing is opened); ConfigError names the first bad one."""
+    for kind, descriptions in (("SMTP", config.smtp_endpoints), ("HTTP", config.http_endpoints)):
+        for description in descriptions:
+            endpoint(kind, description, reactor)
+
+
+def endpoint(kind: str, description: str, reactor: Any) -> IStreamServerEndpoint:
+    """The server endpoint `description` names; ConfigError in one line if it names none."""
+    try:
+        parsed = serverFromString(reactor, description)
+    except OSError as e:  # a file an ssl: endpoint names
+        reason = f"{_strerror(e)}: {e.filename}" if e.filename else _strerror(e)
+    except (ValueError, TypeError, LookupError) as e:
+        reason = _endpoint_reason(e, DEFAULT_SMTP if kind == "SMTP" else DEFAULT_HTTP)
+    else:
+        port = getattr(parsed, "_port", None)  # TCP endpoints keep it; bind() fails later
+        if not isinstance(port, int) or 0 <= port <= 65535:
+            return parsed
+        reason = f"port {port} is out of range (0-65535)"
+    raise ConfigError(f"{kind} listener {description!r}: {reason}")
+
+
+def _endpoint_reason(error: Exception, example: str) -> str:
+    """Twisted's parse error, said for a person who wrote an endpoint string."""
+    text = str(error)
+    if match := _NOT_A_NUMBER.search(text):
+        return f"{match.group(1)!r} is not a number"
+    if match := _UNKNOWN_PARAMETER.search(text):
+        return f"unknown parameter {match.group(1)!r}"
+    if match := _TWICE.search(text):  # tcp6:25:interface=::1, where ':' must be '\:'
+        return f"{match.group(1)!r} given twice (a ':' inside a value is written '\\:')"
+    if match := _UNKNOWN_TYPE.search(text):
+        reason = f"unknown endpoint type {match.group(1)!r}"
+    elif match := _MISSING.search(text):
+        reason = f"missing {match.group(1)}"
+    else:
+        reason = "not an endpoint"
+    return f"{reason} (an endpoint is written like {example})"
+
+
+def _strerror(error: OSError) -> str:
+    """`No such file or directory` as `no such file or directory`."""
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]
+
+
+class ListenError(ConfigError):
+    """A listener could not open (a port in use, no permission)."""
+
+
+def listen_error(error: Exception) -> ListenError:
+    """A failure to listen, as one line naming the address."""
+    if isinstance(error, CannotListenError):
+        where = f"{error.interface or '*'}:{error.port}"
+        cause = error.socketError
+        reason = _strerror(cause) if isinstance(cause, OSError) else str(cause)
+        return ListenError(f"cannot listen on {where}: {reason}")
+    reason = _strerror(error) if isinstance(error, OSError) else str(error)
+    return ListenError(f"cannot listen: {reason}")
+
+
+def report_config_errors() -> None:
+    """From now on an uncaught ConfigError prints `mailcore: <message>` on stderr and
+    nothing else (the exit status stays 1).
+
+    For twistd, which lets an exception from the plugin's options, its `makeService` or a
+    service's start go up as a traceback (after its logging started: into the log).
+    """
+    previous = sys.excepthook
+    if getattr(previous, "mailcore", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(value, ConfigError):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"mailcore: {value}\n")
+            stream.flush()
+        else:
+            previous(kind, value, tb)
+
+    hook.mailcore = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def check_tls_files(config: Config) -> None:
+    """The STARTTLS certificate and key given (`--tls-cert`, `--tls-key`) can be read, are
+    PEM, and belong together. Reads them (blocks)."""
+    from OpenSSL.crypto import Error as OpenSSLError
+    from twisted.internet.error import VerifyError
+
+    from mailcore.tls import server_context
+
+    cert, key = config.tls_cert, config.tls_key
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{option} {path}: {_strerror(e)}") from None
+    if cert is None or key is None:
+        return
+    try:
+        server_context(cert, key)
+    except OpenSSLError:
+        raise ConfigError(f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate "
+                          "and its private key") from None
+    except VerifyError:
+        raise ConfigError(f"--tls-key {key} is not the key of --tls-cert {cert}") from None
+
+
+# -- the database ----------------------------------------------------------------------------
+
+DB_EXAMPLE = "sqlite:////PATH or postgresql+psycopg://USER:PASSWORD@HOST/DATABASE"
+
+
+def check_database_url(config: Config) -> None:
+    """`--db` names a database Mailcore runs on, with its driver installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if config.db_url is None:
+        return
+    try:
+        url = make_url(config.db_url)
+    except ArgumentError:
+        raise ConfigError(f"--db: not a database URL (such as {DB_EXAMPLE})") from None
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"--db {shown}: Mailcore runs on SQLite or PostgreSQL "
+                          f"(such as {DB_EXAMPLE})")
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise ConfigError(f"--db {shown}: unknown driver {url.drivername!r} "
+                          f"(such as {DB_EXAMPLE})") from None
+    except ImportError as e:
+        raise ConfigError(f"--db {shown}: the driver {e.name or url.drivername!r} is not "
+                          "installed") from None
+
+
+def database_error(config: Config, error: Exception) -> ConfigError:
+    """A failure to open or migrate the database, in one line (the driver's first)."""
+    from sqlalchemy.engine import make_url
+
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(cause).__name__
+    shown = make_url(config.database_url).render_as_string(hide_password=True)
+    return ConfigError(f"cannot open the database {shown}: {reason}")
+
+
+# -- the data directory ----------------------------------------------------------------------
+
+
+def ensure_data_dir(config: Config) -> Path:
+    """The data directory, made if missing; ConfigError if it cannot be made or written."""
+    path = config.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"data directory {path}: not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"data directory {path}: {_strerror(e)}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"data directory {path}: not writable")
+    return path
+
+
+LOCK_NAME = "mailcore.lock"
+
+
+class DataDirLock(Service):
+    """The daemon's exclusive hold on its SQLite data directory (see the module docstring).
+
+    The lock is an `flock` on an open file, so it survives twistd's fork into the
+    background and ends with the process. As a service (the daemon's first) it is kept as
+    long as the daemon, and writes the pid of the process that runs into the lock file, for
+    the message a second daemon prints.
+    """
+
+    name = "data-dir-lock"
+
+    def __init__(self, path: Path, file: TextIO) -> None:
+        self.path = path
+        self._file = file
+
+    @classmethod
+    def acquire(cls, config: Config) -> DataDirLock | None:
+        """Take the lock when the store is SQLite (None on PostgreSQL); ConfigError when
+        another process holds it or the file cannot be written."""
+        if not config.database_url.startswith("sqlite"):
+            return None
+        path = ensure_data_dir(config) / LOCK_NAME
+        try:
+            file = path.open("a+", encoding="ascii")
+        except OSError as e:
+            raise ConfigError(f"data directory {config.data_dir}: {_strerror(e)}") from None
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(file)
+            file.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"cannot lock {path}: {_strerror(e)}") from None
+            who = f" (pid {holder})" if holder else ""
+            raise ConfigError(
+                f"data directory {config.data_dir} is in use by another mailcore daemon{who}"
+            ) from None
+        lock = cls(path, file)
+        lock.write_pid()
+        return lock
+
+    def write_pid(self) -> None:
+        """Record this process as the holder (after a fork into the background, again)."""
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def startService(self) -> None:
+        super().startService()
+        self.write_pid()
+
+    def release(self) -> None:
+        """Give the lock up (the process ending does the same)."""
+        if not self._file.closed:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+
+
+def _read_pid(file: TextIO) -> str:
+    try:
+        file.seek(0)
+        text = file.read(32).strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
