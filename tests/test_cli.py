@@ -246,8 +246,10 @@ class MistakeTests(CliTestCase):
             (("--config", str(wrong_type), "user", "list"), ("session_token_ttl",)),
             (("--db", f"postgresql+psycopg://mc@127.0.0.1:{free_port()}/mc", "user", "list"),
              ("cannot open the store", "127.0.0.1")),
-            (("--db", "nosuchdialect://x", "user", "list"), ("cannot open the store",)),
-            (("--data-dir", str(a_file / "sub"), "user", "list"), ("cannot open the store",)),
+            (("--db", "nosuchdialect://x", "user", "list"),
+             ("--db nosuchdialect://x: Mailcore runs on SQLite or PostgreSQL",)),
+            (("--data-dir", str(a_file / "sub"), "user", "list"),
+             (f"data directory {a_file / 'sub'}: not a directory",)),
         ]
         results = await gather(self.run_cli(*args) for args, _ in cases)
         for (args, fragments), result in zip(cases, results, strict=True):

@@ -160,10 +160,16 @@ def fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one admin command; returns the exit status."""
+    from twisted.internet import reactor
+
+    from mailcore.startup import check_database_url, check_tables
+
     try:
         parser = build_parser()
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
         config = resolve_config(args)
+        check_tables(config, reactor)  # every table, as the daemon checks them
+        check_database_url(config)
         prepare = getattr(args, "prepare", None)
         if prepare is not None:
             prepare(args)
@@ -174,8 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(e))
     except (KeyboardInterrupt, EOFError):
         return fail("interrupted")
-
-    from twisted.internet import reactor
 
     from mailcore.service import build_core
 
