@@ -7,7 +7,9 @@ from __future__ import annotations
 import email
 import re
 import stat
+from typing import Any
 
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.quarantine import LinkSigner, render
@@ -94,6 +96,23 @@ class DigestTests(TestCase):
         self.assertEqual(status, 409)
         self.assertIn(b"used already", body)
         self.assertEqual(len(self.gw.delivered()), before + 1)
+
+    async def test_the_logs_never_show_a_release_token(self) -> None:
+        _host, token = await self.release_link()
+        events: list[dict[str, Any]] = []
+        observe: Any = events.append
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for method in ("GET", "POST", "POST"):
+            await self.gw.web.call(method, f"/quarantine/release/{token}")
+        access = [e for e in events if e.get("log_namespace") == "mailcore.web.access"]
+        self.assertEqual([(e["method"], e["status"]) for e in access],
+                         [("GET", 200), ("POST", 200), ("POST", 409)])
+        for event in access:
+            self.assertEqual(event["target"], "/quarantine/release/[redacted]")
+        for event in events:
+            self.assertNotIn(token, formatEvent(event) or "")
+            self.assertNotIn(token, repr(event))
 
     async def test_expired_and_tampered_links_are_refused(self) -> None:
         _host, token = await self.release_link()
