@@ -23,6 +23,10 @@ from mailcore.gateway.verification import CheckResult, verification_record
 from mailcore.queue.settings import TLS_POLICIES, effective_tls
 
 TLS_CHOICES = ("default", *TLS_POLICIES)
+NEXT_HOP_RULES = (
+    "never this gateway's own SMTP listener; a loopback or private address only when "
+    "[queue] allow_loopback / allow_private / allow_networks allow it"
+)
 TLS_HELP = (
     "outbound STARTTLS to the next hop: none; may (encrypt if offered, certificate not "
     "checked: for self-signed servers); verify-if-offered (if offered, the certificate must "
@@ -46,7 +50,8 @@ def register(subparsers: Any) -> None:
     add.add_argument("--owner", required=True, help="the owning user (name or email)")
     add.add_argument(
         "--redirect-to", required=True, metavar="HOST[:PORT]",
-        help="next hop: host, host:port, [IPv6]:port or [IPv4] (port 25 when absent)",
+        help="next hop: host, host:port, [IPv6]:port or [IPv4] (port 25 when absent); "
+        + NEXT_HOP_RULES,
     )
     add.add_argument("--spam-action", type=int, choices=(0, 1), default=0,
                      help="0: quarantine spam (default), 1: tag it and deliver")
@@ -69,7 +74,8 @@ def register(subparsers: Any) -> None:
     )
     change.add_argument("name", help="the domain")
     change.add_argument("--redirect-to", metavar="HOST[:PORT]",
-                        help="next hop: host, host:port, [IPv6]:port or [IPv4]")
+                        help="next hop: host, host:port, [IPv6]:port or [IPv4]; "
+                        + NEXT_HOP_RULES)
     change.add_argument("--spam-action", type=int, choices=(0, 1),
                         help="0: quarantine spam, 1: tag it and deliver")
     change.add_argument("--virus-action", type=int, choices=(0, 1),
