@@ -24,6 +24,7 @@ from mailcore.messages.store import thd_collect_garbage
 from mailcore.messages.threading import thd_drop_empty_threads
 from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts, fetch_folders, messages
+from mailcore.text import breaks_line, has_control, has_surrogate
 
 PROTOCOLS = ("imap", "pop")
 SYNC_LIMIT_TYPES = ("all", "last_n", "days", "weeks", "months")
@@ -117,6 +118,25 @@ def _check_types(values: dict[str, Any]) -> None:
             raise AccountError(f"{key} has the wrong type", key)
 
 
+# One line of text each: they go into protocol commands (USER, LOGIN, SELECT) and logs.
+_LINE_FIELDS = ("name", "email", "host", "username", "folders_to_sync")
+
+
+def _check_text(values: dict[str, Any]) -> None:
+    """No lone surrogate anywhere; no control character in a one-line field; no NUL, CR
+    or LF in the password, which goes into a command line too."""
+    for key, value in values.items():
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            if has_surrogate(text):
+                raise AccountError(f"{key} holds a lone surrogate, which is not text", key)
+            if key in _LINE_FIELDS and has_control(text):
+                raise AccountError(f"{key} may not hold control characters", key)
+            if key == "password" and breaks_line(text):
+                raise AccountError("password may not hold NUL, CR or LF", key)
+
+
 def validate(values: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checked and normalised column values from create/update input.
 
@@ -124,6 +144,7 @@ def validate(values: dict[str, Any], current: dict[str, Any] | None = None) -> d
     ssl vs start_tls, limits) are checked on the result.
     """
     _check_types(values)
+    _check_text(values)
     merged = {**(current or {}), **values}
     out: dict[str, Any] = {}
     for key, value in values.items():

@@ -41,6 +41,7 @@ from mailcore.fetch.errors import (
     TLSFailed,
 )
 from mailcore.netpolicy import AddressPolicy, AddressRefused, GuardedEndpoint
+from mailcore.text import breaks_line
 
 DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024
@@ -420,6 +421,11 @@ class IMAPClient(imap4.IMAP4Client):
     async def authenticate_plain(self, username: str, password: str) -> None:
         """Log in with AUTHENTICATE PLAIN when offered, else LOGIN (never over cleartext
         unless the caller allowed it before calling)."""
+        # NUL separates PLAIN's fields; CR and LF cannot be quoted for LOGIN.
+        if breaks_line(username) or breaks_line(password):
+            raise AuthFailed(
+                f"the username or password holds NUL, CR or LF; not sent to {self.host}"
+            )
         user, secret = username.encode("utf-8"), password.encode("utf-8")
         try:
             if "AUTH=PLAIN" in self.capabilities:

@@ -33,6 +33,7 @@ from mailcore.fetch.imap import (
     connection_lost_error,
 )
 from mailcore.netpolicy import AddressPolicy
+from mailcore.text import breaks_line
 
 
 class MessageTooLarge(ProtocolFailed):
@@ -133,6 +134,12 @@ class POP3Session(pop3client.POP3Client):
         return await self.ask_capabilities()
 
     async def log_in(self, username: str, password: str) -> None:
+        # USER and PASS take the rest of their line: a CR or LF would start a command of
+        # the sender's choosing, a NUL cut the line.
+        if breaks_line(username) or breaks_line(password):
+            raise AuthFailed(
+                f"the username or password holds NUL, CR or LF; not sent to {self.host}"
+            )
         try:
             await self._call(self.user(username.encode("utf-8")), "USER")
             await self._call(self.password(password.encode("utf-8")), "PASS")

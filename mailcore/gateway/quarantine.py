@@ -79,6 +79,7 @@ ALREADY = "already released"
 MISSING = "missing"
 
 MAX_PAGE = 1000
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
 DEFAULT_BODY = (
@@ -258,7 +259,11 @@ class LinkSigner:
     def verify(self, token: str, now: float) -> str | None:
         """The ident of a genuine, unexpired token, else None."""
         parts = token.split(".")
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        # ASCII only: str.isdigit also takes other scripts' digits ("١٢"), and neither the
+        # MAC's input nor compare_digest takes anything else.
+        if len(parts) != 3 or not all(_DIGITS.fullmatch(p) for p in parts[:2]):
+            return None
+        if not parts[2].isascii():
             return None
         payload = f"{parts[0]}.{parts[1]}"
         if not hmac.compare_digest(self._mac(payload), parts[2]):

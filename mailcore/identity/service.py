@@ -24,6 +24,7 @@ from mailcore.identity import secrets as creds
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
+from mailcore.text import has_control, has_surrogate
 from mailcore.workers import CpuPool
 
 log = Logger()
@@ -44,8 +45,9 @@ PROFILE_FIELDS = (
 )
 EDITABLE_PROFILE_FIELDS = tuple(f for f in PROFILE_FIELDS if f != "nic")
 PLANS = ("free", "standard", "agency")
-_USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,253}$")
+# \Z, not $: "$" also matches before a final newline ("alice\n").
+_USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}\Z")
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f-\x9f]{1,64}@[^@\s\x00-\x1f\x7f-\x9f]{1,253}\Z")
 # Expired credentials stay this long (for "expired" rather than "unknown" in logs).
 EXPIRED_KEPT_SECONDS = 86400.0
 # last_used_at is refreshed at most this often, so that reads do not become writes.
@@ -165,8 +167,13 @@ def _max_length(column: str) -> int:
     return int(users.c[column].type.length)  # type: ignore[attr-defined]
 
 
-def _check_profile_lengths(values: dict[str, str]) -> None:
+def _check_profile_values(values: dict[str, str]) -> None:
+    """Each profile field fits its column and is one line of text."""
     for key, value in values.items():
+        if has_surrogate(value):
+            raise IdentityError(f"Field {key} holds a lone surrogate, which is not text.", key)
+        if has_control(value):
+            raise IdentityError(f"Field {key} may not hold control characters.", key)
         if key != "email" and len(value) > _max_length(key):
             raise IdentityError(
                 f"Field {key} is too long ({_max_length(key)} at most).", key
@@ -220,7 +227,7 @@ class Identity:
             password_hash = await self.cpu.run(passwords.hash_password, password)
         values: dict[str, Any] = {f: "" for f in EDITABLE_PROFILE_FIELDS}
         values.update({k: str(v) for k, v in profile.items()})
-        _check_profile_lengths(values)
+        _check_profile_values(values)
         values.update(
             username=username,
             email=email,
@@ -290,7 +297,7 @@ class Identity:
             if not isinstance(value, str):
                 raise IdentityError(f"Field {key} must be a string.", key)
             values[key] = normalise_email(value) if key == "email" else value
-        _check_profile_lengths(values)
+        _check_profile_values(values)
 
         def txn(conn: Connection) -> None:
             if "email" in values:

@@ -1,0 +1,35 @@
+"""Checks of user-given text shared by every layer: control characters and lone surrogates.
+
+A name, a username, a description or a folder name is one line of text: a control character
+in it (CR and LF above all) could split a log line, a header or a protocol command (POP3
+`USER`, IMAP, SMTP). A lone surrogate ("\\ud800", which JSON and `os.fsdecode` can produce)
+is not text at all: no database, file or reply can encode it.
+"""
+
+from __future__ import annotations
+
+import re
+
+CONTROL_CHARACTER = "Control characters (NUL, CR, LF, TAB...) are not allowed."
+NOT_TEXT = "The value holds a lone surrogate, which is not text."
+
+# Unicode's Cc: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What may never go into a protocol command line, whatever else the line allows.
+_LINE_BREAKING = re.compile(r"[\x00\r\n]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def has_control(text: str) -> bool:
+    """Whether `text` holds a control character (NUL, CR, LF, TAB, DEL, C1...)."""
+    return _CONTROL.search(text) is not None
+
+
+def breaks_line(text: str) -> bool:
+    """Whether `text` holds NUL, CR or LF, which would end or cut a protocol command line."""
+    return _LINE_BREAKING.search(text) is not None
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate (it cannot be encoded, stored or sent)."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
