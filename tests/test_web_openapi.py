@@ -108,7 +108,8 @@ class CompletenessTests(TestCase):
         self.assertEqual(
             item["parameters"],
             [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}},
-             {"name": "n", "in": "path", "required": True, "schema": {"type": "integer"}}],
+             {"name": "n", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}}],
         )
         self.assertEqual(item["get"]["security"], [{"protecmailApiKey": []}])
 

@@ -13,10 +13,12 @@ from twisted.web.test.requesthelper import DummyRequest
 from tests.support.web import Web
 from web.errors import ApiError
 from web.parsing import (
+    MAX_JSON_DEPTH,
     Upload,
     bool_field,
     collect_fields,
     int_field,
+    parse_int,
     query_params,
     read_fields,
     read_json_object,
@@ -71,7 +73,47 @@ class JsonTests(TestCase):
         e = self.assertRaises(
             ApiError, read_json_object, request(b"[1, 2]", "application/json"), LIMIT
         )
-        self.assertEqual(e.message, "Invalid data. Expected a JSON object, but got list.")
+        self.assertEqual(e.message, "Invalid data. Expected a JSON object, but got array.")
+
+    def test_null_is_not_an_object(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_json_object, request(b" null ", "application/json"), LIMIT
+        )
+        self.assertEqual(e.status, 400)
+        self.assertEqual(e.message, "Invalid data. Expected a JSON object, but got null.")
+
+    def test_nesting_past_the_limit_is_a_400_at_any_depth(self) -> None:
+        for depth in (MAX_JSON_DEPTH + 1, 5000, 200_000):
+            body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+            e = self.assertRaises(
+                ApiError, read_json_object, request(body, "application/json"), len(body)
+            )
+            self.assertEqual(e.status, 400)
+            self.assertEqual(
+                e.message, f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels."
+            )
+        fits = b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1)
+        self.assertEqual(
+            read_json_object(request(b'{"a":' + fits + b"}", "application/json"), LIMIT)["a"],
+            json.loads(fits),
+        )
+
+    def test_a_lone_surrogate_is_refused_anywhere_in_the_document(self) -> None:
+        for body in (b'{"a": "\\ud800"}', b'{"\\udfff": 1}', b'{"a": [{"b": ["x\\udc00"]}]}'):
+            e = self.assertRaises(
+                ApiError, read_json_object, request(body, "application/json"), LIMIT
+            )
+            self.assertEqual(e.status, 400)
+            self.assertIn("lone surrogate", e.message)
+        # A pair is one character, and is text.
+        pair = read_json_object(request(b'{"a": "\\ud83d\\ude00"}', "application/json"), LIMIT)
+        self.assertEqual(pair, {"a": "\U0001f600"})
+
+    def test_a_number_beyond_a_double_is_refused(self) -> None:
+        e = self.assertRaises(
+            ApiError, read_json_object, request(b'{"a": 1e999}', "application/json"), LIMIT
+        )
+        self.assertEqual(e.message, "JSON parse error - a number is out of range.")
 
     def test_wrong_content_type_is_a_400_naming_it(self) -> None:
         e = self.assertRaises(ApiError, read_json_object, request(b"{}", "text/plain"), LIMIT)
@@ -161,6 +203,54 @@ class FieldTests(TestCase):
         self.assertRaises(ApiError, int_field, {"n": True}, "n")
         self.assertRaises(ApiError, int_field, {"n": "4x"}, "n")
         self.assertRaises(ApiError, int_field, {"n": 41}, "n", maximum=40)
+
+    def test_integers_fit_a_signed_64_bit_column(self) -> None:
+        self.assertEqual(int_field({"n": 2**63 - 1}, "n"), 2**63 - 1)
+        self.assertEqual(int_field({"n": str(-(2**63))}, "n"), -(2**63))
+        for value, message in [
+            (2**63, "Ensure this value is less than or equal to 9223372036854775807."),
+            (10**30, "Ensure this value is less than or equal to 9223372036854775807."),
+            (str(2**63), "Ensure this value is less than or equal to 9223372036854775807."),
+            (-(2**63) - 1,
+             "Ensure this value is greater than or equal to -9223372036854775808."),
+            ("9" * 5000, "A valid integer is required."),
+        ]:
+            e = self.assertRaises(ApiError, int_field, {"n": value}, "n")
+            self.assertEqual((e.status, e.fields), (400, {"n": [message]}))
+
+    def test_integers_are_ascii_digits(self) -> None:
+        # str.isdigit and int() take Arabic-Indic, fullwidth and other digits.
+        for text in ("\u0661\u0662", "\uff11", "\u09e7", "1_000", " + 1"):
+            e = self.assertRaises(ApiError, int_field, {"n": text}, "n")
+            self.assertEqual(e.fields, {"n": ["A valid integer is required."]})
+        self.assertIsNone(parse_int("\u0661"))
+        self.assertIsNone(parse_int(str(2**63)))
+        self.assertEqual(parse_int("-12"), -12)
+
+    def test_a_line_field_refuses_control_characters(self) -> None:
+        for text in ("a\x00b", "a\r\nQUIT", "tab\there", "\x7f", "c1\x85"):
+            e = self.assertRaises(ApiError, string_field, {"a": text}, "a", line=True)
+            self.assertEqual(
+                e.fields, {"a": ["Control characters (NUL, CR, LF, TAB...) are not allowed."]}
+            )
+        self.assertEqual(string_field({"a": "Zoë O'Brien"}, "a", line=True), "Zoë O'Brien")
+        self.assertEqual(string_field({"a": "two\nlines"}, "a"), "two\nlines")
+
+    def test_a_string_with_a_lone_surrogate_is_refused(self) -> None:
+        e = self.assertRaises(ApiError, string_field, {"a": "x\udc80"}, "a")
+        self.assertEqual(e.fields, {"a": ["The value holds a lone surrogate, which is not text."]})
+
+    def test_multipart_text_in_a_charset_that_makes_surrogates_is_refused(self) -> None:
+        body = (
+            b"--b\r\nContent-Disposition: form-data; name=\"name\"\r\n"
+            b"Content-Type: text/plain; charset=unicode_escape\r\n\r\n"
+            b"\\ud800\r\n--b--\r\n"
+        )
+        req = request(body, "multipart/form-data; boundary=b")
+        e = self.assertRaises(ApiError, read_fields, req, LIMIT)
+        self.assertEqual(
+            e.fields, {"name": ["The value holds a lone surrogate, which is not text."]}
+        )
 
     def test_collect_reports_every_bad_field(self) -> None:
         data = {"b": 3}

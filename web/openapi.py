@@ -4,6 +4,9 @@ An app never calls `Klein.route` itself: it declares each route on its `RouteTab
 registers the Klein rule and records what the document needs (summary, credential, input
 and output schemas). The document is built from those records, so it lists exactly the
 routes that are served; a test checks that the Klein rules and the document agree.
+
+Every table makes `<int:…>` in its paths `web.parsing.IdConverter` (ASCII digits, at most
+2^63-1: a larger id is a 404, as an unknown one), and the document says so.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from klein import Klein
 
 from web.auth import AuthPolicy
 from web.errors import ErrorShape
+from web.parsing import INT64_MAX, IdConverter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _CONVERTER = re.compile(r"<(?:(?P<conv>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_]\w*)>")
 _CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
-    "int": {"type": "integer"},
+    "int": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
     "float": {"type": "number"},
     "uuid": {"type": "string", "format": "uuid"},
 }
@@ -73,6 +77,8 @@ class RouteTable:
         self.klein = klein
         self.api = api
         self.specs: list[RouteSpec] = []
+        # Before any rule is added: a rule looks its converters up when it is added.
+        klein.url_map.converters["int"] = IdConverter
 
     def route(
         self,

@@ -4,6 +4,13 @@ Every failure is an `ApiError` with a message that says what was wrong (bad JSON
 type we do not read, a field of the wrong type), which each API renders in its own shape.
 Messages for fields follow Django REST framework's wording, which the IMAP2API seed's
 clients see verbatim; the other shapes show them as "field: message".
+
+This is the input boundary of every route, so it refuses here what nothing behind it could
+hold: JSON nested deeper than `MAX_JSON_DEPTH`, a string with a lone surrogate ("\\ud800",
+which json.loads accepts but no database or reply can encode), a number that is not finite,
+an integer outside the signed 64-bit range (`INT64_MIN`..`INT64_MAX`, what the store keeps),
+digits other than ASCII 0-9, and (in `string_field(..., line=True)`, for names) control
+characters. Ids in paths go through `IdConverter`, the `int` converter of every route.
 """
 
 from __future__ import annotations
@@ -11,13 +18,18 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import BaseConverter
 
+from mailcore.text import CONTROL_CHARACTER, NOT_TEXT, has_control, has_surrogate
 from web.errors import ApiError, field_error, too_large
 
 JSON_TYPES = ("application/json",)
@@ -34,6 +46,13 @@ NOT_A_STRING = "Not a valid string."
 NOT_A_BOOLEAN = "Must be a valid boolean."
 NOT_AN_INTEGER = "A valid integer is required."
 
+# What an integer column holds (SQLite INTEGER, PostgreSQL BIGINT).
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+# Our documents are a few levels deep; this leaves room and bounds every walk over them.
+MAX_JSON_DEPTH = 32
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -46,6 +65,39 @@ class Upload:
     filename: str
     content_type: str
     data: bytes
+
+
+# -- text and integers ----------------------------------------------------------------------
+
+
+def parse_int(text: str) -> int | None:
+    """A base-10 integer in ASCII digits (an optional sign) within the signed 64-bit range,
+    or None. `str.isdigit` and `int` also take other scripts' digits ("١٢") and any length."""
+    if not _INTEGER.fullmatch(text):
+        return None
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else None
+
+
+class IdConverter(BaseConverter):
+    """`<int:name>` in every route (`web.openapi.RouteTable` installs it): ASCII digits, at
+    most `INT64_MAX`. A bigger number names nothing: a 404 like any unknown id, instead of
+    an overflow in the database driver. (It raises NotFound rather than Werkzeug's
+    ValidationError, which would make the router answer 405 when another rule of the same
+    path takes other methods.)"""
+
+    regex = r"[0-9]+"
+    part_isolating = True
+    weight = 50
+
+    def to_python(self, value: str) -> int:
+        number = parse_int(value) if len(value) <= 19 else None
+        if number is None or number < 0:
+            raise NotFound()
+        return number
+
+    def to_url(self, value: Any) -> str:
+        return str(int(value))
 
 
 def media_type(request: IRequest) -> str:
@@ -94,40 +146,78 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_TOO_DEEP = f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels."
+
+
 def decode_json(data: bytes) -> Any:
-    """Strict JSON from bytes (UTF-8, no NaN/Infinity), or a 400 saying where it broke."""
+    """Strict JSON from bytes (UTF-8, no NaN/Infinity, numbers that fit a double, at most
+    `MAX_JSON_DEPTH` levels, text without lone surrogates), or a 400 saying what broke."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "JSON parse error - the body is not valid UTF-8.") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        document = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, _TOO_DEEP) from None
     except ValueError as e:
         raise ApiError(400, f"JSON parse error - {e}") from None
+    _check_document(document)
+    return document
 
 
-def read_json(request: IRequest, limit: int) -> Any:
-    """The JSON document in the body; an empty body is None."""
+def _check_document(document: Any) -> None:
+    """Walk a decoded document (without recursion) for what `decode_json` refuses."""
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            if has_surrogate(value):
+                raise ApiError(400, "JSON parse error - a string holds a lone surrogate "
+                               "(\\ud800-\\udfff), which is not text.")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ApiError(400, "JSON parse error - a number is out of range.")
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, _TOO_DEEP)
+            if isinstance(value, dict):
+                pending.extend((k, depth) for k in value)
+                pending.extend((v, depth + 1) for v in value.values())
+            else:
+                pending.extend((v, depth + 1) for v in value)
+
+
+_JSON_TYPE_NAMES = {
+    type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+    list: "array",
+}
+
+
+_EMPTY: Any = object()
+
+
+def read_json(request: IRequest, limit: int, empty: Any = None) -> Any:
+    """The JSON document in the body; an empty body is `empty` (a JSON null is None)."""
     data = read_body(request, limit)
     media = media_type(request)
     if not data.strip():
         if media and not is_json_type(media):
             raise _unsupported(media, JSON_TYPES)
-        return None
+        return empty
     if not is_json_type(media):
         raise _unsupported(media, JSON_TYPES)
     return decode_json(data)
 
 
 def read_json_object(request: IRequest, limit: int) -> dict[str, Any]:
-    """A JSON object from the body (an empty body is an empty object)."""
-    document = read_json(request, limit)
-    if document is None:
+    """A JSON object from the body (an empty body is an empty object; null is not)."""
+    document = read_json(request, limit, empty=_EMPTY)
+    if document is _EMPTY:
         return {}
     if not isinstance(document, dict):
-        raise ApiError(
-            400, f"Invalid data. Expected a JSON object, but got {type(document).__name__}."
-        )
+        kind = _JSON_TYPE_NAMES.get(type(document), type(document).__name__)
+        raise ApiError(400, f"Invalid data. Expected a JSON object, but got {kind}.")
     return document
 
 
@@ -195,9 +285,12 @@ def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
             fields[name] = Upload(name, filename, part.get_content_type(), raw)
             continue
         try:
-            fields[name] = raw.decode(part.get_content_charset() or "utf-8")
-        except (UnicodeDecodeError, LookupError):
+            text = raw.decode(part.get_content_charset() or "utf-8")
+        except (UnicodeError, LookupError):
             raise field_error(name, "The value is not valid UTF-8.") from None
+        if has_surrogate(text):
+            raise field_error(name, NOT_TEXT)
+        fields[name] = text
     return fields
 
 
@@ -239,16 +332,23 @@ def string_field(
     allow_blank: bool = False,
     trim: bool = True,
     max_length: int | None = None,
+    line: bool = False,
 ) -> str | None:
     """A string input; absent gives None unless required.
 
-    With `trim` a value of spaces only counts as blank (DRF trims, except passwords).
+    With `trim` a value of spaces only counts as blank (DRF trims, except passwords). With
+    `line` (names, usernames, descriptions, folder names: one line of text) a control
+    character is refused, so that none reaches a log line, a header or a protocol command.
     """
     if _absent(data, name, required=required):
         return None
     value = data[name]
     if not isinstance(value, str):
         raise field_error(name, NOT_A_STRING)
+    if has_surrogate(value):
+        raise field_error(name, NOT_TEXT)
+    if line and has_control(value):
+        raise field_error(name, CONTROL_CHARACTER)
     if not allow_blank and not (value.strip() if trim else value):
         raise field_error(name, BLANK)
     if max_length is not None and len(value) > max_length:
@@ -279,10 +379,11 @@ def int_field(
     name: str,
     *,
     required: bool = False,
-    minimum: int | None = None,
-    maximum: int | None = None,
+    minimum: int | None = INT64_MIN,
+    maximum: int | None = INT64_MAX,
 ) -> int | None:
-    """An integer: a JSON integer or a string of digits."""
+    """An integer: a JSON integer or a string of ASCII digits; by default within the signed
+    64-bit range, the most a column holds."""
     if _absent(data, name, required=required):
         return None
     value = data[name]
@@ -290,13 +391,15 @@ def int_field(
         raise field_error(name, NOT_AN_INTEGER)
     if isinstance(value, str):
         text = value.strip()
-        if not text.lstrip("-").isdigit() or len(text) > 20:
+        if not _INTEGER.fullmatch(text):
             raise field_error(name, NOT_AN_INTEGER)
         value = int(text)
     if not isinstance(value, int):
         raise field_error(name, NOT_AN_INTEGER)
-    if minimum is not None and value < minimum:
+    minimum = INT64_MIN if minimum is None else minimum
+    maximum = INT64_MAX if maximum is None else maximum
+    if value < minimum:
         raise field_error(name, f"Ensure this value is greater than or equal to {minimum}.")
-    if maximum is not None and value > maximum:
+    if value > maximum:
         raise field_error(name, f"Ensure this value is less than or equal to {maximum}.")
     return value

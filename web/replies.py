@@ -12,10 +12,16 @@ JSON_TYPE = b"application/json; charset=utf-8"
 
 
 def encode_json(body: Any) -> bytes:
-    """Compact UTF-8 JSON (the seeds' examples are compact); NaN and Infinity are refused."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-        "utf-8"
-    )
+    """Compact UTF-8 JSON (the seeds' examples are compact); NaN and Infinity are refused.
+
+    Text that UTF-8 cannot hold (a lone surrogate, stored before input was checked for
+    them) is written as a JSON escape ("\\ud800") rather than failing the reply.
+    """
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def set_headers(request: IRequest, headers: Mapping[str, str] | None) -> None:

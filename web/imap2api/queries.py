@@ -14,7 +14,7 @@ from twisted.web.iweb import IRequest
 
 from mailcore.messages import MessageQuery
 from web.errors import ApiError, field_error
-from web.parsing import bool_field, collect_fields, int_field, query_params
+from web.parsing import bool_field, collect_fields, int_field, parse_int, query_params
 
 INVALID_PAGE = "Invalid page."
 INVALID_DATE = "Enter a valid date."
@@ -75,9 +75,9 @@ def message_query(params: Mapping[str, str]) -> MessageQuery:
 
 def page_size(params: Mapping[str, str]) -> int:
     """`page_size` as DRF reads it: a positive integer, at most 100; anything else is 50."""
-    raw = params.get("page_size", "").strip()
-    if raw.isdigit() and int(raw) > 0:
-        return min(int(raw), MAX_PAGE_SIZE)
+    value = parse_int(params.get("page_size", "").strip())
+    if value is not None and value > 0:
+        return min(value, MAX_PAGE_SIZE)
     return DEFAULT_PAGE_SIZE
 
 
@@ -86,6 +86,7 @@ def page_number(params: Mapping[str, str]) -> int | None:
     raw = params.get("page", "").strip() or "1"
     if raw == "last":
         return None
-    if not raw.isdigit() or int(raw) < 1 or len(raw) > 9:
+    value = parse_int(raw) if len(raw) <= 9 else None
+    if value is None or value < 1:
         raise ApiError(404, INVALID_PAGE)
-    return int(raw)
+    return value

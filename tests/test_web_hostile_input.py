@@ -1,0 +1,180 @@
+"""Hostile input gets a 4xx in the API's own shape, never a 500.
+
+Each attack below answered 500 before the input boundary (web.parsing, the routes' `int`
+converter) refused it: JSON nested past Python's recursion limit, a lone surrogate ("\\ud800")
+that no database or reply can encode, ids of 2^63 and more in paths, queries and bodies,
+other scripts' digits in a quarantine release token. A JSON null is not an object, and a
+control character in a name, username, description or folder name is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.identity import IdentityError
+from tests.support.web import Web
+
+TOO_BIG = 2**63
+DEEP = b"[" * 100_000 + b"]" * 100_000
+SURROGATE = b'"\\ud800"'
+CONTROL = "Control characters (NUL, CR, LF, TAB...) are not allowed."
+
+
+def json_headers(**extra: str) -> dict[str, str]:
+    return {"Content-Type": "application/json", **extra}
+
+
+class HostileInputTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.alice = await self.web.user()
+        self.token = {"Authorization": f"Token {await self.web.credential(self.alice, 'token')}"}
+        self.key = {"Api-Key": await self.web.credential(self.alice)}
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        status, _, body = await self.web.call(method, path, **kwargs)
+        return status, body
+
+    def json_routes(self) -> list[tuple[str, str, dict[str, str], str]]:
+        """A JSON route of each API that reads a body, and the key of its error message."""
+        return [
+            ("POST", "/api/imap-servers/", self.token, "detail"),
+            ("POST", "/api/webhooks/", self.token, "detail"),
+            ("POST", "/api-token-auth/", {}, "detail"),
+            ("POST", "/api/v1/auth/", {}, "message"),
+            ("PUT", "/api/v1/user", self.key, "msg"),
+            ("POST", "/api/v1/domain/example.com", self.key, "msg"),
+        ]
+
+    async def test_deeply_nested_json_is_a_400_in_each_apis_shape(self) -> None:
+        for method, path, auth, key in self.json_routes():
+            for body in (DEEP, b'{"name": ' + b"[" * 40 + b"]" * 40 + b"}"):
+                status, reply = await self.call(method, path, data=body,
+                                                headers=json_headers(**auth))
+                self.assertEqual(status, 400, (path, reply))
+                self.assertEqual(reply[key], "JSON parse error - nested deeper than 32 levels.")
+
+    async def test_a_lone_surrogate_in_any_text_field_is_a_400(self) -> None:
+        for method, path, auth, key in self.json_routes():
+            for field in ("name", "username", "password", "first_name", "description",
+                          "redirectTo"):
+                body = b'{"%s": %s}' % (field.encode(), SURROGATE)
+                status, reply = await self.call(method, path, data=body,
+                                                headers=json_headers(**auth))
+                self.assertEqual(status, 400, (path, field, reply))
+                self.assertIn("lone surrogate", reply[key])
+        # In a key too, and inside a list.
+        status, reply = await self.call(
+            "POST", "/api/imap-servers/", headers=json_headers(**self.token),
+            data=b'{"folders_to_sync": ["INBOX", "\\udfff"], "\\ud800": 1}')
+        self.assertEqual(status, 400, reply)
+        # Form and multipart bodies cannot carry one: their text is decoded with
+        # replacement, and stored as such.
+        status, reply = await self.call(
+            "POST", "/api/v1/auth/", data=b"username=%ED%A0%80&password=x",
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual((status, reply), (401, {"message": "unauthorized"}))
+
+    async def test_ids_past_the_signed_64_bit_range_in_paths_are_404(self) -> None:
+        for path in (f"/api/emails/{TOO_BIG}/", f"/api/v1/emails/{TOO_BIG}/thread/",
+                     f"/api/imap-servers/{TOO_BIG}/", f"/api/imap-servers/{10**40}/",
+                     f"/api/webhooks/{TOO_BIG}/", f"/api/webhooks/{TOO_BIG}/deliveries/",
+                     f"/api/emails/{TOO_BIG - 1}/", "/api/emails/\u0661\u0662/"):
+            status, reply = await self.call("GET", path, headers=self.token)
+            self.assertEqual((status, reply), (404, {"detail": "Not found."}), path)
+        # Other methods too: a 404, not the router's 405 for the path's other rules.
+        for method, path in [("DELETE", f"/api/webhooks/{TOO_BIG}/"),
+                             ("PATCH", f"/api/imap-servers/{TOO_BIG}/"),
+                             ("POST", f"/api/imap-servers/{'9' * 5000}/sync/")]:
+            status, reply = await self.call(method, path, headers=self.token, json={})
+            self.assertEqual((status, reply), (404, {"detail": "Not found."}), path[:40])
+
+    async def test_ids_past_the_range_in_queries_and_bodies_are_400(self) -> None:
+        for path in ("/api/emails/", "/api/emails/folders/", "/api/emails/statistics/"):
+            status, reply = await self.call("GET", f"{path}?imap_server={TOO_BIG}",
+                                            headers=self.token)
+            self.assertEqual(status, 400, path)
+            self.assertEqual(reply, {"imap_server": [
+                "Ensure this value is less than or equal to 9223372036854775807."]})
+        status, reply = await self.call("GET", "/api/emails/?page=" + "9" * 5000,
+                                        headers=self.token)
+        self.assertEqual((status, reply), (404, {"detail": "Invalid page."}))
+        status, reply = await self.call("GET", "/api/emails/?page_size=" + "9" * 5000,
+                                        headers=self.token)
+        self.assertEqual(status, 200)
+        base = {"host": "imap.example.test", "username": "a", "password": "p"}
+        for field in ("sync_interval", "sync_limit_value", "port"):
+            for value in (10**30, TOO_BIG, str(10**30)):
+                status, reply = await self.call(
+                    "POST", "/api/imap-servers/", headers=self.token,
+                    json={**base, field: value})
+                self.assertEqual(status, 400, (field, value, reply))
+                self.assertEqual(list(reply), [field])
+
+    async def test_other_scripts_digits_in_a_release_token_are_an_invalid_link(self) -> None:
+        for token in ("\u0661\u0662.\u0663\u0664.abc", "1.2.\u00e9t\u00e9",
+                      "\uff11.\uff12.x"):
+            for method in ("GET", "POST"):
+                status, _, body = await self.web.call(method, f"/quarantine/release/{token}")
+                self.assertEqual(status, 404, (method, token))
+                self.assertIn(b"This release link is not valid", body)
+        status, reply = await self.call("GET", "/api/v1/quarantine/\u0661\u0662",
+                                        headers=self.key)
+        self.assertEqual(status, 404)
+        self.assertIs(reply["success"], False)
+
+    async def test_json_null_is_not_an_object(self) -> None:
+        for method, path, auth, key in self.json_routes():
+            status, reply = await self.call(method, path, data=b"null",
+                                            headers=json_headers(**auth))
+            self.assertEqual(status, 400, path)
+            self.assertEqual(reply[key], "Invalid data. Expected a JSON object, but got null.")
+        # An empty body is still no fields.
+        status, reply = await self.call("PUT", "/api/v1/user", headers=self.key)
+        self.assertEqual(status, 200, reply)
+
+    async def test_control_characters_in_names_are_refused(self) -> None:
+        base = {"host": "imap.example.test", "username": "a", "password": "p"}
+        for field, value in [("name", "Work\x00"), ("username", "a\r\nDELE 1"),
+                             ("email", "a@b\n"), ("host", "h\tx"),
+                             ("folders_to_sync", ["INBOX", "a\rb"]),
+                             ("folders_to_sync", "INBOX,\x1b[2J")]:
+            status, reply = await self.call("POST", "/api/imap-servers/", headers=self.token,
+                                            json={**base, field: value})
+            self.assertEqual((status, reply), (400, {field: [CONTROL]}), field)
+        status, reply = await self.call("POST", "/api/imap-servers/", headers=self.token,
+                                        json={**base, "password": "p\r\nQUIT"})
+        self.assertEqual((status, reply), (400, {"password": ["NUL, CR and LF are not allowed."]}))
+        status, reply = await self.call(
+            "POST", "/api/webhooks/", headers=self.token,
+            json={"url": "https://hooks.example.test/", "description": "new\nline"})
+        self.assertEqual((status, reply), (400, {"description": [CONTROL]}))
+        status, reply = await self.call("POST", "/api-token-auth/",
+                                        json={"username": "alice\x00", "password": "x"})
+        self.assertEqual((status, reply), (400, {"username": [CONTROL]}))
+        status, reply = await self.call("PUT", "/api/v1/user", headers=self.key,
+                                        json={"first_name": "Eve\r\nBcc: x"})
+        self.assertEqual(status, 400)
+        self.assertEqual(reply["msg"], "Field first_name may not hold control characters.")
+        stored = await self.web.core.identity.get_user(self.alice.id)
+        assert stored is not None
+        self.assertEqual(stored.first_name, self.alice.first_name)
+
+    async def test_usernames_with_a_line_break_are_refused_by_the_identity(self) -> None:
+        identity = self.web.core.identity
+        for username, email in [("bob\n", "bob@example.test"), ("bob", "bob\x00@example.test"),
+                                ("bob", "bob@exa\x85mple.test")]:
+            with self.assertRaises(IdentityError):
+                await identity.create_user(username, email, "pw-12345678")
+        self.assertIsNone(await identity.find_user("bob\n"))
+
+    async def test_replies_stay_valid_utf8_json(self) -> None:
+        """The fallback: text stored before the boundary refused surrogates is escaped."""
+        from web.replies import encode_json
+
+        self.assertEqual(encode_json({"a": "\ud800é"}), b'{"a":"\\ud800\\u00e9"}')
+        self.assertEqual(encode_json({"a": "é"}), '{"a":"é"}'.encode())
+        json.loads(encode_json({"a": "\udfff"}))
