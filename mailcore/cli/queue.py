@@ -3,7 +3,8 @@
 `list` shows messages still waiting (queued or deferred recipients), `show ID` one message
 with every recipient's state, last reply and next attempt, `flush` makes every deferred
 recipient due now, and `delete ID` drops a message without delivering or bouncing it.
-These work on the store directly; a running daemon notices flushed work on its next sweep.
+These work on the store directly; a running daemon notices flushed work on its next sweep,
+and then tries the next hops it had marked unusable again rather than waiting out the mark.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ async def queue_flush(args: argparse.Namespace, core: Any) -> int:
     n = await core.db.run("queue_flush", thd_flush, now)
     interval = core.queue.settings.poll_interval
     print(f"{n} deferred recipient(s) are due now; a running daemon picks them up on its next "
-          f"sweep (every {interval:g} s).")
+          f"sweep (every {interval:g} s) and tries next hops it had marked unusable again.")
     return 0
 
 

@@ -8,17 +8,18 @@ this domain (customers' own servers often have self-signed certificates: "may").
 disagree. When a domain has an address list only those local parts are accepted; an empty
 list accepts every local part.
 
-The SMTP server asks `lookup` and `accepts` for every RCPT, so they answer from an
-in-memory snapshot and never touch SQL. Several nodes may share one database, and the admin
-CLI is a process of its own, so every change made through this service also raises the
-one-row `domain_generation` counter in the same transaction. A running service reads that
-counter every `poll_interval` seconds (0.5 by default: one primary-key read) and reloads the
-whole snapshot only when it moved; a change is therefore served on every node within about
-`poll_interval` of its commit (and at once on the node that made it). Every
-`refresh_interval` seconds (300 by default) the snapshot is reloaded anyway, for rows written
-behind the service's back. A RCPT for a domain that is not in the snapshot is refused at once
-(550) rather than looked up in the store: the poll keeps that window under a second without
-putting SQL on the RCPT path, which unknown-domain floods would otherwise reach.
+The SMTP server asks `lookup` and `accepts` for every RCPT, so they answer from an in-memory
+snapshot and never touch SQL. Several nodes may share one database, and the admin CLI is a
+process of its own, so every change made through this service also raises the `domains`
+change counter (`mailcore.store.counters`) in the same transaction. A running service reads
+that counter every `poll_interval` seconds (0.5 by default: one primary-key read) and
+reloads the whole snapshot only when it moved; a change is therefore served on every node
+within about `poll_interval` of its commit (and at once on the node that made it). Every
+`refresh_interval` seconds (300 by default) the snapshot is reloaded anyway, for rows
+written behind the service's back. A RCPT for a domain that is not in the snapshot is
+refused at once (550) rather than looked up in the store: the poll keeps that window under a
+second without putting SQL on the RCPT path, which unknown-domain floods would otherwise
+reach.
 
 With `[protecmail] verify_domains` on, a domain added without `verified=True` is stored
 pending, with a random token its owner publishes in DNS (`mailcore.gateway.verification`);
@@ -50,13 +51,15 @@ from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
 from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
-from mailcore.store.schema import domain_addresses, domain_generation, domains, users
+from mailcore.store.counters import thd_bump_counter, thd_read_counter
+from mailcore.store.schema import domain_addresses, domains, users
 
 log = Logger()
 
 DEFAULT_PORT = 25
 DEFAULT_POLL_INTERVAL = 0.5
 DEFAULT_REFRESH_INTERVAL = 300.0
+DOMAINS_COUNTER = "domains"
 ACTIONS = (0, 1)  # seed 004: 0 quarantine, 1 tag and deliver
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -153,8 +156,9 @@ def _to_ascii(name: str, what: str, field: str) -> str:
         raise DomainError(f"{what} is empty.", field)
     try:
         ascii_name = idna.encode(text, uts46=True).decode("ascii").lower()
-    except (idna.IDNAError, UnicodeError) as e:
-        raise DomainError(f"{what} {name!r} is not a valid host name: {e}.", field) from None
+    except (idna.IDNAError, UnicodeError):  # said in our words, not the idna library's
+        raise DomainError(f"{what} {name!r} is not a valid host name (letters, digits and "
+                          "hyphens, in dot-separated labels of 1 to 63).", field) from None
     if len(ascii_name) > 253:
         raise DomainError(f"{what} {name!r} is longer than 253 characters.", field)
     labels = ascii_name.split(".")
@@ -403,22 +407,13 @@ class _Snapshot:
 
 
 def _generation_txn(conn: Connection) -> int:
-    """Blocking: the domain change counter (0 if its row is missing)."""
-    value = conn.execute(
-        select(domain_generation.c.generation).where(domain_generation.c.id == 1)
-    ).scalar()
-    return int(value or 0)
+    """Blocking: the domain change counter."""
+    return thd_read_counter(conn, DOMAINS_COUNTER)
 
 
 def _bump_generation_txn(conn: Connection) -> None:
     """Blocking: raise the change counter, inside the transaction that changes domains."""
-    result = conn.execute(
-        update(domain_generation)
-        .where(domain_generation.c.id == 1)
-        .values(generation=domain_generation.c.generation + 1)
-    )
-    if result.rowcount == 0:
-        conn.execute(insert(domain_generation).values(id=1, generation=1))
+    thd_bump_counter(conn, DOMAINS_COUNTER)
 
 
 def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
 
 from mailcore.smtp.envelope import Envelope
+from mailcore.store.counters import thd_bump_counter
 from mailcore.store.schema import domains, queue_messages, queue_recipients
 
 QUEUED = "queued"
@@ -23,6 +24,8 @@ DELIVERED = "delivered"
 BOUNCED = "bounced"
 QUARANTINED = "quarantined"
 ACTIVE = (QUEUED, DEFERRED)
+# Raised by every `queue flush` (mailcore.store.counters); each node's sweep reads it.
+FLUSH_COUNTER = "queue_flush"
 FINAL = (DELIVERED, BOUNCED, QUARANTINED)
 
 _m = queue_messages.c
@@ -727,12 +730,14 @@ def thd_show(conn: Connection, message_id: str) -> MessageView | None:
 
 
 def thd_flush(conn: Connection, now: float) -> int:
-    """Make every deferred recipient due now; returns how many."""
+    """Make every deferred recipient due now, and tell every node (the `queue_flush` change
+    counter) to try the next hops it found unusable again; returns how many recipients."""
     result = conn.execute(
         update(queue_recipients)
         .where(_r.state == DEFERRED, _r.next_attempt_at > now)
         .values(next_attempt_at=now)
     )
+    thd_bump_counter(conn, FLUSH_COUNTER)
     return result.rowcount or 0
 
 

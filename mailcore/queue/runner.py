@@ -552,6 +552,16 @@ class QueueRunner:
             hq.connecting += 1
             self._track(defer.Deferred.fromCoroutine(self._worker(hq)))
 
+    def revive_hops(self) -> int:
+        """Forget that next hops were found unusable (an operator's `queue flush`): the next
+        job for each connects again. Returns how many hops were marked."""
+        marked = 0
+        for hq in self.hops.values():
+            if hq.dead_until > 0:
+                marked += 1
+            hq.dead_until, hq.dead_reason, hq.dead_permanent = 0.0, "", False
+        return marked
+
     def _track(self, worker: defer.Deferred[None]) -> None:
         self._workers.add(worker)
 

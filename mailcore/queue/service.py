@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailcore.queue.model import (
+    FLUSH_COUNTER,
     thd_claim_due,
     thd_depth,
     thd_prune,
@@ -31,6 +32,7 @@ from mailcore.queue.runner import QueueRunner
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
 from mailcore.store import Database
+from mailcore.store.counters import thd_read_counter
 
 log = Logger()
 
@@ -123,6 +125,7 @@ class QueueService(Service):
         self._sweep_loop: task.LoopingCall | None = None
         self._renew_loop: task.LoopingCall | None = None
         self._started: defer.Deferred[None] | None = None
+        self._flushes: int | None = None  # the flush counter as last read
         # Chores in flight: a stop waits for them (LoopingCall.stop does not).
         self._busy: set[defer.Deferred[None]] = set()
 
@@ -171,7 +174,9 @@ class QueueService(Service):
         return d
 
     async def _tick(self) -> None:
-        """One sweep: claim due work, refresh the depth gauge, prune the log."""
+        """One sweep: hear of a flush, claim due work, refresh the depth gauge, prune the
+        log."""
+        await self._hear_flush()
         await self.sweeper.sweep()
         now = self.clock.seconds()
         try:
@@ -182,6 +187,20 @@ class QueueService(Service):
             )
         except Exception:
             log.failure("queue housekeeping failed")
+
+    async def _hear_flush(self) -> None:
+        """After a `queue flush` (its counter moved), next hops marked unusable are tried
+        again at once rather than failing the flushed mail without a connection."""
+        try:
+            flushes = await self.db.read("queue_flush_counter", thd_read_counter, FLUSH_COUNTER)
+        except Exception:
+            log.failure("reading the queue flush counter failed")
+            return
+        if self._flushes is not None and flushes != self._flushes:
+            revived = self.runner.revive_hops()
+            log.info("queue flush: deferred mail is due, {n} next hop(s) marked unusable are "
+                     "tried again", n=revived)
+        self._flushes = flushes
 
     async def _renew(self) -> None:
         try:

@@ -14,7 +14,8 @@ from mailcore.store.schema.billing import (
     token_tanks,
     token_usage,
 )
-from mailcore.store.schema.domains import domain_addresses, domain_generation, domains
+from mailcore.store.schema.counters import change_counters
+from mailcore.store.schema.domains import domain_addresses, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
 from mailcore.store.schema.messages import (
@@ -33,9 +34,9 @@ from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
 __all__ = [
     "FTS_TABLES",
     "billing_counters",
+    "change_counters",
     "credentials",
     "domain_addresses",
-    "domain_generation",
     "domains",
     "fetch_accounts",
     "fetch_folders",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -57,15 +56,4 @@ domain_addresses = Table(
     ),
     Column("local_part", String(64), nullable=False),
     UniqueConstraint("domain_id", "local_part", name="uq_domain_addresses_domain_local"),
-)
-
-# One row (id 1) whose `generation` goes up in the same transaction as every change to
-# `domains` or `domain_addresses` made through DomainService. Each gateway node reads it
-# about twice a second (one primary-key read) and reloads its RCPT snapshot only when it
-# moved, so a domain added by the CLI, the API or another node is served within a second.
-domain_generation = Table(
-    "domain_generation",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("generation", BigInteger, nullable=False),
 )

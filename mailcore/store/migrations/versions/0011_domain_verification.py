@@ -7,14 +7,14 @@ is set, i.e. once `_mailcore-verify.<domain>` carries the TXT record
 "mailcore-verify=<token>".
 
 Revision ID: 0011_domain_verification
-Revises: 0010_domain_generation
+Revises: 0010_change_counters
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0011_domain_verification"
-down_revision = "0010_domain_generation"
+down_revision = "0010_change_counters"
 branch_labels = None
 depends_on = None
 
