@@ -22,7 +22,8 @@ RUN_ARGS ?=
 # Append packages here; `make deps` installs whichever of them is not installed yet.
 # postfix is only for its smtp-sink/smtp-source tools; postfix itself is never started.
 TEST_SERVER_PKGS := dovecot-imapd dovecot-core spamassassin spamd spamc \
-	clamav-daemon clamav clamdscan rspamd postfix swaks dovecot-pop3d poppler-utils
+	clamav-daemon clamav clamdscan rspamd postfix swaks dovecot-pop3d poppler-utils \
+	chromium chromium-driver
 # PostgreSQL 15 comes with the machine; installed only when no initdb can be found.
 PG_PKG := postgresql
 

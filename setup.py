@@ -19,7 +19,11 @@ setup(
         "mailcore.store.migrations.versions",
         "twisted.plugins",
     ],
-    package_data={"mailcore.store.migrations": ["script.py.mako"]},
+    # The HTML pages' templates and stylesheet (web.pages): the daemon reads them at run time.
+    package_data={
+        "mailcore.store.migrations": ["script.py.mako"],
+        "web.pages": ["templates/*.html", "static/*.css"],
+    },
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=24.7.0",
@@ -35,10 +39,12 @@ setup(
         "prometheus-client>=0.20.0",
         "fpdf2>=2.7.0",
         "idna>=3.7",
+        "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100.0"],
-        "dev": ["ruff>=0.6.0", "mypy>=1.11.0", "mypy-zope>=1.0.0", "hypothesis>=6.100.0"],
+        "test": ["hypothesis>=6.100.0", "selenium>=4.20"],
+        "dev": ["ruff>=0.6.0", "mypy>=1.11.0", "mypy-zope>=1.0.0", "hypothesis>=6.100.0",
+                "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["mailcore = mailcore.cli:main"]},
 )

@@ -17,6 +17,7 @@ Only what we create is affected: an existing directory or file keeps the mode it
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077
@@ -45,3 +46,25 @@ def private_file(path: Path) -> Path:
         return path
     os.close(fd)
     return path
+
+
+def secret_key_file(path: Path, size: int = 32) -> bytes:
+    """The secret key kept in `path`, made (`size` random bytes, mode 0600) if absent. Blocks.
+
+    A key shorter than `size` bytes is refused (ValueError): a truncated file would weaken
+    everything signed with it.
+    """
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        private_directory(path.parent)
+        key = secrets.token_bytes(size)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        except FileExistsError:  # made by another process meanwhile: use theirs
+            return secret_key_file(path, size)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+    if len(key) < size:
+        raise ValueError(f"{path}: the key is too short (fewer than {size} bytes)")
+    return key

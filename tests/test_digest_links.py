@@ -13,6 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.quarantine import LinkSigner, render
+from tests.support.pages import form_credentials
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 
 LINK = re.compile(r"https://([^/\s]+)/quarantine/release/(\S+)")
@@ -83,16 +84,18 @@ class DigestTests(TestCase):
     async def test_link_releases_once_get_never_releases(self) -> None:
         _host, token = await self.release_link()
         path = f"/quarantine/release/{token}"
+        before = len(self.gw.delivered())
         status, _headers, body = await self.gw.web.call("GET", path)
         self.assertEqual(status, 200)
         self.assertIn(b"third", body)
         self.assertIn(b'method="post"', body)
-        before = len(self.gw.delivered())
-        status, _, body = await self.gw.web.call("POST", path)
+        cookies, form = await form_credentials(self.gw.web, path)
+        self.assertEqual(len(self.gw.delivered()), before)  # the GETs released nothing
+        status, _, body = await self.gw.web.call("POST", path, cookies=cookies, data=form)
         self.assertEqual(status, 200)
         released = self.gw.delivered()[before:]
         self.assertEqual([(s, r) for s, r, _b in released], [("spammer@x.test", ["joe@q.test"])])
-        status, _, body = await self.gw.web.call("POST", path)
+        status, _, body = await self.gw.web.call("POST", path, cookies=cookies, data=form)
         self.assertEqual(status, 409)
         self.assertIn(b"used already", body)
         self.assertEqual(len(self.gw.delivered()), before + 1)
@@ -103,8 +106,10 @@ class DigestTests(TestCase):
         observe: Any = events.append
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        for method in ("GET", "POST", "POST"):
-            await self.gw.web.call(method, f"/quarantine/release/{token}")
+        path = f"/quarantine/release/{token}"
+        cookies, form = await form_credentials(self.gw.web, path)  # the GET
+        for _ in range(2):
+            await self.gw.web.call("POST", path, cookies=cookies, data=form)
         access = [e for e in events if e.get("log_namespace") == "mailcore.web.access"]
         self.assertEqual([(e["method"], e["status"]) for e in access],
                          [("GET", 200), ("POST", 200), ("POST", 409)])

@@ -35,6 +35,7 @@ from web.mailapi import MailApiApp
 from web.meta import MetaApp
 from web.metrics import HttpMetrics
 from web.openapi import document
+from web.pages import Pages, StaticApp
 from web.protecmail import ProtecmailApp
 from web.quarantine_page import QuarantinePageApp
 from web.ratelimit import Rate, RateLimiter
@@ -77,6 +78,8 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("/dropbundles", "safedrop"),
     # the release page of quarantine digest links
     ("/quarantine", "quarantine"),
+    # the stylesheet of the HTML pages (web.pages)
+    ("/static", "static"),
     # the service itself
     ("/metrics", "meta"),
     ("/openapi.json", "meta"),
@@ -253,6 +256,8 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
     # allow a client no more guesses than either alone. A huge rate stands for "off".
     login_rate = settings.login_rate or Rate(10**9, 1)
     login = PasswordLogin(identity, RateLimiter(clock, login_rate))
+    # The HTML pages' templates and CSRF key (read or made now, before the reactor runs).
+    pages = Pages.from_data_dir(core.config.data_dir)
     apps: list[ApiApp] = [
         Imap2ApiApp(
             settings,
@@ -279,7 +284,8 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             quarantine=core.quarantine,
         ),
         SafedropApp(settings, resolver=resolver, identity=identity),
-        QuarantinePageApp(settings, quarantine=core.quarantine),
+        QuarantinePageApp(settings, pages=pages, quarantine=core.quarantine),
+        StaticApp(settings, pages=pages),
         DropmyemailApp(
             settings,
             resolver=resolver,

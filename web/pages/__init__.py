@@ -1,0 +1,329 @@
+"""Server-rendered pages a person uses: quarantine release, OAuth consent, drop download.
+
+Every page is a Jinja2 template under `web/pages/templates/` (autoescaped: a value is text
+unless a template marks it safe), extending `base.html` and its one stylesheet, served at
+`/static/mailcore.css?v=<hash>` (cached for a year; the hash changes with the file). Pages
+work without JavaScript, and none may be framed.
+
+- `Pages.render(request, template, status, **context)` renders a page and sets its status,
+  Content-Type and the security headers (`SECURITY_HEADERS`, the CSP).
+- Forms carry a CSRF token: `{{ csrf_field() }}` in a template puts a hidden field holding
+  an HMAC, under the key in `{data_dir}/pages.key`, of a random cookie `mc_csrf` (HttpOnly,
+  SameSite=Lax, Secure under TLS); the cookie is set the first time a page needs it.
+  `Pages.check_csrf(request)` in a POST handler raises `PageError(403)` unless the form's
+  field matches the cookie. A page on another site can neither read the cookie nor make
+  the HMAC, and a cookie planted by a sibling domain is useless without its HMAC.
+- A page app subclasses `PageApp`: its errors (`ApiError`, `PageError`, unknown paths, wrong
+  methods, 500s) are HTML pages with the same headers. `page_replies` documents a page
+  route's replies (all HTML) for the OpenAPI document.
+- `set_cookie`/`get_cookie`/`clear_cookie`: cookies with safe defaults, for login sessions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from klein import Klein
+from markupsafe import Markup
+from twisted.web import http
+from twisted.web.iweb import IRequest
+
+from mailcore.files import secret_key_file
+from web.api import ApiApp
+from web.errors import ApiError, PlainErrors
+from web.openapi import Reply, RouteTable
+from web.parsing import read_fields
+from web.settings import WebSettings
+
+CSRF_COOKIE = "mc_csrf"
+CSRF_FIELD = "csrf_token"
+# A page's form is small: a larger urlencoded body is refused (413) before it is parsed.
+FORM_LIMIT = 64 * 1024
+KEY_FILE = "pages.key"
+
+STYLESHEET_PATH = "/static/mailcore.css"
+STYLESHEET = resources.files(__name__).joinpath("static/mailcore.css").read_bytes()
+STYLESHEET_URL = f"{STYLESHEET_PATH}?v={hashlib.sha256(STYLESHEET).hexdigest()[:12]}"
+
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+# Every page (and every page's error) carries these.
+SECURITY_HEADERS: Mapping[str, str] = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+
+# Titles of the error pages, by status.
+_ERROR_TITLES = {
+    400: "Bad request",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Not allowed",
+    409: "Conflict",
+    413: "Too large",
+    415: "Bad request",
+    429: "Too many requests",
+    500: "Something went wrong",
+    503: "Try again later",
+}
+
+CSRF_REFUSED = (
+    "This form has expired or did not come from this site, so nothing was done. "
+    "Go back, reload the page and try again."
+)
+
+
+class PageError(ApiError):
+    """An error a page handler raises: the page app answers with an HTML page saying it."""
+
+    def __init__(self, status: int, title: str, message: str, **kwargs: Any) -> None:
+        super().__init__(status, message, **kwargs)
+        self.title = title
+
+
+def environment() -> Environment:
+    """The Jinja2 environment of the page templates: autoescaped, strict about undefined
+    names (a misspelt variable is an error, not an empty string)."""
+    env = Environment(
+        loader=PackageLoader("web.pages", "templates"),
+        autoescape=select_autoescape(("html",), default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["stylesheet"] = STYLESHEET_URL
+    return env
+
+
+# -- headers and cookies -------------------------------------------------------------------
+
+
+def set_security_headers(request: IRequest, form_action: Sequence[str] = ()) -> None:
+    """The headers every page carries. `form_action` adds origins a form may post to (or be
+    redirected to after posting: browsers apply form-action to redirects, so a page whose
+    POST answers with a redirect to another site must name that site)."""
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    if form_action:
+        extra = " ".join(form_action)
+        csp = CSP.replace("form-action 'self'", f"form-action 'self' {extra}")
+        request.setHeader(b"Content-Security-Policy", csp.encode("ascii"))
+
+
+def set_cookie(
+    request: IRequest,
+    name: str,
+    value: str,
+    max_age: int | None = None,
+    *,
+    path: str = "/",
+    same_site: str = "Lax",
+) -> None:
+    """Set a cookie a script cannot read (HttpOnly), not sent on cross-site POSTs
+    (SameSite=Lax), and Secure when the request came over TLS. `max_age` None: a session
+    cookie (gone when the browser closes)."""
+    # IRequest declares fewer of addCookie's arguments than twisted.web.http.Request has.
+    cast(http.Request, request).addCookie(
+        name.encode("ascii"),
+        value.encode("ascii"),
+        path=path.encode("ascii"),
+        max_age=None if max_age is None else str(int(max_age)).encode("ascii"),
+        secure=bool(request.isSecure()),
+        httpOnly=True,
+        sameSite=same_site.lower(),
+    )
+
+
+def get_cookie(request: IRequest, name: str) -> str | None:
+    """The value of cookie `name` the client sent, or None (also when it is not ASCII)."""
+    raw = request.getCookie(name.encode("ascii"))
+    if raw is None:
+        return None
+    try:
+        return bytes(raw).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def clear_cookie(request: IRequest, name: str, *, path: str = "/") -> None:
+    """Tell the client to forget cookie `name` (logout)."""
+    set_cookie(request, name, "", 0, path=path)
+
+
+# -- pages ---------------------------------------------------------------------------------
+
+
+class Pages:
+    """Renders pages and checks their forms' CSRF tokens; one per site, shared by the page
+    apps. `key` signs the CSRF tokens (keep it secret; `from_data_dir` keeps it in a file)."""
+
+    def __init__(self, key: bytes, env: Environment | None = None) -> None:
+        if len(key) < 32:
+            raise ValueError("the pages key must be at least 32 bytes")
+        self._key = key
+        self.env = env or environment()
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path) -> Pages:
+        """Pages whose key is `{data_dir}/pages.key` (made, mode 0600, if absent). Blocks:
+        call before the reactor runs."""
+        return cls(secret_key_file(data_dir / KEY_FILE))
+
+    def render(
+        self,
+        request: IRequest,
+        template: str,
+        status: int = 200,
+        *,
+        form_action: Sequence[str] = (),
+        **context: Any,
+    ) -> bytes:
+        """`template` rendered with `context` (plus `csrf_field()` and `stylesheet`), as the
+        reply: status, `text/html; charset=utf-8` and the security headers set."""
+        token: list[str] = []
+
+        def csrf_field() -> Markup:
+            if not token:
+                token.append(self.csrf_token(request))
+            return Markup('<input type="hidden" name="{}" value="{}">').format(
+                CSRF_FIELD, token[0]
+            )
+
+        body = self.env.get_template(template).render(csrf_field=csrf_field, **context)
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        set_security_headers(request, form_action)
+        return body.encode("utf-8")
+
+    def message(
+        self, request: IRequest, status: int, title: str, message: str, kind: str = "notice"
+    ) -> bytes:
+        """A page that says one thing (`kind` "notice" or "error" picks its look)."""
+        return self.render(request, "message.html", status, title=title, message=message,
+                           kind=kind)
+
+    def error_page(self, request: IRequest, error: ApiError) -> bytes:
+        """The page of an error: its status, its headers (Allow, Retry-After), its words."""
+        title = error.title if isinstance(error, PageError) else _ERROR_TITLES.get(
+            error.status, "Error")
+        for name, value in error.headers.items():
+            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        return self.message(request, error.status, title, error.message, kind="error")
+
+    # -- CSRF ------------------------------------------------------------------------------
+
+    def _mac(self, cookie: str) -> str:
+        digest = hmac.new(self._key, b"csrf:" + cookie.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def csrf_token(self, request: IRequest) -> str:
+        """The value of a form's CSRF field for this client; sets the `mc_csrf` cookie when
+        the client has none (or one we did not make)."""
+        cookie = get_cookie(request, CSRF_COOKIE)
+        if cookie is None or not _well_formed(cookie):
+            cookie = secrets.token_urlsafe(32)
+            set_cookie(request, CSRF_COOKIE, cookie)
+        return self._mac(cookie)
+
+    def csrf_valid(self, request: IRequest, submitted: str | None) -> bool:
+        """Whether `submitted` is the CSRF token of the cookie this request carries."""
+        cookie = get_cookie(request, CSRF_COOKIE)
+        if cookie is None or not _well_formed(cookie) or not submitted:
+            return False
+        return hmac.compare_digest(self._mac(cookie).encode(), submitted.encode("utf-8"))
+
+    def check_csrf(self, request: IRequest, fields: Mapping[str, Any] | None = None) -> None:
+        """Raise `PageError(403)` unless the form carries this client's CSRF token. `fields`:
+        the form's fields when the handler parsed them already, else the urlencoded body is
+        read (`form`)."""
+        if fields is None:
+            fields = self.form(request)
+        submitted = fields.get(CSRF_FIELD)
+        if not isinstance(submitted, str) or not self.csrf_valid(request, submitted):
+            raise PageError(403, "Form expired", CSRF_REFUSED)
+
+    def form(self, request: IRequest) -> dict[str, Any]:
+        """The fields of an urlencoded form body (none when the body is empty)."""
+        return read_fields(request, FORM_LIMIT, accept_json=False, accept_multipart=False)
+
+
+def _well_formed(cookie: str) -> bool:
+    return 20 <= len(cookie) <= 100 and all(c.isalnum() or c in "-_" for c in cookie)
+
+
+# -- apps ----------------------------------------------------------------------------------
+
+_HTML = {"type": "string"}
+# The statuses any page route may answer (bad input, unknown path, wrong method, too large,
+# a crash): HTML pages, not the JSON errors of the APIs.
+_COMMON = {
+    400: "HTML page: bad request",
+    404: "HTML page: not found",
+    405: "HTML page: method not allowed",
+    413: "HTML page: request too large",
+    500: "HTML page: internal error",
+}
+
+
+def html_reply(description: str) -> Reply:
+    """A documented reply that is an HTML page."""
+    return Reply(description, _HTML, content_type="text/html")
+
+
+def page_replies(replies: Mapping[int, str], *, form: bool = False) -> dict[int, Reply]:
+    """A page route's documented replies: `replies` (status: description) plus the error
+    pages every page route may answer (and 403, a refused CSRF token, when `form`)."""
+    every = dict(_COMMON)
+    if form:
+        every[403] = "HTML page: the form's CSRF token is missing or wrong"
+    every.update(replies)
+    return {status: html_reply(text) for status, text in sorted(every.items())}
+
+
+class PageApp(ApiApp):
+    """The base of an app of pages: its errors are HTML pages, not JSON."""
+
+    shape = PlainErrors()  # unused by replies; the OpenAPI document names it
+
+    def __init__(self, settings: WebSettings, *, pages: Pages) -> None:
+        super().__init__(settings)
+        self.pages = pages
+
+    def error_reply(self, request: IRequest, error: ApiError) -> bytes:
+        return self.pages.error_page(request, error)
+
+
+class StaticApp(PageApp):
+    """The pages' stylesheet, at a URL that changes with it (so it may be cached long)."""
+
+    name = "static"
+    title = "Stylesheet of the HTML pages"
+    app = Klein()
+    routes = RouteTable(app, "static")
+
+    @routes.route(
+        STYLESHEET_PATH,
+        "GET",
+        summary="The stylesheet of the HTML pages",
+        replies={
+            200: Reply("CSS", _HTML, content_type="text/css"),
+            **page_replies({}),
+        },
+    )
+    async def stylesheet(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/css; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"public, max-age=31536000, immutable")
+        return STYLESHEET
