@@ -1,7 +1,8 @@
 """Private files: what the daemon and the CLI write is readable by their user only.
 
 The data directory is made 0700; the SQLite database, its WAL and shared-memory files, the
-TLS key, `quarantine.key`, `fetch.key` and twistd's log file 0600. Two layers make it so:
+TLS key, `quarantine.key`, `fetch.key`, `pages.key` (web.pages) and twistd's log file 0600.
+Two layers make it so:
 
 - `restrict_umask`, called first by the daemon (`makeService`) and by the CLI, adds 077 to
   the process umask, so every file made afterwards — by us, by SQLite (`-wal`, `-shm`) or
