@@ -39,6 +39,8 @@ from mailcore.queue import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.spool import Spool
+from mailcore.safedrop.model import SafedropSettings
+from mailcore.safedrop.service import SafedropService
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.tls import server_context
@@ -81,6 +83,8 @@ class Core:
     filter_service: ChainService = field(init=False)
     # Proof of domain ownership ([protecmail] verify_domains, dns_servers, verify_*).
     verifier: DomainVerifier = field(init=False)
+    # safedrop ([safedrop]): drop bundles, recipients, files on disk, notifications.
+    safedrop: SafedropService = field(init=False)
 
     def __post_init__(self) -> None:
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
@@ -115,6 +119,11 @@ class Core:
         )
         self.fetch.engine.listeners.append(self.webhooks.on_sync)
         self._build_filtering()
+        self.safedrop = SafedropService(
+            self.db, self.clock, self.cpu, self.fetch.secrets, self.spool,
+            SafedropSettings.from_config(self.config.section("safedrop")),
+            data_dir=self.config.data_dir, hostname=self.config.hostname,
+        )
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],
@@ -165,6 +174,7 @@ class Core:
         core.fetch.load_key()  # the fetch password key file, before the reactor runs
         core.quarantine.load_key()  # the release-link key file, likewise
         core.verifier.load_nameservers()  # /etc/resolv.conf unless dns_servers are given
+        core.safedrop.prepare()  # the drop files' directories, half-written uploads removed
         return core
 
     def background_services(self) -> list[IService]:

@@ -143,6 +143,13 @@ def _webhooks(config: Config, reactor: Any) -> object:
     return WebhookSettings.from_section(config.section("webhooks"))
 
 
+def _safedrop(config: Config, reactor: Any) -> object:
+    from mailcore.safedrop.model import SafedropSettings
+
+    _only_fields(config, "safedrop", SafedropSettings)
+    return SafedropSettings.from_config(config.section("safedrop"))
+
+
 def _web(config: Config, reactor: Any) -> object:
     from web.settings import WebSettings  # imported here: mailcore itself is free of HTTP
 
@@ -164,6 +171,7 @@ TABLES: dict[str, Reader] = {
     "protecmail": _protecmail,
     "fetch": _fetch,
     "webhooks": _webhooks,
+    "safedrop": _safedrop,
     "web": _web,
 }
 

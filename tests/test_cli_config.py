@@ -43,7 +43,7 @@ class CliConfigTests(TestCase):
             ("[web]\nmetrics = 'yes'\n", "[web] metrics must be true or false"),
             ("[smpt]\nmax_recipients = 5\n",
              "unknown table [smpt] (tables: billing, domains, fetch, filters, pipeline, plans, "
-             "protecmail, quarantine, queue, smtp, tokens, web, webhooks)"),
+             "protecmail, quarantine, queue, safedrop, smtp, tokens, web, webhooks)"),
             ("[fetch]\nsync_interval = -5\n", "[fetch] sync_interval must be a positive number"),
         ]
         results = await defer.gatherResults(

@@ -283,7 +283,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             redirects=core.redirects,
             quarantine=core.quarantine,
         ),
-        SafedropApp(settings, resolver=resolver, identity=identity),
+        SafedropApp(settings, resolver=resolver, identity=identity, drops=core.safedrop),
         QuarantinePageApp(settings, pages=pages, quarantine=core.quarantine),
         StaticApp(settings, pages=pages),
         DropmyemailApp(

@@ -9,25 +9,58 @@ API key has been revoked since (the session is linked to its key: `parent_id`).
 Input is form-encoded or multipart (JSON is accepted too), booleans are 0/1, dates RFC 3339,
 output JSON; a resource that does not allow a method in its current state answers 405.
 
-Working now: the auth server, which also answers a request carrying only an X-Auth-Token:
-204 while that token is valid, 401 after. The drop bundle routes come with
-their own issue; they authenticate with `await self.principal(request)`.
+The auth server also answers a request carrying only an X-Auth-Token: 204 while that token
+is valid, 401 after. Bundles, recipients and files are `mailcore.safedrop`'s; this module
+only translates the wire format: fields are checked here (unknown ones, wrong types, bad
+dates are 400s naming the field), what the service refuses becomes the seed's status (400
+bad input, 404 not yours or unknown, 405 once sent, 413 too large), and replies carry no
+secret: `secure_message` reads back as a boolean, `password` not at all.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from klein import Klein
 from twisted.web.iweb import IRequest
 
 from mailcore.identity import Identity, Principal
+from mailcore.identity.passwords import MAX_PASSWORD_LENGTH
+from mailcore.safedrop.model import (
+    MAX_TEXT,
+    RECEIPT_VALUES,
+    Bundle,
+    DropError,
+    DropFile,
+    DropNotFound,
+    DropRecipient,
+    DropSent,
+    TooLarge,
+    check_email,
+    check_telephone,
+)
+from mailcore.safedrop.service import SafedropService
 from web.api import ApiApp
 from web.auth import SAFEDROP, SAFEDROP_KEY, CredentialResolver
-from web.errors import SafedropErrors
+from web.errors import ApiError, SafedropErrors, field_error
 from web.openapi import Reply, RouteTable
+from web.parsing import (
+    FORM_TYPE,
+    MULTIPART_TYPE,
+    bool_field,
+    collect_fields,
+    int_field,
+    media_type,
+    query_params,
+    string_field,
+)
 from web.replies import empty_reply
 from web.settings import WebSettings
+
+T = TypeVar("T")
 
 TOKEN_HEADERS = {
     "X-Auth-Token": "The temporary token (new, or the one presented)",
@@ -39,6 +72,244 @@ def rfc3339(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+# -- the drop bundles ------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+BAD_DATE = 'Enter an RFC 3339 date and time with a zone, like "2010-12-19T16:39:57-08:00".'
+UNKNOWN_FIELD = "Unknown field."
+SENT = "The safedrop has been sent; it can no longer be changed."
+MAX_SUBJECT = 1000
+
+BUNDLE_FIELDS = (
+    "subject", "message", "secure_message", "expiry_date", "email_receipt_when", "password",
+    "read_remove", "allow_comments", "require_token_auth",
+)
+RECIPIENT_FIELDS = ("email", "telephone", "valid_for")
+
+_BOOL = {"type": "boolean"}
+BUNDLE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "read_remove": _BOOL,
+        "allow_comments": _BOOL,
+        "secure_message": {**_BOOL, "description": "Whether a secure message is set"},
+        "expiry_date": {"type": ["string", "null"], "format": "date-time"},
+        "require_token_auth": _BOOL,
+        "message": {"type": "string"},
+        "id": {"type": "integer"},
+        "email_receipt_when": {"type": "integer", "enum": list(RECEIPT_VALUES)},
+        "subject": {"type": "string"},
+    },
+    "required": ["id"],
+}
+_FLAG = {"type": "integer", "enum": [0, 1], "description": "0 or 1 (true/false accepted)"}
+BUNDLE_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "subject": {"type": "string"},
+        "message": {"type": "string"},
+        "secure_message": {"type": "string", "description": "Write-only; encrypted at rest"},
+        "expiry_date": {"type": ["string", "null"], "format": "date-time",
+                        "description": "RFC 3339; empty or null: never expires"},
+        "email_receipt_when": {
+            "type": "integer", "enum": list(RECEIPT_VALUES),
+            "description": "0 never; 1 each open; 2 first open per recipient; 3 each "
+            "download; 4 (default) once every recipient has downloaded every file",
+        },
+        "password": {"type": "string", "format": "password",
+                     "description": "Write-only; stored hashed; empty removes it"},
+        "read_remove": {**_FLAG, "default": 1},
+        "allow_comments": {**_FLAG, "default": 0},
+        "require_token_auth": {**_FLAG, "default": 0},
+    },
+    "additionalProperties": False,
+}
+RECIPIENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "telephone": {"type": "string"},
+        "valid_for": {"type": "integer"},
+        "email": {"type": "string", "format": "email"},
+    },
+    "required": ["id", "email"],
+}
+RECIPIENT_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "email": {"type": "string", "format": "email"},
+        "telephone": {"type": "string", "pattern": "^([1-9][0-9]{6,14})?$",
+                      "description": "International digits without '+'"},
+        "valid_for": {"type": "integer", "minimum": 0,
+                      "description": "Deprecated: seconds of access after sending"},
+    },
+    "additionalProperties": False,
+}
+FILE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "the_file": {"type": "string"}},
+    "required": ["id", "the_file"],
+}
+FILE_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {"the_file": {"type": "string", "format": "binary"}},
+    "required": ["the_file"],
+}
+INPUT_TYPES = (FORM_TYPE, MULTIPART_TYPE, "application/json")
+
+
+def parse_rfc3339(name: str, value: Any) -> datetime.datetime | None:
+    """An RFC 3339 date-time with its zone ("" or null: None), or a 400 naming `name`."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise field_error(name, BAD_DATE)
+    m = _RFC3339.fullmatch(value.strip())
+    if m is None:
+        raise field_error(name, BAD_DATE)
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    fraction = m.group(7) or ""
+    micro = int((fraction[1:] + "000000")[:6]) if fraction else 0
+    zone = m.group(8)
+    try:
+        if zone in ("Z", "z"):
+            tz = datetime.UTC
+        else:
+            sign = 1 if zone[0] == "+" else -1
+            hours, minutes = int(zone[1:3]), int(zone[4:6])
+            if hours > 23 or minutes > 59:
+                raise ValueError(zone)
+            tz = datetime.timezone(sign * datetime.timedelta(hours=hours, minutes=minutes))
+        moment = datetime.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
+        return moment.astimezone(datetime.UTC)
+    except (ValueError, OverflowError):
+        raise field_error(name, BAD_DATE) from None
+
+
+def _refuse_unknown(data: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise ApiError(
+            400, "; ".join(f"{k}: {UNKNOWN_FIELD}" for k in unknown),
+            fields={k: [UNKNOWN_FIELD] for k in unknown},
+        )
+
+
+def _given(data: Mapping[str, Any], name: str) -> bool:
+    return name in data
+
+
+def bundle_changes(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The bundle fields given in `data`, checked and typed (all bad fields at once)."""
+    _refuse_unknown(data, BUNDLE_FIELDS)
+    checks: dict[str, Callable[[], Any]] = {}
+    if _given(data, "subject"):
+        checks["subject"] = lambda: string_field(
+            data, "subject", required=False, allow_blank=True, max_length=MAX_SUBJECT,
+            line=True) or ""
+    for name in ("message", "secure_message"):
+        if _given(data, name):
+            checks[name] = lambda name=name: string_field(  # type: ignore[misc]
+                data, name, required=False, allow_blank=True, trim=False,
+                max_length=MAX_TEXT) or ""
+    if _given(data, "password"):
+        checks["password"] = lambda: string_field(
+            data, "password", required=False, allow_blank=True, trim=False,
+            max_length=MAX_PASSWORD_LENGTH) or ""
+    if _given(data, "expiry_date"):
+        checks["expiry_date"] = lambda: parse_rfc3339("expiry_date", data["expiry_date"])
+    if _given(data, "email_receipt_when"):
+        checks["email_receipt_when"] = lambda: _receipt_when(data)
+    for name in ("read_remove", "allow_comments", "require_token_auth"):
+        if _given(data, name):
+            checks[name] = lambda name=name: _flag(data, name)  # type: ignore[misc]
+    return collect_fields(checks)
+
+
+def _flag(data: Mapping[str, Any], name: str) -> bool:
+    value = bool_field(data, name, required=True)
+    assert value is not None
+    return value
+
+
+def _receipt_when(data: Mapping[str, Any]) -> int:
+    value = int_field(data, "email_receipt_when", required=True, minimum=0,
+                      maximum=max(RECEIPT_VALUES))
+    assert value is not None
+    return value
+
+
+def recipient_changes(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
+    """The recipient fields given in `data`, checked (email is required when creating)."""
+    _refuse_unknown(data, RECIPIENT_FIELDS)
+    checks: dict[str, Callable[[], Any]] = {}
+    if creating or _given(data, "email"):
+        checks["email"] = lambda: _checked(
+            check_email, string_field(data, "email", max_length=320, line=True) or ""
+        )
+    if _given(data, "telephone"):
+        checks["telephone"] = lambda: _checked(
+            check_telephone,
+            string_field(data, "telephone", required=False, allow_blank=True, max_length=32,
+                         line=True) or "",
+        )
+    if _given(data, "valid_for"):
+        checks["valid_for"] = lambda: int_field(data, "valid_for", required=True, minimum=0)
+    return collect_fields(checks)
+
+
+def _checked(check: Callable[[str], str], value: str) -> str:
+    try:
+        return check(value)
+    except DropError as e:
+        raise field_error(e.field or "", e.message) from None
+
+
+def bundle_json(bundle: Bundle) -> dict[str, Any]:
+    """A bundle as seed 003 shows it (its key order); no secret, only whether one is set."""
+    return {
+        "read_remove": bundle.read_remove,
+        "allow_comments": bundle.allow_comments,
+        "secure_message": bundle.has_secure_message,
+        "expiry_date": rfc3339(bundle.expiry_date) if bundle.expiry_date else None,
+        "require_token_auth": bundle.require_token_auth,
+        "message": bundle.message,
+        "id": bundle.id,
+        "email_receipt_when": bundle.email_receipt_when,
+        "subject": bundle.subject,
+    }
+
+
+def recipient_json(recipient: DropRecipient) -> dict[str, Any]:
+    return {
+        "id": recipient.id,
+        "telephone": recipient.telephone,
+        "valid_for": recipient.valid_for,
+        "email": recipient.email,
+    }
+
+
+def file_json(drop_file: DropFile) -> dict[str, Any]:
+    return {"id": drop_file.id, "the_file": drop_file.name}
+
+
+def drop_error(error: Exception) -> ApiError:
+    """The reply for what the drop service refused."""
+    if isinstance(error, DropNotFound):
+        return ApiError(404, SafedropErrors().not_found())
+    if isinstance(error, DropSent):
+        return ApiError(405, SENT, headers={"Allow": "GET"})
+    if isinstance(error, DropError):
+        status = 413 if isinstance(error, TooLarge) else 400
+        if error.field:
+            return ApiError(status, f"{error.field}: {error.message}",
+                            fields={error.field: [error.message]})
+        return ApiError(status, error.message)
+    raise error
+
+
 class SafedropApp(ApiApp):
     name = "safedrop"
     title = "safedrop (seed 003): secure file drops; X-Auth-User/X-Auth-Key, X-Auth-Token"
@@ -47,11 +318,13 @@ class SafedropApp(ApiApp):
     routes = RouteTable(app, "safedrop")
 
     def __init__(
-        self, settings: WebSettings, *, resolver: CredentialResolver, identity: Identity
+        self, settings: WebSettings, *, resolver: CredentialResolver, identity: Identity,
+        drops: SafedropService,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
         self.identity = identity
+        self.drops = drops
 
     async def principal(self, request: IRequest) -> Principal:
         """The token's user, or 401 (the token is unknown or has expired)."""
@@ -95,3 +368,199 @@ class SafedropApp(ApiApp):
         if expires is not None:
             headers["X-Auth-Token-Expires"] = rfc3339(expires)
         return empty_reply(request, 204, headers)
+
+    # -- drop bundles ----------------------------------------------------------------------
+
+    async def _do(self, work: Awaitable[T]) -> T:
+        """Await the service; what it refused becomes the seed's 400/404/405/413."""
+        try:
+            return await work
+        except (DropError, DropNotFound, DropSent) as e:
+            raise drop_error(e) from None
+
+    def _input(self, request: IRequest) -> dict[str, Any]:
+        return self.fields(request)
+
+    @routes.route(
+        "/dropbundles",
+        "GET",
+        summary="List your safedrops",
+        auth=SAFEDROP,
+        replies={200: Reply("Every bundle of the user", {"type": "array", "items": BUNDLE_SCHEMA})},
+    )
+    async def list_bundles(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        bundles = await self.drops.bundles(principal.user.id)
+        return self.reply(request, [bundle_json(b) for b in bundles])
+
+    @routes.route(
+        "/dropbundles",
+        "POST",
+        summary="Create a safedrop",
+        description="Defaults: read_remove=1, allow_comments=0, require_token_auth=0, "
+        "email_receipt_when=4, no expiry. read_remove and allow_comments together are a 400. "
+        "`password` and `secure_message` are write-only.",
+        auth=SAFEDROP,
+        body=BUNDLE_BODY,
+        body_types=INPUT_TYPES,
+        replies={200: Reply("The new bundle", BUNDLE_SCHEMA)},
+    )
+    async def create_bundle(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        changes = bundle_changes(self._input(request))
+        bundle = await self._do(self.drops.create_bundle(principal.user.id, changes))
+        return self.reply(request, bundle_json(bundle))
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>",
+        "GET",
+        summary="Show a safedrop, or send it (`?send`)",
+        description="With `?send`: notify every recipient (one mail each, with a link of "
+        "its own) and answer `200 text/plain` `OK`; afterwards the bundle, its recipients "
+        "and files can no longer be changed (405). Sending with no recipient or no file is "
+        "a 400.",
+        auth=SAFEDROP,
+        query={"send": {"type": "string", "description": "Present: send the bundle"}},
+        replies={200: Reply("The bundle (or `OK` after sending)", BUNDLE_SCHEMA)},
+    )
+    async def show_bundle(self, request: IRequest, bundle_id: int) -> bytes:
+        principal = await self.principal(request)
+        if "send" in query_params(request):
+            await self._do(self.drops.send(principal.user.id, bundle_id))
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", b"text/plain")
+            return b"OK"
+        bundle = await self._do(self.drops.bundle(principal.user.id, bundle_id))
+        return self.reply(request, bundle_json(bundle))
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>",
+        "PUT",
+        summary="Update a safedrop (before it is sent)",
+        auth=SAFEDROP,
+        body=BUNDLE_BODY,
+        body_types=INPUT_TYPES,
+        replies={200: Reply("The bundle", BUNDLE_SCHEMA)},
+    )
+    async def update_bundle(self, request: IRequest, bundle_id: int) -> bytes:
+        principal = await self.principal(request)
+        changes = bundle_changes(self._input(request))
+        bundle = await self._do(self.drops.update_bundle(principal.user.id, bundle_id, changes))
+        return self.reply(request, bundle_json(bundle))
+
+    # -- recipients ------------------------------------------------------------------------
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropbundlerecipients",
+        "GET",
+        summary="List the recipients of a safedrop",
+        auth=SAFEDROP,
+        replies={200: Reply("The recipients", {"type": "array", "items": RECIPIENT_SCHEMA})},
+    )
+    async def list_recipients(self, request: IRequest, bundle_id: int) -> bytes:
+        principal = await self.principal(request)
+        found = await self._do(self.drops.recipients(principal.user.id, bundle_id))
+        return self.reply(request, [recipient_json(r) for r in found])
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropbundlerecipients",
+        "POST",
+        summary="Add a recipient to a safedrop",
+        description="`telephone`: international digits without '+' (recipients with one get "
+        "their token by SMS). `valid_for` is deprecated: seconds of access after sending.",
+        auth=SAFEDROP,
+        body={**RECIPIENT_BODY, "required": ["email"]},
+        body_types=INPUT_TYPES,
+        replies={200: Reply("The new recipient", RECIPIENT_SCHEMA)},
+    )
+    async def add_recipient(self, request: IRequest, bundle_id: int) -> bytes:
+        principal = await self.principal(request)
+        values = recipient_changes(self._input(request), creating=True)
+        found = await self._do(self.drops.add_recipient(principal.user.id, bundle_id, values))
+        return self.reply(request, recipient_json(found))
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropbundlerecipients/<int:recipient_id>",
+        "GET",
+        summary="Show a recipient",
+        auth=SAFEDROP,
+        replies={200: Reply("The recipient", RECIPIENT_SCHEMA)},
+    )
+    async def show_recipient(self, request: IRequest, bundle_id: int, recipient_id: int) -> bytes:
+        principal = await self.principal(request)
+        found = await self._do(self.drops.recipient(principal.user.id, bundle_id, recipient_id))
+        return self.reply(request, recipient_json(found))
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropbundlerecipients/<int:recipient_id>",
+        "PUT",
+        summary="Update a recipient (before the safedrop is sent)",
+        auth=SAFEDROP,
+        body=RECIPIENT_BODY,
+        body_types=INPUT_TYPES,
+        replies={200: Reply("The recipient", RECIPIENT_SCHEMA)},
+    )
+    async def update_recipient(
+        self, request: IRequest, bundle_id: int, recipient_id: int
+    ) -> bytes:
+        principal = await self.principal(request)
+        changes = recipient_changes(self._input(request), creating=False)
+        found = await self._do(
+            self.drops.update_recipient(principal.user.id, bundle_id, recipient_id, changes)
+        )
+        return self.reply(request, recipient_json(found))
+
+    # -- files -----------------------------------------------------------------------------
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropfiles",
+        "GET",
+        summary="List the files of a safedrop (names only)",
+        auth=SAFEDROP,
+        replies={200: Reply("The files", {"type": "array", "items": FILE_SCHEMA})},
+    )
+    async def list_files(self, request: IRequest, bundle_id: int) -> bytes:
+        principal = await self.principal(request)
+        found = await self._do(self.drops.file_list(principal.user.id, bundle_id))
+        return self.reply(request, [file_json(f) for f in found])
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropfiles",
+        "POST",
+        summary="Add a file to a safedrop (multipart/form-data, field `the_file`)",
+        description="The upload is written to disk as it is parsed, never held in memory; "
+        "it is bounded by `[safedrop] max_file_size` (413) and the bundle's total "
+        "`max_bundle_size`. A failed upload leaves no file and no row.",
+        auth=SAFEDROP,
+        body=FILE_BODY,
+        body_types=(MULTIPART_TYPE,),
+        replies={200: Reply("The new file", FILE_SCHEMA)},
+        errors=(413,),
+    )
+    async def add_file(self, request: IRequest, bundle_id: int) -> bytes:
+        principal = await self.principal(request)
+        bundle = await self._do(self.drops.bundle(principal.user.id, bundle_id))
+        if bundle.sent_at is not None:
+            raise drop_error(DropSent())
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        if media_type(request) != MULTIPART_TYPE or request.content is None:
+            raise ApiError(
+                400, "Send the file as multipart/form-data, in the field the_file.",
+                fields={"the_file": ["This field is required."]},
+            )
+        found = await self._do(
+            self.drops.add_file(principal.user.id, bundle_id, content_type, request.content)
+        )
+        return self.reply(request, file_json(found))
+
+    @routes.route(
+        "/dropbundles/<int:bundle_id>/dropfiles/<int:file_id>",
+        "GET",
+        summary="Show a file (its name; contents are not served by the API)",
+        auth=SAFEDROP,
+        replies={200: Reply("The file", FILE_SCHEMA)},
+    )
+    async def show_file(self, request: IRequest, bundle_id: int, file_id: int) -> bytes:
+        principal = await self.principal(request)
+        found = await self._do(self.drops.file(principal.user.id, bundle_id, file_id))
+        return self.reply(request, file_json(found))

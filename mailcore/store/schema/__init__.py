@@ -29,6 +29,7 @@ from mailcore.store.schema.messages import (
 from mailcore.store.schema.meta import metadata
 from mailcore.store.schema.quarantine import quarantine
 from mailcore.store.schema.queue import queue_messages, queue_recipients
+from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
 
 __all__ = [
@@ -38,6 +39,9 @@ __all__ = [
     "credentials",
     "domain_addresses",
     "domains",
+    "drop_bundles",
+    "drop_files",
+    "drop_recipients",
     "fetch_accounts",
     "fetch_folders",
     "invoice_lines",

@@ -1,0 +1,171 @@
+"""Uploads written to disk as they are parsed, and the files of a drop on disk.
+
+A file lives at `{data_dir}/safedrop/<bundle id>/<sha256 of its bytes>`. An upload is
+parsed from the request body (already spooled by twisted.web, in memory or in a temp file)
+with a streaming multipart parser, a chunk at a time: each chunk is hashed and written to a
+temp file in `{data_dir}/safedrop/tmp`, which is fsynced and renamed into place once the
+part is complete and within its limit. Nothing of a failed upload stays: the temp file is
+removed on every error. Every function here blocks: run it on a thread pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from multipart import (
+    MultipartError,
+    MultipartSegment,
+    PushMultipartParser,
+    parse_options_header,
+)
+
+from mailcore.files import private_directory
+from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge
+from mailcore.text import has_control
+
+CHUNK = 64 * 1024
+FILE_FIELD = "the_file"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A file written into place: its name as uploaded, type, size and content hash."""
+
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+
+
+class DropFiles:
+    """The drop files under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def prepare(self) -> None:
+        """Make the directories and remove temp files a crash left behind. Blocks."""
+        private_directory(self.root)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        private_directory(self.tmp)
+
+    def path(self, bundle_id: int, sha256: str) -> Path:
+        return self.root / str(bundle_id) / sha256
+
+    def remove(self, bundle_id: int, sha256: str) -> None:
+        """Delete one stored file (absent is fine). Blocks."""
+        self.path(bundle_id, sha256).unlink(missing_ok=True)
+
+    def remove_bundle(self, bundle_id: int) -> None:
+        """Delete every stored file of a bundle. Blocks."""
+        shutil.rmtree(self.root / str(bundle_id), ignore_errors=True)
+
+    def receive(
+        self, source: BinaryIO, content_type: str, bundle_id: int, limit: int, bundle_room: int
+    ) -> Stored:
+        """Parse a multipart/form-data body from `source` and store its one `the_file`
+        part; `limit` bounds the file, `bundle_room` what the bundle may still take."""
+        boundary = _boundary(content_type)
+        private_directory(self.tmp)
+        fd, temp_name = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                stored = self._parse(source, boundary, out, limit, bundle_room)
+                out.flush()
+                os.fsync(out.fileno())
+            final = self.path(bundle_id, stored.sha256)
+            private_directory(final.parent)
+            os.replace(temp, final)
+            _fsync_dir(final.parent)
+            return stored
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _parse(
+        self, source: BinaryIO, boundary: str, out: BinaryIO, limit: int, bundle_room: int
+    ) -> Stored:
+        digest = hashlib.sha256()
+        found: tuple[str, str] | None = None
+        size = 0
+        current: str | None = None
+        source.seek(0)
+        try:
+            with PushMultipartParser(boundary, max_header_count=16, max_segment_count=64) as p:
+                while not p.closed:
+                    chunk = source.read(CHUNK)
+                    for event in p.parse(chunk):
+                        if isinstance(event, MultipartSegment):
+                            current = event.name
+                            if current != FILE_FIELD:
+                                raise DropError(current or None, "Unknown field.")
+                            if found is not None:
+                                raise DropError(FILE_FIELD, "Send one file per request.")
+                            if event.filename is None:
+                                raise DropError(FILE_FIELD, "The part carries no file name.")
+                            found = (
+                                clean_filename(event.filename),
+                                event.content_type or "application/octet-stream",
+                            )
+                        elif event:
+                            size += len(event)
+                            if size > limit:
+                                raise TooLarge(
+                                    FILE_FIELD, f"The file is larger than {limit} bytes."
+                                )
+                            if size > bundle_room:
+                                raise TooLarge(
+                                    FILE_FIELD,
+                                    "The bundle's files would exceed the total allowed size.",
+                                )
+                            digest.update(event)
+                            out.write(event)
+                    if not chunk:
+                        break
+        except MultipartError as e:
+            raise DropError(None, f"Malformed multipart body: {e}") from None
+        if found is None:
+            raise DropError(FILE_FIELD, "This field is required.")
+        name, media = found
+        return Stored(name, media[:255], size, digest.hexdigest())
+
+
+def clean_filename(raw: str) -> str:
+    """The name a file is shown and downloaded under: the last path component of what the
+    client sent, one line of text."""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name or name in (".", ".."):
+        raise DropError(FILE_FIELD, "The file has no name.")
+    if has_control(name):
+        raise DropError(FILE_FIELD, "The file name contains control characters.")
+    if len(name) > MAX_FILENAME:
+        raise DropError(FILE_FIELD, f"The file name is longer than {MAX_FILENAME} characters.")
+    return name
+
+
+def _boundary(content_type: str) -> str:
+    media, options = parse_options_header(content_type)
+    boundary = options.get("boundary", "")
+    if media.lower() != "multipart/form-data" or not boundary:
+        raise DropError(
+            None, "Send the file as multipart/form-data with a boundary (field the_file)."
+        )
+    return boundary
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,163 @@
+"""What a drop is made of: bundles, recipients, files, the settings, and the errors.
+
+`email_receipt_when` (seed default 4) says which read receipts the sender gets; reply
+notifications and expiry summaries are sent whatever its value:
+
+| value | read receipts |
+|---|---|
+| 0 | never |
+| 1 | each time a recipient opens the drop |
+| 2 | the first time each recipient opens the drop |
+| 3 | each time a recipient downloads a file |
+| 4 | once, when every recipient has downloaded every file (default) |
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mailcore.config import ConfigError
+from mailcore.smtp.address import PathError, parse_rcpt_to, relay_refusal
+
+RECEIPT_VALUES = (0, 1, 2, 3, 4)
+DEFAULT_RECEIPT_WHEN = 4
+# International dialling format without "+": E.164 allows at most 15 digits.
+TELEPHONE = re.compile(r"[1-9][0-9]{6,14}")
+MAX_TEXT = 100_000  # subject, message and secure message, in characters
+MAX_FILENAME = 255
+GIB = 1024**3
+
+
+class DropError(Exception):
+    """Bad input for a drop: `field` names what was wrong (None: the drop as a whole)."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class DropNotFound(Exception):
+    """No such bundle, recipient or file for this user (another user's counts as none)."""
+
+
+class DropSent(Exception):
+    """The bundle has been sent: it can no longer be changed."""
+
+
+class TooLarge(DropError):
+    """An upload over `[safedrop] max_file_size` or the bundle's total."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    id: int
+    owner_id: int
+    subject: str
+    message: str
+    has_secure_message: bool
+    has_password: bool
+    expiry_date: datetime.datetime | None
+    email_receipt_when: int
+    read_remove: bool
+    allow_comments: bool
+    require_token_auth: bool
+    created_at: datetime.datetime
+    sent_at: datetime.datetime | None
+    removed_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class DropRecipient:
+    id: int
+    bundle_id: int
+    email: str
+    telephone: str
+    valid_for: int
+    expires_at: datetime.datetime | None
+    done_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class DropFile:
+    id: int
+    bundle_id: int
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    created_at: datetime.datetime
+
+
+def check_email(value: str) -> str:
+    """A recipient address as the queue would take it, or DropError("email")."""
+    text = value.strip()
+    try:
+        mailbox, _ = parse_rcpt_to(f"TO:<{text}>")
+    except PathError as e:
+        raise DropError("email", f"Enter a valid email address ({e.text}).") from None
+    if not mailbox.domain or relay_refusal(mailbox) is not None:
+        raise DropError("email", "Enter a valid email address.")
+    return str(mailbox)
+
+
+def check_telephone(value: str) -> str:
+    """International digits without "+" ("" for none), or DropError("telephone")."""
+    text = value.strip()
+    if text and not TELEPHONE.fullmatch(text):
+        raise DropError(
+            "telephone",
+            "Enter the number in international format without '+' (7 to 15 digits, "
+            "for example 442077394252).",
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class SafedropSettings:
+    """The `[safedrop]` table.
+
+    ```toml
+    [safedrop]
+    max_file_size = 2147483648    # bytes per uploaded file (2 GiB)
+    max_bundle_size = 10737418240 # bytes of all files of one bundle (10 GiB)
+    link_hostname = ""            # host of recipients' links; "" = hostname
+    notify_from = ""              # From of notifications; "" = safedrop@{hostname}
+    sweep_interval = 300          # seconds between expiry sweeps
+    ```
+    """
+
+    max_file_size: int = 2 * GIB
+    max_bundle_size: int = 10 * GIB
+    link_hostname: str = ""
+    notify_from: str = ""
+    sweep_interval: float = 300.0
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
+        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"[safedrop] unknown key: {unknown[0]}")
+        values: dict[str, Any] = {}
+        for key in ("max_file_size", "max_bundle_size"):
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ConfigError(f"[safedrop] {key} must be a positive number of bytes")
+                values[key] = v
+        if "sweep_interval" in section:
+            v = section["sweep_interval"]
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ConfigError("[safedrop] sweep_interval must be a positive number of seconds")
+            values["sweep_interval"] = float(v)
+        for key in ("link_hostname", "notify_from"):
+            if key in section:
+                v = section[key]
+                if not isinstance(v, str) or any(c in v for c in "\r\n\0"):
+                    raise ConfigError(f"[safedrop] {key} must be a one-line string")
+                values[key] = v.strip()
+        return cls(**values)

@@ -1,0 +1,279 @@
+"""The drop service: bundles, recipients and files of a user, and sending a bundle.
+
+Secrets are kept as the schema says: the password is hashed with Argon2id on the CPU pool,
+the secure message encrypted with the daemon's secret box (the Fernet key in
+`{data_dir}/fetch.key` or `[fetch] secret_key`), and each recipient's link token is random
+(256 bits) and stored only as its SHA-256. Neither the password, the secure message nor a
+link token is ever logged or returned by a read.
+
+Sending claims the bundle once (`UPDATE … WHERE sent_at IS NULL`) together with the
+recipients' link digests, then queues one notification per recipient through the spool
+(kind "notification", the owner's address as envelope sender so bounces reach them). If
+the spool refuses the first one the claim is undone; after that the bundle stays sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import hashlib
+import secrets
+from collections.abc import Mapping, Sequence
+from email.message import EmailMessage
+from email.policy import SMTP
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailcore.fetch.secrets import SecretBox
+from mailcore.identity.passwords import hash_password
+from mailcore.queue.spool import Spool
+from mailcore.safedrop import store
+from mailcore.safedrop.files import DropFiles
+from mailcore.safedrop.model import (
+    DEFAULT_RECEIPT_WHEN,
+    Bundle,
+    DropFile,
+    DropRecipient,
+    SafedropSettings,
+)
+from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.queueid import new_queue_id
+from mailcore.store import Database
+from mailcore.workers import CpuPool
+
+log = Logger()
+
+# The fields of a bundle a client may set, and what a new bundle has.
+BUNDLE_DEFAULTS: dict[str, Any] = {
+    "subject": "",
+    "message": "",
+    "expiry_date": None,
+    "email_receipt_when": DEFAULT_RECEIPT_WHEN,
+    "read_remove": True,
+    "allow_comments": False,
+    "require_token_auth": False,
+}
+SECRET_FIELDS = ("secure_message", "password")
+RECIPIENT_DEFAULTS: dict[str, Any] = {"telephone": "", "valid_for": 0}
+LINK_PATH = "/drop/"
+
+
+def link_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def new_link() -> tuple[str, bytes]:
+    """A recipient's link token (256 random bits) and the digest that is stored."""
+    token = secrets.token_urlsafe(32)
+    return token, link_digest(token)
+
+
+def rfc3339(value: datetime.datetime) -> str:
+    utc = value.astimezone(datetime.UTC)
+    return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class SafedropService:
+    """Everything the safedrop API does, for one owner at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        cpu: CpuPool,
+        box: SecretBox,
+        spool: Spool,
+        settings: SafedropSettings,
+        *,
+        data_dir: Path,
+        hostname: str,
+        io: CpuPool | None = None,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.cpu = cpu
+        self.io = io or cpu
+        self.box = box
+        self.spool = spool
+        self.settings = settings
+        self.hostname = hostname
+        self.files = DropFiles(data_dir / "safedrop")
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+
+    def prepare(self) -> None:
+        """Make the file directories and clear half-written uploads. Blocks (start-up)."""
+        self.files.prepare()
+
+    # -- bundles ---------------------------------------------------------------------------
+
+    async def _stored(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Column values for `changes`: secrets hashed or encrypted ("" clears them)."""
+        values = {k: v for k, v in changes.items() if k not in SECRET_FIELDS}
+        if "secure_message" in changes:
+            text = changes["secure_message"]
+            values["secure_message"] = self.box.encrypt(text) if text else None
+        if "password" in changes:
+            password = changes["password"]
+            values["password_hash"] = (
+                await self.cpu.run(hash_password, password) if password else None
+            )
+        return values
+
+    async def create_bundle(self, owner_id: int, changes: Mapping[str, Any]) -> Bundle:
+        values = {**BUNDLE_DEFAULTS, **await self._stored(changes), "created_at": self.now()}
+        return await self.db.run("safedrop_create_bundle", store.create_bundle_txn, owner_id,
+                                 values)
+
+    async def update_bundle(
+        self, owner_id: int, bundle_id: int, changes: Mapping[str, Any]
+    ) -> Bundle:
+        values = await self._stored(changes)
+        return await self.db.run(
+            "safedrop_update_bundle", store.update_bundle_txn, owner_id, bundle_id, values
+        )
+
+    async def bundle(self, owner_id: int, bundle_id: int) -> Bundle:
+        return await self.db.read("safedrop_bundle", store.get_bundle_txn, owner_id, bundle_id)
+
+    async def bundles(self, owner_id: int) -> list[Bundle]:
+        return await self.db.read("safedrop_bundles", store.list_bundles_txn, owner_id)
+
+    # -- recipients ------------------------------------------------------------------------
+
+    async def add_recipient(
+        self, owner_id: int, bundle_id: int, values: Mapping[str, Any]
+    ) -> DropRecipient:
+        return await self.db.run(
+            "safedrop_add_recipient", store.add_recipient_txn, owner_id, bundle_id,
+            {**RECIPIENT_DEFAULTS, **values},
+        )
+
+    async def update_recipient(
+        self, owner_id: int, bundle_id: int, recipient_id: int, changes: Mapping[str, Any]
+    ) -> DropRecipient:
+        return await self.db.run(
+            "safedrop_update_recipient", store.update_recipient_txn, owner_id, bundle_id,
+            recipient_id, changes,
+        )
+
+    async def recipient(self, owner_id: int, bundle_id: int, recipient_id: int) -> DropRecipient:
+        return await self.db.read(
+            "safedrop_recipient", store.get_recipient_txn, owner_id, bundle_id, recipient_id
+        )
+
+    async def recipients(self, owner_id: int, bundle_id: int) -> list[DropRecipient]:
+        return await self.db.read(
+            "safedrop_recipients", store.list_recipients_txn, owner_id, bundle_id
+        )
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def add_file(
+        self, owner_id: int, bundle_id: int, content_type: str, body: BinaryIO
+    ) -> DropFile:
+        """Store the `the_file` part of a multipart body and record it. Nothing stays of an
+        upload that fails (bad body, over a limit, the bundle sent meanwhile)."""
+        used = await self.db.read(
+            "safedrop_upload_room", store.upload_room_txn, owner_id, bundle_id
+        )
+        room = self.settings.max_bundle_size - used
+        stored = await self.io.run(
+            self.files.receive, body, content_type, bundle_id, self.settings.max_file_size,
+            room,
+        )
+        values = {
+            "name": stored.name, "content_type": stored.content_type, "size": stored.size,
+            "sha256": stored.sha256, "created_at": self.now(),
+        }
+        try:
+            return await self.db.run(
+                "safedrop_add_file", store.add_file_txn, owner_id, bundle_id, values,
+                self.settings.max_bundle_size,
+            )
+        except BaseException:
+            in_use = await self.db.read(
+                "safedrop_file_in_use", store.file_hash_in_use_txn, bundle_id, stored.sha256
+            )
+            if not in_use:
+                await self.io.run(self.files.remove, bundle_id, stored.sha256)
+            raise
+
+    async def file(self, owner_id: int, bundle_id: int, file_id: int) -> DropFile:
+        return await self.db.read("safedrop_file", store.get_file_txn, owner_id, bundle_id,
+                                  file_id)
+
+    async def file_list(self, owner_id: int, bundle_id: int) -> list[DropFile]:
+        return await self.db.read("safedrop_files", store.list_files_txn, owner_id, bundle_id)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def link(self, token: str) -> str:
+        host = self.settings.link_hostname or self.hostname
+        return f"https://{host}{LINK_PATH}{token}"
+
+    async def send(self, owner_id: int, bundle_id: int) -> int:
+        """Send the bundle: one notification per recipient; returns how many were queued."""
+        bundle, sender, recipients, files = await self.db.run(
+            "safedrop_claim_send", store.claim_send_txn, owner_id, bundle_id, self.now(),
+            new_link,
+        )
+        queued = 0
+        for r, token in recipients:
+            message = self.notification(bundle, sender, r, files, self.link(token))
+            envelope = Envelope(sender, (Recipient(r.email, None),), kind="notification")
+            try:
+                await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message)
+            except Exception:
+                if queued == 0:
+                    await self.db.run("safedrop_unclaim_send", store.unclaim_send_txn,
+                                      bundle_id, [x.id for x, _ in recipients])
+                    raise
+                log.failure("queueing the safedrop notification of bundle {bundle} to "
+                            "recipient {recipient} failed", bundle=bundle_id, recipient=r.id)
+                continue
+            queued += 1
+        return queued
+
+    def notification(
+        self, bundle: Bundle, sender: str, recipient: DropRecipient,
+        files: Sequence[DropFile], link: str,
+    ) -> bytes:
+        """The mail that tells one recipient about a drop (no secret but its own link)."""
+        expires = [d for d in (bundle.expiry_date, recipient.expires_at) if d is not None]
+        lines = [
+            f"{sender} has sent you a secure drop.",
+            "",
+        ]
+        if bundle.subject:
+            lines += [f"Subject: {bundle.subject}", ""]
+        if bundle.message:
+            lines += [bundle.message, ""]
+        lines.append(f"Files ({len(files)}):")
+        lines += [f"  {f.name} ({f.size} bytes)" for f in files]
+        lines += ["", "Open the drop here:", f"  {link}", ""]
+        if bundle.has_password:
+            lines.append("The sender has protected it with a password.")
+        if bundle.require_token_auth:
+            lines.append("A one-time code will be sent to you when you open it.")
+        if expires:
+            lines.append(f"It is available until {rfc3339(min(expires))}.")
+        else:
+            lines.append("It does not expire.")
+        if bundle.read_remove:
+            lines.append("It is removed once you have downloaded every file.")
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
+        msg["Reply-To"] = sender
+        msg["To"] = recipient.email
+        subject = " ".join(bundle.subject.split())
+        msg["Subject"] = f"Secure drop from {sender}" + (f": {subject}" if subject else "")
+        msg["Date"] = email.utils.format_datetime(self.now())
+        msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
+        msg["Auto-Submitted"] = "auto-generated"
+        msg.set_content("\n".join(lines) + "\n")
+        return msg.as_bytes()

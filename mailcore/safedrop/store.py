@@ -1,0 +1,272 @@
+"""The SQL of safedrop: every function runs inside one transaction on the store's pool
+(`Database.run`/`read`) and says so by its `_txn` suffix."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from mailcore.safedrop.model import (
+    Bundle,
+    DropError,
+    DropFile,
+    DropNotFound,
+    DropRecipient,
+    DropSent,
+)
+from mailcore.store.schema.identity import users
+from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
+
+
+def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+def bundle_of(row: Any) -> Bundle:
+    return Bundle(
+        id=row.id, owner_id=row.owner_id, subject=row.subject, message=row.message,
+        has_secure_message=row.secure_message is not None,
+        has_password=row.password_hash is not None,
+        expiry_date=_utc(row.expiry_date), email_receipt_when=row.email_receipt_when,
+        read_remove=bool(row.read_remove), allow_comments=bool(row.allow_comments),
+        require_token_auth=bool(row.require_token_auth),
+        created_at=_utc(row.created_at) or datetime.datetime.min,
+        sent_at=_utc(row.sent_at), removed_at=_utc(row.removed_at),
+    )
+
+
+def recipient_of(row: Any) -> DropRecipient:
+    return DropRecipient(
+        id=row.id, bundle_id=row.bundle_id, email=row.email, telephone=row.telephone,
+        valid_for=row.valid_for, expires_at=_utc(row.expires_at), done_at=_utc(row.done_at),
+    )
+
+
+def file_of(row: Any) -> DropFile:
+    return DropFile(
+        id=row.id, bundle_id=row.bundle_id, name=row.name, content_type=row.content_type,
+        size=row.size, sha256=row.sha256, created_at=_utc(row.created_at) or datetime.datetime.min,
+    )
+
+
+def _check_flags(values: Mapping[str, Any]) -> None:
+    if values["read_remove"] and values["allow_comments"]:
+        raise DropError(
+            "allow_comments",
+            "read_remove and allow_comments cannot both be enabled.",
+        )
+
+
+def _owned_row_txn(conn: Connection, owner_id: int, bundle_id: int) -> Any:
+    row = conn.execute(
+        sa.select(drop_bundles).where(
+            drop_bundles.c.id == bundle_id, drop_bundles.c.owner_id == owner_id
+        )
+    ).first()
+    if row is None:
+        raise DropNotFound()
+    return row
+
+
+def _changeable_row_txn(conn: Connection, owner_id: int, bundle_id: int) -> Any:
+    row = _owned_row_txn(conn, owner_id, bundle_id)
+    if row.sent_at is not None:
+        raise DropSent()
+    return row
+
+
+def create_bundle_txn(conn: Connection, owner_id: int, values: Mapping[str, Any]) -> Bundle:
+    _check_flags(values)
+    new_id = conn.execute(
+        sa.insert(drop_bundles).values(owner_id=owner_id, **values)
+    ).inserted_primary_key[0]  # type: ignore[index]
+    return bundle_of(_owned_row_txn(conn, owner_id, new_id))
+
+
+def update_bundle_txn(
+    conn: Connection, owner_id: int, bundle_id: int, changes: Mapping[str, Any]
+) -> Bundle:
+    row = _changeable_row_txn(conn, owner_id, bundle_id)
+    merged = {"read_remove": row.read_remove, "allow_comments": row.allow_comments, **changes}
+    _check_flags(merged)
+    if changes:
+        conn.execute(
+            sa.update(drop_bundles).where(drop_bundles.c.id == bundle_id).values(**changes)
+        )
+    return bundle_of(_owned_row_txn(conn, owner_id, bundle_id))
+
+
+def get_bundle_txn(conn: Connection, owner_id: int, bundle_id: int) -> Bundle:
+    return bundle_of(_owned_row_txn(conn, owner_id, bundle_id))
+
+
+def list_bundles_txn(conn: Connection, owner_id: int) -> list[Bundle]:
+    rows = conn.execute(
+        sa.select(drop_bundles)
+        .where(drop_bundles.c.owner_id == owner_id)
+        .order_by(drop_bundles.c.id)
+    )
+    return [bundle_of(r) for r in rows]
+
+
+def add_recipient_txn(
+    conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any]
+) -> DropRecipient:
+    _changeable_row_txn(conn, owner_id, bundle_id)
+    new_id = conn.execute(
+        sa.insert(drop_recipients).values(bundle_id=bundle_id, **values)
+    ).inserted_primary_key[0]  # type: ignore[index]
+    return get_recipient_txn(conn, owner_id, bundle_id, new_id)
+
+
+def update_recipient_txn(
+    conn: Connection, owner_id: int, bundle_id: int, recipient_id: int,
+    changes: Mapping[str, Any],
+) -> DropRecipient:
+    _changeable_row_txn(conn, owner_id, bundle_id)
+    get_recipient_txn(conn, owner_id, bundle_id, recipient_id)
+    if changes:
+        conn.execute(
+            sa.update(drop_recipients)
+            .where(drop_recipients.c.id == recipient_id)
+            .values(**changes)
+        )
+    return get_recipient_txn(conn, owner_id, bundle_id, recipient_id)
+
+
+def get_recipient_txn(
+    conn: Connection, owner_id: int, bundle_id: int, recipient_id: int
+) -> DropRecipient:
+    _owned_row_txn(conn, owner_id, bundle_id)
+    row = conn.execute(
+        sa.select(drop_recipients).where(
+            drop_recipients.c.id == recipient_id, drop_recipients.c.bundle_id == bundle_id
+        )
+    ).first()
+    if row is None:
+        raise DropNotFound()
+    return recipient_of(row)
+
+
+def list_recipients_txn(conn: Connection, owner_id: int, bundle_id: int) -> list[DropRecipient]:
+    _owned_row_txn(conn, owner_id, bundle_id)
+    rows = conn.execute(
+        sa.select(drop_recipients)
+        .where(drop_recipients.c.bundle_id == bundle_id)
+        .order_by(drop_recipients.c.id)
+    )
+    return [recipient_of(r) for r in rows]
+
+
+def upload_room_txn(conn: Connection, owner_id: int, bundle_id: int) -> int:
+    """Bytes already stored in the bundle (which must be changeable)."""
+    _changeable_row_txn(conn, owner_id, bundle_id)
+    total = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(drop_files.c.size), 0)).where(
+            drop_files.c.bundle_id == bundle_id
+        )
+    ).scalar_one()
+    return int(total)
+
+
+def add_file_txn(
+    conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any],
+    max_bundle_size: int,
+) -> DropFile:
+    used = upload_room_txn(conn, owner_id, bundle_id)
+    if used + int(values["size"]) > max_bundle_size:
+        raise DropError(
+            "the_file", f"The bundle's files may not exceed {max_bundle_size} bytes in total."
+        )
+    new_id = conn.execute(
+        sa.insert(drop_files).values(bundle_id=bundle_id, **values)
+    ).inserted_primary_key[0]  # type: ignore[index]
+    return get_file_txn(conn, owner_id, bundle_id, new_id)
+
+
+def get_file_txn(conn: Connection, owner_id: int, bundle_id: int, file_id: int) -> DropFile:
+    _owned_row_txn(conn, owner_id, bundle_id)
+    row = conn.execute(
+        sa.select(drop_files).where(
+            drop_files.c.id == file_id, drop_files.c.bundle_id == bundle_id
+        )
+    ).first()
+    if row is None:
+        raise DropNotFound()
+    return file_of(row)
+
+
+def list_files_txn(conn: Connection, owner_id: int, bundle_id: int) -> list[DropFile]:
+    _owned_row_txn(conn, owner_id, bundle_id)
+    rows = conn.execute(
+        sa.select(drop_files)
+        .where(drop_files.c.bundle_id == bundle_id)
+        .order_by(drop_files.c.id)
+    )
+    return [file_of(r) for r in rows]
+
+
+def file_hash_in_use_txn(conn: Connection, bundle_id: int, sha256: str) -> bool:
+    return conn.execute(
+        sa.select(drop_files.c.id).where(
+            drop_files.c.bundle_id == bundle_id, drop_files.c.sha256 == sha256
+        ).limit(1)
+    ).first() is not None
+
+
+def claim_send_txn(
+    conn: Connection, owner_id: int, bundle_id: int, now: datetime.datetime,
+    new_link: Callable[[], tuple[str, bytes]],
+) -> tuple[Bundle, str, list[tuple[DropRecipient, str]], list[DropFile]]:
+    """Mark the bundle sent and give each recipient a link (`new_link()`: the token and
+    the digest kept) and its expiry; returns the bundle, its owner's address, each
+    recipient with its link token, and the files. The bundle must have at least one
+    recipient and one file, and an expiry date still to come."""
+    row = _changeable_row_txn(conn, owner_id, bundle_id)
+    recipients = list_recipients_txn(conn, owner_id, bundle_id)
+    files = list_files_txn(conn, owner_id, bundle_id)
+    if not recipients:
+        raise DropError("recipients", "Add at least one recipient before sending.")
+    if not files:
+        raise DropError("files", "Add at least one file before sending.")
+    bundle = bundle_of(row)
+    if bundle.expiry_date is not None and bundle.expiry_date <= now:
+        raise DropError("expiry_date", "The expiry date has passed.")
+    done = conn.execute(
+        sa.update(drop_bundles)
+        .where(drop_bundles.c.id == bundle_id, drop_bundles.c.sent_at.is_(None))
+        .values(sent_at=now)
+    )
+    if done.rowcount != 1:
+        raise DropSent()
+    tokens: dict[int, str] = {}
+    for r in recipients:
+        token, digest = new_link()
+        tokens[r.id] = token
+        expires = now + datetime.timedelta(seconds=r.valid_for) if r.valid_for else None
+        conn.execute(
+            sa.update(drop_recipients)
+            .where(drop_recipients.c.id == r.id)
+            .values(link_digest=digest, expires_at=expires)
+        )
+    sender = conn.execute(sa.select(users.c.email).where(users.c.id == owner_id)).scalar_one()
+    updated = [(r, tokens[r.id]) for r in list_recipients_txn(conn, owner_id, bundle_id)]
+    return bundle_of(_owned_row_txn(conn, owner_id, bundle_id)), sender, updated, files
+
+
+def unclaim_send_txn(conn: Connection, bundle_id: int, recipient_ids: Sequence[int]) -> None:
+    """Undo `claim_send_txn` when the notifications could not be queued."""
+    conn.execute(
+        sa.update(drop_bundles).where(drop_bundles.c.id == bundle_id).values(sent_at=None)
+    )
+    conn.execute(
+        sa.update(drop_recipients)
+        .where(drop_recipients.c.id.in_(list(recipient_ids)))
+        .values(link_digest=None, expires_at=None)
+    )

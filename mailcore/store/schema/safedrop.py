@@ -1,0 +1,80 @@
+"""safedrop (seed 003): drop bundles, their recipients and files (migration 0012).
+
+Secrets never appear in clear: `password_hash` is an Argon2id hash, `secure_message` Fernet
+ciphertext, and a recipient's link is kept as the SHA-256 of its token. A bundle is sent
+once (`sent_at`, set by a conditional UPDATE); `removed_at` is set when its files have been
+deleted from disk (every recipient has read it with read_remove, or it expired). File bytes
+live on disk under the data directory (`safedrop/<bundle id>/<sha256>`), never in a row.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+)
+
+from mailcore.store.schema.meta import metadata
+
+drop_bundles = Table(
+    "drop_bundles",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("secure_message", LargeBinary, nullable=True),
+    Column("password_hash", String(255), nullable=True),
+    Column("expiry_date", DateTime(timezone=True), nullable=True),
+    Column("email_receipt_when", Integer, nullable=False),
+    Column("read_remove", Boolean, nullable=False),
+    Column("allow_comments", Boolean, nullable=False),
+    Column("require_token_auth", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("removed_at", DateTime(timezone=True), nullable=True),
+    Index("ix_drop_bundles_owner", "owner_id", "id"),
+    Index("ix_drop_bundles_expiry", "expiry_date"),
+)
+
+drop_recipients = Table(
+    "drop_recipients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "bundle_id", Integer, ForeignKey("drop_bundles.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("email", String(320), nullable=False),
+    Column("telephone", String(16), nullable=False),
+    Column("valid_for", BigInteger, nullable=False),
+    # Set when the bundle is sent: SHA-256 of the link token, and when access ends.
+    Column("link_digest", LargeBinary(32), nullable=True, unique=True),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    # When this recipient had downloaded every file (read_remove ends its access then).
+    Column("done_at", DateTime(timezone=True), nullable=True),
+    Index("ix_drop_recipients_bundle", "bundle_id", "id"),
+)
+
+drop_files = Table(
+    "drop_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "bundle_id", Integer, ForeignKey("drop_bundles.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("name", Text, nullable=False),
+    Column("content_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_drop_files_bundle", "bundle_id", "id"),
+)

@@ -1,0 +1,407 @@
+"""safedrop (seed 003): every request of the seed replayed with its literal bodies, and the
+bad input around it (wrong types, unknown fields, bad dates, huge ids, another user's
+bundles), which must be a 4xx naming the field and change nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from mailcore.store.schema import drop_bundles, queue_messages, queue_recipients
+from tests.support.web import Web, header
+
+LOREM = (
+    "Lorem ipsum dolor sit amet, consectetur adipisicing elit, sed do eiusmod tempor "
+    "incididunt ut labore et dolore magna aliqua."
+)
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+BUNDLE_KEYS = [
+    "read_remove", "allow_comments", "secure_message", "expiry_date", "require_token_auth",
+    "message", "id", "email_receipt_when", "subject",
+]
+BOUNDARY = "def46f21fc67"
+
+
+def multipart_file(name: str, data: bytes, field: str = "the_file",
+                   boundary: str = BOUNDARY) -> bytes:
+    return (
+        f"--{boundary}\r\ncontent-disposition: form-data; name=\"{field}\"; "
+        f"filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+class SafedropFixture:
+    web: Web
+    token: str
+
+    async def start(self, test: TestCase) -> None:
+        data_dir = Path(test.mktemp())
+        self.web = Web.build(Config(data_dir=data_dir, session_token_ttl=3600))
+        self.data_dir = data_dir
+        self.alice = await self.web.user("alice")
+        self.key = await self.web.credential(self.alice)
+        self.token = await self.login("alice@example.test", self.key)
+
+    async def login(self, user: str, key: str) -> str:
+        status, headers, _ = await self.web.call(
+            "GET", "/", headers={"X-Auth-User": user, "X-Auth-Key": key}
+        )
+        assert status == 204
+        token = header(headers, "X-Auth-Token")
+        assert token is not None
+        return token
+
+    async def call(self, method: str, path: str, body: bytes | None = None,
+                   headers: dict[str, str] | None = None, token: str | None = None,
+                   via: str = "X-Auth-Token") -> tuple[int, dict[str, list[str]], Any]:
+        all_headers = {via: token or self.token, **(headers or {})}
+        kwargs: dict[str, Any] = {"headers": all_headers}
+        if body is not None:
+            kwargs["data"] = body
+        return await self.web.call(method, path, **kwargs)
+
+    async def form(self, method: str, path: str, body: str, **kw: Any) -> tuple[int, Any]:
+        status, _, reply = await self.call(method, path, body.encode(), FORM, **kw)
+        return status, reply
+
+    async def bundle(self, body: str = "subject=x") -> int:
+        status, reply = await self.form("POST", "/dropbundles", body)
+        assert status == 200, reply
+        return int(reply["id"])
+
+    def bundle_rows(self) -> list[Any]:
+        def txn(conn: Any) -> list[Any]:
+            return list(conn.execute(sa.select(drop_bundles).order_by(drop_bundles.c.id)))
+
+        result: list[Any] = []
+        self.web.core.db.read("rows", txn).addCallback(result.extend)
+        return result
+
+    def spooled(self) -> list[tuple[str, str, str, bytes]]:
+        """(kind, mail_from, recipient, body) of every queued message."""
+        def txn(conn: Any) -> list[Any]:
+            return list(conn.execute(
+                sa.select(queue_messages.c.kind, queue_messages.c.mail_from,
+                          queue_recipients.c.address, queue_messages.c.body)
+                .join(queue_recipients, queue_recipients.c.message_id == queue_messages.c.id)
+                .order_by(queue_recipients.c.address)
+            ))
+
+        result: list[Any] = []
+        self.web.core.db.read("spooled", txn).addCallback(result.extend)
+        return [tuple(r) for r in result]
+
+
+class SeedReplayTests(TestCase):
+    """Seed 003's examples, in its order, with its bodies and headers."""
+
+    async def test_every_seed_request_answers_as_the_seed_shows(self) -> None:
+        f = SafedropFixture()
+        await f.start(self)
+
+        # Create a safedrop (form-encoded, the seed's literal body)
+        status, _, created = await f.call(
+            "POST", "/dropbundles",
+            b"message=Lorem+ipsum+dolor+sit+amet%2C+consectetur+adipisicing+elit%2C+sed+do+"
+            b"eiusmod+tempor+incididunt+ut+labore+et+dolore+magna+aliqua.&subject=Lorem+Ipsum",
+            FORM,
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(list(created), BUNDLE_KEYS)
+        bundle_id = created["id"]
+        self.assertEqual(created, {
+            "read_remove": True, "allow_comments": False, "secure_message": False,
+            "expiry_date": None, "require_token_auth": False, "message": LOREM,
+            "id": bundle_id, "email_receipt_when": 4, "subject": "Lorem Ipsum",
+        })
+
+        # Show a safedrop
+        status, headers, shown = await f.call("GET", f"/dropbundles/{bundle_id}")
+        self.assertEqual((status, shown), (200, created))
+        self.assertEqual(header(headers, "Content-Type"), "application/json; charset=utf-8")
+
+        # Update a safedrop: require_token_auth=1
+        status, updated = await f.form("PUT", f"/dropbundles/{bundle_id}",
+                                       "require_token_auth=1")
+        self.assertEqual((status, updated), (200, {**created, "require_token_auth": True}))
+
+        # List safedrops
+        status, _, listed = await f.call("GET", "/dropbundles")
+        self.assertEqual((status, listed), (200, [updated]))
+
+        # Add recipients (fred is the seed's literal body)
+        ids = {}
+        for address in ("mary%40safedrop.com", "john%40safedrop.com", "fred%40safedrop.com"):
+            status, added = await f.form(
+                "POST", f"/dropbundles/{bundle_id}/dropbundlerecipients", f"email={address}"
+            )
+            self.assertEqual(status, 200)
+            self.assertEqual(list(added), ["id", "telephone", "valid_for", "email"])
+            ids[added["email"]] = added["id"]
+            self.assertEqual(added["telephone"], "")
+            self.assertEqual(added["valid_for"], 0)
+        fred = ids["fred@safedrop.com"]
+
+        # List recipients
+        status, _, recipients = await f.call(
+            "GET", f"/dropbundles/{bundle_id}/dropbundlerecipients"
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual([r["email"] for r in recipients],
+                         ["mary@safedrop.com", "john@safedrop.com", "fred@safedrop.com"])
+
+        # Show a recipient
+        path = f"/dropbundles/{bundle_id}/dropbundlerecipients/{fred}"
+        status, _, shown_r = await f.call("GET", path)
+        self.assertEqual((status, shown_r), (200, {
+            "id": fred, "telephone": "", "valid_for": 0, "email": "fred@safedrop.com"}))
+
+        # Update a recipient: telephone=442077394252
+        status, changed = await f.form("PUT", path, "telephone=442077394252")
+        self.assertEqual((status, changed), (200, {
+            "id": fred, "telephone": "442077394252", "valid_for": 0,
+            "email": "fred@safedrop.com"}))
+
+        # List files (none yet), add two with Auth-Token as the seed spells it, show one
+        files = f"/dropbundles/{bundle_id}/dropfiles"
+        status, _, none = await f.call("GET", files, via="Auth-Token")
+        self.assertEqual((status, none), (200, []))
+        added_files = []
+        for name in ("file1.txt", "file2.txt"):
+            status, _, added_file = await f.call(
+                "POST", files, multipart_file(name, b"hello " + name.encode()), MULTIPART,
+                via="Auth-Token",
+            )
+            self.assertEqual(status, 200, added_file)
+            self.assertEqual(list(added_file), ["id", "the_file"])
+            self.assertEqual(added_file["the_file"], name)
+            added_files.append(added_file)
+        status, _, listed_files = await f.call("GET", files, via="Auth-Token")
+        self.assertEqual((status, listed_files), (200, added_files))
+        first = added_files[0]
+        status, _, shown_f = await f.call("GET", f"{files}/{first['id']}",
+                                          via="Auth-Token")
+        self.assertEqual((status, shown_f), (200, first))
+
+        # Send the safedrop to all recipients
+        status, headers, body = await f.call("GET", f"/dropbundles/{bundle_id}?send",
+                                             via="Auth-Token")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual(header(headers, "Content-Type"), "text/plain")
+        spooled = f.spooled()
+        self.assertEqual(
+            [(kind, sender, rcpt) for kind, sender, rcpt, _ in spooled],
+            [("notification", "alice@example.test", a) for a in
+             ("fred@safedrop.com", "john@safedrop.com", "mary@safedrop.com")],
+        )
+
+        # Once sent: no change to the bundle, its recipients or files (405)
+        for method, target, body_bytes, headers_ in [
+            ("PUT", f"/dropbundles/{bundle_id}", b"subject=later", FORM),
+            ("POST", f"/dropbundles/{bundle_id}/dropbundlerecipients", b"email=x%40y.test",
+             FORM),
+            ("PUT", path, b"telephone=", FORM),
+            ("POST", files, multipart_file("late.txt", b"late"), MULTIPART),
+        ]:
+            status, headers, reply = await f.call(method, target, body_bytes, headers_)
+            self.assertEqual(status, 405, (method, target))
+            self.assertEqual(reply["error"],
+                             "The safedrop has been sent; it can no longer be changed.")
+            self.assertEqual(header(headers, "Allow"), "GET")
+        status, _, still = await f.call("GET", f"/dropbundles/{bundle_id}")
+        self.assertEqual((status, still), (200, updated))
+
+
+class BundleFieldTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = SafedropFixture()
+        await self.f.start(self)
+
+    async def test_every_field_in_form_multipart_and_json_reads_back_the_same(self) -> None:
+        form = ("subject=S&message=M&secure_message=hush&expiry_date=2031-04-01T12%3A00%3A00"
+                "%2B02%3A00&email_receipt_when=2&password=pw&read_remove=0&allow_comments=1"
+                "&require_token_auth=1")
+        status, from_form = await self.f.form("POST", "/dropbundles", form)
+        self.assertEqual(status, 200, from_form)
+        fields = {
+            "subject": "S", "message": "M", "secure_message": "hush",
+            "expiry_date": "2031-04-01T12:00:00+02:00", "email_receipt_when": "2",
+            "password": "pw", "read_remove": "0", "allow_comments": "1",
+            "require_token_auth": "1",
+        }
+        parts = b"".join(
+            f"--b1\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+            for k, v in fields.items()
+        ) + b"--b1--\r\n"
+        status, _, from_multipart = await self.f.call(
+            "POST", "/dropbundles", parts, {"Content-Type": "multipart/form-data; boundary=b1"})
+        self.assertEqual(status, 200, from_multipart)
+        as_json = {**fields, "email_receipt_when": 2, "read_remove": False,
+                   "allow_comments": True, "require_token_auth": True}
+        status, _, from_json = await self.f.call(
+            "POST", "/dropbundles", json.dumps(as_json).encode(),
+            {"Content-Type": "application/json"})
+        self.assertEqual(status, 200, from_json)
+        expected = {
+            "read_remove": False, "allow_comments": True, "secure_message": True,
+            "expiry_date": "2031-04-01T10:00:00Z", "require_token_auth": True,
+            "message": "M", "email_receipt_when": 2, "subject": "S",
+        }
+        for reply in (from_form, from_multipart, from_json):
+            self.assertEqual({k: v for k, v in reply.items() if k != "id"}, expected)
+
+    async def test_secrets_are_write_only_and_never_stored_in_clear(self) -> None:
+        bundle_id = await self.f.bundle("password=Hunter2-secret&secure_message=the+vault+code")
+        for _, _, reply in [await self.f.call("GET", f"/dropbundles/{bundle_id}"),
+                            await self.f.call("GET", "/dropbundles")]:
+            text = json.dumps(reply)
+            self.assertNotIn("Hunter2", text)
+            self.assertNotIn("vault", text)
+            self.assertNotIn("password", text)
+        row = self.f.bundle_rows()[0]
+        self.assertTrue(row.password_hash.startswith("$argon2id$"))
+        self.assertNotIn(b"vault", row.secure_message)
+        self.assertEqual(self.f.web.core.fetch.secrets.decrypt(row.secure_message),
+                         "the vault code")
+        # An empty value removes them.
+        status, reply = await self.f.form("PUT", f"/dropbundles/{bundle_id}",
+                                          "secure_message=&password=")
+        self.assertEqual((status, reply["secure_message"]), (200, False))
+        row = self.f.bundle_rows()[0]
+        self.assertEqual((row.password_hash, row.secure_message), (None, None))
+
+    async def test_read_remove_with_allow_comments_is_400_and_changes_nothing(self) -> None:
+        status, reply = await self.f.form("POST", "/dropbundles", "allow_comments=1")
+        self.assertEqual(status, 400)
+        self.assertEqual(list(reply["errors"]), ["allow_comments"])
+        self.assertEqual(self.f.bundle_rows(), [])
+        bundle_id = await self.f.bundle("read_remove=0&allow_comments=1")
+        status, reply = await self.f.form("PUT", f"/dropbundles/{bundle_id}", "read_remove=1")
+        self.assertEqual(status, 400)
+        self.assertIn("allow_comments", reply["errors"])
+        self.assertFalse(self.f.bundle_rows()[0].read_remove)
+
+    async def test_bad_fields_are_400_naming_each_field_and_change_nothing(self) -> None:
+        bundle_id = await self.f.bundle("subject=before")
+        cases = [
+            ("read_remove=2", "read_remove"),
+            ("read_remove=maybe", "read_remove"),
+            ("email_receipt_when=5", "email_receipt_when"),
+            ("email_receipt_when=four", "email_receipt_when"),
+            ("email_receipt_when=99999999999999999999999", "email_receipt_when"),
+            ("expiry_date=2011-04-01", "expiry_date"),
+            ("expiry_date=2011-04-01T10%3A00%3A00", "expiry_date"),
+            ("expiry_date=2011-02-30T10%3A00%3A00Z", "expiry_date"),
+            ("expiry_date=tomorrow", "expiry_date"),
+            ("subject=a%0Ab", "subject"),
+            ("colour=blue", "colour"),
+            ("id=7", "id"),
+        ]
+        for body, field in cases:
+            for method, path in (("POST", "/dropbundles"), ("PUT", f"/dropbundles/{bundle_id}")):
+                status, reply = await self.f.form(method, path, body)
+                self.assertEqual(status, 400, (method, body, reply))
+                self.assertEqual(list(reply["errors"]), [field], body)
+                self.assertIn(field, reply["error"])
+        for document in ({"read_remove": "yes please"}, {"subject": 5},
+                         {"expiry_date": 1300000000}, {"password": ["x"]}):
+            status, _, reply = await self.f.call(
+                "PUT", f"/dropbundles/{bundle_id}", json.dumps(document).encode(),
+                {"Content-Type": "application/json"})
+            self.assertEqual(status, 400, document)
+            self.assertEqual(list(reply["errors"]), list(document))
+        rows = self.f.bundle_rows()
+        self.assertEqual([(r.id, r.subject) for r in rows], [(bundle_id, "before")])
+
+    async def test_expiry_date_round_trips_and_empty_means_never(self) -> None:
+        bundle_id = await self.f.bundle("expiry_date=2010-12-19T16%3A39%3A57-08%3A00")
+        _, _, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}")
+        self.assertEqual(reply["expiry_date"], "2010-12-20T00:39:57Z")
+        status, reply = await self.f.form("PUT", f"/dropbundles/{bundle_id}", "expiry_date=")
+        self.assertEqual((status, reply["expiry_date"]), (200, None))
+
+    async def test_unknown_ids_and_other_users_bundles_are_404(self) -> None:
+        bundle_id = await self.f.bundle()
+        bob = await self.f.web.user("bob")
+        bob_token = await self.f.login("bob@example.test", await self.f.web.credential(bob))
+        for method, path, body in [
+            ("GET", f"/dropbundles/{bundle_id}", None),
+            ("PUT", f"/dropbundles/{bundle_id}", b"subject=mine"),
+            ("GET", f"/dropbundles/{bundle_id}?send", None),
+            ("GET", f"/dropbundles/{bundle_id}/dropbundlerecipients", None),
+            ("POST", f"/dropbundles/{bundle_id}/dropbundlerecipients", b"email=a%40b.test"),
+            ("GET", f"/dropbundles/{bundle_id}/dropfiles", None),
+            ("POST", f"/dropbundles/{bundle_id}/dropfiles", None),
+        ]:
+            headers = FORM if body else None
+            status, _, reply = await self.f.call(method, path, body, headers, token=bob_token)
+            self.assertEqual(status, 404, (method, path, reply))
+            self.assertEqual(reply, {"error": "Not found."})
+        status, _, listed = await self.f.call("GET", "/dropbundles", token=bob_token)
+        self.assertEqual(listed, [])
+        for path in (f"/dropbundles/{2**63}", f"/dropbundles/{2**63 - 1}",
+                     f"/dropbundles/{bundle_id}/dropbundlerecipients/{2**64}",
+                     f"/dropbundles/{bundle_id}/dropfiles/99"):
+            status, _, _ = await self.f.call("GET", path)
+            self.assertEqual(status, 404, path)
+        self.assertEqual([r.subject for r in self.f.bundle_rows()], ["x"])
+
+    async def test_no_or_expired_token_is_401_and_unknown_methods_405(self) -> None:
+        status, _, reply = await self.f.web.call("GET", "/dropbundles")
+        self.assertEqual((status, reply), (401, {"error": "An X-Auth-Token header is required."}))
+        status, _, _ = await self.f.call("GET", "/dropbundles", token="f" * 40)
+        self.assertEqual(status, 401)
+        self.f.web.clock.advance(3600)
+        status, _, _ = await self.f.call("GET", "/dropbundles")
+        self.assertEqual(status, 401)
+        self.f.token = await self.f.login("alice@example.test", self.f.key)
+        bundle_id = await self.f.bundle()
+        for method, path in [("DELETE", f"/dropbundles/{bundle_id}"),
+                             ("PUT", "/dropbundles"),
+                             ("DELETE", f"/dropbundles/{bundle_id}/dropfiles"),
+                             ("PUT", f"/dropbundles/{bundle_id}/dropfiles/1")]:
+            status, _, _ = await self.f.call(method, path)
+            self.assertEqual(status, 405, (method, path))
+
+
+class RecipientFieldTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = SafedropFixture()
+        await self.f.start(self)
+        self.bundle_id = await self.f.bundle()
+        self.path = f"/dropbundles/{self.bundle_id}/dropbundlerecipients"
+
+    async def test_bad_recipient_fields_are_400_naming_the_field(self) -> None:
+        for body, field in [
+            ("", "email"),
+            ("email=", "email"),
+            ("email=not-an-address", "email"),
+            ("email=a%40b.test%0D%0ABcc%3A+c%40d.test", "email"),
+            ("email=a%40b.test&telephone=%2B442077394252", "telephone"),
+            ("email=a%40b.test&telephone=0207", "telephone"),
+            ("email=a%40b.test&valid_for=-1", "valid_for"),
+            ("email=a%40b.test&valid_for=soon", "valid_for"),
+            ("email=a%40b.test&name=Fred", "name"),
+        ]:
+            status, reply = await self.f.form("POST", self.path, body)
+            self.assertEqual(status, 400, (body, reply))
+            self.assertEqual(list(reply["errors"]), [field], body)
+        _, _, listed = await self.f.call("GET", self.path)
+        self.assertEqual(listed, [])
+
+    async def test_valid_for_and_telephone_are_kept(self) -> None:
+        status, reply = await self.f.form(
+            "POST", self.path, "email=ann%40example.org&telephone=442077394252&valid_for=3600")
+        self.assertEqual(status, 200)
+        self.assertEqual({k: v for k, v in reply.items() if k != "id"}, {
+            "telephone": "442077394252", "valid_for": 3600, "email": "ann@example.org"})
+        status, changed = await self.f.form("PUT", f"{self.path}/{reply['id']}", "telephone=")
+        self.assertEqual((status, changed["telephone"]), (200, ""))
