@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "mailcore.cli.queue",
     "mailcore.cli.billing",
     "mailcore.cli.webhooks",
+    "mailcore.cli.mailboxes",
 )
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]

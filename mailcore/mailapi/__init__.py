@@ -1,6 +1,22 @@
 """The Mail API's model (seed 002): hosted mailboxes with local delivery, drafts, a FIFO outbox
 that sends through the queue, and shared mailboxes with access grants.
 
-Empty for now: the Mail API's services land here (web/mailapi.py only translates its wire
-format). Only its auth routes are served today.
+web/mailapi.py only translates the wire format; every rule lives here.
 """
+
+from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
+from mailcore.mailapi.mailboxes import RIGHTS, Access, Grant, Mailbox, MailboxService, Rights
+
+__all__ = [
+    "CONFLICT",
+    "DENIED",
+    "INVALID",
+    "NOT_FOUND",
+    "RIGHTS",
+    "Access",
+    "Grant",
+    "MailApiError",
+    "Mailbox",
+    "MailboxService",
+    "Rights",
+]

@@ -1,0 +1,71 @@
+"""`mailcore mailbox …`: hosted mailboxes (the Mail API's, seed 002), from a shell.
+
+A mailbox is an address of a served domain whose mail is kept here instead of being relayed
+to the domain's next hop. Its owner holds every right on it through the Mail API.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mailcore.cli import command_group, print_table, refusals, utc_seconds
+from mailcore.cli.users import require_user
+from mailcore.mailapi import MailApiError
+
+
+def register(subparsers: Any) -> None:
+    """Add `mailbox` to the `mailcore` command line."""
+    actions = command_group(
+        subparsers, "mailbox", help="add, list and remove hosted mailboxes",
+        description="A hosted mailbox keeps the mail of its address here (Mail API, "
+        "/api/v1/mail/); its domain must be served (`mailcore domain add`).",
+    )
+    add = actions.add_parser("add", help="host an address's mail here")
+    add.add_argument("address", help="the address, local@domain of a served domain")
+    add.add_argument("--owner", required=True, help="the owning user (name or email)")
+    add.set_defaults(handler=mailbox_add)
+
+    listing = actions.add_parser("list", help="list hosted mailboxes")
+    listing.add_argument("--owner", help="only this user's (name or email)")
+    listing.set_defaults(handler=mailbox_list)
+
+    remove = actions.add_parser("remove", help="delete a mailbox with its mail and grants")
+    remove.add_argument("address", help="the mailbox's address")
+    remove.set_defaults(handler=mailbox_remove)
+
+
+def _refusal(e: MailApiError) -> str:
+    return e.message
+
+
+_mailbox_errors = refusals(MailApiError, _refusal)
+
+
+@_mailbox_errors
+async def mailbox_add(args: argparse.Namespace, core: Any) -> int:
+    owner = await require_user(core, args.owner)
+    box = await core.mailboxes.add(args.address, owner.id)
+    print(f"mailbox {box.address} for {owner.username}")
+    return 0
+
+
+@_mailbox_errors
+async def mailbox_list(args: argparse.Namespace, core: Any) -> int:
+    owner_id = None
+    if args.owner:
+        owner_id = (await require_user(core, args.owner)).id
+    found = await core.mailboxes.list_all(owner_id)
+    print_table(("ADDRESS", "OWNER", "CREATED"),
+                [(b.address, b.owner, utc_seconds(b.created_at)) for b in found])
+    return 0
+
+
+@_mailbox_errors
+async def mailbox_remove(args: argparse.Namespace, core: Any) -> int:
+    box = await core.mailboxes.find(args.address)
+    if box is None:
+        raise MailApiError("not_found", f"no such mailbox: {args.address}")
+    await core.mailboxes.remove(box.address)
+    print(f"removed mailbox {box.address}")
+    return 0

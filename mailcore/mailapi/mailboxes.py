@@ -1,0 +1,324 @@
+"""Hosted mailboxes and who may use them (seed 002's `/api/v1/mailboxes/…`).
+
+A mailbox is an address of a served domain whose mail is kept here. Its owner holds every
+right; another user holds what its grant says (`allow_read`, `allow_send`,
+`allow_reply_to`, `allow_delete`, `allow_modify`). A mailbox the caller holds no right on is
+invisible: it answers as unknown. Only the owner or a holder of `allow_modify` changes
+grants, and nobody grants a right it does not hold itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.mailapi.addresses import normalise_address
+from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
+from mailcore.store import Database
+from mailcore.store.schema import domains, mailbox_grants, mailboxes, users
+
+RIGHTS = ("allow_read", "allow_send", "allow_reply_to", "allow_delete", "allow_modify")
+
+_b = mailboxes.c
+_g = mailbox_grants.c
+
+
+@dataclass(frozen=True)
+class Rights:
+    """The five rights of seed 002 on one mailbox."""
+
+    allow_read: bool = False
+    allow_send: bool = False
+    allow_reply_to: bool = False
+    allow_delete: bool = False
+    allow_modify: bool = False
+
+    @classmethod
+    def every(cls) -> Rights:
+        return cls(True, True, True, True, True)
+
+    def as_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+    def any(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    def with_changes(self, changes: Mapping[str, bool]) -> Rights:
+        return Rights(**{**self.as_dict(), **changes})
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    id: int
+    address: str
+    owner_id: int
+    owner: str  # the owner's username
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Access:
+    """A mailbox as one user may use it."""
+
+    mailbox: Mailbox
+    rights: Rights
+    is_owner: bool
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One user's rights on a mailbox (the owner's are every right)."""
+
+    user_id: int
+    username: str
+    rights: Rights
+    is_owner: bool = False
+
+
+def _not_found(address: str) -> MailApiError:
+    return MailApiError(NOT_FOUND, "mailbox not found", "email")
+
+
+def _mailbox(row: Any) -> Mailbox:
+    return Mailbox(row.id, row.address, row.owner_id, row.owner, row.created_at)
+
+
+def _rights(row: Any) -> Rights:
+    return Rights(**{r: bool(getattr(row, r)) for r in RIGHTS})
+
+
+def _mailbox_query() -> Any:
+    return select(_b.id, _b.address, _b.owner_id, _b.created_at,
+                  users.c.username.label("owner")).join(users, users.c.id == _b.owner_id)
+
+
+def thd_mailbox(conn: Connection, address: str) -> Mailbox | None:
+    """Blocking: the mailbox at `address` (stored form), or None."""
+    row = conn.execute(_mailbox_query().where(_b.address == address)).first()
+    return _mailbox(row) if row is not None else None
+
+
+def thd_rights(conn: Connection, mailbox: Mailbox, user_id: int) -> Rights:
+    """Blocking: what `user_id` may do with `mailbox` (nothing: every right false)."""
+    if mailbox.owner_id == user_id:
+        return Rights.every()
+    row = conn.execute(
+        select(mailbox_grants).where(_g.mailbox_id == mailbox.id, _g.user_id == user_id)
+    ).first()
+    return _rights(row) if row is not None else Rights()
+
+
+def thd_access(conn: Connection, user_id: int, address: str) -> Access:
+    """Blocking: `user_id`'s access to the mailbox at `address`; unknown or invisible
+    mailboxes raise NOT_FOUND."""
+    try:
+        stored = normalise_address(address, "email")
+    except MailApiError:
+        raise _not_found(address) from None
+    mailbox = thd_mailbox(conn, stored)
+    if mailbox is None:
+        raise _not_found(address)
+    rights = thd_rights(conn, mailbox, user_id)
+    if not rights.any():
+        raise _not_found(address)
+    return Access(mailbox, rights, mailbox.owner_id == user_id)
+
+
+def thd_visible(conn: Connection, user_id: int) -> list[Access]:
+    """Blocking: every mailbox `user_id` owns or holds a right on, by address."""
+    found: list[Access] = []
+    for row in conn.execute(_mailbox_query().where(_b.owner_id == user_id)):
+        found.append(Access(_mailbox(row), Rights.every(), True))
+    granted = conn.execute(
+        _mailbox_query().add_columns(*(getattr(_g, r) for r in RIGHTS))
+        .join(mailbox_grants, _g.mailbox_id == _b.id)
+        .where(_g.user_id == user_id, _b.owner_id != user_id)
+    )
+    for row in granted:
+        rights = _rights(row)
+        if rights.any():
+            found.append(Access(_mailbox(row), rights, False))
+    return sorted(found, key=lambda a: a.mailbox.address)
+
+
+def _thd_user(conn: Connection, name: str) -> tuple[int, str]:
+    """Blocking: (id, username) of the user named `name` (username, else email)."""
+    key = name.strip().lower()
+    for column in (users.c.username, users.c.email):
+        row = conn.execute(
+            select(users.c.id, users.c.username).where(func.lower(column) == key)
+        ).first()
+        if row is not None:
+            return row.id, row.username
+    raise MailApiError(NOT_FOUND, "user not found", "username")
+
+
+def _require_modify(access: Access) -> None:
+    if not access.rights.allow_modify:
+        raise MailApiError(DENIED, "you may not change access to this mailbox")
+
+
+class MailboxService:
+    """Hosted mailboxes and their grants, over the store."""
+
+    def __init__(self, db: Database, clock: IReactorTime) -> None:
+        self.db = db
+        self.clock = clock
+
+    # -- the operator's side (CLI) ------------------------------------------------------
+
+    async def add(self, address: str, owner_id: int) -> Mailbox:
+        """Host `address` (of a served domain) for `owner_id`."""
+        stored = normalise_address(address)
+        now = self.clock.seconds()
+
+        def txn(conn: Connection) -> Mailbox:
+            domain = stored.rpartition("@")[2]
+            if conn.execute(select(domains.c.id).where(domains.c.name == domain)).first() \
+                    is None:
+                raise MailApiError(INVALID, f"{domain} is not a served domain "
+                                   "(add it with `mailcore domain add`)", "address")
+            if thd_mailbox(conn, stored) is not None:
+                raise MailApiError(CONFLICT, f"{stored} is already a mailbox", "address")
+            conn.execute(insert(mailboxes).values(address=stored, owner_id=owner_id,
+                                                  created_at=now))
+            found = thd_mailbox(conn, stored)
+            assert found is not None
+            return found
+
+        return await self.db.run("mailapi_add_mailbox", txn)
+
+    async def list_all(self, owner_id: int | None = None) -> list[Mailbox]:
+        """Every mailbox (or those of one owner), by address."""
+
+        def txn(conn: Connection) -> list[Mailbox]:
+            query = _mailbox_query().order_by(_b.address)
+            if owner_id is not None:
+                query = query.where(_b.owner_id == owner_id)
+            return [_mailbox(row) for row in conn.execute(query)]
+
+        return await self.db.read("mailapi_list_mailboxes", txn)
+
+    async def remove(self, address: str) -> None:
+        """Delete the mailbox at `address` with its mail and grants."""
+        stored = normalise_address(address)
+
+        def txn(conn: Connection) -> None:
+            if conn.execute(delete(mailboxes).where(_b.address == stored)).rowcount == 0:
+                raise _not_found(stored)
+
+        await self.db.run("mailapi_remove_mailbox", txn)
+
+    async def find(self, address: str) -> Mailbox | None:
+        """The mailbox at `address`, or None (also for a malformed address)."""
+        try:
+            stored = normalise_address(address)
+        except MailApiError:
+            return None
+        return await self.db.read("mailapi_find_mailbox", thd_mailbox, stored)
+
+    # -- a user's side (the API) ----------------------------------------------------------
+
+    async def visible(self, user_id: int) -> list[Access]:
+        return await self.db.read("mailapi_visible_mailboxes", thd_visible, user_id)
+
+    async def access(self, user_id: int, address: str) -> Access:
+        return await self.db.read("mailapi_mailbox_access", thd_access, user_id, address)
+
+    async def delete(self, user_id: int, address: str) -> None:
+        """The owner deletes its mailbox (with its mail and grants)."""
+
+        def txn(conn: Connection) -> None:
+            access = thd_access(conn, user_id, address)
+            if not access.is_owner:
+                raise MailApiError(DENIED, "only the owner may delete this mailbox")
+            conn.execute(delete(mailboxes).where(_b.id == access.mailbox.id))
+
+        await self.db.run("mailapi_delete_mailbox", txn)
+
+    async def grants(self, user_id: int, address: str) -> list[Grant]:
+        """The owner and every grant of the mailbox (owner or `allow_modify` only)."""
+
+        def txn(conn: Connection) -> list[Grant]:
+            access = thd_access(conn, user_id, address)
+            _require_modify(access)
+            box = access.mailbox
+            out = [Grant(box.owner_id, box.owner, Rights.every(), True)]
+            rows = conn.execute(
+                select(mailbox_grants, users.c.username)
+                .join(users, users.c.id == _g.user_id)
+                .where(_g.mailbox_id == box.id).order_by(users.c.username)
+            )
+            out.extend(Grant(row.user_id, row.username, _rights(row)) for row in rows)
+            return out
+
+        return await self.db.read("mailapi_list_grants", txn)
+
+    async def grant_of(self, user_id: int, address: str, username: str) -> Grant:
+        """One user's rights on the mailbox: the caller's own, or anyone's for the owner or
+        a holder of `allow_modify`."""
+
+        def txn(conn: Connection) -> Grant:
+            access = thd_access(conn, user_id, address)
+            target_id, target_name = _thd_user(conn, username)
+            if target_id != user_id:
+                _require_modify(access)
+            box = access.mailbox
+            return Grant(target_id, target_name, thd_rights(conn, box, target_id),
+                         target_id == box.owner_id)
+
+        return await self.db.read("mailapi_grant_of", txn)
+
+    async def set_grant(
+        self, user_id: int, address: str, username: str, changes: Mapping[str, bool]
+    ) -> Grant:
+        """Change `username`'s rights (the rights not named keep their value). A right set
+        to true must be one the caller holds."""
+        unknown = sorted(set(changes) - set(RIGHTS))
+        if unknown:
+            raise MailApiError(INVALID, f"unknown right: {unknown[0]}", unknown[0])
+
+        def txn(conn: Connection) -> Grant:
+            access = thd_access(conn, user_id, address)
+            _require_modify(access)
+            box = access.mailbox
+            target_id, target_name = _thd_user(conn, username)
+            if target_id == box.owner_id:
+                raise MailApiError(INVALID, "the owner holds every right on its mailbox",
+                                   "username")
+            held = access.rights.as_dict()
+            beyond = [r for r in RIGHTS if changes.get(r) and not held[r]]
+            if beyond:
+                raise MailApiError(DENIED, f"you may not grant {beyond[0]}", beyond[0])
+            current = thd_rights(conn, box, target_id)
+            new = current.with_changes(changes)
+            where = (_g.mailbox_id == box.id, _g.user_id == target_id)
+            if conn.execute(select(_g.user_id).where(*where)).first() is None:
+                conn.execute(insert(mailbox_grants).values(
+                    mailbox_id=box.id, user_id=target_id, **new.as_dict()))
+            else:
+                conn.execute(update(mailbox_grants).where(*where).values(**new.as_dict()))
+            return Grant(target_id, target_name, new)
+
+        return await self.db.run("mailapi_set_grant", txn)
+
+    async def revoke(self, user_id: int, address: str, username: str) -> None:
+        """Remove `username` from the mailbox's access list."""
+
+        def txn(conn: Connection) -> None:
+            access = thd_access(conn, user_id, address)
+            _require_modify(access)
+            box = access.mailbox
+            target_id, _ = _thd_user(conn, username)
+            if target_id == box.owner_id:
+                raise MailApiError(INVALID, "the owner's access cannot be removed", "username")
+            gone = conn.execute(delete(mailbox_grants).where(
+                _g.mailbox_id == box.id, _g.user_id == target_id)).rowcount
+            if not gone:
+                raise MailApiError(NOT_FOUND, "user has no access to this mailbox", "username")
+
+        await self.db.run("mailapi_revoke_grant", txn)

@@ -1,0 +1,100 @@
+"""The Mail API's tables (seed 002, migration 0012): hosted mailboxes, access grants, the
+mail kept in them, and its attachments.
+
+A mailbox is an address whose mail is kept here; its owner has every right on it, other
+users have what `mailbox_grants` gives them. A mail row is a draft, an outbox message
+waiting for the queue, sent mail, or inbox mail delivered locally. `public_id` is the short
+opaque id the API shows; `id` orders the listing (newest first, keyset cursor). Times are
+epoch seconds from the injected clock.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+)
+
+from mailcore.store.schema.meta import metadata
+
+# `address` is the normalised form: local part as given, domain in lower-case A-labels.
+mailboxes = Table(
+    "mailboxes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(254), nullable=False, unique=True),
+    Column("owner_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_mailboxes_owner_id", "owner_id"),
+)
+
+# What a user other than the owner may do with a mailbox; no row (or every right false)
+# means the mailbox is invisible to that user.
+mailbox_grants = Table(
+    "mailbox_grants",
+    metadata,
+    Column(
+        "mailbox_id", Integer, ForeignKey("mailboxes.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("allow_read", Boolean, nullable=False, server_default="0"),
+    Column("allow_send", Boolean, nullable=False, server_default="0"),
+    Column("allow_reply_to", Boolean, nullable=False, server_default="0"),
+    Column("allow_delete", Boolean, nullable=False, server_default="0"),
+    Column("allow_modify", Boolean, nullable=False, server_default="0"),
+    Index("ix_mailbox_grants_user_id", "user_id"),
+)
+
+# `status`: draft, outbox, sent or inbox. Address fields are comma-separated addresses as
+# given. `raw` is the message as received (inbox) or as handed to the queue (sent).
+# `queue_id` is the spool id an outbox message is (or will be) accepted under: the
+# idempotency key that keeps a crash from sending it twice. `queue_rcpt_id` is the queue
+# recipient a local delivery stored: unique, so a delivery replayed after a crash stores
+# nothing twice.
+mailapi_mail = Table(
+    "mailapi_mail",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", String(16), nullable=False, unique=True),
+    Column(
+        "mailbox_id", Integer, ForeignKey("mailboxes.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("status", String(8), nullable=False),
+    Column("read", Boolean, nullable=False, server_default="0"),
+    Column("mail_from", Text, nullable=False, server_default=""),
+    Column("to_addrs", Text, nullable=False, server_default=""),
+    Column("cc_addrs", Text, nullable=False, server_default=""),
+    Column("bcc_addrs", Text, nullable=False, server_default=""),
+    Column("reply_to", Text, nullable=False, server_default=""),
+    Column("subject", Text, nullable=False, server_default=""),
+    Column("body", Text, nullable=False, server_default=""),
+    Column("raw", LargeBinary, nullable=True),
+    Column("queue_id", String(32), nullable=True, unique=True),
+    Column("queue_rcpt_id", Integer, nullable=True, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),
+    Index("ix_mailapi_mail_mailbox_id", "mailbox_id", "id"),
+    Index("ix_mailapi_mail_status", "status", "mailbox_id", "id"),
+)
+
+mailapi_attachments = Table(
+    "mailapi_attachments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "mail_id", Integer, ForeignKey("mailapi_mail.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("name", String(255), nullable=False),
+    Column("content_type", String(255), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index("ix_mailapi_attachments_mail_id", "mail_id"),
+)

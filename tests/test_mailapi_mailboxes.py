@@ -1,0 +1,173 @@
+"""Mail API mailboxes and grants (seed 002 `/api/v1/mailboxes/…`) through the real web root
+on an in-memory store: who sees which mailbox, who changes grants, and that nobody grants
+more than it holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.mailapi import RIGHTS, MailApiError
+from tests.support.web import PASSWORD, Web
+
+BOX = "bob@hosted.test"
+NONE = {r: False for r in RIGHTS}
+EVERY = {r: True for r in RIGHTS}
+
+
+class MailboxApiTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.bob = await self.web.user("bob")
+        self.joe = await self.web.user("joe")
+        self.eve = await self.web.user("eve")
+        await self.web.core.domains.add("hosted.test", self.bob.id, "mx.hosted.test")
+        await self.web.core.mailboxes.add("Bob@Hosted.TEST", self.bob.id)
+        self.keys = {name: await self.login(name) for name in ("bob", "joe", "eve")}
+
+    async def login(self, name: str) -> str:
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/auth/", json={"username": name, "password": PASSWORD})
+        self.assertEqual(status, 200)
+        return str(body["auth_key"])
+
+    async def as_(self, who: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        status, _, body = await self.web.call(
+            method, path, headers={"Auth-Key": self.keys[who]}, **kwargs)
+        return status, body
+
+    async def grant(self, who: str, to: str, **rights: bool) -> tuple[int, Any]:
+        return await self.as_(who, "PUT", f"/api/v1/mailboxes/{BOX}/access/{to}", json=rights)
+
+    async def test_the_owner_sees_its_mailbox_with_every_right(self) -> None:
+        status, body = await self.as_("bob", "GET", "/api/v1/mailboxes/")
+        self.assertEqual((status, body), (200, {"mailboxes": [
+            {"email": BOX, "owner": "bob", "is_owner": True, **EVERY}]}))
+
+    async def test_a_mailbox_without_a_grant_is_invisible(self) -> None:
+        self.assertEqual(await self.as_("joe", "GET", "/api/v1/mailboxes/"),
+                         (200, {"mailboxes": []}))
+        for method, path in [
+            ("GET", f"/api/v1/mailboxes/{BOX}"),
+            ("DELETE", f"/api/v1/mailboxes/{BOX}"),
+            ("GET", f"/api/v1/mailboxes/{BOX}/access/"),
+            ("GET", f"/api/v1/mailboxes/{BOX}/access/joe"),
+            ("DELETE", f"/api/v1/mailboxes/{BOX}/access/eve"),
+            ("GET", "/api/v1/mailboxes/nobody@hosted.test"),
+            ("GET", "/api/v1/mailboxes/not-an-address"),
+        ]:
+            self.assertEqual(await self.as_("joe", method, path),
+                             (404, {"message": "mailbox not found"}), (method, path))
+        status, body = await self.grant("joe", "joe", allow_read=True)
+        self.assertEqual((status, body), (404, {"message": "mailbox not found"}))
+
+    async def test_without_a_key_it_is_401(self) -> None:
+        status, _, body = await self.web.call("GET", "/api/v1/mailboxes/")
+        self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+
+    async def test_a_grant_makes_the_mailbox_visible_with_those_rights(self) -> None:
+        status, body = await self.grant("bob", "joe", allow_read=True, allow_send=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"message": "access updated", "username": "joe",
+                                "is_owner": False,
+                                **{**NONE, "allow_read": True, "allow_send": True}})
+        status, body = await self.as_("joe", "GET", "/api/v1/mailboxes/")
+        self.assertEqual(body["mailboxes"], [
+            {"email": BOX, "owner": "bob", "is_owner": False,
+             **{**NONE, "allow_read": True, "allow_send": True}}])
+        # Its own rights it may read; the list of everyone's it may not.
+        self.assertEqual((await self.as_("joe", "GET",
+                                         f"/api/v1/mailboxes/{BOX}/access/joe"))[0], 200)
+        self.assertEqual(await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/"),
+                         (401, {"message": "you may not change access to this mailbox"}))
+
+    async def test_form_booleans_are_0_and_1_and_absent_rights_keep_their_value(self) -> None:
+        await self.grant("bob", "joe", allow_read=True)
+        status, _, body = await self.web.call(
+            "PUT", f"/api/v1/mailboxes/{BOX}/access/joe", headers={"Auth-Key": self.keys["bob"]},
+            data={"allow_delete": "1", "allow_read": "0"})
+        self.assertEqual(status, 200)
+        self.assertEqual({r: body[r] for r in RIGHTS},
+                         {**NONE, "allow_delete": True})
+
+    async def test_bad_grant_input(self) -> None:
+        status, body = await self.grant("bob", "joe", allow_read="maybe")  # type: ignore[arg-type]
+        self.assertEqual(status, 400)
+        self.assertIn("allow_read", body["message"])
+        status, body = await self.grant("bob", "joe", allow_everything=True)
+        self.assertEqual((status, body), (400, {"message": "unknown field: allow_everything"}))
+        self.assertEqual(await self.grant("bob", "nobody", allow_read=True),
+                         (404, {"message": "user not found"}))
+        self.assertEqual(await self.grant("bob", "bob", allow_read=False),
+                         (400, {"message": "the owner holds every right on its mailbox"}))
+        # Nothing was stored by any of them.
+        status, body = await self.as_("bob", "GET", f"/api/v1/mailboxes/{BOX}/access/")
+        self.assertEqual([g["username"] for g in body["access"]], ["bob"])
+
+    async def test_only_the_owner_or_allow_modify_changes_grants(self) -> None:
+        await self.grant("bob", "joe", allow_read=True, allow_send=True, allow_reply_to=True,
+                         allow_delete=True)
+        # Without allow_modify, joe changes nothing, not even its own grant.
+        self.assertEqual(await self.grant("joe", "eve", allow_read=True),
+                         (401, {"message": "you may not change access to this mailbox"}))
+        self.assertEqual(await self.grant("joe", "joe", allow_modify=True),
+                         (401, {"message": "you may not change access to this mailbox"}))
+        status, _ = await self.as_("joe", "DELETE", f"/api/v1/mailboxes/{BOX}/access/joe")
+        self.assertEqual(status, 401)
+        # With it, joe grants what it holds...
+        await self.grant("bob", "joe", allow_modify=True, allow_delete=False)
+        status, body = await self.grant("joe", "eve", allow_read=True, allow_send=True)
+        self.assertEqual(status, 200)
+        # ...but not a right it lacks.
+        self.assertEqual(await self.grant("joe", "eve", allow_delete=True),
+                         (401, {"message": "you may not grant allow_delete"}))
+        status, body = await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/eve")
+        self.assertFalse(body["allow_delete"])
+        # It may take rights away and remove a user from the list.
+        self.assertEqual((await self.grant("joe", "eve", allow_send=False))[0], 200)
+        self.assertEqual(await self.as_("joe", "DELETE", f"/api/v1/mailboxes/{BOX}/access/eve"),
+                         (200, {"message": "access removed"}))
+        self.assertEqual(await self.as_("eve", "GET", "/api/v1/mailboxes/"),
+                         (200, {"mailboxes": []}))
+        self.assertEqual(await self.as_("joe", "DELETE", f"/api/v1/mailboxes/{BOX}/access/eve"),
+                         (404, {"message": "user has no access to this mailbox"}))
+        status, body = await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/")
+        self.assertEqual(status, 200)
+        self.assertEqual([(g["username"], g["is_owner"]) for g in body["access"]],
+                         [("bob", True), ("joe", False)])
+
+    async def test_only_the_owner_deletes_the_mailbox(self) -> None:
+        await self.grant("bob", "joe", **EVERY)
+        self.assertEqual(await self.as_("joe", "DELETE", f"/api/v1/mailboxes/{BOX}"),
+                         (401, {"message": "only the owner may delete this mailbox"}))
+        status, _, body = await self.web.call(
+            "DELETE", f"/api/v1/mailboxes/{BOX}", headers={"Auth-Key": self.keys["bob"]})
+        self.assertEqual((status, body), (200, {"message": "mailbox deleted"}))
+        self.assertEqual(await self.as_("joe", "GET", "/api/v1/mailboxes/"),
+                         (200, {"mailboxes": []}))
+        self.assertEqual(await self.web.core.mailboxes.list_all(), [])
+
+
+class MailboxServiceTests(TestCase):
+    async def test_a_mailbox_needs_a_served_domain_and_a_valid_new_address(self) -> None:
+        web = Web.build()
+        bob = await web.user("bob")
+        await web.core.domains.add("hosted.test", bob.id, "mx.hosted.test")
+        service = web.core.mailboxes
+        for address, kind, words in [
+            ("bob@elsewhere.test", "invalid", "not a served domain"),
+            ("bob", "invalid", "not an email address"),
+            ("bo b@hosted.test", "invalid", "dot-atom"),
+            ("bob@hosted.test\r\nX: y", "invalid", "not an email address"),
+        ]:
+            with self.assertRaises(MailApiError) as caught:
+                await service.add(address, bob.id)
+            self.assertEqual(caught.exception.kind, kind, address)
+            self.assertIn(words, caught.exception.message, address)
+        await service.add("bob@hosted.test", bob.id)
+        with self.assertRaises(MailApiError) as caught:
+            await service.add("BOB@hosted.test", bob.id)
+        self.assertEqual(caught.exception.kind, "conflict")
+        self.assertEqual([b.address for b in await service.list_all(bob.id)],
+                         ["bob@hosted.test"])
