@@ -33,9 +33,9 @@ EXPECTED_HEADERS = {
 
 
 async def fetch(
-    http: Any, method: str, path: str, **kwargs: Any
+    http: Any, method: str, path: str, base: str = BASE, **kwargs: Any
 ) -> tuple[int, dict[str, list[str]], bytes]:
-    response = await http.request(method, BASE + path, **kwargs)
+    response = await http.request(method, base + path, **kwargs)
     body = await response.content()
     headers = {
         name.decode().lower(): [v.decode() for v in values]
@@ -116,6 +116,13 @@ class ReleasePageTests(TestCase):
         [line] = [c for c in headers["set-cookie"] if c.startswith("mc_csrf=")]
         attributes = {a.strip().lower() for a in line.split(";")[1:]}
         self.assertEqual(attributes, {"path=/", "httponly", "samesite=lax"})
+
+    async def test_the_csrf_cookie_is_secure_over_tls(self) -> None:
+        _status, headers, _body = await fetch(self.browser(), "GET", self.path,
+                                              base="https://127.0.0.1")
+        [line] = [c for c in headers["set-cookie"] if c.startswith("mc_csrf=")]
+        attributes = {a.strip().lower() for a in line.split(";")[1:]}
+        self.assertEqual(attributes, {"path=/", "httponly", "samesite=lax", "secure"})
 
     async def test_a_post_without_the_right_csrf_token_is_refused_and_releases_nothing(
         self
