@@ -34,6 +34,7 @@ from mailcore.gateway.redirects import RedirectPolicy
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
+from mailcore.mailapi import MailboxService
 from mailcore.messages import MessageStore
 from mailcore.queue import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
@@ -83,6 +84,8 @@ class Core:
     filter_service: ChainService = field(init=False)
     # Proof of domain ownership ([protecmail] verify_domains, dns_servers, verify_*).
     verifier: DomainVerifier = field(init=False)
+    # The Mail API's hosted mailboxes and their grants (seed 002).
+    mailboxes: MailboxService = field(init=False)
     # safedrop ([safedrop]): drop bundles, recipients, files on disk, notifications.
     safedrop: SafedropService = field(init=False)
 
@@ -124,6 +127,7 @@ class Core:
             SafedropSettings.from_config(self.config.section("safedrop")),
             data_dir=self.config.data_dir, hostname=self.config.hostname,
         )
+        self.mailboxes = MailboxService(self.db, self.clock)
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],

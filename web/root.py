@@ -271,7 +271,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             webhooks=core.webhooks,
             clock=clock,
         ),
-        MailApiApp(settings, resolver=resolver, login=login),
+        MailApiApp(settings, resolver=resolver, login=login, mailboxes=core.mailboxes),
         ProtecmailApp(
             settings,
             resolver=resolver,

@@ -18,6 +18,12 @@ from mailcore.store.schema.counters import change_counters
 from mailcore.store.schema.domains import domain_addresses, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
+from mailcore.store.schema.mailapi import (
+    mailapi_attachments,
+    mailapi_mail,
+    mailbox_grants,
+    mailboxes,
+)
 from mailcore.store.schema.messages import (
     FTS_TABLES,
     message_attachments,
@@ -46,6 +52,10 @@ __all__ = [
     "fetch_folders",
     "invoice_lines",
     "invoices",
+    "mailapi_attachments",
+    "mailapi_mail",
+    "mailbox_grants",
+    "mailboxes",
     "message_attachments",
     "message_blobs",
     "message_refs",

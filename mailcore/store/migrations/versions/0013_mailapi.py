@@ -1,14 +1,14 @@
 """The Mail API (seed 002): hosted mailboxes, access grants, their mail and attachments.
 
 Revision ID: 0013_mailapi
-Revises: 0011_domain_verification
+Revises: 0012_safedrop
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0013_mailapi"
-down_revision = "0011_domain_verification"
+down_revision = "0012_safedrop"
 branch_labels = None
 depends_on = None
 
