@@ -33,7 +33,9 @@ http.client, requests) then sees the 413 instead of a connection reset.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -119,6 +121,11 @@ class LimitedRequest(server.Request):
 
     def _max_body(self) -> int:
         site = getattr(self.channel, "site", None)
+        limit_for = getattr(site, "max_body_for", None)
+        if limit_for is not None:
+            # The target of the request being received (the Request learns its own only
+            # once the whole body is in).
+            return int(limit_for(getattr(self.channel, "_path", b"") or b""))
         return int(getattr(site, "max_body", DEFAULT_MAX_BODY))
 
     def gotLength(self, length: int | None) -> None:
@@ -163,6 +170,22 @@ class LimitedRequest(server.Request):
         channel.persistent = False
         _LingeringClose(channel, None)
         channel.allContentReceived()
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """The largest request body: `default` ([web] max_body), or more on the paths that
+    take uploads (a regular expression over the path, and its limit)."""
+
+    default: int
+    uploads: tuple[tuple[re.Pattern[str], int], ...] = ()
+
+    def for_path(self, target: bytes) -> int:
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        for pattern, limit in self.uploads:
+            if pattern.fullmatch(path):
+                return max(limit, self.default)
+        return self.default
 
 
 def body_exceeds(request: IRequest, max_body: int) -> bool:

@@ -29,7 +29,13 @@ from web.context import context_of
 from web.dropmyemail import DropmyemailApp
 from web.errors import ApiError, too_large
 from web.imap2api import Imap2ApiApp
-from web.limits import LimitedChannel, LimitedRequest, RefusedConnection, body_exceeds
+from web.limits import (
+    BodyLimits,
+    LimitedChannel,
+    LimitedRequest,
+    RefusedConnection,
+    body_exceeds,
+)
 from web.login import PasswordLogin
 from web.mailapi import MailApiApp
 from web.meta import MetaApp
@@ -39,7 +45,7 @@ from web.pages import Pages, StaticApp
 from web.protecmail import ProtecmailApp
 from web.quarantine_page import QuarantinePageApp
 from web.ratelimit import Rate, RateLimiter
-from web.safedrop import SafedropApp
+from web.safedrop import UPLOAD_OVERHEAD, UPLOAD_PATH, SafedropApp
 from web.settings import WebSettings
 
 log = Logger(namespace="mailcore.web")
@@ -149,10 +155,13 @@ class RootResource(Resource):
         metrics: HttpMetrics,
         access_log: AccessLog | None = None,
         dispatcher: Dispatcher | None = None,
+        body_limits: BodyLimits | None = None,
     ) -> None:
         super().__init__()
         self.apps = dict(apps)
         self.settings = settings
+        # [web] max_body, and the larger limits of upload paths (safedrop files).
+        self.body_limits = body_limits or BodyLimits(settings.max_body)
         self.clock = clock
         self.metrics = metrics
         self.access_log = access_log or AccessLog()
@@ -173,9 +182,10 @@ class RootResource(Resource):
         try:
             if not valid_path:
                 return app.error_reply(request, ApiError(400, "The path is not valid UTF-8."))
-            if body_exceeds(request, self.settings.max_body):
+            limit = self.body_limits.for_path(request.path)
+            if body_exceeds(request, limit):
                 request.setHeader(b"Connection", b"close")
-                return app.error_reply(request, too_large(self.settings.max_body))
+                return app.error_reply(request, too_large(limit))
             if not served:
                 return app.error_reply(request, ApiError(404, app.shape.not_found()))
             return app.render(request)
@@ -216,6 +226,7 @@ class MailcoreSite(server.Site):
             parsePOSTFormSubmission=False,
         )
         self.max_body = settings.max_body
+        self.max_body_for = root.body_limits.for_path
         self.settings = settings
         self.connections = ConnectionCounter(
             settings.max_connections, settings.max_connections_per_ip
@@ -319,6 +330,10 @@ def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
         settings=settings,
         clock=core.clock,
         metrics=HttpMetrics.for_registry(core.metrics),
+        body_limits=BodyLimits(
+            settings.max_body,
+            ((UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD),),
+        ),
     )
 
 

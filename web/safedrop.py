@@ -82,6 +82,11 @@ UNKNOWN_FIELD = "Unknown field."
 SENT = "The safedrop has been sent; it can no longer be changed."
 MAX_SUBJECT = 1000
 
+# Where files are uploaded: allowed a body up to `[safedrop] max_file_size` plus room for
+# the multipart framing, instead of `[web] max_body`.
+UPLOAD_PATH = re.compile(r"/dropbundles/[0-9]+/dropfiles/?")
+UPLOAD_OVERHEAD = 1024 * 1024
+
 BUNDLE_FIELDS = (
     "subject", "message", "secure_message", "expiry_date", "email_receipt_when", "password",
     "read_remove", "allow_comments", "require_token_auth",

@@ -1,0 +1,175 @@
+"""safedrop files: uploads written to disk by content hash, within their limits; nothing of
+a failed upload stays (no file, no temp file, no row)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from mailcore.store.schema import drop_files
+from tests.support.web import Web, make_core
+from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
+from web.limits import BodyLimits
+from web.root import MailcoreSite, build_root
+from web.safedrop import UPLOAD_OVERHEAD, UPLOAD_PATH
+from web.settings import WebSettings
+
+
+class FileFixture(SafedropFixture):
+    async def start_with(self, test: TestCase, **safedrop: Any) -> None:
+        data_dir = Path(test.mktemp())
+        config = Config(data_dir=data_dir, session_token_ttl=3600, http_max_body=200_000,
+                        sections={"safedrop": safedrop})
+        self.web = Web.build(config)
+        self.data_dir = data_dir
+        self.alice = await self.web.user("alice")
+        self.key = await self.web.credential(self.alice)
+        self.token = await self.login("alice@example.test", self.key)
+
+    async def upload(self, bundle_id: int, body: bytes,
+                     headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        status, _, reply = await self.call(
+            "POST", f"/dropbundles/{bundle_id}/dropfiles", body, headers or MULTIPART
+        )
+        return status, reply
+
+    def stored(self) -> list[Path]:
+        root = self.data_dir / "safedrop"
+        return sorted(p for p in root.rglob("*") if p.is_file())
+
+    def file_rows(self) -> list[Any]:
+        result: list[Any] = []
+        self.web.core.db.read(
+            "rows", lambda c: list(c.execute(sa.select(drop_files)))
+        ).addCallback(result.extend)
+        return result
+
+
+class UploadTests(TestCase):
+    async def test_a_file_is_stored_by_content_hash_with_its_exact_bytes(self) -> None:
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+        data = os.urandom(300_000) + b"\r\n--def46f21fc6 almost a boundary\r\n"
+        status, reply = await f.upload(bundle_id, multipart_file("C:\\tmp\\report.bin", data))
+        self.assertEqual(status, 200, reply)  # above [web] max_body: uploads have their own
+        self.assertEqual(reply["the_file"], "report.bin")
+        digest = hashlib.sha256(data).hexdigest()
+        path = f.data_dir / "safedrop" / str(bundle_id) / digest
+        self.assertEqual(f.stored(), [path])
+        self.assertEqual(path.read_bytes(), data)
+        self.assertEqual(path.stat().st_mode & 0o077, 0)
+        row = f.file_rows()[0]
+        self.assertEqual((row.size, row.sha256, row.name), (len(data), digest, "report.bin"))
+        # The same bytes again: a second file of the bundle, one copy on disk.
+        status, again = await f.upload(bundle_id, multipart_file("copy.bin", data))
+        self.assertEqual(status, 200)
+        self.assertNotEqual(again["id"], reply["id"])
+        self.assertEqual(f.stored(), [path])
+
+    async def test_a_file_over_max_file_size_is_413_and_leaves_nothing(self) -> None:
+        f = FileFixture()
+        await f.start_with(self, max_file_size=1000)
+        bundle_id = await f.bundle()
+        status, reply = await f.upload(bundle_id, multipart_file("big.bin", b"x" * 1001))
+        self.assertEqual(status, 413)
+        self.assertEqual(list(reply["errors"]), ["the_file"])
+        status, _ = await f.upload(bundle_id, multipart_file("ok.bin", b"x" * 1000))
+        self.assertEqual(status, 200)
+        self.assertEqual([r.size for r in f.file_rows()], [1000])
+        self.assertEqual(len(f.stored()), 1)
+
+    async def test_the_bundle_total_is_bounded(self) -> None:
+        f = FileFixture()
+        await f.start_with(self, max_bundle_size=150)
+        bundle_id = await f.bundle()
+        status, _ = await f.upload(bundle_id, multipart_file("a", b"a" * 100))
+        self.assertEqual(status, 200)
+        status, reply = await f.upload(bundle_id, multipart_file("b", b"b" * 51))
+        self.assertEqual(status, 413, reply)
+        self.assertEqual([r.name for r in f.file_rows()], ["a"])
+        self.assertEqual(len(f.stored()), 1)
+        other = await f.bundle()  # the limit is per bundle
+        status, _ = await f.upload(other, multipart_file("b", b"b" * 51))
+        self.assertEqual(status, 200)
+
+    async def test_a_cut_off_or_malformed_upload_leaves_no_file_and_no_row(self) -> None:
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+        whole = multipart_file("half.bin", b"y" * 50_000)
+        two = multipart_file("one", b"1")[: -len(b"--def46f21fc67--\r\n")] + (
+            b"--def46f21fc67\r\ncontent-disposition: form-data; name=\"the_file\"; "
+            b"filename=\"two\"\r\n\r\n2\r\n--def46f21fc67--\r\n")
+        for body, headers, field in [
+            (whole[: len(whole) // 2], None, None),  # cut off halfway
+            (whole[:-4], None, None),  # no closing boundary
+            (multipart_file("x", b"1", field="file"), None, "file"),
+            (two, None, "the_file"),
+            (b"--def46f21fc67\r\ncontent-disposition: form-data; name=\"the_file\"\r\n\r\n1\r\n"
+             b"--def46f21fc67--\r\n", None, "the_file"),
+            (b"the_file=abc", {"Content-Type": "application/x-www-form-urlencoded"},
+             "the_file"),
+            (whole, {"Content-Type": "multipart/form-data"}, None),  # no boundary
+        ]:
+            status, reply = await f.upload(bundle_id, body, headers)
+            self.assertEqual(status, 400, (body[:80], reply))
+            if field:
+                self.assertEqual(list(reply["errors"]), [field], reply)
+        self.assertEqual(f.file_rows(), [])
+        self.assertEqual(f.stored(), [])
+
+
+class BodyLimitTests(TestCase):
+    def test_only_upload_paths_get_the_upload_limit(self) -> None:
+        limits = BodyLimits(100, ((UPLOAD_PATH, 5000),))
+        self.assertEqual(limits.for_path(b"/dropbundles/12/dropfiles"), 5000)
+        self.assertEqual(limits.for_path(b"/dropbundles/12/dropfiles/?x=1"), 5000)
+        for path in (b"/dropbundles", b"/dropbundles/12", b"/dropbundles/12/dropfiles/3",
+                     b"/api/v1/mail/", b"/x/dropbundles/1/dropfiles"):
+            self.assertEqual(limits.for_path(path), 100, path)
+        self.assertTrue(re.fullmatch(UPLOAD_PATH, "/dropbundles/1/dropfiles"))
+
+
+class ChannelLimitTests(TestCase):
+    """The real channel reads an upload path's body up to its own limit, not [web]'s."""
+
+    def setUp(self) -> None:
+        core, _ = make_core(Config(http_max_body=10_000, data_dir=Path(self.mktemp()),
+                                   sections={"safedrop": {"max_file_size": 50_000}}))
+        self.clock = Clock()
+        settings = WebSettings(max_body=10_000)
+        self.site = MailcoreSite(build_root(core, settings), settings, self.clock)
+        self.transport = StringTransport()
+        self.channel = self.site.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+
+    def tearDown(self) -> None:
+        self.channel.connectionLost(None)
+
+    def post(self, path: bytes, length: int) -> bytes:
+        self.channel.dataReceived(
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n"
+        )
+        return bytes(self.transport.value())
+
+    def test_an_upload_within_its_own_limit_is_read(self) -> None:
+        self.assertEqual(self.post(b"/dropbundles/1/dropfiles", 40_000), b"")
+
+    def test_an_upload_over_its_limit_is_refused_at_once(self) -> None:
+        sent = self.post(b"/dropbundles/1/dropfiles", 50_000 + UPLOAD_OVERHEAD + 1)
+        self.assertTrue(sent.startswith(b"HTTP/1.1 413 "), sent[:60])
+
+    def test_other_paths_keep_the_web_limit(self) -> None:
+        sent = self.post(b"/dropbundles/1/dropbundlerecipients", 40_000)
+        self.assertTrue(sent.startswith(b"HTTP/1.1 413 "), sent[:60])
