@@ -4,7 +4,9 @@ bundles), which must be a 4xx naming the field and change nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,12 @@ import sqlalchemy as sa
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.store.schema import drop_bundles, queue_messages, queue_recipients
+from mailcore.store.schema import (
+    drop_bundles,
+    drop_recipients,
+    queue_messages,
+    queue_recipients,
+)
 from tests.support.web import Web, header
 
 LOREM = (
@@ -405,3 +412,76 @@ class RecipientFieldTests(TestCase):
             "telephone": "442077394252", "valid_for": 3600, "email": "ann@example.org"})
         status, changed = await self.f.form("PUT", f"{self.path}/{reply['id']}", "telephone=")
         self.assertEqual((status, changed["telephone"]), (200, ""))
+
+
+class SendTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = SafedropFixture()
+        await self.f.start(self)
+
+    async def ready_bundle(self, body: str = "subject=Q3+report&message=See+attached.") -> int:
+        bundle_id = await self.f.bundle(body)
+        for address in ("ann%40example.org", "bob%40example.net"):
+            status, _ = await self.f.form(
+                "POST", f"/dropbundles/{bundle_id}/dropbundlerecipients",
+                f"email={address}&valid_for=" + ("3600" if address.startswith("ann") else "0"),
+            )
+            self.assertEqual(status, 200)
+        status, _, _ = await self.f.call(
+            "POST", f"/dropbundles/{bundle_id}/dropfiles", multipart_file("q3.pdf", b"%PDF"),
+            MULTIPART)
+        self.assertEqual(status, 200)
+        return bundle_id
+
+    async def test_each_recipient_gets_its_own_link_and_no_secret(self) -> None:
+        bundle_id = await self.ready_bundle(
+            "subject=Q3+report&message=See+attached.&password=Open-Sesame-77"
+            "&secure_message=vault+code+4711&expiry_date=2031-01-01T00%3A00%3A00Z")
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        mails = self.f.spooled()
+        self.assertEqual([m[2] for m in mails], ["ann@example.org", "bob@example.net"])
+        links = []
+        for kind, sender, rcpt, raw in mails:
+            self.assertEqual((kind, sender), ("notification", "alice@example.test"))
+            text = raw.decode()
+            self.assertIn("Subject: Secure drop from alice@example.test: Q3 report", text)
+            self.assertIn(f"To: {rcpt}", text)
+            self.assertIn("Reply-To: alice@example.test", text)
+            self.assertIn("See attached.", text)
+            self.assertIn("q3.pdf", text)
+            self.assertNotIn("Open-Sesame", text)
+            self.assertNotIn("4711", text)
+            found = re.findall(r"https://localhost/drop/([A-Za-z0-9_-]{43})\b", text)
+            self.assertEqual(len(found), 1, text)
+            links.append(found[0])
+        self.assertNotEqual(links[0], links[1])
+        # ann's valid_for (an hour) comes before the bundle's expiry; bob has only the latter.
+        self.assertIn("available until 2023-11-14T23:13:20Z", mails[0][3].decode())
+        self.assertIn("available until 2031-01-01T00:00:00Z", mails[1][3].decode())
+        # Only digests of the links are stored.
+        rows: list[Any] = []
+        self.f.web.core.db.read("r", lambda c: list(c.execute(
+            sa.select(drop_recipients.c.link_digest)))).addCallback(rows.extend)
+        stored = {bytes(r.link_digest) for r in rows}
+        self.assertEqual(stored, {hashlib.sha256(t.encode()).digest() for t in links})
+        # Sending again changes nothing.
+        status, _, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual(status, 405, reply)
+        self.assertEqual(len(self.f.spooled()), 2)
+
+    async def test_sending_needs_a_recipient_a_file_and_a_future_expiry(self) -> None:
+        empty = await self.f.bundle()
+        status, _, reply = await self.f.call("GET", f"/dropbundles/{empty}?send")
+        self.assertEqual((status, list(reply["errors"])), (400, ["recipients"]))
+        await self.f.form("POST", f"/dropbundles/{empty}/dropbundlerecipients",
+                          "email=a%40b.test")
+        status, _, reply = await self.f.call("GET", f"/dropbundles/{empty}?send")
+        self.assertEqual((status, list(reply["errors"])), (400, ["files"]))
+        past = await self.ready_bundle("expiry_date=2020-01-01T00%3A00%3A00Z")
+        status, _, reply = await self.f.call("GET", f"/dropbundles/{past}?send")
+        self.assertEqual((status, list(reply["errors"])), (400, ["expiry_date"]))
+        self.assertEqual(self.f.spooled(), [])
+        # Still changeable: nothing was sent.
+        status, _ = await self.f.form("PUT", f"/dropbundles/{past}", "expiry_date=")
+        self.assertEqual(status, 200)
