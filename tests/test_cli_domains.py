@@ -62,7 +62,7 @@ class DomainCliTests(CliTestCase):
         self.assertIn("already", await self.ok("address", "add", "example.com", "JOHN"))
         await self.refused("address", "add", "example.com", "bad..local",
                            fragment="not a valid dot-atom")
-        await self.refused("address", "add", "nowhere.test", "john", fragment="No such domain")
+        await self.refused("address", "add", "nowhere.test", "john", fragment="no such domain")
         self.assertEqual(await self.ok("address", "list", "example.com"), "john\npostmaster\n")
 
         # a daemon's snapshot on the same store sees exactly this
@@ -82,7 +82,7 @@ class DomainCliTests(CliTestCase):
                            fragment="not in the address list")
         self.assertEqual(await self.ok("domain", "remove", "example.com"),
                          "no longer serving example.com\n")
-        await self.refused("domain", "remove", "example.com", fragment="No such domain")
+        await self.refused("domain", "remove", "example.com", fragment="no such domain")
         await served.refresh()
         self.assertIsNone(served.lookup("example.com"))
 
@@ -110,7 +110,7 @@ class DomainCliTests(CliTestCase):
         await self.ok("domain", "set", "selfsigned.test", "--tls", "none")
         await self.refused("domain", "set", "plain.test", fragment="nothing to change")
         await self.refused("domain", "set", "nowhere.test", "--tls", "may",
-                           fragment="No such domain")
+                           fragment="no such domain")
         await self.refused("domain", "set", "plain.test", "--tls", "maybe",
                            fragment="invalid choice")
 

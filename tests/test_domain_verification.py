@@ -342,7 +342,7 @@ class CliTests(DnsServerMixin, CliTestCase):
         self.assertTrue(out.startswith("serving vouched.test for alice"), out)
         self.assertIn("needs no proof", await self.cli("domain", "verify", "vouched.test"))
         result = await self.mc("-c", str(self.config), "domain", "verify", "nowhere.test")
-        self.assertOneLineError(result, "No such domain")
+        self.assertOneLineError(result, "no such domain")
 
         # what a daemon with verification on serves from the same store
         db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")

@@ -159,9 +159,9 @@ class CliTests(TestCase):
         result = await self.mc(data_dir, "webhook", "deliveries", "alice", "1")
         self.assertEqual((result.status, result.out.split()[:3]), (0, ["ID", "EVENT", "STATUS"]))
         for args, fragment in [
-            (("webhook", "add", "alice", "http://10.0.0.1/"), "url: This server does not"),
+            (("webhook", "add", "alice", "http://10.0.0.1/"), "URL: this server does not"),
             (("webhook", "add", "alice", "https://h.example.com/", "--events", "x"),
-             "events:"),
+             "--events:"),
             (("webhook", "add", "nobody", "https://h.example.com/"), "no such user"),
             (("webhook", "remove", "alice", "7"), "no such webhook"),
         ]:

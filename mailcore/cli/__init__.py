@@ -8,7 +8,9 @@ what it writes is what the daemon serves. Subcommands live in the modules of
 run before the reactor starts, for blocking terminal input such as a password prompt).
 
 A mistake (bad option, unknown user, unreadable config, unreachable database ...) prints one
-line on stderr and exits 1; set MAILCORE_DEBUG=1 to see the traceback of an unexpected error.
+line on stderr and exits 1, in one style (`plain`): a refusal of a service names the option
+that sets the field it is about (`in_cli_words`), not the API's name for it. Set
+MAILCORE_DEBUG=1 to see the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -102,7 +104,7 @@ def one_line(error: BaseException) -> str:
         text = str(orig) if orig is not None else str(error)
         return f"database error: {_first_line(text)}"
     if isinstance(error, IdentityError):
-        return error.message
+        return in_cli_words(error.message, error.field, IDENTITY_OPTIONS)
     if isinstance(error, OSError) and error.filename:
         return f"{error.strerror or error}: {error.filename}"
     return _first_line(str(error)) or type(error).__name__
@@ -154,8 +156,39 @@ def utc_seconds(epoch: float | None) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+# The options that set the fields an IdentityError may name.
+IDENTITY_OPTIONS = {"email": "--email", "password": "--password", "label": "--label"}
+
+
+def in_cli_words(message: str, field: str | None = None,
+                 options: Mapping[str, str] | None = None) -> str:
+    """A service's refusal, worded for the API, in the CLI's words: the field it is about
+    (`field`, or the message's first word) becomes the option or argument that sets it,
+    from `options` (`redirectTo 'x': …` becomes `--redirect-to 'x': …`)."""
+    names = options or {}
+    key = field if field is not None and field in names else message.split(" ", 1)[0]
+    name = names.get(key)
+    if name is None:
+        return message
+    head, rest = message[:len(key)], message[len(key):]
+    if head.lower() == key.lower() and not rest[:1].isalnum():  # "Label is too long"
+        return name + rest
+    return f"{name}: {plain(message)}"
+
+
+def plain(message: str) -> str:
+    """Every line in one style: no capital to start (an acronym stays), no full stop."""
+    text = message.strip()
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1]
+    first = text.split(" ", 1)[0]
+    if first[:1].isupper() and (len(first) == 1 or first[1].islower()):
+        text = text[:1].lower() + text[1:]
+    return text
+
+
 def fail(message: str) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    print(f"{PROG}: {plain(message)}", file=sys.stderr)
     return 1
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from mailcore.billing.invoices import Invoice, InvoiceError, InvoiceService
 from mailcore.billing.tokens import Tanks, TokenService
-from mailcore.cli import CommandError, command_group, print_table
+from mailcore.cli import CommandError, command_group, in_cli_words, print_table
 from mailcore.cli.users import require_user
 
 
@@ -58,7 +58,7 @@ async def tokens_buy(args: argparse.Namespace, core: Any) -> int:
             user.id, args.count, args.price, description=args.description
         )
     except InvoiceError as e:
-        raise CommandError(str(e)) from None
+        raise CommandError(in_cli_words(str(e), options={"Price": "--price"})) from None
     print(invoice.ref)
     return 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mailcore.cli import CommandError, command_group, print_table, refusals
+from mailcore.cli import CommandError, command_group, in_cli_words, print_table, refusals
 from mailcore.cli.users import require_user
 from mailcore.gateway.domains import Domain, DomainError
 from mailcore.gateway.verification import CheckResult, verification_record
@@ -120,7 +120,12 @@ def register(subparsers: Any) -> None:
     address_list.set_defaults(handler=address_list_command)
 
 
-_domain_errors = refusals(DomainError, lambda e: e.message)
+# The options that set the fields a DomainError may name (the API's spelling or ours).
+DOMAIN_OPTIONS = {
+    "redirectTo": "--redirect-to", "tls": "--tls", "require_tls": "--require-tls",
+    "spam_action": "--spam-action", "virus_action": "--virus-action",
+}
+_domain_errors = refusals(DomainError, lambda e: in_cli_words(e.message, e.field, DOMAIN_OPTIONS))
 
 
 def _describe(domain: Domain) -> str:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mailcore.cli import CommandError, command_group, print_table, refusals, utc_seconds
+from mailcore.cli import (
+    CommandError,
+    command_group,
+    in_cli_words,
+    print_table,
+    refusals,
+    utc_seconds,
+)
 from mailcore.cli.users import require_user
 from mailcore.webhooks import EVENTS, Webhook, WebhookError
 
@@ -51,11 +58,18 @@ def register(subparsers: Any) -> None:
     log.set_defaults(handler=webhook_deliveries)
 
 
+# The arguments and options that set the fields a WebhookError may name.
+WEBHOOK_OPTIONS = {
+    "url": "URL", "events": "--events", "description": "--description", "secret": "--secret",
+}
+
+
 def _refusal(e: WebhookError) -> str:
-    """The field at fault, then what is wrong with it; an unknown id is "no such webhook"."""
+    """The argument at fault, then what is wrong with it; an unknown id is "no such
+    webhook"."""
     if e.field == "id":
         return "no such webhook"
-    return f"{e.field}: {e.message}" if e.field else e.message
+    return in_cli_words(e.message, e.field, WEBHOOK_OPTIONS)
 
 
 _webhook_errors = refusals(WebhookError, _refusal)
