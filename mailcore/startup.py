@@ -1,10 +1,12 @@
 """What the daemon and the admin CLI check before they touch anything, each mistake one line.
 
 - Every table of the TOML file is built by its reader in `TABLES` (the settings class of the
-  service that uses it). A table with no reader, a key its reader did not look at, and a
-  value its reader refuses are errors naming the table and the key. Readers are run on a
-  Config that records which keys they read, so a key added to a settings class is known
-  without a second list; a new table needs one line in `TABLES`.
+  service that uses it). A table with no reader, a key that is no field of the table's
+  settings dataclass (where it has one) or that its reader did not look at, and a value its
+  reader refuses are errors naming the table and the key. Readers run on a Config that
+  records which keys they read, so a key added to a settings class is known without a
+  second list; a new table needs one line in `TABLES` (tests/test_config.py finds every
+  `config.section("…")` in the code and checks that it is there).
 - Every listener string parses (`check_listeners`); a listener that cannot open (a port in
   use, no permission) is one line too (`listen_error`).
 - `--db` names SQLite or PostgreSQL with an installed driver (`check_database_url`), and a
