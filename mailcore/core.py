@@ -35,6 +35,7 @@ from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
 from mailcore.mailapi import MailboxService
+from mailcore.mailapi.delivery import HostedAddresses, thd_store_local
 from mailcore.messages import MessageStore
 from mailcore.queue import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
@@ -127,7 +128,11 @@ class Core:
             SafedropSettings.from_config(self.config.section("safedrop")),
             data_dir=self.config.data_dir, hostname=self.config.hostname,
         )
-        self.mailboxes = MailboxService(self.db, self.clock)
+        # Hosted mailboxes: the queue stores their mail here instead of relaying it.
+        hosted = HostedAddresses(self.db, self.clock)
+        self.queue.runner.router.local = hosted
+        self.queue.runner.local_store = thd_store_local
+        self.mailboxes = MailboxService(self.db, self.clock, on_change=hosted.invalidate)
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],

@@ -9,7 +9,7 @@ grants, and nobody grants a right it does not hold itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -165,9 +165,17 @@ def _require_modify(access: Access) -> None:
 class MailboxService:
     """Hosted mailboxes and their grants, over the store."""
 
-    def __init__(self, db: Database, clock: IReactorTime) -> None:
+    def __init__(
+        self, db: Database, clock: IReactorTime, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.db = db
         self.clock = clock
+        # Told when a mailbox comes or goes (local delivery's cache of hosted addresses).
+        self.on_change = on_change
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- the operator's side (CLI) ------------------------------------------------------
 
@@ -190,7 +198,9 @@ class MailboxService:
             assert found is not None
             return found
 
-        return await self.db.run("mailapi_add_mailbox", txn)
+        found = await self.db.run("mailapi_add_mailbox", txn)
+        self._changed()
+        return found
 
     async def list_all(self, owner_id: int | None = None) -> list[Mailbox]:
         """Every mailbox (or those of one owner), by address."""
@@ -212,6 +222,7 @@ class MailboxService:
                 raise _not_found(stored)
 
         await self.db.run("mailapi_remove_mailbox", txn)
+        self._changed()
 
     async def find(self, address: str) -> Mailbox | None:
         """The mailbox at `address`, or None (also for a malformed address)."""
@@ -239,6 +250,7 @@ class MailboxService:
             conn.execute(delete(mailboxes).where(_b.id == access.mailbox.id))
 
         await self.db.run("mailapi_delete_mailbox", txn)
+        self._changed()
 
     async def grants(self, user_id: int, address: str) -> list[Grant]:
         """The owner and every grant of the mailbox (owner or `allow_modify` only)."""

@@ -1,5 +1,7 @@
 """Where a recipient's mail goes next: the served domain's redirect, a relayhost, or its MX.
 
+A hosted mailbox's address (`mailcore mailbox add`, the Mail API) is delivered locally: its
+hop is `LOCAL`, which the runner writes into the mailbox store instead of connecting.
 Mail for a served domain goes to that domain's `redirect_host:redirect_port` (its
 `redirectTo`), with the domain's own TLS policy when it has one and the `[queue] tls`
 default otherwise. Mail for anyone else (bounces to foreign senders) goes to the configured
@@ -31,8 +33,20 @@ class Hop:
 
     @property
     def label(self) -> str:
+        if self.port == 0:
+            return self.host  # LOCAL
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+# The hop of a hosted mailbox: stored here, never sent.
+LOCAL = Hop("local", 0, "local")
+
+
+class LocalAddresses(Protocol):
+    """Which addresses are hosted mailboxes (mailcore.mailapi.delivery.HostedAddresses)."""
+
+    async def contains(self, address: str) -> bool: ...
 
 
 class RoutingError(Exception):
@@ -81,8 +95,10 @@ class Router:
         clock: IReactorTime,
         settings: QueueSettings,
         resolver: MXResolver | None = None,
+        local: LocalAddresses | None = None,
     ) -> None:
         self.db = db
+        self.local = local
         self.clock = clock
         self.settings = settings
         self._resolver = resolver
@@ -117,7 +133,9 @@ class Router:
             self._cache[d] = (expires, hop)
 
     async def route(self, domain_id: int | None, address: str) -> Hop:
-        """The next hop for one recipient, or RoutingError."""
+        """The next hop for one recipient (LOCAL for a hosted mailbox), or RoutingError."""
+        if self.local is not None and await self.local.contains(address):
+            return LOCAL
         if domain_id is not None:
             cached = self._fresh(domain_id, self.clock.seconds())
             if cached is None:

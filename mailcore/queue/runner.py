@@ -15,6 +15,10 @@ travel with the queued job and are applied when the body is sent. A message whos
 hop is known to be down is deferred without being processed. With no stages, routed jobs
 go straight to their hop queues.
 
+Recipients routed to `LOCAL` (hosted mailboxes) are not sent: after the pipeline, the
+`local_store` writes them into their mailbox in one transaction of the spool's write lane
+that also records their result, so a crash can neither lose nor duplicate them.
+
 A message in a mail loop (more Received header fields than `[smtp] max_hops`, see
 `mailcore.smtp.hops`) is bounced with 5.4.6 before it is processed or sent.
 
@@ -28,8 +32,9 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -56,9 +61,9 @@ from mailcore.queue.pipeline import (
     apply_tags,
 )
 from mailcore.queue.retry import expired, next_attempt
-from mailcore.queue.routing import Hop, Router, RoutingError
+from mailcore.queue.routing import LOCAL, Hop, Router, RoutingError
 from mailcore.queue.settings import QueueSettings
-from mailcore.queue.spool import Spool
+from mailcore.queue.spool import Spool, thd_record_results
 from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
 from mailcore.smtp.hops import DEFAULT_MAX_HOPS, count_received, too_many_hops
 from mailcore.store import Database
@@ -81,6 +86,39 @@ class Connector:
     def check_peer(self, session: SMTPSession, hop: Hop) -> None:  # pragma: no cover
         """After a verified STARTTLS: raise unless the peer's certificate names the hop."""
         raise NotImplementedError
+
+
+class LocalStore(Protocol):
+    """Writes a message into hosted mailboxes, in the caller's transaction (blocking).
+
+    Called with `(recipient id, address)` pairs of one queued message; returns the ids it
+    stored (or had stored already: a replay stores nothing twice). The others have no
+    mailbox (any more) and bounce."""
+
+    def __call__(
+        self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
+        body: bytes, now: float,
+    ) -> set[int]: ...
+
+
+LOCAL_REPLY = "250 2.0.0 stored in the mailbox"
+NO_MAILBOX = "5.1.1 no such mailbox here"
+
+
+def thd_deliver_local(
+    conn: Connection, store: LocalStore, job: Job, body: bytes, node_id: str, now: float,
+    lease_until: float, reporting_mta: str,
+) -> tuple[set[int], list[tuple[Job, bytes]]]:
+    """Store `job`'s recipients in their mailboxes and record their results, in one
+    transaction; returns the stored recipient ids and the DSNs the results made."""
+    stored = store(conn, [(r.id, r.address) for r in job.recipients], job.message_id, body, now)
+    results = [
+        Result(r.id, job.message_id, DELIVERED, LOCAL_REPLY, LOCAL.label) if r.id in stored
+        else Result(r.id, job.message_id, BOUNCED, NO_MAILBOX, LOCAL.label)
+        for r in job.recipients
+    ]
+    dsns = thd_record_results(conn, results, node_id, now, lease_until, reporting_mta)
+    return stored, dsns
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -242,6 +280,8 @@ class QueueRunner:
         self._starting_scans = False
         self._stop_leftover: list[int] = []
         self.on_room: Callable[[], None] | None = None  # the sweeper's "claim more" hook
+        # Where LOCAL recipients are written (the Mail API's mailboxes; set by the Core).
+        self.local_store: LocalStore | None = None
 
     # -- taking work --------------------------------------------------------------------
 
@@ -317,6 +357,10 @@ class QueueRunner:
     def _queue(self, job: Job, groups: Groups, touched: dict[Hop, HopQueue]) -> None:
         """Put each hop's part of `job` on that hop's queue (pumped by the caller)."""
         for hop, rcpts in groups.items():
+            if hop == LOCAL:
+                self._track(defer.Deferred.fromCoroutine(
+                    self._deliver_local(part_of(job, rcpts))))
+                continue
             hq = self.hops.get(hop)
             if hq is None:
                 hq = self.hops[hop] = HopQueue(hop, limit=self.settings.hop_concurrency)
@@ -524,6 +568,53 @@ class QueueRunner:
     def _record(self, results: list[Result]) -> None:
         assert self.spool is not None, "build_queue attaches the spool"
         self.spool.record(results)
+
+    # -- hosted mailboxes ---------------------------------------------------------------
+
+    async def _deliver_local(self, job: Job) -> None:
+        """Store a job's LOCAL recipients in their mailboxes (see thd_deliver_local)."""
+        now = self.clock.seconds()
+        store = self.local_store
+        if store is None:
+            self._fail(job, job.recipients, "4.3.0 no mailbox store on this node",
+                       permanent=False, hop=LOCAL.label, now=now)
+            return
+        body = self.bodies.get(job.message_id)
+        if body is None:
+            body = await self._load(job)
+            if body is None:
+                return
+        if not self.pipeline.stages and self._looping(job, body):
+            return
+        if isinstance(job, TaggedJob):
+            body = apply_tags(body, job.add_headers, job.subject_prefix)
+        assert self.spool is not None, "build_queue attaches the spool"
+        try:
+            stored, dsns = await self.spool.run_serialized(
+                "queue_deliver_local", thd_deliver_local, store, job, body,
+                self.settings.node_id, now, now + self.settings.lease_seconds,
+                self.spool.reporting_mta,
+            )
+        except Exception as e:
+            log.failure("storing {queue_id} in its mailboxes failed", queue_id=job.message_id)
+            self._fail(job, job.recipients, f"4.3.0 storing in the mailbox failed: {e}",
+                       permanent=False, hop=LOCAL.label, now=self.clock.seconds())
+            return
+        now = self.clock.seconds()
+        delivered = [r for r in job.recipients if r.id in stored]
+        missing = [r for r in job.recipients if r.id not in stored]
+        if delivered:
+            maillog.outcome(job.message_id, DELIVERED, (r.address for r in delivered),
+                            relay=LOCAL.label, delay=now - job.created_at, reply=LOCAL_REPLY)
+            self.metrics.delivered.inc(len(delivered))
+            self.metrics.latency.observe(max(0.0, now - job.created_at))
+        if missing:
+            maillog.outcome(job.message_id, BOUNCED, (r.address for r in missing),
+                            relay=LOCAL.label, delay=now - job.created_at, reply=NO_MAILBOX)
+            self.metrics.bounced.inc(len(missing))
+        self._release_memory(job, len(job.recipients))
+        if dsns:
+            self.enqueue_new(dsns)
 
     # -- connections --------------------------------------------------------------------
 

@@ -1,0 +1,91 @@
+"""Local delivery: queued mail for a hosted mailbox is stored in it as unread inbox mail,
+exactly once, while the message's other recipients are relayed as before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from twisted.internet import defer
+
+from mailcore.mailapi import MailboxService
+from mailcore.mailapi.delivery import HostedAddresses, thd_store_local
+from mailcore.queue.model import Job, Rcpt
+from mailcore.queue.runner import thd_deliver_local
+from mailcore.store.schema import (
+    mailapi_attachments,
+    mailapi_mail,
+    mailboxes,
+    queue_recipients,
+    users,
+)
+from tests.support.mailsink import done
+from tests.support.queuetest import QueueTestCase
+
+MIME = (
+    b"From: Joe <joe@x.test>\r\nTo: bob@customer.test\r\nSubject: =?utf-8?q?h=C3=A9llo?=\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+    b"--B\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHi Bob\r\n"
+    b"--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+    b"filename=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--B--\r\n"
+)
+
+
+def thd_rows(conn: Connection) -> list[Any]:
+    return list(conn.execute(select(mailapi_mail).order_by(mailapi_mail.c.id)))
+
+
+class LocalDeliveryTests(QueueTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.hosted = HostedAddresses(self.db, self.clock)
+        self.runner.router.local = self.hosted
+        self.runner.local_store = thd_store_local
+        self.mailboxes = MailboxService(self.db, self.clock, on_change=self.hosted.invalidate)
+        owner = done(self.db.read("owner", lambda c: c.execute(select(users.c.id)).scalar()))
+        done(defer.Deferred.fromCoroutine(self.mailboxes.add("bob@customer.test", owner)))
+
+    def mail(self) -> list[Any]:
+        return list(done(self.db.read("rows", thd_rows)))
+
+    async def test_a_hosted_recipient_is_stored_and_the_others_relayed(self) -> None:
+        await self.accept("Q1", "Bob@customer.test", "joe@customer.test", body=MIME)
+        self.assertEqual(self.connector.addresses(), ["joe@customer.test"])
+        [row] = self.mail()
+        self.assertEqual((row.status, row.read, row.subject, row.body, row.mail_from),
+                         ("inbox", False, "héllo", "Hi Bob", "Joe <joe@x.test>"))
+        self.assertEqual(bytes(row.raw), MIME)
+        self.assertRegex(row.public_id, r"^[0-9a-f]{7}$")
+        attachments = done(self.db.read("att", lambda c: list(c.execute(
+            select(mailapi_attachments.c.name, mailapi_attachments.c.content_type,
+                   mailapi_attachments.c.data)))))
+        self.assertEqual([tuple(a) for a in attachments], [("a.pdf", "application/pdf", b"%PDF-")])
+        await self.q.spool.drain()
+        r = queue_recipients.c
+        states = done(self.db.read("states", lambda c: sorted(
+            tuple(row) for row in c.execute(select(r.address, r.state, r.next_hop)))))
+        self.assertEqual(states, [("Bob@customer.test", "delivered", "local"),
+                                  ("joe@customer.test", "delivered", "10.0.0.1:2525")])
+
+    async def test_a_replayed_delivery_stores_nothing_twice(self) -> None:
+        await self.accept("Q1", "bob@customer.test")
+        [row] = self.mail()
+        job = Job("Q1", "a@x.test", "relay", 0.0, 10,
+                  [Rcpt(row.queue_rcpt_id, "bob@customer.test", self.domain, 0)])
+        stored, _dsns = await self.q.spool.run_serialized(
+            "replay", thd_deliver_local, thd_store_local, job, b"Subject: again\r\n\r\nx",
+            "node", 1.0, 2.0, "mx.test")
+        self.assertEqual(stored, {row.queue_rcpt_id})
+        self.assertEqual(len(self.mail()), 1)
+
+    async def test_a_mailbox_removed_before_delivery_bounces_to_the_sender(self) -> None:
+        # The router still believes the address hosted (its cache), the store does not.
+        self.assertTrue(await self.hosted.contains("bob@customer.test"))
+        done(self.db.run("rm", lambda c: c.execute(mailboxes.delete())))
+        await self.accept("Q1", "bob@customer.test", sender="sender@elsewhere.test")
+        await self.q.spool.drain()
+        self.assertEqual(self.mail(), [])
+        count = done(self.db.read("n", lambda c: c.execute(
+            select(func.count()).select_from(queue_recipients)
+            .where(queue_recipients.c.state == "bounced")).scalar()))
+        self.assertEqual(count, 1)
