@@ -44,9 +44,16 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100.0", "selenium>=4.20"],
-        "dev": ["ruff>=0.6.0", "mypy>=1.11.0", "mypy-zope>=1.0.0", "hypothesis>=6.100.0",
-                "selenium>=4.20"],
+        # schemathesis: the property-based fuzz of the HTTP APIs (tests/test_web_fuzz.py).
+        "test": ["hypothesis>=6.100.0", "schemathesis>=4.0", "selenium>=4.20"],
+        "dev": [
+            "ruff>=0.6.0",
+            "mypy>=1.11.0",
+            "mypy-zope>=1.0.0",
+            "hypothesis>=6.100.0",
+            "selenium>=4.20",
+            "schemathesis>=4.0",
+        ],
     },
     entry_points={"console_scripts": ["mailcore = mailcore.cli:main"]},
 )

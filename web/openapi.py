@@ -199,11 +199,11 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
                 for name, text in reply.headers.items()
             }
         responses[str(status)] = entry
-    error_statuses = set(spec.errors) | {404, 405, 413, 500}
+    # Any request may be bad input (a path that is not UTF-8, a bad parameter or body), an
+    # unknown path, the wrong method or too large.
+    error_statuses = set(spec.errors) | {400, 404, 405, 413, 500}
     if spec.auth:
         error_statuses.add(401)
-    if spec.body is not None:
-        error_statuses.add(400)
     error_schema = {"$ref": f"#/components/schemas/{error_schema_name(spec.api)}"}
     for status in sorted(error_statuses):
         if str(status) in responses:
