@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.config import Config
+from mailcore.queue.journal import ResultJournal
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.nexthop import Listeners, NextHopPolicy
 from mailcore.queue.pipeline import Pipeline
@@ -79,6 +80,9 @@ def build_queue(
         results_db=relaxed_twin(db, reactor if reactor is not None else clock),
         linger=STREAM_LINGER if db.threaded else 0.0,
         gather=GROUP_GATHER if db.threaded else 0.0,
+        # The results journal lives in the data directory (unit tests' in-memory stores
+        # have none).
+        journal=ResultJournal(config.data_dir) if db.threaded else None,
     )
     runner.spool = spool
     service = QueueService(db, clock, settings, spool, runner)

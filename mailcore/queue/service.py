@@ -1,13 +1,14 @@
 """The queue as a daemon service: the sweeper, lease renewal, and an orderly stop.
 
-On start the node releases leases left under its own id by a previous run (it has nothing in
-flight yet), and only then starts taking work: accepts committed meanwhile stay unleased and
-the first sweep, at once, claims them with everything else that is due. A LoopingCall on the
+On start the node applies the results its previous run left in the results journal, then
+releases leases left under its own id by that run (it has nothing in flight yet), and only
+then starts taking work: accepts committed meanwhile stay unleased and the first sweep, at
+once, claims them with everything else that is due. A LoopingCall on the
 injected clock sweeps every `poll_interval` (and sooner when the runner frees room after a
 full claim), renews this node's leases every third of `lease_seconds`, refreshes the
 queue-depth gauge and prunes the delivered log. On stop it stops claiming, lets the spool's
 pending group commits finish, lets in-flight deliveries finish (or cuts them after the grace
-period), writes every result and releases the leases it still holds.
+period), writes every result, releases the leases it still holds and closes the journal.
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ class QueueService(Service):
     async def _start(self) -> None:
         if self.spool.results_db is not self.db:
             await self.spool.results_db.open()
+        # Results of the last run that reached the journal but not the store, first: those
+        # recipients were delivered and must not be claimed again.
+        await self.spool.recover()
         try:
             released = await self.spool.run_serialized(
                 "queue_release_own", thd_release_leases, self.settings.node_id, None
@@ -234,5 +238,9 @@ class QueueService(Service):
         except Exception:
             log.failure("releasing leases at stop failed ({n} recipients held)",
                         n=len(leftover))
+        try:
+            await self.spool.close_journal()
+        except Exception:
+            log.failure("closing the results journal failed")
         if self.spool.results_db is not self.db:
             await self.spool.results_db.close()

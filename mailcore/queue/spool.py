@@ -21,8 +21,9 @@ meet on SQLite's lock (where its busy handler would sleep). Delivery results (`r
 ride along in the next group commit while mail streams in; when the lane is quiet they get
 their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
-(see `relaxed_twin`). A result lost in a crash means a redelivery (a duplicate), never a
-lost message, so these waits trade a few duplicates for fewer transactions.
+(see `relaxed_twin`). These waits cost no duplicates when the process dies: a final
+result is written to the results journal (`mailcore.queue.journal`) as it is handed in,
+and the next start applies the journal before anything is delivered again.
 
 The accepting node inserts the recipients already leased to itself (when its runner has
 room) and hands them straight to the runner, so delivery starts without waiting for a poll.
@@ -44,6 +45,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.queue.journal import NOT_WRITTEN, ResultJournal
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
     Job,
@@ -81,6 +83,9 @@ GROUP_TARGET = 12
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
 
+# A result waiting for the store, and the journal file it was written to (or NOT_WRITTEN).
+_Entry = tuple[Result, int]
+
 
 class SpoolError(Exception):
     """The message could not be committed; the SMTP server answers 451."""
@@ -114,7 +119,7 @@ class _Group:
 
     __slots__ = ("batch", "results")
 
-    def __init__(self, batch: list[_Pending], results: list[Result]) -> None:
+    def __init__(self, batch: list[_Pending], results: list[_Entry]) -> None:
         self.batch = batch
         self.results = results
 
@@ -186,6 +191,14 @@ def thd_record_results(
     return dsns
 
 
+def _thd_open_journal(_conn: Connection, journal: ResultJournal) -> None:
+    journal.thd_open()
+
+
+def _thd_close_journal(_conn: Connection, journal: ResultJournal) -> None:
+    journal.thd_close()
+
+
 def relaxed_twin(db: Database, reactor: Any) -> Database:
     """A second Database on the same URL whose commits do not wait for the disk.
 
@@ -230,8 +243,10 @@ class Spool:
         linger: float = 0.0,
         gather: float = 0.0,
         group_target: int = GROUP_TARGET,
+        journal: ResultJournal | None = None,
     ) -> None:
         self.db = db
+        self.journal = journal
         self.results_db = results_db or db
         self.clock = clock
         self.settings = settings
@@ -250,7 +265,7 @@ class Spool:
         self._gathering = False
         # Appended by the reactor thread, taken by it or by the commit stream's thread
         # (deque appends and pops are atomic).
-        self._results: deque[Result] = deque()
+        self._results: deque[_Entry] = deque()
         self._chores: deque[_Chore] = deque()
         self._busy = False
         self._idle: list[defer.Deferred[None]] = []
@@ -284,10 +299,14 @@ class Spool:
         await item.done
 
     def record(self, results: Sequence[Result]) -> None:
-        """Queue delivery results for a results transaction (soon, not necessarily next)."""
+        """Queue delivery results for a results transaction (soon, not necessarily next);
+        the final ones are in the results journal when this returns."""
         if not self._results:
             self._results_since = self.clock.seconds()
-        self._results.extend(results)
+        if self.journal is not None:
+            self._results.extend(zip(results, self.journal.append(results), strict=True))
+        else:
+            self._results.extend((r, NOT_WRITTEN) for r in results)
         if self._results_timer is None or not self._results_timer.active():
             self._results_timer = self.clock.callLater(RESULTS_DELAY, self._kick)
         self._kick()
@@ -323,6 +342,44 @@ class Spool:
         if self._results_timer is not None and self._results_timer.active():
             self._results_timer.cancel()
         self._results_timer = None
+
+    async def recover(self) -> int:
+        """At start, before this node releases its old leases: apply the results its last
+        run left in the journal (only rows it still leases take them), then start the
+        journal afresh. Returns how many results the journal held. Without a usable
+        journal file the node runs unprotected (a crash may then deliver mail twice)."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        found = 0
+        try:
+            found = await self.run_serialized("queue_replay_results", self._thd_replay, journal)
+        except Exception:
+            log.failure("applying the results journal of the last run failed")
+        if found:
+            log.info("applied {n} delivery results of the last run from the results journal",
+                     n=found)
+        try:
+            await self.db.read("queue_journal_open", _thd_open_journal, journal)
+        except OSError as e:
+            log.warn("cannot open the results journal in {dir} ({error}); a crash may deliver "
+                     "some mail twice", dir=str(journal.directory), error=e.strerror or str(e))
+        return found
+
+    async def close_journal(self) -> None:
+        """At stop, after `drain`: close the results journal (emptied when the store has
+        every result written there)."""
+        if self.journal is not None and self.journal.is_open:
+            await self.db.read("queue_journal_close", _thd_close_journal, self.journal)
+
+    def _thd_replay(self, conn: Connection, journal: ResultJournal) -> int:
+        results = journal.thd_read()
+        if results:
+            now = self.clock.seconds()
+            # DSNs made here are leased to this node, whose leases are released next.
+            thd_record_results(conn, results, self.settings.node_id, now,
+                               now + self.settings.lease_seconds, self.reporting_mta)
+        return len(results)
 
     # -- the lane -----------------------------------------------------------------------
 
@@ -413,9 +470,9 @@ class Spool:
             self._busy = False
             self._kick()
 
-    def _take_results(self) -> list[Result]:
+    def _take_results(self) -> list[_Entry]:
         """Up to MAX_RESULTS waiting results (either thread)."""
-        out: list[Result] = []
+        out: list[_Entry] = []
         results = self._results
         while results and len(out) < MAX_RESULTS:
             out.append(results.popleft())
@@ -454,8 +511,8 @@ class Spool:
         messages = [NewMessage(p.queue_id, p.envelope, p.body, p.leased) for p in group.batch]
         ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until)
         dsns = (
-            thd_record_results(conn, group.results, self.settings.node_id, now, until,
-                               self.reporting_mta)
+            thd_record_results(conn, [r for r, _ in group.results], self.settings.node_id,
+                               now, until, self.reporting_mta)
             if group.results else []
         )
         return _Committed(now, messages, ids, dsns)
@@ -475,6 +532,7 @@ class Spool:
                 self._results.extendleft(reversed(group.results))
             return
         self.commits += 1
+        self._stored(group.results)
         self._recent_commits.append((result.now, len(batch)))
         self._recent_messages += len(batch)
         self._gathering = self._under_load()
@@ -487,18 +545,20 @@ class Spool:
             if result.dsns:
                 consumer.enqueue_new(result.dsns)
 
-    async def _write_results(self, results: list[Result]) -> None:
+    async def _write_results(self, results: list[_Entry]) -> None:
         now = self.clock.seconds()
         try:
             dsns = await self.results_db.run(
-                "queue_results", thd_record_results, results, self.settings.node_id, now,
-                now + self.settings.lease_seconds, self.reporting_mta,
+                "queue_results", thd_record_results, [r for r, _ in results],
+                self.settings.node_id, now, now + self.settings.lease_seconds,
+                self.reporting_mta,
             )
         except Exception:
             log.failure("writing {n} delivery results failed; retrying", n=len(results))
             self._results.extendleft(reversed(results))
             self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
         else:
+            self._stored(results)
             if dsns and self.consumer is not None:
                 self.consumer.enqueue_new(dsns)
         finally:
@@ -526,6 +586,11 @@ class Spool:
             bodies[m.queue_id] = m.body
         if jobs:
             consumer.submit(jobs, bodies)
+
+    def _stored(self, results: list[_Entry]) -> None:
+        """These results are in the store: their journal lines are no longer needed."""
+        if self.journal is not None and results:
+            self.journal.committed(where for _, where in results)
 
     def _retry_now(self) -> None:
         self._retry = None
