@@ -39,6 +39,8 @@ setup(
         "prometheus-client>=0.20.0",
         "fpdf2>=2.7.0",
         "idna>=3.7",
+        # The OAuth 2 provider of Dropmyemail (mailcore/oauth).
+        "oauthlib>=3.2.2",
         # safedrop uploads: a streaming multipart/form-data parser
         "multipart>=1.2.0",
         "jinja2>=3.1",

@@ -37,6 +37,7 @@ from mailcore.identity.service import CredentialSweeper
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.delivery import HostedAddresses, thd_store_local
 from mailcore.messages import MessageStore
+from mailcore.oauth import OAuthProvider, OAuthSettings
 from mailcore.queue import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
@@ -65,6 +66,8 @@ class Core:
     # Fetch accounts, the sync engine and its scheduler ([fetch]); the message store.
     fetch: FetchServices = field(init=False)
     messages: MessageStore = field(init=False)
+    # The OAuth 2 provider of Dropmyemail ([oauth]): apps, codes, tokens.
+    oauth: OAuthProvider = field(init=False)
     # The durable spool the SMTP server commits into, and the delivery runner ([queue]);
     # our own SMTP listeners, which are never a next hop (configured, then as bound).
     queue: Queue = field(init=False)
@@ -103,6 +106,10 @@ class Core:
             self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch")
         )
         self.messages = self.fetch.messages
+        self.oauth = OAuthProvider(
+            self.db, self.clock, self.identity,
+            OAuthSettings.from_section(self.config.section("oauth")),
+        )
         self.listeners = Listeners(self.config.smtp_endpoints)
         self.queue = build_queue(
             self.config, self.db, self.clock, self.metrics, reactor=self.clock,

@@ -152,6 +152,13 @@ def _safedrop(config: Config, reactor: Any) -> object:
     return SafedropSettings.from_config(config.section("safedrop"))
 
 
+def _oauth(config: Config, reactor: Any) -> object:
+    from mailcore.oauth.settings import OAuthSettings
+
+    _only_fields(config, "oauth", OAuthSettings)
+    return OAuthSettings.from_section(config.section("oauth"))
+
+
 def _web(config: Config, reactor: Any) -> object:
     from web.settings import WebSettings  # imported here: mailcore itself is free of HTTP
 
@@ -174,6 +181,7 @@ TABLES: dict[str, Reader] = {
     "fetch": _fetch,
     "webhooks": _webhooks,
     "safedrop": _safedrop,
+    "oauth": _oauth,
     "web": _web,
 }
 

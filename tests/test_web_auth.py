@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.support.oauth import register
 from tests.support.web import PASSWORD, Web
 from web.api import ApiApp
 from web.auth import DROPMYEMAIL, PROTECMAIL, CredentialResolver
@@ -179,21 +180,25 @@ class DropmyemailTokenTests(TestCase):
         self.web = Web.build()
         self.alice = await self.web.user()
         self.app = cast(DropmyemailApp, self.web.root.apps["dropmyemail"])
+        self.client = await register(self.web, self.alice)
+
+    async def access_token(self, scope: str = "read") -> str:
+        return str((await self.client.token(scope=scope))["access_token"])
 
     async def test_bearer_and_access_token_parameter(self) -> None:
-        token = await self.web.credential(self.alice, "token", scopes=("read",))
+        token = await self.access_token()
         for req in (request({"Authorization": f"Bearer {token}"}),
                     request(uri=f"/v1/accounts?access_token={token}")):
             principal = await self.app.principal(req, "read")
             self.assertEqual(principal.user.id, self.alice.id)
 
     async def test_read_implies_email_attachment_contact(self) -> None:
-        token = await self.web.credential(self.alice, "token", scopes=("read",))
+        token = await self.access_token()
         for scope in ("email", "attachment", "contact"):
             await self.app.principal(request({"Authorization": f"Bearer {token}"}), scope)
 
     async def test_a_missing_scope_is_a_403_insufficient_scope(self) -> None:
-        token = await self.web.credential(self.alice, "token", scopes=("read",))
+        token = await self.access_token()
         try:
             await self.app.principal(request({"Authorization": f"Bearer {token}"}), "write")
         except ApiError as e:
@@ -221,7 +226,7 @@ class DropmyemailTokenTests(TestCase):
             self.assertTrue(body["error_description"])
 
     async def test_twenty_requests_per_second_per_token(self) -> None:
-        token = await self.web.credential(self.alice, "token")
+        token = await self.access_token()
         for _ in range(20):
             await self.app.principal(request({"Authorization": f"Bearer {token}"}), "read")
         req = request({"Authorization": f"Bearer {token}"})
@@ -231,8 +236,15 @@ class DropmyemailTokenTests(TestCase):
         self.web.clock.advance(1)
         await self.app.principal(request({"Authorization": f"Bearer {token}"}), "read")
 
-    def test_the_oauth_extension_point_is_the_policy(self) -> None:
-        # The OAuth issue swaps the kinds (or sets `lookup`); today tokens stand in.
-        self.assertEqual(DROPMYEMAIL.kinds, ("token",))
+    async def test_other_credentials_are_not_access_tokens(self) -> None:
+        for kind in ("token", "apikey"):
+            secret = await self.web.credential(self.alice, kind)
+            with self.assertRaises(ApiError) as caught:
+                await self.app.principal(request({"Authorization": f"Bearer {secret}"}), "read")
+            self.assertEqual(caught.exception.status, 401)
+
+    def test_access_tokens_come_from_the_oauth_provider(self) -> None:
+        self.assertEqual(DROPMYEMAIL.kinds, ("oauth",))
+        self.assertIsNotNone(self.app.policy.lookup)
         self.assertEqual(DROPMYEMAIL.schemes, ("Bearer",))
         self.assertEqual(DROPMYEMAIL.query, ("access_token",))

@@ -12,7 +12,7 @@ API's own 401 as an `ApiError`, which the app renders in its shape.
 | PROTECMAIL | `Api-Key` | apikey |
 | SAFEDROP_KEY | `X-Auth-Key` (the auth server, with `X-Auth-User`) | apikey |
 | SAFEDROP | `X-Auth-Token`, `Auth-Token` | session |
-| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` | token, scope-checked |
+| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` | OAuth access token, scope-checked |
 
 The secret is never logged, never put in an error, and only its digest is looked up.
 """
@@ -165,9 +165,9 @@ SAFEDROP = AuthPolicy(
     },
 )
 
-# Dropmyemail's access tokens come from its OAuth flow, which a later issue builds. Until
-# then a non-expiring "token" credential with the right scopes serves; the OAuth work
-# changes `kinds` (e.g. to ("oauth",)) or sets `lookup`, and nothing else here moves.
+# Dropmyemail's access tokens come from its OAuth provider (mailcore.oauth), not from the
+# credentials table: the app sets `lookup` to the provider's resolve, and no other kind of
+# credential counts.
 DROPMYEMAIL_SCOPES = {
     "read": "Read accounts, migrates and restores.",
     "write": "Create, change and delete accounts; start migrates and restores.",
@@ -177,7 +177,7 @@ DROPMYEMAIL_SCOPES = {
 }
 DROPMYEMAIL = AuthPolicy(
     name="dropmyemail",
-    kinds=("token",),
+    kinds=("oauth",),
     schemes=("Bearer",),
     query=("access_token",),
     messages={

@@ -301,6 +301,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             settings,
             resolver=resolver,
             token_limiter=RateLimiter(clock, settings.dropmyemail_token_rate),
+            oauth=core.oauth,
         ),
     ]
     meta = MetaApp(

@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "mailcore.cli.billing",
     "mailcore.cli.webhooks",
     "mailcore.cli.mailboxes",
+    "mailcore.cli.oauth",
 )
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]

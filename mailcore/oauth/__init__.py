@@ -1,6 +1,33 @@
 """The OAuth 2 provider (Dropmyemail, seed 000): clients, consent, authorization codes with
 PKCE, and access and refresh tokens, built on oauthlib.
 
-Empty for now: the provider lands here (web/dropmyemail.py only translates its wire
-format). Only the auth routes are served today.
+`OAuthProvider` (provider.py) is the service: apps and grants for the CLI and the pages,
+the authorization and token endpoints for web/dropmyemail.py (which only translates HTTP),
+and `resolve` for the Bearer tokens of `/v1/`. Our rules for oauthlib are in validator.py;
+`[oauth]` in settings.py.
 """
+
+from mailcore.oauth.provider import (
+    App,
+    AuthorizationRedirect,
+    AuthorizationRefused,
+    Consent,
+    Grant,
+    OAuthError,
+    OAuthProvider,
+)
+from mailcore.oauth.settings import CODE_TTL, OAuthSettings
+from mailcore.oauth.validator import SCOPES
+
+__all__ = [
+    "CODE_TTL",
+    "SCOPES",
+    "App",
+    "AuthorizationRedirect",
+    "AuthorizationRefused",
+    "Consent",
+    "Grant",
+    "OAuthError",
+    "OAuthProvider",
+    "OAuthSettings",
+]

@@ -33,6 +33,7 @@ from mailcore.store.schema.messages import (
     threads,
 )
 from mailcore.store.schema.meta import metadata
+from mailcore.store.schema.oauth import oauth_apps, oauth_codes, oauth_tokens
 from mailcore.store.schema.quarantine import quarantine
 from mailcore.store.schema.queue import queue_messages, queue_recipients
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
@@ -61,6 +62,9 @@ __all__ = [
     "message_refs",
     "messages",
     "metadata",
+    "oauth_apps",
+    "oauth_codes",
+    "oauth_tokens",
     "quarantine",
     "queue_messages",
     "queue_recipients",

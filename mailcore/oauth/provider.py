@@ -1,0 +1,384 @@
+"""The OAuth 2 authorization server: apps, consent, codes and tokens (RFC 6749, RFC 9700).
+
+oauthlib's `WebApplicationServer` does the protocol; `StoreValidator` holds our rules. Each
+oauthlib call runs in one store transaction on the pool (the validator is synchronous), so
+that checking a code and marking it used, or issuing a token and revoking the one it
+replaces, happen together or not at all. Every secret (app secret, code, access and refresh
+token) is stored as its SHA-256 only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import secrets as _random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from oauthlib.oauth2 import FatalClientError, OAuth2Error, WebApplicationServer
+from oauthlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError
+from sqlalchemy import Connection, delete, func, insert, select, update
+from twisted.internet.interfaces import IReactorTime
+
+from mailcore.identity import Identity, Principal
+from mailcore.identity import secrets as creds
+from mailcore.identity.service import utc
+from mailcore.oauth.settings import OAuthSettings
+from mailcore.oauth.validator import SCOPES, StoreValidator, redirect_uris
+from mailcore.store import Database
+from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
+from mailcore.text import has_control
+
+# oauthlib's reply headers and body, and its status.
+Reply = tuple[dict[str, str], str, int]
+
+
+class OAuthError(Exception):
+    """An app operation was refused; `field` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class AuthorizationRefused(Exception):
+    """An authorization request that must not redirect (unknown client, unregistered
+    redirect_uri): show `message` on an error page."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class App:
+    """A registered client, as it may be shown (never its secret)."""
+
+    id: int
+    uid: str
+    name: str
+    owner_id: int
+    owner: str
+    redirect_uris: tuple[str, ...]
+    created_at: datetime.datetime
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a user has let an app do: the scopes of its live tokens."""
+
+    app: App
+    scopes: tuple[str, ...]
+    since: datetime.datetime
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Consent:
+    """A valid authorization request, waiting for the user's Allow or Deny."""
+
+    app: App
+    scopes: tuple[str, ...]
+    redirect_uri: str
+    state: str | None
+
+
+def _app(row: Any) -> App:
+    m = row._mapping
+    return App(
+        id=m["id"], uid=m["uid"], name=m["name"], owner_id=m["owner_id"], owner=m["owner"],
+        redirect_uris=tuple(redirect_uris(row)),
+        created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+    )
+
+
+def check_redirect_uri(uri: str) -> str:
+    """A redirect URI fit to register (RFC 6749 §3.1.2): absolute http(s), no fragment."""
+    if not isinstance(uri, str) or has_control(uri) or " " in uri or len(uri) > 2000:
+        raise OAuthError(f"redirect URI {uri!r} is not a URI", "redirect_uri")
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise OAuthError(f"redirect URI {uri!r} is not a URI", "redirect_uri") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise OAuthError(
+            f"redirect URI {uri!r} must be an absolute http:// or https:// URI", "redirect_uri"
+        )
+    if parts.fragment or "#" in uri:
+        raise OAuthError(f"redirect URI {uri!r} may not have a fragment", "redirect_uri")
+    return uri
+
+
+def _apps_query() -> Any:
+    return select(oauth_apps, users.c.username.label("owner")).join(
+        users, users.c.id == oauth_apps.c.owner_id
+    )
+
+
+class OAuthProvider:
+    """Apps, grants and the oauthlib endpoints, over the store."""
+
+    def __init__(
+        self, db: Database, clock: IReactorTime, identity: Identity, settings: OAuthSettings
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.identity = identity
+        self.settings = settings
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+
+    def _server(self, conn: Connection, now: datetime.datetime) -> WebApplicationServer:
+        return WebApplicationServer(
+            StoreValidator(conn, now),
+            token_expires_in=self.settings.access_token_ttl,
+            token_generator=lambda request: _random.token_hex(32),
+        )
+
+    # -- apps ---------------------------------------------------------------------------
+
+    async def add_app(self, owner_id: int, name: str, uris: list[str]) -> tuple[App, str]:
+        """Register an app; returns it and its secret (shown once, stored hashed)."""
+        name = name.strip() if isinstance(name, str) else ""
+        if not 1 <= len(name) <= 255 or has_control(name):
+            raise OAuthError("name must be 1 to 255 characters of one line", "name")
+        if not uris:
+            raise OAuthError("at least one redirect URI is required", "redirect_uri")
+        checked = [check_redirect_uri(u) for u in uris]
+        uid = _random.token_hex(32)
+        secret = _random.token_hex(32)
+        now = self.now()
+
+        def txn(conn: Connection) -> App:
+            if conn.execute(select(users.c.id).where(users.c.id == owner_id)).first() is None:
+                raise OAuthError("no such user", "owner")
+            conn.execute(insert(oauth_apps).values(
+                uid=uid, name=name, owner_id=owner_id, secret_digest=creds.digest(secret),
+                redirect_uris="\n".join(dict.fromkeys(checked)), created_at=now,
+            ))
+            return _app(conn.execute(_apps_query().where(oauth_apps.c.uid == uid)).one())
+
+        return await self.db.run("oauth_add_app", txn), secret
+
+    async def list_apps(self, owner_id: int | None = None) -> list[App]:
+        def txn(conn: Connection) -> list[App]:
+            q = _apps_query().order_by(oauth_apps.c.id)
+            if owner_id is not None:
+                q = q.where(oauth_apps.c.owner_id == owner_id)
+            return [_app(r) for r in conn.execute(q)]
+
+        return await self.db.read("oauth_list_apps", txn)
+
+    async def get_app(self, uid: str) -> App | None:
+        def txn(conn: Connection) -> App | None:
+            row = conn.execute(_apps_query().where(oauth_apps.c.uid == uid)).first()
+            return _app(row) if row else None
+
+        return await self.db.read("oauth_get_app", txn)
+
+    async def remove_app(self, uid: str, owner_id: int | None = None) -> App:
+        """Delete an app with its codes and tokens (`owner_id`: only if it owns it)."""
+
+        def txn(conn: Connection) -> App:
+            q = _apps_query().where(oauth_apps.c.uid == uid)
+            if owner_id is not None:
+                q = q.where(oauth_apps.c.owner_id == owner_id)
+            row = conn.execute(q).first()
+            if row is None:
+                raise OAuthError("no such app", "uid")
+            app_id = row._mapping["id"]
+            conn.execute(delete(oauth_tokens).where(oauth_tokens.c.app_id == app_id))
+            conn.execute(delete(oauth_codes).where(oauth_codes.c.app_id == app_id))
+            conn.execute(delete(oauth_apps).where(oauth_apps.c.id == app_id))
+            return _app(row)
+
+        return await self.db.run("oauth_remove_app", txn)
+
+    # -- grants -------------------------------------------------------------------------
+
+    async def grants(self, user_id: int) -> list[Grant]:
+        """The apps holding live tokens of `user_id` (an expired access token still counts
+        while its refresh token is live)."""
+
+        def txn(conn: Connection) -> list[Grant]:
+            t = oauth_tokens.c
+            rows = conn.execute(
+                select(oauth_tokens, func.count().over(partition_by=t.app_id).label("n"))
+                .where(t.user_id == user_id, t.revoked_at.is_(None))
+                .order_by(t.app_id, t.created_at)
+            ).all()
+            apps = {r._mapping["id"]: _app(r) for r in conn.execute(
+                _apps_query().where(oauth_apps.c.id.in_({r._mapping["app_id"] for r in rows}))
+            )}
+            found: dict[int, Grant] = {}
+            for r in rows:
+                m = r._mapping
+                g = found.get(m["app_id"])
+                scopes = tuple(dict.fromkeys((*(g.scopes if g else ()), *m["scopes"].split())))
+                since = g.since if g else utc(m["created_at"])
+                found[m["app_id"]] = Grant(apps[m["app_id"]], scopes, since,  # type: ignore[arg-type]
+                                           int(m["n"]))
+            return list(found.values())
+
+        return await self.db.read("oauth_grants", txn)
+
+    async def revoke(self, user_id: int, uid: str) -> int:
+        """Revoke every token and unused code `user_id` gave app `uid`; how many tokens."""
+        now = self.now()
+
+        def txn(conn: Connection) -> int:
+            app = conn.execute(select(oauth_apps.c.id).where(oauth_apps.c.uid == uid)).first()
+            if app is None:
+                raise OAuthError("no such app", "uid")
+            conn.execute(
+                update(oauth_codes)
+                .where(oauth_codes.c.app_id == app.id, oauth_codes.c.user_id == user_id,
+                       oauth_codes.c.used_at.is_(None))
+                .values(used_at=now)
+            )
+            return int(conn.execute(
+                update(oauth_tokens)
+                .where(oauth_tokens.c.app_id == app.id, oauth_tokens.c.user_id == user_id,
+                       oauth_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            ).rowcount or 0)
+
+        return await self.db.run("oauth_revoke", txn)
+
+    # -- the authorization endpoint -----------------------------------------------------
+
+    async def consent(self, uri: str) -> Consent:
+        """Check the authorization request in `uri` (GET /oauth/authorize?...).
+
+        Raises AuthorizationRefused when no redirect may happen (unknown client,
+        unregistered redirect_uri), or returns a `redirect` error Location through
+        `AuthorizationRedirect` when the client should be told (bad scope, response_type).
+        """
+        now = self.now()
+
+        def txn(conn: Connection) -> Consent:
+            server = self._server(conn, now)
+            try:
+                scopes, credentials = server.validate_authorization_request(uri)
+            except FatalClientError as e:
+                raise AuthorizationRefused(_describe(e)) from None
+            except OAuth2Error as e:
+                raise AuthorizationRedirect(e.in_uri(e.redirect_uri)) from None
+            request = credentials["request"]
+            method = request.code_challenge_method
+            if request.code_challenge and method != "S256":
+                error = _invalid_request("code_challenge_method must be S256", request)
+                raise AuthorizationRedirect(error.in_uri(credentials["redirect_uri"]))
+            return Consent(
+                app=_app(request.client.row), scopes=tuple(scopes),
+                redirect_uri=credentials["redirect_uri"], state=credentials.get("state"),
+            )
+
+        return await self.db.read("oauth_consent", txn)
+
+    async def decide(self, uri: str, user_id: int, allow: bool) -> str:
+        """The Location the user's decision on the request in `uri` sends them to: the
+        redirect_uri with a new `code` (and `state`), or with `error=access_denied`."""
+        consent = await self.consent(uri)
+        now = self.now()
+
+        def txn(conn: Connection) -> str:
+            server = self._server(conn, now)
+            scopes, credentials = server.validate_authorization_request(uri)
+            if not allow:
+                error = _access_denied(credentials["request"])
+                return str(error.in_uri(consent.redirect_uri))
+            headers, _, _ = server.create_authorization_response(
+                uri, scopes=scopes, credentials={"user": user_id}
+            )
+            return str(headers["Location"])
+
+        return await self.db.run("oauth_decide", txn)
+
+    # -- the token endpoint -------------------------------------------------------------
+
+    async def token(self, uri: str, body: str, headers: dict[str, str]) -> Reply:
+        """POST /oauth/token: (headers, JSON body, status), the success body exactly the
+        seed's `{access_token, token_type: "bearer", expires_in, refresh_token}`."""
+        now = self.now()
+
+        def txn(conn: Connection) -> Reply:
+            server = self._server(conn, now)
+            out_headers, out_body, status = server.create_token_response(
+                uri, "POST", body, headers
+            )
+            return dict(out_headers), out_body, status
+
+        reply_headers, reply_body, status = await self.db.run("oauth_token", txn)
+        if status == 200:
+            token = json.loads(reply_body)
+            reply_body = json.dumps({
+                "access_token": token["access_token"],
+                "token_type": "bearer",
+                "expires_in": token["expires_in"],
+                "refresh_token": token["refresh_token"],
+            })
+        return reply_headers, reply_body, status
+
+    # -- resource access ----------------------------------------------------------------
+
+    async def resolve(self, access_token: str) -> Principal | None:
+        """Who a live access token acts for, with its scopes; None if not live."""
+        if not 1 <= len(access_token) <= 256:
+            return None
+        now = self.now()
+
+        def txn(conn: Connection) -> tuple[int, int, str] | None:
+            row = conn.execute(
+                select(oauth_tokens.c.id, oauth_tokens.c.user_id, oauth_tokens.c.scopes,
+                       oauth_tokens.c.expires_at, oauth_tokens.c.revoked_at)
+                .where(oauth_tokens.c.access_digest == creds.digest(access_token))
+            ).first()
+            if row is None or row.revoked_at is not None or utc(row.expires_at) <= now:  # type: ignore[operator]
+                return None
+            return row.id, row.user_id, row.scopes
+
+        found = await self.db.read("oauth_resolve", txn)
+        if found is None:
+            return None
+        token_id, user_id, scopes = found
+        user = await self.identity.get_user(user_id)
+        if user is None or not user.is_active:
+            return None
+        return Principal(user=user, credential_id=token_id, kind="oauth",
+                         scopes=tuple(scopes.split()))
+
+
+class AuthorizationRedirect(Exception):
+    """An authorization error the client is told about: redirect the user to `location`."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+def _describe(error: OAuth2Error) -> str:
+    return str(error.description or error.error)
+
+
+def _invalid_request(description: str, request: Any) -> OAuth2Error:
+    return InvalidRequestError(description=description, request=request)
+
+
+def _access_denied(request: Any) -> OAuth2Error:
+    return AccessDeniedError(description="The user denied the request.", request=request)
+
+
+__all__ = [
+    "SCOPES",
+    "App",
+    "AuthorizationRedirect",
+    "AuthorizationRefused",
+    "Consent",
+    "Grant",
+    "OAuthError",
+    "OAuthProvider",
+]

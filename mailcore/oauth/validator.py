@@ -1,0 +1,307 @@
+"""Our rules for oauthlib: a `RequestValidator` over one open store transaction.
+
+oauthlib calls its validator synchronously, so the provider runs each oauthlib call inside
+one transaction on the store's pool and hands this validator that connection. Every method
+here is therefore blocking (`thd`-style) and must only be called from there.
+
+The rules: clients authenticate with their secret (form fields or HTTP Basic, never both;
+only its SHA-256 is stored); a redirect_uri must equal a registered one character for
+character; codes are single-use, bound to the client and to the redirect_uri of the
+authorization request, live `CODE_TTL` seconds, and a reused code revokes every token issued
+from it (RFC 6749 §4.1.2, RFC 9700 §4.2); PKCE is checked when the code carries a challenge
+(S256 only); a refresh token is good once (rotated), never for more scopes than granted, and
+a rotated one presented again revokes its family.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hmac
+from typing import Any
+from urllib.parse import unquote
+
+from oauthlib.common import Request
+from oauthlib.oauth2 import RequestValidator
+from sqlalchemy import Connection, insert, select, update
+
+from mailcore.identity import secrets as creds
+from mailcore.oauth.settings import CODE_TTL
+from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
+
+# Every scope a token may carry (dropmyemail-v1.md); `read` implies the last three.
+SCOPES = ("read", "write", "email", "attachment", "contact")
+GRANT_TYPES = ("authorization_code", "refresh_token")
+
+
+def redirect_uris(row: Any) -> list[str]:
+    return [u for u in row._mapping["redirect_uris"].split("\n") if u]
+
+
+class Client:
+    """The app a request comes from, as oauthlib wants it (`client_id`), and its row."""
+
+    def __init__(self, row: Any) -> None:
+        self.row = row
+        self.id: int = row._mapping["id"]
+        self.client_id: str = row._mapping["uid"]
+
+
+class StoreValidator(RequestValidator):  # type: ignore[misc]
+    """oauthlib's questions answered from one open transaction `conn` at time `now`."""
+
+    def __init__(self, conn: Connection, now: datetime.datetime) -> None:
+        self.conn = conn
+        self.now = now
+        self._apps: dict[str, Any] = {}
+
+    # -- clients ------------------------------------------------------------------------
+
+    def app(self, client_id: str | None) -> Any:
+        """The app row whose uid is `client_id` (with its owner's username), or None."""
+        if not client_id:
+            return None
+        if client_id not in self._apps:
+            self._apps[client_id] = self.conn.execute(
+                select(oauth_apps, users.c.username.label("owner"))
+                .join(users, users.c.id == oauth_apps.c.owner_id)
+                .where(oauth_apps.c.uid == client_id, users.c.is_active.is_(True))
+            ).first()
+        return self._apps[client_id]
+
+    def client_authentication_required(self, request: Request, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def authenticate_client(self, request: Request, *args: Any, **kwargs: Any) -> bool:
+        client_id, secret = request.client_id, request.client_secret
+        header = (request.headers or {}).get("Authorization", "")
+        if header[:6].lower() == "basic ":
+            if secret is not None:
+                return False  # RFC 6749 §2.3: one authentication method per request
+            try:
+                pair = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            basic_id, sep, basic_secret = pair.partition(":")
+            if not sep:
+                return False
+            basic_id, basic_secret = unquote(basic_id), unquote(basic_secret)
+            if client_id is not None and client_id != basic_id:
+                return False
+            client_id, secret = basic_id, basic_secret
+        row = self.app(client_id)
+        if row is None or not secret:
+            return False
+        if not hmac.compare_digest(row._mapping["secret_digest"], creds.digest(secret)):
+            return False
+        request.client = Client(row)
+        request.client_id = client_id
+        return True
+
+    def authenticate_client_id(
+        self, client_id: str, request: Request, *args: Any, **kwargs: Any
+    ) -> bool:
+        return False  # every client is confidential: no public clients
+
+    def validate_client_id(
+        self, client_id: str, request: Request, *args: Any, **kwargs: Any
+    ) -> bool:
+        row = self.app(client_id)
+        if row is None:
+            return False
+        request.client = Client(row)
+        return True
+
+    def validate_redirect_uri(
+        self, client_id: str, redirect_uri: str, request: Request, *args: Any, **kwargs: Any
+    ) -> bool:
+        row = self.app(client_id)
+        return row is not None and redirect_uri in redirect_uris(row)
+
+    def get_default_redirect_uri(
+        self, client_id: str, request: Request, *args: Any, **kwargs: Any
+    ) -> str | None:
+        row = self.app(client_id)
+        uris = redirect_uris(row) if row is not None else []
+        return uris[0] if len(uris) == 1 else None
+
+    def validate_response_type(
+        self, client_id: str, response_type: str, client: Any, request: Request,
+        *args: Any, **kwargs: Any,
+    ) -> bool:
+        return response_type == "code"
+
+    def validate_grant_type(
+        self, client_id: str, grant_type: str, client: Any, request: Request,
+        *args: Any, **kwargs: Any,
+    ) -> bool:
+        return grant_type in GRANT_TYPES
+
+    def validate_scopes(
+        self, client_id: str, scopes: list[str], client: Any, request: Request,
+        *args: Any, **kwargs: Any,
+    ) -> bool:
+        return bool(scopes) and all(s in SCOPES for s in scopes)
+
+    def get_default_scopes(
+        self, client_id: str, request: Request, *args: Any, **kwargs: Any
+    ) -> list[str]:
+        return ["read"]
+
+    def is_pkce_required(self, client_id: str, request: Request) -> bool:
+        return False
+
+    # -- codes --------------------------------------------------------------------------
+
+    def save_authorization_code(
+        self, client_id: str, code: dict[str, str], request: Request, *args: Any, **kwargs: Any
+    ) -> None:
+        row = self.app(client_id)
+        explicit = not getattr(request, "using_default_redirect_uri", False)
+        self.conn.execute(
+            insert(oauth_codes).values(
+                app_id=row._mapping["id"],
+                user_id=int(request.user),
+                digest=creds.digest(code["code"]),
+                redirect_uri=request.redirect_uri if explicit else None,
+                scopes=" ".join(request.scopes),
+                code_challenge=request.code_challenge,
+                code_challenge_method=request.code_challenge_method
+                if request.code_challenge
+                else None,
+                created_at=self.now,
+                expires_at=self.now + datetime.timedelta(seconds=CODE_TTL),
+            )
+        )
+
+    def _code(self, code: str, request: Request) -> Any:
+        found = getattr(request, "mailcore_code", None)
+        if found is None:
+            found = self.conn.execute(
+                select(oauth_codes).where(oauth_codes.c.digest == creds.digest(code))
+            ).first()
+            request.mailcore_code = found
+        return found
+
+    def validate_code(
+        self, client_id: str, code: str, client: Any, request: Request, *args: Any, **kwargs: Any
+    ) -> bool:
+        row = self._code(code, request)
+        if row is None or row._mapping["app_id"] != client.id:
+            return False
+        m = row._mapping
+        if m["used_at"] is not None:
+            # A second use: whoever holds the code may not be who used it first.
+            self.revoke_family(m["id"])
+            return False
+        if _utc(m["expires_at"]) <= self.now:
+            return False
+        request.user = m["user_id"]
+        request.scopes = m["scopes"].split()
+        return True
+
+    def get_code_challenge(self, code: str, request: Request) -> str | None:
+        row = self._code(code, request)
+        return row._mapping["code_challenge"] if row is not None else None
+
+    def get_code_challenge_method(self, code: str, request: Request) -> str | None:
+        row = self._code(code, request)
+        return row._mapping["code_challenge_method"] if row is not None else None
+
+    def confirm_redirect_uri(
+        self, client_id: str, code: str, redirect_uri: str | None, client: Any,
+        request: Request, *args: Any, **kwargs: Any,
+    ) -> bool:
+        row = self._code(code, request)
+        if row is None:
+            return False
+        stored = row._mapping["redirect_uri"]
+        if getattr(request, "using_default_redirect_uri", False):
+            return stored is None  # named at authorization: required here (RFC 6749 §4.1.3)
+        expected = stored if stored is not None else self.get_default_redirect_uri(
+            client_id, request
+        )
+        return redirect_uri == expected
+
+    def invalidate_authorization_code(
+        self, client_id: str, code: str, request: Request, *args: Any, **kwargs: Any
+    ) -> None:
+        row = self._code(code, request)
+        self.conn.execute(
+            update(oauth_codes).where(oauth_codes.c.id == row._mapping["id"])
+            .values(used_at=self.now)
+        )
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def save_bearer_token(
+        self, token: dict[str, Any], request: Request, *args: Any, **kwargs: Any
+    ) -> str | None:
+        code = getattr(request, "mailcore_code", None)
+        previous = getattr(request, "mailcore_refresh", None)
+        if code is not None:
+            code_id = code._mapping["id"]
+        elif previous is not None:
+            code_id = previous._mapping["code_id"]
+        else:
+            code_id = None
+        refresh = token.get("refresh_token")
+        self.conn.execute(
+            insert(oauth_tokens).values(
+                app_id=request.client.id,
+                user_id=int(request.user),
+                code_id=code_id,
+                access_digest=creds.digest(token["access_token"]),
+                refresh_digest=creds.digest(refresh) if refresh else None,
+                scopes=" ".join(request.scopes),
+                created_at=self.now,
+                expires_at=self.now + datetime.timedelta(seconds=int(token["expires_in"])),
+            )
+        )
+        if previous is not None:
+            self.conn.execute(
+                update(oauth_tokens).where(oauth_tokens.c.id == previous._mapping["id"])
+                .values(revoked_at=self.now)
+            )
+        return None
+
+    def validate_refresh_token(
+        self, refresh_token: str, client: Any, request: Request, *args: Any, **kwargs: Any
+    ) -> bool:
+        row = self.conn.execute(
+            select(oauth_tokens).where(
+                oauth_tokens.c.refresh_digest == creds.digest(refresh_token)
+            )
+        ).first()
+        if row is None or row._mapping["app_id"] != client.id:
+            return False
+        m = row._mapping
+        if m["revoked_at"] is not None:
+            # A rotated refresh token comes back: revoke what descends from its grant.
+            if m["code_id"] is not None:
+                self.revoke_family(m["code_id"])
+            return False
+        request.user = m["user_id"]
+        request.mailcore_refresh = row
+        return True
+
+    def get_original_scopes(
+        self, refresh_token: str, request: Request, *args: Any, **kwargs: Any
+    ) -> list[str]:
+        return str(request.mailcore_refresh._mapping["scopes"]).split()
+
+    def rotate_refresh_token(self, request: Request) -> bool:
+        return True
+
+    def revoke_family(self, code_id: int) -> None:
+        """Revoke every live token issued from code `code_id` (and their refreshes)."""
+        self.conn.execute(
+            update(oauth_tokens)
+            .where(oauth_tokens.c.code_id == code_id, oauth_tokens.c.revoked_at.is_(None))
+            .values(revoked_at=self.now)
+        )
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value

@@ -1,0 +1,275 @@
+"""The OAuth 2 provider of Dropmyemail (mailcore.oauth behind POST /oauth/token): the
+seed's token reply, and a battery of RFC 6749 / RFC 9700 attacks, one test each."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, cast
+from urllib.parse import quote
+
+from sqlalchemy import select
+from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from mailcore.oauth import CODE_TTL, AuthorizationRedirect, AuthorizationRefused, OAuthError
+from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens
+from tests.support.oauth import REDIRECT, authorize_uri, pkce_pair, query_of, register
+from tests.support.web import Web
+from web.dropmyemail import DropmyemailApp
+from web.errors import ApiError
+
+
+class Base(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.alice = await self.web.user()
+        self.client = await register(self.web, self.alice)
+        self.app = cast(DropmyemailApp, self.web.root.apps["dropmyemail"])
+
+    async def who(self, access_token: str, scope: str = "read") -> Any:
+        """The user id the token acts for, or the status of the refusal."""
+        req: Any = DummyRequest([b""])
+        req.requestHeaders.addRawHeader(b"authorization", f"Bearer {access_token}".encode())
+        try:
+            return (await self.app.principal(req, scope)).user.id
+        except ApiError as e:
+            return e.status
+
+
+class TokenReplyTests(Base):
+    async def test_the_code_exchange_answers_exactly_the_seed_reply(self) -> None:
+        code = await self.client.code()
+        status, headers, body = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(set(body), {"access_token", "token_type", "expires_in", "refresh_token"})
+        self.assertEqual((body["token_type"], body["expires_in"]), ("bearer", 7200))
+        self.assertEqual(len(body["access_token"]), 64)
+        self.assertEqual(headers["cache-control"], ["no-store"])
+        self.assertEqual(await self.who(body["access_token"]), self.alice.id)
+
+    async def test_client_credentials_in_http_basic(self) -> None:
+        code = await self.client.code()
+        basic = base64.b64encode(
+            f"{quote(self.client.uid)}:{quote(self.client.secret)}".encode()
+        ).decode()
+        status, _, body = await self.web.call(
+            "POST", "/oauth/token", headers={"Authorization": f"Basic {basic}"},
+            data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT},
+        )
+        self.assertEqual(status, 200, body)
+
+    async def test_json_body_is_accepted(self) -> None:
+        code = await self.client.code()
+        status, _, body = await self.web.call("POST", "/oauth/token", json={
+            "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+            "client_id": self.client.uid, "client_secret": self.client.secret,
+        })
+        self.assertEqual(status, 200, body)
+
+    async def test_secrets_are_stored_hashed(self) -> None:
+        token = await self.client.token()
+
+        def dump(conn: Any) -> str:
+            rows = [*conn.execute(select(oauth_apps)), *conn.execute(select(oauth_codes)),
+                    *conn.execute(select(oauth_tokens))]
+            return repr(rows)
+
+        stored = await self.web.core.db.read("dump", dump)
+        for secret in (self.client.secret, token["access_token"], token["refresh_token"]):
+            self.assertNotIn(secret, stored)
+            self.assertNotIn(secret.encode().hex(), stored)
+
+    async def test_access_tokens_expire_after_the_configured_ttl(self) -> None:
+        token = await self.client.token()
+        self.web.clock.advance(7199)
+        self.assertEqual(await self.who(token["access_token"]), self.alice.id)
+        self.web.clock.advance(1)
+        self.assertEqual(await self.who(token["access_token"]), 401)
+
+
+class BatteryTests(Base):
+    """One attack (or mistake) each; every one ends in an RFC 6749 §5.2 error."""
+
+    async def test_code_reuse_is_refused_and_revokes_what_it_issued(self) -> None:
+        code = await self.client.code()
+        first = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual(first[0], 200)
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        self.assertEqual(await self.who(first[2]["access_token"]), 401)
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=first[2]["refresh_token"])
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+
+    async def test_an_expired_code_is_refused(self) -> None:
+        code = await self.client.code()
+        self.web.clock.advance(CODE_TTL)
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+
+    async def test_a_code_just_inside_five_minutes_is_good(self) -> None:
+        code = await self.client.code()
+        self.web.clock.advance(CODE_TTL - 1)
+        status, _, _ = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual(status, 200)
+
+    async def test_redirect_uri_variants_are_refused_at_authorization(self) -> None:
+        for variant in (REDIRECT + "x", REDIRECT[:-1], REDIRECT.upper(),
+                        REDIRECT.replace("callback", "Callback"), REDIRECT + "?a=b",
+                        REDIRECT + "/", "https://client.example.evil/callback"):
+            with self.assertRaises(AuthorizationRefused, msg=variant):
+                await self.web.core.oauth.consent(authorize_uri(self.client.uid,
+                                                                redirect_uri=variant))
+
+    async def test_redirect_uri_variants_are_refused_at_the_token_endpoint(self) -> None:
+        for variant in (REDIRECT + "x", REDIRECT[:-1], REDIRECT.upper(), REDIRECT + "?a=b"):
+            code = await self.client.code()
+            status, _, body = await self.client.exchange(
+                grant_type="authorization_code", code=code, redirect_uri=variant)
+            self.assertEqual(status, 400, variant)
+            self.assertIn(body["error"], ("invalid_request", "invalid_grant"))
+
+    async def test_the_redirect_uri_of_the_request_is_required_at_exchange(self) -> None:
+        code = await self.client.code()
+        status, _, body = await self.client.exchange(grant_type="authorization_code", code=code)
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+
+    async def test_an_unknown_client_is_an_error_page_not_a_redirect(self) -> None:
+        with self.assertRaises(AuthorizationRefused):
+            await self.web.core.oauth.consent(authorize_uri("0" * 64))
+
+    async def test_a_wrong_secret_is_invalid_client(self) -> None:
+        code = await self.client.code()
+        status, _, body = await self.web.call("POST", "/oauth/token", data={
+            "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+            "client_id": self.client.uid, "client_secret": "0" * 64,
+        })
+        self.assertEqual((status, body["error"]), (401, "invalid_client"))
+        # The code is still good for its rightful client.
+        status, _, _ = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual(status, 200)
+
+    async def test_another_clients_code_is_invalid_grant(self) -> None:
+        other = await register(self.web, self.alice)
+        code = await self.client.code()
+        status, _, body = await other.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+
+    async def test_pkce_mismatch_and_missing_verifier(self) -> None:
+        verifier, challenge = pkce_pair()
+        for fields in ({"code_verifier": "w" * 43}, {}):
+            code = await self.client.code(code_challenge=challenge,
+                                          code_challenge_method="S256")
+            status, _, body = await self.client.exchange(
+                grant_type="authorization_code", code=code, redirect_uri=REDIRECT, **fields)
+            self.assertEqual(status, 400, fields)
+            self.assertIn(body["error"], ("invalid_grant", "invalid_request"))
+        code = await self.client.code(code_challenge=challenge, code_challenge_method="S256")
+        status, _, _ = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT,
+            code_verifier=verifier)
+        self.assertEqual(status, 200)
+
+    async def test_pkce_plain_is_refused(self) -> None:
+        with self.assertRaises(AuthorizationRedirect) as caught:
+            await self.web.core.oauth.consent(authorize_uri(
+                self.client.uid, code_challenge="x" * 43, code_challenge_method="plain"))
+        self.assertEqual(query_of(caught.exception.location)["error"], "invalid_request")
+
+    async def test_refresh_rotates_and_the_old_refresh_token_dies(self) -> None:
+        first = await self.client.token()
+        status, _, second = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=first["refresh_token"])
+        self.assertEqual(status, 200, second)
+        self.assertNotEqual(second["refresh_token"], first["refresh_token"])
+        self.assertEqual(await self.who(first["access_token"]), 401)
+        self.assertEqual(await self.who(second["access_token"]), self.alice.id)
+        # The old refresh token again: refused, and the family it came from is revoked.
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=first["refresh_token"])
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        self.assertEqual(await self.who(second["access_token"]), 401)
+
+    async def test_a_removed_app_can_neither_exchange_nor_call(self) -> None:
+        token = await self.client.token()
+        code = await self.client.code()
+        await self.web.core.oauth.remove_app(self.client.uid)
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (401, "invalid_client"))
+        self.assertEqual(await self.who(token["access_token"]), 401)
+
+    async def test_a_revoked_grant_ends_access_and_refresh(self) -> None:
+        token = await self.client.token()
+        self.assertEqual(await self.web.core.oauth.revoke(self.alice.id, self.client.uid), 1)
+        self.assertEqual(await self.who(token["access_token"]), 401)
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"])
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        self.assertEqual(await self.web.core.oauth.grants(self.alice.id), [])
+
+    async def test_scope_escalation_on_refresh_is_invalid_scope(self) -> None:
+        token = await self.client.token(scope="read")
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"],
+            scope="read write")
+        self.assertEqual((status, body["error"]), (400, "invalid_scope"))
+        self.assertEqual(await self.who(token["access_token"], "write"), 403)
+
+    async def test_an_unknown_scope_is_told_to_the_client(self) -> None:
+        with self.assertRaises(AuthorizationRedirect) as caught:
+            await self.web.core.oauth.consent(authorize_uri(self.client.uid, scope="admin"))
+        self.assertEqual(query_of(caught.exception.location)["error"], "invalid_scope")
+
+    async def test_deny_redirects_with_access_denied_and_state(self) -> None:
+        location = await self.web.core.oauth.decide(
+            authorize_uri(self.client.uid, state="xyz"), self.alice.id, False)
+        self.assertTrue(location.startswith(REDIRECT + "?"))
+        query = query_of(location)
+        self.assertEqual((query["error"], query["state"]), ("access_denied", "xyz"))
+        self.assertNotIn("code", query)
+
+    async def test_bad_token_requests_are_4xx_never_5xx(self) -> None:
+        cases: list[dict[str, Any]] = [
+            {"data": {}},
+            {"data": {"grant_type": "password", "username": "a", "password": "b"}},
+            {"data": {"grant_type": "authorization_code"}},
+            {"json": {"grant_type": ["authorization_code"]}},
+            {"data": b"\xff\xfe", "headers": {"Content-Type":
+                                               "application/x-www-form-urlencoded"}},
+            {"data": {"grant_type": "authorization_code", "code": "x"},
+             "headers": {"Authorization": "Basic !!!"}},
+            {"data": {"grant_type": "refresh_token", "refresh_token": "x" * 5000}},
+        ]
+        for case in cases:
+            status, _, body = await self.web.call("POST", "/oauth/token", **case)
+            self.assertTrue(400 <= status < 500, (case, status, body))
+            self.assertIn("error", body)
+
+    async def test_grants_list_the_apps_a_user_let_in(self) -> None:
+        await self.client.token(scope="read")
+        grants = await self.web.core.oauth.grants(self.alice.id)
+        self.assertEqual([(g.app.uid, g.scopes) for g in grants], [(self.client.uid, ("read",))])
+
+
+class AppTests(Base):
+    async def test_redirect_uris_must_be_absolute_http_without_fragment(self) -> None:
+        for uri in ("/callback", "ftp://x/cb", "https://x/cb#frag", "https://x/c b",
+                    "javascript:alert(1)"):
+            with self.assertRaises(OAuthError, msg=uri):
+                await self.web.core.oauth.add_app(self.alice.id, "x", [uri])
+
+    async def test_remove_app_of_another_owner_is_no_such_app(self) -> None:
+        bob = await self.web.user("bob")
+        with self.assertRaises(OAuthError):
+            await self.web.core.oauth.remove_app(self.client.uid, owner_id=bob.id)
+        self.assertIsNotNone(await self.web.core.oauth.get_app(self.client.uid))
+
