@@ -36,6 +36,9 @@ from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.delivery import HostedAddresses, thd_store_local
+from mailcore.mailapi.mail import MailService
+from mailcore.mailapi.outbox import OutboxSender
+from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
 from mailcore.oauth import OAuthProvider, OAuthSettings
 from mailcore.queue import Queue, build_queue
@@ -90,6 +93,10 @@ class Core:
     verifier: DomainVerifier = field(init=False)
     # The Mail API's hosted mailboxes and their grants (seed 002).
     mailboxes: MailboxService = field(init=False)
+    # Their mail ([mailapi]) and the outbox that hands it to the spool in posting order.
+    mailapi_settings: MailApiSettings = field(init=False)
+    mail: MailService = field(init=False)
+    outbox: OutboxSender = field(init=False)
     # safedrop ([safedrop]): drop bundles, recipients, files on disk, notifications.
     safedrop: SafedropService = field(init=False)
 
@@ -140,6 +147,11 @@ class Core:
         self.queue.runner.router.local = hosted
         self.queue.runner.local_store = thd_store_local
         self.mailboxes = MailboxService(self.db, self.clock, on_change=hosted.invalidate)
+        self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
+        self.mail = MailService(self.db, self.clock, self.config.hostname,
+                                self.mailapi_settings.max_attachment_bytes)
+        self.outbox = OutboxSender(self.db, self.clock, self.spool)
+        self.mail.on_enqueued.append(self.outbox.kick)
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],
@@ -197,7 +209,7 @@ class Core:
         """Timers and workers (queue runners, sync schedulers) owned by the daemon."""
         # The filter chain first, so it is closed after the queue stopped using it.
         services: list[IService] = [self.filter_service, self.domains, self.fetch.scheduler,
-                                    self.queue.service, self.quarantine]
+                                    self.queue.service, self.quarantine, self.outbox]
         services.append(self.tokens)
         services.append(CredentialSweeper(self.identity, self.clock))
         if self.webhooks.sender is not None:

@@ -159,6 +159,13 @@ def _oauth(config: Config, reactor: Any) -> object:
     return OAuthSettings.from_section(config.section("oauth"))
 
 
+def _mailapi(config: Config, reactor: Any) -> object:
+    from mailcore.mailapi.settings import MailApiSettings
+
+    _only_fields(config, "mailapi", MailApiSettings)
+    return MailApiSettings.from_config(config.section("mailapi"))
+
+
 def _web(config: Config, reactor: Any) -> object:
     from web.settings import WebSettings  # imported here: mailcore itself is free of HTTP
 
@@ -181,6 +188,7 @@ TABLES: dict[str, Reader] = {
     "fetch": _fetch,
     "webhooks": _webhooks,
     "safedrop": _safedrop,
+    "mailapi": _mailapi,
     "oauth": _oauth,
     "web": _web,
 }

@@ -156,7 +156,7 @@ class NotFoundShapeTests(TestCase):
         cases = [
             ("/api/nothing", {"detail": "Not found."}),
             ("/api/emails/no/such/route/", {"detail": "Not found."}),  # IMAP2API prefix
-            ("/api/v1/mail/e2ac585", {"message": "not found"}),
+            ("/api/v1/mail/e2ac585/nothing", {"message": "not found"}),
             ("/v1/accounts", {"error": "not_found", "error_description": "Not found."}),
             ("/dropbundles/12/nothing", {"error": "Not found."}),
             ("/nothing", {"error": "Not found.", "status": 404}),
@@ -179,7 +179,7 @@ class MethodNotAllowedTests(TestCase):
         web = Web.build()
         cases = [
             ("GET", "/api-token-auth/", {"detail": 'Method "GET" not allowed.'}, "POST"),
-            ("GET", "/api/v1/auth/", {"message": "Method GET not allowed."}, "POST"),
+            ("GET", "/api/v1/auth/", {"message": "Method GET not allowed."}, "HEAD, POST"),
             ("POST", "/auth", {"error": "Method POST not allowed."}, "GET, HEAD"),
             ("DELETE", "/metrics", {"error": "Method DELETE not allowed.", "status": 405},
              "GET, HEAD"),

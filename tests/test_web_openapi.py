@@ -16,7 +16,7 @@ from web.errors import PlainErrors
 from web.openapi import RouteTable, document, openapi_path
 from web.settings import WebSettings
 
-IGNORED_METHODS = {"HEAD", "OPTIONS"}
+IGNORED_METHODS = {"HEAD", "OPTIONS"}  # HEAD: where Werkzeug adds it to a GET rule
 
 
 def served_operations(apps: Any) -> set[tuple[str, str]]:
@@ -25,7 +25,9 @@ def served_operations(apps: Any) -> set[tuple[str, str]]:
     for app in apps:
         for rule in app.app.url_map.iter_rules():
             path, _ = openapi_path(rule.rule)
-            for method in set(rule.methods or ()) - IGNORED_METHODS:
+            methods = set(rule.methods or ())
+            ignored = IGNORED_METHODS if "GET" in methods else IGNORED_METHODS - {"HEAD"}
+            for method in methods - ignored:
                 served.add((path, method.lower()))
     return served
 

@@ -5,8 +5,15 @@ errors are `{"error": ...}`, as the seed shows). The credential is the `auth_key
 `POST /api/v1/auth/`, in the `Auth-Key` header (also `auth_key` as header or query
 parameter, or `Authorization: Token <key>`).
 
-The seed's auth endpoint also names an application `api_key` ("403 API key is missing");
-one identity serves every API here, so it is accepted and not required.
+The seed's auth endpoint also names an application `api_key` (query or form parameter
+`api_key`, or header `Api-Key`): any user's API key (the kind Protecmail's `Api-Key` takes).
+`HEAD /api/v1/auth/` checks one (200, or 403); `POST /api/v1/auth/` requires one only with
+`[mailapi] require_api_key = true` (403 `{"error": "API key is missing."}`), and refuses a
+wrong one either way.
+
+Mail: `/api/v1/mail/` (GET a keyset page, POST a draft or outbox mail) and
+`/api/v1/mail/{id}` (GET, PUT, DELETE), with the seed's status codes and messages; the
+model is mailcore.mailapi.mail.
 
 Mailboxes and grants: `/api/v1/mailboxes/…` (model in mailcore.mailapi). A refusal of the
 model answers 400 (bad input), 401 (a right the caller does not hold, as the seed's "you
@@ -19,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from klein import Klein
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from mailcore.identity import Principal
@@ -33,13 +41,36 @@ from mailcore.mailapi import (
     MailApiError,
     MailboxService,
 )
+from mailcore.mailapi.mail import (
+    DEFAULT_COUNT,
+    DRAFT,
+    FIELDS,
+    INBOX,
+    MAX_COUNT,
+    Edit,
+    Mail,
+    MailService,
+    Outcome,
+    Upload,
+)
 from web.api import ApiApp
 from web.auth import MAIL_API, CredentialResolver
 from web.errors import ApiError, MailApiErrors
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
-from web.parsing import FORM_TYPE, MULTIPART_TYPE, bool_field, collect_fields
+from web.parsing import (
+    FORM_TYPE,
+    MULTIPART_TYPE,
+    bool_field,
+    collect_fields,
+    parse_int,
+    query_params,
+    string_field,
+)
+from web.parsing import Upload as FilePart
 from web.settings import WebSettings
+
+log = Logger(namespace="mailcore.web")
 
 AUTH_BODY: dict[str, Any] = {
     "type": "object",
@@ -88,12 +119,90 @@ MESSAGE_REPLY: dict[str, Any] = {
     "type": "object",
     "properties": {"message": {"type": "string"}},
 }
-STATUS_OF_KIND = {INVALID: 400, DENIED: 401, NOT_FOUND: 404, CONFLICT: 409}
+STATUS_OF_KIND = {INVALID: 400, DENIED: 401, NOT_FOUND: 404, "state": 405, CONFLICT: 409,
+                  "too_large": 413}
+MAIL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "mailbox": {"type": "string"},
+        "read": {"type": "boolean"},
+        "status": {"type": "string", "enum": ["draft", "outbox", "sent", "inbox"]},
+        **{name: {"type": "string"} for name in FIELDS},
+        "attachments": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "type": {"type": "string"},
+            "size": {"type": "integer"}, "url": {"type": "string"}}}},
+    },
+}
+PAGE_REPLY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "emails": {"type": "array", "items": MAIL_SCHEMA},
+        "count": {"type": "integer", "description": "every mail the caller may read"},
+        "previous_page_id": {"type": ["string", "null"]},
+        "next_page_id": {"type": ["string", "null"]},
+        "next_email_id": {"type": ["string", "null"]},
+    },
+}
+MAIL_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["draft", "outbox"]},
+        **{name: {"type": "string"} for name in FIELDS},
+        "attachment": {"type": "string", "format": "binary",
+                       "description": "multipart file part(s), any field name"},
+    },
+}
+WRITTEN_REPLY: dict[str, Any] = {
+    "type": "object",
+    "properties": {"message": {"type": "string"}, "id": {"type": "string"}},
+}
+# The seed's reply to each outcome: (status on POST, status on PUT, message).
+WRITTEN: dict[Outcome, tuple[int, int, str]] = {
+    Outcome.SAVED: (201, 200, ""),
+    Outcome.ENQUEUED: (202, 202, "email enqueued to be sent"),
+    Outcome.MISSING: (400, 400, "missing to / status - stored email as draft"),
+    Outcome.INVALID: (400, 400, "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+    Outcome.BAD_HEADER: (400, 400, "invalid subject (a line break or control character) "
+                         "- stored email as draft"),
+    Outcome.UNAUTHORIZED: (401, 401, "unauthorized from/reply-to - stored email as draft"),
+}
+NOT_STORED = "mail not sent / draft not saved"
 
 
 def model_error(error: MailApiError) -> ApiError:
     """A refusal of the model as the seed's `{"message": ...}` reply."""
     return ApiError(STATUS_OF_KIND.get(error.kind, 400), error.message)
+
+
+def mail_object(mail: Mail) -> dict[str, Any]:
+    """A mail as the seed shows it; Bcc only on the sender's side (not on inbox mail)."""
+    body: dict[str, Any] = {"id": mail.public_id, "mailbox": mail.mailbox, "read": mail.read,
+                            "status": mail.status}
+    for name in FIELDS:
+        if name == "bcc" and mail.status == INBOX:
+            continue
+        body[name] = mail.fields[name]
+    body["attachments"] = [
+        {"name": a.name, "type": a.content_type, "size": a.size,
+         "url": f"/api/v1/mail/{mail.public_id}/attachments/{a.index}"}
+        for a in mail.attachments
+    ]
+    return body
+
+
+def mail_edit(data: dict[str, Any]) -> Edit:
+    """The fields of a POST or PUT: strings (any text; checked when sent), file parts as
+    attachments. A value that is not a string is refused before anything is stored."""
+    values: dict[str, str] = {}
+    for name in FIELDS:
+        value = string_field(data, name, required=False, allow_blank=True, trim=False)
+        if value is not None:
+            values[name] = value
+    status = data.get("status")
+    uploads = [Upload(v.filename or v.name, v.content_type, v.data)
+               for v in data.values() if isinstance(v, FilePart)]
+    return Edit(status if isinstance(status, str) and status else None, values, uploads)
 
 
 def mailbox_object(access: Access) -> dict[str, Any]:
@@ -125,11 +234,15 @@ class MailApiApp(ApiApp):
         resolver: CredentialResolver,
         login: PasswordLogin,
         mailboxes: MailboxService,
+        mail: MailService,
+        require_api_key: bool = False,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
         self.login = login
         self.mailboxes = mailboxes
+        self.mail = mail
+        self.require_api_key = require_api_key
 
     async def principal(self, request: IRequest) -> Principal:
         """The auth_key's user, or 401 `{"message": "unauthorized"}`."""
@@ -147,6 +260,7 @@ class MailApiApp(ApiApp):
     async def authenticate(self, request: IRequest) -> bytes:
         """Each call creates a new auth_key; limited per client address."""
         data = self.fields(request)
+        await self.check_api_key(request, data, required=self.require_api_key)
         username = _given(data, "username")
         if username is None:
             raise ApiError(400, "Please provide username.", key="error")
@@ -158,6 +272,193 @@ class MailApiApp(ApiApp):
             raise ApiError(401, "unauthorized")
         key = await self.login.issue_token(user, "mailapi-auth")
         return self.reply(request, {"auth_key": key}, headers={"Cache-Control": "no-store"})
+
+    async def check_api_key(self, request: IRequest, data: dict[str, Any], *,
+                            required: bool) -> None:
+        """The application api_key (query, form or `Api-Key` header): 403 when missing and
+        `required`, or when it is not a live API key."""
+        key: Any = query_params(request).get("api_key") or data.get("api_key")
+        if not key:
+            header = request.getHeader(b"api-key")
+            key = header.decode("latin-1").strip() if header else None
+        if not key:
+            if required:
+                raise ApiError(403, "API key is missing.", key="error")
+            return
+        if not isinstance(key, str) or len(key) > 256 \
+                or await self.resolver.identity.resolve(key, ("apikey",)) is None:
+            raise ApiError(403, "API key is invalid.", key="error")
+
+    @routes.route(
+        "/api/v1/auth/",
+        "HEAD",
+        summary="Check an application api_key",
+        query={"api_key": {"type": "string"}},
+        replies={200: Reply("The api_key is valid")},
+        errors=(403,),
+    )
+    async def check_key(self, request: IRequest) -> bytes:
+        await self.check_api_key(request, {}, required=True)
+        return b""
+
+    # -- mail -----------------------------------------------------------------------------
+
+    @routes.route(
+        "/api/v1/mail/",
+        "GET",
+        summary="List the mail the caller may read, newest first",
+        description="A keyset page: `cursor` is a mail id (the page starts there, "
+        "inclusive); `next_page_id` starts the next page, `previous_page_id` the one "
+        "before. Stable while new mail arrives.",
+        auth=MAIL_API,
+        query={"count": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT,
+                         "default": DEFAULT_COUNT},
+               "cursor": {"type": "string"}},
+        replies={200: Reply("A page of mail", PAGE_REPLY)},
+        errors=(400, 401),
+    )
+    async def list_mail(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        params = query_params(request)
+        count = DEFAULT_COUNT
+        if params.get("count", "") != "":
+            parsed = parse_int(params["count"].strip())
+            if parsed is None or not 1 <= parsed <= MAX_COUNT:
+                raise ApiError(400, "invalid count")
+            count = parsed
+        cursor = params.get("cursor") or None
+        try:
+            page = await self.mail.page(principal.user.id, count, cursor)
+        except MailApiError as e:
+            raise model_error(e) from None
+        return self.reply(request, {
+            "emails": [mail_object(m) for m in page.emails], "count": page.count,
+            "previous_page_id": page.previous_id, "next_page_id": page.next_id,
+            "next_email_id": page.next_id,
+        })
+
+    def written(self, request: IRequest, outcome: Outcome, public_id: str, *,
+                put: bool) -> bytes:
+        post_status, put_status, message = WRITTEN[outcome]
+        status = put_status if put else post_status
+        if outcome is Outcome.SAVED:
+            message = "updated email" if put else "draft saved"
+        return self.reply(request, {"message": message, "id": public_id}, status)
+
+    @routes.route(
+        "/api/v1/mail/",
+        "POST",
+        summary="Create an email (a draft, or outbox to send it)",
+        description="Fields are checked only for status outbox; mail that cannot be sent "
+        "is kept as a draft and the reply says why (with its id).",
+        auth=MAIL_API,
+        body=MAIL_BODY,
+        body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
+        replies={201: Reply("Draft saved", WRITTEN_REPLY),
+                 202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
+        errors=(400, 401, 413, 500),
+    )
+    async def create_mail(self, request: IRequest) -> bytes:
+        principal = await self.principal(request)
+        edit = mail_edit(self.fields(request))
+        try:
+            written = await self.mail.create(principal.user.id, principal.user.email, edit)
+        except MailApiError as e:
+            raise model_error(e) from None
+        except Exception:
+            log.failure("storing a Mail API mail failed")
+            raise ApiError(500, NOT_STORED) from None
+        return self.written(request, written.outcome, written.public_id, put=False)
+
+    @routes.route(
+        "/api/v1/mail/<mail_id>",
+        "GET",
+        summary="One email (reading inbox mail marks it read)",
+        auth=MAIL_API,
+        replies={200: Reply("The email", MAIL_SCHEMA)},
+        errors=(401, 404),
+    )
+    async def get_mail(self, request: IRequest, mail_id: str) -> bytes:
+        principal = await self.principal(request)
+        try:
+            mail = await self.mail.get(principal.user.id, mail_id)
+        except MailApiError as e:
+            raise model_error(e) from None
+        return self.reply(request, mail_object(mail))
+
+    @routes.route(
+        "/api/v1/mail/<mail_id>/attachments/<int:index>",
+        "GET",
+        summary="Download an attachment",
+        auth=MAIL_API,
+        replies={200: Reply("The attachment's bytes", None, "application/octet-stream")},
+        errors=(401, 404),
+    )
+    async def get_attachment(self, request: IRequest, mail_id: str, index: int) -> bytes:
+        principal = await self.principal(request)
+        try:
+            upload = await self.mail.attachment(principal.user.id, mail_id, index)
+        except MailApiError as e:
+            raise model_error(e) from None
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        safe = "".join(c for c in upload.name if c.isascii() and c.isprintable()
+                       and c not in '"\\')
+        request.setHeader(b"Content-Disposition",
+                          f'attachment; filename="{safe or "attachment"}"'.encode("ascii"))
+        return upload.data
+
+    @routes.route(
+        "/api/v1/mail/<mail_id>",
+        "PUT",
+        summary="Update a draft, send it (status outbox), or set read",
+        description="Only drafts change; sent, outbox and inbox mail take only `read` "
+        "(405 otherwise).",
+        auth=MAIL_API,
+        body={**MAIL_BODY, "properties": {**MAIL_BODY["properties"],
+                                          "read": {"type": "boolean"}}},
+        body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
+        replies={200: Reply("Updated", WRITTEN_REPLY),
+                 202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
+        errors=(400, 401, 404, 405, 413, 500),
+    )
+    async def put_mail(self, request: IRequest, mail_id: str) -> bytes:
+        principal = await self.principal(request)
+        data = self.fields(request)
+        read = bool_field(data, "read")
+        edit = mail_edit(data)
+        if edit.status is None and (edit.values or edit.attachments):
+            edit.status = DRAFT
+        try:
+            written = await self.mail.update(principal.user.id, mail_id, edit, read)
+        except MailApiError as e:
+            raise model_error(e) from None
+        except Exception:
+            log.failure("updating a Mail API mail failed")
+            raise ApiError(500, NOT_STORED) from None
+        return self.written(request, written.outcome, written.public_id, put=True)
+
+    @routes.route(
+        "/api/v1/mail/<mail_id>",
+        "DELETE",
+        summary="Delete an email",
+        auth=MAIL_API,
+        replies={202: Reply('`{"message": "mail deleted"}`', MESSAGE_REPLY,
+                            headers={"Location": "/api/v1/mail/"})},
+        errors=(401, 404, 500),
+    )
+    async def delete_mail(self, request: IRequest, mail_id: str) -> bytes:
+        principal = await self.principal(request)
+        try:
+            await self.mail.delete(principal.user.id, mail_id)
+        except MailApiError as e:
+            raise model_error(e) from None
+        except Exception:
+            log.failure("deleting a Mail API mail failed")
+            raise ApiError(500, "we could not delete this email, please try again later") \
+                from None
+        return self.reply(request, {"message": "mail deleted"}, 202,
+                          headers={"Location": "/api/v1/mail/"})
 
     # -- mailboxes and grants ------------------------------------------------------------
 

@@ -282,7 +282,8 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             webhooks=core.webhooks,
             clock=clock,
         ),
-        MailApiApp(settings, resolver=resolver, login=login, mailboxes=core.mailboxes),
+        MailApiApp(settings, resolver=resolver, login=login, mailboxes=core.mailboxes,
+                   mail=core.mail, require_api_key=core.mailapi_settings.require_api_key),
         ProtecmailApp(
             settings,
             resolver=resolver,

@@ -37,7 +37,11 @@ def parse_address_list(text: str, field: str) -> list[str]:
         raise MailApiError(INVALID, f"{field}: control characters are not allowed.", field)
     if not text.strip():
         return []
-    header = _REGISTRY("To", text)
+    try:
+        header = _REGISTRY("To", text)
+    except Exception:  # the stdlib parser raises on some inputs ("a@")
+        raise MailApiError(INVALID, f"{field}: {text!r} is not a list of email addresses.",
+                           field) from None
     if header.defects or not isinstance(header, AddressHeader):
         raise MailApiError(INVALID, f"{field}: {text!r} is not a list of email addresses.",
                            field)

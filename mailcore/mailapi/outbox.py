@@ -1,0 +1,143 @@
+"""The outbox: mail set to `outbox` goes to the delivery queue in posting order.
+
+Each outbox row was built and given its queue id when it entered the outbox
+(mailcore.mailapi.mail). The sender takes outbox rows oldest first, hands them to the spool
+(`Spool.accept`, kind "outbox") in that order, and marks them `sent` once the spool has
+committed them. The queue id is the idempotency key: after a crash between the spool's
+commit and the mark, the row's id is found in the queue and the row is marked sent without
+a second accept. Hosted recipients are then delivered locally by the queue, the others
+routed as any mail ([queue] relayhost or MX); bounces come back to the sender's mailbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.mailapi.addresses import parse_address_list
+from mailcore.mailapi.mail import OUTBOX, SENT
+from mailcore.queue.model import thd_domain_for
+from mailcore.queue.spool import Spool
+from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.store import Database
+from mailcore.store.schema import mailapi_mail, queue_messages
+
+log = Logger()
+
+BATCH = 200
+RETRY_AFTER = 5.0
+
+_m = mailapi_mail.c
+
+
+def thd_outbox(conn: Connection, limit: int) -> list[tuple[int, str, Envelope, bytes, bool]]:
+    """Blocking: the oldest outbox rows as (row id, queue id, envelope, message, already
+    in the queue)."""
+    rows = conn.execute(
+        select(_m.id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs, _m.bcc_addrs,
+               _m.raw).where(_m.status == OUTBOX).order_by(_m.id).limit(limit)).all()
+    queued = {r[0] for r in conn.execute(select(queue_messages.c.id).where(
+        queue_messages.c.id.in_([row.queue_id for row in rows])))} if rows else set()
+    out = []
+    domains: dict[str, int | None] = {}
+    for row in rows:
+        addresses: list[str] = []
+        for text, name in ((row.to_addrs, "to"), (row.cc_addrs, "cc"), (row.bcc_addrs, "bcc")):
+            for address in parse_address_list(text, name):
+                if address not in addresses:
+                    addresses.append(address)
+        recipients = []
+        for address in addresses:
+            domain = address.rpartition("@")[2]
+            if domain not in domains:
+                domains[domain] = thd_domain_for(conn, domain)
+            recipients.append(Recipient(address, domains[domain]))
+        envelope = Envelope(row.mail_from, tuple(recipients), kind="outbox")
+        out.append((row.id, row.queue_id, envelope, bytes(row.raw), row.queue_id in queued))
+    return out
+
+
+def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
+    conn.execute(update(mailapi_mail).where(_m.id.in_(list(ids)), _m.status == OUTBOX)
+                 .values(status=SENT, sent_at=now, read=True))
+
+
+class OutboxSender(Service):
+    """Hands outbox mail to the spool, oldest first (FIFO per sending mailbox)."""
+
+    def __init__(self, db: Database, clock: IReactorTime, spool: Spool) -> None:
+        self.db = db
+        self.clock = clock
+        self.spool = spool
+        self._busy = False
+        self._again = False
+        self._retry: IDelayedCall | None = None
+        self._current: defer.Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.kick()  # what a crash left in the outbox
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        return self._current if self._current is not None else defer.succeed(None)
+
+    def kick(self) -> None:
+        """Send what is in the outbox (again, if a pass is running)."""
+        if not self.running:
+            return
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        self._current = defer.Deferred.fromCoroutine(self._pass())
+
+    async def _pass(self) -> None:
+        try:
+            while self.running:
+                self._again = False
+                sent = await self._send_batch()
+                if not sent and not self._again:
+                    break
+        except Exception:
+            log.failure("sending the outbox failed; trying again in {s} s", s=RETRY_AFTER)
+            if self.running:
+                self._retry = self.clock.callLater(RETRY_AFTER, self.kick)
+        finally:
+            self._busy = False
+            self._current = None
+
+    async def _send_batch(self) -> int:
+        rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH)
+        if not rows:
+            return 0
+        # Accepts are queued in the spool in call order: posting order is kept.
+        accepts = [defer.Deferred.fromCoroutine(self.spool.accept(qid, env, raw))
+                   for _id, qid, env, raw, queued in rows if not queued]
+        results = await defer.DeferredList(accepts, consumeErrors=True)
+        failed: list[Failure] = [r for ok, r in results if not ok]  # type: ignore[misc]
+        done: list[int] = []
+        pending = iter(results)
+        for row_id, _qid, _env, _raw, queued in rows:
+            if queued:
+                done.append(row_id)
+                continue
+            ok, _ = next(pending)
+            if not ok:
+                break  # keep FIFO: what follows a failure waits for the retry
+            done.append(row_id)
+        if done:
+            await self.db.run("mailapi_mark_sent", thd_mark_sent, done, self.clock.seconds())
+        if failed:
+            failed[0].raiseException()
+        return len(done)

@@ -1,0 +1,336 @@
+"""Mail API mail (seed 002 `/api/v1/mail/…`) through the real web root on an in-memory
+store: the keyset listing, reading, drafts and the outbox with the seed's codes, the grant
+matrix, bad input kept as a draft (or refused with nothing stored), and the api_key."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy import select
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from mailcore.mailapi.delivery import thd_store_local
+from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
+from tests.support.web import Web
+
+BOB = "bob@hosted.test"
+JOE = "joe@hosted.test"
+
+
+def multipart(fields: dict[str, str], name: str, filename: str, data: bytes,
+              content_type: str) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body (StubTreq cannot send files) and its header."""
+    parts = [f'--B\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append((f'--B\r\nContent-Disposition: form-data; name="{name}"; '
+                  f"filename*=utf-8''{quote(filename)}\r\nContent-Type: {content_type}"
+                  "\r\n\r\n").encode() + data + b"\r\n")
+    return b"".join(parts) + b"--B--\r\n", {"Content-Type": "multipart/form-data; boundary=B"}
+
+
+def inbox_message(n: int) -> bytes:
+    return (f"From: Sender <s{n}@far.test>\r\nTo: {BOB}\r\nSubject: mail {n}\r\n\r\n"
+            f"body {n}\r\n").encode()
+
+
+class MailApiTestCase(TestCase):
+    config: Config | None = None
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build(self.config)
+        core = self.web.core
+        self.users = {name: await self.web.user(name, f"{name}@hosted.test")
+                      for name in ("bob", "joe", "eve")}
+        await core.domains.add("hosted.test", self.users["bob"].id, "mx.hosted.test")
+        await core.mailboxes.add(BOB, self.users["bob"].id)
+        await core.mailboxes.add(JOE, self.users["joe"].id)
+        self.keys = {name: await self.web.credential(user, "token")
+                     for name, user in self.users.items()}
+        self.rcpt = 0
+
+    async def deliver(self, n: int, to: str = BOB) -> None:
+        self.rcpt += 1
+        await self.web.core.db.run("deliver", thd_store_local, [(self.rcpt, to)], f"Q{n}",
+                                   inbox_message(n), float(n))
+
+    async def as_(self, who: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        headers = {"Auth-Key": self.keys[who], **kwargs.pop("headers", {})}
+        status, _, body = await self.web.call(method, path, headers=headers, **kwargs)
+        return status, body
+
+    async def grant(self, box: str, to: str, **rights: bool) -> None:
+        owner = "bob" if box == BOB else "joe"
+        status, _ = await self.as_(owner, "PUT", f"/api/v1/mailboxes/{box}/access/{to}",
+                                   json=rights)
+        self.assertEqual(status, 200)
+
+    async def rows(self) -> list[Any]:
+        return list(await self.web.core.db.read("rows", lambda c: list(c.execute(
+            select(mailapi_mail).order_by(mailapi_mail.c.id)))))
+
+
+class ListingTests(MailApiTestCase):
+    async def test_keyset_pages_newest_first_stable_while_mail_arrives(self) -> None:
+        for n in range(1, 6):
+            await self.deliver(n)
+        status, page = await self.as_("bob", "GET", "/api/v1/mail/?count=2")
+        self.assertEqual(status, 200)
+        self.assertEqual([m["subject"] for m in page["emails"]], ["mail 5", "mail 4"])
+        self.assertEqual((page["count"], page["previous_page_id"]), (5, None))
+        self.assertEqual(page["next_email_id"], page["next_page_id"])
+        first = page["emails"][0]
+        self.assertRegex(first["id"], r"^[0-9a-f]{7}$")
+        self.assertEqual({k: first[k] for k in ("status", "read", "to", "from", "body")},
+                         {"status": "inbox", "read": False, "to": BOB,
+                          "from": "Sender <s5@far.test>", "body": "body 5\n"})
+        self.assertNotIn("bcc", first)
+        await self.deliver(6)  # new mail does not shift the next page
+        status, second = await self.as_(
+            "bob", "GET", f"/api/v1/mail/?count=2&cursor={page['next_page_id']}")
+        self.assertEqual([m["subject"] for m in second["emails"]], ["mail 3", "mail 2"])
+        self.assertEqual(second["count"], 6)
+        status, back = await self.as_(
+            "bob", "GET", f"/api/v1/mail/?count=2&cursor={second['previous_page_id']}")
+        self.assertEqual([m["subject"] for m in back["emails"]], ["mail 5", "mail 4"])
+        status, last = await self.as_(
+            "bob", "GET", f"/api/v1/mail/?count=2&cursor={second['next_page_id']}")
+        self.assertEqual(([m["subject"] for m in last["emails"]], last["next_page_id"]),
+                         (["mail 1"], None))
+        # Nobody else sees bob's mail, and bob's cursor is nothing to them.
+        self.assertEqual((await self.as_("joe", "GET", "/api/v1/mail/"))[1]["emails"], [])
+        self.assertEqual(await self.as_("joe", "GET", f"/api/v1/mail/?cursor={first['id']}"),
+                         (400, {"message": "invalid cursor"}))
+
+    async def test_invalid_count(self) -> None:
+        for count in ("0", "-1", "abc", "1001", "\u0661\u0662", "1.5"):
+            self.assertEqual(await self.as_("bob", "GET", f"/api/v1/mail/?count={count}"),
+                             (400, {"message": "invalid count"}), count)
+
+    async def test_without_a_key_it_is_401(self) -> None:
+        status, _, body = await self.web.call("GET", "/api/v1/mail/")
+        self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+
+    async def test_reading_inbox_mail_marks_it_read_and_put_unmarks(self) -> None:
+        await self.deliver(1)
+        [row] = await self.rows()
+        status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{row.public_id}")
+        self.assertEqual((status, mail["read"]), (200, True))
+        self.assertTrue((await self.rows())[0].read)
+        self.assertEqual(await self.as_("bob", "PUT", f"/api/v1/mail/{row.public_id}",
+                                        json={"read": False}),
+                         (200, {"message": "updated email", "id": row.public_id}))
+        self.assertFalse((await self.rows())[0].read)
+        # Inbox mail takes nothing but the flag.
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{row.public_id}",
+                                      json={"subject": "changed"})
+        self.assertEqual((status, body),
+                         (405, {"message": "inbox mail cannot be changed; only drafts can"}))
+        self.assertEqual(await self.as_("bob", "GET", "/api/v1/mail/nosuch1"),
+                         (404, {"message": "email not found"}))
+
+    async def test_delete(self) -> None:
+        await self.deliver(1)
+        [row] = await self.rows()
+        path = f"/api/v1/mail/{row.public_id}"
+        self.assertEqual(await self.as_("eve", "DELETE", path),
+                         (404, {"message": "email not found"}))
+        status, headers, body = await self.web.call(
+            "DELETE", path, headers={"Auth-Key": self.keys["bob"]})
+        self.assertEqual((status, body, headers["location"]),
+                         (202, {"message": "mail deleted"}, ["/api/v1/mail/"]))
+        self.assertEqual(await self.rows(), [])
+        self.assertEqual(await self.as_("bob", "DELETE", path),
+                         (404, {"message": "email not found"}))
+
+
+class WritingTests(MailApiTestCase):
+    async def test_draft_outbox_and_the_seeds_codes(self) -> None:
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/",
+                                      json={"status": "draft", "cc": JOE})
+        self.assertEqual((status, body["message"]), (201, "draft saved"))
+        draft_id = body["id"]
+        cases = [
+            ({"to": JOE}, 400, "missing to / status - stored email as draft"),
+            ({"status": "outbox"}, 400, "missing to / status - stored email as draft"),
+            ({"status": "outbox", "to": "joe@"}, 400,
+             "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "cc": "a@b@c.test"}, 400,
+             "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "bcc": "x"}, 400,
+             "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "reply-to": "no"}, 400,
+             "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+            ({"status": "outbox", "to": JOE + "\r\nBcc: spy@far.test"}, 400,
+             "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "subject": "hi\r\nBcc: spy@far.test"}, 400,
+             "invalid subject (a line break or control character) - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "from": JOE}, 401,
+             "unauthorized from/reply-to - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "reply-to": "me@far.test"}, 401,
+             "unauthorized from/reply-to - stored email as draft"),
+        ]
+        for fields, code, message in cases:
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=fields)
+            self.assertEqual((status, body["message"]), (code, message), fields)
+            self.assertRegex(body["id"], r"^[0-9a-f]{7}$")
+        rows = await self.rows()
+        self.assertEqual([r.status for r in rows], ["draft"] * (len(cases) + 1))
+        self.assertTrue(all(r.queue_id is None for r in rows))
+        # A value that is not text is refused before anything is stored.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/",
+                                      json={"status": "outbox", "to": ["x"]})
+        self.assertEqual(status, 400)
+        self.assertEqual(len(await self.rows()), len(cases) + 1)
+
+        # The draft is finished and sent by PUT.
+        path = f"/api/v1/mail/{draft_id}"
+        self.assertEqual(await self.as_("bob", "PUT", path, json={"to": JOE, "body": "hi"}),
+                         (200, {"message": "updated email", "id": draft_id}))
+        self.assertEqual(await self.as_("bob", "PUT", path, json={"status": "outbox",
+                                                                  "bcc": "spy@far.test"}),
+                         (202, {"message": "email enqueued to be sent", "id": draft_id}))
+        status, mail = await self.as_("bob", "GET", path)
+        self.assertEqual((mail["status"], mail["from"], mail["bcc"]),
+                         ("outbox", BOB, "spy@far.test"))
+        status, body = await self.as_("bob", "PUT", path, json={"subject": "late"})
+        self.assertEqual((status, body),
+                         (405, {"message": "outbox mail cannot be changed; only drafts can"}))
+
+        # The sender hands it to the spool in order and marks it sent.
+        self.web.core.outbox.startService()
+        self.addCleanup(self.web.core.outbox.stopService)
+        status, mail = await self.as_("bob", "GET", path)
+        self.assertEqual(mail["status"], "sent")
+        [row] = [r for r in await self.rows() if r.public_id == draft_id]
+        queued = await self.web.core.db.read("q", lambda c: c.execute(
+            select(queue_messages.c.body, queue_messages.c.kind, queue_messages.c.mail_from)
+            .where(queue_messages.c.id == row.queue_id)).one())
+        self.assertEqual((queued.kind, queued.mail_from), ("outbox", BOB))
+        sent: Any = email.message_from_bytes(bytes(queued.body),
+                                             policy=email.policy.default)
+        self.assertEqual((sent["From"], sent["To"], sent["Cc"], sent["Bcc"]),
+                         (BOB, JOE, JOE, None))
+        self.assertTrue(sent["Message-ID"] and sent["Date"])
+        rcpts = await self.web.core.db.read("r", lambda c: sorted(r[0] for r in c.execute(
+            select(queue_recipients.c.address)
+            .where(queue_recipients.c.message_id == row.queue_id))))
+        self.assertEqual(rcpts, [JOE, "spy@far.test"])
+        status, body = await self.as_("bob", "PUT", path, json={"status": "draft"})
+        self.assertEqual(status, 405)
+
+    async def test_attachments_up_and_down(self) -> None:
+        data, headers = multipart({"status": "outbox", "to": JOE, "subject": "file"},
+                                  "attachment", "r\u00e9port.pdf", b"%PDF-1.4 data",
+                                  "application/pdf")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 202, body)
+        status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{body['id']}")
+        [att] = mail["attachments"]
+        self.assertEqual((att["name"], att["type"], att["size"]),
+                         ("r\u00e9port.pdf", "application/pdf", 13))
+        status, _, got = await self.web.call(
+            "GET", att["url"], headers={"Auth-Key": self.keys["bob"]})
+        self.assertEqual((status, got), (200, b"%PDF-1.4 data"))
+        [row] = await self.rows()
+        message: Any = email.message_from_bytes(bytes(row.raw), policy=email.policy.default)
+        [part] = list(message.iter_attachments())
+        self.assertEqual(part.get_content(), b"%PDF-1.4 data")
+        self.assertEqual(part.get_filename(), "r\u00e9port.pdf")
+        self.assertEqual((await self.as_("eve", "GET", att["url"]))[0], 404)
+
+
+class SmallAttachmentTests(MailApiTestCase):
+    config = Config(sections={"fetch": {"allow_loopback": True},
+                              "mailapi": {"max_attachment_bytes": 8}})
+
+    async def test_an_oversized_attachment_is_413_and_nothing_is_stored(self) -> None:
+        data, headers = multipart({"status": "draft"}, "attachment", "a.bin", b"123456789",
+                                  "application/octet-stream")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 413)
+        self.assertIn("larger than 8 bytes", body["message"])
+        self.assertEqual(await self.rows(), [])
+
+
+class GrantMatrixTests(MailApiTestCase):
+    """Each right: its operation by joe on bob's mailbox fails without it, works with it."""
+
+    async def test_allow_read(self) -> None:
+        await self.deliver(1)
+        [row] = await self.rows()
+        self.assertEqual((await self.as_("joe", "GET", f"/api/v1/mail/{row.public_id}"))[0],
+                         404)
+        await self.grant(BOB, "joe", allow_read=True)
+        self.assertEqual((await self.as_("joe", "GET", f"/api/v1/mail/{row.public_id}"))[0],
+                         200)
+        self.assertEqual(len((await self.as_("joe", "GET", "/api/v1/mail/"))[1]["emails"]), 1)
+
+    async def test_allow_send(self) -> None:
+        fields = {"status": "outbox", "from": BOB, "to": "x@far.test"}
+        self.assertEqual((await self.as_("joe", "POST", "/api/v1/mail/", json=fields))[0], 401)
+        await self.grant(BOB, "joe", allow_send=True)
+        self.assertEqual((await self.as_("joe", "POST", "/api/v1/mail/", json=fields))[0], 202)
+
+    async def test_allow_reply_to(self) -> None:
+        fields = {"status": "outbox", "reply-to": BOB, "to": "x@far.test"}
+        status, body = await self.as_("joe", "POST", "/api/v1/mail/", json=fields)
+        self.assertEqual((status, body["message"]),
+                         (401, "unauthorized from/reply-to - stored email as draft"))
+        await self.grant(BOB, "joe", allow_reply_to=True)
+        self.assertEqual((await self.as_("joe", "POST", "/api/v1/mail/", json=fields))[0], 202)
+
+    async def test_allow_delete(self) -> None:
+        await self.deliver(1)
+        [row] = await self.rows()
+        await self.grant(BOB, "joe", allow_read=True)
+        self.assertEqual(await self.as_("joe", "DELETE", f"/api/v1/mail/{row.public_id}"),
+                         (401, {"message": "you may not delete this email"}))
+        await self.grant(BOB, "joe", allow_delete=True)
+        self.assertEqual((await self.as_("joe", "DELETE", f"/api/v1/mail/{row.public_id}"))[0],
+                         202)
+
+    async def test_allow_modify_and_no_more_than_held(self) -> None:
+        path = f"/api/v1/mailboxes/{BOB}/access/eve"
+        self.assertEqual((await self.as_("joe", "PUT", path, json={"allow_read": True}))[0],
+                         404)  # no right at all: the mailbox is invisible
+        await self.grant(BOB, "joe", allow_read=True)
+        self.assertEqual((await self.as_("joe", "PUT", path, json={"allow_read": True}))[0],
+                         401)
+        await self.grant(BOB, "joe", allow_modify=True)
+        self.assertEqual((await self.as_("joe", "PUT", path, json={"allow_read": True}))[0],
+                         200)
+        self.assertEqual(await self.as_("joe", "PUT", path, json={"allow_send": True}),
+                         (401, {"message": "you may not grant allow_send"}))
+
+
+class ApiKeyTests(MailApiTestCase):
+    config = Config(sections={"fetch": {"allow_loopback": True},
+                              "mailapi": {"require_api_key": True}})
+
+    async def test_required_api_key(self) -> None:
+        form = {"username": "bob", "password": "s3cret-Pa55"}
+        status, _, body = await self.web.call("POST", "/api/v1/auth/", data=form)
+        self.assertEqual((status, body), (403, {"error": "API key is missing."}))
+        key = await self.web.credential(self.users["eve"], "apikey")
+        status, _, body = await self.web.call("POST", "/api/v1/auth/",
+                                              data={**form, "api_key": "f" * 40})
+        self.assertEqual((status, body), (403, {"error": "API key is invalid."}))
+        status, _, body = await self.web.call("POST", "/api/v1/auth/",
+                                              data={**form, "api_key": key})
+        self.assertEqual(status, 200)
+        self.assertIn("auth_key", body)
+        status, _, _ = await self.web.call("HEAD", f"/api/v1/auth/?api_key={key}")
+        self.assertEqual(status, 200)
+        status, _, _ = await self.web.call("HEAD", "/api/v1/auth/")
+        self.assertEqual(status, 403)
+        status, _, _ = await self.web.call("HEAD", "/api/v1/auth/",
+                                           headers={"Api-Key": "0" * 40})
+        self.assertEqual(status, 403)
