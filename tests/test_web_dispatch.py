@@ -42,7 +42,7 @@ class DispatcherTests(TestCase):
             ("/api/v1/domain/example.tld/addresses", "protecmail"),
             ("/api/v1/domains/example.tld", "protecmail"),
             ("/api/v1/quarantine/example.tld/0/3", "protecmail"),
-            ("/oauth/authorize", "dropmyemail"),
+            ("/oauth/authorize", "oauth_pages"),
             ("/oauth/token", "dropmyemail"),
             ("/v1/accounts/4/mailboxes/2/messages", "dropmyemail"),
             ("/", "safedrop"),

@@ -40,6 +40,7 @@ from web.login import PasswordLogin
 from web.mailapi import MailApiApp
 from web.meta import MetaApp
 from web.metrics import HttpMetrics
+from web.oauth_pages import OAuthPagesApp
 from web.openapi import document
 from web.pages import Pages, StaticApp
 from web.protecmail import ProtecmailApp
@@ -78,6 +79,7 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("/api/v1/quarantine", "protecmail"),
     # Dropmyemail (seed 000 + dropmyemail-v1.md)
     ("/oauth", "dropmyemail"),
+    ("/oauth/authorize", "oauth_pages"),  # the HTML login and consent page
     ("/v1", "dropmyemail"),
     # safedrop (seed 003): the auth server at / and /auth, the API at /dropbundles
     ("/auth", "safedrop"),
@@ -298,6 +300,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
         SafedropApp(settings, resolver=resolver, identity=identity, drops=core.safedrop),
         QuarantinePageApp(settings, pages=pages, quarantine=core.quarantine),
         StaticApp(settings, pages=pages),
+        OAuthPagesApp(settings, pages=pages, oauth=core.oauth, identity=identity, login=login),
         DropmyemailApp(
             settings,
             resolver=resolver,

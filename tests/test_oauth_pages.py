@@ -1,0 +1,165 @@
+"""The authorization page (GET/POST /oauth/authorize) through StubTreq: login form, consent
+page, Allow and Deny, CSRF, the session cookie, error pages that never redirect."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.trial.unittest import TestCase
+
+from tests.support.oauth import REDIRECT, authorize_uri, query_of, register
+from tests.support.pages import csrf_cookie, csrf_field
+from tests.support.web import PASSWORD, Web, header
+
+
+def path_of(uri: str) -> str:
+    parts = urlsplit(uri)
+    return f"{parts.path}?{parts.query}"
+
+
+def cookie(headers: dict[str, list[str]], name: str) -> tuple[str, str] | None:
+    """(value, the whole Set-Cookie line) of cookie `name`, if the reply sets it."""
+    for line in headers.get("set-cookie", []):
+        key, _, rest = line.partition("=")
+        if key.strip() == name:
+            return rest.split(";", 1)[0], line
+    return None
+
+
+class AuthorizePageTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.alice = await self.web.user()
+        bob = await self.web.user("bob")
+        self.client = await register(self.web, self.alice, owner=bob)
+        await self.web.core.oauth.list_apps()
+        self.cookies: dict[str, str] = {}
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
+        """A request from one browser: it keeps the cookies it is given."""
+        status, headers, body = await self.web.call(method, path, cookies=dict(self.cookies),
+                                                    allow_redirects=False,
+                                                    **kwargs)
+        for name in ("mc_csrf", "mc_session"):
+            found = cookie(headers, name)
+            if found:
+                self.cookies[name] = found[0]
+        return status, headers, body
+
+    async def form(self, path: str, **fields: str) -> tuple[int, Any, Any]:
+        """Load the page at `path` and post its form with `fields`."""
+        status, _, body = await self.call("GET", path)
+        self.assertEqual(status, 200, body)
+        return await self.call("POST", path, data={"csrf_token": csrf_field(body), **fields})
+
+    async def log_in(self, path: str) -> None:
+        status, headers, _ = await self.form(path, action="login", username="alice",
+                                             password=PASSWORD)
+        self.assertEqual(status, 303)
+        self.assertEqual(header(headers, "location"), path)
+
+    async def test_login_then_consent_then_allow_redirects_with_code_and_state(self) -> None:
+        path = path_of(authorize_uri(self.client.uid, state="s-1"))
+        status, headers, body = await self.call("GET", path)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Log in", body)
+        self.assertEqual(header(headers, "x-frame-options"), "DENY")
+        self.assertIn("frame-ancestors 'none'", header(headers, "content-security-policy") or "")
+        await self.log_in(path)
+        status, headers, body = await self.call("GET", path)
+        self.assertEqual(status, 200)
+        for shown in (b"Test client", b"registered by bob", b"<strong>read</strong>",
+                      b"<strong>write</strong>", b"Allow", b"Deny"):
+            self.assertIn(shown, body)
+        self.assertIn("form-action 'self' https://client.example",
+                      header(headers, "content-security-policy") or "")
+        status, headers, _ = await self.call(
+            "POST", path, data={"csrf_token": csrf_field(body), "decision": "allow"})
+        self.assertEqual(status, 302)
+        location = header(headers, "location") or ""
+        self.assertTrue(location.startswith(REDIRECT + "?"), location)
+        query = query_of(location)
+        self.assertEqual(query["state"], "s-1")
+        status, _, token = await self.client.exchange(
+            grant_type="authorization_code", code=query["code"], redirect_uri=REDIRECT)
+        self.assertEqual(status, 200, token)
+
+    async def test_deny_redirects_with_access_denied(self) -> None:
+        path = path_of(authorize_uri(self.client.uid, state="s-2"))
+        await self.log_in(path)
+        status, headers, _ = await self.form(path, decision="deny")
+        self.assertEqual(status, 302)
+        query = query_of(header(headers, "location") or "")
+        self.assertEqual((query["error"], query["state"]), ("access_denied", "s-2"))
+        self.assertNotIn("code", query)
+
+    async def test_the_session_cookie_is_httponly_samesite_lax_and_hashed(self) -> None:
+        path = path_of(authorize_uri(self.client.uid))
+        status, headers, _ = await self.form(path, action="login", username="alice@example.test",
+                                             password=PASSWORD)
+        self.assertEqual(status, 303)
+        found = cookie(headers, "mc_session")
+        assert found is not None
+        line = found[1].lower()
+        self.assertIn("httponly", line)
+        self.assertIn("samesite=lax", line)
+        self.assertNotIn("secure", line)  # plain HTTP here; Secure under TLS
+        sessions = await self.web.core.identity.list_credentials(self.alice.id, "session")
+        self.assertEqual([s.scopes for s in sessions], [("pages",)])
+
+    async def test_a_wrong_password_is_the_login_form_again(self) -> None:
+        path = path_of(authorize_uri(self.client.uid))
+        status, headers, body = await self.form(path, action="login", username="alice",
+                                                password="wrong")
+        self.assertEqual(status, 401)
+        self.assertIn(b"not right", body)
+        self.assertIsNone(cookie(headers, "mc_session"))
+
+    async def test_a_post_without_the_csrf_token_does_nothing(self) -> None:
+        path = path_of(authorize_uri(self.client.uid))
+        await self.log_in(path)
+        status, headers, _ = await self.call("POST", path, data={"decision": "allow"})
+        self.assertEqual(status, 403)
+        self.assertIsNone(header(headers, "location"))
+        status, _, _ = await self.call("POST", path, data={"decision": "allow",
+                                                           "csrf_token": "forged"})
+        self.assertEqual(status, 403)
+
+    async def test_allow_without_a_session_is_the_login_form(self) -> None:
+        path = path_of(authorize_uri(self.client.uid))
+        status, headers, body = await self.form(path, decision="allow")
+        self.assertEqual(status, 200)
+        self.assertIn(b"Log in", body)
+        self.assertIsNone(header(headers, "location"))
+
+    async def test_unknown_client_or_unregistered_redirect_is_a_page_not_a_redirect(
+        self,
+    ) -> None:
+        for uri in (authorize_uri("0" * 64),
+                    authorize_uri(self.client.uid, redirect_uri="https://evil.example/cb"),
+                    authorize_uri(self.client.uid, redirect_uri=REDIRECT + "/x")):
+            status, headers, body = await self.call("GET", path_of(uri))
+            self.assertEqual(status, 400, uri)
+            self.assertIsNone(header(headers, "location"))
+            self.assertIn(b"Authorization refused", body)
+
+    async def test_a_bad_scope_is_told_to_the_client_by_redirect(self) -> None:
+        status, headers, _ = await self.call(
+            "GET", path_of(authorize_uri(self.client.uid, scope="admin", state="z")))
+        self.assertEqual(status, 302)
+        query = query_of(header(headers, "location") or "")
+        self.assertEqual((query["error"], query["state"]), ("invalid_scope", "z"))
+
+    async def test_the_app_name_is_escaped(self) -> None:
+        app, _ = await self.web.core.oauth.add_app(self.alice.id, "<script>x</script>",
+                                                   [REDIRECT])
+        status, _, body = await self.call("GET", path_of(authorize_uri(app.uid)))
+        self.assertEqual(status, 200)
+        self.assertNotIn(b"<script>x", body)
+        self.assertIn(b"&lt;script&gt;x", body)
+
+    async def test_csrf_cookie_is_set_with_the_login_form(self) -> None:
+        status, headers, _ = await self.web.call("GET", path_of(authorize_uri(self.client.uid)))
+        self.assertEqual(status, 200)
+        self.assertIsNotNone(csrf_cookie(headers))

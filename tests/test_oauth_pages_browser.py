@@ -1,0 +1,102 @@
+"""A person authorizes an app in headless Chromium (JavaScript off): the authorize URL shows
+the login form, then the consent page; Allow lands on the app's redirect URI with a code,
+which the app exchanges for a token that the API accepts. Deny lands there with
+error=access_denied. Both sites listen on loopback; screenshots of the login and consent
+pages are kept in the test's temp dir."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
+
+from tests.support.browser import Browser, serve
+from tests.support.oauth import Client, authorize_uri, query_of, register
+from tests.support.web import PASSWORD, Web
+from web.dropmyemail import DropmyemailApp
+from web.root import build_site
+
+
+class Callback(Resource):
+    """The app's redirect URI: a page that says it got the answer."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return b"<!DOCTYPE html><html><head><title>Callback</title></head><body>ok</body></html>"
+
+
+class AuthorizeInChromiumTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.alice = await self.web.user()
+        self.base = serve(self, build_site(self.web.core))
+        # "localhost" is another site than "127.0.0.1" for the browser.
+        callback = serve(self, Site(Callback())).replace("127.0.0.1", "localhost")
+        self.redirect = callback + "/callback"
+        self.client: Client = await register(self.web, self.alice, self.redirect)
+        self.browser = await Browser.start(self)
+
+    async def log_in(self, state: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        url = authorize_uri(self.client.uid, redirect_uri=self.redirect, state=state)
+        await self.browser.get(url.replace("http://127.0.0.1", self.base))
+        self.assertEqual(await self.browser.title(), "Log in · Mailcore")
+        await self.browser.screenshot(f"{state}-1-login")
+        driver = self.browser.driver
+
+        def fill() -> None:
+            driver.find_element(By.NAME, "username").send_keys("alice")
+            driver.find_element(By.NAME, "password").send_keys(PASSWORD)
+
+        await self.browser.run(fill)
+        await self.browser.click_button("Log in")
+        self.assertEqual(await self.browser.title(), "Authorize Test client · Mailcore")
+        page = await self.browser.text()
+        self.assertIn("Test client (registered by alice)", page)
+        self.assertIn("read:", page)
+        self.assertIn("write:", page)
+        await self.browser.screenshot(f"{state}-2-consent")
+
+    async def landed(self) -> dict[str, str]:
+        """The query the browser brought to the redirect URI (once it got there)."""
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def arrive() -> str:
+            try:
+                WebDriverWait(self.browser.driver, 10).until(
+                    lambda d: d.current_url.startswith(self.redirect))
+            except TimeoutException:
+                pass
+            return str(self.browser.driver.current_url)
+
+        url = await self.browser.run(arrive)
+        self.assertTrue(url.startswith(self.redirect + "?"), url)
+        return query_of(url)
+
+    async def test_allow_lands_on_the_redirect_with_a_code_that_buys_a_token(self) -> None:
+        await self.log_in("allow")
+        await self.browser.click_button("Allow")
+        query = await self.landed()
+        self.assertEqual(query["state"], "allow")
+        status, _, token = await self.client.exchange(
+            grant_type="authorization_code", code=query["code"], redirect_uri=self.redirect)
+        self.assertEqual(status, 200, token)
+        app = cast(DropmyemailApp, self.web.root.apps["dropmyemail"])
+        request: Any = DummyRequest([b""])
+        request.requestHeaders.addRawHeader(
+            b"authorization", f"Bearer {token['access_token']}".encode())
+        self.assertEqual((await app.principal(request, "read")).user.id, self.alice.id)
+
+    async def test_deny_lands_on_the_redirect_with_access_denied(self) -> None:
+        await self.log_in("deny")
+        await self.browser.click_button("Deny")
+        query = await self.landed()
+        self.assertEqual((query["error"], query["state"]), ("access_denied", "deny"))
+        self.assertNotIn("code", query)

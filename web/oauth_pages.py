@@ -1,0 +1,186 @@
+"""Dropmyemail's authorization page: `GET/POST /oauth/authorize` (RFC 6749 §4.1.1).
+
+A person sees a login form when their browser has no session (username or e-mail and
+password, throttled with the other password logins), then a consent page naming the app,
+its owner and the scopes, with Allow and Deny. Every form posts back to the same URL (the
+authorization request) with the CSRF token of web.pages. Allow answers 302 to
+`redirect_uri?code=…&state=…`, Deny to `redirect_uri?error=access_denied&state=…`. An
+unknown client or a redirect_uri that is not registered exactly is an error page, never a
+redirect. The rules are mailcore.oauth's; this module only translates.
+
+The session is a "session" credential (hashed, expiring; `[identity]`'s session TTL) whose
+only scope is "pages", in the HttpOnly, SameSite=Lax cookie `mc_session` (Secure under TLS).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from mailcore.identity import Identity, User
+from mailcore.oauth import AuthorizationRedirect, AuthorizationRefused, Consent, OAuthProvider
+from web.auth import DROPMYEMAIL_SCOPES
+from web.login import PasswordLogin
+from web.openapi import RouteTable
+from web.pages import PageApp, PageError, Pages, get_cookie, page_replies, set_cookie
+from web.settings import WebSettings
+
+SESSION_COOKIE = "mc_session"
+SESSION_SCOPE = "pages"
+# oauthlib wants an absolute URI; only its path and query matter.
+_BASE = "https://dropmyemail.invalid"
+
+
+def _request_uri(request: IRequest) -> str:
+    try:
+        return _BASE + bytes(request.uri).decode("ascii")
+    except UnicodeDecodeError:
+        raise PageError(400, "Bad request", "The address is not valid.") from None
+
+
+def _origin(uri: str) -> str:
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class OAuthPagesApp(PageApp):
+    name = "oauth_pages"
+    title = "Dropmyemail authorization page (OAuth 2 login and consent)"
+    app = Klein()
+    routes = RouteTable(app, "oauth_pages")
+
+    def __init__(
+        self,
+        settings: WebSettings,
+        *,
+        pages: Pages,
+        oauth: OAuthProvider,
+        identity: Identity,
+        login: PasswordLogin,
+    ) -> None:
+        super().__init__(settings, pages=pages)
+        self.oauth = oauth
+        self.identity = identity
+        self.login = login
+
+    async def _consent(self, request: IRequest) -> Consent | None:
+        """The checked authorization request; None when the answer is a redirect (set)."""
+        try:
+            return await self.oauth.consent(_request_uri(request))
+        except AuthorizationRefused as e:
+            raise PageError(400, "Authorization refused", e.message) from None
+        except AuthorizationRedirect as e:
+            request.setResponseCode(302)
+            request.setHeader(b"Location", e.location.encode("ascii"))
+            return None
+
+    async def _session_user(self, request: IRequest) -> User | None:
+        secret = get_cookie(request, SESSION_COOKIE)
+        if secret is None:
+            return None
+        principal = await self.identity.resolve(secret, ("session",))
+        if principal is None or principal.scopes != (SESSION_SCOPE,):
+            return None
+        return principal.user
+
+    def _login_page(self, request: IRequest, consent: Consent, status: int = 200,
+                    error: str = "", username: str = "") -> bytes:
+        return self.pages.render(request, "oauth_login.html", status, title="Log in",
+                                 consent=consent, error=error, username=username)
+
+    def _consent_page(self, request: IRequest, consent: Consent, user: User) -> bytes:
+        scopes = [(s, DROPMYEMAIL_SCOPES.get(s, s)) for s in consent.scopes]
+        return self.pages.render(
+            request, "oauth_consent.html", title=f"Authorize {consent.app.name}",
+            consent=consent, user=user, scopes=scopes,
+            redirect_host=urlsplit(consent.redirect_uri).netloc,
+            # Browsers apply form-action to the redirect that answers the form.
+            form_action=[_origin(consent.redirect_uri)],
+        )
+
+    @routes.route(
+        "/oauth/authorize",
+        "GET",
+        summary="The authorization page: log in, then allow or deny the app",
+        description="Query: client_id, redirect_uri (exactly as registered), "
+        "response_type=code, scope (read, write, email, attachment, contact; `+`-separated), "
+        "state, code_challenge and code_challenge_method=S256 (PKCE).",
+        replies=page_replies({
+            200: "HTML page: the login form, or the consent page",
+            302: "Redirect to redirect_uri with error=… (a bad scope or response_type)",
+            400: "HTML page: unknown client or unregistered redirect_uri (no redirect)",
+        }),
+    )
+    async def show(self, request: IRequest) -> bytes:
+        consent = await self._consent(request)
+        if consent is None:
+            return b""
+        user = await self._session_user(request)
+        if user is None:
+            return self._login_page(request, consent)
+        return self._consent_page(request, consent, user)
+
+    @routes.route(
+        "/oauth/authorize",
+        "POST",
+        summary="Log in, or allow or deny the app (the forms of the authorization page)",
+        body={
+            "type": "object",
+            "properties": {
+                "csrf_token": {"type": "string"},
+                "action": {"type": "string", "enum": ["login"]},
+                "username": {"type": "string"},
+                "password": {"type": "string"},
+                "decision": {"type": "string", "enum": ["allow", "deny"]},
+            },
+            "required": ["csrf_token"],
+        },
+        body_types=("application/x-www-form-urlencoded",),
+        replies=page_replies({
+            200: "HTML page: the consent page (after a login) or the login form",
+            302: "Redirect to redirect_uri with code and state (Allow) or "
+            "error=access_denied (Deny)",
+            303: "Logged in: back to the authorization page",
+            401: "HTML page: the login form, saying the password was wrong",
+            429: "HTML page: too many login attempts",
+        }, form=True),
+    )
+    async def decide(self, request: IRequest) -> bytes:
+        fields = self.pages.form(request)
+        self.pages.check_csrf(request, fields)
+        consent = await self._consent(request)
+        if consent is None:
+            return b""
+        if fields.get("action") == "login":
+            return await self._log_in(request, consent, fields)
+        user = await self._session_user(request)
+        if user is None:
+            return self._login_page(request, consent)
+        decision = fields.get("decision")
+        if decision not in ("allow", "deny"):
+            raise PageError(400, "Bad request", "Choose Allow or Deny.")
+        location = await self.oauth.decide(
+            _request_uri(request), user.id, allow=decision == "allow"
+        )
+        request.setResponseCode(302)
+        request.setHeader(b"Location", location.encode("ascii"))
+        return b""
+
+    async def _log_in(self, request: IRequest, consent: Consent, fields: dict[str, object]
+                      ) -> bytes:
+        username, password = fields.get("username"), fields.get("password")
+        if not isinstance(username, str) or not isinstance(password, str) or not username:
+            return self._login_page(request, consent, 400, "Enter your username and password.")
+        user = await self.login.check(request, username, password)
+        if user is None:
+            return self._login_page(request, consent, 401,
+                                    "That username or password is not right.", username)
+        secret, _ = await self.identity.create_credential(
+            user.id, "session", label="authorization page", scopes=(SESSION_SCOPE,)
+        )
+        set_cookie(request, SESSION_COOKIE, secret)
+        request.setResponseCode(303)
+        request.setHeader(b"Location", bytes(request.uri))
+        return b""
