@@ -1,12 +1,16 @@
-"""The outbox: mail set to `outbox` goes to the delivery queue in posting order.
+"""The outbox: mail set to `outbox` goes to the delivery queue in posting order (FIFO).
 
 Each outbox row was built and given its queue id when it entered the outbox
-(mailcore.mailapi.mail). The sender takes outbox rows oldest first, hands them to the spool
-(`Spool.accept`, kind "outbox") in that order, and marks them `sent` once the spool has
-committed them. The queue id is the idempotency key: after a crash between the spool's
-commit and the mark, the row's id is found in the queue and the row is marked sent without
-a second accept. Hosted recipients are then delivered locally by the queue, the others
-routed as any mail ([queue] relayhost or MX); bounces come back to the sender's mailbox.
+(mailcore.mailapi.mail). The sender takes outbox rows oldest first, hands each to the spool
+(`Spool.accept`, kind "outbox") and marks it `sent` once the spool has committed it. The
+queue works on many messages at once (filtering runs concurrently), so to keep the order at
+the next hop the sender hands over the next message only once the queue has tried the
+previous one (none of its recipients still `queued`: delivered, deferred, bounced or held),
+or after FIFO_WAIT seconds, so that one slow message cannot hold the outbox for long. The
+queue id is the idempotency key: after a crash between the spool's commit and the mark, the
+row's id is found in the queue and the row is marked sent without a second accept. Hosted
+recipients are then delivered locally by the queue, the others routed as any mail ([queue]
+relayhost or MX); bounces come back to the sender's mailbox.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.mail import OUTBOX, SENT
@@ -27,12 +30,16 @@ from mailcore.queue.model import thd_domain_for
 from mailcore.queue.spool import Spool
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
-from mailcore.store.schema import mailapi_mail, queue_messages
+from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
 
 log = Logger()
 
 BATCH = 200
 RETRY_AFTER = 5.0
+# How long the next message waits for the queue to try the one before it, at most; and how
+# often the queue is looked at meanwhile.
+FIFO_WAIT = 30.0
+FIFO_POLL = 0.02
 
 _m = mailapi_mail.c
 
@@ -64,6 +71,14 @@ def thd_outbox(conn: Connection, limit: int) -> list[tuple[int, str, Envelope, b
     return out
 
 
+def thd_untried(conn: Connection, queue_id: str) -> bool:
+    """Blocking: whether a recipient of the queued message has not been tried yet."""
+    return conn.execute(select(queue_recipients.c.id).where(
+        queue_recipients.c.message_id == queue_id,
+        queue_recipients.c.state == "queued", queue_recipients.c.attempts == 0,
+    ).limit(1)).first() is not None
+
+
 def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
     conn.execute(update(mailapi_mail).where(_m.id.in_(list(ids)), _m.status == OUTBOX)
                  .values(status=SENT, sent_at=now, read=True))
@@ -80,6 +95,7 @@ class OutboxSender(Service):
         self._again = False
         self._retry: IDelayedCall | None = None
         self._current: defer.Deferred[None] | None = None
+        self._pause: defer.Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -90,6 +106,8 @@ class OutboxSender(Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._pause is not None:
+            self._pause.cancel()
         return self._current if self._current is not None else defer.succeed(None)
 
     def kick(self) -> None:
@@ -109,6 +127,8 @@ class OutboxSender(Service):
                 sent = await self._send_batch()
                 if not sent and not self._again:
                     break
+        except defer.CancelledError:
+            pass  # stopping
         except Exception:
             log.failure("sending the outbox failed; trying again in {s} s", s=RETRY_AFTER)
             if self.running:
@@ -119,25 +139,26 @@ class OutboxSender(Service):
 
     async def _send_batch(self) -> int:
         rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH)
-        if not rows:
-            return 0
-        # Accepts are queued in the spool in call order: posting order is kept.
-        accepts = [defer.Deferred.fromCoroutine(self.spool.accept(qid, env, raw))
-                   for _id, qid, env, raw, queued in rows if not queued]
-        results = await defer.DeferredList(accepts, consumeErrors=True)
-        failed: list[Failure] = [r for ok, r in results if not ok]  # type: ignore[misc]
-        done: list[int] = []
-        pending = iter(results)
-        for row_id, _qid, _env, _raw, queued in rows:
-            if queued:
-                done.append(row_id)
-                continue
-            ok, _ = next(pending)
-            if not ok:
-                break  # keep FIFO: what follows a failure waits for the retry
-            done.append(row_id)
-        if done:
-            await self.db.run("mailapi_mark_sent", thd_mark_sent, done, self.clock.seconds())
-        if failed:
-            failed[0].raiseException()
-        return len(done)
+        sent = 0
+        for row_id, queue_id, envelope, raw, queued in rows:
+            if not self.running:
+                break
+            if not queued:
+                await self.spool.accept(queue_id, envelope, raw)
+            await self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
+                              self.clock.seconds())
+            sent += 1
+            await self._tried(queue_id)
+        return sent
+
+    async def _tried(self, queue_id: str) -> None:
+        """Wait until the queue has tried `queue_id` (at most FIFO_WAIT seconds)."""
+        give_up = self.clock.seconds() + FIFO_WAIT
+        while self.running and self.clock.seconds() < give_up:
+            if not await self.db.read("mailapi_outbox_untried", thd_untried, queue_id):
+                return
+            self._pause = task.deferLater(self.clock, FIFO_POLL, lambda: None)
+            try:
+                await self._pause
+            finally:
+                self._pause = None
