@@ -46,7 +46,7 @@ from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.spool import Spool
 from mailcore.safedrop.model import SafedropSettings
-from mailcore.safedrop.service import SafedropService
+from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.tls import server_context
@@ -212,6 +212,7 @@ class Core:
                                     self.queue.service, self.quarantine, self.outbox]
         services.append(self.tokens)
         services.append(CredentialSweeper(self.identity, self.clock))
+        services.append(SafedropSweeper(self.safedrop))
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
         if self.verifier.settings.verify_domains:

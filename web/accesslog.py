@@ -98,6 +98,7 @@ SECRETS = RedactionRule(
     ),
     paths=(
         "/quarantine/release/{secret}",  # digest links (web/quarantine_page.py)
+        "/drop/{secret}",  # safedrop recipients' links and downloads (web/drop_page.py)
     ),
 )
 

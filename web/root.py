@@ -26,6 +26,7 @@ from web.accesslog import AccessLog
 from web.api import ApiApp
 from web.auth import CredentialResolver
 from web.context import context_of
+from web.drop_page import DropPageApp
 from web.dropmyemail import DropmyemailApp
 from web.errors import ApiError, too_large
 from web.imap2api import Imap2ApiApp
@@ -86,6 +87,8 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("/dropbundles", "safedrop"),
     # the release page of quarantine digest links
     ("/quarantine", "quarantine"),
+    # the pages safedrop recipients open from their notification (web.drop_page)
+    ("/drop", "drop"),
     # the stylesheet of the HTML pages (web.pages)
     ("/static", "static"),
     # the service itself
@@ -299,6 +302,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
         ),
         SafedropApp(settings, resolver=resolver, identity=identity, drops=core.safedrop),
         QuarantinePageApp(settings, pages=pages, quarantine=core.quarantine),
+        DropPageApp(settings, pages=pages, drops=core.safedrop),
         StaticApp(settings, pages=pages),
         OAuthPagesApp(settings, pages=pages, oauth=core.oauth, identity=identity, login=login),
         DropmyemailApp(

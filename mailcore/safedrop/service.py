@@ -24,13 +24,19 @@ from email.policy import SMTP
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mailcore.fetch.secrets import SecretBox
-from mailcore.identity.passwords import hash_password
+from mailcore.fetch.secrets import SecretBox, SecretError
+from mailcore.files import secret_key_file
+from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.queue.spool import Spool
+from mailcore.safedrop import access as side
 from mailcore.safedrop import store
+from mailcore.safedrop.access import Access, Grants
 from mailcore.safedrop.files import DropFiles
 from mailcore.safedrop.model import (
     DEFAULT_RECEIPT_WHEN,
@@ -101,13 +107,23 @@ class SafedropService:
         self.settings = settings
         self.hostname = hostname
         self.files = DropFiles(data_dir / "safedrop")
+        self._key_path = data_dir / "safedrop.key"
+        self._grants: Grants | None = None
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
 
     def prepare(self) -> None:
-        """Make the file directories and clear half-written uploads. Blocks (start-up)."""
+        """Make the file directories, clear half-written uploads, read (or make) the key
+        of the recipients' grants. Blocks (start-up)."""
         self.files.prepare()
+        self._grants = Grants(secret_key_file(self._key_path))
+
+    @property
+    def grants(self) -> Grants:
+        if self._grants is None:
+            raise RuntimeError("SafedropService.prepare() was not called")
+        return self._grants
 
     # -- bundles ---------------------------------------------------------------------------
 
@@ -277,3 +293,155 @@ class SafedropService:
         msg["Auto-Submitted"] = "auto-generated"
         msg.set_content("\n".join(lines) + "\n")
         return msg.as_bytes()
+
+    # -- the recipient's side --------------------------------------------------------------
+
+    async def open_link(self, token: str, *, viewing: bool = False) -> Access:
+        """The drop a link opens (LinkInvalid, DropGone). `viewing`: the recipient sees its
+        contents now (read receipts 1 and 2)."""
+        if not token or len(token) > 100 or not token.isascii():
+            raise side.LinkInvalid()
+        found = await self.db.run("safedrop_open_link", side.open_link_txn,
+                                  link_digest(token), self.now(), viewing)
+        when = found.bundle.email_receipt_when
+        if viewing and (when == 1 or (when == 2 and found.first_open)):
+            await self._tell_sender(found.sender, found.bundle,
+                                    f"{found.recipient.email} opened your drop.")
+        return found
+
+    async def check_password(self, found: Access, password: str) -> bool:
+        if found.password_hash is None:
+            return True
+        return await self.cpu.run(verify_password, found.password_hash, password)
+
+    async def send_code(self, found: Access) -> None:
+        """Mail the recipient a fresh one-time code (valid CODE_SECONDS)."""
+        code = f"{secrets.randbelow(10**6):06d}"
+        expires = self.now() + datetime.timedelta(seconds=side.CODE_SECONDS)
+        await self.db.run("safedrop_set_code", side.set_code_txn, found.recipient.id,
+                          side.code_digest(found.recipient.id, code), expires)
+        body = (f"Your code to open the secure drop from {found.sender} is:\n\n    {code}\n\n"
+                f"It works once, until {rfc3339(expires)}.\n")
+        await self._mail(found.recipient.email, "Your safedrop code", body)
+
+    async def check_code(self, found: Access, code: str) -> bool:
+        code = code.strip()
+        if not (len(code) == 6 and code.isascii() and code.isdigit()):
+            return False
+        return await self.db.run("safedrop_check_code", side.check_code_txn,
+                                 found.recipient.id, side.code_digest(found.recipient.id, code),
+                                 self.now())
+
+    def secure_text(self, found: Access) -> str | None:
+        if found.secure_message is None:
+            return None
+        try:
+            return self.box.decrypt(found.secure_message)
+        except SecretError:
+            log.error("the secure message of safedrop bundle {bundle} cannot be decrypted",
+                      bundle=found.bundle.id)
+            return None
+
+    def file_path(self, found: Access, file_id: int) -> tuple[DropFile, Path] | None:
+        for f in found.files:
+            if f.id == file_id:
+                return f, self.files.path(found.bundle.id, f.sha256)
+        return None
+
+    async def downloaded(self, found: Access, drop_file: DropFile) -> None:
+        """A recipient received the whole of a file: receipts, and read_remove."""
+        result = await self.db.run(
+            "safedrop_record_download", side.record_download_txn, found.recipient.id,
+            found.bundle.id, drop_file.id, self.now(),
+        )
+        when = found.bundle.email_receipt_when
+        if result.first_time and when == 3:
+            await self._tell_sender(found.sender, found.bundle,
+                                    f"{found.recipient.email} downloaded {drop_file.name}.")
+        if result.all_done and when == 4:
+            await self._tell_sender(found.sender, found.bundle,
+                                    "Every recipient has downloaded every file.")
+        if result.all_done and found.bundle.read_remove:
+            await self.remove(found.bundle.id)
+
+    async def remove(self, bundle_id: int) -> bool:
+        """Delete a bundle's files from disk and mark it removed (once)."""
+        if not await self.db.run("safedrop_mark_removed", side.mark_removed_txn, bundle_id,
+                                 self.now()):
+            return False
+        await self.io.run(self.files.remove_bundle, bundle_id)
+        return True
+
+    async def comment(self, found: Access, text: str) -> None:
+        """A recipient's reply, mailed to the sender."""
+        await self._tell_sender(found.sender, found.bundle,
+                                f"{found.recipient.email} replied:\n\n{text}")
+
+    async def sweep(self) -> int:
+        """Remove expired drops' files and mail each sender a summary; returns how many."""
+        rows = await self.db.read("safedrop_expired", side.expired_bundles_txn, self.now())
+        removed = 0
+        for row in rows:
+            summary = await self.db.read("safedrop_summary", side.download_summary_txn, row.id)
+            if not await self.remove(row.id):
+                continue
+            removed += 1
+            lines = ["Your drop has expired and its files have been deleted.", ""]
+            lines += [f"  {email}: downloaded {got} of {total} files"
+                      for email, got, total in summary]
+            subject = " ".join(row.subject.split())
+            try:
+                await self._mail(row.email, "Safedrop expired" + (f": {subject}" if subject
+                                                                  else ""), "\n".join(lines))
+            except Exception:
+                log.failure("queueing the expiry summary of safedrop bundle {bundle} failed",
+                            bundle=row.id)
+        return removed
+
+    async def _tell_sender(self, sender: str, bundle: Bundle, text: str) -> None:
+        subject = " ".join(bundle.subject.split())
+        await self._mail(sender, "Safedrop" + (f": {subject}" if subject else ""), text)
+
+    async def _mail(self, to: str, subject: str, body: str) -> None:
+        """A message from safedrop itself (null envelope sender: nothing bounces back)."""
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
+        msg["To"] = to
+        msg["Subject"] = subject
+        msg["Date"] = email.utils.format_datetime(self.now())
+        msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
+        msg["Auto-Submitted"] = "auto-generated"
+        msg.set_content(body + "\n")
+        envelope = Envelope("", (Recipient(to, None),), kind="notification")
+        await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, msg.as_bytes())
+
+
+class SafedropSweeper(Service):
+    """Runs `SafedropService.sweep` every `[safedrop] sweep_interval` seconds on the
+    injected clock; stopped with the daemon."""
+
+    def __init__(self, drops: SafedropService) -> None:
+        self.drops = drops
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.drops.clock
+        self._loop.start(self.drops.settings.sweep_interval, now=False)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        loop, self._loop = self._loop, None
+        super().stopService()
+        if loop is not None and loop.running:
+            loop.stop()
+        return None
+
+    def _tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            await self.drops.sweep()
+        except Exception:
+            log.failure("the safedrop expiry sweep failed")

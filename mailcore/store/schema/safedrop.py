@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 from mailcore.store.schema.meta import metadata
@@ -61,6 +62,12 @@ drop_recipients = Table(
     Column("expires_at", DateTime(timezone=True), nullable=True),
     # When this recipient had downloaded every file (read_remove ends its access then).
     Column("done_at", DateTime(timezone=True), nullable=True),
+    # The recipient's side (migration 0015): first opened; the one-time code of token
+    # auth (SHA-256 of recipient id and code), its expiry and the wrong guesses so far.
+    Column("opened_at", DateTime(timezone=True), nullable=True),
+    Column("code_digest", LargeBinary(32), nullable=True),
+    Column("code_expires_at", DateTime(timezone=True), nullable=True),
+    Column("code_attempts", Integer, nullable=False, server_default="0"),
     Index("ix_drop_recipients_bundle", "bundle_id", "id"),
 )
 
@@ -77,4 +84,18 @@ drop_files = Table(
     Column("sha256", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_drop_files_bundle", "bundle_id", "id"),
+)
+
+# Which files each recipient has downloaded in full (for read_remove and receipts).
+drop_downloads = Table(
+    "drop_downloads",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "recipient_id", Integer, ForeignKey("drop_recipients.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("file_id", Integer, ForeignKey("drop_files.id", ondelete="CASCADE"), nullable=False),
+    Column("completed_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("recipient_id", "file_id"),
 )

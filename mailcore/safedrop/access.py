@@ -1,0 +1,251 @@
+"""The recipient's side of a drop: opening a link, the password and one-time code checks,
+downloads, read_remove, and the grant a browser keeps between requests.
+
+A link names one recipient of one sent bundle. It stops working (`DropGone`, a 410 page)
+when the bundle expired or was removed, when the recipient's own `valid_for` ran out, or,
+with read_remove, once that recipient has downloaded every file; once every recipient has,
+the files are deleted from disk.
+
+The grant: after the password (and the one-time code, with require_token_auth) the browser
+gets a cookie for that link only, holding which checks it passed and until when, signed with
+HMAC-SHA256 under `{data_dir}/safedrop.key`. It lasts `GRANT_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from mailcore.safedrop.model import Bundle, DropFile, DropRecipient
+from mailcore.safedrop.store import bundle_of, file_of, recipient_of
+from mailcore.store.schema.identity import users
+from mailcore.store.schema.safedrop import (
+    drop_bundles,
+    drop_downloads,
+    drop_files,
+    drop_recipients,
+)
+
+GRANT_SECONDS = 12 * 3600
+CODE_SECONDS = 600
+CODE_ATTEMPTS = 5
+CHECK_PW = "p"  # the bundle password was given
+CHECK_CODE = "t"  # the one-time code was given
+
+
+class LinkInvalid(Exception):
+    """No recipient has this link."""
+
+
+class DropGone(Exception):
+    """The link worked once and does not any more; the message says why."""
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one recipient's link opens."""
+
+    bundle: Bundle
+    recipient: DropRecipient
+    files: list[DropFile]
+    downloaded: frozenset[int]
+    sender: str
+    password_hash: str | None
+    secure_message: bytes | None
+    code_pending: bool
+    first_open: bool
+
+
+def code_digest(recipient_id: int, code: str) -> bytes:
+    return hashlib.sha256(f"{recipient_id}:{code}".encode()).digest()
+
+
+def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+def gone_reason(bundle: Bundle, recipient: DropRecipient, now: datetime.datetime) -> str | None:
+    """Why this recipient's link no longer opens the drop, or None while it does."""
+    if bundle.expiry_date is not None and bundle.expiry_date <= now:
+        return "This drop has expired."
+    if recipient.expires_at is not None and recipient.expires_at <= now:
+        return "This drop has expired."
+    if bundle.removed_at is not None:
+        return "This drop has been removed."
+    if bundle.read_remove and recipient.done_at is not None:
+        return "You have downloaded every file of this drop; it has been removed."
+    return None
+
+
+def open_link_txn(
+    conn: Connection, digest: bytes, now: datetime.datetime, viewing: bool
+) -> Access:
+    """The drop a link opens; LinkInvalid or DropGone. `viewing`: the recipient sees the
+    contents now (the first time is recorded: `first_open`)."""
+    row = conn.execute(
+        sa.select(drop_recipients).where(drop_recipients.c.link_digest == digest)
+    ).first()
+    if row is None:
+        raise LinkInvalid()
+    recipient = recipient_of(row)
+    brow = conn.execute(
+        sa.select(drop_bundles).where(drop_bundles.c.id == recipient.bundle_id)
+    ).one()
+    bundle = bundle_of(brow)
+    reason = gone_reason(bundle, recipient, now)
+    if reason is not None:
+        raise DropGone(reason)
+    first_open = viewing and row.opened_at is None
+    if first_open:
+        conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient.id)
+                     .values(opened_at=now))
+    files = [file_of(f) for f in conn.execute(
+        sa.select(drop_files).where(drop_files.c.bundle_id == bundle.id)
+        .order_by(drop_files.c.id))]
+    downloaded = frozenset(conn.execute(
+        sa.select(drop_downloads.c.file_id)
+        .where(drop_downloads.c.recipient_id == recipient.id)).scalars())
+    sender = conn.execute(
+        sa.select(users.c.email).where(users.c.id == bundle.owner_id)).scalar_one()
+    expires = _utc(row.code_expires_at)
+    return Access(
+        bundle=bundle, recipient=recipient, files=files, downloaded=downloaded,
+        sender=sender, password_hash=brow.password_hash,
+        secure_message=brow.secure_message,
+        code_pending=row.code_digest is not None and expires is not None and expires > now,
+        first_open=first_open,
+    )
+
+
+def set_code_txn(
+    conn: Connection, recipient_id: int, digest: bytes, expires: datetime.datetime
+) -> None:
+    conn.execute(
+        sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
+        .values(code_digest=digest, code_expires_at=expires, code_attempts=0)
+    )
+
+
+def check_code_txn(
+    conn: Connection, recipient_id: int, digest: bytes, now: datetime.datetime
+) -> bool:
+    """Whether `digest` is the recipient's live code (used up when it is; each wrong
+    guess counts, and after CODE_ATTEMPTS the code is void)."""
+    row = conn.execute(
+        sa.select(drop_recipients.c.code_digest, drop_recipients.c.code_expires_at,
+                  drop_recipients.c.code_attempts)
+        .where(drop_recipients.c.id == recipient_id)
+    ).one()
+    expires = _utc(row.code_expires_at)
+    if row.code_digest is None or expires is None or expires <= now:
+        return False
+    if row.code_attempts >= CODE_ATTEMPTS:
+        return False
+    if hmac.compare_digest(bytes(row.code_digest), digest):
+        conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
+                     .values(code_digest=None, code_expires_at=None, code_attempts=0))
+        return True
+    conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
+                 .values(code_attempts=drop_recipients.c.code_attempts + 1))
+    return False
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    first_time: bool  # this recipient had not downloaded this file in full before
+    recipient_done: bool  # ... and now has every file (it just became so)
+    all_done: bool  # every recipient has every file (it just became so)
+
+
+def record_download_txn(
+    conn: Connection, recipient_id: int, bundle_id: int, file_id: int, now: datetime.datetime
+) -> Downloaded:
+    exists = conn.execute(
+        sa.select(drop_downloads.c.id).where(
+            drop_downloads.c.recipient_id == recipient_id, drop_downloads.c.file_id == file_id)
+    ).first()
+    if exists is not None:
+        return Downloaded(False, False, False)
+    conn.execute(sa.insert(drop_downloads).values(
+        recipient_id=recipient_id, file_id=file_id, completed_at=now))
+    n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)
+                           .where(drop_files.c.bundle_id == bundle_id)).scalar_one()
+    mine = conn.execute(sa.select(sa.func.count()).select_from(drop_downloads)
+                        .where(drop_downloads.c.recipient_id == recipient_id)).scalar_one()
+    if mine < n_files:
+        return Downloaded(True, False, False)
+    conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
+                 .values(done_at=now))
+    pending = conn.execute(sa.select(sa.func.count()).select_from(drop_recipients).where(
+        drop_recipients.c.bundle_id == bundle_id, drop_recipients.c.done_at.is_(None))
+    ).scalar_one()
+    return Downloaded(True, True, pending == 0)
+
+
+def mark_removed_txn(conn: Connection, bundle_id: int, now: datetime.datetime) -> bool:
+    """Mark the bundle's files removed; False when it was already."""
+    done = conn.execute(sa.update(drop_bundles).where(
+        drop_bundles.c.id == bundle_id, drop_bundles.c.removed_at.is_(None)
+    ).values(removed_at=now))
+    return done.rowcount == 1
+
+
+def expired_bundles_txn(conn: Connection, now: datetime.datetime) -> list[Any]:
+    """Sent bundles past their expiry whose files are still on disk, with the owner."""
+    return list(conn.execute(
+        sa.select(drop_bundles.c.id, drop_bundles.c.subject, users.c.email)
+        .join(users, users.c.id == drop_bundles.c.owner_id)
+        .where(drop_bundles.c.sent_at.is_not(None), drop_bundles.c.removed_at.is_(None),
+               drop_bundles.c.expiry_date.is_not(None), drop_bundles.c.expiry_date <= now)
+        .order_by(drop_bundles.c.id)
+    ))
+
+
+def download_summary_txn(conn: Connection, bundle_id: int) -> list[tuple[str, int, int]]:
+    """(recipient address, files downloaded, files) of each recipient of a bundle."""
+    n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)
+                           .where(drop_files.c.bundle_id == bundle_id)).scalar_one()
+    rows = conn.execute(
+        sa.select(drop_recipients.c.email, sa.func.count(drop_downloads.c.id))
+        .outerjoin(drop_downloads, drop_downloads.c.recipient_id == drop_recipients.c.id)
+        .where(drop_recipients.c.bundle_id == bundle_id)
+        .group_by(drop_recipients.c.id, drop_recipients.c.email)
+        .order_by(drop_recipients.c.id)
+    )
+    return [(r[0], int(r[1]), int(n_files)) for r in rows]
+
+
+class Grants:
+    """Signs and checks the cookie that says which checks a browser passed for a link."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _mac(self, digest: bytes, levels: str, expires: int) -> str:
+        payload = b"drop-grant:" + digest.hex().encode() + f":{levels}:{expires}".encode()
+        return hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+
+    def make(self, digest: bytes, levels: str, now: float) -> str:
+        expires = int(now) + GRANT_SECONDS
+        levels = "".join(sorted(set(levels)))
+        return f"{levels or '-'}.{expires}.{self._mac(digest, levels, expires)}"
+
+    def levels(self, digest: bytes, cookie: str | None, now: float) -> str:
+        """The checks a valid, unexpired cookie vouches for ("" for none)."""
+        if not cookie or cookie.count(".") != 2:
+            return ""
+        levels, expires_text, mac = cookie.split(".")
+        levels = "" if levels == "-" else levels
+        if not expires_text.isdigit() or int(expires_text) <= now:
+            return ""
+        if not hmac.compare_digest(mac, self._mac(digest, levels, int(expires_text))):
+            return ""
+        return levels

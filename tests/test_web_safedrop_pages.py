@@ -1,0 +1,273 @@
+"""safedrop's recipient pages: the link from the notification, the password and one-time
+code checks, downloads (whole, ranged, RFC 6266 names), read_remove, expiry (410), the
+expiry sweeper and replies to the sender."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.safedrop.service import SafedropSweeper
+from tests.support.pages import csrf_cookie, csrf_field
+from tests.support.web import BASE
+from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
+from web.accesslog import redacted_path
+from web.drop_page import byte_range, content_disposition
+
+LINK = re.compile(r"https://localhost(/drop/[A-Za-z0-9_-]{43})")
+
+
+class Browser:
+    """A client with a cookie jar of its own, as one browser has."""
+
+    def __init__(self, f: SafedropFixture) -> None:
+        self.http: Any = StubTreq(f.web.root)
+
+    async def get(self, path: str, **headers: str) -> tuple[int, dict[str, list[str]], Any]:
+        return await self._call("GET", path, headers=headers)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, BASE + path, **kwargs)
+        body = await response.content()
+        headers = {
+            name.decode().lower(): [v.decode() for v in values]
+            for name, values in response.headers.getAllRawHeaders()
+        }
+        return response.code, headers, body
+
+    async def post(self, path: str, **fields: str) -> tuple[int, dict[str, list[str]], Any]:
+        status, _, body = await self.get(path)
+        assert status == 200, (status, body)
+        return await self._call("POST", path, data={"csrf_token": csrf_field(body), **fields},
+                                allow_redirects=False)
+
+
+class PageFixture(SafedropFixture):
+    async def sent_bundle(self, fields: str, recipients: tuple[str, ...] = (
+            "ann%40example.org", "bob%40example.net&telephone=442077394252"),
+            files: tuple[tuple[str, bytes], ...] = (("r\u00e9sum\u00e9 1.txt", b"0123456789"),
+                                                   ("b.bin", b"\x00\xffdata"))) -> list[str]:
+        bundle_id = await self.bundle(fields)
+        self.bundle_id = bundle_id
+        for r in recipients:
+            status, reply = await self.form(
+                "POST", f"/dropbundles/{bundle_id}/dropbundlerecipients", f"email={r}")
+            assert status == 200, reply
+        for name, data in files:
+            status, _, reply = await self.call(
+                "POST", f"/dropbundles/{bundle_id}/dropfiles", multipart_file(name, data),
+                MULTIPART)
+            assert status == 200, reply
+        status, _, body = await self.call("GET", f"/dropbundles/{bundle_id}?send")
+        assert status == 200, body
+        return [LINK.search(raw.decode()).group(1)  # type: ignore[union-attr]
+                for _, _, _, raw in self.spooled()]
+
+    def mails_to(self, address: str) -> list[email.message.EmailMessage]:
+        return [email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[misc]
+                for _, _, rcpt, raw in self.spooled() if rcpt == address]
+
+    def stored_files(self) -> list[str]:
+        root = self.data_dir / "safedrop" / str(self.bundle_id)
+        return sorted(p.name for p in root.glob("*")) if root.exists() else []
+
+
+class PasswordAndDownloadTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = PageFixture()
+        await self.f.start(self)
+        self.ann, self.bob = await self.f.sent_bundle(
+            "subject=Plans&message=Hello+%3Cb%3Eyou%3C%2Fb%3E&password=Open-Sesame-77"
+            "&secure_message=vault+%3Cscript%3E4711")
+
+    async def test_the_password_opens_the_drop_and_its_files_download(self) -> None:
+        browser = Browser(self.f)
+        status, headers, page = await browser.get(self.ann)
+        self.assertEqual(status, 200)
+        self.assertIn(b'type="password"', page)
+        self.assertNotIn(b"vault", page)
+        self.assertNotIn(b"b.bin", page)
+        self.assertIn("frame-ancestors 'none'", headers["content-security-policy"][0])
+        status, _, page = await browser.post(self.ann, action="password", password="wrong")
+        self.assertEqual(status, 403)
+        self.assertIn(b"not right", page)
+        status, headers, _ = await browser.post(self.ann, action="password",
+                                                password="Open-Sesame-77")
+        self.assertEqual(status, 303)
+        self.assertEqual(headers["location"], [self.ann])
+        status, _, page = await browser.get(self.ann)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Hello &lt;b&gt;you&lt;/b&gt;", page)
+        self.assertIn(b"vault &lt;script&gt;4711", page)
+        self.assertNotIn(b"<script>", page)
+        file_ids = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)
+        self.assertEqual(len(file_ids), 2)
+        first = f"{self.ann}/files/{file_ids[0].decode()}"
+        # A range is served as 206 and does not count as the whole file.
+        status, headers, body = await browser.get(first, Range="bytes=2-5")
+        self.assertEqual((status, body), (206, b"2345"))
+        self.assertEqual(headers["content-range"], ["bytes 2-5/10"])
+        status, headers, body = await browser.get(first, Range="bytes=-3")
+        self.assertEqual((status, body), (206, b"789"))
+        status, headers, _ = await browser.get(first, Range="bytes=10-")
+        self.assertEqual(status, 416)
+        self.assertEqual(headers["content-range"], ["bytes */10"])
+        status, headers, body = await browser.get(first)
+        self.assertEqual((status, body), (200, b"0123456789"))
+        self.assertEqual(headers["content-type"], ["application/octet-stream"])
+        self.assertEqual(
+            headers["content-disposition"],
+            ["attachment; filename=\"r_sum_ 1.txt\"; "
+             "filename*=UTF-8''r%C3%A9sum%C3%A9%201.txt"])
+        # The other file completes ann's download: read_remove ends her access.
+        status, _, body = await browser.get(f"{self.ann}/files/{file_ids[1].decode()}")
+        self.assertEqual((status, body), (200, b"\x00\xffdata"))
+        status, _, page = await browser.get(self.ann)
+        self.assertEqual(status, 410)
+        self.assertIn(b"downloaded every file", page)
+        self.assertEqual(len(self.f.stored_files()), 2)  # bob has not downloaded yet
+        # bob, in his own browser: once he has both files, they are deleted from disk.
+        bob = Browser(self.f)
+        await bob.post(self.bob, action="password", password="Open-Sesame-77")
+        for file_id in file_ids:
+            status, _, _ = await bob.get(f"{self.bob}/files/{file_id.decode()}")
+            self.assertEqual(status, 200)
+        self.assertEqual(self.f.stored_files(), [])
+        status, _, _ = await bob.get(self.bob)
+        self.assertEqual(status, 410)
+        # email_receipt_when=4 (default): one receipt once everybody has everything.
+        receipts = self.f.mails_to("alice@example.test")
+        self.assertEqual(len(receipts), 1)
+        self.assertIn("Every recipient has downloaded every file.",
+                      receipts[0].get_content())
+
+    async def test_downloads_need_the_password_in_this_browser(self) -> None:
+        status, _, page = await Browser(self.f).get(f"{self.ann}/files/1")
+        self.assertEqual(status, 403)
+        self.assertNotIn(b"0123456789", page)
+
+    async def test_password_guesses_are_throttled_per_link(self) -> None:
+        browser = Browser(self.f)
+        for _ in range(5):
+            status, _, _ = await browser.post(self.ann, action="password", password="nope")
+            self.assertEqual(status, 403)
+        status, headers, _ = await browser.post(self.ann, action="password",
+                                                password="Open-Sesame-77")
+        self.assertEqual(status, 429)
+        self.assertTrue(int(headers["retry-after"][0]) > 0)
+        self.f.web.clock.advance(300)
+        status, _, _ = await browser.post(self.ann, action="password",
+                                          password="Open-Sesame-77")
+        self.assertEqual(status, 303)
+
+    async def test_a_post_without_the_csrf_token_is_refused(self) -> None:
+        status, _, _ = await self.f.web.call(
+            "POST", self.ann, data={"action": "password", "password": "Open-Sesame-77"})
+        self.assertEqual(status, 403)
+        self.assertIsNone(csrf_cookie({}))
+
+    async def test_unknown_links_are_404_and_links_never_reach_the_log(self) -> None:
+        status, _, _ = await Browser(self.f).get("/drop/" + "A" * 43)
+        self.assertEqual(status, 404)
+        token = self.ann.rsplit("/", 1)[1]
+        self.assertNotIn(token, redacted_path(self.ann.encode()))
+        self.assertNotIn(token, redacted_path(f"{self.ann}/files/3".encode()))
+
+
+class TokenAuthTests(TestCase):
+    async def test_a_one_time_code_by_mail_opens_the_drop_and_a_reply_reaches_the_sender(
+            self) -> None:
+        f = PageFixture()
+        await f.start(self)
+        _, bob = await f.sent_bundle(
+            "subject=Deal&require_token_auth=1&allow_comments=1&read_remove=0"
+            "&email_receipt_when=2")
+        browser = Browser(f)
+        status, _, page = await browser.get(bob)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Send me a code", page)
+        self.assertIn(b"by email", page)  # bob has a telephone; no SMS gateway here
+        status, _, _ = await browser.post(bob, action="send_code")
+        self.assertEqual(status, 303)
+        codes = [re.search(r"\b(\d{6})\b", m.get_content()) for m in f.mails_to(
+            "bob@example.net") if m["Subject"] == "Your safedrop code"]
+        self.assertEqual(len(codes), 1)
+        code = codes[0].group(1)  # type: ignore[union-attr]
+        wrong = "000000" if code != "000000" else "111111"
+        status, _, _ = await browser.post(bob, action="code", code=wrong)
+        self.assertEqual(status, 403)
+        status, _, _ = await browser.post(bob, action="code", code=code)
+        self.assertEqual(status, 303)
+        status, _, page = await browser.get(bob)
+        self.assertEqual(status, 200)
+        self.assertIn(b"b.bin", page)
+        # The code worked once: another browser needs a new one.
+        other = Browser(f)
+        status, _, _ = await other.post(bob, action="code", code=code)
+        self.assertEqual(status, 403)
+        # A reply is mailed to the sender; email_receipt_when=2: one receipt for the first
+        # opening.
+        status, _, page = await browser.post(bob, action="comment", comment="Agreed <ok>")
+        self.assertEqual(status, 200)
+        self.assertIn(b"Your reply was sent.", page)
+        to_alice = [m.get_content() for m in f.mails_to("alice@example.test")]
+        self.assertEqual(len([t for t in to_alice if "opened your drop" in t]), 1)
+        self.assertEqual(len([t for t in to_alice if "Agreed <ok>" in t]), 1)
+
+
+class ExpiryTests(TestCase):
+    async def test_an_expired_drop_is_410_and_the_sweeper_deletes_its_files(self) -> None:
+        f = PageFixture()
+        await f.start(self)
+        # START is 2023-11-14T22:13:20Z; the drop expires an hour later.
+        ann, _ = await f.sent_bundle("subject=Soon&expiry_date=2023-11-14T23%3A13%3A20Z")
+        status, _, _ = await Browser(f).get(ann)
+        self.assertEqual(status, 200)
+        clock: Clock = f.web.clock
+        clock.advance(3600)
+        status, _, page = await Browser(f).get(ann)
+        self.assertEqual(status, 410)
+        self.assertIn(b"This drop has expired.", page)
+        self.assertEqual(len(f.stored_files()), 2)
+        sweeper = SafedropSweeper(f.web.core.safedrop)
+        sweeper.startService()
+        clock.advance(f.web.core.safedrop.settings.sweep_interval)
+        self.assertEqual(f.stored_files(), [])
+        summary = [m for m in f.mails_to("alice@example.test")
+                   if (m["Subject"] or "").startswith("Safedrop expired")]
+        self.assertEqual(len(summary), 1)
+        self.assertIn("ann@example.org: downloaded 0 of 2 files", summary[0].get_content())
+        sweeper.stopService()
+        self.assertFalse(sweeper.running)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        status, _, page = await Browser(f).get(ann)
+        self.assertEqual(status, 410)
+
+
+class HelperTests(TestCase):
+    def test_byte_ranges(self) -> None:
+        self.assertIsNone(byte_range(None, 10))
+        self.assertEqual(byte_range(b"bytes=0-0", 10), (0, 0))
+        self.assertEqual(byte_range(b"bytes=5-", 10), (5, 9))
+        self.assertEqual(byte_range(b"bytes=5-100", 10), (5, 9))
+        self.assertEqual(byte_range(b"bytes=-4", 10), (6, 9))
+        self.assertIs(byte_range(b"bytes=10-", 10), False)
+        self.assertIs(byte_range(b"bytes=6-5", 10), False)
+        self.assertIsNone(byte_range(b"bytes=0-1,3-4", 10))  # several: served whole
+        self.assertIsNone(byte_range(b"items=0-1", 10))
+
+    def test_content_disposition_has_an_ascii_fallback_and_the_exact_name(self) -> None:
+        self.assertEqual(content_disposition("a b.txt"),
+                         "attachment; filename=\"a b.txt\"; filename*=UTF-8''a%20b.txt")
+        self.assertEqual(content_disposition('say "hi" 100%.txt'),
+                         "attachment; filename=\"say _hi_ 100_.txt\"; "
+                         "filename*=UTF-8''say%20%22hi%22%20100%25.txt")
+        value = content_disposition("\u65e5\u672c;\r\n.pdf")
+        self.assertNotIn("\r", value)
+        self.assertTrue(value.isascii())

@@ -1,0 +1,349 @@
+"""The page a safedrop recipient opens: `/drop/{token}` (the link in the notification).
+
+Server-rendered (web.pages: autoescaped templates, security headers, CSRF-checked forms),
+no JavaScript. The link opens the drop; a password prompt comes first when the bundle has
+one (each link may guess `PASSWORD_RATE`, then 429 with Retry-After), then with
+require_token_auth a one-time code mailed to the recipient (an SMS gateway is not built:
+recipients with a telephone get the code by mail too, and the page says so). The checks
+passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.access).
+Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
+file from disk in chunks read on a thread pool, with backpressure, as
+`application/octet-stream` with an RFC 6266 `filename*`, and honours a single byte Range
+(206, 416). With allow_comments (and require_token_auth) a reply form mails the sender.
+An unknown link is a 404 page; an expired or removed drop, or one a recipient has read in
+full under read_remove, a 410 page.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import IO, cast
+from urllib.parse import quote
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, LinkInvalid
+from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
+from mailcore.text import has_control
+from web.openapi import Reply, RouteTable
+from web.pages import PageApp, PageError, Pages, get_cookie, page_replies, set_cookie
+from web.ratelimit import Rate, RateLimiter
+from web.settings import WebSettings
+
+GRANT_COOKIE = "mc_drop"
+PASSWORD_RATE = Rate(5, 300)
+CHUNK = 64 * 1024
+MAX_COMMENT = 10_000
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def invalid() -> PageError:
+    return PageError(404, "Link not valid", "This drop link is not valid.")
+
+
+def gone(message: str) -> PageError:
+    return PageError(410, "Drop no longer available", message)
+
+
+def content_disposition(name: str) -> str:
+    """RFC 6266: an ASCII fallback and the exact name as RFC 8187 `filename*`."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def byte_range(header: bytes | None, size: int) -> tuple[int, int] | bool | None:
+    """(first, last) of a single satisfiable `Range`; None: serve it whole (no header, or
+    one we do not take, such as several ranges); False: unsatisfiable (416)."""
+    if header is None:
+        return None
+    m = _RANGE.fullmatch(header.decode("latin-1").strip())
+    if m is None:
+        return None
+    first_text, last_text = m.groups()
+    if not first_text and not last_text:
+        return None
+    if not first_text:
+        length = int(last_text)
+        if length == 0 or size == 0:
+            return False
+        return max(0, size - length), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if first >= size or last < first:
+        return False
+    return first, min(last, size - 1)
+
+
+def file_reply(description: str) -> Reply:
+    return Reply(description, {"type": "string", "format": "binary"},
+                 content_type="application/octet-stream")
+
+
+@implementer(IPushProducer)
+class _Pacer:
+    """Backpressure from the transport: the writer waits while it is paused."""
+
+    def __init__(self) -> None:
+        self._waiting: defer.Deferred[None] | None = None
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    async def ready(self) -> None:
+        if self.paused and not self.stopped:
+            self._waiting = defer.Deferred()
+            await self._waiting
+
+
+class DropPageApp(PageApp):
+    name = "drop"
+    title = "safedrop recipient pages (notification links)"
+    app = Klein()
+    routes = RouteTable(app, "drop")
+
+    def __init__(
+        self, settings: WebSettings, *, pages: Pages, drops: SafedropService,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        super().__init__(settings, pages=pages)
+        self.drops = drops
+        self.limiter = limiter or RateLimiter(drops.clock, PASSWORD_RATE)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _open(self, token: str, *, viewing: bool = False) -> Access:
+        try:
+            return await self.drops.open_link(token, viewing=viewing)
+        except LinkInvalid:
+            raise invalid() from None
+        except DropGone as e:
+            raise gone(str(e)) from None
+
+    def _levels(self, request: IRequest, token: str) -> str:
+        return self.drops.grants.levels(
+            link_digest(token), get_cookie(request, GRANT_COOKIE), self.drops.clock.seconds())
+
+    def _grant(self, request: IRequest, token: str, levels: str) -> None:
+        value = self.drops.grants.make(link_digest(token), levels, self.drops.clock.seconds())
+        set_cookie(request, GRANT_COOKIE, value, path=LINK_PATH + token)
+
+    @staticmethod
+    def _missing(found: Access, levels: str) -> str | None:
+        """The next check this browser has to pass, or None."""
+        if found.password_hash is not None and CHECK_PW not in levels:
+            return CHECK_PW
+        if found.bundle.require_token_auth and CHECK_CODE not in levels:
+            return CHECK_CODE
+        return None
+
+    def _see_other(self, request: IRequest, token: str) -> bytes:
+        request.setResponseCode(http.SEE_OTHER)
+        request.setHeader(b"Location", (LINK_PATH + token).encode("ascii"))
+        return self.pages.message(request, 303, "Continue", "Continue to the drop.")
+
+    def _step(self, request: IRequest, found: Access, step: str, status: int = 200,
+              error: str | None = None) -> bytes:
+        title = found.bundle.subject or "Secure drop"
+        if step == CHECK_PW:
+            return self.pages.render(request, "drop_password.html", status, title=title,
+                                     sender=found.sender, error=error)
+        return self.pages.render(
+            request, "drop_code.html", status, title=title, sender=found.sender,
+            email=found.recipient.email, pending=found.code_pending, error=error,
+            by_mail_instead=bool(found.recipient.telephone),
+        )
+
+    def _contents(self, request: IRequest, token: str, found: Access,
+                  replied: bool = False) -> bytes:
+        expiries = [d for d in (found.bundle.expiry_date, found.recipient.expires_at) if d]
+        return self.pages.render(
+            request, "drop.html", title=found.bundle.subject or "Secure drop",
+            sender=found.sender, message=found.bundle.message,
+            secure_message=self.drops.secure_text(found), files=found.files,
+            downloaded=found.downloaded, base=LINK_PATH + token,
+            expires=rfc3339(min(expiries)) if expiries else None,
+            read_remove=found.bundle.read_remove,
+            comments=found.bundle.allow_comments and found.bundle.require_token_auth,
+            replied=replied,
+        )
+
+    # -- routes ----------------------------------------------------------------------------
+
+    @routes.route(
+        "/drop/<token>",
+        "GET",
+        summary="A recipient's drop: password or code prompt, then its contents",
+        replies=page_replies({
+            200: "HTML page: the next check (password, code) or the drop's contents",
+            404: "HTML page: the link is not valid",
+            410: "HTML page: the drop expired or was removed",
+        }),
+    )
+    async def show(self, request: IRequest, token: str) -> bytes:
+        levels = self._levels(request, token)
+        found = await self._open(token)
+        step = self._missing(found, levels)
+        if step is not None:
+            return self._step(request, found, step)
+        found = await self._open(token, viewing=True)
+        return self._contents(request, token, found)
+
+    @routes.route(
+        "/drop/<token>",
+        "POST",
+        summary="Answer the drop's password or code prompt, ask for a code, or reply",
+        body={
+            "type": "object",
+            "properties": {
+                "csrf_token": {"type": "string"},
+                "action": {"enum": ["password", "send_code", "code", "comment"]},
+                "password": {"type": "string"},
+                "code": {"type": "string"},
+                "comment": {"type": "string"},
+            },
+            "required": ["csrf_token", "action"],
+        },
+        body_types=("application/x-www-form-urlencoded",),
+        replies=page_replies({
+            200: "HTML page: the reply was sent",
+            303: "Redirect back to the drop (a check was passed or a code sent)",
+            403: "HTML page: wrong password or code",
+            404: "HTML page: the link is not valid",
+            410: "HTML page: the drop expired or was removed",
+            429: "HTML page: too many password guesses (Retry-After)",
+        }, form=True),
+    )
+    async def answer(self, request: IRequest, token: str) -> bytes:
+        found = await self._open(token)
+        fields = self.pages.form(request)
+        self.pages.check_csrf(request, fields)
+        levels = self._levels(request, token)
+        action = fields.get("action")
+        step = self._missing(found, levels)
+        if action == "password" and step == CHECK_PW:
+            decision = self.limiter.check(("drop-password", link_digest(token)))
+            if not decision.allowed:
+                raise PageError(429, "Too many attempts",
+                                "Too many wrong passwords; try again later.",
+                                headers={"Retry-After": str(decision.retry_after)})
+            password = fields.get("password")
+            if isinstance(password, str) and await self.drops.check_password(found, password):
+                self._grant(request, token, levels + CHECK_PW)
+                return self._see_other(request, token)
+            return self._step(request, found, CHECK_PW, 403, "That password is not right.")
+        if action == "send_code" and step == CHECK_CODE:
+            await self.drops.send_code(found)
+            return self._see_other(request, token)
+        if action == "code" and step == CHECK_CODE:
+            code = fields.get("code")
+            if isinstance(code, str) and await self.drops.check_code(found, code):
+                self._grant(request, token, levels + CHECK_CODE)
+                return self._see_other(request, token)
+            found = await self._open(token)
+            return self._step(request, found, CHECK_CODE, 403,
+                              "That code is not right or has expired.")
+        if action == "comment" and step is None and found.bundle.allow_comments \
+                and found.bundle.require_token_auth:
+            text = fields.get("comment")
+            if not isinstance(text, str) or not text.strip() or len(text) > MAX_COMMENT \
+                    or has_control(text.replace("\n", "").replace("\r", "").replace("\t", "")):
+                raise PageError(400, "Reply not sent",
+                                f"Write a reply of at most {MAX_COMMENT} characters.")
+            await self.drops.comment(found, text.strip())
+            return self._contents(request, token, found, replied=True)
+        if step is not None:
+            return self._step(request, found, step)
+        return self._see_other(request, token)
+
+    @routes.route(
+        "/drop/<token>/files/<int:file_id>",
+        "GET",
+        summary="Download one file of a drop (Range requests resume)",
+        replies={
+            **page_replies({
+                403: "HTML page: the drop's checks were not passed in this browser",
+                404: "HTML page: the link or the file is not valid",
+                410: "HTML page: the drop expired or was removed",
+                416: "HTML page: the range is not satisfiable",
+            }),
+            200: file_reply("The file's bytes"),
+            206: file_reply("Part of the file (Range)"),
+        },
+    )
+    async def download(self, request: IRequest, token: str, file_id: int) -> bytes:
+        found = await self._open(token)
+        if self._missing(found, self._levels(request, token)) is not None:
+            raise PageError(403, "Open the drop first",
+                            "Open the drop's link and pass its checks before downloading.")
+        located = self.drops.file_path(found, file_id)
+        if located is None:
+            raise PageError(404, "Not found", "This drop has no such file.")
+        drop_file, path = located
+        size = drop_file.size
+        wanted = byte_range(request.getHeader(b"range"), size)
+        if wanted is False:
+            raise PageError(416, "Range not satisfiable", "The requested range is not "
+                            "satisfiable.", headers={"Content-Range": f"bytes */{size}"})
+        first, last = wanted if isinstance(wanted, tuple) else (0, size - 1)
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"Content-Disposition",
+                          content_disposition(drop_file.name).encode("ascii"))
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Content-Security-Policy", b"default-src 'none'; sandbox")
+        if wanted is not None:
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
+        length = max(0, last - first + 1)
+        request.setHeader(b"Content-Length", str(length).encode())
+        if request.method == b"HEAD":
+            return b""
+        sent = await self._stream(request, path, first, length)
+        if sent == length and last == size - 1:
+            await self.drops.downloaded(found, drop_file)
+        return b""
+
+    async def _stream(self, request: IRequest, path: Path, first: int, length: int) -> int:
+        """Write `length` bytes of `path` from `first`, a chunk at a time, reading on the
+        drop service's thread pool and pausing while the client's transport is full."""
+        try:
+            handle = cast(IO[bytes], await self.drops.io.run(path.open, "rb"))
+        except OSError:
+            raise gone("The files of this drop have been removed.") from None
+        pacer = _Pacer()
+        consumer = cast(http.Request, request)
+        consumer.registerProducer(pacer, True)
+        sent = 0
+        try:
+            await self.drops.io.run(handle.seek, first)
+            while sent < length and not pacer.stopped:
+                await pacer.ready()
+                data = await self.drops.io.run(handle.read, min(CHUNK, length - sent))
+                if not data:
+                    break
+                request.write(data)
+                sent += len(data)
+        finally:
+            consumer.unregisterProducer()
+            await self.drops.io.run(handle.close)
+        return sent
+
