@@ -89,3 +89,12 @@ class LocalDeliveryTests(QueueTestCase):
             select(func.count()).select_from(queue_recipients)
             .where(queue_recipients.c.state == "bounced")).scalar()))
         self.assertEqual(count, 1)
+
+    async def test_a_bounce_comes_back_to_the_senders_inbox_as_a_dsn(self) -> None:
+        self.connector.replies["joe@customer.test"] = (550, ("5.1.1 <joe@customer.test>: no",))
+        await self.accept("Q1", "joe@customer.test", sender="bob@customer.test")
+        await self.q.spool.drain()
+        [dsn] = self.mail()
+        self.assertEqual((dsn.status, dsn.read), ("inbox", False))
+        self.assertIn(b"report-type=delivery-status", bytes(dsn.raw))
+        self.assertIn(b"joe@customer.test", bytes(dsn.raw))
