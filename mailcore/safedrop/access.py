@@ -78,10 +78,10 @@ def gone_reason(bundle: Bundle, recipient: DropRecipient, now: datetime.datetime
         return "This drop has expired."
     if recipient.expires_at is not None and recipient.expires_at <= now:
         return "This drop has expired."
-    if bundle.removed_at is not None:
-        return "This drop has been removed."
     if bundle.read_remove and recipient.done_at is not None:
         return "You have downloaded every file of this drop; it has been removed."
+    if bundle.removed_at is not None:
+        return "This drop has been removed."
     return None
 
 
