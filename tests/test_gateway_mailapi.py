@@ -2,7 +2,8 @@
 hop: SMTP into a hosted mailbox lands in its inbox; outbox mail to another hosted mailbox
 lands in that inbox; outbox mail to a relayed domain reaches the sink with its headers, no
 Bcc field and its attachment intact; 200 messages posted at once arrive in posting
-order."""
+order; the daemon killed with SIGKILL twice while mail is posted and sent: every 202'd
+message arrives, none twice, each handed to the queue once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectError
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -163,3 +165,81 @@ class MailApiGatewayTests(TestCase):
         posted = [m["subject"] for m in reversed(page["emails"])]  # oldest first
         arrived = [email.message_from_bytes(m.data)["Subject"] for m in self.state.messages]
         self.assertEqual(arrived, posted)
+
+
+class OutboxKillNineTests(TestCase):
+    timeout = 180
+
+    async def test_every_202_is_sent_once_across_kill_9(self) -> None:
+        state = SinkState()
+        listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
+            SinkFactory(state))
+        self.addCleanup(listener.stopListening)
+        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5})
+        tokens = prepare(daemon, listener.getHost().port)
+        await daemon.start()
+        self.addCleanup(daemon.stop)
+        await daemon.process.wait_for_port(daemon.http_port, timeout=30)
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        n = 150
+        accepted: set[str] = set()
+        headers: dict[bytes | str, bytes | str] = {
+            "Auth-Key": tokens["bob"], "Content-Type": "application/json"}
+
+        async def post(i: int) -> None:
+            for _ in range(100):  # until the daemon listens again (it is being killed)
+                try:
+                    response = await http.request(
+                        "POST", f"http://127.0.0.1:{daemon.http_port}/api/v1/mail/",
+                        headers=headers,
+                        data=json.dumps({"status": "outbox", "to": "x@customer.test",
+                                         "subject": f"n{i}"}).encode())
+                    await treq.content(response)
+                except ConnectError:
+                    await sleep(0.1)
+                    continue
+                except Exception:
+                    return  # cut off mid-request: it may or may not be stored; never retried
+                if response.code == 202:
+                    accepted.add(f"n{i}")
+                return
+
+        lock = defer.DeferredSemaphore(10)
+        posting = defer.gatherResults([lock.run(post, i) for i in range(n)])
+        kills = 0
+        for mark in (n // 3, 2 * n // 3):
+            while len(accepted) < mark and not posting.called:
+                await sleep(0.01)
+            daemon.kill()
+            await daemon.stop()
+            kills += 1
+            await daemon.start()
+        await posting
+        self.assertEqual(kills, 2)
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 60
+
+        def arrived() -> list[str]:
+            return [str(email.message_from_bytes(m.data)["Subject"]) for m in state.messages]
+
+        while not accepted <= set(arrived()) and reactor.seconds() < deadline:
+            await sleep(0.2)
+        got = arrived()
+        missing = sorted(accepted - set(got))
+        duplicates = len(got) - len(set(got))
+        print(f"\n  {kills} kills, {len(accepted)} of {n} posts got 202, {len(got)} arrived, "
+              f"{duplicates} duplicates")
+        self.assertEqual(missing, [])
+        # Each outbox message was handed to the queue once (its queue id is the key).
+        import sqlite3
+        c = sqlite3.connect(str(daemon.data_dir / "mailcore.sqlite"))
+        rows = c.execute("select count(*), count(distinct m.queue_id) from mailapi_mail m "
+                         "join queue_messages q on q.id = m.queue_id "
+                         "where m.status = 'sent'").fetchone()
+        outbox_left = c.execute("select count(*) from mailapi_mail where status = 'outbox'"
+                                ).fetchone()[0]
+        c.close()
+        self.assertEqual(rows[0], rows[1])
+        self.assertEqual(outbox_left, 0)
+        self.assertEqual(duplicates, 0)
