@@ -271,3 +271,53 @@ class HelperTests(TestCase):
         value = content_disposition("\u65e5\u672c;\r\n.pdf")
         self.assertNotIn("\r", value)
         self.assertTrue(value.isascii())
+
+
+class SecretsNeverShownTests(TestCase):
+    async def test_password_secure_message_and_links_stay_out_of_logs_and_rows(self) -> None:
+        from twisted.logger import ILogObserver, eventAsText, globalLogPublisher
+        from zope.interface import provider
+
+        from tests.test_web_secrets import every_value, texts
+
+        events: list[str] = []
+
+        @provider(ILogObserver)
+        def observe(event: Any) -> None:
+            events.append(eventAsText(event, includeTimestamp=False) + repr(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        f = PageFixture()
+        await f.start(self)
+        secrets = ["Open-Sesame-77", "vault-code-4711"]
+        [ann] = await f.sent_bundle(
+            f"subject=S&password={secrets[0]}&secure_message={secrets[1]}",
+            recipients=("ann%40example.org",))
+        status, _ = await f.form("PUT", f"/dropbundles/{f.bundle_id}",
+                                 f"password={secrets[0]}&expiry_date=bad")
+        self.assertEqual(status, 400)
+        status, _ = await f.form("POST", "/dropbundles",
+                                 f"password={secrets[0]}&secure_message={secrets[1]}&x=1")
+        self.assertEqual(status, 400)
+        browser = Browser(f)
+        await browser.post(ann, action="password", password=secrets[0] + "-wrong")
+        await browser.post(ann, action="password", password=secrets[0])
+        status, _, page = await browser.get(ann)
+        self.assertIn(secrets[1].encode(), page)  # the recipient sees it, nobody else
+        await browser.get(ann + "/files/999")
+        token = ann.rsplit("/", 1)[1]
+        self.assertTrue(events)
+        for line in events:
+            for secret in (*secrets, token):
+                self.assertNotIn(secret, line)
+        rows: list[Any] = []
+        f.web.core.db.read("all", every_value).addCallback(rows.append)
+        for table, values in rows[0].items():
+            for row in values:
+                for value in row:
+                    for text in texts(value):
+                        # The queued notification carries its link until it is delivered.
+                        shown = secrets if table == "queue_messages" else (*secrets, token)
+                        for secret in shown:
+                            self.assertNotIn(secret, text, table)
