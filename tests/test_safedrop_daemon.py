@@ -1,0 +1,152 @@
+"""safedrop uploads against the real daemon (twistd on free ports, a temp data dir): a 1 GiB
+file keeps the daemon's peak RSS within 64 MB of what it was before (twisted.web spools the
+body to a temp file; the upload is parsed from it a chunk at a time into its final place),
+and an upload cut off halfway leaves no file and no row."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import implementer
+
+from tests.support.reactor import get_reactor
+from tests.support.servers import run_command
+from tests.test_daemon import DaemonTestCase, _env
+
+GIB = 1024**3
+CHUNK = 256 * 1024
+BOUNDARY = b"upload-boundary-7f3a"
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the most resident memory the process has had, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@implementer(IPullProducer)
+class _Body:
+    """Writes `size` bytes of file data framed as one multipart part, as it is pulled;
+    with `stop_after`, aborts the connection after that many bytes of file data."""
+
+    def __init__(self, protocol: _Upload, size: int, stop_after: int | None) -> None:
+        self.protocol = protocol
+        self.left = size
+        self.sent = 0
+        self.stop_after = stop_after
+        self.epilogue_sent = False
+
+    def resumeProducing(self) -> None:
+        transport: Any = self.protocol.transport
+        assert transport is not None
+        if self.stop_after is not None and self.sent >= self.stop_after:
+            transport.unregisterProducer()
+            transport.abortConnection()
+            return
+        if self.left:
+            n = min(CHUNK, self.left)
+            transport.write(bytes([self.sent // CHUNK % 251]) * n)
+            self.left -= n
+            self.sent += n
+            return
+        if not self.epilogue_sent:
+            self.epilogue_sent = True
+            transport.write(b"\r\n--" + BOUNDARY + b"--\r\n")
+            transport.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+class _Upload(Protocol):
+    def __init__(self, path: str, token: str, size: int, stop_after: int | None) -> None:
+        self.path = path
+        self.token = token
+        self.size = size
+        self.stop_after = stop_after
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        head = (b"--" + BOUNDARY + b"\r\nContent-Disposition: form-data; name=\"the_file\"; "
+                b"filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+        tail = b"\r\n--" + BOUNDARY + b"--\r\n"
+        length = len(head) + self.size + len(tail)
+        transport: Any = self.transport
+        assert transport is not None
+        transport.write(
+            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"X-Auth-Token: {self.token}\r\nContent-Length: {length}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY.decode()}\r\n\r\n".encode()
+            + head
+        )
+        transport.registerProducer(_Body(self, self.size, self.stop_after), False)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.received)
+
+
+class BigUploadTests(DaemonTestCase):
+    async def upload(self, path: str, token: str, size: int,
+                     stop_after: int | None = None) -> bytes:
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", self.http_port)
+        protocol = _Upload(path, token, size, stop_after)
+        await connectProtocol(endpoint, protocol)
+        return await protocol.done
+
+    async def test_a_1_gib_upload_keeps_rss_low_and_a_cut_one_leaves_nothing(self) -> None:
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        made = await run_command(
+            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
+            env=_env(), cwd=self.base)
+        self.assertEqual(made.status, 0, made.err)
+        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
+        self.assertEqual(key.status, 0, key.err)
+        daemon = await self.start_daemon()
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        base = f"http://127.0.0.1:{self.http_port}"
+        login: dict[bytes | str, bytes | str] = {
+            "X-Auth-User": "alice@example.test", "X-Auth-Key": key.out.strip()}
+        response = await http.get(base + "/auth", headers=login)
+        await treq.content(response)
+        token = response.headers.getRawHeaders("X-Auth-Token")[0]
+        auth: dict[bytes | str, bytes | str] = {"X-Auth-Token": token}
+        response = await http.post(base + "/dropbundles", data={"subject": "big"},
+                                   headers=auth)
+        bundle = json.loads(await treq.content(response))
+        files = f"/dropbundles/{bundle['id']}/dropfiles"
+
+        # Cut off halfway: nothing stays.
+        await self.upload(files, token, 64 * 1024 * 1024, stop_after=32 * 1024 * 1024)
+        response = await http.get(base + files, headers=auth)
+        self.assertEqual(json.loads(await treq.content(response)), [])
+        stored = self.data_dir / "safedrop"
+        self.assertEqual([p for p in stored.rglob("*") if p.is_file()], [])
+
+        before = peak_rss_kib(daemon.pid)
+        reply = await self.upload(files, token, GIB)
+        self.assertIn(b"HTTP/1.1 200 ", reply.split(b"\r\n", 1)[0] + b" ")
+        after = peak_rss_kib(daemon.pid)
+        self.assertLess(after - before, 64 * 1024, (before, after))
+        body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body["the_file"], "big.bin")
+        [saved] = [p for p in (stored / str(bundle["id"])).iterdir()]
+        self.assertEqual(saved.stat().st_size, GIB)
+        self.assertEqual(list((stored / "tmp").iterdir()), [])
+        await pool.closeCachedConnections()
