@@ -121,6 +121,9 @@ class HostileInputTests(TestCase):
                 status, _, body = await self.web.call(method, f"/quarantine/release/{token}")
                 self.assertEqual(status, 404, (method, token))
                 self.assertIn(b"This release link is not valid", body)
+        # A safedrop recipient's link too (found by tests.test_web_fuzz).
+        status, _, body = await self.web.call("GET", "/drop/\u00e1~")
+        self.assertEqual(status, 404)
         status, reply = await self.call("GET", "/api/v1/quarantine/\u0661\u0662",
                                         headers=self.key)
         self.assertEqual(status, 404)
