@@ -3,7 +3,9 @@ line that a client's bytes can split or forge."""
 
 from __future__ import annotations
 
-from twisted.logger import capturedLogs, formatEvent
+from collections.abc import Sequence
+
+from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from mailcore import maillog
@@ -14,7 +16,7 @@ from tests.test_smtp_server import ServerTestCase
 HOP = Hop("10.0.0.1", 2525)
 
 
-def lines(events: list[dict]) -> list[str]:  # type: ignore[type-arg]
+def lines(events: Sequence[LogEvent]) -> list[str]:
     return [formatEvent(e) for e in events if e.get("log_namespace") == "mailcore.mail"]
 
 
