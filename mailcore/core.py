@@ -44,11 +44,13 @@ from mailcore.oauth import OAuthProvider, OAuthSettings
 from mailcore.queue import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
+from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
+from mailcore.store.leases import JobLeases
 from mailcore.tls import server_context
 from mailcore.webhooks import Webhooks, build_webhooks
 from mailcore.workers import CpuPool
@@ -91,6 +93,9 @@ class Core:
     filter_service: ChainService = field(init=False)
     # Proof of domain ownership ([protecmail] verify_domains, dns_servers, verify_*).
     verifier: DomainVerifier = field(init=False)
+    # This node's claims on the background jobs that run on one node of those sharing the
+    # store (named by [queue] node_id, as its queue leases are).
+    leases: JobLeases = field(init=False)
     # The Mail API's hosted mailboxes and their grants (seed 002).
     mailboxes: MailboxService = field(init=False)
     # Their mail ([mailapi]) and the outbox that hands it to the spool in posting order.
@@ -102,6 +107,8 @@ class Core:
 
     def __post_init__(self) -> None:
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
+        queue_settings = QueueSettings.from_config(self.config)
+        self.leases = JobLeases(self.db, queue_settings.node_id)
         verification = VerificationSettings.from_config(self.config.section("protecmail"))
         self.domains = DomainService(
             self.db, self.clock, refresh_interval=domain_settings.refresh_interval,
@@ -109,8 +116,10 @@ class Core:
             verify_domains=verification.verify_domains,
         )
         self.verifier = DomainVerifier(self.domains, self.clock, verification)
+        self.verifier.leases = self.leases  # one pass per period, on one node
         self.fetch = build_fetch(
-            self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch")
+            self.clock, self.db, self.cpu, self.config.data_dir, self.config.section("fetch"),
+            node_id=queue_settings.node_id,
         )
         self.messages = self.fetch.messages
         self.oauth = OAuthProvider(
@@ -120,7 +129,7 @@ class Core:
         self.listeners = Listeners(self.config.smtp_endpoints)
         self.queue = build_queue(
             self.config, self.db, self.clock, self.metrics, reactor=self.clock,
-            listeners=self.listeners,
+            listeners=self.listeners, settings=queue_settings,
         )
         self.spool = self.queue.spool
         self.plans = Plans.from_config(self.config.section("plans"))
@@ -160,6 +169,7 @@ class Core:
             self.db, self.clock, QuarantineSettings.from_config(self.config.section("quarantine")),
             self.plans, hostname=self.config.hostname,
             signer=self.config.data_dir / "quarantine.key", spool=self.spool,
+            leases=self.leases,
         )
         self.filter_chain = build_chain(
             self.config.section("filters"), reactor=self.clock, runner=self.cpu

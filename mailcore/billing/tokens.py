@@ -444,7 +444,9 @@ class TokenService(PeriodicService):
     As a twisted Service it sweeps every `settings.rollover_interval` seconds on `clock`:
     opens a tank for users without one, rolls over tanks left in an earlier month, and
     purges old usage and charge records. Without starting it (CLI, tests) every method
-    still works: rollovers then happen lazily.
+    still works: rollovers then happen lazily. Every node sharing the store runs the sweep:
+    each step is idempotent (a tank is opened or rolled over once, under its row lock; the
+    purges are DELETEs), so two nodes sweeping at once change nothing twice.
     """
 
     name = "tokens"

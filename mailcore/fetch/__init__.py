@@ -42,15 +42,17 @@ class FetchServices:
 
 
 def build_fetch(
-    reactor: Any, db: Database, cpu: CpuPool, data_dir: Path, section: dict[str, Any]
+    reactor: Any, db: Database, cpu: CpuPool, data_dir: Path, section: dict[str, Any],
+    *, node_id: str = "local",
 ) -> FetchServices:
     """The fetch services from the `[fetch]` config section. The password key in
-    `data_dir` is read (or made) on first use or by `load_key()`."""
+    `data_dir` is read (or made) on first use or by `load_key()`; `node_id` names this
+    node in the accounts' sync leases."""
     settings = FetchSettings.from_section(section)
     secrets = KeyFileSecretBox(data_dir, settings.secret_key)
     accounts = Accounts(db, reactor, secrets)
     messages = MessageStore(db, cpu, reactor)
-    engine = SyncEngine(reactor, db, accounts, messages, settings)
+    engine = SyncEngine(reactor, db, accounts, messages, settings, node_id=node_id)
     return FetchServices(
         settings=settings, secrets=secrets, accounts=accounts, messages=messages,
         engine=engine, scheduler=FetchScheduler(engine),

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.fetch.errors import AccountError, AccountNotFound
@@ -403,3 +403,58 @@ def thd_get_account(conn: Connection, user_id: int, account_id: int) -> Account:
     if row is None:
         raise AccountNotFound("no such account", "id")
     return _account(row)
+
+
+# -- sync leases: one node syncs an account at a time ------------------------------------------
+
+_f = fetch_accounts.c
+
+
+def thd_claim_sync(
+    conn: Connection, account_id: int, owner: str, now: float, until: float,
+    started: datetime.datetime, due_before: datetime.datetime | None = None,
+) -> bool | None:
+    """Blocking: lease the account's sync to `owner` until `until` and record `started` as
+    its start, unless another node holds a live lease (at `now`) or, with `due_before`, the
+    account's last attempt is later than that (another node synced it meanwhile). Whether
+    `owner` holds it now; None when there is no such account.
+
+    One conditional UPDATE: on PostgreSQL a concurrent claimer waits for the row lock and
+    re-checks the condition on the committed row; SQLite serialises writers."""
+    free = or_(_f.lease_owner.is_(None), _f.lease_owner == owner, _f.lease_until <= now)
+    where = [_f.id == account_id, free]
+    if due_before is not None:
+        last = func.coalesce(_f.sync_started_at, _f.last_sync)
+        where.append(or_(last.is_(None), last <= due_before))
+    taken = conn.execute(
+        update(fetch_accounts).where(*where)
+        .values(lease_owner=owner, lease_until=until, sync_started_at=started)
+    )
+    if taken.rowcount:
+        return True
+    found = conn.execute(select(_f.id).where(_f.id == account_id)).first()
+    return False if found is not None else None
+
+
+def thd_renew_syncs(
+    conn: Connection, owner: str, account_ids: list[int], until: float
+) -> list[int]:
+    """Blocking: extend `owner`'s sync leases on `account_ids`; the ids it still holds."""
+    if not account_ids:
+        return []
+    conn.execute(
+        update(fetch_accounts)
+        .where(_f.id.in_(account_ids), _f.lease_owner == owner)
+        .values(lease_until=until)
+    )
+    return sorted(int(r.id) for r in conn.execute(
+        select(_f.id).where(_f.id.in_(account_ids), _f.lease_owner == owner)
+    ))
+
+
+def thd_release_sync(conn: Connection, account_id: int, owner: str) -> None:
+    """Blocking: give the account's sync lease up, if `owner` still holds it."""
+    conn.execute(
+        update(fetch_accounts).where(_f.id == account_id, _f.lease_owner == owner)
+        .values(lease_owner=None, lease_until=None)
+    )

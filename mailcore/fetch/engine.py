@@ -17,12 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailcore.fetch.accounts import Account, Accounts
+from mailcore.fetch.accounts import (
+    Account,
+    Accounts,
+    thd_claim_sync,
+    thd_release_sync,
+    thd_renew_syncs,
+)
 from mailcore.fetch.errors import FetchError, ProtocolFailed
 from mailcore.fetch.imap import FetchItem, IMAPClient, RemoteFolder, ServerSpec, open_session
 from mailcore.fetch.pop3 import POP3Session, open_pop3
@@ -52,6 +58,12 @@ TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
 
+# An account's sync lease (fetch_accounts.lease_owner/lease_until) lasts this long and is
+# renewed every third of it while the sync runs; a node that died mid-sync holds the account
+# at most this long.
+SYNC_LEASE = 300.0
+BUSY = "busy"
+
 
 class TLSFactory(Protocol):
     def __call__(
@@ -72,7 +84,9 @@ class FolderResult:
 
 @dataclass
 class SyncResult:
-    """What a sync of one account did. `status` is "success" or "error"."""
+    """What a sync of one account did. `status` is "success" or "error", or "busy" when
+    nothing was done because another node is syncing the account (or, for a scheduled
+    sync, synced it since the scheduler looked)."""
 
     account_id: int
     user_id: int
@@ -172,7 +186,11 @@ def _swallow(d: defer.Deferred[Any]) -> None:
 
 
 class SyncEngine:
-    """Runs account syncs: one at a time per account, at most `max_concurrent` at once."""
+    """Runs account syncs: one at a time per account, at most `max_concurrent` at once.
+
+    Nodes sharing the store share the accounts: a sync first leases the account in the
+    store for this node (`node_id`), so no two nodes ever sync one account at once; the
+    lease is renewed while the sync runs and given up when it ends."""
 
     def __init__(
         self,
@@ -183,8 +201,10 @@ class SyncEngine:
         settings: FetchSettings | None = None,
         *,
         tls_factory: TLSFactory = client_tls,
+        node_id: str = "local",
     ) -> None:
         self.reactor = reactor
+        self.node_id = node_id
         self.db = db
         self.accounts = accounts
         self.store = store
@@ -194,6 +214,9 @@ class SyncEngine:
         self._running: dict[int, defer.Deferred[SyncResult]] = {}
         self._waiters: dict[int, list[defer.Deferred[SyncResult]]] = {}
         self.listeners: list[Callable[[SyncResult], object]] = []
+        # Accounts whose sync lease this node holds, and the timer that renews them.
+        self._leased: set[int] = set()
+        self._renewal: task.LoopingCall | None = None
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
@@ -206,8 +229,12 @@ class SyncEngine:
     def running(self) -> list[int]:
         return sorted(self._running)
 
-    def sync(self, account_id: int) -> defer.Deferred[SyncResult]:
+    def sync(
+        self, account_id: int, *, due_before: datetime.datetime | None = None
+    ) -> defer.Deferred[SyncResult]:
         """Sync an account now (or join the sync already running); fires with the result.
+        With `due_before` (the scheduler's due check) it syncs only if the account's last
+        attempt is not later than that when its lease is taken (else: "busy").
 
         Cancelling the returned Deferred of the sync that started it stops that sync: what
         was committed stays, and the account shows the sync as cancelled.
@@ -216,7 +243,9 @@ class SyncEngine:
             waiter: defer.Deferred[SyncResult] = defer.Deferred()
             self._waiters[account_id].append(waiter)
             return waiter
-        main = self._limit.run(lambda: defer.Deferred.fromCoroutine(self._sync(account_id)))
+        main = self._limit.run(
+            lambda: defer.Deferred.fromCoroutine(self._leased_sync(account_id, due_before))
+        )
         self._running[account_id] = main
         self._waiters[account_id] = []
 
@@ -246,6 +275,68 @@ class SyncEngine:
                 await d
             except Exception as e:  # cancelled or failed: the account shows it
                 log.debug("sync ended on stop: {e!r}", e=e)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def _leased_sync(
+        self, account_id: int, due_before: datetime.datetime | None
+    ) -> SyncResult:
+        """`_sync` while this node holds the account's lease; "busy" if it cannot."""
+        now = self.now()
+        seconds = self.reactor.seconds()
+        claimed = await self.db.run(
+            "claim_fetch_sync", thd_claim_sync, account_id, self.node_id, seconds,
+            seconds + SYNC_LEASE, now, due_before,
+        )
+        if claimed is False:
+            owner = await self.accounts.owner_of(account_id)
+            return SyncResult(account_id=account_id, user_id=owner, started_at=now,
+                              finished_at=now, status=BUSY)
+        if claimed is None:
+            return await self._sync(account_id)  # no such account: say so as before
+        self._leased.add(account_id)
+        self._renew_soon()
+        try:
+            return await self._sync(account_id)
+        finally:
+            self._leased.discard(account_id)
+            if not self._leased and self._renewal is not None:
+                if self._renewal.running:
+                    self._renewal.stop()
+                self._renewal = None
+            await self.db.run("release_fetch_sync", thd_release_sync, account_id,
+                              self.node_id)
+
+    def _renew_soon(self) -> None:
+        if self._renewal is None:
+            self._renewal = task.LoopingCall(self._renew)
+            self._renewal.clock = self.reactor
+            self._renewal.start(SYNC_LEASE / 3, now=False).addErrback(
+                lambda f: log.failure("renewing sync leases stopped", f)
+            )
+
+    def _renew(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self.renew_leases())
+
+    async def renew_leases(self) -> None:
+        """Extend this node's sync leases; a sync whose lease another node took over (this
+        node stalled past it) is cancelled."""
+        mine = sorted(self._leased)
+        try:
+            held = set(await self.db.run(
+                "renew_fetch_syncs", thd_renew_syncs, self.node_id, mine,
+                self.reactor.seconds() + SYNC_LEASE,
+            ))
+        except Exception:
+            log.failure("renewing sync leases failed")
+            return
+        for account_id in mine:
+            if account_id not in held and account_id in self._leased:
+                log.warn("account {account}: another node took its sync over; stopping ours",
+                         account=account_id)
+                running = self._running.get(account_id)
+                if running is not None:
+                    running.cancel()
 
     # -- one account ---------------------------------------------------------------------
 

@@ -5,6 +5,10 @@ due when its last attempt (`sync_started_at`, else `last_sync`) is older than it
 (the account's `sync_interval`, else the configured one) stretched by a per-attempt random
 jitter, so that accounts added together do not all hit their servers at the same second.
 The engine's semaphore bounds how many run at once; an account already syncing is skipped.
+
+Every node runs a scheduler over the same accounts: a sync leases its account in the store
+first, and a scheduled one only while the account is still due (the check is made again in
+the claim's UPDATE), so each due account is synced once, by one node.
 """
 
 from __future__ import annotations
@@ -58,18 +62,20 @@ class FetchScheduler(service.Service):
     def interval(self, account: Account) -> float:
         return float(account.sync_interval or self.settings.sync_interval)
 
+    def due_before(self, account: Account, now: datetime.datetime) -> datetime.datetime:
+        """The account is due at `now` if its last attempt was no later than this."""
+        jitter = self._jitter.setdefault(
+            account.id, self.rng.uniform(-self.settings.jitter, self.settings.jitter)
+        )
+        wait = self.interval(account) * (1.0 + jitter)
+        return now - datetime.timedelta(seconds=wait)
+
     def due(self, account: Account, now: datetime.datetime) -> bool:
         """Whether the account should be synced at `now`."""
         if self.engine.is_running(account.id):
             return False
         last = account.sync_started_at or account.last_sync
-        if last is None:
-            return True
-        jitter = self._jitter.setdefault(
-            account.id, self.rng.uniform(-self.settings.jitter, self.settings.jitter)
-        )
-        wait = self.interval(account) * (1.0 + jitter)
-        return (now - last).total_seconds() >= wait
+        return last is None or last <= self.due_before(account, now)
 
     async def tick(self) -> int:
         """Start every due account's sync (not waiting for them); returns how many."""
@@ -83,8 +89,9 @@ class FetchScheduler(service.Service):
         for account in accounts:
             if not self.due(account, now):
                 continue
+            cutoff = self.due_before(account, now)
             self._jitter.pop(account.id, None)  # a fresh jitter for the next round
-            d = self.engine.sync(account.id)
+            d = self.engine.sync(account.id, due_before=cutoff)
             d.addErrback(self._log_failure, account.id)
             started += 1
         return started

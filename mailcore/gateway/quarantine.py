@@ -70,6 +70,7 @@ from mailcore.smtp.address import PathError, parse_mail_from
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.store.leases import JobLeases
 from mailcore.store.schema import domains, quarantine, users
 
 log = Logger()
@@ -424,6 +425,7 @@ class QuarantineService(Service):
         hostname: str,
         signer: LinkSigner | Path,
         spool: Any = None,
+        leases: JobLeases | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -435,6 +437,9 @@ class QuarantineService(Service):
         self._signer = signer if isinstance(signer, LinkSigner) else None
         self._key_path = signer if isinstance(signer, Path) else None
         self.spool = spool  # a Spool; set by the Core once the queue exists
+        # Nodes sharing the store: digests run once per period, on the node that claims the
+        # "quarantine_digest" job; the purge is an idempotent DELETE and runs on every node.
+        self.leases = leases
         self._purge: LoopingCall | None = None
         self._digest: LoopingCall | None = None
 
@@ -516,6 +521,18 @@ class QuarantineService(Service):
 
     # -- digests ---------------------------------------------------------------------------
 
+    async def leased_digests(self) -> int:
+        """This period's digests, sent only by the node that claims this period's run of the
+        "quarantine_digest" job (any node when no leases are set); returns how many were
+        sent (0 on the others)."""
+        if self.leases is not None:
+            mine = await self.leases.claim_periodic(
+                "quarantine_digest", self.clock.seconds(), self.settings.digest_interval
+            )
+            if not mine:
+                return 0
+        return await self.send_digests()
+
     async def send_digests(self) -> int:
         """One digest per recipient with new quarantined mail; returns how many were sent."""
         rows = await self.db.read("quarantine_digest_candidates", _digest_candidates_txn)
@@ -581,7 +598,7 @@ class QuarantineService(Service):
         self._purge = LoopingCall(self._tick, self.purge, "purge")
         self._purge.clock = self.clock
         self._purge.start(self.settings.purge_interval, now=False)
-        self._digest = LoopingCall(self._tick, self.send_digests, "digest")
+        self._digest = LoopingCall(self._tick, self.leased_digests, "digest")
         self._digest.clock = self.clock
         self._digest.start(self.settings.digest_interval, now=False)
 

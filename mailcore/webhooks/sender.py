@@ -160,6 +160,7 @@ class WebhookSender(Service):
         return started
 
     async def _prune(self) -> None:
+        # Every node prunes: an idempotent DELETE of old finished rows (no lease needed).
         now = self.clock.seconds()
         if now - self._last_prune < 3600:
             return

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from mailcore.fetch import Account, AccountError, AccountNotFound, Accounts, SyncEngine
-from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.engine import BUSY, SyncResult
 from mailcore.identity import Principal
 from mailcore.messages import MessageNotFound, MessageQuery, MessageStore, QueryError
 from mailcore.messages import Page as StorePage
@@ -337,7 +337,8 @@ class Imap2ApiApp(ApiApp):
         account = await self._account(user_id, server_id)
         outcome = await self._wait(self.engine.sync(account.id),
                                    self.settings.imap2api_sync_wait)
-        if outcome is None:
+        if outcome is None or (isinstance(outcome, SyncResult) and outcome.status == BUSY):
+            # Still running here, or on another node sharing the store.
             account = await self._account(user_id, server_id)
             return self.reply(request, {
                 "status": "running",

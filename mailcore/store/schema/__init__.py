@@ -18,6 +18,7 @@ from mailcore.store.schema.counters import change_counters
 from mailcore.store.schema.domains import domain_addresses, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
+from mailcore.store.schema.leases import job_leases
 from mailcore.store.schema.mailapi import (
     mailapi_attachments,
     mailapi_mail,
@@ -53,6 +54,7 @@ __all__ = [
     "fetch_folders",
     "invoice_lines",
     "invoices",
+    "job_leases",
     "mailapi_attachments",
     "mailapi_mail",
     "mailbox_grants",

@@ -7,6 +7,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -52,6 +53,10 @@ fetch_accounts = Table(
     Column("progress_folder", String(1024), nullable=True),
     Column("progress_done", Integer, nullable=False, server_default="0"),
     Column("progress_total", Integer, nullable=False, server_default="0"),
+    # The node syncing the account now and until when (epoch seconds; renewed while the
+    # sync runs): no two nodes sync one account at once (migration 0016).
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_until", Float, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_fetch_accounts_user_id", "user_id"),

@@ -1,0 +1,413 @@
+"""Background jobs shared by the nodes of one store: two nodes (two service instances with
+different node ids, each on its own Database and thread pool) on one PostgreSQL and on one
+SQLite file, and each job is done once.
+
+Leased: named periodic jobs (quarantine digests, domain verification passes) through
+`job_leases`, account syncs through `fetch_accounts.lease_owner`, webhook deliveries through
+their claim. Idempotent on every node (checked here to stay right when two nodes run them at
+once): the quarantine purge, the webhook log pruning, the credential sweep. The token
+sweep's two-node test is `tests.test_tokens.*ConcurrencyTests` (the queue's:
+`tests.test_queue_leases` and `tests.test_gateway_cluster`)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from cryptography.fernet import Fernet
+from sqlalchemy import Connection, func, insert, select, update
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailcore.billing.plans import Plans
+from mailcore.fetch.accounts import Account, Accounts
+from mailcore.fetch.engine import BUSY, SYNC_LEASE, SyncEngine, SyncResult
+from mailcore.fetch.scheduler import FetchScheduler
+from mailcore.fetch.secrets import SecretBox
+from mailcore.fetch.settings import FetchSettings
+from mailcore.gateway.domains import DomainService
+from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings, ToKeep
+from mailcore.gateway.verification import DomainVerifier, VerificationSettings
+from mailcore.messages.store import MessageStore
+from mailcore.smtp.envelope import Envelope
+from mailcore.store import Database
+from mailcore.store.leases import JobLeases
+from mailcore.store.schema import credentials, domains, quarantine, users, webhook_deliveries
+from mailcore.webhooks import Webhooks, WebhookSender, WebhookSettings
+from mailcore.workers import CpuPool
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
+from tests.support.imap2api import Receiver
+from tests.support.mailsink import thd_add_domain
+
+START = 1_800_000_000.0
+DAY = 86400.0
+
+
+def gather(*coroutines: Any) -> defer.Deferred[list[Any]]:
+    """Run the coroutines at once (two nodes racing); their results in order."""
+    return defer.gatherResults(
+        [c if isinstance(c, defer.Deferred) else defer.Deferred.fromCoroutine(c)
+         for c in coroutines],
+        consumeErrors=True,
+    )
+
+
+class RecordingSpool:
+    """Where a node's digests go: each accepted message is recorded (the queue itself is
+    tested elsewhere; here only how many digests the nodes queue matters)."""
+
+    def __init__(self, queued: list[tuple[str, Envelope]], node: str) -> None:
+        self.queued = queued
+        self.node = node
+
+    async def accept(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
+        self.queued.append((self.node, envelope))
+
+
+class ConnectRecorder(MemoryReactorClock):
+    """A reactor on which every connection attempt is recorded and stays pending; `tried`
+    fires at the first attempt after it was (re)made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried: defer.Deferred[None] = defer.Deferred()
+
+    def connectTCP(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        connector = super().connectTCP(*args, **kwargs)
+        if not self.tried.called:
+            self.tried.callback(None)
+        return connector
+
+    def refuse(self, index: int) -> None:
+        """The server refuses attempt `index`: that sync fails."""
+        _host, _port, factory, _timeout, _bind = self.tcpClients[index]
+        factory.clientConnectionFailed(self.connectors[index], Failure(ConnectionRefusedError()))
+
+
+class SharedJobsMixin(DatabaseMixin):
+    """Two nodes on one store (this class's backend)."""
+
+    timeout = 60
+
+    async def two_stores(self) -> tuple[Database, Database]:
+        first = await self.open_database()
+        second = await self.open_database_at(first.url)
+        return first, second
+
+    # -- the lease itself --------------------------------------------------------------
+
+    async def test_of_many_concurrent_claims_one_node_wins(self) -> None:
+        a, b = await self.two_stores()
+        nodes = [JobLeases(a, "node-a"), JobLeases(b, "node-b")]
+
+        def winners(won: list[bool]) -> set[str]:
+            return {nodes[i % 2].node_id for i, w in enumerate(won) if w}
+
+        # A job never claimed: one node's claim inserts its row.
+        won = await gather(*(nodes[i % 2].claim("job", START, 60.0) for i in range(20)))
+        self.assertEqual(len(winners(won)), 1)
+        # Its lease lapsed: one node takes it over, and holds it (its other claims succeed).
+        won = await gather(*(nodes[i % 2].claim("job", START + 60, 60.0) for i in range(20)))
+        self.assertEqual(len(winners(won)), 1)
+        self.assertEqual(sum(won), 10)
+        # A periodic job: one run of twenty attempts, new row or lapsed.
+        for now in (START, START + 60):
+            won = await gather(*(nodes[i % 2].claim_periodic("digest", now, 60.0)
+                                 for i in range(20)))
+            self.assertEqual(sum(won), 1)
+
+    async def test_the_holder_keeps_a_job_until_its_lease_lapses_or_it_lets_go(self) -> None:
+        a, b = await self.two_stores()
+        la, lb = JobLeases(a, "node-a"), JobLeases(b, "node-b")
+        self.assertTrue(await la.claim("j", 0.0, 10.0))
+        self.assertFalse(await lb.claim("j", 5.0, 10.0))
+        self.assertTrue(await la.claim("j", 9.0, 10.0))  # held again, until 19
+        self.assertFalse(await lb.claim("j", 18.0, 10.0))
+        self.assertTrue(await lb.claim("j", 19.0, 10.0))  # a lapsed: b takes over
+        self.assertFalse(await la.claim("j", 20.0, 10.0))
+        self.assertTrue(await lb.release("j", 21.0))
+        self.assertTrue(await la.claim("j", 21.0, 10.0))
+        self.assertFalse(await lb.release("j", 22.0))  # not b's to give up
+
+    # -- domain verification passes ------------------------------------------------------
+
+    async def verifier(self, db: Database, clock: Clock, node: str,
+                       lookups: list[str]) -> DomainVerifier:
+        settings = VerificationSettings(verify_domains=True, dns_servers=(("127.0.0.1", 53),),
+                                        verify_interval=600.0)
+        domains_ = DomainService(db, clock, verify_domains=True)
+        verifier = DomainVerifier(domains_, clock, settings)
+        verifier.leases = JobLeases(db, node)
+
+        async def lookup(name: str) -> list[str]:
+            lookups.append(f"{node} {name}")
+            return []
+
+        verifier._lookup = lookup  # type: ignore[method-assign]  # no DNS needed here
+        return verifier
+
+    async def test_a_verification_pass_runs_on_one_node_per_period(self) -> None:
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        lookups: list[str] = []
+        va = await self.verifier(a, clock, "node-a", lookups)
+        vb = await self.verifier(b, clock, "node-b", lookups)
+        owner = await a.run("owner", thd_make_user, "owner")
+        await va.domains.add("customer.test", owner, "10.0.0.1")
+        await gather(va.leased_tick(), vb.leased_tick())
+        self.assertEqual(len(lookups), 1)
+        clock.advance(300)  # within the period: neither node runs it again
+        await gather(vb.leased_tick(), va.leased_tick())
+        self.assertEqual(len(lookups), 1)
+        clock.advance(300)
+        await gather(vb.leased_tick(), va.leased_tick())
+        self.assertEqual(len(lookups), 2)
+        # Whichever node ran it last stops: the other one runs the next period's pass.
+        last = lookups[-1].split()[0]
+        other = vb if last == "node-a" else va
+        clock.advance(600)
+        await gather(other.leased_tick())
+        self.assertEqual(len(lookups), 3)
+        self.assertNotEqual(lookups[2].split()[0], last)
+
+    # -- quarantine digests and purges ---------------------------------------------------
+
+    async def quarantines(self) -> tuple[QuarantineService, QuarantineService, list[Any],
+                                         Clock, int]:
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        queued: list[tuple[str, Envelope]] = []
+        settings = QuarantineSettings(digest_interval=DAY, retention_days=30)
+        nodes = []
+        for db, node in ((a, "node-a"), (b, "node-b")):
+            nodes.append(QuarantineService(
+                db, clock, settings, Plans(), hostname="mx.test",
+                signer=self.mktemp_path() / "quarantine.key",
+                spool=RecordingSpool(queued, node), leases=JobLeases(db, node),
+            ))
+        domain_id = await a.run("domain", thd_add_domain, "customer.test", "10.0.0.1", 25)
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(domains).values(send_resume=True))
+            conn.execute(update(users).values(plan="standard"))
+
+        await a.run("resume", txn)
+        return nodes[0], nodes[1], queued, clock, domain_id
+
+    def mktemp_path(self) -> Any:
+        from pathlib import Path
+
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        return path
+
+    async def hold(self, node: QuarantineService, domain_id: int, n: int) -> None:
+        items = [ToKeep(f"Q{i}", "spam@x.test", "bob@customer.test", domain_id, "spam",
+                        "score 9") for i in range(n)]
+        await node.keep(items, b"Subject: hi\r\n\r\nbody\r\n")
+
+    async def test_each_period_one_digest_per_recipient_whatever_the_nodes(self) -> None:
+        qa, qb, queued, clock, domain_id = await self.quarantines()
+        await self.hold(qa, domain_id, 2)
+        sent = await gather(qa.leased_digests(), qb.leased_digests(), qb.leased_digests())
+        self.assertEqual(sorted(sent), [0, 0, 1])
+        self.assertEqual([e.recipients[0].address for _n, e in queued], ["bob@customer.test"])
+        # New mail held: nothing more within the period, then again one digest.
+        await self.hold(qb, domain_id, 1)
+        clock.advance(DAY / 2)
+        self.assertEqual(await gather(qa.leased_digests(), qb.leased_digests()), [0, 0])
+        clock.advance(DAY / 2)
+        sent = await gather(qb.leased_digests(), qa.leased_digests())
+        self.assertEqual(sorted(sent), [0, 1])
+        self.assertEqual(len(queued), 2)
+
+    async def test_purges_on_both_nodes_at_once_remove_each_old_message_once(self) -> None:
+        qa, qb, _queued, clock, domain_id = await self.quarantines()
+        await self.hold(qa, domain_id, 5)
+        clock.advance(31 * DAY)
+        await self.hold(qb, domain_id, 2)
+        purged = await gather(qa.purge(), qb.purge(), qa.purge())
+        self.assertEqual(sum(purged), 5)
+
+        def count(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(quarantine)).scalar_one())
+
+        self.assertEqual(await qa.db.read("count", count), 2)
+
+    # -- account syncs -------------------------------------------------------------------
+
+    async def engines(self) -> tuple[SyncEngine, SyncEngine, ConnectRecorder, Account]:
+        a, b = await self.two_stores()
+        reactor = ConnectRecorder()
+        reactor.advance(START)
+        box = SecretBox(Fernet.generate_key())
+        owner = await a.run("owner", thd_make_user, "owner")
+        settings = FetchSettings(allow_loopback=True)
+        engines = []
+        for db, node in ((a, "node-a"), (b, "node-b")):
+            accounts = Accounts(db, reactor, box)
+            store = MessageStore(db, CpuPool.for_tests(), reactor)
+            engines.append(SyncEngine(reactor, db, accounts, store, settings, node_id=node))
+        account = await engines[0].accounts.create(
+            owner, host="127.0.0.1", port=143, username="u", password="pw",
+            allow_cleartext=True,
+        )
+        return engines[0], engines[1], reactor, account
+
+    async def test_one_account_is_never_synced_on_two_nodes_at_once(self) -> None:
+        ea, eb, reactor, account = await self.engines()
+        syncs = [ea.sync(account.id), eb.sync(account.id)]
+        first, index = await defer.DeferredList(syncs, fireOnOneCallback=True,
+                                                fireOnOneErrback=True)
+        self.assertEqual(first.status, BUSY)
+        winner, loser = (eb, ea) if index == 0 else (ea, eb)
+        await reactor.tried  # the winner connects to the server
+        self.assertEqual((await loser.sync(account.id)).status, BUSY)
+        self.assertEqual(len(reactor.tcpClients), 1)
+        # The sync ends (the server refuses it): the lease is free for the other node.
+        reactor.refuse(0)
+        ended = await syncs[1 - index]
+        self.assertEqual(ended.status, "error")
+        reactor.tried = defer.Deferred()
+        second = loser.sync(account.id)
+        await reactor.tried
+        self.assertEqual(len(reactor.tcpClients), 2)
+        reactor.refuse(1)
+        self.assertEqual((await second).status, "error")
+        self.assertEqual(winner.running(), [])
+
+    async def test_a_due_account_is_synced_by_one_scheduler_of_two(self) -> None:
+        ea, eb, reactor, account = await self.engines()
+        sa, sb = FetchScheduler(ea), FetchScheduler(eb)
+        started = await gather(sa.tick(), sb.tick())
+        self.assertEqual(sum(started), 2)  # both try; the store lets one through
+        await reactor.tried
+        reactor.refuse(0)
+        for engine in (ea, eb):
+            while engine.running():
+                await defer.DeferredList([engine.sync(account.id)], consumeErrors=True)
+        self.assertEqual(len(reactor.tcpClients), 1)
+        # Not due again until its interval passed, on either node.
+        reactor.advance(60)
+        self.assertEqual(await gather(sa.tick(), sb.tick()), [0, 0])
+
+    async def test_a_scheduler_that_looked_before_another_node_synced_does_nothing(
+        self,
+    ) -> None:
+        ea, eb, reactor, account = await self.engines()
+        looked = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
+        reactor.advance(1)
+        synced = ea.sync(account.id)
+        await reactor.tried
+        reactor.refuse(0)
+        await synced  # node a synced (and let go of the lease) after b looked
+        late = await eb.sync(account.id, due_before=looked)
+        self.assertEqual(late.status, BUSY)
+        self.assertEqual(len(reactor.tcpClients), 1)
+
+    async def test_a_running_sync_keeps_its_lease_and_a_dead_nodes_lapses(self) -> None:
+        ea, eb, reactor, account = await self.engines()
+        syncing = ea.sync(account.id)
+        await reactor.tried
+        for _ in range(4):  # well past one lease: renewed every third of it
+            reactor.advance(SYNC_LEASE / 3)
+            await ea.renew_leases()
+        self.assertEqual((await eb.sync(account.id)).status, BUSY)
+        # Node a dies (its renewals stop); once its lease lapsed node b syncs.
+        a_renewal = ea._renewal
+        assert a_renewal is not None
+        a_renewal.stop()
+        reactor.advance(SYNC_LEASE)
+        reactor.tried = defer.Deferred()
+        taken = eb.sync(account.id)
+        await reactor.tried
+        self.assertEqual(len(reactor.tcpClients), 2)
+        reactor.refuse(1)
+        self.assertEqual((await taken).status, "error")
+        # Node a's next renewal finds its lease gone and stops its own sync.
+        await ea.renew_leases()
+        await defer.DeferredList([syncing], consumeErrors=True)
+        self.assertEqual(ea.running(), [])
+
+    # -- webhook deliveries and their log ------------------------------------------------
+
+    async def test_each_webhook_delivery_is_posted_by_one_node(self) -> None:
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        box = SecretBox(Fernet.generate_key())
+        settings = WebhookSettings(concurrency=8)
+        receivers = [Receiver(), Receiver()]
+        services = [Webhooks(db, clock, box, settings) for db in (a, b)]
+        senders = [WebhookSender(s, clock, StubTreq(r)) for s, r in zip(services, receivers,
+                                                                         strict=True)]
+        owner = await a.run("owner", thd_make_user, "owner")
+        await services[0].create(owner, url="https://hooks.example.com/in",
+                                 events=["sync.completed"])
+        now = datetime.datetime.fromtimestamp(START, datetime.UTC)
+        for i in range(30):
+            await services[i % 2].enqueue_sync(SyncResult(
+                account_id=i, user_id=owner, started_at=now, finished_at=now,
+                status="success",
+            ))
+        for _ in range(100):  # sweeps of both nodes at once until every delivery is done
+            await gather(senders[0].sweep(), senders[1].sweep())
+            for sender in senders:
+                pending = [d for _w, d in sender._in_flight.values()]
+                await defer.DeferredList(pending, consumeErrors=True)
+            if sum(len(r.received) for r in receivers) >= 30:
+                break
+        await gather(senders[0].sweep(), senders[1].sweep())  # nothing is left to post
+        bodies = [body for r in receivers for _h, body in r.received]
+        self.assertEqual(len(bodies), 30)
+        self.assertEqual(len(set(bodies)), 30)
+
+        def states(conn: Connection) -> list[str]:
+            return [r.status for r in conn.execute(select(webhook_deliveries.c.status))]
+
+        self.assertEqual(set(await a.read("states", states)), {"success"})
+        # Pruning the log later on both nodes at once: each old row goes once, no error.
+        clock.advance(settings.retention_days * DAY + 3601)
+        for sender in senders:
+            sender._last_prune = float("-inf")
+        await gather(senders[0]._prune(), senders[1]._prune())
+        self.assertEqual(await a.read("states", states), [])
+
+    # -- credentials ---------------------------------------------------------------------
+
+    async def test_credential_sweeps_on_both_nodes_at_once_purge_each_once(self) -> None:
+        a, b = await self.two_stores()
+        from mailcore.identity import Identity
+
+        clock = Clock()
+        clock.advance(START)
+        owner = await a.run("owner", thd_make_user, "owner")
+        expired = datetime.datetime.fromtimestamp(START - 30 * DAY, datetime.UTC)
+
+        def txn(conn: Connection) -> None:
+            for i in range(6):
+                conn.execute(insert(credentials).values(
+                    user_id=owner, kind="session", prefix=f"p{i}", digest=bytes([i]) * 32,
+                    scopes="", created_at=expired, expires_at=expired,
+                ))
+
+        await a.run("credentials", txn)
+        nodes = [Identity(db, clock, CpuPool.for_tests()) for db in (a, b)]
+        purged = await gather(nodes[0].purge_expired(), nodes[1].purge_expired())
+        self.assertEqual(sum(purged), 6)
+
+
+class SQLiteSharedJobsTests(SharedJobsMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresSharedJobsTests(SharedJobsMixin, TestCase):
+    backend = "postgresql"
