@@ -428,11 +428,12 @@ def seq_of(data: bytes) -> int | None:
 
 async def send_numbered(
     ports: Any, seqs: list[int], log: SendLog, *, concurrency: int = 10,
-    rcpt: str = "b@customer.test", stop: Any = None,
+    rcpt: str = "b@customer.test", stop: Any = None, size: int = 2000,
 ) -> None:
-    """Send each numbered message once over `concurrency` connections (to `ports()` in turn),
-    recording which got a 250. A failed message is not retried: it was never accepted.
-    Connection failures (a daemon being killed) make that worker reconnect and go on."""
+    """Send each numbered message (of about `size` bytes) once over `concurrency`
+    connections (to `ports()` in turn), recording which got a 250. A failed message is not
+    retried: it was never accepted. Connection failures (a daemon being killed) make that
+    worker reconnect and go on."""
     from tests.support.servers import sleep
 
     queue = list(reversed(seqs))
@@ -450,7 +451,7 @@ async def send_numbered(
                     continue
             seq = queue.pop()
             try:
-                result = await session.send("a@x.test", [rcpt], numbered_message(seq))
+                result = await session.send("a@x.test", [rcpt], numbered_message(seq, size))
             except Exception:
                 log.failed.add(seq)
                 session = None
