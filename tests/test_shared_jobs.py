@@ -34,10 +34,19 @@ from mailcore.gateway.domains import DomainService
 from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings, ToKeep
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.messages.store import MessageStore
+from mailcore.safedrop.model import SafedropSettings
+from mailcore.safedrop.service import SafedropService
 from mailcore.smtp.envelope import Envelope
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
-from mailcore.store.schema import credentials, domains, quarantine, users, webhook_deliveries
+from mailcore.store.schema import (
+    credentials,
+    domains,
+    drop_bundles,
+    quarantine,
+    users,
+    webhook_deliveries,
+)
 from mailcore.webhooks import Webhooks, WebhookSender, WebhookSettings
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
@@ -403,6 +412,38 @@ class SharedJobsMixin(DatabaseMixin):
         nodes = [Identity(db, clock, CpuPool.for_tests()) for db in (a, b)]
         purged = await gather(nodes[0].purge_expired(), nodes[1].purge_expired())
         self.assertEqual(sum(purged), 6)
+
+    # -- safedrop expiry sweeps ----------------------------------------------------------
+
+    async def test_an_expired_drop_is_removed_and_summarised_by_one_node(self) -> None:
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        owner = await a.run("owner", thd_make_user, "owner")
+        then = datetime.datetime.fromtimestamp(START - DAY, datetime.UTC)
+
+        def txn(conn: Connection) -> None:
+            for i in range(4):
+                conn.execute(insert(drop_bundles).values(
+                    owner_id=owner, subject=f"drop {i}", message="", expiry_date=then,
+                    email_receipt_when=0, read_remove=False, allow_comments=False,
+                    require_token_auth=False, created_at=then, sent_at=then,
+                ))
+
+        await a.run("drops", txn)
+        queued: list[tuple[str, Envelope]] = []
+        nodes = []
+        for db, node in ((a, "node-a"), (b, "node-b")):
+            drops = SafedropService(
+                db, clock, CpuPool.for_tests(), SecretBox(Fernet.generate_key()),
+                RecordingSpool(queued, node), SafedropSettings(),  # type: ignore[arg-type]
+                data_dir=self.mktemp_path(), hostname="mx.test",
+            )
+            drops.files.prepare()
+            nodes.append(drops)
+        removed = await gather(nodes[0].sweep(), nodes[1].sweep(), nodes[0].sweep())
+        self.assertEqual(sum(removed), 4)
+        self.assertEqual(len(queued), 4)  # one summary per drop
 
 
 class SQLiteSharedJobsTests(SharedJobsMixin, TestCase):
