@@ -35,3 +35,17 @@ class MailboxCliTests(CliTestCase):
         await self.refused("mailbox", "remove", "joe@hosted.test",
                            fragment="no such mailbox: joe@hosted.test")
         self.assertEqual(len((await self.ok("mailbox", "list")).splitlines()), 2)
+
+    async def test_a_hosted_domain(self) -> None:
+        await self.ok("user", "add", "bob", "--email", "bob@users.test", "--password", "x")
+        self.assertEqual(await self.ok("domain", "add", "team.test", "--owner", "bob", "--local"),
+                         "serving team.test for bob: mail is kept in its mailboxes here "
+                         "(mailcore mailbox add)\n")
+        await self.refused("domain", "add", "other.test", "--owner", "bob",
+                           fragment="one of the arguments --redirect-to --local is required")
+        await self.refused("domain", "add", "other.test", "--owner", "bob", "--local",
+                           "--redirect-to", "mx.example.net", fragment="not allowed with")
+        listing = (await self.ok("domain", "list")).splitlines()
+        self.assertEqual(listing[1].split()[:4], ["team.test", "bob", "(hosted", "here)"])
+        await self.ok("mailbox", "add", "bob@team.test", "--owner", "bob")
+

@@ -19,7 +19,7 @@ from mailcore.store.schema import (
     queue_recipients,
     users,
 )
-from tests.support.mailsink import done
+from tests.support.mailsink import done, envelope, thd_add_domain
 from tests.support.queuetest import QueueTestCase
 
 MIME = (
@@ -98,3 +98,35 @@ class LocalDeliveryTests(QueueTestCase):
         self.assertEqual((dsn.status, dsn.read), ("inbox", False))
         self.assertIn(b"report-type=delivery-status", bytes(dsn.raw))
         self.assertIn(b"joe@customer.test", bytes(dsn.raw))
+
+
+class HostedDomainTests(QueueTestCase):
+    """A hosted domain (`domain add --local`) has no next hop: its mailboxes keep their mail,
+    its other addresses bounce."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.hosted_domain = done(self.db.run("add", thd_add_domain, "hosted.test", "", 25))
+        hosted = HostedAddresses(self.db, self.clock)
+        self.runner.router.local = hosted
+        self.runner.local_store = thd_store_local
+        boxes = MailboxService(self.db, self.clock, on_change=hosted.invalidate)
+        owner = done(self.db.read("owner", lambda c: c.execute(select(users.c.id)).scalar()))
+        done(defer.Deferred.fromCoroutine(boxes.add("bob@hosted.test", owner)))
+
+    async def test_mailbox_kept_other_addresses_bounce_without_a_connection(self) -> None:
+        env = envelope("a@x.test", ("bob@hosted.test", self.hosted_domain),
+                       ("nobody@hosted.test", self.hosted_domain))
+        await self.q.spool.accept("Q1", env, b"Subject: s\r\n\r\nb\r\n")
+        await self.q.spool.drain()
+        # Only the DSN to the sender went out (to the relayhost); nothing to hosted.test.
+        self.assertEqual([h.host for h in self.connector.connects], ["relay.test"])
+        r = queue_recipients.c
+        states = done(self.db.read("states", lambda c: sorted(
+            tuple(row) for row in c.execute(select(r.address, r.state, r.last_error)
+                                            .where(r.message_id == "Q1")))))
+        self.assertEqual(states[0][:2], ("bob@hosted.test", "delivered"))
+        self.assertEqual(states[1][:2], ("nobody@hosted.test", "bounced"))
+        self.assertIn("5.1.2 no such mailbox here", states[1][2])
+        rows = done(self.db.read("rows", thd_rows))
+        self.assertEqual(len(rows), 1)

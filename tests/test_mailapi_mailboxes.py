@@ -171,3 +171,18 @@ class MailboxServiceTests(TestCase):
         self.assertEqual(caught.exception.kind, "conflict")
         self.assertEqual([b.address for b in await service.list_all(bob.id)],
                          ["bob@hosted.test"])
+
+    async def test_a_hosted_domain_shows_as_such_in_the_protecmail_views(self) -> None:
+        web = Web.build()
+        bob = await web.user("bob")
+        await web.core.domains.add("team.test", bob.id, "", hosted=True)
+        await web.core.domains.add("relayed.test", bob.id, "mx.relayed.test")
+        key = await web.credential(bob, "apikey")
+        status, _, body = await web.call("GET", "/api/v1/domain/team.test",
+                                         headers={"Api-Key": key})
+        self.assertEqual(status, 200)
+        self.assertEqual((body["data"]["redirectTo"], body["data"]["hosted"]), ("", True))
+        status, _, body = await web.call("GET", "/api/v1/domain/relayed.test",
+                                         headers={"Api-Key": key})
+        self.assertNotIn("hosted", body["data"])
+

@@ -216,6 +216,8 @@ def domain_object(domain: Domain) -> dict[str, Any]:
         value = getattr(domain, DOMAIN_OPTIONS[name])
         if value is not None:
             data[name] = value
+    if domain.hosted:
+        data["hosted"] = True  # mail kept in its Mail API mailboxes: no redirectTo
     return data
 
 

@@ -48,10 +48,16 @@ def register(subparsers: Any) -> None:
     )
     add.add_argument("name", help="the domain, e.g. example.com")
     add.add_argument("--owner", required=True, help="the owning user (name or email)")
-    add.add_argument(
-        "--redirect-to", required=True, metavar="HOST[:PORT]",
+    where = add.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--redirect-to", metavar="HOST[:PORT]",
         help="next hop: host, host:port, [IPv6]:port or [IPv4] (port 25 when absent); "
         + NEXT_HOP_RULES,
+    )
+    where.add_argument(
+        "--local", action="store_true",
+        help="hosted: keep the mail of its mailboxes here (`mailcore mailbox add`, the "
+        "Mail API) instead of relaying it; other addresses bounce",
     )
     add.add_argument("--spam-action", type=int, choices=(0, 1), default=0,
                      help="0: quarantine spam (default), 1: tag it and deliver")
@@ -139,15 +145,20 @@ def _describe(domain: Domain) -> str:
 async def domain_add(args: argparse.Namespace, core: Any) -> int:
     owner = await require_user(core, args.owner)
     domain: Domain = await core.domains.add(
-        args.name, owner.id, args.redirect_to,
+        args.name, owner.id, args.redirect_to or "",
         spam_action=args.spam_action, virus_action=args.virus_action,
         tls="verify" if args.require_tls else args.tls, verified=args.verified,
+        hosted=args.local,
     )
     record = verification_record(domain)
     if record is not None:
         print(f"added {_describe(domain)} for {owner.username}, not served until its owner "
               f"publishes {record.zone_line()} (`mailcore domain verify {domain.name}` looks "
               "now; the daemon looks every [protecmail] verify_interval)")
+        return 0
+    if domain.hosted:
+        print(f"serving {_describe(domain)} for {owner.username}: mail is kept in its "
+              "mailboxes here (mailcore mailbox add)")
         return 0
     print(f"serving {_describe(domain)} for {owner.username}: mail goes to "
           f"{domain.redirect_to}, TLS {_tls(domain, core)}")
@@ -203,7 +214,7 @@ async def domain_list(args: argparse.Namespace, core: Any) -> int:
         ("DOMAIN", "OWNER", "REDIRECT TO", "SPAM", "VIRUS", "TLS"),
         [
             (d.name + (" (unverified)" if d.pending else ""),
-             names.get(d.owner_id, str(d.owner_id)), d.redirect_to,
+             names.get(d.owner_id, str(d.owner_id)), d.redirect_to or "(hosted here)",
              _action(d.spam_action), _action(d.virus_action),
              _tls(d, core))
             for d in found

@@ -140,8 +140,17 @@ class Domain:
 
     @property
     def redirect_to(self) -> str:
-        """The next hop in seed 004's `redirectTo` spelling (the port only when not 25)."""
+        """The next hop in seed 004's `redirectTo` spelling (the port only when not 25);
+        "" for a hosted domain."""
+        if self.hosted:
+            return ""
         return format_redirect(self.redirect_host, self.redirect_port)
+
+    @property
+    def hosted(self) -> bool:
+        """Whether the domain's mail is kept here (its Mail API mailboxes) instead of being
+        relayed: it has no next hop."""
+        return self.redirect_host == HOSTED
 
 
 # -- names ---------------------------------------------------------------------------------
@@ -214,6 +223,11 @@ def _parse_port(text: str, value: str) -> int:
         raise DomainError(f"redirectTo {value!r}: port must be a number from 1 to 65535.",
                           "redirectTo")
     return int(text)
+
+
+# The next hop of a hosted domain (`mailcore domain add --local`): none. Its mailboxes'
+# mail is stored here; other addresses of it bounce (5.1.1).
+HOSTED = ""
 
 
 def parse_redirect(value: str) -> tuple[str, int]:
@@ -667,16 +681,23 @@ class DomainService(PeriodicService):
 
     async def add(
         self, name: str, owner_id: int, redirect_to: str, *, verified: bool = False,
-        **options: Any,
+        hosted: bool = False, **options: Any,
     ) -> Domain:
         """Serve a new domain for `owner_id`. Options: the other UPDATABLE_FIELDS.
+
+        A `hosted` domain has no next hop (`redirect_to` is ignored): its mail is kept in
+        its Mail API mailboxes.
 
         With `verify_domains` on the domain is stored pending, with a fresh token, unless
         `verified` (an operator vouches for it).
         """
         domain_name = normalise_domain(name)
-        values = _column_values({"redirect_to": redirect_to, **options})
-        self._check_next_hop(values)
+        if hosted:
+            values = _column_values(options)
+            values.update(redirect_host=HOSTED, redirect_port=DEFAULT_PORT)
+        else:
+            values = _column_values({"redirect_to": redirect_to, **options})
+            self._check_next_hop(values)
         values.setdefault("spam_action", 0)
         values.setdefault("virus_action", 0)
         values.setdefault("send_resume", False)

@@ -144,6 +144,9 @@ class Router:
             hop = cached[1]
             if hop is None:
                 raise RoutingError(f"domain {domain_id} is no longer served")
+            if hop.host == "":
+                # A hosted domain (no next hop) and an address that is not its mailbox.
+                raise RoutingError(f"no such mailbox here: {address}", permanent=True)
             return hop
         if self.settings.relayhost:
             host, port = parse_hostport(self.settings.relayhost)
