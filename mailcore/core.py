@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
 from filters import FilterChain, build_chain
+from mailcore.backup import BackupAccounts, BackupMail, BackupSettings
 from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import ChargeBatcher, TokenService, TokenSettings
@@ -73,6 +74,9 @@ class Core:
     messages: MessageStore = field(init=False)
     # The OAuth 2 provider of Dropmyemail ([oauth]): apps, codes, tokens.
     oauth: OAuthProvider = field(init=False)
+    # Dropmyemail's accounts ([dropmyemail]): fetch accounts with its rules on top.
+    backup: BackupAccounts = field(init=False)
+    backup_mail: BackupMail = field(init=False)
     # The durable spool the SMTP server commits into, and the delivery runner ([queue]);
     # our own SMTP listeners, which are never a next hop (configured, then as bound).
     queue: Queue = field(init=False)
@@ -126,6 +130,11 @@ class Core:
             self.db, self.clock, self.identity,
             OAuthSettings.from_section(self.config.section("oauth")),
         )
+        self.backup = BackupAccounts(
+            self.db, self.fetch.accounts, self.fetch.engine,
+            BackupSettings.from_section(self.config.section("dropmyemail")),
+        )
+        self.backup_mail = BackupMail(self.db, self.fetch.accounts, self.messages)
         self.listeners = Listeners(self.config.smtp_endpoints)
         self.queue = build_queue(
             self.config, self.db, self.clock, self.metrics, reactor=self.clock,

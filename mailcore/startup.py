@@ -166,6 +166,13 @@ def _mailapi(config: Config, reactor: Any) -> object:
     return MailApiSettings.from_config(config.section("mailapi"))
 
 
+def _dropmyemail(config: Config, reactor: Any) -> object:
+    from mailcore.backup import BackupSettings
+
+    _only_fields(config, "dropmyemail", BackupSettings)
+    return BackupSettings.from_section(config.section("dropmyemail"))
+
+
 def _web(config: Config, reactor: Any) -> object:
     from web.settings import WebSettings  # imported here: mailcore itself is free of HTTP
 
@@ -190,6 +197,7 @@ TABLES: dict[str, Reader] = {
     "safedrop": _safedrop,
     "mailapi": _mailapi,
     "oauth": _oauth,
+    "dropmyemail": _dropmyemail,
     "web": _web,
 }
 

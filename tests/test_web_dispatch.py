@@ -157,7 +157,7 @@ class NotFoundShapeTests(TestCase):
             ("/api/nothing", {"detail": "Not found."}),
             ("/api/emails/no/such/route/", {"detail": "Not found."}),  # IMAP2API prefix
             ("/api/v1/mail/e2ac585/nothing", {"message": "not found"}),
-            ("/v1/accounts", {"error": "not_found", "error_description": "Not found."}),
+            ("/v1/nothing", {"error": "not_found", "error_description": "Not found."}),
             ("/dropbundles/12/nothing", {"error": "Not found."}),
             ("/nothing", {"error": "Not found.", "status": 404}),
             ("/api/v1/nothing", {"error": "Not found.", "status": 404}),

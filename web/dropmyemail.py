@@ -14,6 +14,7 @@ attachment and contact) and the per-token rate.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Any
 from urllib.parse import urlencode
@@ -21,13 +22,34 @@ from urllib.parse import urlencode
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from mailcore.backup import (
+    MAX_PER_PAGE,
+    BackupAccount,
+    BackupAccounts,
+    BackupError,
+    BackupMail,
+    NotFound,
+    Window,
+)
+from mailcore.backup.accounts import iso
 from mailcore.identity import Identity, Principal
+from mailcore.messages.models import MessageSummary
 from mailcore.oauth import OAuthProvider
 from web.api import ApiApp
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.errors import ApiError, OAuthErrors
 from web.openapi import Reply, RouteTable
-from web.parsing import FORM_TYPE, media_type, read_body, read_fields
+from web.parsing import (
+    FORM_TYPE,
+    bool_field,
+    collect_fields,
+    int_field,
+    media_type,
+    query_params,
+    read_body,
+    read_fields,
+    string_field,
+)
 from web.ratelimit import RateLimiter, enforce
 from web.replies import set_headers
 from web.settings import WebSettings
@@ -58,6 +80,140 @@ TOKEN_INPUT = {
 }
 
 
+ACCOUNT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "email": {"type": "string"},
+        "host": {"type": "string"},
+        "protocol": {"type": "string", "enum": ["imap", "pop"]},
+        "start_tls": {"type": "boolean"},
+        "ssl": {"type": "boolean"},
+        "port": {"type": "integer"},
+        "msg_count": {"type": "integer"},
+        "storage": {"type": "integer", "description": "bytes backed up"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+    },
+    "required": ["id", "email", "host", "protocol", "start_tls", "ssl", "port", "msg_count",
+                 "storage", "created_at", "updated_at"],
+}
+ACCOUNT_INPUT = {
+    "type": "object",
+    "properties": {
+        "email": {"type": "string"},
+        "password": {"type": "string"},
+        "host": {"type": "string", "description": "default: derived from the address "
+                 "(imap.<domain> or pop.<domain>, or [dropmyemail] providers)"},
+        "protocol": {"type": "string", "enum": ["imap", "pop"]},
+        "start_tls": {"type": "boolean"},
+        "ssl": {"type": "boolean"},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    },
+}
+ACCOUNT_QUERY = {
+    "type": {"type": "string", "enum": ["all", "imap", "pop"]},
+    "sort": {"type": "string", "enum": ["email", "message_count", "storage", "created_at",
+                                        "updated_at"]},
+    "direction": {"type": "string", "enum": ["asc", "desc"]},
+}
+
+
+def account_json(found: BackupAccount) -> dict[str, Any]:
+    """An account as the documentation shows it; never the password."""
+    a = found.account
+    return {
+        "id": a.id, "email": a.email, "host": a.host, "protocol": a.protocol,
+        "start_tls": a.start_tls, "ssl": a.use_ssl, "port": a.port,
+        "msg_count": found.msg_count, "storage": found.storage,
+        "created_at": iso(a.created_at), "updated_at": iso(a.updated_at),
+    }
+
+
+def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = params.get(name, default) or default
+    if value not in allowed:
+        raise ApiError(400, f"{name} must be one of {', '.join(allowed)}.")
+    return value
+
+
+def _refused(e: BackupError) -> ApiError:
+    return ApiError(400, e.message, code="invalid_request")
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "No such account.")
+
+
+PAGE_QUERY = {
+    "page": {"type": "integer", "minimum": 1, "default": 1},
+    "per_page": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE, "default": 20},
+}
+MAILBOX = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "user_id": {"type": "integer"},
+        "account_id": {"type": "integer"}, "name": {"type": "string"},
+        "message_count": {"type": "integer"},
+    },
+    "required": ["id", "user_id", "account_id", "name", "message_count"],
+}
+MESSAGE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "mailbox_id": {"type": ["integer", "null"]},
+        "from": {"type": "string"}, "to": {"type": "string"}, "subject": {"type": "string"},
+        "has_attachments": {"type": "boolean"},
+        "date": {"type": ["string", "null"], "format": "date-time"},
+        "size": {"type": "integer"},
+    },
+    "required": ["id", "mailbox_id", "from", "to", "subject", "has_attachments", "date",
+                 "size"],
+}
+EML = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "mailbox_id": {"type": "integer"},
+        "filename": {"type": "string"},
+        "content_type": {"type": "string", "enum": ["message/rfc822"]},
+        "size": {"type": "integer"},
+        "content": {"type": "string", "contentEncoding": "base64",
+                    "description": "the byte-exact .eml, base64"},
+    },
+    "required": ["id", "mailbox_id", "filename", "content_type", "size", "content"],
+}
+SEARCH = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"},
+        "start": {"type": "integer", "description": "index of the first item (from 0)"},
+        "messages": {"type": "array", "items": MESSAGE},
+    },
+    "required": ["count", "start", "messages"],
+}
+
+
+def message_json(m: MessageSummary) -> dict[str, Any]:
+    return {"id": m.id, "mailbox_id": m.folder_id, "from": m.sender, "to": m.recipient,
+            "subject": m.subject, "has_attachments": m.has_attachments, "date": iso(m.date),
+            "size": m.size}
+
+
+def window(params: dict[str, str]) -> Window:
+    """page (from 1) and per_page (1 to 40) from the query; 400 otherwise."""
+    values: dict[str, int] = {}
+    for name, low, high, default in (("page", 1, 2**31, 1),
+                                     ("per_page", 1, MAX_PER_PAGE, 20)):
+        text = params.get(name, "")
+        if text == "":
+            values[name] = default
+            continue
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise ApiError(400, f"{name} must be a whole number from {low} to {high}.")
+        values[name] = int(text)
+    return Window(values["page"], values["per_page"])
+
+
 class DropmyemailApp(ApiApp):
     name = "dropmyemail"
     title = "Dropmyemail (seed 000): mailbox backup, migrate and restore; OAuth 2"
@@ -72,11 +228,15 @@ class DropmyemailApp(ApiApp):
         resolver: CredentialResolver,
         token_limiter: RateLimiter,
         oauth: OAuthProvider,
+        backup: BackupAccounts,
+        mail: BackupMail,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
         self.token_limiter = token_limiter
         self.oauth = oauth
+        self.backup = backup
+        self.mail = mail
         self.policy: AuthPolicy = dataclasses.replace(DROPMYEMAIL, lookup=self._lookup)
 
     async def _lookup(
@@ -140,3 +300,233 @@ class DropmyemailApp(ApiApp):
             if not isinstance(value, str):
                 raise ApiError(400, f"Parameter {key} must be a string.")
         return urlencode(fields)
+
+    # -- accounts -----------------------------------------------------------------------
+
+    def _account_input(self, request: IRequest, *, create: bool) -> dict[str, Any]:
+        data = self.fields(request)
+        checks = {
+            "email": lambda: string_field(data, "email", required=create, max_length=254,
+                                          line=True),
+            "password": lambda: string_field(data, "password", required=create, trim=False,
+                                             max_length=1024, line=True),
+            "host": lambda: string_field(data, "host", required=False, max_length=255,
+                                         line=True),
+            "protocol": lambda: string_field(data, "protocol", required=False),
+            "start_tls": lambda: bool_field(data, "start_tls"),
+            "ssl": lambda: bool_field(data, "ssl"),
+            "port": lambda: int_field(data, "port", minimum=1, maximum=65535),
+        }
+        if not create and "email" in data:
+            raise ApiError(400, "The email of an account cannot change.")
+        values = collect_fields(checks)
+        return {k: v for k, v in values.items() if v is not None}
+
+    @routes.route(
+        "/v1/accounts",
+        "GET",
+        summary="List the accounts backed up",
+        auth=DROPMYEMAIL,
+        scope="read",
+        query=ACCOUNT_QUERY,
+        replies={200: Reply("The accounts", {"type": "array", "items": ACCOUNT})},
+        errors=(401, 403, 429),
+    )
+    async def list_accounts(self, request: IRequest) -> bytes:
+        principal = await self.principal(request, "read")
+        params = query_params(request)
+        kind = _choice(params, "type", ("all", "imap", "pop"), "all")
+        sort = _choice(params, "sort", ("email", "message_count", "storage", "created_at",
+                                        "updated_at"), "email")
+        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        try:
+            found = await self.backup.list(principal.user.id, kind=kind, sort=sort,
+                                           direction=direction)
+        except BackupError as e:
+            raise _refused(e) from None
+        return self.reply(request, [account_json(a) for a in found])
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>",
+        "GET",
+        summary="Show an account",
+        auth=DROPMYEMAIL,
+        scope="read",
+        replies={200: Reply("The account", ACCOUNT)},
+        errors=(401, 403, 429),
+    )
+    async def show_account(self, request: IRequest, account_id: int) -> bytes:
+        principal = await self.principal(request, "read")
+        found = await self.backup.get(principal.user.id, account_id)
+        if found is None:
+            raise _not_found()
+        return self.reply(request, account_json(found))
+
+    @routes.route(
+        "/v1/accounts",
+        "POST",
+        summary="Add an account to back up (logs in first, then starts the first backup)",
+        description="Gmail/Google addresses are refused (400): the server has no Google "
+        "OAuth client credentials to ask for the user's consent.",
+        auth=DROPMYEMAIL,
+        scope="write",
+        body={**ACCOUNT_INPUT, "required": ["email", "password"]},
+        body_types=("application/json", FORM_TYPE),
+        replies={201: Reply("The account", ACCOUNT)},
+        errors=(401, 403, 429),
+    )
+    async def create_account(self, request: IRequest) -> bytes:
+        principal = await self.principal(request, "write")
+        values = self._account_input(request, create=True)
+        try:
+            found = await self.backup.create(principal.user.id, values)
+        except BackupError as e:
+            raise _refused(e) from None
+        return self.reply(request, account_json(found), 201)
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>",
+        "PUT",
+        summary="Change an account (password, host, protocol, start_tls, ssl, port)",
+        auth=DROPMYEMAIL,
+        scope="write",
+        body=ACCOUNT_INPUT,
+        body_types=("application/json", FORM_TYPE),
+        replies={200: Reply("The account", ACCOUNT)},
+        errors=(401, 403, 429),
+    )
+    async def update_account(self, request: IRequest, account_id: int) -> bytes:
+        principal = await self.principal(request, "write")
+        if await self.backup.get(principal.user.id, account_id) is None:
+            raise _not_found()
+        values = self._account_input(request, create=False)
+        try:
+            found = await self.backup.update(principal.user.id, account_id, values)
+        except BackupError as e:
+            raise _refused(e) from None
+        if found is None:
+            raise _not_found()
+        return self.reply(request, account_json(found))
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>",
+        "DELETE",
+        summary="Stop backing up an account and delete its backup; returns the account",
+        auth=DROPMYEMAIL,
+        scope="write",
+        replies={200: Reply("The deleted account", ACCOUNT)},
+        errors=(401, 403, 429),
+    )
+    async def delete_account(self, request: IRequest, account_id: int) -> bytes:
+        principal = await self.principal(request, "write")
+        found = await self.backup.delete(principal.user.id, account_id)
+        if found is None:
+            raise _not_found()
+        return self.reply(request, account_json(found))
+
+    # -- mailboxes and messages ---------------------------------------------------------
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/mailboxes",
+        "GET",
+        summary="List an account's mailboxes with how many messages are backed up of each",
+        auth=DROPMYEMAIL,
+        scope="email",
+        query={**PAGE_QUERY,
+               "sort": {"type": "string", "enum": ["name", "message_count"]},
+               "direction": {"type": "string", "enum": ["asc", "desc"]}},
+        replies={200: Reply("The mailboxes", {"type": "array", "items": MAILBOX})},
+        errors=(401, 403, 429),
+    )
+    async def list_mailboxes(self, request: IRequest, account_id: int) -> bytes:
+        principal = await self.principal(request, "email")
+        params = query_params(request)
+        page = window(params)
+        sort = _choice(params, "sort", ("name", "message_count"), "name")
+        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        user_id = principal.user.id
+        try:
+            found = await self.mail.mailboxes(user_id, account_id, sort=sort,
+                                              direction=direction, window=page)
+        except NotFound:
+            raise _not_found() from None
+        return self.reply(request, [
+            {"id": f.id, "user_id": user_id, "account_id": account_id, "name": f.name,
+             "message_count": f.message_count} for f in found.items])
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/mailboxes/<int:mailbox_id>/messages",
+        "GET",
+        summary="List the backed-up messages of a mailbox",
+        auth=DROPMYEMAIL,
+        scope="email",
+        query={**PAGE_QUERY,
+               "type": {"type": "string", "enum": ["all", "has_attachments"]},
+               "sort": {"type": "string", "enum": ["date"]},
+               "direction": {"type": "string", "enum": ["asc", "desc"]}},
+        replies={200: Reply("The messages", {"type": "array", "items": MESSAGE})},
+        errors=(401, 403, 429),
+    )
+    async def list_messages(self, request: IRequest, account_id: int, mailbox_id: int
+                            ) -> bytes:
+        principal = await self.principal(request, "email")
+        params = query_params(request)
+        page = window(params)
+        kind = _choice(params, "type", ("all", "has_attachments"), "all")
+        _choice(params, "sort", ("date",), "date")
+        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        try:
+            found = await self.mail.messages(
+                principal.user.id, account_id, mailbox_id,
+                attachments_only=kind == "has_attachments", direction=direction, window=page)
+        except NotFound:
+            raise ApiError(404, "No such mailbox.") from None
+        return self.reply(request, [message_json(m) for m in found.items])
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/mailboxes/<int:mailbox_id>/messages/<int:message_id>",
+        "GET",
+        summary="A backed-up message as its byte-exact .eml, base64-encoded",
+        auth=DROPMYEMAIL,
+        scope="email",
+        replies={200: Reply("The message", EML)},
+        errors=(401, 403, 429),
+    )
+    async def show_message(self, request: IRequest, account_id: int, mailbox_id: int,
+                           message_id: int) -> bytes:
+        principal = await self.principal(request, "email")
+        try:
+            raw = await self.mail.eml(principal.user.id, account_id, mailbox_id, message_id)
+        except NotFound:
+            raise ApiError(404, "No such message.") from None
+        return self.reply(request, {
+            "id": message_id, "mailbox_id": mailbox_id, "filename": f"{message_id}.eml",
+            "content_type": "message/rfc822", "size": len(raw),
+            "content": base64.b64encode(raw).decode("ascii"),
+        })
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/messages/search",
+        "GET",
+        summary="Search an account's backed-up messages (full text: headers and bodies)",
+        auth=DROPMYEMAIL,
+        scope="email",
+        query={**PAGE_QUERY, "query": {"type": "string"}},
+        replies={200: Reply("The matches, newest first", SEARCH)},
+        errors=(401, 403, 429),
+    )
+    async def search_messages(self, request: IRequest, account_id: int) -> bytes:
+        principal = await self.principal(request, "email")
+        params = query_params(request)
+        page = window(params)
+        query = params.get("query", "").strip()
+        if not query:
+            raise ApiError(400, "query is required.")
+        if len(query) > 1000:
+            raise ApiError(400, "query is longer than 1000 characters.")
+        try:
+            found = await self.mail.search(principal.user.id, account_id, query, page)
+        except NotFound:
+            raise _not_found() from None
+        return self.reply(request, {"count": found.count, "start": page.offset,
+                                    "messages": [message_json(m) for m in found.items]})

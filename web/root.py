@@ -310,6 +310,8 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             resolver=resolver,
             token_limiter=RateLimiter(clock, settings.dropmyemail_token_rate),
             oauth=core.oauth,
+            backup=core.backup,
+            mail=core.backup_mail,
         ),
     ]
     meta = MetaApp(

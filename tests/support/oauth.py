@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from mailcore.identity import User
+from mailcore.oauth import OAuthProvider
 from tests.support.web import Web
 
 REDIRECT = "https://client.example/callback"
@@ -73,3 +75,15 @@ async def register(web: Web, user: User, *uris: str, owner: User | None = None) 
     )
     web.secrets.append(secret)
     return Client(web, app.uid, secret, user)
+
+
+async def access_token(oauth: OAuthProvider, user_id: int, scope: str = "read write") -> str:
+    """An access token of `user_id` for a new app, straight from the provider (no HTTP)."""
+    app, secret = await oauth.add_app(user_id, "Test client", [REDIRECT])
+    location = await oauth.decide(authorize_uri(app.uid, scope=scope), user_id, True)
+    body = urlencode({"grant_type": "authorization_code", "code": query_of(location)["code"],
+                      "redirect_uri": REDIRECT, "client_id": app.uid, "client_secret": secret})
+    _, reply, status = await oauth.token(
+        "https://x/oauth/token", body, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200, reply
+    return str(json.loads(reply)["access_token"])

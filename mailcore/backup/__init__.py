@@ -1,0 +1,26 @@
+"""The mailbox-backup service Dropmyemail (seed 000) exposes: its accounts are fetch-engine
+accounts (the same ones the IMAP2API shows as imap-servers, so one engine backs each
+mailbox up once), with Dropmyemail's rules on top (accounts.py)."""
+
+from mailcore.backup.accounts import (
+    GOOGLE_REFUSAL,
+    BackupAccount,
+    BackupAccounts,
+    BackupError,
+    BackupSettings,
+    derive_host,
+)
+from mailcore.backup.mail import MAX_PER_PAGE, BackupMail, NotFound, Window
+
+__all__ = [
+    "GOOGLE_REFUSAL",
+    "MAX_PER_PAGE",
+    "BackupAccount",
+    "BackupAccounts",
+    "BackupError",
+    "BackupMail",
+    "BackupSettings",
+    "NotFound",
+    "Window",
+    "derive_host",
+]

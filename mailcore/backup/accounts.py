@@ -1,0 +1,246 @@
+"""Dropmyemail's accounts: fetch-engine accounts created only after a successful login, with
+the host derived from the address when none is given, and their backed-up totals.
+
+Host rule (documented in the README): without `host`, an account of `user@example.com` uses
+`[dropmyemail] providers."example.com"` when configured (a host name, or a table with `imap`
+and `pop` host names), else `imap.example.com` (protocol imap) or `pop.example.com` (pop).
+Gmail and Google accounts need the user's OAuth consent at Google, for which this server has
+no client credentials: they are refused with `GOOGLE_REFUSAL`, and nothing is stored.
+
+Create logs in first with the given credentials (over the same guarded connection the sync
+engine uses); a refusal is reported with the server's reason and nothing is stored. Then the
+account is stored and its first backup starts at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from twisted.logger import Logger
+
+from mailcore.config import ConfigError, unknown_key
+from mailcore.fetch.accounts import DEFAULT_PORTS, Account, Accounts, validate
+from mailcore.fetch.engine import SyncEngine
+from mailcore.fetch.errors import AccountError, AccountNotFound, FetchError
+from mailcore.fetch.imap import ServerSpec, open_session
+from mailcore.fetch.pop3 import open_pop3
+from mailcore.store import Database
+from mailcore.store.schema import messages
+
+log = Logger()
+
+GOOGLE_DOMAINS = ("gmail.com", "googlemail.com", "google.com")
+GOOGLE_REFUSAL = (
+    "Gmail/Google accounts need the user's consent at Google (OAuth 2), and this server has "
+    "no Google OAuth client credentials (client id and secret) to ask for it: such accounts "
+    "cannot be backed up here."
+)
+SORTS = ("email", "message_count", "storage", "created_at", "updated_at")
+
+
+class BackupError(Exception):
+    """A refused account operation (400); `field` names the input at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """`[dropmyemail]`: `providers` maps a mail domain to its server (a host name for both
+    protocols, or `{imap = "…", pop = "…"}`)."""
+
+    providers: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> BackupSettings:
+        providers: dict[str, dict[str, str]] = {}
+        for key, value in section.items():
+            if key != "providers":
+                raise unknown_key("dropmyemail", key)
+            if not isinstance(value, dict):
+                raise ConfigError("[dropmyemail] providers must be a table")
+            for domain, hosts in value.items():
+                if isinstance(hosts, str):
+                    hosts = {"imap": hosts, "pop": hosts}
+                if not isinstance(hosts, dict) or not all(
+                    k in ("imap", "pop") and isinstance(v, str) and v for k, v in hosts.items()
+                ):
+                    raise ConfigError(
+                        f"[dropmyemail] providers.{domain} must be a host name or a table "
+                        "with imap and pop host names"
+                    )
+                providers[str(domain).lower()] = dict(hosts)
+        return cls(providers)
+
+
+def derive_host(email: str, protocol: str, settings: BackupSettings) -> str:
+    """The server of `email` for `protocol` when the client named none (module docstring)."""
+    domain = email.rpartition("@")[2].strip().lower()
+    configured = settings.providers.get(domain, {}).get(protocol)
+    return configured or f"{'imap' if protocol == 'imap' else 'pop'}.{domain}"
+
+
+def is_google(email: str, host: str | None) -> bool:
+    domain = email.rpartition("@")[2].strip().lower()
+    hosts = [domain, (host or "").strip().lower().rstrip(".")]
+    return any(h == g or h.endswith("." + g) for h in hosts for g in GOOGLE_DOMAINS)
+
+
+@dataclass(frozen=True)
+class BackupAccount:
+    """An account with what is backed up of it."""
+
+    account: Account
+    msg_count: int
+    storage: int
+
+
+class BackupAccounts:
+    """Dropmyemail's view of the fetch accounts of a user."""
+
+    def __init__(self, db: Database, accounts: Accounts, engine: SyncEngine,
+                 settings: BackupSettings) -> None:
+        self.db = db
+        self.accounts = accounts
+        self.engine = engine
+        self.settings = settings
+
+    async def _usage(self, user_id: int, ids: list[int]) -> dict[int, tuple[int, int]]:
+        def txn(conn: Connection) -> dict[int, tuple[int, int]]:
+            rows = conn.execute(
+                select(messages.c.account_id, func.count(),
+                       func.coalesce(func.sum(messages.c.size), 0))
+                .where(messages.c.user_id == user_id, messages.c.account_id.in_(ids))
+                .group_by(messages.c.account_id)
+            )
+            return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+        return await self.db.read("backup_usage", txn) if ids else {}
+
+    async def _with_usage(self, user_id: int, accounts: list[Account]) -> list[BackupAccount]:
+        usage = await self._usage(user_id, [a.id for a in accounts])
+        return [BackupAccount(a, *usage.get(a.id, (0, 0))) for a in accounts]
+
+    async def list(self, user_id: int, *, kind: str = "all", sort: str = "email",
+                   direction: str = "asc") -> list[BackupAccount]:
+        if sort not in SORTS:
+            raise BackupError(f"sort must be one of {', '.join(SORTS)}", "sort")
+        try:
+            found = await self.accounts.list_accounts(user_id, protocol=kind, sort=sort,
+                                                      direction=direction)
+        except AccountError as e:
+            raise BackupError(e.message, e.field) from None
+        return await self._with_usage(user_id, found)
+
+    async def get(self, user_id: int, account_id: int) -> BackupAccount | None:
+        try:
+            account = await self.accounts.get(user_id, account_id)
+        except AccountNotFound:
+            return None
+        return (await self._with_usage(user_id, [account]))[0]
+
+    def _values(self, values: dict[str, Any], current: Account | None) -> dict[str, Any]:
+        """Fetch-account fields from Dropmyemail's (email, password, host, protocol,
+        start_tls, ssl, port)."""
+        email = values.get("email", current.email if current else "")
+        protocol = values.get("protocol") or (current.protocol if current else "imap")
+        if protocol not in ("imap", "pop"):
+            raise BackupError("protocol must be imap or pop", "protocol")
+        host = values.get("host")
+        if is_google(email, host if host is not None else (current.host if current else None)):
+            raise BackupError(GOOGLE_REFUSAL, "email")
+        out: dict[str, Any] = {k: v for k, v in values.items()
+                               if k in ("email", "password", "host", "port", "start_tls")}
+        if "ssl" in values:
+            out["use_ssl"] = values["ssl"]
+        if current is None:
+            out.update(name=email, username=email, protocol=protocol)
+            if not host:
+                out["host"] = derive_host(email, protocol, self.settings)
+        elif "protocol" in values:
+            out["protocol"] = protocol
+        use_ssl = out.get("use_ssl", current.use_ssl if current else False)
+        start_tls = out.get("start_tls", current.start_tls if current else False)
+        # The client chose neither TLS nor STARTTLS (the seed's defaults): plain, as asked.
+        out["allow_cleartext"] = not (use_ssl or start_tls)
+        if "port" not in out and ("use_ssl" in out or "protocol" in out) and current:
+            out["port"] = DEFAULT_PORTS[(protocol, bool(use_ssl))]
+        return out
+
+    async def _check_login(self, values: dict[str, Any]) -> None:
+        """Log in with `values` (checked fetch-account columns); BackupError if refused."""
+        engine = self.engine
+        s = engine.settings
+        spec = ServerSpec(
+            host=values["host"], port=values["port"], use_ssl=bool(values.get("use_ssl")),
+            start_tls=bool(values.get("start_tls")),
+            allow_cleartext=bool(values.get("allow_cleartext")),
+            username=values["username"], password=values["password"],
+        )
+        creator = engine.tls_factory(values["host"], ca_pem=None, fingerprint=None)
+        try:
+            if values.get("protocol", "imap") == "pop":
+                pop = await open_pop3(
+                    engine.reactor, spec, creator, max_message=s.max_message_bytes,
+                    connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+                    policy=s.address_policy())
+                await pop.close_session()
+            else:
+                imap = await open_session(
+                    engine.reactor, spec, creator, max_literal=s.max_message_bytes,
+                    connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+                    policy=s.address_policy())
+                await imap.close_session()
+        except FetchError as e:
+            raise BackupError(f"could not log in to {spec.host}: {e}", "password") from None
+
+    async def create(self, user_id: int, values: dict[str, Any]) -> BackupAccount:
+        """Log in, store the account, start its first backup."""
+        fields = self._values(values, None)
+        try:
+            checked = validate(dict(fields))
+        except AccountError as e:
+            raise BackupError(e.message, e.field) from None
+        await self._check_login({**fields, **checked})
+        try:
+            account = await self.accounts.create(user_id, **fields)
+        except AccountError as e:
+            raise BackupError(e.message, e.field) from None
+        self.engine.sync(account.id).addErrback(
+            lambda f: log.failure("first backup of account {id} failed", f, id=account.id))
+        return (await self._with_usage(user_id, [account]))[0]
+
+    async def update(self, user_id: int, account_id: int,
+                     values: dict[str, Any]) -> BackupAccount | None:
+        try:
+            current = await self.accounts.get(user_id, account_id)
+        except AccountNotFound:
+            return None
+        fields = self._values(values, current)
+        try:
+            account = await self.accounts.update(user_id, account_id, **fields)
+        except AccountNotFound:
+            return None
+        except AccountError as e:
+            raise BackupError(e.message, e.field) from None
+        return (await self._with_usage(user_id, [account]))[0]
+
+    async def delete(self, user_id: int, account_id: int) -> BackupAccount | None:
+        found = await self.get(user_id, account_id)
+        if found is None:
+            return None
+        try:
+            await self.accounts.delete(user_id, account_id)
+        except AccountNotFound:
+            return None
+        return found
+
+
+def iso(value: datetime.datetime | None) -> str | None:
+    return value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z") if value else None

@@ -1,0 +1,166 @@
+"""Dropmyemail's /v1/accounts without a mail server: scopes, the Gmail refusal, the host
+rule, bad input as 4xx in the OAuth error shape, another user's ids as 404."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.backup import GOOGLE_REFUSAL, BackupSettings, derive_host
+from mailcore.config import Config, ConfigError
+from tests.support.oauth import access_token
+from tests.support.web import Web
+
+
+class HostRuleTests(TestCase):
+    def test_imap_and_pop_hosts_come_from_the_domain(self) -> None:
+        none = BackupSettings()
+        self.assertEqual(derive_host("a@Example.COM", "imap", none), "imap.example.com")
+        self.assertEqual(derive_host("a@example.com", "pop", none), "pop.example.com")
+
+    def test_providers_override_the_rule(self) -> None:
+        settings = BackupSettings.from_section({"providers": {
+            "example.com": "mail.example.net",
+            "example.org": {"imap": "in.example.org", "pop": "pop3.example.org"},
+        }})
+        self.assertEqual(derive_host("a@example.com", "pop", settings), "mail.example.net")
+        self.assertEqual(derive_host("a@example.org", "imap", settings), "in.example.org")
+        self.assertEqual(derive_host("a@example.org", "pop", settings), "pop3.example.org")
+
+    def test_bad_providers_are_config_errors(self) -> None:
+        for section in ({"providers": "x"}, {"providers": {"a.b": {"smtp": "x"}}},
+                        {"colour": 1}):
+            with self.assertRaises(ConfigError):
+                BackupSettings.from_section(section)
+
+
+class ApiBase(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build(Config(sections={"fetch": {"allow_loopback": True}}))
+        self.alice = await self.web.user()
+        self.token = await access_token(self.web.core.oauth, self.alice.id)
+        self.web.secrets.append(self.token)
+
+    async def call(self, method: str, path: str, token: str | None = None,
+                   **kwargs: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        status, _, body = await self.web.call(method, path, headers=headers, **kwargs)
+        return status, body
+
+    async def stored(self) -> int:
+        return len(await self.web.core.fetch.accounts.list_accounts(self.alice.id))
+
+
+class AccountsApiTests(ApiBase):
+
+    async def test_an_empty_list(self) -> None:
+        self.assertEqual(await self.call("GET", "/v1/accounts"), (200, []))
+        status, _, body = await self.web.call("GET", f"/v1/accounts?access_token={self.token}")
+        self.assertEqual((status, body), (200, []))
+
+    async def test_gmail_and_google_are_a_clear_400_and_nothing_is_stored(self) -> None:
+        for fields in ({"email": "a@gmail.com"}, {"email": "a@googlemail.com"},
+                       {"email": "a@corp.example", "host": "imap.gmail.com"}):
+            status, body = await self.call("POST", "/v1/accounts",
+                                           json={**fields, "password": "pw"})
+            self.assertEqual(status, 400, fields)
+            self.assertEqual(body["error"], "invalid_request")
+            self.assertEqual(body["error_description"], GOOGLE_REFUSAL)
+            self.assertIn("client credentials", body["error_description"])
+        self.assertEqual(await self.stored(), 0)
+
+    async def test_writing_needs_the_write_scope(self) -> None:
+        reader = await access_token(self.web.core.oauth, self.alice.id, scope="read")
+        status, body = await self.call("POST", "/v1/accounts", reader,
+                                       json={"email": "a@x.test", "password": "pw"})
+        self.assertEqual((status, body["error"]), (403, "insufficient_scope"))
+
+    async def test_no_token_is_401(self) -> None:
+        status, _, body = await self.web.call("GET", "/v1/accounts")
+        self.assertEqual((status, body["error"]), (401, "invalid_token"))
+
+    async def test_bad_input_is_4xx_in_the_oauth_shape(self) -> None:
+        cases: list[tuple[str, str, dict[str, Any]]] = [
+            ("GET", "/v1/accounts?sort=password", {}),
+            ("GET", "/v1/accounts?type=smtp", {}),
+            ("GET", "/v1/accounts?direction=up", {}),
+            ("GET", "/v1/accounts/9223372036854775808", {}),
+            ("GET", "/v1/accounts/99", {}),
+            ("PUT", "/v1/accounts/99", {"json": {"port": 1}}),
+            ("DELETE", "/v1/accounts/99", {}),
+            ("POST", "/v1/accounts", {"json": {"email": "a@x.test"}}),
+            ("POST", "/v1/accounts", {"json": {"email": "a@x.test", "password": "p",
+                                               "ssl": "maybe"}}),
+            ("POST", "/v1/accounts", {"json": {"email": "a@x.test", "password": "p",
+                                               "port": 70000}}),
+            ("POST", "/v1/accounts", {"json": {"email": "a@x.test", "password": "p",
+                                               "port": "x"}}),
+            ("POST", "/v1/accounts", {"json": {"email": "a@x.test", "password": "p",
+                                               "protocol": "smtp"}}),
+            ("POST", "/v1/accounts", {"json": {"email": "a@x.test", "password": "p",
+                                               "ssl": True, "start_tls": True}}),
+            ("POST", "/v1/accounts", {"json": {"email": "a\nb@x.test", "password": "p"}}),
+            ("POST", "/v1/accounts", {"json": ["x"]}),
+        ]
+        for method, path, kwargs in cases:
+            status, body = await self.call(method, path, **kwargs)
+            self.assertTrue(400 <= status < 500, (method, path, kwargs, status, body))
+            self.assertIn("error", body, (method, path))
+            self.assertIn("error_description", body, (method, path))
+        self.assertEqual(await self.stored(), 0)
+
+    async def test_another_users_account_is_404(self) -> None:
+        bob = await self.web.user("bob")
+        account = await self.web.core.fetch.accounts.create(
+            bob.id, name="b", email="b@x.test", host="127.0.0.1", port=143,
+            password="pw", allow_cleartext=True)
+        attempts: list[tuple[str, dict[str, Any]]] = [
+            ("GET", {}), ("PUT", {"json": {"port": 144}}), ("DELETE", {})]
+        for method, kwargs in attempts:
+            status, body = await self.call(method, f"/v1/accounts/{account.id}", **kwargs)
+            self.assertEqual((status, body["error"]), (404, "not_found"), method)
+        still = await self.web.core.fetch.accounts.get(bob.id, account.id)
+        self.assertEqual(still.port, 143)
+
+
+class MailboxInputTests(ApiBase):
+    """The read side's query parameters; the account exists but holds nothing yet."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        await super().setUp()
+        account = await self.web.core.fetch.accounts.create(
+            self.alice.id, name="a", email="a@x.test", host="127.0.0.1", port=143,
+            password="pw", allow_cleartext=True)
+        self.base = f"/v1/accounts/{account.id}"
+
+    async def test_an_empty_account_reads_as_empty(self) -> None:
+        self.assertEqual(await self.call("GET", f"{self.base}/mailboxes"), (200, []))
+        status, body = await self.call("GET", f"{self.base}/messages/search?query=x")
+        self.assertEqual((status, body), (200, {"count": 0, "start": 0, "messages": []}))
+
+    async def test_bad_pages_sorts_and_ids_are_4xx(self) -> None:
+        paths = [
+            f"{self.base}/mailboxes?per_page=0", f"{self.base}/mailboxes?per_page=41",
+            f"{self.base}/mailboxes?per_page=x", f"{self.base}/mailboxes?page=0",
+            f"{self.base}/mailboxes?page=-1", f"{self.base}/mailboxes?per_page=%D9%A3",
+            f"{self.base}/mailboxes?sort=size", f"{self.base}/mailboxes?direction=sideways",
+            f"{self.base}/mailboxes/1/messages?type=pdf",
+            f"{self.base}/mailboxes/1/messages?sort=subject",
+            f"{self.base}/mailboxes/1/messages", f"{self.base}/mailboxes/1/messages/1",
+            f"{self.base}/mailboxes/9223372036854775808/messages",
+            f"{self.base}/messages/search", f"{self.base}/messages/search?query=",
+            f"{self.base}/messages/search?query=x&per_page=41",
+            "/v1/accounts/9223372036854775808/mailboxes",
+        ]
+        for path in paths:
+            status, body = await self.call("GET", path)
+            self.assertTrue(400 <= status < 500, (path, status, body))
+            self.assertEqual(set(body), {"error", "error_description"}, path)
+
+    async def test_another_users_account_reads_as_not_found(self) -> None:
+        bob = await self.web.user("bob")
+        token = await access_token(self.web.core.oauth, bob.id)
+        for path in (f"{self.base}/mailboxes", f"{self.base}/messages/search?query=x"):
+            status, body = await self.call("GET", path, token)
+            self.assertEqual((status, body["error"]), (404, "not_found"), path)
