@@ -49,6 +49,7 @@ from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService, SafedropSweeper
+from mailcore.safedrop.sms import SmsGateway
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
@@ -155,10 +156,12 @@ class Core:
         )
         self.fetch.engine.listeners.append(self.webhooks.on_sync)
         self._build_filtering()
+        drop_settings = SafedropSettings.from_config(self.config.section("safedrop"))
         self.safedrop = SafedropService(
-            self.db, self.clock, self.cpu, self.fetch.secrets, self.spool,
-            SafedropSettings.from_config(self.config.section("safedrop")),
+            self.db, self.clock, self.cpu, self.fetch.secrets, self.spool, drop_settings,
             data_dir=self.config.data_dir, hostname=self.config.hostname,
+            sms=SmsGateway.over(drop_settings.sms_gateway, self.clock)
+            if drop_settings.sms_gateway else None,
         )
         # Hosted mailboxes: the queue stores their mail here instead of relaying it.
         hosted = HostedAddresses(self.db, self.clock)

@@ -321,3 +321,77 @@ class SecretsNeverShownTests(TestCase):
                         shown = secrets if table == "queue_messages" else (*secrets, token)
                         for secret in shown:
                             self.assertNotIn(secret, text, table)
+
+
+class SmsGatewayTests(TestCase):
+    async def start(self, status: int) -> tuple[PageFixture, list[dict[str, str]], str]:
+        from twisted.web.resource import Resource
+
+        from mailcore.safedrop.sms import SmsGateway
+
+        posted: list[dict[str, str]] = []
+
+        class Gateway(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                posted.append({k.decode(): v[0].decode() for k, v in request.args.items()})
+                request.setResponseCode(status)
+                return b"ok"
+
+        f = PageFixture()
+        await f.start(self)
+        f.web.core.safedrop.sms = SmsGateway("http://sms.example/send", StubTreq(Gateway()))
+        _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
+        return f, posted, bob
+
+    async def test_a_recipient_with_a_number_gets_the_code_by_text_message(self) -> None:
+        f, posted, bob = await self.start(200)
+        browser = Browser(f)
+        status, _, page = await browser.get(bob)
+        self.assertIn(b"to your phone by text message", page)
+        status, _, _ = await browser.post(bob, action="send_code")
+        self.assertEqual(status, 303)
+        self.assertEqual(len(posted), 1)
+        self.assertEqual(posted[0]["to"], "442077394252")
+        match = re.search(r"\b(\d{6})\b", posted[0]["text"])
+        assert match is not None
+        self.assertEqual([m for m in f.mails_to("bob@example.net")
+                          if m["Subject"] == "Your safedrop code"], [])
+        status, _, _ = await browser.post(bob, action="code", code=match.group(1))
+        self.assertEqual(status, 303)
+        status, _, page = await browser.get(bob)
+        self.assertIn(b"b.bin", page)
+
+    async def test_a_failing_gateway_falls_back_to_mail(self) -> None:
+        f, posted, bob = await self.start(503)
+        status, _, _ = await Browser(f).post(bob, action="send_code")
+        self.assertEqual(status, 303)
+        self.assertEqual(len(posted), 1)
+        self.assertEqual(len([m for m in f.mails_to("bob@example.net")
+                              if m["Subject"] == "Your safedrop code"]), 1)
+
+    async def test_the_daemons_gateway_client_posts_over_a_real_socket(self) -> None:
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from mailcore.safedrop.sms import SmsError, SmsGateway
+        from tests.support.browser import serve
+        from tests.support.reactor import get_reactor
+
+        posted: list[dict[bytes, list[bytes]]] = []
+
+        class Gateway(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                posted.append(dict(request.args))
+                request.setResponseCode(202 if posted[-1][b"to"] == [b"1555"] else 400)
+                return b"queued"
+
+        base = serve(self, Site(Gateway()))
+        gateway = SmsGateway.over(base + "/send", get_reactor())
+        await gateway.send("1555", "Your safedrop code: 123456")
+        self.assertEqual(posted, [{b"to": [b"1555"], b"text": [b"Your safedrop code: 123456"]}])
+        with self.assertRaises(SmsError):
+            await gateway.send("2666", "x")

@@ -3,8 +3,9 @@
 Server-rendered (web.pages: autoescaped templates, security headers, CSRF-checked forms),
 no JavaScript. The link opens the drop; a password prompt comes first when the bundle has
 one (each link may guess `PASSWORD_RATE`, then 429 with Retry-After), then with
-require_token_auth a one-time code mailed to the recipient (an SMS gateway is not built:
-recipients with a telephone get the code by mail too, and the page says so). The checks
+require_token_auth a one-time code sent to the recipient: by text message through
+`[safedrop] sms_gateway` when it has a telephone number and a gateway is configured, else by
+mail (the page says which). The checks
 passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.access).
 Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
 file from disk in chunks read on a thread pool, with backpressure, as
@@ -168,7 +169,8 @@ class DropPageApp(PageApp):
         return self.pages.render(
             request, "drop_code.html", status, title=title, sender=found.sender,
             email=found.recipient.email, pending=found.code_pending, error=error,
-            by_mail_instead=bool(found.recipient.telephone),
+            by_sms=self.drops.by_sms(found),
+            by_mail_instead=bool(found.recipient.telephone) and not self.drops.by_sms(found),
         )
 
     def _contents(self, request: IRequest, token: str, found: Access,

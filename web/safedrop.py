@@ -472,7 +472,8 @@ class SafedropApp(ApiApp):
         "POST",
         summary="Add a recipient to a safedrop",
         description="`telephone`: international digits without '+' (recipients with one get "
-        "their token by SMS). `valid_for` is deprecated: seconds of access after sending.",
+        "their one-time code by SMS when `[safedrop] sms_gateway` is set, else by mail). "
+        "`valid_for` is deprecated: seconds of access after sending.",
         auth=SAFEDROP,
         body={**RECIPIENT_BODY, "required": ["email"]},
         body_types=INPUT_TYPES,

@@ -128,6 +128,7 @@ class SafedropSettings:
     link_hostname = ""            # host of recipients' links; "" = hostname
     notify_from = ""              # From of notifications; "" = safedrop@{hostname}
     sweep_interval = 300          # seconds between expiry sweeps
+    sms_gateway = ""              # URL taking a form POST (to, text); "" = codes by mail
     ```
     """
 
@@ -136,6 +137,7 @@ class SafedropSettings:
     link_hostname: str = ""
     notify_from: str = ""
     sweep_interval: float = 300.0
+    sms_gateway: str = ""
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
@@ -154,10 +156,13 @@ class SafedropSettings:
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ConfigError("[safedrop] sweep_interval must be a positive number of seconds")
             values["sweep_interval"] = float(v)
-        for key in ("link_hostname", "notify_from"):
+        for key in ("link_hostname", "notify_from", "sms_gateway"):
             if key in section:
                 v = section[key]
                 if not isinstance(v, str) or any(c in v for c in "\r\n\0"):
                     raise ConfigError(f"[safedrop] {key} must be a one-line string")
                 values[key] = v.strip()
+        gateway = values.get("sms_gateway", "")
+        if gateway and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", gateway):
+            raise ConfigError("[safedrop] sms_gateway must be an http:// or https:// URL")
         return cls(**values)

@@ -45,6 +45,7 @@ from mailcore.safedrop.model import (
     DropRecipient,
     SafedropSettings,
 )
+from mailcore.safedrop.sms import SmsError, SmsGateway
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
@@ -99,6 +100,7 @@ class SafedropService:
         data_dir: Path,
         hostname: str,
         io: CpuPool | None = None,
+        sms: SmsGateway | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -109,6 +111,7 @@ class SafedropService:
         self.settings = settings
         self.hostname = hostname
         self.files = DropFiles(data_dir / "safedrop")
+        self.sms = sms
         self._key_path = data_dir / "safedrop.key"
         self._grants: Grants | None = None
 
@@ -316,12 +319,26 @@ class SafedropService:
             return True
         return await self.cpu.run(verify_password, found.password_hash, password)
 
+    def by_sms(self, found: Access) -> bool:
+        """Whether this recipient's codes go by text message (a number and a gateway)."""
+        return bool(found.recipient.telephone) and self.sms is not None
+
     async def send_code(self, found: Access) -> None:
-        """Mail the recipient a fresh one-time code (valid CODE_SECONDS)."""
+        """Send the recipient a fresh one-time code (valid CODE_SECONDS): by text message
+        when it has a number and a gateway is configured, else (or if the gateway fails)
+        by mail."""
         code = f"{secrets.randbelow(10**6):06d}"
         expires = self.now() + datetime.timedelta(seconds=side.CODE_SECONDS)
         await self.db.run("safedrop_set_code", side.set_code_txn, found.recipient.id,
                           side.code_digest(found.recipient.id, code), expires)
+        if self.sms is not None and found.recipient.telephone:
+            try:
+                await self.sms.send(found.recipient.telephone,
+                                    f"Your safedrop code: {code} (works once, 10 minutes)")
+                return
+            except SmsError as e:
+                log.warn("safedrop code for recipient {recipient} goes by mail: {why}",
+                         recipient=found.recipient.id, why=str(e))
         body = (f"Your code to open the secure drop from {found.sender} is:\n\n    {code}\n\n"
                 f"It works once, until {rfc3339(expires)}.\n")
         await self._mail(found.recipient.email, "Your safedrop code", body)
