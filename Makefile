@@ -23,7 +23,7 @@ RUN_ARGS ?=
 # postfix is only for its smtp-sink/smtp-source tools; postfix itself is never started.
 TEST_SERVER_PKGS := dovecot-imapd dovecot-core spamassassin spamd spamc \
 	clamav-daemon clamav clamdscan rspamd postfix swaks dovecot-pop3d poppler-utils \
-	chromium chromium-driver
+	chromium chromium-driver libmagic1
 # PostgreSQL 15 comes with the machine; installed only when no initdb can be found.
 PG_PKG := postgresql
 

@@ -41,6 +41,8 @@ setup(
         "idna>=3.7",
         # The OAuth 2 provider of Dropmyemail (mailcore/oauth).
         "oauthlib>=3.2.2",
+        # Dropmyemail's attachment descriptions (libmagic, Debian's libmagic1).
+        "python-magic>=0.4.27",
         # safedrop uploads: a streaming multipart/form-data parser
         "multipart>=1.2.0",
         "jinja2>=3.1",

@@ -24,8 +24,10 @@ from twisted.web.iweb import IRequest
 
 from mailcore.backup import (
     MAX_PER_PAGE,
+    Attachment,
     BackupAccount,
     BackupAccounts,
+    BackupAttachments,
     BackupError,
     BackupMail,
     NotFound,
@@ -192,6 +194,44 @@ SEARCH = {
     "required": ["count", "start", "messages"],
 }
 
+ATTACHMENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "account_id": {"type": "integer"},
+        "message_id": {"type": "integer"}, "sender": {"type": "string"},
+        "filename": {"type": "string"}, "mime_type": {"type": "string"},
+        "meta_data": {"type": "string", "description": "libmagic's description (file(1))"},
+        "date": {"type": ["string", "null"], "format": "date-time"},
+        "size": {"type": "integer"},
+    },
+    "required": ["id", "account_id", "message_id", "sender", "filename", "mime_type",
+                 "meta_data", "date", "size"],
+}
+ATTACHMENTS = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"}, "start": {"type": "integer"},
+        "attachments": {"type": "array", "items": ATTACHMENT},
+    },
+    "required": ["count", "start", "attachments"],
+}
+FILE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "filename": {"type": "string"},
+        "mime_type": {"type": "string"}, "size": {"type": "integer"},
+        "content": {"type": "string", "contentEncoding": "base64"},
+    },
+    "required": ["id", "filename", "mime_type", "size", "content"],
+}
+
+
+def attachment_json(account_id: int, a: Attachment) -> dict[str, Any]:
+    s = a.summary
+    return {"id": s.id, "account_id": account_id, "message_id": s.message_row_id,
+            "sender": s.sender, "filename": s.filename, "mime_type": s.mime_type,
+            "meta_data": a.meta_data, "date": iso(s.date), "size": s.size}
+
 
 def message_json(m: MessageSummary) -> dict[str, Any]:
     return {"id": m.id, "mailbox_id": m.folder_id, "from": m.sender, "to": m.recipient,
@@ -237,6 +277,7 @@ class DropmyemailApp(ApiApp):
         self.oauth = oauth
         self.backup = backup
         self.mail = mail
+        self.attachments = BackupAttachments(mail)
         self.policy: AuthPolicy = dataclasses.replace(DROPMYEMAIL, lookup=self._lookup)
 
     async def _lookup(
@@ -530,3 +571,81 @@ class DropmyemailApp(ApiApp):
             raise _not_found() from None
         return self.reply(request, {"count": found.count, "start": page.offset,
                                     "messages": [message_json(m) for m in found.items]})
+
+    # -- attachments --------------------------------------------------------------------
+
+    async def _attachment_page(self, request: IRequest, account_id: int, *,
+                               search: bool) -> bytes:
+        principal = await self.principal(request, "attachment")
+        params = query_params(request)
+        page = window(params)
+        query: str | None = None
+        if search:
+            query = params.get("query", "").strip()
+            if not query:
+                raise ApiError(400, "query is required.")
+            if len(query) > 1000:
+                raise ApiError(400, "query is longer than 1000 characters.")
+        sort = _choice(params, "sort", ("date", "filename", "sender"), "date")
+        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        try:
+            found = await self.attachments.list(principal.user.id, account_id, query=query,
+                                                sort=sort, direction=direction, window=page)
+        except NotFound:
+            raise _not_found() from None
+        return self.reply(request, {
+            "count": found.count, "start": page.offset,
+            "attachments": [attachment_json(account_id, a) for a in found.items]})
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/attachments",
+        "GET",
+        summary="List the attachments of an account's backed-up mail",
+        description="Every MIME attachment, with its decoded file name (RFC 2231/2047), "
+        "type, size, sender and date, and meta_data: what libmagic (file(1)) says of it.",
+        auth=DROPMYEMAIL,
+        scope="attachment",
+        query={**PAGE_QUERY,
+               "sort": {"type": "string", "enum": ["date", "filename", "sender"]},
+               "direction": {"type": "string", "enum": ["asc", "desc"]}},
+        replies={200: Reply("The attachments", ATTACHMENTS)},
+        errors=(401, 403, 429),
+    )
+    async def list_attachments(self, request: IRequest, account_id: int) -> bytes:
+        return await self._attachment_page(request, account_id, search=False)
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/attachments_search",
+        "GET",
+        summary="Search an account's attachments by file name or type",
+        auth=DROPMYEMAIL,
+        scope="attachment",
+        query={**PAGE_QUERY, "query": {"type": "string"},
+               "sort": {"type": "string", "enum": ["date", "filename", "sender"]},
+               "direction": {"type": "string", "enum": ["asc", "desc"]}},
+        replies={200: Reply("The matching attachments", ATTACHMENTS)},
+        errors=(401, 403, 429),
+    )
+    async def search_attachments(self, request: IRequest, account_id: int) -> bytes:
+        return await self._attachment_page(request, account_id, search=True)
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/attachments/<int:attachment_id>",
+        "GET",
+        summary="An attachment's file, base64-encoded",
+        auth=DROPMYEMAIL,
+        scope="attachment",
+        replies={200: Reply("The file", FILE)},
+        errors=(401, 403, 429),
+    )
+    async def show_attachment(self, request: IRequest, account_id: int,
+                              attachment_id: int) -> bytes:
+        principal = await self.principal(request, "attachment")
+        try:
+            info, content = await self.attachments.content(principal.user.id, account_id,
+                                                           attachment_id)
+        except NotFound:
+            raise ApiError(404, "No such attachment.") from None
+        return self.reply(request, {
+            "id": info.id, "filename": info.filename, "mime_type": info.mime_type,
+            "size": len(content), "content": base64.b64encode(content).decode("ascii")})

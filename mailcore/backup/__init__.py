@@ -10,17 +10,28 @@ from mailcore.backup.accounts import (
     BackupSettings,
     derive_host,
 )
-from mailcore.backup.mail import MAX_PER_PAGE, BackupMail, NotFound, Window
+from mailcore.backup.mail import (
+    MAX_PER_PAGE,
+    Attachment,
+    BackupAttachments,
+    BackupMail,
+    NotFound,
+    Window,
+    describe,
+)
 
 __all__ = [
     "GOOGLE_REFUSAL",
     "MAX_PER_PAGE",
+    "Attachment",
     "BackupAccount",
     "BackupAccounts",
+    "BackupAttachments",
     "BackupError",
     "BackupMail",
     "BackupSettings",
     "NotFound",
     "Window",
     "derive_host",
+    "describe",
 ]
