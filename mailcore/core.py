@@ -171,7 +171,7 @@ class Core:
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.mail = MailService(self.db, self.clock, self.config.hostname,
                                 self.mailapi_settings.max_attachment_bytes)
-        self.outbox = OutboxSender(self.db, self.clock, self.spool)
+        self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.mail.on_enqueued.append(self.outbox.kick)
 
     def _build_filtering(self) -> None:

@@ -33,6 +33,8 @@ from mailcore.fetch.settings import FetchSettings
 from mailcore.gateway.domains import DomainService
 from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings, ToKeep
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
+from mailcore.mailapi.mail import OUTBOX, SENT
+from mailcore.mailapi.outbox import OUTBOX_POLL, OutboxSender
 from mailcore.messages.store import MessageStore
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService
@@ -43,6 +45,8 @@ from mailcore.store.schema import (
     credentials,
     domains,
     drop_bundles,
+    mailapi_mail,
+    mailboxes,
     quarantine,
     users,
     webhook_deliveries,
@@ -444,6 +448,59 @@ class SharedJobsMixin(DatabaseMixin):
         removed = await gather(nodes[0].sweep(), nodes[1].sweep(), nodes[0].sweep())
         self.assertEqual(sum(removed), 4)
         self.assertEqual(len(queued), 4)  # one summary per drop
+
+    # -- the Mail API's outbox -----------------------------------------------------------
+
+    async def test_the_outbox_is_sent_by_one_node_at_a_time_each_message_once(self) -> None:
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        owner = await a.run("owner", thd_make_user, "owner")
+
+        def txn(conn: Connection) -> None:
+            box = conn.execute(insert(mailboxes).values(
+                address="me@hosted.test", owner_id=owner, created_at=START,
+            ).returning(mailboxes.c.id)).scalar_one()
+            for i in range(12):
+                conn.execute(insert(mailapi_mail).values(
+                    public_id=f"m{i:04d}", mailbox_id=box, status=OUTBOX,
+                    mail_from="me@hosted.test", to_addrs="you@example.test",
+                    raw=b"Subject: hi\r\n\r\nbody\r\n", queue_id=f"Q{i:04d}",
+                    created_at=START,
+                ))
+
+        await a.run("outbox", txn)
+        queued: list[tuple[str, Envelope]] = []
+        accepted: list[str] = []
+
+        class Spool(RecordingSpool):
+            async def accept(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
+                accepted.append(queue_id)
+                await super().accept(queue_id, envelope, body)
+
+        senders = [OutboxSender(db, clock, Spool(queued, node),  # type: ignore[arg-type]
+                                leases=JobLeases(db, node))
+                   for db, node in ((a, "node-a"), (b, "node-b"))]
+        for sender in senders:
+            sender.startService()  # each looks at the outbox at once
+            self.addCleanup(sender.stopService)
+
+        async def passes() -> None:
+            await defer.DeferredList([d for d in (s._current for s in senders) if d],
+                                     consumeErrors=True)
+
+        await passes()
+        for _ in range(20):  # the nodes' polls, until the outbox is empty
+            if len(accepted) >= 12:
+                break
+            clock.advance(OUTBOX_POLL)
+            await passes()
+        self.assertEqual(accepted, [f"Q{i:04d}" for i in range(12)])  # once each, in order
+
+        def statuses(conn: Connection) -> set[str]:
+            return {r.status for r in conn.execute(select(mailapi_mail.c.status))}
+
+        self.assertEqual(await a.read("statuses", statuses), {SENT})
 
 
 class SQLiteSharedJobsTests(SharedJobsMixin, TestCase):

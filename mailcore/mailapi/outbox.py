@@ -11,6 +11,13 @@ queue id is the idempotency key: after a crash between the spool's commit and th
 row's id is found in the queue and the row is marked sent without a second accept. Hosted
 recipients are then delivered locally by the queue, the others routed as any mail ([queue]
 relayhost or MX); bounces come back to the sender's mailbox.
+
+Nodes sharing the store send the outbox one at a time: a node claims the job lease
+"mailapi_outbox" (mailcore.store.leases) before it reads the rows it will send and again
+before each one, and gives it up when the outbox is empty. A node refused the lease leaves
+the outbox to the holder; every node looks at the outbox every OUTBOX_POLL seconds, so mail
+posted on one node is sent even while another holds the outbox. Two nodes never hand the
+same row to the spool (whose group commit the second queue id would fail).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from mailcore.queue.model import thd_domain_for
 from mailcore.queue.spool import Spool
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
+from mailcore.store.leases import JobLeases
 from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
 
 log = Logger()
@@ -40,6 +48,11 @@ RETRY_AFTER = 5.0
 # often the queue is looked at meanwhile.
 FIFO_WAIT = 30.0
 FIFO_POLL = 0.02
+# The outbox job's lease (longer than one message's FIFO_WAIT), and how often each node looks
+# at the outbox when it shares the store with others.
+OUTBOX_JOB = "mailapi_outbox"
+OUTBOX_LEASE = 120.0
+OUTBOX_POLL = 5.0
 
 _m = mailapi_mail.c
 
@@ -87,10 +100,14 @@ def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
 class OutboxSender(Service):
     """Hands outbox mail to the spool, oldest first (FIFO per sending mailbox)."""
 
-    def __init__(self, db: Database, clock: IReactorTime, spool: Spool) -> None:
+    def __init__(self, db: Database, clock: IReactorTime, spool: Spool,
+                 leases: JobLeases | None = None) -> None:
         self.db = db
         self.clock = clock
         self.spool = spool
+        self.leases = leases  # None: this node is alone (no lease, no polling)
+        self._poll: task.LoopingCall | None = None
+        self._holding = False
         self._busy = False
         self._again = False
         self._retry: IDelayedCall | None = None
@@ -100,9 +117,16 @@ class OutboxSender(Service):
     def startService(self) -> None:
         super().startService()
         self.kick()  # what a crash left in the outbox
+        if self.leases is not None:
+            self._poll = task.LoopingCall(self.kick)
+            self._poll.clock = self.clock
+            self._poll.start(OUTBOX_POLL, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -126,6 +150,7 @@ class OutboxSender(Service):
                 self._again = False
                 sent = await self._send_batch()
                 if not sent and not self._again:
+                    await self._let_go()
                     break
         except defer.CancelledError:
             pass  # stopping
@@ -137,11 +162,29 @@ class OutboxSender(Service):
             self._busy = False
             self._current = None
 
+    async def _claim(self) -> bool:
+        """Whether this node may send the outbox now (always, without leases)."""
+        if self.leases is None:
+            return True
+        self._holding = await self.leases.claim(OUTBOX_JOB, self.clock.seconds(),
+                                                OUTBOX_LEASE)
+        return self._holding
+
+    async def _let_go(self) -> None:
+        """The outbox is empty: let any node's next kick take it."""
+        if self.leases is not None and self._holding:
+            self._holding = False
+            await self.leases.release(OUTBOX_JOB, self.clock.seconds())
+
     async def _send_batch(self) -> int:
         rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH)
+        if rows and self.leases is not None:
+            if not await self._claim():
+                return 0  # another node is sending the outbox
+            rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH)  # as of the claim
         sent = 0
         for row_id, queue_id, envelope, raw, queued in rows:
-            if not self.running:
+            if not self.running or (sent and not await self._claim()):
                 break
             if not queued:
                 await self.spool.accept(queue_id, envelope, raw)
