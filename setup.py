@@ -43,6 +43,8 @@ setup(
         "oauthlib>=3.2.2",
         # Dropmyemail's attachment descriptions (libmagic, Debian's libmagic1).
         "python-magic>=0.4.27",
+        # Dropmyemail's contacts as vCards.
+        "vobject>=0.9.7",
         # safedrop uploads: a streaming multipart/form-data parser
         "multipart>=1.2.0",
         "jinja2>=3.1",

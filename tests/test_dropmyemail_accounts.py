@@ -138,6 +138,10 @@ class MailboxInputTests(ApiBase):
         self.assertEqual(await self.call("GET", f"{self.base}/mailboxes"), (200, []))
         status, body = await self.call("GET", f"{self.base}/messages/search?query=x")
         self.assertEqual((status, body), (200, {"count": 0, "start": 0, "messages": []}))
+        status, body = await self.call("GET", f"{self.base}/attachments")
+        self.assertEqual((status, body), (200, {"count": 0, "start": 0, "attachments": []}))
+        status, body = await self.call("GET", f"{self.base}/contacts")
+        self.assertEqual((status, body), (200, {"count": 0, "start": 0, "contacts": []}))
 
     async def test_bad_pages_sorts_and_ids_are_4xx(self) -> None:
         paths = [
@@ -152,6 +156,11 @@ class MailboxInputTests(ApiBase):
             f"{self.base}/messages/search", f"{self.base}/messages/search?query=",
             f"{self.base}/messages/search?query=x&per_page=41",
             "/v1/accounts/9223372036854775808/mailboxes",
+            f"{self.base}/attachments?per_page=41", f"{self.base}/attachments?sort=size",
+            f"{self.base}/attachments?direction=no", f"{self.base}/attachments_search",
+            f"{self.base}/attachments/1", f"{self.base}/attachments/9223372036854775808",
+            f"{self.base}/contacts?sort=phone", f"{self.base}/contacts?page=x",
+            f"{self.base}/contacts/1",
         ]
         for path in paths:
             status, body = await self.call("GET", path)
@@ -161,6 +170,7 @@ class MailboxInputTests(ApiBase):
     async def test_another_users_account_reads_as_not_found(self) -> None:
         bob = await self.web.user("bob")
         token = await access_token(self.web.core.oauth, bob.id)
-        for path in (f"{self.base}/mailboxes", f"{self.base}/messages/search?query=x"):
+        for path in (f"{self.base}/mailboxes", f"{self.base}/messages/search?query=x",
+                     f"{self.base}/attachments", f"{self.base}/contacts"):
             status, body = await self.call("GET", path, token)
             self.assertEqual((status, body["error"]), (404, "not_found"), path)

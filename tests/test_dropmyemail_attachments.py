@@ -1,6 +1,7 @@
-"""Dropmyemail's attachments against a real Dovecot: a corpus with non-ASCII file names
-(RFC 2231 and RFC 2047), nested multiparts, a forwarded message/rfc822 and a vCard is backed
-up, then listed, sorted, searched and read back; each file is described by libmagic."""
+"""Dropmyemail's attachments and contacts against a real Dovecot: a corpus with non-ASCII
+file names (RFC 2231 and RFC 2047), nested multiparts, a forwarded message/rfc822 and a vCard
+is backed up, then its attachments are listed, sorted, searched and read back (each file
+described by libmagic), and its correspondents served as vCards that parse."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import struct
 import zlib
 from typing import Any
 
+import vobject
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.trial.unittest import TestCase
 
@@ -145,4 +147,30 @@ class AttachmentsAgainstDovecotTests(DovecotClassMixin, TestCase):
         self.assertEqual((newest["count"], len(newest["attachments"])), (4, 1))
         self.assertEqual(newest["attachments"][0]["filename"], "résumé.pdf")
         status, _ = await bearer(api, token, "GET", f"{base}/attachments/999999")
+        self.assertEqual(status, 404)
+
+    async def test_contacts_are_the_correspondents_as_vcards(self) -> None:
+        api, token, account_id = await self.backed_up()
+        base = f"/v1/accounts/{account_id}"
+        status, page = await bearer(api, token, "GET", f"{base}/contacts?sort=email")
+        self.assertEqual(status, 200, page)
+        emails = [c["email"] for c in page["contacts"]]
+        # "me@example.test" is whom the corpus writes to; the account's own address is not.
+        self.assertEqual(emails, ["ana@example.test", "bo@example.test", "me@example.test",
+                                  "zoe@example.test"])
+        self.assertEqual(page["count"], 4)
+        zoe = page["contacts"][3]
+        self.assertEqual((zoe["name"], zoe["phone"], zoe["filename"]),
+                         ("Zoe", "+33 1 23 45 67 89", "zoe@example.test.vcf"))
+        self.assertIsNotNone(zoe["backup_date"])
+        status, by_name = await bearer(api, token, "GET",
+                                       f"{base}/contacts?sort=name&direction=desc&per_page=1")
+        self.assertEqual((by_name["count"], by_name["contacts"][0]["name"]), (4, "Zoe"))
+
+        status, card = await bearer(api, token, "GET", f"{base}/contacts/{zoe['id']}")
+        self.assertEqual(status, 200, card)
+        parsed = vobject.readOne(base64.b64decode(card["content"]).decode("utf-8"))
+        self.assertEqual((parsed.fn.value, parsed.email.value, parsed.tel.value),
+                         ("Zoe", "zoe@example.test", "+33 1 23 45 67 89"))
+        status, _ = await bearer(api, token, "GET", f"{base}/contacts/12345")
         self.assertEqual(status, 404)

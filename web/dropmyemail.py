@@ -28,8 +28,10 @@ from mailcore.backup import (
     BackupAccount,
     BackupAccounts,
     BackupAttachments,
+    BackupContacts,
     BackupError,
     BackupMail,
+    Contact,
     NotFound,
     Window,
 )
@@ -225,6 +227,39 @@ FILE = {
     "required": ["id", "filename", "mime_type", "size", "content"],
 }
 
+CONTACT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "account_id": {"type": "integer"},
+        "name": {"type": "string"}, "filename": {"type": "string"},
+        "email": {"type": "string"}, "phone": {"type": "string"},
+        "backup_date": {"type": ["string", "null"], "format": "date-time"},
+    },
+    "required": ["id", "account_id", "name", "filename", "email", "phone", "backup_date"],
+}
+CONTACTS = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"}, "start": {"type": "integer"},
+        "contacts": {"type": "array", "items": CONTACT},
+    },
+    "required": ["count", "start", "contacts"],
+}
+VCARD = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "filename": {"type": "string"},
+        "content_type": {"type": "string", "enum": ["text/vcard"]},
+        "content": {"type": "string", "contentEncoding": "base64"},
+    },
+    "required": ["id", "filename", "content_type", "content"],
+}
+
+
+def contact_json(account_id: int, c: Contact) -> dict[str, Any]:
+    return {"id": c.id, "account_id": account_id, "name": c.name, "filename": c.filename,
+            "email": c.email, "phone": c.phone, "backup_date": iso(c.backup_date)}
+
 
 def attachment_json(account_id: int, a: Attachment) -> dict[str, Any]:
     s = a.summary
@@ -278,6 +313,7 @@ class DropmyemailApp(ApiApp):
         self.backup = backup
         self.mail = mail
         self.attachments = BackupAttachments(mail)
+        self.contacts = BackupContacts(mail)
         self.policy: AuthPolicy = dataclasses.replace(DROPMYEMAIL, lookup=self._lookup)
 
     async def _lookup(
@@ -649,3 +685,56 @@ class DropmyemailApp(ApiApp):
         return self.reply(request, {
             "id": info.id, "filename": info.filename, "mime_type": info.mime_type,
             "size": len(content), "content": base64.b64encode(content).decode("ascii")})
+
+    # -- contacts -----------------------------------------------------------------------
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/contacts",
+        "GET",
+        summary="List the correspondents found in an account's backed-up mail",
+        description="From, To and Cc addresses of the account's messages, completed by the "
+        "vCards attached to them (name, telephone). backup_date: when a message naming the "
+        "contact was last backed up.",
+        auth=DROPMYEMAIL,
+        scope="contact",
+        query={**PAGE_QUERY,
+               "sort": {"type": "string", "enum": ["name", "email"]},
+               "direction": {"type": "string", "enum": ["asc", "desc"]}},
+        replies={200: Reply("The contacts", CONTACTS)},
+        errors=(401, 403, 429),
+    )
+    async def list_contacts(self, request: IRequest, account_id: int) -> bytes:
+        principal = await self.principal(request, "contact")
+        params = query_params(request)
+        page = window(params)
+        sort = _choice(params, "sort", ("name", "email"), "name")
+        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        try:
+            found = await self.contacts.list(principal.user.id, account_id, sort=sort,
+                                             direction=direction, window=page)
+        except NotFound:
+            raise _not_found() from None
+        return self.reply(request, {
+            "count": found.count, "start": page.offset,
+            "contacts": [contact_json(account_id, c) for c in found.items]})
+
+    @routes.route(
+        "/v1/accounts/<int:account_id>/contacts/<int:contact_id>",
+        "GET",
+        summary="A contact as a vCard, base64-encoded",
+        auth=DROPMYEMAIL,
+        scope="contact",
+        replies={200: Reply("The vCard", VCARD)},
+        errors=(401, 403, 429),
+    )
+    async def show_contact(self, request: IRequest, account_id: int, contact_id: int
+                           ) -> bytes:
+        principal = await self.principal(request, "contact")
+        try:
+            contact = await self.contacts.get(principal.user.id, account_id, contact_id)
+        except NotFound:
+            raise ApiError(404, "No such contact.") from None
+        card = contact.vcard().encode("utf-8")
+        return self.reply(request, {
+            "id": contact.id, "filename": contact.filename, "content_type": "text/vcard",
+            "content": base64.b64encode(card).decode("ascii")})

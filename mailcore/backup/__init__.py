@@ -10,6 +10,7 @@ from mailcore.backup.accounts import (
     BackupSettings,
     derive_host,
 )
+from mailcore.backup.contacts import BackupContacts, Contact
 from mailcore.backup.mail import (
     MAX_PER_PAGE,
     Attachment,
@@ -27,9 +28,11 @@ __all__ = [
     "BackupAccount",
     "BackupAccounts",
     "BackupAttachments",
+    "BackupContacts",
     "BackupError",
     "BackupMail",
     "BackupSettings",
+    "Contact",
     "NotFound",
     "Window",
     "derive_host",

@@ -1,0 +1,156 @@
+"""Dropmyemail's contacts: the correspondents found in an account's backed-up mail.
+
+Every address in From, To and Cc of the account's messages (the account's own address
+aside) is a contact, named by the display name it last came with; a vCard attached to any of
+those messages adds (or completes) contacts with their name and telephone number. Each is
+served as a vCard 3.0 built with vobject. `backup_date` is when a message naming the contact
+was last backed up. A contact's id is derived from its address (stable across backups).
+Phone numbers are not read from signature blocks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from dataclasses import dataclass, replace
+from email.utils import getaddresses
+from typing import Any
+
+import vobject
+from sqlalchemy import Connection, select
+
+from mailcore.backup.mail import BackupMail, NotFound, Window
+from mailcore.messages.models import Page
+from mailcore.messages.store import MessageNotFound
+from mailcore.store.schema import messages
+
+VCARD_TYPES = ("text/vcard", "text/x-vcard", "text/directory")
+
+
+@dataclass(frozen=True)
+class Contact:
+    id: int
+    name: str
+    email: str
+    phone: str
+    backup_date: datetime.datetime | None
+
+    @property
+    def filename(self) -> str:
+        return f"{self.email}.vcf"
+
+    def vcard(self) -> str:
+        """The contact as a vCard 3.0 (vobject)."""
+        card = vobject.vCard()
+        name = self.name or self.email
+        card.add("fn").value = name
+        card.add("n").value = vobject.vcard.Name(given=name)
+        email = card.add("email")
+        email.value = self.email
+        email.type_param = "INTERNET"
+        if self.phone:
+            card.add("tel").value = self.phone
+        return str(card.serialize())
+
+
+def contact_id(address: str) -> int:
+    """A stable id below 2^56 from the (lower-case) address."""
+    return int.from_bytes(hashlib.sha256(address.encode("utf-8")).digest()[:7], "big")
+
+
+def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=datetime.UTC)
+    return value
+
+
+def vcard_entries(data: bytes) -> list[tuple[str, str, str]]:
+    """(name, email, phone) of every card in `data` with an e-mail address."""
+    out = []
+    try:
+        for card in vobject.readComponents(data.decode("utf-8", "replace")):
+            emails = [e.value for e in card.contents.get("email", []) if e.value]
+            if not emails:
+                continue
+            name = card.fn.value if "fn" in card.contents else ""
+            phones = [t.value for t in card.contents.get("tel", []) if t.value]
+            out.append((str(name), str(emails[0]), str(phones[0]) if phones else ""))
+    except Exception:  # a broken card is no contact, not an error of the listing
+        return out
+    return out
+
+
+class BackupContacts:
+    def __init__(self, mail: BackupMail) -> None:
+        self.mail = mail
+        self.store = mail.store
+
+    async def _all(self, user_id: int, account_id: int) -> list[Contact]:
+        account = await self.mail.accounts.get(user_id, account_id)
+        own = account.email.strip().lower()
+
+        def txn(conn: Connection) -> list[Any]:
+            return list(conn.execute(
+                select(messages.c.sender, messages.c.recipient, messages.c.cc,
+                       messages.c.created_at)
+                .where(messages.c.user_id == user_id, messages.c.account_id == account_id)
+                .order_by(messages.c.created_at, messages.c.id)
+            ))
+
+        rows = await self.mail.db.read("backup_contacts", txn)
+        found: dict[str, Contact] = {}
+        for row in rows:
+            seen = _utc(row.created_at)
+            for name, address in getaddresses([row.sender, row.recipient, row.cc]):
+                key = address.strip().lower()
+                if "@" not in key or key == own or len(key) > 320:
+                    continue
+                old = found.get(key)
+                found[key] = Contact(contact_id(key), name.strip() or (old.name if old else ""),
+                                     key, old.phone if old else "", seen)
+        for name, address, phone in await self._cards(user_id, account_id):
+            key = address.strip().lower()
+            if "@" not in key or key == own:
+                continue
+            old = found.get(key)
+            if old is None:
+                found[key] = Contact(contact_id(key), name, key, phone, None)
+            else:
+                found[key] = replace(old, name=old.name or name, phone=old.phone or phone)
+        return list(found.values())
+
+    async def _cards(self, user_id: int, account_id: int) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        offset = 0
+        while True:
+            page = await self.store.list_attachments(user_id, account_id=account_id,
+                                                     offset=offset, limit=200)
+            for item in page.items:
+                if item.mime_type in VCARD_TYPES or item.filename.lower().endswith(".vcf"):
+                    try:
+                        _, data = await self.store.attachment_content(user_id, item.id)
+                    except MessageNotFound:
+                        continue
+                    out.extend(await self.store.cpu.run(vcard_entries, data))
+            offset += len(page.items)
+            if not page.items or offset >= page.count:
+                return out
+
+    async def list(self, user_id: int, account_id: int, *, sort: str, direction: str,
+                   window: Window) -> Page[Contact]:
+        await self.mail._account(user_id, account_id)
+        contacts = await self._all(user_id, account_id)
+        if sort == "name":
+            contacts.sort(key=lambda c: ((c.name or c.email).casefold(), c.email))
+        else:
+            contacts.sort(key=lambda c: c.email)
+        if direction == "desc":
+            contacts.reverse()
+        return Page(len(contacts), contacts[window.offset:window.offset + window.per_page])
+
+    async def get(self, user_id: int, account_id: int, contact: int) -> Contact:
+        await self.mail._account(user_id, account_id)
+        for c in await self._all(user_id, account_id):
+            if c.id == contact:
+                return c
+        raise NotFound()
