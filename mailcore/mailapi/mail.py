@@ -130,11 +130,19 @@ def _readable(rights: dict[int, tuple[str, Rights]]) -> list[int]:
     return sorted(i for i, (_, r) in rights.items() if r.allow_read)
 
 
-def _mail(conn: Connection, row: Any, address: str) -> Mail:
-    attachments = tuple(
-        AttachmentInfo(i, a.name, a.content_type, a.size) for i, a in enumerate(conn.execute(
-            select(_a.name, _a.content_type, _a.size).where(_a.mail_id == row.id)
-            .order_by(_a.id)), 1))
+def _attachments(conn: Connection, mail_ids: Sequence[int]
+                 ) -> dict[int, tuple[AttachmentInfo, ...]]:
+    """The attachments of these mails (one query), numbered from 1 per mail."""
+    found: dict[int, list[AttachmentInfo]] = {}
+    if mail_ids:
+        for a in conn.execute(select(_a.mail_id, _a.name, _a.content_type, _a.size)
+                              .where(_a.mail_id.in_(list(mail_ids))).order_by(_a.id)):
+            mine = found.setdefault(a.mail_id, [])
+            mine.append(AttachmentInfo(len(mine) + 1, a.name, a.content_type, a.size))
+    return {mail_id: tuple(items) for mail_id, items in found.items()}
+
+
+def _mail(row: Any, address: str, attachments: tuple[AttachmentInfo, ...]) -> Mail:
     values = {name: getattr(row, column) or "" for name, column in _COLUMNS.items()}
     return Mail(row.id, row.public_id, address, row.status, bool(row.read), values,
                 attachments, row.created_at)
@@ -201,7 +209,10 @@ class MailService:
                 previous = before[-1].public_id if before else None
             rows = conn.execute(query.order_by(_m.id.desc()).limit(count + 1)).all()
             following = rows[count].public_id if len(rows) > count else None
-            emails = [_mail(conn, row, rights[row.mailbox_id][0]) for row in rows[:count]]
+            shown = rows[:count]
+            attached = _attachments(conn, [row.id for row in shown])
+            emails = [_mail(row, rights[row.mailbox_id][0], attached.get(row.id, ()))
+                      for row in shown]
             return Page(emails, total, previous, following)
 
         return await self.db.read("mailapi_page", txn)
@@ -224,7 +235,7 @@ class MailService:
             if row.status == INBOX and not row.read:
                 conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=True))
                 row = conn.execute(select(mailapi_mail).where(_m.id == row.id)).one()
-            return _mail(conn, row, address)
+            return _mail(row, address, _attachments(conn, [row.id]).get(row.id, ()))
 
         return await self.db.run("mailapi_get", txn)
 
