@@ -173,3 +173,47 @@ class ChannelLimitTests(TestCase):
     def test_other_paths_keep_the_web_limit(self) -> None:
         sent = self.post(b"/dropbundles/1/dropbundlerecipients", 40_000)
         self.assertTrue(sent.startswith(b"HTTP/1.1 413 "), sent[:60])
+
+
+class _HeldPool:
+    """A runner whose work runs only when the test says so (to cancel in between)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        d: Any = defer.Deferred()
+        self.held.append((fn, args, d))
+        return d
+
+    def release(self) -> None:
+        while self.held:
+            fn, args, d = self.held.pop(0)
+            d.callback(fn(*args))
+
+
+class CancelledUploadTests(TestCase):
+    async def test_a_client_gone_while_storing_leaves_file_and_row_together(self) -> None:
+        import io
+
+        from twisted.internet import defer
+
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+        drops = f.web.core.safedrop
+        pool = _HeldPool()
+        drops.io = pool  # type: ignore[assignment]
+        body = multipart_file("late.bin", b"z" * 5000)
+        d = defer.Deferred.fromCoroutine(drops.add_file(
+            f.alice.id, bundle_id, MULTIPART["Content-Type"], io.BytesIO(body)))
+        d.cancel()  # what Klein does when the client goes away
+        failures: list[Any] = []
+        d.addErrback(failures.append)
+        self.assertEqual(len(failures), 1)
+        pool.release()
+        rows = f.file_rows()
+        self.assertEqual([r.name for r in rows], ["late.bin"])
+        self.assertEqual([p.name for p in f.stored()], [rows[0].sha256])
