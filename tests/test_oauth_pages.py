@@ -3,6 +3,7 @@ page, Allow and Deny, CSRF, the session cookie, error pages that never redirect.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +28,7 @@ def cookie(headers: dict[str, list[str]], name: str) -> tuple[str, str] | None:
     return None
 
 
-class AuthorizePageTests(TestCase):
+class PageClient(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.web = Web.build()
         self.alice = await self.web.user()
@@ -59,6 +60,9 @@ class AuthorizePageTests(TestCase):
         self.assertEqual(status, 303)
         self.assertEqual(header(headers, "location"), path)
 
+
+
+class AuthorizePageTests(PageClient):
     async def test_login_then_consent_then_allow_redirects_with_code_and_state(self) -> None:
         path = path_of(authorize_uri(self.client.uid, state="s-1"))
         status, headers, body = await self.call("GET", path)
@@ -163,3 +167,60 @@ class AuthorizePageTests(TestCase):
         status, headers, _ = await self.web.call("GET", path_of(authorize_uri(self.client.uid)))
         self.assertEqual(status, 200)
         self.assertIsNotNone(csrf_cookie(headers))
+
+
+class ApplicationsPageTests(PageClient):
+    """The Applications page (/oauth/applications): a logged-in user's own apps."""
+
+    async def enter(self) -> bytes:
+        status, _, body = await self.form("/oauth/applications", action="login",
+                                          username="alice", password=PASSWORD)
+        self.assertEqual(status, 303)
+        status, _, body = await self.call("GET", "/oauth/applications")
+        self.assertEqual(status, 200)
+        return bytes(body)
+
+    async def test_register_shows_the_secret_once_then_delete(self) -> None:
+        status, _, body = await self.call("GET", "/oauth/applications")
+        self.assertIn(b"Log in to manage your applications", body)
+        page = await self.enter()
+        self.assertIn(b"No applications yet.", page)
+        status, _, body = await self.call("POST", "/oauth/applications", data={
+            "csrf_token": csrf_field(page), "action": "register", "name": "My <b>app</b>",
+            "redirect_uris": "https://mine.example/cb\r\nhttp://localhost:9/cb"})
+        self.assertEqual(status, 200, body)
+        self.assertIn(b"My &lt;b&gt;app&lt;/b&gt;", body)
+        [app] = await self.web.core.oauth.list_apps(self.alice.id)
+        self.assertEqual(app.redirect_uris, ("https://mine.example/cb", "http://localhost:9/cb"))
+        secret = re.search(rb"<dt>secret</dt><dd><code>([0-9a-f]{64})</code>", body)
+        assert secret is not None
+        status, _, again = await self.call("GET", "/oauth/applications")
+        self.assertIn(app.uid.encode(), again)
+        self.assertNotIn(secret.group(1), again)
+        status, _, body = await self.call("POST", "/oauth/applications", data={
+            "csrf_token": csrf_field(again), "action": "delete", "uid": app.uid})
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
+
+    async def test_another_users_app_cannot_be_deleted(self) -> None:
+        page = await self.enter()
+        status, _, _ = await self.call("POST", "/oauth/applications", data={
+            "csrf_token": csrf_field(page), "action": "delete", "uid": self.client.uid})
+        self.assertEqual(status, 404)  # the client of setUp belongs to bob
+        self.assertIsNotNone(await self.web.core.oauth.get_app(self.client.uid))
+
+    async def test_a_bad_redirect_uri_is_said_and_nothing_registered(self) -> None:
+        page = await self.enter()
+        status, _, body = await self.call("POST", "/oauth/applications", data={
+            "csrf_token": csrf_field(page), "action": "register", "name": "x",
+            "redirect_uris": "javascript:alert(1)"})
+        self.assertEqual(status, 400)
+        self.assertIn(b"absolute http", body)
+        self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
+
+    async def test_posts_need_the_csrf_token(self) -> None:
+        await self.enter()
+        status, _, _ = await self.call("POST", "/oauth/applications", data={
+            "action": "register", "name": "x", "redirect_uris": "https://x.example/cb"})
+        self.assertEqual(status, 403)
+        self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])

@@ -8,6 +8,9 @@ authorization request) with the CSRF token of web.pages. Allow answers 302 to
 unknown client or a redirect_uri that is not registered exactly is an error page, never a
 redirect. The rules are mailcore.oauth's; this module only translates.
 
+`/oauth/applications` is the "Applications" page of the seed's flow: a logged-in user lists,
+registers (the secret is shown once) and deletes their own apps.
+
 The session is a "session" credential (hashed, expiring; `[identity]`'s session TTL) whose
 only scope is "pages", in the HttpOnly, SameSite=Lax cookie `mc_session` (Secure under TLS).
 """
@@ -20,7 +23,14 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from mailcore.identity import Identity, User
-from mailcore.oauth import AuthorizationRedirect, AuthorizationRefused, Consent, OAuthProvider
+from mailcore.oauth import (
+    App,
+    AuthorizationRedirect,
+    AuthorizationRefused,
+    Consent,
+    OAuthError,
+    OAuthProvider,
+)
 from web.auth import DROPMYEMAIL_SCOPES
 from web.login import PasswordLogin
 from web.openapi import RouteTable
@@ -85,7 +95,7 @@ class OAuthPagesApp(PageApp):
             return None
         return principal.user
 
-    def _login_page(self, request: IRequest, consent: Consent, status: int = 200,
+    def _login_page(self, request: IRequest, consent: Consent | None, status: int = 200,
                     error: str = "", username: str = "") -> bytes:
         return self.pages.render(request, "oauth_login.html", status, title="Log in",
                                  consent=consent, error=error, username=username)
@@ -168,7 +178,8 @@ class OAuthPagesApp(PageApp):
         request.setHeader(b"Location", location.encode("ascii"))
         return b""
 
-    async def _log_in(self, request: IRequest, consent: Consent, fields: dict[str, object]
+    async def _log_in(self, request: IRequest, consent: Consent | None,
+                      fields: dict[str, object]
                       ) -> bytes:
         username, password = fields.get("username"), fields.get("password")
         if not isinstance(username, str) or not isinstance(password, str) or not username:
@@ -184,3 +195,78 @@ class OAuthPagesApp(PageApp):
         request.setResponseCode(303)
         request.setHeader(b"Location", bytes(request.uri))
         return b""
+
+    # -- the Applications page ----------------------------------------------------------
+
+    async def _apps_page(self, request: IRequest, user: User, status: int = 200, *,
+                         error: str = "", created: App | None = None, secret: str = ""
+                         ) -> bytes:
+        apps = await self.oauth.list_apps(user.id)
+        return self.pages.render(request, "oauth_apps.html", status, title="Applications",
+                                 user=user, apps=apps, error=error, created=created,
+                                 secret=secret)
+
+    @routes.route(
+        "/oauth/applications",
+        "GET",
+        summary="The Applications page: a logged-in user's OAuth 2 apps",
+        replies=page_replies({200: "HTML page: the login form, or the user's apps and a "
+                                   "form to register one"}),
+    )
+    async def applications(self, request: IRequest) -> bytes:
+        user = await self._session_user(request)
+        if user is None:
+            return self._login_page(request, None)
+        return await self._apps_page(request, user)
+
+    @routes.route(
+        "/oauth/applications",
+        "POST",
+        summary="Log in, register an app (its secret is shown once) or delete one",
+        body={
+            "type": "object",
+            "properties": {
+                "csrf_token": {"type": "string"},
+                "action": {"type": "string", "enum": ["login", "register", "delete"]},
+                "username": {"type": "string"}, "password": {"type": "string"},
+                "name": {"type": "string"}, "redirect_uris": {"type": "string"},
+                "uid": {"type": "string"},
+            },
+            "required": ["csrf_token"],
+        },
+        body_types=("application/x-www-form-urlencoded",),
+        replies=page_replies({
+            200: "HTML page: the apps (with a new app's uid and secret, once)",
+            303: "Logged in: back to the Applications page",
+            401: "HTML page: the login form, saying the password was wrong",
+            429: "HTML page: too many login attempts",
+        }, form=True),
+    )
+    async def change_applications(self, request: IRequest) -> bytes:
+        fields = self.pages.form(request)
+        self.pages.check_csrf(request, fields)
+        action = fields.get("action")
+        if action == "login":
+            return await self._log_in(request, None, fields)
+        user = await self._session_user(request)
+        if user is None:
+            return self._login_page(request, None)
+        if action == "register":
+            name, uris = fields.get("name"), fields.get("redirect_uris")
+            if not isinstance(name, str) or not isinstance(uris, str):
+                return await self._apps_page(request, user, 400,
+                                             error="Give a name and redirect URIs.")
+            try:
+                app, secret = await self.oauth.add_app(
+                    user.id, name, [u.strip() for u in uris.splitlines() if u.strip()])
+            except OAuthError as e:
+                return await self._apps_page(request, user, 400, error=e.message)
+            return await self._apps_page(request, user, created=app, secret=secret)
+        if action == "delete":
+            uid = fields.get("uid")
+            try:
+                await self.oauth.remove_app(str(uid or ""), owner_id=user.id)
+            except OAuthError:
+                return await self._apps_page(request, user, 404, error="No such app.")
+            return await self._apps_page(request, user)
+        raise PageError(400, "Bad request", "Unknown action.")

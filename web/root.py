@@ -81,6 +81,7 @@ ROUTES: tuple[tuple[str, str], ...] = (
     # Dropmyemail (seed 000 + dropmyemail-v1.md)
     ("/oauth", "dropmyemail"),
     ("/oauth/authorize", "oauth_pages"),  # the HTML login and consent page
+    ("/oauth/applications", "oauth_pages"),  # a user's apps (HTML)
     ("/v1", "dropmyemail"),
     # safedrop (seed 003): the auth server at / and /auth, the API at /dropbundles
     ("/auth", "safedrop"),
