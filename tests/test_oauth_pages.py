@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from twisted.trial.unittest import TestCase
 
+from mailcore.config import Config
 from tests.support.oauth import REDIRECT, authorize_uri, query_of, register
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import PASSWORD, Web, header
@@ -224,3 +225,29 @@ class ApplicationsPageTests(PageClient):
             "action": "register", "name": "x", "redirect_uris": "https://x.example/cb"})
         self.assertEqual(status, 403)
         self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
+
+
+class LoginThrottleTests(TestCase):
+    async def test_the_login_form_shares_the_password_login_limit(self) -> None:
+        config = Config(sections={"web": {"login_rate": "2/minute"},
+                                  "fetch": {"allow_loopback": True}})
+        web = Web.build(config)
+        alice = await web.user()
+        client = await register(web, alice)
+        path = path_of(authorize_uri(client.uid))
+        # One guess through the IMAP2API login, one through the page: the third is refused.
+        status, _, _ = await web.call("POST", "/api-token-auth/",
+                                      json={"username": "alice", "password": "wrong"})
+        self.assertEqual(status, 400)
+        statuses = []
+        for _ in range(2):
+            status, headers, body = await web.call("GET", path)
+            fresh = csrf_cookie(headers)  # the client keeps the cookie it got before
+            cookies = {"mc_csrf": fresh} if fresh else {}
+            status, headers, _ = await web.call(
+                "POST", path, cookies=cookies, allow_redirects=False,
+                data={"csrf_token": csrf_field(body), "action": "login", "username": "alice",
+                      "password": "wrong"})
+            statuses.append(status)
+        self.assertEqual(statuses, [401, 429])
+        self.assertIsNotNone(header(headers, "retry-after"))
