@@ -108,7 +108,8 @@ class AccessLogTests(TestCase):
         self.assertGreater(ping["bytes"], 0)
         self.assertEqual(ping["client"], "127.0.0.1")
         self.assertEqual(accounts["target"], "/v1/accounts?sort=email&access_token=[redacted]")
-        self.assertEqual((accounts["status"], accounts["user"]), (404, "-"))
+        # Not an OAuth access token: refused, and still not shown.
+        self.assertEqual((accounts["status"], accounts["user"]), (401, "-"))
         self.assertEqual((login["user"], login["status"]), ("alice", 200))
         for event in self.events:
             line = formatEvent(event)
