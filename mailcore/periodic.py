@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -12,11 +14,42 @@ from mailcore.store.leases import JobLeases
 
 log = Logger()
 
+T = TypeVar("T")
+
+
+class InFlight:
+    """Runs started and not yet ended, so that a stop can wait for them:
+    `LoopingCall.stop()` does not wait for the Deferred of a run in flight, which then
+    finishes after the stop (on a store that may be closed by then)."""
+
+    def __init__(self) -> None:
+        self._runs: set[defer.Deferred[Any]] = set()
+
+    def track(self, d: defer.Deferred[T]) -> defer.Deferred[T]:
+        """Remember the run `d` until it ends; its result is passed on unchanged."""
+        if d.called:
+            return d  # ended already: nothing to wait for
+        self._runs.add(d)
+
+        def ended(result: object) -> object:
+            self._runs.discard(d)
+            return result
+
+        d.addBoth(ended)
+        return d
+
+    async def wait(self) -> None:
+        """Until every run started so far has ended (its failure is left to its own
+        callers)."""
+        while self._runs:
+            await defer.DeferredList(list(self._runs))
+
 
 class PeriodicService(Service):
     """Calls `tick()` at start and then every `interval()` seconds on `self.clock`, waiting
-    for a tick's Deferred before the next; stopping cancels the timer (a tick in flight
-    finishes on its own). `tick` must not fail: a failure would stop the loop.
+    for a tick's Deferred before the next. Stopping cancels the timer and returns a Deferred
+    that fires once a tick in flight has ended, so that the daemon closes the store only
+    after it. `tick` must not fail: a failure would stop the loop.
 
     With `leases` set (the Core sets them for work that must run on one node of those
     sharing the store), a tick runs only if this node claims this period's run of the job
@@ -26,6 +59,7 @@ class PeriodicService(Service):
     clock: IReactorTime
     leases: JobLeases | None = None
     _loop: LoopingCall | None = None
+    _in_flight: InFlight | None = None
 
     def interval(self) -> float:  # pragma: no cover - every subclass says
         raise NotImplementedError
@@ -35,15 +69,24 @@ class PeriodicService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.leased_tick)
+        self._in_flight = InFlight()
+        self._loop = LoopingCall(self._tracked_tick, self._in_flight)
         self._loop.clock = self.clock
         self._loop.start(self.interval(), now=True)
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(in_flight.wait())
+
+    def _tracked_tick(self, in_flight: InFlight) -> defer.Deferred[None] | None:
+        d = self.leased_tick()
+        return None if d is None else in_flight.track(d)
 
     def leased_tick(self) -> defer.Deferred[None] | None:
         """One run as the timer makes it: `tick()`, on this node only if it holds the job."""

@@ -237,6 +237,32 @@ class SweepTests(TestCase):
         self.tokens.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    async def test_a_stop_waits_for_the_sweep_in_flight(self) -> None:
+        # The daemon closes the store once the service has stopped: a sweep still running
+        # then used to fail with "the database is closed".
+        gate: defer.Deferred[None] = defer.Deferred()
+        swept: list[str] = []
+        real_sweep = self.tokens.sweep
+
+        async def held_sweep() -> int:
+            swept.append("started")
+            await gate
+            rolled = await real_sweep()
+            swept.append("finished")
+            return rolled
+
+        alice = await new_user(self.db, self.clock, "alice")
+        self.tokens.sweep = held_sweep  # type: ignore[method-assign]
+        self.tokens.startService()
+        stopped = self.tokens.stopService()
+        self.clock.advance(3 * 3600)
+        self.assertNoResult(stopped)
+        self.assertEqual(swept, ["started"])
+        gate.callback(None)
+        await stopped
+        self.assertEqual(swept, ["started", "finished"])
+        self.assertIn(alice.id, await self.rows())  # its tank was opened before the stop
+
     async def test_a_failing_sweep_is_logged_and_the_loop_goes_on(self) -> None:
         calls: list[int] = []
 

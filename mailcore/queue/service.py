@@ -21,6 +21,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mailcore.periodic import InFlight
 from mailcore.queue.model import (
     FLUSH_COUNTER,
     thd_claim_due,
@@ -128,7 +129,7 @@ class QueueService(Service):
         self._started: defer.Deferred[None] | None = None
         self._flushes: int | None = None  # the flush counter as last read
         # Chores in flight: a stop waits for them (LoopingCall.stop does not).
-        self._busy: set[defer.Deferred[None]] = set()
+        self._busy = InFlight()
 
     def startService(self) -> None:
         super().startService()
@@ -167,15 +168,7 @@ class QueueService(Service):
 
     def _tracked(self, chore: Callable[[], Coroutine[Any, Any, None]]) -> defer.Deferred[None]:
         """Run one chore, remembered until it ends so that a stop can wait for it."""
-        d = defer.Deferred.fromCoroutine(chore())
-        self._busy.add(d)
-
-        def ended(result: object) -> object:
-            self._busy.discard(d)
-            return result
-
-        d.addBoth(ended)
-        return d
+        return self._busy.track(defer.Deferred.fromCoroutine(chore()))
 
     async def _tick(self) -> None:
         """One sweep: hear of a flush, claim due work, refresh the depth gauge, prune the
@@ -228,9 +221,8 @@ class QueueService(Service):
             await self._started
         await self.spool.drain()
         leftover = await self.runner.stop()
-        if self._busy:
-            # A sweep or lease renewal still running finishes on the open store.
-            await defer.DeferredList(list(self._busy))
+        # A sweep or lease renewal still running finishes on the open store.
+        await self._busy.wait()
         try:
             await self.spool.run_serialized(
                 "queue_release_own", thd_release_leases, self.settings.node_id, None
