@@ -4,22 +4,37 @@ recipient opens the link from the notification, enters the password and download
 deleted from disk; a second recipient with token auth receives the code by mail and enters
 it; an expired drop says so. Screenshots are kept in the test's temp dir.
 
-The notification is read from the spool where the service queued it (a delivery to an SMTP
-sink is the queue's business, tested on its own)."""
+The password test runs against the real daemon (twistd on free ports): it sends the
+notification through its queue to an SMTP sink of ours on 127.0.0.1 (`[queue] relayhost`),
+and the link is taken from the body of the message the sink received. The token test needs
+the drop to expire, so it runs on the in-process site with a Clock and reads the mails
+where the service queued them."""
 
 from __future__ import annotations
 
+import email
+import email.policy
+import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
+import treq
+from treq.client import HTTPClient
 from twisted.internet import task
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.support.browser import Browser, serve
+from tests.support.mailsink import SinkFactory, SinkState
 from tests.support.reactor import get_reactor
-from tests.test_web_safedrop_pages import PageFixture
+from tests.support.servers import run_command
+from tests.test_daemon import DaemonTestCase, _env
+from tests.test_web_safedrop_api import MULTIPART, multipart_file
+from tests.test_web_safedrop_pages import LINK, PageFixture
 from web.root import build_site
 
 
@@ -56,16 +71,94 @@ def _saved(where: Path, name: str) -> bytes | None:
     return None
 
 
-class RecipientInChromiumTests(TestCase):
+class DaemonWithSink(DaemonTestCase):
+    """The real daemon, its queue relaying every mail to an SMTP sink on 127.0.0.1, and
+    alice's API session on it."""
+
+    async def start_with_sink(self) -> None:
+        self.sink = SinkState()
+        listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
+            SinkFactory(self.sink))
+        self.addCleanup(listener.stopListening)
+        config = self.base / "mailcore.toml"
+        config.write_text(
+            f'[queue]\nrelayhost = "127.0.0.1:{listener.getHost().port}"\n'
+            "allow_loopback = true\n", encoding="utf-8")
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir),
+               "--config", str(config)]
+        made = await run_command(
+            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
+            env=_env(), cwd=self.base)
+        self.assertEqual(made.status, 0, made.err)
+        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
+        self.assertEqual(key.status, 0, key.err)
+        await self.start_daemon("--config", str(config))
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        self.http = HTTPClient(Agent(get_reactor(), pool=pool))
+        login: dict[bytes | str, bytes | str] = {
+            "X-Auth-User": "alice@example.test", "X-Auth-Key": key.out.strip()}
+        response = await self.http.get(self.base_url + "/auth", headers=login)
+        await treq.content(response)
+        self.auth: dict[bytes | str, bytes | str] = {
+            "X-Auth-Token": response.headers.getRawHeaders("X-Auth-Token")[0]}
+
+    async def api(self, method: str, path: str, data: Any,
+                  headers: dict[str, str] | None = None) -> Any:
+        all_headers = dict(self.auth)
+        for name, value in (headers or {}).items():
+            all_headers[name] = value
+        response = await self.http.request(method, self.base_url + path, data=data,
+                                           headers=all_headers)
+        body = await treq.content(response)
+        self.assertEqual(response.code, 200, body)
+        return json.loads(body) if body else None
+
+    async def sent_bundle(self, fields: dict[str, str], recipient: str,
+                          files: tuple[tuple[str, bytes], ...]) -> int:
+        """A bundle with one recipient and `files`, sent; its id."""
+        bundle = await self.api("POST", "/dropbundles", fields)
+        self.bundle_id = int(bundle["id"])
+        await self.api("POST", f"/dropbundles/{self.bundle_id}/dropbundlerecipients",
+                       {"email": recipient})
+        for name, data in files:
+            await self.api("POST", f"/dropbundles/{self.bundle_id}/dropfiles",
+                           multipart_file(name, data), MULTIPART)
+        response = await self.http.get(f"{self.base_url}/dropbundles/{self.bundle_id}?send",
+                                       headers=self.auth)
+        self.assertEqual(response.code, 200, await treq.content(response))
+        await treq.content(response)
+        return self.bundle_id
+
+    async def delivered_link(self, recipient: str) -> str:
+        """The drop link in the text of the first message the sink received for
+        `recipient` (waits for it)."""
+        while True:
+            for received in self.sink.messages:
+                if recipient in received.rcpts:
+                    message: Any = email.message_from_bytes(received.data,
+                                                            policy=email.policy.default)
+                    body = message.get_body(("plain", "html")).get_content()
+                    match = LINK.search(body)
+                    assert match is not None, body
+                    return match.group(1)
+            await self.sink.wait_for(len(self.sink.messages) + 1)
+
+    def stored_files(self) -> list[str]:
+        root = self.data_dir / "safedrop" / str(self.bundle_id)
+        return sorted(p.name for p in root.glob("*")) if root.exists() else []
+
+
+class RecipientOfADeliveredNotificationTests(DaemonWithSink):
     async def test_password_download_and_read_remove(self) -> None:
-        f = PageFixture()
-        await f.start(self)
+        await self.start_with_sink()
         data = bytes(range(256)) * 40
-        [link_path] = await f.sent_bundle(
-            "subject=Plans&message=Hello+%3Cb%3Eyou%3C%2Fb%3E&password=Open-Sesame-77"
-            "&secure_message=vault+4711",
-            recipients=("ann%40example.org",), files=(("plans.bin", data),))
-        link = serve(self, build_site(f.web.core)) + link_path
+        await self.sent_bundle(
+            {"subject": "Plans", "message": "Hello <b>you</b>", "password": "Open-Sesame-77",
+             "secure_message": "vault 4711"},
+            "ann@example.org", files=(("plans.bin", data),))
+        link_path = await self.delivered_link("ann@example.org")
+        link = self.base_url + link_path
         browser = await Browser.start(self)
 
         await browser.get(link)
@@ -81,13 +174,15 @@ class RecipientInChromiumTests(TestCase):
 
         saved = await download(browser, "plans.bin", _absolute(self.mktemp()))
         self.assertEqual(saved, data)
-        self.assertEqual(f.stored_files(), [])  # the only recipient has read it all
+        self.assertEqual(self.stored_files(), [])  # the only recipient has read it all
 
         await browser.get(link)
         await browser.screenshot("3-gone")
         self.assertEqual(await browser.title(), "Drop no longer available · Mailcore")
         self.assertIn("You have downloaded every file", await browser.text())
 
+
+class RecipientInChromiumTests(TestCase):
     async def test_token_auth_by_mail_and_an_expired_drop(self) -> None:
         f = PageFixture()
         await f.start(self)
