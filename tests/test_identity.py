@@ -304,6 +304,15 @@ class CredentialTests(IdentityTestCase):
         self.clock.advance(1)
         self.assertIsNone(await self.identity.resolve(secret, ("session",)))
 
+    async def test_a_page_login_is_not_a_safedrop_session_nor_the_reverse(self) -> None:
+        alice = await self.user()
+        page, info = await self.identity.create_credential(alice.id, "page", scopes=("pages",))
+        session, _ = await self.identity.create_credential(alice.id, "session")
+        assert info.expires_at is not None  # a page login expires like a session
+        self.assertIsNone(await self.identity.resolve(page, ("session",)))
+        self.assertIsNone(await self.identity.resolve(session, ("page",)))
+        self.assertIsNotNone(await self.identity.resolve(page, ("page",)))
+
     async def test_expired_sessions_are_purged_by_the_sweeper(self) -> None:
         """A day after they expired, sessions are deleted; live ones and tokens without an
         expiry stay. The sweeper runs at start and then every interval on the clock."""

@@ -110,7 +110,7 @@ class AuthorizePageTests(PageClient):
         self.assertIn("httponly", line)
         self.assertIn("samesite=lax", line)
         self.assertNotIn("secure", line)  # plain HTTP here; Secure under TLS
-        sessions = await self.web.core.identity.list_credentials(self.alice.id, "session")
+        sessions = await self.web.core.identity.list_credentials(self.alice.id, "page")
         self.assertEqual([s.scopes for s in sessions], [("pages",)])
 
     async def test_a_wrong_password_is_the_login_form_again(self) -> None:

@@ -11,8 +11,9 @@ redirect. The rules are mailcore.oauth's; this module only translates.
 `/oauth/applications` is the "Applications" page of the seed's flow: a logged-in user lists,
 registers (the secret is shown once) and deletes their own apps.
 
-The session is a "session" credential (hashed, expiring; `[identity]`'s session TTL) whose
-only scope is "pages", in the HttpOnly, SameSite=Lax cookie `mc_session` (Secure under TLS).
+The session is a "page" credential (hashed, expiring; the session TTL) whose only scope is
+"pages" (a kind of its own, so it is never a safedrop X-Auth-Token), in the HttpOnly,
+SameSite=Lax cookie `mc_session` (Secure under TLS).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class OAuthPagesApp(PageApp):
         secret = get_cookie(request, SESSION_COOKIE)
         if secret is None:
             return None
-        principal = await self.identity.resolve(secret, ("session",))
+        principal = await self.identity.resolve(secret, ("page",))
         if principal is None or principal.scopes != (SESSION_SCOPE,):
             return None
         return principal.user
@@ -189,7 +190,7 @@ class OAuthPagesApp(PageApp):
             return self._login_page(request, consent, 401,
                                     "That username or password is not right.", username)
         secret, _ = await self.identity.create_credential(
-            user.id, "session", label="authorization page", scopes=(SESSION_SCOPE,)
+            user.id, "page", label="authorization page", scopes=(SESSION_SCOPE,)
         )
         set_cookie(request, SESSION_COOKIE, secret)
         request.setResponseCode(303)

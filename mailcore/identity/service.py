@@ -1,7 +1,9 @@
 """Identity: users, their profiles, passwords and credentials of every kind.
 
-One mechanism serves every API: a credential row has a kind ("apikey", "token", "session"),
-scopes, and optionally an expiry. `resolve` turns a presented secret into a Principal, or
+One mechanism serves every API: a credential row has a kind ("apikey", "token", "session",
+"page"), scopes, and optionally an expiry. "session" is safedrop's X-Auth-Token and "page"
+a person's login on the HTML pages: both expire, and neither counts where the other does.
+`resolve` turns a presented secret into a Principal, or
 None; the web layer turns None into each API's own 401.
 """
 
@@ -29,7 +31,7 @@ from mailcore.workers import CpuPool
 
 log = Logger()
 
-KINDS = ("apikey", "token", "session")
+KINDS = ("apikey", "token", "session", "page")
 PROFILE_FIELDS = (
     "nic",
     "first_name",
@@ -376,7 +378,7 @@ class Identity:
             raise IdentityError(f"Unknown credential kind {kind!r}.")
         if len(label) > 255:
             raise IdentityError("Label is too long (255 at most).", "label")
-        if kind == "session" and ttl is None:
+        if kind in ("session", "page") and ttl is None:
             ttl = self.session_ttl
         now = self.now()
         expires = now + datetime.timedelta(seconds=ttl) if ttl is not None else None
