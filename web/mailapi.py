@@ -22,6 +22,8 @@ may not delete this email"), 404 (unknown or invisible) or 409 (already there).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -173,6 +175,21 @@ NOT_STORED = "mail not sent / draft not saved"
 def model_error(error: MailApiError) -> ApiError:
     """A refusal of the model as the seed's `{"message": ...}` reply."""
     return ApiError(STATUS_OF_KIND.get(error.kind, 400), error.message)
+
+
+@contextmanager
+def refusals(failure: str | None = None, reply: str = NOT_STORED) -> Iterator[None]:
+    """Turn a refusal of the model into the seed's reply (model_error). With `failure`, any
+    other error is logged under that text and answers 500 `reply`."""
+    try:
+        yield
+    except MailApiError as e:
+        raise model_error(e) from None
+    except Exception:
+        if failure is None:
+            raise
+        log.failure(failure)
+        raise ApiError(500, reply) from None
 
 
 def mail_object(mail: Mail) -> dict[str, Any]:
@@ -327,10 +344,8 @@ class MailApiApp(ApiApp):
                 raise ApiError(400, "invalid count")
             count = parsed
         cursor = params.get("cursor") or None
-        try:
+        with refusals():
             page = await self.mail.page(principal.user.id, count, cursor)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, {
             "emails": [mail_object(m) for m in page.emails], "count": page.count,
             "previous_page_id": page.previous_id, "next_page_id": page.next_id,
@@ -361,13 +376,8 @@ class MailApiApp(ApiApp):
     async def create_mail(self, request: IRequest) -> bytes:
         principal = await self.principal(request)
         edit = mail_edit(self.fields(request))
-        try:
+        with refusals("storing a Mail API mail failed"):
             written = await self.mail.create(principal.user.id, principal.user.email, edit)
-        except MailApiError as e:
-            raise model_error(e) from None
-        except Exception:
-            log.failure("storing a Mail API mail failed")
-            raise ApiError(500, NOT_STORED) from None
         return self.written(request, written.outcome, written.public_id, put=False)
 
     @routes.route(
@@ -380,10 +390,8 @@ class MailApiApp(ApiApp):
     )
     async def get_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             mail = await self.mail.get(principal.user.id, mail_id)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, mail_object(mail))
 
     @routes.route(
@@ -396,10 +404,8 @@ class MailApiApp(ApiApp):
     )
     async def get_attachment(self, request: IRequest, mail_id: str, index: int) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             upload = await self.mail.attachment(principal.user.id, mail_id, index)
-        except MailApiError as e:
-            raise model_error(e) from None
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         safe = "".join(c for c in upload.name if c.isascii() and c.isprintable()
@@ -429,13 +435,8 @@ class MailApiApp(ApiApp):
         edit = mail_edit(data)
         if edit.status is None and (edit.values or edit.attachments):
             edit.status = DRAFT
-        try:
+        with refusals("updating a Mail API mail failed"):
             written = await self.mail.update(principal.user.id, mail_id, edit, read)
-        except MailApiError as e:
-            raise model_error(e) from None
-        except Exception:
-            log.failure("updating a Mail API mail failed")
-            raise ApiError(500, NOT_STORED) from None
         return self.written(request, written.outcome, written.public_id, put=True)
 
     @routes.route(
@@ -449,14 +450,9 @@ class MailApiApp(ApiApp):
     )
     async def delete_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals("deleting a Mail API mail failed",
+                      "we could not delete this email, please try again later"):
             await self.mail.delete(principal.user.id, mail_id)
-        except MailApiError as e:
-            raise model_error(e) from None
-        except Exception:
-            log.failure("deleting a Mail API mail failed")
-            raise ApiError(500, "we could not delete this email, please try again later") \
-                from None
         return self.reply(request, {"message": "mail deleted"}, 202,
                           headers={"Location": "/api/v1/mail/"})
 
@@ -485,10 +481,8 @@ class MailApiApp(ApiApp):
     )
     async def get_mailbox(self, request: IRequest, email: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             access = await self.mailboxes.access(principal.user.id, email)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, mailbox_object(access))
 
     @routes.route(
@@ -501,10 +495,8 @@ class MailApiApp(ApiApp):
     )
     async def delete_mailbox(self, request: IRequest, email: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             await self.mailboxes.delete(principal.user.id, email)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, {"message": "mailbox deleted"},
                           headers={"Location": "/api/v1/mailboxes/"})
 
@@ -518,10 +510,8 @@ class MailApiApp(ApiApp):
     )
     async def list_access(self, request: IRequest, email: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             grants = await self.mailboxes.grants(principal.user.id, email)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, {"email": email.strip().lower(),
                                     "access": [grant_object(g) for g in grants]})
 
@@ -535,10 +525,8 @@ class MailApiApp(ApiApp):
     )
     async def get_access(self, request: IRequest, email: str, username: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             grant = await self.mailboxes.grant_of(principal.user.id, email, username)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, grant_object(grant))
 
     @routes.route(
@@ -564,10 +552,8 @@ class MailApiApp(ApiApp):
         except ApiError as e:
             raise ApiError(400, e.message) from None
         changes = {k: v for k, v in values.items() if v is not None}
-        try:
+        with refusals():
             grant = await self.mailboxes.set_grant(principal.user.id, email, username, changes)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, {"message": "access updated", **grant_object(grant)})
 
     @routes.route(
@@ -580,8 +566,6 @@ class MailApiApp(ApiApp):
     )
     async def delete_access(self, request: IRequest, email: str, username: str) -> bytes:
         principal = await self.principal(request)
-        try:
+        with refusals():
             await self.mailboxes.revoke(principal.user.id, email, username)
-        except MailApiError as e:
-            raise model_error(e) from None
         return self.reply(request, {"message": "access removed"})
