@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import os
 import re
 import sys
@@ -56,6 +57,21 @@ def _only_fields(config: Config, table: str, settings: type) -> None:
             raise unknown_key(table, key)
 
 
+def _settings(table: str, where: str, constructor: str) -> Reader:
+    """The reader of a table whose settings dataclass (`where`, "module:Class") refuses a
+    key that is none of its fields and is built by `Class.constructor(config.section(table))`.
+    The module is imported when the table is read, not when this one is (web.settings among
+    them: mailcore itself is free of HTTP)."""
+
+    def read(config: Config, reactor: Any) -> object:
+        module, name = where.split(":")
+        settings = getattr(importlib.import_module(module), name)
+        _only_fields(config, table, settings)
+        return getattr(settings, constructor)(config.section(table))
+
+    return read
+
+
 def _smtp(config: Config, reactor: Any) -> object:
     from mailcore.smtp.server import SMTPSettings
 
@@ -63,25 +79,11 @@ def _smtp(config: Config, reactor: Any) -> object:
     return SMTPSettings.from_config(config)
 
 
-def _domains(config: Config, reactor: Any) -> object:
-    from mailcore.gateway.domains import DomainSettings
-
-    _only_fields(config, "domains", DomainSettings)
-    return DomainSettings.from_config(config.section("domains"))
-
-
 def _queue(config: Config, reactor: Any) -> object:
     from mailcore.queue.settings import QueueSettings
 
     _only_fields(config, "queue", QueueSettings)
     return QueueSettings.from_config(config)
-
-
-def _pipeline(config: Config, reactor: Any) -> object:
-    from mailcore.gateway.filtering import PolicySettings
-
-    _only_fields(config, "pipeline", PolicySettings)
-    return PolicySettings.from_config(config.section("pipeline"))
 
 
 def _filters(config: Config, reactor: Any) -> object:
@@ -94,31 +96,10 @@ def _filters(config: Config, reactor: Any) -> object:
     )
 
 
-def _quarantine(config: Config, reactor: Any) -> object:
-    from mailcore.gateway.quarantine import QuarantineSettings
-
-    _only_fields(config, "quarantine", QuarantineSettings)
-    return QuarantineSettings.from_config(config.section("quarantine"))
-
-
 def _plans(config: Config, reactor: Any) -> object:
     from mailcore.billing.plans import Plans
 
     return Plans.from_config(config.section("plans"))
-
-
-def _tokens(config: Config, reactor: Any) -> object:
-    from mailcore.billing.tokens import TokenSettings
-
-    _only_fields(config, "tokens", TokenSettings)
-    return TokenSettings.from_config(config.section("tokens"))
-
-
-def _billing(config: Config, reactor: Any) -> object:
-    from mailcore.billing.invoices import BillingSettings
-
-    _only_fields(config, "billing", BillingSettings)
-    return BillingSettings.from_config(config.section("billing"))
 
 
 def _protecmail(config: Config, reactor: Any) -> object:
@@ -131,48 +112,6 @@ def _protecmail(config: Config, reactor: Any) -> object:
     )
 
 
-def _fetch(config: Config, reactor: Any) -> object:
-    from mailcore.fetch.settings import FetchSettings
-
-    _only_fields(config, "fetch", FetchSettings)
-    return FetchSettings.from_section(config.section("fetch"))
-
-
-def _webhooks(config: Config, reactor: Any) -> object:
-    from mailcore.webhooks.settings import WebhookSettings
-
-    _only_fields(config, "webhooks", WebhookSettings)
-    return WebhookSettings.from_section(config.section("webhooks"))
-
-
-def _safedrop(config: Config, reactor: Any) -> object:
-    from mailcore.safedrop.model import SafedropSettings
-
-    _only_fields(config, "safedrop", SafedropSettings)
-    return SafedropSettings.from_config(config.section("safedrop"))
-
-
-def _oauth(config: Config, reactor: Any) -> object:
-    from mailcore.oauth.settings import OAuthSettings
-
-    _only_fields(config, "oauth", OAuthSettings)
-    return OAuthSettings.from_section(config.section("oauth"))
-
-
-def _mailapi(config: Config, reactor: Any) -> object:
-    from mailcore.mailapi.settings import MailApiSettings
-
-    _only_fields(config, "mailapi", MailApiSettings)
-    return MailApiSettings.from_config(config.section("mailapi"))
-
-
-def _dropmyemail(config: Config, reactor: Any) -> object:
-    from mailcore.backup import BackupSettings
-
-    _only_fields(config, "dropmyemail", BackupSettings)
-    return BackupSettings.from_section(config.section("dropmyemail"))
-
-
 def _web(config: Config, reactor: Any) -> object:
     from web.settings import WebSettings  # imported here: mailcore itself is free of HTTP
 
@@ -183,21 +122,23 @@ def _web(config: Config, reactor: Any) -> object:
 # Every table of the TOML file and what reads it, the way the service that uses it does.
 TABLES: dict[str, Reader] = {
     "smtp": _smtp,
-    "domains": _domains,
+    "domains": _settings("domains", "mailcore.gateway.domains:DomainSettings", "from_config"),
     "queue": _queue,
-    "pipeline": _pipeline,
+    "pipeline": _settings("pipeline", "mailcore.gateway.filtering:PolicySettings", "from_config"),
     "filters": _filters,
-    "quarantine": _quarantine,
+    "quarantine": _settings(
+        "quarantine", "mailcore.gateway.quarantine:QuarantineSettings", "from_config"
+    ),
     "plans": _plans,
-    "tokens": _tokens,
-    "billing": _billing,
+    "tokens": _settings("tokens", "mailcore.billing.tokens:TokenSettings", "from_config"),
+    "billing": _settings("billing", "mailcore.billing.invoices:BillingSettings", "from_config"),
     "protecmail": _protecmail,
-    "fetch": _fetch,
-    "webhooks": _webhooks,
-    "safedrop": _safedrop,
-    "mailapi": _mailapi,
-    "oauth": _oauth,
-    "dropmyemail": _dropmyemail,
+    "fetch": _settings("fetch", "mailcore.fetch.settings:FetchSettings", "from_section"),
+    "webhooks": _settings("webhooks", "mailcore.webhooks.settings:WebhookSettings", "from_section"),
+    "safedrop": _settings("safedrop", "mailcore.safedrop.model:SafedropSettings", "from_config"),
+    "mailapi": _settings("mailapi", "mailcore.mailapi.settings:MailApiSettings", "from_config"),
+    "oauth": _settings("oauth", "mailcore.oauth.settings:OAuthSettings", "from_section"),
+    "dropmyemail": _settings("dropmyemail", "mailcore.backup:BackupSettings", "from_section"),
     "web": _web,
 }
 
