@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -20,6 +20,8 @@ from mailcore.safedrop.model import (
 )
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
+
+T = TypeVar("T")
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -140,28 +142,40 @@ def update_recipient_txn(
     return get_recipient_txn(conn, owner_id, bundle_id, recipient_id)
 
 
-def get_recipient_txn(
-    conn: Connection, owner_id: int, bundle_id: int, recipient_id: int
-) -> DropRecipient:
+def _get_part_txn(
+    conn: Connection, table: sa.Table, of: Callable[[Any], T], owner_id: int, bundle_id: int,
+    part_id: int,
+) -> T:
+    """One row of `table` (a bundle's recipients or files) of the owner's bundle, mapped by
+    `of`; DropNotFound when the bundle is not the owner's or the row not the bundle's."""
     _owned_row_txn(conn, owner_id, bundle_id)
     row = conn.execute(
-        sa.select(drop_recipients).where(
-            drop_recipients.c.id == recipient_id, drop_recipients.c.bundle_id == bundle_id
-        )
+        sa.select(table).where(table.c.id == part_id, table.c.bundle_id == bundle_id)
     ).first()
     if row is None:
         raise DropNotFound()
-    return recipient_of(row)
+    return of(row)
+
+
+def _list_parts_txn(
+    conn: Connection, table: sa.Table, of: Callable[[Any], T], owner_id: int, bundle_id: int
+) -> list[T]:
+    """Every row of `table` of the owner's bundle, by id, mapped by `of`."""
+    _owned_row_txn(conn, owner_id, bundle_id)
+    rows = conn.execute(
+        sa.select(table).where(table.c.bundle_id == bundle_id).order_by(table.c.id)
+    )
+    return [of(r) for r in rows]
+
+
+def get_recipient_txn(
+    conn: Connection, owner_id: int, bundle_id: int, recipient_id: int
+) -> DropRecipient:
+    return _get_part_txn(conn, drop_recipients, recipient_of, owner_id, bundle_id, recipient_id)
 
 
 def list_recipients_txn(conn: Connection, owner_id: int, bundle_id: int) -> list[DropRecipient]:
-    _owned_row_txn(conn, owner_id, bundle_id)
-    rows = conn.execute(
-        sa.select(drop_recipients)
-        .where(drop_recipients.c.bundle_id == bundle_id)
-        .order_by(drop_recipients.c.id)
-    )
-    return [recipient_of(r) for r in rows]
+    return _list_parts_txn(conn, drop_recipients, recipient_of, owner_id, bundle_id)
 
 
 def upload_room_txn(conn: Connection, owner_id: int, bundle_id: int) -> int:
@@ -191,25 +205,11 @@ def add_file_txn(
 
 
 def get_file_txn(conn: Connection, owner_id: int, bundle_id: int, file_id: int) -> DropFile:
-    _owned_row_txn(conn, owner_id, bundle_id)
-    row = conn.execute(
-        sa.select(drop_files).where(
-            drop_files.c.id == file_id, drop_files.c.bundle_id == bundle_id
-        )
-    ).first()
-    if row is None:
-        raise DropNotFound()
-    return file_of(row)
+    return _get_part_txn(conn, drop_files, file_of, owner_id, bundle_id, file_id)
 
 
 def list_files_txn(conn: Connection, owner_id: int, bundle_id: int) -> list[DropFile]:
-    _owned_row_txn(conn, owner_id, bundle_id)
-    rows = conn.execute(
-        sa.select(drop_files)
-        .where(drop_files.c.bundle_id == bundle_id)
-        .order_by(drop_files.c.id)
-    )
-    return [file_of(r) for r in rows]
+    return _list_parts_txn(conn, drop_files, file_of, owner_id, bundle_id)
 
 
 def file_hash_in_use_txn(conn: Connection, bundle_id: int, sha256: str) -> bool:
