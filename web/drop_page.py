@@ -33,7 +33,7 @@ from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, Lin
 from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
 from mailcore.text import has_control
 from web.openapi import Reply, RouteTable
-from web.pages import PageApp, PageError, Pages, get_cookie, page_replies, set_cookie
+from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
 from web.ratelimit import Rate, RateLimiter
 from web.settings import WebSettings
 
@@ -212,17 +212,12 @@ class DropPageApp(PageApp):
         "/drop/<token>",
         "POST",
         summary="Answer the drop's password or code prompt, ask for a code, or reply",
-        body={
-            "type": "object",
-            "properties": {
-                "csrf_token": {"type": "string"},
-                "action": {"enum": ["password", "send_code", "code", "comment"]},
-                "password": {"type": "string"},
-                "code": {"type": "string"},
-                "comment": {"type": "string"},
-            },
-            "required": ["csrf_token", "action"],
-        },
+        body=form_body({
+            "action": {"enum": ["password", "send_code", "code", "comment"]},
+            "password": {"type": "string"},
+            "code": {"type": "string"},
+            "comment": {"type": "string"},
+        }, required=["action"]),
         body_types=("application/x-www-form-urlencoded",),
         replies=page_replies({
             200: "HTML page: the reply was sent",

@@ -35,7 +35,7 @@ from mailcore.oauth import (
 from web.auth import DROPMYEMAIL_SCOPES
 from web.login import PasswordLogin
 from web.openapi import RouteTable
-from web.pages import PageApp, PageError, Pages, get_cookie, page_replies, set_cookie
+from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
 from web.settings import WebSettings
 
 SESSION_COOKIE = "mc_session"
@@ -137,17 +137,12 @@ class OAuthPagesApp(PageApp):
         "/oauth/authorize",
         "POST",
         summary="Log in, or allow or deny the app (the forms of the authorization page)",
-        body={
-            "type": "object",
-            "properties": {
-                "csrf_token": {"type": "string"},
-                "action": {"type": "string", "enum": ["login"]},
-                "username": {"type": "string"},
-                "password": {"type": "string"},
-                "decision": {"type": "string", "enum": ["allow", "deny"]},
-            },
-            "required": ["csrf_token"],
-        },
+        body=form_body({
+            "action": {"type": "string", "enum": ["login"]},
+            "username": {"type": "string"},
+            "password": {"type": "string"},
+            "decision": {"type": "string", "enum": ["allow", "deny"]},
+        }),
         body_types=("application/x-www-form-urlencoded",),
         replies=page_replies({
             200: "HTML page: the consent page (after a login) or the login form",
@@ -224,17 +219,12 @@ class OAuthPagesApp(PageApp):
         "/oauth/applications",
         "POST",
         summary="Log in, register an app (its secret is shown once) or delete one",
-        body={
-            "type": "object",
-            "properties": {
-                "csrf_token": {"type": "string"},
-                "action": {"type": "string", "enum": ["login", "register", "delete"]},
-                "username": {"type": "string"}, "password": {"type": "string"},
-                "name": {"type": "string"}, "redirect_uris": {"type": "string"},
-                "uid": {"type": "string"},
-            },
-            "required": ["csrf_token"],
-        },
+        body=form_body({
+            "action": {"type": "string", "enum": ["login", "register", "delete"]},
+            "username": {"type": "string"}, "password": {"type": "string"},
+            "name": {"type": "string"}, "redirect_uris": {"type": "string"},
+            "uid": {"type": "string"},
+        }),
         body_types=("application/x-www-form-urlencoded",),
         replies=page_replies({
             200: "HTML page: the apps (with a new app's uid and secret, once)",

@@ -22,7 +22,7 @@ from mailcore.gateway.quarantine import (
     rfc3339,
 )
 from web.openapi import RouteTable
-from web.pages import PageApp, PageError, Pages, page_replies
+from web.pages import PageApp, PageError, Pages, form_body, page_replies
 from web.settings import WebSettings
 
 
@@ -65,11 +65,7 @@ class QuarantinePageApp(PageApp):
         "/quarantine/release/<token>",
         "POST",
         summary="Release the quarantined message the link names (once)",
-        body={
-            "type": "object",
-            "properties": {"csrf_token": {"type": "string"}},
-            "required": ["csrf_token"],
-        },
+        body=form_body(),
         body_types=("application/x-www-form-urlencoded",),
         replies=page_replies({
             200: "HTML page: released",

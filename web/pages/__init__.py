@@ -293,6 +293,18 @@ def page_replies(replies: Mapping[int, str], *, form: bool = False) -> dict[int,
     return {status: html_reply(text) for status, text in sorted(every.items())}
 
 
+def form_body(
+    properties: Mapping[str, Any] | None = None, *, required: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A page form's documented body: the form's `csrf_token` (always required, see
+    `Pages.check_csrf`), then `properties`; `required` names those that must be given too."""
+    return {
+        "type": "object",
+        "properties": {"csrf_token": {"type": "string"}, **(properties or {})},
+        "required": ["csrf_token", *required],
+    }
+
+
 class PageApp(ApiApp):
     """The base of an app of pages: its errors are HTML pages, not JSON."""
 
