@@ -301,7 +301,9 @@ class SharedJobsMixin(DatabaseMixin):
         ea, eb, reactor, account = await self.engines()
         sa, sb = FetchScheduler(ea), FetchScheduler(eb)
         started = await gather(sa.tick(), sb.tick())
-        self.assertEqual(sum(started), 2)  # both try; the store lets one through
+        # Both may try (the store lets one through), or on a threaded store the second may
+        # already see the account taken and not try at all; either way one sync runs.
+        self.assertIn(sum(started), (1, 2))
         await reactor.tried
         reactor.refuse(0)
         for engine in (ea, eb):
