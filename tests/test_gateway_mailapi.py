@@ -23,6 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailcore.identity import Identity
 from mailcore.mailapi import MailboxService
+from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from mailcore.workers import CpuPool
 from tests.support.mailsink import Daemon, SinkFactory, SinkState, done, thd_add_domain
@@ -242,4 +243,7 @@ class OutboxKillNineTests(TestCase):
         c.close()
         self.assertEqual(rows[0], rows[1])
         self.assertEqual(outbox_left, 0)
-        self.assertEqual(duplicates, 0)
+        # At the sink, a kill can still cost what SMTP itself leaves open: a transaction whose
+        # final dot was sent but whose 250 was not read yet (at most one per connection, so
+        # hop_concurrency per kill; the results journal closes every wider window).
+        self.assertLessEqual(duplicates, kills * QueueSettings().hop_concurrency)
