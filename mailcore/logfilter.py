@@ -143,10 +143,19 @@ class RepeatLimiter:
             )
 
     def _expire(self, now: float) -> None:
-        """Forget lines whose interval is over (those with a summary pending keep it)."""
-        for key, window in list(self._windows.items()):
-            if window.suppressed == 0 and now >= window.start + self.interval:
-                del self._windows[key]
+        """Forget lines whose interval is over (those with a summary pending keep it).
+
+        Windows are kept in the order they began, so this stops at the first one still
+        running: a busy daemon whose every line is new (queue ids, request ids) pays O(1)
+        per line here, not a walk over every tracked line."""
+        over = []
+        for key, window in self._windows.items():
+            if now < window.start + self.interval:
+                break
+            if window.suppressed == 0:
+                over.append(key)
+        for key in over:
+            del self._windows[key]
 
 
 class LogLimiterService(Service):

@@ -111,6 +111,20 @@ class RepeatLimiterTests(LimiterTestCase):
         self.assertEqual(len(self.lines), 9)
         limiter.flush()
 
+    def test_lines_expire_oldest_first_and_running_ones_stay(self) -> None:
+        limiter = RepeatLimiter(self.collect, self.clock, burst=1, interval=INTERVAL,
+                                max_tracked=2)
+        log = Logger(namespace="t", observer=limiter)
+        log.info("old")
+        self.clock.advance(INTERVAL / 2)
+        log.info("young")
+        self.clock.advance(INTERVAL / 2 + 1)  # "old" is over, "young" still runs
+        log.info("new")  # tracked in the place of "old"
+        log.info("new")
+        log.info("young")
+        self.assertEqual(self.texts(), ["old", "young", "new"])
+        limiter.flush()
+
     def test_events_from_other_threads_pass_unlimited(self) -> None:
         def flood() -> None:
             for _ in range(BURST * 3):
