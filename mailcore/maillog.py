@@ -54,16 +54,20 @@ def addresses(values: Iterable[str]) -> str:
     return shown
 
 
+def _emit(queue_id: str, line: str) -> None:
+    """One mail log line, formatted here once: the log system's own formatter then only
+    copies it (it would parse a long format string twice a line, for the repeated-line
+    limiter and for the log file, on the relay's hot path)."""
+    log.info("{mail_line}", mail_line=line, queue_id=queue_id)
+
+
 def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int,
              recipients: Iterable[str], tls: bool) -> None:
     rcpts = list(recipients)
-    log.info(
-        "{queue_id}: accepted client={client} helo={helo} from={sender} size={size} "
-        "nrcpt={nrcpt} to={to} tls={tls}",
-        queue_id=queue_id, client=client or "-", helo=printable(helo) or "-",
-        sender=f"<{printable(mail_from, 256)}>", size=size, nrcpt=len(rcpts),
-        to=addresses(rcpts), tls="yes" if tls else "no",
-    )
+    _emit(queue_id,
+          f"{queue_id}: accepted client={client or '-'} helo={printable(helo) or '-'} "
+          f"from=<{printable(mail_from, 256)}> size={size} nrcpt={len(rcpts)} "
+          f"to={addresses(rcpts)} tls={'yes' if tls else 'no'}")
 
 
 def refused(stage: str, reply: str, *, client: str, mail_from: str | None = None,
@@ -75,32 +79,31 @@ def refused(stage: str, reply: str, *, client: str, mail_from: str | None = None
     rcpts = list(recipients)
     if rcpts:
         extra += f" to={addresses(rcpts)}"
-    log.info("{queue_id}: refused {stage} client={client}{extra}: {reply}",
-             queue_id=queue_id, stage=stage, client=client or "-", extra=extra,
-             reply=printable(reply, 300))
+    _emit(queue_id,
+          f"{queue_id}: refused {stage} client={client or '-'}{extra}: "
+          f"{printable(reply, 300)}")
 
 
 def filtered(queue_id: str, *, verdict: str, score: float, threshold: float,
              filters: Iterable[str], detail: str = "") -> None:
-    log.info("{queue_id}: filtered verdict={verdict} score={score:.1f}/{threshold:.1f} "
-             "filters={filters}{detail}",
-             queue_id=queue_id, verdict=verdict, score=score, threshold=threshold,
-             filters=",".join(filters) or "-",
-             detail=f" {printable(detail, 300)}" if detail else "")
+    more = f" {printable(detail, 300)}" if detail else ""
+    _emit(queue_id,
+          f"{queue_id}: filtered verdict={verdict} score={score:.1f}/{threshold:.1f} "
+          f"filters={','.join(filters) or '-'}{more}")
 
 
 def kept(queue_id: str, outcome: str, recipients: Iterable[str], reason: str) -> None:
     """The pipeline kept mail back: `outcome` is quarantined, discarded or deferred."""
     rcpts = list(recipients)
-    log.info("{queue_id}: {outcome} nrcpt={nrcpt} to={to} reason={reason}",
-             queue_id=queue_id, outcome=outcome, nrcpt=len(rcpts), to=addresses(rcpts),
-             reason=printable(reason, 300))
+    _emit(queue_id,
+          f"{queue_id}: {outcome} nrcpt={len(rcpts)} to={addresses(rcpts)} "
+          f"reason={printable(reason, 300)}")
 
 
 def outcome(queue_id: str, state: str, recipients: Iterable[str], *, relay: str,
             delay: float, reply: str) -> None:
     """A delivery attempt's result for some recipients: delivered, deferred or bounced."""
-    log.info("{queue_id}: {state} to={to} relay={relay} delay={delay:.2f} {what}={reply}",
-             queue_id=queue_id, state=state, to=addresses(recipients), relay=relay or "-",
-             delay=max(0.0, delay), what="reply" if state == "delivered" else "reason",
-             reply=printable(reply, 500))
+    what = "reply" if state == "delivered" else "reason"
+    _emit(queue_id,
+          f"{queue_id}: {state} to={addresses(recipients)} relay={relay or '-'} "
+          f"delay={max(0.0, delay):.2f} {what}={printable(reply, 500)}")
