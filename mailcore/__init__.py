@@ -12,12 +12,14 @@ Packages by job:
 - `messages/`: the stored mail (parsing, threads, search);
 - `identity/`: users, passwords and credentials;
 - `webhooks/`: signed HTTP notifications of syncs;
-- `mailapi/`, `safedrop/`, `oauth/`: homes of the Mail API, secure file drops and the OAuth 2
-  provider;
+- `mailapi/`: the Mail API's hosted mailboxes, grants, mail and outbox;
+- `safedrop/`: secure file drops;
+- `oauth/`: the OAuth 2 provider of Dropmyemail's apps;
+- `backup/`: Dropmyemail's view of the backups (accounts, mailboxes, attachments, contacts);
 - `store/`: the database (tables, migrations, the thread-pool `Database`);
 - `cli/`: the admin command line.
 
 Beside them, the small infrastructure every package may use: `config`, `tls`, `periodic`,
-`workers`, `netwrite`, `netpolicy`; `core` wires the services together once and `service`
-assembles the daemon.
+`workers`, `netwrite`, `netpolicy`, `files`, `connlimits`, `logfilter`, `maillog`, `text`,
+`startup`; `core` wires the services together once and `service` assembles the daemon.
 """
