@@ -42,7 +42,6 @@ import email.utils
 import hashlib
 import hmac
 import math
-import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -65,6 +64,7 @@ from twisted.logger import Logger
 
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError
+from mailcore.files import secret_key_file
 from mailcore.queue.model import header_block
 from mailcore.smtp.address import PathError, parse_mail_from
 from mailcore.smtp.envelope import Envelope, Recipient
@@ -238,16 +238,9 @@ class LinkSigner:
     def from_file(cls, path: Path) -> LinkSigner:
         """Load the key, making a new one (mode 0600) if the file is absent. Blocks."""
         try:
-            key = path.read_bytes()
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            key = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key)
-        if len(key) < 32:
-            raise ConfigError(f"{path}: the quarantine link key is too short")
-        return cls(key)
+            return cls(secret_key_file(path))
+        except ValueError:
+            raise ConfigError(f"{path}: the quarantine link key is too short") from None
 
     def _mac(self, payload: str) -> str:
         digest = hmac.new(self.key, payload.encode("ascii"), hashlib.sha256).digest()
