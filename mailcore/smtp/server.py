@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 
 from mailcore import maillog
 from mailcore.config import Config, ConfigError
+from mailcore.connlimits import ConnectionCounter
 from mailcore.netwrite import write_now
 from mailcore.smtp.address import (
     Mailbox,
@@ -930,30 +931,27 @@ class SMTPServerFactory(ServerFactory):
             log.warn("mail to <postmaster> goes to {address}, which has no next hop: set "
                      "[smtp] postmaster (or a hostname whose mail reaches you)",
                      address=str(self.postmaster))
-        self.connections = 0
-        self.per_ip: dict[str, int] = {}
+        self.counter = ConnectionCounter(settings.max_connections,
+                                         settings.max_connections_per_ip)
+
+    @property
+    def connections(self) -> int:
+        """Sessions open now."""
+        return self.counter.total
+
+    @property
+    def per_ip(self) -> dict[str, int]:
+        """Sessions open now, by client address."""
+        return self.counter.by_address
 
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:  # type: ignore[override]
         return ESMTPServerProtocol(self)
 
     def admit(self, session: ESMTPServerProtocol) -> str | None:
         """Count a new session in, or say why it must be refused (421)."""
-        if self.connections >= self.settings.max_connections:
-            return "Error: too many connections"
-        ip = session.client_ip
-        count = self.per_ip.get(ip, 0)
-        if count >= self.settings.max_connections_per_ip:
-            return "Error: too many connections from your address"
-        self.connections += 1
-        self.per_ip[ip] = count + 1
-        return None
+        refusal = self.counter.admit(session.client_ip or None)
+        return None if refusal is None else f"Error: {refusal}"
 
     def release(self, session: ESMTPServerProtocol) -> None:
         """Count a finished session out."""
-        self.connections -= 1
-        ip = session.client_ip
-        count = self.per_ip.get(ip, 0) - 1
-        if count > 0:
-            self.per_ip[ip] = count
-        else:
-            self.per_ip.pop(ip, None)
+        self.counter.release(session.client_ip or None)
