@@ -161,6 +161,7 @@ class MailboxInputTests(ApiBase):
             f"{self.base}/attachments/1", f"{self.base}/attachments/9223372036854775808",
             f"{self.base}/contacts?sort=phone", f"{self.base}/contacts?page=x",
             f"{self.base}/contacts/1",
+            f"{self.base}/mailboxes?page={'9' * 5000}",  # past int()'s digit limit
         ]
         for path in paths:
             status, body = await self.call("GET", path)

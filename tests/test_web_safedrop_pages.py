@@ -395,3 +395,15 @@ class SmsGatewayTests(TestCase):
         self.assertEqual(posted, [{b"to": [b"1555"], b"text": [b"Your safedrop code: 123456"]}])
         with self.assertRaises(SmsError):
             await gateway.send("2666", "x")
+
+
+class GrantCookieTests(TestCase):
+    def test_a_forged_cookie_with_other_scripts_digits_grants_nothing(self) -> None:
+        from mailcore.safedrop.access import Grants
+
+        grants = Grants(b"k" * 32)
+        digest = b"d" * 32
+        good = grants.make(digest, "p", 1_000.0)
+        self.assertEqual(grants.levels(digest, good, 1_000.0), "p")
+        for forged in ("p.١٢٣٤٥.abc", "p.99999999999.ÿÿ", "ü.1.2"):
+            self.assertEqual(grants.levels(digest, forged, 1_000.0), "")

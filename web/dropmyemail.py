@@ -49,6 +49,7 @@ from web.parsing import (
     collect_fields,
     int_field,
     media_type,
+    parse_int,
     query_params,
     read_body,
     read_fields,
@@ -283,9 +284,10 @@ def window(params: dict[str, str]) -> Window:
         if text == "":
             values[name] = default
             continue
-        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+        value = parse_int(text)
+        if value is None or not low <= value <= high:
             raise ApiError(400, f"{name} must be a whole number from {low} to {high}.")
-        values[name] = int(text)
+        values[name] = value
     return Window(values["page"], values["per_page"])
 
 

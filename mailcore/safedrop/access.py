@@ -240,7 +240,8 @@ class Grants:
 
     def levels(self, digest: bytes, cookie: str | None, now: float) -> str:
         """The checks a valid, unexpired cookie vouches for ("" for none)."""
-        if not cookie or cookie.count(".") != 2:
+        # ASCII only: isdigit takes other scripts' digits, compare_digest refuses non-ASCII.
+        if not cookie or not cookie.isascii() or cookie.count(".") != 2:
             return ""
         levels, expires_text, mac = cookie.split(".")
         levels = "" if levels == "-" else levels
