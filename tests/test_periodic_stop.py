@@ -116,3 +116,31 @@ class InFlightTests(TestCase):
         run.errback(RuntimeError("boom"))
         self.successResultOf(waited)
         self.failureResultOf(run, RuntimeError)
+
+
+class QuarantineStopTests(TestCase):
+    def test_a_purge_in_flight_is_waited_for(self) -> None:
+        from pathlib import Path
+
+        from mailcore.billing.plans import Plans
+        from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
+        from mailcore.store import Database
+
+        clock = Clock()
+        service = QuarantineService(
+            Database.for_tests(), clock, QuarantineSettings(), Plans(), hostname="mx.test",
+            signer=Path(self.mktemp()) / "quarantine.key",
+        )
+        gate: defer.Deferred[int] = defer.Deferred()
+
+        async def slow_purge() -> int:
+            return await gate
+
+        service.purge = slow_purge  # type: ignore[method-assign]
+        service.startService()
+        clock.advance(service.settings.purge_interval)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        gate.callback(0)
+        self.successResultOf(stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])

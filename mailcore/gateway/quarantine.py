@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError
 from mailcore.files import secret_key_file
+from mailcore.periodic import InFlight
 from mailcore.queue.model import header_block
 from mailcore.smtp.address import PathError, parse_mail_from
 from mailcore.smtp.envelope import Envelope, Recipient
@@ -435,6 +436,7 @@ class QuarantineService(Service):
         self.leases = leases
         self._purge: LoopingCall | None = None
         self._digest: LoopingCall | None = None
+        self._runs = InFlight()  # a purge or digest run a stop waits for
 
     def load_key(self) -> None:
         """Read or make the link key now (blocks: call before the reactor runs)."""
@@ -595,15 +597,18 @@ class QuarantineService(Service):
         self._digest.clock = self.clock
         self._digest.start(self.settings.digest_interval, now=False)
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop the timers; the Deferred fires once a run in flight has ended (the store
+        closes after this service stops)."""
         for loop in (self._purge, self._digest):
             if loop is not None and loop.running:
                 loop.stop()
         self._purge = self._digest = None
         super().stopService()
+        return defer.Deferred.fromCoroutine(self._runs.wait())
 
     def _tick(self, job: Any, name: str) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._run(job, name))
+        return self._runs.track(defer.Deferred.fromCoroutine(self._run(job, name)))
 
     async def _run(self, job: Any, name: str) -> None:
         try:
