@@ -14,7 +14,6 @@ import datetime
 import hashlib
 from dataclasses import dataclass, replace
 from email.utils import getaddresses
-from typing import Any
 
 import vobject
 from sqlalchemy import Connection, select
@@ -89,25 +88,29 @@ class BackupContacts:
         account = await self.mail.accounts.get(user_id, account_id)
         own = account.email.strip().lower()
 
-        def txn(conn: Connection) -> list[Any]:
-            return list(conn.execute(
+        def txn(conn: Connection) -> dict[str, Contact]:
+            # The fold runs here, on the store's pool: an account may hold many thousands
+            # of messages, too many to walk on the reactor thread.
+            rows = conn.execute(
                 select(messages.c.sender, messages.c.recipient, messages.c.cc,
                        messages.c.created_at)
                 .where(messages.c.user_id == user_id, messages.c.account_id == account_id)
                 .order_by(messages.c.created_at, messages.c.id)
-            ))
+            )
+            found: dict[str, Contact] = {}
+            for row in rows:
+                seen = _utc(row.created_at)
+                for name, address in getaddresses([row.sender, row.recipient, row.cc]):
+                    key = address.strip().lower()
+                    if "@" not in key or key == own or len(key) > 320:
+                        continue
+                    old = found.get(key)
+                    found[key] = Contact(contact_id(key),
+                                         name.strip() or (old.name if old else ""),
+                                         key, old.phone if old else "", seen)
+            return found
 
-        rows = await self.mail.db.read("backup_contacts", txn)
-        found: dict[str, Contact] = {}
-        for row in rows:
-            seen = _utc(row.created_at)
-            for name, address in getaddresses([row.sender, row.recipient, row.cc]):
-                key = address.strip().lower()
-                if "@" not in key or key == own or len(key) > 320:
-                    continue
-                old = found.get(key)
-                found[key] = Contact(contact_id(key), name.strip() or (old.name if old else ""),
-                                     key, old.phone if old else "", seen)
+        found = await self.mail.db.read("backup_contacts", txn)
         for name, address, phone in await self._cards(user_id, account_id):
             key = address.strip().lower()
             if "@" not in key or key == own:
