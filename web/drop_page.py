@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import IO, cast
-from urllib.parse import quote
 
 from klein import Klein
 from twisted.internet import defer
@@ -35,6 +34,7 @@ from mailcore.text import has_control
 from web.openapi import Reply, RouteTable
 from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
 from web.ratelimit import Rate, RateLimiter
+from web.replies import content_disposition
 from web.settings import WebSettings
 
 GRANT_COOKIE = "mc_drop"
@@ -50,12 +50,6 @@ def invalid() -> PageError:
 
 def gone(message: str) -> PageError:
     return PageError(410, "Drop no longer available", message)
-
-
-def content_disposition(name: str) -> str:
-    """RFC 6266: an ASCII fallback and the exact name as RFC 8187 `filename*`."""
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%' else "_" for c in name)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def byte_range(header: bytes | None, size: int) -> tuple[int, int] | bool | None:

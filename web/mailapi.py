@@ -70,6 +70,7 @@ from web.parsing import (
     string_field,
 )
 from web.parsing import Upload as FilePart
+from web.replies import content_disposition
 from web.settings import WebSettings
 
 log = Logger(namespace="mailcore.web")
@@ -408,10 +409,8 @@ class MailApiApp(ApiApp):
             upload = await self.mail.attachment(principal.user.id, mail_id, index)
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        safe = "".join(c for c in upload.name if c.isascii() and c.isprintable()
-                       and c not in '"\\')
         request.setHeader(b"Content-Disposition",
-                          f'attachment; filename="{safe or "attachment"}"'.encode("ascii"))
+                          content_disposition(upload.name or "attachment").encode("ascii"))
         return upload.data
 
     @routes.route(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from twisted.web.iweb import IRequest
 
@@ -22,6 +23,12 @@ def encode_json(body: Any) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def content_disposition(name: str) -> str:
+    """RFC 6266: an ASCII fallback and the exact name as RFC 8187 `filename*`."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def set_headers(request: IRequest, headers: Mapping[str, str] | None) -> None:
