@@ -3,6 +3,7 @@ address leaves ten lines and a summary in its log, not one line per connection."
 
 from __future__ import annotations
 
+import re
 import signal
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -50,5 +51,7 @@ class DaemonLogLimitTests(DaemonTestCase):
         lines = [line for line in daemon.stdout_path.read_text().splitlines()
                  if REFUSAL in line]
         self.assertEqual(len(lines), BURST + 1, "\n".join(lines))
-        self.assertIn(f"… {100 - BURST} more like this suppressed in the last 60 s: "
-                      f"{REFUSAL}", lines[-1])
+        # 90, or 91 when the start-up probe's connection still held the one slot as the
+        # first connection above arrived (that one is refused too).
+        self.assertRegex(lines[-1], rf"… 9[01] more like this suppressed in the last 60 s: "
+                                    rf"{re.escape(REFUSAL)}")
