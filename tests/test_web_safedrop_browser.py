@@ -148,6 +148,17 @@ class DaemonWithSink(DaemonTestCase):
         root = self.data_dir / "safedrop" / str(self.bundle_id)
         return sorted(p.name for p in root.glob("*")) if root.exists() else []
 
+    async def stored_files_settled(self) -> list[str]:
+        """The stored files once the daemon has finished with them: the browser has the
+        last byte before the daemon records the download and deletes the file, so wait
+        (up to 10 s) for the directory to change."""
+        for _ in range(100):
+            stored = self.stored_files()
+            if not stored:
+                return stored
+            await task.deferLater(get_reactor(), 0.1, lambda: None)
+        return self.stored_files()
+
 
 class RecipientOfADeliveredNotificationTests(DaemonWithSink):
     async def test_password_download_and_read_remove(self) -> None:
@@ -174,7 +185,8 @@ class RecipientOfADeliveredNotificationTests(DaemonWithSink):
 
         saved = await download(browser, "plans.bin", _absolute(self.mktemp()))
         self.assertEqual(saved, data)
-        self.assertEqual(self.stored_files(), [])  # the only recipient has read it all
+        # the only recipient has read it all
+        self.assertEqual(await self.stored_files_settled(), [])
 
         await browser.get(link)
         await browser.screenshot("3-gone")
