@@ -1,0 +1,18 @@
+"""Bulk backup writes (issue 17.1): reserved, filled by its change.
+
+Revision ID: 0021_fetch_bulk
+Revises: 0020_message_read_indexes
+"""
+
+revision = "0021_fetch_bulk"
+down_revision = "0020_message_read_indexes"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
