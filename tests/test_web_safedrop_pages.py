@@ -407,3 +407,17 @@ class GrantCookieTests(TestCase):
         self.assertEqual(grants.levels(digest, good, 1_000.0), "p")
         for forged in ("p.١٢٣٤٥.abc", "p.99999999999.ÿÿ", "ü.1.2"):
             self.assertEqual(grants.levels(digest, forged, 1_000.0), "")
+
+    def test_one_time_codes_are_stored_keyed(self) -> None:
+        """A copy of the database does not give a code away: its digest depends on the
+        node's key, not only on the recipient and the six digits."""
+        import hashlib
+
+        from mailcore.safedrop.access import Grants
+
+        one, other = Grants(b"k" * 32), Grants(b"j" * 32)
+        self.assertEqual(one.code_digest(7, "123456"), one.code_digest(7, "123456"))
+        self.assertNotEqual(one.code_digest(7, "123456"), other.code_digest(7, "123456"))
+        self.assertNotEqual(one.code_digest(7, "123456"), one.code_digest(8, "123456"))
+        self.assertNotEqual(one.code_digest(7, "123456"),
+                            hashlib.sha256(b"7:123456").digest())

@@ -62,10 +62,6 @@ class Access:
     first_open: bool
 
 
-def code_digest(recipient_id: int, code: str) -> bytes:
-    return hashlib.sha256(f"{recipient_id}:{code}".encode()).digest()
-
-
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
     if value is None:
         return None
@@ -224,7 +220,8 @@ def download_summary_txn(conn: Connection, bundle_id: int) -> list[tuple[str, in
 
 
 class Grants:
-    """Signs and checks the cookie that says which checks a browser passed for a link."""
+    """Signs and checks the cookie that says which checks a browser passed for a link, and
+    keys the digests of one-time codes."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
@@ -232,6 +229,12 @@ class Grants:
     def _mac(self, digest: bytes, levels: str, expires: int) -> str:
         payload = b"drop-grant:" + digest.hex().encode() + f":{levels}:{expires}".encode()
         return hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+
+    def code_digest(self, recipient_id: int, code: str) -> bytes:
+        """What is stored for a one-time code: keyed, so that a copy of the database does
+        not give the code away by trying all 10^6 of them."""
+        return hmac.new(self._key, f"drop-code:{recipient_id}:{code}".encode(),
+                        hashlib.sha256).digest()
 
     def make(self, digest: bytes, levels: str, now: float) -> str:
         expires = int(now) + GRANT_SECONDS

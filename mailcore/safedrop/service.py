@@ -351,7 +351,7 @@ class SafedropService:
         code = f"{secrets.randbelow(10**6):06d}"
         expires = self.now() + datetime.timedelta(seconds=side.CODE_SECONDS)
         await self.db.run("safedrop_set_code", side.set_code_txn, found.recipient.id,
-                          side.code_digest(found.recipient.id, code), expires)
+                          self.grants.code_digest(found.recipient.id, code), expires)
         if self.sms is not None and found.recipient.telephone:
             try:
                 await self.sms.send(found.recipient.telephone,
@@ -368,9 +368,9 @@ class SafedropService:
         code = code.strip()
         if not (len(code) == 6 and code.isascii() and code.isdigit()):
             return False
+        digest = self.grants.code_digest(found.recipient.id, code)
         return await self.db.run("safedrop_check_code", side.check_code_txn,
-                                 found.recipient.id, side.code_digest(found.recipient.id, code),
-                                 self.now())
+                                 found.recipient.id, digest, self.now())
 
     def secure_text(self, found: Access) -> str | None:
         if found.secure_message is None:
