@@ -502,3 +502,30 @@ class DatabaseUrlTests(SynchronousTestCase):
             "cannot open the database postgresql+psycopg://mc:***@127.0.0.1:1/mc: "
             "connection refused",
         )
+
+
+class QueueNumbersTests(SynchronousTestCase):
+    """`[queue]` numbers are checked for range, not only type: a negative backoff or a zero
+    concurrency is refused at start-up with the key named, instead of a queue that spins or
+    never sends."""
+
+    def settings(self, **keys: Any) -> Any:
+        from mailcore.queue.settings import QueueSettings
+
+        return QueueSettings.from_config(Config(sections={"queue": {"node_id": "n", **keys}}))
+
+    def test_negative_zero_and_infinite_numbers_are_refused(self) -> None:
+        for key, value, said in (
+            ("min_backoff", -1, "[queue] min_backoff must be greater than 0, not -1.0"),
+            ("hop_concurrency", 0, "[queue] hop_concurrency must be greater than 0, not 0"),
+            ("lease_seconds", float("inf"), "lease_seconds must be greater than 0"),
+            ("poll_interval", float("nan"), "poll_interval must be greater than 0"),
+            ("connection_idle", -0.5, "[queue] connection_idle must be 0 or more, not -0.5"),
+        ):
+            with self.assertRaises(ConfigError) as raised:
+                self.settings(**{key: value})
+            self.assertIn(said, str(raised.exception))
+
+    def test_zero_where_it_switches_something_off(self) -> None:
+        settings = self.settings(connection_idle=0, route_cache_seconds=0, stop_grace=0)
+        self.assertEqual((settings.connection_idle, settings.route_cache_seconds), (0.0, 0.0))

@@ -119,12 +119,28 @@ class QueueSettings:
                 value = float(value)
             if not isinstance(value, type(default)):
                 raise ConfigError(f"[queue] {key} must be of type {type(default).__name__}")
+            if isinstance(value, (int, float)) and not _in_range(key, value):
+                raise ConfigError(f"[queue] {key} must be {_RANGE_TEXT[key in _MAY_BE_ZERO]}, "
+                                  f"not {value}")
             values[key] = value
         if values.get("tls", DEFAULT_TLS) not in TLS_POLICIES:
             raise ConfigError(f"[queue] tls must be one of {', '.join(TLS_POLICIES)}")
         if not values.get("node_id"):
             values["node_id"] = default_node_id(config.data_dir)
         return cls(**values)
+
+
+# Numbers that may be 0 (switches a cache or a wait off); every other number must be > 0.
+_MAY_BE_ZERO = frozenset({"connection_idle", "route_cache_seconds", "body_cache_bytes",
+                          "dead_hop_seconds", "stop_grace", "log_retention"})
+_RANGE_TEXT = {False: "greater than 0", True: "0 or more"}
+
+
+def _in_range(key: str, value: float) -> bool:
+    """A finite number that is positive (or, for the keys that allow it, zero)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return False
+    return value >= 0 if key in _MAY_BE_ZERO else value > 0
 
 
 def default_node_id(data_dir: Path) -> str:
