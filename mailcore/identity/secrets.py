@@ -20,7 +20,9 @@ def new_secret() -> str:
 
 
 def digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+    """The stored SHA-256 of a high-entropy secret (keys, tokens, links). Any text has one:
+    a lone surrogate matches nothing, rather than failing to encode."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 def prefix_of(secret: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import hashlib
 import secrets
 from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
@@ -34,6 +33,7 @@ from twisted.python.failure import Failure
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
+from mailcore.identity.secrets import digest
 from mailcore.queue.spool import Spool
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
@@ -69,10 +69,9 @@ RECIPIENT_DEFAULTS: dict[str, Any] = {"telephone": "", "valid_for": 0}
 LINK_PATH = "/drop/"
 
 
-def link_digest(token: str) -> bytes:
-    """The stored digest of a link token. Any text has one: a token that is not ours (not
-    ASCII, say) matches no link, rather than failing to encode."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+# The stored digest of a link token (any text has one: a token that is not ours matches no
+# link rather than failing to encode).
+link_digest = digest
 
 
 def new_link() -> tuple[str, bytes]:
