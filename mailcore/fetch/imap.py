@@ -614,10 +614,12 @@ async def open_session(
     connect_timeout: float = 30.0,
     idle_timeout: float = 120.0,
     policy: AddressPolicy,
+    client_class: type[IMAPClient] | None = None,
 ) -> IMAPClient:
     """Connect (only to an address `policy` allows), secure (TLS or STARTTLS, verified), log
-    in; the session is ready to use."""
-    client = IMAPClient(
+    in; the session is ready to use. `client_class` is a subclass of IMAPClient taking the
+    same arguments (the mailbox writer's pipelined session)."""
+    client = (client_class or IMAPClient)(
         reactor, max_literal=max_literal, idle_timeout=idle_timeout,
         host=f"{spec.host}:{spec.port}",
     )
