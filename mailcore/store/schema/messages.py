@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from mailcore.store.schema.meta import metadata
@@ -98,6 +99,9 @@ messages = Table(
     Column("thread_id", Integer, ForeignKey("threads.id", ondelete="SET NULL"), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The telephone number of the text's signature block ("" if none); NULL until the
+    # backup indexer has read it (mailcore.backup.index, migration 0017).
+    Column("signature_phone", String(64), nullable=True),
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uid"),
     UniqueConstraint("folder_id", "pop_uidl", name="uq_messages_folder_uidl"),
     Index("ix_messages_user_date", "user_id", "date"),
@@ -105,6 +109,9 @@ messages = Table(
     Index("ix_messages_thread_id", "thread_id"),
     Index("ix_messages_user_message_id", "user_id", "message_id"),
     Index("ix_messages_sha256", "sha256"),
+    Index("ix_messages_signature_unscanned", "id",
+          sqlite_where=text("signature_phone IS NULL"),
+          postgresql_where=text("signature_phone IS NULL")),
 )
 
 # Message-IDs a message points at (References and In-Reply-To), to find the children of a
@@ -137,5 +144,10 @@ message_attachments = Table(
     Column("mime_type", String(255), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("content_id", String(998), nullable=True),
+    # What libmagic says of the decoded bytes (file(1)); NULL until the backup indexer has
+    # described it (mailcore.backup.index, migration 0017).
+    Column("meta_data", Text, nullable=True),
     Index("ix_message_attachments_message_row_id", "message_row_id"),
+    Index("ix_message_attachments_undescribed", "id",
+          sqlite_where=text("meta_data IS NULL"), postgresql_where=text("meta_data IS NULL")),
 )
