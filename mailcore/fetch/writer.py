@@ -1,0 +1,867 @@
+"""The mailbox writer: put messages into an IMAP account (migrate, restore).
+
+One logged-in session (the same connection, TLS and login rules as a sync: `open_session`)
+that creates folders and APPENDs messages byte-exact with their flags and INTERNALDATE.
+
+- Pipelined: every APPEND of a batch goes out without waiting for the previous one's tagged
+  reply. With LITERAL+ (RFC 7888; LITERAL- for literals up to 4096 bytes) a command costs no
+  round trip at all; without it each literal waits for its own `+` continuation, one at a
+  time (anything sent before it would be read as the literal), but never for a tagged reply.
+- MULTIAPPEND (RFC 3502) when offered: up to `group_messages` messages in one command, which
+  the server stores atomically (one transaction). A group refused as a whole is sent again
+  one message per command, so each message gets its own answer.
+- UIDPLUS (RFC 4315): the `[APPENDUID uidvalidity uid(-set)]` of each answer is where the
+  message landed. An OK without a usable APPENDUID is still an OK (the message is stored);
+  the UID is then None.
+- A NO [TRYCREATE] creates the folder (with its parents) and sends the refused messages once
+  more. A NO is retryable unless its code says the message or the account cannot take it
+  (OVERQUOTA, LIMIT, TOOBIG, NOPERM, CANNOT, PARSE...); BAD never is.
+- The connection dying in the middle of a batch raises AppendInterrupted with the answers
+  received for the leading messages; the rest may or may not be stored (`find` tells).
+- Memory: the writer holds nothing but the batch it is given.
+
+Folder names are paths of unicode segments. On the wire a path is joined with the
+destination's hierarchy separator and encoded in modified UTF-7 (RFC 3501 5.1.3; our own
+codec: Twisted's turns a TAB into "&" and accepts unterminated or invalid base64), or sent
+as quoted UTF-8 when the server offers UTF8=ACCEPT (RFC 6855; ENABLEd at login). A segment
+that holds the destination's separator would silently become two hierarchy levels: the
+separator in it is replaced by a look-alike (`SEPARATOR_STAND_INS`: "/" -> U+2215, "." ->
+U+2024, "\\" -> U+29F5, any other -> "_"); `destination_path` says what a path becomes. A
+segment that is empty or holds a control character (NUL, CR, LF, TAB...) or a lone surrogate
+is refused with BadFolderName before any protocol line is sent. The first segment "inbox"
+(any case) is INBOX.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import hashlib
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.mail import imap4
+from twisted.python.failure import Failure
+
+from mailcore.fetch.errors import ConnectFailed, FetchError, ProtocolFailed
+from mailcore.fetch.imap import (
+    IMAPClient,
+    ServerSpec,
+    compress_set,
+    expand_set,
+    open_session,
+    quote,
+)
+from mailcore.fetch.settings import FetchSettings
+from mailcore.fetch.tls import client_tls
+from mailcore.text import has_control, has_surrogate
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+SEPARATOR_STAND_INS = {"/": "\u2215", ".": "\u2024", "\\": "\u29f5"}
+
+# NO codes (RFC 5530, RFC 7889, RFC 4469) after which sending the same message again cannot
+# succeed without someone changing something; any other NO is taken as transient.
+PERMANENT_CODES = frozenset({
+    "OVERQUOTA", "LIMIT", "TOOBIG", "NOPERM", "CANNOT", "PARSE", "CONTACTADMIN",
+    "CLIENTBUG", "AUTHORIZATIONFAILED", "PRIVACYREQUIRED", "EXPIRED", "NONEXISTENT",
+    "BADCHARSET", "BADURL", "TRYCREATE",
+})
+
+# LITERAL- (RFC 7888): non-synchronising literals only up to this size.
+LITERAL_MINUS_MAX = 4096
+
+
+class BadFolderName(FetchError):
+    """A folder path that cannot be sent (empty, control characters, not text)."""
+
+
+class AppendInterrupted(FetchError):
+    """The connection died in the middle of a batch. `answered` holds the results of the
+    first len(answered) items, in order; the others are UNKNOWN (may or may not be stored),
+    except the indices in `not_sent`, which never fully reached the server and so are
+    certainly not stored."""
+
+    def __init__(self, message: str, answered: list[Appended],
+                 not_sent: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.answered = answered
+        self.not_sent = not_sent
+
+
+@dataclass(frozen=True)
+class Append:
+    """One message to append: the exact bytes, its flags, its INTERNALDATE (None: now)."""
+
+    data: bytes
+    flags: tuple[str, ...]
+    internaldate: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The server's answer to one message."""
+
+    ok: bool
+    uid: int | None
+    uidvalidity: int | None
+    reason: str | None
+    retryable: bool
+
+
+# -- names --------------------------------------------------------------------------------
+
+
+def mutf7_encode(text: str) -> bytes:
+    """`text` in modified UTF-7 (RFC 3501 5.1.3): printable ASCII stands for itself ("&" is
+    "&-"); every other run of characters is base64 (with "," for "/") of its UTF-16BE."""
+    out = bytearray()
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            b64 = base64.b64encode("".join(run).encode("utf-16-be", "surrogatepass"))
+            out.extend(b"&" + b64.rstrip(b"=").replace(b"/", b",") + b"-")
+            run.clear()
+
+    for ch in text:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.extend(b"&-" if ch == "&" else ch.encode("ascii"))
+        else:
+            run.append(ch)
+    flush()
+    return bytes(out)
+
+
+_MB64 = re.compile(rb"[A-Za-z0-9+,]+")
+
+
+def mutf7_decode(raw: bytes) -> str:
+    """Modified UTF-7 to text; ValueError when `raw` is not valid modified UTF-7 (a byte
+    over 0x7E or a control, an unterminated or invalid base64 run, a lone surrogate)."""
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        b = raw[i]
+        if b == 0x26:  # "&"
+            end = raw.find(b"-", i + 1)
+            if end < 0:
+                raise ValueError("unterminated modified UTF-7 run")
+            chunk = raw[i + 1:end]
+            if not chunk:
+                out.append("&")
+            else:
+                if not _MB64.fullmatch(chunk) or len(chunk) % 4 == 1:
+                    raise ValueError("invalid modified UTF-7 base64")
+                try:
+                    data = base64.b64decode(
+                        chunk.replace(b",", b"/") + b"=" * (-len(chunk) % 4), validate=True
+                    )
+                except binascii.Error:
+                    raise ValueError("invalid modified UTF-7 base64") from None
+                if len(data) % 2:
+                    raise ValueError("modified UTF-7 run is not whole UTF-16")
+                out.append(data.decode("utf-16-be"))  # strict: a lone surrogate fails
+            i = end + 1
+        elif 0x20 <= b <= 0x7E:
+            out.append(chr(b))
+            i += 1
+        else:
+            raise ValueError("byte outside modified UTF-7")
+    return "".join(out)
+
+
+def decode_folder(name: bytes | str, separator: str | None, *,
+                  utf8: bool = False) -> tuple[str, ...]:
+    """A folder name as a server or our store gives it, as a path of unicode segments.
+
+    `str` is a name already decoded (what `fetch_folders.name` and `messages.folder` hold:
+    the sync engine decodes LIST names); `bytes` is a raw name from the wire, modified UTF-7
+    (or UTF-8 when `utf8`, i.e. UTF8=ACCEPT was enabled; a raw name that is not valid
+    modified UTF-7 but is valid UTF-8 is taken as UTF-8, as some servers send). Empty
+    segments (a doubled or trailing separator) are dropped; a first segment "inbox" in any
+    case is "INBOX". ValueError when bytes are neither encoding."""
+    if isinstance(name, bytes):
+        if utf8:
+            text = name.decode("utf-8")
+        else:
+            try:
+                text = mutf7_decode(name)
+            except ValueError:
+                text = name.decode("utf-8")
+    else:
+        text = name
+    parts = text.split(separator) if separator else [text]
+    path = tuple(p for p in parts if p)
+    if path and path[0].upper() == "INBOX":
+        path = ("INBOX", *path[1:])
+    return path
+
+
+def stand_in(separator: str) -> str:
+    """What replaces `separator` inside a segment (see the module docstring)."""
+    return SEPARATOR_STAND_INS.get(separator, "-" if separator == "_" else "_")
+
+
+def destination_path(path: Sequence[str], separator: str | None) -> tuple[str, ...]:
+    """The path as it will exist at a destination with `separator`: each segment checked,
+    the separator inside a segment replaced by its stand-in, "inbox" first as INBOX."""
+    if not path:
+        raise BadFolderName("a folder path needs at least one segment")
+    out: list[str] = []
+    for segment in path:
+        if not isinstance(segment, str) or not segment:
+            raise BadFolderName("a folder name segment is empty")
+        if has_control(segment):
+            raise BadFolderName(
+                f"folder name {segment!r} holds a control character (NUL, CR, LF...)"
+            )
+        if has_surrogate(segment):
+            raise BadFolderName("a folder name holds a lone surrogate (not text)")
+        if separator and separator in segment:
+            segment = segment.replace(separator, stand_in(separator))
+        out.append(segment)
+    if out[0].upper() == "INBOX":
+        out[0] = "INBOX"
+    return tuple(out)
+
+
+def encode_folder(path: Sequence[str], separator: str | None, *, utf8: bool) -> bytes:
+    """The path as a mailbox argument for the destination: quoted modified UTF-7, or quoted
+    UTF-8 when UTF8=ACCEPT is enabled. BadFolderName before anything is sent."""
+    # A server with no hierarchy (separator NIL) keeps the path as one flat name.
+    name = (separator or "/").join(destination_path(path, separator))
+    if utf8:
+        raw = name.encode("utf-8")
+        return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return quote(mutf7_encode(name))
+
+
+# -- APPEND arguments -------------------------------------------------------------------
+
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
+
+
+def flag_arg(flag: str) -> bytes | None:
+    """A flag as APPEND sends it, or None for one that cannot be sent: \\Recent (the
+    server's to set) and anything that is not a valid flag atom (spaces, brackets, 8-bit)."""
+    if flag.upper() == "\\RECENT":
+        return None
+    body = flag[1:] if flag.startswith("\\") else flag
+    try:
+        raw = body.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if not raw or any(c < 0x21 or c > 0x7E or c in _ATOM_SPECIALS for c in raw):
+        return None
+    return flag.encode("ascii")
+
+
+def imap_datetime(when: datetime.datetime) -> bytes:
+    """An INTERNALDATE as APPEND wants it: "02-Jan-2024 13:04:05 +0100" (naive = UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    offset = when.utcoffset() or datetime.timedelta(0)
+    if offset.seconds % 60 or offset.microseconds:
+        when, offset = when.astimezone(datetime.UTC), datetime.timedelta(0)
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    hh, mm = divmod(abs(minutes), 60)
+    text = (f'"{when.day:02d}-{_MONTHS[when.month - 1]}-{when.year:04d} '
+            f'{when.hour:02d}:{when.minute:02d}:{when.second:02d} {sign}{hh:02d}{mm:02d}"')
+    return text.encode("ascii")
+
+
+def _message_prefix(item: Append) -> bytes:
+    """What precedes a message's literal: `(flags) "date" `."""
+    flags = [f for f in (flag_arg(x) for x in item.flags) if f is not None]
+    out = b"(" + b" ".join(dict.fromkeys(flags)) + b") "
+    if item.internaldate is not None:
+        out += imap_datetime(item.internaldate) + b" "
+    return out
+
+
+def _text(data: bytes, limit: int = 200) -> str:
+    text = data[:limit].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text) + (
+        "..." if len(data) > limit else "")
+
+
+_CODE = re.compile(rb"^\[([^\]]*)\]")
+
+
+def _code(text: bytes) -> tuple[str, bytes]:
+    """The response code (upper-case first word) of a reply's text, and its arguments."""
+    m = _CODE.match(text.lstrip())
+    if not m:
+        return "", b""
+    words = m.group(1).split(None, 1)
+    if not words:
+        return "", b""
+    return words[0].decode("ascii", "replace").upper(), words[1] if len(words) > 1 else b""
+
+
+def _appenduid(args: bytes, count: int) -> tuple[int, list[int]] | None:
+    """(uidvalidity, uids) from APPENDUID's arguments when they are well-formed and name
+    exactly `count` UIDs; None for anything else (a lying or broken server)."""
+    words = args.split()
+    if len(words) != 2 or not words[0].isdigit():
+        return None
+    try:
+        uids = expand_set(words[1])
+    except (ValueError, ProtocolFailed):
+        return None
+    validity = int(words[0])
+    if len(uids) != count or not 0 < validity < 2**32 or any(
+        not 0 < u < 2**32 for u in uids
+    ) or len(set(uids)) != count:
+        return None
+    return validity, uids
+
+
+# -- the session --------------------------------------------------------------------------
+
+
+class _Command:
+    """One APPEND in flight: its tag, the items it carries and its outcome."""
+
+    def __init__(self, tag: bytes, indices: list[int]) -> None:
+        self.tag = tag
+        self.indices = indices
+        self.sent = False          # every literal handed to the transport
+        self.reply: bytes | None = None   # "OK ...", "NO ...", "BAD ..."
+        self.failure: Failure | None = None
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.cont: defer.Deferred[bool] | None = None
+
+
+class WriterSession(IMAPClient):
+    """The IMAP session of a writer: IMAPClient's bounded reader, login and TLS, plus
+    APPEND commands with several tags in flight, routed by tag (Twisted's client keeps one
+    command at a time). The writer never mixes the two: `send` is used only when no APPEND
+    is in flight."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._appends: dict[bytes, _Command] = {}
+        self._awaiting: _Command | None = None  # the command whose literal waits for "+"
+        self.bye: bytes | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.continuations = 0
+
+    def _defaultHandler(self, tag: bytes, rest: bytes) -> None:
+        if tag == b"*" and rest[:3].upper() == b"BYE":
+            self.bye = rest
+        if not self._appends:
+            super()._defaultHandler(tag, rest)
+            return
+        if tag == b"*":
+            return  # EXISTS, RECENT, FETCH... say nothing about our APPENDs
+        if tag == b"+":
+            waiting, self._awaiting = self._awaiting, None
+            if waiting is None or waiting.cont is None:
+                raise imap4.IllegalServerResponse(b"+ " + rest)  # -> ProtocolFailed
+            self.continuations += 1
+            cont, waiting.cont = waiting.cont, None
+            cont.callback(True)
+            return
+        cmd = self._appends.pop(tag, None)
+        if cmd is None:
+            raise imap4.IllegalServerResponse(tag + b" " + rest)
+        status = rest.split(None, 1)[0].upper() if rest.strip() else b""
+        if status not in (b"OK", b"NO", b"BAD"):
+            raise imap4.IllegalServerResponse(tag + b" " + rest)
+        if self.tags is not None:
+            self.tags.pop(tag, None)
+        self.in_flight -= 1
+        cmd.reply = rest
+        self._finish(cmd)
+
+    def _finish(self, cmd: _Command) -> None:
+        if self._awaiting is cmd:
+            self._awaiting = None
+        if cmd.cont is not None:
+            cont, cmd.cont = cmd.cont, None
+            cont.callback(False)
+        if not cmd.done.called:
+            cmd.done.callback(None)
+
+    def _lost(self, cmd: _Command, reason: Failure) -> None:
+        if cmd.reply is None and cmd.failure is None:
+            cmd.failure = reason
+            self._appends.pop(cmd.tag, None)
+            self._finish(cmd)
+
+    def alive(self) -> bool:
+        return not self._dead and self.tags is not None and self.transport is not None
+
+    def start_append(self, indices: list[int]) -> _Command:
+        """A new APPEND tag, registered so that a lost connection fails it."""
+        tag = self.makeTag()
+        cmd = _Command(tag, indices)
+        # In Twisted's tag table too: IMAPClient._fail and connectionLost errback those.
+        holder = imap4.Command(b"APPEND")
+        lost: defer.Deferred[Any] = defer.Deferred()
+        lost.addErrback(lambda f: self._lost(cmd, f))
+        holder.defer = lost  # type: ignore[assignment]  # Twisted declares it None
+        assert self.tags is not None
+        self.tags[tag] = holder
+        self._appends[tag] = cmd
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return cmd
+
+    def wait_continuation(self, cmd: _Command) -> defer.Deferred[bool]:
+        """Fires True on the server's "+", False when the command ended first."""
+        d: defer.Deferred[bool] = defer.Deferred()
+        if cmd.done.called:
+            d.callback(False)
+            return d
+        cmd.cont = d
+        self._awaiting = cmd
+        return d
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+# -- the writer ---------------------------------------------------------------------------
+
+
+def _classify(cmd: _Command) -> tuple[str, bytes, str, bytes]:
+    """(status, text after it, code, code arguments) of a command's tagged reply."""
+    assert cmd.reply is not None
+    parts = cmd.reply.split(None, 1)
+    status = parts[0].upper().decode("ascii")
+    text = parts[1] if len(parts) > 1 else b""
+    code, args = _code(text)
+    return status, text, code, args
+
+
+class MailboxWriter:
+    """Writes folders and messages into one account. Operations are serialised (one at a
+    time on the session); create with `open_writer`."""
+
+    def __init__(self, session: WriterSession, *, group_messages: int = 64,
+                 group_bytes: int = 8 * 1024 * 1024, window: int = 256) -> None:
+        self.session = session
+        self.capabilities: frozenset[str] = frozenset(session.capabilities)
+        self.separator = "/"
+        self.utf8 = False
+        self.group_messages = group_messages
+        self.group_bytes = group_bytes
+        self.window = window
+        self._lock = defer.DeferredLock()
+        self._known: set[tuple[str, ...]] | None = None
+        self._selected: bytes | None = None
+        self.appendlimit: int | None = None
+        for cap in self.capabilities:
+            if cap.startswith("APPENDLIMIT=") and cap[12:].isdigit():
+                self.appendlimit = int(cap[12:])
+
+    async def _setup(self) -> None:
+        """ENABLE UTF8=ACCEPT when offered; learn the hierarchy separator."""
+        if "UTF8=ACCEPT" in self.capabilities and "ENABLE" in self.capabilities:
+            lines, _ = await self.session.send(b"ENABLE", b"UTF8=ACCEPT")
+            for line in lines:
+                words = line.upper().split()
+                if words[:1] == [b"ENABLED"] and b"UTF8=ACCEPT" in words:
+                    self.utf8 = True
+        lines, _ = await self.session.send(b"LIST", b'"" ""')
+        for line in lines:
+            tokens = self._list_tokens(line)
+            if tokens is not None:
+                delim = tokens[2]
+                self.separator = delim.decode("utf-8", "replace") if delim else ""
+                break
+
+    def _list_tokens(self, line: bytes) -> list[Any] | None:
+        if line[:5].upper() != b"LIST ":
+            return None
+        try:
+            tokens = imap4.parseNestedParens(line)
+        except (imap4.MismatchedNesting, imap4.MismatchedQuoting, ValueError, IndexError):
+            raise ProtocolFailed(f"malformed LIST reply: {_text(line)}") from None
+        if (len(tokens) < 4 or not isinstance(tokens[1], list)
+                or not isinstance(tokens[3], bytes)
+                or not (tokens[2] is None or isinstance(tokens[2], bytes))):
+            raise ProtocolFailed(f"malformed LIST reply: {_text(line)}")
+        return tokens
+
+    def mailbox(self, path: Sequence[str]) -> bytes:
+        """The path as this destination's mailbox argument (BadFolderName if it cannot)."""
+        return encode_folder(path, self.separator, utf8=self.utf8)
+
+    def destination_path(self, path: Sequence[str]) -> tuple[str, ...]:
+        """The path as it will exist here (separators inside segments replaced)."""
+        return destination_path(path, self.separator)
+
+    # -- folders ----------------------------------------------------------------------------
+
+    async def folders(self) -> list[tuple[str, ...]]:
+        """Every folder of the account (hierarchy levels that hold no mail included)."""
+        async with self._lock:
+            return await self._folders()
+
+    async def _folders(self) -> list[tuple[str, ...]]:
+        lines, _ = await self.session.send(b"LIST", b'"" "*"')
+        out: list[tuple[str, ...]] = []
+        for line in lines:
+            tokens = self._list_tokens(line)
+            if tokens is None:
+                continue
+            flags = {f.upper() for f in tokens[1] if isinstance(f, bytes)}
+            if b"\\NONEXISTENT" in flags:
+                continue
+            delim = tokens[2].decode("utf-8", "replace") if tokens[2] else None
+            try:
+                path = decode_folder(tokens[3], delim, utf8=self.utf8)
+            except ValueError:
+                raise ProtocolFailed(f"undecodable folder name: {_text(line)}") from None
+            if path:
+                out.append(path)
+        self._known = set(out)
+        return out
+
+    async def ensure_folder(self, path: tuple[str, ...]) -> None:
+        """CREATE the folder and any missing parent (and SUBSCRIBE what was created, so mail
+        clients show it); nothing when it exists."""
+        self.mailbox(path)
+        async with self._lock:
+            await self._ensure(path)
+
+    async def _ensure(self, path: Sequence[str]) -> None:
+        target = self.destination_path(path)
+        known = self._known if self._known is not None else set(await self._folders())
+        for depth in range(1, len(target) + 1):
+            level = target[:depth]
+            if level in known or (depth == 1 and level[0] == "INBOX"):
+                continue
+            arg = self.mailbox(level)
+            try:
+                await self.session.send(b"CREATE", arg)
+            except ProtocolFailed as e:
+                if self.session.error is not None:
+                    raise
+                if level not in set(await self._folders()):
+                    raise ProtocolFailed(
+                        f"cannot create folder {'/'.join(level)!r}: {e}") from None
+                known = self._known or known
+                continue
+            known.add(level)
+            try:
+                await self.session.send(b"SUBSCRIBE", arg)
+            except ProtocolFailed:
+                if self.session.error is not None:
+                    raise
+        self._known = known
+
+    # -- append ---------------------------------------------------------------------------
+
+    async def append(self, path: tuple[str, ...], items: Sequence[Append]) -> list[Appended]:
+        """Append the items to the folder; one result per item, in order (see the module
+        docstring). AppendInterrupted when the connection dies before every answer came."""
+        mailbox = self.mailbox(path)
+        async with self._lock:
+            self._selected = None
+            results: list[Appended | None] = [None] * len(items)
+            for i, item in enumerate(items):
+                if self.appendlimit is not None and len(item.data) > self.appendlimit:
+                    results[i] = Appended(False, None, None, (
+                        f"{len(item.data)} bytes, over the server's APPENDLIMIT of "
+                        f"{self.appendlimit}"), False)
+            todo = [i for i, r in enumerate(results) if r is None]
+            try:
+                again = await self._send_all(mailbox, items, todo, results, True)
+                if again:
+                    self._known = None  # the folder went missing: our list is stale
+                    try:
+                        await self._ensure(path)
+                    except ProtocolFailed as e:
+                        if self.session.error is not None:
+                            raise
+                        for i in again:
+                            results[i] = Appended(False, None, None, str(e), True)
+                        again = []
+                    again = await self._send_all(mailbox, items, again, results, False)
+                    for i in again:
+                        results[i] = Appended(False, None, None,
+                                              "the server asked to create the folder twice",
+                                              False)
+            except _Interrupted as e:
+                answered: list[Appended] = []
+                for r in results:
+                    if r is None:
+                        break
+                    answered.append(r)
+                not_sent = tuple(sorted(i for i in e.not_sent if i >= len(answered)))
+                host = self.session.host
+                why = str(e.error)
+                if self.session.bye:
+                    why += f" (the server said BYE {_text(self.session.bye[3:].strip())})"
+                raise AppendInterrupted(
+                    f"{host}: the connection ended after {len(answered)} of {len(items)} "
+                    f"answers: {why}", answered, not_sent) from None
+            final = [r for r in results if r is not None]
+            assert len(final) == len(items)
+            return final
+
+    def _groups(self, items: Sequence[Append], todo: list[int],
+                multi: bool) -> list[list[int]]:
+        if not multi or "MULTIAPPEND" not in self.capabilities:
+            return [[i] for i in todo]
+        groups: list[list[int]] = []
+        current: list[int] = []
+        size = 0
+        for i in todo:
+            n = len(items[i].data)
+            if current and (len(current) >= self.group_messages or size + n > self.group_bytes):
+                groups.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += n
+        if current:
+            groups.append(current)
+        return groups
+
+    def _non_sync(self, size: int) -> bool:
+        if "LITERAL+" in self.capabilities:
+            return True
+        return "LITERAL-" in self.capabilities and size <= LITERAL_MINUS_MAX
+
+    async def _send_all(self, mailbox: bytes, items: Sequence[Append], todo: list[int],
+                        results: list[Appended | None], multi: bool) -> list[int]:
+        """Send `todo` pipelined, fill `results`; the indices answered NO [TRYCREATE].
+        _Interrupted when the session died before every answer came."""
+        s = self.session
+        commands: list[_Command] = []
+        for group in self._groups(items, todo, multi):
+            while s.in_flight >= self.window and s.alive():
+                oldest = next(c for c in commands if not c.done.called)
+                await oldest.done
+            if not s.alive():
+                break
+            cmd = s.start_append(group)
+            commands.append(cmd)
+            await self._send_one(cmd, mailbox, items)
+        for cmd in commands:
+            await cmd.done
+        trycreate: list[int] = []
+        retry_single: list[int] = []
+        lost: Failure | None = None
+        for cmd in commands:
+            if cmd.reply is None:
+                lost = lost or cmd.failure
+                continue
+            status, text, code, args = _classify(cmd)
+            if status == "OK":
+                uids = _appenduid(args, len(cmd.indices)) if code == "APPENDUID" else None
+                for k, i in enumerate(cmd.indices):
+                    results[i] = Appended(True, uids[1][k] if uids else None,
+                                          uids[0] if uids else None, None, False)
+            elif code == "TRYCREATE":
+                trycreate.extend(cmd.indices)
+            elif len(cmd.indices) > 1:
+                # The group was refused as a whole (and stored nothing): one by one, so
+                # each message gets its own answer.
+                retry_single.extend(cmd.indices)
+            else:
+                reason = f"{status} {_text(text)}"
+                retryable = status == "NO" and code not in PERMANENT_CODES
+                results[cmd.indices[0]] = Appended(False, None, None, reason, retryable)
+        started = {i for c in commands for i in c.indices}
+        never = [i for i in todo if i not in started]
+        # A command answered before all its literals went out (a NO instead of "+") is
+        # answered; one the connection took down half-written is certainly not stored.
+        never += [i for c in commands if c.reply is None and not c.sent for i in c.indices]
+        if lost is not None or never:
+            error = lost.value if lost is not None else (
+                s.error or ConnectFailed(f"connection to {s.host} closed"))
+            raise _Interrupted(error, never)
+        if retry_single:
+            trycreate += await self._send_all(mailbox, items, sorted(retry_single), results,
+                                              False)
+        return sorted(trycreate)
+
+    async def _send_one(self, cmd: _Command, mailbox: bytes,
+                        items: Sequence[Append]) -> None:
+        """Write one APPEND (one or several messages); a synchronising literal waits for
+        its "+" (or for the command to end first: refused, or the connection lost)."""
+        s = self.session
+        head = cmd.tag + b" APPEND " + mailbox
+        for i in cmd.indices:
+            item = items[i]
+            size = len(item.data)
+            sync = not self._non_sync(size)
+            line = head + b" " + _message_prefix(item) + (
+                b"{%d}\r\n" % size if sync else b"{%d+}\r\n" % size)
+            head = b""
+            if not s.alive():
+                return
+            s.write(line)
+            if sync:
+                if not await s.wait_continuation(cmd) or not s.alive():
+                    return
+            s.write(item.data)
+        if s.alive():
+            s.write(b"\r\n")
+            cmd.sent = True
+
+    # -- find -------------------------------------------------------------------------------
+
+    async def find(self, path: tuple[str, ...], *, message_id: str | None, size: int,
+                   internaldate: datetime.datetime | None, sha256: str,
+                   exclude: Collection[int] = ()) -> int | None:
+        """The UID of a message in the folder that is this one, else None (see the module
+        docstring of the contract: Message-ID confirmed by size, or size and INTERNALDATE
+        confirmed by the body's SHA-256). UIDs in `exclude` (copies already accounted for,
+        e.g. an earlier identical message) are never returned."""
+        mailbox = self.mailbox(path)
+        async with self._lock:
+            if not await self._examine(path, mailbox):
+                return None
+            s = self.session
+            mid = (message_id or "").strip()
+            if mid and mid.isascii() and not has_control(mid):
+                uids = await s.uid_search(b"HEADER Message-ID " + quote(mid.encode("ascii")))
+                uids = [u for u in uids if u not in exclude]
+                if not uids:
+                    return None
+                found = [f for f in await s.uid_fetch(uids, b"UID RFC822.SIZE")
+                         if f.uid is not None and f.size == size and f.uid not in exclude]
+                candidates = sorted(f.uid for f in found if f.uid is not None)
+                if len(candidates) > 1:
+                    for uid in candidates:
+                        if await self._body_hash(uid) == sha256:
+                            return uid
+                return candidates[0] if candidates else None
+            criteria = b"SMALLER %d" % (size + 1)
+            if size > 0:
+                criteria = b"LARGER %d " % (size - 1) + criteria
+            if internaldate is not None:
+                day = internaldate.astimezone(datetime.UTC).date()
+                lo, hi = day - datetime.timedelta(days=1), day + datetime.timedelta(days=2)
+                criteria += b" SINCE %s BEFORE %s" % (_search_date(lo), _search_date(hi))
+            uids = [u for u in await s.uid_search(criteria) if u not in exclude]
+            if not uids:
+                return None
+            want = None if internaldate is None else _second(internaldate)
+            found = await s.uid_fetch(uids, b"UID RFC822.SIZE INTERNALDATE")
+            candidates = sorted(
+                f.uid for f in found
+                if f.uid is not None and f.uid not in exclude and f.size == size
+                and (want is None or (f.internal_date is not None
+                                      and _second(f.internal_date) == want))
+            )
+            for uid in candidates:
+                if await self._body_hash(uid) == sha256:
+                    return uid
+            return None
+
+    async def _examine(self, path: Sequence[str], mailbox: bytes) -> bool:
+        """EXAMINE the folder (once until the next append); False when it does not exist."""
+        if self._selected == mailbox:
+            return True
+        try:
+            await self.session.send(b"EXAMINE", mailbox)
+        except ProtocolFailed:
+            if self.session.error is not None:
+                raise
+            if self.destination_path(path) not in set(await self._folders()):
+                return False
+            raise
+        self._selected = mailbox
+        return True
+
+    async def _body_hash(self, uid: int) -> str | None:
+        for item in await self.session.uid_fetch(compress_set([uid]), b"UID BODY.PEEK[]"):
+            if item.uid == uid and item.body is not None:
+                return hashlib.sha256(item.body).hexdigest()
+        return None
+
+    async def logout(self) -> None:
+        """LOGOUT and close the connection."""
+        await self.session.close_session()
+
+
+class _Interrupted(Exception):
+    def __init__(self, error: BaseException | None, not_sent: list[int]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.not_sent = not_sent
+
+
+def _search_date(day: datetime.date) -> bytes:
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}".encode("ascii")
+
+
+def _second(when: datetime.datetime) -> int:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp())
+
+
+async def open_writer(
+    reactor: Any,
+    spec: ServerSpec,
+    username: str,
+    password: str,
+    *,
+    tls: IOpenSSLClientConnectionCreator | None = None,
+    settings: FetchSettings | None = None,
+    group_messages: int = 64,
+    group_bytes: int = 8 * 1024 * 1024,
+    window: int = 256,
+) -> MailboxWriter:
+    """Log in to the destination like a sync does (the same TLS verification, cleartext
+    rule, address policy and errors: mailcore.fetch.errors) and get a writer.
+
+    `tls` is the verified client TLS for the host (default: the platform's CAs, the host
+    name checked; mailcore.fetch.tls.client_tls for a private CA or a pinned certificate);
+    `settings` gives the address policy, timeouts and the reply bound. MULTIAPPEND groups
+    hold at most `group_messages` messages and `group_bytes` bytes; at most `window`
+    APPEND commands are in flight."""
+    s = settings or FetchSettings()
+    spec = dataclasses.replace(spec, username=username, password=password)
+    session = await open_session(
+        reactor, spec, tls or client_tls(spec.host), max_literal=s.max_message_bytes,
+        connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+        policy=s.address_policy(), client_class=WriterSession,
+    )
+    assert isinstance(session, WriterSession)
+    writer = MailboxWriter(session, group_messages=group_messages, group_bytes=group_bytes,
+                           window=window)
+    try:
+        await writer._setup()
+    except BaseException:
+        session.abort()
+        raise
+    return writer
+
+
+__all__ = [
+    "SEPARATOR_STAND_INS",
+    "Append",
+    "AppendInterrupted",
+    "Appended",
+    "BadFolderName",
+    "MailboxWriter",
+    "WriterSession",
+    "decode_folder",
+    "destination_path",
+    "encode_folder",
+    "flag_arg",
+    "imap_datetime",
+    "mutf7_decode",
+    "mutf7_encode",
+    "open_writer",
+]
