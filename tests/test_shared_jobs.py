@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.billing.plans import Plans
-from mailcore.fetch.accounts import Account, Accounts
+from mailcore.fetch.accounts import Account, Accounts, thd_claim_sync, thd_renew_syncs
 from mailcore.fetch.engine import BUSY, SYNC_LEASE, SyncEngine, SyncResult
 from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.fetch.secrets import SecretBox
@@ -147,6 +147,34 @@ class SharedJobsMixin(DatabaseMixin):
         self.assertTrue(await lb.release("j", 21.0))
         self.assertTrue(await la.claim("j", 21.0, 10.0))
         self.assertFalse(await lb.release("j", 22.0))  # not b's to give up
+
+    async def test_a_late_renewal_never_shortens_a_lease(self) -> None:
+        # Two renewals of one node may commit out of order (its timer's and an explicit
+        # one, on two pool threads): the older one committing last must not pull the
+        # lease back, or another node takes the job while it still runs.
+        a, b = await self.two_stores()
+        la, lb = JobLeases(a, "node-a"), JobLeases(b, "node-b")
+        self.assertTrue(await la.claim("j", 0.0, 10.0))
+        self.assertTrue(await la.claim("j", 8.0, 10.0))  # until 18
+        self.assertTrue(await la.claim("j", 4.0, 10.0))  # the older renewal, late: still 18
+        self.assertFalse(await lb.claim("j", 16.0, 10.0))
+        self.assertTrue(await lb.claim("j", 18.0, 10.0))
+        # Fetch sync leases likewise.
+        ea, eb, _reactor, account = await self.engines()
+        a, b = ea.db, eb.db
+        self.assertTrue(await a.run("claim", thd_claim_sync, account.id, "node-a", 0.0,
+                                    300.0, datetime.datetime.now(datetime.UTC)))
+        self.assertEqual(await a.run("renew", thd_renew_syncs, "node-a", [account.id],
+                                     500.0), [account.id])
+        self.assertEqual(await a.run("renew", thd_renew_syncs, "node-a", [account.id],
+                                     400.0), [account.id])  # late: still held until 500
+        now = datetime.datetime.now(datetime.UTC)
+        self.assertFalse(await b.run("claim", thd_claim_sync, account.id, "node-b", 450.0,
+                                     750.0, now))
+        self.assertTrue(await b.run("claim", thd_claim_sync, account.id, "node-b", 500.0,
+                                    800.0, now))
+        self.assertEqual(await a.run("renew", thd_renew_syncs, "node-a", [account.id],
+                                     900.0), [])  # b's now: a's renewal finds it gone
 
     # -- domain verification passes ------------------------------------------------------
 

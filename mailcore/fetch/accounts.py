@@ -439,12 +439,16 @@ def thd_claim_sync(
 def thd_renew_syncs(
     conn: Connection, owner: str, account_ids: list[int], until: float
 ) -> list[int]:
-    """Blocking: extend `owner`'s sync leases on `account_ids`; the ids it still holds."""
+    """Blocking: extend `owner`'s sync leases on `account_ids` to `until`; the ids it still
+    holds. A renewal never shortens a lease: two renewals of one node may commit out of
+    order (the timer's and an explicit one, on two pool threads), and the older `until`
+    committing last would otherwise let the lease lapse under a running sync."""
     if not account_ids:
         return []
     conn.execute(
         update(fetch_accounts)
-        .where(_f.id.in_(account_ids), _f.lease_owner == owner)
+        .where(_f.id.in_(account_ids), _f.lease_owner == owner,
+               or_(_f.lease_until.is_(None), _f.lease_until < until))
         .values(lease_until=until)
     )
     return sorted(int(r.id) for r in conn.execute(

@@ -20,7 +20,7 @@ two nodes never both win the same lease.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Insert, insert, or_, update
+from sqlalchemy import Connection, Insert, and_, case, insert, or_, update
 
 from mailcore.store.database import Database
 from mailcore.store.schema import job_leases
@@ -38,8 +38,11 @@ def thd_claim_job(
     """Blocking: take job `name` for `owner` until `until` if its lease lapsed at `now`
     (or, with `renew`, if `owner` holds it already); whether `owner` holds it now."""
     free = or_(_c.owner == owner, _c.until <= now) if renew else _c.until <= now
+    # A renewal never shortens the lease: two claims of one node committing out of order
+    # (the older `until` last) would otherwise let it lapse while the job runs.
+    longest = case((and_(_c.owner == owner, _c.until > until), _c.until), else_=until)
     taken = conn.execute(
-        update(job_leases).where(_c.name == name, free).values(owner=owner, until=until)
+        update(job_leases).where(_c.name == name, free).values(owner=owner, until=longest)
     )
     if taken.rowcount:
         return True
