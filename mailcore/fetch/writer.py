@@ -838,8 +838,14 @@ async def open_writer(
         policy=s.address_policy(), client_class=WriterSession,
     )
     assert isinstance(session, WriterSession)
-    writer = MailboxWriter(session, group_messages=group_messages, group_bytes=group_bytes,
-                           window=window)
+    return await writer_for(session, group_messages=group_messages, group_bytes=group_bytes,
+                            window=window)
+
+
+async def writer_for(session: WriterSession, **options: Any) -> MailboxWriter:
+    """A writer on a logged-in session (UTF8=ACCEPT enabled when offered, the separator
+    learnt); the session is dropped if that fails. `options` as for MailboxWriter."""
+    writer = MailboxWriter(session, **options)
     try:
         await writer._setup()
     except BaseException:
@@ -864,4 +870,5 @@ __all__ = [
     "mutf7_decode",
     "mutf7_encode",
     "open_writer",
+    "writer_for",
 ]
