@@ -15,7 +15,9 @@ belong to the reactor thread).
 
 The daemon installs it with `LogLimiterService`: when the service starts (after twistd has
 set up its log file or syslog), the observers of the global log publisher are moved behind
-one limiter; when it stops they are put back and pending summaries are written.
+one limiter, twistd's text log file (or stdout) written by a `BufferedLogWriter` (once per
+reactor turn, see mailcore.logwriter); when it stops pending summaries and lines are
+written and the observers are put back.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogPublisher,
-    formatEvent,
     globalLogPublisher,
 )
 from zope.interface import implementer
+
+from mailcore.logwriter import BufferedLogWriter, event_text, is_text_file_observer
 
 BURST = 10
 INTERVAL = 60.0
@@ -124,7 +127,7 @@ class RepeatLimiter:
             str(event.get("log_namespace", "")),
             str(getattr(event.get("log_level"), "name", "")),
             kind,
-            formatEvent(event),
+            event_text(event),
         )
 
     def _end(self, key: _Key) -> None:
@@ -160,7 +163,8 @@ class RepeatLimiter:
 
 class LogLimiterService(Service):
     """Puts a `RepeatLimiter` between a log publisher (the global one) and its observers
-    while running."""
+    while running; with `buffered`, a text file observer among them is replaced by a
+    `BufferedLogWriter` to the same file meanwhile."""
 
     name = "log-limiter"
 
@@ -168,12 +172,16 @@ class LogLimiterService(Service):
         self,
         clock: IReactorTime,
         publisher: LogPublisher = globalLogPublisher,
+        *,
+        buffered: bool = True,
         **limits: Any,
     ) -> None:
         self.clock = clock
         self.publisher = publisher
+        self.buffered = buffered
         self.limits = limits
         self.limiter: RepeatLimiter | None = None
+        self.writers: list[BufferedLogWriter] = []
         self._moved: list[ILogObserver] = []
 
     def startService(self) -> None:
@@ -181,7 +189,15 @@ class LogLimiterService(Service):
         # LogPublisher lists its observers only privately; twistd adds its file (or
         # syslog) observer to the global publisher before services start.
         self._moved = list(self.publisher._observers)
-        self.limiter = RepeatLimiter(LogPublisher(*self._moved), self.clock, **self.limits)
+        behind: list[ILogObserver] = []
+        for observer in self._moved:
+            if self.buffered and is_text_file_observer(observer):
+                writer = BufferedLogWriter.replacing(observer, self.clock)
+                self.writers.append(writer)
+                behind.append(writer)
+            else:
+                behind.append(observer)
+        self.limiter = RepeatLimiter(LogPublisher(*behind), self.clock, **self.limits)
         self.publisher.addObserver(self.limiter)
         for observer in self._moved:
             self.publisher.removeObserver(observer)
@@ -190,8 +206,12 @@ class LogLimiterService(Service):
         super().stopService()
         if self.limiter is None:
             return
+        # Summaries and buffered lines are written while the limiter still stands in
+        # front, so that a line logged meanwhile (from a thread) keeps its place.
+        self.limiter.flush()
+        for writer in self.writers:
+            writer.close()
         self.publisher.removeObserver(self.limiter)
         for observer in self._moved:
             self.publisher.addObserver(observer)
-        self.limiter.flush()
-        self.limiter, self._moved = None, []
+        self.limiter, self._moved, self.writers = None, [], []

@@ -27,9 +27,12 @@ split or forged by what a client sent.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+
+from mailcore.logwriter import TEXT_KEY
 
 log = Logger(namespace="mailcore.mail")
 
@@ -55,10 +58,15 @@ def addresses(values: Iterable[str]) -> str:
 
 
 def _emit(queue_id: str, line: str) -> None:
-    """One mail log line, formatted here once: the log system's own formatter then only
-    copies it (it would parse a long format string twice a line, for the repeated-line
-    limiter and for the log file, on the relay's hot path)."""
-    log.info("{mail_line}", mail_line=line, queue_id=queue_id)
+    """One mail log line, formatted here once and carried in the event as its text
+    (mailcore.logwriter.TEXT_KEY), which the repeated-line limiter and the log file use
+    as it is. The event is the one `log.info("{mail_line}", ...)` would make, without the
+    checks `Logger.emit` repeats for every line on the relay's hot path."""
+    log.observer({
+        "mail_line": line, "queue_id": queue_id, TEXT_KEY: line,
+        "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
+        "log_source": None, "log_format": "{mail_line}", "log_time": time.time(),
+    })
 
 
 def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int,

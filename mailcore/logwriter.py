@@ -1,0 +1,173 @@
+"""The daemon's log file written once per reactor turn, not once per line.
+
+A busy relay logs a few mail-log lines per message (mailcore.maillog). Twisted's text file
+observer formats each event in full (a time zone lookup and a `strftime` per line, the
+format string parsed again after the repeated-line limiter parsed it) and writes it with one
+unbuffered `write(2)` per line. `BufferedLogWriter` takes its place in front of the same
+file: it turns each event into the same text once (the event text the limiter already made
+is reused, the time stamp is made once per second), appends it to a buffer, and writes and
+flushes the buffer once per reactor turn, at once when it holds more than `limit` bytes,
+and when the daemon stops. Lines keep their order; an event logged from another thread
+writes the buffer and its own line at once.
+
+What this costs: a crash (SIGKILL, a power cut) loses at most the lines of the reactor turn
+in which it happened. Mail itself is never at stake: a message is acknowledged only once
+its queue file is durable, and its state lives in the store and the queue journal, not in
+this log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import IO, Any, TypeGuard
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
+from twisted.python.compat import ioType
+from zope.interface import implementer
+
+# An event's text (formatEvent's result), kept in the event by the first observer that
+# needs it, so the limiter and the file do not format it twice; the mail log sets it when
+# it emits.
+TEXT_KEY = "mailcore_text"
+
+# Bytes buffered before a write without waiting for the end of the reactor turn.
+LIMIT = 64 * 1024
+
+
+def event_text(event: LogEvent) -> str:
+    """`formatEvent(event)`, computed once per event."""
+    text = event.get(TEXT_KEY)
+    if text is None:
+        text = event[TEXT_KEY] = formatEvent(event)
+    return text  # type: ignore[no-any-return]
+
+
+def is_text_file_observer(observer: object) -> TypeGuard[FileLogObserver]:
+    """Whether `observer` is what `twisted.logger.textFileLogObserver` (twistd's log file
+    or stdout) returns with its default time format: the observers this module replaces.
+    Reads the observer's `formatEvent` (public) and `_outFile` (private; pinned by
+    tests/test_logwriter.py)."""
+    if type(observer) is not FileLogObserver:
+        return False
+    formatter = getattr(observer, "formatEvent", None)
+    closure = getattr(formatter, "__closure__", None) or ()
+    return (
+        getattr(formatter, "__qualname__", "") == "textFileLogObserver.<locals>.formatEvent"
+        and [c.cell_contents for c in closure] == [timeFormatRFC3339]
+        and hasattr(observer, "_outFile")
+    )
+
+
+@implementer(ILogObserver)
+class BufferedLogWriter:
+    """Writes events to `out` as Twisted's text file observer would, a reactor turn's lines
+    at a time (see the module docstring). Make it in the reactor thread; `close()` writes
+    what is pending and cancels the pending write."""
+
+    def __init__(self, out: IO[Any], clock: IReactorTime, *, limit: int = LIMIT) -> None:
+        self.out = out
+        self.clock = clock
+        self.limit = limit
+        self._encode = ioType(out) is not str
+        self._lines: list[str] = []
+        self._size = 0
+        self._call: IDelayedCall | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.get_ident()
+        self._stamp: tuple[int, str] = (-1, "")  # a second and its time stamp
+        self.closed = False
+
+    @classmethod
+    def replacing(cls, observer: FileLogObserver, clock: IReactorTime,
+                  **kwargs: Any) -> BufferedLogWriter:
+        """A writer to the file of `observer` (see `is_text_file_observer`)."""
+        return cls(observer._outFile, clock, **kwargs)
+
+    def __call__(self, event: LogEvent) -> None:
+        line = self._line(event)
+        if not line:
+            return
+        with self._lock:
+            self._lines.append(line)
+            self._size += len(line)
+            if self.closed or threading.get_ident() != self._thread:
+                self._write()
+            elif self._size > self.limit:
+                self._write()
+            elif self._call is None:
+                self._call = self.clock.callLater(0, self._turn_ended)
+
+    def flush(self) -> None:
+        """Write what is buffered now."""
+        with self._lock:
+            self._write()
+
+    def close(self) -> None:
+        """Write what is buffered; from now on every line is written at once."""
+        with self._lock:
+            self.closed = True
+            self._write()
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _turn_ended(self) -> None:
+        with self._lock:
+            self._call = None
+            # A file that cannot be written (a full disk) loses these lines, as Twisted's
+            # own observer loses a line it cannot write; logging that would only come back
+            # here (and again every turn), so it is not logged.
+            with contextlib.suppress(Exception):
+                self._write()
+
+    def _write(self) -> None:
+        """Write and flush the buffer (the caller holds the lock)."""
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        self.out.write(text.encode("utf-8") if self._encode else text)
+        self.out.flush()
+
+    def _line(self, event: LogEvent) -> str | None:
+        """What `textFileLogObserver` writes for `event`, made with the cached event text
+        and a time stamp formatted once per second."""
+        if "log_failure" in event:  # rare: Twisted's own formatting, traceback and all
+            return formatEventAsClassicLogText(
+                event, formatTime=lambda t: formatTime(t, timeFormatRFC3339))
+        text = event_text(event)
+        if not text:
+            return None
+        when = event.get("log_time")
+        if when is None:
+            stamp = "-"
+        else:
+            second = int(when)
+            cached, stamp = self._stamp
+            if second != cached:
+                stamp = formatTime(second, timeFormatRFC3339)
+                self._stamp = (second, stamp)
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+        else:
+            try:
+                system = str(system)
+            except Exception:
+                system = "UNFORMATTABLE"
+        if "\n" in text:
+            text = text.replace("\n", "\n\t")
+        return f"{stamp} [{system}] {text}\n"
+

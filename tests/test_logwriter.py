@@ -1,0 +1,218 @@
+"""The buffered log writer: the same lines as Twisted's text file observer, in the same order,
+written once per reactor turn (a Clock's `advance(0)` here), at once past the size limit,
+and all of them on stop."""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Any, cast
+
+from twisted.internet.task import Clock
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogPublisher,
+    formatEvent,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.trial.unittest import TestCase
+
+from mailcore import maillog
+from mailcore.logfilter import LogLimiterService
+from mailcore.logwriter import TEXT_KEY, BufferedLogWriter, is_text_file_observer
+
+
+class Recorder(io.StringIO):
+    """A text file that records each write and flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class WriterTestCase(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000.25)
+        self.out = Recorder()
+        self.writer = BufferedLogWriter(self.out, self.clock, limit=1000)
+        self.log = Logger(namespace="mailcore.test", observer=self.writer)
+
+    def tearDown(self) -> None:
+        self.writer.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class BufferingTests(WriterTestCase):
+    def test_a_turns_lines_are_written_once_in_order_when_the_turn_ends(self) -> None:
+        for n in range(5):
+            self.log.info("line {n}", n=n)
+        self.assertEqual(self.out.writes, [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.out.writes), 1)
+        self.assertEqual(self.out.flushes, 1)
+        self.assertEqual([line.split("] ", 1)[1] for line in self.out.getvalue().splitlines()],
+                         [f"line {n}" for n in range(5)])
+        self.log.info("next turn")
+        self.clock.advance(0)
+        self.assertEqual(len(self.out.writes), 2)
+        self.assertTrue(self.out.writes[1].endswith("] next turn\n"))
+
+    def test_past_the_limit_the_buffer_is_written_at_once(self) -> None:
+        for _ in range(20):
+            self.log.info("x" * 98)  # with its time stamp and system, over 100 bytes
+        self.assertGreaterEqual(len(self.out.writes), 1)
+        self.assertTrue(all(len(w) > 1000 for w in self.out.writes))
+        self.clock.advance(0)
+        self.assertEqual(self.out.getvalue().count("x" * 98), 20)
+        self.assertEqual(len(self.out.getvalue().splitlines()), 20)
+
+    def test_close_writes_what_is_pending_and_then_writes_through(self) -> None:
+        self.log.info("pending")
+        self.writer.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(self.out.getvalue().endswith("] pending\n"))
+        self.log.info("after")
+        self.assertTrue(self.out.getvalue().endswith("] after\n"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_line_from_another_thread_is_written_at_once_after_the_pending_ones(self) -> None:
+        self.log.info("first, in the reactor thread")
+        worker = threading.Thread(target=lambda: self.log.info("second, from a thread"))
+        worker.start()
+        worker.join()
+        self.assertEqual([line.split("] ", 1)[1] for line in self.out.getvalue().splitlines()],
+                         ["first, in the reactor thread", "second, from a thread"])
+        self.clock.advance(0)  # the turn's own write finds nothing left
+        self.assertEqual(len(self.out.writes), 1)
+
+    def test_a_write_that_fails_at_the_end_of_a_turn_loses_its_lines_not_the_writer(self) -> None:
+        class Full(Recorder):
+            fail = True
+
+            def write(self, s: str) -> int:
+                if self.fail:
+                    raise OSError(28, "No space left on device")
+                return super().write(s)
+
+        out = Full()
+        writer = BufferedLogWriter(out, self.clock)
+        log = Logger(namespace="t", observer=writer)
+        log.info("lost")
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no retry every turn
+        out.fail = False
+        log.info("kept")
+        self.clock.advance(0)
+        self.assertEqual(out.getvalue().count("] "), 1)
+        self.assertTrue(out.getvalue().endswith("] kept\n"))
+
+
+class FormatTests(WriterTestCase):
+    def same_as_twisted(self, emit: Any) -> None:
+        """`emit(logger)` gives the same text through the writer as through Twisted's own
+        text file observer."""
+        theirs = io.StringIO()
+        emit(Logger(namespace="mailcore.test", observer=textFileLogObserver(theirs)))
+        emit(self.log)
+        self.writer.flush()
+        self.assertEqual(self.out.getvalue(), theirs.getvalue())
+        self.assertTrue(theirs.getvalue())
+
+    def test_plain_lines_are_what_twisted_writes(self) -> None:
+        self.same_as_twisted(lambda log: log.warn("a {what} line", what="plain"))
+
+    def test_multi_line_text_and_log_system_are_what_twisted_writes(self) -> None:
+        self.same_as_twisted(lambda log: log.info("one\ntwo", log_system="smtp,192.0.2.1"))
+
+    def test_failures_are_what_twisted_writes_traceback_and_all(self) -> None:
+        def emit(log: Logger) -> None:
+            try:
+                1 / 0  # noqa: B018
+            except ZeroDivisionError:
+                log.failure("it broke")
+
+        self.same_as_twisted(emit)
+        self.assertIn("ZeroDivisionError", self.out.getvalue())
+
+    def test_an_event_without_text_writes_nothing(self) -> None:
+        self.log.info()  # no format: Twisted's observer writes nothing either
+        self.writer.flush()
+        self.assertEqual(self.out.getvalue(), "")
+
+    def test_the_time_stamp_follows_the_clock_of_each_event(self) -> None:
+        for when in (1_700_000_000.5, 1_700_000_000.9, 1_700_000_001.0):
+            self.writer({"log_format": "t", "log_time": when, "log_namespace": "n"})
+        reference = io.StringIO()
+        observer = textFileLogObserver(reference)
+        for when in (1_700_000_000.5, 1_700_000_000.9, 1_700_000_001.0):
+            observer({"log_format": "t", "log_time": when, "log_namespace": "n"})
+        self.writer.flush()
+        self.assertEqual(self.out.getvalue(), reference.getvalue())
+
+    def test_a_mail_log_line_is_formatted_once_when_emitted(self) -> None:
+        publisher = LogPublisher()
+        seen: list[Any] = []
+        publisher.addObserver(cast(ILogObserver, seen.append))
+        original = maillog.log.observer
+        maillog.log.observer = publisher
+        self.addCleanup(setattr, maillog.log, "observer", original)
+        maillog.kept("Q1", "quarantined", ["b@customer.test"], "spam")
+        (event,) = seen
+        self.assertEqual(event[TEXT_KEY], formatEvent(event))
+        self.assertEqual(event[TEXT_KEY],
+                         "Q1: quarantined nrcpt=1 to=<b@customer.test> reason=spam")
+
+
+class ReplacementTests(TestCase):
+    def test_only_twisteds_default_text_file_observer_is_replaced(self) -> None:
+        out = io.StringIO()
+        self.assertTrue(is_text_file_observer(textFileLogObserver(out)))
+        self.assertIs(textFileLogObserver(out)._outFile, out)  # what `replacing` reads
+        self.assertFalse(is_text_file_observer(textFileLogObserver(out, timeFormat=None)))
+        self.assertFalse(is_text_file_observer(jsonFileLogObserver(io.StringIO())))
+        self.assertFalse(is_text_file_observer(cast(ILogObserver, [].append)))
+
+    def test_the_service_buffers_the_log_file_while_running(self) -> None:
+        clock = Clock()
+        out = Recorder()
+        others: list[Any] = []
+        publisher = LogPublisher(textFileLogObserver(out), cast(ILogObserver, others.append))
+        log = Logger(namespace="mailcore.test", observer=publisher)
+        service = LogLimiterService(clock, publisher, burst=2, interval=10.0)
+        service.startService()
+        log.info("one")
+        log.info("two")
+        self.assertEqual((out.writes, len(others)), ([], 2))
+        clock.advance(0)
+        self.assertEqual(len(out.writes), 1)
+        for _ in range(5):
+            log.info("flood")
+        service.stopService()  # the pending lines and the summary, then the file as it was
+        lines = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+        self.assertEqual(lines, ["one", "two", "flood", "flood",
+                                 "… 3 more like this suppressed in the last 10 s: flood"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        writes = len(out.writes)
+        log.info("after")
+        self.assertEqual(len(out.writes), writes + 1)  # Twisted's own observer again
+
+    def test_unbuffered_the_service_leaves_the_file_observer_alone(self) -> None:
+        clock = Clock()
+        out = Recorder()
+        publisher = LogPublisher(textFileLogObserver(out))
+        service = LogLimiterService(clock, publisher, buffered=False)
+        service.startService()
+        Logger(observer=publisher).info("at once")
+        self.assertEqual(len(out.writes), 1)
+        service.stopService()
