@@ -18,11 +18,13 @@ from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
 from filters import FilterChain, build_chain
 from mailcore.backup import BackupAccounts, BackupMail, BackupSettings
+from mailcore.backup.jobs import BackupJobs, build_jobs
 from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import ChargeBatcher, TokenService, TokenSettings
 from mailcore.config import Config
 from mailcore.fetch import FetchServices, build_fetch
+from mailcore.fetch.jobs import JobRunner
 from mailcore.gateway.domains import DomainService, DomainSettings
 from mailcore.gateway.filtering import (
     ChainService,
@@ -78,6 +80,9 @@ class Core:
     # Dropmyemail's accounts ([dropmyemail]): fetch accounts with its rules on top.
     backup: BackupAccounts = field(init=False)
     backup_mail: BackupMail = field(init=False)
+    # Its migrates and restores, and the runner that runs each job on one node.
+    jobs: BackupJobs = field(init=False)
+    job_runner: JobRunner = field(init=False)
     # The durable spool the SMTP server commits into, and the delivery runner ([queue]);
     # our own SMTP listeners, which are never a next hop (configured, then as bound).
     queue: Queue = field(init=False)
@@ -155,6 +160,10 @@ class Core:
             self.config.section("webhooks"), self.db, self.clock, self.fetch.secrets
         )
         self.fetch.engine.listeners.append(self.webhooks.on_sync)
+        self.job_runner, self.jobs = build_jobs(
+            self.clock, self.db, self.fetch, self.backup.settings,
+            node_id=queue_settings.node_id, registry=self.metrics, webhooks=self.webhooks,
+        )
         self._build_filtering()
         drop_settings = SafedropSettings.from_config(self.config.section("safedrop"))
         self.safedrop = SafedropService(
@@ -231,7 +240,8 @@ class Core:
         """Timers and workers (queue runners, sync schedulers) owned by the daemon."""
         # The filter chain first, so it is closed after the queue stopped using it.
         services: list[IService] = [self.filter_service, self.domains, self.fetch.scheduler,
-                                    self.queue.service, self.quarantine, self.outbox]
+                                    self.queue.service, self.quarantine, self.outbox,
+                                    self.job_runner]
         services.append(self.tokens)
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(SafedropSweeper(self.safedrop))

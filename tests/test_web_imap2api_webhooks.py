@@ -49,7 +49,8 @@ class WebhookApiTests(TestCase):
         body = await alice.ok("POST", "/api/webhooks/", 201, json={
             "url": HOOK, "secret": "my-own-secret-1234567",
         })
-        self.assertEqual(body["events"], ["sync.completed", "email.new", "thread.updated"])
+        self.assertEqual(body["events"], ["sync.completed", "email.new", "thread.updated",
+                                          "migrate.completed", "restore.completed"])
         self.assertEqual(body["secret"], "my-own-secret-1234567")
 
     async def test_update_is_partial_and_rotates_secrets_on_request(self) -> None:

@@ -41,6 +41,8 @@ from mailcore.messages.models import MessageSummary
 from mailcore.oauth import OAuthProvider
 from web.api import ApiApp
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
+from web.dropmyemail_jobs import JobRoutes
+from web.dropmyemail_jobs import install as install_job_routes
 from web.errors import ApiError, OAuthErrors
 from web.openapi import Reply, RouteTable
 from web.parsing import (
@@ -291,7 +293,7 @@ def window(params: dict[str, str]) -> Window:
     return Window(values["page"], values["per_page"])
 
 
-class DropmyemailApp(ApiApp):
+class DropmyemailApp(JobRoutes, ApiApp):
     name = "dropmyemail"
     title = "Dropmyemail (seed 000): mailbox backup, migrate and restore; OAuth 2"
     shape = OAuthErrors()
@@ -740,3 +742,7 @@ class DropmyemailApp(ApiApp):
         return self.reply(request, {
             "id": contact.id, "filename": contact.filename, "content_type": "text/vcard",
             "content": base64.b64encode(card).decode("ascii")})
+
+
+# Migrates and restores: handlers in web/dropmyemail_jobs.py, on this app's route table.
+install_job_routes(DropmyemailApp.routes)

@@ -313,7 +313,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             oauth=core.oauth,
             backup=core.backup,
             mail=core.backup_mail,
-        ),
+        ).with_jobs(core.jobs),
     ]
     meta = MetaApp(
         settings,

@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "mailcore.cli.webhooks",
     "mailcore.cli.mailboxes",
     "mailcore.cli.oauth",
+    "mailcore.cli.jobs",
 )
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]

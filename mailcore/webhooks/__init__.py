@@ -5,7 +5,8 @@ One module per job: `model` (what a webhook and a delivery are), `settings` (the
 `store` (the SQL), `service` (the user-facing operations), `client` (the guarded HTTP
 client) and `sender` (the background sender).
 
-Events (seed 001 lists them: "email sync completion, new email arrival, thread updates"):
+Events (seed 001 lists the first three: "email sync completion, new email arrival, thread
+updates"; the last two are Dropmyemail's jobs):
 
 - `sync.completed`: every finished sync of an account, success or error. `data`:
   `imap_server`, `status`, `error`, `new_messages`, `started_at`, `finished_at`.
@@ -13,6 +14,11 @@ Events (seed 001 lists them: "email sync completion, new email arrival, thread u
   e-mails as the emails list shows them (a bigger sync sends several deliveries).
 - `thread.updated`: a sync added e-mails to threads. `data`: `imap_server` and `threads`,
   up to 100 of `{thread_id, thread_count, latest_email}`.
+- `migrate.completed`, `restore.completed`: a Dropmyemail migrate or restore ended (done or
+  failed; `mailcore.fetch.jobs`). `data`: `id`, `account_id`, `status`, `reason`,
+  `downloaded`, `messages`, `appended`, `attempts`, `start_time`, `end_time`, and for a
+  migrate `email`, `host`, `port`, for a restore `restore_size`. Queued in the transaction
+  that records the job's end.
 
 Every delivery is an HTTP POST of a JSON body `{"id", "event", "created_at", "data"}` with:
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from mailcore.messages.sql import utc
 
-EVENTS = ("sync.completed", "email.new", "thread.updated")
+EVENTS = ("sync.completed", "email.new", "thread.updated", "migrate.completed",
+          "restore.completed")
 STATUSES = ("pending", "success", "failed", "cancelled")
 # E-mails or threads per delivery of email.new / thread.updated.
 BATCH = 100

@@ -18,6 +18,7 @@ from mailcore.store.schema.counters import change_counters
 from mailcore.store.schema.domains import domain_addresses, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
+from mailcore.store.schema.jobs import mailbox_job_items, mailbox_jobs
 from mailcore.store.schema.leases import job_leases
 from mailcore.store.schema.mailapi import (
     mailapi_attachments,
@@ -58,6 +59,8 @@ __all__ = [
     "mailapi_attachments",
     "mailapi_mail",
     "mailbox_grants",
+    "mailbox_job_items",
+    "mailbox_jobs",
     "mailboxes",
     "message_attachments",
     "message_blobs",

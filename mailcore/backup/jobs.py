@@ -1,0 +1,187 @@
+"""Dropmyemail's migrates and restores: jobs of `mailcore.fetch.jobs` made for an account.
+
+A migrate names its destination (`email`, `password`, and optionally `host`, `protocol`,
+`start_tls`, `ssl`, `port`, derived as for accounts when missing): the destination must be an
+IMAP server (POP3 cannot receive mail); the login is checked first (a refusal is a
+BackupError with the server's reason, and nothing is stored); the password is stored
+encrypted with the fetch engine's key and never shown. A restore has no input; the account
+must be an IMAP account. Both are queued and run in the background by the job runner.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from mailcore.backup.accounts import (
+    GOOGLE_REFUSAL,
+    BackupError,
+    BackupSettings,
+    derive_host,
+    is_google,
+)
+from mailcore.fetch.accounts import DEFAULT_PORTS, Accounts, validate
+from mailcore.fetch.engine import SyncEngine
+from mailcore.fetch.errors import AccountError, AccountNotFound, FetchError
+from mailcore.fetch.imap import ServerSpec, open_session
+from mailcore.fetch.jobs import (
+    Job,
+    JobRunner,
+    thd_create_job,
+    thd_get_job,
+    thd_list_jobs,
+)
+from mailcore.store import Database
+
+JOB_SORTS = ("start_time", "end_time")
+
+
+class BackupJobs:
+    """Make, list and show the migrates and restores of a user's accounts."""
+
+    def __init__(self, db: Database, accounts: Accounts, engine: SyncEngine,
+                 settings: BackupSettings, runner: JobRunner | None = None) -> None:
+        self.db = db
+        self.accounts = accounts
+        self.engine = engine
+        self.settings = settings
+        self.runner = runner
+
+    def now(self) -> datetime.datetime:
+        return self.accounts.now()
+
+    async def _account(self, user_id: int, account_id: int) -> Any:
+        try:
+            return await self.accounts.get(user_id, account_id)
+        except AccountNotFound:
+            return None
+
+    def destination(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Checked destination columns from the migrate's input (BackupError if bad)."""
+        email = values.get("email") or ""
+        if not email:
+            raise BackupError("email is required", "email")
+        if not values.get("password"):
+            raise BackupError("password is required", "password")
+        protocol = values.get("protocol") or "imap"
+        if protocol != "imap":
+            raise BackupError("a migrate's destination must be an IMAP server (POP3 cannot "
+                              "receive mail)", "protocol")
+        host = values.get("host") or derive_host(email, "imap", self.settings)
+        if is_google(email, host):
+            raise BackupError(GOOGLE_REFUSAL, "email")
+        use_ssl = bool(values.get("ssl", False))
+        start_tls = bool(values.get("start_tls", False))
+        fields = {"email": email, "username": email, "password": values["password"],
+                  "host": host, "protocol": "imap", "use_ssl": use_ssl,
+                  "start_tls": start_tls, "allow_cleartext": not (use_ssl or start_tls),
+                  "port": values.get("port") or DEFAULT_PORTS[("imap", use_ssl)]}
+        try:
+            checked = validate(dict(fields))
+        except AccountError as e:
+            raise BackupError(e.message, e.field) from None
+        return {**fields, **checked}
+
+    async def check_login(self, fields: dict[str, Any]) -> None:
+        """Log in to the destination (the guarded connection the sync engine uses)."""
+        engine = self.engine
+        s = engine.settings
+        spec = ServerSpec(
+            host=fields["host"], port=fields["port"], use_ssl=fields["use_ssl"],
+            start_tls=fields["start_tls"], allow_cleartext=fields["allow_cleartext"],
+            username=fields["username"], password=fields["password"],
+        )
+        creator = engine.tls_factory(fields["host"], ca_pem=None, fingerprint=None)
+        try:
+            session = await open_session(
+                engine.reactor, spec, creator, max_literal=s.max_message_bytes,
+                connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+                policy=s.address_policy())
+        except FetchError as e:
+            raise BackupError(f"could not log in to {spec.host}: {e}", "password") from None
+        await session.close_session()
+
+    async def _create(self, values: dict[str, Any]) -> Job:
+        def txn(conn: Connection) -> Job:
+            job = thd_get_job(conn, thd_create_job(conn, values))
+            assert job is not None
+            return job
+
+        job = await self.db.run("create_mailbox_job", txn)
+        if self.runner is not None:
+            self.runner.kick()
+        return job
+
+    async def migrate(self, user_id: int, account_id: int,
+                      values: dict[str, Any]) -> Job | None:
+        """A queued migrate of the account into the destination `values`; None if the
+        account is not the user's."""
+        if await self._account(user_id, account_id) is None:
+            return None
+        fields = self.destination(values)
+        await self.check_login(fields)
+        now = self.now()
+        return await self._create({
+            "kind": "migrate", "user_id": user_id, "account_id": account_id,
+            "status": "queued", "email": fields["email"], "host": fields["host"],
+            "protocol": "imap", "port": fields["port"], "use_ssl": fields["use_ssl"],
+            "start_tls": fields["start_tls"], "allow_cleartext": fields["allow_cleartext"],
+            "username": fields["username"],
+            "password_enc": self.accounts.secrets.encrypt(fields["password"]),
+            "created_at": now, "updated_at": now,
+        })
+
+    async def restore(self, user_id: int, account_id: int) -> Job | None:
+        """A queued restore of the account's backup into it; None if not the user's."""
+        account = await self._account(user_id, account_id)
+        if account is None:
+            return None
+        if account.protocol != "imap":
+            raise BackupError("a POP3 account cannot be restored: POP3 cannot put mail "
+                              "back", "protocol")
+        now = self.now()
+        return await self._create({
+            "kind": "restore", "user_id": user_id, "account_id": account_id,
+            "status": "queued", "email": account.email, "created_at": now, "updated_at": now,
+        })
+
+    async def list(self, user_id: int, account_id: int, kind: str, *,
+                   sort: str = "start_time", direction: str = "asc") -> list[Job] | None:
+        """The account's jobs of `kind`; None if the account is not the user's."""
+        if sort not in JOB_SORTS:
+            raise BackupError(f"sort must be one of {', '.join(JOB_SORTS)}", "sort")
+        if direction not in ("asc", "desc"):
+            raise BackupError("direction must be asc or desc", "direction")
+        if await self._account(user_id, account_id) is None:
+            return None
+        return await self.db.read("list_mailbox_jobs", thd_list_jobs, user_id=user_id,
+                                  account_id=account_id, kind=kind, sort=sort,
+                                  direction=direction)
+
+    async def get(self, user_id: int, account_id: int, kind: str, job_id: int) -> Job | None:
+        return await self.db.read("get_mailbox_job", thd_get_job, job_id, user_id=user_id,
+                                  account_id=account_id, kind=kind)
+
+
+def build_jobs(
+    reactor: Any, db: Database, fetch: Any, settings: BackupSettings, *, node_id: str,
+    registry: Any = None, webhooks: Any = None,
+) -> tuple[JobRunner, BackupJobs]:
+    """The job runner (a background service) and Dropmyemail's migrates and restores over
+    the fetch services `fetch`; a finished job wakes the webhook sender of `webhooks`."""
+    from mailcore.fetch.jobs import JobMetrics
+    from mailcore.fetch.migrate import MailboxCopier
+
+    metrics = JobMetrics(registry) if registry is not None else None
+    copier = MailboxCopier(db, fetch.accounts, fetch.engine, fetch.secrets, metrics=metrics)
+
+    def finished(_job: Job) -> None:
+        sender = getattr(webhooks, "sender", None)
+        if sender is not None:
+            sender.kick()
+
+    runner = JobRunner(reactor, db, node_id, copier.bodies(), metrics=metrics,
+                       on_finished=finished)
+    return runner, BackupJobs(db, fetch.accounts, fetch.engine, settings, runner)

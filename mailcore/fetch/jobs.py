@@ -1,0 +1,611 @@
+"""Migrate and restore jobs: the durable job rows, and the runner that runs each on one node.
+
+A job (`mailbox_jobs`, see `mailcore.store.schema.jobs`) is made queued; the `JobRunner`
+service of every node looks for due jobs every `poll` seconds (and at once when a job is
+made here), leases each in `job_leases` as `mailbox-job-<id>` before it runs it, renews the
+lease every third of `LEASE` while it runs, and gives it up when it stops. So on several
+nodes sharing PostgreSQL one node runs a job; a node that dies holds it at most `LEASE`
+seconds (the same node restarted, with the same node id, takes it back at once). A job still
+marked running when its node died resumes by itself: what it recorded stays, and messages it
+had in flight are looked for at the destination before anything is sent again
+(`mailcore.fetch.migrate`).
+
+A transient failure (the server unreachable, a timeout, a dropped connection, an APPEND the
+server says may succeed later) puts the job back in the queue after a backoff
+(`retry_base` * 2^(attempt-1), at most `retry_max`), up to `max_attempts` runs; anything
+else (refused login, a refused message, TLS that does not verify) fails it with the reason.
+An operator's `cancel` fails it at once ("cancelled by an operator"); the node running it
+notices at its next batch or lease renewal and stops.
+
+A finished job (done or failed) queues the webhook event `migrate.completed` or
+`restore.completed` for its owner's subscribed webhooks in the same transaction that records
+the outcome, and counts in the Prometheus registry (`JobMetrics`).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy import Connection, func, insert, select, update
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.messages.sql import new_id, utc
+from mailcore.store import Database
+from mailcore.store.leases import thd_claim_job, thd_release_job
+from mailcore.store.schema import job_leases, mailbox_job_items, mailbox_jobs, webhooks
+from mailcore.webhooks.payload import iso
+from mailcore.webhooks.store import _Subscriber, thd_enqueue
+
+log = Logger()
+
+KINDS = ("migrate", "restore")
+STATUSES = ("queued", "running", "done", "failed")
+ACTIVE = ("queued", "running")
+JOB_EVENTS = {"migrate": "migrate.completed", "restore": "restore.completed"}
+CANCELLED = "cancelled by an operator"
+# A running job's lease lasts this long and is renewed every third of it.
+LEASE = 300.0
+
+
+class JobError(Exception):
+    """A job operation was refused (unknown job, wrong state); the message says why."""
+
+
+class JobStopped(Exception):
+    """The job is no longer this node's to run (cancelled, or its lease was taken over)."""
+
+
+class TransientJobError(Exception):
+    """The job should be tried again later; the message says why."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """How often the runner looks for jobs, how many run at once, and the retry policy."""
+
+    poll: float = 5.0
+    max_concurrent: int = 4
+    max_attempts: int = 8
+    retry_base: float = 10.0
+    retry_max: float = 600.0
+    # A batch of messages appended at once (pipelined), bounded in count and bytes.
+    batch_messages: int = 250
+    batch_bytes: int = 4 * 1024 * 1024
+
+    def backoff(self, attempt: int) -> float:
+        return float(min(self.retry_max, self.retry_base * 2 ** max(0, attempt - 1)))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job row as it may be shown: never the destination's password."""
+
+    id: int
+    kind: str
+    user_id: int
+    account_id: int
+    status: str
+    reason: str | None
+    phase: str
+    email: str
+    host: str | None
+    protocol: str | None
+    port: int | None
+    use_ssl: bool
+    start_tls: bool
+    allow_cleartext: bool
+    username: str | None
+    downloaded: int
+    messages: int
+    appended: int
+    restore_size: int
+    attempts: int
+    next_attempt_at: float
+    created_at: datetime.datetime
+    start_time: datetime.datetime | None
+    end_time: datetime.datetime | None
+    updated_at: datetime.datetime
+    lease_owner: str | None = None
+    message_ids: tuple[int, ...] = field(default=())
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+
+_JOB_COLUMNS = [f.name for f in fields(Job) if f.name not in ("lease_owner", "message_ids")]
+_TIMES = {"created_at", "start_time", "end_time", "updated_at"}
+
+
+def lease_name(job_id: int) -> str:
+    return f"mailbox-job-{job_id}"
+
+
+def _job(row: Any, *, lease_owner: str | None = None,
+         message_ids: tuple[int, ...] = ()) -> Job:
+    m = row._mapping
+    values: dict[str, Any] = {k: (utc(m[k]) if k in _TIMES else m[k]) for k in _JOB_COLUMNS}
+    return Job(**values, lease_owner=lease_owner, message_ids=message_ids)
+
+
+def thd_create_job(conn: Connection, values: dict[str, Any]) -> int:
+    """Blocking: a new queued job from its column values; its id."""
+    return new_id(conn.execute(insert(mailbox_jobs).values(**values)))
+
+
+def thd_message_ids(conn: Connection, job_ids: list[int]) -> dict[int, tuple[int, ...]]:
+    """Blocking: the backed-up messages each job copied or found, by job."""
+    out: dict[int, list[int]] = {j: [] for j in job_ids}
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        select(mailbox_job_items.c.job_id, mailbox_job_items.c.message_row_id)
+        .where(mailbox_job_items.c.job_id.in_(job_ids),
+               mailbox_job_items.c.state.in_(("done", "present")))
+        .order_by(mailbox_job_items.c.job_id, mailbox_job_items.c.message_row_id)
+    )
+    for job_id, message_id in rows:
+        out[job_id].append(int(message_id))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _leases(conn: Connection, job_ids: list[int], now: float) -> dict[int, str]:
+    if not job_ids:
+        return {}
+    names = {lease_name(j): j for j in job_ids}
+    rows = conn.execute(
+        select(job_leases.c.name, job_leases.c.owner)
+        .where(job_leases.c.name.in_(list(names)), job_leases.c.until > now)
+    )
+    return {names[name]: owner for name, owner in rows}
+
+
+def thd_get_job(conn: Connection, job_id: int, *, user_id: int | None = None,
+                account_id: int | None = None, kind: str | None = None,
+                now: float = 0.0) -> Job | None:
+    """Blocking: one job (of that user, account and kind when given), or None."""
+    q = select(mailbox_jobs).where(mailbox_jobs.c.id == job_id)
+    if user_id is not None:
+        q = q.where(mailbox_jobs.c.user_id == user_id)
+    if account_id is not None:
+        q = q.where(mailbox_jobs.c.account_id == account_id)
+    if kind is not None:
+        q = q.where(mailbox_jobs.c.kind == kind)
+    row = conn.execute(q).first()
+    if row is None:
+        return None
+    return _job(row, lease_owner=_leases(conn, [job_id], now).get(job_id),
+                message_ids=thd_message_ids(conn, [job_id]).get(job_id, ()))
+
+
+def thd_list_jobs(
+    conn: Connection, *, user_id: int | None = None, account_id: int | None = None,
+    kind: str | None = None, status: str | None = None, sort: str = "id",
+    direction: str = "asc", limit: int | None = None, now: float = 0.0,
+    with_message_ids: bool = True,
+) -> list[Job]:
+    """Blocking: jobs filtered as asked, sorted by id, created_at, start_time or end_time
+    (jobs not started or not ended last, whatever the direction)."""
+    c = mailbox_jobs.c
+    q = select(mailbox_jobs)
+    for column, value in (("user_id", user_id), ("account_id", account_id), ("kind", kind),
+                          ("status", status)):
+        if value is not None:
+            q = q.where(c[column] == value)
+    key = c[sort]
+    order = key.desc() if direction == "desc" else key.asc()
+    q = q.order_by(key.is_(None), order, c.id.desc() if direction == "desc" else c.id)
+    if limit is not None:
+        q = q.limit(limit)
+    rows = conn.execute(q).all()
+    ids = [r.id for r in rows]
+    leases = _leases(conn, ids, now)
+    messages = thd_message_ids(conn, ids) if with_message_ids else {}
+    return [_job(r, lease_owner=leases.get(r.id), message_ids=messages.get(r.id, ()))
+            for r in rows]
+
+
+def thd_cancel_job(conn: Connection, job_id: int, now: datetime.datetime) -> Job | None:
+    """Blocking: fail a queued or running job as cancelled; None if there is no such job.
+    JobError if it has finished already."""
+    job = thd_get_job(conn, job_id)
+    if job is None:
+        return None
+    if job.finished:
+        raise JobError(f"job {job_id} has already ended ({job.status})")
+    thd_finish(conn, job_id, "failed", CANCELLED, now, expect=ACTIVE)
+    return thd_get_job(conn, job_id)
+
+
+def thd_counts(conn: Connection) -> dict[tuple[str, str], int]:
+    """Blocking: how many jobs of each (kind, status)."""
+    rows = conn.execute(
+        select(mailbox_jobs.c.kind, mailbox_jobs.c.status, func.count())
+        .group_by(mailbox_jobs.c.kind, mailbox_jobs.c.status)
+    )
+    return {(k, s): int(n) for k, s, n in rows}
+
+
+def _subscribers(conn: Connection, user_id: int) -> list[_Subscriber]:
+    return [
+        _Subscriber(r.id, tuple(e for e in r.events.split(",") if e))
+        for r in conn.execute(
+            select(webhooks.c.id, webhooks.c.events)
+            .where(webhooks.c.user_id == user_id, webhooks.c.active.is_(True))
+        )
+    ]
+
+
+def event_data(job: Job) -> dict[str, Any]:
+    """The `data` of a job's webhook event."""
+    data: dict[str, Any] = {
+        "id": job.id, "account_id": job.account_id, "status": job.status,
+        "reason": job.reason, "downloaded": job.downloaded, "messages": job.messages,
+        "appended": job.appended, "attempts": job.attempts,
+        "start_time": iso(job.start_time), "end_time": iso(job.end_time),
+    }
+    if job.kind == "migrate":
+        data.update(email=job.email, host=job.host, port=job.port)
+    else:
+        data["restore_size"] = job.restore_size
+    return data
+
+
+def thd_finish(conn: Connection, job_id: int, status: str, reason: str | None,
+               now: datetime.datetime, *, expect: tuple[str, ...] = ("running",)) -> int:
+    """Blocking: end a job as done or failed (if it is in one of `expect`) and queue its
+    webhook event with it, in this transaction; how many deliveries were queued (-1 when
+    the job was not in an expected state and nothing changed)."""
+    changed = conn.execute(
+        update(mailbox_jobs)
+        .where(mailbox_jobs.c.id == job_id, mailbox_jobs.c.status.in_(expect))
+        .values(status=status, reason=reason, end_time=now, updated_at=now)
+    )
+    if not changed.rowcount:
+        return -1
+    job = thd_get_job(conn, job_id)
+    assert job is not None
+    subscribers = _subscribers(conn, job.user_id)
+    if not subscribers:
+        return 0
+    return thd_enqueue(conn, job.user_id, JOB_EVENTS[job.kind], [event_data(job)], subscribers,
+                       now, now.timestamp())
+
+
+class JobMetrics:
+    """The jobs' Prometheus collectors: jobs by kind and status (refreshed at every poll of
+    the runner), messages written and found, and runs ended by outcome on this node."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Gauge("mailcore_mailbox_jobs", "Migrate and restore jobs in the store, "
+                          "by kind and status.", ["kind", "status"], registry=registry)
+        self.messages = Counter(
+            "mailcore_mailbox_job_messages",
+            "Messages migrate and restore jobs of this node appended (written) or found "
+            "already at the destination (present), by kind.", ["kind", "outcome"],
+            registry=registry)
+        self.finished = Counter("mailcore_mailbox_jobs_finished",
+                                "Jobs this node ended, by kind and status.",
+                                ["kind", "status"], registry=registry)
+        for kind in KINDS:
+            for status in STATUSES:
+                self.jobs.labels(kind=kind, status=status).set(0)
+
+    def counts(self, counts: dict[tuple[str, str], int]) -> None:
+        for kind in KINDS:
+            for status in STATUSES:
+                self.jobs.labels(kind=kind, status=status).set(counts.get((kind, status), 0))
+
+
+# What runs a job once this node holds it: (runner, job) -> None, raising JobStopped,
+# TransientJobError or any other exception (a failure with its message as the reason).
+JobBody = Callable[["JobRunner", Job], Awaitable[None]]
+
+
+class JobRunner(service.Service):
+    """Runs due jobs on this node, each leased (module docstring)."""
+
+    name = "mailbox-jobs"
+
+    def __init__(
+        self, reactor: Any, db: Database, node_id: str, bodies: dict[str, JobBody], *,
+        settings: JobSettings | None = None, metrics: JobMetrics | None = None,
+        on_finished: Callable[[Job], object] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.db = db
+        self.node_id = node_id
+        self.bodies = bodies
+        self.settings = settings or JobSettings()
+        self.metrics = metrics
+        self.on_finished = on_finished
+        self._running: dict[int, defer.Deferred[None]] = {}
+        self._loop: task.LoopingCall | None = None
+        self._renewal: task.LoopingCall | None = None
+        self._tick: defer.Deferred[int] | None = None
+        self._kick: Any = None
+        self._stopping = False
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
+
+    # -- service -------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._loop = task.LoopingCall(self._poll)
+        self._loop.clock = self.reactor
+        self._loop.start(self.settings.poll, now=True).addErrback(
+            lambda f: log.failure("the job runner stopped", f))
+        self._renewal = task.LoopingCall(self._renew)
+        self._renewal.clock = self.reactor
+        self._renewal.start(LEASE / 3, now=False).addErrback(
+            lambda f: log.failure("renewing job leases stopped", f))
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        for loop in (self._loop, self._renewal):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._loop = self._renewal = None
+        if self._kick is not None and self._kick.active():
+            self._kick.cancel()
+        self._kick = None
+        return defer.Deferred.fromCoroutine(self.stop())
+
+    async def stop(self) -> None:
+        """Stop every running job (they resume on the next start) and wait for them."""
+        self._stopping = True
+        if self._tick is not None:
+            await defer.DeferredList([self._tick], consumeErrors=True)
+        pending = list(self._running.values())
+        for d in pending:
+            d.cancel()
+        if pending:
+            await defer.DeferredList(pending, consumeErrors=True)
+
+    def running_jobs(self) -> list[int]:
+        """The jobs this node runs now."""
+        return sorted(self._running)
+
+    def kick(self) -> None:
+        """Look for due jobs soon (a job was just made)."""
+        if self._stopping or not self.running:  # service.Service.running: started
+            return
+        if self._kick is None or not self._kick.active():
+            self._kick = self.reactor.callLater(0, self._poll)
+
+    def _poll(self) -> defer.Deferred[int] | None:
+        if self._tick is not None:
+            return None  # one look at a time
+        self._tick = defer.Deferred.fromCoroutine(self.tick())
+
+        def done(outcome: Any) -> Any:
+            self._tick = None
+            if isinstance(outcome, Failure):
+                log.failure("looking for due jobs failed", outcome)
+                return 0
+            return outcome
+
+        return self._tick.addBoth(done)
+
+    def _renew(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self.renew_leases())
+
+    # -- finding and claiming jobs ---------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Start every due job this node can claim (not waiting for them); how many."""
+        seconds = self.reactor.seconds()
+
+        def due(conn: Connection) -> tuple[list[int], dict[tuple[str, str], int]]:
+            ids = [int(r[0]) for r in conn.execute(
+                select(mailbox_jobs.c.id)
+                .where(mailbox_jobs.c.status.in_(ACTIVE),
+                       mailbox_jobs.c.next_attempt_at <= seconds)
+                .order_by(mailbox_jobs.c.id).limit(100)
+            )]
+            return ids, thd_counts(conn)
+
+        ids, counts = await self.db.read("due_mailbox_jobs", due)
+        if self.metrics is not None:
+            self.metrics.counts(counts)
+        started = 0
+        for job_id in ids:
+            if self._stopping or len(self._running) >= self.settings.max_concurrent:
+                break
+            if job_id in self._running:
+                continue
+            job = await self._claim(job_id)
+            if job is None:
+                continue
+            self._start(job)
+            started += 1
+        return started
+
+    async def _claim(self, job_id: int) -> Job | None:
+        """Lease job `job_id` for this node and mark it running, if it is still due; the
+        job, or None (another node holds it, or it ended or is waiting meanwhile)."""
+        seconds = self.reactor.seconds()
+        now = self.now()
+        node = self.node_id
+
+        def txn(conn: Connection) -> Job | None:
+            if not thd_claim_job(conn, lease_name(job_id), node, seconds, seconds + LEASE):
+                return None
+            # The lease is ours: the row as the last holder left it (a job ended before
+            # its holder let go is not run again).
+            job = thd_get_job(conn, job_id)
+            if job is None or job.status not in ACTIVE or job.next_attempt_at > seconds:
+                thd_release_job(conn, lease_name(job_id), node, seconds)
+                return None
+            conn.execute(
+                update(mailbox_jobs).where(mailbox_jobs.c.id == job_id).values(
+                    status="running", attempts=mailbox_jobs.c.attempts + 1,
+                    start_time=func.coalesce(mailbox_jobs.c.start_time, now), updated_at=now,
+                )
+            )
+            return thd_get_job(conn, job_id, now=seconds)
+
+        return await self.db.run("claim_mailbox_job", txn)
+
+    def _start(self, job: Job) -> None:
+        d = defer.Deferred.fromCoroutine(self._run(job))
+        self._running[job.id] = d
+
+        def done(outcome: Any) -> None:
+            self._running.pop(job.id, None)
+            if isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
+                log.failure("job {id} ended badly", outcome, id=job.id)
+            if not self._stopping:
+                self.kick()
+
+        d.addBoth(done)
+
+    async def wait(self, job_id: int) -> None:
+        """Wait until this node's run of the job ends (tests)."""
+        d = self._running.get(job_id)
+        if d is not None:
+            await defer.DeferredList([d], consumeErrors=True)
+
+    async def settle(self) -> None:
+        """Wait until no job runs on this node (tests)."""
+        while self._running or self._tick is not None:
+            pending: list[defer.Deferred[Any]] = list(self._running.values())
+            if self._tick is not None:
+                pending.append(self._tick)
+            await defer.DeferredList(pending, consumeErrors=True)
+
+    async def _run(self, job: Job) -> None:
+        body = self.bodies[job.kind]
+        try:
+            await body(self, job)
+        except defer.CancelledError:
+            await self._let_go(job.id)
+            raise
+        except JobStopped as e:
+            log.info("job {id} stopped on this node: {why}", id=job.id, why=str(e))
+            await self._let_go(job.id)
+            return
+        except TransientJobError as e:
+            await self._retry_later(job, str(e))
+            return
+        except Exception as e:
+            if not isinstance(e, JobFailed):
+                log.failure("job {id} failed", id=job.id)
+            await self._end(job, "failed", str(e) or type(e).__name__)
+            return
+        await self._end(job, "done", None)
+
+    async def _let_go(self, job_id: int) -> None:
+        try:
+            await self.db.run("release_mailbox_job", thd_release_job, lease_name(job_id),
+                              self.node_id, self.reactor.seconds())
+        except Exception:
+            log.failure("could not give up the lease of job {id}", id=job_id)
+
+    async def _retry_later(self, job: Job, reason: str) -> None:
+        def txn(conn: Connection) -> Job | None:
+            current = thd_get_job(conn, job.id)
+            if current is None or current.status != "running":
+                return None
+            if current.attempts >= self.settings.max_attempts:
+                thd_finish(conn, job.id, "failed",
+                           f"gave up after {current.attempts} attempts: {reason}", now)
+                return thd_get_job(conn, job.id)
+            conn.execute(
+                update(mailbox_jobs).where(mailbox_jobs.c.id == job.id).values(
+                    status="queued", reason=reason, updated_at=now,
+                    next_attempt_at=seconds + self.settings.backoff(current.attempts),
+                )
+            )
+            return None
+
+        seconds = self.reactor.seconds()
+        now = self.now()
+        ended = await self.db.run("retry_mailbox_job", txn)
+        await self._let_go(job.id)
+        if ended is not None:
+            self._ended(ended)
+
+    async def _end(self, job: Job, status: str, reason: str | None) -> None:
+        now = self.now()
+
+        def txn(conn: Connection) -> Job | None:
+            if thd_finish(conn, job.id, status, reason, now) < 0:
+                return None
+            return thd_get_job(conn, job.id)
+
+        ended = await self.db.run("finish_mailbox_job", txn)
+        await self._let_go(job.id)
+        if ended is not None:
+            self._ended(ended)
+
+    def _ended(self, job: Job) -> None:
+        if self.metrics is not None:
+            self.metrics.finished.labels(kind=job.kind, status=job.status).inc()
+        if self.on_finished is not None:
+            try:
+                self.on_finished(job)
+            except Exception:
+                log.failure("a job listener failed")
+
+    # -- while a job runs ------------------------------------------------------------------
+
+    async def renew_leases(self) -> None:
+        """Extend the leases of the jobs running here; a job whose lease another node took,
+        or that an operator cancelled, is stopped."""
+        mine = sorted(self._running)
+        if not mine:
+            return
+        seconds = self.reactor.seconds()
+        node = self.node_id
+
+        def txn(conn: Connection) -> list[int]:
+            lost = []
+            for job_id in mine:
+                held = thd_claim_job(conn, lease_name(job_id), node, seconds, seconds + LEASE)
+                status = conn.execute(select(mailbox_jobs.c.status)
+                                      .where(mailbox_jobs.c.id == job_id)).scalar()
+                if not held or status != "running":
+                    lost.append(job_id)
+            return lost
+
+        try:
+            lost: list[int] = await self.db.run("renew_mailbox_jobs", txn)
+        except Exception:
+            log.failure("renewing job leases failed")
+            return
+        for job_id in lost:
+            d = self._running.get(job_id)
+            if d is not None:
+                log.warn("job {id} is no longer this node's: stopping it", id=job_id)
+                d.cancel()
+
+    def check_txn(self, conn: Connection, job_id: int, seconds: float) -> None:
+        """Blocking, inside a job's own transactions: JobStopped unless the job is still
+        running and this node still holds its lease (so nothing is sent for a job another
+        node took over or an operator cancelled)."""
+        status = conn.execute(select(mailbox_jobs.c.status)
+                              .where(mailbox_jobs.c.id == job_id)).scalar()
+        if status != "running":
+            raise JobStopped(f"the job is {status or 'gone'}")
+        owner = conn.execute(
+            select(job_leases.c.owner).where(job_leases.c.name == lease_name(job_id),
+                                             job_leases.c.until > seconds)
+        ).scalar()
+        if owner != self.node_id:
+            raise JobStopped("another node holds the job")
+
+
+class JobFailed(Exception):
+    """The job cannot succeed; the message is the reason shown to the user."""

@@ -1,0 +1,528 @@
+"""Copy backed-up mail into an IMAP mailbox exactly once: the body of migrate and restore jobs.
+
+A migrate first brings the account's backup up to date (a sync, once per job), then copies
+every backed-up message into the destination, folder by folder (the folder is made there when
+missing, named as in the backup, hierarchy mapped to the destination's separator), with its
+flags and INTERNALDATE. A restore (`mailcore.fetch.restore`) plans which messages are no
+longer in the account and copies those back the same way.
+
+Exactly once, per (job, backed-up message), in `mailbox_job_items`:
+
+1. Before a batch is sent, its messages are recorded `inflight` (committed), in the same
+   transaction that checks the job is still running and this node still holds its lease.
+2. The batch goes out as pipelined APPENDs. Each message the server answered OK is recorded
+   `done` (with the APPENDUID where the server has UIDPLUS) as soon as the batch's answers
+   are in; a message it refused stays `inflight` and the job retries or fails.
+3. On every (re)start, before anything is appended to a folder, the messages left `inflight`
+   (the window between an OK and its record, e.g. a crash) are looked for at the destination
+   (`MailboxWriter.find`: Message-ID, else size, date and a body hash); so is every message
+   whose size and INTERNALDATE match one the destination already holds that no item of this
+   job accounts for. A message found is recorded `present` (or `done` if it was in flight)
+   and is not appended again.
+
+So a message counts as copied only after the server's OK, and never twice, whatever the
+moment the daemon dies. Transient failures (connection lost, timeouts, an APPEND answered NO
+that the server says may succeed later) put the job back in the queue with a backoff; a
+refused message, a refused login or a certificate that does not verify fail it with a reason.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailcore.fetch.accounts import Accounts
+from mailcore.fetch.engine import BUSY, SyncEngine
+from mailcore.fetch.errors import (
+    AuthFailed,
+    CleartextRefused,
+    ConnectFailed,
+    FetchError,
+    FetchTimeout,
+    TLSFailed,
+)
+from mailcore.fetch.imap import IMAPClient, ServerSpec, open_session
+from mailcore.fetch.jobs import (
+    Job,
+    JobFailed,
+    JobMetrics,
+    JobRunner,
+    JobSettings,
+    TransientJobError,
+)
+from mailcore.fetch.secrets import SecretBox
+from mailcore.fetch.writer import (
+    Append,
+    Appended,
+    AppendInterrupted,
+    MailboxWriter,
+    encode_folder,
+    open_writer,
+)
+from mailcore.messages.sql import dialect_insert, utc
+from mailcore.store import Database
+from mailcore.store.schema import (
+    fetch_folders,
+    mailbox_job_items,
+    mailbox_jobs,
+    message_blobs,
+    messages,
+)
+
+log = Logger()
+
+_m = messages.c
+_i = mailbox_job_items.c
+# Flags that belong to a session, not to a message: never sent with an APPEND.
+_SESSION_FLAGS = {"\\RECENT"}
+
+
+@dataclass
+class Source:
+    """A backed-up message as the copy needs it (its bytes are read per batch)."""
+
+    id: int
+    size: int
+    internal_date: datetime.datetime | None
+    message_id: str
+    sha256: str
+    flags: tuple[str, ...]
+    uidvalidity: int | None = None
+    uid: int | None = None
+
+    @property
+    def key(self) -> tuple[int, datetime.datetime | None]:
+        return self.size, self.internal_date
+
+
+@dataclass
+class FolderPlan:
+    """One backed-up folder: where it goes and which of its messages the job copies."""
+
+    folder_id: int
+    name: str
+    path: tuple[str, ...]
+    candidates: list[Source] = field(default_factory=list)
+    # UIDs of the destination folder that stand for messages the plan does not copy (a
+    # restore: the backed-up messages still in the account).
+    present_uids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ItemState:
+    state: str
+    dest_uid: int | None
+
+
+def folder_path(name: str, delimiter: str | None) -> tuple[str, ...]:
+    """A backed-up folder name as a path of names, whatever the destination's separator."""
+    if name.upper() == "INBOX":
+        return ("INBOX",)
+    if delimiter:
+        return tuple(p for p in name.split(delimiter) if p) or (name,)
+    return (name,)
+
+
+def message_flags(text: str) -> tuple[str, ...]:
+    return tuple(f for f in text.split() if f.upper() not in _SESSION_FLAGS)
+
+
+# -- SQL --------------------------------------------------------------------------------------
+
+
+def thd_backup_folders(conn: Connection, account_id: int) -> list[FolderPlan]:
+    """Blocking: the account's backed-up folders (those holding messages), in name order,
+    each with every backed-up message, oldest first."""
+    folders = {
+        r.id: FolderPlan(r.id, r.name, folder_path(r.name, r.delimiter))
+        for r in conn.execute(
+            select(fetch_folders.c.id, fetch_folders.c.name, fetch_folders.c.delimiter)
+            .where(fetch_folders.c.account_id == account_id)
+        )
+    }
+    rows = conn.execute(
+        select(_m.id, _m.folder_id, _m.size, _m.internal_date, _m.message_id, _m.sha256,
+               _m.flags, _m.uidvalidity, _m.uid)
+        .where(_m.account_id == account_id)
+        .order_by(_m.folder_id, _m.uid, _m.id)
+    )
+    for r in rows:
+        plan = folders.get(r.folder_id)
+        if plan is None:
+            continue
+        plan.candidates.append(Source(
+            id=r.id, size=int(r.size), internal_date=utc(r.internal_date),
+            message_id=r.message_id or "", sha256=r.sha256, flags=message_flags(r.flags),
+            uidvalidity=r.uidvalidity, uid=r.uid,
+        ))
+    return sorted((p for p in folders.values() if p.candidates),
+                  key=lambda p: (p.path != ("INBOX",), p.name))
+
+
+def thd_item_states(conn: Connection, job_id: int) -> dict[int, ItemState]:
+    """Blocking: what the job recorded of each message so far."""
+    return {
+        int(r.message_row_id): ItemState(r.state, r.dest_uid)
+        for r in conn.execute(
+            select(_i.message_row_id, _i.state, _i.dest_uid).where(_i.job_id == job_id)
+        )
+    }
+
+
+def thd_read_bodies(conn: Connection, ids: list[int]) -> dict[int, bytes]:
+    """Blocking: the exact bytes of these backed-up messages."""
+    rows = conn.execute(
+        select(_m.id, message_blobs.c.raw)
+        .select_from(messages.join(message_blobs, message_blobs.c.sha256 == _m.sha256))
+        .where(_m.id.in_(ids))
+    )
+    return {int(r.id): bytes(r.raw) for r in rows}
+
+
+def _upsert_items(conn: Connection, job_id: int,
+                  rows: Sequence[tuple[int, str, int | None, int | None]]) -> None:
+    """(message id, state, dest uidvalidity, dest uid) rows of the job, replacing any."""
+    if not rows:
+        return
+    ins = dialect_insert(conn)(mailbox_job_items)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["job_id", "message_row_id"],
+        set_={"state": ins.excluded.state, "dest_uidvalidity": ins.excluded.dest_uidvalidity,
+              "dest_uid": ins.excluded.dest_uid},
+    )
+    conn.execute(stmt, [
+        {"job_id": job_id, "message_row_id": m, "state": s, "dest_uidvalidity": v,
+         "dest_uid": u} for m, s, v, u in rows
+    ])
+
+
+def thd_progress(conn: Connection, job_id: int) -> tuple[int, int]:
+    """Blocking: (messages dealt with, messages appended) of the job, from its items."""
+    done = conn.execute(
+        select(func.count()).select_from(mailbox_job_items)
+        .where(_i.job_id == job_id, _i.state.in_(("done", "present")))
+    ).scalar()
+    appended = conn.execute(
+        select(func.count()).select_from(mailbox_job_items)
+        .where(_i.job_id == job_id, _i.state == "done")
+    ).scalar()
+    return int(done or 0), int(appended or 0)
+
+
+# -- the copy -----------------------------------------------------------------------------------
+
+
+TRANSIENT = (ConnectFailed, FetchTimeout)
+FATAL = (AuthFailed, TLSFailed, CleartextRefused)
+
+
+class MailboxCopier:
+    """The bodies of migrate and restore jobs (`migrate`, `restore`) for a `JobRunner`."""
+
+    def __init__(self, db: Database, accounts: Accounts, engine: SyncEngine,
+                 secrets: SecretBox, *, settings: JobSettings | None = None,
+                 metrics: JobMetrics | None = None) -> None:
+        self.db = db
+        self.accounts = accounts
+        self.engine = engine
+        self.secrets = secrets
+        self.settings = settings or JobSettings()
+        self.metrics = metrics
+
+    def bodies(self) -> dict[str, Any]:
+        from mailcore.fetch.restore import restore
+
+        async def run_restore(runner: JobRunner, job: Job) -> None:
+            await restore(self, runner, job)
+
+        return {"migrate": self.migrate, "restore": run_restore}
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def creator(self, host: str, ca_pem: str | None = None,
+                fingerprint: str | None = None) -> Any:
+        return self.engine.tls_factory(host, ca_pem=ca_pem, fingerprint=fingerprint)
+
+    async def open_reader(self, spec: ServerSpec, creator: Any) -> IMAPClient:
+        """A reading session (LIST, EXAMINE, SEARCH, FETCH) on a server."""
+        s = self.engine.settings
+        return await guarded(open_session(
+            self.engine.reactor, spec, creator, max_literal=s.max_message_bytes,
+            connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+            policy=s.address_policy()))
+
+    async def open_writer(self, spec: ServerSpec, creator: Any) -> MailboxWriter:
+        """A writing session on the destination (`mailcore.fetch.writer`)."""
+        return await guarded(open_writer(
+            self.engine.reactor, spec, spec.username, spec.password, tls=creator,
+            settings=self.engine.settings))
+
+    # -- the migrate body ------------------------------------------------------------------
+
+    async def bring_backup_up_to_date(self, runner: JobRunner, job: Job) -> None:
+        """Sync the account once per job (a job resumed after a crash does not again)."""
+        if job.phase != "backup":
+            return
+        result = await self.engine.sync(job.account_id)
+        if result.status == BUSY:
+            raise TransientJobError("the account's backup is being updated on another node")
+        if not result.ok:
+            log.info("job {id}: the backup sync before the copy failed ({why}); copying "
+                     "what is backed up", id=job.id, why=result.problems())
+        now = runner.now()
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(mailbox_jobs).where(mailbox_jobs.c.id == job.id)
+                         .values(phase="copy", updated_at=now))
+
+        await self.db.run("mailbox_job_phase", txn)
+
+    async def migrate(self, runner: JobRunner, job: Job) -> None:
+        await self.bring_backup_up_to_date(runner, job)
+
+        def secret(conn: Connection) -> bytes | None:
+            return conn.execute(select(mailbox_jobs.c.password_enc)
+                                .where(mailbox_jobs.c.id == job.id)).scalar()
+
+        token = await self.db.read("mailbox_job_secret", secret)
+        if token is None or not job.host or not job.port or not job.username:
+            raise JobFailed("the migrate has no destination")
+        spec = ServerSpec(host=job.host, port=job.port, use_ssl=job.use_ssl,
+                          start_tls=job.start_tls, allow_cleartext=job.allow_cleartext,
+                          username=job.username, password=self.secrets.decrypt(token))
+        plans = await self.db.read("mailbox_job_folders", thd_backup_folders, job.account_id)
+        await self.copy(runner, job, spec, self.creator(job.host), plans)
+
+    # -- shared by migrate and restore -------------------------------------------------------
+
+    async def copy(self, runner: JobRunner, job: Job, spec: ServerSpec, creator: Any,
+                   plans: list[FolderPlan], *, reader: IMAPClient | None = None) -> None:
+        """Copy each plan's candidates into the destination `spec`, exactly once (module
+        docstring). `reader` is an open reading session on the destination, if the caller
+        has one."""
+        states = await self.db.read("mailbox_job_items", thd_item_states, job.id)
+        total = sum(len(p.candidates) for p in plans)
+        size = sum(s.size for p in plans for s in p.candidates)
+        handled, appended = await self.db.read("mailbox_job_progress", thd_progress, job.id)
+        await self._set_counts(job.id, messages=total, restore_size=size,
+                               downloaded=handled, appended=appended)
+        if all(s.id in states and states[s.id].state != "inflight"
+               for p in plans for s in p.candidates):
+            return
+        own_reader = reader is None
+        writer: MailboxWriter | None = None
+        try:
+            if reader is None:
+                reader = await self.open_reader(spec, creator)
+            writer = await self.open_writer(spec, creator)
+            existing = {tuple(p) for p in await guarded(writer.folders())}
+            for plan in plans:
+                await self._copy_folder(runner, job, writer, reader, plan, states, existing)
+        finally:
+            if writer is not None:
+                try:
+                    await writer.logout()
+                except Exception:
+                    log.debug("logout from the destination failed")
+            if own_reader and reader is not None:
+                await reader.close_session()
+
+    async def _set_counts(self, job_id: int, **values: int) -> None:
+        def txn(conn: Connection) -> None:
+            conn.execute(update(mailbox_jobs).where(mailbox_jobs.c.id == job_id)
+                         .values(**values))
+
+        await self.db.run("mailbox_job_counts", txn)
+
+    async def _destination(self, reader: IMAPClient, mailbox: bytes
+                           ) -> tuple[int | None, list[tuple[int, int, Any]]]:
+        """(UIDVALIDITY, [(uid, size, internaldate)]) of a destination folder (`mailbox`:
+        its argument as the writer names it, modified UTF-7)."""
+        lines, _ = await guarded(reader.send(b"EXAMINE", mailbox))
+        uidvalidity: int | None = None
+        exists = 0
+        for line in lines:
+            words = line.split()
+            if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
+                exists = int(words[0])
+            elif line.upper().startswith(b"OK [UIDVALIDITY ") and len(words) >= 3:
+                value = words[2].rstrip(b"]")
+                uidvalidity = int(value) if value.isdigit() else None
+        if exists == 0:
+            return uidvalidity, []
+        items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE"))
+        return uidvalidity, [(i.uid, i.size or 0, i.internal_date) for i in items
+                             if i.uid is not None]
+
+    async def _copy_folder(self, runner: JobRunner, job: Job, writer: MailboxWriter,
+                           reader: IMAPClient, plan: FolderPlan, states: dict[int, ItemState],
+                           existing: set[tuple[str, ...]]) -> None:
+        todo = [s for s in plan.candidates
+                if s.id not in states or states[s.id].state == "inflight"]
+        if not todo:
+            return
+        path = plan.path
+        dest = writer.destination_path(path)
+        exists = dest in existing or dest == ("INBOX",)
+        if not exists:
+            await guarded(writer.ensure_folder(path))
+            existing.add(dest)
+        # What the destination holds that nothing of this plan accounts for.
+        uidvalidity: int | None = None
+        index: Counter[tuple[int, Any]] = Counter()
+        mine = {c.id for c in plan.candidates}
+        used = {st.dest_uid for sid, st in states.items()
+                if st.dest_uid is not None and st.state != "inflight" and sid in mine}
+        used |= plan.present_uids
+        if exists:
+            uidvalidity, held = await self._destination(
+                reader, encode_folder(path, writer.separator, utf8=False))
+            index = Counter((size, utc(date)) for uid, size, date in held if uid not in used)
+        # Messages in flight at the last stop, and look-alikes of what is there: look first.
+        found: list[tuple[int, str, int | None, int | None]] = []
+        to_send: list[Source] = []
+        for source in todo:
+            inflight = source.id in states
+            looks_there = bool(index) and (source.internal_date is None
+                                           or index[source.key] > 0)
+            if exists and (inflight or looks_there):
+                uid = await guarded(writer.find(
+                    path, message_id=source.message_id or None, size=source.size,
+                    internaldate=source.internal_date, sha256=source.sha256, exclude=used))
+                if uid is not None:
+                    used.add(uid)
+                    if index[source.key] > 0:
+                        index[source.key] -= 1
+                    found.append((source.id, "done" if inflight else "present", uidvalidity,
+                                  uid))
+                    continue
+            to_send.append(source)
+        if found:
+            await self._record(runner, job, found,
+                               appended=sum(1 for f in found if f[1] == "done"))
+        await self._append_all(runner, job, writer, plan, to_send)
+
+    def _batches(self, sources: list[Source]) -> list[list[Source]]:
+        out: list[list[Source]] = []
+        current: list[Source] = []
+        total = 0
+        s = self.settings
+        for source in sources:
+            if current and (len(current) >= s.batch_messages
+                            or total + source.size > s.batch_bytes):
+                out.append(current)
+                current, total = [], 0
+            current.append(source)
+            total += source.size
+        if current:
+            out.append(current)
+        return out
+
+    async def _append_all(self, runner: JobRunner, job: Job, writer: MailboxWriter,
+                          plan: FolderPlan, sources: list[Source]) -> None:
+        batches = self._batches(sources)
+        if not batches:
+            return
+        reads: list[defer.Deferred[dict[int, bytes]]] = []
+
+        def read(batch: list[Source]) -> defer.Deferred[dict[int, bytes]]:
+            return self.db.read("mailbox_job_bodies", thd_read_bodies, [s.id for s in batch])
+
+        reads.append(read(batches[0]))
+        try:
+            for n, batch in enumerate(batches):
+                bodies = await reads.pop(0)
+                if n + 1 < len(batches):
+                    reads.append(read(batches[n + 1]))  # read ahead while this one goes out
+                await self._mark_inflight(runner, job, batch)
+                await self._append_batch(runner, job, writer, plan, batch, bodies)
+        finally:
+            for d in reads:
+                d.addErrback(lambda _f: None)
+
+    async def _mark_inflight(self, runner: JobRunner, job: Job, batch: list[Source]) -> None:
+        seconds = runner.reactor.seconds()
+
+        def txn(conn: Connection) -> None:
+            runner.check_txn(conn, job.id, seconds)
+            _upsert_items(conn, job.id, [(s.id, "inflight", None, None) for s in batch])
+
+        await self.db.run("mailbox_job_inflight", txn)
+
+    async def _append_batch(self, runner: JobRunner, job: Job, writer: MailboxWriter,
+                            plan: FolderPlan, batch: list[Source],
+                            bodies: dict[int, bytes]) -> None:
+        sendable = [s for s in batch if s.id in bodies]  # a message deleted meanwhile: skip
+        items = [Append(data=bodies[s.id], flags=s.flags, internaldate=s.internal_date)
+                 for s in sendable]
+        interrupted: AppendInterrupted | None = None
+        try:
+            answers: list[Appended] = await writer.append(plan.path, items)
+        except AppendInterrupted as e:
+            answers, interrupted = list(e.answered), e
+        except FetchError as e:
+            raise _classify(e) from None
+        written = [(s.id, "done", a.uidvalidity, a.uid)
+                   for s, a in zip(sendable, answers, strict=False) if a.ok]
+        if written:
+            await self._record(runner, job, written, appended=len(written))
+        refused = [(s, a) for s, a in zip(sendable, answers, strict=False) if not a.ok]
+        if refused:
+            source, answer = refused[0]
+            where = "/".join(plan.path)
+            reason = answer.reason or "no reason given"
+            if answer.retryable:
+                raise TransientJobError(
+                    f"the destination did not take a message into {where} for now: {reason}")
+            raise JobFailed(f"the destination refused message {source.id} (folder {where}, "
+                            f"{source.size} bytes): {reason}")
+        if interrupted is not None:
+            raise TransientJobError(f"the destination's connection broke during APPEND: "
+                                    f"{interrupted}")
+        if len(answers) < len(sendable):
+            raise TransientJobError("the destination answered fewer APPENDs than were sent")
+
+    async def _record(self, runner: JobRunner, job: Job,
+                      rows: list[tuple[int, str, int | None, int | None]],
+                      *, appended: int) -> None:
+        """Commit the messages the destination took (or held already)."""
+        now = runner.now()
+
+        def txn(conn: Connection) -> None:
+            _upsert_items(conn, job.id, rows)
+            conn.execute(update(mailbox_jobs).where(mailbox_jobs.c.id == job.id).values(
+                downloaded=mailbox_jobs.c.downloaded + len(rows),
+                appended=mailbox_jobs.c.appended + appended, updated_at=now))
+
+        await self.db.run("mailbox_job_record", txn)
+        if self.metrics is not None:
+            kind = job.kind
+            if appended:
+                self.metrics.messages.labels(kind=kind, outcome="appended").inc(appended)
+            if len(rows) - appended:
+                self.metrics.messages.labels(kind=kind, outcome="present").inc(
+                    len(rows) - appended)
+
+
+def _classify(e: FetchError) -> Exception:
+    """A session failure as a job outcome: retry later, or fail with the reason."""
+    if isinstance(e, FATAL):
+        return JobFailed(str(e))
+    return TransientJobError(str(e))
+
+
+async def guarded(d: Any) -> Any:
+    """Await a session call; its FetchError becomes a job outcome (retry or fail)."""
+    try:
+        return await d
+    except AppendInterrupted:
+        raise
+    except FetchError as e:
+        raise _classify(e) from None

@@ -1,0 +1,74 @@
+"""Restore: put back into an account every backed-up message that is no longer there.
+
+The job brings the backup up to date (one sync), then reads the account as it is now: for
+each backed-up folder, whether it still exists, its UIDVALIDITY and its UIDs. A backed-up
+message is still there when its (UIDVALIDITY, UID) is, or when an earlier restore of this
+account put it back at a (UIDVALIDITY, UID) that is still there. Every other one is copied
+back into its folder (made again when it was deleted) by `MailboxCopier.copy`, with the same
+exactly-once rule as a migrate. A restore of an intact account appends nothing.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, select
+
+from mailcore.fetch.imap import ServerSpec
+from mailcore.fetch.jobs import Job, JobFailed, JobRunner
+from mailcore.fetch.migrate import MailboxCopier, guarded, thd_backup_folders
+from mailcore.store.schema import mailbox_job_items, mailbox_jobs
+
+_i = mailbox_job_items.c
+_j = mailbox_jobs.c
+
+
+def thd_restored_before(conn: Connection, account_id: int,
+                        job_id: int) -> dict[int, tuple[int | None, int]]:
+    """Blocking: where earlier restores of the account put backed-up messages back:
+    message id -> (UIDVALIDITY, UID)."""
+    rows = conn.execute(
+        select(_i.message_row_id, _i.dest_uidvalidity, _i.dest_uid)
+        .select_from(mailbox_job_items.join(mailbox_jobs, _j.id == _i.job_id))
+        .where(_j.account_id == account_id, _j.kind == "restore", _j.id != job_id,
+               _i.state.in_(("done", "present")), _i.dest_uid.is_not(None))
+    )
+    return {int(m): (v, int(u)) for m, v, u in rows}
+
+
+async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
+    """The body of a restore job (module docstring)."""
+    await copier.bring_backup_up_to_date(runner, job)
+    account, password = await copier.accounts.credentials(job.account_id)
+    if account.protocol != "imap":
+        raise JobFailed("a POP3 account cannot be restored: POP3 cannot put mail back")
+    spec = ServerSpec(host=account.host, port=account.port, use_ssl=account.use_ssl,
+                      start_tls=account.start_tls, allow_cleartext=account.allow_cleartext,
+                      username=account.username, password=password)
+    creator = copier.creator(account.host, account.tls_ca_pem, account.tls_fingerprint)
+    plans = await copier.db.read("mailbox_job_folders", thd_backup_folders, account.id)
+    before = await copier.db.read("mailbox_restored_before", thd_restored_before,
+                                  account.id, job.id)
+    reader = await copier.open_reader(spec, creator)
+    try:
+        remote = {f.name.upper() if f.name.upper() == "INBOX" else f.name: f
+                  for f in await guarded(reader.list_folders())}
+        for plan in plans:
+            key = "INBOX" if plan.name.upper() == "INBOX" else plan.name
+            folder = remote.get(key)
+            if folder is None or not folder.selectable:
+                continue  # deleted: every message goes back, into the folder made again
+            info = await guarded(reader.examine(folder.name))
+            uids = set(await guarded(reader.uid_search(b"ALL"))) if info.exists else set()
+
+            here = {(info.uidvalidity, uid) for uid in uids}
+            missing = []
+            for source in plan.candidates:
+                if source.uid is not None and (source.uidvalidity, source.uid) in here:
+                    plan.present_uids.add(source.uid)
+                elif source.id in before and before[source.id] in here:
+                    plan.present_uids.add(before[source.id][1])
+                else:
+                    missing.append(source)
+            plan.candidates = missing
+        await copier.copy(runner, job, spec, creator, plans, reader=reader)
+    finally:
+        await reader.close_session()

@@ -1,0 +1,417 @@
+"""Migrates and restores against a real Dovecot (issue 13).
+
+Two users: the source holds 1,050 messages in nested folders with non-ASCII names, flags and
+dates, backed up through the Dropmyemail API. A migrate into the second user leaves there
+every message once, byte-exact, with the same flags, INTERNALDATE and folders; a second
+migrate appends nothing. A restore after 50 messages and one folder were deleted at the
+source puts them all back (the folder made again), without a duplicate; a restore of the
+intact account appends nothing. A destination over quota fails the job with the server's
+reason, and every message the job counts as copied is there; a destination whose connection
+is cut in the middle of the APPENDs (a proxy that drops it twice) is retried, and in the end
+holds every message once. Bad input is a 4xx in the OAuth shape; another user's ids are 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.protocols import portforward
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.imap import ServerSpec, open_session
+from mailcore.fetch.jobs import JobSettings
+from mailcore.fetch.settings import FetchSettings
+from mailcore.fetch.tls import client_tls
+from mailcore.fetch.writer import mutf7_encode
+from tests.support.corpus import make_message
+from tests.support.dovecot import DovecotClassMixin, DovecotServer
+from tests.support.imap2api import LiveApi, live_api
+from tests.support.oauth import access_token
+from tests.support.reactor import get_reactor
+
+ADDRESS_LOGINS = """
+passdb {
+  driver = static
+  args = password=secret
+}
+"""
+QUOTA = """
+mail_plugins = $mail_plugins quota
+plugin {
+  quota = maildir:User quota
+  quota_rule = *:storage=0
+  quota_rule2 = Trash:ignore
+}
+protocol imap {
+  mail_plugins = $mail_plugins imap_quota
+}
+"""
+
+# Folder -> how many messages; nested, non-ASCII names (Dovecot's separator is "/").
+FOLDERS = {"INBOX": 400, "Archiv/Größe": 250, "Archiv/Größe/2023": 150, "Проекты": 150,
+           "Sent": 100}
+FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "$Label1")
+
+Entry = tuple[str, str, tuple[str, ...], Any]
+
+
+def maildir_name(folder: str) -> str:
+    """The folder as Dovecot names it on disk (modified UTF-7; doveadm takes UTF-8)."""
+    return "/".join(mutf7_encode(p).decode("ascii") for p in folder.split("/"))
+
+
+def fill(server: DovecotServer, user: str, folders: dict[str, int], tag: str) -> int:
+    """Write the corpus into `user`'s folders with dates spread over years, and flags."""
+    n = 0
+    for folder, count in folders.items():
+        raws = [make_message(n + i, tag).raw for i in range(count)]
+        mtimes = [1_500_000_000.0 + (n + i) * 86_399 for i in range(count)]
+        server.add_messages(user, maildir_name(folder), raws, mtimes=mtimes, index=False)
+        server.index(user, folder)  # doveadm takes names in UTF-8
+        for k, flag in enumerate(FLAGS):  # every fifth message from k+1 gets flag k
+            uids = ",".join(str(u) for u in range(k + 1, count + 1, len(FLAGS) + 1))
+            server.add_flag(user, folder, uids, flag)
+        n += count
+    return n
+
+
+def trusting(ca: str) -> Any:
+    def factory(host: str, *, ca_pem: str | None = None,
+                fingerprint: str | None = None) -> IOpenSSLClientConnectionCreator:
+        return client_tls(host, ca_pem=ca_pem or ca, fingerprint=fingerprint)
+
+    return factory
+
+
+async def mailbox(server: DovecotServer, user: str, port: int | None = None) -> Counter[Entry]:
+    """Every message of the user as (folder, SHA-256 of its bytes, flags, INTERNALDATE)."""
+    spec = ServerSpec(host="localhost", port=port or server.imap, use_ssl=False,
+                      start_tls=False, allow_cleartext=True, username=user,
+                      password=server.PASSWORD)
+    session = await open_session(
+        get_reactor(), spec, client_tls("localhost", ca_pem=server.pki.ca_pem.decode()),
+        policy=FetchSettings(allow_loopback=True).address_policy())
+    out: Counter[Entry] = Counter()
+    try:
+        for folder in await session.list_folders():
+            if not folder.selectable:
+                continue
+            info = await session.examine(folder.name)
+            if not info.exists:
+                continue
+            for item in await session.uid_fetch(b"1:*", b"UID FLAGS INTERNALDATE BODY.PEEK[]"):
+                assert item.body is not None
+                out[(folder.name, hashlib.sha256(item.body).hexdigest(),
+                     tuple(sorted(item.flags or ())), item.internal_date)] += 1
+    finally:
+        await session.close_session()
+    return out
+
+
+async def bearer(api: LiveApi, token: str, method: str, path: str,
+                 **kwargs: Any) -> tuple[int, Any]:
+    return await api.call(method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+
+class Setup:
+    """A live API with the job runner started, a user with a token, and a backed-up
+    source account."""
+
+    api: LiveApi
+    token: str
+    account_id: int
+    source: str
+
+
+class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
+    timeout = 240
+    extra_config = ADDRESS_LOGINS
+
+    async def setup(self, folders: dict[str, int], *, tag: str = "jobs") -> Setup:
+        server = await self.dovecot()
+        source = f"{server.new_user()}@example.test"
+        fill(server, source, folders, tag)
+        api = await live_api(self, {})
+        api.core.fetch.engine.tls_factory = trusting(server.pki.ca_pem.decode())
+        runner = api.core.job_runner
+        runner.settings = JobSettings(retry_base=0.2, retry_max=0.5, poll=0.5)
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        status, created = await bearer(api, token, "POST", "/v1/accounts", json={
+            "email": source, "password": server.PASSWORD, "host": "localhost",
+            "port": server.imap, "protocol": "imap"})
+        self.assertEqual(status, 201, created)
+        result = await api.core.fetch.engine.sync(created["id"])
+        self.assertEqual(result.status, "success", result.error)
+        s = Setup()
+        s.api, s.token, s.account_id, s.source = api, token, created["id"], source
+        return s
+
+    async def finished(self, s: Setup, kind: str, job_id: int) -> dict[str, Any]:
+        """Wait for the job to end; its JSON."""
+        for _ in range(2400):
+            await s.api.core.job_runner.settle()
+            status, job = await bearer(s.api, s.token, "GET",
+                                       f"/v1/accounts/{s.account_id}/{kind}s/{job_id}")
+            self.assertEqual(status, 200, job)
+            if job["status"] in ("done", "failed"):
+                return job  # type: ignore[no-any-return]
+            d: defer.Deferred[None] = defer.Deferred()
+            get_reactor().callLater(0.05, d.callback, None)
+            await d
+        self.fail(f"{kind} {job_id} did not end")
+
+    async def migrate(self, s: Setup, destination: str, port: int | None = None
+                      ) -> dict[str, Any]:
+        server = await self.dovecot()
+        status, job = await bearer(s.api, s.token, "POST",
+                                   f"/v1/accounts/{s.account_id}/migrates", json={
+                                       "email": destination, "password": server.PASSWORD,
+                                       "host": "localhost", "port": port or server.imap})
+        self.assertEqual(status, 201, job)
+        self.assertNotIn("password", job)
+        self.assertEqual((job["status"], job["email"], job["backup_id"]),
+                         ("queued", destination, s.account_id))
+        return await self.finished(s, "migrate", job["id"])
+
+    async def test_migrate_copies_everything_once_and_a_second_appends_nothing(self) -> None:
+        server = await self.dovecot()
+        s = await self.setup(FOLDERS)
+        total = sum(FOLDERS.values())
+        destination = f"{server.new_user()}@example.test"
+        before = await mailbox(server, s.source)
+        self.assertEqual(sum(before.values()), total)
+
+        job = await self.migrate(s, destination)
+        self.assertEqual((job["status"], job["reason"]), ("done", None), job)
+        self.assertEqual((job["messages"], job["downloaded"], job["appended"]),
+                         (total, total, total))
+        self.assertEqual(len(job["message_ids"]), total)
+        self.assertIsNotNone(job["end_time"])
+        # Every message once, byte-exact, same flags, INTERNALDATE and folder.
+        self.assertEqual(await mailbox(server, destination), before)
+
+        again = await self.migrate(s, destination)
+        self.assertEqual((again["status"], again["downloaded"], again["appended"]),
+                         ("done", total, 0), again)
+        self.assertEqual(await mailbox(server, destination), before)
+
+        status, listed = await bearer(s.api, s.token, "GET",
+                                      f"/v1/accounts/{s.account_id}/migrates"
+                                      "?sort=end_time&direction=desc")
+        self.assertEqual(status, 200, listed)
+        self.assertEqual([m["id"] for m in listed], [again["id"], job["id"]])
+        # /metrics counts the jobs and the messages.
+        status, metrics = await s.api.call("GET", "/metrics")
+        text = metrics.decode() if isinstance(metrics, bytes) else str(metrics)
+        self.assertIn('mailcore_mailbox_job_messages_total{kind="migrate",outcome="appended"} '
+                      f"{float(total)}", text)
+        self.assertIn('mailcore_mailbox_jobs_finished_total{kind="migrate",status="done"} 2.0',
+                      text)
+
+    async def test_restore_puts_back_deleted_messages_and_folders_once(self) -> None:
+        server = await self.dovecot()
+        folders = {"INBOX": 120, "Archiv/Größe": 60, "Проекты": 40}
+        s = await self.setup(folders, tag="restore")
+        before = await mailbox(server, s.source)
+        user = s.source
+        # 50 messages go: 30 from INBOX, 20 from Archiv/Größe; and the folder Проекты.
+        server.expunge(user, "INBOX", "1:30")
+        server.expunge(user, "Archiv/Größe", "11:30")
+        server.doveadm_run("mailbox", "delete", "-u", user, "Проекты")
+        self.assertEqual(sum((await mailbox(server, user)).values()),
+                         sum(folders.values()) - 50 - 40)
+
+        status, job = await bearer(s.api, s.token, "POST",
+                                   f"/v1/accounts/{s.account_id}/restores")
+        self.assertEqual(status, 201, job)
+        self.assertEqual((job["status"], job["user_id"]), ("queued", job["user_id"]))
+        job = await self.finished(s, "restore", job["id"])
+        self.assertEqual((job["status"], job["messages"], job["appended"]), ("done", 90, 90),
+                         job)
+        self.assertGreater(job["restore_size"], 0)
+        self.assertEqual(await mailbox(server, user), before)
+
+        # The account is whole again: a second restore appends nothing.
+        status, second = await bearer(s.api, s.token, "POST",
+                                      f"/v1/accounts/{s.account_id}/restores")
+        second = await self.finished(s, "restore", second["id"])
+        self.assertEqual((second["status"], second["messages"], second["appended"]),
+                         ("done", 0, 0), second)
+        self.assertEqual(await mailbox(server, user), before)
+        status, listed = await bearer(s.api, s.token, "GET",
+                                      f"/v1/accounts/{s.account_id}/restores")
+        self.assertEqual([r["id"] for r in listed], [job["id"], second["id"]])
+
+    async def test_a_cut_connection_is_retried_and_every_message_lands_once(self) -> None:
+        server = await self.dovecot()
+        folders = {"INBOX": 300, "Archiv/Größe": 200}
+        s = await self.setup(folders, tag="cut")
+        before = await mailbox(server, s.source)
+        destination = f"{server.new_user()}@example.test"
+        proxy = CuttingProxy(server.imap, threshold=150_000, cuts=2)
+        port = get_reactor().listenTCP(0, proxy, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        job = await self.migrate(s, destination, port.getHost().port)
+        self.assertEqual(job["status"], "done", job)
+        self.assertGreaterEqual(job["attempts"], 3)  # two cuts, then the run that finished
+        self.assertEqual(job["downloaded"], sum(folders.values()))
+        self.assertEqual(await mailbox(server, destination), before)
+
+    async def test_bad_input_is_4xx_and_other_users_see_nothing(self) -> None:
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 3}, tag="bad")
+        base = f"/v1/accounts/{s.account_id}"
+        checks: list[tuple[str, str, dict[str, Any], int]] = [
+            ("POST", f"{base}/migrates", {"email": "x@example.test"}, 400),
+            ("POST", f"{base}/migrates", {"password": "p"}, 400),
+            ("POST", f"{base}/migrates", {"email": "x@example.test", "password": "p",
+                                          "protocol": "pop", "host": "localhost"}, 400),
+            ("POST", f"{base}/migrates", {"email": "x@example.test", "password": "p",
+                                          "port": 70000, "host": "localhost"}, 400),
+            ("POST", f"{base}/migrates", {"email": "x@example.test", "password": "p",
+                                          "ssl": "maybe", "host": "localhost"}, 400),
+            ("POST", f"{base}/migrates", {"email": "x@gmail.com", "password": "p"}, 400),
+            ("POST", f"{base}/migrates", {"email": "u2@example.test", "password": "wrong",
+                                          "host": "localhost", "port": server.imap}, 400),
+            ("POST", f"{base}/migrates", {"email": "u2@example.test", "password": "p",
+                                          "bogus": 1}, 400),
+            ("GET", f"{base}/migrates?sort=size", {}, 400),
+            ("GET", f"{base}/restores?direction=up", {}, 400),
+            ("GET", f"{base}/migrates/{2**63}", {}, 404),
+            ("GET", f"{base}/migrates/x", {}, 404),
+            ("GET", f"/v1/accounts/{s.account_id + 1}/migrates", {}, 404),
+            ("POST", f"/v1/accounts/{s.account_id + 1}/restores", {}, 404),
+            ("POST", f"/v1/accounts/{s.account_id + 1}/migrates",
+             {"email": "u2@example.test", "password": "secret", "host": "localhost",
+              "port": server.imap}, 404),
+        ]
+        for method, path, body, expected in checks:
+            kwargs = {"json": body} if method == "POST" else {}
+            status, reply = await bearer(s.api, s.token, method, path, **kwargs)
+            self.assertEqual(status, expected, (method, path, body, reply))
+            self.assertIn("error", reply, (path, reply))
+            self.assertIn("error_description", reply, (path, reply))
+        status, reply = await bearer(s.api, s.token, "POST", f"{base}/migrates", json={
+            "email": "u2@example.test", "password": "wrong", "host": "localhost",
+            "port": server.imap})
+        self.assertIn("could not log in to localhost", reply["error_description"])
+        self.assertEqual(await s.api.core.db.read(
+            "n", lambda c: c.exec_driver_sql("select count(*) from mailbox_jobs").scalar()), 0)
+        # A read-only token cannot start jobs.
+        alice = await s.api.core.identity.find_user("alice")
+        reader = await access_token(s.api.core.oauth, alice.id, scope="read")
+        status, reply = await bearer(s.api, reader, "POST", f"{base}/restores")
+        self.assertEqual((status, reply["error"]), (403, "insufficient_scope"))
+        # Bob sees none of Alice's jobs, and cannot make any on her account.
+        status, job = await bearer(s.api, s.token, "POST", f"{base}/restores")
+        self.assertEqual(status, 201)
+        await self.finished(s, "restore", job["id"])
+        bob = await s.api.core.identity.create_user("bob", "bob@example.test", "pw")
+        bob_token = await access_token(s.api.core.oauth, bob.id)
+        for method, path in (("GET", f"{base}/restores"), ("GET", f"{base}/restores/{job['id']}"),
+                             ("POST", f"{base}/restores"), ("GET", f"{base}/migrates")):
+            status, reply = await bearer(s.api, bob_token, method, path)
+            self.assertEqual((status, reply["error"]), (404, "not_found"), (path, reply))
+
+
+class QuotaDestinationTests(DovecotClassMixin, TestCase):
+    """A destination that refuses APPENDs (over quota) fails the job with its reason; what
+    the job counts as copied is exactly what is there."""
+
+    timeout = 120
+    extra_config = ADDRESS_LOGINS + QUOTA
+
+    async def test_over_quota_fails_with_the_reason_and_counts_only_what_landed(self) -> None:
+        server = await self.dovecot()
+        # The source is under quota too (storage=0 means no limit for the user below).
+        source = f"{server.new_user()}@example.test"
+        fill(server, source, {"INBOX": 60}, "quota")
+        api = await live_api(self, {})
+        api.core.fetch.engine.tls_factory = trusting(server.pki.ca_pem.decode())
+        runner = api.core.job_runner
+        runner.settings = JobSettings(retry_base=0.2, retry_max=0.5, poll=0.5)
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        status, created = await bearer(api, token, "POST", "/v1/accounts", json={
+            "email": source, "password": server.PASSWORD, "host": "localhost",
+            "port": server.imap})
+        self.assertEqual(status, 201, created)
+        await api.core.fetch.engine.sync(created["id"])
+        # The destination may hold 40 KiB: about ten of the messages.
+        destination = "quota@example.test"
+        (server.dir / "passwd").write_text(
+            (server.dir / "passwd").read_text()
+            + f"{destination}:{{PLAIN}}{server.PASSWORD}::::::userdb_quota_rule=*:storage=40K\n")
+        status, job = await bearer(api, token, "POST",
+                                   f"/v1/accounts/{created['id']}/migrates", json={
+                                       "email": destination, "password": server.PASSWORD,
+                                       "host": "localhost", "port": server.imap})
+        self.assertEqual(status, 201, job)
+        for _ in range(600):
+            await runner.settle()
+            status, job = await bearer(api, token, "GET",
+                                       f"/v1/accounts/{created['id']}/migrates/{job['id']}")
+            if job["status"] in ("done", "failed"):
+                break
+            d: defer.Deferred[None] = defer.Deferred()
+            get_reactor().callLater(0.05, d.callback, None)
+            await d
+        self.assertEqual(job["status"], "failed", job)
+        self.assertIn("refused", job["reason"])
+        self.assertIn("quota", job["reason"].lower())
+        landed = await mailbox(server, destination)
+        self.assertEqual(sum(landed.values()), job["appended"])
+        self.assertEqual(job["downloaded"], job["appended"])
+        self.assertLess(job["appended"], 60)
+
+
+class CuttingProxy(protocol.Factory):
+    """A TCP proxy to 127.0.0.1:`port` that drops a connection (both sides, at once) when
+    the client has sent more than `threshold` bytes on it, `cuts` times in all; sessions
+    that send little (logins, reads) pass untouched."""
+
+    def __init__(self, port: int, *, threshold: int, cuts: int) -> None:
+        self.port = port
+        self.threshold = threshold
+        self.cuts = cuts
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        proxy = _Cutting()
+        proxy.factory = self  # type: ignore[assignment]
+        return proxy
+
+
+class _Cutting(portforward.ProxyServer):
+    seen = 0
+
+    def connectionMade(self) -> None:
+        mine: Any = self.transport
+        mine.pauseProducing()
+        client = portforward.ProxyClientFactory()
+        client.setServer(self)
+        get_reactor().connectTCP("127.0.0.1", self.factory.port, client)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        owner: CuttingProxy = self.factory  # type: ignore[assignment]
+        self.seen += len(data)
+        if owner.cuts > 0 and self.seen > owner.threshold:
+            owner.cuts -= 1
+            keep = len(data) - (self.seen - owner.threshold)
+            peer: Any = self.peer
+            mine: Any = self.transport
+            if keep > 0 and peer is not None:
+                peer.transport.write(data[:keep])
+            mine.abortConnection()
+            if peer is not None:
+                peer.transport.abortConnection()
+            return
+        super().dataReceived(data)
