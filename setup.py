@@ -45,6 +45,8 @@ setup(
         "python-magic>=0.4.27",
         # Dropmyemail's contacts as vCards.
         "vobject>=0.9.7",
+        # Telephone numbers in signature blocks (Dropmyemail's contacts): libphonenumber.
+        "phonenumberslite>=8.13",
         # safedrop uploads: a streaming multipart/form-data parser
         "multipart>=1.2.0",
         "jinja2>=3.1",

@@ -11,25 +11,29 @@ from mailcore.backup.accounts import (
     derive_host,
 )
 from mailcore.backup.contacts import BackupContacts, Contact
+from mailcore.backup.index import BackupIndex, BackupIndexer, describe
 from mailcore.backup.mail import (
     MAX_PER_PAGE,
     Attachment,
+    AttachmentFile,
     BackupAttachments,
     BackupMail,
     NotFound,
     Window,
-    describe,
 )
 
 __all__ = [
     "GOOGLE_REFUSAL",
     "MAX_PER_PAGE",
     "Attachment",
+    "AttachmentFile",
     "BackupAccount",
     "BackupAccounts",
     "BackupAttachments",
     "BackupContacts",
     "BackupError",
+    "BackupIndex",
+    "BackupIndexer",
     "BackupMail",
     "BackupSettings",
     "Contact",

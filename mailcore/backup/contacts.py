@@ -1,11 +1,12 @@
 """Dropmyemail's contacts: the correspondents found in an account's backed-up mail.
 
 Every address in From, To and Cc of the account's messages (the account's own address
-aside) is a contact, named by the display name it last came with; a vCard attached to any of
-those messages adds (or completes) contacts with their name and telephone number. Each is
-served as a vCard 3.0 built with vobject. `backup_date` is when a message naming the contact
-was last backed up. A contact's id is derived from its address (stable across backups).
-Phone numbers are not read from signature blocks.
+aside) is a contact, named by the display name it last came with. Its telephone number is
+the one a vCard attached to any of those messages gives, else the one the signature block of
+the newest message from that address gives (read once per message by the backup indexer:
+mailcore.backup.index and .signature). Each is served as a vCard 3.0 built with vobject.
+`backup_date` is when a message naming the contact was last backed up. A contact's id is
+derived from its address (stable across backups).
 """
 
 from __future__ import annotations
@@ -93,21 +94,25 @@ class BackupContacts:
             # of messages, too many to walk on the reactor thread.
             rows = conn.execute(
                 select(messages.c.sender, messages.c.recipient, messages.c.cc,
-                       messages.c.created_at)
+                       messages.c.created_at, messages.c.sender_address,
+                       messages.c.signature_phone)
                 .where(messages.c.user_id == user_id, messages.c.account_id == account_id)
                 .order_by(messages.c.created_at, messages.c.id)
             )
             found: dict[str, Contact] = {}
             for row in rows:
                 seen = _utc(row.created_at)
+                sender = (row.sender_address or "").strip().lower()
+                signed = row.signature_phone or ""
                 for name, address in getaddresses([row.sender, row.recipient, row.cc]):
                     key = address.strip().lower()
                     if "@" not in key or key == own or len(key) > 320:
                         continue
                     old = found.get(key)
+                    phone = signed if signed and key == sender else (old.phone if old else "")
                     found[key] = Contact(contact_id(key),
                                          name.strip() or (old.name if old else ""),
-                                         key, old.phone if old else "", seen)
+                                         key, phone, seen)
             return found
 
         found = await self.mail.db.read("backup_contacts", txn)
@@ -119,7 +124,7 @@ class BackupContacts:
             if old is None:
                 found[key] = Contact(contact_id(key), name, key, phone, None)
             else:
-                found[key] = replace(old, name=old.name or name, phone=old.phone or phone)
+                found[key] = replace(old, name=old.name or name, phone=phone or old.phone)
         return list(found.values())
 
     async def _cards(self, user_id: int, account_id: int) -> list[tuple[str, str, str]]:

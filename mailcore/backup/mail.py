@@ -1,6 +1,7 @@
 """What Dropmyemail shows of a backed-up account: its mailboxes (the fetch engine's folders),
 their messages, each message's exact bytes, a full-text search, and its attachments (each
-described by libmagic, as `file(1)` would); over mailcore.messages.
+described once by libmagic, as `file(1)` would: mailcore.backup.index); over
+mailcore.messages.
 
 Pages are numbered from 1 and hold 1 to 40 items (dropmyemail-v1.md); every call first checks
 that the account (and the mailbox) is the user's, so another user's ids are "not found".
@@ -8,10 +9,16 @@ that the account (and the mailbox) is the user's, so another user's ids are "not
 
 from __future__ import annotations
 
+import binascii
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, or_, select
+from sqlalchemy.sql.elements import ColumnElement
 
+from mailcore.backup import parts
+from mailcore.backup.index import BackupIndex
 from mailcore.fetch.accounts import Accounts
 from mailcore.fetch.errors import AccountNotFound
 from mailcore.messages import MessageStore
@@ -22,9 +29,11 @@ from mailcore.messages.models import (
     MessageSummary,
     Page,
 )
+from mailcore.messages.parse import extract_part
+from mailcore.messages.sql import utc
 from mailcore.messages.store import MessageNotFound
 from mailcore.store import Database
-from mailcore.store.schema import fetch_folders
+from mailcore.store.schema import fetch_folders, message_attachments, message_blobs, messages
 
 MAX_PER_PAGE = 40
 
@@ -50,6 +59,9 @@ class BackupMail:
         self.db = db
         self.accounts = accounts
         self.store = store
+        # The index of the backup (attachments' descriptions, signature phones): filled by
+        # the Core's BackupIndexer, and by a read that finds rows not yet filled.
+        self.index = BackupIndex(db, store)
 
     async def _account(self, user_id: int, account_id: int) -> None:
         try:
@@ -110,20 +122,6 @@ class BackupMail:
         ))
 
 
-# How much of a file libmagic looks at (what `file` reads by default is about this much).
-MAGIC_BYTES = 1 << 20
-
-
-def describe(content: bytes) -> str:
-    """What `file(1)` says of `content` (libmagic). Blocks: run it on the CPU pool."""
-    import magic
-
-    try:
-        return str(magic.from_buffer(content[:MAGIC_BYTES]))
-    except Exception as e:  # libmagic refuses rarely; the listing still works
-        return f"unknown ({type(e).__name__})"
-
-
 @dataclass(frozen=True)
 class Attachment:
     """An attachment as Dropmyemail lists it: the indexed part and libmagic's description."""
@@ -132,37 +130,127 @@ class Attachment:
     meta_data: str
 
 
+@dataclass(frozen=True)
+class AttachmentFile:
+    """An attachment to send: its index entry and the raw message it is cut from. When the
+    part decodes cleanly a slice at a time (`located`), `base64_chunks` encodes it from the
+    raw bytes as it goes, so that only the message itself is held; otherwise `content` holds
+    the bytes the email package cut out."""
+
+    summary: AttachmentSummary
+    raw: bytes
+    located: parts.Located | None
+    content: bytes | None
+
+    @property
+    def size(self) -> int:
+        if self.located is not None:
+            return self.located.size
+        return len(self.content or b"")
+
+    def base64_chunks(self) -> Iterator[bytes]:
+        """The file, base64-encoded without line breaks, a slice at a time."""
+        if self.located is not None:
+            yield from parts.base64_chunks(self.raw, self.located.span)
+            return
+        content = self.content or b""
+        step = parts.CHUNK
+        for at in range(0, len(content), step):
+            yield binascii.b2a_base64(content[at:at + step], newline=False)
+
+
+_SORT_KEYS = {"date": messages.c.date, "filename": message_attachments.c.filename,
+              "sender": messages.c.sender}
+_COLUMNS = (
+    message_attachments.c.id, message_attachments.c.message_row_id, messages.c.account_id,
+    message_attachments.c.part_path, message_attachments.c.filename,
+    message_attachments.c.mime_type, message_attachments.c.size,
+    message_attachments.c.content_id, messages.c.sender, messages.c.date,
+    message_attachments.c.meta_data,
+)
+_JOIN = message_attachments.join(messages, messages.c.id == message_attachments.c.message_row_id)
+
+
+def _summary(row: Any) -> AttachmentSummary:
+    m = row._mapping
+    return AttachmentSummary(
+        id=m["id"], message_row_id=m["message_row_id"], account_id=m["account_id"],
+        part_path=m["part_path"], filename=m["filename"], mime_type=m["mime_type"],
+        size=int(m["size"]), content_id=m["content_id"], sender=m["sender"],
+        date=utc(m["date"]),
+    )
+
+
+def _like(query: str) -> str:
+    return "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 class BackupAttachments:
-    """An account's attachments: listed, searched by file name or type, and read."""
+    """An account's attachments, read from the index (mailcore.backup.index): listed,
+    searched by file name, type or libmagic's description, and read."""
 
     def __init__(self, mail: BackupMail) -> None:
         self.mail = mail
         self.store = mail.store
-
-    async def _described(self, user_id: int, item: AttachmentSummary) -> Attachment:
-        try:
-            _, content = await self.store.attachment_content(user_id, item.id)
-        except MessageNotFound:
-            return Attachment(item, "")
-        return Attachment(item, await self.store.cpu.run(describe, content))
+        self.index = mail.index
 
     async def list(self, user_id: int, account_id: int, *, query: str | None = None,
                    sort: str = "date", direction: str = "asc",
                    window: Window) -> Page[Attachment]:
         await self.mail._account(user_id, account_id)
-        found = await self.store.list_attachments(
-            user_id, account_id=account_id, query=query, sort=sort, direction=direction,
-            offset=window.offset, limit=window.per_page)
-        items = [await self._described(user_id, a) for a in found.items]
-        return Page(count=found.count, items=items)
+        if sort not in _SORT_KEYS or direction not in ("asc", "desc"):
+            raise ValueError(f"bad sort {sort!r} or direction {direction!r}")
 
-    async def content(self, user_id: int, account_id: int,
-                      attachment_id: int) -> tuple[AttachmentSummary, bytes]:
+        def txn(conn: Connection) -> tuple[int, list[tuple[AttachmentSummary, str | None]]]:
+            conds: list[ColumnElement[bool]] = [messages.c.user_id == user_id,
+                                                messages.c.account_id == account_id]
+            if query:
+                pattern = _like(query)
+                conds.append(or_(
+                    message_attachments.c.filename.ilike(pattern, escape="\\"),
+                    message_attachments.c.mime_type.ilike(pattern, escape="\\"),
+                    message_attachments.c.meta_data.ilike(pattern, escape="\\"),
+                ))
+            total = conn.execute(select(func.count()).select_from(_JOIN).where(*conds)).scalar()
+            key = _SORT_KEYS[sort]
+            rows = conn.execute(
+                select(*_COLUMNS).select_from(_JOIN).where(*conds)
+                .order_by(key.desc() if direction == "desc" else key.asc(),
+                          message_attachments.c.id)
+                .offset(window.offset).limit(window.per_page)
+            )
+            return int(total or 0), [(_summary(r), r.meta_data) for r in rows]
+
+        total, rows = await self.mail.db.read("backup_attachments", txn)
+        missing = [s.id for s, meta in rows if meta is None]
+        described = await self.index.describe(missing) if missing else {}
+        return Page(count=total, items=[
+            Attachment(s, meta if meta is not None else described.get(s.id, ""))
+            for s, meta in rows])
+
+    async def open(self, user_id: int, account_id: int, attachment_id: int) -> AttachmentFile:
+        """The attachment `attachment_id` of that account, ready to send."""
         await self.mail._account(user_id, account_id)
-        try:
-            info, content = await self.store.attachment_content(user_id, attachment_id)
-        except MessageNotFound:
-            raise NotFound() from None
-        if info.account_id != account_id:
+
+        def txn(conn: Connection) -> tuple[AttachmentSummary, bytes] | None:
+            row = conn.execute(
+                select(*_COLUMNS, message_blobs.c.raw)
+                .select_from(_JOIN.join(message_blobs,
+                                        message_blobs.c.sha256 == messages.c.sha256))
+                .where(messages.c.user_id == user_id, messages.c.account_id == account_id,
+                       message_attachments.c.id == attachment_id)
+            ).first()
+            return None if row is None else (_summary(row), bytes(row.raw))
+
+        found = await self.mail.db.read("backup_attachment_file", txn)
+        if found is None:
             raise NotFound()
-        return info, content
+        info, raw = found
+        limits = self.store.limits
+        located = await self.store.cpu.run(parts.check, raw, info.part_path, info.size, limits)
+        if located is not None:
+            return AttachmentFile(info, raw, located, None)
+        content = await self.store.cpu.run(extract_part, raw, info.part_path, limits)
+        if content is None:
+            raise NotFound()
+        return AttachmentFile(info, b"", None, content)

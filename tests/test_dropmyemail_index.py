@@ -1,0 +1,419 @@
+"""Dropmyemail's index of the backup (mailcore.backup.index): attachments described by
+libmagic once, signature phones read once, existing backups backfilled by the indexer's
+passes; attachments cut from the raw message a slice at a time (mailcore.backup.parts) and
+sent as streamed base64 holding about one copy of the message."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import tracemalloc
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy import select
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from mailcore.backup import index as index_module
+from mailcore.backup import parts
+from mailcore.backup.signature import signature_phone
+from mailcore.messages.models import FetchedMessage, Location
+from mailcore.messages.parse import extract_part, parse_message
+from mailcore.store.schema import message_attachments, messages
+from tests.support.corpus import make_corpus
+from tests.support.oauth import access_token
+from tests.support.web import Web
+
+PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"
+PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02" \
+           b"\x00\x00\x00\x90wS\xde"
+
+
+def b64lines(data: bytes, eol: str = "\r\n") -> str:
+    return base64.encodebytes(data).decode().replace("\n", eol)
+
+
+def mail(sender: str, subject: str, parts_text: str, boundary: str = "b", eol: str = "\r\n",
+         date: str = "Mon, 06 Nov 2023 10:00:00 +0000", text_top: str = "") -> bytes:
+    head = (f"From: {sender}\nTo: me@example.test\nSubject: {subject}\nDate: {date}\n"
+            f"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\n\n")
+    return (head + text_top + parts_text).replace("\r\n", "\n").replace("\n", eol).encode(
+        "utf-8", "surrogateescape")
+
+
+def attachment(name: str, ctype: str, data: bytes, boundary: str = "b") -> str:
+    param = f'filename="{name}"' if name.isascii() else \
+        f"filename*=utf-8''{quote(name)}"  # RFC 2231
+    return (f"--{boundary}\nContent-Type: {ctype}\nContent-Transfer-Encoding: base64\n"
+            f"Content-Disposition: attachment; {param}\n\n"
+            + b64lines(data, "\n"))
+
+
+def hostile_corpus() -> list[bytes]:
+    """Structures the byte-level locator must read as the email package does."""
+    text = "--b\nContent-Type: text/plain\n\nhello\n"
+    out = [
+        # LF line ends, preamble and epilogue, a boundary-like line inside the text.
+        mail("a@x.test", "lf", "preamble\n" + text + "--bb not a delimiter\n"
+             + attachment("a.pdf", "application/pdf", PDF) + "--b--\nepilogue\n", eol="\n"),
+        # No close delimiter: the last part runs to the end.
+        mail("a@x.test", "open", text + attachment("b.pdf", "application/pdf", PDF)),
+        # Blanks after the delimiter, quoted-printable, 8bit, an unknown encoding.
+        mail("a@x.test", "qp", text.replace("--b\n", "--b \t\n")
+             + "--b\nContent-Type: text/csv\nContent-Transfer-Encoding: quoted-printable\n"
+             "Content-Disposition: attachment; filename=t.csv\n\na=3Db,caf=C3=A9\nsoft =\n"
+             "break\n"
+             "--b\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: 8bit\n"
+             "Content-Disposition: attachment; filename=e.bin\n\n\xe9t\xe9\n"
+             "--b\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: x-odd\n"
+             "Content-Disposition: attachment; filename=o.bin\n\nodd bytes\n--b--\n"),
+        # Three levels of nesting; boundaries that are prefixes of each other.
+        mail("a@x.test", "nested",
+             "--b\nContent-Type: multipart/related; boundary=\"b1\"\n\n"
+             "--b1\nContent-Type: multipart/alternative; boundary=b12\n\n"
+             "--b12\nContent-Type: text/plain\n\nx\n--b12\nContent-Type: text/html\n\n<p>x\n"
+             "--b12--\n" + attachment("deep.png", "image/png", PNG_HEAD, "b1") + "--b1--\n"
+             + attachment("top.pdf", "application/pdf", PDF) + "--b--\n"),
+        # A part without headers; a forwarded message (re-serialised: the email package's).
+        mail("a@x.test", "bare", "--b\n\nno headers here\n"
+             "--b\nContent-Type: message/rfc822\n\nFrom: c@x.test\nSubject: in\n\nbody\n"
+             + attachment("z.pdf", "application/pdf", PDF) + "--b--\n"),
+        # Base64 the email package reads leniently: stray characters, early padding.
+        mail("a@x.test", "lenient", "--b\nContent-Type: application/pdf\n"
+             "Content-Transfer-Encoding: base64\nContent-Disposition: attachment; "
+             "filename=s.pdf\n\n" + base64.b64encode(PDF[:10]).decode() + "!!\n"
+             + base64.b64encode(PDF[10:]).decode() + "\n--b--\n"),
+        mail("a@x.test", "padding", "--b\nContent-Type: application/pdf\n"
+             "Content-Transfer-Encoding: base64\nContent-Disposition: attachment; "
+             "filename=p.pdf\n\nQQ==QUJD\n--b--\n"),
+        mail("a@x.test", "uu", "--b\nContent-Type: application/octet-stream\n"
+             "Content-Transfer-Encoding: x-uuencode\nContent-Disposition: attachment; "
+             "filename=u.bin\n\nbegin 644 u.bin\n#86)C\n`\nend\n--b--\n"),
+        # Not multipart at all: the whole body is the attachment ("1").
+        ("From: a@x.test\r\nSubject: root\r\nContent-Type: application/pdf\r\n"
+         "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; "
+         "filename=root.pdf\r\n\r\n" + b64lines(PDF)).encode(),
+    ]
+    return out
+
+
+class PartsTests(TestCase):
+    """The locator agrees with the email package, or says it cannot (and the email package
+    is used)."""
+
+    def test_every_attachment_is_cut_as_the_email_package_cuts_it(self) -> None:
+        streamed = fallback = 0
+        for raw in [m.raw for m in make_corpus(0, 120)] + hostile_corpus():
+            for a in parse_message(raw).attachments:
+                want = extract_part(raw, a.part_path)
+                assert want is not None
+                located = parts.check(raw, a.part_path, a.size)
+                if located is None:
+                    fallback += 1
+                    continue
+                streamed += 1
+                got = b"".join(parts.decoded_chunks(raw, located.span, 7))
+                self.assertEqual(got, want, (a, raw[:200]))
+                encoded = b"".join(parts.base64_chunks(raw, located.span, 999))
+                self.assertEqual(encoded, base64.b64encode(want), a)
+        self.assertGreater(streamed, 20)
+        self.assertGreater(fallback, 0)
+
+    def test_what_does_not_decode_cleanly_falls_back(self) -> None:
+        by_name = {}
+        for raw in hostile_corpus():
+            for a in parse_message(raw).attachments:
+                by_name[a.filename] = (raw, a)
+        for name in ("s.pdf", "p.pdf", "u.bin", ""):  # lenient base64, uuencode, rfc822
+            raw, a = by_name[name]
+            self.assertIsNone(parts.check(raw, a.part_path, a.size), name)
+        for name in ("a.pdf", "b.pdf", "t.csv", "e.bin", "o.bin", "deep.png", "root.pdf"):
+            raw, a = by_name[name]
+            self.assertIsNotNone(parts.check(raw, a.part_path, a.size), name)
+
+    def test_a_path_that_is_not_there_is_none(self) -> None:
+        raw = hostile_corpus()[3]
+        for path in ("9", "1.1", "0", "x", "2.2.2", "1." + "1" * 5000):
+            self.assertIsNone(parts.locate(raw, path), path)
+
+
+class IndexBase(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.core = self.web.core
+        self.alice = await self.web.user()
+        self.token = await access_token(self.core.oauth, self.alice.id)
+        self.account = await self.core.fetch.accounts.create(
+            self.alice.id, name="a", email="alice@example.test", host="127.0.0.1",
+            port=993, use_ssl=True, password="pw")
+        self.base = f"/v1/accounts/{self.account.id}"
+        self.uid = 0
+
+    async def store(self, *raws: bytes, user_id: int | None = None,
+                    account_id: int | None = None) -> None:
+        where = Location(user_id=user_id or self.alice.id,
+                         account_id=account_id or self.account.id, folder_id=None,
+                         folder="INBOX")
+        fetched = []
+        for raw in raws:
+            self.uid += 1
+            fetched.append(FetchedMessage(raw=raw, uid=self.uid))
+        await self.core.messages.store_batch(where, fetched)
+
+    async def call(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        status, _, body = await self.web.call(
+            "GET", path, headers={"Authorization": f"Bearer {token or self.token}"})
+        return status, body
+
+    async def undescribed(self) -> int:
+        def txn(conn: Any) -> int:
+            return len(conn.execute(select(message_attachments.c.id).where(
+                message_attachments.c.meta_data.is_(None))).all())
+        return await self.core.db.read("t", txn)
+
+    def count_libmagic(self) -> list[bytes]:
+        calls: list[bytes] = []
+        real = index_module.describe
+
+        def counting(content: bytes) -> str:
+            calls.append(content)
+            return real(content)
+
+        self.patch(index_module, "describe", counting)
+        return calls
+
+
+class AttachmentIndexTests(IndexBase):
+
+    def corpus(self) -> list[bytes]:
+        return [
+            mail("Bo <bo@x.test>", "invoice", "--b\nContent-Type: text/plain\n\nhi\n"
+                 + attachment("r\u00e9sum\u00e9.pdf", "application/octet-stream", PDF)
+                 + "--b--\n"),
+            mail("Ana <ana@x.test>", "photo", attachment("p.png", "image/png", PNG_HEAD)
+                 + "--b--\n", date="Tue, 07 Nov 2023 10:00:00 +0000"),
+        ]
+
+    async def test_attachments_are_described_once_then_read_from_the_index(self) -> None:
+        calls = self.count_libmagic()
+        await self.store(*self.corpus())
+        self.assertEqual(await self.undescribed(), 2)
+        self.assertEqual(await self.core.backup_mail.index.run(), 2 + 2)  # 2 files, 2 texts
+        self.assertEqual((await self.undescribed(), len(calls)), (0, 2))
+        for _ in range(3):
+            status, page = await self.call(f"{self.base}/attachments?sort=filename")
+            self.assertEqual(status, 200, page)
+        self.assertEqual(len(calls), 2)  # listing three times described nothing again
+        metas = {a["filename"]: a["meta_data"] for a in page["attachments"]}
+        self.assertIn("PDF document, version 1.4", metas["résumé.pdf"])
+        self.assertIn("PNG image data", metas["p.png"])
+        self.assertEqual(await self.core.backup_mail.index.run(), 0)
+
+    async def test_a_page_read_before_the_indexer_describes_its_own_rows_once(self) -> None:
+        calls = self.count_libmagic()
+        await self.store(*self.corpus())
+        status, page = await self.call(f"{self.base}/attachments?per_page=1&sort=filename")
+        self.assertEqual((status, len(calls), await self.undescribed()), (200, 1, 1))
+        self.assertIn("PNG image data", page["attachments"][0]["meta_data"])
+        await self.call(f"{self.base}/attachments?per_page=1&sort=filename")
+        self.assertEqual(len(calls), 1)
+
+    async def test_search_matches_name_type_and_description(self) -> None:
+        await self.store(*self.corpus())
+        await self.core.backup_mail.index.run()
+        for query, names in (("sum", ["résumé.pdf"]), ("image/", ["p.png"]),
+                             ("PDF document", ["résumé.pdf"]), ("%", []), ("_", [])):
+            status, page = await self.call(
+                f"{self.base}/attachments_search?query={query.replace('%', '%25')}")
+            self.assertEqual(status, 200, page)
+            self.assertEqual([a["filename"] for a in page["attachments"]], names, query)
+
+    async def test_the_indexer_backfills_at_start_and_indexes_after_each_sync(self) -> None:
+        indexer = self.core.backup_index
+        await self.store(self.corpus()[0])  # stored "before the upgrade"
+        indexer.startService()
+        self.assertEqual(await self.undescribed(), 0)  # the first pass backfilled it
+        await self.store(self.corpus()[1])
+        self.assertEqual(await self.undescribed(), 1)
+        indexer.kick(object())  # what the fetch engine's listener does after a sync
+        self.assertEqual(await self.undescribed(), 0)
+        await self.store(mail("c@x.test", "late", attachment("l.pdf", "application/pdf",
+                                                             PDF) + "--b--\n"))
+        self.web.clock.advance(indexer.interval)  # the periodic pass
+        self.assertEqual(await self.undescribed(), 0)
+        await indexer.stopService()
+        self.assertEqual(self.web.clock.getDelayedCalls(), [])
+        self.assertIn(indexer.kick, self.core.fetch.engine.listeners)
+        self.assertIn(indexer, self.core.background_services())
+
+
+class StreamedFileTests(IndexBase):
+
+    async def test_a_large_file_comes_back_exactly(self) -> None:
+        data = os.urandom(3 * 1024 * 1024 + 1)
+        await self.store(mail("a@x.test", "big", attachment("big.bin", "application/zip",
+                                                             data) + "--b--\n"))
+        _, page = await self.call(f"{self.base}/attachments")
+        response = await self.web.http.get(
+            f"http://127.0.0.1{self.base}/attachments/{page['attachments'][0]['id']}",
+            headers={"Authorization": f"Bearer {self.token}"})
+        raw_body = await response.content()
+        self.assertEqual(response.code, 200, raw_body[:300])
+        body = json.loads(raw_body)
+        self.assertEqual(base64.b64decode(body["content"]), data)
+        self.assertEqual((body["size"], body["filename"], body["mime_type"]),
+                         (len(data), "big.bin", "application/zip"))
+        self.assertEqual(response.length, len(raw_body))
+        self.assertEqual(raw_body, json.dumps(body, separators=(",", ":")).encode())
+
+    async def test_a_forwarded_message_falls_back_to_the_email_package(self) -> None:
+        raw = hostile_corpus()[4]
+        await self.store(raw)
+        _, page = await self.call(f"{self.base}/attachments?sort=filename")
+        forwarded = next(a for a in page["attachments"] if a["mime_type"] == "message/rfc822")
+        status, body = await self.call(f"{self.base}/attachments/{forwarded['id']}")
+        self.assertEqual(status, 200, body)
+        part = parse_message(raw).attachments
+        path = next(a.part_path for a in part if a.mime_type == "message/rfc822")
+        self.assertEqual(base64.b64decode(body["content"]), extract_part(raw, path))
+
+    async def test_the_reply_holds_about_one_copy_of_the_message(self) -> None:
+        data = os.urandom(6 * 1024 * 1024)
+        raw = mail("a@x.test", "big", attachment("big.bin", "application/zip", data)
+                   + "--b--\n")
+        await self.store(raw)
+        del raw
+        _, page = await self.call(f"{self.base}/attachments")
+        path = f"{self.base}/attachments/{page['attachments'][0]['id']}"
+        site = Site(self.web.root, reactor=self.web.clock)  # type: ignore[arg-type]
+        site.timeOut = None
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = DigestingTransport()
+        protocol.makeConnection(transport)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            protocol.dataReceived(
+                f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {self.token}\r\n\r\n".encode())
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        self.assertTrue(transport.done, transport.head[:300])
+        self.assertEqual(transport.digest.hexdigest(), hashlib.sha256(data).hexdigest())
+        message_size = len(data) * 4 // 3 + len(data) // 57 * 2  # base64 lines with CRLF
+        # One copy of the message (the blob read from the store) and slices; building the
+        # JSON in memory took five copies of the file and more.
+        self.assertLess(peak, message_size + 2 * 1024 * 1024, peak)
+
+
+class DigestingTransport(StringTransport):
+    """Keeps the reply's head and hashes the base64 content's bytes as they come, holding
+    neither the reply nor the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = b""
+        self.in_content = False
+        self.done = False
+        self.carry = b""
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        if not self.in_content:
+            self.head += data
+            marker = self.head.find(b'"content":"')
+            if marker < 0:
+                return
+            data = self.head[marker + len(b'"content":"'):]
+            self.head = self.head[:marker]
+            self.in_content = True
+        end = data.find(b'"')
+        text = self.carry + (data if end < 0 else data[:end])
+        whole = len(text) - len(text) % 4
+        self.digest.update(binascii.a2b_base64(text[:whole]))
+        self.carry = text[whole:]
+        if end >= 0:
+            self.done = data[end:] == b'"}'
+
+    def writeSequence(self, seq: Any) -> None:
+        for data in seq:
+            self.write(data)
+
+
+class SignaturePhoneTests(TestCase):
+    """Phone numbers from signature blocks: realistic signatures, and no false positives."""
+
+    def test_realistic_signatures(self) -> None:
+        cases = [
+            ("Hallo Anna,\n\nanbei das Angebot.\n\nViele Grüße\n-- \nMax Mustermann\n"
+             "Beispiel GmbH | Musterstraße 1 | 10115 Berlin\nTel: +49 30 1234567\n"
+             "Fax: +49 30 1234568\nwww.beispiel.de\n", "max@beispiel.de", "+49 30 1234567"),
+            ("Thanks!\n\nJohn Smith\nSenior Engineer, Acme Corp.\nPhone: (415) 555-0132\n"
+             "www.acme.com\n", "john@acme.com", "+1 415-555-0132"),
+            ("Cheers,\n--\nJane Doe\nM: +44 7911 123456\n", "jane@example.co.uk",
+             "+44 7911 123456"),
+            ("Merci,\n-- \nMarie Dupont\nTél. : 01 42 68 53 00\nPortable : 06 12 34 56 78\n",
+             "marie@exemple.fr", "+33 1 42 68 53 00"),
+            ("Gruß\n\nKlaus\nFirma AG\nTelefon 030 / 12 34 56 78\n", "k@firma.de",
+             "+49 30 12345678"),
+            ("see you\n-- \nA. Person\n+49 (0)89 1234 5678\n", "a@b.com", "+49 89 12345678"),
+            ("Fax only\n-- \nB\nFax: +49 30 1234568\n", "b@b.de", ""),
+        ]
+        for text, sender, phone in cases:
+            self.assertEqual(signature_phone(text, sender), phone, text)
+
+    def test_quoted_signatures_are_someone_elses(self) -> None:
+        cases = [
+            "ok, thanks\n\nOn Mon, 4 Mar 2024, Bob <bob@x.com> wrote:\n> -- \n> Bob\n"
+            "> Tel: +1 415 555 0132\n",
+            "ok\n\n-----Original Message-----\nFrom: Bob\nSent: Monday, 4 March 2024\n"
+            "To: Alice\n\n-- \nBob\nTel: +1 415 555 0132\n",
+            "ok\n\nFrom: Bob Example <bob@x.com>\nSent: Monday\nSubject: x\n\nTel: +1 415 555 "
+            "0132\n",
+            "> Tel: +1 415 555 0132\nsure\n",
+        ]
+        for text in cases:
+            self.assertEqual(signature_phone(text, "alice@example.com"), "", text)
+
+    def test_dates_order_numbers_and_addresses_are_no_phones(self) -> None:
+        cases = [
+            "Your order 4711-2024-0815 shipped on 2024-03-05.\nTracking 1Z999AA10123456784\n"
+            "-- \nShop Team\nOrder no. 123456789\nInvoice 2024/000123\n",
+            "Server 192.168.10.254 rebooted at 10:30:15.\nUptime 1234567 s\n-- \nops\n"
+            "IP: 10.20.30.40\n",
+            "Meeting 05.03.2024 14:00-15:30, room 1234.\nCall +49 30 1234567 tomorrow, "
+            "and bring the 2024 figures\nthanks\n",
+            "Kontonummer 1234567890, BLZ 10010010\n\nGrüße\nEva\n12345 Berlin\n",
+            "-- \nSent from my phone\n2024-03-05 10:30\n",
+        ]
+        for text in cases:
+            self.assertEqual(signature_phone(text, "x@example.de"), "", text)
+
+
+class ContactPhoneTests(IndexBase):
+
+    async def test_a_contact_has_the_phone_of_their_signature(self) -> None:
+        await self.store(
+            mail("Max <max@beispiel.de>", "hi", "--b\nContent-Type: text/plain\n\nHallo\n"
+                 "-- \nMax\nTel: +49 30 1234567\n--b--\n"),
+            mail("Eva <eva@x.test>", "order", "--b\nContent-Type: text/plain\n\n"
+                 "Order 4711-2024-0815 of 2024-03-05\n--b--\n"),
+        )
+        await self.core.backup_mail.index.run()
+        status, page = await self.call(f"{self.base}/contacts?sort=email")
+        self.assertEqual(status, 200, page)
+        phones = {c["email"]: c["phone"] for c in page["contacts"]}
+        self.assertEqual(phones["max@beispiel.de"], "+49 30 1234567")
+        self.assertEqual(phones["eva@x.test"], "")
+
+        def txn(conn: Any) -> list[Any]:
+            return conn.execute(select(messages.c.signature_phone)).scalars().all()
+        self.assertEqual(sorted(await self.core.db.read("t", txn)), ["", "+49 30 1234567"])

@@ -1,0 +1,91 @@
+"""A JSON reply whose last member is a long base64 string, written a slice at a time.
+
+Encoding a large file into one base64 string and then into one JSON document holds the file
+three or four times over. Here the members known up front are written first, then the base64
+slices as an iterator makes them, pausing while the client's transport is full, then the
+closing quote and brace: the reply costs one slice of memory besides what the iterator holds.
+The length of the base64 text follows from the file's size, so the reply has a
+Content-Length like every other JSON reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from web.replies import JSON_TYPE, encode_json
+
+log = Logger(namespace="mailcore.web")
+
+
+@implementer(IPushProducer)
+class Pacer:
+    """Backpressure from the transport: the writer waits while it is paused."""
+
+    def __init__(self) -> None:
+        self._waiting: defer.Deferred[None] | None = None
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    async def ready(self) -> None:
+        if self.paused and not self.stopped:
+            self._waiting = defer.Deferred()
+            await self._waiting
+
+
+def base64_length(size: int) -> int:
+    """How long the base64 text (padded, no line breaks) of `size` bytes is."""
+    return 4 * ((size + 2) // 3)
+
+
+async def stream_base64_member(
+    request: IRequest, head: Mapping[str, Any], name: str, size: int,
+    chunks: Iterable[bytes],
+) -> None:
+    """Write `{**head, name: "<base64 of size bytes>"}` (status 200) with `chunks` as the
+    base64 text; the caller returns b"" afterwards."""
+    known = encode_json(dict(head))
+    prefix = (known[:-1] + b"," if head else b"{") + encode_json(name) + b':"'
+    suffix = b'"}'
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    request.setHeader(b"Content-Length",
+                      str(len(prefix) + base64_length(size) + len(suffix)).encode("ascii"))
+    request.write(prefix)
+    pacer = Pacer()
+    consumer = cast(http.Request, request)
+    consumer.registerProducer(pacer, True)
+    try:
+        for piece in chunks:
+            if pacer.stopped:
+                return
+            request.write(piece)
+            await pacer.ready()
+        if not pacer.stopped:
+            request.write(suffix)
+    except Exception:
+        # The status line has gone: the only honest end left is a cut connection.
+        log.failure("streaming a reply failed after its first bytes")
+        consumer.loseConnection()
+    finally:
+        consumer.unregisterProducer()
