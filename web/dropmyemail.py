@@ -44,6 +44,7 @@ from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.dropmyemail_jobs import JobRoutes
 from web.dropmyemail_jobs import install as install_job_routes
 from web.errors import ApiError, OAuthErrors
+from web.jsonstream import stream_base64_member
 from web.openapi import Reply, RouteTable
 from web.parsing import (
     FORM_TYPE,
@@ -682,13 +683,17 @@ class DropmyemailApp(JobRoutes, ApiApp):
                               attachment_id: int) -> bytes:
         principal = await self.principal(request, "attachment")
         try:
-            info, content = await self.attachments.content(principal.user.id, account_id,
-                                                           attachment_id)
+            found = await self.attachments.open(principal.user.id, account_id, attachment_id)
         except NotFound:
             raise ApiError(404, "No such attachment.") from None
-        return self.reply(request, {
-            "id": info.id, "filename": info.filename, "mime_type": info.mime_type,
-            "size": len(content), "content": base64.b64encode(content).decode("ascii")})
+        info = found.summary
+        # Streamed: base64 made from the message's bytes as they are decoded, so the reply
+        # holds about one copy of the message, not four of the file.
+        await stream_base64_member(
+            request, {"id": info.id, "filename": info.filename,
+                      "mime_type": info.mime_type, "size": found.size},
+            "content", found.size, found.base64_chunks())
+        return b""
 
     # -- contacts -----------------------------------------------------------------------
 
