@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
 from filters import FilterChain, build_chain
-from mailcore.backup import BackupAccounts, BackupMail, BackupSettings
+from mailcore.backup import BackupAccounts, BackupIndexer, BackupMail, BackupSettings
 from mailcore.backup.jobs import BackupJobs, build_jobs
 from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
@@ -80,6 +80,9 @@ class Core:
     # Dropmyemail's accounts ([dropmyemail]): fetch accounts with its rules on top.
     backup: BackupAccounts = field(init=False)
     backup_mail: BackupMail = field(init=False)
+    # Its index (attachments' libmagic descriptions, signature phones), filled after each
+    # sync and by a periodic pass that also backfills what was stored before it existed.
+    backup_index: BackupIndexer = field(init=False)
     # Its migrates and restores, and the runner that runs each job on one node.
     jobs: BackupJobs = field(init=False)
     job_runner: JobRunner = field(init=False)
@@ -141,6 +144,8 @@ class Core:
             BackupSettings.from_section(self.config.section("dropmyemail")),
         )
         self.backup_mail = BackupMail(self.db, self.fetch.accounts, self.messages)
+        self.backup_index = BackupIndexer(self.backup_mail.index, self.clock)
+        self.fetch.engine.listeners.append(self.backup_index.kick)
         self.listeners = Listeners(self.config.smtp_endpoints)
         self.queue = build_queue(
             self.config, self.db, self.clock, self.metrics, reactor=self.clock,
@@ -243,6 +248,7 @@ class Core:
                                     self.queue.service, self.quarantine, self.outbox,
                                     self.job_runner]
         services.append(self.tokens)
+        services.append(self.backup_index)
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(SafedropSweeper(self.safedrop))
         if self.webhooks.sender is not None:
