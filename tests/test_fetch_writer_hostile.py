@@ -69,6 +69,7 @@ class Script:
     # Lines to send (raw) right before answering APPEND number n.
     before_reply: dict[int, bytes] = field(default_factory=dict)
     create_reply: bytes | None = None
+    namespace: bytes = b'(("" "/")) NIL NIL'
 
 
 class ScriptedIMAP(Protocol):
@@ -169,6 +170,9 @@ class ScriptedIMAP(Protocol):
                 quoted = raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
                 self.send(b"* LIST () " + sep + b' "' + quoted + b'"\r\n')
         self.send(tag + b" OK listed\r\n")
+
+    def do_NAMESPACE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        self.send(b"* NAMESPACE " + self.script.namespace + b"\r\n" + tag + b" OK done\r\n")
 
     def do_CREATE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
         if self.script.create_reply is not None:
@@ -496,6 +500,25 @@ class FolderNameTests(TestCase):
         creates = [a for n, a in rig.server.commands if n == b"CREATE"]
         self.assertEqual(creates, ['"Größe"'.encode(), '"Größe/a\\"b"'.encode()])
         self.assertIn(("Größe", 'a"b'), rig.run(rig.writer.folders()))
+
+    def test_personal_namespace_prefix(self) -> None:
+        # Courier/Cyrus style: every folder lives under "INBOX.".
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ NAMESPACE",
+                               separator=b".", folders=[b"INBOX", b"INBOX.Sent"],
+                               namespace=b'(("INBOX." ".")) NIL NIL'))
+        self.assertEqual(rig.writer.prefix, ("INBOX",))
+        self.assertEqual(rig.writer.destination_path(("Archive", "2024")),
+                         ("INBOX", "Archive", "2024"))
+        self.assertEqual(rig.writer.destination_path(("INBOX", "Sent")), ("INBOX", "Sent"))
+        self.assertEqual(rig.writer.destination_path(("inbox",)), ("INBOX",))
+        results = rig.run(rig.writer.append(("Archive", "2024"), [msg(1)]))
+        self.assertTrue(results[0].ok)
+        creates = [a for n, a in rig.server.commands if n == b"CREATE"]
+        self.assertEqual(creates, [b'"INBOX.Archive"', b'"INBOX.Archive.2024"'])
+        self.assertEqual(len(rig.server.stored["INBOX.Archive.2024"]), 1)
+        rig.run(rig.writer.append(("Sent",), [msg(2)]))
+        self.assertEqual(len(rig.server.stored["INBOX.Sent"]), 1)
+        self.assertIn(("INBOX", "Archive", "2024"), rig.run(rig.writer.folders()))
 
     def test_modified_utf7_names_and_separator_stand_in(self) -> None:
         rig = Rig(self, Script(separator=b"."))

@@ -29,7 +29,9 @@ separator in it is replaced by a look-alike (`SEPARATOR_STAND_INS`: "/" -> U+221
 U+2024, "\\" -> U+29F5, any other -> "_"); `destination_path` says what a path becomes. A
 segment that is empty or holds a control character (NUL, CR, LF, TAB...) or a lone surrogate
 is refused with BadFolderName before any protocol line is sent. The first segment "inbox"
-(any case) is INBOX.
+(any case) is INBOX. On a server whose personal namespace has a prefix (NAMESPACE, e.g.
+"INBOX." on Courier and Cyrus) a path not already inside it is put inside it
+(`MailboxWriter.destination_path`).
 """
 
 from __future__ import annotations
@@ -457,6 +459,9 @@ class MailboxWriter:
         self.capabilities: frozenset[str] = frozenset(session.capabilities)
         self.separator = "/"
         self.utf8 = False
+        # The personal namespace's prefix (RFC 2342), e.g. ("INBOX",) on servers whose
+        # folders all live under "INBOX.": a path outside it is put inside it.
+        self.prefix: tuple[str, ...] = ()
         self.group_messages = group_messages
         self.group_bytes = group_bytes
         self.window = window
@@ -469,7 +474,8 @@ class MailboxWriter:
                 self.appendlimit = int(cap[12:])
 
     async def _setup(self) -> None:
-        """ENABLE UTF8=ACCEPT when offered; learn the hierarchy separator."""
+        """ENABLE UTF8=ACCEPT when offered; learn the hierarchy separator and the personal
+        namespace's prefix."""
         if "UTF8=ACCEPT" in self.capabilities and "ENABLE" in self.capabilities:
             lines, _ = await self.session.send(b"ENABLE", b"UTF8=ACCEPT")
             for line in lines:
@@ -483,6 +489,26 @@ class MailboxWriter:
                 delim = tokens[2]
                 self.separator = delim.decode("utf-8", "replace") if delim else ""
                 break
+        if "NAMESPACE" in self.capabilities:
+            lines, _ = await self.session.send(b"NAMESPACE")
+            for line in lines:
+                if line[:10].upper() == b"NAMESPACE ":
+                    self.prefix = self._personal_prefix(line)
+
+    def _personal_prefix(self, line: bytes) -> tuple[str, ...]:
+        """The first personal namespace's prefix as a path (() when it is "")."""
+        try:
+            tokens = imap4.parseNestedParens(line)
+            first = tokens[1][0]
+            prefix, delim = first[0], first[1]
+            if not isinstance(prefix, bytes) or not (delim is None or isinstance(delim, bytes)):
+                raise TypeError
+            return decode_folder(prefix, delim.decode("utf-8") if delim else None,
+                                 utf8=self.utf8)
+        except (imap4.MismatchedNesting, imap4.MismatchedQuoting, ValueError, IndexError,
+                TypeError):
+            # No personal namespace (NIL) or nothing we can read: names are used as given.
+            return ()
 
     def _list_tokens(self, line: bytes) -> list[Any] | None:
         if line[:5].upper() != b"LIST ":
@@ -499,11 +525,17 @@ class MailboxWriter:
 
     def mailbox(self, path: Sequence[str]) -> bytes:
         """The path as this destination's mailbox argument (BadFolderName if it cannot)."""
-        return encode_folder(path, self.separator, utf8=self.utf8)
+        return encode_folder(self.destination_path(path), self.separator, utf8=self.utf8)
 
     def destination_path(self, path: Sequence[str]) -> tuple[str, ...]:
-        """The path as it will exist here (separators inside segments replaced)."""
-        return destination_path(path, self.separator)
+        """The path of the folder that `path` names here: separators inside segments
+        replaced, and put inside the personal namespace unless it is INBOX or already
+        inside. This is what `folders()` lists for it."""
+        target = destination_path(path, self.separator)
+        n = len(self.prefix)
+        if n == 0 or target == ("INBOX",) or target[:n] == self.prefix:
+            return target
+        return self.prefix + target
 
     # -- folders ----------------------------------------------------------------------------
 
@@ -526,7 +558,7 @@ class MailboxWriter:
             try:
                 path = decode_folder(tokens[3], delim, utf8=self.utf8)
             except ValueError:
-                raise ProtocolFailed(f"undecodable folder name: {_text(line)}") from None
+                continue  # a name no path of ours can be: nothing we could write to
             if path:
                 out.append(path)
         self._known = set(out)
@@ -544,7 +576,7 @@ class MailboxWriter:
         known = self._known if self._known is not None else set(await self._folders())
         for depth in range(1, len(target) + 1):
             level = target[:depth]
-            if level in known or (depth == 1 and level[0] == "INBOX"):
+            if level in known or level == ("INBOX",) or level == self.prefix[:depth]:
                 continue
             arg = self.mailbox(level)
             try:
