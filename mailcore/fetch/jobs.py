@@ -327,6 +327,7 @@ class JobRunner(service.Service):
         self.metrics = metrics
         self.on_finished = on_finished
         self._running: dict[int, defer.Deferred[None]] = {}
+        self._claiming: set[int] = set()
         self._loop: task.LoopingCall | None = None
         self._renewal: task.LoopingCall | None = None
         self._tick: defer.Deferred[int] | None = None
@@ -423,9 +424,13 @@ class JobRunner(service.Service):
         for job_id in ids:
             if self._stopping or len(self._running) >= self.settings.max_concurrent:
                 break
-            if job_id in self._running:
+            if job_id in self._running or job_id in self._claiming:
                 continue
-            job = await self._claim(job_id)
+            self._claiming.add(job_id)  # this node's lease is renewable by this node
+            try:
+                job = await self._claim(job_id)
+            finally:
+                self._claiming.discard(job_id)
             if job is None:
                 continue
             self._start(job)

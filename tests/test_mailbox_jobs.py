@@ -1,0 +1,221 @@
+"""The job runner of migrates and restores: leased per job, so on two nodes sharing one store
+(PostgreSQL, and one SQLite file) a job runs once; a dead node's job is taken over once its
+lease lapsed; an operator's cancel stops the run; transient failures are retried with a
+backoff on the injected clock, then given up; a finished job queues its webhook event in the
+transaction that ends it, and shows in the metrics. The bodies here are recorders: what a
+real body does is tests.test_dropmyemail_jobs_dovecot's subject."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from cryptography.fernet import Fernet
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Connection, insert, select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.accounts import Accounts
+from mailcore.fetch.jobs import (
+    CANCELLED,
+    LEASE,
+    Job,
+    JobFailed,
+    JobMetrics,
+    JobRunner,
+    JobSettings,
+    TransientJobError,
+    thd_cancel_job,
+    thd_create_job,
+    thd_get_job,
+)
+from mailcore.fetch.secrets import SecretBox
+from mailcore.store import Database
+from mailcore.store.schema import webhook_deliveries, webhooks
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
+
+START = 1_800_000_000.0
+
+
+def gather(*ds: Any) -> defer.Deferred[list[Any]]:
+    return defer.gatherResults(
+        [d if isinstance(d, defer.Deferred) else defer.Deferred.fromCoroutine(d) for d in ds],
+        consumeErrors=True)
+
+
+class Recorder:
+    """A job body that records which node ran which job and waits until released (or
+    raises what the test set)."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, int]] = []
+        self.release: dict[int, defer.Deferred[None]] = {}
+        self.outcome: Exception | None = None
+
+    def body(self, node: str) -> Any:
+        async def run(runner: JobRunner, job: Job) -> None:
+            self.runs.append((node, job.id))
+            if self.outcome is not None:
+                raise self.outcome
+            d: defer.Deferred[None] = defer.Deferred()
+            self.release[job.id] = d
+            await d
+
+        return run
+
+
+class JobRunnerMixin(DatabaseMixin):
+    timeout = 60
+
+    async def nodes(self, recorder: Recorder, settings: JobSettings | None = None
+                    ) -> tuple[JobRunner, JobRunner, Clock, int]:
+        a = await self.open_database()
+        b = await self.open_database_at(a.url)
+        clock = Clock()
+        clock.advance(START)
+        runners = []
+        for db, node in ((a, "node-a"), (b, "node-b")):
+            body = recorder.body(node)
+            runners.append(JobRunner(clock, db, node, {"migrate": body, "restore": body},
+                                     settings=settings,
+                                     metrics=JobMetrics(CollectorRegistry())))
+        job_id = await self.make_job(a, clock)
+        return runners[0], runners[1], clock, job_id
+
+    async def make_job(self, db: Database, clock: Clock, kind: str = "restore") -> int:
+        owner = await db.run("owner", thd_make_user, f"owner{int(clock.seconds())}")
+        accounts = Accounts(db, clock, SecretBox(Fernet.generate_key()))
+        account = await accounts.create(owner, host="127.0.0.1", port=143, username="u",
+                                        password="pw", allow_cleartext=True)
+        now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+
+        def txn(conn: Connection) -> int:
+            conn.execute(insert(webhooks).values(
+                user_id=owner, url="https://hooks.example.test/", secret_enc=b"x",
+                events="sync.completed,restore.completed,migrate.completed", active=True,
+                created_at=now, updated_at=now))
+            return thd_create_job(conn, {"kind": kind, "user_id": owner,
+                                         "account_id": account.id, "status": "queued",
+                                         "created_at": now, "updated_at": now})
+
+        return int(await db.run("job", txn))
+
+    async def job(self, runner: JobRunner, job_id: int) -> Job:
+        job = await runner.db.read("get", thd_get_job, job_id)
+        assert job is not None
+        return job
+
+    async def events(self, db: Database) -> list[str]:
+        def txn(conn: Connection) -> list[str]:
+            return [r.event for r in conn.execute(select(webhook_deliveries.c.event))]
+
+        return await db.read("events", txn)
+
+    async def test_two_nodes_run_a_job_once(self) -> None:
+        recorder = Recorder()
+        a, b, clock, job_id = await self.nodes(recorder)
+        started = await gather(*(r.tick() for r in (a, b, a, b)))
+        self.assertEqual(sum(started), 1)
+        self.assertEqual(len(recorder.runs), 1)
+        winner = a if recorder.runs[0][0] == "node-a" else b
+        self.assertEqual(winner.running_jobs(), [job_id])
+        running = await self.job(a, job_id)
+        self.assertEqual((running.status, running.attempts, running.lease_owner),
+                         ("running", 1, winner.node_id))
+        # While it runs, and for as long as its lease is renewed, nobody else takes it.
+        for _ in range(4):
+            clock.advance(LEASE / 3)
+            await winner.renew_leases()
+            self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+        recorder.release[job_id].callback(None)
+        await winner.settle()
+        done = await self.job(a, job_id)
+        self.assertEqual((done.status, done.reason), ("done", None))
+        self.assertIsNotNone(done.end_time)
+        # Ended: neither node runs it again, even once the lease lapsed.
+        clock.advance(2 * LEASE)
+        self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+        self.assertEqual(len(recorder.runs), 1)
+        self.assertEqual(await self.events(a.db), ["restore.completed"])
+        metrics = winner.metrics
+        assert metrics is not None
+        self.assertEqual(metrics.finished.labels(kind="restore", status="done")._value.get(), 1)
+
+    async def test_a_dead_nodes_job_is_taken_over_once_its_lease_lapsed(self) -> None:
+        recorder = Recorder()
+        a, b, clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        # Node a dies: no more renewals. Until its lease lapses, b does not take the job.
+        clock.advance(LEASE - 1)
+        self.assertEqual(await b.tick(), 0)
+        clock.advance(1)
+        self.assertEqual(await b.tick(), 1)
+        self.assertEqual(recorder.runs, [("node-a", job_id), ("node-b", job_id)])
+        self.assertEqual((await self.job(b, job_id)).attempts, 2)
+        # Were node a only stalled, its next renewal finds the job gone and stops its run.
+        await a.renew_leases()
+        await a.settle()
+        self.assertEqual(a.running_jobs(), [])
+        self.assertEqual(b.running_jobs(), [job_id])
+        recorder.release[job_id].callback(None)
+        await b.settle()
+        self.assertEqual((await self.job(b, job_id)).status, "done")
+
+    async def test_a_cancel_stops_the_run_and_fails_the_job(self) -> None:
+        recorder = Recorder()
+        a, b, clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+        cancelled = await b.db.run("cancel", thd_cancel_job, job_id, now)
+        assert cancelled is not None
+        self.assertEqual((cancelled.status, cancelled.reason), ("failed", CANCELLED))
+        await a.renew_leases()
+        await a.settle()
+        self.assertEqual(a.running_jobs(), [])
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.reason), ("failed", CANCELLED))
+        self.assertEqual(await self.events(a.db), ["restore.completed"])
+        self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+
+    async def test_transient_failures_are_retried_with_backoff_then_given_up(self) -> None:
+        recorder = Recorder()
+        recorder.outcome = TransientJobError("connection to imap.example.test closed")
+        settings = JobSettings(retry_base=10.0, retry_max=40.0, max_attempts=4)
+        a, b, clock, job_id = await self.nodes(recorder, settings)
+        waits = []
+        for attempt in range(1, 4):
+            self.assertEqual(await a.tick(), 1)
+            await a.settle()
+            job = await self.job(a, job_id)
+            self.assertEqual((job.status, job.attempts), ("queued", attempt))
+            self.assertIn("connection to imap.example.test closed", job.reason or "")
+            waits.append(job.next_attempt_at - clock.seconds())
+            self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])  # not due yet
+            clock.advance(waits[-1])
+        self.assertEqual(waits, [10.0, 20.0, 40.0])
+        self.assertEqual(await b.tick(), 1)
+        await b.settle()
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.attempts), ("failed", 4))
+        self.assertTrue((job.reason or "").startswith("gave up after 4 attempts"), job.reason)
+
+    async def test_a_failure_ends_the_job_with_its_reason(self) -> None:
+        recorder = Recorder()
+        recorder.outcome = JobFailed("the destination refused message 7: NO [OVERQUOTA]")
+        a, _b, _clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        await a.settle()
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.reason),
+                         ("failed", "the destination refused message 7: NO [OVERQUOTA]"))
+
+
+class SQLiteJobRunnerTests(JobRunnerMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresJobRunnerTests(JobRunnerMixin, TestCase):
+    backend = "postgresql"
