@@ -38,8 +38,9 @@ from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.identity import Identity
 from mailcore.identity.service import CredentialSweeper
 from mailcore.mailapi import MailboxService
-from mailcore.mailapi.delivery import HostedAddresses, thd_store_local
-from mailcore.mailapi.mail import MailService
+from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
+from mailcore.mailapi.files import MailFiles
+from mailcore.mailapi.mail import MailFilesSweeper, MailService
 from mailcore.mailapi.outbox import OutboxSender
 from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
@@ -179,12 +180,16 @@ class Core:
         )
         # Hosted mailboxes: the queue stores their mail here instead of relaying it.
         hosted = HostedAddresses(self.db, self.clock)
+        mail_files = MailFiles(self.config.data_dir / "mailapi")
         self.queue.runner.router.local = hosted
-        self.queue.runner.local_store = thd_store_local
+        self.queue.runner.local_store = LocalMailboxes(mail_files, self.cpu)
         self.mailboxes = MailboxService(self.db, self.clock, on_change=hosted.invalidate)
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
-        self.mail = MailService(self.db, self.clock, self.config.hostname,
-                                self.mailapi_settings.max_attachment_bytes)
+        self.mail = MailService(
+            self.db, self.clock, self.config.hostname, mail_files, self.cpu,
+            max_attachment_bytes=self.mailapi_settings.max_attachment_bytes,
+            max_message_bytes=self.mailapi_settings.max_message_bytes,
+        )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.mail.on_enqueued.append(self.outbox.kick)
 
@@ -239,6 +244,7 @@ class Core:
         core.quarantine.load_key()  # the release-link key file, likewise
         core.verifier.load_nameservers()  # /etc/resolv.conf unless dns_servers are given
         core.safedrop.prepare()  # the drop files' directories, half-written uploads removed
+        core.mail.files.prepare()  # the Mail API's files, likewise
         return core
 
     def background_services(self) -> list[IService]:
@@ -251,6 +257,7 @@ class Core:
         services.append(self.backup_index)
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(SafedropSweeper(self.safedrop))
+        services.append(MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval))
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
         if self.verifier.settings.verify_domains:

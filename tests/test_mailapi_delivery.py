@@ -1,15 +1,18 @@
 """Local delivery: queued mail for a hosted mailbox is stored in it as unread inbox mail,
-exactly once, while the message's other recipients are relayed as before."""
+exactly once, while the message's other recipients are relayed as before; the message and
+its attachments are files on disk, one each however many recipients hold them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 from twisted.internet import defer
 
 from mailcore.mailapi import MailboxService
-from mailcore.mailapi.delivery import HostedAddresses, thd_store_local
+from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
+from mailcore.mailapi.files import MailFiles
 from mailcore.queue.model import Job, Rcpt
 from mailcore.queue.runner import thd_deliver_local
 from mailcore.store.schema import (
@@ -19,6 +22,7 @@ from mailcore.store.schema import (
     queue_recipients,
     users,
 )
+from mailcore.workers import CpuPool
 from tests.support.mailsink import done, envelope, thd_add_domain
 from tests.support.queuetest import QueueTestCase
 
@@ -31,6 +35,12 @@ MIME = (
 )
 
 
+def local_mailboxes(root: str) -> LocalMailboxes:
+    files = MailFiles(Path(root))
+    files.prepare()
+    return LocalMailboxes(files, CpuPool.for_tests())
+
+
 def thd_rows(conn: Connection) -> list[Any]:
     return list(conn.execute(select(mailapi_mail).order_by(mailapi_mail.c.id)))
 
@@ -40,7 +50,8 @@ class LocalDeliveryTests(QueueTestCase):
         super().setUp()
         self.hosted = HostedAddresses(self.db, self.clock)
         self.runner.router.local = self.hosted
-        self.runner.local_store = thd_store_local
+        self.local = local_mailboxes(self.mktemp())
+        self.runner.local_store = self.local
         self.mailboxes = MailboxService(self.db, self.clock, on_change=self.hosted.invalidate)
         owner = done(self.db.read("owner", lambda c: c.execute(select(users.c.id)).scalar()))
         done(defer.Deferred.fromCoroutine(self.mailboxes.add("bob@customer.test", owner)))
@@ -54,12 +65,15 @@ class LocalDeliveryTests(QueueTestCase):
         [row] = self.mail()
         self.assertEqual((row.status, row.read, row.subject, row.body, row.mail_from),
                          ("inbox", False, "héllo", "Hi Bob", "Joe <joe@x.test>"))
-        self.assertEqual(bytes(row.raw), MIME)
+        self.assertIsNone(row.raw)
+        self.assertEqual(self.local.files.read(row.raw_sha256), MIME)
         self.assertRegex(row.public_id, r"^[0-9a-f]{7}$")
         attachments = done(self.db.read("att", lambda c: list(c.execute(
             select(mailapi_attachments.c.name, mailapi_attachments.c.content_type,
-                   mailapi_attachments.c.data)))))
-        self.assertEqual([tuple(a) for a in attachments], [("a.pdf", "application/pdf", b"%PDF-")])
+                   mailapi_attachments.c.data, mailapi_attachments.c.sha256)))))
+        self.assertEqual([tuple(a)[:3] for a in attachments],
+                         [("a.pdf", "application/pdf", None)])
+        self.assertEqual(self.local.files.read(attachments[0].sha256), b"%PDF-")
         await self.q.spool.drain()
         r = queue_recipients.c
         states = done(self.db.read("states", lambda c: sorted(
@@ -67,13 +81,28 @@ class LocalDeliveryTests(QueueTestCase):
         self.assertEqual(states, [("Bob@customer.test", "delivered", "local"),
                                   ("joe@customer.test", "delivered", "10.0.0.1:2525")])
 
+    async def test_several_recipients_share_one_copy_of_the_message_and_attachments(
+            self) -> None:
+        done(defer.Deferred.fromCoroutine(self.mailboxes.add(
+            "joe@customer.test", done(self.db.read("owner", lambda c: c.execute(
+                select(users.c.id)).scalar())))))
+        await self.accept("Q1", "bob@customer.test", "joe@customer.test", body=MIME)
+        rows = self.mail()
+        self.assertEqual(len(rows), 2)
+        self.assertEqual(len({r.raw_sha256 for r in rows}), 1)
+        hashes = done(self.db.read("att", lambda c: [r[0] for r in c.execute(
+            select(mailapi_attachments.c.sha256))]))
+        self.assertEqual((len(hashes), len(set(hashes))), (2, 1))
+        self.assertEqual(len(self.local.files.hashes()), 2)  # the message, its attachment
+
     async def test_a_replayed_delivery_stores_nothing_twice(self) -> None:
         await self.accept("Q1", "bob@customer.test")
         [row] = self.mail()
         job = Job("Q1", "a@x.test", "relay", 0.0, 10,
                   [Rcpt(row.queue_rcpt_id, "bob@customer.test", self.domain, 0)])
+        prepared = await self.local.prepare("Q1", b"Subject: again\r\n\r\nx")
         stored, _dsns = await self.q.spool.run_serialized(
-            "replay", thd_deliver_local, thd_store_local, job, b"Subject: again\r\n\r\nx",
+            "replay", thd_deliver_local, self.local, job, prepared,
             "node", 1.0, 2.0, "mx.test")
         self.assertEqual(stored, {row.queue_rcpt_id})
         self.assertEqual(len(self.mail()), 1)
@@ -96,8 +125,9 @@ class LocalDeliveryTests(QueueTestCase):
         await self.q.spool.drain()
         [dsn] = self.mail()
         self.assertEqual((dsn.status, dsn.read), ("inbox", False))
-        self.assertIn(b"report-type=delivery-status", bytes(dsn.raw))
-        self.assertIn(b"joe@customer.test", bytes(dsn.raw))
+        raw = self.local.files.read(dsn.raw_sha256)
+        self.assertIn(b"report-type=delivery-status", raw)
+        self.assertIn(b"joe@customer.test", raw)
 
 
 class HostedDomainTests(QueueTestCase):
@@ -109,7 +139,7 @@ class HostedDomainTests(QueueTestCase):
         self.hosted_domain = done(self.db.run("add", thd_add_domain, "hosted.test", "", 25))
         hosted = HostedAddresses(self.db, self.clock)
         self.runner.router.local = hosted
-        self.runner.local_store = thd_store_local
+        self.runner.local_store = local_mailboxes(self.mktemp())
         boxes = MailboxService(self.db, self.clock, on_change=hosted.invalidate)
         owner = done(self.db.read("owner", lambda c: c.execute(select(users.c.id)).scalar()))
         done(defer.Deferred.fromCoroutine(boxes.add("bob@hosted.test", owner)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -13,7 +15,7 @@ from sqlalchemy import select
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.mailapi.delivery import thd_store_local
+from mailcore.mailapi.delivery import LocalMailboxes
 from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
 from tests.support.web import Web
 
@@ -41,7 +43,8 @@ class MailApiTestCase(TestCase):
     config: Config | None = None
 
     async def setUp(self) -> None:  # type: ignore[override]
-        self.web = Web.build(self.config)
+        config = self.config or Config(sections={"fetch": {"allow_loopback": True}})
+        self.web = Web.build(replace(config, data_dir=Path(self.mktemp())))
         core = self.web.core
         self.users = {name: await self.web.user(name, f"{name}@hosted.test")
                       for name in ("bob", "joe", "eve")}
@@ -54,8 +57,11 @@ class MailApiTestCase(TestCase):
 
     async def deliver(self, n: int, to: str = BOB) -> None:
         self.rcpt += 1
-        await self.web.core.db.run("deliver", thd_store_local, [(self.rcpt, to)], f"Q{n}",
-                                   inbox_message(n), float(n))
+        local = self.web.core.queue.runner.local_store
+        assert isinstance(local, LocalMailboxes)
+        prepared = await local.prepare(f"Q{n}", inbox_message(n))
+        await self.web.core.db.run("deliver", local.thd_store, [(self.rcpt, to)], f"Q{n}",
+                                   prepared, float(n))
 
     async def as_(self, who: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         headers = {"Auth-Key": self.keys[who], **kwargs.pop("headers", {})}

@@ -22,13 +22,15 @@ may not delete this email"), 404 (unknown or invisible) or 409 (already there).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from klein import Klein
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from mailcore.identity import Principal
@@ -43,6 +45,7 @@ from mailcore.mailapi import (
     MailApiError,
     MailboxService,
 )
+from mailcore.mailapi.files import TOO_LARGE, StoredFile
 from mailcore.mailapi.mail import (
     DEFAULT_COUNT,
     DRAFT,
@@ -53,11 +56,13 @@ from mailcore.mailapi.mail import (
     Mail,
     MailService,
     Outcome,
-    Upload,
+    Written,
 )
+from mailcore.uploads import CHUNK, shielded
 from web.api import ApiApp
 from web.auth import MAIL_API, CredentialResolver
 from web.errors import ApiError, MailApiErrors
+from web.jsonstream import Pacer
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
 from web.parsing import (
@@ -65,15 +70,20 @@ from web.parsing import (
     MULTIPART_TYPE,
     bool_field,
     collect_fields,
+    media_type,
     parse_int,
     query_params,
     string_field,
 )
-from web.parsing import Upload as FilePart
 from web.replies import content_disposition
 from web.settings import WebSettings
 
 log = Logger(namespace="mailcore.web")
+
+# Where mail is written: a body may be `[mailapi] max_message_bytes` plus this room for the
+# multipart framing and the text fields, instead of `[web] max_body`.
+UPLOAD_PATH = re.compile(r"/api/v1/mail/(?:[^/]+)?")
+UPLOAD_OVERHEAD = 1024 * 1024
 
 AUTH_BODY: dict[str, Any] = {
     "type": "object",
@@ -123,7 +133,7 @@ MESSAGE_REPLY: dict[str, Any] = {
     "properties": {"message": {"type": "string"}},
 }
 STATUS_OF_KIND = {INVALID: 400, DENIED: 401, NOT_FOUND: 404, "state": 405, CONFLICT: 409,
-                  "too_large": 413}
+                  TOO_LARGE: 413}
 MAIL_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -153,7 +163,8 @@ MAIL_BODY: dict[str, Any] = {
         "status": {"type": "string", "enum": ["draft", "outbox"]},
         **{name: {"type": "string"} for name in FIELDS},
         "attachment": {"type": "string", "format": "binary",
-                       "description": "multipart file part(s), any field name"},
+                       "description": "multipart file part(s), any field name; each within "
+                       "[mailapi] max_attachment_bytes, all within max_message_bytes (413)"},
     },
 }
 WRITTEN_REPLY: dict[str, Any] = {
@@ -186,6 +197,8 @@ def refusals(failure: str | None = None, reply: str = NOT_STORED) -> Iterator[No
         yield
     except MailApiError as e:
         raise model_error(e) from None
+    except ApiError:
+        raise  # bad input the web layer found: its own reply
     except Exception:
         if failure is None:
             raise
@@ -209,18 +222,17 @@ def mail_object(mail: Mail) -> dict[str, Any]:
     return body
 
 
-def mail_edit(data: dict[str, Any]) -> Edit:
-    """The fields of a POST or PUT: strings (any text; checked when sent), file parts as
-    attachments. A value that is not a string is refused before anything is stored."""
+def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
+    """The fields of a POST or PUT: strings (any text; checked when sent), and the file parts
+    already on disk as attachments. A value that is not a string is refused before anything
+    is stored."""
     values: dict[str, str] = {}
     for name in FIELDS:
         value = string_field(data, name, required=False, allow_blank=True, trim=False)
         if value is not None:
             values[name] = value
     status = data.get("status")
-    uploads = [Upload(v.filename or v.name, v.content_type, v.data)
-               for v in data.values() if isinstance(v, FilePart)]
-    return Edit(status if isinstance(status, str) and status else None, values, uploads)
+    return Edit(status if isinstance(status, str) and status else None, values, files)
 
 
 def mailbox_object(access: Access) -> dict[str, Any]:
@@ -376,10 +388,34 @@ class MailApiApp(ApiApp):
     )
     async def create_mail(self, request: IRequest) -> bytes:
         principal = await self.principal(request)
-        edit = mail_edit(self.fields(request))
+
+        def create(data: dict[str, Any], edit: Edit) -> Awaitable[Written]:
+            return self.mail.create(principal.user.id, principal.user.email, edit)
+
         with refusals("storing a Mail API mail failed"):
-            written = await self.mail.create(principal.user.id, principal.user.email, edit)
+            written = await shielded(self.write_mail(request, create))
         return self.written(request, written.outcome, written.public_id, put=False)
+
+    async def write_mail(self, request: IRequest,
+                         write: Callable[[dict[str, Any], Edit], Awaitable[Written]]
+                         ) -> Written:
+        """Read a POST or PUT body and `write` it: a multipart body's files are streamed to
+        disk first (MailService.receive); when no mail is stored they are taken back."""
+        files: list[StoredFile] = []
+        if media_type(request) == MULTIPART_TYPE and request.content is not None:
+            content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+            received = await self.mail.receive(content_type, request.content,
+                                               self.settings.json_max_body)
+            data: dict[str, Any] = dict(received.fields)
+            files = received.files
+        else:
+            data = self.fields(request)
+        try:
+            edit = mail_edit(data, files)
+        except BaseException:
+            await self.mail.discard(files)
+            raise
+        return await write(data, edit)
 
     @routes.route(
         "/api/v1/mail/<mail_id>",
@@ -406,12 +442,35 @@ class MailApiApp(ApiApp):
     async def get_attachment(self, request: IRequest, mail_id: str, index: int) -> bytes:
         principal = await self.principal(request)
         with refusals():
-            upload = await self.mail.attachment(principal.user.id, mail_id, index)
-        request.setHeader(b"Content-Type", b"application/octet-stream")
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        request.setHeader(b"Content-Disposition",
-                          content_disposition(upload.name or "attachment").encode("ascii"))
-        return upload.data
+            download = await self.mail.attachment(principal.user.id, mail_id, index)
+            source = await self.mail.open(download)
+        try:
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.setHeader(b"X-Content-Type-Options", b"nosniff")
+            request.setHeader(b"Content-Length", str(download.size).encode("ascii"))
+            request.setHeader(b"Content-Disposition",
+                              content_disposition(download.name or "attachment")
+                              .encode("ascii"))
+            await self.stream(request, source)
+        finally:
+            await self.mail.io.run(source.close)
+        return b""
+
+    async def stream(self, request: IRequest, source: BinaryIO) -> None:
+        """Write `source` a chunk at a time, read on the mail service's thread pool, pausing
+        while the client's transport is full (the file is never held whole)."""
+        pacer = Pacer()
+        consumer = cast(http.Request, request)
+        consumer.registerProducer(pacer, True)
+        try:
+            while not pacer.stopped:
+                await pacer.ready()
+                data = await self.mail.io.run(source.read, CHUNK)
+                if not data:
+                    break
+                request.write(data)
+        finally:
+            consumer.unregisterProducer()
 
     @routes.route(
         "/api/v1/mail/<mail_id>",
@@ -429,13 +488,19 @@ class MailApiApp(ApiApp):
     )
     async def put_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)
-        data = self.fields(request)
-        read = bool_field(data, "read")
-        edit = mail_edit(data)
-        if edit.status is None and (edit.values or edit.attachments):
-            edit.status = DRAFT
+
+        async def update(data: dict[str, Any], edit: Edit) -> Written:
+            try:
+                read = bool_field(data, "read")
+            except BaseException:
+                await self.mail.discard(edit.attachments)
+                raise
+            if edit.status is None and (edit.values or edit.attachments):
+                edit.status = DRAFT
+            return await self.mail.update(principal.user.id, mail_id, edit, read)
+
         with refusals("updating a Mail API mail failed"):
-            written = await self.mail.update(principal.user.id, mail_id, edit, read)
+            written = await shielded(self.write_mail(request, update))
         return self.written(request, written.outcome, written.public_id, put=True)
 
     @routes.route(

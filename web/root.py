@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 
 from mailcore.connlimits import ConnectionCounter, client_address
 from mailcore.core import Core
+from web import mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
 from web.auth import CredentialResolver
@@ -344,7 +345,9 @@ def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
         metrics=HttpMetrics.for_registry(core.metrics),
         body_limits=BodyLimits(
             settings.max_body,
-            ((UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD),),
+            ((UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD),
+             (mailapi.UPLOAD_PATH,
+              core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD)),
         ),
     )
 

@@ -8,6 +8,7 @@ value can add a header field to a message built from it (header injection).
 from __future__ import annotations
 
 from email.headerregistry import AddressHeader, HeaderRegistry
+from functools import lru_cache
 
 from mailcore.gateway.domains import DomainError, normalise_domain, normalise_local_part
 from mailcore.mailapi.errors import INVALID, MailApiError
@@ -28,6 +29,17 @@ def normalise_address(address: str, field: str = "address") -> str:
         return f"{normalise_local_part(local)}@{normalise_domain(domain)}"
     except DomainError as e:
         raise MailApiError(INVALID, f"{field}: {e.message}", field) from None
+
+
+@lru_cache(maxsize=4096)
+def mailbox_key(address: str) -> str | None:
+    """The stored form of a recipient address, as `mailboxes.address` keeps it
+    (normalise_address), or None when no mailbox can have it. Cached: it is asked for every
+    recipient the queue routes."""
+    try:
+        return normalise_address(address)
+    except MailApiError:
+        return None
 
 
 def parse_address_list(text: str, field: str) -> list[str]:

@@ -1,33 +1,37 @@
 """Local delivery: queued mail for a hosted mailbox is stored in it as inbox mail.
 
 The queue routes a hosted address to its LOCAL hop (`HostedAddresses` tells it which they
-are) and, after filtering, calls `thd_store_local` inside the transaction that also records
-the recipient's result (mailcore.queue.runner.thd_deliver_local). A recipient is stored at
-most once: `mailapi_mail.queue_rcpt_id` is unique, and a replay finds its row.
+are) and, after filtering, hands the message to `LocalMailboxes` (mailcore.queue.runner's
+LocalStore): `prepare` parses it once and writes the message as received and each of its
+attachments to their files (mailcore.mailapi.files), outside any transaction; `thd_store`
+then inserts one row per recipient, all naming the same files, inside the transaction that
+also records the recipients' results (mailcore.queue.runner.thd_deliver_local). A recipient
+is stored at most once: `mailapi_mail.queue_rcpt_id` is unique, and a replay finds its row.
+Files a delivery wrote but no row names (a replay, a mailbox removed meanwhile) are swept
+later (MailService.sweep).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.mailapi.mime import parse_message
+from mailcore.mailapi.addresses import mailbox_key
+from mailcore.mailapi.files import MailFiles, StoredFile
+from mailcore.mailapi.mime import Parsed, parse_message
 from mailcore.store import Database
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailboxes
+from mailcore.workers import CpuPool
 
 # How long the set of hosted addresses is trusted before it is read again (changes made
 # through this process's MailboxService are seen at once).
 HOSTED_TTL = 10.0
 
 _mail = mailapi_mail.c
-
-
-def stored_form(address: str) -> str:
-    """The form a mailbox address is stored in (lower case), for a recipient as given."""
-    return address.strip().lower()
 
 
 def thd_new_public_id(conn: Connection) -> str:
@@ -61,40 +65,69 @@ class HostedAddresses:
         if self._known is None or now >= self._until:
             self._known = await self.db.read("mailapi_hosted_addresses", thd_hosted)
             self._until = now + self.ttl
-        return stored_form(address) in self._known
+        key = mailbox_key(address)
+        return key is not None and key in self._known
 
 
-def thd_store_local(
-    conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str, body: bytes,
-    now: float,
-) -> set[int]:
-    """Store `body` as unread inbox mail in the mailbox of each recipient; returns the
-    recipient ids stored now or before (see the module docstring)."""
-    stored: set[int] = set()
-    parsed = None
-    for rcpt_id, address in recipients:
-        if conn.execute(select(_mail.id).where(_mail.queue_rcpt_id == rcpt_id)).first():
+@dataclass(frozen=True)
+class Prepared:
+    """A message ready to be stored: its fields, its file, its attachments' files."""
+
+    parsed: Parsed
+    raw: StoredFile
+    attachments: tuple[StoredFile, ...]
+
+
+class LocalMailboxes:
+    """Stores queued mail in hosted mailboxes (see the module docstring)."""
+
+    def __init__(self, files: MailFiles, io: CpuPool) -> None:
+        self.files = files
+        self.io = io
+
+    async def prepare(self, queue_id: str, body: bytes) -> Prepared:
+        return await self.io.run(self.thd_prepare, body)
+
+    def thd_prepare(self, body: bytes) -> Prepared:
+        """Blocking: parse `body` and write it and its attachments to their files."""
+        parsed = parse_message(body)
+        raw = self.files.write(body)
+        attachments = []
+        for a in parsed.attachments:
+            stored = self.files.write(a.data)
+            attachments.append(StoredFile(a.name, a.content_type, stored.size, stored.sha256))
+        parsed.attachments = []  # their bytes are in the files now
+        return Prepared(parsed, raw, tuple(attachments))
+
+    def thd_store(
+        self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
+        prepared: Prepared, now: float,
+    ) -> set[int]:
+        """Store the message as unread inbox mail in the mailbox of each recipient; returns
+        the recipient ids stored now or before."""
+        stored: set[int] = set()
+        parsed = prepared.parsed
+        for rcpt_id, address in recipients:
+            if conn.execute(select(_mail.id).where(_mail.queue_rcpt_id == rcpt_id)).first():
+                stored.add(rcpt_id)
+                continue
+            key = mailbox_key(address)
+            box = None if key is None else conn.execute(
+                select(mailboxes.c.id).where(mailboxes.c.address == key)).first()
+            if box is None:
+                continue
+            inserted = conn.execute(insert(mailapi_mail).values(
+                public_id=thd_new_public_id(conn), mailbox_id=box.id, status="inbox",
+                read=False, mail_from=parsed.mail_from, to_addrs=parsed.to,
+                cc_addrs=parsed.cc, reply_to=parsed.reply_to, subject=parsed.subject,
+                body=parsed.body, raw_sha256=prepared.raw.sha256, queue_rcpt_id=rcpt_id,
+                created_at=now,
+            )).inserted_primary_key
+            assert inserted is not None
+            for a in prepared.attachments:
+                conn.execute(insert(mailapi_attachments).values(
+                    mail_id=inserted[0], name=a.name, content_type=a.content_type,
+                    size=a.size, sha256=a.sha256, data=None,
+                ))
             stored.add(rcpt_id)
-            continue
-        box = conn.execute(
-            select(mailboxes.c.id).where(mailboxes.c.address == stored_form(address))
-        ).first()
-        if box is None:
-            continue
-        if parsed is None:
-            parsed = parse_message(body)
-        key = conn.execute(insert(mailapi_mail).values(
-            public_id=thd_new_public_id(conn), mailbox_id=box.id, status="inbox", read=False,
-            mail_from=parsed.mail_from, to_addrs=parsed.to, cc_addrs=parsed.cc,
-            reply_to=parsed.reply_to, subject=parsed.subject, body=parsed.body, raw=body,
-            queue_rcpt_id=rcpt_id, created_at=now,
-        )).inserted_primary_key
-        assert key is not None
-        mail_id = key[0]
-        for attachment in parsed.attachments:
-            conn.execute(insert(mailapi_attachments).values(
-                mail_id=mail_id, name=attachment.name, content_type=attachment.content_type,
-                size=len(attachment.data), data=attachment.data,
-            ))
-        stored.add(rcpt_id)
-    return stored
+        return stored

@@ -9,32 +9,47 @@ unknown.
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
 field with a line break, a `from` or `reply-to` the caller may not use) stays a draft and
 the reply says why. Mail set to `outbox` is built with Python's `email` package at once
-(Message-ID, Date, MIME attachments, no Bcc field) and given a queue id in the same
-transaction; the OutboxSender hands it to the spool in posting order
+(Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
+id in the same transaction; the OutboxSender hands it to the spool in posting order
 (mailcore.mailapi.outbox).
+
+Attachments are files on disk named by their content hash (mailcore.mailapi.files): a
+multipart upload is streamed to disk within `[mailapi] max_attachment_bytes` per file and
+`max_message_bytes` in all (413 otherwise), before the mail's row is written. A write that
+stores no mail (refused, or failed) takes back the files its upload made; files of deleted
+mail are removed once no row names them.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, make_msgid
-from typing import Any
+from functools import partial
+from io import BytesIO
+from typing import Any, BinaryIO, TypeVar
 
 from sqlalchemy import Connection, delete, func, insert, select, update
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import DENIED, INVALID, NOT_FOUND, MailApiError
+from mailcore.mailapi.files import GRACE, MailFiles, Received, StoredFile
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_mailbox
+from mailcore.mailapi.mime import OutgoingPart, build_message
+from mailcore.periodic import PeriodicService
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
 from mailcore.text import has_control
+from mailcore.uploads import shielded
+from mailcore.workers import CpuPool
+
+log = Logger()
 
 DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
 # The fields a client writes, by their names on the wire.
@@ -43,6 +58,7 @@ _COLUMNS = {"to": "to_addrs", "cc": "cc_addrs", "bcc": "bcc_addrs", "reply-to": 
             "from": "mail_from", "subject": "subject", "body": "body"}
 DEFAULT_COUNT = 25
 MAX_COUNT = 1000
+T = TypeVar("T")
 
 _m = mailapi_mail.c
 _a = mailapi_attachments.c
@@ -68,10 +84,15 @@ class AttachmentInfo:
 
 
 @dataclass(frozen=True)
-class Upload:
+class Download:
+    """An attachment to serve: its bytes are the file `sha256` names, or `data` (rows
+    stored before migration 0019)."""
+
     name: str
     content_type: str
-    data: bytes
+    size: int
+    sha256: str | None
+    data: bytes | None
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,7 @@ class Edit:
 
     status: str | None = None
     values: dict[str, str] = field(default_factory=dict)
-    attachments: list[Upload] = field(default_factory=list)
+    attachments: list[StoredFile] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -148,39 +169,39 @@ def _mail(row: Any, address: str, attachments: tuple[AttachmentInfo, ...]) -> Ma
                 attachments, row.created_at)
 
 
-def build_message(values: dict[str, str], recipients: dict[str, list[str]],
-                  attachments: Sequence[Upload], hostname: str, now: float) -> bytes:
-    """The message as it goes out: header fields from checked values, no Bcc field."""
-    message = EmailMessage(policy=SMTP)
-    message["From"] = values["from"]
-    if recipients["to"]:
-        message["To"] = ", ".join(recipients["to"])
-    if recipients["cc"]:
-        message["Cc"] = ", ".join(recipients["cc"])
-    if recipients["reply-to"]:
-        message["Reply-To"] = ", ".join(recipients["reply-to"])
-    message["Subject"] = values.get("subject", "")
-    message["Date"] = formatdate(now, usegmt=True)
-    message["Message-ID"] = make_msgid(domain=hostname)
-    message.set_content(values.get("body", "") or "")
-    for upload in attachments:
-        maintype, _, subtype = upload.content_type.partition("/")
-        if not maintype or not subtype or has_control(upload.content_type):
-            maintype, subtype = "application", "octet-stream"
-        message.add_attachment(upload.data, maintype=maintype, subtype=subtype,
-                               filename=upload.name)
-    return message.as_bytes(policy=SMTP)
+def thd_files_in_use(conn: Connection, hashes: Sequence[str]) -> set[str]:
+    """Blocking: which of these file hashes a row names (an attachment, an inbox message)."""
+    found: set[str] = set()
+    for start in range(0, len(hashes), 500):
+        chunk = list(hashes[start:start + 500])
+        found.update(r[0] for r in conn.execute(
+            select(_a.sha256).where(_a.sha256.in_(chunk)).distinct()))
+        found.update(r[0] for r in conn.execute(
+            select(_m.raw_sha256).where(_m.raw_sha256.in_(chunk)).distinct()))
+    return found
+
+
+def _thd_insert_attachments(conn: Connection, mail_id: int,
+                            files: Sequence[StoredFile]) -> None:
+    for f in files:
+        conn.execute(insert(mailapi_attachments).values(
+            mail_id=mail_id, name=f.name[:255], content_type=f.content_type[:255],
+            size=f.size, sha256=f.sha256, data=None))
 
 
 class MailService:
     """The mail of hosted mailboxes, over the store; see the module docstring."""
 
-    def __init__(self, db: Database, clock: IReactorTime, hostname: str,
-                 max_attachment_bytes: int = 10 * 1024 * 1024) -> None:
+    def __init__(self, db: Database, clock: IReactorTime, hostname: str, files: MailFiles,
+                 io: CpuPool, *, max_attachment_bytes: int = 25 * 1024 * 1024,
+                 max_message_bytes: int = 25 * 1024 * 1024) -> None:
         self.db = db
         self.clock = clock
         self.hostname = hostname
+        self.files = files
+        self.io = io  # where file work blocks
         self.max_attachment_bytes = max_attachment_bytes
+        self.max_message_bytes = max_message_bytes
         self.on_enqueued: list[Any] = []  # callables told when mail enters the outbox
 
     # -- reading ----------------------------------------------------------------------
@@ -239,38 +260,109 @@ class MailService:
 
         return await self.db.run("mailapi_get", txn)
 
-    async def attachment(self, user_id: int, public_id: str, index: int) -> Upload:
-        def txn(conn: Connection) -> Upload:
+    async def attachment(self, user_id: int, public_id: str, index: int) -> Download:
+        def txn(conn: Connection) -> Download:
             row, _, _ = self._thd_find(conn, user_id, public_id)
-            found = conn.execute(select(_a.name, _a.content_type, _a.data)
+            found = conn.execute(select(_a.id, _a.name, _a.content_type, _a.size, _a.sha256)
                                  .where(_a.mail_id == row.id).order_by(_a.id)).all()
             if not 1 <= index <= len(found):
                 raise MailApiError(NOT_FOUND, "attachment not found")
             a = found[index - 1]
-            return Upload(a.name, a.content_type, bytes(a.data))
+            data = None
+            if a.sha256 is None:  # stored in the row, before migration 0019
+                data = bytes(conn.execute(select(_a.data).where(_a.id == a.id)).scalar_one())
+            return Download(a.name, a.content_type, a.size, a.sha256, data)
 
         return await self.db.read("mailapi_attachment", txn)
 
+    async def open(self, download: Download) -> BinaryIO:
+        """The bytes of an attachment, to be read a chunk at a time (the caller closes it)."""
+        if download.sha256 is None:
+            return BytesIO(download.data or b"")
+        try:
+            return await self.io.run(self.files.open, download.sha256)
+        except FileNotFoundError:
+            raise MailApiError(NOT_FOUND, "attachment not found") from None
+
     async def delete(self, user_id: int, public_id: str) -> None:
-        def txn(conn: Connection) -> None:
+        def txn(conn: Connection) -> list[str]:
             row, _, held = self._thd_find(conn, user_id, public_id)
             if not held.allow_delete:
                 raise MailApiError(DENIED, "you may not delete this email")
+            hashes = _hashes_of(conn, [row.id])
             conn.execute(delete(mailapi_mail).where(_m.id == row.id))
+            return hashes
 
-        await self.db.run("mailapi_delete", txn)
+        hashes = await self.db.run("mailapi_delete", txn)
+        await self.collect(hashes)
+
+    # -- files ------------------------------------------------------------------------
+
+    async def receive(self, content_type: str, body: BinaryIO, max_text: int) -> Received:
+        """Stream a multipart body's file parts to disk (within the limits) and return
+        them with its text fields; a refusal (MailApiError) leaves no file."""
+        received = Received()
+        try:
+            await self.io.run(partial(
+                self.files.receive, body, content_type, received,
+                max_attachment=self.max_attachment_bytes, max_total=self.max_message_bytes,
+                max_text=max_text))
+        except BaseException:
+            await self.discard(received.files)
+            raise
+        return received
+
+    async def discard(self, files: Sequence[StoredFile]) -> None:
+        """Take back the files an upload made when its mail was not stored (a file a row
+        names meanwhile stays)."""
+        made = [f.sha256 for f in files if f.new]
+        if not made:
+            return
+        named = await self.db.read("mailapi_files_in_use", thd_files_in_use, made)
+        await self.io.run(self.files.remove, [h for h in made if h not in named])
+
+    async def collect(self, hashes: Sequence[str], grace: float = GRACE) -> int:
+        """Remove the files among `hashes` no row names that are older than `grace`
+        seconds (their age is read before the rows are: a write naming one meanwhile
+        keeps it); returns how many."""
+        if not hashes:
+            return 0
+        old = await self.io.run(self.files.older_than, list(hashes), time.time() - grace)
+        if not old:
+            return 0
+        named = await self.db.read("mailapi_files_in_use", thd_files_in_use, old)
+        unused = [h for h in old if h not in named]
+        await self.io.run(self.files.remove, unused)
+        return len(unused)
+
+    async def sweep(self, grace: float = GRACE, batch: int = 500) -> int:
+        """Remove every file on disk no row names (older than `grace`)."""
+        stored = await self.io.run(self.files.hashes)
+        removed = 0
+        for start in range(0, len(stored), batch):
+            removed += await self.collect(stored[start:start + batch], grace)
+        return removed
+
+    async def _storing(self, edit: Edit, work: Callable[[], Awaitable[T]]) -> T:
+        """Run a write that may store `edit`'s files; when it stores no mail (refused or
+        failed), take the files its upload made back. Not cancelled midway (shielded)."""
+
+        async def run() -> T:
+            try:
+                return await work()
+            except BaseException:
+                await self.discard(edit.attachments)
+                raise
+
+        return await shielded(run())
 
     # -- writing ----------------------------------------------------------------------
 
-    def _check_uploads(self, uploads: Sequence[Upload]) -> None:
-        for upload in uploads:
-            if len(upload.data) > self.max_attachment_bytes:
-                raise MailApiError("too_large", f"attachment {upload.name!r} is larger than "
-                                   f"{self.max_attachment_bytes} bytes", "attachment")
-
     async def create(self, user_id: int, user_email: str, edit: Edit) -> Written:
         """Store a new mail (always, unless the store fails) and say what became of it."""
-        self._check_uploads(edit.attachments)
+        return await self._storing(edit, partial(self._create, user_id, user_email, edit))
+
+    async def _create(self, user_id: int, user_email: str, edit: Edit) -> Written:
         now = self.clock.seconds()
 
         def txn(conn: Connection) -> Written:
@@ -287,11 +379,7 @@ class MailService:
                 created_at=now, **{_COLUMNS[n]: v for n, v in values.items()},
             )).inserted_primary_key
             assert key is not None
-            for upload in edit.attachments:
-                conn.execute(insert(mailapi_attachments).values(
-                    mail_id=key[0], name=upload.name[:255],
-                    content_type=upload.content_type[:255], size=len(upload.data),
-                    data=upload.data))
+            _thd_insert_attachments(conn, key[0], edit.attachments)
             row = conn.execute(select(mailapi_mail).where(_m.id == key[0])).one()
             return self._thd_settle(conn, row, values, edit.status, rights, now)
 
@@ -302,7 +390,10 @@ class MailService:
     async def update(self, user_id: int, public_id: str, edit: Edit,
                      read: bool | None) -> Written:
         """Change a draft (or only the read flag of any mail the caller may read)."""
-        self._check_uploads(edit.attachments)
+        return await self._storing(edit, partial(self._update, user_id, public_id, edit, read))
+
+    async def _update(self, user_id: int, public_id: str, edit: Edit,
+                      read: bool | None) -> Written:
         now = self.clock.seconds()
 
         def txn(conn: Connection) -> Written:
@@ -321,11 +412,7 @@ class MailService:
                       for name in FIELDS}
             conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
                 **{_COLUMNS[n]: v for n, v in values.items()}))
-            for upload in edit.attachments:
-                conn.execute(insert(mailapi_attachments).values(
-                    mail_id=row.id, name=upload.name[:255],
-                    content_type=upload.content_type[:255], size=len(upload.data),
-                    data=upload.data))
+            _thd_insert_attachments(conn, row.id, edit.attachments)
             rights = thd_rights_by_mailbox(conn, user_id)
             fresh = conn.execute(select(mailapi_mail).where(_m.id == row.id)).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now)
@@ -333,6 +420,15 @@ class MailService:
         written = await self.db.run("mailapi_update", txn)
         self._told(written)
         return written
+
+    def _opener(self, conn: Connection, attachment_id: int, sha256: str | None
+                ) -> Callable[[], BinaryIO]:
+        """How to read an attachment's bytes while its message is built (its file, or the
+        row's `data` before migration 0019)."""
+        if sha256 is not None:
+            return partial(self.files.open, sha256)
+        data = bytes(conn.execute(select(_a.data).where(_a.id == attachment_id)).scalar_one())
+        return partial(BytesIO, data)
 
     def _told(self, written: Written) -> None:
         if written.outcome is Outcome.ENQUEUED:
@@ -365,15 +461,25 @@ class MailService:
             return Written(Outcome.UNAUTHORIZED, public_id)
         sender = thd_mailbox(conn, recipients["from"][0])
         assert sender is not None
-        uploads = [Upload(a.name, a.content_type, bytes(a.data)) for a in conn.execute(
-            select(_a.name, _a.content_type, _a.data).where(_a.mail_id == row.id)
-            .order_by(_a.id))]
+        parts = [OutgoingPart(a.name, a.content_type, self._opener(conn, a.id, a.sha256))
+                 for a in conn.execute(select(_a.id, _a.name, _a.content_type, _a.sha256)
+                                       .where(_a.mail_id == row.id).order_by(_a.id))]
         checked = {**values, "from": recipients["from"][0]}
-        raw = build_message(checked, recipients, uploads, self.hostname, now)
+        raw = build_message(checked, recipients, parts, self.hostname, now)
         conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
             status=OUTBOX, mailbox_id=sender.id, raw=raw, queue_id=new_queue_id(now),
             mail_from=checked["from"]))
         return Written(Outcome.ENQUEUED, public_id)
+
+
+def _hashes_of(conn: Connection, mail_ids: Sequence[int]) -> list[str]:
+    """The files these mails name (attachments, inbox messages as received)."""
+    ids = list(mail_ids)
+    found = {r[0] for r in conn.execute(select(_a.sha256).where(
+        _a.mail_id.in_(ids), _a.sha256.is_not(None)))}
+    found.update(r[0] for r in conn.execute(select(_m.raw_sha256).where(
+        _m.id.in_(ids), _m.raw_sha256.is_not(None))))
+    return sorted(found)
 
 
 def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:
@@ -398,3 +504,30 @@ def _home(rights: dict[int, tuple[str, Rights]], mail_from: str, user_email: str
         return by_address[parsed[0]][0]
     default = _default_from(rights, user_email)
     return by_address[default][0] if default is not None else None
+
+
+class MailFilesSweeper(PeriodicService):
+    """Removes the Mail API's files no row names (MailService.sweep) at start and every
+    `[mailapi] file_sweep_interval` seconds. Each node sweeps its own data directory."""
+
+    name = "mailapi_files_sweep"
+
+    def __init__(self, mail: MailService, interval: float) -> None:
+        self.mail = mail
+        self.clock = mail.clock
+        self._interval = interval
+
+    def interval(self) -> float:
+        return self._interval
+
+    def tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            removed = await self.mail.sweep()
+        except Exception:
+            log.failure("sweeping the Mail API's files failed")
+            return
+        if removed:
+            log.info("removed {n} Mail API files no mail names", n=removed)

@@ -1,16 +1,35 @@
-"""Reading a stored message into the Mail API's fields (blocking: run on the DB pool).
+"""Messages in and out of the Mail API (blocking: run on a thread pool).
 
-The message is parsed with Python's `email` package; header fields come back decoded
-(RFC 2047) and the body is the first text/plain part (else text/html, else empty).
+In: a received message is parsed with Python's `email` package; header fields come back
+decoded (RFC 2047) and the body is the first text/plain part (else text/html, else empty).
 Attachments are the parts `iter_attachments` names, with their decoded bytes.
+
+Out: `build_message` makes the message a mail is sent as, with the `email` package: header
+fields from checked values (no Bcc field), Date, Message-ID, the body as text/plain, and
+each attachment as a base64 part of a multipart/mixed. An attachment's bytes are read from
+its file a chunk at a time and encoded as they are read, so the message is the only copy
+held in memory.
 """
 
 from __future__ import annotations
 
+import base64
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from io import BytesIO
+from typing import BinaryIO
+
+from mailcore.text import has_control
+
+# Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
+_LINE = 57
+_CHUNK = _LINE * 1024
 
 
 @dataclass(frozen=True)
@@ -65,3 +84,94 @@ def parse_message(raw: bytes) -> Parsed:
     except Exception:
         return parsed  # a broken MIME structure: what was read so far (all is in `raw`)
     return parsed
+
+
+@dataclass(frozen=True)
+class OutgoingPart:
+    """An attachment to send: its name, type, and how to open its bytes."""
+
+    name: str
+    content_type: str
+    open: Callable[[], BinaryIO]
+
+
+def build_message(values: dict[str, str], recipients: dict[str, list[str]],
+                  attachments: Sequence[OutgoingPart], hostname: str, now: float) -> bytes:
+    """The message as it goes out (see the module docstring)."""
+    message = EmailMessage(policy=SMTP)
+    message["From"] = values["from"]
+    if recipients["to"]:
+        message["To"] = ", ".join(recipients["to"])
+    if recipients["cc"]:
+        message["Cc"] = ", ".join(recipients["cc"])
+    if recipients["reply-to"]:
+        message["Reply-To"] = ", ".join(recipients["reply-to"])
+    message["Subject"] = values.get("subject", "")
+    message["Date"] = formatdate(now, usegmt=True)
+    message["Message-ID"] = make_msgid(domain=hostname)
+    text = EmailMessage(policy=SMTP)
+    text.set_content(values.get("body", "") or "")
+    if not attachments:
+        message.set_content(values.get("body", "") or "")
+        return message.as_bytes(policy=SMTP)
+    body = _part_bytes(text)
+    boundary = "=_" + secrets.token_hex(16)
+    while boundary.encode() in body:  # pragma: no cover - 128 random bits
+        boundary = "=_" + secrets.token_hex(16)
+    message["MIME-Version"] = "1.0"
+    message["Content-Type"] = f'multipart/mixed; boundary="{boundary}"'
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+    out = BytesIO()
+    out.write(_head(message))
+    out.write(b"This is a multi-part message in MIME format." + delimiter + b"\r\n")
+    out.write(body)
+    for attachment in attachments:
+        out.write(delimiter + b"\r\n")
+        out.write(_head(_attachment_head(attachment)))
+        with attachment.open() as source:
+            _write_base64(source, out)
+    out.write(delimiter + b"--\r\n")
+    return out.getvalue()
+
+
+def _head(message: EmailMessage) -> bytes:
+    """The header section of `message` and the empty line that ends it."""
+    return b"".join(SMTP.fold_binary(k, v) for k, v in message.items()) + b"\r\n"
+
+
+def _part_bytes(part: EmailMessage) -> bytes:
+    del part["MIME-Version"]  # only the message as a whole carries it
+    data = part.as_bytes(policy=SMTP)
+    return data[:-2] if data.endswith(b"\r\n") else data  # the delimiter brings its CRLF
+
+
+def _attachment_head(attachment: OutgoingPart) -> EmailMessage:
+    """The header fields of an attachment's part (its payload is written separately)."""
+    maintype, _, subtype = attachment.content_type.partition("/")
+    if not maintype or not subtype or has_control(attachment.content_type) \
+            or maintype.lower() in ("multipart", "message"):
+        maintype, subtype = "application", "octet-stream"
+    head = EmailMessage(policy=SMTP)
+    try:
+        head.set_content(b"", maintype, subtype, filename=attachment.name)
+    except (ValueError, TypeError):
+        head = EmailMessage(policy=SMTP)
+        head.set_content(b"", "application", "octet-stream", filename=attachment.name)
+    del head["MIME-Version"]
+    return head
+
+
+def _write_base64(source: BinaryIO, out: BytesIO) -> None:
+    """`source` as base64 lines of 76 characters, each ending in CRLF."""
+    pending = b""
+    while True:
+        chunk = source.read(_CHUNK)
+        if not chunk:
+            break
+        pending += chunk
+        whole = len(pending) - len(pending) % _LINE
+        for start in range(0, whole, _LINE):
+            out.write(base64.b64encode(pending[start:start + _LINE]) + b"\r\n")
+        pending = pending[whole:]
+    if pending:
+        out.write(base64.b64encode(pending) + b"\r\n")

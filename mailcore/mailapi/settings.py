@@ -3,8 +3,14 @@
 ```toml
 [mailapi]
 require_api_key = false          # true: every /api/v1/auth/ call needs an api_key
-max_attachment_bytes = 10485760  # bytes per attachment of a mail (10 MiB)
+max_attachment_bytes = 26214400  # bytes per attachment of a mail (25 MiB)
+max_message_bytes = 26214400     # bytes of all the attachments of one upload (25 MiB)
+file_sweep_interval = 3600       # seconds between sweeps of files no mail names any more
 ```
+
+An upload over either limit is refused with 413 and leaves nothing stored. The HTTP body of
+a POST or PUT to `/api/v1/mail/…` may be `max_message_bytes` plus 1 MiB (the multipart
+framing and the text fields), whatever `[web] max_body` says.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from mailcore.config import ConfigError
 @dataclass(frozen=True)
 class MailApiSettings:
     require_api_key: bool = False
-    max_attachment_bytes: int = 10 * 1024 * 1024
+    max_attachment_bytes: int = 25 * 1024 * 1024
+    max_message_bytes: int = 25 * 1024 * 1024
+    file_sweep_interval: float = 3600.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> MailApiSettings:
@@ -31,10 +39,16 @@ class MailApiSettings:
             if not isinstance(section["require_api_key"], bool):
                 raise ConfigError("[mailapi] require_api_key must be true or false")
             values["require_api_key"] = section["require_api_key"]
-        if "max_attachment_bytes" in section:
-            v = section["max_attachment_bytes"]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError("[mailapi] max_attachment_bytes must be a positive number "
-                                  "of bytes")
-            values["max_attachment_bytes"] = v
+        for key in ("max_attachment_bytes", "max_message_bytes"):
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ConfigError(f"[mailapi] {key} must be a positive number of bytes")
+                values[key] = v
+        if "file_sweep_interval" in section:
+            v = section["file_sweep_interval"]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise ConfigError("[mailapi] file_sweep_interval must be a positive number "
+                                  "of seconds")
+            values["file_sweep_interval"] = float(v)
         return cls(**values)

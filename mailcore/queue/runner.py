@@ -89,15 +89,19 @@ class Connector:
 
 
 class LocalStore(Protocol):
-    """Writes a message into hosted mailboxes, in the caller's transaction (blocking).
+    """Writes a message into hosted mailboxes.
 
-    Called with `(recipient id, address)` pairs of one queued message; returns the ids it
-    stored (or had stored already: a replay stores nothing twice). The others have no
-    mailbox (any more) and bounce."""
+    `prepare` runs first, once per message and outside any transaction (parsing, files:
+    what is slow or waits on the disk); `thd_store` then writes the rows in the caller's
+    transaction (blocking), called with `(recipient id, address)` pairs of the message and
+    what `prepare` returned. It returns the ids it stored (or had stored already: a replay
+    stores nothing twice); the others have no mailbox (any more) and bounce."""
 
-    def __call__(
+    async def prepare(self, queue_id: str, body: bytes) -> Any: ...
+
+    def thd_store(
         self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
-        body: bytes, now: float,
+        prepared: Any, now: float,
     ) -> set[int]: ...
 
 
@@ -106,12 +110,14 @@ NO_MAILBOX = "5.1.1 no such mailbox here"
 
 
 def thd_deliver_local(
-    conn: Connection, store: LocalStore, job: Job, body: bytes, node_id: str, now: float,
+    conn: Connection, store: LocalStore, job: Job, prepared: Any, node_id: str, now: float,
     lease_until: float, reporting_mta: str,
 ) -> tuple[set[int], list[tuple[Job, bytes]]]:
-    """Store `job`'s recipients in their mailboxes and record their results, in one
-    transaction; returns the stored recipient ids and the DSNs the results made."""
-    stored = store(conn, [(r.id, r.address) for r in job.recipients], job.message_id, body, now)
+    """Store `job`'s recipients in their mailboxes (`prepared`: what `store.prepare` made
+    of the body) and record their results, in one transaction; returns the stored recipient
+    ids and the DSNs the results made."""
+    stored = store.thd_store(conn, [(r.id, r.address) for r in job.recipients],
+                             job.message_id, prepared, now)
     results = [
         Result(r.id, job.message_id, DELIVERED, LOCAL_REPLY, LOCAL.label) if r.id in stored
         else Result(r.id, job.message_id, BOUNCED, NO_MAILBOX, LOCAL.label)
@@ -590,8 +596,9 @@ class QueueRunner:
             body = apply_tags(body, job.add_headers, job.subject_prefix)
         assert self.spool is not None, "build_queue attaches the spool"
         try:
+            prepared = await store.prepare(job.message_id, body)
             stored, dsns = await self.spool.run_serialized(
-                "queue_deliver_local", thd_deliver_local, store, job, body,
+                "queue_deliver_local", thd_deliver_local, store, job, prepared,
                 self.settings.node_id, now, now + self.settings.lease_seconds,
                 self.spool.reporting_mta,
             )

@@ -2,34 +2,26 @@
 
 A file lives at `{data_dir}/safedrop/<bundle id>/<sha256 of its bytes>`. An upload is
 parsed from the request body (already spooled by twisted.web, in memory or in a temp file)
-with a streaming multipart parser, a chunk at a time: each chunk is hashed and written to a
-temp file in `{data_dir}/safedrop/tmp`, which is fsynced and renamed into place once the
-part is complete and within its limit. Nothing of a failed upload stays: the temp file is
-removed on every error. Every function here blocks: run it on a thread pool.
+with the streaming multipart parser of mailcore.uploads, a chunk at a time: each chunk is
+hashed and written to a temp file in `{data_dir}/safedrop/tmp`, which is fsynced and renamed
+into place once the part is complete and within its limit. Nothing of a failed upload stays:
+the temp file is removed on every error. Every function here blocks: run it on a thread pool.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from multipart import (
-    MultipartError,
-    MultipartSegment,
-    PushMultipartParser,
-    parse_options_header,
-)
+from multipart import MultipartSegment
 
 from mailcore.files import private_directory
 from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge
 from mailcore.text import has_control
+from mailcore.uploads import MalformedUpload, SpoolFile, form_boundary, multipart_events
 
-CHUNK = 64 * 1024
 FILE_FIELD = "the_file"
 
 
@@ -75,69 +67,47 @@ class DropFiles:
     ) -> Stored:
         """Parse a multipart/form-data body from `source` and store its one `the_file`
         part; `limit` bounds the file, `bundle_room` what the bundle may still take."""
-        boundary = _boundary(content_type)
-        private_directory(self.tmp)
-        fd, temp_name = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
-        temp = Path(temp_name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                stored = self._parse(source, boundary, out, limit, bundle_room)
-                out.flush()
-                os.fsync(out.fileno())
-            final = self.path(bundle_id, stored.sha256)
-            private_directory(final.parent)
-            os.replace(temp, final)
-            _fsync_dir(final.parent)
+        boundary = form_boundary(content_type)
+        if boundary is None:
+            raise DropError(
+                None, "Send the file as multipart/form-data with a boundary (field the_file)."
+            )
+        with SpoolFile(self.tmp) as out:
+            stored = self._parse(source, boundary, out, limit, bundle_room)
+            out.keep(self.path(bundle_id, stored.sha256))
             return stored
-        finally:
-            temp.unlink(missing_ok=True)
 
     def _parse(
-        self, source: BinaryIO, boundary: str, out: BinaryIO, limit: int, bundle_room: int
+        self, source: BinaryIO, boundary: str, out: SpoolFile, limit: int, bundle_room: int
     ) -> Stored:
-        digest = hashlib.sha256()
         found: tuple[str, str] | None = None
-        size = 0
-        current: str | None = None
-        source.seek(0)
         try:
-            with PushMultipartParser(boundary, max_header_count=16, max_segment_count=64) as p:
-                while not p.closed:
-                    chunk = source.read(CHUNK)
-                    for event in p.parse(chunk):
-                        if isinstance(event, MultipartSegment):
-                            current = event.name
-                            if current != FILE_FIELD:
-                                raise DropError(current or None, "Unknown field.")
-                            if found is not None:
-                                raise DropError(FILE_FIELD, "Send one file per request.")
-                            if event.filename is None:
-                                raise DropError(FILE_FIELD, "The part carries no file name.")
-                            found = (
-                                clean_filename(event.filename),
-                                event.content_type or "application/octet-stream",
-                            )
-                        elif event:
-                            size += len(event)
-                            if size > limit:
-                                raise TooLarge(
-                                    FILE_FIELD, f"The file is larger than {limit} bytes."
-                                )
-                            if size > bundle_room:
-                                raise TooLarge(
-                                    FILE_FIELD,
-                                    "The bundle's files would exceed the total allowed size.",
-                                )
-                            digest.update(event)
-                            out.write(event)
-                    if not chunk:
-                        break
-        except MultipartError as e:
-            raise DropError(None, f"Malformed multipart body: {e}") from None
+            for event in multipart_events(source, boundary):
+                if isinstance(event, MultipartSegment):
+                    if event.name != FILE_FIELD:
+                        raise DropError(event.name or None, "Unknown field.")
+                    if found is not None:
+                        raise DropError(FILE_FIELD, "Send one file per request.")
+                    if event.filename is None:
+                        raise DropError(FILE_FIELD, "The part carries no file name.")
+                    found = (
+                        clean_filename(event.filename),
+                        event.content_type or "application/octet-stream",
+                    )
+                elif event:
+                    if out.size + len(event) > limit:
+                        raise TooLarge(FILE_FIELD, f"The file is larger than {limit} bytes.")
+                    if out.size + len(event) > bundle_room:
+                        raise TooLarge(
+                            FILE_FIELD, "The bundle's files would exceed the total allowed size."
+                        )
+                    out.write(event)
+        except MalformedUpload as e:
+            raise DropError(None, str(e)) from None
         if found is None:
             raise DropError(FILE_FIELD, "This field is required.")
         name, media = found
-        return Stored(name, media[:255], size, digest.hexdigest())
+        return Stored(name, media[:255], out.size, out.sha256)
 
 
 def clean_filename(raw: str) -> str:
@@ -151,21 +121,3 @@ def clean_filename(raw: str) -> str:
     if len(name) > MAX_FILENAME:
         raise DropError(FILE_FIELD, f"The file name is longer than {MAX_FILENAME} characters.")
     return name
-
-
-def _boundary(content_type: str) -> str:
-    media, options = parse_options_header(content_type)
-    boundary = options.get("boundary", "")
-    if media.lower() != "multipart/form-data" or not boundary:
-        raise DropError(
-            None, "Send the file as multipart/form-data with a boundary (field the_file)."
-        )
-    return boundary
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,7 +28,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
@@ -50,6 +49,7 @@ from mailcore.safedrop.sms import SmsError, SmsGateway
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
 log = Logger()
@@ -201,20 +201,7 @@ class SafedropService:
         upload that fails (bad body, over a limit, the bundle sent meanwhile). Once the body
         is being stored the work is not cancelled (the client going away cancels the
         request's Deferred): it ends with the file and its row, or with neither."""
-        work = defer.Deferred.fromCoroutine(
-            self._add_file(owner_id, bundle_id, content_type, body))
-        waiter: defer.Deferred[DropFile] = defer.Deferred(lambda _: None)
-
-        def settle(result: Any) -> None:
-            if waiter.called:
-                return  # cancelled: nobody waits for the outcome any more
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-
-        work.addBoth(settle)
-        return await waiter
+        return await shielded(self._add_file(owner_id, bundle_id, content_type, body))
 
     async def _add_file(
         self, owner_id: int, bundle_id: int, content_type: str, body: BinaryIO

@@ -1,5 +1,5 @@
-"""The Mail API's tables (seed 002, migration 0012): hosted mailboxes, access grants, the
-mail kept in them, and its attachments.
+"""The Mail API's tables (seed 002, migrations 0013 and 0019): hosted mailboxes, access
+grants, the mail kept in them, and its attachments.
 
 A mailbox is an address whose mail is kept here; its owner has every right on it, other
 users have what `mailbox_grants` gives them. A mail row is a draft, an outbox message
@@ -54,7 +54,9 @@ mailbox_grants = Table(
 )
 
 # `status`: draft, outbox, sent or inbox. Address fields are comma-separated addresses as
-# given. `raw` is the message as received (inbox) or as handed to the queue (sent).
+# given. `raw` is the message as handed to the queue (outbox, sent); an inbox message as
+# received is the file `raw_sha256` names (mailcore.mailapi.files: one file for every
+# recipient of the message; `raw` holds it in rows stored before migration 0019).
 # `queue_id` is the spool id an outbox message is (or will be) accepted under: the
 # idempotency key that keeps a crash from sending it twice. `queue_rcpt_id` is the queue
 # recipient a local delivery stored: unique, so a delivery replayed after a crash stores
@@ -77,14 +79,18 @@ mailapi_mail = Table(
     Column("subject", Text, nullable=False, server_default=""),
     Column("body", Text, nullable=False, server_default=""),
     Column("raw", LargeBinary, nullable=True),
+    Column("raw_sha256", String(64), nullable=True),
     Column("queue_id", String(32), nullable=True, unique=True),
     Column("queue_rcpt_id", Integer, nullable=True, unique=True),
     Column("created_at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),
     Index("ix_mailapi_mail_mailbox_id", "mailbox_id", "id"),
     Index("ix_mailapi_mail_status", "status", "mailbox_id", "id"),
+    Index("ix_mailapi_mail_raw_sha256", "raw_sha256"),
 )
 
+# An attachment's bytes are the file `sha256` names (mailcore.mailapi.files), shared by every
+# row with the same content; `data` holds them only in rows stored before migration 0019.
 mailapi_attachments = Table(
     "mailapi_attachments",
     metadata,
@@ -95,6 +101,8 @@ mailapi_attachments = Table(
     Column("name", String(255), nullable=False),
     Column("content_type", String(255), nullable=False),
     Column("size", Integer, nullable=False),
-    Column("data", LargeBinary, nullable=False),
+    Column("data", LargeBinary, nullable=True),
+    Column("sha256", String(64), nullable=True),
     Index("ix_mailapi_attachments_mail_id", "mail_id"),
+    Index("ix_mailapi_attachments_sha256", "sha256"),
 )

@@ -1,0 +1,228 @@
+"""The Mail API's files on disk: attachments, and inbox messages as received.
+
+A file lives at `{data_dir}/mailapi/files/<first 2 hex digits>/<sha256 of its bytes>` and is
+named by the rows that use it (`mailapi_attachments.sha256`, `mailapi_mail.raw_sha256`): one
+file however many mails hold the same bytes (every recipient of one delivered message, a
+draft sent to many). Files are written before the row that names them commits (temp file in
+`mailapi/tmp`, fsync, rename), so a crash can leave a file no row names but never a row
+without its file.
+
+An upload is read from the request body twisted.web spooled, a chunk at a time
+(mailcore.uploads): text fields are kept (within `max_text` bytes in all), file parts go to
+disk as they are parsed, each within `max_attachment` bytes and all of them within
+`max_total`. A refused upload leaves no file: temp files are removed on every error, and
+the files an upload placed are removed again when its mail is not stored (`discard`).
+
+Files no row names any more (mail deleted, a mailbox removed with its mail, a crash between
+rename and commit) are removed once they are older than `GRACE` seconds, so that a file a
+write is about to name is never taken from under it (MailService.collect and sweep). Every
+method here blocks: run it on a thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import BinaryIO
+
+from multipart import MultipartSegment
+
+from mailcore.files import private_directory
+from mailcore.mailapi.errors import INVALID, MailApiError
+from mailcore.text import has_control, has_surrogate
+from mailcore.uploads import MalformedUpload, SpoolFile, form_boundary, multipart_events
+
+TOO_LARGE = "too_large"
+# How old a file no row names must be before the sweep removes it (a write names the file
+# it placed within this time, or its mail was not stored).
+GRACE = 3600.0
+MAX_PARTS = 256
+MAX_FILENAME = 255
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file part written into place: the name it was uploaded under, its type, size and
+    content hash; `new` when this upload made the file (so `discard` may take it back)."""
+
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    new: bool = False
+
+
+@dataclass
+class Received:
+    """A multipart body: its text fields (the last of a repeated name wins), its files."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: list[StoredFile] = field(default_factory=list)
+
+
+class MailFiles:
+    """The Mail API's files under one directory (`{data_dir}/mailapi`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def prepare(self) -> None:
+        """Make the directories and remove temp files a crash left behind. Blocks."""
+        private_directory(self.root / "files")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        private_directory(self.tmp)
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA256.fullmatch(sha256):
+            raise ValueError(f"not a SHA-256 file name: {sha256!r}")
+        return self.root / "files" / sha256[:2] / sha256
+
+    def open(self, sha256: str) -> BinaryIO:
+        return self.path(sha256).open("rb")
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def write(self, data: bytes) -> StoredFile:
+        """Put `data` in its file (nothing is written twice). Blocks (fsync)."""
+        with SpoolFile(self.tmp) as out:
+            out.write(data)
+            new = out.keep(self.path(out.sha256))
+            return StoredFile("", "", out.size, out.sha256, new)
+
+    def receive(self, source: BinaryIO, content_type: str, received: Received, *,
+                max_attachment: int, max_total: int, max_text: int) -> None:
+        """Parse a multipart/form-data body into `received`, storing its file parts (see
+        the module docstring). On MailApiError (INVALID, or TOO_LARGE for a limit) the
+        files placed so far are in `received.files`, for the caller to take back."""
+        boundary = form_boundary(content_type)
+        if boundary is None:
+            raise MailApiError(INVALID, "Malformed multipart body: no boundary.")
+        self._parse(source, boundary, received, max_attachment, max_total, max_text)
+
+    def _parse(self, source: BinaryIO, boundary: str, received: Received,
+               max_attachment: int, max_total: int, max_text: int) -> None:
+        total = text_size = 0
+        segment: MultipartSegment | None = None
+        text: list[bytes] = []
+        out: SpoolFile | None = None
+        try:
+            for event in multipart_events(source, boundary, max_segment_count=MAX_PARTS):
+                if isinstance(event, MultipartSegment):
+                    segment, text = event, []
+                    if not event.name:
+                        raise MailApiError(INVALID, "Malformed multipart body: a part has "
+                                           "no name.")
+                    if _filename(event) is not None:
+                        out = SpoolFile(self.tmp)
+                elif event is None:
+                    assert segment is not None
+                    if out is not None:
+                        received.files.append(self._place(segment, out))
+                        out = None
+                    else:
+                        received.fields[str(segment.name)] = _text(segment, b"".join(text))
+                else:
+                    total += len(event)
+                    if total > max_total:
+                        raise MailApiError(TOO_LARGE, "the attachments are larger than "
+                                           f"{max_total} bytes in all", "attachment")
+                    if out is not None:
+                        if out.size + len(event) > max_attachment:
+                            raise MailApiError(
+                                TOO_LARGE, f"attachment {_shown(segment)!r} is larger than "
+                                f"{max_attachment} bytes", "attachment")
+                        out.write(event)
+                    else:
+                        text_size += len(event)
+                        if text_size > max_text:
+                            raise MailApiError(TOO_LARGE, "the text fields are larger than "
+                                               f"{max_text} bytes", str(segment and
+                                                                       segment.name))
+                        text.append(bytes(event))
+        except MalformedUpload as e:
+            raise MailApiError(INVALID, str(e)) from None
+        finally:
+            if out is not None:
+                out.discard()
+
+    def _place(self, segment: MultipartSegment, out: SpoolFile) -> StoredFile:
+        new = out.keep(self.path(out.sha256))
+        media = segment.content_type or "application/octet-stream"
+        if has_control(media):
+            media = "application/octet-stream"
+        return StoredFile(_shown(segment), media[:255], out.size, out.sha256, new)
+
+    def remove(self, hashes: Iterable[str]) -> None:
+        for sha256 in hashes:
+            self.path(sha256).unlink(missing_ok=True)
+
+    def older_than(self, hashes: Iterable[str], cutoff: float) -> list[str]:
+        """Those of `hashes` whose file was last written before `cutoff` (epoch seconds)."""
+        old = []
+        for sha256 in hashes:
+            try:
+                if self.path(sha256).stat().st_mtime < cutoff:
+                    old.append(sha256)
+            except FileNotFoundError:
+                continue
+        return old
+
+    def hashes(self) -> list[str]:
+        """Every file on disk, by its hash."""
+        base = self.root / "files"
+        if not base.is_dir():
+            return []
+        found: list[str] = []
+        for sub in sorted(base.iterdir()):
+            if sub.is_dir():
+                found.extend(e.name for e in os.scandir(sub) if _SHA256.fullmatch(e.name))
+        return found
+
+
+def _filename(segment: MultipartSegment) -> str | None:
+    """The part's file name: `filename`, or RFC 5987's `filename*` (charset'lang'%xx), which
+    RFC 7578 discourages but some clients send; None when the part is not a file."""
+    if segment.filename is not None:
+        return str(segment.filename)
+    header = segment.header("Content-Disposition", "")
+    if "filename*" not in header:
+        return None
+    holder = Message()
+    holder["Content-Disposition"] = header
+    try:
+        name = holder.get_filename()
+    except (UnicodeError, LookupError, ValueError):
+        return "attachment"
+    return "attachment" if name is None else str(name)
+
+
+def _shown(segment: MultipartSegment | None) -> str:
+    """The file name a part is kept under: the last path component, one line of text."""
+    raw = (_filename(segment) if segment is not None else None) or "attachment"
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name or name in (".", "..") or has_control(name) or has_surrogate(name):
+        name = "attachment"
+    return name[:MAX_FILENAME]
+
+
+def _text(segment: MultipartSegment, raw: bytes) -> str:
+    try:
+        value = raw.decode(segment.charset or "utf-8")
+    except (UnicodeError, LookupError):
+        raise MailApiError(INVALID, f"{segment.name}: The value is not valid UTF-8.",
+                           segment.name) from None
+    if has_surrogate(value):
+        raise MailApiError(INVALID, f"{segment.name}: The value holds a lone surrogate, "
+                           "which is not text.", segment.name)
+    return value

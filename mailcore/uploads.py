@@ -1,0 +1,133 @@
+"""Uploads streamed to disk: a multipart/form-data body read a chunk at a time, and file
+parts written to a temp file that is hashed as it grows, fsynced and renamed into place.
+
+twisted.web has already spooled the request body (in memory, or in a temp file when large);
+the parsers here read it from that file object a chunk at a time, so a file part is never
+held in memory whole. Every function blocks: run it on a thread pool. Used by the drop files
+(mailcore.safedrop.files) and the Mail API's attachments (mailcore.mailapi.files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, TypeVar
+
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from mailcore.files import private_directory
+
+CHUNK = 64 * 1024
+T = TypeVar("T")
+
+
+class MalformedUpload(ValueError):
+    """The body is not a multipart/form-data stream we can read."""
+
+
+def form_boundary(content_type: str) -> str | None:
+    """The boundary of a multipart/form-data content type, or None for any other type."""
+    media, options = parse_options_header(content_type)
+    boundary = options.get("boundary", "")
+    if media.lower() != "multipart/form-data" or not boundary:
+        return None
+    return str(boundary)
+
+
+def multipart_events(
+    source: BinaryIO, boundary: str, *, max_header_count: int = 16,
+    max_segment_count: int = 64,
+) -> Iterator[MultipartSegment | bytes | None]:
+    """The parser's events for the body in `source` (from its start): a segment, its body
+    chunks, None at its end. A broken stream raises MalformedUpload."""
+    source.seek(0)
+    try:
+        with PushMultipartParser(boundary, max_header_count=max_header_count,
+                                 max_segment_count=max_segment_count) as parser:
+            while not parser.closed:
+                chunk = source.read(CHUNK)
+                yield from parser.parse(chunk)
+                if not chunk:
+                    break
+    except MultipartError as e:
+        raise MalformedUpload(f"Malformed multipart body: {e}") from None
+
+
+class SpoolFile:
+    """A temp file in `tmp` that counts and hashes (SHA-256) what is written to it. `keep`
+    fsyncs it and renames it to its final path (and fsyncs that directory); leaving the
+    `with` block without `keep` removes it."""
+
+    def __init__(self, tmp: Path, prefix: str = "upload-") -> None:
+        private_directory(tmp)
+        fd, name = tempfile.mkstemp(dir=tmp, prefix=prefix)
+        self.path = Path(name)
+        self._out = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._digest.update(data)
+        self._out.write(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def keep(self, final: Path) -> bool:
+        """Move the file to `final`; returns whether `final` is new (False: it was there
+        already, with the same content when named by its hash)."""
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        private_directory(final.parent)
+        existed = final.exists()
+        os.replace(self.path, final)
+        fsync_directory(final.parent)
+        return not existed
+
+    def discard(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SpoolFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.discard()
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def shielded(work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` without letting a cancellation reach it: a client going away cancels its
+    request's Deferred, but an upload being stored ends with its file and its row, or with
+    neither. The caller stops waiting; the work runs to its end."""
+    running = defer.Deferred.fromCoroutine(work)
+    waiter: defer.Deferred[T] = defer.Deferred(lambda _: None)
+
+    def settle(result: Any) -> None:
+        if waiter.called:
+            return  # cancelled: nobody waits for the outcome any more
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
+
+    running.addBoth(settle)
+    return await waiter
