@@ -449,7 +449,10 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "POST",
         summary="Add an account to back up (logs in first, then starts the first backup)",
         description="Gmail/Google addresses are refused (400): the server has no Google "
-        "OAuth client credentials to ask for the user's consent.",
+        "OAuth client credentials to ask for the user's consent. With neither ssl nor "
+        "start_tls, the session still upgrades with STARTTLS when the server offers it; a "
+        "server that offers neither TLS nor STARTTLS is refused (400) unless the operator "
+        "allows cleartext logins ([dropmyemail] allow_cleartext_login).",
         auth=DROPMYEMAIL,
         scope="write",
         body={**ACCOUNT_INPUT, "required": ["email", "password"]},
@@ -470,6 +473,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "/v1/accounts/<int:account_id>",
         "PUT",
         summary="Change an account (password, host, protocol, start_tls, ssl, port)",
+        description="A change of how to log in (password, host, port, protocol, ssl, "
+        "start_tls) logs in again first, as create does: a refusal is a 400 with the "
+        "server's reason, and nothing changes.",
         auth=DROPMYEMAIL,
         scope="write",
         body=ACCOUNT_INPUT,
@@ -479,9 +485,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
     )
     async def update_account(self, request: IRequest, account_id: int) -> bytes:
         principal = await self.principal(request, "write")
-        if await self.backup.get(principal.user.id, account_id) is None:
-            raise _not_found()
-        values = self._account_input(request, create=False)
+        values = self._account_input(request, create=False)  # the body, read once
         try:
             found = await self.backup.update(principal.user.id, account_id, values)
         except BackupError as e:

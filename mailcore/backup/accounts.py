@@ -9,7 +9,17 @@ no client credentials: they are refused with `GOOGLE_REFUSAL`, and nothing is st
 
 Create logs in first with the given credentials (over the same guarded connection the sync
 engine uses); a refusal is reported with the server's reason and nothing is stored. Then the
-account is stored and its first backup starts at once.
+account is stored and its first backup starts at once. An update that changes how to log in
+(password, host, port, protocol, ssl, start_tls) logs in again first, the same way: refused,
+nothing changes.
+
+Cleartext: with neither `ssl` nor `start_tls` (the seed's defaults) the session still
+upgrades with STARTTLS whenever the server offers it. A server that offers neither TLS nor
+STARTTLS is refused (400, nothing stored), as the fetch engine refuses any account not
+explicitly allowed cleartext, unless the operator sets `[dropmyemail] allow_cleartext_login =
+true`: Dropmyemail's clients have no per-account switch (the IMAP2API's `allow_cleartext`),
+so the operator decides for all of them. The setting applies to accounts created or updated
+while it is in force.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from twisted.logger import Logger
 from mailcore.config import ConfigError, unknown_key
 from mailcore.fetch.accounts import DEFAULT_PORTS, Account, Accounts, validate
 from mailcore.fetch.engine import SyncEngine
-from mailcore.fetch.errors import AccountError, AccountNotFound, FetchError
+from mailcore.fetch.errors import AccountError, AccountNotFound, CleartextRefused, FetchError
 from mailcore.fetch.imap import ServerSpec, open_session
 from mailcore.fetch.pop3 import open_pop3
 from mailcore.store import Database
@@ -39,6 +49,8 @@ GOOGLE_REFUSAL = (
     "cannot be backed up here."
 )
 SORTS = ("email", "message_count", "storage", "created_at", "updated_at")
+# Account fields whose change needs a new login before it is stored.
+LOGIN_FIELDS = ("password", "host", "port", "protocol", "use_ssl", "start_tls")
 
 
 class BackupError(Exception):
@@ -53,14 +65,21 @@ class BackupError(Exception):
 @dataclass(frozen=True)
 class BackupSettings:
     """`[dropmyemail]`: `providers` maps a mail domain to its server (a host name for both
-    protocols, or `{imap = "…", pop = "…"}`)."""
+    protocols, or `{imap = "…", pop = "…"}`); `allow_cleartext_login` (default false) lets
+    accounts log in to servers that offer neither TLS nor STARTTLS."""
 
     providers: dict[str, dict[str, str]] = field(default_factory=dict)
+    allow_cleartext_login: bool = False
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> BackupSettings:
         providers: dict[str, dict[str, str]] = {}
+        cleartext = section.get("allow_cleartext_login", False)
+        if not isinstance(cleartext, bool):
+            raise ConfigError("[dropmyemail] allow_cleartext_login must be true or false")
         for key, value in section.items():
+            if key == "allow_cleartext_login":
+                continue
             if key != "providers":
                 raise unknown_key("dropmyemail", key)
             if not isinstance(value, dict):
@@ -76,7 +95,7 @@ class BackupSettings:
                         "with imap and pop host names"
                     )
                 providers[str(domain).lower()] = dict(hosts)
-        return cls(providers)
+        return cls(providers, cleartext)
 
 
 def derive_host(email: str, protocol: str, settings: BackupSettings) -> str:
@@ -166,14 +185,15 @@ class BackupAccounts:
         elif "protocol" in values:
             out["protocol"] = protocol
         use_ssl = out.get("use_ssl", current.use_ssl if current else False)
-        start_tls = out.get("start_tls", current.start_tls if current else False)
-        # The client chose neither TLS nor STARTTLS (the seed's defaults): plain, as asked.
-        out["allow_cleartext"] = not (use_ssl or start_tls)
+        # Without ssl or start_tls, STARTTLS is still used when offered; cleartext only if
+        # the operator allows it (module docstring).
+        out["allow_cleartext"] = self.settings.allow_cleartext_login
         if "port" not in out and ("use_ssl" in out or "protocol" in out) and current:
             out["port"] = DEFAULT_PORTS[(protocol, bool(use_ssl))]
         return out
 
-    async def _check_login(self, values: dict[str, Any]) -> None:
+    async def _check_login(self, values: dict[str, Any], *, ca_pem: str | None = None,
+                           fingerprint: str | None = None) -> None:
         """Log in with `values` (checked fetch-account columns); BackupError if refused."""
         engine = self.engine
         s = engine.settings
@@ -183,7 +203,7 @@ class BackupAccounts:
             allow_cleartext=bool(values.get("allow_cleartext")),
             username=values["username"], password=values["password"],
         )
-        creator = engine.tls_factory(values["host"], ca_pem=None, fingerprint=None)
+        creator = engine.tls_factory(values["host"], ca_pem=ca_pem, fingerprint=fingerprint)
         try:
             if values.get("protocol", "imap") == "pop":
                 pop = await open_pop3(
@@ -197,6 +217,11 @@ class BackupAccounts:
                     connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
                     policy=s.address_policy())
                 await imap.close_session()
+        except CleartextRefused:
+            raise BackupError(
+                f"could not log in to {spec.host}:{spec.port}: the server offers neither TLS "
+                "nor STARTTLS, and this service does not send passwords in cleartext; use "
+                "ssl (ports 993/995) or a server that offers STARTTLS", "ssl") from None
         except FetchError as e:
             raise BackupError(f"could not log in to {spec.host}: {e}", "password") from None
 
@@ -218,11 +243,26 @@ class BackupAccounts:
 
     async def update(self, user_id: int, account_id: int,
                      values: dict[str, Any]) -> BackupAccount | None:
+        """Change the account; when how to log in changes, log in first (module docstring).
+        None when the account is not the user's."""
         try:
             current = await self.accounts.get(user_id, account_id)
         except AccountNotFound:
             return None
         fields = self._values(values, current)
+        stored = current.__dict__
+        try:
+            checked = {**fields, **validate(dict(fields), stored)}
+        except AccountError as e:
+            raise BackupError(e.message, e.field) from None
+        if any(k in checked and checked[k] != stored[k] for k in LOGIN_FIELDS if k in stored) \
+                or "password" in checked:
+            password = checked.get("password")
+            if password is None:
+                _, password = await self.accounts.credentials(account_id)
+            await self._check_login({**stored, **checked, "password": password},
+                                    ca_pem=current.tls_ca_pem,
+                                    fingerprint=current.tls_fingerprint)
         try:
             account = await self.accounts.update(user_id, account_id, **fields)
         except AccountNotFound:
