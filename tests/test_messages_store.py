@@ -46,6 +46,18 @@ def mail(n: int, subject: str, *, body: str = "", refs: str = "", reply_to: str 
     return ("\r\n".join(headers) + "\r\n\r\n" + (body or f"body {n}") + "\r\n").encode()
 
 
+def _make_folder(conn: Connection, user: int) -> int:
+    """An account of `user` with an INBOX folder; the folder's id."""
+    from mailcore.fetch.state import thd_folder
+
+    account = new_id(conn.execute(fetch_accounts.insert().values(
+        user_id=user, host="h", port=1, username="u", password_enc=b"x",
+        created_at=datetime.datetime.now(datetime.UTC),
+        updated_at=datetime.datetime.now(datetime.UTC),
+    )))
+    return thd_folder(conn, account, "INBOX").id
+
+
 class StoreTestsMixin(DatabaseMixin):
     async def make_store(self) -> tuple[MessageStore, int]:
         db = await self.open_database()
@@ -78,17 +90,7 @@ class StoreTestsMixin(DatabaseMixin):
     async def test_refetched_uid_is_not_stored_twice(self) -> None:
         store, user = await self.make_store()
 
-        def make_folder(conn: Connection) -> int:
-            from mailcore.fetch.state import thd_folder
-
-            account = new_id(conn.execute(fetch_accounts.insert().values(
-                user_id=user, host="h", port=1, username="u", password_enc=b"x",
-                created_at=datetime.datetime.now(datetime.UTC),
-                updated_at=datetime.datetime.now(datetime.UTC),
-            )))
-            return thd_folder(conn, account, "INBOX").id
-
-        folder_id = await self.db.run("make_folder", make_folder)
+        folder_id = await self.db.run("make_folder", _make_folder, user)
         where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
         batch = [FetchedMessage(raw=mail(i, f"s{i}"), uid=i) for i in range(1, 4)]
         first = await store.store_batch(where, batch)
@@ -118,6 +120,61 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual(await self.scalar(thread_rows), 2)
         stats = await store.statistics(user)
         self.assertEqual((stats.total_emails, stats.total_threads), (5, 2))
+
+    async def test_one_batch_threads_as_one_message_at_a_time(self) -> None:
+        # Links inside the batch (a reply before its parent, two conversations one message
+        # joins, a subject-only reply) and to rows stored before it give the threads that
+        # storing the same messages one by one gives, in one transaction per batch.
+        before = [mail(1, "Plan"), mail(20, "Lunch on Friday?")]
+        batch = [
+            mail(3, "Re: Re: Plan", refs="<m1@x.test> <m2@x.test>", reply_to="<m2@x.test>"),
+            mail(9, "Other"),
+            mail(4, "Side note", reply_to="<m5@x.test>"),
+            mail(5, "Note"),
+            mail(2, "Re: Plan", refs="<m1@x.test> <m5@x.test>", reply_to="<m1@x.test>"),
+            mail(21, "RE: Lunch on friday?"),
+            mail(22, "Cinema"),
+            mail(23, "Re: Cinema"),
+            mail(9, "Other"),  # the same bytes again: one blob, two rows
+        ]
+
+        async def threads_of(one_by_one: bool) -> tuple[list[int], int]:
+            store, user = await self.make_store()
+            for raw in before:
+                await store.add_message(user, raw)
+            where = Location(user, None, None, "INBOX")
+            if one_by_one:
+                ids = [(await store.store_batch(where, [FetchedMessage(raw=r)])).created[0]
+                       for r in batch]
+            else:
+                result = await store.store_batch(where, [FetchedMessage(raw=r) for r in batch])
+                ids = result.created
+                self.assertEqual(
+                    result.thread_ids,
+                    [(await store.get_message(user, i)).summary.thread_id for i in ids])
+            groups: dict[int, int] = {}
+            shape = [groups.setdefault(
+                (await store.get_message(user, i)).summary.thread_id or -i, len(groups))
+                for i in ids]
+
+            def thread_rows(conn: Connection) -> int:
+                return int(conn.execute(select(func.count()).select_from(threads)).scalar()
+                           or 0)
+
+            return shape, await self.scalar(thread_rows)
+
+        one_by_one = await threads_of(True)
+        self.assertEqual(one_by_one, ([0, 1, 0, 0, 0, 2, 3, 3, 1], 4))
+        self.assertEqual(await threads_of(False), one_by_one)
+
+    async def test_same_uid_twice_in_one_batch_is_stored_once(self) -> None:
+        store, user = await self.make_store()
+        folder_id = await self.db.run("make_folder", _make_folder, user)
+        where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
+        result = await store.store_batch(where, [
+            FetchedMessage(raw=mail(1, "a"), uid=1), FetchedMessage(raw=mail(1, "a"), uid=1),
+            FetchedMessage(raw=mail(2, "b"), uid=2)])
+        self.assertEqual((len(result.created), result.already_stored), (2, 1))
 
     async def test_subject_fallback_joins_replies_without_references(self) -> None:
         store, user = await self.make_store()

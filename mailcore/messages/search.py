@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 
 from sqlalchemy import Column, Connection, Integer, MetaData, Table, bindparam, text
 from sqlalchemy.sql.elements import ColumnElement
@@ -44,30 +45,37 @@ def fold(text: str) -> str:
     return " ".join(_WORD.findall(plain.lower()))
 
 
-def thd_index_message(conn: Connection, row_id: int, parsed: ParsedMessage) -> None:
-    """Add one message row to the full-text index (same transaction as the row)."""
-    subject, sender, recipient, body = search_document(parsed)
+_SQLITE_INSERT = text(
+    "INSERT INTO messages_fts (rowid, subject, sender, recipient, body) "
+    "VALUES (:id, :subject, :sender, :recipient, :body)"
+)
+_PG_INSERT = text(
+    "INSERT INTO message_search (message_row_id, document) VALUES (:id, "
+    "setweight(to_tsvector('simple', :subject), 'A') || "
+    "setweight(to_tsvector('simple', :people), 'B') || "
+    "setweight(to_tsvector('simple', :body), 'C'))"
+)
+
+
+def thd_index_messages(conn: Connection, rows: Sequence[tuple[int, ParsedMessage]]) -> None:
+    """Add message rows to the full-text index, in one statement (same transaction as the
+    rows)."""
+    if not rows:
+        return
+    params: list[dict[str, object]] = []
     if conn.dialect.name == "sqlite":
-        conn.execute(
-            text(
-                "INSERT INTO messages_fts (rowid, subject, sender, recipient, body) "
-                "VALUES (:id, :subject, :sender, :recipient, :body)"
-            ),
-            {"id": row_id, "subject": subject, "sender": sender, "recipient": recipient,
-             "body": body},
-        )
-    else:
-        conn.execute(
-            text(
-                "INSERT INTO message_search (message_row_id, document) VALUES (:id, "
-                "setweight(to_tsvector('simple', :subject), 'A') || "
-                "setweight(to_tsvector('simple', :people), 'B') || "
-                "setweight(to_tsvector('simple', :body), 'C'))"
-            ),
-            {"id": row_id, "subject": fold(subject),
-             "people": f"{fold(sender)} {fold(recipient)}",
-             "body": fold(body[:_PG_BODY_CHARS])},
-        )
+        for row_id, parsed in rows:
+            subject, sender, recipient, body = search_document(parsed)
+            params.append({"id": row_id, "subject": subject, "sender": sender,
+                           "recipient": recipient, "body": body})
+        conn.execute(_SQLITE_INSERT, params)
+        return
+    for row_id, parsed in rows:
+        subject, sender, recipient, body = search_document(parsed)
+        params.append({"id": row_id, "subject": fold(subject),
+                       "people": f"{fold(sender)} {fold(recipient)}",
+                       "body": fold(body[:_PG_BODY_CHARS])})
+    conn.execute(_PG_INSERT, params)
 
 
 def match_clause(dialect: str, id_column: ColumnElement[int], query: str) -> ColumnElement[bool]:
