@@ -25,7 +25,7 @@ from mailcore.backup import parts
 from mailcore.backup.signature import signature_phone
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.parse import extract_part, parse_message
-from mailcore.store.schema import message_attachments, messages
+from mailcore.store.schema import fetch_folders, message_attachments, messages
 from tests.support.corpus import make_corpus
 from tests.support.oauth import access_token
 from tests.support.web import Web
@@ -417,3 +417,114 @@ class ContactPhoneTests(IndexBase):
         def txn(conn: Any) -> list[Any]:
             return conn.execute(select(messages.c.signature_phone)).scalars().all()
         self.assertEqual(sorted(await self.core.db.read("t", txn)), ["", "+49 30 1234567"])
+
+
+class BadInputBatteryTests(IndexBase):
+    """Every id, page, sort and boolean of the read side and of account writes, wrong in
+    each way the issue names, is a 4xx in the OAuth error shape, never a 5xx; another
+    user's ids (of accounts, mailboxes, messages, attachments, contacts) are 404."""
+
+    async def folder(self, account_id: int) -> int:
+        def txn(conn: Any) -> int:
+            result = conn.execute(fetch_folders.insert().values(
+                account_id=account_id, name="INBOX", uidvalidity=1))
+            return int(result.inserted_primary_key[0])
+        return await self.core.db.run("t", txn)
+
+    async def filled(self, user_id: int, account_id: int) -> dict[str, int]:
+        folder = await self.folder(account_id)
+        where = Location(user_id=user_id, account_id=account_id, folder_id=folder,
+                         folder="INBOX", uidvalidity=1)
+        self.uid += 1
+        raw = mail("Max <max@beispiel.de>", "hi", "--b\nContent-Type: text/plain\n\nhi\n"
+                   "-- \nTel: +49 30 1234567\n"
+                   + attachment("a.pdf", "application/pdf", PDF) + "--b--\n")
+        stored = await self.core.messages.store_batch(where, [FetchedMessage(raw, self.uid)])
+        await self.core.backup_mail.index.run()
+
+        def txn(conn: Any) -> int:
+            return int(conn.execute(select(message_attachments.c.id).where(
+                message_attachments.c.message_row_id == stored.created[0])).scalar_one())
+        attachment_id = await self.core.db.read("t", txn)
+        token = await access_token(self.core.oauth, user_id)
+        status, contacts = await self.call(f"/v1/accounts/{account_id}/contacts", token)
+        assert status == 200, contacts
+        return {"account": account_id, "mailbox": folder, "message": stored.created[0],
+                "attachment": attachment_id, "contact": contacts["contacts"][0]["id"]}
+
+    async def test_another_users_ids_are_404(self) -> None:
+        mine = await self.filled(self.alice.id, self.account.id)
+        bob = await self.web.user("bob")
+        bobs_account = await self.core.fetch.accounts.create(
+            bob.id, name="b", email="bob@example.test", host="127.0.0.1", port=993,
+            use_ssl=True, password="pw")
+        theirs = await self.filled(bob.id, bobs_account.id)
+        a, b = f"/v1/accounts/{mine['account']}", f"/v1/accounts/{theirs['account']}"
+        paths = [
+            b, f"{b}/mailboxes", f"{b}/mailboxes/{theirs['mailbox']}/messages",
+            f"{b}/mailboxes/{theirs['mailbox']}/messages/{theirs['message']}",
+            f"{b}/messages/search?query=hi", f"{b}/attachments",
+            f"{b}/attachments/{theirs['attachment']}", f"{b}/attachments_search?query=a",
+            f"{b}/contacts", f"{b}/contacts/{theirs['contact']}",
+            # Bob's ids under Alice's own account.
+            f"{a}/mailboxes/{theirs['mailbox']}/messages",
+            f"{a}/mailboxes/{theirs['mailbox']}/messages/{theirs['message']}",
+            f"{a}/mailboxes/{mine['mailbox']}/messages/{theirs['message']}",
+            f"{a}/attachments/{theirs['attachment']}",
+        ]
+        for path in paths:
+            status, body = await self.call(path)
+            self.assertEqual((status, body.get("error")), (404, "not_found"), path)
+        for method in ("PUT", "DELETE"):
+            status, _, body = await self.web.call(
+                method, b, json={"port": 1} if method == "PUT" else None,
+                headers={"Authorization": f"Bearer {self.token}"})
+            self.assertEqual((status, body["error"]), (404, "not_found"), method)
+        # Alice's own ids do answer (the 404s above are about whose they are).
+        for path in (f"{a}/mailboxes/{mine['mailbox']}/messages/{mine['message']}",
+                     f"{a}/attachments/{mine['attachment']}", f"{a}/contacts/{mine['contact']}"):
+            status, body = await self.call(path)
+            self.assertEqual(status, 200, (path, body))
+
+    async def test_bad_pages_sorts_ids_and_booleans_are_4xx(self) -> None:
+        mine = await self.filled(self.alice.id, self.account.id)
+        a = f"/v1/accounts/{mine['account']}"
+        huge = 2 ** 63
+        lists = [f"{a}/mailboxes", f"{a}/mailboxes/{mine['mailbox']}/messages",
+                 f"{a}/messages/search?query=hi", f"{a}/attachments",
+                 f"{a}/attachments_search?query=a", f"{a}/contacts"]
+        paths = []
+        for path in lists:
+            join = "&" if "?" in path else "?"
+            for bad in ("per_page=0", "per_page=41", "per_page=x", "per_page=-1",
+                        "per_page=1.5", "page=0", "page=x", f"page={huge}",
+                        "per_page=%EF%BC%91"):
+                paths.append(f"{path}{join}{bad}")
+            if "search" not in path:
+                paths += [f"{path}{join}sort=nonsense", f"{path}{join}direction=up"]
+        for template in ("/v1/accounts/{}", "/v1/accounts/{}/mailboxes",
+                         f"{a}/mailboxes/{{}}/messages",
+                         f"{a}/mailboxes/{mine['mailbox']}/messages/{{}}",
+                         f"{a}/attachments/{{}}", f"{a}/contacts/{{}}"):
+            paths += [template.format(huge), template.format(huge * 2 ** 64),
+                      template.format(-1), template.format("x")]
+        for path in paths:
+            self.web.clock.advance(0.1)  # within the token's 20 requests a second
+            status, body = await self.call(path)
+            self.assertTrue(400 <= status < 500, (path, status, body))
+            self.assertEqual(set(body), {"error", "error_description"}, path)
+        for method, path in (("POST", "/v1/accounts"), ("PUT", a)):
+            for field, value in (("ssl", "maybe"), ("ssl", 2), ("start_tls", []),
+                                 ("start_tls", "yes please"), ("port", huge),
+                                 ("port", True), ("protocol", "smtp")):
+                json_body = {"email": "x@example.test", "password": "p"} \
+                    if method == "POST" else {}
+                json_body[field] = value
+                self.web.clock.advance(0.1)
+                status, _, body = await self.web.call(
+                    method, path, json=json_body,
+                    headers={"Authorization": f"Bearer {self.token}"})
+                self.assertEqual(status, 400, (method, field, value, body))
+                self.assertEqual(set(body), {"error", "error_description"})
+        account = await self.core.fetch.accounts.get(self.alice.id, self.account.id)
+        self.assertEqual((account.port, account.use_ssl), (993, True))
