@@ -517,7 +517,7 @@ class BadInputBatteryTests(IndexBase):
             for field, value in (("ssl", "maybe"), ("ssl", 2), ("start_tls", []),
                                  ("start_tls", "yes please"), ("port", huge),
                                  ("port", True), ("protocol", "smtp")):
-                json_body = {"email": "x@example.test", "password": "p"} \
+                json_body: dict[str, Any] = {"email": "x@example.test", "password": "p"} \
                     if method == "POST" else {}
                 json_body[field] = value
                 self.web.clock.advance(0.1)
