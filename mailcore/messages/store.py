@@ -19,6 +19,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -27,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 from twisted.internet.interfaces import IReactorTime
 
+from mailcore.messages.counts import thd_folder_totals, thd_message_total, thd_thread_total
 from mailcore.messages.models import (
     AccountUsage,
     AttachmentSummary,
@@ -41,9 +43,9 @@ from mailcore.messages.models import (
     StoreResult,
 )
 from mailcore.messages.parse import MimeLimits, ParsedMessage, extract_part, parse_message
-from mailcore.messages.search import match_clause, thd_index_messages
-from mailcore.messages.sql import allocate_ids, dialect_insert, utc
-from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
+from mailcore.messages.search import match_clause, thd_index_message
+from mailcore.messages.sql import dialect_insert, new_id, utc
+from mailcore.messages.threading import thd_assign_thread, thd_drop_empty_threads
 from mailcore.store import Database
 from mailcore.store.schema import (
     fetch_folders,
@@ -100,61 +102,41 @@ class QueryError(ValueError):
 
 
 # Statements of the hot path, built once: values come as bound parameters, so SQLAlchemy
-# compiles each statement once. A batch is written set-wise: one query per kind of lookup
-# and one multi-row INSERT per table, whatever its number of messages.
-_HELD_UIDS = select(messages.c.uid).where(
+# compiles each statement once and a batch of hundreds of messages stays cheap.
+_BLOB_EXISTS = select(literal(1)).where(message_blobs.c.sha256 == bindparam("h"))
+_COPY_BY_UID = select(messages.c.id).where(
     messages.c.folder_id == bindparam("f"),
     messages.c.uidvalidity == bindparam("v"),
-    messages.c.uid.in_(bindparam("keys", expanding=True)),
+    messages.c.uid == bindparam("u"),
 )
-_HELD_UIDLS = select(messages.c.pop_uidl).where(
-    messages.c.folder_id == bindparam("f"),
-    messages.c.pop_uidl.in_(bindparam("keys", expanding=True)),
-)
-_HELD_BLOBS = select(message_blobs.c.sha256).where(
-    message_blobs.c.sha256.in_(bindparam("keys", expanding=True))
+_COPY_BY_UIDL = select(messages.c.id).where(
+    messages.c.folder_id == bindparam("f"), messages.c.pop_uidl == bindparam("l")
 )
 _INSERT_MESSAGE = insert(messages)
 _INSERT_REF = insert(message_refs)
 _INSERT_ATTACHMENT = insert(message_attachments)
-_KEY_CHUNK = 500
 
 
-def _held(conn: Connection, statement: Any, params: dict[str, Any],
-          keys: Sequence[Any]) -> set[Any]:
-    """Which of `keys` the one-column `statement` finds (asked in chunks)."""
-    found: set[Any] = set()
-    ordered = sorted(set(keys))
-    for i in range(0, len(ordered), _KEY_CHUNK):
-        found.update(conn.execute(
-            statement, {**params, "keys": ordered[i : i + _KEY_CHUNK]}
-        ).scalars())
-    return found
+def thd_put_blob(conn: Connection, raw: bytes, sha256: str, now: datetime.datetime) -> None:
+    """Store the bytes under their hash unless they are there already."""
+    if conn.execute(_BLOB_EXISTS, {"h": sha256}).first() is None:
+        ins = dialect_insert(conn)(message_blobs).on_conflict_do_nothing(
+            index_elements=["sha256"]
+        )
+        conn.execute(ins, {"sha256": sha256, "size": len(raw), "raw": raw, "created_at": now})
 
 
-def _copy_key(item: FetchedMessage) -> tuple[str, Any] | None:
-    if item.uid is not None:
-        return ("uid", item.uid)
-    if item.uidl is not None:
-        return ("uidl", item.uidl)
-    return None
-
-
-def _held_copies(
-    conn: Connection, where: Location, items: Sequence[tuple[FetchedMessage, ParsedMessage]]
-) -> set[tuple[str, Any]]:
-    """The (folder, uidvalidity, uid) and (folder, uidl) of the batch we hold already."""
+def _existing_copy(conn: Connection, where: Location, item: FetchedMessage) -> int | None:
+    """The row already holding this (folder, uidvalidity, uid) or (folder, uidl), if any."""
     if where.folder_id is None:
-        return set()
-    uids = [i.uid for i, _ in items if i.uid is not None]
-    uidls = [i.uidl for i, _ in items if i.uid is None and i.uidl is not None]
-    held: set[tuple[str, Any]] = set()
-    if uids:
-        params = {"f": where.folder_id, "v": where.uidvalidity}
-        held.update(("uid", u) for u in _held(conn, _HELD_UIDS, params, uids))
-    if uidls:
-        held.update(("uidl", u) for u in _held(conn, _HELD_UIDLS, {"f": where.folder_id}, uidls))
-    return held
+        return None
+    if item.uid is not None:
+        return conn.execute(
+            _COPY_BY_UID, {"f": where.folder_id, "v": where.uidvalidity, "u": item.uid}
+        ).scalar()
+    if item.uidl is not None:
+        return conn.execute(_COPY_BY_UIDL, {"f": where.folder_id, "l": item.uidl}).scalar()
+    return None
 
 
 def _relink_candidate(
@@ -173,22 +155,6 @@ def _relink_candidate(
     ).scalar()
 
 
-def thd_put_blobs(conn: Connection, items: Sequence[tuple[bytes, str]],
-                  now: datetime.datetime) -> None:
-    """Store each (bytes, sha256) under its hash unless it is there already."""
-    held = _held(conn, _HELD_BLOBS, {}, [h for _, h in items])
-    new: dict[str, bytes] = {}
-    for raw, sha256 in items:
-        if sha256 not in held:
-            new.setdefault(sha256, raw)
-    if new:
-        ins = dialect_insert(conn)(message_blobs).on_conflict_do_nothing(
-            index_elements=["sha256"]
-        )
-        conn.execute(ins, [{"sha256": h, "size": len(raw), "raw": raw, "created_at": now}
-                           for h, raw in new.items()])
-
-
 def thd_store_batch(
     conn: Connection,
     where: Location,
@@ -196,25 +162,20 @@ def thd_store_batch(
     now: datetime.datetime,
     rescan: bool = False,
 ) -> StoreResult:
-    """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid).
-    The outcome (rows, threads, search entries) is the one of storing them one by one in
-    order; the work is a few statements per batch."""
+    """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid)."""
     if conn.dialect.name == "postgresql":
         # Threads of one user are built by one transaction at a time (SQLite serialises
         # writers anyway): two accounts syncing at once must not split a conversation.
         conn.execute(
             text("SELECT pg_advisory_xact_lock(:k)"), {"k": _THREAD_LOCK + where.user_id}
         )
-    held = _held_copies(conn, where, items)
-    fresh: list[tuple[FetchedMessage, ParsedMessage]] = []
+    created: list[int] = []
+    thread_ids: list[int] = []
     relinked = already = 0
     for item, parsed in items:
-        key = _copy_key(item) if where.folder_id is not None else None
-        if key is not None:
-            if key in held:
-                already += 1
-                continue
-            held.add(key)  # the same UID twice in one batch is stored once
+        if _existing_copy(conn, where, item) is not None:
+            already += 1
+            continue
         if rescan and item.uid is not None:
             old = _relink_candidate(conn, where, parsed.sha256)
             if old is not None:
@@ -226,33 +187,26 @@ def thd_store_batch(
                 )
                 relinked += 1
                 continue
-        fresh.append((item, parsed))
-    created = thd_insert_messages(conn, where, fresh, now)
+        row_id = thd_insert_message(conn, where, item, parsed, now)
+        created.append(row_id)
+        thread_ids.append(thd_assign_thread(conn, where.user_id, row_id, parsed, now))
     return StoreResult(
-        created=[row_id for row_id, _ in created], relinked=relinked, already_stored=already,
-        thread_ids=[thread_id for _, thread_id in created],
+        created=created, relinked=relinked, already_stored=already, thread_ids=thread_ids
     )
 
 
-def thd_insert_messages(
+def thd_insert_message(
     conn: Connection,
     where: Location,
-    items: Sequence[tuple[FetchedMessage, ParsedMessage]],
+    item: FetchedMessage,
+    parsed: ParsedMessage,
     now: datetime.datetime,
-) -> list[tuple[int, int]]:
-    """New message rows with their blobs, threads, references, attachments and search
-    entries, one statement per table; (row id, thread id) of each, in order."""
-    if not items:
-        return []
-    thd_put_blobs(conn, [(item.raw, parsed.sha256) for item, parsed in items], now)
-    thread_ids = thd_assign_threads(conn, where.user_id, [p for _, p in items], now)
-    row_ids = allocate_ids(conn, messages, len(items))
-    rows: list[dict[str, Any]] = []
-    refs: list[dict[str, Any]] = []
-    attachments: list[dict[str, Any]] = []
-    for (item, parsed), row_id, thread_id in zip(items, row_ids, thread_ids, strict=True):
-        rows.append({
-            "id": row_id,
+) -> int:
+    """One new message row with its blob, references, attachments and search entry."""
+    thd_put_blob(conn, item.raw, parsed.sha256, now)
+    row_id = new_id(conn.execute(
+        _INSERT_MESSAGE,
+        {
             "user_id": where.user_id,
             "account_id": where.account_id,
             "folder_id": where.folder_id,
@@ -279,31 +233,33 @@ def thd_insert_messages(
             "references": " ".join(parsed.references),
             "has_attachments": parsed.has_attachments,
             "parse_problems": "\n".join(parsed.problems),
-            "thread_id": thread_id,
             "created_at": now,
             "updated_at": now,
-        })
-        refs.extend({"message_row_id": row_id, "user_id": where.user_id, "ref": r}
-                    for r in parsed.thread_refs)
-        attachments.extend(
-            {
-                "message_row_id": row_id,
-                "part_path": a.part_path,
-                "filename": a.filename,
-                "mime_type": a.mime_type,
-                "size": a.size,
-                "content_id": a.content_id,
-            }
-            for a in parsed.attachments
-        )
-    conn.execute(_INSERT_MESSAGE, rows)
+        },
+    ))
+    refs = parsed.thread_refs
     if refs:
-        conn.execute(_INSERT_REF, refs)
-    if attachments:
-        conn.execute(_INSERT_ATTACHMENT, attachments)
-    thd_index_messages(conn, [(row_id, parsed) for (_, parsed), row_id in zip(
-        items, row_ids, strict=True)])
-    return list(zip(row_ids, thread_ids, strict=True))
+        conn.execute(
+            _INSERT_REF,
+            [{"message_row_id": row_id, "user_id": where.user_id, "ref": r} for r in refs],
+        )
+    if parsed.attachments:
+        conn.execute(
+            _INSERT_ATTACHMENT,
+            [
+                {
+                    "message_row_id": row_id,
+                    "part_path": a.part_path,
+                    "filename": a.filename,
+                    "mime_type": a.mime_type,
+                    "size": a.size,
+                    "content_id": a.content_id,
+                }
+                for a in parsed.attachments
+            ],
+        )
+    thd_index_message(conn, row_id, parsed)
+    return row_id
 
 
 def thd_collect_garbage(conn: Connection) -> int:
@@ -323,37 +279,42 @@ def _day_start(day: datetime.date) -> datetime.datetime:
     return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC)
 
 
-def _filters(dialect: str, user_id: int, query: MessageQuery) -> list[ColumnElement[bool]]:
-    conds: list[ColumnElement[bool]] = [messages.c.user_id == user_id]
+def _filters(
+    dialect: str, user_id: int, query: MessageQuery, table: Any = messages
+) -> list[ColumnElement[bool]]:
+    """WHERE terms of the query's filters on `table` (`messages` or an alias of it)."""
+    c = table.c
+    conds: list[ColumnElement[bool]] = [c.user_id == user_id]
     if query.folder is not None:
-        conds.append(messages.c.folder == query.folder)
+        conds.append(c.folder == query.folder)
     if query.folder_id is not None:
-        conds.append(messages.c.folder_id == query.folder_id)
+        conds.append(c.folder_id == query.folder_id)
     if query.account_id is not None:
-        conds.append(messages.c.account_id == query.account_id)
+        conds.append(c.account_id == query.account_id)
     if query.date_from is not None:
-        conds.append(messages.c.date >= _day_start(query.date_from))
+        conds.append(c.date >= _day_start(query.date_from))
     if query.date_to is not None:
-        conds.append(messages.c.date < _day_start(query.date_to) + datetime.timedelta(days=1))
+        conds.append(c.date < _day_start(query.date_to) + datetime.timedelta(days=1))
     if query.has_attachments is not None:
-        conds.append(messages.c.has_attachments == query.has_attachments)
+        conds.append(c.has_attachments == query.has_attachments)
     if query.thread_id is not None:
-        conds.append(messages.c.thread_id == query.thread_id)
+        conds.append(c.thread_id == query.thread_id)
     if query.q:
-        conds.append(match_clause(dialect, messages.c.id, query.q))
+        conds.append(match_clause(dialect, c.id, query.q))
     return conds
 
 
-def _order_by(ordering: str) -> list[Any]:
+def _order_by(ordering: str, *, reverse: bool = False) -> list[Any]:
+    """ORDER BY terms of `ordering` with the row id last; `reverse` turns each one round."""
     out: list[Any] = []
-    for term in [t.strip() for t in (ordering or "-date").split(",") if t.strip()]:
+    terms = [t.strip() for t in (ordering or "-date").split(",") if t.strip()]
+    for term in [*terms, "-id" if ordering.startswith("-") else "id"]:
         desc = term.startswith("-")
         name = term.lstrip("-+")
         column = _ORDER_COLUMNS.get(name)
         if column is None:
             raise QueryError(f"cannot order by {name!r}", "ordering")
-        out.append(column.desc() if desc else column.asc())
-    out.append(messages.c.id.desc() if ordering.startswith("-") else messages.c.id.asc())
+        out.append(column.desc() if desc != reverse else column.asc())
     return out
 
 
@@ -382,47 +343,85 @@ def _summary(row: Any, thread_counts: dict[int, int]) -> MessageSummary:
     )
 
 
+_THREAD_SIZES = select(threads.c.id, threads.c.message_count).where(
+    threads.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
 def _thread_counts(conn: Connection, thread_ids: set[int]) -> dict[int, int]:
+    """Messages per thread, as the triggers of migration 0020 keep them."""
     if not thread_ids:
         return {}
-    rows = conn.execute(
-        select(messages.c.thread_id, func.count())
-        .where(messages.c.thread_id.in_(sorted(thread_ids)))
-        .group_by(messages.c.thread_id)
-    )
+    rows = conn.execute(_THREAD_SIZES, {"ids": sorted(thread_ids)})
     return {tid: int(n) for tid, n in rows}
 
 
+def _newest_of_thread(
+    dialect: str, user_id: int, query: MessageQuery
+) -> ColumnElement[bool]:
+    """`messages` is the newest (date, then id) of its thread among the rows matching the
+    query's filters: no newer matching message shares its thread. The thread's messages are
+    read through (thread_id, date), so a page walks only as many rows as it shows."""
+    other = messages.alias("newer")
+    same = [c for c in _filters(dialect, user_id, query, table=other)]
+    oldest = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
+    mine = func.coalesce(messages.c.date, oldest)
+    theirs = func.coalesce(other.c.date, oldest)
+    newer = (
+        select(literal(1))
+        .select_from(other)
+        .where(other.c.thread_id == messages.c.thread_id, *same)
+        .where(or_(theirs > mine, (theirs == mine) & (other.c.id > messages.c.id)))
+    )
+    return or_(messages.c.thread_id.is_(None), ~newer.exists())
+
+
+def _counted(query: MessageQuery) -> bool:
+    """Whether the kept counts answer the query's count (only user, account and folder)."""
+    return (query.q is None and query.folder_id is None and query.date_from is None
+            and query.date_to is None and query.has_attachments is None
+            and query.thread_id is None)
+
+
+def _total(conn: Connection, user_id: int, query: MessageQuery,
+           conds: list[ColumnElement[bool]]) -> int:
+    if _counted(query):
+        if not query.threads_only:
+            return thd_message_total(conn, user_id, query.account_id, query.folder)
+        if query.folder is None:
+            total = thd_thread_total(conn, user_id, query.account_id)
+            if total is not None:
+                return total
+    return int(conn.execute(select(func.count()).select_from(messages).where(*conds)).scalar()
+               or 0)
+
+
 def thd_list_messages(conn: Connection, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
-    """One page of the user's messages matching `query`, and the total count."""
+    """One page of the user's messages matching `query`, and the total count.
+
+    The count comes from the kept counts when the filters allow. A page past the middle is
+    read from the other end (every order term reversed, the rows turned back), so the
+    deepest page walks as few index entries as the first one.
+    """
     conds = _filters(conn.dialect.name, user_id, query)
-    order = _order_by(query.ordering)
     if query.threads_only:
-        ranked = (
-            select(
-                messages.c.id,
-                func.row_number()
-                .over(
-                    partition_by=func.coalesce(messages.c.thread_id, -messages.c.id),
-                    order_by=(messages.c.date.desc(), messages.c.id.desc()),
-                )
-                .label("rn"),
-            )
-            .where(*conds)
-            .subquery()
-        )
-        ids = select(ranked.c.id).where(ranked.c.rn == 1)
-        conds = [messages.c.id.in_(ids)]
-    count = conn.execute(select(func.count()).select_from(messages).where(*conds)).scalar() or 0
-    rows = conn.execute(
-        select(*_SUMMARY_COLUMNS)
-        .where(*conds)
-        .order_by(*order)
-        .offset(max(query.offset, 0))
-        .limit(max(query.limit, 0))
-    ).all()
+        conds.append(_newest_of_thread(conn.dialect.name, user_id, query))
+    count = _total(conn, user_id, query, conds)
+    offset, limit = max(query.offset, 0), max(query.limit, 0)
+    if limit == 0 or offset >= count:
+        return Page(count=count, items=[])
+    reverse = offset > count // 2
+    order = _order_by(query.ordering, reverse=reverse)
+    if reverse:
+        end = min(count, offset + limit)
+        offset, limit = count - end, end - offset
+    rows = list(conn.execute(
+        select(*_SUMMARY_COLUMNS).where(*conds).order_by(*order).offset(offset).limit(limit)
+    ))
+    if reverse:
+        rows.reverse()
     counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
-    return Page(count=int(count), items=[_summary(r, counts) for r in rows])
+    return Page(count=count, items=[_summary(r, counts) for r in rows])
 
 
 def _attachment(row: Any) -> AttachmentSummary:
@@ -599,6 +598,21 @@ class MessageStore:
             raise MessageNotFound(row_id)
         return found[0]
 
+    async def message_with_thread(
+        self, user_id: int, row_id: int
+    ) -> tuple[MessageDetail, list[MessageDetail]]:
+        """A message and every message of its thread, oldest first (itself included), read
+        in one transaction."""
+
+        def txn(conn: Connection) -> tuple[MessageDetail, list[MessageDetail]]:
+            thread = thd_get_messages(conn, user_id, thd_thread_ids(conn, user_id, row_id))
+            for detail in thread:
+                if detail.summary.id == row_id:
+                    return detail, thread
+            raise MessageNotFound(row_id)
+
+        return await self.db.read("get_message_with_thread", txn)
+
     async def thread_of(self, user_id: int, row_id: int) -> list[MessageDetail]:
         """Every message of the thread `row_id` belongs to, oldest first (itself included)."""
 
@@ -629,10 +643,7 @@ class MessageStore:
         """Distinct folder names the user has messages in, sorted (seed 001 /folders/)."""
 
         def txn(conn: Connection) -> list[str]:
-            q = select(messages.c.folder).where(messages.c.user_id == user_id)
-            if account_id is not None:
-                q = q.where(messages.c.account_id == account_id)
-            return list(conn.execute(q.distinct().order_by(messages.c.folder)).scalars())
+            return sorted(thd_folder_totals(conn, user_id, account_id))
 
         return await self.db.read("list_folder_names", txn)
 
@@ -684,29 +695,20 @@ class MessageStore:
         """Totals of messages and threads, and messages per folder (seed 001)."""
 
         def txn(conn: Connection) -> Statistics:
-            conds = [messages.c.user_id == user_id]
-            if account_id is not None:
-                conds.append(messages.c.account_id == account_id)
-            total = conn.execute(
-                select(func.count()).select_from(messages).where(*conds)
-            ).scalar() or 0
-            total_threads = conn.execute(
-                select(func.count(func.distinct(
-                    case((messages.c.thread_id.is_(None), -messages.c.id),
-                         else_=messages.c.thread_id)
-                ))).where(*conds)
-            ).scalar() or 0
-            folders = {
-                name: int(n)
-                for name, n in conn.execute(
-                    select(messages.c.folder, func.count())
-                    .where(*conds)
-                    .group_by(messages.c.folder)
-                    .order_by(func.count().desc(), messages.c.folder)
-                )
-            }
+            counts = thd_folder_totals(conn, user_id, account_id)
+            folders = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+            total_threads = thd_thread_total(conn, user_id, account_id)
+            if total_threads is None:  # one account's threads among several: count them
+                conds = [messages.c.user_id == user_id, messages.c.account_id == account_id]
+                total_threads = int(conn.execute(
+                    select(func.count(func.distinct(
+                        case((messages.c.thread_id.is_(None), -messages.c.id),
+                             else_=messages.c.thread_id)
+                    ))).where(*conds)
+                ).scalar() or 0)
             return Statistics(
-                total_emails=int(total), total_threads=int(total_threads), folders=folders
+                total_emails=sum(counts.values()), total_threads=total_threads,
+                folders=folders,
             )
 
         return await self.db.read("message_statistics", txn)

@@ -465,8 +465,7 @@ class Imap2ApiApp(ApiApp):
     async def get_email(self, request: IRequest, email_id: int) -> bytes:
         user_id = await self.user_id(request)
         with refusals():
-            detail = await self.messages.get_message(user_id, email_id)
-            thread = await self.messages.thread_of(user_id, email_id)
+            detail, thread = await self.messages.message_with_thread(user_id, email_id)
         return self.reply(request, email_detail_json(detail, thread))
 
     @routes.route(

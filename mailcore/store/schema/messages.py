@@ -55,6 +55,8 @@ threads = Table(
     Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     Column("subject_key", Text, nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # How many messages point at the thread; kept by triggers (migration 0020).
+    Column("message_count", BigInteger, nullable=False, server_default="0"),
     Index("ix_threads_user_subject", "user_id", "subject_key"),
 )
 
@@ -106,7 +108,8 @@ messages = Table(
     UniqueConstraint("folder_id", "pop_uidl", name="uq_messages_folder_uidl"),
     Index("ix_messages_user_date", "user_id", "date"),
     Index("ix_messages_account_folder", "account_id", "folder"),
-    Index("ix_messages_thread_id", "thread_id"),
+    Index("ix_messages_thread_date", "thread_id", "date"),
+    Index("ix_messages_user_folder_date", "user_id", "folder", "date"),
     Index("ix_messages_user_message_id", "user_id", "message_id"),
     Index("ix_messages_sha256", "sha256"),
     Index("ix_messages_signature_unscanned", "id",
@@ -150,4 +153,25 @@ message_attachments = Table(
     Index("ix_message_attachments_message_row_id", "message_row_id"),
     Index("ix_message_attachments_undescribed", "id",
           sqlite_where=text("meta_data IS NULL"), postgresql_where=text("meta_data IS NULL")),
+)
+
+# Messages per (user, account, folder), kept by triggers on `messages` (migration 0020):
+# `account_key` is the account id (0: outside any account); `changes` rises with every
+# insert, delete or move of one of the user's messages and never falls.
+message_counts = Table(
+    "message_counts",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("account_key", Integer, primary_key=True),
+    Column("folder", String(1024), primary_key=True),
+    Column("total", BigInteger, nullable=False),
+    Column("changes", BigInteger, nullable=False),
+)
+
+# Per user, the threads that hold at least one message; kept by triggers on `threads`.
+message_thread_totals = Table(
+    "message_thread_totals",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("threads", BigInteger, nullable=False),
 )

@@ -1,0 +1,85 @@
+"""Counts the database keeps for the message reads (migration 0020), instead of counting rows.
+
+`message_counts` holds messages per (user, account, folder) and `message_thread_totals` the
+non-empty threads per user, both kept by triggers in the transaction of every write; these
+functions read them inside a read transaction. A count they cannot give exactly (threads of
+one account among several) is None, and the caller counts rows.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, func, select
+
+from mailcore.store.schema.messages import message_counts, message_thread_totals, messages
+
+
+def thd_folder_totals(
+    conn: Connection, user_id: int, account_id: int | None = None
+) -> dict[str, int]:
+    """Messages per folder name (folders holding none left out), in no particular order."""
+    q = (
+        select(message_counts.c.folder, func.sum(message_counts.c.total))
+        .where(message_counts.c.user_id == user_id)
+        .where(message_counts.c.total > 0)
+        .group_by(message_counts.c.folder)
+    )
+    if account_id is not None:
+        q = q.where(message_counts.c.account_key == account_id)
+    return {folder: int(n) for folder, n in conn.execute(q)}
+
+
+def thd_message_total(
+    conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
+) -> int:
+    """How many messages the user holds (in this account, in this folder)."""
+    q = select(func.coalesce(func.sum(message_counts.c.total), 0)).where(
+        message_counts.c.user_id == user_id
+    )
+    if account_id is not None:
+        q = q.where(message_counts.c.account_key == account_id)
+    if folder is not None:
+        q = q.where(message_counts.c.folder == folder)
+    return int(conn.execute(q).scalar() or 0)
+
+
+def _unthreaded(conn: Connection, user_id: int, account_id: int | None) -> int:
+    """Messages without a thread (each one its own thread); none once stored, normally."""
+    q = (
+        select(func.count())
+        .select_from(messages)
+        .where(messages.c.thread_id.is_(None))
+        # "+ 0": no index on user_id for this one, or SQLite (without statistics) walks the
+        # user's whole date index instead of the few NULLs of (thread_id, date).
+        .where(messages.c.user_id + 0 == user_id)
+    )
+    if account_id is not None:
+        q = q.where(messages.c.account_id == account_id)
+    return int(conn.execute(q).scalar() or 0)
+
+
+def thd_thread_total(conn: Connection, user_id: int, account_id: int | None = None) -> int | None:
+    """How many threads the user's messages (of this account) form; None when only counting
+    rows can tell (an account's threads while other accounts hold messages too)."""
+    if account_id is not None:
+        keys = set(conn.execute(
+            select(message_counts.c.account_key)
+            .where(message_counts.c.user_id == user_id)
+            .where(message_counts.c.total > 0)
+            .distinct()
+        ).scalars())
+        if account_id not in keys:
+            return 0
+        if keys != {account_id}:
+            return None
+    threads = conn.execute(
+        select(message_thread_totals.c.threads).where(message_thread_totals.c.user_id == user_id)
+    ).scalar()
+    return int(threads or 0) + _unthreaded(conn, user_id, account_id)
+
+
+def thd_change_stamp(conn: Connection, user_id: int) -> int:
+    """A number that changes whenever one of the user's messages is stored, deleted or moved."""
+    return int(conn.execute(
+        select(func.coalesce(func.sum(message_counts.c.changes), 0))
+        .where(message_counts.c.user_id == user_id)
+    ).scalar() or 0)
