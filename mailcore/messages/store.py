@@ -43,9 +43,9 @@ from mailcore.messages.models import (
     StoreResult,
 )
 from mailcore.messages.parse import MimeLimits, ParsedMessage, extract_part, parse_message
-from mailcore.messages.search import match_clause, thd_index_message
-from mailcore.messages.sql import dialect_insert, new_id, utc
-from mailcore.messages.threading import thd_assign_thread, thd_drop_empty_threads
+from mailcore.messages.search import match_clause, thd_index_messages
+from mailcore.messages.sql import allocate_ids, dialect_insert, utc
+from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
 from mailcore.store import Database
 from mailcore.store.schema import (
     fetch_folders,
@@ -102,41 +102,61 @@ class QueryError(ValueError):
 
 
 # Statements of the hot path, built once: values come as bound parameters, so SQLAlchemy
-# compiles each statement once and a batch of hundreds of messages stays cheap.
-_BLOB_EXISTS = select(literal(1)).where(message_blobs.c.sha256 == bindparam("h"))
-_COPY_BY_UID = select(messages.c.id).where(
+# compiles each statement once. A batch is written set-wise: one query per kind of lookup
+# and one multi-row INSERT per table, whatever its number of messages.
+_HELD_UIDS = select(messages.c.uid).where(
     messages.c.folder_id == bindparam("f"),
     messages.c.uidvalidity == bindparam("v"),
-    messages.c.uid == bindparam("u"),
+    messages.c.uid.in_(bindparam("keys", expanding=True)),
 )
-_COPY_BY_UIDL = select(messages.c.id).where(
-    messages.c.folder_id == bindparam("f"), messages.c.pop_uidl == bindparam("l")
+_HELD_UIDLS = select(messages.c.pop_uidl).where(
+    messages.c.folder_id == bindparam("f"),
+    messages.c.pop_uidl.in_(bindparam("keys", expanding=True)),
+)
+_HELD_BLOBS = select(message_blobs.c.sha256).where(
+    message_blobs.c.sha256.in_(bindparam("keys", expanding=True))
 )
 _INSERT_MESSAGE = insert(messages)
 _INSERT_REF = insert(message_refs)
 _INSERT_ATTACHMENT = insert(message_attachments)
+_KEY_CHUNK = 500
 
 
-def thd_put_blob(conn: Connection, raw: bytes, sha256: str, now: datetime.datetime) -> None:
-    """Store the bytes under their hash unless they are there already."""
-    if conn.execute(_BLOB_EXISTS, {"h": sha256}).first() is None:
-        ins = dialect_insert(conn)(message_blobs).on_conflict_do_nothing(
-            index_elements=["sha256"]
-        )
-        conn.execute(ins, {"sha256": sha256, "size": len(raw), "raw": raw, "created_at": now})
+def _held(conn: Connection, statement: Any, params: dict[str, Any],
+          keys: Sequence[Any]) -> set[Any]:
+    """Which of `keys` the one-column `statement` finds (asked in chunks)."""
+    found: set[Any] = set()
+    ordered = sorted(set(keys))
+    for i in range(0, len(ordered), _KEY_CHUNK):
+        found.update(conn.execute(
+            statement, {**params, "keys": ordered[i : i + _KEY_CHUNK]}
+        ).scalars())
+    return found
 
 
-def _existing_copy(conn: Connection, where: Location, item: FetchedMessage) -> int | None:
-    """The row already holding this (folder, uidvalidity, uid) or (folder, uidl), if any."""
-    if where.folder_id is None:
-        return None
+def _copy_key(item: FetchedMessage) -> tuple[str, Any] | None:
     if item.uid is not None:
-        return conn.execute(
-            _COPY_BY_UID, {"f": where.folder_id, "v": where.uidvalidity, "u": item.uid}
-        ).scalar()
+        return ("uid", item.uid)
     if item.uidl is not None:
-        return conn.execute(_COPY_BY_UIDL, {"f": where.folder_id, "l": item.uidl}).scalar()
+        return ("uidl", item.uidl)
     return None
+
+
+def _held_copies(
+    conn: Connection, where: Location, items: Sequence[tuple[FetchedMessage, ParsedMessage]]
+) -> set[tuple[str, Any]]:
+    """The (folder, uidvalidity, uid) and (folder, uidl) of the batch we hold already."""
+    if where.folder_id is None:
+        return set()
+    uids = [i.uid for i, _ in items if i.uid is not None]
+    uidls = [i.uidl for i, _ in items if i.uid is None and i.uidl is not None]
+    held: set[tuple[str, Any]] = set()
+    if uids:
+        params = {"f": where.folder_id, "v": where.uidvalidity}
+        held.update(("uid", u) for u in _held(conn, _HELD_UIDS, params, uids))
+    if uidls:
+        held.update(("uidl", u) for u in _held(conn, _HELD_UIDLS, {"f": where.folder_id}, uidls))
+    return held
 
 
 def _relink_candidate(
@@ -155,6 +175,22 @@ def _relink_candidate(
     ).scalar()
 
 
+def thd_put_blobs(conn: Connection, items: Sequence[tuple[bytes, str]],
+                  now: datetime.datetime) -> None:
+    """Store each (bytes, sha256) under its hash unless it is there already."""
+    held = _held(conn, _HELD_BLOBS, {}, [h for _, h in items])
+    new: dict[str, bytes] = {}
+    for raw, sha256 in items:
+        if sha256 not in held:
+            new.setdefault(sha256, raw)
+    if new:
+        ins = dialect_insert(conn)(message_blobs).on_conflict_do_nothing(
+            index_elements=["sha256"]
+        )
+        conn.execute(ins, [{"sha256": h, "size": len(raw), "raw": raw, "created_at": now}
+                           for h, raw in new.items()])
+
+
 def thd_store_batch(
     conn: Connection,
     where: Location,
@@ -162,20 +198,25 @@ def thd_store_batch(
     now: datetime.datetime,
     rescan: bool = False,
 ) -> StoreResult:
-    """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid)."""
+    """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid).
+    The outcome (rows, threads, search entries) is the one of storing them one by one in
+    order; the work is a few statements per batch."""
     if conn.dialect.name == "postgresql":
         # Threads of one user are built by one transaction at a time (SQLite serialises
         # writers anyway): two accounts syncing at once must not split a conversation.
         conn.execute(
             text("SELECT pg_advisory_xact_lock(:k)"), {"k": _THREAD_LOCK + where.user_id}
         )
-    created: list[int] = []
-    thread_ids: list[int] = []
+    held = _held_copies(conn, where, items)
+    fresh: list[tuple[FetchedMessage, ParsedMessage]] = []
     relinked = already = 0
     for item, parsed in items:
-        if _existing_copy(conn, where, item) is not None:
-            already += 1
-            continue
+        key = _copy_key(item) if where.folder_id is not None else None
+        if key is not None:
+            if key in held:
+                already += 1
+                continue
+            held.add(key)  # the same UID twice in one batch is stored once
         if rescan and item.uid is not None:
             old = _relink_candidate(conn, where, parsed.sha256)
             if old is not None:
@@ -187,26 +228,33 @@ def thd_store_batch(
                 )
                 relinked += 1
                 continue
-        row_id = thd_insert_message(conn, where, item, parsed, now)
-        created.append(row_id)
-        thread_ids.append(thd_assign_thread(conn, where.user_id, row_id, parsed, now))
+        fresh.append((item, parsed))
+    created = thd_insert_messages(conn, where, fresh, now)
     return StoreResult(
-        created=created, relinked=relinked, already_stored=already, thread_ids=thread_ids
+        created=[row_id for row_id, _ in created], relinked=relinked, already_stored=already,
+        thread_ids=[thread_id for _, thread_id in created],
     )
 
 
-def thd_insert_message(
+def thd_insert_messages(
     conn: Connection,
     where: Location,
-    item: FetchedMessage,
-    parsed: ParsedMessage,
+    items: Sequence[tuple[FetchedMessage, ParsedMessage]],
     now: datetime.datetime,
-) -> int:
-    """One new message row with its blob, references, attachments and search entry."""
-    thd_put_blob(conn, item.raw, parsed.sha256, now)
-    row_id = new_id(conn.execute(
-        _INSERT_MESSAGE,
-        {
+) -> list[tuple[int, int]]:
+    """New message rows with their blobs, threads, references, attachments and search
+    entries, one statement per table; (row id, thread id) of each, in order."""
+    if not items:
+        return []
+    thd_put_blobs(conn, [(item.raw, parsed.sha256) for item, parsed in items], now)
+    thread_ids = thd_assign_threads(conn, where.user_id, [p for _, p in items], now)
+    row_ids = allocate_ids(conn, messages, len(items))
+    rows: list[dict[str, Any]] = []
+    refs: list[dict[str, Any]] = []
+    attachments: list[dict[str, Any]] = []
+    for (item, parsed), row_id, thread_id in zip(items, row_ids, thread_ids, strict=True):
+        rows.append({
+            "id": row_id,
             "user_id": where.user_id,
             "account_id": where.account_id,
             "folder_id": where.folder_id,
@@ -233,33 +281,31 @@ def thd_insert_message(
             "references": " ".join(parsed.references),
             "has_attachments": parsed.has_attachments,
             "parse_problems": "\n".join(parsed.problems),
+            "thread_id": thread_id,
             "created_at": now,
             "updated_at": now,
-        },
-    ))
-    refs = parsed.thread_refs
+        })
+        refs.extend({"message_row_id": row_id, "user_id": where.user_id, "ref": r}
+                    for r in parsed.thread_refs)
+        attachments.extend(
+            {
+                "message_row_id": row_id,
+                "part_path": a.part_path,
+                "filename": a.filename,
+                "mime_type": a.mime_type,
+                "size": a.size,
+                "content_id": a.content_id,
+            }
+            for a in parsed.attachments
+        )
+    conn.execute(_INSERT_MESSAGE, rows)
     if refs:
-        conn.execute(
-            _INSERT_REF,
-            [{"message_row_id": row_id, "user_id": where.user_id, "ref": r} for r in refs],
-        )
-    if parsed.attachments:
-        conn.execute(
-            _INSERT_ATTACHMENT,
-            [
-                {
-                    "message_row_id": row_id,
-                    "part_path": a.part_path,
-                    "filename": a.filename,
-                    "mime_type": a.mime_type,
-                    "size": a.size,
-                    "content_id": a.content_id,
-                }
-                for a in parsed.attachments
-            ],
-        )
-    thd_index_message(conn, row_id, parsed)
-    return row_id
+        conn.execute(_INSERT_REF, refs)
+    if attachments:
+        conn.execute(_INSERT_ATTACHMENT, attachments)
+    thd_index_messages(conn, [(row_id, parsed) for (_, parsed), row_id in zip(
+        items, row_ids, strict=True)])
+    return list(zip(row_ids, thread_ids, strict=True))
 
 
 def thd_collect_garbage(conn: Connection) -> int:
