@@ -647,7 +647,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "GET",
         summary="List the attachments of an account's backed-up mail",
         description="Every MIME attachment, with its decoded file name (RFC 2231/2047), "
-        "type, size, sender and date, and meta_data: what libmagic (file(1)) says of it.",
+        "type, size, sender and date, and meta_data: what libmagic (file(1)) says of it. "
+        "Read from the backup's index: each attachment is described once (after the sync "
+        "that stored it, or by the first page that shows it).",
         auth=DROPMYEMAIL,
         scope="attachment",
         query={**PAGE_QUERY,
@@ -662,7 +664,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
     @routes.route(
         "/v1/accounts/<int:account_id>/attachments_search",
         "GET",
-        summary="Search an account's attachments by file name or type",
+        summary="Search an account's attachments by file name, type or libmagic's "
+        "description (substring, case-insensitive)",
         auth=DROPMYEMAIL,
         scope="attachment",
         query={**PAGE_QUERY, "query": {"type": "string"},
@@ -678,6 +681,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "/v1/accounts/<int:account_id>/attachments/<int:attachment_id>",
         "GET",
         summary="An attachment's file, base64-encoded",
+        description="The reply is streamed: the base64 is encoded from the stored message "
+        "a slice at a time as the part is decoded.",
         auth=DROPMYEMAIL,
         scope="attachment",
         replies={200: Reply("The file", FILE)},
@@ -706,8 +711,11 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "GET",
         summary="List the correspondents found in an account's backed-up mail",
         description="From, To and Cc addresses of the account's messages, completed by the "
-        "vCards attached to them (name, telephone). backup_date: when a message naming the "
-        "contact was last backed up.",
+        "vCards attached to them (name, telephone) and, failing a vCard's number, the "
+        "telephone number of the signature block of the newest message from the contact "
+        "(after '-- ' or in the trailing lines: Tel:, Phone:, Mobile:, +49 …; validated "
+        "with libphonenumber). backup_date: when a message naming the contact was last "
+        "backed up.",
         auth=DROPMYEMAIL,
         scope="contact",
         query={**PAGE_QUERY,
