@@ -6,7 +6,9 @@ Each outbox row was built and given its queue id when it entered the outbox
 queue works on many messages at once (filtering runs concurrently), so to keep the order at
 the next hop the sender hands over the next message only once the queue has tried the
 previous one (none of its recipients still `queued`: delivered, deferred, bounced or held),
-or after FIFO_WAIT seconds, so that one slow message cannot hold the outbox for long. The
+or after FIFO_WAIT seconds, so that one slow message cannot hold the outbox for long. It
+looks again each time this node's spool commits delivery results (`Spool.on_results`), and
+every FIFO_POLL seconds besides, for results another node sharing the store commits. The
 queue id is the idempotency key: after a crash between the spool's commit and the mark, the
 row's id is found in the queue and the row is marked sent without a second accept. Hosted
 recipients are then delivered locally by the queue, the others routed as any mail ([queue]
@@ -45,9 +47,9 @@ log = Logger()
 BATCH = 200
 RETRY_AFTER = 5.0
 # How long the next message waits for the queue to try the one before it, at most; and how
-# often the queue is looked at meanwhile.
+# often the queue is looked at meanwhile when no results are committed on this node.
 FIFO_WAIT = 30.0
-FIFO_POLL = 0.02
+FIFO_POLL = 0.5
 # The outbox job's lease (longer than one message's FIFO_WAIT), and how often each node looks
 # at the outbox when it shares the store with others.
 OUTBOX_JOB = "mailapi_outbox"
@@ -113,6 +115,14 @@ class OutboxSender(Service):
         self._retry: IDelayedCall | None = None
         self._current: defer.Deferred[None] | None = None
         self._pause: defer.Deferred[None] | None = None
+        self._results_seen = 0  # results commits of this node's spool so far
+        spool.on_results.append(self._results_committed)
+
+    def _results_committed(self) -> None:
+        self._results_seen += 1
+        waiting, self._pause = self._pause, None
+        if waiting is not None and not waiting.called:
+            waiting.callback(None)
 
     def startService(self) -> None:
         super().startService()
@@ -198,10 +208,17 @@ class OutboxSender(Service):
         """Wait until the queue has tried `queue_id` (at most FIFO_WAIT seconds)."""
         give_up = self.clock.seconds() + FIFO_WAIT
         while self.running and self.clock.seconds() < give_up:
+            seen = self._results_seen
             if not await self.db.read("mailapi_outbox_untried", thd_untried, queue_id):
                 return
-            self._pause = task.deferLater(self.clock, FIFO_POLL, lambda: None)
+            if self._results_seen != seen:
+                continue  # results were committed while we looked: look again
+            self._pause = defer.Deferred()
+            timer = self.clock.callLater(min(FIFO_POLL, give_up - self.clock.seconds()),
+                                         self._results_committed)
             try:
                 await self._pause
             finally:
                 self._pause = None
+                if timer.active():
+                    timer.cancel()

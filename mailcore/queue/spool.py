@@ -278,6 +278,9 @@ class Spool:
         self._yield_lane = False
         self.commits = 0  # group transactions run (for tests and the benchmark)
         self.streams = 0  # commit streams started
+        # Told (no arguments) each time delivery results of this node are committed: a
+        # results transaction, or a write chore (local delivery records its results).
+        self.on_results: list[Callable[[], None]] = []
 
     # -- the API ------------------------------------------------------------------------
 
@@ -452,9 +455,17 @@ class Spool:
             chore.done.errback(e)
         else:
             chore.done.callback(result)
+            self._tell_results()
         finally:
             self._busy = False
             self._kick()
+
+    def _tell_results(self) -> None:
+        for listener in list(self.on_results):
+            try:
+                listener()
+            except Exception:
+                log.failure("a results listener failed")
 
     async def _commit_stream(self) -> None:
         """Commit groups of pending messages back to back until none are left or the lane
@@ -559,6 +570,7 @@ class Spool:
             self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
         else:
             self._stored(results)
+            self._tell_results()
             if dsns and self.consumer is not None:
                 self.consumer.enqueue_new(dsns)
         finally:
