@@ -122,8 +122,9 @@ class MailApiGatewayTests(TestCase):
         self.assertEqual((got["subject"], got["from"], got["body"]), ("hi joe", BOB, "local\n"))
         self.assertEqual(self.state.messages, [])
 
-        # Outbox to a relayed domain, with a Bcc and an attachment: at the sink.
-        payload = bytes(range(256)) * 40
+        # Outbox to a relayed domain, with a Bcc and an attachment (larger than twisted.web
+        # keeps in memory: streamed to disk from its temp file): at the sink.
+        payload = bytes(range(256)) * 1200
         raw = (b'--B\r\nContent-Disposition: form-data; name="status"\r\n\r\noutbox\r\n'
                b'--B\r\nContent-Disposition: form-data; name="to"\r\n\r\nx@customer.test\r\n'
                b'--B\r\nContent-Disposition: form-data; name="bcc"\r\n\r\n'
@@ -145,6 +146,14 @@ class MailApiGatewayTests(TestCase):
         self.assertNotIn(b"hidden@customer.test", out.data)
         [part] = list(message.iter_attachments())
         self.assertEqual((part.get_filename(), part.get_content()), ("d.bin", payload))
+        # The attachment is a file in the data directory, served from there.
+        stored = self.daemon.data_dir / "mailapi" / "files"
+        self.assertTrue(any(f.read_bytes() == payload for f in stored.glob("*/*")))
+        auth: dict[bytes | str, bytes | str] = {"Auth-Key": self.tokens["bob"]}
+        response = await self.http.request(
+            "GET", f"http://127.0.0.1:{self.daemon.http_port}/api/v1/mail/{reply['id']}"
+            "/attachments/1", headers=auth)
+        self.assertEqual((response.code, await treq.content(response)), (200, payload))
         for _ in range(100):
             _, listed = await self.call("bob", "GET", f"/api/v1/mail/{reply['id']}")
             if listed["status"] == "sent":

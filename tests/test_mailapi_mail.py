@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,13 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.mailapi.delivery import LocalMailboxes
-from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
+from mailcore.mailapi.files import MailFiles
+from mailcore.store.schema import (
+    mailapi_attachments,
+    mailapi_mail,
+    queue_messages,
+    queue_recipients,
+)
 from tests.support.web import Web
 
 BOB = "bob@hosted.test"
@@ -77,6 +84,14 @@ class MailApiTestCase(TestCase):
     async def rows(self) -> list[Any]:
         return list(await self.web.core.db.read("rows", lambda c: list(c.execute(
             select(mailapi_mail).order_by(mailapi_mail.c.id)))))
+
+    async def attachment_rows(self) -> list[Any]:
+        return list(await self.web.core.db.read("att", lambda c: list(c.execute(
+            select(mailapi_attachments).order_by(mailapi_attachments.c.id)))))
+
+    @property
+    def files(self) -> MailFiles:
+        return self.web.core.mail.files
 
 
 class ListingTests(MailApiTestCase):
@@ -255,19 +270,138 @@ class WritingTests(MailApiTestCase):
         self.assertEqual((await self.as_("eve", "GET", att["url"]))[0], 404)
 
 
+    async def test_a_large_attachment_goes_to_disk_and_out_again_whole(self) -> None:
+        # Over twisted.web's in-memory body size: the request body is a temp file.
+        payload = bytes(range(256)) * 1200
+        data, headers = multipart({"status": "draft", "to": JOE}, "attachment", "big.bin",
+                                  payload, "application/octet-stream")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 201, body)
+        [att] = await self.attachment_rows()
+        self.assertIsNone(att.data)
+        self.assertEqual(self.files.read(att.sha256), payload)
+        self.assertEqual(att.sha256, hashlib.sha256(payload).hexdigest())
+        status, _, got = await self.web.call(
+            "GET", f"/api/v1/mail/{body['id']}/attachments/1",
+            headers={"Auth-Key": self.keys["bob"]})
+        self.assertEqual((status, got), (200, payload))
+        status, _ = await self.as_("bob", "PUT", f"/api/v1/mail/{body['id']}",
+                                   json={"status": "outbox"})
+        self.assertEqual(status, 202)
+        [row] = await self.rows()
+        message: Any = email.message_from_bytes(bytes(row.raw), policy=email.policy.default)
+        [part] = list(message.iter_attachments())
+        self.assertEqual((part.get_filename(), part.get_content()), ("big.bin", payload))
+        self.assertFalse(message.defects)
+
+    async def test_one_file_for_the_same_bytes_and_swept_once_no_mail_names_it(self) -> None:
+        ids = []
+        for _ in range(2):
+            data, headers = multipart({"status": "draft"}, "attachment", "same.txt",
+                                      b"same bytes", "text/plain")
+            status, _, body = await self.web.call(
+                "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+                data=data)
+            self.assertEqual(status, 201)
+            ids.append(body["id"])
+        self.assertEqual(len(self.files.hashes()), 1)
+        self.assertEqual((await self.as_("bob", "DELETE", f"/api/v1/mail/{ids[0]}"))[0], 202)
+        self.assertEqual(await self.web.core.mail.sweep(grace=0), 0)  # still named
+        self.assertEqual((await self.as_("bob", "DELETE", f"/api/v1/mail/{ids[1]}"))[0], 202)
+        self.assertEqual(len(self.files.hashes()), 1)  # younger than the sweep's grace
+        self.assertEqual(await self.web.core.mail.sweep(), 0)
+        self.assertEqual(await self.web.core.mail.sweep(grace=0), 1)
+        self.assertEqual(self.files.hashes(), [])
+
+    async def test_a_refused_or_broken_upload_leaves_no_file_and_no_row(self) -> None:
+        await self.deliver(1)
+        [inbox] = await self.rows()
+        before = set(self.files.hashes())  # the delivered message's file
+        data, headers = multipart({"subject": "x"}, "attachment", "a.bin", b"refused bytes",
+                                  "application/octet-stream")
+        # PUT on inbox mail (405), on unknown mail (404), by someone who cannot see it.
+        for who, path, code in (("bob", f"/api/v1/mail/{inbox.public_id}", 405),
+                                ("bob", "/api/v1/mail/nosuch1", 404),
+                                ("eve", f"/api/v1/mail/{inbox.public_id}", 404)):
+            status, _, _ = await self.web.call(
+                "PUT", path, headers={"Auth-Key": self.keys[who], **headers}, data=data)
+            self.assertEqual(status, code, (who, path))
+        # A mail nobody may keep: eve has no mailbox to send from.
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["eve"], **headers},
+            data=data)
+        self.assertEqual(status, 401, body)
+        # A body cut off in the middle of its file part, and a bad read flag after a file.
+        cut = data[:data.index(b"refused bytes") + 5]
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=cut)
+        self.assertEqual(status, 400, body)
+        self.assertIn("Malformed multipart body", body["message"])
+        bad_read, headers = multipart({"read": "perhaps"}, "attachment", "a.bin",
+                                      b"refused bytes", "application/octet-stream")
+        status, _, _ = await self.web.call(
+            "PUT", f"/api/v1/mail/{inbox.public_id}",
+            headers={"Auth-Key": self.keys["bob"], **headers}, data=bad_read)
+        self.assertEqual(status, 400)
+        self.assertEqual(len(await self.rows()), 1)
+        self.assertEqual(await self.attachment_rows(), [])
+        self.assertEqual(set(self.files.hashes()), before)
+        self.assertEqual(list(self.files.tmp.iterdir()), [])
+
+    async def test_line_breaks_in_any_address_field_are_refused_not_injected(self) -> None:
+        for name in ("to", "cc", "bcc", "reply-to", "from"):
+            fields = {"status": "outbox", "to": JOE, "from": BOB,
+                      name: (JOE if name != "from" else BOB) + "\r\nBcc: spy@far.test"}
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=fields)
+            self.assertEqual(
+                (status, body["message"]),
+                (400, "invalid to/from/cc/bcc/reply-to - stored email as draft"), name)
+        self.assertEqual({r.status for r in await self.rows()}, {"draft"})
+        self.assertTrue(all(r.raw is None for r in await self.rows()))
+
+
 class SmallAttachmentTests(MailApiTestCase):
     config = Config(sections={"fetch": {"allow_loopback": True},
-                              "mailapi": {"max_attachment_bytes": 8}})
+                              "mailapi": {"max_attachment_bytes": 8,
+                                          "max_message_bytes": 12}})
+
+    async def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+        status, _, reply = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=body)
+        return status, reply
 
     async def test_an_oversized_attachment_is_413_and_nothing_is_stored(self) -> None:
         data, headers = multipart({"status": "draft"}, "attachment", "a.bin", b"123456789",
                                   "application/octet-stream")
-        status, _, body = await self.web.call(
-            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
-            data=data)
+        status, body = await self.post(data, headers)
         self.assertEqual(status, 413)
-        self.assertIn("larger than 8 bytes", body["message"])
+        self.assertEqual(body, {"message": "attachment 'a.bin' is larger than 8 bytes"})
         self.assertEqual(await self.rows(), [])
+        self.assertEqual(self.files.hashes(), [])
+
+    async def test_attachments_over_the_message_limit_are_413_and_nothing_is_stored(
+            self) -> None:
+        first, headers = multipart({"status": "draft"}, "attachment", "a.bin", b"1234567",
+                                   "application/octet-stream")
+        second, _ = multipart({}, "other", "b.bin", b"7654321", "application/octet-stream")
+        status, body = await self.post(first[:-len(b"--B--\r\n")] + second, headers)
+        self.assertEqual(status, 413)
+        self.assertEqual(body, {"message": "the attachments are larger than 12 bytes in all"})
+        self.assertEqual(await self.rows(), [])
+        self.assertEqual(self.files.hashes(), [])  # the first file was placed, and taken back
+
+    async def test_a_body_over_the_upload_limit_is_413_before_it_is_read(self) -> None:
+        data, headers = multipart({"status": "draft"}, "attachment", "a.bin",
+                                  b"x" * (1024 * 1024 + 100), "application/octet-stream")
+        status, body = await self.post(data, headers)
+        self.assertEqual(status, 413)
+        self.assertIn("message", body)
+        self.assertEqual(await self.rows(), [])
+        self.assertEqual(self.files.hashes(), [])
 
 
 class GrantMatrixTests(MailApiTestCase):

@@ -133,15 +133,15 @@ class MailFiles:
                     else:
                         received.fields[str(segment.name)] = _text(segment, b"".join(text))
                 else:
-                    total += len(event)
-                    if total > max_total:
-                        raise MailApiError(TOO_LARGE, "the attachments are larger than "
-                                           f"{max_total} bytes in all", "attachment")
                     if out is not None:
                         if out.size + len(event) > max_attachment:
                             raise MailApiError(
                                 TOO_LARGE, f"attachment {_shown(segment)!r} is larger than "
                                 f"{max_attachment} bytes", "attachment")
+                        total += len(event)
+                        if total > max_total:
+                            raise MailApiError(TOO_LARGE, "the attachments are larger than "
+                                               f"{max_total} bytes in all", "attachment")
                         out.write(event)
                     else:
                         text_size += len(event)
