@@ -1,0 +1,56 @@
+"""The outbox on a Clock: the next message is handed to the queue once the queue has tried
+the one before it, woken by the spool's results commit (no polling of the store), in
+posting order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+from twisted.internet import defer
+
+from mailcore.mailapi import MailboxService
+from mailcore.mailapi.files import MailFiles
+from mailcore.mailapi.mail import Edit, MailService, Outcome
+from mailcore.mailapi.outbox import FIFO_POLL, OutboxSender
+from mailcore.store.schema import queue_messages, users
+from mailcore.workers import CpuPool
+from tests.support.mailsink import done
+from tests.support.queuetest import QueueTestCase
+
+BOB = "bob@customer.test"
+
+
+class OutboxWakeUpTests(QueueTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        owner = done(self.db.read("owner", lambda c: c.execute(select(users.c.id)).scalar()))
+        self.owner = owner
+        done(defer.Deferred.fromCoroutine(
+            MailboxService(self.db, self.clock).add(BOB, owner)))
+        self.mail = MailService(self.db, self.clock, "mx.test",
+                                MailFiles(Path(self.mktemp())), CpuPool.for_tests())
+        self.sender = OutboxSender(self.db, self.clock, self.q.spool)
+        self.addCleanup(self.sender.stopService)
+
+    def queued(self) -> int:
+        return int(done(self.db.read("n", lambda c: c.execute(
+            select(func.count()).select_from(queue_messages)).scalar_one())))
+
+    async def test_the_next_message_goes_when_the_previous_ones_results_commit(self) -> None:
+        for n in range(3):
+            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        self.connector.hold = defer.Deferred()  # the next hop has not answered yet
+        self.sender.startService()
+        self.assertEqual(self.queued(), 1)  # the second waits for the first's try
+        # Still waiting, with only the slow look for other nodes' results on the clock.
+        calls = [c.getTime() - self.clock.seconds() for c in self.clock.getDelayedCalls()]
+        self.assertIn(FIFO_POLL, calls)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        # No time passes: each results commit wakes the sender for the next message.
+        self.assertEqual(self.queued(), 3)
+        self.assertEqual(self.connector.addresses(),
+                         ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
