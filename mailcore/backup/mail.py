@@ -69,17 +69,21 @@ class BackupMail:
         except AccountNotFound:
             raise NotFound() from None
 
-    async def _mailbox(self, user_id: int, account_id: int, mailbox_id: int) -> None:
+    async def _mailbox(self, user_id: int, account_id: int, mailbox_id: int) -> str:
+        """The mailbox's name, if it is a mailbox of that account of the user's."""
         await self._account(user_id, account_id)
 
-        def txn(conn: Connection) -> bool:
-            return conn.execute(
-                select(fetch_folders.c.id).where(fetch_folders.c.id == mailbox_id,
-                                                 fetch_folders.c.account_id == account_id)
-            ).first() is not None
+        def txn(conn: Connection) -> str | None:
+            name: str | None = conn.execute(
+                select(fetch_folders.c.name).where(fetch_folders.c.id == mailbox_id,
+                                                   fetch_folders.c.account_id == account_id)
+            ).scalar()
+            return name
 
-        if not await self.db.read("backup_mailbox_exists", txn):
+        name = await self.db.read("backup_mailbox_exists", txn)
+        if name is None:
             raise NotFound()
+        return name
 
     async def mailboxes(self, user_id: int, account_id: int, *, sort: str, direction: str,
                         window: Window) -> Page[FolderInfo]:
@@ -90,9 +94,11 @@ class BackupMail:
     async def messages(self, user_id: int, account_id: int, mailbox_id: int, *,
                        attachments_only: bool, direction: str,
                        window: Window) -> Page[MessageSummary]:
-        await self._mailbox(user_id, account_id, mailbox_id)
+        name = await self._mailbox(user_id, account_id, mailbox_id)
+        # By (account, folder name), unique per account and the same rows as the folder's
+        # id: the store keeps the count of those and indexes them by date.
         return await self.store.list_messages(user_id, MessageQuery(
-            account_id=account_id, folder_id=mailbox_id,
+            account_id=account_id, folder=name,
             has_attachments=True if attachments_only else None,
             ordering="-date" if direction == "desc" else "date",
             offset=window.offset, limit=window.per_page,
