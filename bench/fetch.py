@@ -13,6 +13,13 @@
    until it holds 100,000; the daemon starts again and `wrk` measures `GET /api/emails/`
    (page 1, newest first), a search for a word in about 2% of the messages, and a search
    for a rare word: requests/s, p50 and p99 latency.
+4. Dropmyemail on the same store (before the daemon starts again: the filled messages become
+   the account's mailbox "Archive", an OAuth access token is issued straight from the
+   provider, and the backup index is backfilled, timed): `wrk` with a Bearer token measures
+   `GET /v1/accounts/:id/mailboxes/:id/messages` (oldest and newest first) and
+   `/v1/accounts/:id/messages/search` for the same two words, next to the IMAP2API rows.
+   `--dropmyemail-only` skips Dovecot, mbsync and the sync: it fills --store messages into an
+   account no sync touches, then runs only the IMAP2API and Dropmyemail list/search legs.
 
 Needs dovecot-imapd, isync (mbsync) and wrk (apt-get install dovecot-imapd isync wrk).
 Options: --messages N (20000), --store N (100000), --duration S (8), --connections N (16),
@@ -326,11 +333,12 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, float]:
+def wrk(url: str, token: str, duration: int, connections: int,
+        scheme: str = "Token") -> dict[str, float]:
     binary = need("wrk", "wrk")
     result = subprocess.run(
         [binary, "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
-         "-H", f"Authorization: Token {token}", url],
+         "-H", f"Authorization: {scheme} {token}", url],
         capture_output=True, check=False, text=True,
     )
     out = result.stdout
@@ -348,6 +356,171 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
     return stats
 
 
+# -- Dropmyemail legs --------------------------------------------------------------------------
+# The same account, seen through Dropmyemail (/v1/, OAuth bearer token): its mailbox of the
+# store-filled messages, and a search over all of them, next to the IMAP2API figures above.
+
+DROPMYEMAIL_RATE = "1000000000/second"
+
+
+def dropmyemail_config(daemon: Daemon) -> None:
+    """Lift Dropmyemail's per-token rate (20/s by default) in the daemon's [web] table."""
+    text = daemon.config.read_text()
+    if "dropmyemail_token_rate" not in text:
+        text = text.replace("[web]\n", f'[web]\ndropmyemail_token_rate = "{DROPMYEMAIL_RATE}"\n', 1)
+        daemon.config.write_text(text)
+
+
+def dropmyemail_setup(data_dir: Path, config: Path, username: str, account_id: int) -> None:
+    """In a child process, with the daemon stopped: the store-filled messages of the account
+    become its mailbox "Archive" (as a backup of that folder would hold them), and an OAuth
+    app of the user gets an access token (the provider's own code grant, no browser).
+    Prints {"token", "mailbox"} as JSON."""
+    import tomllib
+
+    from sqlalchemy import insert, select, update
+    from twisted.internet import defer, task
+
+    from mailcore.config import Config
+    from mailcore.core import Core
+    from mailcore.store import Database
+    from mailcore.store.schema import fetch_folders, messages, users
+    from mailcore.workers import CpuPool
+    from tests.support.oauth import access_token
+
+    sections = tomllib.loads(config.read_text())
+
+    async def run(reactor: Any) -> None:
+        db = Database(f"sqlite:///{(data_dir / 'mailcore.sqlite').resolve()}", reactor,
+                      max_threads=1)
+        await db.open()
+        core = Core.build(Config(data_dir=data_dir, sections=sections), db, reactor,
+                          cpu=CpuPool.for_tests())
+
+        def txn(conn: Any) -> tuple[int, int]:
+            user_id = conn.execute(
+                select(users.c.id).where(users.c.username == username)).scalar_one()
+            folder = conn.execute(insert(fetch_folders).values(
+                account_id=account_id, name="Archive", uidvalidity=1)).inserted_primary_key[0]
+            conn.execute(update(messages).where(
+                messages.c.account_id == account_id, messages.c.folder == "Archive",
+                messages.c.folder_id.is_(None)).values(folder_id=folder))
+            return int(user_id), int(folder)
+
+        user_id, folder = await db.run("bench_dropmyemail_setup", txn)
+        token = await access_token(core.oauth, user_id, "read")
+        # The backup index (signature phones, attachment descriptions) is filled here, as
+        # the daemon's indexer would after the upgrade, so that it does not run under wrk.
+        started = time.monotonic()
+        indexed = await core.backup_mail.index.run()
+        seconds = time.monotonic() - started
+        await db.close()
+        print(json.dumps({"token": token, "mailbox": folder, "indexed": indexed,
+                          "index_seconds": seconds}))
+
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+
+
+def dropmyemail_prepare(daemon: Daemon, account_id: int) -> dict[str, Any]:
+    """Before the daemon starts again: the rate, the mailbox and the token (above)."""
+    dropmyemail_config(daemon)
+    out = subprocess.run(
+        [PYTHON, __file__, "--dropmyemail-setup", str(daemon.data), str(daemon.config), USER,
+         str(account_id)], env=env(), check=True, capture_output=True, text=True).stdout
+    found: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return found
+
+
+def dropmyemail_legs(daemon: Daemon, account_id: int, setup: dict[str, Any],
+                     args: argparse.Namespace) -> list[tuple[str, str]]:
+    """wrk over Dropmyemail's message list of the mailbox and its search."""
+    token, mailbox = setup["token"], setup["mailbox"]
+    base = f"/v1/accounts/{account_id}"
+    found: dict[str, int] = {}
+    for query in (COMMON, RARE):
+        request = urllib.request.Request(  # noqa: S310 (our own http://127.0.0.1 base)
+            f"{daemon.base}{base}/messages/search?query={query}&per_page=1",
+            headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=600) as response:  # noqa: S310
+            found[query] = int(json.loads(response.read())["count"])
+    _, boxes = daemon.call("GET", f"{base}/mailboxes?access_token={token}")
+    held = {b["id"]: b["message_count"] for b in boxes}
+    rows = [("Dropmyemail backup index backfill (before the daemon starts)",
+             f"{setup['indexed']:,} rows in {setup['index_seconds']:.1f} s")]
+    for label, path in [
+        (f"Dropmyemail GET {base}/mailboxes/:id/messages ({held.get(mailbox, 0):,} in the "
+         "mailbox)", f"{base}/mailboxes/{mailbox}/messages"),
+        ("Dropmyemail the same, newest first", f"{base}/mailboxes/{mailbox}/messages"
+         "?direction=desc"),
+        (f"Dropmyemail search query={COMMON} ({found[COMMON]:,} hits)",
+         f"{base}/messages/search?query={COMMON}"),
+        (f"Dropmyemail search query={RARE} ({found[RARE]:,} hits)",
+         f"{base}/messages/search?query={RARE}"),
+    ]:
+        print(f"wrk: {label} ...", flush=True)
+        wrk(daemon.base + path, token, 2, args.connections, scheme="Bearer")  # warm up
+        stats = wrk(daemon.base + path, token, args.duration, args.connections,
+                    scheme="Bearer")
+        errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
+        rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
+                            f"p99 {stats['p99']:.1f} ms{errors}"))
+    return rows
+
+
+def dropmyemail_only(args: argparse.Namespace) -> int:
+    """The read legs alone: an account that no sync touches, --store messages put in by the
+    message store's batches, then the IMAP2API's list and search and Dropmyemail's legs."""
+    need("wrk", "wrk")
+    base = Path(tempfile.mkdtemp(prefix="mailcore-bench-dropmyemail-"))
+    (base / "daemon").mkdir()
+    daemon = Daemon(base / "daemon")
+    rows: list[tuple[str, str]] = []
+    try:
+        daemon.start()
+        daemon.cli("user", "add", USER, "--email", "alice@bench.test", "--password", PASSWORD)
+        _, body = daemon.call("POST", "/api-token-auth/", None,
+                              {"username": USER, "password": PASSWORD})
+        token = body["token"]
+        status, server = daemon.call("POST", "/api/imap-servers/", token, {
+            "name": "bench", "host": "imap.bench.test", "port": 993, "username": USER,
+            "password": "unused", "use_ssl": True})
+        if status != 201:
+            raise SystemExit(f"cannot create the account: {status} {server}")
+        daemon.stop()
+        print(f"filling the store with {args.store} messages ...", flush=True)
+        started = time.monotonic()
+        subprocess.run([PYTHON, __file__, "--fill-store", str(daemon.data), USER,
+                        str(server["id"]), "0", str(args.store)], env=env(), check=True)
+        rows.append((f"store fill {args.store:,} (message store batches)",
+                     f"{time.monotonic() - started:.1f} s"))
+        setup = dropmyemail_prepare(daemon, server["id"])
+        daemon.start()
+        for label, path in [(f"IMAP2API GET /api/emails/ ({args.store:,} stored)",
+                             "/api/emails/"),
+                            (f"IMAP2API search q={COMMON}", f"/api/emails/?q={COMMON}"),
+                            (f"IMAP2API search q={RARE}", f"/api/emails/?q={RARE}")]:
+            print(f"wrk: {label} ...", flush=True)
+            wrk(daemon.base + path, token, 2, args.connections)
+            stats = wrk(daemon.base + path, token, args.duration, args.connections)
+            errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
+            rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
+                                f"p99 {stats['p99']:.1f} ms{errors}"))
+        rows += dropmyemail_legs(daemon, server["id"], setup, args)
+    finally:
+        daemon.stop()
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, True)
+    width = max(len(label) for label, _ in rows)
+    print()
+    print(f"List and search legs: {args.store:,} messages in one account, wrk -t2 "
+          f"-c{args.connections} -d{args.duration}s, {os.cpu_count()} CPUs")
+    for label, value in rows:
+        print(f"  {label.ljust(width)}  {value}")
+    return 0
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -360,7 +533,17 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--fill-store", nargs=5, metavar=("DATA", "USER", "ACCOUNT", "FIRST",
                                                           "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--dropmyemail-setup", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--dropmyemail-only", action="store_true",
+                        help="no Dovecot, no sync: fill the store, then only the list and "
+                        "search legs (IMAP2API and Dropmyemail)")
     args = parser.parse_args()
+    if args.dropmyemail_setup:
+        data, config, user, account = args.dropmyemail_setup
+        dropmyemail_setup(Path(data), Path(config), user, int(account))
+        return 0
+    if args.dropmyemail_only:
+        return dropmyemail_only(args)
     if args.fill_store:
         data, user, account, first, count = args.fill_store
         fill_store(Path(data), user, int(account), int(first), int(count))
@@ -435,6 +618,7 @@ def main() -> int:
         fill_s = time.monotonic() - started
         rows.append((f"store fill +{more} (message store batches)",
                      f"{fill_s:.1f} s ({more / max(fill_s, 1e-9):,.0f} msg/s)"))
+        dropmyemail = dropmyemail_prepare(daemon, server["id"])
         daemon.start()
         _, page = daemon.call("GET", "/api/emails/?page_size=1", token)
         if page["count"] != args.store:
@@ -452,6 +636,7 @@ def main() -> int:
             errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
             rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
                                 f"p99 {stats['p99']:.1f} ms{errors}"))
+        rows += dropmyemail_legs(daemon, server["id"], dropmyemail, args)
     finally:
         daemon.stop()
         dovecot.stop()
