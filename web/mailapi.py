@@ -13,7 +13,9 @@ wrong one either way.
 
 Mail: `/api/v1/mail/` (GET a keyset page, POST a draft or outbox mail) and
 `/api/v1/mail/{id}` (GET, PUT, DELETE), with the seed's status codes and messages; the
-model is mailcore.mailapi.mail.
+model is mailcore.mailapi.mail. A multipart POST or PUT is not parsed here: its body goes to
+MailService.receive, which streams the file parts to disk within the `[mailapi]` limits
+(413 beyond), and `/api/v1/mail/{id}/attachments/{n}` streams a file back a chunk at a time.
 
 Mailboxes and grants: `/api/v1/mailboxes/…` (model in mailcore.mailapi). A refusal of the
 model answers 400 (bad input), 401 (a right the caller does not hold, as the seed's "you
