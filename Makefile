@@ -98,6 +98,7 @@ bench: venv deps
 	$(BIN)/python bench/filters.py || status=1; \
 	$(BIN)/python bench/fetch.py || status=1; \
 	$(BIN)/python bench/mailapi.py || status=1; \
+	$(BIN)/python bench/scale.py --postgres --pg-messages 100000 || status=1; \
 	exit $$status
 
 clean:
