@@ -83,6 +83,10 @@ MIGRATE_INPUT = {
         "start_tls": {"type": "boolean"},
         "ssl": {"type": "boolean"},
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "tls_ca_pem": {"type": "string", "description": "a CA (PEM) to trust for this "
+                       "server instead of the system's (an extension)"},
+        "tls_fingerprint": {"type": "string", "description": "the SHA-256 fingerprint of the "
+                            "server's certificate to accept (an extension)"},
     },
     "required": ["email", "password"],
 }
@@ -189,6 +193,10 @@ class JobRoutes:
             "start_tls": lambda: bool_field(data, "start_tls"),
             "ssl": lambda: bool_field(data, "ssl"),
             "port": lambda: int_field(data, "port", minimum=1, maximum=65535),
+            "tls_ca_pem": lambda: string_field(data, "tls_ca_pem", required=False,
+                                               trim=False, max_length=65536),
+            "tls_fingerprint": lambda: string_field(data, "tls_fingerprint", required=False,
+                                                    max_length=128, line=True),
         })
         unknown = sorted(set(data) - set(MIGRATE_INPUT["properties"]) - {"access_token"})
         if unknown:

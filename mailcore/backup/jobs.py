@@ -1,7 +1,8 @@
 """Dropmyemail's migrates and restores: jobs of `mailcore.fetch.jobs` made for an account.
 
 A migrate names its destination (`email`, `password`, and optionally `host`, `protocol`,
-`start_tls`, `ssl`, `port`, derived as for accounts when missing): the destination must be an
+`start_tls`, `ssl`, `port`, derived as for accounts when missing, and `tls_ca_pem` or
+`tls_fingerprint` to trust a private server as accounts may): the destination must be an
 IMAP server (POP3 cannot receive mail); the login is checked first (a refusal is a
 BackupError with the server's reason, and nothing is stored); the password is stored
 encrypted with the fetch engine's key and never shown. A restore has no input; the account
@@ -77,7 +78,9 @@ class BackupJobs:
         fields = {"email": email, "username": email, "password": values["password"],
                   "host": host, "protocol": "imap", "use_ssl": use_ssl,
                   "start_tls": start_tls, "allow_cleartext": not (use_ssl or start_tls),
-                  "port": values.get("port") or DEFAULT_PORTS[("imap", use_ssl)]}
+                  "port": values.get("port") or DEFAULT_PORTS[("imap", use_ssl)],
+                  "tls_ca_pem": values.get("tls_ca_pem"),
+                  "tls_fingerprint": values.get("tls_fingerprint")}
         try:
             checked = validate(dict(fields))
         except AccountError as e:
@@ -93,7 +96,8 @@ class BackupJobs:
             start_tls=fields["start_tls"], allow_cleartext=fields["allow_cleartext"],
             username=fields["username"], password=fields["password"],
         )
-        creator = engine.tls_factory(fields["host"], ca_pem=None, fingerprint=None)
+        creator = engine.tls_factory(fields["host"], ca_pem=fields["tls_ca_pem"],
+                                     fingerprint=fields["tls_fingerprint"])
         try:
             session = await open_session(
                 engine.reactor, spec, creator, max_literal=s.max_message_bytes,
@@ -128,7 +132,8 @@ class BackupJobs:
             "status": "queued", "email": fields["email"], "host": fields["host"],
             "protocol": "imap", "port": fields["port"], "use_ssl": fields["use_ssl"],
             "start_tls": fields["start_tls"], "allow_cleartext": fields["allow_cleartext"],
-            "username": fields["username"],
+            "username": fields["username"], "tls_ca_pem": fields["tls_ca_pem"],
+            "tls_fingerprint": fields["tls_fingerprint"],
             "password_enc": self.accounts.secrets.encrypt(fields["password"]),
             "created_at": now, "updated_at": now,
         })

@@ -102,6 +102,8 @@ class Job:
     start_tls: bool
     allow_cleartext: bool
     username: str | None
+    tls_ca_pem: str | None
+    tls_fingerprint: str | None
     downloaded: int
     messages: int
     appended: int

@@ -298,7 +298,8 @@ class MailboxCopier:
                           start_tls=job.start_tls, allow_cleartext=job.allow_cleartext,
                           username=job.username, password=self.secrets.decrypt(token))
         plans = await self.db.read("mailbox_job_folders", thd_backup_folders, job.account_id)
-        await self.copy(runner, job, spec, self.creator(job.host), plans)
+        await self.copy(runner, job, spec,
+                        self.creator(job.host, job.tls_ca_pem, job.tls_fingerprint), plans)
 
     # -- shared by migrate and restore -------------------------------------------------------
 

@@ -4,7 +4,8 @@ to each backed-up message.
 `mailbox_jobs`: one row per job. `kind` is migrate (copy an account's backup into another
 mailbox) or restore (put the backup back into the account itself); `status` is queued,
 running, done or failed (`reason` says why). A migrate keeps its destination's server and
-login here, the password only as ciphertext (`password_enc`, the fetch engine's key).
+login here, the password only as ciphertext (`password_enc`, the fetch engine's key), and
+the CA or certificate fingerprint to trust for it when not the system's (as accounts do).
 `downloaded` counts the messages dealt with so far, `messages` the messages the job has to
 deal with, `appended` those it actually wrote (the rest were found there already),
 `restore_size` their bytes. `phase` is backup (bring the backup up to date first) or copy.
@@ -59,6 +60,8 @@ mailbox_jobs = Table(
     Column("allow_cleartext", Boolean, nullable=False, server_default="0"),
     Column("username", String(255), nullable=True),
     Column("password_enc", LargeBinary, nullable=True),
+    Column("tls_ca_pem", Text, nullable=True),
+    Column("tls_fingerprint", String(64), nullable=True),
     Column("downloaded", Integer, nullable=False, server_default="0"),
     Column("messages", Integer, nullable=False, server_default="0"),
     Column("appended", Integer, nullable=False, server_default="0"),

@@ -1,5 +1,5 @@
 """Migrate and restore jobs (issue 13): `mailbox_jobs` (one row per job: kind, status and
-reason, the destination's server and encrypted login, live progress, retry time) and
+reason, the destination's server, encrypted login and TLS trust, live progress, retry time) and
 `mailbox_job_items` (what a job wrote or found of each backed-up message: inflight, done
 with the destination's UID, or present).
 
@@ -35,6 +35,8 @@ def upgrade() -> None:
         sa.Column("allow_cleartext", sa.Boolean(), nullable=False, server_default="0"),
         sa.Column("username", sa.String(255), nullable=True),
         sa.Column("password_enc", sa.LargeBinary(), nullable=True),
+        sa.Column("tls_ca_pem", sa.Text(), nullable=True),
+        sa.Column("tls_fingerprint", sa.String(64), nullable=True),
         sa.Column("downloaded", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("messages", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("appended", sa.Integer(), nullable=False, server_default="0"),
