@@ -97,6 +97,7 @@ bench: venv deps
 	$(BIN)/python bench/run.py || status=1; \
 	$(BIN)/python bench/filters.py || status=1; \
 	$(BIN)/python bench/fetch.py || status=1; \
+	$(BIN)/python bench/migrate.py || status=1; \
 	$(BIN)/python bench/mailapi.py || status=1; \
 	$(BIN)/python bench/scale.py --postgres --pg-messages 100000 || status=1; \
 	exit $$status
