@@ -77,7 +77,10 @@ class BackupJobs:
         start_tls = bool(values.get("start_tls", False))
         fields = {"email": email, "username": email, "password": values["password"],
                   "host": host, "protocol": "imap", "use_ssl": use_ssl,
-                  "start_tls": start_tls, "allow_cleartext": not (use_ssl or start_tls),
+                  "start_tls": start_tls,
+                  # No password in cleartext to a server without TLS or STARTTLS unless the
+                  # operator allows it, as for accounts ([dropmyemail] allow_cleartext_login).
+                  "allow_cleartext": self.settings.allow_cleartext_login,
                   "port": values.get("port") or DEFAULT_PORTS[("imap", use_ssl)],
                   "tls_ca_pem": values.get("tls_ca_pem"),
                   "tls_fingerprint": values.get("tls_fingerprint")}
