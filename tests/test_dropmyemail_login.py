@@ -102,6 +102,8 @@ class CleartextTests(TestCase):
         self.assertEqual(status, 201, body)
         [account] = await api.core.fetch.accounts.list_accounts(await self.user_id(api))
         self.assertTrue(account.allow_cleartext)
+        sent = b" ".join(line for _tls, line in factory.received)
+        self.assertTrue(b"AUTHENTICATE" in sent or b"LOGIN" in sent)
 
     async def user_id(self, api: LiveApi) -> int:
         user = await api.core.identity.find_user("alice")
