@@ -2,11 +2,14 @@
 
 IMAP, per folder: EXAMINE (with CONDSTORE/QRESYNC when offered), find the UIDs we do not hold
 (server-side SEARCH with the account's limits), learn their sizes, then fetch them in
-pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE. Each batch is
+pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE. The batches
+flow through three stages at once: `pipeline_depth` fetches on the wire, each fetched batch
+parsed on the CPU pool as soon as it arrives, and one batch at a time stored. Each batch is
 committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
-order, so a sync killed at any moment and run again stores exactly the source set. A changed
-UIDVALIDITY rescans the folder and matches our copies by content hash; nothing of ours is
-ever deleted. POP3: UIDL says what is new; nothing is ever deleted on the server.
+order; the folder's state (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) is saved only after its last
+batch committed, so a sync killed at any moment and run again stores exactly the source set.
+A changed UIDVALIDITY rescans the folder and matches our copies by content hash; nothing of
+ours is ever deleted. POP3: UIDL says what is new; nothing is ever deleted on the server.
 """
 
 from __future__ import annotations
@@ -49,14 +52,21 @@ from mailcore.fetch.state import (
 )
 from mailcore.fetch.tls import client_tls
 from mailcore.messages.models import FetchedMessage, Location
+from mailcore.messages.parse import ParsedMessage
 from mailcore.messages.store import MessageStore
 from mailcore.store import Database
 
 log = Logger()
 
+_Parsed = tuple[list[FetchedMessage], list[ParsedMessage]]
+
 TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
+_BODY_ITEMS = b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
+# While a folder is fetched, its progress is written at most this often (seconds); and once
+# when the folder is done.
+PROGRESS_INTERVAL = 1.0
 
 # An account's sync lease (fetch_accounts.lease_owner/lease_until) lasts this long and is
 # renewed every third of it while the sync runs; a node that died mid-sync holds the account
@@ -509,10 +519,16 @@ class SyncEngine:
                                        max_uid, rescan, now)
         skipped: list[str] = []
         sizes: dict[int, int] = {}
-        for i in range(0, len(uids), _SIZE_CHUNK):
-            for item in await session.uid_fetch(uids[i : i + _SIZE_CHUNK], b"UID RFC822.SIZE"):
-                if item.uid is not None:
-                    sizes[item.uid] = item.size or 0
+        asked = [session.uid_fetch(uids[i : i + _SIZE_CHUNK], b"UID RFC822.SIZE")
+                 for i in range(0, len(uids), _SIZE_CHUNK)]  # pipelined
+        try:
+            for answer in asked:
+                for item in await answer:
+                    if item.uid is not None:
+                        sizes[item.uid] = item.size or 0
+        finally:
+            for answer in asked:
+                _swallow(answer)
         todo = []
         for uid in uids:
             if uid not in sizes:
@@ -529,19 +545,21 @@ class SyncEngine:
 
         where = Location(user_id=account.user_id, account_id=account.id, folder_id=state.id,
                          folder=state.name, uidvalidity=uidvalidity)
-        pending: deque[tuple[list[int], defer.Deferred[list[FetchItem]]]] = deque()
+        pending: deque[tuple[list[int], defer.Deferred[_Parsed]]] = deque()
         queue = deque(batches(todo, sizes, s.batch_messages, s.batch_bytes))
+        shown = self.reactor.seconds()
         try:
             while queue or pending:
                 while queue and len(pending) < s.pipeline_depth:
                     batch = queue.popleft()
-                    pending.append((batch, session.uid_fetch(
-                        batch, b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
-                    )))
+                    pending.append((batch, self._fetch_and_parse(session, batch)))
                 batch, d = pending.popleft()
-                items = await d
-                fetched = self._fetched(batch, items)
-                stored = await self.store.store_batch(where, fetched, rescan=rescan)
+                fetched, parsed = await d
+                if queue:  # the next fetch goes out before this batch is stored
+                    nxt = queue.popleft()
+                    pending.append((nxt, self._fetch_and_parse(session, nxt)))
+                stored = await self.store.store_batch(where, fetched, rescan=rescan,
+                                                      parsed=parsed)
                 folder_result.new += len(stored.created)
                 folder_result.relinked += stored.relinked
                 result.new_messages += len(stored.created)
@@ -549,10 +567,13 @@ class SyncEngine:
                 result.new_message_ids.extend(stored.created)
                 result.thread_ids.update(stored.thread_ids)
                 progress[0] += len(batch)
-                await self._progress(account, state.name, progress[0], progress[1])
+                if self.reactor.seconds() - shown >= PROGRESS_INTERVAL:
+                    shown = self.reactor.seconds()
+                    await self._progress(account, state.name, progress[0], progress[1])
         finally:
             for _batch, d in pending:
                 _swallow(d)
+        await self._progress(account, state.name, progress[0], progress[1])
         folder_result.skipped = skipped
         if skipped:
             folder_result.error = "; ".join(skipped)
@@ -590,6 +611,18 @@ class SyncEngine:
         criteria.append(b"UID %d:*" % (max_uid + 1))
         found = await session.uid_search(b" ".join(criteria))
         return [u for u in found if u > max_uid]
+
+    def _fetch_and_parse(self, session: IMAPClient, batch: list[int]) -> defer.Deferred[_Parsed]:
+        """Fetch a batch (queued on the wire now) and parse it on the CPU pool as soon as it
+        arrives, whatever the store is doing meanwhile."""
+
+        async def parse(items: list[FetchItem]) -> _Parsed:
+            fetched = self._fetched(batch, items)
+            return fetched, await self.store.parse([f.raw for f in fetched])
+
+        return session.uid_fetch(batch, _BODY_ITEMS).addCallback(
+            lambda items: defer.Deferred.fromCoroutine(parse(items))
+        )
 
     def _fetched(self, batch: list[int], items: list[FetchItem]) -> list[FetchedMessage]:
         by_uid = {i.uid: i for i in items if i.uid is not None and i.body is not None}

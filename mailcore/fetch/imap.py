@@ -12,7 +12,10 @@ unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4
 - credentials and bodies stay bytes on the wire (AUTHENTICATE PLAIN or LOGIN with quoting);
 - a malformed reply fails the session with a ProtocolFailed naming it, never a traceback;
 - untagged replies come back raw, so SELECT gives UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ,
-  and FETCH gives BODY[] as the exact bytes.
+  and FETCH gives BODY[] as the exact bytes;
+- UID FETCH of a list of UIDs is pipelined: it goes out at once with its own tag, beside the
+  others in flight, and the replies are read by the lean reader of mailcore.fetch.bulk
+  (same bounds) instead of Twisted's one-command-at-a-time reader.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReacto
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
+from mailcore.fetch.bulk import Reply, ReplyReader, parse_fetch_reply, parse_internaldate
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
@@ -125,6 +129,7 @@ _RE_EXISTS = re.compile(rb"^(\d+) EXISTS", re.IGNORECASE)
 _RE_CODE = re.compile(rb"^OK \[(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)\]", re.IGNORECASE)
 _RE_VANISHED = re.compile(rb"^VANISHED (?:\(EARLIER\) )?([\d:,]+)", re.IGNORECASE)
 _RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
+_RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
 
 
 def expand_set(spec: bytes) -> list[int]:
@@ -165,6 +170,9 @@ def _as_int(value: Any) -> int | None:
 def _parse_internaldate(value: Any) -> datetime.datetime | None:
     if not isinstance(value, bytes):
         return None
+    fast = parse_internaldate(value)
+    if fast is not None:
+        return fast
     try:
         return datetime.datetime.strptime(
             value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z"
@@ -207,11 +215,16 @@ def parse_fetch(line: bytes) -> FetchItem:
             raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
         values[name.decode("ascii", "replace")] = items[i]
         i += 1
+    return _fetch_item(int(tokens[0]), values)
+
+
+def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
+    """A FetchItem of a FETCH reply's data items (by upper-case name; BODY[] for the body)."""
     flags = values.get("FLAGS")
     modseq = values.get("MODSEQ")
     body = values.get("BODY[]", values.get("RFC822"))
     return FetchItem(
-        seq=int(tokens[0]),
+        seq=seq,
         uid=_as_int(values.get("UID")),
         # \Recent belongs to one session, not to the message: it is not kept.
         flags=tuple(f.decode("utf-8", "replace") for f in flags
@@ -222,6 +235,32 @@ def parse_fetch(line: bytes) -> FetchItem:
         body=body if isinstance(body, bytes) else None,
         modseq=_as_int(modseq[0]) if isinstance(modseq, list) and modseq else None,
     )
+
+
+def parse_fetch_lean(reply: Reply) -> FetchItem:
+    """An untagged FETCH reply read by the bulk reader: the lean parser for the usual shape,
+    the general one for any other."""
+    found = parse_fetch_reply(reply)
+    if found is not None:
+        return _fetch_item(found.seq, found.values)
+    return parse_fetch(reply.joined()[2:])
+
+
+class _Pipelined(imap4.Command):
+    """A UID FETCH sent on the bulk path: its UIDs and the items read so far. It sits in
+    Twisted's tag table too, so a failed session or a lost connection fails it."""
+
+    def __init__(self, uids: list[int]) -> None:
+        super().__init__(b"UID FETCH")
+        self.uids = uids
+        self.items: list[FetchItem] = []
+        self.failure: Failure | None = None
+        self.result: defer.Deferred[list[FetchItem]] = defer.Deferred()
+        self.defer = self.result  # type: ignore[assignment]  # what Twisted's paths fail
+
+
+# What `waiting` holds while the bulk reader owns the connection: Twisted queues commands.
+_BULK = b"*bulk*"
 
 
 def abort_transport(transport: Any) -> None:
@@ -265,6 +304,12 @@ class IMAPClient(imap4.IMAP4Client):
         self.callLater = clock.callLater  # type: ignore[assignment]
         self._inflight = 0
         self._dead = False
+        # The bulk path (pipelined UID FETCH): its reader while it owns the connection, its
+        # commands by tag and by UID, and the bytes read since the last one ended.
+        self._bulk: ReplyReader | None = None
+        self._bulk_tags: dict[bytes, _Pipelined] = {}
+        self._bulk_uids: dict[int, _Pipelined] = {}
+        self._bulk_bytes = 0
 
     # -- reading, bounded ---------------------------------------------------------------
 
@@ -276,6 +321,7 @@ class IMAPClient(imap4.IMAP4Client):
         pending = [c for c in (self.tags or {}).values() if c is not None]
         pending += list(self.queued or [])
         self.tags, self.queued, self.waiting = {}, [], None
+        self._bulk, self._bulk_tags, self._bulk_uids = None, {}, {}
         for cmd in pending:
             d, cmd.defer = cmd.defer, None
             if d is not None and not d.called:
@@ -289,7 +335,102 @@ class IMAPClient(imap4.IMAP4Client):
     def dataReceived(self, data: bytes) -> None:
         if self._dead:
             return  # a failed session reads nothing more, so buffers nothing more
+        if self._bulk is not None:
+            self._bulk_received(data)
+            return
         super().dataReceived(data)
+
+    # -- the bulk path ------------------------------------------------------------------
+
+    def _bulk_possible(self) -> bool:
+        """Whether a UID FETCH can go out now on the bulk path: the bulk reader already
+        owns the connection, or Twisted's reader is idle between replies."""
+        if self._bulk is not None:
+            return True
+        return (not self._dead and self.tags is not None and self.waiting is None
+                and not self.queued and self._parts is None and bool(self.line_mode))
+
+    def _bulk_send(self, uids: list[int], args: bytes) -> defer.Deferred[list[FetchItem]]:
+        leftover = b""
+        if self._bulk is None:
+            self._bulk = ReplyReader(max_line=self.MAX_LENGTH, max_literal=self.max_literal,
+                                     host=self.host)
+            leftover = self.clearLineBuffer()
+            self.waiting = _BULK
+            self._bulk_bytes = 0
+        cmd = _Pipelined(uids)
+        tag = self.makeTag()
+        assert self.tags is not None
+        self.tags[tag] = cmd
+        self._bulk_tags[tag] = cmd
+        for uid in uids:
+            self._bulk_uids[uid] = cmd
+        d = cmd.result
+        self.sendLine(tag + b" UID FETCH " + args)
+        if leftover:
+            self._bulk_received(leftover)
+        return d
+
+    def _bulk_received(self, data: bytes) -> None:
+        assert self._bulk is not None
+        self.resetTimeout()
+        self._bulk_bytes += len(data)
+        if self._bulk_bytes > self.max_reply_bytes:
+            self._fail(ProtocolFailed(
+                f"{self.host} sent more than {self.max_reply_bytes} bytes for one command"
+            ))
+            return
+        try:
+            replies = self._bulk.feed(data)
+            ended = [self._bulk_reply(reply) for reply in replies]
+        except FetchError as e:
+            self._fail(e)
+            return
+        done = [cmd for cmd in ended if cmd is not None]
+        if done:
+            self._bulk_bytes = 0
+        if not self._bulk_tags and self._bulk.at_boundary:
+            # Every pipelined command has ended: Twisted's reader takes the connection back,
+            # with whatever followed, and sends what was queued meanwhile.
+            rest = self._bulk.rest()
+            self._bulk, self._bulk_uids, self.waiting = None, {}, None
+            if rest:
+                super().dataReceived(rest)
+            if not self._dead:
+                self._flushQueue()
+        for cmd in done:
+            d, cmd.defer = cmd.result, None
+            if d.called:
+                continue
+            if cmd.failure is None:
+                d.callback(cmd.items)
+            else:
+                d.errback(cmd.failure)
+
+    def _bulk_reply(self, reply: Reply) -> _Pipelined | None:
+        """Route one reply; the command it ended, if any."""
+        first = reply.lines[0]
+        if first.startswith(b"* "):
+            if _RE_UNTAGGED_FETCH.match(first):
+                item = parse_fetch_lean(reply)
+                cmd = self._bulk_uids.get(item.uid) if item.uid is not None else None
+                if cmd is not None:
+                    cmd.items.append(item)
+            return None  # EXISTS, EXPUNGE, FETCH of flags alone...: nothing for a backup
+        tag, _, rest = first.partition(b" ")
+        cmd = self._bulk_tags.pop(tag, None)
+        if cmd is None or len(reply.lines) > 1:
+            raise ProtocolFailed(f"malformed reply from {self.host}: {_show(first)}")
+        if self.tags is not None:
+            self.tags.pop(tag, None)
+        for uid in cmd.uids:
+            if self._bulk_uids.get(uid) is cmd:
+                del self._bulk_uids[uid]
+        status, _, text = rest.partition(b" ")
+        if status.upper() != b"OK":
+            cmd.failure = Failure(ProtocolFailed(
+                f"UID FETCH refused by {self.host}: {_show(text or rest)}"))
+        return cmd
 
     def lineReceived(self, line: bytes) -> None:
         if self._dead:
@@ -533,6 +674,8 @@ class IMAPClient(imap4.IMAP4Client):
         args = uid_set + b" (" + items + b")"
         if modifiers:
             args += b" (" + modifiers + b")"
+        if not isinstance(uids, bytes) and self._bulk_possible():
+            return self._bulk_send(uids, args)
         d = self.send(b"UID FETCH", args)
 
         def parse(result: tuple[list[bytes], bytes]) -> list[FetchItem]:

@@ -37,10 +37,10 @@ class FetchSettings:
     # The biggest message we accept; an IMAP literal or POP3 message over it fails/skips.
     max_message_bytes: int = 64 * 1024 * 1024
     # Messages per pipelined UID FETCH, bounded in count and in declared bytes, and how many
-    # such fetches may be queued on the connection while the previous batch is stored.
+    # such fetches are on the wire (or fetched and being parsed) while a batch is stored.
     batch_messages: int = 200
     batch_bytes: int = 8 * 1024 * 1024
-    pipeline_depth: int = 2
+    pipeline_depth: int = 3
     connect_timeout: float = 30.0
     idle_timeout: float = 120.0
     # Fernet key for remote passwords; default: `fetch.key` in the data directory.

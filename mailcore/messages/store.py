@@ -611,12 +611,15 @@ class MessageStore:
         return await self.cpu.run(lambda: [parse_message(r, limits) for r in raws])
 
     async def store_batch(
-        self, where: Location, fetched: Sequence[FetchedMessage], *, rescan: bool = False
+        self, where: Location, fetched: Sequence[FetchedMessage], *, rescan: bool = False,
+        parsed: Sequence[ParsedMessage] | None = None,
     ) -> StoreResult:
-        """Parse and store one batch atomically; a rerun of the same batch stores nothing."""
+        """Parse (unless `parsed` holds the parse of each message already) and store one
+        batch atomically; a rerun of the same batch stores nothing."""
         if not fetched:
             return StoreResult()
-        parsed = await self.parse([f.raw for f in fetched])
+        if parsed is None:
+            parsed = await self.parse([f.raw for f in fetched])
         return await self.db.run(
             "store_message_batch", thd_store_batch, where, list(zip(fetched, parsed, strict=True)),
             self.now(), rescan,

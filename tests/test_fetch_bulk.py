@@ -1,0 +1,166 @@
+"""The bulk path of the IMAP client: pipelined UID FETCH read by the lean reader.
+
+The lean FETCH parser must read every reply as the general parser (Twisted's nested-list
+reader) does, and hand it anything it does not know; the pipelined commands all go out at
+once, each gets exactly its own messages whatever way the bytes are cut, and Twisted's reader
+takes the connection back afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.bulk import ReplyReader, parse_fetch_reply, parse_internaldate
+from mailcore.fetch.errors import LiteralTooLarge, ProtocolFailed
+from mailcore.fetch.imap import (
+    FetchItem,
+    IMAPClient,
+    _parse_internaldate,
+    parse_fetch,
+    parse_fetch_lean,
+)
+
+BODIES = {7: b"Subject: a\r\n\r\none {3}\r\n)(\r\n", 8: b"Subject: \xe9\r\n\r\n\x00\xff",
+          9: b"x" * 5000}
+
+
+def reply(uid: int, body: bytes, *, flags: bytes = b"\\Seen $Label",
+          date: bytes = b"14-Nov-2023 22:13:21 +0100", seq: int | None = None) -> bytes:
+    return (b"* %d FETCH (UID %d FLAGS (%s) INTERNALDATE \"%s\" RFC822.SIZE %d BODY[] {%d}\r\n"
+            % (seq or uid, uid, flags, date, len(body), len(body)) + body + b")\r\n")
+
+
+def lean(data: bytes) -> Any:
+    replies = ReplyReader(max_line=10_000, max_literal=100_000, host="h").feed(data)
+    assert len(replies) == 1
+    return replies[0]
+
+
+def general(data: bytes) -> FetchItem:
+    return parse_fetch(data[2:-2])
+
+
+def connected() -> tuple[IMAPClient, StringTransport]:
+    client = IMAPClient(Clock(), host="fake", max_literal=100_000)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"* OK ready\r\n")
+    return client, transport
+
+
+class LeanParserTests(TestCase):
+    def test_lean_reads_every_usual_shape_as_the_general_parser(self) -> None:
+        cases = [
+            reply(7, BODIES[7]),
+            reply(8, BODIES[8], flags=b"", date=b" 2-Feb-2024 01:02:03 -0730"),
+            reply(9, BODIES[9], flags=b"\\Recent \\Flagged"),
+            b"* 3 FETCH (UID 3 RFC822.SIZE 4096)\r\n",
+            b"* 3 FETCH (RFC822.SIZE 10 UID 3 MODSEQ (12345))\r\n",
+            b"* 4 FETCH (UID 4 FLAGS (\\Seen) MODSEQ (77))\r\n",
+            b"* 5 FETCH (UID 5 RFC822 {2}\r\nhi)\r\n",
+            b"* 5 FETCH (BODY[] {2}\r\nhi UID 5)\r\n",
+            b"* 5 FETCH (UID 5 BODY[]<0> {2}\r\nhi)\r\n",
+            b"* 6 FETCH (UID 6 INTERNALDATE NIL BODY[] NIL)\r\n",
+            b"* 6 FETCH (UID 6 INTERNALDATE \"99-Foo-2024 00:00:00 +0000\")\r\n",
+        ]
+        for data in cases:
+            self.assertIsNotNone(parse_fetch_reply(lean(data)), data)
+            self.assertEqual(parse_fetch_lean(lean(data)), general(data), data)
+
+    def test_other_shapes_go_to_the_general_parser_with_the_same_outcome(self) -> None:
+        cases = [
+            b"* 1 FETCH (UID 1 BODYSTRUCTURE (\"TEXT\" \"PLAIN\" NIL NIL NIL \"7BIT\" 2 1))\r\n",
+            b"* 1 FETCH (UID 1 INTERNALDATE \"a \\\"q\\\" b\")\r\n",
+        ]
+        for data in cases:
+            self.assertIsNone(parse_fetch_reply(lean(data)), data)
+            self.assertEqual(parse_fetch_lean(lean(data)), general(data), data)
+        # A section other than the whole message is read, and left out, by both.
+        data = b"* 1 FETCH (UID 1 BODY[HEADER.FIELDS (FROM)] {2}\r\nhi)\r\n"
+        self.assertEqual(parse_fetch_lean(lean(data)), general(data))
+        self.assertIsNone(general(data).body)
+        with self.assertRaises(ProtocolFailed):
+            parse_fetch_lean(lean(b"* 1 FETCH (UID 1 FLAGS (\\Seen)\r\n"))
+
+    def test_internaldate_fast_path_matches_strptime(self) -> None:
+        for value in [b"14-Nov-2023 22:13:21 +0100", b" 2-feb-2024 01:02:03 -0730",
+                      b"31-Dec-1999 23:59:59 +1400", b"29-Feb-2024 00:00:00 +0000"]:
+            slow = datetime.datetime.strptime(
+                value.decode().strip(), "%d-%b-%Y %H:%M:%S %z").astimezone(datetime.UTC)
+            self.assertEqual(parse_internaldate(value), slow)
+            self.assertEqual(_parse_internaldate(value), slow)
+        self.assertIsNone(_parse_internaldate(b"30-Feb-2024 00:00:00 +0000"))
+
+
+class PipelinedFetchTests(TestCase):
+    def test_commands_go_out_together_and_each_gets_its_own_messages(self) -> None:
+        client, transport = connected()
+        first = client.uid_fetch([7, 8], b"UID BODY.PEEK[]")
+        second = client.uid_fetch([9], b"UID BODY.PEEK[]")
+        # Both on the wire before any reply (Twisted's reader sends one at a time).
+        self.assertEqual(transport.value(), b"0001 UID FETCH 7:8 (UID BODY.PEEK[])\r\n"
+                                            b"0002 UID FETCH 9 (UID BODY.PEEK[])\r\n")
+        stream = (reply(7, BODIES[7]) + b"* 3 EXISTS\r\n" + reply(8, BODIES[8])
+                  + b"0001 OK done\r\n" + reply(9, BODIES[9]) + b"0002 OK done\r\n")
+        for i in range(len(stream)):  # cut everywhere: one byte at a time
+            client.dataReceived(stream[i : i + 1])
+        items = self.successResultOf(first)
+        self.assertEqual([(i.uid, i.body) for i in items], [(7, BODIES[7]), (8, BODIES[8])])
+        self.assertEqual(items[0].flags, ("\\Seen", "$Label"))
+        self.assertEqual([(i.uid, i.body) for i in self.successResultOf(second)],
+                         [(9, BODIES[9])])
+
+    def test_a_refused_fetch_fails_alone_and_twisted_takes_the_connection_back(self) -> None:
+        client, transport = connected()
+        refused = client.uid_fetch([7], b"UID BODY.PEEK[]")
+        fine = client.uid_fetch([8], b"UID BODY.PEEK[]")
+        queued = client.send(b"NOOP")  # waits until the pipelined commands are done
+        self.assertNotIn(b"NOOP", transport.value())
+        client.dataReceived(b"0001 NO [SERVERBUG] oops\r\n" + reply(8, BODIES[8])
+                            + b"0002 OK done\r\n* 9 EXISTS\r\n")
+        self.assertIsInstance(self.failureResultOf(refused).value, ProtocolFailed)
+        self.assertEqual([i.uid for i in self.successResultOf(fine)], [8])
+        self.assertTrue(transport.value().endswith(b"0003 NOOP\r\n"))
+        client.dataReceived(b"0003 OK noop\r\n")
+        self.assertEqual(self.successResultOf(queued)[1], b"OK noop")
+        # And the bulk path again afterwards.
+        again = client.uid_fetch([9], b"UID BODY.PEEK[]")
+        client.dataReceived(reply(9, BODIES[9]) + b"0004 OK done\r\n")
+        self.assertEqual([i.body for i in self.successResultOf(again)], [BODIES[9]])
+
+    def test_bounds_hold_on_the_bulk_path(self) -> None:
+        client, transport = connected()
+        d = client.uid_fetch([1], b"UID BODY.PEEK[]")
+        client.dataReceived(b"* 1 FETCH (UID 1 BODY[] {4294967296}\r\n" + b"x" * 100)
+        self.assertIsInstance(self.failureResultOf(d).value, LiteralTooLarge)
+        self.assertTrue(transport.disconnecting)
+
+        client, transport = connected()
+        client.max_reply_bytes = 10_000
+        d = client.uid_fetch([1, 2, 3], b"UID BODY.PEEK[]")
+        for uid in (1, 2, 3):
+            client.dataReceived(reply(uid, b"y" * 4000))
+        error = self.failureResultOf(d).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn("more than 10000 bytes", str(error))
+
+        client, transport = connected()
+        d = client.uid_fetch([1], b"UID BODY.PEEK[]")
+        client.dataReceived(b"0009 OK who\r\n")
+        self.assertIn("malformed", str(self.failureResultOf(d).value))
+
+    def test_a_lost_connection_fails_every_pipelined_fetch(self) -> None:
+        client, _transport = connected()
+        ds = [client.uid_fetch([u], b"UID BODY.PEEK[]") for u in (1, 2)]
+        client.dataReceived(b"* 1 FETCH (UID 1 BODY[] {10}\r\nabc")
+        client.connectionLost(Failure(ConnectionLost()))
+        for d in ds:
+            self.assertIn("closed", str(self.failureResultOf(d).value))
+        self.successResultOf(client.closed)
