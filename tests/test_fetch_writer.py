@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.errors import AuthFailed, ConnectFailed, TLSFailed
 from mailcore.fetch.imap import IMAPClient, ServerSpec, open_session
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
@@ -162,6 +163,24 @@ class WriterDovecotTests(DovecotClassMixin, TestCase):
         writer = await writer_for_user(server, user)
         self.addCleanup(writer.logout)
         return server, user, writer
+
+    async def test_login_is_checked_like_a_sync(self) -> None:
+        server = await self.dovecot()
+        user = server.new_user()
+        ca = server.pki.ca_pem.decode()
+        wrong_name = ServerSpec(host="127.0.0.1", port=server.imap, use_ssl=False,
+                                start_tls=True, allow_cleartext=False, username="", password="")
+        # The certificate names localhost only.
+        with self.assertRaises(TLSFailed):
+            await open_writer(get_reactor(), wrong_name, user, server.PASSWORD,
+                              tls=client_tls("127.0.0.1", ca_pem=ca), settings=SETTINGS)
+        with self.assertRaises(AuthFailed):
+            await open_writer(get_reactor(), spec_for(server), user, "wrong",
+                              tls=client_tls("localhost", ca_pem=ca), settings=SETTINGS)
+        # The default address policy refuses loopback, as for a sync.
+        with self.assertRaises(ConnectFailed):
+            await open_writer(get_reactor(), spec_for(server), user, server.PASSWORD,
+                              tls=client_tls("localhost", ca_pem=ca))
 
     async def test_nested_non_ascii_folders(self) -> None:
         server, user, writer = await self.setup()
