@@ -408,6 +408,21 @@ class TryCreateTests(TestCase):
         self.assertEqual(len(rig.server.stored["Projects/2024"]), 2)
         self.assertEqual(rig.server.appends, 4)
 
+    def test_connection_lost_while_creating(self) -> None:
+        class Dropping(ScriptedIMAP):
+            def do_CREATE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        def reply(n: int, box: str, msgs: list[Msg]) -> bytes | None:
+            return b"NO [TRYCREATE] missing" if n == 1 else b"OK [APPENDUID 7 5] ok"
+
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+", append_reply=reply),
+                  Dropping)
+        error = rig.fails(rig.writer.append(("New",), [msg(1), msg(2), msg(3)]),
+                          AppendInterrupted)
+        self.assertEqual([r.uid for r in error.answered], [5])
+        self.assertEqual(error.not_sent, (1,))   # it was refused, so certainly not stored
+
     def test_trycreate_twice_is_a_permanent_failure(self) -> None:
         rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+",
                                append_reply=lambda n, b, m: b"NO [TRYCREATE] nope"))
@@ -421,6 +436,7 @@ class TryCreateTests(TestCase):
                                create_reply=b"NO [NOPERM] not allowed"))
         results = rig.run(rig.writer.append(("Gone",), [msg(1)]))
         self.assertFalse(results[0].ok)
+        self.assertFalse(results[0].retryable)
         self.assertIn("NOPERM", results[0].reason or "")
         error = rig.fails(rig.writer.ensure_folder(("Other",)), FetchError)
         self.assertIn("cannot create folder 'Other'", str(error))

@@ -618,11 +618,14 @@ class MailboxWriter:
                     self._known = None  # the folder went missing: our list is stale
                     try:
                         await self._ensure(path)
-                    except ProtocolFailed as e:
-                        if self.session.error is not None:
-                            raise
+                    except FetchError as e:
+                        if self.session.error is not None or not isinstance(e, ProtocolFailed):
+                            # The session died: the TRYCREATE'd messages are not stored.
+                            raise _Interrupted(e, again) from None
+                        codes = set(re.findall(r"\[([A-Z-]+)", str(e)))
                         for i in again:
-                            results[i] = Appended(False, None, None, str(e), True)
+                            results[i] = Appended(False, None, None, str(e),
+                                                  not codes & PERMANENT_CODES)
                         again = []
                     again = await self._send_all(mailbox, items, again, results, False)
                     for i in again:
@@ -780,7 +783,8 @@ class MailboxWriter:
             if size > 0:
                 criteria = b"LARGER %d " % (size - 1) + criteria
             if internaldate is not None:
-                day = internaldate.astimezone(datetime.UTC).date()
+                day = datetime.datetime.fromtimestamp(_second(internaldate),
+                                                      datetime.UTC).date()
                 lo, hi = day - datetime.timedelta(days=1), day + datetime.timedelta(days=2)
                 criteria += b" SINCE %s BEFORE %s" % (_search_date(lo), _search_date(hi))
             uids = [u for u in await s.uid_search(criteria) if u not in exclude]
