@@ -279,7 +279,8 @@ class Spool:
         self.commits = 0  # group transactions run (for tests and the benchmark)
         self.streams = 0  # commit streams started
         # Told (no arguments) each time delivery results of this node are committed: a
-        # results transaction, or a write chore (local delivery records its results).
+        # results transaction, a group commit they rode along in, or a write chore (local
+        # delivery records its results).
         self.on_results: list[Callable[[], None]] = []
 
     # -- the API ------------------------------------------------------------------------
@@ -555,6 +556,8 @@ class Spool:
             self._hand_over(consumer, result.now, result.messages, result.ids)
             if result.dsns:
                 consumer.enqueue_new(result.dsns)
+        if group.results:
+            self._tell_results()  # results rode along in this group
 
     async def _write_results(self, results: list[_Entry]) -> None:
         now = self.clock.seconds()
