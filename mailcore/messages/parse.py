@@ -119,9 +119,12 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
     return data.decode(codec, errors="replace")
 
 
+_ESCAPED_8BIT = re.compile("[\udc80-\udcff]")
+
+
 def _fix_8bit(value: str) -> str:
     """Header text with raw 8-bit bytes (surrogate-escaped by the parser) made readable."""
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
+    if _ESCAPED_8BIT.search(value):
         return decode_bytes(value.encode("ascii", "surrogateescape"), None)
     return value
 
@@ -268,6 +271,9 @@ def _payload_bytes(part: Message) -> bytes:
 
 
 def _filename(part: Message) -> str:
+    names = f"{part.get('content-disposition', '')} {part.get('content-type', '')}"
+    if "name" not in names.lower():
+        return ""  # neither filename= nor name= (nor their RFC 2231 pieces): nothing to read
     try:
         name = part.get_filename()
     except (LookupError, UnicodeError, ValueError, TypeError):
@@ -324,12 +330,21 @@ def walk_parts(
 
 def _parse_tree(raw: bytes, limits: MimeLimits, problems: list[str]) -> Message:
     """The email package's tree for `raw`, or a headers-only tree when a bound is broken."""
-    end = _header_block_end(raw, limits.max_header_bytes)
+    return _tree(raw, _header_block_end(raw, limits.max_header_bytes), limits, problems)
+
+
+def _tree(raw: bytes, end: int | None, limits: MimeLimits, problems: list[str]) -> Message:
+    """`_parse_tree` with the end of the header block known (None: over the bound)."""
     if end is None:
         problems.append(f"header block over {limits.max_header_bytes} bytes; truncated")
         cut = raw.rfind(b"\n", 0, limits.max_header_bytes)
         return message_from_bytes(raw[: max(cut, 0)] + b"\n\n")
-    if len(_MULTIPART_LINE.findall(raw, end)) + 1 > limits.max_multiparts:
+    # Each bound below counts "Content-Type:" lines: a message with fewer such strings in
+    # all than either bound cannot break it, and most messages have one or two.
+    lines = raw.lower().count(b"content-type:")
+    if lines + 1 <= limits.max_multiparts and lines <= limits.max_parts * 2:
+        pass
+    elif len(_MULTIPART_LINE.findall(raw, end)) + 1 > limits.max_multiparts:
         problems.append(f"more than {limits.max_multiparts} multipart containers; not parsed")
         return message_from_bytes(raw[:end] + b"\n\n")
     if len(_CONTENT_TYPE_LINE.findall(raw)) > limits.max_parts * 2:
@@ -353,28 +368,41 @@ def _header(msg: Message, name: str) -> str | None:
     return values[0] if values else None
 
 
+def _headers_by_name(msg: Message) -> dict[str, list[str]]:
+    """Every header of `msg` by lower-case name (raw values, in order): one pass."""
+    out: dict[str, list[str]] = {}
+    for k, v in msg.raw_items():
+        out.setdefault(k.lower(), []).append(str(v))
+    return out
+
+
 def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage:
     """Every indexed field of one raw message. Never raises on bad input; CPU-bound."""
     limits = limits or MimeLimits()
     problems: list[str] = []
-    msg = _parse_tree(raw, limits, problems)
+    end = _header_block_end(raw, limits.max_header_bytes)
+    msg = _tree(raw, end, limits, problems)
     result = ParsedMessage(sha256=sha256_hex(raw), size=len(raw), problems=problems)
 
-    end = _header_block_end(raw, limits.max_header_bytes)
     header_bytes = raw[: end if end is not None else limits.max_header_bytes]
     result.headers = decode_bytes(header_bytes, None)
 
-    result.message_id = _first_msgid(_header(msg, "Message-ID"))
-    result.subject = decode_header_value(_header(msg, "Subject"))[:4096]
-    result.sender, result.sender_address = _addresses(_all_headers(msg, "From"))
+    headers = _headers_by_name(msg)
+
+    def first(name: str) -> str | None:
+        values = headers.get(name)
+        return values[0] if values else None
+
+    result.message_id = _first_msgid(first("message-id"))
+    result.subject = decode_header_value(first("subject"))[:4096]
+    result.sender, result.sender_address = _addresses(headers.get("from", []))
     result.sender_address = result.sender_address[:320]
-    result.recipient, _ = _addresses(_all_headers(msg, "To"))
-    result.cc, _ = _addresses(_all_headers(msg, "Cc"))
-    result.date = _date(_header(msg, "Date"))
-    result.in_reply_to = _first_msgid(_header(msg, "In-Reply-To")) if _msgids(
-        _header(msg, "In-Reply-To")
-    ) else ""
-    result.references = [r[:998] for r in _msgids(_header(msg, "References"))][-200:]
+    result.recipient, _ = _addresses(headers.get("to", []))
+    result.cc, _ = _addresses(headers.get("cc", []))
+    result.date = _date(first("date"))
+    in_reply_to = first("in-reply-to")
+    result.in_reply_to = _first_msgid(in_reply_to) if _msgids(in_reply_to) else ""
+    result.references = [r[:998] for r in _msgids(first("references"))][-200:]
 
     for path, part in walk_parts(msg, limits, problems):
         try:
