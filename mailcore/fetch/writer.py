@@ -18,19 +18,25 @@ that creates folders and APPENDs messages byte-exact with their flags and INTERN
   (OVERQUOTA, LIMIT, TOOBIG, NOPERM, CANNOT, PARSE...); BAD never is.
 - The connection dying in the middle of a batch raises AppendInterrupted with the answers
   received for the leading messages; the rest may or may not be stored (`find` tells).
-- Memory: the writer holds nothing but the batch it is given.
+- A message over the server's APPENDLIMIT (RFC 7889) is refused without being sent.
+  \\Recent and flags that are not valid atoms (spaces, brackets, 8-bit) are not sent; an
+  INTERNALDATE keeps its UTC offset (naive = UTC), to the second.
+- Memory: the writer holds nothing but the batch it is given. The session's idle timeout
+  counts silence from the server, between batches too: a caller idle for longer opens a
+  new writer.
 
 Folder names are paths of unicode segments. On the wire a path is joined with the
 destination's hierarchy separator and encoded in modified UTF-7 (RFC 3501 5.1.3; our own
-codec: Twisted's turns a TAB into "&" and accepts unterminated or invalid base64), or sent
-as quoted UTF-8 when the server offers UTF8=ACCEPT (RFC 6855; ENABLEd at login). A segment
-that holds the destination's separator would silently become two hierarchy levels: the
-separator in it is replaced by a look-alike (`SEPARATOR_STAND_INS`: "/" -> U+2215, "." ->
-U+2024, "\\" -> U+29F5, any other -> "_"); `destination_path` says what a path becomes. A
-segment that is empty or holds a control character (NUL, CR, LF, TAB...) or a lone surrogate
-is refused with BadFolderName before any protocol line is sent. The first segment "inbox"
-(any case) is INBOX. On a server whose personal namespace has a prefix (NAMESPACE, e.g.
-"INBOX." on Courier and Cyrus) a path not already inside it is put inside it
+codec: Twisted's turns a TAB into "&", and decodes unterminated or invalid base64 and lone
+surrogates into garbage instead of refusing them), or sent as quoted UTF-8 when the server
+offers UTF8=ACCEPT (RFC 6855; ENABLEd at login). A segment that holds the destination's
+separator would silently become two hierarchy levels: the separator in it is replaced by a
+look-alike (`SEPARATOR_STAND_INS`: "/" -> U+2215, "." -> U+2024, "\\" -> U+29F5; "_" ->
+"-", any other -> "_"); `destination_path` says what a path becomes. A segment that is
+empty or holds a control character (NUL, CR, LF, TAB...) or a lone surrogate is refused
+with BadFolderName before any protocol line is sent. The first segment "inbox" (any case)
+is INBOX. On a server whose personal namespace has a prefix (NAMESPACE, e.g. "INBOX." on
+Courier and Cyrus) a path not already inside it is put inside it
 (`MailboxWriter.destination_path`).
 """
 
@@ -756,10 +762,13 @@ class MailboxWriter:
     async def find(self, path: tuple[str, ...], *, message_id: str | None, size: int,
                    internaldate: datetime.datetime | None, sha256: str,
                    exclude: Collection[int] = ()) -> int | None:
-        """The UID of a message in the folder that is this one, else None (see the module
-        docstring of the contract: Message-ID confirmed by size, or size and INTERNALDATE
-        confirmed by the body's SHA-256). UIDs in `exclude` (copies already accounted for,
-        e.g. an earlier identical message) are never returned."""
+        """The UID of a message already in the folder that is this one, else None (also
+        when the folder does not exist). With an ASCII Message-ID: SEARCH HEADER Message-ID,
+        confirmed by RFC822.SIZE (several left: the one whose body has `sha256`, else the
+        lowest UID). Without: SEARCH by size around the INTERNALDATE's day, then the same
+        INTERNALDATE to the second, confirmed by fetching each body and comparing its
+        SHA-256. UIDs in `exclude` (copies already accounted for, e.g. of an identical
+        earlier message) are never returned."""
         mailbox = self.mailbox(path)
         async with self._lock:
             if not await self._examine(path, mailbox):
