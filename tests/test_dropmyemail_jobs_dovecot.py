@@ -231,6 +231,35 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         self.assertIn('mailcore_mailbox_jobs_finished_total{kind="migrate",status="done"} 2.0',
                       text)
 
+    async def test_a_pop3_backup_migrates_into_an_imap_inbox_once(self) -> None:
+        server = await self.dovecot()
+        s = await self.setup({}, tag="pop-none")
+        source = f"{server.new_user()}@example.test"
+        fill(server, source, {"INBOX": 40}, "pop")
+        status, created = await bearer(s.api, s.token, "POST", "/v1/accounts", json={
+            "email": source, "password": server.PASSWORD, "host": "localhost",
+            "port": server.pop3, "protocol": "pop"})
+        self.assertEqual(status, 201, created)
+        result = await s.api.core.fetch.engine.sync(created["id"])
+        self.assertEqual((result.status, result.new_messages), ("success", 40), result.error)
+        s.account_id = created["id"]
+        status, refused = await bearer(s.api, s.token, "POST",
+                                       f"/v1/accounts/{s.account_id}/restores")
+        self.assertEqual((status, refused["error"]), (400, "invalid_request"))
+        self.assertIn("POP3", refused["error_description"])
+        destination = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, destination)
+        self.assertEqual((job["status"], job["appended"]), ("done", 40), job)
+        bodies = Counter(h for _f, h, _fl, _d in await mailbox(server, source))
+        landed = await mailbox(server, destination)
+        self.assertEqual(Counter(h for _f, h, _fl, _d in landed), bodies)
+        self.assertEqual({f for f, _h, _fl, _d in landed}, {"INBOX"})
+        # POP3 keeps no dates: the second migrate finds each message by its Message-ID.
+        again = await self.migrate(s, destination)
+        self.assertEqual((again["status"], again["downloaded"], again["appended"]),
+                         ("done", 40, 0), again)
+        self.assertEqual(sum((await mailbox(server, destination)).values()), 40)
+
     async def test_restore_puts_back_deleted_messages_and_folders_once(self) -> None:
         server = await self.dovecot()
         folders = {"INBOX": 120, "Archiv/Größe": 60, "Проекты": 40}
