@@ -195,6 +195,7 @@ def fill_store(db_url: str, count: int) -> float:
     of bulk inserts); returns the seconds it took."""
     from sqlalchemy import insert, select
 
+    from mailcore.mailapi.counts import thd_count_mail
     from mailcore.store import Database
     from mailcore.store.schema import mailapi_mail, mailboxes
 
@@ -224,6 +225,7 @@ def fill_store(db_url: str, count: int) -> float:
                 rows = []
         if rows:
             conn.execute(insert(mailapi_mail), rows)
+        thd_count_mail(conn, box, count)
 
     d = db.run("bench_fill_mailapi", txn)
     failure: list[Any] = []

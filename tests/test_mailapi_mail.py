@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
@@ -21,6 +21,7 @@ from mailcore.mailapi.files import MailFiles
 from mailcore.store.schema import (
     mailapi_attachments,
     mailapi_mail,
+    mailboxes,
     queue_messages,
     queue_recipients,
 )
@@ -422,6 +423,37 @@ class GrantMatrixTests(MailApiTestCase):
         self.assertEqual((await self.as_("joe", "POST", "/api/v1/mail/", json=fields))[0], 401)
         await self.grant(BOB, "joe", allow_send=True)
         self.assertEqual((await self.as_("joe", "POST", "/api/v1/mail/", json=fields))[0], 202)
+
+    async def test_the_count_follows_mail_moved_sent_and_deleted(self) -> None:
+        await self.grant(BOB, "joe", allow_read=True, allow_send=True, allow_delete=True)
+        await self.deliver(1)
+        status, body = await self.as_("joe", "POST", "/api/v1/mail/", json={"status": "draft"})
+        self.assertEqual(status, 201)  # kept in joe's own mailbox
+        counts = await self.mail_counts()
+        self.assertEqual(counts, {BOB: 1, JOE: 1})
+        # Sent from bob's mailbox: it moves there.
+        status, _ = await self.as_("joe", "PUT", f"/api/v1/mail/{body['id']}",
+                                   json={"status": "outbox", "from": BOB, "to": "x@far.test"})
+        self.assertEqual(status, 202)
+        self.assertEqual(await self.mail_counts(), {BOB: 2, JOE: 0})
+        self.assertEqual((await self.as_("joe", "GET", "/api/v1/mail/"))[1]["count"], 2)
+        self.assertEqual((await self.as_("bob", "DELETE", f"/api/v1/mail/{body['id']}"))[0],
+                         202)
+        self.assertEqual(await self.mail_counts(), {BOB: 1, JOE: 0})
+        self.assertEqual((await self.as_("bob", "GET", "/api/v1/mail/"))[1]["count"], 1)
+
+    async def mail_counts(self) -> dict[str, int]:
+        """Each mailbox's kept count, checked against its rows."""
+        def txn(conn: Any) -> dict[str, int]:
+            kept = {r.address: r.mail_count for r in conn.execute(select(mailboxes))}
+            real = {r.address: r.n for r in conn.execute(
+                select(mailboxes.c.address, func.count(mailapi_mail.c.id).label("n"))
+                .outerjoin(mailapi_mail, mailapi_mail.c.mailbox_id == mailboxes.c.id)
+                .group_by(mailboxes.c.address))}
+            self.assertEqual(kept, real)
+            return kept
+
+        return dict(await self.web.core.db.read("counts", txn))
 
     async def test_allow_reply_to(self) -> None:
         fields = {"status": "outbox", "reply-to": BOB, "to": "x@far.test"}

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, insert, select
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import mailbox_key
+from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
 from mailcore.store import Database
@@ -124,6 +125,7 @@ class LocalMailboxes:
                 created_at=now,
             )).inserted_primary_key
             assert inserted is not None
+            thd_count_mail(conn, box.id, 1)
             for a in prepared.attachments:
                 conn.execute(insert(mailapi_attachments).values(
                     mail_id=inserted[0], name=a.name, content_type=a.content_type,

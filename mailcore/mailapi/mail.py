@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
+from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.mailapi.files import GRACE, MailFiles, Received, StoredFile
@@ -216,8 +217,8 @@ class MailService:
             if not boxes:
                 return Page([], 0, None, None)
             mine = _m.mailbox_id.in_(boxes)
-            total = conn.execute(select(func.count()).select_from(mailapi_mail)
-                                 .where(mine)).scalar_one()
+            total = conn.execute(select(func.coalesce(func.sum(mailboxes.c.mail_count), 0))
+                                 .where(mailboxes.c.id.in_(boxes))).scalar_one()
             query = select(mailapi_mail).where(mine)
             previous = None
             if cursor is not None:
@@ -291,6 +292,7 @@ class MailService:
                 raise MailApiError(DENIED, "you may not delete this email")
             hashes = _hashes_of(conn, [row.id])
             conn.execute(delete(mailapi_mail).where(_m.id == row.id))
+            thd_count_mail(conn, row.mailbox_id, -1)
             return hashes
 
         hashes = await self.db.run("mailapi_delete", txn)
@@ -379,6 +381,7 @@ class MailService:
                 created_at=now, **{_COLUMNS[n]: v for n, v in values.items()},
             )).inserted_primary_key
             assert key is not None
+            thd_count_mail(conn, box, 1)
             _thd_insert_attachments(conn, key[0], edit.attachments)
             row = conn.execute(select(mailapi_mail).where(_m.id == key[0])).one()
             return self._thd_settle(conn, row, values, edit.status, rights, now)
@@ -469,6 +472,9 @@ class MailService:
         conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
             status=OUTBOX, mailbox_id=sender.id, raw=raw, queue_id=new_queue_id(now),
             mail_from=checked["from"]))
+        if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
+            thd_count_mail(conn, row.mailbox_id, -1)
+            thd_count_mail(conn, sender.id, 1)
         return Written(Outcome.ENQUEUED, public_id)
 
 

@@ -33,6 +33,8 @@ mailboxes = Table(
     Column("address", String(254), nullable=False, unique=True),
     Column("owner_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     Column("created_at", Float, nullable=False),
+    # How many mailapi_mail rows it holds, kept by their writers (mailcore.mailapi.counts).
+    Column("mail_count", Integer, nullable=False, server_default="0"),
     Index("ix_mailboxes_owner_id", "owner_id"),
 )
 

@@ -6,6 +6,10 @@ in `data` and are served from there). `mailapi_mail.raw_sha256` names the file o
 message as it was received, shared by every recipient of that message (`raw` stays NULL).
 Both are indexed for the sweep that removes files no row names any more.
 
+`mailboxes.mail_count` is how many mail rows a mailbox holds (counted here, then kept by
+the writers of mail rows), so that a listing's total is a sum over a few mailboxes instead
+of a count over every mail.
+
 Downgrading refuses while a row keeps its bytes on disk (the database alone cannot hold
 them back).
 
@@ -31,6 +35,11 @@ def upgrade() -> None:
     with op.batch_alter_table("mailapi_mail") as batch:
         batch.add_column(sa.Column("raw_sha256", sa.String(64), nullable=True))
     op.create_index("ix_mailapi_mail_raw_sha256", "mailapi_mail", ["raw_sha256"])
+    with op.batch_alter_table("mailboxes") as batch:
+        batch.add_column(sa.Column("mail_count", sa.Integer(), nullable=False,
+                                   server_default="0"))
+    op.execute("UPDATE mailboxes SET mail_count = (SELECT count(*) FROM mailapi_mail"
+               " WHERE mailapi_mail.mailbox_id = mailboxes.id)")
 
 
 def downgrade() -> None:
@@ -41,6 +50,8 @@ def downgrade() -> None:
     if on_disk:
         raise RuntimeError(f"{on_disk} Mail API rows keep their bytes on disk (data_dir/"
                            "mailapi/files); delete that mail before downgrading")
+    with op.batch_alter_table("mailboxes") as batch:
+        batch.drop_column("mail_count")
     op.drop_index("ix_mailapi_mail_raw_sha256", table_name="mailapi_mail")
     with op.batch_alter_table("mailapi_mail") as batch:
         batch.drop_column("raw_sha256")
