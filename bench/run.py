@@ -38,13 +38,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from procs import REPO, env, free_port, need, terminate, wait_port
+from servers import Postfix, Postgres, Rspamd
 
 PYTHON = sys.executable
 TARGET_RATIO = 0.6
+TARGET_POSTFIX = 5.0  # unfiltered Mailcore / Postfix as MX relay (issue 17)
+TARGET_RSPAMD = 2.0  # Mailcore + its rspamd filter / Postfix + rspamd as milter
+TARGET_NODES = 0.8  # two nodes on one PostgreSQL / one node: no collapse
+COMPARISONS = ("postfix", "rspamd", "nodes")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -63,14 +70,29 @@ def rss_mb(pid: int) -> float:
 class Sink:
     """Postfix's smtp-sink with running counters; `count()` is messages received so far."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, dump: bool = False) -> None:
         self.port = port
         self.out = directory / f"sink-{port}.out"
+        argv = [need("smtp-sink", "postfix"), "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"]
+        self.dump: Path | None = None
+        if dump:  # every message kept, in files smtp-sink (as nobody) makes in this dir
+            self.dump = directory / f"sink-{port}.dump"
+            self.dump.mkdir()
+            shutil.chown(self.dump, "nobody")
+            argv[1:1] = ["-D", str(self.dump / "messages")]
         self.proc = subprocess.Popen(
-            [need("smtp-sink", "postfix"), "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"],
-            stdout=self.out.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, stdout=self.out.open("wb"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         wait_port(port, self.proc)
+
+    def mailcore_ids(self) -> list[bytes]:
+        """The queue ids in the Mailcore `Received:` field of every message dumped so far:
+        a message relayed twice shows its id twice."""
+        assert self.dump is not None
+        pattern = re.compile(rb"\(Mailcore\) with \S+ id ([^\s;]+)")
+        return [found for path in sorted(self.dump.iterdir())
+                for found in pattern.findall(path.read_bytes())]
 
     def count(self) -> int:
         with self.out.open("rb") as f:
@@ -138,21 +160,28 @@ def smtp_source(port: int, messages: int, sessions: int, *extra: str) -> subproc
 
 
 def load(name: str, port: int, pid: int, messages: int, sessions: int,
-         delivered: Sink | None) -> Result:
-    """Run smtp-source against `port`; with a sink, wait until it has every message."""
+         delivered: Sink | None, cpu: Callable[[], float] | None = None,
+         source_args: Sequence[str] = (), probe_latency: bool = True) -> Result:
+    """Run smtp-source against `port`; with a sink, wait until it has every message. The
+    CPU figure is process `pid`'s, or what `cpu()` counts (Postfix: its whole tree). With
+    `probe_latency`, a probe times transactions meanwhile."""
+    if cpu is None:
+        cpu = partial(cpu_seconds, pid)
     probe = Probe(port, "b@customer.test")
     thread = threading.Thread(target=probe.run, daemon=True)
     before_sink = delivered.count() if delivered else 0
-    cpu0 = cpu_seconds(pid)
+    cpu0 = cpu()
     started = time.perf_counter()
-    thread.start()
-    source = smtp_source(port, messages, sessions)
+    if probe_latency:
+        thread.start()
+    source = smtp_source(port, messages, sessions, *source_args)
     _, err = source.communicate()
     accepted = time.perf_counter() - started
     if source.returncode != 0:
         raise SystemExit(f"smtp-source failed against {name}: {err.decode(errors='replace')}")
     probe.stop.set()
-    thread.join()
+    if probe_latency:
+        thread.join()
     if probe.errors and not probe.times:
         print(f"  probe against {name} failed: {probe.errors[0]}")
     end = accepted
@@ -165,7 +194,7 @@ def load(name: str, port: int, pid: int, messages: int, sessions: int,
             time.sleep(0.01)
         end = time.perf_counter() - started
     return Result(name, messages, accepted, end, probe.percentile(0.5),
-                  probe.percentile(0.99), cpu_seconds(pid) - cpu0)
+                  probe.percentile(0.99), cpu() - cpu0)
 
 
 class Daemon:
@@ -173,9 +202,12 @@ class Daemon:
     the filtering stage runs `filters` when given, else it is off."""
 
     def __init__(self, directory: Path, next_hop: int, filters: list[str] | None = None,
+                 *, extra: Sequence[str] = (), db_url: str | None = None, setup: bool = True,
                  **queue: object) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.data = directory / "var"
+        self.db = ["--db", db_url] if db_url else []
         self.port = free_port()
         config = directory / "mailcore.toml"
         # Load from one address: lift the per-client connection limit for the benchmark.
@@ -186,16 +218,17 @@ class Daemon:
                  "[pipeline]", f"filtering = {'true' if filters else 'false'}", "",
                  "[filters]", f"enabled = {filters or ['builtin']!r}", "",
                  "[queue]", "allow_loopback = true"] + [f"{k} = {v!r}" for k, v in queue.items()]
-        config.write_text("\n".join(lines) + "\n")
+        config.write_text("\n".join([*lines, *extra]) + "\n")
         self.config = config
-        self.cli("user", "add", "bench", "--email", "bench@example.test", "--password",
-                 "bench-password-1")
-        self.cli("domain", "add", "customer.test", "--owner", "bench", "--redirect-to",
-                 f"127.0.0.1:{next_hop}")
+        if setup:  # the first node of a shared store sets it up for all
+            self.cli("user", "add", "bench", "--email", "bench@example.test", "--password",
+                     "bench-password-1")
+            self.cli("domain", "add", "customer.test", "--owner", "bench", "--redirect-to",
+                     f"127.0.0.1:{next_hop}")
         self.log = directory / "twistd.log"
         self.proc = subprocess.Popen(
             [str(Path(PYTHON).parent / "twistd"), "-n", "--pidfile=", "-l", str(self.log),
-             "mailcore", "--data-dir", str(self.data), "-c", str(config),
+             "mailcore", "--data-dir", str(self.data), *self.db, "-c", str(config),
              "--smtp", f"tcp:{self.port}:interface=127.0.0.1:backlog=1000",
              "--http", f"tcp:{free_port()}:interface=127.0.0.1"],
             cwd=directory, env=env(), stdin=subprocess.DEVNULL,
@@ -205,7 +238,7 @@ class Daemon:
 
     def cli(self, *args: str) -> None:
         subprocess.run(
-            [PYTHON, "-m", "mailcore.cli", "--data-dir", str(self.data), "-c",
+            [PYTHON, "-m", "mailcore.cli", "--data-dir", str(self.data), *self.db, "-c",
              str(self.config), *args],
             check=True, env=env(), stdout=subprocess.DEVNULL, cwd=self.directory,
         )
@@ -214,11 +247,13 @@ class Daemon:
         terminate(self.proc, grace=60)
 
 
-def throughput(tmp: Path, messages: int, sessions: int, filters: list[str],
-               rounds: int) -> tuple[list[tuple[Result, Result]], Result | None]:
-    """Legs a (bare) and b (unfiltered) `rounds` times, then c (filtered) once when
-    `filters` are given; see the docstring. Each round has a fresh Mailcore store, and the
-    order of a and b alternates from round to round."""
+def throughput(tmp: Path, messages: int, sessions: int, filters: list[str], rounds: int,
+               postfix: bool = False,
+               ) -> tuple[list[tuple[Result, Result]], list[Result], Result | None]:
+    """Legs a (bare) and b (unfiltered) `rounds` times, with `postfix` also leg p (a private
+    Postfix relaying to the same sink), then c (filtered) once when `filters` are given; see
+    the docstring. Each round has a fresh Mailcore store; odd rounds run a, b, p, even
+    rounds p, b, a."""
     bare_port = free_port()
     bare = subprocess.Popen(
         [PYTHON, str(REPO / "bench" / "bare_twisted.py"), str(bare_port)],
@@ -226,12 +261,17 @@ def throughput(tmp: Path, messages: int, sessions: int, filters: list[str],
     )
     sink = Sink(tmp, free_port())
     daemon: Daemon | None = None
+    relay: Postfix | None = None
     pairs: list[tuple[Result, Result]] = []
+    postfixes: list[Result] = []
     filtered: Result | None = None
     try:
         wait_port(bare_port, bare)
         # A short warm-up of each, so that both are measured in steady state.
         load("warm-up", bare_port, bare.pid, 500, sessions, None)
+        if postfix:
+            relay = Postfix(tmp / "postfix", sink.port)
+            load("warm-up", relay.port, relay.master_pid, 500, sessions, sink, relay.cpu_seconds)
         for n in range(1, rounds + 1):
             (tmp / f"round-{n}").mkdir()
             daemon = Daemon(tmp / f"round-{n}", sink.port)
@@ -245,10 +285,17 @@ def throughput(tmp: Path, messages: int, sessions: int, filters: list[str],
                 return load("Mailcore -> smtp-sink (durable)", d.port, d.proc.pid, messages,
                             sessions, sink)
 
+            def leg_p() -> None:
+                if relay is not None:
+                    postfixes.append(load("Postfix -> smtp-sink", relay.port, relay.master_pid,
+                                          messages, sessions, sink, relay.cpu_seconds))
+
             if n % 2:
                 base = leg_a()
                 ours = leg_b()
+                leg_p()
             else:
+                leg_p()
                 ours = leg_b()
                 base = leg_a()
             pairs.append((base, ours))
@@ -256,6 +303,9 @@ def throughput(tmp: Path, messages: int, sessions: int, filters: list[str],
             daemon = None
         bare.terminate()
         bare.wait()
+        if relay is not None:
+            relay.stop()
+            relay = None
         if filters:
             (tmp / "filtered").mkdir()
             daemon = Daemon(tmp / "filtered", sink.port, filters)
@@ -268,8 +318,145 @@ def throughput(tmp: Path, messages: int, sessions: int, filters: list[str],
             bare.wait()
         if daemon is not None:
             daemon.stop()
+        if relay is not None:
+            relay.stop()
         sink.stop()
-    return pairs, filtered
+    return pairs, postfixes, filtered
+
+
+@dataclass
+class RspamdRound:
+    ours: Result  # Mailcore with its rspamd filter
+    theirs: Result  # Postfix with rspamd as a milter
+    ours_rspamd_cpu: float  # rspamd's CPU seconds during each leg
+    theirs_rspamd_cpu: float
+
+
+def with_rspamd(tmp: Path, messages: int, sessions: int, rounds: int) -> list[RspamdRound]:
+    """Mailcore with `[filters] enabled = ["rspamd"]` against a private Postfix with rspamd's
+    proxy worker as its milter, one private rspamd for both, the same sink; `rounds` rounds,
+    Mailcore first in odd rounds, Postfix first in even ones, a fresh Mailcore store each."""
+    directory = tmp / "rspamd"
+    directory.mkdir()
+    spam = Rspamd(directory / "rspamd")
+    sink = Sink(directory, free_port())
+    relay: Postfix | None = None
+    daemon: Daemon | None = None
+    out: list[RspamdRound] = []
+    # With a Subject: smtp-source's bare messages score 5 ("greylist": a milter's tempfail).
+    # No latency probe: its bare message would score as spam (not relayed).
+    subject = ("-S", "rspamd bench")
+    try:
+        relay = Postfix(directory / "postfix", sink.port, milter=spam.milter)
+        load("warm-up", relay.port, relay.master_pid, 200, sessions, sink, relay.cpu_seconds,
+             subject, False)
+        extra = ["", "[filters.rspamd]", f'address = "{spam.address}"']
+        for n in range(1, rounds + 1):
+            daemon = Daemon(directory / f"round-{n}", sink.port, ["rspamd"], extra=extra)
+            load("warm-up", daemon.port, daemon.proc.pid, 200, sessions, sink, None, subject,
+                 False)
+            legs: dict[str, tuple[Result, float]] = {}
+
+            def leg(which: str, d: Daemon = daemon,
+                    legs: dict[str, tuple[Result, float]] = legs) -> None:
+                before = spam.cpu_seconds()
+                if which == "ours":
+                    r = load("Mailcore + rspamd filter", d.port, d.proc.pid, messages,
+                             sessions, sink, None, subject, False)
+                else:
+                    assert relay is not None
+                    r = load("Postfix + rspamd milter", relay.port, relay.master_pid,
+                             messages, sessions, sink, relay.cpu_seconds, subject, False)
+                legs[which] = (r, spam.cpu_seconds() - before)
+
+            for which in (("ours", "theirs") if n % 2 else ("theirs", "ours")):
+                leg(which)
+            out.append(RspamdRound(legs["ours"][0], legs["theirs"][0], legs["ours"][1],
+                                   legs["theirs"][1]))
+            daemon.stop()
+            daemon = None
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if relay is not None:
+            relay.stop()
+        sink.stop()
+        spam.stop()
+    return out
+
+
+@dataclass
+class NodesRound:
+    one: Result
+    two: Result
+    duplicates: int  # messages the sink got more than once (both legs)
+    missing: int  # accepted messages the sink never got (both legs)
+
+
+def split_load(name: str, daemons: list[Daemon], messages: int, sessions: int,
+               sink: Sink) -> Result:
+    """`messages` over `sessions`, split evenly across the daemons' listeners (one
+    smtp-source each, at once); done when the sink has them all."""
+    share = [messages // len(daemons) + (i < messages % len(daemons))
+             for i in range(len(daemons))]
+    per = max(1, sessions // len(daemons))
+    cpu0 = sum(cpu_seconds(d.proc.pid) for d in daemons)
+    before = sink.count()
+    started = time.perf_counter()
+    sources = [smtp_source(d.port, m, per) for d, m in zip(daemons, share, strict=True)]
+    for source in sources:
+        _, err = source.communicate()
+        if source.returncode != 0:
+            raise SystemExit(f"smtp-source failed against {name}: {err.decode(errors='replace')}")
+    accepted = time.perf_counter() - started
+    deadline = time.perf_counter() + 600
+    while sink.count() < before + messages:
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"{name}: sink has {sink.count() - before} of {messages} messages")
+        time.sleep(0.01)
+    end = time.perf_counter() - started
+    cpu = sum(cpu_seconds(d.proc.pid) for d in daemons) - cpu0
+    return Result(name, messages, accepted, end, float("nan"), float("nan"), cpu)
+
+
+def nodes(tmp: Path, messages: int, sessions: int, rounds: int) -> list[NodesRound]:
+    """One Mailcore node against two nodes on one PostgreSQL (each node its own data dir
+    and listener; the load split across both), the same sink, which keeps every message to
+    check that each arrived exactly once. `rounds` rounds, one node first in odd ones; a
+    fresh database each round."""
+    directory = tmp / "nodes"
+    directory.mkdir()
+    out: list[NodesRound] = []
+    for n in range(1, rounds + 1):
+        here = directory / f"round-{n}"
+        here.mkdir()
+        pg = Postgres(here / "pg")
+        sink = Sink(here, free_port(), dump=True)
+        running: list[Daemon] = []
+        try:
+            running.append(Daemon(here / "node-a", sink.port, db_url=pg.url))
+            split_load("warm-up", running, 500, sessions, sink)
+            results: dict[int, Result] = {}
+            for count in ((1, 2) if n % 2 else (2, 1)):
+                if count == 2 and len(running) == 1:
+                    running.append(Daemon(here / "node-b", sink.port, db_url=pg.url,
+                                          setup=False))
+                elif count == 1 and len(running) == 2:
+                    running.pop().stop()  # node b stops: node a alone
+                label = "one node (PostgreSQL)" if count == 1 else "two nodes, one PostgreSQL"
+                results[count] = split_load(label, running, messages, sessions, sink)
+            time.sleep(2)  # anything relayed twice would arrive now
+            ids = sink.mailcore_ids()
+            want = 500 + 2 * messages
+            duplicates = len(ids) - len(set(ids))
+            out.append(NodesRound(results[1], results[2], duplicates,
+                                  max(0, want - len(set(ids)))))
+        finally:
+            for d in running:
+                d.stop()
+            sink.stop()
+            pg.stop()
+    return out
 
 
 def memory(tmp: Path, messages: int, sessions: int) -> tuple[list[tuple[int, float]], int]:
@@ -296,6 +483,59 @@ def memory(tmp: Path, messages: int, sessions: int) -> tuple[list[tuple[int, flo
     return samples, accepted
 
 
+def _row(r: Result, label: str, extra: str = "") -> str:
+    return (f"{r.name:34} {label:>5} {r.messages / r.accepted_s:10.0f} {r.rate:12.0f} "
+            f"{1000 * r.cpu_s / r.messages:10.2f}{extra}")
+
+
+def report_rspamd(rounds: list[RspamdRound], messages: int, sessions: int) -> bool:
+    print()
+    print(f"with rspamd: {messages} messages of 4 KiB, {sessions} sessions, {len(rounds)} "
+          "rounds alternating; one private rspamd (one normal worker for our filter, its "
+          "proxy worker in milter mode for Postfix)")
+    header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
+              f"{'CPU ms/msg':>10} {'rspamd CPU ms/msg':>18}")
+    print(header)
+    print("-" * len(header))
+    for n, r in enumerate(rounds, 1):
+        for result, spent in ((r.ours, r.ours_rspamd_cpu), (r.theirs, r.theirs_rspamd_cpu)):
+            print(_row(result, str(n), f" {1000 * spent / result.messages:18.2f}"))
+    vs = [r.ours.rate / r.theirs.rate for r in rounds]
+    median = statistics.median(vs)
+    met = median >= TARGET_RSPAMD
+    print(f"ratio Mailcore + rspamd / Postfix + rspamd (end-to-end), per round: "
+          f"{' '.join(f'{x:.2f}' for x in vs)}; median {median:.2f} "
+          f"(target >= {TARGET_RSPAMD}: {'met' if met else 'MISSED'})")
+    return met
+
+
+def report_nodes(rounds: list[NodesRound], messages: int, sessions: int) -> bool:
+    print()
+    print(f"nodes: {messages} messages of 4 KiB, {sessions} sessions, on one PostgreSQL; one "
+          "node, and two nodes with the load split across both listeners; "
+          f"{len(rounds)} rounds alternating, a fresh database each")
+    header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
+              f"{'CPU ms/msg':>10}")
+    print(header)
+    print("-" * len(header))
+    for n, r in enumerate(rounds, 1):
+        print(_row(r.one, str(n)))
+        print(_row(r.two, str(n)))
+    vs = [r.two.rate / r.one.rate for r in rounds]
+    median = statistics.median(vs)
+    no_collapse = median >= TARGET_NODES
+    duplicates = sum(r.duplicates for r in rounds)
+    missing = sum(r.missing for r in rounds)
+    once = duplicates == 0 and missing == 0
+    print(f"ratio two nodes / one node (end-to-end), per round: "
+          f"{' '.join(f'{x:.2f}' for x in vs)}; median {median:.2f} (no collapse: target >= "
+          f"{TARGET_NODES} on {os.cpu_count()} cores, where the point is correctness, not a "
+          f"2x gain: {'met' if no_collapse else 'MISSED'})")
+    print(f"every message at the sink exactly once (by its Mailcore queue id): "
+          f"{'yes' if once else 'NO'} ({duplicates} twice or more, {missing} missing)")
+    return no_collapse and once
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
@@ -308,26 +548,42 @@ def main() -> int:
     parser.add_argument("--filters", default="builtin",
                         help="the filters of the filtered leg (comma-separated), or none to "
                         "skip that leg [builtin]")
+    parser.add_argument("--compare", default=",".join(COMPARISONS),
+                        help="side-by-side legs to run (comma-separated): postfix (Postfix "
+                        "as MX relay in the rounds above), rspamd (Mailcore + its rspamd "
+                        "filter against Postfix + rspamd milter), nodes (one node against "
+                        "two on one PostgreSQL); or none [%(default)s]")
+    parser.add_argument("--rspamd-messages", type=int, default=3000)
+    parser.add_argument("--rspamd-rounds", type=int, default=4)
+    parser.add_argument("--node-messages", type=int, default=10000)
+    parser.add_argument("--node-rounds", type=int, default=2)
     args = parser.parse_args()
     filters = [] if args.filters == "none" else args.filters.split(",")
+    compare = set() if args.compare == "none" else set(args.compare.split(","))
+    if compare - set(COMPARISONS):
+        parser.error(f"--compare: unknown {', '.join(sorted(compare - set(COMPARISONS)))}")
     tmp = Path(tempfile.mkdtemp(prefix="mailcore-bench-"))
     tmp.chmod(0o755)
     ok = True
     try:
-        pairs, filtered = throughput(tmp, args.messages, args.sessions, filters, args.rounds)
+        pairs, postfixes, filtered = throughput(tmp, args.messages, args.sessions, filters,
+                                                args.rounds, "postfix" in compare)
         ratios = [ours.rate / base.rate for base, ours in pairs]
         ratio = statistics.median(ratios)
         unfiltered = statistics.median(ours.rate for _, ours in pairs)
         print()
         print(f"{args.messages} messages of 4 KiB, {args.sessions} sessions, a new connection "
               "per message (smtp-source -s {0} -l 4096 -m {1}); {2} rounds of the bare server "
-              "and Mailcore back to back (order alternating, a fresh Mailcore store each "
-              "round)".format(args.sessions, args.messages, args.rounds))
+              "{3}and Mailcore back to back (order alternating, a fresh Mailcore store each "
+              "round)".format(args.sessions, args.messages, args.rounds,
+                              "and Postfix " if postfixes else ""))
         header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
                   f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10}")
         print(header)
         print("-" * len(header))
         rows = [(str(n), r) for n, pair in enumerate(pairs, 1) for r in pair]
+        rows += [(str(n), r) for n, r in enumerate(postfixes, 1)]
+        rows.sort(key=lambda row: row[0])
         if filtered is not None:
             rows.append(("-", filtered))
         for label, r in rows:
@@ -341,6 +597,22 @@ def main() -> int:
                   f"unfiltered rate): {filtered.rate / unfiltered:.2f} (filters: "
                   f"{', '.join(filters)}; reported, no target)")
         ok = ratio >= TARGET_RATIO
+        if postfixes:
+            vs = [ours.rate / theirs.rate
+                  for (_, ours), theirs in zip(pairs, postfixes, strict=True)]
+            met = statistics.median(vs) >= TARGET_POSTFIX
+            print(f"ratio Mailcore / Postfix (end-to-end, unfiltered), per round: "
+                  f"{' '.join(f'{x:.2f}' for x in vs)}; median {statistics.median(vs):.2f} "
+                  f"(target >= {TARGET_POSTFIX}: {'met' if met else 'MISSED'}); Postfix CPU "
+                  "counts its master and every daemon")
+            ok = ok and met
+        if "rspamd" in compare:
+            ok = report_rspamd(with_rspamd(tmp, args.rspamd_messages, args.sessions,
+                                           args.rspamd_rounds), args.rspamd_messages,
+                               args.sessions) and ok
+        if "nodes" in compare:
+            ok = report_nodes(nodes(tmp, args.node_messages, args.sessions, args.node_rounds),
+                              args.node_messages, args.sessions) and ok
         if not args.skip_memory:
             samples, accepted = memory(tmp, args.queue_messages, args.sessions)
             quarter = [mb for t, mb in samples if t >= samples[-1][0] * 0.25]
