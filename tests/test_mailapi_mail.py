@@ -7,6 +7,8 @@ from __future__ import annotations
 import email
 import email.policy
 import hashlib
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.mailapi.delivery import LocalMailboxes
-from mailcore.mailapi.files import MailFiles
+from mailcore.mailapi.files import GRACE, MailFiles
 from mailcore.store.schema import (
     mailapi_attachments,
     mailapi_mail,
@@ -510,3 +512,15 @@ class ApiKeyTests(MailApiTestCase):
         status, _, _ = await self.web.call("HEAD", "/api/v1/auth/",
                                            headers={"Api-Key": "0" * 40})
         self.assertEqual(status, 403)
+
+
+class MailFilesTests(TestCase):
+    def test_start_up_removes_only_temp_files_a_crash_left(self) -> None:
+        files = MailFiles(Path(self.mktemp()))
+        files.prepare()
+        old, young = files.tmp / "upload-old", files.tmp / "upload-young"
+        old.write_bytes(b"left by a crash")
+        young.write_bytes(b"an upload in progress (maybe another node's)")
+        os.utime(old, (time.time() - 2 * GRACE, time.time() - 2 * GRACE))
+        files.prepare()
+        self.assertEqual(list(files.tmp.iterdir()), [young])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import Message
@@ -79,8 +79,19 @@ class MailFiles:
     def prepare(self) -> None:
         """Make the directories and remove temp files a crash left behind. Blocks."""
         private_directory(self.root / "files")
-        shutil.rmtree(self.tmp, ignore_errors=True)
         private_directory(self.tmp)
+        self.clear_tmp()
+
+    def clear_tmp(self, now: float | None = None) -> None:
+        """Remove temp files older than GRACE: what a crash left. (Younger ones may be
+        uploads in progress, of this node or of another one sharing the directory.)"""
+        cutoff = (time.time() if now is None else now) - GRACE
+        for entry in os.scandir(self.tmp):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):
@@ -94,7 +105,8 @@ class MailFiles:
         return self.path(sha256).read_bytes()
 
     def write(self, data: bytes) -> StoredFile:
-        """Put `data` in its file (nothing is written twice). Blocks (fsync)."""
+        """Put `data` in the file named by its hash (the same bytes always land in the
+        same file). Blocks (fsync)."""
         with SpoolFile(self.tmp) as out:
             out.write(data)
             new = out.keep(self.path(out.sha256))

@@ -296,7 +296,10 @@ class MailService:
             return hashes
 
         hashes = await self.db.run("mailapi_delete", txn)
-        await self.collect(hashes)
+        try:
+            await self.collect(hashes)
+        except Exception:  # the mail is deleted; the sweep takes its files later
+            log.failure("removing the files of a deleted Mail API mail failed")
 
     # -- files ------------------------------------------------------------------------
 
@@ -329,6 +332,7 @@ class MailService:
         keeps it); returns how many."""
         if not hashes:
             return 0
+        # Ages are the file system's (modification times), so the wall clock's.
         old = await self.io.run(self.files.older_than, list(hashes), time.time() - grace)
         if not old:
             return 0
@@ -338,7 +342,9 @@ class MailService:
         return len(unused)
 
     async def sweep(self, grace: float = GRACE, batch: int = 500) -> int:
-        """Remove every file on disk no row names (older than `grace`)."""
+        """Remove every file on disk no row names (older than `grace`), and temp files a
+        crash left."""
+        await self.io.run(self.files.clear_tmp)
         stored = await self.io.run(self.files.hashes)
         removed = 0
         for start in range(0, len(stored), batch):
