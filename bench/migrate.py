@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,12 @@ def peak_rss_kib(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError):
         return 0
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def count(dovecot: Dovecot, user: str) -> int:
@@ -105,8 +112,8 @@ def seconds(value: Any) -> float:
     return float(value.timestamp())
 
 
-def run_mbsync(mbsync: str, dovecot: Dovecot, directory: Path) -> tuple[float, int]:
-    """mbsync pushing alice's INBOX into bob's; (seconds, peak RSS KiB)."""
+def run_mbsync(mbsync: str, dovecot: Dovecot, directory: Path) -> tuple[float, int, float]:
+    """mbsync pushing alice's INBOX into bob's; (seconds, peak RSS KiB, CPU seconds)."""
     s = dovecot.server
     ca = directory / "ca.pem"
     ca.write_bytes(s.pki.ca_pem)
@@ -127,14 +134,18 @@ def run_mbsync(mbsync: str, dovecot: Dovecot, directory: Path) -> tuple[float, i
     proc = subprocess.Popen([mbsync, "-q", "-c", str(config), "-a"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
-    while proc.poll() is None:
+    while True:
         peak = max(peak, peak_rss_kib(proc.pid))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - started
     err = proc.stderr.read() if proc.stderr else b""
     if proc.returncode != 0:
         raise SystemExit(f"mbsync failed: {err.decode(errors='replace')}")
-    return elapsed, peak
+    return elapsed, peak, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -184,7 +195,7 @@ def main() -> int:
         daemon.stop()
 
         print("migrate: mbsync ...", flush=True)
-        theirs_s, theirs_rss = run_mbsync(mbsync, dovecot, base)
+        theirs_s, theirs_rss, theirs_cpu = run_mbsync(mbsync, dovecot, base)
         if (copied := count(dovecot, MBSYNC_DESTINATION)) != args.messages:
             raise SystemExit(f"mbsync copied {copied} messages, expected {args.messages}")
 
@@ -193,6 +204,7 @@ def main() -> int:
         started = time.monotonic()
         daemon.start()
         assert daemon.proc is not None
+        cpu_before = cpu_seconds(daemon.proc.pid)
         peak = [0]
         watching = True
 
@@ -212,6 +224,7 @@ def main() -> int:
             time.sleep(0.2)
         watching = False
         watcher.join()
+        ours_cpu = cpu_seconds(daemon.proc.pid) - cpu_before
         if job.status != "done":
             raise SystemExit(f"the migrate failed: {job.reason}")
         ours_s = seconds(job.end_time) - seconds(job.start_time)
@@ -225,6 +238,9 @@ def main() -> int:
         rows.append(("migrate, mbsync (Sync Push between two IMAP stores, FSync on)",
                      f"{theirs:,.0f} msg/s ({theirs_s:.1f} s)"))
         rows.append(("ratio mailcore / mbsync (target >= 1.0)", f"{ratio:.2f}"))
+        rows.append(("CPU per message: mailcore daemon (start, migrate) / mbsync",
+                     f"{1000 * ours_cpu / args.messages:.2f} ms / "
+                     f"{1000 * theirs_cpu / args.messages:.2f} ms"))
         rows.append(("peak RSS: mailcore daemon (migrate run) / mbsync",
                      f"{peak[0] / 1024:.0f} MiB / {theirs_rss / 1024:.0f} MiB"))
         failed = ratio < TARGET
