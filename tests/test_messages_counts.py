@@ -159,6 +159,26 @@ class CountsTestsMixin(DatabaseMixin):
                                                                              offset=1))
         self.assertEqual([m.id for m in oldest_first.items], [reply])
 
+    async def test_search_count_is_remembered_until_the_users_messages_change(self) -> None:
+        await self.add(1, "Budget plan", None, "INBOX", day=1)
+        await self.add(2, "Other", None, "INBOX", day=2)
+        page = await self.store.list_messages(self.user, MessageQuery(q="budget", limit=1))
+        self.assertEqual(page.count, 1)
+        self.assertEqual(len(self.store.count_cache._items), 1)
+        # A stale entry would answer 1: the new message moves the stamp.
+        await self.add(3, "Budget again", None, "Sent", day=3)
+        page = await self.store.list_messages(self.user, MessageQuery(q="budget", limit=1))
+        self.assertEqual(page.count, 2)
+
+        def move(conn: Connection) -> None:
+            conn.execute(update(messages).where(messages.c.folder == "Sent")
+                         .values(folder="INBOX"))
+
+        inbox = MessageQuery(q="budget", folder="INBOX")
+        self.assertEqual((await self.store.list_messages(self.user, inbox)).count, 1)
+        await self.db.run("move", move)
+        self.assertEqual((await self.store.list_messages(self.user, inbox)).count, 2)
+
     async def test_message_with_thread_in_one_read(self) -> None:
         root = await self.add(1, "Plan", None, "INBOX", day=1)
         reply = await self.add(2, "Re: Plan", None, "INBOX", reply_to="<m1@x.test>", day=2)

@@ -8,6 +8,10 @@ one account among several) is None, and the caller counts rows.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+
 from sqlalchemy import Connection, func, select
 
 from mailcore.store.schema.messages import message_counts, message_thread_totals, messages
@@ -83,3 +87,31 @@ def thd_change_stamp(conn: Connection, user_id: int) -> int:
         select(func.coalesce(func.sum(message_counts.c.changes), 0))
         .where(message_counts.c.user_id == user_id)
     ).scalar() or 0)
+
+
+class CountCache:
+    """Counts of list queries the kept counts cannot answer (a search, a date range), each
+    kept with the user's change stamp (`thd_change_stamp`) and good while it stands: the
+    pages of one search share one count, and a store, delete or move of one of the user's
+    messages (on any node: the stamp is in the database) makes it stale. Used from the
+    store's pool threads, so a lock guards it; the least recently used entry goes first."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, stamp: int) -> int | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None or found[0] != stamp:
+                return None
+            self._items.move_to_end(key)
+            return found[1]
+
+    def put(self, key: Hashable, stamp: int, count: int) -> None:
+        with self._lock:
+            self._items[key] = (stamp, count)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)

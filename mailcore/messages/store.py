@@ -28,7 +28,13 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.messages.counts import thd_folder_totals, thd_message_total, thd_thread_total
+from mailcore.messages.counts import (
+    CountCache,
+    thd_change_stamp,
+    thd_folder_totals,
+    thd_message_total,
+    thd_thread_total,
+)
 from mailcore.messages.models import (
     AccountUsage,
     AttachmentSummary,
@@ -436,7 +442,10 @@ def _counted(query: MessageQuery) -> bool:
 
 
 def _total(conn: Connection, user_id: int, query: MessageQuery,
-           conds: list[ColumnElement[bool]]) -> int:
+           conds: list[ColumnElement[bool]], cache: CountCache | None) -> int:
+    """The count of the query: from the kept counts, else from `cache` while the user's
+    change stamp stands (filters on columns whose changes move the stamp only), else
+    counted."""
     if _counted(query):
         if not query.threads_only:
             return thd_message_total(conn, user_id, query.account_id, query.folder)
@@ -444,8 +453,21 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
             total = thd_thread_total(conn, user_id, query.account_id)
             if total is not None:
                 return total
-    return int(conn.execute(select(func.count()).select_from(messages).where(*conds)).scalar()
-               or 0)
+    key: tuple[Any, ...] | None = None
+    stamp = 0
+    if cache is not None and query.folder_id is None and query.has_attachments is None \
+            and query.thread_id is None:
+        key = (user_id, query.q, query.folder, query.account_id, query.date_from,
+               query.date_to, query.threads_only)
+        stamp = thd_change_stamp(conn, user_id)  # before counting: a later change misses
+        cached = cache.get(key, stamp)
+        if cached is not None:
+            return cached
+    count = int(conn.execute(select(func.count()).select_from(messages).where(*conds)).scalar()
+                or 0)
+    if cache is not None and key is not None:
+        cache.put(key, stamp, count)
+    return count
 
 
 def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) -> bool:
@@ -456,19 +478,21 @@ def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) 
     return depth * total < 4 * hits * hits
 
 
-def thd_list_messages(conn: Connection, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
+def thd_list_messages(
+    conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None = None
+) -> Page[MessageSummary]:
     """One page of the user's messages matching `query`, and the total count.
 
-    The count comes from the kept counts when the filters allow. A page past the middle is
-    read from the other end (every order term reversed, the rows turned back), so the
-    deepest page walks as few index entries as the first one.
+    The count comes from the kept counts when the filters allow, else from `cache`. A page
+    past the middle is read from the other end (every order term reversed, the rows turned
+    back), so the deepest page walks as few index entries as the first one.
     """
     dialect = conn.dialect.name
     by_match = dialect == "sqlite" and bool(query.q)
     conds = _filters(dialect, user_id, query, by_match=by_match)
     if query.threads_only:
         conds.append(_newest_of_thread(dialect, user_id, query))
-    count = _total(conn, user_id, query, conds)
+    count = _total(conn, user_id, query, conds, cache)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     if limit == 0 or offset >= count:
         return Page(count=count, items=[])
@@ -597,6 +621,7 @@ class MessageStore:
         self.cpu = cpu
         self.clock = clock
         self.limits = limits or MimeLimits()
+        self.count_cache = CountCache()
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(
@@ -652,7 +677,9 @@ class MessageStore:
     async def list_messages(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
         """A page of messages: filters, full-text `q`, ordering, optional one-per-thread."""
         _order_by(query.ordering)  # reject a bad ordering before touching the store
-        return await self.db.read("list_messages", thd_list_messages, user_id, query)
+        return await self.db.read(
+            "list_messages", thd_list_messages, user_id, query, self.count_cache
+        )
 
     async def list_threads(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
         """One row per thread (its newest matching message) with thread_count."""
