@@ -106,7 +106,7 @@ async def with_deadline(
 ) -> T:
     """Await `work`, cancelling it after `timeout` seconds of `clock` (FilterTimeout)."""
     d: defer.Deferred[T] = defer.Deferred.fromCoroutine(work)
-    if timeout is not None and timeout > 0:
+    if timeout is not None and timeout > 0 and not d.called:  # (inline work is done)
 
         def timed_out(result: Any, seconds: float) -> Any:
             # However the cancelled work failed (CancelledError, an HTTP client's

@@ -138,6 +138,11 @@ class FilterChain:
         if not self.entries:
             return combine([], threshold=self.threshold, score_mode=self.score_mode,
                            name=self.name)
+        if len(self.entries) == 1:
+            # One filter: its own failure is the chain's, no fan-out to gather or cancel.
+            verdict = await self._run(self.entries[0], message, context)
+            return combine([verdict], threshold=self.threshold, score_mode=self.score_mode,
+                           name=self.name)
         runs = [defer.Deferred.fromCoroutine(self._run(e, message, context))
                 for e in self.entries]
         try:

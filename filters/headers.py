@@ -41,6 +41,15 @@ _LABEL = rf"{_LETDIG}(?:[A-Za-z0-9\-\u0080-\U0010ffff]*{_LETDIG})?"
 _DOMAIN = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[^\[\]\\\s]+\])$")
 _MESSAGE_ID = re.compile(r"^<[^<>@\s]+@[^<>@\s]+>$")
 _MAX_DATE = 200
+# The RFC 5322 date almost every message carries ("Wed, 2 Dec 2026 11:54:33 +0000", an
+# optional comment after it): a string this matches is one `parsedate_tz` parses, so the
+# stdlib parser only sees the rest.
+_COMMON_DATE = re.compile(
+    r"[ \t]*(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),[ \t]*)?[0-9]{1,2}[ \t]+"
+    r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[ \t]+[0-9]{4}[ \t]+"
+    r"[0-9]{2}:[0-9]{2}(?::[0-9]{2})?[ \t]+[+-][0-9]{4}(?:[ \t]+\([A-Za-z0-9 +-]*\))?[ \t]*")
+# Characters that make an address list need the careful scanners below.
+_STRUCTURE = frozenset('"\\(:;')
 
 
 @dataclass(frozen=True)
@@ -67,30 +76,34 @@ def check_headers(parsed: ParsedMessage, max_field: int) -> list[HeaderFinding]:
         if h.size > max_field:
             add("HEADER_TOO_LONG", f"{h.name} field is {h.size} bytes (limit {max_field})")
             break
+    # Every field's values by lower-case name, gathered once (not one walk per name).
+    by_name: dict[str, list[str]] = {}
+    for h in parsed.headers:
+        by_name.setdefault(h.name.lower(), []).append(h.value)
 
     for field, key in (("from", "FROM"), ("date", "DATE"), ("message-id", "MESSAGE_ID")):
-        values = parsed.header(field)
+        values = by_name.get(field, [])
         if not values:
             add(f"MISSING_{key}", f"no {field.title()} field")
         elif len(values) > 1:
             add(f"DUPLICATE_{key}", f"{len(values)} {field.title()} fields")
 
     if "from" not in oversized:
-        for value in parsed.header("from"):
+        for value in by_name.get("from", ()):
             problem = address_list_problem(value, allow_empty=False)
             if problem:
                 add("MALFORMED_FROM", f"From: {problem}")
     for field in ADDRESS_FIELDS:
         if field in oversized:
             continue
-        for value in parsed.header(field):
+        for value in by_name.get(field, ()):
             problem = address_list_problem(value, allow_empty=field != "sender")
             if problem:
                 add("MALFORMED_ADDRESS", f"{field.title()}: {problem}")
-    for value in parsed.header("date"):
+    for value in by_name.get("date", ()):
         if not date_ok(value):
             add("MALFORMED_DATE", f"Date: {value[:60]!r}")
-    for value in parsed.header("message-id"):
+    for value in by_name.get("message-id", ()):
         if len(value) > max_field or not _MESSAGE_ID.match(value.strip()):
             add("MALFORMED_MESSAGE_ID", f"Message-ID: {value[:60]!r}")
     return list(found.values())
@@ -100,6 +113,8 @@ def date_ok(value: str) -> bool:
     """Whether a Date field parses as an RFC 5322 date (obsolete forms included)."""
     if len(value) > _MAX_DATE:
         return False
+    if _COMMON_DATE.fullmatch(value):
+        return True
     try:
         return parsedate_tz(value) is not None
     except Exception:  # the stdlib date parser raises on some garbage
@@ -108,10 +123,12 @@ def date_ok(value: str) -> bool:
 
 def address_list_problem(value: str, *, allow_empty: bool) -> str | None:
     """What is wrong with an address-list field, or None when every address is usable."""
-    try:
-        items = _split_top_level(_strip_comments(value), ",")
-    except ValueError as e:
-        return str(e)
+    items = _plain_split(value)
+    if items is None:
+        try:
+            items = _split_top_level(_strip_comments(value), ",")
+        except ValueError as e:
+            return str(e)
     addresses = 0
     for item in items:
         text = item.strip()
@@ -157,9 +174,22 @@ def _addr_spec_problem(spec: str) -> str | None:
     return None
 
 
+def _plain_split(value: str) -> list[str] | None:
+    """`_split_top_level(_strip_comments(value), ",")` for the usual list without quotes,
+    escapes, comments or groups and with no comma inside <>: plain `str.split`. None when
+    the value needs the careful scanners."""
+    if not _STRUCTURE.isdisjoint(value):
+        return None
+    items = value.split(",")
+    for item in items[:-1]:
+        if item.rfind("<") > item.rfind(">"):
+            return None  # a comma inside <...>
+    return items
+
+
 def _group_members(text: str) -> str | None:
     """For `name: a, b;` the member list; None when `text` is not a group."""
-    colon = _find_top_level(text, ":")
+    colon = _find_top_level(text, ":") if ":" in text else None
     if colon is None:
         return None
     rest = text[colon + 1:].strip()

@@ -105,6 +105,10 @@ def split_header(data: bytes, limit: int) -> tuple[bytes, bytes, bool]:
     if data.startswith((b"\r\n", b"\n")):
         return b"", data[2:] if data.startswith(b"\r\n") else data[1:], True
     window = data[: limit + 4]
+    crlf = window.find(b"\r\n\r\n")
+    if crlf >= 0:
+        # Another separator can only come first within the octets before this one.
+        window = window[: crlf + 4]
     candidates = [
         (pos, sep) for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n")
         if (pos := window.find(sep)) >= 0
@@ -154,14 +158,19 @@ def parse_fields(block: bytes) -> tuple[list[HeaderField], int]:
     return fields, malformed
 
 
-def _content_info(fields: list[HeaderField], default: str) -> tuple[Message, str, str]:
-    """A compat32 Message holding the MIME headers, the content type and the encoding."""
+_MIME_FIELDS = ("content-type", "content-disposition", "content-transfer-encoding")
+
+
+def _content_info(fields: list[HeaderField], default: str) -> tuple[Message | None, str, str]:
+    """A compat32 Message holding the MIME headers (None when there are none: a plain
+    message), the content type and the encoding."""
+    mime = [f for f in fields if f.name.lower() in _MIME_FIELDS]
+    if not mime:
+        return None, default, ""
     holder = Message()
-    for f in fields:
-        lowered = f.name.lower()
-        if lowered in ("content-type", "content-disposition", "content-transfer-encoding"):
-            if lowered not in holder:
-                holder[f.name] = f.value
+    for f in mime:
+        if f.name.lower() not in holder:
+            holder[f.name] = f.value
     if "content-type" in holder:
         ctype = holder.get_content_type()
         if ctype == "text/plain" and "/" not in holder.get("content-type", ""):
@@ -181,7 +190,7 @@ def _walk_entity(
         _problem(result, f"more than {limits.max_parts} MIME parts")
         return
     holder, ctype, encoding = _content_info(fields, default)
-    if ctype.startswith("multipart/"):
+    if holder is not None and ctype.startswith("multipart/"):
         boundary = holder.get_param("boundary")
         if isinstance(boundary, str) and 0 < len(boundary) <= _MAX_BOUNDARY:
             if _too_deep(depth, limits, result):
@@ -300,9 +309,11 @@ def decode_base64(data: bytes) -> bytes:
         return b""
 
 
-def _filename(holder: Message) -> str:
+def _filename(holder: Message | None) -> str:
     """The part's file name (Content-Disposition filename, else Content-Type name; RFC 2231
     and RFC 2047 encodings undone)."""
+    if holder is None:
+        return ""
     raw = holder.get_filename()
     if not raw:
         return ""

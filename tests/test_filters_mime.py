@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import base64
 import time
+from email.utils import parsedate_tz
 
 from twisted.trial.unittest import TestCase
 
 from filters.builtin import BuiltinSettings, analyse
-from filters.headers import address_list_problem, check_headers, date_ok
+from filters.headers import (
+    _plain_split,
+    _split_top_level,
+    _strip_comments,
+    address_list_problem,
+    check_headers,
+    date_ok,
+)
 from filters.mime import MimeLimits, decode_base64, parse, split_header
 from tests.support.filterd import attachment, message, multipart, multipart_body, text_part
 
@@ -201,6 +209,26 @@ class AddressTests(TestCase):
         self.assertTrue(date_ok("24 Nov 2025 10:00 GMT"))
         self.assertFalse(date_ok("yesterday"))
         self.assertFalse(date_ok("Mon, 24 Nov 2025 10:00:00 +0000" * 20))
+
+    def test_the_common_date_shortcut_agrees_with_the_stdlib_parser(self) -> None:
+        # date_ok takes the usual RFC 5322 form without the stdlib parser; whatever it
+        # accepts that way the stdlib accepts too, and the rest still goes to the stdlib.
+        for value in ("Wed,  2 Dec 2026 11:54:33 +0000 (UTC)", "2 Dec 2026 11:54 -0500",
+                      "Wed,2 Dec 2026 11:54:33 +0000", " Sun, 31 Dec 1999 23:59:59 -0000 ",
+                      "Mon, 24 Nov 2025 10:00:00 +0100 (CET)", "24 Nov 2025 10:00 GMT",
+                      "Mon, 24 Nov 2025", "Mon, 24 Foo 2025 10:00:00 +0000", "yesterday",
+                      "Mon, 24 Nov 2025 10:00:00 +0000 (UTC) trailing", "٢ Dec 2026 11:54 +0000"):
+            self.assertEqual(date_ok(value), parsedate_tz(value) is not None, value)
+
+    def test_plain_address_lists_split_as_the_careful_scanner_does(self) -> None:
+        for value in ("a@b.c, d@e.f", "Alice <a@b.c>,Bob <d@e.f>", "<a,b@c.d>, e@f.g",
+                      "a@b.c,", ",", "x <a@b.c> , y <d@e.f>, <g@h.i>", "<a@b.c>>, d@e.f",
+                      "a@b.c) , d@e.f", "<<a@b.c>, d@e.f"):
+            self.assertEqual(_plain_split(value) or _split_top_level(_strip_comments(value), ","),
+                             _split_top_level(_strip_comments(value), ","), value)
+        self.assertIsNone(_plain_split("<a,b@c.d>, e@f.g"))  # the comma inside <> counts
+        for value in ('"Smith, Bob" <b@c.d>', "(c) a@b.c", "g: a@b.c;", "a\\,b@c.d"):
+            self.assertIsNone(_plain_split(value), value)
 
     def test_base64_attachment_names_do_not_confuse_headers(self) -> None:
         data = multipart([attachment("a.pdf", base64.b64encode(b"x"))])
