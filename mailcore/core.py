@@ -208,9 +208,9 @@ class Core:
         self.filter_service = ChainService(self.filter_chain)
         policy = PolicySettings.from_config(self.config.section("pipeline"))
         if policy.filtering:
-            # Charges of messages filtered together share one transaction, in the spool's
-            # write lane (in turn with the group commits).
-            charges = ChargeBatcher(self.tokens, lane=self.spool.run_serialized)
+            # Charges of messages filtered together share one transaction: the spool's next
+            # group commit (they ride along, with no commit of their own).
+            charges = ChargeBatcher(self.tokens, lane=self.spool.ride)
             stage = FilteringStage(self.filter_chain, self.domains, charges, policy)
             self.queue.runner.pipeline = Pipeline(
                 [stage], quarantine_store(self.quarantine), max_scans=policy.max_scans

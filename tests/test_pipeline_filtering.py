@@ -174,9 +174,9 @@ class FilteringSwitchTests(TestCase):
         [stage] = pipeline.stages
         assert isinstance(stage, FilteringStage)
         self.assertEqual(pipeline.max_scans, DEFAULT_MAX_SCANS)
-        # Charges are batched and written in the spool's lane, in turn with its commits.
+        # Charges are batched and written by the spool's next group commit.
         assert stage.tokens is not None
-        self.assertEqual(stage.tokens.lane, core.spool.run_serialized)
+        self.assertEqual(stage.tokens.lane, core.spool.ride)
 
     def test_switch_off_passes_everything(self) -> None:
         from tests.support.web import make_core

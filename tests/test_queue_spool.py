@@ -70,6 +70,10 @@ class GatedDatabase:
             g.callback(None)
 
 
+def _count_messages(conn: Any) -> int:
+    return int(conn.execute(select(func.count()).select_from(queue_messages)).scalar_one())
+
+
 class SpoolTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -150,6 +154,64 @@ class SpoolTests(TestCase):
         self.db.release()
         self.assertNoResult(drained)
         self.db.release()
+        self.successResultOf(drained)
+
+    def test_a_rider_is_written_by_the_next_group_commit(self) -> None:
+        """A small write of the pipeline (a token charge) does not stop the commit stream
+        for a transaction of its own: it goes into the group that commits next."""
+        first = self.accept("Q0")
+        rode = self.q.spool.ride("count", _count_messages)
+        second = self.accept("Q1")
+        self.db.release()  # Q0's group, already in flight when the rider came
+        self.successResultOf(first)
+        self.assertNoResult(rode)
+        self.db.release()  # Q1's group, carrying the rider
+        self.successResultOf(second)
+        self.assertEqual(self.successResultOf(rode), 2)  # it saw its own group's message
+        self.assertEqual(self.db.accept_batches, [1, 1])
+        self.assertEqual(self.db.transactions, [])  # no transaction of its own
+        self.assertEqual(self.q.spool.commits, 2)
+
+    def test_a_rider_alone_starts_a_group(self) -> None:
+        rode = self.q.spool.ride("count", _count_messages)
+        self.assertNoResult(rode)
+        self.db.release()
+        self.assertEqual(self.successResultOf(rode), 0)
+        self.assertEqual(self.db.accept_batches, [0])
+
+    def test_a_failing_rider_fails_alone_and_its_writes_are_undone(self) -> None:
+        def wipe_then_fail(conn: Any) -> None:
+            conn.execute(queue_messages.delete())
+            raise ValueError("a bug in the rider")
+
+        accepted = self.accept("Q0")
+        rode = self.q.spool.ride("wipe", wipe_then_fail)
+        also = self.accept("Q1")
+        self.db.release()  # Q0's group, in flight before the rider came
+        self.successResultOf(accepted)
+        self.db.release()  # Q1's, with the rider
+        self.successResultOf(also)
+        self.failureResultOf(rode, ValueError)
+        self.assertEqual(self.count(queue_messages), 2)  # its savepoint was rolled back
+
+    def test_riders_fail_with_their_group(self) -> None:
+        first = self.accept("Q0")
+        rode = self.q.spool.ride("count", _count_messages)
+        second = self.accept("Q1")
+        self.db.release()
+        self.successResultOf(first)
+        self.db.fail_next = True
+        self.db.release()
+        self.failureResultOf(second, SpoolError)
+        self.failureResultOf(rode, SpoolError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_drain_waits_for_riders(self) -> None:
+        rode = self.q.spool.ride("count", _count_messages)
+        drained = defer.Deferred.fromCoroutine(self.q.spool.drain())
+        self.assertNoResult(drained)
+        self.db.release()
+        self.successResultOf(rode)
         self.successResultOf(drained)
 
     def test_a_message_without_recipients_is_refused(self) -> None:

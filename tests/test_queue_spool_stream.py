@@ -65,6 +65,12 @@ class LingeringStreamTests(StreamTestCase):
         await self.accept("Q2")  # a new stream
         self.assertEqual(self.spool.streams, 2)
 
+    async def test_a_lingering_stream_takes_a_rider_itself(self) -> None:
+        await self.accept("Q1")
+        await sleep(0.05)  # the stream is now waiting for more
+        self.assertEqual(await self.spool.ride("count", _count), 1)
+        self.assertEqual((self.spool.commits, self.spool.streams), (2, 1))
+
     async def test_due_results_end_the_linger(self) -> None:
         await self.accept("Q1")
         self.spool.record([Result(1, "Q1", DELIVERED, "250 ok")])
@@ -105,6 +111,17 @@ class GatheringStreamTests(StreamTestCase):
         await self.spool.drain()
         await accepted
         self.assertEqual(await self.db.read("n", _count), 1)
+
+    async def test_a_rider_waits_for_the_group_under_load(self) -> None:
+        self.spool._gathering = True
+        first = self.accept("Q1")
+        await sleep(0.05)  # the stream has Q1 and waits for two more
+        rode = self.spool.ride("count", _count)
+        await sleep(0.05)
+        self.assertEqual(self.spool.commits, 0)  # the rider did not cut the gathering short
+        await defer.gatherResults([first, self.accept("Q2"), self.accept("Q3")])
+        self.assertEqual(await rode, 3)
+        self.assertEqual(self.spool.commits, 1)
 
     async def test_a_chore_still_gets_the_lane(self) -> None:
         self.spool._gathering = True

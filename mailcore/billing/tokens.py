@@ -23,8 +23,9 @@ deferral further down) is not charged twice.
 The pipeline charges through a `ChargeBatcher`: the charges requested while one charge
 transaction is in flight wait together and are applied in the next single transaction
 (each charge still all or nothing on its own), so one commit covers many messages. In the
-daemon that transaction runs in the spool's write lane (`Spool.run_serialized`), in turn
-with the group commits. `TokenService.consume` is the same charge alone, in its own
+daemon that transaction is the spool's next group commit (`Spool.ride`: the charges are
+written in a savepoint of the transaction that commits the mail streaming in, with no
+commit or fsync of their own). `TokenService.consume` is the same charge alone, in its own
 transaction (HTTP API, CLI).
 
 Consumption is logged per user and UTC day for `daily_average` (seed 004's
@@ -549,7 +550,7 @@ class TokenService(PeriodicService):
 
 # -- batched charges -------------------------------------------------------------------------
 
-# Runs `fn(conn, *args)` as one write transaction: `Database.run` or `Spool.run_serialized`.
+# Runs `fn(conn, *args)` in a write transaction: `Database.run` or `Spool.ride`.
 Lane = Callable[..., "defer.Deferred[Any]"]
 
 
@@ -559,8 +560,9 @@ class ChargeBatcher:
     The charges requested while a charge transaction is in flight wait together and go
     into the next single transaction (at most MAX_CHARGE_BATCH), as the spool groups its
     commits: under load one commit covers the charges of many messages, and with no load a
-    charge is applied at once. `lane` runs that transaction: the spool's write lane in the
-    daemon (so it never meets a group commit on SQLite's lock), else the store directly.
+    charge is applied at once. `lane` runs that transaction: in the daemon the spool's next
+    group commit (`Spool.ride`, so it never meets a group commit on SQLite's lock nor costs
+    a commit of its own), else the store directly.
     Answers and idempotence are those of `TokenService.consume`.
     """
 

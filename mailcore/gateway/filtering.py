@@ -9,7 +9,7 @@ released message was judged already). For a relay message:
    Each owner's charge is all or nothing; when one owner's tanks are empty the others'
    charges stand, keyed, so the retry does not take them again. The charges of every
    message being filtered at the same moment share one transaction
-   (`mailcore.billing.tokens.ChargeBatcher`, in the spool's write lane in the daemon).
+   (`mailcore.billing.tokens.ChargeBatcher`, in the spool's next group commit in the daemon).
 2. The filter chain scans the bytes. `FilterUnavailable` defers the message (a fail-open
    filter never raises it: the chain skips that filter instead, as the operator chose).
 3. Per recipient domain, seed 004's policy: `virusAction` for a virus, else `spamAction`

@@ -17,7 +17,10 @@ and the server answers 451.
 
 The spool is the queue's one write lane: new messages, delivery results and the sweeper's
 chores (`run_serialized`) take turns, one transaction at a time, so two writers of ours never
-meet on SQLite's lock (where its busy handler would sleep). Delivery results (`record`)
+meet on SQLite's lock (where its busy handler would sleep). Small writes of the pipeline
+(`ride`: the filtering tokens' charges) go into the next group commit, each in a savepoint
+of its own, so that they neither stop the commit stream nor cost an fsync of their own;
+with no group due they start one. Delivery results (`record`)
 ride along in the next group commit while mail streams in; when the lane is quiet they get
 their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
@@ -115,24 +118,27 @@ class _Pending:
 
 
 class _Group:
-    """What one transaction of the commit stream writes: new messages, and results."""
+    """What one transaction of the commit stream writes: new messages, results, riders."""
 
-    __slots__ = ("batch", "results")
+    __slots__ = ("batch", "results", "riders")
 
-    def __init__(self, batch: list[_Pending], results: list[_Entry]) -> None:
+    def __init__(self, batch: list[_Pending], results: list[_Entry],
+                 riders: list[_Chore] | None = None) -> None:
         self.batch = batch
         self.results = results
+        self.riders = riders or []
 
 
 class _Committed:
-    __slots__ = ("dsns", "ids", "messages", "now")
+    __slots__ = ("dsns", "ids", "messages", "now", "riders")
 
     def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
-                 dsns: list[tuple[Job, bytes]]) -> None:
+                 dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None) -> None:
         self.now = now
         self.messages = messages
         self.ids = ids
         self.dsns = dsns
+        self.riders = riders or []  # each rider's result, or its Failure
 
 
 class _Chore:
@@ -267,6 +273,7 @@ class Spool:
         # (deque appends and pops are atomic).
         self._results: deque[_Entry] = deque()
         self._chores: deque[_Chore] = deque()
+        self._riders: deque[_Chore] = deque()  # appended by the reactor, taken by the stream
         self._busy = False
         self._idle: list[defer.Deferred[None]] = []
         self._retry: IDelayedCall | None = None
@@ -324,13 +331,28 @@ class Spool:
         self._kick()
         return chore.done
 
+    def ride(self, name: str, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Run a small write `fn(conn, *args)` in the next group commit, in a savepoint of
+        its own (its failure is its own: the group's messages still commit); with no group
+        due, it starts one. The Deferred fires after that commit. For writes that must not
+        stop the commit stream under load the way a chore does (`run_serialized`)."""
+        rider = _Chore(name, fn, args)
+        self._riders.append(rider)
+        if self._busy:
+            with self._wake:
+                self._wake.notify()  # a lingering stream takes it now
+        else:
+            self._kick()
+        return rider.done
+
     async def drain(self) -> None:
         """Wait until everything handed in so far is written (results: or given up on)."""
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
             self._retry = None
             self._kick()
-        if not self._busy and not self._pending and not self._results and not self._chores:
+        if (not self._busy and not self._pending and not self._results and not self._chores
+                and not self._riders):
             return
         self._flushing = True
         d: defer.Deferred[None] = defer.Deferred()
@@ -437,7 +459,7 @@ class Spool:
             results = self._take_results()
             self._results_since = self.clock.seconds()
             defer.Deferred.fromCoroutine(self._write_results(results))
-        elif self._pending:
+        elif self._pending or self._riders:
             self._busy = True
             defer.Deferred.fromCoroutine(self._commit_stream())
         elif not self._results:
@@ -499,9 +521,11 @@ class Spool:
         meanwhile ride along in the same transaction, so that under load they are written
         within one group commit, without a lane turn of their own."""
         with self._wake:
-            if (not self._pending and not self._yield_lane and not self._flushing
-                    and self.linger > 0):
-                self._wake.wait_for(lambda: self._pending or self._yield_lane, self.linger)
+            if (not self._pending and not self._riders and not self._yield_lane
+                    and not self._flushing and self.linger > 0):
+                self._wake.wait_for(
+                    lambda: self._pending or self._riders or self._yield_lane, self.linger
+                )
             target = self.group_target
             if (self._gathering and self.gather > 0 and self._pending
                     and len(self._pending) < target
@@ -512,22 +536,32 @@ class Spool:
             if self._yield_lane:
                 return None
             batch = self._take_batch()
-        if not batch:
+            riders = list(self._riders)
+            self._riders.clear()
+        if not batch and not riders:
             return None
         results = self._take_results() if self._retry is None else []
-        return _Group(batch, results)
+        return _Group(batch, results, riders)
 
     def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
         now = self.clock.seconds()
         until = now + self.settings.lease_seconds
         messages = [NewMessage(p.queue_id, p.envelope, p.body, p.leased) for p in group.batch]
-        ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until)
+        ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until) \
+            if messages else []
         dsns = (
             thd_record_results(conn, [r for r, _ in group.results], self.settings.node_id,
                                now, until, self.reporting_mta)
             if group.results else []
         )
-        return _Committed(now, messages, ids, dsns)
+        riders: list[Any] = []
+        for rider in group.riders:
+            try:
+                with conn.begin_nested():
+                    riders.append(rider.fn(conn, *rider.args))
+            except Exception:
+                riders.append(Failure())
+        return _Committed(now, messages, ids, dsns, riders)
 
     def _committed(self, group: _Group, result: _Committed | Failure) -> None:
         """In the reactor thread, after a group's transaction: answer its callers."""
@@ -540,6 +574,8 @@ class Spool:
                 consumer.unreserve(reserved)
             for p in batch:
                 p.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
+            for rider in group.riders:
+                rider.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
             if group.results:
                 self._results.extendleft(reversed(group.results))
             return
@@ -549,9 +585,14 @@ class Spool:
         self._recent_messages += len(batch)
         self._gathering = self._under_load()
         self.metrics.accepted.inc(len(batch))
-        # The callers first (their 250s go out now), then the delivery work.
+        # The callers first (their 250s go out now), then the riders, then the delivery work.
         for p in batch:
             p.done.callback(None)
+        for rider, outcome in zip(group.riders, result.riders, strict=True):
+            if isinstance(outcome, Failure):
+                rider.done.errback(outcome)
+            else:
+                rider.done.callback(outcome)
         if consumer is not None:
             self._hand_over(consumer, result.now, result.messages, result.ids)
             if result.dsns:
