@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import IO, cast
 
 from klein import Klein
-from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
 from twisted.web import http
 from twisted.web.iweb import IRequest
-from zope.interface import implementer
 
 from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, LinkInvalid
 from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
 from mailcore.text import has_control
+from web.jsonstream import Pacer
 from web.openapi import Reply, RouteTable
 from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
 from web.ratelimit import Rate, RateLimiter
@@ -78,34 +76,6 @@ def byte_range(header: bytes | None, size: int) -> tuple[int, int] | bool | None
 def file_reply(description: str) -> Reply:
     return Reply(description, {"type": "string", "format": "binary"},
                  content_type="application/octet-stream")
-
-
-@implementer(IPushProducer)
-class _Pacer:
-    """Backpressure from the transport: the writer waits while it is paused."""
-
-    def __init__(self) -> None:
-        self._waiting: defer.Deferred[None] | None = None
-        self.paused = False
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-    async def ready(self) -> None:
-        if self.paused and not self.stopped:
-            self._waiting = defer.Deferred()
-            await self._waiting
 
 
 class DropPageApp(PageApp):
@@ -320,7 +290,7 @@ class DropPageApp(PageApp):
             handle = cast(IO[bytes], await self.drops.io.run(path.open, "rb"))
         except OSError:
             raise gone("The files of this drop have been removed.") from None
-        pacer = _Pacer()
+        pacer = Pacer()
         consumer = cast(http.Request, request)
         consumer.registerProducer(pacer, True)
         sent = 0
