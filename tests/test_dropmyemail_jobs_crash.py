@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import re
 from typing import Any
 
 from cryptography.fernet import Fernet
@@ -110,7 +111,12 @@ class MigrateKillNineTests(DovecotClassMixin, TestCase):
                 starts.append(reactor.seconds() - restart)
                 continue
             await sleep(0.02)
-        summary = (f"{len(kills)} kills at (seen, on record) {kills}; job {job.status} "
+        # What the resumed runs found of the messages in flight at each kill (the daemon
+        # logs it per folder): the window between an OK and its record, resolved.
+        window = [tuple(map(int, m)) for m in re.findall(
+            r"(\d+) of (\d+) messages in flight", (daemon.directory / "twistd.log").read_text())]
+        summary = (f"{len(kills)} kills at (seen, on record) {kills}; in flight at a stop "
+                   f"(found there, checked): {window}; job {job.status} "
                    f"after {job.attempts} runs: {job.downloaded}/{job.messages} dealt with, "
                    f"{job.appended} appended; filling {filled - began:.1f} s, starts "
                    f"{sum(starts):.1f} s, in all {reactor.seconds() - began:.1f} s")

@@ -405,6 +405,12 @@ class MailboxCopier:
                                   uid))
                     continue
             to_send.append(source)
+        in_flight = sum(1 for source in todo if source.id in states)
+        if in_flight:
+            landed = sum(1 for f in found if f[1] == "done")
+            log.info("job {id}: {landed} of {n} messages in flight at its last stop "
+                     "were at the destination already (not sent again) in {folder}",
+                     id=job.id, landed=landed, n=in_flight, folder=plan.name)
         if found:
             await self._record(runner, job, found,
                                appended=sum(1 for f in found if f[1] == "done"))
