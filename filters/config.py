@@ -231,7 +231,7 @@ def build_chain(
 
     `reactor` gives the clock and the TCP/unix connections; `runner` (a CpuPool) runs the
     built-in checks for large messages; `http_client` (treq HTTPClient or StubTreq) talks to
-    rspamd, else the rspamd client makes and owns a persistent pool (`chain.close()`).
+    rspamd, else the rspamd client uses `filters.rspamd.OneShotHTTP`.
     Raises ConfigError naming the first bad key.
     """
     top = _Table("filters", section)
@@ -362,9 +362,11 @@ def _rspamd(
     except ValueError as e:
         raise ConfigError(f"filters.rspamd.address: {e}") from None
     timeout = table.get_number("timeout", 30.0)
+    max_reply = table.get_int("max_reply", RSPAMD_MAX_REPLY)
     pool = None
     if http_client is None:
-        http_client, pool = make_http_client(reactor, address, timeout)
+        http_client, pool = make_http_client(
+            reactor, address, timeout, tls=url.startswith("https://"), max_reply=max_reply)
     actions = table.get_str_list("spam_actions", DEFAULT_SPAM_ACTIONS)
     for action in actions:
         if action not in KNOWN_ACTIONS:
@@ -376,7 +378,7 @@ def _rspamd(
         threshold=table.get_optional_number("threshold"),
         spam_actions=actions,
         max_size=table.get_int("max_size", 0, minimum=0),
-        max_reply=table.get_int("max_reply", RSPAMD_MAX_REPLY),
+        max_reply=max_reply,
         pool=pool,
     )
     oversize = table.get_choice("oversize", "skip", OVERSIZE)

@@ -1,0 +1,114 @@
+"""The daemon's HTTP client for rspamd (OneShotHTTP): the one request it writes on a fresh
+connection and the replies it reads, fed raw bytes over a MemoryReactor and a
+StringTransport (the real rspamd is in tests/test_filters_rspamd.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import TestCase
+
+from filters._net import Address
+from filters.interface import FilterError, FilterTimeout, ScanContext, Verdict
+from filters.rspamd import OneShotHTTP, RspamdClient
+
+REPLY = json.dumps({"action": "reject", "score": 15.5, "required_score": 15.0,
+                    "symbols": {"GTUBE": {"score": 15.0}}}).encode()
+MESSAGE = b"Subject: x\r\n\r\nhi\r\n"
+
+
+class OneShotHTTPTests(TestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 11333)
+        http = OneShotHTTP(endpoint, Address("127.0.0.1", 11333), max_reply=4096)
+        self.client = RspamdClient(http, self.reactor, url="http://127.0.0.1:11333",
+                                   timeout=5.0)
+
+    def scan(self, context: ScanContext | None = None) -> defer.Deferred[Verdict]:
+        return defer.Deferred.fromCoroutine(self.client.scan(MESSAGE, context))
+
+    def connect(self, index: int = 0) -> tuple[Any, StringTransport]:
+        """The connection the client opened, made over a StringTransport."""
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        protocol: Any = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_one_write_with_the_envelope_then_the_reply_by_content_length(self) -> None:
+        d = self.scan(ScanContext(mail_from="a@x.test", recipients=("b@y.test", "c@y.test"),
+                                  queue_id="Q1"))
+        protocol, transport = self.connect()
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[:4], [b"POST /checkv2 HTTP/1.1", b"Host: 127.0.0.1:11333",
+                                     b"Connection: close", b"Content-Length: 18"])
+        self.assertEqual(sorted(lines[4:]), [b"From: a@x.test", b"Queue-Id: Q1",
+                                             b"Rcpt: b@y.test", b"Rcpt: c@y.test"])
+        self.assertEqual(body, MESSAGE)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d"
+                              b"\r\n\r\n" % len(REPLY) + REPLY[:10])
+        self.assertNoResult(d)
+        protocol.dataReceived(REPLY[10:])
+        verdict = self.successResultOf(d)
+        self.assertTrue(verdict.spam)
+        self.assertEqual(verdict.symbol_names, ("GTUBE",))
+        self.assertTrue(transport.disconnecting)  # we close once the reply is in
+
+    def test_a_chunked_reply(self) -> None:
+        d = self.scan()
+        protocol, _transport = self.connect()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                          for part in (REPLY[:7], REPLY[7:])) + b"0\r\n\r\n"
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(len(chunks)):  # one octet at a time
+            protocol.dataReceived(chunks[i:i + 1])
+        self.assertEqual(self.successResultOf(d).score, 15.5)
+
+    def test_a_reply_ended_by_the_close(self) -> None:
+        d = self.scan()
+        protocol, _transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.0 200 OK\r\n\r\n" + REPLY)
+        self.assertNoResult(d)
+        protocol.connectionLost(None)
+        self.assertEqual(self.successResultOf(d).score, 15.5)
+
+    def test_an_http_error_is_a_filter_error(self) -> None:
+        d = self.scan()
+        protocol, _transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 500 Internal\r\nContent-Length: 4\r\n\r\noops")
+        self.assertIn("HTTP 500", self.failureResultOf(d, FilterError).value.reason)
+
+    def test_garbage_and_cut_replies_are_filter_errors(self) -> None:
+        for reply, closed in ((b"SSH-2.0-OpenSSH\r\n\r\n", False),
+                              (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", False),
+                              (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{}", True),
+                              (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                               False),
+                              (b"HTTP/1.1 200 OK\r\nContent-", True)):
+            index = len(self.reactor.tcpClients)
+            d = self.scan()
+            protocol, _transport = self.connect(index)
+            protocol.dataReceived(reply)
+            if closed:
+                protocol.connectionLost(None)
+            self.failureResultOf(d, FilterError)
+
+    def test_a_reply_over_the_limit_is_refused_and_the_connection_dropped(self) -> None:
+        d = self.scan()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\n" + b"x" * 5000)
+        self.failureResultOf(d, FilterError)
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_silent_rspamd_times_out(self) -> None:
+        d = self.scan()
+        _protocol, transport = self.connect()
+        self.reactor.advance(5.0)
+        self.failureResultOf(d, FilterTimeout)
+        self.assertTrue(transport.disconnecting)
