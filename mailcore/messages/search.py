@@ -16,6 +16,7 @@ from sqlalchemy import Column, Connection, Integer, MetaData, Table, bindparam, 
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.messages.parse import ParsedMessage, search_document
+from mailcore.messages.sql import sqlite_values
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_TOKENS = 16
@@ -45,10 +46,7 @@ def fold(text: str) -> str:
     return " ".join(_WORD.findall(plain.lower()))
 
 
-_SQLITE_INSERT = text(
-    "INSERT INTO messages_fts (rowid, subject, sender, recipient, body) "
-    "VALUES (:id, :subject, :sender, :recipient, :body)"
-)
+_SQLITE_HEAD = "INSERT INTO messages_fts (rowid, subject, sender, recipient, body) VALUES "
 _PG_INSERT = text(
     "INSERT INTO message_search (message_row_id, document) VALUES (:id, "
     "setweight(to_tsvector('simple', :subject), 'A') || "
@@ -62,14 +60,11 @@ def thd_index_messages(conn: Connection, rows: Sequence[tuple[int, ParsedMessage
     rows)."""
     if not rows:
         return
-    params: list[dict[str, object]] = []
     if conn.dialect.name == "sqlite":
-        for row_id, parsed in rows:
-            subject, sender, recipient, body = search_document(parsed)
-            params.append({"id": row_id, "subject": subject, "sender": sender,
-                           "recipient": recipient, "body": body})
-        conn.execute(_SQLITE_INSERT, params)
+        sqlite_values(conn, _SQLITE_HEAD, 5,
+                      [(row_id, *search_document(parsed)) for row_id, parsed in rows])
         return
+    params: list[dict[str, object]] = []
     for row_id, parsed in rows:
         subject, sender, recipient, body = search_document(parsed)
         params.append({"id": row_id, "subject": fold(subject),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table, func, select, text
@@ -39,6 +41,53 @@ def allocate_ids(conn: Connection, table: Table, count: int) -> list[int]:
         ).scalars())
     first = int(conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar() or 0) + 1
     return list(range(first, first + count))
+
+
+# Rows per multi-row INSERT on SQLite (also bounded by its limit on bound parameters).
+_SQLITE_ROWS = 500
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *,
+                skip_existing: bool = False) -> None:
+    """INSERT `rows` (dicts with the same keys) into `table` in as few statements as the
+    database allows; `skip_existing`: ON CONFLICT DO NOTHING.
+
+    PostgreSQL: SQLAlchemy's executemany, which sends multi-row VALUES already. SQLite: the
+    driver's executemany steps (and lets go of and takes back the GIL) once per row, and
+    each taking back can wait a whole switch interval (5 ms) while a parsing thread holds
+    the GIL; so the rows go as multi-row VALUES statements, each value converted by its
+    column's bind processor as SQLAlchemy would.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        statement = dialect_insert(conn)(table)
+        if skip_existing:
+            statement = statement.on_conflict_do_nothing()
+        conn.execute(statement, list(rows))
+        return
+    names = list(rows[0])
+    dialect = conn.dialect
+    quote = dialect.identifier_preparer.quote
+    pairs = [(n, table.c[n].type._cached_bind_processor(dialect)) for n in names]
+    head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) VALUES "
+    sqlite_values(conn, head, len(names),
+                  [[p(row[n]) if p is not None else row[n] for n, p in pairs] for row in rows],
+                  " ON CONFLICT DO NOTHING" if skip_existing else "")
+
+
+def sqlite_values(conn: Connection, head: str, width: int, rows: Sequence[Sequence[Any]],
+                  tail: str = "") -> None:
+    """Run `head` + multi-row VALUES (+ `tail`) on SQLite for rows of `width` driver-ready
+    values, as few statements as the limit on bound parameters allows."""
+    limit = int(conn.connection.driver_connection.getlimit(  # type: ignore[union-attr]
+        sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+    per = max(1, min(_SQLITE_ROWS, limit // width))
+    one = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.exec_driver_sql(head + ", ".join([one] * len(chunk)) + tail,
+                             tuple(v for row in chunk for v in row))
 
 
 def utc(value: datetime.datetime | None) -> datetime.datetime | None:

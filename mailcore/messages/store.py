@@ -18,7 +18,6 @@ from sqlalchemy import (
     case,
     delete,
     func,
-    insert,
     literal,
     or_,
     select,
@@ -50,7 +49,7 @@ from mailcore.messages.models import (
 )
 from mailcore.messages.parse import MimeLimits, ParsedMessage, extract_part, parse_message
 from mailcore.messages.search import match_clause, thd_index_messages
-from mailcore.messages.sql import allocate_ids, dialect_insert, utc
+from mailcore.messages.sql import allocate_ids, insert_rows, utc
 from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
 from mailcore.store import Database
 from mailcore.store.schema import (
@@ -122,9 +121,6 @@ _HELD_UIDLS = select(messages.c.pop_uidl).where(
 _HELD_BLOBS = select(message_blobs.c.sha256).where(
     message_blobs.c.sha256.in_(bindparam("keys", expanding=True))
 )
-_INSERT_MESSAGE = insert(messages)
-_INSERT_REF = insert(message_refs)
-_INSERT_ATTACHMENT = insert(message_attachments)
 _KEY_CHUNK = 500
 
 
@@ -189,12 +185,10 @@ def thd_put_blobs(conn: Connection, items: Sequence[tuple[bytes, str]],
     for raw, sha256 in items:
         if sha256 not in held:
             new.setdefault(sha256, raw)
-    if new:
-        ins = dialect_insert(conn)(message_blobs).on_conflict_do_nothing(
-            index_elements=["sha256"]
-        )
-        conn.execute(ins, [{"sha256": h, "size": len(raw), "raw": raw, "created_at": now}
-                           for h, raw in new.items()])
+    insert_rows(conn, message_blobs, [
+        {"sha256": h, "size": len(raw), "raw": raw, "created_at": now}
+        for h, raw in new.items()
+    ], skip_existing=True)
 
 
 def thd_store_batch(
@@ -304,11 +298,9 @@ def thd_insert_messages(
             }
             for a in parsed.attachments
         )
-    conn.execute(_INSERT_MESSAGE, rows)
-    if refs:
-        conn.execute(_INSERT_REF, refs)
-    if attachments:
-        conn.execute(_INSERT_ATTACHMENT, attachments)
+    insert_rows(conn, messages, rows)
+    insert_rows(conn, message_refs, refs)
+    insert_rows(conn, message_attachments, attachments)
     thd_index_messages(conn, [(row_id, parsed) for (_, parsed), row_id in zip(
         items, row_ids, strict=True)])
     return list(zip(row_ids, thread_ids, strict=True))

@@ -16,10 +16,10 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, select, update
 
 from mailcore.messages.parse import ParsedMessage, subject_key
-from mailcore.messages.sql import allocate_ids
+from mailcore.messages.sql import allocate_ids, insert_rows
 from mailcore.store.schema import message_refs, messages, threads
 
 _CHUNK = 500
@@ -50,7 +50,6 @@ _NEWEST_BY_SUBJECT = (
     .order_by(threads.c.id.desc())
     .limit(1)
 )
-_INSERT_THREAD = insert(threads)
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
@@ -131,7 +130,7 @@ class _Threads:
             return
         ids = allocate_ids(self.conn, threads, len(self.new))
         self.written = dict(zip(self.new, ids, strict=True))
-        self.conn.execute(_INSERT_THREAD, [
+        insert_rows(self.conn, threads, [
             {"id": self.written[t], "user_id": self.user_id, "subject_key": key[:_KEY_CHARS],
              "created_at": self.now}
             for t, key in self.new.items()
