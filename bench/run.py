@@ -358,7 +358,7 @@ def with_rspamd(tmp: Path, messages: int, sessions: int, rounds: int) -> list[Rs
     directory = tmp / "rspamd"
     directory.mkdir()
     spam = Rspamd(directory / "rspamd")
-    sink = Sink(directory, free_port())
+    sink: Sink | None = None
     relay: Postfix | None = None
     daemon: Daemon | None = None
     out: list[RspamdRound] = []
@@ -366,6 +366,7 @@ def with_rspamd(tmp: Path, messages: int, sessions: int, rounds: int) -> list[Rs
     # No latency probe: its bare message would score as spam (not relayed).
     subject = ("-S", "rspamd bench")
     try:
+        sink = Sink(directory, free_port())
         relay = Postfix(directory / "postfix", sink.port, milter=spam.milter)
         load("warm-up", relay.port, relay.master_pid, 200, sessions, sink, relay.cpu_seconds,
              subject, False)
@@ -399,7 +400,8 @@ def with_rspamd(tmp: Path, messages: int, sessions: int, rounds: int) -> list[Rs
             daemon.stop()
         if relay is not None:
             relay.stop()
-        sink.stop()
+        if sink is not None:
+            sink.stop()
         spam.stop()
     return out
 
@@ -450,9 +452,10 @@ def nodes(tmp: Path, messages: int, sessions: int, rounds: int) -> list[NodesRou
         here = directory / f"round-{n}"
         here.mkdir()
         pg = Postgres(here / "pg")
-        sink = Sink(here, free_port(), dump=True)
+        sink: Sink | None = None
         running: list[Daemon] = []
         try:
+            sink = Sink(here, free_port(), dump=True)
             running.append(Daemon(here / "node-a", sink.port, db_url=pg.url))
             split_load("warm-up", running, 500, sessions, sink)
             sent = 500 + 2 * messages
@@ -475,7 +478,8 @@ def nodes(tmp: Path, messages: int, sessions: int, rounds: int) -> list[NodesRou
         finally:
             for d in running:
                 d.stop()
-            sink.stop()
+            if sink is not None:
+                sink.stop()
             pg.stop()
     return out
 
