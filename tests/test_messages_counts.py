@@ -140,9 +140,27 @@ class CountsTestsMixin(DatabaseMixin):
                     self.assertEqual(page.count, len(expected))
                     got += [m.id for m in page.items]
                 self.assertEqual(got, expected, (ordering, folder))
+                # Read again, backwards: pages start from the rows the first pass remembered.
+                again: list[int] = []
+                for offset in reversed(range(0, len(expected), 4)):
+                    page = await self.store.list_messages(self.user, MessageQuery(
+                        ordering=ordering, folder=folder, offset=offset, limit=4))
+                    again = [m.id for m in page.items] + again
+                self.assertEqual(again, expected, (ordering, folder))
                 past = await self.store.list_messages(self.user, MessageQuery(
                     ordering=ordering, folder=folder, offset=len(expected), limit=4))
                 self.assertEqual(past.items, [])
+
+    async def test_remembered_page_starts_are_forgotten_when_messages_change(self) -> None:
+        for n in range(1, 13):
+            await self.add(n, f"S{n}", None, "INBOX", day=n)
+        deep = MessageQuery(offset=4, limit=2)
+        for _ in range(2):  # the second read starts from the remembered row
+            page = await self.store.list_messages(self.user, deep)
+            self.assertEqual([m.subject for m in page.items], ["S8", "S7"])
+        await self.add(20, "S20", None, "INBOX", day=20)
+        page = await self.store.list_messages(self.user, deep)
+        self.assertEqual([m.subject for m in page.items], ["S9", "S8"])
 
     async def test_thread_list_shows_the_newest_matching_message_of_each_thread(self) -> None:
         root = await self.add(1, "Plan", None, "INBOX", day=1)

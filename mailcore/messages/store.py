@@ -22,6 +22,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.sql.elements import ColumnElement
@@ -34,6 +35,7 @@ from mailcore.messages.counts import (
     thd_message_total,
     thd_thread_total,
 )
+from mailcore.messages.keyset import PageMarks
 from mailcore.messages.models import (
     AccountUsage,
     AttachmentSummary,
@@ -470,14 +472,23 @@ def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) 
     return depth * total < 4 * hits * hits
 
 
+def _keyset_filters(query: MessageQuery) -> bool:
+    """Whether every filter of the query is on a column whose changes move the stamp."""
+    return (not query.threads_only and query.folder_id is None
+            and query.has_attachments is None and query.thread_id is None)
+
+
 def thd_list_messages(
-    conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None = None
+    conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None = None,
+    marks: PageMarks | None = None,
 ) -> Page[MessageSummary]:
     """One page of the user's messages matching `query`, and the total count.
 
     The count comes from the kept counts when the filters allow, else from `cache`. A page
-    past the middle is read from the other end (every order term reversed, the rows turned
-    back), so the deepest page walks as few index entries as the first one.
+    starts from the nearest row `marks` remembers before it (keyset) when that is closer
+    than either end; else a page past the middle is read from the other end (every order
+    term reversed, the rows turned back), so the deepest page walks as few index entries
+    as the first one.
     """
     dialect = conn.dialect.name
     by_match = dialect == "sqlite" and bool(query.q)
@@ -492,16 +503,40 @@ def thd_list_messages(
         conds = _filters(dialect, user_id, query)
         if query.threads_only:
             conds.append(_newest_of_thread(dialect, user_id, query))
-    reverse = offset > count // 2
-    order = _order_by(query.ordering, reverse=reverse)
-    if reverse:
-        end = min(count, offset + limit)
-        offset, limit = count - end, end - offset
-    rows = list(conn.execute(
-        select(*_SUMMARY_COLUMNS).where(*conds).order_by(*order).offset(offset).limit(limit)
-    ))
-    if reverse:
-        rows.reverse()
+    ordering = query.ordering.strip()
+    marks_key: tuple[Any, ...] | None = None
+    stamp = 0
+    if marks is not None and ordering in ("-date", "date") and _keyset_filters(query):
+        marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
+                     query.date_to, ordering)
+        stamp = thd_change_stamp(conn, user_id)
+    near = marks.nearest(marks_key, stamp, offset) if marks and marks_key else None
+    n = min(limit, count - offset)
+    if near is not None and offset - near[0] < min(offset, count - offset - n):
+        # From the remembered row (itself included) on, in the list's own order.
+        at, (date, row_id) = near
+        here = tuple_(messages.c.date, messages.c.id)
+        mark = tuple_(literal(date, messages.c.date.type), literal(row_id))
+        rows = list(conn.execute(
+            select(*_SUMMARY_COLUMNS)
+            .where(*conds, here <= mark if ordering == "-date" else here >= mark)
+            .order_by(*_order_by(ordering)).offset(offset - at).limit(n)
+        ))
+    else:
+        reverse = offset > count // 2
+        order = _order_by(query.ordering, reverse=reverse)
+        skip = count - offset - n if reverse else offset
+        rows = list(conn.execute(
+            select(*_SUMMARY_COLUMNS).where(*conds).order_by(*order).offset(skip).limit(n)
+        ))
+        if reverse:
+            rows.reverse()
+    if marks is not None and marks_key is not None and rows and rows[0].date is not None \
+            and rows[-1].date is not None:
+        marks.remember(marks_key, stamp, {
+            offset: (rows[0].date, rows[0].id),
+            offset + len(rows) - 1: (rows[-1].date, rows[-1].id),
+        })
     counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
     return Page(count=count, items=[_summary(r, counts) for r in rows])
 
@@ -614,6 +649,7 @@ class MessageStore:
         self.clock = clock
         self.limits = limits or MimeLimits()
         self.count_cache = CountCache()
+        self.page_marks = PageMarks()
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(
@@ -670,7 +706,8 @@ class MessageStore:
         """A page of messages: filters, full-text `q`, ordering, optional one-per-thread."""
         _order_by(query.ordering)  # reject a bad ordering before touching the store
         return await self.db.read(
-            "list_messages", thd_list_messages, user_id, query, self.count_cache
+            "list_messages", thd_list_messages, user_id, query, self.count_cache,
+            self.page_marks,
         )
 
     async def list_threads(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
