@@ -64,8 +64,8 @@ TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
 _BODY_ITEMS = b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
-# While a folder is fetched, its progress is written at most this often (seconds); and once
-# when the folder is done.
+# A sync's progress is written at most this often (seconds), and once when a folder that
+# fetched anything is done.
 PROGRESS_INTERVAL = 1.0
 
 # An account's sync lease (fetch_accounts.lease_owner/lease_until) lasts this long and is
@@ -227,6 +227,8 @@ class SyncEngine:
         # Accounts whose sync lease this node holds, and the timer that renews them.
         self._leased: set[int] = set()
         self._renewal: task.LoopingCall | None = None
+        # When each running sync last wrote its progress (reactor seconds).
+        self._shown: dict[int, float] = {}
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
@@ -364,6 +366,7 @@ class SyncEngine:
             account.id, sync_status="running", sync_started_at=result.started_at,
             sync_error=None, progress_folder=None, progress_done=0, progress_total=0,
         )
+        self._shown[account.id] = self.reactor.seconds()
         cancelled = False
         try:
             if account.protocol == "pop":
@@ -378,6 +381,7 @@ class SyncEngine:
         except Exception as e:
             log.failure("sync of account {account} failed", account=account.id)
             result.error = f"internal error: {type(e).__name__}: {e}"
+        self._shown.pop(account.id, None)
         result.finished_at = self.now()
         problems = result.problems()
         result.status = "error" if problems else "success"
@@ -409,7 +413,13 @@ class SyncEngine:
         )
 
     async def _progress(self, account: Account, folder: str | None, done: int,
-                        total: int) -> None:
+                        total: int, *, now: bool = False) -> None:
+        """Show the sync's progress: at most every PROGRESS_INTERVAL seconds (a write
+        transaction each), unless `now`."""
+        at = self.reactor.seconds()
+        if not now and at - self._shown.get(account.id, -PROGRESS_INTERVAL) < PROGRESS_INTERVAL:
+            return
+        self._shown[account.id] = at
         await self.accounts.set_status(
             account.id, progress_folder=folder, progress_done=done, progress_total=total
         )
@@ -547,7 +557,6 @@ class SyncEngine:
                          folder=state.name, uidvalidity=uidvalidity)
         pending: deque[tuple[list[int], defer.Deferred[_Parsed]]] = deque()
         queue = deque(batches(todo, sizes, s.batch_messages, s.batch_bytes))
-        shown = self.reactor.seconds()
         try:
             while queue or pending:
                 while queue and len(pending) < s.pipeline_depth:
@@ -567,13 +576,11 @@ class SyncEngine:
                 result.new_message_ids.extend(stored.created)
                 result.thread_ids.update(stored.thread_ids)
                 progress[0] += len(batch)
-                if self.reactor.seconds() - shown >= PROGRESS_INTERVAL:
-                    shown = self.reactor.seconds()
-                    await self._progress(account, state.name, progress[0], progress[1])
+                await self._progress(account, state.name, progress[0], progress[1])
         finally:
             for _batch, d in pending:
                 _swallow(d)
-        await self._progress(account, state.name, progress[0], progress[1])
+        await self._progress(account, state.name, progress[0], progress[1], now=True)
         folder_result.skipped = skipped
         if skipped:
             folder_result.error = "; ".join(skipped)
@@ -685,6 +692,8 @@ class SyncEngine:
                 result.thread_ids.update(stored.thread_ids)
                 done += len(chunk)
                 await self._progress(account, "INBOX", done, len(todo))
+            if todo:
+                await self._progress(account, "INBOX", done, len(todo), now=True)
             if folder_result.skipped:
                 folder_result.error = "; ".join(folder_result.skipped)
             await self.db.run(
