@@ -599,6 +599,8 @@ class ChargeBatcher:
             self._waiting.append((charge, d))
             waits.append(d)
         self._kick()
+        if len(waits) == 1:  # one owner, the usual message: no DeferredList around it
+            return [await waits[0]]
         try:
             return list(await defer.gatherResults(waits, consumeErrors=True))
         except defer.FirstError as e:
