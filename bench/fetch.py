@@ -38,17 +38,16 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from procs import REPO, env, free_port, need, terminate, wait_port
+from procs import REPO, MailcoreDaemon, env, keep_or_remove, need, terminate, wait_port
+from wrk import wrk
 
 sys.path.insert(0, str(REPO))
 PYTHON = sys.executable
@@ -187,60 +186,53 @@ def run_mbsync(mbsync: str, config: Path) -> float:
 # -- the daemon --------------------------------------------------------------------------------
 
 
-class Daemon:
+class Daemon(MailcoreDaemon):
     """`twistd -n mailcore` on a temp data dir, without rate limits or periodic syncs."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.data = directory / "data"
-        self.http = free_port()
-        self.smtp = free_port()
-        self.config = directory / "mailcore.toml"
-        self.config.write_text(
+        super().__init__(
+            directory,
             '[web]\nimap2api_user_rate = "1000000000/hour"\nimap2api_sync_wait = 5\n'
             'login_rate = 0\n\n[fetch]\nsync_interval = 86400\ntick = 3600\nallow_loopback = true\n'
         )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base = f"http://127.0.0.1:{self.http}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(Path(PYTHON).parent / "twistd"), "-n", "--pidfile=", "-l",
-             str(self.dir / "twistd.log"), "mailcore", "--data-dir", str(self.data), "-c",
-             str(self.config), "--http", f"tcp:{self.http}:interface=127.0.0.1",
-             "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1"],
-            env=env(), cwd=self.dir, stdout=subprocess.DEVNULL,
-            stderr=(self.dir / "twistd.err").open("ab"),
-        )
-        wait_port(self.http, self.proc, timeout=60)
-
-    def stop(self) -> None:
-        terminate(self.proc, grace=30)
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [PYTHON, "-m", "mailcore.cli", "--data-dir", str(self.data), "-c",
-             str(self.config), *args], env=env(), capture_output=True, check=False,
-        )
-        if result.returncode != 0:
-            raise SystemExit(f"mailcore {' '.join(args)}: {result.stderr.decode()}")
-        return result.stdout.decode()
 
     def call(self, method: str, path: str, token: str | None = None,
              body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 (our own http://127.0.0.1 base)
-            self.base + path, data=data, method=method
-        )
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if token:
-            request.add_header("Authorization", f"Token {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=600) as response:  # noqa: S310
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
+        headers = {"Authorization": f"Token {token}"} if token else {}
+        return self.request(method, path, body, headers, timeout=600)
+
+
+def add_user(daemon: Daemon) -> str:
+    """USER added through the CLI; their IMAP2API token."""
+    daemon.cli("user", "add", USER, "--email", "alice@bench.test", "--password", PASSWORD)
+    _, body = daemon.call("POST", "/api-token-auth/", None,
+                          {"username": USER, "password": PASSWORD})
+    return str(body["token"])
+
+
+def add_dovecot_account(daemon: Daemon, token: str, dovecot: Dovecot, what: str
+                        ) -> dict[str, Any]:
+    """An IMAP2API account of USER on the Dovecot (STARTTLS, INBOX); exits naming `what`."""
+    s = dovecot.server
+    status, server = daemon.call("POST", "/api/imap-servers/", token, {
+        "name": "bench", "host": "localhost", "port": s.imap, "username": USER,
+        "password": s.PASSWORD, "use_ssl": False, "start_tls": True,
+        "tls_ca_pem": s.pki.ca_pem.decode(), "folders_to_sync": "INBOX",
+    })
+    if status != 201:
+        raise SystemExit(f"cannot create {what}: {status} {server}")
+    found: dict[str, Any] = server
+    return found
+
+
+def workspace(prefix: str) -> tuple[Path, Dovecot, Daemon]:
+    """A temp dir (readable by Dovecot's users) with a Dovecot and a daemon in it."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    (base / "dovecot").mkdir()
+    (base / "dovecot").chmod(0o755)
+    (base / "daemon").mkdir()
+    return base, Dovecot(base / "dovecot"), Daemon(base / "daemon")
 
 
 def iso_seconds(value: str) -> float:
@@ -325,37 +317,16 @@ def fill_store(data_dir: Path, username: str, account_id: int, first: int, count
 
 # -- wrk ---------------------------------------------------------------------------------------
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
-
-def _ms(text: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def wrk(url: str, token: str, duration: int, connections: int,
-        scheme: str = "Token") -> dict[str, float]:
-    binary = need("wrk", "wrk")
-    result = subprocess.run(
-        [binary, "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
-         "-H", f"Authorization: {scheme} {token}", url],
-        capture_output=True, check=False, text=True,
-    )
-    out = result.stdout
-    if result.returncode != 0:
-        raise SystemExit(f"wrk failed: {result.stderr}")
-    stats = {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": _ms(re.search(r"\s50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99": _ms(re.search(r"\s99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "errors": 0.0,
-    }
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if bad:
-        stats["errors"] = float(bad.group(1))
-    return stats
+def wrk_leg(daemon: Daemon, label: str, path: str, token: str, args: argparse.Namespace,
+            scheme: str = "Token") -> tuple[str, str]:
+    """A table row: wrk on `path` (2 s of warm-up first) at --connections for --duration."""
+    print(f"wrk: {label} ...", flush=True)
+    wrk(daemon.base + path, token, 2, args.connections, scheme=scheme)  # warm up
+    stats = wrk(daemon.base + path, token, args.duration, args.connections, scheme=scheme)
+    errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
+    return (label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
+                   f"p99 {stats['p99']:.1f} ms{errors}")
 
 
 # -- Dropmyemail legs --------------------------------------------------------------------------
@@ -459,13 +430,7 @@ def dropmyemail_legs(daemon: Daemon, account_id: int, setup: dict[str, Any],
         (f"Dropmyemail search query={RARE} ({found[RARE]:,} hits)",
          f"{base}/messages/search?query={RARE}"),
     ]:
-        print(f"wrk: {label} ...", flush=True)
-        wrk(daemon.base + path, token, 2, args.connections, scheme="Bearer")  # warm up
-        stats = wrk(daemon.base + path, token, args.duration, args.connections,
-                    scheme="Bearer")
-        errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
-        rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
-                            f"p99 {stats['p99']:.1f} ms{errors}"))
+        rows.append(wrk_leg(daemon, label, path, token, args, scheme="Bearer"))
     return rows
 
 
@@ -479,10 +444,7 @@ def dropmyemail_only(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str]] = []
     try:
         daemon.start()
-        daemon.cli("user", "add", USER, "--email", "alice@bench.test", "--password", PASSWORD)
-        _, body = daemon.call("POST", "/api-token-auth/", None,
-                              {"username": USER, "password": PASSWORD})
-        token = body["token"]
+        token = add_user(daemon)
         status, server = daemon.call("POST", "/api/imap-servers/", token, {
             "name": "bench", "host": "imap.bench.test", "port": 993, "username": USER,
             "password": "unused", "use_ssl": True})
@@ -501,19 +463,11 @@ def dropmyemail_only(args: argparse.Namespace) -> int:
                              "/api/emails/"),
                             (f"IMAP2API search q={COMMON}", f"/api/emails/?q={COMMON}"),
                             (f"IMAP2API search q={RARE}", f"/api/emails/?q={RARE}")]:
-            print(f"wrk: {label} ...", flush=True)
-            wrk(daemon.base + path, token, 2, args.connections)
-            stats = wrk(daemon.base + path, token, args.duration, args.connections)
-            errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
-            rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
-                                f"p99 {stats['p99']:.1f} ms{errors}"))
+            rows.append(wrk_leg(daemon, label, path, token, args))
         rows += dropmyemail_legs(daemon, server["id"], setup, args)
     finally:
         daemon.stop()
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, True)
+        keep_or_remove(base, args.keep)
     width = max(len(label) for label, _ in rows)
     print()
     print(f"List and search legs: {args.store:,} messages in one account, wrk -t2 "
@@ -554,13 +508,7 @@ def main() -> int:
     mbsync = need("mbsync", "isync")
     need("wrk", "wrk")
     need("dovecot", "dovecot-imapd")
-    base = Path(tempfile.mkdtemp(prefix="mailcore-bench-fetch-"))
-    base.chmod(0o755)
-    (base / "dovecot").mkdir()
-    (base / "dovecot").chmod(0o755)
-    (base / "daemon").mkdir()
-    dovecot = Dovecot(base / "dovecot")
-    daemon = Daemon(base / "daemon")
+    base, dovecot, daemon = workspace("mailcore-bench-fetch-")
     rows: list[tuple[str, str]] = []
     missed: list[str] = []
     total_started = time.monotonic()
@@ -571,18 +519,8 @@ def main() -> int:
         rows.append(("Dovecot fill (Maildir files + doveadm index)", f"{filled:.1f} s"))
 
         daemon.start()
-        daemon.cli("user", "add", USER, "--email", "alice@bench.test", "--password", PASSWORD)
-        status, body = daemon.call("POST", "/api-token-auth/", None,
-                                   {"username": USER, "password": PASSWORD})
-        token = body["token"]
-        s = dovecot.server
-        status, server = daemon.call("POST", "/api/imap-servers/", token, {
-            "name": "bench", "host": "localhost", "port": s.imap, "username": USER,
-            "password": s.PASSWORD, "use_ssl": False, "start_tls": True,
-            "tls_ca_pem": s.pki.ca_pem.decode(), "folders_to_sync": "INBOX",
-        })
-        if status != 201:
-            raise SystemExit(f"cannot create the IMAP server: {status} {server}")
+        token = add_user(daemon)
+        server = add_dovecot_account(daemon, token, dovecot, "the IMAP server")
 
         print("initial sync: mailcore ...", flush=True)
         wall, inside, new = sync(daemon, token, server["id"])
@@ -639,20 +577,12 @@ def main() -> int:
             (f"search q={COMMON} ({hits['count']:,} hits)", f"/api/emails/?q={COMMON}"),
             (f"search q={RARE} ({rare['count']:,} hits)", f"/api/emails/?q={RARE}"),
         ]:
-            print(f"wrk: {label} ...", flush=True)
-            wrk(daemon.base + path, token, 2, args.connections)  # warm up
-            stats = wrk(daemon.base + path, token, args.duration, args.connections)
-            errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
-            rows.append((label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
-                                f"p99 {stats['p99']:.1f} ms{errors}"))
+            rows.append(wrk_leg(daemon, label, path, token, args))
         rows += dropmyemail_legs(daemon, server["id"], dropmyemail, args)
     finally:
         daemon.stop()
         dovecot.stop()
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, True)
+        keep_or_remove(base, args.keep)
 
     width = max(len(label) for label, _ in rows)
     print()

@@ -22,26 +22,19 @@ runs) and wrk. Options: --messages N (2000), --clients N (16), --store N (100000
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import secrets
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import fetch
-from procs import REPO, env, free_port, need, terminate, wait_port
-from run import Sink, cpu_seconds
+from procs import REPO, MailcoreDaemon, cpu_seconds, free_port, keep_or_remove, need
+from run import Sink
+from wrk import wrk
 
 sys.path.insert(0, str(REPO))
-PYTHON = sys.executable
 
 USER = "bob"
 MAILBOX = "bob@hosted.test"
@@ -49,21 +42,16 @@ PASSWORD = "bench-Pa55word"  # noqa: S105 (a throwaway user of a temp store)
 BODY = "Hello,\n\n" + "This is a line of the benchmark's outbox mail.\n" * 40
 
 
-class Daemon:
+class Daemon(MailcoreDaemon):
     """`twistd -n mailcore` on a temp data dir; customer.test goes to the sink."""
 
     def __init__(self, directory: Path, sink_port: int) -> None:
-        self.dir = directory
-        self.data = directory / "data"
-        self.http = free_port()
-        self.smtp = free_port()
-        self.config = directory / "mailcore.toml"
-        self.config.write_text(
+        super().__init__(
+            directory,
             "[web]\nlogin_rate = 0\nmax_connections_per_ip = 1000\n\n"
-            "[pipeline]\nfiltering = false\n\n[queue]\nallow_loopback = true\n"
+            "[pipeline]\nfiltering = false\n\n[queue]\nallow_loopback = true\n",
+            backlog=1000,
         )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base = f"http://127.0.0.1:{self.http}"
         self.cli("init")
         self.cli("user", "add", USER, "--email", MAILBOX, "--password", PASSWORD)
         self.cli("domain", "add", "customer.test", "--owner", USER, "--redirect-to",
@@ -76,43 +64,9 @@ class Daemon:
     def db_url(self) -> str:
         return f"sqlite:///{(self.data / 'mailcore.sqlite').resolve()}"
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(Path(PYTHON).parent / "twistd"), "-n", "--pidfile=", "-l",
-             str(self.dir / "twistd.log"), "mailcore", "--data-dir", str(self.data), "-c",
-             str(self.config), "--http", f"tcp:{self.http}:interface=127.0.0.1:backlog=1000",
-             "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1"],
-            env=env(), cwd=self.dir, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            stderr=(self.dir / "twistd.err").open("ab"),
-        )
-        wait_port(self.http, self.proc, timeout=60)
-
-    def stop(self) -> None:
-        terminate(self.proc, grace=30)
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [PYTHON, "-m", "mailcore.cli", "--data-dir", str(self.data), "-c",
-             str(self.config), *args], env=env(), capture_output=True, check=False,
-            cwd=self.dir,
-        )
-        if result.returncode != 0:
-            raise SystemExit(f"mailcore {' '.join(args)}: {result.stderr.decode()}")
-        return result.stdout.decode()
-
     def call(self, method: str, path: str, body: dict[str, Any] | None = None
              ) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 (our own http://127.0.0.1 base)
-            self.base + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        request.add_header("Auth-Key", self.token)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
+        return self.request(method, path, body, {"Auth-Key": self.token}, timeout=120)
 
 
 # -- 1. the outbox -----------------------------------------------------------------------------
@@ -151,11 +105,8 @@ def outbox(daemon: Daemon, sink: Sink, messages: int, clients: int) -> dict[str,
     posted = time.perf_counter() - started
     if failures:
         raise SystemExit(f"outbox: {len(failures)} posts refused, first: {failures[0]}")
-    deadline = time.perf_counter() + 600
-    while sink.count() < before + messages:
-        if time.perf_counter() > deadline:
-            raise SystemExit(f"outbox: the sink has {sink.count() - before} of {messages}")
-        time.sleep(0.01)
+    if not sink.reach(before + messages):
+        raise SystemExit(f"outbox: the sink has {sink.count() - before} of {messages}")
     delivered = time.perf_counter() - started
     cpu = cpu_seconds(pid) - cpu0
     return {"posts_per_s": messages / posted, "delivered_per_s": messages / delivered,
@@ -163,31 +114,6 @@ def outbox(daemon: Daemon, sink: Sink, messages: int, clients: int) -> dict[str,
 
 
 # -- 2. the listing ----------------------------------------------------------------------------
-
-
-def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, float]:
-    """bench/fetch.py's wrk run (two threads), with one thread for one connection (wrk
-    refuses fewer connections than threads)."""
-    if connections >= 2:
-        return fetch.wrk(url, token, duration, connections)
-    result = subprocess.run(
-        [need("wrk", "wrk"), "-t1", "-c1", f"-d{duration}s", "--latency",
-         "-H", f"Authorization: Token {token}", url],
-        capture_output=True, check=False, text=True,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"wrk failed: {result.stderr}")
-    out = result.stdout
-    found = {key: re.search(pattern, out) for key, pattern in (
-        ("rps", r"Requests/sec:\s+([\d.]+)"), ("p50", r"\s50%\s+(\S+)"),
-        ("p99", r"\s99%\s+(\S+)"))}
-    if any(m is None for m in found.values()):
-        raise SystemExit(f"wrk printed no figures: {out}")
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {"rps": float(found["rps"].group(1)),  # type: ignore[union-attr]
-            "p50": fetch._ms(found["p50"].group(1)),  # type: ignore[union-attr]
-            "p99": fetch._ms(found["p99"].group(1)),  # type: ignore[union-attr]
-            "errors": float(bad.group(1)) if bad else 0.0}
 
 
 def fill_store(db_url: str, count: int) -> float:
@@ -289,10 +215,7 @@ def main() -> int:
     finally:
         daemon.stop()
         sink.stop()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        keep_or_remove(tmp, args.keep)
     print()
     print(f"Mail API benchmark (issue 14 sets no numeric target; figures only). "
           f"{args.messages:,} outbox mails from one mailbox, {args.clients} clients; "

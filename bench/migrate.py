@@ -25,22 +25,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
-from procs import REPO, need
+from procs import REPO, cpu_seconds, keep_or_remove, need
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fetch import PASSWORD, USER, Daemon, Dovecot, sync
+from fetch import USER, Daemon, Dovecot, add_dovecot_account, add_user, sync, workspace
 
 TARGET = 1.0
 DESTINATION = "u1"
@@ -56,12 +54,6 @@ def peak_rss_kib(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError):
         return 0
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a running process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def count(dovecot: Dovecot, user: str) -> int:
@@ -155,13 +147,7 @@ def main() -> int:
     args = parser.parse_args()
     mbsync = need("mbsync", "isync")
     need("dovecot", "dovecot-imapd")
-    base = Path(tempfile.mkdtemp(prefix="mailcore-bench-migrate-"))
-    base.chmod(0o755)
-    (base / "dovecot").mkdir()
-    (base / "dovecot").chmod(0o755)
-    (base / "daemon").mkdir()
-    dovecot = Dovecot(base / "dovecot")
-    daemon = Daemon(base / "daemon")
+    base, dovecot, daemon = workspace("mailcore-bench-migrate-")
     key = Fernet.generate_key().decode("ascii")
     daemon.config.write_text(daemon.config.read_text().replace(
         "[fetch]\n", f'[fetch]\nsecret_key = "{key}"\n', 1))
@@ -174,18 +160,8 @@ def main() -> int:
                      f"{dovecot.fill(args.messages):.1f} s"))
 
         daemon.start()
-        daemon.cli("user", "add", USER, "--email", "alice@bench.test", "--password", PASSWORD)
-        _, body = daemon.call("POST", "/api-token-auth/", None,
-                              {"username": USER, "password": PASSWORD})
-        token = body["token"]
-        s = dovecot.server
-        status, server = daemon.call("POST", "/api/imap-servers/", token, {
-            "name": "bench", "host": "localhost", "port": s.imap, "username": USER,
-            "password": s.PASSWORD, "use_ssl": False, "start_tls": True,
-            "tls_ca_pem": s.pki.ca_pem.decode(), "folders_to_sync": "INBOX",
-        })
-        if status != 201:
-            raise SystemExit(f"cannot create the account: {status} {server}")
+        token = add_user(daemon)
+        server = add_dovecot_account(daemon, token, dovecot, "the account")
         print("backing the source up ...", flush=True)
         wall, _inside, new = sync(daemon, token, server["id"])
         if new != args.messages:
@@ -247,10 +223,7 @@ def main() -> int:
     finally:
         daemon.stop()
         dovecot.stop()
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, True)
+        keep_or_remove(base, args.keep)
     width = max(len(label) for label, _ in rows) if rows else 0
     print()
     print(f"Migrate: {args.messages:,} messages of ~4 KiB, one Dovecot, user to user")

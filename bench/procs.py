@@ -1,19 +1,25 @@
-"""The benchmarks' server processes: free ports, tools, environment, waiting, stopping.
+"""The benchmarks' server processes: free ports, tools, environment, waiting, stopping, the
+CPU time of a process, the temp dir at the end, and `twistd -n mailcore` on a temp data dir.
 
-Not a benchmark itself: bench/run.py and bench/fetch.py import it as a sibling (they run as
+Not a benchmark itself: the bench/*.py scripts import it as a sibling (they run as
 `python bench/X.py`, which puts bench/ on sys.path). Plain subprocesses and blocking sockets:
 the benchmark drivers measure a daemon from outside and run no reactor of their own.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,3 +71,79 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
     return e
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a running process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def keep_or_remove(directory: Path, keep: bool) -> None:
+    """At the end of a run: say where `directory` is kept (--keep), else remove it."""
+    if keep:
+        print(f"kept {directory}")
+    else:
+        shutil.rmtree(directory, True)
+
+
+class MailcoreDaemon:
+    """`twistd -n mailcore` on `directory`/data with `config` (TOML text) written to
+    `directory`/mailcore.toml, HTTP and SMTP on free ports of 127.0.0.1 (HTTP with
+    `backlog` when given); the CLI on the same data dir and config; JSON calls to its API."""
+
+    def __init__(self, directory: Path, config: str, backlog: int | None = None) -> None:
+        self.dir = directory
+        self.data = directory / "data"
+        self.http = free_port()
+        self.smtp = free_port()
+        self.backlog = backlog
+        self.config = directory / "mailcore.toml"
+        self.config.write_text(config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = f"http://127.0.0.1:{self.http}"
+
+    def start(self) -> None:
+        http = f"tcp:{self.http}:interface=127.0.0.1"
+        if self.backlog is not None:
+            http += f":backlog={self.backlog}"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "-l",
+             str(self.dir / "twistd.log"), "mailcore", "--data-dir", str(self.data), "-c",
+             str(self.config), "--http", http,
+             "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1"],
+            env=env(), cwd=self.dir, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            stderr=(self.dir / "twistd.err").open("ab"),
+        )
+        wait_port(self.http, self.proc, timeout=60)
+
+    def stop(self) -> None:
+        terminate(self.proc, grace=30)
+
+    def cli(self, *args: str) -> str:
+        """`python -m mailcore.cli ARGS` on the daemon's data dir; its stdout, else exit."""
+        result = subprocess.run(
+            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data), "-c",
+             str(self.config), *args], env=env(), capture_output=True, check=False,
+            cwd=self.dir,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"mailcore {' '.join(args)}: {result.stderr.decode()}")
+        return result.stdout.decode()
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None,
+                headers: dict[str, str], timeout: float) -> tuple[int, Any]:
+        """(status, decoded JSON) of one call to the daemon's HTTP API."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(  # noqa: S310 (our own http://127.0.0.1 base)
+            self.base + path, data=data, method=method
+        )
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        for name, value in headers.items():
+            request.add_header(name, value)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")

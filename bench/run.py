@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from procs import REPO, env, free_port, need, terminate, wait_port
+from procs import REPO, cpu_seconds, env, free_port, need, terminate, wait_port
 from servers import Postfix, Postgres, Rspamd
 
 PYTHON = sys.executable
@@ -71,12 +71,6 @@ TARGET_POSTFIX = 5.0  # unfiltered Mailcore / Postfix as MX relay (issue 17)
 TARGET_RSPAMD = 2.0  # Mailcore + its rspamd filter / Postfix + rspamd as milter
 TARGET_NODES = 0.8  # two nodes on one PostgreSQL / one node: no collapse
 COMPARISONS = ("postfix", "rspamd", "nodes")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -118,6 +112,15 @@ class Sink:
             f.seek(max(0, self.out.stat().st_size - 200))
             found = re.findall(rb"mesg=(\d+)", f.read())
         return int(found[-1]) if found else 0
+
+    def reach(self, want: int, timeout: float = 600.0) -> bool:
+        """Wait until `count()` is at least `want`; False when `timeout` s pass first."""
+        deadline = time.perf_counter() + timeout
+        while self.count() < want:
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -206,11 +209,8 @@ def load(name: str, port: int, pid: int, messages: int, sessions: int,
     end = accepted
     if delivered is not None:
         want = before_sink + messages + len(probe.times)
-        deadline = time.perf_counter() + 600
-        while delivered.count() < want:
-            if time.perf_counter() > deadline:
-                raise SystemExit(f"{name}: sink has {delivered.count()} of {want} messages")
-            time.sleep(0.01)
+        if not delivered.reach(want):
+            raise SystemExit(f"{name}: sink has {delivered.count()} of {want} messages")
         end = time.perf_counter() - started
     return Result(name, messages, accepted, end, probe.percentile(0.5),
                   probe.percentile(0.99), cpu() - cpu0)
@@ -430,11 +430,8 @@ def split_load(name: str, daemons: list[Daemon], messages: int, sessions: int,
         if source.returncode != 0:
             raise SystemExit(f"smtp-source failed against {name}: {err.decode(errors='replace')}")
     accepted = time.perf_counter() - started
-    deadline = time.perf_counter() + 600
-    while sink.count() < before + messages:
-        if time.perf_counter() > deadline:
-            raise SystemExit(f"{name}: sink has {sink.count() - before} of {messages} messages")
-        time.sleep(0.01)
+    if not sink.reach(before + messages):
+        raise SystemExit(f"{name}: sink has {sink.count() - before} of {messages} messages")
     end = time.perf_counter() - started
     cpu = sum(cpu_seconds(d.proc.pid) for d in daemons) - cpu0
     return Result(name, messages, accepted, end, float("nan"), float("nan"), cpu)
