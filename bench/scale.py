@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fetch import Daemon, vocabulary, wrk
-from procs import REPO, env, free_port, need
+from procs import REPO, cpu_seconds, env, free_port, need
 
 sys.path.insert(0, str(REPO))
 PYTHON = sys.executable
@@ -224,11 +224,6 @@ def login(daemon: Daemon) -> str:
 
 
 # -- measuring ---------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_client(daemon: Daemon, token: str, path: str, requests: int) -> dict[str, float]:
