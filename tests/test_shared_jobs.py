@@ -12,6 +12,7 @@ sweep's two-node test is `tests.test_tokens.*ConcurrencyTests` (the queue's:
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.fernet import Fernet
@@ -78,6 +79,8 @@ class RecordingSpool:
     def __init__(self, queued: list[tuple[str, Envelope]], node: str) -> None:
         self.queued = queued
         self.node = node
+        # Told when delivery results commit (the outbox waits on it); none commit here.
+        self.on_results: list[Callable[[], None]] = []
 
     async def accept(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
         self.queued.append((self.node, envelope))
