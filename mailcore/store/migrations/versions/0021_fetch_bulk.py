@@ -1,4 +1,5 @@
-"""Bulk backup writes (issue 17.1): reserved, filled by its change.
+"""Bulk backup writes (issue 17.1): no schema change was needed; this revision stays, empty,
+because stores have been stamped with it.
 
 Revision ID: 0021_fetch_bulk
 Revises: 0020_message_read_indexes
