@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from mailcore.fetch.writer import (
     AppendInterrupted,
     BadFolderName,
     MailboxWriter,
+    Streamed,
     WriterSession,
     decode_folder,
     destination_path,
@@ -613,3 +614,144 @@ class EncodingTests(TestCase):
                          b'APPEND "INBOX" (\\Seen $Label1) "06-May-2020 07:08:09 +0000" {20+}')
         self.assertEqual(appends[1].split(b" ", 1)[1], b'APPEND "INBOX" () {1+}')
         self.assertEqual(rig.server.stored["INBOX"][0].data, item.data)
+
+
+class Source:
+    """A streamed message for the tests: `data` in chunks of `chunk` bytes, announcing
+    `announce` bytes (default: the truth); counts the chunks asked for, and can fail or
+    call `on_chunk` after yielding a chunk."""
+
+    def __init__(self, data: bytes, chunk: int = 1000, announce: int | None = None,
+                 fail_after: int | None = None,
+                 on_chunk: Callable[[int], None] | None = None) -> None:
+        self.data = data
+        self.chunk = chunk
+        self.size = len(data) if announce is None else announce
+        self.fail_after = fail_after
+        self.on_chunk = on_chunk
+        self.asked = 0
+        self.starts = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.starts += 1
+        for n, at in enumerate(range(0, len(self.data), self.chunk)):
+            if self.fail_after is not None and n >= self.fail_after:
+                raise OSError("disk on fire")
+            self.asked += 1
+            yield self.data[at:at + self.chunk]
+            if self.on_chunk is not None:
+                self.on_chunk(n)
+
+    def append(self) -> Append:
+        return Append(b"", ("\\Seen",), datetime.datetime(2024, 3, 1, 12, 0, tzinfo=UTC),
+                      stream=Streamed(self.size, self.chunks))
+
+
+def big(n: int, size: int) -> bytes:
+    head = f"Message-ID: <big{n}@test>\r\nSubject: big {n}\r\n\r\n".encode()
+    body = bytes(range(256)) * (size // 256 + 1)
+    return head + body[:size - len(head)]
+
+
+class StreamedTests(TestCase):
+    def test_streamed_message_goes_alone_and_byte_exact(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ MULTIAPPEND"),
+                  group_messages=8)
+        source = Source(big(1, 10_000), chunk=999)
+        items = [msg(1), msg(2), source.append(), msg(3)]
+        results = rig.run(rig.writer.append(("INBOX",), items))
+        self.assertEqual([r.uid for r in results], [101, 102, 103, 104])
+        # A group of two, the streamed message alone, then the last one.
+        self.assertEqual(rig.server.appends, 3)
+        self.assertEqual([m.data for m in rig.server.stored["INBOX"]],
+                         [msg(1).data, msg(2).data, source.data, msg(3).data])
+        self.assertEqual(source.asked, 11)
+        self.assertEqual(rig.session.streamed_chunks, 11)
+
+    def test_streamed_with_a_synchronising_literal_waits_for_the_continuation(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS"))
+        source = Source(big(1, 5000))
+        results = rig.run(rig.writer.append(("INBOX",), [source.append()]))
+        self.assertTrue(results[0].ok)
+        self.assertEqual(rig.server.continuations, 1)
+        self.assertEqual(rig.server.stored["INBOX"][0].data, source.data)
+
+    def test_streamed_again_after_trycreate(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"))
+        source = Source(big(1, 3000))
+        results = rig.run(rig.writer.append(("New",), [source.append()]))
+        self.assertTrue(results[0].ok)
+        self.assertEqual(source.starts, 2)   # a new iterator for the second APPEND
+        self.assertEqual([m.data for m in rig.server.stored["New"]], [source.data])
+
+    def test_over_appendlimit_is_refused_by_its_announced_size(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ APPENDLIMIT=1000"))
+        source = Source(big(1, 2000))
+        results = rig.run(rig.writer.append(("INBOX",), [source.append()]))
+        self.assertIn("APPENDLIMIT", results[0].reason or "")
+        self.assertEqual((rig.server.appends, source.starts), (0, 0))
+
+    def _interrupted(self, source: Source, capabilities: str = "IMAP4rev1 UIDPLUS LITERAL+"
+                     ) -> tuple[Rig, AppendInterrupted]:
+        rig = Rig(self, Script(capabilities=capabilities))
+        error = rig.fails(rig.writer.append(("INBOX",), [msg(1), source.append(), msg(2)]),
+                          AppendInterrupted)
+        rig.pump.flush()
+        # The first message was answered; the streamed one never fully went out, the one
+        # after it never started: neither can be stored.
+        self.assertEqual([r.uid for r in error.answered], [101])
+        self.assertEqual(error.not_sent, (1, 2))
+        self.assertEqual([m.data for m in rig.server.stored["INBOX"]], [msg(1).data])
+        self.assertEqual(rig.server.appends, 1)
+        self.assertFalse(rig.session.alive())
+        return rig, error
+
+    def test_source_shorter_than_announced_drops_the_connection(self) -> None:
+        source = Source(big(1, 3000), announce=5000)
+        _, error = self._interrupted(source)
+        self.assertIn("yielded 3000 of the 5000 bytes", str(error))
+
+    def test_source_shorter_with_a_synchronising_literal(self) -> None:
+        source = Source(big(1, 3000), announce=5000)
+        self._interrupted(source, "IMAP4rev1 UIDPLUS")
+
+    def test_source_longer_than_announced_drops_the_connection(self) -> None:
+        # 5000 bytes announced, chunks of 1000: the whole literal went out, but not the end
+        # of the command, so the server never takes it.
+        source = Source(big(1, 6000), announce=5000)
+        _, error = self._interrupted(source)
+        self.assertIn("more than the 5000 bytes", str(error))
+        self.assertEqual(source.asked, 6)
+
+    def test_source_failing_drops_the_connection(self) -> None:
+        source = Source(big(1, 6000), fail_after=2)
+        _, error = self._interrupted(source)
+        self.assertIn("disk on fire", str(error))
+
+    def test_chunks_wait_for_the_transport_to_drain(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"))
+        transport: Any = rig.session.transport
+
+        def pause(n: int) -> None:
+            if n == 1:
+                transport.producer.pauseProducing()
+
+        source = Source(big(1, 5000), on_chunk=pause)
+        d = rig.start(rig.writer.append(("INBOX",), [source.append()]))
+        self.assertNoResult(d)
+        # Paused while the third chunk was being read: it is written, then nothing more
+        # is asked of the source until the transport resumes.
+        self.assertEqual(source.asked, 3)
+        rig.pump.flush()
+        self.assertEqual(source.asked, 3)
+        transport.producer.resumeProducing()
+        rig.pump.flush()
+        self.assertTrue(self.successResultOf(d)[0].ok)
+        self.assertEqual(source.asked, 5)
+        self.assertIsNone(transport.producer)   # unregistered when done
+        self.assertEqual(rig.server.stored["INBOX"][0].data, source.data)
+
+    def test_append_has_bytes_or_a_stream(self) -> None:
+        with self.assertRaises(ValueError):
+            Append(b"x", (), None, stream=Streamed(1, Source(b"x").chunks))
+        self.assertEqual(Source(b"abc").append().size, 3)

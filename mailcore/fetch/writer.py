@@ -21,7 +21,15 @@ that creates folders and APPENDs messages byte-exact with their flags and INTERN
 - A message over the server's APPENDLIMIT (RFC 7889) is refused without being sent.
   \\Recent and flags that are not valid atoms (spaces, brackets, 8-bit) are not sent; an
   INTERNALDATE keeps its UTC offset (naive = UTC), to the second.
-- Memory: the writer holds nothing but the batch it is given. The session's idle timeout
+- Memory: the writer holds nothing but the batch it is given. A large message can be given
+  as a `Streamed` source instead of bytes: its literal is announced with the source's size
+  and written chunk by chunk as the source yields them, each after the transport drained
+  what was written before (the session registers a streaming producer on the transport),
+  so at most about one chunk is held. A streamed message goes alone in its command (never
+  in a MULTIAPPEND group), once every command before it is answered. A source that yields
+  fewer or more bytes than it announced, or fails, drops the connection before the
+  command is complete (AppendInterrupted, the message in `not_sent`): never a corrupt or
+  truncated message at the destination. The session's idle timeout
   counts silence from the server, between batches too: a caller idle for longer opens a
   new writer.
 
@@ -44,18 +52,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.mail import imap4
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailcore.fetch.errors import ConnectFailed, FetchError, ProtocolFailed
 from mailcore.fetch.imap import (
@@ -104,12 +114,36 @@ class AppendInterrupted(FetchError):
 
 
 @dataclass(frozen=True)
+class Streamed:
+    """A message too large to hold: exactly `size` bytes, yielded in chunks by a new
+    iterator from `chunks()` (called again when the message is sent again)."""
+
+    size: int
+    chunks: Callable[[], AsyncIterator[bytes]]
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError("a streamed message cannot have a negative size")
+
+
+@dataclass(frozen=True)
 class Append:
-    """One message to append: the exact bytes, its flags, its INTERNALDATE (None: now)."""
+    """One message to append: the exact bytes, its flags, its INTERNALDATE (None: now).
+    A large message gives `stream` instead of its bytes (`data` is then empty)."""
 
     data: bytes
     flags: tuple[str, ...]
     internaldate: datetime.datetime | None
+    stream: Streamed | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream is not None and self.data:
+            raise ValueError("an Append has either its bytes or a stream, not both")
+
+    @property
+    def size(self) -> int:
+        """The literal's size: the bytes', or what the stream announces."""
+        return self.stream.size if self.stream is not None else len(self.data)
 
 
 @dataclass(frozen=True)
@@ -350,6 +384,41 @@ class _Command:
         self.cont: defer.Deferred[bool] | None = None
 
 
+@implementer(IPushProducer)
+class _Drain:
+    """The streaming producer a session registers on its transport while it writes a
+    streamed literal: the transport pauses it while its buffer is full and resumes it once
+    drained; `wait()` fires when writing may go on (at once when not paused, and when the
+    connection ends)."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._release()
+
+    def stopProducing(self) -> None:
+        self.paused = False
+        self._release()
+
+    def _release(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def wait(self) -> defer.Deferred[None]:
+        if not self.paused:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
 class WriterSession(IMAPClient):
     """The IMAP session of a writer: IMAPClient's bounded reader, login and TLS, plus
     APPEND commands with several tags in flight, routed by tag (Twisted's client keeps one
@@ -364,6 +433,13 @@ class WriterSession(IMAPClient):
         self.in_flight = 0
         self.max_in_flight = 0
         self.continuations = 0
+        self._drain: _Drain | None = None
+        self.streamed_chunks = 0
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._drain is not None:
+            self._drain.stopProducing()
+        super().connectionLost(reason)
 
     def _defaultHandler(self, tag: bytes, rest: bytes) -> None:
         if tag == b"*" and rest[:3].upper() == b"BYE":
@@ -440,6 +516,54 @@ class WriterSession(IMAPClient):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    async def write_stream(self, stream: Streamed) -> bool:
+        """Write a literal's bytes from `stream`, each chunk once the transport drained the
+        ones before. True when exactly `stream.size` bytes went out; False when the
+        connection ended first, or was dropped here because the source yielded more or
+        fewer bytes than announced or failed (the server then never sees a complete
+        literal, so the message is not stored)."""
+        transport: Any = self.transport  # TCP and TLS transports are IConsumers
+        assert transport is not None
+        drain = self._drain = _Drain()
+        transport.registerProducer(drain, True)
+        chunks = stream.chunks()
+        sent = 0
+        try:
+            async for chunk in chunks:
+                if not self.alive():
+                    return False
+                if sent + len(chunk) > stream.size:
+                    self._fail(ProtocolFailed(
+                        f"the message source yielded more than the {stream.size} bytes it "
+                        "announced; the APPEND was abandoned"))
+                    return False
+                if chunk:
+                    self.write(chunk)
+                    sent += len(chunk)
+                    self.streamed_chunks += 1
+                await drain.wait()
+            if sent != stream.size:
+                self._fail(ProtocolFailed(
+                    f"the message source yielded {sent} of the {stream.size} bytes it "
+                    "announced; the APPEND was abandoned"))
+                return False
+            return self.alive()
+        except Exception as e:
+            if self.alive():
+                self._fail(ProtocolFailed(
+                    f"reading the message to send failed after {sent} of {stream.size} "
+                    f"bytes ({e.__class__.__name__}: {e}); the APPEND was abandoned"))
+            return False
+        finally:
+            self._drain = None
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):  # its failure was reported above
+                    await aclose()
+            # The connection may be gone, with nothing registered any more.
+            with contextlib.suppress(Exception):
+                transport.unregisterProducer()
 
 
 # -- the writer ---------------------------------------------------------------------------
@@ -613,9 +737,9 @@ class MailboxWriter:
             self._selected = None
             results: list[Appended | None] = [None] * len(items)
             for i, item in enumerate(items):
-                if self.appendlimit is not None and len(item.data) > self.appendlimit:
+                if self.appendlimit is not None and item.size > self.appendlimit:
                     results[i] = Appended(False, None, None, (
-                        f"{len(item.data)} bytes, over the server's APPENDLIMIT of "
+                        f"{item.size} bytes, over the server's APPENDLIMIT of "
                         f"{self.appendlimit}"), False)
             todo = [i for i, r in enumerate(results) if r is None]
             try:
@@ -664,7 +788,15 @@ class MailboxWriter:
         current: list[int] = []
         size = 0
         for i in todo:
-            n = len(items[i].data)
+            n = items[i].size
+            if items[i].stream is not None:
+                # A streamed message goes alone: a group is only as fast as its slowest
+                # literal, and a source that breaks its size would take the group down.
+                if current:
+                    groups.append(current)
+                    current, size = [], 0
+                groups.append([i])
+                continue
             if current and (len(current) >= self.group_messages or size + n > self.group_bytes):
                 groups.append(current)
                 current, size = [], 0
@@ -689,6 +821,12 @@ class MailboxWriter:
             while s.in_flight >= self.window and s.alive():
                 oldest = next(c for c in commands if not c.done.called)
                 await oldest.done
+            if items[group[0]].stream is not None:
+                # A streamed message starts once every command before it is answered: one
+                # round trip per large message buys that a source that breaks (and so the
+                # connection) leaves no earlier message of the batch unknown.
+                for earlier in commands:
+                    await earlier.done
             if not s.alive():
                 break
             cmd = s.start_append(group)
@@ -741,7 +879,7 @@ class MailboxWriter:
         head = cmd.tag + b" APPEND " + mailbox
         for i in cmd.indices:
             item = items[i]
-            size = len(item.data)
+            size = item.size
             sync = not self._non_sync(size)
             line = head + b" " + _message_prefix(item) + (
                 b"{%d}\r\n" % size if sync else b"{%d+}\r\n" % size)
@@ -752,7 +890,11 @@ class MailboxWriter:
             if sync:
                 if not await s.wait_continuation(cmd) or not s.alive():
                     return
-            s.write(item.data)
+            if item.stream is not None:
+                if not await s.write_stream(item.stream):
+                    return
+            else:
+                s.write(item.data)
         if s.alive():
             s.write(b"\r\n")
             cmd.sent = True
@@ -906,6 +1048,7 @@ __all__ = [
     "Appended",
     "BadFolderName",
     "MailboxWriter",
+    "Streamed",
     "WriterSession",
     "decode_folder",
     "destination_path",
