@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -23,7 +24,13 @@ from mailcore.fetch.errors import AuthFailed, ConnectFailed, TLSFailed
 from mailcore.fetch.imap import IMAPClient, ServerSpec, open_session
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
-from mailcore.fetch.writer import Append, MailboxWriter, WriterSession, open_writer
+from mailcore.fetch.writer import (
+    Append,
+    MailboxWriter,
+    Streamed,
+    WriterSession,
+    open_writer,
+)
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.reactor import get_reactor
 
@@ -218,6 +225,40 @@ class WriterDovecotTests(DovecotClassMixin, TestCase):
             self.assertEqual(set(got.flags or ()), want_flags)
             if item.internaldate is not None:
                 self.assertEqual(got.internal_date, item.internaldate)
+
+    async def test_large_message_streamed_is_byte_exact(self) -> None:
+        server, user, writer = await self.setup()
+        head = message(1)
+        # Every printable byte, 8-bit ones too, in CRLF lines (NUL and bare LF are not what
+        # IMAP gives back byte-exact).
+        unit = bytes(range(32, 256)) + b"\r\n"
+        big = head + unit * ((20 * 1024 * 1024) // len(unit))
+        asked: list[int] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for at in range(0, len(big), 1024 * 1024):
+                asked.append(at)
+                yield big[at:at + 1024 * 1024]
+
+        streamed = Append(b"", ("\\Seen",), when(7), stream=Streamed(len(big), chunks))
+        batch = [*items(0, 3), streamed, *items(3, 2)]
+        results = await writer.append(("INBOX",), batch)
+        self.assertTrue(all(r.ok and r.uid for r in results), results)
+        self.assertEqual(len(asked), 21)
+        self.assertEqual(writer.session.streamed_chunks, 21)
+        # The transport's buffer filled and held the chunks back (backpressure).
+        self.assertGreater(writer.session.stream_pauses, 0)
+        _, fetched = await read_folder(server, user, "INBOX")
+        self.assertEqual([f.uid for f in fetched], [r.uid for r in results])
+        self.assertEqual(hashlib.sha256(fetched[3].body).hexdigest(),
+                         hashlib.sha256(big).hexdigest())
+        self.assertEqual(fetched[3].internal_date, when(7))
+        self.assertEqual([f.body for f in fetched[:3] + fetched[4:]],
+                         [i.data for i in batch[:3] + batch[4:]])
+        # `find` knows it by what it needs only: size, date, Message-ID, hash.
+        uid = await writer.find(("INBOX",), message_id=None, size=len(big),
+                                internaldate=when(7), sha256=hashlib.sha256(big).hexdigest())
+        self.assertEqual(uid, results[3].uid)
 
     async def test_missing_folder_is_created_on_trycreate(self) -> None:
         server, user, writer = await self.setup()

@@ -393,10 +393,12 @@ class _Drain:
 
     def __init__(self) -> None:
         self.paused = False
+        self.pauses = 0
         self._waiters: list[defer.Deferred[None]] = []
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self.pauses += 1
 
     def resumeProducing(self) -> None:
         self.paused = False
@@ -435,6 +437,7 @@ class WriterSession(IMAPClient):
         self.continuations = 0
         self._drain: _Drain | None = None
         self.streamed_chunks = 0
+        self.stream_pauses = 0   # times a full transport held a streamed literal back
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if self._drain is not None:
@@ -557,6 +560,7 @@ class WriterSession(IMAPClient):
             return False
         finally:
             self._drain = None
+            self.stream_pauses += drain.pauses
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):  # its failure was reported above
