@@ -1,11 +1,13 @@
 """The message store: dedup by hash, threads, full-text search, filters, ordering, pages.
 
 Every test runs on SQLite (FTS5) and on PostgreSQL (tsvector) through tests.support.db.
+Raw bytes are also read in slices (substr in SQL) for messages too large to hold whole.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 
 from sqlalchemy import Connection, func, select
 from twisted.internet.task import Clock
@@ -20,6 +22,7 @@ from mailcore.messages import (
     QueryError,
 )
 from mailcore.messages.sql import new_id
+from mailcore.messages.store import RAW_CHUNK, raw_chunks, thd_put_blobs, thd_raw_slice
 from mailcore.store.schema import fetch_accounts, message_blobs, threads
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
@@ -271,6 +274,32 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual((info.message_row_id, content), (row, b"a,b\n1,2\n"))
         listed = await store.list_messages(user, MessageQuery(has_attachments=True))
         self.assertEqual([m.id for m in listed.items], [row])
+
+
+    async def test_raw_bytes_read_in_chunks(self) -> None:
+        await self.make_store()
+        # Every byte value (NUL and 8-bit too): the slices are of bytes, not of text.
+        raw = mail(1, "Large") + (bytes(range(256)) * 12_289)[:3 * 1024 * 1024 + 12_345]
+        sha = hashlib.sha256(raw).hexdigest()
+        now = datetime.datetime.now(datetime.UTC)
+        await self.db.run("put_blob", thd_put_blobs, [(raw, sha)], now)
+        for size in (RAW_CHUNK, 100_000, len(raw), len(raw) + 1):
+            chunks = [c async for c in raw_chunks(self.db, sha, chunk_size=size)]
+            self.assertEqual(b"".join(chunks), raw)
+            self.assertTrue(all(len(c) == size for c in chunks[:-1]))
+            self.assertLessEqual(len(chunks[-1]), size)
+        self.assertEqual(len([c async for c in raw_chunks(self.db, sha)]), 4)
+        # Slices at the edges, past the end, and of a blob that is not there.
+        self.assertEqual(await self.db.read("t", thd_raw_slice, sha, 0, 5), raw[:5])
+        self.assertEqual(await self.db.read("t", thd_raw_slice, sha, len(raw) - 3, 10),
+                         raw[-3:])
+        self.assertEqual(await self.db.read("t", thd_raw_slice, sha, len(raw), 10), b"")
+        self.assertIsNone(await self.db.read("t", thd_raw_slice, "0" * 64, 0, 10))
+        self.assertEqual([c async for c in raw_chunks(self.db, "0" * 64)], [])
+        # A reader that stops early leaves nothing behind.
+        gen = raw_chunks(self.db, sha, chunk_size=1000)
+        self.assertEqual(await gen.__anext__(), raw[:1000])
+        await gen.aclose()
 
 
 class SQLiteStoreTests(StoreTestsMixin, TestCase):

@@ -9,11 +9,12 @@ A batch stored twice changes nothing: a rerun after a crash gives exactly the so
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from sqlalchemy import (
     Connection,
+    LargeBinary,
     bindparam,
     case,
     delete,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.sql.elements import ColumnElement
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.messages.counts import (
@@ -319,6 +321,48 @@ def thd_collect_garbage(conn: Connection) -> int:
 
 
 # -- reading -----------------------------------------------------------------------------
+
+
+# How much of a blob one chunked read takes (`raw_chunks`).
+RAW_CHUNK = 1024 * 1024
+
+
+def thd_raw_slice(conn: Connection, sha256: str, offset: int, length: int) -> bytes | None:
+    """Blocking: `length` bytes of a blob from byte `offset` (0-based), fewer at its end
+    (b"" past it); None when there is no such blob. Only the slice leaves the database:
+    substr() on SQLite (byte indices for a BLOB), substr()/substring() on PostgreSQL."""
+    if offset < 0 or length <= 0:
+        raise ValueError("a slice needs offset >= 0 and length > 0")
+    piece = conn.execute(
+        select(func.substr(message_blobs.c.raw, offset + 1, length, type_=LargeBinary))
+        .where(message_blobs.c.sha256 == sha256)
+    ).scalar()
+    return None if piece is None else bytes(piece)
+
+
+async def raw_chunks(db: Database, sha256: str, *,
+                     chunk_size: int = RAW_CHUNK) -> AsyncIterator[bytes]:
+    """A blob's bytes, `chunk_size` at a time, each read in its own transaction on the
+    store's thread pool (the next read runs while the caller uses the current chunk), so
+    at most two chunks are held, never the whole message. Yields nothing when the blob is
+    gone; a blob deleted halfway ends early (the caller checks the total)."""
+    offset = 0
+    pending: defer.Deferred[bytes | None] | None = db.read(
+        "message_raw_slice", thd_raw_slice, sha256, 0, chunk_size)
+    try:
+        while pending is not None:
+            piece = await pending
+            pending = None
+            if not piece:
+                return
+            offset += len(piece)
+            if len(piece) == chunk_size:
+                pending = db.read("message_raw_slice", thd_raw_slice, sha256, offset,
+                                  chunk_size)
+            yield piece
+    finally:
+        if pending is not None:  # abandoned halfway: the read ahead is not wanted
+            pending.addErrback(lambda _f: None)
 
 
 def _day_start(day: datetime.date) -> datetime.datetime:
