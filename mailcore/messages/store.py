@@ -9,7 +9,7 @@ A batch stored twice changes nothing: a rerun after a crash gives exactly the so
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -341,7 +341,7 @@ def thd_raw_slice(conn: Connection, sha256: str, offset: int, length: int) -> by
 
 
 async def raw_chunks(db: Database, sha256: str, *,
-                     chunk_size: int = RAW_CHUNK) -> AsyncIterator[bytes]:
+                     chunk_size: int = RAW_CHUNK) -> AsyncGenerator[bytes]:
     """A blob's bytes, `chunk_size` at a time, each read in its own transaction on the
     store's thread pool (the next read runs while the caller uses the current chunk), so
     at most two chunks are held, never the whole message. Yields nothing when the blob is
