@@ -78,6 +78,9 @@ class JobSettings:
     # A batch of messages appended at once (pipelined), bounded in count and bytes.
     batch_messages: int = 250
     batch_bytes: int = 4 * 1024 * 1024
+    # A message larger than this is appended alone, streamed from the store chunk by chunk
+    # (mailcore.messages.store.raw_chunks), never read whole.
+    stream_bytes: int = 1024 * 1024
 
     def backoff(self, attempt: int) -> float:
         return float(min(self.retry_max, self.retry_base * 2 ** max(0, attempt - 1)))

@@ -24,6 +24,11 @@ So a message counts as copied only after the server's OK, and never twice, whate
 moment the daemon dies. Transient failures (connection lost, timeouts, an APPEND answered NO
 that the server says may succeed later) put the job back in the queue with a backoff; a
 refused message, a refused login or a certificate that does not verify fail it with a reason.
+
+Memory is bounded per message: a batch holds messages up to `JobSettings.stream_bytes`
+(1 MiB) read whole; a larger message is a batch alone, APPENDed as a `Streamed` source that
+reads its stored bytes a chunk at a time (`mailcore.messages.store.raw_chunks`), with the
+size announced from `message_blobs.size`.
 """
 
 from __future__ import annotations
@@ -63,10 +68,12 @@ from mailcore.fetch.writer import (
     Appended,
     AppendInterrupted,
     MailboxWriter,
+    Streamed,
     encode_folder,
     open_writer,
 )
 from mailcore.messages.sql import dialect_insert, utc
+from mailcore.messages.store import raw_chunks
 from mailcore.store import Database
 from mailcore.store.schema import (
     fetch_folders,
@@ -184,6 +191,17 @@ def thd_read_bodies(conn: Connection, ids: list[int]) -> dict[int, bytes]:
         .where(_m.id.in_(ids))
     )
     return {int(r.id): bytes(r.raw) for r in rows}
+
+
+def thd_blob_sizes(conn: Connection, ids: list[int]) -> dict[int, int]:
+    """Blocking: the exact size of these backed-up messages' bytes (those still stored),
+    without reading them: what a streamed APPEND announces."""
+    rows = conn.execute(
+        select(_m.id, message_blobs.c.size)
+        .select_from(messages.join(message_blobs, message_blobs.c.sha256 == _m.sha256))
+        .where(_m.id.in_(ids))
+    )
+    return {int(r.id): int(r.size) for r in rows}
 
 
 def _upsert_items(conn: Connection, job_id: int,
@@ -417,11 +435,18 @@ class MailboxCopier:
         await self._append_all(runner, job, writer, plan, to_send)
 
     def _batches(self, sources: list[Source]) -> list[list[Source]]:
+        """Batches in the folder's order; a message over `stream_bytes` is a batch alone."""
         out: list[list[Source]] = []
         current: list[Source] = []
         total = 0
         s = self.settings
         for source in sources:
+            if self._streamed(source):
+                if current:
+                    out.append(current)
+                    current, total = [], 0
+                out.append([source])
+                continue
             if current and (len(current) >= s.batch_messages
                             or total + source.size > s.batch_bytes):
                 out.append(current)
@@ -432,15 +457,25 @@ class MailboxCopier:
             out.append(current)
         return out
 
+    def _streamed(self, source: Source) -> bool:
+        return source.size > self.settings.stream_bytes
+
     async def _append_all(self, runner: JobRunner, job: Job, writer: MailboxWriter,
                           plan: FolderPlan, sources: list[Source]) -> None:
         batches = self._batches(sources)
         if not batches:
             return
-        reads: list[defer.Deferred[dict[int, bytes]]] = []
+        reads: list[defer.Deferred[dict[int, bytes | int]]] = []
 
-        def read(batch: list[Source]) -> defer.Deferred[dict[int, bytes]]:
-            return self.db.read("mailbox_job_bodies", thd_read_bodies, [s.id for s in batch])
+        def thd_read(conn: Connection, batch: list[Source]) -> dict[int, bytes | int]:
+            # bytes: the message itself; int: the size of a message to stream.
+            ids = [s.id for s in batch]
+            if len(batch) == 1 and self._streamed(batch[0]):
+                return dict(thd_blob_sizes(conn, ids))
+            return dict(thd_read_bodies(conn, ids))
+
+        def read(batch: list[Source]) -> defer.Deferred[dict[int, bytes | int]]:
+            return self.db.read("mailbox_job_bodies", thd_read, batch)
 
         reads.append(read(batches[0]))
         try:
@@ -465,10 +500,9 @@ class MailboxCopier:
 
     async def _append_batch(self, runner: JobRunner, job: Job, writer: MailboxWriter,
                             plan: FolderPlan, batch: list[Source],
-                            bodies: dict[int, bytes]) -> None:
+                            bodies: dict[int, bytes | int]) -> None:
         sendable = [s for s in batch if s.id in bodies]  # a message deleted meanwhile: skip
-        items = [Append(data=bodies[s.id], flags=s.flags, internaldate=s.internal_date)
-                 for s in sendable]
+        items = [self._item(s, bodies[s.id]) for s in sendable]
         interrupted: AppendInterrupted | None = None
         try:
             answers: list[Appended] = await writer.append(plan.path, items)
@@ -495,6 +529,13 @@ class MailboxCopier:
                                     f"{interrupted}")
         if len(answers) < len(sendable):
             raise TransientJobError("the destination answered fewer APPENDs than were sent")
+
+    def _item(self, source: Source, body: bytes | int) -> Append:
+        if isinstance(body, bytes):
+            return Append(data=body, flags=source.flags, internaldate=source.internal_date)
+        db, sha256 = self.db, source.sha256
+        return Append(data=b"", flags=source.flags, internaldate=source.internal_date,
+                      stream=Streamed(body, lambda: raw_chunks(db, sha256)))
 
     async def _record(self, runner: JobRunner, job: Job,
                       rows: list[tuple[int, str, int | None, int | None]],
