@@ -751,6 +751,32 @@ class StreamedTests(TestCase):
         self.assertIsNone(transport.producer)   # unregistered when done
         self.assertEqual(rig.server.stored["INBOX"][0].data, source.data)
 
+    def test_a_draining_transport_is_not_silence(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"))
+        clock: Clock = rig.session.callLater.__self__  # type: ignore[attr-defined]
+        rig.session.setTimeout(10)
+        transport: Any = rig.session.transport
+        source = Source(big(1, 5000), on_chunk=lambda n: transport.producer.pauseProducing())
+        d = rig.start(rig.writer.append(("INBOX",), [source.append()]))
+        for _ in range(3):
+            # Held back 8 s each time, 24 s in all: each drain counts as the server alive.
+            clock.advance(8)
+            self.assertTrue(rig.session.alive())
+            transport.producer.resumeProducing()
+            rig.pump.flush()
+        transport.producer.resumeProducing()
+        rig.pump.flush()
+        self.assertTrue(self.successResultOf(d)[0].ok)
+        self.assertEqual(rig.server.stored["INBOX"][0].data, source.data)
+        # Held back longer than the idle timeout, the session ends as for any silence.
+        source = Source(big(2, 5000), on_chunk=lambda n: transport.producer.pauseProducing())
+        d = rig.start(rig.writer.append(("INBOX",), [source.append()]))
+        clock.advance(11)
+        rig.pump.flush()
+        error = self.failureResultOf(d, AppendInterrupted).value
+        self.assertIn("stopped answering", str(error))
+        self.assertEqual(error.not_sent, (0,))
+
     def test_append_has_bytes_or_a_stream(self) -> None:
         with self.assertRaises(ValueError):
             Append(b"x", (), None, stream=Streamed(1, Source(b"x").chunks))

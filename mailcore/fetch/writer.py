@@ -29,9 +29,9 @@ that creates folders and APPENDs messages byte-exact with their flags and INTERN
   in a MULTIAPPEND group), once every command before it is answered. A source that yields
   fewer or more bytes than it announced, or fails, drops the connection before the
   command is complete (AppendInterrupted, the message in `not_sent`): never a corrupt or
-  truncated message at the destination. The session's idle timeout
-  counts silence from the server, between batches too: a caller idle for longer opens a
-  new writer.
+  truncated message at the destination. The session's idle timeout counts silence from
+  the server, between batches too (a caller idle for longer opens a new writer); the
+  server draining a streamed literal off a full transport counts as a sign of life.
 
 Folder names are paths of unicode segments. On the wire a path is joined with the
 destination's hierarchy separator and encoded in modified UTF-7 (RFC 3501 5.1.3; our own
@@ -391,9 +391,10 @@ class _Drain:
     drained; `wait()` fires when writing may go on (at once when not paused, and when the
     connection ends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_drained: Callable[[], None]) -> None:
         self.paused = False
         self.pauses = 0
+        self.on_drained = on_drained
         self._waiters: list[defer.Deferred[None]] = []
 
     def pauseProducing(self) -> None:
@@ -401,6 +402,8 @@ class _Drain:
         self.pauses += 1
 
     def resumeProducing(self) -> None:
+        if self.paused:
+            self.on_drained()
         self.paused = False
         self._release()
 
@@ -438,6 +441,11 @@ class WriterSession(IMAPClient):
         self._drain: _Drain | None = None
         self.streamed_chunks = 0
         self.stream_pauses = 0   # times a full transport held a streamed literal back
+
+    def _fail(self, err: FetchError) -> None:
+        super()._fail(err)
+        if self._drain is not None:  # a streamed literal held back: it ends here too
+            self._drain.stopProducing()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if self._drain is not None:
@@ -528,7 +536,9 @@ class WriterSession(IMAPClient):
         literal, so the message is not stored)."""
         transport: Any = self.transport  # TCP and TLS transports are IConsumers
         assert transport is not None
-        drain = self._drain = _Drain()
+        # The server taking our bytes is a sign of life: a long literal on a slow link is
+        # not "silence from the server" (the idle timeout).
+        drain = self._drain = _Drain(self.resetTimeout)
         transport.registerProducer(drain, True)
         chunks = stream.chunks()
         sent = 0
