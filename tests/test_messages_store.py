@@ -187,6 +187,24 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual([m.summary.id for m in await store.thread_of(user, b)], [a, b])
         self.assertEqual([m.summary.id for m in await store.thread_of(user, c)], [c])
 
+    async def test_nul_in_body_subject_and_file_name_is_stored(self) -> None:
+        """PostgreSQL's text refuses NUL: a message carrying one (in its body, an encoded
+        word or a file name) is stored with U+FFFD there, its bytes untouched."""
+        store, user = await self.make_store()
+        raw = (b"Message-ID: <nul@x.test>\r\nSubject: =?utf-8?q?a=00b?=\r\n"
+               b"From: alice@x.test\r\nDate: 1 Oct 2024 12:00:00 +0000\r\n"
+               b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+               b"--B\r\nContent-Type: text/plain\r\n\r\nzebra\x00crossing\r\n"
+               b"--B\r\nContent-Type: application/octet-stream\r\n"
+               b"Content-Disposition: attachment; filename*=utf-8''f%00.bin\r\n\r\nxx\r\n"
+               b"--B--\r\n")
+        stored = await store.add_message(user, raw)
+        self.assertEqual(await store.raw_message(user, stored), raw)
+        message = await store.get_message(user, stored)
+        self.assertEqual(message.summary.subject, "a\ufffdb")
+        page = await store.list_messages(user, MessageQuery(q="zebra", ordering="id"))
+        self.assertEqual([m.id for m in page.items], [stored])
+
     async def test_search_words_in_subject_body_sender_recipient(self) -> None:
         store, user = await self.make_store()
         ids = [

@@ -410,7 +410,29 @@ def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage
         except (LookupError, UnicodeError, ValueError, TypeError, AssertionError) as e:
             problems.append(f"part {path} unreadable ({type(e).__name__})")
     result.has_attachments = bool(result.attachments)
+    _replace_nul(result)
     return result
+
+
+_TEXT_FIELDS = ("message_id", "subject", "sender", "sender_address", "recipient", "cc",
+                "body_text", "body_html", "headers", "in_reply_to")
+
+
+def _replace_nul(result: ParsedMessage) -> None:
+    """NUL (from a body, an encoded word or a file name) becomes U+FFFD in every indexed
+    text: PostgreSQL's text columns refuse it, so one such message failed a whole batch."""
+    for name in _TEXT_FIELDS:
+        value = getattr(result, name)
+        if "\x00" in value:
+            setattr(result, name, value.replace("\x00", "\ufffd"))
+    if any("\x00" in r for r in result.references):
+        result.references = [r.replace("\x00", "\ufffd") for r in result.references]
+    for i, a in enumerate(result.attachments):
+        if "\x00" in a.filename or "\x00" in a.mime_type or "\x00" in (a.content_id or ""):
+            result.attachments[i] = AttachmentInfo(
+                a.part_path, a.filename.replace("\x00", "\ufffd"),
+                a.mime_type.replace("\x00", "\ufffd"), a.size,
+                None if a.content_id is None else a.content_id.replace("\x00", "\ufffd"))
 
 
 def _index_part(result: ParsedMessage, path: str, part: Message, limits: MimeLimits) -> None:
