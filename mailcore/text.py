@@ -33,3 +33,13 @@ def breaks_line(text: str) -> bool:
 def has_surrogate(text: str) -> bool:
     """Whether `text` holds a lone surrogate (it cannot be encoded, stored or sent)."""
     return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with NUL and lone surrogates replaced by U+FFFD: what a text column of every
+    store accepts (PostgreSQL refuses NUL; neither encodes a lone surrogate as UTF-8). For
+    text read out of mail, where refusing is not an option."""
+    return _UNSTORABLE.sub("\ufffd", text) if _UNSTORABLE.search(text) else text

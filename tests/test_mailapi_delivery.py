@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
 
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
@@ -160,3 +161,21 @@ class HostedDomainTests(QueueTestCase):
         self.assertIn("5.1.2 no such mailbox here", states[1][2])
         rows = done(self.db.read("rows", thd_rows))
         self.assertEqual(len(rows), 1)
+
+
+class StorableTextTests(SynchronousTestCase):
+    def test_nul_and_lone_surrogates_are_replaced_not_refused(self) -> None:
+        """A delivered message with NUL in its subject, body or a file name is stored with
+        U+FFFD there (PostgreSQL's text refuses NUL), never refused or lost."""
+        from mailcore.mailapi.mime import parse_message
+
+        raw = (b"From: a@x.test\r\nTo: b@y.test\r\nSubject: =?utf-8?q?hi=00there?=\r\n"
+               b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+               b"--B\r\nContent-Type: text/plain\r\n\r\nzebra\x00crossing\r\n"
+               b"--B\r\nContent-Type: application/octet-stream\r\n"
+               b"Content-Disposition: attachment; filename*=utf-8''f%00.bin\r\n\r\nxx\r\n"
+               b"--B--\r\n")
+        parsed = parse_message(raw)
+        self.assertEqual(parsed.subject, "hi\ufffdthere")
+        self.assertEqual(parsed.body.strip(), "zebra\ufffdcrossing")
+        self.assertEqual([a.name for a in parsed.attachments], ["f\ufffd.bin"])

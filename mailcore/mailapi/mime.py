@@ -25,7 +25,7 @@ from email.utils import formatdate, make_msgid
 from io import BytesIO
 from typing import BinaryIO
 
-from mailcore.text import has_control
+from mailcore.text import has_control, storable
 
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
 _LINE = 57
@@ -55,7 +55,7 @@ def _header(message: EmailMessage, name: str) -> str:
         value = message.get(name)
     except Exception:  # a malformed field: keep the rest of the message
         return ""
-    return " ".join(str(value).split()) if value is not None else ""
+    return storable(" ".join(str(value).split())) if value is not None else ""
 
 
 def parse_message(raw: bytes) -> Parsed:
@@ -71,14 +71,15 @@ def parse_message(raw: bytes) -> Parsed:
         part = message.get_body(preferencelist=("plain", "html"))
         if part is not None:
             content = part.get_content()
-            parsed.body = content.replace("\r\n", "\n") if isinstance(content, str) else ""
+            parsed.body = (storable(content.replace("\r\n", "\n"))
+                           if isinstance(content, str) else "")
     except Exception:
         parsed.body = ""
     try:
         for index, attachment in enumerate(message.iter_attachments(), 1):
             payload = attachment.get_payload(decode=True)
             data = payload if isinstance(payload, bytes) else b""
-            name = attachment.get_filename() or f"attachment-{index}"
+            name = storable(attachment.get_filename() or f"attachment-{index}")
             parsed.attachments.append(
                 Attachment(name[:255], attachment.get_content_type()[:255], data))
     except Exception:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 
+from mailcore.text import storable
+
 # Transfer and charset decoding of a whole body is bounded by the message size, which the
 # fetch engine bounds; these bound the work and storage for structure and for indexed text.
 MAX_HEADER_BYTES = 256 * 1024
@@ -419,20 +421,16 @@ _TEXT_FIELDS = ("message_id", "subject", "sender", "sender_address", "recipient"
 
 
 def _replace_nul(result: ParsedMessage) -> None:
-    """NUL (from a body, an encoded word or a file name) becomes U+FFFD in every indexed
-    text: PostgreSQL's text columns refuse it, so one such message failed a whole batch."""
+    """NUL (from a body, an encoded word or a file name) and lone surrogates become U+FFFD
+    in every indexed text (`text.storable`): PostgreSQL's text columns refuse NUL, so one
+    such message failed the whole batch of a backup."""
     for name in _TEXT_FIELDS:
-        value = getattr(result, name)
-        if "\x00" in value:
-            setattr(result, name, value.replace("\x00", "\ufffd"))
-    if any("\x00" in r for r in result.references):
-        result.references = [r.replace("\x00", "\ufffd") for r in result.references]
-    for i, a in enumerate(result.attachments):
-        if "\x00" in a.filename or "\x00" in a.mime_type or "\x00" in (a.content_id or ""):
-            result.attachments[i] = AttachmentInfo(
-                a.part_path, a.filename.replace("\x00", "\ufffd"),
-                a.mime_type.replace("\x00", "\ufffd"), a.size,
-                None if a.content_id is None else a.content_id.replace("\x00", "\ufffd"))
+        setattr(result, name, storable(getattr(result, name)))
+    result.references = [storable(r) for r in result.references]
+    result.attachments = [
+        AttachmentInfo(a.part_path, storable(a.filename), storable(a.mime_type), a.size,
+                       None if a.content_id is None else storable(a.content_id))
+        for a in result.attachments]
 
 
 def _index_part(result: ParsedMessage, path: str, part: Message, limits: MimeLimits) -> None:
