@@ -281,7 +281,8 @@ def measure(daemon: Daemon, args: argparse.Namespace, kind: str) -> list[tuple[s
     detail_id = first["results"][len(first["results"]) // 2]["id"]
     legs = [
         ("list", "email list, first page", "/api/emails/"),
-        ("list_deep", f"email list, page {deep_page:,} of 50", f"/api/emails/?page={deep_page}"),
+        ("list_deep", f"email list, page {deep_page:,} (50 a page)",
+         f"/api/emails/?page={deep_page}"),
         ("search_rare", f"search {RARE} ({rare['count']:,} hits)", f"/api/emails/?q={RARE}"),
         ("search_common", f"search {COMMON} ({common['count']:,} hits)",
          f"/api/emails/?q={COMMON}"),
