@@ -515,6 +515,33 @@ class ApiKeyTests(MailApiTestCase):
 
 
 class MailFilesTests(TestCase):
+    def test_taking_back_a_file_keeps_the_same_bytes_written_again_since(self) -> None:
+        """Two uploads of the same bytes at once: the first fails and takes its file back
+        while the second's mail is about to name it. The second wrote the file again (a
+        new inode), so it stays; with nobody else, the file goes."""
+        files = MailFiles(Path(self.mktemp()))
+        files.prepare()
+        first = files.write(b"the same report")
+        second = files.write(b"the same report")
+        self.assertEqual((first.new, second.new), (True, False))
+        files.take_back([first])
+        self.assertEqual(files.read(second.sha256), b"the same report")
+        alone = files.write(b"only mine")
+        files.take_back([alone])
+        self.assertFalse(files.path(alone.sha256).exists())
+
+    def test_the_sweep_keeps_a_file_written_again_after_it_looked(self) -> None:
+        files = MailFiles(Path(self.mktemp()))
+        files.prepare()
+        old, again = files.write(b"old and unused"), files.write(b"old, then sent again")
+        for f in (old, again):
+            os.utime(files.path(f.sha256), (time.time() - 2 * GRACE,) * 2)
+        cutoff = time.time() - GRACE
+        files.write(b"old, then sent again")  # between the sweep's look and its removal
+        self.assertEqual(files.remove_older([old.sha256, again.sha256], cutoff), 1)
+        self.assertFalse(files.path(old.sha256).exists())
+        self.assertTrue(files.path(again.sha256).exists())
+
     def test_start_up_removes_only_temp_files_a_crash_left(self) -> None:
         files = MailFiles(Path(self.mktemp()))
         files.prepare()

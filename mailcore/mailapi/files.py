@@ -11,18 +11,23 @@ An upload is read from the request body twisted.web spooled, a chunk at a time
 (mailcore.uploads): text fields are kept (within `max_text` bytes in all), file parts go to
 disk as they are parsed, each within `max_attachment` bytes and all of them within
 `max_total`. A refused upload leaves no file: temp files are removed on every error, and
-the files an upload placed are removed again when its mail is not stored (`discard`).
+the files an upload placed are removed again when its mail is not stored (`discard`),
+unless the same bytes were written again since (a new inode: another upload whose mail may
+be about to name them).
 
 Files no row names any more (mail deleted, a mailbox removed with its mail, a crash between
 rename and commit) are removed once they are older than `GRACE` seconds, so that a file a
-write is about to name is never taken from under it (MailService.collect and sweep). Every
-method here blocks: run it on a thread pool.
+write is about to name is never taken from under it (MailService.collect and sweep; the age
+is checked again at the removal). Placing a file and removing one are each one step under a
+lock, so within a node no removal races a write of the same bytes. Every method here
+blocks: run it on a thread pool.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,13 +54,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 @dataclass(frozen=True)
 class StoredFile:
     """A file part written into place: the name it was uploaded under, its type, size and
-    content hash; `new` when this upload made the file (so `discard` may take it back)."""
+    content hash; `new` when this upload made the file (so `discard` may take it back), and
+    the inode it was written as (a later upload of the same bytes writes a new one)."""
 
     name: str
     content_type: str
     size: int
     sha256: str
     new: bool = False
+    inode: int = 0
 
 
 @dataclass
@@ -71,6 +78,10 @@ class MailFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Placing a file and taking one back are one step each under this lock, so that
+        # an upload taking back its file never removes the same bytes another upload has
+        # just written again (see `take_back`).
+        self._placing = threading.Lock()
 
     @property
     def tmp(self) -> Path:
@@ -109,8 +120,8 @@ class MailFiles:
         same file). Blocks (fsync)."""
         with SpoolFile(self.tmp) as out:
             out.write(data)
-            new = out.keep(self.path(out.sha256))
-            return StoredFile("", "", out.size, out.sha256, new)
+            new, inode = self._keep(out)
+            return StoredFile("", "", out.size, out.sha256, new, inode)
 
     def receive(self, source: BinaryIO, content_type: str, received: Received, *,
                 max_attachment: int, max_total: int, max_text: int) -> None:
@@ -168,16 +179,46 @@ class MailFiles:
             if out is not None:
                 out.discard()
 
+    def _keep(self, out: SpoolFile) -> tuple[bool, int]:
+        """Rename `out` into place: whether the file is new, and its inode."""
+        final = self.path(out.sha256)
+        with self._placing:
+            new = out.keep(final)
+            return new, final.stat().st_ino
+
     def _place(self, segment: MultipartSegment, out: SpoolFile) -> StoredFile:
-        new = out.keep(self.path(out.sha256))
+        new, inode = self._keep(out)
         media = segment.content_type or "application/octet-stream"
         if has_control(media):
             media = "application/octet-stream"
-        return StoredFile(_shown(segment), media[:255], out.size, out.sha256, new)
+        return StoredFile(_shown(segment), media[:255], out.size, out.sha256, new, inode)
 
-    def remove(self, hashes: Iterable[str]) -> None:
+    def remove_older(self, hashes: Iterable[str], cutoff: float) -> int:
+        """Remove those of `hashes` still last written before `cutoff` (one written again
+        since, by an upload whose mail may be about to name it, stays); how many."""
+        removed = 0
         for sha256 in hashes:
-            self.path(sha256).unlink(missing_ok=True)
+            path = self.path(sha256)
+            with self._placing:
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    def take_back(self, files: Iterable[StoredFile]) -> None:
+        """Remove the files these uploads made, unless the same bytes were written again
+        since (another upload, whose mail may be about to name them: a new inode)."""
+        for f in files:
+            path = self.path(f.sha256)
+            with self._placing:
+                try:
+                    if path.stat().st_ino == f.inode:
+                        path.unlink()
+                except FileNotFoundError:
+                    continue
 
     def older_than(self, hashes: Iterable[str], cutoff: float) -> list[str]:
         """Those of `hashes` whose file was last written before `cutoff` (epoch seconds)."""

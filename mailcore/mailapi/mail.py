@@ -319,12 +319,13 @@ class MailService:
 
     async def discard(self, files: Sequence[StoredFile]) -> None:
         """Take back the files an upload made when its mail was not stored (a file a row
-        names meanwhile stays)."""
-        made = [f.sha256 for f in files if f.new]
+        names meanwhile stays, and so does one another upload has written again since)."""
+        made = [f for f in files if f.new]
         if not made:
             return
-        named = await self.db.read("mailapi_files_in_use", thd_files_in_use, made)
-        await self.io.run(self.files.remove, [h for h in made if h not in named])
+        named = await self.db.read("mailapi_files_in_use", thd_files_in_use,
+                                   [f.sha256 for f in made])
+        await self.io.run(self.files.take_back, [f for f in made if f.sha256 not in named])
 
     async def collect(self, hashes: Sequence[str], grace: float = GRACE) -> int:
         """Remove the files among `hashes` no row names that are older than `grace`
@@ -333,13 +334,13 @@ class MailService:
         if not hashes:
             return 0
         # Ages are the file system's (modification times), so the wall clock's.
-        old = await self.io.run(self.files.older_than, list(hashes), time.time() - grace)
+        cutoff = time.time() - grace
+        old = await self.io.run(self.files.older_than, list(hashes), cutoff)
         if not old:
             return 0
         named = await self.db.read("mailapi_files_in_use", thd_files_in_use, old)
         unused = [h for h in old if h not in named]
-        await self.io.run(self.files.remove, unused)
-        return len(unused)
+        return int(await self.io.run(self.files.remove_older, unused, cutoff))
 
     async def sweep(self, grace: float = GRACE, batch: int = 500) -> int:
         """Remove every file on disk no row names (older than `grace`), and temp files a
