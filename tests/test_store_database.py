@@ -237,6 +237,35 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
         )
         self.assertGreaterEqual(SQLITE_BUSY_TIMEOUT_MS, 5000)
 
+    async def test_a_relaxed_write_commits_without_fsync_and_leaves_full_behind(self) -> None:
+        """`run_relaxed` commits with synchronous=NORMAL (a later FULL commit fsyncs the
+        WAL with it), then puts FULL back on the connection, also when the work fails; a
+        failed relaxed write rolls back like any other."""
+
+        def relaxed(conn: Connection, name: str) -> tuple[int, int]:
+            return _add_user(conn, name), int(conn.exec_driver_sql("PRAGMA synchronous")
+                                              .scalar_one())
+
+        def level(conn: Connection) -> int:
+            return int(conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
+
+        def failing(conn: Connection) -> None:
+            _add_user(conn, "mallory")
+            raise Boom()
+
+        user_id, during = await self.db.run_relaxed("relaxed", relaxed, "alice")
+        self.assertEqual(during, 1)  # NORMAL
+        with self.assertRaises(Boom):
+            await self.db.run_relaxed("relaxed", failing)
+        for _ in range(3):  # whichever pooled connection comes next
+            self.assertEqual(await self.db.read("level", level), 2)  # FULL
+
+        def names(conn: Connection) -> list[str]:
+            return list(conn.execute(select(users.c.username)).scalars().all())
+
+        self.assertEqual(await self.db.read("names", names), ["alice"])
+        self.assertIsInstance(user_id, int)
+
     async def test_database_is_locked_is_retried(self) -> None:
         """A transaction that fails with "database is locked" runs again and commits."""
         attempts: list[int] = []

@@ -567,8 +567,10 @@ class SyncEngine:
                 if queue:  # the next fetch goes out before this batch is stored
                     nxt = queue.popleft()
                     pending.append((nxt, self._fetch_and_parse(session, nxt)))
+                # Durable once the folder state is saved after the last batch (a FULL
+                # commit fsyncs the WAL with every batch before it).
                 stored = await self.store.store_batch(where, fetched, rescan=rescan,
-                                                      parsed=parsed)
+                                                      parsed=parsed, relaxed=True)
                 folder_result.new += len(stored.created)
                 folder_result.relinked += stored.relinked
                 result.new_messages += len(stored.created)
@@ -685,7 +687,7 @@ class SyncEngine:
                     fetched.append(FetchedMessage(raw=raw, uidl=uidl))
                 if since is not None:
                     fetched = await self._within(fetched, since)
-                stored = await self.store.store_batch(where, fetched)
+                stored = await self.store.store_batch(where, fetched, relaxed=True)
                 folder_result.new += len(stored.created)
                 result.new_messages += len(stored.created)
                 result.new_message_ids.extend(stored.created)

@@ -709,15 +709,18 @@ class MessageStore:
 
     async def store_batch(
         self, where: Location, fetched: Sequence[FetchedMessage], *, rescan: bool = False,
-        parsed: Sequence[ParsedMessage] | None = None,
+        parsed: Sequence[ParsedMessage] | None = None, relaxed: bool = False,
     ) -> StoreResult:
         """Parse (unless `parsed` holds the parse of each message already) and store one
-        batch atomically; a rerun of the same batch stores nothing."""
+        batch atomically; a rerun of the same batch stores nothing. `relaxed`: committed
+        without an fsync of its own (`Database.run_relaxed`), for a caller whose own later
+        commit makes it durable before anything is acknowledged (a sync's folder state)."""
         if not fetched:
             return StoreResult()
         if parsed is None:
             parsed = await self.parse([f.raw for f in fetched])
-        return await self.db.run(
+        run = self.db.run_relaxed if relaxed else self.db.run
+        return await run(
             "store_message_batch", thd_store_batch, where, list(zip(fetched, parsed, strict=True)),
             self.now(), rescan,
         )

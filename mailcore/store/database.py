@@ -122,6 +122,22 @@ class Database:
         """
         return self._defer(self._transaction, name, True, fn, *args, **kwargs)
 
+    def run_relaxed(
+        self,
+        name: str,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        """Like `run`, for a write whose durability a later `run` vouches for. On SQLite the
+        commit is not fsynced (`synchronous=NORMAL` for this transaction): it survives a
+        crash of the process, and the next ordinary commit (FULL) fsyncs the WAL with it,
+        so after that commit it survives a crash of the machine too. The caller must not
+        acknowledge the work before such a commit: a sync stores its batches this way and
+        says "done" with the folder state it saves after them. PostgreSQL: same as `run`.
+        """
+        return self._defer(self._transaction, name, True, fn, *args, relaxed=True, **kwargs)
+
     def read(
         self,
         name: str,
@@ -191,15 +207,27 @@ class Database:
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
 
     def _transaction(
-        self, name: str, write: bool, fn: Callable[..., T], *args: Any, **kwargs: Any
+        self, name: str, write: bool, fn: Callable[..., T], *args: Any,
+        relaxed: bool = False, **kwargs: Any,
     ) -> T:
         """Blocking: one transaction, retried on lock conflicts. Runs on a pool thread."""
+        relaxed = relaxed and self.engine.dialect.name == "sqlite"
 
         def once() -> T:
             with self.engine.connect() as conn:
                 conn.info[WRITE_INTENT] = write
-                with conn.begin():
-                    return fn(conn, *args, **kwargs)
+                if not relaxed:
+                    with conn.begin():
+                        return fn(conn, *args, **kwargs)
+                # The level can change only between transactions; it is put back before
+                # the connection returns to the pool.
+                driver: Any = conn.connection.driver_connection
+                driver.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    with conn.begin():
+                        return fn(conn, *args, **kwargs)
+                finally:
+                    driver.execute("PRAGMA synchronous=FULL")
 
         return self._retrying(name, once)
 
