@@ -412,7 +412,7 @@ def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage
         except (LookupError, UnicodeError, ValueError, TypeError, AssertionError) as e:
             problems.append(f"part {path} unreadable ({type(e).__name__})")
     result.has_attachments = bool(result.attachments)
-    _replace_nul(result)
+    _storable_text(result)
     return result
 
 
@@ -420,17 +420,21 @@ _TEXT_FIELDS = ("message_id", "subject", "sender", "sender_address", "recipient"
                 "body_text", "body_html", "headers", "in_reply_to")
 
 
-def _replace_nul(result: ParsedMessage) -> None:
+def _storable_text(result: ParsedMessage) -> None:
     """NUL (from a body, an encoded word or a file name) and lone surrogates become U+FFFD
     in every indexed text (`text.storable`): PostgreSQL's text columns refuse NUL, so one
-    such message failed the whole batch of a backup."""
+    such message failed the whole batch of a backup. Lists are rebuilt only when a value
+    changes (the usual message is left as it is)."""
     for name in _TEXT_FIELDS:
         setattr(result, name, storable(getattr(result, name)))
-    result.references = [storable(r) for r in result.references]
-    result.attachments = [
-        AttachmentInfo(a.part_path, storable(a.filename), storable(a.mime_type), a.size,
-                       None if a.content_id is None else storable(a.content_id))
-        for a in result.attachments]
+    references = [storable(r) for r in result.references]
+    if references != result.references:
+        result.references = references
+    for i, a in enumerate(result.attachments):
+        cid = None if a.content_id is None else storable(a.content_id)
+        name, media = storable(a.filename), storable(a.mime_type)
+        if (name, media, cid) != (a.filename, a.mime_type, a.content_id):
+            result.attachments[i] = AttachmentInfo(a.part_path, name, media, a.size, cid)
 
 
 def _index_part(result: ParsedMessage, path: str, part: Message, limits: MimeLimits) -> None:
