@@ -89,14 +89,20 @@ class Browser:
     async def click_button(self, label: str) -> None:
         """Click the button whose text is `label` and wait for the next page to load."""
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.webdriver.support.ui import WebDriverWait
 
         def click() -> None:
             buttons = [b for b in self.driver.find_elements(By.TAG_NAME, "button")
                        if b.text.strip() == label]
             if len(buttons) != 1:
                 raise AssertionError(f"{len(buttons)} buttons labelled {label!r}")
-            # Selenium's click waits for the navigation a form submission starts.
+            page = self.driver.find_element(By.TAG_NAME, "html")
             buttons[0].click()
+            # The click returns once the form is submitted, not always once the next page
+            # is in: wait until the old page is gone (the driver's next command then waits
+            # for the new one to load).
+            WebDriverWait(self.driver, 20).until(staleness_of(page))
 
         await self.run(click)
 
