@@ -216,6 +216,20 @@ class DatabaseTestsMixin(DatabaseMixin):
 class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
     backend = "sqlite"
 
+    async def test_reads_take_a_lane_of_their_own(self) -> None:
+        """Reads run one at a time on the read lane's thread, writes on the pool's."""
+
+        def thread_name(conn: Connection) -> str:
+            return threading.current_thread().name
+
+        reads = await defer.gatherResults(
+            [self.db.read("where", thread_name) for _ in range(8)])
+        writes = await defer.gatherResults(
+            [self.db.run("where", thread_name) for _ in range(8)])
+        self.assertEqual(len(set(reads)), 1)
+        self.assertIn("mailcore-db-read", reads[0])
+        self.assertFalse(any("mailcore-db-read" in name for name in writes))
+
     async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
         """WAL, synchronous=FULL, a busy timeout and foreign keys on every connection."""
 

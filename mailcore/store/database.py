@@ -58,16 +58,29 @@ class Database:
         reactor: IReactorFromThreads,
         *,
         max_threads: int = 4,
+        read_threads: int = 1,
         synchronous: bool = False,
     ) -> None:
         self.url = url
         self.is_sqlite = is_sqlite(url)
         self._reactor = reactor
         self._synchronous = synchronous
-        self.engine: Engine = make_engine(url, pool_size=max_threads + 1)
+        lane = self.is_sqlite and not synchronous
+        self.engine: Engine = make_engine(
+            url, pool_size=max_threads + (read_threads if lane else 0) + 1)
         self._pool: ThreadPool | None = None
+        self._read_pool: ThreadPool | None = None
         if not synchronous:
             self._pool = ThreadPool(minthreads=1, maxthreads=max_threads, name="mailcore-db")
+            self._read_pool = self._pool
+            if lane:
+                self._read_pool = ThreadPool(
+                    minthreads=1, maxthreads=read_threads, name="mailcore-db-read")
+
+    def _pools(self) -> list[ThreadPool]:
+        """The thread pools, the read lane first when it is a pool of its own."""
+        pools = [self._read_pool] if self._read_pool is not self._pool else []
+        return [p for p in [*pools, self._pool] if p is not None]
 
     @property
     def threaded(self) -> bool:
@@ -88,8 +101,9 @@ class Database:
 
     async def open(self) -> None:
         """Start the thread pool and bring the schema to the newest revision."""
-        if self._pool is not None and not self._pool.started:
-            self._pool.start()
+        for pool in self._pools():
+            if not pool.started:
+                pool.start()
         await self._defer(self.migrate_blocking)
 
     def migrate_blocking(self) -> None:
@@ -100,10 +114,10 @@ class Database:
 
     async def close(self) -> None:
         """Finish queued work, stop the pool's threads and release connections."""
-        if self._pool is not None and self._pool.started:
-            pool = self._pool
-            await self._defer(lambda: None)
-            pool.stop()
+        for pool in self._pools():
+            if pool.started:
+                await self._defer_on(pool, lambda: None)
+                pool.stop()
         self.engine.dispose()
 
     # -- running work ---------------------------------------------------------------------
@@ -145,8 +159,10 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> defer.Deferred[T]:
-        """Like `run`, for work that only reads (no write lock is taken on SQLite)."""
-        return self._defer(self._transaction, name, False, fn, *args, **kwargs)
+        """Like `run`, for work that only reads (no write lock is taken on SQLite; on SQLite
+        it runs on the read lane)."""
+        return self._defer_on(self._read_pool, self._transaction, name, False, fn, *args,
+                              **kwargs)
 
     def stream(
         self,
@@ -196,15 +212,19 @@ class Database:
             self._reactor.callFromThread(fn, *args)
 
     def _defer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
-        if self._pool is None:
+        return self._defer_on(self._pool, fn, *args, **kwargs)
+
+    def _defer_on(self, pool: ThreadPool | None, fn: Callable[..., T], *args: Any,
+                  **kwargs: Any) -> defer.Deferred[T]:
+        if pool is None:
             try:
                 return defer.succeed(fn(*args, **kwargs))
             except BaseException:
                 return defer.fail()
-        if self._pool.joined:
+        if pool.joined:
             # A stopped ThreadPool drops new work silently: the Deferred would never fire.
             return defer.fail(StoreError("the database is closed"))
-        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+        return threads.deferToThreadPool(self._reactor, pool, fn, *args, **kwargs)
 
     def _transaction(
         self, name: str, write: bool, fn: Callable[..., T], *args: Any,

@@ -66,9 +66,9 @@ async def open_database_at(test: TestCase, url: str, *, max_threads: int = 4) ->
 
 def _start_pool(db: Database) -> None:
     """Start the pool without migrating, for tests of the migrations themselves."""
-    pool = db._pool
-    if pool is not None and not pool.started:
-        pool.start()
+    for pool in db._pools():
+        if not pool.started:
+            pool.start()
 
 
 class DatabaseMixin(MixinBase):
