@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.identity import Identity, IdentityError, User, passwords
 from mailcore.identity import secrets as creds
-from mailcore.identity.service import utc
+from mailcore.identity.service import RESOLVED_TTL, utc
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
@@ -483,3 +483,62 @@ class CredentialTests(IdentityTestCase):
                 continue
             for secret in handed_out:
                 self.assertNotIn(secret.lower(), text)
+
+
+class ResolvedSecretTests(IdentityTestCase):
+    """A secret that resolved a moment ago resolves again from memory, for RESOLVED_TTL."""
+
+    async def revoke_elsewhere(self, credential_id: int) -> None:
+        """Revoke the way another node or the CLI would: in the store, not through us."""
+        def txn(conn: Connection) -> None:
+            conn.execute(update(credentials).where(credentials.c.id == credential_id)
+                         .values(revoked_at=utc(datetime.datetime.now(datetime.UTC))))
+
+        await self.db.run("revoke_elsewhere", txn)
+
+    async def test_a_change_made_elsewhere_counts_within_the_ttl(self) -> None:
+        alice = await self.user()
+        token, info = await self.identity.create_credential(alice.id, "token")
+        self.assertIsNotNone(await self.identity.resolve(token, ("token",)))
+        await self.revoke_elsewhere(info.id)
+        self.assertIsNotNone(await self.identity.resolve(token, ("token",)))
+        self.clock.advance(RESOLVED_TTL)
+        self.assertIsNone(await self.identity.resolve(token, ("token",)))
+
+    async def test_a_deactivated_user_is_refused_within_the_ttl(self) -> None:
+        alice = await self.user()
+        token, _ = await self.identity.create_credential(alice.id, "token")
+        self.assertIsNotNone(await self.identity.resolve(token, ("token",)))
+        await self.deactivate(alice.id)
+        self.clock.advance(RESOLVED_TTL)
+        self.assertIsNone(await self.identity.resolve(token, ("token",)))
+
+    async def test_our_own_changes_count_at_once(self) -> None:
+        alice = await self.user()
+        token, info = await self.identity.create_credential(alice.id, "token")
+        principal = await self.identity.resolve(token, ("token",))
+        assert principal is not None
+        await self.identity.update_profile(alice.id, {"first_name": "Alice"})
+        again = await self.identity.resolve(token, ("token",))
+        assert again is not None
+        self.assertEqual(again.user.profile()["first_name"], "Alice")
+        await self.identity.revoke_credential(alice.id, info.prefix)
+        self.assertIsNone(await self.identity.resolve(token, ("token",)))
+
+    async def test_expiry_is_checked_at_every_use(self) -> None:
+        alice = await self.user()
+        key, key_info = await self.identity.create_credential(alice.id, "apikey", ttl=10)
+        session, _ = await self.identity.create_credential(
+            alice.id, "session", parent_id=key_info.id)
+        self.clock.advance(9.5)
+        self.assertIsNotNone(await self.identity.resolve(session, ("session",)))
+        self.clock.advance(0.5)  # the parent expires inside the session's memory window
+        self.assertIsNone(await self.identity.resolve(session, ("session",)))
+        self.assertIsNone(await self.identity.resolve(key, ("apikey",)))
+
+    async def test_the_kinds_asked_for_are_part_of_the_memory(self) -> None:
+        alice = await self.user()
+        token, _ = await self.identity.create_credential(alice.id, "token")
+        self.assertIsNotNone(await self.identity.resolve(token, ("token",)))
+        self.assertIsNone(await self.identity.resolve(token, ("session",)))
+        self.assertIsNone(await self.identity.resolve(token + "x", ("token",)))

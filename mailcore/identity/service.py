@@ -10,6 +10,7 @@ None; the web layer turns None into each API's own 401.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import re
 import secrets as _random
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ _EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f-\x9f]{1,64}@[^@\s\x00-\x1f\x7f-\x9f]{1
 EXPIRED_KEPT_SECONDS = 86400.0
 # last_used_at is refreshed at most this often, so that reads do not become writes.
 _LAST_USED_GRANULARITY = 300
+# How long a resolved secret is believed without the store (seconds), and how many such
+# secrets are kept before the memory starts again.
+RESOLVED_TTL = 1.0
+RESOLVED_KEPT = 10_000
 
 
 class IdentityError(Exception):
@@ -197,6 +202,10 @@ class Identity:
         self.clock = clock
         self.cpu = cpu
         self.session_ttl = session_ttl
+        # Secrets resolved in the last RESOLVED_TTL seconds: their digest -> (when,
+        # when the credential or its parent expires, the principal). Cleared by every
+        # change this Identity makes to users or credentials.
+        self._resolved: dict[bytes, tuple[float, datetime.datetime | None, Principal]] = {}
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
@@ -315,6 +324,7 @@ class Identity:
                 conn.execute(update(users).where(users.c.id == user_id).values(**values))
 
         await self.db.run("update_profile", txn)
+        self.forget_resolved()
         user = await self.get_user(user_id)
         if user is None:
             raise IdentityError("No such user.")
@@ -328,6 +338,7 @@ class Identity:
             conn.execute(update(users).where(users.c.id == user_id).values(password_hash=hashed))
 
         await self.db.run("set_password", txn)
+        self.forget_resolved()
 
     async def set_plan(self, user_id: int, plan: str) -> None:
         if plan not in PLANS:
@@ -337,6 +348,7 @@ class Identity:
             conn.execute(update(users).where(users.c.id == user_id).values(plan=plan))
 
         await self.db.run("set_plan", txn)
+        self.forget_resolved()
 
     async def authenticate_password(self, name_or_email: str, password: str) -> User | None:
         """The active user whose password this is, else None (same cost either way)."""
@@ -439,7 +451,9 @@ class Identity:
                 q = q.where(credentials.c.kind == kind)
             return int(conn.execute(q.values(revoked_at=now)).rowcount)
 
-        return await self.db.run("revoke_credential", txn)
+        revoked = await self.db.run("revoke_credential", txn)
+        self.forget_resolved()
+        return revoked
 
     async def purge_expired(self, grace: float = EXPIRED_KEPT_SECONDS) -> int:
         """Delete credentials (safedrop sessions, mostly) that expired more than `grace`
@@ -453,15 +467,34 @@ class Identity:
                 delete(credentials).where(c.expires_at.is_not(None), c.expires_at < cutoff)
             ).rowcount or 0)
 
-        return await self.db.run("purge_expired_credentials", txn)
+        purged = await self.db.run("purge_expired_credentials", txn)
+        self.forget_resolved()
+        return purged
+
+    def forget_resolved(self) -> None:
+        """Drop the secrets resolved lately: the next use of each reads the store again."""
+        self._resolved.clear()
 
     async def resolve(self, secret: str, kinds: tuple[str, ...]) -> Principal | None:
-        """The principal a presented secret stands for, or None if it is not live."""
+        """The principal a presented secret stands for, or None if it is not live.
+
+        A secret that resolved in the last RESOLVED_TTL seconds resolves again from memory
+        (an API client sends the same token with every request): a revocation made by
+        this process takes effect at once, one made by another node or the CLI within
+        RESOLVED_TTL seconds. Expiry is checked at every use."""
         if not creds.well_formed(secret):
             return None
         now = self.now()
+        key = hashlib.sha256(" ".join(kinds).encode() + b"\0" + secret.encode()).digest()
+        seen = self._resolved.get(key)
+        if seen is not None:
+            at, expires, principal = seen
+            if 0 <= self.clock.seconds() - at < RESOLVED_TTL and (
+                    expires is None or expires > now):
+                return principal
+            del self._resolved[key]
 
-        def txn(conn: Connection) -> tuple[Principal, bool] | None:
+        def txn(conn: Connection) -> tuple[Principal, bool, datetime.datetime | None] | None:
             # The parent (if any) comes in the same statement: a primary-key probe per row.
             rows = conn.execute(
                 select(
@@ -501,14 +534,18 @@ class Identity:
                 kind=m["kind"],
                 scopes=tuple(m["scopes"].split()),
             )
-            return principal, stale
+            ends = [t for t in (expires, utc(m["parent_expires_at"])) if t is not None]
+            return principal, stale, min(ends) if ends else None
 
         found = await self.db.read("resolve_credential", txn)
         if found is None:
             return None
-        principal, stale = found
+        principal, stale, expires = found
         if stale:
             await self.db.run("touch_credential", _touch, principal.credential_id, now)
+        if len(self._resolved) >= RESOLVED_KEPT:
+            self._resolved.clear()
+        self._resolved[key] = (self.clock.seconds(), expires, principal)
         return principal
 
 
