@@ -181,3 +181,8 @@ class HostileInputTests(TestCase):
         self.assertEqual(encode_json({"a": "\ud800é"}), b'{"a":"\\ud800\\u00e9"}')
         self.assertEqual(encode_json({"a": "é"}), '{"a":"é"}'.encode())
         json.loads(encode_json({"a": "\udfff"}))
+        # No JSON form: null. Past 64 bits: written exactly (the standard library's path).
+        self.assertEqual(encode_json({"a": float("nan"), "b": float("inf")}),
+                         b'{"a":null,"b":null}')
+        self.assertEqual(encode_json({"n": 2**70, 3: [1.5]}),
+                         b'{"n":1180591620717411303424,"3":[1.5]}')

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, quote, unquote
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from mailcore.logwriter import TEXT_KEY
 from web.context import RequestContext
 
 REDACTED = "[redacted]"
@@ -113,6 +114,10 @@ def redacted_path(path: bytes) -> str:
     return SECRETS.path(path)
 
 
+ACCESS_FORMAT = ("{client} {user} {method} {target} {status} {bytes} {duration:.3f}s "
+                 "api={api} id={request_id}{aborted}")
+
+
 class AccessLog:
     """Writes one structured event per finished request."""
 
@@ -124,17 +129,22 @@ class AccessLog:
         *, aborted: bool = False,
     ) -> None:
         address = request.getClientAddress()
-        self.log.info(
-            "{client} {user} {method} {target} {status} {bytes} {duration:.3f}s "
-            "api={api} id={request_id}{aborted}",
-            client=getattr(address, "host", "-"),
-            user=ctx.user or "-",
-            method=request.method.decode("latin-1", "replace"),
-            target=redacted_target(request.uri),
-            status=status,
-            bytes=getattr(request, "sentLength", 0),
-            duration=seconds,
-            api=ctx.api,
-            request_id=ctx.request_id,
-            aborted=" (client went away)" if aborted else "",
-        )
+        fields = {
+            "client": getattr(address, "host", "-"),
+            "user": ctx.user or "-",
+            "method": request.method.decode("latin-1", "replace"),
+            "target": redacted_target(request.uri),
+            "status": status,
+            "bytes": getattr(request, "sentLength", 0),
+            "duration": seconds,
+            "api": ctx.api,
+            "request_id": ctx.request_id,
+            "aborted": " (client went away)" if aborted else "",
+        }
+        # The line is written here once, in the format's own words: the text log writers
+        # take it as it is instead of running the format through twisted.logger's
+        # formatter (structured observers still get every field).
+        text = (f"{fields['client']} {fields['user']} {fields['method']} {fields['target']} "
+                f"{status} {fields['bytes']} {seconds:.3f}s api={ctx.api} "
+                f"id={ctx.request_id}{fields['aborted']}")
+        self.log.info(ACCESS_FORMAT, **fields, **{TEXT_KEY: text})

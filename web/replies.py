@@ -7,17 +7,25 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from twisted.web.iweb import IRequest
 
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
 def encode_json(body: Any) -> bytes:
-    """Compact UTF-8 JSON (the seeds' examples are compact); NaN and Infinity are refused.
+    """Compact UTF-8 JSON (the seeds' examples are compact), written by orjson; a float
+    with no JSON form (NaN, Infinity) is written as null.
 
-    Text that UTF-8 cannot hold (a lone surrogate, stored before input was checked for
-    them) is written as a JSON escape ("\\ud800") rather than failing the reply.
+    What orjson refuses (integers past 64 bits, text UTF-8 cannot hold) takes the standard
+    library's path. There, text that UTF-8 cannot hold (a lone surrogate, stored before
+    input was checked for them) is written as a JSON escape ("\\ud800") rather than
+    failing the reply.
     """
+    try:
+        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        pass
     text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         return text.encode("utf-8")
