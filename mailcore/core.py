@@ -208,10 +208,12 @@ class Core:
         self.filter_service = ChainService(self.filter_chain)
         policy = PolicySettings.from_config(self.config.section("pipeline"))
         if policy.filtering:
-            # Charges of messages filtered together share one transaction: the spool's next
-            # group commit (they ride along, with no commit of their own).
-            charges = ChargeBatcher(self.tokens, lane=self.spool.ride)
+            # A message's tokens are charged in the group commit that stores it (the spool's
+            # charger); the charges the filtering still asks for share one transaction: the
+            # spool's next group commit (with no commit of their own).
+            charges = ChargeBatcher(self.tokens, lane=self.spool.charge)
             stage = FilteringStage(self.filter_chain, self.domains, charges, policy)
+            self.spool.charger = stage
             self.queue.runner.pipeline = Pipeline(
                 [stage], quarantine_store(self.quarantine), max_scans=policy.max_scans
             )

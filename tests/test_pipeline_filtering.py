@@ -174,9 +174,11 @@ class FilteringSwitchTests(TestCase):
         [stage] = pipeline.stages
         assert isinstance(stage, FilteringStage)
         self.assertEqual(pipeline.max_scans, DEFAULT_MAX_SCANS)
-        # Charges are batched and written by the spool's next group commit.
+        # A message is charged in the commit that stores it; the charges asked for later
+        # are batched and written by the spool's next group commit.
         assert stage.tokens is not None
-        self.assertEqual(stage.tokens.lane, core.spool.ride)
+        self.assertIs(core.spool.charger, stage)
+        self.assertEqual(stage.tokens.lane, core.spool.charge)
 
     def test_switch_off_passes_everything(self) -> None:
         from tests.support.web import make_core

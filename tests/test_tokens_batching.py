@@ -23,6 +23,7 @@ from mailcore.billing.tokens import (
     TokenError,
     TokenService,
     TokenSettings,
+    consume_batch_txn,
 )
 from mailcore.identity import User
 from mailcore.store import Database
@@ -34,26 +35,28 @@ from tests.test_tokens import PLANS, clock_at, new_user
 class HeldLane:
     """A write lane whose transactions wait until the test lets them run, in order."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, tokens: TokenService) -> None:
+        self.tokens = tokens
         self.batches: list[list[Charge]] = []
-        self.held: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
+        self.held: list[tuple[defer.Deferred[Any], list[Charge]]] = []
         self.fail_next = False
 
-    def __call__(self, name: str, fn: Any, *args: Any) -> defer.Deferred[Any]:
-        self.batches.append(list(args[0]))
+    def __call__(self, charges: list[Charge]) -> defer.Deferred[Any]:
+        self.batches.append(list(charges))
         d: defer.Deferred[Any] = defer.Deferred()
-        self.held.append((d, fn, args))
+        self.held.append((d, charges))
         return d
 
     def release(self) -> None:
         """Run the oldest held transaction and fire its Deferred with the outcome."""
-        d, fn, args = self.held.pop(0)
+        d, charges = self.held.pop(0)
         if self.fail_next:
             self.fail_next = False
             d.errback(RuntimeError("store down"))
             return
-        self.db.run("consume_tokens", fn, *args).chainDeferred(d)
+        tokens = self.tokens
+        tokens.db.run("consume_tokens", consume_batch_txn, charges, tokens.now(), tokens.plans,
+                      tokens.allow_empty).chainDeferred(d)
 
 
 def gather(calls: list[Any]) -> defer.Deferred[list[Any]]:
@@ -66,7 +69,7 @@ class BatchingTests(TestCase):
         self.db = Database.for_tests()
         self.clock: Clock = clock_at("2024-11-14T10:00:00")
         self.tokens = TokenService(self.db, self.clock, PLANS)
-        self.lane = HeldLane(self.db)
+        self.lane = HeldLane(self.tokens)
         self.batcher = ChargeBatcher(self.tokens, lane=self.lane)
         self.alice = await new_user(self.db, self.clock, "alice")
         self.bob = await new_user(self.db, self.clock, "bob")
@@ -159,6 +162,7 @@ class BatchingTests(TestCase):
 
     async def test_when_empty_allow_takes_what_is_left(self) -> None:
         tokens = TokenService(self.db, self.clock, PLANS, TokenSettings(when_empty="allow"))
+        self.lane = HeldLane(tokens)
         batcher = ChargeBatcher(tokens, lane=self.lane)
         hold = defer.Deferred.fromCoroutine(batcher.consume(self.bob.id, 1))
         calls = gather([batcher.consume(self.alice.id, 700, key=k) for k in "ABC"])
@@ -287,7 +291,7 @@ class StageChargeTests(TestCase):
         self.alice = await new_user(self.db, self.clock, "alice")
         self.bob = await new_user(self.db, self.clock, "bob")
         self.assertEqual(await self.tokens.consume(self.bob.id, 1000), OK)  # bob: empty
-        self.lane = HeldLane(self.db)
+        self.lane = HeldLane(self.tokens)
         self.batcher = ChargeBatcher(self.tokens, lane=self.lane)
         a = SimpleNamespace(id=1, owner_id=self.alice.id, name="a.test", spam_action=0,
                             virus_action=0)

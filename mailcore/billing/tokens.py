@@ -550,8 +550,12 @@ class TokenService(PeriodicService):
 
 # -- batched charges -------------------------------------------------------------------------
 
-# Runs `fn(conn, *args)` in a write transaction: `Database.run` or `Spool.ride`.
-Lane = Callable[..., "defer.Deferred[Any]"]
+# Applies a batch of charges in one write transaction, one answer each (`consume_batch_txn`):
+# the store directly, or in the daemon the spool's next group commit (`Spool.charge`).
+Lane = Callable[[list[Charge]], "defer.Deferred[list[ConsumeResult | TokenError]]"]
+# Keys charged with their message's commit that the filtering has not asked for yet, at most
+# (the oldest are forgotten: asking for one then costs a batch transaction that finds it).
+MAX_PAID = 100_000
 
 
 class ChargeBatcher:
@@ -560,9 +564,17 @@ class ChargeBatcher:
     The charges requested while a charge transaction is in flight wait together and go
     into the next single transaction (at most MAX_CHARGE_BATCH), as the spool groups its
     commits: under load one commit covers the charges of many messages, and with no load a
-    charge is applied at once. `lane` runs that transaction: in the daemon the spool's next
-    group commit (`Spool.ride`, so it never meets a group commit on SQLite's lock nor costs
-    a commit of its own), else the store directly.
+    charge is applied at once. `lane` applies a batch: by default a store transaction of its
+    own; in the daemon the spool's next group commit (`Spool.charge`, so it never meets a
+    group commit on SQLite's lock nor costs a commit of its own).
+
+    In the daemon most charges are not requested at all by then: the spool charges a
+    message in the very group commit that stores it (`thd_charge`, in the spool's
+    `Charger`), and tells the batcher which keys it charged for its own runner (`charged`);
+    the filtering's request for such a key is then answered "ok" at once, with no
+    transaction. A key that was not charged so (the tank was empty, the message was
+    stored by another node or before a restart) is requested as usual, and the idempotent
+    key makes that exactly once either way.
     Answers and idempotence are those of `TokenService.consume`.
     """
 
@@ -571,11 +583,43 @@ class ChargeBatcher:
         max_batch: int = MAX_CHARGE_BATCH,
     ) -> None:
         self.tokens = tokens
-        self.lane: Lane = lane or tokens.db.run
+        self.lane: Lane = lane or self._own_transaction
         self.max_batch = max_batch
         self._waiting: list[tuple[Charge, defer.Deferred[ConsumeResult]]] = []
         self._busy = False
+        self._paid: dict[str, None] = {}  # insertion-ordered: the oldest first
         self.transactions = 0  # charge transactions run (for tests and the benchmark)
+        self.prepaid = 0  # requests answered from `_paid` (for tests and the benchmark)
+
+    def _own_transaction(
+        self, charges: list[Charge]
+    ) -> defer.Deferred[list[ConsumeResult | TokenError]]:
+        tokens = self.tokens
+        return tokens.db.run("consume_tokens", consume_batch_txn, charges, tokens.now(),
+                             tokens.plans, tokens.allow_empty)
+
+    # -- charges made in the transaction that stores the message --------------------------
+
+    def thd_charge(
+        self, conn: Connection, charges: list[Charge], now: float
+    ) -> list[ConsumeResult | TokenError]:
+        """Blocking: apply `charges` in the caller's transaction (`consume_batch_txn`)."""
+        tokens = self.tokens
+        return consume_batch_txn(conn, charges, datetime.datetime.fromtimestamp(now, datetime.UTC),
+                                 tokens.plans, tokens.allow_empty)
+
+    def charged(self, charges: Sequence[Charge], results: Sequence[object]) -> None:
+        """These charges were committed with their messages: an "ok" one's key is answered
+        at once when the filtering asks for it (an "empty" or failed one is asked for as
+        usual, and deferred or charged then)."""
+        paid = self._paid
+        for charge, result in zip(charges, results, strict=True):
+            if result == OK and charge.key is not None:
+                paid[charge.key] = None
+        while len(paid) > MAX_PAID:
+            del paid[next(iter(paid))]
+
+    # -- requests ---------------------------------------------------------------------------
 
     async def consume(self, user_id: int, n: int, *, key: str | None = None) -> ConsumeResult:
         """One charge, in the next batch: "ok" or "empty" (see `TokenService.consume`)."""
@@ -590,9 +634,20 @@ class ChargeBatcher:
         """
         for charge in charges:
             check_charge(charge.n, charge.key)
+        paid = self._paid
+        if paid and all(c.key in paid for c in charges):
+            # The usual message in the daemon: charged when it was stored.
+            for c in charges:
+                paid.pop(c.key, None)  # type: ignore[arg-type]
+            self.prepaid += len(charges)
+            return [OK] * len(charges)
         waits: list[defer.Deferred[ConsumeResult]] = []
         for charge in charges:
             if charge.n == 0:
+                waits.append(defer.succeed(OK))
+                continue
+            if charge.key is not None and paid.pop(charge.key, 0) is None:
+                self.prepaid += 1
                 waits.append(defer.succeed(OK))
                 continue
             d: defer.Deferred[ConsumeResult] = defer.Deferred()
@@ -616,13 +671,9 @@ class ChargeBatcher:
         defer.Deferred.fromCoroutine(self._apply(batch))
 
     async def _apply(self, batch: list[tuple[Charge, defer.Deferred[ConsumeResult]]]) -> None:
-        tokens = self.tokens
         try:
             try:
-                results = await self.lane(
-                    "consume_tokens", consume_batch_txn, [c for c, _d in batch], tokens.now(),
-                    tokens.plans, tokens.allow_empty,
-                )
+                results = await self.lane([c for c, _d in batch])
             except Exception as e:
                 for _c, d in batch:
                     d.errback(Failure(e))

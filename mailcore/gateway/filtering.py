@@ -39,10 +39,11 @@ virus_subject_tag = "[VIRUS]"  # put before the Subject of tagged virus mail (""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from twisted.application.service import Service
 from twisted.internet import defer
 
@@ -53,6 +54,7 @@ from mailcore.config import ConfigError
 from mailcore.gateway.domains import Domain
 from mailcore.gateway.quarantine import QuarantineService, ToKeep
 from mailcore.queue.pipeline import DEFAULT_MAX_SCANS, Action, Decision, PipelineMessage
+from mailcore.smtp.envelope import Envelope
 
 
 @dataclass(frozen=True)
@@ -143,29 +145,61 @@ class FilteringStage:
         self.tokens = ChargeBatcher(tokens) if isinstance(tokens, TokenService) else tokens
         self.settings = settings or PolicySettings()
 
+    def _by_domain(
+        self, recipients: Iterable[tuple[str, int | None]]
+    ) -> tuple[dict[int, list[str]], dict[int, Domain]] | None:
+        """The recipients' addresses by served domain, and those domains; None when one is
+        not in the snapshot (yet)."""
+        by_domain: dict[int, list[str]] = {}
+        doms: dict[int, Domain] = {}
+        for address, domain_id in recipients:
+            if domain_id is None:
+                continue  # the postmaster outside the served domains (module docstring)
+            dom = self.domains.domain_by_id(domain_id)
+            if dom is None:
+                return None
+            doms[dom.id] = dom
+            by_domain.setdefault(dom.id, []).append(address)
+        return by_domain, doms
+
+    # -- the spool's Charger: a message is charged in the commit that stores it ---------
+
+    def charges_for(self, queue_id: str, envelope: Envelope) -> list[Charge]:
+        """The charges of a message the spool is about to store: those `process` will ask
+        for (none when it will not filter it, or cannot tell the owners yet)."""
+        if (envelope.kind != "relay" or not isinstance(self.tokens, ChargeBatcher)
+                or not self.domains.loaded):
+            return []
+        owners = self._by_domain((r.address, r.domain_id) for r in envelope.recipients)
+        if owners is None:
+            return []
+        return _charges(queue_id, *owners)
+
+    def thd_charge(self, conn: Connection, charges: list[Charge], now: float) -> list[Any]:
+        """Blocking: apply `charges` in the spool's group commit."""
+        assert isinstance(self.tokens, ChargeBatcher)
+        return self.tokens.thd_charge(conn, charges, now)
+
+    def charged(self, charges: list[Charge], outcomes: list[Any]) -> None:
+        """After that commit: the charges `process` need not ask the store for."""
+        assert isinstance(self.tokens, ChargeBatcher)
+        self.tokens.charged(charges, outcomes)
+
+    # -- the stage ------------------------------------------------------------------------
+
     async def process(self, message: PipelineMessage) -> Decision | None:
         if message.kind != "relay":
             return None
         if not self.domains.loaded:
             # Just started: work claimed before the first snapshot is not deferred for it.
             await self.domains.when_loaded()
-        by_domain: dict[int, list[str]] = {}
-        doms: dict[int, Domain] = {}
-        for rcpt in message.recipients:
-            if rcpt.domain_id is None:
-                continue  # the postmaster outside the served domains (module docstring)
-            dom = self.domains.domain_by_id(rcpt.domain_id)
-            if dom is None:
-                return Decision(Action.DEFER, reason="4.3.0 recipient domain not known to the "
-                                "filtering policy yet")
-            doms[dom.id] = dom
-            by_domain.setdefault(dom.id, []).append(rcpt.address)
+        owners = self._by_domain((r.address, r.domain_id) for r in message.recipients)
+        if owners is None:
+            return Decision(Action.DEFER, reason="4.3.0 recipient domain not known to the "
+                            "filtering policy yet")
+        by_domain, doms = owners
         if self.tokens is not None:
-            charges = [
-                Charge(doms[domain_id].owner_id, len(addresses), f"{message.queue_id}:{domain_id}")
-                for domain_id, addresses in by_domain.items()
-            ]
-            results = await self.tokens.consume_all(charges)
+            results = await self.tokens.consume_all(_charges(message.queue_id, by_domain, doms))
             for domain_id, result in zip(by_domain, results, strict=True):
                 if result == EMPTY:
                     return Decision(Action.DEFER, reason=f"4.7.1 filtering tokens of the owner "
@@ -201,6 +235,14 @@ class FilteringStage:
             prefix = self.settings.virus_subject_tag
         return Decision(Action.TAG, headers, reason=reason, quarantine=tuple(held),
                         subject_prefix=prefix, category=category)
+
+
+def _charges(queue_id: str, by_domain: dict[int, list[str]],
+             doms: dict[int, Domain]) -> list[Charge]:
+    """One charge per recipient domain: a token per recipient to its owner, keyed by queue
+    id and domain."""
+    return [Charge(doms[domain_id].owner_id, len(addresses), f"{queue_id}:{domain_id}")
+            for domain_id, addresses in by_domain.items()]
 
 
 def quarantine_store(service: QuarantineService) -> Any:

@@ -106,39 +106,77 @@ class Consumer(Protocol):
     def enqueue_new(self, jobs: Sequence[tuple[Job, bytes]]) -> None: ...
 
 
-class _Pending:
-    __slots__ = ("body", "done", "envelope", "leased", "queue_id")
+class Charger(Protocol):
+    """Charges made in the group commit that stores the messages (the filtering tokens):
+    a message's charge commits with the message or not at all, with no transaction, fsync
+    or wait of its own. `items` are the charger's own (opaque to the spool)."""
 
-    def __init__(self, queue_id: str, envelope: Envelope, body: bytes, leased: bool) -> None:
+    def charges_for(self, queue_id: str, envelope: Envelope) -> list[Any]:
+        """In the reactor thread, at accept: what storing this message charges."""
+        ...
+
+    def thd_charge(self, conn: Connection, items: list[Any], now: float) -> list[Any]:
+        """Blocking, in the group's transaction: apply `items`, one outcome each."""
+        ...
+
+    def charged(self, items: list[Any], outcomes: list[Any]) -> None:
+        """In the reactor thread, after the commit: the charges of the messages this
+        node's runner got, with their outcomes (before the runner sees the messages)."""
+        ...
+
+
+class _Pending:
+    __slots__ = ("body", "charges", "done", "envelope", "leased", "queue_id")
+
+    def __init__(self, queue_id: str, envelope: Envelope, body: bytes, leased: bool,
+                 charges: list[Any] | None = None) -> None:
         self.queue_id = queue_id
         self.envelope = envelope
         self.body = body
         self.leased = leased  # the runner reserved room: insert it leased to this node
+        self.charges = charges  # the charger's items for this message, if any
         self.done: defer.Deferred[None] = defer.Deferred()
 
 
-class _Group:
-    """What one transaction of the commit stream writes: new messages, results, riders."""
+class _ChargeRequest:
+    """Charges handed in by `Spool.charge`, applied with the next group's."""
 
-    __slots__ = ("batch", "results", "riders")
+    __slots__ = ("done", "items")
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.done: defer.Deferred[list[Any]] = defer.Deferred()
+
+
+class _Group:
+    """What one transaction of the commit stream writes: new messages, results, riders,
+    charges handed in."""
+
+    __slots__ = ("batch", "charges", "results", "riders")
 
     def __init__(self, batch: list[_Pending], results: list[_Entry],
-                 riders: list[_Chore] | None = None) -> None:
+                 riders: list[_Chore] | None = None,
+                 charges: list[_ChargeRequest] | None = None) -> None:
         self.batch = batch
         self.results = results
         self.riders = riders or []
+        self.charges = charges or []
 
 
 class _Committed:
-    __slots__ = ("dsns", "ids", "messages", "now", "riders")
+    __slots__ = ("charged", "dsns", "ids", "messages", "now", "riders")
 
     def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
-                 dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None) -> None:
+                 dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None,
+                 charged: list[Any] | Failure | None = None) -> None:
         self.now = now
         self.messages = messages
         self.ids = ids
         self.dsns = dsns
         self.riders = riders or []  # each rider's result, or its Failure
+        # The outcome of every charge of the group (the messages' first, then the requests'),
+        # or the Failure that undid them all (the messages are stored all the same).
+        self.charged = charged
 
 
 class _Chore:
@@ -274,6 +312,9 @@ class Spool:
         self._results: deque[_Entry] = deque()
         self._chores: deque[_Chore] = deque()
         self._riders: deque[_Chore] = deque()  # appended by the reactor, taken by the stream
+        # Charges made with each group commit (`Charger`, `charge`): set by the daemon.
+        self.charger: Charger | None = None
+        self._charge_requests: deque[_ChargeRequest] = deque()  # as `_riders`
         self._busy = False
         self._idle: list[defer.Deferred[None]] = []
         self._retry: IDelayedCall | None = None
@@ -297,8 +338,9 @@ class Spool:
         if not envelope.recipients:
             raise SpoolError("a message needs at least one recipient")
         n = len(envelope.recipients)
+        charges = self.charger.charges_for(queue_id, envelope) if self.charger else None
         leased = self.consumer is not None and self.consumer.reserve(n)
-        item = _Pending(queue_id, envelope, data, leased)
+        item = _Pending(queue_id, envelope, data, leased, charges or None)
         with self._wake:
             self._pending.append(item)
             waiting = len(self._pending)
@@ -345,6 +387,22 @@ class Spool:
             self._kick()
         return rider.done
 
+    def charge(self, items: Sequence[Any]) -> defer.Deferred[list[Any]]:
+        """Apply `items` (the charger's) in the next group commit, with the charges of the
+        messages it stores, in the same one call of `Charger.thd_charge` (so one order of
+        row locks covers all of them); with no group due, it starts one. Fires with one
+        outcome per item after that commit, or fails (nothing of them applied)."""
+        if self.charger is None:
+            raise RuntimeError("the spool has no charger")
+        request = _ChargeRequest(list(items))
+        self._charge_requests.append(request)
+        if self._busy:
+            with self._wake:
+                self._wake.notify()  # a lingering stream takes it now
+        else:
+            self._kick()
+        return request.done
+
     async def drain(self) -> None:
         """Wait until everything handed in so far is written (results: or given up on)."""
         if self._retry is not None and self._retry.active():
@@ -352,7 +410,7 @@ class Spool:
             self._retry = None
             self._kick()
         if (not self._busy and not self._pending and not self._results and not self._chores
-                and not self._riders):
+                and not self._riders and not self._charge_requests):
             return
         self._flushing = True
         d: defer.Deferred[None] = defer.Deferred()
@@ -459,7 +517,7 @@ class Spool:
             results = self._take_results()
             self._results_since = self.clock.seconds()
             defer.Deferred.fromCoroutine(self._write_results(results))
-        elif self._pending or self._riders:
+        elif self._pending or self._riders or self._charge_requests:
             self._busy = True
             defer.Deferred.fromCoroutine(self._commit_stream())
         elif not self._results:
@@ -521,10 +579,12 @@ class Spool:
         meanwhile ride along in the same transaction, so that under load they are written
         within one group commit, without a lane turn of their own."""
         with self._wake:
-            if (not self._pending and not self._riders and not self._yield_lane
-                    and not self._flushing and self.linger > 0):
+            if (not self._pending and not self._riders and not self._charge_requests
+                    and not self._yield_lane and not self._flushing and self.linger > 0):
                 self._wake.wait_for(
-                    lambda: self._pending or self._riders or self._yield_lane, self.linger
+                    lambda: (self._pending or self._riders or self._charge_requests
+                             or self._yield_lane),
+                    self.linger,
                 )
             target = self.group_target
             if (self._gathering and self.gather > 0 and self._pending
@@ -538,10 +598,12 @@ class Spool:
             batch = self._take_batch()
             riders = list(self._riders)
             self._riders.clear()
-        if not batch and not riders:
+            charges = list(self._charge_requests)
+            self._charge_requests.clear()
+        if not batch and not riders and not charges:
             return None
         results = self._take_results() if self._retry is None else []
-        return _Group(batch, results, riders)
+        return _Group(batch, results, riders, charges)
 
     def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
         now = self.clock.seconds()
@@ -561,7 +623,19 @@ class Spool:
                     riders.append(rider.fn(conn, *rider.args))
             except Exception:
                 riders.append(Failure())
-        return _Committed(now, messages, ids, dsns, riders)
+        charged: list[Any] | Failure | None = None
+        items = [c for p in group.batch if p.charges for c in p.charges]
+        for request in group.charges:
+            items.extend(request.items)
+        if items and self.charger is not None:
+            # One savepoint for all: a failure undoes the charges, not the messages (each
+            # message's charge is then made by its filtering, as one handed in).
+            try:
+                with conn.begin_nested():
+                    charged = self.charger.thd_charge(conn, items, now)
+            except Exception:
+                charged = Failure()
+        return _Committed(now, messages, ids, dsns, riders, charged)
 
     def _committed(self, group: _Group, result: _Committed | Failure) -> None:
         """In the reactor thread, after a group's transaction: answer its callers."""
@@ -576,6 +650,8 @@ class Spool:
                 p.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
             for rider in group.riders:
                 rider.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
+            for request in group.charges:
+                request.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
             if group.results:
                 self._results.extendleft(reversed(group.results))
             return
@@ -585,6 +661,8 @@ class Spool:
         self._recent_messages += len(batch)
         self._gathering = self._under_load()
         self.metrics.accepted.inc(len(batch))
+        if result.charged is not None:
+            self._charged(group, result.charged)
         # The callers first (their 250s go out now), then the riders, then the delivery work.
         for p in batch:
             p.done.callback(None)
@@ -599,6 +677,35 @@ class Spool:
                 consumer.enqueue_new(result.dsns)
         if group.results:
             self._tell_results()  # results rode along in this group
+
+    def _charged(self, group: _Group, outcome: list[Any] | Failure) -> None:
+        """Hand the outcomes of a group's charges out: the charger learns those of the
+        messages this node's runner gets (before it gets them), each request its own."""
+        charger = self.charger
+        assert charger is not None
+        if isinstance(outcome, Failure):
+            log.failure("charges of a group commit failed", outcome)
+            for request in group.charges:
+                request.done.errback(outcome)
+            return
+        at = 0
+        mine: list[Any] = []
+        mine_outcomes: list[Any] = []
+        for p in group.batch:
+            if p.charges:
+                if p.leased:
+                    mine.extend(p.charges)
+                    mine_outcomes.extend(outcome[at:at + len(p.charges)])
+                at += len(p.charges)
+        if mine:
+            try:
+                charger.charged(mine, mine_outcomes)
+            except Exception:
+                log.failure("the charger failed")
+        for request in group.charges:
+            n = len(request.items)
+            request.done.callback(outcome[at:at + n])
+            at += n
 
     async def _write_results(self, results: list[_Entry]) -> None:
         now = self.clock.seconds()
