@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets as _secrets
 
 SECRET_BYTES = 20
@@ -29,9 +30,12 @@ def prefix_of(secret: str) -> str:
     return secret[:PREFIX_LEN]
 
 
+_HEX = re.compile(f"[0-9a-f]{{{2 * SECRET_BYTES}}}")
+
+
 def well_formed(secret: str) -> bool:
     """Cheap shape check before touching the store: 40 lower-case hex characters."""
-    return len(secret) == 2 * SECRET_BYTES and all(c in "0123456789abcdef" for c in secret)
+    return _HEX.fullmatch(secret) is not None
 
 
 def matches(stored_digest: bytes, secret: str) -> bool:
