@@ -20,12 +20,17 @@ with a 4xx (nothing is lost, the message is retried later). With `[tokens] when_
 "ok". The `key` makes a charge idempotent: a message processed again (after a crash, or a
 deferral further down) is not charged twice.
 
-The pipeline charges through a `ChargeBatcher`: the charges requested while one charge
-transaction is in flight wait together and are applied in the next single transaction
-(each charge still all or nothing on its own), so one commit covers many messages. In the
-daemon that transaction is the spool's next group commit (`Spool.ride`: the charges are
-written in a savepoint of the transaction that commits the mail streaming in, with no
-commit or fsync of their own). `TokenService.consume` is the same charge alone, in its own
+In the daemon a relayed message is charged in the very group commit that stores it (the
+spool's `Charger`, `Spool.accept`): the charge commits with the message or not at all, costs
+no transaction, fsync or wait of its own, and its filtering later finds it paid
+(`ChargeBatcher.charged`). An acknowledged message's charge is therefore never lost, and a
+crash before the commit takes nothing (the client got a 451). The charges the filtering
+still asks for (an empty tank at the accept, a message stored by another node or an earlier
+run) go through a `ChargeBatcher`: the charges requested while one charge transaction is in
+flight wait together and are applied in the next single transaction (each charge still all
+or nothing on its own); in the daemon that is the spool's next group commit (`Spool.charge`,
+in the same call as the accepted messages' charges, so all tank rows of a transaction are
+locked in one order). `TokenService.consume` is the same charge alone, in its own
 transaction (HTTP API, CLI).
 
 Consumption is logged per user and UTC day for `daily_average` (seed 004's

@@ -7,9 +7,13 @@ released message was judged already). For a relay message:
    keyed by queue id and domain so a retried message is not charged twice. An empty tank
    (with `[tokens] when_empty = "defer"`) defers the message: it stays queued, nothing lost.
    Each owner's charge is all or nothing; when one owner's tanks are empty the others'
-   charges stand, keyed, so the retry does not take them again. The charges of every
-   message being filtered at the same moment share one transaction
-   (`mailcore.billing.tokens.ChargeBatcher`, in the spool's next group commit in the daemon).
+   charges stand, keyed, so the retry does not take them again. In the daemon the stage is
+   also the spool's `Charger`: a message is charged in the group commit that stores it
+   (`charges_for`: the same charges, made at the accept), and its filtering then finds them
+   paid without asking the store. What is still to charge (an empty tank then, a message
+   of another node or an earlier run) is asked for here: the charges of every message
+   being filtered at the same moment share one transaction
+   (`mailcore.billing.tokens.ChargeBatcher`, in the spool's next group commit).
 2. The filter chain scans the bytes. `FilterUnavailable` defers the message (a fail-open
    filter never raises it: the chain skips that filter instead, as the operator chose).
 3. Per recipient domain, seed 004's policy: `virusAction` for a virus, else `spamAction`

@@ -17,10 +17,13 @@ and the server answers 451.
 
 The spool is the queue's one write lane: new messages, delivery results and the sweeper's
 chores (`run_serialized`) take turns, one transaction at a time, so two writers of ours never
-meet on SQLite's lock (where its busy handler would sleep). Small writes of the pipeline
-(`ride`: the filtering tokens' charges) go into the next group commit, each in a savepoint
-of its own, so that they neither stop the commit stream nor cost an fsync of their own;
-with no group due they start one. Delivery results (`record`)
+meet on SQLite's lock (where its busy handler would sleep). Small writes (`ride`) go into
+the next group commit, each in a savepoint of its own, so that they neither stop the commit
+stream nor cost an fsync of their own; with no group due they start one. The filtering
+tokens of a message (the `charger`, set by the daemon) are charged in the group commit that
+stores it, with those handed in by `charge`, in one savepoint for the group: a failed
+charge never fails the messages, and the charger learns the outcome before the runner gets
+the messages. Delivery results (`record`)
 ride along in the next group commit while mail streams in; when the lane is quiet they get
 their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk

@@ -1,0 +1,368 @@
+"""Filtering tokens charged in the group commit that stores the message (the spool's
+`Charger`): exactly once across the filtering, its retries, a restart after the commit, a
+failed commit and two nodes on one PostgreSQL; an empty tank still defers the message."""
+
+from __future__ import annotations
+
+import datetime
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from filters import build_chain
+from mailcore.billing.plans import Plans
+from mailcore.billing.tokens import EMPTY, OK, Charge, ChargeBatcher, TokenService, TokenSettings
+from mailcore.gateway.filtering import FilteringStage
+from mailcore.identity import User
+from mailcore.queue.pipeline import Action, PipelineMessage, PipelineRecipient
+from mailcore.queue.spool import SpoolError
+from mailcore.store.schema import domains, queue_messages, token_charges
+from mailcore.workers import CpuPool
+from tests.support.db import DatabaseMixin
+from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue
+from tests.support.quarantine import Gateway, message, stopper
+from tests.test_queue_spool import GatedDatabase
+from tests.test_tokens import PLANS, clock_at, new_user
+from tests.test_tokens_batching import Lookup
+
+BODY = b"From: x@y.test\r\nSubject: hi\r\n\r\nclean\r\n"
+
+
+def thd_domain(conn: Connection, name: str, owner_id: int) -> int:
+    return int(conn.execute(insert(domains).values(
+        owner_id=owner_id, name=name, redirect_host="10.0.0.1", redirect_port=25,
+        created_at=datetime.datetime.now(datetime.UTC),
+    ).returning(domains.c.id)).scalar_one())
+
+
+def thd_charges(conn: Connection) -> list[tuple[int, str, int]]:
+    c = token_charges.c
+    return [(r.user_id, r.charge_key, r.tokens) for r in conn.execute(
+        select(c.user_id, c.charge_key, c.tokens).order_by(c.user_id, c.charge_key))]
+
+
+def stage_for(tokens: TokenService, lookup: Lookup, lane: Any = None) -> FilteringStage:
+    """The filtering stage with the built-in chain, charging through a batcher on `lane`."""
+    chain = build_chain({}, reactor=tokens.clock, runner=CpuPool.for_tests())
+    return FilteringStage(chain, lookup, ChargeBatcher(tokens, lane=lane))
+
+
+def batcher_of(stage: FilteringStage) -> ChargeBatcher:
+    assert isinstance(stage.tokens, ChargeBatcher)
+    return stage.tokens
+
+
+class Runner:
+    """The spool's consumer: takes every message (as a runner with room does)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def reserve(self, recipients: int) -> bool:
+        return True
+
+    def unreserve(self, recipients: int) -> None:
+        pass
+
+    def submit(self, jobs: Any, bodies: dict[str, bytes]) -> None:
+        self.submitted.extend(bodies)
+
+    def enqueue_new(self, jobs: Any) -> None:
+        pass
+
+
+class AcceptChargeTests(TestCase):
+    """On the spool of a queue whose group commits are held until released."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.clock: Clock = clock_at("2024-11-14T10:00:00")
+        self.db = GatedDatabase()
+        inner = self.db.inner
+        self.tokens = TokenService(inner, self.clock, PLANS)
+        self.alice = await new_user(inner, self.clock, "alice")
+        self.bob = await new_user(inner, self.clock, "bob")
+        self.assertEqual(await self.tokens.consume(self.bob.id, 1000), OK)  # bob: empty
+        self.a = await inner.run("d", thd_domain, "a.test", self.alice.id)
+        self.b = await inner.run("d", thd_domain, "b.test", self.bob.id)
+        self.lookup = Lookup(
+            SimpleNamespace(id=self.a, owner_id=self.alice.id, name="a.test", spam_action=1,
+                            virus_action=1),
+            SimpleNamespace(id=self.b, owner_id=self.bob.id, name="b.test", spam_action=1,
+                            virus_action=1),
+        )
+        self.q = make_queue(self.db, self.clock, ScriptedConnector())  # type: ignore[arg-type]
+        self.spool = self.q.spool
+        self.runner = Runner()
+        self.spool.consumer = self.runner
+        self.stage = stage_for(self.tokens, self.lookup, self.spool.charge)
+        self.spool.charger = self.stage
+        self.batcher = batcher_of(self.stage)
+
+    def rcpts(self, *addresses: str) -> tuple[tuple[str, int], ...]:
+        return tuple((a, self.a if a.endswith("@a.test") else self.b) for a in addresses)
+
+    def accept(self, qid: str, *addresses: str, kind: str = "relay") -> defer.Deferred[None]:
+        env = envelope("x@y.test", *self.rcpts(*addresses), kind=kind)
+        return defer.Deferred.fromCoroutine(self.spool.accept(qid, env, BODY))
+
+    def process(self, qid: str, *addresses: str,
+                stage: FilteringStage | None = None) -> defer.Deferred[Any]:
+        msg = PipelineMessage(qid, "relay", "x@y.test", tuple(
+            PipelineRecipient(a, d) for a, d in self.rcpts(*addresses)), BODY)
+        return defer.Deferred.fromCoroutine((stage or self.stage).process(msg))
+
+    async def total(self, user: User) -> int:
+        return (await self.tokens.tanks(user.id)).total
+
+    def charges(self) -> list[tuple[int, str, int]]:
+        return done(self.db.inner.read("charges", thd_charges))
+
+    async def test_a_message_is_charged_in_the_commit_that_stores_it(self) -> None:
+        accepted = self.accept("Q1", "p@a.test", "q@a.test")
+        self.assertEqual(await self.total(self.alice), 1000)  # not before the commit
+        self.db.release()
+        self.successResultOf(accepted)
+        self.assertEqual(await self.total(self.alice), 998)
+        self.assertEqual(self.charges(), [(self.alice.id, f"Q1:{self.a}", 2)])
+        self.assertEqual(self.db.transactions, [])  # no transaction of its own
+        self.assertEqual(self.spool.commits, 1)
+        # Its filtering asks nothing of the store, and takes nothing more.
+        self.assertIsNone(self.successResultOf(self.process("Q1", "p@a.test", "q@a.test")))
+        self.assertEqual((self.batcher.transactions, self.batcher.prepaid), (0, 1))
+        self.assertEqual(self.db.gates, [])
+        self.assertEqual(await self.total(self.alice), 998)
+        # Filtered again (a retry after a deferral): the store's key says it is paid.
+        again = self.process("Q1", "p@a.test", "q@a.test")
+        self.db.release()
+        self.assertIsNone(self.successResultOf(again))
+        self.assertEqual(self.batcher.transactions, 1)
+        self.assertEqual(await self.total(self.alice), 998)
+
+    async def test_a_restart_after_the_commit_does_not_charge_again(self) -> None:
+        accepted = self.accept("Q1", "p@a.test")
+        self.db.release()
+        self.successResultOf(accepted)
+        # A new run: nothing in memory; its filtering asks the store, which has the key.
+        later = stage_for(self.tokens, self.lookup)
+        self.assertIsNone(await self.process("Q1", "p@a.test", stage=later))
+        self.assertEqual((batcher_of(later).transactions, batcher_of(later).prepaid), (1, 0))
+        self.assertEqual(await self.total(self.alice), 999)
+        self.assertEqual(len(self.charges()), 1)
+
+    async def test_a_failed_commit_charges_nothing(self) -> None:
+        first = self.accept("Q0", "p@a.test")
+        asked = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 5, key="K"))
+        second = self.accept("Q1", "q@a.test")
+        self.db.release()  # Q0's group, in flight before the others came
+        self.successResultOf(first)
+        self.db.fail_next = True
+        self.db.release()
+        self.failureResultOf(second, SpoolError)
+        self.failureResultOf(asked, SpoolError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(await self.total(self.alice), 999)  # Q0's token only
+        # Q1 was never stored (the client got a 451); were it filtered, it would be charged.
+        d = self.process("Q1", "q@a.test")
+        self.db.release()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(await self.total(self.alice), 998)
+
+    async def test_charges_asked_for_share_the_next_group_commit(self) -> None:
+        first = self.accept("Q0", "p@a.test")
+        asked = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 5, key="K"))
+        second = self.accept("Q1", "q@a.test", "r@b.test")
+        self.assertEqual(self.db.accept_batches, [1])
+        self.db.release()
+        self.successResultOf(first)
+        self.db.release()  # Q1 and the asked-for charge: one group, one transaction
+        self.successResultOf(second)
+        self.assertEqual(self.successResultOf(asked), OK)
+        self.assertEqual(self.db.accept_batches, [1, 1])
+        self.assertEqual(self.db.transactions, [])
+        self.assertEqual(await self.total(self.alice), 1000 - 1 - 5 - 1)
+        # Bob's tank was empty at the accept: nothing taken, nothing recorded as paid.
+        self.assertEqual(sorted(k for _u, k, _t in self.charges()),
+                         ["K", f"Q0:{self.a}", f"Q1:{self.a}"])
+
+    async def test_an_empty_tank_still_defers_the_message_until_tokens_come(self) -> None:
+        accepted = self.accept("Q1", "p@a.test", "r@b.test")
+        self.db.release()
+        self.successResultOf(accepted)
+        d = self.process("Q1", "p@a.test", "r@b.test")
+        self.db.release()  # bob's charge, asked for: still empty
+        decision = self.successResultOf(d)
+        self.assertEqual(decision.action, Action.DEFER)
+        self.assertIn("4.7.1", decision.reason)
+        self.assertIn("b.test", decision.reason)
+        await self.tokens.credit(self.bob.id, 3)
+        retry = self.process("Q1", "p@a.test", "r@b.test")
+        self.db.release()
+        self.assertIsNone(self.successResultOf(retry))
+        self.assertEqual(await self.total(self.alice), 999)  # once, at the accept
+        self.assertEqual(await self.total(self.bob), 2)  # once, at the retry
+
+    async def test_with_when_empty_allow_the_accept_takes_what_is_left(self) -> None:
+        tokens = TokenService(self.db.inner, self.clock, PLANS, TokenSettings(when_empty="allow"))
+        self.spool.charger = self.stage = stage_for(tokens, self.lookup, self.spool.charge)
+        await self.tokens.credit(self.bob.id, 1)
+        accepted = self.accept("Q1", "r@b.test", "s@b.test")
+        self.db.release()
+        self.successResultOf(accepted)
+        self.assertIsNone(self.successResultOf(self.process("Q1", "r@b.test", "s@b.test")))
+        self.assertEqual(await self.total(self.bob), 0)
+        self.assertEqual(self.charges(), [(self.bob.id, f"Q1:{self.b}", 1)])
+
+    async def test_only_relayed_mail_of_domains_in_the_snapshot_is_charged(self) -> None:
+        c = await self.db.inner.run("d", thd_domain, "c.test", self.alice.id)
+        released = self.accept("Q1", "p@a.test", kind="release")
+        not_yet = defer.Deferred.fromCoroutine(self.spool.accept(
+            "Q2", envelope("x@y.test", ("p@a.test", self.a), ("z@c.test", c)), BODY))
+        self.db.release()
+        self.db.release()
+        self.successResultOf(released)
+        self.successResultOf(not_yet)
+        self.assertEqual(self.charges(), [])
+        self.assertEqual(await self.total(self.alice), 1000)
+        # Its filtering defers it until the snapshot has c.test (as before).
+        msg = PipelineMessage("Q2", "relay", "x@y.test", (
+            PipelineRecipient("p@a.test", self.a), PipelineRecipient("z@c.test", c)), BODY)
+        decision = await self.stage.process(msg)
+        assert decision is not None
+        self.assertEqual(decision.action, Action.DEFER)
+
+    async def test_a_failing_charger_leaves_the_messages_stored(self) -> None:
+        class Broken:
+            def charges_for(self, queue_id: str, env: Any) -> list[Any]:
+                return [queue_id]
+
+            def thd_charge(self, conn: Connection, items: list[Any], now: float) -> list[Any]:
+                conn.execute(queue_messages.delete())  # undone with the savepoint
+                raise ValueError("a bug in the charger")
+
+            def charged(self, items: list[Any], outcomes: list[Any]) -> None:
+                raise AssertionError("never told")
+
+        self.spool.charger = Broken()
+        accepted = self.accept("Q1", "p@a.test")
+        asked = self.spool.charge(["K"])
+        self.db.release()
+        self.db.release()  # the next group, with the request
+        self.successResultOf(accepted)
+        self.failureResultOf(asked, ValueError)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+        n = done(self.db.inner.read("n", lambda c: c.execute(
+            select(func.count()).select_from(queue_messages)).scalar_one()))
+        self.assertEqual(n, 1)
+
+    def test_paid_keys_are_bounded(self) -> None:
+        from mailcore.billing import tokens as module
+
+        self.patch(module, "MAX_PAID", 3)
+        charges = [Charge(self.alice.id, 1, f"Q{i}") for i in range(5)]
+        self.batcher.charged(charges, [OK, EMPTY, OK, OK, OK])
+        self.assertEqual(list(self.batcher._paid), ["Q2", "Q3", "Q4"])
+
+
+class GatewayAcceptChargeTests(TestCase):
+    """The daemon's wiring: SMTP-accepted mail is charged once through its delivery."""
+
+    def setUp(self) -> None:
+        self.gw = Gateway()
+        self.addCleanup(stopper(self.gw))
+
+    async def test_a_filter_outage_and_its_retry_charge_once(self) -> None:
+        from filters import FilterUnavailable, ScanContext, Verdict
+
+        class Down:
+            async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
+                raise FilterUnavailable("spamd", "connection refused")
+
+        user = await self.gw.owner()
+        before = (await self.gw.core.tokens.tanks(user.id)).total
+        await self.gw.domain(user, "q.test", spam_action=1)
+        stage: Any = self.gw.core.queue.runner.pipeline.stages[0]
+        real, stage.chain = stage.chain, Down()
+        await self.gw.send(message("hi", b"x"), "bob@q.test", "amy@q.test")
+        self.assertEqual(self.gw.states(), {"bob@q.test": "deferred", "amy@q.test": "deferred"})
+        self.assertEqual(stage.tokens.prepaid, 1)
+        stage.chain = real
+        self.gw.clock.advance(3600)
+        self.assertEqual(len(self.gw.delivered()), 1)
+        tanks = await self.gw.core.tokens.tanks(user.id)
+        self.assertEqual(tanks.total, before - 2)
+
+
+class TwoNodesMixin(DatabaseMixin):
+    """Two nodes, each a spool charging at accept, on one store at once."""
+
+    timeout = 120
+
+    async def test_two_nodes_charge_each_message_once_and_never_overdraw(self) -> None:
+        from tests.support.reactor import get_reactor
+
+        first = await self.open_database()
+        second = await self.open_database_at(first.url)
+        clock = clock_at("2024-11-14T10:00:00")
+        plans = Plans({"free": 40})
+        alice = await new_user(first, clock, "alice")
+        bob = await new_user(first, clock, "bob")
+        a = await first.run("d", thd_domain, "a.test", alice.id)
+        b = await first.run("d", thd_domain, "b.test", bob.id)
+        lookup = Lookup(
+            SimpleNamespace(id=a, owner_id=alice.id, name="a.test", spam_action=1,
+                            virus_action=1),
+            SimpleNamespace(id=b, owner_id=bob.id, name="b.test", spam_action=1,
+                            virus_action=1),
+        )
+        spools = []
+        for n, db in enumerate((first, second)):
+            q = make_queue(db, get_reactor(), ScriptedConnector(), node_id=f"node-{n}")
+            stage = stage_for(TokenService(db, clock, plans), lookup, q.spool.charge)
+            q.spool.charger = stage
+            spools.append((q.spool, stage))
+            self.addCleanup(q.spool.drain)
+        calls = []
+        asked = []
+        for i in range(120):
+            spool, stage = spools[i % 2]
+            # Both owners in most messages, in both orders; charges asked for meanwhile
+            # (another key each) share the groups: row locks are taken in one order.
+            rcpts = [("p@a.test", a), ("r@b.test", b)] if i % 3 else [("r@b.test", b)]
+            if i % 4 == 0:
+                rcpts.reverse()
+            calls.append(defer.Deferred.fromCoroutine(spool.accept(
+                f"Q{i}", envelope("x@y.test", *rcpts), BODY)))
+            if i % 5 == 0:
+                asked.append(defer.Deferred.fromCoroutine(batcher_of(stage).consume(
+                    (alice if i % 2 else bob).id, 1, key=f"K{i}")))
+        await defer.gatherResults(calls)  # every message stored: no deadlock, no failure
+        await defer.gatherResults(asked)
+        tokens = TokenService(first, clock, plans)
+        self.assertEqual((await tokens.tanks(alice.id)).total, 0)
+        self.assertEqual((await tokens.tanks(bob.id)).total, 0)
+        charged = await first.read("charges", thd_charges)
+        self.assertEqual(sum(t for u, _k, t in charged if u == alice.id), 40)
+        self.assertEqual(sum(t for u, _k, t in charged if u == bob.id), 40)
+        # Filtering every message afterwards (each node's own, then all again on a node
+        # that remembers nothing) takes nothing more: exactly once.
+        for rounds in range(2):
+            for i in range(120):
+                spool, stage = spools[i % 2]
+                if rounds:
+                    stage = stage_for(TokenService(first, clock, plans), lookup)
+                rcpts = [("p@a.test", a), ("r@b.test", b)] if i % 3 else [("r@b.test", b)]
+                await stage.process(PipelineMessage(f"Q{i}", "relay", "x@y.test", tuple(
+                    PipelineRecipient(r, d) for r, d in rcpts), BODY))
+        self.assertEqual(await first.read("charges", thd_charges), charged)
+
+
+class SQLiteTwoNodesTests(TwoNodesMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresTwoNodesTests(TwoNodesMixin, TestCase):
+    backend = "postgresql"
