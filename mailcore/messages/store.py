@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     LargeBinary,
+    and_,
     bindparam,
     case,
     delete,
@@ -64,6 +65,7 @@ from mailcore.store.schema import (
     messages,
     threads,
 )
+from mailcore.store.schema.messages import message_counts
 from mailcore.workers import CpuPool
 
 _ORDER_COLUMNS = {
@@ -90,6 +92,9 @@ _SUMMARY_COLUMNS = (
     messages.c.updated_at,
 )
 _SUMMARY_WIDTH = len(_SUMMARY_COLUMNS)
+# A page of the list: the summaries and each one's thread size (a primary-key probe a row).
+_PAGE_COLUMNS = (*_SUMMARY_COLUMNS, threads.c.message_count)
+_PAGE_FROM = messages.outerjoin(threads, threads.c.id == messages.c.thread_id)
 
 
 # Namespace of the per-user PostgreSQL advisory lock taken while storing messages.
@@ -501,6 +506,22 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
     return count
 
 
+def _kept_total_and_stamp(conn: Connection, user_id: int, query: MessageQuery) -> tuple[int, int]:
+    """`thd_message_total` of the query's account and folder and the user's
+    `thd_change_stamp`, in one statement (both from `message_counts`)."""
+    c = message_counts.c
+    wanted = [cond for cond in (
+        c.account_key == query.account_id if query.account_id is not None else None,
+        c.folder == query.folder if query.folder is not None else None,
+    ) if cond is not None]
+    total = func.sum(case((and_(*wanted), c.total), else_=0) if wanted else c.total)
+    row = conn.execute(
+        select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
+        .where(c.user_id == user_id)
+    ).one()
+    return int(row[0]), int(row[1])
+
+
 def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) -> bool:
     """Whether a search page is cheaper read along the user's date index, testing each
     entry against the matches (about depth x messages / hits entries), than by fetching
@@ -532,7 +553,13 @@ def thd_list_messages(
     conds = _filters(dialect, user_id, query, by_match=by_match)
     if query.threads_only:
         conds.append(_newest_of_thread(dialect, user_id, query))
-    count = _total(conn, user_id, query, conds, cache)
+    ordering = query.ordering.strip()
+    keyset = marks is not None and ordering in ("-date", "date") and _keyset_filters(query)
+    stamp: int | None = None
+    if keyset and _counted(query):
+        count, stamp = _kept_total_and_stamp(conn, user_id, query)
+    else:
+        count = _total(conn, user_id, query, conds, cache)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     if limit == 0 or offset >= count:
         return Page(count=count, items=[])
@@ -540,14 +567,14 @@ def thd_list_messages(
         conds = _filters(dialect, user_id, query)
         if query.threads_only:
             conds.append(_newest_of_thread(dialect, user_id, query))
-    ordering = query.ordering.strip()
     marks_key: tuple[Any, ...] | None = None
-    stamp = 0
-    if marks is not None and ordering in ("-date", "date") and _keyset_filters(query):
+    if keyset:
         marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
                      query.date_to, ordering)
-        stamp = thd_change_stamp(conn, user_id)
-    near = marks.nearest(marks_key, stamp, offset) if marks and marks_key else None
+        if stamp is None:
+            stamp = thd_change_stamp(conn, user_id)
+    near = marks.nearest(marks_key, stamp, offset) \
+        if marks is not None and marks_key is not None and stamp is not None else None
     n = min(limit, count - offset)
     if near is not None and offset - near[0] < min(offset, count - offset - n):
         # From the remembered row (itself included) on, in the list's own order.
@@ -555,7 +582,7 @@ def thd_list_messages(
         here = tuple_(messages.c.date, messages.c.id)
         mark = tuple_(literal(date, messages.c.date.type), literal(row_id))
         rows = list(conn.execute(
-            select(*_SUMMARY_COLUMNS)
+            select(*_PAGE_COLUMNS).select_from(_PAGE_FROM)
             .where(*conds, here <= mark if ordering == "-date" else here >= mark)
             .order_by(*_order_by(ordering)).offset(offset - at).limit(n)
         ))
@@ -564,18 +591,19 @@ def thd_list_messages(
         order = _order_by(query.ordering, reverse=reverse)
         skip = count - offset - n if reverse else offset
         rows = list(conn.execute(
-            select(*_SUMMARY_COLUMNS).where(*conds).order_by(*order).offset(skip).limit(n)
+            select(*_PAGE_COLUMNS).select_from(_PAGE_FROM).where(*conds).order_by(*order)
+            .offset(skip).limit(n)
         ))
         if reverse:
             rows.reverse()
-    if marks is not None and marks_key is not None and rows and rows[0].date is not None \
-            and rows[-1].date is not None:
+    if marks is not None and marks_key is not None and stamp is not None and rows \
+            and rows[0].date is not None and rows[-1].date is not None:
         marks.remember(marks_key, stamp, {
             offset: (rows[0].date, rows[0].id),
             offset + len(rows) - 1: (rows[-1].date, rows[-1].id),
         })
-    counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
-    return Page(count=count, items=[_summary(r, counts) for r in rows])
+    sizes = {r.thread_id: r.message_count for r in rows if r.message_count is not None}
+    return Page(count=count, items=[_summary(r, sizes) for r in rows])
 
 
 def _attachment(row: Any) -> AttachmentSummary:
