@@ -39,15 +39,9 @@ def email_head(m: MessageSummary) -> dict[str, Any]:
 
 
 def email_json(m: MessageSummary) -> dict[str, Any]:
-    """An e-mail as seed 001's emails list shows it (plus the account and attachments):
-    `email_head`'s fields, written out here (50 to 100 of these make a page)."""
+    """An e-mail as seed 001's emails list shows it (plus the account and attachments)."""
     return {
-        "id": m.id,
-        "message_id": m.message_id,
-        "subject": m.subject,
-        "sender": m.sender,
-        "recipient": m.recipient,
-        "date": iso(m.date),
+        **email_head(m),
         "folder": m.folder,
         "thread_id": thread_ref(m.thread_id),
         "thread_count": m.thread_count,
