@@ -38,7 +38,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from mailcore.logwriter import BufferedLogWriter, event_text, is_text_file_observer
+from mailcore.logwriter import UNIQUE_KEY, BufferedLogWriter, event_text, is_text_file_observer
 
 BURST = 10
 INTERVAL = 60.0
@@ -86,8 +86,9 @@ class RepeatLimiter:
         self._thread = threading.get_ident()  # the reactor's: make it there
 
     def __call__(self, event: LogEvent) -> None:
-        if threading.get_ident() != self._thread:
-            # Logged from a worker thread: the clock's timers are the reactor thread's.
+        if UNIQUE_KEY in event or threading.get_ident() != self._thread:
+            # A line that cannot repeat (nothing to limit), or one logged from a worker
+            # thread (the clock's timers are the reactor thread's).
             self.observer(event)
             return
         key = self._key(event)

@@ -39,6 +39,9 @@ from zope.interface import implementer
 # needs it, so the limiter and the file do not format it twice; the mail log sets it when
 # it emits.
 TEXT_KEY = "mailcore_text"
+# Set (True) in an event whose text cannot repeat (a mail log line naming its message's
+# queue id): the repeated-line limiter (mailcore.logfilter) passes it on untracked.
+UNIQUE_KEY = "mailcore_unique"
 
 # Bytes buffered before a write without waiting for the end of the reactor turn.
 LIMIT = 64 * 1024

@@ -19,8 +19,9 @@ Every line starts with the queue id (or `NOQUEUE` for mail refused before it had
 
 (each is one line in the log; wrapped here).
 
-The events go to the `mailcore.mail` log namespace at level info (refusals of hostile
-clients are subject to the daemon's repeated-line limit like any other line). Addresses are
+The events go to the `mailcore.mail` log namespace at level info. Refusals before a queue
+id (NOQUEUE: hostile clients) are subject to the daemon's repeated-line limit like any other
+line; a line naming a queue id cannot repeat, and the limiter lets it pass untracked. Addresses are
 shown between angle brackets and every value is made printable, so a line can never be
 split or forged by what a client sent.
 """
@@ -32,9 +33,12 @@ from collections.abc import Iterable
 
 from twisted.logger import Logger, LogLevel
 
-from mailcore.logwriter import TEXT_KEY
+from mailcore.logwriter import TEXT_KEY, UNIQUE_KEY
 
 log = Logger(namespace="mailcore.mail")
+
+# The queue id of lines about mail refused before it had one.
+NOQUEUE = "NOQUEUE"
 
 # Recipients named in one line at the most; the rest are counted.
 MAX_NAMED = 10
@@ -62,11 +66,15 @@ def _emit(queue_id: str, line: str) -> None:
     (mailcore.logwriter.TEXT_KEY), which the repeated-line limiter and the log file use
     as it is. The event is the one `log.info("{mail_line}", ...)` would make, without the
     checks `Logger.emit` repeats for every line on the relay's hot path."""
-    log.observer({
+    event = {
         "mail_line": line, "queue_id": queue_id, TEXT_KEY: line,
         "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
         "log_source": None, "log_format": "{mail_line}", "log_time": time.time(),
-    })
+    }
+    if queue_id != NOQUEUE:
+        # Names its message's queue id: never the same line twice (see the module docstring).
+        event[UNIQUE_KEY] = True
+    log.observer(event)
 
 
 def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int,
@@ -79,7 +87,7 @@ def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int
 
 
 def refused(stage: str, reply: str, *, client: str, mail_from: str | None = None,
-            recipients: Iterable[str] = (), queue_id: str = "NOQUEUE") -> None:
+            recipients: Iterable[str] = (), queue_id: str = NOQUEUE) -> None:
     """A recipient or message we refused (`reply` is what the client was told)."""
     extra = ""
     if mail_from is not None:

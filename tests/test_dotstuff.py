@@ -10,7 +10,7 @@ from twisted.mail.smtp import SMTPClient
 from twisted.trial.unittest import TestCase
 
 from mailcore.smtp.client import write_body
-from mailcore.smtp.dotstuff import CRLFBody, DotStuffer, normalise, stuff, unstuff
+from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody, DotStuffer, normalise, stuff, unstuff
 
 # FileSender, which Twisted's SMTPClient sends bodies with, reads 2**14 bytes at a time.
 TWISTED_CHUNK = 2**14
@@ -132,6 +132,12 @@ class PropertyTests(TestCase):
         write_body(out.append, big)
         self.assertEqual(b"".join(out), stuff(bytes(big)))
         self.assertGreater(len(out), 2)  # written in chunks
+
+    def test_an_accepted_body_goes_as_it_is(self) -> None:
+        for body in (b"Received: x\r\n\r\nhello\r\n", b"a\r\n", b"x" * 70000 + b"\r\n"):
+            out: list[bytes] = []
+            write_body(out.append, AcceptedBody(body))
+            self.assertEqual(b"".join(out), stuff(body))
 
     @settings(max_examples=50, deadline=None)
     @given(offset=st.integers(min_value=0, max_value=40), chunk=st.sampled_from([1, 7, 4096]))

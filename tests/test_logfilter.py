@@ -11,6 +11,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublishe
 from twisted.trial.unittest import TestCase
 
 from mailcore.logfilter import LogLimiterService, RepeatLimiter
+from mailcore.logwriter import UNIQUE_KEY
 
 BURST = 10
 INTERVAL = 60.0
@@ -124,6 +125,13 @@ class RepeatLimiterTests(LimiterTestCase):
         log.info("young")
         self.assertEqual(self.texts(), ["old", "young", "new"])
         limiter.flush()
+
+    def test_lines_that_cannot_repeat_pass_untracked(self) -> None:
+        log = Logger(namespace="mailcore.mail", observer=self.limiter)
+        for n in range(BURST * 3):
+            log.info("Q{n}: delivered", n=n, **{UNIQUE_KEY: True})
+        self.assertEqual(len(self.lines), BURST * 3)
+        self.assertEqual(self.limiter._windows, {})
 
     def test_events_from_other_threads_pass_unlimited(self) -> None:
         def flood() -> None:

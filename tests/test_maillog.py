@@ -9,6 +9,7 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from mailcore import maillog
+from mailcore.logwriter import UNIQUE_KEY
 from mailcore.queue.routing import Hop
 from tests.support.queuetest import QueueTestCase
 from tests.test_smtp_server import ServerTestCase
@@ -29,6 +30,13 @@ class FormatTests(TestCase):
         self.assertNotIn("\n", line)
         self.assertNotIn("\r", line)
         self.assertIn("to=<x\\x0d\\x0aQ1: delivered", line)
+
+    def test_only_lines_without_a_queue_id_are_for_the_repeated_line_limit(self) -> None:
+        with capturedLogs() as events:
+            maillog.refused("RCPT", "550 5.7.1 no", client="192.0.2.1")
+            maillog.outcome("Q1", "delivered", ["a@b.test"], relay="h:25", delay=0.1,
+                            reply="250 ok")
+        self.assertEqual([UNIQUE_KEY in e for e in events], [False, True])
 
     def test_many_recipients_are_counted_not_all_named(self) -> None:
         text = maillog.addresses(f"r{i}@x.test" for i in range(25))

@@ -16,6 +16,7 @@ from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
 from mailcore.queue.settings import QueueSettings
+from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.mailsink import done, envelope
 from tests.support.queuetest import BODY, QueueTestCase
@@ -397,6 +398,13 @@ class HopLimitTests(RunnerTestBase):
         [group] = report.get_payload()[1].get_payload()[1:]
         self.assertEqual((group["Final-Recipient"], group["Status"]),
                          ("rfc822; b@customer.test", "5.4.6"))
+
+    async def test_a_body_the_smtp_server_accepted_is_not_counted_again(self) -> None:
+        # An AcceptedBody's Received fields were counted against the same limit by the
+        # server as they came in; only a body from elsewhere (or the store) is counted here.
+        env = envelope("sender@remote.test", ("b@customer.test", self.domain))
+        await self.q.spool.accept("Q1", env, AcceptedBody(looped(51)))
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"])
 
     async def test_a_queued_message_at_the_limit_is_delivered(self) -> None:
         await self.queue("release", "sender@remote.test", 50)

@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
-from mailcore.smtp.dotstuff import CRLFBody
+from mailcore.smtp.client import write_body
+from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import count_received
 from mailcore.smtp.server import (
@@ -446,7 +447,19 @@ class ByteExactTests(ServerTestCase):
         self.assertEqual(s.codes(b"Subject: a\r\n\r\n..dot\r\n.\r\n"), ["250"])
         [accepted] = self.sink.messages
         self.assertIsInstance(accepted.data, CRLFBody)
+        # A line still begins with a dot: not an AcceptedBody (whose lines never do).
+        self.assertNotIsInstance(accepted.data, AcceptedBody)
         self.assertTrue(accepted.data.endswith(b"\r\n\r\n.dot\r\n"))
+
+    def test_a_body_without_dot_lines_is_told_to_need_no_stuffing(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(b"Subject: a\r\n\r\nno dot. here\r\n.\r\n"), ["250"])
+        [accepted] = self.sink.messages
+        self.assertIs(type(accepted.data), AcceptedBody)
+        out: list[bytes] = []
+        write_body(out.append, accepted.data)
+        self.assertEqual(b"".join(out), stuff(bytes(accepted.data)))
 
     def test_bodies_in_crlf_and_8bit_pass_unchanged(self) -> None:
         content = ("Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\ncafé ☕\r\n\r\n\r\n\tindent\r\n"

@@ -41,10 +41,14 @@ MAX_BYTES = 4 << 20
 NOT_WRITTEN = -1
 
 
+# One encoder for every line (json.dumps with arguments makes a new one per call).
+_encoder = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(result: Result) -> bytes:
     """One journal line for a final result."""
     fields = [result.rcpt_id, result.message_id, result.state, result.detail, result.hop]
-    return json.dumps(fields, separators=(",", ":")).encode("ascii") + b"\n"
+    return (_encoder.encode(fields) + "\n").encode("ascii")
 
 
 def decode(line: bytes) -> Result | None:

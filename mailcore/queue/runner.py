@@ -65,6 +65,7 @@ from mailcore.queue.routing import LOCAL, Hop, Router, RoutingError
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool, thd_record_results
 from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
+from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.smtp.hops import DEFAULT_MAX_HOPS, count_received, too_many_hops
 from mailcore.store import Database
 
@@ -503,7 +504,9 @@ class QueueRunner:
         `max_hops`: it is in a mail loop. Mail the SMTP server took was checked on the way
         in; this catches what the queue took from elsewhere (released quarantine, digests,
         bounces) and what was queued before the limit was lowered. Only the header
-        section is read."""
+        section is read; an AcceptedBody was counted by the server already (same limit)."""
+        if type(body) is AcceptedBody:
+            return False
         failure = too_many_hops(count_received(body), self.max_hops)
         if failure is None:
             return False

@@ -27,7 +27,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailcore.netwrite import write_now
-from mailcore.smtp.dotstuff import CRLFBody, DotStuffer
+from mailcore.smtp.dotstuff import TERMINATOR, AcceptedBody, CRLFBody, DotStuffer
 
 WRITE_CHUNK = 65536
 
@@ -433,7 +433,10 @@ def _unsafe(address: str) -> bool:
 
 def write_body(write: Callable[[bytes], None], body: bytes) -> None:
     """Write `body` as a DATA stream through a fresh DotStuffer, in chunks (line endings
-    left as they are for a CRLFBody)."""
+    left as they are for a CRLFBody). An AcceptedBody has no line to stuff: it goes as it is."""
+    if type(body) is AcceptedBody and len(body) <= WRITE_CHUNK and body.endswith(b"\r\n"):
+        write(body + TERMINATOR)
+        return
     stuffer = DotStuffer(crlf_only=isinstance(body, CRLFBody))
     if len(body) <= WRITE_CHUNK:
         write(stuffer.feed(body) + stuffer.finish())

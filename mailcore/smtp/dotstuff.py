@@ -23,6 +23,18 @@ class CRLFBody(bytes):
     __slots__ = ()
 
 
+class AcceptedBody(CRLFBody):
+    """A `CRLFBody` as our SMTP server accepted it, two more facts checked on the way in:
+    no line of it begins with "." (the DATA stream held no CRLF "." to undo), so it goes
+    out as it is, followed by ".\\r\\n" (`mailcore.smtp.client.write_body` skips the
+    stuffing scan); and its Received fields, ours included, are within `[smtp] max_hops`
+    (the queue runner, which reads the same limit, does not count them again). As with
+    CRLFBody, anything built from it is plain `bytes` again; a body loaded from the store is
+    plain bytes and checked afresh."""
+
+    __slots__ = ()
+
+
 class DotStuffer:
     """Turns message bytes into the DATA stream: CRLF everywhere, leading dots doubled.
 

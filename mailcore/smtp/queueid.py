@@ -14,16 +14,23 @@ _random = random.Random(os.urandom(16))
 os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(16)))
 
 
+# Every two-character string of the alphabet, by value (0 to 899): one divmod per pair.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+_BASE2 = len(_PAIRS)
+
+
 def new_queue_id(now: float | None = None) -> str:
     """Fourteen characters: milliseconds since the epoch, then 40 random bits."""
     millis = int((time.time() if now is None else now) * 1000)
-    out = []
-    for _ in range(9):
-        millis, r = divmod(millis, len(_ALPHABET))
-        out.append(_ALPHABET[r])
+    pairs = _PAIRS
+    # Nine digits (base 30) of the milliseconds, most significant first: 1 + 4 pairs.
+    millis, p4 = divmod(millis, _BASE2)
+    millis, p3 = divmod(millis, _BASE2)
+    millis, p2 = divmod(millis, _BASE2)
+    millis, p1 = divmod(millis, _BASE2)
+    head = _ALPHABET[millis % 30] + pairs[p1] + pairs[p2] + pairs[p3] + pairs[p4]
+    # Five digits of the random part, least significant first: 2 pairs (reversed) + 1.
     rand = _random.getrandbits(40)
-    tail = []
-    for _ in range(5):
-        rand, r = divmod(rand, len(_ALPHABET))
-        tail.append(_ALPHABET[r])
-    return "".join(reversed(out)) + "".join(tail)
+    rand, r1 = divmod(rand, _BASE2)
+    rand, r2 = divmod(rand, _BASE2)
+    return head + pairs[r1][::-1] + pairs[r2][::-1] + _ALPHABET[rand % 30]

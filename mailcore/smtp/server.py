@@ -66,7 +66,7 @@ from mailcore.smtp.address import (
     parse_rcpt_to,
     relay_refusal,
 )
-from mailcore.smtp.dotstuff import CRLFBody
+from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import DEFAULT_MAX_HOPS, ReceivedCounter
 from mailcore.smtp.queueid import new_queue_id
@@ -848,8 +848,11 @@ class ESMTPServerProtocol(TwistedProtocol):
             refuse(554, "5.6.0", "Error: NUL character in message data; message refused")
             return
         if b"\r\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n")  # undo dot-stuffing (RFC 5321 4.5.2)
-        data = CRLFBody(data)  # checked above: no bare CR or LF
+            # Undo dot-stuffing (RFC 5321 4.5.2); a line may still begin with a dot.
+            data = CRLFBody(data.replace(b"\r\n.", b"\r\n"))  # checked: no bare CR or LF
+        else:
+            # No line begins with a dot and the hops were counted (see AcceptedBody).
+            data = AcceptedBody(data)
         envelope = Envelope(
             mail_from=mail_from,
             recipients=recipients,
