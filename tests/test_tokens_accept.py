@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -20,6 +21,7 @@ from mailcore.gateway.filtering import FilteringStage
 from mailcore.identity import User
 from mailcore.queue.pipeline import Action, PipelineMessage, PipelineRecipient
 from mailcore.queue.spool import SpoolError
+from mailcore.store import Database
 from mailcore.store.schema import domains, queue_messages, token_charges
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
@@ -234,30 +236,6 @@ class AcceptChargeTests(TestCase):
         assert decision is not None
         self.assertEqual(decision.action, Action.DEFER)
 
-    async def test_a_failing_charger_leaves_the_messages_stored(self) -> None:
-        class Broken:
-            def charges_for(self, queue_id: str, env: Any) -> list[Any]:
-                return [queue_id]
-
-            def thd_charge(self, conn: Connection, items: list[Any], now: float) -> list[Any]:
-                conn.execute(queue_messages.delete())  # undone with the savepoint
-                raise ValueError("a bug in the charger")
-
-            def charged(self, items: list[Any], outcomes: list[Any]) -> None:
-                raise AssertionError("never told")
-
-        self.spool.charger = Broken()
-        accepted = self.accept("Q1", "p@a.test")
-        asked = self.spool.charge(["K"])
-        self.db.release()
-        self.db.release()  # the next group, with the request
-        self.successResultOf(accepted)
-        self.failureResultOf(asked, ValueError)
-        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
-        n = done(self.db.inner.read("n", lambda c: c.execute(
-            select(func.count()).select_from(queue_messages)).scalar_one()))
-        self.assertEqual(n, 1)
-
     def test_paid_keys_are_bounded(self) -> None:
         from mailcore.billing import tokens as module
 
@@ -265,6 +243,37 @@ class AcceptChargeTests(TestCase):
         charges = [Charge(self.alice.id, 1, f"Q{i}") for i in range(5)]
         self.batcher.charged(charges, [OK, EMPTY, OK, OK, OK])
         self.assertEqual(list(self.batcher._paid), ["Q2", "Q3", "Q4"])
+
+
+class FailingChargeTests(TestCase):
+    """On a real (synchronous) store: a charge that raises fails its whole group."""
+
+    async def test_a_charge_that_raises_fails_its_group(self) -> None:
+        """No message is stored without its charge: the client gets a 451 and sends again."""
+        clock = clock_at("2024-11-14T10:00:00")
+        db = Database.for_tests()
+        tokens = TokenService(db, clock, PLANS)
+        alice = await new_user(db, clock, "alice")
+        a = await db.run("d", thd_domain, "a.test", alice.id)
+        q = make_queue(db, clock, ScriptedConnector())
+        q.spool.consumer = Runner()
+        stage = stage_for(tokens, Lookup(SimpleNamespace(
+            id=a, owner_id=alice.id, name="a.test", spam_action=1, virus_action=1)),
+            q.spool.charge)
+        q.spool.charger = stage
+        # Q1's charge claims a new key that was charged already: the store refuses it.
+        await tokens.consume(alice.id, 1, key=f"Q1:{a}")
+        with self.assertRaises(SpoolError):
+            await q.spool.accept("Q1", envelope("x@y.test", ("p@a.test", a)), BODY)
+        self.assertEqual(len(self.flushLoggedErrors(IntegrityError)), 1)
+        n = await db.read("n", lambda c: c.execute(
+            select(func.count()).select_from(queue_messages)).scalar_one())
+        self.assertEqual(n, 0)
+        self.assertEqual((await tokens.tanks(alice.id)).total, 999)  # the consume only
+        # Sent again (a new queue id): stored and charged.
+        await q.spool.accept("Q2", envelope("x@y.test", ("p@a.test", a)), BODY)
+        self.assertEqual((await tokens.tanks(alice.id)).total, 998)
+        self.assertEqual(batcher_of(stage).transactions, 0)
 
 
 class GatewayAcceptChargeTests(TestCase):

@@ -277,11 +277,15 @@ def _log_usage_txn(conn: Connection, user_id: int, day: datetime.date, n: int) -
 
 @dataclass(frozen=True)
 class Charge:
-    """One charge: `n` tokens from `user_id`'s tanks, idempotent under `key` when given."""
+    """One charge: `n` tokens from `user_id`'s tanks, idempotent under `key` when given.
+
+    `fresh`: the key cannot have been charged before (a message being stored now): the
+    store is not asked whether it was."""
 
     user_id: int
     n: int
     key: str | None = None
+    fresh: bool = False
 
 
 def check_charge(n: int, key: str | None) -> None:
@@ -320,7 +324,7 @@ def consume_batch_txn(
             for i in indexes:
                 results[i] = e
             continue
-        keys = {k for k in (charges[i].key for i in indexes) if k is not None}
+        keys = {c.key for c in (charges[i] for i in indexes) if c.key is not None and not c.fresh}
         charged: set[str] = set()
         if keys:
             charged = set(conn.execute(

@@ -177,7 +177,7 @@ class FilteringStage:
         owners = self._by_domain((r.address, r.domain_id) for r in envelope.recipients)
         if owners is None:
             return []
-        return _charges(queue_id, *owners)
+        return _charges(queue_id, *owners, fresh=True)
 
     def thd_charge(self, conn: Connection, charges: list[Charge], now: float) -> list[Any]:
         """Blocking: apply `charges` in the spool's group commit."""
@@ -242,10 +242,10 @@ class FilteringStage:
 
 
 def _charges(queue_id: str, by_domain: dict[int, list[str]],
-             doms: dict[int, Domain]) -> list[Charge]:
+             doms: dict[int, Domain], *, fresh: bool = False) -> list[Charge]:
     """One charge per recipient domain: a token per recipient to its owner, keyed by queue
-    id and domain."""
-    return [Charge(doms[domain_id].owner_id, len(addresses), f"{queue_id}:{domain_id}")
+    id and domain (`fresh` for a message being stored: no charge can have that key yet)."""
+    return [Charge(doms[domain_id].owner_id, len(addresses), f"{queue_id}:{domain_id}", fresh)
             for domain_id, addresses in by_domain.items()]
 
 

@@ -21,9 +21,9 @@ meet on SQLite's lock (where its busy handler would sleep). Small writes (`ride`
 the next group commit, each in a savepoint of its own, so that they neither stop the commit
 stream nor cost an fsync of their own; with no group due they start one. The filtering
 tokens of a message (the `charger`, set by the daemon) are charged in the group commit that
-stores it, with those handed in by `charge`, in one savepoint for the group: a failed
-charge never fails the messages, and the charger learns the outcome before the runner gets
-the messages. Delivery results (`record`)
+stores it, with those handed in by `charge`, in one call for the group (a charge that
+raises fails the group: a message is never stored without its charge), and the charger
+learns the outcomes before the runner gets the messages. Delivery results (`record`)
 ride along in the next group commit while mail streams in; when the lane is quiet they get
 their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
@@ -171,14 +171,13 @@ class _Committed:
 
     def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
                  dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None,
-                 charged: list[Any] | Failure | None = None) -> None:
+                 charged: list[Any] | None = None) -> None:
         self.now = now
         self.messages = messages
         self.ids = ids
         self.dsns = dsns
         self.riders = riders or []  # each rider's result, or its Failure
-        # The outcome of every charge of the group (the messages' first, then the requests'),
-        # or the Failure that undid them all (the messages are stored all the same).
+        # The outcome of every charge of the group (the messages' first, then the requests').
         self.charged = charged
 
 
@@ -626,18 +625,16 @@ class Spool:
                     riders.append(rider.fn(conn, *rider.args))
             except Exception:
                 riders.append(Failure())
-        charged: list[Any] | Failure | None = None
+        charged: list[Any] | None = None
         items = [c for p in group.batch if p.charges for c in p.charges]
         for request in group.charges:
             items.extend(request.items)
         if items and self.charger is not None:
-            # One savepoint for all: a failure undoes the charges, not the messages (each
-            # message's charge is then made by its filtering, as one handed in).
-            try:
-                with conn.begin_nested():
-                    charged = self.charger.thd_charge(conn, items, now)
-            except Exception:
-                charged = Failure()
+            # No savepoint (it would cost about as much as the charges): a charge that
+            # raises fails the group, so no message is ever stored without its charge nor
+            # charged without being stored. (An empty tank or an unknown owner is an
+            # outcome, not an error.)
+            charged = self.charger.thd_charge(conn, items, now)
         return _Committed(now, messages, ids, dsns, riders, charged)
 
     def _committed(self, group: _Group, result: _Committed | Failure) -> None:
@@ -681,16 +678,11 @@ class Spool:
         if group.results:
             self._tell_results()  # results rode along in this group
 
-    def _charged(self, group: _Group, outcome: list[Any] | Failure) -> None:
+    def _charged(self, group: _Group, outcome: list[Any]) -> None:
         """Hand the outcomes of a group's charges out: the charger learns those of the
         messages this node's runner gets (before it gets them), each request its own."""
         charger = self.charger
         assert charger is not None
-        if isinstance(outcome, Failure):
-            log.failure("charges of a group commit failed", outcome)
-            for request in group.charges:
-                request.done.errback(outcome)
-            return
         at = 0
         mine: list[Any] = []
         mine_outcomes: list[Any] = []
