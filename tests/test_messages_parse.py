@@ -183,3 +183,50 @@ class HostileMimeTests(TestCase):
                     b"Content-Type: text/plain; charset=\"\r\n\r\nx"):
             p = parse_message(raw)
             self.assertEqual(p.size, len(raw))
+
+
+class FastPathTests(TestCase):
+    """The shortcuts for the usual message (one leaf part; plain From/To) give what the email
+    package's general parsers give, and step aside for anything else."""
+
+    def test_single_leaf_tree_matches_the_full_parser(self) -> None:
+        from email import message_from_bytes
+
+        from mailcore.messages.parse import _single_part
+
+        for raw in [
+            msg("Subject: x\nContent-Type: text/plain", b"a\r\nb\rc\nd\x00\xe9"),
+            msg("Subject: x\nContent-Transfer-Encoding: base64", b"aGk=\r\n"),
+            msg("Content-Type: application/pdf; name=x.pdf", b"%PDF"),
+            b"Subject: x\n\nbody without CR\n",
+        ]:
+            fast, full = _single_part(raw), message_from_bytes(raw)
+            assert fast is not None
+            self.assertEqual(fast.items(), full.items())
+            self.assertEqual(fast.get_payload(), full.get_payload())
+            self.assertEqual(fast.get_payload(decode=True), full.get_payload(decode=True))
+
+    def test_single_leaf_steps_aside(self) -> None:
+        from mailcore.messages.parse import _single_part
+
+        for raw in [
+            msg("Content-Type: multipart/mixed; boundary=b", b"--b\r\n\r\nx\r\n--b--\r\n"),
+            msg("Content-Type: message/rfc822", b"Subject: inner\r\n\r\nx\r\n"),
+            b"Subject: no blank line\r\n",  # headers only
+            b"Subject: x\r\nnot a header\r\n\r\nbody",  # the parser ends the headers early
+            b"Subject: x\rY: z\r\rbody\r\n\r\n",  # a bare CR blank line ends them too
+        ]:
+            self.assertIsNone(_single_part(raw), raw)
+
+    def test_plain_addresses_match_the_general_parser(self) -> None:
+        from mailcore.messages import parse
+
+        for value in ["Sender 5 <s5@example.test>", "  A  B\t<a.b+c@x-y.z> ", "s@EX.test",
+                      "123 <A@B.COM>"]:
+            fast = parse._plain_address([value])
+            self.assertIsNotNone(fast, value)
+            self.assertEqual(fast, parse._parsed_addresses([value]), value)
+        for value in ['"Q, N" <q@x>', "=?utf-8?q?J=C3=BC?= <j@x>", "J. Smith <j@x>",
+                      "a@b, c@d", "N <a@b> (c)", "N\r\n <a@b>", "<a@b>", "a..b@c"]:
+            self.assertIsNone(parse._plain_address([value]), value)
+        self.assertIsNone(parse._plain_address(["a@b", "c@d"]))

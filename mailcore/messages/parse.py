@@ -162,8 +162,38 @@ def decode_header_value(value: str | None) -> str:
     return text.strip()
 
 
+# One address in the plainest forms, `Some Name <local@domain>` or `local@domain`: plain
+# words of ASCII letters and digits, a dot-atom local part and a domain of labels.
+_PLAIN_ADDRESS = re.compile(
+    r"[ \t]*(?:((?:[A-Za-z0-9]+[ \t]+)*[A-Za-z0-9]+)[ \t]*<([A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>|([A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*))[ \t]*"
+)
+
+
+def _plain_address(values: list[str]) -> tuple[str, str] | None:
+    """`_addresses` of a header holding one address in a plain form, without the email
+    package's general address parser (the usual From and To); None for anything else."""
+    if len(values) != 1:
+        return None
+    m = _PLAIN_ADDRESS.fullmatch(values[0])
+    if m is None:
+        return None
+    name, addr, bare = m.groups()
+    if bare is not None:
+        return bare, bare.lower()
+    name = " ".join(name.split())
+    return f"{name} <{addr}>", addr.lower()
+
+
 def _addresses(values: list[str]) -> tuple[str, str]:
     """(display text, first bare address) of address headers, names decoded."""
+    plain = _plain_address(values)
+    return plain if plain is not None else _parsed_addresses(values)
+
+
+def _parsed_addresses(values: list[str]) -> tuple[str, str]:
+    """`_addresses` through the email package's address parser (any form)."""
     shown: list[str] = []
     first = ""
     raw = [_fix_8bit(v) for v in values]
@@ -353,10 +383,27 @@ def _tree(raw: bytes, end: int | None, limits: MimeLimits, problems: list[str]) 
         problems.append(f"more than {limits.max_parts} MIME parts; not parsed")
         return message_from_bytes(raw[:end] + b"\n\n")
     try:
-        return message_from_bytes(raw)
+        return _single_part(raw) or message_from_bytes(raw)
     except (RecursionError, ValueError, LookupError, TypeError) as e:
         problems.append(f"MIME structure unreadable ({type(e).__name__}); headers only")
         return message_from_bytes(raw[:end] + b"\n\n")
+
+
+def _single_part(raw: bytes) -> Message | None:
+    """The email package's tree of a message whose top level is one leaf (not multipart/*,
+    not message/*), built without its parser walking the body line by line: the header
+    block alone is parsed, then the body is set as the payload, as the parser sets it (the
+    rest of the message, decoded as ASCII with surrogate escapes). None when the full
+    parser is needed: no blank line ends the headers, the parser ends them before it (a
+    line that is no header), or the top level is a container."""
+    m = _HEADER_END.search(raw)
+    if m is None:
+        return None
+    msg = message_from_bytes(raw[: m.end()])
+    if msg.get_payload() or msg.get_content_maintype() in ("multipart", "message"):
+        return None
+    msg.set_payload(raw[m.end() :].decode("ascii", "surrogateescape"))
+    return msg
 
 
 def _all_headers(msg: Message, name: str) -> list[str]:
