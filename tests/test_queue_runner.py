@@ -79,6 +79,19 @@ class DeliveryTests(RunnerTestBase):
         self.clock.advance(self.q.settings.connection_idle + 0.1)
         self.assertEqual(self.connector.quits, 1)
 
+    async def test_an_idle_connection_quits_after_connection_idle_from_its_last_job(
+        self
+    ) -> None:
+        idle = self.q.settings.connection_idle
+        await self.accept("Q0", "b@customer.test")
+        self.clock.advance(idle * 0.75)
+        await self.accept("Q1", "b@customer.test")  # taken by the idle connection
+        self.clock.advance(idle * 0.75)  # the first wait's time: this wait is younger
+        self.assertEqual((len(self.connector.connects), self.connector.quits), (1, 0))
+        self.clock.advance(idle * 0.25)
+        self.assertEqual(self.connector.quits, 1)
+        self.assertEqual(len(self.connector.delivered), 2)
+
     async def test_finished_message_drops_its_body_and_keeps_a_log(self) -> None:
         await self.accept("Q1", "b@customer.test")
         view = done(self.db.read("show", thd_show, "Q1"))

@@ -591,6 +591,21 @@ class TimeoutTests(ServerTestCase):
         self.assertEqual(s.replies(), [])
         self.assertEqual(len(self.sink.messages), 1)  # committed late: a duplicate, not a loss
 
+    def test_after_a_slow_command_the_idle_time_counts_from_our_answer(self) -> None:
+        s = self.session(self.make_factory(idle_timeout=10, command_timeout=120))
+        self.sink.hold = True
+        self.start(s)
+        timers = len(self.clock.getDelayedCalls())
+        s.send(b"x\r\n.\r\n")
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)  # no timer per command
+        self.clock.advance(60)
+        self.sink.release()
+        self.assertEqual([r[:3] for r in s.replies()], ["250"])
+        self.clock.advance(9.5)
+        self.assertFalse(s.closing)
+        self.clock.advance(0.5)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+
     def test_spool_finishing_after_the_client_left(self) -> None:
         s = self.session()
         self.sink.hold = True

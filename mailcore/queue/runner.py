@@ -236,9 +236,10 @@ class HopQueue:
     dead_reason: str = ""
     dead_permanent: bool = False  # the reason cannot change by retrying: bounce
     cleartext_until: float = 0.0
-    idle: deque[tuple[defer.Deferred[Job | None], IDelayedCall | None]] = field(
-        default_factory=deque
-    )
+    # Connections waiting for a job: their Deferred and since when, oldest first; one
+    # timer per hop ends those idle for `connection_idle` (see QueueRunner._expire_idle).
+    idle: deque[tuple[defer.Deferred[Job | None], float]] = field(default_factory=deque)
+    idle_timer: IDelayedCall | None = None
     limit: int = 0  # connection limit now; lowered when the hop refuses extra connections
 
     def is_dead(self, now: float) -> bool:
@@ -639,9 +640,7 @@ class QueueRunner:
                            permanent=hq.dead_permanent, hop=hq.hop.label, now=now)
             return
         while hq.jobs and hq.idle:
-            d, timer = hq.idle.popleft()
-            if timer is not None and timer.active():
-                timer.cancel()
+            d, _since = hq.idle.popleft()
             d.callback(hq.jobs.popleft())
         if not self.running:
             return
@@ -678,18 +677,25 @@ class QueueRunner:
         if not self.running:
             return defer.succeed(None)
         d: defer.Deferred[Job | None] = defer.Deferred()
-        entry: list[Any] = [d, None]
-
-        def expire() -> None:
-            try:
-                hq.idle.remove((d, entry[1]))
-            except ValueError:
-                return
-            d.callback(None)
-
-        entry[1] = self.clock.callLater(self.settings.connection_idle, expire)
-        hq.idle.append((d, entry[1]))
+        hq.idle.append((d, self.clock.seconds()))
+        if hq.idle_timer is None:
+            hq.idle_timer = self.clock.callLater(self.settings.connection_idle,
+                                                 self._expire_idle, hq)
         return d
+
+    def _expire_idle(self, hq: HopQueue) -> None:
+        """End the waits of connections idle for `connection_idle` (they QUIT), and set the
+        hop's timer for the next one. A connection taken by a job leaves its place in the
+        queue without touching the timer: no callLater and cancel per job."""
+        hq.idle_timer = None
+        limit = self.settings.connection_idle
+        now = self.clock.seconds()
+        while hq.idle and hq.idle[0][1] + limit <= now + 1e-6:
+            d, _since = hq.idle.popleft()
+            d.callback(None)
+        if hq.idle and hq.idle_timer is None:
+            hq.idle_timer = self.clock.callLater(max(0.0, hq.idle[0][1] + limit - now),
+                                                 self._expire_idle, hq)
 
     async def _open(self, hq: HopQueue) -> SMTPSession:
         """Connect, and STARTTLS as the hop's policy says; opportunistic TLS that fails is
@@ -765,6 +771,9 @@ class QueueRunner:
             hq.active -= 1
             self._pump(hq)
             if not hq.jobs and not hq.active and not hq.idle and hq.dead_until <= 0:
+                if hq.idle_timer is not None and hq.idle_timer.active():
+                    hq.idle_timer.cancel()
+                hq.idle_timer = None
                 self.hops.pop(hq.hop, None)
 
     async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
@@ -815,10 +824,11 @@ class QueueRunner:
         whose leases the caller releases."""
         self.running = False
         for hq in list(self.hops.values()):
+            if hq.idle_timer is not None and hq.idle_timer.active():
+                hq.idle_timer.cancel()
+            hq.idle_timer = None
             while hq.idle:
-                d, timer = hq.idle.popleft()
-                if timer is not None and timer.active():
-                    timer.cancel()
+                d, _since = hq.idle.popleft()
                 d.callback(None)
         if self._routing:
             await defer.DeferredList(list(self._routing))

@@ -328,10 +328,10 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._overflow = False
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
-        # Timers.
+        # The session's one timer (see _arm_timer): the idle and the command timeout.
         self._last_activity = 0.0
-        self._idle_call: IDelayedCall | None = None
-        self._command_call: IDelayedCall | None = None
+        self._paused_at = 0.0
+        self._timer: IDelayedCall | None = None
 
     # -- connection ---------------------------------------------------------------------
 
@@ -349,17 +349,16 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self._admitted = True
         self._open = True
-        self._last_activity = self.clock.seconds()
-        self._idle_call = self.clock.callLater(self.settings.idle_timeout, self._idle_check)
+        self._last_activity = now = self.clock.seconds()
+        self._arm_timer(now)
         self._write(f"220 {self.settings.hostname} ESMTP Mailcore\r\n")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
         self._chunks = []
-        for call in (self._idle_call, self._command_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._idle_call = self._command_call = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self._admitted:
             self._admitted = False
             self.factory.release(self)
@@ -506,18 +505,15 @@ class ESMTPServerProtocol(TwistedProtocol):
         if pending.called:
             return
         self._paused = True
-        self._command_call = self.clock.callLater(
-            self.settings.command_timeout, self._command_timed_out
-        )
+        self._paused_at = self.clock.seconds()  # the command timeout runs from here
         pending.addBoth(self._resume)
 
     def _resume(self, result: object) -> None:
-        if self._command_call is not None and self._command_call.active():
-            self._command_call.cancel()
-        self._command_call = None
         self._paused = False
         if not self._open:
             return
+        # We have answered: the client's silence counts from now.
+        self._last_activity = self.clock.seconds()
         self._process()
         if self._reading_paused and not self._paused and len(self._buf) <= MAX_BACKLOG:
             self._reading_paused = False
@@ -528,22 +524,33 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._reset_transaction()
         self.reply(451, "4.3.0", "Error: internal error, try again later")
 
-    def _command_timed_out(self) -> None:
-        self._command_call = None
-        self.shutdown("4.4.2", "Error: timeout exceeded")
+    def _deadline(self) -> float:
+        """When the session times out if nothing happens: `command_timeout` after a command
+        began to wait on us, else `idle_timeout` after the client's last input (or our
+        last answer). While a command waits, the idle timeout does not run."""
+        if self._paused:
+            return self._paused_at + self.settings.command_timeout
+        return self._last_activity + self.settings.idle_timeout
 
-    def _idle_check(self) -> None:
-        self._idle_call = None
+    def _arm_timer(self, now: float) -> None:
+        """Schedule the one timer at the deadline, or sooner: at most the shorter of the two
+        timeouts from now. A command that starts waiting later has its deadline at least
+        `command_timeout` from now, so the timer is never late for it, and neither a
+        command nor input has to move the timer (a callLater and a cancel per message)."""
+        step = min(self.settings.idle_timeout, self.settings.command_timeout)
+        self._timer = self.clock.callLater(
+            max(0.0, min(self._deadline(), now + step) - now), self._check_timeouts
+        )
+
+    def _check_timeouts(self) -> None:
+        self._timer = None
         if not self._open:
             return
-        timeout = self.settings.idle_timeout
-        idle = self.clock.seconds() - self._last_activity
-        if self._paused or idle < timeout:
-            # While a command is pending the client waits on us: the command timeout rules.
-            delay = timeout if self._paused else timeout - idle
-            self._idle_call = self.clock.callLater(delay, self._idle_check)
+        now = self.clock.seconds()
+        if now >= self._deadline() - 1e-6:  # (not re-armed for a rounding error's worth)
+            self.shutdown("4.4.2", "Error: timeout exceeded")
             return
-        self.shutdown("4.4.2", "Error: timeout exceeded")
+        self._arm_timer(now)
 
     # -- session commands ----------------------------------------------------------------
 
