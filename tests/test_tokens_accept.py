@@ -5,6 +5,7 @@ failed commit and two nodes on one PostgreSQL; an empty tank still defers the me
 from __future__ import annotations
 
 import datetime
+import sqlite3
 from types import SimpleNamespace
 from typing import Any
 
@@ -265,7 +266,7 @@ class FailingChargeTests(TestCase):
         await tokens.consume(alice.id, 1, key=f"Q1:{a}")
         with self.assertRaises(SpoolError):
             await q.spool.accept("Q1", envelope("x@y.test", ("p@a.test", a)), BODY)
-        self.assertEqual(len(self.flushLoggedErrors(IntegrityError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(IntegrityError, sqlite3.IntegrityError)), 1)
         n = await db.read("n", lambda c: c.execute(
             select(func.count()).select_from(queue_messages)).scalar_one())
         self.assertEqual(n, 0)
