@@ -23,7 +23,7 @@ from mailcore.messages import (
 )
 from mailcore.messages.sql import new_id
 from mailcore.messages.store import RAW_CHUNK, raw_chunks, thd_put_blobs, thd_raw_slice
-from mailcore.store.schema import fetch_accounts, message_blobs, threads
+from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -231,6 +231,55 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual(await found('"); DROP TABLE messages; --'), [])
         self.assertEqual(await found("!!!"), [])
         self.assertEqual(await found('body OR "'), [])
+
+    async def test_search_index_follows_every_writer(self) -> None:
+        """The HTML text, attachment names and Cc are found; the index follows a change of
+        an indexed column and a cascade delete (SQLite: FTS5 integrity-check holds)."""
+        store, user = await self.make_store()
+        html = mail(1, "Offer", extra="Cc: Carol <carol@z.test>").replace(
+            b"text/plain", b"text/html").replace(
+            b"body 1", b'<p class="glorp">Kumquat&nbsp;<b>pie</b></p>')
+        attached = (b"Subject: Scan\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+                    b"--B\r\nContent-Type: text/plain\r\n\r\nsee file\r\n--B\r\n"
+                    b"Content-Type: application/pdf; name=\"zanzibar.pdf\"\r\n"
+                    b"Content-Disposition: attachment\r\n\r\n%PDF\r\n--B--\r\n")
+        a = await store.add_message(user, html)
+        b = await store.add_message(user, attached)
+        folder_id = await self.db.run("make_folder", _make_folder, user)
+        where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
+        synced = await store.store_batch(where, [FetchedMessage(raw=mail(5, "Walrus"), uid=1)])
+
+        async def found(q: str) -> list[int]:
+            page = await store.list_messages(user, MessageQuery(q=q, ordering="id"))
+            return [m.id for m in page.items]
+
+        self.assertEqual(await found("kumquat pie"), [a])
+        self.assertEqual(await found("carol"), [a])
+        self.assertEqual(await found("zanzibar"), [b])
+        self.assertEqual(await found("walrus"), synced.created)
+        self.assertEqual(await found("glorp"), [])  # the HTML's markup is not indexed
+
+        if self.backend == "sqlite":  # PostgreSQL's index is written by the store alone
+            def rename(conn: Connection) -> None:
+                conn.execute(messages.update().where(messages.c.id == a).values(
+                    subject="Tapir"))
+
+            await self.db.run("rename", rename)
+            self.assertEqual(await found("tapir"), [a])
+            self.assertEqual(await found("offer"), [])
+
+        def drop_account(conn: Connection) -> None:
+            conn.execute(fetch_accounts.delete())
+
+        await self.db.run("drop_account", drop_account)  # its messages go by cascade
+        self.assertEqual(await found("walrus"), [])
+        if self.backend == "sqlite":
+            def check(conn: Connection) -> None:
+                conn.exec_driver_sql(
+                    "INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")
+
+            await self.db.run("fts_check", check)
+        self.assertEqual(await found("zanzibar"), [b])
 
     async def test_filters_ordering_and_pages(self) -> None:
         store, user = await self.make_store()

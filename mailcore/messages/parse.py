@@ -531,13 +531,17 @@ def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -
     return None
 
 
-def search_document(parsed: ParsedMessage) -> tuple[str, str, str, str]:
-    """(subject, sender, recipient, body) as indexed for full-text search."""
-    body = parsed.body_text
-    if parsed.body_html:
-        body = f"{body}\n{html_to_text(parsed.body_html)}" if body else html_to_text(
-            parsed.body_html
-        )
+def search_extra(parsed: ParsedMessage) -> str:
+    """The indexed text beyond the plain-text body (`messages.search_extra`): the HTML
+    body's text and the attachments' file names; "" for the usual plain-text message."""
+    html = html_to_text(parsed.body_html) if parsed.body_html else ""
     names = " ".join(a.filename for a in parsed.attachments if a.filename)
+    return storable(f"{html}\n{names}".strip())
+
+
+def search_document(parsed: ParsedMessage) -> tuple[str, str, str, str]:
+    """(subject, sender, recipient, body) as indexed for full-text search (PostgreSQL; the
+    SQLite index reads the same text from the message row's columns)."""
     recipient = f"{parsed.recipient} {parsed.cc}".strip()
-    return parsed.subject, parsed.sender, recipient, f"{body}\n{names}".strip()
+    body = f"{parsed.body_text}\n{search_extra(parsed)}".strip()
+    return parsed.subject, parsed.sender, recipient, body

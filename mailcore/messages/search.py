@@ -1,9 +1,11 @@
 """Full-text search over subject, sender, recipient and bodies.
 
-SQLite: an FTS5 table `messages_fts` whose rowid is the message row id (a trigger removes
-rows with their message). PostgreSQL: `message_search` with a weighted tsvector and a GIN
-index. Both built by migration 0004. User input never reaches either query language as
-syntax: it is cut into word tokens, each matched as a prefix, all required.
+SQLite: an FTS5 table `messages_fts` whose rowid is the message row id, an external-content
+index over the row's subject, sender, recipient, cc, body_text and search_extra (it keeps no
+copy of the text); triggers on `messages` add, change and remove its entries with the rows,
+whatever the writer (migration 0023). PostgreSQL: `message_search` with a weighted tsvector
+and a GIN index (migration 0004), written here. User input never reaches either query
+language as syntax: it is cut into word tokens, each matched as a prefix, all required.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from sqlalchemy import Column, Connection, Integer, MetaData, Table, bindparam, 
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.messages.parse import ParsedMessage, search_document
-from mailcore.messages.sql import sqlite_values
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_TOKENS = 16
@@ -46,7 +47,6 @@ def fold(text: str) -> str:
     return " ".join(_WORD.findall(plain.lower()))
 
 
-_SQLITE_HEAD = "INSERT INTO messages_fts (rowid, subject, sender, recipient, body) VALUES "
 _PG_INSERT = text(
     "INSERT INTO message_search (message_row_id, document) VALUES (:id, "
     "setweight(to_tsvector('simple', :subject), 'A') || "
@@ -56,13 +56,9 @@ _PG_INSERT = text(
 
 
 def thd_index_messages(conn: Connection, rows: Sequence[tuple[int, ParsedMessage]]) -> None:
-    """Add message rows to the full-text index, in one statement (same transaction as the
-    rows)."""
-    if not rows:
-        return
-    if conn.dialect.name == "sqlite":
-        sqlite_values(conn, _SQLITE_HEAD, 5,
-                      [(row_id, *search_document(parsed)) for row_id, parsed in rows])
+    """Add new message rows to the full-text index, in one statement (same transaction as
+    the rows). SQLite: nothing to do, the rows' insert trigger has indexed them."""
+    if not rows or conn.dialect.name == "sqlite":
         return
     params: list[dict[str, object]] = []
     for row_id, parsed in rows:

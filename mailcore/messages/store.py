@@ -52,7 +52,13 @@ from mailcore.messages.models import (
     Statistics,
     StoreResult,
 )
-from mailcore.messages.parse import MimeLimits, ParsedMessage, extract_part, parse_message
+from mailcore.messages.parse import (
+    MimeLimits,
+    ParsedMessage,
+    extract_part,
+    parse_message,
+    search_extra,
+)
 from mailcore.messages.search import match_clause, thd_index_messages
 from mailcore.messages.sql import allocate_ids, insert_rows, utc
 from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
@@ -291,6 +297,7 @@ def thd_insert_messages(
             "references": " ".join(parsed.references),
             "has_attachments": parsed.has_attachments,
             "parse_problems": "\n".join(parsed.problems),
+            "search_extra": search_extra(parsed),
             "thread_id": thread_id,
             "created_at": now,
             "updated_at": now,

@@ -1,7 +1,8 @@
 """The message store: raw blobs by hash, parsed messages, attachments, threads (migration 0004).
 
 The full-text index is not declared here: it is a dialect-specific object made by the
-migration (SQLite: FTS5 virtual table `messages_fts` and its shadow tables; PostgreSQL:
+migrations (SQLite: FTS5 virtual table `messages_fts` over the columns of `messages`, its
+shadow tables and the triggers that keep it in step; PostgreSQL:
 `message_search` with a tsvector column and a GIN index). `FTS_TABLES` names them so a schema
 comparison can leave them out.
 """
@@ -104,6 +105,10 @@ messages = Table(
     # The telephone number of the text's signature block ("" if none); NULL until the
     # backup indexer has read it (mailcore.backup.index, migration 0017).
     Column("signature_phone", String(64), nullable=True),
+    # Indexed text beyond body_text: the HTML body's text and the attachments' file names
+    # ("" for a plain-text message). The SQLite full-text index reads its text from these
+    # columns of the row (external content, migration 0023) instead of keeping a copy.
+    Column("search_extra", Text, nullable=False, server_default=""),
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uid"),
     UniqueConstraint("folder_id", "pop_uidl", name="uq_messages_folder_uidl"),
     Index("ix_messages_user_date", "user_id", "date"),
