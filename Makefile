@@ -99,7 +99,7 @@ bench: venv deps
 	$(BIN)/python bench/fetch.py || status=1; \
 	$(BIN)/python bench/migrate.py || status=1; \
 	$(BIN)/python bench/mailapi.py || status=1; \
-	$(BIN)/python bench/scale.py --postgres --pg-messages 100000 || status=1; \
+	$(BIN)/python bench/scale.py --postgres || status=1; \
 	exit $$status
 
 clean:
