@@ -23,7 +23,13 @@ from mailcore.identity import User
 from mailcore.queue.pipeline import Action, PipelineMessage, PipelineRecipient
 from mailcore.queue.spool import SpoolError
 from mailcore.store import Database
-from mailcore.store.schema import domains, queue_messages, token_charges
+from mailcore.store.schema import (
+    domains,
+    queue_messages,
+    token_charges,
+    token_tanks,
+    token_usage,
+)
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue
@@ -376,3 +382,77 @@ class SQLiteTwoNodesTests(TwoNodesMixin, TestCase):
 
 class PostgresTwoNodesTests(TwoNodesMixin, TestCase):
     backend = "postgresql"
+
+
+class KillNineChargeTests(TestCase):
+    """A real daemon killed with SIGKILL while mail streams in, then restarted: every
+    message it stored is charged exactly once (the acknowledged ones among them), and the
+    tank lost exactly what the charges record."""
+
+    timeout = 240
+
+    async def test_every_stored_message_is_charged_once_across_kill_9(self) -> None:
+        from tests.support.mailsink import Daemon, SendLog, send_numbered
+        from tests.support.reactor import get_reactor
+        from tests.support.servers import (
+            ServerProcess,
+            free_port,
+            require_binary,
+            sleep,
+            tempdir_for,
+        )
+        from tests.test_gateway_crash import dumped, kill_from_outside
+
+        binary = require_binary("smtp-sink", "postfix")
+        sink_dir = tempdir_for(self)
+        sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
+        dump = sink_dir / "dump"
+        sink_port = free_port()
+        sink = ServerProcess(
+            [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
+            directory=sink_dir,
+        ).start()
+        self.addCleanup(sink.stop)
+        await sink.wait_for_port(sink_port)
+        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5})
+        domain_id = daemon.prepare_blocking("customer.test", sink_port)
+        await daemon.start()
+        self.addCleanup(daemon.stop)
+
+        messages = 600  # under the free plan's 1,000 tokens: every charge takes its token
+        sent = SendLog()
+        sending = defer.Deferred.fromCoroutine(
+            send_numbered(lambda: [daemon.smtp_port], list(range(messages)), sent,
+                          concurrency=10, size=400))
+        while len(sent.accepted) + len(sent.failed) < messages // 2:
+            await sleep(0.01)
+        await kill_from_outside(daemon, 0.005)
+        await daemon.stop()  # reap it
+        await daemon.start()
+        await sending
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 60
+        while not sent.accepted <= {seq for seq, _ in dumped(dump)}:
+            self.assertLess(reactor.seconds(), deadline, "accepted mail never arrived")
+            await sleep(0.5)
+        await daemon.stop()
+
+        def txn(conn: Connection) -> tuple[list[str], list[tuple[int, str, int]], int, int]:
+            stored = [r.id for r in conn.execute(
+                select(queue_messages.c.id).where(queue_messages.c.kind == "relay"))]
+            tank = conn.execute(select(token_tanks.c.monthly + token_tanks.c.perm)).scalar_one()
+            used = conn.execute(select(func.sum(token_usage.c.used))).scalar_one()
+            return stored, thd_charges(conn), int(tank), int(used)
+
+        db = Database(daemon.db_url, None, synchronous=True)  # type: ignore[arg-type]
+        self.addCleanup(db.engine.dispose)
+        stored, charges, tank, used = done(db.read("charges", txn))
+        self.assertGreater(len(sent.accepted), messages // 2)
+        # One charge per stored message (each has one recipient), none for anything else.
+        self.assertEqual(sorted(k for _u, k, _t in charges),
+                         sorted(f"{qid}:{domain_id}" for qid in stored))
+        self.assertEqual({t for _u, _k, t in charges}, {1})
+        # Every delivered message was stored, so charged; the tank lost exactly that much.
+        delivered = {qid.decode() for _seq, qid in dumped(dump)}
+        self.assertLessEqual(delivered, set(stored))
+        self.assertEqual((tank, used), (1000 - len(charges), len(charges)))
