@@ -6,7 +6,6 @@ Same shape as the Database's pool: `run(fn, *args)` returns a Deferred; in synch
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -16,13 +15,6 @@ from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
 P = ParamSpec("P")
-
-# CPython's GIL switch interval while a CpuPool runs. Its threads hold the GIL for long
-# stretches of Python; any other thread that wants it back (the reactor, a store thread
-# returning from a SQLite statement that ran without it) waits one interval each time, and a
-# backup batch's transaction makes some twenty such returns: at CPython's 5 ms they cost
-# more than the SQL itself. A process-wide setting, made once the pool starts.
-SWITCH_INTERVAL = 0.0005
 
 
 class CpuPool:
@@ -43,7 +35,6 @@ class CpuPool:
 
     def start(self) -> None:
         if self._pool is not None and not self._pool.started:
-            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
             self._pool.start()
 
     def stop(self) -> None:
