@@ -27,7 +27,7 @@ from mailcore.messages.parse import html_to_text
 from mailcore.text import storable
 
 revision = "0023_backup_text"
-# The lead links this to "0022_queue_charges" at merge when that revision lands.
+# 0022 was reserved for the token charges (issue 17.2), which needed no schema change.
 down_revision = "0021_fetch_bulk"
 branch_labels = None
 depends_on = None
