@@ -217,7 +217,8 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
     backend = "sqlite"
 
     async def test_reads_take_a_lane_of_their_own(self) -> None:
-        """Reads run one at a time on the read lane's thread, writes on the pool's."""
+        """Reads run one at a time on the read lane's thread; writes and long reads (a
+        full-text search) on the shared pool's."""
 
         def thread_name(conn: Connection) -> str:
             return threading.current_thread().name
@@ -226,9 +227,11 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
             [self.db.read("where", thread_name) for _ in range(8)])
         writes = await defer.gatherResults(
             [self.db.run("where", thread_name) for _ in range(8)])
+        long_reads = await defer.gatherResults(
+            [self.db.read_long("where", thread_name) for _ in range(8)])
         self.assertEqual(len(set(reads)), 1)
         self.assertIn("mailcore-db-read", reads[0])
-        self.assertFalse(any("mailcore-db-read" in name for name in writes))
+        self.assertFalse(any("mailcore-db-read" in name for name in writes + long_reads))
 
     async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
         """WAL, synchronous=FULL, a busy timeout and foreign keys on every connection."""

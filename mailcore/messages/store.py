@@ -782,7 +782,9 @@ class MessageStore:
     async def list_messages(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
         """A page of messages: filters, full-text `q`, ordering, optional one-per-thread."""
         _order_by(query.ordering)  # reject a bad ordering before touching the store
-        return await self.db.read(
+        # A search spends long in the database: the shared pool, not the read lane.
+        read = self.db.read_long if query.q else self.db.read
+        return await read(
             "list_messages", thd_list_messages, user_id, query, self.count_cache,
             self.page_marks,
         )

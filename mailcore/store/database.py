@@ -164,6 +164,19 @@ class Database:
         return self._defer_on(self._read_pool, self._transaction, name, False, fn, *args,
                               **kwargs)
 
+    def read_long(
+        self,
+        name: str,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        """Like `read`, for a read that spends long inside the database (a full-text
+        search): it runs on the shared pool, where such reads run side by side on several
+        cores (SQLite steps without Python's lock) and never hold up the short reads
+        queued on the read lane."""
+        return self._defer(self._transaction, name, False, fn, *args, **kwargs)
+
     def stream(
         self,
         name: str,
