@@ -569,6 +569,16 @@ def report_nodes(rounds: list[NodesRound], messages: int, sessions: int) -> bool
     return no_collapse and once
 
 
+def per_round(what: str, ratios: list[float], target: float, before: str = "",
+              after: str = "") -> bool:
+    """Print a ratio per round and their median against `target`; whether it is met."""
+    median = statistics.median(ratios)
+    met = median >= target
+    print(f"ratio {what}, per round: {' '.join(f'{x:.2f}' for x in ratios)}; median "
+          f"{median:.2f} ({before}target >= {target}: {'met' if met else 'MISSED'}){after}")
+    return met
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
@@ -630,23 +640,18 @@ def main() -> int:
               f"(target >= {TARGET_RATIO}; filtering off)")
         ok = ratio >= TARGET_RATIO
         if filtered:
-            shares = [f.rate / ours.rate
-                      for (_, ours), f in zip(pairs, filtered, strict=True)]
-            met = statistics.median(shares) >= TARGET_FILTERED
-            print(f"ratio filtered / unfiltered relay (end-to-end), per round: "
-                  f"{' '.join(f'{x:.2f}' for x in shares)}; median "
-                  f"{statistics.median(shares):.2f} (filters: {', '.join(filters)}, tokens "
-                  f"charged; target >= {TARGET_FILTERED}: {'met' if met else 'MISSED'})")
-            ok = ok and met
+            ok = per_round(
+                "filtered / unfiltered relay (end-to-end)",
+                [f.rate / ours.rate for (_, ours), f in zip(pairs, filtered, strict=True)],
+                TARGET_FILTERED, f"filters: {', '.join(filters)}, tokens charged; ",
+            ) and ok
         if postfixes:
-            vs = [ours.rate / theirs.rate
-                  for (_, ours), theirs in zip(pairs, postfixes, strict=True)]
-            met = statistics.median(vs) >= TARGET_POSTFIX
-            print(f"ratio Mailcore / Postfix (end-to-end, unfiltered), per round: "
-                  f"{' '.join(f'{x:.2f}' for x in vs)}; median {statistics.median(vs):.2f} "
-                  f"(target >= {TARGET_POSTFIX}: {'met' if met else 'MISSED'}); Postfix CPU "
-                  "counts its master and every daemon")
-            ok = ok and met
+            ok = per_round(
+                "Mailcore / Postfix (end-to-end, unfiltered)",
+                [ours.rate / theirs.rate
+                 for (_, ours), theirs in zip(pairs, postfixes, strict=True)],
+                TARGET_POSTFIX, "", "; Postfix CPU counts its master and every daemon",
+            ) and ok
         if "rspamd" in compare:
             ok = report_rspamd(with_rspamd(tmp, args.rspamd_messages, args.sessions,
                                            args.rspamd_rounds), args.rspamd_messages,

@@ -73,6 +73,27 @@ def journal_of(daemon: Daemon) -> bytes:
     )
 
 
+async def sink_and_daemon(test: TestCase) -> tuple[Path, Daemon, int]:
+    """A real smtp-sink dumping to a file (its path) and a started daemon relaying
+    customer.test to it (and that domain's id); both stopped at the test's cleanup."""
+    binary = require_binary("smtp-sink", "postfix")
+    sink_dir = tempdir_for(test)
+    sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
+    dump = sink_dir / "dump"
+    sink_port = free_port()
+    sink = ServerProcess(
+        [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
+        directory=sink_dir,
+    ).start()
+    test.addCleanup(sink.stop)
+    await sink.wait_for_port(sink_port)
+    daemon = Daemon(tempdir_for(test), queue={"poll_interval": 0.5})
+    domain_id = daemon.prepare_blocking("customer.test", sink_port)
+    await daemon.start()
+    test.addCleanup(daemon.stop)
+    return dump, daemon, domain_id
+
+
 async def kill_from_outside(daemon: Daemon, delay: float) -> None:
     """SIGKILL the daemon from another process `delay` seconds from now and wait until it
     is dead: the kill lands at a moment this process's reactor does not choose (its own
@@ -89,22 +110,7 @@ class KillNineTests(TestCase):
     timeout = 300
 
     async def test_every_accepted_message_survives_kill_9(self) -> None:
-        binary = require_binary("smtp-sink", "postfix")
-        sink_dir = tempdir_for(self)
-        sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
-        dump = sink_dir / "dump"
-        sink_port = free_port()
-        sink = ServerProcess(
-            [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
-            directory=sink_dir,
-        ).start()
-        self.addCleanup(sink.stop)
-        await sink.wait_for_port(sink_port)
-
-        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5})
-        daemon.prepare_blocking("customer.test", sink_port)
-        await daemon.start()
-        self.addCleanup(daemon.stop)
+        dump, daemon, _ = await sink_and_daemon(self)
 
         sent = SendLog()
         sending = defer.Deferred.fromCoroutine(

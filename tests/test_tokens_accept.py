@@ -392,32 +392,12 @@ class KillNineChargeTests(TestCase):
     timeout = 240
 
     async def test_every_stored_message_is_charged_once_across_kill_9(self) -> None:
-        from tests.support.mailsink import Daemon, SendLog, send_numbered
+        from tests.support.mailsink import SendLog, send_numbered
         from tests.support.reactor import get_reactor
-        from tests.support.servers import (
-            ServerProcess,
-            free_port,
-            require_binary,
-            sleep,
-            tempdir_for,
-        )
-        from tests.test_gateway_crash import dumped, kill_from_outside
+        from tests.support.servers import sleep
+        from tests.test_gateway_crash import dumped, kill_from_outside, sink_and_daemon
 
-        binary = require_binary("smtp-sink", "postfix")
-        sink_dir = tempdir_for(self)
-        sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
-        dump = sink_dir / "dump"
-        sink_port = free_port()
-        sink = ServerProcess(
-            [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
-            directory=sink_dir,
-        ).start()
-        self.addCleanup(sink.stop)
-        await sink.wait_for_port(sink_port)
-        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5})
-        domain_id = daemon.prepare_blocking("customer.test", sink_port)
-        await daemon.start()
-        self.addCleanup(daemon.stop)
+        dump, daemon, domain_id = await sink_and_daemon(self)
 
         messages = 600  # under the free plan's 1,000 tokens: every charge takes its token
         sent = SendLog()
