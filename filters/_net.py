@@ -208,6 +208,18 @@ class Exchange(Protocol):
         self._abort()
 
 
+class RequestExchange(Exchange):
+    """An exchange whose request is one block of bytes, written when connected."""
+
+    def __init__(self, request: bytes, max_reply: int) -> None:
+        super().__init__(max_reply)
+        self.request = request
+
+    def send(self) -> None:
+        transport: Any = self.transport
+        transport.write(self.request)
+
+
 async def run_exchange(
     filter_name: str,
     endpoint: IStreamClientEndpoint,

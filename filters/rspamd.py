@@ -35,8 +35,8 @@ from twisted.web.http_headers import Headers
 
 from filters._net import (
     Address,
-    Exchange,
     ProtocolViolation,
+    RequestExchange,
     client_endpoint,
     parse_address,
     run_exchange,
@@ -119,17 +119,9 @@ class OneShotHTTP:
         return _Reply(code, body)
 
 
-class _HTTPExchange(Exchange):
+class _HTTPExchange(RequestExchange):
     """Writes one request; the reply is complete at its Content-Length, at the end of its
     chunks, or (with neither) when rspamd closes."""
-
-    def __init__(self, request: bytes, max_reply: int) -> None:
-        super().__init__(max_reply)
-        self.request = request
-
-    def send(self) -> None:
-        transport: Any = self.transport
-        transport.write(self.request)
 
     def reply_complete(self, buffer: bytes, closed: bool) -> tuple[int, bytes] | None:
         end = buffer.find(b"\r\n\r\n")

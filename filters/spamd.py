@@ -14,7 +14,13 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
-from filters._net import Address, Exchange, ProtocolViolation, run_exchange, with_deadline
+from filters._net import (
+    Address,
+    ProtocolViolation,
+    RequestExchange,
+    run_exchange,
+    with_deadline,
+)
 from filters.interface import FilterError, ScanContext, Symbol, Verdict, refuse_oversized
 
 COMMANDS = ("SYMBOLS", "CHECK", "REPORT")
@@ -162,16 +168,12 @@ def _short(what: str, data: bytes) -> str:
     return f"{what}: {bytes(data[:80])!r}"
 
 
-class SpamcExchange(Exchange):
+class SpamcExchange(RequestExchange):
     """One SPAMC request and its reply."""
 
-    def __init__(self, request: bytes, max_reply: int) -> None:
-        super().__init__(max_reply)
-        self.request = request
-
     def send(self) -> None:
+        super().send()
         transport: Any = self.transport
-        transport.write(self.request)
         # Like spamc: half-close, or spamd waits for a final newline the message may lack.
         lose_write = getattr(transport, "loseWriteConnection", None)
         if lose_write is not None:
