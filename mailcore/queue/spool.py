@@ -382,11 +382,7 @@ class Spool:
         stop the commit stream under load the way a chore does (`run_serialized`)."""
         rider = _Chore(name, fn, args)
         self._riders.append(rider)
-        if self._busy:
-            with self._wake:
-                self._wake.notify()  # a lingering stream takes it now
-        else:
-            self._kick()
+        self._take_soon()
         return rider.done
 
     def charge(self, items: Sequence[Any]) -> defer.Deferred[list[Any]]:
@@ -398,12 +394,17 @@ class Spool:
             raise RuntimeError("the spool has no charger")
         request = _ChargeRequest(list(items))
         self._charge_requests.append(request)
+        self._take_soon()
+        return request.done
+
+    def _take_soon(self) -> None:
+        """Get a rider or charge request just handed in written: a lingering stream takes
+        it now, else a group commit starts."""
         if self._busy:
             with self._wake:
-                self._wake.notify()  # a lingering stream takes it now
+                self._wake.notify()
         else:
             self._kick()
-        return request.done
 
     async def drain(self) -> None:
         """Wait until everything handed in so far is written (results: or given up on)."""
