@@ -12,7 +12,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.store.schema.messages import message_counts, message_thread_totals, messages
 
@@ -32,18 +33,37 @@ def thd_folder_totals(
     return {folder: int(n) for folder, n in conn.execute(q)}
 
 
+def _of(account_id: int | None, folder: str | None) -> list[ColumnElement[bool]]:
+    """`message_counts` rows of this account and folder (None: any)."""
+    c = message_counts.c
+    return [cond for cond in (
+        c.account_key == account_id if account_id is not None else None,
+        c.folder == folder if folder is not None else None,
+    ) if cond is not None]
+
+
 def thd_message_total(
     conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
 ) -> int:
     """How many messages the user holds (in this account, in this folder)."""
     q = select(func.coalesce(func.sum(message_counts.c.total), 0)).where(
-        message_counts.c.user_id == user_id
+        message_counts.c.user_id == user_id, *_of(account_id, folder)
     )
-    if account_id is not None:
-        q = q.where(message_counts.c.account_key == account_id)
-    if folder is not None:
-        q = q.where(message_counts.c.folder == folder)
     return int(conn.execute(q).scalar() or 0)
+
+
+def thd_total_and_stamp(
+    conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
+) -> tuple[int, int]:
+    """`thd_message_total` and `thd_change_stamp` in one statement (a list page needs both)."""
+    c = message_counts.c
+    wanted = _of(account_id, folder)
+    total = func.sum(case((and_(*wanted), c.total), else_=0) if wanted else c.total)
+    row = conn.execute(
+        select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
+        .where(c.user_id == user_id)
+    ).one()
+    return int(row[0]), int(row[1])
 
 
 def _unthreaded(conn: Connection, user_id: int, account_id: int | None) -> int:

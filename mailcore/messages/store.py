@@ -15,7 +15,6 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     LargeBinary,
-    and_,
     bindparam,
     case,
     delete,
@@ -37,6 +36,7 @@ from mailcore.messages.counts import (
     thd_folder_totals,
     thd_message_total,
     thd_thread_total,
+    thd_total_and_stamp,
 )
 from mailcore.messages.keyset import PageMarks
 from mailcore.messages.models import (
@@ -71,7 +71,6 @@ from mailcore.store.schema import (
     messages,
     threads,
 )
-from mailcore.store.schema.messages import message_counts
 from mailcore.workers import CpuPool
 
 _ORDER_COLUMNS = {
@@ -515,22 +514,6 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
     return count
 
 
-def _kept_total_and_stamp(conn: Connection, user_id: int, query: MessageQuery) -> tuple[int, int]:
-    """`thd_message_total` of the query's account and folder and the user's
-    `thd_change_stamp`, in one statement (both from `message_counts`)."""
-    c = message_counts.c
-    wanted = [cond for cond in (
-        c.account_key == query.account_id if query.account_id is not None else None,
-        c.folder == query.folder if query.folder is not None else None,
-    ) if cond is not None]
-    total = func.sum(case((and_(*wanted), c.total), else_=0) if wanted else c.total)
-    row = conn.execute(
-        select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
-        .where(c.user_id == user_id)
-    ).one()
-    return int(row[0]), int(row[1])
-
-
 def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) -> bool:
     """Whether a search page is cheaper read along the user's date index, testing each
     entry against the matches (about depth x messages / hits entries), than by fetching
@@ -566,7 +549,7 @@ def thd_list_messages(
     keyset = marks is not None and ordering in ("-date", "date") and _keyset_filters(query)
     stamp: int | None = None
     if keyset and _counted(query):
-        count, stamp = _kept_total_and_stamp(conn, user_id, query)
+        count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
     else:
         count = _total(conn, user_id, query, conds, cache)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
