@@ -141,10 +141,8 @@ class AccessLog:
             "request_id": ctx.request_id,
             "aborted": " (client went away)" if aborted else "",
         }
-        # The line is written here once, in the format's own words: the text log writers
-        # take it as it is instead of running the format through twisted.logger's
-        # formatter (structured observers still get every field).
-        text = (f"{fields['client']} {fields['user']} {fields['method']} {fields['target']} "
-                f"{status} {fields['bytes']} {seconds:.3f}s api={ctx.api} "
-                f"id={ctx.request_id}{fields['aborted']}")
-        self.log.info(ACCESS_FORMAT, **fields, **{TEXT_KEY: text})
+        # The line is formatted here once with str.format (the format has no
+        # twisted.logger-only syntax): the text log writers take it as it is instead of
+        # running it through twisted.logger's formatter; structured observers still get
+        # every field.
+        self.log.info(ACCESS_FORMAT, **fields, **{TEXT_KEY: ACCESS_FORMAT.format(**fields)})
