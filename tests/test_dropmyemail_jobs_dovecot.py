@@ -200,6 +200,19 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
                          ("queued", destination, s.account_id))
         return await self.finished(s, "migrate", job["id"])
 
+    async def migrate_through_cuts(self, s: Setup, threshold: int, cuts: int
+                                   ) -> tuple[dict[str, Any], str, CuttingProxy]:
+        """A migrate of `s` to a new user, through a proxy that cuts the connection
+        `cuts` times past `threshold` bytes: (the finished job, the destination, the
+        proxy)."""
+        server = await self.dovecot()
+        destination = f"{server.new_user()}@example.test"
+        proxy = CuttingProxy(server.imap, threshold=threshold, cuts=cuts)
+        port = get_reactor().listenTCP(0, proxy, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        job = await self.migrate(s, destination, port.getHost().port)
+        return job, destination, proxy
+
     async def test_migrate_copies_everything_once_and_a_second_appends_nothing(self) -> None:
         server = await self.dovecot()
         s = await self.setup(FOLDERS)
@@ -303,11 +316,7 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         folders = {"INBOX": 300, "Archiv/Größe": 200}
         s = await self.setup(folders, tag="cut")
         before = await mailbox(server, s.source)
-        destination = f"{server.new_user()}@example.test"
-        proxy = CuttingProxy(server.imap, threshold=150_000, cuts=2)
-        port = get_reactor().listenTCP(0, proxy, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        job = await self.migrate(s, destination, port.getHost().port)
+        job, destination, _ = await self.migrate_through_cuts(s, 150_000, cuts=2)
         self.assertEqual(job["status"], "done", job)
         self.assertGreaterEqual(job["attempts"], 3)  # two cuts, then the run that finished
         self.assertEqual(job["downloaded"], sum(folders.values()))
@@ -402,11 +411,7 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         result = await s.api.core.fetch.engine.sync(s.account_id)
         self.assertEqual(result.status, "success", result.error)
         before = await mailbox(server, s.source)
-        destination = f"{server.new_user()}@example.test"
-        proxy = CuttingProxy(server.imap, threshold=3_000_000, cuts=1)
-        port = get_reactor().listenTCP(0, proxy, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        job = await self.migrate(s, destination, port.getHost().port)
+        job, destination, proxy = await self.migrate_through_cuts(s, 3_000_000, cuts=1)
         self.assertEqual(job["status"], "done", job)
         self.assertGreaterEqual(job["attempts"], 2)
         self.assertEqual(proxy.cuts, 0)
