@@ -94,6 +94,10 @@ class MigrateKillNineTests(DovecotClassMixin, TestCase):
         marks = sorted(rng.uniform(0.05 + 0.85 * k / KILLS, 0.05 + 0.85 * (k + 1) / KILLS)
                        for k in range(KILLS))
         kills: list[tuple[int, int]] = []
+        # A kill is of a run: the next one waits until the restarted daemon has claimed the
+        # job (attempts went up), or two close marks would kill a daemon that had not yet
+        # resumed the copy (and the run count would fall short of the kills).
+        claimed_by_killed = 0
         deadline = reactor.seconds() + 240
         job: Any = None
         while reactor.seconds() < deadline:
@@ -101,7 +105,9 @@ class MigrateKillNineTests(DovecotClassMixin, TestCase):
             if job.status in ("done", "failed"):
                 break
             progress = job.downloaded / total if job.messages else 0.0
-            if len(kills) < KILLS and progress >= marks[len(kills)]:
+            resumed = job.status == "running" and job.attempts > claimed_by_killed
+            if len(kills) < KILLS and resumed and progress >= marks[len(kills)]:
+                claimed_by_killed = job.attempts
                 await kill_from_outside(daemon, rng.uniform(0.0, 0.05))
                 await daemon.stop()  # reap it
                 after = await watch.read("job", row)
