@@ -9,12 +9,14 @@ A batch stored twice changes nothing: a rerun after a crash gives exactly the so
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncGenerator, Sequence
+import functools
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
     Connection,
     LargeBinary,
+    Select,
     bindparam,
     case,
     delete,
@@ -97,6 +99,8 @@ _SUMMARY_COLUMNS = (
     messages.c.updated_at,
 )
 _SUMMARY_WIDTH = len(_SUMMARY_COLUMNS)
+_THREAD_ID_AT = 14
+assert _SUMMARY_COLUMNS[_THREAD_ID_AT] is messages.c.thread_id
 # A page of the list: the summaries and each one's thread size (a primary-key probe a row).
 _PAGE_COLUMNS = (*_SUMMARY_COLUMNS, threads.c.message_count)
 _PAGE_FROM = messages.outerjoin(threads, threads.c.id == messages.c.thread_id)
@@ -381,36 +385,62 @@ def _day_start(day: datetime.date) -> datetime.datetime:
     return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC)
 
 
+# The filters of a query, as WHERE terms with named parameters (`_filter_values` gives
+# them): a list page's statement is then built once per shape of query and reused, its
+# SQLAlchemy cache key memoised, instead of built and keyed anew on every request.
+_FILTER_TERMS: dict[str, Callable[[Any], ColumnElement[bool]]] = {
+    "folder": lambda c: c.folder == bindparam("folder"),
+    "folder_id": lambda c: c.folder_id == bindparam("folder_id"),
+    "account_id": lambda c: c.account_id == bindparam("account_id"),
+    "date_from": lambda c: c.date >= bindparam("date_from", type_=c.date.type),
+    "date_to": lambda c: c.date < bindparam("date_to", type_=c.date.type),
+    "has_attachments": lambda c: c.has_attachments == bindparam("has_attachments"),
+    "thread_id": lambda c: c.thread_id == bindparam("thread_id"),
+}
+
+
+def _filter_values(user_id: int, query: MessageQuery) -> dict[str, Any]:
+    """The parameters of the query's filters (`user_id` and those it sets)."""
+    values: dict[str, Any] = {"user_id": user_id}
+    for name in ("folder", "folder_id", "account_id", "has_attachments", "thread_id"):
+        value = getattr(query, name)
+        if value is not None:
+            values[name] = value
+    if query.date_from is not None:
+        values["date_from"] = _day_start(query.date_from)
+    if query.date_to is not None:
+        values["date_to"] = _day_start(query.date_to) + datetime.timedelta(days=1)
+    return values
+
+
+def _filter_shape(query: MessageQuery) -> tuple[str, ...]:
+    """Which of `_FILTER_TERMS` the query sets."""
+    return tuple(name for name in _FILTER_TERMS if getattr(query, name) is not None)
+
+
+def _shape_terms(shape: tuple[str, ...], c: Any, by_match: bool = False
+                 ) -> list[ColumnElement[bool]]:
+    """The user's rows (see `_filters` for `by_match`) and the `_FILTER_TERMS` of `shape`."""
+    user: Any = bindparam("user_id")
+    return [(c.user_id + 0 == user) if by_match else (c.user_id == user),
+            *(_FILTER_TERMS[name](c) for name in shape)]
+
+
 def _filters(
     dialect: str, user_id: int, query: MessageQuery, table: Any = messages,
     by_match: bool = False,
 ) -> list[ColumnElement[bool]]:
-    """WHERE terms of the query's filters on `table` (`messages` or an alias of it).
+    """WHERE terms of the query's filters on `table` (`messages` or an alias of it); the
+    statement runs with `_filter_values` as its parameters.
 
     `by_match`: the user's rows are found through the full-text matches (their row ids),
     not through an index on user_id ("+ 0" keeps the database from walking the user's
     whole date index and probing the matches for each entry: SQLite has no statistics,
     and PostgreSQL, asked for the newest 50, takes that walk for a rare word too, some
     50,000 rows deep over a million messages)."""
-    c = table.c
-    mine = (c.user_id + 0 == user_id) if by_match else (c.user_id == user_id)
-    conds: list[ColumnElement[bool]] = [mine]
-    if query.folder is not None:
-        conds.append(c.folder == query.folder)
-    if query.folder_id is not None:
-        conds.append(c.folder_id == query.folder_id)
-    if query.account_id is not None:
-        conds.append(c.account_id == query.account_id)
-    if query.date_from is not None:
-        conds.append(c.date >= _day_start(query.date_from))
-    if query.date_to is not None:
-        conds.append(c.date < _day_start(query.date_to) + datetime.timedelta(days=1))
-    if query.has_attachments is not None:
-        conds.append(c.has_attachments == query.has_attachments)
-    if query.thread_id is not None:
-        conds.append(c.thread_id == query.thread_id)
+    conds = _shape_terms(_filter_shape(query), table.c, by_match)
     if query.q:
-        conds.append(match_clause(dialect, c.id, query.q))
+        conds.append(match_clause(dialect, table.c.id, query.q))
     return conds
 
 
@@ -486,7 +516,8 @@ def _counted(query: MessageQuery) -> bool:
 
 
 def _total(conn: Connection, user_id: int, query: MessageQuery,
-           conds: list[ColumnElement[bool]], cache: CountCache | None) -> int:
+           where: Callable[[], list[ColumnElement[bool]]], values: dict[str, Any],
+           cache: CountCache | None) -> int:
     """The count of the query: from the kept counts, else from `cache` while the user's
     change stamp stands (filters on columns whose changes move the stamp only), else
     counted."""
@@ -507,8 +538,8 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
         cached = cache.get(key, stamp)
         if cached is not None:
             return cached
-    count = int(conn.execute(select(func.count()).select_from(messages).where(*conds)).scalar()
-                or 0)
+    count = int(conn.execute(select(func.count()).select_from(messages).where(*where()),
+                             values).scalar() or 0)
     if cache is not None and key is not None:
         cache.put(key, stamp, count)
     return count
@@ -542,23 +573,29 @@ def thd_list_messages(
     """
     dialect = conn.dialect.name
     by_match = bool(query.q)
-    conds = _filters(dialect, user_id, query, by_match=by_match)
-    if query.threads_only:
-        conds.append(_newest_of_thread(dialect, user_id, query))
+    values = _filter_values(user_id, query)
     ordering = query.ordering.strip()
+    # A plain list (no words, no thread grouping) reads through statements built once per
+    # shape of query; the others are built for the request.
+    shape = None if query.q or query.threads_only else _filter_shape(query)
+
+    def where(by_match: bool) -> list[ColumnElement[bool]]:
+        conds = _filters(dialect, user_id, query, by_match=by_match)
+        if query.threads_only:
+            conds.append(_newest_of_thread(dialect, user_id, query))
+        return conds
+
     keyset = marks is not None and ordering in ("-date", "date") and _keyset_filters(query)
     stamp: int | None = None
     if keyset and _counted(query):
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
     else:
-        count = _total(conn, user_id, query, conds, cache)
+        count = _total(conn, user_id, query, lambda: where(by_match), values, cache)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     if limit == 0 or offset >= count:
         return Page(count=count, items=[])
     if by_match and _walk_the_date_index(conn, user_id, count, offset + limit):
-        conds = _filters(dialect, user_id, query)
-        if query.threads_only:
-            conds.append(_newest_of_thread(dialect, user_id, query))
+        by_match = False
     marks_key: tuple[Any, ...] | None = None
     if keyset:
         marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
@@ -568,34 +605,50 @@ def thd_list_messages(
     near = marks.nearest(marks_key, stamp, offset) \
         if marks is not None and marks_key is not None and stamp is not None else None
     n = min(limit, count - offset)
+    reverse = False
     if near is not None and offset - near[0] < min(offset, count - offset - n):
         # From the remembered row (itself included) on, in the list's own order.
-        at, (date, row_id) = near
-        here = tuple_(messages.c.date, messages.c.id)
-        mark = tuple_(literal(date, messages.c.date.type), literal(row_id))
-        rows = list(conn.execute(
-            select(*_PAGE_COLUMNS).select_from(_PAGE_FROM)
-            .where(*conds, here <= mark if ordering == "-date" else here >= mark)
-            .order_by(*_order_by(ordering)).offset(offset - at).limit(n)
-        ))
+        at, (values["mark_date"], values["mark_id"]) = near
+        skip, from_mark = offset - at, True
     else:
         reverse = offset > count // 2
-        order = _order_by(query.ordering, reverse=reverse)
-        skip = count - offset - n if reverse else offset
-        rows = list(conn.execute(
-            select(*_PAGE_COLUMNS).select_from(_PAGE_FROM).where(*conds).order_by(*order)
-            .offset(skip).limit(n)
-        ))
-        if reverse:
-            rows.reverse()
+        skip, from_mark = (count - offset - n if reverse else offset), False
+    statement = _plain_page(shape, ordering, reverse, from_mark) if shape is not None \
+        else _page(where(by_match), ordering, reverse, from_mark)
+    rows = list(conn.execute(statement, {**values, "skip": skip, "n": n}))
+    if reverse:
+        rows.reverse()
     if marks is not None and marks_key is not None and stamp is not None and rows \
             and rows[0].date is not None and rows[-1].date is not None:
         marks.remember(marks_key, stamp, {
             offset: (rows[0].date, rows[0].id),
             offset + len(rows) - 1: (rows[-1].date, rows[-1].id),
         })
-    sizes = {r.thread_id: r.message_count for r in rows if r.message_count is not None}
+    sizes = {r[_THREAD_ID_AT]: r[_SUMMARY_WIDTH] for r in rows
+             if r[_SUMMARY_WIDTH] is not None}
     return Page(count=count, items=[_summary(r, sizes) for r in rows])
+
+
+def _page(conds: list[ColumnElement[bool]], ordering: str, reverse: bool,
+          from_mark: bool) -> Select[Any]:
+    """A page of the list: `_PAGE_COLUMNS` of the rows matching `conds`, in `ordering`
+    (turned round with `reverse`), from the row (mark_date, mark_id) on when `from_mark`,
+    `skip` rows skipped, `n` rows."""
+    if from_mark:
+        here = tuple_(messages.c.date, messages.c.id)
+        mark = tuple_(bindparam("mark_date", type_=messages.c.date.type), bindparam("mark_id"))
+        conds = [*conds, here <= mark if ordering == "-date" else here >= mark]
+    return (select(*_PAGE_COLUMNS).select_from(_PAGE_FROM).where(*conds)
+            .order_by(*_order_by(ordering, reverse=reverse))
+            .offset(bindparam("skip")).limit(bindparam("n")))
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_page(shape: tuple[str, ...], ordering: str, reverse: bool,
+                from_mark: bool) -> Select[Any]:
+    """`_page` of a list filtered by `shape` only (no words, no thread grouping), built
+    once: its SQLAlchemy cache key is then memoised too."""
+    return _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark)
 
 
 def _attachment(row: Any) -> AttachmentSummary:

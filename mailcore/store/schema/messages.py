@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 
 from mailcore.store.schema.meta import metadata
+from mailcore.store.schema.types import UTCDateTime
 
 FTS_TABLES = (
     "messages_fts",
@@ -83,7 +84,7 @@ messages = Table(
     Column("sha256", String(64), ForeignKey("message_blobs.sha256"), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("flags", Text, nullable=False, server_default=""),
-    Column("internal_date", DateTime(timezone=True), nullable=True),
+    Column("internal_date", UTCDateTime(), nullable=True),
     Column("on_server", Boolean, nullable=False, server_default="1"),
     Column("message_id", String(998), nullable=False, server_default=""),
     Column("subject", Text, nullable=False, server_default=""),
@@ -91,7 +92,7 @@ messages = Table(
     Column("sender_address", String(320), nullable=False, server_default=""),
     Column("recipient", Text, nullable=False, server_default=""),
     Column("cc", Text, nullable=False, server_default=""),
-    Column("date", DateTime(timezone=True), nullable=True),
+    Column("date", UTCDateTime(), nullable=True),
     Column("body_text", Text, nullable=False, server_default=""),
     Column("body_html", Text, nullable=False, server_default=""),
     Column("headers", Text, nullable=False, server_default=""),
@@ -100,8 +101,8 @@ messages = Table(
     Column("has_attachments", Boolean, nullable=False, server_default="0"),
     Column("parse_problems", Text, nullable=False, server_default=""),
     Column("thread_id", Integer, ForeignKey("threads.id", ondelete="SET NULL"), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
     # The telephone number of the text's signature block ("" if none); NULL until the
     # backup indexer has read it (mailcore.backup.index, migration 0017).
     Column("signature_phone", String(64), nullable=True),
