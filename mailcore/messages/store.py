@@ -444,18 +444,23 @@ def _filters(
     return conds
 
 
+def _order_terms(ordering: str) -> list[tuple[str, bool]]:
+    """(column name, descending) of each term of `ordering`, the row id last; a name we
+    cannot order by is a QueryError."""
+    terms = [t.strip() for t in (ordering or "-date").split(",") if t.strip()]
+    out = []
+    for term in [*terms, "-id" if ordering.startswith("-") else "id"]:
+        name = term.lstrip("-+")
+        if name not in _ORDER_COLUMNS:
+            raise QueryError(f"cannot order by {name!r}", "ordering")
+        out.append((name, term.startswith("-")))
+    return out
+
+
 def _order_by(ordering: str, *, reverse: bool = False) -> list[Any]:
     """ORDER BY terms of `ordering` with the row id last; `reverse` turns each one round."""
-    out: list[Any] = []
-    terms = [t.strip() for t in (ordering or "-date").split(",") if t.strip()]
-    for term in [*terms, "-id" if ordering.startswith("-") else "id"]:
-        desc = term.startswith("-")
-        name = term.lstrip("-+")
-        column = _ORDER_COLUMNS.get(name)
-        if column is None:
-            raise QueryError(f"cannot order by {name!r}", "ordering")
-        out.append(column.desc() if desc != reverse else column.asc())
-    return out
+    return [_ORDER_COLUMNS[name].desc() if desc != reverse else _ORDER_COLUMNS[name].asc()
+            for name, desc in _order_terms(ordering)]
 
 
 def _summary(row: Any, thread_counts: dict[int, int]) -> MessageSummary:
@@ -817,7 +822,7 @@ class MessageStore:
 
     async def list_messages(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
         """A page of messages: filters, full-text `q`, ordering, optional one-per-thread."""
-        _order_by(query.ordering)  # reject a bad ordering before touching the store
+        _order_terms(query.ordering)  # reject a bad ordering before touching the store
         # A search spends long in the database: the shared pool, not the read lane.
         read = self.db.read_long if query.q else self.db.read
         return await read(
