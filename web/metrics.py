@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
@@ -34,6 +35,11 @@ class HttpMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        # The labelled children, looked up once each (`labels()` takes a lock and builds
+        # its key on every call; every request makes two). Bounded: a few APIs, eight
+        # method labels, the status codes we send.
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._latencies: dict[str, Any] = {}
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry) -> HttpMetrics:
@@ -44,8 +50,15 @@ class HttpMetrics:
 
     def observe(self, api: str, method: str, status: int, seconds: float) -> None:
         label = method if method in _KNOWN_METHODS else "other"
-        self.requests.labels(api=api, method=label, status=str(status)).inc()
-        self.latency.labels(api=api).observe(max(0.0, seconds))
+        count = self._counts.get((api, label, status))
+        if count is None:
+            count = self._counts[(api, label, status)] = self.requests.labels(
+                api=api, method=label, status=str(status))
+        count.inc()
+        latency = self._latencies.get(api)
+        if latency is None:
+            latency = self._latencies[api] = self.latency.labels(api=api)
+        latency.observe(max(0.0, seconds))
 
 
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
