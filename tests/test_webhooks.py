@@ -8,6 +8,8 @@ import datetime
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.trial.unittest import TestCase
 
@@ -18,6 +20,7 @@ from mailcore.webhooks import (
     WebhookError,
     WebhookSender,
     WebhookSettings,
+    iso,
     sign,
     verify_signature,
 )
@@ -391,3 +394,28 @@ class DeliveryTests(SenderTestCase):
         self.assertEqual(len(await s.log(hook.id)), 1)
         s.web.clock.advance(86400 + 3600)
         self.assertEqual(await s.log(hook.id), [])
+
+
+class IsoTests(TestCase):
+    """`iso` writes times as Django REST framework does: UTC, a Z, microseconds only when
+    there are some (orjson writes it; it must match what isoformat() gave)."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.datetimes(timezones=st.one_of(
+        st.none(), st.just(datetime.UTC),
+        st.builds(datetime.timezone, st.timedeltas(datetime.timedelta(hours=-23),
+                                                   datetime.timedelta(hours=23))))))
+    def test_as_isoformat_in_utc_with_a_z(self, moment: datetime.datetime) -> None:
+        aware = moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+        try:
+            in_utc = aware.astimezone(datetime.UTC)
+        except OverflowError:
+            return  # out of datetime's range once in UTC
+        self.assertEqual(iso(moment), in_utc.isoformat()[:-6] + "Z")
+
+    def test_none_and_examples(self) -> None:
+        self.assertIsNone(iso(None))
+        self.assertEqual(iso(datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC)),
+                         "2024-05-06T07:08:09Z")
+        self.assertEqual(iso(datetime.datetime(2024, 5, 6, 7, 8, 9, 5, tzinfo=datetime.UTC)),
+                         "2024-05-06T07:08:09.000005Z")
