@@ -233,6 +233,30 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
         self.assertIn("mailcore-db-read", reads[0])
         self.assertFalse(any("mailcore-db-read" in name for name in writes + long_reads))
 
+    async def test_the_lane_keeps_its_connection_and_sees_each_commit(self) -> None:
+        """A read-lane thread reads on one connection it keeps (no pool checkout a read);
+        each read is a transaction of its own, so it sees what committed before it; a
+        read that fails leaves the connection usable; close() closes it."""
+
+        def driver(conn: Connection) -> Any:
+            return conn.connection.driver_connection
+
+        def fail(conn: Connection) -> None:
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
+
+        first = await self.db.read("which", driver)
+        self.assertEqual(await self.db.read("count", _count_users), 0)
+        await self.db.run("add", _add_user, "lane")
+        self.assertEqual(await self.db.read("count", _count_users), 1)
+        with self.assertRaises(OperationalError):
+            await self.db.read("fails", fail)
+        self.assertEqual(await self.db.read("count", _count_users), 1)
+        self.assertIs(await self.db.read("which", driver), first)
+        held = list(self.db._lane_conns)
+        self.assertEqual(len(held), 1)
+        await self.db.close()
+        self.assertTrue(held[0].closed)
+
     async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
         """WAL, synchronous=FULL, a busy timeout and foreign keys on every connection."""
 
