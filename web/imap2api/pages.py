@@ -49,9 +49,12 @@ def page_url(request: IRequest, page: int | None) -> str:
     _, _, query = request.uri.partition(b"?")
     pairs = [(k, v) for k, v in parse_qsl(query.decode("utf-8", "replace"),
                                           keep_blank_values=True) if k != "page"]
-    if page is not None:
-        pairs.append(("page", str(page)))
-    encoded = urlencode(sorted(pairs))
+    if not pairs:  # only the page (most requests): nothing to sort or quote
+        encoded = "" if page is None else f"page={page}"
+    else:
+        if page is not None:
+            pairs.append(("page", str(page)))
+        encoded = urlencode(sorted(pairs))
     return f"{request_base(request)}{path}" + (f"?{encoded}" if encoded else "")
 
 
