@@ -246,3 +246,13 @@ class BuiltinFilter:
         if len(message) <= self.settings.inline_max:
             return analyse(message, self.settings, self.name)
         return await self.runner.run(analyse, message, self.settings, self.name)
+
+    # -- InlineFilter: the small message, analysed as a plain call ------------------------
+
+    def inline(self, message: bytes) -> bool:
+        """Whether `scan` analyses this message on the calling thread (`inline_max`)."""
+        return len(message) <= self.settings.inline_max
+
+    def scan_inline(self, message: bytes, context: ScanContext | None = None) -> Verdict:
+        """`scan` of a message it analyses inline, as a plain call."""
+        return analyse(message, self.settings, self.name)

@@ -13,6 +13,11 @@ Combination rule (one verdict out of several):
   (by name, first report wins; each filter's own list stays in `results`) and reasons
   (prefixed with the filter's name).
 
+When every filter of the chain is an `InlineFilter` that would analyse a message on the
+calling thread (the built-in checks of a small message), `scan_now` gives the same verdict
+or error as a plain call: no coroutine, Deferred or deadline per message (an inline analysis
+is over before any deadline could be armed, as in `scan`).
+
 Failure policy: a filter that raises (down, garbled reply, timeout, message too large, or
 a bug) makes `scan` raise `FilterUnavailable` and cancels the other scans, unless that
 filter is fail-open: then its entry in `results` has `unavailable` set and the verdict is
@@ -37,6 +42,7 @@ from filters.interface import (
     Filter,
     FilterError,
     FilterUnavailable,
+    InlineFilter,
     MessageTooLarge,
     ScanContext,
     Symbol,
@@ -124,6 +130,10 @@ class FilterChain:
         if len(set(names)) != len(names):
             raise ValueError(f"filter names must be unique: {names}")
         self.clock = clock
+        # The filters when every one can answer inline (InlineFilter), else None.
+        self._inline: tuple[InlineFilter, ...] | None = tuple(
+            e.filter for e in self.entries if isinstance(e.filter, InlineFilter)
+        ) if all(isinstance(e.filter, InlineFilter) for e in self.entries) else None
         self.threshold = threshold
         self.score_mode = score_mode
         self.name = name
@@ -156,11 +166,45 @@ class FilterChain:
         return combine(verdicts, threshold=self.threshold, score_mode=self.score_mode,
                        name=self.name)
 
+    def inline(self, message: bytes) -> bool:
+        """Whether `scan_now` can answer this message (every filter analyses it inline)."""
+        filters = self._inline
+        return filters is not None and all(f.inline(message) for f in filters)
+
+    def scan_now(self, message: bytes, context: ScanContext | None = None) -> Verdict | None:
+        """What `scan` would give, as a plain call, when `inline(message)`; else None, with
+        nothing run. Raises FilterUnavailable as `scan` does: every filter runs, as `scan`
+        starts them all, and the first (in chain order) that failed closed is raised."""
+        if not self.inline(message):
+            return None
+        verdicts: list[Verdict] = []
+        first: FilterUnavailable | None = None
+        for entry in self.entries:
+            try:
+                verdicts.append(self._run_inline(entry, message, context))
+            except FilterUnavailable as e:
+                if first is None:
+                    first = e
+        if first is not None:
+            raise first
+        return combine(verdicts, threshold=self.threshold, score_mode=self.score_mode,
+                       name=self.name)
+
+    def _run_inline(
+        self, entry: ChainEntry, message: bytes, context: ScanContext | None
+    ) -> Verdict:
+        """`_run` of an InlineFilter's inline analysis."""
+        f: Any = entry.filter
+        try:
+            verdict: Verdict = f.scan_inline(message, context)
+            return verdict
+        except Exception as e:
+            return self._failed(entry, e)
+
     async def _run(
         self, entry: ChainEntry, message: bytes, context: ScanContext | None
     ) -> Verdict:
         name = entry.filter.name
-        permanent = False
         try:
             work = entry.filter.scan(message, context)
             if entry.timeout is not None:
@@ -168,13 +212,22 @@ class FilterChain:
             return await work
         except defer.CancelledError:
             raise
-        except MessageTooLarge as e:
+        except Exception as e:
+            return self._failed(entry, e)
+
+    def _failed(self, entry: ChainEntry, e: Exception) -> Verdict:
+        """The failure policy for `entry`'s error `e` (called in its except block): the
+        entry's skipped verdict when it is fail-open (or skips oversize mail), else
+        FilterUnavailable."""
+        name = entry.filter.name
+        permanent = False
+        if isinstance(e, MessageTooLarge):
             if entry.skip_oversize:
                 return Verdict(filter=name, unavailable=e.reason)
             reason, permanent = e.reason, e.permanent
-        except FilterError as e:
+        elif isinstance(e, FilterError):
             reason, permanent = e.reason, e.permanent
-        except Exception as e:
+        else:
             log.failure("filter {name} failed unexpectedly", name=name)
             reason = f"internal error: {type(e).__name__}: {e}"
         if entry.fail_open:

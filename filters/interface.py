@@ -2,7 +2,9 @@
 
 Every filter (the built-in checks, the spamd, clamd and rspamd clients, and the chain that
 combines them) has a `name` and an `async def scan(message, context=None) -> Verdict`.
-`scan_deferred` wraps that for callers that need a Deferred.
+`scan_deferred` wraps that for callers that need a Deferred. A filter that analyses small
+messages on the calling thread (the built-in checks) is also an `InlineFilter`: the chain
+then answers such a message with one plain call (`FilterChain.scan_now`).
 
 A filter that cannot give an opinion raises `FilterError` (daemon down, protocol garbage,
 timeout, message larger than the filter accepts). The chain turns that into
@@ -161,6 +163,21 @@ class Filter(Protocol):
 
     async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
         """Scan the raw RFC 5322 message; raise FilterError when no verdict can be given."""
+        ...
+
+
+@runtime_checkable
+class InlineFilter(Filter, Protocol):
+    """A filter that can also answer as a plain call, for the messages it would analyse on
+    the calling thread anyway (the built-in checks of a small message): `inline(message)`
+    says whether it would, and `scan_inline` is then what `scan` would return or raise."""
+
+    def inline(self, message: bytes) -> bool:
+        """Whether `scan` would answer this message without waiting on anything."""
+        ...
+
+    def scan_inline(self, message: bytes, context: ScanContext | None = None) -> Verdict:
+        """`scan`'s verdict (or error) as a plain call; only when `inline(message)`."""
         ...
 
 

@@ -42,6 +42,27 @@ class Fixed:
         return self.verdict
 
 
+class Inline(Fixed):
+    """A Fixed filter that also answers inline (an InlineFilter) for messages up to
+    `inline_max` bytes."""
+
+    def __init__(self, name: str, verdict: Verdict | None = None,
+                 error: Exception | None = None, inline_max: int = 100) -> None:
+        super().__init__(name, verdict, error)
+        self.inline_max = inline_max
+        self.inline_scans = 0
+
+    def inline(self, message: bytes) -> bool:
+        return len(message) <= self.inline_max
+
+    def scan_inline(self, message: bytes, context: ScanContext | None = None) -> Verdict:
+        self.inline_scans += 1
+        self.contexts.append(context)
+        if self.error is not None:
+            raise self.error
+        return self.verdict
+
+
 class Pending:
     """A filter whose scans wait on Deferreds the test fires (or never does)."""
 
@@ -216,6 +237,78 @@ class ChainTests(TestCase):
         self.assertTrue(verdict.spam)
         self.assertTrue(verdict.virus)
         self.assertEqual(chain.names, ("builtin",))
+
+    # -- scan_now: every filter inline, the same answers as a plain call ------------------
+
+    async def assertSameAsScan(self, chain: FilterChain, message: bytes) -> None:
+        """`scan_now` gives `scan`'s verdict, or raises its error."""
+        try:
+            expected: Verdict | FilterUnavailable = await chain.scan(message)
+        except FilterUnavailable as e:
+            expected = e
+        if isinstance(expected, FilterUnavailable):
+            with self.assertRaises(FilterUnavailable) as caught:
+                chain.scan_now(message)
+            self.assertEqual((caught.exception.filter, caught.exception.reason,
+                              caught.exception.permanent),
+                             (expected.filter, expected.reason, expected.permanent))
+        else:
+            self.assertEqual(chain.scan_now(message), expected)
+
+    async def test_scan_now_answers_as_scan_when_every_filter_is_inline(self) -> None:
+        spam = Inline("a", v("a", 6.0, spam=True, symbols=(Symbol("X"),)))
+        virus = Inline("b", v("b", viruses=("Eicar-Test-Signature",)))
+        chain = self.chain(spam, virus)
+        self.assertTrue(chain.inline(b"msg"))
+        context = ScanContext(mail_from="a@b.c", recipients=("d@e.f",))
+        verdict = chain.scan_now(b"msg", context)
+        self.assertEqual(verdict, await chain.scan(b"msg", context))
+        assert verdict is not None
+        self.assertTrue(verdict.spam and verdict.virus)
+        self.assertEqual(spam.contexts, [context, context])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def test_scan_now_keeps_the_failure_policy(self) -> None:
+        down = FilterError("b", "refused")
+        await self.assertSameAsScan(self.chain(Inline("a"), Inline("b", error=down)), b"m")
+        await self.assertSameAsScan(
+            self.chain(Inline("a", v("a", 2.0)), ChainEntry(Inline("b", error=down),
+                                                            fail_open=True)), b"m")
+        big = MessageTooLarge("b", "too big")
+        await self.assertSameAsScan(self.chain(Inline("b", error=big)), b"m")
+        await self.assertSameAsScan(
+            self.chain(ChainEntry(Inline("b", error=big), skip_oversize=True)), b"m")
+        await self.assertSameAsScan(self.chain(Inline("bug", error=KeyError("x"))), b"m")
+        self.flushLoggedErrors(KeyError)
+
+    def test_scan_now_runs_every_filter_and_raises_the_first_failure(self) -> None:
+        last = Inline("c")
+        chain = self.chain(Inline("a", error=FilterError("a", "down")),
+                           Inline("b", error=FilterError("b", "down")), last)
+        with self.assertRaises(FilterUnavailable) as caught:
+            chain.scan_now(b"msg")
+        self.assertEqual(caught.exception.filter, "a")
+        self.assertEqual(last.inline_scans, 1)  # as `scan` starts every filter
+
+    def test_scan_now_is_none_with_nothing_run_unless_every_filter_is_inline(self) -> None:
+        inline = Inline("a", inline_max=3)
+        self.assertIsNone(self.chain(inline, Fixed("spamd")).scan_now(b"m"))
+        self.assertFalse(self.chain(inline, Fixed("spamd")).inline(b"m"))
+        self.assertIsNone(self.chain(inline).scan_now(b"long"))
+        self.assertEqual(inline.inline_scans, 0)
+        self.assertIsNotNone(self.chain(inline).scan_now(b"abc"))
+
+    async def test_scan_now_with_the_builtin_filter(self) -> None:
+        class NeverRunner:
+            def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+                raise AssertionError("an inline message is not sent to the pool")
+
+        builtin = BuiltinFilter(NeverRunner(), BuiltinSettings(inline_max=2000))
+        chain = self.chain(ChainEntry(builtin, timeout=30.0))
+        for body in (message(GTUBE + b"\r\n" + EICAR), message(b"hello"),
+                     b"garbage without a header"):
+            await self.assertSameAsScan(chain, body)
+        self.assertIsNone(chain.scan_now(message(b"x" * 3000)))
 
     def test_scan_deferred_is_the_deferred_edge(self) -> None:
         d = scan_deferred(self.chain(Fixed("a", v("a", 9.0))), b"msg")

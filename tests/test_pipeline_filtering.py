@@ -92,7 +92,10 @@ class PipelineFilteringTests(TestCase):
         self.assertEqual(self.gw.delivered(), [("spammer@x.test", ["a@q.test"], body)])
 
     async def test_filter_down_keeps_the_message_queued(self) -> None:
-        class Down:
+        class Down:  # a chain of one daemon filter that is down
+            def inline(self, message: bytes) -> bool:
+                return False
+
             async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
                 raise FilterUnavailable("spamd", "connection refused")
 
@@ -159,6 +162,63 @@ class TagHelperTests(TestCase):
         msg = PipelineMessage("Q", "digest", "", (), b"x")
         self.assertIsNone(await stage.process(msg))
         self.assertIs(Action.DEFER.value, "defer")
+
+
+class ProcessNowTests(TestCase):
+    """`FilteringStage.process_now` decides and logs as `process` (built-in chain, no
+    tokens), and waits, with nothing done, for what it cannot decide at once."""
+
+    def stage(self, inline_max: int = 32768) -> Any:
+        from types import SimpleNamespace
+
+        from twisted.internet.task import Clock
+
+        from filters import build_chain
+        from mailcore.gateway.filtering import FilteringStage
+        from mailcore.workers import CpuPool
+        from tests.test_tokens_batching import Lookup
+
+        domains = [SimpleNamespace(id=i, owner_id=1, name=f"d{i}.test", spam_action=spam,
+                                   virus_action=virus)
+                   for i, (spam, virus) in enumerate([(0, 0), (1, 0), (1, 1)], 1)]
+        chain = build_chain({"builtin": {"inline_max": inline_max}}, reactor=Clock(),
+                            runner=CpuPool.for_tests())
+        return FilteringStage(chain, Lookup(*domains), None)
+
+    async def test_the_same_decisions_and_log_lines_as_process(self) -> None:
+        from twisted.logger import capturedLogs, formatEvent
+
+        from mailcore.queue.pipeline import PipelineRecipient
+
+        stage = self.stage()
+        bodies = [message("hi", b"clean"), message("buy", GTUBE), eicar_attachment(),
+                  b"no header at all", b"From: <broken\r\nDate: never\r\n\r\nx\r\n"]
+        groups = [(1,), (2,), (3,), (1, 2), (2, 3), (1, 2, 3)]
+        for n, (body, group) in enumerate((b, g) for b in bodies for g in groups):
+            msg = PipelineMessage(f"Q{n}", "relay", "a@x.test", tuple(
+                PipelineRecipient(f"r{d}@d{d}.test", d) for d in group), body)
+            with capturedLogs() as now_events:
+                now = stage.process_now(msg)
+            with capturedLogs() as later_events:
+                later = await stage.process(msg)
+            self.assertEqual(now, later, (body, group))
+            self.assertEqual([formatEvent(e) for e in now_events],
+                             [formatEvent(e) for e in later_events])
+            self.assertEqual(len(now_events), 1)  # the `filtered` line
+
+    async def test_what_cannot_be_decided_at_once_waits(self) -> None:
+        from mailcore.queue.pipeline import LATER, PipelineRecipient
+
+        msg = PipelineMessage("Q1", "relay", "a@x.test",
+                              (PipelineRecipient("r@d1.test", 1),), message("hi", b"x"))
+        stage = self.stage(inline_max=10)  # analysed on the pool
+        self.assertIs(stage.process_now(msg), LATER)
+        stage = self.stage()
+        stage.domains.loaded = False  # the first snapshot is still loading
+        self.assertIs(stage.process_now(msg), LATER)
+        stage.domains.loaded = True
+        self.assertIsNone(stage.process_now(msg))
+        self.assertIsNone(stage.process_now(PipelineMessage("Q", "digest", "", (), b"x")))
 
 
 class FilteringSwitchTests(TestCase):

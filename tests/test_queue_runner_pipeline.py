@@ -2,7 +2,9 @@
 or discarded message never opens one (and each of those decisions is logged), tags travel
 with the job and are applied at send time (also when the body is loaded from the store
 then), scans are bounded by `max_scans`, a message whose hops are all down is not scanned, a
-stop with scans in flight loses nobody, and with no stages nothing of this runs."""
+stop with scans in flight loses nobody, and with no stages nothing of this runs. The same
+tests run with stages that decide at once (`process_now`, as the built-in filters do), and
+what has to wait after a first stage decided at once resumes from the next stage."""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ from sqlalchemy import select
 from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 
-from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
+from mailcore.queue.pipeline import (
+    LATER,
+    Action,
+    Decision,
+    Later,
+    Pipeline,
+    PipelineMessage,
+    Resume,
+)
 from mailcore.queue.routing import Hop
 from mailcore.store.schema import queue_recipients
 from tests.support.mailsink import done
@@ -21,7 +31,8 @@ from tests.support.queuetest import BODY, QueueTestCase
 
 class Stage:
     """A scripted pipeline stage: answers `decision`, or waits on `gate` when set; counts
-    the messages it saw and how many it was working on at once."""
+    the messages it saw and how many it was working on at once. With `now`, it decides at
+    once (`process_now`) unless it has a gate."""
 
     def __init__(self, decision: Decision | None = None) -> None:
         self.decision = decision
@@ -30,6 +41,15 @@ class Stage:
         self.running = 0
         self.most = 0
         self.waiting: list[defer.Deferred[None]] = []
+        self.now = False
+        self.at_once = 0  # messages decided by process_now
+
+    def process_now(self, message: PipelineMessage) -> Decision | Later | None:
+        if not self.now or self.gate is not None:
+            return LATER
+        self.seen.append(message)
+        self.at_once += 1
+        return self.decision
 
     async def process(self, message: PipelineMessage) -> Decision | None:
         self.seen.append(message)
@@ -67,7 +87,12 @@ class Kept:
 
 
 class PipelineRunnerBase(QueueTestCase):
+    now = False  # the Stages decide at once
+
     def use(self, *stages: Any, max_scans: int = 32, quarantine: Any = None) -> None:
+        for stage in stages:
+            if isinstance(stage, Stage):
+                stage.now = self.now
         self.runner.pipeline = Pipeline(list(stages), quarantine, max_scans=max_scans)
 
     def rows(self) -> dict[str, tuple[str, str | None]]:
@@ -177,6 +202,81 @@ class DecisionBeforeConnectTests(PipelineRunnerBase):
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
 
+class DecisionAtOnceTests(DecisionBeforeConnectTests):
+    now = True
+
+    async def test_a_decision_at_once_takes_no_scan(self) -> None:
+        stage = Stage(Decision(Action.TAG, (("X-Spam-Flag", "YES"),)))
+        self.use(stage)
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        self.assertEqual((stage.at_once, stage.most), (1, 0))
+        self.assertEqual(self.runner._scans, 0)
+        [(_hop, _f, rcpts, body, _tls)] = self.connector.delivered
+        self.assertEqual((rcpts, body), (["b@customer.test", "c@customer.test"],
+                                         b"X-Spam-Flag: YES\r\n" + BODY))
+
+    async def test_a_failing_decision_at_once_defers(self) -> None:
+        class Broken(Stage):
+            def process_now(self, message: PipelineMessage) -> Decision | Later | None:
+                raise ValueError("bug")
+
+        self.use(Broken())
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.states(), {"b@customer.test": "deferred"})
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    async def test_a_later_stage_that_waits_resumes_after_the_first(self) -> None:
+        first = Stage(Decision(Action.TAG, (("X-A", "1"),), reason="a", subject_prefix="[A]"))
+        second = Stage(Decision(Action.TAG, (("X-B", "2"),), reason="b"))
+        self.use(first, second)
+        second.gate = defer.Deferred()
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual((first.at_once, len(first.seen), len(second.waiting)), (1, 1, 1))
+        self.assertEqual(self.connector.connects, [])
+        second.release()
+        self.assertEqual(len(first.seen), 1)  # not asked again
+        [(_hop, _f, _r, body, _tls)] = self.connector.delivered
+        self.assertEqual(body, b"X-A: 1\r\nX-B: 2\r\nFrom: a@x.test\r\n"
+                               b"Subject: [A] hello\r\n\r\nbody line\r\n")
+
+
+class PipelineNowTests(PipelineRunnerBase):
+    """Pipeline.process_now against Pipeline.process."""
+
+    def message(self) -> PipelineMessage:
+        return PipelineMessage("Q1", "relay", "a@x.test", (), BODY)
+
+    async def test_the_same_decisions_as_process(self) -> None:
+        tag_a = Decision(Action.TAG, (("X-A", "1"),), reason="a", subject_prefix="[A]")
+        tag_b = Decision(Action.TAG, (("X-B", "2"),), reason="b")
+        defer_ = Decision(Action.DEFER, reason="4.7.1 later")
+        for decisions in ([], [None], [tag_a], [tag_a, None, tag_b], [tag_a, defer_, tag_b],
+                          [Decision.deliver(), tag_b]):
+            stages = [Stage(d) for d in decisions]
+            for stage in stages:
+                stage.now = True
+            pipeline = Pipeline(stages)
+            self.assertEqual(pipeline.process_now(self.message()),
+                             await pipeline.process(self.message()), decisions)
+
+    async def test_a_stage_that_waits_gives_where_to_resume(self) -> None:
+        first = Stage(Decision(Action.TAG, (("X-A", "1"),), reason="a"))
+        second = Stage(Decision(Action.TAG, (("X-B", "2"),), reason="b"))
+        first.now = True
+        pipeline = Pipeline([first, second])
+        resume = pipeline.process_now(self.message())
+        assert isinstance(resume, Resume)
+        self.assertEqual((resume.stage, resume.tags), (1, [("X-A", "1")]))
+        decision = await pipeline.process(self.message(), resume)
+        self.assertEqual(decision, Decision(Action.TAG, (("X-A", "1"), ("X-B", "2")),
+                                            reason="a; b"))
+        self.assertEqual((len(first.seen), len(second.seen)), (1, 1))
+        # A stage without process_now waits from the start.
+        waits = Pipeline([object()]).process_now(self.message())  # type: ignore[list-item]
+        self.assertEqual(waits, Resume(0))
+
+
 class TagsFromTheStoreTests(PipelineRunnerBase):
     # No body stays in memory: the scan and the send both load it from the store.
     settings = {"body_cache_bytes": 0}
@@ -234,12 +334,21 @@ class ScanBoundTests(PipelineRunnerBase):
                                          "c@customer.test": "deferred"})
 
 
+class ScanBoundAtOnceTests(ScanBoundTests):
+    now = True
+
+
 class NoStageTests(PipelineRunnerBase):
     async def test_without_stages_the_pipeline_is_never_called(self) -> None:
         calls: list[str] = []
 
         class Watched(Pipeline):
-            async def process(self, message: PipelineMessage) -> Decision:
+            async def process(self, message: PipelineMessage,
+                              resume: Resume | None = None) -> Decision:
+                calls.append(message.queue_id)
+                return Decision.deliver()
+
+            def process_now(self, message: PipelineMessage) -> Decision | Resume:
                 calls.append(message.queue_id)
                 return Decision.deliver()
 
@@ -314,3 +423,7 @@ class HopLimitBeforeThePipelineTests(PipelineRunnerBase):
         await self.accept("Q2", "c@customer.test", body=field * 50 + BODY)
         self.assertEqual([m.queue_id for m in stage.seen], ["Q2"])
         self.assertEqual(self.connector.addresses(), ["c@customer.test"])
+
+
+class HopLimitAtOnceTests(HopLimitBeforeThePipelineTests):
+    now = True

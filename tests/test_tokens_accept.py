@@ -20,7 +20,7 @@ from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import EMPTY, OK, Charge, ChargeBatcher, TokenService, TokenSettings
 from mailcore.gateway.filtering import FilteringStage
 from mailcore.identity import User
-from mailcore.queue.pipeline import Action, PipelineMessage, PipelineRecipient
+from mailcore.queue.pipeline import LATER, Action, PipelineMessage, PipelineRecipient
 from mailcore.queue.spool import SpoolError
 from mailcore.store import Database
 from mailcore.store.schema import (
@@ -150,6 +150,29 @@ class AcceptChargeTests(TestCase):
         self.assertIsNone(self.successResultOf(again))
         self.assertEqual(self.batcher.transactions, 1)
         self.assertEqual(await self.total(self.alice), 998)
+
+    async def test_a_paid_message_is_filtered_at_once_and_an_unpaid_one_waits(self) -> None:
+        accepted = self.accept("Q1", "p@a.test", "q@a.test")
+        self.db.release()
+        self.successResultOf(accepted)
+        msg = PipelineMessage("Q1", "relay", "x@y.test", tuple(
+            PipelineRecipient(a, d) for a, d in self.rcpts("p@a.test", "q@a.test")), BODY)
+        self.assertIsNone(self.stage.process_now(msg))  # clean, paid at the accept
+        self.assertEqual((self.batcher.transactions, self.batcher.prepaid), (0, 1))
+        # Filtered again (a retry): its key is no longer in memory; nothing done at once.
+        self.assertIs(self.stage.process_now(msg), LATER)
+        self.assertEqual((self.batcher.prepaid, self.db.gates), (1, []))
+        d = self.process("Q1", "p@a.test", "q@a.test")
+        self.db.release()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(await self.total(self.alice), 998)
+        # An empty tank at the accept: the message waits for its charge to be asked for.
+        accepted = self.accept("Q2", "r@b.test")
+        self.db.release()
+        self.successResultOf(accepted)
+        unpaid = PipelineMessage("Q2", "relay", "x@y.test", tuple(
+            PipelineRecipient(a, d) for a, d in self.rcpts("r@b.test")), BODY)
+        self.assertIs(self.stage.process_now(unpaid), LATER)
 
     async def test_a_restart_after_the_commit_does_not_charge_again(self) -> None:
         accepted = self.accept("Q1", "p@a.test")
@@ -293,7 +316,10 @@ class GatewayAcceptChargeTests(TestCase):
     async def test_a_filter_outage_and_its_retry_charge_once(self) -> None:
         from filters import FilterUnavailable, ScanContext, Verdict
 
-        class Down:
+        class Down:  # a chain of one daemon filter that is down
+            def inline(self, message: bytes) -> bool:
+                return False
+
             async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
                 raise FilterUnavailable("spamd", "connection refused")
 

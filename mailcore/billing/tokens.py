@@ -718,21 +718,30 @@ class ChargeBatcher:
         [result] = await self.consume_all([Charge(user_id, n, key)])
         return result
 
+    def consume_now(self, charges: Sequence[Charge]) -> list[ConsumeResult] | None:
+        """`consume_all`'s answers at once when they need no transaction: every charge was
+        made when its message was stored (the usual message in the daemon). None, with
+        nothing taken, when one must be asked for. Raises TokenError as `consume_all`."""
+        for charge in charges:
+            check_charge(charge.n, charge.key)
+        paid = self._paid
+        if paid and all(c.key in paid for c in charges):
+            for c in charges:
+                paid.pop(c.key, None)  # type: ignore[arg-type]
+            self.prepaid += len(charges)
+            return [OK] * len(charges)
+        return None
+
     async def consume_all(self, charges: Sequence[Charge]) -> list[ConsumeResult]:
         """Several charges (one message's owners), all in the same batch; one answer each.
 
         Raises TokenError for a bad count or key (before anything is charged) or an unknown
         user, and the store's error when the transaction failed (nothing was charged).
         """
-        for charge in charges:
-            check_charge(charge.n, charge.key)
+        now = self.consume_now(charges)
+        if now is not None:
+            return now
         paid = self._paid
-        if paid and all(c.key in paid for c in charges):
-            # The usual message in the daemon: charged when it was stored.
-            for c in charges:
-                paid.pop(c.key, None)  # type: ignore[arg-type]
-            self.prepaid += len(charges)
-            return [OK] * len(charges)
         waits: list[defer.Deferred[ConsumeResult]] = []
         for charge in charges:
             if charge.n == 0:

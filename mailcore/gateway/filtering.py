@@ -53,11 +53,18 @@ from twisted.internet import defer
 
 from filters import FilterChain, FilterUnavailable, ScanContext, Verdict
 from mailcore import maillog
-from mailcore.billing.tokens import EMPTY, Charge, ChargeBatcher, TokenService
+from mailcore.billing.tokens import EMPTY, Charge, ChargeBatcher, ConsumeResult, TokenService
 from mailcore.config import ConfigError
 from mailcore.gateway.domains import Domain
 from mailcore.gateway.quarantine import QuarantineService, ToKeep
-from mailcore.queue.pipeline import DEFAULT_MAX_SCANS, Action, Decision, PipelineMessage
+from mailcore.queue.pipeline import (
+    DEFAULT_MAX_SCANS,
+    LATER,
+    Action,
+    Decision,
+    Later,
+    PipelineMessage,
+)
 from mailcore.smtp.envelope import Envelope
 
 
@@ -199,24 +206,49 @@ class FilteringStage:
             await self.domains.when_loaded()
         owners = self._by_domain((r.address, r.domain_id) for r in message.recipients)
         if owners is None:
-            return Decision(Action.DEFER, reason="4.3.0 recipient domain not known to the "
-                            "filtering policy yet")
+            return _UNKNOWN_DOMAIN
         by_domain, doms = owners
         if self.tokens is not None:
             results = await self.tokens.consume_all(_charges(message.queue_id, by_domain, doms))
-            for domain_id, result in zip(by_domain, results, strict=True):
-                if result == EMPTY:
-                    return Decision(Action.DEFER, reason=f"4.7.1 filtering tokens of the owner "
-                                    f"of {doms[domain_id].name} are exhausted")
-        context = ScanContext(
-            mail_from=message.mail_from,
-            recipients=tuple(r.address for r in message.recipients),
-            queue_id=message.queue_id,
-        )
+            empty = _empty(results, by_domain, doms)
+            if empty is not None:
+                return empty
+        context = _context(message)
         try:
             verdict = await self.chain.scan(message.body, context)
         except FilterUnavailable as e:
-            return Decision(Action.DEFER, reason=f"4.7.0 filtering unavailable: {e}")
+            return _unavailable(e)
+        return self._decide(message, verdict, by_domain, doms)
+
+    def process_now(self, message: PipelineMessage) -> Decision | Later | None:
+        """`process` as a plain call when nothing in it waits (the usual relayed message in
+        the daemon: the domains are loaded, its tokens were charged when it was stored, and
+        every filter analyses it inline); else LATER, with nothing done."""
+        if message.kind != "relay":
+            return None
+        if not self.domains.loaded or not self.chain.inline(message.body):
+            return LATER
+        owners = self._by_domain((r.address, r.domain_id) for r in message.recipients)
+        if owners is None:
+            return _UNKNOWN_DOMAIN
+        by_domain, doms = owners
+        if self.tokens is not None:
+            results = self.tokens.consume_now(_charges(message.queue_id, by_domain, doms))
+            if results is None:
+                return LATER  # a charge to ask the store for
+            empty = _empty(results, by_domain, doms)
+            if empty is not None:
+                return empty
+        try:
+            verdict = self.chain.scan_now(message.body, _context(message))
+        except FilterUnavailable as e:
+            return _unavailable(e)
+        assert verdict is not None, "inline was checked above"
+        return self._decide(message, verdict, by_domain, doms)
+
+    def _decide(self, message: PipelineMessage, verdict: Verdict,
+                by_domain: dict[int, list[str]], doms: dict[int, Domain]) -> Decision | None:
+        """The verdict logged, and what the recipients' domains' policy makes of it."""
         log_verdict(message.queue_id, verdict)
         if verdict.clean:
             return None
@@ -239,6 +271,32 @@ class FilteringStage:
             prefix = self.settings.virus_subject_tag
         return Decision(Action.TAG, headers, reason=reason, quarantine=tuple(held),
                         subject_prefix=prefix, category=category)
+
+
+_UNKNOWN_DOMAIN = Decision(Action.DEFER, reason="4.3.0 recipient domain not known to the "
+                           "filtering policy yet")
+
+
+def _empty(results: list[ConsumeResult], by_domain: dict[int, list[str]],
+           doms: dict[int, Domain]) -> Decision | None:
+    """The deferral when an owner's tanks were empty (results in `by_domain`'s order)."""
+    for domain_id, result in zip(by_domain, results, strict=True):
+        if result == EMPTY:
+            return Decision(Action.DEFER, reason=f"4.7.1 filtering tokens of the owner "
+                            f"of {doms[domain_id].name} are exhausted")
+    return None
+
+
+def _context(message: PipelineMessage) -> ScanContext:
+    return ScanContext(
+        mail_from=message.mail_from,
+        recipients=tuple(r.address for r in message.recipients),
+        queue_id=message.queue_id,
+    )
+
+
+def _unavailable(e: FilterUnavailable) -> Decision:
+    return Decision(Action.DEFER, reason=f"4.7.0 filtering unavailable: {e}")
 
 
 def _charges(queue_id: str, by_domain: dict[int, list[str]],

@@ -25,6 +25,11 @@ quarantined and the others get the decision (recipients of domains with differen
 policies can share one delivery). `subject_prefix` is put before the Subject of a TAG.
 
 `FilteringStage` is the filtering issue's stage: filter chain, tokens, domain policy.
+
+A stage that can often decide at once (the built-in filters on a small message whose
+tokens were charged when it was stored) also has `process_now`: the same decision as a
+plain call, or `LATER` when it has to wait, said before it did anything. The queue runner
+asks `Pipeline.process_now` first and awaits `Pipeline.process` only for what has to wait.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import enum
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 
 class Action(enum.Enum):
@@ -87,6 +92,55 @@ class Stage(Protocol):
     async def process(self, message: PipelineMessage) -> Decision | None: ...
 
 
+class _Later(enum.Enum):
+    LATER = "later"
+
+
+# A stage's `process_now` answer when it has to wait: await its `process` instead (nothing
+# was done yet).
+LATER = _Later.LATER
+Later = Literal[_Later.LATER]
+
+
+class NowStage(Stage, Protocol):
+    """A stage that can often decide as a plain call (see the module docstring)."""
+
+    def process_now(self, message: PipelineMessage) -> Decision | Later | None:
+        """`process`'s decision at once, or LATER (with nothing done) when it must wait."""
+        ...
+
+
+@dataclass
+class Resume:
+    """Where `Pipeline.process_now` stopped: the stage that has to wait (the earlier ones
+    have decided) and what they said; `Pipeline.process(message, resume)` goes on from
+    there."""
+
+    stage: int = 0
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    prefix: str = ""
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, decision: Decision | None) -> Decision | None:
+        """Take a stage's decision: the pipeline's when it is final, else None."""
+        if decision is None or decision.action is Action.DELIVER:
+            return None
+        if decision.action is Action.TAG and not decision.quarantine:
+            self.tags.extend(decision.add_headers)
+            self.prefix = decision.subject_prefix or self.prefix
+            if decision.reason:
+                self.reasons.append(decision.reason)
+            return None
+        return decision
+
+    def result(self) -> Decision:
+        """The decision once every stage said to deliver (maybe tagged)."""
+        if self.tags or self.prefix:
+            return Decision(Action.TAG, tuple(self.tags), reason="; ".join(self.reasons),
+                            subject_prefix=self.prefix)
+        return Decision.deliver()
+
+
 QuarantineStore = Callable[[PipelineMessage, Decision], Awaitable[None]]
 
 # Messages processed at the same time by one queue runner, at most (`[pipeline] max_scans`).
@@ -106,26 +160,35 @@ class Pipeline:
         self.quarantine = quarantine
         self.max_scans = max_scans
 
-    async def process(self, message: PipelineMessage) -> Decision:
-        """The decision for `message`: the first stage's non-deliver decision, else deliver."""
-        tags: list[tuple[str, str]] = []
-        prefix = ""
-        reasons: list[str] = []
-        for stage in self.stages:
-            decision = await stage.process(message)
+    async def process(self, message: PipelineMessage, resume: Resume | None = None) -> Decision:
+        """The decision for `message`: the first stage's non-deliver decision, else deliver
+        (tagged with what the stages tagged). With `resume` (from `process_now`), from the
+        stage that had to wait on."""
+        tally = resume or Resume()
+        for stage in self.stages[tally.stage:]:
+            final = tally.add(await stage.process(message))
+            if final is not None:
+                return final
+        return tally.result()
+
+    def process_now(self, message: PipelineMessage) -> Decision | Resume:
+        """`process`'s decision as a plain call, as far as the stages can decide at once
+        (`NowStage`): the decision, or where to resume it (`process(message, resume)`)."""
+        tally: Resume | None = None
+        for index, stage in enumerate(self.stages):
+            now = getattr(stage, "process_now", None)
+            decision = LATER if now is None else now(message)
+            if decision is LATER:
+                tally = tally or Resume()
+                tally.stage = index
+                return tally
             if decision is None or decision.action is Action.DELIVER:
-                continue
-            if decision.action is Action.TAG and not decision.quarantine:
-                tags.extend(decision.add_headers)
-                prefix = decision.subject_prefix or prefix
-                if decision.reason:
-                    reasons.append(decision.reason)
-                continue
-            return decision
-        if tags or prefix:
-            return Decision(Action.TAG, tuple(tags), reason="; ".join(reasons),
-                            subject_prefix=prefix)
-        return Decision.deliver()
+                continue  # (the usual clean message: no tally made)
+            tally = tally or Resume()
+            final = tally.add(decision)
+            if final is not None:
+                return final
+        return Decision.deliver() if tally is None else tally.result()
 
 
 def apply_tags(

@@ -30,7 +30,7 @@ processed, queued or in flight); bodies are kept only from accept to send within
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,11 +53,14 @@ from mailcore.queue.model import (
 )
 from mailcore.queue.nexthop import NextHopRefused
 from mailcore.queue.pipeline import (
+    LATER,
     Action,
     Decision,
+    Later,
     Pipeline,
     PipelineMessage,
     PipelineRecipient,
+    Resume,
     apply_tags,
 )
 from mailcore.queue.retry import expired, next_attempt
@@ -353,10 +356,12 @@ class QueueRunner:
                 groups.setdefault(hop, []).append(rcpt)
             if not groups:
                 continue
-            if scanning:
-                self._scan_wait.append((job, groups))
-            else:
+            if not scanning:
                 self._queue(job, groups, touched)
+            elif self.running:
+                self._process_now(job, groups, touched)
+            else:
+                self._scan_wait.append((job, groups))
         if scanning:
             self._start_scans()
         for hq in touched.values():
@@ -386,42 +391,72 @@ class QueueRunner:
             while (self._scan_wait and self.running
                    and self._scans < self.pipeline.max_scans):
                 job, groups = self._scan_wait.popleft()
-                self._scans += 1
-                d = defer.Deferred.fromCoroutine(self._scan(job, groups))
-                if not d.called:
-                    self._scanning.add(d)
-                    d.addBoth(self._scan_ended, d)
+                self._start_scan(job.message_id, self._process(job, groups))
         finally:
             self._starting_scans = False
+
+    def _start_scan(self, queue_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` (a message's processing, or the rest of it) as one of the scans."""
+        self._scans += 1
+        d = defer.Deferred.fromCoroutine(self._scan(queue_id, work))
+        if not d.called:
+            self._scanning.add(d)
+            d.addBoth(self._scan_ended, d)
 
     def _scan_ended(self, result: object, d: defer.Deferred[None]) -> object:
         self._scanning.discard(d)
         return result
 
-    async def _scan(self, job: Job, groups: Groups) -> None:
-        """Process one routed job by the pipeline and carry out the decision; what is left
-        to send goes on its hops' queues."""
+    async def _scan(self, queue_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Process one routed job by the pipeline and carry out the decision (`work`); what
+        is left to send goes on its hops' queues."""
         try:
-            await self._process(job, groups)
+            await work
         except Exception:
             # Not expected (every outcome is handled in _process); the recipients stay
             # leased and are tried again once the lease lapses.
-            log.failure("processing {queue_id} failed", queue_id=job.message_id)
+            log.failure("processing {queue_id} failed", queue_id=queue_id)
         finally:
             self._scans -= 1
             self._start_scans()
 
-    async def _process(self, job: Job, groups: Groups) -> None:
-        now = self.clock.seconds()
-        live: Groups = OrderedDict()
-        for hop, rcpts in groups.items():
-            hq = self.hops.get(hop)
-            if hq is not None and hq.is_dead(now):
-                self._fail(job, rcpts, hq.dead_reason, permanent=hq.dead_permanent,
-                           hop=hq.hop.label, now=now)
+    def _process_now(self, job: Job, groups: Groups, touched: dict[Hop, HopQueue]) -> None:
+        """`_process` as a plain call, as far as nothing has to wait: the usual message (its
+        body at hand, decided at once by `Pipeline.process_now`, nothing to quarantine) goes
+        on its hops' queues in `touched` (pumped by the caller) like unfiltered mail; what
+        has to wait goes on as a scan (`_scan_wait` when nothing was done yet)."""
+        body = self.bodies.get(job.message_id)
+        if body is None:
+            self._scan_wait.append((job, groups))
+            return
+        live = self._live(job, groups)
+        if live is None:
+            return
+        job = part_of(job, [r for rcpts in live.values() for r in rcpts])
+        if self._looping(job, body):
+            return
+        message = self._message(job, body)
+        try:
+            decision = self.pipeline.process_now(message)
+        except Exception as e:
+            log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
+            decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
+        if isinstance(decision, Resume):
+            if decision.stage == 0:  # nothing done yet: a scan in its turn does it all
+                self._scan_wait.append((job, live))
             else:
-                live[hop] = rcpts
-        if not live:
+                self._start_scan(job.message_id,
+                                 self._decide_later(job, live, message, decision))
+            return
+        rest = self._act_now(job, decision)
+        if rest is LATER:
+            self._start_scan(job.message_id, self._carry_out(job, live, message, decision))
+        elif rest is not None:
+            self._send_rest(rest, live, touched)
+
+    async def _process(self, job: Job, groups: Groups) -> None:
+        live = self._live(job, groups)
+        if live is None:
             return
         job = part_of(job, [r for rcpts in live.values() for r in rcpts])
         body = self.bodies.get(job.message_id)
@@ -432,31 +467,75 @@ class QueueRunner:
             self.bodies.put(job.message_id, body)  # for the send, within the budget
         if self._looping(job, body):
             return
-        message = PipelineMessage(
-            job.message_id, job.kind, job.mail_from,
-            tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
-        )
+        await self._decide_later(job, live, self._message(job, body))
+
+    async def _decide_later(self, job: Job, live: Groups, message: PipelineMessage,
+                            resume: Resume | None = None) -> None:
         try:
-            decision = await self.pipeline.process(message)
+            decision = await self.pipeline.process(message, resume)
         except Exception as e:
             log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
             decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
+        await self._carry_out(job, live, message, decision)
+
+    async def _carry_out(self, job: Job, live: Groups, message: PipelineMessage,
+                         decision: Decision) -> None:
         rest = await self._act(job, message, decision)
         if rest is None:
             return
+        touched: dict[Hop, HopQueue] = {}
+        self._send_rest(rest, live, touched)
+        for hq in touched.values():
+            self._pump(hq)
+
+    def _live(self, job: Job, groups: Groups) -> Groups | None:
+        """The groups whose hop is not known to be down (the others' recipients failed as
+        that hop's are); None when none is left."""
+        now = self.clock.seconds()
+        live: Groups = OrderedDict()
+        for hop, rcpts in groups.items():
+            hq = self.hops.get(hop)
+            if hq is not None and hq.is_dead(now):
+                self._fail(job, rcpts, hq.dead_reason, permanent=hq.dead_permanent,
+                           hop=hq.hop.label, now=now)
+            else:
+                live[hop] = rcpts
+        return live or None
+
+    @staticmethod
+    def _message(job: Job, body: bytes) -> PipelineMessage:
+        return PipelineMessage(
+            job.message_id, job.kind, job.mail_from,
+            tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
+        )
+
+    def _send_rest(self, rest: Job, live: Groups, touched: dict[Hop, HopQueue]) -> None:
+        """Put what the pipeline left to send on its hops' queues (pumped by the caller)."""
         if not self.running:
             # Stopping: not sent by this run; the caller releases the leases.
             self._stop_leftover.extend(r.id for r in rest.recipients)
             self.held -= len(rest.recipients)
             return
+        if len(rest.recipients) == sum(len(rcpts) for rcpts in live.values()):
+            self._queue(rest, live, touched)  # (the usual message: every recipient goes on)
+            return
         keep = {r.id for r in rest.recipients}
-        touched: dict[Hop, HopQueue] = {}
         self._queue(rest, OrderedDict(
             (hop, kept) for hop, rcpts in live.items()
             if (kept := [r for r in rcpts if r.id in keep])
         ), touched)
-        for hq in touched.values():
-            self._pump(hq)
+
+    def _act_now(self, job: Job, decision: Decision) -> Job | Later | None:
+        """`_act` as a plain call when the decision keeps nothing in quarantine; LATER,
+        with nothing done, when it does."""
+        if decision.action is Action.DEFER:
+            self._fail(job, job.recipients, decision.reason, permanent=False, hop="",
+                       now=self.clock.seconds())
+            return None
+        if decision.action is Action.QUARANTINE or (decision.quarantine and any(
+                r.address in decision.quarantine for r in job.recipients)):
+            return LATER
+        return self._after_quarantine(job, decision)
 
     async def _act(self, job: Job, message: PipelineMessage, decision: Decision) -> Job | None:
         """Carry out what a decision says before sending: defer, quarantine (all or some
@@ -489,6 +568,11 @@ class QueueRunner:
                 return None
             held_ids = {r.id for r in held}
             job = part_of(job, [r for r in job.recipients if r.id not in held_ids])
+        return self._after_quarantine(job, decision)
+
+    def _after_quarantine(self, job: Job, decision: Decision) -> Job | None:
+        """The rest of `_act` for the recipients not quarantined: discard, or the job to
+        send (tagged for a TAG)."""
         if decision.action is Action.DISCARD:
             maillog.kept(job.message_id, "discarded", (r.address for r in job.recipients),
                          decision.reason)
