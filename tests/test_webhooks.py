@@ -402,7 +402,7 @@ class IsoTests(TestCase):
 
     @settings(max_examples=300, deadline=None)
     @given(st.datetimes(timezones=st.one_of(
-        st.none(), st.just(datetime.UTC),
+        st.none(), st.just(datetime.UTC), st.timezones(),
         st.builds(datetime.timezone, st.timedeltas(datetime.timedelta(hours=-23),
                                                    datetime.timedelta(hours=23))))))
     def test_as_isoformat_in_utc_with_a_z(self, moment: datetime.datetime) -> None:

@@ -11,12 +11,16 @@ import orjson
 from mailcore.messages.models import MessageSummary
 from mailcore.messages.sql import utc
 
+_ZERO = datetime.timedelta(0)
+
 
 def iso(moment: datetime.datetime | None) -> str | None:
     """ISO 8601 in UTC with a Z, as Django REST framework writes times."""
     if moment is None:
         return None
-    if moment.tzinfo is not datetime.UTC:  # the store's times are UTC already
+    # The store's times are UTC already (PostgreSQL's with a zoneinfo UTC: any zero offset
+    # is written as Z, as it should be).
+    if moment.tzinfo is not datetime.UTC and moment.utcoffset() != _ZERO:
         value = utc(moment)
         assert value is not None
         moment = value.astimezone(datetime.UTC)
