@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from sqlalchemy import Connection, event, func, insert, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -112,6 +112,35 @@ class DatabaseTestsMixin(DatabaseMixin):
         self.assertTrue(done[1][1].check(IntegrityError))
         self.assertEqual(batches, [["never"]])
         self.assertEqual(await self.db.read("n", _count_users), 1)
+
+    async def test_a_reading_thread_keeps_its_connection_and_sees_each_commit(self) -> None:
+        """A thread that reads keeps one connection for its reads (no pool checkout a read);
+        each read is a transaction of its own, so it sees what committed before it; a
+        read that fails leaves the connection usable; close() closes it."""
+
+        def driver(conn: Connection) -> tuple[int, Any]:
+            return threading.get_ident(), conn.connection.driver_connection
+
+        def fail(conn: Connection) -> None:
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
+
+        seen = [await self.db.read("which", driver)]
+        self.assertEqual(await self.db.read("count", _count_users), 0)
+        await self.db.run("add", _add_user, "lane")
+        self.assertEqual(await self.db.read("count", _count_users), 1)
+        with self.assertRaises(DBAPIError):
+            await self.db.read("fails", fail)
+        self.assertEqual(await self.db.read("count", _count_users), 1)
+        seen += await defer.gatherResults([self.db.read("which", driver) for _ in range(8)])
+        by_thread: dict[int, set[int]] = {}
+        for thread, conn in seen:
+            by_thread.setdefault(thread, set()).add(id(conn))
+        self.assertEqual([len(conns) for conns in by_thread.values()], [1] * len(by_thread))
+        held = list(self.db._held_conns)
+        self.assertGreaterEqual(len(held), len(by_thread))  # a count may have run elsewhere
+        self.assertLessEqual(len(held), 4)  # at most one a pool thread
+        await self.db.close()
+        self.assertTrue(all(conn.closed for conn in held))
 
     async def test_exception_rolls_back_the_whole_transaction(self) -> None:
         """Everything a failing function wrote is undone, and its exception reaches the caller."""
@@ -232,30 +261,6 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
         self.assertEqual(len(set(reads)), 1)
         self.assertIn("mailcore-db-read", reads[0])
         self.assertFalse(any("mailcore-db-read" in name for name in writes + long_reads))
-
-    async def test_the_lane_keeps_its_connection_and_sees_each_commit(self) -> None:
-        """A read-lane thread reads on one connection it keeps (no pool checkout a read);
-        each read is a transaction of its own, so it sees what committed before it; a
-        read that fails leaves the connection usable; close() closes it."""
-
-        def driver(conn: Connection) -> Any:
-            return conn.connection.driver_connection
-
-        def fail(conn: Connection) -> None:
-            conn.exec_driver_sql("SELECT * FROM no_such_table")
-
-        first = await self.db.read("which", driver)
-        self.assertEqual(await self.db.read("count", _count_users), 0)
-        await self.db.run("add", _add_user, "lane")
-        self.assertEqual(await self.db.read("count", _count_users), 1)
-        with self.assertRaises(OperationalError):
-            await self.db.read("fails", fail)
-        self.assertEqual(await self.db.read("count", _count_users), 1)
-        self.assertIs(await self.db.read("which", driver), first)
-        held = list(self.db._lane_conns)
-        self.assertEqual(len(held), 1)
-        await self.db.close()
-        self.assertTrue(held[0].closed)
 
     async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
         """WAL, synchronous=FULL, a busy timeout and foreign keys on every connection."""
@@ -386,3 +391,21 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
             "names", lambda conn: list(conn.execute(select(users.c.username)).scalars())
         )
         self.assertEqual(names, ["try2"])
+
+    async def test_a_read_on_a_dead_kept_connection_runs_again_on_a_new_one(self) -> None:
+        """The connections kept for reads are never pinged: when the server ends one (a
+        restart, an administrator), the next read on it runs again on a new connection
+        instead of failing."""
+
+        def backend(conn: Connection) -> int:
+            return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+        def terminate(conn: Connection, pid: int) -> None:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+
+        pids = set(await defer.gatherResults([self.db.read("pid", backend) for _ in range(8)]))
+        for pid in pids:
+            await self.db.run("kill", terminate, pid)
+        after = await defer.gatherResults([self.db.read("pid", backend) for _ in range(8)])
+        self.assertFalse(pids & set(after))
+        self.assertEqual(await self.db.read("count", _count_users), 0)

@@ -68,7 +68,9 @@ class Database:
         self._synchronous = synchronous
         lane = self.is_sqlite and not synchronous
         self.engine: Engine = make_engine(
-            url, pool_size=max_threads + (read_threads if lane else 0) + 1)
+            # A connection for each thread's writes, one held by each thread that reads
+            # (the lane's, else the shared pool's), one spare.
+            url, pool_size=max_threads + (read_threads if lane else max_threads) + 1)
         self._pool: ThreadPool | None = None
         self._read_pool: ThreadPool | None = None
         if not synchronous:
@@ -77,11 +79,11 @@ class Database:
             if lane:
                 self._read_pool = ThreadPool(
                     minthreads=1, maxthreads=read_threads, name="mailcore-db-read")
-        # Each read-lane thread keeps one connection between its reads (a pool checkout
-        # and reset per read was a tenth of a list page's time on the lane).
-        self._lane_held = threading.local()
-        self._lane_conns: list[Connection] = []
-        self._lane_lock = threading.Lock()
+        # Each thread that reads keeps one connection between its reads (a pool checkout,
+        # reset and, on PostgreSQL, ping per read was a tenth of a list page's time).
+        self._held = threading.local()
+        self._held_conns: list[Connection] = []
+        self._held_lock = threading.Lock()
 
     def _pools(self) -> list[ThreadPool]:
         """The thread pools, the read lane first when it is a pool of its own."""
@@ -124,9 +126,9 @@ class Database:
             if pool.started:
                 await self._defer_on(pool, lambda: None)
                 pool.stop()
-        with self._lane_lock:
-            held, self._lane_conns = self._lane_conns, []
-        for conn in held:  # the lane's threads have stopped
+        with self._held_lock:
+            held, self._held_conns = self._held_conns, []
+        for conn in held:  # the threads that read have stopped
             conn.close()
         self.engine.dispose()
 
@@ -171,11 +173,9 @@ class Database:
     ) -> defer.Deferred[T]:
         """Like `run`, for work that only reads (no write lock is taken on SQLite; on SQLite
         it runs on the read lane)."""
-        if self._read_pool is self._pool:
-            return self._defer_on(self._read_pool, self._transaction, name, False, fn, *args,
-                                  **kwargs)
-        return self._defer_on(self._read_pool, self._lane_transaction, name, fn, *args,
-                              **kwargs)
+        if self._read_pool is None:  # synchronous (tests): no threads to keep one for
+            return self._defer_on(None, self._transaction, name, False, fn, *args, **kwargs)
+        return self._defer_on(self._read_pool, self._held_read, name, fn, *args, **kwargs)
 
     def read_long(
         self,
@@ -277,26 +277,40 @@ class Database:
 
         return self._retrying(name, once)
 
-    def _lane_transaction(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any
-                          ) -> T:
-        """Blocking: `_transaction` of a read, on the connection this read-lane thread
-        keeps (made on its first read; a connection a failure invalidated is replaced)."""
+    def _held_read(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Blocking: `_transaction` of a read, on the connection this thread keeps for its
+        reads (made on its first read, never pinged: a read that finds it dead, say after
+        PostgreSQL restarted, runs once more on a new one)."""
 
         def once() -> T:
-            conn: Connection | None = getattr(self._lane_held, "conn", None)
-            if conn is None or conn.closed or conn.invalidated:
-                fresh = self.engine.connect()
-                fresh.info[WRITE_INTENT] = False
-                with self._lane_lock:
-                    if conn is not None and conn in self._lane_conns:
-                        self._lane_conns.remove(conn)
-                        conn.close()
-                    self._lane_conns.append(fresh)
-                conn = self._lane_held.conn = fresh
+            conn = self._held_connection(renew=False)
+            try:
+                with conn.begin():
+                    return fn(conn, *args, **kwargs)
+            except DBAPIError as e:
+                if not e.connection_invalidated:
+                    raise
+            conn = self._held_connection(renew=True)
             with conn.begin():
                 return fn(conn, *args, **kwargs)
 
         return self._retrying(name, once)
+
+    def _held_connection(self, renew: bool) -> Connection:
+        """This thread's read connection (a new one when there is none, it is no longer
+        usable, or `renew`)."""
+        conn: Connection | None = getattr(self._held, "conn", None)
+        if conn is not None and not (renew or conn.closed or conn.invalidated):
+            return conn
+        fresh = self.engine.connect()
+        fresh.info[WRITE_INTENT] = False
+        with self._held_lock:
+            if conn is not None and conn in self._held_conns:
+                self._held_conns.remove(conn)
+                conn.close()
+            self._held_conns.append(fresh)
+        self._held.conn = fresh
+        return fresh
 
     def _retrying(self, name: str, once: Callable[[], T]) -> T:
         """Blocking: `once()` (one transaction), run again after lock conflicts and
