@@ -42,4 +42,6 @@ def storable(text: str) -> str:
     """`text` with NUL and lone surrogates replaced by U+FFFD: what a text column of every
     store accepts (PostgreSQL refuses NUL; neither encodes a lone surrogate as UTF-8). For
     text read out of mail, where refusing is not an option."""
+    if text.isascii():  # no surrogate: only NUL to look for, without the regex engine
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
     return _UNSTORABLE.sub("\ufffd", text) if _UNSTORABLE.search(text) else text
