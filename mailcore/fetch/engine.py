@@ -52,7 +52,7 @@ from mailcore.fetch.state import (
 )
 from mailcore.fetch.tls import client_tls
 from mailcore.messages.models import FetchedMessage, Location
-from mailcore.messages.parse import ParsedMessage
+from mailcore.messages.parse import ParsedMessage, parse_messages
 from mailcore.messages.store import MessageStore
 from mailcore.store import Database
 
@@ -64,6 +64,8 @@ TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
 _BODY_ITEMS = b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
+# A fetched batch of at least this many messages is parsed in a CPU worker process.
+_PROCESS_PARSE_MIN = 50
 # A sync's progress is written at most this often (seconds), and once when a folder that
 # fetched anything is done.
 PROGRESS_INTERVAL = 1.0
@@ -627,11 +629,20 @@ class SyncEngine:
 
         async def parse(items: list[FetchItem]) -> _Parsed:
             fetched = self._fetched(batch, items)
-            return fetched, await self.store.parse([f.raw for f in fetched])
+            return fetched, await self._parse([f.raw for f in fetched])
 
         return session.uid_fetch(batch, _BODY_ITEMS).addCallback(
             lambda items: defer.Deferred.fromCoroutine(parse(items))
         )
+
+    def _parse(self, raws: list[bytes]) -> defer.Deferred[list[ParsedMessage]]:
+        """Parse a fetched batch; a big one in a CPU worker process: parsing holds Python's
+        lock throughout, and in the daemon it kept the reactor (reading the next batches)
+        and the store thread (writing the last) waiting for it. A few messages (the usual
+        periodic sync) are parsed on a thread, without starting the workers for them."""
+        if len(raws) < _PROCESS_PARSE_MIN:
+            return defer.Deferred.fromCoroutine(self.store.parse(raws))
+        return self.store.cpu.run_in_process(parse_messages, raws, self.store.limits)
 
     def _fetched(self, batch: list[int], items: list[FetchItem]) -> list[FetchedMessage]:
         by_uid = {i.uid: i for i in items if i.uid is not None and i.body is not None}
@@ -711,7 +722,7 @@ class SyncEngine:
     async def _within(self, fetched: list[FetchedMessage],
                       since: datetime.date) -> list[FetchedMessage]:
         """POP3 has no SEARCH: keep messages whose Date is on or after `since`."""
-        parsed = await self.store.parse([f.raw for f in fetched])
+        parsed = await self._parse([f.raw for f in fetched])
         first = datetime.datetime(since.year, since.month, since.day, tzinfo=datetime.UTC)
         return [f for f, p in zip(fetched, parsed, strict=True)
                 if p.date is None or p.date >= first]

@@ -463,6 +463,12 @@ def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage
     return result
 
 
+def parse_messages(raws: list[bytes], limits: MimeLimits | None = None) -> list[ParsedMessage]:
+    """`parse_message` of each; a module-level function, so that a worker process can run
+    it (`CpuPool.run_in_process`)."""
+    return [parse_message(raw, limits) for raw in raws]
+
+
 _TEXT_FIELDS = ("message_id", "subject", "sender", "sender_address", "recipient", "cc",
                 "body_text", "body_html", "headers", "in_reply_to")
 
