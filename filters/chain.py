@@ -73,6 +73,14 @@ def combine(
     name: str = "chain",
 ) -> Verdict:
     """One verdict out of several, by the rule in this module's docstring."""
+    if len(verdicts) == 1 and score_mode == "max":
+        v = verdicts[0]
+        if (v.unavailable is None and not v.viruses and not v.symbols
+                and not v.reasons):
+            # The usual verdict of a one-filter chain: nothing to unite, only to scale.
+            score = round(v.score * threshold / v.threshold if v.threshold > 0 else v.score, 3)
+            return Verdict(filter=name, score=score, threshold=threshold,
+                           spam=v.spam or score >= threshold, results=(v,))
     counted = [v for v in verdicts if v.unavailable is None]
     scaled = [
         v.score * threshold / v.threshold if v.threshold > 0 else v.score for v in counted

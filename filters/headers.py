@@ -71,15 +71,21 @@ def check_headers(parsed: ParsedMessage, max_field: int) -> list[HeaderFinding]:
         add("HEADERS_TOO_LARGE", f"header block over {parsed.header_bytes} bytes")
     if parsed.malformed_header_lines:
         add("MALFORMED_HEADER", f"{parsed.malformed_header_lines} header lines are not fields")
-    oversized = {h.name.lower() for h in parsed.headers if h.size > max_field}
-    for h in parsed.headers:
-        if h.size > max_field:
-            add("HEADER_TOO_LONG", f"{h.name} field is {h.size} bytes (limit {max_field})")
-            break
-    # Every field's values by lower-case name, gathered once (not one walk per name).
+    # Every field's values by lower-case name, gathered once (not one walk per name), and
+    # the names of the fields over the size limit.
+    oversized: set[str] = set()
     by_name: dict[str, list[str]] = {}
     for h in parsed.headers:
-        by_name.setdefault(h.name.lower(), []).append(h.value)
+        lowered = h.name.lower()
+        values = by_name.get(lowered)
+        if values is None:
+            by_name[lowered] = [h.value]
+        else:
+            values.append(h.value)
+        if h.size > max_field:
+            if not oversized:
+                add("HEADER_TOO_LONG", f"{h.name} field is {h.size} bytes (limit {max_field})")
+            oversized.add(lowered)
 
     for field, key in (("from", "FROM"), ("date", "DATE"), ("message-id", "MESSAGE_ID")):
         values = by_name.get(field, [])

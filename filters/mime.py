@@ -123,38 +123,42 @@ def split_header(data: bytes, limit: int) -> tuple[bytes, bytes, bool]:
 
 
 def parse_fields(block: bytes) -> tuple[list[HeaderField], int]:
-    """Header fields of a block (unfolded) and the count of lines that are not fields."""
+    """Header fields of a block (unfolded) and the count of lines that are not fields.
+
+    A line's CR before its LF is not removed on its own: `strip` takes it off each value
+    line (with the other white space around it), and a line with no colon is malformed
+    either way."""
     fields: list[HeaderField] = []
+    append = fields.append
+    match = _HEADER_NAME.match
     malformed = 0
     name = b""
     value: list[bytes] = []
     size = 0
-
-    def flush() -> None:
-        if name:
-            text = b" ".join(v.strip() for v in value).decode("utf-8", "replace")
-            fields.append(HeaderField(name.decode("ascii"), text, size))
-
     for raw in block.split(b"\n"):
-        line = raw[:-1] if raw.endswith(b"\r") else raw
-        if line[:1] in (b" ", b"\t"):
+        first = raw[:1]
+        if first == b" " or first == b"\t":
             if name:
-                value.append(line)
+                value.append(raw)
                 size += len(raw) + 1
             else:
                 malformed += 1
             continue
-        flush()
-        name, value, size = b"", [], 0
-        if not line:
+        if name:
+            text = value[0].strip() if len(value) == 1 else b" ".join([v.strip() for v in value])
+            append(HeaderField(name.decode("ascii"), text.decode("utf-8", "replace"), size))
+            name = b""
+        if not raw or raw == b"\r":
             continue
-        head, colon, rest = line.partition(b":")
+        head, colon, rest = raw.partition(b":")
         head = head.rstrip(b" \t")  # "Subject :" is obsolete syntax but seen
-        if not colon or not _HEADER_NAME.match(head):
+        if not colon or not match(head):
             malformed += 1
             continue
         name, value, size = head, [rest], len(raw) + 1
-    flush()
+    if name:
+        text = value[0].strip() if len(value) == 1 else b" ".join([v.strip() for v in value])
+        append(HeaderField(name.decode("ascii"), text.decode("utf-8", "replace"), size))
     return fields, malformed
 
 
