@@ -7,10 +7,16 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from filters import FilterUnavailable, ScanContext, Verdict
 from mailcore.config import Config
 from mailcore.queue.pipeline import Action, PipelineMessage, apply_tags
-from tests.support.quarantine import GTUBE, Gateway, eicar_attachment, message, stopper
+from tests.support.quarantine import (
+    GTUBE,
+    DownChain,
+    Gateway,
+    eicar_attachment,
+    message,
+    stopper,
+)
 
 
 class PipelineFilteringTests(TestCase):
@@ -92,17 +98,11 @@ class PipelineFilteringTests(TestCase):
         self.assertEqual(self.gw.delivered(), [("spammer@x.test", ["a@q.test"], body)])
 
     async def test_filter_down_keeps_the_message_queued(self) -> None:
-        class Down:  # a chain of one daemon filter that is down
-            def inline(self, message: bytes) -> bool:
-                return False
-
-            async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
-                raise FilterUnavailable("spamd", "connection refused")
 
         user = await self.gw.owner()
         await self.gw.domain(user, "q.test", spam_action=1)
         stage: Any = self.gw.core.queue.runner.pipeline.stages[0]
-        real, stage.chain = stage.chain, Down()
+        real, stage.chain = stage.chain, DownChain()
         await self.gw.send(message("hi", b"x"), "bob@q.test")
         self.assertEqual(self.gw.delivered(), [])
         self.assertEqual(self.gw.states(), {"bob@q.test": "deferred"})

@@ -33,7 +33,7 @@ from mailcore.store.schema import (
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue
-from tests.support.quarantine import Gateway, message, stopper
+from tests.support.quarantine import DownChain, Gateway, message, stopper
 from tests.test_queue_spool import GatedDatabase
 from tests.test_tokens import PLANS, clock_at, new_user
 from tests.test_tokens_batching import Lookup
@@ -314,20 +314,11 @@ class GatewayAcceptChargeTests(TestCase):
         self.addCleanup(stopper(self.gw))
 
     async def test_a_filter_outage_and_its_retry_charge_once(self) -> None:
-        from filters import FilterUnavailable, ScanContext, Verdict
-
-        class Down:  # a chain of one daemon filter that is down
-            def inline(self, message: bytes) -> bool:
-                return False
-
-            async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
-                raise FilterUnavailable("spamd", "connection refused")
-
         user = await self.gw.owner()
         before = (await self.gw.core.tokens.tanks(user.id)).total
         await self.gw.domain(user, "q.test", spam_action=1)
         stage: Any = self.gw.core.queue.runner.pipeline.stages[0]
-        real, stage.chain = stage.chain, Down()
+        real, stage.chain = stage.chain, DownChain()
         await self.gw.send(message("hi", b"x"), "bob@q.test", "amy@q.test")
         self.assertEqual(self.gw.states(), {"bob@q.test": "deferred", "amy@q.test": "deferred"})
         self.assertEqual(stage.tokens.prepaid, 1)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from twisted.internet import defer
 
+from filters import FilterUnavailable, ScanContext, Verdict
 from mailcore.config import Config
 from mailcore.gateway.domains import Domain
 from mailcore.identity import User
@@ -44,6 +45,16 @@ def eicar_attachment(subject: str = "invoice") -> bytes:
         "Content-Transfer-Encoding: base64\r\n\r\n"
         f"{b64}\r\n--BB--\r\n"
     ).encode()
+
+
+class DownChain:
+    """A filter chain of one daemon filter that is down (it never judges inline)."""
+
+    def inline(self, message: bytes) -> bool:
+        return False
+
+    async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
+        raise FilterUnavailable("spamd", "connection refused")
 
 
 class Gateway:
