@@ -88,9 +88,12 @@ class Browser:
 
     async def click_button(self, label: str) -> None:
         """Click the button whose text is `label` and wait for the next page to load."""
-        from selenium.common.exceptions import TimeoutException
+        from selenium.common.exceptions import (
+            StaleElementReferenceException,
+            TimeoutException,
+            WebDriverException,
+        )
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.expected_conditions import staleness_of
         from selenium.webdriver.support.ui import WebDriverWait
 
         def click() -> None:
@@ -99,12 +102,26 @@ class Browser:
             if len(buttons) != 1:
                 raise AssertionError(f"{len(buttons)} buttons labelled {label!r}")
             page = self.driver.find_element(By.TAG_NAME, "html")
+
+            def gone(driver: Any) -> bool:
+                """Selenium's staleness_of, also taking ChromeDriver's answer for an element
+                of a page that is being replaced ("does not belong to the document")."""
+                try:
+                    page.is_enabled()
+                except StaleElementReferenceException:
+                    return True
+                except WebDriverException as e:
+                    if "does not belong to the document" in str(e):
+                        return True
+                    raise
+                return False
+
             buttons[0].click()
             # The click returns once the form is submitted, not always once the next page
             # is in: wait until the old page is gone (the driver's next command then waits
             # for the new one to load).
             try:
-                WebDriverWait(self.driver, 10).until(staleness_of(page))
+                WebDriverWait(self.driver, 10).until(gone)
             except TimeoutException:
                 pass  # as before this wait: the test's own checks say what the page is
 
