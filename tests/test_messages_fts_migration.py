@@ -1,6 +1,7 @@
 """Migration 0023 on a store holding mail: down to the FTS5 table with its own copy of the
 text and back up to the external-content index, the same messages are found (SQLite), and
-`search_extra` is refilled from the rows (both backends)."""
+`search_extra` is refilled from the rows (both backends); PostgreSQL's full-text table gets
+each message's user and date again (migration 0024)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,15 @@ class FtsMigrationMixin(DatabaseMixin):
                     "INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")
 
             await db.run("fts_check", check)
+        else:
+            def copied(conn: Connection) -> list[tuple[object, ...]]:
+                return [tuple(r) for r in conn.exec_driver_sql(
+                    "SELECT s.message_row_id, s.user_id = m.user_id, s.date = m.date "
+                    "FROM message_search s JOIN messages m ON m.id = s.message_row_id "
+                    "ORDER BY 1")]
+
+            self.assertEqual(await db.read("copied", copied),
+                             [(row_id, True, True) for row_id in ids])
 
 
 class SQLiteFtsMigrationTests(FtsMigrationMixin, TestCase):

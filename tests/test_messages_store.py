@@ -232,6 +232,47 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual(await found("!!!"), [])
         self.assertEqual(await found('body OR "'), [])
 
+    async def test_search_pages_in_date_order(self) -> None:
+        """A search with no other filter, paged in date order both ways (PostgreSQL picks
+        the page in its full-text table): the first page, one read from a remembered row,
+        the deepest read from the other end, ties by id, only the user's own matches, and
+        with a folder filter the same rows as through `messages`."""
+        store, user = await self.make_store()
+        other = await self.db.run("make_user", thd_make_user, "other")
+        days = [5, 2, 9, 2, 7, 1, 9, 4]
+        matching = [await store.add_message(user, mail(n, f"Apple {n}", day=day),
+                                            folder="INBOX" if n % 2 else "Sent")
+                    for n, day in enumerate(days)]
+        for n in range(3):
+            await store.add_message(other, mail(200 + n, "Apple pie", day=8))
+        # Enough other mail that a page of matches is not read along the date index.
+        folder_id = await self.db.run("make_folder", _make_folder, user)
+        await store.store_batch(Location(user, None, folder_id, "INBOX", uidvalidity=7), [
+            FetchedMessage(raw=mail(100 + n, "Pear", day=3), uid=n + 1) for n in range(100)])
+        by_day = sorted(zip(days, matching, strict=True))
+        oldest = [row_id for _, row_id in by_day]
+        newest = oldest[::-1]
+
+        async def pages(ordering: str, **filters: str) -> tuple[list[int], set[int]]:
+            seen, counts = [], set()
+            for offset in (0, 3, 6):
+                page = await store.list_messages(user, MessageQuery(
+                    q="apple", ordering=ordering, offset=offset, limit=3, **filters))
+                seen.extend(m.id for m in page.items)
+                counts.add(page.count)
+            return seen, counts
+
+        self.assertEqual(await pages("-date"), (newest, {8}))
+        self.assertEqual(await pages("date"), (oldest, {8}))
+        self.assertEqual(await pages("-date"), (newest, {8}))  # again: counts cached
+        sent = [row_id for row_id in newest if matching.index(row_id) % 2 == 0]
+        self.assertEqual(await pages("-date", folder="Sent"), (sent, {4}))
+        page = await store.list_messages(other, MessageQuery(q="apple"))
+        self.assertEqual((page.count, len(page.items)), (3, 3))
+        self.assertFalse({m.id for m in page.items} & set(matching))
+        empty = await store.list_messages(user, MessageQuery(q="apple banana"))
+        self.assertEqual((empty.count, empty.items), (0, []))
+
     async def test_search_index_follows_every_writer(self) -> None:
         """The HTML text, attachment names and Cc are found; the index follows a change of
         an indexed column and a cascade delete (SQLite: FTS5 integrity-check holds)."""

@@ -15,10 +15,12 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     LargeBinary,
     Select,
     bindparam,
     case,
+    column,
     delete,
     func,
     literal,
@@ -61,7 +63,13 @@ from mailcore.messages.parse import (
     parse_message,
     search_extra,
 )
-from mailcore.messages.search import match_clause, thd_index_messages
+from mailcore.messages.search import (
+    PG_MATCH_COUNT,
+    match_clause,
+    pg_match_ids,
+    pg_tsquery,
+    thd_index_messages,
+)
 from mailcore.messages.sql import allocate_ids, insert_rows, utc
 from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
 from mailcore.store import Database
@@ -321,8 +329,9 @@ def thd_insert_messages(
     insert_rows(conn, messages, rows)
     insert_rows(conn, message_refs, refs)
     insert_rows(conn, message_attachments, attachments)
-    thd_index_messages(conn, [(row_id, parsed) for (_, parsed), row_id in zip(
-        items, row_ids, strict=True)])
+    thd_index_messages(conn, where.user_id, [
+        (row["id"], row["date"], parsed)
+        for row, (_, parsed) in zip(rows, items, strict=True)])
     return list(zip(row_ids, thread_ids, strict=True))
 
 
@@ -521,8 +530,7 @@ def _counted(query: MessageQuery) -> bool:
 
 
 def _total(conn: Connection, user_id: int, query: MessageQuery,
-           where: Callable[[], list[ColumnElement[bool]]], values: dict[str, Any],
-           cache: CountCache | None) -> int:
+           count_rows: Callable[[], int], cache: CountCache | None) -> int:
     """The count of the query: from the kept counts, else from `cache` while the user's
     change stamp stands (filters on columns whose changes move the stamp only), else
     counted."""
@@ -543,8 +551,7 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
         cached = cache.get(key, stamp)
         if cached is not None:
             return cached
-    count = int(conn.execute(select(func.count()).select_from(messages).where(*where()),
-                             values).scalar() or 0)
+    count = count_rows()
     if cache is not None and key is not None:
         cache.put(key, stamp, count)
     return count
@@ -590,12 +597,25 @@ def thd_list_messages(
             conds.append(_newest_of_thread(dialect, user_id, query))
         return conds
 
+    # PostgreSQL: a search with no other filter, in date order, picks and counts its
+    # matches in the full-text table alone (migration 0024).
+    tsq = pg_tsquery(query.q) if dialect == "postgresql" and query.q \
+        and not query.threads_only and ordering in ("-date", "date") \
+        and not _filter_shape(query) else None
+    if tsq is not None:
+        values["tsq"] = tsq
+
+    def count_rows() -> int:
+        statement: Any = PG_MATCH_COUNT if tsq is not None else \
+            select(func.count()).select_from(messages).where(*where(by_match))
+        return int(conn.execute(statement, values).scalar() or 0)
+
     keyset = marks is not None and ordering in ("-date", "date") and _keyset_filters(query)
     stamp: int | None = None
     if keyset and _counted(query):
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
     else:
-        count = _total(conn, user_id, query, lambda: where(by_match), values, cache)
+        count = _total(conn, user_id, query, count_rows, cache)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     if limit == 0 or offset >= count:
         return Page(count=count, items=[])
@@ -618,8 +638,12 @@ def thd_list_messages(
     else:
         reverse = offset > count // 2
         skip, from_mark = (count - offset - n if reverse else offset), False
-    statement = _plain_page(shape, ordering, reverse, from_mark) if shape is not None \
-        else _page(where(by_match), ordering, reverse, from_mark)
+    if shape is not None:
+        statement = _plain_page(shape, ordering, reverse, from_mark)
+    elif tsq is not None and by_match:
+        statement = _search_page(ordering, reverse, from_mark)
+    else:
+        statement = _page(where(by_match), ordering, reverse, from_mark)
     rows = list(conn.execute(statement, {**values, "skip": skip, "n": n}))
     if reverse:
         rows.reverse()
@@ -646,6 +670,19 @@ def _page(conds: list[ColumnElement[bool]], ordering: str, reverse: bool,
     return (select(*_PAGE_COLUMNS).select_from(_PAGE_FROM).where(*conds)
             .order_by(*_order_by(ordering, reverse=reverse))
             .offset(bindparam("skip")).limit(bindparam("n")))
+
+
+@functools.lru_cache(maxsize=8)
+def _search_page(ordering: str, reverse: bool, from_mark: bool) -> Select[Any]:
+    """PostgreSQL: a page of a search with no other filter, in date order: the page's match
+    ids are picked from `message_search` (`pg_match_ids`, the same parameters as `_page`
+    and :tsq), then only those rows are read."""
+    ids = text(pg_match_ids((ordering == "date") != reverse, from_mark)).columns(
+        column("message_row_id", Integer)).subquery()
+    return (select(*_PAGE_COLUMNS).select_from(_PAGE_FROM)
+            .where(messages.c.user_id == bindparam("user_id"),
+                   messages.c.id.in_(select(ids.c.message_row_id)))
+            .order_by(*_order_by(ordering, reverse=reverse)))
 
 
 @functools.lru_cache(maxsize=256)
