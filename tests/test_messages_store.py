@@ -267,6 +267,8 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual(await pages("-date"), (newest, {8}))  # again: counts cached
         sent = [row_id for row_id in newest if matching.index(row_id) % 2 == 0]
         self.assertEqual(await pages("-date", folder="Sent"), (sent, {4}))
+        threads = await store.list_threads(user, MessageQuery(q="apple", offset=3, limit=3))
+        self.assertEqual(([m.id for m in threads.items], threads.count), (newest[3:6], 8))
         page = await store.list_messages(other, MessageQuery(q="apple"))
         self.assertEqual((page.count, len(page.items)), (3, 3))
         self.assertFalse({m.id for m in page.items} & set(matching))

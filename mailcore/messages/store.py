@@ -643,7 +643,7 @@ def thd_list_messages(
     elif tsq is not None and by_match:
         statement = _search_page(ordering, reverse, from_mark)
     else:
-        statement = _page(where(by_match), ordering, reverse, from_mark)
+        statement = _page(where(by_match), ordering, reverse, from_mark, ids_first=by_match)
     rows = list(conn.execute(statement, {**values, "skip": skip, "n": n}))
     if reverse:
         rows.reverse()
@@ -659,17 +659,28 @@ def thd_list_messages(
 
 
 def _page(conds: list[ColumnElement[bool]], ordering: str, reverse: bool,
-          from_mark: bool) -> Select[Any]:
+          from_mark: bool, ids_first: bool = False) -> Select[Any]:
     """A page of the list: `_PAGE_COLUMNS` of the rows matching `conds`, in `ordering`
     (turned round with `reverse`), from the row (mark_date, mark_id) on when `from_mark`,
-    `skip` rows skipped, `n` rows."""
+    `skip` rows skipped, `n` rows.
+
+    `ids_first` (a search, which reads every match to sort them): the page's ids are
+    picked first, reading of each match only the columns the filters and the order need,
+    then only the page's rows are read whole and joined to their threads. Read whole, each
+    of a thousand matches cost its row's body too (on SQLite the columns after body_text
+    sit in its overflow pages) and a thread lookup."""
     if from_mark:
         here = tuple_(messages.c.date, messages.c.id)
         mark = tuple_(bindparam("mark_date", type_=messages.c.date.type), bindparam("mark_id"))
         conds = [*conds, here <= mark if ordering == "-date" else here >= mark]
+    order = _order_by(ordering, reverse=reverse)
+    if ids_first:
+        ids = (select(messages.c.id).where(*conds).order_by(*order)
+               .offset(bindparam("skip")).limit(bindparam("n")).correlate(None))
+        return (select(*_PAGE_COLUMNS).select_from(_PAGE_FROM)
+                .where(messages.c.id.in_(ids)).order_by(*order))
     return (select(*_PAGE_COLUMNS).select_from(_PAGE_FROM).where(*conds)
-            .order_by(*_order_by(ordering, reverse=reverse))
-            .offset(bindparam("skip")).limit(bindparam("n")))
+            .order_by(*order).offset(bindparam("skip")).limit(bindparam("n")))
 
 
 @functools.lru_cache(maxsize=8)
