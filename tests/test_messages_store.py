@@ -253,11 +253,13 @@ class StoreTestsMixin(DatabaseMixin):
         oldest = [row_id for _, row_id in by_day]
         newest = oldest[::-1]
 
-        async def pages(ordering: str, **filters: str) -> tuple[list[int], set[int]]:
-            seen, counts = [], set()
+        async def pages(ordering: str, folder: str | None = None
+                        ) -> tuple[list[int], set[int]]:
+            seen: list[int] = []
+            counts: set[int] = set()
             for offset in (0, 3, 6):
                 page = await store.list_messages(user, MessageQuery(
-                    q="apple", ordering=ordering, offset=offset, limit=3, **filters))
+                    q="apple", ordering=ordering, offset=offset, limit=3, folder=folder))
                 seen.extend(m.id for m in page.items)
                 counts.add(page.count)
             return seen, counts
@@ -274,6 +276,25 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertFalse({m.id for m in page.items} & set(matching))
         empty = await store.list_messages(user, MessageQuery(q="apple banana"))
         self.assertEqual((empty.count, empty.items), (0, []))
+
+    async def test_a_page_is_unchanged_while_the_users_stamp_stands(self) -> None:
+        store, user = await self.make_store()
+        for n in range(2):
+            await store.add_message(user, mail(n, f"Kiwi {n}"))
+        page = await store.list_messages(user, MessageQuery())
+        self.assertIsNotNone(page.stamp)
+        for query in (MessageQuery(), MessageQuery(q="kiwi"), MessageQuery(threads_only=True)):
+            again = await store.list_messages(user, query, unless=page.stamp)
+            self.assertEqual((again.unchanged, again.items, again.stamp),
+                             (True, [], page.stamp), query)
+        other_folder = await store.list_messages(user, MessageQuery(folder_id=1),
+                                                 unless=page.stamp)
+        self.assertEqual((other_folder.unchanged, other_folder.stamp), (False, None))
+        await store.add_message(user, mail(5, "Kiwi 5"))
+        fresh = await store.list_messages(user, MessageQuery(q="kiwi"), unless=page.stamp)
+        self.assertFalse(fresh.unchanged)
+        self.assertEqual(fresh.count, 3)
+        self.assertNotEqual(fresh.stamp, page.stamp)
 
     async def test_search_index_follows_every_writer(self) -> None:
         """The HTML text, attachment names and Cc are found; the index follows a change of

@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime
 from typing import Any, cast
 
+from sqlalchemy import Connection
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch import AccountNotFound
 from mailcore.fetch.engine import SyncResult
+from mailcore.store.schema import messages
 from tests.support.imap2api import Client, client, config, mail, store
 from tests.support.web import BASE, Web, header
 from web.imap2api import Imap2ApiApp
@@ -504,6 +506,40 @@ class PaginationTests(TestCase):
         body = await alice.ok("GET", "/api/emails/",
                               headers={"Host": "evil.test/<script>"})  # not a host: ignored
         self.assertTrue(body["next"].startswith("http://127.0.0.1"), body["next"])
+
+
+class KeptPageTests(TestCase):
+    """A rendered list page is answered again while the user's change stamp stands, and
+    never once a message is stored, deleted or moved."""
+
+    async def test_a_kept_page_stands_until_the_users_mail_changes(self) -> None:
+        web, alice = await setup()
+        ids = await store(web, alice.user.id, [mail(i) for i in range(3)])
+        paths = ("/api/emails/", "/api/emails/?q=message", "/api/emails/threads/")
+        first = {path: await alice.ok("GET", path) for path in paths}
+        self.assertEqual(first["/api/emails/"]["count"], 3)
+
+        def rename(conn: Connection) -> None:  # a change that does not move the stamp
+            conn.execute(messages.update().values(subject="Renamed"))
+
+        await web.core.db.run("rename", rename)
+        for path in paths:  # the kept pages, not read again
+            self.assertEqual(await alice.ok("GET", path), first[path], path)
+        bob = await client(web, "bob")  # the same URL for another user is his own page
+        self.assertEqual((await bob.ok("GET", "/api/emails/"))["count"], 0)
+
+        await store(web, alice.user.id, [mail(9)])
+        for path in paths:
+            body = await alice.ok("GET", path)
+            self.assertEqual(body["count"], 4, path)
+            self.assertEqual({e["subject"] for e in body["results"]},
+                             {"Renamed", "Message 9"}, path)
+
+        def delete(conn: Connection) -> None:
+            conn.execute(messages.delete().where(messages.c.id == ids[0]))
+
+        await web.core.db.run("delete", delete)
+        self.assertEqual((await alice.ok("GET", "/api/emails/"))["count"], 3)
 
 
 class AuthAndRateLimitTests(TestCase):

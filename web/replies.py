@@ -51,7 +51,16 @@ def json_reply(
     headers: Mapping[str, str] | None = None,
 ) -> bytes:
     """Set the status and headers of a JSON reply and return its bytes."""
-    encoded = encode_json(body)
+    return encoded_json_reply(request, encode_json(body), status, headers)
+
+
+def encoded_json_reply(
+    request: IRequest,
+    encoded: bytes,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """`json_reply` of a body already encoded (a kept page)."""
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON_TYPE)
     request.setHeader(b"Content-Length", str(len(encoded)).encode("ascii"))

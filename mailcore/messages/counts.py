@@ -12,12 +12,14 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Select, and_, bindparam, case, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.store.schema.messages import message_counts, message_thread_totals, messages
+
+V = TypeVar("V")
 
 
 def thd_folder_totals(
@@ -118,19 +120,19 @@ def thd_change_stamp(conn: Connection, user_id: int) -> int:
     ).scalar() or 0)
 
 
-class CountCache:
-    """Counts of list queries the kept counts cannot answer (a search, a date range), each
-    kept with the user's change stamp (`thd_change_stamp`) and good while it stands: the
-    pages of one search share one count, and a store, delete or move of one of the user's
-    messages (on any node: the stamp is in the database) makes it stale. Used from the
-    store's pool threads, so a lock guards it; the least recently used entry goes first."""
+class StampedCache(Generic[V]):
+    """Values each kept with the user's change stamp (`thd_change_stamp`) and good while it
+    stands: a store, delete or move of one of the user's messages (on any node: the stamp
+    is in the database) makes them stale. A lock guards it (the store's pool threads use
+    it); the least recently used entry goes first."""
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
-        self._items: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[int, V]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, stamp: int) -> int | None:
+    def get(self, key: Hashable, stamp: int) -> V | None:
+        """The value kept for `key` at `stamp`, else None."""
         with self._lock:
             found = self._items.get(key)
             if found is None or found[0] != stamp:
@@ -138,9 +140,20 @@ class CountCache:
             self._items.move_to_end(key)
             return found[1]
 
-    def put(self, key: Hashable, stamp: int, count: int) -> None:
+    def peek(self, key: Hashable) -> tuple[int, V] | None:
+        """The stamp and value kept for `key`, whatever the stamp (the caller asks the
+        store whether that stamp still stands)."""
         with self._lock:
-            self._items[key] = (stamp, count)
+            return self._items.get(key)
+
+    def put(self, key: Hashable, stamp: int, value: V) -> None:
+        with self._lock:
+            self._items[key] = (stamp, value)
             self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
+
+
+class CountCache(StampedCache[int]):
+    """Counts of list queries the kept counts cannot answer (a search, a date range): the
+    pages of one search share one count."""

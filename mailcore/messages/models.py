@@ -133,10 +133,16 @@ class MessageDetail:
 
 @dataclass(frozen=True)
 class Page(Generic[T]):
-    """One window of a result set and the size of the whole set."""
+    """One window of a result set and the size of the whole set.
+
+    `stamp`: the user's change stamp the page was read at, when the query's rows change
+    only with it (a page kept with it is good while it stands); `unchanged`: the caller's
+    kept page is still good (the stamp it gave stands), so nothing was read."""
 
     count: int
     items: list[T]
+    stamp: int | None = None
+    unchanged: bool = False
 
 
 @dataclass(frozen=True)

@@ -530,10 +530,10 @@ def _counted(query: MessageQuery) -> bool:
 
 
 def _total(conn: Connection, user_id: int, query: MessageQuery,
-           count_rows: Callable[[], int], cache: CountCache | None) -> int:
+           count_rows: Callable[[], int], cache: CountCache | None,
+           stamp: int | None) -> int:
     """The count of the query: from the kept counts, else from `cache` while the user's
-    change stamp stands (filters on columns whose changes move the stamp only), else
-    counted."""
+    change `stamp` stands (None: the query's rows can change without it), else counted."""
     if _counted(query):
         if not query.threads_only:
             return thd_message_total(conn, user_id, query.account_id, query.folder)
@@ -541,20 +541,23 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
             total = thd_thread_total(conn, user_id, query.account_id)
             if total is not None:
                 return total
-    key: tuple[Any, ...] | None = None
-    stamp = 0
-    if cache is not None and query.folder_id is None and query.has_attachments is None \
-            and query.thread_id is None:
-        key = (user_id, query.q, query.folder, query.account_id, query.date_from,
-               query.date_to, query.threads_only)
-        stamp = thd_change_stamp(conn, user_id)  # before counting: a later change misses
-        cached = cache.get(key, stamp)
-        if cached is not None:
-            return cached
+    if cache is None or stamp is None:
+        return count_rows()
+    key = (user_id, query.q, query.folder, query.account_id, query.date_from,
+           query.date_to, query.threads_only)
+    cached = cache.get(key, stamp)
+    if cached is not None:
+        return cached
     count = count_rows()
-    if cache is not None and key is not None:
-        cache.put(key, stamp, count)
+    cache.put(key, stamp, count)
     return count
+
+
+def _stamped(query: MessageQuery) -> bool:
+    """Whether the query's rows change only with the user's change stamp (its filters are
+    on columns whose changes move it)."""
+    return query.folder_id is None and query.has_attachments is None \
+        and query.thread_id is None
 
 
 def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) -> bool:
@@ -573,9 +576,13 @@ def _keyset_filters(query: MessageQuery) -> bool:
 
 def thd_list_messages(
     conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None = None,
-    marks: PageMarks | None = None,
+    marks: PageMarks | None = None, unless: int | None = None,
 ) -> Page[MessageSummary]:
     """One page of the user's messages matching `query`, and the total count.
+
+    When the query's rows change only with the user's change stamp, the page carries the
+    stamp it was read at; `unless` is the stamp of a page the caller keeps for this query:
+    while it stands, nothing is read and the page says `unchanged`.
 
     The count comes from the kept counts when the filters allow, else from `cache`. A page
     starts from the nearest row `marks` remembers before it (keyset) when that is closer
@@ -614,19 +621,23 @@ def thd_list_messages(
     stamp: int | None = None
     if keyset and _counted(query):
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
+        if stamp == unless:
+            return Page(count=count, items=[], stamp=stamp, unchanged=True)
     else:
-        count = _total(conn, user_id, query, count_rows, cache)
+        if _stamped(query) and (cache is not None or keyset or unless is not None):
+            stamp = thd_change_stamp(conn, user_id)  # before the rows: a later change misses
+            if stamp == unless:
+                return Page(count=0, items=[], stamp=stamp, unchanged=True)
+        count = _total(conn, user_id, query, count_rows, cache, stamp)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     if limit == 0 or offset >= count:
-        return Page(count=count, items=[])
+        return Page(count=count, items=[], stamp=stamp)
     if by_match and _walk_the_date_index(conn, user_id, count, offset + limit):
         by_match = False
     marks_key: tuple[Any, ...] | None = None
     if keyset:
         marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
                      query.date_to, ordering)
-        if stamp is None:
-            stamp = thd_change_stamp(conn, user_id)
     near = marks.nearest(marks_key, stamp, offset) \
         if marks is not None and marks_key is not None and stamp is not None else None
     n = min(limit, count - offset)
@@ -655,7 +666,7 @@ def thd_list_messages(
         })
     sizes = {r[_THREAD_ID_AT]: r[_SUMMARY_WIDTH] for r in rows
              if r[_SUMMARY_WIDTH] is not None}
-    return Page(count=count, items=[_summary(r, sizes) for r in rows])
+    return Page(count=count, items=[_summary(r, sizes) for r in rows], stamp=stamp)
 
 
 def _page(conds: list[ColumnElement[bool]], ordering: str, reverse: bool,
@@ -868,14 +879,16 @@ class MessageStore:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def list_messages(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
-        """A page of messages: filters, full-text `q`, ordering, optional one-per-thread."""
+    async def list_messages(self, user_id: int, query: MessageQuery,
+                            unless: int | None = None) -> Page[MessageSummary]:
+        """A page of messages: filters, full-text `q`, ordering, optional one-per-thread;
+        `unless`: see `thd_list_messages`."""
         _order_terms(query.ordering)  # reject a bad ordering before touching the store
         # A search spends long in the database: the shared pool, not the read lane.
         read = self.db.read_long if query.q else self.db.read
         return await read(
             "list_messages", thd_list_messages, user_id, query, self.count_cache,
-            self.page_marks,
+            self.page_marks, unless,
         )
 
     async def list_threads(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:

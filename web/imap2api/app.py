@@ -23,6 +23,7 @@ from mailcore.fetch.engine import BUSY, SyncResult
 from mailcore.identity import Principal
 from mailcore.messages import MessageNotFound, MessageQuery, MessageStore, QueryError
 from mailcore.messages import Page as StorePage
+from mailcore.messages.counts import StampedCache
 from mailcore.webhooks import (
     Delivery,
     Webhook,
@@ -75,7 +76,7 @@ from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
 from web.parsing import FORM_TYPE, MULTIPART_TYPE, query_params
 from web.ratelimit import RateLimiter, client_key, enforce
-from web.replies import empty_reply, set_headers
+from web.replies import empty_reply, encoded_json_reply, set_headers
 from web.settings import WebSettings
 
 LOGIN_FAILED = "Unable to log in with provided credentials."
@@ -88,6 +89,8 @@ CORS_EXPOSE_HEADERS = (
     "X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After, X-Request-Id"
 )
 CORS_MAX_AGE = "86400"
+# How many rendered e-mail list pages are kept (a 50-e-mail page is about 20 KB).
+PAGE_BODIES = 256
 
 
 def both(path: str) -> tuple[str, str]:
@@ -108,6 +111,10 @@ def refusals() -> Iterator[None]:
         raise ApiError(400, e.message, fields={field: [e.message]}) from None
     except QueryError as e:
         raise field_error(e.field, str(e)) from None
+
+
+class _Unchanged(Exception):
+    """The kept page of a request still stands (`Imap2ApiApp._page_of_messages`)."""
 
 
 class Imap2ApiApp(ApiApp):
@@ -139,6 +146,10 @@ class Imap2ApiApp(ApiApp):
         self.accounts = accounts
         self.engine = engine
         self.messages = messages
+        # Rendered e-mail list pages, each kept with the change stamp it was read at: a
+        # client polling its newest mail gets the same bytes while nothing changed, after
+        # one short read that checks the stamp (`_page_of_messages`).
+        self.page_bodies: StampedCache[bytes] = StampedCache(PAGE_BODIES)
         self.webhooks = webhooks
         self.clock = clock
 
@@ -388,17 +399,37 @@ class Imap2ApiApp(ApiApp):
     # -- emails ------------------------------------------------------------------------------
 
     async def _page_of_messages(self, request: IRequest, threads: bool) -> bytes:
+        """A page of e-mails. The reply's bytes are kept with the user's change stamp the
+        page was read at (when the query's rows change only with it); the same request
+        (user, host and URL) is answered with them while that stamp stands, which the
+        store checks in one short read instead of reading and writing the page again."""
         user_id = await self.user_id(request)
         query = message_query(query_params(request))
         if threads:
             query = MessageQuery(**{**query.__dict__, "threads_only": True})
+        key = (user_id, threads, request_base(request), request.uri)
+        kept = self.page_bodies.peek(key)
+        stamps: list[int | None] = []
 
         async def fetch(offset: int, limit: int) -> StorePage[Any]:
             window = MessageQuery(**{**query.__dict__, "offset": offset, "limit": limit})
+            unless = kept[0] if kept is not None and not stamps else None
             with refusals():
-                return await self.messages.list_messages(user_id, window)
+                page = await self.messages.list_messages(user_id, window, unless)
+            if page.unchanged:
+                raise _Unchanged()
+            stamps.append(page.stamp)
+            return page
 
-        return self.reply(request, await paginate(request, fetch, email_json))
+        try:
+            body = self.reply(request, await paginate(request, fetch, email_json))
+        except _Unchanged:
+            assert kept is not None
+            return encoded_json_reply(request, kept[1])
+        read_at = set(stamps)  # one stamp for every read the page took
+        if len(read_at) == 1 and (stamp := read_at.pop()) is not None:
+            self.page_bodies.put(key, stamp, body)
+        return body
 
     @routes.route(
         both("/emails/"),
