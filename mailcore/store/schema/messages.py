@@ -91,21 +91,24 @@ messages = Table(
     Column("sender", Text, nullable=False, server_default=""),
     Column("sender_address", String(320), nullable=False, server_default=""),
     Column("recipient", Text, nullable=False, server_default=""),
-    Column("cc", Text, nullable=False, server_default=""),
     Column("date", UTCDateTime(), nullable=True),
-    Column("body_text", Text, nullable=False, server_default=""),
-    Column("body_html", Text, nullable=False, server_default=""),
-    Column("headers", Text, nullable=False, server_default=""),
-    Column("in_reply_to", String(998), nullable=False, server_default=""),
-    Column("references", Text, nullable=False, server_default=""),
     Column("has_attachments", Boolean, nullable=False, server_default="0"),
-    Column("parse_problems", Text, nullable=False, server_default=""),
     Column("thread_id", Integer, ForeignKey("threads.id", ondelete="SET NULL"), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     # The telephone number of the text's signature block ("" if none); NULL until the
     # backup indexer has read it (mailcore.backup.index, migration 0017).
     Column("signature_phone", String(64), nullable=True),
+    # The long text last, in the stored order of SQLite's rows (migration 0025): a value
+    # longer than its page continues on a chain of overflow pages, which a read of any
+    # column after it walks. What lists, counts and lookups read comes before.
+    Column("cc", Text, nullable=False, server_default=""),
+    Column("in_reply_to", String(998), nullable=False, server_default=""),
+    Column("references", Text, nullable=False, server_default=""),
+    Column("parse_problems", Text, nullable=False, server_default=""),
+    Column("headers", Text, nullable=False, server_default=""),
+    Column("body_text", Text, nullable=False, server_default=""),
+    Column("body_html", Text, nullable=False, server_default=""),
     # Indexed text beyond body_text: the HTML body's text and the attachments' file names
     # ("" for a plain-text message). The SQLite full-text index reads its text from these
     # columns of the row (external content, migration 0023) instead of keeping a copy.
