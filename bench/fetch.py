@@ -12,7 +12,8 @@
    store's own batch transaction (rows, threads, full-text index; each variant parsed once)
    until it holds 100,000; the daemon starts again and `wrk` measures `GET /api/emails/`
    (page 1, newest first), a search for a word in about 2% of the messages, and a search
-   for a rare word: requests/s, p50 and p99 latency.
+   for a rare word: requests/s, p50 and p99 latency. Every request's URL is a new one (an
+   ignored "_" parameter), so each is read from the store, never from a kept page.
 4. Dropmyemail on the same store (before the daemon starts again: the filled messages become
    the account's mailbox "Archive", an OAuth access token is issued straight from the
    provider, and the backup index is backfilled, timed): `wrk` with a Bearer token measures
@@ -320,10 +321,12 @@ def fill_store(data_dir: Path, username: str, account_id: int, first: int, count
 
 def wrk_leg(daemon: Daemon, label: str, path: str, token: str, args: argparse.Namespace,
             scheme: str = "Token") -> tuple[str, str]:
-    """A table row: wrk on `path` (2 s of warm-up first) at --connections for --duration."""
+    """A table row: wrk on `path` (2 s of warm-up first) at --connections for --duration,
+    every request's URL a new one (wrk.wrk's `fresh`)."""
     print(f"wrk: {label} ...", flush=True)
-    wrk(daemon.base + path, token, 2, args.connections, scheme=scheme)  # warm up
-    stats = wrk(daemon.base + path, token, args.duration, args.connections, scheme=scheme)
+    wrk(daemon.base + path, token, 2, args.connections, scheme=scheme, fresh=True)  # warm up
+    stats = wrk(daemon.base + path, token, args.duration, args.connections, scheme=scheme,
+                fresh=True)
     errors = f", {stats['errors']:.0f} non-2xx" if stats["errors"] else ""
     return (label, f"{stats['rps']:,.0f} req/s, p50 {stats['p50']:.1f} ms, "
                    f"p99 {stats['p99']:.1f} ms{errors}")
@@ -471,7 +474,8 @@ def dropmyemail_only(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in rows)
     print()
     print(f"List and search legs: {args.store:,} messages in one account, wrk -t2 "
-          f"-c{args.connections} -d{args.duration}s, {os.cpu_count()} CPUs")
+          f"-c{args.connections} -d{args.duration}s (a new URL each request), "
+          f"{os.cpu_count()} CPUs")
     for label, value in rows:
         print(f"  {label.ljust(width)}  {value}")
     return 0
@@ -587,8 +591,8 @@ def main() -> int:
     width = max(len(label) for label, _ in rows)
     print()
     print(f"Fetch benchmark: {args.messages:,} messages of ~4 KiB, wrk -t2 "
-          f"-c{args.connections} -d{args.duration}s, {os.cpu_count()} CPUs, "
-          f"{time.monotonic() - total_started:.0f} s in all")
+          f"-c{args.connections} -d{args.duration}s (a new URL each request), "
+          f"{os.cpu_count()} CPUs, {time.monotonic() - total_started:.0f} s in all")
     for label, value in rows:
         print(f"  {label.ljust(width)}  {value}")
     for target in missed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 
 from procs import need
 
@@ -23,17 +24,39 @@ def ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+# Every request's URL made unique by a parameter the APIs ignore ("_", as browsers' cache
+# busters do): the daemon keeps a rendered page for a repeated URL, and a leg that measures
+# reading must not be answered from it. Each wrk thread numbers its own requests.
+_FRESH = """
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format(nil, wrk.path .. "%s_=" .. id .. "-" .. n)
+end
+"""
+
+
 def wrk(url: str, token: str, duration: int, connections: int,
-        scheme: str = "Token") -> dict[str, float]:
+        scheme: str = "Token", fresh: bool = False) -> dict[str, float]:
     """wrk on `url` for `duration` s at `connections` connections, two threads (one for a
     single connection: wrk refuses fewer connections than threads), each request with
-    `Authorization: {scheme} {token}`; {"rps", "p50", "p99", "errors"}."""
+    `Authorization: {scheme} {token}`; {"rps", "p50", "p99", "errors"}. With `fresh`, every
+    request's URL is a new one (see _FRESH), so no reply can come from a kept page."""
     threads = 2 if connections >= 2 else 1
-    result = subprocess.run(
-        [need("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
-         "--latency", "-H", f"Authorization: {scheme} {token}", url],
-        capture_output=True, check=False, text=True,
-    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_FRESH % ("&" if "?" in url else "?"))
+        script.flush()
+        result = subprocess.run(
+            [need("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+             "--latency", "-H", f"Authorization: {scheme} {token}",
+             *(["-s", script.name] if fresh else []), url],
+            capture_output=True, check=False, text=True,
+        )
     if result.returncode != 0:
         raise SystemExit(f"wrk failed: {result.stderr}")
     out = result.stdout
