@@ -246,6 +246,10 @@ async def run_exchange(
 class _OneProtocol(Factory):
     """A factory that hands out one given protocol (what connectProtocol makes per call)."""
 
+    # No "Starting factory" / "Stopping factory" events: two a scan, each formatted and
+    # passed through every log observer before the log's filter dropped them.
+    noisy = False
+
     def __init__(self, protocol: Exchange) -> None:
         self.protocol_instance = protocol
 
