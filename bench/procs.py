@@ -103,7 +103,9 @@ class MailcoreDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.http}"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the daemon; return once it listens (within `timeout` s: it migrates the
+        store first, which on a cached store of a benchmark may take minutes)."""
         http = f"tcp:{self.http}:interface=127.0.0.1"
         if self.backlog is not None:
             http += f":backlog={self.backlog}"
@@ -115,7 +117,7 @@ class MailcoreDaemon:
             env=env(), cwd=self.dir, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
             stderr=(self.dir / "twistd.err").open("ab"),
         )
-        wait_port(self.http, self.proc, timeout=60)
+        wait_port(self.http, self.proc, timeout=timeout)
 
     def stop(self) -> None:
         terminate(self.proc, grace=30)
