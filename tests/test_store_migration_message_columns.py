@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.messages import MessageQuery, MessageStore
-from mailcore.store.migrate import MIGRATIONS, head_revision, upgrade_to
+from mailcore.store.migrate import MIGRATIONS, downgrade_to, head_revision, upgrade_to
 from mailcore.store.schema import messages
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
@@ -145,6 +145,29 @@ class MessageColumnsMixin(DatabaseMixin):
             self.assertEqual(await db.run("checks", checks), [True])
         self.assertEqual(head_revision(), "0025_message_columns")
         self.assertEqual(tuple(_migration().LAST), LAST)
+
+
+    async def test_a_downgrade_that_rebuilds_a_table_keeps_what_references_it(self) -> None:
+        """0017's downgrade rebuilds `messages` (Alembic's batch mode: copy, DROP TABLE,
+        rename). With SQLite's foreign keys on, DROP TABLE deleted every attachment and
+        reference row of every message first (ON DELETE CASCADE)."""
+        db = await self.open_database()
+        user = await db.run("make_user", thd_make_user, "owner")
+        store = MessageStore(db, CpuPool.for_tests(), Clock())
+        for raw in (_FIRST, _REPLY):
+            await store.add_message(user, raw)
+        counts = await db.read("counts", _counts)
+
+        def referencing(conn: Connection) -> tuple[int, ...]:
+            return tuple(int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+                             or 0) for table in ("messages", "message_attachments",
+                                                 "message_refs"))
+
+        self.assertEqual(await db.read("referencing", referencing), (2, 1, 1))
+        await threads.deferToThread(downgrade_to, db.engine, "0016_job_leases")
+        self.assertEqual(await db.read("referencing", referencing), (2, 1, 1))
+        await threads.deferToThread(db.migrate_blocking)
+        self.assertEqual(await db.read("counts", _counts), counts)
 
 
 class SQLiteMessageColumnsTests(MessageColumnsMixin, TestCase):
