@@ -9,12 +9,13 @@ import importlib.util
 from types import ModuleType
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, event, select
 from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.messages import MessageQuery, MessageStore
+from mailcore.messages.store import thd_list_messages
 from mailcore.store.migrate import MIGRATIONS, downgrade_to, head_revision, upgrade_to
 from mailcore.store.schema import messages
 from mailcore.workers import CpuPool
@@ -61,7 +62,8 @@ def _rows(conn: Connection) -> list[dict[str, Any]]:
 
 
 def _schema(conn: Connection) -> list[tuple[str, str, str]]:
-    """Indexes and triggers of `messages` with their SQL (automatic ones by name)."""
+    """Indexes and triggers of `messages` with their SQL (automatic ones by name), in the
+    order they were made (SQLite: the planner breaks ties by it)."""
     if conn.dialect.name != "sqlite":
         return [tuple(r) for r in conn.exec_driver_sql(
             "SELECT 'index', indexname, indexdef FROM pg_indexes WHERE tablename = 'messages' "
@@ -69,7 +71,7 @@ def _schema(conn: Connection) -> list[tuple[str, str, str]]:
             "WHERE tgrelid = 'messages'::regclass ORDER BY 1, 2")]
     return [tuple(r) for r in conn.exec_driver_sql(
         "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE tbl_name = 'messages' "
-        "AND type IN ('index', 'trigger') ORDER BY type, name")]
+        "AND type IN ('index', 'trigger') ORDER BY rowid")]
 
 
 def _counts(conn: Connection) -> dict[str, int]:
@@ -194,3 +196,45 @@ class ReorderedTests(SynchronousTestCase):
             "cc TEXT,\n\t\"references\" TEXT DEFAULT '' NOT NULL,\n\tbody_text TEXT DEFAULT "
             "'a, (b' NOT NULL,\n\tCONSTRAINT pk PRIMARY KEY (id),\n\t"
             "CONSTRAINT u UNIQUE (size, cc)\n)"))
+
+
+class ThreadListPlanTests(TestCase):
+    """The thread list (SQLite, no statistics) looks for a newer message of each row's
+    thread through the thread's index, whichever index SQLite met first: an index rebuilt
+    later (as migration 0025 could have) must not turn it into a walk over every message of
+    the user for each row of the page."""
+
+    async def test_each_thread_is_read_through_its_index(self) -> None:
+        from tests.support.db import open_database
+
+        db = await open_database(self, "sqlite")
+        user = await db.run("make_user", thd_make_user, "owner")
+        store = MessageStore(db, CpuPool.for_tests(), Clock())
+        await store.add_message(user, _PLAIN)
+
+        def plan(conn: Connection) -> list[str]:
+            seen: list[tuple[str, Any]] = []
+
+            def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+                if "newer" in statement:
+                    seen.append((statement, parameters))
+
+            event.listen(conn, "before_cursor_execute", capture)
+            try:
+                thd_list_messages(conn, user, MessageQuery(limit=50, threads_only=True))
+            finally:
+                event.remove(conn, "before_cursor_execute", capture)
+            statement, parameters = seen[-1]
+            return [r[-1] for r in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, parameters)]
+
+        def user_index_made_last(conn: Connection) -> None:
+            conn.exec_driver_sql("DROP INDEX ix_messages_user_date")
+            conn.exec_driver_sql("CREATE INDEX ix_messages_user_date ON messages "
+                                 "(user_id, date)")
+
+        for _ in range(2):
+            steps = await db.read("plan", plan)
+            self.assertIn("SEARCH newer USING INDEX ix_messages_thread_date (thread_id=?)",
+                          steps)
+            await db.run("user_index_made_last", user_index_made_last)

@@ -509,7 +509,10 @@ def _newest_of_thread(
     query's filters: no newer matching message shares its thread. The thread's messages are
     read through (thread_id, date), so a page walks only as many rows as it shows."""
     other = messages.alias("newer")
-    same = [c for c in _filters(dialect, user_id, query, table=other)]
+    # The user's term through "+ 0" (`by_match`): the thread's index is the way in. Without
+    # statistics SQLite may otherwise weigh (user_id, date) the same and walk every message
+    # of the user for each row of the page.
+    same = [c for c in _filters(dialect, user_id, query, table=other, by_match=True)]
     oldest = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
     mine = func.coalesce(messages.c.date, oldest)
     theirs = func.coalesce(other.c.date, oldest)

@@ -94,10 +94,12 @@ def upgrade() -> None:
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'").scalar()
     assert isinstance(create_sql, str)
     # Indexes and triggers of the table (automatic indexes of its UNIQUE constraints have
-    # no SQL: the new table's constraints make them again).
+    # no SQL: the new table's constraints make them again), in the order they were made:
+    # without statistics SQLite's planner breaks ties between equally good indexes by
+    # that order, so another order would change query plans.
     dependents = [sql for (sql,) in conn.exec_driver_sql(
         "SELECT sql FROM sqlite_master WHERE tbl_name = 'messages' "
-        "AND type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY type, name")]
+        "AND type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY rowid")]
     new_sql, order = reordered(create_sql, "messages_new")
     names = ", ".join(f'"{n}"' for n in order)
     before = conn.exec_driver_sql("SELECT count(*) FROM messages").scalar()
