@@ -492,6 +492,21 @@ def nodes(tmp: Path, messages: int, sessions: int, rounds: int) -> list[NodesRou
     return out
 
 
+def daemon_failures(directory: Path, limit: int = 80) -> str:
+    """The failures the daemon in `directory` logged (each with its traceback), oldest
+    first: shown when a leg fails, since the temp dir goes with the run."""
+    logs = sorted(directory.glob("twistd.log*"), key=lambda p: p.stat().st_mtime)
+    out: list[str] = []
+    for log_file in logs:
+        lines = log_file.read_text(errors="replace").splitlines()
+        for n, line in enumerate(lines):
+            if "#critical]" in line or "#error]" in line:
+                out.extend(lines[n:n + 25])
+    if not out:
+        return ""
+    return "\nthe daemon logged:\n" + "\n".join(out[:limit])
+
+
 def memory(tmp: Path, messages: int, sessions: int) -> tuple[list[tuple[int, float]], int]:
     """Queue `messages` for a next hop that is down; sample RSS every half second."""
     down = free_port()  # nothing listens here
@@ -507,7 +522,8 @@ def memory(tmp: Path, messages: int, sessions: int) -> tuple[list[tuple[int, flo
             samples.append((int(time.perf_counter() - started), rss_mb(daemon.proc.pid)))
             time.sleep(0.5)
         if source.returncode != 0:
-            raise SystemExit(f"smtp-source failed: {source.stderr.read().decode()}")  # type: ignore[union-attr]
+            raise SystemExit(f"smtp-source failed: {source.stderr.read().decode()}"  # type: ignore[union-attr]
+                             + daemon_failures(directory))
         accepted = messages
         time.sleep(2)
         samples.append((int(time.perf_counter() - started), rss_mb(daemon.proc.pid)))
