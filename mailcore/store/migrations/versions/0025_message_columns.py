@@ -15,7 +15,9 @@ ALTER TABLE cannot make: a new table with the columns in the new order (the live
 own column and constraint definitions, moved), every row copied with its id, the old table
 dropped (foreign keys are off while migrations run, so nothing referencing a message is
 deleted), the new one renamed, and the old table's indexes and triggers created again from
-their stored SQL. The full-text index reads its text by row id from the table named
+their stored SQL in the order they were first made (SQLite's planner, without statistics,
+breaks ties between indexes by that order). The full-text index reads its text by row id
+from the table named
 `messages` and stays valid. Needs free disk for a second copy of the table while it runs
 (the old table's pages are reused by later rows; VACUUM returns them to the filesystem) and
 takes about as long as copying it. PostgreSQL: nothing (a long value is kept out of line
@@ -71,7 +73,7 @@ def column_name(definition: str) -> str:
 def reordered(create_sql: str, name: str) -> tuple[str, list[str]]:
     """`create_sql` (the table's CREATE TABLE) as CREATE TABLE `name`, the `LAST` columns
     moved after the others; and the column names in the new order."""
-    head, _, rest = create_sql.partition("(")
+    _, _, rest = create_sql.partition("(")
     body = rest[: rest.rindex(")")]
     columns: list[str] = []
     constraints: list[str] = []
