@@ -309,20 +309,19 @@ def measure(daemon: Daemon, args: argparse.Namespace, kind: str) -> list[tuple[s
     # The targets are judged on fresh reads (a new URL each request). The kept-page rows
     # show what a client asking again for an unchanged page gets: the reply kept for that
     # URL, after one read of the user's change stamp.
-    kept = [(f"{key}_kept", f"{label} (kept page)", path)
+    fresh_legs = [(key, label, path, True) for key, label, path in legs]
+    kept = [(f"{key}_kept", f"{label} (kept page)", path, False)
             for key, label, path in legs[:2]]
-    for key, label, path in legs + kept:
+    for key, label, path, fresh in fresh_legs + kept:
         print(f"[{kind}] one client: {label} ...", flush=True)
-        stats = one_client(daemon, token, path, args.requests,
-                           fresh=not key.endswith("_kept"))
+        stats = one_client(daemon, token, path, args.requests, fresh=fresh)
         target = TARGETS_MS.get(key)
         ok = target is None or stats["p99"] < target
         goal = f"target p99 < {target:.0f} ms" if target else "no target"
         rows.append((f"[{kind}] {label}",
                      f"p50 {stats['p50']:.1f} ms, p99 {stats['p99']:.1f} ms, "
                      f"{stats['cpu']:.2f} ms CPU/req ({goal})", ok))
-    for key, label, path in legs[:2] + kept:
-        fresh = not key.endswith("_kept")
+    for _key, label, path, fresh in fresh_legs[:2] + kept:
         print(f"[{kind}] wrk -c{args.connections}: {label} ...", flush=True)
         wrk(daemon.base + path, token, 2, args.connections, fresh=fresh)  # warm up
         stats = wrk(daemon.base + path, token, args.duration, args.connections, fresh=fresh)

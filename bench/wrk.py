@@ -48,15 +48,16 @@ def wrk(url: str, token: str, duration: int, connections: int,
     `Authorization: {scheme} {token}`; {"rps", "p50", "p99", "errors"}. With `fresh`, every
     request's URL is a new one (see _FRESH), so no reply can come from a kept page."""
     threads = 2 if connections >= 2 else 1
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(_FRESH % ("&" if "?" in url else "?"))
-        script.flush()
-        result = subprocess.run(
-            [need("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
-             "--latency", "-H", f"Authorization: {scheme} {token}",
-             *(["-s", script.name] if fresh else []), url],
-            capture_output=True, check=False, text=True,
-        )
+    command = [need("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+               "--latency", "-H", f"Authorization: {scheme} {token}", url]
+    if fresh:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+            script.write(_FRESH % ("&" if "?" in url else "?"))
+            script.flush()
+            result = subprocess.run([*command, "-s", script.name],
+                                    capture_output=True, check=False, text=True)
+    else:
+        result = subprocess.run(command, capture_output=True, check=False, text=True)
     if result.returncode != 0:
         raise SystemExit(f"wrk failed: {result.stderr}")
     out = result.stdout

@@ -19,7 +19,7 @@ from mailcore.messages.store import thd_list_messages
 from mailcore.store.migrate import MIGRATIONS, downgrade_to, head_revision, upgrade_to
 from mailcore.store.schema import messages
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, open_database
 from tests.support.fetchenv import thd_make_user
 
 BEFORE = "0024_search_order"
@@ -75,9 +75,9 @@ def _schema(conn: Connection) -> list[tuple[str, str, str]]:
 
 
 def _counts(conn: Connection) -> dict[str, int]:
-    one = {}
-    for table in ("message_attachments", "message_refs", "threads"):
-        one[table] = int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0)
+    """Rows referencing messages, and the counts the triggers keep."""
+    one = {table: int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0)
+           for table in ("message_attachments", "message_refs", "threads")}
     one["total"] = int(conn.exec_driver_sql(
         "SELECT coalesce(sum(total), 0) FROM message_counts").scalar() or 0)
     one["thread_sizes"] = int(conn.exec_driver_sql(
@@ -128,9 +128,7 @@ class MessageColumnsMixin(DatabaseMixin):
 
         # What references a message still does, and goes with it.
         def delete_first(conn: Connection) -> None:
-            conn.exec_driver_sql("DELETE FROM messages WHERE id = ?" if self.backend ==
-                                 "sqlite" else "DELETE FROM messages WHERE id = %s",
-                                 (ids[0],))
+            conn.execute(messages.delete().where(messages.c.id == ids[0]))
 
         await db.run("delete_first", delete_first)
         left = await db.read("counts", _counts)
@@ -147,7 +145,6 @@ class MessageColumnsMixin(DatabaseMixin):
             self.assertEqual(await db.run("checks", checks), [True])
         self.assertEqual(head_revision(), "0025_message_columns")
         self.assertEqual(tuple(_migration().LAST), LAST)
-
 
     async def test_a_downgrade_that_rebuilds_a_table_keeps_what_references_it(self) -> None:
         """0017's downgrade rebuilds `messages` (Alembic's batch mode: copy, DROP TABLE,
@@ -205,8 +202,6 @@ class ThreadListPlanTests(TestCase):
     the user for each row of the page."""
 
     async def test_each_thread_is_read_through_its_index(self) -> None:
-        from tests.support.db import open_database
-
         db = await open_database(self, "sqlite")
         user = await db.run("make_user", thd_make_user, "owner")
         store = MessageStore(db, CpuPool.for_tests(), Clock())

@@ -442,11 +442,11 @@ def _filters(
     """WHERE terms of the query's filters on `table` (`messages` or an alias of it); the
     statement runs with `_filter_values` as its parameters.
 
-    `by_match`: the user's rows are found through the full-text matches (their row ids),
-    not through an index on user_id ("+ 0" keeps the database from walking the user's
-    whole date index and probing the matches for each entry: SQLite has no statistics,
-    and PostgreSQL, asked for the newest 50, takes that walk for a rare word too, some
-    50,000 rows deep over a million messages)."""
+    `by_match`: the user's rows are found through another index (the full-text matches'
+    row ids, or a thread's for `_newest_of_thread`), not through one on user_id ("+ 0"
+    keeps the database from walking the user's whole date index and probing each entry:
+    SQLite has no statistics, and PostgreSQL, asked for the newest 50, takes that walk for
+    a rare word too, some 50,000 rows deep over a million messages)."""
     conds = _shape_terms(_filter_shape(query), table.c, by_match)
     if query.q:
         conds.append(match_clause(dialect, table.c.id, query.q))
@@ -509,9 +509,8 @@ def _newest_of_thread(
     query's filters: no newer matching message shares its thread. The thread's messages are
     read through (thread_id, date), so a page walks only as many rows as it shows."""
     other = messages.alias("newer")
-    # The user's term through "+ 0" (`by_match`): the thread's index is the way in. Without
-    # statistics SQLite may otherwise weigh (user_id, date) the same and walk every message
-    # of the user for each row of the page.
+    # The thread's index is the way in (`by_match`): without statistics SQLite may weigh
+    # (user_id, date) the same and walk every message of the user for each row of a page.
     same = [c for c in _filters(dialect, user_id, query, table=other, by_match=True)]
     oldest = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
     mine = func.coalesce(messages.c.date, oldest)

@@ -19,8 +19,9 @@ their stored SQL in the order they were first made (SQLite's planner, without st
 breaks ties between indexes by that order). The full-text index reads its text by row id
 from the table named `messages` and stays valid. Needs free disk for a second copy of the
 table while it runs (the old table's pages are reused by later rows; VACUUM returns them
-to the filesystem) and takes about as long as copying it. PostgreSQL: nothing (a long value is kept out of line
-there, in TOAST). Downgrade: nothing (the order has no meaning to a query).
+to the filesystem) and takes about as long as copying it. PostgreSQL: nothing (a long
+value is kept out of line there, in TOAST). Downgrade: nothing (the order has no meaning to
+a query).
 
 Revision ID: 0025_message_columns
 Revises: 0024_search_order
