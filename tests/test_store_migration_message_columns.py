@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.messages import MessageQuery, MessageStore
-from mailcore.messages.store import thd_list_messages
+from mailcore.messages.store import thd_list_messages, thd_thread_ids
 from mailcore.store.migrate import MIGRATIONS, downgrade_to, head_revision, upgrade_to
 from mailcore.store.schema import messages
 from mailcore.workers import CpuPool
@@ -232,4 +232,46 @@ class ThreadListPlanTests(TestCase):
             steps = await db.read("plan", plan)
             self.assertIn("SEARCH newer USING INDEX ix_messages_thread_date (thread_id=?)",
                           steps)
+            await db.run("user_index_made_last", user_index_made_last)
+
+    async def test_a_threads_messages_are_read_through_its_index(self) -> None:
+        """One thread's messages (a message's thread, a list filtered by thread_id) are
+        read through the thread's index, also when the user's index was made last."""
+        db = await open_database(self, "sqlite")
+        user = await db.run("make_user", thd_make_user, "owner")
+        store = MessageStore(db, CpuPool.for_tests(), Clock())
+        row_id = await store.add_message(user, _PLAIN)
+        thread_id = await db.read("thread_of", lambda conn: conn.execute(
+            select(messages.c.thread_id).where(messages.c.id == row_id)).scalar_one())
+        self.assertIsNotNone(thread_id)
+
+        def plans(conn: Connection) -> list[list[str]]:
+            seen: list[tuple[str, Any]] = []
+
+            def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+                if "thread_id =" in statement and "FROM messages" in statement:
+                    seen.append((statement, parameters))
+
+            event.listen(conn, "before_cursor_execute", capture)
+            try:
+                self.assertEqual(thd_thread_ids(conn, user, row_id), [row_id])
+                page = thd_list_messages(conn, user, MessageQuery(limit=50,
+                                                                  thread_id=thread_id))
+                self.assertEqual([m.id for m in page.items], [row_id])
+            finally:
+                event.remove(conn, "before_cursor_execute", capture)
+            return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + st, params)]
+                    for st, params in seen]
+
+        def user_index_made_last(conn: Connection) -> None:
+            conn.exec_driver_sql("DROP INDEX ix_messages_user_date")
+            conn.exec_driver_sql("CREATE INDEX ix_messages_user_date ON messages "
+                                 "(user_id, date)")
+
+        for _ in range(2):
+            found = await db.read("plans", plans)
+            self.assertGreaterEqual(len(found), 2)
+            for steps in found:
+                self.assertTrue(any("USING INDEX ix_messages_thread_date (thread_id=?)" in s
+                                    for s in steps), steps)
             await db.run("user_index_made_last", user_index_made_last)
