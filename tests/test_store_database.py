@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database, StoreError
-from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS
+from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_CHECKPOINT_PAGES
 from mailcore.store.schema import credentials, users
 from tests.support.db import DatabaseMixin
 from tests.support.reactor import get_reactor
@@ -263,12 +263,14 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
         self.assertFalse(any("mailcore-db-read" in name for name in writes + long_reads))
 
     async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
-        """WAL, synchronous=FULL, a busy timeout and foreign keys on every connection."""
+        """WAL, synchronous=FULL, a busy timeout, foreign keys and the checkpoint interval on
+        every connection."""
 
         def pragmas(conn: Connection) -> dict[str, Any]:
             return {
                 name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys",
+                             "wal_autocheckpoint")
             }
 
         found = await self.db.read("pragmas", pragmas)
@@ -279,6 +281,7 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
                 "synchronous": 2,  # FULL
                 "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
                 "foreign_keys": 1,
+                "wal_autocheckpoint": SQLITE_CHECKPOINT_PAGES,
             },
         )
         self.assertGreaterEqual(SQLITE_BUSY_TIMEOUT_MS, 5000)
