@@ -6,6 +6,7 @@ left as it was."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -195,6 +196,31 @@ class ReorderedTests(SynchronousTestCase):
             "CONSTRAINT u UNIQUE (size, cc)\n)"))
 
 
+def _plans_of(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
+              ) -> list[list[str]]:
+    """Run `reads` on `conn`; the query plan (its steps) of each statement it ran that
+    `wanted` picks."""
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if wanted(statement):
+            seen.append((statement, parameters))
+
+    event.listen(conn, "before_cursor_execute", capture)
+    try:
+        reads()
+    finally:
+        event.remove(conn, "before_cursor_execute", capture)
+    return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)]
+            for statement, params in seen]
+
+
+def _user_index_made_last(conn: Connection) -> None:
+    """Make the user's date index again, so that SQLite meets it after the thread's."""
+    conn.exec_driver_sql("DROP INDEX ix_messages_user_date")
+    conn.exec_driver_sql("CREATE INDEX ix_messages_user_date ON messages (user_id, date)")
+
+
 class ThreadListPlanTests(TestCase):
     """The thread list (SQLite, no statistics) looks for a newer message of each row's
     thread through the thread's index, whichever index SQLite met first: an index rebuilt
@@ -208,31 +234,14 @@ class ThreadListPlanTests(TestCase):
         await store.add_message(user, _PLAIN)
 
         def plan(conn: Connection) -> list[str]:
-            seen: list[tuple[str, Any]] = []
-
-            def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
-                if "newer" in statement:
-                    seen.append((statement, parameters))
-
-            event.listen(conn, "before_cursor_execute", capture)
-            try:
-                thd_list_messages(conn, user, MessageQuery(limit=50, threads_only=True))
-            finally:
-                event.remove(conn, "before_cursor_execute", capture)
-            statement, parameters = seen[-1]
-            return [r[-1] for r in conn.exec_driver_sql(
-                "EXPLAIN QUERY PLAN " + statement, parameters)]
-
-        def user_index_made_last(conn: Connection) -> None:
-            conn.exec_driver_sql("DROP INDEX ix_messages_user_date")
-            conn.exec_driver_sql("CREATE INDEX ix_messages_user_date ON messages "
-                                 "(user_id, date)")
+            return _plans_of(conn, lambda statement: "newer" in statement, lambda: (
+                thd_list_messages(conn, user, MessageQuery(limit=50, threads_only=True))))[-1]
 
         for _ in range(2):
             steps = await db.read("plan", plan)
             self.assertIn("SEARCH newer USING INDEX ix_messages_thread_date (thread_id=?)",
                           steps)
-            await db.run("user_index_made_last", user_index_made_last)
+            await db.run("user_index_made_last", _user_index_made_last)
 
     async def test_a_threads_messages_are_read_through_its_index(self) -> None:
         """One thread's messages (a message's thread, a list filtered by thread_id) are
@@ -246,27 +255,14 @@ class ThreadListPlanTests(TestCase):
         self.assertIsNotNone(thread_id)
 
         def plans(conn: Connection) -> list[list[str]]:
-            seen: list[tuple[str, Any]] = []
-
-            def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
-                if "thread_id =" in statement and "FROM messages" in statement:
-                    seen.append((statement, parameters))
-
-            event.listen(conn, "before_cursor_execute", capture)
-            try:
+            def reads() -> None:
                 self.assertEqual(thd_thread_ids(conn, user, row_id), [row_id])
                 page = thd_list_messages(conn, user, MessageQuery(limit=50,
                                                                   thread_id=thread_id))
                 self.assertEqual([m.id for m in page.items], [row_id])
-            finally:
-                event.remove(conn, "before_cursor_execute", capture)
-            return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + st, params)]
-                    for st, params in seen]
 
-        def user_index_made_last(conn: Connection) -> None:
-            conn.exec_driver_sql("DROP INDEX ix_messages_user_date")
-            conn.exec_driver_sql("CREATE INDEX ix_messages_user_date ON messages "
-                                 "(user_id, date)")
+            return _plans_of(conn, lambda statement: (
+                "thread_id =" in statement and "FROM messages" in statement), reads)
 
         for _ in range(2):
             found = await db.read("plans", plans)
@@ -274,4 +270,4 @@ class ThreadListPlanTests(TestCase):
             for steps in found:
                 self.assertTrue(any("USING INDEX ix_messages_thread_date (thread_id=?)" in s
                                     for s in steps), steps)
-            await db.run("user_index_made_last", user_index_made_last)
+            await db.run("user_index_made_last", _user_index_made_last)
