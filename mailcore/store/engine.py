@@ -3,8 +3,8 @@
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
 BEGIN statements so that writers take the lock up front (`BEGIN IMMEDIATE`) instead of
-failing on a read-to-write upgrade. A new database file is
-made 0600 before SQLite opens it; SQLite gives its `-wal` and `-shm` files the same mode.
+failing on a read-to-write upgrade. A new database file is made 0600 before SQLite opens
+it; SQLite gives its `-wal` and `-shm` files the same mode.
 """
 
 from __future__ import annotations
