@@ -536,6 +536,8 @@ def main() -> int:
                         help="no Dovecot, no sync: fill the store, then only the list and "
                         "search legs (IMAP2API and Dropmyemail)")
     args = parser.parse_args()
+    if args.sync_rounds < 1:
+        parser.error("--sync-rounds must be at least 1")
     if args.dropmyemail_setup:
         data, config, user, account = args.dropmyemail_setup
         dropmyemail_setup(Path(data), Path(config), user, int(account))
