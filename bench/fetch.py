@@ -263,26 +263,27 @@ def sync(daemon: Daemon, token: str, server_id: int) -> tuple[float, float, int]
     return wall, inside, int(new)
 
 
-def mailcore_round(n: int, base: Path, dovecot: Dovecot, daemon: Daemon, token: str,
-                   server: dict[str, Any], messages: int) -> tuple[float, float]:
-    """Round `n` of our initial sync, into a fresh store: (wall seconds, engine seconds).
-    Round 0 syncs `daemon` (it stays for the later legs); the others a daemon of their own
-    on a new data dir, stopped after it."""
-    if n > 0:
-        (base / f"daemon{n}").mkdir()
-        daemon = Daemon(base / f"daemon{n}")
-        daemon.start()
-    try:
-        if n > 0:
-            token = add_user(daemon)
-            server = add_dovecot_account(daemon, token, dovecot, "the IMAP server")
-        wall, inside, new = sync(daemon, token, server["id"])
-    finally:
-        if n > 0:
-            daemon.stop()
+def checked_sync(daemon: Daemon, token: str, server_id: int, messages: int
+                 ) -> tuple[float, float]:
+    """An initial sync that must store `messages`: (wall seconds, engine seconds)."""
+    wall, inside, new = sync(daemon, token, server_id)
     if new != messages:
         raise SystemExit(f"mailcore synced {new} messages, expected {messages}")
     return wall, inside
+
+
+def fresh_sync(n: int, base: Path, dovecot: Dovecot, messages: int) -> tuple[float, float]:
+    """Round `n` (after the first) of our initial sync: a daemon of its own on a new data
+    dir (base/daemon{n}), stopped after it; `checked_sync`'s figures."""
+    (base / f"daemon{n}").mkdir()
+    daemon = Daemon(base / f"daemon{n}")
+    daemon.start()
+    try:
+        token = add_user(daemon)
+        server = add_dovecot_account(daemon, token, dovecot, "the IMAP server")
+        return checked_sync(daemon, token, server["id"], messages)
+    finally:
+        daemon.stop()
 
 
 def mbsync_round(n: int, base: Path, dovecot: Dovecot, mbsync: str, messages: int) -> float:
@@ -573,8 +574,9 @@ def main() -> int:
             for leg in legs:
                 print(f"initial sync, round {n + 1}: {leg} ...", flush=True)
                 if leg == "mailcore":
-                    ours_s, inside = mailcore_round(n, base, dovecot, daemon, token, server,
-                                                    args.messages)
+                    ours_s, inside = (
+                        checked_sync(daemon, token, server["id"], args.messages) if n == 0
+                        else fresh_sync(n, base, dovecot, args.messages))
                 else:
                     theirs_s = mbsync_round(n, base, dovecot, mbsync, args.messages)
             ours, theirs = args.messages / ours_s, args.messages / theirs_s

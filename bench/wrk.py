@@ -7,6 +7,7 @@ sibling (directly or through fetch.wrk).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import tempfile
@@ -48,16 +49,18 @@ def wrk(url: str, token: str, duration: int, connections: int,
     `Authorization: {scheme} {token}`; {"rps", "p50", "p99", "errors"}. With `fresh`, every
     request's URL is a new one (see _FRESH), so no reply can come from a kept page."""
     threads = 2 if connections >= 2 else 1
-    command = [need("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
-               "--latency", "-H", f"Authorization: {scheme} {token}", url]
-    if fresh:
-        with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+    with contextlib.ExitStack() as stack:
+        options: list[str] = []
+        if fresh:
+            script = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".lua"))
             script.write(_FRESH % ("&" if "?" in url else "?"))
             script.flush()
-            result = subprocess.run([*command, "-s", script.name],
-                                    capture_output=True, check=False, text=True)
-    else:
-        result = subprocess.run(command, capture_output=True, check=False, text=True)
+            options = ["-s", script.name]
+        result = subprocess.run(
+            [need("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+             "--latency", "-H", f"Authorization: {scheme} {token}", *options, url],
+            capture_output=True, check=False, text=True,
+        )
     if result.returncode != 0:
         raise SystemExit(f"wrk failed: {result.stderr}")
     out = result.stdout

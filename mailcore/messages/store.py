@@ -802,14 +802,14 @@ def thd_thread_ids(conn: Connection, user_id: int, row_id: int) -> list[int]:
         raise MessageNotFound(row_id)
     if thread_id[0] is None:
         return [row_id]
-    return list(
-        conn.execute(
-            select(messages.c.id)
-            .where(messages.c.user_id + 0 == user_id)  # through the thread's index
-            .where(messages.c.thread_id == thread_id[0])
-            .order_by(messages.c.date.asc(), messages.c.id.asc())
-        ).scalars()
-    )
+    return list(conn.execute(_THREAD_ROWS, {"user_id": user_id, "thread_id": thread_id[0]})
+                .scalars())
+
+
+# A thread's row ids, oldest first, found by the terms of a list filtered by thread_id
+# (through the thread's index).
+_THREAD_ROWS = (select(messages.c.id).where(*_shape_terms(("thread_id",), messages.c))
+                .order_by(messages.c.date.asc(), messages.c.id.asc()))
 
 
 class MessageStore:
