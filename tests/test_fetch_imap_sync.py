@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.imap import IMAPClient
 from mailcore.messages.models import MessageQuery
 from mailcore.messages.parse import sha256_hex
 from tests.support.corpus import make_corpus
@@ -124,6 +125,61 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         self.assertEqual(result.new_messages, 10)
         self.assertEqual(sum(fetched), 10)
         self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+    def record_commands(self) -> list[tuple[bytes, bytes]]:
+        """(command, first argument unquoted) of every IMAP command sessions send from now on."""
+        sent: list[tuple[bytes, bytes]] = []
+        original = IMAPClient.send
+
+        def recording(client: IMAPClient, name: bytes, args: bytes | None = None,
+                      continuation: Any = None) -> Any:
+            sent.append((name, (args or b"").split(b" ")[0].strip(b'"')))
+            return original(client, name, args, continuation)
+
+        self.patch(IMAPClient, "send", recording)
+        return sent
+
+    async def test_a_resync_opens_the_folders_it_knows_before_list(self) -> None:
+        # Dovecot rescans a Maildir opened after a LIST in the same session, so the folders
+        # of the last sync are EXAMINEd first; LIST comes after them.
+        server, user, env = await self.setup()
+        account = await env.imap_account(server, user)
+        sent = self.record_commands()
+        await env.engine.sync(account.id)
+        opened = [(name, arg) for name, arg in sent if name in (b"LIST", b"EXAMINE")]
+        self.assertEqual(opened[0], (b"LIST", b""))
+        self.assertEqual(sorted(arg for _, arg in opened[1:]), [b"Archive", b"INBOX", b"Sent"])
+
+        del sent[:]
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        opened = [(name, arg) for name, arg in sent if name in (b"LIST", b"EXAMINE")]
+        self.assertEqual(opened, [(b"EXAMINE", b"Archive"), (b"EXAMINE", b"INBOX"),
+                                  (b"EXAMINE", b"Sent"), (b"LIST", b"")])
+        self.assertEqual(sorted(result.folders), SYNCED)
+
+    async def test_list_after_the_known_folders_finds_new_and_gone_ones(self) -> None:
+        server, user, env = await self.setup()
+        every = await env.imap_account(server, user)
+        named = await env.imap_account(server, user, name="named", folders_to_sync="INBOX,Archive")
+        for account in (every, named):
+            await env.engine.sync(account.id)
+        server.doveadm_run("mailbox", "delete", "-u", user, "Archive")
+        server.add_messages(user, "Projects", [m.raw for m in make_corpus(1200, 5, "new")])
+
+        result = await env.engine.sync(every.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(sorted(result.folders), ["INBOX", "Projects", "Sent"])
+        self.assertEqual(result.folders["Projects"].new, 5)
+        self.assertEqual(await env.count(every.id), 505)  # Archive's copies stay ours
+        folders = {f["name"]: f for f in await env.accounts.folders(every.id)}
+        self.assertFalse(folders["Archive"]["exists_on_server"])
+        self.assertIsNone(folders["Archive"]["sync_error"])
+
+        result = await env.engine.sync(named.id)
+        self.assertEqual(result.folders["Archive"].error, "folder not found on the server")
+        self.assertIsNone(result.folders["INBOX"].error)
+        self.assertEqual(await env.count(named.id), 450)
 
     async def test_imaps_with_pinned_fingerprint(self) -> None:
         server, user, env = await self.setup()

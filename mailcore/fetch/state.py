@@ -78,6 +78,21 @@ def thd_upsert_folders(
     }
 
 
+def thd_known_folders(
+    conn: Connection, account_id: int
+) -> list[tuple[str, str | None, str | None, FolderState]]:
+    """(name, delimiter, special_use, state) of the folders a past sync of the account
+    opened (they have a UIDVALIDITY) that the last LIST still showed, in name order."""
+    rows = conn.execute(
+        select(fetch_folders)
+        .where(fetch_folders.c.account_id == account_id)
+        .where(fetch_folders.c.exists_on_server.is_(True))
+        .where(fetch_folders.c.uidvalidity.is_not(None))
+        .order_by(fetch_folders.c.name)
+    )
+    return [(r.name, r.delimiter, r.special_use, _state(r)) for r in rows]
+
+
 def thd_folder(conn: Connection, account_id: int, name: str) -> FolderState:
     """The folder row `name` of the account, created if missing (POP3's INBOX)."""
     row = conn.execute(
