@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.messages import MessageQuery, MessageStore
 from mailcore.messages.store import thd_list_messages, thd_thread_ids
-from mailcore.store.migrate import MIGRATIONS, downgrade_to, head_revision, upgrade_to
+from mailcore.store.migrate import MIGRATIONS, downgrade_to, upgrade_to
 from mailcore.store.schema import messages
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin, open_database
@@ -144,7 +144,6 @@ class MessageColumnsMixin(DatabaseMixin):
                     + [bool(conn.exec_driver_sql("PRAGMA foreign_keys").scalar())]
 
             self.assertEqual(await db.run("checks", checks), [True])
-        self.assertEqual(head_revision(), "0025_message_columns")
         self.assertEqual(tuple(_migration().LAST), LAST)
 
     async def test_a_downgrade_that_rebuilds_a_table_keeps_what_references_it(self) -> None:
