@@ -456,25 +456,23 @@ class SyncEngine:
         try:
             # The folders synced before are opened before LIST, which then finds the new
             # ones and those gone. Dovecot rescans every Maildir opened after a LIST in the
-            # same session (0.4 s per 20,000 messages), so a resync with nothing new would
+            # same session (0.4-0.9 s per 20,000 messages), so a resync with nothing new would
             # cost that for each folder.
-            known = await self.db.read("fetch_known_folders", thd_known_folders, account.id)
+            known = {state.name: state for state in await self.db.read(
+                "fetch_known_folders", thd_known_folders, account.id)}
             first, _ = choose_folders(account, [
-                RemoteFolder(name, delimiter, frozenset({use.upper()} if use else ()))
-                for name, delimiter, use, _state in known
+                RemoteFolder(state.name, state.delimiter,
+                             frozenset({state.special_use.upper()} if state.special_use else ()))
+                for state in known.values()
             ])
-            known_states = {state.name: state for _n, _d, _u, state in known}
             opened: set[str] = set()
             for folder in first:
-                state = known_states[folder.name]
-                await self._progress(account, state.name, progress[0], progress[1])
+                state = known[folder.name]
                 try:
-                    info = await self._examine(session, state)
+                    info = await self._open_folder(session, account, state, progress)
                 except FetchError:
                     # Gone or changed since the last sync: LIST below decides.
-                    if session.error is not None:
-                        session.abort()
-                        session = await self._open_imap(account, password)
+                    session = await self._alive(session, account, password)
                     continue
                 opened.add(folder.name)
                 session = await self._sync_guarded(session, account, password, state, info,
@@ -511,18 +509,22 @@ class SyncEngine:
         folder_result = result.folders.setdefault(state.name, FolderResult())
         try:
             if info is None:
-                await self._progress(account, state.name, progress[0], progress[1])
-                info = await self._examine(session, state)
+                info = await self._open_folder(session, account, state, progress)
             await self._sync_imap_folder(session, account, state, info, result, folder_result,
                                          progress)
         except FetchError as e:
             folder_result.error = str(e)
             await self.db.run("set_fetch_folder_error", thd_set_folder_error, state.id, str(e))
-            if session.error is not None:
-                # The session died with this folder; the others get a new one.
-                session.abort()
-                session = await self._open_imap(account, password)
+            session = await self._alive(session, account, password)
         return session
+
+    async def _alive(self, session: IMAPClient, account: Account,
+                     password: str) -> IMAPClient:
+        """`session`, or a new one when it died (with the folder it failed on)."""
+        if session.error is None:
+            return session
+        session.abort()
+        return await self._open_imap(account, password)
 
     def _resync_modes(self, session: IMAPClient,
                       state: FolderState) -> tuple[bool, tuple[int, int] | None]:
@@ -536,7 +538,10 @@ class SyncEngine:
             qresync = (state.uidvalidity, state.highestmodseq)
         return condstore, qresync
 
-    async def _examine(self, session: IMAPClient, state: FolderState) -> SelectInfo:
+    async def _open_folder(self, session: IMAPClient, account: Account, state: FolderState,
+                           progress: list[int]) -> SelectInfo:
+        """Show the folder as the one in progress and EXAMINE it."""
+        await self._progress(account, state.name, progress[0], progress[1])
         condstore, qresync = self._resync_modes(session, state)
         return await session.examine(state.name, condstore=condstore, qresync=qresync)
 

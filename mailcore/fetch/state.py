@@ -26,11 +26,14 @@ class FolderState:
     uidvalidity: int | None
     uidnext: int | None
     highestmodseq: int | None
+    delimiter: str | None = None  # as the server's LIST last gave them
+    special_use: str | None = None
 
 
 def _state(row: Any) -> FolderState:
     m = row._mapping
-    return FolderState(m["id"], m["name"], m["uidvalidity"], m["uidnext"], m["highestmodseq"])
+    return FolderState(m["id"], m["name"], m["uidvalidity"], m["uidnext"], m["highestmodseq"],
+                       m["delimiter"], m["special_use"])
 
 
 def thd_upsert_folders(
@@ -78,11 +81,9 @@ def thd_upsert_folders(
     }
 
 
-def thd_known_folders(
-    conn: Connection, account_id: int
-) -> list[tuple[str, str | None, str | None, FolderState]]:
-    """(name, delimiter, special_use, state) of the folders a past sync of the account
-    opened (they have a UIDVALIDITY) that the last LIST still showed, in name order."""
+def thd_known_folders(conn: Connection, account_id: int) -> list[FolderState]:
+    """The folders a past sync of the account opened (they have a UIDVALIDITY) that the
+    last LIST still showed, in name order."""
     rows = conn.execute(
         select(fetch_folders)
         .where(fetch_folders.c.account_id == account_id)
@@ -90,7 +91,7 @@ def thd_known_folders(
         .where(fetch_folders.c.uidvalidity.is_not(None))
         .order_by(fetch_folders.c.name)
     )
-    return [(r.name, r.delimiter, r.special_use, _state(r)) for r in rows]
+    return [_state(r) for r in rows]
 
 
 def thd_folder(conn: Connection, account_id: int, name: str) -> FolderState:
