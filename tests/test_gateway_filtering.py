@@ -320,6 +320,8 @@ class FilteringGatewayTests(TestCase):
         [(email, category, reason)] = await self.held(queue_id)
         self.assertEqual((email, category), (rcpt, "spam"))
         self.assertRegex(reason, r"^spam: score=10\d\d\.\d required=5\.0 tests=.*\bGTUBE\b")
+        # The recipient's result is written a moment after the quarantine row.
+        await self.until_state(queue_id, "quarantined")
         state, last = await self.recipient_state(queue_id)
         self.assertEqual(state, "quarantined")
         self.assertTrue(last.startswith("quarantined: spam: score="), last)
@@ -371,6 +373,8 @@ class FilteringGatewayTests(TestCase):
             self.assertEqual((email, category), (rcpt, "virus"))
             # Names only clamd gives: our self-made signatures, with ".UNOFFICIAL".
             self.assertRegex(reason, r"^virus: Eicar-Test-Signature-(Local|Body)\.UNOFFICIAL$")
+            # The recipient's result is written a moment after the quarantine row.
+            await self.until_state(queue_id, "quarantined")
             state, last = await self.recipient_state(queue_id)
             self.assertEqual(state, "quarantined")
             self.assertEqual(last, f"quarantined: {reason}")
