@@ -20,6 +20,7 @@ Packages by job:
 - `cli/`: the admin command line.
 
 Beside them, the small infrastructure every package may use: `config`, `tls`, `periodic`,
-`workers`, `netwrite`, `netpolicy`, `files`, `connlimits`, `logfilter`, `logwriter`, `maillog`,
-`text`, `startup`; `core` wires the services together once and `service` assembles the daemon.
+`workers`, `netwrite`, `netpolicy`, `files`, `connlimits`, `logfilter`, `logwriter`,
+`logrotation`, `maillog`, `text`, `startup`; `core` wires the services together once and
+`service` assembles the daemon.
 """

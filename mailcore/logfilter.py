@@ -16,8 +16,9 @@ belong to the reactor thread).
 The daemon installs it with `LogLimiterService`: when the service starts (after twistd has
 set up its log file or syslog), the observers of the global log publisher are moved behind
 one limiter, twistd's text log file (or stdout) written by a `BufferedLogWriter` (once per
-reactor turn, see mailcore.logwriter); when it stops pending summaries and lines are
-written and the observers are put back.
+reactor turn, see mailcore.logwriter) and, when it is twistd's `--logfile`, rotated
+within the bounds of the `[log]` table (mailcore.logrotation); when it stops pending
+summaries and lines are written and the observers are put back.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from mailcore.logrotation import LogSettings
 from mailcore.logwriter import UNIQUE_KEY, BufferedLogWriter, event_text, is_text_file_observer
 
 BURST = 10
@@ -165,7 +167,8 @@ class RepeatLimiter:
 class LogLimiterService(Service):
     """Puts a `RepeatLimiter` between a log publisher (the global one) and its observers
     while running; with `buffered`, a text file observer among them is replaced by a
-    `BufferedLogWriter` to the same file meanwhile."""
+    `BufferedLogWriter` to the same file meanwhile. With `rotation`, that file, when it is
+    a rotating log file, is rotated within its bounds (`LogSettings.apply`)."""
 
     name = "log-limiter"
 
@@ -175,11 +178,13 @@ class LogLimiterService(Service):
         publisher: LogPublisher = globalLogPublisher,
         *,
         buffered: bool = True,
+        rotation: LogSettings | None = None,
         **limits: Any,
     ) -> None:
         self.clock = clock
         self.publisher = publisher
         self.buffered = buffered
+        self.rotation = rotation
         self.limits = limits
         self.limiter: RepeatLimiter | None = None
         self.writers: list[BufferedLogWriter] = []
@@ -192,6 +197,8 @@ class LogLimiterService(Service):
         self._moved = list(self.publisher._observers)
         behind: list[ILogObserver] = []
         for observer in self._moved:
+            if self.rotation is not None and is_text_file_observer(observer):
+                self.rotation.apply(observer._outFile)
             if self.buffered and is_text_file_observer(observer):
                 writer = BufferedLogWriter.replacing(observer, self.clock)
                 self.writers.append(writer)

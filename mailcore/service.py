@@ -18,6 +18,7 @@ from mailcore.config import Config, DaemonOptions
 from mailcore.core import Core
 from mailcore.files import restrict_umask
 from mailcore.logfilter import LogLimiterService
+from mailcore.logrotation import LogSettings
 from mailcore.startup import (
     DataDirLock,
     check_database_url,
@@ -127,7 +128,9 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         raise database_error(config, e) from None
     top = OrderedMultiService()
     # First in, last out: repeated log lines stay limited until the end of the shutdown.
-    LogLimiterService(reactor).setServiceParent(top)  # type: ignore[arg-type]
+    LogLimiterService(  # type: ignore[arg-type]
+        reactor, rotation=LogSettings.from_config(config.section("log"))
+    ).setServiceParent(top)
     if lock is not None:
         lock.setServiceParent(top)
     StoreService(core.db).setServiceParent(top)

@@ -140,6 +140,7 @@ TABLES: dict[str, Reader] = {
     "oauth": _settings("oauth", "mailcore.oauth.settings:OAuthSettings", "from_section"),
     "dropmyemail": _settings("dropmyemail", "mailcore.backup:BackupSettings", "from_section"),
     "web": _web,
+    "log": _settings("log", "mailcore.logrotation:LogSettings", "from_config"),
 }
 
 

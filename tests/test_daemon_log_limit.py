@@ -1,15 +1,20 @@
-"""The real daemon limits repeated log lines: a flood of refused HTTP connections from one
-address leaves ten lines and a summary in its log, not one line per connection."""
+"""The real daemon bounds its log: a flood of refused HTTP connections from one address
+leaves ten lines and a summary in its log, not one line per connection; twistd's
+`--logfile` is rotated within the `[log]` table's bounds, and rotated files beyond `keep`
+are deleted."""
 
 from __future__ import annotations
 
 import re
 import signal
 
+import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailcore.logfilter import BURST
 from tests.support.reactor import get_reactor
@@ -55,3 +60,26 @@ class DaemonLogLimitTests(DaemonTestCase):
         # first connection above arrived (that one is refused too).
         self.assertRegex(lines[-1], rf"… 9[01] more like this suppressed in the last 60 s: "
                                     rf"{re.escape(REFUSAL)}")
+
+    async def test_the_log_file_keeps_no_more_rotated_files_than_configured(self) -> None:
+        config = self.base / "mailcore.toml"
+        config.write_text("[log]\nrotate_length = 2000\nkeep = 2\n")
+        logs = self.base / "logs"
+        logs.mkdir()
+        for n in range(1, 6):  # rotated files of an earlier run
+            (logs / f"twistd.log.{n}").write_text("an earlier run\n")
+        daemon = await self.start_daemon(
+            "--config", str(config), twistd_options=["--logfile", str(logs / "twistd.log")])
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        for n in range(60):  # an access-log line each, about 9 KB in all
+            response = await http.get(f"http://127.0.0.1:{self.http_port}/no-such-page-{n}")
+            await treq.content(response)
+        await pool.closeCachedConnections()
+        status = await daemon.stop(grace=10.0)
+        self.assertIn(status, (0, -signal.SIGTERM))
+        self.assertEqual(sorted(p.name for p in logs.iterdir()),
+                         ["twistd.log", "twistd.log.1", "twistd.log.2"])
+        texts = "".join(p.read_text() for p in logs.iterdir())
+        self.assertNotIn("an earlier run", texts)
+        self.assertIn("/no-such-page-59 404", texts)
