@@ -345,6 +345,30 @@ class StoreTestsMixin(DatabaseMixin):
             await self.db.run("fts_check", check)
         self.assertEqual(await found("zanzibar"), [b])
 
+    async def test_a_page_shows_every_field_as_the_message_itself_does(self) -> None:
+        # On SQLite a page comes back as one JSON text (messages.store._in_one_row): the
+        # text must come through whole, quotes, backslashes, controls and all, the times
+        # aware, the numbers numbers, a missing value None.
+        store, user = await self.make_store()
+        awkward = 'Re: "quoted" \\back\\slash \t tab \u2028 \U0001F600 </script> [1,2]'
+        first = await store.add_message(
+            user, mail(1, awkward, day=2, sender='"O\'Brien, \\ J" <ob@x.test>'))
+        stored = await store.store_batch(
+            Location(user, None, None, "Tagged"),
+            [FetchedMessage(mail(2, "plain", day=1, msgid="<>"), flags=("\\Seen", "$Label"))])
+        second = stored.created[0]
+        for ordering in ("-date", "date", "subject", "-size"):
+            page = await store.list_messages(user, MessageQuery(ordering=ordering))
+            shown = {m.id: m for m in page.items}
+            for row_id in (first, second):
+                self.assertEqual(shown[row_id], (await store.get_message(user, row_id)).summary)
+        item = shown[first]
+        self.assertEqual(item.subject, awkward)
+        self.assertEqual(item.date, datetime.datetime(2024, 10, 2, 12, tzinfo=datetime.UTC))
+        self.assertIsNotNone(item.created_at.tzinfo)
+        self.assertIsInstance(item.size, int)
+        self.assertIs(item.has_attachments, False)
+
     async def test_filters_ordering_and_pages(self) -> None:
         store, user = await self.make_store()
         for n in range(1, 13):
