@@ -8,13 +8,14 @@ import email
 import email.policy
 import hashlib
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
@@ -169,6 +170,35 @@ class ListingTests(MailApiTestCase):
         self.assertEqual(await self.rows(), [])
         self.assertEqual(await self.as_("bob", "DELETE", path),
                          (404, {"message": "email not found"}))
+
+
+    async def test_listing_and_reading_leave_the_sent_message_in_the_store(self) -> None:
+        # An outbox mail keeps the message as sent (its attachments in it) in `raw`; a
+        # page of up to 1,000 mails that read it would hold them all in memory at once.
+        data, headers = multipart({"status": "outbox", "to": JOE, "subject": "big"},
+                                  "attachment", "a.bin", os.urandom(64 * 1024),
+                                  "application/octet-stream")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 202, body)
+        [row] = await self.rows()
+        self.assertGreater(len(row.raw), 64 * 1024)
+        statements: list[str] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement)
+
+        engine = self.web.core.db.engine
+        event.listen(engine, "before_cursor_execute", seen)
+        self.addCleanup(event.remove, engine, "before_cursor_execute", seen)
+        status, page = await self.as_("bob", "GET", "/api/v1/mail/")
+        self.assertEqual([m["subject"] for m in page["emails"]], ["big"])
+        status, one = await self.as_("bob", "GET", f"/api/v1/mail/{row.public_id}")
+        self.assertEqual((status, one["subject"]), (200, "big"))
+        mail_reads = [s for s in statements if "FROM mailapi_mail" in s]
+        self.assertGreaterEqual(len(mail_reads), 2)
+        self.assertFalse([s for s in mail_reads if re.search(r"mailapi_mail\.raw\b", s)])
 
 
 class WritingTests(MailApiTestCase):

@@ -63,6 +63,11 @@ T = TypeVar("T")
 
 _m = mailapi_mail.c
 _a = mailapi_attachments.c
+# A mail's row as listing, reading and editing use it: every column but `raw`, the message
+# as sent or received (an outbox mail's attachments in it, base64: up to
+# max_message_bytes and more). Only sending reads it (mailcore.mailapi.outbox); a page of
+# up to MAX_COUNT mails that read it would hold every one in memory at once.
+_ROW = select(*[c for c in mailapi_mail.c if c.key != "raw"])
 
 
 class Outcome(enum.Enum):
@@ -219,7 +224,7 @@ class MailService:
             mine = _m.mailbox_id.in_(boxes)
             total = conn.execute(select(func.coalesce(func.sum(mailboxes.c.mail_count), 0))
                                  .where(mailboxes.c.id.in_(boxes))).scalar_one()
-            query = select(mailapi_mail).where(mine)
+            query = _ROW.where(mine)
             previous = None
             if cursor is not None:
                 start = conn.execute(select(_m.id).where(_m.public_id == cursor, mine)).first()
@@ -242,7 +247,7 @@ class MailService:
     def _thd_find(self, conn: Connection, user_id: int, public_id: str
                   ) -> tuple[Any, str, Rights]:
         rights = thd_rights_by_mailbox(conn, user_id)
-        row = conn.execute(select(mailapi_mail).where(_m.public_id == public_id)).first()
+        row = conn.execute(_ROW.where(_m.public_id == public_id)).first()
         if row is None or row.mailbox_id not in rights \
                 or not rights[row.mailbox_id][1].allow_read:
             raise MailApiError(NOT_FOUND, "email not found")
@@ -256,7 +261,7 @@ class MailService:
             row, address, _ = self._thd_find(conn, user_id, public_id)
             if row.status == INBOX and not row.read:
                 conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=True))
-                row = conn.execute(select(mailapi_mail).where(_m.id == row.id)).one()
+                row = conn.execute(_ROW.where(_m.id == row.id)).one()
             return _mail(row, address, _attachments(conn, [row.id]).get(row.id, ()))
 
         return await self.db.run("mailapi_get", txn)
@@ -390,7 +395,7 @@ class MailService:
             assert key is not None
             thd_count_mail(conn, box, 1)
             _thd_insert_attachments(conn, key[0], edit.attachments)
-            row = conn.execute(select(mailapi_mail).where(_m.id == key[0])).one()
+            row = conn.execute(_ROW.where(_m.id == key[0])).one()
             return self._thd_settle(conn, row, values, edit.status, rights, now)
 
         written = await self.db.run("mailapi_create", txn)
@@ -424,7 +429,7 @@ class MailService:
                 **{_COLUMNS[n]: v for n, v in values.items()}))
             _thd_insert_attachments(conn, row.id, edit.attachments)
             rights = thd_rights_by_mailbox(conn, user_id)
-            fresh = conn.execute(select(mailapi_mail).where(_m.id == row.id)).one()
+            fresh = conn.execute(_ROW.where(_m.id == row.id)).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now)
 
         written = await self.db.run("mailapi_update", txn)
