@@ -197,14 +197,13 @@ class LogLimiterService(Service):
         self._moved = list(self.publisher._observers)
         behind: list[ILogObserver] = []
         for observer in self._moved:
-            if self.rotation is not None and is_text_file_observer(observer):
-                self.rotation.apply(observer._outFile)
-            if self.buffered and is_text_file_observer(observer):
-                writer = BufferedLogWriter.replacing(observer, self.clock)
-                self.writers.append(writer)
-                behind.append(writer)
-            else:
-                behind.append(observer)
+            if is_text_file_observer(observer):
+                if self.rotation is not None:
+                    self.rotation.apply(observer._outFile)
+                if self.buffered:
+                    observer = BufferedLogWriter.replacing(observer, self.clock)
+                    self.writers.append(observer)
+            behind.append(observer)
         self.limiter = RepeatLimiter(LogPublisher(*behind), self.clock, **self.limits)
         self.publisher.addObserver(self.limiter)
         for observer in self._moved:

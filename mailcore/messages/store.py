@@ -84,7 +84,7 @@ from mailcore.store.schema import (
     messages,
     threads,
 )
-from mailcore.store.schema.types import sqlite_time
+from mailcore.store.schema.types import UTCDateTime, sqlite_time
 from mailcore.workers import CpuPool
 
 _ORDER_COLUMNS = {
@@ -115,14 +115,13 @@ _THREAD_ID_AT = 14
 assert _SUMMARY_COLUMNS[_THREAD_ID_AT] is messages.c.thread_id
 _DATE_AT = 10
 assert _SUMMARY_COLUMNS[_DATE_AT] is messages.c.date
-# Where the summary's times are (date, created_at, updated_at).
-_TIMES_AT = (_DATE_AT, 15, 16)
-assert all(str(_SUMMARY_COLUMNS[at].type) == str(messages.c.created_at.type) for at in _TIMES_AT)
 # A page of the list: the summaries and each one's thread size (a primary-key probe a row).
 _PAGE_COLUMNS = (*_SUMMARY_COLUMNS, threads.c.message_count)
 # SQLite reads a plain list's page as JSON (_in_one_row), which holds no BLOB and writes a
 # REAL with 15 significant digits: a page column of either kind would need another way.
 assert not any(isinstance(c.type, Float | Numeric | LargeBinary) for c in _PAGE_COLUMNS)
+# Where a page's times are (date, created_at, updated_at): ISO text in that JSON.
+_TIMES_AT = tuple(i for i, c in enumerate(_PAGE_COLUMNS) if isinstance(c.type, UTCDateTime))
 _PAGE_FROM = messages.outerjoin(threads, threads.c.id == messages.c.thread_id)
 
 
@@ -481,10 +480,14 @@ def _order_terms(ordering: str) -> list[tuple[str, bool]]:
     return out
 
 
-def _order_by(ordering: str, *, reverse: bool = False) -> list[Any]:
-    """ORDER BY terms of `ordering` with the row id last; `reverse` turns each one round."""
-    return [_ORDER_COLUMNS[name].desc() if desc != reverse else _ORDER_COLUMNS[name].asc()
-            for name, desc in _order_terms(ordering)]
+def _order_by(ordering: str, *, reverse: bool = False, of: Any = None) -> list[Any]:
+    """ORDER BY terms of `ordering` with the row id last; `reverse` turns each one round.
+    On `messages`' columns, or on those of `of` (a subquery of them) by the same keys."""
+    terms = []
+    for name, desc in _order_terms(ordering):
+        col = _ORDER_COLUMNS[name] if of is None else of.c[_ORDER_COLUMNS[name].key]
+        terms.append(col.desc() if desc != reverse else col.asc())
+    return terms
 
 
 def _summary(row: Any, thread_counts: dict[int, int]) -> MessageSummary:
@@ -750,11 +753,8 @@ def _in_one_row(page: Select[Any], ordering: str, reverse: bool) -> Select[Any]:
     Python parses it. The order is the window's, not the subquery's: an aggregate's order
     over a subquery is SQLite's choice, a window's ORDER BY is not."""
     rows = page.subquery()
-    order = [rows.c[_ORDER_COLUMNS[name].key].desc() if desc != reverse
-             else rows.c[_ORDER_COLUMNS[name].key].asc()
-             for name, desc in _order_terms(ordering)]
     every = func.json_group_array(func.json_array(*rows.c)).over(
-        order_by=order, rows=(None, None))
+        order_by=_order_by(ordering, reverse=reverse, of=rows), rows=(None, None))
     return select(every).limit(1)
 
 
