@@ -32,6 +32,7 @@ from tests.support.reactor import get_reactor
 from tests.support.servers import (
     ServerProcess,
     free_port,
+    free_ports,
     port_open,
     run_command,
     tempdir_for,
@@ -68,8 +69,7 @@ class DaemonTestCase(TestCase):
     def setUp(self) -> None:
         self.base = tempdir_for(self, "mailcore-daemon-")
         self.data_dir = self.base / "var"
-        self.http_port = free_port()
-        self.smtp_port = free_port()
+        self.http_port, self.smtp_port = free_ports(2)
 
     async def start_daemon(
         self, *extra: str, twistd_options: Sequence[str] = ()
@@ -349,7 +349,7 @@ class DaemonStartupMistakesTests(DaemonTestCase):
     async def test_second_daemon_on_the_same_data_dir(self) -> None:
         first = await self.start_daemon()
         ports = (self.http_port, self.smtp_port)
-        self.http_port, self.smtp_port = free_port(), free_port()
+        self.http_port, self.smtp_port = free_ports(2)
         self.assertEqual(
             await self.refused(),
             f"mailcore: data directory {self.data_dir} is in use by another mailcore daemon "
@@ -359,6 +359,6 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         self.assertTrue(await port_open(ports[0]))
         self.http_port, self.smtp_port = ports
         await self.stop_cleanly(first)
-        self.http_port, self.smtp_port = free_port(), free_port()
+        self.http_port, self.smtp_port = free_ports(2)
         second = await self.start_daemon()
         await self.stop_cleanly(second)

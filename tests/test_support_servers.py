@@ -32,6 +32,12 @@ class FreePortTests(TestCase):
             s.bind(("127.0.0.1", port))
         self.assertGreater(port, 1023)
 
+    def test_free_ports_are_different_ones(self) -> None:
+        """One server's several listeners never get the same port twice."""
+        for _ in range(20):
+            ports = servers.free_ports(4)
+            self.assertEqual(len(set(ports)), 4, ports)
+
 
 class RequireBinaryTests(TestCase):
     def test_present_binary_returns_path(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from tests.support.servers import ServerProcess, free_port, missing, require_binary, tempdir
+from tests.support.servers import ServerProcess, free_ports, missing, require_binary, tempdir
 from tests.support.testca import PKI, make_pki
 
 _counter = itertools.count(1)
@@ -120,7 +120,7 @@ class DovecotServer:
                 raise missing(f"Dovecot's {program} is not installed: apt-get install {package}")
         self.dir = directory
         self.pki = dovecot_pki()
-        self.imap, self.imaps, self.pop3, self.pop3s = (free_port() for _ in range(4))
+        self.imap, self.imaps, self.pop3, self.pop3s = free_ports(4)
         nobody = pwd.getpwnam("nobody")
         self.uid, self.gid = nobody.pw_uid, nobody.pw_gid
         self.extra_config = extra_config

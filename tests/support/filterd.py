@@ -171,7 +171,7 @@ async def rspamd() -> Daemon:
 
     async def start() -> Daemon:
         directory = servers.tempdir("mailcore-rspamd-")
-        port, controller, proxy, dns = (servers.free_port() for _ in range(4))
+        port, controller, proxy, dns = servers.free_ports(4)
         conf = directory / "conf"
         for sub in ("override.d", "local.d"):
             (conf / sub).mkdir(parents=True)

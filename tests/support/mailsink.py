@@ -329,14 +329,13 @@ class Daemon:
         self, directory: Any, *, db_url: str | None = None, queue: dict[str, Any] | None = None,
         name: str = "mailcore",
     ) -> None:
-        from tests.support.servers import free_port
+        from tests.support.servers import free_ports
 
         self.directory = directory
         self.data_dir = directory / "var"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'mailcore.sqlite'}"
-        self.smtp_port = free_port()
-        self.http_port = free_port()
+        self.smtp_port, self.http_port = free_ports(2)
         self.name = name
         self.runs = 0
         # Limits for load from one address. Mail is filtered and charged (the defaults), but

@@ -13,6 +13,7 @@ blocking the reactor; `sleep` waits on the reactor (never `time.sleep` in tests)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -54,9 +55,19 @@ def in_ci() -> bool:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nothing listens on right now (for one
+    server's several listeners: asked one at a time, the kernel may hand out a port it just
+    gave back, and the server then finds the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                   for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def find_binary(name: str) -> str | None:
