@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, select, update
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.mailapi import mail as mail_module
 from mailcore.mailapi.delivery import LocalMailboxes
 from mailcore.mailapi.files import GRACE, MailFiles
+from mailcore.mailapi.mime import build_message
+from mailcore.store.engine import WRITE_INTENT
 from mailcore.store.schema import (
     mailapi_attachments,
     mailapi_mail,
+    mailbox_grants,
     mailboxes,
     queue_messages,
     queue_recipients,
@@ -302,6 +306,118 @@ class WritingTests(MailApiTestCase):
         self.assertEqual(part.get_filename(), "r\u00e9port.pdf")
         self.assertEqual((await self.as_("eve", "GET", att["url"]))[0], 404)
 
+
+    def watch_builds(self) -> list[tuple[bool, bytes]]:
+        """Each message built from now on: whether a write transaction was open while it
+        was built (it holds the store's one write lock, which the SMTP spool needs), and
+        the message."""
+        engine = self.web.core.db.engine
+        writing: list[bool] = []
+
+        def begun(conn: Any) -> None:
+            writing.append(bool(conn.info.get(WRITE_INTENT, True)))
+
+        def ended(conn: Any) -> None:
+            writing.pop()
+
+        for name, listener in (("begin", begun), ("commit", ended), ("rollback", ended)):
+            event.listen(engine, name, listener)
+            self.addCleanup(event.remove, engine, name, listener)
+        built: list[tuple[bool, bytes]] = []
+
+        def build(*args: Any) -> bytes:
+            raw = build_message(*args)
+            built.append((any(writing), raw))
+            return raw
+
+        self.patch(mail_module, "build_message", build)
+        return built
+
+    async def test_a_large_outbox_message_is_built_outside_the_write_transaction(
+            self) -> None:
+        files = [os.urandom(40 * 1024) for _ in range(3)]
+        built = self.watch_builds()
+        data, headers = multipart({"status": "outbox", "to": JOE, "subject": "new"},
+                                  "attachment", "a.bin", files[0] * 2,
+                                  "application/octet-stream")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 202, body)
+        # A draft with a file, then sent with a second one.
+        data, headers = multipart({"status": "draft", "subject": "edited"},
+                                  "attachment", "b.bin", files[1], "application/octet-stream")
+        status, _, draft = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 201, draft)
+        data, headers = multipart({"status": "outbox", "to": JOE}, "attachment", "c.bin",
+                                  files[2], "application/octet-stream")
+        status, _, body = await self.web.call(
+            "PUT", f"/api/v1/mail/{draft['id']}",
+            headers={"Auth-Key": self.keys["bob"], **headers}, data=data)
+        self.assertEqual(status, 202, body)
+        # A small one is built in its transaction: quicker than a read before it.
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/",
+                                   json={"status": "outbox", "to": JOE, "subject": "small"})
+        self.assertEqual(status, 202)
+        self.assertEqual([inside for inside, _ in built], [False, False, True])
+        rows = await self.rows()
+        self.assertEqual([bytes(r.raw) for r in rows], [raw for _, raw in built])
+        sent = [email.message_from_bytes(raw, policy=email.policy.default) for _, raw in built]
+        self.assertEqual([[p.get_content() for p in m.iter_attachments()] for m in sent],
+                         [[files[0] * 2], files[1:], []])
+        self.assertEqual([m["Subject"] for m in sent], ["new", "edited", "small"])
+
+    async def test_a_mail_changed_while_its_message_was_built_is_sent_as_changed(
+            self) -> None:
+        status, draft = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "draft", "subject": "before", "body": "long line\n" * 8000})
+        self.assertEqual(status, 201)
+        built = self.watch_builds()
+        service = self.web.core.mail
+        build_first = service._thd_built
+
+        def built_then_changed(*args: Any) -> Any:
+            made = build_first(*args)
+            self.successResultOf(self.web.core.db.run("edit", lambda c: c.execute(
+                update(mailapi_mail).where(mailapi_mail.c.public_id == draft["id"])
+                .values(subject="after"))))  # the test store runs it at once
+            return made
+
+        self.patch(service, "_thd_built", built_then_changed)
+        status, _ = await self.as_("bob", "PUT", f"/api/v1/mail/{draft['id']}",
+                                   json={"status": "outbox", "to": JOE})
+        self.assertEqual(status, 202)
+        # Built before from "before", again in the transaction from what it found.
+        self.assertEqual([inside for inside, _ in built], [False, True])
+        [row] = await self.rows()
+        sent = email.message_from_bytes(bytes(row.raw), policy=email.policy.default)
+        self.assertEqual((row.status, row.subject, sent["Subject"]),
+                         ("outbox", "after", "after"))
+
+    async def test_rights_taken_while_a_message_was_built_keep_the_mail_a_draft(
+            self) -> None:
+        await self.grant(BOB, "joe", allow_send=True)
+        built = self.watch_builds()
+        service = self.web.core.mail
+        build_first = service._thd_built
+
+        def built_then_revoked(*args: Any) -> Any:
+            made = build_first(*args)
+            self.successResultOf(self.web.core.db.run(
+                "revoke", lambda c: c.execute(delete(mailbox_grants))))
+            return made
+
+        self.patch(service, "_thd_built", built_then_revoked)
+        status, body = await self.as_("joe", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "from": BOB, "to": "x@far.test", "subject": "s",
+            "body": "long line\n" * 8000})
+        self.assertEqual((status, body["message"]),
+                         (401, "unauthorized from/reply-to - stored email as draft"))
+        self.assertEqual([inside for inside, _ in built], [False])
+        [row] = await self.rows()
+        self.assertEqual((row.status, row.raw, row.queue_id), ("draft", None, None))
 
     async def test_a_large_attachment_goes_to_disk_and_out_again_whole(self) -> None:
         # Over twisted.web's in-memory body size: the request body is a temp file.

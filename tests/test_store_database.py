@@ -74,6 +74,47 @@ class DatabaseTestsMixin(DatabaseMixin):
         self.assertEqual(found, ["alice"])
         self.assertNotEqual(thread, reactor_thread)
 
+    async def test_run_prepared_prepares_outside_the_write_transaction(self) -> None:
+        """`run_prepared` runs `prepare(read)` and then `fn(conn, prepared)` on one pool
+        thread (no trip through the reactor between them). While `prepare` works, no
+        transaction is open but the reads it asks for: another writer commits meanwhile
+        (on SQLite it would wait for the write lock), and `fn` sees that write. A failing
+        `prepare` fails the call, and `fn` does not run."""
+        reactor_thread = threading.get_ident()
+        await self.db.run("add", _add_user, "alice")
+
+        def names(conn: Connection) -> list[str]:
+            return sorted(conn.execute(select(users.c.username)).scalars().all())
+
+        def write_elsewhere() -> None:
+            with self.db.engine.connect() as conn, conn.begin():
+                _add_user(conn, "bob")
+
+        def prepare(read: Any) -> tuple[list[str], int]:
+            seen = read(names)
+            other = threading.Thread(target=write_elsewhere)
+            other.start()
+            other.join()
+            return seen, threading.get_ident()
+
+        def fn(conn: Connection, prepared: tuple[list[str], int]) -> tuple[Any, ...]:
+            _add_user(conn, "carol")
+            return prepared, names(conn), threading.get_ident()
+
+        (before, prepare_thread), after, thread = await self.db.run_prepared(
+            "prepared", prepare, fn)
+        self.assertEqual((before, after), (["alice"], ["alice", "bob", "carol"]))
+        self.assertEqual(prepare_thread, thread)
+        self.assertNotEqual(thread, reactor_thread)
+
+        def failing(read: Any) -> None:
+            raise Boom()
+
+        ran: list[object] = []
+        with self.assertRaises(Boom):
+            await self.db.run_prepared("prepared", failing, lambda c, p: ran.append(p))
+        self.assertEqual(ran, [])
+
     async def test_stream_commits_batches_back_to_back_and_reports_each(self) -> None:
         """`stream` runs one transaction per batch on a pool thread, calls `done` in the
         reactor thread after each, and ends when `take` has nothing more."""

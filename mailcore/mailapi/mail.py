@@ -8,10 +8,18 @@ unknown.
 
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
 field with a line break, a `from` or `reply-to` the caller may not use) stays a draft and
-the reply says why. Mail set to `outbox` is built with Python's `email` package at once
+the reply says why. Mail set to `outbox` is built with Python's `email` package
 (Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
-id in the same transaction; the OutboxSender hands it to the spool in posting order
-(mailcore.mailapi.outbox).
+id in the transaction that puts it in the outbox; the OutboxSender hands it to the spool in
+posting order (mailcore.mailapi.outbox). A large mail (body and attachments over
+BUILT_APART bytes) is built before that transaction (on the same pool thread), from a read
+of what the transaction will find: building it (attachments read from disk and encoded, up
+to max_message_bytes) must not hold the store's one write lock, which the SMTP spool needs
+for every message it accepts. The transaction checks the mail again and keeps the built
+message only when it would build it from the same fields and parts; else (the mail or the
+caller's rights changed in between) it builds the message itself. A small mail is built in
+the transaction: it takes a millisecond or two, less than the extra read and, with several
+built at once, the contention for Python's lock would cost.
 
 Attachments are files on disk named by their content hash (mailcore.mailapi.files): a
 multipart upload is streamed to disk within `[mailapi] max_attachment_bytes` per file and
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from io import BytesIO
@@ -45,6 +53,7 @@ from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
 from mailcore.text import has_control
 from mailcore.uploads import shielded
@@ -58,6 +67,8 @@ FIELDS = ("to", "cc", "bcc", "reply-to", "from", "subject", "body")
 _COLUMNS = {"to": "to_addrs", "cc": "cc_addrs", "bcc": "bcc_addrs", "reply-to": "reply_to",
             "from": "mail_from", "subject": "subject", "body": "body"}
 DEFAULT_COUNT = 25
+# Mail whose body and attachments together are larger is built before its transaction.
+BUILT_APART = 64 * 1024
 MAX_COUNT = 1000
 T = TypeVar("T")
 
@@ -136,6 +147,25 @@ class Written:
     public_id: str
 
 
+# What a write reads before its transaction to build the message: the mail's fields, the
+# caller's rights, the attachments (name, content type, file hash), and the size of the
+# body and attachments.
+Gathered = tuple[dict[str, str], dict[int, tuple[str, Rights]],
+                 list[tuple[str, str, str | None]], int]
+# What a message is built from: the checked fields, the parsed recipients, the attachments
+# (name, content type, file hash; None for bytes kept in the row) and the time.
+MadeFrom = tuple[dict[str, str], dict[str, list[str]], tuple[tuple[str, str, str | None], ...],
+                 float]
+
+
+@dataclass(frozen=True)
+class Built:
+    """A message built before its write transaction, and what it was built from."""
+
+    made_from: MadeFrom
+    raw: bytes
+
+
 def thd_rights_by_mailbox(conn: Connection, user_id: int) -> dict[int, tuple[str, Rights]]:
     """Blocking: every mailbox `user_id` holds a right on: id → (address, rights)."""
     out: dict[int, tuple[str, Rights]] = {}
@@ -187,12 +217,44 @@ def thd_files_in_use(conn: Connection, hashes: Sequence[str]) -> set[str]:
     return found
 
 
+def _part(f: StoredFile) -> tuple[str, str, str]:
+    """An uploaded file as its attachment row names it: name, content type, hash."""
+    return f.name[:255], f.content_type[:255], f.sha256
+
+
 def _thd_insert_attachments(conn: Connection, mail_id: int,
                             files: Sequence[StoredFile]) -> None:
     for f in files:
+        name, content_type, sha256 = _part(f)
         conn.execute(insert(mailapi_attachments).values(
-            mail_id=mail_id, name=f.name[:255], content_type=f.content_type[:255],
-            size=f.size, sha256=f.sha256, data=None))
+            mail_id=mail_id, name=name, content_type=content_type, size=f.size,
+            sha256=sha256, data=None))
+
+
+def _thd_parts(conn: Connection, mail_id: int) -> Sequence[Any]:
+    """A mail's attachment rows in their order: id, name, content type, hash, size."""
+    return conn.execute(select(_a.id, _a.name, _a.content_type, _a.sha256, _a.size)
+                        .where(_a.mail_id == mail_id).order_by(_a.id)).all()
+
+
+def _size(body: str, sizes: Iterable[int]) -> int:
+    """About how large a mail's message is: its body and attachments (before encoding)."""
+    return len(body) + sum(sizes)
+
+
+def _new_values(edit: Edit, rights: dict[int, tuple[str, Rights]], user_email: str
+                ) -> dict[str, str]:
+    """A new mail's fields: the ones given, `from` the caller's default when not given."""
+    values = {name: edit.values.get(name, "") for name in FIELDS}
+    if not values["from"]:
+        values["from"] = _default_from(rights, user_email) or ""
+    return values
+
+
+def _edited_values(edit: Edit, row: Any) -> dict[str, str]:
+    """A draft's fields after `edit`: the ones given, the row's for the rest."""
+    return {name: edit.values.get(name, getattr(row, _COLUMNS[name]) or "")
+            for name in FIELDS}
 
 
 class MailService:
@@ -379,11 +441,15 @@ class MailService:
     async def _create(self, user_id: int, user_email: str, edit: Edit) -> Written:
         now = self.clock.seconds()
 
-        def txn(conn: Connection) -> Written:
+        def gather(conn: Connection) -> Gathered:
             rights = thd_rights_by_mailbox(conn, user_id)
-            values = {name: edit.values.get(name, "") for name in FIELDS}
-            if not values["from"]:
-                values["from"] = _default_from(rights, user_email) or ""
+            values = _new_values(edit, rights, user_email)
+            return (values, rights, [_part(f) for f in edit.attachments],
+                    _size(values["body"], (f.size for f in edit.attachments)))
+
+        def txn(conn: Connection, built: Built | None) -> Written:
+            rights = thd_rights_by_mailbox(conn, user_id)
+            values = _new_values(edit, rights, user_email)
             box = _home(rights, values["from"], user_email)
             if box is None:
                 raise MailApiError(DENIED, "unauthorized from/reply-to - no mailbox of yours "
@@ -396,9 +462,14 @@ class MailService:
             thd_count_mail(conn, box, 1)
             _thd_insert_attachments(conn, key[0], edit.attachments)
             row = conn.execute(_ROW.where(_m.id == key[0])).one()
-            return self._thd_settle(conn, row, values, edit.status, rights, now)
+            return self._thd_settle(conn, row, values, edit.status, rights, now, built)
 
-        written = await self.db.run("mailapi_create", txn)
+        prepare: Callable[[Reader], Built | None] = partial(
+            self._thd_built, edit.status, now, gather)
+        if _size(edit.values.get("body", ""), (f.size for f in edit.attachments)) \
+                <= BUILT_APART:
+            prepare = _built_in_transaction  # no read before: it would find it small
+        written = await self.db.run_prepared("mailapi_create", prepare, txn)
         self._told(written)
         return written
 
@@ -411,7 +482,19 @@ class MailService:
                       read: bool | None) -> Written:
         now = self.clock.seconds()
 
-        def txn(conn: Connection) -> Written:
+        def gather(conn: Connection) -> Gathered | None:
+            row, _, _ = self._thd_find(conn, user_id, public_id)
+            if row.status != DRAFT:
+                return None
+            kept = _thd_parts(conn, row.id)
+            values = _edited_values(edit, row)
+            return (values, thd_rights_by_mailbox(conn, user_id),
+                    [(a.name, a.content_type, a.sha256) for a in kept]
+                    + [_part(f) for f in edit.attachments],
+                    _size(values["body"], [a.size for a in kept]
+                          + [f.size for f in edit.attachments]))
+
+        def txn(conn: Connection, built: Built | None) -> Written:
             row, _, held = self._thd_find(conn, user_id, public_id)
             changing = bool(edit.values or edit.attachments or edit.status)
             if read is not None:
@@ -423,18 +506,46 @@ class MailService:
                                    "drafts can")
             if not held.allow_send:
                 raise MailApiError(DENIED, "you may not write mail from this mailbox")
-            values = {name: edit.values.get(name, getattr(row, _COLUMNS[name]) or "")
-                      for name in FIELDS}
+            values = _edited_values(edit, row)
             conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
                 **{_COLUMNS[n]: v for n, v in values.items()}))
             _thd_insert_attachments(conn, row.id, edit.attachments)
             rights = thd_rights_by_mailbox(conn, user_id)
             fresh = conn.execute(_ROW.where(_m.id == row.id)).one()
-            return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now)
+            return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
+                                    built)
 
-        written = await self.db.run("mailapi_update", txn)
+        written = await self.db.run_prepared(
+            "mailapi_update", partial(self._thd_built, edit.status, now, gather), txn)
         self._told(written)
         return written
+
+    def _thd_built(self, status: str | None, now: float,
+                   gather: Callable[[Connection], Gathered | None], read: Reader
+                   ) -> Built | None:
+        """Blocking: the message a write to `status` will send, built from what `gather`
+        reads (fields, rights, attachments) before the write transaction; None when the
+        mail is small or will not be sent as read (the transaction then decides, and
+        builds the message itself when it does send)."""
+        if status != OUTBOX:
+            return None
+        try:
+            gathered = read(gather)
+        except MailApiError:
+            return None  # unknown, or not the caller's: the transaction answers
+        if gathered is None:
+            return None
+        values, rights, parts, size = gathered
+        if size <= BUILT_APART:
+            return None
+        sendable = _sendable(values, rights)
+        outgoing = [OutgoingPart(name, content_type, partial(self.files.open, sha256))
+                    for name, content_type, sha256 in parts if sha256 is not None]
+        if isinstance(sendable, Outcome) or len(outgoing) < len(parts):
+            return None  # not sent, or a part's bytes are in its row (the transaction reads)
+        checked, recipients = sendable
+        raw = build_message(checked, recipients, outgoing, self.hostname, now)
+        return Built((checked, recipients, tuple(parts), now), raw)
 
     def _opener(self, conn: Connection, attachment_id: int, sha256: str | None
                 ) -> Callable[[], BinaryIO]:
@@ -452,35 +563,29 @@ class MailService:
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
                     status: str | None, rights: dict[int, tuple[str, Rights]],
-                    now: float) -> Written:
-        """Leave `row` a draft, or check it and put it in the outbox."""
+                    now: float, built: Built | None) -> Written:
+        """Leave `row` a draft, or check it and put it in the outbox (with the message
+        `built` before, when it was built from what the row now holds)."""
         public_id = row.public_id
         if status == DRAFT:
             return Written(Outcome.SAVED, public_id)
-        if status != OUTBOX or not values["to"].strip():
+        if status != OUTBOX:
             return Written(Outcome.MISSING, public_id)
-        recipients: dict[str, list[str]] = {}
-        try:
-            for name in ("to", "cc", "bcc", "reply-to", "from"):
-                recipients[name] = parse_address_list(values[name], name)
-        except MailApiError:
-            return Written(Outcome.INVALID, public_id)
-        if len(recipients["from"]) != 1 or not recipients["to"]:
-            return Written(Outcome.INVALID, public_id)
-        if has_control(values["subject"]):
-            return Written(Outcome.BAD_HEADER, public_id)
-        sendable = {a for a, r in rights.values() if r.allow_send}
-        reply_ok = {a for a, r in rights.values() if r.allow_reply_to}
-        if recipients["from"][0] not in sendable \
-                or any(a not in reply_ok for a in recipients["reply-to"]):
-            return Written(Outcome.UNAUTHORIZED, public_id)
-        sender = thd_mailbox(conn, recipients["from"][0])
+        sendable = _sendable(values, rights)
+        if isinstance(sendable, Outcome):
+            return Written(sendable, public_id)
+        checked, recipients = sendable
+        sender = thd_mailbox(conn, checked["from"])
         assert sender is not None
-        parts = [OutgoingPart(a.name, a.content_type, self._opener(conn, a.id, a.sha256))
-                 for a in conn.execute(select(_a.id, _a.name, _a.content_type, _a.sha256)
-                                       .where(_a.mail_id == row.id).order_by(_a.id))]
-        checked = {**values, "from": recipients["from"][0]}
-        raw = build_message(checked, recipients, parts, self.hostname, now)
+        found = _thd_parts(conn, row.id)
+        made_from = (checked, recipients,
+                     tuple((a.name, a.content_type, a.sha256) for a in found), now)
+        if built is not None and built.made_from == made_from:
+            raw = built.raw
+        else:
+            parts = [OutgoingPart(a.name, a.content_type, self._opener(conn, a.id, a.sha256))
+                     for a in found]
+            raw = build_message(checked, recipients, parts, self.hostname, now)
         conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
             status=OUTBOX, mailbox_id=sender.id, raw=raw, queue_id=new_queue_id(now),
             mail_from=checked["from"]))
@@ -498,6 +603,35 @@ def _hashes_of(conn: Connection, mail_ids: Sequence[int]) -> list[str]:
     found.update(r[0] for r in conn.execute(select(_m.raw_sha256).where(
         _m.id.in_(ids), _m.raw_sha256.is_not(None))))
     return sorted(found)
+
+
+def _built_in_transaction(read: Reader) -> None:
+    """A small mail's message is built in its transaction."""
+
+
+def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]
+              ) -> Outcome | tuple[dict[str, str], dict[str, list[str]]]:
+    """Whether a mail with `values` may go out with these rights: its checked fields
+    (`from` as the bare address) and parsed recipients, else the outcome that keeps it a
+    draft."""
+    if not values["to"].strip():
+        return Outcome.MISSING
+    recipients: dict[str, list[str]] = {}
+    try:
+        for name in ("to", "cc", "bcc", "reply-to", "from"):
+            recipients[name] = parse_address_list(values[name], name)
+    except MailApiError:
+        return Outcome.INVALID
+    if len(recipients["from"]) != 1 or not recipients["to"]:
+        return Outcome.INVALID
+    if has_control(values["subject"]):
+        return Outcome.BAD_HEADER
+    sendable = {a for a, r in rights.values() if r.allow_send}
+    reply_ok = {a for a, r in rights.values() if r.allow_reply_to}
+    if recipients["from"][0] not in sendable \
+            or any(a not in reply_ok for a in recipients["reply-to"]):
+        return Outcome.UNAUTHORIZED
+    return {**values, "from": recipients["from"][0]}, recipients
 
 
 def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -24,7 +24,16 @@ from mailcore.store.engine import WRITE_INTENT, is_sqlite, make_engine
 
 T = TypeVar("T")
 B = TypeVar("B")
+A = TypeVar("A")
+R = TypeVar("R")
 P = ParamSpec("P")
+
+
+class Reader(Protocol):
+    """Blocking: `fn(conn)` in a read transaction, on the calling pool thread."""
+
+    def __call__(self, fn: Callable[[Connection], R], /) -> R: ...
+
 
 log = Logger()
 
@@ -147,6 +156,27 @@ class Database:
         Lock conflicts and serialization failures roll back and run the function again.
         """
         return self._defer(self._transaction, name, True, fn, *args, **kwargs)
+
+    def run_prepared(
+        self,
+        name: str,
+        prepare: Callable[[Reader], A],
+        fn: Callable[[Connection, A], T],
+    ) -> defer.Deferred[T]:
+        """Like `run` of `fn(conn, prepare(read))`, with `prepare` run first on the same
+        pool thread, outside the write transaction: work it does (building a message)
+        holds no write lock, and costs no trip through the reactor. `read(f)` runs
+        `f(conn)` in a read transaction and returns its result. `fn` must check again what
+        it relies on of `prepare`'s reads: another write may come between them."""
+
+        def read(f: Callable[[Connection], R]) -> R:
+            return self._transaction(name, False, f)
+
+        def work() -> T:
+            prepared = prepare(read)
+            return self._transaction(name, True, fn, prepared)
+
+        return self._defer(work)
 
     def run_relaxed(
         self,
