@@ -18,9 +18,10 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email import policy
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.policy import SMTP
+from email.policy import SMTP as STOCK_SMTP
 from email.utils import formatdate, make_msgid
 from io import BytesIO
 from typing import BinaryIO
@@ -30,6 +31,28 @@ from mailcore.text import has_control, storable
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
 _LINE = 57
 _CHUNK = _LINE * 1024
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The `email` package's header registry, making each field's header class once: the
+    stock one makes a new class (with `type()`) for every field set or read, a fifth of
+    the time it takes to build a small message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = super().__getitem__(name)
+        return made
+
+
+# The stock policies, with the registry above (the same fields, parsed and folded alike).
+SMTP = STOCK_SMTP.clone(header_factory=_HeaderClasses())
+_PARSING = policy.default.clone(header_factory=_HeaderClasses())
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ def _header(message: EmailMessage, name: str) -> str:
 
 def parse_message(raw: bytes) -> Parsed:
     """The API's view of `raw`; a part that cannot be decoded is left out, never an error."""
-    message = BytesParser(policy=policy.default).parsebytes(raw)
+    message = BytesParser(policy=_PARSING).parsebytes(raw)
     assert isinstance(message, EmailMessage)
     parsed = Parsed(
         mail_from=_header(message, "From"), to=_header(message, "To"),
@@ -110,12 +133,12 @@ def build_message(values: dict[str, str], recipients: dict[str, list[str]],
     message["Subject"] = values.get("subject", "")
     message["Date"] = formatdate(now, usegmt=True)
     message["Message-ID"] = make_msgid(domain=hostname)
-    text = EmailMessage(policy=SMTP)
-    text.set_content(values.get("body", "") or "")
     if not attachments:
         message.set_content(values.get("body", "") or "")
         return message.as_bytes(policy=SMTP)
-    body = _part_bytes(text)
+    text = EmailMessage(policy=SMTP)
+    text.set_content(values.get("body", "") or "")
+    body = _part_bytes(text, values.get("body", "").endswith("\n"))
     boundary = "=_" + secrets.token_hex(16)
     while boundary.encode() in body:  # pragma: no cover - 128 random bits
         boundary = "=_" + secrets.token_hex(16)
@@ -140,10 +163,13 @@ def _head(message: EmailMessage) -> bytes:
     return b"".join(SMTP.fold_binary(k, v) for k, v in message.items()) + b"\r\n"
 
 
-def _part_bytes(part: EmailMessage) -> bytes:
+def _part_bytes(part: EmailMessage, ends_in_newline: bool) -> bytes:
+    """The part as it goes before a boundary delimiter, whose leading CRLF belongs to the
+    delimiter (RFC 2046 5.1.1): the CRLF `set_content` ends the text with is dropped,
+    unless the text ended in a line break of its own."""
     del part["MIME-Version"]  # only the message as a whole carries it
     data = part.as_bytes(policy=SMTP)
-    return data[:-2] if data.endswith(b"\r\n") else data  # the delimiter brings its CRLF
+    return data[:-2] if data.endswith(b"\r\n") and not ends_in_newline else data
 
 
 def _attachment_head(attachment: OutgoingPart) -> EmailMessage:
