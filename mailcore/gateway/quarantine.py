@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
-from email.policy import SMTP
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ from twisted.logger import Logger
 
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError
+from mailcore.emailpolicy import SMTP
 from mailcore.files import secret_key_file
 from mailcore.periodic import InFlight
 from mailcore.queue.model import header_block

@@ -17,42 +17,18 @@ import base64
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email import policy
-from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.policy import SMTP as STOCK_SMTP
 from email.utils import formatdate, make_msgid
 from io import BytesIO
 from typing import BinaryIO
 
+from mailcore.emailpolicy import DEFAULT, SMTP
 from mailcore.text import has_control, storable
 
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
 _LINE = 57
 _CHUNK = _LINE * 1024
-
-
-class _HeaderClasses(HeaderRegistry):
-    """The `email` package's header registry, making each field's header class once: the
-    stock one makes a new class (with `type()`) for every field set or read, a fifth of
-    the time it takes to build a small message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._made: dict[str, type] = {}
-
-    def __getitem__(self, name: str) -> type:
-        key = name.lower()
-        made = self._made.get(key)
-        if made is None:
-            made = self._made[key] = super().__getitem__(name)
-        return made
-
-
-# The stock policies, with the registry above (the same fields, parsed and folded alike).
-SMTP = STOCK_SMTP.clone(header_factory=_HeaderClasses())
-_PARSING = policy.default.clone(header_factory=_HeaderClasses())
 
 
 @dataclass(frozen=True)
@@ -83,7 +59,7 @@ def _header(message: EmailMessage, name: str) -> str:
 
 def parse_message(raw: bytes) -> Parsed:
     """The API's view of `raw`; a part that cannot be decoded is left out, never an error."""
-    message = BytesParser(policy=_PARSING).parsebytes(raw)
+    message = BytesParser(policy=DEFAULT).parsebytes(raw)
     assert isinstance(message, EmailMessage)
     parsed = Parsed(
         mail_from=_header(message, "From"), to=_header(message, "To"),

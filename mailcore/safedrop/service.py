@@ -19,7 +19,6 @@ import email.utils
 import secrets
 from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
-from email.policy import SMTP
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailcore.emailpolicy import SMTP
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
