@@ -109,12 +109,13 @@ def build_message(values: dict[str, str], recipients: dict[str, list[str]],
     message["Subject"] = values.get("subject", "")
     message["Date"] = formatdate(now, usegmt=True)
     message["Message-ID"] = make_msgid(domain=hostname)
+    content = values.get("body", "") or ""
     if not attachments:
-        message.set_content(values.get("body", "") or "")
+        message.set_content(content)
         return message.as_bytes(policy=SMTP)
     text = EmailMessage(policy=SMTP)
-    text.set_content(values.get("body", "") or "")
-    body = _part_bytes(text, values.get("body", "").endswith("\n"))
+    text.set_content(content)
+    body = _part_bytes(text, content.endswith("\n"))
     boundary = "=_" + secrets.token_hex(16)
     while boundary.encode() in body:  # pragma: no cover - 128 random bits
         boundary = "=_" + secrets.token_hex(16)
