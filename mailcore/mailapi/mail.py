@@ -306,9 +306,13 @@ class MailService:
 
         return await self.db.read("mailapi_page", txn)
 
-    def _thd_find(self, conn: Connection, user_id: int, public_id: str
+    def _thd_find(self, conn: Connection, user_id: int, public_id: str,
+                  rights: dict[int, tuple[str, Rights]] | None = None
                   ) -> tuple[Any, str, Rights]:
-        rights = thd_rights_by_mailbox(conn, user_id)
+        """The mail `public_id` if the caller may read it (else NOT_FOUND), the address of
+        its mailbox and the caller's rights there; `rights` when the caller has them."""
+        if rights is None:
+            rights = thd_rights_by_mailbox(conn, user_id)
         row = conn.execute(_ROW.where(_m.public_id == public_id)).first()
         if row is None or row.mailbox_id not in rights \
                 or not rights[row.mailbox_id][1].allow_read:
@@ -464,11 +468,11 @@ class MailService:
             row = conn.execute(_ROW.where(_m.id == key[0])).one()
             return self._thd_settle(conn, row, values, edit.status, rights, now, built)
 
+        # A new mail's size is the request's: a small one is not read for before.
+        large = _size(edit.values.get("body", ""), (f.size for f in edit.attachments)) \
+            > BUILT_APART
         prepare: Callable[[Reader], Built | None] = partial(
-            self._thd_built, edit.status, now, gather)
-        if _size(edit.values.get("body", ""), (f.size for f in edit.attachments)) \
-                <= BUILT_APART:
-            prepare = _built_in_transaction  # no read before: it would find it small
+            self._thd_built, edit.status, now, gather) if large else _built_in_transaction
         written = await self.db.run_prepared("mailapi_create", prepare, txn)
         self._told(written)
         return written
@@ -483,19 +487,21 @@ class MailService:
         now = self.clock.seconds()
 
         def gather(conn: Connection) -> Gathered | None:
-            row, _, _ = self._thd_find(conn, user_id, public_id)
+            rights = thd_rights_by_mailbox(conn, user_id)
+            row, _, _ = self._thd_find(conn, user_id, public_id, rights)
             if row.status != DRAFT:
                 return None
             kept = _thd_parts(conn, row.id)
             values = _edited_values(edit, row)
-            return (values, thd_rights_by_mailbox(conn, user_id),
+            return (values, rights,
                     [(a.name, a.content_type, a.sha256) for a in kept]
                     + [_part(f) for f in edit.attachments],
                     _size(values["body"], [a.size for a in kept]
                           + [f.size for f in edit.attachments]))
 
         def txn(conn: Connection, built: Built | None) -> Written:
-            row, _, held = self._thd_find(conn, user_id, public_id)
+            rights = thd_rights_by_mailbox(conn, user_id)
+            row, _, held = self._thd_find(conn, user_id, public_id, rights)
             changing = bool(edit.values or edit.attachments or edit.status)
             if read is not None:
                 conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=read))
@@ -510,7 +516,6 @@ class MailService:
             conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
                 **{_COLUMNS[n]: v for n, v in values.items()}))
             _thd_insert_attachments(conn, row.id, edit.attachments)
-            rights = thd_rights_by_mailbox(conn, user_id)
             fresh = conn.execute(_ROW.where(_m.id == row.id)).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
                                     built)
