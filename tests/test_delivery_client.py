@@ -170,6 +170,46 @@ class PipelinedTransactionTests(ClientTestBase):
         self.assertEqual({result.for_recipient(i).code for i in range(2)}, {452})
 
 
+class EightBitTests(ClientTestBase):
+    """RFC 6152: a body holding 8-bit octets is declared BODY=8BITMIME to a server that
+    offers 8BITMIME; a 7-bit body is not declared; to a server without 8BITMIME nothing is
+    declared (the body goes out as it is)."""
+
+    EIGHT_BIT = "Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode()
+
+    def first_line(self, extensions: bytes, body: bytes) -> bytes:
+        self.handshake(extensions)
+        defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], body))
+        return self.sent().split(b"\r\n", 1)[0]
+
+    def test_8bit_body_is_declared_to_a_server_with_8bitmime(self) -> None:
+        self.assertEqual(
+            self.first_line(b"250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n",
+                            self.EIGHT_BIT),
+            b"MAIL FROM:<a@x.test> SIZE=%d BODY=8BITMIME" % len(self.EIGHT_BIT))
+
+    def test_a_single_high_octet_is_enough(self) -> None:
+        self.assertEqual(self.first_line(b"250-PIPELINING\r\n250 8BITMIME\r\n",
+                                         b"x\r\n\r\n" + b"a" * 5000 + b"\xff\r\n"),
+                         b"MAIL FROM:<a@x.test> BODY=8BITMIME")
+
+    def test_7bit_body_is_not_declared(self) -> None:
+        body = b"Subject: x\r\n\r\nplain\r\n"
+        self.assertEqual(
+            self.first_line(b"250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n", body),
+            b"MAIL FROM:<a@x.test> SIZE=%d" % len(body))
+
+    def test_no_declaration_to_a_server_without_8bitmime(self) -> None:
+        self.assertEqual(self.first_line(b"250-PIPELINING\r\n250 SIZE 1000\r\n",
+                                         self.EIGHT_BIT),
+                         b"MAIL FROM:<a@x.test> SIZE=%d" % len(self.EIGHT_BIT))
+
+    def test_declared_without_pipelining_too(self) -> None:
+        self.handshake(b"250 8BITMIME\r\n")
+        defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], self.EIGHT_BIT))
+        self.assertEqual(self.sent(), b"MAIL FROM:<a@x> BODY=8BITMIME\r\n")
+
+
 class ControlCharacterTests(ClientTestBase):
     """No address can split a command line: one with CR, LF or another control character
     is never written, and the recipient (or, for the sender, every recipient) gets a 553."""

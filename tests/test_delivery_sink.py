@@ -164,6 +164,24 @@ class ByteExactTests(QueueOnReactor):
         for a, b in zip(got, sorted(bodies), strict=True):
             self.assertTrue(a == b, f"body of {len(b)} bytes arrived as {len(a)} bytes")
 
+    async def test_8bit_body_goes_out_declared_8bitmime_and_intact(self) -> None:
+        """RFC 6152: the sink offers 8BITMIME; the 8-bit message is declared, the 7-bit one
+        is not, and both arrive byte for byte."""
+        state = SinkState()
+        port = self.listen_sink(state)
+        q, _db, domain = await self.start_queue(port)
+        eight = "Subject: caf\u00e9\r\n\r\nna\u00efve \u00fcber\r\n".encode()
+        seven = b"Subject: plain\r\n\r\nascii\r\n"
+        await self.accept(q, domain, "Q8", eight, sender="eight@x.test")
+        await self.accept(q, domain, "Q7", seven, sender="seven@x.test")
+        await state.wait_for(2)
+        self.assertEqual(sorted(m.data for m in state.messages), sorted([eight, seven]))
+        mails = sorted(c for c in state.commands if c.startswith(b"MAIL "))
+        self.assertEqual(mails, [
+            b"MAIL FROM:<eight@x.test> SIZE=%d BODY=8BITMIME" % len(eight),
+            b"MAIL FROM:<seven@x.test> SIZE=%d" % len(seven),
+        ])
+
     async def test_opportunistic_starttls_refused_still_delivers(self) -> None:
         """Pitfall 9: the next hop offers STARTTLS and then refuses it (policy `may`)."""
         state = SinkState(starttls="refuse")

@@ -329,6 +329,10 @@ class SMTPSession:
         """One mail transaction; pipelined when the server offers PIPELINING. It starts with
         RSET when the previous one on this session did not end with a DATA phase.
 
+        A body holding 8-bit octets goes out with BODY=8BITMIME when the server offers
+        8BITMIME (RFC 6152). To a server that does not, it goes out as it is: converting
+        it to 7 bit or returning it is not done (yet).
+
         An address holding a control character (CR and LF above all, which would end the
         command line and start another) is never written: such a recipient gets a 553 of
         ours, and such a sender refuses the whole transaction. Our inputs never let one in
@@ -357,6 +361,8 @@ class SMTPSession:
         mail = b"MAIL FROM:<" + mail_from.encode("utf-8") + b">"
         if "SIZE" in self.extensions:
             mail += b" SIZE=%d" % len(body)
+        if "8BITMIME" in self.extensions and not body.isascii():
+            mail += b" BODY=8BITMIME"
         rcpts = [b"RCPT TO:<" + r.encode("utf-8") + b">" for r in recipients]
         self.transactions += 1
         if self.pipelining:
