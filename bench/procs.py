@@ -79,6 +79,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class StealMeter:
+    """The share of the machine's CPU time that the hypervisor gave to others (the steal
+    column of /proc/stat) from its making to `share()`: on a VM whose neighbours are busy,
+    a leg that ran with much of it was slowed by them, not by the code measured."""
+
+    def __init__(self) -> None:
+        self.total, self.stolen = self._times()
+
+    @staticmethod
+    def _times() -> tuple[int, int]:
+        # The first line: cpu user nice system idle iowait irq softirq steal (clock ticks).
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(values), values[7]
+
+    def share(self) -> float:
+        total, stolen = self._times()
+        return (stolen - self.stolen) / max(1, total - self.total)
+
+
 def keep_or_remove(directory: Path, keep: bool) -> None:
     """At the end of a run: say where `directory` is kept (--keep), else remove it."""
     if keep:

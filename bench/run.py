@@ -33,6 +33,10 @@ Postfix + rspamd, and itself on two nodes, in the same run.
 4. Memory: the next hop goes down and 100,000 messages are queued (filtering off); the
    daemon's RSS is sampled throughout and must stay flat.
 
+Every leg's row shows the steal: the share of the machine's CPU time the hypervisor gave
+to other guests while it ran (/proc/stat). On a busy host it reaches tens of percent and the
+legs it hits run slower, whatever the code; a ratio from such a round says more about the VM.
+
 Prints tables and the ratios with their targets; exits 1 if a target is missed (unfiltered
 ratio to the bare server under 0.6, filtered to unfiltered under 0.8, to Postfix under 5,
 rspamd under 2, two nodes under 0.8 or a message lost or doubled) or memory grows. Needs
@@ -62,7 +66,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from procs import REPO, cpu_seconds, env, free_port, need, terminate, wait_port
+from procs import REPO, StealMeter, cpu_seconds, env, free_port, need, terminate, wait_port
 from servers import Postfix, Postgres, Rspamd
 
 PYTHON = sys.executable
@@ -168,6 +172,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_s: float
+    steal: float  # the share of the machine's CPU time the hypervisor took meanwhile
 
     @property
     def rate(self) -> float:
@@ -194,6 +199,7 @@ def load(name: str, port: int, pid: int, messages: int, sessions: int,
     thread = threading.Thread(target=probe.run, daemon=True)
     before_sink = delivered.count() if delivered else 0
     cpu0 = cpu()
+    steal = StealMeter()
     started = time.perf_counter()
     if probe_latency:
         thread.start()
@@ -214,7 +220,7 @@ def load(name: str, port: int, pid: int, messages: int, sessions: int,
             raise SystemExit(f"{name}: sink has {delivered.count()} of {want} messages")
         end = time.perf_counter() - started
     return Result(name, messages, accepted, end, probe.percentile(0.5),
-                  probe.percentile(0.99), cpu() - cpu0)
+                  probe.percentile(0.99), cpu() - cpu0, steal.share())
 
 
 class Daemon:
@@ -433,6 +439,7 @@ def split_load(name: str, daemons: list[Daemon], messages: int, sessions: int,
              for i in range(len(daemons))]
     per = max(1, sessions // len(daemons))
     cpu0 = sum(cpu_seconds(d.proc.pid) for d in daemons)
+    steal = StealMeter()
     before = sink.count()
     started = time.perf_counter()
     sources = [smtp_source(d.port, m, per) for d, m in zip(daemons, share, strict=True)]
@@ -445,7 +452,8 @@ def split_load(name: str, daemons: list[Daemon], messages: int, sessions: int,
         raise SystemExit(f"{name}: sink has {sink.count() - before} of {messages} messages")
     end = time.perf_counter() - started
     cpu = sum(cpu_seconds(d.proc.pid) for d in daemons) - cpu0
-    return Result(name, messages, accepted, end, float("nan"), float("nan"), cpu)
+    return Result(name, messages, accepted, end, float("nan"), float("nan"), cpu,
+                  steal.share())
 
 
 def nodes(tmp: Path, messages: int, sessions: int, rounds: int) -> list[NodesRound]:
@@ -534,7 +542,7 @@ def memory(tmp: Path, messages: int, sessions: int) -> tuple[list[tuple[int, flo
 
 def _row(r: Result, label: str, extra: str = "") -> str:
     return (f"{r.name:34} {label:>5} {r.messages / r.accepted_s:10.0f} {r.rate:12.0f} "
-            f"{1000 * r.cpu_s / r.messages:10.2f}{extra}")
+            f"{1000 * r.cpu_s / r.messages:10.2f}{extra} {100 * r.steal:7.0f}")
 
 
 def report_rspamd(rounds: list[RspamdRound], messages: int, sessions: int) -> bool:
@@ -543,7 +551,7 @@ def report_rspamd(rounds: list[RspamdRound], messages: int, sessions: int) -> bo
           "rounds alternating; one private rspamd (one normal worker for our filter, its "
           "proxy worker in milter mode for Postfix)")
     header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
-              f"{'CPU ms/msg':>10} {'rspamd CPU ms/msg':>18}")
+              f"{'CPU ms/msg':>10} {'rspamd CPU ms/msg':>18} {'steal %':>7}")
     print(header)
     print("-" * len(header))
     for n, r in enumerate(rounds, 1):
@@ -564,7 +572,7 @@ def report_nodes(rounds: list[NodesRound], messages: int, sessions: int) -> bool
           "node, and two nodes with the load split across both listeners; "
           f"{len(rounds)} rounds alternating, a fresh database each")
     header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
-              f"{'CPU ms/msg':>10} (of the Mailcore nodes, not PostgreSQL)")
+              f"{'CPU ms/msg':>10} {'steal %':>7} (CPU: of the Mailcore nodes, not PostgreSQL)")
     print(header)
     print("-" * len(header))
     for n, r in enumerate(rounds, 1):
@@ -641,7 +649,7 @@ def main() -> int:
                               f"and Postfix ({args.postfix_messages} messages) "
                               if postfixes else ""))
         header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
-                  f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10}")
+                  f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10} {'steal %':>7}")
         print(header)
         print("-" * len(header))
         rows = [(str(n), r) for n, pair in enumerate(pairs, 1) for r in pair]
@@ -650,7 +658,8 @@ def main() -> int:
         rows.sort(key=lambda row: row[0])
         for label, r in rows:
             print(f"{r.name:34} {label:>5} {r.messages / r.accepted_s:10.0f} {r.rate:12.0f} "
-                  f"{r.p50_ms:7.1f} {r.p99_ms:7.1f} {1000 * r.cpu_s / r.messages:10.2f}")
+                  f"{r.p50_ms:7.1f} {r.p99_ms:7.1f} {1000 * r.cpu_s / r.messages:10.2f} "
+                  f"{100 * r.steal:7.0f}")
         print(f"ratio end-to-end / baseline, per round: "
               f"{' '.join(f'{x:.2f}' for x in ratios)}; median {ratio:.2f} "
               f"(target >= {TARGET_RATIO}; filtering off)")
