@@ -540,9 +540,17 @@ def memory(tmp: Path, messages: int, sessions: int) -> tuple[list[tuple[int, flo
     return samples, accepted
 
 
-def _row(r: Result, label: str, extra: str = "") -> str:
-    return (f"{r.name:34} {label:>5} {r.messages / r.accepted_s:10.0f} {r.rate:12.0f} "
-            f"{1000 * r.cpu_s / r.messages:10.2f}{extra} {100 * r.steal:7.0f}")
+def _header(before: str = "", after: str = "", note: str = "") -> str:
+    """A table's header: the columns every `_row` has, with `before` and `after` the CPU
+    column as that table's rows have them, and `note` at the end."""
+    return (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12}{before} "
+            f"{'CPU ms/msg':>10}{after} {'steal %':>7}{note}")
+
+
+def _row(r: Result, label: str, before: str = "", after: str = "") -> str:
+    """One leg's row under `_header`; `before` and `after` the CPU column, as there."""
+    return (f"{r.name:34} {label:>5} {r.messages / r.accepted_s:10.0f} {r.rate:12.0f}{before} "
+            f"{1000 * r.cpu_s / r.messages:10.2f}{after} {100 * r.steal:7.0f}")
 
 
 def report_rspamd(rounds: list[RspamdRound], messages: int, sessions: int) -> bool:
@@ -550,13 +558,12 @@ def report_rspamd(rounds: list[RspamdRound], messages: int, sessions: int) -> bo
     print(f"with rspamd: {messages} messages of 4 KiB, {sessions} sessions, {len(rounds)} "
           "rounds alternating; one private rspamd (one normal worker for our filter, its "
           "proxy worker in milter mode for Postfix)")
-    header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
-              f"{'CPU ms/msg':>10} {'rspamd CPU ms/msg':>18} {'steal %':>7}")
+    header = _header(after=f" {'rspamd CPU ms/msg':>18}")
     print(header)
     print("-" * len(header))
     for n, r in enumerate(rounds, 1):
         for result, spent in ((r.ours, r.ours_rspamd_cpu), (r.theirs, r.theirs_rspamd_cpu)):
-            print(_row(result, str(n), f" {1000 * spent / result.messages:18.2f}"))
+            print(_row(result, str(n), after=f" {1000 * spent / result.messages:18.2f}"))
     vs = [r.ours.rate / r.theirs.rate for r in rounds]
     median = statistics.median(vs)
     met = median >= TARGET_RSPAMD
@@ -571,8 +578,7 @@ def report_nodes(rounds: list[NodesRound], messages: int, sessions: int) -> bool
     print(f"nodes: {messages} messages of 4 KiB, {sessions} sessions, on one PostgreSQL; one "
           "node, and two nodes with the load split across both listeners; "
           f"{len(rounds)} rounds alternating, a fresh database each")
-    header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
-              f"{'CPU ms/msg':>10} {'steal %':>7} (CPU: of the Mailcore nodes, not PostgreSQL)")
+    header = _header(note=" (CPU: of the Mailcore nodes, not PostgreSQL)")
     print(header)
     print("-" * len(header))
     for n, r in enumerate(rounds, 1):
@@ -648,8 +654,7 @@ def main() -> int:
               "round)".format(args.sessions, args.messages, args.rounds,
                               f"and Postfix ({args.postfix_messages} messages) "
                               if postfixes else ""))
-        header = (f"{'server':34} {'round':>5} {'accepted/s':>10} {'end-to-end/s':>12} "
-                  f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10} {'steal %':>7}")
+        header = _header(before=f" {'p50 ms':>7} {'p99 ms':>7}")
         print(header)
         print("-" * len(header))
         rows = [(str(n), r) for n, pair in enumerate(pairs, 1) for r in pair]
@@ -657,9 +662,7 @@ def main() -> int:
         rows += [(str(n), r) for n, r in enumerate(filtered, 1)]
         rows.sort(key=lambda row: row[0])
         for label, r in rows:
-            print(f"{r.name:34} {label:>5} {r.messages / r.accepted_s:10.0f} {r.rate:12.0f} "
-                  f"{r.p50_ms:7.1f} {r.p99_ms:7.1f} {1000 * r.cpu_s / r.messages:10.2f} "
-                  f"{100 * r.steal:7.0f}")
+            print(_row(r, label, before=f" {r.p50_ms:7.1f} {r.p99_ms:7.1f}"))
         print(f"ratio end-to-end / baseline, per round: "
               f"{' '.join(f'{x:.2f}' for x in ratios)}; median {ratio:.2f} "
               f"(target >= {TARGET_RATIO}; filtering off)")
