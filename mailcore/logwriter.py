@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import IO, Any, TypeGuard
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -27,6 +28,8 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
+    LogLevel,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
@@ -45,6 +48,23 @@ UNIQUE_KEY = "mailcore_unique"
 
 # Bytes buffered before a write without waiting for the end of the reactor turn.
 LIMIT = 64 * 1024
+
+
+def emit_text(logger: Logger, log_format: str, text: str, *, unique: bool = False,
+              **fields: Any) -> None:
+    """Emit at level info the event `logger.info(log_format, **fields)` would, with its
+    text (`log_format` filled in with `fields`) formatted by the caller: the event carries
+    it (TEXT_KEY) for the limiter and the file to use as it is, and with `unique` says that
+    it cannot repeat (UNIQUE_KEY). Skips the checks `Logger.emit` repeats for every event,
+    for lines logged once per message or per request (the mail log, the access log)."""
+    event = {
+        **fields, TEXT_KEY: text, "log_logger": logger, "log_level": LogLevel.info,
+        "log_namespace": logger.namespace, "log_source": logger.source,
+        "log_format": log_format, "log_time": time.time(),
+    }
+    if unique:
+        event[UNIQUE_KEY] = True
+    logger.observer(event)
 
 
 def event_text(event: LogEvent) -> str:

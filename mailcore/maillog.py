@@ -28,12 +28,11 @@ split or forged by what a client sent.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
-from mailcore.logwriter import TEXT_KEY, UNIQUE_KEY
+from mailcore.logwriter import emit_text
 
 log = Logger(namespace="mailcore.mail")
 
@@ -62,19 +61,11 @@ def addresses(values: Iterable[str]) -> str:
 
 
 def _emit(queue_id: str, line: str) -> None:
-    """One mail log line, formatted here once and carried in the event as its text
-    (mailcore.logwriter.TEXT_KEY), which the repeated-line limiter and the log file use
-    as it is. The event is the one `log.info("{mail_line}", ...)` would make, without the
-    checks `Logger.emit` repeats for every line on the relay's hot path."""
-    event = {
-        "mail_line": line, "queue_id": queue_id, TEXT_KEY: line,
-        "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
-        "log_source": None, "log_format": "{mail_line}", "log_time": time.time(),
-    }
-    if queue_id != NOQUEUE:
-        # Names its message's queue id: never the same line twice (see the module docstring).
-        event[UNIQUE_KEY] = True
-    log.observer(event)
+    """One mail log line, formatted here once (see `mailcore.logwriter.emit_text`); a line
+    naming its message's queue id can never be the same line twice (see the module
+    docstring)."""
+    emit_text(log, "{mail_line}", line, unique=queue_id != NOQUEUE,
+              mail_line=line, queue_id=queue_id)
 
 
 def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int,

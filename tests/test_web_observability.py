@@ -9,6 +9,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.logwriter import TEXT_KEY, UNIQUE_KEY
 from tests.support.web import PASSWORD, Web
 from web.accesslog import RedactionRule, redacted_target
 
@@ -117,6 +118,12 @@ class AccessLogTests(TestCase):
                 self.assertNotIn(secret, line)
                 self.assertNotIn(secret, repr(event))
         self.assertIn("alice GET /api/v1/ping 200", formatEvent(ping))
+        # Formatted once, by the access log itself, and marked as a line that cannot repeat
+        # (it names its request id): the repeated-line limiter passes it on untracked.
+        for event in self.events:
+            self.assertEqual(event[TEXT_KEY], formatEvent(event))
+            self.assertIn(f"id={event['request_id']}", event[TEXT_KEY])
+            self.assertIs(event[UNIQUE_KEY], True)
 
     def test_redaction(self) -> None:
         self.assertEqual(redacted_target(b"/a/b"), "/a/b")

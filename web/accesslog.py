@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, quote, unquote
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from mailcore.logwriter import TEXT_KEY
+from mailcore.logwriter import emit_text
 from web.context import RequestContext
 
 REDACTED = "[redacted]"
@@ -144,5 +144,7 @@ class AccessLog:
         # The line is formatted here once with str.format (the format has no
         # twisted.logger-only syntax): the text log writers take it as it is instead of
         # running it through twisted.logger's formatter; structured observers still get
-        # every field.
-        self.log.info(ACCESS_FORMAT, **fields, **{TEXT_KEY: ACCESS_FORMAT.format(**fields)})
+        # every field. It names its request's id, so it is never the same line twice: the
+        # repeated-line limiter lets it pass untracked.
+        emit_text(self.log, ACCESS_FORMAT, ACCESS_FORMAT.format(**fields), unique=True,
+                  **fields)
