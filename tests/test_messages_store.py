@@ -22,7 +22,13 @@ from mailcore.messages import (
     QueryError,
 )
 from mailcore.messages.sql import new_id
-from mailcore.messages.store import RAW_CHUNK, raw_chunks, thd_put_blobs, thd_raw_slice
+from mailcore.messages.store import (
+    RAW_CHUNK,
+    _json_rows,
+    raw_chunks,
+    thd_put_blobs,
+    thd_raw_slice,
+)
 from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
@@ -463,3 +469,14 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
 class PostgreSQLStoreTests(StoreTestsMixin, TestCase):
     backend = "postgresql"
+
+
+class PageJSONTests(TestCase):
+    def test_what_orjson_refuses_is_read_by_the_standard_library(self) -> None:
+        # A lone surrogate (text stored before input was checked for them) written as
+        # SQLite's json functions write it: orjson refuses it, the page still reads.
+        text = '[[1,"a\\ud800b",null,"2024-10-02 12:00:00.000000"]]'
+        self.assertEqual(_json_rows(text),
+                         [[1, "a\ud800b", None, "2024-10-02 12:00:00.000000"]])
+        self.assertEqual(_json_rows('[[1,"\u00e9\\t",9007199254740993]]'),
+                         [[1, "\u00e9\t", 9007199254740993]])

@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     Float,
@@ -758,6 +759,15 @@ def _in_one_row(page: Select[Any], ordering: str, reverse: bool) -> Select[Any]:
     return select(every).limit(1)
 
 
+def _json_rows(text: str) -> list[list[Any]]:
+    """`_in_one_row`'s JSON, read by orjson (half the standard library's time for a page
+    of 50); what orjson refuses (text holding a lone surrogate) by the standard library."""
+    try:
+        return orjson.loads(text)  # type: ignore[no-any-return]
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # type: ignore[no-any-return]
+
+
 def _page_rows(conn: Connection, statement: Select[Any], values: dict[str, Any],
                one_row: bool) -> list[Any]:
     """The rows of a list page (`_PAGE_COLUMNS`, by position), from `_in_one_row`'s
@@ -765,7 +775,7 @@ def _page_rows(conn: Connection, statement: Select[Any], values: dict[str, Any],
     if not one_row:
         return list(conn.execute(statement, values))
     found = conn.execute(statement, values).scalar()
-    rows: list[list[Any]] = json.loads(found) if found else []
+    rows: list[list[Any]] = _json_rows(found) if found else []
     for row in rows:
         for at in _TIMES_AT:
             row[at] = sqlite_time(row[at])
