@@ -12,11 +12,12 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from sqlalchemy import Connection, Select, and_, bindparam, case, func, select
+from sqlalchemy import Connection, and_, bindparam, case, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from mailcore.store.prepared import Prepared
 from mailcore.store.schema.messages import message_counts, message_thread_totals, messages
 
 V = TypeVar("V")
@@ -60,21 +61,21 @@ def thd_total_and_stamp(
     conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
 ) -> tuple[int, int]:
     """`thd_message_total` and `thd_change_stamp` in one statement (a list page needs both)."""
-    row = conn.execute(_total_and_stamp(account_id is not None, folder is not None), {
-        "user_id": user_id, "account_id": account_id, "folder": folder}).one()
-    return int(row[0]), int(row[1])
+    [(total, stamp)] = _total_and_stamp(account_id is not None, folder is not None).rows(
+        conn, {"user_id": user_id, "account_id": account_id, "folder": folder})
+    return int(total), int(stamp)
 
 
 @functools.cache
-def _total_and_stamp(by_account: bool, by_folder: bool) -> Select[Any]:
-    """The statement of `thd_total_and_stamp`, built once per filter shape (every list page
-    runs it)."""
+def _total_and_stamp(by_account: bool, by_folder: bool) -> Prepared:
+    """The statement of `thd_total_and_stamp`, built and compiled once per filter shape
+    (every list page runs it)."""
     c = message_counts.c
     wanted = [cond for cond, on in ((c.account_key == bindparam("account_id"), by_account),
                                     (c.folder == bindparam("folder"), by_folder)) if on]
     total = func.sum(case((and_(*wanted), c.total), else_=0) if wanted else c.total)
-    return (select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
-            .where(c.user_id == bindparam("user_id")))
+    return Prepared(select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
+                    .where(c.user_id == bindparam("user_id")))
 
 
 def _unthreaded(conn: Connection, user_id: int, account_id: int | None) -> int:

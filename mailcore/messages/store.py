@@ -77,6 +77,7 @@ from mailcore.messages.search import (
 from mailcore.messages.sql import allocate_ids, insert_rows, utc
 from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
 from mailcore.store import Database
+from mailcore.store.prepared import Prepared
 from mailcore.store.schema import (
     fetch_folders,
     message_attachments,
@@ -734,11 +735,13 @@ def _search_page(ordering: str, reverse: bool, from_mark: bool) -> Select[Any]:
 
 @functools.lru_cache(maxsize=256)
 def _plain_page(shape: tuple[str, ...], ordering: str, reverse: bool,
-                from_mark: bool, one_row: bool) -> Select[Any]:
-    """`_page` of a list filtered by `shape` only (no words, no thread grouping), built
-    once: its SQLAlchemy cache key is then memoised too; `_in_one_row` with `one_row`."""
+                from_mark: bool, one_row: bool) -> Prepared:
+    """`_page` of a list filtered by `shape` only (no words, no thread grouping), built and
+    compiled once (`Prepared`: its columns need no result processing, its times being
+    ISO text in `_in_one_row`'s JSON on SQLite and aware already on PostgreSQL);
+    `_in_one_row` with `one_row`."""
     page = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark)
-    return _in_one_row(page, ordering, reverse) if one_row else page
+    return Prepared(_in_one_row(page, ordering, reverse) if one_row else page)
 
 
 def _in_one_row(page: Select[Any], ordering: str, reverse: bool) -> Select[Any]:
@@ -768,14 +771,15 @@ def _json_rows(text: str) -> list[list[Any]]:
         return json.loads(text)  # type: ignore[no-any-return]
 
 
-def _page_rows(conn: Connection, statement: Select[Any], values: dict[str, Any],
+def _page_rows(conn: Connection, statement: Select[Any] | Prepared, values: dict[str, Any],
                one_row: bool) -> list[Any]:
     """The rows of a list page (`_PAGE_COLUMNS`, by position), from `_in_one_row`'s
     statement when `one_row`: its times are ISO text there, read as `sqlite_time`."""
+    found = statement.rows(conn, values) if isinstance(statement, Prepared) \
+        else list(conn.execute(statement, values))
     if not one_row:
-        return list(conn.execute(statement, values))
-    found = conn.execute(statement, values).scalar()
-    rows: list[list[Any]] = _json_rows(found) if found else []
+        return found
+    rows: list[list[Any]] = _json_rows(found[0][0]) if found and found[0][0] else []
     for row in rows:
         for at in _TIMES_AT:
             row[at] = sqlite_time(row[at])
