@@ -17,7 +17,7 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import INegotiated
+from twisted.internet.interfaces import INegotiated, ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -113,6 +113,11 @@ class HalfClosingTransport(StringTransport):
         self.aborted = True
 
 
+class _TCPTransport(StringTransport):
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
 class StreamingTests(TestCase):
     def setUp(self) -> None:
         core, _ = make_core(Config(http_max_body=MAX))
@@ -135,6 +140,17 @@ class StreamingTests(TestCase):
     def reply(self) -> tuple[bytes, dict[str, Any]]:
         head, _, body = self.sent().partition(b"\r\n\r\n")
         return head, json.loads(body)
+
+    def test_whether_a_connection_is_tls_is_its_transports_answer(self) -> None:
+        self.assertIs(self.channel.isSecure(), False)
+        tls = _TCPTransport()
+        directlyProvides(tls, ISSLTransport)
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(tls)
+        self.addCleanup(channel.connectionLost, None)
+        for _ in range(2):  # asked of the transport once, answered the same after
+            self.assertIs(channel.isSecure(), True)
+            self.assertIs(self.channel.isSecure(), False)
 
     def test_a_declared_oversized_body_is_refused_before_it_is_sent(self) -> None:
         self.channel.dataReceived(

@@ -240,6 +240,16 @@ class LimitedChannel(http.HTTPChannel):
     _log = _RoutineLogger()
     _phase = _IDLE
     _deadline: IDelayedCall | None = None
+    _secure: bool | None = None
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS. Asked several times a request (Klein's URL, the
+        page links' scheme) and the same for the connection's whole life, so the transport
+        is asked once: each time, Twisted adapts it to ISSLTransport through zope's
+        registry."""
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     def dataReceived(self, data: bytes) -> None:
         if self._phase == _CLOSED:
