@@ -9,6 +9,7 @@ control character in a name, username, description or folder name is refused.
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -186,3 +187,23 @@ class HostileInputTests(TestCase):
                          b'{"a":null,"b":null}')
         self.assertEqual(encode_json({"n": 2**70, 3: [1.5]}),
                          b'{"n":1180591620717411303424,"3":[1.5]}')
+
+    def test_a_time_in_a_reply_is_written_as_iso_writes_it_on_either_path(self) -> None:
+        from mailcore.webhooks.payload import iso, moment_json
+        from web.replies import encode_json
+
+        utc = datetime.datetime(2024, 10, 2, 12, 0, 0, tzinfo=datetime.UTC)
+        berlin = datetime.datetime(2024, 10, 2, 14, 0, 0, 5,
+                                   tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+        for moment in (utc, utc.replace(microsecond=120000), berlin):
+            written = f'"{iso(moment)}"'
+            self.assertEqual(encode_json({"t": moment_json(moment)}),
+                             f'{{"t":{written}}}'.encode())
+            # orjson refuses the lone surrogate: the standard library writes it all.
+            self.assertEqual(encode_json({"t": moment_json(moment), "s": "\ud800"}),
+                             f'{{"t":{written},"s":"\\ud800"}}'.encode())
+            self.assertEqual(encode_json({"t": moment_json(moment), "n": 2**70}),
+                             f'{{"t":{written},"n":{2**70}}}'.encode())
+        self.assertEqual(iso(berlin), "2024-10-02T12:00:00.000005Z")
+        self.assertIs(moment_json(utc), utc)  # left to the encoder
+        self.assertIsNone(moment_json(None))

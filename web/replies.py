@@ -10,12 +10,15 @@ from urllib.parse import quote
 import orjson
 from twisted.web.iweb import IRequest
 
+from mailcore.webhooks.payload import json_default
+
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
 def encode_json(body: Any) -> bytes:
     """Compact UTF-8 JSON (the seeds' examples are compact), written by orjson; a float
-    with no JSON form (NaN, Infinity) is written as null.
+    with no JSON form (NaN, Infinity) is written as null; a time (what
+    mailcore.webhooks.payload.moment_json leaves as it is: UTC) as `iso` writes it, with Z.
 
     What orjson refuses (integers past 64 bits, text UTF-8 cannot hold) takes the standard
     library's path. There, text that UTF-8 cannot hold (a lone surrogate, stored before
@@ -23,14 +26,16 @@ def encode_json(body: Any) -> bytes:
     failing the reply.
     """
     try:
-        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
     except orjson.JSONEncodeError:
         pass
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                      default=json_default)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return json.dumps(body, separators=(",", ":"), allow_nan=False,
+                          default=json_default).encode("ascii")
 
 
 def content_disposition(name: str) -> str:
