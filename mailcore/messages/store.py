@@ -675,6 +675,7 @@ def thd_list_messages(
     # shape of query; wrapping a search's statement, built for each request, would cost
     # more (a millisecond) than it saves.
     one_row = dialect == "sqlite" and shape is not None
+    statement: Select[Any] | Prepared
     if shape is not None:
         statement = _plain_page(shape, ordering, reverse, from_mark, one_row)
     elif tsq is not None and by_match:
@@ -775,8 +776,10 @@ def _page_rows(conn: Connection, statement: Select[Any] | Prepared, values: dict
                one_row: bool) -> list[Any]:
     """The rows of a list page (`_PAGE_COLUMNS`, by position), from `_in_one_row`'s
     statement when `one_row`: its times are ISO text there, read as `sqlite_time`."""
-    found = statement.rows(conn, values) if isinstance(statement, Prepared) \
-        else list(conn.execute(statement, values))
+    if isinstance(statement, Prepared):
+        found = statement.rows(conn, values)
+    else:
+        found = list(conn.execute(statement, values))
     if not one_row:
         return found
     rows: list[list[Any]] = _json_rows(found[0][0]) if found and found[0][0] else []
