@@ -50,8 +50,8 @@ UNIQUE_KEY = "mailcore_unique"
 LIMIT = 64 * 1024
 
 
-def emit_text(logger: Logger, log_format: str, text: str, *, unique: bool = False,
-              **fields: Any) -> None:
+def emit_text(logger: Logger, log_format: str, text: str, fields: dict[str, Any], *,
+              unique: bool = False) -> None:
     """Emit at level info the event `logger.info(log_format, **fields)` would, with its
     text (`log_format` filled in with `fields`) formatted by the caller: the event carries
     it (TEXT_KEY) for the limiter and the file to use as it is, and with `unique` says that

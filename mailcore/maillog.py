@@ -64,8 +64,8 @@ def _emit(queue_id: str, line: str) -> None:
     """One mail log line, formatted here once (see `mailcore.logwriter.emit_text`); a line
     naming its message's queue id can never be the same line twice (see the module
     docstring)."""
-    emit_text(log, "{mail_line}", line, unique=queue_id != NOQUEUE,
-              mail_line=line, queue_id=queue_id)
+    emit_text(log, "{mail_line}", line, {"mail_line": line, "queue_id": queue_id},
+              unique=queue_id != NOQUEUE)
 
 
 def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int,

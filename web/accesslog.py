@@ -146,5 +146,5 @@ class AccessLog:
         # running it through twisted.logger's formatter; structured observers still get
         # every field. It names its request's id, so it is never the same line twice: the
         # repeated-line limiter lets it pass untracked.
-        emit_text(self.log, ACCESS_FORMAT, ACCESS_FORMAT.format(**fields), unique=True,
-                  **fields)
+        emit_text(self.log, ACCESS_FORMAT, ACCESS_FORMAT.format(**fields), fields,
+                  unique=True)

@@ -49,13 +49,11 @@ class _Compiled:
             self.layout.append((name, bind.key, value, processor))
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
-        out = []
-        for _name, key, default, processor in self.layout:
-            value = values[key] if key in values else default
-            out.append(processor(value) if processor is not None else value)
-        if self.positional:
-            return out
-        return {name: value for (name, *_), value in zip(self.layout, out, strict=True)}
+        """The driver's parameters: a list in the SQL's order, or a dict by name."""
+        laid = [(name, value if processor is None else processor(value))
+                for name, key, default, processor in self.layout
+                for value in (values.get(key, default),)]
+        return [value for _, value in laid] if self.positional else dict(laid)
 
 
 class Prepared:
@@ -78,7 +76,7 @@ class Prepared:
         try:
             cursor = driver.cursor()
             cursor.execute(compiled.sql, parameters)
-            return list(cursor.fetchall())
+            return cursor.fetchall()  # type: ignore[no-any-return]
         except dialect.loaded_dbapi.Error as e:
             # Raised as `conn.execute` would: wrapped, the connection invalidated when the
             # error says it is gone (the store then reads again on a new one).
