@@ -436,6 +436,48 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
         )
         self.assertEqual(names, ["try2"])
 
+    async def test_reads_run_in_autocommit_and_writes_in_a_transaction(self) -> None:
+        """A read sends no BEGIN or COMMIT (each statement is its own transaction, as in
+        READ COMMITTED it has its own snapshot anyway); a write is one transaction."""
+        from psycopg.pq import TransactionStatus
+
+        def status(conn: Connection) -> tuple[bool, TransactionStatus]:
+            conn.exec_driver_sql("SELECT 1")
+            driver: Any = conn.connection.driver_connection
+            return driver.autocommit, driver.info.transaction_status
+
+        self.assertEqual(await self.db.read("status", status), (True, TransactionStatus.IDLE))
+        self.assertEqual(await self.db.run("status", status),
+                         (False, TransactionStatus.INTRANS))
+        self.assertEqual(await self.db.read_long("status", status),
+                         (False, TransactionStatus.INTRANS))
+
+    async def test_sessions_run_in_utc_with_the_urls_own_options(self) -> None:
+        """Whatever the server's or the URL's TimeZone, a session is in UTC: times come back
+        in `datetime.UTC` and the server's day bounds are UTC's. The URL's other options
+        still hold."""
+        from sqlalchemy.engine import make_url
+
+        from tests.support.db import database_url, open_database_at
+
+        url = make_url(await database_url(self, "postgresql")).update_query_dict(
+            {"options": "-c TimeZone=America/New_York -c statement_timeout=4321"})
+        db = await open_database_at(self, url.render_as_string(hide_password=False))
+
+        def settings(conn: Connection) -> tuple[Any, ...]:
+            row = conn.exec_driver_sql(
+                "SELECT current_setting('TimeZone'), current_setting('statement_timeout'),"
+                " timestamptz '2026-01-02 03:04:05+00',"
+                " date_trunc('day', timestamptz '2026-01-02 03:04:05+00')").one()
+            return tuple(row)
+
+        for way in (db.read, db.run):
+            zone, timeout, moment, day = await way("settings", settings)
+            self.assertEqual((zone, timeout), ("UTC", "4321ms"))
+            self.assertIs(moment.tzinfo, datetime.UTC)
+            self.assertEqual(moment, _NOW.replace(hour=3))
+            self.assertEqual(day, datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC))
+
     async def test_a_read_on_a_dead_kept_connection_runs_again_on_a_new_one(self) -> None:
         """The connections kept for reads are never pinged: when the server ends one (a
         restart, an administrator), the next read on it runs again on a new connection

@@ -11,7 +11,7 @@ from sqlalchemy import Column, Connection, Integer, MetaData, Table, bindparam, 
 from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import TestCase
 
-from mailcore.store.prepared import Prepared
+from mailcore.store.prepared import Prepared, _Compiled
 from mailcore.store.schema import users
 from tests.support.db import DatabaseMixin
 
@@ -70,6 +70,20 @@ class PreparedTestsMixin(DatabaseMixin):
             users.c.id.in_(bindparam("ids", expanding=True))))
         with self.assertRaises(ValueError):
             await db.read("ids", statement.rows, {"ids": [1]})
+
+
+    async def test_parameters_are_positional_for_the_driver(self) -> None:
+        """Compiled for the driver's positional style (psycopg: "format", not SQLAlchemy's
+        "pyformat"), so the driver gets a list it need not lay out again."""
+        db = await self.open_database()
+        compiled = _Compiled(_USERS.statement, db.engine.dialect)
+        self.assertTrue(compiled.positional)
+        at = _DAY + datetime.timedelta(hours=2)
+        parameters = compiled.parameters({"at": at, "n": 3})
+        self.assertIsInstance(parameters, list)
+        self.assertEqual(parameters[1:3], ["nobody", 3])
+        self.assertEqual(db.engine.dialect.paramstyle,
+                         "pyformat" if self.backend == "postgresql" else "qmark")
 
 
 class SQLitePreparedTests(PreparedTestsMixin, TestCase):

@@ -1,5 +1,7 @@
 """Creating SQLAlchemy engines with the settings durability needs.
 
+PostgreSQL sessions run in UTC (`_utc_options`), whatever the server's TimeZone.
+
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
 BEGIN statements so that writers take the lock up front (`BEGIN IMMEDIATE`) instead of
@@ -37,11 +39,13 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """An engine for `url`; SQLite gets WAL, FULL sync and explicit transactions."""
+    """An engine for `url`; SQLite gets WAL, FULL sync and explicit transactions, PostgreSQL
+    sessions in UTC."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(
-            url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True
+            url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
+            connect_args={"options": _utc_options(parsed.query.get("options"))},
         )
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
@@ -54,6 +58,15 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     engine = create_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
+
+
+def _utc_options(given: str | tuple[str, ...] | None) -> str:
+    """libpq's `options` for our PostgreSQL sessions: the URL's own, and the session's time
+    zone set to UTC. Times then come back as SQLite's do, in `datetime.UTC` (the encoders'
+    fast case, not a zoneinfo's offset looked up for each), and what the server does with
+    times in SQL (a day's bounds, `date_trunc`) does not follow its own TimeZone setting."""
+    own = " ".join([given] if isinstance(given, str) else given or ())
+    return f"{own} -c TimeZone=UTC".strip()
 
 
 def _configure_sqlite(engine: Engine) -> None:

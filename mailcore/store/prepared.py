@@ -19,6 +19,7 @@ What it gives up, so what a statement run this way must allow:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,11 +28,24 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Select
 
 
+def _positional(dialect: Dialect) -> Dialect:
+    """`dialect`, compiling positional parameters where its driver takes them too."""
+    if dialect.paramstyle != "pyformat":
+        return dialect
+    # A copy: the engine's dialect as it was set up for its server, another style.
+    positional = copy.copy(dialect)
+    positional.paramstyle, positional.positional = "format", True
+    return positional
+
+
 class _Compiled:
     """A statement's SQL for one dialect and how to lay out its parameters."""
 
     def __init__(self, statement: Select[Any], dialect: Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
+        # Positional parameters where the driver takes both ("format" for psycopg, whose
+        # SQLAlchemy style is "pyformat"): it would otherwise lay a dict out in the SQL's
+        # order on every execute, in Python.
+        compiled = statement.compile(dialect=_positional(dialect))
         binds = compiled.binds
         if any(b.expanding or b.literal_execute for b in binds.values()):
             raise ValueError("a prepared statement takes no expanding or literal parameters")
