@@ -7,7 +7,17 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from sqlalchemy import Column, Connection, Integer, MetaData, Table, bindparam, insert, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import TestCase
 
@@ -92,6 +102,30 @@ class SQLitePreparedTests(PreparedTestsMixin, TestCase):
 
 class PostgreSQLPreparedTests(PreparedTestsMixin, TestCase):
     backend = "postgresql"
+
+    async def test_binary_results_are_sqlalchemys_values(self) -> None:
+        """psycopg reads the rows in its binary format (no text to parse for a number or
+        a time); the values are those SQLAlchemy reads: times aware in UTC, booleans,
+        NULL, text."""
+        db = await self.open_database()
+        await db.run("users", _add_users)
+        statement = Prepared(
+            select(users.c.id, users.c.username, users.c.is_active, users.c.created_at,
+                   users.c.password_hash, func.length(users.c.email))
+            .where(users.c.id >= bindparam("first")).order_by(users.c.id))
+
+        def both(conn: Connection) -> tuple[list[Any], list[Any]]:
+            values = {"first": 0}
+            return (statement.rows(conn, values),
+                    [tuple(r) for r in conn.execute(statement.statement, values)])
+
+        ours, theirs = await db.read("both", both)
+        self.assertEqual(ours, theirs)
+        self.assertEqual(len(ours), 5)
+        for row in ours:
+            self.assertIs(row[2], True)
+            self.assertIs(row[3].tzinfo, datetime.UTC)
+            self.assertIsNone(row[4])
 
     async def test_a_dead_connection_is_replaced_and_the_read_made_again(self) -> None:
         db = await self.open_database(max_threads=1)  # one thread: one read connection
