@@ -1,6 +1,6 @@
 """Creating SQLAlchemy engines with the settings durability needs.
 
-PostgreSQL sessions run in UTC (`_utc_options`), whatever the server's TimeZone.
+PostgreSQL sessions run in UTC (`_configure_postgresql`), whatever the server's TimeZone.
 
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
@@ -43,10 +43,11 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     sessions in UTC."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(
-            url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
-            connect_args={"options": _utc_options(parsed.query.get("options"))},
+        engine = create_engine(
+            url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True
         )
+        _configure_postgresql(engine)
+        return engine
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
         kwargs["poolclass"] = StaticPool
@@ -60,13 +61,19 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     return engine
 
 
-def _utc_options(given: str | tuple[str, ...] | None) -> str:
-    """libpq's `options` for our PostgreSQL sessions: the URL's own, and the session's time
-    zone set to UTC. Times then come back as SQLite's do, in `datetime.UTC` (the encoders'
-    fast case, not a zoneinfo's offset looked up for each), and what the server does with
-    times in SQL (a day's bounds, `date_trunc`) does not follow its own TimeZone setting."""
-    own = " ".join([given] if isinstance(given, str) else given or ())
-    return f"{own} -c TimeZone=UTC".strip()
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The session in UTC, whatever the server's TimeZone (or the URL's options) says:
+        # times then come back as SQLite's do, in `datetime.UTC` (the JSON encoders' fast
+        # case, not a zoneinfo's offset looked up for each), and what the server does with
+        # times in SQL (a day's bounds, `date_trunc`) is the same on every node. A SET on
+        # each new connection rather than libpq's `options`, which a pooler such as
+        # PgBouncer may refuse.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.close()
+        dbapi_connection.commit()
 
 
 def _configure_sqlite(engine: Engine) -> None:
