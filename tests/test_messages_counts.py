@@ -20,7 +20,9 @@ from mailcore.messages.counts import (
     thd_message_total,
     thd_thread_total,
 )
+from mailcore.messages.keyset import PageMarks
 from mailcore.messages.sql import new_id
+from mailcore.messages.store import thd_list_messages
 from mailcore.messages.threading import thd_drop_empty_threads
 from mailcore.store.schema import fetch_accounts, messages, threads
 from mailcore.workers import CpuPool
@@ -150,6 +152,37 @@ class CountsTestsMixin(DatabaseMixin):
                 past = await self.store.list_messages(self.user, MessageQuery(
                     ordering=ordering, folder=folder, offset=len(expected), limit=4))
                 self.assertEqual(past.items, [])
+
+    async def test_a_first_page_equals_the_page_read_in_two_steps(self) -> None:
+        """A first page of a list filtered by account and folder only (on PostgreSQL one
+        statement with the count and the stamp) is the page, count and stamp read the
+        general way (count and stamp first, then the rows), for every such filter, an
+        empty list and a page longer than the list included."""
+        a1 = await self.db.run("acct", thd_make_account, self.user)
+        a2 = await self.db.run("acct", thd_make_account, self.user)
+        empty = await self.db.run("acct", thd_make_account, self.user)
+        await self.add(1, "Plan", a1, "INBOX", day=3)
+        await self.add(2, "Re: Plan", a1, "Sent", refs="<m1@x.test>", reply_to="<m1@x.test>",
+                       day=3)
+        await self.add(3, "Other", a2, "INBOX", day=1)
+        await self.add(4, "Local", None, "INBOX", day=2)
+        for ordering in ("-date", "date"):
+            for account in (None, a1, a2, empty):
+                for folder in (None, "INBOX", "Sent", "Nope"):
+                    for limit in (1, 50):
+                        query = MessageQuery(ordering=ordering, account_id=account,
+                                             folder=folder, limit=limit)
+                        one = await self.store.list_messages(self.user, query)
+                        # Asked with a stamp no page has: the count and stamp come first.
+                        two = await self.db.read("two", thd_list_messages, self.user, query,
+                                                 None, PageMarks(), -1)
+                        self.assertEqual(one.items, two.items, (ordering, account, folder))
+                        self.assertEqual((one.count, one.stamp, one.unchanged),
+                                         (two.count, two.stamp, False))
+                        self.assertIsNotNone(one.stamp)
+        none = await self.db.run("make_user", thd_make_user, "nobody")
+        page = await self.store.list_messages(none, MessageQuery())
+        self.assertEqual((page.items, page.count), ([], 0))
 
     async def test_remembered_page_starts_are_forgotten_when_messages_change(self) -> None:
         for n in range(1, 13):

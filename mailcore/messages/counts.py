@@ -12,9 +12,9 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, and_, bindparam, case, func, select
+from sqlalchemy import Connection, Select, and_, bindparam, case, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.store.prepared import Prepared
@@ -70,12 +70,19 @@ def thd_total_and_stamp(
 def _total_and_stamp(by_account: bool, by_folder: bool) -> Prepared:
     """The statement of `thd_total_and_stamp`, built and compiled once per filter shape
     (every list page runs it)."""
+    return Prepared(total_and_stamp_select(by_account, by_folder))
+
+
+def total_and_stamp_select(by_account: bool, by_folder: bool) -> Select[Any]:
+    """`thd_total_and_stamp`'s one row (total, stamp), of the messages of the account
+    `:account_id` (with `by_account`) in the folder `:folder` (with `by_folder`) of the
+    user `:user_id`."""
     c = message_counts.c
     wanted = [cond for cond, on in ((c.account_key == bindparam("account_id"), by_account),
                                     (c.folder == bindparam("folder"), by_folder)) if on]
     total = func.sum(case((and_(*wanted), c.total), else_=0) if wanted else c.total)
-    return Prepared(select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
-                    .where(c.user_id == bindparam("user_id")))
+    return (select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
+            .where(c.user_id == bindparam("user_id")))
 
 
 def _unthreaded(conn: Connection, user_id: int, account_id: int | None) -> int:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     tuple_,
     update,
 )
@@ -45,6 +46,7 @@ from mailcore.messages.counts import (
     thd_message_total,
     thd_thread_total,
     thd_total_and_stamp,
+    total_and_stamp_select,
 )
 from mailcore.messages.keyset import PageMarks
 from mailcore.messages.models import (
@@ -641,6 +643,22 @@ def thd_list_messages(
 
     keyset = marks is not None and ordering in ("-date", "date") and _keyset_filters(query)
     stamp: int | None = None
+    marks_key: tuple[Any, ...] | None = None
+    if keyset:
+        marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
+                     query.date_to, ordering)
+    offset, limit = max(query.offset, 0), max(query.limit, 0)
+    if keyset and _counted(query) and dialect == "postgresql" and shape is not None \
+            and unless is None and offset == 0 and limit > 0:
+        # PostgreSQL, a first page: the count, the stamp and the rows in one statement
+        # (one round trip to the server instead of two; the page needs nothing the count
+        # tells: from the first row on, LIMIT stops at the last).
+        found = _first_page_with_total(shape, ordering).rows(
+            conn, {**values, "skip": 0, "n": limit})
+        count, stamp = int(found[0][0]), int(found[0][1])
+        return _page_of_rows(
+            [row[2:] for row in found if row[2] is not None], count, stamp, offset, marks,
+            marks_key)
     if keyset and _counted(query):
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
         if stamp == unless:
@@ -651,15 +669,10 @@ def thd_list_messages(
             if stamp == unless:
                 return Page(count=0, items=[], stamp=stamp, unchanged=True)
         count = _total(conn, user_id, query, count_rows, cache, stamp)
-    offset, limit = max(query.offset, 0), max(query.limit, 0)
     if limit == 0 or offset >= count:
         return Page(count=count, items=[], stamp=stamp)
     if by_match and _walk_the_date_index(conn, user_id, count, offset + limit):
         by_match = False
-    marks_key: tuple[Any, ...] | None = None
-    if keyset:
-        marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
-                     query.date_to, ordering)
     near = marks.nearest(marks_key, stamp, offset) \
         if marks is not None and marks_key is not None and stamp is not None else None
     n = min(limit, count - offset)
@@ -685,6 +698,14 @@ def thd_list_messages(
     rows = _page_rows(conn, statement, {**values, "skip": skip, "n": n}, one_row)
     if reverse:
         rows.reverse()
+    return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
+
+
+def _page_of_rows(rows: Sequence[Any], count: int, stamp: int | None, offset: int,
+                  marks: PageMarks | None, marks_key: tuple[Any, ...] | None
+                  ) -> Page[MessageSummary]:
+    """The page of `rows` (`_PAGE_COLUMNS`, in the list's order, from `offset` on), its
+    first and last rows remembered in `marks` under `marks_key` at `stamp`."""
     if marks is not None and marks_key is not None and stamp is not None and rows \
             and rows[0][_DATE_AT] is not None and rows[-1][_DATE_AT] is not None:
         marks.remember(marks_key, stamp, {
@@ -743,6 +764,17 @@ def _plain_page(shape: tuple[str, ...], ordering: str, reverse: bool,
     `_in_one_row` with `one_row`."""
     page = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark)
     return Prepared(_in_one_row(page, ordering, reverse) if one_row else page)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_page_with_total(shape: tuple[str, ...], ordering: str) -> Prepared:
+    """PostgreSQL: `total_and_stamp_select` (of `shape`, the account and folder filters)
+    and `_plain_page`'s first page in one statement: each row is (total, stamp, then the
+    page's columns); no page row (no message) gives one row, its page columns NULL."""
+    totals = total_and_stamp_select("account_id" in shape, "folder" in shape).subquery()
+    page = _page(_shape_terms(shape, messages.c), ordering, False, False).subquery()
+    return Prepared(select(*totals.c, *page.c).select_from(totals.outerjoin(page, true()))
+                    .order_by(*_order_by(ordering, of=page)))
 
 
 def _in_one_row(page: Select[Any], ordering: str, reverse: bool) -> Select[Any]:
