@@ -81,7 +81,6 @@ class PreparedTestsMixin(DatabaseMixin):
         with self.assertRaises(ValueError):
             await db.read("ids", statement.rows, {"ids": [1]})
 
-
     async def test_parameters_are_positional_for_the_driver(self) -> None:
         """Compiled for the driver's positional style (psycopg: "format", not SQLAlchemy's
         "pyformat"), so the driver gets a list it need not lay out again."""

@@ -39,7 +39,8 @@ def _positional(dialect: Dialect) -> Dialect:
 
 
 class _Compiled:
-    """A statement's SQL for one dialect and how to lay out its parameters."""
+    """A statement's SQL for one dialect, how to lay out its parameters and how to open
+    the driver's cursor for it."""
 
     def __init__(self, statement: Select[Any], dialect: Dialect) -> None:
         # Positional parameters where the driver takes both ("format" for psycopg, whose
@@ -51,6 +52,10 @@ class _Compiled:
             raise ValueError("a prepared statement takes no expanding or literal parameters")
         self.sql = compiled.string
         self.positional = compiled.positional
+        # psycopg: rows in PostgreSQL's binary format, whose numbers and times its loaders
+        # read without parsing text (a list page's 50 rows, three times each).
+        self.cursor_options: dict[str, Any] = (
+            {"binary": True} if dialect.driver == "psycopg" else {})
         # Each parameter's name in the SQL (all of them, in order, when positional), the
         # value it has when the caller gives none (a literal in the statement), and the
         # conversion its type makes for this dialect.
@@ -88,10 +93,7 @@ class Prepared:
         driver: Any = conn.connection.driver_connection
         cursor = None
         try:
-            # psycopg: rows in PostgreSQL's binary format, whose numbers and times its
-            # loaders read without parsing text (a list page's 50 rows, three times each).
-            cursor = driver.cursor(binary=True) if dialect.driver == "psycopg" else (
-                driver.cursor())
+            cursor = driver.cursor(**compiled.cursor_options)
             cursor.execute(compiled.sql, parameters)
             return cursor.fetchall()  # type: ignore[no-any-return]
         except dialect.loaded_dbapi.Error as e:
