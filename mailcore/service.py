@@ -3,9 +3,13 @@
 `makeService` runs the schema migrations before it returns (the reactor is not running yet,
 so blocking here is safe), which guarantees no listener opens on an old schema. Services stop
 in reverse order: listeners close first, in-flight work finishes, the store closes last.
+Its last step moves what start-up built out of the cyclic garbage collector's sight
+(`settle_heap`).
 """
 
 from __future__ import annotations
+
+import gc
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application import service, strports
@@ -148,4 +152,20 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         data=str(config.data_dir.resolve()),
         db=core.db.engine.url.render_as_string(hide_password=True),
     )
+    settle_heap()
     return top
+
+
+def settle_heap() -> None:
+    """Collect start-up's garbage, then freeze what is left (`gc.freeze`). Blocks.
+
+    Start-up leaves some 150,000 objects that live as long as the process (modules, the
+    schema, compiled statements, the settings). In the oldest generation, every full
+    collection walked them all, holding the GIL for 100-250 ms on this machine kind, a few
+    times a minute under load: the reactor and every pool thread stood still, and those
+    pauses were the HTTP APIs' p99 at 16 connections (136 ms against 38-53 ms frozen). Frozen,
+    they are never walked again; what the daemon allocates later is collected as before.
+    Called when the reactor does not run yet, so the one collection here delays no one.
+    """
+    gc.collect()
+    gc.freeze()
