@@ -3,8 +3,8 @@
 `makeService` runs the schema migrations before it returns (the reactor is not running yet,
 so blocking here is safe), which guarantees no listener opens on an old schema. Services stop
 in reverse order: listeners close first, in-flight work finishes, the store closes last.
-Its last step moves what start-up built out of the cyclic garbage collector's sight
-(`settle_heap`).
+`makeService`'s last step moves what start-up built out of the cyclic garbage collector's
+sight (`settle_heap`).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def settle_heap() -> None:
     few seconds under load: the reactor and every pool thread stood still, and those pauses
     were the HTTP APIs' p99 at 16 connections (the 1M-message list: 122-140 ms, frozen 41-59
     ms). Frozen, they are never walked again; what the daemon allocates later is collected
-    as before.
-    Called when the reactor does not run yet, so the one collection here delays no one.
+    as before. Called when the reactor does not run yet, so the one collection here delays
+    no one.
     """
     gc.collect()
     gc.freeze()

@@ -648,8 +648,9 @@ def thd_list_messages(
         marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
                      query.date_to, ordering)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
-    if keyset and _counted(query) and dialect == "postgresql" and shape is not None \
-            and unless is None and offset == 0 and limit > 0:
+    counted = keyset and _counted(query)
+    if counted and dialect == "postgresql" and shape is not None and unless is None \
+            and offset == 0 and limit > 0:
         # PostgreSQL, a first page: the count, the stamp and the rows in one statement
         # (one round trip to the server instead of two; the page needs nothing the count
         # tells: from the first row on, LIMIT stops at the last).
@@ -659,7 +660,7 @@ def thd_list_messages(
         return _page_of_rows(
             [row[2:] for row in found if row[2] is not None], count, stamp, offset, marks,
             marks_key)
-    if keyset and _counted(query):
+    if counted:
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
         if stamp == unless:
             return Page(count=count, items=[], stamp=stamp, unchanged=True)
