@@ -137,12 +137,15 @@ class Page(Generic[T]):
 
     `stamp`: the user's change stamp the page was read at, when the query's rows change
     only with it (a page kept with it is good while it stands); `unchanged`: the caller's
-    kept page is still good (the stamp it gave stands), so nothing was read."""
+    kept page is still good (the stamp it gave stands), so nothing was read; `json`: the
+    items as the JSON array a reply holds, written by the store when asked (`items` is
+    then empty)."""
 
     count: int
     items: list[T]
     stamp: int | None = None
     unchanged: bool = False
+    json: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ from mailcore.messages.parse import (
     parse_message,
     search_extra,
 )
+from mailcore.messages.rendered import email_array
 from mailcore.messages.search import (
     PG_MATCH_COUNT,
     match_clause,
@@ -600,9 +601,13 @@ def _keyset_filters(query: MessageQuery) -> bool:
 
 def thd_list_messages(
     conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None = None,
-    marks: PageMarks | None = None, unless: int | None = None,
+    marks: PageMarks | None = None, unless: int | None = None, as_json: bool = False,
 ) -> Page[MessageSummary]:
     """One page of the user's messages matching `query`, and the total count.
+
+    With `as_json`, a plain list page on SQLite comes back as `Page.json` (the messages as
+    `email_json` shows them, written by SQLite: `mailcore.messages.rendered`), its items
+    left empty; any other page as usual.
 
     When the query's rows change only with the user's change stamp, the page carries the
     stamp it was read at; `unless` is the stamp of a page the caller keeps for this query:
@@ -685,10 +690,17 @@ def thd_list_messages(
     else:
         reverse = offset > count // 2
         skip, from_mark = (count - offset - n if reverse else offset), False
-    # SQLite, a plain list: the page's rows in one row (see _in_one_row). Built once per
-    # shape of query; wrapping a search's statement, built for each request, would cost
-    # more (a millisecond) than it saves.
+    # SQLite, a plain list: the page's rows in one row (see _in_one_row), or, `as_json`,
+    # the reply's JSON array (see mailcore.messages.rendered). Built once per shape of
+    # query; wrapping a search's statement, built for each request, would cost more (a
+    # millisecond) than it saves.
     one_row = dialect == "sqlite" and shape is not None
+    if one_row and as_json:
+        page = _json_page(conn, _plain_json_page(shape, ordering, reverse, from_mark),
+                          {**values, "skip": skip, "n": n}, count, stamp, offset, marks,
+                          marks_key)
+        if page is not None:
+            return page
     statement: Select[Any] | Prepared
     if shape is not None:
         statement = _plain_page(shape, ordering, reverse, from_mark, one_row)
@@ -700,6 +712,30 @@ def thd_list_messages(
     if reverse:
         rows.reverse()
     return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
+
+
+def _json_page(conn: Connection, statement: Prepared, values: dict[str, Any], count: int,
+               stamp: int | None, offset: int, marks: PageMarks | None,
+               marks_key: tuple[Any, ...] | None) -> Page[MessageSummary] | None:
+    """The page `statement` (`_plain_json_page`) reads, as `Page.json`, its first and last
+    rows remembered as `_page_of_rows` remembers them; None when it cannot be written that
+    way (a time not in the store's own form, text UTF-8 cannot hold): read it as rows."""
+    found = statement.rows(conn, values)
+    if not found:
+        return Page(count=count, items=[], stamp=stamp, json=b"[]")
+    text, well_formed, n, first_date, first_id, last_date, last_id = found[0]
+    if not well_formed:
+        return None
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    first, last = sqlite_time(first_date), sqlite_time(last_date)
+    if marks is not None and marks_key is not None and stamp is not None \
+            and first is not None and last is not None:
+        marks.remember(marks_key, stamp, {offset: (first, first_id),
+                                          offset + n - 1: (last, last_id)})
+    return Page(count=count, items=[], stamp=stamp, json=encoded)
 
 
 def _page_of_rows(rows: Sequence[Any], count: int, stamp: int | None, offset: int,
@@ -765,6 +801,15 @@ def _plain_page(shape: tuple[str, ...], ordering: str, reverse: bool,
     `_in_one_row` with `one_row`."""
     page = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark)
     return Prepared(_in_one_row(page, ordering, reverse) if one_row else page)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_json_page(shape: tuple[str, ...], ordering: str, reverse: bool,
+                     from_mark: bool) -> Prepared:
+    """SQLite: `_plain_page`'s rows as `rendered.email_array` writes them, in the list's
+    own order (also when they are picked from the other end, with `reverse`)."""
+    rows = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark).subquery()
+    return Prepared(email_array(rows, _order_by(ordering, of=rows)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -987,15 +1032,16 @@ class MessageStore:
     # -- reading -------------------------------------------------------------------------
 
     async def list_messages(self, user_id: int, query: MessageQuery,
-                            unless: int | None = None) -> Page[MessageSummary]:
+                            unless: int | None = None, as_json: bool = False
+                            ) -> Page[MessageSummary]:
         """A page of messages: filters, full-text `q`, ordering, optional one-per-thread;
-        `unless`: see `thd_list_messages`."""
+        `unless`, `as_json`: see `thd_list_messages`."""
         _order_terms(query.ordering)  # reject a bad ordering before touching the store
         # A search spends long in the database: the shared pool, not the read lane.
         read = self.db.read_long if query.q else self.db.read
         return await read(
             "list_messages", thd_list_messages, user_id, query, self.count_cache,
-            self.page_marks, unless,
+            self.page_marks, unless, as_json,
         )
 
     async def list_threads(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:

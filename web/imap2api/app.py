@@ -415,7 +415,7 @@ class Imap2ApiApp(ApiApp):
             window = MessageQuery(**{**query.__dict__, "offset": offset, "limit": limit})
             unless = kept[0] if kept is not None and not stamps else None
             with refusals():
-                page = await self.messages.list_messages(user_id, window, unless)
+                page = await self.messages.list_messages(user_id, window, unless, as_json=True)
             if page.unchanged:
                 raise _Unchanged()
             stamps.append(page.stamp)
