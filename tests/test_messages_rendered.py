@@ -1,6 +1,7 @@
-"""A list page written as JSON by SQLite (mailcore.messages.rendered): the same bytes as
-`email_json` of the page's rows, written by orjson; the same keyset marks remembered; the
-usual page where it cannot be written that way (a time in another form, PostgreSQL).
+"""A list page written as JSON by the database (mailcore.messages.rendered), on SQLite and
+on PostgreSQL: the same bytes as `email_json` of the page's rows, written by orjson; the
+same keyset marks remembered; the usual page where it cannot be written that way (SQLite:
+a time in another form) and for searches and the thread list.
 """
 
 from __future__ import annotations
@@ -104,10 +105,6 @@ class _RenderedMixin(DatabaseMixin):
                                             CountCache(), marks, None, as_json))
         return pages[0], pages[1], dict(rows_marks._items), dict(json_marks._items)
 
-
-class SQLiteRenderedTests(_RenderedMixin, TestCase):
-    backend = "sqlite"
-
     async def test_json_is_what_email_json_writes(self) -> None:
         from web.replies import encode_json
 
@@ -134,6 +131,20 @@ class SQLiteRenderedTests(_RenderedMixin, TestCase):
         self.assertIn(b'"recipient":""', everything)
         self.assertIn(b"\\u001f", everything)
 
+    async def test_only_plain_lists_are_written(self) -> None:
+        store, user = await self.store_awkward_mail()
+        for query in (MessageQuery(q="S03"), MessageQuery(threads_only=True)):
+            page = await store.list_messages(user, query, as_json=True)
+            with self.subTest(query=query):
+                self.assertIsNone(page.json)
+                self.assertTrue(page.items)
+        empty = await store.list_messages(user, MessageQuery(offset=50), as_json=True)
+        self.assertEqual((empty.count, empty.items, empty.json), (12, [], None))
+
+
+class SQLiteRenderedTests(_RenderedMixin, TestCase):
+    backend = "sqlite"
+
     async def test_a_time_in_another_form_is_read_as_rows(self) -> None:
         _, user = await self.store_awkward_mail()
         # As SQLite's own datetime() writes it, not as the store does.
@@ -146,22 +157,6 @@ class SQLiteRenderedTests(_RenderedMixin, TestCase):
         # The other pages are still written as JSON.
         self.assertIsNotNone((await self.both(user, MessageQuery(limit=3, offset=6)))[1].json)
 
-    async def test_only_plain_lists_are_written(self) -> None:
-        store, user = await self.store_awkward_mail()
-        for query in (MessageQuery(q="S03"), MessageQuery(threads_only=True)):
-            page = await store.list_messages(user, query, as_json=True)
-            with self.subTest(query=query):
-                self.assertIsNone(page.json)
-                self.assertTrue(page.items)
-        empty = await store.list_messages(user, MessageQuery(offset=50), as_json=True)
-        self.assertEqual((empty.count, empty.items, empty.json), (12, [], None))
-
 
 class PostgreSQLRenderedTests(_RenderedMixin, TestCase):
     backend = "postgresql"
-
-    async def test_pages_are_read_as_rows(self) -> None:
-        _, user = await self.store_awkward_mail()
-        rows, written, _, _ = await self.both(user, MessageQuery(limit=3))
-        self.assertIsNone(written.json)
-        self.assertEqual([m.id for m in written.items], [m.id for m in rows.items])

@@ -1,19 +1,20 @@
-"""SQLite: a plain list page's e-mails as the JSON array the IMAP2API's reply holds.
+"""A plain list page's e-mails as the JSON array the IMAP2API's reply holds.
 
 The e-mail list shows each message as `mailcore.webhooks.payload.email_json` does. Built in
-Python, a page of 50 went from SQLite's rows to summaries (three times a row parsed), to 50
-dicts, to JSON again: Python work done under the interpreter's lock, which is what the list
-waits for at 16 connections (the reactor thread needs it for every request too). So a plain
-list page (no words, no thread grouping) can come back as that JSON array, written by
-SQLite in the statement that picks the rows: the same bytes `email_json` and orjson write
-(SQLite's JSON strings escape what orjson's do, the same way; tests/test_messages_rendered
-holds them to it), in the list's order. Over a million messages at 16 connections (the
-bench's store, alternating rounds) the first page went from 740-751 to 773-963 req/s, a
-deep one from 700-770 to 1,001-1,056, with 5-24 % less CPU a request.
+Python, a page of 50 went from the database's rows to summaries (on SQLite, three times a
+row parsed), to 50 dicts, to JSON again: Python work done under the interpreter's lock,
+which is what the list waits for at 16 connections (the reactor thread needs it for every
+request too). So a plain list page (no words, no thread grouping) can come back as that
+JSON array, written by the database in the statement that picks the rows: the same bytes
+`email_json` and orjson write (SQLite's JSON strings and PostgreSQL's `to_json` escape
+what orjson's do, the same way; tests/test_messages_rendered holds them to it), in the
+list's order. Over a million messages at 16 connections (the bench's SQLite store,
+alternating rounds) the first page went from 740-751 to 773-963 req/s, a deep one from
+700-770 to 1,001-1,056, with 5-24 % less CPU a request.
 
 The statement's one row: the array; whether every time in it was in the form the store
-writes (else the caller reads the page the usual way); how many rows it holds; and the
-first and last rows' (date, id), which the caller remembers for keyset pages
+writes (SQLite; else the caller reads the page the usual way); how many rows it holds; and
+the first and last rows' (date, id), which the caller remembers for keyset pages
 (`mailcore.messages.keyset`).
 """
 
@@ -21,7 +22,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Integer, String, and_, case, func, literal_column, null, or_, select
+from sqlalchemy import (
+    Integer,
+    String,
+    Text,
+    and_,
+    case,
+    cast,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+)
 from sqlalchemy.sql import ColumnElement, Select, Subquery
 
 
@@ -56,10 +69,7 @@ def _iso(value: ColumnElement[Any]) -> ColumnElement[Any]:
 
 
 def _email(c: Any) -> ColumnElement[Any]:
-    """`email_json` of a page row (the columns of `mailcore.messages.store._PAGE_COLUMNS`)."""
-    thread_count = case(
-        (and_(c.thread_id.isnot(None), c.message_count.isnot(None)), c.message_count),
-        else_=literal_column("1", Integer))
+    """SQLite: `email_json` of a page row (`mailcore.messages.store._PAGE_COLUMNS`)."""
     return func.json_object(
         _text("id"), c.id,
         _text("message_id"), c.message_id,
@@ -70,7 +80,7 @@ def _email(c: Any) -> ColumnElement[Any]:
         _text("folder"), c.folder,
         _text("thread_id"), case(
             (c.thread_id.is_(None), null()), else_=_text("thread-").concat(c.thread_id)),
-        _text("thread_count"), thread_count,
+        _text("thread_count"), _thread_count(c),
         _text("imap_server"), c.account_id,
         _text("has_attachments"), func.json(case(
             (c.has_attachments != literal_column("0", Integer), _text("true")),
@@ -78,19 +88,73 @@ def _email(c: Any) -> ColumnElement[Any]:
     )
 
 
-def email_array(rows: Subquery, order: list[Any]) -> Select[Any]:
+def _pg_value(value: ColumnElement[Any]) -> ColumnElement[str]:
+    """PostgreSQL: JSON text of a value (text, number or NULL), as orjson writes it
+    (`to_json` escapes text as orjson does)."""
+    return func.coalesce(cast(func.to_json(value), Text), _text("null"))
+
+
+def _pg_iso(value: ColumnElement[Any]) -> ColumnElement[str]:
+    """PostgreSQL: JSON text of a time, as `payload.iso` writes it (in UTC, a Z, the
+    microseconds only when there are some)."""
+    utc = func.timezone(_text("UTC"), value)
+    whole = func.to_char(utc, _text('YYYY-MM-DD"T"HH24:MI:SS'))
+    micro = func.to_char(utc, _text("US"))
+    return case(
+        (value.is_(None), _text("null")),
+        (micro == _text("000000"), func.concat(_text('"'), whole, _text('Z"'))),
+        else_=func.concat(_text('"'), whole, _text("."), micro, _text('Z"')),
+    )
+
+
+def _pg_email(c: Any) -> ColumnElement[str]:
+    """PostgreSQL: `email_json` of a page row as compact JSON text (its own json_build_object
+    writes spaces after colons and commas)."""
+    parts: list[Any] = [_text('{"id":'), cast(c.id, Text)]
+    for key, value in (
+        ("message_id", _pg_value(c.message_id)), ("subject", _pg_value(c.subject)),
+        ("sender", _pg_value(c.sender)), ("recipient", _pg_value(c.recipient)),
+        ("date", _pg_iso(c.date)), ("folder", _pg_value(c.folder)),
+        ("thread_id", case((c.thread_id.is_(None), _text("null")),
+                           else_=func.concat(_text('"thread-'), c.thread_id, _text('"')))),
+        ("thread_count", cast(_thread_count(c), Text)),
+        ("imap_server", _pg_value(c.account_id)),
+        ("has_attachments", case((c.has_attachments, _text("true")), else_=_text("false"))),
+    ):
+        parts += [_text(f',"{key}":'), value]
+    return func.concat(*parts, _text("}"))
+
+
+def _thread_count(c: Any) -> ColumnElement[int]:
+    """The size of the row's thread (1 without a thread), as `_summary` counts it."""
+    return case(
+        (and_(c.thread_id.isnot(None), c.message_count.isnot(None)), c.message_count),
+        else_=literal_column("1", Integer))
+
+
+def email_array(rows: Subquery, order: list[Any], dialect: str) -> Select[Any]:
     """The one row of `rows` (a page of `_PAGE_COLUMNS`) in `order` (the list's own order,
-    on `rows`' columns): (JSON array, every time well formed (1/0), rows, first date,
-    first id, last date, last id); no row when the page is empty."""
+    on `rows`' columns), for `dialect` (sqlite or postgresql): (JSON array, every time well
+    formed (1/0), rows, first date, first id, last date, last id); no row when the page is
+    empty."""
     c = rows.c
 
     def whole(fn: Any) -> Any:  # over every row of the page, in its order
         return fn.over(order_by=order, rows=(None, None))
 
-    ok = case((or_(c.date.is_(None), _well_formed(c.date)), literal_column("1", Integer)),
-              else_=literal_column("0", Integer))
+    if dialect == "postgresql":
+        array = func.concat(_text("["), whole(func.string_agg(_pg_email(c), _text(","))),
+                            _text("]"))
+        ok: Any = literal_column("1", Integer)  # timestamptz: no other form
+    else:
+        array = whole(func.json_group_array(_email(c)))
+        ok = whole(func.min(case(
+            (or_(c.date.is_(None), _well_formed(c.date)), literal_column("1", Integer)),
+            else_=literal_column("0", Integer))))
     return select(
-        whole(func.json_group_array(_email(c))), whole(func.min(ok)), whole(func.count()),
-        whole(func.first_value(c.date)), whole(func.first_value(c.id)),
-        whole(func.last_value(c.date)), whole(func.last_value(c.id)),
+        array.label("emails"), ok.label("well_formed"), whole(func.count()).label("n"),
+        whole(func.first_value(c.date)).label("first_date"),
+        whole(func.first_value(c.id)).label("first_id"),
+        whole(func.last_value(c.date)).label("last_date"),
+        whole(func.last_value(c.id)).label("last_id"),
     ).limit(1)

@@ -605,9 +605,9 @@ def thd_list_messages(
 ) -> Page[MessageSummary]:
     """One page of the user's messages matching `query`, and the total count.
 
-    With `as_json`, a plain list page on SQLite comes back as `Page.json` (the messages as
-    `email_json` shows them, written by SQLite: `mailcore.messages.rendered`), its items
-    left empty; any other page as usual.
+    With `as_json`, a plain list page comes back as `Page.json` (the messages as
+    `email_json` shows them, written by the database: `mailcore.messages.rendered`), its
+    items left empty; any other page as usual.
 
     When the query's rows change only with the user's change stamp, the page carries the
     stamp it was read at; `unless` is the stamp of a page the caller keeps for this query:
@@ -659,9 +659,13 @@ def thd_list_messages(
         # PostgreSQL, a first page: the count, the stamp and the rows in one statement
         # (one round trip to the server instead of two; the page needs nothing the count
         # tells: from the first row on, LIMIT stops at the last).
-        found = _first_page_with_total(shape, ordering).rows(
+        found = _first_page_with_total(shape, ordering, as_json).rows(
             conn, {**values, "skip": 0, "n": limit})
         count, stamp = int(found[0][0]), int(found[0][1])
+        if as_json:
+            page = _json_page(dialect, found[0][2:], count, stamp, offset, marks, marks_key)
+            assert page is not None  # (PostgreSQL's times have one form)
+            return page
         return _page_of_rows(
             [row[2:] for row in found if row[2] is not None], count, stamp, offset, marks,
             marks_key)
@@ -690,15 +694,16 @@ def thd_list_messages(
     else:
         reverse = offset > count // 2
         skip, from_mark = (count - offset - n if reverse else offset), False
-    # SQLite, a plain list: the page's rows in one row (see _in_one_row), or, `as_json`,
-    # the reply's JSON array (see mailcore.messages.rendered). Built once per shape of
-    # query; wrapping a search's statement, built for each request, would cost more (a
-    # millisecond) than it saves.
+    # A plain list `as_json`: the reply's JSON array (see mailcore.messages.rendered).
+    # SQLite, a plain list: the page's rows in one row (see _in_one_row). Built once per
+    # shape of query; wrapping a search's statement, built for each request, would cost
+    # more (a millisecond) than it saves.
     one_row = dialect == "sqlite" and shape is not None
-    if one_row and as_json:
-        page = _json_page(conn, _plain_json_page(shape, ordering, reverse, from_mark),
-                          {**values, "skip": skip, "n": n}, count, stamp, offset, marks,
-                          marks_key)
+    if shape is not None and as_json:
+        found = _plain_json_page(dialect, shape, ordering, reverse, from_mark).rows(
+            conn, {**values, "skip": skip, "n": n})
+        page = _json_page(dialect, found[0] if found else None, count, stamp, offset,
+                          marks, marks_key)
         if page is not None:
             return page
     statement: Select[Any] | Prepared
@@ -714,27 +719,28 @@ def thd_list_messages(
     return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
 
 
-def _json_page(conn: Connection, statement: Prepared, values: dict[str, Any], count: int,
-               stamp: int | None, offset: int, marks: PageMarks | None,
-               marks_key: tuple[Any, ...] | None) -> Page[MessageSummary] | None:
-    """The page `statement` (`_plain_json_page`) reads, as `Page.json`, its first and last
-    rows remembered as `_page_of_rows` remembers them; None when it cannot be written that
-    way (a time not in the store's own form, text UTF-8 cannot hold): read it as rows."""
-    found = statement.rows(conn, values)
-    if not found:
+def _json_page(dialect: str, row: Sequence[Any] | None, count: int, stamp: int | None,
+               offset: int, marks: PageMarks | None, marks_key: tuple[Any, ...] | None
+               ) -> Page[MessageSummary] | None:
+    """The page `rendered.email_array`'s `row` holds (None: no row, an empty page), as
+    `Page.json`, its first and last rows remembered as `_page_of_rows` remembers them;
+    None when it cannot be written that way (a time not in the store's own form, text
+    UTF-8 cannot hold): read it as rows."""
+    if row is None or row[0] is None:
         return Page(count=count, items=[], stamp=stamp, json=b"[]")
-    text, well_formed, n, first_date, first_id, last_date, last_id = found[0]
+    text, well_formed, n, first_date, first_id, last_date, last_id = row
     if not well_formed:
         return None
     try:
         encoded = text.encode("utf-8")
     except UnicodeEncodeError:
         return None
-    first, last = sqlite_time(first_date), sqlite_time(last_date)
+    if dialect == "sqlite":  # (read without result processing: ISO text)
+        first_date, last_date = sqlite_time(first_date), sqlite_time(last_date)
     if marks is not None and marks_key is not None and stamp is not None \
-            and first is not None and last is not None:
-        marks.remember(marks_key, stamp, {offset: (first, first_id),
-                                          offset + n - 1: (last, last_id)})
+            and first_date is not None and last_date is not None:
+        marks.remember(marks_key, stamp, {offset: (first_date, first_id),
+                                          offset + n - 1: (last_date, last_id)})
     return Page(count=count, items=[], stamp=stamp, json=encoded)
 
 
@@ -804,21 +810,26 @@ def _plain_page(shape: tuple[str, ...], ordering: str, reverse: bool,
 
 
 @functools.lru_cache(maxsize=256)
-def _plain_json_page(shape: tuple[str, ...], ordering: str, reverse: bool,
+def _plain_json_page(dialect: str, shape: tuple[str, ...], ordering: str, reverse: bool,
                      from_mark: bool) -> Prepared:
-    """SQLite: `_plain_page`'s rows as `rendered.email_array` writes them, in the list's
-    own order (also when they are picked from the other end, with `reverse`)."""
+    """`_plain_page`'s rows as `rendered.email_array` writes them for `dialect`, in the
+    list's own order (also when they are picked from the other end, with `reverse`)."""
     rows = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark).subquery()
-    return Prepared(email_array(rows, _order_by(ordering, of=rows)))
+    return Prepared(email_array(rows, _order_by(ordering, of=rows), dialect))
 
 
 @functools.lru_cache(maxsize=64)
-def _first_page_with_total(shape: tuple[str, ...], ordering: str) -> Prepared:
+def _first_page_with_total(shape: tuple[str, ...], ordering: str, as_json: bool) -> Prepared:
     """PostgreSQL: `total_and_stamp_select` (of `shape`, the account and folder filters)
     and `_plain_page`'s first page in one statement: each row is (total, stamp, then the
-    page's columns); no page row (no message) gives one row, its page columns NULL."""
+    page's columns); no page row (no message) gives one row, its page columns NULL. With
+    `as_json`, one row: (total, stamp, then `rendered.email_array`'s columns)."""
     totals = total_and_stamp_select("account_id" in shape, "folder" in shape).subquery()
     page = _page(_shape_terms(shape, messages.c), ordering, False, False).subquery()
+    if as_json:
+        written = email_array(page, _order_by(ordering, of=page), "postgresql").subquery()
+        return Prepared(select(*totals.c, *written.c)
+                        .select_from(totals.outerjoin(written, true())))
     return Prepared(select(*totals.c, *page.c).select_from(totals.outerjoin(page, true()))
                     .order_by(*_order_by(ordering, of=page)))
 
