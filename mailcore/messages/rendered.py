@@ -8,9 +8,10 @@ request too). So a plain list page (no words, no thread grouping) can come back 
 JSON array, written by the database in the statement that picks the rows: the same bytes
 `email_json` and orjson write (SQLite's JSON strings and PostgreSQL's `to_json` escape
 what orjson's do, the same way; tests/test_messages_rendered holds them to it), in the
-list's order. Over a million messages at 16 connections (the bench's SQLite store,
-alternating rounds) the first page went from 740-751 to 773-963 req/s, a deep one from
-700-770 to 1,001-1,056, with 5-24 % less CPU a request.
+list's order. Over a million messages at 16 connections (the bench's stores, alternating
+rounds), the first page went from 740-751 to 773-963 req/s on SQLite and from 488-660 to
+766-856 on PostgreSQL; page 18,000 from 700-770 to 1,001-1,056 and from 343-548 to
+619-730; 5-52 % less CPU a request.
 
 The statement's one row: the array; whether every time in it was in the form the store
 writes (SQLite; else the caller reads the page the usual way); how many rows it holds; and
