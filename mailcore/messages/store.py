@@ -654,21 +654,23 @@ def thd_list_messages(
                      query.date_to, ordering)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     counted = keyset and _counted(query)
-    if counted and dialect == "postgresql" and shape is not None and unless is None \
-            and offset == 0 and limit > 0:
-        # PostgreSQL, a first page: the count, the stamp and the rows in one statement
-        # (one round trip to the server instead of two; the page needs nothing the count
-        # tells: from the first row on, LIMIT stops at the last).
-        found = _first_page_with_total(shape, ordering, as_json).rows(
+    if counted and shape is not None and unless is None and offset == 0 and limit > 0 \
+            and (dialect == "postgresql" or as_json):
+        # A first page: the count, the stamp and the rows in one statement (PostgreSQL: one
+        # round trip to the server instead of two; SQLite, written as JSON: one hand-over
+        # of Python's lock instead of two). The page needs nothing the count tells: from
+        # the first row on, LIMIT stops at the last.
+        found = _first_page_with_total(dialect, shape, ordering, as_json).rows(
             conn, {**values, "skip": 0, "n": limit})
         count, stamp = int(found[0][0]), int(found[0][1])
-        if as_json:
-            page = _json_page(dialect, found[0][2:], count, stamp, offset, marks, marks_key)
-            assert page is not None  # (PostgreSQL's times have one form)
+        if not as_json:
+            return _page_of_rows(
+                [row[2:] for row in found if row[2] is not None], count, stamp, offset,
+                marks, marks_key)
+        page = _json_page(dialect, found[0][2:], count, stamp, offset, marks, marks_key)
+        if page is not None:
             return page
-        return _page_of_rows(
-            [row[2:] for row in found if row[2] is not None], count, stamp, offset, marks,
-            marks_key)
+        # (SQLite, a time in another form: the page is read as rows, as below.)
     if counted:
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
         if stamp == unless:
@@ -819,15 +821,17 @@ def _plain_json_page(dialect: str, shape: tuple[str, ...], ordering: str, revers
 
 
 @functools.lru_cache(maxsize=64)
-def _first_page_with_total(shape: tuple[str, ...], ordering: str, as_json: bool) -> Prepared:
-    """PostgreSQL: `total_and_stamp_select` (of `shape`, the account and folder filters)
-    and `_plain_page`'s first page in one statement: each row is (total, stamp, then the
+def _first_page_with_total(dialect: str, shape: tuple[str, ...], ordering: str,
+                           as_json: bool) -> Prepared:
+    """`total_and_stamp_select` (of `shape`, the account and folder filters) and
+    `_plain_page`'s first page in one statement: each row is (total, stamp, then the
     page's columns); no page row (no message) gives one row, its page columns NULL. With
-    `as_json`, one row: (total, stamp, then `rendered.email_array`'s columns)."""
+    `as_json`, one row: (total, stamp, then `rendered.email_array`'s columns for
+    `dialect`). Without, PostgreSQL only (SQLite's rows come as `_in_one_row`'s)."""
     totals = total_and_stamp_select("account_id" in shape, "folder" in shape).subquery()
     page = _page(_shape_terms(shape, messages.c), ordering, False, False).subquery()
     if as_json:
-        written = email_array(page, _order_by(ordering, of=page), "postgresql").subquery()
+        written = email_array(page, _order_by(ordering, of=page), dialect).subquery()
         return Prepared(select(*totals.c, *written.c)
                         .select_from(totals.outerjoin(written, true())))
     return Prepared(select(*totals.c, *page.c).select_from(totals.outerjoin(page, true()))
