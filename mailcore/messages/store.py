@@ -696,18 +696,19 @@ def thd_list_messages(
     else:
         reverse = offset > count // 2
         skip, from_mark = (count - offset - n if reverse else offset), False
-    # A plain list `as_json`: the reply's JSON array (see mailcore.messages.rendered).
-    # SQLite, a plain list: the page's rows in one row (see _in_one_row). Built once per
-    # shape of query; wrapping a search's statement, built for each request, would cost
-    # more (a millisecond) than it saves.
-    one_row = dialect == "sqlite" and shape is not None
     if shape is not None and as_json:
+        # A plain list as the reply's JSON array (see mailcore.messages.rendered); what it
+        # cannot hold is read as rows below.
         found = _plain_json_page(dialect, shape, ordering, reverse, from_mark).rows(
             conn, {**values, "skip": skip, "n": n})
         page = _json_page(dialect, found[0] if found else None, count, stamp, offset,
                           marks, marks_key)
         if page is not None:
             return page
+    # SQLite, a plain list: the page's rows in one row (see _in_one_row). Built once per
+    # shape of query; wrapping a search's statement, built for each request, would cost
+    # more (a millisecond) than it saves.
+    one_row = dialect == "sqlite" and shape is not None
     statement: Select[Any] | Prepared
     if shape is not None:
         statement = _plain_page(shape, ordering, reverse, from_mark, one_row)
