@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    false,
     func,
     literal_column,
     null,
@@ -59,8 +60,8 @@ def _well_formed(value: ColumnElement[Any]) -> ColumnElement[bool]:
 
 
 def _iso(value: ColumnElement[Any]) -> ColumnElement[Any]:
-    """A well-formed time as `payload.iso` writes it: 'T' between day and time, a Z, the
-    microseconds only when there are some."""
+    """SQLite: a well-formed time as `payload.iso` writes it ('T' between day and time, a
+    Z, the microseconds only when there are some), as text; NULL stays NULL."""
     day, clock = _substr(value, 1, 10), _substr(value, 12, 8)
     return case(
         (value.is_(None), null()),
@@ -69,60 +70,51 @@ def _iso(value: ColumnElement[Any]) -> ColumnElement[Any]:
     )
 
 
-def _email(c: Any) -> ColumnElement[Any]:
-    """SQLite: `email_json` of a page row (`mailcore.messages.store._PAGE_COLUMNS`)."""
-    return func.json_object(
-        _text("id"), c.id,
-        _text("message_id"), c.message_id,
-        _text("subject"), c.subject,
-        _text("sender"), c.sender,
-        _text("recipient"), c.recipient,
-        _text("date"), _iso(c.date),
-        _text("folder"), c.folder,
-        _text("thread_id"), case(
-            (c.thread_id.is_(None), null()), else_=_text("thread-").concat(c.thread_id)),
-        _text("thread_count"), _thread_count(c),
-        _text("imap_server"), c.account_id,
-        _text("has_attachments"), func.json(case(
-            (c.has_attachments != literal_column("0", Integer), _text("true")),
-            else_=_text("false"))),
-    )
-
-
-def _pg_value(value: ColumnElement[Any]) -> ColumnElement[str]:
-    """PostgreSQL: JSON text of a value (text, number or NULL), as orjson writes it
-    (`to_json` escapes text as orjson does)."""
-    return func.coalesce(cast(func.to_json(value), Text), _text("null"))
-
-
-def _pg_iso(value: ColumnElement[Any]) -> ColumnElement[str]:
-    """PostgreSQL: JSON text of a time, as `payload.iso` writes it (in UTC, a Z, the
-    microseconds only when there are some)."""
+def _pg_iso(value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """PostgreSQL: a time as `payload.iso` writes it (in UTC), as text; NULL stays NULL."""
     utc = func.timezone(_text("UTC"), value)
     whole = func.to_char(utc, _text('YYYY-MM-DD"T"HH24:MI:SS'))
     micro = func.to_char(utc, _text("US"))
     return case(
-        (value.is_(None), _text("null")),
-        (micro == _text("000000"), func.concat(_text('"'), whole, _text('Z"'))),
-        else_=func.concat(_text('"'), whole, _text("."), micro, _text('Z"')),
+        (value.is_(None), null()),
+        (micro == _text("000000"), func.concat(whole, _text("Z"))),
+        else_=func.concat(whole, _text("."), micro, _text("Z")),
     )
 
 
-def _pg_email(c: Any) -> ColumnElement[str]:
-    """PostgreSQL: `email_json` of a page row as compact JSON text (its own json_build_object
-    writes spaces after colons and commas)."""
-    parts: list[Any] = [_text('{"id":'), cast(c.id, Text)]
-    for key, value in (
-        ("message_id", _pg_value(c.message_id)), ("subject", _pg_value(c.subject)),
-        ("sender", _pg_value(c.sender)), ("recipient", _pg_value(c.recipient)),
-        ("date", _pg_iso(c.date)), ("folder", _pg_value(c.folder)),
-        ("thread_id", case((c.thread_id.is_(None), _text("null")),
-                           else_=func.concat(_text('"thread-'), c.thread_id, _text('"')))),
-        ("thread_count", cast(_thread_count(c), Text)),
-        ("imap_server", _pg_value(c.account_id)),
-        ("has_attachments", case((c.has_attachments, _text("true")), else_=_text("false"))),
-    ):
-        parts += [_text(f',"{key}":'), value]
+def _fields(c: Any, dialect: str) -> list[tuple[str, ColumnElement[Any]]]:
+    """`email_json`'s keys, in its order, and each one's value for a page row
+    (`mailcore.messages.store._PAGE_COLUMNS`): text, numbers, NULL, and (PostgreSQL) a
+    boolean; SQLite, which has none, gets `has_attachments` as a JSON value already."""
+    has_attachments: ColumnElement[Any]
+    if dialect == "postgresql":
+        iso, has_attachments = _pg_iso, func.coalesce(c.has_attachments, false())
+    else:
+        iso, has_attachments = _iso, func.json(case(
+            (c.has_attachments != literal_column("0", Integer), _text("true")),
+            else_=_text("false")))
+    return [
+        ("id", c.id), ("message_id", c.message_id), ("subject", c.subject),
+        ("sender", c.sender), ("recipient", c.recipient), ("date", iso(c.date)),
+        ("folder", c.folder),
+        ("thread_id", case((c.thread_id.is_(None), null()),
+                           else_=_text("thread-").concat(c.thread_id))),
+        ("thread_count", _thread_count(c)), ("imap_server", c.account_id),
+        ("has_attachments", has_attachments),
+    ]
+
+
+def _email(c: Any, dialect: str) -> ColumnElement[Any]:
+    """`email_json` of a page row: SQLite's `json_object`; on PostgreSQL compact JSON text
+    of `to_json`'s values (its own json_build_object writes spaces after colons and
+    commas; `to_json` escapes text as orjson does)."""
+    fields = _fields(c, dialect)
+    if dialect != "postgresql":
+        return func.json_object(*(x for key, value in fields for x in (_text(key), value)))
+    parts: list[Any] = []
+    for key, value in fields:
+        parts += [_text(("{" if not parts else ",") + f'"{key}":'),
+                  func.coalesce(cast(func.to_json(value), Text), _text("null"))]
     return func.concat(*parts, _text("}"))
 
 
@@ -144,11 +136,11 @@ def email_array(rows: Subquery, order: list[Any], dialect: str) -> Select[Any]:
         return fn.over(order_by=order, rows=(None, None))
 
     if dialect == "postgresql":
-        array = func.concat(_text("["), whole(func.string_agg(_pg_email(c), _text(","))),
+        array = func.concat(_text("["), whole(func.string_agg(_email(c, dialect), _text(","))),
                             _text("]"))
         ok: Any = literal_column("1", Integer)  # timestamptz: no other form
     else:
-        array = whole(func.json_group_array(_email(c)))
+        array = whole(func.json_group_array(_email(c, dialect)))
         ok = whole(func.min(case(
             (or_(c.date.is_(None), _well_formed(c.date)), literal_column("1", Integer)),
             else_=literal_column("0", Integer))))

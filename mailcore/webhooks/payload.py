@@ -65,8 +65,9 @@ def email_head(m: MessageSummary) -> dict[str, Any]:
 
 def email_json(m: MessageSummary) -> dict[str, Any]:
     """An e-mail as seed 001's emails list shows it (plus the account and attachments).
-    `mailcore.messages.rendered` writes the same in SQL for a plain list page on SQLite:
-    change the two together (tests/test_messages_rendered.py compares their bytes)."""
+    `mailcore.messages.rendered` writes the same in SQL for a plain list page (SQLite and
+    PostgreSQL): change the two together (tests/test_messages_rendered.py compares their
+    bytes)."""
     return {
         **email_head(m),
         "folder": m.folder,
