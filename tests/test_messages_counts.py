@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 
+import orjson
 from sqlalchemy import Connection, case, delete, func, select, update
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -183,6 +184,59 @@ class CountsTestsMixin(DatabaseMixin):
         none = await self.db.run("make_user", thd_make_user, "nobody")
         page = await self.store.list_messages(none, MessageQuery())
         self.assertEqual((page.items, page.count), ([], 0))
+
+    async def test_a_later_page_read_in_one_statement_equals_the_page_read_in_two(
+            self) -> None:
+        """A page after the first, read knowing the list's last stamp and count (one
+        statement with the count and the stamp, planned from them: forward, from a
+        remembered row or from the other end), is the page the general way reads, as rows
+        and as JSON; when the list changed since, it is read again and is still right."""
+        from mailcore.messages import store as store_module
+
+        for n in range(1, 15):
+            await self.add(n, f"S{n}", None, "INBOX" if n % 3 else "Sent", day=1 + n // 2)
+        marks = {as_json: PageMarks() for as_json in (False, True)}
+
+        async def check(query: MessageQuery) -> None:
+            two = await self.db.read("two", thd_list_messages, self.user, query, None,
+                                     PageMarks(), -1)
+            for as_json, kept in marks.items():
+                one = await self.db.read("one", thd_list_messages, self.user, query, None,
+                                         kept, None, as_json)
+                self.assertEqual((one.count, one.stamp), (two.count, two.stamp), query)
+                if as_json and one.json is not None:
+                    self.assertEqual([e["id"] for e in orjson.loads(one.json)],
+                                     [m.id for m in two.items], query)
+                else:
+                    self.assertEqual(one.items, two.items, query)
+
+        for ordering in ("-date", "date"):
+            for folder in (None, "Sent"):
+                for offset in (0, 3, 6, 9, 12, 9, 3, 13, 20):  # forward, back, past the end
+                    await check(MessageQuery(ordering=ordering, folder=folder,
+                                             offset=offset, limit=3))
+        # Known stamp and count: no separate read of them.
+        real = store_module.thd_total_and_stamp
+
+        def refused(*args: object) -> object:
+            raise AssertionError("the count and stamp were read apart")
+
+        deep = MessageQuery(offset=6, limit=3)
+        expected = await self.db.read("two", thd_list_messages, self.user, deep, None,
+                                      PageMarks(), -1)
+        store_module.thd_total_and_stamp = refused  # type: ignore[assignment]
+        try:
+            # (As JSON: on SQLite only a page written as JSON comes with its count.)
+            page = await self.db.read("one", thd_list_messages, self.user, deep, None,
+                                      marks[True], None, True)
+        finally:
+            store_module.thd_total_and_stamp = real  # type: ignore[assignment]
+        self.assertEqual(([e["id"] for e in orjson.loads(page.json or b"")], page.count),
+                         ([m.id for m in expected.items], expected.count))
+        # The list changes: the planned page is not kept, the page is read again.
+        await self.add(30, "S30", None, "INBOX", day=30)
+        for offset in (6, 12, 3):
+            await check(MessageQuery(offset=offset, limit=3))
 
     async def test_remembered_page_starts_are_forgotten_when_messages_change(self) -> None:
         for n in range(1, 13):

@@ -617,7 +617,10 @@ def thd_list_messages(
     starts from the nearest row `marks` remembers before it (keyset) when that is closer
     than either end; else a page past the middle is read from the other end (every order
     term reversed, the rows turned back), so the deepest page walks as few index entries
-    as the first one.
+    as the first one. A plain list counted from the kept counts reads its count and stamp
+    in the statement that reads its rows (on SQLite when written as JSON): a first page
+    always, a later one when it can be planned from the stamp and count the list was last
+    read at, which the statement then finds unchanged (else the page is read again).
     """
     dialect = conn.dialect.name
     by_match = bool(query.q)
@@ -654,23 +657,33 @@ def thd_list_messages(
                      query.date_to, ordering)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     counted = keyset and _counted(query)
-    if counted and shape is not None and unless is None and offset == 0 and limit > 0 \
+    if counted and shape is not None and unless is None and limit > 0 \
             and (dialect == "postgresql" or as_json):
-        # A first page: the count, the stamp and the rows in one statement (PostgreSQL: one
-        # round trip to the server instead of two; SQLite, written as JSON: one hand-over
-        # of Python's lock instead of two). The page needs nothing the count tells: from
-        # the first row on, LIMIT stops at the last.
-        found = _first_page_with_total(dialect, shape, ordering, as_json).rows(
-            conn, {**values, "skip": 0, "n": limit})
-        count, stamp = int(found[0][0]), int(found[0][1])
-        if not as_json:
-            return _page_of_rows(
-                [row[2:] for row in found if row[2] is not None], count, stamp, offset,
-                marks, marks_key)
-        page = _json_page(dialect, found[0][2:], count, stamp, offset, marks, marks_key)
-        if page is not None:
-            return page
-        # (SQLite, a time in another form: the page is read as rows, as below.)
+        # The count, the stamp and the rows in one statement (PostgreSQL: one round trip
+        # to the server instead of two; SQLite, written as JSON: one hand-over of Python's
+        # lock instead of two). A first page needs nothing the count tells: from the first
+        # row on, LIMIT stops at the last. A later page is planned with the stamp and count
+        # this list was last read at, and kept only if the statement finds them unchanged.
+        assert marks is not None  # (a counted list is a keyset one)
+        known = None if offset == 0 else marks.known(marks_key)
+        if offset == 0 or (known is not None and offset < known[1]):
+            skip, n, reverse, from_mark = (0, limit, False, False) if known is None else \
+                _plan(values, marks, marks_key, known[0], known[1], offset, limit)
+            found = _page_with_total(dialect, shape, ordering, reverse, from_mark,
+                                     as_json).rows(conn, {**values, "skip": skip, "n": n})
+            count, stamp = int(found[0][0]), int(found[0][1])
+            if known is None or (stamp, count) == known:
+                if not as_json:
+                    rows = [row[2:] for row in found if row[2] is not None]
+                    if reverse:
+                        rows.reverse()
+                    return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
+                page = _json_page(dialect, found[0][2:], count, stamp, offset, marks,
+                                  marks_key)
+                if page is not None:
+                    return page
+            # (The list changed since, or on SQLite a time in another form: the page is
+            # read as below.)
     if counted:
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
         if stamp == unless:
@@ -685,17 +698,7 @@ def thd_list_messages(
         return Page(count=count, items=[], stamp=stamp)
     if by_match and _walk_the_date_index(conn, user_id, count, offset + limit):
         by_match = False
-    near = marks.nearest(marks_key, stamp, offset) \
-        if marks is not None and marks_key is not None and stamp is not None else None
-    n = min(limit, count - offset)
-    reverse = False
-    if near is not None and offset - near[0] < min(offset, count - offset - n):
-        # From the remembered row (itself included) on, in the list's own order.
-        at, (values["mark_date"], values["mark_id"]) = near
-        skip, from_mark = offset - at, True
-    else:
-        reverse = offset > count // 2
-        skip, from_mark = (count - offset - n if reverse else offset), False
+    skip, n, reverse, from_mark = _plan(values, marks, marks_key, stamp, count, offset, limit)
     if shape is not None and as_json:
         # A plain list as the reply's JSON array (see mailcore.messages.rendered); what it
         # cannot hold is read as rows below.
@@ -722,6 +725,23 @@ def thd_list_messages(
     return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
 
 
+def _plan(values: dict[str, Any], marks: PageMarks | None, marks_key: tuple[Any, ...] | None,
+          stamp: int | None, count: int, offset: int, limit: int
+          ) -> tuple[int, int, bool, bool]:
+    """How to read the page at `offset` of `limit` rows of a list of `count` rows at
+    `stamp`: (rows to skip, rows to read, whether from the other end, whether from a
+    remembered row, whose (date, id) it puts in `values` as :mark_date and :mark_id)."""
+    near = marks.nearest(marks_key, stamp, offset) \
+        if marks is not None and marks_key is not None and stamp is not None else None
+    n = min(limit, count - offset)
+    if near is not None and offset - near[0] < min(offset, count - offset - n):
+        # From the remembered row (itself included) on, in the list's own order.
+        at, (values["mark_date"], values["mark_id"]) = near
+        return offset - at, n, False, True
+    reverse = offset > count // 2
+    return (count - offset - n if reverse else offset), n, reverse, False
+
+
 def _json_page(dialect: str, row: Sequence[Any] | None, count: int, stamp: int | None,
                offset: int, marks: PageMarks | None, marks_key: tuple[Any, ...] | None
                ) -> Page[MessageSummary] | None:
@@ -742,8 +762,8 @@ def _json_page(dialect: str, row: Sequence[Any] | None, count: int, stamp: int |
         first_date, last_date = sqlite_time(first_date), sqlite_time(last_date)
     if marks is not None and marks_key is not None and stamp is not None \
             and first_date is not None and last_date is not None:
-        marks.remember(marks_key, stamp, {offset: (first_date, first_id),
-                                          offset + n - 1: (last_date, last_id)})
+        marks.remember(marks_key, stamp, count, {offset: (first_date, first_id),
+                                                 offset + n - 1: (last_date, last_id)})
     return Page(count=count, items=[], stamp=stamp, json=encoded)
 
 
@@ -754,7 +774,7 @@ def _page_of_rows(rows: Sequence[Any], count: int, stamp: int | None, offset: in
     first and last rows remembered in `marks` under `marks_key` at `stamp`."""
     if marks is not None and marks_key is not None and stamp is not None and rows \
             and rows[0][_DATE_AT] is not None and rows[-1][_DATE_AT] is not None:
-        marks.remember(marks_key, stamp, {
+        marks.remember(marks_key, stamp, count, {
             offset: (rows[0][_DATE_AT], rows[0][0]),
             offset + len(rows) - 1: (rows[-1][_DATE_AT], rows[-1][0]),
         })
@@ -822,21 +842,22 @@ def _plain_json_page(dialect: str, shape: tuple[str, ...], ordering: str, revers
 
 
 @functools.lru_cache(maxsize=64)
-def _first_page_with_total(dialect: str, shape: tuple[str, ...], ordering: str,
-                           as_json: bool) -> Prepared:
+def _page_with_total(dialect: str, shape: tuple[str, ...], ordering: str, reverse: bool,
+                     from_mark: bool, as_json: bool) -> Prepared:
     """`total_and_stamp_select` (of `shape`, the account and folder filters) and
-    `_plain_page`'s first page in one statement: each row is (total, stamp, then the
-    page's columns); no page row (no message) gives one row, its page columns NULL. With
-    `as_json`, one row: (total, stamp, then `rendered.email_array`'s columns for
-    `dialect`). Without, PostgreSQL only (SQLite's rows come as `_in_one_row`'s)."""
+    `_plain_page`'s page in one statement: each row is (total, stamp, then the page's
+    columns, in the order they are read: turned round with `reverse`); no page row gives
+    one row, its page columns NULL. With `as_json`, one row: (total, stamp, then
+    `rendered.email_array`'s columns for `dialect`, in the list's own order). Without,
+    PostgreSQL only (SQLite's rows come as `_in_one_row`'s)."""
     totals = total_and_stamp_select("account_id" in shape, "folder" in shape).subquery()
-    page = _page(_shape_terms(shape, messages.c), ordering, False, False).subquery()
+    page = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark).subquery()
     if as_json:
         written = email_array(page, _order_by(ordering, of=page), dialect).subquery()
         return Prepared(select(*totals.c, *written.c)
                         .select_from(totals.outerjoin(written, true())))
     return Prepared(select(*totals.c, *page.c).select_from(totals.outerjoin(page, true()))
-                    .order_by(*_order_by(ordering, of=page)))
+                    .order_by(*_order_by(ordering, reverse=reverse, of=page)))
 
 
 def _in_one_row(page: Select[Any], ordering: str, reverse: bool) -> Select[Any]:
