@@ -299,3 +299,32 @@ class SQLiteCountsTests(CountsTestsMixin, TestCase):
 
 class PostgreSQLCountsTests(CountsTestsMixin, TestCase):
     backend = "postgresql"
+
+    async def test_list_pages_run_on_a_kept_generic_plan(self) -> None:
+        """A first page and a page from a remembered row, read again and again, are not
+        planned again each time: their statements (LIMIT and OFFSET written in) are
+        prepared once on the connection and PostgreSQL keeps their generic plan."""
+        for n in range(1, 13):
+            await self.add(n, f"S{n}", None, "INBOX", day=n)
+        marks = PageMarks()
+        queries = [MessageQuery(limit=3), MessageQuery(offset=3, limit=3)]
+
+        def read_often(conn: Connection) -> list[tuple[str, int, int]]:
+            # psycopg prepares a statement at its fifth run; PostgreSQL plans the first
+            # five runs of a prepared statement for their parameters, then weighs its
+            # generic plan.
+            for _ in range(20):
+                for query in queries:
+                    for as_json in (False, True):
+                        page = thd_list_messages(conn, self.user, query, None, marks, None,
+                                                 as_json)
+                        self.assertEqual(page.count, 12)
+            return [(r[0], int(r[1]), int(r[2])) for r in conn.exec_driver_sql(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%%LIMIT 3%%'")]
+
+        found = await self.db.read("often", read_often)
+        # The first page and the later one, each as rows and as JSON.
+        self.assertEqual(len(found), 4, found)
+        for statement, generic, custom in found:
+            self.assertGreater(generic, custom, statement[-200:])
