@@ -662,30 +662,12 @@ def thd_list_messages(
             and (dialect == "postgresql" or as_json):
         # The count, the stamp and the rows in one statement (PostgreSQL: one round trip
         # to the server instead of two; SQLite, written as JSON: one hand-over of Python's
-        # lock instead of two). A first page needs nothing the count tells: from the first
-        # row on, LIMIT stops at the last. A later page is planned with the stamp and count
-        # this list was last read at, and kept only if the statement finds them unchanged.
-        assert marks is not None  # (a counted list is a keyset one)
-        known = None if offset == 0 else marks.known(marks_key)
-        if offset == 0 or (known is not None and offset < known[1]):
-            skip, n, reverse, from_mark = (0, limit, False, False) if known is None else \
-                _plan(values, marks, marks_key, known[0], known[1], offset, limit)
-            found = _page_with_total(
-                dialect, shape, ordering, reverse, from_mark, as_json,
-                _window(dialect, skip, n, limit)).rows(conn, {**values, "skip": skip, "n": n})
-            count, stamp = int(found[0][0]), int(found[0][1])
-            if known is None or (stamp, count) == known:
-                if not as_json:
-                    rows = [row[2:] for row in found if row[2] is not None]
-                    if reverse:
-                        rows.reverse()
-                    return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
-                page = _json_page(dialect, found[0][2:], count, stamp, offset, marks,
-                                  marks_key)
-                if page is not None:
-                    return page
-            # (The list changed since, or on SQLite a time in another form: the page is
-            # read as below.)
+        # lock instead of two); else the page is read as below.
+        assert marks is not None and marks_key is not None  # (a counted list is keyset)
+        page = _page_with_known_total(conn, dialect, shape, ordering, values, offset, limit,
+                                      marks, marks_key, as_json)
+        if page is not None:
+            return page
     if counted:
         count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
         if stamp == unless:
@@ -701,11 +683,11 @@ def thd_list_messages(
     if by_match and _walk_the_date_index(conn, user_id, count, offset + limit):
         by_match = False
     skip, n, reverse, from_mark = _plan(values, marks, marks_key, stamp, count, offset, limit)
+    window = _window(dialect, skip, n, limit)
     if shape is not None and as_json:
         # A plain list as the reply's JSON array (see mailcore.messages.rendered); what it
         # cannot hold is read as rows below.
-        found = _plain_json_page(dialect, shape, ordering, reverse, from_mark,
-                                 _window(dialect, skip, n, limit)).rows(
+        found = _plain_json_page(dialect, shape, ordering, reverse, from_mark, window).rows(
             conn, {**values, "skip": skip, "n": n})
         page = _json_page(dialect, found[0] if found else None, count, stamp, offset,
                           marks, marks_key)
@@ -717,13 +699,45 @@ def thd_list_messages(
     one_row = dialect == "sqlite" and shape is not None
     statement: Select[Any] | Prepared
     if shape is not None:
-        statement = _plain_page(shape, ordering, reverse, from_mark, one_row,
-                                _window(dialect, skip, n, limit))
+        statement = _plain_page(shape, ordering, reverse, from_mark, one_row, window)
     elif tsq is not None and by_match:
         statement = _search_page(ordering, reverse, from_mark)
     else:
         statement = _page(where(by_match), ordering, reverse, from_mark, ids_first=by_match)
     rows = _page_rows(conn, statement, {**values, "skip": skip, "n": n}, one_row)
+    if reverse:
+        rows.reverse()
+    return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
+
+
+def _page_with_known_total(
+    conn: Connection, dialect: str, shape: tuple[str, ...], ordering: str,
+    values: dict[str, Any], offset: int, limit: int, marks: PageMarks,
+    marks_key: tuple[Any, ...], as_json: bool,
+) -> Page[MessageSummary] | None:
+    """A plain list's page read in one statement with its count and stamp
+    (`_page_with_total`), as rows or (`as_json`) as `_json_page`; None when it must be read
+    the general way. A first page needs nothing the count tells: from the first row on,
+    LIMIT stops at the last. A later page is planned with the stamp and count the list was
+    last read at (`marks`), and kept only if the statement finds them unchanged."""
+    known = marks.known(marks_key) if offset else None
+    if known is not None:
+        if offset >= known[1]:
+            return None
+        skip, n, reverse, from_mark = _plan(values, marks, marks_key, *known, offset, limit)
+    elif offset:
+        return None
+    else:
+        skip, n, reverse, from_mark = 0, limit, False, False
+    found = _page_with_total(dialect, shape, ordering, reverse, from_mark, as_json,
+                             _window(dialect, skip, n, limit)).rows(
+        conn, {**values, "skip": skip, "n": n})
+    count, stamp = int(found[0][0]), int(found[0][1])
+    if known is not None and (stamp, count) != known:
+        return None  # the list changed since
+    if as_json:
+        return _json_page(dialect, found[0][2:], count, stamp, offset, marks, marks_key)
+    rows = [row[2:] for row in found if row[2] is not None]
     if reverse:
         rows.reverse()
     return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
@@ -886,12 +900,12 @@ def _page_with_total(dialect: str, shape: tuple[str, ...], ordering: str, revers
     `rendered.email_array`'s columns for `dialect`, in the list's own order). Without,
     PostgreSQL only (SQLite's rows come as `_in_one_row`'s)."""
     totals = total_and_stamp_select("account_id" in shape, "folder" in shape).subquery()
-    page = _page(_shape_terms(shape, messages.c), ordering, reverse, from_mark,
-                 window=window).subquery()
     if as_json:
-        written = email_array(page, _order_by(ordering, of=page), dialect).subquery()
+        written = _plain_json_page(dialect, shape, ordering, reverse, from_mark,
+                                   window).statement.subquery()
         return Prepared(select(*totals.c, *written.c)
                         .select_from(totals.outerjoin(written, true())))
+    page = _plain_page(shape, ordering, reverse, from_mark, False, window).statement.subquery()
     return Prepared(select(*totals.c, *page.c).select_from(totals.outerjoin(page, true()))
                     .order_by(*_order_by(ordering, reverse=reverse, of=page)))
 
