@@ -49,9 +49,43 @@ class DatabaseTestsMixin(DatabaseMixin):
     """The behaviour both backends share. Mixed into one TestCase per backend."""
 
     db: Database
+    lane_threads: int
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.db = await self.open_database()
+
+    async def test_reads_take_a_lane_of_their_own(self) -> None:
+        """Short reads run on the read lane's threads (one on SQLite, two on PostgreSQL);
+        writes and long reads (a full-text search) on the shared pool's. A read answers
+        while every shared thread is held by a write."""
+
+        def thread_name(conn: Connection) -> str:
+            return threading.current_thread().name
+
+        reads = await defer.gatherResults(
+            [self.db.read("where", thread_name) for _ in range(16)])
+        writes = await defer.gatherResults(
+            [self.db.run("where", thread_name) for _ in range(8)])
+        long_reads = await defer.gatherResults(
+            [self.db.read_long("where", thread_name) for _ in range(8)])
+        self.assertLessEqual(len(set(reads)), self.lane_threads)
+        self.assertTrue(all("mailcore-db-read" in name for name in reads))
+        self.assertFalse(any("mailcore-db-read" in name for name in writes + long_reads))
+
+        release = threading.Event()
+        held = threading.Semaphore(0)
+
+        def hold(conn: Connection) -> None:
+            held.release()
+            release.wait(30)
+
+        holding = [self.db.run("hold", hold) for _ in range(4)]  # the shared pool's four
+        try:
+            await threads.deferToThread(lambda: [held.acquire(timeout=30) for _ in holding])
+            self.assertIn("mailcore-db-read", await self.db.read("where", thread_name))
+        finally:
+            release.set()
+            await defer.gatherResults(holding)
 
     async def test_run_and_read_return_results_from_a_pool_thread(self) -> None:
         """Work runs on the Database's own threads; its result comes back in the Deferred."""
@@ -285,23 +319,7 @@ class DatabaseTestsMixin(DatabaseMixin):
 
 class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
     backend = "sqlite"
-
-    async def test_reads_take_a_lane_of_their_own(self) -> None:
-        """Reads run one at a time on the read lane's thread; writes and long reads (a
-        full-text search) on the shared pool's."""
-
-        def thread_name(conn: Connection) -> str:
-            return threading.current_thread().name
-
-        reads = await defer.gatherResults(
-            [self.db.read("where", thread_name) for _ in range(8)])
-        writes = await defer.gatherResults(
-            [self.db.run("where", thread_name) for _ in range(8)])
-        long_reads = await defer.gatherResults(
-            [self.db.read_long("where", thread_name) for _ in range(8)])
-        self.assertEqual(len(set(reads)), 1)
-        self.assertIn("mailcore-db-read", reads[0])
-        self.assertFalse(any("mailcore-db-read" in name for name in writes + long_reads))
+    lane_threads = 1
 
     async def test_pragmas_give_durable_concurrent_sqlite(self) -> None:
         """WAL, synchronous=FULL, a busy timeout, foreign keys and the checkpoint interval on
@@ -416,6 +434,7 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
 
 class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
     backend = "postgresql"
+    lane_threads = 2
 
     async def test_serialization_failure_is_retried(self) -> None:
         """SQLSTATE 40001 (serialization failure) rolls back and runs the function again."""
