@@ -1,10 +1,11 @@
-"""The outbox on a Clock: the next message is handed to the queue once the queue has tried
-the one before it, woken by the spool's results commit (no polling of the store), in
-posting order."""
+"""The outbox on a Clock: a mailbox's next message is handed to the queue once the queue has
+tried the one before it, woken by the spool's results commit (no polling of the store), in
+posting order; each mailbox in a stream of its own."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from twisted.internet import defer
@@ -12,13 +13,14 @@ from twisted.internet import defer
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
-from mailcore.mailapi.outbox import FIFO_POLL, OutboxSender
+from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender
 from mailcore.store.schema import queue_messages, users
 from mailcore.workers import CpuPool
 from tests.support.mailsink import done
 from tests.support.queuetest import QueueTestCase
 
 BOB = "bob@customer.test"
+JOE = "joe@customer.test"
 
 
 class OutboxWakeUpTests(QueueTestCase):
@@ -54,3 +56,45 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(self.queued(), 3)
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+
+    async def test_a_mailbox_waiting_on_its_next_hop_holds_no_other_mailbox_up(self) -> None:
+        done(defer.Deferred.fromCoroutine(
+            MailboxService(self.db, self.clock).add(JOE, self.owner)))
+        for n, sender in ((0, BOB), (1, BOB), (2, JOE)):
+            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "from": sender, "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        self.connector.hold = defer.Deferred()  # the next hop has not answered yet
+        self.sender.startService()
+        # bob's second mail waits for his first's try; joe's, posted after both, goes.
+        self.assertEqual(self.queued(), 2)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.assertEqual(self.queued(), 3)
+        addresses = self.connector.addresses()
+        self.assertEqual(sorted(addresses), [f"r{n}@customer.test" for n in range(3)])
+        self.assertLess(addresses.index("r0@customer.test"),  # bob's, in his order
+                        addresses.index("r1@customer.test"))
+        await self.sender.stopService()
+        self.assertEqual(self.sender.settled().called, True)
+
+    async def test_a_mailbox_whose_send_failed_is_sent_again_after_a_pause(self) -> None:
+        written = await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "r0@customer.test", "subject": "n0"}))
+        self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        accept = self.q.spool.accept
+        calls: list[str] = []
+
+        async def failing_once(queue_id: str, *args: Any) -> None:
+            calls.append(queue_id)
+            if len(calls) == 1:
+                raise OSError("the spool's disk is full")
+            await accept(queue_id, *args)
+
+        self.patch(self.q.spool, "accept", failing_once)
+        self.sender.startService()
+        self.assertEqual((len(calls), self.queued()), (1, 0))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.clock.advance(RETRY_AFTER)
+        self.assertEqual((len(calls), self.queued()), (2, 1))
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test"])

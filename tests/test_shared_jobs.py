@@ -519,8 +519,7 @@ class SharedJobsMixin(DatabaseMixin):
             self.addCleanup(sender.stopService)
 
         async def passes() -> None:
-            await defer.DeferredList([d for d in (s._current for s in senders) if d],
-                                     consumeErrors=True)
+            await defer.DeferredList([s.settled() for s in senders])
 
         await passes()
         for _ in range(20):  # the nodes' polls, until the outbox is empty

@@ -1,18 +1,21 @@
-"""The outbox: mail set to `outbox` goes to the delivery queue in posting order (FIFO).
+"""The outbox: mail set to `outbox` goes to the delivery queue in posting order, first in
+first out for each sending mailbox.
 
 Each outbox row was built and given its queue id when it entered the outbox
 (mailcore.mailapi.mail). The sender takes outbox rows oldest first, hands each to the spool
 (`Spool.accept`, kind "outbox") and marks it `sent` once the spool has committed it. The
-queue works on many messages at once (filtering runs concurrently), so to keep the order at
-the next hop the sender hands over the next message only once the queue has tried the
-previous one (none of its recipients still `queued`: delivered, deferred, bounced or held),
-or after FIFO_WAIT seconds, so that one slow message cannot hold the outbox for long. It
-looks again each time this node's spool commits delivery results (`Spool.on_results`), and
-every FIFO_POLL seconds besides, for results another node sharing the store commits. The
-queue id is the idempotency key: after a crash between the spool's commit and the mark, the
-row's id is found in the queue and the row is marked sent without a second accept. Hosted
-recipients are then delivered locally by the queue, the others routed as any mail ([queue]
-relayhost or MX); bounces come back to the sender's mailbox.
+queue works on many messages at once (filtering runs concurrently), so to keep a mailbox's
+order at the next hop the sender hands over its next message only once the queue has tried
+the previous one (none of its recipients still `queued`: delivered, deferred, bounced or
+held), or after FIFO_WAIT seconds, so that one slow message cannot hold the mailbox for
+long. Each mailbox is a stream of its own: one mailbox waiting on a slow next hop never
+holds up another's mail. A stream looks again each time this node's spool commits delivery
+results (`Spool.on_results`), and every FIFO_POLL seconds besides, for results another node
+sharing the store commits. The queue id is the idempotency key: after a crash between the
+spool's commit and the mark, the row's id is found in the queue and the row is marked sent
+without a second accept. Hosted recipients are then delivered locally by the queue, the
+others routed as any mail ([queue] relayhost or MX); bounces come back to the sender's
+mailbox.
 
 Nodes sharing the store send the outbox one at a time: a node claims the job lease
 "mailapi_outbox" (mailcore.store.leases) before it reads the rows it will send and again
@@ -24,7 +27,7 @@ same row to the spool (whose group commit the second queue id would fail).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -59,12 +62,20 @@ OUTBOX_POLL = 5.0
 _m = mailapi_mail.c
 
 
-def thd_outbox(conn: Connection, limit: int) -> list[tuple[int, str, Envelope, bytes, bool]]:
-    """Blocking: the oldest outbox rows as (row id, queue id, envelope, message, already
-    in the queue)."""
-    rows = conn.execute(
-        select(_m.id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs, _m.bcc_addrs,
-               _m.raw).where(_m.status == OUTBOX).order_by(_m.id).limit(limit)).all()
+OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
+
+
+def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
+               besides: Collection[int] = ()) -> list[OutboxRow]:
+    """Blocking: the oldest outbox rows (of `mailbox` only; of mailboxes not in `besides`)
+    as (row id, mailbox id, queue id, envelope, message, already in the queue)."""
+    query = select(_m.id, _m.mailbox_id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs,
+                   _m.bcc_addrs, _m.raw).where(_m.status == OUTBOX)
+    if mailbox is not None:
+        query = query.where(_m.mailbox_id == mailbox)
+    if besides:
+        query = query.where(_m.mailbox_id.not_in(list(besides)))
+    rows = conn.execute(query.order_by(_m.id).limit(limit)).all()
     queued = {r[0] for r in conn.execute(select(queue_messages.c.id).where(
         queue_messages.c.id.in_([row.queue_id for row in rows])))} if rows else set()
     out = []
@@ -82,7 +93,8 @@ def thd_outbox(conn: Connection, limit: int) -> list[tuple[int, str, Envelope, b
                 domains[domain] = thd_domain_for(conn, domain)
             recipients.append(Recipient(address, domains[domain]))
         envelope = Envelope(row.mail_from, tuple(recipients), kind="outbox")
-        out.append((row.id, row.queue_id, envelope, bytes(row.raw), row.queue_id in queued))
+        out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(row.raw),
+                    row.queue_id in queued))
     return out
 
 
@@ -100,7 +112,8 @@ def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
 
 
 class OutboxSender(Service):
-    """Hands outbox mail to the spool, oldest first (FIFO per sending mailbox)."""
+    """Hands outbox mail to the spool, oldest first: a stream for each sending mailbox,
+    first in first out within it (see the module docstring)."""
 
     def __init__(self, db: Database, clock: IReactorTime, spool: Spool,
                  leases: JobLeases | None = None) -> None:
@@ -113,19 +126,23 @@ class OutboxSender(Service):
         self._busy = False
         self._again = False
         self._retry: IDelayedCall | None = None
-        self._current: defer.Deferred[None] | None = None
-        self._pause: defer.Deferred[None] | None = None
+        self._current: defer.Deferred[None] | None = None  # the look for mailboxes to send
+        self._streams: dict[int, defer.Deferred[None]] = {}  # mailbox id -> its stream
+        self._resting: set[int] = set()  # mailboxes whose stream failed, until the retry
+        self._pauses: set[defer.Deferred[None]] = set()  # streams waiting for a try
         self._results_seen = 0  # results commits of this node's spool so far
         spool.on_results.append(self._results_committed)
 
     def _results_committed(self) -> None:
         self._results_seen += 1
-        waiting, self._pause = self._pause, None
-        if waiting is not None and not waiting.called:
-            waiting.callback(None)
+        waiting, self._pauses = self._pauses, set()
+        for pause in waiting:
+            if not pause.called:
+                pause.callback(None)
 
     def startService(self) -> None:
         super().startService()
+        self._resting.clear()
         self.kick()  # what a crash left in the outbox
         if self.leases is not None:
             self._poll = task.LoopingCall(self.kick)
@@ -140,37 +157,98 @@ class OutboxSender(Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        if self._pause is not None:
-            self._pause.cancel()
-        return self._current if self._current is not None else defer.succeed(None)
+        for pause in list(self._pauses):
+            pause.cancel()
+        return self.settled()
+
+    def settled(self) -> defer.Deferred[None]:
+        """Fires once the look for mailboxes to send and every mailbox's stream have
+        ended (at once when none runs)."""
+        running = [d for d in (self._current, *self._streams.values()) if d is not None]
+        if not running:
+            return defer.succeed(None)
+        return defer.DeferredList(running, consumeErrors=True).addCallback(lambda _: None)
 
     def kick(self) -> None:
-        """Send what is in the outbox (again, if a pass is running)."""
+        """Send what is in the outbox (look again, if a look is running)."""
         if not self.running:
             return
         if self._busy:
             self._again = True
             return
         self._busy = True
-        self._current = defer.Deferred.fromCoroutine(self._pass())
+        self._current = defer.Deferred.fromCoroutine(self._look())
 
-    async def _pass(self) -> None:
+    async def _look(self) -> None:
+        """Start a stream for each mailbox with outbox mail and none running; give the
+        lease up when no mailbox has any."""
         try:
             while self.running:
                 self._again = False
-                sent = await self._send_batch()
-                if not sent and not self._again:
-                    await self._let_go()
+                # The oldest rows of mailboxes without a stream: read again until none is
+                # left, so that a mailbox with much mail never hides the others' behind it.
+                rows = await self._rows(besides=set(self._streams) | self._resting)
+                for mailbox, mine in _by_mailbox(rows).items():
+                    if mailbox not in self._streams:
+                        ended = self._streams[mailbox] = defer.Deferred()
+                        defer.Deferred.fromCoroutine(
+                            self._stream(mailbox, mine)).chainDeferred(ended)
+                if not rows and not self._again:
+                    if not self._streams:
+                        await self._let_go()
                     break
         except defer.CancelledError:
             pass  # stopping
         except Exception:
-            log.failure("sending the outbox failed; trying again in {s} s", s=RETRY_AFTER)
-            if self.running:
-                self._retry = self.clock.callLater(RETRY_AFTER, self.kick)
+            self._failed(None)
         finally:
             self._busy = False
             self._current = None
+
+    async def _rows(self, **which: Any) -> list[OutboxRow]:
+        """The oldest outbox rows (`thd_outbox`), read as of a claim of the lease; none when
+        another node holds it."""
+        rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH, **which)
+        if rows and self.leases is not None:
+            if not await self._claim():
+                return []  # another node is sending the outbox
+            rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH, **which)
+        return rows
+
+    async def _stream(self, mailbox: int, rows: list[OutboxRow]) -> None:
+        """Send `mailbox`'s outbox, oldest first, until it is empty."""
+        try:
+            while rows and self.running:
+                for row_id, _, queue_id, envelope, raw, queued in rows:
+                    if not self.running or not await self._claim():
+                        return
+                    if not queued:
+                        await self.spool.accept(queue_id, envelope, raw)
+                    await self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
+                                      self.clock.seconds())
+                    await self._tried(queue_id)
+                rows = await self._rows(mailbox=mailbox)
+        except defer.CancelledError:
+            pass  # stopping
+        except Exception:
+            self._failed(mailbox)
+            return
+        finally:
+            del self._streams[mailbox]
+        self.kick()  # to give the lease up if the outbox is empty now
+
+    def _failed(self, mailbox: int | None) -> None:
+        """Log the failure (of `mailbox`'s stream; None: of the look) and look again after
+        RETRY_AFTER seconds, the mailbox left alone until then."""
+        log.failure("sending the outbox failed; trying again in {s} s", s=RETRY_AFTER)
+        if mailbox is not None:
+            self._resting.add(mailbox)
+        if self.running and not (self._retry is not None and self._retry.active()):
+            self._retry = self.clock.callLater(RETRY_AFTER, self._after_rest)
+
+    def _after_rest(self) -> None:
+        self._resting.clear()
+        self.kick()
 
     async def _claim(self) -> bool:
         """Whether this node may send the outbox now (always, without leases)."""
@@ -186,24 +264,6 @@ class OutboxSender(Service):
             self._holding = False
             await self.leases.release(OUTBOX_JOB, self.clock.seconds())
 
-    async def _send_batch(self) -> int:
-        rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH)
-        if rows and self.leases is not None:
-            if not await self._claim():
-                return 0  # another node is sending the outbox
-            rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH)  # as of the claim
-        sent = 0
-        for row_id, queue_id, envelope, raw, queued in rows:
-            if not self.running or (sent and not await self._claim()):
-                break
-            if not queued:
-                await self.spool.accept(queue_id, envelope, raw)
-            await self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
-                              self.clock.seconds())
-            sent += 1
-            await self._tried(queue_id)
-        return sent
-
     async def _tried(self, queue_id: str) -> None:
         """Wait until the queue has tried `queue_id` (at most FIFO_WAIT seconds)."""
         give_up = self.clock.seconds() + FIFO_WAIT
@@ -213,12 +273,26 @@ class OutboxSender(Service):
                 return
             if self._results_seen != seen:
                 continue  # results were committed while we looked: look again
-            self._pause = defer.Deferred()
-            timer = self.clock.callLater(min(FIFO_POLL, give_up - self.clock.seconds()),
-                                         self._results_committed)
+            pause: defer.Deferred[None] = defer.Deferred()
+            self._pauses.add(pause)
+
+            def wake(pause: defer.Deferred[None] = pause) -> None:
+                self._pauses.discard(pause)
+                if not pause.called:
+                    pause.callback(None)
+
+            timer = self.clock.callLater(min(FIFO_POLL, give_up - self.clock.seconds()), wake)
             try:
-                await self._pause
+                await pause
             finally:
-                self._pause = None
+                self._pauses.discard(pause)
                 if timer.active():
                     timer.cancel()
+
+
+def _by_mailbox(rows: list[OutboxRow]) -> dict[int, list[OutboxRow]]:
+    """Rows grouped by their mailbox, each group oldest first."""
+    out: dict[int, list[OutboxRow]] = {}
+    for row in rows:
+        out.setdefault(row[1], []).append(row)
+    return out
