@@ -123,6 +123,7 @@ class OutboxSender(Service):
         self.leases = leases  # None: this node is alone (no lease, no polling)
         self._poll: task.LoopingCall | None = None
         self._holding = False
+        self._claimed_at = 0.0  # when this node last claimed the lease and got it
         self._busy = False
         self._again = False
         self._retry: IDelayedCall | None = None
@@ -224,9 +225,15 @@ class OutboxSender(Service):
                         return
                     if not queued:
                         await self.spool.accept(queue_id, envelope, raw)
-                    await self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
-                                      self.clock.seconds())
-                    await self._tried(queue_id)
+                    # Marked while the queue tries it: a crash before the mark commits
+                    # finds the queue id in the queue and marks the row without a second
+                    # accept.
+                    marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
+                                         self.clock.seconds())
+                    try:
+                        await self._tried(queue_id)
+                    finally:
+                        await marked
                 rows = await self._rows(mailbox=mailbox)
         except defer.CancelledError:
             pass  # stopping
@@ -251,11 +258,16 @@ class OutboxSender(Service):
         self.kick()
 
     async def _claim(self) -> bool:
-        """Whether this node may send the outbox now (always, without leases)."""
+        """Whether this node may send the outbox now (always, without leases). A lease
+        claimed less than half its length ago is held still: no write to renew it."""
         if self.leases is None:
             return True
-        self._holding = await self.leases.claim(OUTBOX_JOB, self.clock.seconds(),
-                                                OUTBOX_LEASE)
+        now = self.clock.seconds()
+        if self._holding and now < self._claimed_at + OUTBOX_LEASE / 2:
+            return True
+        self._holding = await self.leases.claim(OUTBOX_JOB, now, OUTBOX_LEASE)
+        if self._holding:
+            self._claimed_at = now
         return self._holding
 
     async def _let_go(self) -> None:
