@@ -13,8 +13,8 @@ from twisted.internet import defer
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
-from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender
-from mailcore.store.schema import queue_messages, users
+from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender, thd_outbox
+from mailcore.store.schema import mailapi_mail, queue_messages, users
 from mailcore.workers import CpuPool
 from tests.support.mailsink import done
 from tests.support.queuetest import QueueTestCase
@@ -97,4 +97,28 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.clock.advance(RETRY_AFTER)
         self.assertEqual((len(calls), self.queued()), (2, 1))
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
+
+    async def test_a_mail_the_spool_took_before_a_crash_is_marked_not_sent_again(self) -> None:
+        await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "r0@customer.test", "subject": "n0"}))
+        # The spool committed the mail, then the node died before marking it sent.
+        [(_, _, queue_id, envelope, raw, queued)] = await self.db.read(
+            "outbox", thd_outbox, 10)
+        self.assertFalse(queued)
+        await self.q.spool.accept(queue_id, envelope, raw)
+        accept = self.q.spool.accept
+        calls: list[str] = []
+
+        async def counted(queue_id: str, *args: Any) -> None:
+            calls.append(queue_id)
+            await accept(queue_id, *args)
+
+        self.patch(self.q.spool, "accept", counted)
+        self.sender.startService()
+        await self.sender.settled()
+        self.assertEqual((calls, self.queued()), ([], 1))
+        statuses = await self.db.read("status", lambda c: c.execute(
+            select(mailapi_mail.c.status)).scalars().all())
+        self.assertEqual(statuses, ["sent"])
         self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
