@@ -1,6 +1,6 @@
 """The outbox on a Clock: a mailbox's next message is handed to the queue once the queue has
-tried the one before it, woken by the spool's results commit (no polling of the store), in
-posting order; each mailbox in a stream of its own."""
+tried the one before it, woken when the queue records the try or commits its results (no
+polling of the store), in posting order; each mailbox in a stream of its own."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertIn(FIFO_POLL, calls)
         hold, self.connector.hold = self.connector.hold, None
         hold.callback(None)
-        # No time passes: each results commit wakes the sender for the next message.
+        # No time passes: each try wakes the sender for the next message.
         self.assertEqual(self.queued(), 3)
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
@@ -122,3 +122,19 @@ class OutboxWakeUpTests(QueueTestCase):
             select(mailapi_mail.c.status)).scalars().all())
         self.assertEqual(statuses, ["sent"])
         self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
+
+    async def test_the_next_message_goes_once_the_try_is_recorded_before_its_commit(
+            self) -> None:
+        for n in range(3):
+            await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+        # Only the recorded results can wake the sender: it hears of no commit.
+        self.q.spool.on_results.remove(self.sender._results_committed)
+        self.connector.hold = defer.Deferred()
+        self.sender.startService()
+        self.assertEqual(self.queued(), 1)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.assertEqual(self.queued(), 3)  # and no time passed
+        self.assertEqual(self.connector.addresses(),
+                         ["r0@customer.test", "r1@customer.test", "r2@customer.test"])

@@ -81,6 +81,7 @@ class RecordingSpool:
         self.node = node
         # Told when delivery results commit (the outbox waits on it); none commit here.
         self.on_results: list[Callable[[], None]] = []
+        self.on_recorded: list[Callable[[Any], None]] = []
 
     async def accept(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
         self.queued.append((self.node, envelope))

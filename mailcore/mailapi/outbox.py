@@ -9,9 +9,11 @@ order at the next hop the sender hands over its next message only once the queue
 the previous one (none of its recipients still `queued`: delivered, deferred, bounced or
 held), or after FIFO_WAIT seconds, so that one slow message cannot hold the mailbox for
 long. Each mailbox is a stream of its own: one mailbox waiting on a slow next hop never
-holds up another's mail. A stream looks again each time this node's spool commits delivery
-results (`Spool.on_results`), and every FIFO_POLL seconds besides, for results another node
-sharing the store commits. The queue id is the idempotency key: after a crash between the
+holds up another's mail. A stream goes on as soon as this node's queue records the try
+(`Spool.on_recorded`, before the results commit), looks again each time this node's spool
+commits delivery results (`Spool.on_results`: local delivery commits its results in its
+own transaction), and every FIFO_POLL seconds besides, for results another node sharing
+the store commits. The queue id is the idempotency key: after a crash between the
 spool's commit and the mark, the row's id is found in the queue and the row is marked sent
 without a second accept. Hosted recipients are then delivered locally by the queue, the
 others routed as any mail ([queue] relayhost or MX); bounces come back to the sender's
@@ -38,7 +40,7 @@ from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.mail import OUTBOX, SENT
-from mailcore.queue.model import thd_domain_for
+from mailcore.queue.model import Result, thd_domain_for
 from mailcore.queue.spool import Spool
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
@@ -132,7 +134,10 @@ class OutboxSender(Service):
         self._resting: set[int] = set()  # mailboxes whose stream failed, until the retry
         self._pauses: set[defer.Deferred[None]] = set()  # streams waiting for a try
         self._results_seen = 0  # results commits of this node's spool so far
+        # The mails streams wait on: queue id -> (its recipients, those tried so far).
+        self._watched: dict[str, tuple[int, set[int]]] = {}
         spool.on_results.append(self._results_committed)
+        spool.on_recorded.append(self._recorded)
 
     def _results_committed(self) -> None:
         self._results_seen += 1
@@ -140,6 +145,24 @@ class OutboxSender(Service):
         for pause in waiting:
             if not pause.called:
                 pause.callback(None)
+
+    def _recorded(self, results: Sequence[Result]) -> None:
+        """This node's queue tried recipients (the results are not committed yet): a
+        stream whose mail has every recipient tried goes on at once."""
+        tried = False
+        for result in results:
+            watched = self._watched.get(result.message_id)
+            if watched is not None and len(watched[1]) < watched[0]:
+                watched[1].add(result.rcpt_id)
+                tried = tried or len(watched[1]) >= watched[0]
+        if tried:
+            self._results_committed()
+
+    def _tried_here(self, queue_id: str) -> bool:
+        """Whether this node's queue has tried every recipient of `queue_id` (as far as
+        results it recorded tell)."""
+        watched = self._watched.get(queue_id)
+        return watched is not None and len(watched[1]) >= watched[0]
 
     def startService(self) -> None:
         super().startService()
@@ -223,6 +246,7 @@ class OutboxSender(Service):
                 for row_id, _, queue_id, envelope, raw, queued in rows:
                     if not self.running or not await self._claim():
                         return
+                    self._watched[queue_id] = (len(envelope.recipients), set())
                     if not queued:
                         await self.spool.accept(queue_id, envelope, raw)
                     # Marked while the queue tries it: a crash before the mark commits
@@ -233,6 +257,7 @@ class OutboxSender(Service):
                     try:
                         await self._tried(queue_id)
                     finally:
+                        self._watched.pop(queue_id, None)
                         await marked
                 rows = await self._rows(mailbox=mailbox)
         except defer.CancelledError:
@@ -280,11 +305,13 @@ class OutboxSender(Service):
         """Wait until the queue has tried `queue_id` (at most FIFO_WAIT seconds)."""
         give_up = self.clock.seconds() + FIFO_WAIT
         while self.running and self.clock.seconds() < give_up:
+            if self._tried_here(queue_id):
+                return
             seen = self._results_seen
             if not await self.db.read("mailapi_outbox_untried", thd_untried, queue_id):
                 return
             if self._results_seen != seen:
-                continue  # results were committed while we looked: look again
+                continue  # results came while we looked: look again
             pause: defer.Deferred[None] = defer.Deferred()
             self._pauses.add(pause)
 

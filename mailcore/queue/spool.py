@@ -332,6 +332,9 @@ class Spool:
         # results transaction, a group commit they rode along in, or a write chore (local
         # delivery records its results).
         self.on_results: list[Callable[[], None]] = []
+        # Told each time delivery results are recorded (`record`): the tries they report
+        # have happened, their commit is still to come.
+        self.on_recorded: list[Callable[[Sequence[Result]], None]] = []
 
     # -- the API ------------------------------------------------------------------------
 
@@ -365,6 +368,11 @@ class Spool:
         if self._results_timer is None or not self._results_timer.active():
             self._results_timer = self.clock.callLater(RESULTS_DELAY, self._kick)
         self._kick()
+        for listener in list(self.on_recorded):
+            try:
+                listener(results)
+            except Exception:
+                log.failure("a listener to recorded results failed")
 
     def run_serialized(
         self, name: str, fn: Callable[..., T], *args: Any
