@@ -133,14 +133,18 @@ class OutboxSender(Service):
         self._streams: dict[int, defer.Deferred[None]] = {}  # mailbox id -> its stream
         self._resting: set[int] = set()  # mailboxes whose stream failed, until the retry
         self._pauses: set[defer.Deferred[None]] = set()  # streams waiting for a try
-        self._results_seen = 0  # results commits of this node's spool so far
+        self._wakes = 0  # wakes so far (tries recorded, results committed)
         # The mails streams wait on: queue id -> (its recipients, those tried so far).
         self._watched: dict[str, tuple[int, set[int]]] = {}
         spool.on_results.append(self._results_committed)
         spool.on_recorded.append(self._recorded)
 
     def _results_committed(self) -> None:
-        self._results_seen += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Tries happened: every stream waiting for one looks again."""
+        self._wakes += 1
         waiting, self._pauses = self._pauses, set()
         for pause in waiting:
             if not pause.called:
@@ -156,7 +160,7 @@ class OutboxSender(Service):
                 watched[1].add(result.rcpt_id)
                 tried = tried or len(watched[1]) >= watched[0]
         if tried:
-            self._results_committed()
+            self._wake()
 
     def _tried_here(self, queue_id: str) -> bool:
         """Whether this node's queue has tried every recipient of `queue_id` (as far as
@@ -307,10 +311,10 @@ class OutboxSender(Service):
         while self.running and self.clock.seconds() < give_up:
             if self._tried_here(queue_id):
                 return
-            seen = self._results_seen
+            seen = self._wakes
             if not await self.db.read("mailapi_outbox_untried", thd_untried, queue_id):
                 return
-            if self._results_seen != seen:
+            if self._wakes != seen:
                 continue  # results came while we looked: look again
             pause: defer.Deferred[None] = defer.Deferred()
             self._pauses.add(pause)
