@@ -95,6 +95,7 @@ class OutboxWakeUpTests(QueueTestCase):
         self.sender.startService()
         self.assertEqual((len(calls), self.queued()), (1, 0))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.sender._watched, {})  # nothing kept of the failed try
         self.clock.advance(RETRY_AFTER)
         self.assertEqual((len(calls), self.queued()), (2, 1))
         self.assertEqual(self.connector.addresses(), ["r0@customer.test"])

@@ -251,18 +251,20 @@ class OutboxSender(Service):
                     if not self.running or not await self._claim():
                         return
                     self._watched[queue_id] = (len(envelope.recipients), set())
-                    if not queued:
-                        await self.spool.accept(queue_id, envelope, raw)
-                    # Marked while the queue tries it: a crash before the mark commits
-                    # finds the queue id in the queue and marks the row without a second
-                    # accept.
-                    marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
-                                         self.clock.seconds())
                     try:
-                        await self._tried(queue_id)
+                        if not queued:
+                            await self.spool.accept(queue_id, envelope, raw)
+                        # Marked while the queue tries it: a crash before the mark commits
+                        # finds the queue id in the queue and marks the row without a
+                        # second accept.
+                        marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
+                                             self.clock.seconds())
+                        try:
+                            await self._tried(queue_id)
+                        finally:
+                            await marked
                     finally:
                         self._watched.pop(queue_id, None)
-                        await marked
                 rows = await self._rows(mailbox=mailbox)
         except defer.CancelledError:
             pass  # stopping
