@@ -130,7 +130,7 @@ class OutboxWakeUpTests(QueueTestCase):
             await self.mail.create(self.owner, BOB, Edit("outbox", {
                 "to": f"r{n}@customer.test", "subject": f"n{n}"}))
         # Only the recorded results can wake the sender: it hears of no commit.
-        self.q.spool.on_results.remove(self.sender._results_committed)
+        self.q.spool.on_results.remove(self.sender._wake)
         self.connector.hold = defer.Deferred()
         self.sender.startService()
         self.assertEqual(self.queued(), 1)

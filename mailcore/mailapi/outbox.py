@@ -136,14 +136,12 @@ class OutboxSender(Service):
         self._wakes = 0  # wakes so far (tries recorded, results committed)
         # The mails streams wait on: queue id -> (its recipients, those tried so far).
         self._watched: dict[str, tuple[int, set[int]]] = {}
-        spool.on_results.append(self._results_committed)
+        spool.on_results.append(self._wake)
         spool.on_recorded.append(self._recorded)
 
-    def _results_committed(self) -> None:
-        self._wake()
-
     def _wake(self) -> None:
-        """Tries happened: every stream waiting for one looks again."""
+        """Tries happened (results committed, or recorded by `_recorded`): every stream
+        waiting for one looks again."""
         self._wakes += 1
         waiting, self._pauses = self._pauses, set()
         for pause in waiting:
@@ -153,12 +151,14 @@ class OutboxSender(Service):
     def _recorded(self, results: Sequence[Result]) -> None:
         """This node's queue tried recipients (the results are not committed yet): a
         stream whose mail has every recipient tried goes on at once."""
+        if not self._watched:
+            return  # (the relay's results: nothing of the outbox's is waited on)
         tried = False
         for result in results:
             watched = self._watched.get(result.message_id)
-            if watched is not None and len(watched[1]) < watched[0]:
+            if watched is not None:
                 watched[1].add(result.rcpt_id)
-                tried = tried or len(watched[1]) >= watched[0]
+                tried = tried or self._tried_here(result.message_id)
         if tried:
             self._wake()
 
@@ -234,10 +234,11 @@ class OutboxSender(Service):
             self._current = None
 
     async def _rows(self, **which: Any) -> list[OutboxRow]:
-        """The oldest outbox rows (`thd_outbox`), read as of a claim of the lease; none when
-        another node holds it."""
+        """The oldest outbox rows (`thd_outbox`), read as of a claim of the lease (read
+        again after a claim this needed); none when another node holds it."""
+        held = self._held()
         rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH, **which)
-        if rows and self.leases is not None:
+        if rows and not held:
             if not await self._claim():
                 return []  # another node is sending the outbox
             rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH, **which)
@@ -247,24 +248,10 @@ class OutboxSender(Service):
         """Send `mailbox`'s outbox, oldest first, until it is empty."""
         try:
             while rows and self.running:
-                for row_id, _, queue_id, envelope, raw, queued in rows:
+                for row in rows:
                     if not self.running or not await self._claim():
                         return
-                    self._watched[queue_id] = (len(envelope.recipients), set())
-                    try:
-                        if not queued:
-                            await self.spool.accept(queue_id, envelope, raw)
-                        # Marked while the queue tries it: a crash before the mark commits
-                        # finds the queue id in the queue and marks the row without a
-                        # second accept.
-                        marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
-                                             self.clock.seconds())
-                        try:
-                            await self._tried(queue_id)
-                        finally:
-                            await marked
-                    finally:
-                        self._watched.pop(queue_id, None)
+                    await self._send(row)
                 rows = await self._rows(mailbox=mailbox)
         except defer.CancelledError:
             pass  # stopping
@@ -274,6 +261,25 @@ class OutboxSender(Service):
         finally:
             del self._streams[mailbox]
         self.kick()  # to give the lease up if the outbox is empty now
+
+    async def _send(self, row: OutboxRow) -> None:
+        """Hand one mail to the spool, mark it sent, and wait until the queue has tried
+        it."""
+        row_id, _, queue_id, envelope, raw, queued = row
+        self._watched[queue_id] = (len(envelope.recipients), set())
+        try:
+            if not queued:
+                await self.spool.accept(queue_id, envelope, raw)
+            # Marked while the queue tries it: a crash before the mark commits finds the
+            # queue id in the queue and marks the row without a second accept.
+            marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
+                                 self.clock.seconds())
+            try:
+                await self._tried(queue_id)
+            finally:
+                await marked
+        finally:
+            self._watched.pop(queue_id, None)
 
     def _failed(self, mailbox: int | None) -> None:
         """Log the failure (of `mailbox`'s stream; None: of the look) and look again after
@@ -288,14 +294,18 @@ class OutboxSender(Service):
         self._resting.clear()
         self.kick()
 
+    def _held(self) -> bool:
+        """Whether this node may send the outbox without claiming the lease first: there
+        are no leases, or it claimed the lease less than half its length ago."""
+        return self.leases is None or (
+            self._holding and self.clock.seconds() < self._claimed_at + OUTBOX_LEASE / 2)
+
     async def _claim(self) -> bool:
-        """Whether this node may send the outbox now (always, without leases). A lease
-        claimed less than half its length ago is held still: no write to renew it."""
-        if self.leases is None:
+        """Whether this node may send the outbox now (`_held`, else claimed now)."""
+        if self._held():
             return True
+        assert self.leases is not None
         now = self.clock.seconds()
-        if self._holding and now < self._claimed_at + OUTBOX_LEASE / 2:
-            return True
         self._holding = await self.leases.claim(OUTBOX_JOB, now, OUTBOX_LEASE)
         if self._holding:
             self._claimed_at = now

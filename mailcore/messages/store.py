@@ -720,15 +720,13 @@ def _page_with_known_total(
     the general way. A first page needs nothing the count tells: from the first row on,
     LIMIT stops at the last. A later page is planned with the stamp and count the list was
     last read at (`marks`), and kept only if the statement finds them unchanged."""
-    known = marks.known(marks_key) if offset else None
-    if known is not None:
-        if offset >= known[1]:
+    known = None
+    skip, n, reverse, from_mark = 0, limit, False, False
+    if offset:
+        known = marks.known(marks_key)
+        if known is None or offset >= known[1]:
             return None
         skip, n, reverse, from_mark = _plan(values, marks, marks_key, *known, offset, limit)
-    elif offset:
-        return None
-    else:
-        skip, n, reverse, from_mark = 0, limit, False, False
     found = _page_with_total(dialect, shape, ordering, reverse, from_mark, as_json,
                              _window(dialect, skip, n, limit)).rows(
         conn, {**values, "skip": skip, "n": n})
