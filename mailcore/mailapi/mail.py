@@ -1,5 +1,5 @@
-"""Mail in hosted mailboxes (seed 002's `/api/v1/mail/…`): listing, reading, drafts, the
-outbox, deleting.
+"""Mail in hosted mailboxes (seed 002's `/api/v1/mail/…`): listing (its reads are
+mailcore.mailapi.listing), reading, drafts, the outbox, deleting.
 
 Who may do what follows the mailbox's rights (mailcore.mailapi.mailboxes): reading needs
 `allow_read`, writing as a `from` needs `allow_send`, a `reply-to` needs `allow_reply_to`
@@ -38,7 +38,7 @@ from functools import partial
 from io import BytesIO
 from typing import Any, BinaryIO, TypeVar
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -46,8 +46,9 @@ from twisted.logger import Logger
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.delivery import thd_new_public_id
-from mailcore.mailapi.errors import DENIED, INVALID, NOT_FOUND, MailApiError
+from mailcore.mailapi.errors import DENIED, NOT_FOUND, MailApiError
 from mailcore.mailapi.files import GRACE, MailFiles, Received, StoredFile
+from mailcore.mailapi.listing import COLUMNS, FIELDS, AttachmentInfo, Mail, Page, thd_page
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
@@ -62,10 +63,6 @@ from mailcore.workers import CpuPool
 log = Logger()
 
 DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
-# The fields a client writes, by their names on the wire.
-FIELDS = ("to", "cc", "bcc", "reply-to", "from", "subject", "body")
-_COLUMNS = {"to": "to_addrs", "cc": "cc_addrs", "bcc": "bcc_addrs", "reply-to": "reply_to",
-            "from": "mail_from", "subject": "subject", "body": "body"}
 DEFAULT_COUNT = 25
 # Mail whose body and attachments together are larger is built before its transaction.
 BUILT_APART = 64 * 1024
@@ -93,14 +90,6 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True)
-class AttachmentInfo:
-    index: int
-    name: str
-    content_type: str
-    size: int
-
-
-@dataclass(frozen=True)
 class Download:
     """An attachment to serve: its bytes are the file `sha256` names, or `data` (rows
     stored before migration 0019)."""
@@ -110,26 +99,6 @@ class Download:
     size: int
     sha256: str | None
     data: bytes | None
-
-
-@dataclass(frozen=True)
-class Mail:
-    id: int
-    public_id: str
-    mailbox: str
-    status: str
-    read: bool
-    fields: dict[str, str]
-    attachments: tuple[AttachmentInfo, ...]
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Page:
-    emails: list[Mail]
-    count: int
-    previous_id: str | None
-    next_id: str | None
 
 
 @dataclass
@@ -183,10 +152,6 @@ def thd_rights_by_mailbox(conn: Connection, user_id: int) -> dict[int, tuple[str
     return out
 
 
-def _readable(rights: dict[int, tuple[str, Rights]]) -> list[int]:
-    return sorted(i for i, (_, r) in rights.items() if r.allow_read)
-
-
 def _attachments(conn: Connection, mail_ids: Sequence[int]
                  ) -> dict[int, tuple[AttachmentInfo, ...]]:
     """The attachments of these mails (one query), numbered from 1 per mail."""
@@ -200,7 +165,7 @@ def _attachments(conn: Connection, mail_ids: Sequence[int]
 
 
 def _mail(row: Any, address: str, attachments: tuple[AttachmentInfo, ...]) -> Mail:
-    values = {name: getattr(row, column) or "" for name, column in _COLUMNS.items()}
+    values = {name: getattr(row, column) or "" for name, column in COLUMNS.items()}
     return Mail(row.id, row.public_id, address, row.status, bool(row.read), values,
                 attachments, row.created_at)
 
@@ -253,7 +218,7 @@ def _new_values(edit: Edit, rights: dict[int, tuple[str, Rights]], user_email: s
 
 def _edited_values(edit: Edit, row: Any) -> dict[str, str]:
     """A draft's fields after `edit`: the ones given, the row's for the rest."""
-    return {name: edit.values.get(name, getattr(row, _COLUMNS[name]) or "")
+    return {name: edit.values.get(name, getattr(row, COLUMNS[name]) or "")
             for name in FIELDS}
 
 
@@ -276,35 +241,8 @@ class MailService:
 
     async def page(self, user_id: int, count: int, cursor: str | None) -> Page:
         """Up to `count` mails, newest first, starting at `cursor` (a mail id; None: the
-        newest). A keyset page: stable while new mail arrives."""
-
-        def txn(conn: Connection) -> Page:
-            rights = thd_rights_by_mailbox(conn, user_id)
-            boxes = _readable(rights)
-            if not boxes:
-                return Page([], 0, None, None)
-            mine = _m.mailbox_id.in_(boxes)
-            total = conn.execute(select(func.coalesce(func.sum(mailboxes.c.mail_count), 0))
-                                 .where(mailboxes.c.id.in_(boxes))).scalar_one()
-            query = _ROW.where(mine)
-            previous = None
-            if cursor is not None:
-                start = conn.execute(select(_m.id).where(_m.public_id == cursor, mine)).first()
-                if start is None:
-                    raise MailApiError(INVALID, "invalid cursor", "cursor")
-                query = query.where(_m.id <= start.id)
-                before = conn.execute(select(_m.public_id).where(mine, _m.id > start.id)
-                                      .order_by(_m.id).limit(count)).all()
-                previous = before[-1].public_id if before else None
-            rows = conn.execute(query.order_by(_m.id.desc()).limit(count + 1)).all()
-            following = rows[count].public_id if len(rows) > count else None
-            shown = rows[:count]
-            attached = _attachments(conn, [row.id for row in shown])
-            emails = [_mail(row, rights[row.mailbox_id][0], attached.get(row.id, ()))
-                      for row in shown]
-            return Page(emails, total, previous, following)
-
-        return await self.db.read("mailapi_page", txn)
+        newest). A keyset page: stable while new mail arrives (mailcore.mailapi.listing)."""
+        return await self.db.read("mailapi_page", thd_page, user_id, count, cursor)
 
     def _thd_find(self, conn: Connection, user_id: int, public_id: str,
                   rights: dict[int, tuple[str, Rights]] | None = None
@@ -460,7 +398,7 @@ class MailService:
                                    "can keep this email")
             key = conn.execute(insert(mailapi_mail).values(
                 public_id=thd_new_public_id(conn), mailbox_id=box, status=DRAFT, read=True,
-                created_at=now, **{_COLUMNS[n]: v for n, v in values.items()},
+                created_at=now, **{COLUMNS[n]: v for n, v in values.items()},
             )).inserted_primary_key
             assert key is not None
             thd_count_mail(conn, box, 1)
@@ -514,7 +452,7 @@ class MailService:
                 raise MailApiError(DENIED, "you may not write mail from this mailbox")
             values = _edited_values(edit, row)
             conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
-                **{_COLUMNS[n]: v for n, v in values.items()}))
+                **{COLUMNS[n]: v for n, v in values.items()}))
             _thd_insert_attachments(conn, row.id, edit.attachments)
             fresh = conn.execute(_ROW.where(_m.id == row.id)).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
