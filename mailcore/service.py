@@ -35,6 +35,7 @@ from mailcore.startup import (
     report_config_errors,
 )
 from mailcore.store import Database
+from mailcore.store.settings import StoreSettings
 from mailcore.tls import ensure_certificate
 
 log = Logger()
@@ -103,7 +104,9 @@ def build_core(config: Config, reactor: IReactorCore) -> Core:
     comes here first; see mailcore.files)."""
     restrict_umask()
     ensure_data_dir(config)
-    db = Database(config.database_url, reactor)  # type: ignore[arg-type]
+    store = StoreSettings.from_config(config.section("store"))
+    db = Database(config.database_url, reactor,  # type: ignore[arg-type]
+                  max_threads=store.threads, read_threads=store.read_threads)
     db.migrate_blocking()
     cert, key = ensure_certificate(
         config.data_dir, config.tls_cert, config.tls_key, config.hostname

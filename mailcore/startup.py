@@ -141,6 +141,7 @@ TABLES: dict[str, Reader] = {
     "dropmyemail": _settings("dropmyemail", "mailcore.backup:BackupSettings", "from_section"),
     "web": _web,
     "log": _settings("log", "mailcore.logrotation:LogSettings", "from_config"),
+    "store": _settings("store", "mailcore.store.settings:StoreSettings", "from_config"),
 }
 
 

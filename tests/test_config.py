@@ -272,7 +272,7 @@ class TableTests(SynchronousTestCase):
             self.error({"smpt": {"max_recipients": 5}}),
             f"unknown table [smpt] (tables: {', '.join(sorted(TABLES))})",
         )
-        self.assertIn("smtp, tokens, web, webhooks", ", ".join(sorted(TABLES)))
+        self.assertIn("smtp, store, tokens, web, webhooks", ", ".join(sorted(TABLES)))
 
     def test_every_table_read_anywhere_is_registered(self) -> None:
         """A table some code reads with `config.section(...)` but TABLES does not list

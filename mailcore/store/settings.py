@@ -1,0 +1,50 @@
+"""The `[store]` table: how many threads run the database's work.
+
+```toml
+[store]
+threads = 4         # writes and long reads (backups, searches, sweeps)
+read_threads = 2    # the lane of short reads (list pages, lookups); default 1 on SQLite
+```
+
+Every thread holds a database connection while it works, and each thread of the read lane
+keeps its own between reads: a node opens at most `threads + read_threads + 1` connections,
+and PostgreSQL's `max_connections` must cover that for every node sharing it (and the CLI).
+
+The defaults suit a small host with the database on it. SQLite writes one transaction at a
+time whatever `threads` is, and one read thread there was faster than several (they spent
+more time handing Python's lock round than reading). On PostgreSQL, more read threads pay
+when the server has cores of its own to run them (its own host, reached over a network,
+where each read also waits on the round trip); on a two-core host with PostgreSQL on it,
+two beat four (mailcore.store.database). Measure before raising them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mailcore.config import ConfigError
+
+MAX_THREADS = 64
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    threads: int = 4
+    read_threads: int | None = None  # None: 1 on SQLite, 2 on PostgreSQL
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> StoreSettings:
+        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"[store] unknown key: {unknown[0]}")
+        values: dict[str, int] = {}
+        for key in ("threads", "read_threads"):
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_THREADS:
+                    raise ConfigError(f"[store] {key} must be a whole number from 1 to "
+                                      f"{MAX_THREADS}")
+                values[key] = v
+        return cls(**values)

@@ -1,0 +1,65 @@
+"""The `[store]` table: the database's threads as the operator sets them, checked at
+start-up, and the daemon's store built with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailcore.config import Config, ConfigError, config_from_toml
+from mailcore.service import build_core
+from mailcore.startup import check_tables
+from mailcore.store.settings import StoreSettings
+from tests.support.pg import create_test_database
+from tests.support.reactor import get_reactor
+from tests.support.servers import tempdir_for
+
+
+class StoreSettingsTests(SynchronousTestCase):
+    def error(self, section: dict[str, Any]) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            check_tables(config_from_toml({"store": section}), get_reactor())
+        return str(caught.exception)
+
+    def test_defaults_leave_the_read_lane_to_the_database(self) -> None:
+        self.assertEqual(StoreSettings.from_config({}), StoreSettings(4, None))
+        self.assertEqual(StoreSettings.from_config({"threads": 8, "read_threads": 6}),
+                         StoreSettings(8, 6))
+
+    def test_bad_values_are_one_line_naming_the_key(self) -> None:
+        for key, value in (("threads", 0), ("threads", 65), ("read_threads", "2"),
+                           ("read_threads", True), ("threads", 2.5), ("read_threads", -1)):
+            self.assertEqual(self.error({key: value}),
+                             f"[store] {key} must be a whole number from 1 to 64", (key, value))
+        self.assertEqual(self.error({"pool": 3}), "[store] unknown key: pool")
+
+
+class BuiltStoreTests(TestCase):
+    async def build(self, store: dict[str, int], db_url: str | None = None) -> Any:
+        data_dir = Path(tempdir_for(self, "mailcore-store-")) / "var"
+        core = build_core(Config(data_dir=data_dir, db_url=db_url, sections={"store": store}),
+                          get_reactor())
+        self.addCleanup(core.cpu.stop)
+        await core.db.open()
+        self.addCleanup(core.db.close)
+        return core.db
+
+    async def test_the_daemons_store_has_the_threads_set(self) -> None:
+        db = await self.build({"threads": 3, "read_threads": 5},
+                              await create_test_database(self))
+        assert db._pool is not None and db._read_pool is not None
+        self.assertEqual((db._pool.max, db._read_pool.max), (3, 5))
+        # PostgreSQL: a connection for each thread and one spare, and no more.
+        self.assertEqual((db.engine.pool.size(), db.engine.pool._max_overflow), (9, 0))
+
+    async def test_postgresql_reads_on_two_threads_unless_told(self) -> None:
+        db = await self.build({"threads": 6}, await create_test_database(self))
+        assert db._pool is not None and db._read_pool is not None
+        self.assertEqual((db._pool.max, db._read_pool.max, db.engine.pool.size()), (6, 2, 9))
+
+    async def test_sqlite_reads_on_one_thread_unless_told(self) -> None:
+        db = await self.build({})
+        assert db._pool is not None and db._read_pool is not None
+        self.assertEqual((db._pool.max, db._read_pool.max), (4, 1))
