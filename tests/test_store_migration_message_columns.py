@@ -6,11 +6,10 @@ left as it was."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, select
 from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -20,7 +19,7 @@ from mailcore.messages.store import thd_list_messages, thd_thread_ids
 from mailcore.store.migrate import MIGRATIONS, downgrade_to, upgrade_to
 from mailcore.store.schema import messages
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin, open_database
+from tests.support.db import DatabaseMixin, open_database, query_plans
 from tests.support.fetchenv import thd_make_user
 
 BEFORE = "0024_search_order"
@@ -195,25 +194,6 @@ class ReorderedTests(SynchronousTestCase):
             "CONSTRAINT u UNIQUE (size, cc)\n)"))
 
 
-def _plans_of(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
-              ) -> list[list[str]]:
-    """Run `reads` on `conn`; the query plan (its steps) of each statement it ran that
-    `wanted` picks."""
-    seen: list[tuple[str, Any]] = []
-
-    def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if wanted(statement):
-            seen.append((statement, parameters))
-
-    event.listen(conn, "before_cursor_execute", capture)
-    try:
-        reads()
-    finally:
-        event.remove(conn, "before_cursor_execute", capture)
-    return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)]
-            for statement, params in seen]
-
-
 def _user_index_made_last(conn: Connection) -> None:
     """Make the user's date index again, so that SQLite meets it after the thread's."""
     conn.exec_driver_sql("DROP INDEX ix_messages_user_date")
@@ -233,7 +213,7 @@ class ThreadListPlanTests(TestCase):
         await store.add_message(user, _PLAIN)
 
         def plan(conn: Connection) -> list[str]:
-            return _plans_of(conn, lambda statement: "newer" in statement, lambda: (
+            return query_plans(conn, lambda statement: "newer" in statement, lambda: (
                 thd_list_messages(conn, user, MessageQuery(limit=50, threads_only=True))))[-1]
 
         for _ in range(2):
@@ -260,7 +240,7 @@ class ThreadListPlanTests(TestCase):
                                                                   thread_id=thread_id))
                 self.assertEqual([m.id for m in page.items], [row_id])
 
-            return _plans_of(conn, lambda statement: (
+            return query_plans(conn, lambda statement: (
                 "thread_id =" in statement and "FROM messages" in statement), reads)
 
         for _ in range(2):

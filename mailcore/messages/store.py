@@ -444,6 +444,14 @@ def _filter_shape(query: MessageQuery) -> tuple[str, ...]:
     return tuple(name for name in _FILTER_TERMS if getattr(query, name) is not None)
 
 
+# The terms of `_FILTER_TERMS` that an index could serve, written so that none does (see
+# `_filters`, `by_match`).
+_UNINDEXED_TERMS: dict[str, Callable[[Any], ColumnElement[bool]]] = {
+    "account_id": lambda c: c.account_id + 0 == bindparam("account_id"),
+    "folder_id": lambda c: c.folder_id + 0 == bindparam("folder_id"),
+}
+
+
 def _shape_terms(shape: tuple[str, ...], c: Any, by_match: bool = False
                  ) -> list[ColumnElement[bool]]:
     """The user's rows (see `_filters` for `by_match`) and the `_FILTER_TERMS` of `shape`.
@@ -451,8 +459,9 @@ def _shape_terms(shape: tuple[str, ...], c: Any, by_match: bool = False
     rows, the user's index (as good a way in to a planner without statistics) all of them."""
     user: Any = bindparam("user_id")
     by_other = by_match or "thread_id" in shape
+    terms = _FILTER_TERMS if not by_match else {**_FILTER_TERMS, **_UNINDEXED_TERMS}
     return [(c.user_id + 0 == user) if by_other else (c.user_id == user),
-            *(_FILTER_TERMS[name](c) for name in shape)]
+            *(terms[name](c) for name in shape)]
 
 
 def _filters(
@@ -466,7 +475,10 @@ def _filters(
     row ids, or a thread's for `_newest_of_thread`), not through one on user_id ("+ 0"
     keeps the database from walking the user's whole date index and probing each entry:
     SQLite has no statistics, and PostgreSQL, asked for the newest 50, takes that walk for
-    a rare word too, some 50,000 rows deep over a million messages)."""
+    a rare word too, some 50,000 rows deep over a million messages), nor through the
+    account's or the folder's (a search of one account of 100,000 messages walked them
+    all: 15 ms for a word in 200 of them, 150 ms for one in 2,000, against 1 and 5 ms
+    through the matches)."""
     conds = _shape_terms(_filter_shape(query), table.c, by_match)
     if query.q:
         conds.append(match_clause(dialect, table.c.id, query.q))

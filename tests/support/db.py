@@ -9,7 +9,10 @@ from `tests.support.pg`, opened (migrated) and closed at the end of the test.
 from __future__ import annotations
 
 import shutil
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, event
 
 from mailcore.store import Database
 from tests.support.pg import create_test_database
@@ -85,3 +88,22 @@ class DatabaseMixin(MixinBase):
     async def open_database_at(self, url: str, *, max_threads: int = 4) -> Database:
         """A second Database object on the same database."""
         return await open_database_at(self, url, max_threads=max_threads)
+
+
+def query_plans(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
+                ) -> list[list[str]]:
+    """SQLite: run `reads` on `conn`; the query plan (its steps) of each statement it ran
+    that `wanted` picks."""
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if wanted(statement):
+            seen.append((statement, parameters))
+
+    event.listen(conn, "before_cursor_execute", capture)
+    try:
+        reads()
+    finally:
+        event.remove(conn, "before_cursor_execute", capture)
+    return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)]
+            for statement, params in seen]
