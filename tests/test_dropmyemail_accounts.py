@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import update
 from twisted.trial.unittest import TestCase
 
 from mailcore.backup import GOOGLE_REFUSAL, BackupSettings, derive_host
 from mailcore.config import Config, ConfigError
+from mailcore.fetch.state import thd_folder
+from mailcore.store.schema import users
 from tests.support.oauth import access_token
 from tests.support.web import Web
 
@@ -80,6 +83,13 @@ class AccountsApiTests(ApiBase):
         status, _, body = await self.web.call("GET", "/v1/accounts")
         self.assertEqual((status, body["error"]), (401, "invalid_token"))
 
+    async def test_the_token_of_a_deactivated_user_is_401(self) -> None:
+        self.assertEqual((await self.call("GET", "/v1/accounts"))[0], 200)
+        await self.web.core.db.run("deactivate", lambda conn: conn.execute(
+            update(users).where(users.c.id == self.alice.id).values(is_active=False)))
+        status, body = await self.call("GET", "/v1/accounts")
+        self.assertEqual((status, body["error"]), (401, "invalid_token"))
+
     async def test_bad_input_is_4xx_in_the_oauth_shape(self) -> None:
         cases: list[tuple[str, str, dict[str, Any]]] = [
             ("GET", "/v1/accounts?sort=password", {}),
@@ -132,6 +142,7 @@ class MailboxInputTests(ApiBase):
         account = await self.web.core.fetch.accounts.create(
             self.alice.id, name="a", email="a@x.test", host="127.0.0.1", port=143,
             password="pw", allow_cleartext=True)
+        self.account = account.id
         self.base = f"/v1/accounts/{account.id}"
 
     async def test_an_empty_account_reads_as_empty(self) -> None:
@@ -171,7 +182,19 @@ class MailboxInputTests(ApiBase):
     async def test_another_users_account_reads_as_not_found(self) -> None:
         bob = await self.web.user("bob")
         token = await access_token(self.web.core.oauth, bob.id)
+        folder = await self.web.core.db.run(
+            "folder", lambda conn: thd_folder(conn, self.account, "INBOX").id)
+        mailbox = f"{self.base}/mailboxes/{folder}/messages"
+        self.assertEqual(await self.call("GET", mailbox), (200, []))
         for path in (f"{self.base}/mailboxes", f"{self.base}/messages/search?query=x",
-                     f"{self.base}/attachments", f"{self.base}/contacts"):
+                     f"{self.base}/attachments", f"{self.base}/contacts", mailbox,
+                     f"{mailbox}/1"):
             status, body = await self.call("GET", path, token)
             self.assertEqual((status, body["error"]), (404, "not_found"), path)
+        # Nor is one account's mailbox found under another account of the same user.
+        other = await self.web.core.fetch.accounts.create(
+            self.alice.id, name="b", email="b@x.test", host="127.0.0.1", port=143,
+            password="pw", allow_cleartext=True)
+        status, body = await self.call("GET", f"/v1/accounts/{other.id}/mailboxes/{folder}"
+                                       "/messages")
+        self.assertEqual((status, body["error_description"]), (404, "No such mailbox."))

@@ -33,7 +33,13 @@ from mailcore.messages.parse import extract_part
 from mailcore.messages.sql import utc
 from mailcore.messages.store import MessageNotFound
 from mailcore.store import Database
-from mailcore.store.schema import fetch_folders, message_attachments, message_blobs, messages
+from mailcore.store.schema import (
+    fetch_accounts,
+    fetch_folders,
+    message_attachments,
+    message_blobs,
+    messages,
+)
 
 MAX_PER_PAGE = 40
 
@@ -70,13 +76,16 @@ class BackupMail:
             raise NotFound() from None
 
     async def _mailbox(self, user_id: int, account_id: int, mailbox_id: int) -> str:
-        """The mailbox's name, if it is a mailbox of that account of the user's."""
-        await self._account(user_id, account_id)
+        """The mailbox's name, if it is a mailbox of that account of the user's (one read:
+        every message list and download asks)."""
 
         def txn(conn: Connection) -> str | None:
             name: str | None = conn.execute(
-                select(fetch_folders.c.name).where(fetch_folders.c.id == mailbox_id,
-                                                   fetch_folders.c.account_id == account_id)
+                select(fetch_folders.c.name)
+                .join_from(fetch_folders, fetch_accounts,
+                           fetch_accounts.c.id == fetch_folders.c.account_id)
+                .where(fetch_folders.c.id == mailbox_id, fetch_folders.c.account_id == account_id,
+                       fetch_accounts.c.user_id == user_id)
             ).scalar()
             return name
 

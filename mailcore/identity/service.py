@@ -129,6 +129,13 @@ def utc(value: datetime.datetime | None) -> datetime.datetime | None:
     return value
 
 
+def thd_get_user(conn: Connection, user_id: int) -> User | None:
+    """Blocking: the user `user_id`, None when there is none (for a caller's transaction
+    that reads the user with what it stands for, such as an access token)."""
+    row = conn.execute(select(users).where(users.c.id == user_id)).first()
+    return _user(row) if row else None
+
+
 def _user(row: Any) -> User:
     m = row._mapping
     return User(
@@ -272,11 +279,7 @@ class Identity:
             raise IdentityError("Password must be 1 to 1024 characters.", "password")
 
     async def get_user(self, user_id: int) -> User | None:
-        def txn(conn: Connection) -> User | None:
-            row = conn.execute(select(users).where(users.c.id == user_id)).first()
-            return _user(row) if row else None
-
-        return await self.db.read("get_user", txn)
+        return await self.db.read("get_user", thd_get_user, user_id)
 
     async def find_user(self, name_or_email: str) -> User | None:
         """The user whose username, or else email, is `name_or_email` (case-insensitive)."""

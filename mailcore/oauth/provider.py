@@ -21,9 +21,9 @@ from oauthlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestErro
 from sqlalchemy import Connection, delete, func, insert, select, update
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.identity import Identity, Principal
+from mailcore.identity import Identity, Principal, User
 from mailcore.identity import secrets as creds
-from mailcore.identity.service import utc
+from mailcore.identity.service import thd_get_user, utc
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.oauth.validator import SCOPES, StoreValidator, redirect_uris
 from mailcore.store import Database
@@ -331,7 +331,7 @@ class OAuthProvider:
             return None
         now = self.now()
 
-        def txn(conn: Connection) -> tuple[int, int, str] | None:
+        def txn(conn: Connection) -> tuple[int, User, str] | None:
             row = conn.execute(
                 select(oauth_tokens.c.id, oauth_tokens.c.user_id, oauth_tokens.c.scopes,
                        oauth_tokens.c.expires_at, oauth_tokens.c.revoked_at)
@@ -339,14 +339,15 @@ class OAuthProvider:
             ).first()
             if row is None or row.revoked_at is not None or utc(row.expires_at) <= now:  # type: ignore[operator]
                 return None
-            return row.id, row.user_id, row.scopes
+            # The user in the same read: every request of an API client comes through here.
+            user = thd_get_user(conn, row.user_id)
+            return (row.id, user, row.scopes) if user is not None else None
 
         found = await self.db.read("oauth_resolve", txn)
         if found is None:
             return None
-        token_id, user_id, scopes = found
-        user = await self.identity.get_user(user_id)
-        if user is None or not user.is_active:
+        token_id, user, scopes = found
+        if not user.is_active:
             return None
         return Principal(user=user, credential_id=token_id, kind="oauth",
                          scopes=tuple(scopes.split()))
