@@ -7,7 +7,7 @@ is one frozen `Config` that every service receives through its constructor.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,15 @@ def _checked(key: str, value: Any, expected: type) -> Any:
 def unknown_key(table: str, key: str) -> ConfigError:
     """The error for a key `[table]` does not have, worded the same for every table."""
     return ConfigError(f"[{table}] unknown key: {key}")
+
+
+def refuse_unknown(table: str, section: Mapping[str, Any], settings: type) -> None:
+    """Refuse a key of `[table]` (`section`) that is no field of `settings`, the dataclass
+    read from it (the first such key in sorted order is named)."""
+    known = {f.name for f in fields(settings)}
+    for key in sorted(section):
+        if key not in known:
+            raise unknown_key(table, key)
 
 
 def check_positive(table: str, settings: Any, *, zero_ok: Iterable[str] = ()) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, refuse_unknown
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ class MailApiSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> MailApiSettings:
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"[mailapi] unknown key: {unknown[0]}")
+        refuse_unknown("mailapi", section, cls)
         values: dict[str, Any] = {}
         if "require_api_key" in section:
             if not isinstance(section["require_api_key"], bool):

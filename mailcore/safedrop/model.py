@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, refuse_unknown
 from mailcore.smtp.address import PathError, parse_rcpt_to, relay_refusal
 
 RECEIPT_VALUES = (0, 1, 2, 3, 4)
@@ -141,9 +141,7 @@ class SafedropSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"[safedrop] unknown key: {unknown[0]}")
+        refuse_unknown("safedrop", section, cls)
         values: dict[str, Any] = {}
         for key in ("max_file_size", "max_bundle_size"):
             if key in section:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, refuse_unknown
 
 MAX_THREADS = 64
 
@@ -36,9 +36,7 @@ class StoreSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> StoreSettings:
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"[store] unknown key: {unknown[0]}")
+        refuse_unknown("store", section, cls)
         values: dict[str, int] = {}
         for key in ("threads", "read_threads"):
             if key in section:
