@@ -202,7 +202,7 @@ class ListingTests(MailApiTestCase):
         status, one = await self.as_("bob", "GET", f"/api/v1/mail/{row.public_id}")
         self.assertEqual((status, one["subject"]), (200, "big"))
         # The listing runs prepared statements, on the driver (mailcore.mailapi.listing).
-        listed = [str(p.statement.compile(dialect=engine.dialect)) for p in listing.STATEMENTS]
+        listed = [str(s.compile(dialect=engine.dialect)) for s in listing.STATEMENTS]
         mail_reads = [s for s in statements + listed if "FROM mailapi_mail" in s]
         self.assertGreaterEqual(len(mail_reads), 2)
         self.assertFalse([s for s in mail_reads if re.search(r"mailapi_mail\.raw\b", s)])

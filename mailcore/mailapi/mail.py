@@ -48,7 +48,15 @@ from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import DENIED, NOT_FOUND, MailApiError
 from mailcore.mailapi.files import GRACE, MailFiles, Received, StoredFile
-from mailcore.mailapi.listing import COLUMNS, FIELDS, AttachmentInfo, Mail, Page, thd_page
+from mailcore.mailapi.listing import (
+    COLUMNS,
+    FIELDS,
+    AttachmentInfo,
+    Mail,
+    Page,
+    thd_attachments,
+    thd_page,
+)
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
@@ -150,18 +158,6 @@ def thd_rights_by_mailbox(conn: Connection, user_id: int) -> dict[int, tuple[str
         if rights.any():
             out[row.id] = (row.address, rights)
     return out
-
-
-def _attachments(conn: Connection, mail_ids: Sequence[int]
-                 ) -> dict[int, tuple[AttachmentInfo, ...]]:
-    """The attachments of these mails (one query), numbered from 1 per mail."""
-    found: dict[int, list[AttachmentInfo]] = {}
-    if mail_ids:
-        for a in conn.execute(select(_a.mail_id, _a.name, _a.content_type, _a.size)
-                              .where(_a.mail_id.in_(list(mail_ids))).order_by(_a.id)):
-            mine = found.setdefault(a.mail_id, [])
-            mine.append(AttachmentInfo(len(mine) + 1, a.name, a.content_type, a.size))
-    return {mail_id: tuple(items) for mail_id, items in found.items()}
 
 
 def _mail(row: Any, address: str, attachments: tuple[AttachmentInfo, ...]) -> Mail:
@@ -266,7 +262,7 @@ class MailService:
             if row.status == INBOX and not row.read:
                 conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=True))
                 row = conn.execute(_ROW.where(_m.id == row.id)).one()
-            return _mail(row, address, _attachments(conn, [row.id]).get(row.id, ()))
+            return _mail(row, address, thd_attachments(conn, [row.id]).get(row.id, ()))
 
         return await self.db.run("mailapi_get", txn)
 
