@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, insert
+from sqlalchemy.dialects import postgresql
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailcore.mailapi import listing
 from mailcore.mailapi.errors import MailApiError
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import AttachmentInfo, MailService
@@ -178,3 +180,39 @@ class SQLiteListingTests(ListingTestsMixin, TestCase):
 
 class PostgreSQLListingTests(ListingTestsMixin, TestCase):
     backend = "postgresql"
+
+    async def test_a_mailboxs_part_of_a_page_is_read_down_its_index_in_a_generic_plan(
+        self,
+    ) -> None:
+        """A prepared statement run often gets a generic plan, which knows neither the
+        mailbox nor where the page starts. Each mailbox's part of a page (and of the page
+        before it) must still walk that mailbox's (mailbox_id, id) index: a walk down the
+        primary key, testing each row, read 300,000 rows for a user whose mail is old."""
+        def txn(conn: Connection) -> list[list[str]]:
+            conn.exec_driver_sql(
+                "INSERT INTO mailapi_mail (public_id, mailbox_id, status, read, created_at) "
+                f"SELECT 'x' || g, CASE WHEN mod(g, 1000) = 0 THEN {self.ids['bob_box']} ELSE "
+                f"{self.ids['joe_box']} END, 'inbox', false, g FROM generate_series(1, 20000) g")
+            conn.exec_driver_sql("ANALYZE mailapi_mail")
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            dialect = postgresql.psycopg.dialect(paramstyle="numeric_dollar")  # type: ignore[attr-defined]
+            plans = []
+            values = {"box": self.ids["bob_box"], "start": 10000, "n": 26}
+            for name, statement in (("page", listing._ROWS["postgresql"].statement),
+                                    ("before", listing._AFTER["postgresql"].statement)):
+                compiled = statement.compile(dialect=dialect)
+                binds = [compiled.binds[key] for key in compiled.positiontup or ()]
+                args = ", ".join(str(values.get(b.key, b.effective_value)) for b in binds)
+                conn.exec_driver_sql(f"PREPARE {name} AS {compiled}")
+                plans.append([row[0] for row in conn.exec_driver_sql(
+                    f"EXPLAIN EXECUTE {name} ({args})")])
+                conn.exec_driver_sql(f"DEALLOCATE {name}")
+            return plans
+
+        page, before = await self.db.run("plans", txn)
+        self.assertIn("Index Scan Backward using ix_mailapi_mail_mailbox_id on mailapi_mail",
+                      " ".join(page), page)
+        self.assertIn("Index Scan using ix_mailapi_mail_mailbox_id on mailapi_mail",
+                      " ".join(before), before)
+        for plan in (page, before):
+            self.assertNotIn("pk_mailapi_mail", " ".join(plan), plan)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, bindparam, or_, select
+from sqlalchemy import BigInteger, Connection, Integer, bindparam, literal, or_, select, tuple_
 
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.store.prepared import Prepared
@@ -77,22 +77,49 @@ _BOXES = Prepared(select(_b.id, _b.address, _b.mail_count).where(or_(
     _b.id.in_(select(_g.mailbox_id).where(_g.user_id == bindparam("user_id"), _g.allow_read)),
 )))
 _CURSOR = Prepared(select(_m.id, _m.mailbox_id).where(_m.public_id == bindparam("cursor")))
-_BOX = _m.mailbox_id == bindparam("box")
+_BOX = bindparam("box", type_=Integer)
 _START = bindparam("start", type_=BigInteger)
-# One mailbox's :n mails after :start (newer), oldest first.
-_AFTER = Prepared(select(_m.id, _m.public_id).where(_BOX, _m.id > _START)
-                  .order_by(_m.id).limit(bindparam("n")))
+_KEY = tuple_(_m.mailbox_id, _m.id)
+
+
+def _box_part(columns: Sequence[Any], *, newer: bool) -> dict[str, Prepared]:
+    """One mailbox's :n mails from :start down (oldest last), or with `newer` the :n after
+    :start (oldest first), by dialect.
+
+    SQLite: `mailbox_id = :box` and a bound on `id`, down the (mailbox_id, id) index.
+    PostgreSQL: the same rows as a range of that index's keys, `(mailbox_id, id)` between
+    `(:box, low)` and `(:box, high)`, in the index's order. A generic plan (PostgreSQL's,
+    for a statement run often) knows neither the mailbox nor how much of the mail it holds:
+    asked for `mailbox_id = :box ... ORDER BY id`, it may walk the primary key and test
+    each row (every row above an old mailbox's mail: 300,000 in a test, for 26). Only that
+    index gives this order without a sort. SQLite reads such a range through the mailbox
+    alone (5 ms instead of 0.05), hence the two forms."""
+    n = bindparam("n", type_=Integer)
+    if newer:
+        plain = (_m.id > _START,)
+        keys = (_KEY > tuple_(_BOX, _START), _KEY <= tuple_(_BOX, literal(_NEWEST)))
+        order = [_m.mailbox_id.asc(), _m.id.asc()]
+    else:
+        plain = (_m.id <= _START,)
+        keys = (_KEY <= tuple_(_BOX, _START), _KEY > tuple_(_BOX, literal(0)))
+        order = [_m.mailbox_id.desc(), _m.id.desc()]
+    return {"sqlite": Prepared(select(*columns).where(_m.mailbox_id == _BOX, *plain)
+                               .order_by(order[1]).limit(n)),
+            "postgresql": Prepared(select(*columns).where(*keys).order_by(*order).limit(n))}
+
+
+# One mailbox's mails after the cursor, for the previous page.
+_AFTER = _box_part([_m.id, _m.public_id], newer=True)
 _FIELD_COLUMNS = [_m[COLUMNS[name]] for name in FIELDS]
-# One mailbox's :n mails from :start down (never `raw`, the message as sent: a page of up
-# to 1,000 outbox mails would hold every one in memory).
-_ROWS = Prepared(select(_m.id, _m.public_id, _m.mailbox_id, _m.status, _m.read, _m.created_at,
-                        *_FIELD_COLUMNS)
-                 .where(_BOX, _m.id <= _START).order_by(_m.id.desc()).limit(bindparam("n")))
+# One mailbox's part of the page (never `raw`, the message as sent: a page of up to 1,000
+# outbox mails would hold every one in memory).
+_ROWS = _box_part([_m.id, _m.public_id, _m.mailbox_id, _m.status, _m.read, _m.created_at,
+                   *_FIELD_COLUMNS], newer=False)
 _ATTACHMENTS = (select(_a.mail_id, _a.name, _a.content_type, _a.size)
                 .where(_a.mail_id.in_(bindparam("ids", expanding=True))).order_by(_a.id))
 # Every statement of a page, for tests.
-STATEMENTS = (_BOXES.statement, _CURSOR.statement, _AFTER.statement, _ROWS.statement,
-              _ATTACHMENTS)
+STATEMENTS = (_BOXES.statement, _CURSOR.statement,
+              *(p.statement for part in (_AFTER, _ROWS) for p in part.values()), _ATTACHMENTS)
 
 
 def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> Page:
@@ -109,10 +136,10 @@ def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> 
             raise MailApiError(INVALID, "invalid cursor", "cursor")
         start = int(found[0][0])
         # The previous page starts `count` mails up, the newest when there are fewer.
-        after = sorted(row for box in boxes for row in _AFTER.rows(
+        after = sorted(row for box in boxes for row in _AFTER[conn.dialect.name].rows(
             conn, {"box": box, "start": start, "n": count}))[:count]
         previous = after[-1][1] if after else None
-    rows = sorted((row for box in boxes for row in _ROWS.rows(
+    rows = sorted((row for box in boxes for row in _ROWS[conn.dialect.name].rows(
         conn, {"box": box, "start": start, "n": count + 1})), key=lambda r: -r[0])
     following = rows[count][1] if len(rows) > count else None
     shown = rows[:count]
