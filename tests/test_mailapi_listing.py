@@ -20,7 +20,8 @@ from twisted.trial.unittest import TestCase
 from mailcore.mailapi import listing
 from mailcore.mailapi.errors import MailApiError
 from mailcore.mailapi.files import MailFiles
-from mailcore.mailapi.mail import AttachmentInfo, MailService
+from mailcore.mailapi.listing import AttachmentInfo
+from mailcore.mailapi.mail import MailService
 from mailcore.messages.sql import new_id
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
 from mailcore.workers import CpuPool

@@ -526,13 +526,13 @@ class Identity:
                 return None
             if m["parent_id"] is not None and not _parent_live(m, now):
                 return None
-            user_row = conn.execute(select(users).where(users.c.id == m["user_id"])).first()
-            if user_row is None or not user_row._mapping["is_active"]:
+            user = thd_get_user(conn, m["user_id"])
+            if user is None or not user.is_active:
                 return None
             last = utc(m["last_used_at"])
             stale = last is None or (now - last).total_seconds() > _LAST_USED_GRANULARITY
             principal = Principal(
-                user=_user(user_row),
+                user=user,
                 credential_id=m["id"],
                 kind=m["kind"],
                 scopes=tuple(m["scopes"].split()),

@@ -51,9 +51,9 @@ from mailcore.mailapi.files import GRACE, MailFiles, Received, StoredFile
 from mailcore.mailapi.listing import (
     COLUMNS,
     FIELDS,
-    AttachmentInfo,
     Mail,
     Page,
+    mail_of,
     thd_attachments,
     thd_page,
 )
@@ -160,12 +160,6 @@ def thd_rights_by_mailbox(conn: Connection, user_id: int) -> dict[int, tuple[str
     return out
 
 
-def _mail(row: Any, address: str, attachments: tuple[AttachmentInfo, ...]) -> Mail:
-    values = {name: getattr(row, column) or "" for name, column in COLUMNS.items()}
-    return Mail(row.id, row.public_id, address, row.status, bool(row.read), values,
-                attachments, row.created_at)
-
-
 def thd_files_in_use(conn: Connection, hashes: Sequence[str]) -> set[str]:
     """Blocking: which of these file hashes a row names (an attachment, an inbox message)."""
     found: set[str] = set()
@@ -262,7 +256,9 @@ class MailService:
             if row.status == INBOX and not row.read:
                 conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=True))
                 row = conn.execute(_ROW.where(_m.id == row.id)).one()
-            return _mail(row, address, thd_attachments(conn, [row.id]).get(row.id, ()))
+            return mail_of(row.id, row.public_id, address, row.status, row.read,
+                           row.created_at, (getattr(row, COLUMNS[f]) for f in FIELDS),
+                           thd_attachments(conn, [row.id]).get(row.id, ()))
 
         return await self.db.run("mailapi_get", txn)
 

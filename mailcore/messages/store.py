@@ -444,9 +444,10 @@ def _filter_shape(query: MessageQuery) -> tuple[str, ...]:
     return tuple(name for name in _FILTER_TERMS if getattr(query, name) is not None)
 
 
-# The terms of `_FILTER_TERMS` that an index could serve, written so that none does (see
-# `_filters`, `by_match`).
-_UNINDEXED_TERMS: dict[str, Callable[[Any], ColumnElement[bool]]] = {
+# `_FILTER_TERMS` as a search read through its matches writes them (see `_filters`,
+# `by_match`): those an index could serve are written so that none does.
+_MATCH_TERMS: dict[str, Callable[[Any], ColumnElement[bool]]] = {
+    **_FILTER_TERMS,
     "account_id": lambda c: c.account_id + 0 == bindparam("account_id"),
     "folder_id": lambda c: c.folder_id + 0 == bindparam("folder_id"),
 }
@@ -459,7 +460,7 @@ def _shape_terms(shape: tuple[str, ...], c: Any, by_match: bool = False
     rows, the user's index (as good a way in to a planner without statistics) all of them."""
     user: Any = bindparam("user_id")
     by_other = by_match or "thread_id" in shape
-    terms = _FILTER_TERMS if not by_match else {**_FILTER_TERMS, **_UNINDEXED_TERMS}
+    terms = _MATCH_TERMS if by_match else _FILTER_TERMS
     return [(c.user_id + 0 == user) if by_other else (c.user_id == user),
             *(terms[name](c) for name in shape)]
 

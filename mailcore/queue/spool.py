@@ -368,11 +368,7 @@ class Spool:
         if self._results_timer is None or not self._results_timer.active():
             self._results_timer = self.clock.callLater(RESULTS_DELAY, self._kick)
         self._kick()
-        for listener in list(self.on_recorded):
-            try:
-                listener(results)
-            except Exception:
-                log.failure("a listener to recorded results failed")
+        _tell(self.on_recorded, results)
 
     def run_serialized(
         self, name: str, fn: Callable[..., T], *args: Any
@@ -553,11 +549,7 @@ class Spool:
             self._kick()
 
     def _tell_results(self) -> None:
-        for listener in list(self.on_results):
-            try:
-                listener()
-            except Exception:
-                log.failure("a results listener failed")
+        _tell(self.on_results)
 
     async def _commit_stream(self) -> None:
         """Commit groups of pending messages back to back until none are left or the lane
@@ -762,3 +754,12 @@ class Spool:
     def _retry_now(self) -> None:
         self._retry = None
         self._kick()
+
+
+def _tell(listeners: list[Callable[..., None]], *args: Any) -> None:
+    """Call each listener with `args`; one that fails is logged and the others still run."""
+    for listener in list(listeners):
+        try:
+            listener(*args)
+        except Exception:
+            log.failure("a spool listener failed: {listener!r}", listener=listener)
