@@ -280,7 +280,8 @@ class Charge:
     """One charge: `n` tokens from `user_id`'s tanks, idempotent under `key` when given.
 
     `fresh`: the key cannot have been charged before (a message being stored now): the
-    store is not asked whether it was."""
+    store is not asked whether it was, and no keyed row is written; the caller records the
+    charge in the same transaction (the message's recipients are stored `charged`)."""
 
     user_id: int
     n: int
@@ -436,7 +437,8 @@ def consume_batch_txn(
             used += taken
             if charge.key is not None:
                 charged.add(charge.key)
-                rows.append((charge.key, taken))
+                if not charge.fresh:
+                    rows.append((charge.key, taken))
         statements.spend(user_id, monthly, perm, used, rows)
     return results
 
@@ -645,9 +647,6 @@ class TokenService(PeriodicService):
 # Applies a batch of charges in one write transaction, one answer each (`consume_batch_txn`):
 # the store directly, or in the daemon the spool's next group commit (`Spool.charge`).
 Lane = Callable[[list[Charge]], "defer.Deferred[list[ConsumeResult | TokenError]]"]
-# Keys charged with their message's commit that the filtering has not asked for yet, at most
-# (the oldest are forgotten: asking for one then costs a batch transaction that finds it).
-MAX_PAID = 100_000
 
 
 class ChargeBatcher:
@@ -660,13 +659,12 @@ class ChargeBatcher:
     own; in the daemon the spool's next group commit (`Spool.charge`, so it never meets a
     group commit on SQLite's lock nor costs a commit of its own).
 
-    In the daemon most charges are not requested at all by then: the spool charges a
-    message in the very group commit that stores it (`thd_charge`, in the spool's
-    `Charger`), and tells the batcher which keys it charged for its own runner (`charged`);
-    the filtering's request for such a key is then answered "ok" at once, with no
-    transaction. A key that was not charged so (the tank was empty, the message was
-    stored by another node or before a restart) is requested as usual, and the idempotent
-    key makes that exactly once either way.
+    In the daemon most charges are not requested at all: the spool charges a message in the
+    very group commit that stores it (`thd_charge`, through the spool's `Charger`, fresh
+    charges with no keyed row) and stores the recipients it paid for `charged`, so their
+    filtering asks for nothing. A charge that was not made so (the tank was empty at the
+    accept, the message was stored before recipients recorded it) is requested here, and
+    its idempotent key makes it exactly once.
     Answers and idempotence are those of `TokenService.consume`.
     """
 
@@ -679,9 +677,7 @@ class ChargeBatcher:
         self.max_batch = max_batch
         self._waiting: list[tuple[Charge, defer.Deferred[ConsumeResult]]] = []
         self._busy = False
-        self._paid: dict[str, None] = {}  # insertion-ordered: the oldest first
         self.transactions = 0  # charge transactions run (for tests and the benchmark)
-        self.prepaid = 0  # requests answered from `_paid` (for tests and the benchmark)
 
     def _own_transaction(
         self, charges: list[Charge]
@@ -700,17 +696,6 @@ class ChargeBatcher:
         return consume_batch_txn(conn, charges, datetime.datetime.fromtimestamp(now, datetime.UTC),
                                  tokens.plans, tokens.allow_empty)
 
-    def charged(self, charges: Sequence[Charge], results: Sequence[object]) -> None:
-        """These charges were committed with their messages: an "ok" one's key is answered
-        at once when the filtering asks for it (an "empty" or failed one is asked for as
-        usual, and deferred or charged then)."""
-        paid = self._paid
-        for charge, result in zip(charges, results, strict=True):
-            if result == OK and charge.key is not None:
-                paid[charge.key] = None
-        while len(paid) > MAX_PAID:
-            del paid[next(iter(paid))]
-
     # -- requests ---------------------------------------------------------------------------
 
     async def consume(self, user_id: int, n: int, *, key: str | None = None) -> ConsumeResult:
@@ -718,37 +703,17 @@ class ChargeBatcher:
         [result] = await self.consume_all([Charge(user_id, n, key)])
         return result
 
-    def consume_now(self, charges: Sequence[Charge]) -> list[ConsumeResult] | None:
-        """`consume_all`'s answers at once when they need no transaction: every charge was
-        made when its message was stored (the usual message in the daemon). None, with
-        nothing taken, when one must be asked for. Raises TokenError as `consume_all`."""
-        for charge in charges:
-            check_charge(charge.n, charge.key)
-        paid = self._paid
-        if paid and all(c.key in paid for c in charges):
-            for c in charges:
-                paid.pop(c.key, None)  # type: ignore[arg-type]
-            self.prepaid += len(charges)
-            return [OK] * len(charges)
-        return None
-
     async def consume_all(self, charges: Sequence[Charge]) -> list[ConsumeResult]:
         """Several charges (one message's owners), all in the same batch; one answer each.
 
         Raises TokenError for a bad count or key (before anything is charged) or an unknown
         user, and the store's error when the transaction failed (nothing was charged).
         """
-        now = self.consume_now(charges)
-        if now is not None:
-            return now
-        paid = self._paid
+        for charge in charges:
+            check_charge(charge.n, charge.key)
         waits: list[defer.Deferred[ConsumeResult]] = []
         for charge in charges:
             if charge.n == 0:
-                waits.append(defer.succeed(OK))
-                continue
-            if charge.key is not None and paid.pop(charge.key, 0) is None:
-                self.prepaid += 1
                 waits.append(defer.succeed(OK))
                 continue
             d: defer.Deferred[ConsumeResult] = defer.Deferred()

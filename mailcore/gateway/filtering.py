@@ -7,13 +7,15 @@ released message was judged already). For a relay message:
    keyed by queue id and domain so a retried message is not charged twice. An empty tank
    (with `[tokens] when_empty = "defer"`) defers the message: it stays queued, nothing lost.
    Each owner's charge is all or nothing; when one owner's tanks are empty the others'
-   charges stand, keyed, so the retry does not take them again. In the daemon the stage is
-   also the spool's `Charger`: a message is charged in the group commit that stores it
-   (`charges_for`: the same charges, made at the accept), and its filtering then finds them
-   paid without asking the store. What is still to charge (an empty tank then, a message
-   of another node or an earlier run) is asked for here: the charges of every message
-   being filtered at the same moment share one transaction
-   (`mailcore.billing.tokens.ChargeBatcher`, in the spool's next group commit).
+   charges stand, so the retry does not take them again. In the daemon the stage is also
+   the spool's `Charger`: a message is charged in the group commit that stores it
+   (`charges_for`: the same charges, made at the accept), and the recipients paid for are
+   stored `charged` (`paid`): that mark, not a keyed row, records the charge, so their
+   filtering, on any node and after any restart, asks nothing of the store. What is still
+   to charge (an empty tank at the accept, a message stored before the mark existed) is
+   asked for here, keyed: the charges of every message being filtered at the same moment
+   share one transaction (`mailcore.billing.tokens.ChargeBatcher`, in the spool's next
+   group commit).
 2. The filter chain scans the bytes. `FilterUnavailable` defers the message (a fail-open
    filter never raises it: the chain skips that filter instead, as the operator chose).
 3. Per recipient domain, seed 004's policy: `virusAction` for a virus, else `spamAction`
@@ -53,7 +55,14 @@ from twisted.internet import defer
 
 from filters import FilterChain, FilterUnavailable, ScanContext, Verdict
 from mailcore import maillog
-from mailcore.billing.tokens import EMPTY, Charge, ChargeBatcher, ConsumeResult, TokenService
+from mailcore.billing.tokens import (
+    EMPTY,
+    OK,
+    Charge,
+    ChargeBatcher,
+    ConsumeResult,
+    TokenService,
+)
 from mailcore.config import ConfigError
 from mailcore.gateway.domains import Domain
 from mailcore.gateway.quarantine import QuarantineService, ToKeep
@@ -175,7 +184,7 @@ class FilteringStage:
 
     # -- the spool's Charger: a message is charged in the commit that stores it ---------
 
-    def charges_for(self, queue_id: str, envelope: Envelope) -> list[Charge]:
+    def charges_for(self, queue_id: str, envelope: Envelope) -> list[DomainCharge]:
         """The charges of a message the spool is about to store: those `process` will ask
         for (none when it will not filter it, or cannot tell the owners yet)."""
         if (envelope.kind != "relay" or not isinstance(self.tokens, ChargeBatcher)
@@ -191,10 +200,12 @@ class FilteringStage:
         assert isinstance(self.tokens, ChargeBatcher)
         return self.tokens.thd_charge(conn, charges, now)
 
-    def charged(self, charges: list[Charge], outcomes: list[Any]) -> None:
-        """After that commit: the charges `process` need not ask the store for."""
-        assert isinstance(self.tokens, ChargeBatcher)
-        self.tokens.charged(charges, outcomes)
+    @staticmethod
+    def paid(charges: list[DomainCharge], outcomes: list[Any]) -> frozenset[int]:
+        """The domains one message's `charges_for` paid for ("ok"; not "empty", not an
+        error): its recipients there are stored `charged`."""
+        return frozenset(c.domain_id for c, outcome in zip(charges, outcomes, strict=True)
+                         if outcome == OK)
 
     # -- the stage ------------------------------------------------------------------------
 
@@ -209,10 +220,11 @@ class FilteringStage:
             return _UNKNOWN_DOMAIN
         by_domain, doms = owners
         if self.tokens is not None:
-            results = await self.tokens.consume_all(_charges(message.queue_id, by_domain, doms))
-            empty = _empty(results, by_domain, doms)
-            if empty is not None:
-                return empty
+            charges = _unpaid(message, by_domain, doms)
+            if charges:
+                empty = _empty(await self.tokens.consume_all(charges), charges, doms)
+                if empty is not None:
+                    return empty
         context = _context(message)
         try:
             verdict = await self.chain.scan(message.body, context)
@@ -232,13 +244,8 @@ class FilteringStage:
         if owners is None:
             return _UNKNOWN_DOMAIN
         by_domain, doms = owners
-        if self.tokens is not None:
-            results = self.tokens.consume_now(_charges(message.queue_id, by_domain, doms))
-            if results is None:
-                return LATER  # a charge to ask the store for
-            empty = _empty(results, by_domain, doms)
-            if empty is not None:
-                return empty
+        if self.tokens is not None and _unpaid(message, by_domain, doms):
+            return LATER  # a charge to ask the store for
         try:
             verdict = self.chain.scan_now(message.body, _context(message))
         except FilterUnavailable as e:
@@ -277,13 +284,13 @@ _UNKNOWN_DOMAIN = Decision(Action.DEFER, reason="4.3.0 recipient domain not know
                            "filtering policy yet")
 
 
-def _empty(results: list[ConsumeResult], by_domain: dict[int, list[str]],
+def _empty(results: list[ConsumeResult], charges: list[DomainCharge],
            doms: dict[int, Domain]) -> Decision | None:
-    """The deferral when an owner's tanks were empty (results in `by_domain`'s order)."""
-    for domain_id, result in zip(by_domain, results, strict=True):
+    """The deferral when an owner's tanks were empty (results in `charges`' order)."""
+    for charge, result in zip(charges, results, strict=True):
         if result == EMPTY:
             return Decision(Action.DEFER, reason=f"4.7.1 filtering tokens of the owner "
-                            f"of {doms[domain_id].name} are exhausted")
+                            f"of {doms[charge.domain_id].name} are exhausted")
     return None
 
 
@@ -299,12 +306,31 @@ def _unavailable(e: FilterUnavailable) -> Decision:
     return Decision(Action.DEFER, reason=f"4.7.0 filtering unavailable: {e}")
 
 
+@dataclass(frozen=True)
+class DomainCharge(Charge):
+    """The charge for one recipient domain's part of a message."""
+
+    domain_id: int = 0
+
+
 def _charges(queue_id: str, by_domain: dict[int, list[str]],
-             doms: dict[int, Domain], *, fresh: bool = False) -> list[Charge]:
+             doms: dict[int, Domain], *, fresh: bool = False) -> list[DomainCharge]:
     """One charge per recipient domain: a token per recipient to its owner, keyed by queue
     id and domain (`fresh` for a message being stored: no charge can have that key yet)."""
-    return [Charge(doms[domain_id].owner_id, len(addresses), f"{queue_id}:{domain_id}", fresh)
+    return [DomainCharge(doms[domain_id].owner_id, len(addresses), f"{queue_id}:{domain_id}",
+                         fresh, domain_id)
             for domain_id, addresses in by_domain.items()]
+
+
+def _unpaid(message: PipelineMessage, by_domain: dict[int, list[str]],
+            doms: dict[int, Domain]) -> list[DomainCharge]:
+    """The charges still to ask for: those of the domains with a recipient not stored
+    `charged` (all of a domain's recipients in a message share its one charge)."""
+    unpaid = {r.domain_id for r in message.recipients if not r.charged}
+    if not unpaid:
+        return []
+    return _charges(message.queue_id,
+                    {d: a for d, a in by_domain.items() if d in unpaid}, doms)
 
 
 def quarantine_store(service: QuarantineService) -> Any:

@@ -42,6 +42,7 @@ class Rcpt:
     address: str
     domain_id: int | None
     attempts: int
+    charged: bool = False  # its filtering tokens were charged when it was stored
 
 
 @dataclass
@@ -64,6 +65,9 @@ class NewMessage:
     envelope: Envelope
     body: bytes
     leased: bool
+    # The recipient domains whose filtering tokens were charged in the commit that stores
+    # the message: their recipients are stored `charged`.
+    paid: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ def _jobs_for(conn: Connection, rcpt_ids: Sequence[int]) -> list[Job]:
     """Load recipients and their messages' envelopes (never the body), grouped per message."""
     rows = conn.execute(
         select(
-            _r.id, _r.message_id, _r.address, _r.domain_id, _r.attempts,
+            _r.id, _r.message_id, _r.address, _r.domain_id, _r.attempts, _r.charged,
             _m.mail_from, _m.kind, _m.created_at, _m.size,
         )
         .join(queue_messages, _m.id == _r.message_id)
@@ -182,7 +186,8 @@ def _jobs_for(conn: Connection, rcpt_ids: Sequence[int]) -> list[Job]:
             job = jobs[row.message_id] = Job(
                 row.message_id, row.mail_from, row.kind, row.created_at, row.size
             )
-        job.recipients.append(Rcpt(row.id, row.address, row.domain_id, row.attempts))
+        job.recipients.append(Rcpt(row.id, row.address, row.domain_id, row.attempts,
+                                   bool(row.charged)))
     return list(jobs.values())
 
 
@@ -453,6 +458,7 @@ class _CoreStatements:
                 "last_error": None,
                 "next_hop": None,
                 "updated_at": now,
+                "charged": r.domain_id in m.paid,
             }
             for m in messages
             for r in m.envelope.recipients
@@ -504,9 +510,10 @@ _SQLITE_INSERT_MESSAGES = (
 _SQLITE_MESSAGE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
 _SQLITE_INSERT_RECIPIENTS = (
     "INSERT INTO queue_recipients (message_id, address, domain_id, state, attempts, "
-    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at) VALUES "
+    "next_attempt_at, lease_owner, lease_until, last_error, next_hop, updated_at, charged) "
+    "VALUES "
 )
-_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?)"
+_SQLITE_RECIPIENT_ROW = "(?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, ?, ?)"
 _SQLITE_APPLY_RESULTS = (
     "UPDATE queue_recipients SET state = v.column2, attempts = attempts + v.column3, "
     "next_attempt_at = v.column4, last_error = v.column5, "
@@ -550,7 +557,8 @@ class _SQLiteStatements:
             ])
             rows = [
                 (m.queue_id, r.address, r.domain_id, QUEUED, now,
-                 *((node_id, lease_until) if m.leased else (None, None)), now)
+                 *((node_id, lease_until) if m.leased else (None, None)), now,
+                 1 if r.domain_id in m.paid else 0)
                 for m in messages
                 for r in m.envelope.recipients
             ]

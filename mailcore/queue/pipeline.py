@@ -72,6 +72,7 @@ _DELIVER = Decision()
 class PipelineRecipient:
     address: str
     domain_id: int | None
+    charged: bool = False  # its filtering tokens were charged when the message was stored
 
 
 @dataclass(frozen=True)

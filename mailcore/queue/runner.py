@@ -506,7 +506,8 @@ class QueueRunner:
     def _message(job: Job, body: bytes) -> PipelineMessage:
         return PipelineMessage(
             job.message_id, job.kind, job.mail_from,
-            tuple(PipelineRecipient(r.address, r.domain_id) for r in job.recipients), body,
+            tuple(PipelineRecipient(r.address, r.domain_id, r.charged) for r in job.recipients),
+            body,
         )
 
     def _send_rest(self, rest: Job, live: Groups, touched: dict[Hop, HopQueue]) -> None:

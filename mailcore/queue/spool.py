@@ -22,8 +22,9 @@ the next group commit, each in a savepoint of its own, so that they neither stop
 stream nor cost an fsync of their own; with no group due they start one. The filtering
 tokens of a message (the `charger`, set by the daemon) are charged in the group commit that
 stores it, with those handed in by `charge`, in one call for the group (a charge that
-raises fails the group: a message is never stored without its charge), and the charger
-learns the outcomes before the runner gets the messages. Delivery results (`record`)
+raises fails the group: a message is never stored without its charge); the recipients it
+paid for are stored `charged`, which is the record of that charge (for a retry, a restart
+or another node) and how the runner learns it. Delivery results (`record`)
 ride along in the next group commit while mail streams in; when the lane is quiet they get
 their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
@@ -89,6 +90,8 @@ GROUP_TARGET = 12
 # After a failed transaction, results are tried again this much later.
 RETRY_DELAY = 1.0
 
+_NOTHING_PAID: frozenset[int] = frozenset()
+
 # A result waiting for the store, and the journal file it was written to (or NOT_WRITTEN).
 _Entry = tuple[Result, int]
 
@@ -122,9 +125,10 @@ class Charger(Protocol):
         """Blocking, in the group's transaction: apply `items`, one outcome each."""
         ...
 
-    def charged(self, items: list[Any], outcomes: list[Any]) -> None:
-        """In the reactor thread, after the commit: the charges of the messages this
-        node's runner got, with their outcomes (before the runner sees the messages)."""
+    def paid(self, items: list[Any], outcomes: list[Any]) -> frozenset[int]:
+        """In the group's transaction: the recipient domains that one message's `items`
+        paid for, given their `outcomes`; its recipients of those domains are stored
+        `charged` (the only record of these charges)."""
         ...
 
 
@@ -167,18 +171,18 @@ class _Group:
 
 
 class _Committed:
-    __slots__ = ("charged", "dsns", "ids", "messages", "now", "riders")
+    __slots__ = ("dsns", "ids", "messages", "now", "requested", "riders")
 
     def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
                  dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None,
-                 charged: list[Any] | None = None) -> None:
+                 requested: list[Any] | None = None) -> None:
         self.now = now
         self.messages = messages
         self.ids = ids
         self.dsns = dsns
         self.riders = riders or []  # each rider's result, or its Failure
-        # The outcome of every charge of the group (the messages' first, then the requests').
-        self.charged = charged
+        # The outcomes of the charges handed in by `charge` (those of the group's requests).
+        self.requested = requested
 
 
 class _Chore:
@@ -611,7 +615,9 @@ class Spool:
     def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
         now = self.clock.seconds()
         until = now + self.settings.lease_seconds
-        messages = [NewMessage(p.queue_id, p.envelope, p.body, p.leased) for p in group.batch]
+        paid, requested = self._thd_charge(conn, group, now)
+        messages = [NewMessage(p.queue_id, p.envelope, p.body, p.leased,
+                               paid.get(p.queue_id, _NOTHING_PAID)) for p in group.batch]
         ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until) \
             if messages else []
         dsns = (
@@ -626,17 +632,32 @@ class Spool:
                     riders.append(rider.fn(conn, *rider.args))
             except Exception:
                 riders.append(Failure())
-        charged: list[Any] | None = None
+        return _Committed(now, messages, ids, dsns, riders, requested)
+
+    def _thd_charge(self, conn: Connection, group: _Group, now: float
+                    ) -> tuple[dict[str, frozenset[int]], list[Any] | None]:
+        """Apply the group's charges (its messages' and those handed in) in its transaction,
+        before its messages are inserted: per message, the recipient domains its charges
+        paid for; and the outcomes of the charges handed in."""
+        charger = self.charger
         items = [c for p in group.batch if p.charges for c in p.charges]
         for request in group.charges:
             items.extend(request.items)
-        if items and self.charger is not None:
-            # No savepoint (it would cost about as much as the charges): a charge that
-            # raises fails the group, so no message is ever stored without its charge nor
-            # charged without being stored. (An empty tank or an unknown owner is an
-            # outcome, not an error.)
-            charged = self.charger.thd_charge(conn, items, now)
-        return _Committed(now, messages, ids, dsns, riders, charged)
+        if not items or charger is None:
+            return {}, None
+        # No savepoint (it would cost about as much as the charges): a charge that raises
+        # fails the group, so no message is ever stored without its charge nor charged
+        # without being stored. (An empty tank or an unknown owner is an outcome, not an
+        # error.)
+        outcomes = charger.thd_charge(conn, items, now)
+        paid: dict[str, frozenset[int]] = {}
+        at = 0
+        for p in group.batch:
+            if p.charges:
+                n = len(p.charges)
+                paid[p.queue_id] = charger.paid(p.charges, outcomes[at:at + n])
+                at += n
+        return paid, outcomes[at:]
 
     def _committed(self, group: _Group, result: _Committed | Failure) -> None:
         """In the reactor thread, after a group's transaction: answer its callers."""
@@ -662,8 +683,8 @@ class Spool:
         self._recent_messages += len(batch)
         self._gathering = self._under_load()
         self.metrics.accepted.inc(len(batch))
-        if result.charged is not None:
-            self._charged(group, result.charged)
+        if result.requested is not None:
+            self._answer_charges(group.charges, result.requested)
         # The callers first (their 250s go out now), then the riders, then the delivery work.
         for p in batch:
             p.done.callback(None)
@@ -679,28 +700,13 @@ class Spool:
         if group.results:
             self._tell_results()  # results rode along in this group
 
-    def _charged(self, group: _Group, outcome: list[Any]) -> None:
-        """Hand the outcomes of a group's charges out: the charger learns those of the
-        messages this node's runner gets (before it gets them), each request its own."""
-        charger = self.charger
-        assert charger is not None
+    @staticmethod
+    def _answer_charges(requests: list[_ChargeRequest], outcomes: list[Any]) -> None:
+        """Each charge request handed in gets its own outcomes, in order."""
         at = 0
-        mine: list[Any] = []
-        mine_outcomes: list[Any] = []
-        for p in group.batch:
-            if p.charges:
-                if p.leased:
-                    mine.extend(p.charges)
-                    mine_outcomes.extend(outcome[at:at + len(p.charges)])
-                at += len(p.charges)
-        if mine:
-            try:
-                charger.charged(mine, mine_outcomes)
-            except Exception:
-                log.failure("the charger failed")
-        for request in group.charges:
+        for request in requests:
             n = len(request.items)
-            request.done.callback(outcome[at:at + n])
+            request.done.callback(outcomes[at:at + n])
             at += n
 
     async def _write_results(self, results: list[_Entry]) -> None:
@@ -737,7 +743,7 @@ class Spool:
                 Job(
                     m.queue_id, env.mail_from, env.kind, now, len(m.body),
                     [
-                        Rcpt(rid, r.address, r.domain_id, 0)
+                        Rcpt(rid, r.address, r.domain_id, 0, r.domain_id in m.paid)
                         for rid, r in zip(rcpt_ids, env.recipients, strict=True)
                     ],
                 )

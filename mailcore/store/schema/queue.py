@@ -62,6 +62,8 @@ queue_recipients = Table(
     Column("last_error", Text, nullable=True),
     Column("next_hop", String(300), nullable=True),
     Column("updated_at", Float, nullable=False),
+    # Its filtering tokens were charged in the commit that stored it (no keyed charge row).
+    Column("charged", Boolean, nullable=False, server_default="0"),
     Index("ix_queue_recipients_message_id", "message_id"),
     Index("ix_queue_recipients_state_next", "state", "next_attempt_at"),
     Index("ix_queue_recipients_lease_owner", "lease_owner"),
