@@ -32,7 +32,7 @@ from mailcore.messages.store import (
 )
 from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin, query_plans
+from tests.support.db import DatabaseMixin, driver_query_plans, query_plans
 from tests.support.fetchenv import thd_make_user
 
 
@@ -510,8 +510,57 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertIn(loose, [m.id for m in page.items])
 
 
+    async def small_account_beside_a_big_one(self) -> tuple[MessageStore, int, int, list[int]]:
+        """A user's big account of newer mail and small one of older mail: (store, user,
+        the small account, its message ids newest first)."""
+        store, user = await self.make_store()
+        (big, big_inbox), (small, small_inbox) = await self.db.run(
+            "accounts", _accounts_with_folders, user, 2)
+        await store.store_batch(Location(user, big, big_inbox, "INBOX", uidvalidity=7), [
+            FetchedMessage(raw=mail(n, f"new {n}", day=20), uid=n + 1) for n in range(300)])
+        result = await store.store_batch(
+            Location(user, small, small_inbox, "INBOX", uidvalidity=7),
+            [FetchedMessage(raw=mail(1000 + n, f"old {n}", day=n + 1), uid=n + 1)
+             for n in range(5)])
+        return store, user, small, result.created[::-1]
+
+    async def test_a_small_accounts_list_beside_a_big_one(self) -> None:
+        store, user, small, newest_first = await self.small_account_beside_a_big_one()
+        for query in (MessageQuery(account_id=small), MessageQuery(account_id=small,
+                                                                     folder="INBOX")):
+            page = await store.list_messages(user, query)
+            self.assertEqual(([m.id for m in page.items], page.count), (newest_first, 5))
+            page = await store.list_messages(user, MessageQuery(
+                **{**query.__dict__, "ordering": "date", "limit": 2}))
+            self.assertEqual([m.id for m in page.items], newest_first[::-1][:2])
+
+
 class SQLiteStoreTests(StoreTestsMixin, TestCase):
     backend = "sqlite"
+
+    async def test_a_list_of_one_account_is_read_through_its_indexes(self) -> None:
+        """SQLite (no statistics) reads a list of one account, or one of its folders,
+        through the account's indexes, not down the user's date index picking the
+        account's rows out (47 ms a page for a small account of old mail beside 100,000
+        newer messages)."""
+        _store, user, small, _ids = await self.small_account_beside_a_big_one()
+
+        def plans(conn: Connection) -> list[list[str]]:
+            def reads() -> None:
+                for query in (MessageQuery(account_id=small),
+                              MessageQuery(account_id=small, folder="INBOX"),
+                              MessageQuery(account_id=small, ordering="date")):
+                    self.assertEqual(thd_list_messages(conn, user, query).count, 5)
+
+            return driver_query_plans(conn, lambda statement: "LIMIT" in statement, reads)
+
+        found = await self.db.read("plans", plans)
+        self.assertEqual(len(found), 3, found)
+        expected = ("ix_messages_account_date", "ix_messages_account_folder_date",
+                    "ix_messages_account_date")
+        for steps, index in zip(found, expected, strict=True):
+            self.assertTrue([s for s in steps if f"USING INDEX {index} " in s], steps)
+            self.assertFalse([s for s in steps if "ix_messages_user" in s], steps)
 
     async def test_a_search_in_one_account_is_read_through_its_matches(self) -> None:
         """SQLite (no statistics) reads a search narrowed to an account or a folder through

@@ -453,13 +453,22 @@ _MATCH_TERMS: dict[str, Callable[[Any], ColumnElement[bool]]] = {
 }
 
 
+# The filters that find a list's rows through an index narrower than the user's.
+_NARROWER = ("thread_id", "account_id")
+
+
 def _shape_terms(shape: tuple[str, ...], c: Any, by_match: bool = False
                  ) -> list[ColumnElement[bool]]:
     """The user's rows (see `_filters` for `by_match`) and the `_FILTER_TERMS` of `shape`.
-    A thread's rows are found through the thread's index too: one thread is a handful of
-    rows, the user's index (as good a way in to a planner without statistics) all of them."""
+
+    A thread's or an account's rows are found through that index, not the user's (written
+    "+ 0" then): a planner without statistics (SQLite; PostgreSQL's generic plans) took the
+    user's date index as just as good a way in, and a list of a small account whose mail is
+    older than the user's other mail walked all of that newer mail, probing each row: 47 ms
+    a page for 10 messages beside 100,000, 0.4 ms through the account's indexes
+    ((account_id, folder, date) and (account_id, date)). A thread is a handful of rows."""
     user: Any = bindparam("user_id")
-    by_other = by_match or "thread_id" in shape
+    by_other = by_match or any(name in shape for name in _NARROWER)
     terms = _MATCH_TERMS if by_match else _FILTER_TERMS
     return [(c.user_id + 0 == user) if by_other else (c.user_id == user),
             *(terms[name](c) for name in shape)]

@@ -107,3 +107,20 @@ def query_plans(conn: Connection, wanted: Callable[[str], bool], reads: Callable
         event.remove(conn, "before_cursor_execute", capture)
     return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)]
             for statement, params in seen]
+
+
+def driver_query_plans(conn: Connection, wanted: Callable[[str], bool],
+                       reads: Callable[[], Any]) -> list[list[str]]:
+    """`query_plans` of the statements `reads` runs on the sqlite3 driver itself
+    (`mailcore.store.prepared.Prepared`, which SQLAlchemy's events do not see), as the
+    driver traces them (their values written in)."""
+    raw: Any = conn.connection.driver_connection
+    seen: list[str] = []
+    raw.set_trace_callback(lambda statement: seen.append(statement) if wanted(statement)
+                           else None)
+    try:
+        reads()
+    finally:
+        raw.set_trace_callback(None)
+    return [[r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement)]
+            for statement in seen]

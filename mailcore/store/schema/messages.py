@@ -116,7 +116,10 @@ messages = Table(
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uid"),
     UniqueConstraint("folder_id", "pop_uidl", name="uq_messages_folder_uidl"),
     Index("ix_messages_user_date", "user_id", "date"),
-    Index("ix_messages_account_folder", "account_id", "folder"),
+    # A list of one account, or of one of its folders, in date order, whatever the user's
+    # other mail (migration 0028; `messages.store._shape_terms`).
+    Index("ix_messages_account_folder_date", "account_id", "folder", "date"),
+    Index("ix_messages_account_date", "account_id", "date"),
     Index("ix_messages_thread_date", "thread_id", "date"),
     Index("ix_messages_user_folder_date", "user_id", "folder", "date"),
     Index("ix_messages_user_message_id", "user_id", "message_id"),
