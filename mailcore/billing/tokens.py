@@ -22,16 +22,17 @@ deferral further down) is not charged twice.
 
 In the daemon a relayed message is charged in the very group commit that stores it (the
 spool's `Charger`, `Spool.accept`): the charge commits with the message or not at all, costs
-no transaction, fsync or wait of its own, and its filtering later finds it paid
-(`ChargeBatcher.charged`). An acknowledged message's charge is therefore never lost, and a
+no transaction, fsync or wait of its own, writes no keyed row (a `fresh` charge: the
+recipients it paid for are stored `charged`, and that is its record), and its filtering, on
+any node, finds it paid. An acknowledged message's charge is therefore never lost, and a
 crash before the commit takes nothing (the client got a 451). The charges the filtering
-still asks for (an empty tank at the accept, a message stored by another node or an earlier
-run) go through a `ChargeBatcher`: the charges requested while one charge transaction is in
-flight wait together and are applied in the next single transaction (each charge still all
-or nothing on its own); in the daemon that is the spool's next group commit (`Spool.charge`,
-in the same call as the accepted messages' charges, so all tank rows of a transaction are
-locked in one order). `TokenService.consume` is the same charge alone, in its own
-transaction (HTTP API, CLI).
+still asks for (an empty tank at the accept, a message queued before the recipients
+recorded their charge) go through a `ChargeBatcher`, keyed: the charges requested while
+one charge transaction is in flight wait together and are applied in the next single
+transaction (each charge still all or nothing on its own); in the daemon that is the
+spool's next group commit (`Spool.charge`, in the same call as the accepted messages'
+charges, so all tank rows of a transaction are locked in one order).
+`TokenService.consume` is the same charge alone, in its own transaction (HTTP API, CLI).
 
 Consumption is logged per user and UTC day for `daily_average` (seed 004's
 `/api/v1/token/daily-average`).
