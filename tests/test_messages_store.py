@@ -10,6 +10,7 @@ import datetime
 import hashlib
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.dialects import postgresql
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -25,6 +26,7 @@ from mailcore.messages.sql import new_id
 from mailcore.messages.store import (
     RAW_CHUNK,
     _json_rows,
+    _plain_page,
     raw_chunks,
     thd_list_messages,
     thd_put_blobs,
@@ -591,6 +593,52 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
 class PostgreSQLStoreTests(StoreTestsMixin, TestCase):
     backend = "postgresql"
+
+    async def test_a_list_of_one_account_is_read_through_its_indexes_in_a_generic_plan(
+        self,
+    ) -> None:
+        """A prepared statement run often gets a generic plan, which knows neither the
+        user nor the account. A list of one account (or one of its folders) must still be
+        read through the account's indexes, not down the user's date index: that walk
+        covers all of the user's newer mail for a small account of old mail."""
+        _store, user, small, _ids = await self.small_account_beside_a_big_one()
+
+        def txn(conn: Connection) -> list[list[str]]:
+            # 20,000 more of the big account's rows, newer than the small account's, in
+            # ten more folders.
+            conn.exec_driver_sql(
+                "INSERT INTO messages (user_id, account_id, folder_id, folder, uidvalidity, "
+                "uid, message_id, subject, sender, recipient, date, size, sha256, "
+                "created_at, updated_at) "
+                "SELECT m.user_id, m.account_id, m.folder_id, 'F' || mod(g, 10), m.uidvalidity, "
+                "1000 + g, m.message_id || g, m.subject, m.sender, m.recipient, "
+                "m.date + g * interval '1 minute', m.size, m.sha256, m.created_at, "
+                f"m.updated_at FROM (SELECT * FROM messages WHERE account_id <> {small} "
+                "LIMIT 1) AS m, generate_series(1, 20000) AS g")
+            conn.exec_driver_sql("ANALYZE messages")
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            dialect = postgresql.psycopg.dialect(paramstyle="numeric_dollar")  # type: ignore[attr-defined]
+            values = {"user_id": user, "account_id": small, "folder": "INBOX"}
+            plans = []
+            for shape in (("account_id",), ("folder", "account_id")):
+                statement = _plain_page(shape, "date", True, False, False, (0, 50)).statement
+                compiled = statement.compile(dialect=dialect)
+                binds = [compiled.binds[key] for key in compiled.positiontup or ()]
+                # A parameter used twice gets an anonymous key ending in its name.
+                names = [b.key if b.key in values else b.key.split()[-1].removesuffix(")s")
+                         for b in binds]
+                args = ", ".join(repr(values[n]) for n in names).replace('"', "'")
+                conn.exec_driver_sql(f"PREPARE page AS {compiled}")
+                plans.append([row[0] for row in conn.exec_driver_sql(
+                    f"EXPLAIN EXECUTE page ({args})")])
+                conn.exec_driver_sql("DEALLOCATE page")
+            return plans
+
+        by_account, by_folder = await self.db.run("plans", txn)
+        self.assertIn("ix_messages_account_date", " ".join(by_account), by_account)
+        self.assertIn("ix_messages_account_folder_date", " ".join(by_folder), by_folder)
+        for plan in (by_account, by_folder):
+            self.assertNotIn("ix_messages_user", " ".join(plan), plan)
 
 
 class PageJSONTests(TestCase):
