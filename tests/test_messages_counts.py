@@ -284,6 +284,54 @@ class CountsTestsMixin(DatabaseMixin):
         await self.db.run("move", move)
         self.assertEqual((await self.store.list_messages(self.user, inbox)).count, 2)
 
+    async def test_lists_by_attachments_are_kept_with_the_stamp(self) -> None:
+        """A list of the messages with (or without) attachments is counted once while the
+        user's stamp stands, and its deep pages start from remembered rows, kept apart
+        from the same list unfiltered; a store or a delete changes both."""
+        def files(n: int, day: int) -> bytes:
+            return (f"Message-ID: <f{n}@x.test>\r\nSubject: F{n}\r\nFrom: a@x.test\r\n"
+                    f"Date: {day} Oct 2024 12:00:00 +0000\r\nContent-Type: multipart/mixed; "
+                    "boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee file\r\n"
+                    "--B\r\nContent-Type: text/csv\r\nContent-Disposition: attachment; "
+                    'filename="d.csv"\r\n\r\na,b\r\n--B--\r\n').encode()
+
+        async def add_files(n: int, day: int) -> int:
+            result = await self.store.store_batch(Location(self.user, None, None, "INBOX"),
+                                                  [FetchedMessage(raw=files(n, day))])
+            return result.created[0]
+
+        with_files = [await add_files(n, day=n) for n in range(1, 9)]
+        plain = [await self.add(n, f"S{n}", None, "INBOX", day=n) for n in range(11, 15)]
+        newest = sorted(with_files, reverse=True)
+        queries = {True: MessageQuery(has_attachments=True, offset=4, limit=2),
+                   False: MessageQuery(has_attachments=False, offset=2, limit=2),
+                   None: MessageQuery(offset=4, limit=2)}
+        expected = {True: newest[4:6], False: sorted(plain, reverse=True)[2:4],
+                    None: newest[:2]}
+        for _ in range(2):  # the second read: the count kept, the page from a mark
+            for flag, query in queries.items():
+                page = await self.store.list_messages(self.user, query)
+                self.assertEqual([m.id for m in page.items], expected[flag], flag)
+                self.assertEqual(page.count, {True: 8, False: 4, None: 12}[flag])
+                self.assertIsNotNone(page.stamp)
+        # Each count is kept with the stamp (and by the filter: True, False, None apart).
+        stamp = await self.db.read("stamp", thd_change_stamp, self.user)
+        for flag in (True, False):
+            key = (self.user, None, None, None, None, None, flag, False)
+            self.assertEqual(self.store.count_cache.peek(key),
+                             (stamp, {True: 8, False: 4}[flag]), flag)
+        page = await self.store.list_messages(self.user, MessageQuery(
+            has_attachments=True, limit=2))
+        self.assertEqual((page.count, [m.id for m in page.items]), (8, newest[:2]))
+        # A store and a delete move the stamp: counts and pages follow.
+        late = await add_files(20, day=20)
+        page = await self.store.list_messages(self.user, queries[True])
+        self.assertEqual((page.count, [m.id for m in page.items]), (9, newest[3:5]))
+        await self.db.run("delete", lambda conn: conn.execute(
+            delete(messages).where(messages.c.id.in_([late, newest[0]]))))
+        page = await self.store.list_messages(self.user, queries[True])
+        self.assertEqual((page.count, [m.id for m in page.items]), (7, newest[5:7]))
+
     async def test_message_with_thread_in_one_read(self) -> None:
         root = await self.add(1, "Plan", None, "INBOX", day=1)
         reply = await self.add(2, "Re: Plan", None, "INBOX", reply_to="<m1@x.test>", day=2)

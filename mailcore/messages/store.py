@@ -590,7 +590,7 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
     if cache is None or stamp is None:
         return count_rows()
     key = (user_id, query.q, query.folder, query.account_id, query.date_from,
-           query.date_to, query.threads_only)
+           query.date_to, query.has_attachments, query.threads_only)
     cached = cache.get(key, stamp)
     if cached is not None:
         return cached
@@ -601,9 +601,11 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
 
 def _stamped(query: MessageQuery) -> bool:
     """Whether the query's rows change only with the user's change stamp (its filters are
-    on columns whose changes move it)."""
-    return query.folder_id is None and query.has_attachments is None \
-        and query.thread_id is None
+    on columns whose changes move it). `has_attachments` is one: it is written with the
+    row and never changed (a later change of it must move the stamp), so its lists change
+    only by stores and deletes. Without it in here a list of the messages with (or
+    without) attachments was counted on every request: 0.1 s per 100,000 messages."""
+    return query.folder_id is None and query.thread_id is None
 
 
 def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) -> bool:
@@ -616,8 +618,7 @@ def _walk_the_date_index(conn: Connection, user_id: int, hits: int, depth: int) 
 
 def _keyset_filters(query: MessageQuery) -> bool:
     """Whether every filter of the query is on a column whose changes move the stamp."""
-    return (not query.threads_only and query.folder_id is None
-            and query.has_attachments is None and query.thread_id is None)
+    return not query.threads_only and _stamped(query)
 
 
 def thd_list_messages(
@@ -675,7 +676,7 @@ def thd_list_messages(
     marks_key: tuple[Any, ...] | None = None
     if keyset:
         marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
-                     query.date_to, ordering)
+                     query.date_to, query.has_attachments, ordering)
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     counted = keyset and _counted(query)
     if counted and shape is not None and unless is None and limit > 0 \

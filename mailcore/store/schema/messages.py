@@ -92,6 +92,8 @@ messages = Table(
     Column("sender_address", String(320), nullable=False, server_default=""),
     Column("recipient", Text, nullable=False, server_default=""),
     Column("date", UTCDateTime(), nullable=True),
+    # Written with the row, never changed: a list filtered by it is kept with the user's
+    # change stamp (`messages.store._stamped`); a change of it would have to move the stamp.
     Column("has_attachments", Boolean, nullable=False, server_default="0"),
     Column("thread_id", Integer, ForeignKey("threads.id", ondelete="SET NULL"), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
