@@ -497,12 +497,14 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
             self.assertEqual(moment, _NOW.replace(hour=3))
             self.assertEqual(day, datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC))
 
-    async def test_no_statement_is_jit_compiled(self) -> None:
-        """The store's sessions never JIT-compile a statement: PostgreSQL decides on it from
-        a plan's estimated cost, and a generic plan prices a page's LIMIT $n at a tenth of
-        the rows (a thread list's page of 0.4 ms was compiled for 20 ms on every run). The
-        statement here is priced over any threshold; a session of the server's defaults
-        compiles it (else this server has no JIT to turn off, and the test says so)."""
+    async def test_no_statement_is_jit_compiled_or_run_on_parallel_workers(self) -> None:
+        """The store's sessions never JIT-compile a statement nor start parallel workers
+        for it: PostgreSQL decides on both from a plan's estimated cost, and a generic plan
+        prices a page's LIMIT $n at a tenth of the rows (a thread list's page of 0.4 ms
+        was compiled for 20 ms on every run, a small account's page of 0.1 ms started two
+        workers for 8 ms). The statements here are priced over any threshold; a session of
+        the server's defaults compiles the first (else this server has no JIT to turn off,
+        and the test says so) and runs the second on workers."""
         import psycopg
         from sqlalchemy.engine import make_url
 
@@ -510,23 +512,42 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
 
         url = make_url(await database_url(self, "postgresql"))
         db = await open_database_at(self, url.render_as_string(hide_password=False))
-        costly = ("EXPLAIN ANALYZE SELECT sum(a * b) FROM generate_series(1, 10)"
-                  " AS a, generate_series(1, 10) AS b")
+        costly = ("SET LOCAL jit_above_cost = 0",
+                  "EXPLAIN ANALYZE SELECT sum(a * b) FROM generate_series(1, 10) AS a,"
+                  " generate_series(1, 10) AS b")
+        parallel = ("SET LOCAL parallel_setup_cost = 0; SET LOCAL parallel_tuple_cost = 0;"
+                    " SET LOCAL min_parallel_table_scan_size = 0",
+                    "EXPLAIN SELECT count(*) FROM plenty")
 
-        def plan(conn: Connection) -> str:
-            conn.exec_driver_sql("SET LOCAL jit_above_cost = 0")
-            return "\n".join(r[0] for r in conn.exec_driver_sql(costly))
+        def plans(conn: Connection) -> list[str]:
+            found = []
+            for setting, statement in (costly, parallel):
+                for one in setting.split(";"):
+                    conn.exec_driver_sql(one)
+                found.append("\n".join(r[0] for r in conn.exec_driver_sql(statement)))
+            return found
 
-        def default_plan() -> str:
+        def default_plans() -> list[str]:
             dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
             with psycopg.connect(dsn) as conn:
-                conn.execute("SET jit_above_cost = 0")
-                return "\n".join(r[0] for r in conn.execute(costly))
+                conn.execute("CREATE TABLE plenty AS SELECT generate_series(1, 100000) AS n")
+                conn.execute("ANALYZE plenty")
+                conn.commit()
+                found = []
+                for setting, statement in (costly, parallel):
+                    for one in setting.split(";"):
+                        conn.execute(one.replace("SET LOCAL", "SET"))
+                    found.append("\n".join(r[0] for r in conn.execute(statement)))
+                return found
 
-        if "JIT:" not in await threads.deferToThread(default_plan):
-            self.skipTest("this PostgreSQL server has no JIT (built without LLVM)")
+        jit, workers = await threads.deferToThread(default_plans)
+        self.assertIn("Gather", workers)  # (a table of 100,000 rows, made there)
         for way in (db.read, db.run):
-            self.assertNotIn("JIT:", await way("plan", plan))
+            ours = await way("plans", plans)
+            self.assertNotIn("Gather", ours[1])
+            self.assertNotIn("JIT:", ours[0])
+        if "JIT:" not in jit:
+            self.skipTest("this PostgreSQL server has no JIT (built without LLVM)")
 
     async def test_a_read_on_a_dead_kept_connection_runs_again_on_a_new_one(self) -> None:
         """The connections kept for reads are never pinged: when the server ends one (a

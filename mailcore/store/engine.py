@@ -1,7 +1,7 @@
 """Creating SQLAlchemy engines with the settings durability needs.
 
 PostgreSQL sessions run in UTC (`_configure_postgresql`), whatever the server's TimeZone,
-and without JIT compilation.
+without JIT compilation and without parallel workers.
 
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
@@ -72,14 +72,20 @@ def _configure_postgresql(engine: Engine) -> None:
         # each new connection rather than libpq's `options`, which a pooler such as
         # PgBouncer may refuse.
         #
-        # No JIT compilation: it pays off for long analytic queries, and ours are short.
-        # PostgreSQL decides on it from the plan's estimated cost, and a generic plan (what
-        # a statement psycopg prepared runs on) prices a page's LIMIT $n at a tenth of the
-        # rows: a thread list's page, read in 0.4 ms, was compiled for 20 ms on every run
-        # (100,000 messages; the server's default `jit_above_cost`).
+        # No JIT compilation and no parallel workers: both pay off for long analytic
+        # queries, and ours are short, many at once. PostgreSQL decides on them from the
+        # plan's estimated cost, and a generic plan (what a statement psycopg prepared runs
+        # on) prices a page's LIMIT $n at a tenth of the rows. Over 100,000 messages: a
+        # thread list's page, read in 0.4 ms, was compiled for 20 ms on every run; a small
+        # account's page (0.1 ms of work) started two workers for 8 ms; the count of a
+        # common word in one account scanned the search table with workers, 300 ms a
+        # request against 100 ms without (per request; every worker is a core the other
+        # requests wait for). Only a sort of all of a user's rows (a list in subject
+        # order) was faster with them: 160 ms against 250.
         cursor = dbapi_connection.cursor()
         cursor.execute("SET TIME ZONE 'UTC'")
         cursor.execute("SET jit = off")
+        cursor.execute("SET max_parallel_workers_per_gather = 0")
         cursor.close()
         dbapi_connection.commit()
 
