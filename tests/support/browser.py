@@ -7,11 +7,15 @@ chromedriver is missing, and fails it under CI=true. The browser quits when the 
 
 Selenium's calls block, so each runs in the reactor's thread pool (`deferToThreadPool`)
 while the reactor goes on serving the site under test. Screenshots are PNGs in the test's
-temp dir (`Browser.shots`), for a person to look at.
+temp dir (`Browser.shots`), for a person to look at. Chromium's own scratch files go to a
+TMPDIR of the test's, removed with it, not to /tmp.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -60,8 +64,15 @@ class Browser:
             )
         options.binary_location = chromium
 
+        # Chromium keeps its singleton socket in a directory it makes under TMPDIR and
+        # leaves behind: give it a scratch TMPDIR of its own, removed when the test ends.
+        # Short, under /tmp: the socket's path must fit a sockaddr_un (108 bytes).
+        scratch = await _in_thread(tempfile.mkdtemp, "", "mailcore-chromium-")
+        test.addCleanup(_in_thread, shutil.rmtree, scratch, True)
+        env = {**os.environ, "TMPDIR": scratch}
+
         def launch() -> Any:
-            return webdriver.Chrome(service=Service(chromedriver), options=options)
+            return webdriver.Chrome(service=Service(chromedriver, env=env), options=options)
 
         shots = Path(test.mktemp())
         await _in_thread(shots.mkdir, 0o755, True)
