@@ -224,6 +224,21 @@ class BatteryTests(Base):
         self.assertEqual((status, body["error"]), (400, "invalid_scope"))
         self.assertEqual(await self.who(token["access_token"], "write"), 403)
 
+    async def test_scopes_joined_by_an_encoded_plus_are_the_scopes(self) -> None:
+        # Seed 000: "Multiple scopes can be added together by using + as a separator";
+        # a client that URL-encodes scope=read+write sends read%2Bwrite.
+        uri = authorize_uri(self.client.uid, scope="read+write")
+        self.assertIn("scope=read%2Bwrite", uri)
+        consent = await self.web.core.oauth.consent(uri)
+        self.assertEqual(consent.scopes, ("read", "write"))
+        token = await self.client.token(scope="read+write+email")
+        self.assertEqual(await self.who(token["access_token"], "write"), self.alice.id)
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"], scope="read+email")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(await self.who(body["access_token"], "write"), 403)
+        self.assertEqual(await self.who(body["access_token"], "email"), self.alice.id)
+
     async def test_an_unknown_scope_is_told_to_the_client(self) -> None:
         with self.assertRaises(AuthorizationRedirect) as caught:
             await self.web.core.oauth.consent(authorize_uri(self.client.uid, scope="admin"))

@@ -14,7 +14,7 @@ import json
 import secrets as _random
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from oauthlib.oauth2 import FatalClientError, OAuth2Error, WebApplicationServer
 from oauthlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError
@@ -258,6 +258,7 @@ class OAuthProvider:
         `AuthorizationRedirect` when the client should be told (bad scope, response_type).
         """
         now = self.now()
+        uri = _plus_scopes_uri(uri)
 
         def txn(conn: Connection) -> Consent:
             server = self._server(conn, now)
@@ -284,6 +285,7 @@ class OAuthProvider:
         redirect_uri with a new `code` (and `state`), or with `error=access_denied`."""
         consent = await self.consent(uri)
         now = self.now()
+        uri = _plus_scopes_uri(uri)
 
         def txn(conn: Connection) -> str:
             server = self._server(conn, now)
@@ -304,6 +306,7 @@ class OAuthProvider:
         """POST /oauth/token: (headers, JSON body, status), the success body exactly the
         seed's `{access_token, token_type: "bearer", expires_in, refresh_token}`."""
         now = self.now()
+        body = _plus_scopes(body)
 
         def txn(conn: Connection) -> Reply:
             server = self._server(conn, now)
@@ -359,6 +362,26 @@ class AuthorizationRedirect(Exception):
     def __init__(self, location: str) -> None:
         super().__init__(location)
         self.location = location
+
+
+def _plus_scopes(form: str) -> str:
+    """`form` (form-encoded) with the scopes of a `scope` joined by a literal "+" spaced as
+    RFC 6749 joins them. Seed 000 tells clients to join scopes with "+" (scope=read+write,
+    which decodes to "read write"); a client that encodes its parameters as it should sends
+    that "+" as %2B, which decodes to "read+write", one unknown scope. Unchanged otherwise."""
+    if "scope" not in form:
+        return form
+    pairs = parse_qsl(form, keep_blank_values=True)
+    if not any(key == "scope" and "+" in value for key, value in pairs):
+        return form
+    return urlencode([(key, value.replace("+", " ") if key == "scope" else value)
+                      for key, value in pairs])
+
+
+def _plus_scopes_uri(uri: str) -> str:
+    """`uri` with its query's scope as `_plus_scopes` has it."""
+    base, mark, query = uri.partition("?")
+    return base + mark + _plus_scopes(query) if mark else uri
 
 
 def _describe(error: OAuth2Error) -> str:
