@@ -1,9 +1,10 @@
 """Checks of user-given text shared by every layer: control characters and lone surrogates.
 
 A name, a username, a description or a folder name is one line of text: a control character
-in it (CR and LF above all) could split a log line, a header or a protocol command (POP3
-`USER`, IMAP, SMTP). A lone surrogate ("\\ud800", which JSON and `os.fsdecode` can produce)
-is not text at all: no database, file or reply can encode it.
+in it (CR and LF above all), or a line or paragraph separator (U+2028, U+2029), could split a
+log line, a header or a protocol command (POP3 `USER`, IMAP, SMTP). A lone surrogate
+("\\ud800", which JSON and `os.fsdecode` can produce) is not text at all: no database, file
+or reply can encode it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,25 @@ CONTROL_CHARACTER = "Control characters (NUL, CR, LF, TAB...) are not allowed."
 NOT_TEXT = "The value holds a lone surrogate, which is not text."
 
 # Unicode's Cc: C0 controls, DEL and C1 controls.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CC = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Cc and the line and paragraph separators U+2028 and U+2029: str.splitlines and Python's
+# email package end a line at them (a header holding one cannot be written).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # What may never go into a protocol command line, whatever else the line allows.
 _LINE_BREAKING = re.compile(r"[\x00\r\n]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def has_control(text: str) -> bool:
-    """Whether `text` holds a control character (NUL, CR, LF, TAB, DEL, C1...)."""
+    """Whether `text` holds a control character (NUL, CR, LF, TAB, DEL, C1...) or a line or
+    paragraph separator (U+2028, U+2029): whether it is not one line of text."""
     return _CONTROL.search(text) is not None
+
+
+def has_cc(text: str) -> bool:
+    """Whether `text` holds a control character (Unicode's Cc only). For names read from a
+    protocol where U+2028 is text to be carried (a remote folder's name), not refused."""
+    return _CC.search(text) is not None
 
 
 def breaks_line(text: str) -> bool:

@@ -518,6 +518,14 @@ class FolderNameTests(TestCase):
         self.assertEqual(creates, ['"Größe"'.encode(), '"Größe/a\\"b"'.encode()])
         self.assertIn(("Größe", 'a"b'), rig.run(rig.writer.folders()))
 
+    def test_a_line_separator_is_text_in_a_folder_name(self) -> None:
+        # U+2028 is refused in names people type (mailcore.text.has_control) but is text in
+        # an IMAP name: a source's folder that holds one is created at the destination.
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ ENABLE UTF8=ACCEPT"))
+        rig.run(rig.writer.ensure_folder(("a\u2028b",)))
+        creates = [a for n, a in rig.server.commands if n == b"CREATE"]
+        self.assertEqual(creates, ['"a\u2028b"'.encode()])
+
     def test_personal_namespace_prefix(self) -> None:
         # Courier/Cyrus style: every folder lives under "INBOX.".
         rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ NAMESPACE",

@@ -233,6 +233,13 @@ class WritingTests(MailApiTestCase):
              "invalid to/from/cc/bcc/reply-to - stored email as draft"),
             ({"status": "outbox", "to": JOE, "subject": "hi\r\nBcc: spy@far.test"}, 400,
              "invalid subject (a line break or control character) - stored email as draft"),
+            # Unicode's line and paragraph separators end a header line too.
+            ({"status": "outbox", "to": JOE, "subject": "hi\u2028Bcc: spy@far.test"}, 400,
+             "invalid subject (a line break or control character) - stored email as draft"),
+            ({"status": "outbox", "to": JOE, "subject": "hi\u2029"}, 400,
+             "invalid subject (a line break or control character) - stored email as draft"),
+            ({"status": "outbox", "to": f'"Joe\u2028Bcc: spy@far.test" <{JOE}>'}, 400,
+             "invalid to/from/cc/bcc/reply-to - stored email as draft"),
             ({"status": "outbox", "to": JOE, "from": JOE}, 401,
              "unauthorized from/reply-to - stored email as draft"),
             ({"status": "outbox", "to": JOE, "reply-to": "me@far.test"}, 401,

@@ -78,7 +78,7 @@ from mailcore.fetch.imap import (
 )
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
-from mailcore.text import has_control, has_surrogate
+from mailcore.text import has_cc, has_control, has_surrogate
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -261,7 +261,7 @@ def destination_path(path: Sequence[str], separator: str | None) -> tuple[str, .
     for segment in path:
         if not isinstance(segment, str) or not segment:
             raise BadFolderName("a folder name segment is empty")
-        if has_control(segment):
+        if has_cc(segment):
             raise BadFolderName(
                 f"folder name {segment!r} holds a control character (NUL, CR, LF...)"
             )
