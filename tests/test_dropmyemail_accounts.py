@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import update
 from twisted.trial.unittest import TestCase
 
-from mailcore.backup import GOOGLE_REFUSAL, BackupSettings, derive_host
+from mailcore.backup import GOOGLE_REFUSAL, BackupError, BackupSettings, derive_host
 from mailcore.config import Config, ConfigError
 from mailcore.fetch.state import thd_folder
 from mailcore.store.schema import users
@@ -21,6 +21,13 @@ class HostRuleTests(TestCase):
         none = BackupSettings()
         self.assertEqual(derive_host("a@Example.COM", "imap", none), "imap.example.com")
         self.assertEqual(derive_host("a@example.com", "pop", none), "pop.example.com")
+
+    def test_no_domain_no_host(self) -> None:
+        none = BackupSettings({})
+        for email in ("nobody", "nobody@", "@example.com", " @example.com", "a@ "):
+            with self.assertRaises(BackupError) as caught:
+                derive_host(email, "imap", none)
+            self.assertEqual(caught.exception.field, "email")
 
     def test_providers_override_the_rule(self) -> None:
         settings = BackupSettings.from_section({"providers": {
@@ -111,6 +118,7 @@ class AccountsApiTests(ApiBase):
             ("POST", "/v1/accounts", {"json": {"email": "a@x.test", "password": "p",
                                                "ssl": True, "start_tls": True}}),
             ("POST", "/v1/accounts", {"json": {"email": "a\nb@x.test", "password": "p"}}),
+            ("POST", "/v1/accounts", {"json": {"email": "nobody", "password": "p"}}),
             ("POST", "/v1/accounts", {"json": ["x"]}),
         ]
         for method, path, kwargs in cases:

@@ -336,6 +336,7 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
             ("POST", f"{base}/migrates", {"email": "x@example.test", "password": "p",
                                           "ssl": "maybe", "host": "localhost"}, 400),
             ("POST", f"{base}/migrates", {"email": "x@gmail.com", "password": "p"}, 400),
+            ("POST", f"{base}/migrates", {"email": "nobody", "password": "p"}, 400),
             ("POST", f"{base}/migrates", {"email": "u2@example.test", "password": "wrong",
                                           "host": "localhost", "port": server.imap}, 400),
             ("POST", f"{base}/migrates", {"email": "u2@example.test", "password": "p",

@@ -99,8 +99,14 @@ class BackupSettings:
 
 
 def derive_host(email: str, protocol: str, settings: BackupSettings) -> str:
-    """The server of `email` for `protocol` when the client named none (module docstring)."""
-    domain = email.rpartition("@")[2].strip().lower()
+    """The server of `email` for `protocol` when the client named none (module docstring).
+    BackupError when `email` is no address (name@domain): there is no domain to ask, and
+    "imap.<whatever it is>" would be looked up and dialled for nothing."""
+    local, at, domain = email.rpartition("@")
+    domain = domain.strip().lower()
+    if not (at and local.strip() and domain):
+        raise BackupError("email must be an address (name@domain) when no host is given: "
+                          "the server is found from its domain", "email")
     configured = settings.providers.get(domain, {}).get(protocol)
     return configured or f"{'imap' if protocol == 'imap' else 'pop'}.{domain}"
 
