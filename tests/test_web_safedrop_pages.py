@@ -109,15 +109,29 @@ class PasswordAndDownloadTests(TestCase):
         file_ids = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)
         self.assertEqual(len(file_ids), 2)
         first = f"{self.ann}/files/{file_ids[0].decode()}"
-        # A range is served as 206 and does not count as the whole file.
+        second = f"{self.ann}/files/{file_ids[1].decode()}"
+        # A range is served as 206 and does not count as the whole file, not even one that
+        # ends where the file ends (a tail, or the rest from an offset).
         status, headers, body = await browser.get(first, Range="bytes=2-5")
         self.assertEqual((status, body), (206, b"2345"))
         self.assertEqual(headers["content-range"], ["bytes 2-5/10"])
         status, headers, body = await browser.get(first, Range="bytes=-3")
         self.assertEqual((status, body), (206, b"789"))
+        status, headers, body = await browser.get(first, Range="bytes=-1")
+        self.assertEqual((status, body), (206, b"9"))
+        status, headers, body = await browser.get(first, Range="bytes=5-")
+        self.assertEqual((status, body), (206, b"56789"))
         status, headers, _ = await browser.get(first, Range="bytes=10-")
         self.assertEqual(status, 416)
         self.assertEqual(headers["content-range"], ["bytes */10"])
+        # The other file in full: ann still lacks the whole of the first, so under
+        # read_remove her drop stays open and its files stay on disk.
+        status, _, body = await browser.get(second)
+        self.assertEqual((status, body), (200, b"\x00\xffdata"))
+        status, _, page = await browser.get(self.ann)
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.f.stored_files()), 2)
+        # The first in full completes ann's download: read_remove ends her access.
         status, headers, body = await browser.get(first)
         self.assertEqual((status, body), (200, b"0123456789"))
         self.assertEqual(headers["content-type"], ["application/octet-stream"])
@@ -125,19 +139,20 @@ class PasswordAndDownloadTests(TestCase):
             headers["content-disposition"],
             ["attachment; filename=\"r_sum_ 1.txt\"; "
              "filename*=UTF-8''r%C3%A9sum%C3%A9%201.txt"])
-        # The other file completes ann's download: read_remove ends her access.
-        status, _, body = await browser.get(f"{self.ann}/files/{file_ids[1].decode()}")
-        self.assertEqual((status, body), (200, b"\x00\xffdata"))
         status, _, page = await browser.get(self.ann)
         self.assertEqual(status, 410)
         self.assertIn(b"downloaded every file", page)
         self.assertEqual(len(self.f.stored_files()), 2)  # bob has not downloaded yet
-        # bob, in his own browser: once he has both files, they are deleted from disk.
+        # bob, in his own browser: once he has both files, they are deleted from disk. A
+        # 206 of the whole file (bytes=0-) is the whole file.
         bob = Browser(self.f)
         await bob.post(self.bob, action="password", password="Open-Sesame-77")
-        for file_id in file_ids:
-            status, _, _ = await bob.get(f"{self.bob}/files/{file_id.decode()}")
-            self.assertEqual(status, 200)
+        status, _, body = await bob.get(f"{self.bob}/files/{file_ids[0].decode()}",
+                                        Range="bytes=0-")
+        self.assertEqual((status, body), (206, b"0123456789"))
+        self.assertEqual(len(self.f.stored_files()), 2)
+        status, _, _ = await bob.get(f"{self.bob}/files/{file_ids[1].decode()}")
+        self.assertEqual(status, 200)
         self.assertEqual(self.f.stored_files(), [])
         status, _, _ = await bob.get(self.bob)
         self.assertEqual(status, 410)

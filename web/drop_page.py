@@ -10,9 +10,11 @@ passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.
 Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
 file from disk in chunks read on a thread pool, with backpressure, as
 `application/octet-stream` with an RFC 6266 `filename*`, and honours a single byte Range
-(206, 416). With allow_comments (and require_token_auth) a reply form mails the sender.
-An unknown link is a 404 page; an expired or removed drop, or one a recipient has read in
-full under read_remove, a 410 page.
+(206, 416). A file counts as downloaded (receipts, read_remove) only when one response
+carried every byte of it, a 200 or a 206 of bytes 0 to the end: a range that merely ends at
+the end (`bytes=-1`, or a resumed download) is a part. With allow_comments (and
+require_token_auth) a reply form mails the sender. An unknown link is a 404 page; an
+expired or removed drop, or one a recipient has read in full under read_remove, a 410 page.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ class DropPageApp(PageApp):
         if request.method == b"HEAD":
             return b""
         sent = await self._stream(request, path, first, length)
-        if sent == length and last == size - 1:
+        if first == 0 and sent == size:  # the whole file, in this one response
             await self.drops.downloaded(found, drop_file)
         return b""
 
