@@ -61,6 +61,16 @@ class UpdateLogsInAgainTests(DovecotClassMixin, TestCase):
         status, changed = await bearer(api, token, "PUT", path,
                                        json={"password": server.PASSWORD})
         self.assertEqual(status, 200, changed)
+        # The account as it was read goes back unchanged (its email, as it is, too); its
+        # email is not changed.
+        status, read = await bearer(api, token, "GET", path)
+        status, put_back = await bearer(api, token, "PUT", path, json=read)
+        self.assertEqual(status, 200, put_back)
+        self.assertEqual({k: v for k, v in put_back.items() if k != "updated_at"},
+                         {k: v for k, v in read.items() if k != "updated_at"})
+        status, body = await bearer(api, token, "PUT", path, json={"email": "x@example.test"})
+        self.assertEqual((status, body["error_description"]),
+                         (400, "The email of an account cannot change."))
 
 
 class CleartextTests(TestCase):

@@ -399,8 +399,6 @@ class DropmyemailApp(JobRoutes, ApiApp):
             "ssl": lambda: bool_field(data, "ssl"),
             "port": lambda: int_field(data, "port", minimum=1, maximum=65535),
         }
-        if not create and "email" in data:
-            raise ApiError(400, "The email of an account cannot change.")
         values = collect_fields(checks)
         return {k: v for k, v in values.items() if v is not None}
 

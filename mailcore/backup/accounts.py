@@ -172,7 +172,12 @@ class BackupAccounts:
 
     def _values(self, values: dict[str, Any], current: Account | None) -> dict[str, Any]:
         """Fetch-account fields from Dropmyemail's (email, password, host, protocol,
-        start_tls, ssl, port)."""
+        start_tls, ssl, port). An account's email is fixed: on a change it may be given as it
+        is (a client puts back the account it read), not otherwise."""
+        if current is not None and "email" in values:
+            if values["email"] != current.email:
+                raise BackupError("The email of an account cannot change.", "email")
+            values = {k: v for k, v in values.items() if k != "email"}
         email = values.get("email", current.email if current else "")
         protocol = values.get("protocol") or (current.protocol if current else "imap")
         if protocol not in ("imap", "pop"):
