@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.safedrop.model import MAX_VALID_FOR
 from mailcore.store.schema import (
     drop_bundles,
     drop_recipients,
@@ -396,6 +397,8 @@ class RecipientFieldTests(TestCase):
             ("email=a%40b.test&telephone=0207", "telephone"),
             ("email=a%40b.test&valid_for=-1", "valid_for"),
             ("email=a%40b.test&valid_for=soon", "valid_for"),
+            ("email=a%40b.test&valid_for=315360001", "valid_for"),  # ten years and a second
+            ("email=a%40b.test&valid_for=9223372036854775807", "valid_for"),
             ("email=a%40b.test&name=Fred", "name"),
         ]:
             status, reply = await self.f.form("POST", self.path, body)
@@ -412,6 +415,25 @@ class RecipientFieldTests(TestCase):
             "telephone": "442077394252", "valid_for": 3600, "email": "ann@example.org"})
         status, changed = await self.f.form("PUT", f"{self.path}/{reply['id']}", "telephone=")
         self.assertEqual((status, changed["telephone"]), (200, ""))
+
+    async def test_valid_for_is_at_most_ten_years(self) -> None:
+        # Sending adds valid_for to the moment of sending; 2**63 - 1 seconds is past the
+        # year 9999, and every later ?send of the bundle answered 500.
+        status, reply = await self.f.form("POST", self.path,
+                                          "email=ann%40example.org&valid_for=315360000")
+        self.assertEqual((status, reply["valid_for"]), (200, MAX_VALID_FOR))
+        recipient = f"{self.path}/{reply['id']}"
+        for body in ("valid_for=9223372036854775807", "valid_for=315360001"):
+            status, refused = await self.f.form("PUT", recipient, body)
+            self.assertEqual(status, 400, body)
+            self.assertEqual(list(refused["errors"]), ["valid_for"])
+            self.assertIn("valid_for", refused["error"])
+        status, _, refused = await self.f.call(
+            "PUT", recipient, json.dumps({"valid_for": 2**63 - 1}).encode(),
+            {"Content-Type": "application/json"})
+        self.assertEqual((status, list(refused["errors"])), (400, ["valid_for"]))
+        _, _, shown = await self.f.call("GET", recipient)
+        self.assertEqual(shown["valid_for"], MAX_VALID_FOR)
 
 
 class SendTests(TestCase):
@@ -469,6 +491,19 @@ class SendTests(TestCase):
         status, _, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
         self.assertEqual(status, 405, reply)
         self.assertEqual(len(self.f.spooled()), 2)
+
+    async def test_a_stored_valid_for_past_ten_years_sends_with_ten_years(self) -> None:
+        # A row written before the API refused such a valid_for: the send used to overflow
+        # (500) on every try.
+        bundle_id = await self.ready_bundle()
+        await self.f.web.core.db.run("huge", lambda c: c.execute(
+            sa.update(drop_recipients).where(drop_recipients.c.email == "ann@example.org")
+            .values(valid_for=2**63 - 1)))
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        ann = self.f.spooled()[0]
+        self.assertEqual(ann[2], "ann@example.org")
+        self.assertIn("available until 2033-11-11T22:13:20Z", ann[3].decode())
 
     async def test_sending_needs_a_recipient_a_file_and_a_future_expiry(self) -> None:
         empty = await self.f.bundle()

@@ -31,6 +31,7 @@ from mailcore.identity import Identity, Principal
 from mailcore.identity.passwords import MAX_PASSWORD_LENGTH
 from mailcore.safedrop.model import (
     MAX_TEXT,
+    MAX_VALID_FOR,
     RECEIPT_VALUES,
     Bundle,
     DropError,
@@ -147,7 +148,7 @@ RECIPIENT_BODY: dict[str, Any] = {
         "email": {"type": "string", "format": "email"},
         "telephone": {"type": "string", "pattern": "^([1-9][0-9]{6,14})?$",
                       "description": "International digits without '+'"},
-        "valid_for": {"type": "integer", "minimum": 0,
+        "valid_for": {"type": "integer", "minimum": 0, "maximum": MAX_VALID_FOR,
                       "description": "Deprecated: seconds of access after sending"},
     },
     "additionalProperties": False,
@@ -261,7 +262,8 @@ def recipient_changes(data: Mapping[str, Any], *, creating: bool) -> dict[str, A
                          line=True) or "",
         )
     if _given(data, "valid_for"):
-        checks["valid_for"] = lambda: int_field(data, "valid_for", required=True, minimum=0)
+        checks["valid_for"] = lambda: int_field(data, "valid_for", required=True, minimum=0,
+                                                maximum=MAX_VALID_FOR)
     return collect_fields(checks)
 
 

@@ -29,6 +29,10 @@ DEFAULT_RECEIPT_WHEN = 4
 TELEPHONE = re.compile(r"[1-9][0-9]{6,14}")
 MAX_TEXT = 100_000  # subject, message and secure message, in characters
 MAX_FILENAME = 255
+# A recipient's `valid_for` (seconds of access after sending; deprecated by the seed in favour
+# of the bundle's expiry_date). Ten years of 365 days is longer than any drop is meant to
+# last, and keeps "sent + valid_for" a date (datetime ends at year 9999).
+MAX_VALID_FOR = 10 * 365 * 24 * 3600
 GIB = 1024**3
 
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mailcore.safedrop.model import (
+    MAX_VALID_FOR,
     Bundle,
     DropError,
     DropFile,
@@ -249,7 +250,10 @@ def claim_send_txn(
     for r in recipients:
         token, digest = new_link()
         tokens[r.id] = token
-        expires = now + datetime.timedelta(seconds=r.valid_for) if r.valid_for else None
+        # At most MAX_VALID_FOR: a row stored before the API had that maximum may hold up to
+        # 2**63 - 1, past datetime's year 9999 (an OverflowError, a send that never goes).
+        seconds = min(r.valid_for, MAX_VALID_FOR)
+        expires = now + datetime.timedelta(seconds=seconds) if seconds else None
         conn.execute(
             sa.update(drop_recipients)
             .where(drop_recipients.c.id == r.id)
