@@ -57,6 +57,33 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
 
+    async def test_a_draft_is_sent_in_its_turn_from_when_it_entered_the_outbox(self) -> None:
+        # Seed 002: the outbox is first in, first out. The draft was written first, but
+        # entered the outbox after the mail posted straight to it, so it goes after it.
+        draft = await self.mail.create(self.owner, BOB, Edit("draft", {
+            "to": "drafted@customer.test", "subject": "draft"}))
+        self.assertEqual(draft.outcome, Outcome.SAVED)
+        self.clock.advance(10)
+        posted = await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "posted@customer.test", "subject": "posted"}))
+        self.assertEqual(posted.outcome, Outcome.ENQUEUED)
+        self.clock.advance(10)
+        put = await self.mail.update(self.owner, draft.public_id, Edit("outbox"), None)
+        self.assertEqual(put.outcome, Outcome.ENQUEUED)
+        self.assertEqual([row[2] for row in await self.db.read("outbox", thd_outbox, 10)],
+                         await self.queue_ids(posted.public_id, draft.public_id))
+        self.sender.startService()
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(),
+                         ["posted@customer.test", "drafted@customer.test"])
+
+    async def queue_ids(self, *public_ids: str) -> list[str]:
+        """The queue ids of these mails, in this order."""
+        rows = await self.db.read("ids", lambda c: c.execute(select(
+            mailapi_mail.c.public_id, mailapi_mail.c.queue_id)).all())
+        by_public = dict(rows)
+        return [by_public[p] for p in public_ids]
+
     async def test_a_mailbox_waiting_on_its_next_hop_holds_no_other_mailbox_up(self) -> None:
         done(defer.Deferred.fromCoroutine(
             MailboxService(self.db, self.clock).add(JOE, self.owner)))

@@ -10,16 +10,17 @@ A client's mail is always stored: what cannot be sent (no `to`, a bad address, a
 field with a line break, a `from` or `reply-to` the caller may not use) stays a draft and
 the reply says why. Mail set to `outbox` is built with Python's `email` package
 (Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
-id in the transaction that puts it in the outbox; the OutboxSender hands it to the spool in
-posting order (mailcore.mailapi.outbox). A large mail (body and attachments over
-BUILT_APART bytes) is built before that transaction (on the same pool thread), from a read
-of what the transaction will find: building it (attachments read from disk and encoded, up
-to max_message_bytes) must not hold the store's one write lock, which the SMTP spool needs
-for every message it accepts. The transaction checks the mail again and keeps the built
-message only when it would build it from the same fields and parts; else (the mail or the
-caller's rights changed in between) it builds the message itself. A small mail is built in
-the transaction: it takes a millisecond or two, less than the extra read and, with several
-built at once, the contention for Python's lock would cost.
+id and its place in the outbox's order in the transaction that puts it in the outbox; the
+OutboxSender hands it to the spool in that order (mailcore.mailapi.outbox). A large mail
+(body and attachments over BUILT_APART bytes) is built before that transaction (on the same
+pool thread), from a read of what the transaction will find: building it (attachments read
+from disk and encoded, up to max_message_bytes) must not hold the store's one write lock,
+which the SMTP spool needs for every message it accepts. The transaction checks the mail
+again and keeps the built message only when it would build it from the same fields and
+parts; else (the mail or the caller's rights changed in between) it builds the message
+itself. A small mail is built in the transaction: it takes a millisecond or two, less than
+the extra read and, with several built at once, the contention for Python's lock would
+cost.
 
 Attachments are files on disk named by their content hash (mailcore.mailapi.files): a
 multipart upload is streamed to disk within `[mailapi] max_attachment_bytes` per file and
@@ -62,8 +63,10 @@ from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.store.counters import thd_bump_counter, thd_read_counter
 from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
+from mailcore.store.schema.mailapi import mailapi_outbox_seq
 from mailcore.text import has_control
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
@@ -523,11 +526,25 @@ class MailService:
             raw = build_message(checked, recipients, parts, self.hostname, now)
         conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
             status=OUTBOX, mailbox_id=sender.id, raw=raw, queue_id=new_queue_id(now),
-            mail_from=checked["from"]))
+            mail_from=checked["from"], outbox_seq=thd_next_outbox_seq(conn)))
         if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
             thd_count_mail(conn, row.mailbox_id, -1)
             thd_count_mail(conn, sender.id, 1)
         return Written(Outcome.ENQUEUED, public_id)
+
+
+def thd_next_outbox_seq(conn: Connection) -> int:
+    """Blocking: the next place in the outbox's order (`mailapi_mail.outbox_seq`), drawn
+    from the database so that every node sharing it draws from one series: mail that
+    entered the outbox before another was put there is sent before it, whichever node
+    took either. PostgreSQL: a sequence (no node waits on another's transaction; a value
+    drawn by a transaction still running can only belong to mail put in the outbox at the
+    same time as a later one, which has no order to keep). SQLite: a change counter,
+    raised in the caller's transaction (its writers take turns)."""
+    if conn.dialect.name == "postgresql":
+        return int(conn.execute(select(mailapi_outbox_seq.next_value())).scalar_one())
+    thd_bump_counter(conn, mailapi_outbox_seq.name)
+    return thd_read_counter(conn, mailapi_outbox_seq.name)
 
 
 def _hashes_of(conn: Connection, mail_ids: Sequence[int]) -> list[str]:

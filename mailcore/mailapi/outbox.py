@@ -1,8 +1,10 @@
-"""The outbox: mail set to `outbox` goes to the delivery queue in posting order, first in
-first out for each sending mailbox.
+"""The outbox: mail set to `outbox` goes to the delivery queue in the order it entered the
+outbox, first in first out for each sending mailbox.
 
-Each outbox row was built and given its queue id when it entered the outbox
-(mailcore.mailapi.mail). The sender takes outbox rows oldest first, hands each to the spool
+Each outbox row was built and given its queue id and its place in the outbox's order
+(`outbox_seq`, drawn from the database: mailcore.mailapi.mail.thd_next_outbox_seq) when it
+entered the outbox; a draft enters when it is put there, not when it was written. The
+sender takes outbox rows in that order ("oldest" below), hands each to the spool
 (`Spool.accept`, kind "outbox") and marks it `sent` once the spool has committed it. The
 queue works on many messages at once (filtering runs concurrently), so to keep a mailbox's
 order at the next hop the sender hands over its next message only once the queue has tried
@@ -69,15 +71,17 @@ OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
 
 def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
                besides: Collection[int] = ()) -> list[OutboxRow]:
-    """Blocking: the oldest outbox rows (of `mailbox` only; of mailboxes not in `besides`)
-    as (row id, mailbox id, queue id, envelope, message, already in the queue)."""
+    """Blocking: the outbox rows that entered it first (of `mailbox` only; of mailboxes not
+    in `besides`) as (row id, mailbox id, queue id, envelope, message, already in the
+    queue)."""
     query = select(_m.id, _m.mailbox_id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs,
                    _m.bcc_addrs, _m.raw).where(_m.status == OUTBOX)
     if mailbox is not None:
         query = query.where(_m.mailbox_id == mailbox)
     if besides:
         query = query.where(_m.mailbox_id.not_in(list(besides)))
-    rows = conn.execute(query.order_by(_m.id).limit(limit)).all()
+    # `id` only orders rows stored without a place (none are put in the outbox so).
+    rows = conn.execute(query.order_by(_m.outbox_seq, _m.id).limit(limit)).all()
     queued = {r[0] for r in conn.execute(select(queue_messages.c.id).where(
         queue_messages.c.id.in_([row.queue_id for row in rows])))} if rows else set()
     out = []

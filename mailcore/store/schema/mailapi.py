@@ -1,5 +1,5 @@
-"""The Mail API's tables (seed 002, migrations 0013 and 0019): hosted mailboxes, access
-grants, the mail kept in them, and its attachments.
+"""The Mail API's tables (seed 002, migrations 0013, 0019 and 0029): hosted mailboxes,
+access grants, the mail kept in them, and its attachments.
 
 A mailbox is an address whose mail is kept here; its owner has every right on it, other
 users have what `mailbox_grants` gives them. A mail row is a draft, an outbox message
@@ -11,6 +11,7 @@ epoch seconds from the injected clock.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Sequence,
     String,
     Table,
     Text,
@@ -62,7 +64,9 @@ mailbox_grants = Table(
 # `queue_id` is the spool id an outbox message is (or will be) accepted under: the
 # idempotency key that keeps a crash from sending it twice. `queue_rcpt_id` is the queue
 # recipient a local delivery stored: unique, so a delivery replayed after a crash stores
-# nothing twice.
+# nothing twice. `outbox_seq` is the mail's place in the outbox, given when it enters the
+# outbox (a draft may enter long after it was created, so `id` is not that order): the
+# sender takes each mailbox's outbox mail in this order (mailcore.mailapi.outbox).
 mailapi_mail = Table(
     "mailapi_mail",
     metadata,
@@ -86,10 +90,16 @@ mailapi_mail = Table(
     Column("queue_rcpt_id", Integer, nullable=True, unique=True),
     Column("created_at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),
+    Column("outbox_seq", BigInteger, nullable=True),
     Index("ix_mailapi_mail_mailbox_id", "mailbox_id", "id"),
-    Index("ix_mailapi_mail_status", "status", "mailbox_id", "id"),
+    Index("ix_mailapi_mail_outbox", "status", "mailbox_id", "outbox_seq"),
     Index("ix_mailapi_mail_raw_sha256", "raw_sha256"),
 )
+
+# Where `outbox_seq` values come from on PostgreSQL: a sequence, which every node draws from
+# without waiting on another's transaction. SQLite has none; its writers take turns anyway,
+# and the change counter "mailapi_outbox_seq" (change_counters) holds the last value given.
+mailapi_outbox_seq = Sequence("mailapi_outbox_seq", metadata=metadata)
 
 # An attachment's bytes are the file `sha256` names (mailcore.mailapi.files), shared by every
 # row with the same content; `data` holds them only in rows stored before migration 0019.
