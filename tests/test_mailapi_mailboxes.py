@@ -82,6 +82,22 @@ class MailboxApiTests(TestCase):
         self.assertEqual(await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/"),
                          (401, {"message": "you may not change access to this mailbox"}))
 
+    async def test_a_grantee_cannot_tell_which_usernames_exist(self) -> None:
+        await self.grant("bob", "joe", allow_read=True, allow_send=True, allow_reply_to=True,
+                         allow_delete=True)
+        denied = (401, {"message": "you may not change access to this mailbox"})
+        for name in ("eve", "nobody"):  # a user, and no user: the same answer
+            self.assertEqual(await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/"
+                                            f"{name}"), denied, name)
+        self.assertEqual((await self.as_("joe", "GET",
+                                         f"/api/v1/mailboxes/{BOX}/access/joe"))[0], 200)
+        # The owner (as a holder of allow_modify) is told the user is unknown.
+        self.assertEqual(await self.as_("bob", "GET", f"/api/v1/mailboxes/{BOX}/access/nobody"),
+                         (404, {"message": "user not found"}))
+        await self.grant("bob", "joe", allow_modify=True)
+        self.assertEqual(await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/nobody"),
+                         (404, {"message": "user not found"}))
+
     async def test_form_booleans_are_0_and_1_and_absent_rights_keep_their_value(self) -> None:
         await self.grant("bob", "joe", allow_read=True)
         status, _, body = await self.web.call(

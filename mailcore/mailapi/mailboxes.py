@@ -272,11 +272,16 @@ class MailboxService:
 
     async def grant_of(self, user_id: int, address: str, username: str) -> Grant:
         """One user's rights on the mailbox: the caller's own, or anyone's for the owner or
-        a holder of `allow_modify`."""
+        a holder of `allow_modify`. To any other caller an unknown user answers as another
+        user does (401, not 404), so that a grantee cannot learn which usernames exist."""
 
         def txn(conn: Connection) -> Grant:
             access = thd_access(conn, user_id, address)
-            target_id, target_name = _thd_user(conn, username)
+            try:
+                target_id, target_name = _thd_user(conn, username)
+            except MailApiError:
+                _require_modify(access)
+                raise
             if target_id != user_id:
                 _require_modify(access)
             box = access.mailbox
