@@ -582,6 +582,39 @@ class GrantMatrixTests(MailApiTestCase):
         await self.grant(BOB, "joe", allow_send=True)
         self.assertEqual((await self.as_("joe", "POST", "/api/v1/mail/", json=fields))[0], 202)
 
+    async def test_allow_send_alone_keeps_a_draft_where_the_caller_can_read_it(self) -> None:
+        await self.grant(BOB, "joe", allow_send=True)
+        status, body = await self.as_("joe", "POST", "/api/v1/mail/", json={
+            "status": "draft", "from": BOB, "subject": "from bob"})
+        self.assertEqual(status, 201)
+        # Kept in joe's own mailbox (joe may not read bob's), from bob as written.
+        status, mail = await self.as_("joe", "GET", f"/api/v1/mail/{body['id']}")
+        self.assertEqual((status, mail["mailbox"], mail["from"]), (200, JOE, BOB))
+        self.assertEqual(await self.mail_counts(), {BOB: 0, JOE: 1})
+        self.assertEqual((await self.as_("joe", "PUT", f"/api/v1/mail/{body['id']}",
+                                         json={"subject": "edited"}))[0], 200)
+        # Sent, it goes to bob's mailbox, from which joe may send.
+        status, _ = await self.as_("joe", "PUT", f"/api/v1/mail/{body['id']}",
+                                   json={"status": "outbox", "to": "x@far.test"})
+        self.assertEqual(status, 202)
+        self.assertEqual(await self.mail_counts(), {BOB: 1, JOE: 0})
+        [row] = await self.rows()
+        self.assertEqual((row.status, row.subject), ("outbox", "edited"))
+
+    async def test_a_caller_with_allow_send_alone_sends_but_keeps_no_draft(self) -> None:
+        await self.grant(BOB, "eve", allow_send=True)  # eve has no mailbox of her own
+        for fields in ({"status": "draft", "from": BOB}, {"status": "draft"},
+                       {"status": "outbox", "from": BOB}):  # no `to`: would be a draft
+            self.assertEqual(await self.as_("eve", "POST", "/api/v1/mail/", json=fields),
+                             (401, {"message": "unauthorized from/reply-to - no mailbox of "
+                                               "yours can keep this email"}), fields)
+        self.assertEqual(await self.rows(), [])
+        status, _ = await self.as_("eve", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": "x@far.test"})  # from bob, her one sending address
+        self.assertEqual(status, 202)
+        [row] = await self.rows()
+        self.assertEqual((row.status, row.mail_from), ("outbox", BOB))
+
     async def test_the_count_follows_mail_moved_sent_and_deleted(self) -> None:
         await self.grant(BOB, "joe", allow_read=True, allow_send=True, allow_delete=True)
         await self.deliver(1)

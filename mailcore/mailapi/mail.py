@@ -4,7 +4,10 @@ mailcore.mailapi.listing), reading, drafts, the outbox, deleting.
 Who may do what follows the mailbox's rights (mailcore.mailapi.mailboxes): reading needs
 `allow_read`, writing as a `from` needs `allow_send`, a `reply-to` needs `allow_reply_to`
 on that address, deleting needs `allow_delete`. Mail the caller may not read answers as
-unknown.
+unknown, so a draft is kept in a mailbox the caller may read and send from (its `from`'s
+when the caller holds both there, else its own): one written from a mailbox where it holds
+only `allow_send` would be out of its reach at once. A caller with no such mailbox can send
+mail, but not keep a draft.
 
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
 field with a line break, a `from` or `reply-to` the caller may not use) stays a draft and
@@ -387,7 +390,9 @@ class MailService:
         def txn(conn: Connection, built: Built | None) -> Written:
             rights = thd_rights_by_mailbox(conn, user_id)
             values = _new_values(edit, rights, user_email)
-            box = _home(rights, values["from"], user_email)
+            sending = edit.status == OUTBOX \
+                and not isinstance(_sendable(values, rights), Outcome)
+            box = _home(rights, values["from"], user_email, sending)
             if box is None:
                 raise MailApiError(DENIED, "unauthorized from/reply-to - no mailbox of yours "
                                    "can keep this email")
@@ -595,19 +600,26 @@ def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str
     return sendable[0] if sendable else None
 
 
-def _home(rights: dict[int, tuple[str, Rights]], mail_from: str, user_email: str
-          ) -> int | None:
-    """The mailbox a new mail is kept in: its from's, when the caller may send from it,
-    else the caller's default one."""
+def _home(rights: dict[int, tuple[str, Rights]], mail_from: str, user_email: str,
+          sending: bool) -> int | None:
+    """The mailbox a new mail is kept in. Mail `sending` now: its from's (the caller may
+    send from it). Mail kept as a draft: one the caller may read as well as send from, as
+    reading and editing the draft need both (allow_send alone lets the caller send from a
+    mailbox, not see its mail): its from's when so, else the caller's own address's, else
+    the first such; None when the caller has none."""
     by_address = {a: (i, r) for i, (a, r) in rights.items()}
     try:
         parsed = parse_address_list(mail_from, "from")
     except MailApiError:
         parsed = []
-    if len(parsed) == 1 and parsed[0] in by_address and by_address[parsed[0]][1].allow_send:
-        return by_address[parsed[0]][0]
-    default = _default_from(rights, user_email)
-    return by_address[default][0] if default is not None else None
+    if len(parsed) == 1 and parsed[0] in by_address:
+        box, held = by_address[parsed[0]]
+        if held.allow_send and (sending or held.allow_read):
+            return box
+    keeping = sorted(a for a, r in rights.values() if r.allow_read and r.allow_send)
+    if user_email.lower() in keeping:
+        return by_address[user_email.lower()][0]
+    return by_address[keeping[0]][0] if keeping else None
 
 
 class MailFilesSweeper(PeriodicService):
