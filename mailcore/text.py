@@ -5,6 +5,10 @@ in it (CR and LF above all), or a line or paragraph separator (U+2028, U+2029), 
 log line, a header or a protocol command (POP3 `USER`, IMAP, SMTP). A lone surrogate
 ("\\ud800", which JSON and `os.fsdecode` can produce) is not text at all: no database, file
 or reply can encode it.
+
+A message (a safedrop's message, its secure message) is multi-line text: TAB, CR and LF
+belong in it, any other control character does not (NUL above all, which a PostgreSQL text
+column refuses).
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ import re
 
 CONTROL_CHARACTER = "Control characters (NUL, CR, LF, TAB...) are not allowed."
 NOT_TEXT = "The value holds a lone surrogate, which is not text."
+CONTROL_IN_TEXT = (
+    "Control characters other than TAB, CR and LF (NUL, ESC, DEL...) are not allowed."
+)
 
 # Unicode's Cc: C0 controls, DEL and C1 controls.
 _CC = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Cc and the line and paragraph separators U+2028 and U+2029: str.splitlines and Python's
 # email package end a line at them (a header holding one cannot be written).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Cc less TAB, LF and CR: what multi-line text may not hold.
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # What may never go into a protocol command line, whatever else the line allows.
 _LINE_BREAKING = re.compile(r"[\x00\r\n]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -28,6 +37,14 @@ def has_control(text: str) -> bool:
     """Whether `text` holds a control character (NUL, CR, LF, TAB, DEL, C1...) or a line or
     paragraph separator (U+2028, U+2029): whether it is not one line of text."""
     return _CONTROL.search(text) is not None
+
+
+def has_control_multiline(text: str) -> bool:
+    """Whether multi-line `text` (a message someone reads, mailed or shown on a page) holds a
+    control character other than TAB, CR and LF: NUL, which a PostgreSQL text column refuses,
+    or ESC, DEL, C1... which no reader's text holds. Line and paragraph separators are text
+    here, as are the line breaks `has_control` refuses in one line."""
+    return _TEXT_CONTROL.search(text) is not None
 
 
 def has_cc(text: str) -> bool:

@@ -11,17 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.core import Core
 from mailcore.safedrop.model import MAX_VALID_FOR
+from mailcore.store import Database
 from mailcore.store.schema import (
     drop_bundles,
     drop_recipients,
     queue_messages,
     queue_recipients,
 )
-from tests.support.web import Web, header
+from mailcore.workers import CpuPool
+from tests.support.pg import create_test_database
+from tests.support.web import START, Web, header
+from web.root import build_root
 
 LOREM = (
     "Lorem ipsum dolor sit amet, consectetur adipisicing elit, sed do eiusmod tempor "
@@ -50,9 +57,20 @@ class SafedropFixture:
     web: Web
     token: str
 
-    async def start(self, test: TestCase) -> None:
+    async def start(self, test: TestCase, db_url: str | None = None) -> None:
+        """Alice logged in, on an in-memory SQLite store, or on the database at `db_url`."""
         data_dir = Path(test.mktemp())
-        self.web = Web.build(Config(data_dir=data_dir, session_token_ttl=3600))
+        config = Config(data_dir=data_dir, session_token_ttl=3600)
+        if db_url is None:
+            self.web = Web.build(config)
+        else:
+            clock = Clock()
+            clock.advance(START)
+            db = Database.for_tests(db_url)
+            test.addCleanup(db.close)
+            core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
+            root = build_root(core, None)
+            self.web = Web(core, clock, root, StubTreq(root))
         self.data_dir = data_dir
         self.alice = await self.web.user("alice")
         self.key = await self.web.credential(self.alice)
@@ -310,6 +328,10 @@ class BundleFieldTests(TestCase):
             ("expiry_date=2011-02-30T10%3A00%3A00Z", "expiry_date"),
             ("expiry_date=tomorrow", "expiry_date"),
             ("subject=a%0Ab", "subject"),
+            ("message=a%00b", "message"),
+            ("message=red+%1B%5B31m", "message"),
+            ("message=a%7Fb", "message"),
+            ("secure_message=a%00b", "secure_message"),
             ("colour=blue", "colour"),
             ("id=7", "id"),
         ]
@@ -319,7 +341,7 @@ class BundleFieldTests(TestCase):
                 self.assertEqual(status, 400, (method, body, reply))
                 self.assertEqual(list(reply["errors"]), [field], body)
                 self.assertIn(field, reply["error"])
-        for document in ({"read_remove": "yes please"}, {"subject": 5},
+        for document in ({"read_remove": "yes please"}, {"subject": 5}, {"message": "a\x00b"},
                          {"expiry_date": 1300000000}, {"password": ["x"]}):
             status, _, reply = await self.f.call(
                 "PUT", f"/dropbundles/{bundle_id}", json.dumps(document).encode(),
@@ -328,6 +350,14 @@ class BundleFieldTests(TestCase):
             self.assertEqual(list(reply["errors"]), list(document))
         rows = self.f.bundle_rows()
         self.assertEqual([(r.id, r.subject) for r in rows], [(bundle_id, "before")])
+
+    async def test_a_message_is_lines_of_text_with_tabs(self) -> None:
+        text = "Dear Ann,\r\n\tthe figures\u2028are in.\n"
+        status, reply = await self.f.form(
+            "POST", "/dropbundles", "message=Dear+Ann%2C%0D%0A%09the+figures%E2%80%A8are+in.%0A"
+            "&secure_message=%09pin%0D%0A")
+        self.assertEqual((status, reply["message"], reply["secure_message"]),
+                         (200, text, True))
 
     async def test_expiry_date_round_trips_and_empty_means_never(self) -> None:
         bundle_id = await self.f.bundle("expiry_date=2010-12-19T16%3A39%3A57-08%3A00")
@@ -378,6 +408,26 @@ class BundleFieldTests(TestCase):
                              ("PUT", f"/dropbundles/{bundle_id}/dropfiles/1")]:
             status, _, _ = await self.f.call(method, path)
             self.assertEqual(status, 405, (method, path))
+
+
+class PostgresTextTests(TestCase):
+    """PostgreSQL's text columns refuse NUL: a message holding one must be refused as bad
+    input before the store sees it (it answered 500 there; SQLite stored and mailed it)."""
+
+    timeout = 240
+
+    async def test_nul_in_a_message_is_400_on_postgresql(self) -> None:
+        f = SafedropFixture()
+        await f.start(self, await create_test_database(self))
+        bundle_id = await f.bundle("subject=kept&message=line+1%0D%0A%09line+2")
+        for body, field in (("message=a%00b", "message"), ("secure_message=a%00b",
+                                                           "secure_message")):
+            for method, path in (("POST", "/dropbundles"), ("PUT", f"/dropbundles/{bundle_id}")):
+                status, reply = await f.form(method, path, body)
+                self.assertEqual(status, 400, (method, body, reply))
+                self.assertEqual(list(reply["errors"]), [field])
+        self.assertEqual([(r.subject, r.message) for r in f.bundle_rows()],
+                         [("kept", "line 1\r\n\tline 2")])
 
 
 class RecipientFieldTests(TestCase):

@@ -10,7 +10,8 @@ hold: JSON nested deeper than `MAX_JSON_DEPTH`, a string with a lone surrogate (
 which json.loads accepts but no database or reply can encode), a number that is not finite,
 an integer outside the signed 64-bit range (`INT64_MIN`..`INT64_MAX`, what the store keeps),
 digits other than ASCII 0-9, and (in `string_field(..., line=True)`, for names) control
-characters. Ids in paths go through `IdConverter`, the `int` converter of every route.
+characters, or (`multiline=True`, for messages) those other than TAB, CR and LF. Ids in
+paths go through `IdConverter`, the `int` converter of every route.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 
-from mailcore.text import CONTROL_CHARACTER, NOT_TEXT, has_control, has_surrogate
+from mailcore.text import (
+    CONTROL_CHARACTER,
+    CONTROL_IN_TEXT,
+    NOT_TEXT,
+    has_control,
+    has_control_multiline,
+    has_surrogate,
+)
 from web.errors import ApiError, field_error, too_large
 
 JSON_TYPES = ("application/json",)
@@ -333,12 +341,15 @@ def string_field(
     trim: bool = True,
     max_length: int | None = None,
     line: bool = False,
+    multiline: bool = False,
 ) -> str | None:
     """A string input; absent gives None unless required.
 
     With `trim` a value of spaces only counts as blank (DRF trims, except passwords). With
     `line` (names, usernames, descriptions, folder names: one line of text) a control
     character is refused, so that none reaches a log line, a header or a protocol command.
+    With `multiline` (a message: text of several lines) one other than TAB, CR and LF is:
+    NUL above all, which PostgreSQL's text columns refuse (a 500 instead of a 400).
     """
     if _absent(data, name, required=required):
         return None
@@ -349,6 +360,8 @@ def string_field(
         raise field_error(name, NOT_TEXT)
     if line and has_control(value):
         raise field_error(name, CONTROL_CHARACTER)
+    if multiline and has_control_multiline(value):
+        raise field_error(name, CONTROL_IN_TEXT)
     if not allow_blank and not (value.strip() if trim else value):
         raise field_error(name, BLANK)
     if max_length is not None and len(value) > max_length:

@@ -219,7 +219,7 @@ def bundle_changes(data: Mapping[str, Any]) -> dict[str, Any]:
         if _given(data, name):
             checks[name] = lambda name=name: string_field(  # type: ignore[misc]
                 data, name, required=False, allow_blank=True, trim=False,
-                max_length=MAX_TEXT) or ""
+                max_length=MAX_TEXT, multiline=True) or ""
     if _given(data, "password"):
         checks["password"] = lambda: string_field(
             data, "password", required=False, allow_blank=True, trim=False,
