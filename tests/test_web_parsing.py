@@ -159,6 +159,19 @@ class FormTests(TestCase):
         )
         self.assertEqual(e.status, 400)
 
+    def test_a_part_holding_parts_is_a_400_naming_it(self) -> None:
+        # The parser reads such a part as a message of its own, whose decoded payload is
+        # None: the field used to be "" (a PUT wiped what it named).
+        for head in (b"Content-Type: multipart/mixed; boundary=c\r\n\r\n"
+                     b"--c\r\n\r\nhello\r\n--c--\r\n",
+                     b'Content-Type: message/rfc822\r\n\r\nSubject: hi\r\n\r\nhello\r\n'):
+            for disposition in (b'name="message"', b'name="message"; filename="m.eml"'):
+                body = (b"--b1\r\nContent-Disposition: form-data; " + disposition + b"\r\n"
+                        + head + b"--b1--\r\n")
+                req = request(body, "multipart/form-data; boundary=b1")
+                e = self.assertRaises(ApiError, read_fields, req, LIMIT)
+                self.assertEqual((e.status, list(e.fields or {})), (400, ["message"]), body)
+
     def test_other_types_are_refused_with_the_accepted_list(self) -> None:
         e = self.assertRaises(ApiError, read_fields, request(b"<x/>", "application/xml"), LIMIT)
         self.assertIn("application/x-www-form-urlencoded", e.message)

@@ -359,6 +359,20 @@ class BundleFieldTests(TestCase):
         self.assertEqual((status, reply["message"], reply["secure_message"]),
                          (200, text, True))
 
+    async def test_a_malformed_multipart_body_is_400_and_changes_nothing(self) -> None:
+        bundle_id = await self.f.bundle("subject=kept&message=important+text")
+        nested = (b"--b1\r\nContent-Disposition: form-data; name=\"message\"\r\n"
+                  b"Content-Type: multipart/mixed; boundary=c\r\n\r\n"
+                  b"--c\r\n\r\nhello\r\n--c--\r\n--b1--\r\n")
+        for body, field in ((nested, "message"),):
+            status, _, reply = await self.f.call(
+                "PUT", f"/dropbundles/{bundle_id}", body,
+                {"Content-Type": "multipart/form-data; boundary=b1"})
+            self.assertEqual(status, 400, reply)
+            self.assertIn(field, reply["error"])
+        self.assertEqual([(r.subject, r.message) for r in self.f.bundle_rows()],
+                         [("kept", "important text")])
+
     async def test_expiry_date_round_trips_and_empty_means_never(self) -> None:
         bundle_id = await self.f.bundle("expiry_date=2010-12-19T16%3A39%3A57-08%3A00")
         _, _, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}")

@@ -53,6 +53,7 @@ BLANK = "This field may not be blank."
 NOT_A_STRING = "Not a valid string."
 NOT_A_BOOLEAN = "Must be a valid boolean."
 NOT_AN_INTEGER = "A valid integer is required."
+NESTED_PARTS = "The part holds parts of its own (multipart or message); send text or a file."
 
 # What an integer column holds (SQLite INTEGER, PostgreSQL BIGINT).
 INT64_MAX = 2**63 - 1
@@ -286,8 +287,11 @@ def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "Malformed multipart body: a part has no name.")
-        payload = part.get_payload(decode=True)
-        raw = payload if isinstance(payload, bytes) else b""
+        raw = None if part.is_multipart() else part.get_payload(decode=True)
+        if not isinstance(raw, bytes):
+            # multipart/* or message/rfc822: parsed as parts of its own, which are neither
+            # a value nor a file's bytes (read as "", such a part emptied its field).
+            raise field_error(name, NESTED_PARTS)
         filename = part.get_filename()
         if filename is not None:
             fields[name] = Upload(name, filename, part.get_content_type(), raw)
