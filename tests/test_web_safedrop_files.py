@@ -149,6 +149,8 @@ class ChannelLimitTests(TestCase):
         self.clock = Clock()
         settings = WebSettings(max_body=10_000)
         self.site = MailcoreSite(build_root(core, settings), settings, self.clock)
+        # Limits only: who may send an upload's body is the upload gate's (test_web_upload_gate).
+        self.site.upload_gate = None
         self.transport = StringTransport()
         self.channel = self.site.buildProtocol(None)
         self.channel.makeConnection(self.transport)

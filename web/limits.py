@@ -24,6 +24,14 @@ A chunked body is counted as it arrives; past the limit nothing more is stored a
 goes out at once too. The reply itself comes from the root resource, in the shape of the API
 the path belongs to (`body_too_large` tells it to answer 413).
 
+An upload path (a safedrop file, a Mail API message with attachments) takes bodies larger
+than `[web] max_body`, but only from a client its API would serve: when a body over
+`max_body` is announced (or comes chunked) on such a path, reading stops once the headers are
+in (the connection is paused, nothing of the body is stored) while `BodyLimits.gate` checks
+the request's credential. A request without a good one is answered at once without its body
+(the API's own 401) and closes lingering, as below; anyone else's upload is read on. Without
+the gate, anyone could make the daemon write `max_file_size` (2 GiB) to disk per connection.
+
 After such a 413 the connection closes "lingering" (as nginx does): our side stops writing,
 and what the client still sends is read and dropped, for at most `LINGER_SECONDS` or until
 the declared body has arrived. A client that writes its whole body before it reads (Python's
@@ -34,12 +42,19 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, INegotiated, IReactorTime, ISSLTransport
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    INegotiated,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -117,6 +132,9 @@ class LimitedRequest(server.Request):
     """A Request that refuses bodies larger than its site's `max_body`."""
 
     body_too_large = False
+    # The upload gate refused the request: its body is not read (see the module docstring).
+    body_refused = False
+    _continue = False
     _received = 0
 
     def _max_body(self) -> int:
@@ -131,21 +149,81 @@ class LimitedRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._max_body():
             self.body_too_large = True
-            # We will not read the body: do not invite it with "100 Continue".
-            self.requestHeaders.removeHeader(b"expect")
-            super().gotLength(0)
-            channel = self.channel
-            if isinstance(channel, http.HTTPChannel):
-                # Process the request now, as if it had no body; the connection closes
-                # after the reply, so the unread body is never parsed as a next request.
-                channel.persistent = False
-                channel.length = 0
-                _LingeringClose(channel, length)
+            self._read_no_body(length)
+            return
+        site = getattr(self.channel, "site", None)
+        gate = getattr(site, "upload_gate", None)
+        default = int(getattr(site, "max_body", DEFAULT_MAX_BODY))
+        channel = self.channel
+        if gate is None or self._max_body() <= default \
+                or (length is not None and length <= default) \
+                or not isinstance(channel, http.HTTPChannel) or channel.transport is None:
+            super().gotLength(length)
+            return
+        # A body only some may send (module docstring): ask the gate before reading it. It
+        # reads the target (the Request sets its own only once the body is in).
+        self.uri = channel._path  # type: ignore[attr-defined]
+        self.method = channel._command  # type: ignore[attr-defined]
+        expect = self.requestHeaders.getRawHeaders(b"expect") or []
+        self._continue = any(v.lower() == b"100-continue" for v in expect)
+        self.requestHeaders.removeHeader(b"expect")  # "100 Continue" only once let in
+        answers: list[bool] = []
+        asked = defer.Deferred.fromCoroutine(_ask(gate, self))
+        asked.addCallback(answers.append)
+        if answers:  # answered at once (no credential at all, or a store without threads)
+            self._let_in(length) if answers[0] else self._refuse_now(length)
             return
         super().gotLength(length)
+        channel.paused = True  # LineReceiver keeps what arrives in its buffer
+        IPushProducer(channel.transport).pauseProducing()
+        asked.addCallback(lambda _: self._gate_answered(answers[0]))
+
+    def _read_no_body(self, length: int | None) -> None:
+        """Process the request now, as if it had no body; the connection closes after the
+        reply (lingering), so the unread body is never parsed as a next request."""
+        # We will not read the body: do not invite it with "100 Continue".
+        self.requestHeaders.removeHeader(b"expect")
+        super().gotLength(0)
+        channel = self.channel
+        if isinstance(channel, http.HTTPChannel):
+            channel.persistent = False
+            channel.length = 0
+            _LingeringClose(channel, length)
+
+    def _let_in(self, length: int | None) -> None:
+        super().gotLength(length)
+        self._send_continue()
+
+    def _refuse_now(self, length: int | None) -> None:
+        self.body_refused = True
+        self._read_no_body(length)
+
+    def _send_continue(self) -> None:
+        channel = self.channel
+        if self._continue and channel is not None and channel.transport is not None \
+                and getattr(channel, "_version", None) == b"HTTP/1.1":
+            channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _gate_answered(self, allowed: bool) -> None:
+        """The gate's later answer: read on, or answer now without the body."""
+        channel = self.channel
+        if self._disconnected or not isinstance(channel, http.HTTPChannel) \
+                or channel.transport is None:
+            return
+        if not allowed:
+            self.body_refused = True
+            if self.content is not None:
+                self.content.close()
+            self.content = io.BytesIO()
+            self._answer_now()
+            return
+        self._send_continue()
+        channel.paused = False
+        IPushProducer(channel.transport).resumeProducing()
+        channel.dataReceived(b"")  # what arrived while held
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
+        if self.body_too_large or self.body_refused:
             return
         self._received += len(data)
         if self._received <= self._max_body():
@@ -158,7 +236,8 @@ class LimitedRequest(server.Request):
         self._answer_now()
 
     def _answer_now(self) -> None:
-        """Stop reading a chunked body that went over the limit and reply 413 at once."""
+        """Stop reading a body (a chunked one over the limit, or one the upload gate refused
+        while it was held) and answer the request at once."""
         channel = self.channel
         decoder = getattr(channel, "_transferDecoder", None)
         if not isinstance(channel, http.HTTPChannel) or decoder is None:
@@ -172,13 +251,24 @@ class LimitedRequest(server.Request):
         channel.allContentReceived()
 
 
+async def _ask(gate: Callable[[IRequest], Awaitable[bool]], request: IRequest) -> bool:
+    """The gate's answer; an error in it is a refusal (logged), never a read body."""
+    try:
+        return bool(await gate(request))
+    except Exception:
+        log.failure("the upload gate failed; the body is not read")
+        return False
+
+
 @dataclass(frozen=True)
 class BodyLimits:
     """The largest request body: `default` ([web] max_body), or more on the paths that
-    take uploads (a regular expression over the path, and its limit)."""
+    take uploads (a regular expression over the path, and its limit). `gate`, when set, is
+    asked before a body over `default` is read on an upload path (module docstring)."""
 
     default: int
     uploads: tuple[tuple[re.Pattern[str], int], ...] = ()
+    gate: Callable[[IRequest], Awaitable[bool]] | None = None
 
     def for_path(self, target: bytes) -> int:
         path = target.split(b"?", 1)[0].decode("latin-1")

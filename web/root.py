@@ -9,7 +9,7 @@ the API's shape), the access log, the metrics, and a JSON 500 if anything escape
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ from mailcore.core import Core
 from web import mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
-from web.auth import CredentialResolver
+from web.auth import MAIL_API, SAFEDROP, CredentialResolver
 from web.context import context_of
 from web.drop_page import DropPageApp
 from web.dropmyemail import DropmyemailApp
@@ -189,6 +189,8 @@ class RootResource(Resource):
         try:
             if not valid_path:
                 return app.error_reply(request, ApiError(400, "The path is not valid UTF-8."))
+            if getattr(request, "body_refused", False):  # the upload gate's: no body read
+                request.setHeader(b"Connection", b"close")
             limit = self.body_limits.for_path(request.path)
             if body_exceeds(request, limit):
                 request.setHeader(b"Connection", b"close")
@@ -234,6 +236,7 @@ class MailcoreSite(server.Site):
         )
         self.max_body = settings.max_body
         self.max_body_for = root.body_limits.for_path
+        self.upload_gate = root.body_limits.gate
         self.settings = settings
         self.connections = ConnectionCounter(
             settings.max_connections, settings.max_connections_per_ip
@@ -335,6 +338,25 @@ def _version() -> str:
         return "0"
 
 
+def upload_gate(resolver: CredentialResolver) -> Callable[[IRequest], Awaitable[bool]]:
+    """Whether a request may send an upload path a body over `[web] max_body`: whether it
+    carries a credential its API takes (web.limits reads no such body before it knows).
+    A bad or missing one is refused here; the API itself then answers the request (401)."""
+    gates = ((UPLOAD_PATH, SAFEDROP), (mailapi.UPLOAD_PATH, MAIL_API))
+
+    async def may_upload(request: IRequest) -> bool:
+        path = request.uri.split(b"?", 1)[0].decode("latin-1")
+        for pattern, policy in gates:
+            if pattern.fullmatch(path):
+                try:
+                    return await resolver.optional(request, policy) is not None
+                except ApiError:
+                    return False
+        return False
+
+    return may_upload
+
+
 def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
     """The root resource over every app (tests drive it through StubTreq)."""
     settings = settings or WebSettings.from_config(core.config)
@@ -348,6 +370,7 @@ def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
             ((UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD),
              (mailapi.UPLOAD_PATH,
               core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD)),
+            upload_gate(CredentialResolver(core.identity)),
         ),
     )
 

@@ -1,0 +1,208 @@
+"""The upload gate (web.limits, web.root.upload_gate): a body larger than `[web] max_body`
+is read on an upload path only from a client its API serves. Driven through the site's real
+channel on a StringTransport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config
+from tests.support.web import Web
+from tests.test_web_safedrop_api import MULTIPART, multipart_file
+from tests.test_web_safedrop_files import FileFixture
+from web.auth import CredentialResolver
+from web.root import MailcoreSite, upload_gate
+
+MAX_BODY = 10_000
+
+
+class GateFixture(FileFixture):
+    """Alice logged in to safedrop, a bundle of hers, and the site over a small max_body."""
+
+    async def start(self, test: TestCase, db_url: str | None = None) -> None:
+        data_dir = Path(test.mktemp())
+        config = Config(data_dir=data_dir, session_token_ttl=3600, http_max_body=MAX_BODY,
+                        sections={"safedrop": {"max_file_size": 200_000}})
+        self.web = Web.build(config)
+        self.data_dir = data_dir
+        self.alice = await self.web.user("alice")
+        self.key = await self.web.credential(self.alice)
+        self.token = await self.login("alice@example.test", self.key)
+        self.site = MailcoreSite(self.web.root, self.web.root.settings, self.web.clock)
+
+
+class UploadGateTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = GateFixture()
+        await self.f.start(self)
+        self.bundle_id = await self.f.bundle()
+        self.path = f"/dropbundles/{self.bundle_id}/dropfiles".encode()
+        self.body = multipart_file("big.bin", b"b" * 50_000)
+        self.transport = StringTransport()
+        self.channel = self.f.site.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.channel.connectionLost, None)
+
+    def head(self, headers: dict[str, str], length: int | None = None) -> bytes:
+        lines = [f"POST {self.path.decode()} HTTP/1.1", "Host: x",
+                 f"Content-Type: {MULTIPART['Content-Type']}",
+                 f"Content-Length: {len(self.body) if length is None else length}",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def request(self) -> Any:
+        return self.channel.requests[-1]
+
+    async def reply(self) -> bytes:
+        """What the site wrote, once the request in progress is answered."""
+        if self.channel.requests:
+            await self.request().notifyFinish()
+        return bytes(self.transport.value())
+
+    async def test_an_upload_without_a_credential_is_answered_before_its_body(self) -> None:
+        self.channel.dataReceived(self.head({}) + self.body[:4000])
+        sent = await self.reply()
+        self.assertTrue(sent.startswith(b"HTTP/1.1 401 "), sent[:80])
+        self.assertIn(b"Connection: close", sent)
+        self.assertEqual(self.f.file_rows(), [])
+        self.assertTrue(self.transport.disconnecting)  # the rest is never read
+        self.assertEqual(self.f.stored(), [])
+
+    async def test_a_bad_or_foreign_credential_is_refused_alike(self) -> None:
+        mail_key = await self.f.web.credential(self.f.alice, "token")
+        for headers in ({"X-Auth-Token": "0" * 40}, {"X-Auth-Token": "\u00e9"},
+                        {"Auth-Key": mail_key}, {"Authorization": f"Token {mail_key}"}):
+            transport = StringTransport()
+            channel = self.f.site.buildProtocol(None)
+            channel.makeConnection(transport)
+            self.addCleanup(channel.connectionLost, None)
+            channel.dataReceived(self.head(headers) + self.body[:100])
+            if channel.requests:
+                await channel.requests[-1].notifyFinish()
+            sent = bytes(transport.value())
+            self.assertTrue(sent.startswith(b"HTTP/1.1 401 "), (headers, sent[:80]))
+        self.assertEqual(self.f.file_rows(), [])
+
+    async def test_the_owner_of_a_token_uploads_through_the_gate(self) -> None:
+        self.channel.dataReceived(self.head({"X-Auth-Token": self.f.token}) + self.body[:4000])
+        self.channel.dataReceived(self.body[4000:])
+        sent = await self.reply()
+        self.assertTrue(sent.startswith(b"HTTP/1.1 200 "), sent[:200])
+        [row] = self.f.file_rows()
+        self.assertEqual(row.name, "big.bin")
+
+    async def test_while_the_gate_decides_nothing_is_read(self) -> None:
+        asked: list[defer.Deferred[bool]] = []
+
+        def gate(request: Any) -> defer.Deferred[bool]:
+            self.assertEqual(request.uri, self.path)
+            asked.append(defer.Deferred())
+            return asked[-1]
+
+        self.f.site.upload_gate = gate
+        self.channel.dataReceived(self.head({"X-Auth-Token": self.f.token}) + self.body[:4000])
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.channel.dataReceived(self.body[4000:20_000])  # already in flight
+        self.assertEqual(self.request().content.tell(), 0)
+        asked[0].callback(True)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.request().content.tell(), 20_000)  # what waited is read
+        self.channel.dataReceived(self.body[20_000:])
+        sent = await self.reply()
+        self.assertTrue(sent.startswith(b"HTTP/1.1 200 "), sent[:200])
+        self.assertEqual([r.name for r in self.f.file_rows()], ["big.bin"])
+
+    async def test_a_failing_gate_reads_no_body(self) -> None:
+        def gate(request: Any) -> defer.Deferred[bool]:
+            return defer.fail(RuntimeError("the store is gone"))
+
+        self.f.site.upload_gate = gate
+        self.channel.dataReceived(self.head({"X-Auth-Token": self.f.token}) + self.body[:4000])
+        sent = await self.reply()
+        self.assertTrue(sent.startswith(b"HTTP/1.1 400 "), sent[:200])
+        self.assertEqual(self.f.file_rows(), [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_a_body_within_max_body_is_not_held(self) -> None:
+        asked: list[Any] = []
+
+        def gate(request: Any) -> defer.Deferred[bool]:
+            asked.append(request)
+            return defer.succeed(True)
+
+        self.f.site.upload_gate = gate
+        small = multipart_file("small.bin", b"s" * 100)
+        self.body = small
+        self.channel.dataReceived(self.head({"X-Auth-Token": self.f.token}) + small)
+        sent = await self.reply()
+        self.assertTrue(sent.startswith(b"HTTP/1.1 200 "), sent[:200])
+        self.assertEqual(asked, [])
+
+
+class GateFunctionTests(TestCase):
+    async def test_only_the_credential_of_the_paths_api_opens_it(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        f = GateFixture()
+        await f.start(self)
+        gate = upload_gate(CredentialResolver(f.web.core.identity))
+        mail_key = await f.web.credential(f.alice, "token")
+
+        async def ask(uri: bytes, headers: dict[str, str]) -> bool:
+            request: Any = DummyRequest([b""])
+            request.uri = uri
+            for name, value in headers.items():
+                request.requestHeaders.addRawHeader(name.encode(), value.encode())
+            return await gate(request)
+
+        self.assertTrue(await ask(b"/dropbundles/1/dropfiles", {"X-Auth-Token": f.token}))
+        self.assertTrue(await ask(b"/dropbundles/1/dropfiles/", {"Auth-Token": f.token}))
+        self.assertFalse(await ask(b"/dropbundles/1/dropfiles", {}))
+        self.assertFalse(await ask(b"/dropbundles/1/dropfiles", {"Auth-Key": mail_key}))
+        self.assertTrue(await ask(b"/api/v1/mail/", {"Auth-Key": mail_key}))
+        self.assertTrue(await ask(b"/api/v1/mail/?auth_key=" + mail_key.encode(), {}))
+        self.assertTrue(await ask(b"/api/v1/mail/abc", {"Authorization": f"Token {mail_key}"}))
+        self.assertFalse(await ask(b"/api/v1/mail/", {"X-Auth-Token": f.token}))
+        self.assertFalse(await ask(b"/api/v1/mail/", {"Authorization": "Token"}))
+        self.assertFalse(await ask(b"/dropbundles", {"X-Auth-Token": f.token}))
+
+
+class OverTcpTests(TestCase):
+    """A client on a real socket: held while the gate (answering a turn later) decides."""
+
+    async def test_uploads_over_a_socket(self) -> None:
+        import treq
+        from twisted.internet import task
+
+        from tests.support.browser import serve
+        from tests.support.reactor import get_reactor
+
+        f = GateFixture()
+        await f.start(self)
+        bundle_id = await f.bundle()
+        reactor = get_reactor()
+        gate = f.site.upload_gate
+        assert gate is not None
+
+        async def later(request: Any) -> bool:
+            await task.deferLater(reactor, 0)
+            return await gate(request)
+
+        f.site.upload_gate = later
+        base = serve(self, f.site)
+        url = f"{base}/dropbundles/{bundle_id}/dropfiles"
+        body = multipart_file("tcp.bin", b"t" * 60_000)
+        for headers, expected in (({}, 401), ({"X-Auth-Token": "0" * 40}, 401),
+                                  ({"X-Auth-Token": f.token}, 200)):
+            sent: dict[bytes | str, bytes | str] = {k: v for k, v in MULTIPART.items()}
+            sent.update({k: v for k, v in headers.items()})
+            response = await treq.post(url, data=body, persistent=False, headers=sent)
+            reply = await response.json()
+            self.assertEqual(response.code, expected, (headers, reply))
+        self.assertEqual([r.name for r in f.file_rows()], ["tcp.bin"])
