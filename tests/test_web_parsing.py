@@ -172,6 +172,19 @@ class FormTests(TestCase):
                 e = self.assertRaises(ApiError, read_fields, req, LIMIT)
                 self.assertEqual((e.status, list(e.fields or {})), (400, ["message"]), body)
 
+    def test_a_body_without_its_closing_boundary_is_a_400(self) -> None:
+        whole = b'--b1\r\nContent-Disposition: form-data; name="subject"\r\n\r\nSubject\r\n'
+        for cut in (whole[:-3], whole, whole + b"--b1\r\n", whole + b"--b1"):
+            req = request(cut, "multipart/form-data; boundary=b1")
+            e = self.assertRaises(ApiError, read_fields, req, LIMIT)
+            self.assertEqual(
+                (e.status, e.message),
+                (400, "Malformed multipart body: it ends before its closing boundary."), cut)
+        # Closed (with or without the last CRLF, after a preamble): read as ever.
+        for body in (whole + b"--b1--\r\n", whole + b"--b1--", b"hi\r\n" + whole + b"--b1--"):
+            req = request(body, "multipart/form-data; boundary=b1")
+            self.assertEqual(read_fields(req, LIMIT), {"subject": "Subject"}, body)
+
     def test_other_types_are_refused_with_the_accepted_list(self) -> None:
         e = self.assertRaises(ApiError, read_fields, request(b"<x/>", "application/xml"), LIMIT)
         self.assertIn("application/x-www-form-urlencoded", e.message)

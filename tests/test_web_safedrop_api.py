@@ -364,12 +364,14 @@ class BundleFieldTests(TestCase):
         nested = (b"--b1\r\nContent-Disposition: form-data; name=\"message\"\r\n"
                   b"Content-Type: multipart/mixed; boundary=c\r\n\r\n"
                   b"--c\r\n\r\nhello\r\n--c--\r\n--b1--\r\n")
-        for body, field in ((nested, "message"),):
+        cut = (b"--b1\r\nContent-Disposition: form-data; name=\"subject\"\r\n\r\nnew\r\n"
+               b"--b1\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\nlong mess")
+        for body, said in ((nested, "message"), (cut, "closing boundary")):
             status, _, reply = await self.f.call(
                 "PUT", f"/dropbundles/{bundle_id}", body,
                 {"Content-Type": "multipart/form-data; boundary=b1"})
             self.assertEqual(status, 400, reply)
-            self.assertIn(field, reply["error"])
+            self.assertIn(said, reply["error"])
         self.assertEqual([(r.subject, r.message) for r in self.f.bundle_rows()],
                          [("kept", "important text")])
 

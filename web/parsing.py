@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from email.errors import CloseBoundaryNotFoundDefect
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -282,6 +283,10 @@ def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
     if not message.is_multipart() or message.get_boundary() is None:
         raise ApiError(400, "Malformed multipart body: no boundary or no parts.")
+    if any(isinstance(d, CloseBoundaryNotFoundDefect) for d in message.defects):
+        # A body cut short: the parser ends its last part at the end of the data, a value
+        # that would be stored truncated. (Uploads streamed to disk refuse it too.)
+        raise ApiError(400, "Malformed multipart body: it ends before its closing boundary.")
     fields: dict[str, Any] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
