@@ -72,12 +72,13 @@ class HostileInputTests(TestCase):
             "POST", "/api/imap-servers/", headers=json_headers(**self.token),
             data=b'{"folders_to_sync": ["INBOX", "\\udfff"], "\\ud800": 1}')
         self.assertEqual(status, 400, reply)
-        # Form and multipart bodies cannot carry one: their text is decoded with
-        # replacement, and stored as such.
+        # Form and multipart bodies cannot carry one: their text must be UTF-8, which never
+        # decodes to a surrogate, so an encoded one is bytes that are not UTF-8, a 400.
         status, reply = await self.call(
             "POST", "/api/v1/auth/", data=b"username=%ED%A0%80&password=x",
             headers={"Content-Type": "application/x-www-form-urlencoded"})
-        self.assertEqual((status, reply), (401, {"message": "unauthorized"}))
+        self.assertEqual((status, reply),
+                         (400, {"message": "username: The value is not valid UTF-8."}))
 
     async def test_ids_past_the_signed_64_bit_range_in_paths_are_404(self) -> None:
         for path in (f"/api/emails/{TOO_BIG}/", f"/api/v1/emails/{TOO_BIG}/thread/",

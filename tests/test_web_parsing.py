@@ -132,6 +132,19 @@ class FormTests(TestCase):
         req = request(b"a=1&b=x%20y&a=2&empty=", "application/x-www-form-urlencoded")
         self.assertEqual(read_fields(req, LIMIT), {"a": "2", "b": "x y", "empty": ""})
 
+    def test_percent_escapes_that_are_not_utf8_are_a_400_naming_each_field(self) -> None:
+        form = "application/x-www-form-urlencoded"
+        req = request(b"subject=caf%C3%A9&to=%E2%82%AC", form)
+        self.assertEqual(read_fields(req, LIMIT), {"subject": "caf\u00e9", "to": "\u20ac"})
+        # Latin-1, a bare continuation byte, an encoded surrogate: U+FFFD on the old code.
+        req = request(b"subject=caf%E9&message=%FF%FE&name=ok&x=%ED%A0%80", form)
+        e = self.assertRaises(ApiError, read_fields, req, LIMIT)
+        self.assertEqual((e.status, e.fields), (400, {
+            "message": ["The value is not valid UTF-8."], "subject": [
+                "The value is not valid UTF-8."], "x": ["The value is not valid UTF-8."]}))
+        e = self.assertRaises(ApiError, read_fields, request(b"caf%E9=1", form), LIMIT)
+        self.assertEqual((e.status, e.fields), (400, None))
+
     def test_json_is_accepted_where_forms_are(self) -> None:
         req = request(b'{"a": true}', "application/json")
         self.assertEqual(read_fields(req, LIMIT), {"a": True})

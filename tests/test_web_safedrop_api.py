@@ -328,6 +328,7 @@ class BundleFieldTests(TestCase):
             ("expiry_date=2011-02-30T10%3A00%3A00Z", "expiry_date"),
             ("expiry_date=tomorrow", "expiry_date"),
             ("subject=a%0Ab", "subject"),
+            ("subject=caf%E9", "subject"),
             ("message=a%00b", "message"),
             ("message=red+%1B%5B31m", "message"),
             ("message=a%7Fb", "message"),

@@ -54,6 +54,7 @@ BLANK = "This field may not be blank."
 NOT_A_STRING = "Not a valid string."
 NOT_A_BOOLEAN = "Must be a valid boolean."
 NOT_AN_INTEGER = "A valid integer is required."
+NOT_UTF8 = "The value is not valid UTF-8."
 NESTED_PARTS = "The part holds parts of its own (multipart or message); send text or a file."
 
 # What an integer column holds (SQLite INTEGER, PostgreSQL BIGINT).
@@ -266,15 +267,28 @@ def read_fields(
 
 
 def parse_form(data: bytes) -> dict[str, str]:
-    """An application/x-www-form-urlencoded body; the last value of a repeated name wins."""
+    """An application/x-www-form-urlencoded body; the last value of a repeated name wins.
+
+    Percent-escapes must spell UTF-8 too (`caf%E9` is Latin-1): a 400 naming each such field,
+    where parse_qsl's default would store U+FFFD in place of what the client meant.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "The form body is not valid UTF-8.") from None
     try:
-        return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=False))
+        # Bytes that are not UTF-8 become lone surrogates (which UTF-8 never decodes to).
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                          errors="surrogateescape")
     except ValueError as e:
         raise ApiError(400, f"Malformed form body: {e}") from None
+    if any(has_surrogate(name) for name, _ in pairs):
+        raise ApiError(400, "The form body is not valid UTF-8: a field name.")
+    bad = sorted({name for name, value in pairs if has_surrogate(value)})
+    if bad:
+        raise ApiError(400, "; ".join(f"{name}: {NOT_UTF8}" for name in bad),
+                       fields={name: [NOT_UTF8] for name in bad})
+    return dict(pairs)
 
 
 def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
@@ -304,7 +318,7 @@ def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
         try:
             text = raw.decode(part.get_content_charset() or "utf-8")
         except (UnicodeError, LookupError):
-            raise field_error(name, "The value is not valid UTF-8.") from None
+            raise field_error(name, NOT_UTF8) from None
         if has_surrogate(text):
             raise field_error(name, NOT_TEXT)
         fields[name] = text
