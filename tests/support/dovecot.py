@@ -18,6 +18,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,13 +211,29 @@ class DovecotServer:
         self.doveadm_run("index", "-u", user, folder)
 
     def doveadm_run(self, *args: str) -> str:
-        result = subprocess.run(
-            [self.doveadm, "-c", str(self.config_path), *args],
-            capture_output=True, check=False, timeout=60,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"doveadm {' '.join(args)} failed: {result.stderr.decode()}")
-        return result.stdout.decode()
+        """Run doveadm against this server. A user lookup that fails inside Dovecot's auth
+        service ("Internal error occurred": seen once in CI, on a loaded machine, with the
+        static userdb that cannot refuse anyone) is tried again, twice at most; any other
+        failure raises at once, with the end of the server's log."""
+        for attempt in range(3):
+            result = subprocess.run(
+                [self.doveadm, "-c", str(self.config_path), *args],
+                capture_output=True, check=False, timeout=60,
+            )
+            if result.returncode == 0:
+                return result.stdout.decode()
+            if b"User lookup failed: Internal error" not in result.stderr or attempt == 2:
+                break
+            time.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"doveadm {' '.join(args)} failed: {result.stderr.decode()}\n"
+                           f"dovecot.log ends:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = (self.dir / "dovecot.log").read_text(errors="replace")
+        except OSError as e:
+            return f"(no log: {e})"
+        return "\n".join(text.splitlines()[-lines:])
 
     def add_flag(self, user: str, folder: str, uids: str, flag: str) -> None:
         self.doveadm_run("flags", "add", "-u", user, flag, "mailbox", folder, "uid", uids)
