@@ -390,8 +390,10 @@ class MailService:
         def txn(conn: Connection, built: Built | None) -> Written:
             rights = thd_rights_by_mailbox(conn, user_id)
             values = _new_values(edit, rights, user_email)
-            sending = edit.status == OUTBOX \
-                and not isinstance(_sendable(values, rights), Outcome)
+            # Checked once here (it parses every address field, inside the write lock) and
+            # handed to _thd_settle.
+            sendable = _sendable(values, rights) if edit.status == OUTBOX else None
+            sending = sendable is not None and not isinstance(sendable, Outcome)
             box = _home(rights, values["from"], user_email, sending)
             if box is None:
                 raise MailApiError(DENIED, "unauthorized from/reply-to - no mailbox of yours "
@@ -404,7 +406,8 @@ class MailService:
             thd_count_mail(conn, box, 1)
             _thd_insert_attachments(conn, key[0], edit.attachments)
             row = conn.execute(_ROW.where(_m.id == key[0])).one()
-            return self._thd_settle(conn, row, values, edit.status, rights, now, built)
+            return self._thd_settle(conn, row, values, edit.status, rights, now, built,
+                                    sendable)
 
         # A new mail's size is the request's: a small one is not read for before.
         large = _size(edit.values.get("body", ""), (f.size for f in edit.attachments)) \
@@ -506,15 +509,19 @@ class MailService:
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
                     status: str | None, rights: dict[int, tuple[str, Rights]],
-                    now: float, built: Built | None) -> Written:
+                    now: float, built: Built | None, sendable: Sendable | None = None
+                    ) -> Written:
         """Leave `row` a draft, or check it and put it in the outbox (with the message
-        `built` before, when it was built from what the row now holds)."""
+        `built` before, when it was built from what the row now holds). `sendable`: what
+        `_sendable` said of `values` and `rights` in this transaction, when the caller
+        asked it already."""
         public_id = row.public_id
         if status == DRAFT:
             return Written(Outcome.SAVED, public_id)
         if status != OUTBOX:
             return Written(Outcome.MISSING, public_id)
-        sendable = _sendable(values, rights)
+        if sendable is None:
+            sendable = _sendable(values, rights)
         if isinstance(sendable, Outcome):
             return Written(sendable, public_id)
         checked, recipients = sendable
@@ -566,8 +573,12 @@ def _built_in_transaction(read: Reader) -> None:
     """A small mail's message is built in its transaction."""
 
 
-def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]
-              ) -> Outcome | tuple[dict[str, str], dict[str, list[str]]]:
+# What `_sendable` says: the outcome that keeps a mail a draft, or its checked fields and
+# parsed recipients.
+Sendable = Outcome | tuple[dict[str, str], dict[str, list[str]]]
+
+
+def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> Sendable:
     """Whether a mail with `values` may go out with these rights: its checked fields
     (`from` as the bare address) and parsed recipients, else the outcome that keeps it a
     draft."""
