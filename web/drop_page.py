@@ -29,7 +29,7 @@ from twisted.web.iweb import IRequest
 
 from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, LinkInvalid
 from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
-from mailcore.text import has_control
+from mailcore.text import has_control_multiline
 from web.jsonstream import Pacer
 from web.openapi import Reply, RouteTable
 from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
@@ -227,7 +227,7 @@ class DropPageApp(PageApp):
                 and found.bundle.require_token_auth:
             text = fields.get("comment")
             if not isinstance(text, str) or not text.strip() or len(text) > MAX_COMMENT \
-                    or has_control(text.replace("\n", "").replace("\r", "").replace("\t", "")):
+                    or has_control_multiline(text):
                 raise PageError(400, "Reply not sent",
                                 f"Write a reply of at most {MAX_COMMENT} characters.")
             await self.drops.comment(found, text.strip())
