@@ -16,7 +16,7 @@ from tests.support.web import Web
 from tests.test_web_safedrop_api import MULTIPART, multipart_file
 from tests.test_web_safedrop_files import FileFixture
 from web.auth import CredentialResolver
-from web.root import MailcoreSite, upload_gate
+from web.root import MailcoreSite, upload_gate, upload_paths
 
 MAX_BODY = 10_000
 
@@ -151,7 +151,8 @@ class GateFunctionTests(TestCase):
 
         f = GateFixture()
         await f.start(self)
-        gate = upload_gate(CredentialResolver(f.web.core.identity))
+        gate = upload_gate(CredentialResolver(f.web.core.identity),
+                           [(path, policy) for path, _, policy in upload_paths(f.web.core)])
         mail_key = await f.web.credential(f.alice, "token")
 
         async def ask(uri: bytes, headers: dict[str, str]) -> bool:

@@ -212,10 +212,7 @@ class LimitedRequest(server.Request):
             return
         if not allowed:
             self.body_refused = True
-            if self.content is not None:
-                self.content.close()
-            self.content = io.BytesIO()
-            self._answer_now()
+            self._drop_body()
             return
         self._send_continue()
         channel.paused = False
@@ -230,6 +227,10 @@ class LimitedRequest(server.Request):
             super().handleContentChunk(data)
             return
         self.body_too_large = True
+        self._drop_body()
+
+    def _drop_body(self) -> None:
+        """Throw away what was kept of the body and answer at once (`_answer_now`)."""
         if self.content is not None:
             self.content.close()
         self.content = io.BytesIO()

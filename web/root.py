@@ -9,6 +9,7 @@ the API's shape), the access log, the metrics, and a JSON 500 if anything escape
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
@@ -25,7 +26,7 @@ from mailcore.core import Core
 from web import mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
-from web.auth import MAIL_API, SAFEDROP, CredentialResolver
+from web.auth import MAIL_API, SAFEDROP, AuthPolicy, CredentialResolver
 from web.context import context_of
 from web.drop_page import DropPageApp
 from web.dropmyemail import DropmyemailApp
@@ -338,15 +339,17 @@ def _version() -> str:
         return "0"
 
 
-def upload_gate(resolver: CredentialResolver) -> Callable[[IRequest], Awaitable[bool]]:
+def upload_gate(resolver: CredentialResolver,
+                uploads: Sequence[tuple[re.Pattern[str], AuthPolicy]]
+                ) -> Callable[[IRequest], Awaitable[bool]]:
     """Whether a request may send an upload path a body over `[web] max_body`: whether it
-    carries a credential its API takes (web.limits reads no such body before it knows).
-    A bad or missing one is refused here; the API itself then answers the request (401)."""
-    gates = ((UPLOAD_PATH, SAFEDROP), (mailapi.UPLOAD_PATH, MAIL_API))
+    carries a credential of the path's API (`uploads`: each path and its API's policy;
+    web.limits reads no such body before it knows). A bad or missing one is refused here;
+    the API itself then answers the request (401)."""
 
     async def may_upload(request: IRequest) -> bool:
         path = request.uri.split(b"?", 1)[0].decode("latin-1")
-        for pattern, policy in gates:
+        for pattern, policy in uploads:
             if pattern.fullmatch(path):
                 try:
                     return await resolver.optional(request, policy) is not None
@@ -357,9 +360,20 @@ def upload_gate(resolver: CredentialResolver) -> Callable[[IRequest], Awaitable[
     return may_upload
 
 
+def upload_paths(core: Core) -> tuple[tuple[re.Pattern[str], int, AuthPolicy], ...]:
+    """The paths that take bodies over [web] max_body: how large, and whose credential
+    opens them (the upload gate)."""
+    return (
+        (UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD, SAFEDROP),
+        (mailapi.UPLOAD_PATH,
+         core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD, MAIL_API),
+    )
+
+
 def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
     """The root resource over every app (tests drive it through StubTreq)."""
     settings = settings or WebSettings.from_config(core.config)
+    uploads = upload_paths(core)
     return RootResource(
         build_apps(core, settings),
         settings=settings,
@@ -367,10 +381,9 @@ def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
         metrics=HttpMetrics.for_registry(core.metrics),
         body_limits=BodyLimits(
             settings.max_body,
-            ((UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD),
-             (mailapi.UPLOAD_PATH,
-              core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD)),
-            upload_gate(CredentialResolver(core.identity)),
+            tuple((pattern, limit) for pattern, limit, _ in uploads),
+            upload_gate(CredentialResolver(core.identity),
+                        [(pattern, policy) for pattern, _, policy in uploads]),
         ),
     )
 
