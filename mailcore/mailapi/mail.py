@@ -605,10 +605,16 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
 def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:
     """The user's main address: its own email when it may send from it, else the first
     mailbox it owns or may send from."""
-    sendable = sorted(a for a, r in rights.values() if r.allow_send)
-    if user_email.lower() in sendable:
+    return _main_address(rights, user_email, lambda r: r.allow_send)
+
+
+def _main_address(rights: dict[int, tuple[str, Rights]], user_email: str,
+                  usable: Callable[[Rights], bool]) -> str | None:
+    """Of the mailboxes whose rights are `usable`: the user's own address, else the first."""
+    found = sorted(a for a, r in rights.values() if usable(r))
+    if user_email.lower() in found:
         return user_email.lower()
-    return sendable[0] if sendable else None
+    return found[0] if found else None
 
 
 def _home(rights: dict[int, tuple[str, Rights]], mail_from: str, user_email: str,
@@ -627,10 +633,8 @@ def _home(rights: dict[int, tuple[str, Rights]], mail_from: str, user_email: str
         box, held = by_address[parsed[0]]
         if held.allow_send and (sending or held.allow_read):
             return box
-    keeping = sorted(a for a, r in rights.values() if r.allow_read and r.allow_send)
-    if user_email.lower() in keeping:
-        return by_address[user_email.lower()][0]
-    return by_address[keeping[0]][0] if keeping else None
+    keeping = _main_address(rights, user_email, lambda r: r.allow_read and r.allow_send)
+    return by_address[keeping][0] if keeping is not None else None
 
 
 class MailFilesSweeper(PeriodicService):
