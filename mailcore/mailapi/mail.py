@@ -66,7 +66,7 @@ from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
-from mailcore.store.counters import thd_bump_counter, thd_read_counter
+from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
 from mailcore.store.schema.mailapi import mailapi_outbox_seq
@@ -90,6 +90,7 @@ _a = mailapi_attachments.c
 # max_message_bytes and more). Only sending reads it (mailcore.mailapi.outbox); a page of
 # up to MAX_COUNT mails that read it would hold every one in memory at once.
 _ROW = select(*[c for c in mailapi_mail.c if c.key != "raw"])
+_NEXT_OUTBOX_SEQ = select(mailapi_outbox_seq.next_value())  # PostgreSQL
 
 
 class Outcome(enum.Enum):
@@ -554,9 +555,8 @@ def thd_next_outbox_seq(conn: Connection) -> int:
     same time as a later one, which has no order to keep). SQLite: a change counter,
     raised in the caller's transaction (its writers take turns)."""
     if conn.dialect.name == "postgresql":
-        return int(conn.execute(select(mailapi_outbox_seq.next_value())).scalar_one())
-    thd_bump_counter(conn, mailapi_outbox_seq.name)
-    return thd_read_counter(conn, mailapi_outbox_seq.name)
+        return int(conn.execute(_NEXT_OUTBOX_SEQ).scalar_one())
+    return thd_bump_counter(conn, mailapi_outbox_seq.name)
 
 
 def _hashes_of(conn: Connection, mail_ids: Sequence[int]) -> list[str]:
