@@ -3,6 +3,7 @@ start-up, and the daemon's store built with them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ class StoreSettingsTests(SynchronousTestCase):
 class BuiltStoreTests(TestCase):
     async def build(self, store: dict[str, int], db_url: str | None = None) -> Any:
         data_dir = Path(tempdir_for(self, "mailcore-store-")) / "var"
+        # build_core adds 077 to the process umask, as the daemon does at start-up: the
+        # tests after this one in the same process get the umask they had back (left at
+        # 077, a later test's real server could not read the files it was given).
+        self.addCleanup(os.umask, os.umask(0o077))
         core = build_core(Config(data_dir=data_dir, db_url=db_url, sections={"store": store}),
                           get_reactor())
         self.addCleanup(core.cpu.stop)
