@@ -192,6 +192,25 @@ class DropmyemailTokenTests(TestCase):
             principal = await self.app.principal(req, "read")
             self.assertEqual(principal.user.id, self.alice.id)
 
+    async def test_two_different_tokens_are_a_400_invalid_request(self) -> None:
+        """RFC 6750 §2, §3.1: one method per request. Which of two tokens was meant cannot be
+        told (before, the header's was served); the same token both ways still works."""
+        token = await self.access_token()
+        other = await self.access_token()
+        both = request({"Authorization": f"Bearer {token}"},
+                       uri=f"/v1/accounts?access_token={token}")
+        self.assertEqual((await self.app.principal(both, "read")).user.id, self.alice.id)
+        for header, query in ((token, other), (other, token), (token, "0" * 40)):
+            req = request({"Authorization": f"Bearer {header}"},
+                          uri=f"/v1/accounts?access_token={query}")
+            with self.assertRaises(ApiError) as caught:
+                await self.app.principal(req, "read")
+            status, headers, body = rendered(self.app, caught.exception)
+            self.assertEqual((status, body["error"]), (400, "invalid_request"))
+            self.assertIn("send one", body["error_description"])
+            self.assertEqual(headers["WWW-Authenticate"],
+                             'Bearer realm="dropmyemail", error="invalid_request"')
+
     async def test_read_implies_email_attachment_contact(self) -> None:
         token = await self.access_token()
         for scope in ("email", "attachment", "contact"):

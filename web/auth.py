@@ -12,7 +12,7 @@ API's own 401 as an `ApiError`, which the app renders in its shape.
 | PROTECMAIL | `Api-Key` | apikey |
 | SAFEDROP_KEY | `X-Auth-Key` (the auth server, with `X-Auth-User`) | apikey |
 | SAFEDROP | `X-Auth-Token`, `Auth-Token` | session |
-| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` | OAuth access token, scope-checked |
+| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` (not two) | OAuth token, scoped |
 
 The secret is never logged, never put in an error, and only its digest is looked up.
 """
@@ -57,6 +57,10 @@ class AuthPolicy:
     security_schemes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # True when every scheme above must be presented together (safedrop user + key).
     all_required: bool = False
+    # True when a request presenting two different secrets (one in the header, another in
+    # the query) is a 400 `invalid_request` rather than served as the first one found
+    # (RFC 6750 §2, §3.1: one method per request). The same secret twice is served.
+    one_secret: bool = False
 
     def security(self, scopes: list[str]) -> list[dict[str, list[str]]]:
         """OpenAPI security requirements: one of the schemes, or all of them together."""
@@ -184,9 +188,12 @@ DROPMYEMAIL = AuthPolicy(
         "missing": "An access token is required (access_token or Authorization: Bearer).",
         "invalid": "The access token is invalid.",
         "scope": "The access token does not grant this scope.",
+        "two_secrets": "Two different access tokens were sent (access_token and "
+                       "Authorization: Bearer); send one.",
     },
     challenge='Bearer realm="dropmyemail"',
     error_code="invalid_token",
+    one_secret=True,
     security_schemes={
         "dropmyemailOAuth": {
             "type": "oauth2",
@@ -223,7 +230,22 @@ class CredentialResolver:
         self.identity = identity
 
     def presented(self, request: IRequest, policy: AuthPolicy) -> str | None:
-        """The secret the request presents under `policy`, or None; bad headers raise 401."""
+        """The secret the request presents under `policy`, or None; bad headers raise 401
+        (and two different secrets a 400, under a `one_secret` policy)."""
+        found = self._header_secret(request, policy)
+        if found is not None and not policy.one_secret:
+            return found
+        in_query = self._query_secret(request, policy)
+        if found is not None and in_query is not None and in_query != found:
+            error = policy.error("two_secrets", 400, **{
+                "WWW-Authenticate": f'{policy.challenge or "Bearer"}, '
+                                    'error="invalid_request"'})
+            error.code = "invalid_request"
+            raise error
+        return found if found is not None else in_query
+
+    @staticmethod
+    def _header_secret(request: IRequest, policy: AuthPolicy) -> str | None:
         for scheme in policy.schemes:
             header = request.getHeader(b"authorization")
             if header is None:
@@ -240,6 +262,10 @@ class CredentialResolver:
             value = request.getHeader(name.encode("latin-1"))
             if value is not None and value.strip():
                 return _text(value.strip(), policy)
+        return None
+
+    @staticmethod
+    def _query_secret(request: IRequest, policy: AuthPolicy) -> str | None:
         if policy.query:
             params = query_params(request)
             for name in policy.query:
