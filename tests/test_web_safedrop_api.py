@@ -284,6 +284,25 @@ class BundleFieldTests(TestCase):
         for reply in (from_form, from_multipart, from_json):
             self.assertEqual({k: v for k, v in reply.items() if k != "id"}, expected)
 
+    async def test_a_body_without_a_content_type_is_a_form_as_in_the_seed(self) -> None:
+        """Seed 003's requests carry form bodies and no Content-Type header."""
+        status, _, created = await self.f.call(
+            "POST", "/dropbundles", b"message=Lorem+ipsum%2C+dolor&subject=Lorem+Ipsum")
+        self.assertEqual(status, 200, created)
+        self.assertEqual((created["message"], created["subject"]),
+                         ("Lorem ipsum, dolor", "Lorem Ipsum"))
+        status, _, changed = await self.f.call(
+            "PUT", f"/dropbundles/{created['id']}", b"require_token_auth=1")
+        self.assertEqual((status, changed["require_token_auth"]), (200, True), changed)
+        status, _, added = await self.f.call(
+            "POST", f"/dropbundles/{created['id']}/dropbundlerecipients",
+            b"email=r%40example.test")
+        self.assertEqual((status, added.get("email")), (200, "r@example.test"), added)
+        # JSON without its type is not guessed at: its text is an unknown field, a 400.
+        status, _, refused = await self.f.call("POST", "/dropbundles", b'{"subject": "S"}')
+        self.assertEqual(status, 400, refused)
+        self.assertEqual(len(self.f.bundle_rows()), 1)
+
     async def test_secrets_are_write_only_and_never_stored_in_clear(self) -> None:
         bundle_id = await self.f.bundle("password=Hunter2-secret&secure_message=the+vault+code")
         for _, _, reply in [await self.f.call("GET", f"/dropbundles/{bundle_id}"),

@@ -118,10 +118,12 @@ class ApiApp:
 
     # -- input -----------------------------------------------------------------------------
 
-    def fields(self, request: IRequest) -> dict[str, Any]:
-        """Input fields from a JSON, form-encoded or multipart body."""
+    def fields(self, request: IRequest, *, untyped_form: bool = False) -> dict[str, Any]:
+        """Input fields from a JSON, form-encoded or multipart body (`untyped_form`: a body
+        without a Content-Type is form-encoded)."""
         return read_fields(
-            request, self.settings.json_max_body, multipart_limit=self.settings.max_body
+            request, self.settings.json_max_body, multipart_limit=self.settings.max_body,
+            untyped_form=untyped_form,
         )
 
     def json_object(self, request: IRequest) -> dict[str, Any]:

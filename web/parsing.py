@@ -240,11 +240,14 @@ def read_fields(
     accept_json: bool = True,
     accept_form: bool = True,
     accept_multipart: bool = True,
+    untyped_form: bool = False,
 ) -> dict[str, Any]:
     """Input fields from a JSON object, a form-encoded body or a multipart body.
 
     JSON keeps its types; form fields are strings (the last value of a repeated name wins);
-    multipart file parts become `Upload`s. An empty body without a type is no fields.
+    multipart file parts become `Upload`s. An empty body without a type is no fields; a
+    body without a type is read as form-encoded when `untyped_form` (an API whose
+    published examples send forms without a Content-Type), else refused.
     """
     media = media_type(request)
     accepted = [
@@ -261,8 +264,12 @@ def read_fields(
             request.getHeader(b"content-type") or b"",
             read_body(request, multipart_limit or limit),
         )
-    if not media and not read_body(request, limit).strip():
-        return {}
+    if not media:
+        body = read_body(request, limit)
+        if accept_form and untyped_form:
+            return parse_form(body)
+        if not body.strip():
+            return {}
     raise _unsupported(media, accepted)
 
 

@@ -386,7 +386,9 @@ class SafedropApp(ApiApp):
             raise drop_error(e) from None
 
     def _input(self, request: IRequest) -> dict[str, Any]:
-        return self.fields(request)
+        # The seed's requests send form bodies with no Content-Type (`POST /dropbundles`
+        # ... `message=Lorem+ipsum...&subject=Lorem+Ipsum`): such a body is read as one.
+        return self.fields(request, untyped_form=True)
 
     @routes.route(
         "/dropbundles",
