@@ -1,18 +1,21 @@
-"""safedrop uploads against the real daemon (twistd on free ports, a temp data dir): a 1 GiB
-file keeps the daemon's peak RSS within 64 MB of what it was before (twisted.web spools the
+"""safedrop against the real daemon (twistd on free ports, a temp data dir): a 1 GiB upload
+keeps the daemon's peak RSS within 64 MB of what it was before (twisted.web spools the
 body to a temp file; the upload is parsed from it a chunk at a time into its final place),
-and an upload cut off halfway leaves no file and no row."""
+and an upload cut off halfway leaves no file and no row; a download cut off and resumed
+with Range counts as the recipient's download (read_remove removes the drop)."""
 
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol
@@ -150,3 +153,104 @@ class BigUploadTests(DaemonTestCase):
         self.assertEqual(saved.stat().st_size, GIB)
         self.assertEqual(list((stored / "tmp").iterdir()), [])
         await pool.closeCachedConnections()
+
+
+class _Download(Protocol):
+    """GET `path` (with `Range`, when given); with `stop_after`, drops the connection once
+    that many bytes of the body have come."""
+
+    def __init__(self, path: str, headers: str = "", stop_after: int | None = None) -> None:
+        self.request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                        f"{headers}\r\n").encode()
+        self.stop_after = stop_after
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.stop_after is not None and len(self.body()) >= self.stop_after:
+            transport: Any = self.transport
+            transport.abortConnection()
+
+    def body(self) -> bytes:
+        return self.received.partition(b"\r\n\r\n")[2]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.received)
+
+
+def _links(database: Path) -> list[str]:
+    """The drop links in the mail waiting in the queue (read from the SQLite file)."""
+    with sqlite3.connect(database) as conn:
+        bodies = [bytes(row[0]) for row in conn.execute("SELECT body FROM queue_messages")]
+    return [m.group(1).decode("ascii") for b in bodies
+            for m in re.finditer(rb"https?://[^/\s]+(/drop/[A-Za-z0-9_-]{43})", b)]
+
+
+class ResumedDownloadTests(DaemonTestCase):
+    async def test_a_download_cut_off_and_resumed_counts_and_read_remove_removes(
+            self) -> None:
+        size = 24 * 1024 * 1024  # far more than the socket buffers hold between the two
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        made = await run_command(
+            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
+            env=_env(), cwd=self.base)
+        self.assertEqual(made.status, 0, made.err)
+        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
+        self.assertEqual(key.status, 0, key.err)
+        await self.start_daemon()
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        base = f"http://127.0.0.1:{self.http_port}"
+        login: dict[bytes | str, bytes | str] = {
+            "X-Auth-User": "alice@example.test", "X-Auth-Key": key.out.strip()}
+        response = await http.get(base + "/auth", headers=login)
+        await treq.content(response)
+        auth: dict[bytes | str, bytes | str] = {
+            "X-Auth-Token": response.headers.getRawHeaders("X-Auth-Token")[0]}
+        response = await http.post(base + "/dropbundles", data={"subject": "resume"},
+                                   headers=auth)
+        bundle = json.loads(await treq.content(response))
+        self.assertTrue(bundle["read_remove"])
+        response = await http.post(base + f"/dropbundles/{bundle['id']}/dropbundlerecipients",
+                                   data={"email": "ann@example.org"}, headers=auth)
+        self.assertEqual(response.code, 200, await treq.content(response))
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", self.http_port)
+        upload = _Upload(f"/dropbundles/{bundle['id']}/dropfiles",
+                         str(auth["X-Auth-Token"]), size, None)
+        await connectProtocol(endpoint, upload)
+        reply = await upload.done
+        file_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["id"]
+        response = await http.get(base + f"/dropbundles/{bundle['id']}?send", headers=auth)
+        self.assertEqual(response.code, 200, await treq.content(response))
+        [link] = await threads.deferToThread(_links, self.data_dir / "mailcore.sqlite")
+        path = f"{link}/files/{file_id}"
+
+        async def get(headers: str = "", stop_after: int | None = None) -> _Download:
+            client = _Download(path, headers, stop_after)
+            await connectProtocol(endpoint, client)
+            await client.done
+            return client
+
+        cut = await get(stop_after=1024 * 1024)
+        have = cut.body()
+        self.assertTrue(cut.received.startswith(b"HTTP/1.1 200 "), cut.received[:200])
+        self.assertLess(len(have), size)
+        response = await http.get(base + link)
+        self.assertEqual(response.code, 200)  # the cut-off download is not the whole file
+        await treq.content(response)
+        rest = await get(f"Range: bytes={len(have)}-\r\n")
+        self.assertTrue(rest.received.startswith(b"HTTP/1.1 206 "), rest.received[:200])
+        self.assertEqual(len(have) + len(rest.body()), size)
+        self.assertEqual(have[:CHUNK], bytes([0]) * CHUNK)  # the upload's pattern
+        # Ann has every byte: read_remove ends her access and deletes the files.
+        response = await http.get(base + link)
+        self.assertEqual(response.code, 410)
+        await treq.content(response)
+        stored = self.data_dir / "safedrop" / str(bundle["id"])
+        self.assertEqual([p for p in stored.rglob("*") if p.is_file()], [])

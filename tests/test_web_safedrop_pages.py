@@ -162,6 +162,31 @@ class PasswordAndDownloadTests(TestCase):
         self.assertIn("Every recipient has downloaded every file.",
                       receipts[0].get_content())
 
+    async def test_ranges_that_together_cover_a_file_count_as_its_download(self) -> None:
+        """A download manager's pieces, or a download resumed where it broke off: once the
+        recipient was sent every byte of a file, it counts (here read_remove ends ann's
+        access once she has both files)."""
+        browser = Browser(self.f)
+        await browser.post(self.ann, action="password", password="Open-Sesame-77")
+        _, _, page = await browser.get(self.ann)
+        first, second = (f"{self.ann}/files/{i.decode()}" for i in re.findall(
+            rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page))
+        for wanted, body in (("bytes=-1", b"9"), ("bytes=4-6", b"456"),
+                             ("bytes=0-4", b"01234")):
+            status, _, got = await browser.get(first, Range=wanted)
+            self.assertEqual((status, got), (206, body))
+        status, _, got = await browser.get(second, Range="bytes=0-2")
+        self.assertEqual((status, got), (206, b"\x00\xffd"))
+        status, _, got = await browser.get(second, Range="bytes=3-")
+        self.assertEqual((status, got), (206, b"ata"))
+        status, _, _ = await browser.get(self.ann)
+        self.assertEqual(status, 200)  # bytes 7 and 8 of the first file are still missing
+        status, _, got = await browser.get(first, Range="bytes=6-8")
+        self.assertEqual((status, got), (206, b"678"))
+        status, _, page = await browser.get(self.ann)
+        self.assertEqual(status, 410)
+        self.assertIn(b"downloaded every file", page)
+
     async def test_downloads_need_the_password_in_this_browser(self) -> None:
         status, _, page = await Browser(self.f).get(f"{self.ann}/files/1")
         self.assertEqual(status, 403)

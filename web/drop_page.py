@@ -10,9 +10,10 @@ passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.
 Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
 file from disk in chunks read on a thread pool, with backpressure, as
 `application/octet-stream` with an RFC 6266 `filename*`, and honours a single byte Range
-(206, 416). A file counts as downloaded (receipts, read_remove) only when one response
-carried every byte of it, a 200 or a 206 of bytes 0 to the end: a range that merely ends at
-the end (`bytes=-1`, or a resumed download) is a part. With allow_comments (and
+(206, 416). A file counts as downloaded (receipts, read_remove) once the recipient was sent
+every byte of it: in one response, or in parts (ranges, a download resumed after it broke
+off: what was written before it did counts) that together cover it; a range that merely
+ends at the end (`bytes=-1`) is a part. With allow_comments (and
 require_token_auth) a reply form mails the sender. An unknown link is a 404 page; an
 expired or removed drop, or one a recipient has read in full under read_remove, a 410 page.
 """
@@ -20,6 +21,7 @@ expired or removed drop, or one a recipient has read in full under read_remove, 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
@@ -30,6 +32,7 @@ from twisted.web.iweb import IRequest
 from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, LinkInvalid
 from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
 from mailcore.text import has_control_multiline
+from mailcore.uploads import shielded
 from web.jsonstream import Pacer
 from web.openapi import Reply, RouteTable
 from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
@@ -42,6 +45,13 @@ PASSWORD_RATE = Rate(5, 300)
 CHUNK = 64 * 1024
 MAX_COMMENT = 10_000
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+@dataclass
+class Written:
+    """Bytes of a file handed to the client's transport by one response so far."""
+
+    bytes: int = 0
 
 
 def invalid() -> PageError:
@@ -280,14 +290,22 @@ class DropPageApp(PageApp):
         request.setHeader(b"Content-Length", str(length).encode())
         if request.method == b"HEAD":
             return b""
-        sent = await self._stream(request, path, first, length)
-        if first == 0 and sent == size:  # the whole file, in this one response
-            await self.drops.downloaded(found, drop_file)
+        written = Written()
+        try:
+            await self._stream(request, path, first, length, written)
+        finally:
+            # What was written counts, also when the client went away midway (which cancels
+            # this handler): it resumes from there with a Range. Recorded to its end.
+            if written.bytes or size == 0:
+                await shielded(self.drops.sent(found, drop_file, first,
+                                               first + written.bytes - 1))
         return b""
 
-    async def _stream(self, request: IRequest, path: Path, first: int, length: int) -> int:
+    async def _stream(self, request: IRequest, path: Path, first: int, length: int,
+                      written: Written) -> None:
         """Write `length` bytes of `path` from `first`, a chunk at a time, reading on the
-        drop service's thread pool and pausing while the client's transport is full."""
+        drop service's thread pool and pausing while the client's transport is full;
+        `written` counts the bytes handed to the transport."""
         try:
             handle = cast(IO[bytes], await self.drops.io.run(path.open, "rb"))
         except OSError:
@@ -295,18 +313,16 @@ class DropPageApp(PageApp):
         pacer = Pacer()
         consumer = cast(http.Request, request)
         consumer.registerProducer(pacer, True)
-        sent = 0
         try:
             await self.drops.io.run(handle.seek, first)
-            while sent < length and not pacer.stopped:
+            while written.bytes < length and not pacer.stopped:
                 await pacer.ready()
-                data = await self.drops.io.run(handle.read, min(CHUNK, length - sent))
+                data = await self.drops.io.run(handle.read, min(CHUNK, length - written.bytes))
                 if not data:
                     break
                 request.write(data)
-                sent += len(data)
+                written.bytes += len(data)
         finally:
             consumer.unregisterProducer()
             await self.drops.io.run(handle.close)
-        return sent
 

@@ -27,6 +27,7 @@ from mailcore.safedrop.store import bundle_of, file_of, recipient_of
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import (
     drop_bundles,
+    drop_download_parts,
     drop_downloads,
     drop_files,
     drop_recipients,
@@ -35,6 +36,9 @@ from mailcore.store.schema.safedrop import (
 GRANT_SECONDS = 12 * 3600
 CODE_SECONDS = 600
 CODE_ATTEMPTS = 5
+# Runs of bytes kept per recipient and file (drop_download_parts): a client asking for more
+# scattered ranges than this keeps the longest; the file still counts once it is covered.
+MAX_PARTS = 64
 CHECK_PW = "p"  # the bundle password was given
 CHECK_CODE = "t"  # the one-time code was given
 
@@ -161,15 +165,62 @@ class Downloaded:
     all_done: bool  # every recipient has every file (it just became so)
 
 
+def record_sent_txn(
+    conn: Connection, recipient_id: int, bundle_id: int, file_id: int, size: int,
+    first: int, last: int, now: datetime.datetime,
+) -> Downloaded:
+    """Bytes `first` to `last` (both included) of a file of `size` bytes were sent to a
+    recipient. The file counts as downloaded once one response carried all of it or the
+    parts sent so far cover it (a download resumed with Range, or fetched in pieces)."""
+    # One recipient's downloads take turns (PostgreSQL; SQLite's writers always do): two
+    # parts finishing at once must not each miss the other's bytes.
+    conn.execute(sa.select(drop_recipients.c.id).where(drop_recipients.c.id == recipient_id)
+                 .with_for_update())
+    if first <= 0 and last >= size - 1:
+        return record_download_txn(conn, recipient_id, bundle_id, file_id, now)
+    if conn.execute(sa.select(drop_downloads.c.id).where(
+            drop_downloads.c.recipient_id == recipient_id,
+            drop_downloads.c.file_id == file_id)).first() is not None:
+        return Downloaded(False, False, False)
+    p = drop_download_parts.c
+    mine = (p.recipient_id == recipient_id, p.file_id == file_id)
+    runs = merge_runs([(r.first_byte, r.last_byte) for r in conn.execute(
+        sa.select(p.first_byte, p.last_byte).where(*mine))] + [(first, last)])
+    conn.execute(sa.delete(drop_download_parts).where(*mine))
+    if runs[0][0] <= 0 and runs[0][1] >= size - 1:
+        return record_download_txn(conn, recipient_id, bundle_id, file_id, now)
+    kept = sorted(runs, key=lambda run: run[1] - run[0], reverse=True)[:MAX_PARTS]
+    conn.execute(sa.insert(drop_download_parts), [
+        {"recipient_id": recipient_id, "file_id": file_id, "first_byte": a, "last_byte": b}
+        for a, b in sorted(kept)])
+    return Downloaded(False, False, False)
+
+
+def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of byte offsets (both ends included) merged where they overlap or touch, in
+    order."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(runs):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
 def record_download_txn(
     conn: Connection, recipient_id: int, bundle_id: int, file_id: int, now: datetime.datetime
 ) -> Downloaded:
+    """The recipient has the whole file: counted once (and its parts, if any, go)."""
     exists = conn.execute(
         sa.select(drop_downloads.c.id).where(
             drop_downloads.c.recipient_id == recipient_id, drop_downloads.c.file_id == file_id)
     ).first()
     if exists is not None:
         return Downloaded(False, False, False)
+    conn.execute(sa.delete(drop_download_parts).where(
+        drop_download_parts.c.recipient_id == recipient_id,
+        drop_download_parts.c.file_id == file_id))
     conn.execute(sa.insert(drop_downloads).values(
         recipient_id=recipient_id, file_id=file_id, completed_at=now))
     n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)

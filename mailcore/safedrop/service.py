@@ -374,11 +374,12 @@ class SafedropService:
                 return f, self.files.path(found.bundle.id, f.sha256)
         return None
 
-    async def downloaded(self, found: Access, drop_file: DropFile) -> None:
-        """A recipient received the whole of a file: receipts, and read_remove."""
+    async def sent(self, found: Access, drop_file: DropFile, first: int, last: int) -> None:
+        """Bytes `first` to `last` of a file went to a recipient; once it has all of the file
+        (in one response or in parts): receipts, and read_remove."""
         result = await self.db.run(
-            "safedrop_record_download", side.record_download_txn, found.recipient.id,
-            found.bundle.id, drop_file.id, self.now(),
+            "safedrop_record_download", side.record_sent_txn, found.recipient.id,
+            found.bundle.id, drop_file.id, drop_file.size, first, last, self.now(),
         )
         when = found.bundle.email_receipt_when
         if result.first_time and when == 3:

@@ -99,3 +99,21 @@ drop_downloads = Table(
     Column("completed_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("recipient_id", "file_id"),
 )
+
+# The bytes of a file a recipient was sent in responses that did not carry all of it (a
+# Range, a resumed or an interrupted download): merged runs of byte offsets, both ends
+# included. Once they cover the file it counts as downloaded (drop_downloads) and its runs
+# go (migration 0030).
+drop_download_parts = Table(
+    "drop_download_parts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "recipient_id", Integer, ForeignKey("drop_recipients.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("file_id", Integer, ForeignKey("drop_files.id", ondelete="CASCADE"), nullable=False),
+    Column("first_byte", BigInteger, nullable=False),
+    Column("last_byte", BigInteger, nullable=False),
+    Index("ix_drop_download_parts_recipient", "recipient_id", "file_id"),
+)

@@ -1,0 +1,172 @@
+"""A safedrop file counts as a recipient's download once what was sent to them covers it:
+in one response, or in parts (ranges, a download resumed after it broke off) in any order
+(mailcore.safedrop.access.record_sent_txn), on SQLite and PostgreSQL. The page's side
+(Range requests through the drop page) is in tests.test_web_safedrop_pages; a download cut
+off and resumed against the real daemon in tests.test_safedrop_daemon."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailcore.safedrop.access import MAX_PARTS, Downloaded, merge_runs, record_sent_txn
+from mailcore.store.schema.identity import users
+from mailcore.store.schema.safedrop import (
+    drop_bundles,
+    drop_download_parts,
+    drop_downloads,
+    drop_files,
+    drop_recipients,
+)
+from tests.support.db import MixinBase, open_database
+
+NOW = datetime.datetime(2026, 12, 5, 10, 0, tzinfo=datetime.UTC)
+SIZE = 100
+NOTHING = Downloaded(False, False, False)
+
+
+def _bundle_txn(conn: Connection) -> dict[str, int]:
+    """A sent bundle of two files (SIZE bytes, and 1 byte) with two recipients."""
+    owner = conn.execute(sa.insert(users).values(
+        username="alice", email="alice@example.test", nic="N1", created_at=NOW,
+    ).returning(users.c.id)).scalar_one()
+    bundle = conn.execute(sa.insert(drop_bundles).values(
+        owner_id=owner, subject="s", message="m", email_receipt_when=4, read_remove=True,
+        allow_comments=False, require_token_auth=False, created_at=NOW, sent_at=NOW,
+    ).returning(drop_bundles.c.id)).scalar_one()
+    ids = {"bundle": bundle}
+    for name in ("ann", "bob"):
+        ids[name] = conn.execute(sa.insert(drop_recipients).values(
+            bundle_id=bundle, email=f"{name}@example.org", telephone="", valid_for=0,
+        ).returning(drop_recipients.c.id)).scalar_one()
+    for name, size in (("big", SIZE), ("tiny", 1)):
+        ids[name] = conn.execute(sa.insert(drop_files).values(
+            bundle_id=bundle, name=name, content_type="application/octet-stream", size=size,
+            sha256=name * 8, created_at=NOW,
+        ).returning(drop_files.c.id)).scalar_one()
+    return ids
+
+
+class MergeRunsTests(SynchronousTestCase):
+    def test_overlapping_and_touching_runs_merge_in_order(self) -> None:
+        self.assertEqual(merge_runs([]), [])
+        self.assertEqual(merge_runs([(5, 9), (0, 4)]), [(0, 9)])  # touching
+        self.assertEqual(merge_runs([(0, 6), (3, 4), (5, 9)]), [(0, 9)])  # inside, over
+        self.assertEqual(merge_runs([(7, 9), (0, 2), (4, 5)]), [(0, 2), (4, 5), (7, 9)])
+        self.assertEqual(merge_runs([(2, 2), (2, 2)]), [(2, 2)])
+
+
+class SentPartsTestsMixin(MixinBase):
+    backend = ""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await open_database(self, self.backend)
+        self.ids = await self.db.run("bundle", _bundle_txn)
+
+    async def sent(self, who: str, first: int, last: int, file: str = "big") -> Downloaded:
+        size = SIZE if file == "big" else 1
+        return await self.db.run("sent", record_sent_txn, self.ids[who], self.ids["bundle"],
+                                 self.ids[file], size, first, last, NOW)
+
+    async def runs(self, who: str) -> list[tuple[int, int]]:
+        def txn(conn: Connection) -> list[Any]:
+            p = drop_download_parts.c
+            return [(r.first_byte, r.last_byte) for r in conn.execute(
+                sa.select(p.first_byte, p.last_byte).where(p.recipient_id == self.ids[who])
+                .order_by(p.first_byte))]
+
+        return await self.db.read("runs", txn)
+
+    async def downloads(self) -> list[tuple[int, int]]:
+        def txn(conn: Connection) -> list[Any]:
+            d = drop_downloads.c
+            return [tuple(r) for r in conn.execute(
+                sa.select(d.recipient_id, d.file_id).order_by(d.recipient_id, d.file_id))]
+
+        return await self.db.read("downloads", txn)
+
+    async def test_one_response_of_the_whole_file_counts_at_once(self) -> None:
+        self.assertEqual(await self.sent("ann", 0, SIZE - 1), Downloaded(True, False, False))
+        self.assertEqual(await self.sent("ann", 0, SIZE - 1), NOTHING)  # once
+        self.assertEqual(await self.runs("ann"), [])
+
+    async def test_a_download_resumed_after_it_broke_off_counts(self) -> None:
+        # The first response broke off after 37 bytes; the client asked for the rest.
+        self.assertEqual(await self.sent("ann", 0, 36), NOTHING)
+        self.assertEqual(await self.runs("ann"), [(0, 36)])
+        self.assertEqual(await self.sent("ann", 37, SIZE - 1), Downloaded(True, False, False))
+        self.assertEqual(await self.runs("ann"), [])  # the runs go once the file counts
+        self.assertEqual(await self.downloads(), [(self.ids["ann"], self.ids["big"])])
+
+    async def test_parts_in_any_order_count_once_they_cover_the_file(self) -> None:
+        # A tail first (what download managers ask for), then pieces out of order,
+        # overlapping: nothing counts until every byte was sent.
+        for first, last in ((SIZE - 1, SIZE - 1), (60, 79), (0, 19), (15, 40)):
+            self.assertEqual(await self.sent("ann", first, last), NOTHING)
+        self.assertEqual(await self.runs("ann"), [(0, 40), (60, 79), (SIZE - 1, SIZE - 1)])
+        self.assertEqual(await self.sent("ann", 41, 59), NOTHING)
+        self.assertEqual(await self.runs("ann"), [(0, 79), (SIZE - 1, SIZE - 1)])
+        # Another recipient's parts are theirs: bob's bytes do not complete ann's file.
+        self.assertEqual(await self.sent("bob", 80, 98), NOTHING)
+        self.assertEqual(await self.downloads(), [])
+        self.assertEqual(await self.sent("ann", 80, 98), Downloaded(True, False, False))
+        self.assertEqual(await self.sent("ann", 0, 0, "tiny"), Downloaded(True, True, False))
+        self.assertEqual(await self.runs("bob"), [(80, 98)])
+
+    async def test_every_recipient_done_is_all_done(self) -> None:
+        for who in ("ann", "bob"):
+            await self.sent(who, 0, 0, "tiny")
+            await self.sent(who, 50, SIZE - 1)
+        self.assertEqual(await self.sent("ann", 0, 49), Downloaded(True, True, False))
+        self.assertEqual(await self.sent("bob", 0, 49), Downloaded(True, True, True))
+        self.assertEqual(await self.sent("bob", 0, 10), NOTHING)  # after: nothing kept
+        self.assertEqual(await self.runs("bob"), [])
+
+    async def test_scattered_ranges_keep_at_most_max_parts_runs(self) -> None:
+        many = 2 * MAX_PARTS
+        db_size = 3 * many
+
+        async def sent(first: int, last: int) -> Downloaded:
+            return await self.db.run("sent", record_sent_txn, self.ids["ann"],
+                                     self.ids["bundle"], self.ids["big"], db_size, first,
+                                     last, NOW)
+
+        await sent(0, 1)  # the longest run: kept
+        for i in range(1, many):
+            await sent(3 * i, 3 * i)  # one byte in every three
+        runs = await self.runs("ann")
+        self.assertEqual(len(runs), MAX_PARTS)
+        self.assertEqual(runs[0], (0, 1))
+        # Sent in full later, the file still counts.
+        self.assertEqual(await sent(0, db_size - 1), Downloaded(True, False, False))
+        self.assertEqual(await self.runs("ann"), [])
+
+    async def test_deleting_the_file_or_recipient_takes_their_runs(self) -> None:
+        await self.sent("ann", 0, 9)
+        await self.sent("bob", 0, 9)
+
+        def delete(conn: Connection) -> None:
+            conn.execute(sa.delete(drop_recipients).where(drop_recipients.c.id == self.ids["bob"]))
+
+        await self.db.run("delete", delete)
+        self.assertEqual(await self.runs("bob"), [])
+        self.assertEqual(await self.runs("ann"), [(0, 9)])
+
+        def delete_file(conn: Connection) -> None:
+            conn.execute(sa.delete(drop_files).where(drop_files.c.id == self.ids["big"]))
+
+        await self.db.run("delete", delete_file)
+        self.assertEqual(await self.runs("ann"), [])
+
+
+class SQLiteSentPartsTests(SentPartsTestsMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresSentPartsTests(SentPartsTestsMixin, TestCase):
+    backend = "postgresql"
+    timeout = 60
