@@ -128,6 +128,16 @@ class AccountsApiTests(ApiBase):
             self.assertIn("error_description", body, (method, path))
         self.assertEqual(await self.stored(), 0)
 
+    async def test_a_field_an_account_does_not_have_is_a_400_naming_it(self) -> None:
+        """A misspelt field would otherwise change nothing while the client believes it did
+        (before, unknown fields were ignored at create and at change)."""
+        for method, path in (("POST", "/v1/accounts"), ("PUT", "/v1/accounts/99")):
+            status, body = await self.call(method, path, json={
+                "email": "a@x.test", "password": "p", "pasword": "new"})
+            self.assertEqual((status, body["error_description"]),
+                             (400, "Unknown field: pasword."), method)
+        self.assertEqual(await self.stored(), 0)
+
     async def test_another_users_account_is_404(self) -> None:
         bob = await self.web.user("bob")
         account = await self.web.core.fetch.accounts.create(

@@ -400,6 +400,13 @@ class DropmyemailApp(JobRoutes, ApiApp):
             "port": lambda: int_field(data, "port", minimum=1, maximum=65535),
         }
         values = collect_fields(checks)
+        # What the account reads as may come back (a client putting back what it read; the
+        # fields input does not take are left as they are); any other name is a mistake
+        # the client must hear of (a misspelt "pasword" would change nothing).
+        unknown = sorted(set(data) - set(ACCOUNT_INPUT["properties"])
+                         - set(ACCOUNT["properties"]) - {"access_token"})
+        if unknown:
+            raise ApiError(400, f"Unknown field: {unknown[0]}.")
         return {k: v for k, v in values.items() if v is not None}
 
     @routes.route(
@@ -473,7 +480,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         summary="Change an account (password, host, protocol, start_tls, ssl, port)",
         description="A change of how to log in (password, host, port, protocol, ssl, "
         "start_tls) logs in again first, as create does: a refusal is a 400 with the "
-        "server's reason, and nothing changes.",
+        "server's reason, and nothing changes. The account as read may be sent back: fields "
+        "PUT does not change are left as they are; a field the account does not have is a "
+        "400.",
         auth=DROPMYEMAIL,
         scope="write",
         body=ACCOUNT_INPUT,
