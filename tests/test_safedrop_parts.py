@@ -98,6 +98,21 @@ class SentPartsTestsMixin(MixinBase):
         # The first response broke off after 37 bytes; the client asked for the rest.
         self.assertEqual(await self.sent("ann", 0, 36), NOTHING)
         self.assertEqual(await self.runs("ann"), [(0, 36)])
+        # Bytes already counted write nothing (a client asking for them again and again
+        # costs no write to the store).
+        written: list[str] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            written.append(statement.split(None, 1)[0].upper())
+
+        sa.event.listen(self.db.engine, "before_cursor_execute", capture)
+        try:
+            self.assertEqual(await self.sent("ann", 10, 20), NOTHING)
+        finally:
+            sa.event.remove(self.db.engine, "before_cursor_execute", capture)
+        self.assertNotIn("DELETE", written)
+        self.assertNotIn("INSERT", written)
+        self.assertIn("SELECT", written)
         self.assertEqual(await self.sent("ann", 37, SIZE - 1), Downloaded(True, False, False))
         self.assertEqual(await self.runs("ann"), [])  # the runs go once the file counts
         self.assertEqual(await self.downloads(), [(self.ids["ann"], self.ids["big"])])

@@ -184,12 +184,15 @@ def record_sent_txn(
         return Downloaded(False, False, False)
     p = drop_download_parts.c
     mine = (p.recipient_id == recipient_id, p.file_id == file_id)
-    runs = merge_runs([(r.first_byte, r.last_byte) for r in conn.execute(
-        sa.select(p.first_byte, p.last_byte).where(*mine))] + [(first, last)])
-    conn.execute(sa.delete(drop_download_parts).where(*mine))
+    held = [(r.first_byte, r.last_byte) for r in conn.execute(
+        sa.select(p.first_byte, p.last_byte).where(*mine).order_by(p.first_byte))]
+    runs = merge_runs([*held, (first, last)])
     if runs[0][0] <= 0 and runs[0][1] >= size - 1:
         return record_download_txn(conn, recipient_id, bundle_id, file_id, now)
     kept = sorted(runs, key=lambda run: run[1] - run[0], reverse=True)[:MAX_PARTS]
+    if sorted(kept) == held:
+        return Downloaded(False, False, False)  # bytes already counted: nothing to write
+    conn.execute(sa.delete(drop_download_parts).where(*mine))
     conn.execute(sa.insert(drop_download_parts), [
         {"recipient_id": recipient_id, "file_id": file_id, "first_byte": a, "last_byte": b}
         for a, b in sorted(kept)])
