@@ -7,24 +7,18 @@ with Range counts as the recipient's download (read_remove removes the drop)."""
 from __future__ import annotations
 
 import json
-import re
-import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
 import treq
-from treq.client import HTTPClient
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from tests.support.reactor import get_reactor
-from tests.support.servers import run_command
-from tests.test_daemon import DaemonTestCase, _env
+from tests.support.safedrop_daemon import SafedropDaemonTestCase
 
 GIB = 1024**3
 CHUNK = 256 * 1024
@@ -104,7 +98,7 @@ class _Upload(Protocol):
         self.done.callback(self.received)
 
 
-class BigUploadTests(DaemonTestCase):
+class BigUploadTests(SafedropDaemonTestCase):
     async def upload(self, path: str, token: str, size: int,
                      stop_after: int | None = None) -> bytes:
         endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", self.http_port)
@@ -113,23 +107,9 @@ class BigUploadTests(DaemonTestCase):
         return await protocol.done
 
     async def test_a_1_gib_upload_keeps_rss_low_and_a_cut_one_leaves_nothing(self) -> None:
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
-        made = await run_command(
-            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
-            env=_env(), cwd=self.base)
-        self.assertEqual(made.status, 0, made.err)
-        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
-        self.assertEqual(key.status, 0, key.err)
-        daemon = await self.start_daemon()
-        pool = HTTPConnectionPool(get_reactor(), persistent=False)
-        http = HTTPClient(Agent(get_reactor(), pool=pool))
-        base = f"http://127.0.0.1:{self.http_port}"
-        login: dict[bytes | str, bytes | str] = {
-            "X-Auth-User": "alice@example.test", "X-Auth-Key": key.out.strip()}
-        response = await http.get(base + "/auth", headers=login)
-        await treq.content(response)
-        token = response.headers.getRawHeaders("X-Auth-Token")[0]
-        auth: dict[bytes | str, bytes | str] = {"X-Auth-Token": token}
+        daemon = await self.start_as_alice()
+        http, base, auth = self.http, self.base_url, self.auth
+        token = str(auth["X-Auth-Token"])
         response = await http.post(base + "/dropbundles", data={"subject": "big"},
                                    headers=auth)
         bundle = json.loads(await treq.content(response))
@@ -152,7 +132,6 @@ class BigUploadTests(DaemonTestCase):
         [saved] = [p for p in (stored / str(bundle["id"])).iterdir()]
         self.assertEqual(saved.stat().st_size, GIB)
         self.assertEqual(list((stored / "tmp").iterdir()), [])
-        await pool.closeCachedConnections()
 
 
 class _Download(Protocol):
@@ -183,36 +162,12 @@ class _Download(Protocol):
         self.done.callback(self.received)
 
 
-def _links(database: Path) -> list[str]:
-    """The drop links in the mail waiting in the queue (read from the SQLite file)."""
-    with sqlite3.connect(database) as conn:
-        bodies = [bytes(row[0]) for row in conn.execute("SELECT body FROM queue_messages")]
-    return [m.group(1).decode("ascii") for b in bodies
-            for m in re.finditer(rb"https?://[^/\s]+(/drop/[A-Za-z0-9_-]{43})", b)]
-
-
-class ResumedDownloadTests(DaemonTestCase):
+class ResumedDownloadTests(SafedropDaemonTestCase):
     async def test_a_download_cut_off_and_resumed_counts_and_read_remove_removes(
             self) -> None:
         size = 24 * 1024 * 1024  # far more than the socket buffers hold between the two
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
-        made = await run_command(
-            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
-            env=_env(), cwd=self.base)
-        self.assertEqual(made.status, 0, made.err)
-        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
-        self.assertEqual(key.status, 0, key.err)
-        await self.start_daemon()
-        pool = HTTPConnectionPool(get_reactor(), persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        http = HTTPClient(Agent(get_reactor(), pool=pool))
-        base = f"http://127.0.0.1:{self.http_port}"
-        login: dict[bytes | str, bytes | str] = {
-            "X-Auth-User": "alice@example.test", "X-Auth-Key": key.out.strip()}
-        response = await http.get(base + "/auth", headers=login)
-        await treq.content(response)
-        auth: dict[bytes | str, bytes | str] = {
-            "X-Auth-Token": response.headers.getRawHeaders("X-Auth-Token")[0]}
+        await self.start_with_sink()
+        http, base, auth = self.http, self.base_url, self.auth
         response = await http.post(base + "/dropbundles", data={"subject": "resume"},
                                    headers=auth)
         bundle = json.loads(await treq.content(response))
@@ -228,7 +183,7 @@ class ResumedDownloadTests(DaemonTestCase):
         file_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["id"]
         response = await http.get(base + f"/dropbundles/{bundle['id']}?send", headers=auth)
         self.assertEqual(response.code, 200, await treq.content(response))
-        [link] = await threads.deferToThread(_links, self.data_dir / "mailcore.sqlite")
+        link = await self.delivered_link("ann@example.org")
         path = f"{link}/files/{file_id}"
 
         async def get(headers: str = "", stop_after: int | None = None) -> _Download:

@@ -12,29 +12,21 @@ where the service queued them."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import treq
-from treq.client import HTTPClient
 from twisted.internet import task
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.support.browser import Browser, serve
-from tests.support.mailsink import SinkFactory, SinkState
 from tests.support.reactor import get_reactor
-from tests.support.servers import run_command
-from tests.test_daemon import DaemonTestCase, _env
+from tests.support.safedrop_daemon import SafedropDaemonTestCase
 from tests.test_web_safedrop_api import MULTIPART, multipart_file
-from tests.test_web_safedrop_pages import LINK, PageFixture
+from tests.test_web_safedrop_pages import PageFixture
 from web.root import build_site
 
 
@@ -71,37 +63,9 @@ def _saved(where: Path, name: str) -> bytes | None:
     return None
 
 
-class DaemonWithSink(DaemonTestCase):
+class DaemonWithSink(SafedropDaemonTestCase):
     """The real daemon, its queue relaying every mail to an SMTP sink on 127.0.0.1, and
-    alice's API session on it."""
-
-    async def start_with_sink(self) -> None:
-        self.sink = SinkState()
-        listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
-            SinkFactory(self.sink))
-        self.addCleanup(listener.stopListening)
-        config = self.base / "mailcore.toml"
-        config.write_text(
-            f'[queue]\nrelayhost = "127.0.0.1:{listener.getHost().port}"\n'
-            "allow_loopback = true\n", encoding="utf-8")
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir),
-               "--config", str(config)]
-        made = await run_command(
-            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
-            env=_env(), cwd=self.base)
-        self.assertEqual(made.status, 0, made.err)
-        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
-        self.assertEqual(key.status, 0, key.err)
-        await self.start_daemon("--config", str(config))
-        self.base_url = f"http://127.0.0.1:{self.http_port}"
-        pool = HTTPConnectionPool(get_reactor(), persistent=False)
-        self.http = HTTPClient(Agent(get_reactor(), pool=pool))
-        login: dict[bytes | str, bytes | str] = {
-            "X-Auth-User": "alice@example.test", "X-Auth-Key": key.out.strip()}
-        response = await self.http.get(self.base_url + "/auth", headers=login)
-        await treq.content(response)
-        self.auth: dict[bytes | str, bytes | str] = {
-            "X-Auth-Token": response.headers.getRawHeaders("X-Auth-Token")[0]}
+    alice's API session on it (start_with_sink)."""
 
     async def api(self, method: str, path: str, data: Any,
                   headers: dict[str, str] | None = None) -> Any:
@@ -129,20 +93,6 @@ class DaemonWithSink(DaemonTestCase):
         self.assertEqual(response.code, 200, await treq.content(response))
         await treq.content(response)
         return self.bundle_id
-
-    async def delivered_link(self, recipient: str) -> str:
-        """The drop link in the text of the first message the sink received for
-        `recipient` (waits for it)."""
-        while True:
-            for received in self.sink.messages:
-                if recipient in received.rcpts:
-                    message: Any = email.message_from_bytes(received.data,
-                                                            policy=email.policy.default)
-                    body = message.get_body(("plain", "html")).get_content()
-                    match = LINK.search(body)
-                    assert match is not None, body
-                    return match.group(1)
-            await self.sink.wait_for(len(self.sink.messages) + 1)
 
     def stored_files(self) -> list[str]:
         root = self.data_dir / "safedrop" / str(self.bundle_id)
