@@ -38,7 +38,11 @@ class FetchSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     # Messages per pipelined UID FETCH, bounded in count and in declared bytes, and how many
     # such fetches are on the wire (or fetched and being parsed) while a batch is stored.
-    batch_messages: int = 200
+    # Each batch is one store transaction with work of its own (keys, threads, counts, the
+    # full-text index's segment): 1,000 small messages a batch synced 20,000 of 4 KiB about
+    # 10 % faster than 200 did (`make bench`; 2,000 gained nothing more, and a pipeline
+    # deeper than 3 lost). A crash re-fetches at most the batches not yet committed.
+    batch_messages: int = 1000
     batch_bytes: int = 8 * 1024 * 1024
     pipeline_depth: int = 3
     connect_timeout: float = 30.0
