@@ -68,15 +68,21 @@ class AuthPolicy:
             return [{name: list(scopes) for name in self.security_schemes}]
         return [{name: list(scopes)} for name in self.security_schemes]
 
-    def error(self, reason: str, status: int = 401, **headers: str) -> ApiError:
+    def error(self, reason: str, status: int = 401, *, code: str | None = None,
+              scope: str | None = None) -> ApiError:
+        """The API's error for `reason`; `code` (the policy's `error_code` unless given) goes
+        in the body and the challenge, with the `scope` a 403 lacks (RFC 6750 §3)."""
         message = self.messages.get(reason) or self.messages.get("invalid") or "Unauthorized."
-        extra_headers = dict(headers)
-        if self.challenge and "WWW-Authenticate" not in extra_headers:
+        code = code or self.error_code
+        headers = {}
+        if self.challenge:
             challenge = self.challenge
-            if self.error_code and reason != "missing":  # RFC 6750 §3: no code when absent
-                challenge += f', error="{self.error_code}"'
-            extra_headers["WWW-Authenticate"] = challenge
-        return ApiError(status, message, key=self.key, code=self.error_code, headers=extra_headers)
+            if code and reason != "missing":  # RFC 6750 §3: no code when absent
+                challenge += f', error="{code}"'
+            if scope is not None:
+                challenge += f', scope="{scope}"'
+            headers["WWW-Authenticate"] = challenge
+        return ApiError(status, message, key=self.key, code=code, headers=headers)
 
 
 def api_key_scheme(
@@ -237,11 +243,7 @@ class CredentialResolver:
             return found
         in_query = self._query_secret(request, policy)
         if found is not None and in_query is not None and in_query != found:
-            error = policy.error("two_secrets", 400, **{
-                "WWW-Authenticate": f'{policy.challenge or "Bearer"}, '
-                                    'error="invalid_request"'})
-            error.code = "invalid_request"
-            raise error
+            raise policy.error("two_secrets", 400, code="invalid_request")
         return found if found is not None else in_query
 
     @staticmethod
@@ -297,12 +299,7 @@ class CredentialResolver:
         if principal is None:
             raise policy.error("missing")
         if scope is not None and not grants(principal, scope):
-            challenge = f'{policy.challenge or "Bearer"}, error="insufficient_scope", '
-            error = policy.error(
-                "scope", 403, **{"WWW-Authenticate": challenge + f'scope="{scope}"'}
-            )
-            error.code = "insufficient_scope"
-            raise error
+            raise policy.error("scope", 403, code="insufficient_scope", scope=scope)
         return principal
 
 
