@@ -41,7 +41,7 @@ from mailcore.messages.models import MessageSummary
 from mailcore.oauth import OAuthProvider
 from web.api import ApiApp
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
-from web.dropmyemail_jobs import JobRoutes
+from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
 from web.dropmyemail_jobs import install as install_job_routes
 from web.errors import ApiError, OAuthErrors
 from web.jsonstream import stream_base64_member
@@ -403,10 +403,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
         # What the account reads as may come back (a client putting back what it read; the
         # fields input does not take are left as they are); any other name is a mistake
         # the client must hear of (a misspelt "pasword" would change nothing).
-        unknown = sorted(set(data) - set(ACCOUNT_INPUT["properties"])
-                         - set(ACCOUNT["properties"]) - {"access_token"})
-        if unknown:
-            raise ApiError(400, f"Unknown field: {unknown[0]}.")
+        refuse_unknown_fields(data, ACCOUNT_INPUT["properties"], ACCOUNT["properties"])
         return {k: v for k, v in values.items() if v is not None}
 
     @routes.route(

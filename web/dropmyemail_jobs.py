@@ -14,7 +14,7 @@ dealt with. The destination's password is never returned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from twisted.web.iweb import IRequest
@@ -124,6 +124,14 @@ def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default
     return value
 
 
+def refuse_unknown_fields(data: Mapping[str, Any], *known: Iterable[str]) -> None:
+    """A 400 naming the first field of `data` not among the `known` names (a schema's
+    properties); the access token may travel in a form body too (RFC 6750 §2.2)."""
+    unknown = sorted(set(data).difference({"access_token"}, *known))
+    if unknown:
+        raise ApiError(400, f"Unknown field: {unknown[0]}.")
+
+
 class JobRoutes:
     """The migrate and restore handlers of the Dropmyemail app (module docstring)."""
 
@@ -198,9 +206,7 @@ class JobRoutes:
             "tls_fingerprint": lambda: string_field(data, "tls_fingerprint", required=False,
                                                     max_length=128, line=True),
         })
-        unknown = sorted(set(data) - set(MIGRATE_INPUT["properties"]) - {"access_token"})
-        if unknown:
-            raise ApiError(400, f"Unknown field: {unknown[0]}.")
+        refuse_unknown_fields(data, MIGRATE_INPUT["properties"])
         try:
             job = await jobs.migrate(principal.user.id, account_id,
                                      {k: v for k, v in values.items() if v is not None})
