@@ -170,57 +170,46 @@ def record_sent_txn(
     first: int, last: int, now: datetime.datetime,
 ) -> Downloaded:
     """Bytes `first` to `last` (both included) of a file of `size` bytes were sent to a
-    recipient. The file counts as downloaded once one response carried all of it or the
-    parts sent so far cover it (a download resumed with Range, or fetched in pieces)."""
+    recipient. The file counts as downloaded, once, when one response carried all of it or
+    the parts sent so far cover it (a download resumed with Range, or fetched in pieces)."""
     # One recipient's downloads take turns (PostgreSQL; SQLite's writers always do): two
     # parts finishing at once must not each miss the other's bytes.
     conn.execute(sa.select(drop_recipients.c.id).where(drop_recipients.c.id == recipient_id)
                  .with_for_update())
-    if first <= 0 and last >= size - 1:
-        return record_download_txn(conn, recipient_id, bundle_id, file_id, now)
     if conn.execute(sa.select(drop_downloads.c.id).where(
             drop_downloads.c.recipient_id == recipient_id,
             drop_downloads.c.file_id == file_id)).first() is not None:
         return Downloaded(False, False, False)
+    whole = first <= 0 and last >= size - 1
+    if not whole and not _covered_txn(conn, recipient_id, file_id, size, first, last):
+        return Downloaded(False, False, False)
+    return _count_download_txn(conn, recipient_id, bundle_id, file_id, now)
+
+
+def _covered_txn(conn: Connection, recipient_id: int, file_id: int, size: int, first: int,
+                 last: int) -> bool:
+    """Add bytes `first` to `last` to the runs kept of the file for the recipient: True when
+    they now cover it; else the runs are kept (the longest MAX_PARTS; nothing is written
+    when the bytes were counted already)."""
     p = drop_download_parts.c
     mine = (p.recipient_id == recipient_id, p.file_id == file_id)
     held = [(r.first_byte, r.last_byte) for r in conn.execute(
         sa.select(p.first_byte, p.last_byte).where(*mine).order_by(p.first_byte))]
     runs = merge_runs([*held, (first, last)])
     if runs[0][0] <= 0 and runs[0][1] >= size - 1:
-        return record_download_txn(conn, recipient_id, bundle_id, file_id, now)
-    kept = sorted(runs, key=lambda run: run[1] - run[0], reverse=True)[:MAX_PARTS]
-    if sorted(kept) == held:
-        return Downloaded(False, False, False)  # bytes already counted: nothing to write
-    conn.execute(sa.delete(drop_download_parts).where(*mine))
-    conn.execute(sa.insert(drop_download_parts), [
-        {"recipient_id": recipient_id, "file_id": file_id, "first_byte": a, "last_byte": b}
-        for a, b in sorted(kept)])
-    return Downloaded(False, False, False)
+        return True
+    kept = sorted(sorted(runs, key=lambda run: run[1] - run[0], reverse=True)[:MAX_PARTS])
+    if kept != held:
+        conn.execute(sa.delete(drop_download_parts).where(*mine))
+        conn.execute(sa.insert(drop_download_parts), [
+            {"recipient_id": recipient_id, "file_id": file_id, "first_byte": a, "last_byte": b}
+            for a, b in kept])
+    return False
 
 
-def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Runs of byte offsets (both ends included) merged where they overlap or touch, in
-    order."""
-    merged: list[tuple[int, int]] = []
-    for first, last in sorted(runs):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-        else:
-            merged.append((first, last))
-    return merged
-
-
-def record_download_txn(
-    conn: Connection, recipient_id: int, bundle_id: int, file_id: int, now: datetime.datetime
-) -> Downloaded:
-    """The recipient has the whole file: counted once (and its parts, if any, go)."""
-    exists = conn.execute(
-        sa.select(drop_downloads.c.id).where(
-            drop_downloads.c.recipient_id == recipient_id, drop_downloads.c.file_id == file_id)
-    ).first()
-    if exists is not None:
-        return Downloaded(False, False, False)
+def _count_download_txn(conn: Connection, recipient_id: int, bundle_id: int, file_id: int,
+                        now: datetime.datetime) -> Downloaded:
+    """The recipient has the whole file (not counted before): it counts, its runs go."""
     conn.execute(sa.delete(drop_download_parts).where(
         drop_download_parts.c.recipient_id == recipient_id,
         drop_download_parts.c.file_id == file_id))
@@ -238,6 +227,18 @@ def record_download_txn(
         drop_recipients.c.bundle_id == bundle_id, drop_recipients.c.done_at.is_(None))
     ).scalar_one()
     return Downloaded(True, True, pending == 0)
+
+
+def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of byte offsets (both ends included) merged where they overlap or touch, in
+    order."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(runs):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def mark_removed_txn(conn: Connection, bundle_id: int, now: datetime.datetime) -> bool:
