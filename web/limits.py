@@ -61,6 +61,8 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
+from web.corked import CorkedChannel
+
 DEFAULT_MAX_BODY = 25 * 1024 * 1024
 LINGER_SECONDS = 10.0
 # What a refused connection is told, and how long it may still send before we close.
@@ -317,8 +319,9 @@ _TIMED_OUT = (
 )
 
 
-class LimitedChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel with deadlines for each request's headers and body.
+class LimitedChannel(CorkedChannel):
+    """An HTTP/1.1 channel with deadlines for each request's headers and body (its
+    responses go out corked, see `web.corked`).
 
     The site sets `header_timeout` and `body_timeout` (seconds, None for none) and
     `on_close`, called once when the connection ends. The deadlines run on the channel's
