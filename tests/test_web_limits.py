@@ -152,6 +152,16 @@ class StreamingTests(TestCase):
             self.assertIs(channel.isSecure(), True)
             self.assertIs(self.channel.isSecure(), False)
 
+    def test_our_address_is_asked_of_the_transport_once(self) -> None:
+        asked = []
+        get_host = self.transport.getHost
+        self.transport.getHost = lambda: asked.append(1) or get_host()  # type: ignore
+        for _ in range(2):
+            self.channel.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(self.sent().count(b"HTTP/1.1 401 "), 2)
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(self.channel.getHost(), get_host())
+
     def test_a_declared_oversized_body_is_refused_before_it_is_sent(self) -> None:
         self.channel.dataReceived(
             b"POST /api/v1/auth/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

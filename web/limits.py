@@ -335,6 +335,14 @@ class LimitedChannel(CorkedChannel):
     _phase = _IDLE
     _deadline: IDelayedCall | None = None
     _secure: bool | None = None
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """Our address on the connection. Twisted's Request asks it once a request, and the
+        transport answers with a new `getsockname` each time."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def isSecure(self) -> bool:
         """Whether the connection is TLS. Asked several times a request (Klein's URL, the
