@@ -3,6 +3,7 @@ access log that names the user but never a credential."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from twisted.logger import formatEvent, globalLogPublisher
@@ -12,6 +13,7 @@ from mailcore.config import Config
 from mailcore.logwriter import TEXT_KEY, UNIQUE_KEY
 from tests.support.web import PASSWORD, Web
 from web.accesslog import RedactionRule, redacted_target
+from web.context import new_request_id
 
 
 class MetricsTests(TestCase):
@@ -124,6 +126,14 @@ class AccessLogTests(TestCase):
             self.assertEqual(event[TEXT_KEY], formatEvent(event))
             self.assertIn(f"id={event['request_id']}", event[TEXT_KEY])
             self.assertIs(event[UNIQUE_KEY], True)
+
+    def test_request_ids_are_distinct_version_4_uuids(self) -> None:
+        ids = [new_request_id() for _ in range(2000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        for text in ids:
+            value = uuid.UUID(text)
+            self.assertEqual((str(value), value.version, value.variant),
+                             (text, 4, uuid.RFC_4122))
 
     def test_redaction(self) -> None:
         self.assertEqual(redacted_target(b"/a/b"), "/a/b")

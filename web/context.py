@@ -6,7 +6,7 @@ the principal; the access log, the metrics and Protecmail's envelope read it.
 
 from __future__ import annotations
 
-import uuid
+import random
 from dataclasses import dataclass, field
 
 from twisted.web.iweb import IRequest
@@ -14,6 +14,18 @@ from twisted.web.iweb import IRequest
 from mailcore.identity import Principal
 
 _ATTRIBUTE = "_mailcore_context"
+# Request ids must be unique, not secret: drawn from a generator seeded by the OS (each
+# process its own), which costs a fraction of `uuid.uuid4()`'s system call and object.
+_ids = random.Random()
+_VERSION_4 = (0x4 << 76) | (0x2 << 62)
+_KEEP = ~((0xF << 76) | (0x3 << 62))
+
+
+def new_request_id() -> str:
+    """A random (version 4, RFC 9562) UUID in its text form."""
+    n = (_ids.getrandbits(128) & _KEEP) | _VERSION_4
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass
@@ -21,7 +33,7 @@ class RequestContext:
     """Per-request facts: which API serves it, its id, when it began, who it acts as."""
 
     api: str = "none"
-    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    request_id: str = field(default_factory=new_request_id)
     started: float = 0.0
     principal: Principal | None = None
     # Who the access log names: the principal's user, or the user a password login found.
