@@ -191,7 +191,7 @@ class Core:
             max_message_bytes=self.mailapi_settings.max_message_bytes,
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
-        self.mail.on_enqueued.append(self.outbox.kick)
+        self.mail.on_enqueued.append(self.outbox.enqueued)
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],

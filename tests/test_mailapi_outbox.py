@@ -105,6 +105,39 @@ class OutboxWakeUpTests(QueueTestCase):
         await self.sender.stopService()
         self.assertEqual(self.sender.settled().called, True)
 
+    async def test_mail_posted_while_its_mailbox_streams_starts_no_look(self) -> None:
+        # As the daemon wires them: the mail service tells the sender of each enqueued mail.
+        self.mail.on_enqueued.append(self.sender.enqueued)
+        done(defer.Deferred.fromCoroutine(
+            MailboxService(self.db, self.clock).add(JOE, self.owner)))
+        self.sender.startService()  # an empty outbox
+        looks: list[None] = []
+        kick = self.sender.kick
+
+        def counted_kick() -> None:
+            looks.append(None)
+            kick()
+
+        self.sender.kick = counted_kick  # type: ignore[method-assign]
+        self.connector.hold = defer.Deferred()  # the next hop has not answered yet
+        await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "r0@customer.test", "subject": "n0"}))
+        self.assertEqual((len(looks), self.queued()), (1, 1))  # bob's stream started
+        for n in (1, 2):  # bob's stream will take these in its turn: no look for them
+            await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+        self.assertEqual(len(looks), 1)
+        await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "from": JOE, "to": "r3@customer.test", "subject": "n3"}))
+        self.assertEqual((len(looks), self.queued()), (2, 2))  # joe's has no stream yet
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        await self.sender.settled()
+        self.assertEqual(self.queued(), 4)
+        addresses = self.connector.addresses()
+        self.assertEqual([a for a in addresses if a != "r3@customer.test"],
+                         ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+
     async def test_a_mailbox_whose_send_failed_is_sent_again_after_a_pause(self) -> None:
         written = await self.mail.create(self.owner, BOB, Edit("outbox", {
             "to": "r0@customer.test", "subject": "n0"}))

@@ -129,6 +129,8 @@ class Edit:
 class Written:
     outcome: Outcome
     public_id: str
+    # The mailbox an enqueued mail is sent from (None for any other outcome).
+    mailbox_id: int | None = None
 
 
 # What a write reads before its transaction to build the message: the mail's fields, the
@@ -232,7 +234,8 @@ class MailService:
         self.io = io  # where file work blocks
         self.max_attachment_bytes = max_attachment_bytes
         self.max_message_bytes = max_message_bytes
-        self.on_enqueued: list[Any] = []  # callables told when mail enters the outbox
+        # Callables told when mail enters the outbox, with the mailbox it is sent from.
+        self.on_enqueued: list[Callable[[int | None], object]] = []
 
     # -- reading ----------------------------------------------------------------------
 
@@ -506,7 +509,7 @@ class MailService:
     def _told(self, written: Written) -> None:
         if written.outcome is Outcome.ENQUEUED:
             for hook in self.on_enqueued:
-                hook()
+                hook(written.mailbox_id)
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
                     status: str | None, rights: dict[int, tuple[str, Rights]],
@@ -543,7 +546,7 @@ class MailService:
         if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
             thd_count_mail(conn, row.mailbox_id, -1)
             thd_count_mail(conn, sender.id, 1)
-        return Written(Outcome.ENQUEUED, public_id)
+        return Written(Outcome.ENQUEUED, public_id, sender.id)
 
 
 def thd_next_outbox_seq(conn: Connection) -> int:

@@ -201,6 +201,15 @@ class OutboxSender(Service):
             return defer.succeed(None)
         return defer.DeferredList(running, consumeErrors=True).addCallback(lambda _: None)
 
+    def enqueued(self, mailbox: int | None) -> None:
+        """Mail entered the outbox of `mailbox`. A stream running for that mailbox takes it
+        in its turn: it reads the mailbox's rows again once it has sent those it read, and
+        the look it starts as it ends finds any mail it missed. So only mail of a mailbox
+        without a stream starts a look (which reads the oldest rows of every other mailbox:
+        one per post, while a stream works through a long outbox, read the whole of it)."""
+        if mailbox is None or mailbox not in self._streams:
+            self.kick()
+
     def kick(self) -> None:
         """Send what is in the outbox (look again, if a look is running)."""
         if not self.running:
