@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import mailbox_key
@@ -35,11 +35,14 @@ HOSTED_TTL = 10.0
 _mail = mailapi_mail.c
 
 
+_ID_TAKEN = select(_mail.id).where(_mail.public_id == bindparam("candidate"))
+
+
 def thd_new_public_id(conn: Connection) -> str:
     """A short opaque id no mail has yet (7 hex digits, as the seed's examples)."""
     for length in (7, 7, 7, 10, 16):
         candidate = secrets.token_hex(8)[:length]
-        if conn.execute(select(_mail.id).where(_mail.public_id == candidate)).first() is None:
+        if conn.execute(_ID_TAKEN, {"candidate": candidate}).first() is None:
             return candidate
     raise RuntimeError("no free mail id")  # pragma: no cover - 2**64 ids
 

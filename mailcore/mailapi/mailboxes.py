@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import normalise_address
@@ -96,9 +96,12 @@ def _mailbox_query() -> Any:
                   users.c.username.label("owner")).join(users, users.c.id == _b.owner_id)
 
 
+_BY_ADDRESS = _mailbox_query().where(_b.address == bindparam("address"))
+
+
 def thd_mailbox(conn: Connection, address: str) -> Mailbox | None:
     """Blocking: the mailbox at `address` (stored form), or None."""
-    row = conn.execute(_mailbox_query().where(_b.address == address)).first()
+    row = conn.execute(_BY_ADDRESS, {"address": address}).first()
     return _mailbox(row) if row is not None else None
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -104,17 +104,22 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
     return out
 
 
+# Run for every mail sent: built once (see mailcore.mailapi.mail._ROW_BY_ID).
+_UNTRIED = select(queue_recipients.c.id).where(
+    queue_recipients.c.message_id == bindparam("queue_id"),
+    queue_recipients.c.state == "queued", queue_recipients.c.attempts == 0).limit(1)
+_MARK_SENT = update(mailapi_mail) \
+    .where(_m.id.in_(bindparam("ids", expanding=True)), _m.status == OUTBOX) \
+    .values(status=SENT, sent_at=bindparam("now"), read=True)
+
+
 def thd_untried(conn: Connection, queue_id: str) -> bool:
     """Blocking: whether a recipient of the queued message has not been tried yet."""
-    return conn.execute(select(queue_recipients.c.id).where(
-        queue_recipients.c.message_id == queue_id,
-        queue_recipients.c.state == "queued", queue_recipients.c.attempts == 0,
-    ).limit(1)).first() is not None
+    return conn.execute(_UNTRIED, {"queue_id": queue_id}).first() is not None
 
 
 def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
-    conn.execute(update(mailapi_mail).where(_m.id.in_(list(ids)), _m.status == OUTBOX)
-                 .values(status=SENT, sent_at=now, read=True))
+    conn.execute(_MARK_SENT, {"ids": list(ids), "now": now})
 
 
 class OutboxSender(Service):
