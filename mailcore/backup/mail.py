@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, bindparam, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.backup import parts
@@ -60,6 +60,15 @@ class Window:
         return (self.page - 1) * self.per_page
 
 
+# Every message list and download asks it: built once (see
+# mailcore.oauth.provider._LIVE_TOKEN).
+_MAILBOX_NAME = select(fetch_folders.c.name) \
+    .join_from(fetch_folders, fetch_accounts, fetch_accounts.c.id == fetch_folders.c.account_id) \
+    .where(fetch_folders.c.id == bindparam("mailbox"),
+           fetch_folders.c.account_id == bindparam("account"),
+           fetch_accounts.c.user_id == bindparam("user"))
+
+
 class BackupMail:
     def __init__(self, db: Database, accounts: Accounts, store: MessageStore) -> None:
         self.db = db
@@ -80,13 +89,8 @@ class BackupMail:
         every message list and download asks)."""
 
         def txn(conn: Connection) -> str | None:
-            name: str | None = conn.execute(
-                select(fetch_folders.c.name)
-                .join_from(fetch_folders, fetch_accounts,
-                           fetch_accounts.c.id == fetch_folders.c.account_id)
-                .where(fetch_folders.c.id == mailbox_id, fetch_folders.c.account_id == account_id,
-                       fetch_accounts.c.user_id == user_id)
-            ).scalar()
+            name: str | None = conn.execute(_MAILBOX_NAME, {
+                "mailbox": mailbox_id, "account": account_id, "user": user_id}).scalar()
             return name
 
         name = await self.db.read("backup_mailbox_exists", txn)
