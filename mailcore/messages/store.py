@@ -1000,28 +1000,31 @@ _ATTACHMENT_JOIN = message_attachments.join(
 )
 
 
+# One email's detail (and its thread's) reads these: built once, so that SQLAlchemy runs
+# them from its cache instead of building and keying them for every request.
+_DETAILS = select(
+    *_SUMMARY_COLUMNS, messages.c.cc, messages.c.body_text, messages.c.body_html,
+    messages.c.headers, messages.c.in_reply_to, messages.c.references,
+    messages.c.internal_date, messages.c.uidvalidity, messages.c.uid,
+    messages.c.sha256, messages.c.parse_problems,
+).where(messages.c.user_id == bindparam("user_id"),
+        messages.c.id.in_(bindparam("ids", expanding=True)))
+_ATTACHMENTS_OF = select(*_ATTACHMENT_COLUMNS).select_from(_ATTACHMENT_JOIN) \
+    .where(message_attachments.c.message_row_id.in_(bindparam("ids", expanding=True))) \
+    .order_by(message_attachments.c.id)
+_THREAD_OF = select(messages.c.thread_id).where(
+    messages.c.user_id == bindparam("user_id"), messages.c.id == bindparam("row_id"))
+
+
 def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int]) -> list[MessageDetail]:
     """Full details of the user's messages with these row ids (missing ids left out)."""
     if not ids:
         return []
-    rows = conn.execute(
-        select(
-            *_SUMMARY_COLUMNS, messages.c.cc, messages.c.body_text, messages.c.body_html,
-            messages.c.headers, messages.c.in_reply_to, messages.c.references,
-            messages.c.internal_date, messages.c.uidvalidity, messages.c.uid,
-            messages.c.sha256, messages.c.parse_problems,
-        )
-        .where(messages.c.user_id == user_id)
-        .where(messages.c.id.in_(list(ids)))
-    ).all()
+    rows = conn.execute(_DETAILS, {"user_id": user_id, "ids": list(ids)}).all()
     counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
     attachments: dict[int, list[AttachmentSummary]] = {}
-    for a in conn.execute(
-        select(*_ATTACHMENT_COLUMNS)
-        .select_from(_ATTACHMENT_JOIN)
-        .where(message_attachments.c.message_row_id.in_([r.id for r in rows]))
-        .order_by(message_attachments.c.id)
-    ):
+    found = [r.id for r in rows]
+    for a in conn.execute(_ATTACHMENTS_OF, {"ids": found}) if found else ():
         attachments.setdefault(a.message_row_id, []).append(_attachment(a))
     by_id = {}
     for r in rows:
@@ -1046,11 +1049,7 @@ def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int]) -> list
 
 def thd_thread_ids(conn: Connection, user_id: int, row_id: int) -> list[int]:
     """Row ids of every message in the thread of `row_id`, oldest first."""
-    thread_id = conn.execute(
-        select(messages.c.thread_id)
-        .where(messages.c.user_id == user_id)
-        .where(messages.c.id == row_id)
-    ).first()
+    thread_id = conn.execute(_THREAD_OF, {"user_id": user_id, "row_id": row_id}).first()
     if thread_id is None:
         raise MessageNotFound(row_id)
     if thread_id[0] is None:
