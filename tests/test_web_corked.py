@@ -10,14 +10,13 @@ import socket
 from typing import Any
 
 from twisted.internet import threads
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
-from zope.interface import implementer
 
 from tests.support.reactor import get_reactor
 from web.corked import CORK_LIMIT, CorkedChannel
+from web.jsonstream import Pacer
 
 GET = b"GET /%s HTTP/1.1\r\nHost: example.test\r\n\r\n"
 
@@ -35,18 +34,6 @@ class _Writes(StringTransport):
 
     def writeSequence(self, seq: Any) -> None:
         self.write(b"".join(seq))
-
-
-@implementer(IPushProducer)
-class _Producer:
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Pages(resource.Resource):
@@ -71,7 +58,7 @@ class _Pages(resource.Resource):
             request.finish()
             return server.NOT_DONE_YET
         if name == b"streamed":
-            request.registerProducer(_Producer(), True)
+            request.registerProducer(Pacer(), True)  # as our streamed replies do
             request.write(b"first part ")
             self.later.append(request)
             return server.NOT_DONE_YET
