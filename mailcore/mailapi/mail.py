@@ -91,9 +91,11 @@ _a = mailapi_attachments.c
 # up to MAX_COUNT mails that read it would hold every one in memory at once.
 _ROW = select(*[c for c in mailapi_mail.c if c.key != "raw"])
 _NEXT_OUTBOX_SEQ = select(mailapi_outbox_seq.next_value())  # PostgreSQL
-# The statements a post runs, built once: SQLAlchemy builds, keys and compiles a statement
-# made in the call every time (about 100 us each), one built once it runs from its cache.
+# The statements a post and a mail's reads and edits run, built once: SQLAlchemy builds,
+# keys and compiles a statement made in the call every time (about 100 us each), one built
+# once it runs from its cache.
 _ROW_BY_ID = _ROW.where(_m.id == bindparam("row_id"))
+_ROW_BY_PUBLIC_ID = _ROW.where(_m.public_id == bindparam("public_id"))
 # Sets the columns the parameters name besides row_id.
 _UPDATE_BY_ID = update(mailapi_mail).where(_m.id == bindparam("row_id"))
 _INSERT_MAIL = insert(mailapi_mail)
@@ -259,7 +261,7 @@ class MailService:
         its mailbox and the caller's rights there; `rights` when the caller has them."""
         if rights is None:
             rights = thd_rights_by_mailbox(conn, user_id)
-        row = conn.execute(_ROW.where(_m.public_id == public_id)).first()
+        row = conn.execute(_ROW_BY_PUBLIC_ID, {"public_id": public_id}).first()
         if row is None or row.mailbox_id not in rights \
                 or not rights[row.mailbox_id][1].allow_read:
             raise MailApiError(NOT_FOUND, "email not found")
@@ -272,8 +274,8 @@ class MailService:
         def txn(conn: Connection) -> Mail:
             row, address, _ = self._thd_find(conn, user_id, public_id)
             if row.status == INBOX and not row.read:
-                conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=True))
-                row = conn.execute(_ROW.where(_m.id == row.id)).one()
+                conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "read": True})
+                row = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
             return mail_of(row.id, row.public_id, address, row.status, row.read,
                            row.created_at, (getattr(row, COLUMNS[f]) for f in FIELDS),
                            thd_attachments(conn, [row.id]).get(row.id, ()))
@@ -457,7 +459,7 @@ class MailService:
             row, _, held = self._thd_find(conn, user_id, public_id, rights)
             changing = bool(edit.values or edit.attachments or edit.status)
             if read is not None:
-                conn.execute(update(mailapi_mail).where(_m.id == row.id).values(read=read))
+                conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "read": read})
             if not changing:
                 return Written(Outcome.SAVED, row.public_id)
             if row.status != DRAFT:
@@ -466,10 +468,10 @@ class MailService:
             if not held.allow_send:
                 raise MailApiError(DENIED, "you may not write mail from this mailbox")
             values = _edited_values(edit, row)
-            conn.execute(update(mailapi_mail).where(_m.id == row.id).values(
-                **{COLUMNS[n]: v for n, v in values.items()}))
+            conn.execute(_UPDATE_BY_ID, {
+                "row_id": row.id, **{COLUMNS[n]: v for n, v in values.items()}})
             _thd_insert_attachments(conn, row.id, edit.attachments)
-            fresh = conn.execute(_ROW.where(_m.id == row.id)).one()
+            fresh = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
                                     built)
 
