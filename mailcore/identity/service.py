@@ -129,15 +129,15 @@ def utc(value: datetime.datetime | None) -> datetime.datetime | None:
     return value
 
 
+# Read with every access token (built once: see mailcore.oauth.provider._LIVE_TOKEN).
+_USER_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
+
+
 def thd_get_user(conn: Connection, user_id: int) -> User | None:
     """Blocking: the user `user_id`, None when there is none (for a caller's transaction
     that reads the user with what it stands for, such as an access token)."""
     row = conn.execute(_USER_BY_ID, {"user_id": user_id}).first()
     return _user(row) if row else None
-
-
-# Read with every access token (built once: see mailcore.oauth.provider._LIVE_TOKEN).
-_USER_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
 
 
 def _user(row: Any) -> User:
