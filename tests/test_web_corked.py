@@ -6,13 +6,14 @@ a loopback socket, where the bytes are sent at once (no reactor turn in between)
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from tests.support.reactor import get_reactor
 from web.corked import CORK_LIMIT, CorkedChannel
@@ -88,6 +89,26 @@ class CorkTests(TestCase):
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertIn(b"\r\nContent-Length: 5\r\n", reply)
         self.assertTrue(reply.endswith(b"\r\n\r\nhello"))
+
+    def test_the_bytes_are_those_twisteds_channel_sends(self) -> None:
+        # CorkedChannel writes the status line and headers itself (Twisted's channel hands
+        # them to the transport directly): pinned against Twisted's own, so that an upgrade
+        # which changes them shows here.
+        class Plain(server.Site):
+            protocol = http.HTTPChannel  # type: ignore[assignment]
+
+        plain = Plain(_Pages()).buildProtocol(None)
+        theirs = _Writes()
+        plain.makeConnection(theirs)
+        self.addCleanup(plain.connectionLost, None)
+        for name in (b"small", b"parts"):
+            plain.dataReceived(GET % name)
+            self.channel.dataReceived(GET % name)
+
+        def undated(data: bytes) -> bytes:
+            return re.sub(rb"\r\nDate: [^\r]*", b"", data)
+
+        self.assertEqual(undated(self.transport.value()), undated(theirs.value()))
 
     def test_a_response_written_in_parts_goes_out_in_one_write(self) -> None:
         self.channel.dataReceived(GET % b"parts")
