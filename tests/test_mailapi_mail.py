@@ -240,6 +240,13 @@ class WritingTests(MailApiTestCase):
              "invalid subject (a line break or control character) - stored email as draft"),
             ({"status": "outbox", "to": f'"Joe\u2028Bcc: spy@far.test" <{JOE}>'}, 400,
              "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+            # ESC, DEL, C1... belong in no text/plain body (TAB, CR and LF do).
+            ({"status": "outbox", "to": JOE, "body": "a \x1b[2J b"}, 400,
+             "invalid body (a control character other than TAB, CR and LF) - stored email as "
+             "draft"),
+            ({"status": "outbox", "to": JOE, "body": "a\x7f\x85"}, 400,
+             "invalid body (a control character other than TAB, CR and LF) - stored email as "
+             "draft"),
             ({"status": "outbox", "to": JOE, "from": JOE}, 401,
              "unauthorized from/reply-to - stored email as draft"),
             ({"status": "outbox", "to": JOE, "reply-to": "me@far.test"}, 401,
@@ -252,10 +259,15 @@ class WritingTests(MailApiTestCase):
         rows = await self.rows()
         self.assertEqual([r.status for r in rows], ["draft"] * (len(cases) + 1))
         self.assertTrue(all(r.queue_id is None for r in rows))
-        # A value that is not text is refused before anything is stored.
-        status, body = await self.as_("bob", "POST", "/api/v1/mail/",
-                                      json={"status": "outbox", "to": ["x"]})
-        self.assertEqual(status, 400)
+        # A value that is not text is refused before anything is stored: not a string, or
+        # one holding NUL (which PostgreSQL's text columns refuse), in any field.
+        refused: list[dict[str, Any]] = [{"status": "outbox", "to": ["x"]},
+                                         {"status": "outbox", "to": JOE, "body": "a\x00b"},
+                                         {"to": JOE, "subject": "a\x00b"}]
+        for fields in refused:
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=fields)
+            self.assertEqual(status, 400, fields)
+        self.assertIn("NUL", body["message"])
         self.assertEqual(len(await self.rows()), len(cases) + 1)
 
         # The draft is finished and sent by PUT.

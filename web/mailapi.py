@@ -181,6 +181,8 @@ WRITTEN: dict[Outcome, tuple[int, int, str]] = {
     Outcome.INVALID: (400, 400, "invalid to/from/cc/bcc/reply-to - stored email as draft"),
     Outcome.BAD_HEADER: (400, 400, "invalid subject (a line break or control character) "
                          "- stored email as draft"),
+    Outcome.BAD_BODY: (400, 400, "invalid body (a control character other than TAB, CR and "
+                       "LF) - stored email as draft"),
     Outcome.UNAUTHORIZED: (401, 401, "unauthorized from/reply-to - stored email as draft"),
 }
 NOT_STORED = "mail not sent / draft not saved"

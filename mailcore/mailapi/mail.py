@@ -70,7 +70,7 @@ from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
 from mailcore.store.schema.mailapi import mailapi_outbox_seq
-from mailcore.text import has_control
+from mailcore.text import has_control, has_control_multiline
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
@@ -117,6 +117,7 @@ class Outcome(enum.Enum):
     MISSING = "missing"  # no to / no status: kept as a draft
     INVALID = "invalid"  # a malformed address: kept as a draft
     BAD_HEADER = "bad_header"  # a line break or control character in the subject
+    BAD_BODY = "bad_body"  # a control character other than TAB, CR, LF in the body: a draft
     UNAUTHORIZED = "unauthorized"  # a from / reply-to the caller may not use: a draft
 
 
@@ -608,6 +609,9 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
         return Outcome.INVALID
     if has_control(values["subject"]):
         return Outcome.BAD_HEADER
+    if has_control_multiline(values["body"]):
+        # ESC, DEL, C1...: no text/plain body carries them (RFC 2045 2.7, RFC 5322 2.3).
+        return Outcome.BAD_BODY
     sendable = {a for a, r in rights.values() if r.allow_send}
     reply_ok = {a for a, r in rights.values() if r.allow_reply_to}
     if recipients["from"][0] not in sendable \
