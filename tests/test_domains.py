@@ -155,6 +155,27 @@ class DomainServiceTests(TestCase):
         with self.assertRaises(DomainError):
             await self.domains.update("nowhere.example", {"virus_action": 1})
 
+    async def test_digest_templates_are_text(self) -> None:
+        """The digest's Subject template is one header line; its body and item templates are
+        text someone reads (TAB, CR, LF and U+2028 kept). Control characters reached the
+        digest's Subject header."""
+        alice = await self.user("alice")
+        await self.domains.add("example.com", alice, "mx.example.net")
+        for field, value in [("resume_template_subject", "held\x00x"),
+                             ("resume_template_subject", "held \x1b[31m"),
+                             ("resume_template_subject", "held\r\nBcc: x@y.test"),
+                             ("resume_template_subject", "held\u2028x"),
+                             ("resume_template_body", "a\x00b"),
+                             ("resume_template_resume", "a\x7fb")]:
+            with self.assertRaises(DomainError) as cm:
+                await self.domains.update("example.com", {field: value})
+            self.assertEqual(cm.exception.field, field)
+        text = "Dear {email},\r\n\tsee {count}\u2028below.\n"
+        updated = await self.domains.update(
+            "example.com", {"resume_template_body": text, "resume_template_resume": text,
+                            "resume_template_subject": "{count} held for {email}"})
+        self.assertEqual(updated.resume_template_body, text)
+
     async def test_tls_policy_defaults_to_the_queue_and_can_be_overridden(self) -> None:
         alice = await self.user("alice")
         plain = await self.domains.add("plain.example", alice, "mx.plain.example")

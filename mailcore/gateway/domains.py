@@ -53,6 +53,7 @@ from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
 from mailcore.store.counters import thd_bump_counter, thd_read_counter
 from mailcore.store.schema import domain_addresses, domains, users
+from mailcore.text import has_control, has_control_multiline
 
 log = Logger()
 
@@ -332,6 +333,13 @@ def _check_text(value: Any, field: str) -> str | None:
         return value.strip()
     if len(value) > 100_000:
         raise DomainError(f"{field} is longer than 100000 characters.", field)
+    # The digest's templates: its Subject is one header line (a control character there
+    # would split or corrupt it), its body and item lines text someone reads.
+    if field == "resume_template_subject" and has_control(value):
+        raise DomainError(f"{field} may not hold control characters.", field)
+    if has_control_multiline(value):
+        raise DomainError(
+            f"{field} may not hold control characters other than TAB, CR and LF.", field)
     return value
 
 
