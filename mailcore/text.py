@@ -4,7 +4,8 @@ A name, a username, a description or a folder name is one line of text: a contro
 in it (CR and LF above all), or a line or paragraph separator (U+2028, U+2029), could split a
 log line, a header or a protocol command (POP3 `USER`, IMAP, SMTP). A lone surrogate
 ("\\ud800", which JSON and `os.fsdecode` can produce) is not text at all: no database, file
-or reply can encode it.
+or reply can encode it. Nor is NUL, in any field: PostgreSQL's text columns refuse it, and no
+header or protocol line carries it; every API refuses both at its input (`not_text`).
 
 A message (a safedrop's message, its secure message) is multi-line text: TAB, CR and LF
 belong in it, any other control character does not (NUL above all, which a PostgreSQL text
@@ -17,6 +18,7 @@ import re
 
 CONTROL_CHARACTER = "Control characters (NUL, CR, LF, TAB...) are not allowed."
 NOT_TEXT = "The value holds a lone surrogate, which is not text."
+HOLDS_NUL = "The value holds NUL (U+0000), which no text field takes."
 CONTROL_IN_TEXT = (
     "Control characters other than TAB, CR and LF (NUL, ESC, DEL...) are not allowed."
 )
@@ -61,6 +63,15 @@ def breaks_line(text: str) -> bool:
 def has_surrogate(text: str) -> bool:
     """Whether `text` holds a lone surrogate (it cannot be encoded, stored or sent)."""
     return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def not_text(text: str) -> str | None:
+    """Why `text` is not text any field takes (`NOT_TEXT`: a lone surrogate; `HOLDS_NUL`:
+    NUL, which PostgreSQL's text columns refuse and no protocol line or header carries), or
+    None. What every API refuses at its input boundary, whatever the field."""
+    if "\x00" in text:
+        return HOLDS_NUL
+    return NOT_TEXT if has_surrogate(text) else None
 
 
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")

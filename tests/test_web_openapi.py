@@ -111,7 +111,7 @@ class CompletenessTests(TestCase):
             item["parameters"],
             [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}},
              {"name": "n", "in": "path", "required": True,
-              "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}}],
+              "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}],
         )
         self.assertEqual(item["get"]["security"], [{"protecmailApiKey": []}])
 

@@ -21,11 +21,13 @@ from web.parsing import (
     parse_int,
     query_params,
     read_fields,
+    read_json,
     read_json_object,
     string_field,
 )
 
 LIMIT = 1024
+NUL = "The value holds NUL (U+0000), which no text field takes."
 
 
 def request(body: bytes = b"", content_type: str | None = None, uri: bytes = b"/") -> Any:
@@ -109,6 +111,18 @@ class JsonTests(TestCase):
         pair = read_json_object(request(b'{"a": "\\ud83d\\ude00"}', "application/json"), LIMIT)
         self.assertEqual(pair, {"a": "\U0001f600"})
 
+    def test_nul_is_refused_naming_the_top_level_field_that_holds_it(self) -> None:
+        for body, fields in ((b'{"a": "x\\u0000"}', {"a": [NUL]}),
+                             (b'{"a": 1, "b": [{"c": ["\\u0000"]}]}', {"b": [NUL]})):
+            e = self.assertRaises(
+                ApiError, read_json_object, request(body, "application/json"), LIMIT
+            )
+            self.assertEqual((e.status, e.fields), (400, fields))
+        for body in (b'["\\u0000"]', b'{"a\\u0000": 1}'):
+            e = self.assertRaises(ApiError, read_json, request(body, "application/json"), LIMIT)
+            self.assertEqual((e.status, e.fields), (400, None))
+            self.assertIn("NUL", e.message)
+
     def test_a_number_beyond_a_double_is_refused(self) -> None:
         e = self.assertRaises(
             ApiError, read_json_object, request(b'{"a": 1e999}', "application/json"), LIMIT
@@ -143,6 +157,11 @@ class FormTests(TestCase):
             "message": ["The value is not valid UTF-8."], "subject": [
                 "The value is not valid UTF-8."], "x": ["The value is not valid UTF-8."]}))
         e = self.assertRaises(ApiError, read_fields, request(b"caf%E9=1", form), LIMIT)
+        self.assertEqual((e.status, e.fields), (400, None))
+        # NUL is UTF-8, but no text any field takes.
+        e = self.assertRaises(ApiError, read_fields, request(b"a=1&b=x%00", form), LIMIT)
+        self.assertEqual((e.status, e.fields), (400, {"b": [NUL]}))
+        e = self.assertRaises(ApiError, read_fields, request(b"a%00=1", form), LIMIT)
         self.assertEqual((e.status, e.fields), (400, None))
 
     def test_json_is_accepted_where_forms_are(self) -> None:
@@ -212,6 +231,14 @@ class QueryTests(TestCase):
         req = request(b"access_token=body", "application/x-www-form-urlencoded",
                       uri=b"/v1/accounts?type=imap&sort=email&sort=storage")
         self.assertEqual(query_params(req), {"type": "imap", "sort": "storage"})
+
+    def test_a_query_that_is_not_text_is_a_400_naming_the_parameter(self) -> None:
+        for query, message in ((b"q=a%00b", NUL), (b"q=caf%E9", "The value is not valid UTF-8."),
+                               (b"ok=1&q%00=1", NUL)):
+            e = self.assertRaises(ApiError, query_params, request(uri=b"/x?" + query))
+            self.assertEqual(e.status, 400)
+            self.assertEqual(list(e.fields.values()), [[message]], query)
+        self.assertEqual(query_params(request(uri=b"/x?q=caf%C3%A9")), {"q": "caf\u00e9"})
 
 
 class FieldTests(TestCase):

@@ -744,7 +744,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
             "contacts": [contact_json(account_id, c) for c in found.items]})
 
     @routes.route(
-        "/v1/accounts/<int:account_id>/contacts/<int:contact_id>",
+        "/v1/accounts/<int:account_id>/contacts/<bigint:contact_id>",
         "GET",
         summary="A contact as a vCard, base64-encoded",
         auth=DROPMYEMAIL,

@@ -6,7 +6,9 @@ and output schemas). The document is built from those records, so it lists exact
 routes that are served; a test checks that the Klein rules and the document agree.
 
 Every table makes `<int:…>` in its paths `web.parsing.IdConverter` (ASCII digits, at most
-2^63-1: a larger id is a 404, as an unknown one), and the document says so.
+2^31-1, what an id column holds: a larger id is a 404, as an unknown one), and the document
+says so; its other segments go through `web.parsing.TextConverter` (one holding NUL or a
+lone surrogate is a 404 too).
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ from klein import Klein
 
 from web.auth import AuthPolicy
 from web.errors import ErrorShape
-from web.parsing import INT64_MAX, IdConverter
+from web.parsing import (
+    ID_MAX,
+    INT64_MAX,
+    BigIdConverter,
+    IdConverter,
+    TextConverter,
+    TextPathConverter,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _CONVERTER = re.compile(r"<(?:(?P<conv>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_]\w*)>")
 _CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
-    "int": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+    "int": {"type": "integer", "minimum": 0, "maximum": ID_MAX},
+    "bigint": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
     "float": {"type": "number"},
     "uuid": {"type": "string", "format": "uuid"},
 }
@@ -79,6 +89,9 @@ class RouteTable:
         self.specs: list[RouteSpec] = []
         # Before any rule is added: a rule looks its converters up when it is added.
         klein.url_map.converters["int"] = IdConverter
+        klein.url_map.converters["bigint"] = BigIdConverter
+        klein.url_map.converters["default"] = klein.url_map.converters["string"] = TextConverter
+        klein.url_map.converters["path"] = TextPathConverter
 
     def route(
         self,

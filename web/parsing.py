@@ -6,12 +6,15 @@ Messages for fields follow Django REST framework's wording, which the IMAP2API s
 clients see verbatim; the other shapes show them as "field: message".
 
 This is the input boundary of every route, so it refuses here what nothing behind it could
-hold: JSON nested deeper than `MAX_JSON_DEPTH`, a string with a lone surrogate ("\\ud800",
-which json.loads accepts but no database or reply can encode), a number that is not finite,
-an integer outside the signed 64-bit range (`INT64_MIN`..`INT64_MAX`, what the store keeps),
-digits other than ASCII 0-9, and (in `string_field(..., line=True)`, for names) control
-characters, or (`multiline=True`, for messages) those other than TAB, CR and LF. Ids in
-paths go through `IdConverter`, the `int` converter of every route.
+hold: JSON nested deeper than `MAX_JSON_DEPTH`, text (in JSON, a form, a multipart field, the
+query string or a path segment) holding a lone surrogate ("\\ud800", which json.loads accepts
+but no database or reply can encode) or NUL (which PostgreSQL's text columns refuse: a 500
+there, a stored NUL on SQLite), a number that is not finite, an integer outside the signed
+64-bit range (`INT64_MIN`..`INT64_MAX`, what a BIGINT column keeps), digits other than
+ASCII 0-9, and (in `string_field(..., line=True)`, for names) control characters, or
+(`multiline=True`, for messages) those other than TAB, CR and LF. Ids in paths go through
+`IdConverter`, the `int` converter of every route (at most `ID_MAX`, what an id column
+holds), and every other path segment through `TextConverter`.
 """
 
 from __future__ import annotations
@@ -29,15 +32,15 @@ from urllib.parse import parse_qsl
 
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import NotFound
-from werkzeug.routing import BaseConverter
+from werkzeug.routing import BaseConverter, PathConverter, UnicodeConverter
 
 from mailcore.text import (
     CONTROL_CHARACTER,
     CONTROL_IN_TEXT,
-    NOT_TEXT,
+    HOLDS_NUL,
     has_control,
     has_control_multiline,
-    has_surrogate,
+    not_text,
 )
 from web.errors import ApiError, field_error, too_large
 
@@ -60,6 +63,9 @@ NESTED_PARTS = "The part holds parts of its own (multipart or message); send tex
 # What an integer column holds (SQLite INTEGER, PostgreSQL BIGINT).
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
+# What an id (every table's primary key) holds: PostgreSQL's INTEGER. A larger number sent
+# to PostgreSQL is an "integer out of range" error, not a row that is not there.
+ID_MAX = 2**31 - 1
 # Our documents are a few levels deep; this leaves room and bounds every walk over them.
 MAX_JSON_DEPTH = 32
 
@@ -92,8 +98,8 @@ def parse_int(text: str) -> int | None:
 
 class IdConverter(BaseConverter):
     """`<int:name>` in every route (`web.openapi.RouteTable` installs it): ASCII digits, at
-    most `INT64_MAX`. A bigger number names nothing: a 404 like any unknown id, instead of
-    an overflow in the database driver. (It raises NotFound rather than Werkzeug's
+    most `ID_MAX`. A bigger number names nothing: a 404 like any unknown id, instead of an
+    overflow in the database driver. (It raises NotFound rather than Werkzeug's
     ValidationError, which would make the router answer 405 when another rule of the same
     path takes other methods.)"""
 
@@ -102,13 +108,45 @@ class IdConverter(BaseConverter):
     weight = 50
 
     def to_python(self, value: str) -> int:
-        number = parse_int(value) if len(value) <= 19 else None
-        if number is None or number < 0:
+        number = parse_int(value) if len(value) <= 10 else None
+        if number is None or not 0 <= number <= ID_MAX:
             raise NotFound()
         return number
 
     def to_url(self, value: Any) -> str:
         return str(int(value))
+
+
+class BigIdConverter(IdConverter):
+    """`<bigint:name>`: a number that is not a row id but a key in a BIGINT column (a
+    contact's, derived from its address), at most `INT64_MAX`."""
+
+    def to_python(self, value: str) -> int:
+        number = parse_int(value) if len(value) <= 19 else None
+        if number is None or number < 0:
+            raise NotFound()
+        return number
+
+
+class TextConverter(UnicodeConverter):
+    """A path segment as text (`<name>`, `<string:name>`; `web.openapi.RouteTable` installs
+    it): one holding NUL or a lone surrogate (`%00`, `%ED%A0%80`) names nothing, a 404 like
+    any unknown id, instead of a PostgreSQL error (a mail's public id, a user name, an
+    address looked up in the store)."""
+
+    def to_python(self, value: str) -> str:
+        if not_text(value):
+            raise NotFound()
+        return value
+
+
+class TextPathConverter(PathConverter):
+    """`<path:name>`, refusing what `TextConverter` refuses."""
+
+    def to_python(self, value: str) -> str:
+        if not_text(value):
+            raise NotFound()
+        return value
 
 
 def media_type(request: IRequest) -> str:
@@ -129,7 +167,21 @@ def query_params(request: IRequest) -> dict[str, str]:
         text = query.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "The query string is not valid UTF-8.") from None
-    return dict(parse_qsl(text, keep_blank_values=True))
+    # Percent-escapes that are not UTF-8 become lone surrogates, as in `parse_form`.
+    params = dict(parse_qsl(text, keep_blank_values=True, errors="surrogateescape"))
+    for name, value in params.items():
+        problem = _escaped_problem(name) or _escaped_problem(value)
+        if problem:
+            raise ApiError(400, f"The query string is not text: {problem}",
+                           fields={name: [problem]})
+    return params
+
+
+def _escaped_problem(text: str) -> str | None:
+    """Why percent-decoded `text` (parse_qsl with "surrogateescape": a lone surrogate is a
+    byte that was not UTF-8) is not text, or None."""
+    problem = not_text(text)
+    return NOT_UTF8 if problem is not None and problem != HOLDS_NUL else problem
 
 
 def read_body(request: IRequest, limit: int) -> bytes:
@@ -178,12 +230,19 @@ def decode_json(data: bytes) -> Any:
 
 
 def _check_document(document: Any) -> None:
-    """Walk a decoded document (without recursion) for what `decode_json` refuses."""
-    pending: list[tuple[Any, int]] = [(document, 1)]
+    """Walk a decoded document (without recursion) for what `decode_json` refuses. NUL is
+    a 400 naming the top-level field that holds it (an error of the document itself when
+    the document is not an object)."""
+    pending: list[tuple[Any, int, str | None]] = [(document, 1, None)]
     while pending:
-        value, depth = pending.pop()
+        value, depth, field = pending.pop()
         if isinstance(value, str):
-            if has_surrogate(value):
+            if "\x00" in value:
+                if field is None:
+                    raise ApiError(400, "JSON parse error - a string holds NUL (\\u0000), "
+                                   "which no field takes.")
+                raise field_error(field, HOLDS_NUL)
+            if not_text(value):
                 raise ApiError(400, "JSON parse error - a string holds a lone surrogate "
                                "(\\ud800-\\udfff), which is not text.")
         elif isinstance(value, float):
@@ -193,10 +252,11 @@ def _check_document(document: Any) -> None:
             if depth > MAX_JSON_DEPTH:
                 raise ApiError(400, _TOO_DEEP)
             if isinstance(value, dict):
-                pending.extend((k, depth) for k in value)
-                pending.extend((v, depth + 1) for v in value.values())
+                pending.extend((k, depth, field) for k in value)
+                pending.extend((v, depth + 1, k if depth == 1 else field)
+                               for k, v in value.items())
             else:
-                pending.extend((v, depth + 1) for v in value)
+                pending.extend((v, depth + 1, field) for v in value)
 
 
 _JSON_TYPE_NAMES = {
@@ -289,12 +349,14 @@ def parse_form(data: bytes) -> dict[str, str]:
                           errors="surrogateescape")
     except ValueError as e:
         raise ApiError(400, f"Malformed form body: {e}") from None
-    if any(has_surrogate(name) for name, _ in pairs):
-        raise ApiError(400, "The form body is not valid UTF-8: a field name.")
-    bad = sorted({name for name, value in pairs if has_surrogate(value)})
+    if any(not_text(name) for name, _ in pairs):
+        raise ApiError(400, "The form body is not text: a field name is not valid UTF-8 or "
+                       "holds NUL.")
+    bad = {name: problem for name, value in pairs
+           for problem in (_escaped_problem(value),) if problem}
     if bad:
-        raise ApiError(400, "; ".join(f"{name}: {NOT_UTF8}" for name in bad),
-                       fields={name: [NOT_UTF8] for name in bad})
+        raise ApiError(400, "; ".join(f"{name}: {bad[name]}" for name in sorted(bad)),
+                       fields={name: [message] for name, message in bad.items()})
     return dict(pairs)
 
 
@@ -326,8 +388,9 @@ def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
             text = raw.decode(part.get_content_charset() or "utf-8")
         except (UnicodeError, LookupError):
             raise field_error(name, NOT_UTF8) from None
-        if has_surrogate(text):
-            raise field_error(name, NOT_TEXT)
+        problem = not_text(text)
+        if problem:
+            raise field_error(name, problem)
         fields[name] = text
     return fields
 
@@ -386,12 +449,13 @@ def string_field(
     value = data[name]
     if not isinstance(value, str):
         raise field_error(name, NOT_A_STRING)
-    if has_surrogate(value):
-        raise field_error(name, NOT_TEXT)
     if line and has_control(value):
         raise field_error(name, CONTROL_CHARACTER)
     if multiline and has_control_multiline(value):
         raise field_error(name, CONTROL_IN_TEXT)
+    problem = not_text(value)
+    if problem:
+        raise field_error(name, problem)
     if not allow_blank and not (value.strip() if trim else value):
         raise field_error(name, BLANK)
     if max_length is not None and len(value) > max_length:

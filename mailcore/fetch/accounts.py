@@ -32,6 +32,8 @@ SYNC_STATUSES = ("never", "running", "success", "error")
 DEFAULT_PORTS = {("imap", True): 993, ("imap", False): 143, ("pop", True): 995,
                  ("pop", False): 110}
 MIN_SYNC_INTERVAL = 60
+# A year: longer means "never" (turn the account off); the column is an INTEGER.
+MAX_SYNC_INTERVAL = 366 * 86400
 _HOST = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
 
 # Fields a caller may set on create or update, and their types.
@@ -202,9 +204,10 @@ def validate(values: dict[str, Any], current: dict[str, Any] | None = None) -> d
     elif "tls_ca_pem" in out:
         out["tls_ca_pem"] = None
     interval = merged.get("sync_interval")
-    if interval is not None and interval < MIN_SYNC_INTERVAL:
+    if interval is not None and not MIN_SYNC_INTERVAL <= interval <= MAX_SYNC_INTERVAL:
         raise AccountError(
-            f"sync_interval must be at least {MIN_SYNC_INTERVAL} seconds", "sync_interval"
+            f"sync_interval must be between {MIN_SYNC_INTERVAL} and {MAX_SYNC_INTERVAL} "
+            "seconds", "sync_interval"
         )
     for key, limit in (("name", 255), ("email", 254)):
         if len(out.get(key) or "") > limit:

@@ -27,7 +27,7 @@ from mailcore.identity import secrets as creds
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
-from mailcore.text import has_control, has_surrogate
+from mailcore.text import has_control, has_surrogate, not_text
 from mailcore.workers import CpuPool
 
 log = Logger()
@@ -288,6 +288,8 @@ class Identity:
     async def find_user(self, name_or_email: str) -> User | None:
         """The user whose username, or else email, is `name_or_email` (case-insensitive)."""
         key = name_or_email.strip().lower()
+        if not_text(key):
+            return None  # nobody's (and PostgreSQL would refuse the lookup)
 
         def txn(conn: Connection) -> User | None:
             for column in (users.c.username, users.c.email):
@@ -362,6 +364,8 @@ class Identity:
 
         def txn(conn: Connection) -> tuple[User, str | None] | None:
             key = name_or_email.strip().lower()
+            if not_text(key):
+                return None  # nobody's (and PostgreSQL would refuse the lookup)
             for column in (users.c.username, users.c.email):
                 row = conn.execute(select(users).where(func.lower(column) == key)).first()
                 if row:

@@ -411,6 +411,15 @@ def _day_start(day: datetime.date) -> datetime.datetime:
     return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC)
 
 
+def _day_after(day: datetime.date) -> datetime.datetime:
+    """The start of the day after `day` (UTC): what an inclusive `date_to` bounds dates
+    below. The calendar's last day (9999-12-31, a valid date_to) has none: its bound is the
+    last moment a time holds."""
+    if day == datetime.date.max:
+        return datetime.datetime.max.replace(tzinfo=datetime.UTC)
+    return _day_start(day + datetime.timedelta(days=1))
+
+
 # The filters of a query, as WHERE terms with named parameters (`_filter_values` gives
 # them): a list page's statement is then built once per shape of query and reused, its
 # SQLAlchemy cache key memoised, instead of built and keyed anew on every request.
@@ -435,7 +444,7 @@ def _filter_values(user_id: int, query: MessageQuery) -> dict[str, Any]:
     if query.date_from is not None:
         values["date_from"] = _day_start(query.date_from)
     if query.date_to is not None:
-        values["date_to"] = _day_start(query.date_to) + datetime.timedelta(days=1)
+        values["date_to"] = _day_after(query.date_to)
     return values
 
 

@@ -28,7 +28,7 @@ from mailcore.oauth.settings import OAuthSettings
 from mailcore.oauth.validator import SCOPES, StoreValidator, redirect_uris
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
-from mailcore.text import has_control
+from mailcore.text import has_control, not_text
 
 # oauthlib's reply headers and body, and its status.
 Reply = tuple[dict[str, str], str, int]
@@ -173,6 +173,9 @@ class OAuthProvider:
         return await self.db.read("oauth_list_apps", txn)
 
     async def get_app(self, uid: str) -> App | None:
+        if not_text(uid):
+            return None  # no app's: PostgreSQL would refuse the lookup
+
         def txn(conn: Connection) -> App | None:
             row = conn.execute(_apps_query().where(oauth_apps.c.uid == uid)).first()
             return _app(row) if row else None
@@ -181,6 +184,8 @@ class OAuthProvider:
 
     async def remove_app(self, uid: str, owner_id: int | None = None) -> App:
         """Delete an app with its codes and tokens (`owner_id`: only if it owns it)."""
+        if not_text(uid):
+            raise OAuthError("no such app", "uid")
 
         def txn(conn: Connection) -> App:
             q = _apps_query().where(oauth_apps.c.uid == uid)

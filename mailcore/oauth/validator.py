@@ -29,6 +29,7 @@ from sqlalchemy import Connection, insert, select, update
 from mailcore.identity import secrets as creds
 from mailcore.oauth.settings import CODE_TTL
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
+from mailcore.text import not_text
 
 # Every scope a token may carry (dropmyemail-v1.md); `read` implies the last three.
 SCOPES = ("read", "write", "email", "attachment", "contact")
@@ -59,8 +60,10 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
     # -- clients ------------------------------------------------------------------------
 
     def app(self, client_id: str | None) -> Any:
-        """The app row whose uid is `client_id` (with its owner's username), or None."""
-        if not client_id:
+        """The app row whose uid is `client_id` (with its owner's username), or None. A
+        client id that is not text (NUL, from a form or a Basic header oauthlib decoded)
+        names no app: PostgreSQL would refuse the lookup."""
+        if not client_id or not_text(client_id):
             return None
         if client_id not in self._apps:
             self._apps[client_id] = self.conn.execute(

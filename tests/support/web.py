@@ -30,13 +30,14 @@ START = 1_700_000_000.0
 PASSWORD = "s3cret-Pa55"
 
 
-def make_core(config: Config | None = None) -> tuple[Core, Clock]:
-    """A Core on a synchronous in-memory database, a synchronous CPU pool and a Clock."""
+def make_core(config: Config | None = None, url: str | None = None) -> tuple[Core, Clock]:
+    """A Core on a synchronous database (in memory, or the one `url` names), a synchronous
+    CPU pool and a Clock."""
     clock = Clock()
     clock.advance(START)
     # Servers in tests listen on 127.0.0.1, which the default fetch address policy refuses.
     config = config or Config(sections={"fetch": {"allow_loopback": True}})
-    db = Database.for_tests()
+    db = Database.for_tests(url or "sqlite://")
     core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
     return core, clock
 
@@ -52,8 +53,11 @@ class Web:
     secrets: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: Config | None = None, settings: WebSettings | None = None) -> Web:
-        core, clock = make_core(config)
+    def build(cls, config: Config | None = None, settings: WebSettings | None = None,
+              url: str | None = None) -> Web:
+        """On an in-memory SQLite store, or (`url`: `tests.support.pg.create_test_database`)
+        a real PostgreSQL database, closed by the caller (`web.core.db.close`)."""
+        core, clock = make_core(config, url)
         root = build_root(core, settings)
         return cls(core, clock, root, StubTreq(root))
 

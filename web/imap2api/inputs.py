@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mailcore.fetch.accounts import SYNC_LIMIT_TYPES
+from mailcore.fetch.accounts import MAX_SYNC_INTERVAL, SYNC_LIMIT_TYPES
 from mailcore.text import CONTROL_CHARACTER, breaks_line, has_control
 from mailcore.webhooks import EVENTS
 from web.errors import field_error
@@ -82,7 +82,8 @@ def server_input(data: Mapping[str, Any], *, create: bool) -> dict[str, Any]:
         "folders_to_sync": lambda: _folders(data),
         "tls_ca_pem": lambda: _nullable_string(data, "tls_ca_pem"),
         "tls_fingerprint": lambda: _nullable_string(data, "tls_fingerprint"),
-        "sync_interval": lambda: int_field(data, "sync_interval", minimum=1),
+        "sync_interval": lambda: int_field(data, "sync_interval", minimum=1,
+                                           maximum=MAX_SYNC_INTERVAL),
     }
     values = collect_fields(checks)
     clearable = {"tls_ca_pem", "tls_fingerprint", "sync_interval"}

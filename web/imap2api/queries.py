@@ -14,7 +14,14 @@ from twisted.web.iweb import IRequest
 
 from mailcore.messages import MessageQuery
 from web.errors import ApiError, field_error
-from web.parsing import bool_field, collect_fields, int_field, parse_int, query_params
+from web.parsing import (
+    ID_MAX,
+    bool_field,
+    collect_fields,
+    int_field,
+    parse_int,
+    query_params,
+)
 
 INVALID_PAGE = "Invalid page."
 INVALID_DATE = "Enter a valid date."
@@ -44,7 +51,7 @@ def _flag(params: Mapping[str, str], name: str) -> bool | None:
 def _server_filter(params: Mapping[str, str]) -> int | None:
     if not params.get("imap_server", "").strip():
         return None
-    return int_field(params, "imap_server")
+    return int_field(params, "imap_server", minimum=0, maximum=ID_MAX)
 
 
 def server_param(request: IRequest) -> int | None:
