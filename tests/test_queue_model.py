@@ -123,6 +123,27 @@ class QueueModelTestsMixin(MixinBase):
         self.assertEqual(sorted(mid for mid, _ in await db.read("done", done_messages)),
                          [f"Q{i:05d}" for i in leased])
 
+    async def test_a_nul_from_a_client_or_a_next_hop_is_stored_as_u_fffd(self) -> None:
+        """A HELO and a next hop's reply are not ours to refuse: a NUL in them is kept as
+        U+FFFD (PostgreSQL refuses NUL in text, which failed the whole group commit), and
+        the bounce's DSN reads the detail back the same."""
+        db = await self.db()
+        env = Envelope("a@x.test", (Recipient("r@c.test", self.domain),), helo="h\x00elo")
+        [[rid]] = await db.run("ins", thd_insert_messages,
+                               [NewMessage("Q1", env, b"Subject: s\r\n\r\nb\r\n", leased=True)],
+                               "node", 100.0, 160.0)
+        finished, applied = await db.run(
+            "res", thd_apply_results, "node", 200.0,
+            [Result(rid, "Q1", BOUNCED, "550 no\x00such user", "h:25")])
+        self.assertEqual(applied, 1)
+        self.assertEqual([(b.address, b.detail) for b in finished[0].failures],
+                         [("r@c.test", "550 no\ufffdsuch user")])
+
+        def helo(conn):  # type: ignore[no-untyped-def]
+            return conn.execute(select(queue_messages.c.helo)).scalar_one()
+
+        self.assertEqual(await db.read("helo", helo), "h\ufffdelo")
+
     async def test_clean_messages_finish_in_one_step_and_the_others_the_full_way(self) -> None:
         """Delivered or quarantined everywhere: finished without a DSN. A recipient that
         bounced in an earlier batch still gets its DSN when the last one is delivered; a

@@ -73,6 +73,7 @@ from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
 from mailcore.store.schema import domains, quarantine, users
+from mailcore.text import storable
 
 log = Logger()
 
@@ -205,8 +206,16 @@ def new_ident(when: datetime.datetime) -> str:
     return when.strftime("%d%m%Y%H%M%S") + f"{secrets.randbelow(10**6):06d}"
 
 
+# Unicode's Cc (C0 controls, DEL, C1 controls) once whitespace is collapsed.
+_SUBJECT_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def decoded_subject(body: bytes) -> str:
-    """The message's Subject, RFC 2047 words decoded; "" when absent or unreadable."""
+    """The message's Subject, RFC 2047 words decoded; "" when absent or unreadable.
+
+    It is one line of text for the quarantine's pages and digests and a column of the
+    store: a control character an encoded word carried (NUL, which PostgreSQL refuses; ESC)
+    becomes U+FFFD, as does a lone surrogate, so whatever the sender wrote can be kept."""
     try:
         headers = BytesHeaderParser().parsebytes(header_block(body))
         raw = headers.get("Subject")
@@ -215,7 +224,7 @@ def decoded_subject(body: bytes) -> str:
         text = str(make_header(decode_header(str(raw))))
     except Exception:
         return ""
-    return " ".join(text.split())
+    return storable(_SUBJECT_CONTROL.sub("\ufffd", " ".join(text.split())))
 
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -274,7 +283,10 @@ class LinkSigner:
 def _keep_txn(
     conn: Connection, items: Sequence[ToKeep], body: bytes, now: datetime.datetime
 ) -> list[str]:
-    """Blocking: store one row per recipient; returns their idents."""
+    """Blocking: store one row per recipient; returns their idents. Every text taken from
+    the mail (sender, recipient, Subject, the filter's reason) is made `storable`: a NUL
+    in any of them would fail the insert on PostgreSQL, and the spam would be deferred
+    until it bounced to its (forged) sender instead of being kept."""
     subject = decoded_subject(body)
     ids = {i.domain_id for i in items}
     rows = conn.execute(
@@ -292,8 +304,9 @@ def _keep_txn(
                 with conn.begin_nested():
                     conn.execute(quarantine.insert().values(
                         ident=ident, owner_id=dom.owner_id, domain_id=dom.id, domain=dom.name,
-                        email=item.email, mailfrom=item.mailfrom, subject=subject,
-                        category=item.category, reason=item.reason, queue_id=item.queue_id,
+                        email=storable(item.email), mailfrom=storable(item.mailfrom),
+                        subject=subject, category=storable(item.category),
+                        reason=storable(item.reason), queue_id=item.queue_id,
                         body=body, size=len(body), created_at=now,
                     ))
             except IntegrityError:

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select,
 from mailcore.smtp.envelope import Envelope
 from mailcore.store.counters import thd_bump_counter
 from mailcore.store.schema import domains, queue_messages, queue_recipients
+from mailcore.text import storable
 
 QUEUED = "queued"
 DEFERRED = "deferred"
@@ -240,7 +241,9 @@ def thd_apply_results(
     Only rows this node still leases are changed: if another node took a lease over (ours
     lapsed), its outcome wins. Returns the messages that finished with bounced recipients
     (each gets exactly one DSN, made by the caller in this same transaction) and how many
-    results were applied.
+    results were applied. A result's detail is often a next hop's reply, which may hold NUL:
+    it is stored `storable`, as a client's HELO is, since PostgreSQL would refuse the whole
+    group commit for it.
     """
     if not results:
         return [], 0
@@ -435,7 +438,7 @@ class _CoreStatements:
                     "kind": m.envelope.kind,
                     "mail_from": m.envelope.mail_from,
                     "client_ip": m.envelope.client_ip,
-                    "helo": m.envelope.helo,
+                    "helo": storable(m.envelope.helo),
                     "tls": m.envelope.tls,
                     "size": len(m.body),
                     "body": m.body,
@@ -475,7 +478,7 @@ class _CoreStatements:
                 "rid": r.rcpt_id,
                 "owner": node_id,
                 "state": r.state,
-                "detail": r.detail[:2000],
+                "detail": storable(r.detail[:2000]),
                 "hop": r.hop[:300] or None,
                 "next_at": r.next_attempt_at if r.state == DEFERRED else now,
                 "inc": 1 if r.count_attempt else 0,
@@ -552,7 +555,8 @@ class _SQLiteStatements:
         with closing(_driver_cursor(conn)) as cursor:
             _insert_rows(cursor, _SQLITE_INSERT_MESSAGES, _SQLITE_MESSAGE_ROW, [
                 (m.queue_id, m.envelope.kind, m.envelope.mail_from, m.envelope.client_ip,
-                 m.envelope.helo, 1 if m.envelope.tls else 0, len(m.body), m.body, now)
+                 storable(m.envelope.helo), 1 if m.envelope.tls else 0, len(m.body), m.body,
+                 now)
                 for m in messages
             ])
             rows = [
@@ -570,7 +574,7 @@ class _SQLiteStatements:
         latest = {r.rcpt_id: r for r in results}  # a recipient reported twice: the last wins
         rows = [
             (r.rcpt_id, r.state, 1 if r.count_attempt else 0,
-             r.next_attempt_at if r.state == DEFERRED else now, r.detail[:2000],
+             r.next_attempt_at if r.state == DEFERRED else now, storable(r.detail[:2000]),
              r.hop[:300] or None)
             for r in latest.values()
         ]

@@ -1,0 +1,58 @@
+"""Keeping a message in quarantine on both backends: whatever text the mail carries (an
+RFC 2047 Subject that decodes to NUL or ESC, a NUL in the filter's reason) is stored, so the
+spam is kept instead of being deferred until it bounces to its forged sender."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.billing.plans import Plans
+from mailcore.gateway.quarantine import (
+    LinkSigner,
+    QuarantineService,
+    QuarantineSettings,
+    ToKeep,
+    decoded_subject,
+)
+from tests.support.db import MixinBase, open_database
+from tests.support.mailsink import add_domain
+
+SPAM = (b"From: spammer@forged.test\r\nTo: ann@q.test\r\n"
+        b"Subject: =?utf-8?q?win=00money=1B[2J?=\r\n\r\nbuy now\r\n")
+
+
+class DecodedSubjectTests(TestCase):
+    def test_controls_from_encoded_words_become_u_fffd(self) -> None:
+        self.assertEqual(decoded_subject(SPAM), "win\ufffdmoney\ufffd[2J")
+
+    def test_a_plain_subject_is_unchanged(self) -> None:
+        self.assertEqual(decoded_subject(b"Subject: =?utf-8?q?caf=C3=A9?=  au\r\n lait\r\n\r\n"),
+                         "caf\u00e9 au lait")
+
+
+class KeepTestsMixin(MixinBase):
+    backend = ""
+    timeout = 60
+
+    async def test_a_spam_with_nul_in_its_subject_and_reason_is_kept(self) -> None:
+        db = await open_database(self, self.backend)
+        dom = await add_domain(db, "q.test", "10.0.0.1", 25)
+        service = QuarantineService(db, Clock(), QuarantineSettings(), Plans(),
+                                    hostname="mx.test", signer=LinkSigner(b"k" * 32))
+        [ident] = await service.keep(
+            [ToKeep("Q1", "spammer@forged.test", "ann@q.test", dom, "spam",
+                    "spam: tests=SYM\x00BOL")], SPAM)
+        held = await service.find(ident)
+        assert held is not None
+        self.assertEqual((held.subject, held.reason, held.mailfrom),
+                         ("win\ufffdmoney\ufffd[2J", "spam: tests=SYM\ufffdBOL",
+                          "spammer@forged.test"))
+
+
+class SQLiteKeepTests(KeepTestsMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresKeepTests(KeepTestsMixin, TestCase):
+    backend = "postgresql"
