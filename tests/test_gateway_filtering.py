@@ -426,8 +426,8 @@ class FilteringGatewayTests(TestCase):
 
         await wait_until(deferred, 30, "the message to be deferred")
         _, last = await self.recipient_state(queue_id)
-        self.assertIn("filtering unavailable", last)
-        self.assertIn(f"clamd unavailable: cannot connect to {closed}", last)
+        # The filter's address is in the daemon's log, not in the detail a DSN quotes.
+        self.assertEqual(last, "4.7.0 filtering unavailable")
         # What the operator sees: still queued, waiting for its next try.
         shown = await cli(self.daemon.data_dir, "queue", "show", queue_id)
         self.assertRegex(shown, rf"{rcpt}\s+deferred\s+1\s")

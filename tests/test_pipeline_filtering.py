@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.gateway.filtering import FILTERING_UNAVAILABLE
 from mailcore.queue.pipeline import Action, PipelineMessage, apply_tags
 from tests.support.quarantine import (
     GTUBE,
@@ -103,9 +105,15 @@ class PipelineFilteringTests(TestCase):
         await self.gw.domain(user, "q.test", spam_action=1)
         stage: Any = self.gw.core.queue.runner.pipeline.stages[0]
         real, stage.chain = stage.chain, DownChain()
-        await self.gw.send(message("hi", b"x"), "bob@q.test")
+        with capturedLogs() as events:
+            await self.gw.send(message("hi", b"x"), "bob@q.test")
         self.assertEqual(self.gw.delivered(), [])
         self.assertEqual(self.gw.states(), {"bob@q.test": "deferred"})
+        # The filter's reason is for the operator's log; the result (quoted by a DSN at
+        # expiry) says only that filtering was unavailable.
+        self.assertEqual(self.gw.last_errors(), {"bob@q.test": FILTERING_UNAVAILABLE})
+        self.assertIn("filter spamd unavailable: connection refused",
+                      " ".join(formatEvent(e) for e in events))
         stage.chain = real
         self.gw.clock.advance(3600)
         self.assertEqual([r for _f, r, _b in self.gw.delivered()], [["bob@q.test"]])

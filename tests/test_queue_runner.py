@@ -9,12 +9,14 @@ from typing import Any
 
 from sqlalchemy import select
 from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 
 from mailcore.queue.model import thd_show
 from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
+from mailcore.queue.runner import describe
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.store.schema import queue_messages, queue_recipients
@@ -301,6 +303,19 @@ class DefaultTLSPolicyTests(RunnerTestBase):
         await self.accept("Q1", "b@customer.test")
         self.assertEqual(self.connector.verified, [False])
         self.assertEqual(self.connector.addresses(), ["b@customer.test"])
+
+
+class DescribeTests(TestCase):
+    """What a failed connection says in `queue show` and in a DSN."""
+
+    def test_what_the_network_said_is_the_reason(self) -> None:
+        refused = ConnectionRefusedError("111: Connection refused")
+        self.assertEqual(describe(refused, HOP), f"4.4.1 10.0.0.1:2525: {refused}")
+
+    def test_a_fault_of_ours_is_logged_and_reported_as_a_fixed_text(self) -> None:
+        error = KeyError("SELECT * FROM secrets WHERE id = 7")
+        self.assertEqual(describe(error, HOP), "4.4.1 10.0.0.1:2525: connection failed")
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
 
 class PipelineTests(TestCase):

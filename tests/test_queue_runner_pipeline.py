@@ -24,6 +24,7 @@ from mailcore.queue.pipeline import (
     Resume,
 )
 from mailcore.queue.routing import Hop
+from mailcore.queue.runner import PROCESSING_FAILED, QUARANTINE_FAILED
 from mailcore.store.schema import queue_recipients
 from tests.support.mailsink import done
 from tests.support.queuetest import BODY, QueueTestCase
@@ -102,6 +103,11 @@ class PipelineRunnerBase(QueueTestCase):
             for row in c.execute(select(r.address, r.state, r.lease_owner))
         }))
 
+    def last_errors(self) -> dict[str, str | None]:
+        r = queue_recipients.c
+        return done(self.db.read("errors", lambda c: dict(
+            c.execute(select(r.address, r.last_error)).tuples().all())))
+
     def states(self) -> dict[str, str]:
         return {a: s for a, (s, _o) in self.rows().items()}
 
@@ -135,6 +141,20 @@ class DecisionBeforeConnectTests(PipelineRunnerBase):
         await self.accept("Q1", "b@customer.test")
         self.assertEqual(self.connector.connects, [])
         self.assertEqual(self.states(), {"b@customer.test": "deferred"})
+
+    async def test_a_failing_quarantine_defers_with_a_fixed_text(self) -> None:
+        """The store's error (SQL, parameters, the message's bytes) is logged; the result,
+        which `queue show` shows and an expiry DSN quotes to the sender, says only what
+        failed."""
+        async def broken(message: PipelineMessage, decision: Decision) -> None:
+            raise RuntimeError("INSERT INTO quarantine ... parameters: secret body bytes")
+
+        self.use(Stage(Decision(Action.QUARANTINE, reason="spam", category="spam")),
+                 quarantine=broken)
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.connector.connects, [])
+        self.assertEqual(self.last_errors(), {"b@customer.test": QUARANTINE_FAILED})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     async def test_a_discarded_message_never_opens_a_connection(self) -> None:
         self.use(Stage(Decision(Action.DISCARD, reason="policy")))
@@ -199,6 +219,7 @@ class DecisionBeforeConnectTests(PipelineRunnerBase):
         await self.accept("Q1", "b@customer.test")
         self.assertEqual(self.connector.connects, [])
         self.assertEqual(self.states(), {"b@customer.test": "deferred"})
+        self.assertEqual(self.last_errors(), {"b@customer.test": PROCESSING_FAILED})
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
 
@@ -224,6 +245,7 @@ class DecisionAtOnceTests(DecisionBeforeConnectTests):
         await self.accept("Q1", "b@customer.test")
         self.assertEqual(self.connector.connects, [])
         self.assertEqual(self.states(), {"b@customer.test": "deferred"})
+        self.assertEqual(self.last_errors(), {"b@customer.test": PROCESSING_FAILED})
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
     async def test_a_later_stage_that_waits_resumes_after_the_first(self) -> None:

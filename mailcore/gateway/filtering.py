@@ -52,6 +52,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from filters import FilterChain, FilterUnavailable, ScanContext, Verdict
 from mailcore import maillog
@@ -75,6 +76,8 @@ from mailcore.queue.pipeline import (
     PipelineMessage,
 )
 from mailcore.smtp.envelope import Envelope
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ class FilteringStage:
         try:
             verdict = await self.chain.scan(message.body, context)
         except FilterUnavailable as e:
-            return _unavailable(e)
+            return _unavailable(message.queue_id, e)
         return self._decide(message, verdict, by_domain, doms)
 
     def process_now(self, message: PipelineMessage) -> Decision | Later | None:
@@ -249,7 +252,7 @@ class FilteringStage:
         try:
             verdict = self.chain.scan_now(message.body, _context(message))
         except FilterUnavailable as e:
-            return _unavailable(e)
+            return _unavailable(message.queue_id, e)
         assert verdict is not None, "inline was checked above"
         return self._decide(message, verdict, by_domain, doms)
 
@@ -302,8 +305,15 @@ def _context(message: PipelineMessage) -> ScanContext:
     )
 
 
-def _unavailable(e: FilterUnavailable) -> Decision:
-    return Decision(Action.DEFER, reason=f"4.7.0 filtering unavailable: {e}")
+# The deferral when a fail-closed filter gave no verdict. The filter's own reason (an
+# internal daemon's address, an unexpected exception's text) is logged: the result's detail
+# is quoted to the sender by the DSN if the message expires.
+FILTERING_UNAVAILABLE = "4.7.0 filtering unavailable"
+
+
+def _unavailable(queue_id: str, e: FilterUnavailable) -> Decision:
+    log.warn("{queue_id}: deferred, {error}", queue_id=queue_id, error=str(e))
+    return Decision(Action.DEFER, reason=FILTERING_UNAVAILABLE)
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,13 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection
 from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailcore import maillog
+from mailcore.netpolicy import AddressRefused
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
     BOUNCED,
@@ -111,6 +114,17 @@ class LocalStore(Protocol):
 
 LOCAL_REPLY = "250 2.0.0 stored in the mailbox"
 NO_MAILBOX = "5.1.1 no such mailbox here"
+
+# What a recipient's result says when something of ours failed. A result's detail is shown
+# by `queue show` and becomes the DSN's text and Diagnostic-Code when the message expires
+# or bounces: an exception's text (a SQL statement with its parameters and the message's
+# bytes, a path, a stack of names) must never go there. The exception is logged with its
+# traceback; the result gets one of these.
+ROUTING_FAILED = "4.4.3 routing unavailable"
+PROCESSING_FAILED = "4.3.0 message processing unavailable"
+QUARANTINE_FAILED = "4.3.0 quarantine unavailable"
+LOAD_FAILED = "4.3.0 message store unavailable"
+LOCAL_STORE_FAILED = "4.3.0 mailbox store unavailable"
 
 
 def thd_deliver_local(
@@ -349,9 +363,10 @@ class QueueRunner:
                     self._fail(job, [rcpt], f"5.1.2 {e}" if e.permanent else f"4.4.3 {e}",
                                permanent=e.permanent, hop="", now=now)
                     continue
-                except Exception as e:
-                    self._fail(job, [rcpt], f"4.4.3 routing failed: {e}", permanent=False,
-                               hop="", now=now)
+                except Exception:
+                    log.failure("routing {address} of {queue_id} failed",
+                                address=rcpt.address, queue_id=job.message_id)
+                    self._fail(job, [rcpt], ROUTING_FAILED, permanent=False, hop="", now=now)
                     continue
                 groups.setdefault(hop, []).append(rcpt)
             if not groups:
@@ -438,9 +453,9 @@ class QueueRunner:
         message = self._message(job, body)
         try:
             decision = self.pipeline.process_now(message)
-        except Exception as e:
+        except Exception:
             log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
-            decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
+            decision = Decision(Action.DEFER, reason=PROCESSING_FAILED)
         if isinstance(decision, Resume):
             if decision.stage == 0:  # nothing done yet: a scan in its turn does it all
                 self._scan_wait.append((job, live))
@@ -473,9 +488,9 @@ class QueueRunner:
                             resume: Resume | None = None) -> None:
         try:
             decision = await self.pipeline.process(message, resume)
-        except Exception as e:
+        except Exception:
             log.failure("pipeline failed for {queue_id}", queue_id=job.message_id)
-            decision = Decision(Action.DEFER, reason=f"4.3.0 processing failed: {e}")
+            decision = Decision(Action.DEFER, reason=PROCESSING_FAILED)
         await self._carry_out(job, live, message, decision)
 
     async def _carry_out(self, job: Job, live: Groups, message: PipelineMessage,
@@ -556,10 +571,10 @@ class QueueRunner:
                 return None
             try:
                 await self.pipeline.quarantine(message, decision)
-            except Exception as e:
+            except Exception:
                 log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
-                self._fail(job, job.recipients, f"4.3.0 quarantine failed: {e}",
-                           permanent=False, hop="", now=self.clock.seconds())
+                self._fail(job, job.recipients, QUARANTINE_FAILED, permanent=False, hop="",
+                           now=self.clock.seconds())
                 return None
             maillog.kept(job.message_id, "quarantined", (r.address for r in held),
                          decision.reason)
@@ -604,9 +619,10 @@ class QueueRunner:
         """The body from the store; None (and the job handled) when it cannot be had."""
         try:
             body = await self.loader.get(job.message_id)
-        except Exception as e:
-            self._fail(job, job.recipients, f"4.3.0 cannot load message: {e}",
-                       permanent=False, hop="", now=self.clock.seconds(), count_attempt=False)
+        except Exception:
+            log.failure("loading the body of {queue_id} failed", queue_id=job.message_id)
+            self._fail(job, job.recipients, LOAD_FAILED, permanent=False, hop="",
+                       now=self.clock.seconds(), count_attempt=False)
             return None
         if body is None:
             # Deleted by an operator, or finished elsewhere: nothing to do.
@@ -691,10 +707,10 @@ class QueueRunner:
                 self.settings.node_id, now, now + self.settings.lease_seconds,
                 self.spool.reporting_mta,
             )
-        except Exception as e:
+        except Exception:
             log.failure("storing {queue_id} in its mailboxes failed", queue_id=job.message_id)
-            self._fail(job, job.recipients, f"4.3.0 storing in the mailbox failed: {e}",
-                       permanent=False, hop=LOCAL.label, now=self.clock.seconds())
+            self._fail(job, job.recipients, LOCAL_STORE_FAILED, permanent=False,
+                       hop=LOCAL.label, now=self.clock.seconds())
             return
         now = self.clock.seconds()
         delivered = [r for r in job.recipients if r.id in stored]
@@ -949,8 +965,22 @@ class QueueRunner:
             session.abort()
 
 
+# What a connection to a next hop can fail with that is not a fault of ours (OSError: a
+# failed DNS lookup, an unreachable network).
+_NETWORK_ERRORS = (SMTPClientError, NextHopRefused, AddressRefused, ConnectError,
+                   ConnectingCancelledError, OSError)
+
+
 def describe(error: BaseException, hop: Hop) -> str:
-    """A one-line reason for a connection-level failure, for logs, `queue show` and DSNs."""
+    """A one-line reason for a connection-level failure, for logs, `queue show` and DSNs.
+
+    What the network or the next hop said (a refused connection, a failed DNS lookup, the
+    hop's reply, our next-hop policy's refusal) is the reason; any other exception is a
+    fault of ours, logged with its traceback and reported as a fixed text (its own text is
+    no business of the sender who reads the DSN)."""
+    if not isinstance(error, _NETWORK_ERRORS):
+        log.failure("connecting to {hop} failed", Failure(error), hop=hop.label)
+        return f"4.4.1 {hop.label}: connection failed"
     text = str(error) or error.__class__.__name__
     if isinstance(error, SMTPClientError) and error.code:
         return text

@@ -111,6 +111,18 @@ class Gateway:
         d.addCallback(out.append)
         return out[0]
 
+    def last_errors(self) -> dict[str, str | None]:
+        """Each recipient's last error: what `queue show` shows and a DSN quotes."""
+        r = queue_recipients.c
+
+        def txn(conn: Any) -> dict[str, str | None]:
+            return dict(conn.execute(select(r.address, r.last_error)).tuples().all())
+
+        d = self.core.db.read("errors", txn)
+        out: list[dict[str, str | None]] = []
+        d.addCallback(out.append)
+        return out[0]
+
     def delivered(self) -> list[tuple[str, list[str], bytes]]:
         return [(f, rcpts, body) for _h, f, rcpts, body, _t in self.connector.delivered]
 
