@@ -86,6 +86,37 @@ class DSNFormatTests(TestCase):
         self.assertNotIn(b"\r\nBcc:", raw)
 
 
+class HostileReplyTests(TestCase):
+    """A next hop's reply is quoted in the text part and the Diagnostic-Code: whatever it
+    says, no line passes 998 octets (RFC 5322 2.1.1) and no control character gets in."""
+
+    def setUp(self) -> None:
+        # A multi-line 550 of 5 lines of 300 octets and one of controls, joined as the
+        # client joins a reply's lines.
+        lines = ["5.1.1 <b@customer.test>: unknown", *["y" * 300] * 5,
+                 "bad\x00nul \x1b[2J esc\x7f \x85c1"]
+        self.raw = make([Failure("b@customer.test", "550 " + " ".join(lines), "mx.c.test")])
+
+    def test_no_line_passes_998_octets(self) -> None:
+        self.assertLessEqual(max(len(line) for line in self.raw.split(b"\r\n")), 998)
+
+    def test_controls_are_dropped(self) -> None:
+        for control in ("\x00", "\x1b", "\x7f", "\x85"):
+            self.assertNotIn(control.encode("utf-8"), self.raw)
+
+    def test_the_folded_fields_still_say_it_all(self) -> None:
+        msg: Any = message_from_bytes(self.raw)
+        status = msg.get_payload()[1].get_payload()[1]
+        diagnostic = " ".join(status["Diagnostic-Code"].split())
+        self.assertEqual(diagnostic, "smtp; 550 5.1.1 <b@customer.test>: unknown "
+                         + " ".join(["y" * 300] * 5) + " badnul [2J esc c1")
+        self.assertEqual(status["Status"], "5.1.1")
+
+    def test_a_word_too_long_for_any_line_is_cut(self) -> None:
+        raw = make([Failure("b@customer.test", "550 " + "z" * 1500)])
+        self.assertLessEqual(max(len(line) for line in raw.split(b"\r\n")), 998)
+        self.assertEqual(raw.count(b"z"), 3000)  # the text part and the Diagnostic-Code
+
 class StatusTests(TestCase):
     def test_status_from_reply(self) -> None:
         self.assertEqual(status_of("550 5.7.1 relaying denied"), "5.7.1")

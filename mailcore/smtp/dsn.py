@@ -4,6 +4,10 @@ A DSN is `multipart/report; report-type=delivery-status` with three parts: a sho
 people, the `message/delivery-status` fields (one block per failed recipient) and the
 original headers as `text/rfc822-headers`. It is sent from the null sender `<>`; a message
 whose own sender is `<>` never gets one (RFC 5321 6.1), which keeps bounces from looping.
+
+A failure's detail is often a next hop's reply, which says what it likes: it is quoted
+without control characters and folded (RFC 3464 fields may be), so no line of a DSN passes
+998 octets (RFC 5322 2.1.1) whatever the peer sent.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
+
+from mailcore.smtp.fold import fold, words
 
 _SMTP_REPLY = re.compile(r"^([2-5])\d\d[ -]")
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -46,15 +52,21 @@ def status_of(detail: str) -> str:
 
 def diagnostic_code(detail: str) -> str:
     """The Diagnostic-Code value: `smtp; <reply>` for a reply, else our own type."""
-    text = " ".join(detail.split())
+    text = _clean(detail)
     if _SMTP_REPLY.match(text):
         return f"smtp; {text}"
     return f"X-Mailcore; {text}"
 
 
+# The most of a failure's detail a DSN quotes (the store keeps no more either).
+MAX_DETAIL = 2000
+
+
 def _clean(value: str) -> str:
-    """One header-safe line (no CR/LF that could add fields)."""
-    return " ".join(value.replace("\r", " ").replace("\n", " ").split())
+    """One header-safe line: no CR/LF that could add fields, no other control character
+    (NUL, ESC, DEL, C1: a next hop's reply is quoted as it came), whitespace collapsed.
+    It may be long: `fold` breaks it into lines."""
+    return " ".join(word for word, _joint in words(value[:MAX_DETAIL]))
 
 
 def build_dsn(
@@ -96,7 +108,7 @@ def build_dsn(
         "",
     ]
     for f in failures:
-        lines.append(f"<{_clean(f.address)}>: {_clean(f.detail)}")
+        lines.append(fold(f"<{_clean(f.address)}>", f.detail[:MAX_DETAIL]))
     lines += [
         "",
         f"--{boundary}",
@@ -111,7 +123,7 @@ def build_dsn(
                   f"Status: {status_of(f.detail)}"]
         if f.remote_mta:
             lines.append(f"Remote-MTA: dns; {_clean(f.remote_mta)}")
-        lines += [f"Diagnostic-Code: {diagnostic_code(f.detail)}",
+        lines += [fold("Diagnostic-Code", diagnostic_code(f.detail)),
                   f"Last-Attempt-Date: {formatdate(now)}"]
     lines += [
         "",
