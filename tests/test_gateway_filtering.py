@@ -123,13 +123,16 @@ def spam(rcpt: str) -> bytes:
 
 def split_tags(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
     """The X-Spam-* / X-Virus-* fields right after the gateway's Received header (trace
-    fields stay on top), and the message without them."""
+    fields stay on top), unfolded, and the message without them."""
     received = data[: len(data) - len(strip_received(data))]
     data = data[len(received):]
     tags = []
     while data.startswith((b"X-Spam-", b"X-Virus-")):
         end = data.index(b"\r\n")
-        name, _, value = data[:end].decode().partition(": ")
+        while data[end + 2:end + 3] in (b" ", b"\t"):  # a folded field's next line
+            end = data.index(b"\r\n", end + 2)
+        field = data[:end].replace(b"\r\n", b"")  # unfolded (RFC 5322 2.2.3)
+        name, _, value = field.decode().partition(": ")
         tags.append((name, value))
         data = data[end + 2:]
     return tags, received + data

@@ -3,13 +3,16 @@ EICAR against each domain policy, clean mail untouched, a filter that is down, e
 
 from __future__ import annotations
 
+from email import message_from_bytes
+from email.policy import default
 from typing import Any
 
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
+from filters.interface import Symbol, Verdict
 from mailcore.config import Config
-from mailcore.gateway.filtering import FILTERING_UNAVAILABLE
+from mailcore.gateway.filtering import FILTERING_UNAVAILABLE, spam_headers
 from mailcore.queue.pipeline import Action, PipelineMessage, apply_tags
 from tests.support.quarantine import (
     GTUBE,
@@ -155,6 +158,56 @@ class TagHelperTests(TestCase):
         )
         self.assertEqual(apply_tags(b"From: a\r\n\r\nx", (("X-A", "1"),)),
                          b"X-A: 1\r\nFrom: a\r\n\r\nx")
+
+    def test_a_long_symbol_list_is_folded_after_its_commas(self) -> None:
+        """60 rspamd symbols made a 1,370-octet X-Spam-Status line."""
+        names = [f"RSPAMD_SYMBOL_NAME_{i:02d}" for i in range(60)]
+        verdict = Verdict(filter="chain", score=25.0, threshold=15.0, spam=True,
+                          symbols=tuple(Symbol(n, 1.0) for n in names))
+        tagged = apply_tags(b"From: a\r\n\r\nx", spam_headers(verdict))
+        head = tagged.split(b"\r\n\r\n")[0]
+        self.assertLessEqual(max(len(line) for line in head.split(b"\r\n")), 78)
+        status: Any = message_from_bytes(tagged, policy=default)["X-Spam-Status"]
+        self.assertEqual(str(status).replace(", ", ","),
+                         "Yes,score=25.0 required=15.0 tests=" + ",".join(names))
+
+    def test_controls_in_a_value_are_dropped(self) -> None:
+        tagged = apply_tags(b"From: a\r\n\r\nx", (("X-Virus-Status", "Infected (E\x00\x1b)"),))
+        self.assertEqual(tagged, b"X-Virus-Status: Infected (E)\r\nFrom: a\r\n\r\nx")
+
+    def test_a_non_ascii_tag_is_an_encoded_word(self) -> None:
+        body = b"From: a\r\nSubject: hi\r\n\r\nx"
+        once = apply_tags(body, (), "[\u0421\u041f\u0410\u041c]")
+        self.assertTrue(once.isascii())
+        self.assertEqual(apply_tags(once, (), "[\u0421\u041f\u0410\u041c]"), once)
+        for original, shown in ((b"hi", "[\u0421\u041f\u0410\u041c] hi"),
+                                (b"=?utf-8?q?caf=C3=A9?=", "[\u0421\u041f\u0410\u041c] caf\u00e9"),
+                                (None, "[\u0421\u041f\u0410\u041c]")):
+            body = b"From: a\r\n" + (b"" if original is None else b"Subject: " + original
+                                      + b"\r\n") + b"\r\nx"
+            tagged = apply_tags(body, (), "[\u0421\u041f\u0410\u041c]")
+            self.assertTrue(tagged.isascii())
+            parsed: Any = message_from_bytes(tagged, policy=default)
+            self.assertEqual(str(parsed["Subject"]), shown)
+
+    def test_a_new_subject_goes_after_the_trace_fields(self) -> None:
+        """RFC 5321 4.4: the trace fields stay at the top of the header."""
+        body = b"Received: from a by b; date\r\nFrom: a\r\n\r\nx"
+        self.assertEqual(apply_tags(body, (("X-A", "1"),), "[SPAM]"),
+                         b"Received: from a by b; date\r\nX-A: 1\r\nSubject: [SPAM]\r\n"
+                         b"From: a\r\n\r\nx")
+
+    def test_a_tag_with_a_control_character_is_refused_at_load(self) -> None:
+        from mailcore.config import ConfigError
+        from mailcore.gateway.filtering import PolicySettings
+
+        for key in ("subject_tag", "virus_subject_tag"):
+            for bad in ("[SPAM]\r\nBcc: x@y.test", "[SPAM]\x00", "[\x1b[31mSPAM]"):
+                with self.assertRaises(ConfigError) as raised:
+                    PolicySettings.from_config({key: bad})
+                self.assertIn(f"[pipeline] {key} must be one line of text", str(raised.exception))
+        self.assertEqual(PolicySettings.from_config({"subject_tag": "[\u0421\u041f\u0410\u041c]"})
+                         .subject_tag, "[\u0421\u041f\u0410\u041c]")
 
     def test_pipeline_config_rejects_unknown_keys(self) -> None:
         from mailcore.config import ConfigError

@@ -41,6 +41,9 @@ max_scans = 32                 # messages filtered at the same time, at most
 subject_tag = "[SPAM]"         # put before the Subject of tagged spam ("" = none)
 virus_subject_tag = "[VIRUS]"  # put before the Subject of tagged virus mail ("" = none)
 ```
+
+A tag is one line of text (a control character is refused when the config is read); one
+that is not ASCII ("[СПАМ]") goes into the Subject as an RFC 2047 encoded word.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from mailcore.queue.pipeline import (
     PipelineMessage,
 )
 from mailcore.smtp.envelope import Envelope
+from mailcore.text import has_control, has_surrogate
 
 log = Logger()
 
@@ -103,6 +107,11 @@ class PolicySettings:
                 raise ConfigError(f"[pipeline] unknown key {key!r}")
             elif not isinstance(value, str):
                 raise ConfigError(f"[pipeline] {key} must be a string")
+            elif has_control(value) or has_surrogate(value):
+                # It goes into the Subject of every tagged message: a CR or LF would add
+                # header fields, a NUL no next hop takes.
+                raise ConfigError(f"[pipeline] {key} must be one line of text: {key} = "
+                                  f"{value!r} holds a control character")
             values[key] = value
         return cls(**values)
 

@@ -38,7 +38,10 @@ import enum
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from email.header import Header
 from typing import Literal, Protocol
+
+from mailcore.smtp.fold import fold
 
 
 class Action(enum.Enum):
@@ -195,13 +198,16 @@ class Pipeline:
 def apply_tags(
     body: bytes, headers: Sequence[tuple[str, str]], subject_prefix: str = ""
 ) -> bytes:
-    """The body with header fields added after its leading trace fields (values folded to
-    one line, CRLF-terminated)
-    and, with `subject_prefix`, the Subject starting with it (added when absent)."""
+    """The body with header fields added after its leading trace fields and, with
+    `subject_prefix`, the Subject starting with it (added when absent).
+
+    The added values come from filters (rspamd returns up to 1,000 symbols of up to 128
+    characters): each field is folded, at 78 octets where it can be and after the commas
+    of a list, never past 998 (`mailcore.smtp.fold`), without control characters."""
     if subject_prefix:
         body = _prefix_subject(body, subject_prefix)
     lines = b"".join(
-        f"{name}: {' '.join(value.split())}\r\n".encode() for name, value in headers
+        (fold(name, value, commas=True) + "\r\n").encode() for name, value in headers
     )
     at = _after_trace(body)
     return body[:at] + lines + body[at:]
@@ -222,14 +228,33 @@ def _after_trace(body: bytes) -> int:
 _SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")
 
 
+def _encoded(text: str) -> bytes:
+    """`text` as header bytes: as it is when ASCII, else one RFC 2047 word (a header field
+    may not hold raw 8-bit text for a next hop that did not offer SMTPUTF8)."""
+    if text.isascii():
+        return text.encode("ascii")
+    return Header(text, "utf-8").encode().encode("ascii")
+
+
 def _prefix_subject(body: bytes, prefix: str) -> bytes:
-    """Put `prefix` before the first Subject field's value (in the header block only)."""
+    """Put `prefix` before the first Subject field's value (in the header block only); a
+    message without one gets one, after its trace fields like the other added fields. A
+    non-ASCII prefix goes in as an encoded word; before an encoded word its space goes
+    inside it (the space between two encoded words is not part of the text)."""
     end = body.find(b"\r\n\r\n")
     head_end = len(body) if end < 0 else end + 2
-    tag = prefix.encode("utf-8")
     m = _SUBJECT.search(body, 0, head_end)
     if m is None:
-        return b"Subject: " + tag + b"\r\n" + body
-    if body[m.end():m.end() + len(tag)] == tag:
+        at = _after_trace(body)
+        return body[:at] + b"Subject: " + _encoded(prefix) + b"\r\n" + body[at:]
+    rest = body[m.end():]
+    if prefix.isascii():
+        tag = prefix.encode("ascii")
+        if rest.startswith(tag):
+            return body
+        return body[:m.end()] + tag + b" " + rest
+    plain, spaced = _encoded(prefix), _encoded(prefix + " ")
+    if rest.startswith(plain) or rest.startswith(spaced):
         return body
-    return body[:m.end()] + tag + b" " + body[m.end():]
+    tag = spaced if rest.startswith(b"=?") else plain
+    return body[:m.end()] + tag + b" " + rest
