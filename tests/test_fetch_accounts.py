@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
 from mailcore.fetch import AccountError, AccountNotFound, Accounts, FetchSettings, SecretBox
+from mailcore.fetch.accounts import DESTINATION_REFUSAL
 from mailcore.fetch.engine import SyncEngine, SyncResult, imap_date, limit_since
 from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.fetch.secrets import SecretError
@@ -24,6 +25,7 @@ from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts
 from mailcore.workers import CpuPool
 from tests.support.fetchenv import thd_make_user
+from tests.support.testca import shared_pki
 
 BASE: dict[str, Any] = {"host": "imap.example.test", "username": "me@example.test",
                         "password": "hunter2 ✓"}
@@ -109,6 +111,68 @@ class AccountsTests(TestCase):
         error = self.refused(self.accounts.update(self.user, account.id, start_tls=True,
                                                   use_ssl=True))
         self.assertEqual(error.field, "start_tls")
+
+    def stored(self, account_id: int) -> tuple[Any, str]:
+        return self.successResultOf(defer.Deferred.fromCoroutine(  # type: ignore[no-any-return]
+            self.accounts.credentials(account_id)))
+
+    def test_a_new_destination_needs_the_password_again(self) -> None:
+        """The stored password is never handed to a server, port, protocol, user name or
+        certificate the update names, nor sent in cleartext where it was not: such an
+        update without the password is refused on "password" and changes nothing."""
+        account = self.create(use_ssl=True, tls_fingerprint="ab" * 32)
+        changes: list[dict[str, Any]] = [
+            {"host": "evil.example.test"},
+            {"host": "evil.example.test", "name": "innocent"},
+            {"port": 10993},
+            {"protocol": "pop"},
+            {"username": "someone-else"},
+            {"email": "x@example.test", "username": "someone-else"},
+            {"tls_fingerprint": "cd" * 32},
+            {"tls_fingerprint": None},
+            {"tls_ca_pem": shared_pki().ca_pem.decode()},
+            {"use_ssl": False, "allow_cleartext": True},
+        ]
+        for change in changes:
+            error = self.refused(self.accounts.update(self.user, account.id, **change))
+            self.assertEqual((error.field, error.message), ("password", DESTINATION_REFUSAL),
+                             change)
+        after, clear = self.stored(account.id)
+        self.assertEqual(after, account)
+        self.assertEqual(clear, "hunter2 ✓")
+
+    def test_tls_weakened_to_cleartext_step_by_step_needs_the_password(self) -> None:
+        """Each step is compared with what is stored: allowing cleartext while TLS is on
+        changes nothing yet, and turning TLS off afterwards is then the weakening."""
+        account = self.create(start_tls=True)
+        allowed = self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.update(self.user, account.id, allow_cleartext=True)))
+        self.assertTrue(allowed.allow_cleartext)
+        error = self.refused(self.accounts.update(self.user, account.id, start_tls=False))
+        self.assertEqual(error.field, "password")
+        self.assertTrue(self.stored(account.id)[0].start_tls)
+
+    def test_an_unchanged_or_stronger_destination_needs_no_password(self) -> None:
+        account = self.create(tls_fingerprint="AB:" * 31 + "AB", allow_cleartext=True)
+        as_read = {k: getattr(account, k) for k in (
+            "name", "email", "protocol", "host", "port", "username", "use_ssl", "start_tls",
+            "allow_cleartext", "tls_ca_pem", "tls_fingerprint")}
+        same = self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.update(
+            self.user, account.id, **{**as_read, "host": " imap.example.test "})))
+        self.assertEqual((same.host, same.tls_fingerprint), (account.host, "ab" * 32))
+        stronger = self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.update(
+            self.user, account.id, start_tls=True, allow_cleartext=False)))
+        self.assertEqual((stronger.start_tls, stronger.allow_cleartext), (True, False))
+        self.assertEqual(self.stored(account.id)[1], "hunter2 ✓")
+
+    def test_a_new_destination_with_its_password_is_stored(self) -> None:
+        account = self.create()
+        moved = self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.update(
+            self.user, account.id, host="imap2.example.test", port=10143,
+            username="me2", password="for the new server")))
+        self.assertEqual((moved.host, moved.port, moved.username),
+                         ("imap2.example.test", 10143, "me2"))
+        self.assertEqual(self.stored(account.id)[1], "for the new server")
 
     def test_other_users_accounts_are_invisible(self) -> None:
         account = self.create()

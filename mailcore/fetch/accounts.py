@@ -4,6 +4,12 @@ One model serves seed 001 (imap-servers: name, host, port, username, use_ssl, sy
 folders_to_sync, exclude_trash, last_sync) and Dropmyemail (accounts: email, protocol
 imap|pop, ssl, start_tls, port). The password is stored encrypted and never leaves this module
 except to the sync engine, through `credentials`.
+
+An update that changes where or how that password would be sent (the server, its port, the
+protocol, the user name, the certificate trusted for it, or TLS so that cleartext becomes
+possible) must give the password again (`check_password_given`): otherwise whoever may
+change the account could point it at a server of theirs and have the next sync hand them the
+password, which no endpoint ever returns.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ DEFAULT_PORTS = {("imap", True): 993, ("imap", False): 143, ("pop", True): 995,
 MIN_SYNC_INTERVAL = 60
 # A year: longer means "never" (turn the account off); the column is an INTEGER.
 MAX_SYNC_INTERVAL = 366 * 86400
+# Where the stored password is sent, and which certificate is trusted to receive it: a change
+# of any of them needs the password given again (module docstring).
+DESTINATION_FIELDS = ("protocol", "host", "port", "username", "tls_ca_pem", "tls_fingerprint")
+DESTINATION_REFUSAL = ("Give the password again when the server, port, protocol, user name "
+                       "or TLS settings change.")
 _HOST = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
 
 # Fields a caller may set on create or update, and their types.
@@ -212,7 +223,31 @@ def validate(values: dict[str, Any], current: dict[str, Any] | None = None) -> d
     for key, limit in (("name", 255), ("email", 254)):
         if len(out.get(key) or "") > limit:
             raise AccountError(f"{key} is longer than {limit} characters", key)
+    if current is not None:
+        check_password_given(out, current)
     return out
+
+
+def _cleartext_possible(values: dict[str, Any]) -> bool:
+    """Whether a session may log in without TLS (`mailcore.fetch.imap.open_session`): no
+    TLS from the start, STARTTLS not demanded, and cleartext allowed."""
+    return (not values.get("use_ssl") and not values.get("start_tls")
+            and bool(values.get("allow_cleartext")))
+
+
+def check_password_given(changes: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse (AccountError on "password") `changes` (checked, normalised columns) to the
+    stored account `current` that would send its stored password somewhere else or less
+    protected, unless they carry a new password. A value given as it is stored is no change,
+    so an account read and put back as it was needs no password; TLS made stronger needs
+    none either."""
+    if "password" in changes:
+        return
+    moved = any(key in changes and changes[key] != current.get(key)
+                for key in DESTINATION_FIELDS)
+    if moved or (_cleartext_possible({**current, **changes})
+                 and not _cleartext_possible(current)):
+        raise AccountError(DESTINATION_REFUSAL, "password")
 
 
 class Accounts:
@@ -247,7 +282,9 @@ class Accounts:
         return await self.db.run("create_fetch_account", txn)
 
     async def update(self, user_id: int, account_id: int, **values: Any) -> Account:
-        """Change some fields (a partial update, as the seed's PUT)."""
+        """Change some fields (a partial update, as the seed's PUT). A change of where or
+        how the password is sent needs the password again (`check_password_given`); the
+        check reads the stored account in the transaction that writes the change."""
         now = self.now()
         secrets = self.secrets
 
