@@ -201,6 +201,22 @@ class FakeIMAPFactory(protocol.ServerFactory):
         self.connections: list[FakeIMAP] = []
         self.lost: list[FakeIMAP] = []
 
+    def passwords(self) -> list[str]:
+        """The passwords clients logged in with (AUTHENTICATE PLAIN with SASL-IR: offer it
+        in `caps`)."""
+        found = []
+        for _tls, line in self.received:
+            words = line.split()
+            if len(words) == 4 and words[1].upper() == b"AUTHENTICATE":
+                found.append(base64.b64decode(words[3]).split(b"\0")[2].decode())
+        return found
+
+    def close_all(self) -> None:
+        """End every connection still open (a test's sessions leave none behind)."""
+        for conn in self.connections:
+            if conn.transport is not None:
+                conn.transport.loseConnection()
+
 
 class HostileServerTests(TestCase):
     timeout = 30

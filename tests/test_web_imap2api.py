@@ -11,10 +11,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch import AccountNotFound
+from mailcore.fetch.accounts import DESTINATION_REFUSAL
 from mailcore.fetch.engine import SyncResult
 from mailcore.store.schema import messages
-from tests.support.imap2api import Client, client, config, mail, store
+from tests.support.imap2api import Client, client, config, live_api, mail, store
+from tests.support.reactor import get_reactor
 from tests.support.web import BASE, Web, header
+from tests.test_fetch_imap_hostile import FakeIMAPFactory
 from web.imap2api import Imap2ApiApp
 
 GMAIL = {
@@ -310,6 +313,104 @@ class ServerInputTests(TestCase):
         status, _, body = await alice.call("POST", "/api/imap-servers/", json=[1, 2])
         self.assertEqual(status, 400)
         self.assertIn("detail", body)
+
+
+class NewDestinationTests(TestCase):
+    """The stored password is never returned, so it may not be sent to a server an update
+    names either: a change of server, port, user name or TLS needs the password again."""
+
+    async def test_a_new_server_without_the_password_is_a_400_on_password(self) -> None:
+        web, alice = await setup()
+        server = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        path = f"/api/imap-servers/{server['id']}/"
+        changes: list[dict[str, Any]] = [
+            {"host": "127.0.0.1", "port": 1143, "use_ssl": False, "start_tls": False,
+             "allow_cleartext": True},
+            {"host": "imap.evil.example"},
+            {"port": 10993},
+            {"username": "mallory"},
+            {"use_ssl": False, "allow_cleartext": True},
+            {"tls_fingerprint": "ab" * 32},
+        ]
+        for method in ("PUT", "PATCH"):
+            for change in changes:
+                status, _, body = await alice.call(method, path, json=change)
+                self.assertEqual((status, body), (400, {"password": [DESTINATION_REFUSAL]}),
+                                 (method, change))
+        account, password = await web.core.fetch.accounts.credentials(server["id"])
+        self.assertEqual((account.host, account.port, account.username, account.use_ssl),
+                         ("imap.gmail.com", 993, "user@gmail.com", True))
+        self.assertEqual(password, "your-password")
+        self.assertEqual(await alice.ok("GET", path), server)
+
+    async def test_a_new_server_with_its_password_is_stored(self) -> None:
+        web, alice = await setup()
+        server = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        path = f"/api/imap-servers/{server['id']}/"
+        moved = await alice.ok("PUT", path, json={"host": "imap.example.test", "port": 10993,
+                                                  "password": "for example.test"})
+        self.assertEqual((moved["host"], moved["port"]), ("imap.example.test", 10993))
+        patched = await alice.ok("PATCH", path, json={"username": "u2", "password": "u2's"})
+        self.assertEqual(patched["username"], "u2")
+        _, password = await web.core.fetch.accounts.credentials(server["id"])
+        self.assertEqual(password, "u2's")
+
+    async def test_a_server_put_back_as_read_needs_no_password(self) -> None:
+        web, alice = await setup()
+        server = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        path = f"/api/imap-servers/{server['id']}/"
+        read = await alice.ok("GET", path)
+        for method in ("PUT", "PATCH"):
+            back = await alice.ok(method, path, json={**read, "name": f"by {method}"})
+            self.assertEqual(back["name"], f"by {method}")
+            self.assertEqual({k: back[k] for k in ("host", "port", "username", "use_ssl")},
+                             {k: read[k] for k in ("host", "port", "username", "use_ssl")})
+        # TLS made stronger sends the password nowhere new.
+        self.assertIs((await alice.ok("PATCH", path, json={"allow_cleartext": False}))[
+            "allow_cleartext"], False)
+        _, password = await web.core.fetch.accounts.credentials(server["id"])
+        self.assertEqual(password, "your-password")
+
+
+class NewDestinationSyncTests(TestCase):
+    """Over a real listener, against two fake IMAP servers on loopback."""
+
+    timeout = 30
+
+    async def test_a_sync_after_a_refused_change_logs_in_where_it_did(self) -> None:
+        reactor = get_reactor()
+        servers = []
+        for _ in range(2):
+            factory = FakeIMAPFactory()
+            factory.caps = b"IMAP4rev1 AUTH=PLAIN SASL-IR"  # no STARTTLS: cleartext
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            self.addCleanup(factory.close_all)
+            servers.append((factory, port.getHost().port))
+        (old, old_port), (new, new_port) = servers
+        api = await live_api(self, {"web": {"imap2api_sync_wait": 20}})
+        await api.core.identity.create_user("alice", "alice@example.test", "pw-Secret-123")
+        status, body = await api.call("POST", "/api-token-auth/", json={
+            "username": "alice", "password": "pw-Secret-123"})
+        token = body["token"]
+        status, server = await api.call("POST", "/api/imap-servers/", token=token, json={
+            "name": "work", "host": "127.0.0.1", "port": old_port, "username": "alice",
+            "password": "Stored-Imap-Pw", "use_ssl": False, "allow_cleartext": True})
+        self.assertEqual(status, 201, server)
+        path = f"/api/imap-servers/{server['id']}/"
+
+        status, body = await api.call("PUT", path, token=token, json={"port": new_port})
+        self.assertEqual((status, body), (400, {"password": [DESTINATION_REFUSAL]}))
+        status, body = await api.call("POST", f"{path}sync/", token=token)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(old.passwords(), ["Stored-Imap-Pw"])
+        self.assertEqual((new.connections, new.received), ([], []))
+
+        status, body = await api.call("PUT", path, token=token,
+                                      json={"port": new_port, "password": "For-The-New"})
+        self.assertEqual((status, body.get("port")), (200, new_port), body)
+        status, body = await api.call("POST", f"{path}sync/", token=token)
+        self.assertEqual(new.passwords(), ["For-The-New"])
 
 
 class OwnershipTests(TestCase):

@@ -300,6 +300,11 @@ class Imap2ApiApp(ApiApp):
         both("/imap-servers/<int:server_id>/"),
         ["PUT", "PATCH"],
         summary="Update an IMAP server (only the fields given)",
+        description="A change of where or how the password is sent (`host`, `port`, "
+        "`username`, `tls_ca_pem`, `tls_fingerprint`, or `use_ssl`, `start_tls` and "
+        "`allow_cleartext` so that cleartext becomes possible) needs `password` in the same "
+        "request, else it is a 400 on `password` and nothing changes: the stored password "
+        "goes only where it was given for. A value sent as it is stored is no change.",
         auth=IMAP2API,
         body=SERVER_INPUT_SCHEMA,
         body_types=BODY_TYPES,
