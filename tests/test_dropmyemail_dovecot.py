@@ -86,7 +86,8 @@ class AccountsAgainstDovecotTests(DovecotClassMixin, TestCase):
         await self.read_side(api, token, created["id"], made)
 
         status, changed = await bearer(api, token, "PUT", f"/v1/accounts/{created['id']}",
-                                       json={"port": server.imaps, "ssl": True})
+                                       json={"port": server.imaps, "ssl": True,
+                                             "password": server.PASSWORD})
         self.assertEqual((status, changed["port"], changed["ssl"]), (200, server.imaps, True))
         status, gone = await bearer(api, token, "DELETE", f"/v1/accounts/{created['id']}")
         self.assertEqual((status, gone["id"], gone["msg_count"]), (200, created["id"], 12))

@@ -12,6 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.backup import BackupSettings
 from mailcore.config import ConfigError
+from mailcore.fetch.accounts import DESTINATION_REFUSAL
 from mailcore.fetch.tls import client_tls
 from tests.support.dovecot import DovecotClassMixin
 from tests.support.imap2api import LiveApi, live_api
@@ -45,9 +46,13 @@ class UpdateLogsInAgainTests(DovecotClassMixin, TestCase):
         await api.core.fetch.engine.sync(created["id"])
         path = f"/v1/accounts/{created['id']}"
 
+        # A new server or port comes with its password (NewDestinationTests): the login is
+        # checked there with it.
+        right = {"password": server.PASSWORD}
         for change, reason in (({"password": "wrong"}, "could not log in to localhost"),
-                               ({"port": server.pop3}, "could not log in to localhost"),
-                               ({"host": "127.0.0.2"}, "could not log in to 127.0.0.2")):
+                               ({"port": server.pop3, **right}, "could not log in to localhost"),
+                               ({"host": "127.0.0.2", **right},
+                                "could not log in to 127.0.0.2")):
             status, body = await bearer(api, token, "PUT", path, json=change)
             self.assertEqual((status, body["error"]), (400, "invalid_request"), change)
             self.assertIn(reason, body["error_description"], change)
@@ -56,7 +61,7 @@ class UpdateLogsInAgainTests(DovecotClassMixin, TestCase):
                          (server.imap, "localhost", server.PASSWORD))
 
         status, changed = await bearer(api, token, "PUT", path,
-                                       json={"port": server.imaps, "ssl": True})
+                                       json={"port": server.imaps, "ssl": True, **right})
         self.assertEqual((status, changed["port"], changed["ssl"]), (200, server.imaps, True))
         status, changed = await bearer(api, token, "PUT", path,
                                        json={"password": server.PASSWORD})
@@ -71,6 +76,76 @@ class UpdateLogsInAgainTests(DovecotClassMixin, TestCase):
         status, body = await bearer(api, token, "PUT", path, json={"email": "x@example.test"})
         self.assertEqual((status, body["error_description"]),
                          (400, "The email of an account cannot change."))
+
+
+class NewDestinationTests(TestCase):
+    """A PUT that moves an account (server, port, protocol, TLS) without its password is
+    refused before any login: neither the check nor a later backup sends the stored
+    password to a server the PUT names. Against two fake IMAP servers on loopback."""
+
+    timeout = 30
+
+    async def test_the_stored_password_is_never_sent_where_a_put_names(self) -> None:
+        reactor = get_reactor()
+        servers = []
+        for _ in range(2):
+            factory = FakeIMAPFactory()
+            factory.caps = b"IMAP4rev1 AUTH=PLAIN SASL-IR"  # no STARTTLS: cleartext
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            self.addCleanup(factory.close_all)
+            servers.append((factory, port.getHost().port))
+        (old, old_port), (new, new_port) = servers
+        api = await live_api(self, {"dropmyemail": {"allow_cleartext_login": True}})
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        status, created = await bearer(api, token, "POST", "/v1/accounts", json={
+            "email": "alice@example.test", "password": "Stored-Pw", "host": "127.0.0.1",
+            "port": old_port})
+        self.assertEqual(status, 201, created)
+        await api.core.fetch.engine.sync(created["id"])  # the first backup
+        logins = len(old.passwords())
+        path = f"/v1/accounts/{created['id']}"
+
+        for change in ({"port": new_port}, {"host": "localhost", "port": new_port},
+                       {"protocol": "pop"}, {"ssl": True}):
+            status, body = await bearer(api, token, "PUT", path, json=change)
+            self.assertEqual((status, body["error"], body["error_description"]),
+                             (400, "invalid_request", DESTINATION_REFUSAL), change)
+        self.assertEqual((new.connections, len(old.passwords())), ([], logins))
+        account, password = await api.core.fetch.accounts.credentials(created["id"])
+        self.assertEqual((account.host, account.port, account.protocol, password),
+                         ("127.0.0.1", old_port, "imap", "Stored-Pw"))
+        await api.core.fetch.engine.sync(created["id"])
+        self.assertEqual(old.passwords()[logins:], ["Stored-Pw"])
+        self.assertEqual(new.connections, [])
+
+        # As read, it goes back without a password and without a login.
+        status, read = await bearer(api, token, "GET", path)
+        status, put_back = await bearer(api, token, "PUT", path, json=read)
+        self.assertEqual(status, 200, put_back)
+        self.assertEqual(len(old.passwords()), logins + 1)
+
+        status, moved = await bearer(api, token, "PUT", path,
+                                     json={"port": new_port, "password": "For-The-New"})
+        self.assertEqual((status, moved["port"]), (200, new_port), moved)
+        self.assertEqual(new.passwords(), ["For-The-New"])  # the login check
+
+    async def test_an_update_without_password_never_turns_cleartext_on(self) -> None:
+        """The operator allowing cleartext since the account was stored does not make a PUT
+        without the password allow it for the stored password; one with it does."""
+        api = await live_api(self, {"dropmyemail": {"allow_cleartext_login": True}})
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        account = await api.core.fetch.accounts.create(
+            alice.id, email="alice@example.test", host="imap.example.test", port=993,
+            use_ssl=True, password="Stored-Pw", allow_cleartext=False)
+        path = f"/v1/accounts/{account.id}"
+        status, read = await bearer(api, token, "GET", path)
+        status, put_back = await bearer(api, token, "PUT", path, json=read)
+        self.assertEqual(status, 200, put_back)
+        self.assertFalse((await api.core.fetch.accounts.get(alice.id, account.id))
+                         .allow_cleartext)
 
 
 class CleartextTests(TestCase):

@@ -477,7 +477,10 @@ class DropmyemailApp(JobRoutes, ApiApp):
         summary="Change an account (password, host, protocol, start_tls, ssl, port)",
         description="A change of how to log in (password, host, port, protocol, ssl, "
         "start_tls) logs in again first, as create does: a refusal is a 400 with the "
-        "server's reason, and nothing changes. The account as read may be sent back: fields "
+        "server's reason, and nothing changes. A change of host, port or protocol, or of "
+        "ssl and start_tls that lets the password go in cleartext, must carry `password` "
+        "(else a 400, before any login, and nothing changes): the stored password is only "
+        "sent to the server it was given for. The account as read may be sent back: fields "
         "PUT does not change are left as they are; a field the account does not have is a "
         "400.",
         auth=DROPMYEMAIL,

@@ -11,15 +11,18 @@ Create logs in first with the given credentials (over the same guarded connectio
 engine uses); a refusal is reported with the server's reason and nothing is stored. Then the
 account is stored and its first backup starts at once. An update that changes how to log in
 (password, host, port, protocol, ssl, start_tls) logs in again first, the same way: refused,
-nothing changes.
+nothing changes. One that changes where or how the password is sent (host, port, protocol,
+TLS weakened) must carry the password too (`mailcore.fetch.accounts.check_password_given`),
+checked before that login: the stored password is never sent to a server the update names.
 
 Cleartext: with neither `ssl` nor `start_tls` (the seed's defaults) the session still
 upgrades with STARTTLS whenever the server offers it. A server that offers neither TLS nor
 STARTTLS is refused (400, nothing stored), as the fetch engine refuses any account not
 explicitly allowed cleartext, unless the operator sets `[dropmyemail] allow_cleartext_login =
 true`: Dropmyemail's clients have no per-account switch (the IMAP2API's `allow_cleartext`),
-so the operator decides for all of them. The setting applies to accounts created or updated
-while it is in force.
+so the operator decides for all of them. The setting applies to accounts created while it is
+in force, and to those updated with their password; an update without one may turn cleartext
+off, never on.
 """
 
 from __future__ import annotations
@@ -197,8 +200,12 @@ class BackupAccounts:
             out["protocol"] = protocol
         use_ssl = out.get("use_ssl", current.use_ssl if current else False)
         # Without ssl or start_tls, STARTTLS is still used when offered; cleartext only if
-        # the operator allows it (module docstring).
-        out["allow_cleartext"] = self.settings.allow_cleartext_login
+        # the operator allows it (module docstring). A change without a new password may
+        # only narrow it: the stored password goes in cleartext only where it was given so.
+        allowed = self.settings.allow_cleartext_login
+        if current is not None and "password" not in values:
+            allowed = allowed and current.allow_cleartext
+        out["allow_cleartext"] = allowed
         if "port" not in out and ("use_ssl" in out or "protocol" in out) and current:
             out["port"] = DEFAULT_PORTS[(protocol, bool(use_ssl))]
         return out
