@@ -89,6 +89,20 @@ class CompletenessTests(TestCase):
             [{"safedropUser": [], "safedropApiKey": []}, {"safedropToken": []}],
         )
 
+    async def test_every_rate_limited_operation_documents_its_429(self) -> None:
+        web = Web.build()
+        _, _, doc = await web.call("GET", "/openapi.json")
+        limited = [(path, method, op) for path, item in doc["paths"].items()
+                   for method, op in item.items() if method != "parameters"
+                   and op["tags"][0] in ("protecmail", "mailapi", "safedrop")]
+        self.assertGreater(len(limited), 40)
+        for path, method, op in limited:
+            self.assertIn("429", op["responses"], (path, method))
+            self.assertEqual(
+                set(op["responses"]["429"]["headers"]),
+                {"Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                 "X-RateLimit-Reset"}, (path, method))
+
     def test_a_new_route_appears_without_further_work(self) -> None:
         class Later(ApiApp):
             name = "later"

@@ -28,6 +28,9 @@ class WebSettingsTests(TestCase):
         self.assertEqual(s.imap2api_user_rate, Rate(1000, 3600))
         self.assertEqual(s.imap2api_anonymous_rate, Rate(100, 3600))
         self.assertEqual(s.dropmyemail_token_rate, Rate(20, 1))
+        self.assertEqual((s.protecmail_user_rate, s.mailapi_user_rate, s.safedrop_user_rate),
+                         (Rate(20, 1), Rate(20, 1), Rate(20, 1)))
+        self.assertEqual(s.bad_credential_rate, Rate(100, 3600))
         self.assertTrue(s.metrics_allowed("192.0.2.1"))
 
     def test_values_are_read(self) -> None:
@@ -48,6 +51,8 @@ class WebSettingsTests(TestCase):
             ({"nope": 1}, "unknown key in [web]: nope"),
             ({"login_rate": "lots"}, "[web] login_rate"),
             ({"login_rate": 5}, "[web] login_rate"),
+            ({"protecmail_user_rate": "fast"}, "[web] protecmail_user_rate"),
+            ({"bad_credential_rate": 0}, "[web] bad_credential_rate"),
             ({"metrics": "yes"}, "[web] metrics must be true or false"),
             ({"metrics_allow": ["not a net"]}, "[web] metrics_allow"),
             ({"json_max_body": -1}, "[web] json_max_body"),

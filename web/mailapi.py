@@ -3,7 +3,10 @@
 Replies are `{"message": ...}` with the seed's status codes (the auth endpoint's input
 errors are `{"error": ...}`, as the seed shows). The credential is the `auth_key` from
 `POST /api/v1/auth/`, in the `Auth-Key` header (also `auth_key` as header or query
-parameter, or `Authorization: Token <key>`).
+parameter, or `Authorization: Token <key>`). A user makes `[web] mailapi_user_rate`
+requests (20 a second); a client address `[web] bad_credential_rate` ones with a missing or
+bad auth_key or api_key (100 an hour, shared with Protecmail and safedrop): 429 beyond, with
+Retry-After and the X-RateLimit-* headers.
 
 The seed's auth endpoint also names an application `api_key` (query or form parameter
 `api_key`, or header `Api-Key`): any user's API key (the kind Protecmail's `Api-Key` takes).
@@ -77,6 +80,7 @@ from web.parsing import (
     query_params,
     string_field,
 )
+from web.ratelimit import RateLimiter, admit, count_bad_credential
 from web.replies import content_disposition
 from web.settings import WebSettings
 
@@ -259,7 +263,7 @@ class MailApiApp(ApiApp):
     title = "Mail API (seed 002): drafts, outbox, mailboxes and access grants"
     shape = MailApiErrors()
     app = Klein()
-    routes = RouteTable(app, "mailapi")
+    routes = RouteTable(app, "mailapi", errors=(429,))
 
     def __init__(
         self,
@@ -269,18 +273,25 @@ class MailApiApp(ApiApp):
         login: PasswordLogin,
         mailboxes: MailboxService,
         mail: MailService,
+        user_limiter: RateLimiter,
+        anonymous_limiter: RateLimiter,
         require_api_key: bool = False,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
+        self.user_limiter = user_limiter
+        self.anonymous_limiter = anonymous_limiter
         self.login = login
         self.mailboxes = mailboxes
         self.mail = mail
         self.require_api_key = require_api_key
 
     async def principal(self, request: IRequest) -> Principal:
-        """The auth_key's user, or 401 `{"message": "unauthorized"}`."""
-        return await self.resolver.require(request, MAIL_API)
+        """The auth_key's user within `[web] mailapi_user_rate`, or 401 `{"message":
+        "unauthorized"}` (429 once the client's address has spent `[web]
+        bad_credential_rate`)."""
+        return await admit(request, self.resolver.require(request, MAIL_API),
+                           users=self.user_limiter, anonymous=self.anonymous_limiter)
 
     @routes.route(
         "/api/v1/auth/",
@@ -321,6 +332,8 @@ class MailApiApp(ApiApp):
             return
         if not isinstance(key, str) or len(key) > 256 \
                 or await self.resolver.identity.resolve(key, ("apikey",)) is None:
+            # An API key opens Protecmail and safedrop too: a wrong one is a guess like theirs.
+            count_bad_credential(request, self.anonymous_limiter)
             raise ApiError(403, "API key is invalid.", key="error")
 
     @routes.route(

@@ -50,6 +50,14 @@ _DEFAULT_ERRORS = {
     500: "Internal error",
 }
 
+# What a 429 carries (web.ratelimit.Decision.headers).
+RATE_LIMIT_HEADERS = {
+    "Retry-After": "Seconds until the request may be made again",
+    "X-RateLimit-Limit": "Requests the bucket holds",
+    "X-RateLimit-Remaining": "Requests left now",
+    "X-RateLimit-Reset": "Epoch seconds when the bucket is full again",
+}
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -83,9 +91,12 @@ class RouteSpec:
 class RouteTable:
     """Declares routes on one Klein app and remembers them for the OpenAPI document."""
 
-    def __init__(self, klein: Klein, api: str) -> None:
+    def __init__(self, klein: Klein, api: str, *, errors: Sequence[int] = ()) -> None:
         self.klein = klein
         self.api = api
+        # Statuses every route of the API may answer (429 where every request is rate
+        # limited), besides those each route lists.
+        self.errors = tuple(errors)
         self.specs: list[RouteSpec] = []
         # Before any rule is added: a rule looks its converters up when it is added.
         klein.url_map.converters["int"] = IdConverter
@@ -137,7 +148,7 @@ class RouteTable:
                     body_types=tuple(body_types),
                     query=dict(query or {}),
                     replies=dict(replies or {200: Reply("OK")}),
-                    errors=tuple(errors),
+                    errors=tuple(dict.fromkeys((*self.errors, *errors))),
                 )
             )
             return f
@@ -225,6 +236,11 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
             "description": _DEFAULT_ERRORS.get(status, "Error"),
             "content": {"application/json": {"schema": error_schema}},
         }
+        if status == 429:
+            responses[str(status)]["headers"] = {
+                name: {"description": text, "schema": {"type": "string"}}
+                for name, text in RATE_LIMIT_HEADERS.items()
+            }
     op["responses"] = responses
     return op
 

@@ -4,6 +4,11 @@ Every reply, errors included, is the envelope `{"request_id", "success", "msg", 
 with a fresh request id (the one the access log shows); `msg` and `data` appear only when
 there is something to say. The one exception is the invoice download, a PDF.
 
+Rates: a user makes `[web] protecmail_user_rate` requests (20 a second, all its API keys
+together); a client address `[web] bad_credential_rate` ones with a missing or bad Api-Key
+(100 an hour, shared with the Mail API and safedrop). Beyond: 429 in the envelope, with
+Retry-After; every limited reply carries X-RateLimit-Limit, -Remaining and -Reset.
+
 Served: ping, user (GET/PUT), domains (`domain/all`, GET/POST/PUT/DELETE `domain/{d}`, also
 DELETE `domains/{d}`), address lists, token tanks (`tanks`, also `tolens`), the daily token
 average, invoices (list, PDF), the quarantine (list, release).
@@ -85,6 +90,7 @@ from web.context import context_of
 from web.errors import ApiError, EnvelopeErrors, envelope_schema, field_error
 from web.openapi import Reply, RouteTable
 from web.parsing import collect_fields
+from web.ratelimit import RateLimiter, admit
 from web.settings import WebSettings
 
 _ABSENT: Any = object()
@@ -262,7 +268,7 @@ class ProtecmailApp(ApiApp):
     title = "Protecmail (seed 004): domains, quarantine, token tanks, account, invoices"
     shape = EnvelopeErrors()
     app = Klein()
-    routes = RouteTable(app, "protecmail")
+    routes = RouteTable(app, "protecmail", errors=(429,))
 
     def __init__(
         self,
@@ -275,10 +281,14 @@ class ProtecmailApp(ApiApp):
         tokens: TokenService,
         invoices: InvoiceService,
         redirects: RedirectPolicy,
+        user_limiter: RateLimiter,
+        anonymous_limiter: RateLimiter,
         quarantine: QuarantineService | None = None,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
+        self.user_limiter = user_limiter
+        self.anonymous_limiter = anonymous_limiter
         self.identity = identity
         self.domains = domains
         self.plans = plans
@@ -288,8 +298,10 @@ class ProtecmailApp(ApiApp):
         self.quarantine = quarantine
 
     async def principal(self, request: IRequest) -> Principal:
-        """The API key's user, or a 401 envelope."""
-        return await self.resolver.require(request, PROTECMAIL)
+        """The API key's user within `[web] protecmail_user_rate`, or a 401 envelope (a 429
+        one once the client's address has spent `[web] bad_credential_rate`)."""
+        return await admit(request, self.resolver.require(request, PROTECMAIL),
+                           users=self.user_limiter, anonymous=self.anonymous_limiter)
 
     def envelope(
         self,

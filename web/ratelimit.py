@@ -4,19 +4,22 @@ A `Rate` of N per period lets a key make N requests at once, then one more every
 period/N seconds. Every reply of a limited endpoint carries `X-RateLimit-Limit`,
 `X-RateLimit-Remaining` and `X-RateLimit-Reset` (epoch seconds when the bucket is full again);
 a refused request gets 429 with `Retry-After`. Users: the password-login endpoints (per
-client address), IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token).
+client address), IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token),
+Protecmail, the Mail API and safedrop (20/s per user each; 100/h per client address for
+requests whose credential is missing or bad, the three APIs together).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
+from mailcore.identity import Principal
 from web.errors import ApiError
 from web.replies import set_headers
 
@@ -148,3 +151,31 @@ def client_key(request: IRequest) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", None)
     return str(host) if host else "unknown"
+
+
+def count_bad_credential(request: IRequest, limiter: RateLimiter) -> None:
+    """Count a request whose credential was missing or not live against its client address;
+    429 once that address has made too many."""
+    enforce(request, limiter, ("anonymous", client_key(request)))
+
+
+async def admit(
+    request: IRequest, resolving: Awaitable[Principal], *, users: RateLimiter,
+    anonymous: RateLimiter,
+) -> Principal:
+    """The principal `resolving` yields, within `users`' rate for its user; when it raises
+    (no or a bad credential), the request counts against its address in `anonymous` and
+    gets its 429 once that is spent, else the API's own error.
+
+    A good credential is served whatever its address's `anonymous` count: behind a reverse
+    proxy or a NAT every client has one address, and one client guessing must not lock the
+    others out. The secrets are long random strings; the limit makes guessing loud and slow,
+    not possible.
+    """
+    try:
+        principal = await resolving
+    except ApiError:
+        count_bad_credential(request, anonymous)
+        raise
+    enforce(request, users, ("user", principal.user.id))
+    return principal

@@ -278,6 +278,9 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
     # allow a client no more guesses than either alone. A huge rate stands for "off".
     login_rate = settings.login_rate or Rate(10**9, 1)
     login = PasswordLogin(identity, RateLimiter(clock, login_rate))
+    # Protecmail, the Mail API and safedrop share one budget of bad credentials per client
+    # address: an API key opens all three, so guesses spread over them count once.
+    bad_credentials = RateLimiter(clock, settings.bad_credential_rate)
     # The HTML pages' templates and CSRF key (read or made now, before the reactor runs).
     pages = Pages.from_data_dir(core.config.data_dir)
     apps: list[ApiApp] = [
@@ -294,7 +297,10 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             clock=clock,
         ),
         MailApiApp(settings, resolver=resolver, login=login, mailboxes=core.mailboxes,
-                   mail=core.mail, require_api_key=core.mailapi_settings.require_api_key),
+                   mail=core.mail,
+                   user_limiter=RateLimiter(clock, settings.mailapi_user_rate),
+                   anonymous_limiter=bad_credentials,
+                   require_api_key=core.mailapi_settings.require_api_key),
         ProtecmailApp(
             settings,
             resolver=resolver,
@@ -304,9 +310,13 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             tokens=core.tokens,
             invoices=core.invoices,
             redirects=core.redirects,
+            user_limiter=RateLimiter(clock, settings.protecmail_user_rate),
+            anonymous_limiter=bad_credentials,
             quarantine=core.quarantine,
         ),
-        SafedropApp(settings, resolver=resolver, identity=identity, drops=core.safedrop),
+        SafedropApp(settings, resolver=resolver, identity=identity, drops=core.safedrop,
+                    user_limiter=RateLimiter(clock, settings.safedrop_user_rate),
+                    anonymous_limiter=bad_credentials),
         QuarantinePageApp(settings, pages=pages, quarantine=core.quarantine),
         DropPageApp(settings, pages=pages, drops=core.safedrop),
         StaticApp(settings, pages=pages),

@@ -4,7 +4,10 @@ Authentication: `GET /` (or `/auth`) with `X-Auth-User` (the account's e-mail ad
 `X-Auth-Key` (one of its API keys) answers 204 with a temporary `X-Auth-Token` (kind
 "session", `session_token_ttl` seconds, 1 h by default). Every API call carries it as
 `X-Auth-Token` (or `Auth-Token`); an expired or unknown token is a 401, and so is one whose
-API key has been revoked since (the session is linked to its key: `parent_id`).
+API key has been revoked since (the session is linked to its key: `parent_id`). A user
+makes `[web] safedrop_user_rate` requests (20 a second); a client address `[web]
+bad_credential_rate` ones with a missing or bad key or token (100 an hour, shared with
+Protecmail and the Mail API): 429 beyond, with Retry-After and the X-RateLimit-* headers.
 
 Input is form-encoded or multipart (JSON is accepted too), booleans are 0/1, dates RFC 3339,
 output JSON; a resource that does not allow a method in its current state answers 405.
@@ -58,6 +61,7 @@ from web.parsing import (
     query_params,
     string_field,
 )
+from web.ratelimit import RateLimiter, admit
 from web.replies import empty_reply
 from web.settings import WebSettings
 
@@ -322,20 +326,39 @@ class SafedropApp(ApiApp):
     title = "safedrop (seed 003): secure file drops; X-Auth-User/X-Auth-Key, X-Auth-Token"
     shape = SafedropErrors()
     app = Klein()
-    routes = RouteTable(app, "safedrop")
+    routes = RouteTable(app, "safedrop", errors=(429,))
 
     def __init__(
         self, settings: WebSettings, *, resolver: CredentialResolver, identity: Identity,
-        drops: SafedropService,
+        drops: SafedropService, user_limiter: RateLimiter, anonymous_limiter: RateLimiter,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
+        self.user_limiter = user_limiter
+        self.anonymous_limiter = anonymous_limiter
         self.identity = identity
         self.drops = drops
 
     async def principal(self, request: IRequest) -> Principal:
-        """The token's user, or 401 (the token is unknown or has expired)."""
-        return await self.resolver.require(request, SAFEDROP)
+        """The token's user within `[web] safedrop_user_rate`, or 401 (the token is unknown
+        or has expired; 429 once the client's address has spent `[web]
+        bad_credential_rate`)."""
+        return await admit(request, self.resolver.require(request, SAFEDROP),
+                           users=self.user_limiter, anonymous=self.anonymous_limiter)
+
+    async def key_principal(self, request: IRequest, user: bytes | None) -> Principal:
+        """The user whose e-mail address is `user` (X-Auth-User) if the X-Auth-Key is one of
+        its API keys, within the same rates as `principal`."""
+        return await admit(request, self._key_owner(request, user),
+                           users=self.user_limiter, anonymous=self.anonymous_limiter)
+
+    async def _key_owner(self, request: IRequest, user: bytes | None) -> Principal:
+        if not user or not user.strip():
+            raise SAFEDROP_KEY.error("missing")
+        principal = await self.resolver.require(request, SAFEDROP_KEY)
+        if user.decode("utf-8", "replace").strip().lower() != principal.user.email.lower():
+            raise SAFEDROP_KEY.error("invalid")
+        return principal
 
     @routes.route(
         ["/", "/auth"],
@@ -353,11 +376,7 @@ class SafedropApp(ApiApp):
         if user is None and key is None and self.resolver.presented(request, SAFEDROP):
             await self.principal(request)
             return self._token_reply(request, self.resolver.presented(request, SAFEDROP), None)
-        if not user or not user.strip():
-            raise SAFEDROP_KEY.error("missing")
-        principal = await self.resolver.require(request, SAFEDROP_KEY)
-        if user.decode("utf-8", "replace").strip().lower() != principal.user.email.lower():
-            raise SAFEDROP_KEY.error("invalid")
+        principal = await self.key_principal(request, user)
         token, info = await self.identity.create_credential(
             principal.user.id,
             "session",

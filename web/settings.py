@@ -7,6 +7,11 @@ login_rate = "100/hour"          # password logins per client address (0 turns i
 imap2api_user_rate = "1000/hour" # IMAP2API requests per user
 imap2api_anonymous_rate = "100/hour"
 dropmyemail_token_rate = "20/second"
+protecmail_user_rate = "20/second"  # Protecmail requests per user (all its API keys)
+mailapi_user_rate = "20/second"     # Mail API requests per user
+safedrop_user_rate = "20/second"    # safedrop requests per user
+bad_credential_rate = "100/hour" # Protecmail, Mail API, safedrop requests with a missing or
+                                 # bad credential, per client address, the three together
 metrics = true                   # serve GET /metrics
 metrics_allow = ["127.0.0.1/32", "::1/128"]   # client networks allowed (empty: all)
 idle_timeout = 60                # seconds an idle (keep-alive) HTTP connection stays open
@@ -39,6 +44,10 @@ _KEYS = {
     "imap2api_user_rate",
     "imap2api_anonymous_rate",
     "dropmyemail_token_rate",
+    "protecmail_user_rate",
+    "mailapi_user_rate",
+    "safedrop_user_rate",
+    "bad_credential_rate",
     "metrics",
     "metrics_allow",
     "idle_timeout",
@@ -56,6 +65,19 @@ LOGIN_RATE = Rate(100, 3600)
 IMAP2API_USER_RATE = Rate(1000, 3600)
 IMAP2API_ANONYMOUS_RATE = Rate(100, 3600)
 DROPMYEMAIL_TOKEN_RATE = Rate(20, 1)
+# Protecmail, the Mail API and safedrop: a burst of 20, then 20 a second, per user. The rate
+# Dropmyemail's seed states for its own API; far above what a person at a client makes, and
+# enough for a provisioning script (10,000 addresses in under 9 minutes), while one key can
+# no longer make the gateway reload its domain snapshot thousands of times at once. A
+# script paced by the 429's Retry-After loses nothing.
+PROTECMAIL_USER_RATE = Rate(20, 1)
+MAILAPI_USER_RATE = Rate(20, 1)
+SAFEDROP_USER_RATE = Rate(20, 1)
+# Requests to those three APIs whose credential is missing or not live, per client address:
+# as many as IMAP2API allows anonymous clients. One budget for the three, because one API key
+# opens Protecmail (`Api-Key`), safedrop (`X-Auth-Key`) and the Mail API's `api_key` check
+# alike: spreading guesses over them buys nothing.
+BAD_CREDENTIAL_RATE = Rate(100, 3600)
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,10 @@ class WebSettings:
     imap2api_user_rate: Rate = IMAP2API_USER_RATE
     imap2api_anonymous_rate: Rate = IMAP2API_ANONYMOUS_RATE
     dropmyemail_token_rate: Rate = DROPMYEMAIL_TOKEN_RATE
+    protecmail_user_rate: Rate = PROTECMAIL_USER_RATE
+    mailapi_user_rate: Rate = MAILAPI_USER_RATE
+    safedrop_user_rate: Rate = SAFEDROP_USER_RATE
+    bad_credential_rate: Rate = BAD_CREDENTIAL_RATE
     metrics: bool = True
     metrics_allow: tuple[IPNetwork, ...] = ()
     idle_timeout: float = 60.0
@@ -99,6 +125,14 @@ class WebSettings:
             ),
             dropmyemail_token_rate=_rate(
                 table, "dropmyemail_token_rate", defaults.dropmyemail_token_rate
+            ),
+            protecmail_user_rate=_rate(
+                table, "protecmail_user_rate", defaults.protecmail_user_rate
+            ),
+            mailapi_user_rate=_rate(table, "mailapi_user_rate", defaults.mailapi_user_rate),
+            safedrop_user_rate=_rate(table, "safedrop_user_rate", defaults.safedrop_user_rate),
+            bad_credential_rate=_rate(
+                table, "bad_credential_rate", defaults.bad_credential_rate
             ),
             metrics=_bool(table, "metrics", defaults.metrics),
             metrics_allow=_networks(table.get("metrics_allow", [])),

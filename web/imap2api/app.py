@@ -75,7 +75,7 @@ from web.imap2api.serializers import (
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
 from web.parsing import FORM_TYPE, MULTIPART_TYPE, query_params
-from web.ratelimit import RateLimiter, client_key, enforce
+from web.ratelimit import RateLimiter, admit
 from web.replies import empty_reply, encoded_json_reply, set_headers
 from web.settings import WebSettings
 
@@ -156,13 +156,8 @@ class Imap2ApiApp(ApiApp):
     async def principal(self, request: IRequest) -> Principal:
         """The token's user, within the per-user limit; a request without a valid token
         counts against its address's anonymous limit before it gets its 401."""
-        try:
-            principal = await self.resolver.require(request, IMAP2API)
-        except ApiError:
-            enforce(request, self.anonymous_limiter, ("anonymous", client_key(request)))
-            raise
-        enforce(request, self.user_limiter, ("user", principal.user.id))
-        return principal
+        return await admit(request, self.resolver.require(request, IMAP2API),
+                           users=self.user_limiter, anonymous=self.anonymous_limiter)
 
     async def user_id(self, request: IRequest) -> int:
         return (await self.principal(request)).user.id
