@@ -128,6 +128,8 @@ class Core:
             self.db, self.clock, refresh_interval=domain_settings.refresh_interval,
             poll_interval=domain_settings.poll_interval,
             verify_domains=verification.verify_domains,
+            max_per_user=domain_settings.max_per_user,
+            max_addresses=domain_settings.max_addresses,
         )
         self.verifier = DomainVerifier(self.domains, self.clock, verification)
         self.verifier.leases = self.leases  # one pass per period, on one node

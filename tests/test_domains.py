@@ -7,9 +7,11 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailcore.config import ConfigError
 from mailcore.gateway.domains import (
     DomainError,
     DomainService,
+    DomainSettings,
     format_redirect,
     normalise_domain,
     normalise_local_part,
@@ -400,3 +402,15 @@ class SnapshotTests(TestCase):
         self.successResultOf(first)
         self.successResultOf(second)
         self.assertIsNotNone(self.domains.lookup("example.com"))
+
+
+class CapSettingsTests(TestCase):
+    def test_the_caps_are_read_from_domains(self) -> None:
+        settings = DomainSettings.from_config({"max_per_user": 5, "max_addresses": 7})
+        self.assertEqual((settings.max_per_user, settings.max_addresses), (5, 7))
+        self.assertEqual(DomainSettings.from_config({}).max_per_user, 1000)
+        for value in (0, -1, 1.5, True, "10"):
+            with self.assertRaises(ConfigError) as caught:
+                DomainSettings.from_config({"max_addresses": value})
+            self.assertIn("[domains] max_addresses must be a positive integer",
+                          str(caught.exception))

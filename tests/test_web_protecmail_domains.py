@@ -368,3 +368,48 @@ class AddressTests(DomainTestCase):
         await self.alice.call("GET", "/api/v1/domain/nowhere.tld/addresses", status=404)
         await self.alice.call("PUT", "/api/v1/domain/nowhere.tld/addresses/a", status=404)
         await self.alice.call("PUT", "/api/v1/domain/not_a_name/addresses/a", status=404)
+
+
+class CapTests(DomainTestCase):
+    """[domains] max_per_user and max_addresses: at the cap one more is a 409 envelope and
+    nothing is stored; under it, and for other users or domains, adding works."""
+
+    config = Config(sections={"queue": {"allow_private": True},
+                              "domains": {"max_per_user": 2, "max_addresses": 3}})
+
+    async def test_a_user_has_at_most_max_per_user_domains(self) -> None:
+        for name in ("one.test", "two.test"):
+            await self.alice.call("POST", f"/api/v1/domain/{name}", {"redirectTo": "10.0.0.1"})
+        reply = await self.alice.call("POST", "/api/v1/domain/three.test",
+                                      {"redirectTo": "10.0.0.1"}, status=409)
+        self.assertEqual(reply["msg"],
+                         "A user may have at most 2 domains; delete one to add another.")
+        self.assertIsNone(await self.web.core.domains.get("three.test"))
+        self.assertEqual((await self.alice.call("GET", "/api/v1/domain/all"))["data"],
+                         ["one.test", "two.test"])
+        # Another user's count is its own; a deleted domain makes room.
+        await self.bob.call("POST", "/api/v1/domain/three.test", {"redirectTo": "10.0.0.1"})
+        await self.alice.call("DELETE", "/api/v1/domain/one.test")
+        await self.alice.call("POST", "/api/v1/domain/four.test", {"redirectTo": "10.0.0.1"})
+
+    async def test_a_domain_lists_at_most_max_addresses(self) -> None:
+        for name in ("one.test", "two.test"):
+            await self.alice.call("POST", f"/api/v1/domain/{name}", {"redirectTo": "10.0.0.1"})
+        for local in ("a", "b", "c"):
+            await self.alice.call("PUT", f"/api/v1/domain/one.test/addresses/{local}")
+        reply = await self.alice.call("PUT", "/api/v1/domain/one.test/addresses/d",
+                                      status=409)
+        self.assertEqual(reply["msg"], "one.test may list at most 3 addresses; remove one to "
+                                       "add another.")
+        listed = await self.alice.call("GET", "/api/v1/domain/one.test/addresses")
+        self.assertEqual(listed["data"], ["a", "b", "c"])
+        # One already listed is still the 200 it was; another domain has its own list.
+        await self.alice.call("PUT", "/api/v1/domain/one.test/addresses/a")
+        await self.alice.call("PUT", "/api/v1/domain/two.test/addresses/d")
+        await self.alice.call("DELETE", "/api/v1/domain/one.test/addresses/a")
+        await self.alice.call("PUT", "/api/v1/domain/one.test/addresses/d")
+
+    async def test_the_caps_default_to_1000_domains_and_10000_addresses(self) -> None:
+        web = build_web()
+        self.assertEqual((web.core.domains.max_per_user, web.core.domains.max_addresses),
+                         (1000, 10_000))

@@ -37,6 +37,11 @@ Decisions (the seed leaves them open):
   except on POST, where any served name is 409.
 - Adding an address already listed is 200 with a msg saying so; removing one that is not
   listed is 404. An address may be given as `local` or `local@domain`.
+- A user has at most `[domains] max_per_user` domains (1,000) and a domain lists at most
+  `max_addresses` addresses (10,000); one more is 409 with a msg naming the cap, and nothing
+  is stored. 409, not 400: the request is well formed and would succeed once a domain or
+  address is deleted (the state refuses it, as for a name already served); not 403, which
+  here means the plan (the seed states no plan limit on either count).
 - Quarantine listing: `{start}` is an offset into the newest-first list and `{count}` the
   page size (1 to 1000); `current_page` is start // count + 1 and `nb_pages` is
   ceil(total / count), as the seed's example (0/3 → page 1 of 575 for 1724 mails). The
@@ -69,6 +74,7 @@ from mailcore.billing.tokens import TokenService
 from mailcore.gateway.domains import (
     Domain,
     DomainError,
+    DomainLimitReached,
     DomainService,
     normalise_domain,
     parse_redirect,
@@ -257,7 +263,9 @@ def _no_such_domain(name: str) -> ApiError:
 
 def _domain_refusal(error: DomainError, name: str) -> ApiError:
     """A DomainService refusal on the caller's domain `name`: 404 when it is gone (removed
-    meanwhile), else 400 naming the field."""
+    meanwhile), 409 at a `[domains]` cap, else 400 naming the field."""
+    if isinstance(error, DomainLimitReached):
+        return ApiError(409, error.message)
     if error.message.startswith("No such domain"):
         return _no_such_domain(name)
     return _bad_domain_input(error)
@@ -486,6 +494,8 @@ class ProtecmailApp(ApiApp):
         redirect_to = options.pop("redirect_to")
         try:
             added = await self.domains.add(domain, principal.user.id, redirect_to, **options)
+        except DomainLimitReached as e:
+            raise ApiError(409, e.message) from None
         except DomainError as e:
             if "already served" in e.message:
                 raise ApiError(409, e.message) from None
@@ -572,6 +582,7 @@ class ProtecmailApp(ApiApp):
         auth=PROTECMAIL,
         replies={200: Reply("Listed (msg says so when it already was)", envelope_schema(
             None))},
+        errors=(409,),
     )
     async def add_address(self, request: IRequest, domain: str, address: str) -> bytes:
         principal, found = await self.caller_domain(request, domain)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import idna
-from sqlalchemy import ColumnElement, Connection, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -60,6 +60,8 @@ log = Logger()
 DEFAULT_PORT = 25
 DEFAULT_POLL_INTERVAL = 0.5
 DEFAULT_REFRESH_INTERVAL = 300.0
+DEFAULT_MAX_PER_USER = 1000  # domains per user ([domains] max_per_user)
+DEFAULT_MAX_ADDRESSES = 10_000  # addresses per domain ([domains] max_addresses)
 DOMAINS_COUNTER = "domains"
 ACTIONS = (0, 1)  # seed 004: 0 quarantine, 1 tag and deliver
 
@@ -95,6 +97,10 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+class DomainLimitReached(DomainError):
+    """A user's domains, or a domain's addresses, are at `[domains]`'s cap."""
 
 
 @dataclass(frozen=True)
@@ -458,17 +464,31 @@ def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
 
 @dataclass(frozen=True)
 class DomainSettings:
-    """The `[domains]` table: how fresh each node's RCPT snapshot is kept (seconds)."""
+    """The `[domains]` table: how fresh each node's RCPT snapshot is kept (seconds), and how
+    many domains a user may have and addresses a domain may list.
+
+    The caps bound what one account can make every node hold in memory and reload on each
+    change (the whole snapshot is read again after every write). Seed 004 states no limit
+    for any plan, so the defaults are far above what a customer has (1,000 domains, 10,000
+    addresses each); an operator serving larger accounts raises them.
+    """
 
     poll_interval: float = DEFAULT_POLL_INTERVAL
     refresh_interval: float = DEFAULT_REFRESH_INTERVAL
+    max_per_user: int = DEFAULT_MAX_PER_USER
+    max_addresses: int = DEFAULT_MAX_ADDRESSES
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> DomainSettings:
-        """From `[domains]`; an unknown key or a value that is not a positive number of
-        seconds raises ConfigError naming it."""
-        values: dict[str, float] = {}
+        """From `[domains]`; an unknown key, an interval that is not a positive number of
+        seconds or a cap that is not a positive integer raises ConfigError naming it."""
+        values: dict[str, Any] = {}
         for key, value in section.items():
+            if key in ("max_per_user", "max_addresses"):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"[domains] {key} must be a positive integer")
+                values[key] = value
+                continue
             if key not in ("poll_interval", "refresh_interval"):
                 raise ConfigError(f"[domains] unknown key {key!r}")
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -502,6 +522,8 @@ class DomainService(PeriodicService):
         redirects: RedirectPolicy | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         verify_domains: bool = False,
+        max_per_user: int = DEFAULT_MAX_PER_USER,
+        max_addresses: int = DEFAULT_MAX_ADDRESSES,
     ) -> None:
         if refresh_interval <= 0:
             raise ValueError("refresh_interval must be positive")
@@ -515,6 +537,9 @@ class DomainService(PeriodicService):
         # [protecmail] verify_domains: new domains wait for proof of ownership, and domains
         # waiting for it are not served.
         self.verify_domains = verify_domains
+        # [domains] caps: domains per owner, addresses per domain (DomainLimitReached).
+        self.max_per_user = max_per_user
+        self.max_addresses = max_addresses
         self._by_name: dict[str, Domain] = {}
         self._by_id: dict[int, Domain] = {}
         self._addresses: dict[int, frozenset[str]] = {}
@@ -698,6 +723,9 @@ class DomainService(PeriodicService):
 
         With `verify_domains` on the domain is stored pending, with a fresh token, unless
         `verified` (an operator vouches for it).
+
+        DomainLimitReached when the owner already has `max_per_user` domains (pending ones
+        count: they hold their names too).
         """
         domain_name = normalise_domain(name)
         if hosted:
@@ -716,12 +744,21 @@ class DomainService(PeriodicService):
             else:
                 values["verify_token"] = secrets.token_hex(16)
 
+        limit = self.max_per_user
+
         def txn(conn: Connection) -> Domain:
             if conn.execute(select(users.c.id).where(users.c.id == owner_id)).first() is None:
                 raise DomainError(f"No such user (id {owner_id}).", "owner")
             taken = conn.execute(select(domains.c.id).where(domains.c.name == domain_name))
             if taken.first() is not None:
                 raise DomainError(f"Domain {domain_name} is already served.", "domain")
+            owned = conn.execute(
+                select(func.count()).select_from(domains).where(domains.c.owner_id == owner_id)
+            ).scalar() or 0
+            if owned >= limit:
+                raise DomainLimitReached(
+                    f"A user may have at most {limit} domains; delete one to add another.",
+                    "domain")
             try:
                 conn.execute(insert(domains).values(**values))
             except IntegrityError:
@@ -865,9 +902,11 @@ class DomainService(PeriodicService):
     async def add_address(
         self, domain: str, local_part: str, *, owner_id: int | None = None
     ) -> bool:
-        """Add a local part to the domain's list; False when it was already there."""
+        """Add a local part to the domain's list; False when it was already there.
+        DomainLimitReached when the list already has `max_addresses` entries."""
         domain_name = normalise_domain(domain)
         local = normalise_local_part(local_part)
+        limit = self.max_addresses
 
         def txn(conn: Connection) -> bool:
             found = _find_domain_txn(conn, domain_name, owner_id)
@@ -879,6 +918,14 @@ class DomainService(PeriodicService):
             ).first()
             if exists is not None:
                 return False
+            listed = conn.execute(
+                select(func.count()).select_from(domain_addresses)
+                .where(domain_addresses.c.domain_id == found.id)
+            ).scalar() or 0
+            if listed >= limit:
+                raise DomainLimitReached(
+                    f"{domain_name} may list at most {limit} addresses; remove one to add "
+                    "another.", "address")
             conn.execute(insert(domain_addresses).values(domain_id=found.id, local_part=local))
             _bump_generation_txn(conn)
             return True
