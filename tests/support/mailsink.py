@@ -327,7 +327,7 @@ class Daemon:
 
     def __init__(
         self, directory: Any, *, db_url: str | None = None, queue: dict[str, Any] | None = None,
-        name: str = "mailcore",
+        web: dict[str, Any] | None = None, name: str = "mailcore",
     ) -> None:
         from tests.support.servers import free_ports
 
@@ -343,9 +343,12 @@ class Daemon:
         # The next hops (sinks) listen on 127.0.0.1, which the operator must allow.
         lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000", "",
                  "[tokens]", 'when_empty = "allow"', "", "[queue]", "allow_loopback = true"]
-        for key, value in (queue or {}).items():
-            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else
-                         f'{key} = "{value}"')
+        for section, values in (("queue", queue), ("web", web)):
+            if section != "queue" and values:
+                lines += ["", f"[{section}]"]
+            for key, value in (values or {}).items():
+                lines.append(f"{key} = {value!r}" if not isinstance(value, str) else
+                             f'{key} = "{value}"')
         self.config = directory / "mailcore.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.process: Any = None
