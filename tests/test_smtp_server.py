@@ -133,6 +133,17 @@ class GreetingTests(ServerTestCase):
         self.assertEqual(s.send(b"EHLO\r\n"), ["501 5.5.4 Syntax: EHLO hostname"])
         self.assertEqual(s.send(b"HELO \r\n"), ["501 5.5.4 Syntax: HELO hostname"])
 
+    def test_a_name_with_a_control_character_is_refused(self) -> None:
+        s = self.session()
+        for name in (b"a\x00b", b"client\x1b[2J", b"a\x7f", b"a\x85b"):
+            self.assertEqual(s.send(b"EHLO " + name + b"\r\n"),
+                             ["501 5.5.2 Syntax: EHLO hostname (no control characters)"], name)
+        self.assertEqual(s.send(b"HELO a\tb\r\n"),
+                         ["501 5.5.2 Syntax: HELO hostname (no control characters)"])
+        # Nothing was taken: a mail transaction still needs a greeting.
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["503"])
+        self.assertIn("250-PIPELINING", s.hello("client.example"))
+
 
 class TransactionTests(ServerTestCase):
     def test_message_is_queued_with_a_received_header_and_the_exact_bytes(self) -> None:

@@ -70,6 +70,7 @@ from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import DEFAULT_MAX_HOPS, ReceivedCounter
 from mailcore.smtp.queueid import new_queue_id
+from mailcore.text import has_cc
 
 log = Logger()
 
@@ -569,6 +570,12 @@ class ESMTPServerProtocol(TwistedProtocol):
         name = arg.strip()
         if not name:
             self._error(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+            return
+        if has_cc(name):
+            # A domain or an address literal (RFC 5321 4.1.1.1) holds no control character;
+            # one (NUL, ESC, a bare CR) would go on into the log and the store.
+            self._error(501, "5.5.2", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname "
+                        "(no control characters)")
             return
         self.helo = name
         self.esmtp = esmtp
