@@ -80,6 +80,27 @@ class AccountsApiTests(ApiBase):
             self.assertIn("client credentials", body["error_description"])
         self.assertEqual(await self.stored(), 0)
 
+    async def test_accounts_past_the_cap_are_a_400_before_any_login(self) -> None:
+        """`[fetch] max_accounts_per_user` counts IMAP2API servers and Dropmyemail accounts
+        together; past it a create is refused before the login that checks it (which would
+        otherwise dial the server, here one that does not resolve)."""
+        self.web.core.fetch.accounts.max_per_user = 1
+        await self.web.core.fetch.accounts.create(
+            self.alice.id, name="a", email="a@x.test", host="127.0.0.1", port=143,
+            password="pw", allow_cleartext=True)
+        status, body = await self.call("POST", "/v1/accounts", json={
+            "email": "b@nowhere.example", "password": "pw"})
+        self.assertEqual((status, body), (400, {
+            "error": "invalid_request", "error_description":
+            "A user may have at most 1 accounts; delete one to add another."}))
+        self.assertEqual(await self.stored(), 1)
+        token = {"Authorization": f"Token {await self.web.credential(self.alice, 'token')}"}
+        status, _, body = await self.web.call("POST", "/api/imap-servers/", headers=token, json={
+            "host": "imap.example.test", "username": "a", "password": "p"})
+        self.assertEqual((status, body), (400, {"non_field_errors": [
+            "A user may have at most 1 accounts; delete one to add another."]}))
+        self.assertEqual(await self.stored(), 1)
+
     async def test_writing_needs_the_write_scope(self) -> None:
         reader = await access_token(self.web.core.oauth, self.alice.id, scope="read")
         status, body = await self.call("POST", "/v1/accounts", reader,

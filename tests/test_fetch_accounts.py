@@ -59,6 +59,19 @@ class AccountsTests(TestCase):
         drop = self.create(username="", email="me@drop.test", protocol="pop")
         self.assertEqual((drop.username, drop.port), ("me@drop.test", 110))
 
+    def test_a_user_has_at_most_max_per_user_accounts(self) -> None:
+        self.accounts.max_per_user = 2
+        first = self.create()
+        self.create(host="imap2.example.test")
+        error = self.refused(self.accounts.create(self.user, **BASE))
+        self.assertEqual((error.message, error.field),
+                         ("A user may have at most 2 accounts; delete one to add another.", None))
+        other = self.successResultOf(self.db.run("make_user", thd_make_user, "other"))
+        self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.create(other, **BASE)))
+        self.successResultOf(defer.Deferred.fromCoroutine(
+            self.accounts.delete(self.user, first.id)))
+        self.create()
+
     def test_password_is_encrypted_and_never_returned(self) -> None:
         account = self.create()
         self.assertFalse(hasattr(account, "password"))

@@ -248,6 +248,7 @@ class BackupAccounts:
         fields = self._values(values, None)
         try:
             checked = validate(dict(fields))
+            await self.accounts.check_room(user_id)  # before a login to a server
         except AccountError as e:
             raise BackupError(e.message, e.field) from None
         await self._check_login({**fields, **checked})

@@ -50,7 +50,7 @@ def build_fetch(
     node in the accounts' sync leases."""
     settings = FetchSettings.from_section(section)
     secrets = KeyFileSecretBox(data_dir, settings.secret_key)
-    accounts = Accounts(db, reactor, secrets)
+    accounts = Accounts(db, reactor, secrets, max_per_user=settings.max_accounts_per_user)
     messages = MessageStore(db, cpu, reactor)
     engine = SyncEngine(reactor, db, accounts, messages, settings, node_id=node_id)
     return FetchServices(

@@ -250,13 +250,24 @@ def check_password_given(changes: dict[str, Any], current: dict[str, Any]) -> No
         raise AccountError(DESTINATION_REFUSAL, "password")
 
 
+def thd_check_room(conn: Connection, user_id: int, limit: int) -> None:
+    """Blocking: AccountError (naming no field) when `user_id` has `limit` accounts."""
+    count = conn.execute(select(func.count()).select_from(fetch_accounts).where(
+        fetch_accounts.c.user_id == user_id)).scalar() or 0
+    if count >= limit:
+        raise AccountError(f"A user may have at most {limit} accounts; delete one to add "
+                           "another.")
+
+
 class Accounts:
     """Create, read, update and delete fetch accounts; keep their sync status."""
 
-    def __init__(self, db: Database, clock: IReactorTime, secrets: SecretBox) -> None:
+    def __init__(self, db: Database, clock: IReactorTime, secrets: SecretBox,
+                 max_per_user: int = 1000) -> None:
         self.db = db
         self.clock = clock
         self.secrets = secrets
+        self.max_per_user = max_per_user  # [fetch] max_accounts_per_user
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(
@@ -264,7 +275,8 @@ class Accounts:
         )
 
     async def create(self, user_id: int, **values: Any) -> Account:
-        """A new account for `user_id`; raises AccountError naming the bad field."""
+        """A new account for `user_id`; raises AccountError naming the bad field, or naming
+        none when the user already has `max_per_user` accounts."""
         clean = validate(values)
         password = clean.pop("password")
         now = self.now()
@@ -274,12 +286,19 @@ class Accounts:
             created_at=now,
             updated_at=now,
         )
+        limit = self.max_per_user
 
         def txn(conn: Connection) -> Account:
+            thd_check_room(conn, user_id, limit)
             account_id = new_id(conn.execute(insert(fetch_accounts).values(**clean)))
             return thd_get_account(conn, user_id, account_id)
 
         return await self.db.run("create_fetch_account", txn)
+
+    async def check_room(self, user_id: int) -> None:
+        """AccountError when `user_id` already has `max_per_user` accounts: for a caller
+        with work to do before `create` (a login to check), which checks again."""
+        await self.db.read("fetch_account_room", thd_check_room, user_id, self.max_per_user)
 
     async def update(self, user_id: int, account_id: int, **values: Any) -> Account:
         """Change some fields (a partial update, as the seed's PUT). A change of where or

@@ -47,6 +47,9 @@ class FetchSettings:
     pipeline_depth: int = 3
     connect_timeout: float = 30.0
     idle_timeout: float = 120.0
+    # How many accounts (IMAP2API imap-servers, Dropmyemail accounts) one user may have:
+    # each is synced on its own schedule, so the number bounds the work a user can ask for.
+    max_accounts_per_user: int = 1000
     # Fernet key for remote passwords; default: `fetch.key` in the data directory.
     secret_key: str | None = None
     # Where accounts may connect (see the module docstring): loopback and other non-global
