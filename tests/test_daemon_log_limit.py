@@ -54,6 +54,7 @@ class DaemonLogLimitTests(DaemonTestCase):
         minute later)."""
         for tries in range(100):
             reader = await self.connect()
+            assert reader.transport is not None
             reader.transport.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             if not (await reader.answered).startswith(b"HTTP/1.1 503 "):
                 return reader, tries
