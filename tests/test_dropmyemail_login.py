@@ -19,7 +19,7 @@ from tests.support.imap2api import LiveApi, live_api
 from tests.support.oauth import access_token
 from tests.support.reactor import get_reactor
 from tests.test_dropmyemail_dovecot import ADDRESS_LOGINS, bearer
-from tests.test_fetch_imap_hostile import FakeIMAPFactory
+from tests.test_fetch_imap_hostile import FakeIMAPFactory, cleartext_servers
 
 
 class UpdateLogsInAgainTests(DovecotClassMixin, TestCase):
@@ -86,16 +86,7 @@ class NewDestinationTests(TestCase):
     timeout = 30
 
     async def test_the_stored_password_is_never_sent_where_a_put_names(self) -> None:
-        reactor = get_reactor()
-        servers = []
-        for _ in range(2):
-            factory = FakeIMAPFactory()
-            factory.caps = b"IMAP4rev1 AUTH=PLAIN SASL-IR"  # no STARTTLS: cleartext
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            self.addCleanup(factory.close_all)
-            servers.append((factory, port.getHost().port))
-        (old, old_port), (new, new_port) = servers
+        (old, old_port), (new, new_port) = cleartext_servers(self, 2)
         api = await live_api(self, {"dropmyemail": {"allow_cleartext_login": True}})
         alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
         token = await access_token(api.core.oauth, alice.id)

@@ -218,6 +218,20 @@ class FakeIMAPFactory(protocol.ServerFactory):
                 conn.transport.loseConnection()
 
 
+def cleartext_servers(test: TestCase, n: int) -> list[tuple[FakeIMAPFactory, int]]:
+    """`n` fake IMAP servers on loopback that take AUTHENTICATE PLAIN in cleartext (so
+    `passwords()` tells what each was given), with their ports; stopped with `test`."""
+    servers = []
+    for _ in range(n):
+        factory = FakeIMAPFactory()
+        factory.caps = b"IMAP4rev1 AUTH=PLAIN SASL-IR"  # no STARTTLS: cleartext
+        port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+        test.addCleanup(port.stopListening)
+        test.addCleanup(factory.close_all)
+        servers.append((factory, port.getHost().port))
+    return servers
+
+
 class HostileServerTests(TestCase):
     timeout = 30
 

@@ -15,9 +15,8 @@ from mailcore.fetch.accounts import DESTINATION_REFUSAL
 from mailcore.fetch.engine import SyncResult
 from mailcore.store.schema import messages
 from tests.support.imap2api import Client, client, config, live_api, mail, store
-from tests.support.reactor import get_reactor
 from tests.support.web import BASE, Web, header
-from tests.test_fetch_imap_hostile import FakeIMAPFactory
+from tests.test_fetch_imap_hostile import cleartext_servers
 from web.imap2api import Imap2ApiApp
 
 GMAIL = {
@@ -378,16 +377,7 @@ class NewDestinationSyncTests(TestCase):
     timeout = 30
 
     async def test_a_sync_after_a_refused_change_logs_in_where_it_did(self) -> None:
-        reactor = get_reactor()
-        servers = []
-        for _ in range(2):
-            factory = FakeIMAPFactory()
-            factory.caps = b"IMAP4rev1 AUTH=PLAIN SASL-IR"  # no STARTTLS: cleartext
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            self.addCleanup(factory.close_all)
-            servers.append((factory, port.getHost().port))
-        (old, old_port), (new, new_port) = servers
+        (old, old_port), (new, new_port) = cleartext_servers(self, 2)
         api = await live_api(self, {"web": {"imap2api_sync_wait": 20}})
         await api.core.identity.create_user("alice", "alice@example.test", "pw-Secret-123")
         status, body = await api.call("POST", "/api-token-auth/", json={
