@@ -28,7 +28,6 @@ from web.parsing import (
     BigIdConverter,
     IdConverter,
     TextConverter,
-    TextPathConverter,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,7 +101,6 @@ class RouteTable:
         klein.url_map.converters["int"] = IdConverter
         klein.url_map.converters["bigint"] = BigIdConverter
         klein.url_map.converters["default"] = klein.url_map.converters["string"] = TextConverter
-        klein.url_map.converters["path"] = TextPathConverter
 
     def route(
         self,

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl
 
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import NotFound
-from werkzeug.routing import BaseConverter, PathConverter, UnicodeConverter
+from werkzeug.routing import BaseConverter, UnicodeConverter
 
 from mailcore.text import (
     CONTROL_CHARACTER,
@@ -98,18 +98,19 @@ def parse_int(text: str) -> int | None:
 
 class IdConverter(BaseConverter):
     """`<int:name>` in every route (`web.openapi.RouteTable` installs it): ASCII digits, at
-    most `ID_MAX`. A bigger number names nothing: a 404 like any unknown id, instead of an
-    overflow in the database driver. (It raises NotFound rather than Werkzeug's
-    ValidationError, which would make the router answer 405 when another rule of the same
-    path takes other methods.)"""
+    most `maximum` (`ID_MAX`). A bigger number names nothing: a 404 like any unknown id,
+    instead of an overflow in the database driver. (It raises NotFound rather than
+    Werkzeug's ValidationError, which would make the router answer 405 when another rule of
+    the same path takes other methods.)"""
 
     regex = r"[0-9]+"
     part_isolating = True
     weight = 50
+    maximum = ID_MAX
 
     def to_python(self, value: str) -> int:
-        number = parse_int(value) if len(value) <= 10 else None
-        if number is None or not 0 <= number <= ID_MAX:
+        number = parse_int(value) if len(value) <= len(str(self.maximum)) else None
+        if number is None or not 0 <= number <= self.maximum:
             raise NotFound()
         return number
 
@@ -121,11 +122,7 @@ class BigIdConverter(IdConverter):
     """`<bigint:name>`: a number that is not a row id but a key in a BIGINT column (a
     contact's, derived from its address), at most `INT64_MAX`."""
 
-    def to_python(self, value: str) -> int:
-        number = parse_int(value) if len(value) <= 19 else None
-        if number is None or number < 0:
-            raise NotFound()
-        return number
+    maximum = INT64_MAX
 
 
 class TextConverter(UnicodeConverter):
@@ -133,15 +130,6 @@ class TextConverter(UnicodeConverter):
     it): one holding NUL or a lone surrogate (`%00`, `%ED%A0%80`) names nothing, a 404 like
     any unknown id, instead of a PostgreSQL error (a mail's public id, a user name, an
     address looked up in the store)."""
-
-    def to_python(self, value: str) -> str:
-        if not_text(value):
-            raise NotFound()
-        return value
-
-
-class TextPathConverter(PathConverter):
-    """`<path:name>`, refusing what `TextConverter` refuses."""
 
     def to_python(self, value: str) -> str:
         if not_text(value):
