@@ -140,6 +140,20 @@ def thd_get_user(conn: Connection, user_id: int) -> User | None:
     return _user(row) if row else None
 
 
+def thd_user_row_by_name(conn: Connection, name_or_email: str) -> Any:
+    """Blocking: the users row whose username, or else email, is `name_or_email`
+    (case-insensitive), or None. Text that is not text (NUL) names nobody: PostgreSQL would
+    refuse the lookup."""
+    key = name_or_email.strip().lower()
+    if not_text(key):
+        return None
+    for column in (users.c.username, users.c.email):
+        row = conn.execute(select(users).where(func.lower(column) == key)).first()
+        if row:
+            return row
+    return None
+
+
 def _user(row: Any) -> User:
     m = row._mapping
     return User(
@@ -287,16 +301,9 @@ class Identity:
 
     async def find_user(self, name_or_email: str) -> User | None:
         """The user whose username, or else email, is `name_or_email` (case-insensitive)."""
-        key = name_or_email.strip().lower()
-        if not_text(key):
-            return None  # nobody's (and PostgreSQL would refuse the lookup)
-
         def txn(conn: Connection) -> User | None:
-            for column in (users.c.username, users.c.email):
-                row = conn.execute(select(users).where(func.lower(column) == key)).first()
-                if row:
-                    return _user(row)
-            return None
+            row = thd_user_row_by_name(conn, name_or_email)
+            return _user(row) if row else None
 
         return await self.db.read("find_user", txn)
 
@@ -363,14 +370,8 @@ class Identity:
         """The active user whose password this is, else None (same cost either way)."""
 
         def txn(conn: Connection) -> tuple[User, str | None] | None:
-            key = name_or_email.strip().lower()
-            if not_text(key):
-                return None  # nobody's (and PostgreSQL would refuse the lookup)
-            for column in (users.c.username, users.c.email):
-                row = conn.execute(select(users).where(func.lower(column) == key)).first()
-                if row:
-                    return _user(row), row._mapping["password_hash"]
-            return None
+            row = thd_user_row_by_name(conn, name_or_email)
+            return (_user(row), row._mapping["password_hash"]) if row else None
 
         found = await self.db.read("authenticate_password", txn)
         stored = found[1] if found else None
