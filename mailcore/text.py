@@ -55,6 +55,12 @@ def has_cc(text: str) -> bool:
     return _CC.search(text) is not None
 
 
+def replace_cc(text: str, replacement: str = "\ufffd") -> str:
+    """`text` with each control character (Unicode's Cc, as `has_cc`) replaced: for text
+    read out of mail and shown as one line, where refusing is not an option."""
+    return _CC.sub(replacement, text) if _CC.search(text) else text
+
+
 def breaks_line(text: str) -> bool:
     """Whether `text` holds NUL, CR or LF, which would end or cut a protocol command line."""
     return _LINE_BREAKING.search(text) is not None

@@ -73,7 +73,7 @@ from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
 from mailcore.store.schema import domains, quarantine, users
-from mailcore.text import storable
+from mailcore.text import replace_cc, storable
 
 log = Logger()
 
@@ -206,10 +206,6 @@ def new_ident(when: datetime.datetime) -> str:
     return when.strftime("%d%m%Y%H%M%S") + f"{secrets.randbelow(10**6):06d}"
 
 
-# Unicode's Cc (C0 controls, DEL, C1 controls) once whitespace is collapsed.
-_SUBJECT_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def decoded_subject(body: bytes) -> str:
     """The message's Subject, RFC 2047 words decoded; "" when absent or unreadable.
 
@@ -224,7 +220,7 @@ def decoded_subject(body: bytes) -> str:
         text = str(make_header(decode_header(str(raw))))
     except Exception:
         return ""
-    return storable(_SUBJECT_CONTROL.sub("\ufffd", " ".join(text.split())))
+    return storable(replace_cc(" ".join(text.split())))
 
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
