@@ -494,10 +494,9 @@ class ProtecmailApp(ApiApp):
         redirect_to = options.pop("redirect_to")
         try:
             added = await self.domains.add(domain, principal.user.id, redirect_to, **options)
-        except DomainLimitReached as e:
-            raise ApiError(409, e.message) from None
         except DomainError as e:
-            if "already served" in e.message:
+            # 409: the state refuses it (the name is served, or the user is at the cap).
+            if isinstance(e, DomainLimitReached) or "already served" in e.message:
                 raise ApiError(409, e.message) from None
             raise _bad_domain_input(e) from None
         record = verification_record(added)
