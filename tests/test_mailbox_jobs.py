@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.accounts import Accounts
+from mailcore.fetch.errors import AccountNotFound
 from mailcore.fetch.jobs import (
     CANCELLED,
     LEASE,
@@ -211,6 +212,17 @@ class JobRunnerMixin(DatabaseMixin):
         job = await self.job(a, job_id)
         self.assertEqual((job.status, job.reason),
                          ("failed", "the destination refused message 7: NO [OVERQUOTA]"))
+
+    async def test_a_job_whose_account_was_deleted_fails_saying_so(self) -> None:
+        """The user deleted the account while its job waited (the HTTP fuzz test found a
+        restore that then logged a critical traceback)."""
+        recorder = Recorder()
+        recorder.outcome = AccountNotFound("no such account", "id")
+        a, _b, _clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        await a.settle()
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.reason), ("failed", "the account was deleted"))
 
 
 class SQLiteJobRunnerTests(JobRunnerMixin, TestCase):

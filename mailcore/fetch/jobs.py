@@ -36,6 +36,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.fetch.errors import AccountNotFound
 from mailcore.messages.sql import new_id, utc
 from mailcore.store import Database
 from mailcore.store.leases import thd_claim_job, thd_release_job
@@ -508,6 +509,11 @@ class JobRunner(service.Service):
             return
         except TransientJobError as e:
             await self._retry_later(job, str(e))
+            return
+        except AccountNotFound:
+            # Its user may delete the account while the job waits or runs: a failure with
+            # its reason, not a fault of ours.
+            await self._end(job, "failed", "the account was deleted")
             return
         except Exception as e:
             if not isinstance(e, JobFailed):
