@@ -117,6 +117,39 @@ class HostileReplyTests(TestCase):
         self.assertLessEqual(max(len(line) for line in raw.split(b"\r\n")), 998)
         self.assertEqual(raw.count(b"z"), 3000)  # the text part and the Diagnostic-Code
 
+    def test_non_ascii_is_written_in_rfc6533_notation_where_ascii_is_required(self) -> None:
+        """A next hop's reply in UTF-8 went raw into message/delivery-status (RFC 3464:
+        ASCII); the text for people keeps it as it came."""
+        raw = build_dsn(
+            reporting_mta="mx.test", queue_id="Q1", original_sender="alice@example.test",
+            original_headers=ORIGINAL, arrival_date=1_700_000_000.0, now=1_700_000_500.0,
+            failures=[Failure("b\u00fccher@customer.test",
+                              "550 5.1.1 Empf\u00e4nger unbekannt \U0001f600")],
+        )
+        msg: Any = message_from_bytes(raw)
+        text, status, headers = msg.get_payload()
+        self.assertIn("Empf\u00e4nger unbekannt \U0001f600",
+                      text.get_payload(decode=True).decode("utf-8"))
+        block = status.as_bytes().split(b"\n\n", 1)[1]
+        self.assertTrue(block.isascii())
+        fields = status.get_payload()[1]
+        self.assertEqual(fields["Final-Recipient"], "utf-8; b\\x{FC}cher@customer.test")
+        self.assertEqual(fields["Diagnostic-Code"],
+                         "smtp; 550 5.1.1 Empf\\x{E4}nger unbekannt \\x{1F600}")
+        self.assertEqual(headers.get_content_type(), "text/rfc822-headers")
+
+    def test_eight_bit_original_headers_are_global_headers(self) -> None:
+        raw = build_dsn(
+            reporting_mta="mx.test", queue_id="Q1", original_sender="alice@example.test",
+            original_headers=ORIGINAL.replace(b"quarterly", "Quartalsb\u00fccher".encode()),
+            arrival_date=1_700_000_000.0, now=1_700_000_500.0,
+            failures=[Failure("bob@customer.test", "550 5.1.1 unknown")],
+        )
+        msg: Any = message_from_bytes(raw)
+        self.assertEqual(msg.get_payload()[2].get_content_type(), "message/global-headers")
+        self.assertIn("Quartalsb\u00fccher".encode(), raw)
+
+
 class StatusTests(TestCase):
     def test_status_from_reply(self) -> None:
         self.assertEqual(status_of("550 5.7.1 relaying denied"), "5.7.1")
@@ -127,6 +160,7 @@ class StatusTests(TestCase):
     def test_diagnostic_type(self) -> None:
         self.assertEqual(diagnostic_code("554 5.7.1 no"), "smtp; 554 5.7.1 no")
         self.assertEqual(diagnostic_code("4.4.1 refused"), "X-Mailcore; 4.4.1 refused")
+        self.assertEqual(diagnostic_code("550 caf\u00e9"), "smtp; 550 caf\\x{E9}")
 
     def test_never_bounce_the_null_sender(self) -> None:
         self.assertFalse(should_bounce(""))

@@ -175,6 +175,11 @@ class TagHelperTests(TestCase):
         tagged = apply_tags(b"From: a\r\n\r\nx", (("X-Virus-Status", "Infected (E\x00\x1b)"),))
         self.assertEqual(tagged, b"X-Virus-Status: Infected (E)\r\nFrom: a\r\n\r\nx")
 
+    def test_a_non_ascii_symbol_name_is_written_in_rfc6533_notation(self) -> None:
+        """The message may not have said SMTPUTF8: a field we add stays ASCII."""
+        tagged = apply_tags(b"From: a\r\n\r\nx", (("X-Spam-Status", "Yes, tests=CAF\u00c9"),))
+        self.assertEqual(tagged, b"X-Spam-Status: Yes, tests=CAF\\x{C9}\r\nFrom: a\r\n\r\nx")
+
     def test_a_non_ascii_tag_is_an_encoded_word(self) -> None:
         body = b"From: a\r\nSubject: hi\r\n\r\nx"
         once = apply_tags(body, (), "[\u0421\u041f\u0410\u041c]")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from email.header import Header
 from typing import Literal, Protocol
 
-from mailcore.smtp.fold import fold
+from mailcore.smtp.fold import ascii_escaped, fold
 
 
 class Action(enum.Enum):
@@ -203,11 +203,14 @@ def apply_tags(
 
     The added values come from filters (rspamd returns up to 1,000 symbols of up to 128
     characters): each field is folded, at 78 octets where it can be and after the commas
-    of a list, never past 998 (`mailcore.smtp.fold`), without control characters."""
+    of a list, never past 998 (`mailcore.smtp.fold`), without control characters, and
+    ASCII (a non-ASCII symbol name is written `\\x{HHHH}`: the message may not be one that
+    said SMTPUTF8, RFC 6532)."""
     if subject_prefix:
         body = _prefix_subject(body, subject_prefix)
     lines = b"".join(
-        (fold(name, value, commas=True) + "\r\n").encode() for name, value in headers
+        (fold(name, ascii_escaped(value), commas=True) + "\r\n").encode()
+        for name, value in headers
     )
     at = _after_trace(body)
     return body[:at] + lines + body[at:]

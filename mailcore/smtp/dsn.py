@@ -7,7 +7,12 @@ whose own sender is `<>` never gets one (RFC 5321 6.1), which keeps bounces from
 
 A failure's detail is often a next hop's reply, which says what it likes: it is quoted
 without control characters and folded (RFC 3464 fields may be), so no line of a DSN passes
-998 octets (RFC 5322 2.1.1) whatever the peer sent.
+998 octets (RFC 5322 2.1.1) whatever the peer sent. The `message/delivery-status` part is
+ASCII (RFC 3464): a reply's non-ASCII characters are written there in RFC 6533's
+`\\x{HHHH}` notation (the text for people has them as they are), and a recipient address
+that is not ASCII gets RFC 6533's `utf-8` address type in that notation. Original headers
+with 8-bit octets go in a `message/global-headers` part (RFC 6533 6.3), as
+`text/rfc822-headers` is ASCII.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from mailcore.smtp.fold import fold, words
+from mailcore.smtp.fold import ascii_escaped, fold, words
 
 _SMTP_REPLY = re.compile(r"^([2-5])\d\d[ -]")
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -51,11 +56,20 @@ def status_of(detail: str) -> str:
 
 
 def diagnostic_code(detail: str) -> str:
-    """The Diagnostic-Code value: `smtp; <reply>` for a reply, else our own type."""
-    text = _clean(detail)
+    """The Diagnostic-Code value: `smtp; <reply>` for a reply, else our own type; ASCII."""
+    text = ascii_escaped(_clean(detail))
     if _SMTP_REPLY.match(text):
         return f"smtp; {text}"
     return f"X-Mailcore; {text}"
+
+
+def recipient_field(address: str) -> str:
+    """A Final-Recipient value: `rfc822; <address>`, or for an address that is not ASCII
+    RFC 6533's `utf-8; <address>` with its non-ASCII characters written `\\x{HHHH}`."""
+    clean = _clean(address)
+    if clean.isascii():
+        return f"rfc822; {clean}"
+    return f"utf-8; {ascii_escaped(clean)}"
 
 
 # The most of a failure's detail a DSN quotes (the store keeps no more either).
@@ -119,20 +133,21 @@ def build_dsn(
         f"Arrival-Date: {formatdate(arrival_date)}",
     ]
     for f in failures:
-        lines += ["", f"Final-Recipient: rfc822; {_clean(f.address)}", "Action: failed",
+        lines += ["", f"Final-Recipient: {recipient_field(f.address)}", "Action: failed",
                   f"Status: {status_of(f.detail)}"]
         if f.remote_mta:
             lines.append(f"Remote-MTA: dns; {_clean(f.remote_mta)}")
         lines += [fold("Diagnostic-Code", diagnostic_code(f.detail)),
                   f"Last-Attempt-Date: {formatdate(now)}"]
+    original = original_headers.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    original = original.rstrip(b"\n").replace(b"\n", b"\r\n")
+    headers_type = "text/rfc822-headers" if original.isascii() else "message/global-headers"
     lines += [
         "",
         f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
+        f"Content-Type: {headers_type}",
         "",
     ]
     head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
-    original = original_headers.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    original = original.rstrip(b"\n").replace(b"\n", b"\r\n")
     tail = f"\r\n\r\n--{boundary}--\r\n".encode()
     return head + original + tail

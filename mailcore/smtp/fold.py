@@ -6,6 +6,10 @@ should; RFC 5321 4.5.3.1.6: 1000 with CRLF) and can hold control characters no m
 carry (NUL above all). `fold` makes one field of such a value: control characters dropped,
 whitespace collapsed, lines broken before whitespace at 78 octets where a break can be had,
 and a word too long for any line cut so no line ever passes 998.
+
+Fields that must stay ASCII (a DSN's `message/delivery-status` part, RFC 3464; fields we
+add to a message that did not say SMTPUTF8) take such text through `ascii_escaped`, which
+writes each non-ASCII character in RFC 6533's `\\x{HHHH}` notation instead of raw UTF-8.
 """
 
 from __future__ import annotations
@@ -23,6 +27,18 @@ _CUT = 200
 # Unicode's Cc less TAB, LF and CR (which are whitespace: they separate words), and the
 # line and paragraph separators U+2028 and U+2029, which would end a line for a reader.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def ascii_escaped(value: str) -> str:
+    """`value` with each non-ASCII character written `\\x{HHHH}` (RFC 6533 3,
+    EmbeddedUnicodeChar: upper-case hex without leading zeros, so U+00E9 is `\\x{E9}`):
+    readable, lossless, ASCII."""
+    if value.isascii():
+        return value
+    return _NON_ASCII.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", value)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def words(value: str, *, commas: bool = False) -> list[tuple[str, str]]:
