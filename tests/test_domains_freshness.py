@@ -12,6 +12,7 @@ import io
 import sys
 from typing import Any
 
+from sqlalchemy import insert, select
 from treq.testing import StubTreq
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
@@ -23,9 +24,11 @@ from zope.interface import implementer
 from mailcore.cli import build_parser
 from mailcore.config import Config
 from mailcore.core import Core
+from mailcore.gateway import domains as domains_module
 from mailcore.gateway.domains import DomainService
 from mailcore.identity import Identity
 from mailcore.store import Database
+from mailcore.store.schema import domain_addresses, domain_changes
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.servers import tempdir_for
@@ -188,13 +191,82 @@ class PollTests(TestCase):
         await self.cli.add_address("example.com", "john")
         del calls[:]
         self.clock.advance(POLL)
-        self.assertEqual(calls, ["domain_generation", "domain_snapshot"])
+        self.assertEqual(calls, ["domain_generation", "domain_changes"])
         # a change refused by the store moves nothing
         with self.assertRaises(Exception):
             await self.cli.add("example.com", owner, "mx.example.net")
         del calls[:]
         self.clock.advance(POLL)
         self.assertEqual(calls, ["domain_generation"])
+
+    async def test_a_change_reads_only_the_domains_it_touched(self) -> None:
+        """One customer's address list edits made every node read every domain and every
+        address list again; now the node reads the logged domain alone."""
+        owner = (await self.identity.create_user("alice", "alice@users.test")).id
+        await self.cli.add("a.test", owner, "mx.a.test")
+        await self.cli.add("b.test", owner, "mx.b.test")
+        self.node.startService()
+        self.assertEqual((self.node.reloads, self.node.patches), (1, 0))
+        # a row written behind the services' backs: only a full reload can see it
+        await self.db.run("behind", lambda conn: conn.execute(
+            insert(domain_addresses).values(domain_id=self.node.lookup("b.test").id,  # type: ignore[union-attr]
+                                            local_part="bob")))
+        await self.cli.add_address("a.test", "ann")
+        self.clock.advance(POLL)
+        self.assertEqual((self.node.reloads, self.node.patches), (1, 1))
+        self.assertFalse(self.node.accepts("zed", "a.test"))
+        self.assertTrue(self.node.accepts("ann", "a.test"))
+        self.assertTrue(self.node.accepts("zed", "b.test"))  # b.test was not read
+        self.clock.advance(DomainService(self.db, self.clock).refresh_interval)
+        self.assertEqual(self.node.reloads, 2)
+        self.assertFalse(self.node.accepts("zed", "b.test"))
+
+    async def test_a_name_removed_and_added_again_is_patched_to_its_new_owner(self) -> None:
+        alice = (await self.identity.create_user("alice", "alice@users.test")).id
+        bob = (await self.identity.create_user("bob", "bob@users.test")).id
+        await self.cli.add("a.test", alice, "mx.alice.test")
+        await self.cli.add_address("a.test", "ann")
+        self.node.startService()
+        await self.cli.remove("a.test")
+        await self.cli.add("a.test", bob, "mx.bob.test")
+        self.clock.advance(POLL)
+        found = self.node.lookup("a.test")
+        assert found is not None
+        self.assertEqual((found.owner_id, found.redirect_host), (bob, "mx.bob.test"))
+        self.assertIs(self.node.domain_by_id(found.id), found)
+        self.assertTrue(self.node.accepts("zed", "a.test"))  # alice's list went with hers
+        await self.cli.remove("a.test")
+        self.clock.advance(POLL)
+        self.assertIsNone(self.node.lookup("a.test"))
+        self.assertIsNone(self.node.domain_by_id(found.id))
+        self.assertEqual((self.node.reloads, self.node.patches), (1, 2))
+
+    async def test_what_the_log_cannot_tell_is_read_whole(self) -> None:
+        """A node further behind than the log keeps, or a change of more domains than a
+        patch reads, reloads everything; the log keeps only CHANGE_LOG_KEEP raises."""
+        self.patch(domains_module, "CHANGE_LOG_KEEP", 3)
+        self.patch(domains_module, "_MOST_PATCHED", 2)
+        owner = (await self.identity.create_user("alice", "alice@users.test")).id
+        self.node.startService()
+        for name in ("a.test", "b.test", "c.test", "d.test"):
+            await self.cli.add(name, owner, f"mx.{name}")
+        seqs = await self.db.read("log", lambda conn: conn.execute(
+            select(domain_changes.c.seq).distinct()).scalars().all())
+        self.assertEqual(sorted(seqs), [2, 3, 4])  # rows CHANGE_LOG_KEEP raises old are gone
+        self.clock.advance(POLL)
+        self.assertEqual((self.node.reloads, self.node.patches), (2, 0))
+        self.assertEqual([self.node.lookup(n) is not None for n in ("a.test", "d.test")],
+                         [True, True])
+        for name in ("a.test", "b.test"):
+            await self.cli.add_address(name, "ann")
+        self.clock.advance(POLL)  # two domains: patched
+        self.assertEqual((self.node.reloads, self.node.patches), (2, 1))
+        for name in ("a.test", "b.test", "c.test"):
+            await self.cli.add_address(name, "bob")
+        self.clock.advance(POLL)  # three: read whole
+        self.assertEqual((self.node.reloads, self.node.patches), (3, 1))
+        self.assertTrue(self.node.accepts("bob", "c.test"))
+        self.assertFalse(self.node.accepts("ann", "c.test"))
 
     async def test_a_store_outage_is_logged_once_and_its_end_once(self) -> None:
         owner = (await self.identity.create_user("alice", "alice@users.test")).id

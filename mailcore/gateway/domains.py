@@ -11,15 +11,19 @@ list accepts every local part.
 The SMTP server asks `lookup` and `accepts` for every RCPT, so they answer from an in-memory
 snapshot and never touch SQL. Several nodes may share one database, and the admin CLI is a
 process of its own, so every change made through this service also raises the `domains`
-change counter (`mailcore.store.counters`) in the same transaction. A running service reads
-that counter every `poll_interval` seconds (0.5 by default: one primary-key read) and
-reloads the whole snapshot only when it moved; a change is therefore served on every node
-within about `poll_interval` of its commit (and at once on the node that made it). Every
-`refresh_interval` seconds (300 by default) the snapshot is reloaded anyway, for rows
-written behind the service's back. A RCPT for a domain that is not in the snapshot is
-refused at once (550) rather than looked up in the store: the poll keeps that window under a
-second without putting SQL on the RCPT path, which unknown-domain floods would otherwise
-reach.
+change counter (`mailcore.store.counters`) in the same transaction, and logs the ids of the
+domains it touched under the counter's new value (`domain_changes`). A running service
+reads that counter every `poll_interval` seconds (0.5 by default: one primary-key read);
+when it moved, it reads the logged ids since the value it holds and patches its snapshot
+with those domains and their address lists alone, so a customer editing one list does not
+make every node read every list. A change is therefore served on every node within about
+`poll_interval` of its commit (and at once on the node that made it). The whole snapshot is
+read when the log cannot say (a node `CHANGE_LOG_KEEP` changes behind, or one change of
+more than `_MOST_PATCHED` domains), and every `refresh_interval` seconds (300 by default)
+anyway, for rows written behind the service's back. A RCPT for a domain that is not in
+the snapshot is refused at once (550) rather than looked up in the store: the poll keeps
+that window under a second without putting SQL on the RCPT path, which unknown-domain
+floods would otherwise reach.
 
 With `[protecmail] verify_domains` on, a domain added without `verified=True` is stored
 pending, with a random token its owner publishes in DNS (`mailcore.gateway.verification`);
@@ -34,7 +38,7 @@ import datetime
 import ipaddress
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +56,7 @@ from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
 from mailcore.store.counters import thd_bump_counter, thd_read_counter
-from mailcore.store.schema import domain_addresses, domains, users
+from mailcore.store.schema import domain_addresses, domain_changes, domains, users
 from mailcore.text import has_control, has_control_multiline
 
 log = Logger()
@@ -63,6 +67,11 @@ DEFAULT_REFRESH_INTERVAL = 300.0
 DEFAULT_MAX_PER_USER = 1000  # domains per user ([domains] max_per_user)
 DEFAULT_MAX_ADDRESSES = 10_000  # addresses per domain ([domains] max_addresses)
 DOMAINS_COUNTER = "domains"
+# The change log keeps the ids of the last this many raises of the counter; a node further
+# behind reads the whole snapshot again.
+CHANGE_LOG_KEEP = 10_000
+# A catch-up that finds more changed domains than this reads the whole snapshot instead.
+_MOST_PATCHED = 500
 ACTIONS = (0, 1)  # seed 004: 0 quarantine, 1 tag and deliver
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -439,9 +448,23 @@ def _generation_txn(conn: Connection) -> int:
     return thd_read_counter(conn, DOMAINS_COUNTER)
 
 
-def _bump_generation_txn(conn: Connection) -> None:
-    """Blocking: raise the change counter, inside the transaction that changes domains."""
-    thd_bump_counter(conn, DOMAINS_COUNTER)
+def _bump_generation_txn(conn: Connection, domain_ids: Iterable[int]) -> None:
+    """Blocking: raise the change counter and log the domains changed under its new value,
+    inside the transaction that changes them; log rows `CHANGE_LOG_KEEP` raises old go.
+
+    The raise is an UPDATE of the counter's row, so writers take its row lock in turn: a
+    value is only seen once every lower one is committed, with its log rows."""
+    seq = thd_bump_counter(conn, DOMAINS_COUNTER)
+    conn.execute(insert(domain_changes),
+                 [{"seq": seq, "domain_id": domain_id} for domain_id in set(domain_ids)])
+    conn.execute(delete(domain_changes).where(domain_changes.c.seq <= seq - CHANGE_LOG_KEEP))
+
+
+def _addresses_of(rows: Iterable[Any]) -> dict[int, frozenset[str]]:
+    lists: dict[int, set[str]] = {}
+    for domain_id, local_part in rows:
+        lists.setdefault(domain_id, set()).add(local_part.lower())
+    return {k: frozenset(v) for k, v in lists.items()}
 
 
 def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
@@ -455,11 +478,52 @@ def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
     generation = _generation_txn(conn)
     query = select(domains).where(SERVABLE) if servable_only else select(domains)
     by_name = {d.name: d for d in map(_domain, conn.execute(query))}
-    lists: dict[int, set[str]] = {}
     rows = conn.execute(select(domain_addresses.c.domain_id, domain_addresses.c.local_part))
-    for domain_id, local_part in rows:
-        lists.setdefault(domain_id, set()).add(local_part.lower())
-    return _Snapshot(generation, by_name, {k: frozenset(v) for k, v in lists.items()})
+    return _Snapshot(generation, by_name, _addresses_of(rows))
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """What changed after a snapshot's generation: the ids logged, and those domains (the
+    ones still there and servable) with their address lists, as of `generation`."""
+
+    generation: int
+    ids: frozenset[int]
+    domains: tuple[Domain, ...]
+    addresses: dict[int, frozenset[str]]
+
+
+def _changes_txn(conn: Connection, since: int, servable_only: bool) -> _Changes | None:
+    """Blocking: the changes logged after generation `since`, or None when the log cannot
+    tell them all (pruned past `since`, a counter that went back, too many domains).
+
+    As in `_snapshot_txn` the counter is read first; every raise up to it has its rows
+    (each raise logs at least one id), so a complete log has one distinct `seq` for each.
+    Rows read later may be newer than `generation`: the next catch-up reads them again."""
+    generation = _generation_txn(conn)
+    behind = generation - since
+    if behind < 0 or behind > CHANGE_LOG_KEEP:
+        return None
+    rows = conn.execute(
+        select(domain_changes.c.seq, domain_changes.c.domain_id)
+        .where(domain_changes.c.seq > since, domain_changes.c.seq <= generation)
+    ).all()
+    if len({row.seq for row in rows}) != behind:
+        return None
+    ids = frozenset(row.domain_id for row in rows)
+    if len(ids) > _MOST_PATCHED:
+        return None
+    if not ids:
+        return _Changes(generation, ids, (), {})
+    query = select(domains).where(domains.c.id.in_(ids))
+    if servable_only:
+        query = query.where(SERVABLE)
+    found = tuple(map(_domain, conn.execute(query)))
+    addresses = conn.execute(
+        select(domain_addresses.c.domain_id, domain_addresses.c.local_part)
+        .where(domain_addresses.c.domain_id.in_([d.id for d in found]))
+    )
+    return _Changes(generation, ids, found, _addresses_of(addresses))
 
 
 @dataclass(frozen=True)
@@ -546,6 +610,9 @@ class DomainService(PeriodicService):
         self._generation = -1
         self._loaded_at = 0.0
         self._loaded = False
+        # How often the whole snapshot was read, and how often patched from the log.
+        self.reloads = 0
+        self.patches = 0
         self._failures = 0
         self._lock = defer.DeferredLock()
         self._checking: defer.Deferred[None] | None = None
@@ -608,11 +675,12 @@ class DomainService(PeriodicService):
             self._failures = 0
 
     async def _check(self) -> None:
-        """Reload when nothing is loaded yet, when the change counter moved, or when the
-        periodic full reload is due."""
+        """Catch up when the change counter moved; reload everything when nothing is loaded
+        yet or the periodic full reload is due."""
         if self._loaded and self.clock.seconds() - self._loaded_at < self.refresh_interval:
-            if await self.db.read("domain_generation", _generation_txn) == self._generation:
-                return
+            if await self.db.read("domain_generation", _generation_txn) != self._generation:
+                await self.catch_up()
+            return
         await self.refresh()
 
     # -- the snapshot (no SQL on these paths) ---------------------------------------------
@@ -662,40 +730,76 @@ class DomainService(PeriodicService):
         """The snapshot's domain with this id (for the queue's routing), or None."""
         return self._by_id.get(domain_id)
 
-    async def refresh(self) -> None:
-        """Reload the snapshot from the store. Reloads run one at a time, in order."""
+    async def catch_up(self) -> None:
+        """Patch the snapshot with the domains changed since it was taken (the change log);
+        the whole snapshot is read when the log cannot tell, or none is loaded yet. Runs
+        one at a time with reloads, in order."""
         await self._lock.acquire()
         try:
-            started = self.clock.seconds()
-            try:
-                snapshot = await self.db.read(
-                    "domain_snapshot", _snapshot_txn, self.verify_domains
+            if self._loaded:
+                changes = await self.db.read(
+                    "domain_changes", _changes_txn, self._generation, self.verify_domains
                 )
-            except Exception as e:
-                waiters, self._waiters = self._waiters, []
-                if not self._loaded:
-                    for waiter in waiters:
-                        waiter.errback(Failure(e))
-                else:
-                    for waiter in waiters:
-                        waiter.callback(None)
-                raise
-            self._by_name = snapshot.by_name
-            self._by_id = {d.id: d for d in snapshot.by_name.values()}
-            self._addresses = snapshot.addresses
-            self._generation = snapshot.generation
-            self._loaded_at = started
-            self._loaded = True
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+                if changes is not None:
+                    self._patch(changes)
+                    return
+            await self._reload()
         finally:
             self._lock.release()
 
+    def _patch(self, changes: _Changes) -> None:
+        """Put `changes` into the snapshot: each logged id's old entry out, its row in."""
+        for domain_id in changes.ids:
+            old = self._by_id.pop(domain_id, None)
+            if old is not None and self._by_name.get(old.name) is old:
+                del self._by_name[old.name]
+            self._addresses.pop(domain_id, None)
+        for domain in changes.domains:
+            self._by_name[domain.name] = domain
+            self._by_id[domain.id] = domain
+        self._addresses.update(changes.addresses)
+        self._generation = changes.generation
+        self.patches += 1
+
+    async def refresh(self) -> None:
+        """Reload the whole snapshot from the store. Reloads run one at a time, in order."""
+        await self._lock.acquire()
+        try:
+            await self._reload()
+        finally:
+            self._lock.release()
+
+    async def _reload(self) -> None:
+        """The whole snapshot from the store; the caller holds the lock."""
+        started = self.clock.seconds()
+        try:
+            snapshot = await self.db.read(
+                "domain_snapshot", _snapshot_txn, self.verify_domains
+            )
+        except Exception as e:
+            waiters, self._waiters = self._waiters, []
+            if not self._loaded:
+                for waiter in waiters:
+                    waiter.errback(Failure(e))
+            else:
+                for waiter in waiters:
+                    waiter.callback(None)
+            raise
+        self._by_name = snapshot.by_name
+        self._by_id = {d.id: d for d in snapshot.by_name.values()}
+        self._addresses = snapshot.addresses
+        self._generation = snapshot.generation
+        self._loaded_at = started
+        self._loaded = True
+        self.reloads += 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
     async def _changed(self) -> None:
-        """After a committed change: reload the snapshot if one is in use."""
+        """After a committed change: catch the snapshot up if one is in use."""
         if self._loaded or self.running:
-            await self.refresh()
+            await self.catch_up()
 
     # -- domains --------------------------------------------------------------------------
 
@@ -763,8 +867,9 @@ class DomainService(PeriodicService):
                 conn.execute(insert(domains).values(**values))
             except IntegrityError:
                 raise DomainError(f"Domain {domain_name} is already served.", "domain") from None
-            _bump_generation_txn(conn)
-            return _find_domain_txn(conn, domain_name, None)
+            added = _find_domain_txn(conn, domain_name, None)
+            _bump_generation_txn(conn, [added.id])
+            return added
 
         domain = await self.db.run("add_domain", txn)
         await self._changed()
@@ -815,7 +920,7 @@ class DomainService(PeriodicService):
                 values["tls"] = None
             if values:
                 conn.execute(update(domains).where(domains.c.id == found.id).values(**values))
-                _bump_generation_txn(conn)
+                _bump_generation_txn(conn, [found.id])
             return _find_domain_txn(conn, domain_name, None)
 
         domain = await self.db.run("update_domain", txn)
@@ -830,7 +935,7 @@ class DomainService(PeriodicService):
             found = _find_domain_txn(conn, domain_name, owner_id)
             conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id == found.id))
             conn.execute(delete(domains).where(domains.c.id == found.id))
-            _bump_generation_txn(conn)
+            _bump_generation_txn(conn, [found.id])
 
         await self.db.run("remove_domain", txn)
         await self._changed()
@@ -864,7 +969,7 @@ class DomainService(PeriodicService):
             )
             if result.rowcount == 0:
                 return None
-            _bump_generation_txn(conn)
+            _bump_generation_txn(conn, [domain.id])
             return _find_domain_txn(conn, domain.name, None)
 
         verified = await self.db.run("verify_domain", txn)
@@ -889,7 +994,7 @@ class DomainService(PeriodicService):
             ids = [row.id for row in stale]
             conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id.in_(ids)))
             conn.execute(delete(domains).where(domains.c.id.in_(ids)))
-            _bump_generation_txn(conn)
+            _bump_generation_txn(conn, ids)
             return sorted(row.name for row in stale)
 
         dropped = await self.db.run("drop_unverified_domains", txn)
@@ -927,7 +1032,7 @@ class DomainService(PeriodicService):
                     f"{domain_name} may list at most {limit} addresses; remove one to add "
                     "another.", "address")
             conn.execute(insert(domain_addresses).values(domain_id=found.id, local_part=local))
-            _bump_generation_txn(conn)
+            _bump_generation_txn(conn, [found.id])
             return True
 
         added = await self.db.run("add_domain_address", txn)
@@ -952,7 +1057,7 @@ class DomainService(PeriodicService):
             )
             if result.rowcount == 0:
                 raise DomainError(f"{local}@{domain_name} is not in the address list.", "address")
-            _bump_generation_txn(conn)
+            _bump_generation_txn(conn, [found.id])
 
         await self.db.run("remove_domain_address", txn)
         await self._changed()

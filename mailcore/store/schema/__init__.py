@@ -15,7 +15,7 @@ from mailcore.store.schema.billing import (
     token_usage,
 )
 from mailcore.store.schema.counters import change_counters
-from mailcore.store.schema.domains import domain_addresses, domains
+from mailcore.store.schema.domains import domain_addresses, domain_changes, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
 from mailcore.store.schema.identity import credentials, users
 from mailcore.store.schema.jobs import mailbox_job_items, mailbox_jobs
@@ -47,6 +47,7 @@ __all__ = [
     "change_counters",
     "credentials",
     "domain_addresses",
+    "domain_changes",
     "domains",
     "drop_bundles",
     "drop_files",

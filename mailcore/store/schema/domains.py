@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -56,4 +57,17 @@ domain_addresses = Table(
     ),
     Column("local_part", String(64), nullable=False),
     UniqueConstraint("domain_id", "local_part", name="uq_domain_addresses_domain_local"),
+)
+
+# Which domains each raise of the "domains" change counter stood for (migration 0031): a
+# node that sees the counter move reads the domains changed since the value it holds and
+# patches its RCPT snapshot, instead of reading every domain and address again. `seq` is the
+# counter's value after the raise; `domain_id` has no foreign key, as a removed domain's
+# change is logged too. The writer deletes rows more than `CHANGE_LOG_KEEP` raises old
+# (`mailcore.gateway.domains`); a node further behind than that reloads everything.
+domain_changes = Table(
+    "domain_changes",
+    metadata,
+    Column("seq", BigInteger, primary_key=True),
+    Column("domain_id", Integer, primary_key=True),
 )
