@@ -181,11 +181,11 @@ class Core:
             if drop_settings.sms_gateway else None,
         )
         # Hosted mailboxes: the queue stores their mail here instead of relaying it.
-        hosted = HostedAddresses(self.db, self.clock)
+        self.hosted = hosted = HostedAddresses(self.db, self.clock)
         mail_files = MailFiles(self.config.data_dir / "mailapi")
         self.queue.runner.router.local = hosted
         self.queue.runner.local_store = LocalMailboxes(mail_files, self.cpu)
-        self.mailboxes = MailboxService(self.db, self.clock, on_change=hosted.invalidate)
+        self.mailboxes = MailboxService(self.db, self.clock, on_change=self._mailboxes_changed)
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.mail = MailService(
             self.db, self.clock, self.config.hostname, mail_files, self.cpu,
@@ -194,6 +194,12 @@ class Core:
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.mail.on_enqueued.append(self.outbox.enqueued)
+
+    def _mailboxes_changed(self) -> None:
+        """A hosted mailbox came or went through this process: routing's cache of them is
+        stale, and the RCPT snapshot catches up now rather than at its next poll."""
+        self.hosted.invalidate()
+        self.domains.tick()
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],

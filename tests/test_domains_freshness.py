@@ -27,6 +27,7 @@ from mailcore.core import Core
 from mailcore.gateway import domains as domains_module
 from mailcore.gateway.domains import DomainService
 from mailcore.identity import Identity
+from mailcore.mailapi.mailboxes import MailboxService
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domain_changes
 from mailcore.workers import CpuPool
@@ -121,6 +122,17 @@ class ReadmeTourMixin(DatabaseMixin):
         self.assertEqual((status, reply["success"]), (200, True))
         await self.poll()
         self.assertTrue(self.rcpt("john@customer.test").startswith("250 "))
+
+    async def test_a_hosted_domain_refuses_what_is_no_mailbox_at_rcpt(self) -> None:
+        await self.other.domains.add("hosted.test", self.alice.id, "", hosted=True)
+        await self.other.mailboxes.add("bob@hosted.test", self.alice.id)
+        await self.poll()
+        self.assertTrue(self.rcpt("bob@hosted.test").startswith("250 "))
+        self.assertTrue(self.rcpt("postmaster@hosted.test").startswith("250 "))
+        self.assertIn("550 5.1.1", self.rcpt("nobody@hosted.test"))
+        await self.other.mailboxes.add("nobody@hosted.test", self.alice.id)
+        await self.poll()
+        self.assertTrue(self.rcpt("nobody@hosted.test").startswith("250 "))
 
 
 class SQLiteReadmeTourTests(ReadmeTourMixin, TestCase):
@@ -240,6 +252,36 @@ class PollTests(TestCase):
         self.assertIsNone(self.node.lookup("a.test"))
         self.assertIsNone(self.node.domain_by_id(found.id))
         self.assertEqual((self.node.reloads, self.node.patches), (1, 2))
+
+    async def test_a_hosted_domain_accepts_its_mailboxes_only(self) -> None:
+        """A hosted domain (no next hop) accepted every local part, and mail to one that is
+        no mailbox bounced later, to a sender who may be forged; mailboxes added or removed
+        anywhere reach every node's RCPT snapshot at its next poll."""
+        owner = (await self.identity.create_user("alice", "alice@users.test")).id
+        await self.cli.add("hosted.test", owner, "", hosted=True)
+        await self.cli.add("relayed.test", owner, "mx.relayed.test")
+        boxes = MailboxService(self.db, self.clock)  # another node's, or the CLI's
+        await boxes.add("Bob@hosted.test", owner)
+        await boxes.add("carol@relayed.test", owner)
+        self.node.startService()
+        self.assertEqual([self.node.accepts(local, "hosted.test")
+                          for local in ("bob", "BOB", "nobody", "postmaster")],
+                         [True, True, False, True])
+        self.assertTrue(self.node.accepts("anyone", "relayed.test"))  # no list: all
+        await boxes.add("dave@hosted.test", owner)
+        self.assertFalse(self.node.accepts("dave", "hosted.test"))
+        self.clock.advance(POLL)
+        self.assertTrue(self.node.accepts("dave", "hosted.test"))
+        await boxes.remove("bob@hosted.test")
+        await boxes.delete(owner, "dave@hosted.test")
+        self.clock.advance(POLL)
+        self.assertEqual([self.node.accepts(local, "hosted.test") for local in ("bob", "dave")],
+                         [False, False])
+        self.assertEqual((self.node.reloads, self.node.patches), (1, 2))
+        self.clock.advance(DomainService(self.db, self.clock).refresh_interval)
+        self.assertEqual(self.node.reloads, 2)  # a full reload reads the same
+        self.assertEqual([self.node.accepts(local, "hosted.test")
+                          for local in ("bob", "dave", "postmaster")], [False, False, True])
 
     async def test_what_the_log_cannot_tell_is_read_whole(self) -> None:
         """A node further behind than the log keeps, or a change of more domains than a

@@ -56,7 +56,7 @@ from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
 from mailcore.store.counters import thd_bump_counter, thd_read_counter
-from mailcore.store.schema import domain_addresses, domain_changes, domains, users
+from mailcore.store.schema import domain_addresses, domain_changes, domains, mailboxes, users
 from mailcore.text import has_control, has_control_multiline
 
 log = Logger()
@@ -441,6 +441,7 @@ class _Snapshot:
     generation: int
     by_name: dict[str, Domain]
     addresses: dict[int, frozenset[str]]
+    mailboxes: dict[int, frozenset[str]]
 
 
 def _generation_txn(conn: Connection) -> int:
@@ -454,10 +455,21 @@ def _bump_generation_txn(conn: Connection, domain_ids: Iterable[int]) -> None:
 
     The raise is an UPDATE of the counter's row, so writers take its row lock in turn: a
     value is only seen once every lower one is committed, with its log rows."""
+    changed = [{"domain_id": domain_id} for domain_id in set(domain_ids)]
+    if not changed:  # nothing to tell: each raise logs at least one id (see _changes_txn)
+        return
     seq = thd_bump_counter(conn, DOMAINS_COUNTER)
-    conn.execute(insert(domain_changes),
-                 [{"seq": seq, "domain_id": domain_id} for domain_id in set(domain_ids)])
+    conn.execute(insert(domain_changes), [{"seq": seq, **row} for row in changed])
     conn.execute(delete(domain_changes).where(domain_changes.c.seq <= seq - CHANGE_LOG_KEEP))
+
+
+def thd_mailboxes_changed(conn: Connection, addresses: Iterable[str]) -> None:
+    """Blocking, inside the transaction that adds or removes hosted mailboxes at these
+    (stored-form) addresses: log their domains' change, so that every node's RCPT snapshot
+    learns of it (`mailcore.mailapi.mailboxes` calls it)."""
+    names = {address.rpartition("@")[2] for address in addresses}
+    ids = conn.execute(select(domains.c.id).where(domains.c.name.in_(names))).scalars()
+    _bump_generation_txn(conn, ids)
 
 
 def _addresses_of(rows: Iterable[Any]) -> dict[int, frozenset[str]]:
@@ -465,6 +477,32 @@ def _addresses_of(rows: Iterable[Any]) -> dict[int, frozenset[str]]:
     for domain_id, local_part in rows:
         lists.setdefault(domain_id, set()).add(local_part.lower())
     return {k: frozenset(v) for k, v in lists.items()}
+
+
+def _mailboxes_of(rows: Iterable[Any], hosted: Mapping[str, int]) -> dict[int, frozenset[str]]:
+    """The local parts of the hosted mailboxes among `rows` (addresses in their stored,
+    lower-case form), by the id of their domain in `hosted` (name -> id)."""
+    boxes: dict[int, set[str]] = {}
+    for (address,) in rows:
+        local, _, name = address.rpartition("@")
+        domain_id = hosted.get(name)
+        if domain_id is not None:
+            boxes.setdefault(domain_id, set()).add(local)
+    return {k: frozenset(v) for k, v in boxes.items()}
+
+
+def _thd_hosted_mailboxes(
+    conn: Connection, found: Iterable[Domain]
+) -> dict[int, frozenset[str]]:
+    """Blocking: the mailboxes of the hosted domains in `found`."""
+    hosted = {d.name: d.id for d in found if d.hosted}
+    if not hosted:
+        return {}
+    query = select(mailboxes.c.address)
+    if len(hosted) <= _MOST_PATCHED:  # a patch: only these domains' mailboxes
+        query = query.where(or_(*(mailboxes.c.address.endswith("@" + name, autoescape=True)
+                                  for name in hosted)))
+    return _mailboxes_of(conn.execute(query), hosted)
 
 
 def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
@@ -479,7 +517,10 @@ def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
     query = select(domains).where(SERVABLE) if servable_only else select(domains)
     by_name = {d.name: d for d in map(_domain, conn.execute(query))}
     rows = conn.execute(select(domain_addresses.c.domain_id, domain_addresses.c.local_part))
-    return _Snapshot(generation, by_name, _addresses_of(rows))
+    boxes = conn.execute(select(mailboxes.c.address))
+    hosted = {d.name: d.id for d in by_name.values() if d.hosted}
+    return _Snapshot(generation, by_name, _addresses_of(rows),
+                     _mailboxes_of(boxes, hosted) if hosted else {})
 
 
 @dataclass(frozen=True)
@@ -491,6 +532,7 @@ class _Changes:
     ids: frozenset[int]
     domains: tuple[Domain, ...]
     addresses: dict[int, frozenset[str]]
+    mailboxes: dict[int, frozenset[str]]
 
 
 def _changes_txn(conn: Connection, since: int, servable_only: bool) -> _Changes | None:
@@ -514,7 +556,7 @@ def _changes_txn(conn: Connection, since: int, servable_only: bool) -> _Changes 
     if len(ids) > _MOST_PATCHED:
         return None
     if not ids:
-        return _Changes(generation, ids, (), {})
+        return _Changes(generation, ids, (), {}, {})
     query = select(domains).where(domains.c.id.in_(ids))
     if servable_only:
         query = query.where(SERVABLE)
@@ -523,7 +565,8 @@ def _changes_txn(conn: Connection, since: int, servable_only: bool) -> _Changes 
         select(domain_addresses.c.domain_id, domain_addresses.c.local_part)
         .where(domain_addresses.c.domain_id.in_([d.id for d in found]))
     )
-    return _Changes(generation, ids, found, _addresses_of(addresses))
+    return _Changes(generation, ids, found, _addresses_of(addresses),
+                    _thd_hosted_mailboxes(conn, found))
 
 
 @dataclass(frozen=True)
@@ -607,6 +650,7 @@ class DomainService(PeriodicService):
         self._by_name: dict[str, Domain] = {}
         self._by_id: dict[int, Domain] = {}
         self._addresses: dict[int, frozenset[str]] = {}
+        self._mailboxes: dict[int, frozenset[str]] = {}  # of hosted domains, by domain id
         self._generation = -1
         self._loaded_at = 0.0
         self._loaded = False
@@ -716,15 +760,20 @@ class DomainService(PeriodicService):
         return found
 
     def accepts(self, local_part: str, domain_name: str) -> bool:
-        """Whether mail to `local_part@domain_name` is accepted (served, and listed if
-        the domain has an address list). postmaster@ a served domain is always accepted
-        (RFC 5321 4.5.1) and goes to the domain's next hop like the rest of its mail."""
+        """Whether mail to `local_part@domain_name` is accepted: served, and listed if the
+        domain has an address list; for a hosted domain (no next hop), one of its
+        mailboxes, as mail to any other address could only bounce, to a sender who may
+        be forged. postmaster@ a served domain is always accepted (RFC 5321 4.5.1) and goes
+        to the domain's next hop like the rest of its mail (its mailbox, if hosted)."""
         found = self.lookup(domain_name)
         if found is None:
             return False
-        allowed = self._addresses.get(found.id)
         local = local_part.lower()
+        if found.hosted:
+            return local in self._mailboxes.get(found.id, ()) or local == "postmaster"
+        allowed = self._addresses.get(found.id)
         return not allowed or local in allowed or local == "postmaster"
+
 
     def domain_by_id(self, domain_id: int) -> Domain | None:
         """The snapshot's domain with this id (for the queue's routing), or None."""
@@ -754,10 +803,12 @@ class DomainService(PeriodicService):
             if old is not None and self._by_name.get(old.name) is old:
                 del self._by_name[old.name]
             self._addresses.pop(domain_id, None)
+            self._mailboxes.pop(domain_id, None)
         for domain in changes.domains:
             self._by_name[domain.name] = domain
             self._by_id[domain.id] = domain
         self._addresses.update(changes.addresses)
+        self._mailboxes.update(changes.mailboxes)
         self._generation = changes.generation
         self.patches += 1
 
@@ -788,6 +839,7 @@ class DomainService(PeriodicService):
         self._by_name = snapshot.by_name
         self._by_id = {d.id: d for d in snapshot.by_name.values()}
         self._addresses = snapshot.addresses
+        self._mailboxes = snapshot.mailboxes
         self._generation = snapshot.generation
         self._loaded_at = started
         self._loaded = True

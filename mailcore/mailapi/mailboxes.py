@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from twisted.internet.interfaces import IReactorTime
 
+from mailcore.gateway.domains import thd_mailboxes_changed
 from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.store import Database
@@ -197,6 +198,7 @@ class MailboxService:
                 raise MailApiError(CONFLICT, f"{stored} is already a mailbox", "address")
             conn.execute(insert(mailboxes).values(address=stored, owner_id=owner_id,
                                                   created_at=now))
+            thd_mailboxes_changed(conn, [stored])
             found = thd_mailbox(conn, stored)
             assert found is not None
             return found
@@ -223,6 +225,7 @@ class MailboxService:
         def txn(conn: Connection) -> None:
             if conn.execute(delete(mailboxes).where(_b.address == stored)).rowcount == 0:
                 raise _not_found(stored)
+            thd_mailboxes_changed(conn, [stored])
 
         await self.db.run("mailapi_remove_mailbox", txn)
         self._changed()
@@ -251,6 +254,7 @@ class MailboxService:
             if not access.is_owner:
                 raise MailApiError(DENIED, "only the owner may delete this mailbox")
             conn.execute(delete(mailboxes).where(_b.id == access.mailbox.id))
+            thd_mailboxes_changed(conn, [access.mailbox.address])
 
         await self.db.run("mailapi_delete_mailbox", txn)
         self._changed()
