@@ -29,6 +29,7 @@ from mailcore.smtp.server import (
 from mailcore.store import Database
 from tests.support.smtpsession import (
     RecordingSink,
+    SendBufferTransport,
     Session,
     TLSStringTransport,
     make_factory,
@@ -685,6 +686,44 @@ class PipeliningTests(ServerTestCase):
         self.assertTrue(replies[0].startswith("250 2.0.0 Ok: queued as "))
         self.assertEqual(set(replies[1:]), {"250 2.0.0 Ok"})
         self.assertEqual(s.transport.producerState, "producing")
+
+
+class FlowControlTests(ServerTestCase):
+    """A client that does not read its replies stops being read (the session is its
+    transport's streaming producer)."""
+
+    def test_a_client_that_reads_no_replies_is_no_longer_read(self) -> None:
+        transport = SendBufferTransport()
+        s = self.session(transport=transport)
+        flood = b"HELP\r\n" * 100_000  # 600 kB that would be 7.5 MB of replies
+        s.protocol.dataReceived(b"EHLO client.example\r\n" + flood)
+        held = len(transport.value())
+        # the transport's buffer size, and at most one batch of corked replies beyond it
+        self.assertLess(held, 64 * 1024 + 256 * 80)
+        self.assertEqual(transport.producerState, "paused")  # the socket is not read
+        s.protocol.dataReceived(b"NOOP\r\n")  # a segment already on its way
+        self.assertEqual(len(transport.value()), held)
+        replies = b""
+        while transport.producer_paused:
+            replies += transport.client_reads()
+        replies += transport.client_reads()
+        lines = replies.decode("ascii").split("\r\n")[:-1]
+        self.assertEqual(lines[0], "250-mx.gateway.test")
+        help_lines = [line for line in lines if line.startswith("214 ")]
+        self.assertEqual(len(help_lines), 100_000)
+        self.assertEqual(lines[-1], "250 2.0.0 Ok")  # the NOOP, last, in order
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_a_client_that_never_reads_is_cut_off_at_the_idle_timeout(self) -> None:
+        transport = SendBufferTransport()
+        s = self.session(self.make_factory(idle_timeout=60), transport=transport)
+        s.protocol.dataReceived(b"EHLO client.example\r\n" + b"HELP\r\n" * 20_000)
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(60)
+        # aborted: a graceful close would wait for the client to read what is unsent
+        self.assertTrue(transport.disconnected)
+        s.protocol.connectionLost(Exception("aborted"))  # type: ignore[arg-type]
+        self.assertEqual(self.factory.connections, 0)
 
 
 class StartTLSInjectionTests(ServerTestCase):

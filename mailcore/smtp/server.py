@@ -6,6 +6,11 @@ not inherit (see shared/notes/twisted-pitfalls.md):
 - commands run one at a time: while a command waits on a Deferred (the domain snapshot
   still loading, the spool committing a message) later input stays buffered, so replies to
   pipelined commands come back in order (pitfall 5, twisted#8126);
+- a client that does not read its replies gets no more of them: the session is a streaming
+  producer of its transport, and while the transport holds more unsent replies than its
+  buffer size (64 KiB for TCP) no input is handled and the socket is not read, until the
+  client has read them (else a pipelined flood of HELP would have us hold ~13 octets of
+  reply per octet it sent, without limit);
 - input that arrived together with STARTTLS is thrown away before TLS starts
   (pitfall 2, CVE-2011-0411);
 - DATA ends only at CRLF "." CRLF, and a message with a bare CR or bare LF anywhere in it is
@@ -46,6 +51,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import (
     IDelayedCall,
     INegotiated,
+    IPushProducer,
     IReactorTime,
     ISSLTransport,
     ITLSTransport,
@@ -54,6 +60,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailcore import maillog
 from mailcore.config import Config, ConfigError
@@ -77,6 +84,10 @@ log = Logger()
 END_OF_DATA = b"\r\n.\r\n"
 # Bytes of pipelined input held while a command is pending before we stop reading the socket.
 MAX_BACKLOG = 64 * 1024
+# Replies gathered for one segment of input before they are written out (and the transport
+# may tell us to stop): one 64 KiB segment of pipelined HELP would otherwise be answered
+# whole, 13 times its size, before the transport's buffer limit could act.
+MAX_CORKED_REPLIES = 256
 _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -292,8 +303,13 @@ def _line_too_long(data: bytes, start: int, limit: int) -> bool:
 Handler = Callable[["ESMTPServerProtocol", str], "defer.Deferred[None] | None"]
 
 
+@implementer(IPushProducer)
 class ESMTPServerProtocol(TwistedProtocol):
-    """One inbound SMTP session. See the module docstring for what it guarantees."""
+    """One inbound SMTP session. See the module docstring for what it guarantees.
+
+    It is the streaming producer of its own transport: `pauseProducing` and
+    `resumeProducing` come from the transport as its buffer of unsent replies fills and
+    drains."""
 
     factory: SMTPServerFactory
 
@@ -308,11 +324,14 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._admitted = False
         self._errors = 0
-        # Input not yet handled, from _pos on; _paused while a command's Deferred is pending.
+        # Input not yet handled, from _pos on; _paused while a command's Deferred is pending,
+        # _write_blocked while the transport holds too many unsent replies (the client does
+        # not read them); _reading_paused while the socket is not read, for either reason.
         self._buf = b""
         self._cork: list[bytes] | None = None
         self._pos = 0
         self._paused = False
+        self._write_blocked = False
         self._reading_paused = False
         self._discarding = False
         # The transaction.
@@ -350,6 +369,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self._admitted = True
         self._open = True
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._last_activity = now = self.clock.seconds()
         self._arm_timer(now)
         self._write(f"220 {self.settings.hostname} ESMTP Mailcore\r\n")
@@ -410,7 +430,38 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._buf = b""
         self._pos = 0
         self._flush()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        if self._write_blocked:
+            # The client reads nothing: the 421 and the replies before it would wait for it
+            # for ever, and the connection with them.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- output flow control (IPushProducer, called by the transport) ---------------------
+
+    def pauseProducing(self) -> None:
+        """The transport holds more unsent replies than its buffer size: handle no more
+        input, and stop reading it, until the client has read them."""
+        self._write_blocked = True
+        if self._open and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        """The client read our replies: handle the input held meanwhile, then read on."""
+        self._write_blocked = False
+        if not self._open:
+            return
+        self._last_activity = self.clock.seconds()
+        self._cork = []
+        try:
+            self._process()
+        finally:
+            self._flush()
+        self._resume_reading()
+
+    def stopProducing(self) -> None:
+        """The connection is going; connectionLost does the cleaning up."""
 
     # -- input --------------------------------------------------------------------------
 
@@ -425,7 +476,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._flush()
 
     def _received(self, data: bytes) -> None:
-        if self._in_data and not self._paused and not self._buf:
+        if self._in_data and not self._paused and not self._buf and not self._write_blocked:
             rest = self._feed_data(data)
             if rest is None:
                 return
@@ -448,7 +499,7 @@ class ESMTPServerProtocol(TwistedProtocol):
 
     def _process_buffer(self) -> None:
         limit = self.settings.max_command_length
-        while self._open and not self._paused:
+        while self._open and not self._paused and not self._write_blocked:
             if self._in_data:
                 if self._pos >= len(self._buf):
                     return
@@ -481,6 +532,12 @@ class ESMTPServerProtocol(TwistedProtocol):
                 self._error(500, "5.5.2", "Error: line too long")
                 continue
             self._command(line)
+            cork = self._cork
+            if cork is not None and len(cork) >= MAX_CORKED_REPLIES:
+                # A long pipeline: send what it has been answered so far, so that the
+                # transport can stop us (pauseProducing) if the client is not reading.
+                self._flush()
+                self._cork = []
 
     def _command(self, line: bytes) -> None:
         if b"\r" in line or b"\n" in line:
@@ -516,7 +573,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         # We have answered: the client's silence counts from now.
         self._last_activity = self.clock.seconds()
         self._process()
-        if self._reading_paused and not self._paused and len(self._buf) <= MAX_BACKLOG:
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Read the socket again unless a command still waits with a large backlog or the
+        client still has replies to read."""
+        if (self._reading_paused and not self._paused and not self._write_blocked
+                and len(self._buf) <= MAX_BACKLOG):
             self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 

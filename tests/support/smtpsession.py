@@ -97,6 +97,35 @@ class TLSStringTransport(StringTransport):  # type: ignore[misc]
         self.clear()
 
 
+class SendBufferTransport(StringTransport):
+    """A StringTransport whose written bytes stay unsent until the client reads them
+    (`client_reads`). Like twisted.internet.abstract.FileDescriptor, it pauses its
+    streaming producer on a write that leaves more than `buffer_size` octets unsent and
+    resumes it once the client has read them all."""
+
+    buffer_size = 64 * 1024
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming and (
+                len(self.io.getvalue()) > self.buffer_size):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def client_reads(self) -> bytes:
+        """Everything unsent, as the client reads it; then the producer may go on."""
+        data = self.value()
+        self.clear()
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
 class Session:
     """One in-memory SMTP session: `send(bytes)` returns the reply lines it produced."""
 
