@@ -287,11 +287,61 @@ class SequenceTests(ServerTestCase):
         self.assertEqual(s.codes(b"A\r\nB\r\nC\r\nNOOP\r\n"), ["502", "502", "502", "421"])
         self.assertTrue(s.closing)
 
+    def test_recipients_over_the_limit_count_as_errors(self) -> None:
+        s = self.session(self.make_factory(max_recipients=1, max_errors=3))
+        s.hello()
+        s.send(b"MAIL FROM:<a@remote.test>\r\n")
+        self.assertEqual(s.codes(b"".join(f"RCPT TO:<u{i}@example.com>\r\n".encode()
+                                          for i in range(10))),
+                         ["250", "452", "452", "452", "421"])
+        self.assertTrue(s.closing)
+
     def test_bare_lf_in_a_command_is_one_bad_line(self) -> None:
         s = self.session()
         s.hello()
         self.assertEqual(s.send(b"NOOP\nRSET\r\nNOOP\r\n"),
                          ["500 5.5.2 Error: bare CR or LF in command", "250 2.0.0 Ok"])
+
+
+class JunkCommandTests(ServerTestCase):
+    """Commands that change nothing are answered `max_junk_commands` times (Postfix's
+    smtpd_junk_command_limit), counted afresh after each accepted message."""
+
+    def test_a_flood_of_commands_that_change_nothing_ends_the_session(self) -> None:
+        s = self.session()
+        s.hello()  # counts: 1
+        codes = s.codes(b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n" * 30)
+        self.assertEqual(codes[:99], ["250", "250", "252", "214"] * 24 + ["250", "250", "252"])
+        self.assertEqual(codes[99:], ["421"])
+        self.assertTrue(s.closing)
+        self.assertEqual(s.transport.value(), b"")  # nothing after the 421
+
+    def test_the_421_names_the_reason(self) -> None:
+        s = self.session(self.make_factory(max_junk_commands=2))
+        self.assertEqual(s.send(b"NOOP\r\nNOOP\r\nNOOP\r\n"),
+                         ["250 2.0.0 Ok", "250 2.0.0 Ok",
+                          "421 4.7.0 mx.gateway.test Error: too many junk commands"])
+
+    def test_greetings_and_repeated_recipients_count(self) -> None:
+        s = self.session(self.make_factory(max_junk_commands=4))
+        s.send(b"EHLO a.example\r\nHELO b.example\r\nMAIL FROM:<a@remote.test>\r\n")
+        self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n" * 4), ["250"] * 3 + ["421"])
+        self.assertTrue(s.closing)
+
+    def test_the_count_starts_again_after_an_accepted_message(self) -> None:
+        s = self.session(self.make_factory(max_junk_commands=3))
+        for _ in range(5):
+            self.assertEqual(s.codes(b"EHLO a.example\r\nNOOP\r\nRSET\r\n"
+                                     b"MAIL FROM:<a@remote.test>\r\n"
+                                     b"RCPT TO:<u@example.com>\r\nDATA\r\nx\r\n.\r\n"),
+                             ["250", "250", "250", "250", "250", "354", "250"])
+        self.assertFalse(s.closing)
+        self.assertEqual(len(self.sink.messages), 5)
+        # a refused message does not count as mail delivered
+        self.assertEqual(s.codes(b"NOOP\r\nMAIL FROM:<a@remote.test>\r\n"
+                                 b"RCPT TO:<u@example.com>\r\nDATA\r\nx\0\r\n.\r\n"
+                                 b"NOOP\r\nNOOP\r\nNOOP\r\n"),
+                         ["250", "250", "250", "354", "554", "250", "250", "421"])
 
 
 class RelayTests(ServerTestCase):
@@ -676,7 +726,7 @@ class PipeliningTests(ServerTestCase):
 
     def test_a_large_backlog_pauses_reading(self) -> None:
         self.sink.hold = True
-        s = self.session()
+        s = self.session(self.make_factory(max_junk_commands=20_000))
         self.start(s)
         s.send(b"x\r\n.\r\n" + b"NOOP\r\n" * 20000)
         self.assertEqual(s.transport.producerState, "paused")
@@ -694,7 +744,7 @@ class FlowControlTests(ServerTestCase):
 
     def test_a_client_that_reads_no_replies_is_no_longer_read(self) -> None:
         transport = SendBufferTransport()
-        s = self.session(transport=transport)
+        s = self.session(self.make_factory(max_junk_commands=200_000), transport=transport)
         flood = b"HELP\r\n" * 100_000  # 600 kB that would be 7.5 MB of replies
         s.protocol.dataReceived(b"EHLO client.example\r\n" + flood)
         held = len(transport.value())
@@ -716,7 +766,8 @@ class FlowControlTests(ServerTestCase):
 
     def test_a_client_that_never_reads_is_cut_off_at_the_idle_timeout(self) -> None:
         transport = SendBufferTransport()
-        s = self.session(self.make_factory(idle_timeout=60), transport=transport)
+        s = self.session(self.make_factory(idle_timeout=60, max_junk_commands=100_000),
+                         transport=transport)
         s.protocol.dataReceived(b"EHLO client.example\r\n" + b"HELP\r\n" * 20_000)
         self.assertEqual(transport.producerState, "paused")
         self.clock.advance(60)

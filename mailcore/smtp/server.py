@@ -145,7 +145,12 @@ class SMTPSettings:
       before we say 421 4.4.2 and close.
     - `command_timeout` (120): how long one command may wait on us (a store lookup, the
       spool's commit) before we say 421 4.4.2 and close.
-    - `max_errors` (20): refused commands and recipients in one session before 421 4.7.0.
+    - `max_errors` (20): refused commands and recipients in one session before 421 4.7.0;
+      a recipient over `max_recipients` (452 4.5.3) counts as one.
+    - `max_junk_commands` (100, as Postfix's `smtpd_junk_command_limit`): commands that
+      change nothing (NOOP, RSET, VRFY, HELP, HELO and EHLO, a recipient given again)
+      answered since the session began or since its last accepted message; one more is
+      answered 421 4.7.0 and the session ends.
     - `max_line_length` (1000): longest DATA line, CRLF included (RFC 5321 4.5.3.1.6).
     - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
     - `max_hops` (50, as Postfix's `hopcount_limit`): most Received header fields a message
@@ -171,6 +176,7 @@ class SMTPSettings:
     idle_timeout: float = 300.0
     command_timeout: float = 120.0
     max_errors: int = 20
+    max_junk_commands: int = 100
     max_line_length: int = 1000
     max_command_length: int = 512
     max_hops: int = DEFAULT_MAX_HOPS
@@ -324,6 +330,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._admitted = False
         self._errors = 0
+        self._junk_commands = 0  # since the session began or the last accepted message
         # Input not yet handled, from _pos on; _paused while a command's Deferred is pending,
         # _write_blocked while the transport holds too many unsent replies (the client does
         # not read them); _reading_paused while the socket is not read, for either reason.
@@ -404,9 +411,11 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._write(f"{code} {status} {text}\r\n")
 
     def _refuse(self, stage: str, code: int, status: str, text: str, *,
-                recipients: Sequence[str] = (), mail_from: str | None = None) -> None:
-        """Refuse a recipient or a message, with its line in the mail log."""
-        if code >= 500:
+                recipients: Sequence[str] = (), mail_from: str | None = None,
+                error: bool = False) -> None:
+        """Refuse a recipient or a message, with its line in the mail log. A permanent
+        refusal, or one marked `error`, counts towards `max_errors`."""
+        if code >= 500 or error:
             self._error(code, status, text)
         else:
             self.reply(code, status, text)
@@ -420,6 +429,15 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._errors += 1
         if self._errors >= self.settings.max_errors:
             self.shutdown("4.7.0", "Error: too many errors")
+
+    def _junk(self) -> bool:
+        """Count a command that changes nothing. One more than `max_junk_commands` since
+        the last accepted message ends the session: say so (True), and answer nothing else."""
+        self._junk_commands += 1
+        if self._junk_commands > self.settings.max_junk_commands:
+            self.shutdown("4.7.0", "Error: too many junk commands")
+            return True
+        return False
 
     def shutdown(self, status: str, text: str) -> None:
         """Say 421 and close: the server's way to end a session."""
@@ -630,6 +648,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._greet(arg, esmtp=True)
 
     def _greet(self, arg: str, *, esmtp: bool) -> None:
+        if self._junk():
+            return
         name = arg.strip()
         if not name:
             self._error(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
@@ -690,9 +710,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._reset_transaction()
 
     def do_NOOP(self, arg: str) -> None:
+        if self._junk():
+            return
         self.reply(250, "2.0.0", "Ok")
 
     def do_RSET(self, arg: str) -> None:
+        if self._junk():
+            return
         self._reset_transaction()
         self.reply(250, "2.0.0", "Ok")
 
@@ -703,9 +727,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def do_VRFY(self, arg: str) -> None:
+        if self._junk():
+            return
         self.reply(252, "2.5.0", "Cannot VRFY user; send a message and we will try")
 
     def do_HELP(self, arg: str) -> None:
+        if self._junk():
+            return
         self.reply(
             214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"
         )
@@ -756,7 +784,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return None
         if len(self._recipients) >= self.settings.max_recipients:
             self._refuse("RCPT", 452, "4.5.3", "Error: too many recipients",
-                         recipients=[str(mailbox)])
+                         recipients=[str(mailbox)], error=True)
             return None
         reason = relay_refusal(mailbox)
         if reason is not None:
@@ -805,6 +833,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         if key not in self._seen:
             self._seen.add(key)
             self._recipients.append(Recipient(address=address, domain_id=domain_id))
+        elif self._junk():
+            return
         self.reply(250, "2.1.5", "Ok")
 
     def do_DATA(self, arg: str) -> None:
@@ -953,6 +983,7 @@ class ESMTPServerProtocol(TwistedProtocol):
                             recipients=[r.address for r in envelope.recipients])
             return
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        self._junk_commands = 0  # as Postfix: a session that delivers mail is no junk
         maillog.accepted(queue_id, client=envelope.client_ip, helo=envelope.helo,
                          mail_from=envelope.mail_from, size=len(data),
                          recipients=[r.address for r in envelope.recipients], tls=envelope.tls)
