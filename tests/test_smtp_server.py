@@ -668,6 +668,43 @@ class TimeoutTests(ServerTestCase):
         self.clock.advance(0.5)
         self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
 
+    def test_a_slow_drip_inside_data_ends_at_the_session_time_limit(self) -> None:
+        s = self.session()
+        self.start(s)
+        for _ in range(3600 // 299):
+            self.clock.advance(299)  # within idle_timeout (300) every time
+            self.assertEqual(s.send(b"x"), [])
+        self.assertFalse(s.closing)
+        self.clock.advance(3600 - 3600 // 299 * 299)
+        self.assertEqual(s.replies(),
+                         ["421 4.4.2 mx.gateway.test Error: session time limit exceeded"])
+        self.assertTrue(s.closing)
+        self.assertEqual(s.send(b"\r\n.\r\n"), [])
+        self.assertEqual(self.sink.messages, [])
+
+    def test_the_session_time_is_a_setting_and_counts_from_the_connection(self) -> None:
+        s = self.session(self.make_factory(max_session_time=100, idle_timeout=30))
+        for _ in range(4):
+            self.clock.advance(24)
+            self.assertEqual(s.codes(b"EHLO a.example\r\n"), ["250"])
+        self.clock.advance(3.5)
+        self.assertFalse(s.closing)
+        self.clock.advance(0.5)
+        self.assertEqual([r[:9] for r in s.replies()], ["421 4.4.2"])
+
+    def test_a_message_being_committed_at_the_time_limit_is_answered_first(self) -> None:
+        s = self.session(self.make_factory(max_session_time=100, command_timeout=60))
+        self.sink.hold = True
+        self.start(s)
+        self.clock.advance(90)
+        self.assertEqual(s.send(b"x\r\n.\r\nNOOP\r\n"), [])
+        self.clock.advance(30)  # past the session's time, within the command's
+        self.assertFalse(s.closing)
+        self.sink.release()
+        self.assertEqual([r[:9] for r in s.replies()], ["250 2.0.0", "421 4.4.2"])
+        self.assertTrue(s.closing)
+        self.assertEqual(self.sink.bodies, [b"x\r\n"])
+
     def test_spool_finishing_after_the_client_left(self) -> None:
         s = self.session()
         self.sink.hold = True

@@ -22,7 +22,8 @@ class SettingsTests(TestCase):
         self.assertEqual(settings, SMTPSettings(
             hostname="mx.example.net", max_message_size=52428800, max_recipients=100,
             max_connections=200, max_connections_per_ip=20, idle_timeout=300.0,
-            command_timeout=120.0, max_errors=20, max_junk_commands=100,
+            command_timeout=120.0, max_session_time=3600.0, max_errors=20,
+            max_junk_commands=100,
             max_line_length=1000, max_command_length=512,
         ))
 
@@ -30,19 +31,21 @@ class SettingsTests(TestCase):
         config = Config(sections={"smtp": {
             "max_message_size": 1000000, "max_recipients": 5, "max_connections": 7,
             "max_connections_per_ip": 2, "idle_timeout": 30, "command_timeout": 4.5,
-            "max_errors": 3, "max_junk_commands": 10, "listen": ["tcp:25"],
+            "max_errors": 3, "max_junk_commands": 10, "max_session_time": 600,
+            "listen": ["tcp:25"],
         }})
         settings = SMTPSettings.from_config(config)
         self.assertEqual((settings.max_message_size, settings.max_recipients,
                           settings.max_connections, settings.max_connections_per_ip,
                           settings.idle_timeout, settings.command_timeout, settings.max_errors,
-                          settings.max_junk_commands),
-                         (1000000, 5, 7, 2, 30, 4.5, 3, 10))
+                          settings.max_junk_commands, settings.max_session_time),
+                         (1000000, 5, 7, 2, 30, 4.5, 3, 10, 600))
 
     def test_bad_values_are_config_errors(self) -> None:
         for key, value in (("max_recipients", 0), ("max_recipients", 2.5),
                            ("idle_timeout", "long"), ("max_errors", True),
                            ("max_junk_commands", 0), ("max_junk_commands", 1.5),
+                           ("max_session_time", 0), ("max_session_time", "1h"),
                            ("max_line_length", 20)):
             with self.subTest(key=key, value=value):
                 with self.assertRaises(ConfigError):

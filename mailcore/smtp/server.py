@@ -145,6 +145,14 @@ class SMTPSettings:
       before we say 421 4.4.2 and close.
     - `command_timeout` (120): how long one command may wait on us (a store lookup, the
       spool's commit) before we say 421 4.4.2 and close.
+    - `max_session_time` (3600): how long a session may last in all, whatever it does,
+      before we say 421 4.4.2 and close; a message still in DATA then is not accepted. The
+      idle timeout alone lets one octet every few minutes hold a session (and its
+      connection slot) for ever. An hour carries a message of the default maximum size
+      (50 MB) over a link of 128 kbit/s; senders that keep a connection for many messages
+      hold it for minutes (Postfix's client: `smtp_connection_reuse_time_limit`, 300 s),
+      and mail cut off is retried on a new connection. A command waiting on us (the
+      spool's commit) is answered before the session ends (it has `command_timeout`).
     - `max_errors` (20): refused commands and recipients in one session before 421 4.7.0;
       a recipient over `max_recipients` (452 4.5.3) counts as one.
     - `max_junk_commands` (100, as Postfix's `smtpd_junk_command_limit`): commands that
@@ -175,6 +183,7 @@ class SMTPSettings:
     max_connections_per_ip: int = 20
     idle_timeout: float = 300.0
     command_timeout: float = 120.0
+    max_session_time: float = 3600.0
     max_errors: int = 20
     max_junk_commands: int = 100
     max_line_length: int = 1000
@@ -355,9 +364,11 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._overflow = False
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
-        # The session's one timer (see _arm_timer): the idle and the command timeout.
+        # The session's one timer (see _arm_timer): the idle and the command timeout, and
+        # the session's time.
         self._last_activity = 0.0
         self._paused_at = 0.0
+        self._session_end = 0.0  # max_session_time after the connection was admitted
         self._timer: IDelayedCall | None = None
 
     # -- connection ---------------------------------------------------------------------
@@ -378,6 +389,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = True
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._last_activity = now = self.clock.seconds()
+        self._session_end = now + self.settings.max_session_time
         self._arm_timer(now)
         self._write(f"220 {self.settings.hostname} ESMTP Mailcore\r\n")
 
@@ -447,6 +459,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._buf = b""
         self._pos = 0
+        self._chunks = []  # a message still in DATA is not accepted
         self._flush()
         if self._write_blocked:
             # The client reads nothing: the 421 and the replies before it would wait for it
@@ -588,6 +601,10 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._paused = False
         if not self._open:
             return
+        if self.clock.seconds() >= self._session_end:
+            # The command that waited is answered; nothing behind it runs.
+            self._end_session_time()
+            return
         # We have answered: the client's silence counts from now.
         self._last_activity = self.clock.seconds()
         self._process()
@@ -609,10 +626,11 @@ class ESMTPServerProtocol(TwistedProtocol):
     def _deadline(self) -> float:
         """When the session times out if nothing happens: `command_timeout` after a command
         began to wait on us, else `idle_timeout` after the client's last input (or our
-        last answer). While a command waits, the idle timeout does not run."""
+        last answer), or the end of the session's time if sooner. While a command waits,
+        the idle timeout and the session's time do not run out."""
         if self._paused:
             return self._paused_at + self.settings.command_timeout
-        return self._last_activity + self.settings.idle_timeout
+        return min(self._last_activity + self.settings.idle_timeout, self._session_end)
 
     def _arm_timer(self, now: float) -> None:
         """Schedule the one timer at the deadline, or sooner: at most the shorter of the two
@@ -630,9 +648,15 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         now = self.clock.seconds()
         if now >= self._deadline() - 1e-6:  # (not re-armed for a rounding error's worth)
-            self.shutdown("4.4.2", "Error: timeout exceeded")
+            if not self._paused and now >= self._session_end - 1e-6:
+                self._end_session_time()
+            else:
+                self.shutdown("4.4.2", "Error: timeout exceeded")
             return
         self._arm_timer(now)
+
+    def _end_session_time(self) -> None:
+        self.shutdown("4.4.2", "Error: session time limit exceeded")
 
     # -- session commands ----------------------------------------------------------------
 
