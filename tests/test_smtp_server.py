@@ -186,7 +186,7 @@ class TransactionTests(ServerTestCase):
         s = self.session()
         s.hello()
         self.assertEqual(s.codes(b"MAIL FROM:<>\r\nRCPT TO:<a@example.com>\r\n"
-                                 b"RCPT TO:<john@listed.example>\r\nRCPT TO:<A@example.com>\r\n"
+                                 b"RCPT TO:<john@listed.example>\r\nRCPT TO:<a@EXAMPLE.com>\r\n"
                                  b"DATA\r\nx\r\n.\r\n"), ["250", "250", "250", "250", "354", "250"])
         [accepted] = self.sink.messages
         self.assertEqual(accepted.envelope.mail_from, "")
@@ -401,6 +401,18 @@ class RelayTests(ServerTestCase):
                 [reply] = s.send(f"RCPT TO:{rcpt}\r\n".encode())
                 self.assertTrue(reply.startswith("550 5.7.1 "), reply)
                 self.assertIn("Relaying denied", reply)
+
+    def test_local_parts_differing_in_case_are_two_recipients(self) -> None:
+        s = self.session()
+        s.hello()
+        s.send(b"MAIL FROM:<a@remote.test>\r\n")
+        self.assertEqual(s.codes(b"RCPT TO:<Bob@example.com>\r\nRCPT TO:<bob@example.com>\r\n"
+                                 b"RCPT TO:<bob@EXAMPLE.com>\r\nRCPT TO:<Bob@Example.Com>\r\n"
+                                 b"DATA\r\nx\r\n.\r\n"),
+                         ["250", "250", "250", "250", "354", "250"])
+        # RFC 5321 2.4: the local part is the next hop's to interpret; the domain is DNS's
+        self.assertEqual([r.address for r in self.sink.messages[0].envelope.recipients],
+                         ["Bob@example.com", "bob@example.com"])
 
     def test_served_recipients(self) -> None:
         s = self.session()
@@ -992,6 +1004,16 @@ class PostmasterTests(ServerTestCase):
                          ["354", "250"])
         return self.sink.messages[-1].envelope
 
+    def test_postmaster_in_any_case_is_one_recipient(self) -> None:
+        s = self.session(self.make_factory(postmaster="postmaster@example.com"))
+        s.hello()
+        s.send(b"MAIL FROM:<someone@remote.test>\r\n")
+        self.assertEqual(s.codes(b"RCPT TO:<postmaster>\r\n"
+                                 b"RCPT TO:<PostMaster@Example.com>\r\n"
+                                 b"DATA\r\nx\r\n.\r\n"), ["250", "250", "354", "250"])
+        self.assertEqual([r.address for r in self.sink.messages[0].envelope.recipients],
+                         ["postmaster@example.com"])
+
     def test_a_served_postmaster_address_gets_its_domain(self) -> None:
         factory = self.make_factory(postmaster="hostmaster@listed.example")
         envelope = self.send_to_postmaster(factory)
@@ -1010,7 +1032,7 @@ class PostmasterTests(ServerTestCase):
         s = self.session(self.make_factory(postmaster="abuse@example.com"))
         s.hello()
         s.send(b"MAIL FROM:<someone@remote.test>\r\n")
-        self.assertEqual(s.codes(b"RCPT TO:<postmaster>\r\nRCPT TO:<Abuse@Example.com>\r\n"
+        self.assertEqual(s.codes(b"RCPT TO:<postmaster>\r\nRCPT TO:<abuse@Example.COM>\r\n"
                                  b"RCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\n"),
                          ["250", "250", "250", "354", "250"])
         self.assertEqual([r.address for r in self.sink.messages[0].envelope.recipients],

@@ -353,7 +353,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         # The transaction.
         self._mail_from: str | None = None
         self._recipients: list[Recipient] = []
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, str]] = set()  # (local part, domain in lower case)
         # DATA: chunks received so far, their size, the last 4 octets (to find the end
         # marker across chunk boundaries), whether the size limit was passed, and the
         # Received fields of the header section (whether there are too many).
@@ -853,7 +853,14 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._add_recipient(address, domain.id)
 
     def _add_recipient(self, address: str, domain_id: int | None) -> None:
-        key = address.lower()
+        """Accept a recipient, once: the same local part at the same domain is one
+        recipient. Domains are compared without case (DNS), local parts exactly (RFC 5321
+        2.4: the next hop may tell Bob from bob), except `postmaster`, which RFC 5321 4.5.1
+        makes case-insensitive."""
+        local, _, domain = address.rpartition("@")
+        if len(local) == 10 and local.lower() == "postmaster":
+            local = "postmaster"
+        key = (local, domain.lower())
         if key not in self._seen:
             self._seen.add(key)
             self._recipients.append(Recipient(address=address, domain_id=domain_id))
