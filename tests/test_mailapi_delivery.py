@@ -96,6 +96,27 @@ class LocalDeliveryTests(QueueTestCase):
         self.assertEqual((len(hashes), len(set(hashes))), (2, 1))
         self.assertEqual(len(self.local.files.hashes()), 2)  # the message, its attachment
 
+    async def test_local_parts_differing_in_case_are_stored_once(self) -> None:
+        await self.accept("Q1", "Bob@customer.test", "bob@customer.test", body=MIME)
+        self.assertEqual(len(self.mail()), 1)
+        await self.q.spool.drain()
+        r = queue_recipients.c
+        states = done(self.db.read("states", lambda c: sorted(
+            tuple(row) for row in c.execute(select(r.address, r.state)))))
+        self.assertEqual(states, [("Bob@customer.test", "delivered"),
+                                  ("bob@customer.test", "delivered")])
+        # replayed, the recipient without a row of its own is still the mailbox's copy
+        ids = done(self.db.read("ids", lambda c: [tuple(row) for row in c.execute(
+            select(r.id, r.address).order_by(r.id.desc()))]))
+        job = Job("Q1", "a@x.test", "relay", 0.0, 10,
+                  [Rcpt(i, address, self.domain, 0) for i, address in ids])
+        prepared = await self.local.prepare("Q1", b"Subject: again\r\n\r\nx")
+        stored, _dsns = await self.q.spool.run_serialized(
+            "replay", thd_deliver_local, self.local, job, prepared,
+            "node", 1.0, 2.0, "mx.test")
+        self.assertEqual(stored, {i for i, _ in ids})
+        self.assertEqual(len(self.mail()), 1)
+
     async def test_a_replayed_delivery_stores_nothing_twice(self) -> None:
         await self.accept("Q1", "bob@customer.test")
         [row] = self.mail()

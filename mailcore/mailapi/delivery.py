@@ -4,9 +4,10 @@ The queue routes a hosted address to its LOCAL hop (`HostedAddresses` tells it w
 are) and, after filtering, hands the message to `LocalMailboxes` (mailcore.queue.runner's
 LocalStore): `prepare` parses it once and writes the message as received and each of its
 attachments to their files (mailcore.mailapi.files), outside any transaction; `thd_store`
-then inserts one row per recipient, all naming the same files, inside the transaction that
+then inserts one row per mailbox, all naming the same files, inside the transaction that
 also records the recipients' results (mailcore.queue.runner.thd_deliver_local). A recipient
-is stored at most once: `mailapi_mail.queue_rcpt_id` is unique, and a replay finds its row.
+is stored at most once: `mailapi_mail.queue_rcpt_id` is unique, and a replay finds its row;
+two recipients of one mailbox (`Bob@` and `bob@`) share the first one's row.
 Files a delivery wrote but no row names (a replay, a mailbox removed meanwhile) are swept
 later (MailService.sweep).
 """
@@ -107,19 +108,31 @@ class LocalMailboxes:
         self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
         prepared: Prepared, now: float,
     ) -> set[int]:
-        """Store the message as unread inbox mail in the mailbox of each recipient; returns
-        the recipient ids stored now or before."""
+        """Store the message as unread inbox mail in the mailbox of each recipient, once
+        per mailbox (Bob@ and bob@ are two recipients to the SMTP server, RFC 5321 2.4, and
+        one mailbox here); returns the recipient ids stored now or before."""
         stored: set[int] = set()
-        parsed = prepared.parsed
+        boxes: set[int] = set()  # the mailboxes that hold this message
+        fresh = []
         for rcpt_id, address in recipients:
-            if conn.execute(select(_mail.id).where(_mail.queue_rcpt_id == rcpt_id)).first():
+            row = conn.execute(
+                select(_mail.mailbox_id).where(_mail.queue_rcpt_id == rcpt_id)).first()
+            if row is None:
+                fresh.append((rcpt_id, address))
+            else:
                 stored.add(rcpt_id)
-                continue
+                boxes.add(row.mailbox_id)
+        parsed = prepared.parsed
+        for rcpt_id, address in fresh:
             key = mailbox_key(address)
             box = None if key is None else conn.execute(
                 select(mailboxes.c.id).where(mailboxes.c.address == key)).first()
             if box is None:
                 continue
+            if box.id in boxes:
+                stored.add(rcpt_id)
+                continue
+            boxes.add(box.id)
             inserted = conn.execute(insert(mailapi_mail).values(
                 public_id=thd_new_public_id(conn), mailbox_id=box.id, status="inbox",
                 read=False, mail_from=parsed.mail_from, to_addrs=parsed.to,
