@@ -22,6 +22,7 @@ from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import count_received
 from mailcore.smtp.server import (
+    RECIPIENT_OVERSHOOT,
     SMTPServerFactory,
     received_header,
     received_protocol,
@@ -287,14 +288,28 @@ class SequenceTests(ServerTestCase):
         self.assertEqual(s.codes(b"A\r\nB\r\nC\r\nNOOP\r\n"), ["502", "502", "502", "421"])
         self.assertTrue(s.closing)
 
-    def test_recipients_over_the_limit_count_as_errors(self) -> None:
+    def test_recipients_far_over_the_limit_count_as_errors(self) -> None:
+        """A sender pipelining all its recipients expects 452s for those over the limit (and
+        sends them later): only RECIPIENT_OVERSHOOT more count, as in Postfix."""
         s = self.session(self.make_factory(max_recipients=1, max_errors=3))
         s.hello()
         s.send(b"MAIL FROM:<a@remote.test>\r\n")
+        over = RECIPIENT_OVERSHOOT + 3
         self.assertEqual(s.codes(b"".join(f"RCPT TO:<u{i}@example.com>\r\n".encode()
-                                          for i in range(10))),
-                         ["250", "452", "452", "452", "421"])
+                                          for i in range(1 + over + 5))),
+                         ["250"] + ["452"] * over + ["421"])
         self.assertTrue(s.closing)
+
+    def test_a_pipelined_transaction_over_the_recipient_limit_is_not_cut(self) -> None:
+        s = self.session(self.make_factory(max_recipients=100, max_errors=20))
+        s.hello()
+        rcpts = b"".join(f"RCPT TO:<u{i}@example.com>\r\n".encode() for i in range(500))
+        codes = s.codes(b"MAIL FROM:<a@remote.test>\r\n" + rcpts + b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes, ["250"] * 101 + ["452"] * 400 + ["354", "250"])
+        # the next transaction starts afresh
+        codes = s.codes(b"MAIL FROM:<a@remote.test>\r\n" + rcpts[:40 * 25] + b"RSET\r\n")
+        self.assertEqual(codes[0], "250")
+        self.assertNotIn("421", codes)
 
     def test_bare_lf_in_a_command_is_one_bad_line(self) -> None:
         s = self.session()

@@ -88,6 +88,9 @@ MAX_BACKLOG = 64 * 1024
 # may tell us to stop): one 64 KiB segment of pipelined HELP would otherwise be answered
 # whole, 13 times its size, before the transport's buffer limit could act.
 MAX_CORKED_REPLIES = 256
+# RCPTs over `max_recipients` in one transaction answered 452 before each further one counts
+# as an error (Postfix's smtpd_recipient_overshoot_limit).
+RECIPIENT_OVERSHOOT = 1000
 _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -154,7 +157,10 @@ class SMTPSettings:
       and mail cut off is retried on a new connection. A command waiting on us (the
       spool's commit) is answered before the session ends (it has `command_timeout`).
     - `max_errors` (20): refused commands and recipients in one session before 421 4.7.0;
-      a recipient over `max_recipients` (452 4.5.3) counts as one.
+      a recipient over `max_recipients` (452 4.5.3) counts as one once a message has had
+      `RECIPIENT_OVERSHOOT` (1,000, as Postfix's `smtpd_recipient_overshoot_limit`) of them:
+      a sender that pipelines all its recipients expects 452s for the rest and sends them in
+      another transaction.
     - `max_junk_commands` (100, as Postfix's `smtpd_junk_command_limit`): commands that
       change nothing (NOOP, RSET, VRFY, HELP, HELO and EHLO, a recipient given again)
       answered since the session began or since its last accepted message; one more is
@@ -354,6 +360,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._mail_from: str | None = None
         self._recipients: list[Recipient] = []
         self._seen: set[tuple[str, str]] = set()  # (local part, domain in lower case)
+        self._overshoot = 0  # RCPTs of this transaction answered 452 (too many recipients)
         # DATA: chunks received so far, their size, the last 4 octets (to find the end
         # marker across chunk boundaries), whether the size limit was passed, and the
         # Received fields of the header section (whether there are too many).
@@ -664,6 +671,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._mail_from = None
         self._recipients = []
         self._seen = set()
+        self._overshoot = 0
 
     def do_HELO(self, arg: str) -> None:
         self._greet(arg, esmtp=False)
@@ -807,8 +815,11 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._error(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
             return None
         if len(self._recipients) >= self.settings.max_recipients:
+            # A sender that gives all its recipients at once (pipelining, as sendmail does)
+            # expects 452s and sends the rest later: only far more than it may give is abuse.
+            self._overshoot += 1
             self._refuse("RCPT", 452, "4.5.3", "Error: too many recipients",
-                         recipients=[str(mailbox)], error=True)
+                         recipients=[str(mailbox)], error=self._overshoot > RECIPIENT_OVERSHOOT)
             return None
         reason = relay_refusal(mailbox)
         if reason is not None:
