@@ -317,3 +317,169 @@ class FailureTests(ClientTestBase):
         self.server(b"250-sink.test\r\n250 SIZE 5\r\n")
         self.successResultOf(d)
         self.assertEqual(self.session.extensions, {"SIZE": "5"})
+
+
+class ReplyCodeTests(ClientTestBase):
+    """RFC 5321 4.3.2: each command's success is only the codes it allows (MAIL 250, RCPT
+    250/251, DATA 354, the end of the data 2yz). Any other code short of a refusal is the
+    next hop breaking the protocol: a temporary failure in our words, no body sent on it,
+    the session dropped. Before, every 2yz or 3yz counted as success: a 250 to DATA was a
+    delivery of a body never sent."""
+
+    BODY = b"Subject: s\r\n\r\nBODY\r\n"
+
+    def send(self, *rcpts: str) -> defer.Deferred[Any]:
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x.test", list(rcpts), self.BODY))
+        self.sent()
+        return d
+
+    def assert_protocol_error(self, reply: Reply, text: str) -> None:
+        self.assertFalse(reply.ok)
+        self.assertTrue(reply.temporary)
+        self.assertEqual(str(reply), text)
+
+    def assert_dropped(self) -> None:
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.session.usable)
+
+    def test_250_to_data_sends_no_body_and_defers(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n250 ok, but I never asked for the body\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(self.sent(), b"")
+        self.assert_protocol_error(result.for_recipient(0),
+                                   "4.5.0 protocol error: 250 in reply to DATA")
+        self.assert_dropped()
+
+    def test_250_to_data_without_pipelining_sends_no_body(self) -> None:
+        self.handshake(b"250 SIZE 100000\r\n")
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], self.BODY))
+        self.server(b"250 ok\r\n250 ok\r\n")
+        self.assertTrue(self.sent().endswith(b"DATA\r\n"))
+        self.server(b"250 ok\r\n")
+        self.assert_protocol_error(self.successResultOf(d).for_recipient(0),
+                                   "4.5.0 protocol error: 250 in reply to DATA")
+        self.assertEqual(self.sent(), b"")
+        self.assert_dropped()
+
+    def test_354_after_the_body_defers(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(self.sent(), self.BODY + b".\r\n")
+        self.server(b"354 again?\r\n")
+        self.assert_protocol_error(self.successResultOf(d).for_recipient(0),
+                                   "4.5.0 protocol error: 354 in reply to the end of the data")
+        self.assert_dropped()
+
+    def test_any_2yz_after_the_body_is_delivered(self) -> None:
+        """RFC 5321 4.2.5: a 2yz after the data accepts responsibility; sending the message
+        again would deliver it twice."""
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.server(b"251 2.0.0 taken\r\n")
+        self.assertTrue(self.successResultOf(d).for_recipient(0).ok)
+        self.assertTrue(self.session.usable)
+
+    def test_354_to_rcpt_sends_no_body(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n354 rcpt?\r\n354 go\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(self.sent(), b"")
+        self.assert_protocol_error(result.rcpts[0], "4.5.0 protocol error: 354 in reply to RCPT")
+        self.assert_protocol_error(result.for_recipient(0),
+                                   "4.5.0 protocol error: 354 in reply to RCPT")
+        self.assert_dropped()
+
+    def test_rcpt_success_is_250_or_251_not_252(self) -> None:
+        """RFC 5321 4.3.2 lists 250 and 251 for RCPT; 252 belongs to VRFY and EXPN."""
+        self.handshake()
+        d = self.send("b@c.test", "d@c.test", "e@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n251 forwarded\r\n252 cannot VRFY\r\n354 go\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(self.sent(), b"")
+        self.assertEqual([r.code for r in result.rcpts[:2]], [250, 251])
+        self.assert_protocol_error(result.for_recipient(0),
+                                   "4.5.0 protocol error: 252 in reply to RCPT")
+        self.assert_protocol_error(result.for_recipient(2),
+                                   "4.5.0 protocol error: 252 in reply to RCPT")
+
+    def test_a_refusal_before_the_protocol_error_keeps_its_meaning(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test", "d@c.test", "e@c.test")
+        self.server(b"250 ok\r\n550 5.1.1 unknown\r\n354 what\r\n451 4.3.0 later\r\n354 go\r\n")
+        result = self.successResultOf(d)
+        self.assertTrue(result.for_recipient(0).permanent)
+        self.assertEqual(result.for_recipient(0).code, 550)
+        # the 451 came after the stray 354: it cannot be matched to its command any more
+        for i in (1, 2):
+            self.assert_protocol_error(result.for_recipient(i),
+                                       "4.5.0 protocol error: 354 in reply to RCPT")
+
+    def test_a_stray_code_to_mail_fails_every_recipient(self) -> None:
+        self.handshake(b"250 SIZE 100000\r\n")
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c", "d@c"], self.BODY))
+        self.sent()
+        self.server(b"354 go ahead\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(self.sent(), b"")  # no RCPT after it
+        for i in (0, 1):
+            self.assert_protocol_error(result.for_recipient(i),
+                                       "4.5.0 protocol error: 354 in reply to MAIL")
+        self.assert_dropped()
+
+    def test_a_stray_code_to_rcpt_without_pipelining_stops_the_transaction(self) -> None:
+        self.handshake(b"250 SIZE 100000\r\n")
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c", "d@c"], self.BODY))
+        self.server(b"250 ok\r\n")
+        self.server(b"221 what\r\n")
+        self.assertEqual(self.sent(),
+                         b"MAIL FROM:<a@x> SIZE=%d\r\nRCPT TO:<b@c>\r\n" % len(self.BODY))
+        result = self.successResultOf(d)
+        for i in (0, 1):
+            self.assert_protocol_error(result.for_recipient(i),
+                                       "4.5.0 protocol error: 221 in reply to RCPT")
+        self.assert_dropped()
+
+    def test_a_code_outside_2_to_5_is_a_protocol_error(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.server(b"650 what\r\n")
+        self.assert_protocol_error(self.successResultOf(d).for_recipient(0),
+                                   "4.5.0 protocol error: 650 in reply to the end of the data")
+
+    def test_the_text_is_ours_without_the_peers_control_characters(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n250 \x1b[2J\x00 ok\r\n")
+        text = str(self.successResultOf(d).for_recipient(0))
+        self.assertEqual(text, "4.5.0 protocol error: 250 in reply to DATA")
+
+    def test_a_stray_code_to_the_rset_fails_the_transaction(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test")
+        self.server(b"250 ok\r\n250 ok\r\n451 4.3.0 not now\r\n")
+        self.successResultOf(d)
+        d = self.send("b@c.test")
+        self.server(b"354 reset?\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(self.sent(), b"")
+        self.assert_protocol_error(self.successResultOf(d).for_recipient(0),
+                                   "4.5.0 protocol error: 354 in reply to RSET")
+        self.assert_dropped()
+
+    def test_real_refusals_keep_their_meaning(self) -> None:
+        self.handshake()
+        d = self.send("b@c.test", "d@c.test")
+        self.server(b"250 ok\r\n451 4.3.0 later\r\n250 ok\r\n354 go\r\n")
+        self.sent()
+        self.server(b"554 5.7.1 refused\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(str(result.for_recipient(0)), "451 4.3.0 later")
+        self.assertTrue(result.for_recipient(0).temporary)
+        self.assertEqual(str(result.for_recipient(1)), "554 5.7.1 refused")
+        self.assertTrue(result.for_recipient(1).permanent)
+        self.assertTrue(self.session.usable)

@@ -911,7 +911,7 @@ class QueueRunner:
             assert result.data is not None
             self._delivered(job, delivered, str(result.data), hop, now)
         for reply, rcpts in by_reply.items():
-            self._fail(job, rcpts, str(reply), permanent=not reply.temporary, hop=hop, now=now)
+            self._fail(job, rcpts, str(reply), permanent=reply.permanent, hop=hop, now=now)
         return session.usable
 
     # -- lifecycle ----------------------------------------------------------------------

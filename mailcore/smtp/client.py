@@ -6,6 +6,13 @@ PIPELINING, multi-line reply parsing, timeouts on the injected clock, a result p
 recipient, and STARTTLS whose failure the caller can answer by retrying in cleartext instead
 of giving up (pitfall 9).
 
+Each reply of a transaction is judged by what RFC 5321 4.3.2 lets its command be answered
+with: a success (MAIL 250, RCPT 250 or 251, DATA 354, the end of the data 2yz), a refusal
+(4yz temporary, 5yz permanent), or anything else, which is the next hop breaking the
+protocol (a 250 to DATA: no body went out; a 354 to RCPT or after the body): that is a
+temporary failure of ours (`protocol_error`, "4.5.0 protocol error: …") and the session is
+dropped, as no later reply on it can be trusted.
+
 Usage: `connect_session(...)` gives a `SMTPSession` that has read the greeting and said
 EHLO (and STARTTLS when asked); then `send(...)` per message and `quit()`.
 """
@@ -58,25 +65,60 @@ class TLSFailed(SMTPClientError):
 
 @dataclass(frozen=True)
 class Reply:
-    """One (possibly multi-line) server reply."""
+    """One (possibly multi-line) server reply, or (`protocol_error`) our temporary failure
+    standing for a reply its command does not allow."""
 
     code: int
     lines: tuple[str, ...]
+    protocol_error: bool = False
 
     @property
     def text(self) -> str:
         return " ".join(self.lines)
 
     def __str__(self) -> str:
+        if self.protocol_error:
+            return self.text  # our words, not the next hop's: no reply code in front
         return f"{self.code} {self.text}".strip()
 
     @property
     def ok(self) -> bool:
-        return 200 <= self.code < 400
+        """A positive completion (2yz); the session lets only its command's successes by."""
+        return 200 <= self.code < 300
 
     @property
     def temporary(self) -> bool:
         return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+# RFC 5321 4.3.2: the success replies of each command of a transaction. 252 is not RCPT's:
+# the table gives it to VRFY and EXPN only ("cannot VRFY user, but will accept message",
+# 3.5.3), so a 252 to RCPT is taken as a protocol error like any other stray code. After
+# the data any 2yz is success: 4.2.5 makes every 2yz there the next hop's acceptance of
+# responsibility, and retrying it would deliver the message twice.
+RSET_OK = frozenset({250})
+MAIL_OK = frozenset({250})
+RCPT_OK = frozenset({250, 251})
+DATA_OK = frozenset({354})
+END_OK = frozenset(range(200, 300))
+
+
+def protocol_error_reply(code: int, command: str) -> Reply:
+    """Our temporary failure for a reply `command` does not allow (the peer's text is not
+    quoted: `code` is three digits, `command` our own word)."""
+    return Reply(451, (f"4.5.0 protocol error: {code} in reply to {command}",),
+                 protocol_error=True)
+
+
+def judge(reply: Reply, success: frozenset[int], command: str) -> Reply:
+    """`reply` when it is one of `success` or a refusal (4yz, 5yz); else a protocol error."""
+    if reply.code in success or 400 <= reply.code < 600:
+        return reply
+    return protocol_error_reply(reply.code, command)
 
 
 @dataclass
@@ -127,6 +169,9 @@ class SMTPClientProtocol(LineReceiver):
         self._timer: IDelayedCall | None = None
         self._deadline = 0.0
         self._lost: Failure | None = None
+        # Set once we drop or close the connection (an abort's connectionLost comes later):
+        # nothing more is sent on it.
+        self.closing = False
         self.connected_deferred: defer.Deferred[SMTPClientProtocol] = defer.Deferred()
         self.tls_started = False
 
@@ -137,6 +182,7 @@ class SMTPClientProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost = reason
+        self.closing = True
         self._cancel_timer()
         waiting, self._waiting = self._waiting, deque()
         message = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
@@ -213,6 +259,7 @@ class SMTPClientProtocol(LineReceiver):
         write_now(self.transport, data)
 
     def abort(self) -> None:
+        self.closing = True
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -287,7 +334,7 @@ class SMTPSession:
 
     @property
     def usable(self) -> bool:
-        return not self.protocol.is_lost
+        return not self.protocol.closing
 
     async def handshake(self) -> None:
         """Read the greeting and say EHLO (HELO if EHLO is refused)."""
@@ -297,14 +344,12 @@ class SMTPSession:
         await self.ehlo()
 
     async def ehlo(self) -> None:
-        self.protocol.write_lines(b"EHLO " + self.helo_name.encode("ascii", "replace"))
-        reply = await self.protocol.expect()
+        reply = await self._command(b"EHLO " + self.helo_name.encode("ascii", "replace"))
         if reply.code == 250:
             self.extensions = parse_extensions(reply)
             return
         if 500 <= reply.code < 600:
-            self.protocol.write_lines(b"HELO " + self.helo_name.encode("ascii", "replace"))
-            reply = await self.protocol.expect()
+            reply = await self._command(b"HELO " + self.helo_name.encode("ascii", "replace"))
             if reply.code == 250:
                 self.extensions = {}
                 return
@@ -312,8 +357,7 @@ class SMTPSession:
 
     async def starttls(self, creator: IOpenSSLClientConnectionCreator) -> None:
         """STARTTLS then EHLO again; any failure raises TLSFailed (the caller may go cleartext)."""
-        self.protocol.write_lines(b"STARTTLS")
-        reply = await self.protocol.expect()
+        reply = await self._command(b"STARTTLS")
         if reply.code != 220:
             raise TLSFailed(f"STARTTLS refused: {reply}", code=reply.code)
         self.protocol.start_tls(creator)
@@ -369,26 +413,39 @@ class SMTPSession:
             commands = ([b"RSET"] if reset_first else []) + [mail, *rcpts, b"DATA"]
             group = p.expect_group(len(commands))
             p.write_lines(*commands)
-            replies = (await group)[1 if reset_first else 0 :]
+            replies = _judge_group(await group, reset_first)[1 if reset_first else 0 :]
             mail_reply, rcpt_replies = replies[0], replies[1:-1]
             data_reply: Reply | None = replies[-1]
         else:
+            broken = None
             if reset_first:
-                await self._command(b"RSET")
-            mail_reply = await self._command(mail)
+                broken = judge(await self._command(b"RSET"), RSET_OK, "RSET")
+            if broken is not None and broken.protocol_error:
+                return self._broken(TransactionResult(broken, [broken] * len(rcpts)), broken)
+            mail_reply = judge(await self._command(mail), MAIL_OK, "MAIL")
             rcpt_replies = []
             data_reply = None
             if mail_reply.ok:
                 for r in rcpts:
-                    rcpt_replies.append(await self._command(r))
-                if any(r.ok for r in rcpt_replies):
-                    data_reply = await self._command(b"DATA")
+                    reply = judge(await self._command(r), RCPT_OK, "RCPT")
+                    if reply.protocol_error:  # the rest are not sent: the same failure
+                        rcpt_replies += [reply] * (len(rcpts) - len(rcpt_replies))
+                        data_reply = reply
+                        break
+                    rcpt_replies.append(reply)
+                else:
+                    if any(r.ok for r in rcpt_replies):
+                        data_reply = judge(await self._command(b"DATA"), DATA_OK, "DATA")
             else:
                 rcpt_replies = [mail_reply] * len(rcpts)
         result = TransactionResult(mail_reply, rcpt_replies)
         if data_reply is None:
+            if mail_reply.protocol_error:
+                return self._broken(result, mail_reply)
             result.data = Reply(503, ("5.5.1 no valid recipients",))
             return result
+        if data_reply.protocol_error:
+            return self._broken(result, data_reply)
         if data_reply.code != 354:
             result.data = data_reply
             return result
@@ -396,24 +453,37 @@ class SMTPSession:
             # RFC 2920 3.1: DATA was accepted though nobody was: end it with no content.
             wait = p.expect()
             p.write_raw(b".\r\n")
-            await wait
+            if judge(await wait, END_OK, "the end of the data").protocol_error:
+                self.abort()
             self.in_transaction = False
             result.data = Reply(503, ("5.5.1 no valid recipients",))
             return result
         wait = p.expect(self.data_timeout)
         write_body(p.write_raw, body)
-        result.data = await wait
+        final = judge(await wait, END_OK, "the end of the data")
+        if final.protocol_error:
+            return self._broken(result, final)
+        result.data = final
         self.in_transaction = False
         return result
 
+    def _broken(self, result: TransactionResult, error: Reply) -> TransactionResult:
+        """End a transaction whose next hop broke the protocol: `error` decides every
+        recipient no earlier reply decided, and the session is dropped."""
+        result.data = error
+        self.abort()
+        return result
+
     async def _command(self, line: bytes) -> Reply:
+        """Write one command and read its reply (its wait is registered first, so that a
+        reply read while the write is still on the stack finds it)."""
         wait = self.protocol.expect()
         self.protocol.write_lines(line)
         return await wait
 
     async def quit(self) -> None:
         """Say QUIT and close, whatever the server answers."""
-        if self.protocol.is_lost:
+        if self.protocol.closing:
             return
         try:
             wait = self.protocol.expect()
@@ -422,11 +492,34 @@ class SMTPSession:
         except SMTPClientError:
             pass
         finally:
+            self.protocol.closing = True
             if self.protocol.transport is not None:
                 self.protocol.transport.loseConnection()
 
     def abort(self) -> None:
         self.protocol.abort()
+
+
+def _judge_group(replies: list[Reply], reset: bool) -> list[Reply]:
+    """The replies to a pipelined group ([RSET,] MAIL, RCPT…, DATA), judged in order: from
+    the first protocol error on, every reply is that error (the replies after it cannot be
+    matched to their commands). The list itself when every reply is allowed."""
+    last = len(replies) - 1
+    for i, reply in enumerate(replies):
+        code = reply.code
+        if 400 <= code < 600:
+            continue
+        if i == last:
+            success, command = DATA_OK, "DATA"
+        elif i == 0 and reset:
+            success, command = RSET_OK, "RSET"
+        elif i == int(reset):
+            success, command = MAIL_OK, "MAIL"
+        else:
+            success, command = RCPT_OK, "RCPT"
+        if code not in success:
+            return replies[:i] + [protocol_error_reply(code, command)] * (len(replies) - i)
+    return replies
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
