@@ -13,7 +13,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.smtp.client import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_LINES,
     ConnectionLostError,
+    ProtocolError,
     Reply,
     ReplyTimeout,
     SMTPClientError,
@@ -483,3 +486,83 @@ class ReplyCodeTests(ClientTestBase):
         self.assertEqual(str(result.for_recipient(1)), "554 5.7.1 refused")
         self.assertTrue(result.for_recipient(1).permanent)
         self.assertTrue(self.session.usable)
+
+
+class HostileReplyTests(ClientTestBase):
+    """A reply has one deadline from its command's send, at most MAX_REPLY_LINES lines and
+    MAX_REPLY_BYTES octets; input nobody asked for is not kept and drops the connection.
+    Before, each continuation line re-armed the timer and was kept: one 65 KB line every
+    29 s held a send open for hours and hundreds of MB in memory."""
+
+    def test_an_endless_reply_times_out_from_its_commands_send(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        for _ in range(3):
+            self.clock.advance(9)
+            self.server(b"250-still going\r\n")
+        self.assertNoResult(d)
+        self.clock.advance(3.5)  # 30.5 s since MAIL, RCPT and DATA went out
+        self.failureResultOf(d, ReplyTimeout)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.proto._lines, [])
+
+    def test_each_reply_of_a_slow_pipelined_group_gets_its_own_deadline(self) -> None:
+        """RFC 5321 4.5.3.2's timeouts are per command: a server that takes nearly the
+        whole timeout for each reply, and the DATA timeout for the end, still delivers."""
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c", "d@c"], b"x\r\n"))
+        self.sent()
+        for delay, reply in ((14.5, b"250-sender\r\n"), (14.5, b"250 ok\r\n"),
+                             (29, b"250 ok\r\n"), (29, b"250 ok\r\n"), (29, b"354 go\r\n")):
+            self.clock.advance(delay)
+            self.server(reply)
+        self.assertEqual(self.sent(), b"x\r\n.\r\n")
+        self.clock.advance(59)
+        self.server(b"250-2.0.0 queued\r\n250 as ABC\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual([result.for_recipient(i).code for i in (0, 1)], [250, 250])
+
+    def test_a_reply_of_more_than_max_lines_is_a_protocol_error(self) -> None:
+        d = defer.Deferred.fromCoroutine(self.session.handshake())
+        self.server(b"220 hop\r\n")
+        self.sent()
+        self.server(b"250-hop\r\n" * MAX_REPLY_LINES)
+        self.assertNoResult(d)
+        self.server(b"250 one line too many\r\n")
+        error = self.failureResultOf(d, ProtocolError).value
+        self.assertEqual(str(error), "4.5.0 protocol error: a reply of more than 100 lines "
+                                     "or 65536 octets")
+        self.assertFalse(error.permanent)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.proto._lines, [])
+
+    def test_a_reply_of_max_lines_is_read(self) -> None:
+        self.handshake(b"".join(b"250-X%d\r\n" % i for i in range(MAX_REPLY_LINES - 2))
+                       + b"250 PIPELINING\r\n")
+        self.assertEqual(len(self.session.extensions), MAX_REPLY_LINES - 1)
+
+    def test_a_reply_of_more_than_max_bytes_is_a_protocol_error(self) -> None:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        line = b"250-" + b"A" * (MAX_REPLY_BYTES // 2) + b"\r\n"
+        self.server(line)
+        self.assertNoResult(d)
+        self.server(line)
+        self.failureResultOf(d, ProtocolError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_input_on_an_idle_connection_is_discarded_and_drops_it(self) -> None:
+        self.handshake()
+        self.assertTrue(self.session.usable)
+        for _ in range(3):
+            self.server(b"250-" + b"B" * 1000 + b"\r\n")
+        self.assertEqual(self.proto._lines, [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.session.usable)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.session.quit()))
+        self.assertEqual(self.sent(), b"")  # no QUIT on a dropped connection
+
+    def test_an_unsolicited_421_drops_the_connection(self) -> None:
+        self.handshake()
+        self.server(b"421 4.4.2 idle too long\r\n")
+        self.assertFalse(self.session.usable)

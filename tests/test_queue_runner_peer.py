@@ -158,3 +158,38 @@ class ProtocolErrorTests(PeerTestBase):
         await self.accept("Q2", "c@customer.test")
         self.assertEqual(len(self.hop.hops), 2)
         self.assertEqual(self.rows()["c@customer.test"][0], "delivered")
+
+
+class IdleConnectionTests(PeerTestBase):
+    """A pooled connection that talks while idle is out of step and dropped; one the hop
+    closed while idle is not used either. The next message goes on a new connection,
+    without an attempt counted for what was no fault of its own."""
+
+    async def test_a_connection_that_talks_while_idle_is_dropped(self) -> None:
+        await self.accept("Q1", "b@customer.test")
+        first = self.hop.hops[0]
+        first.answer(b"250-" + b"B" * 60000 + b"\r\n")
+        self.assertTrue(first.disconnecting)
+        self.assertEqual(first.protocol._lines, [])  # type: ignore[union-attr]
+        await self.accept("Q2", "c@customer.test")
+        self.assertEqual(len(self.hop.hops), 2)
+        self.assertEqual(self.rows()["c@customer.test"][:2], ("delivered", 1))  # this one
+        self.assertEqual(len(self.hop.hops[1].bodies), 1)
+
+    async def test_a_connection_the_hop_closed_while_idle_costs_no_attempt(self) -> None:
+        await self.accept("Q1", "b@customer.test")
+        self.hop.hops[0].loseConnection()
+        await self.accept("Q2", "c@customer.test")
+        self.assertEqual(self.rows()["c@customer.test"][:2], ("delivered", 1))  # this one
+        self.assertEqual(len(self.hop.hops), 2)
+
+
+class LongReplyTests(PeerTestBase):
+    async def test_a_reply_without_end_defers_with_a_protocol_error(self) -> None:
+        self.hop.answers[b"MAIL"] = b"250-more\r\n" * 200
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(
+            self.rows()["b@customer.test"],
+            ("deferred", 1,
+             "4.5.0 protocol error: a reply of more than 100 lines or 65536 octets"))
+        self.assertTrue(self.hop.hops[0].disconnecting)

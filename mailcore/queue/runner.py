@@ -862,6 +862,11 @@ class QueueRunner:
                 job = await self._next_job(hq)
                 if job is None:
                     break
+                if not session.usable:
+                    # Closed or dropped while it waited (the hop hung up, or talked unasked):
+                    # the job is another connection's, and no attempt of its own.
+                    hq.jobs.appendleft(job)
+                    break
                 if not await self._deliver(session, job, hq):
                     break
             await session.quit()

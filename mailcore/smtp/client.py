@@ -38,6 +38,12 @@ from mailcore.smtp.dotstuff import TERMINATOR, AcceptedBody, CRLFBody, DotStuffe
 
 WRITE_CHUNK = 65536
 
+# The most one reply may hold (an EHLO reply has a line per extension, a dozen or two): past
+# either, the reply fails as a protocol error and the connection is dropped. A line is at
+# most SMTPClientProtocol.MAX_LENGTH.
+MAX_REPLY_LINES = 100
+MAX_REPLY_BYTES = 65536
+
 
 class SMTPClientError(Exception):
     """A session-level failure: the connection or the dialogue broke (not a reply)."""
@@ -61,6 +67,11 @@ class ConnectionLostError(SMTPClientError):
 
 class TLSFailed(SMTPClientError):
     """STARTTLS was refused or the TLS handshake failed."""
+
+
+class ProtocolError(SMTPClientError):
+    """The next hop's reply broke the protocol (one too long): the connection is dropped
+    and the mail retried (the message is a "4.5.0 protocol error: …" text of ours)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +167,15 @@ class _Awaited:
 
 
 class SMTPClientProtocol(LineReceiver):
-    """The wire side: writes commands, parses replies in order, enforces timeouts."""
+    """The wire side: writes commands, parses replies in order, enforces timeouts.
+
+    A reply has one deadline, its wait's timeout from when its command was sent (from the
+    previous reply's end for the later replies of a pipelined group, which the server
+    answers in order): continuation lines do not extend it. A reply is at most
+    MAX_REPLY_LINES lines and MAX_REPLY_BYTES octets. Input while no reply is awaited (an
+    idle pooled connection) is discarded and the connection dropped: a next hop that talks
+    unasked is out of step with us.
+    """
 
     delimiter = b"\r\n"
     MAX_LENGTH = 65536
@@ -166,6 +185,7 @@ class SMTPClientProtocol(LineReceiver):
         self.timeout = timeout
         self._waiting: deque[_Awaited] = deque()
         self._lines: list[str] = []
+        self._reply_bytes = 0
         self._timer: IDelayedCall | None = None
         self._deadline = 0.0
         self._lost: Failure | None = None
@@ -199,6 +219,12 @@ class SMTPClientProtocol(LineReceiver):
         self.abort()
 
     def lineReceived(self, line: bytes) -> None:
+        if not self._waiting:
+            # Unsolicited (a 421 before closing, or a peer out of step): dropped with the
+            # connection, whose next command could only be answered by this.
+            if not self.closing:
+                self.abort()
+            return
         if self.tls_started:
             self._lines_after_tls = True
         text = line.decode("utf-8", "replace")
@@ -206,15 +232,19 @@ class SMTPClientProtocol(LineReceiver):
             self._fail_all(SMTPClientError(f"malformed reply: {text[:80]!r}"))
             self.abort()
             return
+        self._reply_bytes += len(line)
+        if self._reply_bytes > MAX_REPLY_BYTES or len(self._lines) >= MAX_REPLY_LINES:
+            self._fail_all(ProtocolError(
+                f"4.5.0 protocol error: a reply of more than {MAX_REPLY_LINES} lines or "
+                f"{MAX_REPLY_BYTES} octets"))
+            self.abort()
+            return
         self._lines.append(text[4:])
         if len(text) > 3 and text[3] == "-":
-            self._arm_timer()  # progress: a long multi-line reply keeps the session alive
-            return
+            return  # the reply's deadline stands: more lines do not extend it
         reply = Reply(int(text[:3]), tuple(self._lines))
         self._lines = []
-        if not self._waiting:
-            # Unsolicited (e.g. 421 before closing): nothing to hand it to.
-            return
+        self._reply_bytes = 0
         w = self._waiting[0]
         w.replies.append(reply)
         if len(w.replies) < w.count:
@@ -267,13 +297,15 @@ class SMTPClientProtocol(LineReceiver):
         """Switch to TLS; bytes the server sent before the switch are discarded."""
         self.clearLineBuffer()
         self._lines = []
+        self._reply_bytes = 0
         self.tls_started = True
         self.transport.startTLS(creator)  # type: ignore[union-attr]
 
     # -- timeouts -----------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        """Restart the reply timeout for the oldest awaited reply.
+        """Start the reply timeout for the oldest awaited reply (its command was just sent,
+        or the reply before it just ended).
 
         One DelayedCall per connection, moved lazily: arming only records a deadline, and
         the call re-schedules itself when it fires early (a reply per command would
@@ -308,6 +340,8 @@ class SMTPClientProtocol(LineReceiver):
 
     def _fail_all(self, error: Exception) -> None:
         self._cancel_timer()
+        self._lines = []
+        self._reply_bytes = 0
         waiting, self._waiting = self._waiting, deque()
         for w in waiting:
             w.deferred.errback(error)
