@@ -1,6 +1,6 @@
 """The queue runner with the real SMTP client against a next hop that breaks the protocol: a
-reply its command does not allow is never a delivery, and a dropped connection costs no
-message an attempt."""
+reply its command does not allow is never a delivery, a dropped connection costs no message
+an attempt, and a long reply is cut to the store's length before the journal."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from mailcore.queue.model import Result
 from mailcore.queue.routing import Hop
 from mailcore.queue.runner import Connector
 from mailcore.smtp.client import SMTPClientProtocol, SMTPSession
+from mailcore.smtp.dsn import MAX_DETAIL
 from mailcore.store.schema import queue_recipients
 from tests.support.mailsink import done
 from tests.support.queuetest import QueueTestCase
@@ -193,3 +195,19 @@ class LongReplyTests(PeerTestBase):
             ("deferred", 1,
              "4.5.0 protocol error: a reply of more than 100 lines or 65536 octets"))
         self.assertTrue(self.hop.hops[0].disconnecting)
+
+    async def test_a_long_reply_is_cut_to_the_stores_length_before_the_journal(self) -> None:
+        recorded: list[Result] = []
+        record = self.runner.spool.record  # type: ignore[union-attr]
+
+        def keep(results: list[Result]) -> None:
+            recorded.extend(results)
+            record(results)
+
+        self.runner.spool.record = keep  # type: ignore[union-attr,method-assign]
+        self.hop.answers[b"RCPT"] = b"450-4.2.0 " + b"busy " * 4000 + b"\r\n450 try later\r\n"
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(len(recorded), 1)
+        self.assertEqual(len(recorded[0].detail), MAX_DETAIL)
+        self.assertTrue(recorded[0].detail.startswith("450 4.2.0 busy busy"))
+        self.assertEqual(self.rows()["b@customer.test"][:2], ("deferred", 1))

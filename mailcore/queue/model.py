@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
 
+from mailcore.smtp.dsn import MAX_DETAIL
 from mailcore.smtp.envelope import Envelope
 from mailcore.store.counters import thd_bump_counter
 from mailcore.store.schema import domains, queue_messages, queue_recipients
@@ -73,7 +74,8 @@ class NewMessage:
 
 @dataclass(frozen=True)
 class Result:
-    """The outcome for one recipient, as the runner reports it."""
+    """The outcome for one recipient, as the runner reports it (`detail` at most
+    MAX_DETAIL characters: the runner cuts it before the journal and the store see it)."""
 
     rcpt_id: int
     message_id: str
@@ -478,7 +480,7 @@ class _CoreStatements:
                 "rid": r.rcpt_id,
                 "owner": node_id,
                 "state": r.state,
-                "detail": storable(r.detail[:2000]),
+                "detail": storable(r.detail[:MAX_DETAIL]),
                 "hop": r.hop[:300] or None,
                 "next_at": r.next_attempt_at if r.state == DEFERRED else now,
                 "inc": 1 if r.count_attempt else 0,
@@ -574,7 +576,7 @@ class _SQLiteStatements:
         latest = {r.rcpt_id: r for r in results}  # a recipient reported twice: the last wins
         rows = [
             (r.rcpt_id, r.state, 1 if r.count_attempt else 0,
-             r.next_attempt_at if r.state == DEFERRED else now, storable(r.detail[:2000]),
+             r.next_attempt_at if r.state == DEFERRED else now, storable(r.detail[:MAX_DETAIL]),
              r.hop[:300] or None)
             for r in latest.values()
         ]

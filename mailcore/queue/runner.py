@@ -72,6 +72,7 @@ from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool, thd_record_results
 from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
 from mailcore.smtp.dotstuff import AcceptedBody
+from mailcore.smtp.dsn import MAX_DETAIL
 from mailcore.smtp.hops import DEFAULT_MAX_HOPS, count_received, too_many_hops
 from mailcore.store import Database
 
@@ -641,12 +642,14 @@ class QueueRunner:
         self, job: Job, rcpts: Sequence[Rcpt], detail: str, *, permanent: bool, hop: str,
         now: float, count_attempt: bool = True,
     ) -> None:
-        """Record a temporary or permanent failure; temporary ones past the lifetime bounce."""
+        """Record a temporary or permanent failure; temporary ones past the lifetime bounce.
+        The detail is cut to what the store keeps (a next hop's reply may be 64 KiB)."""
         results = []
         if not permanent and expired(job.created_at, now, self.settings):
             days = self.settings.lifetime / 86400
             detail = f"5.4.7 delivery time expired after {days:g} days; last error: {detail}"
             permanent = True
+        detail = detail[:MAX_DETAIL]
         maillog.outcome(job.message_id, BOUNCED if permanent else DEFERRED,
                         (r.address for r in rcpts), relay=hop, delay=now - job.created_at,
                         reply=detail)
@@ -667,7 +670,9 @@ class QueueRunner:
 
     def _delivered(self, job: Job, rcpts: Sequence[Rcpt], reply: str, hop: str,
                    now: float, state: str = DELIVERED, logged: bool = False) -> None:
-        """Record recipients as finished (`logged`: the mail log has its line already)."""
+        """Record recipients as finished (`logged`: the mail log has its line already); the
+        reply is cut to what the store keeps."""
+        reply = reply[:MAX_DETAIL]
         self._record([Result(r.id, job.message_id, state, reply, hop) for r in rcpts])
         if state == DELIVERED and not logged:
             maillog.outcome(job.message_id, DELIVERED, (r.address for r in rcpts), relay=hop,

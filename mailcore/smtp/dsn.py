@@ -72,7 +72,8 @@ def recipient_field(address: str) -> str:
     return f"utf-8; {ascii_escaped(clean)}"
 
 
-# The most of a failure's detail a DSN quotes (the store keeps no more either).
+# The most of a failure's detail a DSN quotes; the runner cuts every result's detail to it, so the
+# journal and the store keep no more either.
 MAX_DETAIL = 2000
 
 
