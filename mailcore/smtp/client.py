@@ -13,8 +13,9 @@ protocol (a 250 to DATA: no body went out; a 354 to RCPT or after the body): tha
 temporary failure of ours (`protocol_error`, "4.5.0 protocol error: …") and the session is
 dropped, as no later reply on it can be trusted.
 
-Usage: `connect_session(...)` gives a `SMTPSession` that has read the greeting and said
-EHLO (and STARTTLS when asked); then `send(...)` per message and `quit()`.
+Usage: connect with `client_factory(...)` and make an `SMTPSession` of the protocol (as
+`mailcore.queue.connector` does); `handshake()` reads the greeting and says EHLO,
+`starttls(...)` when asked; then `send(...)` per message and `quit()`.
 """
 
 from __future__ import annotations
