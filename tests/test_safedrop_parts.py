@@ -13,7 +13,13 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailcore.safedrop.access import MAX_PARTS, Downloaded, merge_runs, record_sent_txn
+from mailcore.safedrop.access import (
+    MAX_PARTS,
+    Downloaded,
+    capped_runs,
+    merge_runs,
+    record_sent_txn,
+)
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import (
     drop_bundles,
@@ -58,6 +64,15 @@ class MergeRunsTests(SynchronousTestCase):
         self.assertEqual(merge_runs([(0, 6), (3, 4), (5, 9)]), [(0, 9)])  # inside, over
         self.assertEqual(merge_runs([(7, 9), (0, 2), (4, 5)]), [(0, 2), (4, 5), (7, 9)])
         self.assertEqual(merge_runs([(2, 2), (2, 2)]), [(2, 2)])
+
+    def test_capped_runs_join_the_neighbours_with_the_smallest_gap(self) -> None:
+        runs = [(10 * k, 10 * k + 1) for k in range(MAX_PARTS)] + [(10 * MAX_PARTS - 7,
+                                                                     10 * MAX_PARTS)]
+        capped = capped_runs(runs)
+        self.assertEqual(len(capped), MAX_PARTS)
+        self.assertEqual(capped[-1], (10 * (MAX_PARTS - 1), 10 * MAX_PARTS))
+        self.assertEqual(capped[:-1], runs[:MAX_PARTS - 1])
+        self.assertEqual(capped_runs(runs[:3]), runs[:3])
 
 
 class SentPartsTestsMixin(MixinBase):
@@ -141,24 +156,39 @@ class SentPartsTestsMixin(MixinBase):
         self.assertEqual(await self.sent("bob", 0, 10), NOTHING)  # after: nothing kept
         self.assertEqual(await self.runs("bob"), [])
 
-    async def test_scattered_ranges_keep_at_most_max_parts_runs(self) -> None:
+    async def sent_of(self, size: int, first: int, last: int) -> Downloaded:
+        """Bytes of the big file, as if it were `size` bytes long."""
+        return await self.db.run("sent", record_sent_txn, self.ids["ann"], self.ids["bundle"],
+                                 self.ids["big"], size, first, last, NOW)
+
+    async def test_scattered_ranges_keep_at_most_max_parts_runs_and_forget_no_byte(
+            self) -> None:
         many = 2 * MAX_PARTS
         db_size = 3 * many
-
-        async def sent(first: int, last: int) -> Downloaded:
-            return await self.db.run("sent", record_sent_txn, self.ids["ann"],
-                                     self.ids["bundle"], self.ids["big"], db_size, first,
-                                     last, NOW)
-
-        await sent(0, 1)  # the longest run: kept
+        sent_bytes: set[int] = set()
+        await self.sent_of(db_size, 0, 1)
+        sent_bytes.update((0, 1))
         for i in range(1, many):
-            await sent(3 * i, 3 * i)  # one byte in every three
+            await self.sent_of(db_size, 3 * i, 3 * i)  # one byte in every three
+            sent_bytes.add(3 * i)
         runs = await self.runs("ann")
         self.assertEqual(len(runs), MAX_PARTS)
-        self.assertEqual(runs[0], (0, 1))
+        kept = {b for first, last in runs for b in range(first, last + 1)}
+        self.assertEqual(sent_bytes - kept, set())
         # Sent in full later, the file still counts.
-        self.assertEqual(await sent(0, db_size - 1), Downloaded(True, False, False))
+        self.assertEqual(await self.sent_of(db_size, 0, db_size - 1),
+                         Downloaded(True, False, False))
         self.assertEqual(await self.runs("ann"), [])
+
+    async def test_every_byte_in_more_ranges_than_max_parts_counts(self) -> None:
+        # One short run, then MAX_PARTS longer ones: dropping the shortest run forgot byte
+        # 0, and the rest fetched in one range never completed the file (read_remove dodged).
+        size = 300
+        self.assertEqual(await self.sent_of(size, 0, 0), NOTHING)
+        for k in range(MAX_PARTS):
+            self.assertEqual(await self.sent_of(size, 3 * k + 2, 3 * k + 3), NOTHING)
+        self.assertEqual(len(await self.runs("ann")), MAX_PARTS)
+        self.assertEqual(await self.sent_of(size, 1, size - 1), Downloaded(True, False, False))
 
     async def test_deleting_the_file_or_recipient_takes_their_runs(self) -> None:
         await self.sent("ann", 0, 9)

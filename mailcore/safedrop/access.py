@@ -36,8 +36,9 @@ from mailcore.store.schema.safedrop import (
 GRANT_SECONDS = 12 * 3600
 CODE_SECONDS = 600
 CODE_ATTEMPTS = 5
-# Runs of bytes kept per recipient and file (drop_download_parts): a client asking for more
-# scattered ranges than this keeps the longest; the file still counts once it is covered.
+# Runs of bytes kept per recipient and file (drop_download_parts): past this many, the two
+# runs with the smallest gap between them become one, the gap counted as sent. No byte that
+# was sent is forgotten: a file counts as downloaded at worst a little early, never not at all.
 MAX_PARTS = 64
 CHECK_PW = "p"  # the bundle password was given
 CHECK_CODE = "t"  # the one-time code was given
@@ -189,21 +190,20 @@ def record_sent_txn(
 def _covered_txn(conn: Connection, recipient_id: int, file_id: int, size: int, first: int,
                  last: int) -> bool:
     """Add bytes `first` to `last` to the runs kept of the file for the recipient: True when
-    they now cover it; else the runs are kept (the longest MAX_PARTS; nothing is written
-    when the bytes were counted already)."""
+    they now cover it; else the runs are kept (at most MAX_PARTS, see `capped_runs`;
+    nothing is written when the bytes were counted already)."""
     p = drop_download_parts.c
     mine = (p.recipient_id == recipient_id, p.file_id == file_id)
     held = [(r.first_byte, r.last_byte) for r in conn.execute(
         sa.select(p.first_byte, p.last_byte).where(*mine).order_by(p.first_byte))]
-    runs = merge_runs([*held, (first, last)])
+    runs = capped_runs(merge_runs([*held, (first, last)]))
     if runs[0][0] <= 0 and runs[0][1] >= size - 1:
         return True
-    kept = sorted(sorted(runs, key=lambda run: run[1] - run[0], reverse=True)[:MAX_PARTS])
-    if kept != held:
+    if runs != held:
         conn.execute(sa.delete(drop_download_parts).where(*mine))
         conn.execute(sa.insert(drop_download_parts), [
             {"recipient_id": recipient_id, "file_id": file_id, "first_byte": a, "last_byte": b}
-            for a, b in kept])
+            for a, b in runs])
     return False
 
 
@@ -239,6 +239,18 @@ def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((first, last))
     return merged
+
+
+def capped_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merged, ordered `runs` cut down to MAX_PARTS by joining the two neighbours with the
+    smallest gap between them (the gap then counts as sent), as often as needed. Dropping a
+    run instead would forget bytes the recipient has: fetching every byte in more scattered
+    ranges than MAX_PARTS would never count, and read_remove would never end the link."""
+    runs = list(runs)
+    while len(runs) > MAX_PARTS:
+        i = min(range(len(runs) - 1), key=lambda k: runs[k + 1][0] - runs[k][1])
+        runs[i:i + 2] = [(runs[i][0], runs[i + 1][1])]
+    return runs
 
 
 def mark_removed_txn(conn: Connection, bundle_id: int, now: datetime.datetime) -> bool:
