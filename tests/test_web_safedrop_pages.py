@@ -187,6 +187,20 @@ class PasswordAndDownloadTests(TestCase):
         self.assertEqual(status, 410)
         self.assertIn(b"downloaded every file", page)
 
+    async def test_numbers_longer_than_python_converts_are_no_500(self) -> None:
+        """A Range or a grant cookie with 5,000 digits (int() refuses more than 4,300): the
+        range is ignored (the whole file), the cookie grants nothing."""
+        browser = Browser(self.f)
+        status, _, page = await browser.get(self.ann, Cookie="mc_drop=p." + "9" * 5000 + ".ab")
+        self.assertEqual(status, 200)
+        self.assertIn(b'type="password"', page)
+        await browser.post(self.ann, action="password", password="Open-Sesame-77")
+        _, _, page = await browser.get(self.ann)
+        first = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)[0]
+        status, _, body = await browser.get(f"{self.ann}/files/{first.decode()}",
+                                            Range="bytes=" + "9" * 5000 + "-")
+        self.assertEqual((status, body), (200, b"0123456789"))
+
     async def test_downloads_need_the_password_in_this_browser(self) -> None:
         status, _, page = await Browser(self.f).get(f"{self.ann}/files/1")
         self.assertEqual(status, 403)
@@ -301,6 +315,11 @@ class HelperTests(TestCase):
         self.assertIs(byte_range(b"bytes=6-5", 10), False)
         self.assertIsNone(byte_range(b"bytes=0-1,3-4", 10))  # several: served whole
         self.assertIsNone(byte_range(b"items=0-1", 10))
+        # Numbers longer than any offset are no range (int() of >4300 digits raised: a 500).
+        self.assertIsNone(byte_range(b"bytes=" + b"9" * 5000 + b"-", 10))
+        self.assertIsNone(byte_range(b"bytes=-" + b"9" * 5000, 10))
+        self.assertIsNone(byte_range(b"bytes=0-" + b"9" * 20, 10))
+        self.assertEqual(byte_range(b"bytes=0-" + b"9" * 19, 10), (0, 9))
 
     def test_content_disposition_has_an_ascii_fallback_and_the_exact_name(self) -> None:
         self.assertEqual(content_disposition("a b.txt"),
@@ -445,7 +464,8 @@ class GrantCookieTests(TestCase):
         digest = b"d" * 32
         good = grants.make(digest, "p", 1_000.0)
         self.assertEqual(grants.levels(digest, good, 1_000.0), "p")
-        for forged in ("p.١٢٣٤٥.abc", "p.99999999999.ÿÿ", "ü.1.2"):
+        for forged in ("p.١٢٣٤٥.abc", "p.99999999999.ÿÿ", "ü.1.2", "p." + "9" * 5000 + ".abc",
+                       "p.1" + "0" * 12 + ".abc"):
             self.assertEqual(grants.levels(digest, forged, 1_000.0), "")
 
     def test_one_time_codes_are_stored_keyed(self) -> None:

@@ -44,7 +44,10 @@ GRANT_COOKIE = "mc_drop"
 PASSWORD_RATE = Rate(5, 300)
 CHUNK = 64 * 1024
 MAX_COMMENT = 10_000
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# At most 19 digits a number (a 64-bit offset): longer is no range we serve, and int() of
+# more than 4300 digits raises.
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+_MAX_RANGE_HEADER = 64
 
 
 @dataclass
@@ -65,7 +68,7 @@ def gone(message: str) -> PageError:
 def byte_range(header: bytes | None, size: int) -> tuple[int, int] | bool | None:
     """(first, last) of a single satisfiable `Range`; None: serve it whole (no header, or
     one we do not take, such as several ranges); False: unsatisfiable (416)."""
-    if header is None:
+    if header is None or len(header) > _MAX_RANGE_HEADER:
         return None
     m = _RANGE.fullmatch(header.decode("latin-1").strip())
     if m is None:

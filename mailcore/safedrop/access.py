@@ -40,6 +40,8 @@ CODE_ATTEMPTS = 5
 # runs with the smallest gap between them become one, the gap counted as sent. No byte that
 # was sent is forgotten: a file counts as downloaded at worst a little early, never not at all.
 MAX_PARTS = 64
+# A grant cookie is levels, expiry and a hex HMAC-SHA256: far shorter than this.
+MAX_GRANT_COOKIE = 200
 CHECK_PW = "p"  # the bundle password was given
 CHECK_CODE = "t"  # the one-time code was given
 
@@ -311,11 +313,14 @@ class Grants:
     def levels(self, digest: bytes, cookie: str | None, now: float) -> str:
         """The checks a valid, unexpired cookie vouches for ("" for none)."""
         # ASCII only: isdigit takes other scripts' digits, compare_digest refuses non-ASCII.
-        if not cookie or not cookie.isascii() or cookie.count(".") != 2:
+        if not cookie or len(cookie) > MAX_GRANT_COOKIE or not cookie.isascii() \
+                or cookie.count(".") != 2:
             return ""
         levels, expires_text, mac = cookie.split(".")
         levels = "" if levels == "-" else levels
-        if not expires_text.isdigit() or int(expires_text) <= now:
+        # An expiry is epoch seconds: 12 digits last until the year 33658 (and int() of more
+        # than 4300 digits raises).
+        if not expires_text.isdigit() or len(expires_text) > 12 or int(expires_text) <= now:
             return ""
         if not hmac.compare_digest(mac, self._mac(digest, levels, int(expires_text))):
             return ""
