@@ -33,7 +33,7 @@ from mailcore.store.schema import (
     queue_messages,
     queue_recipients,
 )
-from tests.support.web import Web
+from tests.support.web import Web, Wire
 
 BOB = "bob@hosted.test"
 JOE = "joe@hosted.test"
@@ -471,6 +471,48 @@ class WritingTests(MailApiTestCase):
         [part] = list(message.iter_attachments())
         self.assertEqual((part.get_filename(), part.get_content()), ("big.bin", payload))
         self.assertFalse(message.defects)
+
+    async def test_an_attachment_failing_midway_drops_the_connection_not_a_json_error(
+            self) -> None:
+        """The status line and Content-Length have gone: an error reply written after the
+        first bytes would be read as the rest of the file (or, on a kept-alive connection,
+        the next response would)."""
+        payload = b"A" * 100
+        data, headers = multipart({"status": "draft", "to": JOE}, "attachment", "a.bin",
+                                  payload, "application/octet-stream")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 201, body)
+
+        class Failing:
+            def __init__(self) -> None:
+                self.reads = 0
+
+            def read(self, n: int) -> bytes:
+                self.reads += 1
+                if self.reads > 1:
+                    raise OSError(5, "Input/output error")
+                return payload[:10]
+
+            def close(self) -> None:
+                pass
+
+        async def failing_open(_download: Any) -> Any:
+            return Failing()
+
+        self.web.core.mail.open = failing_open  # type: ignore[method-assign,assignment]
+        wire = Wire.open(self.web)
+        self.addCleanup(wire.close)
+        wire.send(f"GET /api/v1/mail/{body['id']}/attachments/1 HTTP/1.1\r\nHost: x\r\n"
+                  f"Auth-Key: {self.keys['bob']}\r\n\r\n".encode()
+                  + b"GET /api/v1/mail/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, rest = wire.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertIn(b"Content-Length: 100", head)
+        self.assertEqual(rest, payload[:10])  # no JSON error, no second response
+        self.assertTrue(wire.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     async def test_one_file_for_the_same_bytes_and_swept_once_no_mail_names_it(self) -> None:
         ids = []

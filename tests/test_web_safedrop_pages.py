@@ -10,15 +10,16 @@ import re
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.safedrop.service import SafedropSweeper
 from tests.support.pages import csrf_cookie, csrf_field
-from tests.support.web import BASE
+from tests.support.web import BASE, Wire
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
 from web.accesslog import redacted_path
-from web.drop_page import byte_range, content_disposition
+from web.drop_page import CHUNK, byte_range, content_disposition
 
 LINK = re.compile(r"https://localhost(/drop/[A-Za-z0-9_-]{43})")
 
@@ -302,6 +303,78 @@ class ExpiryTests(TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         status, _, page = await Browser(f).get(ann)
         self.assertEqual(status, 410)
+
+
+class DownloadOnTheWireTests(TestCase):
+    """What a client on the connection reads when a download cannot go as planned: never a
+    page inside the file's reply (a kept-alive connection would read the next response as
+    the rest of the file)."""
+
+    async def start(self, fields: str, data: bytes) -> None:
+        self.f = PageFixture()
+        await self.f.start(self)
+        [self.ann] = await self.f.sent_bundle(fields, recipients=("ann%40example.org",),
+                                              files=(("report.pdf", data),))
+        _, _, page = await Browser(self.f).get(self.ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        self.url = f"{self.ann}/files/{fid.decode()}".encode()
+        self.wire = Wire.open(self.f.web)
+        self.addCleanup(self.wire.close)
+
+    async def test_a_file_missing_on_disk_is_a_410_page_of_its_own(self) -> None:
+        await self.start("subject=S", b"x" * 5000)
+        for p in (self.f.data_dir / "safedrop" / str(self.f.bundle_id)).iterdir():
+            p.unlink()
+        self.wire.send(b"GET " + self.url + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                       b"GET /drop/" + b"A" * 43 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(status, headers, body), (after, _, _)] = self.wire.responses()
+        self.assertEqual(status, b"HTTP/1.1 410 Gone")
+        self.assertNotIn(b"content-disposition", headers)
+        self.assertEqual(headers[b"content-type"], b"text/html; charset=utf-8")
+        self.assertIn(b"have been removed", body)
+        self.assertTrue(body.rstrip().endswith(b"</html>"))
+        self.assertEqual(after, b"HTTP/1.1 404 Not Found")
+
+    async def test_a_failure_recording_a_sent_file_is_logged_not_written(self) -> None:
+        # email_receipt_when=3: the receipt of the download is queued once the file went
+        # out; the spool refuses it.
+        data = b"F" * 3000
+        await self.start("subject=S&email_receipt_when=3", data)
+
+        async def refuse(*_: Any, **__: Any) -> None:
+            raise OSError("No space left on device")
+
+        self.f.web.core.safedrop.spool.accept = refuse  # type: ignore[method-assign]
+        self.wire.send(b"GET " + self.url + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(status, _, body)] = self.wire.responses()
+        self.assertEqual((status, body), (b"HTTP/1.1 200 OK", data))
+        self.assertTrue(self.wire.transport.value().endswith(data))
+        self.assertFalse(self.wire.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    async def test_a_read_failing_midway_drops_the_connection_and_writes_no_page(
+            self) -> None:
+        data = b"R" * (3 * CHUNK)
+        await self.start("subject=S", data)
+        drops = self.f.web.core.safedrop
+        run = drops.io.run
+        reads: list[int] = []
+
+        def failing(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") == "read":
+                reads.append(1)
+                if len(reads) == 2:
+                    return defer.fail(OSError(5, "Input/output error"))
+            return run(fn, *args, **kwargs)
+
+        drops.io.run = failing  # type: ignore[method-assign]
+        self.wire.send(b"GET " + self.url + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                       b"GET /drop/" + b"A" * 43 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, rest = self.wire.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(rest, data[:CHUNK])  # the first chunk, then nothing: no page
+        self.assertTrue(self.wire.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
 
 class HelperTests(TestCase):

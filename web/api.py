@@ -4,7 +4,10 @@ A subclass sets `name`, `title`, `shape`, `app = Klein()` and `routes = RouteTab
 name)`, takes the services it needs in `__init__`, and declares its handlers with
 `@routes.route(...)`. Whatever a handler raises comes back in the API's error shape:
 `ApiError` as itself, Werkzeug's routing errors as 404/405, anything else as a logged 500
-without a trace.
+without a trace. An error once the reply has begun (a stream that failed midway) renders
+nothing: the status line and headers have gone, and a page written after them would be read
+as the rest of the body, or as the next response on a kept-alive connection. It is logged and
+the connection dropped (`drop_connection`), so the client sees a cut-off reply.
 """
 
 from __future__ import annotations
@@ -29,6 +32,27 @@ from web.replies import encode_json, json_reply
 from web.settings import WebSettings
 
 log = Logger(namespace="mailcore.web")
+
+
+def response_started(request: IRequest) -> bool:
+    """Whether the reply's status line and headers have been written."""
+    return bool(getattr(request, "startedWriting", False))
+
+
+def drop_connection(request: IRequest) -> None:
+    """End a reply that cannot be finished honestly: the connection is aborted (nothing more
+    is written, not even the last chunk of a chunked body that would make a cut-off reply
+    look whole) and takes no further request."""
+    channel = getattr(request, "channel", None)
+    if channel is None:
+        return  # the client is gone already
+    channel.persistent = False
+    transport = channel.transport
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
 
 
 def _klein_failure(self: Any, request: IRequest, failure: Failure) -> bytes:
@@ -75,11 +99,15 @@ class ApiApp:
 
     def error_reply(self, request: IRequest, error: ApiError) -> bytes:
         """`error` in this API's shape."""
+        if response_started(request):
+            return self.cut_short(request, f"{error.status} {error.message}")
         body = self.shape.body(error, context_of(request).request_id)
         return json_reply(request, body, error.status, error.headers)
 
     def handle_failure(self, request: IRequest, failure: Failure) -> bytes:
         """Turn anything a handler or the router raised into a reply in this API's shape."""
+        if response_started(request):
+            return self.cut_short(request, failure.getErrorMessage(), failure)
         try:
             return self.error_reply(request, self._as_error(request, failure))
         except Exception:
@@ -87,6 +115,24 @@ class ApiApp:
             request.setResponseCode(500)
             request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
             return encode_json({"error": "Internal server error."})
+
+    def cut_short(self, request: IRequest, why: str, failure: Failure | None = None) -> bytes:
+        """An error after the reply began: logged, the connection dropped, nothing written."""
+        fields = {
+            "method": request.method.decode("latin-1", "replace"),
+            "path": redacted_path(request.path),
+            "api": self.name,
+            "request_id": context_of(request).request_id,
+            "why": why,
+        }
+        text = ("{method} {path} ({api}, request {request_id}) failed after its reply began "
+                "({why}); the connection is dropped")
+        if failure is None:
+            log.error(text, **fields)
+        else:
+            log.failure(text, failure, **fields)
+        drop_connection(request)
+        return b""
 
     def _as_error(self, request: IRequest, failure: Failure) -> ApiError:
         error = failure.value

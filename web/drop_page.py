@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, cast
 
 from klein import Klein
+from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, LinkInvalid
+from mailcore.safedrop.model import DropFile
 from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
 from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
@@ -39,6 +40,8 @@ from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_rep
 from web.ratelimit import Rate, RateLimiter
 from web.replies import content_disposition
 from web.settings import WebSettings
+
+log = Logger()
 
 GRANT_COOKIE = "mc_drop"
 PASSWORD_RATE = Rate(5, 300)
@@ -279,6 +282,23 @@ class DropPageApp(PageApp):
             raise PageError(416, "Range not satisfiable", "The requested range is not "
                             "satisfiable.", headers={"Content-Range": f"bytes */{size}"})
         first, last = wanted if isinstance(wanted, tuple) else (0, size - 1)
+        # Opened before any header of the file is set: a file missing on disk is a 410 page
+        # of its own, not a page under the file's Content-Length and Content-Disposition.
+        try:
+            handle = cast(IO[bytes], await self.drops.io.run(path.open, "rb"))
+        except OSError:
+            raise gone("The files of this drop have been removed.") from None
+        try:
+            return await self._send(request, found, drop_file, handle, first, last,
+                                    ranged=isinstance(wanted, tuple))
+        finally:
+            await self.drops.io.run(handle.close)
+
+    async def _send(self, request: IRequest, found: Access, drop_file: DropFile,
+                    handle: IO[bytes], first: int, last: int, *, ranged: bool) -> bytes:
+        """The headers and the bytes `first` to `last` of an open file (`ranged`: a 206);
+        what was sent is recorded (receipts, read_remove) once it has gone."""
+        size = drop_file.size
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"Content-Disposition",
                           content_disposition(drop_file.name).encode("ascii"))
@@ -286,7 +306,7 @@ class DropPageApp(PageApp):
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Content-Security-Policy", b"default-src 'none'; sandbox")
-        if wanted is not None:
+        if ranged:
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
         length = max(0, last - first + 1)
@@ -295,24 +315,29 @@ class DropPageApp(PageApp):
             return b""
         written = Written()
         try:
-            await self._stream(request, path, first, length, written)
+            await self._stream(request, handle, first, length, written)
         finally:
             # What was written counts, also when the client went away midway (which cancels
             # this handler): it resumes from there with a Range. Recorded to its end.
             if written.bytes or size == 0:
-                await shielded(self.drops.sent(found, drop_file, first,
-                                               first + written.bytes - 1))
+                await self._record(found, drop_file, first, first + written.bytes - 1)
         return b""
 
-    async def _stream(self, request: IRequest, path: Path, first: int, length: int,
+    async def _record(self, found: Access, drop_file: DropFile, first: int, last: int) -> None:
+        """Record bytes sent. The reply has gone out by then: a failure here (the store, a
+        receipt the spool refused) is logged; a page written now would trail the file."""
+        try:
+            await shielded(self.drops.sent(found, drop_file, first, last))
+        except Exception:
+            log.failure("recording the download of file {file} of safedrop bundle {bundle} "
+                        "(bytes {first}-{last}) failed", file=drop_file.id,
+                        bundle=found.bundle.id, first=first, last=last)
+
+    async def _stream(self, request: IRequest, handle: IO[bytes], first: int, length: int,
                       written: Written) -> None:
-        """Write `length` bytes of `path` from `first`, a chunk at a time, reading on the
+        """Write `length` bytes of `handle` from `first`, a chunk at a time, reading on the
         drop service's thread pool and pausing while the client's transport is full;
         `written` counts the bytes handed to the transport."""
-        try:
-            handle = cast(IO[bytes], await self.drops.io.run(path.open, "rb"))
-        except OSError:
-            raise gone("The files of this drop have been removed.") from None
         pacer = Pacer()
         consumer = cast(http.Request, request)
         consumer.registerProducer(pacer, True)
@@ -327,5 +352,3 @@ class DropPageApp(PageApp):
                 written.bytes += len(data)
         finally:
             consumer.unregisterProducer()
-            await self.drops.io.run(handle.close)
-

@@ -15,14 +15,11 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from web.replies import JSON_TYPE, encode_json
-
-log = Logger(namespace="mailcore.web")
 
 
 @implementer(IPushProducer)
@@ -63,7 +60,9 @@ async def stream_base64_member(
     chunks: Iterable[bytes],
 ) -> None:
     """Write `{**head, name: "<base64 of size bytes>"}` (status 200) with `chunks` as the
-    base64 text; the caller returns b"" afterwards."""
+    base64 text; the caller returns b"" afterwards. An error after the first bytes goes up
+    to the app's error path, which writes nothing more and drops the connection (web.api;
+    closing it gently would let the next pipelined reply follow the cut-off one)."""
     known = encode_json(dict(head))
     prefix = (known[:-1] + b"," if head else b"{") + encode_json(name) + b':"'
     suffix = b'"}'
@@ -83,9 +82,5 @@ async def stream_base64_member(
             await pacer.ready()
         if not pacer.stopped:
             request.write(suffix)
-    except Exception:
-        # The status line has gone: the only honest end left is a cut connection.
-        log.failure("streaming a reply failed after its first bytes")
-        consumer.loseConnection()
     finally:
         consumer.unregisterProducer()

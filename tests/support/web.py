@@ -14,13 +14,14 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from mailcore.config import Config
 from mailcore.core import Core
 from mailcore.identity import User
 from mailcore.store import Database
 from mailcore.workers import CpuPool
-from web.root import RootResource, build_root
+from web.root import MailcoreSite, RootResource, build_root
 from web.settings import WebSettings
 
 warnings.filterwarnings("error", category=DeprecationWarning, module=r"web(\.|$)")
@@ -89,6 +90,65 @@ class Web:
         if raw and headers.get("content-type", [""])[0].startswith("application/json"):
             body = json.loads(raw)
         return response.code, headers, body
+
+
+class _Transport(StringTransport):
+    """A StringTransport that, like a TCP transport, ignores being resumed once it is
+    closing (the channel resumes it when a request ends)."""
+
+    def resumeProducing(self) -> None:
+        if not self.disconnecting:
+            super().resumeProducing()
+
+
+@dataclass
+class Wire:
+    """The web root served by the real site and HTTP channel on a StringTransport: what a
+    client on the connection would read, byte for byte (pipelining, a dropped connection)."""
+
+    transport: StringTransport
+    channel: Any
+
+    @classmethod
+    def open(cls, web: Web) -> Wire:
+        settings = WebSettings.from_config(web.core.config)
+        site = MailcoreSite(web.root, settings, web.clock)
+        transport = _Transport()
+        channel = site.buildProtocol(None)
+        channel.makeConnection(transport)
+        return cls(transport, channel)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def close(self) -> None:
+        if self.channel.transport is not None:
+            self.channel.connectionLost(None)
+
+    def responses(self) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+        """(status line, headers by lower-case name, body) of each response written, read
+        as a client does: each body as long as its Content-Length or its chunks say."""
+        data = self.transport.value()
+        found = []
+        while data:
+            head, _, data = data.partition(b"\r\n\r\n")
+            status, *lines = head.split(b"\r\n")
+            headers = {k.strip().lower(): v.strip()
+                       for k, _, v in (line.partition(b":") for line in lines)}
+            if headers.get(b"transfer-encoding") == b"chunked":
+                body = b""
+                while True:
+                    size, _, data = data.partition(b"\r\n")
+                    n = int(size, 16)
+                    body, data = body + data[:n], data[n + 2:]
+                    if n == 0:
+                        break
+                found.append((status, headers, body))
+                continue
+            length = int(headers.get(b"content-length", b"0"))
+            found.append((status, headers, data[:length]))
+            data = data[length:]
+        return found
 
 
 def header(headers: dict[str, list[str]], name: str) -> str | None:

@@ -37,7 +37,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from mailcore.files import secret_key_file
-from web.api import ApiApp
+from web.api import ApiApp, response_started
 from web.errors import ApiError, PlainErrors
 from web.openapi import Reply, RouteTable
 from web.parsing import read_fields
@@ -315,6 +315,8 @@ class PageApp(ApiApp):
         self.pages = pages
 
     def error_reply(self, request: IRequest, error: ApiError) -> bytes:
+        if response_started(request):  # no page inside a reply that began (web.api)
+            return self.cut_short(request, f"{error.status} {error.message}")
         return self.pages.error_page(request, error)
 
 
