@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailcore.safedrop.access import CODE_FAILURES, CODE_LOCK_SECONDS
 from mailcore.safedrop.service import SafedropSweeper
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import BASE, Wire
@@ -274,6 +275,80 @@ class TokenAuthTests(TestCase):
         to_alice = [m.get_content() for m in f.mails_to("alice@example.test")]
         self.assertEqual(len([t for t in to_alice if "opened your drop" in t]), 1)
         self.assertEqual(len([t for t in to_alice if "Agreed <ok>" in t]), 1)
+
+
+class CodeLimitTests(TestCase):
+    """New codes are limited per link, and wrong codes are counted per recipient across new
+    codes: asking for a new code does not give another five guesses for ever."""
+
+    async def open_link(self) -> None:
+        self.f = PageFixture()
+        await self.f.start(self)
+        [self.ann] = await self.f.sent_bundle("subject=S&require_token_auth=1",
+                                              recipients=("ann%40example.org",))
+        self.browser = Browser(self.f)
+        _, _, page = await self.browser.get(self.ann)
+        self.csrf = csrf_field(page)
+
+    async def post(self, **fields: str) -> tuple[int, dict[str, list[str]], Any]:
+        return await self.browser._call("POST", self.ann, data={"csrf_token": self.csrf,
+                                                                **fields},
+                                        allow_redirects=False)
+
+    def codes(self) -> list[str]:
+        return [re.search(r"\b(\d{6})\b", m.get_content()).group(1)  # type: ignore[union-attr]
+                for m in self.f.mails_to("ann@example.org")
+                if m["Subject"] == "Your safedrop code"]
+
+    async def test_new_codes_are_rate_limited_per_link(self) -> None:
+        await self.open_link()
+        for _ in range(3):
+            status, _, _ = await self.post(action="send_code")
+            self.assertEqual(status, 303)
+        status, headers, page = await self.post(action="send_code")
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["retry-after"], ["300"])
+        self.assertIn(b"A code was sent a moment ago", page)
+        self.assertEqual(len(self.codes()), 3)
+        self.f.web.clock.advance(300)
+        status, _, _ = await self.post(action="send_code")
+        self.assertEqual(status, 303)
+        self.assertEqual(len(self.codes()), 4)
+
+    async def test_wrong_codes_count_across_new_codes_then_the_link_locks_for_a_day(
+            self) -> None:
+        await self.open_link()
+        wrong = 0
+        for _ in range(CODE_FAILURES):
+            await self.post(action="send_code")
+            self.f.web.clock.advance(300)  # within the rate of new codes
+            code = self.codes()[-1]
+            status, _, page = await self.post(action="code",
+                                              code=f"{(int(code) + 1) % 10**6:06d}")
+            wrong += 1
+            if wrong < CODE_FAILURES:
+                self.assertEqual(status, 403)
+        self.assertEqual(status, 429)
+        self.assertIn(b"Too many wrong codes", page)
+        sent = len(self.codes())
+        # Locked: no new code is sent, and even the right code does not open the link.
+        status, headers, page = await self.post(action="send_code")
+        self.assertEqual(status, 429)
+        self.assertEqual(int(headers["retry-after"][0]), CODE_LOCK_SECONDS)
+        self.assertEqual(len(self.codes()), sent)
+        status, _, page = await self.browser.get(self.ann)
+        self.assertEqual(status, 429)
+        self.assertIn(b"ask alice@example.test to send you a new drop", page)
+        self.assertNotIn(b'name="code"', page)
+        # A day later the link takes codes again; the right one opens it.
+        self.f.web.clock.advance(CODE_LOCK_SECONDS)
+        status, _, _ = await self.post(action="send_code")
+        self.assertEqual(status, 303)
+        status, _, _ = await self.post(action="code", code=self.codes()[-1])
+        self.assertEqual(status, 303)
+        status, _, page = await self.browser.get(self.ann)
+        self.assertEqual(status, 200)
+        self.assertIn(b"b.bin", page)
 
 
 class ExpiryTests(TestCase):

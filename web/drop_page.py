@@ -29,7 +29,15 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
-from mailcore.safedrop.access import CHECK_CODE, CHECK_PW, Access, DropGone, LinkInvalid
+from mailcore.safedrop.access import (
+    CHECK_CODE,
+    CHECK_PW,
+    CODE_OK,
+    CODE_WRONG,
+    Access,
+    DropGone,
+    LinkInvalid,
+)
 from mailcore.safedrop.model import DropFile
 from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
 from mailcore.text import has_control_multiline
@@ -45,6 +53,9 @@ log = Logger()
 
 GRANT_COOKIE = "mc_drop"
 PASSWORD_RATE = Rate(5, 300)
+# New one-time codes per link: each is a mail or a text message to the recipient (and an
+# SMS gateway's bill); three at once, then one every five minutes.
+CODE_SEND_RATE = Rate(3, 900)
 CHUNK = 64 * 1024
 MAX_COMMENT = 10_000
 # At most 19 digits a number (a 64-bit offset): longer is no range we serve, and int() of
@@ -104,11 +115,12 @@ class DropPageApp(PageApp):
 
     def __init__(
         self, settings: WebSettings, *, pages: Pages, drops: SafedropService,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | None = None, code_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(settings, pages=pages)
         self.drops = drops
         self.limiter = limiter or RateLimiter(drops.clock, PASSWORD_RATE)
+        self.code_limiter = code_limiter or RateLimiter(drops.clock, CODE_SEND_RATE)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -148,9 +160,15 @@ class DropPageApp(PageApp):
         if step == CHECK_PW:
             return self.pages.render(request, "drop_password.html", status, title=title,
                                      sender=found.sender, error=error)
+        locked = found.code_locked_until
+        if locked is not None:
+            status = 429
+            wait = max(1, int(locked.timestamp() - self.drops.clock.seconds()))
+            request.setHeader(b"Retry-After", str(wait).encode("ascii"))
         return self.pages.render(
             request, "drop_code.html", status, title=title, sender=found.sender,
             email=found.recipient.email, pending=found.code_pending, error=error,
+            locked=rfc3339(locked) if locked is not None else None,
             by_sms=self.drops.by_sms(found),
             by_mail_instead=bool(found.recipient.telephone) and not self.drops.by_sms(found),
         )
@@ -207,7 +225,8 @@ class DropPageApp(PageApp):
             403: "HTML page: wrong password or code",
             404: "HTML page: the link is not valid",
             410: "HTML page: the drop expired or was removed",
-            429: "HTML page: too many password guesses (Retry-After)",
+            429: "HTML page: too many password guesses, new codes or wrong codes "
+                 "(Retry-After)",
         }, form=True),
     )
     async def answer(self, request: IRequest, token: str) -> bytes:
@@ -228,12 +247,25 @@ class DropPageApp(PageApp):
                 self._grant(request, token, levels + CHECK_PW)
                 return self._see_other(request, token)
             return self._step(request, found, CHECK_PW, 403, "That password is not right.")
+        if action in ("send_code", "code") and step == CHECK_CODE \
+                and found.code_locked_until is not None:
+            return self._step(request, found, CHECK_CODE)  # 429, saying until when
         if action == "send_code" and step == CHECK_CODE:
-            await self.drops.send_code(found)
+            decision = self.code_limiter.check(("drop-code", link_digest(token)))
+            if not decision.allowed:
+                request.setHeader(b"Retry-After", str(decision.retry_after).encode("ascii"))
+                return self._step(
+                    request, found, CHECK_CODE, 429,
+                    "A code was sent a moment ago: use the latest one, or ask for another "
+                    f"in {decision.retry_after} seconds.")
+            if not await self.drops.send_code(found):
+                return self._step(request, await self._open(token), CHECK_CODE)
             return self._see_other(request, token)
         if action == "code" and step == CHECK_CODE:
             code = fields.get("code")
-            if isinstance(code, str) and await self.drops.check_code(found, code):
+            checked = await self.drops.check_code(found, code) if isinstance(code, str) \
+                else CODE_WRONG
+            if checked == CODE_OK:
                 self._grant(request, token, levels + CHECK_CODE)
                 return self._see_other(request, token)
             found = await self._open(token)

@@ -35,7 +35,12 @@ from mailcore.store.schema.safedrop import (
 
 GRANT_SECONDS = 12 * 3600
 CODE_SECONDS = 600
-CODE_ATTEMPTS = 5
+CODE_ATTEMPTS = 5  # wrong guesses of one code before it is void
+# Wrong codes a recipient may enter in all, whatever new codes it asked for in between (a
+# new code gives CODE_ATTEMPTS guesses of its own, not a new budget): then the link takes no
+# code, and sends none, for CODE_LOCK_SECONDS. 10 guesses a day of 10^6 codes.
+CODE_FAILURES = 10
+CODE_LOCK_SECONDS = 24 * 3600
 # Runs of bytes kept per recipient and file (drop_download_parts): past this many, the two
 # runs with the smallest gap between them become one, the gap counted as sent. No byte that
 # was sent is forgotten: a file counts as downloaded at worst a little early, never not at all.
@@ -67,6 +72,7 @@ class Access:
     secure_message: bytes | None
     code_pending: bool
     first_open: bool
+    code_locked_until: datetime.datetime | None  # too many wrong codes: none until then
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -119,46 +125,76 @@ def open_link_txn(
     sender = conn.execute(
         sa.select(users.c.email).where(users.c.id == bundle.owner_id)).scalar_one()
     expires = _utc(row.code_expires_at)
+    locked = _utc(row.code_locked_until)
     return Access(
         bundle=bundle, recipient=recipient, files=files, downloaded=downloaded,
         sender=sender, password_hash=brow.password_hash,
         secure_message=brow.secure_message,
         code_pending=row.code_digest is not None and expires is not None and expires > now,
         first_open=first_open,
+        code_locked_until=locked if locked is not None and locked > now else None,
     )
 
 
+def _locked(row: Any, now: datetime.datetime) -> bool:
+    until = _utc(row.code_locked_until)
+    return until is not None and until > now
+
+
 def set_code_txn(
-    conn: Connection, recipient_id: int, digest: bytes, expires: datetime.datetime
-) -> None:
+    conn: Connection, recipient_id: int, digest: bytes, expires: datetime.datetime,
+    now: datetime.datetime,
+) -> bool:
+    """Make `digest` the recipient's live code, with CODE_ATTEMPTS guesses of its own; False
+    (nothing changes) while too many wrong codes lock the link. The running count of wrong
+    codes stays as it is."""
+    row = conn.execute(sa.select(drop_recipients.c.code_locked_until)
+                       .where(drop_recipients.c.id == recipient_id).with_for_update()).one()
+    if _locked(row, now):
+        return False
     conn.execute(
         sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
         .values(code_digest=digest, code_expires_at=expires, code_attempts=0)
     )
+    return True
+
+
+CODE_OK = "ok"
+CODE_WRONG = "wrong"
+CODE_LOCKED = "locked"
 
 
 def check_code_txn(
     conn: Connection, recipient_id: int, digest: bytes, now: datetime.datetime
-) -> bool:
-    """Whether `digest` is the recipient's live code (used up when it is; each wrong
-    guess counts, and after CODE_ATTEMPTS the code is void)."""
+) -> str:
+    """CODE_OK when `digest` is the recipient's live code (used up, and the count of wrong
+    codes starts again); CODE_WRONG otherwise (a wrong guess counts, for the code: void
+    after CODE_ATTEMPTS, and for the recipient: after CODE_FAILURES the link is locked for
+    CODE_LOCK_SECONDS and its code void); CODE_LOCKED while it is locked."""
+    r = drop_recipients.c
     row = conn.execute(
-        sa.select(drop_recipients.c.code_digest, drop_recipients.c.code_expires_at,
-                  drop_recipients.c.code_attempts)
-        .where(drop_recipients.c.id == recipient_id)
+        sa.select(r.code_digest, r.code_expires_at, r.code_attempts, r.code_failures,
+                  r.code_locked_until)
+        .where(r.id == recipient_id).with_for_update()
     ).one()
+    if _locked(row, now):
+        return CODE_LOCKED
+    mine = sa.update(drop_recipients).where(r.id == recipient_id)
     expires = _utc(row.code_expires_at)
-    if row.code_digest is None or expires is None or expires <= now:
-        return False
-    if row.code_attempts >= CODE_ATTEMPTS:
-        return False
-    if hmac.compare_digest(bytes(row.code_digest), digest):
-        conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
-                     .values(code_digest=None, code_expires_at=None, code_attempts=0))
-        return True
-    conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
-                 .values(code_attempts=drop_recipients.c.code_attempts + 1))
-    return False
+    live = (row.code_digest is not None and expires is not None and expires > now
+            and row.code_attempts < CODE_ATTEMPTS)
+    if live and hmac.compare_digest(bytes(row.code_digest), digest):
+        conn.execute(mine.values(code_digest=None, code_expires_at=None, code_attempts=0,
+                                 code_failures=0, code_locked_until=None))
+        return CODE_OK
+    if row.code_failures + 1 >= CODE_FAILURES:
+        conn.execute(mine.values(
+            code_digest=None, code_expires_at=None, code_attempts=0, code_failures=0,
+            code_locked_until=now + datetime.timedelta(seconds=CODE_LOCK_SECONDS)))
+        return CODE_LOCKED
+    conn.execute(mine.values(code_attempts=r.code_attempts + 1,
+                             code_failures=r.code_failures + 1))
+    return CODE_WRONG
 
 
 @dataclass(frozen=True)

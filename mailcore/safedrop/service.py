@@ -330,30 +330,36 @@ class SafedropService:
         """Whether this recipient's codes go by text message (a number and a gateway)."""
         return bool(found.recipient.telephone) and self.sms is not None
 
-    async def send_code(self, found: Access) -> None:
+    async def send_code(self, found: Access) -> bool:
         """Send the recipient a fresh one-time code (valid CODE_SECONDS): by text message
         when it has a number and a gateway is configured, else (or if the gateway fails)
-        by mail."""
+        by mail. False (nothing sent) while too many wrong codes lock the link."""
         code = f"{secrets.randbelow(10**6):06d}"
-        expires = self.now() + datetime.timedelta(seconds=side.CODE_SECONDS)
-        await self.db.run("safedrop_set_code", side.set_code_txn, found.recipient.id,
-                          self.grants.code_digest(found.recipient.id, code), expires)
+        now = self.now()
+        expires = now + datetime.timedelta(seconds=side.CODE_SECONDS)
+        if not await self.db.run("safedrop_set_code", side.set_code_txn, found.recipient.id,
+                                 self.grants.code_digest(found.recipient.id, code), expires,
+                                 now):
+            return False
         if self.sms is not None and found.recipient.telephone:
             try:
                 await self.sms.send(found.recipient.telephone,
                                     f"Your safedrop code: {code} (works once, 10 minutes)")
-                return
+                return True
             except SmsError as e:
                 log.warn("safedrop code for recipient {recipient} goes by mail: {why}",
                          recipient=found.recipient.id, why=str(e))
         body = (f"Your code to open the secure drop from {found.sender} is:\n\n    {code}\n\n"
                 f"It works once, until {rfc3339(expires)}.\n")
         await self._mail(found.recipient.email, "Your safedrop code", body)
+        return True
 
-    async def check_code(self, found: Access, code: str) -> bool:
+    async def check_code(self, found: Access, code: str) -> str:
+        """side.CODE_OK, CODE_WRONG (anything but six digits too, which counts as no
+        guess) or CODE_LOCKED."""
         code = code.strip()
         if not (len(code) == 6 and code.isascii() and code.isdigit()):
-            return False
+            return side.CODE_WRONG
         digest = self.grants.code_digest(found.recipient.id, code)
         return await self.db.run("safedrop_check_code", side.check_code_txn,
                                  found.recipient.id, digest, self.now())

@@ -68,6 +68,10 @@ drop_recipients = Table(
     Column("code_digest", LargeBinary(32), nullable=True),
     Column("code_expires_at", DateTime(timezone=True), nullable=True),
     Column("code_attempts", Integer, nullable=False, server_default="0"),
+    # Wrong codes entered in all, which a new code does not reset, and until when too many
+    # of them lock the link (migration 0032).
+    Column("code_failures", Integer, nullable=False, server_default="0"),
+    Column("code_locked_until", DateTime(timezone=True), nullable=True),
     Index("ix_drop_recipients_bundle", "bundle_id", "id"),
 )
 
