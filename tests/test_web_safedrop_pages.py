@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.safedrop.access import CODE_FAILURES, CODE_LOCK_SECONDS
+from mailcore.safedrop.access import CODE_FAILURES, CODE_LOCK_SECONDS, OPEN_RECEIPT_SECONDS
 from mailcore.safedrop.service import SafedropSweeper
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import BASE, Wire
@@ -349,6 +349,35 @@ class CodeLimitTests(TestCase):
         status, _, page = await self.browser.get(self.ann)
         self.assertEqual(status, 200)
         self.assertIn(b"b.bin", page)
+
+
+class OpenReceiptTests(TestCase):
+    async def test_each_opening_receipts_come_at_most_once_an_hour_and_head_is_none(
+            self) -> None:
+        f = PageFixture()
+        await f.start(self)
+        ann, bob = await f.sent_bundle("subject=S&email_receipt_when=1")
+
+        def told() -> list[str]:
+            return [m.get_content().strip() for m in f.mails_to("alice@example.test")
+                    if "opened your drop" in m.get_content()]
+
+        browser = Browser(f)
+        status, _, _ = await browser._call("HEAD", ann)
+        self.assertEqual(status, 200)
+        self.assertEqual(told(), [])
+        for _ in range(50):
+            status, _, _ = await browser.get(ann)
+            self.assertEqual(status, 200)
+        self.assertEqual(told(), ["ann@example.org opened your drop."])
+        await browser.get(bob)  # another recipient is told of on its own
+        self.assertEqual(len(told()), 2)
+        f.web.clock.advance(OPEN_RECEIPT_SECONDS - 1)
+        await browser.get(ann)
+        self.assertEqual(len(told()), 2)
+        f.web.clock.advance(1)
+        await browser.get(ann)
+        self.assertEqual(len(told()), 3)
 
 
 class ExpiryTests(TestCase):

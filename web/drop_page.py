@@ -205,7 +205,9 @@ class DropPageApp(PageApp):
         step = self._missing(found, levels)
         if step is not None:
             return self._step(request, found, step)
-        found = await self._open(token, viewing=True)
+        # A HEAD (a link scanner, a mail client's preview) is no opening: no receipt.
+        if request.method != b"HEAD":
+            found = await self._open(token, viewing=True)
         return self._contents(request, token, found)
 
     @routes.route(

@@ -45,6 +45,9 @@ CODE_LOCK_SECONDS = 24 * 3600
 # runs with the smallest gap between them become one, the gap counted as sent. No byte that
 # was sent is forgotten: a file counts as downloaded at worst a little early, never not at all.
 MAX_PARTS = 64
+# email_receipt_when=1 ("each time a recipient opens the drop"): at most one such receipt
+# per recipient in this many seconds, so that whoever holds a link cannot flood the sender.
+OPEN_RECEIPT_SECONDS = 3600
 # A grant cookie is levels, expiry and a hex HMAC-SHA256: far shorter than this.
 MAX_GRANT_COOKIE = 200
 CHECK_PW = "p"  # the bundle password was given
@@ -73,6 +76,7 @@ class Access:
     code_pending: bool
     first_open: bool
     code_locked_until: datetime.datetime | None  # too many wrong codes: none until then
+    tell_opened: bool  # this opening gets the sender an "opened" receipt
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -113,9 +117,20 @@ def open_link_txn(
     if reason is not None:
         raise DropGone(reason)
     first_open = viewing and row.opened_at is None
+    last_told = _utc(row.opened_receipt_at)
+    quiet = datetime.timedelta(seconds=OPEN_RECEIPT_SECONDS)
+    when = bundle.email_receipt_when
+    tell = viewing and (
+        (when == 2 and first_open)
+        or (when == 1 and (last_told is None or now - last_told >= quiet)))
+    seen: dict[str, Any] = {}
     if first_open:
+        seen["opened_at"] = now
+    if tell:
+        seen["opened_receipt_at"] = now
+    if seen:
         conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient.id)
-                     .values(opened_at=now))
+                     .values(**seen))
     files = [file_of(f) for f in conn.execute(
         sa.select(drop_files).where(drop_files.c.bundle_id == bundle.id)
         .order_by(drop_files.c.id))]
@@ -133,6 +148,7 @@ def open_link_txn(
         code_pending=row.code_digest is not None and expires is not None and expires > now,
         first_open=first_open,
         code_locked_until=locked if locked is not None and locked > now else None,
+        tell_opened=tell,
     )
 
 

@@ -310,13 +310,12 @@ class SafedropService:
 
     async def open_link(self, token: str, *, viewing: bool = False) -> Access:
         """The drop a link opens (LinkInvalid, DropGone). `viewing`: the recipient sees its
-        contents now (read receipts 1 and 2)."""
+        contents now (read receipts 1, at most one an hour per recipient, and 2)."""
         if not token or len(token) > 100 or not token.isascii():
             raise side.LinkInvalid()
         found = await self.db.run("safedrop_open_link", side.open_link_txn,
                                   link_digest(token), self.now(), viewing)
-        when = found.bundle.email_receipt_when
-        if viewing and (when == 1 or (when == 2 and found.first_open)):
+        if found.tell_opened:
             await self._tell_sender(found.sender, found.bundle,
                                     f"{found.recipient.email} opened your drop.")
         return found
