@@ -6,7 +6,7 @@ notifications and expiry summaries are sent whatever its value:
 | value | read receipts |
 |---|---|
 | 0 | never |
-| 1 | each time a recipient opens the drop (at most once an hour per recipient; a HEAD is no opening) |
+| 1 | each time a recipient opens the drop (at most once an hour each; a HEAD is none) |
 | 2 | the first time each recipient opens the drop |
 | 3 | each time a recipient downloads a file |
 | 4 | once, when every recipient has downloaded every file (default) |
