@@ -7,6 +7,13 @@ log line, a header or a protocol command (POP3 `USER`, IMAP, SMTP). A lone surro
 or reply can encode it. Nor is NUL, in any field: PostgreSQL's text columns refuse it, and no
 header or protocol line carries it; every API refuses both at its input (`not_text`).
 
+A bidirectional formatting control (U+202A-U+202E embeddings and overrides, U+2066-U+2069
+isolates, the marks U+200E, U+200F and U+061C) reorders the text after it when it is shown:
+"invoice\u202efdp.exe" reads as "invoiceexe.pdf". A name or subject shown to someone other
+than who wrote it (a safedrop file name, a drop's subject on the recipient's page and in its
+mails) is shown without them (`strip_bidi_controls`). They are not refused with the other
+format characters (Unicode's Cf): U+200D ZERO WIDTH JOINER is part of many emoji.
+
 A message (a safedrop's message, its secure message) is multi-line text: TAB, CR and LF
 belong in it, any other control character does not (NUL above all, which a PostgreSQL text
 column refuses).
@@ -33,6 +40,8 @@ _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # What may never go into a protocol command line, whatever else the line allows.
 _LINE_BREAKING = re.compile(r"[\x00\r\n]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Unicode's Bidi_Control characters.
+_BIDI_CONTROL = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def has_control(text: str) -> bool:
@@ -59,6 +68,18 @@ def replace_cc(text: str, replacement: str = "\ufffd") -> str:
     """`text` with each control character (Unicode's Cc, as `has_cc`) replaced: for text
     read out of mail and shown as one line, where refusing is not an option."""
     return _CC.sub(replacement, text) if _CC.search(text) else text
+
+
+def has_bidi_control(text: str) -> bool:
+    """Whether `text` holds a bidirectional formatting control (U+202A-U+202E,
+    U+2066-U+2069, U+200E, U+200F, U+061C), which makes it read otherwise than it is."""
+    return not text.isascii() and _BIDI_CONTROL.search(text) is not None
+
+
+def strip_bidi_controls(text: str) -> str:
+    """`text` without bidirectional formatting controls: what a name or subject someone
+    else wrote is shown as, so that it reads in the order its characters are in."""
+    return _BIDI_CONTROL.sub("", text) if has_bidi_control(text) else text
 
 
 def breaks_line(text: str) -> bool:

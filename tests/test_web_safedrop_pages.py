@@ -380,6 +380,34 @@ class OpenReceiptTests(TestCase):
         self.assertEqual(len(told()), 3)
 
 
+class BidiTests(TestCase):
+    async def test_bidi_controls_are_never_shown_in_names_or_subjects(self) -> None:
+        """"invoice<U+202E>fdp.exe" reads as "invoiceexe.pdf": a file name loses its bidi
+        controls when it is uploaded; a subject (kept as the sender wrote it) is shown
+        without them on the page and in the mails."""
+        f = PageFixture()
+        await f.start(self)
+        [ann] = await f.sent_bundle(
+            "subject=Pay+%E2%80%AEfdp.exe&email_receipt_when=3",
+            recipients=("ann%40example.org",), files=(("invoice\u202efdp.exe", b"MZ"),))
+        status, _, page = await Browser(f).get(ann)
+        self.assertEqual(status, 200)
+        self.assertIn(b"invoicefdp.exe", page)
+        self.assertIn(b"<title>Pay fdp.exe", page)
+        [notice] = f.mails_to("ann@example.org")
+        self.assertEqual(notice["Subject"], "Secure drop from alice@example.test: Pay fdp.exe")
+        self.assertIn("invoicefdp.exe", notice.get_content())
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        status, headers, _ = await Browser(f).get(f"{ann}/files/{fid.decode()}")
+        self.assertEqual(status, 200)
+        self.assertIn("invoicefdp.exe", headers["content-disposition"][0])
+        [receipt] = f.mails_to("alice@example.test")
+        self.assertEqual(receipt["Subject"], "Safedrop: Pay fdp.exe")
+        for m in (notice, receipt):
+            self.assertNotIn("\u202e", m.as_string() + m["Subject"])
+        self.assertNotIn("\u202e".encode(), page)
+
+
 class ExpiryTests(TestCase):
     async def test_an_expired_drop_is_410_and_the_sweeper_deletes_its_files(self) -> None:
         f = PageFixture()

@@ -21,7 +21,7 @@ expired or removed drop, or one a recipient has read in full under read_remove, 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, cast
 
 from klein import Klein
@@ -39,7 +39,13 @@ from mailcore.safedrop.access import (
     LinkInvalid,
 )
 from mailcore.safedrop.model import DropFile
-from mailcore.safedrop.service import LINK_PATH, SafedropService, link_digest, rfc3339
+from mailcore.safedrop.service import (
+    LINK_PATH,
+    SafedropService,
+    link_digest,
+    rfc3339,
+    shown,
+)
 from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
 from web.jsonstream import Pacer
@@ -156,7 +162,7 @@ class DropPageApp(PageApp):
 
     def _step(self, request: IRequest, found: Access, step: str, status: int = 200,
               error: str | None = None) -> bytes:
-        title = found.bundle.subject or "Secure drop"
+        title = shown(found.bundle.subject) or "Secure drop"
         if step == CHECK_PW:
             return self.pages.render(request, "drop_password.html", status, title=title,
                                      sender=found.sender, error=error)
@@ -177,9 +183,10 @@ class DropPageApp(PageApp):
                   replied: bool = False) -> bytes:
         expiries = [d for d in (found.bundle.expiry_date, found.recipient.expires_at) if d]
         return self.pages.render(
-            request, "drop.html", title=found.bundle.subject or "Secure drop",
+            request, "drop.html", title=shown(found.bundle.subject) or "Secure drop",
             sender=found.sender, message=found.bundle.message,
-            secure_message=self.drops.secure_text(found), files=found.files,
+            secure_message=self.drops.secure_text(found),
+            files=[replace(f, name=shown(f.name)) for f in found.files],
             downloaded=found.downloaded, base=LINK_PATH + token,
             expires=rfc3339(min(expiries)) if expiries else None,
             read_remove=found.bundle.read_remove,
@@ -335,7 +342,7 @@ class DropPageApp(PageApp):
         size = drop_file.size
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"Content-Disposition",
-                          content_disposition(drop_file.name).encode("ascii"))
+                          content_disposition(shown(drop_file.name)).encode("ascii"))
         request.setHeader(b"Accept-Ranges", b"bytes")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")

@@ -19,7 +19,7 @@ from multipart import MultipartSegment
 
 from mailcore.files import private_directory
 from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge
-from mailcore.text import has_control
+from mailcore.text import has_control, strip_bidi_controls
 from mailcore.uploads import MalformedUpload, SpoolFile, form_boundary, multipart_events
 
 FILE_FIELD = "the_file"
@@ -112,8 +112,9 @@ class DropFiles:
 
 def clean_filename(raw: str) -> str:
     """The name a file is shown and downloaded under: the last path component of what the
-    client sent, one line of text."""
-    name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    client sent, one line of text, without bidirectional controls (which would show
+    "invoice\u202efdp.exe" as "invoiceexe.pdf")."""
+    name = strip_bidi_controls(raw.replace("\\", "/").rsplit("/", 1)[-1]).strip()
     if not name or name in (".", ".."):
         raise DropError(FILE_FIELD, "The file has no name.")
     if has_control(name):

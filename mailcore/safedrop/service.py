@@ -49,6 +49,7 @@ from mailcore.safedrop.sms import SmsError, SmsGateway
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.text import strip_bidi_controls
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
@@ -78,6 +79,12 @@ def new_link() -> tuple[str, bytes]:
     """A recipient's link token (256 random bits) and the digest that is stored."""
     token = secrets.token_urlsafe(32)
     return token, link_digest(token)
+
+
+def shown(text: str) -> str:
+    """A subject or file name as a recipient or the sender is shown it, in a page or a mail:
+    one line, without bidirectional controls (text that reads otherwise than it is)."""
+    return " ".join(strip_bidi_controls(text).split())
 
 
 def rfc3339(value: datetime.datetime) -> str:
@@ -277,12 +284,13 @@ class SafedropService:
             f"{sender} has sent you a secure drop.",
             "",
         ]
-        if bundle.subject:
-            lines += [f"Subject: {bundle.subject}", ""]
+        subject = shown(bundle.subject)
+        if subject:
+            lines += [f"Subject: {subject}", ""]
         if bundle.message:
             lines += [bundle.message, ""]
         lines.append(f"Files ({len(files)}):")
-        lines += [f"  {f.name} ({f.size} bytes)" for f in files]
+        lines += [f"  {shown(f.name)} ({f.size} bytes)" for f in files]
         lines += ["", "Open the drop here:", f"  {link}", ""]
         if bundle.has_password:
             lines.append("The sender has protected it with a password.")
@@ -298,7 +306,6 @@ class SafedropService:
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
         msg["Reply-To"] = sender
         msg["To"] = recipient.email
-        subject = " ".join(bundle.subject.split())
         msg["Subject"] = f"Secure drop from {sender}" + (f": {subject}" if subject else "")
         msg["Date"] = email.utils.format_datetime(self.now())
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
@@ -389,7 +396,7 @@ class SafedropService:
         when = found.bundle.email_receipt_when
         if result.first_time and when == 3:
             await self._tell_sender(found.sender, found.bundle,
-                                    f"{found.recipient.email} downloaded {drop_file.name}.")
+                                    f"{found.recipient.email} downloaded {shown(drop_file.name)}.")
         if result.all_done and when == 4:
             await self._tell_sender(found.sender, found.bundle,
                                     "Every recipient has downloaded every file.")
@@ -421,7 +428,7 @@ class SafedropService:
             lines = ["Your drop has expired and its files have been deleted.", ""]
             lines += [f"  {email}: downloaded {got} of {total} files"
                       for email, got, total in summary]
-            subject = " ".join(row.subject.split())
+            subject = shown(row.subject)
             try:
                 await self._mail(row.email, "Safedrop expired" + (f": {subject}" if subject
                                                                   else ""), "\n".join(lines))
@@ -431,7 +438,7 @@ class SafedropService:
         return removed
 
     async def _tell_sender(self, sender: str, bundle: Bundle, text: str) -> None:
-        subject = " ".join(bundle.subject.split())
+        subject = shown(bundle.subject)
         await self._mail(sender, "Safedrop" + (f": {subject}" if subject else ""), text)
 
     async def _mail(self, to: str, subject: str, body: str) -> None:
