@@ -102,6 +102,56 @@ class UploadTests(TestCase):
         status, _ = await f.upload(other, multipart_file("b", b"b" * 51))
         self.assertEqual(status, 200)
 
+    async def test_a_users_files_in_all_are_bounded(self) -> None:
+        f = FileFixture()
+        await f.start_with(self, max_user_size=150)
+        first = await f.bundle()
+        status, _ = await f.upload(first, multipart_file("a", b"a" * 100))
+        self.assertEqual(status, 200)
+        other = await f.bundle()  # another bundle: the same user's room
+        status, reply = await f.upload(other, multipart_file("b", b"b" * 51))
+        self.assertEqual(status, 413, reply)
+        self.assertIn("may not exceed 150 bytes in all", str(reply))
+        status, _ = await f.upload(other, multipart_file("b", b"b" * 50))
+        self.assertEqual(status, 200)
+        status, reply = await f.upload(other, multipart_file("c", b"c"))  # full: not read
+        self.assertEqual(status, 413, reply)
+        self.assertEqual(sorted(r.name for r in f.file_rows()), ["a", "b"])
+        self.assertEqual(len(f.stored()), 2)
+
+    async def test_bundles_never_sent_are_deleted_once_expired_or_old(self) -> None:
+        f = FileFixture()
+        await f.start_with(self, unsent_max_age=86400)
+        drops = f.web.core.safedrop
+        # START is 2023-11-14T22:13:20Z.
+        expired = await f.bundle("subject=x&expiry_date=2023-11-14T23%3A00%3A00Z")
+        young = await f.bundle("subject=y")
+        sent = await f.bundle("subject=z&expiry_date=2023-11-14T23%3A00%3A00Z")
+        for bundle_id in (expired, young, sent):
+            status, _ = await f.upload(bundle_id, multipart_file("a", b"%d" % bundle_id))
+            self.assertEqual(status, 200)
+        status, _ = await f.form("POST", f"/dropbundles/{sent}/dropbundlerecipients",
+                                 "email=ann%40example.org")
+        self.assertEqual(status, 200)
+        status, _, _ = await f.call("GET", f"/dropbundles/{sent}?send")
+        self.assertEqual(status, 200)
+        f.web.clock.advance(3600)  # past the expiry date
+        self.assertEqual(await drops.sweep(), 2)  # the unsent one deleted, the sent one's files
+        f.token = await f.login("alice@example.test", f.key)  # an hour: a new session
+        status, _, _ = await f.call("GET", f"/dropbundles/{expired}")
+        self.assertEqual(status, 404)
+        self.assertEqual([p.parent.name for p in f.stored()], [str(young)])
+        f.web.clock.advance(86400 - 3600 - 1)
+        self.assertEqual(await drops.sweep(), 0)
+        f.web.clock.advance(1)  # a day after it was made, never sent
+        self.assertEqual(await drops.sweep(), 1)
+        self.assertEqual(f.stored(), [])
+        f.token = await f.login("alice@example.test", f.key)
+        status, _, _ = await f.call("GET", f"/dropbundles/{young}")
+        self.assertEqual(status, 404)
+        status, _, _ = await f.call("GET", f"/dropbundles/{sent}")  # sent: kept, as it was
+        self.assertEqual(status, 200)
+
     async def test_a_cut_off_or_malformed_upload_leaves_no_file_and_no_row(self) -> None:
         f = FileFixture()
         await f.start_with(self)

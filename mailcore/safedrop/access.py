@@ -326,6 +326,29 @@ def expired_bundles_txn(conn: Connection, now: datetime.datetime) -> list[Any]:
     ))
 
 
+def stale_unsent_bundles_txn(
+    conn: Connection, now: datetime.datetime, made_before: datetime.datetime
+) -> list[int]:
+    """Bundles never sent that are past their expiry date, or were made before
+    `made_before` (`[safedrop] unsent_max_age` ago), expiry date or not."""
+    b = drop_bundles.c
+    return list(conn.execute(
+        sa.select(b.id).where(
+            b.sent_at.is_(None),
+            sa.or_(sa.and_(b.expiry_date.is_not(None), b.expiry_date <= now),
+                   b.created_at <= made_before))
+        .order_by(b.id)
+    ).scalars())
+
+
+def delete_unsent_bundle_txn(conn: Connection, bundle_id: int) -> bool:
+    """Delete a bundle never sent, with its recipients and files' rows; False when it was
+    sent (or deleted) meanwhile."""
+    done = conn.execute(sa.delete(drop_bundles).where(
+        drop_bundles.c.id == bundle_id, drop_bundles.c.sent_at.is_(None)))
+    return done.rowcount == 1
+
+
 def download_summary_txn(conn: Connection, bundle_id: int) -> list[tuple[str, int, int]]:
     """(recipient address, files downloaded, files) of each recipient of a bundle."""
     n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)

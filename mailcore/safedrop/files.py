@@ -63,22 +63,25 @@ class DropFiles:
         shutil.rmtree(self.root / str(bundle_id), ignore_errors=True)
 
     def receive(
-        self, source: BinaryIO, content_type: str, bundle_id: int, limit: int, bundle_room: int
+        self, source: BinaryIO, content_type: str, bundle_id: int, limit: int, bundle_room: int,
+        room_error: TooLarge | None = None,
     ) -> Stored:
         """Parse a multipart/form-data body from `source` and store its one `the_file`
-        part; `limit` bounds the file, `bundle_room` what the bundle may still take."""
+        part; `limit` bounds the file, `bundle_room` what the bundle (or its owner) may
+        still take: past it `room_error`, by default the bundle's."""
         boundary = form_boundary(content_type)
         if boundary is None:
             raise DropError(
                 None, "Send the file as multipart/form-data with a boundary (field the_file)."
             )
         with SpoolFile(self.tmp) as out:
-            stored = self._parse(source, boundary, out, limit, bundle_room)
+            stored = self._parse(source, boundary, out, limit, bundle_room, room_error)
             out.keep(self.path(bundle_id, stored.sha256))
             return stored
 
     def _parse(
-        self, source: BinaryIO, boundary: str, out: SpoolFile, limit: int, bundle_room: int
+        self, source: BinaryIO, boundary: str, out: SpoolFile, limit: int, bundle_room: int,
+        room_error: TooLarge | None,
     ) -> Stored:
         found: tuple[str, str] | None = None
         try:
@@ -98,7 +101,7 @@ class DropFiles:
                     if out.size + len(event) > limit:
                         raise TooLarge(FILE_FIELD, f"The file is larger than {limit} bytes.")
                     if out.size + len(event) > bundle_room:
-                        raise TooLarge(
+                        raise room_error or TooLarge(
                             FILE_FIELD, "The bundle's files would exceed the total allowed size."
                         )
                     out.write(event)

@@ -133,6 +133,8 @@ class SafedropSettings:
     notify_from = ""              # From of notifications; "" = safedrop@{hostname}
     sweep_interval = 300          # seconds between expiry sweeps
     sms_gateway = ""              # URL taking a form POST (to, text); "" = codes by mail
+    unsent_max_age = 2592000      # seconds an unsent bundle is kept (30 days), then deleted
+    max_user_size = 53687091200   # bytes of all files a user keeps, all bundles (50 GiB)
     ```
     """
 
@@ -142,22 +144,25 @@ class SafedropSettings:
     notify_from: str = ""
     sweep_interval: float = 300.0
     sms_gateway: str = ""
+    unsent_max_age: float = 30 * 86400.0
+    max_user_size: int = 50 * GIB
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
         refuse_unknown("safedrop", section, cls)
         values: dict[str, Any] = {}
-        for key in ("max_file_size", "max_bundle_size"):
+        for key in ("max_file_size", "max_bundle_size", "max_user_size"):
             if key in section:
                 v = section[key]
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                     raise ConfigError(f"[safedrop] {key} must be a positive number of bytes")
                 values[key] = v
-        if "sweep_interval" in section:
-            v = section["sweep_interval"]
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise ConfigError("[safedrop] sweep_interval must be a positive number of seconds")
-            values["sweep_interval"] = float(v)
+        for key in ("sweep_interval", "unsent_max_age"):
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                    raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
+                values[key] = float(v)
         for key in ("link_hostname", "notify_from", "sms_gateway"):
             if key in section:
                 v = section[key]

@@ -217,9 +217,14 @@ class SafedropService:
             "safedrop_upload_room", store.upload_room_txn, owner_id, bundle_id
         )
         room = self.settings.max_bundle_size - used
+        mine = await self.db.read("safedrop_user_stored", store.user_stored_txn, owner_id)
+        user_room = self.settings.max_user_size - mine
+        if user_room <= 0:
+            raise store.user_full(self.settings.max_user_size)
         stored = await self.io.run(
             self.files.receive, body, content_type, bundle_id, self.settings.max_file_size,
-            room,
+            min(room, user_room),
+            store.user_full(self.settings.max_user_size) if user_room < room else None,
         )
         values = {
             "name": stored.name, "content_type": stored.content_type, "size": stored.size,
@@ -228,7 +233,7 @@ class SafedropService:
         try:
             return await self.db.run(
                 "safedrop_add_file", store.add_file_txn, owner_id, bundle_id, values,
-                self.settings.max_bundle_size,
+                self.settings.max_bundle_size, self.settings.max_user_size,
             )
         except BaseException:
             in_use = await self.db.read(
@@ -417,7 +422,30 @@ class SafedropService:
                                 f"{found.recipient.email} replied:\n\n{text}")
 
     async def sweep(self) -> int:
-        """Remove expired drops' files and mail each sender a summary; returns how many."""
+        """Remove expired drops' files and mail each sender a summary, and delete bundles
+        never sent that expired or are older than `[safedrop] unsent_max_age` (nobody was
+        told of them: no mail); returns how many bundles went."""
+        return await self._sweep_sent() + await self._sweep_unsent()
+
+    async def _sweep_unsent(self) -> int:
+        now = self.now()
+        made_before = now - datetime.timedelta(seconds=self.settings.unsent_max_age)
+        ids = await self.db.read("safedrop_stale_unsent", side.stale_unsent_bundles_txn, now,
+                                 made_before)
+        deleted = 0
+        for bundle_id in ids:
+            # The row first: an upload finishing meanwhile finds no bundle and takes its file
+            # back; a send claiming it first keeps it (and this deletes nothing).
+            if not await self.db.run("safedrop_delete_unsent", side.delete_unsent_bundle_txn,
+                                     bundle_id):
+                continue
+            await self.io.run(self.files.remove_bundle, bundle_id)
+            log.info("deleted safedrop bundle {bundle}, never sent, and its files",
+                     bundle=bundle_id)
+            deleted += 1
+        return deleted
+
+    async def _sweep_sent(self) -> int:
         rows = await self.db.read("safedrop_expired", side.expired_bundles_txn, self.now())
         removed = 0
         for row in rows:

@@ -18,6 +18,7 @@ from mailcore.safedrop.model import (
     DropNotFound,
     DropRecipient,
     DropSent,
+    TooLarge,
 )
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
@@ -190,15 +191,33 @@ def upload_room_txn(conn: Connection, owner_id: int, bundle_id: int) -> int:
     return int(total)
 
 
+def user_stored_txn(conn: Connection, owner_id: int) -> int:
+    """Bytes of the files a user keeps on disk: those of every bundle not yet removed."""
+    total = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(drop_files.c.size), 0))
+        .join(drop_bundles, drop_bundles.c.id == drop_files.c.bundle_id)
+        .where(drop_bundles.c.owner_id == owner_id, drop_bundles.c.removed_at.is_(None))
+    ).scalar_one()
+    return int(total)
+
+
+def user_full(max_user_size: int) -> TooLarge:
+    """The 413 of an upload that would take a user's files past `[safedrop] max_user_size`."""
+    return TooLarge("the_file", f"Your drops' files may not exceed {max_user_size} bytes in "
+                    "all (a drop's files go when it expires or its recipients have them).")
+
+
 def add_file_txn(
     conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any],
-    max_bundle_size: int,
+    max_bundle_size: int, max_user_size: int,
 ) -> DropFile:
     used = upload_room_txn(conn, owner_id, bundle_id)
     if used + int(values["size"]) > max_bundle_size:
         raise DropError(
             "the_file", f"The bundle's files may not exceed {max_bundle_size} bytes in total."
         )
+    if user_stored_txn(conn, owner_id) + int(values["size"]) > max_user_size:
+        raise user_full(max_user_size)
     new_id = conn.execute(
         sa.insert(drop_files).values(bundle_id=bundle_id, **values)
     ).inserted_primary_key[0]  # type: ignore[index]
