@@ -7,6 +7,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from treq.testing import StubTreq
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
@@ -53,7 +54,8 @@ class PageClient(TestCase):
         """Load the page at `path` and post its form with `fields`."""
         status, _, body = await self.call("GET", path)
         self.assertEqual(status, 200, body)
-        return await self.call("POST", path, data={"csrf_token": csrf_field(body), **fields})
+        token = csrf_field(body, fields.get("action"))
+        return await self.call("POST", path, data={"csrf_token": token, **fields})
 
     async def log_in(self, path: str) -> None:
         status, headers, _ = await self.form(path, action="login", username="alice",
@@ -131,9 +133,14 @@ class AuthorizePageTests(PageClient):
                                                            "csrf_token": "forged"})
         self.assertEqual(status, 403)
 
-    async def test_allow_without_a_session_is_the_login_form(self) -> None:
+    async def test_allow_after_the_session_ended_is_the_login_form(self) -> None:
         path = path_of(authorize_uri(self.client.uid))
-        status, headers, body = await self.form(path, decision="allow")
+        await self.log_in(path)
+        status, _, page = await self.call("GET", path)
+        self.assertIn(b"Allow", page)
+        self.web.clock.advance(self.web.core.identity.session_ttl + 1)
+        status, headers, body = await self.call(
+            "POST", path, data={"csrf_token": csrf_field(page), "decision": "allow"})
         self.assertEqual(status, 200)
         self.assertIn(b"Log in", body)
         self.assertIsNone(header(headers, "location"))
@@ -170,6 +177,85 @@ class AuthorizePageTests(PageClient):
         self.assertIsNotNone(csrf_cookie(headers))
 
 
+class CsrfBindingTests(PageClient):
+    """A form's CSRF token is bound to the browser's session and to the form: a cookie and
+    token pair minted elsewhere (and planted in the victim's browser) does nothing."""
+
+    async def victim_session(self, path: str) -> str:
+        await self.log_in(path)
+        return self.cookies["mc_session"]
+
+    async def test_an_attackers_cookie_and_token_do_not_approve_for_the_victims_session(
+        self
+    ) -> None:
+        path = path_of(authorize_uri(self.client.uid, state="x"))
+        # Mallory's own browser (a client of its own, its own cookies): the login form of
+        # the same page, then her own consent page.
+        mallory = Web(self.web.core, self.web.clock, self.web.root, StubTreq(self.web.root))
+        await self.web.user("mallory")
+        _, headers, login_page = await mallory.call("GET", path)
+        planted = csrf_cookie(headers)
+        assert planted is not None
+        status, headers, _ = await mallory.call(
+            "POST", path, cookies={"mc_csrf": planted}, allow_redirects=False, data={
+                "csrf_token": csrf_field(login_page), "action": "login",
+                "username": "mallory", "password": PASSWORD})
+        self.assertEqual(status, 303)
+        mallory_cookies = {"mc_csrf": planted}
+        mallory_cookies.update((name, found[0]) for name in ("mc_csrf", "mc_session")
+                               if (found := cookie(headers, name)))
+        _, _, consent_page = await mallory.call("GET", path, cookies=mallory_cookies)
+        self.assertIn(b"Allow", consent_page)
+        pairs = [(planted, csrf_field(login_page)),
+                 (mallory_cookies["mc_csrf"], csrf_field(consent_page))]
+        session = await self.victim_session(path)
+        for cookie_value, token in pairs:
+            status, headers, _ = await self.web.call(
+                "POST", path, allow_redirects=False,
+                cookies={"mc_session": session, "mc_csrf": cookie_value},
+                data={"csrf_token": token, "decision": "allow"})
+            self.assertEqual(status, 403)
+            self.assertIsNone(header(headers, "location"))
+        # Alice's own form still works.
+        status, headers, _ = await self.form(path, decision="allow")
+        self.assertEqual(status, 302)
+
+    async def test_a_login_renews_the_csrf_cookie(self) -> None:
+        path = path_of(authorize_uri(self.client.uid))
+        _, _, login_page = await self.call("GET", path)
+        before = self.cookies["mc_csrf"]
+        status, headers, _ = await self.call("POST", path, data={
+            "csrf_token": csrf_field(login_page), "action": "login", "username": "alice",
+            "password": PASSWORD})
+        self.assertEqual(status, 303)
+        after = cookie(headers, "mc_csrf")
+        assert after is not None
+        self.assertNotEqual(after[0], before)
+        # The login form's token (of the old cookie, without a session) no longer passes.
+        status, _, _ = await self.call("POST", path, data={
+            "csrf_token": csrf_field(login_page), "action": "login", "username": "alice",
+            "password": PASSWORD})
+        self.assertEqual(status, 403)
+
+    async def test_a_token_is_good_for_its_own_form_only(self) -> None:
+        await self.form("/oauth/applications", action="login", username="alice",
+                        password=PASSWORD)
+        await self.web.core.oauth.add_app(self.alice.id, "Mine", [REDIRECT])
+        _, _, page = await self.call("GET", "/oauth/applications")
+        [mine] = await self.web.core.oauth.list_apps(self.alice.id)
+        status, _, _ = await self.call("POST", "/oauth/applications", data={
+            "csrf_token": csrf_field(page, "register"), "action": "delete", "uid": mine.uid})
+        self.assertEqual(status, 403)
+        self.assertEqual(len(await self.web.core.oauth.list_apps(self.alice.id)), 1)
+        # The consent page's token does not log in either (nor a login token allow).
+        path = path_of(authorize_uri(self.client.uid))
+        _, _, consent_page = await self.call("GET", path)
+        status, _, _ = await self.call("POST", path, data={
+            "csrf_token": csrf_field(consent_page), "action": "login", "username": "alice",
+            "password": PASSWORD})
+        self.assertEqual(status, 403)
+
+
 class ApplicationsPageTests(PageClient):
     """The Applications page (/oauth/applications): a logged-in user's own apps."""
 
@@ -204,9 +290,11 @@ class ApplicationsPageTests(PageClient):
         self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
 
     async def test_another_users_app_cannot_be_deleted(self) -> None:
-        page = await self.enter()
+        await self.web.core.oauth.add_app(self.alice.id, "Mine", [REDIRECT])
+        page = await self.enter()  # a Delete button (alice's own app) to take a token from
         status, _, _ = await self.call("POST", "/oauth/applications", data={
-            "csrf_token": csrf_field(page), "action": "delete", "uid": self.client.uid})
+            "csrf_token": csrf_field(page, "delete"), "action": "delete",
+            "uid": self.client.uid})
         self.assertEqual(status, 404)  # the client of setUp belongs to bob
         self.assertIsNotNone(await self.web.core.oauth.get_app(self.client.uid))
 

@@ -169,7 +169,11 @@ class HttpFuzzTests(DaemonTestCase):
         response, _ = await call("POST", {**form, "action": "login", "username": "alice",
                                           "password": "s3cret-Pa55"})
         self.assertEqual(response.code, 303)
-        response, _ = await call("POST", {**form, "decision": "allow"})
+        _, body = await call("GET")  # the consent form: its token is for the new session
+        csrf = re.search(rb'name="csrf_token" value="([^"]+)"', body)
+        assert csrf, body
+        response, _ = await call("POST", {"csrf_token": csrf.group(1).decode(),
+                                          "decision": "allow"})
         self.assertEqual(response.code, 302)
         location = response.headers.getRawHeaders(b"location")[0].decode()
         code = re.search(r"[?&]code=([^&]+)", location)

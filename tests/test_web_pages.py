@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 from tests.support.web import BASE
-from web.pages import CSP, Pages
+from web.pages import CSP, PageApp, Pages
 
 LINK = re.compile(r"https://[^/\s]+(/quarantine/release/\S+)")
 SUBJECT = "<script>alert('x')</script> & <b>bold</b>"
@@ -59,6 +60,7 @@ class ReleasePageTests(TestCase):
         assert isinstance(text, bytes)
         [path] = LINK.findall(text.decode())
         self.path = path
+        self.bind = "release:" + path.rsplit("/", 1)[1]
         self.before = len(self.gw.delivered())
 
     def browser(self) -> Any:
@@ -117,10 +119,11 @@ class ReleasePageTests(TestCase):
         attributes = {a.strip().lower() for a in line.split(";")[1:]}
         self.assertEqual(attributes, {"path=/", "httponly", "samesite=lax"})
 
-    async def test_the_csrf_cookie_is_secure_over_tls(self) -> None:
+    async def test_over_tls_the_csrf_cookie_is_a_secure_host_cookie(self) -> None:
         _status, headers, _body = await fetch(self.browser(), "GET", self.path,
                                               base="https://127.0.0.1")
-        [line] = [c for c in headers["set-cookie"] if c.startswith("mc_csrf=")]
+        [line] = headers["set-cookie"]
+        self.assertTrue(line.startswith("__Host-mc_csrf="), line)
         attributes = {a.strip().lower() for a in line.split(";")[1:]}
         self.assertEqual(attributes, {"path=/", "httponly", "samesite=lax", "secure"})
 
@@ -129,7 +132,7 @@ class ReleasePageTests(TestCase):
     ) -> None:
         cookie, token = await self.page(self.browser())
         other_cookie, other_token = await self.page(self.browser())
-        forged = Pages(b"k" * 32).csrf_token
+        forged = Pages(b"k" * 32, self.gw.clock).csrf_token
         cases: list[tuple[str, dict[str, str], dict[str, str]]] = [
             ("no token, no cookie", {}, {}),
             ("no token", {"Cookie": f"mc_csrf={cookie}"}, {}),
@@ -140,7 +143,7 @@ class ReleasePageTests(TestCase):
             ("another browser's cookie", {"Cookie": f"mc_csrf={other_cookie}"},
              {"csrf_token": token}),
             ("a token under another key", {"Cookie": f"mc_csrf={cookie}"},
-             {"csrf_token": _token_of(forged, cookie)}),
+             {"csrf_token": _token_of(forged, cookie, "release", self.bind)}),
         ]
         for what, headers, form in cases:
             status, _headers, body = await fetch(
@@ -157,6 +160,76 @@ class ReleasePageTests(TestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.released(), 1)
 
+    async def post(self, cookie: str, token: str, base: str = BASE,
+                   cookie_name: str = "mc_csrf", **headers: str) -> int:
+        status, _headers, _body = await fetch(
+            self.browser(), "POST", self.path, base=base,
+            headers={"Cookie": f"{cookie_name}={cookie}", **headers},
+            data={"csrf_token": token})
+        return status
+
+    async def test_a_token_is_good_for_a_day(self) -> None:
+        cookie, token = await self.page(self.browser())
+        self.gw.clock.advance(24 * 3600 + 1)
+        self.assertEqual(await self.post(cookie, token), 403)
+        cookie, token = await self.page(self.browser())
+        self.gw.clock.advance(24 * 3600 - 1)
+        self.assertEqual(await self.post(cookie, token), 200)
+        self.assertEqual(self.released(), 1)
+
+    async def test_a_token_is_good_for_its_own_link_and_form_only(self) -> None:
+        cookie, _token = await self.page(self.browser())
+        app = self.gw.web.root.apps["quarantine"]
+        assert isinstance(app, PageApp)
+        pages = app.pages
+        for what, purpose, bind in [
+            ("another link", "release", "release:" + "A" * 40),
+            ("another form", "login", self.bind),
+            ("no binding", "release", ""),
+        ]:
+            token = _token_of(pages.csrf_token, cookie, purpose, bind)
+            self.assertEqual(await self.post(cookie, token), 403, what)
+        self.assertEqual(self.released(), 0)
+        right = _token_of(pages.csrf_token, cookie, "release", self.bind)
+        self.assertEqual(await self.post(cookie, right), 200)
+
+    async def test_a_post_from_another_origin_is_refused(self) -> None:
+        cookie, token = await self.page(self.browser())
+        for what, headers in [
+            ("foreign Origin", {"Origin": "https://evil.example"}),
+            ("sibling Origin", {"Origin": "http://evil.127.0.0.1"}),
+            ("other port", {"Origin": "http://127.0.0.1:8081"}),
+            ("cross-site fetch", {"Sec-Fetch-Site": "cross-site"}),
+            ("same-site fetch (a sibling domain)", {"Sec-Fetch-Site": "same-site"}),
+            ("garbage Origin", {"Origin": "evil"}),
+        ]:
+            self.assertEqual(await self.post(cookie, token, **headers), 403, what)
+        self.assertEqual(self.released(), 0)
+        # Our own forms: same-origin, and Origin null (our pages' Referrer-Policy) or ours.
+        for headers in [{"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+                        {"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"},
+                        {"Origin": "HTTP://127.0.0.1:80"}]:
+            self.assertIn(await self.post(cookie, token, **headers), (200, 409), headers)
+        self.assertEqual(self.released(), 1)
+
+    async def test_over_tls_only_the_host_cookie_counts_and_origin_must_be_https(
+        self
+    ) -> None:
+        tls = "https://127.0.0.1"
+        status, headers, body = await fetch(self.browser(), "GET", self.path, base=tls)
+        self.assertEqual(status, 200)
+        [line] = headers["set-cookie"]
+        cookie = line.split(";", 1)[0].partition("=")[2]
+        token = csrf_field(body)
+        # A cookie without the prefix (which a plain-HTTP reply or a sibling could plant)
+        # is not the CSRF cookie under TLS.
+        self.assertEqual(await self.post(cookie, token, base=tls), 403)
+        self.assertEqual(await self.post(cookie, token, base=tls, cookie_name="__Host-mc_csrf",
+                                         Origin="http://127.0.0.1"), 403)
+        self.assertEqual(self.released(), 0)
+        self.assertEqual(await self.post(cookie, token, base=tls, cookie_name="__Host-mc_csrf",
+                                         Origin="https://127.0.0.1"), 200)
+
     async def test_the_stylesheet_is_served_and_cached_long(self) -> None:
         _status, _headers, body = await fetch(self.browser(), "GET", self.path)
         match = re.search(rb'<link rel="stylesheet" href="([^"]+)">', body)
@@ -168,23 +241,31 @@ class ReleasePageTests(TestCase):
         self.assertIn(b"font", css)
 
 
-def _token_of(make: Any, cookie: str) -> str:
+class FakeRequest:
+    """Just enough of a plain-HTTP request carrying the CSRF cookie `cookie`."""
+
+    def __init__(self, cookie: str) -> None:
+        self.cookie = cookie
+
+    def isSecure(self) -> bool:
+        return False
+
+    def getCookie(self, name: bytes) -> bytes | None:
+        return self.cookie.encode() if name == b"mc_csrf" else None
+
+
+def _token_of(make: Any, cookie: str, purpose: str = "release", bind: str = "") -> str:
     """The CSRF token `make` (a Pages.csrf_token) gives a request carrying `cookie`."""
-
-    class Request:
-        def getCookie(self, name: bytes) -> bytes | None:
-            return cookie.encode() if name == b"mc_csrf" else None
-
-    return str(make(Request()))
+    return str(make(FakeRequest(cookie), purpose, bind))
 
 
 class KeyFileTests(TestCase):
     def test_the_csrf_key_is_made_private_and_reused(self) -> None:
         data_dir = Path(self.mktemp())
-        first = Pages.from_data_dir(data_dir)
+        first = Pages.from_data_dir(data_dir, Clock())
         self.assertEqual(stat.S_IMODE((data_dir / "pages.key").stat().st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(data_dir.stat().st_mode), 0o700)
-        again = Pages.from_data_dir(data_dir)
+        again = Pages.from_data_dir(data_dir, Clock())
         self.assertEqual(_token_of(first.csrf_token, "c" * 43),
                          _token_of(again.csrf_token, "c" * 43))
 
@@ -193,5 +274,5 @@ class KeyFileTests(TestCase):
         data_dir.mkdir()
         (data_dir / "pages.key").write_bytes(b"short")
         with self.assertRaises(ValueError) as caught:
-            Pages.from_data_dir(data_dir)
+            Pages.from_data_dir(data_dir, Clock())
         self.assertIn("pages.key: the key is too short", str(caught.exception))

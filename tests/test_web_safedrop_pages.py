@@ -46,7 +46,8 @@ class Browser:
     async def post(self, path: str, **fields: str) -> tuple[int, dict[str, list[str]], Any]:
         status, _, body = await self.get(path)
         assert status == 200, (status, body)
-        return await self._call("POST", path, data={"csrf_token": csrf_field(body), **fields},
+        token = csrf_field(body, fields.get("action"))
+        return await self._call("POST", path, data={"csrf_token": token, **fields},
                                 allow_redirects=False)
 
 
@@ -228,6 +229,18 @@ class PasswordAndDownloadTests(TestCase):
         self.assertEqual(status, 403)
         self.assertIsNone(csrf_cookie({}))
 
+    async def test_a_form_token_of_one_link_does_not_pass_on_another(self) -> None:
+        browser = Browser(self.f)  # one browser, one CSRF cookie, two links
+        _, _, ann_page = await browser.get(self.ann)
+        status, _, _ = await browser._call(
+            "POST", self.bob, allow_redirects=False, data={
+                "csrf_token": csrf_field(ann_page), "action": "password",
+                "password": "Open-Sesame-77"})
+        self.assertEqual(status, 403)
+        status, _, _ = await browser.post(self.bob, action="password",
+                                          password="Open-Sesame-77")
+        self.assertEqual(status, 303)
+
     async def test_unknown_links_are_404_and_links_never_reach_the_log(self) -> None:
         status, _, _ = await Browser(self.f).get("/drop/" + "A" * 43)
         self.assertEqual(status, 404)
@@ -265,6 +278,8 @@ class TokenAuthTests(TestCase):
         self.assertIn(b"b.bin", page)
         # The code worked once: another browser needs a new one.
         other = Browser(f)
+        status, _, _ = await other.post(bob, action="send_code")
+        self.assertEqual(status, 303)
         status, _, _ = await other.post(bob, action="code", code=code)
         self.assertEqual(status, 403)
         # A reply is mailed to the sender; email_receipt_when=2: one receipt for the first

@@ -147,6 +147,13 @@ class DropPageApp(PageApp):
         set_cookie(request, GRANT_COOKIE, value, path=LINK_PATH + token)
 
     @staticmethod
+    def _csrf_bind(request: IRequest, found: Access) -> str:
+        """What the forms' CSRF tokens are bound to: the recipient (their link) and the
+        checks this browser passed (its grant cookie), so a token made on another link, or
+        in another browser, does not pass."""
+        return f"drop:{found.recipient.id}:{get_cookie(request, GRANT_COOKIE) or ''}"
+
+    @staticmethod
     def _missing(found: Access, levels: str) -> str | None:
         """The next check this browser has to pass, or None."""
         if found.password_hash is not None and CHECK_PW not in levels:
@@ -165,7 +172,8 @@ class DropPageApp(PageApp):
         title = shown(found.bundle.subject) or "Secure drop"
         if step == CHECK_PW:
             return self.pages.render(request, "drop_password.html", status, title=title,
-                                     sender=found.sender, error=error)
+                                     sender=found.sender, error=error,
+                                     csrf_bind=self._csrf_bind(request, found))
         locked = found.code_locked_until
         if locked is not None:
             status = 429
@@ -173,6 +181,7 @@ class DropPageApp(PageApp):
             request.setHeader(b"Retry-After", str(wait).encode("ascii"))
         return self.pages.render(
             request, "drop_code.html", status, title=title, sender=found.sender,
+            csrf_bind=self._csrf_bind(request, found),
             email=found.recipient.email, pending=found.code_pending, error=error,
             locked=rfc3339(locked) if locked is not None else None,
             by_sms=self.drops.by_sms(found),
@@ -184,6 +193,7 @@ class DropPageApp(PageApp):
         expiries = [d for d in (found.bundle.expiry_date, found.recipient.expires_at) if d]
         return self.pages.render(
             request, "drop.html", title=shown(found.bundle.subject) or "Secure drop",
+            csrf_bind=self._csrf_bind(request, found),
             sender=found.sender, message=found.bundle.message,
             secure_message=self.drops.secure_text(found),
             files=[replace(f, name=shown(f.name)) for f in found.files],
@@ -241,9 +251,10 @@ class DropPageApp(PageApp):
     async def answer(self, request: IRequest, token: str) -> bytes:
         found = await self._open(token)
         fields = self.pages.form(request)
-        self.pages.check_csrf(request, fields)
-        levels = self._levels(request, token)
         action = fields.get("action")
+        self.pages.check_csrf(request, fields, purpose=str(action),
+                              bind=self._csrf_bind(request, found))
+        levels = self._levels(request, token)
         step = self._missing(found, levels)
         if action == "password" and step == CHECK_PW:
             decision = self.limiter.check(("drop-password", link_digest(token)))

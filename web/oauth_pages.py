@@ -13,7 +13,10 @@ registers (the secret is shown once) and deletes their own apps.
 
 The session is a "page" credential (hashed, expiring; the session TTL) whose only scope is
 "pages" (a kind of its own, so it is never a safedrop X-Auth-Token), in the HttpOnly,
-SameSite=Lax cookie `mc_session` (Secure under TLS).
+SameSite=Lax cookie `mc_session` (Secure under TLS). Every form's CSRF token is bound to the
+session cookie the page was rendered for (none: the login form) and to the form's action,
+and a login renews the CSRF cookie: a token made in another browser, or before the login,
+does not pass.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ class OAuthPagesApp(PageApp):
             request.setHeader(b"Location", e.location.encode("ascii"))
             return None
 
+    @staticmethod
+    def _csrf_bind(request: IRequest) -> str:
+        """What this browser's CSRF tokens are bound to: its session cookie, if any."""
+        return "session:" + (get_cookie(request, SESSION_COOKIE) or "")
+
     async def _session_user(self, request: IRequest) -> User | None:
         secret = get_cookie(request, SESSION_COOKIE)
         if secret is None:
@@ -99,12 +107,14 @@ class OAuthPagesApp(PageApp):
     def _login_page(self, request: IRequest, consent: Consent | None, status: int = 200,
                     error: str = "", username: str = "") -> bytes:
         return self.pages.render(request, "oauth_login.html", status, title="Log in",
+                                 csrf_bind=self._csrf_bind(request),
                                  consent=consent, error=error, username=username)
 
     def _consent_page(self, request: IRequest, consent: Consent, user: User) -> bytes:
         scopes = [(s, DROPMYEMAIL_SCOPES.get(s, s)) for s in consent.scopes]
         return self.pages.render(
             request, "oauth_consent.html", title=f"Authorize {consent.app.name}",
+            csrf_bind=self._csrf_bind(request),
             consent=consent, user=user, scopes=scopes,
             redirect_host=urlsplit(consent.redirect_uri).netloc,
             # Browsers apply form-action to the redirect that answers the form.
@@ -155,11 +165,13 @@ class OAuthPagesApp(PageApp):
     )
     async def decide(self, request: IRequest) -> bytes:
         fields = self.pages.form(request)
-        self.pages.check_csrf(request, fields)
+        login = fields.get("action") == "login"
+        self.pages.check_csrf(request, fields, purpose="login" if login else "consent",
+                              bind=self._csrf_bind(request))
         consent = await self._consent(request)
         if consent is None:
             return b""
-        if fields.get("action") == "login":
+        if login:
             return await self._log_in(request, consent, fields)
         user = await self._session_user(request)
         if user is None:
@@ -188,6 +200,7 @@ class OAuthPagesApp(PageApp):
             user.id, "page", label="authorization page", scopes=(SESSION_SCOPE,)
         )
         set_cookie(request, SESSION_COOKIE, secret)
+        self.pages.renew_csrf(request)
         request.setResponseCode(303)
         request.setHeader(b"Location", bytes(request.uri))
         return b""
@@ -199,6 +212,7 @@ class OAuthPagesApp(PageApp):
                          ) -> bytes:
         apps = await self.oauth.list_apps(user.id)
         return self.pages.render(request, "oauth_apps.html", status, title="Applications",
+                                 csrf_bind=self._csrf_bind(request),
                                  user=user, apps=apps, error=error, created=created,
                                  secret=secret)
 
@@ -235,8 +249,9 @@ class OAuthPagesApp(PageApp):
     )
     async def change_applications(self, request: IRequest) -> bytes:
         fields = self.pages.form(request)
-        self.pages.check_csrf(request, fields)
         action = fields.get("action")
+        self.pages.check_csrf(request, fields, purpose=str(action),
+                              bind=self._csrf_bind(request))
         if action == "login":
             return await self._log_in(request, None, fields)
         user = await self._session_user(request)

@@ -3,10 +3,10 @@
 `GET /quarantine/release/{token}` shows the message's date, sender and subject and a button;
 only `POST` to the same path releases it, so mail scanners that fetch links in advance
 release nothing. The token (signed, expiring; see mailcore.gateway.quarantine) is the credential;
-the form also carries a CSRF token (web.pages), so another site cannot make a visitor's
-browser post it. A message is released once: a second POST says it was released already.
-Tampered or expired links get a 404 page that says the link is not valid; a POST without the
-form's CSRF token gets a 403 page and releases nothing.
+the form also carries a CSRF token (web.pages) bound to the link, so another site cannot
+make a visitor's browser post it. A message is released once: a second POST says it was
+released already. Tampered or expired links get a 404 page that says the link is not valid;
+a POST without the form's CSRF token gets a 403 page and releases nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from mailcore.gateway.quarantine import (
 from web.openapi import RouteTable
 from web.pages import PageApp, PageError, Pages, form_body, page_replies
 from web.settings import WebSettings
+
+
+def _csrf_bind(token: str) -> str:
+    """The release form's CSRF token is bound to the link: one made on another link's page
+    does not release this one."""
+    return "release:" + token
 
 
 def invalid() -> PageError:
@@ -59,7 +65,7 @@ class QuarantinePageApp(PageApp):
             raise invalid()
         title = "Already released" if held.released_at is not None else "Quarantined message"
         return self.pages.render(request, "quarantine_release.html", title=title, held=held,
-                                 date=rfc3339(held.date))
+                                 date=rfc3339(held.date), csrf_bind=_csrf_bind(token))
 
     @routes.route(
         "/quarantine/release/<token>",
@@ -78,7 +84,7 @@ class QuarantinePageApp(PageApp):
         ident = self.quarantine.link_ident(token)
         if ident is None:
             raise invalid()
-        self.pages.check_csrf(request)
+        self.pages.check_csrf(request, purpose="release", bind=_csrf_bind(token))
         try:
             status = await self.quarantine.release(ident)
         except QuarantineError:

@@ -282,7 +282,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
     # address: an API key opens all three, so guesses spread over them count once.
     bad_credentials = RateLimiter(clock, settings.bad_credential_rate)
     # The HTML pages' templates and CSRF key (read or made now, before the reactor runs).
-    pages = Pages.from_data_dir(core.config.data_dir)
+    pages = Pages.from_data_dir(core.config.data_dir, clock)
     apps: list[ApiApp] = [
         Imap2ApiApp(
             settings,

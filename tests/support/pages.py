@@ -9,6 +9,7 @@ from typing import Any
 from tests.support.web import Web
 
 CSRF_INPUT = re.compile(rb'<input type="hidden" name="csrf_token" value="([^"]+)">')
+FORM = re.compile(rb"<form\b.*?</form>", re.S)
 
 
 def csrf_cookie(headers: dict[str, list[str]]) -> str | None:
@@ -20,10 +21,15 @@ def csrf_cookie(headers: dict[str, list[str]]) -> str | None:
     return None
 
 
-def csrf_field(body: bytes) -> str:
-    """The CSRF token of the (one) form on a page."""
-    match = CSRF_INPUT.search(body)
-    assert match is not None, f"no CSRF field on the page: {body[:400]!r}"
+def csrf_field(body: bytes, action: str | None = None) -> str:
+    """The CSRF token of the form on a page whose hidden `action` field is `action` (each
+    form's token is good for its own action only); None: of the page's first form."""
+    forms = FORM.findall(body)
+    if action is not None:
+        marker = f'name="action" value="{action}"'.encode()
+        forms = [form for form in forms if marker in form]
+    match = CSRF_INPUT.search(forms[0]) if forms else None
+    assert match is not None, f"no CSRF field for {action!r} on the page: {body[:400]!r}"
     return match.group(1).decode("ascii")
 
 

@@ -7,12 +7,23 @@ work without JavaScript, and none may be framed.
 
 - `Pages.render(request, template, status, **context)` renders a page and sets its status,
   Content-Type and the security headers (`SECURITY_HEADERS`, the CSP).
-- Forms carry a CSRF token: `{{ csrf_field() }}` in a template puts a hidden field holding
-  an HMAC, under the key in `{data_dir}/pages.key`, of a random cookie `mc_csrf` (HttpOnly,
-  SameSite=Lax, Secure under TLS); the cookie is set the first time a page needs it.
-  `Pages.check_csrf(request)` in a POST handler raises `PageError(403)` unless the form's
-  field matches the cookie. A page on another site can neither read the cookie nor make
-  the HMAC, and a cookie planted by a sibling domain is useless without its HMAC.
+- Forms carry a CSRF token: `{{ csrf_field("purpose") }}` in a template puts a hidden field
+  holding the time it was issued and an HMAC, under the key in `{data_dir}/pages.key`, of
+  that time, the form's purpose (the action it performs: "login", "consent", "release"…),
+  what the page binds it to (`render(csrf_bind=…)`: the login session, the drop link and its
+  grant cookie, the release link) and a random cookie: `__Host-mc_csrf` over TLS (Secure,
+  Path=/, no Domain, so neither a sibling domain nor a plain-HTTP reply can set it), plain
+  `mc_csrf` over HTTP (local use), HttpOnly and SameSite=Lax either way; the cookie is set
+  the first time a page needs it and renewed at login (`renew_csrf`).
+  `Pages.check_csrf(request, fields, purpose, bind)` in a POST handler raises
+  `PageError(403)` unless the request comes from one of our own pages (no foreign `Origin`,
+  no cross-site or same-site `Sec-Fetch-Site`) and the form's token matches the cookie, the
+  purpose and the binding and is at most a day old (`CSRF_MAX_AGE`).
+  A page on another site can neither read the cookie nor make the HMAC. Someone who manages
+  to plant their own cookie in a victim's browser (a site served over plain HTTP) holds a
+  valid token only for what the token is bound to: not for the victim's session nor another
+  link, not for another form, and not for long; pages with no session (the login form)
+  rely on the `Origin`/`Sec-Fetch-Site` check there.
 - A page app subclasses `PageApp`: its errors (`ApiError`, `PageError`, unknown paths, wrong
   methods, 500s) are HTML pages with the same headers. `page_replies` documents a page
   route's replies (all HTML) for the OpenAPI document.
@@ -25,6 +36,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import weakref
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -33,6 +45,7 @@ from typing import Any, cast
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from klein import Klein
 from markupsafe import Markup
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
@@ -44,7 +57,14 @@ from web.parsing import read_fields
 from web.settings import WebSettings
 
 CSRF_COOKIE = "mc_csrf"
+# Over TLS: a cookie only a secure reply from this very host, for path /, can set (RFC 6265bis
+# 4.1.3.2), so a sibling subdomain or a forged plain-HTTP reply cannot plant one.
+CSRF_COOKIE_TLS = "__Host-mc_csrf"
 CSRF_FIELD = "csrf_token"
+# How long a form's token is accepted after the page was rendered.
+CSRF_MAX_AGE = 24 * 3600
+# A token issued this far in our future is still taken (nodes' clocks differ a little).
+_CSRF_SKEW = 300
 # A page's form is small: a larger urlencoded body is refused (413) before it is parsed.
 FORM_LIMIT = 64 * 1024
 KEY_FILE = "pages.key"
@@ -168,19 +188,24 @@ def clear_cookie(request: IRequest, name: str, *, path: str = "/") -> None:
 
 class Pages:
     """Renders pages and checks their forms' CSRF tokens; one per site, shared by the page
-    apps. `key` signs the CSRF tokens (keep it secret; `from_data_dir` keeps it in a file)."""
+    apps. `key` signs the CSRF tokens (keep it secret; `from_data_dir` keeps it in a file);
+    `clock` dates them."""
 
-    def __init__(self, key: bytes, env: Environment | None = None) -> None:
+    def __init__(self, key: bytes, clock: IReactorTime, env: Environment | None = None
+                 ) -> None:
         if len(key) < 32:
             raise ValueError("the pages key must be at least 32 bytes")
         self._key = key
+        self._clock = clock
         self.env = env or environment()
+        # The CSRF cookie a reply sets, for the forms rendered into that same reply.
+        self._issued: weakref.WeakKeyDictionary[IRequest, str] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path) -> Pages:
+    def from_data_dir(cls, data_dir: Path, clock: IReactorTime) -> Pages:
         """Pages whose key is `{data_dir}/pages.key` (made, mode 0600, if absent). Blocks:
         call before the reactor runs."""
-        return cls(secret_key_file(data_dir / KEY_FILE))
+        return cls(secret_key_file(data_dir / KEY_FILE), clock)
 
     def render(
         self,
@@ -189,17 +214,19 @@ class Pages:
         status: int = 200,
         *,
         form_action: Sequence[str] = (),
+        csrf_bind: str = "",
         **context: Any,
     ) -> bytes:
-        """`template` rendered with `context` (plus `csrf_field()` and `stylesheet`), as the
-        reply: status, `text/html; charset=utf-8` and the security headers set."""
-        token: list[str] = []
+        """`template` rendered with `context` (plus `csrf_field(purpose)` and `stylesheet`),
+        as the reply: status, `text/html; charset=utf-8` and the security headers set. The
+        forms' CSRF tokens are bound to `csrf_bind` (see `check_csrf`)."""
+        tokens: dict[str, str] = {}
 
-        def csrf_field() -> Markup:
-            if not token:
-                token.append(self.csrf_token(request))
+        def csrf_field(purpose: str) -> Markup:
+            if purpose not in tokens:
+                tokens[purpose] = self.csrf_token(request, purpose, csrf_bind)
             return Markup('<input type="hidden" name="{}" value="{}">').format(
-                CSRF_FIELD, token[0]
+                CSRF_FIELD, tokens[purpose]
             )
 
         body = self.env.get_template(template).render(csrf_field=csrf_field, **context)
@@ -225,34 +252,69 @@ class Pages:
 
     # -- CSRF ------------------------------------------------------------------------------
 
-    def _mac(self, cookie: str) -> str:
-        digest = hmac.new(self._key, b"csrf:" + cookie.encode("ascii"), hashlib.sha256).digest()
+    def _mac(self, cookie: str, purpose: str, bind: str, issued: int) -> str:
+        # Each part is hashed or of a fixed alphabet, and "\n" separates them: no two
+        # different tuples make the same message.
+        message = "\n".join((
+            "csrf-v2", cookie, purpose,
+            hashlib.sha256(bind.encode("utf-8")).hexdigest(), str(issued),
+        ))
+        digest = hmac.new(self._key, message.encode("utf-8"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
-    def csrf_token(self, request: IRequest) -> str:
-        """The value of a form's CSRF field for this client; sets the `mc_csrf` cookie when
-        the client has none (or one we did not make)."""
-        cookie = get_cookie(request, CSRF_COOKIE)
-        if cookie is None or not _well_formed(cookie):
-            cookie = secrets.token_urlsafe(32)
-            set_cookie(request, CSRF_COOKIE, cookie)
-        return self._mac(cookie)
+    def _cookie(self, request: IRequest) -> str | None:
+        """The well-formed CSRF cookie of this request (the one its reply sets, if any)."""
+        cookie = self._issued.get(request)
+        if cookie is None:
+            cookie = get_cookie(request, csrf_cookie_name(request))
+        return cookie if cookie is not None and _well_formed(cookie) else None
 
-    def csrf_valid(self, request: IRequest, submitted: str | None) -> bool:
-        """Whether `submitted` is the CSRF token of the cookie this request carries."""
-        cookie = get_cookie(request, CSRF_COOKIE)
-        if cookie is None or not _well_formed(cookie) or not submitted:
+    def renew_csrf(self, request: IRequest) -> None:
+        """Give the client a new CSRF cookie (at login and logout): the tokens of the old
+        one, whoever made them, no longer pass."""
+        cookie = secrets.token_urlsafe(32)
+        set_cookie(request, csrf_cookie_name(request), cookie)
+        self._issued[request] = cookie
+
+    def csrf_token(self, request: IRequest, purpose: str, bind: str = "") -> str:
+        """The value of the CSRF field of a form doing `purpose` for this client, bound to
+        `bind`; sets the CSRF cookie when the client has none (or one we did not make)."""
+        cookie = self._cookie(request)
+        if cookie is None:
+            self.renew_csrf(request)
+            cookie = self._issued[request]
+        issued = int(self._clock.seconds())
+        return f"{issued}.{self._mac(cookie, purpose, bind, issued)}"
+
+    def csrf_valid(self, request: IRequest, submitted: str | None, purpose: str,
+                   bind: str = "") -> bool:
+        """Whether `submitted` is a CSRF token, made at most `CSRF_MAX_AGE` ago, of this
+        request's cookie for `purpose` and `bind`."""
+        cookie = self._cookie(request)
+        if cookie is None or not submitted or not submitted.isascii():
             return False
-        return hmac.compare_digest(self._mac(cookie).encode(), submitted.encode("utf-8"))
+        issued_text, _, mac = submitted.partition(".")
+        if not issued_text.isdigit() or len(issued_text) > 12:
+            return False
+        issued = int(issued_text)
+        age = self._clock.seconds() - issued
+        if not -_CSRF_SKEW <= age <= CSRF_MAX_AGE:
+            return False
+        return hmac.compare_digest(self._mac(cookie, purpose, bind, issued), mac)
 
-    def check_csrf(self, request: IRequest, fields: Mapping[str, Any] | None = None) -> None:
-        """Raise `PageError(403)` unless the form carries this client's CSRF token. `fields`:
-        the form's fields when the handler parsed them already, else the urlencoded body is
-        read (`form`)."""
+    def check_csrf(self, request: IRequest, fields: Mapping[str, Any] | None = None, *,
+                   purpose: str, bind: str = "") -> None:
+        """Raise `PageError(403)` unless the request comes from our own page and the form
+        carries this client's CSRF token for `purpose` and `bind` (those its page was
+        rendered with). `fields`: the form's fields when the handler parsed them already,
+        else the urlencoded body is read (`form`)."""
+        if not same_origin(request):
+            raise PageError(403, "Form expired", CSRF_REFUSED)
         if fields is None:
             fields = self.form(request)
         submitted = fields.get(CSRF_FIELD)
-        if not isinstance(submitted, str) or not self.csrf_valid(request, submitted):
+        if not isinstance(submitted, str) or not self.csrf_valid(request, submitted, purpose,
+                                                                 bind):
             raise PageError(403, "Form expired", CSRF_REFUSED)
 
     def form(self, request: IRequest) -> dict[str, Any]:
@@ -260,8 +322,45 @@ class Pages:
         return read_fields(request, FORM_LIMIT, accept_json=False, accept_multipart=False)
 
 
+def csrf_cookie_name(request: IRequest) -> str:
+    """`__Host-mc_csrf` over TLS (the prefix needs Secure), `mc_csrf` over plain HTTP."""
+    return CSRF_COOKIE_TLS if request.isSecure() else CSRF_COOKIE
+
+
 def _well_formed(cookie: str) -> bool:
     return 20 <= len(cookie) <= 100 and all(c.isalnum() or c in "-_" for c in cookie)
+
+
+def _authority(host: str, scheme: str) -> str:
+    """host[:port] lower case, without the scheme's default port."""
+    host = host.strip().lower()
+    default = ":443" if scheme == "https" else ":80"
+    return host[: -len(default)] if host.endswith(default) else host
+
+
+def same_origin(request: IRequest) -> bool:
+    """False when the browser says the request does not come from our own page: a
+    `Sec-Fetch-Site` of cross-site or same-site (a sibling domain; our forms post
+    same-origin), or an `Origin` naming another host. `Origin: null` passes: browsers send
+    it for our own forms, whose pages have `Referrer-Policy: no-referrer`. Over TLS the
+    origin must be https; over plain HTTP either scheme is ours (a TLS-terminating proxy
+    may be in front)."""
+    fetch_site = request.getHeader(b"sec-fetch-site")
+    if fetch_site is not None and fetch_site.strip().lower() in (b"cross-site", b"same-site"):
+        return False
+    raw_origin = request.getHeader(b"origin")
+    if raw_origin is None:
+        return True
+    origin = raw_origin.decode("latin-1").strip().lower()
+    if origin == "null":
+        return True
+    scheme, sep, host = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or (request.isSecure() and scheme != "https"):
+        return False
+    raw_host = request.getHeader(b"host")
+    if raw_host is None:
+        return False
+    return _authority(host, scheme) == _authority(raw_host.decode("latin-1"), scheme)
 
 
 # -- apps ----------------------------------------------------------------------------------
