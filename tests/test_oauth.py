@@ -282,6 +282,50 @@ class AppTests(Base):
             with self.assertRaises(OAuthError, msg=uri):
                 await self.web.core.oauth.add_app(self.alice.id, "x", [uri])
 
+    async def test_a_redirect_uris_host_is_a_host_name_or_an_ip_address(self) -> None:
+        for uri in ("https://a.example;sandbox/cb", "https://a.example,b.example/cb",
+                    "https://a\"b.example/cb", "https://a'b.example/cb",
+                    "https://user:pw@a.example/cb", "https://user@a.example/cb",
+                    "https://a.example:0/cb", "https://a.example:x/cb", "https://a.example:/cb",
+                    "https://[::1%25eth0]/cb", "https://[nope]/cb", "https://a_b.example/cb",
+                    "https://-a.example/cb", "https://1.2.3/cb", "https://a..example/cb"):
+            with self.assertRaises(OAuthError, msg=uri):
+                await self.web.core.oauth.add_app(self.alice.id, "x", [uri])
+        app, _ = await self.web.core.oauth.add_app(self.alice.id, "x", [
+            "HTTPS://Bücher.Example/cb/ü?q=ä", "http://127.0.0.1:8080/cb",
+            "http://[0:0::1]:9/cb", "http://localhost/cb", "https://a.example:443/cb"])
+        self.assertEqual(app.redirect_uris, (
+            "https://xn--bcher-kva.example/cb/%C3%BC?q=%C3%A4", "http://127.0.0.1:8080/cb",
+            "http://[::1]:9/cb", "http://localhost/cb", "https://a.example:443/cb"))
+
+    async def test_an_idn_redirect_uri_authorizes_in_either_spelling(self) -> None:
+        registered = "https://bücher.example/cb"
+        client = await register(self.web, self.alice, registered)
+        ascii_form = "https://xn--bcher-kva.example/cb"
+        for spelling in (registered, "https://BÜCHER.example/cb", ascii_form):
+            consent = await self.web.core.oauth.consent(authorize_uri(
+                client.uid, redirect_uri=spelling))
+            self.assertEqual(consent.redirect_uri, ascii_form)
+            code = await client.code(redirect_uri=spelling)
+            status, _, body = await client.exchange(
+                grant_type="authorization_code", code=code, redirect_uri=registered)
+            self.assertEqual(status, 200, body)
+        location = await self.web.core.oauth.decide(
+            authorize_uri(client.uid, redirect_uri=registered), self.alice.id, True)
+        self.assertTrue(location.startswith(ascii_form + "?code="), location)
+
+    async def test_an_unfit_redirect_uri_registered_before_the_check_is_never_used(
+        self
+    ) -> None:
+        bad = "https://a.example;sandbox/cb"
+        await self.web.core.db.run("test", lambda conn: conn.execute(
+            oauth_apps.update().where(oauth_apps.c.uid == self.client.uid)
+            .values(redirect_uris=bad)))
+        with self.assertRaises(AuthorizationRefused):
+            await self.web.core.oauth.consent(authorize_uri(self.client.uid, redirect_uri=bad))
+        with self.assertRaises(AuthorizationRefused):  # nor as the default (one registered)
+            await self.web.core.oauth.consent(authorize_uri(self.client.uid, redirect_uri=None))
+
     async def test_remove_app_of_another_owner_is_no_such_app(self) -> None:
         bob = await self.web.user("bob")
         with self.assertRaises(OAuthError):

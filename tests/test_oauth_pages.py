@@ -171,6 +171,20 @@ class AuthorizePageTests(PageClient):
         self.assertNotIn(b"<script>x", body)
         self.assertIn(b"&lt;script&gt;x", body)
 
+    async def test_an_idn_redirect_uri_is_named_in_a_labels_in_the_csp(self) -> None:
+        uri = "https://bücher.example/cb"
+        app, _ = await self.web.core.oauth.add_app(self.alice.id, "Shop", [uri])
+        path = path_of(authorize_uri(app.uid, redirect_uri=uri))
+        await self.log_in(path)
+        status, headers, body = await self.call("GET", path)
+        self.assertEqual(status, 200, body)
+        csp = header(headers, "content-security-policy") or ""
+        self.assertIn("form-action 'self' https://xn--bcher-kva.example;", csp)
+        status, headers, _ = await self.form(path, decision="allow")
+        self.assertEqual(status, 302)
+        self.assertTrue((header(headers, "location") or "").startswith(
+            "https://xn--bcher-kva.example/cb?code="))
+
     async def test_csrf_cookie_is_set_with_the_login_form(self) -> None:
         status, headers, _ = await self.web.call("GET", path_of(authorize_uri(self.client.uid)))
         self.assertEqual(status, 200)

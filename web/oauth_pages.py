@@ -35,6 +35,7 @@ from mailcore.oauth import (
     OAuthError,
     OAuthProvider,
 )
+from mailcore.oauth.redirects import redirect_origin
 from web.auth import DROPMYEMAIL_SCOPES
 from web.login import PasswordLogin
 from web.openapi import RouteTable
@@ -52,11 +53,6 @@ def _request_uri(request: IRequest) -> str:
         return _BASE + bytes(request.uri).decode("ascii")
     except UnicodeDecodeError:
         raise PageError(400, "Bad request", "The address is not valid.") from None
-
-
-def _origin(uri: str) -> str:
-    parts = urlsplit(uri)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 class OAuthPagesApp(PageApp):
@@ -118,7 +114,7 @@ class OAuthPagesApp(PageApp):
             consent=consent, user=user, scopes=scopes,
             redirect_host=urlsplit(consent.redirect_uri).netloc,
             # Browsers apply form-action to the redirect that answers the form.
-            form_action=[_origin(consent.redirect_uri)],
+            form_action=[redirect_origin(consent.redirect_uri)],
         )
 
     @routes.route(

@@ -211,6 +211,12 @@ def normalise_domain(name: str) -> str:
     return ascii_name
 
 
+def normalise_host_name(name: str) -> str:
+    """A host name (one label, such as localhost, will do) in A-labels, lower case, no
+    trailing dot. Raises DomainError for anything else (an IP address, bad characters)."""
+    return _to_ascii(name, "Host name", "host")
+
+
 def normalise_local_part(local_part: str) -> str:
     """The stored form of a local part: a dot-atom (RFC 5321), at most 64 octets, lower case.
 

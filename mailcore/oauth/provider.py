@@ -14,7 +14,7 @@ import json
 import secrets as _random
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 from oauthlib.oauth2 import FatalClientError, OAuth2Error, WebApplicationServer
 from oauthlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError
@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailcore.identity import Identity, Principal, User
 from mailcore.identity import secrets as creds
 from mailcore.identity.service import thd_get_user, utc
+from mailcore.oauth.redirects import normal_redirect_uri
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.oauth.validator import SCOPES, StoreValidator, redirect_uris
 from mailcore.store import Database
@@ -95,20 +96,13 @@ def _app(row: Any) -> App:
 
 
 def check_redirect_uri(uri: str) -> str:
-    """A redirect URI fit to register (RFC 6749 §3.1.2): absolute http(s), no fragment."""
-    if not isinstance(uri, str) or has_control(uri) or " " in uri or len(uri) > 2000:
-        raise OAuthError(f"redirect URI {uri!r} is not a URI", "redirect_uri")
+    """A redirect URI fit to register (RFC 6749 §3.1.2) in the normal form it is stored and
+    compared in (mailcore.oauth.redirects): absolute http(s), no fragment, no userinfo, a
+    host name or IP address for host."""
     try:
-        parts = urlsplit(uri)
-    except ValueError:
-        raise OAuthError(f"redirect URI {uri!r} is not a URI", "redirect_uri") from None
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise OAuthError(
-            f"redirect URI {uri!r} must be an absolute http:// or https:// URI", "redirect_uri"
-        )
-    if parts.fragment or "#" in uri:
-        raise OAuthError(f"redirect URI {uri!r} may not have a fragment", "redirect_uri")
-    return uri
+        return normal_redirect_uri(uri)
+    except ValueError as e:
+        raise OAuthError(str(e), "redirect_uri") from None
 
 
 def _apps_query() -> Any:
@@ -263,7 +257,7 @@ class OAuthProvider:
         `AuthorizationRedirect` when the client should be told (bad scope, response_type).
         """
         now = self.now()
-        uri = _plus_scopes_uri(uri)
+        uri = _request_uri(uri)
 
         def txn(conn: Connection) -> Consent:
             server = self._server(conn, now)
@@ -290,7 +284,7 @@ class OAuthProvider:
         redirect_uri with a new `code` (and `state`), or with `error=access_denied`."""
         consent = await self.consent(uri)
         now = self.now()
-        uri = _plus_scopes_uri(uri)
+        uri = _request_uri(uri)
 
         def txn(conn: Connection) -> str:
             server = self._server(conn, now)
@@ -311,7 +305,7 @@ class OAuthProvider:
         """POST /oauth/token: (headers, JSON body, status), the success body exactly the
         seed's `{access_token, token_type: "bearer", expires_in, refresh_token}`."""
         now = self.now()
-        body = _plus_scopes(body)
+        body = _normal_redirect(_plus_scopes(body))
 
         def txn(conn: Connection) -> Reply:
             server = self._server(conn, now)
@@ -372,6 +366,25 @@ class AuthorizationRedirect(Exception):
         self.location = location
 
 
+def _normal_redirect(form: str) -> str:
+    """`form` (form-encoded) with its redirect_uri in normal form, so that it compares equal
+    to the registered one however the client spelt its host; unchanged when it has none or
+    one that cannot be normalised (oauthlib then refuses it as unregistered)."""
+    if "redirect_uri" not in form:
+        return form
+    pairs = parse_qsl(form, keep_blank_values=True)
+    changed = False
+    for i, (key, value) in enumerate(pairs):
+        if key == "redirect_uri":
+            try:
+                normal = normal_redirect_uri(value)
+            except ValueError:
+                continue
+            if normal != value:
+                pairs[i], changed = (key, normal), True
+    return urlencode(pairs) if changed else form
+
+
 def _plus_scopes(form: str) -> str:
     """`form` (form-encoded) with the scopes of a `scope` joined by a literal "+" spaced as
     RFC 6749 joins them. Seed 000 tells clients to join scopes with "+" (scope=read+write,
@@ -386,10 +399,11 @@ def _plus_scopes(form: str) -> str:
                       for key, value in pairs])
 
 
-def _plus_scopes_uri(uri: str) -> str:
-    """`uri` with its query's scope as `_plus_scopes` has it."""
+def _request_uri(uri: str) -> str:
+    """`uri` with its query's scope as `_plus_scopes` has it and its redirect_uri as
+    `_normal_redirect` has it."""
     base, mark, query = uri.partition("?")
-    return base + mark + _plus_scopes(query) if mark else uri
+    return base + mark + _normal_redirect(_plus_scopes(query)) if mark else uri
 
 
 def _describe(error: OAuth2Error) -> str:

@@ -27,6 +27,7 @@ from oauthlib.oauth2 import RequestValidator
 from sqlalchemy import Connection, insert, select, update
 
 from mailcore.identity import secrets as creds
+from mailcore.oauth.redirects import normal_redirect_uri
 from mailcore.oauth.settings import CODE_TTL
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
 from mailcore.text import not_text
@@ -37,7 +38,22 @@ GRANT_TYPES = ("authorization_code", "refresh_token")
 
 
 def redirect_uris(row: Any) -> list[str]:
-    return [u for u in row._mapping["redirect_uris"].split("\n") if u]
+    """An app's registered redirect URIs, in normal form (mailcore.oauth.redirects; one
+    registered before it was stored so, and that has none, as it is)."""
+    return [_normal_or_none(u) or u for u in row._mapping["redirect_uris"].split("\n") if u]
+
+
+def usable_redirect_uris(row: Any) -> list[str]:
+    """The redirect URIs a request may name: those of `redirect_uris` in normal form (one
+    registered before the check that has no normal form is never redirected to)."""
+    return [n for u in row._mapping["redirect_uris"].split("\n") if (n := _normal_or_none(u))]
+
+
+def _normal_or_none(uri: str) -> str | None:
+    try:
+        return normal_redirect_uri(uri)
+    except ValueError:
+        return None
 
 
 class Client:
@@ -120,14 +136,16 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
         self, client_id: str, redirect_uri: str, request: Request, *args: Any, **kwargs: Any
     ) -> bool:
         row = self.app(client_id)
-        return row is not None and redirect_uri in redirect_uris(row)
+        return row is not None and redirect_uri in usable_redirect_uris(row)
 
     def get_default_redirect_uri(
         self, client_id: str, request: Request, *args: Any, **kwargs: Any
     ) -> str | None:
         row = self.app(client_id)
-        uris = redirect_uris(row) if row is not None else []
-        return uris[0] if len(uris) == 1 else None
+        if row is None or len(redirect_uris(row)) != 1:
+            return None
+        usable = usable_redirect_uris(row)
+        return usable[0] if usable else None
 
     def validate_response_type(
         self, client_id: str, response_type: str, client: Any, request: Request,
