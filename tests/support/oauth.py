@@ -25,8 +25,8 @@ def pkce_pair(verifier: str = "v" * 43) -> tuple[str, str]:
 
 def authorize_uri(client_id: str, **params: str | None) -> str:
     """The authorization request of `client_id` with `params` (None: leave one out)."""
-    query: dict[str, str | None] = {"client_id": client_id, "response_type": "code", "scope": "read write",
-             "redirect_uri": REDIRECT}
+    query: dict[str, str | None] = {"client_id": client_id, "response_type": "code",
+                                    "scope": "read write", "redirect_uri": REDIRECT}
     query.update(params)
     return "http://127.0.0.1/oauth/authorize?" + urlencode(
         {k: v for k, v in query.items() if v is not None}
