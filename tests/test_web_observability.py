@@ -6,14 +6,19 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.logwriter import TEXT_KEY, UNIQUE_KEY
 from tests.support.web import PASSWORD, Web
-from web.accesslog import RedactionRule, redacted_target
+from web.accesslog import RedactionRule, redacted_path, redacted_target
 from web.context import new_request_id
+from web.root import build_site
 
 
 class MetricsTests(TestCase):
@@ -156,6 +161,34 @@ class AccessLogTests(TestCase):
         ]:
             self.assertEqual(redacted_target(uri), shown, uri)
 
+    def test_an_absolute_form_target_hides_what_its_path_would(self) -> None:
+        """RFC 9112 §3.2.2: a request target may be a whole URI; the rule is matched from its
+        path, and a user name and password in its authority are hidden."""
+        for uri, shown in [
+            (b"http://h/drop/t0k", "http://h/drop/[redacted]"),
+            (b"http://h/drop/t0k/files/1", "http://h/drop/[redacted]/files/1"),
+            (b"HTTPS://h:8443//Drop//t0k?code=c&n=1", "HTTPS://h:8443//Drop//[redacted]"
+             "?code=[redacted]&n=1"),
+            (b"http://h/quarantine/release/0101.99.mac",
+             "http://h/quarantine/release/[redacted]"),
+            (b"http://u:pw@h/quarantine/release/t0k", "http://[redacted]@h/quarantine/release/"
+             "[redacted]"),
+            (b"http://h/oauth/cb?state=s&code=c", "http://h/oauth/cb?state=[redacted]&code="
+             "[redacted]"),
+            (b"http://h?access_token=t", "http://h?access_token=[redacted]"),
+            (b"http://h", "http://h"),
+            (b"http://h/a/drop/t0k", "http://h/a/drop/t0k"),
+            # asterisk-form and authority-form (CONNECT) have no path
+            (b"*", "*"),
+            (b"h:443", "h:443"),
+            (b"u:pw@h:443", "[redacted]@h:443"),
+            # a path without its leading slash is still a path
+            (b"drop/t0k", "drop/[redacted]"),
+        ]:
+            self.assertEqual(redacted_target(uri), shown, uri)
+        self.assertEqual(redacted_path(b"http://h/drop/t0k/files/2"),
+                         "http://h/drop/[redacted]/files/2")
+
     def test_one_rule_names_every_secret(self) -> None:
         """A new secret URL is one more entry: `*` segments are shown, `{secret}` hidden."""
         rule = RedactionRule(params=frozenset({"code"}),
@@ -164,6 +197,23 @@ class AccessLogTests(TestCase):
                          "/drop/42/[redacted]?code=[redacted]&n=1")
         self.assertEqual(rule.target(b"/d/s3cr3t"), "/d/[redacted]")
         self.assertEqual(rule.target(b"/drop/42"), "/drop/42")
+
+    def test_an_absolute_form_request_for_a_drop_link_is_logged_without_its_token(
+        self
+    ) -> None:
+        web = Web.build()
+        token = "T0k" * 14 + "x"
+        protocol = build_site(web.core).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(f"GET http://127.0.0.1/drop/{token}/files/1 HTTP/1.1\r\n"
+                              "Host: 127.0.0.1\r\n\r\n".encode())
+        self.assertIn(b"HTTP/1.1 ", transport.value())
+        [event] = self.events
+        self.assertEqual(event["target"], "http://127.0.0.1/drop/[redacted]/files/1")
+        self.assertNotIn(token, event[TEXT_KEY])
+        protocol.connectionLost(Failure(ConnectionDone()))
 
     async def test_credential_headers_are_never_logged(self) -> None:
         every: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ parameter or path here, and every log line that shows a request target goes thro
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,8 @@ from mailcore.logwriter import emit_text
 from web.context import RequestContext
 
 REDACTED = "[redacted]"
+# The scheme and "//" of an absolute-form request target (RFC 3986 §3.1).
+_ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 HIDDEN_SEGMENT = "{secret}"
 ANY_SEGMENT = "*"
 
@@ -48,8 +51,23 @@ class RedactionRule:
         return tuple(_pattern_segments(p) for p in self.paths)
 
     def path(self, path: bytes) -> str:
-        """The path for a log line, its secret segments hidden."""
-        raw = path.decode("utf-8", "backslashreplace").split("/")
+        """The path for a log line, its secret segments hidden. An absolute-form target
+        (`http://host/drop/…`, RFC 9112 §3.2.2) is matched from its path, after the scheme
+        and authority (shown, a user name and password in it hidden); an authority-form
+        (`host:port`) or asterisk-form (`*`) one has no path to hide."""
+        text = path.decode("utf-8", "backslashreplace")
+        scheme = _ABSOLUTE.match(text)
+        if scheme is not None:
+            rest = text[scheme.end():]
+            end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0),
+                      default=len(rest))
+            return scheme.group() + _authority(rest[:end]) + self._path(rest[end:])
+        if not text.startswith("/") and "/" not in text:
+            return _authority(text)
+        return self._path(text)
+
+    def _path(self, text: str) -> str:
+        raw = text.split("/")
         shown = list(raw)
         present = [i for i, segment in enumerate(raw) if segment]
         for pattern in self._patterns:
@@ -74,6 +92,12 @@ class RedactionRule:
             for k, v in pairs
         ]
         return shown + "?" + "&".join(parts)
+
+
+def _authority(text: str) -> str:
+    """An authority for a log line: its userinfo (`user:password@`), if any, hidden."""
+    _, at, host = text.rpartition("@")
+    return f"{REDACTED}@{host}" if at else text
 
 
 def _pattern_segments(pattern: str) -> tuple[str, ...]:
