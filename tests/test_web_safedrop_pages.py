@@ -302,12 +302,18 @@ class CodeLimitTests(TestCase):
         [self.ann] = await self.f.sent_bundle("subject=S&require_token_auth=1",
                                               recipients=("ann%40example.org",))
         self.browser = Browser(self.f)
-        _, _, page = await self.browser.get(self.ann)
-        self.csrf = csrf_field(page)
+        self.csrf: dict[str, str] = {}
 
     async def post(self, **fields: str) -> tuple[int, dict[str, list[str]], Any]:
-        return await self.browser._call("POST", self.ann, data={"csrf_token": self.csrf,
-                                                                **fields},
+        """Post the page's form for fields["action"], with the token the page now gives
+        that form (tokens are per form and expire), or the last one it gave when the page
+        shows no such form (a locked link)."""
+        action = fields["action"]
+        _, _, page = await self.browser.get(self.ann)
+        if f'name="action" value="{action}"'.encode() in page:
+            self.csrf[action] = csrf_field(page, action)
+        return await self.browser._call("POST", self.ann,
+                                        data={"csrf_token": self.csrf[action], **fields},
                                         allow_redirects=False)
 
     def codes(self) -> list[str]:
