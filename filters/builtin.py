@@ -14,7 +14,9 @@ What each check adds to the verdict:
   `Heuristics.Encrypted.Zip` (off by default).
 - An attachment (or zip entry) with a dangerous extension or MIME type, or whose bytes are
   a Windows/Linux executable → `Heuristics.Dangerous.Attachment`.
-- A MIME structure beyond the limits (parts, depth, header size) → `Heuristics.Limits.Exceeded`.
+- A MIME structure beyond the limits (parts, depth, header size), or one that readers may
+  take differently (a multipart whose boundary is missing, not in its body or longer than
+  70 characters; a MIME field twice in one part) → `Heuristics.Limits.Exceeded`.
 - Header problems (`filters.headers`) → symbols with points; the message is spam when the
   points reach the threshold.
 

@@ -7,6 +7,12 @@ on boundaries itself and stops at `MimeLimits`: too many parts, nesting too deep
 block too large. What it could not walk is reported in `ParsedMessage.problems` so that the
 caller can treat "exceeded a limit" as a finding in its own right.
 
+Structure that parsers may read differently is a problem too: a multipart without a usable
+boundary (missing, none of its lines in the body, longer than RFC 2046 allows) and a part with
+two Content-Type, Content-Transfer-Encoding or Content-Disposition fields. Such a part is
+still walked the way most readers take it (the boundary decoded from RFC 2231, the first of
+each field), but the caller is told.
+
 It is plain CPU work on bytes: call it through a CpuPool for large messages.
 """
 
@@ -20,7 +26,7 @@ from email.header import decode_header, make_header
 from email.message import Message
 
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
-_MAX_BOUNDARY = 200
+_MAX_BOUNDARY = 70  # RFC 2046 5.1.1; a longer one is walked all the same, and noted
 
 
 @dataclass(frozen=True)
@@ -165,9 +171,12 @@ def parse_fields(block: bytes) -> tuple[list[HeaderField], int]:
 _MIME_FIELDS = ("content-type", "content-disposition", "content-transfer-encoding")
 
 
-def _content_info(fields: list[HeaderField], default: str) -> tuple[Message | None, str, str]:
+def _content_info(
+    fields: list[HeaderField], default: str, result: ParsedMessage,
+) -> tuple[Message | None, str, str]:
     """A compat32 Message holding the MIME headers (None when there are none: a plain
-    message), the content type and the encoding."""
+    message), the content type and the encoding. A MIME field given twice is a problem
+    (readers differ on which one counts); the first is used."""
     mime = [f for f in fields if f.name.lower() in _MIME_FIELDS]
     if not mime:
         return None, default, ""
@@ -175,6 +184,8 @@ def _content_info(fields: list[HeaderField], default: str) -> tuple[Message | No
     for f in mime:
         if f.name.lower() not in holder:
             holder[f.name] = f.value
+        else:
+            _problem(result, f"more than one {f.name.title()} field in a MIME part")
     if "content-type" in holder:
         ctype = holder.get_content_type()
         if ctype == "text/plain" and "/" not in holder.get("content-type", ""):
@@ -193,14 +204,22 @@ def _walk_entity(
     if result.part_count > limits.max_parts:
         _problem(result, f"more than {limits.max_parts} MIME parts")
         return
-    holder, ctype, encoding = _content_info(fields, default)
+    holder, ctype, encoding = _content_info(fields, default, result)
     if holder is not None and ctype.startswith("multipart/"):
-        boundary = holder.get_param("boundary")
-        if isinstance(boundary, str) and 0 < len(boundary) <= _MAX_BOUNDARY:
+        # get_boundary undoes RFC 2231 (boundary*=, boundary*0*=), which get_param leaves
+        # as a tuple.
+        boundary = holder.get_boundary()
+        if not boundary:
+            _problem(result, f"{ctype} without a boundary")
+        else:
+            if len(boundary) > _MAX_BOUNDARY:
+                _problem(result, f"{ctype} boundary longer than {_MAX_BOUNDARY} characters")
             if _too_deep(depth, limits, result):
                 return
             child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+            walked = False
             for index, sub in enumerate(_split_multipart(body, boundary), start=1):
+                walked = True
                 if result.part_count >= limits.max_parts:
                     _problem(result, f"more than {limits.max_parts} MIME parts")
                     return
@@ -210,8 +229,10 @@ def _walk_entity(
                 sub_fields, sub_body = entity
                 _walk_entity(sub_fields, sub_body, depth + 1, _join(position, index),
                              limits, result, child_default)
-            return
-        # A multipart without a usable boundary is scanned as one opaque leaf.
+            if walked:
+                return
+            _problem(result, f"{ctype} with no body part after its boundary")
+        # A multipart that cannot be split is also scanned as one opaque leaf.
     decoded = decode_body(body, encoding)
     if ctype == "message/rfc822":
         if _too_deep(depth, limits, result):

@@ -358,6 +358,37 @@ class MimeLimitTests(TestCase):
         verdict = scan(data)
         self.assertIn(LIMITS_NAME, verdict.viruses)
 
+    def test_attachment_behind_an_rfc2231_boundary_is_found(self) -> None:
+        body = multipart_body([text_part(b"hi"), attachment("evil.exe", minimal_pe()),
+                               attachment("x.txt", EICAR)], "frontier")
+        data = message(body, headers=[
+            ("From", "a@example.com"),
+            ("Content-Type", "multipart/mixed; boundary*=us-ascii''frontier")])
+        verdict = scan(data)
+        self.assertIn(DANGEROUS_NAME, verdict.viruses)
+        self.assertIn(EICAR_NAME, verdict.viruses)
+        self.assertNotIn(LIMITS_NAME, verdict.viruses)
+        self.assertTrue(any("evil.exe" in r for r in verdict.reasons))
+
+    def test_ambiguous_structure_is_a_limits_finding(self) -> None:
+        pe = attachment("evil.exe", minimal_pe())
+        long_boundary = "f" * 201
+        for data in (
+            # the stdlib takes the first Content-Type, other readers the last
+            message(multipart_body([pe], "b"), headers=[
+                ("From", "a@example.com"), ("Content-Type", "text/plain"),
+                ("Content-Type", "multipart/mixed; boundary=b")]),
+            message(multipart_body([pe], long_boundary), headers=[
+                ("From", "a@example.com"),
+                ("Content-Type", f"multipart/mixed; boundary={long_boundary}")]),
+            message(b"opaque", headers=[("From", "a@example.com"),
+                                        ("Content-Type", "multipart/mixed")]),
+        ):
+            self.assertIn(LIMITS_NAME, scan(data).viruses)
+            spam = scan(data, BuiltinSettings(limits_action="spam"))
+            self.assertIn("MIME_LIMITS", spam.symbol_names)
+            self.assertTrue(spam.spam)
+
     def test_settings_reject_unknown_actions(self) -> None:
         self.assertRaises(ValueError, BuiltinSettings, dangerous_action="quarantine")
         self.assertRaises(ValueError, BuiltinSettings, threshold=0)

@@ -75,9 +75,55 @@ class ParseTests(TestCase):
         self.assertEqual([(p.content_type, p.body, p.position) for p in parsed.parts],
                          [("text/html", b"<p>hi</p>", "1.1")])
 
-    def test_multipart_without_boundary_is_one_leaf(self) -> None:
+    def test_multipart_without_boundary_is_one_leaf_and_a_problem(self) -> None:
         data = message(b"opaque", headers=[("Content-Type", "multipart/mixed")])
-        self.assertEqual([p.body for p in parse(data).parts], [b"opaque\r\n"])
+        parsed = parse(data)
+        self.assertEqual([p.body for p in parsed.parts], [b"opaque\r\n"])
+        self.assertEqual(parsed.problems, ["multipart/mixed without a boundary"])
+
+    def test_boundary_never_in_the_body_is_one_leaf_and_a_problem(self) -> None:
+        data = message(b"--other\r\n\r\nx\r\n--other--\r\n",
+                       headers=[("Content-Type", "multipart/mixed; boundary=b")])
+        parsed = parse(data)
+        self.assertEqual([p.content_type for p in parsed.parts], ["multipart/mixed"])
+        self.assertEqual(parsed.problems, ["multipart/mixed with no body part after its boundary"])
+
+    def test_rfc2231_boundaries_are_decoded(self) -> None:
+        body = multipart_body([text_part(b"hi"), attachment("a.bin", b"\x00\x01")], "frontier")
+        for param in ("boundary*=us-ascii''frontier", "boundary*=''frontier",
+                      "boundary*0*=us-ascii''fron; boundary*1*=tier",
+                      "boundary*0=fron; boundary*1=tier"):
+            parsed = parse(message(body, headers=[("Content-Type", f"multipart/mixed; {param}")]))
+            self.assertEqual([(p.filename, p.body) for p in parsed.parts],
+                             [("", b"hi"), ("a.bin", b"\x00\x01")], param)
+            self.assertEqual(parsed.problems, [], param)
+
+    def test_boundary_longer_than_rfc_2046_allows_is_walked_and_a_problem(self) -> None:
+        for length in (71, 201):
+            boundary = "f" * length
+            data = message(multipart_body([attachment("a.bin", b"\x00")], boundary),
+                           headers=[("Content-Type", f'multipart/mixed; boundary="{boundary}"')])
+            parsed = parse(data)
+            self.assertEqual([p.filename for p in parsed.parts], ["a.bin"])
+            self.assertEqual(parsed.problems,
+                             ["multipart/mixed boundary longer than 70 characters"])
+        data = message(multipart_body([attachment("a.bin", b"\x00")], "f" * 70),
+                       headers=[("Content-Type", f'multipart/mixed; boundary="{"f" * 70}"')])
+        self.assertEqual(parse(data).problems, [])
+
+    def test_a_mime_field_twice_in_one_part_is_a_problem(self) -> None:
+        for name, first, second in (
+            ("Content-Type", "text/plain", "multipart/mixed; boundary=b"),
+            ("Content-Transfer-Encoding", "7bit", "base64"),
+            ("Content-Disposition", "inline", 'attachment; filename="a.exe"'),
+        ):
+            part = ([(name, first), (name, second)], b"x")
+            parsed = parse(multipart([text_part(b"hi"), part]))
+            self.assertEqual(parsed.problems, [f"more than one {name} field in a MIME part"])
+        top = message(b"x", headers=[("From", "a@example.com"), ("Content-Type", "text/plain"),
+                                     ("content-type", "multipart/mixed; boundary=b")])
+        self.assertEqual(parse(top).problems,
+                         ["more than one Content-Type field in a MIME part"])
 
     def test_garbled_content_type_means_text_plain(self) -> None:
         data = message(b"x", headers=[("Content-Type", "garbage")])
