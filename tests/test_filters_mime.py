@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+import tracemalloc
 from email.utils import parsedate_tz
 
 from twisted.trial.unittest import TestCase
@@ -148,6 +149,60 @@ class ParseTests(TestCase):
         part = ([("X-Junk", "j" * 5000)], b"body")
         parsed = parse(multipart([part]), MimeLimits(max_header_bytes=1000))
         self.assertTrue(any("part header larger" in p for p in parsed.problems))
+
+    def test_nesting_copies_nothing(self) -> None:
+        # 19 multiparts, one inside the other, around a 1 MB leaf: each level used to slice
+        # (copy) nearly the whole body and keep it while its children were walked.
+        head = b"".join(
+            b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+            for i in range(19))
+        leaf = (b"x" * 998 + b"\r\n") * 1000
+        data = b"From: a@example.com\r\n" + head + b"\r\n" + leaf
+        tracemalloc.start()
+        try:
+            parsed = parse(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 2 * len(data))  # was about 20 times
+        self.assertEqual([len(p.body) for p in parsed.parts], [len(leaf)])
+        self.assertEqual(parsed.problems, [])
+        self.assertEqual(parsed.copied_bytes, len(leaf))
+
+    def test_decoding_stops_at_the_copy_budget(self) -> None:
+        # Each quoted-printable message/rfc822 level is decoded anew (plain text is its own
+        # quoted-printable encoding): 10 levels of 400 KB would materialise 4 MB.
+        inner = b"Subject: leaf\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400
+        for _ in range(10):
+            inner = (b"Content-Type: message/rfc822\r\n"
+                     b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + inner)
+        data = b"From: a@example.com\r\n" + inner
+        parsed = parse(data)
+        self.assertEqual(parsed.problems,
+                         ["more bytes decoded than the walk allows (3 times the message)"])
+        self.assertEqual(parsed.parts, [])
+        self.assertLess(parsed.copied_bytes, 3 * len(data) + len(data))
+        whole = parse(data, MimeLimits(max_copy_ratio=20))
+        self.assertEqual(whole.problems, [])
+        self.assertEqual([p.position for p in whole.parts], [".".join("1" * 10)])
+
+    def test_many_delimiter_lookalikes_then_real_parts(self) -> None:
+        # Past 1000 lines that start like a delimiter, the rest is scanned by one regex.
+        body = (b"--b\r\n\r\nfirst\r\n" + b"--bx\r\n" * 1500 + b"--b \r\n\r\nsecond\n"
+                b"--b\n\n--b--\r\nepilogue\r\n--b\r\n\r\nnot a part\r\n")
+        parsed = parse(message(body, headers=[("Content-Type", "multipart/mixed; boundary=b")]))
+        self.assertEqual([p.body for p in parsed.parts],
+                         [b"first\r\n" + b"--bx\r\n" * 1499 + b"--bx", b"second", b""])
+
+    def test_delimiters_at_the_edges(self) -> None:
+        for body, parts in (
+            (b"--b\n\n--b\n\n--b--", [b"", b""]),  # LF only, empty parts
+            (b"--b\r\n\r\nx\r\n--b--\r\n", [b"x"]),
+            (b"--b\r\n\r\nx\r\n--b  \t\r\n\r\ny\r\n--b--  ", [b"x", b"y"]),
+            (b"--b\r\n\r\nx\r\n--b--x\r\n--b", [b"x\r\n--b--x"]),
+        ):
+            data = message(body, headers=[("Content-Type", "multipart/mixed; boundary=b")])
+            self.assertEqual([p.body for p in parse(data).parts], parts, body)
 
     def test_decode_base64_tolerates_junk(self) -> None:
         self.assertEqual(decode_base64(b"aGVs\r\nbG8*"), b"hello")
