@@ -16,7 +16,8 @@ What each check adds to the verdict:
   a Windows/Linux executable → `Heuristics.Dangerous.Attachment`.
 - A MIME structure beyond the limits (parts, depth, header size), or one that readers may
   take differently (a multipart whose boundary is missing, not in its body or longer than
-  70 characters; a MIME field twice in one part) → `Heuristics.Limits.Exceeded`.
+  70 characters; a MIME field twice in one part; base64 broken by padding more than once in
+  256 characters) → `Heuristics.Limits.Exceeded`.
 - Header problems (`filters.headers`) → symbols with points; the message is spam when the
   points reach the threshold.
 

@@ -32,6 +32,14 @@ _DELIMITER_TAIL = re.compile(rb"(?m)" + _TAIL)
 _LOOKALIKES = 1000  # lines like a delimiter that are none, before the regex scan
 _DECODED = ("base64", "quoted-printable")
 _MIN_COPY_BUDGET = 1024 * 1024
+_BASE64_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_BASE64_CHAR = re.compile(b"[" + re.escape(_BASE64_LETTERS) + b"]")
+_NOT_BASE64 = bytes(sorted(set(range(256)) - set(_BASE64_LETTERS + b"=")))  # translate deletes
+_PAD_RUN = re.compile(b"=+")
+_PAD_FREE = 16  # padding breaks in a base64 body decoded chunk by chunk, whatever its size,
+_PAD_SPACING = 256  # and one more per this many characters
+_BROKEN_BASE64 = (f"base64 broken by padding more often than once in {_PAD_SPACING} "
+                  "characters")
 
 
 @dataclass(frozen=True)
@@ -325,7 +333,9 @@ class _Walker:
         None once the budget is spent (the walk stops)."""
         if self.stopped:
             return None
-        data = _decode_range(buf, start, end, encoding)
+        data, broken = _decode_range(buf, start, end, encoding)
+        if broken:
+            _problem(self.result, _BROKEN_BASE64)
         self.result.copied_bytes += len(data)
         if self.result.copied_bytes > self.budget:
             _problem(self.result, "more bytes decoded than the walk allows "
@@ -406,16 +416,17 @@ def _delimiters(buf: bytes, start: int, end: int, boundary: str) -> Iterator[tup
 
 def decode_body(body: bytes, encoding: str) -> bytes:
     """Undo the transfer encoding leniently, as mail clients do (base64, quoted-printable)."""
-    return _decode_range(body, 0, len(body), encoding)
+    return _decode_range(body, 0, len(body), encoding)[0]
 
 
-def _decode_range(buf: bytes, start: int, end: int, encoding: str) -> bytes:
-    """`decode_body` of buf[start:end]."""
+def _decode_range(buf: bytes, start: int, end: int, encoding: str) -> tuple[bytes, bool]:
+    """`decode_body` of buf[start:end], and whether it was base64 broken by padding more
+    often than `_decode_base64` follows."""
     if encoding == "base64":
-        return decode_base64(buf[start:end])
+        return _decode_base64(buf, start, end)
     if encoding == "quoted-printable":
-        return binascii.a2b_qp(memoryview(buf)[start:end])
-    return buf[start:end]
+        return binascii.a2b_qp(memoryview(buf)[start:end]), False
+    return buf[start:end], False
 
 
 def decode_base64(data: bytes) -> bytes:
@@ -424,20 +435,43 @@ def decode_base64(data: bytes) -> bytes:
     Padding in the middle (chunks encoded separately and glued together, or bytes hidden
     after a premature end) does not end the data: each chunk is decoded on its own.
     """
-    body = data.rstrip(b" \t\r\n=")
-    if b"=" in body:
-        return b"".join(decode_base64(chunk) for chunk in body.split(b"=") if chunk.strip())
-    try:
-        return binascii.a2b_base64(data)  # skips junk characters itself
-    except binascii.Error:
-        pass  # broken padding: clean up and repair below
-    cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
-    cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
-    cleaned += b"=" * (-len(cleaned) % 4)
-    try:
-        return binascii.a2b_base64(cleaned)
-    except binascii.Error:
-        return b""
+    return _decode_base64(data, 0, len(data))[0]
+
+
+def _decode_base64(buf: bytes, start: int, end: int) -> tuple[bytes, bool]:
+    """`decode_base64` of buf[start:end], and whether padding broke it in the middle more
+    often than once per `_PAD_SPACING` characters (past `_PAD_FREE` breaks): the rest is
+    then decoded as one chunk, its "=" ignored, so that the work stays linear and in C."""
+    first = buf.find(b"=", start, end)
+    if first < 0 or _BASE64_CHAR.search(buf, first, end) is None:
+        # No data after padding: binascii skips junk characters itself.
+        try:
+            return binascii.a2b_base64(memoryview(buf)[start:end]), False
+        except binascii.Error:
+            pass  # broken padding: cleaned and repaired below
+    cleaned = buf[start:end].translate(None, _NOT_BASE64).rstrip(b"=")
+    allowed = _PAD_FREE + len(cleaned) // _PAD_SPACING
+    chunks = []
+    pos = 0
+    for count, run in enumerate(_PAD_RUN.finditer(cleaned)):
+        if count == allowed:
+            chunks.append(_decode_chunk(cleaned[pos:].replace(b"=", b"")))
+            return b"".join(chunks), True
+        chunks.append(_decode_chunk(cleaned[pos:run.start()]))
+        pos = run.end()
+    chunks.append(_decode_chunk(cleaned[pos:]))
+    return b"".join(chunks), False
+
+
+def _decode_chunk(chunk: bytes) -> bytes:
+    """Base64 letters (no padding, no junk) decoded, the padding they lack supplied and a
+    lone trailing letter (six bits, no octet) dropped."""
+    extra = len(chunk) % 4
+    if extra == 1:
+        chunk = chunk[:-1]
+    elif extra:
+        chunk += b"=" * (4 - extra)
+    return binascii.a2b_base64(chunk)
 
 
 def _filename(holder: Message | None) -> str:
