@@ -136,23 +136,22 @@ def split_header(data: bytes, limit: int) -> tuple[bytes, bytes, bool]:
 
 def _header_end(data: bytes, start: int, end: int, limit: int) -> tuple[int, int, bool]:
     """`split_header` of data[start:end] as offsets: (header end, body start, complete)."""
-    if data.startswith(b"\r\n", start, end):
-        return start, start + 2, True
-    if data.startswith(b"\n", start, end):
-        return start, start + 1, True
+    if data.startswith((b"\r\n", b"\n"), start, end):
+        return start, start + (2 if data[start] == 13 else 1), True
     window = min(end, start + limit + 4)
-    crlf = data.find(b"\r\n\r\n", start, window)
-    if crlf >= 0:
+    pos = data.find(b"\r\n\r\n", start, window)
+    size = 4
+    if pos >= 0:
         # Another separator can only come first within the octets before this one.
-        window = crlf + 4
-    candidates = [
-        (pos, len(sep)) for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n")
-        if (pos := data.find(sep, start, window)) >= 0
-    ]
-    if candidates:
-        pos, size = min(candidates)
-        if pos - start <= limit:
-            return pos, pos + size, True
+        window = pos + 4
+    lf = data.find(b"\n\n", start, window)
+    if lf >= 0 and (pos < 0 or lf < pos):
+        pos, size = lf, 2
+    lf = data.find(b"\n\r\n", start, window)
+    if lf >= 0 and (pos < 0 or lf < pos):
+        pos, size = lf, 3
+    if pos >= 0 and pos - start <= limit:
+        return pos, pos + size, True
     if end - start <= limit:
         return end, end, True
     return start + limit, end, False
@@ -333,9 +332,12 @@ class _Walker:
         None once the budget is spent (the walk stops)."""
         if self.stopped:
             return None
-        data, broken = _decode_range(buf, start, end, encoding)
-        if broken:
-            _problem(self.result, _BROKEN_BASE64)
+        if encoding in _DECODED:
+            data, broken = _decode_range(buf, start, end, encoding)
+            if broken:
+                _problem(self.result, _BROKEN_BASE64)
+        else:
+            data = buf[start:end]
         self.result.copied_bytes += len(data)
         if self.result.copied_bytes > self.budget:
             _problem(self.result, "more bytes decoded than the walk allows "
