@@ -14,10 +14,14 @@ What each check adds to the verdict:
   `Heuristics.Encrypted.Zip` (off by default).
 - An attachment (or zip entry) with a dangerous extension or MIME type, or whose bytes are
   a Windows/Linux executable → `Heuristics.Dangerous.Attachment`.
-- A MIME structure beyond the limits (parts, depth, header size), or one that readers may
-  take differently (a multipart whose boundary is missing, not in its body or longer than
-  70 characters; a MIME field twice in one part; base64 broken by padding more than once in
-  256 characters) → `Heuristics.Limits.Exceeded`.
+- A MIME structure beyond the limits (parts, depth, header size, bytes decoded: something
+  went unread) → `Heuristics.Limits.Exceeded`.
+- A MIME structure that readers may take differently, though it was walked → points
+  (`filters.mime`): a Content-Type, Content-Transfer-Encoding or Content-Disposition twice
+  in one part `MIME_DUPLICATE_FIELD` (the threshold: the way to show a client an attachment
+  the filter took for text), a multipart with no boundary or none of its lines in the body
+  `MIME_NO_PARTS`, a boundary longer than 70 characters `MIME_LONG_BOUNDARY`, base64
+  broken by padding more than once in 256 characters `MIME_BROKEN_BASE64`.
 - Header problems (`filters.headers`) → symbols with points; the message is spam when the
   points reach the threshold.
 
@@ -69,8 +73,18 @@ _MAX_REASONS = 50
 DEFAULT_INLINE_MAX = 32 * 1024
 
 
+# Points for MIME structure readers may take differently (see the module docstring).
+DEFAULT_MIME_SCORES: dict[str, float] = {
+    "MIME_DUPLICATE_FIELD": 5.0,
+    "MIME_NO_PARTS": 2.0,
+    "MIME_LONG_BOUNDARY": 1.0,
+    "MIME_BROKEN_BASE64": 3.0,
+}
+
+
 def _default_scores() -> Mapping[str, float]:
-    return MappingProxyType({"GTUBE": GTUBE_SCORE, **DEFAULT_HEADER_SCORES})
+    return MappingProxyType({"GTUBE": GTUBE_SCORE, **DEFAULT_HEADER_SCORES,
+                             **DEFAULT_MIME_SCORES})
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,10 @@ def analyse(message: bytes, settings: BuiltinSettings, name: str = "builtin") ->
                 found.symbol(finding.symbol, finding.detail, points)
     for problem in parsed.problems:
         found.heuristic(settings.limits_action, LIMITS_NAME, "MIME_LIMITS", problem)
+    for symbol, detail in parsed.ambiguities:
+        points = settings.score(symbol)
+        if points:
+            found.symbol(symbol, detail, points)
     for part in parsed.parts:
         _check_part(part, settings, found)
     return found.verdict(name)

@@ -26,7 +26,7 @@ dangerous_action = "virus"     # "virus" (-> "Heuristics.Dangerous.Attachment"),
                                # (symbol DANGEROUS_ATTACHMENT worth the threshold) or "off"
 zip_bomb_action = "virus"      # -> "Heuristics.Zip.Bomb" / symbol ZIP_BOMB / "off"
 encrypted_zip_action = "off"   # -> "Heuristics.Encrypted.Zip" / symbol ZIP_ENCRYPTED
-limits_action = "virus"        # MIME beyond max_parts/max_depth/max_header_bytes ->
+limits_action = "virus"        # MIME beyond max_parts/max_depth/max_header_bytes/decoding ->
                                # "Heuristics.Limits.Exceeded" / symbol MIME_LIMITS
 dangerous_extensions = ["exe", "scr", "js", ...]  # replaces the default list: exe scr js
                      # jse vbs vbe bat cmd com pif jar msi msp hta lnk iso img vhd vhdx cpl
@@ -61,6 +61,10 @@ MALFORMED_MESSAGE_ID = 0.5
 MALFORMED_HEADER = 1.0      # header lines that are not fields
 HEADER_TOO_LONG = 1.5
 HEADERS_TOO_LARGE = 3.0
+MIME_DUPLICATE_FIELD = 5.0  # Content-Type, -Transfer-Encoding or -Disposition twice in a part
+MIME_NO_PARTS = 2.0         # a multipart without a boundary, or none of its lines in the body
+MIME_LONG_BOUNDARY = 1.0    # a boundary longer than RFC 2046's 70 characters
+MIME_BROKEN_BASE64 = 3.0    # base64 broken by padding more than once in 256 characters
 
 [filters.spamd]      # SpamAssassin's spamd
 address = "127.0.0.1:783"  # host:port, [v6]:port, or a unix socket path (/run/spamd.sock)

@@ -7,11 +7,14 @@ on boundaries itself and stops at `MimeLimits`: too many parts, nesting too deep
 block too large. What it could not walk is reported in `ParsedMessage.problems` so that the
 caller can treat "exceeded a limit" as a finding in its own right.
 
-Structure that parsers may read differently is a problem too: a multipart without a usable
-boundary (missing, none of its lines in the body, longer than RFC 2046 allows) and a part with
-two Content-Type, Content-Transfer-Encoding or Content-Disposition fields. Such a part is
-still walked the way most readers take it (the boundary decoded from RFC 2231, the first of
-each field), but the caller is told.
+Structure that parsers may read differently is reported apart, in
+`ParsedMessage.ambiguities`, each with the symbol the filter scores it under: a multipart
+without a usable boundary (missing, none of its lines in the body: MIME_NO_PARTS; longer
+than RFC 2046 allows: MIME_LONG_BOUNDARY), a part with two Content-Type,
+Content-Transfer-Encoding or Content-Disposition fields (MIME_DUPLICATE_FIELD) and base64
+broken by padding too often (MIME_BROKEN_BASE64). Such a part is still walked the way most
+readers take it (the boundary decoded from RFC 2231, the first of each field): unlike a
+limit, nothing went unread, so these are points towards spam rather than a verdict.
 
 It is plain CPU work on bytes: call it through a CpuPool for large messages.
 """
@@ -96,6 +99,7 @@ class ParsedMessage:
     malformed_header_lines: int = 0
     parts: list[Part] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    ambiguities: list[tuple[str, str]] = field(default_factory=list)  # (symbol, detail)
     part_count: int = 0
     copied_bytes: int = 0  # leaf bodies and decoded nested messages, in bytes
 
@@ -217,7 +221,8 @@ def _content_info(
         if f.name.lower() not in holder:
             holder[f.name] = f.value
         else:
-            _problem(result, f"more than one {f.name.title()} field in a MIME part")
+            _ambiguous(result, "MIME_DUPLICATE_FIELD",
+                       f"more than one {f.name.title()} field in a MIME part")
     if "content-type" in holder:
         ctype = holder.get_content_type()
         if ctype == "text/plain" and "/" not in holder.get("content-type", ""):
@@ -291,10 +296,11 @@ class _Walker:
         # as a tuple.
         boundary = holder.get_boundary()
         if not boundary:
-            _problem(result, f"{ctype} without a boundary")
+            _ambiguous(result, "MIME_NO_PARTS", f"{ctype} without a boundary")
             return False
         if len(boundary) > _MAX_BOUNDARY:
-            _problem(result, f"{ctype} boundary longer than {_MAX_BOUNDARY} characters")
+            _ambiguous(result, "MIME_LONG_BOUNDARY",
+                       f"{ctype} boundary longer than {_MAX_BOUNDARY} characters")
         if _too_deep(depth, limits, result):
             return True
         child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
@@ -314,7 +320,7 @@ class _Walker:
             self.entity(buf, sub_fields, body_start, sub_end, depth + 1,
                         _join(position, index), child_default)
         if not walked:
-            _problem(result, f"{ctype} with no body part after its boundary")
+            _ambiguous(result, "MIME_NO_PARTS", f"{ctype} with no body part after its boundary")
         return walked
 
     def split_entity(
@@ -338,7 +344,7 @@ class _Walker:
         if encoding in _DECODED:
             data, broken = _decode_range(buf, start, end, encoding)
             if broken:
-                _problem(self.result, _BROKEN_BASE64)
+                _ambiguous(self.result, "MIME_BROKEN_BASE64", _BROKEN_BASE64)
         else:
             data = buf[start:end]
         self.result.copied_bytes += len(data)
@@ -361,6 +367,11 @@ def _too_deep(depth: int, limits: MimeLimits, result: ParsedMessage) -> bool:
 def _problem(result: ParsedMessage, text: str) -> None:
     if text not in result.problems:
         result.problems.append(text)
+
+
+def _ambiguous(result: ParsedMessage, symbol: str, text: str) -> None:
+    if (symbol, text) not in result.ambiguities:
+        result.ambiguities.append((symbol, text))
 
 
 def _join(position: str, index: int) -> str:

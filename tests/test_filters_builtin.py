@@ -370,24 +370,37 @@ class MimeLimitTests(TestCase):
         self.assertNotIn(LIMITS_NAME, verdict.viruses)
         self.assertTrue(any("evil.exe" in r for r in verdict.reasons))
 
-    def test_ambiguous_structure_is_a_limits_finding(self) -> None:
+    def test_ambiguous_structure_scores_points_by_kind(self) -> None:
+        """Structure readers may take differently was walked (nothing went unread, unlike a
+        limit): points towards spam per kind, the threshold for a field given twice (the
+        way to show a client an attachment the filter took for text), tunable or off."""
         pe = attachment("evil.exe", minimal_pe())
         long_boundary = "f" * 201
-        for data in (
+        cases = (
             # the stdlib takes the first Content-Type, other readers the last
-            message(multipart_body([pe], "b"), headers=[
+            (message(multipart_body([pe], "b"), headers=[
                 ("From", "a@example.com"), ("Content-Type", "text/plain"),
-                ("Content-Type", "multipart/mixed; boundary=b")]),
-            message(multipart_body([pe], long_boundary), headers=[
+                ("Content-Type", "multipart/mixed; boundary=b")]), "MIME_DUPLICATE_FIELD", True),
+            (message(multipart_body([text_part(b"hi")], long_boundary), headers=[
                 ("From", "a@example.com"),
                 ("Content-Type", f"multipart/mixed; boundary={long_boundary}")]),
-            message(b"opaque", headers=[("From", "a@example.com"),
-                                        ("Content-Type", "multipart/mixed")]),
-        ):
-            self.assertIn(LIMITS_NAME, scan(data).viruses)
-            spam = scan(data, BuiltinSettings(limits_action="spam"))
-            self.assertIn("MIME_LIMITS", spam.symbol_names)
-            self.assertTrue(spam.spam)
+             "MIME_LONG_BOUNDARY", False),
+            (message(b"opaque", headers=[("From", "a@example.com"),
+                                         ("Content-Type", "multipart/mixed")]),
+             "MIME_NO_PARTS", False),
+        )
+        for data, symbol, spam in cases:
+            verdict = scan(data)
+            self.assertEqual(verdict.viruses, (), symbol)
+            self.assertIn(symbol, verdict.symbol_names)
+            self.assertEqual(verdict.spam, spam, symbol)
+            quiet = scan(data, BuiltinSettings(scores={symbol: 0.0}))
+            self.assertNotIn(symbol, quiet.symbol_names)
+        # walked all the same: the executable behind the long boundary is found
+        found = scan(message(multipart_body([pe], long_boundary), headers=[
+            ("From", "a@example.com"),
+            ("Content-Type", f"multipart/mixed; boundary={long_boundary}")]))
+        self.assertIn(DANGEROUS_NAME, found.viruses)
 
     def test_settings_reject_unknown_actions(self) -> None:
         self.assertRaises(ValueError, BuiltinSettings, dangerous_action="quarantine")

@@ -81,14 +81,17 @@ class ParseTests(TestCase):
         data = message(b"opaque", headers=[("Content-Type", "multipart/mixed")])
         parsed = parse(data)
         self.assertEqual([p.body for p in parsed.parts], [b"opaque\r\n"])
-        self.assertEqual(parsed.problems, ["multipart/mixed without a boundary"])
+        self.assertEqual(parsed.ambiguities,
+                         [("MIME_NO_PARTS", "multipart/mixed without a boundary")])
+        self.assertEqual(parsed.problems, [])  # nothing went unread: not a limit
 
     def test_boundary_never_in_the_body_is_one_leaf_and_a_problem(self) -> None:
         data = message(b"--other\r\n\r\nx\r\n--other--\r\n",
                        headers=[("Content-Type", "multipart/mixed; boundary=b")])
         parsed = parse(data)
         self.assertEqual([p.content_type for p in parsed.parts], ["multipart/mixed"])
-        self.assertEqual(parsed.problems, ["multipart/mixed with no body part after its boundary"])
+        self.assertEqual(parsed.ambiguities, [
+            ("MIME_NO_PARTS", "multipart/mixed with no body part after its boundary")])
 
     def test_rfc2231_boundaries_are_decoded(self) -> None:
         body = multipart_body([text_part(b"hi"), attachment("a.bin", b"\x00\x01")], "frontier")
@@ -98,7 +101,7 @@ class ParseTests(TestCase):
             parsed = parse(message(body, headers=[("Content-Type", f"multipart/mixed; {param}")]))
             self.assertEqual([(p.filename, p.body) for p in parsed.parts],
                              [("", b"hi"), ("a.bin", b"\x00\x01")], param)
-            self.assertEqual(parsed.problems, [], param)
+            self.assertEqual((parsed.problems, parsed.ambiguities), ([], []), param)
 
     def test_boundary_longer_than_rfc_2046_allows_is_walked_and_a_problem(self) -> None:
         for length in (71, 201):
@@ -107,11 +110,11 @@ class ParseTests(TestCase):
                            headers=[("Content-Type", f'multipart/mixed; boundary="{boundary}"')])
             parsed = parse(data)
             self.assertEqual([p.filename for p in parsed.parts], ["a.bin"])
-            self.assertEqual(parsed.problems,
-                             ["multipart/mixed boundary longer than 70 characters"])
+            self.assertEqual(parsed.ambiguities, [
+                ("MIME_LONG_BOUNDARY", "multipart/mixed boundary longer than 70 characters")])
         data = message(multipart_body([attachment("a.bin", b"\x00")], "f" * 70),
                        headers=[("Content-Type", f'multipart/mixed; boundary="{"f" * 70}"')])
-        self.assertEqual(parse(data).problems, [])
+        self.assertEqual(parse(data).ambiguities, [])
 
     def test_a_mime_field_twice_in_one_part_is_a_problem(self) -> None:
         for name, first, second in (
@@ -121,11 +124,12 @@ class ParseTests(TestCase):
         ):
             part = ([(name, first), (name, second)], b"x")
             parsed = parse(multipart([text_part(b"hi"), part]))
-            self.assertEqual(parsed.problems, [f"more than one {name} field in a MIME part"])
+            self.assertEqual(parsed.ambiguities, [
+                ("MIME_DUPLICATE_FIELD", f"more than one {name} field in a MIME part")])
         top = message(b"x", headers=[("From", "a@example.com"), ("Content-Type", "text/plain"),
                                      ("content-type", "multipart/mixed; boundary=b")])
-        self.assertEqual(parse(top).problems,
-                         ["more than one Content-Type field in a MIME part"])
+        self.assertEqual(parse(top).ambiguities, [
+            ("MIME_DUPLICATE_FIELD", "more than one Content-Type field in a MIME part")])
 
     def test_garbled_content_type_means_text_plain(self) -> None:
         data = message(b"x", headers=[("Content-Type", "garbage")])
@@ -249,8 +253,9 @@ class ParseTests(TestCase):
         part = ([("Content-Type", "application/octet-stream"),
                  ("Content-Transfer-Encoding", "base64")], b"QQ=" * 1000 + b"Q\r\n" + hidden)
         parsed = parse(multipart([text_part(b"hi"), part]))
-        self.assertEqual(parsed.problems, [
-            "base64 broken by padding more often than once in 256 characters"])
+        self.assertEqual(parsed.ambiguities, [(
+            "MIME_BROKEN_BASE64",
+            "base64 broken by padding more often than once in 256 characters")])
         self.assertEqual(len(parsed.parts), 2)
 
     def test_many_boundaries_parse_in_bounded_time(self) -> None:
