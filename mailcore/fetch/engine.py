@@ -737,18 +737,17 @@ class SyncEngine:
         folder_result = result.folders.setdefault("INBOX", FolderResult())
         try:
             state = await self.db.run("fetch_pop_folder", thd_folder, account.id, "INBOX")
-            listing = await session.uidls()
-            sizes = await session.sizes()
+            listing = await session.listing()
             held = await self.db.read("fetch_stored_uidls", thd_stored_uidls, state.id)
-            new = [(i, u) for i, u in listing if u not in held]
+            new = [(i, u, size) for i, u, size in listing if u not in held]
             if account.sync_limit_type == "last_n":
-                keep = {u for _, u in listing[-account.sync_limit_value:]}
-                new = [(i, u) for i, u in new if u in keep]
+                keep = {u for _, u, _ in listing[-account.sync_limit_value:]}
+                new = [(i, u, size) for i, u, size in new if u in keep]
             since = limit_since(account, self.now())
             todo = []
-            for index, uidl in new:
-                size = sizes[index] if index < len(sizes) else 0
-                if size > s.max_message_bytes:
+            for index, uidl, size in new:
+                # A size LIST left out is unknown: RETR stops at the limit anyway.
+                if size is not None and size > s.max_message_bytes:
                     folder_result.skipped.append(
                         f"message {uidl} is {size} bytes, over the limit; not fetched"
                     )

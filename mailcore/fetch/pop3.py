@@ -1,9 +1,9 @@
 """The POP3 client session the sync engine drives, on `twisted.mail.pop3client.POP3Client`.
 
-A backup client only reads: UIDL to know what is new, LIST for sizes, RETR for the bytes.
-It never sends DELE. Like the IMAP session it verifies TLS, discards plaintext that follows
-the server's reply to STLS, refuses to send a password in clear unless the account allows
-it, bounds what one message may cost, and turns every failure into one FetchError.
+A backup client only reads: STAT and UIDL to know what is new, LIST for sizes, RETR for the
+bytes. It never sends DELE. Like the IMAP session it verifies TLS, discards plaintext that
+follows the server's reply to STLS, refuses to send a password in clear unless the account
+allows it, bounds what one message may cost, and turns every failure into one FetchError.
 """
 
 from __future__ import annotations
@@ -35,9 +35,20 @@ from mailcore.fetch.imap import (
 from mailcore.netpolicy import AddressPolicy
 from mailcore.text import breaks_line
 
+# The most messages one mailbox may hold (STAT) for a sync: its UIDL and LIST replies are
+# held in memory whole.
+MAX_MESSAGES = 1_000_000
+
 
 class MessageTooLarge(ProtocolFailed):
     """A message was longer than the bound while being retrieved."""
+
+
+def _number(word: bytes) -> int | None:
+    """A decimal number of ASCII digits only (int() also takes "+1", "1_0" and spaces)."""
+    if not word or len(word) > 18 or not word.isdigit():
+        return None
+    return int(word)
 
 
 class POP3Session(pop3client.POP3Client):
@@ -148,18 +159,77 @@ class POP3Session(pop3client.POP3Client):
                 raise self.error from None
             raise AuthFailed(f"login refused by {self.host}: {e}") from None
 
-    async def uidls(self) -> list[tuple[int, str]]:
-        """(index, uidl) of every message, index counted from 0 as Twisted does."""
-        found: list[tuple[int, str]] = []
-        raw = await self._call(self.listUID(), "UIDL")
-        for index, uid in enumerate(raw):
-            if uid is not None:
-                found.append((index, uid.decode("ascii", "replace")
-                              if isinstance(uid, bytes) else str(uid)))
+    async def listing(self) -> list[tuple[int, str, int | None]]:
+        """(index, uidl, size) of every message by STAT, UIDL and LIST; index counted from 0
+        as Twisted does, size None when LIST leaves the message out (RETR is bounded anyway).
+
+        Twisted's listUID() and listSize() without a consumer pad a list up to the number
+        the server names (a 16-byte line "200000000 x" allocated gigabytes) and take what
+        int() takes; here each number is digits only, from 1 to STAT's count, listed once."""
+        count = await self.message_count()
+        uidls = await self._listed(b"UIDL", count)
+        sizes: dict[int, int] = {}
+        for number, rest in (await self._listed(b"LIST", count)).items():
+            words = rest.split()
+            size = _number(words[0]) if words else None
+            if size is None:
+                raise self._refuse(ProtocolFailed(
+                    f"malformed LIST line from {self.host}: {_show(b'%d %s' % (number, rest))}"
+                ))
+            sizes[number] = size
+        return [(number - 1, uid.decode("ascii", "replace"), sizes.get(number))
+                for number, uid in sorted(uidls.items())]
+
+    async def message_count(self) -> int:
+        """How many messages the mailbox holds (STAT), at most MAX_MESSAGES."""
+        reply = await self._call(self.sendShort(b"STAT", None), "STAT")
+        words = reply.split()
+        count = _number(words[0]) if words else None
+        if count is None:
+            raise self._refuse(ProtocolFailed(f"malformed STAT reply from {self.host}: "
+                                              f"{_show(reply)}"))
+        if count > MAX_MESSAGES:
+            raise self._refuse(ProtocolFailed(
+                f"{self.host} holds {count} messages, more than the {MAX_MESSAGES} "
+                "a sync takes"
+            ))
+        return count
+
+    async def _listed(self, command: bytes, count: int) -> dict[int, bytes]:
+        """A UIDL or LIST reply as {message number: the rest of its line}; a line that is
+        not "number SP value" with a number from 1 to `count`, listed once, fails the
+        session at once (nothing more of the reply is read)."""
+        name = command.decode("ascii")
+        found: dict[int, bytes] = {}
+
+        def consume(line: bytes) -> None:
+            if self._dead:
+                return
+            word, _, rest = line.partition(b" ")
+            number = _number(word)
+            if number is None or not rest.strip():
+                self._fail(ProtocolFailed(f"malformed {name} line from {self.host}: "
+                                          f"{_show(line)}"))
+            elif number > count or number == 0:
+                self._fail(ProtocolFailed(
+                    f"{name} from {self.host} names message {number}; STAT said the "
+                    f"mailbox holds {count}"
+                ))
+            elif number in found:
+                self._fail(ProtocolFailed(
+                    f"{name} from {self.host} lists message {number} twice"
+                ))
+            else:
+                found[number] = rest.strip(b" ")
+
+        await self._call(self.sendLong(command, None, consume, None), name)
         return found
 
-    async def sizes(self) -> list[int]:
-        return list(await self._call(self.listSize(), "LIST"))
+    def _refuse(self, err: FetchError) -> FetchError:
+        """Fail the session with `err` (the server cannot be trusted to go on); the error to
+        raise."""
+        self._fail(err)
+        return err
 
     async def retrieve_bytes(self, index: int) -> bytes:
         """The exact message (dot-unstuffed, CRLF line ends), bounded by max_message."""

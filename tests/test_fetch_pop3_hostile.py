@@ -1,0 +1,243 @@
+"""A hostile or broken POP3 server gives a clear error on that account, never a crash, a
+memory blow-up or a message silently lost.
+
+Stock `POP3Client.listUID()`/`listSize()` pad a list up to whatever message number the
+server names (a 16-byte UIDL line "200000000 big" allocated gigabytes on the reactor), take
+what int() takes ("1_0", "+1") and put number 0 at index -1, over another message. The first
+group drives the session over a StringTransport; the second runs the whole engine against a
+scripted server on a real loopback socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.errors import ProtocolFailed
+from mailcore.fetch.pop3 import POP3Session
+from tests.support.fetchenv import FetchEnv, make_env
+from tests.support.reactor import get_reactor
+
+
+def connected(**kw: Any) -> tuple[POP3Session, StringTransport]:
+    session = POP3Session(Clock(), host="fake", **kw)
+    transport = StringTransport()
+    session.makeConnection(transport)
+    session.dataReceived(b"+OK fake POP3\r\n")
+    transport.clear()
+    return session, transport
+
+
+def failure_of(d: defer.Deferred[Any]) -> BaseException:
+    box: list[Any] = []
+    d.addErrback(box.append)
+    assert box, "the Deferred did not fail"
+    return box[0].value
+
+
+def listing_of(uidl: list[bytes], sizes: list[bytes], count: int = 3) -> defer.Deferred[Any]:
+    """`POP3Session.listing()` fed STAT (`count`), the UIDL lines and the LIST lines."""
+    session, _transport = connected()
+    d = defer.Deferred.fromCoroutine(session.listing())
+    for reply in (b"+OK %d 300\r\n" % count,
+                  b"+OK\r\n" + b"".join(line + b"\r\n" for line in uidl) + b".\r\n",
+                  b"+OK\r\n" + b"".join(line + b"\r\n" for line in sizes) + b".\r\n"):
+        if session._dead:
+            break
+        session.dataReceived(reply)
+    if session._dead:
+        session.connectionLost(Failure(ConnectionDone()))
+    return d
+
+
+class ListingUnitTests(TestCase):
+    def test_listing_pairs_uidl_and_list_by_message_number(self) -> None:
+        d = listing_of([b"1 u1", b"3 u3", b"2 u2"], [b"1 10", b"2 20", b"3 30 extra"])
+        self.assertEqual(self.successResultOf(d), [(0, "u1", 10), (1, "u2", 20), (2, "u3", 30)])
+
+    def test_a_message_list_leaves_out_has_an_unknown_size(self) -> None:
+        d = listing_of([b"1 u1", b"2 u2", b"3 u3"], [b"1 10", b"3 30"])
+        self.assertEqual(self.successResultOf(d),
+                         [(0, "u1", 10), (1, "u2", None), (2, "u3", 30)])
+
+    def test_a_number_beyond_stat_fails_at_once_without_padding_a_list(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.listing())
+        self.assertEqual(transport.value(), b"STAT\r\n")
+        session.dataReceived(b"+OK 1 100\r\n")
+        self.assertEqual(transport.value(), b"STAT\r\nUIDL\r\n")
+        session.dataReceived(b"+OK\r\n1 u1\r\n200000000 big\r\n3 more\r\n.\r\n")
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        error = failure_of(d)
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertEqual(str(error), "UIDL from fake names message 200000000; STAT said the "
+                                     "mailbox holds 1")
+
+    def test_numbers_are_digits_from_one_listed_once(self) -> None:
+        for lines, message in [
+            ([b"0 evil"], "UIDL from fake names message 0; STAT said the mailbox holds 3"),
+            ([b"1_0 ten"], "malformed UIDL line from fake: 1_0 ten"),
+            ([b"+1 one"], "malformed UIDL line from fake: +1 one"),
+            ([b"-3 x"], "malformed UIDL line from fake: -3 x"),
+            ([b" 1 x"], "malformed UIDL line from fake:  1 x"),
+            ([b"garbage"], "malformed UIDL line from fake: garbage"),
+            ([b"1 a", b"1 b"], "UIDL from fake lists message 1 twice"),
+        ]:
+            error = failure_of(listing_of(lines, [b"1 10"]))
+            self.assertIsInstance(error, ProtocolFailed)
+            self.assertEqual(str(error), message)
+        error = failure_of(listing_of([b"1 u1"], [b"1 1e3"]))
+        self.assertEqual(str(error), "malformed LIST line from fake: 1 1e3")
+        error = failure_of(listing_of([b"1 u1"], [b"4 10"]))
+        self.assertEqual(str(error), "LIST from fake names message 4; STAT said the mailbox "
+                                     "holds 3")
+
+    def test_stat_is_digits_and_bounded(self) -> None:
+        for stat, message in [
+            (b"+OK 1_000 9", "malformed STAT reply from fake: 1_000 9"),
+            (b"+OK 99999999 9", "fake holds 99999999 messages, more than the 1000000 a sync "
+                                "takes"),
+        ]:
+            session, transport = connected()
+            d = defer.Deferred.fromCoroutine(session.listing())
+            session.dataReceived(stat + b"\r\n")
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(transport.value(), b"STAT\r\n")  # no UIDL asked
+            self.assertEqual(str(failure_of(d)), message)
+
+
+# -- a scripted server on a real socket -------------------------------------------------
+
+
+def message(i: int) -> bytes:
+    return (b"From: a@example.test\r\nTo: b@example.test\r\nSubject: m%d\r\n"
+            b"Message-ID: <m%d@example.test>\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+            b"\r\nbody %d\r\n" % (i, i, i))
+
+
+class FakePOP3(LineReceiver):
+    """Speaks just enough POP3; `factory.hooks` override replies per command."""
+
+    factory: FakePOP3Factory
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.sendLine(b"+OK fake POP3 ready")
+
+    def lineReceived(self, line: bytes) -> None:
+        f = self.factory
+        f.received.append(line)
+        name, _, arg = line.partition(b" ")
+        hook = f.hooks.get(name.upper().decode())
+        if hook is not None and hook(self, arg) is not None:
+            return
+        if name == b"CAPA":
+            self.transport.write(b"+OK\r\nUIDL\r\nUSER\r\n.\r\n")
+        elif name in (b"USER", b"PASS"):
+            self.sendLine(b"+OK")
+        elif name == b"STAT":
+            self.sendLine(b"+OK %d %d" % (len(f.messages), sum(map(len, f.messages))))
+        elif name in (b"UIDL", b"LIST"):
+            lines = f.uidl_lines() if name == b"UIDL" else f.list_lines()
+            self.transport.write(b"+OK\r\n" + b"".join(x + b"\r\n" for x in lines) + b".\r\n")
+        elif name == b"RETR":
+            f.retrieved.append(int(arg))
+            body = f.messages[int(arg) - 1]
+            stuffed = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n"
+                               for x in body.split(b"\r\n")[:-1])
+            self.transport.write(b"+OK\r\n" + stuffed + b".\r\n")
+        elif name == b"QUIT":
+            self.sendLine(b"+OK bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"-ERR unknown command")
+
+
+class FakePOP3Factory(protocol.ServerFactory):
+    protocol = FakePOP3  # type: ignore[assignment]
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+        self.uidls: list[bytes] | None = None  # "uid-N" unless set
+        self.uidl: list[bytes] | None = None  # the UIDL reply's lines, when set
+        self.list: list[bytes] | None = None  # the LIST reply's lines, when set
+        self.sizes: list[int] | None = None  # the real sizes unless set
+        self.hooks: dict[str, Any] = {}
+        self.received: list[bytes] = []
+        self.retrieved: list[int] = []
+        self.connections: list[FakePOP3] = []
+        self.port = 0  # set when it listens
+
+    def uidl_lines(self) -> list[bytes]:
+        if self.uidl is not None:
+            return self.uidl
+        uidls = self.uidls or [b"uid-%d" % (i + 1) for i in range(len(self.messages))]
+        return [b"%d %s" % (i + 1, u) for i, u in enumerate(uidls)]
+
+    def list_lines(self) -> list[bytes]:
+        if self.list is not None:
+            return self.list
+        sizes = self.sizes or [len(m) for m in self.messages]
+        return [b"%d %d" % (i + 1, s) for i, s in enumerate(sizes)]
+
+    def close_all(self) -> None:
+        for conn in self.connections:
+            if conn.transport is not None:
+                conn.transport.loseConnection()
+
+
+class HostileServerTests(TestCase):
+    timeout = 30
+
+    async def account(self, factory: FakePOP3Factory, **settings: Any) -> tuple[FetchEnv, Any]:
+        port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.close_all)
+        factory.port = port.getHost().port
+        env = await make_env(self, **settings)
+        account = await env.accounts.create(
+            env.user_id, protocol="pop", host="127.0.0.1", port=port.getHost().port,
+            username="alice", password="pw", allow_cleartext=True, start_tls=False,
+            email="alice@example.test",
+        )
+        return env, account
+
+    async def sync(self, factory: FakePOP3Factory, **settings: Any) -> tuple[Any, FetchEnv, Any]:
+        env, account = await self.account(factory, **settings)
+        return await env.engine.sync(account.id), env, account
+
+    async def test_a_number_beyond_the_mailbox_is_a_folder_error(self) -> None:
+        factory = FakePOP3Factory([message(1)])
+        factory.uidl = [b"1 u1", b"2000000 big"]
+        result, env, account = await self.sync(factory)
+        self.assertEqual(result.status, "error")
+        self.assertEqual(result.problems(), f"INBOX: UIDL from 127.0.0.1:{factory.port} names "
+                         "message 2000000; STAT said the mailbox holds 1")
+        self.assertEqual(factory.retrieved, [])
+        self.assertEqual(await env.count(account.id), 0)
+
+    async def test_message_number_zero_is_refused_not_put_over_another(self) -> None:
+        factory = FakePOP3Factory([message(1), message(2)])
+        factory.uidl = [b"1 u1", b"2 u2", b"0 evil"]
+        result, env, account = await self.sync(factory)
+        self.assertEqual(result.status, "error")
+        self.assertIn("names message 0", result.problems() or "")
+        self.assertEqual(await env.count(account.id), 0)
+
+    async def test_a_message_list_leaves_out_is_fetched(self) -> None:
+        factory = FakePOP3Factory([message(1), message(2), message(3)])
+        factory.list = [b"1 100", b"3 100"]
+        result, env, account = await self.sync(factory)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(factory.retrieved, [1, 2, 3])
+        self.assertEqual(await env.count(account.id), 3)
+
