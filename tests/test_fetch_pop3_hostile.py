@@ -100,6 +100,24 @@ class ListingUnitTests(TestCase):
         self.assertEqual(str(error), "LIST from fake names message 4; STAT said the mailbox "
                                      "holds 3")
 
+    def test_a_uidl_is_printable_ascii_of_1_to_70_given_once(self) -> None:
+        for lines, message in [
+            ([b"1 u1", b"2 same", b"3 same"], "fake gives UIDL same to messages 2 and 3"),
+            ([b"1 a\xe9", b"2 a\xe8"], "fake gives message 1 the UIDL a\\xe9, not 1 to 70 "
+                                        "characters from 0x21 to 0x7E (RFC 1939)"),
+            ([b"1 nul\x00id"], "fake gives message 1 the UIDL nul\\x00id, not 1 to 70 "
+                               "characters from 0x21 to 0x7E (RFC 1939)"),
+            ([b"2 a b"], "fake gives message 2 the UIDL a\\x20b, not 1 to 70 characters "
+                         "from 0x21 to 0x7E (RFC 1939)"),
+            ([b"1 " + b"L" * 71], "fake gives message 1 the UIDL " + "L" * 71 + ", not 1 to 70 "
+                                  "characters from 0x21 to 0x7E (RFC 1939)"),
+        ]:
+            error = failure_of(listing_of(lines, [b"1 10"]))
+            self.assertIsInstance(error, ProtocolFailed)
+            self.assertEqual(str(error), message)
+        d = listing_of([b"1 " + b"L" * 70, b"2 !~"], [])
+        self.assertEqual(self.successResultOf(d), [(0, "L" * 70, None), (1, "!~", None)])
+
     def test_stat_is_digits_and_bounded(self) -> None:
         for stat, message in [
             (b"+OK 1_000 9", "malformed STAT reply from fake: 1_000 9"),
@@ -232,6 +250,30 @@ class HostileServerTests(TestCase):
         self.assertEqual(result.status, "error")
         self.assertIn("names message 0", result.problems() or "")
         self.assertEqual(await env.count(account.id), 0)
+
+    async def test_two_messages_with_one_uidl_fail_the_folder_and_none_is_dropped(
+        self,
+    ) -> None:
+        factory = FakePOP3Factory([message(1), message(2), message(3)])
+        factory.uidls = [b"same", b"same", b"other"]
+        result, env, account = await self.sync(factory)
+        self.assertEqual(result.status, "error")
+        self.assertEqual(result.problems(),
+                         f"INBOX: 127.0.0.1:{factory.port} gives UIDL same to messages 1 and 2")
+        self.assertEqual(await env.count(account.id), 0)
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertIn("gives UIDL same to messages 1 and 2", stored.sync_error or "")
+
+    async def test_8bit_nul_and_long_uidls_are_refused_by_name(self) -> None:
+        for uidls, shown in [([b"a\xe9", b"a\xe8"], "a\\xe9"),  # were both "a\ufffd"
+                             ([b"ok-1", b"nul\x00id"], "nul\\x00id"),
+                             ([b"ok-1", b"L" * 300], "L" * 80 + "...")]:
+            factory = FakePOP3Factory([message(1), message(2)])
+            factory.uidls = uidls
+            result, env, account = await self.sync(factory)
+            self.assertEqual(result.status, "error")
+            self.assertIn(f"the UIDL {shown}, not 1 to 70 characters", result.problems() or "")
+            self.assertEqual(await env.count(account.id), 0)
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

@@ -44,6 +44,18 @@ class MessageTooLarge(ProtocolFailed):
     """A message was longer than the bound while being retrieved."""
 
 
+def _escaped(data: bytes, limit: int = 80) -> str:
+    """Server bytes for an error message, every octet outside 0x21-0x7E as \\xHH (two
+    UIDLs that differ in one 8-bit octet read differently)."""
+    text = "".join(chr(b) if 0x21 <= b <= 0x7E else f"\\x{b:02x}" for b in data[:limit])
+    return text + ("..." if len(data) > limit else "")
+
+
+def _valid_uidl(uid: bytes) -> bool:
+    """RFC 1939 §7: a unique-id is 1 to 70 characters from 0x21 to 0x7E."""
+    return 1 <= len(uid) <= 70 and all(0x21 <= b <= 0x7E for b in uid)
+
+
 def _number(word: bytes) -> int | None:
     """A decimal number of ASCII digits only (int() also takes "+1", "1_0" and spaces)."""
     if not word or len(word) > 18 or not word.isdigit():
@@ -165,9 +177,25 @@ class POP3Session(pop3client.POP3Client):
 
         Twisted's listUID() and listSize() without a consumer pad a list up to the number
         the server names (a 16-byte line "200000000 x" allocated gigabytes) and take what
-        int() takes; here each number is digits only, from 1 to STAT's count, listed once."""
+        int() takes; here each number is digits only, from 1 to STAT's count, listed once,
+        and each UIDL is one of RFC 1939, given to one message only."""
         count = await self.message_count()
         uidls = await self._listed(b"UIDL", count)
+        # Two messages with one UIDL would be stored as one, and a UIDL of other octets
+        # could not be kept as sent: either refuses the listing, so nothing is dropped.
+        owner: dict[bytes, int] = {}
+        for number, uid in sorted(uidls.items()):
+            if not _valid_uidl(uid):
+                raise self._refuse(ProtocolFailed(
+                    f"{self.host} gives message {number} the UIDL {_escaped(uid)}, not 1 to "
+                    "70 characters from 0x21 to 0x7E (RFC 1939)"
+                ))
+            if uid in owner:
+                raise self._refuse(ProtocolFailed(
+                    f"{self.host} gives UIDL {_escaped(uid)} to messages {owner[uid]} "
+                    f"and {number}"
+                ))
+            owner[uid] = number
         sizes: dict[int, int] = {}
         for number, rest in (await self._listed(b"LIST", count)).items():
             words = rest.split()
@@ -177,7 +205,7 @@ class POP3Session(pop3client.POP3Client):
                     f"malformed LIST line from {self.host}: {_show(b'%d %s' % (number, rest))}"
                 ))
             sizes[number] = size
-        return [(number - 1, uid.decode("ascii", "replace"), sizes.get(number))
+        return [(number - 1, uid.decode("ascii"), sizes.get(number))
                 for number, uid in sorted(uidls.items())]
 
     async def message_count(self) -> int:
