@@ -20,7 +20,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mailcore.fetch.errors import ProtocolFailed
+from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
 from mailcore.fetch.pop3 import POP3Session
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
@@ -274,6 +274,22 @@ class HostileServerTests(TestCase):
             self.assertEqual(result.status, "error")
             self.assertIn(f"the UIDL {shown}, not 1 to 70 characters", result.problems() or "")
             self.assertEqual(await env.count(account.id), 0)
+
+    async def test_a_fault_of_ours_shows_a_fixed_text_and_logs_the_traceback(self) -> None:
+        """On PostgreSQL a failed insert's text is the SQL with its parameters: a message's
+        headers and body, which the account's owner must not be shown as the sync error."""
+        factory = FakePOP3Factory([message(1)])
+        env, account = await self.account(factory)
+
+        async def broken(*args: Any, **kw: Any) -> Any:
+            raise RuntimeError("INSERT INTO messages ... parameters: Subject: m1, body 1")
+
+        env.store.store_batch = broken  # type: ignore[method-assign]
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.error), ("error", INTERNAL_ERROR))
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual((stored.sync_status, stored.sync_error), ("error", INTERNAL_ERROR))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

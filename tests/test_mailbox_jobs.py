@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.accounts import Accounts
-from mailcore.fetch.errors import AccountNotFound
+from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
 from mailcore.fetch.jobs import (
     CANCELLED,
     LEASE,
@@ -212,6 +212,18 @@ class JobRunnerMixin(DatabaseMixin):
         job = await self.job(a, job_id)
         self.assertEqual((job.status, job.reason),
                          ("failed", "the destination refused message 7: NO [OVERQUOTA]"))
+
+    async def test_a_fault_of_ours_fails_the_job_with_a_fixed_text(self) -> None:
+        """The exception's text (on PostgreSQL: SQL with its parameters, a message's
+        headers and body) goes to the log only, never to the job its user reads."""
+        recorder = Recorder()
+        recorder.outcome = RuntimeError("INSERT INTO messages ... parameters: secret body")
+        a, _b, _clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        await a.settle()
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.reason), ("failed", INTERNAL_ERROR))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     async def test_a_job_whose_account_was_deleted_fails_saying_so(self) -> None:
         """The user deleted the account while its job waited (the HTTP fuzz test found a

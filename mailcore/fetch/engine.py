@@ -34,7 +34,7 @@ from mailcore.fetch.accounts import (
     thd_release_sync,
     thd_renew_syncs,
 )
-from mailcore.fetch.errors import FetchError, ProtocolFailed
+from mailcore.fetch.errors import INTERNAL_ERROR, FetchError, ProtocolFailed
 from mailcore.fetch.imap import (
     FetchItem,
     IMAPClient,
@@ -390,9 +390,9 @@ class SyncEngine:
         except defer.CancelledError:
             result.error = "sync cancelled"
             cancelled = True
-        except Exception as e:
+        except Exception:
             log.failure("sync of account {account} failed", account=account.id)
-            result.error = f"internal error: {type(e).__name__}: {e}"
+            result.error = INTERNAL_ERROR
         self._shown.pop(account.id, None)
         result.finished_at = self.now()
         problems = result.problems()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# What an account or job shows for a failure of ours: the exception's own text may hold SQL
+# with its parameters (a message's headers and body), so it goes only to the log.
+INTERNAL_ERROR = "internal error; see the daemon's log"
+
 
 class FetchError(Exception):
     """A sync of an account (or of one folder) failed; `str(e)` says why in one line."""

@@ -36,7 +36,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailcore.fetch.errors import AccountNotFound
+from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
 from mailcore.messages.sql import new_id, utc
 from mailcore.store import Database
 from mailcore.store.leases import thd_claim_job, thd_release_job
@@ -515,10 +515,12 @@ class JobRunner(service.Service):
             # its reason, not a fault of ours.
             await self._end(job, "failed", "the account was deleted")
             return
-        except Exception as e:
-            if not isinstance(e, JobFailed):
-                log.failure("job {id} failed", id=job.id)
+        except JobFailed as e:
             await self._end(job, "failed", str(e) or type(e).__name__)
+            return
+        except Exception:
+            log.failure("job {id} failed", id=job.id)
+            await self._end(job, "failed", INTERNAL_ERROR)
             return
         await self._end(job, "done", None)
 
