@@ -369,7 +369,9 @@ class POP3SessionUnitTests(TestCase):
         session.makeConnection(transport)
         session.dataReceived(b"+OK fake POP3\r\n")
         d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
-        session.dataReceived(b"+OK\r\n" + b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n")
+        # Over the bound, and then over another bound of what is read to be dropped.
+        session.dataReceived(b"+OK\r\n" + b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n"
+                             + b"z" * 90 + b"\r\n")
         session.connectionLost(Failure(ConnectionDone()))
         error = failure_of(d)
         self.assertIsInstance(error, MessageTooLarge)

@@ -20,8 +20,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.engine import POP_REOPENS
 from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
-from mailcore.fetch.pop3 import POP3Session
+from mailcore.fetch.pop3 import MessageTooLarge, POP3Session
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 
@@ -130,6 +131,25 @@ class ListingUnitTests(TestCase):
             self.assertTrue(transport.disconnecting)
             self.assertEqual(transport.value(), b"STAT\r\n")  # no UIDL asked
             self.assertEqual(str(failure_of(d)), message)
+
+
+class RetrieveUnitTests(TestCase):
+    def test_a_message_over_the_bound_is_read_to_its_end_and_the_session_goes_on(
+        self,
+    ) -> None:
+        session, transport = connected(max_message=100)
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+        session.dataReceived(b"+OK\r\n" + b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n.\r\n")
+        error = failure_of(d)
+        self.assertIsInstance(error, MessageTooLarge)
+        self.assertEqual(str(error), "message 1 on fake is over the limit of 100 bytes")
+        self.assertFalse(transport.disconnecting)
+        self.assertIsNone(session.error)
+        transport.clear()
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(1))
+        self.assertEqual(transport.value(), b"RETR 2\r\n")
+        session.dataReceived(b"+OK\r\nSubject: x\r\n\r\n..dot\r\n.\r\n")
+        self.assertEqual(self.successResultOf(d), b"Subject: x\r\n\r\n.dot\r\n")
 
 
 # -- a scripted server on a real socket -------------------------------------------------
@@ -290,6 +310,48 @@ class HostileServerTests(TestCase):
         stored = await env.accounts.get(env.user_id, account.id)
         self.assertEqual((stored.sync_status, stored.sync_error), ("error", INTERNAL_ERROR))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_a_message_over_the_limit_whose_list_size_lied_is_skipped(self) -> None:
+        big = message(1) + b"x" * 3000 + b"\r\n"
+        factory = FakePOP3Factory([big, message(2), message(3)])
+        factory.sizes = [10, 10, 10]
+        env, account = await self.account(factory, max_message_bytes=2000)
+        skipped = ("INBOX: message uid-1 came back over the limit of 2000 bytes (LIST said "
+                   "10 bytes); not fetched")
+        for new in (2, 0):  # the next sync skips it again, and nothing else
+            result = await env.engine.sync(account.id)
+            self.assertEqual((result.status, result.new_messages, result.problems()),
+                             ("error", new, skipped))
+        self.assertEqual(await env.count(account.id), 2)
+        self.assertEqual(factory.retrieved, [1, 2, 3, 1])
+        self.assertEqual(len(factory.connections), 2)  # one session a sync
+
+    async def test_a_message_far_over_the_limit_ends_the_session_and_a_new_one_goes_on(
+        self,
+    ) -> None:
+        huge = message(2) + (b"x" * 998 + b"\r\n") * 10
+        factory = FakePOP3Factory([message(1), huge, message(3), huge])
+        factory.list = [b"1 10", b"3 10", b"4 9999"]
+        result, env, account = await self.sync(factory, max_message_bytes=2000)
+        self.assertEqual((result.status, result.new_messages), ("error", 2))
+        self.assertEqual(result.problems(), "INBOX: message uid-4 is 9999 bytes, over the "
+                         "limit; not fetched; message uid-2 came back over the limit of 2000 "
+                         "bytes (LIST said no size); not fetched")
+        self.assertEqual(await env.count(account.id), 2)
+        self.assertEqual(factory.retrieved, [1, 2, 3])
+        self.assertEqual(len(factory.connections), 2)
+
+    async def test_new_sessions_after_messages_far_over_the_limit_are_bounded(self) -> None:
+        huge = message(0) + (b"x" * 998 + b"\r\n") * 10
+        factory = FakePOP3Factory([huge] * (POP_REOPENS + 2))
+        factory.sizes = [10] * (POP_REOPENS + 2)
+        result, _env, _account = await self.sync(factory, max_message_bytes=2000)
+        self.assertEqual(result.status, "error")
+        self.assertTrue((result.problems() or "").endswith(
+            f"{POP_REOPENS + 1} messages ran far over the size limit, each ending the "
+            "session; the others are fetched next time"), result.problems())
+        self.assertEqual(len(factory.connections), POP_REOPENS + 1)
+        self.assertEqual(factory.retrieved, list(range(1, POP_REOPENS + 2)))
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

@@ -43,7 +43,7 @@ from mailcore.fetch.imap import (
     ServerSpec,
     open_session,
 )
-from mailcore.fetch.pop3 import POP3Session, open_pop3
+from mailcore.fetch.pop3 import MessageTooLarge, POP3Session, open_pop3
 from mailcore.fetch.secrets import SecretError
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.state import (
@@ -79,6 +79,9 @@ _PROCESS_PARSE_MIN = 50
 # A sync's progress is written at most this often (seconds), and once when a folder that
 # fetched anything is done.
 PROGRESS_INTERVAL = 1.0
+# How many new POP3 sessions one sync may open after messages that ran far over the size
+# limit ended the session.
+POP_REOPENS = 5
 
 # An account's sync lease (fetch_accounts.lease_owner/lease_until) lasts this long and is
 # renewed every third of it while the sync runs; a node that died mid-sync holds the account
@@ -728,52 +731,23 @@ class SyncEngine:
     # -- POP3 ----------------------------------------------------------------------------
 
     async def _sync_pop(self, account: Account, password: str, result: SyncResult) -> None:
-        s = self.settings
-        session: POP3Session = await open_pop3(
-            self.reactor, self._spec(account, password), self._creator(account),
-            max_message=s.max_message_bytes, connect_timeout=s.connect_timeout,
-            idle_timeout=s.idle_timeout, policy=s.address_policy(),
-        )
+        session = await self._open_pop(account, password)
         folder_result = result.folders.setdefault("INBOX", FolderResult())
         try:
             state = await self.db.run("fetch_pop_folder", thd_folder, account.id, "INBOX")
-            listing = await session.listing()
-            held = await self.db.read("fetch_stored_uidls", thd_stored_uidls, state.id)
-            new = [(i, u, size) for i, u, size in listing if u not in held]
-            if account.sync_limit_type == "last_n":
-                keep = {u for _, u, _ in listing[-account.sync_limit_value:]}
-                new = [(i, u, size) for i, u, size in new if u in keep]
-            since = limit_since(account, self.now())
-            todo = []
-            for index, uidl, size in new:
-                # A size LIST left out is unknown: RETR stops at the limit anyway.
-                if size is not None and size > s.max_message_bytes:
-                    folder_result.skipped.append(
-                        f"message {uidl} is {size} bytes, over the limit; not fetched"
+            passed: set[str] = set()  # UIDLs skipped as over the limit in this sync
+            reopened = 0
+            # A message that ran far over the limit (its LIST size lied) ends the session
+            # within it; the others are fetched in a new one, a few times a sync at most.
+            while not await self._sync_pop_pass(session, account, state, result,
+                                                folder_result, passed):
+                if reopened == POP_REOPENS:
+                    raise ProtocolFailed(
+                        f"{reopened + 1} messages ran far over the size limit, each "
+                        "ending the session; the others are fetched next time"
                     )
-                    continue
-                todo.append((index, uidl))
-            await self._progress(account, "INBOX", 0, len(todo))
-            where = Location(user_id=account.user_id, account_id=account.id,
-                             folder_id=state.id, folder="INBOX")
-            done = 0
-            for start in range(0, len(todo), s.batch_messages):
-                chunk = todo[start : start + s.batch_messages]
-                fetched = []
-                for index, uidl in chunk:
-                    raw = await session.retrieve_bytes(index)
-                    fetched.append(FetchedMessage(raw=raw, uidl=uidl))
-                if since is not None:
-                    fetched = await self._within(fetched, since)
-                stored = await self.store.store_batch(where, fetched, relaxed=True)
-                folder_result.new += len(stored.created)
-                result.new_messages += len(stored.created)
-                result.new_message_ids.extend(stored.created)
-                result.thread_ids.update(stored.thread_ids)
-                done += len(chunk)
-                await self._progress(account, "INBOX", done, len(todo))
-            if todo:
-                await self._progress(account, "INBOX", done, len(todo), now=True)
+                reopened += 1
+                session = await self._open_pop(account, password)
             if folder_result.skipped:
                 folder_result.error = "; ".join(folder_result.skipped)
             await self.db.run(
@@ -782,9 +756,80 @@ class SyncEngine:
                 error=folder_result.error,
             )
         except FetchError as e:
-            folder_result.error = str(e)
+            folder_result.error = "; ".join([*folder_result.skipped, str(e)])
         finally:
             await session.close_session()
+
+    async def _open_pop(self, account: Account, password: str) -> POP3Session:
+        s = self.settings
+        return await open_pop3(
+            self.reactor, self._spec(account, password), self._creator(account),
+            max_message=s.max_message_bytes, connect_timeout=s.connect_timeout,
+            idle_timeout=s.idle_timeout, policy=s.address_policy(),
+        )
+
+    async def _sync_pop_pass(
+        self, session: POP3Session, account: Account, state: FolderState, result: SyncResult,
+        folder_result: FolderResult, passed: set[str],
+    ) -> bool:
+        """Fetch the new messages of the mailbox but those in `passed`, adding the ones
+        skipped as over the limit; False when a message over the limit ended the session
+        (what was fetched before it is stored)."""
+        s = self.settings
+        listing = await session.listing()
+        held = await self.db.read("fetch_stored_uidls", thd_stored_uidls, state.id)
+        new = [(i, u, size) for i, u, size in listing if u not in held and u not in passed]
+        if account.sync_limit_type == "last_n":
+            keep = {u for _, u, _ in listing[-account.sync_limit_value:]}
+            new = [(i, u, size) for i, u, size in new if u in keep]
+        since = limit_since(account, self.now())
+        todo = []
+        for index, uidl, size in new:
+            # A size LIST left out is unknown: RETR stops at the limit anyway.
+            if size is not None and size > s.max_message_bytes:
+                folder_result.skipped.append(
+                    f"message {uidl} is {size} bytes, over the limit; not fetched"
+                )
+                passed.add(uidl)
+                continue
+            todo.append((index, uidl, size))
+        await self._progress(account, "INBOX", 0, len(todo))
+        where = Location(user_id=account.user_id, account_id=account.id,
+                         folder_id=state.id, folder="INBOX")
+        done = 0
+        alive = True
+        for start in range(0, len(todo), s.batch_messages):
+            chunk = todo[start : start + s.batch_messages]
+            fetched = []
+            for index, uidl, size in chunk:
+                try:
+                    raw = await session.retrieve_bytes(index)
+                except MessageTooLarge:
+                    listed = "no size" if size is None else f"{size} bytes"
+                    folder_result.skipped.append(
+                        f"message {uidl} came back over the limit of {s.max_message_bytes} "
+                        f"bytes (LIST said {listed}); not fetched"
+                    )
+                    passed.add(uidl)
+                    alive = session.error is None
+                    if alive:
+                        continue
+                    break
+                fetched.append(FetchedMessage(raw=raw, uidl=uidl))
+            if since is not None and fetched:
+                fetched = await self._within(fetched, since)
+            stored = await self.store.store_batch(where, fetched, relaxed=True)
+            folder_result.new += len(stored.created)
+            result.new_messages += len(stored.created)
+            result.new_message_ids.extend(stored.created)
+            result.thread_ids.update(stored.thread_ids)
+            if not alive:
+                return False
+            done += len(chunk)
+            await self._progress(account, "INBOX", done, len(todo))
+        if todo:
+            await self._progress(account, "INBOX", done, len(todo), now=True)
+        return True
 
     async def _within(self, fetched: list[FetchedMessage],
                       since: datetime.date) -> list[FetchedMessage]:

@@ -260,21 +260,31 @@ class POP3Session(pop3client.POP3Client):
         return err
 
     async def retrieve_bytes(self, index: int) -> bytes:
-        """The exact message (dot-unstuffed, CRLF line ends), bounded by max_message."""
+        """The exact message (dot-unstuffed, CRLF line ends), bounded by max_message.
+
+        Over the bound (its LIST size lied), MessageTooLarge: the rest of the message is
+        read and dropped while it stays within another max_message, so that the session
+        goes on with the next message; further than that the session is dropped (`error`
+        is set)."""
         lines: list[bytes] = []
         total = [0]
 
+        def too_large() -> MessageTooLarge:
+            return MessageTooLarge(f"message {index + 1} on {self.host} is over the limit of "
+                                   f"{self.max_message} bytes")
+
         def consume(line: bytes) -> None:
             total[0] += len(line) + 2
-            if total[0] > self.max_message and not self._dead:
-                self._fail(MessageTooLarge(
-                    f"message {index + 1} on {self.host} is over the limit of "
-                    f"{self.max_message} bytes"
-                ))
-                return
-            lines.append(line)
+            if total[0] <= self.max_message:
+                lines.append(line)
+            elif total[0] <= 2 * self.max_message:
+                lines.clear()
+            elif not self._dead:
+                self._fail(too_large())
 
         await self._call(self.retrieve(index, consumer=consume), "RETR")
+        if total[0] > self.max_message:
+            raise too_large()
         return b"".join(line + b"\r\n" for line in lines)
 
     async def close_session(self) -> None:
