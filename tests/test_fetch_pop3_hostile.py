@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.engine import POP_REOPENS
 from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
-from mailcore.fetch.pop3 import MessageTooLarge, POP3Session
+from mailcore.fetch.pop3 import QUIT_WAIT, MessageTooLarge, POP3Session
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 
@@ -150,6 +150,46 @@ class RetrieveUnitTests(TestCase):
         self.assertEqual(transport.value(), b"RETR 2\r\n")
         session.dataReceived(b"+OK\r\nSubject: x\r\n\r\n..dot\r\n.\r\n")
         self.assertEqual(self.successResultOf(d), b"Subject: x\r\n\r\n.dot\r\n")
+
+
+class EndingUnitTests(TestCase):
+    def test_a_cancelled_command_drops_the_connection_and_says_cancelled(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+        session.dataReceived(b"+OK\r\npartial\r\n")
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)  # not "RETR failed on fake: "
+        self.assertTrue(transport.disconnecting)
+        transport.clear()
+        self.successResultOf(defer.Deferred.fromCoroutine(session.close_session()))
+        self.assertEqual(transport.value(), b"")  # no QUIT
+
+    def test_quit_waits_a_few_seconds_for_its_reply(self) -> None:
+        clock = Clock()
+        session = POP3Session(clock, host="fake", idle_timeout=120.0)
+        transport = StringTransport()
+        session.makeConnection(transport)
+        session.dataReceived(b"+OK fake POP3\r\n")
+        d = defer.Deferred.fromCoroutine(session.close_session())
+        self.assertEqual(transport.value(), b"QUIT\r\n")
+        clock.advance(QUIT_WAIT - 0.1)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_an_answered_quit_leaves_no_timer(self) -> None:
+        clock = Clock()
+        session = POP3Session(clock, host="fake", idle_timeout=0)
+        transport = StringTransport()
+        session.makeConnection(transport)
+        session.dataReceived(b"+OK fake POP3\r\n")
+        d = defer.Deferred.fromCoroutine(session.close_session())
+        session.dataReceived(b"+OK bye\r\n")
+        self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 # -- a scripted server on a real socket -------------------------------------------------
@@ -352,6 +392,31 @@ class HostileServerTests(TestCase):
             "session; the others are fetched next time"), result.problems())
         self.assertEqual(len(factory.connections), POP_REOPENS + 1)
         self.assertEqual(factory.retrieved, list(range(1, POP_REOPENS + 2)))
+
+    async def test_stopping_the_engine_mid_retr_is_quick_and_shows_cancelled(self) -> None:
+        factory = FakePOP3Factory([message(1)])
+        started: defer.Deferred[None] = defer.Deferred()
+
+        def partial(conn: FakePOP3, arg: bytes) -> bool:
+            conn.transport.write(b"+OK\r\npartial\r\n")
+            started.callback(None)
+            return True
+
+        factory.hooks["RETR"] = partial
+        factory.hooks["QUIT"] = lambda conn, arg: True  # never answered
+        env, account = await self.account(factory, idle_timeout=20.0)
+        outcome: list[Any] = []
+        env.engine.sync(account.id).addBoth(outcome.append)
+        await started
+        reactor = get_reactor()
+        began = reactor.seconds()
+        await env.engine.stop()
+        self.assertLess(reactor.seconds() - began, 2.0)  # not the idle timeout
+        self.assertTrue(outcome[0].check(defer.CancelledError), outcome)
+        stored = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual((stored.sync_status, stored.sync_error),
+                         ("error", "sync cancelled"))
+        self.assertNotIn(b"QUIT", factory.received)
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

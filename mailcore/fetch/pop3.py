@@ -38,6 +38,8 @@ from mailcore.text import breaks_line
 # The most messages one mailbox may hold (STAT) for a sync: its UIDL and LIST replies are
 # held in memory whole.
 MAX_MESSAGES = 1_000_000
+# How long a session waits for the reply to QUIT (seconds): the sync is done by then.
+QUIT_WAIT = 5.0
 
 
 class MessageTooLarge(ProtocolFailed):
@@ -133,6 +135,11 @@ class POP3Session(pop3client.POP3Client):
         except ServerErrorResponse as e:
             raise ProtocolFailed(f"{what} refused by {self.host}: {_show(e.args[0])}") from None
         except FetchError:
+            raise
+        except defer.CancelledError:
+            # The sync was cancelled (the daemon stops, another node took the account):
+            # nothing more is said to the server, nor waited for.
+            self.abort()
             raise
         except Exception as e:
             raise self.error or ProtocolFailed(f"{what} failed on {self.host}: {e}") from None
@@ -288,11 +295,18 @@ class POP3Session(pop3client.POP3Client):
         return b"".join(line + b"\r\n" for line in lines)
 
     async def close_session(self) -> None:
+        """QUIT politely, waiting QUIT_WAIT seconds at most for the reply, then make sure
+        the connection is gone."""
         if not self._dead:
+            quitting = self.quit()
+            timer = self.callLater(QUIT_WAIT, quitting.cancel)
             try:
-                await self._call(self.quit(), "QUIT")
-            except FetchError:
+                await self._call(quitting, "QUIT")
+            except (FetchError, defer.CancelledError):
                 pass
+            finally:
+                if timer.active():
+                    timer.cancel()
         self.abort()
 
     def abort(self) -> None:
