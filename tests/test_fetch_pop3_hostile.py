@@ -10,6 +10,8 @@ scripted server on a real loopback socket.
 
 from __future__ import annotations
 
+import datetime
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -22,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.engine import POP_REOPENS
 from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
-from mailcore.fetch.pop3 import QUIT_WAIT, MessageTooLarge, POP3Session
+from mailcore.fetch.pop3 import MAX_HEADER, QUIT_WAIT, MessageTooLarge, POP3Session
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 
@@ -152,6 +154,19 @@ class RetrieveUnitTests(TestCase):
         self.assertEqual(self.successResultOf(d), b"Subject: x\r\n\r\n.dot\r\n")
 
 
+    def test_a_header_is_read_by_top_and_bounded(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.header(2))
+        self.assertEqual(transport.value(), b"TOP 3 0\r\n")
+        session.dataReceived(b"+OK\r\nDate: x\r\n\r\n.\r\n")
+        self.assertEqual(self.successResultOf(d), b"Date: x\r\n\r\n")
+        d = defer.Deferred.fromCoroutine(session.header(0))
+        session.dataReceived(b"+OK\r\n" + (b"X: " + b"y" * 1000 + b"\r\n") * 300 + b".\r\n")
+        self.assertEqual(str(failure_of(d)), "the header of message 1 on fake is over the limit "
+                         f"of {MAX_HEADER} bytes")
+        self.assertIsNone(session.error)
+
+
 class EndingUnitTests(TestCase):
     def test_a_cancelled_command_drops_the_connection_and_says_cancelled(self) -> None:
         session, transport = connected()
@@ -233,6 +248,12 @@ class FakePOP3(LineReceiver):
             stuffed = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n"
                                for x in body.split(b"\r\n")[:-1])
             self.transport.write(b"+OK\r\n" + stuffed + b".\r\n")
+        elif name == b"TOP":
+            number, _, count = arg.partition(b" ")
+            f.tops.append(int(number))
+            assert count == b"0"
+            head = f.messages[int(number) - 1].split(b"\r\n\r\n", 1)[0]
+            self.transport.write(b"+OK\r\n" + head + b"\r\n\r\n.\r\n")
         elif name == b"QUIT":
             self.sendLine(b"+OK bye")
             self.transport.loseConnection()
@@ -252,6 +273,7 @@ class FakePOP3Factory(protocol.ServerFactory):
         self.hooks: dict[str, Any] = {}
         self.received: list[bytes] = []
         self.retrieved: list[int] = []
+        self.tops: list[int] = []
         self.connections: list[FakePOP3] = []
         self.port = 0  # set when it listens
 
@@ -276,7 +298,8 @@ class FakePOP3Factory(protocol.ServerFactory):
 class HostileServerTests(TestCase):
     timeout = 30
 
-    async def account(self, factory: FakePOP3Factory, **settings: Any) -> tuple[FetchEnv, Any]:
+    async def account(self, factory: FakePOP3Factory, limit: tuple[str, int] = ("all", 0),
+                      **settings: Any) -> tuple[FetchEnv, Any]:
         port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.addCleanup(factory.close_all)
@@ -285,7 +308,7 @@ class HostileServerTests(TestCase):
         account = await env.accounts.create(
             env.user_id, protocol="pop", host="127.0.0.1", port=port.getHost().port,
             username="alice", password="pw", allow_cleartext=True, start_tls=False,
-            email="alice@example.test",
+            email="alice@example.test", sync_limit_type=limit[0], sync_limit_value=limit[1],
         )
         return env, account
 
@@ -417,6 +440,29 @@ class HostileServerTests(TestCase):
         self.assertEqual((stored.sync_status, stored.sync_error),
                          ("error", "sync cancelled"))
         self.assertNotIn(b"QUIT", factory.received)
+
+    async def test_a_date_limit_reads_headers_and_fetches_only_recent_mail_once(
+        self,
+    ) -> None:
+        recent = message(4).replace(b"Mon, 1 Jan 2024 10:00:00 +0000", format_datetime(
+            datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)).encode())
+        factory = FakePOP3Factory([message(1), message(2), message(3), recent])
+        env, account = await self.account(factory, limit=("days", 30))
+        for new in (1, 0):
+            result = await env.engine.sync(account.id)
+            self.assertEqual((result.status, result.new_messages), ("success", new),
+                             result.problems())
+        self.assertEqual(factory.retrieved, [4])  # the old ones never, the recent one once
+        self.assertEqual(factory.tops, [1, 2, 3, 4, 1, 2, 3])
+        self.assertEqual(await env.count(account.id), 1)
+
+    async def test_a_date_limit_without_top_fetches_to_read_the_date(self) -> None:
+        factory = FakePOP3Factory([message(1), message(2)])
+        factory.hooks["TOP"] = lambda conn, arg: conn.sendLine(b"-ERR no TOP") or True
+        env, account = await self.account(factory, limit=("days", 30))
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 0))
+        self.assertEqual(factory.retrieved, [1, 2])
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

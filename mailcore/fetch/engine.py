@@ -79,6 +79,8 @@ _PROCESS_PARSE_MIN = 50
 # A sync's progress is written at most this often (seconds), and once when a folder that
 # fetched anything is done.
 PROGRESS_INTERVAL = 1.0
+# Messages whose headers (POP3 TOP n 0) are read and parsed at once for a date limit.
+_TOP_CHUNK = 200
 # How many new POP3 sessions one sync may open after messages that ran far over the size
 # limit ended the session.
 POP_REOPENS = 5
@@ -793,6 +795,10 @@ class SyncEngine:
                 passed.add(uidl)
                 continue
             todo.append((index, uidl, size))
+        if since is not None and todo:
+            dated = await self._pop_dated(session, todo, since)
+            if dated is not None:  # else the server has no TOP: RETR, then the Date
+                todo, since = dated, None
         await self._progress(account, "INBOX", 0, len(todo))
         where = Location(user_id=account.user_id, account_id=account.id,
                          folder_id=state.id, folder="INBOX")
@@ -831,10 +837,40 @@ class SyncEngine:
             await self._progress(account, "INBOX", done, len(todo), now=True)
         return True
 
+    async def _pop_dated(
+        self, session: POP3Session, todo: list[tuple[int, str, int | None]],
+        since: datetime.date,
+    ) -> list[tuple[int, str, int | None]] | None:
+        """The messages of `todo` whose Date, read from the header alone (TOP n 0), is on or
+        after `since` or unknown; None when the server refuses TOP. Fetching every message
+        to read its Date fetched each one out of range again at every sync."""
+        kept = []
+        for start in range(0, len(todo), _TOP_CHUNK):
+            chunk = todo[start : start + _TOP_CHUNK]
+            headers = []
+            for index, _uidl, _size in chunk:
+                try:
+                    headers.append(await session.header(index))
+                except MessageTooLarge:
+                    if session.error is not None:
+                        raise
+                    headers.append(b"")  # no Date known: fetched
+                except ProtocolFailed:
+                    if session.error is not None:
+                        raise
+                    return None  # -ERR: TOP is optional (RFC 1939)
+            parsed = await self._parse(headers)
+            kept += [item for item, p in zip(chunk, parsed, strict=True) if _since(p, since)]
+        return kept
+
     async def _within(self, fetched: list[FetchedMessage],
                       since: datetime.date) -> list[FetchedMessage]:
         """POP3 has no SEARCH: keep messages whose Date is on or after `since`."""
         parsed = await self._parse([f.raw for f in fetched])
-        first = datetime.datetime(since.year, since.month, since.day, tzinfo=datetime.UTC)
-        return [f for f, p in zip(fetched, parsed, strict=True)
-                if p.date is None or p.date >= first]
+        return [f for f, p in zip(fetched, parsed, strict=True) if _since(p, since)]
+
+
+def _since(parsed: ParsedMessage, since: datetime.date) -> bool:
+    """Whether a message is dated on or after `since` (or not dated)."""
+    first = datetime.datetime(since.year, since.month, since.day, tzinfo=datetime.UTC)
+    return parsed.date is None or parsed.date >= first

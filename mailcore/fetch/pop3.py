@@ -1,9 +1,10 @@
 """The POP3 client session the sync engine drives, on `twisted.mail.pop3client.POP3Client`.
 
 A backup client only reads: STAT and UIDL to know what is new, LIST for sizes, RETR for the
-bytes. It never sends DELE. Like the IMAP session it verifies TLS, discards plaintext that
-follows the server's reply to STLS, refuses to send a password in clear unless the account
-allows it, bounds what one message may cost, and turns every failure into one FetchError.
+bytes, TOP for the header alone (where the account takes only recent mail). It never sends
+DELE. Like the IMAP session it verifies TLS, discards plaintext that follows the server's
+reply to STLS, refuses to send a password in clear unless the account allows it, bounds
+what one message may cost, and turns every failure into one FetchError.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from mailcore.text import breaks_line
 # The most messages one mailbox may hold (STAT) for a sync: its UIDL and LIST replies are
 # held in memory whole.
 MAX_MESSAGES = 1_000_000
+# The most a message's header (TOP n 0) may take, in bytes.
+MAX_HEADER = 256 * 1024
 # How long a session waits for the reply to QUIT (seconds): the sync is done by then.
 QUIT_WAIT = 5.0
 
@@ -273,24 +276,34 @@ class POP3Session(pop3client.POP3Client):
         read and dropped while it stays within another max_message, so that the session
         goes on with the next message; further than that the session is dropped (`error`
         is set)."""
+        return await self._read(index, None, self.max_message,
+                                f"message {index + 1} on {self.host}")
+
+    async def header(self, index: int) -> bytes:
+        """The message's header section and the empty line after it (TOP n 0), bounded by
+        MAX_HEADER as `retrieve_bytes` is by max_message."""
+        return await self._read(index, 0, min(MAX_HEADER, self.max_message),
+                                f"the header of message {index + 1} on {self.host}")
+
+    async def _read(self, index: int, top: int | None, limit: int, what: str) -> bytes:
         lines: list[bytes] = []
         total = [0]
 
         def too_large() -> MessageTooLarge:
-            return MessageTooLarge(f"message {index + 1} on {self.host} is over the limit of "
-                                   f"{self.max_message} bytes")
+            return MessageTooLarge(f"{what} is over the limit of {limit} bytes")
 
         def consume(line: bytes) -> None:
             total[0] += len(line) + 2
-            if total[0] <= self.max_message:
+            if total[0] <= limit:
                 lines.append(line)
-            elif total[0] <= 2 * self.max_message:
+            elif total[0] <= 2 * limit:
                 lines.clear()
             elif not self._dead:
                 self._fail(too_large())
 
-        await self._call(self.retrieve(index, consumer=consume), "RETR")
-        if total[0] > self.max_message:
+        command = "RETR" if top is None else "TOP"
+        await self._call(self.retrieve(index, consumer=consume, lines=top), command)
+        if total[0] > limit:
             raise too_large()
         return b"".join(line + b"\r\n" for line in lines)
 
