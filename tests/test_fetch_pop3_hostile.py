@@ -121,6 +121,21 @@ class ListingUnitTests(TestCase):
         d = listing_of([b"1 " + b"L" * 70, b"2 !~"], [])
         self.assertEqual(self.successResultOf(d), [(0, "L" * 70, None), (1, "!~", None)])
 
+    def test_a_server_without_stat_has_its_numbers_bounded_by_max_messages(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.listing())
+        session.dataReceived(b"-ERR no STAT here\r\n")
+        self.assertEqual(transport.value(), b"STAT\r\nUIDL\r\n")
+        session.dataReceived(b"+OK\r\n1 u1\r\n2 u2\r\n.\r\n+OK\r\n1 10\r\n.\r\n")
+        self.assertEqual(self.successResultOf(d), [(0, "u1", 10), (1, "u2", None)])
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.listing())
+        session.dataReceived(b"-ERR no STAT here\r\n+OK\r\n1000001 x\r\n.\r\n")
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(str(failure_of(d)), "UIDL from fake names message 1000001; a sync "
+                                             "takes at most 1000000")
+
     def test_stat_is_digits_and_bounded(self) -> None:
         for stat, message in [
             (b"+OK 1_000 9", "malformed STAT reply from fake: 1_000 9"),

@@ -190,7 +190,9 @@ class POP3Session(pop3client.POP3Client):
         int() takes; here each number is digits only, from 1 to STAT's count, listed once,
         and each UIDL is one of RFC 1939, given to one message only."""
         count = await self.message_count()
-        uidls = await self._listed(b"UIDL", count)
+        bound = (count, f"STAT said the mailbox holds {count}") if count is not None else (
+            MAX_MESSAGES, f"a sync takes at most {MAX_MESSAGES}")
+        uidls = await self._listed(b"UIDL", bound)
         # Two messages with one UIDL would be stored as one, and a UIDL of other octets
         # could not be kept as sent: either refuses the listing, so nothing is dropped.
         owner: dict[bytes, int] = {}
@@ -207,7 +209,7 @@ class POP3Session(pop3client.POP3Client):
                 ))
             owner[uid] = number
         sizes: dict[int, int] = {}
-        for number, rest in (await self._listed(b"LIST", count)).items():
+        for number, rest in (await self._listed(b"LIST", bound)).items():
             words = rest.split()
             size = _number(words[0]) if words else None
             if size is None:
@@ -218,9 +220,15 @@ class POP3Session(pop3client.POP3Client):
         return [(number - 1, uid.decode("ascii"), sizes.get(number))
                 for number, uid in sorted(uidls.items())]
 
-    async def message_count(self) -> int:
-        """How many messages the mailbox holds (STAT), at most MAX_MESSAGES."""
-        reply = await self._call(self.sendShort(b"STAT", None), "STAT")
+    async def message_count(self) -> int | None:
+        """How many messages the mailbox holds (STAT), at most MAX_MESSAGES; None if the
+        server refuses STAT (which RFC 1939 requires), so that MAX_MESSAGES bounds."""
+        try:
+            reply = await self._call(self.sendShort(b"STAT", None), "STAT")
+        except ProtocolFailed:
+            if self.error is not None:
+                raise
+            return None
         words = reply.split()
         count = _number(words[0]) if words else None
         if count is None:
@@ -233,10 +241,11 @@ class POP3Session(pop3client.POP3Client):
             ))
         return count
 
-    async def _listed(self, command: bytes, count: int) -> dict[int, bytes]:
+    async def _listed(self, command: bytes, bound: tuple[int, str]) -> dict[int, bytes]:
         """A UIDL or LIST reply as {message number: the rest of its line}; a line that is
-        not "number SP value" with a number from 1 to `count`, listed once, fails the
-        session at once (nothing more of the reply is read)."""
+        not "number SP value" with a number from 1 to `bound` (the highest, and where it
+        comes from), listed once, fails the session at once (nothing more is read)."""
+        count, said = bound
         name = command.decode("ascii")
         found: dict[int, bytes] = {}
 
@@ -250,8 +259,7 @@ class POP3Session(pop3client.POP3Client):
                                           f"{_show(line)}"))
             elif number > count or number == 0:
                 self._fail(ProtocolFailed(
-                    f"{name} from {self.host} names message {number}; STAT said the "
-                    f"mailbox holds {count}"
+                    f"{name} from {self.host} names message {number}; {said}"
                 ))
             elif number in found:
                 self._fail(ProtocolFailed(
