@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.engine import POP_REOPENS
 from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
-from mailcore.fetch.pop3 import MAX_HEADER, QUIT_WAIT, MessageTooLarge, POP3Session
+from mailcore.fetch.pop3 import MAX_HEADER, QUIT_WAIT, Listing, MessageTooLarge, POP3Session
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 
@@ -63,12 +63,17 @@ def listing_of(uidl: list[bytes], sizes: list[bytes], count: int = 3) -> defer.D
 class ListingUnitTests(TestCase):
     def test_listing_pairs_uidl_and_list_by_message_number(self) -> None:
         d = listing_of([b"1 u1", b"3 u3", b"2 u2"], [b"1 10", b"2 20", b"3 30 extra"])
-        self.assertEqual(self.successResultOf(d), [(0, "u1", 10), (1, "u2", 20), (2, "u3", 30)])
+        self.assertEqual(self.successResultOf(d),
+                         Listing([(0, "u1", 10), (1, "u2", 20), (2, "u3", 30)], []))
 
     def test_a_message_list_leaves_out_has_an_unknown_size(self) -> None:
         d = listing_of([b"1 u1", b"2 u2", b"3 u3"], [b"1 10", b"3 30"])
         self.assertEqual(self.successResultOf(d),
-                         [(0, "u1", 10), (1, "u2", None), (2, "u3", 30)])
+                         Listing([(0, "u1", 10), (1, "u2", None), (2, "u3", 30)], []))
+
+    def test_a_message_uidl_leaves_out_is_told(self) -> None:
+        d = listing_of([b"1 u1", b"3 u3"], [b"1 10", b"2 20", b"3 30"], count=4)
+        self.assertEqual(self.successResultOf(d), Listing([(0, "u1", 10), (2, "u3", 30)], [2, 4]))
 
     def test_a_number_beyond_stat_fails_at_once_without_padding_a_list(self) -> None:
         session, transport = connected()
@@ -119,7 +124,8 @@ class ListingUnitTests(TestCase):
             self.assertIsInstance(error, ProtocolFailed)
             self.assertEqual(str(error), message)
         d = listing_of([b"1 " + b"L" * 70, b"2 !~"], [])
-        self.assertEqual(self.successResultOf(d), [(0, "L" * 70, None), (1, "!~", None)])
+        self.assertEqual(self.successResultOf(d).messages,
+                         [(0, "L" * 70, None), (1, "!~", None)])
 
     def test_a_server_without_stat_has_its_numbers_bounded_by_max_messages(self) -> None:
         session, transport = connected()
@@ -127,7 +133,7 @@ class ListingUnitTests(TestCase):
         session.dataReceived(b"-ERR no STAT here\r\n")
         self.assertEqual(transport.value(), b"STAT\r\nUIDL\r\n")
         session.dataReceived(b"+OK\r\n1 u1\r\n2 u2\r\n.\r\n+OK\r\n1 10\r\n.\r\n")
-        self.assertEqual(self.successResultOf(d), [(0, "u1", 10), (1, "u2", None)])
+        self.assertEqual(self.successResultOf(d), Listing([(0, "u1", 10), (1, "u2", None)], []))
         session, transport = connected()
         d = defer.Deferred.fromCoroutine(session.listing())
         session.dataReceived(b"-ERR no STAT here\r\n+OK\r\n1000001 x\r\n.\r\n")
@@ -478,6 +484,14 @@ class HostileServerTests(TestCase):
         result = await env.engine.sync(account.id)
         self.assertEqual((result.status, result.new_messages), ("success", 0))
         self.assertEqual(factory.retrieved, [1, 2])
+
+    async def test_a_message_uidl_leaves_out_is_told_and_the_others_are_fetched(self) -> None:
+        factory = FakePOP3Factory([message(1), message(2), message(3)])
+        factory.uidl = [b"1 u1", b"3 u3"]
+        result, _env, _account = await self.sync(factory)
+        self.assertEqual((result.status, result.new_messages, result.problems()),
+                         ("error", 2, "INBOX: message 2 without a UIDL; not fetched"))
+        self.assertEqual(factory.retrieved, [1, 3])
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

@@ -778,7 +778,14 @@ class SyncEngine:
         skipped as over the limit; False when a message over the limit ended the session
         (what was fetched before it is stored)."""
         s = self.settings
-        listing = await session.listing()
+        found = await session.listing()
+        if found.unlisted:
+            first, more = found.unlisted[0], len(found.unlisted) - 1
+            note = f"message {first}" + (f" and {more} more" if more else "")
+            note += " without a UIDL; not fetched"
+            if note not in folder_result.skipped:
+                folder_result.skipped.append(note)
+        listing = found.messages
         held = await self.db.read("fetch_stored_uidls", thd_stored_uidls, state.id)
         new = [(i, u, size) for i, u, size in listing if u not in held and u not in passed]
         if account.sync_limit_type == "last_n":

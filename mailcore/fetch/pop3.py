@@ -9,6 +9,7 @@ what one message may cost, and turns every failure into one FetchError.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, error
@@ -66,6 +67,17 @@ def _number(word: bytes) -> int | None:
     if not word or len(word) > 18 or not word.isdigit():
         return None
     return int(word)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A mailbox as a session's STAT, UIDL and LIST describe it."""
+
+    # (index, uidl, size) of each message UIDL lists: index counted from 0 as Twisted does,
+    # size None when LIST leaves the message out (RETR is bounded anyway).
+    messages: list[tuple[int, str, int | None]]
+    # The numbers STAT counts that UIDL leaves out (no UIDL: they cannot be tracked).
+    unlisted: list[int]
 
 
 class POP3Session(pop3client.POP3Client):
@@ -181,9 +193,8 @@ class POP3Session(pop3client.POP3Client):
                 raise self.error from None
             raise AuthFailed(f"login refused by {self.host}: {e}") from None
 
-    async def listing(self) -> list[tuple[int, str, int | None]]:
-        """(index, uidl, size) of every message by STAT, UIDL and LIST; index counted from 0
-        as Twisted does, size None when LIST leaves the message out (RETR is bounded anyway).
+    async def listing(self) -> Listing:
+        """What STAT, UIDL and LIST say of the mailbox.
 
         Twisted's listUID() and listSize() without a consumer pad a list up to the number
         the server names (a 16-byte line "200000000 x" allocated gigabytes) and take what
@@ -217,8 +228,11 @@ class POP3Session(pop3client.POP3Client):
                     f"malformed LIST line from {self.host}: {_show(b'%d %s' % (number, rest))}"
                 ))
             sizes[number] = size
-        return [(number - 1, uid.decode("ascii"), sizes.get(number))
-                for number, uid in sorted(uidls.items())]
+        return Listing(
+            [(number - 1, uid.decode("ascii"), sizes.get(number))
+             for number, uid in sorted(uidls.items())],
+            [n for n in range(1, count + 1) if n not in uidls] if count is not None else [],
+        )
 
     async def message_count(self) -> int | None:
         """How many messages the mailbox holds (STAT), at most MAX_MESSAGES; None if the
