@@ -8,10 +8,13 @@ our test CA) all fail with a clear error — verification is never turned off.
 
 from __future__ import annotations
 
+import datetime
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.pop3 import POP3Session
 from tests.support.corpus import make_corpus
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.fetchenv import FetchEnv, expected, make_env
@@ -53,6 +56,30 @@ class POP3SyncTests(DovecotClassMixin, TestCase):
         )
         result = await env.engine.sync(account.id)
         self.assertEqual((result.status, result.new_messages), ("success", 10))
+
+    async def test_pop3_date_limit_fetches_only_recent_mail_and_only_once(self) -> None:
+        """The header (TOP n 0) tells each message's Date; the old ones are never fetched."""
+        server, user, env = await self.setup(20)  # dated October 2024
+        now = format_datetime(datetime.datetime.now(datetime.UTC))
+        server.add_messages(user, "INBOX", [
+            f"Subject: recent {i}\r\nMessage-ID: <recent-{i}@pop.test>\r\nDate: {now}\r\n"
+            f"\r\nbody {i}\r\n".encode() for i in range(2)
+        ])
+        account = await env.pop_account(server, user, sync_limit_type="days",
+                                        sync_limit_value=30)
+        fetched: list[int] = []
+        original = POP3Session.retrieve_bytes
+
+        async def counted(session: POP3Session, index: int) -> bytes:
+            fetched.append(index)
+            return await original(session, index)
+
+        self.patch(POP3Session, "retrieve_bytes", counted)
+        first = await env.engine.sync(account.id)
+        self.assertEqual((first.status, first.new_messages), ("success", 2), first.problems())
+        second = await env.engine.sync(account.id)
+        self.assertEqual((second.status, second.new_messages), ("success", 0))
+        self.assertEqual(fetched, [20, 21])
 
     async def test_pop3_interrupted_then_rerun_gives_exact_set(self) -> None:
         server, user, env = await self.setup()
