@@ -3,9 +3,12 @@ memory blow-up or a message silently lost.
 
 Stock `POP3Client.listUID()`/`listSize()` pad a list up to whatever message number the
 server names (a 16-byte UIDL line "200000000 big" allocated gigabytes on the reactor), take
-what int() takes ("1_0", "+1") and put number 0 at index -1, over another message. The first
-group drives the session over a StringTransport; the second runs the whole engine against a
-scripted server on a real loopback socket.
+what int() takes ("1_0", "+1") and put number 0 at index -1, over another message. Besides:
+a UIDL given to two messages, or not one of RFC 1939, is refused by name; a message that
+comes back over the size limit is skipped and the others are fetched; a cancelled sync drops
+the connection, and QUIT waits a few seconds at most; a date limit reads headers (TOP), not
+whole messages. The unit groups drive the session over a StringTransport and a Clock;
+HostileServerTests runs the whole engine against a scripted server on a real loopback socket.
 """
 
 from __future__ import annotations
