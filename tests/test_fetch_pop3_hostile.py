@@ -130,6 +130,16 @@ class ListingUnitTests(TestCase):
         self.assertEqual(self.successResultOf(d).messages,
                          [(0, "L" * 70, None), (1, "!~", None)])
 
+    def test_a_bad_uidl_fails_as_it_comes_not_once_the_reply_ends(self) -> None:
+        """What is held while the reply comes is bounded too: a hostile server could send a
+        million lines of a MiB each."""
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.listing())
+        session.dataReceived(b"+OK 2 300\r\n+OK\r\n1 " + b"L" * 100_000 + b"\r\n2 u2\r\n")
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertIn("gives message 1 the UIDL LLLL", str(failure_of(d)))
+
     def test_a_server_without_stat_has_its_numbers_bounded_by_max_messages(self) -> None:
         session, transport = connected()
         d = defer.Deferred.fromCoroutine(session.listing())

@@ -9,8 +9,9 @@ what one message may cost, and turns every failure into one FetchError.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
@@ -36,6 +37,8 @@ from mailcore.fetch.imap import (
 )
 from mailcore.netpolicy import AddressPolicy
 from mailcore.text import breaks_line
+
+_T = TypeVar("_T")
 
 # The most messages one mailbox may hold (STAT) for a sync: its UIDL and LIST replies are
 # held in memory whole.
@@ -199,35 +202,40 @@ class POP3Session(pop3client.POP3Client):
         Twisted's listUID() and listSize() without a consumer pad a list up to the number
         the server names (a 16-byte line "200000000 x" allocated gigabytes) and take what
         int() takes; here each number is digits only, from 1 to STAT's count, listed once,
-        and each UIDL is one of RFC 1939, given to one message only."""
+        and each UIDL is one of RFC 1939, given to one message only; each line is checked
+        as it comes, so that what is held is bounded too."""
         count = await self.message_count()
         bound = (count, f"STAT said the mailbox holds {count}") if count is not None else (
             MAX_MESSAGES, f"a sync takes at most {MAX_MESSAGES}")
-        uidls = await self._listed(b"UIDL", bound)
         # Two messages with one UIDL would be stored as one, and a UIDL of other octets
         # could not be kept as sent: either refuses the listing, so nothing is dropped.
         owner: dict[bytes, int] = {}
-        for number, uid in sorted(uidls.items()):
+
+        def uidl(number: int, uid: bytes) -> bytes:
             if not _valid_uidl(uid):
-                raise self._refuse(ProtocolFailed(
+                raise ProtocolFailed(
                     f"{self.host} gives message {number} the UIDL {_escaped(uid)}, not 1 to "
                     "70 characters from 0x21 to 0x7E (RFC 1939)"
-                ))
-            if uid in owner:
-                raise self._refuse(ProtocolFailed(
-                    f"{self.host} gives UIDL {_escaped(uid)} to messages {owner[uid]} "
-                    f"and {number}"
-                ))
-            owner[uid] = number
-        sizes: dict[int, int] = {}
-        for number, rest in (await self._listed(b"LIST", bound)).items():
-            words = rest.split()
-            size = _number(words[0]) if words else None
-            if size is None:
-                raise self._refuse(ProtocolFailed(
+                )
+            other = owner.setdefault(uid, number)
+            if other != number:
+                raise ProtocolFailed(
+                    f"{self.host} gives UIDL {_escaped(uid)} to messages "
+                    f"{min(other, number)} and {max(other, number)}"
+                )
+            return uid
+
+        def size(number: int, rest: bytes) -> int:
+            # RFC 1939 §5: anything may follow the size.
+            found = _number(rest.split(None, 1)[0])
+            if found is None:
+                raise ProtocolFailed(
                     f"malformed LIST line from {self.host}: {_show(b'%d %s' % (number, rest))}"
-                ))
-            sizes[number] = size
+                )
+            return found
+
+        uidls = await self._listed(b"UIDL", bound, uidl)
+        sizes = await self._listed(b"LIST", bound, size)
         return Listing(
             [(number - 1, uid.decode("ascii"), sizes.get(number))
              for number, uid in sorted(uidls.items())],
@@ -255,20 +263,23 @@ class POP3Session(pop3client.POP3Client):
             ))
         return count
 
-    async def _listed(self, command: bytes, bound: tuple[int, str]) -> dict[int, bytes]:
-        """A UIDL or LIST reply as {message number: the rest of its line}; a line that is
-        not "number SP value" with a number from 1 to `bound` (the highest, and where it
-        comes from), listed once, fails the session at once (nothing more is read)."""
-        count, said = bound
+    async def _listed(self, command: bytes, bound: tuple[int, str],
+                      value: Callable[[int, bytes], _T]) -> dict[int, _T]:
+        """A UIDL or LIST reply as {message number: `value` of the rest of its line}. A line
+        that is not "number SP value" with a number from 1 to `bound` (the highest, and
+        where it comes from), listed once, or whose value raises ProtocolFailed, fails the
+        session at once (nothing more is read)."""
         name = command.decode("ascii")
-        found: dict[int, bytes] = {}
+        count, said = bound
+        found: dict[int, _T] = {}
 
         def consume(line: bytes) -> None:
             if self._dead:
                 return
             word, _, rest = line.partition(b" ")
             number = _number(word)
-            if number is None or not rest.strip():
+            rest = rest.strip(b" ")
+            if number is None or not rest:
                 self._fail(ProtocolFailed(f"malformed {name} line from {self.host}: "
                                           f"{_show(line)}"))
             elif number > count or number == 0:
@@ -280,7 +291,10 @@ class POP3Session(pop3client.POP3Client):
                     f"{name} from {self.host} lists message {number} twice"
                 ))
             else:
-                found[number] = rest.strip(b" ")
+                try:
+                    found[number] = value(number, rest)
+                except ProtocolFailed as e:
+                    self._fail(e)
 
         await self._call(self.sendLong(command, None, consume, None), name)
         return found
