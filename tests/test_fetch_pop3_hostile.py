@@ -30,6 +30,7 @@ from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
 from mailcore.fetch.pop3 import MAX_HEADER, QUIT_WAIT, Listing, MessageTooLarge, POP3Session
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
+from tests.support.servers import sleep
 
 
 def connected(**kw: Any) -> tuple[POP3Session, StringTransport]:
@@ -505,6 +506,28 @@ class HostileServerTests(TestCase):
         self.assertEqual((result.status, result.new_messages, result.problems()),
                          ("error", 2, "INBOX: message 2 without a UIDL; not fetched"))
         self.assertEqual(factory.retrieved, [1, 3])
+
+    async def test_stopping_the_engine_while_a_batch_is_stored_sends_no_quit(self) -> None:
+        factory = FakePOP3Factory([message(1)])
+        factory.hooks["QUIT"] = lambda conn, arg: True  # never answered
+        env, account = await self.account(factory)
+        storing: defer.Deferred[None] = defer.Deferred()
+
+        async def never(*args: Any, **kw: Any) -> Any:
+            storing.callback(None)
+            await defer.Deferred()
+
+        env.store.store_batch = never  # type: ignore[method-assign]
+        outcome: list[Any] = []
+        env.engine.sync(account.id).addBoth(outcome.append)
+        await storing
+        await sleep(0)  # the sync goes on to wait for the store
+        reactor = get_reactor()
+        began = reactor.seconds()
+        await env.engine.stop()
+        self.assertLess(reactor.seconds() - began, 2.0)  # not QUIT_WAIT
+        self.assertTrue(outcome[0].check(defer.CancelledError), outcome)
+        self.assertNotIn(b"QUIT", factory.received)
 
     async def test_a_message_list_leaves_out_is_fetched(self) -> None:
         factory = FakePOP3Factory([message(1), message(2), message(3)])

@@ -759,6 +759,9 @@ class SyncEngine:
             )
         except FetchError as e:
             folder_result.error = "; ".join([*folder_result.skipped, str(e)])
+        except defer.CancelledError:
+            session.abort()  # stopping: no QUIT to wait for
+            raise
         finally:
             await session.close_session()
 
