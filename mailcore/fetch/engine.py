@@ -483,7 +483,10 @@ class SyncEngine:
                 session = await self._sync_guarded(session, account, password, state, info,
                                                    result, progress)
 
-            remote = await session.list_folders()
+            listing = await session.list_all()
+            remote = listing.folders
+            for shown, why in listing.refused:
+                result.folders[shown] = FolderResult(error=why)
             chosen, missing = choose_folders(account, remote)
             states = await self.db.run(
                 "upsert_fetch_folders", thd_upsert_folders, account.id,

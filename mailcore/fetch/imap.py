@@ -45,10 +45,13 @@ from mailcore.fetch.errors import (
     TLSFailed,
 )
 from mailcore.netpolicy import AddressPolicy, AddressRefused, GuardedEndpoint
-from mailcore.text import breaks_line
+from mailcore.text import breaks_line, has_cc, not_text
 
 DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024
+# What the store takes of a folder (fetch_folders.name and .delimiter, messages.folder).
+MAX_FOLDER_NAME = 1024
+MAX_DELIMITER = 4
 
 
 def _show(data: bytes, limit: int = 120) -> str:
@@ -89,6 +92,30 @@ class RemoteFolder:
             if flag.upper() in self.flags:
                 return flag
         return None
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """A LIST reply: the folders we can sync, and those we refuse (their name as the server
+    gave it, made printable, and why), which the rest of the account syncs without."""
+
+    folders: list[RemoteFolder]
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def folder_problem(name: str, delimiter: str | None) -> str | None:
+    """Why a listed folder (its decoded name and delimiter) cannot be kept, or None: NUL or
+    a lone surrogate, which PostgreSQL refuses, or longer than the store's columns."""
+    if not_text(name) is not None:
+        return "the folder name holds NUL or is not text; not synced"
+    if len(name) > MAX_FOLDER_NAME:
+        return f"the folder name is longer than {MAX_FOLDER_NAME} characters; not synced"
+    if delimiter is not None and (
+        len(delimiter) > MAX_DELIMITER or not_text(delimiter) is not None
+    ):
+        return (f"the folder's hierarchy delimiter is longer than {MAX_DELIMITER} characters "
+                "or holds NUL; not synced")
+    return None
 
 
 @dataclass
@@ -218,6 +245,20 @@ def parse_fetch(line: bytes) -> FetchItem:
     return _fetch_item(int(tokens[0]), values)
 
 
+def _flags(values: list[Any]) -> tuple[str, ...]:
+    """The flags of a FETCH reply that we keep. \\Recent belongs to one session, not to the
+    message. A flag holding a control character (NUL, which PostgreSQL refuses) or white
+    space (flags are stored space-separated) is no flag atom (RFC 3501) and is dropped."""
+    kept = []
+    for value in values:
+        if not isinstance(value, bytes) or value.upper() == b"\\RECENT":
+            continue
+        flag = value.decode("utf-8", "replace")
+        if flag.split() == [flag] and not has_cc(flag):
+            kept.append(flag)
+    return tuple(kept)
+
+
 def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
     """A FetchItem of a FETCH reply's data items (by upper-case name; BODY[] for the body)."""
     flags = values.get("FLAGS")
@@ -226,10 +267,7 @@ def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
     return FetchItem(
         seq=seq,
         uid=_as_int(values.get("UID")),
-        # \Recent belongs to one session, not to the message: it is not kept.
-        flags=tuple(f.decode("utf-8", "replace") for f in flags
-                    if isinstance(f, bytes) and f.upper() != b"\\RECENT")
-        if isinstance(flags, list) else None,
+        flags=_flags(flags) if isinstance(flags, list) else None,
         internal_date=_parse_internaldate(values.get("INTERNALDATE")),
         size=_as_int(values.get("RFC822.SIZE")),
         body=body if isinstance(body, bytes) else None,
@@ -597,8 +635,14 @@ class IMAPClient(imap4.IMAP4Client):
             raise AuthFailed(f"login refused: {e}") from None
 
     async def list_folders(self) -> list[RemoteFolder]:
+        """The folders of `list_all` that can be synced."""
+        return (await self.list_all()).folders
+
+    async def list_all(self) -> FolderListing:
+        """LIST every folder: a malformed reply fails the session; a folder whose name or
+        delimiter the store cannot keep is refused alone (`folder_problem`)."""
         lines, _ = await self.send(b"LIST", b'"" "*"')
-        folders: list[RemoteFolder] = []
+        listing = FolderListing(folders=[])
         for line in lines:
             if not line[:5].upper() == b"LIST ":
                 continue
@@ -614,8 +658,12 @@ class IMAPClient(imap4.IMAP4Client):
             except (IndexError, AttributeError, TypeError, ValueError, UnicodeError,
                     imap4.MismatchedNesting, imap4.MismatchedQuoting):
                 raise ProtocolFailed(f"malformed LIST reply: {_show(line)}") from None
-            folders.append(RemoteFolder(name=name, delimiter=delim, flags=flags))
-        return folders
+            problem = folder_problem(name, delim)
+            if problem is not None:
+                listing.refused.append((_show(raw_name), problem))
+                continue
+            listing.folders.append(RemoteFolder(name=name, delimiter=delim, flags=flags))
+        return listing
 
     async def examine(
         self, name: str, *, condstore: bool = False,

@@ -98,9 +98,9 @@ class FetchEnv:
         return await self.db.read("test_count", txn)
 
 
-async def make_env(test: TestCase, **settings: Any) -> FetchEnv:
+async def make_env(test: TestCase, *, backend: str = "sqlite", **settings: Any) -> FetchEnv:
     reactor = get_reactor()
-    db = await open_database(test, "sqlite")
+    db = await open_database(test, backend)
     user_id = await db.run("make_user", thd_make_user, "owner")
     key = Fernet.generate_key()
     accounts = Accounts(db, reactor, SecretBox(key))

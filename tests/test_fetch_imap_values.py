@@ -1,0 +1,152 @@
+"""Values a lying or broken IMAP server sends reach the store only when every backend takes
+them: one bad folder or flag costs that folder or flag, never the account (and never a SQL
+error on PostgreSQL where SQLite stored it).
+
+The unit tests drive the session over a StringTransport; the sync tests run the engine
+against a scripted cleartext server on loopback, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.bulk import Reply, ReplyReader
+from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.imap import (
+    FolderListing,
+    IMAPClient,
+    parse_fetch,
+    parse_fetch_lean,
+)
+from tests.support.db import MixinBase
+from tests.support.fetchenv import FetchEnv, make_env
+from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_servers
+
+BODY = b"Subject: hi\r\nMessage-ID: <m1@example.test>\r\n\r\nhello\r\n"
+
+
+def connected() -> tuple[IMAPClient, StringTransport]:
+    client = IMAPClient(Clock(), host="fake")
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"* OK ready\r\n")
+    return client, transport
+
+
+def listed(test: TestCase, *names: bytes, delimiter: bytes = b'"/"') -> FolderListing:
+    """What `list_all` makes of a LIST reply naming `names` (each as it goes on the wire)."""
+    client, _transport = connected()
+    d = defer.Deferred.fromCoroutine(client.list_all())
+    client.dataReceived(b"".join(b"* LIST () %s %s\r\n" % (delimiter, n) for n in names)
+                        + b"0001 OK listed\r\n")
+    return test.successResultOf(d)
+
+
+def fetch_reply(uid: bytes, *, flags: bytes = b"()", body: bytes = BODY) -> bytes:
+    return (b"* 1 FETCH (UID %s FLAGS %s RFC822.SIZE %d BODY[] {%d}\r\n%s)\r\n"
+            % (uid, flags, len(body), len(body), body))
+
+
+class FlagTests(TestCase):
+    def test_a_flag_with_nul_space_or_control_is_dropped_by_both_parsers(self) -> None:
+        data = fetch_reply(b"1", flags=b'(\\Seen a\x00b "x y" \x1bx $Label caf\xc3\xa9)')
+        for item in (parse_fetch(data[2:-2]), parse_fetch_lean(_reply(data))):
+            self.assertEqual(item.flags, ("\\Seen", "$Label", "café"))
+        lean = parse_fetch_lean(_reply(fetch_reply(b"1", flags=b"(\\Seen a\x00b \x7f)")))
+        self.assertEqual(lean.flags, ("\\Seen",))
+
+
+def _reply(data: bytes) -> Reply:
+    replies = ReplyReader(max_line=10_000, max_literal=100_000, host="h").feed(data)
+    assert len(replies) == 1
+    return replies[0]
+
+
+class FolderListingTests(TestCase):
+    def test_a_folder_the_store_cannot_keep_is_refused_alone(self) -> None:
+        listing = listed(self, b"INBOX", b'"bad&AAA-name"', b'"' + b"n" * 1025 + b'"',
+                         b'"&2D0-"', b'"' + b"n" * 1024 + b'"')
+        self.assertEqual([f.name for f in listing.folders], ["INBOX", "n" * 1024])
+        self.assertEqual(len(listing.refused), 3)
+        self.assertEqual(listing.refused[0][0], "bad&AAA-name")
+        self.assertIn("NUL", listing.refused[0][1])
+        self.assertIn("longer than 1024", listing.refused[1][1])
+
+    def test_a_delimiter_longer_than_the_store_takes_is_refused(self) -> None:
+        listing = listed(self, b"x", delimiter=b'"abcde"')
+        self.assertEqual(listing.folders, [])
+        self.assertIn("delimiter", listing.refused[0][1])
+        nil = listed(self, b"x", delimiter=b"NIL")
+        self.assertEqual([f.delimiter for f in nil.folders], [None])
+
+
+def list_reply(*lines: bytes) -> Any:
+    def hook(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+        conn.transport.write(b"".join(b"* LIST () " + line + b"\r\n" for line in lines)
+                             + tag + b" OK listed\r\n")
+        return True
+
+    return hook
+
+
+def body_reply(uid: bytes, **kw: Any) -> Any:
+    def hook(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+        if b"BODY" not in rest:
+            return None
+        conn.transport.write(fetch_reply(uid, **kw) + tag + b" OK fetched\r\n")
+        return True
+
+    return hook
+
+
+class SyncValuesMixin(MixinBase):
+    backend = "sqlite"
+    timeout = 60
+
+    async def run_sync(self, factory_hooks: dict[str, Any], **settings: Any
+                       ) -> tuple[SyncResult, FetchEnv, int]:
+        (factory, port), = cleartext_servers(self, 1)
+        factory.hooks.update(factory_hooks)
+        env = await make_env(self, backend=self.backend, **settings)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        result = await env.engine.sync(account.id)
+        return result, env, account.id
+
+    async def test_nul_in_a_flag_is_dropped_and_the_message_stored(self) -> None:
+        result, env, account_id = await self.run_sync(
+            {"UID FETCH": body_reply(b"1", flags=b"(\\Seen a\x00b $Label)")})
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.copies(account_id, "INBOX"),
+                         {1: ("\\Seen $Label", True)})
+
+    async def test_folders_the_store_cannot_keep_fail_alone(self) -> None:
+        result, env, account_id = await self.run_sync({"LIST": list_reply(
+            b'"/" INBOX', b'"/" "bad&AAA-name"', b'"abcdefgh" "x"',
+            b'"/" "' + b"n" * 2000 + b'"',
+        )})
+        self.assertEqual(result.status, "error")
+        self.assertEqual(result.new_messages, 1)
+        self.assertIsNone(result.folders["INBOX"].error)
+        problems = result.problems() or ""
+        self.assertIn("bad&AAA-name: the folder name holds NUL", problems)
+        self.assertIn("delimiter is longer than 4", problems)
+        self.assertIn("longer than 1024 characters", problems)
+        self.assertNotIn("internal error", problems)
+        names = [f["name"] for f in await env.accounts.folders(account_id)]
+        self.assertEqual(names, ["INBOX"])
+
+
+class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLSyncValuesTests(SyncValuesMixin, TestCase):
+    backend = "postgresql"
