@@ -17,9 +17,11 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.bulk import Reply, ReplyReader
 from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.errors import ProtocolFailed
 from mailcore.fetch.imap import (
     FolderListing,
     IMAPClient,
+    expand_set,
     parse_fetch,
     parse_fetch_lean,
 )
@@ -65,6 +67,59 @@ def _reply(data: bytes) -> Reply:
     replies = ReplyReader(max_line=10_000, max_literal=100_000, host="h").feed(data)
     assert len(replies) == 1
     return replies[0]
+
+
+def failure_of(d: defer.Deferred[Any]) -> BaseException:
+    box: list[Any] = []
+    d.addErrback(box.append)
+    assert box, "the Deferred did not fail"
+    return box[0].value
+
+
+class NumberTests(TestCase):
+    """RFC 3501: a UID is from 1 to 2^32 - 1 (UIDVALIDITY and UIDNEXT may be 0, as before);
+    RFC 7162: a mod-sequence is below 2^63."""
+
+    def examined(self, *lines: bytes) -> defer.Deferred[Any]:
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.examine("INBOX"))
+        client.dataReceived(b"".join(b"* " + line + b"\r\n" for line in lines)
+                            + b"0001 OK [READ-ONLY] done\r\n")
+        return d
+
+    def test_uids_out_of_range_fail_both_parsers(self) -> None:
+        for uid in (b"0", b"4294967296", b"1099511627776", b"99999999999999999999", b"9" * 5000):
+            data = fetch_reply(uid)
+            for parse in (lambda d: parse_fetch(d[2:-2]), lambda d: parse_fetch_lean(_reply(d))):
+                error = self.assertRaises(ProtocolFailed, parse, data)
+                self.assertIn("UID", str(error))
+        self.assertEqual(parse_fetch(fetch_reply(b"4294967295")[2:-2]).uid, 4294967295)
+
+    def test_modseq_over_2_63_fails(self) -> None:
+        ok = parse_fetch(b"1 FETCH (UID 1 MODSEQ (9223372036854775807))")
+        self.assertEqual(ok.modseq, 2**63 - 1)
+        self.assertRaises(ProtocolFailed, parse_fetch, b"1 FETCH (UID 1 MODSEQ (%d))" % 2**63)
+
+    def test_examine_numbers_out_of_range_fail_with_a_clear_error(self) -> None:
+        base = [b"1 EXISTS", b"OK [UIDVALIDITY 7] v", b"OK [UIDNEXT 2] n"]
+        for bad in (b"OK [UIDVALIDITY 99999999999999999999] v", b"OK [UIDNEXT 4294967296] n",
+                    b"OK [HIGHESTMODSEQ 9223372036854775808] m", b"99999999999999999999 EXISTS",
+                    b"VANISHED (EARLIER) 0:3", b"VANISHED (EARLIER) 1:4294967296"):
+            error = failure_of(self.examined(*base, bad))
+            self.assertIsInstance(error, ProtocolFailed, bad)
+            self.assertIn("not a number from", str(error))
+        info = self.successResultOf(self.examined(b"0 EXISTS", b"OK [UIDVALIDITY 0] v",
+                                                  b"OK [UIDNEXT 0] n"))
+        self.assertEqual((info.exists, info.uidvalidity, info.uidnext), (0, 0, 0))
+
+    def test_search_results_out_of_range_fail(self) -> None:
+        for bad in (b"0", b"4294967296", b"99999999999999999999"):
+            client, _transport = connected()
+            d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+            client.dataReceived(b"* SEARCH 1 " + bad + b"\r\n0001 OK done\r\n")
+            self.assertIn("UID " + bad.decode(), str(failure_of(d)))
+        for spec in (b"0", b"2,99999999999999999999", b"0:3"):
+            self.assertRaises(ProtocolFailed, expand_set, spec)
 
 
 class FolderListingTests(TestCase):
@@ -142,6 +197,38 @@ class SyncValuesMixin(MixinBase):
         self.assertNotIn("internal error", problems)
         names = [f["name"] for f in await env.accounts.folders(account_id)]
         self.assertEqual(names, ["INBOX"])
+
+
+    async def test_uid_over_2_63_fails_the_folder_not_the_store(self) -> None:
+        big = b"99999999999999999999"
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* SEARCH " + big + b"\r\n" + tag + b" OK s\r\n")
+            return True
+
+        result, env, account_id = await self.run_sync({"UID SEARCH": search})
+        self.assertEqual(result.status, "error")
+        self.assertIn("INBOX: the server sent UID 99999999999999999999", result.problems())
+        self.assertEqual(await env.count(account_id), 0)
+
+    async def test_uids_0_and_2_40_are_not_stored(self) -> None:
+        for uid in (b"0", b"1099511627776"):
+            result, env, account_id = await self.run_sync({"UID FETCH": body_reply(uid)})
+            self.assertEqual(result.status, "error")
+            self.assertIn(f"the server sent UID {uid.decode()}", result.problems())
+            self.assertEqual(await env.count(account_id), 0)
+
+    async def test_uidvalidity_or_uidnext_over_2_63_fails_the_folder(self) -> None:
+        for code in (b"UIDVALIDITY", b"UIDNEXT"):
+            def examine(conn: FakeIMAP, tag: bytes, rest: bytes, code: bytes = code) -> bool:
+                conn.transport.write(
+                    b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 2] n\r\n"
+                    b"* OK [%s 99999999999999999999] x\r\n%s OK done\r\n" % (code, tag))
+                return True
+
+            result, _env, _account_id = await self.run_sync({"EXAMINE": examine})
+            self.assertEqual(result.status, "error")
+            self.assertIn(f"INBOX: the server sent {code.decode()} 9999", result.problems())
 
 
 class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):

@@ -52,6 +52,10 @@ MAX_LINE = 16 * 1024 * 1024
 # What the store takes of a folder (fetch_folders.name and .delimiter, messages.folder).
 MAX_FOLDER_NAME = 1024
 MAX_DELIMITER = 4
+# RFC 3501: UIDs, UIDVALIDITY, UIDNEXT and message numbers are below 2^32; RFC 7162: a
+# mod-sequence is below 2^63 (what a BIGINT holds).
+MAX_NUMBER = 2**32 - 1
+MAX_MODSEQ = 2**63 - 1
 
 
 def _show(data: bytes, limit: int = 120) -> str:
@@ -160,17 +164,18 @@ _RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
 
 
 def expand_set(spec: bytes) -> list[int]:
-    """An IMAP sequence set of numbers ("1:3,7") as a list; bounded in size."""
+    """An IMAP sequence set of numbers ("1:3,7") as a list; bounded in size, each number
+    from 1 to MAX_NUMBER (else ProtocolFailed)."""
     out: list[int] = []
     for piece in spec.split(b","):
         if b":" in piece:
-            a, b = (int(x) for x in piece.split(b":", 1))
+            a, b = (number(x, "a number in a set") for x in piece.split(b":", 1))
             lo, hi = min(a, b), max(a, b)
             if hi - lo > 10_000_000:
                 raise ProtocolFailed("sequence set too large")
             out.extend(range(lo, hi + 1))
         elif piece:
-            out.append(int(piece))
+            out.append(number(piece, "a number in a set"))
     return out
 
 
@@ -188,9 +193,22 @@ def compress_set(numbers: list[int]) -> bytes:
     return ",".join(ranges).encode("ascii")
 
 
-def _as_int(value: Any) -> int | None:
+def number(value: bytes, what: str, *, lowest: int = 1, highest: int = MAX_NUMBER) -> int:
+    """A number the server sent, from `lowest` to `highest`; ProtocolFailed naming `what`
+    for anything else (one over 2^63 would fail the store's BIGINT columns)."""
+    if not value.isdigit() or len(value) > 20 or not lowest <= int(value) <= highest:
+        raise ProtocolFailed(
+            f"the server sent {what} {_show(value, 24)}, not a number from {lowest} to "
+            f"{highest}"
+        )
+    return int(value)
+
+
+def _as_int(value: Any, what: str, *, lowest: int = 1, highest: int = MAX_NUMBER
+            ) -> int | None:
+    """`number` of a FETCH data item, or None when the item is missing or no number."""
     if isinstance(value, bytes) and value.isdigit():
-        return int(value)
+        return number(value, what, lowest=lowest, highest=highest)
     return None
 
 
@@ -214,7 +232,9 @@ def parse_fetch(line: bytes) -> FetchItem:
         tokens = imap4.parseNestedParens(line)
     except (imap4.MismatchedNesting, imap4.MismatchedQuoting, ValueError, IndexError):
         raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}") from None
-    if len(tokens) < 3 or not isinstance(tokens[2], list) or _as_int(tokens[0]) is None:
+    if len(tokens) < 3 or not isinstance(tokens[2], list) or _as_int(
+        tokens[0], "message number"
+    ) is None:
         raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
     items = tokens[2]
     values: dict[str, Any] = {}
@@ -266,12 +286,13 @@ def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
     body = values.get("BODY[]", values.get("RFC822"))
     return FetchItem(
         seq=seq,
-        uid=_as_int(values.get("UID")),
+        uid=_as_int(values.get("UID"), "UID"),
         flags=_flags(flags) if isinstance(flags, list) else None,
         internal_date=_parse_internaldate(values.get("INTERNALDATE")),
-        size=_as_int(values.get("RFC822.SIZE")),
+        size=_as_int(values.get("RFC822.SIZE"), "RFC822.SIZE", lowest=0, highest=MAX_MODSEQ),
         body=body if isinstance(body, bytes) else None,
-        modseq=_as_int(modseq[0]) if isinstance(modseq, list) and modseq else None,
+        modseq=_as_int(modseq[0], "MODSEQ", lowest=0, highest=MAX_MODSEQ)
+        if isinstance(modseq, list) and modseq else None,
     )
 
 
@@ -679,16 +700,17 @@ class IMAPClient(imap4.IMAP4Client):
         info = SelectInfo()
         for line in lines:
             if m := _RE_EXISTS.match(line):
-                info.exists = int(m.group(1))
+                info.exists = number(m.group(1), "EXISTS", lowest=0)
             elif m := _RE_CODE.match(line):
-                value = int(m.group(2))
                 key = m.group(1).upper()
+                # 0 is kept for UIDVALIDITY and UIDNEXT, as before (a UID is never 0).
                 if key == b"UIDVALIDITY":
-                    info.uidvalidity = value
+                    info.uidvalidity = number(m.group(2), "UIDVALIDITY", lowest=0)
                 elif key == b"UIDNEXT":
-                    info.uidnext = value
+                    info.uidnext = number(m.group(2), "UIDNEXT", lowest=0)
                 else:
-                    info.highestmodseq = value
+                    info.highestmodseq = number(m.group(2), "HIGHESTMODSEQ", lowest=0,
+                                                highest=MAX_MODSEQ)
             elif m := _RE_VANISHED.match(line):
                 info.vanished.extend(expand_set(m.group(1)))
             elif _RE_FETCH.match(line):
@@ -708,7 +730,7 @@ class IMAPClient(imap4.IMAP4Client):
                 continue
             for w in words[1:]:
                 if w.isdigit():
-                    uids.append(int(w))
+                    uids.append(number(w, "UID"))
                 elif w.startswith(b"("):
                     break
         return sorted(set(uids))
