@@ -27,7 +27,7 @@ from mailcore.fetch.imap import (
 )
 from tests.support.db import MixinBase
 from tests.support.fetchenv import FetchEnv, make_env
-from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_servers
+from tests.test_fetch_imap_hostile import FakeIMAP, FakeIMAPFactory, cleartext_servers
 
 BODY = b"Subject: hi\r\nMessage-ID: <m1@example.test>\r\n\r\nhello\r\n"
 
@@ -132,6 +132,17 @@ class FolderListingTests(TestCase):
         self.assertIn("NUL", listing.refused[0][1])
         self.assertIn("longer than 1024", listing.refused[1][1])
 
+    def test_a_name_that_does_not_round_trip_is_refused_and_a_repeated_one_listed_once(
+        self,
+    ) -> None:
+        listing = listed(self, b"INBOX", b"Sent", b'"&AGE-"', b"a", b'"&Jjo"', b"Sent",
+                         b'"&AGEAYgBj-"', b'"Entw&APw-rfe"', b'"a&-b"')
+        self.assertEqual([f.name for f in listing.folders],
+                         ["INBOX", "Sent", "a", "Entwürfe", "a&b"])
+        self.assertEqual([shown for shown, _why in listing.refused],
+                         ["&AGE-", "&Jjo", "&AGEAYgBj-"])
+        self.assertIn("not modified UTF-7 as RFC 3501 writes it", listing.refused[0][1])
+
     def test_a_delimiter_longer_than_the_store_takes_is_refused(self) -> None:
         listing = listed(self, b"x", delimiter=b'"abcde"')
         self.assertEqual(listing.folders, [])
@@ -162,6 +173,7 @@ def body_reply(uid: bytes, **kw: Any) -> Any:
 class SyncValuesMixin(MixinBase):
     backend = "sqlite"
     timeout = 60
+    factory: FakeIMAPFactory  # the server of the last run_sync
 
     async def run_sync(self, factory_hooks: dict[str, Any], **settings: Any
                        ) -> tuple[SyncResult, FetchEnv, int]:
@@ -173,6 +185,7 @@ class SyncValuesMixin(MixinBase):
             allow_cleartext=True, start_tls=False,
         )
         result = await env.engine.sync(account.id)
+        self.factory = factory
         return result, env, account.id
 
     async def test_nul_in_a_flag_is_dropped_and_the_message_stored(self) -> None:
@@ -229,6 +242,22 @@ class SyncValuesMixin(MixinBase):
             result, _env, _account_id = await self.run_sync({"EXAMINE": examine})
             self.assertEqual(result.status, "error")
             self.assertIn(f"INBOX: the server sent {code.decode()} 9999", result.problems())
+
+
+    async def test_a_folder_listed_twice_or_spelt_twice_syncs_once(self) -> None:
+        result, env, account_id = await self.run_sync({"LIST": list_reply(
+            b'"/" INBOX', b'"/" "Sent"', b'"/" "Sent"', b'"/" "&AGE-"', b'"/" "a"',
+            b'"/" "&Jjo"',
+        )})
+        self.assertEqual(result.status, "error")
+        self.assertEqual(sorted(result.folders), ["&AGE-", "&Jjo", "INBOX", "Sent", "a"])
+        self.assertEqual(result.new_messages, 3)
+        self.assertNotIn("internal error", result.problems())
+        names = sorted(f["name"] for f in await env.accounts.folders(account_id))
+        self.assertEqual(names, ["INBOX", "Sent", "a"])
+        examined = [line.split(b" ", 2)[2] for _tls, line in self.factory.received
+                    if b" EXAMINE " in line]
+        self.assertEqual(sorted(examined), [b'"INBOX"', b'"Sent"', b'"a"'])
 
 
 class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):

@@ -661,9 +661,12 @@ class IMAPClient(imap4.IMAP4Client):
 
     async def list_all(self) -> FolderListing:
         """LIST every folder: a malformed reply fails the session; a folder whose name or
-        delimiter the store cannot keep is refused alone (`folder_problem`)."""
+        delimiter the store cannot keep is refused alone (`folder_problem`), as is one whose
+        name is not modified UTF-7 as we write it (EXAMINE would open another folder, or
+        name one listed under another spelling); a folder listed again is listed once."""
         lines, _ = await self.send(b"LIST", b'"" "*"')
         listing = FolderListing(folders=[])
+        seen: set[bytes] = set()
         for line in lines:
             if not line[:5].upper() == b"LIST ":
                 continue
@@ -679,7 +682,13 @@ class IMAPClient(imap4.IMAP4Client):
             except (IndexError, AttributeError, TypeError, ValueError, UnicodeError,
                     imap4.MismatchedNesting, imap4.MismatchedQuoting):
                 raise ProtocolFailed(f"malformed LIST reply: {_show(line)}") from None
+            if raw_name in seen:
+                continue
+            seen.add(raw_name)
             problem = folder_problem(name, delim)
+            if problem is None and name.encode("imap4-utf-7") != raw_name:
+                problem = ("the folder name is not modified UTF-7 as RFC 3501 writes it; "
+                           "not synced")
             if problem is not None:
                 listing.refused.append((_show(raw_name), problem))
                 continue
