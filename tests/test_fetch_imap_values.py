@@ -143,6 +143,13 @@ class FolderListingTests(TestCase):
                          ["&AGE-", "&Jjo", "&AGEAYgBj-"])
         self.assertIn("not modified UTF-7 as RFC 3501 writes it", listing.refused[0][1])
 
+    def test_a_name_with_8_bit_bytes_is_refused_alone(self) -> None:
+        listing = listed(self, b"INBOX", b'"caf\xe9"', b'"caf\xc3\xa9"', b'"a&b-c"', b"Sent")
+        self.assertEqual([f.name for f in listing.folders], ["INBOX", "Sent"])
+        self.assertEqual([shown for shown, _why in listing.refused],
+                         ["caf\ufffd", "caf\ufffd\ufffd", "a&b-c"])
+        self.assertIn("not modified UTF-7 (8-bit bytes?)", listing.refused[0][1])
+
     def test_a_delimiter_longer_than_the_store_takes_is_refused(self) -> None:
         listing = listed(self, b"x", delimiter=b'"abcde"')
         self.assertEqual(listing.folders, [])
@@ -258,6 +265,17 @@ class SyncValuesMixin(MixinBase):
         examined = [line.split(b" ", 2)[2] for _tls, line in self.factory.received
                     if b" EXAMINE " in line]
         self.assertEqual(sorted(examined), [b'"INBOX"', b'"Sent"', b'"a"'])
+
+
+    async def test_a_folder_name_with_8_bit_bytes_fails_that_folder_alone(self) -> None:
+        result, env, account_id = await self.run_sync({"LIST": list_reply(
+            b'"/" INBOX', b'"/" "caf\xe9"',
+        )})
+        self.assertEqual(result.status, "error")
+        self.assertEqual(result.new_messages, 1)
+        self.assertIn("caf\ufffd: the folder name is not modified UTF-7", result.problems())
+        names = [f["name"] for f in await env.accounts.folders(account_id)]
+        self.assertEqual(names, ["INBOX"])
 
 
 class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):

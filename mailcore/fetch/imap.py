@@ -678,13 +678,20 @@ class IMAPClient(imap4.IMAP4Client):
                 )
                 delim = tokens[2].decode("utf-8", "replace") if tokens[2] else None
                 raw_name = tokens[3]
-                name = raw_name.decode("imap4-utf-7")
+                if not isinstance(raw_name, bytes):
+                    raise TypeError(raw_name)
             except (IndexError, AttributeError, TypeError, ValueError, UnicodeError,
                     imap4.MismatchedNesting, imap4.MismatchedQuoting):
                 raise ProtocolFailed(f"malformed LIST reply: {_show(line)}") from None
             if raw_name in seen:
                 continue
             seen.add(raw_name)
+            try:
+                name = raw_name.decode("imap4-utf-7")
+            except ValueError:  # 8-bit bytes, a broken &...- run: this folder alone
+                listing.refused.append((_show(raw_name), "the folder name is not modified "
+                                        "UTF-7 (8-bit bytes?); not synced"))
+                continue
             problem = folder_problem(name, delim)
             if problem is None and name.encode("imap4-utf-7") != raw_name:
                 problem = ("the folder name is not modified UTF-7 as RFC 3501 writes it; "
