@@ -22,6 +22,7 @@ from mailcore.fetch.imap import (
     FolderListing,
     IMAPClient,
     expand_set,
+    expand_vanished,
     parse_fetch,
     parse_fetch_lean,
 )
@@ -80,9 +81,9 @@ class NumberTests(TestCase):
     """RFC 3501: a UID is from 1 to 2^32 - 1 (UIDVALIDITY and UIDNEXT may be 0, as before);
     RFC 7162: a mod-sequence is below 2^63."""
 
-    def examined(self, *lines: bytes) -> defer.Deferred[Any]:
+    def examined(self, *lines: bytes, **kw: Any) -> defer.Deferred[Any]:
         client, _transport = connected()
-        d = defer.Deferred.fromCoroutine(client.examine("INBOX"))
+        d = defer.Deferred.fromCoroutine(client.examine("INBOX", **kw))
         client.dataReceived(b"".join(b"* " + line + b"\r\n" for line in lines)
                             + b"0001 OK [READ-ONLY] done\r\n")
         return d
@@ -105,7 +106,7 @@ class NumberTests(TestCase):
         for bad in (b"OK [UIDVALIDITY 99999999999999999999] v", b"OK [UIDNEXT 4294967296] n",
                     b"OK [HIGHESTMODSEQ 9223372036854775808] m", b"99999999999999999999 EXISTS",
                     b"VANISHED (EARLIER) 0:3", b"VANISHED (EARLIER) 1:4294967296"):
-            error = failure_of(self.examined(*base, bad))
+            error = failure_of(self.examined(*base, bad, qresync=(7, 5), held=10))
             self.assertIsInstance(error, ProtocolFailed, bad)
             self.assertIn("not a number from", str(error))
         info = self.successResultOf(self.examined(b"0 EXISTS", b"OK [UIDVALIDITY 0] v",
@@ -120,6 +121,36 @@ class NumberTests(TestCase):
             self.assertIn("UID " + bad.decode(), str(failure_of(d)))
         for spec in (b"0", b"2,99999999999999999999", b"0:3"):
             self.assertRaises(ProtocolFailed, expand_set, spec)
+
+
+class VanishedTests(TestCase):
+    """A short VANISHED line cannot make a long list (it took 3 GiB for 52 bytes)."""
+
+    def examined(self, *lines: bytes, **kw: Any) -> Any:
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.examine("INBOX", **kw))
+        client.dataReceived(b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n"
+                            + b"".join(b"* " + line + b"\r\n" for line in lines)
+                            + b"0001 OK [READ-ONLY] done\r\n")
+        return self.successResultOf(d)
+
+    def test_vanished_is_ignored_unless_qresync_was_asked_for(self) -> None:
+        line = b"VANISHED (EARLIER) 1:3"
+        self.assertEqual(self.examined(line, condstore=True).vanished, [])
+        self.assertEqual(self.examined(line, qresync=(7, 5), held=10).vanished, [1, 2, 3])
+
+    def test_vanished_ranges_are_clipped_to_the_highest_uid_held_and_merged(self) -> None:
+        line = b"VANISHED (EARLIER) " + b",".join([b"1:9999999"] * 200) + b",4,9:7"
+        info = self.examined(line, b"VANISHED 2,40:4294967295", qresync=(7, 5), held=8)
+        self.assertEqual(info.vanished, [1, 2, 3, 4, 5, 6, 7, 8])
+        self.assertEqual(self.examined(line, qresync=(7, 5), held=0).vanished, [])
+
+    def test_more_than_the_cap_fails_before_the_list_is_made(self) -> None:
+        self.assertEqual(expand_vanished(b"5,1:3,2:4", 100), [1, 2, 3, 4, 5])
+        error = self.assertRaises(ProtocolFailed, expand_vanished, b"1:4294967295",
+                                  2**32 - 1)
+        self.assertIn("more than 10000000 UIDs", str(error))
+        self.assertRaises(ProtocolFailed, expand_vanished, b"1,,2", 10)
 
 
 class FolderListingTests(TestCase):
@@ -276,6 +307,40 @@ class SyncValuesMixin(MixinBase):
         self.assertIn("caf\ufffd: the folder name is not modified UTF-7", result.problems())
         names = [f["name"] for f in await env.accounts.folders(account_id)]
         self.assertEqual(names, ["INBOX"])
+
+
+    async def test_vanished_marks_gone_only_with_qresync_enabled(self) -> None:
+        modseq = [5]
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(
+                b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 2] n\r\n"
+                b"* OK [HIGHESTMODSEQ %d] m\r\n* VANISHED (EARLIER) 1:9999999,1:9999999\r\n"
+                b"%s OK done\r\n" % (modseq[0], tag))
+            return True
+
+        def enable(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* ENABLED QRESYNC\r\n" + tag + b" OK enabled\r\n")
+            return True
+
+        hooks = {"EXAMINE": examine, "ENABLE": enable}
+        for caps, on_server in ((b"CONDSTORE", True), (b"CONDSTORE ENABLE QRESYNC", False)):
+            (factory, port), = cleartext_servers(self, 1)
+            factory.caps += b" " + caps
+            factory.hooks.update(hooks)
+            env = await make_env(self, backend=self.backend)
+            account = await env.accounts.create(
+                env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+                allow_cleartext=True, start_tls=False,
+            )
+            modseq[0] = 5
+            first = await env.engine.sync(account.id)
+            self.assertEqual(first.new_messages, 1, first.problems())
+            modseq[0] = 6
+            second = await env.engine.sync(account.id)
+            self.assertEqual(second.status, "success", second.problems())
+            copies = await env.copies(account.id, "INBOX")
+            self.assertEqual(copies, {1: ("", on_server)}, caps)
 
 
 class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):

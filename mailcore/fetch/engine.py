@@ -551,7 +551,11 @@ class SyncEngine:
         """Show the folder as the one in progress and EXAMINE it."""
         await self._progress(account, state.name, progress[0], progress[1])
         condstore, qresync = self._resync_modes(session, state)
-        return await session.examine(state.name, condstore=condstore, qresync=qresync)
+        held = 0
+        if qresync is not None:  # VANISHED can only name UIDs we hold
+            held = await self.db.read("fetch_max_uid", thd_max_uid, state.id, qresync[0])
+        return await session.examine(state.name, condstore=condstore, qresync=qresync,
+                                     held=held)
 
     async def _sync_imap_folder(
         self,

@@ -159,6 +159,9 @@ class _RawCommand(imap4.Command):
 _RE_EXISTS = re.compile(rb"^(\d+) EXISTS", re.IGNORECASE)
 _RE_CODE = re.compile(rb"^OK \[(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)\]", re.IGNORECASE)
 _RE_VANISHED = re.compile(rb"^VANISHED (?:\(EARLIER\) )?([\d:,]+)", re.IGNORECASE)
+_RE_RANGE = re.compile(rb"([^,:]*)(?::([^,]*))?(?:,|$)")
+# At most this many UIDs are taken from the VANISHED replies of one EXAMINE.
+MAX_VANISHED = 10_000_000
 _RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
 _RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
 
@@ -176,6 +179,49 @@ def expand_set(spec: bytes) -> list[int]:
             out.extend(range(lo, hi + 1))
         elif piece:
             out.append(number(piece, "a number in a set"))
+    return out
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges of numbers sorted and merged: none overlaps or touches the next."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def expand_vanished(spec: bytes, highest: int) -> list[int]:
+    """The UIDs of a VANISHED set, sorted, each once, none over `highest` (the highest UID
+    we hold: no other can be marked gone). A short line cannot make a long list: ranges are
+    clipped and merged before they are expanded, and more than MAX_VANISHED UIDs is a
+    ProtocolFailed."""
+    ranges: list[tuple[int, int]] = []
+    compact_at = 65536
+
+    def merged() -> list[tuple[int, int]]:
+        out = _merged(ranges)
+        if sum(hi - lo + 1 for lo, hi in out) > MAX_VANISHED:
+            raise ProtocolFailed(f"VANISHED names more than {MAX_VANISHED} UIDs")
+        return out
+
+    for m in _RE_RANGE.finditer(spec):
+        if not m.group(0):
+            break  # the empty match at the end
+        a = number(m.group(1), "a UID in VANISHED")
+        b = a if m.group(2) is None else number(m.group(2), "a UID in VANISHED")
+        lo, hi = min(a, b), min(max(a, b), highest)
+        if lo <= hi:
+            ranges.append((lo, hi))
+            if len(ranges) >= compact_at:  # the same ranges again and again stay a few
+                ranges = merged()
+                compact_at = max(compact_at, 2 * len(ranges))
+    out: list[int] = []
+    for lo, hi in merged():
+        out.extend(range(lo, hi + 1))
     return out
 
 
@@ -704,9 +750,11 @@ class IMAPClient(imap4.IMAP4Client):
 
     async def examine(
         self, name: str, *, condstore: bool = False,
-        qresync: tuple[int, int] | None = None,
+        qresync: tuple[int, int] | None = None, held: int = 0,
     ) -> SelectInfo:
-        """EXAMINE a folder (read-only: nothing we do changes it)."""
+        """EXAMINE a folder (read-only: nothing we do changes it). VANISHED is read only
+        when `qresync` was asked for (RFC 7162), and only its UIDs up to `held` (the highest
+        UID we hold of the folder under qresync's UIDVALIDITY)."""
         args = mailbox_arg(name)
         if qresync is not None:
             args += b" (QRESYNC (%d %d))" % qresync
@@ -714,6 +762,7 @@ class IMAPClient(imap4.IMAP4Client):
             args += b" (CONDSTORE)"
         lines, _ = await self.send(b"EXAMINE", args)
         info = SelectInfo()
+        vanished: set[int] = set()
         for line in lines:
             if m := _RE_EXISTS.match(line):
                 info.exists = number(m.group(1), "EXISTS", lowest=0)
@@ -727,14 +776,17 @@ class IMAPClient(imap4.IMAP4Client):
                 else:
                     info.highestmodseq = number(m.group(2), "HIGHESTMODSEQ", lowest=0,
                                                 highest=MAX_MODSEQ)
-            elif m := _RE_VANISHED.match(line):
-                info.vanished.extend(expand_set(m.group(1)))
+            elif qresync is not None and (m := _RE_VANISHED.match(line)):
+                vanished.update(expand_vanished(m.group(1), held))
+                if len(vanished) > MAX_VANISHED:
+                    raise ProtocolFailed(f"VANISHED names more than {MAX_VANISHED} UIDs")
             elif _RE_FETCH.match(line):
                 item = parse_fetch(line)
                 if item.uid is not None and item.flags is not None:
                     info.changed_flags[item.uid] = item.flags
         if info.uidvalidity is None:
             raise ProtocolFailed(f"{self.host} gave no UIDVALIDITY for {name!r}")
+        info.vanished = sorted(vanished)
         return info
 
     async def uid_search(self, criteria: bytes) -> list[int]:
