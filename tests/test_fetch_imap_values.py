@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch import imap
 from mailcore.fetch.bulk import Reply, ReplyReader
 from mailcore.fetch.engine import SyncResult
 from mailcore.fetch.errors import ProtocolFailed
@@ -151,6 +152,38 @@ class VanishedTests(TestCase):
                                   2**32 - 1)
         self.assertIn("more than 10000000 UIDs", str(error))
         self.assertRaises(ProtocolFailed, expand_vanished, b"1,,2", 10)
+
+
+class InternalDateTests(TestCase):
+    DATES = (b"01-Jan-0001 00:00:00 +0100", b"31-Dec-9999 23:59:59 -0100")
+
+    def test_a_date_out_of_range_in_utc_is_no_date(self) -> None:
+        for date in self.DATES:
+            line = b'1 FETCH (UID 1 INTERNALDATE "%s" RFC822.SIZE 3)' % date
+            self.assertIsNone(parse_fetch(line).internal_date)
+
+    def test_on_the_bulk_path_the_message_comes_with_no_date(self) -> None:
+        for date in self.DATES:
+            client, transport = connected()
+            d = client.uid_fetch([1], b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]")
+            client.dataReceived(fetch_reply(b"1").replace(
+                b"FLAGS ()", b'FLAGS () INTERNALDATE "%s"' % date) + b"0001 OK done\r\n")
+            [item] = self.successResultOf(d)
+            self.assertEqual((item.uid, item.body, item.internal_date), (1, BODY, None))
+            self.assertFalse(transport.disconnecting)
+
+    def test_an_unforeseen_error_in_a_parser_fails_the_session_not_the_reactor(self) -> None:
+        def broken(reply: Any) -> Any:
+            raise OverflowError("a value no check foresaw")
+
+        self.patch(imap, "parse_fetch_reply", broken)
+        client, transport = connected()
+        d = client.uid_fetch([1], b"UID BODY.PEEK[]")
+        client.dataReceived(fetch_reply(b"1") + b"0001 OK done\r\n")
+        error = failure_of(d)
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn("malformed FETCH reply (OverflowError)", str(error))
+        self.assertTrue(transport.disconnecting)
 
 
 class FolderListingTests(TestCase):
@@ -341,6 +374,20 @@ class SyncValuesMixin(MixinBase):
             self.assertEqual(second.status, "success", second.problems())
             copies = await env.copies(account.id, "INBOX")
             self.assertEqual(copies, {1: ("", on_server)}, caps)
+
+
+    async def test_a_message_dated_year_1_is_stored_without_its_date(self) -> None:
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if b"BODY" not in rest:
+                return None
+            conn.transport.write(fetch_reply(b"1").replace(
+                b"FLAGS ()", b'FLAGS () INTERNALDATE "01-Jan-0001 00:00:00 +0100"')
+                + tag + b" OK fetched\r\n")
+            return True
+
+        result, env, account_id = await self.run_sync({"UID FETCH": fetch})
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.count(account_id), 1)
 
 
 class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
@@ -46,6 +48,8 @@ from mailcore.fetch.errors import (
 )
 from mailcore.netpolicy import AddressPolicy, AddressRefused, GuardedEndpoint
 from mailcore.text import breaks_line, has_cc, not_text
+
+_R = TypeVar("_R")
 
 DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024
@@ -268,10 +272,27 @@ def _parse_internaldate(value: Any) -> datetime.datetime | None:
         return datetime.datetime.strptime(
             value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z"
         ).astimezone(datetime.UTC)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a date, or out of datetime's years in UTC
         return None
 
 
+def _parser(parse: Callable[[_R], FetchItem]) -> Callable[[_R], FetchItem]:
+    """`parse`, failing only with FetchError: any other exception (a value no check foresaw)
+    is a ProtocolFailed, which ends the session, not a traceback in the reactor."""
+
+    @functools.wraps(parse)
+    def guarded(reply: _R) -> FetchItem:
+        try:
+            return parse(reply)
+        except FetchError:
+            raise
+        except Exception as e:
+            raise ProtocolFailed(f"malformed FETCH reply ({type(e).__name__})") from None
+
+    return guarded
+
+
+@_parser
 def parse_fetch(line: bytes) -> FetchItem:
     """One untagged FETCH reply (`N FETCH (...)`, literals inline) as a FetchItem."""
     try:
@@ -342,6 +363,7 @@ def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
     )
 
 
+@_parser
 def parse_fetch_lean(reply: Reply) -> FetchItem:
     """An untagged FETCH reply read by the bulk reader: the lean parser for the usual shape,
     the general one for any other."""
@@ -490,6 +512,10 @@ class IMAPClient(imap4.IMAP4Client):
             ended = [self._bulk_reply(reply) for reply in replies]
         except FetchError as e:
             self._fail(e)
+            return
+        except Exception as e:  # not a traceback in the reactor: this session ends
+            self._fail(ProtocolFailed(
+                f"malformed reply from {self.host} ({type(e).__name__})"))
             return
         done = [cmd for cmd in ended if cmd is not None]
         if done:
