@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.fetch import imap
 from mailcore.fetch.bulk import Reply, ReplyReader
 from mailcore.fetch.engine import SyncResult
-from mailcore.fetch.errors import ProtocolFailed
+from mailcore.fetch.errors import LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import (
     FolderListing,
     IMAPClient,
@@ -184,6 +184,19 @@ class InternalDateTests(TestCase):
         self.assertIsInstance(error, ProtocolFailed)
         self.assertIn("malformed FETCH reply (OverflowError)", str(error))
         self.assertTrue(transport.disconnecting)
+
+
+class OversizedLiteralTests(TestCase):
+    def test_the_literal_over_the_bound_names_its_uid_on_both_readers(self) -> None:
+        for uids in ([7, 8], b"7:8"):  # the bulk path, Twisted's reader
+            client = IMAPClient(Clock(), host="fake", max_literal=1000)
+            client.makeConnection(StringTransport())
+            client.dataReceived(b"* OK ready\r\n")
+            d = client.uid_fetch(uids, b"UID BODY.PEEK[]")
+            client.dataReceived(b"* 1 FETCH (FLAGS () UID 7 BODY[] {5000}\r\n")
+            error = failure_of(d)
+            self.assertIsInstance(error, LiteralTooLarge)
+            self.assertEqual(getattr(error, "uid", None), 7, uids)
 
 
 class FolderListingTests(TestCase):
@@ -388,6 +401,47 @@ class SyncValuesMixin(MixinBase):
         result, env, account_id = await self.run_sync({"UID FETCH": fetch})
         self.assertEqual(result.status, "success", result.problems())
         self.assertEqual(await env.count(account_id), 1)
+
+
+    async def test_a_body_over_the_limit_its_size_denied_is_skipped_alone(self) -> None:
+        bodies = {1: BODY, 2: BODY + b"x" * 5000, 3: BODY.replace(b"<m1@", b"<m3@")}
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* SEARCH 1 2 3\r\n" + tag + b" OK s\r\n")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            uids = imap.expand_set(rest.split(b" ")[2])
+            for uid in uids:
+                if b"BODY" not in rest:  # RFC822.SIZE lies for UID 2
+                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE 100)\r\n"
+                                         % (uid, uid))
+                else:
+                    conn.transport.write(fetch_reply(b"%d" % uid, body=bodies[uid]))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n"
+                                 b"* OK [UIDNEXT 4] n\r\n" + tag + b" OK done\r\n")
+            return True
+
+        hooks = {"UID SEARCH": search, "UID FETCH": fetch, "EXAMINE": examine}
+        for batch in (1, 100):
+            result, env, account_id = await self.run_sync(
+                hooks, max_message_bytes=2000, batch_messages=batch)
+            self.assertEqual(result.status, "error")
+            self.assertRegex(result.problems() or "",
+                             r"^INBOX: UID 2: 127\.0\.0\.1:\d+ announced a 5053-byte literal, "
+                             r"over the limit of 2000 bytes; not fetched$")
+            copies = await env.copies(account_id, "INBOX")
+            self.assertEqual(sorted(copies), [1, 3], batch)
+            logins = [line for _tls, line in self.factory.received if b"AUTHENTICATE" in line]
+            self.assertEqual(len(logins), 2)  # the session the literal ended, and one more
+
+            again = await env.engine.sync(account_id)
+            self.assertEqual(again.status, "success", again.problems())
+            self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 3])
 
 
 class SQLiteSyncValuesTests(SyncValuesMixin, TestCase):

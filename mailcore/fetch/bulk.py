@@ -102,7 +102,7 @@ class ReplyReader:
                     if n > self.max_literal:
                         raise LiteralTooLarge(
                             f"{self.host} announced a {n}-byte literal, over the limit of "
-                            f"{self.max_literal} bytes"
+                            f"{self.max_literal} bytes", announced_uid(self._reply.lines[0])
                         )
                     self._literal = n
                     continue
@@ -111,6 +111,15 @@ class ReplyReader:
         self._buf = buf[pos:]
         self._have = len(self._buf)
         return out
+
+
+_ANNOUNCED_UID = re.compile(rb"(?:\* )?\d+ FETCH \(.*?\bUID (\d{1,10})\b", re.IGNORECASE)
+
+
+def announced_uid(line: bytes) -> int | None:
+    """The UID a FETCH reply's first line names, if it does (before its first literal)."""
+    m = _ANNOUNCED_UID.match(line)
+    return int(m.group(1)) if m else None
 
 
 def _show(data: bytes, limit: int = 120) -> str:

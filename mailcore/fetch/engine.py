@@ -34,7 +34,7 @@ from mailcore.fetch.accounts import (
     thd_release_sync,
     thd_renew_syncs,
 )
-from mailcore.fetch.errors import INTERNAL_ERROR, FetchError, ProtocolFailed
+from mailcore.fetch.errors import INTERNAL_ERROR, FetchError, LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import (
     FetchItem,
     IMAPClient,
@@ -84,6 +84,11 @@ _TOP_CHUNK = 200
 # How many new POP3 sessions one sync may open after messages that ran far over the size
 # limit ended the session.
 POP_REOPENS = 5
+
+# A folder's sync starts again (in a new session when the old one died) at most this many
+# times, each after a message whose body came back over the size limit though its
+# RFC822.SIZE was within it; that message is skipped the next time.
+MAX_OVERSIZED_RETRIES = 20
 
 # An account's sync lease (fetch_accounts.lease_owner/lease_until) lasts this long and is
 # renewed every third of it while the sync runs; a node that died mid-sync holds the account
@@ -205,6 +210,15 @@ def batches(uids: list[int], sizes: dict[int, int], max_count: int,
     if current:
         out.append(current)
     return out
+
+
+class _BodyTooLarge(Exception):
+    """A message's body came back over the size limit (its RFC822.SIZE lied)."""
+
+    def __init__(self, uid: int, error: FetchError) -> None:
+        super().__init__(str(error))
+        self.uid = uid
+        self.error = error
 
 
 def _swallow(d: defer.Deferred[Any]) -> None:
@@ -515,16 +529,33 @@ class SyncEngine:
         """Sync one folder (EXAMINEd unless `info` says it is open), its failure recorded as
         the folder's error; the session to go on with (a new one when this one died)."""
         folder_result = result.folders.setdefault(state.name, FolderResult())
-        try:
-            if info is None:
-                info = await self._open_folder(session, account, state, progress)
-            await self._sync_imap_folder(session, account, state, info, result, folder_result,
-                                         progress)
-        except FetchError as e:
-            folder_result.error = str(e)
-            await self.db.run("set_fetch_folder_error", thd_set_folder_error, state.id, str(e))
-            session = await self._alive(session, account, password)
-        return session
+        oversized: dict[int, str] = {}  # skipped UIDs whose body came back over the limit
+        while True:
+            try:
+                if info is None:
+                    info = await self._open_folder(session, account, state, progress)
+                await self._sync_imap_folder(session, account, state, info, result,
+                                             folder_result, progress, oversized)
+            except _BodyTooLarge as e:
+                if e.uid in oversized or len(oversized) >= MAX_OVERSIZED_RETRIES:
+                    await self._folder_failed(state, folder_result, e.error)
+                else:
+                    # Skipped as the size check skips an honest size; what was stored stays,
+                    # and the folder starts again (in a new session if this one died).
+                    oversized[e.uid] = f"UID {e.uid}: {e.error}; not fetched"
+                    info = None
+                    session = await self._alive(session, account, password)
+                    continue
+            except FetchError as e:
+                await self._folder_failed(state, folder_result, e)
+            else:
+                return session
+            return await self._alive(session, account, password)
+
+    async def _folder_failed(self, state: FolderState, folder_result: FolderResult,
+                             error: FetchError) -> None:
+        folder_result.error = str(error)
+        await self.db.run("set_fetch_folder_error", thd_set_folder_error, state.id, str(error))
 
     async def _alive(self, session: IMAPClient, account: Account,
                      password: str) -> IMAPClient:
@@ -566,6 +597,7 @@ class SyncEngine:
         result: SyncResult,
         folder_result: FolderResult,
         progress: list[int],
+        oversized: dict[int, str],
     ) -> None:
         s = self.settings
         condstore, qresync = self._resync_modes(session, state)
@@ -625,6 +657,9 @@ class SyncEngine:
         for uid in uids:
             if uid not in sizes:
                 continue  # expunged since the search
+            if uid in oversized:
+                skipped.append(oversized[uid])
+                continue
             if sizes[uid] > s.max_message_bytes:
                 skipped.append(
                     f"UID {uid} is {sizes[uid]} bytes, over the limit of "
@@ -645,7 +680,14 @@ class SyncEngine:
                     batch = queue.popleft()
                     pending.append((batch, self._fetch_and_parse(session, batch)))
                 batch, d = pending.popleft()
-                fetched, parsed = await d
+                try:
+                    fetched, parsed = await d
+                except LiteralTooLarge as e:
+                    # Which message: the reply named it, or the batch holds only one.
+                    over = e.uid if e.uid in todo else batch[0] if len(batch) == 1 else None
+                    if over is None:
+                        raise
+                    raise _BodyTooLarge(over, e) from None
                 if queue:  # the next fetch goes out before this batch is stored
                     nxt = queue.popleft()
                     pending.append((nxt, self._fetch_and_parse(session, nxt)))
@@ -732,7 +774,9 @@ class SyncEngine:
             if item is None or item.body is None:
                 continue  # expunged between SEARCH and FETCH
             if len(item.body) > self.settings.max_message_bytes:
-                raise ProtocolFailed(f"UID {uid} came back over the size limit")
+                raise _BodyTooLarge(uid, LiteralTooLarge(
+                    f"its body came back over the limit of {self.settings.max_message_bytes} "
+                    "bytes"))
             out.append(FetchedMessage(raw=item.body, uid=uid, flags=item.flags or (),
                                       internal_date=item.internal_date))
         return out

@@ -32,7 +32,12 @@ class ProtocolFailed(FetchError):
 
 
 class LiteralTooLarge(ProtocolFailed):
-    """The server announced a literal over the configured bound."""
+    """The server announced a literal over the configured bound; `uid` is the UID of the
+    FETCH reply it belongs to, when that reply named its UID before the literal."""
+
+    def __init__(self, message: str, uid: int | None = None) -> None:
+        super().__init__(message)
+        self.uid = uid
 
 
 class FetchTimeout(FetchError):

@@ -35,7 +35,13 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReacto
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from mailcore.fetch.bulk import Reply, ReplyReader, parse_fetch_reply, parse_internaldate
+from mailcore.fetch.bulk import (
+    Reply,
+    ReplyReader,
+    announced_uid,
+    parse_fetch_reply,
+    parse_internaldate,
+)
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
@@ -585,7 +591,7 @@ class IMAPClient(imap4.IMAP4Client):
         if octets > self.max_literal:
             self._fail(LiteralTooLarge(
                 f"{self.host} announced a {octets}-byte literal, over the limit of "
-                f"{self.max_literal} bytes"
+                f"{self.max_literal} bytes", announced_uid(rest) if self._parts is None else None
             ))
             return
         self._inflight += octets
