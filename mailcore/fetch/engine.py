@@ -462,7 +462,8 @@ class SyncEngine:
         session = await open_session(
             self.reactor, self._spec(account, password), self._creator(account),
             max_literal=s.max_message_bytes, connect_timeout=s.connect_timeout,
-            idle_timeout=s.idle_timeout, policy=s.address_policy(),
+            idle_timeout=s.idle_timeout, command_timeout=s.command_timeout,
+            policy=s.address_policy(),
         )
         if "QRESYNC" in session.capabilities and "ENABLE" in session.capabilities:
             await session.enable(b"QRESYNC")

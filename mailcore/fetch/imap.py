@@ -31,7 +31,11 @@ from typing import Any, TypeVar
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.endpoints import connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
@@ -174,6 +178,9 @@ _RE_RANGE = re.compile(rb"([^,:]*)(?::([^,]*))?(?:,|$)")
 MAX_VANISHED = 10_000_000
 _RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
 _RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
+# Untagged status and mailbox size replies: what a server may send at any time, and no
+# progress of any command (the idle timer does not restart on them).
+_RE_CHATTER = re.compile(rb"\* (?:OK|NO|BAD|\d+ (?:EXISTS|RECENT|EXPUNGE))\b", re.IGNORECASE)
 
 
 def expand_set(spec: bytes) -> list[int]:
@@ -423,6 +430,7 @@ class IMAPClient(imap4.IMAP4Client):
         max_literal: int = DEFAULT_MAX_LITERAL,
         max_reply_bytes: int | None = None,
         idle_timeout: float = 120.0,
+        command_timeout: float = 0.0,
         host: str = "server",
     ) -> None:
         super().__init__()
@@ -435,6 +443,12 @@ class IMAPClient(imap4.IMAP4Client):
         self.host = host
         self.timeout = int(idle_timeout) if idle_timeout > 0 else 0
         self.callLater = clock.callLater  # type: ignore[assignment]
+        # The command deadline (0: none): a command is answered (tagged) within
+        # `command_timeout` of being sent or of the answer before it, whatever else the
+        # server sends meanwhile.
+        self.command_timeout = command_timeout
+        self._deadline: IDelayedCall | None = None
+        self._chatter = False  # the line being read is untagged chatter
         self._inflight = 0
         self._dead = False
         # The bulk path (pipelined UID FETCH): its reader while it owns the connection, its
@@ -451,6 +465,7 @@ class IMAPClient(imap4.IMAP4Client):
         if self.error is None:
             self.error = err
         self._dead = True
+        self._disarm()
         pending = [c for c in (self.tags or {}).values() if c is not None]
         pending += list(self.queued or [])
         self.tags, self.queued, self.waiting = {}, [], None
@@ -500,13 +515,13 @@ class IMAPClient(imap4.IMAP4Client):
             self._bulk_uids[uid] = cmd
         d = cmd.result
         self.sendLine(tag + b" UID FETCH " + args)
+        self._arm()
         if leftover:
             self._bulk_received(leftover)
         return d
 
     def _bulk_received(self, data: bytes) -> None:
         assert self._bulk is not None
-        self.resetTimeout()
         self._bulk_bytes += len(data)
         if self._bulk_bytes > self.max_reply_bytes:
             self._fail(ProtocolFailed(
@@ -515,6 +530,11 @@ class IMAPClient(imap4.IMAP4Client):
             return
         try:
             replies = self._bulk.feed(data)
+            # Progress: a reply that is not chatter, or one begun (a literal on its way).
+            self._chatter = self._bulk.at_boundary and all(
+                _RE_CHATTER.match(reply.lines[0]) for reply in replies)
+            self.resetTimeout()
+            self._chatter = False
             ended = [self._bulk_reply(reply) for reply in replies]
         except FetchError as e:
             self._fail(e)
@@ -535,6 +555,8 @@ class IMAPClient(imap4.IMAP4Client):
                 super().dataReceived(rest)
             if not self._dead:
                 self._flushQueue()
+        if done:
+            self._answered()
         for cmd in done:
             d, cmd.defer = cmd.result, None
             if d.called:
@@ -579,13 +601,17 @@ class IMAPClient(imap4.IMAP4Client):
             ))
             return
         tagged = self._parts is None and not line.startswith((b"*", b"+"))
+        self._chatter = self._parts is None and _RE_CHATTER.match(line) is not None
         try:
             super().lineReceived(line)
         except Exception:
             self._fail(ProtocolFailed(f"malformed reply from {self.host}: {_show(line)}"))
             return
+        finally:
+            self._chatter = False
         if tagged:
             self._inflight = 0
+            self._answered()
 
     def _setupForLiteral(self, rest: bytes, octets: int) -> None:
         if octets > self.max_literal:
@@ -636,8 +662,42 @@ class IMAPClient(imap4.IMAP4Client):
     def timeoutConnection(self) -> None:
         self._fail(FetchTimeout(f"{self.host} stopped answering for {self.timeout} s"))
 
+    def resetTimeout(self) -> None:
+        """Restart the idle timer (Twisted's reader calls it on every line), unless what
+        was read is untagged chatter: `* OK` every few seconds kept a sync alive forever."""
+        if not self._chatter:
+            super().resetTimeout()
+
+    def sendCommand(self, cmd: imap4.Command) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = super().sendCommand(cmd)
+        self._arm()
+        return d
+
+    def _arm(self) -> None:
+        """Start the command deadline, unless it runs already."""
+        if self._deadline is None and self.command_timeout > 0 and not self._dead:
+            self._deadline = self.callLater(self.command_timeout, self._command_timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _answered(self) -> None:
+        """A command was answered: the next one still waiting gets a whole deadline."""
+        self._disarm()
+        if self.tags:
+            self._arm()
+
+    def _command_timed_out(self) -> None:
+        self._deadline = None
+        self._fail(FetchTimeout(
+            f"{self.host} answered no command for {self.command_timeout:g} s"))
+
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._dead = True
+        self._disarm()
         if self.error is None:
             self.error = connection_lost_error(self.host, reason)
         if not self.greeted.called:
@@ -856,14 +916,25 @@ class IMAPClient(imap4.IMAP4Client):
     async def enable(self, *extensions: bytes) -> None:
         await self.send(b"ENABLE", b" ".join(extensions))
 
-    async def close_session(self) -> None:
-        """LOGOUT politely, then make sure the connection is gone."""
-        if not self._dead and self.tags is not None:
-            try:
-                await self.send(b"LOGOUT")
-            except FetchError:
-                pass
-        self.abort()
+    async def close_session(self, wait: float = 5.0) -> None:
+        """LOGOUT politely, waiting at most `wait` seconds for the answer, then make sure
+        the connection is gone (cancelled or not)."""
+        try:
+            if not self._dead and self.tags is not None:
+                timer = self.callLater(wait, lambda: self._fail(FetchTimeout(
+                    f"{self.host} did not answer LOGOUT within {wait:g} s")))
+                try:
+                    await self.send(b"LOGOUT")
+                except FetchError:
+                    pass
+                finally:
+                    if timer.active():
+                        timer.cancel()
+        finally:
+            if self.tags and not self._dead:
+                # Unanswered (cancelled): its Deferred ends here, not again at connectionLost.
+                self._fail(ConnectFailed(f"connection to {self.host} closed"))
+            self.abort()
 
     def abort(self) -> None:
         self._dead = True
@@ -926,6 +997,7 @@ async def open_session(
     max_literal: int = DEFAULT_MAX_LITERAL,
     connect_timeout: float = 30.0,
     idle_timeout: float = 120.0,
+    command_timeout: float = 0.0,
     policy: AddressPolicy,
     client_class: type[IMAPClient] | None = None,
 ) -> IMAPClient:
@@ -934,7 +1006,7 @@ async def open_session(
     same arguments (the mailbox writer's pipelined session)."""
     client = (client_class or IMAPClient)(
         reactor, max_literal=max_literal, idle_timeout=idle_timeout,
-        host=f"{spec.host}:{spec.port}",
+        command_timeout=command_timeout, host=f"{spec.host}:{spec.port}",
     )
     await connect_to(reactor, spec, creator, client, connect_timeout, policy)
     try:

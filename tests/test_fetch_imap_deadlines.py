@@ -1,0 +1,180 @@
+"""A server that trickles untagged replies keeps no sync (and no concurrency slot) forever.
+
+Untagged status replies (`* OK`, `* 3 EXISTS`...) do not restart the idle timer; a command
+not answered within the command deadline fails the session whatever the server sends
+meanwhile; LOGOUT is waited for a few seconds at most, and a cancelled close still drops the
+connection. Each drives a session over a StringTransport with a Clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.errors import FetchTimeout
+from mailcore.fetch.imap import IMAPClient
+from tests.support.fetchenv import make_env
+from tests.support.reactor import get_reactor
+from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_servers
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def connected(**kw: Any) -> tuple[IMAPClient, StringTransport, Clock]:
+    clock = Clock()
+    client = IMAPClient(clock, host="fake", **kw)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"* OK ready\r\n")
+    return client, transport, clock
+
+
+def failure_of(d: defer.Deferred[Any]) -> BaseException:
+    box: list[Any] = []
+    d.addErrback(box.append)
+    assert box, "the Deferred did not fail"
+    return box[0].value
+
+
+def trickle(client: IMAPClient, clock: Clock, seconds: float, line: bytes) -> None:
+    """The server sends `line` every half second for `seconds`."""
+    for _ in range(int(seconds * 2)):
+        clock.advance(0.5)
+        client.dataReceived(line + b"\r\n")
+
+
+class ChatterTests(TestCase):
+    def test_untagged_chatter_does_not_restart_the_idle_timer(self) -> None:
+        for line in (b"* OK still here", b"* 3 EXISTS", b"* NO [ALERT] wait"):
+            for bulk in (True, False):  # the pipelined UID FETCH, Twisted's reader
+                client, transport, clock = connected(idle_timeout=2)
+                d = (client.uid_fetch([1], b"UID BODY.PEEK[]") if bulk
+                     else client.send(b"NOOP"))
+                trickle(client, clock, 2, line)
+                error = failure_of(d)
+                self.assertIsInstance(error, FetchTimeout, (line, bulk))
+                self.assertIn("stopped answering for 2 s", str(error))
+                self.assertTrue(transport.disconnecting)
+
+    def test_a_body_on_its_way_restarts_the_idle_timer(self) -> None:
+        client, _transport, clock = connected(idle_timeout=2)
+        d = client.uid_fetch([1], b"UID BODY.PEEK[]")
+        client.dataReceived(b"* 1 FETCH (UID 1 BODY[] {%d}\r\n" % len(BODY))
+        for byte in BODY:  # a byte a second: slow, but it is the reply
+            clock.advance(1)
+            client.dataReceived(bytes([byte]))
+        client.dataReceived(b")\r\n0001 OK done\r\n")
+        [item] = self.successResultOf(d)
+        self.assertEqual(item.body, BODY)
+
+
+class CommandDeadlineTests(TestCase):
+    def test_a_command_unanswered_past_the_deadline_fails_whatever_else_comes(self) -> None:
+        for bulk in (True, False):
+            client, transport, clock = connected(idle_timeout=0, command_timeout=10)
+            d = client.uid_fetch([1], b"UID BODY.PEEK[]") if bulk else client.send(b"NOOP")
+            trickle(client, clock, 9.5, b"* 1 FETCH (UID 9 FLAGS ())")
+            self.assertNoResult(d)
+            clock.advance(0.5)
+            error = failure_of(d)
+            self.assertIsInstance(error, FetchTimeout)
+            self.assertIn("answered no command for 10 s", str(error))
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_each_answer_gives_the_next_command_a_whole_deadline(self) -> None:
+        client, _transport, clock = connected(idle_timeout=0, command_timeout=10)
+        first = client.send(b"NOOP")
+        second = client.send(b"NOOP")  # queued behind the first
+        clock.advance(9)
+        client.dataReceived(b"0001 OK done\r\n")
+        self.successResultOf(first)
+        clock.advance(9)
+        self.assertNoResult(second)
+        client.dataReceived(b"0002 OK done\r\n")
+        self.successResultOf(second)
+        self.assertEqual(clock.getDelayedCalls(), [])  # nothing waits: no deadline runs
+
+    def test_without_a_command_timeout_there_is_no_deadline(self) -> None:
+        client, _transport, clock = connected(idle_timeout=0)
+        d = client.send(b"NOOP")
+        clock.advance(10 ** 6)
+        self.assertNoResult(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class LogoutTests(TestCase):
+    def test_logout_unanswered_is_waited_for_five_seconds(self) -> None:
+        client, transport, clock = connected(idle_timeout=0)
+        d = defer.Deferred.fromCoroutine(client.close_session())
+        self.assertEqual(transport.value(), b"0001 LOGOUT\r\n")
+        clock.advance(4.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_cancelled_close_drops_the_connection(self) -> None:
+        client, transport, clock = connected(idle_timeout=0, command_timeout=10)
+        d = defer.Deferred.fromCoroutine(client.close_session())
+        d.cancel()
+        self.assertIsInstance(failure_of(d), defer.CancelledError)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        client.connectionLost(Failure(ConnectionDone()))  # no second errback of LOGOUT's
+
+
+class TricklingServerTests(TestCase):
+    """The whole engine against a server that answers a body fetch with a line every 0.2 s
+    and never the tagged reply: the sync ends, with an error on the folder."""
+
+    timeout = 30
+
+    async def sync_against_trickle(self, line: bytes, **settings: Any) -> Any:
+        loops: list[task.LoopingCall] = []
+
+        def trickle(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if b"BODY" not in rest:
+                return None
+            loop = task.LoopingCall(conn.transport.write, line + b"\r\n")
+            loop.clock = get_reactor()
+            loop.start(0.2)
+            loops.append(loop)
+            return True
+
+        def stop() -> None:
+            for loop in loops:
+                if loop.running:
+                    loop.stop()
+
+        self.addCleanup(stop)
+        (factory, port), = cleartext_servers(self, 1)
+        factory.hooks["UID FETCH"] = trickle
+        env = await make_env(self, **settings)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        started = get_reactor().seconds()
+        result = await env.engine.sync(account.id)
+        self.assertLess(get_reactor().seconds() - started, 10)
+        return result
+
+    async def test_untagged_ok_every_fifth_of_a_second_meets_the_idle_timeout(self) -> None:
+        result = await self.sync_against_trickle(b"* OK still here", idle_timeout=1.0)
+        self.assertEqual(result.status, "error")
+        self.assertIn("INBOX: 127.0.0.1", result.problems())
+        self.assertIn("stopped answering for 1 s", result.problems())
+
+    async def test_any_trickle_meets_the_command_deadline(self) -> None:
+        result = await self.sync_against_trickle(
+            b"* 1 FETCH (UID 1 FLAGS ())", idle_timeout=60.0, command_timeout=1.5)
+        self.assertEqual(result.status, "error")
+        self.assertIn("answered no command for 1.5 s", result.problems())
