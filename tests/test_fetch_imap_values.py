@@ -199,6 +199,19 @@ class OversizedLiteralTests(TestCase):
             self.assertEqual(getattr(error, "uid", None), 7, uids)
 
 
+    def test_a_fetch_answered_before_the_literal_over_the_bound_keeps_its_answer(self) -> None:
+        client = IMAPClient(Clock(), host="fake", max_literal=1000)
+        client.makeConnection(StringTransport())
+        client.dataReceived(b"* OK ready\r\n")
+        first = client.uid_fetch([1], b"UID BODY.PEEK[]")
+        second = client.uid_fetch([2], b"UID BODY.PEEK[]")
+        client.dataReceived(fetch_reply(b"1") + b"0001 OK done\r\n"  # one read, both
+                            + b"* 2 FETCH (BODY[] {5000}\r\n")
+        [item] = self.successResultOf(first)
+        self.assertEqual((item.uid, item.body), (1, BODY))
+        self.assertIsInstance(failure_of(second), LiteralTooLarge)
+
+
 class FolderListingTests(TestCase):
     def test_a_folder_the_store_cannot_keep_is_refused_alone(self) -> None:
         listing = listed(self, b"INBOX", b'"bad&AAA-name"', b'"' + b"n" * 1025 + b'"',
@@ -405,6 +418,7 @@ class SyncValuesMixin(MixinBase):
 
     async def test_a_body_over_the_limit_its_size_denied_is_skipped_alone(self) -> None:
         bodies = {1: BODY, 2: BODY + b"x" * 5000, 3: BODY.replace(b"<m1@", b"<m3@")}
+        uid_last = [False]  # the reply names its UID after the body (not before the literal)
 
         def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
             conn.transport.write(b"* SEARCH 1 2 3\r\n" + tag + b" OK s\r\n")
@@ -416,6 +430,9 @@ class SyncValuesMixin(MixinBase):
                 if b"BODY" not in rest:  # RFC822.SIZE lies for UID 2
                     conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE 100)\r\n"
                                          % (uid, uid))
+                elif uid_last[0]:
+                    conn.transport.write(b"* %d FETCH (FLAGS () BODY[] {%d}\r\n%s UID %d)\r\n"
+                                         % (uid, len(bodies[uid]), bodies[uid], uid))
                 else:
                     conn.transport.write(fetch_reply(b"%d" % uid, body=bodies[uid]))
             conn.transport.write(tag + b" OK fetched\r\n")
@@ -427,7 +444,10 @@ class SyncValuesMixin(MixinBase):
             return True
 
         hooks = {"UID SEARCH": search, "UID FETCH": fetch, "EXAMINE": examine}
-        for batch in (1, 100):
+        # The session the literal ended, one more; and one before, when the reply of a batch
+        # of 3 did not say which message it was (the folder then goes one message a fetch).
+        for batch, uid_last[0], sessions in ((1, False, 2), (100, False, 2), (1, True, 2),
+                                             (100, True, 3)):
             result, env, account_id = await self.run_sync(
                 hooks, max_message_bytes=2000, batch_messages=batch)
             self.assertEqual(result.status, "error")
@@ -437,7 +457,7 @@ class SyncValuesMixin(MixinBase):
             copies = await env.copies(account_id, "INBOX")
             self.assertEqual(sorted(copies), [1, 3], batch)
             logins = [line for _tls, line in self.factory.received if b"AUTHENTICATE" in line]
-            self.assertEqual(len(logins), 2)  # the session the literal ended, and one more
+            self.assertEqual(len(logins), sessions)
 
             again = await env.engine.sync(account_id)
             self.assertEqual(again.status, "success", again.problems())

@@ -48,6 +48,8 @@ class ReplyReader:
         self._have = 0                   # bytes in _buf and _chunks
         self._reply = Reply()
         self._literal: int | None = None  # length of the literal being read
+        # When feed raised LiteralTooLarge: the replies it had read whole before it.
+        self.read_before_failure: list[Reply] = []
 
     @property
     def at_boundary(self) -> bool:
@@ -100,6 +102,7 @@ class ReplyReader:
                                              f"{_show(line)}")
                     n = int(count)
                     if n > self.max_literal:
+                        self.read_before_failure = out
                         raise LiteralTooLarge(
                             f"{self.host} announced a {n}-byte literal, over the limit of "
                             f"{self.max_literal} bytes", announced_uid(self._reply.lines[0])

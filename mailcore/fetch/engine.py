@@ -115,6 +115,17 @@ class FolderResult:
 
 
 @dataclass
+class _Oversized:
+    """A folder's messages whose body came back over the size limit in this sync, skipped
+    when the folder starts again; `one_by_one` once a reply did not name its message (the
+    folder's messages are then fetched one per command, so the next one will be known)."""
+
+    skipped: dict[int, str] = field(default_factory=dict)
+    one_by_one: bool = False
+    restarts: int = 0
+
+
+@dataclass
 class SyncResult:
     """What a sync of one account did. `status` is "success" or "error", or "busy" when
     nothing was done because another node is syncing the account (or, for a scheduled
@@ -213,9 +224,10 @@ def batches(uids: list[int], sizes: dict[int, int], max_count: int,
 
 
 class _BodyTooLarge(Exception):
-    """A message's body came back over the size limit (its RFC822.SIZE lied)."""
+    """A message's body came back over the size limit (its RFC822.SIZE lied); `uid` is
+    None when the reply did not say which message of a batch it was."""
 
-    def __init__(self, uid: int, error: FetchError) -> None:
+    def __init__(self, uid: int | None, error: FetchError) -> None:
         super().__init__(str(error))
         self.uid = uid
         self.error = error
@@ -530,7 +542,7 @@ class SyncEngine:
         """Sync one folder (EXAMINEd unless `info` says it is open), its failure recorded as
         the folder's error; the session to go on with (a new one when this one died)."""
         folder_result = result.folders.setdefault(state.name, FolderResult())
-        oversized: dict[int, str] = {}  # skipped UIDs whose body came back over the limit
+        oversized = _Oversized()
         while True:
             try:
                 if info is None:
@@ -538,12 +550,18 @@ class SyncEngine:
                 await self._sync_imap_folder(session, account, state, info, result,
                                              folder_result, progress, oversized)
             except _BodyTooLarge as e:
-                if e.uid in oversized or len(oversized) >= MAX_OVERSIZED_RETRIES:
+                if oversized.restarts >= MAX_OVERSIZED_RETRIES or e.uid in oversized.skipped or (
+                    e.uid is None and oversized.one_by_one
+                ):
                     await self._folder_failed(state, folder_result, e.error)
                 else:
                     # Skipped as the size check skips an honest size; what was stored stays,
                     # and the folder starts again (in a new session if this one died).
-                    oversized[e.uid] = f"UID {e.uid}: {e.error}; not fetched"
+                    oversized.restarts += 1
+                    if e.uid is None:
+                        oversized.one_by_one = True
+                    else:
+                        oversized.skipped[e.uid] = f"UID {e.uid}: {e.error}; not fetched"
                     info = None
                     session = await self._alive(session, account, password)
                     continue
@@ -598,7 +616,7 @@ class SyncEngine:
         result: SyncResult,
         folder_result: FolderResult,
         progress: list[int],
-        oversized: dict[int, str],
+        oversized: _Oversized,
     ) -> None:
         s = self.settings
         condstore, qresync = self._resync_modes(session, state)
@@ -658,8 +676,8 @@ class SyncEngine:
         for uid in uids:
             if uid not in sizes:
                 continue  # expunged since the search
-            if uid in oversized:
-                skipped.append(oversized[uid])
+            if uid in oversized.skipped:
+                skipped.append(oversized.skipped[uid])
                 continue
             if sizes[uid] > s.max_message_bytes:
                 skipped.append(
@@ -674,7 +692,8 @@ class SyncEngine:
         where = Location(user_id=account.user_id, account_id=account.id, folder_id=state.id,
                          folder=state.name, uidvalidity=uidvalidity)
         pending: deque[tuple[list[int], defer.Deferred[_Parsed]]] = deque()
-        queue = deque(batches(todo, sizes, s.batch_messages, s.batch_bytes))
+        queue = deque(batches(todo, sizes, 1 if oversized.one_by_one else s.batch_messages,
+                              s.batch_bytes))
         try:
             while queue or pending:
                 while queue and len(pending) < s.pipeline_depth:
@@ -686,8 +705,6 @@ class SyncEngine:
                 except LiteralTooLarge as e:
                     # Which message: the reply named it, or the batch holds only one.
                     over = e.uid if e.uid in todo else batch[0] if len(batch) == 1 else None
-                    if over is None:
-                        raise
                     raise _BodyTooLarge(over, e) from None
                 if queue:  # the next fetch goes out before this batch is stored
                     nxt = queue.popleft()

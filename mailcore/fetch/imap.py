@@ -528,8 +528,12 @@ class IMAPClient(imap4.IMAP4Client):
                 f"{self.host} sent more than {self.max_reply_bytes} bytes for one command"
             ))
             return
+        failed: LiteralTooLarge | None = None
         try:
-            replies = self._bulk.feed(data)
+            try:
+                replies = self._bulk.feed(data)
+            except LiteralTooLarge as e:  # the replies before it still answer their commands
+                failed, replies = e, self._bulk.read_before_failure
             # Progress: a reply that is not chatter, or one begun (a literal on its way).
             self._chatter = self._bulk.at_boundary and all(
                 _RE_CHATTER.match(reply.lines[0]) for reply in replies)
@@ -544,6 +548,10 @@ class IMAPClient(imap4.IMAP4Client):
                 f"malformed reply from {self.host} ({type(e).__name__})"))
             return
         done = [cmd for cmd in ended if cmd is not None]
+        if failed is not None:
+            self._fail(failed)  # the commands not answered yet
+            self._bulk_answer(done)
+            return
         if done:
             self._bulk_bytes = 0
         if not self._bulk_tags and self._bulk.at_boundary:
@@ -557,6 +565,10 @@ class IMAPClient(imap4.IMAP4Client):
                 self._flushQueue()
         if done:
             self._answered()
+        self._bulk_answer(done)
+
+    def _bulk_answer(self, done: list[_Pipelined]) -> None:
+        """Fire the Deferreds of pipelined commands that were answered."""
         for cmd in done:
             d, cmd.defer = cmd.result, None
             if d.called:
