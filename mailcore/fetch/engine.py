@@ -88,7 +88,7 @@ POP_REOPENS = 5
 # A folder's sync starts again (in a new session when the old one died) at most this many
 # times, each after a message whose body came back over the size limit though its
 # RFC822.SIZE was within it; that message is skipped the next time.
-MAX_OVERSIZED_RETRIES = 20
+MAX_OVERSIZED_RESTARTS = 20
 
 # An account's sync lease (fetch_accounts.lease_owner/lease_until) lasts this long and is
 # renewed every third of it while the sync runs; a node that died mid-sync holds the account
@@ -550,7 +550,7 @@ class SyncEngine:
                 await self._sync_imap_folder(session, account, state, info, result,
                                              folder_result, progress, oversized)
             except _BodyTooLarge as e:
-                if oversized.restarts >= MAX_OVERSIZED_RETRIES or e.uid in oversized.skipped or (
+                if oversized.restarts >= MAX_OVERSIZED_RESTARTS or e.uid in oversized.skipped or (
                     e.uid is None and oversized.one_by_one
                 ):
                     await self._folder_failed(state, folder_result, e.error)
