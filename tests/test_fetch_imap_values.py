@@ -458,6 +458,8 @@ class SyncValuesMixin(MixinBase):
             self.assertEqual(sorted(copies), [1, 3], batch)
             logins = [line for _tls, line in self.factory.received if b"AUTHENTICATE" in line]
             self.assertEqual(len(logins), sessions)
+            shown = await env.accounts.get(env.user_id, account_id)
+            self.assertEqual((shown.progress_done, shown.progress_total), (2, 2))
 
             again = await env.engine.sync(account_id)
             self.assertEqual(again.status, "success", again.problems())

@@ -123,6 +123,7 @@ class _Oversized:
     skipped: dict[int, str] = field(default_factory=dict)
     one_by_one: bool = False
     restarts: int = 0
+    progress: tuple[int, int] | None = None  # the sync's (done, total) before the folder
 
 
 @dataclass
@@ -686,7 +687,11 @@ class SyncEngine:
                 )
                 continue
             todo.append(uid)
-        progress[1] += len(todo)
+        if oversized.progress is None:
+            oversized.progress = (progress[0], progress[1])
+        done, total = oversized.progress
+        # A restart counts the folder's messages once: those stored, and those still to fetch.
+        progress[1] = total + (progress[0] - done) + len(todo)
         await self._progress(account, state.name, progress[0], progress[1])
 
         where = Location(user_id=account.user_id, account_id=account.id, folder_id=state.id,
