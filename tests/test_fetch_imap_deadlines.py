@@ -21,7 +21,7 @@ from mailcore.fetch.errors import FetchTimeout
 from mailcore.fetch.imap import IMAPClient
 from tests.support.fetchenv import make_env
 from tests.support.reactor import get_reactor
-from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_servers
+from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_servers, failure_of
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -33,13 +33,6 @@ def connected(**kw: Any) -> tuple[IMAPClient, StringTransport, Clock]:
     client.makeConnection(transport)
     client.dataReceived(b"* OK ready\r\n")
     return client, transport, clock
-
-
-def failure_of(d: defer.Deferred[Any]) -> BaseException:
-    box: list[Any] = []
-    d.addErrback(box.append)
-    assert box, "the Deferred did not fail"
-    return box[0].value
 
 
 def trickle(client: IMAPClient, clock: Clock, seconds: float, line: bytes) -> None:
