@@ -178,9 +178,6 @@ _RE_RANGE = re.compile(rb"([^,:]*)(?::([^,]*))?(?:,|$)")
 MAX_VANISHED = 10_000_000
 _RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
 _RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
-# Untagged status and mailbox size replies: what a server may send at any time, and no
-# progress of any command (the idle timer does not restart on them).
-_RE_CHATTER = re.compile(rb"\* (?:OK|NO|BAD|\d+ (?:EXISTS|RECENT|EXPUNGE))\b", re.IGNORECASE)
 
 
 def expand_set(spec: bytes) -> list[int]:
@@ -445,10 +442,11 @@ class IMAPClient(imap4.IMAP4Client):
         self.callLater = clock.callLater  # type: ignore[assignment]
         # The command deadline (0: none): a command is answered (tagged) within
         # `command_timeout` of being sent or of the answer before it, whatever else the
-        # server sends meanwhile.
+        # server sends meanwhile. Untagged replies restart the idle timer, as Dovecot's
+        # `* OK Searched 40% of the mailbox` keeps a slow command alive; they cannot
+        # keep one waiting past this.
         self.command_timeout = command_timeout
         self._deadline: IDelayedCall | None = None
-        self._chatter = False  # the line being read is untagged chatter
         self._inflight = 0
         self._dead = False
         # The bulk path (pipelined UID FETCH): its reader while it owns the connection, its
@@ -522,6 +520,7 @@ class IMAPClient(imap4.IMAP4Client):
 
     def _bulk_received(self, data: bytes) -> None:
         assert self._bulk is not None
+        self.resetTimeout()
         self._bulk_bytes += len(data)
         if self._bulk_bytes > self.max_reply_bytes:
             self._fail(ProtocolFailed(
@@ -534,11 +533,6 @@ class IMAPClient(imap4.IMAP4Client):
                 replies = self._bulk.feed(data)
             except LiteralTooLarge as e:  # the replies before it still answer their commands
                 failed, replies = e, self._bulk.read_before_failure
-            # Progress: a reply that is not chatter, or one begun (a literal on its way).
-            self._chatter = self._bulk.at_boundary and all(
-                _RE_CHATTER.match(reply.lines[0]) for reply in replies)
-            self.resetTimeout()
-            self._chatter = False
             ended = [self._bulk_reply(reply) for reply in replies]
         except FetchError as e:
             self._fail(e)
@@ -613,14 +607,11 @@ class IMAPClient(imap4.IMAP4Client):
             ))
             return
         tagged = self._parts is None and not line.startswith((b"*", b"+"))
-        self._chatter = self._parts is None and _RE_CHATTER.match(line) is not None
         try:
             super().lineReceived(line)
         except Exception:
             self._fail(ProtocolFailed(f"malformed reply from {self.host}: {_show(line)}"))
             return
-        finally:
-            self._chatter = False
         if tagged:
             self._inflight = 0
             self._answered()
@@ -673,12 +664,6 @@ class IMAPClient(imap4.IMAP4Client):
 
     def timeoutConnection(self) -> None:
         self._fail(FetchTimeout(f"{self.host} stopped answering for {self.timeout} s"))
-
-    def resetTimeout(self) -> None:
-        """Restart the idle timer (Twisted's reader calls it on every line), unless what
-        was read is untagged chatter: `* OK` every few seconds kept a sync alive forever."""
-        if not self._chatter:
-            super().resetTimeout()
 
     def sendCommand(self, cmd: imap4.Command) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = super().sendCommand(cmd)

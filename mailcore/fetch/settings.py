@@ -48,9 +48,9 @@ class FetchSettings:
     connect_timeout: float = 30.0
     idle_timeout: float = 120.0
     # An IMAP sync's session fails when no command is answered for this long while one
-    # waits, whatever untagged replies the server sends meanwhile (the idle timeout restarts
-    # on progress only, not on `* OK` chatter). Long enough for the biggest message on a slow
-    # link: 64 MiB at 300 kbit/s.
+    # waits, whatever untagged replies the server sends meanwhile (they restart
+    # idle_timeout: Dovecot sends `* OK Searched 40% ...` during a slow SEARCH). Long enough
+    # for the biggest message on a slow link: 64 MiB at 300 kbit/s.
     command_timeout: float = 1800.0
     # How many accounts (IMAP2API imap-servers, Dropmyemail accounts) one user may have:
     # each is synced on its own schedule, so the number bounds the work a user can ask for.
