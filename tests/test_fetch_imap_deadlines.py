@@ -22,7 +22,12 @@ from mailcore.fetch.errors import FetchTimeout
 from mailcore.fetch.imap import IMAPClient
 from tests.support.fetchenv import make_env
 from tests.support.reactor import get_reactor
-from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_servers, failure_of
+from tests.test_fetch_imap_hostile import (
+    FakeIMAP,
+    FakeIMAPFactory,
+    cleartext_servers,
+    failure_of,
+)
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -131,8 +136,10 @@ class TricklingServerTests(TestCase):
     and never the tagged reply: the sync ends, with an error on the folder."""
 
     timeout = 30
+    factory: FakeIMAPFactory
 
-    async def sync_against_trickle(self, line: bytes, **settings: Any) -> Any:
+    async def sync_against_trickle(self, line: bytes, *, folders: int = 1,
+                                   **settings: Any) -> Any:
         loops: list[task.LoopingCall] = []
 
         def trickle(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
@@ -152,6 +159,15 @@ class TricklingServerTests(TestCase):
         self.addCleanup(stop)
         (factory, port), = cleartext_servers(self, 1)
         factory.hooks["UID FETCH"] = trickle
+        if folders > 1:
+            def listing(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+                conn.transport.write(b"".join(b'* LIST () "/" F%d\r\n' % i
+                                              for i in range(folders))
+                                     + tag + b" OK listed\r\n")
+                return True
+
+            factory.hooks["LIST"] = listing
+        self.factory = factory
         env = await make_env(self, **settings)
         account = await env.accounts.create(
             env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
@@ -170,6 +186,18 @@ class TricklingServerTests(TestCase):
         self.assertEqual(result.status, "error")
         self.assertIn("INBOX: 127.0.0.1", result.problems())
         self.assertIn("answered no command for 1.5 s", result.problems())
+
+    async def test_the_sync_stops_at_the_first_command_past_the_deadline(self) -> None:
+        result = await self.sync_against_trickle(
+            b"* OK still here", folders=3, idle_timeout=60.0, command_timeout=1.0)
+        self.assertEqual(result.status, "error")
+        self.assertRegex(result.problems() or "",
+                         r"^the sync stopped at a command the server left unanswered; the other "
+                         r"folders are synced next time; F0: 127\.0\.0\.1:\d+ answered no "
+                         r"command for 1 s$")
+        examined = [line for _tls, line in self.factory.received if b" EXAMINE " in line]
+        self.assertEqual(len(examined), 1)
+        self.assertEqual(len(self.factory.connections), 1)
 
     async def test_any_trickle_meets_the_command_deadline(self) -> None:
         result = await self.sync_against_trickle(

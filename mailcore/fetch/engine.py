@@ -34,7 +34,13 @@ from mailcore.fetch.accounts import (
     thd_release_sync,
     thd_renew_syncs,
 )
-from mailcore.fetch.errors import INTERNAL_ERROR, FetchError, LiteralTooLarge, ProtocolFailed
+from mailcore.fetch.errors import (
+    INTERNAL_ERROR,
+    CommandTimeout,
+    FetchError,
+    LiteralTooLarge,
+    ProtocolFailed,
+)
 from mailcore.fetch.imap import (
     FetchItem,
     IMAPClient,
@@ -579,10 +585,15 @@ class SyncEngine:
 
     async def _alive(self, session: IMAPClient, account: Account,
                      password: str) -> IMAPClient:
-        """`session`, or a new one when it died (with the folder it failed on)."""
+        """`session`, or a new one when it died (with the folder it failed on). A server that
+        let a command wait past the command deadline gets no new session: the sync stops
+        (each folder would hold the sync, and its slot, as long again)."""
         if session.error is None:
             return session
         session.abort()
+        if isinstance(session.error, CommandTimeout):
+            raise CommandTimeout("the sync stopped at a command the server left unanswered; "
+                                 "the other folders are synced next time")
         return await self._open_imap(account, password)
 
     def _resync_modes(self, session: IMAPClient,

@@ -44,6 +44,10 @@ class FetchTimeout(FetchError):
     """The server stopped answering."""
 
 
+class CommandTimeout(FetchTimeout):
+    """The server answered no command for the command deadline, whatever else it sent."""
+
+
 class AccountError(Exception):
     """An account operation was refused; `field` names the offending input, if any."""
 

@@ -49,6 +49,7 @@ from mailcore.fetch.bulk import (
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
+    CommandTimeout,
     ConnectFailed,
     FetchError,
     FetchTimeout,
@@ -689,7 +690,7 @@ class IMAPClient(imap4.IMAP4Client):
 
     def _command_timed_out(self) -> None:
         self._deadline = None
-        self._fail(FetchTimeout(
+        self._fail(CommandTimeout(
             f"{self.host} answered no command for {self.command_timeout:g} s"))
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
