@@ -199,7 +199,8 @@ class Core:
         """A hosted mailbox came or went through this process: routing's cache of them is
         stale, and the RCPT snapshot catches up now rather than at its next poll."""
         self.hosted.invalidate()
-        self.domains.tick()
+        if self.domains.running:  # a daemon's snapshot; the CLI keeps none
+            self.domains.tick()
 
     def _build_filtering(self) -> None:
         """The quarantine ([quarantine]) and the filtering pipeline stage ([filters],
