@@ -215,6 +215,30 @@ class AccessLogTests(TestCase):
         self.assertNotIn(token, event[TEXT_KEY])
         protocol.connectionLost(Failure(ConnectionDone()))
 
+    def test_a_drop_link_with_an_encoded_slash_is_logged_without_its_token(self) -> None:
+        """`/drop%2FTOKEN` is routed as `/drop/TOKEN` (the router decodes `%2F`), so the
+        log hides the segment after an encoded slash as after a plain one."""
+        web = Web.build()
+        token = "T0k" * 14 + "x"
+        protocol = build_site(web.core).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(f"GET /drop%2F{token}%2Ffiles%2F1 HTTP/1.1\r\n"
+                              "Host: 127.0.0.1\r\n\r\n".encode())
+        self.assertIn(b"HTTP/1.1 ", transport.value())
+        [event] = self.events
+        self.assertEqual(event["target"], "/drop%2F[redacted]%2Ffiles%2F1")
+        self.assertNotIn(token, event[TEXT_KEY])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        for uri, shown in [
+            (b"/Drop%2ft0k", "/Drop%2f[redacted]"),
+            (b"/quarantine%2Frelease/t0k?x=1", "/quarantine%2Frelease/[redacted]?x=1"),
+            (b"http://h/drop%2Ft0k", "http://h/drop%2F[redacted]"),
+            (b"/a%2Fdrop/t0k", "/a%2Fdrop/t0k"),
+        ]:
+            self.assertEqual(redacted_target(uri), shown, uri)
+
     async def test_credential_headers_are_never_logged(self) -> None:
         every: list[dict[str, Any]] = []
         observe: Any = every.append

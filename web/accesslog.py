@@ -27,6 +27,8 @@ from web.context import RequestContext
 REDACTED = "[redacted]"
 # The scheme and "//" of an absolute-form request target (RFC 3986 §3.1).
 _ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A path separator as the log sees one: a slash, or a percent-encoded one.
+_SEPARATOR = re.compile(r"(/|%2[Ff])")
 HIDDEN_SEGMENT = "{secret}"
 ANY_SEGMENT = "*"
 
@@ -67,7 +69,10 @@ class RedactionRule:
         return self._path(text)
 
     def _path(self, text: str) -> str:
-        raw = text.split("/")
+        # An encoded slash separates segments too: the router decodes `%2F` before it
+        # matches, so `/drop%2FTOKEN` reaches the drop page.
+        pieces = _SEPARATOR.split(text)
+        raw, separators = pieces[0::2], pieces[1::2]
         shown = list(raw)
         present = [i for i, segment in enumerate(raw) if segment]
         for pattern in self._patterns:
@@ -78,7 +83,7 @@ class RedactionRule:
                 for want, i in zip(pattern, at, strict=True):
                     if want == HIDDEN_SEGMENT:
                         shown[i] = REDACTED
-        return "/".join(shown)
+        return "".join(s + sep for s, sep in zip(shown, [*separators, ""], strict=True))
 
     def target(self, uri: bytes) -> str:
         """The request target for a log line: the path and the query, secrets hidden."""
