@@ -134,6 +134,32 @@ class ReadmeTourMixin(DatabaseMixin):
         await self.poll()
         self.assertTrue(self.rcpt("nobody@hosted.test").startswith("250 "))
 
+    async def test_postmaster_of_a_hosted_domain_without_its_mailbox_is_ours(self) -> None:
+        """postmaster@ a hosted domain must be accepted (RFC 5321 4.5.1); without a
+        postmaster mailbox it went to the domain, found no mailbox and bounced, so it goes
+        to the operator's postmaster ([smtp] postmaster) until the domain has one."""
+        await self.other.domains.add("hosted.test", self.alice.id, "", hosted=True)
+        await self.poll()
+
+        def recipients(address: str) -> list[str]:
+            session = Session(self.factory)
+            try:
+                session.hello()
+                session.send(b"MAIL FROM:<a@example.net>\r\n")
+                [reply] = session.send(f"RCPT TO:<{address}>\r\n".encode())
+                self.assertTrue(reply.startswith("250 "), reply)
+                return [r.address for r in session.protocol._recipients]
+            finally:
+                session.close()
+
+        ours = str(self.factory.postmaster)
+        self.assertNotEqual(ours, "postmaster@hosted.test")
+        self.assertEqual(recipients("PostMaster@hosted.test"), [ours])
+        self.assertEqual(recipients("postmaster"), [ours])
+        await self.other.mailboxes.add("postmaster@hosted.test", self.alice.id)
+        await self.poll()
+        self.assertEqual(recipients("PostMaster@hosted.test"), ["PostMaster@hosted.test"])
+
 
 class SQLiteReadmeTourTests(ReadmeTourMixin, TestCase):
     backend = "sqlite"

@@ -770,7 +770,8 @@ class DomainService(PeriodicService):
         domain has an address list; for a hosted domain (no next hop), one of its
         mailboxes, as mail to any other address could only bounce, to a sender who may
         be forged. postmaster@ a served domain is always accepted (RFC 5321 4.5.1) and goes
-        to the domain's next hop like the rest of its mail (its mailbox, if hosted)."""
+        to the domain's next hop like the rest of its mail (its mailbox, if hosted; the
+        operator's postmaster if it has none: `postmaster_elsewhere`)."""
         found = self.lookup(domain_name)
         if found is None:
             return False
@@ -779,6 +780,14 @@ class DomainService(PeriodicService):
             return local in self._mailboxes.get(found.id, ()) or local == "postmaster"
         allowed = self._addresses.get(found.id)
         return not allowed or local in allowed or local == "postmaster"
+
+    def postmaster_elsewhere(self, domain_name: str) -> bool:
+        """Whether mail to postmaster@domain_name goes to the operator's postmaster: the
+        domain is hosted and has no postmaster mailbox, so the mail RFC 5321 4.5.1 has us
+        accept would have nowhere to go in it but back to its sender."""
+        found = self.lookup(domain_name)
+        return (found is not None and found.hosted
+                and "postmaster" not in self._mailboxes.get(found.id, ()))
 
 
     def domain_by_id(self, domain_id: int) -> Domain | None:

@@ -27,7 +27,8 @@ not inherit (see shared/notes/twisted-pitfalls.md):
 - `RCPT TO:<postmaster>` (no domain) is always accepted (RFC 5321 4.5.1) and its mail goes
   to the `postmaster` address: to that domain's next hop when we serve it, else routed like
   a bounce to a foreign sender (the `[queue] relayhost`, or the domain's MX). Only that one
-  configured address can be reached this way, so it opens no relay.
+  configured address can be reached this way, so it opens no relay. Mail to postmaster@
+  a hosted domain that has no postmaster mailbox goes there too (it would only bounce).
 
 Recipients are checked against a `RecipientDirectory` (the DomainService's in-memory
 snapshot: no SQL per RCPT) and accepted messages go to a `MessageSink` (the spool), whose
@@ -128,6 +129,8 @@ class RecipientDirectory(Protocol):
     def lookup(self, domain_name: str) -> ServedDomain | None: ...
 
     def accepts(self, local_part: str, domain_name: str) -> bool: ...
+
+    def postmaster_elsewhere(self, domain_name: str) -> bool: ...
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -844,11 +847,8 @@ class ESMTPServerProtocol(TwistedProtocol):
     def _check_recipient(self, mailbox: Mailbox) -> None:
         directory = self.factory.directory
         if not mailbox.domain:
-            # <postmaster>: RFC 5321 4.5.1 says accept it; it goes to the configured address,
-            # in a served domain (its next hop) or not (routed like a foreign recipient).
-            postmaster = self.factory.postmaster
-            served = directory.lookup(postmaster.domain)
-            self._add_recipient(str(postmaster), served.id if served is not None else None)
+            # <postmaster>: RFC 5321 4.5.1 says accept it; it goes to the configured address.
+            self._add_postmaster()
             return
         domain = directory.lookup(mailbox.domain)
         address = str(mailbox)
@@ -861,7 +861,19 @@ class ESMTPServerProtocol(TwistedProtocol):
                          f"<{address}>: Recipient address rejected: User unknown",
                          recipients=[address])
             return
+        if mailbox.local_part.lower() == "postmaster" and directory.postmaster_elsewhere(
+                mailbox.domain):
+            self._add_postmaster()  # a hosted domain without a postmaster mailbox
+            return
         self._add_recipient(address, domain.id)
+
+    def _add_postmaster(self) -> None:
+        """Accept the operator's postmaster (`[smtp] postmaster`) as the recipient: in a
+        served domain it goes to that domain's next hop or mailbox, else it is routed like
+        a foreign recipient."""
+        postmaster = self.factory.postmaster
+        served = self.factory.directory.lookup(postmaster.domain)
+        self._add_recipient(str(postmaster), served.id if served is not None else None)
 
     def _add_recipient(self, address: str, domain_id: int | None) -> None:
         """Accept a recipient, once: the same local part at the same domain is one
