@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.safedrop import store as safedrop_store
+from mailcore.safedrop.model import TooLarge, bundle_full
 from mailcore.store.schema import drop_files
 from tests.support.web import Web, make_core
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
@@ -101,6 +104,23 @@ class UploadTests(TestCase):
         other = await f.bundle()  # the limit is per bundle
         status, _ = await f.upload(other, multipart_file("b", b"b" * 51))
         self.assertEqual(status, 200)
+
+    async def test_an_upload_losing_the_race_for_a_bundles_room_is_a_413(self) -> None:
+        """An upload that fit the room it read, when another took the room before its row
+        was written, is refused in its transaction with the 413 a lone upload gets (it was
+        a 400 with other words)."""
+        f = FileFixture()
+        await f.start_with(self, max_bundle_size=150)
+        bundle_id = await f.bundle()
+        status, _ = await f.upload(bundle_id, multipart_file("a", b"a" * 100))
+        self.assertEqual(status, 200)
+        values = {"name": "b", "content_type": "application/octet-stream", "size": 51,
+                  "sha256": "0" * 64, "created_at": datetime.now(UTC)}
+        with self.assertRaises(TooLarge) as raised:
+            await f.web.core.db.run("t", safedrop_store.add_file_txn, f.alice.id, bundle_id,
+                                    values, 150, 10**12)
+        self.assertEqual(raised.exception.args, bundle_full().args)
+        self.assertEqual(len(f.file_rows()), 1)
 
     async def test_a_users_files_in_all_are_bounded(self) -> None:
         f = FileFixture()

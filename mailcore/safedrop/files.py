@@ -18,7 +18,7 @@ from typing import BinaryIO
 from multipart import MultipartSegment
 
 from mailcore.files import private_directory
-from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge
+from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge, bundle_full
 from mailcore.text import has_control, strip_bidi_controls
 from mailcore.uploads import MalformedUpload, SpoolFile, form_boundary, multipart_events
 
@@ -101,9 +101,7 @@ class DropFiles:
                     if out.size + len(event) > limit:
                         raise TooLarge(FILE_FIELD, f"The file is larger than {limit} bytes.")
                     if out.size + len(event) > bundle_room:
-                        raise room_error or TooLarge(
-                            FILE_FIELD, "The bundle's files would exceed the total allowed size."
-                        )
+                        raise room_error or bundle_full()
                     out.write(event)
         except MalformedUpload as e:
             raise DropError(None, str(e)) from None

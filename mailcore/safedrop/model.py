@@ -57,6 +57,12 @@ class TooLarge(DropError):
     """An upload over `[safedrop] max_file_size` or the bundle's total."""
 
 
+def bundle_full() -> TooLarge:
+    """The 413 of an upload that would take a bundle's files past `[safedrop]
+    max_bundle_size`."""
+    return TooLarge("the_file", "The bundle's files would exceed the total allowed size.")
+
+
 @dataclass(frozen=True)
 class Bundle:
     id: int

@@ -19,6 +19,7 @@ from mailcore.safedrop.model import (
     DropRecipient,
     DropSent,
     TooLarge,
+    bundle_full,
 )
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
@@ -212,10 +213,8 @@ def add_file_txn(
     max_bundle_size: int, max_user_size: int,
 ) -> DropFile:
     used = upload_room_txn(conn, owner_id, bundle_id)
-    if used + int(values["size"]) > max_bundle_size:
-        raise DropError(
-            "the_file", f"The bundle's files may not exceed {max_bundle_size} bytes in total."
-        )
+    if used + int(values["size"]) > max_bundle_size:  # another upload took the room
+        raise bundle_full()
     if user_stored_txn(conn, owner_id) + int(values["size"]) > max_user_size:
         raise user_full(max_user_size)
     new_id = conn.execute(
