@@ -145,6 +145,43 @@ class AuthorizePageTests(PageClient):
         self.assertIn(b"Log in", body)
         self.assertIsNone(header(headers, "location"))
 
+    async def test_log_out_ends_the_session_everywhere(self) -> None:
+        """Log out revokes the session in the store (a copy of the cookie dies with it),
+        clears the cookie and the CSRF tokens, and shows the login form again."""
+        path = path_of(authorize_uri(self.client.uid))
+        await self.log_in(path)
+        session = self.cookies["mc_session"]
+        status, _, page = await self.call("GET", path)
+        self.assertIn(b"Not alice?", page)
+        status, headers, _ = await self.call(
+            "POST", path, data={"csrf_token": csrf_field(page, "logout"), "action": "logout"})
+        self.assertEqual(status, 303)
+        self.assertEqual(header(headers, "location"), path)
+        cleared = cookie(headers, "mc_session")
+        assert cleared is not None
+        self.assertEqual(cleared[0], "")
+        self.assertIn("max-age=0", cleared[1].lower())
+        self.assertIsNotNone(cookie(headers, "mc_csrf"))  # renewed: old tokens are dead
+        [ended] = await self.web.core.identity.list_credentials(self.alice.id, "page")
+        self.assertTrue(ended.revoked)
+        status, _, body = await self.call("GET", path)
+        self.assertIn(b"Log in", body)
+        self.cookies["mc_session"] = session  # the old cookie, replayed
+        status, headers, body = await self.call(
+            "POST", path, data={"csrf_token": csrf_field(page), "decision": "allow"})
+        self.assertNotEqual(status, 302)
+        self.assertIsNone(header(headers, "location"))
+
+    async def test_log_out_needs_its_csrf_token(self) -> None:
+        path = path_of(authorize_uri(self.client.uid))
+        await self.log_in(path)
+        status, _, page = await self.call("GET", path)
+        status, _, _ = await self.call(
+            "POST", path, data={"csrf_token": csrf_field(page), "action": "logout"})
+        self.assertEqual(status, 403)  # the consent form's token is not the logout form's
+        [live] = await self.web.core.identity.list_credentials(self.alice.id, "page")
+        self.assertFalse(live.revoked)
+
     async def test_unknown_client_or_unregistered_redirect_is_a_page_not_a_redirect(
         self,
     ) -> None:
@@ -287,7 +324,8 @@ class ApplicationsPageTests(PageClient):
         page = await self.enter()
         self.assertIn(b"No applications yet.", page)
         status, _, body = await self.call("POST", "/oauth/applications", data={
-            "csrf_token": csrf_field(page), "action": "register", "name": "My <b>app</b>",
+            "csrf_token": csrf_field(page, "register"), "action": "register",
+            "name": "My <b>app</b>",
             "redirect_uris": "https://mine.example/cb\r\nhttp://localhost:9/cb"})
         self.assertEqual(status, 200, body)
         self.assertIn(b"My &lt;b&gt;app&lt;/b&gt;", body)
@@ -299,9 +337,18 @@ class ApplicationsPageTests(PageClient):
         self.assertIn(app.uid.encode(), again)
         self.assertNotIn(secret.group(1), again)
         status, _, body = await self.call("POST", "/oauth/applications", data={
-            "csrf_token": csrf_field(again), "action": "delete", "uid": app.uid})
+            "csrf_token": csrf_field(again, "delete"), "action": "delete", "uid": app.uid})
         self.assertEqual(status, 200)
         self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
+
+    async def test_log_out_from_the_applications_page(self) -> None:
+        await self.log_in("/oauth/applications")
+        status, headers, _ = await self.form("/oauth/applications", action="logout")
+        self.assertEqual((status, header(headers, "location")), (303, "/oauth/applications"))
+        status, _, body = await self.call("GET", "/oauth/applications")
+        self.assertIn(b"Log in", body)
+        [ended] = await self.web.core.identity.list_credentials(self.alice.id, "page")
+        self.assertTrue(ended.revoked)
 
     async def test_another_users_app_cannot_be_deleted(self) -> None:
         await self.web.core.oauth.add_app(self.alice.id, "Mine", [REDIRECT])
@@ -315,7 +362,7 @@ class ApplicationsPageTests(PageClient):
     async def test_a_bad_redirect_uri_is_said_and_nothing_registered(self) -> None:
         page = await self.enter()
         status, _, body = await self.call("POST", "/oauth/applications", data={
-            "csrf_token": csrf_field(page), "action": "register", "name": "x",
+            "csrf_token": csrf_field(page, "register"), "action": "register", "name": "x",
             "redirect_uris": "javascript:alert(1)"})
         self.assertEqual(status, 400)
         self.assertIn(b"absolute http", body)

@@ -96,3 +96,11 @@ class AuthorizeInChromiumTests(TestCase):
         query = await self.landed()
         self.assertEqual((query["error"], query["state"]), ("access_denied", "deny"))
         self.assertNotIn("code", query)
+
+    async def test_log_out_shows_the_login_form_again(self) -> None:
+        await self.log_in("logout")
+        await self.browser.click_button("Log out")
+        self.assertEqual(await self.browser.title(), "Log in · Mailcore")
+        await self.browser.screenshot("logout-3-login")
+        [ended] = await self.web.core.identity.list_credentials(self.alice.id, "page")
+        self.assertTrue(ended.revoked)

@@ -11,6 +11,9 @@ redirect. The rules are mailcore.oauth's; this module only translates.
 `/oauth/applications` is the "Applications" page of the seed's flow: a logged-in user lists,
 registers (the secret is shown once) and deletes their own apps.
 
+Both pages have a "Log out" form (action=logout): the session's credential is revoked, its
+cookie cleared and the CSRF cookie renewed, and the browser is sent back to the page.
+
 The session is a "page" credential (hashed, expiring; the session TTL) whose only scope is
 "pages" (a kind of its own, so it is never a safedrop X-Auth-Token), in the HttpOnly,
 SameSite=Lax cookie `mc_session` (Secure under TLS). Every form's CSRF token is bound to the
@@ -26,7 +29,7 @@ from urllib.parse import urlsplit
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from mailcore.identity import Identity, User
+from mailcore.identity import Identity, Principal, User
 from mailcore.oauth import (
     App,
     AuthorizationRedirect,
@@ -39,7 +42,16 @@ from mailcore.oauth.redirects import redirect_origin
 from web.auth import DROPMYEMAIL_SCOPES
 from web.login import PasswordLogin
 from web.openapi import RouteTable
-from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
+from web.pages import (
+    PageApp,
+    PageError,
+    Pages,
+    clear_cookie,
+    form_body,
+    get_cookie,
+    page_replies,
+    set_cookie,
+)
 from web.settings import WebSettings
 
 SESSION_COOKIE = "mc_session"
@@ -92,13 +104,29 @@ class OAuthPagesApp(PageApp):
         return "session:" + (get_cookie(request, SESSION_COOKIE) or "")
 
     async def _session_user(self, request: IRequest) -> User | None:
+        session = await self._session(request)
+        return None if session is None else session.user
+
+    async def _session(self, request: IRequest) -> Principal | None:
         secret = get_cookie(request, SESSION_COOKIE)
         if secret is None:
             return None
         principal = await self.identity.resolve(secret, ("page",))
         if principal is None or principal.scopes != (SESSION_SCOPE,):
             return None
-        return principal.user
+        return principal
+
+    async def _log_out(self, request: IRequest) -> bytes:
+        """End this browser's session (revoked in the store, so a copied cookie dies too),
+        forget its cookie and CSRF tokens, and go back to the page: its login form."""
+        session = await self._session(request)
+        if session is not None and session.credential_id is not None:
+            await self.identity.end_credential(session.user.id, session.credential_id)
+        clear_cookie(request, SESSION_COOKIE)
+        self.pages.renew_csrf(request)
+        request.setResponseCode(303)
+        request.setHeader(b"Location", bytes(request.uri))
+        return b""
 
     def _login_page(self, request: IRequest, consent: Consent | None, status: int = 200,
                     error: str = "", username: str = "") -> bytes:
@@ -144,7 +172,7 @@ class OAuthPagesApp(PageApp):
         "POST",
         summary="Log in, or allow or deny the app (the forms of the authorization page)",
         body=form_body({
-            "action": {"type": "string", "enum": ["login"]},
+            "action": {"type": "string", "enum": ["login", "logout"]},
             "username": {"type": "string"},
             "password": {"type": "string"},
             "decision": {"type": "string", "enum": ["allow", "deny"]},
@@ -154,21 +182,24 @@ class OAuthPagesApp(PageApp):
             200: "HTML page: the consent page (after a login) or the login form",
             302: "Redirect to redirect_uri with code and state (Allow) or "
             "error=access_denied (Deny)",
-            303: "Logged in: back to the authorization page",
+            303: "Logged in or out: back to the authorization page",
             401: "HTML page: the login form, saying the password was wrong",
             429: "HTML page: too many login attempts",
         }, form=True),
     )
     async def decide(self, request: IRequest) -> bytes:
         fields = self.pages.form(request)
-        login = fields.get("action") == "login"
-        self.pages.check_csrf(request, fields, purpose="login" if login else "consent",
-                              bind=self._csrf_bind(request))
+        action = fields.get("action")
+        self.pages.check_csrf(
+            request, fields, purpose=action if action in ("login", "logout") else "consent",
+            bind=self._csrf_bind(request))
         consent = await self._consent(request)
         if consent is None:
             return b""
-        if login:
+        if action == "login":
             return await self._log_in(request, consent, fields)
+        if action == "logout":
+            return await self._log_out(request)
         user = await self._session_user(request)
         if user is None:
             return self._login_page(request, consent)
@@ -228,9 +259,9 @@ class OAuthPagesApp(PageApp):
     @routes.route(
         "/oauth/applications",
         "POST",
-        summary="Log in, register an app (its secret is shown once) or delete one",
+        summary="Log in or out, register an app (its secret is shown once) or delete one",
         body=form_body({
-            "action": {"type": "string", "enum": ["login", "register", "delete"]},
+            "action": {"type": "string", "enum": ["login", "logout", "register", "delete"]},
             "username": {"type": "string"}, "password": {"type": "string"},
             "name": {"type": "string"}, "redirect_uris": {"type": "string"},
             "uid": {"type": "string"},
@@ -238,7 +269,7 @@ class OAuthPagesApp(PageApp):
         body_types=("application/x-www-form-urlencoded",),
         replies=page_replies({
             200: "HTML page: the apps (with a new app's uid and secret, once)",
-            303: "Logged in: back to the Applications page",
+            303: "Logged in or out: back to the Applications page",
             401: "HTML page: the login form, saying the password was wrong",
             429: "HTML page: too many login attempts",
         }, form=True),
@@ -250,6 +281,8 @@ class OAuthPagesApp(PageApp):
                               bind=self._csrf_bind(request))
         if action == "login":
             return await self._log_in(request, None, fields)
+        if action == "logout":
+            return await self._log_out(request)
         user = await self._session_user(request)
         if user is None:
             return self._login_page(request, None)

@@ -467,6 +467,19 @@ class Identity:
         self.forget_resolved()
         return revoked
 
+    async def end_credential(self, user_id: int, credential_id: int) -> None:
+        """Revoke one of the user's credentials by its id (a page session at logout)."""
+        now = self.now()
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(credentials).where(
+                credentials.c.id == credential_id, credentials.c.user_id == user_id,
+                credentials.c.revoked_at.is_(None),
+            ).values(revoked_at=now))
+
+        await self.db.run("end_credential", txn)
+        self.forget_resolved()
+
     async def purge_expired(self, grace: float = EXPIRED_KEPT_SECONDS) -> int:
         """Delete credentials (safedrop sessions, mostly) that expired more than `grace`
         seconds ago; how many. An expired credential never resolves, so this only keeps
