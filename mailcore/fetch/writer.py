@@ -63,6 +63,7 @@ from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -79,6 +80,8 @@ from mailcore.fetch.imap import (
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
 from mailcore.text import has_cc, has_control, has_surrogate
+
+log = Logger()
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -562,11 +565,16 @@ class WriterSession(IMAPClient):
                     "announced; the APPEND was abandoned"))
                 return False
             return self.alive()
-        except Exception as e:
+        except Exception:
+            # The exception's text may be a failed statement with its parameters: it goes
+            # to the log only, as fetch.errors.INTERNAL_ERROR's do.
+            log.failure("reading a message to append failed after {sent} of {size} bytes",
+                        sent=sent, size=stream.size)
             if self.alive():
                 self._fail(ProtocolFailed(
                     f"reading the message to send failed after {sent} of {stream.size} "
-                    f"bytes ({e.__class__.__name__}: {e}); the APPEND was abandoned"))
+                    "bytes (an internal error; see the daemon's log); the APPEND was "
+                    "abandoned"))
             return False
         finally:
             self._drain = None
