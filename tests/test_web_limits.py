@@ -162,6 +162,32 @@ class StreamingTests(TestCase):
         self.assertEqual(len(asked), 1)
         self.assertEqual(self.channel.getHost(), get_host())
 
+    def test_an_overlong_request_line_is_a_414_and_a_header_line_a_431(self) -> None:
+        """Twisted's line reader closed the connection without a word on a line over 16 KiB
+        (a search of many terms in the query): the client is told which part was too
+        long. A keep-alive request after an ordinary one is judged afresh."""
+        self.channel.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 401 ", self.sent())
+        self.transport.clear()
+        self.channel.dataReceived(b"GET /api/v1/emails/?q=" + b"a+" * 5_000)
+        self.channel.dataReceived(b"a+" * 5_000)
+        self.assertTrue(self.sent().startswith(b"HTTP/1.1 414 URI Too Long\r\n"), self.sent())
+        self.assertIn(b"Connection: close", self.sent())
+        self.assertTrue(self.transport.disconnecting)
+
+        channel = self.site.buildProtocol(None)
+        transport = HalfClosingTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        channel.dataReceived(b"GET /api/v1/ping HTTP/1.1\r\nHost: a\r\nX-Big: "
+                             + b"b" * 17_000 + b"\r\n\r\n")
+        reply = bytes(transport.value())
+        self.assertTrue(reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+                        reply)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: " + str(len(body)).encode(), head)
+        self.assertTrue(transport.disconnecting)
+
     def test_a_declared_oversized_body_is_refused_before_it_is_sent(self) -> None:
         self.channel.dataReceived(
             b"POST /api/v1/auth/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -319,6 +319,18 @@ _TIMED_OUT = (
 )
 
 
+def _closing_reply(status: bytes, text: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: " + str(len(text)).encode() + b"\r\n\r\n" + text)
+
+
+# A request line or a header line longer than the channel's MAX_LENGTH (16 KiB): Twisted's
+# LineReceiver only closes the connection, which a client cannot tell from a crash.
+_URI_TOO_LONG = _closing_reply(b"414 URI Too Long", b"The request line is too long.\n")
+_HEADER_TOO_LONG = _closing_reply(b"431 Request Header Fields Too Large",
+                                  b"A header line is too long.\n")
+
+
 class LimitedChannel(CorkedChannel):
     """An HTTP/1.1 channel with deadlines for each request's headers and body (its
     responses go out corked, see `web.corked`).
@@ -333,6 +345,7 @@ class LimitedChannel(CorkedChannel):
     on_close: Callable[[], None] | None = None
     _log = _RoutineLogger()
     _phase = _IDLE
+    _lines = 0
     _deadline: IDelayedCall | None = None
     _secure: bool | None = None
     _host: Any = None
@@ -363,7 +376,18 @@ class LimitedChannel(CorkedChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._phase == _IDLE:  # a pipelined request, replayed after the previous reply
             self._enter(_HEADERS)
+        self._lines += 1
         super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line over MAX_LENGTH: 414 for the request line, 431 for a header, then close
+        (Twisted's LineReceiver closes without a word)."""
+        if self._phase == _CLOSED or self.transport is None:
+            return
+        too_long = _URI_TOO_LONG if self._lines == 0 else _HEADER_TOO_LONG
+        self._enter(_CLOSED)
+        self.transport.write(too_long)
+        self.loseConnection()
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
@@ -395,6 +419,8 @@ class LimitedChannel(CorkedChannel):
             self._deadline.cancel()
         self._deadline = None
         self._phase = phase
+        if phase == _HEADERS:
+            self._lines = 0  # the request's lines so far: none is the request line
         timeout = {_HEADERS: self.header_timeout, _BODY: self.body_timeout}.get(phase)
         if timeout is not None:
             self._deadline = self.callLater(timeout, partial(self._too_slow, phase, timeout))
