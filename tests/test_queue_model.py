@@ -1,12 +1,18 @@
 """The queue's hot SQL on both backends: SQLite goes straight through the driver with
 multi-row statements (split at the parameter limit), PostgreSQL through SQLAlchemy; both must
-give the same rows, ids, results and finished messages."""
+give the same rows, ids, results and finished messages. Two nodes recording the last
+recipients of one message at once finish it, and a message left unfinished by older versions
+is finished by the sweep."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, event, func, select, text
+from twisted.internet import defer, threads
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.queue.model import (
@@ -19,11 +25,12 @@ from mailcore.queue.model import (
     thd_apply_results,
     thd_insert_messages,
 )
+from mailcore.queue.spool import thd_record_results, thd_repair_stranded
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.db import MixinBase, open_database
-from tests.support.mailsink import thd_add_domain
+from tests.support.db import MixinBase, open_database, open_database_at
+from tests.support.mailsink import ScriptedConnector, done, make_queue, thd_add_domain
 
 # More rows than one statement of either kind may carry (999 parameters at most).
 MESSAGES = 400
@@ -275,6 +282,77 @@ class QueueModelTestsMixin(MixinBase):
         self.assertEqual(await db.read("unfinished", unfinished), [])
 
 
+    async def test_messages_left_unfinished_are_finished_with_their_dsn(self) -> None:
+        """A message no active recipient keeps but never marked done (as two nodes racing
+        left them before the message lock) is finished by the repair, once, with its DSN;
+        a message with a recipient still active is left alone."""
+        db = await self.db()
+        msgs = [
+            NewMessage(qid, Envelope("s@x.test", (Recipient(f"a@{qid}.test", self.domain),
+                                                  Recipient(f"b@{qid}.test", self.domain))),
+                       b"Subject: x\r\n\r\nbody\r\n", leased=False)
+            for qid in ("Q1", "Q2")
+        ]
+        ids = await db.run("ins", thd_insert_messages, msgs, "node", 100.0, 160.0)
+
+        def strand(conn: Connection) -> None:
+            r = queue_recipients.c
+            conn.execute(queue_recipients.update().where(r.id.in_(ids[0])).values(
+                state=BOUNCED, last_error="550 no"))
+            conn.execute(queue_recipients.update().where(r.id == ids[1][0]).values(
+                state=DELIVERED))
+
+        await db.run("strand", strand)
+        count, dsns = await db.run("repair", thd_repair_stranded, "node", 200.0, 260.0,
+                                   "mx.test", 100)
+        self.assertEqual((count, [j.recipients[0].address for j, _ in dsns]),
+                         (1, ["s@x.test"]))
+        self.assertIn(b"a@Q1.test", dsns[0][1])
+        self.assertIn(b"b@Q1.test", dsns[0][1])
+        self.assertEqual(await db.run("repair", thd_repair_stranded, "node", 300.0, 360.0,
+                                      "mx.test", 100), (0, []))
+
+        def done(conn: Connection) -> dict[str, tuple[float | None, bool]]:
+            m = queue_messages.c
+            return {row.id: (row.done_at, row.body is None)
+                    for row in conn.execute(select(m.id, m.done_at, m.body)
+                                            .where(m.id.in_(["Q1", "Q2"])))}
+
+        self.assertEqual(await db.read("done", done),
+                         {"Q1": (200.0, True), "Q2": (None, False)})
+
+
+class RepairChoreTests(TestCase):
+    def test_the_sweep_finishes_a_message_left_unfinished_and_sends_its_dsn(self) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        db = Database.for_tests()
+        domain = done(db.run("d", thd_add_domain, "c.test", "10.0.0.1", 25))
+        msg = NewMessage("Q1", Envelope("s@x.test", (Recipient("r@c.test", domain),)),
+                         b"Subject: x\r\n\r\nbody\r\n", leased=False)
+        [[rid]] = done(db.run("ins", thd_insert_messages, [msg], "", 900.0, 0.0))
+
+        def strand(conn: Connection) -> None:
+            conn.execute(queue_recipients.update().where(queue_recipients.c.id == rid)
+                         .values(state=BOUNCED, last_error="550 no"))
+
+        done(db.run("strand", strand))
+        connector = ScriptedConnector()
+        queue = make_queue(db, clock, connector)
+        queue.service.startService()
+        clock.advance(1)
+        self.assertEqual(connector.addresses(), ["s@x.test"])
+
+        def done_at(conn: Connection) -> float | None:
+            m = queue_messages.c
+            return conn.execute(select(m.done_at).where(m.id == "Q1")).scalar_one()
+
+        self.assertEqual(done(db.read("done", done_at)), 1000.0)
+        d = queue.service.stopService()
+        clock.advance(30)
+        self.successResultOf(d)
+
+
 class SQLiteQueueModelTests(QueueModelTestsMixin, TestCase):
     backend = "sqlite"
 
@@ -286,3 +364,81 @@ class PostgresQueueModelTests(QueueModelTestsMixin, TestCase):
         "SELECT queue_messages.id",
     })
     timeout = 60
+
+    async def test_two_nodes_recording_the_last_recipients_at_once_finish_the_message(
+        self,
+    ) -> None:
+        """Recipients r1 and r2 of one message, leased to nodes A and B, reported by both
+        at once: B records while A's transaction is still open, then A commits. The message
+        finishes (one DSN for both when both bounced). Before the message lock, each saw
+        the other's recipient still active, and the message stayed unfinished for ever."""
+        db = await self.db()
+        other = await open_database_at(self, str(db.engine.url.render_as_string(
+            hide_password=False)))
+        for states in ((DELIVERED, DELIVERED), (BOUNCED, BOUNCED)):  # no DSN, then one
+            qid = f"Q{states[0][0]}"
+            await self._race(db, other, qid, states)
+
+    async def _race(self, db: Database, other: Database, qid: str,
+                    states: tuple[str, str]) -> None:
+        msg = NewMessage(qid, Envelope("s@x.test", (Recipient("r1@c.test", self.domain),
+                                                    Recipient("r2@c.test", self.domain))),
+                         b"Subject: x\r\n\r\nbody\r\n", leased=False)
+        [[r1, r2]] = await db.run("ins", thd_insert_messages, [msg], "", 100.0, 0.0)
+
+        def lease(conn: Connection) -> None:
+            r = queue_recipients.c
+            for rid, node in ((r1, "A"), (r2, "B")):
+                conn.execute(queue_recipients.update().where(r.id == rid).values(
+                    lease_owner=node, lease_until=1e12))
+
+        await db.run("lease", lease)
+        recorded = threading.Event()
+        may_commit = threading.Event()
+        self.addCleanup(may_commit.set)
+
+        def node_a(conn: Connection) -> list[Any]:
+            dsns = thd_record_results(conn, [Result(r1, qid, states[0], "550 no", "h:25")],
+                                      "A", 200.0, 300.0, "mx.test")
+            recorded.set()
+            may_commit.wait(30)
+            return dsns
+
+        def node_b(conn: Connection) -> list[Any]:
+            return thd_record_results(conn, [Result(r2, qid, states[1], "550 no", "h:25")],
+                                      "B", 200.0, 300.0, "mx.test")
+
+        a = db.run("node A", node_a)
+        await threads.deferToThread(recorded.wait, 30)
+        b = other.run("node B", node_b)
+        b_done: list[bool] = []
+
+        def b_ended(result: Any) -> Any:
+            b_done.append(True)
+            return result
+
+        b.addBoth(b_ended)
+
+        def b_recorded_or_waits(conn: Connection) -> bool:
+            return b_done != [] or bool(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")).scalar())
+
+        # B either records at once (as without the lock) or waits for A's lock.
+        for _ in range(3000):
+            if await db.read("b?", b_recorded_or_waits):
+                break
+            await threads.deferToThread(time.sleep, 0.01)
+        may_commit.set()
+        dsns_a, dsns_b = await defer.gatherResults([a, b])
+
+        def state(conn: Connection) -> tuple[bool, bool, int]:
+            m = queue_messages.c
+            row = conn.execute(select(m.done_at, m.body).where(m.id == qid)).one()
+            n = conn.execute(select(func.count()).select_from(queue_messages)
+                             .where(m.kind == "bounce")).scalar_one()
+            return row.done_at is not None, row.body is None, n
+
+        dsn_count = 1 if states[0] == BOUNCED else 0
+        self.assertEqual(len(dsns_a) + len(dsns_b), dsn_count)
+        self.assertEqual(await db.read("state", state), (True, True, dsn_count))

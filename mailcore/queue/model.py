@@ -252,6 +252,8 @@ def thd_apply_results(
     hot = _hot(conn)
     applied = hot.apply_results(conn, node_id, now, results)
     message_ids = sorted({r.message_id for r in results})
+    if conn.dialect.name == "postgresql":
+        _lock_messages(conn, sorted({r.message_id for r in results if r.state in FINAL}))
     # The common case: every result of a message here is final and none is a bounce, so it
     # finishes without a DSN, and one guarded UPDATE does it (instead of a query for the
     # finished, one for their bounces, and the UPDATE). If any of them did not finish that
@@ -260,8 +262,20 @@ def thd_apply_results(
     if clean and hot.finish_clean(conn, clean, now) == len(clean):
         done = set(clean)
         message_ids = [m for m in message_ids if m not in done]
-    finished = _finish_messages(conn, hot, message_ids, now) if message_ids else []
+    finished = _finish_messages(conn, hot, message_ids, now)[1] if message_ids else []
     return finished, applied
+
+
+def _lock_messages(conn: Connection, message_ids: Sequence[str]) -> None:
+    """Lock the rows of messages that may finish (PostgreSQL), in id order so that two
+    transactions never wait on each other, before asking whether any recipient is left.
+
+    Under READ COMMITTED two nodes recording the last two recipients of one message at
+    once each saw the other's still active, and neither finished it (no DSN, the body
+    kept). Now the second waits here for the first's commit, and its check, a statement
+    after the lock, sees it. SQLite serialises writers already (BEGIN IMMEDIATE)."""
+    if message_ids:
+        conn.execute(_LOCK_MESSAGES, {"ids": list(message_ids)}).all()
 
 
 def _clean_among(results: Sequence[Result]) -> list[str]:
@@ -272,11 +286,12 @@ def _clean_among(results: Sequence[Result]) -> list[str]:
 
 def _finish_messages(
     conn: Connection, hot: _HotStatements, message_ids: Sequence[str], now: float
-) -> list[FinishedWithFailures]:
-    """Mark messages with no active recipient done and drop their bodies."""
+) -> tuple[int, list[FinishedWithFailures]]:
+    """Mark messages with no active recipient done and drop their bodies; returns how many,
+    and those that finished with bounced recipients."""
     done_ids, bounced = hot.done_and_bounced(conn, message_ids)
     if not done_ids:
-        return []
+        return 0, []
     failures: dict[str, list[BouncedRecipient]] = {}
     for message_id, address, last_error, next_hop in bounced:
         failures.setdefault(message_id, []).append(
@@ -297,7 +312,31 @@ def _finish_messages(
                 )
             )
     hot.finish(conn, done_ids, now)
-    return out
+    return len(done_ids), out
+
+
+def thd_finish_stranded(
+    conn: Connection, now: float, limit: int
+) -> tuple[int, list[FinishedWithFailures]]:
+    """Finish up to `limit` messages that no active recipient keeps but that were never
+    marked done (two nodes recording their last recipients at once left them so before
+    `_lock_messages`): returns how many it finished, and those with bounced recipients,
+    for their DSN."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            select(_m.id)
+            .where(_m.done_at.is_(None),
+                   ~exists().where(_r.message_id == _m.id, _r.state.in_(ACTIVE)))
+            .order_by(_m.id)
+            .limit(limit)
+        )
+    ]
+    if not ids:
+        return 0, []
+    if conn.dialect.name == "postgresql":
+        _lock_messages(conn, ids)
+    return _finish_messages(conn, _hot(conn), ids, now)
 
 
 def header_block(body: bytes, limit: int = 65536) -> bytes:
@@ -396,6 +435,12 @@ _APPLY_RESULT = (
         lease_owner=None,
         lease_until=None,
     )
+)
+_LOCK_MESSAGES = (
+    select(_m.id)
+    .where(_m.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_m.id)
+    .with_for_update(key_share=True)
 )
 _DONE_AMONG = select(_m.id).where(
     _m.id.in_(bindparam("ids", expanding=True)),

@@ -6,7 +6,8 @@ then starts taking work: accepts committed meanwhile stay unleased and the first
 once, claims them with everything else that is due. A LoopingCall on the
 injected clock sweeps every `poll_interval` (and sooner when the runner frees room after a
 full claim), renews this node's leases every third of `lease_seconds`, refreshes the
-queue-depth gauge and prunes the delivered log. On stop it stops claiming, lets the spool's
+queue-depth gauge, prunes the delivered log and (every ten minutes) finishes messages left
+unfinished with no active recipient. On stop it stops claiming, lets the spool's
 pending group commits finish, lets in-flight deliveries finish (or cuts them after the grace
 period), writes every result, releases the leases it still holds and closes the journal.
 """
@@ -32,7 +33,7 @@ from mailcore.queue.model import (
 )
 from mailcore.queue.runner import QueueRunner
 from mailcore.queue.settings import QueueSettings
-from mailcore.queue.spool import Spool
+from mailcore.queue.spool import Spool, thd_repair_stranded
 from mailcore.store import Database
 from mailcore.store.counters import thd_read_counter
 
@@ -40,6 +41,10 @@ log = Logger()
 
 # Claim in batches of at most this many recipients.
 CLAIM_BATCH = 1000
+# How often, at most, a sweep looks for messages left unfinished with no active recipient,
+# and how many it finishes at a time.
+STRANDED_INTERVAL = 600.0
+STRANDED_BATCH = 1000
 
 
 class Sweeper:
@@ -128,6 +133,7 @@ class QueueService(Service):
         self._renew_loop: task.LoopingCall | None = None
         self._started: defer.Deferred[None] | None = None
         self._flushes: int | None = None  # the flush counter as last read
+        self._stranded_at: float | None = None  # when the last look for stranded ones ran
         # Chores in flight: a stop waits for them (LoopingCall.stop does not).
         self._busy = InFlight()
 
@@ -182,8 +188,25 @@ class QueueService(Service):
             await self.spool.run_serialized(
                 "queue_prune", thd_prune, now - self.settings.log_retention
             )
+            if self._stranded_at is None or now - self._stranded_at >= STRANDED_INTERVAL:
+                self._stranded_at = now
+                await self._repair_stranded(now)
         except Exception:
             log.failure("queue housekeeping failed")
+
+    async def _repair_stranded(self, now: float) -> None:
+        """Finish messages that no active recipient keeps but that were never marked done,
+        and send their DSNs (older versions left such messages when two nodes recorded
+        their last recipients at once)."""
+        count, dsns = await self.spool.run_serialized(
+            "queue_repair_stranded", thd_repair_stranded, self.settings.node_id, now,
+            now + self.settings.lease_seconds, self.spool.reporting_mta, STRANDED_BATCH,
+        )
+        if count:
+            log.warn("finished {n} queued message(s) left unfinished with no recipient "
+                     "to deliver ({d} DSN(s) now sent)", n=count, d=len(dsns))
+        if dsns:
+            self.runner.enqueue_new(dsns)
 
     async def _hear_flush(self) -> None:
         """After a `queue flush` (its counter moved), next hops marked unusable are tried

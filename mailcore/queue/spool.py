@@ -55,12 +55,14 @@ from twisted.python.failure import Failure
 from mailcore.queue.journal import NOT_WRITTEN, ResultJournal
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
+    FinishedWithFailures,
     Job,
     NewMessage,
     Rcpt,
     Result,
     thd_apply_results,
     thd_domain_for,
+    thd_finish_stranded,
     thd_insert_messages,
 )
 from mailcore.queue.settings import QueueSettings
@@ -212,8 +214,27 @@ def thd_record_results(
     """Apply delivery results and give each message that finished with bounced recipients
     its one DSN, inserted through the same tables in this same transaction (so a crash can
     never keep one without the other). Returns the DSNs as jobs leased to this node."""
-    dsns: list[tuple[Job, bytes]] = []
     finished, _applied = thd_apply_results(conn, node_id, now, results)
+    return _thd_insert_dsns(conn, finished, node_id, now, lease_until, reporting_mta)
+
+
+def thd_repair_stranded(
+    conn: Connection, node_id: str, now: float, lease_until: float, reporting_mta: str,
+    limit: int,
+) -> tuple[int, list[tuple[Job, bytes]]]:
+    """Finish messages left unfinished with no active recipient (`model.thd_finish_stranded`)
+    and give those with bounced recipients their DSN; returns how many finished and the
+    DSNs as jobs leased to this node."""
+    count, finished = thd_finish_stranded(conn, now, limit)
+    return count, _thd_insert_dsns(conn, finished, node_id, now, lease_until, reporting_mta)
+
+
+def _thd_insert_dsns(
+    conn: Connection, finished: Sequence[FinishedWithFailures], node_id: str, now: float,
+    lease_until: float, reporting_mta: str,
+) -> list[tuple[Job, bytes]]:
+    """One DSN per finished message that should have one, inserted leased to this node."""
+    dsns: list[tuple[Job, bytes]] = []
     for msg in finished:
         if msg.kind == "bounce" or not should_bounce(msg.mail_from):
             continue
