@@ -1,6 +1,6 @@
 """Leases: claims skip work another node holds, lapsed leases are taken over, renewal keeps a
-live node's work, a restarted node takes its own work back, and concurrent claimers on one
-PostgreSQL never get the same recipient."""
+live node's work, a node does not send work whose lease ended, a restarted node takes its
+own work back, and concurrent claimers on one PostgreSQL never get the same recipient."""
 
 from __future__ import annotations
 
@@ -121,6 +121,64 @@ class TakeoverTests(TestCase):
         hold, self.conn_a.hold = self.conn_a.hold, None
         hold.callback(None)
         self.assertEqual(sorted(self.conn_a.addresses()), ["r0@c.test", "r1@c.test"])
+
+    def one_connection_each(self) -> None:
+        """Nodes with one connection per hop: a's second message waits for its first."""
+        self.a = make_queue(self.db, self.clock, self.conn_a, node_id="a", lease_seconds=60.0,
+                            poll_interval=5.0, hop_concurrency=1)
+        self.b = make_queue(self.db, self.clock, self.conn_b, node_id="b", lease_seconds=60.0,
+                            poll_interval=5.0, hop_concurrency=1)
+
+    def pause_a_while_b_takes_over(self) -> None:
+        """a is sending Q0 (Q1 waits) when its process stops (no timer of its runs); b
+        takes both over once the leases lapse."""
+        self.one_connection_each()
+        self.a.service.startService()
+        self.conn_a.hold = defer.Deferred()
+        self.accept_on_a(2)
+        for loop in (self.a.service._sweep_loop, self.a.service._renew_loop):
+            loop.stop()
+        self.b.service.startService()
+        self.clock.advance(65)
+        self.assertEqual(sorted(self.conn_b.addresses()), ["r0@c.test", "r1@c.test"])
+
+    def resume_a(self) -> None:
+        hold, self.conn_a.hold = self.conn_a.hold, None
+        assert hold is not None
+        hold.callback(None)
+        self.clock.advance(1)
+
+    def test_a_node_resumed_after_its_lease_lapsed_does_not_send_what_was_taken_over(
+        self,
+    ) -> None:
+        """The transaction a had started ends (r0 twice: that cannot be helped), but a does
+        not start Q1, whose lease ended while a was stopped: it gives it back. a sent both
+        before."""
+        self.pause_a_while_b_takes_over()
+        self.resume_a()
+        self.assertEqual(self.conn_a.addresses(), ["r0@c.test"])
+
+    def test_a_renewal_that_commits_after_the_lease_lapsed_does_not_revive_it(self) -> None:
+        """a's renewal runs first when it resumes: it cannot vouch for the leases that ended
+        before it (b's rows now), so Q1 is still not sent."""
+        self.pause_a_while_b_takes_over()
+        self.successResultOf(defer.Deferred.fromCoroutine(self.a.service._renew()))
+        self.resume_a()
+        self.assertEqual(self.conn_a.addresses(), ["r0@c.test"])
+
+    def test_a_live_node_sends_work_held_longer_than_a_lease(self) -> None:
+        """Renewals that commit in time carry a job's lease: Q1, waiting 300 s behind Q0
+        (five leases long), is sent by a, and b takes nothing."""
+        self.one_connection_each()
+        self.a.service.startService()
+        self.b.service.startService()
+        self.conn_a.hold = defer.Deferred()
+        self.accept_on_a(2)
+        for _ in range(30):
+            self.clock.advance(10)
+        self.resume_a()
+        self.assertEqual(self.conn_a.addresses(), ["r0@c.test", "r1@c.test"])
+        self.assertEqual(self.conn_b.addresses(), [])
 
     def test_a_restarted_node_takes_back_its_own_work_at_once(self) -> None:
         self.a.service.startService()

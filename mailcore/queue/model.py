@@ -7,6 +7,7 @@ dropped (`done_at` set) and the row stays as the log `queue show` reads until pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class Job:
     created_at: float
     size: int
     recipients: list[Rcpt] = field(default_factory=list)
+    # When this node's lease on the recipients ends, as written when it took them (the
+    # runner moves it by the renewals that commit in time; see QueueRunner.leases_renewed).
+    lease_until: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -168,10 +172,10 @@ def thd_claim_due(
         .where(_r.id.in_(ids))
         .values(lease_owner=node_id, lease_until=lease_until)
     )
-    return _jobs_for(conn, ids)
+    return _jobs_for(conn, ids, lease_until)
 
 
-def _jobs_for(conn: Connection, rcpt_ids: Sequence[int]) -> list[Job]:
+def _jobs_for(conn: Connection, rcpt_ids: Sequence[int], lease_until: float) -> list[Job]:
     """Load recipients and their messages' envelopes (never the body), grouped per message."""
     rows = conn.execute(
         select(
@@ -187,7 +191,8 @@ def _jobs_for(conn: Connection, rcpt_ids: Sequence[int]) -> list[Job]:
         job = jobs.get(row.message_id)
         if job is None:
             job = jobs[row.message_id] = Job(
-                row.message_id, row.mail_from, row.kind, row.created_at, row.size
+                row.message_id, row.mail_from, row.kind, row.created_at, row.size,
+                lease_until=lease_until,
             )
         job.recipients.append(Rcpt(row.id, row.address, row.domain_id, row.attempts,
                                    bool(row.charged)))

@@ -22,6 +22,10 @@ that also records their result, so a crash can neither lose nor duplicate them.
 A message in a mail loop (more Received header fields than `[smtp] max_hops`, see
 `mailcore.smtp.hops`) is bounced with 5.4.6 before it is processed or sent.
 
+A job is sent only while this node's lease on it has at least `LEASE_MARGIN` of
+`lease_seconds` left, counted from when it was leased and moved by the renewals that commit
+in time (`leases_renewed`); otherwise it is given back (released) unsent.
+
 Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
 processed, queued or in flight); bodies are kept only from accept to send within
 `body_cache_bytes`, otherwise loaded from the store when they are needed.
@@ -29,6 +33,7 @@ processed, queued or in flight); bodies are kept only from accept to send within
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +58,7 @@ from mailcore.queue.model import (
     Rcpt,
     Result,
     thd_load_bodies,
+    thd_release_leases,
 )
 from mailcore.queue.nexthop import NextHopRefused
 from mailcore.queue.pipeline import (
@@ -80,6 +86,9 @@ log = Logger()
 
 # How long to stay in cleartext with a hop whose opportunistic STARTTLS failed.
 CLEARTEXT_AFTER_TLS_FAILURE = 3600.0
+# A job is not sent when less than this part of `lease_seconds` is left of its lease: the
+# transaction must end before another node may claim the recipients.
+LEASE_MARGIN = 0.25
 
 
 class Connector:
@@ -230,8 +239,9 @@ def part_of(job: Job, rcpts: list[Rcpt]) -> Job:
         return job
     if isinstance(job, TaggedJob):
         return TaggedJob(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
-                         rcpts, job.add_headers, job.subject_prefix)
-    return Job(job.message_id, job.mail_from, job.kind, job.created_at, job.size, rcpts)
+                         rcpts, job.lease_until, job.add_headers, job.subject_prefix)
+    return Job(job.message_id, job.mail_from, job.kind, job.created_at, job.size, rcpts,
+               job.lease_until)
 
 
 # Recipients of one job routed to each hop, in the order first seen.
@@ -308,6 +318,10 @@ class QueueRunner:
         self.on_room: Callable[[], None] | None = None  # the sweeper's "claim more" hook
         # Where LOCAL recipients are written (the Mail API's mailboxes; set by the Core).
         self.local_store: LocalStore | None = None
+        # The end of the leases the last renewal that committed gave, and the end before
+        # which a lease lapsed (a renewal committed only after it: see leases_renewed).
+        self._renewed_until = -math.inf
+        self._lapsed_by = -math.inf
 
     # -- taking work --------------------------------------------------------------------
 
@@ -598,7 +612,8 @@ class QueueRunner:
             return None
         if decision.action is Action.TAG and (decision.add_headers or decision.subject_prefix):
             return TaggedJob(job.message_id, job.mail_from, job.kind, job.created_at, job.size,
-                             job.recipients, decision.add_headers, decision.subject_prefix)
+                             job.recipients, job.lease_until, decision.add_headers,
+                             decision.subject_prefix)
         return job
 
     def _looping(self, job: Job, body: bytes) -> bool:
@@ -899,6 +914,10 @@ class QueueRunner:
             return True  # (with stages, checked before the pipeline ran)
         if isinstance(job, TaggedJob):
             body = apply_tags(body, job.add_headers, job.subject_prefix)
+        now = self.clock.seconds()
+        if self._lease_end(job) - now < self.settings.lease_seconds * LEASE_MARGIN:
+            self._give_back(job)
+            return True
         try:
             result = await session.send(
                 job.mail_from, [r.address for r in job.recipients], body
@@ -923,6 +942,48 @@ class QueueRunner:
         for reply, rcpts in by_reply.items():
             self._fail(job, rcpts, str(reply), permanent=reply.permanent, hop=hop, now=now)
         return session.usable
+
+    # -- leases -------------------------------------------------------------------------
+
+    def leases_renewed(self, until: float, committed_at: float) -> None:
+        """A renewal of all this node's active leases to `until` committed at
+        `committed_at` (the service's lease renewal). It extends the leases of the jobs held
+        only if it came in time: a job whose lease had ended by then may have been claimed
+        by another node meanwhile (this node was paused, or renewals failed), and the
+        renewal did not touch that node's rows."""
+        if committed_at >= self._renewed_until:
+            if self._renewed_until > -math.inf:
+                log.warn("leases were renewed only after they had lapsed ({late:.1f} s "
+                         "late): work held since then is given back unsent",
+                         late=committed_at - self._renewed_until)
+            self._lapsed_by = max(self._lapsed_by, committed_at)
+        self._renewed_until = max(self._renewed_until, until)
+
+    def _lease_end(self, job: Job) -> float:
+        """When this node's lease on `job` ends, as far as this node knows."""
+        if job.lease_until <= self._lapsed_by:
+            return -math.inf
+        return max(job.lease_until, self._renewed_until)
+
+    def _give_back(self, job: Job) -> None:
+        """Leave a job whose lease ended (or is about to) unsent, and release its leases (if
+        still this node's) so that it is claimed again: another node may have taken it and
+        be sending it."""
+        log.warn("the lease of {queue_id} ({n} recipients) has ended, or less than {margin:g} s "
+                 "of it is left: not sent here, given back to be claimed again",
+                 queue_id=job.message_id, n=len(job.recipients),
+                 margin=self.settings.lease_seconds * LEASE_MARGIN)
+        self._release_memory(job, len(job.recipients))
+        self._track(defer.Deferred.fromCoroutine(
+            self._release_leases([r.id for r in job.recipients])))
+
+    async def _release_leases(self, rcpt_ids: list[int]) -> None:
+        assert self.spool is not None, "build_queue attaches the spool"
+        try:
+            await self.spool.run_serialized("queue_give_back", thd_release_leases,
+                                            self.settings.node_id, rcpt_ids)
+        except Exception:
+            log.failure("giving back {n} recipients whose lease ended failed", n=len(rcpt_ids))
 
     # -- lifecycle ----------------------------------------------------------------------
 

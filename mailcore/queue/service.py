@@ -223,13 +223,15 @@ class QueueService(Service):
         self._flushes = flushes
 
     async def _renew(self) -> None:
+        until = self.clock.seconds() + self.settings.lease_seconds
         try:
             await self.spool.run_serialized(
-                "queue_renew_leases", thd_renew_leases, self.settings.node_id,
-                self.clock.seconds() + self.settings.lease_seconds,
+                "queue_renew_leases", thd_renew_leases, self.settings.node_id, until
             )
         except Exception:
-            log.failure("renewing leases failed")
+            log.failure("renewing leases failed; work whose lease ends is not sent")
+        else:
+            self.runner.leases_renewed(until, self.clock.seconds())
 
     def stopService(self) -> Any:
         super().stopService()

@@ -257,7 +257,7 @@ def _thd_insert_dsns(
             conn, [NewMessage(queue_id, env, dsn, True)], node_id, now, lease_until
         )
         job = Job(queue_id, "", "bounce", now, len(dsn),
-                  [Rcpt(rcpt_ids[0], msg.mail_from, domain_id, 0)])
+                  [Rcpt(rcpt_ids[0], msg.mail_from, domain_id, 0)], lease_until)
         dsns.append((job, dsn))
     return dsns
 
@@ -754,6 +754,7 @@ class Spool:
     def _hand_over(
         self, consumer: Consumer, now: float, messages: list[NewMessage], ids: list[list[int]]
     ) -> None:
+        until = now + self.settings.lease_seconds  # as _thd_commit leased them
         jobs: list[Job] = []
         bodies: dict[str, bytes] = {}
         for m, rcpt_ids in zip(messages, ids, strict=True):
@@ -767,6 +768,7 @@ class Spool:
                         Rcpt(rid, r.address, r.domain_id, 0, r.domain_id in m.paid)
                         for rid, r in zip(rcpt_ids, env.recipients, strict=True)
                     ],
+                    until,
                 )
             )
             bodies[m.queue_id] = m.body
