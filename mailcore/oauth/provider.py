@@ -17,7 +17,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from oauthlib.oauth2 import FatalClientError, OAuth2Error, WebApplicationServer
-from oauthlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError
+from oauthlib.oauth2.rfc6749.errors import (
+    AccessDeniedError,
+    InvalidGrantError,
+    InvalidRequestError,
+)
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from twisted.internet.interfaces import IReactorTime
 
@@ -26,7 +30,7 @@ from mailcore.identity import secrets as creds
 from mailcore.identity.service import thd_get_user, utc
 from mailcore.oauth.redirects import normal_redirect_uri
 from mailcore.oauth.settings import OAuthSettings
-from mailcore.oauth.validator import SCOPES, StoreValidator, redirect_uris
+from mailcore.oauth.validator import SCOPES, GrantLost, StoreValidator, redirect_uris
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, not_text
@@ -229,7 +233,11 @@ class OAuthProvider:
         now = self.now()
 
         def txn(conn: Connection) -> int:
-            app = conn.execute(select(oauth_apps.c.id).where(oauth_apps.c.uid == uid)).first()
+            # Exclusively: a token being issued to the app holds its row shared
+            # (StoreValidator.hold_app), and one issued after this must not outlive it.
+            app = conn.execute(
+                select(oauth_apps.c.id).where(oauth_apps.c.uid == uid).with_for_update()
+            ).first()
             if app is None:
                 raise OAuthError("no such app", "uid")
             conn.execute(
@@ -314,7 +322,13 @@ class OAuthProvider:
             )
             return dict(out_headers), out_body, status
 
-        reply_headers, reply_body, status = await self.db.run("oauth_token", txn)
+        try:
+            reply_headers, reply_body, status = await self.db.run("oauth_token", txn)
+        except GrantLost as e:
+            error = InvalidGrantError(description=str(e))
+            reply_headers = {"Content-Type": "application/json", "Cache-Control": "no-store",
+                             "Pragma": "no-cache", **error.headers}
+            reply_body, status = error.json, error.status_code
         if status == 200:
             token = json.loads(reply_body)
             reply_body = json.dumps({

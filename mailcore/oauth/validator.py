@@ -11,6 +11,13 @@ authorization request, live `CODE_TTL` seconds, and a reused code revokes every 
 from it (RFC 6749 §4.1.2, RFC 9700 §4.2); PKCE is checked when the code carries a challenge
 (S256 only); a refresh token is good once (rotated), never for more scopes than granted, and
 a rotated one presented again revokes its family.
+
+Concurrent requests with one code or refresh token are settled by locking its row as it is
+read (FOR UPDATE; SQLite serialises writers anyway): the second waits for the first and then
+sees it used, a reuse. The app's row is held shared meanwhile, so that a user's revocation
+of the grant (which takes it exclusively) waits for a token being issued and is never
+overtaken by one. Marking a code used or a refresh token rotated is conditional, and a grant
+that finds it done already is `GrantLost` (invalid_grant, nothing issued).
 """
 
 from __future__ import annotations
@@ -54,6 +61,11 @@ def _normal_or_none(uri: str) -> str | None:
         return normal_redirect_uri(uri)
     except ValueError:
         return None
+
+
+class GrantLost(Exception):
+    """The code or refresh token of a grant was used by another request meanwhile: the
+    transaction is rolled back (no token issued) and the client told invalid_grant."""
 
 
 class Client:
@@ -201,6 +213,7 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
         if found is None:
             found = self.conn.execute(
                 select(oauth_codes).where(oauth_codes.c.digest == creds.digest(code))
+                .with_for_update()
             ).first()
             request.mailcore_code = found
         return found
@@ -208,6 +221,7 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
     def validate_code(
         self, client_id: str, code: str, client: Any, request: Request, *args: Any, **kwargs: Any
     ) -> bool:
+        self.hold_app(client.id)
         row = self._code(code, request)
         if row is None or row._mapping["app_id"] != client.id:
             return False
@@ -249,10 +263,13 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
         self, client_id: str, code: str, request: Request, *args: Any, **kwargs: Any
     ) -> None:
         row = self._code(code, request)
-        self.conn.execute(
-            update(oauth_codes).where(oauth_codes.c.id == row._mapping["id"])
+        done = self.conn.execute(
+            update(oauth_codes)
+            .where(oauth_codes.c.id == row._mapping["id"], oauth_codes.c.used_at.is_(None))
             .values(used_at=self.now)
         )
+        if done.rowcount != 1:
+            raise GrantLost("the code was used meanwhile")
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -281,19 +298,24 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
             )
         )
         if previous is not None:
-            self.conn.execute(
-                update(oauth_tokens).where(oauth_tokens.c.id == previous._mapping["id"])
+            done = self.conn.execute(
+                update(oauth_tokens)
+                .where(oauth_tokens.c.id == previous._mapping["id"],
+                       oauth_tokens.c.revoked_at.is_(None))
                 .values(revoked_at=self.now)
             )
+            if done.rowcount != 1:
+                raise GrantLost("the refresh token was used meanwhile")
         return None
 
     def validate_refresh_token(
         self, refresh_token: str, client: Any, request: Request, *args: Any, **kwargs: Any
     ) -> bool:
+        self.hold_app(client.id)
         row = self.conn.execute(
             select(oauth_tokens).where(
                 oauth_tokens.c.refresh_digest == creds.digest(refresh_token)
-            )
+            ).with_for_update()
         ).first()
         if row is None or row._mapping["app_id"] != client.id:
             return False
@@ -314,6 +336,13 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
 
     def rotate_refresh_token(self, request: Request) -> bool:
         return True
+
+    def hold_app(self, app_id: int) -> None:
+        """Hold app `app_id`'s row shared until the transaction ends: `OAuthProvider.revoke`
+        takes it exclusively, so a grant being issued and a revocation never overlap."""
+        self.conn.execute(
+            select(oauth_apps.c.id).where(oauth_apps.c.id == app_id).with_for_update(read=True)
+        )
 
     def revoke_family(self, code_id: int) -> None:
         """Revoke every live token issued from code `code_id` (and their refreshes)."""
