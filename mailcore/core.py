@@ -209,7 +209,7 @@ class Core:
             self.db, self.clock, QuarantineSettings.from_config(self.config.section("quarantine")),
             self.plans, hostname=self.config.hostname,
             signer=self.config.data_dir / "quarantine.key", spool=self.spool,
-            leases=self.leases,
+            leases=self.leases, cpu=self.cpu,
         )
         self.filter_chain = build_chain(
             self.config.section("filters"), reactor=self.clock, runner=self.cpu

@@ -7,14 +7,17 @@ from __future__ import annotations
 import email
 import re
 import stat
+import threading
 from typing import Any
 
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from mailcore.gateway.quarantine import LinkSigner, render
+from mailcore.gateway.quarantine import MAX_DIGEST_ITEMS, LinkSigner, ToKeep, render
+from mailcore.workers import CpuPool
 from tests.support.pages import form_credentials
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
+from tests.support.reactor import get_reactor
 
 LINK = re.compile(r"https://([^/\s]+)/quarantine/release/(\S+)")
 
@@ -52,6 +55,54 @@ class DigestTests(TestCase):
         await self.gw.send(message("fourth", GTUBE), "ann@q.test")
         self.tick()
         self.assertEqual(len(self.digests()), 3)
+
+    async def flood(self, count: int, subject: str) -> None:
+        """Quarantine `count` messages with `subject` for ann@q.test (as a spam flood)."""
+        dom = self.gw.core.domains.lookup("q.test")
+        assert dom is not None
+        held = ToKeep("QFLOOD", "spammer@x.test", "ann@q.test", dom.id, "spam", "GTUBE")
+        await self.gw.core.quarantine.keep([held] * count, message(subject, GTUBE))
+
+    async def test_a_flood_lists_the_newest_and_counts_the_rest_once(self) -> None:
+        """Every held message of an address was listed (10,000 made a digest of 1.9 MB,
+        50,000 one of 9 MB built in 2 s on the reactor); a digest lists the newest
+        MAX_DIGEST_ITEMS and counts the others, which no later digest lists again."""
+        await self.flood(5 * MAX_DIGEST_ITEMS, "flood")
+        await self.flood(1, "newest")
+        self.tick()
+        ann = dict((tuple(r), m) for r, m in self.digests())[("ann@q.test",)]
+        total = 5 * MAX_DIGEST_ITEMS + 3
+        self.assertEqual(ann["Subject"],
+                         f"Quarantine summary for ann@q.test: {total} new message(s)")
+        text = ann.get_payload(decode=True).decode()  # type: ignore[union-attr]
+        self.assertEqual(len(LINK.findall(text)), MAX_DIGEST_ITEMS)
+        self.assertLess(len(ann.as_bytes()), 300 * MAX_DIGEST_ITEMS)
+        self.assertIn("newest", text)
+        self.assertNotIn("first", text)  # the oldest: counted, not listed
+        self.assertIn(f"and {total - MAX_DIGEST_ITEMS:,} older message(s)", text)
+        self.tick()
+        self.assertEqual(len(self.digests()), 2)  # everything was listed or counted
+        await self.gw.send(message("fourth", GTUBE), "ann@q.test")
+        self.tick()
+        later = self.digests()[2][1]
+        self.assertEqual(later["Subject"],
+                         "Quarantine summary for ann@q.test: 1 new message(s)")
+
+    async def test_digests_are_built_off_the_reactor_thread(self) -> None:
+        service = self.gw.core.quarantine
+        service.cpu = CpuPool(get_reactor())
+        self.addCleanup(service.cpu.stop)
+        threads: list[threading.Thread] = []
+        build = service.digest_message
+
+        def spy(*args: Any, **kwargs: Any) -> bytes:
+            threads.append(threading.current_thread())
+            return build(*args, **kwargs)
+
+        service.digest_message = spy  # type: ignore[method-assign]
+        self.assertEqual(await service.send_digests(), 2)
+        self.assertEqual(len(threads), 2)
+        self.assertNotIn(threading.main_thread(), threads)
 
     async def test_free_plan_gets_no_digest(self) -> None:
         await self.gw.core.identity.set_plan(self.user.id, "free")

@@ -9,7 +9,10 @@ the row queues the message (if the spool refuses it, the claim is undone).
 
 Digests (seed 004's `sendResume`): every `digest_interval` seconds each recipient of a domain
 with `send_resume` (and a plan that allows it, re-checked when sending) gets one mail listing
-the messages quarantined for it since its last digest. Each item carries a signed, expiring
+the messages quarantined for it since its last digest: the newest `MAX_DIGEST_ITEMS` (200) of
+them, and a line counting the older ones not listed ({count} counts them all), which the
+next digest does not list again (the domain's owner sees them in the quarantine listing).
+The digest is built on the CPU pool. Each item carries a signed, expiring
 link `https://{host}/quarantine/release/{token}` that opens a small page (web/quarantine_page)
 whose POST releases that one message; the token is HMAC-SHA256 over ident and expiry with a
 key kept in `{data_dir}/quarantine.key` (mode 0600). A link is single-use because a message
@@ -39,6 +42,7 @@ from __future__ import annotations
 import base64
 import datetime
 import email.utils
+import functools
 import hashlib
 import hmac
 import math
@@ -74,6 +78,7 @@ from mailcore.store import Database
 from mailcore.store.leases import JobLeases
 from mailcore.store.schema import domains, quarantine, users
 from mailcore.text import replace_cc, storable
+from mailcore.workers import CpuPool
 
 log = Logger()
 
@@ -82,6 +87,9 @@ ALREADY = "already released"
 MISSING = "missing"
 
 MAX_PAGE = 1000
+# The messages one digest lists (the newest); a spam flood to one address made a digest of
+# 9 MB, 50,000 links built in 2 s.
+MAX_DIGEST_ITEMS = 200
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
 DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
@@ -96,6 +104,11 @@ DEFAULT_ITEM = (
     "- {date}  from {mailfrom}\n"
     "  Subject: {subject}\n"
     "  Release: {link}\n"
+)
+# After the items of a digest whose recipient has more than MAX_DIGEST_ITEMS new messages.
+MORE_ITEMS = (
+    "... and {more} older message(s), not listed here. Ask the administrator of {domain}\n"
+    "to release any of them from the quarantine.\n"
 )
 
 
@@ -387,9 +400,36 @@ def _purge_txn(conn: Connection, before: datetime.datetime) -> int:
     ).rowcount)
 
 
-def _digest_candidates_txn(conn: Connection) -> list[Any]:
-    """Blocking: held, unreleased, undigested rows of domains with send_resume."""
-    return list(conn.execute(
+def _undigested(domain_id: int, spellings: Sequence[str]) -> list[Any]:
+    """The conditions of one recipient's held, unreleased, undigested rows in domain
+    `domain_id`: its address in any of the `spellings` it was held under."""
+    return [quarantine.c.domain_id == domain_id, quarantine.c.email.in_(list(spellings)),
+            quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None)]
+
+
+def _digest_recipients_txn(conn: Connection) -> list[tuple[int, list[str]]]:
+    """Blocking: (domain id, spellings of the address) of each recipient with held,
+    unreleased, undigested rows in a domain with send_resume; one recipient whatever the
+    case of its address."""
+    found: dict[tuple[int, str], list[str]] = {}
+    for row in conn.execute(
+        sa.select(quarantine.c.domain_id, quarantine.c.email)
+        .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id))
+        .where(quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None),
+               domains.c.send_resume.is_(True))
+        .group_by(quarantine.c.domain_id, quarantine.c.email)
+        .order_by(quarantine.c.domain_id, quarantine.c.email)
+    ):
+        found.setdefault((row.domain_id, row.email.lower()), []).append(row.email)
+    return [(domain_id, spellings) for (domain_id, _), spellings in found.items()]
+
+
+def _digest_items_txn(
+    conn: Connection, domain_id: int, spellings: Sequence[str]
+) -> tuple[list[Any], int]:
+    """Blocking: the newest MAX_DIGEST_ITEMS undigested rows of one recipient, oldest
+    first, with their domain's settings, and how many older ones there are."""
+    rows: list[Any] = list(conn.execute(
         sa.select(
             quarantine.c.id, quarantine.c.ident, quarantine.c.created_at, quarantine.c.email,
             quarantine.c.mailfrom, quarantine.c.subject, quarantine.c.reason,
@@ -400,16 +440,33 @@ def _digest_candidates_txn(conn: Connection) -> list[Any]:
         )
         .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
                      .join(users, users.c.id == domains.c.owner_id))
-        .where(quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None),
-               domains.c.send_resume.is_(True))
-        .order_by(quarantine.c.domain_id, quarantine.c.email, quarantine.c.created_at)
-    ).all())
+        .where(*_undigested(domain_id, spellings), domains.c.send_resume.is_(True))
+        .order_by(quarantine.c.id.desc())
+        .limit(MAX_DIGEST_ITEMS)
+    ))
+    if len(rows) < MAX_DIGEST_ITEMS:
+        return rows[::-1], 0
+    more = conn.execute(
+        sa.select(sa.func.count()).select_from(quarantine)
+        .where(*_undigested(domain_id, spellings), quarantine.c.id < rows[-1].id)
+    ).scalar_one()
+    return rows[::-1], int(more)
 
 
-def _mark_digested_txn(conn: Connection, ids: Sequence[int], now: datetime.datetime) -> None:
-    conn.execute(
-        quarantine.update().where(quarantine.c.id.in_(list(ids))).values(digested_at=now)
-    )
+def _mark_digested_txn(
+    conn: Connection, domain_id: int, spellings: Sequence[str], items: Sequence[Any], more: int,
+    now: datetime.datetime,
+) -> None:
+    """Blocking: the rows a digest listed (`items`, oldest first), and the older ones it
+    counted, are digested."""
+    conn.execute(quarantine.update().where(quarantine.c.id.in_([r.id for r in items]))
+                 .values(digested_at=now))
+    if more:
+        conn.execute(
+            quarantine.update()
+            .where(*_undigested(domain_id, spellings), quarantine.c.id < items[0].id)
+            .values(digested_at=now)
+        )
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -429,8 +486,10 @@ class QuarantineService(Service):
         signer: LinkSigner | Path,
         spool: Any = None,
         leases: JobLeases | None = None,
+        cpu: CpuPool | None = None,
     ) -> None:
         self.db = db
+        self.cpu = cpu  # builds digests off the reactor (None: on the caller's thread)
         self.clock = clock
         self.settings = settings
         self.plans = plans
@@ -508,9 +567,11 @@ class QuarantineService(Service):
         """The ident a release link names, if genuine and unexpired."""
         return self.signer.verify(token, self.clock.seconds())
 
-    def link(self, ident: str, hostname: str | None) -> str:
+    def link(self, ident: str, hostname: str | None, at: float | None = None) -> str:
+        """The release link of `ident`, valid `link_ttl` from time `at` (default now)."""
         host = hostname or self.settings.link_hostname or self.hostname
-        token = self.signer.sign(ident, self.clock.seconds() + self.settings.link_ttl)
+        at = self.clock.seconds() if at is None else at
+        token = self.signer.sign(ident, at + self.settings.link_ttl)
         return f"https://{host}/quarantine/release/{token}"
 
     # -- retention -------------------------------------------------------------------------
@@ -539,16 +600,20 @@ class QuarantineService(Service):
 
     async def send_digests(self) -> int:
         """One digest per recipient with new quarantined mail; returns how many were sent."""
-        rows = await self.db.read("quarantine_digest_candidates", _digest_candidates_txn)
-        groups: dict[tuple[int, str], list[Any]] = {}
-        for row in rows:
-            groups.setdefault((row.domain_id, row.email.lower()), []).append(row)
+        recipients = await self.db.read("quarantine_digest_recipients", _digest_recipients_txn)
         sent = 0
-        for (domain_id, _), items in groups.items():
+        for domain_id, spellings in recipients:
+            items, more = await self.db.read("quarantine_digest_items", _digest_items_txn,
+                                             domain_id, spellings)
+            if not items:
+                continue  # released or digested meanwhile
             plan = self.plans[items[0].plan]
             if not plan.send_resume:
                 continue  # the plan changed since sendResume was set
-            message = self.digest_message(items, agency=plan.agency_options)
+            build = functools.partial(self.digest_message, items, agency=plan.agency_options,
+                                      more=more, at=self.clock.seconds())
+            message = await (self.cpu.run(build) if self.cpu is not None else
+                             defer.maybeDeferred(build))
             sender = self.settings.digest_sender
             envelope = Envelope(sender, (Recipient(items[0].email, domain_id),), kind="digest")
             try:
@@ -557,13 +622,18 @@ class QuarantineService(Service):
                 log.failure("queueing a quarantine digest for {email} failed",
                             email=items[0].email)
                 continue
-            await self.db.run("quarantine_mark_digested", _mark_digested_txn,
-                              [r.id for r in items], self.now())
+            await self.db.run("quarantine_mark_digested", _mark_digested_txn, domain_id,
+                              spellings, items, more, self.now())
             sent += 1
         return sent
 
-    def digest_message(self, items: Sequence[Any], *, agency: bool) -> bytes:
-        """The digest for one recipient, built from the domain's templates or defaults."""
+    def digest_message(self, items: Sequence[Any], *, agency: bool, more: int = 0,
+                       at: float | None = None) -> bytes:
+        """The digest for one recipient, built from the domain's templates or defaults:
+        `items` listed, `more` older messages counted (MORE_ITEMS), links signed and the
+        Date set as at time `at` (default now). Blocking CPU work: the service runs it on
+        its CPU pool."""
+        at = self.clock.seconds() if at is None else at
         first = items[0]
 
         def custom(value: str | None) -> str | None:
@@ -575,10 +645,13 @@ class QuarantineService(Service):
         for row in items:
             lines.append(render(item_template, {
                 "date": rfc3339(row.created_at), "mailfrom": row.mailfrom or "<>",
-                "subject": row.subject, "link": self.link(row.ident, hostname),
+                "subject": row.subject, "link": self.link(row.ident, hostname, at),
                 "ident": row.ident, "email": row.email, "reason": row.reason,
             }))
-        values = {"email": first.email, "domain": first.domain_name, "count": str(len(items))}
+        if more:
+            lines.append(render(MORE_ITEMS, {"more": f"{more:,}", "domain": first.domain_name}))
+        values = {"email": first.email, "domain": first.domain_name,
+                  "count": str(len(items) + more)}
         subject = render(custom(first.resume_template_subject) or DEFAULT_SUBJECT, values)
         body = render(custom(first.resume_template_body) or DEFAULT_BODY,
                       {**values, "items": "\n".join(lines)})
@@ -589,7 +662,8 @@ class QuarantineService(Service):
         if reply_to:
             msg["Reply-To"] = reply_to
         msg["Subject"] = " ".join(subject.split())
-        msg["Date"] = email.utils.format_datetime(self.now())
+        msg["Date"] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(at, datetime.UTC))
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
         msg["Auto-Submitted"] = "auto-generated"
         msg.set_content(body)
