@@ -264,6 +264,38 @@ class BatteryTests(Base):
         self.assertEqual((query["error"], query["state"]), ("access_denied", "xyz"))
         self.assertNotIn("code", query)
 
+    async def test_token_errors_are_those_of_rfc_6749_5_2(self) -> None:
+        """A failed client authentication was challenged with Bearer (a resource server's
+        scheme), a missing grant_type was unsupported_grant_type and a repeated code
+        invalid_grant."""
+        code = await self.client.code()
+        grant = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT}
+        basic = base64.b64encode(f"{self.client.uid}:nope".encode()).decode()
+        status, headers, body = await self.web.call(
+            "POST", "/oauth/token", data=grant, headers={"Authorization": f"Basic {basic}"})
+        self.assertEqual((status, body["error"], headers["www-authenticate"]),
+                         (401, "invalid_client", ['Basic realm="oauth"']))
+        status, headers, body = await self.web.call("POST", "/oauth/token", data={
+            **grant, "client_id": self.client.uid, "client_secret": "0" * 64})
+        self.assertEqual((status, body["error"], headers["www-authenticate"]),
+                         (401, "invalid_client", ['Basic realm="oauth"']))
+        status, headers, body = await self.web.call(
+            "POST", "/oauth/token", data=grant,
+            headers={b"Authorization": [b"Basic \xff"]})  # no ASCII: refused by the web
+        self.assertEqual((status, body["error"], headers["www-authenticate"]),
+                         (401, "invalid_client", ['Basic realm="oauth"']))
+        status, _, body = await self.client.exchange(code=code, redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        self.assertIn("grant_type", body["error_description"])
+        data = [("client_id", self.client.uid), ("client_secret", self.client.secret),
+                *grant.items(), ("code", "another")]
+        status, _, body = await self.web.call("POST", "/oauth/token", data=data)
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        self.assertIn("code", body["error_description"])
+        # None of these used the code.
+        status, _, _ = await self.client.exchange(**grant)
+        self.assertEqual(status, 200)
+
     async def test_bad_token_requests_are_4xx_never_5xx(self) -> None:
         cases: list[dict[str, Any]] = [
             {"data": {}},

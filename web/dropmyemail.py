@@ -3,7 +3,7 @@
 JSON only; every call carries `access_token` (query) or `Authorization: Bearer`; 20
 requests per second per token (X-RateLimit-* headers, 429 with Retry-After). Errors are
 OAuth-style `{"error": code, "error_description": ...}` with `WWW-Authenticate: Bearer` on
-401/403.
+401/403 (`POST /oauth/token` challenges a client with Basic, RFC 6749 §5.2).
 
 The OAuth 2 provider is `mailcore.oauth.OAuthProvider` (oauthlib underneath); this module
 only translates HTTP to it and back. `POST /oauth/token` exchanges a code or rotates a
@@ -38,7 +38,7 @@ from mailcore.backup import (
 from mailcore.backup.accounts import iso
 from mailcore.identity import Identity, Principal
 from mailcore.messages.models import MessageSummary
-from mailcore.oauth import OAuthProvider
+from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider
 from web.api import ApiApp
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
@@ -343,7 +343,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "minutes; a reused code revokes what was issued from it. A code issued with a PKCE "
         "challenge needs its code_verifier (S256). A refresh token is good once: the reply "
         "carries the next one. Errors are RFC 6749 §5.2 (`invalid_grant`, "
-        "`invalid_client` with 401, ...).",
+        "`invalid_client` with 401 and `WWW-Authenticate: Basic`, `invalid_request` for a "
+        "missing grant_type or a parameter given twice, ...).",
         body=TOKEN_INPUT,
         body_types=(FORM_TYPE, "application/json"),
         replies={200: Reply("The access token", TOKEN_REPLY)},
@@ -357,8 +358,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
             try:
                 headers["Authorization"] = auth.decode("ascii")
             except UnicodeDecodeError:
-                raise ApiError(401, "Client authentication failed.",
-                               code="invalid_client") from None
+                raise ApiError(401, "Client authentication failed.", code="invalid_client",
+                               headers={"WWW-Authenticate": CLIENT_CHALLENGE}) from None
         uri = "https://dropmyemail.invalid/oauth/token"
         reply_headers, reply_body, status = await self.oauth.token(uri, body, headers)
         set_headers(request, {k: v for k, v in reply_headers.items()

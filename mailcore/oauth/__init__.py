@@ -8,6 +8,7 @@ and `resolve` for the Bearer tokens of `/v1/`. Our rules for oauthlib are in val
 """
 
 from mailcore.oauth.provider import (
+    CLIENT_CHALLENGE,
     App,
     AuthorizationRedirect,
     AuthorizationRefused,
@@ -20,6 +21,7 @@ from mailcore.oauth.settings import CODE_TTL, OAuthSettings
 from mailcore.oauth.validator import SCOPES
 
 __all__ = [
+    "CLIENT_CHALLENGE",
     "CODE_TTL",
     "SCOPES",
     "App",

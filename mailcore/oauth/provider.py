@@ -38,6 +38,12 @@ from mailcore.text import has_control, not_text
 # oauthlib's reply headers and body, and its status.
 Reply = tuple[dict[str, str], str, int]
 
+# The challenge of a 401 invalid_client at the token endpoint (RFC 6749 §5.2: the scheme
+# the client authenticates with, HTTP Basic; oauthlib's Bearer is a resource server's).
+CLIENT_CHALLENGE = 'Basic realm="oauth"'
+_REPLY_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store",
+                  "Pragma": "no-cache"}
+
 
 class OAuthError(Exception):
     """An app operation was refused; `field` names the offending input."""
@@ -311,7 +317,12 @@ class OAuthProvider:
 
     async def token(self, uri: str, body: str, headers: dict[str, str]) -> Reply:
         """POST /oauth/token: (headers, JSON body, status), the success body exactly the
-        seed's `{access_token, token_type: "bearer", expires_in, refresh_token}`."""
+        seed's `{access_token, token_type: "bearer", expires_in, refresh_token}`. Errors
+        are RFC 6749 §5.2's: a repeated parameter (§3.2) or a missing grant_type is
+        invalid_request, and invalid_client is challenged with `CLIENT_CHALLENGE`."""
+        malformed = _malformed(body)
+        if malformed is not None:
+            return _error_reply(InvalidRequestError(description=malformed))
         now = self.now()
         body = _normal_redirect(_plus_scopes(body))
 
@@ -325,10 +336,11 @@ class OAuthProvider:
         try:
             reply_headers, reply_body, status = await self.db.run("oauth_token", txn)
         except GrantLost as e:
-            error = InvalidGrantError(description=str(e))
-            reply_headers = {"Content-Type": "application/json", "Cache-Control": "no-store",
-                             "Pragma": "no-cache", **error.headers}
-            reply_body, status = error.json, error.status_code
+            return _error_reply(InvalidGrantError(description=str(e)))
+        if status == 401:
+            reply_headers = {k: v for k, v in reply_headers.items()
+                             if k.lower() != "www-authenticate"}
+            reply_headers["WWW-Authenticate"] = CLIENT_CHALLENGE
         if status == 200:
             token = json.loads(reply_body)
             reply_body = json.dumps({
@@ -413,6 +425,26 @@ def _plus_scopes(form: str) -> str:
                       for key, value in pairs])
 
 
+def _malformed(form: str) -> str | None:
+    """What makes token request `form` (form-encoded) invalid_request before oauthlib reads
+    it: a parameter given more than once (RFC 6749 §3.2; oauthlib checks only some, and
+    takes the last of the others), or no grant_type (oauthlib answers that
+    unsupported_grant_type). None when neither."""
+    seen: dict[str, str] = {}
+    for key, value in parse_qsl(form, keep_blank_values=True):
+        if key in seen:
+            return f"Parameter {key} is repeated."
+        seen[key] = value
+    if not seen.get("grant_type"):
+        return "Missing grant_type parameter."
+    return None
+
+
+def _error_reply(error: OAuth2Error) -> Reply:
+    """The token endpoint's reply of `error` (RFC 6749 §5.2), as oauthlib makes one."""
+    return {**_REPLY_HEADERS, **error.headers}, str(error.json), int(error.status_code)
+
+
 def _request_uri(uri: str) -> str:
     """`uri` with its query's scope as `_plus_scopes` has it and its redirect_uri as
     `_normal_redirect` has it."""
@@ -433,6 +465,7 @@ def _access_denied(request: Any) -> OAuth2Error:
 
 
 __all__ = [
+    "CLIENT_CHALLENGE",
     "SCOPES",
     "App",
     "AuthorizationRedirect",
