@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import URI
 from twisted.web.server import Site
@@ -25,10 +27,12 @@ from mailcore.webhooks import (
     WebhookSettings,
     verify_signature,
 )
-from mailcore.webhooks.client import _GuardedEndpoint
-from tests.support.imap2api import Receiver, live_api
+from mailcore.webhooks.client import MAX_ANSWER_BYTES, _GuardedEndpoint, guarded_http_client
+from mailcore.webhooks.sender import WebhookSender
+from tests.support.imap2api import Receiver, client, config, live_api
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, run_command, sleep, tempdir_for
+from tests.support.web import Web
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,6 +82,94 @@ class GuardedEndpointTests(TestCase):
         _, endpoint = self.endpoint({}, b"https://nowhere.example.com/")
         with self.assertRaises(AddressRefused):
             await endpoint.connect(Factory.forProtocol(Protocol))
+
+
+class Connection:
+    """The receiver's end of one delivery connection, in memory: what the client wrote, and
+    what it is fed."""
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        host, port, factory, *_ = reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
+        self.protocol = protocol
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.fed = 0
+
+    def feed(self, data: bytes) -> None:
+        self.fed += len(data)
+        self.protocol.dataReceived(data)
+
+    @property
+    def aborted(self) -> bool:
+        return bool(self.transport.disconnected)
+
+    def lost(self) -> None:
+        """The transport reports the end of the connection, as a socket would."""
+        self.protocol.connectionLost(Failure(
+            ConnectionAborted() if self.aborted else ConnectionDone()
+        ))
+
+
+class HostileReceiverTests(TestCase):
+    """The guarded client under a sender, against a receiver played byte by byte in memory."""
+
+    async def setup(self, **settings: Any) -> tuple[MemoryReactorClock, Any]:
+        web = Web.build(config(webhooks={"poll_interval": 1, **settings}))
+        alice = await client(web)
+        reactor = MemoryReactorClock()
+        reactor.nameResolver = FakeResolver(  # type: ignore[assignment]
+            {"hooks.example.com": ["93.184.216.34"]}
+        )
+        webhooks = web.core.webhooks
+        http = guarded_http_client(reactor, webhooks.policy, webhooks.settings.timeout)
+        sender = WebhookSender(webhooks, web.clock, http)
+        hook, _ = await webhooks.create(alice.user.id, url="http://hooks.example.com/in",
+                                        events=["sync.completed"])
+        now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
+        await webhooks.enqueue_sync(SyncResult(
+            account_id=1, user_id=alice.user.id, started_at=now, finished_at=now,
+            status="success",
+        ))
+        sender.startService()
+        self.addCleanup(sender.stopService)
+        web.clock.advance(0)
+        self.assertEqual(len(reactor.tcpClients), 1)
+
+        async def entry() -> Any:
+            [e] = (await webhooks.deliveries(alice.user.id, hook.id)).items
+            return e
+
+        return reactor, entry
+
+    async def test_endless_headers_abort_the_connection_after_a_bounded_number_of_bytes(
+            self) -> None:
+        reactor, entry = await self.setup(timeout=10)
+        connection = Connection(reactor)
+        self.assertTrue(connection.transport.value().startswith(b"POST /in HTTP/1.1\r\n"))
+        connection.feed(b"HTTP/1.1 200 OK\r\n")
+        line = b"X-A: " + b"a" * 8000 + b"\r\n"
+        while not connection.aborted and connection.fed < 10 * MAX_ANSWER_BYTES:
+            connection.feed(line)
+        self.assertTrue(connection.aborted)
+        self.assertLessEqual(connection.fed, MAX_ANSWER_BYTES + len(line))
+        connection.lost()
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_status_code), ("pending", 1, None))
+        self.assertEqual(e.last_error, f"the answer was longer than {MAX_ANSWER_BYTES} bytes")
+
+    async def test_a_long_body_still_reports_the_status(self) -> None:
+        reactor, entry = await self.setup(timeout=10)
+        connection = Connection(reactor)
+        connection.feed(b"HTTP/1.1 500 Oops\r\nContent-Length: 10000000\r\n\r\n")
+        while not connection.aborted and connection.fed < 10_000_000:
+            connection.feed(b"b" * 4096)  # the receiver ignores the client's stop
+        self.assertLessEqual(connection.fed, MAX_ANSWER_BYTES + 4096)
+        connection.lost()
+        e = await entry()
+        self.assertEqual((e.status, e.last_status_code), ("pending", 500))
+        self.assertEqual(e.last_error, "HTTP 500: " + "b" * 512)
 
 
 class RealSocketTests(TestCase):

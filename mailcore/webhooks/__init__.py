@@ -38,7 +38,9 @@ receiver can drop duplicates.
 Deliveries are durable: the sync engine's listener only writes delivery rows (it never waits
 for a receiver), and the background `WebhookSender` posts them, at most `concurrency` at
 once (and `per_webhook` to any one webhook, so a dead receiver cannot hold up the others),
-each bounded by `timeout`. A non-2xx answer, a timeout or a connection failure is
+each bounded by `timeout` and by what it reads (a connection that receives more than about
+64 KiB, the answer's headers and the start of its body, is aborted: `client.MAX_ANSWER_BYTES`).
+A non-2xx answer, a timeout, an answer too long or a connection failure is
 retried with exponential backoff (`backoff_base` * 2^(attempt-1), at most `backoff_max`)
 until `max_attempts`; 410 Gone stops at once and disables the webhook. Each row keeps its
 status (pending, success, failed, cancelled), attempts, last status code and last error:

@@ -1,5 +1,6 @@
 """The guarded HTTP client deliveries go out on: every address a host resolves to is checked
-against the operator's network policy when the connection is made; no cookies, bounded reads."""
+against the operator's network policy when the connection is made; no cookies, bounded reads
+(a connection that receives more than MAX_ANSWER_BYTES is aborted)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
+    IProtocolFactory,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.iweb import IBodyProducer
@@ -26,6 +29,17 @@ from mailcore.webhooks.settings import AddressPolicy
 USER_AGENT = "Mailcore-Webhooks/1"
 # How much of a receiver's answer the delivery log keeps.
 SNIPPET_BYTES = 512
+# The most one delivery connection reads: the answer's status line and headers, and the
+# first bytes of its body. Past it the connection is aborted (Twisted's parser keeps every
+# header line, with no limit on how many).
+MAX_ANSWER_BYTES = 64 * 1024 + SNIPPET_BYTES
+
+
+class AnswerTooLong(Exception):
+    """The receiver sent more than MAX_ANSWER_BYTES on one connection."""
+
+    def __str__(self) -> str:
+        return f"the answer was longer than {MAX_ANSWER_BYTES} bytes"
 
 
 @implementer(IBodyProducer)
@@ -69,6 +83,57 @@ class _Snippet(Protocol):
             self.done.callback(self.data)
 
 
+class _Bounded(ProtocolWrapper):
+    """Counts the bytes a connection receives and aborts it past the factory's limit; the
+    wrapped protocol then loses the connection with AnswerTooLong."""
+
+    factory: _BoundedFactory
+
+    def __init__(self, factory: _BoundedFactory, wrapped: Any) -> None:
+        super().__init__(factory, wrapped)
+        self.received = 0
+        self.exceeded = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exceeded:
+            return
+        self.received += len(data)
+        if self.received > self.factory.limit:
+            self.exceeded = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        super().connectionLost(Failure(AnswerTooLong()) if self.exceeded else reason)
+
+
+class _BoundedFactory(WrappingFactory[_Bounded]):
+    protocol = _Bounded
+
+    def __init__(self, wrapped: IProtocolFactory, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+
+@implementer(IStreamClientEndpoint)
+class _BoundedEndpoint:
+    """An endpoint whose connections read at most `limit` bytes (see _Bounded)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, limit: int) -> None:
+        self.endpoint = endpoint
+        self.limit = limit
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        d: Deferred[Any] = self.endpoint.connect(_BoundedFactory(factory, self.limit))
+        return d.addCallback(_unwrap)
+
+
+def _unwrap(wrapper: ProtocolWrapper) -> Any:
+    """The protocol a _Bounded wraps (what the caller of `connect` expects)."""
+    return wrapper.wrappedProtocol
+
+
 class _NoCookies(IndexableCookieJar):
     """Receivers' cookies are never kept (nor sent to another receiver)."""
 
@@ -90,7 +155,7 @@ def _GuardedEndpoint(reactor: Any, policy: AddressPolicy, uri: URI,
     )
     if uri.scheme == b"https":
         endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-    return endpoint
+    return _BoundedEndpoint(endpoint, MAX_ANSWER_BYTES)
 
 
 class _GuardedEndpointFactory:

@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 
 from mailcore.fetch.secrets import SecretError
 from mailcore.netpolicy import AddressRefused
-from mailcore.webhooks.client import SNIPPET_BYTES, USER_AGENT, _Snippet, guarded_http_client
+from mailcore.webhooks.client import (
+    SNIPPET_BYTES,
+    USER_AGENT,
+    AnswerTooLong,
+    _Snippet,
+    guarded_http_client,
+)
 from mailcore.webhooks.model import WebhookError
 from mailcore.webhooks.service import Webhooks
 from mailcore.webhooks.signing import (
@@ -287,7 +293,7 @@ def _describe(error: BaseException) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
         inner = reasons[0].value
-        if isinstance(inner, AddressRefused):
+        if isinstance(inner, AddressRefused | AnswerTooLong):
             return str(inner)
         return f"{type(inner).__name__}: {inner}".strip()
     return f"{type(error).__name__}: {error}".strip()
