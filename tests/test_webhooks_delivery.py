@@ -115,8 +115,10 @@ class Connection:
 class HostileReceiverTests(TestCase):
     """The guarded client under a sender, against a receiver played byte by byte in memory."""
 
+    web: Web
+
     async def setup(self, **settings: Any) -> tuple[MemoryReactorClock, Any]:
-        web = Web.build(config(webhooks={"poll_interval": 1, **settings}))
+        web = self.web = Web.build(config(webhooks={"poll_interval": 1, **settings}))
         alice = await client(web)
         reactor = MemoryReactorClock()
         reactor.nameResolver = FakeResolver(  # type: ignore[assignment]
@@ -170,6 +172,21 @@ class HostileReceiverTests(TestCase):
         e = await entry()
         self.assertEqual((e.status, e.last_status_code), ("pending", 500))
         self.assertEqual(e.last_error, "HTTP 500: " + "b" * 512)
+
+
+    async def test_a_body_that_stalls_past_the_timeout_closes_the_connection(self) -> None:
+        reactor, entry = await self.setup(timeout=10)
+        connection = Connection(reactor)
+        connection.feed(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000\r\n\r\nabc")
+        web_clock = self.web.clock
+        web_clock.advance(9)
+        self.assertFalse(connection.aborted)
+        web_clock.advance(1)
+        self.assertTrue(connection.aborted)
+        connection.lost()
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_error),
+                         ("pending", 1, "no answer within 10 s"))
 
 
 class RealSocketTests(TestCase):

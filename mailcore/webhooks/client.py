@@ -65,12 +65,17 @@ class _BytesProducer:
 
 
 class _Snippet(Protocol):
-    """Keeps the first bytes of a receiver's answer and drops the connection after them."""
+    """Keeps the first bytes of a receiver's answer and drops the connection after them (or
+    when the wait for them is cancelled)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.data = b""
-        self.done: Deferred[bytes] = Deferred()
+        self.done: Deferred[bytes] = Deferred(self._cancelled)
+
+    def _cancelled(self, _: Deferred[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         if len(self.data) < self.limit:
@@ -85,7 +90,8 @@ class _Snippet(Protocol):
 
 class _Bounded(ProtocolWrapper):
     """Counts the bytes a connection receives and aborts it past the factory's limit; the
-    wrapped protocol then loses the connection with AnswerTooLong."""
+    wrapped protocol then loses the connection with AnswerTooLong. Stopping the answer (the
+    snippet is full, or its wait was cancelled) aborts the connection too."""
 
     factory: _BoundedFactory
 
@@ -103,6 +109,10 @@ class _Bounded(ProtocolWrapper):
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         super().dataReceived(data)
+
+    def stopProducing(self) -> None:
+        # The client is done reading (or gave up): never wait for the receiver to close.
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         super().connectionLost(Failure(AnswerTooLong()) if self.exceeded else reason)
