@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
@@ -21,15 +22,19 @@ from twisted.web.client import URI
 from twisted.web.server import Site
 
 from mailcore.fetch.engine import SyncResult
+from mailcore.store import Database
 from mailcore.webhooks import (
     AddressPolicy,
     AddressRefused,
+    WebhookError,
+    Webhooks,
     WebhookSettings,
     verify_signature,
 )
 from mailcore.webhooks.client import MAX_ANSWER_BYTES, _GuardedEndpoint, guarded_http_client
 from mailcore.webhooks.sender import WebhookSender
 from tests.support.imap2api import Receiver, client, config, live_api
+from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, run_command, sleep, tempdir_for
 from tests.support.web import Web
@@ -283,3 +288,27 @@ class CliTests(TestCase):
                          (0, "removed webhook 1 (https://hooks.example.com/in)"))
         self.assertEqual((await self.mc(data_dir, "webhook", "list", "alice")).out.strip(),
                          "ID  URL  EVENTS  ACTIVE  DESCRIPTION")
+
+
+class PostgreSQLTests(TestCase):
+    timeout = 240
+
+    async def test_concurrent_creates_keep_the_per_user_limit(self) -> None:
+        url = await create_test_database(self)
+        web = Web.build(url=url)
+        self.addCleanup(web.core.db.close)
+        alice = await web.user()
+        db = Database(url, get_reactor(), max_threads=8)  # threads, as the daemon runs it
+        await db.open()
+        self.addCleanup(db.close)
+        webhooks = web.core.webhooks
+        threaded = Webhooks(db, web.clock, webhooks.secrets, webhooks.settings)
+        results = await DeferredList([
+            Deferred.fromCoroutine(threaded.create(alice.id, url=f"http://93.184.216.{i}/h"))
+            for i in range(1, 41)
+        ], consumeErrors=True)
+        limit = webhooks.settings.max_per_user
+        self.assertEqual(sum(1 for ok, _ in results if ok), limit)
+        refused: list[Any] = [r for ok, r in results if not ok]
+        self.assertEqual({type(f.value) for f in refused}, {WebhookError})
+        self.assertEqual((await webhooks.list_webhooks(alice.id, limit=100)).count, limit)

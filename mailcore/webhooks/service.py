@@ -21,7 +21,7 @@ from mailcore.messages.models import Page
 from mailcore.messages.sql import new_id
 from mailcore.messages.store import thd_get_messages
 from mailcore.store import Database
-from mailcore.store.schema import webhook_deliveries, webhooks
+from mailcore.store.schema import users, webhook_deliveries, webhooks
 from mailcore.webhooks.model import (
     BATCH,
     EVENTS,
@@ -88,6 +88,10 @@ class Webhooks:
         limit = self.settings.max_per_user
 
         def txn(conn: Connection) -> Webhook:
+            # The user's row is locked first, so that concurrent creates for one user count
+            # one after another (PostgreSQL's READ COMMITTED would let each count the same
+            # rows; SQLite serialises writers anyway and ignores FOR UPDATE).
+            conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
             count = conn.execute(
                 select(func.count()).select_from(webhooks).where(webhooks.c.user_id == user_id)
             ).scalar() or 0
