@@ -408,7 +408,7 @@ class SharedJobsMixin(DatabaseMixin):
         for _ in range(100):  # sweeps of both nodes at once until every delivery is done
             await gather(senders[0].sweep(), senders[1].sweep())
             for sender in senders:
-                pending = [d for _w, d in sender._in_flight.values()]
+                pending = [d for *_, d in sender._in_flight.values()]
                 await defer.DeferredList(pending, consumeErrors=True)
             if sum(len(r.received) for r in receivers) >= 30:
                 break

@@ -349,6 +349,26 @@ class DeliveryTests(SenderTestCase):
         self.assertEqual(len(await s.log(live.id)), 6)
         self.assertEqual(sorted(e.status for e in await s.log(dead.id)), ["pending"] * 6)
 
+    async def test_one_users_backlog_leaves_room_for_another_user(self) -> None:
+        s = await self.setup(concurrency=4, per_webhook=2, per_user=3, timeout=30)
+        s.receiver.hang_paths = {b"/in"}  # alice's receivers never answer
+        for _ in range(4):
+            await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        for _ in range(10):
+            await s.webhooks.enqueue_sync(s.result(1))  # 40 deliveries, all older than bob's
+        bob = await client(s.web, "bob")
+        bobs, _ = await s.webhooks.create(bob.user.id, url="https://hooks.example.com/bob",
+                                          events=["sync.completed"])
+        mine = s.result(2)
+        mine.user_id = bob.user.id
+        await s.webhooks.enqueue_sync(mine)
+        s.web.clock.advance(0)
+        self.assertEqual(len(s.receiver.hanging), 3)  # alice: at most per_user at once
+        s.web.clock.advance(1)  # the next sweep
+        [entry] = list((await s.webhooks.deliveries(bob.user.id, bobs.id)).items)
+        self.assertEqual((entry.status, entry.attempts), ("success", 1))
+        self.assertEqual(len(s.receiver.hanging), 3)
+
     async def test_a_dead_receiver_never_delays_the_sync_listener(self) -> None:
         s = await self.setup(timeout=10)
         s.receiver.hang = True

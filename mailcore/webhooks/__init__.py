@@ -37,7 +37,8 @@ receiver can drop duplicates.
 
 Deliveries are durable: the sync engine's listener only writes delivery rows (it never waits
 for a receiver), and the background `WebhookSender` posts them, at most `concurrency` at
-once (and `per_webhook` to any one webhook, so a dead receiver cannot hold up the others),
+once (and `per_webhook` to any one webhook, so a dead receiver cannot hold up the others,
+and `per_user` to one user's webhooks, so one user's backlog cannot hold up other users),
 each bounded by `timeout` and by what it reads (a connection that receives more than about
 64 KiB, the answer's headers and the start of its body, is aborted: `client.MAX_ANSWER_BYTES`).
 A non-2xx answer, a timeout, an answer too long or a connection failure is

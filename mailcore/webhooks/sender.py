@@ -72,8 +72,8 @@ class WebhookSender(Service):
         self._soon: IDelayedCall | None = None
         self._sweeping: Deferred[int] | None = None
         self._again = False
-        # delivery id -> (webhook id, the attempt)
-        self._in_flight: dict[int, tuple[int, Deferred[None]]] = {}
+        # delivery id -> (webhook id, user id, the attempt)
+        self._in_flight: dict[int, tuple[int, int, Deferred[None]]] = {}
         self._last_prune = float("-inf")
         webhooks_service.sender = self
 
@@ -106,7 +106,7 @@ class WebhookSender(Service):
 
     async def _stop(self) -> None:
         await self.webhooks.settle()
-        pending = [d for _, d in self._in_flight.values()]
+        pending = [d for _, _, d in self._in_flight.values()]
         for d in pending:
             d.cancel()
         if pending:
@@ -150,10 +150,13 @@ class WebhookSender(Service):
                 now = self.clock.seconds()
                 lease = now + self.settings.timeout * 3 + 30
                 busy: dict[int, int] = {}
-                for webhook_id, _ in self._in_flight.values():
+                busy_users: dict[int, int] = {}
+                for webhook_id, user_id, _ in self._in_flight.values():
                     busy[webhook_id] = busy.get(webhook_id, 0) + 1
+                    busy_users[user_id] = busy_users.get(user_id, 0) + 1
                 due = await self.db.run("claim_webhook_deliveries", thd_claim_due, now, lease,
-                                        room, busy, self.settings.per_webhook)
+                                        room, busy, self.settings.per_webhook, busy_users,
+                                        self.settings.per_user)
                 for item in due:
                     self._start(item)
                 started += len(due)
@@ -176,7 +179,7 @@ class WebhookSender(Service):
 
     def _start(self, item: Due) -> None:
         d = Deferred.fromCoroutine(self.attempt(item))
-        self._in_flight[item.id] = (item.webhook_id, d)
+        self._in_flight[item.id] = (item.webhook_id, item.user_id, d)
 
         def finished(outcome: Any) -> None:
             self._in_flight.pop(item.id, None)

@@ -17,6 +17,7 @@ backoff_max = 3600
 timeout = 10                 # seconds per attempt (connect, send, first bytes of the answer)
 concurrency = 4              # attempts in flight at once, in all
 per_webhook = 2              # ... and to one webhook (a dead receiver holds no more)
+per_user = 3                 # ... and to one user's webhooks (room is left for the others)
 poll_interval = 5
 retention_days = 30          # finished deliveries are pruned after this long
 max_per_user = 20
@@ -55,6 +56,7 @@ class WebhookSettings:
     timeout: float = 10.0
     concurrency: int = 4
     per_webhook: int = 2
+    per_user: int = 3
     poll_interval: float = 5.0
     retention_days: float = 30.0
     max_per_user: int = 20

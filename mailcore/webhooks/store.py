@@ -45,13 +45,17 @@ class Due:
 def thd_claim_due(
     conn: Connection, now: float, lease_until: float, limit: int,
     busy: Mapping[int, int] | None = None, per_webhook: int = 2,
+    busy_users: Mapping[int, int] | None = None, per_user: int = 3,
 ) -> list[Due]:
     """Up to `limit` pending deliveries due at `now`, oldest first, at most `per_webhook`
     per webhook counting the `busy` ones (webhook id -> attempts in flight), so that one
-    dead receiver cannot take every slot. Leased until `lease_until`: a crash mid-attempt
-    retries after the lease."""
+    dead receiver cannot take every slot, and at most `per_user` per user counting the
+    `busy_users` ones (user id -> attempts in flight), so that one user's backlog cannot
+    either. Leased until `lease_until`: a crash mid-attempt retries after the lease."""
     busy = dict(busy or {})
+    busy_users = dict(busy_users or {})
     full = [w for w, n in busy.items() if n >= per_webhook]
+    full_users = [u for u, n in busy_users.items() if n >= per_user]
     q = (
         select(webhook_deliveries, webhooks.c.url, webhooks.c.secret_enc, webhooks.c.active)
         .select_from(webhook_deliveries.join(
@@ -64,15 +68,19 @@ def thd_claim_due(
     )
     if full:
         q = q.where(webhook_deliveries.c.webhook_id.not_in(full))
+    if full_users:
+        q = q.where(webhook_deliveries.c.user_id.not_in(full_users))
     if conn.dialect.name == "postgresql":
         q = q.with_for_update(of=webhook_deliveries, skip_locked=True)
     rows: list[Any] = []
     for r in conn.execute(q):
         if len(rows) >= limit:
             break
-        if busy.get(r.webhook_id, 0) >= per_webhook:
+        if (busy.get(r.webhook_id, 0) >= per_webhook
+                or busy_users.get(r.user_id, 0) >= per_user):
             continue
         busy[r.webhook_id] = busy.get(r.webhook_id, 0) + 1
+        busy_users[r.user_id] = busy_users.get(r.user_id, 0) + 1
         rows.append(r)
     if rows:
         conn.execute(
