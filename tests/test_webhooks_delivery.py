@@ -121,14 +121,17 @@ class HostileReceiverTests(TestCase):
     """The guarded client under a sender, against a receiver played byte by byte in memory."""
 
     web: Web
+    resolver: FakeResolver
 
-    async def setup(self, **settings: Any) -> tuple[MemoryReactorClock, Any]:
+    async def setup(self, names: dict[str, list[str]] | None = None,
+                    **settings: Any) -> tuple[MemoryReactorClock, Any]:
         web = self.web = Web.build(config(webhooks={"poll_interval": 1, **settings}))
         alice = await client(web)
         reactor = MemoryReactorClock()
-        reactor.nameResolver = FakeResolver(  # type: ignore[assignment]
-            {"hooks.example.com": ["93.184.216.34"]}
+        self.resolver = FakeResolver(
+            {"hooks.example.com": ["93.184.216.34"]} if names is None else names
         )
+        reactor.nameResolver = self.resolver  # type: ignore[assignment]
         webhooks = web.core.webhooks
         http = guarded_http_client(reactor, webhooks.policy, webhooks.settings.timeout)
         sender = WebhookSender(webhooks, web.clock, http)
@@ -142,7 +145,6 @@ class HostileReceiverTests(TestCase):
         sender.startService()
         self.addCleanup(sender.stopService)
         web.clock.advance(0)
-        self.assertEqual(len(reactor.tcpClients), 1)
 
         async def entry() -> Any:
             [e] = (await webhooks.deliveries(alice.user.id, hook.id)).items
@@ -192,6 +194,22 @@ class HostileReceiverTests(TestCase):
         e = await entry()
         self.assertEqual((e.status, e.attempts, e.last_error),
                          ("pending", 1, "no answer within 10 s"))
+
+
+    async def test_a_name_that_does_not_resolve_is_retried(self) -> None:
+        reactor, entry = await self.setup(names={}, backoff_base=30)
+        self.assertEqual(reactor.tcpClients, [])
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_error),
+                         ("pending", 1, "hooks.example.com does not resolve"))
+        self.assertEqual(e.next_attempt_at, self.web.clock.seconds() + 30)
+        self.resolver.table["hooks.example.com"] = ["93.184.216.34"]  # the resolver is back
+        self.web.clock.advance(30)
+        connection = Connection(reactor)
+        connection.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+        connection.lost()
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_status_code), ("success", 2, 204))
 
 
 class RealSocketTests(TestCase):

@@ -254,7 +254,9 @@ class WebhookSender(Service):
         except AttemptTimedOut:
             return Outcome(error=f"no answer within {self.settings.timeout:g} s")
         except AddressRefused as e:
-            return Outcome(error=str(e), refused=True)
+            # A name that does not resolve (or a resolver that failed) may resolve later:
+            # only the operator's refusal of the addresses is final.
+            return Outcome(error=str(e), refused=bool(e.reasons))
         except defer.CancelledError:
             raise
         except Exception as e:
