@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import URI
@@ -210,6 +211,21 @@ class HostileReceiverTests(TestCase):
         connection.lost()
         e = await entry()
         self.assertEqual((e.status, e.attempts, e.last_status_code), ("success", 2, 204))
+
+
+    async def test_the_delivery_log_does_not_tell_what_a_name_resolves_to(self) -> None:
+        events: list[dict[str, Any]] = []
+        observe: Any = events.append
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        reactor, entry = await self.setup(names={"hooks.example.com": ["10.0.0.5"]})
+        self.assertEqual(reactor.tcpClients, [])
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_error),
+                         ("failed", 1, "hooks.example.com is where this server does not send "
+                                       "webhooks"))
+        logged = [formatEvent(event) for event in events]
+        self.assertTrue(any("10.0.0.5" in line for line in logged), logged)  # the operator's
 
 
 class RealSocketTests(TestCase):

@@ -27,6 +27,8 @@ from mailcore.netpolicy import GuardedEndpoint
 from mailcore.webhooks.settings import AddressPolicy
 
 USER_AGENT = "Mailcore-Webhooks/1"
+# Why a delivery to a host is refused (after the host; the addresses are the operator's).
+REFUSAL = "is where this server does not send webhooks"
 # How much of a receiver's answer the delivery log keeps.
 SNIPPET_BYTES = 512
 # The most one delivery connection reads: the answer's status line and headers, and the
@@ -161,7 +163,7 @@ def _GuardedEndpoint(reactor: Any, policy: AddressPolicy, uri: URI,
     host = uri.host.decode("ascii").strip("[]")
     endpoint: IStreamClientEndpoint = GuardedEndpoint(
         reactor, policy, host, uri.port, timeout,
-        refusal="is where this server does not send webhooks",
+        refusal=REFUSAL,
     )
     if uri.scheme == b"https":
         endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)

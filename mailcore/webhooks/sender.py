@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 from mailcore.fetch.secrets import SecretError
 from mailcore.netpolicy import AddressRefused
 from mailcore.webhooks.client import (
+    REFUSAL,
     SNIPPET_BYTES,
     USER_AGENT,
     AnswerTooLong,
@@ -254,17 +256,30 @@ class WebhookSender(Service):
         except AttemptTimedOut:
             return Outcome(error=f"no answer within {self.settings.timeout:g} s")
         except AddressRefused as e:
-            # A name that does not resolve (or a resolver that failed) may resolve later:
-            # only the operator's refusal of the addresses is final.
-            return Outcome(error=str(e), refused=bool(e.reasons))
+            return self._refused(item, url, e)
         except defer.CancelledError:
             raise
         except Exception as e:
+            reasons = getattr(e, "reasons", None)
+            if reasons and isinstance(reasons[0].value, AddressRefused):
+                return self._refused(item, url, reasons[0].value)
             return Outcome(error=_describe(e))
         code = int(response.code)
         if 200 <= code < 300:
             return Outcome(status_code=code)
         return Outcome(status_code=code, error=f"HTTP {code}" + (f": {text}" if text else ""))
+
+    def _refused(self, item: Due, url: str, error: AddressRefused) -> Outcome:
+        """The outcome of a connection the address policy refused. A name that does not
+        resolve (or a resolver that failed) may resolve later: only the operator's refusal of
+        the addresses is final. Which addresses a name resolves to is for the operator's log,
+        never the user's delivery log (it would map internal names)."""
+        if not error.reasons:
+            return Outcome(error=str(error))
+        log.info("webhook {webhook} delivery {id}: {error}: {reasons}", webhook=item.webhook_id,
+                 id=item.id, error=str(error), reasons=error.reasons)
+        host = urlsplit(url).hostname or url
+        return Outcome(error=f"{host} {REFUSAL}", refused=True)
 
     async def _bounded(self, d: Deferred[Any]) -> Any:
         """`d`'s result, or AttemptTimedOut (and `d` cancelled) after the timeout."""
@@ -298,7 +313,7 @@ def _describe(error: BaseException) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
         inner = reasons[0].value
-        if isinstance(inner, AddressRefused | AnswerTooLong):
+        if isinstance(inner, AnswerTooLong):
             return str(inner)
         return f"{type(inner).__name__}: {inner}".strip()
     return f"{type(error).__name__}: {error}".strip()
