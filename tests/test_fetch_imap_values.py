@@ -105,8 +105,16 @@ class NumberTests(TestCase):
             client.dataReceived(b"* SEARCH 1 " + bad + b"\r\n0001 OK done\r\n")
             self.assertIn("UID " + bad.decode(), str(failure_of(d)))
         for spec in (b"0", b"2,99999999999999999999", b"0:3"):
-            self.assertRaises(ProtocolFailed, expand_set, spec)
+            self.assertRaises(ProtocolFailed, expand_set, spec, 10)
 
+
+    def test_a_set_over_its_limit_fails_before_it_is_listed(self) -> None:
+        self.assertEqual(expand_set(b"3,1:2,,9:7", 6), [3, 1, 2, 7, 8, 9])
+        self.assertEqual(expand_set(b"", 1), [])
+        for spec, limit in ((b"1:4294967295", 10_000_000), (b"1:3,5", 3), (b"1,2,3", 2),
+                            (b",".join([b"1:10000000"] * 100), 1)):
+            error = self.assertRaises(ProtocolFailed, expand_set, spec, limit)
+            self.assertIn(f"more than {limit} numbers", str(error))
 
 class VanishedTests(TestCase):
     """A short VANISHED line cannot make a long list (52 bytes made 30 million UIDs)."""
@@ -409,7 +417,7 @@ class SyncValuesMixin(MixinBase):
             return True
 
         def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            uids = imap.expand_set(rest.split(b" ")[2])
+            uids = imap.expand_set(rest.split(b" ")[2], 3)
             for uid in uids:
                 if b"BODY" not in rest:  # RFC822.SIZE lies for UID 2
                     conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE 100)\r\n"

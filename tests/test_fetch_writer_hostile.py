@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from mailcore.fetch.writer import (
     MailboxWriter,
     Streamed,
     WriterSession,
+    _appenduid,
     decode_folder,
     destination_path,
     encode_folder,
@@ -329,6 +331,25 @@ class AnswersTests(TestCase):
                                append_reply=lambda n, b, m: b"OK [APPENDUID 7 5:6] ok"))
         results = rig.run(rig.writer.append(("INBOX",), [msg(i) for i in range(3)]))
         self.assertEqual([(r.ok, r.uid) for r in results], [(True, None)] * 3)
+
+    def test_appenduid_set_longer_than_the_batch_is_refused_before_it_is_listed(self) -> None:
+        # 63 bytes of "1:10000000,..." made 40 million UIDs (1.5 GiB) on the reactor thread
+        huge = b"7 " + b",".join([b"1:1000000"] * 4)
+        many = b"7 " + b",".join([b"5"] * 100_000)
+        tracemalloc.start()
+        try:
+            self.assertIsNone(_appenduid(huge, 1))
+            self.assertIsNone(_appenduid(many, 2))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 1 << 20)
+        self.assertEqual(_appenduid(b"7 5:6,9", 3), (7, [5, 6, 9]))
+        self.assertIsNone(_appenduid(b"7 5:6,9,10", 3))
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+",
+                               append_reply=lambda n, box, m: b"OK [APPENDUID 7 %s] ok" % huge[2:]))
+        results = rig.run(rig.writer.append(("INBOX",), [msg(1)]))
+        self.assertEqual([(r.ok, r.uid) for r in results], [(True, None)])
 
     def test_over_appendlimit_is_refused_without_sending(self) -> None:
         rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ APPENDLIMIT=1000"))

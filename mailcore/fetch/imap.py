@@ -181,19 +181,29 @@ _RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
 _RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
 
 
-def expand_set(spec: bytes) -> list[int]:
-    """An IMAP sequence set of numbers ("1:3,7") as a list; bounded in size, each number
-    from 1 to MAX_NUMBER (else ProtocolFailed)."""
-    out: list[int] = []
-    for piece in spec.split(b","):
-        if b":" in piece:
-            a, b = (number(x, "a number in a set") for x in piece.split(b":", 1))
+def expand_set(spec: bytes, limit: int) -> list[int]:
+    """An IMAP sequence set of numbers ("1:3,7") as a list, each number from 1 to MAX_NUMBER
+    (else ProtocolFailed). A set naming more than `limit` numbers in all is a ProtocolFailed
+    before any range is listed: a short line cannot make a long list."""
+    ranges: list[tuple[int, int]] = []
+    total = 0
+    for m in _RE_RANGE.finditer(spec):
+        if not m.group(0):
+            break  # the empty match at the end
+        if m.group(2) is None:
+            if not m.group(1):
+                continue  # an empty piece ("1,,2")
+            lo = hi = number(m.group(1), "a number in a set")
+        else:
+            a, b = number(m.group(1), "a number in a set"), number(m.group(2), "a number in a set")
             lo, hi = min(a, b), max(a, b)
-            if hi - lo > 10_000_000:
-                raise ProtocolFailed("sequence set too large")
-            out.extend(range(lo, hi + 1))
-        elif piece:
-            out.append(number(piece, "a number in a set"))
+        total += hi - lo + 1
+        if total > limit:
+            raise ProtocolFailed(f"sequence set names more than {limit} numbers")
+        ranges.append((lo, hi))
+    out: list[int] = []
+    for lo, hi in ranges:
+        out.extend(range(lo, hi + 1))
     return out
 
 

@@ -355,12 +355,13 @@ def _code(text: bytes) -> tuple[str, bytes]:
 
 def _appenduid(args: bytes, count: int) -> tuple[int, list[int]] | None:
     """(uidvalidity, uids) from APPENDUID's arguments when they are well-formed and name
-    exactly `count` UIDs; None for anything else (a lying or broken server)."""
+    exactly `count` UIDs; None for anything else (a lying or broken server). A set naming
+    more than `count` UIDs is refused before it is listed."""
     words = args.split()
     if len(words) != 2 or not words[0].isdigit():
         return None
     try:
-        uids = expand_set(words[1])
+        uids = expand_set(words[1], count)
     except (ValueError, ProtocolFailed):
         return None
     validity = int(words[0])
