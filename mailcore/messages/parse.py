@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
+from email.parser import BytesFeedParser
+from email.policy import Policy, compat32
 
 from mailcore.text import storable
 
@@ -382,11 +384,52 @@ def _tree(raw: bytes, end: int | None, limits: MimeLimits, problems: list[str]) 
     if len(_CONTENT_TYPE_LINE.findall(raw)) > limits.max_parts * 2:
         problems.append(f"more than {limits.max_parts} MIME parts; not parsed")
         return message_from_bytes(raw[:end] + b"\n\n")
+    # A part needs no Content-Type line (an empty header block will do), but each needs a
+    # line of its own starting "--": with more of those than the bound, the parts are counted.
+    if raw.count(b"\n--") + raw.count(b"\r--") > limits.max_parts * 2 and _parts_over(
+        raw, end, limits.max_parts * 2
+    ):
+        problems.append(f"more than {limits.max_parts} MIME parts; not parsed")
+        return message_from_bytes(raw[:end] + b"\n\n")
     try:
         return _single_part(raw) or message_from_bytes(raw)
     except (RecursionError, ValueError, LookupError, TypeError) as e:
         problems.append(f"MIME structure unreadable ({type(e).__name__}); headers only")
         return message_from_bytes(raw[:end] + b"\n\n")
+
+
+class _TooManyParts(Exception):
+    """The email package's parser built more parts than `_parts_over` allows."""
+
+
+def _parts_over(raw: bytes, end: int, bound: int) -> bool:
+    """Whether the email package's tree of `raw` holds more than `bound` parts (messages
+    included). Its parser is fed slice by slice and stopped at the part over the bound, so
+    no more than `bound` parts are ever built; a top level that is no container (not
+    multipart/*, not message/*) has no parts to build."""
+    if message_from_bytes(raw[:end] + b"\n\n").get_content_maintype() not in (
+        "multipart", "message"
+    ):
+        return False
+    built = -1  # the parser calls its factory once to try its arguments
+
+    def counted(policy: Policy = compat32) -> Message:
+        nonlocal built
+        built += 1
+        if built > bound:
+            raise _TooManyParts
+        return Message(policy)
+
+    parser = BytesFeedParser(_factory=counted)
+    try:
+        for start in range(0, len(raw), 65536):
+            parser.feed(raw[start : start + 65536])
+        parser.close()
+    except _TooManyParts:
+        return True
+    except (RecursionError, ValueError, LookupError, TypeError):
+        return False  # the parse proper meets it too, and says so
+    return False
 
 
 def _single_part(raw: bytes) -> Message | None:
