@@ -15,7 +15,8 @@ unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4
   and FETCH gives BODY[] as the exact bytes;
 - UID FETCH of a list of UIDs is pipelined: it goes out at once with its own tag, beside the
   others in flight, and the replies are read by the lean reader of mailcore.fetch.bulk
-  (same bounds) instead of Twisted's one-command-at-a-time reader.
+  (same bounds) instead of Twisted's one-command-at-a-time reader. A UID FETCH of a set
+  (b"1:*") is read by it too, alone, each reply parsed as it arrives.
 """
 
 from __future__ import annotations
@@ -398,13 +399,18 @@ class _Pipelined(imap4.Command):
     """A UID FETCH sent on the bulk path: its UIDs and the items read so far. It sits in
     Twisted's tag table too, so a failed session or a lost connection fails it."""
 
-    def __init__(self, uids: list[int]) -> None:
+    def __init__(self, uids: list[int] | None, max_items: int | None = None) -> None:
         super().__init__(b"UID FETCH")
-        self.uids = uids
+        self.uids = uids or []  # none for a set: it takes every FETCH reply
+        self.max_items = max_items
         self.items: list[FetchItem] = []
         self.failure: Failure | None = None
         self.result: defer.Deferred[list[FetchItem]] = defer.Deferred()
         self.defer = self.result  # type: ignore[assignment]  # what Twisted's paths fail
+
+
+def _too_many(host: str, max_items: int) -> ProtocolFailed:
+    return ProtocolFailed(f"{host} sent more than {max_items} FETCH replies for one UID FETCH")
 
 
 # What `waiting` holds while the bulk reader owns the connection: Twisted queues commands.
@@ -465,6 +471,7 @@ class IMAPClient(imap4.IMAP4Client):
         self._bulk: ReplyReader | None = None
         self._bulk_tags: dict[bytes, _Pipelined] = {}
         self._bulk_uids: dict[int, _Pipelined] = {}
+        self._bulk_set: _Pipelined | None = None  # a UID FETCH of a set, alone in flight
         self._bulk_bytes = 0
 
     # -- reading, bounded ---------------------------------------------------------------
@@ -479,6 +486,7 @@ class IMAPClient(imap4.IMAP4Client):
         pending += list(self.queued or [])
         self.tags, self.queued, self.waiting = {}, [], None
         self._bulk, self._bulk_tags, self._bulk_uids = None, {}, {}
+        self._bulk_set = None
         for cmd in pending:
             d, cmd.defer = cmd.defer, None
             if d is not None and not d.called:
@@ -507,7 +515,10 @@ class IMAPClient(imap4.IMAP4Client):
         return (not self._dead and self.tags is not None and self.waiting is None
                 and not self.queued and self._parts is None and bool(self.line_mode))
 
-    def _bulk_send(self, uids: list[int], args: bytes) -> defer.Deferred[list[FetchItem]]:
+    def _bulk_send(self, uids: list[int] | None, args: bytes, max_items: int | None = None
+                   ) -> defer.Deferred[list[FetchItem]]:
+        """Send a UID FETCH on the bulk path: of `uids`, or of a set (None: the set is in
+        `args`, and the command takes every FETCH reply until it is answered)."""
         leftover = b""
         if self._bulk is None:
             self._bulk = ReplyReader(max_line=self.MAX_LENGTH, max_literal=self.max_literal,
@@ -515,12 +526,14 @@ class IMAPClient(imap4.IMAP4Client):
             leftover = self.clearLineBuffer()
             self.waiting = _BULK
             self._bulk_bytes = 0
-        cmd = _Pipelined(uids)
+        cmd = _Pipelined(uids, max_items)
+        if uids is None:
+            self._bulk_set = cmd
         tag = self.makeTag()
         assert self.tags is not None
         self.tags[tag] = cmd
         self._bulk_tags[tag] = cmd
-        for uid in uids:
+        for uid in cmd.uids:
             self._bulk_uids[uid] = cmd
         d = cmd.result
         self.sendLine(tag + b" UID FETCH " + args)
@@ -590,8 +603,12 @@ class IMAPClient(imap4.IMAP4Client):
             if _RE_UNTAGGED_FETCH.match(first):
                 item = parse_fetch_lean(reply)
                 cmd = self._bulk_uids.get(item.uid) if item.uid is not None else None
+                if cmd is None:
+                    cmd = self._bulk_set
                 if cmd is not None:
                     cmd.items.append(item)
+                    if cmd.max_items is not None and len(cmd.items) > cmd.max_items:
+                        raise _too_many(self.host, cmd.max_items)
             return None  # EXISTS, EXPUNGE, FETCH of flags alone...: nothing for a backup
         tag, _, rest = first.partition(b" ")
         cmd = self._bulk_tags.pop(tag, None)
@@ -602,6 +619,8 @@ class IMAPClient(imap4.IMAP4Client):
         for uid in cmd.uids:
             if self._bulk_uids.get(uid) is cmd:
                 del self._bulk_uids[uid]
+        if self._bulk_set is cmd:
+            self._bulk_set = None
         status, _, text = rest.partition(b" ")
         if status.upper() != b"OK":
             cmd.failure = Failure(ProtocolFailed(
@@ -904,20 +923,31 @@ class IMAPClient(imap4.IMAP4Client):
         return sorted(set(uids))
 
     def uid_fetch(
-        self, uids: list[int] | bytes, items: bytes, modifiers: bytes = b""
+        self, uids: list[int] | bytes, items: bytes, modifiers: bytes = b"", *,
+        max_items: int | None = None,
     ) -> defer.Deferred[list[FetchItem]]:
         """Queue a UID FETCH of a list of UIDs or a set like b"1:500" (callers pipeline by
-        queueing several before awaiting)."""
+        queueing several lists before awaiting). Both go on the bulk path when they can,
+        whose reader parses each reply as it arrives: a list beside other lists, a set
+        alone (it takes every FETCH reply while it is in flight). A set whose reply holds
+        more than `max_items` FETCH replies ends the session (ProtocolFailed)."""
         uid_set = uids if isinstance(uids, bytes) else compress_set(uids)
         args = uid_set + b" (" + items + b")"
         if modifiers:
             args += b" (" + modifiers + b")"
-        if not isinstance(uids, bytes) and self._bulk_possible():
+        if isinstance(uids, bytes):
+            if self._bulk is None and self._bulk_possible():
+                return self._bulk_send(None, args, max_items)
+        elif self._bulk_set is None and self._bulk_possible():
             return self._bulk_send(uids, args)
-        d = self.send(b"UID FETCH", args)
+        d = self.send(b"UID FETCH", args)  # after the command(s) in flight, on Twisted's reader
 
         def parse(result: tuple[list[bytes], bytes]) -> list[FetchItem]:
-            return [parse_fetch(line) for line in result[0] if _RE_FETCH.match(line)]
+            lines = [line for line in result[0] if _RE_FETCH.match(line)]
+            if isinstance(uids, bytes) and max_items is not None and len(lines) > max_items:
+                self._fail(_too_many(self.host, max_items))
+                raise _too_many(self.host, max_items)
+            return [parse_fetch(line) for line in lines]
 
         return d.addCallback(parse)
 

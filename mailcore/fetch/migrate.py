@@ -89,6 +89,8 @@ _m = messages.c
 _i = mailbox_job_items.c
 # Flags that belong to a session, not to a message: never sent with an APPEND.
 _SESSION_FLAGS = {"\\RECENT"}
+# FETCH replies taken beyond a destination folder's EXISTS (mail arriving meanwhile).
+_ARRIVING = 10_000
 
 
 @dataclass
@@ -376,7 +378,9 @@ class MailboxCopier:
                 uidvalidity = int(value) if value.isdigit() else None
         if exists == 0:
             return uidvalidity, []
-        items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE"))
+        # One FETCH reply a message: those EXAMINE counted, and a margin for mail arriving.
+        items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE",
+                                               max_items=exists + _ARRIVING))
         return uidvalidity, [(i.uid, i.size or 0, i.internal_date) for i in items
                              if i.uid is not None]
 
