@@ -3,12 +3,30 @@
 The stock policies' header registry makes a new class (with `type()`) for every header
 field set or read: a fifth of the time it takes to build a small message. Ours make each
 field's class once; the fields are parsed, checked and folded exactly as the stock ones do.
+
+A value set on a message we build is parsed by the header registry, which decodes its RFC 2047
+encoded words; Python before 3.11.10 and 3.12.5 (CVE-2024-6923) then writes a decoded CR LF
+out as it is, so "=?utf-8?b?DQpGcm9tOiB4QHk=?=" in a subject adds a From field. The policy we
+send with refuses such a value when it is set (HeaderBreak), and checks that every field it
+writes is one field: a first line `Name:` and fold lines that start with white space.
+`header_breaks` and `filename_breaks` tell beforehand whether a value would be refused.
 """
 
 from __future__ import annotations
 
+import re
 from email import policy
 from email.headerregistry import HeaderRegistry
+from email.message import EmailMessage
+from email.policy import EmailPolicy
+from typing import Any
+
+from mailcore.text import has_control
+
+# What ends a line in a header field as a mail reader or SMTP server splits it (CR, LF), or
+# as the email package does when it folds (str.splitlines: VT, FF, FS-RS, NEL, U+2028-9), or
+# cuts it (NUL).
+_LINE_BREAK = re.compile(r"[\x00\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 
 class HeaderClasses(HeaderRegistry):
@@ -26,7 +44,67 @@ class HeaderClasses(HeaderRegistry):
         return made
 
 
+class HeaderBreak(ValueError):
+    """A header field value that would not be written as one field (see the docstring)."""
+
+
+class Outgoing(EmailPolicy):
+    """The policy of messages we build: SMTP's, refusing what would not stay one field."""
+
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        name, header = super().header_store_parse(name, value)
+        if _LINE_BREAK.search(str(header)):
+            raise HeaderBreak(f"the {name} field would hold a line break once decoded")
+        return name, header
+
+    def fold(self, name: str, value: Any) -> str:
+        folded = super().fold(name, value)
+        _check_folded(name, folded.encode("utf-8", "surrogateescape"), self.linesep)
+        return folded
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        folded = super().fold_binary(name, value)
+        _check_folded(name, folded, self.linesep)
+        return folded
+
+
+def _check_folded(name: str, folded: bytes, linesep: str) -> None:
+    """HeaderBreak unless `folded` is one field `name`: its first line starts `name:`, the
+    others with white space, and no line holds a CR or LF of its own."""
+    end = linesep.encode("ascii")
+    lines = folded.split(end)
+    if lines[-1] == b"":
+        lines.pop()
+    if not lines or not lines[0].lower().startswith(name.lower().encode("ascii") + b":") \
+            or any(line[:1] not in (b" ", b"\t") for line in lines[1:]) \
+            or any(b"\r" in line or b"\n" in line for line in lines):
+        raise HeaderBreak(f"the {name} field was not written as one field")
+
+
 # Messages we send (CRLF line ends, RFC 2047 words, lines folded at 78).
-SMTP = policy.SMTP.clone(header_factory=HeaderClasses())
+SMTP = Outgoing(linesep="\r\n", header_factory=HeaderClasses())
 # Messages we read (Python's default policy).
 DEFAULT = policy.default.clone(header_factory=HeaderClasses())
+
+
+def header_breaks(name: str, value: str) -> bool:
+    """Whether `value`, set as header field `name` of a message we build, holds a control
+    character (CR, LF, TAB...) as it is or once its RFC 2047 encoded words are decoded."""
+    if has_control(value):
+        return True
+    try:
+        return has_control(str(SMTP.header_factory(name, value)))
+    except Exception:
+        return True
+
+
+def filename_breaks(name: str) -> bool:
+    """Whether an attachment named `name` would be refused by the policy we send with (its
+    `filename` parameter decodes to a line break), or holds a control character itself."""
+    if has_control(name):
+        return True
+    try:
+        EmailMessage(policy=SMTP).add_header("Content-Disposition", "attachment", filename=name)
+    except ValueError:
+        return True
+    return False

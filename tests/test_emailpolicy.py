@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
+from email.message import EmailMessage
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from mailcore.emailpolicy import DEFAULT, SMTP
+from mailcore.emailpolicy import DEFAULT, SMTP, HeaderBreak, filename_breaks, header_breaks
 
 
 class HeaderClassTests(TestCase):
@@ -18,3 +22,55 @@ class HeaderClassTests(TestCase):
             self.assertIs(registry["X-Own"], registry["x-own"])
             self.assertIsNot(registry["To"], registry["Subject"])
             self.assertEqual(registry["To"].max_count, 1)  # still the address class
+
+
+def encoded(text: str) -> str:
+    """`text` as one RFC 2047 encoded word (UTF-8, base64)."""
+    return "=?utf-8?b?" + base64.b64encode(text.encode()).decode() + "?="
+
+
+class OneFieldTests(TestCase):
+    """A value set on a message we build is one header field once written, whatever its
+    RFC 2047 encoded words decode to (CVE-2024-6923: Python 3.11.7 writes a decoded CR LF
+    out as it is)."""
+
+    injection = "Hello " + encoded("\r\nFrom: ceo@bank.example\r\nX-Injected: yes")
+
+    def test_a_value_decoding_to_a_line_break_is_refused_when_set(self) -> None:
+        for name, value in [("Subject", self.injection),
+                            ("Subject", encoded("a\nb")), ("X-Own", encoded("a\rb")),
+                            ("Subject", encoded("a\u2028b")), ("Subject", encoded("a\x00b"))]:
+            message = EmailMessage(policy=SMTP)
+            with self.assertRaises(HeaderBreak, msg=value):
+                message[name] = value
+            self.assertTrue(header_breaks(name, value))
+        message = EmailMessage(policy=SMTP)
+        with self.assertRaises(HeaderBreak):
+            message.set_content(b"", "text", "plain",
+                                filename=encoded('a.txt"\r\nContent-Type: text/html\r\n'))
+        self.assertTrue(filename_breaks(encoded('a.txt"\r\nContent-Type: text/html\r\n')))
+
+    def test_plain_and_harmless_encoded_values_are_written_as_before(self) -> None:
+        message = EmailMessage(policy=SMTP)
+        message["From"] = "bob@hosted.test"
+        message["Subject"] = "caf\u00e9 " + encoded("d\u00e9j\u00e0 vu") + " word" * 40
+        message.set_content(b"x", "application", "pdf", filename="r\u00e9port " * 20)
+        raw = message.as_bytes()
+        parsed: Any = email.message_from_bytes(raw, policy=email.policy.default)
+        self.assertEqual(parsed["Subject"], "caf\u00e9 d\u00e9j\u00e0 vu" + " word" * 40)
+        self.assertEqual(parsed.get_filename(), ("r\u00e9port " * 20).strip())
+        self.assertFalse(header_breaks("Subject", "caf\u00e9 " + encoded("d\u00e9j\u00e0")))
+        self.assertFalse(filename_breaks("r\u00e9port.pdf"))
+        self.assertTrue(header_breaks("Subject", "a\tb"))  # a control character as it is
+
+    def test_a_field_written_as_more_than_one_is_refused(self) -> None:
+        """The check of what is written, for a value that reached the message otherwise
+        than by being set (the header object the stock policy makes)."""
+        header = email.policy.SMTP.header_factory("Subject", self.injection)
+        message = EmailMessage(policy=SMTP)
+        message["From"] = "bob@hosted.test"
+        message._headers.append(("Subject", header))  # type: ignore[attr-defined]
+        with self.assertRaises(HeaderBreak):
+            message.as_bytes()
+        with self.assertRaises(HeaderBreak):
+            message.as_string()

@@ -4,6 +4,7 @@ matrix, bad input kept as a draft (or refused with nothing stored), and the api_
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import hashlib
@@ -310,6 +311,47 @@ class WritingTests(MailApiTestCase):
         self.assertEqual(rcpts, [JOE, "spy@far.test"])
         status, body = await self.as_("bob", "PUT", path, json={"status": "draft"})
         self.assertEqual(status, 405)
+
+    async def test_an_encoded_word_adds_no_header_field(self) -> None:
+        """RFC 2047 words in a subject or file name are decoded by the `email` package, and
+        Python 3.11.7 wrote a decoded CR LF out as it is (CVE-2024-6923): the subject below
+        sent a second From and an X-Injected field (found by an audit). Such a subject keeps
+        the mail a draft like a raw line break; such a file name is sent as `attachment`."""
+        def word(text: str) -> str:
+            return "=?utf-8?b?" + base64.b64encode(text.encode()).decode() + "?="
+
+        subject = "Hello " + word("\r\nFrom: ceo@bank.example\r\nX-Injected: yes")
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/",
+                                      json={"status": "outbox", "to": JOE, "subject": subject})
+        self.assertEqual((status, body["message"]), (400, "invalid subject (a line break or "
+                                                          "control character) - stored email "
+                                                          "as draft"))
+        [row] = await self.rows()
+        self.assertEqual((row.status, row.subject, row.raw), ("draft", subject, None))
+        name = word('a.txt"\r\nContent-Type: text/html\r\n\r\n<script>alert(1)</script>')
+        data, headers = multipart({"status": "outbox", "to": JOE,
+                                   "subject": "caf\u00e9 " + word("d\u00e9j\u00e0 vu")},
+                                  "attachment", name, b"DATA", "text/plain")
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+            data=data)
+        self.assertEqual(status, 202, body)
+        [_, row] = await self.rows()
+        raw = bytes(row.raw)
+        head = raw.partition(b"\r\n\r\n")[0]
+        names = [line.split(b":", 1)[0] for line in head.split(b"\r\n")
+                 if not line.startswith((b" ", b"\t"))]
+        self.assertEqual(sorted(names), sorted([b"From", b"To", b"Subject", b"Date",
+                                                b"Message-ID", b"MIME-Version",
+                                                b"Content-Type"]))
+        self.assertNotIn(b"text/html", raw)
+        self.assertNotIn(b"<script>", raw)
+        message: Any = email.message_from_bytes(raw, policy=email.policy.default)
+        self.assertEqual(message["Subject"], "caf\u00e9 d\u00e9j\u00e0 vu")
+        [part] = list(message.iter_attachments())
+        self.assertEqual((part.get_content_type(), part.get_filename(), part.get_content()),
+                         ("text/plain", "attachment", "DATA"))
+        self.assertEqual(len(part.keys()), 3)  # Content-Type, -Transfer-Encoding, -Disposition
 
     async def test_attachments_up_and_down(self) -> None:
         data, headers = multipart({"status": "outbox", "to": JOE, "subject": "file"},

@@ -4,11 +4,15 @@ bundles), which must be a 4xx naming the field and change nothing."""
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
 import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from treq.testing import StubTreq
@@ -580,6 +584,30 @@ class SendTests(TestCase):
         status, _, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
         self.assertEqual(status, 405, reply)
         self.assertEqual(len(self.f.spooled()), 2)
+
+    async def test_an_encoded_word_in_the_subject_adds_no_header_field(self) -> None:
+        """The `email` package decodes RFC 2047 words in a Subject, and Python 3.11.7 wrote a
+        decoded CR LF out as it is (CVE-2024-6923): this subject added Bcc and Content-Type
+        fields to every notification (found by an audit). It is left out of the Subject
+        (the text shows it as written)."""
+        subject = "=?utf-8?b?" + base64.b64encode(
+            b"\r\nBcc: evil@x.test\r\nContent-Type: text/html").decode() + "?="
+        bundle_id = await self.ready_bundle(f"subject={quote(subject)}&message=See+attached.")
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        mails = self.f.spooled()
+        self.assertEqual(len(mails), 2)
+        for *_, raw in mails:
+            head = raw.partition(b"\r\n\r\n")[0]
+            names = [line.split(b":", 1)[0] for line in head.split(b"\r\n")
+                     if not line.startswith((b" ", b"\t"))]
+            self.assertEqual(names, [b"From", b"Reply-To", b"To", b"Subject", b"Date",
+                                     b"Message-ID", b"Auto-Submitted", b"Content-Type",
+                                     b"Content-Transfer-Encoding", b"MIME-Version"])
+            message: Any = email.message_from_bytes(raw, policy=email.policy.default)
+            self.assertEqual(message["Subject"], "Secure drop from alice@example.test")
+            self.assertEqual(message.get_content_type(), "text/plain")
+            self.assertIn(f"Subject: {subject}", message.get_content())
 
     async def test_a_stored_valid_for_past_ten_years_sends_with_ten_years(self) -> None:
         # A row written before the API refused such a valid_for: the send used to overflow

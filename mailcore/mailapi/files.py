@@ -37,6 +37,7 @@ from typing import BinaryIO
 
 from multipart import MultipartSegment
 
+from mailcore.emailpolicy import filename_breaks
 from mailcore.files import private_directory
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control, has_surrogate
@@ -264,7 +265,8 @@ def _shown(segment: MultipartSegment | None) -> str:
     """The file name a part is kept under: the last path component, one line of text."""
     raw = (_filename(segment) if segment is not None else None) or "attachment"
     name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if not name or name in (".", "..") or has_control(name) or has_surrogate(name):
+    if not name or name in (".", "..") or has_control(name) or has_surrogate(name) \
+            or filename_breaks(name):  # a line break once its RFC 2047 words are decoded
         name = "attachment"
     return name[:MAX_FILENAME]
 

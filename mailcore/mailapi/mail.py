@@ -47,6 +47,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailcore.emailpolicy import header_breaks
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.delivery import thd_new_public_id
@@ -70,7 +71,7 @@ from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
 from mailcore.store.schema.mailapi import mailapi_outbox_seq
-from mailcore.text import has_control, has_control_multiline
+from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
@@ -607,7 +608,7 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
         return Outcome.INVALID
     if len(recipients["from"]) != 1 or not recipients["to"]:
         return Outcome.INVALID
-    if has_control(values["subject"]):
+    if header_breaks("Subject", values["subject"]):  # its encoded words decoded too
         return Outcome.BAD_HEADER
     if has_control_multiline(values["body"]):
         # ESC, DEL, C1...: no text/plain body carries them (RFC 2045 2.7, RFC 5322 2.3).

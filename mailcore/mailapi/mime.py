@@ -23,7 +23,7 @@ from email.utils import formatdate, make_msgid
 from io import BytesIO
 from typing import BinaryIO
 
-from mailcore.emailpolicy import DEFAULT, SMTP
+from mailcore.emailpolicy import DEFAULT, SMTP, filename_breaks
 from mailcore.text import has_control, storable
 
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
@@ -155,12 +155,15 @@ def _attachment_head(attachment: OutgoingPart) -> EmailMessage:
     if not maintype or not subtype or has_control(attachment.content_type) \
             or maintype.lower() in ("multipart", "message"):
         maintype, subtype = "application", "octet-stream"
+    # A name whose RFC 2047 words decode to a line break would end the part's header
+    # (uploads refuse it; a name kept from before is not sent).
+    name = "attachment" if filename_breaks(attachment.name) else attachment.name
     head = EmailMessage(policy=SMTP)
     try:
-        head.set_content(b"", maintype, subtype, filename=attachment.name)
+        head.set_content(b"", maintype, subtype, filename=name)
     except (ValueError, TypeError):
         head = EmailMessage(policy=SMTP)
-        head.set_content(b"", "application", "octet-stream", filename=attachment.name)
+        head.set_content(b"", "application", "octet-stream", filename=name)
     del head["MIME-Version"]
     return head
 

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mailcore.emailpolicy import SMTP
+from mailcore.emailpolicy import SMTP, header_breaks
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
@@ -85,6 +85,14 @@ def shown(text: str) -> str:
     """A subject or file name as a recipient or the sender is shown it, in a page or a mail:
     one line, without bidirectional controls (text that reads otherwise than it is)."""
     return " ".join(strip_bidi_controls(text).split())
+
+
+def subject_line(prefix: str, subject: str) -> str:
+    """The Subject of a safedrop mail: `prefix`, and the drop's subject after a colon unless
+    it would not stay one header field (its RFC 2047 encoded words decode to a line break or
+    control character; the mail's text shows it as written)."""
+    line = f"{prefix}: {subject}" if subject else prefix
+    return prefix if header_breaks("Subject", line) else line
 
 
 def rfc3339(value: datetime.datetime) -> str:
@@ -311,7 +319,7 @@ class SafedropService:
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
         msg["Reply-To"] = sender
         msg["To"] = recipient.email
-        msg["Subject"] = f"Secure drop from {sender}" + (f": {subject}" if subject else "")
+        msg["Subject"] = subject_line(f"Secure drop from {sender}", subject)
         msg["Date"] = email.utils.format_datetime(self.now())
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
         msg["Auto-Submitted"] = "auto-generated"
@@ -458,8 +466,8 @@ class SafedropService:
                       for email, got, total in summary]
             subject = shown(row.subject)
             try:
-                await self._mail(row.email, "Safedrop expired" + (f": {subject}" if subject
-                                                                  else ""), "\n".join(lines))
+                await self._mail(row.email, subject_line("Safedrop expired", subject),
+                                 "\n".join(lines))
             except Exception:
                 log.failure("queueing the expiry summary of safedrop bundle {bundle} failed",
                             bundle=row.id)
@@ -467,7 +475,7 @@ class SafedropService:
 
     async def _tell_sender(self, sender: str, bundle: Bundle, text: str) -> None:
         subject = shown(bundle.subject)
-        await self._mail(sender, "Safedrop" + (f": {subject}" if subject else ""), text)
+        await self._mail(sender, subject_line("Safedrop", subject), text)
 
     async def _mail(self, to: str, subject: str, body: str) -> None:
         """A message from safedrop itself (null envelope sender: nothing bounces back)."""
