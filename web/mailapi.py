@@ -57,6 +57,7 @@ from mailcore.mailapi.mail import (
     FIELDS,
     INBOX,
     MAX_COUNT,
+    MAX_SUBJECT,
     Edit,
     Mail,
     MailService,
@@ -185,6 +186,8 @@ WRITTEN: dict[Outcome, tuple[int, int, str]] = {
     Outcome.INVALID: (400, 400, "invalid to/from/cc/bcc/reply-to - stored email as draft"),
     Outcome.BAD_HEADER: (400, 400, "invalid subject (a line break or control character) "
                          "- stored email as draft"),
+    Outcome.LONG_SUBJECT: (400, 400, f"invalid subject (over {MAX_SUBJECT} characters) - "
+                           "stored email as draft"),
     Outcome.BAD_BODY: (400, 400, "invalid body (a control character other than TAB, CR and "
                        "LF) - stored email as draft"),
     Outcome.UNAUTHORIZED: (401, 401, "unauthorized from/reply-to - stored email as draft"),

@@ -15,7 +15,7 @@ the reply says why. Mail set to `outbox` is built with Python's `email` package
 (Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
 id and its place in the outbox's order in the transaction that puts it in the outbox; the
 OutboxSender hands it to the spool in that order (mailcore.mailapi.outbox). A large mail
-(body and attachments over BUILT_APART bytes) is built before that transaction (on the same
+(fields and attachments over BUILT_APART bytes) is built before that transaction (on the same
 pool thread), from a read of what the transaction will find: building it (attachments read
 from disk and encoded, up to max_message_bytes) must not hold the store's one write lock,
 which the SMTP spool needs for every message it accepts. The transaction checks the mail
@@ -79,9 +79,14 @@ log = Logger()
 
 DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
 DEFAULT_COUNT = 25
-# Mail whose body and attachments together are larger is built before its transaction.
+# Mail whose fields (header fields and body) and attachments together are larger is built
+# before its transaction.
 BUILT_APART = 64 * 1024
 MAX_COUNT = 1000
+# The longest subject mail is sent with (characters): RFC 5322's line length. Folding one
+# costs more than its length (a 200 KB subject took seconds), and a mail is built holding
+# the store's write lock; a longer subject keeps the mail a draft.
+MAX_SUBJECT = 998
 T = TypeVar("T")
 
 _m = mailapi_mail.c
@@ -118,6 +123,7 @@ class Outcome(enum.Enum):
     MISSING = "missing"  # no to / no status: kept as a draft
     INVALID = "invalid"  # a malformed address: kept as a draft
     BAD_HEADER = "bad_header"  # a line break or control character in the subject
+    LONG_SUBJECT = "long_subject"  # a subject over MAX_SUBJECT characters: a draft
     BAD_BODY = "bad_body"  # a control character other than TAB, CR, LF in the body: a draft
     UNAUTHORIZED = "unauthorized"  # a from / reply-to the caller may not use: a draft
 
@@ -213,9 +219,10 @@ def _thd_parts(conn: Connection, mail_id: int) -> Sequence[Any]:
     return conn.execute(_PARTS, {"mail_id": mail_id}).all()
 
 
-def _size(body: str, sizes: Iterable[int]) -> int:
-    """About how large a mail's message is: its body and attachments (before encoding)."""
-    return len(body) + sum(sizes)
+def _size(values: dict[str, str], sizes: Iterable[int]) -> int:
+    """About how large a mail's message is: its fields (header fields and body) and
+    attachments (before encoding)."""
+    return sum(len(v) for v in values.values()) + sum(sizes)
 
 
 def _new_values(edit: Edit, rights: dict[int, tuple[str, Rights]], user_email: str
@@ -401,7 +408,7 @@ class MailService:
             rights = thd_rights_by_mailbox(conn, user_id)
             values = _new_values(edit, rights, user_email)
             return (values, rights, [_part(f) for f in edit.attachments],
-                    _size(values["body"], (f.size for f in edit.attachments)))
+                    _size(values, (f.size for f in edit.attachments)))
 
         def txn(conn: Connection, built: Built | None) -> Written:
             rights = thd_rights_by_mailbox(conn, user_id)
@@ -426,8 +433,7 @@ class MailService:
                                     sendable)
 
         # A new mail's size is the request's: a small one is not read for before.
-        large = _size(edit.values.get("body", ""), (f.size for f in edit.attachments)) \
-            > BUILT_APART
+        large = _size(edit.values, (f.size for f in edit.attachments)) > BUILT_APART
         prepare: Callable[[Reader], Built | None] = partial(
             self._thd_built, edit.status, now, gather) if large else _built_in_transaction
         written = await self.db.run_prepared("mailapi_create", prepare, txn)
@@ -453,7 +459,7 @@ class MailService:
             return (values, rights,
                     [(a.name, a.content_type, a.sha256) for a in kept]
                     + [_part(f) for f in edit.attachments],
-                    _size(values["body"], [a.size for a in kept]
+                    _size(values, [a.size for a in kept]
                           + [f.size for f in edit.attachments]))
 
         def txn(conn: Connection, built: Built | None) -> Written:
@@ -608,6 +614,8 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
         return Outcome.INVALID
     if len(recipients["from"]) != 1 or not recipients["to"]:
         return Outcome.INVALID
+    if len(values["subject"]) > MAX_SUBJECT:  # checked first: reading it costs as much
+        return Outcome.LONG_SUBJECT
     if header_breaks("Subject", values["subject"]):  # its encoded words decoded too
         return Outcome.BAD_HEADER
     if has_control_multiline(values["body"]):
