@@ -20,6 +20,7 @@ from sqlalchemy import delete, event, func, select, update
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.mailapi import addresses as addresses_module
 from mailcore.mailapi import listing
 from mailcore.mailapi import mail as mail_module
 from mailcore.mailapi.delivery import LocalMailboxes
@@ -396,10 +397,8 @@ class WritingTests(MailApiTestCase):
         self.assertEqual((await self.as_("eve", "GET", att["url"]))[0], 404)
 
 
-    def watch_builds(self) -> list[tuple[bool, bytes]]:
-        """Each message built from now on: whether a write transaction was open while it
-        was built (it holds the store's one write lock, which the SMTP spool needs), and
-        the message."""
+    def watch_writes(self) -> list[bool]:
+        """A list that holds True while a write transaction is open."""
         engine = self.web.core.db.engine
         writing: list[bool] = []
 
@@ -412,6 +411,58 @@ class WritingTests(MailApiTestCase):
         for name, listener in (("begin", begun), ("commit", ended), ("rollback", ended)):
             event.listen(engine, name, listener)
             self.addCleanup(event.remove, engine, name, listener)
+        return writing
+
+    async def test_recipients_are_at_most_100_and_parsed_outside_the_write_transaction(
+            self) -> None:
+        """Parsing an address costs about a millisecond, and the fields were parsed holding
+        the store's write lock with no bound: 5,000 addresses held it 1.8 s, 40,000 (within
+        the 1 MB JSON body) minutes (found by an audit)."""
+        writing = self.watch_writes()
+        parsed: list[tuple[bool, str]] = []
+        parse = addresses_module._parse
+
+        def watched(text: str, field: str) -> list[str]:
+            parsed.append((any(writing), field))
+            return parse(text, field)
+
+        self.patch(addresses_module, "_parse", watched)
+        addresses_module._parsed.cache_clear()  # what other tests parsed
+        too_many = "too many recipients (over 100 in to, cc and bcc) - stored email as draft"
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": ", ".join(f"a{i}@far.test" for i in range(5000))})
+        self.assertEqual((status, body["message"]), (400, too_many))
+        self.assertEqual([f for _, f in parsed if f in ("to", "cc", "bcc")], [])
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": ", ".join(f"b{i}@far.test" for i in range(60)),
+            "cc": ", ".join(f"c{i}@far.test" for i in range(21)),
+            "bcc": ", ".join(f"d{i}@far.test" for i in range(20))})
+        self.assertEqual((status, body["message"]), (400, too_many))
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": ", ".join(f"e{i}@far.test" for i in range(60)),
+            "cc": ", ".join(f"f{i}@far.test" for i in range(20)),
+            "bcc": ", ".join(f"g{i}@far.test" for i in range(20))})
+        self.assertEqual(status, 202, body)
+        rows = await self.rows()
+        self.assertEqual([r.status for r in rows], ["draft", "draft", "outbox"])
+        recipient_parses = [w for w, f in parsed if f in ("to", "cc", "bcc")]
+        self.assertEqual(len(recipient_parses), 6)  # each field once, then from the cache
+        self.assertFalse(any(recipient_parses))
+        path = f"/api/v1/mail/{rows[0].public_id}"
+        status, body = await self.as_("bob", "PUT", path, json={"to": "h@far.test",
+                                                                "cc": "i@far.test"})
+        self.assertEqual(status, 200, body)
+        status, body = await self.as_("bob", "PUT", path, json={"status": "outbox"})
+        self.assertEqual(status, 202, body)
+        recipient_parses = [w for w, f in parsed if f in ("to", "cc", "bcc")]
+        self.assertEqual(len(recipient_parses), 9)
+        self.assertFalse(any(recipient_parses))
+
+    def watch_builds(self) -> list[tuple[bool, bytes]]:
+        """Each message built from now on: whether a write transaction was open while it
+        was built (it holds the store's one write lock, which the SMTP spool needs), and
+        the message."""
+        writing = self.watch_writes()
         built: list[tuple[bool, bytes]] = []
 
         def build(*args: Any) -> bytes:

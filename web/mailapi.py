@@ -57,6 +57,7 @@ from mailcore.mailapi.mail import (
     FIELDS,
     INBOX,
     MAX_COUNT,
+    MAX_RECIPIENTS,
     MAX_SUBJECT,
     Edit,
     Mail,
@@ -188,6 +189,8 @@ WRITTEN: dict[Outcome, tuple[int, int, str]] = {
                          "- stored email as draft"),
     Outcome.LONG_SUBJECT: (400, 400, f"invalid subject (over {MAX_SUBJECT} characters) - "
                            "stored email as draft"),
+    Outcome.TOO_MANY: (400, 400, f"too many recipients (over {MAX_RECIPIENTS} in to, cc and "
+                       "bcc) - stored email as draft"),
     Outcome.BAD_BODY: (400, 400, "invalid body (a control character other than TAB, CR and "
                        "LF) - stored email as draft"),
     Outcome.UNAUTHORIZED: (401, 401, "unauthorized from/reply-to - stored email as draft"),

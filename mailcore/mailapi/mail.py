@@ -87,6 +87,14 @@ MAX_COUNT = 1000
 # costs more than its length (a 200 KB subject took seconds), and a mail is built holding
 # the store's write lock; a longer subject keeps the mail a draft.
 MAX_SUBJECT = 998
+# The most recipients (to, cc and bcc) a mail is sent to: [smtp] max_recipients' default, so
+# that a relay answering as ours does takes them in one transaction. A longer list keeps the
+# mail a draft; one whose text cannot be that short (ADDRESS_TEXT characters an address, or
+# more than two `@` an address) is refused before it is parsed.
+MAX_RECIPIENTS = 100
+ADDRESS_TEXT = 512
+_RECIPIENT_FIELDS = ("to", "cc", "bcc")
+_ADDRESS_FIELDS = ("to", "cc", "bcc", "reply-to", "from")
 T = TypeVar("T")
 
 _m = mailapi_mail.c
@@ -124,6 +132,7 @@ class Outcome(enum.Enum):
     INVALID = "invalid"  # a malformed address: kept as a draft
     BAD_HEADER = "bad_header"  # a line break or control character in the subject
     LONG_SUBJECT = "long_subject"  # a subject over MAX_SUBJECT characters: a draft
+    TOO_MANY = "too_many"  # over MAX_RECIPIENTS recipients: a draft
     BAD_BODY = "bad_body"  # a control character other than TAB, CR, LF in the body: a draft
     UNAUTHORIZED = "unauthorized"  # a from / reply-to the caller may not use: a draft
 
@@ -435,7 +444,8 @@ class MailService:
         # A new mail's size is the request's: a small one is not read for before.
         large = _size(edit.values, (f.size for f in edit.attachments)) > BUILT_APART
         prepare: Callable[[Reader], Built | None] = partial(
-            self._thd_built, edit.status, now, gather) if large else _built_in_transaction
+            self._thd_built, edit.status, now, gather) if large \
+            else partial(_parse_ahead, edit.values if edit.status == OUTBOX else {})
         written = await self.db.run_prepared("mailapi_create", prepare, txn)
         self._told(written)
         return written
@@ -504,9 +514,9 @@ class MailService:
         if gathered is None:
             return None
         values, rights, parts, size = gathered
+        sendable = _sendable(values, rights)  # parses the addresses (cached) for the txn too
         if size <= BUILT_APART:
             return None
-        sendable = _sendable(values, rights)
         outgoing = [OutgoingPart(name, content_type, partial(self.files.open, sha256))
                     for name, content_type, sha256 in parts if sha256 is not None]
         if isinstance(sendable, Outcome) or len(outgoing) < len(parts):
@@ -591,8 +601,23 @@ def _hashes_of(conn: Connection, mail_ids: Sequence[int]) -> list[str]:
     return sorted(found)
 
 
-def _built_in_transaction(read: Reader) -> None:
-    """A small mail's message is built in its transaction."""
+def _parse_ahead(values: dict[str, str], read: Reader) -> None:
+    """A small mail's message is built in its transaction; the address fields it will send
+    are parsed before (parse_address_list keeps them), outside the write lock."""
+    if _too_long(values):
+        return
+    for name in _ADDRESS_FIELDS:
+        try:
+            parse_address_list(values.get(name, ""), name)
+        except MailApiError:
+            return
+
+
+def _too_long(values: dict[str, str]) -> bool:
+    """Whether the recipient fields cannot hold MAX_RECIPIENTS addresses or fewer."""
+    text = [values.get(name, "") for name in _RECIPIENT_FIELDS]
+    return sum(map(len, text)) > MAX_RECIPIENTS * ADDRESS_TEXT \
+        or sum(t.count("@") for t in text) > 2 * MAX_RECIPIENTS
 
 
 # What `_sendable` says: the outcome that keeps a mail a draft, or its checked fields and
@@ -606,14 +631,18 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
     draft."""
     if not values["to"].strip():
         return Outcome.MISSING
+    if _too_long(values):  # not parsed: that costs a millisecond an address
+        return Outcome.TOO_MANY
     recipients: dict[str, list[str]] = {}
     try:
-        for name in ("to", "cc", "bcc", "reply-to", "from"):
+        for name in _ADDRESS_FIELDS:
             recipients[name] = parse_address_list(values[name], name)
     except MailApiError:
         return Outcome.INVALID
     if len(recipients["from"]) != 1 or not recipients["to"]:
         return Outcome.INVALID
+    if sum(len(recipients[name]) for name in _RECIPIENT_FIELDS) > MAX_RECIPIENTS:
+        return Outcome.TOO_MANY
     if len(values["subject"]) > MAX_SUBJECT:  # checked first: reading it costs as much
         return Outcome.LONG_SUBJECT
     if header_breaks("Subject", values["subject"]):  # its encoded words decoded too
