@@ -209,6 +209,43 @@ class HostileMimeTests(TestCase):
         self.assertTrue(any("header block" in problem for problem in p.problems))
         self.assertLessEqual(len(p.headers), 64 * 1024)
 
+    def test_address_parser_overflow_leaves_the_field_empty(self) -> None:
+        """The email package's address parser recurses once per "(": a From of 2,000 (or
+        100,000) of them raised RecursionError out of parse_message."""
+        for n in (2000, 100_000):
+            raw = msg("From: " + "(" * n + "\nTo: bob@y.test\nSubject: parens")
+            p = parse_message(raw)
+            self.assertEqual((p.subject, p.sender, p.recipient), ("parens", "", "bob@y.test"))
+            self.assertIn("From header unreadable (RecursionError); left empty", p.problems)
+
+    def test_deeply_attached_message_is_kept_without_its_size(self) -> None:
+        """A message/rfc822 nested 400 deep: writing it out to size it recursed once per
+        level and raised RecursionError out of parse_message."""
+        nested = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+        for _ in range(400):
+            nested = b"Content-Type: message/rfc822\r\n\r\n" + nested
+        p = parse_message(b"From: a@b.test\r\nSubject: deep\r\n" + nested)
+        self.assertEqual((p.subject, p.sender), ("deep", "a@b.test"))
+        self.assertEqual([(a.mime_type, a.size) for a in p.attachments],
+                         [("message/rfc822", 0)])
+        self.assertIn("part 1: attached message nested deeper than 20; its size not known",
+                      p.problems)
+
+    def test_an_unforeseen_error_keeps_the_raw_headers(self) -> None:
+        """Whatever else the email package raises on a message, it is kept with its raw
+        header block and the error named, and never fails its batch."""
+        import mailcore.messages.parse as parse
+
+        def broken(raw: bytes) -> None:
+            raise RuntimeError("unforeseen")
+
+        self.patch(parse, "_single_part", broken)
+        raw = msg("Subject: kept\nFrom: a@b.test")
+        p = parse_message(raw)
+        self.assertEqual(p.problems, ["message unreadable (RuntimeError); raw headers only"])
+        self.assertEqual(p.headers, "Subject: kept\r\nFrom: a@b.test")
+        self.assertEqual(p.size, len(raw))
+
     def test_garbage_never_raises(self) -> None:
         for raw in (b"", b"\x00\xff" * 1000, b"no headers at all", b"\r\n\r\n\r\n",
                     b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",

@@ -228,6 +228,29 @@ class StoreTestsMixin(DatabaseMixin):
         page = await store.list_messages(user, MessageQuery(q="zebra", ordering="id"))
         self.assertEqual([m.id for m in page.items], [stored])
 
+    async def test_hostile_messages_in_a_batch_are_stored_with_the_others(self) -> None:
+        """A From of 2,000 "(" and a message/rfc822 nested 400 deep overflowed the email
+        package's stack: the batch failed, none of it was stored, and the folder's sync
+        failed so on every later run. Both are stored, as are the good ones beside them."""
+        store, user = await self.make_store()
+        folder_id = await self.db.run("make_folder", _make_folder, user)
+        where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
+        parens = b"From: " + b"(" * 2000 + b"\r\nSubject: parens\r\n\r\nbody\r\n"
+        nested = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+        for _ in range(400):
+            nested = b"Content-Type: message/rfc822\r\n\r\n" + nested
+        nested = b"From: a@b.test\r\nSubject: nested\r\nMIME-Version: 1.0\r\n" + nested
+        batch = [FetchedMessage(raw=mail(1, "good one"), uid=1),
+                 FetchedMessage(raw=parens, uid=2), FetchedMessage(raw=nested, uid=3),
+                 FetchedMessage(raw=mail(4, "good four"), uid=4)]
+        result = await store.store_batch(where, batch)
+        self.assertEqual(len(result.created), 4)
+        stored = [await store.get_message(user, row_id) for row_id in result.created]
+        self.assertEqual([m.summary.subject for m in stored],
+                         ["good one", "parens", "nested", "good four"])
+        for row_id, raw in zip(result.created, [b.raw for b in batch], strict=True):
+            self.assertEqual(await store.raw_message(user, row_id), raw)
+
     async def test_search_words_in_subject_body_sender_recipient(self) -> None:
         store, user = await self.make_store()
         ids = [

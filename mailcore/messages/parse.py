@@ -469,8 +469,38 @@ def _headers_by_name(msg: Message) -> dict[str, list[str]]:
 
 
 def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage:
-    """Every indexed field of one raw message. Never raises on bad input; CPU-bound."""
+    """Every indexed field of one raw message. Never raises on bad input; CPU-bound.
+
+    Whatever the email package raises on hostile input that the bounds and the handlers
+    below do not foresee, the message is kept with its raw header block only and the
+    exception named in `problems`: one message must never fail the batch it came in."""
     limits = limits or MimeLimits()
+    try:
+        return _parse_message(raw, limits)
+    except Exception as e:
+        end = _header_block_end(raw, limits.max_header_bytes)
+        result = ParsedMessage(
+            sha256=sha256_hex(raw), size=len(raw),
+            headers=decode_bytes(raw[: end if end is not None else limits.max_header_bytes],
+                                 None),
+            problems=[f"message unreadable ({type(e).__name__}); raw headers only"],
+        )
+        _storable_text(result)
+        return result
+
+
+def _fields(result: ParsedMessage, name: str, values: list[str]) -> tuple[str, str]:
+    """`_addresses` of one address header, ("", "") with a problem recorded when the email
+    package's address parser fails on it: its comment and quoted-string parsers recurse
+    once per nested "(", so a From of 2,000 "(" overflowed the stack."""
+    try:
+        return _addresses(values)
+    except (RecursionError, ValueError, LookupError, TypeError, IndexError) as e:
+        result.problems.append(f"{name} header unreadable ({type(e).__name__}); left empty")
+        return "", ""
+
+
+def _parse_message(raw: bytes, limits: MimeLimits) -> ParsedMessage:
     problems: list[str] = []
     end = _header_block_end(raw, limits.max_header_bytes)
     msg = _tree(raw, end, limits, problems)
@@ -487,10 +517,10 @@ def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage
 
     result.message_id = _first_msgid(first("message-id"))
     result.subject = decode_header_value(first("subject"))[:4096]
-    result.sender, result.sender_address = _addresses(headers.get("from", []))
+    result.sender, result.sender_address = _fields(result, "From", headers.get("from", []))
     result.sender_address = result.sender_address[:320]
-    result.recipient, _ = _addresses(headers.get("to", []))
-    result.cc, _ = _addresses(headers.get("cc", []))
+    result.recipient, _ = _fields(result, "To", headers.get("to", []))
+    result.cc, _ = _fields(result, "Cc", headers.get("cc", []))
     result.date = _date(first("date"))
     in_reply_to = first("in-reply-to")
     result.in_reply_to = _first_msgid(in_reply_to) if _msgids(in_reply_to) else ""
@@ -499,7 +529,8 @@ def parse_message(raw: bytes, limits: MimeLimits | None = None) -> ParsedMessage
     for path, part in walk_parts(msg, limits, problems):
         try:
             _index_part(result, path, part, limits)
-        except (LookupError, UnicodeError, ValueError, TypeError, AssertionError) as e:
+        except (LookupError, UnicodeError, ValueError, TypeError, AssertionError,
+                RecursionError) as e:
             problems.append(f"part {path} unreadable ({type(e).__name__})")
     result.has_attachments = bool(result.attachments)
     _storable_text(result)
@@ -538,9 +569,7 @@ def _index_part(result: ParsedMessage, path: str, part: Message, limits: MimeLim
     filename = _filename(part)
     if content_type == "message/rfc822" or _is_attachment(part, filename):
         if content_type == "message/rfc822":
-            inner = part.get_payload()
-            inner_msg = inner[0] if isinstance(inner, list) and inner else None
-            size = len(inner_msg.as_bytes()) if isinstance(inner_msg, Message) else 0
+            size = _attached_message_size(result, path, part, limits)
         else:
             size = len(_payload_bytes(part))
         cid = _header(part, "Content-ID")
@@ -562,6 +591,40 @@ def _index_part(result: ParsedMessage, path: str, part: Message, limits: MimeLim
         result.body_html = decode_bytes(_payload_bytes(part), part.get_content_charset())[
             : limits.max_body_chars
         ]
+
+
+def _nesting(msg: Message, bound: int) -> int:
+    """How deep the parts below `msg` nest (attached messages and multiparts), counted
+    without recursion and only up to `bound` + 1."""
+    deepest = 0
+    stack: list[tuple[Message, int]] = [(msg, 0)]
+    while stack:
+        part, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > bound:
+            break
+        children = part.get_payload()
+        if isinstance(children, list):
+            stack.extend((c, depth + 1) for c in children if isinstance(c, Message))
+    return deepest
+
+
+def _attached_message_size(result: ParsedMessage, path: str, part: Message,
+                           limits: MimeLimits) -> int:
+    """The size of the message a message/rfc822 part holds, as the email package writes it
+    out; 0, with a problem recorded, when it nests deeper than `limits.max_depth`: writing
+    it out recurses once per level (400 levels overflowed the stack)."""
+    inner = part.get_payload()
+    inner_msg = inner[0] if isinstance(inner, list) and inner else None
+    if not isinstance(inner_msg, Message):
+        return 0
+    if _nesting(inner_msg, limits.max_depth) > limits.max_depth:
+        result.problems.append(
+            f"part {path}: attached message nested deeper than {limits.max_depth}; "
+            "its size not known"
+        )
+        return 0
+    return len(inner_msg.as_bytes())
 
 
 def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -> bytes | None:
