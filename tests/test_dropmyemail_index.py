@@ -22,6 +22,7 @@ from twisted.web.server import Site
 
 from mailcore.backup import index as index_module
 from mailcore.backup import parts
+from mailcore.backup.contacts import contact_id
 from mailcore.backup.signature import signature_phone
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.parse import extract_part, parse_message
@@ -417,6 +418,28 @@ class ContactPhoneTests(IndexBase):
         def txn(conn: Any) -> list[Any]:
             return conn.execute(select(messages.c.signature_phone)).scalars().all()
         self.assertEqual(sorted(await self.core.db.read("t", txn)), ["", "+49 30 1234567"])
+
+
+class HostileContactTests(IndexBase):
+
+    async def test_a_name_decoded_to_nested_parentheses_breaks_no_listing(self) -> None:
+        """A From whose encoded name decodes to 3,000 "(" is stored with that text; the
+        listing read every row's text again with the email package's address parser,
+        which recursed once per "(": every contacts request of the account was a 500."""
+        await self.store(
+            mail("Bo <bo@x.test>", "hi", "--b\nContent-Type: text/plain\n\nhi\n--b--\n"),
+            b"From: =?utf-8?q?" + b"=28" * 3000 + b"?= <evil@x.test>\r\n"
+            b"To: alice@example.test, Cy <cy@x.test>\r\nSubject: parens\r\n\r\nbody\r\n",
+        )
+        for query in ("", "?sort=email&page=1"):
+            status, page = await self.call(f"{self.base}/contacts{query}")
+            self.assertEqual(status, 200, page)
+            self.assertEqual([(c["email"], c["name"]) for c in page["contacts"]],
+                             [("bo@x.test", "Bo"), ("cy@x.test", "Cy"),
+                              ("evil@x.test", ""), ("me@example.test", "")])
+        evil = contact_id("evil@x.test")
+        status, card = await self.call(f"{self.base}/contacts/{evil}")
+        self.assertEqual(status, 200, card)
 
 
 class BadInputBatteryTests(IndexBase):

@@ -80,6 +80,26 @@ def vcard_entries(data: bytes) -> list[tuple[str, str, str]]:
     return out
 
 
+def _correspondents(sender: str, recipient: str, cc: str,
+                    sender_address: str) -> list[tuple[str, str]]:
+    """(name, address) of each address in a message's From, To and Cc display text. The
+    email package's address parser recurses once per nested "(": a field its stack cannot
+    hold (a display name decoded to 3,000 "(") gives no names, the From its bare address
+    as the store parsed it, rather than fail the whole account's listing."""
+    try:
+        return getaddresses([sender, recipient, cc])
+    except (RecursionError, ValueError, LookupError, TypeError, IndexError):
+        pass
+    pairs: list[tuple[str, str]] = []
+    for text, fallback in ((sender, sender_address), (recipient, ""), (cc, "")):
+        try:
+            pairs.extend(getaddresses([text]))
+        except (RecursionError, ValueError, LookupError, TypeError, IndexError):
+            if fallback:
+                pairs.append(("", fallback))
+    return pairs
+
+
 class BackupContacts:
     def __init__(self, mail: BackupMail) -> None:
         self.mail = mail
@@ -104,7 +124,8 @@ class BackupContacts:
                 seen = _utc(row.created_at)
                 sender = (row.sender_address or "").strip().lower()
                 signed = row.signature_phone or ""
-                for name, address in getaddresses([row.sender, row.recipient, row.cc]):
+                for name, address in _correspondents(row.sender, row.recipient, row.cc,
+                                                     row.sender_address or ""):
                     key = address.strip().lower()
                     if "@" not in key or key == own or len(key) > 320:
                         continue
