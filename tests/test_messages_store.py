@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import random
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.dialects import postgresql
@@ -22,6 +23,7 @@ from mailcore.messages import (
     MessageStore,
     QueryError,
 )
+from mailcore.messages.parse import MAX_INDEXED_BYTES
 from mailcore.messages.sql import new_id
 from mailcore.messages.store import (
     RAW_CHUNK,
@@ -250,6 +252,42 @@ class StoreTestsMixin(DatabaseMixin):
                          ["good one", "parens", "nested", "good four"])
         for row_id, raw in zip(result.created, [b.raw for b in batch], strict=True):
             self.assertEqual(await store.raw_message(user, row_id), raw)
+
+    async def test_long_non_ascii_ids_and_subjects_are_stored_and_thread(self) -> None:
+        """A Message-ID of 980 four-byte characters (3,944 bytes), a subject of 2,500
+        random CJK characters (its thread's key, 6,016 bytes) and a reference to such an id
+        went past PostgreSQL's largest index entry (2,704 bytes): the batch failed, none of
+        it was stored. They are cut to MAX_INDEXED_BYTES of UTF-8, the same way wherever
+        they are compared, so the reply still finds its thread."""
+        rnd = random.Random(7)
+        long_id = "<" + "".join(chr(rnd.randrange(0x20000, 0x2A6DF)) for _ in range(980)) \
+            + "@x.test>"
+        cjk = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(2500))
+        store, user = await self.make_store()
+        folder_id = await self.db.run("make_folder", _make_folder, user)
+        where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
+        batch = [FetchedMessage(raw=mail(1, "good", body="zebra"), uid=1),
+                 FetchedMessage(raw=mail(2, "long id", body="giraffe", msgid=long_id), uid=2),
+                 FetchedMessage(raw=mail(3, cjk, body="okapi"), uid=3),
+                 FetchedMessage(raw=mail(4, "Re: long id", refs=long_id), uid=4)]
+        result = await store.store_batch(where, batch)
+        self.assertEqual(len(result.created), 4)
+        first, long, wide, reply = result.created
+        stored = await store.get_message(user, long)
+        self.assertIn(len(stored.summary.message_id.encode()),
+                      range(MAX_INDEXED_BYTES - 3, MAX_INDEXED_BYTES + 1))
+        self.assertTrue(long_id.startswith(stored.summary.message_id))
+        self.assertEqual((await store.get_message(user, wide)).summary.subject, cjk)
+        self.assertEqual([m.summary.id for m in await store.thread_of(user, reply)],
+                         [long, reply])
+        # A later batch's reply finds the thread through the stored (cut) id and reference.
+        later = await store.store_batch(where, [FetchedMessage(
+            raw=mail(5, "Re: long id", reply_to=long_id, body="tapir"), uid=5)])
+        self.assertEqual([m.summary.id for m in await store.thread_of(user, later.created[0])],
+                         [long, reply, *later.created])
+        for word, row_id in (("zebra", first), ("giraffe", long), ("okapi", wide)):
+            page = await store.list_messages(user, MessageQuery(q=word, ordering="id"))
+            self.assertEqual([m.id for m in page.items], [row_id])
 
     async def test_search_words_in_subject_body_sender_recipient(self) -> None:
         store, user = await self.make_store()

@@ -32,6 +32,11 @@ MAX_PARTS = 1000
 MAX_DEPTH = 20
 MAX_MULTIPARTS = 100
 MAX_BODY_CHARS = 2 * 1024 * 1024
+# The most UTF-8 bytes of a header's text that goes into a btree index (a Message-ID, a
+# reference, a thread's subject key). PostgreSQL refuses an index entry over 2,704 bytes,
+# the whole batch with it: 998 characters of 4 bytes each made 3,944. Every ASCII value
+# within the character bounds (998 for an id, 2,000 for a subject key) is within this.
+MAX_INDEXED_BYTES = 2000
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,18 @@ class ParsedMessage:
 
 def sha256_hex(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
+
+
+def indexed_text(value: str, max_bytes: int = MAX_INDEXED_BYTES) -> str:
+    """`value` cut to at most `max_bytes` bytes of UTF-8, on a character boundary: what an
+    indexed column holds of it, and what a lookup of it compares with."""
+    data = value.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return value
+    cut = max_bytes
+    while cut > 0 and data[cut] & 0xC0 == 0x80:  # a continuation byte: back to the lead
+        cut -= 1
+    return data[:cut].decode("utf-8", "surrogatepass")
 
 
 # -- text decoding -----------------------------------------------------------------------
@@ -534,7 +551,18 @@ def _parse_message(raw: bytes, limits: MimeLimits) -> ParsedMessage:
             problems.append(f"part {path} unreadable ({type(e).__name__})")
     result.has_attachments = bool(result.attachments)
     _storable_text(result)
+    _indexed_ids(result)
     return result
+
+
+def _indexed_ids(result: ParsedMessage) -> None:
+    """The Message-IDs (own, In-Reply-To, References) cut to what their indexes hold
+    (`indexed_text`), after `_storable_text` (its U+FFFD for a NUL is 3 bytes): threading
+    compares the cut values, so a long id still finds its thread."""
+    result.message_id = indexed_text(result.message_id)
+    result.in_reply_to = indexed_text(result.in_reply_to)
+    if any(len(r) * 4 > MAX_INDEXED_BYTES for r in result.references):
+        result.references = [indexed_text(r) for r in result.references]
 
 
 def parse_messages(raws: list[bytes], limits: MimeLimits | None = None) -> list[ParsedMessage]:

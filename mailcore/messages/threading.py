@@ -18,13 +18,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, delete, select, update
 
-from mailcore.messages.parse import ParsedMessage, subject_key
+from mailcore.messages.parse import ParsedMessage, indexed_text, subject_key
 from mailcore.messages.sql import allocate_ids, insert_rows
 from mailcore.store.schema import message_refs, messages, threads
 
 _CHUNK = 500
 _PROVISIONAL = 1 << 62
-# threads.subject_key holds at most this much; a longer key is stored cut and never matches.
+# threads.subject_key holds at most this much (and at most MAX_INDEXED_BYTES of UTF-8,
+# `indexed_text`); a longer key is stored cut and never matches.
 _KEY_CHARS = 2000
 
 # Built once; values are bound parameters (see the note in mailcore.messages.store).
@@ -50,6 +51,11 @@ _NEWEST_BY_SUBJECT = (
     .order_by(threads.c.id.desc())
     .limit(1)
 )
+
+
+def _stored_key(key: str) -> str:
+    """What threads.subject_key holds of a subject key."""
+    return indexed_text(key[:_KEY_CHARS])
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
@@ -108,7 +114,7 @@ class _Threads:
         """A new thread with this subject key; its provisional id."""
         thread_id = next(self._provisional)
         self.new[thread_id] = key
-        if len(key) <= _KEY_CHARS:
+        if _stored_key(key) == key:
             self.new_by_key.setdefault(key, []).append(thread_id)
         return thread_id
 
@@ -131,7 +137,7 @@ class _Threads:
         ids = allocate_ids(self.conn, threads, len(self.new))
         self.written = dict(zip(self.new, ids, strict=True))
         insert_rows(self.conn, threads, [
-            {"id": self.written[t], "user_id": self.user_id, "subject_key": key[:_KEY_CHARS],
+            {"id": self.written[t], "user_id": self.user_id, "subject_key": _stored_key(key),
              "created_at": self.now}
             for t, key in self.new.items()
         ])
