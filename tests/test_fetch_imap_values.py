@@ -8,6 +8,7 @@ against a scripted cleartext server on loopback, on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet import defer
@@ -300,6 +301,21 @@ class SyncValuesMixin(MixinBase):
         names = [f["name"] for f in await env.accounts.folders(account_id)]
         self.assertEqual(names, ["INBOX"])
 
+    async def test_a_folder_name_over_the_index_bytes_fails_alone(self) -> None:
+        """1,000 random CJK characters are within the 1,024 characters a folder name may
+        have but are 3,000 bytes of UTF-8, past PostgreSQL's largest index entry (2,704
+        bytes, uq_fetch_folders_account_name): the folder is refused, the rest synced."""
+        rnd = random.Random(3)
+        wide = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(1000))
+        result, env, account_id = await self.run_sync({"LIST": listlean(
+            b'"/" INBOX', b'"/" "' + wide.encode("imap4-utf-7") + b'"')})
+        self.assertEqual(result.new_messages, 1)
+        self.assertIsNone(result.folders["INBOX"].error)
+        problems = result.problems() or ""
+        self.assertIn("longer than 1024 characters or 2000 bytes", problems)
+        self.assertNotIn("internal error", problems)
+        names = [f["name"] for f in await env.accounts.folders(account_id)]
+        self.assertEqual(names, ["INBOX"])
 
     async def test_uid_over_2_63_fails_the_folder_not_the_store(self) -> None:
         big = b"99999999999999999999"

@@ -65,8 +65,11 @@ _R = TypeVar("_R")
 
 DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024
-# What the store takes of a folder (fetch_folders.name and .delimiter, messages.folder).
+# What the store takes of a folder (fetch_folders.name and .delimiter, messages.folder):
+# characters, and bytes of UTF-8 in the indexes on the name (PostgreSQL refuses an index
+# entry over 2,704 bytes; `mailcore.messages.parse.MAX_INDEXED_BYTES`).
 MAX_FOLDER_NAME = 1024
+MAX_FOLDER_NAME_BYTES = 2000
 MAX_DELIMITER = 4
 # RFC 3501: UIDs, UIDVALIDITY, UIDNEXT and message numbers are below 2^32; RFC 7162: a
 # mod-sequence is below 2^63 (what a BIGINT holds).
@@ -128,8 +131,9 @@ def folder_problem(name: str, delimiter: str | None) -> str | None:
     a lone surrogate, which PostgreSQL refuses, or longer than the store's columns."""
     if not_text(name) is not None:
         return "the folder name holds NUL or is not text; not synced"
-    if len(name) > MAX_FOLDER_NAME:
-        return f"the folder name is longer than {MAX_FOLDER_NAME} characters; not synced"
+    if len(name) > MAX_FOLDER_NAME or len(name.encode("utf-8")) > MAX_FOLDER_NAME_BYTES:
+        return (f"the folder name is longer than {MAX_FOLDER_NAME} characters or "
+                f"{MAX_FOLDER_NAME_BYTES} bytes; not synced")
     if delimiter is not None and (
         len(delimiter) > MAX_DELIMITER or not_text(delimiter) is not None
     ):
