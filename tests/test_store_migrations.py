@@ -6,17 +6,20 @@ column for column, index for index. Each test runs on both backends.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, create_engine, inspect, text
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
+from mailcore.config import ConfigError
 from mailcore.store import Database, schema
-from mailcore.store.migrate import current_revision, downgrade_to, head_revision
-from tests.support.db import DatabaseMixin
+from mailcore.store.migrate import current_revision, downgrade_to, head_revision, upgrade_to
+from tests.support.db import DatabaseMixin, database_url
 
 # Dialect-specific objects made by hand in migrations (full-text search), not declared.
 _UNDECLARED = frozenset(getattr(schema, "FTS_TABLES", ()))
@@ -147,9 +150,78 @@ class MigrationTestsMixin(DatabaseMixin):
             self.assertEqual(await db.read("schema_diff", schema_diff), [])
 
 
+    async def test_schema_newer_than_the_code_is_a_one_line_config_error(self) -> None:
+        """A node on older code meeting a schema a newer node migrated is refused in one
+        line (Alembic raised CommandError "Can't locate revision", a traceback)."""
+        db = await self._migrated()
+
+        def move_ahead(conn: Connection) -> None:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+
+        await db.run("move_ahead", move_ahead)
+        try:
+            await threads.deferToThread(db.migrate_blocking)
+        except ConfigError as e:
+            message = str(e)
+        else:
+            self.fail("a schema newer than the code was migrated")
+        self.assertIn("9999_future", message)
+        self.assertIn("newer than this version of Mailcore", message)
+        self.assertNotIn("\n", message)
+
+
+def _migrate_at_once(url: str, processes: int = 2) -> list[str]:
+    """Start `processes` children that each migrate `url` to head, all let go at once."""
+    children = [
+        subprocess.Popen([sys.executable, "-m", "tests.support.migrate_child", url],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    results = []
+    try:
+        for child in children:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        for child in children:
+            out, _ = child.communicate(timeout=120)
+            results.append(out.strip())
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return results
+
+
 class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
     backend = "sqlite"
 
 
 class PostgresMigrationTests(MigrationTestsMixin, TestCase):
     backend = "postgresql"
+
+    async def _race(self, url: str) -> None:
+        results = await threads.deferToThread(_migrate_at_once, url)
+        self.assertEqual(results, ["OK", "OK"])
+        engine = create_engine(url)
+        self.addCleanup(engine.dispose)
+        self.assertEqual(await threads.deferToThread(current_revision, engine), head_revision())
+
+    async def test_two_nodes_migrate_an_empty_database_at_once(self) -> None:
+        """Two nodes starting together on an empty database both start (one failed with
+        UniqueViolation: both created the same tables); the advisory lock makes the second
+        wait and then find the schema at head."""
+        await self._race(await database_url(self, "postgresql"))
+
+    async def test_two_nodes_migrate_an_old_schema_at_once(self) -> None:
+        """A rolling upgrade: two nodes at once on a schema at 0025 (one failed with
+        Alembic's CommandError "expected to match one row")."""
+        url = await database_url(self, "postgresql")
+        engine = create_engine(url)
+        self.addCleanup(engine.dispose)
+        await threads.deferToThread(upgrade_to, engine, "0025")
+        await self._race(url)

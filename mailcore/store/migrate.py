@@ -11,7 +11,10 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, Engine, text
+
+from mailcore.config import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -27,6 +30,10 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
 # Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
 # migrations in two threads at once (two Databases opening) corrupt each other: one at a time.
 _ALEMBIC_LOCK = threading.Lock()
+
+# PostgreSQL: the key of the advisory lock that serialises migrations across processes (two
+# nodes starting at once on one database). Any constant bigint; this one spells "mailcore".
+_PG_MIGRATION_LOCK = 0x6D61696C636F7265
 
 
 @contextmanager
@@ -54,11 +61,43 @@ def upgrade_to_head(engine: Engine) -> None:
 
 
 def upgrade_to(engine: Engine, revision: str) -> None:
-    """Bring the database at `engine` up to `revision`. Blocks."""
+    """Bring the database at `engine` up to `revision`. Blocks.
+
+    One process at a time migrates a database: on PostgreSQL the migration transaction
+    first takes an advisory lock, so a node starting beside another one waits for it and
+    then finds the schema at head. A schema newer than this code knows is a ConfigError."""
     with _ALEMBIC_LOCK, engine.connect() as conn, _without_foreign_keys(conn):
         # A migration is DDL plus data; on SQLite take the write lock for all of it.
         with conn.begin():
-            command.upgrade(alembic_config(conn), revision)
+            if conn.dialect.name == "postgresql":
+                # Released when the transaction ends (commit or rollback).
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": _PG_MIGRATION_LOCK})
+            cfg = alembic_config(conn)
+            _refuse_unknown_revision(conn, cfg)
+            try:
+                command.upgrade(cfg, revision)
+            except CommandError as e:
+                raise ConfigError(f"cannot migrate the database: {_first_line(e)}") from None
+
+
+def _refuse_unknown_revision(conn: Connection, cfg: AlembicConfig) -> None:
+    """ConfigError when the database is at a revision this code does not have: a newer
+    Mailcore migrated it (Alembic would fail with a traceback)."""
+    script = ScriptDirectory.from_config(cfg)
+    known = {s.revision for s in script.walk_revisions()}
+    for current in MigrationContext.configure(conn).get_current_heads():
+        if current not in known:
+            raise ConfigError(
+                f"the database schema is at revision {current}, newer than this version of "
+                f"Mailcore knows (its newest is {script.get_current_head()}): run the Mailcore "
+                "that migrated it, or a newer one"
+            )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def downgrade_to(engine: Engine, revision: str) -> None:
