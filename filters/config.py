@@ -100,6 +100,7 @@ max_reply = 1048576
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -135,7 +136,7 @@ from filters.rspamd import MAX_REPLY as RSPAMD_MAX_REPLY
 from filters.spamd import COMMANDS, SpamdClient
 from filters.spamd import DEFAULT_PORT as SPAMD_PORT
 from filters.spamd import MAX_REPLY as SPAMD_MAX_REPLY
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, is_positive_number
 
 FILTER_NAMES = ("builtin", "spamd", "clamd", "rspamd")
 OVERSIZE = ("skip", "fail")
@@ -172,7 +173,9 @@ class _Table:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._bad(key, "a number")
-        if positive and value <= 0:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self._bad(key, "a finite number")
+        if positive and not is_positive_number(value):
             raise self._bad(key, "a positive number")
         return float(value)
 

@@ -6,6 +6,7 @@ is one frozen `Config` that every service receives through its constructor.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -135,15 +136,28 @@ def refuse_unknown(table: str, section: Mapping[str, Any], settings: type) -> No
             raise unknown_key(table, key)
 
 
+def is_positive_number(value: object, *, zero_ok: bool = False, integer: bool = False) -> bool:
+    """Whether a setting's `value` is a finite number above zero (zero too with `zero_ok`),
+    a whole one with `integer`; never a bool. Every settings reader checks its numbers
+    here: TOML's nan passes a `<= 0` test and inf turns a timeout or an interval off."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return value >= 0 if zero_ok else value > 0
+
+
 def check_positive(table: str, settings: Any, *, zero_ok: Iterable[str] = ()) -> None:
-    """Refuse zero or less in any number field of `settings`, the dataclass read from
-    `[table]` (less than zero for the fields in `zero_ok`): counts, sizes and durations
-    are positive, and a field added later is checked too."""
+    """Refuse zero or less, nan and inf in any number field of `settings`, the dataclass
+    read from `[table]` (less than zero for the fields in `zero_ok`): counts, sizes and
+    durations are positive and finite, and a field added later is checked too."""
     allowed = set(zero_ok)
     for f in fields(settings):
         value = getattr(settings, f.name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"[{table}] {f.name} must be a finite number")
         if f.name in allowed and value < 0:
             raise ConfigError(f"[{table}] {f.name} must not be negative")
         if f.name not in allowed and value <= 0:

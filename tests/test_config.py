@@ -22,6 +22,7 @@ from mailcore.config import (
     apply_overrides,
     check_positive,
     config_from_toml,
+    is_positive_number,
     load_toml,
 )
 from mailcore.startup import (
@@ -342,6 +343,68 @@ class TableTests(SynchronousTestCase):
             "web": {"listen": "tcp:8081", "metrics": False},
         }), reactor())
         check_tables(Config(), reactor())
+
+
+# Each table's settings dataclass: its float fields are the keys a TOML nan or inf can reach.
+_SETTINGS = {
+    "smtp": "mailcore.smtp.server:SMTPSettings",
+    "domains": "mailcore.gateway.domains:DomainSettings",
+    "queue": "mailcore.queue.settings:QueueSettings",
+    "quarantine": "mailcore.gateway.quarantine:QuarantineSettings",
+    "tokens": "mailcore.billing.tokens:TokenSettings",
+    "fetch": "mailcore.fetch.settings:FetchSettings",
+    "webhooks": "mailcore.webhooks.settings:WebhookSettings",
+    "safedrop": "mailcore.safedrop.model:SafedropSettings",
+    "mailapi": "mailcore.mailapi.settings:MailApiSettings",
+    "web": "web.settings:WebSettings",
+    "protecmail": "mailcore.gateway.verification:VerificationSettings",
+}
+
+
+class NotFiniteTests(SynchronousTestCase):
+    """TOML's nan and inf are floats: every number key of every table refuses them, naming
+    the table and the key. `[smtp] idle_timeout = nan` was accepted and re-armed the idle
+    timer on every reactor turn; inf turned a timeout off (found by an audit)."""
+
+    def float_keys(self) -> list[tuple[str, str]]:
+        import importlib
+        from dataclasses import fields
+
+        keys = []
+        for table, where in _SETTINGS.items():
+            module, name = where.split(":")
+            cls = getattr(importlib.import_module(module), name)
+            keys += [(table, f.name) for f in fields(cls)
+                     if isinstance(f.default, float) and not isinstance(f.default, bool)]
+        return keys
+
+    def test_nan_and_inf_are_refused_in_every_table(self) -> None:
+        keys = self.float_keys()
+        self.assertIn(("smtp", "idle_timeout"), keys)
+        self.assertIn(("fetch", "jitter"), keys)  # one that may be zero
+        self.assertGreater(len(keys), 30)
+        for table, key in keys:
+            for value in (float("nan"), float("inf"), float("-inf")):
+                with self.assertRaises(ConfigError, msg=f"[{table}] {key} = {value}") as caught:
+                    check_tables(config_from_toml({table: {key: value}}), reactor())
+                message = str(caught.exception)
+                self.assertIn(f"[{table}] {key} must be", message)
+                self.assertNotIn("\n", message)
+
+    def test_filter_numbers_refuse_nan_and_inf(self) -> None:
+        for value in (float("nan"), float("inf")):
+            with self.assertRaises(ConfigError) as caught:
+                check_tables(config_from_toml({"filters": {"threshold": value}}), reactor())
+            self.assertEqual(str(caught.exception), "filters.threshold must be a finite number")
+
+    def test_is_positive_number(self) -> None:
+        self.assertTrue(is_positive_number(1))
+        self.assertTrue(is_positive_number(0.5))
+        self.assertTrue(is_positive_number(0, zero_ok=True))
+        for value in (0, -1, float("nan"), float("inf"), True, "5", None):
+            self.assertFalse(is_positive_number(value), value)
+        self.assertFalse(is_positive_number(float("inf"), zero_ok=True))
+        self.assertFalse(is_positive_number(2.0, integer=True))
 
 
 class CheckPositiveTests(SynchronousTestCase):

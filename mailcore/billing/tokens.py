@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.billing.plans import Plans
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, is_positive_number
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
@@ -120,7 +120,7 @@ class TokenSettings:
         if when_empty not in WHEN_EMPTY:
             raise ConfigError('[tokens] when_empty must be "defer" or "allow"')
         interval = section.get("rollover_interval", cls.rollover_interval)
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        if not is_positive_number(interval):
             raise ConfigError("[tokens] rollover_interval must be a positive number of seconds")
         days: dict[str, int] = {}
         for key in ("usage_retention_days", "charge_retention_days"):

@@ -50,7 +50,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, is_positive_number
 from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
 from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
@@ -604,7 +604,7 @@ class DomainSettings:
                 continue
             if key not in ("poll_interval", "refresh_interval"):
                 raise ConfigError(f"[domains] unknown key {key!r}")
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if not is_positive_number(value):
                 raise ConfigError(f"[domains] {key} must be a positive number of seconds")
             values[key] = float(value)
         return cls(**values)

@@ -66,7 +66,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailcore.billing.plans import Plans
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, is_positive_number
 from mailcore.emailpolicy import SMTP
 from mailcore.files import secret_key_file
 from mailcore.periodic import InFlight
@@ -134,7 +134,7 @@ class QuarantineSettings:
         for key in ("purge_interval", "digest_interval", "link_ttl"):
             if key in section:
                 v = section[key]
-                if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                if not is_positive_number(v):
                     raise ConfigError(f"[quarantine] {key} must be a positive number of seconds")
                 values[key] = float(v)
         if "retention_days" in section:

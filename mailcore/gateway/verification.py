@@ -39,7 +39,7 @@ from twisted.names import error as dns_error
 from twisted.names.common import ResolverBase
 from twisted.python.failure import Failure
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, is_positive_number
 from mailcore.gateway.domains import Domain, DomainError, DomainService
 from mailcore.periodic import PeriodicService
 
@@ -144,8 +144,7 @@ class VerificationSettings:
             if key not in section:
                 continue
             value = section[key]
-            good = isinstance(value, int) if kind is int else isinstance(value, int | float)
-            if isinstance(value, bool) or not good or value <= 0:
+            if not is_positive_number(value, integer=kind is int):
                 what = "a positive whole number" if kind is int else "a positive number"
                 raise ConfigError(f"[protecmail] {key} must be {what}")
             values[key] = kind(value)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError, refuse_unknown
+from mailcore.config import ConfigError, is_positive_number, refuse_unknown
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class MailApiSettings:
                 values[key] = v
         if "file_sweep_interval" in section:
             v = section["file_sweep_interval"]
-            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            if not is_positive_number(v):
                 raise ConfigError("[mailapi] file_sweep_interval must be a positive number "
                                   "of seconds")
             values["file_sweep_interval"] = float(v)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mailcore.config import Config, ConfigError
+from mailcore.config import Config, ConfigError, is_positive_number
 from mailcore.netpolicy import IPNetwork, parse_networks
 
 # Outbound STARTTLS policies, weakest first:
@@ -138,9 +138,7 @@ _RANGE_TEXT = {False: "greater than 0", True: "0 or more"}
 
 def _in_range(key: str, value: float) -> bool:
     """A finite number that is positive (or, for the keys that allow it, zero)."""
-    if value != value or value in (float("inf"), float("-inf")):
-        return False
-    return value >= 0 if key in _MAY_BE_ZERO else value > 0
+    return is_positive_number(value, zero_ok=key in _MAY_BE_ZERO)
 
 
 def default_node_id(data_dir: Path) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError, refuse_unknown
+from mailcore.config import ConfigError, is_positive_number, refuse_unknown
 from mailcore.smtp.address import PathError, parse_rcpt_to, relay_refusal
 
 RECEIPT_VALUES = (0, 1, 2, 3, 4)
@@ -166,7 +166,7 @@ class SafedropSettings:
         for key in ("sweep_interval", "unsent_max_age"):
             if key in section:
                 v = section[key]
-                if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                if not is_positive_number(v):
                     raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
                 values[key] = float(v)
         for key in ("link_hostname", "notify_from", "sms_gateway"):

@@ -64,7 +64,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailcore import maillog
-from mailcore.config import Config, ConfigError
+from mailcore.config import Config, ConfigError, is_positive_number
 from mailcore.connlimits import ConnectionCounter
 from mailcore.netwrite import write_now
 from mailcore.smtp.address import (
@@ -217,8 +217,7 @@ class SMTPSettings:
             if f.name in ("hostname", "postmaster") or f.name not in section:
                 continue
             value = section[f.name]
-            numeric = (int,) if f.type in ("int", int) else (int, float)
-            if isinstance(value, bool) or not isinstance(value, numeric) or value <= 0:
+            if not is_positive_number(value, integer=f.type in ("int", int)):
                 raise ConfigError(f"[smtp] {f.name} must be a positive number")
             values[f.name] = value
         settings = cls(**values)

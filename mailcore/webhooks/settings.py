@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mailcore import netpolicy
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, is_positive_number
 from mailcore.netpolicy import IPNetwork, parse_networks
 from mailcore.webhooks.model import WebhookError
 
@@ -81,7 +81,7 @@ class WebhookSettings:
                     raise ConfigError(f"[webhooks] {key} must be a positive integer")
                 values[key] = value
             else:
-                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                if not is_positive_number(value):
                     raise ConfigError(f"[webhooks] {key} must be a positive number")
                 values[key] = float(value)
         return cls(**values)
