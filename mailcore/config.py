@@ -111,6 +111,14 @@ def config_from_toml(data: dict[str, Any]) -> Config:
 _LISTEN_TABLES = {"smtp": "smtp", "web": "http"}
 
 
+# Top-level numbers and their largest value: a session TTL past datetime's range made every
+# session creation raise OverflowError; ten years is more than any deployment wants.
+_TOP_LEVEL_MAX = {
+    "http_max_body": 1 << 40,
+    "session_token_ttl": 10 * 365 * 86400,
+}
+
+
 def _checked(key: str, value: Any, expected: type) -> Any:
     if expected is list:
         if isinstance(value, str):
@@ -119,6 +127,9 @@ def _checked(key: str, value: Any, expected: type) -> Any:
             raise ConfigError(f"config key {key} must be a string or a list of strings")
     elif not isinstance(value, expected) or isinstance(value, bool):
         raise ConfigError(f"config key {key} must be of type {expected.__name__}")
+    if key in _TOP_LEVEL_MAX and not 0 < value <= _TOP_LEVEL_MAX[key]:
+        raise ConfigError(f"config key {key} must be from 1 to {_TOP_LEVEL_MAX[key]}, "
+                          f"not {value}")
     return value
 
 

@@ -204,6 +204,26 @@ class ErrorTests(ConfigTestCase):
         path = self.write_toml("session_token_ttl = true\n")
         self.assertIn("session_token_ttl", self.config_error("--config", str(path)))
 
+    def test_top_level_numbers_out_of_range(self) -> None:
+        """A session TTL past datetime's range made every login fail with OverflowError; a
+        negative one made every session expired; a body limit below 1 was taken as it was
+        (found by an audit)."""
+        for line, message in (
+            ("session_token_ttl = 100000000000000",
+             "config key session_token_ttl must be from 1 to 315360000, not 100000000000000"),
+            ("session_token_ttl = -5", "config key session_token_ttl must be from 1 to "
+                                       "315360000, not -5"),
+            ("session_token_ttl = 0", "config key session_token_ttl must be from 1 to "
+                                      "315360000, not 0"),
+            ("http_max_body = -1",
+             "config key http_max_body must be from 1 to 1099511627776, not -1"),
+        ):
+            path = self.write_toml(line + "\n")
+            self.assertEqual(self.config_error("--config", str(path)), message)
+        path = self.write_toml("session_token_ttl = 315360000\nhttp_max_body = 1\n")
+        config = config_from_toml(load_toml(path))
+        self.assertEqual((config.session_token_ttl, config.http_max_body), (315360000, 1))
+
     def test_listener_list_of_non_strings(self) -> None:
         path = self.write_toml("smtp = [25, 587]\n")
         self.assertEqual(
