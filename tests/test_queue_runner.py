@@ -139,6 +139,23 @@ class DeferralTests(RunnerTestBase):
         self.assertEqual(self.rows()["b@customer.test"][0], "delivered")
         self.assertEqual(self.connector.addresses(), ["b@customer.test"])
 
+    async def test_a_dead_hop_is_forgotten_once_its_dead_time_has_passed(self) -> None:
+        """A hop that failed to connect was kept in runner.hops for ever (only a later good
+        connection cleared dead_until), about 2 KB for each distinct dead hop (found by an
+        audit). It is dropped once dead_until has passed and it holds no work."""
+        self.connector.down.add(HOP)
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(self.rows()["b@customer.test"][:2], ("deferred", 1))
+        self.assertEqual(list(self.runner.hops), [HOP])
+        self.clock.advance(60)  # dead_hop_seconds
+        self.assertEqual(self.runner.hops, {})
+        # The next try finds the hop down again, and forgets it again.
+        self.clock.advance(240)
+        self.assertEqual(self.rows()["b@customer.test"][:2], ("deferred", 2))
+        self.assertEqual(self.connector.connects.count(HOP), 2)
+        self.clock.advance(60)
+        self.assertEqual(self.runner.hops, {})
+
     async def test_temporary_reply_defers_only_that_recipient(self) -> None:
         self.connector.replies["c@customer.test"] = (451, ("4.3.0 try later",))
         await self.accept("Q1", "b@customer.test", "c@customer.test")

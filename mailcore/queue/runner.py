@@ -268,6 +268,9 @@ class HopQueue:
     # timer per hop ends those idle for `connection_idle` (see QueueRunner._expire_idle).
     idle: deque[tuple[defer.Deferred[Job | None], float]] = field(default_factory=deque)
     idle_timer: IDelayedCall | None = None
+    # When the hop is dead: the timer that forgets it once `dead_until` has passed, if it
+    # has no work by then (see QueueRunner._forget_if_idle).
+    dead_timer: IDelayedCall | None = None
     limit: int = 0  # connection limit now; lowered when the hop refuses extra connections
 
     def is_dead(self, now: float) -> bool:
@@ -777,11 +780,29 @@ class QueueRunner:
         """Forget that next hops were found unusable (an operator's `queue flush`): the next
         job for each connects again. Returns how many hops were marked."""
         marked = 0
-        for hq in self.hops.values():
+        for hq in list(self.hops.values()):
             if hq.dead_until > 0:
                 marked += 1
             hq.dead_until, hq.dead_reason, hq.dead_permanent = 0.0, "", False
+            self._forget_if_idle(hq)
         return marked
+
+    def _forget_if_idle(self, hq: HopQueue) -> None:
+        """Drop `hq` once it holds nothing: no jobs, no connections, and no `dead_until`
+        still to come. Every hop that once failed was kept for ever (about 2 KB each, and
+        bounces reach an unbounded set of hops)."""
+        if hq.jobs or hq.active or hq.idle or hq.dead_until > self.clock.seconds():
+            return
+        for timer in (hq.idle_timer, hq.dead_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        hq.idle_timer = hq.dead_timer = None
+        if self.hops.get(hq.hop) is hq:
+            del self.hops[hq.hop]
+
+    def _forget_when_revived(self, hq: HopQueue) -> None:
+        hq.dead_timer = None
+        self._forget_if_idle(hq)
 
     def _track(self, worker: defer.Deferred[None]) -> None:
         self._workers.add(worker)
@@ -864,9 +885,11 @@ class QueueRunner:
                 hq.connecting -= 1
                 reason = describe(e, hq.hop)
                 if hq.established == 0:
-                    hq.dead_until = self.clock.seconds() + min(
-                        self.settings.dead_hop_seconds, self.settings.min_backoff
-                    )
+                    wait = min(self.settings.dead_hop_seconds, self.settings.min_backoff)
+                    hq.dead_until = self.clock.seconds() + wait
+                    if hq.dead_timer is not None and hq.dead_timer.active():
+                        hq.dead_timer.cancel()
+                    hq.dead_timer = self.clock.callLater(wait, self._forget_when_revived, hq)
                     hq.dead_reason = reason
                     hq.dead_permanent = isinstance(e, NextHopRefused) and e.permanent
                     log.info("next hop {hop} unusable: {reason}", hop=hq.hop.label,
@@ -896,11 +919,7 @@ class QueueRunner:
                 hq.established -= 1
             hq.active -= 1
             self._pump(hq)
-            if not hq.jobs and not hq.active and not hq.idle and hq.dead_until <= 0:
-                if hq.idle_timer is not None and hq.idle_timer.active():
-                    hq.idle_timer.cancel()
-                hq.idle_timer = None
-                self.hops.pop(hq.hop, None)
+            self._forget_if_idle(hq)
 
     async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
         """Send one job on an open session; returns False when the session is unusable."""
@@ -996,9 +1015,10 @@ class QueueRunner:
         whose leases the caller releases."""
         self.running = False
         for hq in list(self.hops.values()):
-            if hq.idle_timer is not None and hq.idle_timer.active():
-                hq.idle_timer.cancel()
-            hq.idle_timer = None
+            for timer in (hq.idle_timer, hq.dead_timer):
+                if timer is not None and timer.active():
+                    timer.cancel()
+            hq.idle_timer = hq.dead_timer = None
             while hq.idle:
                 d, _since = hq.idle.popleft()
                 d.callback(None)
