@@ -2,8 +2,10 @@
 
 A server factory asks `admit(address)` when a connection arrives and calls
 `release(address)` once for every admitted connection when it ends. Addresses are
-compared as IP addresses (an IPv4-mapped IPv6 address counts as its IPv4 address); a
-connection with no IP address (a UNIX socket) counts against the total only.
+compared as IP addresses (an IPv4-mapped IPv6 address counts as its IPv4 address), and
+IPv6 clients by their /64 (`address_key`): one host gets a whole /64, so counting each
+address let one customer take every slot. A connection with no IP address (a UNIX socket)
+counts against the total only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ def client_address(host: str | None) -> str | None:
     return str(address)
 
 
+# The IPv6 prefix one client is counted by: a subscriber or a server gets at least a /64.
+IPV6_CLIENT_PREFIX = 64
+
+
+def address_key(address: str | None) -> str | None:
+    """What per-address limits count `address` (canonical text, as `client_address` gives
+    it) under: itself for IPv4, its /64 network for IPv6 ("2001:db8:1:2::/64")."""
+    if address is None or ":" not in address:
+        return address
+    try:
+        network = ipaddress.IPv6Network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False)
+    except ValueError:
+        return address
+    return str(network)
+
+
 class ConnectionCounter:
     """Open connections, in total and by client address, against two caps."""
 
@@ -38,6 +56,7 @@ class ConnectionCounter:
 
     def admit(self, address: str | None) -> str | None:
         """Count a new connection in; or, over a cap, say why (and count nothing)."""
+        address = address_key(address)
         if self.total >= self.max_total:
             return TOO_MANY
         count = self.by_address.get(address, 0) if address is not None else 0
@@ -50,6 +69,7 @@ class ConnectionCounter:
 
     def release(self, address: str | None) -> None:
         """Count an admitted connection out."""
+        address = address_key(address)
         self.total -= 1
         if address is None:
             return

@@ -633,7 +633,7 @@ class LimitTests(ServerTestCase):
         third.close()
         self.assertEqual(factory.connections, 2)
         first.close()
-        self.assertEqual(factory.per_ip, {"2001:db8::5": 1})
+        self.assertEqual(factory.per_ip, {"2001:db8::/64": 1})
         back = self.session(factory, client_ip="192.0.2.1")
         self.assertEqual([g[:3] for g in back.greeting], ["220"])
 
@@ -642,6 +642,21 @@ class LimitTests(ServerTestCase):
         self.session(factory, client_ip="192.0.2.1")
         mapped = self.session(factory, client_ip="::ffff:192.0.2.1")
         self.assertEqual([g[:3] for g in mapped.greeting], ["421"])
+
+
+    def test_ipv6_clients_are_counted_by_their_64(self) -> None:
+        """200 connections from 200 addresses of one /64 were all admitted past a cap of 20
+        per address, and the next IPv4 client got 421 (found by an audit)."""
+        factory = self.make_factory(max_connections=200, max_connections_per_ip=20)
+        for i in range(1, 21):
+            admitted = self.session(factory, client_ip=f"2001:db8:1:2::{i:x}")
+            self.assertEqual([g[:3] for g in admitted.greeting], ["220"])
+        refused = self.session(factory, client_ip="2001:db8:1:2:ffff::1")
+        self.assertEqual(refused.greeting, [
+            "421 4.7.0 mx.gateway.test Error: too many connections from your address"])
+        other = self.session(factory, client_ip="2001:db8:1:3::1")
+        self.assertEqual([g[:3] for g in other.greeting], ["220"])
+        self.assertEqual(factory.per_ip, {"2001:db8:1:2::/64": 20, "2001:db8:1:3::/64": 1})
 
 
 class TimeoutTests(ServerTestCase):

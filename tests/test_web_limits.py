@@ -412,6 +412,15 @@ class ConnectionLimitTests(TestCase):
         _, transport = self.connect("203.0.113.5")
         self.assertRefused(transport, b"Too many connections from your address")
 
+    def test_ipv6_clients_are_counted_by_their_64(self) -> None:
+        """Every address of a /64 was a client of its own: one /64 took every connection
+        (found by an audit)."""
+        self.connect("2001:db8:1:2::1")
+        self.connect("2001:db8:1:2::2")
+        _, transport = self.connect("2001:db8:1:2:ffff::3")
+        self.assertRefused(transport, b"Too many connections from your address")
+        self.assertServed(*self.connect("2001:db8:1:3::1"))
+
     def test_the_total_cap(self) -> None:
         self.site.connections.max_total = 3
         for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):

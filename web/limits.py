@@ -3,9 +3,9 @@
 Connections (`LimitedChannel`, counted by the site with `mailcore.connlimits`):
 
 - At most `[web] max_connections` open connections, and `max_connections_per_ip` from one
-  client address. A connection over either cap is answered at once with
-  `503 Service Unavailable`, `Retry-After: 10` and `Connection: close` (a short text body
-  says which cap), and closed; nothing it sends is read as a request.
+  client address (an IPv6 client is its /64). A connection over either cap is answered at
+  once with `503 Service Unavailable`, `Retry-After: 10` and `Connection: close` (a short
+  text body says which cap), and closed; nothing it sends is read as a request.
 - A request's headers must be complete within `header_timeout` seconds of its first byte,
   and its body within `body_timeout` seconds of its headers, however the bytes trickle in
   (slowloris). Past the deadline the client gets `408 Request Timeout` and the connection

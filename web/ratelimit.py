@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
+from mailcore.connlimits import address_key, client_address
 from mailcore.identity import Principal
 from web.errors import ApiError
 from web.replies import set_headers
@@ -147,9 +148,14 @@ def enforce(request: IRequest, limiter: RateLimiter, key: Hashable) -> Decision:
 
 
 def client_key(request: IRequest) -> str:
-    """The key of an anonymous client: its address (the peer of the connection)."""
+    """The key of an anonymous client: its address (the peer of the connection), an
+    IPv4-mapped address as its IPv4 address, an IPv6 one as its /64 (a host has a whole /64
+    to take addresses from)."""
     address = request.getClientAddress()
     host = getattr(address, "host", None)
+    key = address_key(client_address(host))
+    if key is not None:
+        return key
     return str(host) if host else "unknown"
 
 
