@@ -164,6 +164,18 @@ class MailboxApiTests(TestCase):
                          (200, {"mailboxes": []}))
         self.assertEqual(await self.web.core.mailboxes.list_all(), [])
 
+    async def test_a_mailbox_with_mail_waiting_to_be_sent_is_not_deleted(self) -> None:
+        # joe's 202 says the mail will be sent: bob's delete may not take it along (found
+        # by an audit: every outbox row went with the mailbox). No sender runs here.
+        await self.grant("bob", "joe", allow_send=True)
+        status, _ = await self.as_("joe", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "from": BOX, "to": "x@customer.test", "subject": "hi"})
+        self.assertEqual(status, 202)
+        self.assertEqual(await self.as_("bob", "DELETE", f"/api/v1/mailboxes/{BOX}"), (409, {
+            "message": "this mailbox has mail waiting to be sent; delete it once its outbox "
+                       "is empty"}))
+        self.assertEqual([b.address for b in await self.web.core.mailboxes.list_all()], [BOX])
+
 
 class MailboxServiceTests(TestCase):
     async def test_a_mailbox_needs_a_served_domain_and_a_valid_new_address(self) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import func, select
 from twisted.internet import defer
 
-from mailcore.mailapi import MailboxService
+from mailcore.mailapi import MailApiError, MailboxService
+from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
 from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender, thd_outbox
@@ -197,5 +198,28 @@ class OutboxWakeUpTests(QueueTestCase):
         hold, self.connector.hold = self.connector.hold, None
         hold.callback(None)
         self.assertEqual(self.queued(), 3)  # and no time passed
+        self.assertEqual(self.connector.addresses(),
+                         ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+
+    async def test_the_owner_deletes_its_mailbox_only_once_its_outbox_is_sent(self) -> None:
+        # Mail answered 202 is never deleted with its mailbox (found by an audit: the rows
+        # went by cascade, and some of them reached the queue anyway, from the sender's
+        # batch). While a mail is handed to the queue its row is still in the outbox.
+        for n in range(3):
+            await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+        boxes = MailboxService(self.db, self.clock)
+        self.connector.hold = defer.Deferred()
+        self.sender.startService()
+        self.assertEqual(self.queued(), 1)
+        with self.assertRaises(MailApiError) as refused:
+            await boxes.delete(self.owner, BOB)
+        self.assertEqual(refused.exception.kind, CONFLICT)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.assertEqual(self.queued(), 3)
+        await self.sender.settled()
+        await boxes.delete(self.owner, BOB)
+        self.assertEqual(await boxes.find(BOB), None)
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])

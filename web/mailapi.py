@@ -22,7 +22,8 @@ MailService.receive, which streams the file parts to disk within the `[mailapi]`
 
 Mailboxes and grants: `/api/v1/mailboxes/…` (model in mailcore.mailapi). A refusal of the
 model answers 400 (bad input), 401 (a right the caller does not hold, as the seed's "you
-may not delete this email"), 404 (unknown or invisible) or 409 (already there).
+may not delete this email"), 404 (unknown or invisible) or 409 (already there; a mailbox
+whose outbox holds mail).
 """
 
 from __future__ import annotations
@@ -575,10 +576,11 @@ class MailApiApp(ApiApp):
     @routes.route(
         "/api/v1/mailboxes/<email>",
         "DELETE",
-        summary="Delete a mailbox with its mail and grants (owner only)",
+        summary="Delete a mailbox with its mail and grants (owner only); 409 while its "
+                "outbox holds mail not yet handed to the queue",
         auth=MAIL_API,
         replies={200: Reply('`{"message": "mailbox deleted"}`', MESSAGE_REPLY)},
-        errors=(401, 404),
+        errors=(401, 404, 409),
     )
     async def delete_mailbox(self, request: IRequest, email: str) -> bytes:
         principal = await self.principal(request)

@@ -557,8 +557,9 @@ class MailService:
         if isinstance(sendable, Outcome):
             return Written(sendable, public_id)
         checked, recipients = sendable
-        sender = thd_mailbox(conn, checked["from"])
-        assert sender is not None
+        sender = thd_mailbox(conn, checked["from"], hold=True)
+        if sender is None:  # deleted, with this mail, while this transaction ran
+            raise MailApiError(NOT_FOUND, "email not found")
         found = _thd_parts(conn, row.id)
         made_from = (checked, recipients,
                      tuple((a.name, a.content_type, a.sha256) for a in found), now)

@@ -20,9 +20,12 @@ from mailcore.gateway.domains import thd_mailboxes_changed
 from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.store import Database
-from mailcore.store.schema import domains, mailbox_grants, mailboxes, users
+from mailcore.store.schema import domains, mailapi_mail, mailbox_grants, mailboxes, users
 
 RIGHTS = ("allow_read", "allow_send", "allow_reply_to", "allow_delete", "allow_modify")
+
+# mailcore.mailapi.mail.OUTBOX (which imports this module): mail waiting to be sent.
+OUTBOX_STATUS = "outbox"
 
 _b = mailboxes.c
 _g = mailbox_grants.c
@@ -100,9 +103,13 @@ def _mailbox_query() -> Any:
 _BY_ADDRESS = _mailbox_query().where(_b.address == bindparam("address"))
 
 
-def thd_mailbox(conn: Connection, address: str) -> Mailbox | None:
-    """Blocking: the mailbox at `address` (stored form), or None."""
-    row = conn.execute(_BY_ADDRESS, {"address": address}).first()
+def thd_mailbox(conn: Connection, address: str, *, hold: bool = False) -> Mailbox | None:
+    """Blocking: the mailbox at `address` (stored form), or None. `hold`: kept from being
+    deleted until the transaction ends (PostgreSQL: FOR KEY SHARE, which the owner's delete
+    waits for; SQLite's writers take turns), for mail put in its outbox."""
+    query = _BY_ADDRESS.with_for_update(read=True, key_share=True, of=mailboxes) \
+        if hold else _BY_ADDRESS
+    row = conn.execute(query, {"address": address}).first()
     return _mailbox(row) if row is not None else None
 
 
@@ -247,13 +254,24 @@ class MailboxService:
         return await self.db.read("mailapi_mailbox_access", thd_access, user_id, address)
 
     async def delete(self, user_id: int, address: str) -> None:
-        """The owner deletes its mailbox (with its mail and grants)."""
+        """The owner deletes its mailbox (with its mail and grants), once its outbox is
+        empty: mail answered 202 "enqueued to be sent" (its grantees' too) is sent, never
+        deleted with it (CONFLICT while any waits)."""
 
         def txn(conn: Connection) -> None:
             access = thd_access(conn, user_id, address)
             if not access.is_owner:
                 raise MailApiError(DENIED, "only the owner may delete this mailbox")
-            conn.execute(delete(mailboxes).where(_b.id == access.mailbox.id))
+            box = access.mailbox.id
+            # Locked first (PostgreSQL), so mail put in the outbox meanwhile (which holds
+            # the row: thd_mailbox(hold=True)) is counted below or finds no mailbox.
+            conn.execute(select(_b.id).where(_b.id == box).with_for_update())
+            if conn.execute(select(mailapi_mail.c.id).where(
+                    mailapi_mail.c.mailbox_id == box,
+                    mailapi_mail.c.status == OUTBOX_STATUS).limit(1)).first() is not None:
+                raise MailApiError(CONFLICT, "this mailbox has mail waiting to be sent; "
+                                   "delete it once its outbox is empty")
+            conn.execute(delete(mailboxes).where(_b.id == box))
             thd_mailboxes_changed(conn, [access.mailbox.address])
 
         await self.db.run("mailapi_delete_mailbox", txn)
