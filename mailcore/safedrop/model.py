@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailcore.config import ConfigError, is_positive_number, refuse_unknown
+from mailcore.mailapi.addresses import normalise_address
+from mailcore.mailapi.errors import MailApiError
 from mailcore.smtp.address import PathError, parse_rcpt_to, relay_refusal
 
 RECEIPT_VALUES = (0, 1, 2, 3, 4)
@@ -104,7 +106,9 @@ class DropFile:
 
 
 def check_email(value: str) -> str:
-    """A recipient address as the queue would take it, or DropError("email")."""
+    """A recipient address as the queue would take it and the Mail API would send to
+    (normalise_address: a dot-atom local part, a fully qualified domain, so no `localhost`
+    nor any other single label), or DropError("email")."""
     text = value.strip()
     try:
         mailbox, _ = parse_rcpt_to(f"TO:<{text}>")
@@ -112,6 +116,11 @@ def check_email(value: str) -> str:
         raise DropError("email", f"Enter a valid email address ({e.text}).") from None
     if not mailbox.domain or relay_refusal(mailbox) is not None:
         raise DropError("email", "Enter a valid email address.")
+    try:
+        normalise_address(str(mailbox))
+    except MailApiError:
+        raise DropError("email", "Enter a valid email address (a fully qualified domain, "
+                        "a dot-atom local part).") from None
     return str(mailbox)
 
 
