@@ -10,6 +10,7 @@ import email.policy
 import hashlib
 import json
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,7 +22,10 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.core import Core
+from mailcore.safedrop import service
 from mailcore.safedrop.model import MAX_VALID_FOR
+from mailcore.smtp.envelope import Envelope, Recipient
+from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.schema import (
     drop_bundles,
@@ -611,6 +615,30 @@ class SendTests(TestCase):
             self.assertEqual(message["Subject"], "Secure drop from alice@example.test")
             self.assertEqual(message.get_content_type(), "text/plain")
             self.assertIn(f"Subject: {subject}", message.get_content())
+
+    async def test_a_notification_that_cannot_be_queued_leaves_the_bundle_unsent(
+            self) -> None:
+        # Found by an audit: bob's notification failed to be queued, the send answered 200
+        # OK and the bundle was locked as sent, so bob could never be told. Here bob's
+        # queue id is taken already, so its insert fails.
+        bundle_id = await self.ready_bundle()
+        taken = "0000000TAKEN"
+        await self.f.web.core.spool.accept(taken, Envelope(
+            "x@example.test", (Recipient("y@example.test", None),)), b"Subject: x\r\n\r\nx\r\n")
+        ids = iter(["0000000ANN01", taken])
+        self.patch(service, "new_queue_id", lambda _now: next(ids))
+        status, _, _ = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual(status, 500)
+        self.assertTrue(self.flushLoggedErrors(sqlite3.IntegrityError))
+        self.assertEqual([m[2] for m in self.f.spooled()], ["y@example.test"])
+        # Nothing is sent: the client sends it again.
+        status, _ = await self.f.form("PUT", f"/dropbundles/{bundle_id}", "subject=Again")
+        self.assertEqual(status, 200)
+        self.patch(service, "new_queue_id", new_queue_id)
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual([m[2] for m in self.f.spooled()],
+                         ["ann@example.org", "bob@example.net", "y@example.test"])
 
     async def test_a_stored_valid_for_past_ten_years_sends_with_ten_years(self) -> None:
         # A row written before the API refused such a valid_for: the send used to overflow

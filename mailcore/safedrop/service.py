@@ -7,9 +7,9 @@ the secure message encrypted with the daemon's secret box (the Fernet key in
 link token is ever logged or returned by a read.
 
 Sending claims the bundle once (`UPDATE … WHERE sent_at IS NULL`) together with the
-recipients' link digests, then queues one notification per recipient through the spool
-(kind "notification", the owner's address as envelope sender so bounces reach them). If
-the spool refuses the first one the claim is undone; after that the bundle stays sent.
+recipients' link digests and queues one notification per recipient (kind "notification",
+the owner's address as envelope sender so bounces reach them), all in one transaction of
+the spool's write lane: every recipient is told, or the bundle stays unsent.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sqlalchemy import Connection
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +34,7 @@ from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.identity.secrets import digest
+from mailcore.queue.model import NewMessage, thd_insert_messages
 from mailcore.queue.spool import Spool
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
@@ -265,27 +267,28 @@ class SafedropService:
         return f"https://{host}{LINK_PATH}{token}"
 
     async def send(self, owner_id: int, bundle_id: int) -> int:
-        """Send the bundle: one notification per recipient; returns how many were queued."""
-        bundle, sender, recipients, files = await self.db.run(
-            "safedrop_claim_send", store.claim_send_txn, owner_id, bundle_id, self.now(),
-            new_link,
-        )
-        queued = 0
-        for r, token in recipients:
-            message = self.notification(bundle, sender, r, files, self.link(token))
-            envelope = Envelope(sender, (Recipient(r.email, None),), kind="notification")
-            try:
-                await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message)
-            except Exception:
-                if queued == 0:
-                    await self.db.run("safedrop_unclaim_send", store.unclaim_send_txn,
-                                      bundle_id, [x.id for x, _ in recipients])
-                    raise
-                log.failure("queueing the safedrop notification of bundle {bundle} to "
-                            "recipient {recipient} failed", bundle=bundle_id, recipient=r.id)
-                continue
-            queued += 1
-        return queued
+        """Send the bundle: one notification per recipient; returns how many were queued.
+        The claim and every notification commit together, in the spool's write lane (a
+        rider of its next group commit), or none of them does: a send that fails leaves
+        the bundle unsent, to be sent again."""
+        now = self.now()
+        at = self.clock.seconds()
+        settings = self.spool.settings
+
+        def txn(conn: Connection) -> int:
+            bundle, sender, recipients, files = store.claim_send_txn(
+                conn, owner_id, bundle_id, now, new_link)
+            messages = []
+            for r, token in recipients:
+                message = self.notification(bundle, sender, r, files, self.link(token))
+                envelope = Envelope(sender, (Recipient(r.email, None),), kind="notification")
+                messages.append(NewMessage(new_queue_id(at), envelope, message, False))
+            # Not leased: the queue's sweeper takes them (within [queue] poll_interval).
+            thd_insert_messages(conn, messages, settings.node_id, at,
+                                at + settings.lease_seconds)
+            return len(messages)
+
+        return await self.spool.ride("safedrop_send", txn)
 
     def notification(
         self, bundle: Bundle, sender: str, recipient: DropRecipient,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -280,15 +280,3 @@ def claim_send_txn(
     sender = conn.execute(sa.select(users.c.email).where(users.c.id == owner_id)).scalar_one()
     updated = [(r, tokens[r.id]) for r in list_recipients_txn(conn, owner_id, bundle_id)]
     return bundle_of(_owned_row_txn(conn, owner_id, bundle_id)), sender, updated, files
-
-
-def unclaim_send_txn(conn: Connection, bundle_id: int, recipient_ids: Sequence[int]) -> None:
-    """Undo `claim_send_txn` when the notifications could not be queued."""
-    conn.execute(
-        sa.update(drop_bundles).where(drop_bundles.c.id == bundle_id).values(sent_at=None)
-    )
-    conn.execute(
-        sa.update(drop_recipients)
-        .where(drop_recipients.c.id.in_(list(recipient_ids)))
-        .values(link_digest=None, expires_at=None)
-    )
