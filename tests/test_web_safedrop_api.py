@@ -640,6 +640,37 @@ class SendTests(TestCase):
         self.assertEqual([m[2] for m in self.f.spooled()],
                          ["ann@example.org", "bob@example.net", "y@example.test"])
 
+    def routed(self) -> list[tuple[str, int | None]]:
+        """(address, served domain id) of every queued recipient, by address."""
+        rows: list[Any] = []
+        self.f.web.core.db.read("r", lambda c: list(c.execute(
+            sa.select(queue_recipients.c.address, queue_recipients.c.domain_id)
+            .order_by(queue_recipients.c.address)))).addCallback(rows.extend)
+        return [tuple(r) for r in rows]
+
+    async def test_safedrop_mail_to_a_served_domain_goes_to_its_next_hop(self) -> None:
+        # Found by an audit: a notification was queued with no domain, so mail to a served
+        # domain skipped its configured next hop for an MX lookup (the Mail API's outbox
+        # routes it by the domain).
+        core = self.f.web.core
+        org = await core.domains.add("example.org", self.f.alice.id, "mx.example.org",
+                                     verified=True)
+        own = await core.domains.add("example.test", self.f.alice.id, "mx.example.test",
+                                     verified=True)
+        bundle_id = await self.ready_bundle("subject=Q3")
+        await self.f.form("POST", f"/dropbundles/{bundle_id}/dropbundlerecipients",
+                          "email=Cy%40EXAMPLE.org")
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual(self.routed(), [
+            ("Cy@EXAMPLE.org", org.id), ("ann@example.org", org.id),
+            ("bob@example.net", None)])
+        # And safedrop's own mail (here a reply to the sender).
+        ann = self.f.spooled()[1][3].decode()
+        [token] = re.findall(r"https://localhost/drop/([A-Za-z0-9_-]{43})\b", ann)
+        await core.safedrop.comment(await core.safedrop.open_link(token), "Thanks")
+        self.assertIn(("alice@example.test", own.id), self.routed())
+
     async def test_a_stored_valid_for_past_ten_years_sends_with_ten_years(self) -> None:
         # A row written before the API refused such a valid_for: the send used to overflow
         # (500) on every try.

@@ -10,6 +10,8 @@ Sending claims the bundle once (`UPDATE … WHERE sent_at IS NULL`) together wit
 recipients' link digests and queues one notification per recipient (kind "notification",
 the owner's address as envelope sender so bounces reach them), all in one transaction of
 the spool's write lane: every recipient is told, or the bundle stays unsent.
+Safedrop's mail is routed as the Mail API's outbox is: a recipient of a served domain goes
+to that domain's next hop (or mailbox), any other through relayhost or MX.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.identity.secrets import digest
-from mailcore.queue.model import NewMessage, thd_insert_messages
+from mailcore.mailapi.addresses import mailbox_key
+from mailcore.queue.model import NewMessage, thd_domain_for, thd_insert_messages
 from mailcore.queue.spool import Spool
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
@@ -100,6 +103,14 @@ def subject_line(prefix: str, subject: str) -> str:
 def rfc3339(value: datetime.datetime) -> str:
     utc = value.astimezone(datetime.UTC)
     return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def thd_recipient(conn: Connection, address: str) -> Recipient:
+    """Blocking: `address` as the queue routes it: with its served domain (that domain's
+    next hop or mailbox, as for the Mail API's outbox), else relayhost or MX."""
+    key = mailbox_key(address)
+    domain = (key or address).rpartition("@")[2].lower()
+    return Recipient(address, thd_domain_for(conn, domain))
 
 
 class SafedropService:
@@ -281,7 +292,8 @@ class SafedropService:
             messages = []
             for r, token in recipients:
                 message = self.notification(bundle, sender, r, files, self.link(token))
-                envelope = Envelope(sender, (Recipient(r.email, None),), kind="notification")
+                envelope = Envelope(sender, (thd_recipient(conn, r.email),),
+                                    kind="notification")
                 messages.append(NewMessage(new_queue_id(at), envelope, message, False))
             # Not leased: the queue's sweeper takes them (within [queue] poll_interval).
             thd_insert_messages(conn, messages, settings.node_id, at,
@@ -490,7 +502,8 @@ class SafedropService:
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
         msg["Auto-Submitted"] = "auto-generated"
         msg.set_content(body + "\n")
-        envelope = Envelope("", (Recipient(to, None),), kind="notification")
+        recipient = await self.db.read("safedrop_route", thd_recipient, to)
+        envelope = Envelope("", (recipient,), kind="notification")
         await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, msg.as_bytes())
 
 
