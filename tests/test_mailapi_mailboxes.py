@@ -4,11 +4,22 @@ more than it holds."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import insert
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.mailapi import RIGHTS, MailApiError
+from mailcore.mailapi import RIGHTS, MailApiError, MailboxService
+from mailcore.mailapi.errors import CONFLICT
+from mailcore.mailapi.files import MailFiles
+from mailcore.mailapi.mail import Edit, MailService, Outcome
+from mailcore.mailapi.outbox import thd_mark_sent, thd_outbox
+from mailcore.store.schema import mailboxes
+from mailcore.workers import CpuPool
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
 from tests.support.web import PASSWORD, Web
 
 BOX = "bob@hosted.test"
@@ -214,3 +225,28 @@ class MailboxServiceTests(TestCase):
                                          headers={"Api-Key": key})
         self.assertNotIn("hosted", body["data"])
 
+
+
+class PostgreSQLMailboxDeleteTests(DatabaseMixin, TestCase):
+    backend = "postgresql"
+
+    async def test_a_mailbox_with_outbox_mail_is_kept_and_deleted_once_sent(self) -> None:
+        # The lock the delete takes, and the one mail put in the outbox holds, on the real
+        # server (SQLite ignores both: its writers take turns).
+        db = await self.open_database()
+        clock = Clock()
+        owner = await db.run("user", thd_make_user, "bob")
+        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=BOX, owner_id=owner, created_at=1.0)))
+        boxes = MailboxService(db, clock)
+        mail = MailService(db, clock, "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests())
+        written = await mail.create(owner, BOX, Edit("outbox", {"to": "x@customer.test"}))
+        self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        with self.assertRaises(MailApiError) as refused:
+            await boxes.delete(owner, BOX)
+        self.assertEqual(refused.exception.kind, CONFLICT)
+        [(row_id, *_)] = await db.read("outbox", thd_outbox, 10)
+        await db.run("sent", thd_mark_sent, [row_id], clock.seconds())
+        await boxes.delete(owner, BOX)
+        self.assertIsNone(await boxes.find(BOX))
