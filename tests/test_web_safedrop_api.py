@@ -5,6 +5,7 @@ bundles), which must be a 4xx naming the field and change nothing."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email
 import email.policy
 import hashlib
@@ -506,6 +507,21 @@ class RecipientFieldTests(TestCase):
             self.assertEqual(list(reply["errors"]), [field], body)
         _, _, listed = await self.f.call("GET", self.path)
         self.assertEqual(listed, [])
+
+    async def test_a_bundle_has_at_most_max_recipients(self) -> None:
+        """Its send builds and queues one mail per recipient in one transaction of the
+        spool's write lane, so their number is bounded ([safedrop] max_recipients)."""
+        safedrop = self.f.web.core.safedrop
+        self.assertEqual(safedrop.settings.max_recipients, 100)
+        safedrop.settings = dataclasses.replace(safedrop.settings, max_recipients=2)
+        for n in (1, 2):
+            status, _ = await self.f.form("POST", self.path, f"email=r{n}%40example.org")
+            self.assertEqual(status, 200)
+        status, reply = await self.f.form("POST", self.path, "email=r3%40example.org")
+        self.assertEqual(status, 400, reply)
+        self.assertEqual(reply["errors"], {"email": ["A drop may have at most 2 recipients."]})
+        _, _, listed = await self.f.call("GET", self.path)
+        self.assertEqual(len(listed), 2)
 
     async def test_valid_for_and_telephone_are_kept(self) -> None:
         status, reply = await self.f.form(

@@ -199,7 +199,7 @@ class SafedropService:
     ) -> DropRecipient:
         return await self.db.run(
             "safedrop_add_recipient", store.add_recipient_txn, owner_id, bundle_id,
-            {**RECIPIENT_DEFAULTS, **values},
+            {**RECIPIENT_DEFAULTS, **values}, self.settings.max_recipients,
         )
 
     async def update_recipient(

@@ -121,9 +121,14 @@ def list_bundles_txn(conn: Connection, owner_id: int) -> list[Bundle]:
 
 
 def add_recipient_txn(
-    conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any]
+    conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any],
+    max_recipients: int,
 ) -> DropRecipient:
     _changeable_row_txn(conn, owner_id, bundle_id)
+    held = conn.execute(sa.select(sa.func.count()).select_from(drop_recipients).where(
+        drop_recipients.c.bundle_id == bundle_id)).scalar_one()
+    if held >= max_recipients:
+        raise DropError("email", f"A drop may have at most {max_recipients} recipients.")
     new_id = conn.execute(
         sa.insert(drop_recipients).values(bundle_id=bundle_id, **values)
     ).inserted_primary_key[0]  # type: ignore[index]
