@@ -37,6 +37,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
 )
+from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
@@ -63,6 +64,8 @@ from mailcore.text import breaks_line, has_cc, not_text
 
 _R = TypeVar("_R")
 
+log = Logger()
+
 DEFAULT_MAX_LITERAL = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024 * 1024
 # What the store takes of a folder (fetch_folders.name and .delimiter, messages.folder):
@@ -75,6 +78,9 @@ MAX_DELIMITER = 4
 # mod-sequence is below 2^63 (what a BIGINT holds).
 MAX_NUMBER = 2**32 - 1
 MAX_MODSEQ = 2**63 - 1
+# Why a connection to an account's host is refused (after the host; which addresses it
+# resolved to are the operator's, never the user's: they would map internal names).
+REFUSAL = "is where this server does not connect"
 
 
 def _show(data: bytes, limit: int = 120) -> str:
@@ -1019,13 +1025,21 @@ async def connect_to(
     (verified by `creator`); every connect failure becomes one ConnectFailed. The host is
     data from a user: only the addresses it resolves to that `policy` allows are tried, and
     a host with none fails before any connection is opened."""
-    endpoint: Any = GuardedEndpoint(reactor, policy, spec.host, spec.port, connect_timeout)
+    endpoint: Any = GuardedEndpoint(reactor, policy, spec.host, spec.port, connect_timeout,
+                                    refusal=REFUSAL)
     if spec.use_ssl:
         endpoint = wrapClientTLS(creator, endpoint)
     try:
         await connectProtocol(endpoint, protocol)
     except AddressRefused as e:
-        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e} (the operator's "
+        # The error reaches the user (an account's sync error, a job's reason, the APIs):
+        # the addresses the host resolved to go to the operator's log only.
+        why = str(e)
+        if e.reasons:
+            log.info("fetch: refused a connection to {host}:{port}: {error}: {reasons}",
+                     host=spec.host, port=spec.port, error=why, reasons=e.reasons)
+            why = f"{spec.host} {REFUSAL}"
+        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {why} (the operator's "
                             "[fetch] address policy)") from None
     except Exception as e:
         raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None

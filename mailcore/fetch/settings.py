@@ -2,8 +2,9 @@
 
 Which servers an account may name is the operator's decision (mailcore.netpolicy): every
 address the account's host resolves to is checked when the sync connects, and a host with no
-allowed address fails the sync ("... is not an address this server may connect to") before
-any connection is opened:
+allowed address fails the sync ("<host> is where this server does not connect"; the addresses
+it resolved to are logged for the operator, never shown to the user) before any connection
+is opened:
 
 ```toml
 [fetch]
