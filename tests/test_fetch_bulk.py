@@ -246,6 +246,25 @@ class SetFetchTests(TestCase):
         self.assertIn("fake sent more than 100 FETCH replies for one UID FETCH", str(error))
         self.assertTrue(transport.disconnecting)
 
+    def test_migrate_refuses_a_destinations_number_beyond_imaps_as_a_protocol_error(
+        self,
+    ) -> None:
+        # Over 4,300 digits int() raises ValueError: the job ended in an internal error.
+        copier = MailboxCopier(*[cast(Any, None)] * 4)
+        huge = b"9" * 5000
+        cases = [
+            (b"* %s EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n" % huge, "EXISTS 999"),
+            (b"* 3 EXISTS\r\n* OK [UIDVALIDITY %s] v\r\n" % huge, "UIDVALIDITY 999"),
+            (b"* 4294967296 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n", "EXISTS 4294967296"),
+        ]
+        for examined, what in cases:
+            client, transport = connected()
+            d = defer.Deferred.fromCoroutine(copier._destination(client, b"Archive"))
+            client.dataReceived(examined + b"0001 OK done\r\n")
+            error = self.failureResultOf(d, TransientJobError).value
+            self.assertIn(f"the server sent {what}", str(error))
+            self.assertNotIn(b"UID FETCH", transport.value())
+
     def test_migrate_takes_a_destinations_exists_and_a_margin(self) -> None:
         copier = MailboxCopier(*[cast(Any, None)] * 4)
         for extra, ok in ((_ARRIVING, True), (_ARRIVING + 1, False)):

@@ -320,11 +320,12 @@ class AnswersTests(TestCase):
     def test_garbage_appenduid_is_still_stored_but_without_uid(self) -> None:
         garbage = [b"OK [APPENDUID x 5] ok", b"OK [APPENDUID 7 1:3] ok",
                    b"OK [APPENDUID 0 4] ok", b"OK [APPENDUID 7 99999999999] ok",
-                   b"OK [APPENDUID] ok", b"OK done"]
+                   b"OK [APPENDUID] ok", b"OK done",
+                   b"OK [APPENDUID " + b"7" * 5000 + b" 5] ok"]  # past int()'s 4,300 digits
         rig = Rig(self, Script(capabilities="IMAP4rev1 LITERAL+",
                                append_reply=lambda n, box, m: garbage[n]))
-        results = rig.run(rig.writer.append(("INBOX",), [msg(i) for i in range(6)]))
-        self.assertEqual(results, [Appended(True, None, None, None, False)] * 6)
+        results = rig.run(rig.writer.append(("INBOX",), [msg(i) for i in range(7)]))
+        self.assertEqual(results, [Appended(True, None, None, None, False)] * 7)
 
     def test_group_with_wrong_uid_count_keeps_ok(self) -> None:
         rig = Rig(self, Script(capabilities="IMAP4rev1 LITERAL+ MULTIAPPEND",
@@ -350,6 +351,14 @@ class AnswersTests(TestCase):
                                append_reply=lambda n, box, m: b"OK [APPENDUID 7 %s] ok" % huge[2:]))
         results = rig.run(rig.writer.append(("INBOX",), [msg(1)]))
         self.assertEqual([(r.ok, r.uid) for r in results], [(True, None)])
+
+    def test_an_appendlimit_of_more_digits_than_any_size_is_no_limit(self) -> None:
+        # Over 4,300 digits int() raised ValueError: the destination could not be opened.
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ APPENDLIMIT="
+                               + "9" * 5000))
+        self.assertIsNone(rig.writer.appendlimit)
+        results = rig.run(rig.writer.append(("INBOX",), [msg(1, 2000)]))
+        self.assertTrue(results[0].ok)
 
     def test_over_appendlimit_is_refused_without_sending(self) -> None:
         rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+ APPENDLIMIT=1000"))

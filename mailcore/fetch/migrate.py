@@ -53,7 +53,7 @@ from mailcore.fetch.errors import (
     FetchTimeout,
     TLSFailed,
 )
-from mailcore.fetch.imap import IMAPClient, ServerSpec, open_session
+from mailcore.fetch.imap import IMAPClient, ServerSpec, number, open_session
 from mailcore.fetch.jobs import (
     Job,
     JobFailed,
@@ -369,13 +369,17 @@ class MailboxCopier:
         lines, _ = await guarded(reader.send(b"EXAMINE", mailbox))
         uidvalidity: int | None = None
         exists = 0
-        for line in lines:
-            words = line.split()
-            if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
-                exists = int(words[0])
-            elif line.upper().startswith(b"OK [UIDVALIDITY ") and len(words) >= 3:
-                value = words[2].rstrip(b"]")
-                uidvalidity = int(value) if value.isdigit() else None
+        try:
+            for line in lines:
+                words = line.split()
+                if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
+                    exists = number(words[0], "EXISTS", lowest=0)
+                elif line.upper().startswith(b"OK [UIDVALIDITY ") and len(words) >= 3:
+                    value = words[2].rstrip(b"]")
+                    uidvalidity = (number(value, "UIDVALIDITY", lowest=0) if value.isdigit()
+                                   else None)
+        except FetchError as e:
+            raise _classify(e) from None
         if exists == 0:
             return uidvalidity, []
         # One FETCH reply a message: those EXAMINE counted, and a margin for mail arriving.

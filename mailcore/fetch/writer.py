@@ -358,7 +358,7 @@ def _appenduid(args: bytes, count: int) -> tuple[int, list[int]] | None:
     exactly `count` UIDs; None for anything else (a lying or broken server). A set naming
     more than `count` UIDs is refused before it is listed."""
     words = args.split()
-    if len(words) != 2 or not words[0].isdigit():
+    if len(words) != 2 or not words[0].isdigit() or len(words[0]) > 10:
         return None
     try:
         uids = expand_set(words[1], count)
@@ -623,7 +623,8 @@ class MailboxWriter:
         self._selected: bytes | None = None
         self.appendlimit: int | None = None
         for cap in self.capabilities:
-            if cap.startswith("APPENDLIMIT=") and cap[12:].isdigit():
+            # Over 20 digits (beyond any size) is no limit; int() refuses over 4,300 digits.
+            if cap.startswith("APPENDLIMIT=") and cap[12:].isdigit() and len(cap) <= 32:
                 self.appendlimit = int(cap[12:])
 
     async def _setup(self) -> None:
