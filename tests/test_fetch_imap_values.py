@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch import imap
-from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.engine import _ARRIVING, SyncResult
 from mailcore.fetch.errors import LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import (
     FolderListing,
@@ -409,6 +409,52 @@ class SyncValuesMixin(MixinBase):
             copies = await env.copies(account.id, "INBOX")
             self.assertEqual(copies, {1: ("", on_server)}, caps)
 
+
+    async def test_a_flag_fetch_takes_no_more_replies_than_the_folder_can_hold(self) -> None:
+        # CONDSTORE without QRESYNC: the second sync asks UID FETCH 1:1 (UID FLAGS)
+        # (CHANGEDSINCE 5) of a folder of one message; its replies were taken without end.
+        flood = [0]
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(
+                b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 2] n\r\n"
+                b"* OK [HIGHESTMODSEQ %d] m\r\n%s OK done\r\n" % (6 if flood[0] else 5, tag))
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if b"CHANGEDSINCE" not in rest:
+                return None
+            conn.transport.write(b"".join(
+                b"* %d FETCH (UID %d FLAGS (\\Seen) MODSEQ (6))\r\n" % (n, n)
+                for n in range(1, flood[0] + 1)) + tag + b" OK fetched\r\n")
+            return True
+
+        for replies, ok in ((1 + _ARRIVING, True), (2 + _ARRIVING, False)):
+            (factory, port), = cleartext_servers(self, 1)
+            factory.caps += b" CONDSTORE"
+            factory.hooks.update({"EXAMINE": examine, "UID FETCH": fetch})
+            env = await make_env(self, backend=self.backend)
+            account = await env.accounts.create(
+                env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+                allow_cleartext=True, start_tls=False,
+            )
+            flood[0] = 0
+            first = await env.engine.sync(account.id)
+            self.assertEqual(first.new_messages, 1, first.problems())
+            flood[0] = replies
+            second = await env.engine.sync(account.id)
+            asked = [line for _tls, line in factory.received if b"CHANGEDSINCE" in line]
+            self.assertEqual([line.split(b" ", 1)[1] for line in asked],
+                             [b"UID FETCH 1:1 (UID FLAGS) (CHANGEDSINCE 5)"])
+            if ok:
+                self.assertEqual(second.status, "success", second.problems())
+                self.assertEqual(await env.copies(account.id, "INBOX"),
+                                 {1: ("\\Seen", True)})
+            else:
+                self.assertEqual(second.status, "error")
+                self.assertIn(f"sent more than {1 + _ARRIVING} FETCH replies for one UID "
+                              "FETCH", second.problems())
+                self.assertEqual(await env.copies(account.id, "INBOX"), {1: ("", True)})
 
     async def test_a_message_dated_year_1_is_stored_without_its_date(self) -> None:
         def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
