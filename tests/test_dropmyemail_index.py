@@ -442,6 +442,41 @@ class HostileContactTests(IndexBase):
         self.assertEqual(status, 200, card)
 
 
+class DeeplyAttachedMessageTests(IndexBase):
+
+    async def test_an_attached_message_nested_past_the_stack_is_served_as_it_stands(
+        self,
+    ) -> None:
+        """A message/rfc822 nested 400 deep (stored with size 0): the email package wrote
+        it out recursing once per level (RecursionError) to describe it, so the account's
+        attachment listing was a 500, as were its download, the contacts (its file name
+        ends in .vcf) and the indexer's pass. It is its bytes in the raw message now."""
+        nested = "Content-Type: text/plain\n\nhello\n"
+        for _ in range(400):
+            nested = "Content-Type: message/rfc822\n\n" + nested
+        raw = mail("Bo <bo@x.test>", "deep", "--b\nContent-Type: text/plain\n\nhi\n"
+                   "--b\nContent-Disposition: attachment; filename=deep.vcf\n" + nested
+                   + "--b--\n")
+        await self.store(raw)
+        status, page = await self.call(f"{self.base}/attachments")  # describes it
+        self.assertEqual(status, 200, page)
+        self.assertEqual([(a["filename"], a["mime_type"]) for a in page["attachments"]],
+                         [("deep.vcf", "message/rfc822")])
+        status, body = await self.call(f"{self.base}/attachments/{page['attachments'][0]['id']}")
+        self.assertEqual(status, 200, body)
+        inner = nested.split("\n\n", 1)[1].rstrip("\n").replace("\n", "\r\n").encode()
+        self.assertEqual(base64.b64decode(body["content"]), inner)
+        self.assertEqual(body["size"], len(inner))
+        status, contacts = await self.call(f"{self.base}/contacts")
+        self.assertEqual(status, 200, contacts)
+        self.assertEqual([c["email"] for c in contacts["contacts"]],
+                         ["bo@x.test", "me@example.test"])
+        await self.store(raw)  # another copy, for the indexer's pass
+        self.assertEqual(await self.undescribed(), 1)
+        await self.core.backup_mail.index.run()
+        self.assertEqual(await self.undescribed(), 0)
+
+
 class BadInputBatteryTests(IndexBase):
     """Every id, page, sort and boolean of the read side and of account writes, wrong in
     each way the issue names, is a 4xx in the OAuth error shape, never a 5xx; another

@@ -231,6 +231,24 @@ class HostileMimeTests(TestCase):
         self.assertIn("part 1: attached message nested deeper than 20; its size not known",
                       p.problems)
 
+    def test_a_deeply_attached_message_is_cut_as_it_stands_in_the_raw_message(self) -> None:
+        """Writing a message/rfc822 nested 400 deep out recursed once per level: its
+        download raised RecursionError. It is its bytes in the raw message now; one within
+        the depth bound is still written out by the email package."""
+        nested = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+        for _ in range(400):
+            nested = b"Content-Type: message/rfc822\r\n\r\n" + nested
+        alone = b"From: a@b.test\r\nSubject: deep\r\n" + nested
+        self.assertEqual(extract_part(alone, "1"), nested.split(b"\r\n\r\n", 1)[1])
+        inside = (b"From: a@b.test\r\nSubject: deep\r\nMIME-Version: 1.0\r\n"
+                  b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+                  b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+                  b"--b\r\n" + nested + b"--b--\r\n")
+        self.assertEqual(extract_part(inside, "2"), nested.split(b"\r\n\r\n", 1)[1][:-2])
+        shallow = b"Content-Type: message/rfc822\r\n\r\nSubject: x\r\n\r\nhello\r\n"
+        self.assertEqual(extract_part(b"From: a@b.test\r\n" + shallow, "1"),
+                         b"Subject: x\n\nhello\n")
+
     def test_an_unforeseen_error_keeps_the_raw_headers(self) -> None:
         """Whatever else the email package raises on a message, it is kept with its raw
         header block and the error named, and never fails its batch."""

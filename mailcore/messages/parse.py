@@ -656,7 +656,11 @@ def _attached_message_size(result: ParsedMessage, path: str, part: Message,
 
 
 def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -> bytes | None:
-    """The decoded content of the leaf part at `part_path`, or None. CPU-bound."""
+    """The decoded content of the leaf part at `part_path`, or None. CPU-bound.
+
+    An attached message is written out by the email package, which recurses once per level:
+    one nested deeper than `limits.max_depth` (listed with size 0 by `parse_message`) is
+    its bytes as they stand in `raw` instead, cut by `mailcore.backup.parts.locate`."""
     limits = limits or MimeLimits()
     problems: list[str] = []
     msg = _parse_tree(raw, limits, problems)
@@ -665,10 +669,21 @@ def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -
             if part.get_content_type() == "message/rfc822":
                 inner = part.get_payload()
                 if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+                    if _nesting(inner[0], limits.max_depth) > limits.max_depth:
+                        return _raw_part(raw, part_path, limits)
                     return inner[0].as_bytes()
                 return b""
             return _payload_bytes(part)
     return None
+
+
+def _raw_part(raw: bytes, part_path: str, limits: MimeLimits) -> bytes | None:
+    """The body of the part at `part_path` as it stands in `raw` (no transfer decoding),
+    found by byte offsets without building its tree; None when it cannot be found so."""
+    from mailcore.backup.parts import locate  # it builds on this module
+
+    span = locate(raw, part_path, limits)
+    return None if span is None else raw[span.start:span.end]
 
 
 def search_extra(parsed: ParsedMessage) -> str:
