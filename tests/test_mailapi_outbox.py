@@ -146,11 +146,11 @@ class OutboxWakeUpTests(QueueTestCase):
         accept = self.q.spool.accept
         calls: list[str] = []
 
-        async def failing_once(queue_id: str, *args: Any) -> None:
+        async def failing_once(queue_id: str, *args: Any, **kwargs: Any) -> None:
             calls.append(queue_id)
             if len(calls) == 1:
                 raise OSError("the spool's disk is full")
-            await accept(queue_id, *args)
+            await accept(queue_id, *args, **kwargs)
 
         self.patch(self.q.spool, "accept", failing_once)
         self.sender.startService()
@@ -172,9 +172,9 @@ class OutboxWakeUpTests(QueueTestCase):
         accept = self.q.spool.accept
         calls: list[str] = []
 
-        async def counted(queue_id: str, *args: Any) -> None:
+        async def counted(queue_id: str, *args: Any, **kwargs: Any) -> None:
             calls.append(queue_id)
-            await accept(queue_id, *args)
+            await accept(queue_id, *args, **kwargs)
 
         self.patch(self.q.spool, "accept", counted)
         self.sender.startService()
@@ -223,3 +223,25 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(await boxes.find(BOB), None)
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+
+    async def test_a_mail_deleted_once_the_sender_read_it_is_not_sent(self) -> None:
+        # DELETE answered 202 "mail deleted" means the mail is not sent (found by an audit:
+        # the sender kept the rows it read and handed a deleted one to the queue anyway).
+        public_ids = []
+        for n in range(3):
+            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            public_ids.append(written.public_id)
+        self.connector.hold = defer.Deferred()
+        self.sender.startService()  # it read all three; the second waits for the first
+        self.assertEqual(self.queued(), 1)
+        await self.mail.delete(self.owner, public_ids[1])
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        await self.sender.settled()
+        self.assertEqual(self.queued(), 2)
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test", "r2@customer.test"])
+        rows = await self.db.read("rows", lambda c: c.execute(select(
+            mailapi_mail.c.public_id, mailapi_mail.c.status)).all())
+        self.assertEqual(sorted(rows), sorted([(public_ids[0], "sent"),
+                                               (public_ids[2], "sent")]))

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.spool import SpoolError
+from mailcore.queue.spool import SpoolError, Withdrawn
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
@@ -84,10 +84,11 @@ class SpoolTests(TestCase):
         self.connector = ScriptedConnector()
         self.q = make_queue(self.db, self.clock, self.connector)  # type: ignore[arg-type]
 
-    def accept(self, qid: str) -> defer.Deferred[None]:
+    def accept(self, qid: str, guard: Callable[[Any], bool] | None = None
+               ) -> defer.Deferred[None]:
         env = envelope("a@x.test", ("b@customer.test", self.domain))
         body = b"Subject: x\r\n\r\nhi\r\n"
-        return defer.Deferred.fromCoroutine(self.q.spool.accept(qid, env, body))
+        return defer.Deferred.fromCoroutine(self.q.spool.accept(qid, env, body, guard=guard))
 
     def count(self, table: Any) -> int:
         return done(self.db.inner.read(
@@ -205,6 +206,42 @@ class SpoolTests(TestCase):
         self.failureResultOf(second, SpoolError)
         self.failureResultOf(rode, SpoolError)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_a_message_whose_guard_says_no_is_left_out_alone(self) -> None:
+        """A guard runs in the group's transaction before its message is stored (the
+        outbox marks its mail sent there): a message whose guard says no, or raises, is
+        not stored and its accept fails; what the guard wrote is undone; the others of
+        the group are stored."""
+        self.q.runner.start()
+
+        def wipe(answer: bool) -> Callable[[Any], bool]:
+            def guard(conn: Any) -> bool:
+                conn.execute(queue_messages.delete())
+                return answer
+            return guard
+
+        def broken(conn: Any) -> bool:
+            raise ValueError("a bug in the guard")
+
+        first = self.accept("Q0")
+        kept = self.accept("Q1")
+        left_out = self.accept("Q2", guard=wipe(False))
+        failed = self.accept("Q3", guard=broken)
+        yes = self.accept("Q4", guard=lambda conn: True)
+        self.db.release()  # Q0's group
+        self.successResultOf(first)
+        self.db.release()  # the other four's
+        self.assertEqual(self.db.accept_batches, [1, 4])
+        self.successResultOf(kept)
+        self.failureResultOf(left_out, Withdrawn)
+        self.failureResultOf(failed, ValueError)
+        self.successResultOf(yes)
+        ids = done(self.db.inner.read("ids", lambda c: c.execute(
+            select(queue_messages.c.id).order_by(queue_messages.c.id)).scalars().all()))
+        self.assertEqual(ids, ["Q0", "Q1", "Q4"])
+        self.assertEqual(self.q.metrics.accepted._value.get(), 3)
+        self.assertEqual(len(self.connector.delivered), 3)
+        self.assertEqual(self.q.runner.held, 0)
 
     def test_drain_waits_for_riders(self) -> None:
         rode = self.q.spool.ride("count", _count_messages)

@@ -37,6 +37,7 @@ from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.mailapi.mail import OUTBOX, SENT
 from mailcore.mailapi.outbox import OUTBOX_POLL, OutboxSender
 from mailcore.messages.store import MessageStore
+from mailcore.queue.spool import Withdrawn
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService
 from mailcore.smtp.envelope import Envelope
@@ -76,14 +77,21 @@ class RecordingSpool:
     """Where a node's digests go: each accepted message is recorded (the queue itself is
     tested elsewhere; here only how many digests the nodes queue matters)."""
 
-    def __init__(self, queued: list[tuple[str, Envelope]], node: str) -> None:
+    def __init__(self, queued: list[tuple[str, Envelope]], node: str,
+                 db: Database | None = None) -> None:
         self.queued = queued
         self.node = node
+        self.db = db  # where an accept's guard runs (Spool.accept), if any is given
         # Told when delivery results commit (the outbox waits on it); none commit here.
         self.on_results: list[Callable[[], None]] = []
         self.on_recorded: list[Callable[[Any], None]] = []
 
-    async def accept(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
+    async def accept(self, queue_id: str, envelope: Envelope, body: bytes, *,
+                     guard: Callable[[Connection], bool] | None = None) -> None:
+        if guard is not None:
+            assert self.db is not None
+            if not await self.db.run("guard", guard):
+                raise Withdrawn("its guard left the message out")
         self.queued.append((self.node, envelope))
 
 
@@ -508,9 +516,10 @@ class SharedJobsMixin(DatabaseMixin):
         accepted: list[str] = []
 
         class Spool(RecordingSpool):
-            async def accept(self, queue_id: str, envelope: Envelope, body: bytes) -> None:
+            async def accept(self, queue_id: str, envelope: Envelope, body: bytes, *,
+                             guard: Callable[[Connection], bool] | None = None) -> None:
                 accepted.append(queue_id)
-                await super().accept(queue_id, envelope, body)
+                await super().accept(queue_id, envelope, body, guard=guard)
 
         claims: list[str] = []
 
@@ -519,7 +528,7 @@ class SharedJobsMixin(DatabaseMixin):
                 claims.append(self.node_id)
                 return await super().claim(name, now, hold)
 
-        senders = [OutboxSender(db, clock, Spool(queued, node),  # type: ignore[arg-type]
+        senders = [OutboxSender(db, clock, Spool(queued, node, db),  # type: ignore[arg-type]
                                 leases=Leases(db, node))
                    for db, node in ((a, "node-a"), (b, "node-b"))]
         for sender in senders:

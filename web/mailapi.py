@@ -530,7 +530,7 @@ class MailApiApp(ApiApp):
     @routes.route(
         "/api/v1/mail/<mail_id>",
         "DELETE",
-        summary="Delete an email",
+        summary="Delete an email (one still in the outbox is then never sent)",
         auth=MAIL_API,
         replies={202: Reply('`{"message": "mail deleted"}`', MESSAGE_REPLY,
                             headers={"Location": "/api/v1/mail/"})},

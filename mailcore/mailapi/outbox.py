@@ -5,7 +5,9 @@ Each outbox row was built and given its queue id and its place in the outbox's o
 (`outbox_seq`, drawn from the database: mailcore.mailapi.mail.thd_next_outbox_seq) when it
 entered the outbox; a draft enters when it is put there, not when it was written. The
 sender takes outbox rows in that order ("oldest" below), hands each to the spool
-(`Spool.accept`, kind "outbox") and marks it `sent` once the spool has committed it. The
+(`Spool.accept`, kind "outbox") and marks it `sent` in the transaction that stores it in
+the queue (the accept's guard), only if it is still in the outbox as it was read: a mail
+deleted (or put back in the outbox, rebuilt) once the sender read it is never sent. The
 queue works on many messages at once (filtering runs concurrently), so to keep a mailbox's
 order at the next hop the sender hands over its next message only once the queue has tried
 the previous one (none of its recipients still `queued`: delivered, deferred, bounced or
@@ -15,9 +17,9 @@ holds up another's mail. A stream goes on as soon as this node's queue records t
 (`Spool.on_recorded`, before the results commit), looks again each time this node's spool
 commits delivery results (`Spool.on_results`: local delivery commits its results in its
 own transaction), and every FIFO_POLL seconds besides, for results another node sharing
-the store commits. The queue id is the idempotency key: after a crash between the
-spool's commit and the mark, the row's id is found in the queue and the row is marked sent
-without a second accept. Hosted recipients are then delivered locally by the queue, the
+the store commits. The queue id is the idempotency key: a row still in the outbox whose
+id is in the queue (left by a version that marked it after the spool's commit) is marked
+sent without a second accept. Hosted recipients are then delivered locally by the queue, the
 others routed as any mail ([queue] relayhost or MX); bounces come back to the sender's
 mailbox.
 
@@ -32,6 +34,7 @@ same row to the spool (whose group commit the second queue id would fail).
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
@@ -43,7 +46,7 @@ from twisted.logger import Logger
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.mail import OUTBOX, SENT
 from mailcore.queue.model import Result, thd_domain_for
-from mailcore.queue.spool import Spool
+from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
@@ -111,6 +114,10 @@ _UNTRIED = select(queue_recipients.c.id).where(
 _MARK_SENT = update(mailapi_mail) \
     .where(_m.id.in_(bindparam("ids", expanding=True)), _m.status == OUTBOX) \
     .values(status=SENT, sent_at=bindparam("now"), read=True)
+_TAKE = update(mailapi_mail) \
+    .where(_m.id == bindparam("row_id"), _m.status == OUTBOX,
+           _m.queue_id == bindparam("read_queue_id")) \
+    .values(status=SENT, sent_at=bindparam("now"), read=True)
 
 
 def thd_untried(conn: Connection, queue_id: str) -> bool:
@@ -120,6 +127,15 @@ def thd_untried(conn: Connection, queue_id: str) -> bool:
 
 def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
     conn.execute(_MARK_SENT, {"ids": list(ids), "now": now})
+
+
+def thd_take(conn: Connection, row_id: int, queue_id: str, now: float) -> bool:
+    """Blocking, in the spool's transaction that stores the mail (the guard of its accept):
+    mark the row sent if it is still in the outbox as `queue_id`; whether it was. A delete
+    of the mail commits before (the mail is left out of the queue) or after (it deletes
+    mail sent); PostgreSQL's row lock orders the two, SQLite's writers take turns."""
+    taken = conn.execute(_TAKE, {"row_id": row_id, "read_queue_id": queue_id, "now": now})
+    return taken.rowcount == 1
 
 
 class OutboxSender(Service):
@@ -281,21 +297,29 @@ class OutboxSender(Service):
         self.kick()  # to give the lease up if the outbox is empty now
 
     async def _send(self, row: OutboxRow) -> None:
-        """Hand one mail to the spool, mark it sent, and wait until the queue has tried
-        it."""
+        """Hand one mail to the spool, marked sent in the same transaction, and wait until
+        the queue has tried it. A mail no longer in the outbox as it was read (deleted
+        meanwhile) is left out."""
         row_id, _, queue_id, envelope, raw, queued = row
         self._watched[queue_id] = (len(envelope.recipients), set())
         try:
-            if not queued:
-                await self.spool.accept(queue_id, envelope, raw)
-            # Marked while the queue tries it: a crash before the mark commits finds the
-            # queue id in the queue and marks the row without a second accept.
-            marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
-                                 self.clock.seconds())
+            marked: defer.Deferred[None] | None = None
+            if queued:
+                # In the queue, not marked (an older version marked after the spool's
+                # commit): marked while the queue tries it, without a second accept.
+                marked = self.db.run("mailapi_mark_sent", thd_mark_sent, [row_id],
+                                     self.clock.seconds())
+            else:
+                try:
+                    await self.spool.accept(queue_id, envelope, raw, guard=partial(
+                        thd_take, row_id=row_id, queue_id=queue_id, now=self.clock.seconds()))
+                except Withdrawn:
+                    return  # deleted (or changed) since it was read: not sent
             try:
                 await self._tried(queue_id)
             finally:
-                await marked
+                if marked is not None:
+                    await marked
         finally:
             self._watched.pop(queue_id, None)
 

@@ -102,6 +102,10 @@ class SpoolError(Exception):
     """The message could not be committed; the SMTP server answers 451."""
 
 
+class Withdrawn(SpoolError):
+    """The message's guard (`Spool.accept`) said no: it was not stored."""
+
+
 class Consumer(Protocol):
     """What the spool hands committed work to (the queue runner)."""
 
@@ -135,15 +139,17 @@ class Charger(Protocol):
 
 
 class _Pending:
-    __slots__ = ("body", "charges", "done", "envelope", "leased", "queue_id")
+    __slots__ = ("body", "charges", "done", "envelope", "guard", "leased", "queue_id")
 
     def __init__(self, queue_id: str, envelope: Envelope, body: bytes, leased: bool,
-                 charges: list[Any] | None = None) -> None:
+                 charges: list[Any] | None = None,
+                 guard: Callable[[Connection], bool] | None = None) -> None:
         self.queue_id = queue_id
         self.envelope = envelope
         self.body = body
         self.leased = leased  # the runner reserved room: insert it leased to this node
         self.charges = charges  # the charger's items for this message, if any
+        self.guard = guard  # run in the group's transaction: whether to store it
         self.done: defer.Deferred[None] = defer.Deferred()
 
 
@@ -173,11 +179,12 @@ class _Group:
 
 
 class _Committed:
-    __slots__ = ("dsns", "ids", "messages", "now", "requested", "riders")
+    __slots__ = ("dsns", "ids", "messages", "now", "requested", "riders", "withdrawn")
 
     def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
                  dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None,
-                 requested: list[Any] | None = None) -> None:
+                 requested: list[Any] | None = None,
+                 withdrawn: dict[int, Failure | None] | None = None) -> None:
         self.now = now
         self.messages = messages
         self.ids = ids
@@ -185,6 +192,9 @@ class _Committed:
         self.riders = riders or []  # each rider's result, or its Failure
         # The outcomes of the charges handed in by `charge` (those of the group's requests).
         self.requested = requested
+        # The messages of the group not stored (by their place in it): their guard said no
+        # (None) or raised (its Failure).
+        self.withdrawn = withdrawn or {}
 
 
 class _Chore:
@@ -363,14 +373,20 @@ class Spool:
 
     # -- the API ------------------------------------------------------------------------
 
-    async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
-        """Commit one message; returns when it is durable, raises SpoolError otherwise."""
+    async def accept(self, queue_id: str, envelope: Envelope, data: bytes, *,
+                     guard: Callable[[Connection], bool] | None = None) -> None:
+        """Commit one message; returns when it is durable, raises SpoolError otherwise.
+        `guard(conn)` runs in the transaction that stores it, before it is stored (in a
+        savepoint of its own): when it returns False (or raises) the message alone is left
+        out, what the guard wrote with it, and accept raises Withdrawn (or what it
+        raised). So a write elsewhere that the guard looks at commits either before the
+        message (which it keeps out) or after it."""
         if not envelope.recipients:
             raise SpoolError("a message needs at least one recipient")
         n = len(envelope.recipients)
         charges = self.charger.charges_for(queue_id, envelope) if self.charger else None
         leased = self.consumer is not None and self.consumer.reserve(n)
-        item = _Pending(queue_id, envelope, data, leased, charges or None)
+        item = _Pending(queue_id, envelope, data, leased, charges or None, guard)
         with self._wake:
             self._pending.append(item)
             waiting = len(self._pending)
@@ -636,9 +652,12 @@ class Spool:
     def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
         now = self.clock.seconds()
         until = now + self.settings.lease_seconds
-        paid, requested = self._thd_charge(conn, group, now)
+        withdrawn = self._thd_guard(conn, group.batch)
+        batch = [p for i, p in enumerate(group.batch) if i not in withdrawn] \
+            if withdrawn else group.batch
+        paid, requested = self._thd_charge(conn, group, batch, now)
         messages = [NewMessage(p.queue_id, p.envelope, p.body, p.leased,
-                               paid.get(p.queue_id, _NOTHING_PAID)) for p in group.batch]
+                               paid.get(p.queue_id, _NOTHING_PAID)) for p in batch]
         ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until) \
             if messages else []
         dsns = (
@@ -653,15 +672,33 @@ class Spool:
                     riders.append(rider.fn(conn, *rider.args))
             except Exception:
                 riders.append(Failure())
-        return _Committed(now, messages, ids, dsns, riders, requested)
+        return _Committed(now, messages, ids, dsns, riders, requested, withdrawn)
 
-    def _thd_charge(self, conn: Connection, group: _Group, now: float
+    @staticmethod
+    def _thd_guard(conn: Connection, batch: list[_Pending]) -> dict[int, Failure | None]:
+        """Run the guards of the group's messages (`accept`): those left out, by their place
+        in the batch, with the Failure of a guard that raised."""
+        withdrawn: dict[int, Failure | None] = {}
+        for i, p in enumerate(batch):
+            if p.guard is None:
+                continue
+            try:
+                with conn.begin_nested() as savepoint:
+                    if not p.guard(conn):
+                        savepoint.rollback()
+                        withdrawn[i] = None
+            except Exception:
+                withdrawn[i] = Failure()
+        return withdrawn
+
+    def _thd_charge(self, conn: Connection, group: _Group, batch: list[_Pending], now: float
                     ) -> tuple[dict[str, frozenset[int]], list[Any] | None]:
-        """Apply the group's charges (its messages' and those handed in) in its transaction,
-        before its messages are inserted: per message, the recipient domains its charges
-        paid for; and the outcomes of the charges handed in."""
+        """Apply the charges of the group (those of `batch`, its messages to be stored, and
+        those handed in) in its transaction, before its messages are inserted: per message,
+        the recipient domains its charges paid for; and the outcomes of the charges handed
+        in."""
         charger = self.charger
-        items = [c for p in group.batch if p.charges for c in p.charges]
+        items = [c for p in batch if p.charges for c in p.charges]
         for request in group.charges:
             items.extend(request.items)
         if not items or charger is None:
@@ -673,7 +710,7 @@ class Spool:
         outcomes = charger.thd_charge(conn, items, now)
         paid: dict[str, frozenset[int]] = {}
         at = 0
-        for p in group.batch:
+        for p in batch:
             if p.charges:
                 n = len(p.charges)
                 paid[p.queue_id] = charger.paid(p.charges, outcomes[at:at + n])
@@ -700,15 +737,25 @@ class Spool:
             return
         self.commits += 1
         self._stored(group.results)
-        self._recent_commits.append((result.now, len(batch)))
-        self._recent_messages += len(batch)
+        withdrawn = result.withdrawn
+        stored = len(batch) - len(withdrawn)
+        self._recent_commits.append((result.now, stored))
+        self._recent_messages += stored
         self._gathering = self._under_load()
-        self.metrics.accepted.inc(len(batch))
+        self.metrics.accepted.inc(stored)
         if result.requested is not None:
             self._answer_charges(group.charges, result.requested)
+        if withdrawn:
+            reserved = sum(len(batch[i].envelope.recipients) for i in withdrawn
+                           if batch[i].leased)
+            if consumer is not None and reserved:
+                consumer.unreserve(reserved)
         # The callers first (their 250s go out now), then the riders, then the delivery work.
-        for p in batch:
-            p.done.callback(None)
+        for i, p in enumerate(batch):
+            if i not in withdrawn:
+                p.done.callback(None)
+            else:
+                p.done.errback(withdrawn[i] or Withdrawn("its guard left the message out"))
         for rider, outcome in zip(group.riders, result.riders, strict=True):
             if isinstance(outcome, Failure):
                 rider.done.errback(outcome)
