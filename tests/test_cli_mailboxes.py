@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from sqlalchemy import select
+from twisted.internet.task import Clock
+
+from mailcore.mailapi.files import MailFiles
+from mailcore.mailapi.mail import Edit, MailService, Outcome
+from mailcore.store.schema import users
+from mailcore.workers import CpuPool
 from tests.support.cli import CliTestCase
+from tests.support.db import open_database_at
 
 
 class MailboxCliTests(CliTestCase):
@@ -35,6 +45,31 @@ class MailboxCliTests(CliTestCase):
         await self.refused("mailbox", "remove", "joe@hosted.test",
                            fragment="no such mailbox: joe@hosted.test")
         self.assertEqual(len((await self.ok("mailbox", "list")).splitlines()), 2)
+
+    async def test_a_mailbox_with_outbox_mail_is_removed_only_with_force(self) -> None:
+        # Mail answered 202 "enqueued to be sent" went with the mailbox unsent (found by an
+        # audit): the refusal names how many wait; --force removes them, unsent.
+        await self.ok("user", "add", "bob", "--email", "bob@users.test", "--password", "x")
+        await self.ok("domain", "add", "hosted.test", "--owner", "bob",
+                      "--redirect-to", "mx.example.net")
+        await self.ok("mailbox", "add", "bob@hosted.test", "--owner", "bob")
+        db = await open_database_at(self, f"sqlite:///{self.data_dir / 'mailcore.sqlite'}")
+        mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests())
+        bob = await db.read("bob", lambda c: c.execute(
+            select(users.c.id).where(users.c.username == "bob")).scalar_one())
+        for n in range(3):
+            written = await mail.create(bob, "bob@users.test", Edit("outbox", {
+                "from": "bob@hosted.test", "to": f"x{n}@customer.test"}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        await self.refused("mailbox", "remove", "bob@hosted.test",
+                           fragment="mailbox bob@hosted.test has 3 mails waiting to be sent; "
+                           "remove it once they are sent, or with --force")
+        self.assertEqual(len((await self.ok("mailbox", "list")).splitlines()), 2)
+        self.assertIn("--force", await self.ok("mailbox", "remove", "--help"))
+        self.assertEqual(await self.ok("mailbox", "remove", "bob@hosted.test", "--force"),
+                         "removed mailbox bob@hosted.test and 3 mails of its outbox, unsent\n")
+        self.assertEqual(len((await self.ok("mailbox", "list")).splitlines()), 1)
 
     async def test_a_hosted_domain(self) -> None:
         await self.ok("user", "add", "bob", "--email", "bob@users.test", "--password", "x")

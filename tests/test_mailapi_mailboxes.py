@@ -15,6 +15,7 @@ from mailcore.mailapi import RIGHTS, MailApiError, MailboxService
 from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
+from mailcore.mailapi.mailboxes import OutboxNotEmpty
 from mailcore.mailapi.outbox import thd_mark_sent, thd_outbox
 from mailcore.store.schema import mailboxes
 from mailcore.workers import CpuPool
@@ -186,6 +187,24 @@ class MailboxApiTests(TestCase):
             "message": "this mailbox has mail waiting to be sent; delete it once its outbox "
                        "is empty"}))
         self.assertEqual([b.address for b in await self.web.core.mailboxes.list_all()], [BOX])
+
+    async def test_the_operator_removes_a_mailbox_with_outbox_mail_only_by_force(self) -> None:
+        # `mailcore mailbox remove` deleted mail answered 202 along with its mailbox
+        # (found by an audit); it says how many wait, and --force deletes them unsent.
+        await self.grant("bob", "joe", allow_send=True)
+        for n in range(2):
+            status, _ = await self.as_("joe", "POST", "/api/v1/mail/", json={
+                "status": "outbox", "from": BOX, "to": f"x{n}@customer.test"})
+            self.assertEqual(status, 202)
+        boxes = self.web.core.mailboxes
+        with self.assertRaises(OutboxNotEmpty) as refused:
+            await boxes.remove(BOX)
+        self.assertEqual((refused.exception.kind, refused.exception.waiting,
+                          refused.exception.message),
+                         (CONFLICT, 2, f"mailbox {BOX} has 2 mails waiting to be sent"))
+        self.assertEqual([b.address for b in await boxes.list_all()], [BOX])
+        self.assertEqual(await boxes.remove(BOX, force=True), 2)
+        self.assertEqual(await boxes.list_all(), [])
 
 
 class MailboxServiceTests(TestCase):

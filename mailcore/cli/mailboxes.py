@@ -12,6 +12,7 @@ from typing import Any
 from mailcore.cli import command_group, print_table, refusals, utc_seconds
 from mailcore.cli.users import require_user
 from mailcore.mailapi import MailApiError
+from mailcore.mailapi.mailboxes import OutboxNotEmpty
 
 
 def register(subparsers: Any) -> None:
@@ -30,12 +31,23 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--owner", help="only this user's (name or email)")
     listing.set_defaults(handler=mailbox_list)
 
-    remove = actions.add_parser("remove", help="delete a mailbox with its mail and grants")
+    remove = actions.add_parser(
+        "remove", help="delete a mailbox with its mail and grants",
+        description="Delete a mailbox with its mail and grants. A mailbox whose outbox holds "
+        "mail (answered 202 'enqueued to be sent', not yet handed to the queue) is kept, "
+        "and the refusal says how many mails wait; remove it once they are sent, or give "
+        "--force.",
+    )
     remove.add_argument("address", help="the mailbox's address")
+    remove.add_argument("--force", action="store_true",
+                        help="remove it even with mail in its outbox, which is then never sent")
     remove.set_defaults(handler=mailbox_remove)
 
 
 def _refusal(e: MailApiError) -> str:
+    if isinstance(e, OutboxNotEmpty):
+        return (f"{e.message}; remove it once they are sent, or with --force (they are "
+                "then never sent)")
     return e.message
 
 
@@ -66,6 +78,10 @@ async def mailbox_remove(args: argparse.Namespace, core: Any) -> int:
     box = await core.mailboxes.find(args.address)
     if box is None:
         raise MailApiError("not_found", f"no such mailbox: {args.address}")
-    await core.mailboxes.remove(box.address)
-    print(f"removed mailbox {box.address}")
+    unsent = await core.mailboxes.remove(box.address, force=args.force)
+    if unsent:
+        print(f"removed mailbox {box.address} and {unsent} "
+              f"{'mail' if unsent == 1 else 'mails'} of its outbox, unsent")
+    else:
+        print(f"removed mailbox {box.address}")
     return 0

@@ -31,6 +31,17 @@ _b = mailboxes.c
 _g = mailbox_grants.c
 
 
+class OutboxNotEmpty(MailApiError):
+    """The operator's removal of a mailbox whose outbox holds mail (`MailboxService.remove`
+    without `force`)."""
+
+    def __init__(self, address: str, waiting: int) -> None:
+        super().__init__(CONFLICT, f"mailbox {address} has {waiting} "
+                         f"{'mail' if waiting == 1 else 'mails'} waiting to be sent")
+        self.address = address
+        self.waiting = waiting
+
+
 @dataclass(frozen=True)
 class Rights:
     """The five rights of seed 002 on one mailbox."""
@@ -101,6 +112,17 @@ def _mailbox_query() -> Any:
 
 
 _BY_ADDRESS = _mailbox_query().where(_b.address == bindparam("address"))
+
+
+def _thd_outbox_waiting(conn: Connection, box: int) -> int:
+    """Blocking, before the mailbox `box` is deleted: how many of its mails wait in its
+    outbox. The mailbox row is locked first (PostgreSQL), so mail put in the outbox
+    meanwhile (which holds the row: thd_mailbox(hold=True)) is counted or finds no
+    mailbox."""
+    conn.execute(select(_b.id).where(_b.id == box).with_for_update())
+    return int(conn.execute(select(func.count()).select_from(mailapi_mail).where(
+        mailapi_mail.c.mailbox_id == box,
+        mailapi_mail.c.status == OUTBOX_STATUS)).scalar_one())
 
 
 def thd_mailbox(conn: Connection, address: str, *, hold: bool = False) -> Mailbox | None:
@@ -225,17 +247,26 @@ class MailboxService:
 
         return await self.db.read("mailapi_list_mailboxes", txn)
 
-    async def remove(self, address: str) -> None:
-        """Delete the mailbox at `address` with its mail and grants."""
+    async def remove(self, address: str, *, force: bool = False) -> int:
+        """Delete the mailbox at `address` with its mail and grants, once its outbox is
+        empty (OutboxNotEmpty while mail answered 202 waits in it); `force`: with that
+        mail too, unsent. Returns how many mails of its outbox went unsent."""
         stored = normalise_address(address)
 
-        def txn(conn: Connection) -> None:
-            if conn.execute(delete(mailboxes).where(_b.address == stored)).rowcount == 0:
+        def txn(conn: Connection) -> int:
+            box = conn.execute(_BY_ADDRESS, {"address": stored}).first()
+            if box is None:
                 raise _not_found(stored)
+            waiting = _thd_outbox_waiting(conn, box.id)
+            if waiting and not force:
+                raise OutboxNotEmpty(stored, waiting)
+            conn.execute(delete(mailboxes).where(_b.id == box.id))
             thd_mailboxes_changed(conn, [stored])
+            return waiting
 
-        await self.db.run("mailapi_remove_mailbox", txn)
+        unsent = await self.db.run("mailapi_remove_mailbox", txn)
         self._changed()
+        return unsent
 
     async def find(self, address: str) -> Mailbox | None:
         """The mailbox at `address`, or None (also for a malformed address)."""
@@ -263,12 +294,7 @@ class MailboxService:
             if not access.is_owner:
                 raise MailApiError(DENIED, "only the owner may delete this mailbox")
             box = access.mailbox.id
-            # Locked first (PostgreSQL), so mail put in the outbox meanwhile (which holds
-            # the row: thd_mailbox(hold=True)) is counted below or finds no mailbox.
-            conn.execute(select(_b.id).where(_b.id == box).with_for_update())
-            if conn.execute(select(mailapi_mail.c.id).where(
-                    mailapi_mail.c.mailbox_id == box,
-                    mailapi_mail.c.status == OUTBOX_STATUS).limit(1)).first() is not None:
+            if _thd_outbox_waiting(conn, box):
                 raise MailApiError(CONFLICT, "this mailbox has mail waiting to be sent; "
                                    "delete it once its outbox is empty")
             conn.execute(delete(mailboxes).where(_b.id == box))
