@@ -611,11 +611,14 @@ class SendTests(TestCase):
     async def test_an_encoded_word_in_the_subject_adds_no_header_field(self) -> None:
         """The `email` package decodes RFC 2047 words in a Subject, and Python 3.11.7 wrote a
         decoded CR LF out as it is (CVE-2024-6923): this subject added Bcc and Content-Type
-        fields to every notification (found by an audit). It is left out of the Subject
-        (the text shows it as written)."""
+        fields to every notification (found by an audit). A bundle stored with such a
+        subject before it was refused keeps it out of the Subject (the text shows it as
+        written)."""
         subject = "=?utf-8?b?" + base64.b64encode(
             b"\r\nBcc: evil@x.test\r\nContent-Type: text/html").decode() + "?="
-        bundle_id = await self.ready_bundle(f"subject={quote(subject)}&message=See+attached.")
+        bundle_id = await self.ready_bundle()
+        await self.f.web.core.db.run("old", lambda c: c.execute(sa.update(drop_bundles).where(
+            drop_bundles.c.id == bundle_id).values(subject=subject)))
         status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
         self.assertEqual((status, body), (200, b"OK"))
         mails = self.f.spooled()
@@ -631,6 +634,23 @@ class SendTests(TestCase):
             self.assertEqual(message["Subject"], "Secure drop from alice@example.test")
             self.assertEqual(message.get_content_type(), "text/plain")
             self.assertIn(f"Subject: {subject}", message.get_content())
+
+    async def test_a_subject_whose_encoded_words_decode_to_a_line_break_is_refused(
+            self) -> None:
+        # Found by an audit: such a subject was stored and the bundle sent, its mails
+        # leaving it out of their Subject; it is the 400 of a raw line break.
+        bundle_id = await self.f.bundle("subject=before")
+        raw_break = await self.f.form("POST", "/dropbundles", "subject=a%0D%0AX%3A+y")
+        self.assertEqual(raw_break[0], 400)
+        for words in (b"\r\nBcc: evil@x.test", b"a\nb", b"\x00"):
+            subject = "Hi =?utf-8?b?" + base64.b64encode(words).decode() + "?="
+            for method, path in (("POST", "/dropbundles"), ("PUT", f"/dropbundles/{bundle_id}")):
+                self.assertEqual(await self.f.form(method, path, f"subject={quote(subject)}"),
+                                 raw_break, (method, words))
+        status, reply = await self.f.form(
+            "PUT", f"/dropbundles/{bundle_id}", "subject=" + quote("=?utf-8?q?caf=C3=A9?="))
+        self.assertEqual((status, reply["subject"]), (200, "=?utf-8?q?caf=C3=A9?="))
+        self.assertEqual([r.subject for r in self.f.bundle_rows()], ["=?utf-8?q?caf=C3=A9?="])
 
     async def test_a_notification_that_cannot_be_queued_leaves_the_bundle_unsent(
             self) -> None:

@@ -44,6 +44,7 @@ from mailcore.safedrop.model import (
     DropSent,
     TooLarge,
     check_email,
+    check_subject,
     check_telephone,
 )
 from mailcore.safedrop.service import SafedropService
@@ -118,7 +119,8 @@ _FLAG = {"type": "integer", "enum": [0, 1], "description": "0 or 1 (true/false a
 BUNDLE_BODY: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "subject": {"type": "string"},
+        "subject": {"type": "string", "description": "One line: no control character, "
+                    "its RFC 2047 encoded words decoded too (else a 400)"},
         "message": {"type": "string"},
         "secure_message": {"type": "string", "description": "Write-only; encrypted at rest"},
         "expiry_date": {"type": ["string", "null"], "format": "date-time",
@@ -216,9 +218,9 @@ def bundle_changes(data: Mapping[str, Any]) -> dict[str, Any]:
     _refuse_unknown(data, BUNDLE_FIELDS)
     checks: dict[str, Callable[[], Any]] = {}
     if _given(data, "subject"):
-        checks["subject"] = lambda: string_field(
+        checks["subject"] = lambda: _checked(check_subject, string_field(
             data, "subject", required=False, allow_blank=True, max_length=MAX_SUBJECT,
-            line=True) or ""
+            line=True) or "")
     for name in ("message", "secure_message"):
         if _given(data, name):
             checks[name] = lambda name=name: string_field(  # type: ignore[misc]

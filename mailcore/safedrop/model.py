@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailcore.config import ConfigError, is_positive_number, refuse_unknown
+from mailcore.emailpolicy import header_breaks
 from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import MailApiError
 from mailcore.smtp.address import PathError, parse_rcpt_to, relay_refusal
+from mailcore.text import CONTROL_CHARACTER
 
 RECEIPT_VALUES = (0, 1, 2, 3, 4)
 DEFAULT_RECEIPT_WHEN = 4
@@ -122,6 +124,15 @@ def check_email(value: str) -> str:
         raise DropError("email", "Enter a valid email address (a fully qualified domain, "
                         "a dot-atom local part).") from None
     return str(mailbox)
+
+
+def check_subject(value: str) -> str:
+    """A bundle's subject (one line, no control character: the web layer checks that), or
+    DropError("subject") when its RFC 2047 encoded words decode to a control character,
+    as a raw one is refused: every mail of the drop would leave it out of its Subject."""
+    if header_breaks("Subject", value):
+        raise DropError("subject", CONTROL_CHARACTER)
+    return value
 
 
 def check_telephone(value: str) -> str:
