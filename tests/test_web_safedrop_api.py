@@ -408,11 +408,30 @@ class BundleFieldTests(TestCase):
                          [("kept", "important text")])
 
     async def test_expiry_date_round_trips_and_empty_means_never(self) -> None:
-        bundle_id = await self.f.bundle("expiry_date=2010-12-19T16%3A39%3A57-08%3A00")
+        bundle_id = await self.f.bundle("expiry_date=2030-12-19T16%3A39%3A57-08%3A00")
         _, _, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}")
-        self.assertEqual(reply["expiry_date"], "2010-12-20T00:39:57Z")
+        self.assertEqual(reply["expiry_date"], "2030-12-20T00:39:57Z")
         status, reply = await self.f.form("PUT", f"/dropbundles/{bundle_id}", "expiry_date=")
         self.assertEqual((status, reply["expiry_date"]), (200, None))
+
+    async def test_an_expiry_date_already_passed_is_refused(self) -> None:
+        # Found by an audit: it was stored (and the sweep deleted the drop, never sent,
+        # files and all), the send alone refusing it. START is 2023-11-14T22:13:20Z.
+        bundle_id = await self.f.bundle("subject=kept")
+        for date in ("0001-01-01T00%3A00%3A00%2B00%3A00", "2023-11-14T22%3A13%3A19Z",
+                     "2023-11-14T22%3A13%3A20Z", "2023-11-14T23%3A13%3A19%2B01%3A00"):
+            for method, path in (("POST", "/dropbundles"), ("PUT", f"/dropbundles/{bundle_id}")):
+                status, reply = await self.f.form(method, path,
+                                                  f"subject=changed&expiry_date={date}")
+                self.assertEqual((status, reply), (400, {
+                    "error": "expiry_date: The expiry date has passed.",
+                    "errors": {"expiry_date": ["The expiry date has passed."]}}),
+                    (method, date))
+        self.assertEqual([(r.subject, r.expiry_date) for r in self.f.bundle_rows()],
+                         [("kept", None)])
+        status, reply = await self.f.form("PUT", f"/dropbundles/{bundle_id}",
+                                          "expiry_date=2023-11-14T22%3A13%3A21Z")
+        self.assertEqual((status, reply["expiry_date"]), (200, "2023-11-14T22:13:21Z"))
 
     async def test_unknown_ids_and_other_users_bundles_are_404(self) -> None:
         bundle_id = await self.f.bundle()
@@ -728,7 +747,9 @@ class SendTests(TestCase):
                           "email=a%40b.test")
         status, _, reply = await self.f.call("GET", f"/dropbundles/{empty}?send")
         self.assertEqual((status, list(reply["errors"])), (400, ["files"]))
-        past = await self.ready_bundle("expiry_date=2020-01-01T00%3A00%3A00Z")
+        # START is 2023-11-14T22:13:20Z: a minute to go, then past.
+        past = await self.ready_bundle("expiry_date=2023-11-14T22%3A14%3A20Z")
+        self.f.web.clock.advance(120)
         status, _, reply = await self.f.call("GET", f"/dropbundles/{past}?send")
         self.assertEqual((status, list(reply["errors"])), (400, ["expiry_date"]))
         self.assertEqual(self.f.spooled(), [])

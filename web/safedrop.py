@@ -44,6 +44,7 @@ from mailcore.safedrop.model import (
     DropSent,
     TooLarge,
     check_email,
+    check_expiry,
     check_subject,
     check_telephone,
 )
@@ -124,7 +125,8 @@ BUNDLE_BODY: dict[str, Any] = {
         "message": {"type": "string"},
         "secure_message": {"type": "string", "description": "Write-only; encrypted at rest"},
         "expiry_date": {"type": ["string", "null"], "format": "date-time",
-                        "description": "RFC 3339; empty or null: never expires"},
+                        "description": "RFC 3339, still to come (a date passed is a 400); "
+                        "empty or null: never expires"},
         "email_receipt_when": {
             "type": "integer", "enum": list(RECEIPT_VALUES),
             "description": "0 never; 1 each open; 2 first open per recipient; 3 each "
@@ -213,8 +215,9 @@ def _given(data: Mapping[str, Any], name: str) -> bool:
     return name in data
 
 
-def bundle_changes(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle fields given in `data`, checked and typed (all bad fields at once)."""
+def bundle_changes(data: Mapping[str, Any], now: datetime.datetime) -> dict[str, Any]:
+    """The bundle fields given in `data`, checked and typed (all bad fields at once); an
+    expiry date must be after `now`."""
     _refuse_unknown(data, BUNDLE_FIELDS)
     checks: dict[str, Callable[[], Any]] = {}
     if _given(data, "subject"):
@@ -231,7 +234,8 @@ def bundle_changes(data: Mapping[str, Any]) -> dict[str, Any]:
             data, "password", required=False, allow_blank=True, trim=False,
             max_length=MAX_PASSWORD_LENGTH) or ""
     if _given(data, "expiry_date"):
-        checks["expiry_date"] = lambda: parse_rfc3339("expiry_date", data["expiry_date"])
+        checks["expiry_date"] = lambda: _checked(
+            check_expiry, parse_rfc3339("expiry_date", data["expiry_date"]), now)
     if _given(data, "email_receipt_when"):
         checks["email_receipt_when"] = lambda: _receipt_when(data)
     for name in ("read_remove", "allow_comments", "require_token_auth"):
@@ -273,9 +277,10 @@ def recipient_changes(data: Mapping[str, Any], *, creating: bool) -> dict[str, A
     return collect_fields(checks)
 
 
-def _checked(check: Callable[[str], str], value: str) -> str:
+def _checked(check: Callable[..., T], *args: Any) -> T:
+    """`check(*args)`, a DropError of the model being the 400 of the field it names."""
     try:
-        return check(value)
+        return check(*args)
     except DropError as e:
         raise field_error(e.field or "", e.message) from None
 
@@ -437,7 +442,7 @@ class SafedropApp(ApiApp):
     )
     async def create_bundle(self, request: IRequest) -> bytes:
         principal = await self.principal(request)
-        changes = bundle_changes(self._input(request))
+        changes = bundle_changes(self._input(request), self.drops.now())
         bundle = await self._do(self.drops.create_bundle(principal.user.id, changes))
         return self.reply(request, bundle_json(bundle))
 
@@ -474,7 +479,7 @@ class SafedropApp(ApiApp):
     )
     async def update_bundle(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)
-        changes = bundle_changes(self._input(request))
+        changes = bundle_changes(self._input(request), self.drops.now())
         bundle = await self._do(self.drops.update_bundle(principal.user.id, bundle_id, changes))
         return self.reply(request, bundle_json(bundle))
 

@@ -135,6 +135,16 @@ def check_subject(value: str) -> str:
     return value
 
 
+def check_expiry(value: datetime.datetime | None, now: datetime.datetime
+                 ) -> datetime.datetime | None:
+    """A bundle's expiry date (None: never) if it is still to come at `now`, or
+    DropError("expiry_date"): a drop past it is never sent, and one never sent is deleted
+    once past it (`[safedrop] sweep_interval`)."""
+    if value is not None and value <= now:
+        raise DropError("expiry_date", "The expiry date has passed.")
+    return value
+
+
 def check_telephone(value: str) -> str:
     """International digits without "+" ("" for none), or DropError("telephone")."""
     text = value.strip()

@@ -20,6 +20,7 @@ from mailcore.safedrop.model import (
     DropSent,
     TooLarge,
     bundle_full,
+    check_expiry,
 )
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
@@ -260,8 +261,7 @@ def claim_send_txn(
     if not files:
         raise DropError("files", "Add at least one file before sending.")
     bundle = bundle_of(row)
-    if bundle.expiry_date is not None and bundle.expiry_date <= now:
-        raise DropError("expiry_date", "The expiry date has passed.")
+    check_expiry(bundle.expiry_date, now)
     done = conn.execute(
         sa.update(drop_bundles)
         .where(drop_bundles.c.id == bundle_id, drop_bundles.c.sent_at.is_(None))
