@@ -19,6 +19,7 @@ it StubTreq).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +52,8 @@ KNOWN_ACTIONS = (
 )
 MAX_REPLY = 1024 * 1024
 _MAX_SYMBOLS = 1000
+# A chunk's size: hex digits only (int(text, 16) also takes a sign, "0x" and "_").
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class _TooLarge(Exception):
@@ -163,10 +166,9 @@ def _dechunk(data: bytes, closed: bool, code: int) -> tuple[int, bytes] | None:
         if eol < 0:
             break
         size_text = data[pos:eol].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ProtocolViolation(f"bad chunk size {size_text[:20]!r}") from None
+        if _CHUNK_SIZE.fullmatch(size_text) is None:
+            raise ProtocolViolation(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
             return code, b"".join(out)
         if len(data) < eol + 2 + size + 2:

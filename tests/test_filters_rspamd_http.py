@@ -99,6 +99,21 @@ class OneShotHTTPTests(TestCase):
                 protocol.connectionLost(None)
             self.failureResultOf(d, FilterError)
 
+    def test_a_chunk_size_that_is_not_hex_digits_is_refused(self) -> None:
+        # int(text, 16) also reads a sign, "0x" and "_": "-2" was taken as an empty chunk
+        # (the chunks after it made a verdict) and "-6" sent the parser back to the same
+        # size line for ever, on the reactor thread, its list of chunks growing.
+        whole = b"%x\r\n%s\r\n0\r\n\r\n" % (len(REPLY), REPLY)
+        for size in (b"-2", b"+0", b"0x0", b"0_0", b"-6", b"-4"):
+            index = len(self.reactor.tcpClients)
+            d = self.scan()
+            protocol, transport = self.connect(index)
+            protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  + size + b"\r\n" + whole)
+            reason = self.failureResultOf(d, FilterError).value.reason
+            self.assertIn("bad chunk size", reason)
+            self.assertTrue(transport.disconnecting)
+
     def test_a_reply_over_the_limit_is_refused_and_the_connection_dropped(self) -> None:
         d = self.scan()
         protocol, transport = self.connect()
