@@ -164,8 +164,8 @@ class Exchange(Protocol):
             return
         try:
             reply = self.reply_complete(bytes(self.buffer), closed=False)
-        except ProtocolViolation:
-            self._finish(Failure())
+        except Exception as e:
+            self._finish(_violation(e))
             self._abort()
             return
         if reply is not None:
@@ -179,8 +179,8 @@ class Exchange(Protocol):
             return
         try:
             reply = self.reply_complete(bytes(self.buffer), closed=True)
-        except ProtocolViolation:
-            self._finish(Failure())
+        except Exception as e:
+            self._finish(_violation(e))
             return
         if reply is None:
             what = "before replying" if not self.buffer else "in the middle of the reply"
@@ -255,6 +255,16 @@ class _OneProtocol(Factory):
 
     def buildProtocol(self, addr: Any) -> Exchange:
         return self.protocol_instance
+
+
+def _violation(e: Exception) -> Failure:
+    """A parser's exception as the exchange's failure: a ProtocolViolation as it is, any
+    other (int() of a 5,000-digit or a non-ASCII number, ...) as a ProtocolViolation naming
+    it, so a garbled reply fails the exchange at once rather than escaping from
+    dataReceived and leaving the scan to its deadline."""
+    if isinstance(e, ProtocolViolation):
+        return Failure(e)
+    return Failure(ProtocolViolation(f"unreadable reply ({type(e).__name__}: {_why(e)[:120]})"))
 
 
 def _why(e: BaseException) -> str:

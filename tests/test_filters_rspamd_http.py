@@ -114,6 +114,19 @@ class OneShotHTTPTests(TestCase):
             self.assertIn("bad chunk size", reason)
             self.assertTrue(transport.disconnecting)
 
+    def test_a_content_length_int_cannot_read_is_a_filter_error_at_once(self) -> None:
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 11333)
+        http = OneShotHTTP(endpoint, Address("127.0.0.1", 11333), max_reply=16384)
+        self.client = RspamdClient(http, self.reactor, url="http://127.0.0.1:11333",
+                                   timeout=5.0)
+        d = self.scan()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000
+                              + b"2\r\n\r\n{}")
+        self.assertIn("unreadable reply (ValueError",
+                      self.failureResultOf(d, FilterError).value.reason)
+        self.assertTrue(transport.disconnecting)
+
     def test_a_reply_over_the_limit_is_refused_and_the_connection_dropped(self) -> None:
         d = self.scan()
         protocol, transport = self.connect()

@@ -134,6 +134,20 @@ class SpamdProtocolTests(TestCase):
                       str(self.failureResultOf(d, FilterError).value))
         self.assertTrue(self.endpoint.transports[0].disconnecting)
 
+    def test_a_number_int_cannot_read_fails_the_scan_at_once(self) -> None:
+        # "²" is a digit to str.isdigit and not to int(); int() refuses over 4,300 digits.
+        # The ValueError escaped from dataReceived (and again from connectionLost), and the
+        # scan waited for its deadline.
+        for reply in (b"SPAMD/1.1 0 EX_OK\r\nContent-length: \xc2\xb2\r\n"
+                      b"Spam: True ; 6.0 / 5.0\r\n\r\nGTUBE",
+                      b"SPAMD/1.1 " + b"7" * 5000 + b" EX_OK\r\n"):
+            d = self.start(self.client(timeout=30))
+            self.endpoint.protocols[-1].dataReceived(reply)
+            failure = self.failureResultOf(d, FilterError)
+            self.assertIn("unreadable reply (ValueError", failure.value.reason)
+            self.assertTrue(self.endpoint.transports[-1].disconnecting)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_endless_status_line(self) -> None:
         d = self.start(self.client())
         self.endpoint.protocols[0].dataReceived(b"S" * 600)
