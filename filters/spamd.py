@@ -8,6 +8,7 @@ rule names (for REPORT, a table with each rule's points). `PING` checks health.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +131,8 @@ def verdict_from_reply(name: str, command: str, reply: SpamdReply) -> Verdict:
         raise FilterError(name, f"cannot parse Spam header {spam_header[:80]!r}")
     is_spam = match.group(1).lower() in ("true", "yes")
     score, threshold = float(match.group(2)), float(match.group(3))
+    if not (math.isfinite(score) and math.isfinite(threshold)):  # 309 digits make inf
+        raise FilterError(name, f"score out of range in Spam header {spam_header[:80]!r}")
     text = reply.body.decode("utf-8", "replace")
     symbols: tuple[Symbol, ...] = ()
     if command == "SYMBOLS":

@@ -119,6 +119,17 @@ class SpamdProtocolTests(TestCase):
         self.reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe\r\n\r\n")
         self.assertIn("cannot parse Spam header", str(self.failureResultOf(d, FilterError).value))
 
+    def test_a_score_too_large_for_a_float_is_refused(self) -> None:
+        # 400 digits are inf to float(): the verdict's score was inf (NaN when the threshold
+        # was as long), and the tags said "X-Spam-Score: inf".
+        huge = b"9" * 400
+        for spam in (b"True ; %s / 5.0" % huge, b"False ; -%s / 5.0" % huge,
+                     b"True ; %s / %s" % (huge, huge)):
+            d = self.start(self.client(command="CHECK"))
+            self.reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: " + spam + b"\r\n\r\n")
+            self.assertIn("score out of range",
+                          str(self.failureResultOf(d, FilterError).value))
+
     def test_missing_spam_header(self) -> None:
         d = self.start(self.client(command="CHECK"))
         self.reply(b"SPAMD/1.1 0 EX_OK\r\n\r\n")
