@@ -124,15 +124,37 @@ class OneShotHTTP:
 
 class _HTTPExchange(RequestExchange):
     """Writes one request; the reply is complete at its Content-Length, at the end of its
-    chunks, or (with neither) when rspamd closes."""
+    chunks, or (with neither) when rspamd closes. The buffer only grows, so the header is
+    parsed once and each chunk once, however finely the reply arrives."""
+
+    def __init__(self, request: bytes, max_reply: int) -> None:
+        super().__init__(request, max_reply)
+        self.head: tuple[int, int, int | None] | None = None  # code, body start, length
+        self.chunks: _Chunks | None = None
 
     def reply_complete(self, buffer: bytes, closed: bool) -> tuple[int, bytes] | None:
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if closed:
-                raise ProtocolViolation("connection closed in the reply's header")
-            return None
-        lines = buffer[:end].split(b"\r\n")
+        if self.head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if closed:
+                    raise ProtocolViolation("connection closed in the reply's header")
+                return None
+            self.head = self._parse_head(buffer[:end], end + 4)
+        code, start, length = self.head
+        if self.chunks is not None:
+            body = self.chunks.feed(buffer, closed)
+            return None if body is None else (code, body)
+        if length is not None:
+            if len(buffer) - start < length:
+                if closed:
+                    raise ProtocolViolation("connection closed in the middle of the body")
+                return None
+            return code, buffer[start:start + length]
+        return (code, buffer[start:]) if closed else None
+
+    def _parse_head(self, head: bytes, start: int) -> tuple[int, int, int | None]:
+        """(code, where the body starts, Content-Length); sets up `chunks` when chunked."""
+        lines = head.split(b"\r\n")
         status = lines[0].split(b" ", 2)
         if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or not status[1].isdigit():
             raise ProtocolViolation(f"not an HTTP status line: {lines[0][:80]!r}")
@@ -142,42 +164,44 @@ class _HTTPExchange(RequestExchange):
             if not colon:
                 raise ProtocolViolation(f"bad header line {line[:80]!r}")
             fields[name.strip().lower()] = value.strip()
-        body = buffer[end + 4:]
+        code = int(status[1])
         if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            return _dechunk(body, closed, int(status[1]))
+            self.chunks = _Chunks(start)
+            return code, start, None
         length = fields.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise ProtocolViolation(f"bad Content-Length {length[:40]!r}")
-            if len(body) < int(length):
-                if closed:
-                    raise ProtocolViolation("connection closed in the middle of the body")
-                return None
-            return int(status[1]), body[: int(length)]
-        return (int(status[1]), body) if closed else None
+        if length is not None and not length.isdigit():
+            raise ProtocolViolation(f"bad Content-Length {length[:40]!r}")
+        return code, start, None if length is None else int(length)
 
 
-def _dechunk(data: bytes, closed: bool, code: int) -> tuple[int, bytes] | None:
-    """A chunked body once its last chunk has come (None before)."""
-    out: list[bytes] = []
-    pos = 0
-    while True:
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            break
-        size_text = data[pos:eol].split(b";", 1)[0].strip()
-        if _CHUNK_SIZE.fullmatch(size_text) is None:
-            raise ProtocolViolation(f"bad chunk size {size_text[:20]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            return code, b"".join(out)
-        if len(data) < eol + 2 + size + 2:
-            break
-        out.append(data[eol + 2: eol + 2 + size])
-        pos = eol + 2 + size + 2
-    if closed:
-        raise ProtocolViolation("connection closed in the middle of the chunks")
-    return None
+class _Chunks:
+    """A chunked body read as it comes: `feed` takes the reply so far and goes on from the
+    chunk it stopped at (the buffer only grows), so each chunk is parsed once."""
+
+    def __init__(self, start: int) -> None:
+        self.pos = start  # where the next chunk's size line starts
+        self.out: list[bytes] = []
+
+    def feed(self, data: bytes, closed: bool) -> bytes | None:
+        """The body once its last chunk has come (None before)."""
+        pos = self.pos
+        while True:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size_text = data[pos:eol].split(b";", 1)[0].strip()
+            if _CHUNK_SIZE.fullmatch(size_text) is None:
+                raise ProtocolViolation(f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
+            if size == 0:
+                return b"".join(self.out)
+            if len(data) < eol + 2 + size + 2:
+                break
+            self.out.append(data[eol + 2: eol + 2 + size])
+            pos = self.pos = eol + 2 + size + 2
+        if closed:
+            raise ProtocolViolation("connection closed in the middle of the chunks")
+        return None
 
 
 class _Reply:

@@ -5,6 +5,7 @@ StringTransport (the real rspamd is in tests/test_filters_rspamd.py)."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from twisted.internet import defer
@@ -69,6 +70,30 @@ class OneShotHTTPTests(TestCase):
         for i in range(len(chunks)):  # one octet at a time
             protocol.dataReceived(chunks[i:i + 1])
         self.assertEqual(self.successResultOf(d).score, 15.5)
+
+    def test_a_reply_in_many_reads_is_parsed_once(self) -> None:
+        # Each read parsed the header and every chunk so far again: work that grew with the
+        # square of the reads, on the reactor thread. Counted here in bytes.find calls (the
+        # search for each line's end) over one-octet chunks, one read each.
+        d = self.scan()
+        protocol, _transport = self.connect()
+        reads = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
+        reads += [b"1\r\n%c\r\n" % octet for octet in REPLY] + [b"0\r\n\r\n"]
+        finds = 0
+
+        def count(_frame: Any, event: str, arg: Any) -> None:
+            nonlocal finds
+            if event == "c_call" and getattr(arg, "__name__", "") == "find":
+                finds += 1
+
+        sys.setprofile(count)
+        try:
+            for data in reads:
+                protocol.dataReceived(data)
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(self.successResultOf(d).score, 15.5)
+        self.assertLess(finds, 3 * len(reads))
 
     def test_a_reply_ended_by_the_close(self) -> None:
         d = self.scan()
