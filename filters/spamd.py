@@ -35,6 +35,7 @@ _SPAM = re.compile(
 _SYMBOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _REPORT_LINE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+([A-Za-z0-9_.\-]{1,128})\s*(.*)$")
 _MAX_HEADERS = 64
+_MAX_DESCRIPTION = 200  # characters of a rule's description kept, as rspamd's
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,9 @@ def parse_report(text: str) -> tuple[Symbol, ...]:
         if match is not None:
             found.append([match.group(2), float(match.group(1)), match.group(3).strip()])
         elif found and line.startswith(" ") and line.strip():
-            found[-1][2] = f"{found[-1][2]} {line.strip()}"
-    return tuple(Symbol(n, s, d) for n, s, d in found)
+            if len(found[-1][2]) < _MAX_DESCRIPTION:  # (each line copied it whole)
+                found[-1][2] = f"{found[-1][2]} {line.strip()}"
+    return tuple(Symbol(n, s, d[:_MAX_DESCRIPTION]) for n, s, d in found)
 
 
 def _short(what: str, data: bytes) -> str:

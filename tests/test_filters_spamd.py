@@ -102,6 +102,18 @@ class SpamdProtocolTests(TestCase):
                    "A description that goes on and on and wraps onto a second line"),
         ))
 
+    def test_a_rule_description_is_kept_to_200_characters(self) -> None:
+        # Each continuation line copied the whole description so far: 87,000 lines of " x"
+        # (a 256 KiB reply) made a 174 KB description through n^2 copies, on the reactor.
+        body = REPORT_BODY + b"-0.1 WRAPS_ON                 start\n" + b" x\n" * 1000
+        d = self.start(self.client(command="REPORT"))
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: True ; 1000.0 / 5.0"
+                   b"\r\n\r\n" % len(body) + body)
+        verdict = self.successResultOf(d)
+        self.assertEqual(verdict.symbol_names,
+                         ("NO_RECEIVED", "GTUBE", "LONG_RULE", "WRAPS_ON"))
+        self.assertEqual(verdict.symbols[-1].description, ("start" + " x" * 1000)[:200])
+
     def test_spamd_error_status(self) -> None:
         d = self.start(self.client())
         self.reply(b"SPAMD/1.0 76 Bad header line: GARBAGE\r\n")
