@@ -8,6 +8,7 @@ rule names (for REPORT, a table with each rule's points). `PING` checks health.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ _SPAM = re.compile(
 _SYMBOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _REPORT_LINE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+([A-Za-z0-9_.\-]{1,128})\s*(.*)$")
 _MAX_HEADERS = 64
+_MAX_SYMBOLS = 1000  # rules kept from one reply, as rspamd's symbols
 _MAX_DESCRIPTION = 200  # characters of a rule's description kept, as rspamd's
 
 
@@ -147,13 +149,16 @@ def verdict_from_reply(name: str, command: str, reply: SpamdReply) -> Verdict:
 
 
 def parse_symbols(text: str) -> tuple[Symbol, ...]:
-    """Rule names from a SYMBOLS body (comma separated); anything not name-shaped is dropped."""
+    """Rule names from a SYMBOLS body (comma separated), the first 1,000; anything not
+    name-shaped is dropped."""
     names = (part.strip() for part in text.replace("\n", ",").split(","))
-    return tuple(Symbol(n) for n in dict.fromkeys(names) if _SYMBOL_NAME.match(n))
+    return tuple(itertools.islice(
+        (Symbol(n) for n in dict.fromkeys(names) if _SYMBOL_NAME.match(n)), _MAX_SYMBOLS))
 
 
 def parse_report(text: str) -> tuple[Symbol, ...]:
-    """Rules with their points from a REPORT body (the table after the `---- ---` rule)."""
+    """Rules with their points from a REPORT body (the table after the `---- ---` rule), the
+    first 1,000."""
     lines = text.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith("---- ")), None)
     if start is None:
@@ -162,6 +167,8 @@ def parse_report(text: str) -> tuple[Symbol, ...]:
     for line in lines[start + 1:]:
         match = _REPORT_LINE.match(line)
         if match is not None:
+            if len(found) == _MAX_SYMBOLS:
+                break
             found.append([match.group(2), float(match.group(1)), match.group(3).strip()])
         elif found and line.startswith(" ") and line.strip():
             if len(found[-1][2]) < _MAX_DESCRIPTION:  # (each line copied it whole)

@@ -102,6 +102,18 @@ class SpamdProtocolTests(TestCase):
                    "A description that goes on and on and wraps onto a second line"),
         ))
 
+    def test_at_most_1000_rules_are_kept(self) -> None:
+        # A 256 KiB SYMBOLS reply names 39,000 rules: they all went into the X-Spam-Status
+        # added to the relayed mail (272 KB of header), where rspamd's are cut to 1,000.
+        names = b",".join(b"R%d" % i for i in range(1500))
+        table = b"---- ---\n" + b"".join(b"0.1 R%d x\n" % i for i in range(1500))
+        for command, body in (("SYMBOLS", names), ("REPORT", table)):
+            d = self.start(self.client(command=command))
+            self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: True ; 6.0 / 5.0"
+                       b"\r\n\r\n" % len(body) + body)
+            verdict = self.successResultOf(d)
+            self.assertEqual(verdict.symbol_names, tuple(f"R{i}" for i in range(1000)))
+
     def test_a_rule_description_is_kept_to_200_characters(self) -> None:
         # Each continuation line copied the whole description so far: 87,000 lines of " x"
         # (a 256 KiB reply) made a 174 KB description through n^2 copies, on the reactor.
