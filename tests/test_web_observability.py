@@ -198,39 +198,33 @@ class AccessLogTests(TestCase):
         self.assertEqual(rule.target(b"/d/s3cr3t"), "/d/[redacted]")
         self.assertEqual(rule.target(b"/drop/42"), "/drop/42")
 
-    def test_an_absolute_form_request_for_a_drop_link_is_logged_without_its_token(
-        self
-    ) -> None:
+    def assert_drop_link_logged_as(self, target: str, shown: str) -> None:
+        """A GET of `target` ({token} in it) through the real site is logged as `shown`."""
         web = Web.build()
         token = "T0k" * 14 + "x"
         protocol = build_site(web.core).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
         assert protocol is not None
         transport = StringTransport()
         protocol.makeConnection(transport)
-        protocol.dataReceived(f"GET http://127.0.0.1/drop/{token}/files/1 HTTP/1.1\r\n"
+        protocol.dataReceived(f"GET {target.format(token=token)} HTTP/1.1\r\n"
                               "Host: 127.0.0.1\r\n\r\n".encode())
         self.assertIn(b"HTTP/1.1 ", transport.value())
         [event] = self.events
-        self.assertEqual(event["target"], "http://127.0.0.1/drop/[redacted]/files/1")
+        self.assertEqual(event["target"], shown)
         self.assertNotIn(token, event[TEXT_KEY])
         protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_an_absolute_form_request_for_a_drop_link_is_logged_without_its_token(
+        self
+    ) -> None:
+        self.assert_drop_link_logged_as("http://127.0.0.1/drop/{token}/files/1",
+                                        "http://127.0.0.1/drop/[redacted]/files/1")
 
     def test_a_drop_link_with_an_encoded_slash_is_logged_without_its_token(self) -> None:
         """`/drop%2FTOKEN` is routed as `/drop/TOKEN` (the router decodes `%2F`), so the
         log hides the segment after an encoded slash as after a plain one."""
-        web = Web.build()
-        token = "T0k" * 14 + "x"
-        protocol = build_site(web.core).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
-        assert protocol is not None
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(f"GET /drop%2F{token}%2Ffiles%2F1 HTTP/1.1\r\n"
-                              "Host: 127.0.0.1\r\n\r\n".encode())
-        self.assertIn(b"HTTP/1.1 ", transport.value())
-        [event] = self.events
-        self.assertEqual(event["target"], "/drop%2F[redacted]%2Ffiles%2F1")
-        self.assertNotIn(token, event[TEXT_KEY])
-        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assert_drop_link_logged_as("/drop%2F{token}%2Ffiles%2F1",
+                                        "/drop%2F[redacted]%2Ffiles%2F1")
         for uri, shown in [
             (b"/Drop%2ft0k", "/Drop%2f[redacted]"),
             (b"/quarantine%2Frelease/t0k?x=1", "/quarantine%2Frelease/[redacted]?x=1"),
