@@ -56,6 +56,16 @@ class CompletenessTests(TestCase):
         ]:
             self.assertIn(expected, served)
 
+    async def test_a_reply_with_two_bodies_documents_both(self) -> None:
+        """`GET /dropbundles/ID?send` answers `200 text/plain` `OK` where the same route
+        shows a bundle as JSON; the fuzz test (schemathesis) failed a send that worked as
+        an undocumented Content-Type."""
+        web = Web.build()
+        _, _, doc = await web.call("GET", "/openapi.json")
+        content = doc["paths"]["/dropbundles/{bundle_id}"]["get"]["responses"]["200"]["content"]
+        self.assertEqual(sorted(content), ["application/json", "text/plain"])
+        self.assertEqual(content["text/plain"]["schema"], {"type": "string", "enum": ["OK"]})
+
     async def test_operations_are_well_formed(self) -> None:
         web = Web.build()
         _, _, doc = await web.call("GET", "/openapi.json")

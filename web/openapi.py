@@ -66,6 +66,8 @@ class Reply:
     schema: Mapping[str, Any] | None = None
     content_type: str = "application/json"
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Other bodies the same status may carry: content type -> schema.
+    alternatives: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,8 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
         entry: dict[str, Any] = {"description": reply.description}
         if reply.schema is not None:
             entry["content"] = {reply.content_type: {"schema": dict(reply.schema)}}
+        for content_type, schema in reply.alternatives.items():
+            entry.setdefault("content", {})[content_type] = {"schema": dict(schema)}
         if reply.headers:
             entry["headers"] = {
                 name: {"description": text, "schema": {"type": "string"}}

@@ -456,7 +456,8 @@ class SafedropApp(ApiApp):
         "a 400.",
         auth=SAFEDROP,
         query={"send": {"type": "string", "description": "Present: send the bundle"}},
-        replies={200: Reply("The bundle (or `OK` after sending)", BUNDLE_SCHEMA)},
+        replies={200: Reply("The bundle (or `OK` after sending)", BUNDLE_SCHEMA,
+                            alternatives={"text/plain": {"type": "string", "enum": ["OK"]}})},
     )
     async def show_bundle(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)
