@@ -50,11 +50,14 @@ class AddressRefused(Exception):
     """A connection would go to an address the operator does not allow (or nowhere).
 
     `reasons` maps each refused address to why it was refused (empty when the host did
-    not resolve)."""
+    not resolve). `public` is the message without the addresses, for users: which
+    addresses a name resolves to is the operator's to know (it would map internal names)."""
 
-    def __init__(self, message: str, reasons: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, reasons: dict[str, str] | None = None,
+                 public: str | None = None) -> None:
         super().__init__(message)
         self.reasons: dict[str, str] = dict(reasons or {})
+        self.public = message if public is None else public
 
 
 class AddressCheck(Protocol):
@@ -196,6 +199,7 @@ class GuardedEndpoint:
             raise AddressRefused(
                 f"{host} ({', '.join(sorted(set(addresses)))}) {self.refusal}",
                 {a: r for a, r in reasons.items() if r is not None},
+                public=f"{host} {self.refusal}",
             )
         last: BaseException | None = None
         for address in allowed:

@@ -1034,13 +1034,11 @@ async def connect_to(
     except AddressRefused as e:
         # The error reaches the user (an account's sync error, a job's reason, the APIs):
         # the addresses the host resolved to go to the operator's log only.
-        why = str(e)
         if e.reasons:
             log.info("fetch: refused a connection to {host}:{port}: {error}: {reasons}",
-                     host=spec.host, port=spec.port, error=why, reasons=e.reasons)
-            why = f"{spec.host} {REFUSAL}"
-        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {why} (the operator's "
-                            "[fetch] address policy)") from None
+                     host=spec.host, port=spec.port, error=str(e), reasons=e.reasons)
+        raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e.public} (the "
+                            "operator's [fetch] address policy)") from None
     except Exception as e:
         raise ConnectFailed(f"cannot connect to {spec.host}:{spec.port}: {e}") from None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -20,7 +19,6 @@ from twisted.python.failure import Failure
 from mailcore.fetch.secrets import SecretError
 from mailcore.netpolicy import AddressRefused
 from mailcore.webhooks.client import (
-    REFUSAL,
     SNIPPET_BYTES,
     USER_AGENT,
     AnswerTooLong,
@@ -256,20 +254,20 @@ class WebhookSender(Service):
         except AttemptTimedOut:
             return Outcome(error=f"no answer within {self.settings.timeout:g} s")
         except AddressRefused as e:
-            return self._refused(item, url, e)
+            return self._refused(item, e)
         except defer.CancelledError:
             raise
         except Exception as e:
             reasons = getattr(e, "reasons", None)
             if reasons and isinstance(reasons[0].value, AddressRefused):
-                return self._refused(item, url, reasons[0].value)
+                return self._refused(item, reasons[0].value)
             return Outcome(error=_describe(e))
         code = int(response.code)
         if 200 <= code < 300:
             return Outcome(status_code=code)
         return Outcome(status_code=code, error=f"HTTP {code}" + (f": {text}" if text else ""))
 
-    def _refused(self, item: Due, url: str, error: AddressRefused) -> Outcome:
+    def _refused(self, item: Due, error: AddressRefused) -> Outcome:
         """The outcome of a connection the address policy refused. A name that does not
         resolve (or a resolver that failed) may resolve later: only the operator's refusal of
         the addresses is final. Which addresses a name resolves to is for the operator's log,
@@ -278,8 +276,7 @@ class WebhookSender(Service):
             return Outcome(error=str(error))
         log.info("webhook {webhook} delivery {id}: {error}: {reasons}", webhook=item.webhook_id,
                  id=item.id, error=str(error), reasons=error.reasons)
-        host = urlsplit(url).hostname or url
-        return Outcome(error=f"{host} {REFUSAL}", refused=True)
+        return Outcome(error=error.public, refused=True)
 
     async def _bounded(self, d: Deferred[Any]) -> Any:
         """`d`'s result, or AttemptTimedOut (and `d` cancelled) after the timeout."""
