@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.fetch import imap
 from mailcore.fetch.bulk import ReplyReader, parse_fetch_reply, parse_internaldate
 from mailcore.fetch.errors import LiteralTooLarge, ProtocolFailed
+from mailcore.fetch.imap import ARRIVING as _ARRIVING
 from mailcore.fetch.imap import (
     FetchItem,
     IMAPClient,
@@ -29,7 +30,7 @@ from mailcore.fetch.imap import (
     parse_fetch_lean,
 )
 from mailcore.fetch.jobs import TransientJobError
-from mailcore.fetch.migrate import _ARRIVING, MailboxCopier
+from mailcore.fetch.migrate import MailboxCopier
 
 BODIES = {7: b"Subject: a\r\n\r\none {3}\r\n)(\r\n", 8: b"Subject: \xe9\r\n\r\n\x00\xff",
           9: b"x" * 5000}

@@ -17,8 +17,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch import imap
-from mailcore.fetch.engine import _ARRIVING, SyncResult
+from mailcore.fetch.engine import SyncResult
 from mailcore.fetch.errors import LiteralTooLarge, ProtocolFailed
+from mailcore.fetch.imap import ARRIVING as _ARRIVING
 from mailcore.fetch.imap import (
     FolderListing,
     IMAPClient,

@@ -42,6 +42,7 @@ from mailcore.fetch.errors import (
     ProtocolFailed,
 )
 from mailcore.fetch.imap import (
+    ARRIVING,
     FetchItem,
     IMAPClient,
     RemoteFolder,
@@ -79,9 +80,6 @@ _Parsed = tuple[list[FetchedMessage], list[ParsedMessage]]
 TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
-# FETCH replies a flag fetch (CHANGEDSINCE) takes beyond the folder's EXISTS (mail arriving
-# meanwhile); a server sending more ends the session.
-_ARRIVING = 10_000
 _BODY_ITEMS = b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
 # A fetched batch of at least this many messages is parsed in a CPU worker process.
 _PROCESS_PARSE_MIN = 50
@@ -662,7 +660,7 @@ class SyncEngine:
                 items = await session.uid_fetch(
                     b"1:%d" % max_uid, b"UID FLAGS",
                     b"CHANGEDSINCE %d" % state.highestmodseq,
-                    max_items=info.exists + _ARRIVING,
+                    max_items=info.exists + ARRIVING,
                 )
                 changes.update({i.uid: i.flags for i in items
                                 if i.uid is not None and i.flags is not None})

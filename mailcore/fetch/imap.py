@@ -78,6 +78,9 @@ MAX_DELIMITER = 4
 # mod-sequence is below 2^63 (what a BIGINT holds).
 MAX_NUMBER = 2**32 - 1
 MAX_MODSEQ = 2**63 - 1
+# FETCH replies a UID FETCH of a set takes beyond the folder's EXISTS (mail arriving
+# meanwhile), its `max_items`; a server sending more ends the session.
+ARRIVING = 10_000
 # Why a connection to an account's host is refused (after the host; which addresses it
 # resolved to are the operator's, never the user's: they would map internal names).
 REFUSAL = "is where this server does not connect"

@@ -53,7 +53,7 @@ from mailcore.fetch.errors import (
     FetchTimeout,
     TLSFailed,
 )
-from mailcore.fetch.imap import IMAPClient, ServerSpec, number, open_session
+from mailcore.fetch.imap import ARRIVING, IMAPClient, ServerSpec, number, open_session
 from mailcore.fetch.jobs import (
     Job,
     JobFailed,
@@ -89,8 +89,6 @@ _m = messages.c
 _i = mailbox_job_items.c
 # Flags that belong to a session, not to a message: never sent with an APPEND.
 _SESSION_FLAGS = {"\\RECENT"}
-# FETCH replies taken beyond a destination folder's EXISTS (mail arriving meanwhile).
-_ARRIVING = 10_000
 
 
 @dataclass
@@ -384,7 +382,7 @@ class MailboxCopier:
             return uidvalidity, []
         # One FETCH reply a message: those EXAMINE counted, and a margin for mail arriving.
         items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE",
-                                               max_items=exists + _ARRIVING))
+                                               max_items=exists + ARRIVING))
         return uidvalidity, [(i.uid, i.size or 0, i.internal_date) for i in items
                              if i.uid is not None]
 
