@@ -192,7 +192,7 @@ class SafedropSettings:
         for key in ("max_file_size", "max_bundle_size", "max_user_size"):
             if key in section:
                 v = section[key]
-                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                if not is_positive_number(v, integer=True):
                     raise ConfigError(f"[safedrop] {key} must be a positive number of bytes")
                 values[key] = v
         for key in ("sweep_interval", "unsent_max_age"):
@@ -203,7 +203,7 @@ class SafedropSettings:
                 values[key] = float(v)
         if "max_recipients" in section:
             v = section["max_recipients"]
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 100_000:
+            if not is_positive_number(v, integer=True) or v > 100_000:
                 raise ConfigError("[safedrop] max_recipients must be a whole number from 1 to "
                                   "100000")
             values["max_recipients"] = v
