@@ -34,7 +34,6 @@ from mailcore.fetch.settings import FetchSettings
 from mailcore.gateway.domains import DomainService
 from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings, ToKeep
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
-from mailcore.mailapi.mail import OUTBOX, SENT
 from mailcore.mailapi.outbox import OUTBOX_POLL, OutboxSender
 from mailcore.messages.store import MessageStore
 from mailcore.queue.spool import Withdrawn
@@ -53,6 +52,7 @@ from mailcore.store.schema import (
     users,
     webhook_deliveries,
 )
+from mailcore.store.schema.mailapi import OUTBOX, SENT
 from mailcore.webhooks import Webhooks, WebhookSender, WebhookSettings
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin

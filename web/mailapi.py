@@ -54,9 +54,7 @@ from mailcore.mailapi import (
 from mailcore.mailapi.files import TOO_LARGE, StoredFile
 from mailcore.mailapi.mail import (
     DEFAULT_COUNT,
-    DRAFT,
     FIELDS,
-    INBOX,
     MAX_COUNT,
     MAX_RECIPIENTS,
     MAX_SUBJECT,
@@ -66,6 +64,7 @@ from mailcore.mailapi.mail import (
     Outcome,
     Written,
 )
+from mailcore.store.schema.mailapi import DRAFT, INBOX
 from mailcore.uploads import CHUNK, shielded
 from web.api import ApiApp
 from web.auth import MAIL_API, CredentialResolver

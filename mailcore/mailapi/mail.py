@@ -70,14 +70,13 @@ from mailcore.store import Database
 from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
-from mailcore.store.schema.mailapi import mailapi_outbox_seq
+from mailcore.store.schema.mailapi import DRAFT, INBOX, OUTBOX, mailapi_outbox_seq
 from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
 log = Logger()
 
-DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
 DEFAULT_COUNT = 25
 # Mail whose fields (header fields and body) and attachments together are larger is built
 # before its transaction.

@@ -21,11 +21,9 @@ from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.store import Database
 from mailcore.store.schema import domains, mailapi_mail, mailbox_grants, mailboxes, users
+from mailcore.store.schema.mailapi import OUTBOX
 
 RIGHTS = ("allow_read", "allow_send", "allow_reply_to", "allow_delete", "allow_modify")
-
-# mailcore.mailapi.mail.OUTBOX (which imports this module): mail waiting to be sent.
-OUTBOX_STATUS = "outbox"
 
 _b = mailboxes.c
 _g = mailbox_grants.c
@@ -122,7 +120,7 @@ def _thd_outbox_waiting(conn: Connection, box: int) -> int:
     conn.execute(select(_b.id).where(_b.id == box).with_for_update())
     return int(conn.execute(select(func.count()).select_from(mailapi_mail).where(
         mailapi_mail.c.mailbox_id == box,
-        mailapi_mail.c.status == OUTBOX_STATUS)).scalar_one())
+        mailapi_mail.c.status == OUTBOX)).scalar_one())
 
 
 def thd_mailbox(conn: Connection, address: str, *, hold: bool = False) -> Mailbox | None:

@@ -44,13 +44,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
-from mailcore.mailapi.mail import OUTBOX, SENT
 from mailcore.queue.model import Result, thd_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
 from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
+from mailcore.store.schema.mailapi import OUTBOX, SENT
 
 log = Logger()
 

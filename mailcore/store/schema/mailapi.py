@@ -57,6 +57,9 @@ mailbox_grants = Table(
     Index("ix_mailbox_grants_user_id", "user_id"),
 )
 
+# The values of `mailapi_mail.status`; every module that reads or writes it takes them here.
+DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
+
 # `status`: draft, outbox, sent or inbox. Address fields are comma-separated addresses as
 # given. `raw` is the message as handed to the queue (outbox, sent); an inbox message as
 # received is the file `raw_sha256` names (mailcore.mailapi.files: one file for every
