@@ -1,6 +1,6 @@
 """Dropmyemail's index of the backup (mailcore.backup.index): attachments described by
 libmagic once, signature phones read once, existing backups backfilled by the indexer's
-passes; attachments cut from the raw message a slice at a time (mailcore.backup.parts) and
+passes; attachments cut from the raw message a slice at a time (mailcore.messages.parts) and
 sent as streamed base64 holding about one copy of the message."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from mailcore.backup import index as index_module
-from mailcore.backup import parts
 from mailcore.backup.contacts import contact_id
 from mailcore.backup.signature import signature_phone
+from mailcore.messages import parts
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.parse import extract_part, parse_message
 from mailcore.store.schema import fetch_folders, message_attachments, messages

@@ -31,9 +31,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mailcore.backup import parts
 from mailcore.backup.signature import MAX_TEXT, signature_phone
-from mailcore.messages import MessageStore
+from mailcore.messages import MessageStore, parts
 from mailcore.messages.parse import MimeLimits, extract_part
 from mailcore.periodic import InFlight
 from mailcore.store import Database
@@ -58,7 +57,7 @@ def describe(content: bytes) -> str:
 
 def _head(raw: bytes, part_path: str, limits: MimeLimits) -> bytes | None:
     """The first MAGIC_BYTES of the attachment's decoded bytes, cut without building the
-    MIME tree when the part decodes cleanly (mailcore.backup.parts), else by the email
+    MIME tree when the part decodes cleanly (mailcore.messages.parts), else by the email
     package."""
     located = parts.locate(raw, part_path, limits)
     if located is not None:

@@ -17,11 +17,10 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from mailcore.backup import parts
 from mailcore.backup.index import BackupIndex
 from mailcore.fetch.accounts import Accounts
 from mailcore.fetch.errors import AccountNotFound
-from mailcore.messages import MessageStore
+from mailcore.messages import MessageStore, parts
 from mailcore.messages.models import (
     AttachmentSummary,
     FolderInfo,

@@ -660,7 +660,7 @@ def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -
 
     An attached message is written out by the email package, which recurses once per level:
     one nested deeper than `limits.max_depth` (listed with size 0 by `parse_message`) is
-    its bytes as they stand in `raw` instead, cut by `mailcore.backup.parts.locate`."""
+    its bytes as they stand in `raw` instead, cut by `mailcore.messages.parts.locate`."""
     limits = limits or MimeLimits()
     problems: list[str] = []
     msg = _parse_tree(raw, limits, problems)
@@ -680,7 +680,7 @@ def extract_part(raw: bytes, part_path: str, limits: MimeLimits | None = None) -
 def _raw_part(raw: bytes, part_path: str, limits: MimeLimits) -> bytes | None:
     """The body of the part at `part_path` as it stands in `raw` (no transfer decoding),
     found by byte offsets without building its tree; None when it cannot be found so."""
-    from mailcore.backup.parts import locate  # it builds on this module
+    from mailcore.messages.parts import locate  # it builds on this module
 
     span = locate(raw, part_path, limits)
     return None if span is None else raw[span.start:span.end]
