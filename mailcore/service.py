@@ -9,7 +9,9 @@ sight (`settle_heap`).
 
 from __future__ import annotations
 
+import faulthandler
 import gc
+import signal
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application import service, strports
@@ -156,7 +158,16 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         db=core.db.engine.url.render_as_string(hide_password=True),
     )
     settle_heap()
+    enable_stack_dumps()
     return top
+
+
+def enable_stack_dumps() -> None:
+    """`kill -USR2` writes every thread's Python stack to stderr (faulthandler): what a
+    daemon that stopped answering, or takes long to shut down, is doing. The dump is written
+    by the signal handler itself, so it works while the reactor thread is stuck; the daemon
+    carries on. (SIGUSR1 is twistd's: it rotates the log.)"""
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
 def settle_heap() -> None:

@@ -35,6 +35,7 @@ from tests.support.servers import (
     free_ports,
     port_open,
     run_command,
+    sleep,
     tempdir_for,
 )
 
@@ -88,6 +89,7 @@ class DaemonTestCase(TestCase):
             name="twistd",
             env=_env(),
             grace=10.0,
+            dump_signal=signal.SIGUSR2,  # a daemon that does not stop shows where it hangs
         ).start()
         self.addCleanup(daemon.stop)
         await daemon.wait_for_port(self.http_port, timeout=30)
@@ -131,6 +133,19 @@ class DaemonTestCase(TestCase):
         # connection closes; a daemon that just died would leave it behind.
         self.assertFalse((self.data_dir / "mailcore.sqlite-wal").exists())
 
+    async def assertDumpsStacks(self, daemon: ServerProcess) -> None:
+        """`kill -USR2`: every thread's stack on stderr (the reactor's, in twistd's run
+        loop), and the daemon carries on serving."""
+        os.kill(daemon.pid, signal.SIGUSR2)
+        deadline = get_reactor().seconds() + 10
+        while "Current thread" not in daemon.stderr_path.read_text():
+            self.assertLess(get_reactor().seconds(), deadline, daemon.log())
+            await sleep(0.05)
+        dump = daemon.stderr_path.read_text()
+        self.assertIn("twisted/application/app.py", dump)
+        self.assertTrue(daemon.running())
+        await self.wait_until_serving()
+
     def assertMigratedBeforeListening(self, daemon: ServerProcess) -> None:
         """The store was built (migrated) before the first listener opened."""
         log = daemon.stdout_path.read_text()
@@ -151,6 +166,7 @@ class DaemonLifecycleTests(DaemonTestCase):
         self.assertMigratedBeforeListening(daemon)
         url = f"sqlite:///{self.data_dir / 'mailcore.sqlite'}"
         self.assertEqual(await threads.deferToThread(_revision_blocking, url), head_revision())
+        await self.assertDumpsStacks(daemon)
         await self.stop_cleanly(daemon)
 
         # Second start: the pair exists, nothing is generated again.

@@ -363,6 +363,7 @@ class Daemon:
 
     async def start(self) -> None:
         import os
+        import signal
 
         from tests.support.servers import ServerProcess
 
@@ -376,6 +377,7 @@ class Daemon:
              "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1:backlog=500",
              "--http", f"tcp:{self.http_port}:interface=127.0.0.1"],
             directory=self.directory, name=f"{self.name}-{self.runs}", env=env, grace=30.0,
+            dump_signal=signal.SIGUSR2,  # a daemon that does not stop shows where it hangs
         ).start()
         await self.process.wait_for_port(self.smtp_port, timeout=30)
 

@@ -156,6 +156,8 @@ class ServerProcess:
     `argv[0]` should be an absolute path (from `require_binary`). With `user`, the process
     runs as that user (we are root in CI). `stop_signal` asks the server to stop (SIGTERM,
     or SIGINT for PostgreSQL's fast shutdown); it is also sent if the test process dies.
+    `dump_signal`, when given, is sent to a server that has not stopped within its grace,
+    a second before SIGKILL, so its log shows where it hung (mailcore: SIGUSR2).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class ServerProcess:
         user: str | None = None,
         stop_signal: int = signal.SIGTERM,
         grace: float = 5.0,
+        dump_signal: int | None = None,
     ) -> None:
         self.argv = [str(a) for a in argv]
         self.name = name or Path(self.argv[0]).name
@@ -176,6 +179,7 @@ class ServerProcess:
         self.user = user
         self.stop_signal = stop_signal
         self.grace = grace
+        self.dump_signal = dump_signal
         self.stdout_path = self.directory / f"{self.name}.stdout.log"
         self.stderr_path = self.directory / f"{self.name}.stderr.log"
         self._popen: subprocess.Popen[bytes] | None = None
@@ -267,6 +271,9 @@ class ServerProcess:
             deadline = reactor.seconds() + grace
             while self._popen.poll() is None and reactor.seconds() < deadline:
                 await sleep(0.02)
+            if self._popen.poll() is None and self.dump_signal is not None:
+                self._signal(self.dump_signal)
+                await sleep(1.0)
             if self._popen.poll() is None:
                 self._signal(signal.SIGKILL)
                 while self._popen.poll() is None:
