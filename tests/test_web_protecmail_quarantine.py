@@ -1,6 +1,7 @@
 """Protecmail's quarantine API: listing (pagination as the seed, newest first, own domains and
 addresses only, bad start/count), release (once, through the queue, 409 the second time,
-404 for unknown or another user's ident, exactly once under concurrent requests)."""
+404 for unknown or another user's ident, exactly once under concurrent requests, still
+releasable after a crash before the queue committed it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.quarantine import ALREADY, RELEASED
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
+
+
+class _NeverCommits:
+    """A spool whose commit never comes: the process is killed before it does."""
+
+    async def accept(self, *args: Any, **kwargs: Any) -> None:
+        await defer.Deferred()
 
 
 class QuarantineApiTests(TestCase):
@@ -111,6 +119,24 @@ class QuarantineApiTests(TestCase):
         status, _ = await self.get(f"/api/v1/quarantine/{ident}")
         self.assertEqual(status, 200)
         self.assertEqual(len(self.gw.delivered()), 1)
+
+    async def test_a_release_cut_off_before_the_queue_commits_leaves_it_releasable(
+        self,
+    ) -> None:
+        # The process dies after the release began and before the spool committed the
+        # message: nothing of the release may be in the store, or the message could
+        # never be released again ("already released", and nothing queued).
+        ident = await self.ident()
+        service = self.gw.core.quarantine
+        spool, service.spool = service.spool, _NeverCommits()
+        cut_off = defer.Deferred.fromCoroutine(service.release(ident))
+        self.assertNoResult(cut_off)
+        service.spool = spool  # the next start
+        status, body = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual((status, body["success"]), (200, True))
+        self.assertEqual(len(self.gw.delivered()), 1)
+        status, _ = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual(status, 409)
 
     async def test_purge_after_retention(self) -> None:
         service = self.gw.core.quarantine

@@ -4,8 +4,10 @@ A message the pipeline decides to quarantine is kept here, one row per recipient
 seed-004-shaped `ident` (ddmmyyyyHHMMSS in UTC + 6 random digits). A release hands the kept
 bytes back to the queue (`Spool.accept`, kind "release", the original sender and the
 quarantined recipient): nothing is filtered again. A release happens at most once: the row is
-claimed with `UPDATE … WHERE released_at IS NULL`, and only the request whose UPDATE changed
-the row queues the message (if the spool refuses it, the claim is undone).
+claimed with `UPDATE … WHERE released_at IS NULL` in the very transaction that queues the
+message (the accept's guard): only the request whose UPDATE changed the row queues it, and
+the claim and the queued message commit together or not at all (a crash in between leaves
+the message releasable).
 
 Digests (seed 004's `sendResume`): every `digest_interval` seconds each recipient of a domain
 with `send_resume` (and a plan that allows it, re-checked when sending) gets one mail listing
@@ -71,6 +73,7 @@ from mailcore.emailpolicy import SMTP
 from mailcore.files import secret_key_file
 from mailcore.periodic import InFlight
 from mailcore.queue.model import header_block
+from mailcore.queue.spool import Withdrawn
 from mailcore.smtp.address import PathError, parse_mail_from
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
@@ -360,33 +363,26 @@ def _list_txn(
     return [_held(r) for r in rows], int(total)
 
 
-def _claim_txn(
-    conn: Connection, ident: str, owner_id: int | None, now: datetime.datetime, queue_id: str
-) -> tuple[str, Any]:
-    """Blocking: mark the row released if nobody did; (status, row for RELEASED)."""
+def _release_row_txn(conn: Connection, ident: str, owner_id: int | None) -> Any:
+    """Blocking: the row to release (None if there is none for this owner)."""
     where = [quarantine.c.ident == ident]
     if owner_id is not None:
         where.append(quarantine.c.owner_id == owner_id)
-    row = conn.execute(
+    return conn.execute(
         sa.select(quarantine.c.id, quarantine.c.mailfrom, quarantine.c.email,
-                  quarantine.c.domain_id, quarantine.c.body).where(*where)
+                  quarantine.c.domain_id, quarantine.c.body, quarantine.c.released_at)
+        .where(*where)
     ).first()
-    if row is None:
-        return MISSING, None
-    changed = conn.execute(
+
+
+def _claim_txn(conn: Connection, row_id: int, now: datetime.datetime, queue_id: str) -> bool:
+    """Blocking, in the spool's transaction that queues the release (its guard): mark the
+    row released as `queue_id` unless it was; whether it was not."""
+    return conn.execute(
         quarantine.update()
-        .where(quarantine.c.id == row.id, quarantine.c.released_at.is_(None))
+        .where(quarantine.c.id == row_id, quarantine.c.released_at.is_(None))
         .values(released_at=now, release_queue_id=queue_id)
-    ).rowcount
-    return (RELEASED, row) if changed == 1 else (ALREADY, None)
-
-
-def _unclaim_txn(conn: Connection, row_id: int, queue_id: str) -> None:
-    conn.execute(
-        quarantine.update()
-        .where(quarantine.c.id == row_id, quarantine.c.release_queue_id == queue_id)
-        .values(released_at=None, release_queue_id=None)
-    )
+    ).rowcount == 1
 
 
 def _find_txn(conn: Connection, ident: str) -> Held | None:
@@ -545,20 +541,25 @@ class QuarantineService(Service):
         """Queue the kept message for its recipient once: RELEASED, ALREADY or MISSING."""
         if not (ident.isascii() and ident.isdigit() and len(ident) == 20):
             return MISSING
+        row = await self.db.read("quarantine_release_row", _release_row_txn, ident, owner_id)
+        if row is None:
+            return MISSING
+        if row.released_at is not None:
+            return ALREADY
+        if self.spool is None:
+            raise QuarantineError("the release could not be queued: no queue to release into")
         queue_id = new_queue_id(self.clock.seconds())
-        status, row = await self.db.run(
-            "quarantine_claim_release", _claim_txn, ident, owner_id, self.now(), queue_id
-        )
-        if status != RELEASED:
-            return str(status)
         envelope = Envelope(row.mailfrom, (Recipient(row.email, row.domain_id),),
                             kind="release")
+        # The claim commits with the queued message or not at all: a claim of its own,
+        # committed first, would be left behind by a crash before the message is queued,
+        # and the message could then never be released.
+        guard = functools.partial(_claim_txn, row_id=row.id, now=self.now(), queue_id=queue_id)
         try:
-            if self.spool is None:
-                raise QuarantineError("no queue to release into")
-            await self.spool.accept(queue_id, envelope, bytes(row.body))
+            await self.spool.accept(queue_id, envelope, bytes(row.body), guard=guard)
+        except Withdrawn:
+            return ALREADY  # released meanwhile (another request, another node)
         except Exception as e:
-            await self.db.run("quarantine_unclaim", _unclaim_txn, row.id, queue_id)
             raise QuarantineError(f"the release could not be queued: {e}") from e
         log.info("quarantine {ident} released as {queue_id}", ident=ident, queue_id=queue_id)
         return RELEASED
