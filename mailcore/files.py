@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077
@@ -49,23 +50,68 @@ def private_file(path: Path) -> Path:
     return path
 
 
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory `path` (a file created, renamed or linked) durable.
+    Blocks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_whole(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Put a file holding `data` (mode 0600) at `path`, whole or not at all: written to a temp
+    file beside it, fsynced, then renamed into place (or, with `replace` False, linked there
+    only if `path` does not exist) and the directory fsynced. So a crash, kill -9 or power
+    loss, never leaves `path` empty or cut short; at worst a temp file `.{name}.*` beside
+    it. Returns whether `path` is now this data (False: it existed and `replace` is False).
+    Blocks."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:
+                # A file system without hard links: renamed unless there (two processes
+                # making the file at the same moment may then both think theirs won).
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+        fsync_directory(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def secret_key_file(path: Path, size: int = 32) -> bytes:
     """The secret key kept in `path`, made (`size` random bytes, mode 0600) if absent. Blocks.
 
-    A key shorter than `size` bytes is refused (ValueError): a truncated file would weaken
-    everything signed with it.
+    A new key is written whole or not at all (`write_whole`). An empty file, what an older
+    version killed while making the key left behind (nothing was ever signed with it), is
+    made again instead of stopping every start. A key shorter than `size` bytes otherwise
+    is refused (ValueError): a truncated file would weaken everything signed with it.
     """
     try:
         key = path.read_bytes()
+        if not key:
+            path.unlink(missing_ok=True)
     except FileNotFoundError:
+        key = b""
+    if not key:
         private_directory(path.parent)
         key = secrets.token_bytes(size)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
-        except FileExistsError:  # made by another process meanwhile: use theirs
+        if not write_whole(path, key, replace=False):  # made by another process meanwhile
             return secret_key_file(path, size)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
     if len(key) < size:
         raise ValueError(f"{path}: the key is too short (fewer than {size} bytes)")
     return key

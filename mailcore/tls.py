@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -13,7 +12,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.logger import Logger
 
-from mailcore.files import PRIVATE_FILE_MODE, private_directory
+from mailcore.files import private_directory, write_whole
 
 log = Logger()
 
@@ -35,17 +34,13 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
         .sign(key, hashes.SHA256())
     )
     private_directory(key_path.parent)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
-    os.fchmod(fd, PRIVATE_FILE_MODE)  # a key file left from before keeps no wider mode
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # Each file whole or not at all, the key first: a certificate on disk has its key.
+    write_whole(key_path, key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    write_whole(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def ensure_certificate(
@@ -55,7 +50,10 @@ def ensure_certificate(
     if cert is not None and key is not None:
         return cert, key
     cert_path, key_path = data_dir / "tls" / "cert.pem", data_dir / "tls" / "key.pem"
-    if not (cert_path.exists() and key_path.exists()):
+    # An empty file is what an older version killed while writing the pair left (or a
+    # power loss soon after it wrote them unsynced): made again, instead of failing every
+    # start.
+    if not (_nonempty(cert_path) and _nonempty(key_path)):
         generate_self_signed(cert_path, key_path, hostname)
         log.info(
             "generated a self-signed TLS certificate for {hostname} at {path}",
@@ -63,6 +61,13 @@ def ensure_certificate(
             path=str(cert_path),
         )
     return cert_path, key_path
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:

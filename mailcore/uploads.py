@@ -21,7 +21,7 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser, par
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailcore.files import private_directory
+from mailcore.files import fsync_directory, private_directory
 
 CHUNK = 64 * 1024
 T = TypeVar("T")
@@ -104,14 +104,6 @@ class SpoolFile:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.discard()
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def shielded(work: Coroutine[Any, Any, T]) -> T:

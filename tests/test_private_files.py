@@ -1,7 +1,7 @@
 """What the daemon and the CLI create is private: the data dir 0700, the database, its WAL
 and shared-memory files and every key 0600, even when the process started with the usual
 login umask 022. The daemon (its log file too) is checked in tests.test_daemon, the CLI in
-tests.test_cli."""
+tests.test_cli. A key or certificate left empty by a crash is made again."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.files import private_directory, private_file, restrict_umask
+from mailcore.fetch.secrets import SecretBox
+from mailcore.files import private_directory, private_file, restrict_umask, secret_key_file
 from mailcore.service import build_core
 from mailcore.store.engine import make_engine
+from mailcore.tls import ensure_certificate, server_context
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir_for
 
@@ -87,3 +89,43 @@ class HelperTests(UmaskTestCase):
         self.assertEqual(os.umask(0o277), 0o077)
         restrict_umask()
         self.assertEqual(os.umask(0o022), 0o277)
+
+
+class CrashLeftoverTests(UmaskTestCase):
+    """A key or certificate file left empty (a process killed between making the file and
+    writing it, or a power loss before unsynced data reached the disk) is made again:
+    nothing was ever signed or encrypted with it, and refusing it stopped every start."""
+
+    def test_an_empty_secret_key_file_is_made_again(self) -> None:
+        path = self.base / "quarantine.key"
+        path.touch()
+        key = secret_key_file(path)
+        self.assertEqual(len(key), 32)
+        self.assertEqual((path.read_bytes(), mode(path)), (key, 0o600))
+        self.assertEqual(secret_key_file(path), key)
+        self.assertEqual(os.listdir(self.base), ["quarantine.key"])  # no temp file left
+
+    def test_an_empty_fetch_key_is_made_again(self) -> None:
+        path = self.base / "fetch.key"
+        path.touch()
+        box = SecretBox.from_data_dir(self.base)
+        self.assertEqual(mode(path), 0o600)
+        self.assertEqual(SecretBox.from_data_dir(self.base).decrypt(box.encrypt("pw")), "pw")
+        self.assertEqual(os.listdir(self.base), ["fetch.key"])
+
+    def test_an_empty_certificate_is_made_again(self) -> None:
+        cert, key = ensure_certificate(self.base, None, None, "mx.example.test")
+        server_context(cert, key)
+        cert.write_bytes(b"")
+        self.assertEqual(ensure_certificate(self.base, None, None, "mx.example.test"),
+                         (cert, key))
+        server_context(cert, key)  # loads: a whole pair again
+        self.assertEqual((mode(cert), mode(key)), (0o600, 0o600))
+        self.assertEqual(sorted(os.listdir(cert.parent)), ["cert.pem", "key.pem"])
+
+    def test_a_short_key_is_still_refused(self) -> None:
+        path = self.base / "pages.key"
+        path.write_bytes(b"short")
+        with self.assertRaises(ValueError):
+            secret_key_file(path)
+        self.assertEqual(path.read_bytes(), b"short")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from mailcore.files import write_whole
+
 KEY_FILE = "fetch.key"
 
 
@@ -44,16 +46,22 @@ class SecretBox:
         path = data_dir / KEY_FILE
         data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+            stored = path.read_bytes().strip()
+        except FileNotFoundError:
+            stored = b""
+        else:
             if path.stat().st_mode & 0o077:
                 os.chmod(path, 0o600)
-            return cls(path.read_bytes().strip())
+            if not stored:
+                # What an older version killed while making the key left: nothing was
+                # encrypted with it. Made again, instead of stopping every start.
+                path.unlink(missing_ok=True)
+        if stored:
+            return cls(stored)
         key = Fernet.generate_key()
-        with os.fdopen(fd, "wb") as f:
-            f.write(key + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # Whole or not at all (a crash leaves no empty or cut-short key file).
+        if not write_whole(path, key + b"\n", replace=False):  # made meanwhile: theirs
+            return cls.from_data_dir(data_dir)
         return cls(key)
 
     def encrypt(self, secret: str) -> bytes:
