@@ -1,5 +1,6 @@
 """safedrop files: uploads written to disk by content hash, within their limits; nothing of
-a failed upload stays (no file, no temp file, no row)."""
+a failed upload stays (no file, no temp file, no row); the files of a drop gone in a crash
+before they were deleted are taken by the next sweep."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.safedrop import access as safedrop_side
 from mailcore.safedrop import store as safedrop_store
 from mailcore.safedrop.model import TooLarge, bundle_full
 from mailcore.store.schema import drop_files
@@ -170,6 +172,27 @@ class UploadTests(TestCase):
         status, _, _ = await f.call("GET", f"/dropbundles/{young}")
         self.assertEqual(status, 404)
         status, _, _ = await f.call("GET", f"/dropbundles/{sent}")  # sent: kept, as it was
+        self.assertEqual(status, 200)
+
+    async def test_files_a_crash_left_behind_are_removed_by_the_sweep(self) -> None:
+        # The process dies right after committing that a drop's files are removed (read
+        # and removed, or expired) or that a bundle never sent is deleted, before it
+        # deleted the files: the next sweep takes them.
+        f = FileFixture()
+        await f.start_with(self)
+        drops = f.web.core.safedrop
+        removed, deleted, kept, newest = [await f.bundle() for _ in range(4)]
+        for bundle_id in (removed, deleted, kept, newest):
+            status, _ = await f.upload(bundle_id, multipart_file("a", b"%d" % bundle_id))
+            self.assertEqual(status, 200)
+        db = f.web.core.db
+        self.assertTrue(await db.run("crash", safedrop_side.mark_removed_txn, removed,
+                                     datetime(2023, 11, 15, tzinfo=UTC)))
+        self.assertTrue(await db.run("crash", safedrop_side.delete_unsent_bundle_txn, deleted))
+        self.assertEqual(len(f.stored()), 4)
+        self.assertEqual(await drops.sweep(), 0)  # no bundle went now
+        self.assertEqual([p.parent.name for p in f.stored()], [str(kept), str(newest)])
+        status, _, _ = await f.call("GET", f"/dropbundles/{kept}/dropfiles")
         self.assertEqual(status, 200)
 
     async def test_a_cut_off_or_malformed_upload_leaves_no_file_and_no_row(self) -> None:

@@ -349,6 +349,22 @@ def delete_unsent_bundle_txn(conn: Connection, bundle_id: int) -> bool:
     return done.rowcount == 1
 
 
+def left_behind_txn(conn: Connection, bundle_ids: list[int]) -> list[int]:
+    """Of `bundle_ids` (directories of files on disk), those whose files nothing serves any
+    more: the bundle's files are marked removed, or the bundle was deleted. A deleted id
+    counts only below the highest bundle id: SQLite may give the highest id again to the
+    next bundle made, whose uploads may be writing into that directory."""
+    b = drop_bundles.c
+    highest = conn.execute(sa.select(sa.func.max(b.id))).scalar() or 0
+    gone = []
+    for start in range(0, len(bundle_ids), 500):
+        chunk = bundle_ids[start:start + 500]
+        live = {row.id: row.removed_at for row in conn.execute(
+            sa.select(b.id, b.removed_at).where(b.id.in_(chunk)))}
+        gone += [i for i in chunk if (live[i] is not None if i in live else i < highest)]
+    return gone
+
+
 def download_summary_txn(conn: Connection, bundle_id: int) -> list[tuple[str, int, int]]:
     """(recipient address, files downloaded, files) of each recipient of a bundle."""
     n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)

@@ -10,6 +10,7 @@ the temp file is removed on every error. Every function here blocks: run it on a
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,14 @@ class DropFiles:
     def remove_bundle(self, bundle_id: int) -> None:
         """Delete every stored file of a bundle. Blocks."""
         shutil.rmtree(self.root / str(bundle_id), ignore_errors=True)
+
+    def bundle_ids(self) -> list[int]:
+        """The bundles that have a directory of files. Blocks."""
+        try:
+            names = [entry.name for entry in os.scandir(self.root) if entry.is_dir()]
+        except FileNotFoundError:
+            return []
+        return sorted(int(name) for name in names if name.isascii() and name.isdigit())
 
     def receive(
         self, source: BinaryIO, content_type: str, bundle_id: int, limit: int, bundle_room: int,

@@ -447,8 +447,11 @@ class SafedropService:
     async def sweep(self) -> int:
         """Remove expired drops' files and mail each sender a summary, and delete bundles
         never sent that expired or are older than `[safedrop] unsent_max_age` (nobody was
-        told of them: no mail); returns how many bundles went."""
-        return await self._sweep_sent() + await self._sweep_unsent()
+        told of them: no mail), and the files a crash left behind of bundles gone before;
+        returns how many bundles went."""
+        removed = await self._sweep_sent() + await self._sweep_unsent()
+        await self._sweep_left_behind()
+        return removed
 
     async def _sweep_unsent(self) -> int:
         now = self.now()
@@ -487,6 +490,20 @@ class SafedropService:
                 log.failure("queueing the expiry summary of safedrop bundle {bundle} failed",
                             bundle=row.id)
         return removed
+
+    async def _sweep_left_behind(self) -> None:
+        """Remove the files of bundles whose row says they are gone (marked removed, or
+        deleted) but whose directory is still there: the process died between that commit
+        and the removal of the files (`remove`, `_sweep_unsent`), and nothing else would
+        ever take them."""
+        on_disk = await self.io.run(self.files.bundle_ids)
+        if not on_disk:
+            return
+        gone = await self.db.read("safedrop_left_behind", side.left_behind_txn, on_disk)
+        for bundle_id in gone:
+            await self.io.run(self.files.remove_bundle, bundle_id)
+            log.info("removed the files of safedrop bundle {bundle}, left behind",
+                     bundle=bundle_id)
 
     async def _tell_sender(self, sender: str, bundle: Bundle, text: str) -> None:
         subject = shown(bundle.subject)
