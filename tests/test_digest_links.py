@@ -10,6 +10,7 @@ import stat
 import threading
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -20,6 +21,17 @@ from tests.support.quarantine import GTUBE, Gateway, message, stopper
 from tests.support.reactor import get_reactor
 
 LINK = re.compile(r"https://([^/\s]+)/quarantine/release/(\S+)")
+
+
+class _DiesAfterCommit:
+    """The spool of a process killed right after its commit of a message."""
+
+    def __init__(self, spool: Any) -> None:
+        self.spool = spool
+
+    async def accept(self, *args: Any, **kwargs: Any) -> None:
+        await self.spool.accept(*args, **kwargs)
+        await defer.Deferred()
 
 
 class DigestTests(TestCase):
@@ -87,6 +99,19 @@ class DigestTests(TestCase):
         later = self.digests()[2][1]
         self.assertEqual(later["Subject"],
                          "Quarantine summary for ann@q.test: 1 new message(s)")
+
+    async def test_a_digest_queued_just_before_a_crash_is_not_sent_again(self) -> None:
+        # The process dies right after the spool committed the first digest: the next run
+        # sends the other recipient's digest, and not the first one a second time.
+        service = self.gw.core.quarantine
+        spool, service.spool = service.spool, _DiesAfterCommit(service.spool)
+        cut_off = defer.Deferred.fromCoroutine(service.send_digests())
+        self.assertNoResult(cut_off)
+        service.spool = spool  # the next start
+        self.assertEqual(await service.send_digests(), 1)
+        self.gw.clock.advance(1)
+        self.assertEqual(sorted(r for r, _ in self.digests()),
+                         [["ann@q.test"], ["joe@q.test"]])
 
     async def test_digests_are_built_off_the_reactor_thread(self) -> None:
         service = self.gw.core.quarantine

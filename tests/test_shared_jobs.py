@@ -244,7 +244,7 @@ class SharedJobsMixin(DatabaseMixin):
             nodes.append(QuarantineService(
                 db, clock, settings, Plans(), hostname="mx.test",
                 signer=self.mktemp_path() / "quarantine.key",
-                spool=RecordingSpool(queued, node), leases=JobLeases(db, node),
+                spool=RecordingSpool(queued, node, db), leases=JobLeases(db, node),
             ))
         domain_id = await a.run("domain", thd_add_domain, "customer.test", "10.0.0.1", 25)
 

@@ -452,17 +452,24 @@ def _digest_items_txn(
 def _mark_digested_txn(
     conn: Connection, domain_id: int, spellings: Sequence[str], items: Sequence[Any], more: int,
     now: datetime.datetime,
-) -> None:
-    """Blocking: the rows a digest listed (`items`, oldest first), and the older ones it
-    counted, are digested."""
-    conn.execute(quarantine.update().where(quarantine.c.id.in_([r.id for r in items]))
-                 .values(digested_at=now))
+) -> bool:
+    """Blocking, in the spool's transaction that queues the digest (its guard): the rows it
+    lists (`items`, oldest first), and the older ones it counts, are digested. False (the
+    digest is left out, and this undone) when a listed row was digested meanwhile."""
+    ids = [r.id for r in items]
+    marked = conn.execute(
+        quarantine.update().where(quarantine.c.id.in_(ids), quarantine.c.digested_at.is_(None))
+        .values(digested_at=now)
+    ).rowcount
+    if marked != len(ids):
+        return False
     if more:
         conn.execute(
             quarantine.update()
             .where(*_undigested(domain_id, spellings), quarantine.c.id < items[0].id)
             .values(digested_at=now)
         )
+    return True
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -617,14 +624,20 @@ class QuarantineService(Service):
                              defer.maybeDeferred(build))
             sender = self.settings.digest_sender
             envelope = Envelope(sender, (Recipient(items[0].email, domain_id),), kind="digest")
+            # Marked digested in the transaction that queues the digest: a crash between
+            # two commits would send the same digest again at the next run.
+            guard = functools.partial(_mark_digested_txn, domain_id=domain_id,
+                                      spellings=spellings, items=items, more=more,
+                                      now=self.now())
             try:
-                await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message)
+                await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message,
+                                        guard=guard)
+            except Withdrawn:
+                continue  # digested meanwhile (by another run)
             except Exception:
                 log.failure("queueing a quarantine digest for {email} failed",
                             email=items[0].email)
                 continue
-            await self.db.run("quarantine_mark_digested", _mark_digested_txn, domain_id,
-                              spellings, items, more, self.now())
             sent += 1
         return sent
 
