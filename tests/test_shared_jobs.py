@@ -482,7 +482,7 @@ class SharedJobsMixin(DatabaseMixin):
         for db, node in ((a, "node-a"), (b, "node-b")):
             drops = SafedropService(
                 db, clock, CpuPool.for_tests(), SecretBox(Fernet.generate_key()),
-                RecordingSpool(queued, node), SafedropSettings(),  # type: ignore[arg-type]
+                RecordingSpool(queued, node, db), SafedropSettings(),  # type: ignore[arg-type]
                 data_dir=self.mktemp_path(), hostname="mx.test",
             )
             drops.files.prepare()

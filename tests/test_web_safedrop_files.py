@@ -1,6 +1,7 @@
 """safedrop files: uploads written to disk by content hash, within their limits; nothing of
 a failed upload stays (no file, no temp file, no row); the files of a drop gone in a crash
-before they were deleted are taken by the next sweep."""
+before they were deleted are taken by the next sweep, and an expiry a crash cut off still
+sends its summary."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -27,6 +29,25 @@ from web.limits import BodyLimits
 from web.root import MailcoreSite, build_root
 from web.safedrop import UPLOAD_OVERHEAD, UPLOAD_PATH
 from web.settings import WebSettings
+
+
+class _NeverCommits:
+    """A spool whose commit never comes: the process is killed before it does."""
+
+    async def accept(self, *args: Any, **kwargs: Any) -> None:
+        await defer.Deferred()
+
+
+class _Recording:
+    """The spool, recording the messages it committed."""
+
+    def __init__(self, spool: Any) -> None:
+        self.spool = spool
+        self.messages: list[bytes] = []
+
+    async def accept(self, queue_id: str, envelope: Any, data: bytes, **kwargs: Any) -> None:
+        await self.spool.accept(queue_id, envelope, data, **kwargs)
+        self.messages.append(data)
 
 
 class FileFixture(SafedropFixture):
@@ -173,6 +194,35 @@ class UploadTests(TestCase):
         self.assertEqual(status, 404)
         status, _, _ = await f.call("GET", f"/dropbundles/{sent}")  # sent: kept, as it was
         self.assertEqual(status, 200)
+
+    async def test_an_expiry_cut_off_by_a_crash_still_sends_its_summary(self) -> None:
+        # The process dies during the sweep of an expired drop, before the spool committed
+        # the summary to its sender: the next sweep sends it (the drop was not marked
+        # removed without it), and removes the files.
+        f = FileFixture()
+        await f.start_with(self)
+        drops = f.web.core.safedrop
+        sent = await f.bundle("subject=z&expiry_date=2023-11-14T23%3A00%3A00Z")
+        status, _ = await f.upload(sent, multipart_file("a", b"a"))
+        self.assertEqual(status, 200)
+        status, _ = await f.form("POST", f"/dropbundles/{sent}/dropbundlerecipients",
+                                 "email=ann%40example.org")
+        self.assertEqual(status, 200)
+        status, _, _ = await f.call("GET", f"/dropbundles/{sent}?send")
+        self.assertEqual(status, 200)
+        f.web.clock.advance(3600)  # past the expiry date
+        spool = drops.spool
+        drops.spool = _NeverCommits()  # type: ignore[assignment]
+        cut_off = defer.Deferred.fromCoroutine(drops.sweep())
+        self.assertNoResult(cut_off)
+        recorder = _Recording(spool)
+        drops.spool = recorder  # type: ignore[assignment]  # the next start
+        self.assertEqual(await drops.sweep(), 1)
+        [summary] = recorder.messages
+        self.assertIn(b"Subject: Safedrop expired", summary)
+        self.assertEqual(f.stored(), [])
+        self.assertEqual(await drops.sweep(), 0)
+        self.assertEqual(len(recorder.messages), 1)
 
     async def test_files_a_crash_left_behind_are_removed_by_the_sweep(self) -> None:
         # The process dies right after committing that a drop's files are removed (read

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,7 +39,7 @@ from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.identity.secrets import digest
 from mailcore.mailapi.addresses import mailbox_key
 from mailcore.queue.model import NewMessage, thd_domain_for, thd_insert_messages
-from mailcore.queue.spool import Spool
+from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
 from mailcore.safedrop.access import Access, Grants
@@ -476,19 +477,28 @@ class SafedropService:
         removed = 0
         for row in rows:
             summary = await self.db.read("safedrop_summary", side.download_summary_txn, row.id)
-            if not await self.remove(row.id):
-                continue
-            removed += 1
             lines = ["Your drop has expired and its files have been deleted.", ""]
             lines += [f"  {email}: downloaded {got} of {total} files"
                       for email, got, total in summary]
             subject = shown(row.subject)
+            # The bundle is marked removed in the transaction that queues the summary: a
+            # crash between two commits would lose the summary for good (the bundle, marked
+            # removed, is never swept again). The files go after it (or at the next sweep).
+            mark = functools.partial(side.mark_removed_txn, bundle_id=row.id, now=self.now())
             try:
                 await self._mail(row.email, subject_line("Safedrop expired", subject),
-                                 "\n".join(lines))
+                                 "\n".join(lines), guard=mark)
+            except Withdrawn:
+                continue  # removed meanwhile (read and removed, or another node's sweep)
             except Exception:
                 log.failure("queueing the expiry summary of safedrop bundle {bundle} failed",
                             bundle=row.id)
+                # Expired all the same: removed without its summary.
+                if await self.remove(row.id):
+                    removed += 1
+                continue
+            await self.io.run(self.files.remove_bundle, row.id)
+            removed += 1
         return removed
 
     async def _sweep_left_behind(self) -> None:
@@ -509,8 +519,10 @@ class SafedropService:
         subject = shown(bundle.subject)
         await self._mail(sender, subject_line("Safedrop", subject), text)
 
-    async def _mail(self, to: str, subject: str, body: str) -> None:
-        """A message from safedrop itself (null envelope sender: nothing bounces back)."""
+    async def _mail(self, to: str, subject: str, body: str,
+                    guard: Callable[[Connection], bool] | None = None) -> None:
+        """A message from safedrop itself (null envelope sender: nothing bounces back);
+        `guard` as for `Spool.accept`."""
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
         msg["To"] = to
@@ -521,7 +533,8 @@ class SafedropService:
         msg.set_content(body + "\n")
         recipient = await self.db.read("safedrop_route", thd_recipient, to)
         envelope = Envelope("", (recipient,), kind="notification")
-        await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, msg.as_bytes())
+        await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, msg.as_bytes(),
+                                guard=guard)
 
 
 class SafedropSweeper(Service):
