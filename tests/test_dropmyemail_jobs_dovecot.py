@@ -5,7 +5,8 @@ dates, backed up through the Dropmyemail API. A migrate into the second user lea
 every message once, byte-exact, with the same flags, INTERNALDATE and folders; a second
 migrate appends nothing. A restore after 50 messages and one folder were deleted at the
 source puts them all back (the folder made again), without a duplicate; a restore of the
-intact account appends nothing. A destination over quota fails the job with the server's
+intact account appends nothing. Two restores (or two migrates into one mailbox) asked at once
+make one job and a 409. A destination over quota fails the job with the server's
 reason, and every message the job counts as copied is there; a destination whose connection
 is cut in the middle of the APPENDs (a proxy that drops it twice) is retried, and in the end
 holds every message once. Messages over 1 MiB go streamed from the store: a 24 MiB one lands
@@ -310,6 +311,38 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         status, listed = await bearer(s.api, s.token, "GET",
                                       f"/v1/accounts/{s.account_id}/restores")
         self.assertEqual([r["id"] for r in listed], [job["id"], second["id"]])
+
+    async def test_jobs_asked_twice_at_once_write_each_message_once(self) -> None:
+        """Two restores (or two migrates into one mailbox) asked at once ran at once: each
+        found the same messages missing and each appended them, 300 deleted messages came
+        back as 600 (found by an audit). The second is a 409 naming the first."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 300}, tag="twice")
+        before = await mailbox(server, s.source)
+        destination = f"{server.new_user()}@example.test"
+        base = f"/v1/accounts/{s.account_id}"
+        target = {"email": destination, "password": server.PASSWORD, "host": "localhost",
+                  "port": server.imap}
+        for kind, body in (("migrate", target), ("restore", None)):
+            if kind == "restore":
+                server.expunge(s.source, "INBOX", "1:300")
+            replies = await defer.gatherResults([defer.Deferred.fromCoroutine(
+                bearer(s.api, s.token, "POST", f"{base}/{kind}s", json=body))
+                for _ in range(2)])
+            self.assertEqual(sorted(status for status, _ in replies), [201, 409], replies)
+            job = next(reply for status, reply in replies if status == 201)
+            refused = next(reply for status, reply in replies if status == 409)
+            self.assertEqual(refused["error"], "conflict")
+            self.assertIn(f"{kind} {job['id']} ", refused["error_description"])
+            job = await self.finished(s, kind, job["id"])
+            self.assertEqual((job["status"], job["appended"]), ("done", 300), job)
+        self.assertEqual(await mailbox(server, destination), before)
+        self.assertEqual(await mailbox(server, s.source), before)
+        # Ended, a restore may be asked again (and finds nothing to write).
+        status, again = await bearer(s.api, s.token, "POST", f"{base}/restores")
+        self.assertEqual(status, 201, again)
+        again = await self.finished(s, "restore", again["id"])
+        self.assertEqual(again["appended"], 0, again)
 
     async def test_a_cut_connection_is_retried_and_every_message_lands_once(self) -> None:
         server = await self.dovecot()

@@ -12,7 +12,7 @@ from typing import Any
 
 from cryptography.fernet import Fernet
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, update
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -34,7 +34,7 @@ from mailcore.fetch.jobs import (
 )
 from mailcore.fetch.secrets import SecretBox
 from mailcore.store import Database
-from mailcore.store.schema import webhook_deliveries, webhooks
+from mailcore.store.schema import mailbox_jobs, webhook_deliveries, webhooks
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 
@@ -242,4 +242,60 @@ class SQLiteJobRunnerTests(JobRunnerMixin, TestCase):
 
 
 class PostgresJobRunnerTests(JobRunnerMixin, TestCase):
+    backend = "postgresql"
+
+
+class JobConflictMixin(DatabaseMixin):
+    """One restore of an account at a time: two run at once each found the same messages
+    missing and each appended them (300 deleted messages came back as 600, found by an
+    audit). Requests on two nodes at once make one job; the others are refused."""
+
+    timeout = 60
+
+    async def test_restores_asked_at_once_on_two_nodes_make_one_job(self) -> None:
+        from mailcore.backup import BackupSettings
+        from mailcore.backup.jobs import BackupJobs, JobConflict
+
+        a = await self.open_database()
+        b = await self.open_database_at(a.url)
+        clock = Clock()
+        clock.advance(START)
+        owner = await a.run("owner", thd_make_user, "owner")
+        box = SecretBox(Fernet.generate_key())
+        services = []
+        for db in (a, b):
+            accounts = Accounts(db, clock, box)
+            services.append(BackupJobs(db, accounts, None, BackupSettings()))  # type: ignore[arg-type]
+        account = await services[0].accounts.create(
+            owner, host="127.0.0.1", port=143, username="u", password="pw",
+            allow_cleartext=True)
+        outcomes: list[tuple[bool, Any]] = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(services[n % 2].restore(owner, account.id))
+             for n in range(8)], consumeErrors=True)
+        made = [value for ok, value in outcomes if ok]
+        refused = [value for ok, value in outcomes if not ok]
+        self.assertEqual(len(made), 1, outcomes)
+        self.assertEqual(len(refused), 7)
+        first = made[0].id
+        for failure in refused:
+            failure.trap(JobConflict)
+            self.assertEqual(failure.value.job_id, first)
+        listed = await services[1].list(owner, account.id, "restore")
+        self.assertEqual([j.id for j in listed or []], [first])
+
+        # Once it ended, the next one is made.
+        await a.run("end", lambda conn: conn.execute(
+            update(mailbox_jobs).where(mailbox_jobs.c.id == first)
+            .values(status="done")))
+        second = await services[1].restore(owner, account.id)
+        assert second is not None
+        self.assertEqual(second.status, "queued")
+        self.assertNotEqual(second.id, first)
+
+
+class SQLiteJobConflictTests(JobConflictMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresJobConflictTests(JobConflictMixin, TestCase):
     backend = "postgresql"

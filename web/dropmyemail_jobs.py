@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Self
 from twisted.web.iweb import IRequest
 
 from mailcore.backup.accounts import BackupError, iso
+from mailcore.backup.jobs import JobConflict
 from mailcore.fetch.jobs import STATUSES, Job
 from web.auth import DROPMYEMAIL
 from web.errors import ApiError
@@ -212,6 +213,8 @@ class JobRoutes:
                                      {k: v for k, v in values.items() if v is not None})
         except BackupError as e:
             raise ApiError(400, e.message, code="invalid_request") from None
+        except JobConflict as e:
+            raise ApiError(409, e.message) from None
         if job is None:
             raise ApiError(404, "No such account.")
         return self.reply(request, migrate_json(job), 201)
@@ -229,6 +232,8 @@ class JobRoutes:
             job = await self._jobs().restore(principal.user.id, account_id)
         except BackupError as e:
             raise ApiError(400, e.message, code="invalid_request") from None
+        except JobConflict as e:
+            raise ApiError(409, e.message) from None
         if job is None:
             raise ApiError(404, "No such account.")
         return self.reply(request, restore_json(job), 201)
@@ -258,10 +263,11 @@ def install(routes: RouteTable) -> None:
         "message, folder by folder, with its flags and INTERNALDATE, exactly once: a "
         "message counts as copied only after the server's OK, and messages already at the "
         "destination are not copied again. Its end fires the webhook event "
-        "migrate.completed.",
+        "migrate.completed. While a migrate of the account into the same destination "
+        "(host, port, user) is queued or running, another is a 409.",
         auth=DROPMYEMAIL, scope="write", body=MIGRATE_INPUT,
         body_types=("application/json", FORM_TYPE),
-        replies={201: Reply("The migrate, queued", MIGRATE)}, errors=(400, *errors),
+        replies={201: Reply("The migrate, queued", MIGRATE)}, errors=(400, 409, *errors),
     )(JobRoutes.create_migrate)
     routes.route(
         f"{base}/restores", "GET", summary="List an account's restores",
@@ -280,7 +286,8 @@ def install(routes: RouteTable) -> None:
         description="No input. A background job brings the backup up to date, then appends "
         "each backed-up message missing from the account into its folder (made again if it "
         "was deleted), exactly once; a restore of an intact account appends nothing. Its "
-        "end fires the webhook event restore.completed.",
+        "end fires the webhook event restore.completed. While a restore of the account is "
+        "queued or running, another is a 409.",
         auth=DROPMYEMAIL, scope="write", body_types=("application/json", FORM_TYPE),
-        replies={201: Reply("The restore, queued", RESTORE)}, errors=(400, *errors),
+        replies={201: Reply("The restore, queued", RESTORE)}, errors=(400, 409, *errors),
     )(JobRoutes.create_restore)

@@ -7,6 +7,13 @@ IMAP server (POP3 cannot receive mail); the login is checked first (a refusal is
 BackupError with the server's reason, and nothing is stored); the password is stored
 encrypted with the fetch engine's key and never shown. A restore has no input; the account
 must be an IMAP account. Both are queued and run in the background by the job runner.
+
+One job at a time writes to a mailbox: while a restore of an account is queued or running,
+another is refused (JobConflict), and so is a migrate of an account into a destination (host,
+port, user) that an active migrate of it already writes to. Two such jobs run at once would
+each find the same messages missing and each append them (every message twice). The check
+and the insert are one transaction that first locks the account's row (SQLite: the write
+lock of BEGIN IMMEDIATE), so two requests at once cannot both pass it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, func, select
 
 from mailcore.backup.accounts import (
     GOOGLE_REFUSAL,
@@ -28,6 +35,7 @@ from mailcore.fetch.engine import SyncEngine
 from mailcore.fetch.errors import AccountError, AccountNotFound, FetchError
 from mailcore.fetch.imap import ServerSpec, open_session
 from mailcore.fetch.jobs import (
+    ACTIVE,
     Job,
     JobRunner,
     thd_create_job,
@@ -35,8 +43,34 @@ from mailcore.fetch.jobs import (
     thd_list_jobs,
 )
 from mailcore.store import Database
+from mailcore.store.schema import fetch_accounts, mailbox_jobs
 
 JOB_SORTS = ("start_time", "end_time")
+
+
+class JobConflict(Exception):
+    """A job of the account that writes to the same mailbox is queued or running (409)."""
+
+    def __init__(self, message: str, job_id: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.job_id = job_id
+
+
+def thd_active_job(conn: Connection, values: dict[str, Any]) -> int | None:
+    """Blocking: the id of a queued or running job that would write to the same mailbox as
+    the job `values` describes (module docstring), after locking the account's row; None
+    if there is none."""
+    conn.execute(select(fetch_accounts.c.id)
+                 .where(fetch_accounts.c.id == values["account_id"]).with_for_update())
+    j = mailbox_jobs.c
+    query = select(j.id).where(j.account_id == values["account_id"], j.kind == values["kind"],
+                               j.status.in_(ACTIVE))
+    if values["kind"] == "migrate":
+        query = query.where(func.lower(j.host) == values["host"].lower(),
+                            j.port == values["port"], j.username == values["username"])
+    found = conn.execute(query.order_by(j.id).limit(1)).scalar()
+    return None if found is None else int(found)
 
 
 class BackupJobs:
@@ -111,12 +145,23 @@ class BackupJobs:
         await session.close_session()
 
     async def _create(self, values: dict[str, Any]) -> Job:
-        def txn(conn: Connection) -> Job:
+        """A new queued job; JobConflict if one writing to the same mailbox is active."""
+
+        def txn(conn: Connection) -> Job | int:
+            active = thd_active_job(conn, values)
+            if active is not None:
+                return active
             job = thd_get_job(conn, thd_create_job(conn, values))
             assert job is not None
             return job
 
         job = await self.db.run("create_mailbox_job", txn)
+        if isinstance(job, int):
+            if values["kind"] == "restore":
+                raise JobConflict(f"restore {job} of this account is still queued or "
+                                  "running; wait for it to end", job)
+            raise JobConflict(f"migrate {job} of this account into the same mailbox is "
+                              "still queued or running; wait for it to end", job)
         if self.runner is not None:
             self.runner.kick()
         return job
