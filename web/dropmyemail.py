@@ -44,7 +44,7 @@ from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
 from web.dropmyemail_jobs import install as install_job_routes
 from web.errors import ApiError, OAuthErrors
-from web.jsonstream import stream_base64_member
+from web.jsonstream import base64_of, stream_base64_member
 from web.openapi import Reply, RouteTable
 from web.parsing import (
     FORM_TYPE,
@@ -581,6 +581,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "/v1/accounts/<int:account_id>/mailboxes/<int:mailbox_id>/messages/<int:message_id>",
         "GET",
         summary="A backed-up message as its byte-exact .eml, base64-encoded",
+        description="The reply is streamed: the stored message is read and base64-encoded "
+        "a chunk at a time.",
         auth=DROPMYEMAIL,
         scope="email",
         replies={200: Reply("The message", EML)},
@@ -590,14 +592,17 @@ class DropmyemailApp(JobRoutes, ApiApp):
                            message_id: int) -> bytes:
         principal = await self.principal(request, "email")
         try:
-            raw = await self.mail.eml(principal.user.id, account_id, mailbox_id, message_id)
+            eml = await self.mail.eml(principal.user.id, account_id, mailbox_id, message_id)
         except NotFound:
             raise ApiError(404, "No such message.") from None
-        return self.reply(request, {
-            "id": message_id, "mailbox_id": mailbox_id, "filename": f"{message_id}.eml",
-            "content_type": "message/rfc822", "size": len(raw),
-            "content": base64.b64encode(raw).decode("ascii"),
-        })
+        # Streamed: the stored bytes read a chunk at a time and base64-encoded as they
+        # come, never the whole message in memory nor encoded at once on this thread.
+        await stream_base64_member(
+            request, {"id": message_id, "mailbox_id": mailbox_id,
+                      "filename": f"{message_id}.eml", "content_type": "message/rfc822",
+                      "size": eml.size},
+            "content", eml.size, base64_of(self.mail.eml_chunks(eml)))
+        return b""
 
     @routes.route(
         "/v1/accounts/<int:account_id>/messages/search",

@@ -2,15 +2,17 @@
 
 Encoding a large file into one base64 string and then into one JSON document holds the file
 three or four times over. Here the members known up front are written first, then the base64
-slices as an iterator makes them, pausing while the client's transport is full, then the
-closing quote and brace: the reply costs one slice of memory besides what the iterator holds.
+slices as an iterator makes them (or as they are read, from an async one), pausing while the
+client's transport is full, then the closing quote and brace: the reply costs one slice of
+memory besides what the iterator holds.
 The length of the base64 text follows from the file's size, so the reply has a
 Content-Length like every other JSON reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import binascii
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -55,14 +57,42 @@ def base64_length(size: int) -> int:
     return 4 * ((size + 2) // 3)
 
 
+async def base64_of(raw: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The base64 text (padded, no line breaks) of bytes that come a chunk at a time."""
+    carry = b""
+    async for piece in raw:
+        data = carry + piece if carry else piece
+        whole = len(data) - len(data) % 3
+        carry = data[whole:]
+        if whole:
+            yield binascii.b2a_base64(memoryview(data)[:whole], newline=False)
+    if carry:
+        yield binascii.b2a_base64(carry, newline=False)
+
+
+async def _each(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncGenerator[bytes]:
+    if not isinstance(chunks, AsyncIterable):
+        for piece in chunks:
+            yield piece
+        return
+    try:
+        async for piece in chunks:
+            yield piece
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:  # left halfway: its reads ahead are let go now
+            await close()
+
+
 async def stream_base64_member(
     request: IRequest, head: Mapping[str, Any], name: str, size: int,
-    chunks: Iterable[bytes],
+    chunks: Iterable[bytes] | AsyncIterable[bytes],
 ) -> None:
     """Write `{**head, name: "<base64 of size bytes>"}` (status 200) with `chunks` as the
-    base64 text; the caller returns b"" afterwards. An error after the first bytes goes up
-    to the app's error path, which writes nothing more and drops the connection (web.api;
-    closing it gently would let the next pipelined reply follow the cut-off one)."""
+    base64 text (made on the spot, or read as it comes); the caller returns b""
+    afterwards. An error after the first bytes goes up to the app's error path, which
+    writes nothing more and drops the connection (web.api; closing it gently would let the
+    next pipelined reply follow the cut-off one)."""
     known = encode_json(dict(head))
     prefix = (known[:-1] + b"," if head else b"{") + encode_json(name) + b':"'
     suffix = b'"}'
@@ -74,8 +104,9 @@ async def stream_base64_member(
     pacer = Pacer()
     consumer = cast(http.Request, request)
     consumer.registerProducer(pacer, True)
+    pieces = _each(chunks)
     try:
-        for piece in chunks:
+        async for piece in pieces:
             if pacer.stopped:
                 return
             request.write(piece)
@@ -84,3 +115,4 @@ async def stream_base64_member(
             request.write(suffix)
     finally:
         consumer.unregisterProducer()
+        await pieces.aclose()

@@ -10,7 +10,7 @@ that the account (and the mailbox) is the user's, so another user's ids are "not
 from __future__ import annotations
 
 import binascii
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from mailcore.messages.models import (
 )
 from mailcore.messages.parse import extract_part
 from mailcore.messages.sql import utc
-from mailcore.messages.store import MessageNotFound
+from mailcore.messages.store import raw_chunks
 from mailcore.store import Database
 from mailcore.store.schema import (
     fetch_accounts,
@@ -41,6 +41,9 @@ from mailcore.store.schema import (
 )
 
 MAX_PER_PAGE = 40
+# A message is read this much at a time to be sent: a multiple of 3, so that each chunk
+# turns into base64 on its own.
+EML_CHUNK = 3 * 256 * 1024
 
 
 class NotFound(Exception):
@@ -66,6 +69,22 @@ _MAILBOX_NAME = select(fetch_folders.c.name) \
     .where(fetch_folders.c.id == bindparam("mailbox"),
            fetch_folders.c.account_id == bindparam("account"),
            fetch_accounts.c.user_id == bindparam("user"))
+
+
+@dataclass(frozen=True)
+class StoredEml:
+    """A backed-up message's stored bytes: which blob, how long."""
+
+    sha256: str
+    size: int
+
+
+# One read: the message row is in that mailbox of that account of the user's.
+_EML = select(messages.c.sha256, message_blobs.c.size) \
+    .join_from(messages, message_blobs, message_blobs.c.sha256 == messages.c.sha256) \
+    .where(messages.c.id == bindparam("row"), messages.c.folder_id == bindparam("mailbox"),
+           messages.c.account_id == bindparam("account"),
+           messages.c.user_id == bindparam("user"))
 
 
 class BackupMail:
@@ -116,20 +135,34 @@ class BackupMail:
             offset=window.offset, limit=window.per_page,
         ))
 
-    async def eml(self, user_id: int, account_id: int, mailbox_id: int, row_id: int) -> bytes:
-        """The message's exact bytes, if it is in that mailbox of that account."""
-        await self._mailbox(user_id, account_id, mailbox_id)
-        try:
-            found = await self.store.get_message(user_id, row_id)
-        except MessageNotFound:
-            raise NotFound() from None
-        s = found.summary
-        if s.account_id != account_id or s.folder_id != mailbox_id:
+    async def eml(self, user_id: int, account_id: int, mailbox_id: int,
+                  row_id: int) -> StoredEml:
+        """The message's stored bytes (their blob and size, to be read a chunk at a time),
+        if it is in that mailbox of that account of the user's."""
+
+        def txn(conn: Connection) -> StoredEml | None:
+            row = conn.execute(_EML, {"row": row_id, "mailbox": mailbox_id,
+                                      "account": account_id, "user": user_id}).first()
+            return None if row is None else StoredEml(row.sha256, int(row.size))
+
+        found = await self.db.read("backup_eml", txn)
+        if found is None:
             raise NotFound()
-        try:
-            return await self.store.raw_message(user_id, row_id)
-        except MessageNotFound:
-            raise NotFound() from None
+        return found
+
+    def eml_chunks(self, eml: StoredEml) -> AsyncIterator[bytes]:
+        """The message's bytes a chunk at a time (mailcore.messages.store.raw_chunks), never
+        whole; NotFound when they end short of its size (the account deleted meanwhile)."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent = 0
+            async for piece in raw_chunks(self.db, eml.sha256, chunk_size=EML_CHUNK):
+                sent += len(piece)
+                yield piece
+            if sent != eml.size:
+                raise NotFound()
+
+        return chunks()
 
     async def search(self, user_id: int, account_id: int, query: str,
                      window: Window) -> Page[MessageSummary]:
