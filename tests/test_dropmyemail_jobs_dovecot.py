@@ -6,8 +6,9 @@ every message once, byte-exact, with the same flags, INTERNALDATE and folders; a
 migrate appends nothing. A restore after 50 messages and one folder were deleted at the
 source puts them all back (the folder made again), without a duplicate; a restore of the
 intact account appends nothing. Two restores (or two migrates into one mailbox) asked at once
-make one job and a 409. A destination over quota fails the job with the server's
-reason, and every message the job counts as copied is there; a destination whose connection
+make one job and a 409; a restored account is backed up, then migrated, once. A destination
+over quota fails the job with the server's reason, and every message the job counts as
+copied is there; a destination whose connection
 is cut in the middle of the APPENDs (a proxy that drops it twice) is retried, and in the end
 holds every message once. Messages over 1 MiB go streamed from the store: a 24 MiB one lands
 byte-exact while Python's traced memory peaks at a few MiB (about three copies, over 70 MiB,
@@ -343,6 +344,28 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         self.assertEqual(status, 201, again)
         again = await self.finished(s, "restore", again["id"])
         self.assertEqual(again["appended"], 0, again)
+
+    async def test_a_restored_account_is_backed_up_and_migrated_once(self) -> None:
+        """The messages a restore put back were backed up again under their new UIDs: the
+        account counted 100 messages for 50 and a migrate then wrote each twice (found by
+        an audit)."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 50}, tag="again")
+        before = await mailbox(server, s.source)
+        server.expunge(s.source, "INBOX", "1:50")
+        base = f"/v1/accounts/{s.account_id}"
+        status, job = await bearer(s.api, s.token, "POST", f"{base}/restores")
+        self.assertEqual(status, 201, job)
+        job = await self.finished(s, "restore", job["id"])
+        self.assertEqual((job["status"], job["appended"]), ("done", 50), job)
+        result = await s.api.core.fetch.engine.sync(s.account_id)
+        self.assertEqual(result.status, "success", result.error)
+        status, account = await bearer(s.api, s.token, "GET", base)
+        self.assertEqual((status, account["msg_count"]), (200, 50), account)
+        destination = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, destination)
+        self.assertEqual((job["status"], job["appended"]), ("done", 50), job)
+        self.assertEqual(await mailbox(server, destination), before)
 
     async def test_a_cut_connection_is_retried_and_every_message_lands_once(self) -> None:
         server = await self.dovecot()

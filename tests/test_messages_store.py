@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.state import thd_mark_gone
 from mailcore.messages import (
     FetchedMessage,
     Location,
@@ -125,6 +126,33 @@ class StoreTestsMixin(DatabaseMixin):
         second = await store.store_batch(where, batch)
         self.assertEqual((len(first.created), first.already_stored), (3, 0))
         self.assertEqual((len(second.created), second.already_stored), (0, 3))
+
+    async def test_bytes_put_back_under_a_new_uid_are_our_copy_again(self) -> None:
+        """A message expunged at the server stays in the backup, marked gone; put back (a
+        restore appends it) it came back under a new UID as a second row, so the backup
+        counted it twice and a migrate copied it twice (found by an audit). The gone row
+        takes the new UID; bytes the folder holds on the server already are a new row."""
+        store, user = await self.make_store()
+        folder_id = await self.db.run("make_folder", _make_folder, user)
+        where = Location(user, None, folder_id, "INBOX", uidvalidity=7)
+        twin = mail(1, "same")
+        first = await store.store_batch(where, [
+            FetchedMessage(raw=twin, uid=1), FetchedMessage(raw=twin, uid=2),
+            FetchedMessage(raw=mail(3, "kept"), uid=3)])
+        await self.db.run("gone", thd_mark_gone, folder_id, 7, [1, 2])
+        back = await store.store_batch(where, [
+            FetchedMessage(raw=twin, uid=10, flags=("\\Seen",)),
+            FetchedMessage(raw=mail(3, "kept"), uid=11)])
+        self.assertEqual((back.relinked, len(back.created)), (1, 1))
+
+        def rows(conn: Connection) -> list[tuple[int, int, bool, str]]:
+            return [(r.id, r.uid, bool(r.on_server), r.flags) for r in conn.execute(
+                select(messages.c.id, messages.c.uid, messages.c.on_server, messages.c.flags)
+                .order_by(messages.c.id))]
+
+        self.assertEqual(await self.db.read("rows", rows), [
+            (first.created[0], 10, True, "\\Seen"), (first.created[1], 2, False, ""),
+            (first.created[2], 3, True, ""), (back.created[0], 11, True, "")])
 
     async def test_threads_by_references_out_of_order_and_merge(self) -> None:
         store, user = await self.make_store()

@@ -165,6 +165,12 @@ _HELD_UIDLS = select(messages.c.pop_uidl).where(
 _HELD_BLOBS = select(message_blobs.c.sha256).where(
     message_blobs.c.sha256.in_(bindparam("keys", expanding=True))
 )
+# Our copies in a folder that the server no longer holds (expunged there), of these bytes.
+_GONE_COPIES = select(messages.c.id, messages.c.sha256).where(
+    messages.c.folder_id == bindparam("f"),
+    messages.c.on_server.is_(False),
+    messages.c.sha256.in_(bindparam("keys", expanding=True)),
+)
 _KEY_CHUNK = 500
 
 
@@ -205,6 +211,22 @@ def _held_copies(
     return held
 
 
+def _gone_copies(conn: Connection, where: Location, hashes: Sequence[str]) -> dict[str, list[int]]:
+    """Our copies of these bytes in this folder marked no longer on the server, oldest
+    first, by SHA-256: a message put back (a restore appends what was expunged) is the
+    same message again under a new UID, not a second copy to back up (and to migrate)."""
+    found: dict[str, list[int]] = {}
+    ordered = sorted(set(hashes))
+    for i in range(0, len(ordered), _KEY_CHUNK):
+        for row_id, sha256 in conn.execute(
+            _GONE_COPIES, {"f": where.folder_id, "keys": ordered[i : i + _KEY_CHUNK]}
+        ):
+            found.setdefault(sha256, []).append(int(row_id))
+    for ids in found.values():
+        ids.sort(reverse=True)  # popped from the end: the oldest first
+    return found
+
+
 def _relink_candidate(
     conn: Connection, where: Location, sha256: str
 ) -> int | None:
@@ -243,6 +265,8 @@ def thd_store_batch(
     rescan: bool = False,
 ) -> StoreResult:
     """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid).
+    A message under a new UID whose bytes the folder holds only in a copy marked no longer
+    on the server (`_gone_copies`) is that copy again: it takes the UID (relinked).
     The outcome (rows, threads, search entries) is the one of storing them one by one in
     order; the work is a few statements per batch."""
     if conn.dialect.name == "postgresql":
@@ -252,8 +276,12 @@ def thd_store_batch(
             text("SELECT pg_advisory_xact_lock(:k)"), {"k": _THREAD_LOCK + where.user_id}
         )
     held = _held_copies(conn, where, items)
+    gone = _gone_copies(conn, where, [
+        p.sha256 for i, p in items
+        if i.uid is not None and ("uid", i.uid) not in held]) if where.folder_id else {}
     fresh: list[tuple[FetchedMessage, ParsedMessage]] = []
     relinked = already = 0
+    taken: set[int] = set()
     for item, parsed in items:
         key = _copy_key(item) if where.folder_id is not None else None
         if key is not None:
@@ -261,17 +289,24 @@ def thd_store_batch(
                 already += 1
                 continue
             held.add(key)  # the same UID twice in one batch is stored once
+        old: int | None = None
         if rescan and item.uid is not None:
             old = _relink_candidate(conn, where, parsed.sha256)
-            if old is not None:
-                conn.execute(
-                    update(messages).where(messages.c.id == old).values(
-                        uidvalidity=where.uidvalidity, uid=item.uid,
-                        flags=" ".join(item.flags), on_server=True, updated_at=now,
-                    )
+        if old is None and item.uid is not None:
+            candidates = gone.get(parsed.sha256, [])
+            while candidates and old is None:
+                old = candidates.pop()
+                old = None if old in taken else old
+        if old is not None:
+            taken.add(old)
+            conn.execute(
+                update(messages).where(messages.c.id == old).values(
+                    uidvalidity=where.uidvalidity, uid=item.uid,
+                    flags=" ".join(item.flags), on_server=True, updated_at=now,
                 )
-                relinked += 1
-                continue
+            )
+            relinked += 1
+            continue
         fresh.append((item, parsed))
     created = thd_insert_messages(conn, where, fresh, now)
     return StoreResult(
