@@ -139,6 +139,41 @@ class PartsTests(TestCase):
             raw, a = by_name[name]
             self.assertIsNotNone(parts.check(raw, a.part_path, a.size), name)
 
+    def test_the_parts_of_one_message_are_described_from_one_walk_and_one_parse(self) -> None:
+        """Each part was located by a walk of its multipart up to it, and each one that
+        does not decode cleanly (an attached message) cut by a parse of the whole message:
+        20 of the 201 attachments of a 5.7 MB message took 13 s (found by an audit)."""
+        from mailcore.messages import parse as parse_module
+
+        text = "--b\nContent-Type: text/plain\n\nhi\n"
+        body = text + attachment("first.pdf", "application/pdf", PDF)
+        for n in range(60):
+            body += ("--b\nContent-Type: message/rfc822\n\n"
+                     f"From: a@x.test\nSubject: inner {n}\n\ninner {n}\n")
+            body += attachment(f"{n}.pdf", "application/pdf", PDF + str(n).encode())
+        raw = mail("a@x.test", "many", body + "--b--\n")
+        found = parse_message(raw).attachments
+        wanted = [(n, a.part_path) for n, a in enumerate(found)]
+        expected = {}
+        for n, a in enumerate(found):
+            content = extract_part(raw, a.part_path)
+            expected[n] = "" if content is None else index_module.describe(content)
+        calls = {"walks": 0, "parses": 0}
+
+        def counted(name: str, module: Any, function: Any) -> None:
+            def spy(*args: Any) -> Any:
+                calls[name] += 1
+                return function(*args)
+            self.patch(module, function.__name__, spy)
+
+        counted("walks", parts, parts._delimiters)
+        counted("parses", parse_module, parse_module._parse_tree)
+        got = index_module.describe_parts(raw, wanted, parse_module.MimeLimits())
+        self.assertEqual(len(found), 121)
+        self.assertEqual(got, expected)
+        self.assertIn("PDF document", got[0])
+        self.assertEqual(calls, {"walks": 1, "parses": 1})
+
     def test_a_path_that_is_not_there_is_none(self) -> None:
         raw = hostile_corpus()[3]
         for path in ("9", "1.1", "0", "x", "2.2.2", "1." + "1" * 5000):

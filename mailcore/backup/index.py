@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from mailcore.backup.signature import MAX_TEXT, signature_phone
 from mailcore.messages import MessageStore, parts
-from mailcore.messages.parse import MimeLimits, extract_part
+from mailcore.messages.parse import MimeLimits, extract_parts
 from mailcore.periodic import InFlight
 from mailcore.store import Database
 from mailcore.store.schema import message_attachments, message_blobs, messages
@@ -55,32 +55,47 @@ def describe(content: bytes) -> str:
         return f"unknown ({type(e).__name__})"
 
 
-def _head(raw: bytes, part_path: str, limits: MimeLimits) -> bytes | None:
+def _clean_head(raw: bytes, part_path: str, limits: MimeLimits,
+                cache: parts.Children) -> bytes | None:
     """The first MAGIC_BYTES of the attachment's decoded bytes, cut without building the
-    MIME tree when the part decodes cleanly (mailcore.messages.parts), else by the email
-    package."""
-    located = parts.locate(raw, part_path, limits)
-    if located is not None:
-        out = bytearray()
-        try:
-            for piece in parts.decoded_chunks(raw, located):
-                out += piece
-                if len(out) >= MAGIC_BYTES:
-                    break
-            return bytes(out)
-        except parts.NotClean:
-            pass
-    return extract_part(raw, part_path, limits)
+    MIME tree (mailcore.messages.parts); None when the part does not decode cleanly so."""
+    located = parts.locate(raw, part_path, limits, cache)
+    if located is None:
+        return None
+    out = bytearray()
+    try:
+        for piece in parts.decoded_chunks(raw, located):
+            out += piece
+            if len(out) >= MAGIC_BYTES:
+                break
+    except parts.NotClean:
+        return None
+    return bytes(out)
 
 
 def describe_parts(raw: bytes | None, wanted: Iterable[tuple[int, str]],
                    limits: MimeLimits) -> dict[int, str]:
     """libmagic's description of each (attachment id, part path) of one raw message; ""
-    for a part that is not there. CPU-bound."""
+    for a part that is not there. Each part is cut from the bytes when it decodes cleanly
+    (each multipart walked once for them all), the others by the email package from one
+    parse of the message for them all (once per part, a 5.7 MB message of 200 attached
+    messages took 0.65 s a part). CPU-bound."""
     out: dict[int, str] = {}
+    slow: dict[str, list[int]] = defaultdict(list)
+    cache: parts.Children = {}
     for attachment_id, part_path in wanted:
-        content = _head(raw, part_path, limits) if raw is not None else None
-        out[attachment_id] = "" if content is None else describe(content)
+        out[attachment_id] = ""
+        head = _clean_head(raw, part_path, limits, cache) if raw is not None else None
+        if head is not None:
+            out[attachment_id] = describe(head)
+        elif raw is not None:
+            slow[part_path].append(attachment_id)
+    if raw is not None and slow:
+        for part_path, content in extract_parts(raw, list(slow), limits):
+            if content is not None:
+                text = describe(content)
+                for attachment_id in slow[part_path]:
+                    out[attachment_id] = text
     return out
 
 

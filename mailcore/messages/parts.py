@@ -109,9 +109,35 @@ def _strip_break(raw: bytes, start: int, end: int) -> int:
     return end
 
 
-def locate(raw: bytes, part_path: str, limits: MimeLimits | None = None) -> Span | None:
+def _children(raw: bytes, marker: bytes, body: int, end: int, most: int
+              ) -> list[tuple[int, int]]:
+    """The spans of the first `most` parts of a multipart whose body is raw[body:end], cut
+    as `locate` cuts the one it wants."""
+    found: list[tuple[int, int]] = []
+    previous: int | None = None
+    for line_start, next_line, close in _delimiters(raw, marker, body, end):
+        if previous is not None:
+            found.append((previous, _strip_break(raw, previous, line_start)))
+            if len(found) >= most:
+                return found
+        if close:
+            return found
+        previous = next_line
+    if previous is not None:
+        found.append((previous, end))  # no close delimiter: the last part runs to the end
+    return found
+
+
+Children = dict[tuple[int, int], list[tuple[int, int]]]
+
+
+def locate(raw: bytes, part_path: str, limits: MimeLimits | None = None,
+           cache: Children | None = None) -> Span | None:
     """The body of the leaf part at the IMAP-style `part_path` ("1", "2.1"), numbered as
-    `mailcore.messages.parse.walk_parts` numbers them; None when not found or not a leaf."""
+    `mailcore.messages.parse.walk_parts` numbers them; None when not found or not a leaf.
+    `cache` (one per `raw`) keeps the parts of each multipart met, so that locating many
+    parts of one message walks each multipart once rather than once per part (a part far
+    into the message took a scan of all that comes before it)."""
     limits = limits or MimeLimits()
     steps = part_path.split(".")
     if not all(s.isdigit() and len(s) < 7 and 0 < int(s) <= limits.max_parts for s in steps):
@@ -137,22 +163,14 @@ def locate(raw: bytes, part_path: str, limits: MimeLimits | None = None) -> Span
         except UnicodeEncodeError:
             return None
         wanted = remaining.pop(0)
-        child: tuple[int, int] | None = None
-        index = 0
-        previous: int | None = None
-        for line_start, next_line, close in _delimiters(raw, marker, body, end):
-            if previous is not None:
-                index += 1
-                if index == wanted:
-                    child = (previous, _strip_break(raw, previous, line_start))
-                    break
-            if close:
-                previous = None
-                break
-            previous = next_line
-        else:
-            if previous is not None and index + 1 == wanted:
-                child = (previous, end)  # no close delimiter: the part runs to the end
+        # Without a cache, the parts up to the wanted one; with one, all of them, once.
+        known = cache.get((body, end)) if cache is not None else None
+        if known is None:
+            known = _children(raw, marker, body, end,
+                              limits.max_parts if cache is not None else wanted)
+            if cache is not None:
+                cache[(body, end)] = known
+        child = known[wanted - 1] if wanted <= len(known) else None
         if child is None:
             return None
         start, end = child
