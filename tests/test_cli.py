@@ -102,11 +102,12 @@ class UserTests(IdentityCliTestCase):
         await self.ok("user", "set-plan", "alice", "standard")
 
         lines = (await self.ok("user", "list")).splitlines()
-        self.assertEqual(lines[0].split(), ["USERNAME", "EMAIL", "PLAN", "CREATED"])
+        self.assertEqual(lines[0].split(), ["USERNAME", "EMAIL", "PLAN", "ACTIVE", "CREATED"])
         rows = [line.split() for line in lines[1:]]
         self.assertEqual(
-            [row[:3] for row in rows],
-            [["alice", "alice@example.test", "standard"], ["bob", "bob@example.test", "agency"]],
+            [row[:4] for row in rows],
+            [["alice", "alice@example.test", "standard", "yes"],
+             ["bob", "bob@example.test", "agency", "yes"]],
         )
         self.assertRegex(lines[1], r"\d{4}-\d\d-\d\d \d\d:\d\d$")
 
@@ -124,7 +125,7 @@ class UserTests(IdentityCliTestCase):
 
     async def test_empty_user_list_prints_the_header(self) -> None:
         self.assertEqual((await self.ok("user", "list")).split(),
-                         ["USERNAME", "EMAIL", "PLAN", "CREATED"])
+                         ["USERNAME", "EMAIL", "PLAN", "ACTIVE", "CREATED"])
 
 
 class CredentialTests(IdentityCliTestCase):
@@ -180,6 +181,79 @@ class CredentialTests(IdentityCliTestCase):
         self.assertIsNone(await identity.resolve(token, ("apikey",)))
         # Tokens are not API keys: `apikey list` does not show them.
         self.assertEqual(len((await self.ok("apikey", "list", "alice")).splitlines()), 1)
+
+    async def test_token_list_and_revoke_end_a_leaked_login_token(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        identity = await self.identity()
+        alice = await identity.find_user("alice")
+        assert alice is not None
+        # A token /api-token-auth/ handed out, and one the CLI printed.
+        login, _ = await identity.create_credential(alice.id, "token", label="api-token-auth")
+        printed = (await self.ok("token", "create", "alice", "--label", "ci")).strip()
+        listing = (await self.ok("token", "list", "alice")).splitlines()
+        self.assertEqual([row.split()[:2] for row in listing[1:]],
+                         [[login[: creds.PREFIX_LEN], "api-token-auth"],
+                          [printed[: creds.PREFIX_LEN], "ci"]])
+        self.assertNotIn(login, "\n".join(listing))
+
+        self.assertIn("revoked 1 token of alice",
+                      await self.ok("token", "revoke", "alice", login[: creds.PREFIX_LEN]))
+        identity.forget_resolved()
+        self.assertIsNone(await identity.resolve(login, ("token",)))
+        self.assertIsNotNone(await identity.resolve(printed, ("token",)))
+        self.assertEqual((await self.ok("token", "list", "alice")).splitlines()[1].split()[-1],
+                         "yes")
+        await self.refused("token", "revoke", "alice", login[: creds.PREFIX_LEN],
+                           fragment="no live token of alice")
+
+
+class LifecycleTests(IdentityCliTestCase):
+    async def test_disable_refuses_every_credential_and_enable_restores_them(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        key = (await self.ok("apikey", "create", "alice")).strip()
+        token = (await self.ok("token", "create", "alice")).strip()
+        identity = await self.identity()
+        alice = await identity.find_user("alice")
+        assert alice is not None
+        keyed = await identity.resolve(key, ("apikey",))
+        assert keyed is not None
+        session, _ = await identity.create_credential(
+            alice.id, "session", parent_id=keyed.credential_id)
+        page, _ = await identity.create_credential(alice.id, "page", scopes=("pages",))
+        credentials = [(key, "apikey"), (token, "token"), (session, "session"), (page, "page")]
+
+        self.assertEqual(await self.ok("user", "disable", "alice@example.test"),
+                         "alice: disabled\n")
+        self.assertEqual((await self.ok("user", "list")).splitlines()[1].split()[3], "no")
+        identity.forget_resolved()
+        self.assertIsNone(await identity.authenticate_password("alice", "pw"))
+        for secret, kind in credentials:
+            self.assertIsNone(await identity.resolve(secret, (kind,)), kind)
+
+        self.assertEqual(await self.ok("user", "enable", "alice"), "alice: enabled\n")
+        identity.forget_resolved()
+        self.assertIsNotNone(await identity.authenticate_password("alice", "pw"))
+        for secret, kind in credentials:
+            self.assertIsNotNone(await identity.resolve(secret, (kind,)), kind)
+
+    async def test_set_password_replaces_it_and_ends_page_sessions(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        token = (await self.ok("token", "create", "alice")).strip()
+        identity = await self.identity()
+        alice = await identity.find_user("alice")
+        assert alice is not None
+        page, _ = await identity.create_credential(alice.id, "page", scopes=("pages",))
+
+        self.assertEqual(await self.ok("user", "set-password", "alice", stdin=b"new-pw\n"),
+                         "alice: password changed\n")
+        identity.forget_resolved()
+        self.assertIsNone(await identity.authenticate_password("alice", "pw"))
+        self.assertIsNotNone(await identity.authenticate_password("alice", "new-pw"))
+        self.assertIsNone(await identity.resolve(page, ("page",)))
+        self.assertIsNotNone(await identity.resolve(token, ("token",)))
+        await self.refused("user", "set-password", "nobody", "--password", "x",
+                           fragment="no such user: nobody")
+        await self.refused("user", "disable", "nobody", fragment="no such user: nobody")
 
     async def test_nothing_secret_in_the_database_files(self) -> None:
         """The raw SQLite files hold no password, key or token the CLI handed out."""

@@ -45,6 +45,29 @@ def register(subparsers: Any) -> None:
     set_plan.add_argument("plan", choices=PLANS)
     set_plan.set_defaults(handler=user_set_plan)
 
+    set_password = users.add_parser(
+        "set-password", help="change a user's password",
+        description="Change a user's password; the user's browser sessions (the OAuth "
+        "pages) end with the old one. API keys and tokens stay: revoke them with `apikey "
+        "revoke` and `token revoke`. Without --password the password is read from stdin.",
+    )
+    set_password.add_argument("name", help="user name or email")
+    set_password.add_argument("--password", help="the password [default: read from stdin]")
+    set_password.set_defaults(handler=user_set_password, prepare=read_password)
+
+    disable = users.add_parser(
+        "disable", help="disable a user: every login, key, token and grant stops working",
+        description="Disable a user: password logins, API keys, tokens, safedrop and page "
+        "sessions and OAuth access tokens of the user are refused (a running daemon, which "
+        "believes a secret it resolved for one second, refuses them within that second). "
+        "Nothing is deleted: `user enable` undoes it.",
+    )
+    disable.add_argument("name", help="user name or email")
+    disable.set_defaults(handler=user_set_active, active=False)
+    enable = users.add_parser("enable", help="enable a disabled user again")
+    enable.add_argument("name", help="user name or email")
+    enable.set_defaults(handler=user_set_active, active=True)
+
     keys = command_group(subparsers, "apikey", help="create, list and revoke API keys")
     _credential_create(
         keys, "apikey", help="create an API key and print it (alone, once)",
@@ -55,20 +78,31 @@ def register(subparsers: Any) -> None:
 
     key_list = keys.add_parser("list", help="list a user's API keys (never the secrets)")
     key_list.add_argument("name", help="user name or email")
-    key_list.set_defaults(handler=apikey_list)
+    key_list.set_defaults(handler=credential_list, kind="apikey")
 
     revoke = keys.add_parser("revoke", help="revoke an API key by its prefix")
     revoke.add_argument("name", help="user name or email")
     revoke.add_argument("prefix", help="the key's prefix, as `apikey list` shows it")
-    revoke.set_defaults(handler=apikey_revoke)
+    revoke.set_defaults(handler=credential_revoke, kind="apikey")
 
-    tokens = command_group(subparsers, "token", help="create non-expiring API tokens")
+    tokens = command_group(subparsers, "token", help="create, list and revoke API tokens")
     _credential_create(
         tokens, "token", help="create a token and print it (alone, once)",
         description="Create a non-expiring token (IMAP2API `Token`, Mail API `auth_key`) "
         "and print it alone on stdout.",
         label="a note saying what it is for",
     )
+    token_list = tokens.add_parser(
+        "list", help="list a user's tokens (never the secrets)",
+        description="List a user's tokens: those `token create` printed and those the "
+        "password logins handed out (/api-token-auth/, /api/v1/auth/), by prefix and label.",
+    )
+    token_list.add_argument("name", help="user name or email")
+    token_list.set_defaults(handler=credential_list, kind="token")
+    token_revoke = tokens.add_parser("revoke", help="revoke a token by its prefix")
+    token_revoke.add_argument("name", help="user name or email")
+    token_revoke.add_argument("prefix", help="the token's prefix, as `token list` shows it")
+    token_revoke.set_defaults(handler=credential_revoke, kind="token")
 
 
 def _credential_create(actions: Any, kind: str, help: str, description: str, label: str) -> None:
@@ -142,8 +176,9 @@ async def user_add(args: argparse.Namespace, core: Any) -> int:
 async def user_list(args: argparse.Namespace, core: Any) -> int:
     found: list[User] = await core.identity.list_users()
     print_table(
-        ("USERNAME", "EMAIL", "PLAN", "CREATED"),
-        [(u.username, u.email, u.plan, when(u.created_at)) for u in found],
+        ("USERNAME", "EMAIL", "PLAN", "ACTIVE", "CREATED"),
+        [(u.username, u.email, u.plan, "yes" if u.is_active else "no", when(u.created_at))
+         for u in found],
     )
     return 0
 
@@ -155,6 +190,20 @@ async def user_set_plan(args: argparse.Namespace, core: Any) -> int:
     return 0
 
 
+async def user_set_password(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    await core.identity.set_password(user.id, args.password)
+    print(f"{user.username}: password changed")
+    return 0
+
+
+async def user_set_active(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    await core.identity.set_active(user.id, args.active)
+    print(f"{user.username}: {'enabled' if args.active else 'disabled'}")
+    return 0
+
+
 async def credential_create(args: argparse.Namespace, core: Any) -> int:
     user = await require_user(core, args.name)
     secret, _info = await core.identity.create_credential(user.id, args.kind, label=args.label)
@@ -162,9 +211,13 @@ async def credential_create(args: argparse.Namespace, core: Any) -> int:
     return 0
 
 
-async def apikey_list(args: argparse.Namespace, core: Any) -> int:
+# What `list` and `revoke` call each kind of credential.
+_KIND_NAMES = {"apikey": "API key", "token": "token"}
+
+
+async def credential_list(args: argparse.Namespace, core: Any) -> int:
     user = await require_user(core, args.name)
-    found = await core.identity.list_credentials(user.id, "apikey")
+    found = await core.identity.list_credentials(user.id, args.kind)
     print_table(
         ("PREFIX", "LABEL", "CREATED", "LAST USED", "REVOKED"),
         [
@@ -176,10 +229,11 @@ async def apikey_list(args: argparse.Namespace, core: Any) -> int:
     return 0
 
 
-async def apikey_revoke(args: argparse.Namespace, core: Any) -> int:
+async def credential_revoke(args: argparse.Namespace, core: Any) -> int:
     user = await require_user(core, args.name)
-    count: int = await core.identity.revoke_credential(user.id, args.prefix, "apikey")
+    count: int = await core.identity.revoke_credential(user.id, args.prefix, args.kind)
+    name = _KIND_NAMES[args.kind]
     if count == 0:
-        raise CommandError(f"no live API key of {user.username} has the prefix {args.prefix}")
-    print(f"revoked {count} API key{'s' if count > 1 else ''} of {user.username}")
+        raise CommandError(f"no live {name} of {user.username} has the prefix {args.prefix}")
+    print(f"revoked {count} {name}{'s' if count > 1 else ''} of {user.username}")
     return 0

@@ -347,13 +347,30 @@ class Identity:
         return user
 
     async def set_password(self, user_id: int, password: str) -> None:
+        """A new password; the user's page sessions (browser logins made with the old one)
+        end with it. API keys and tokens stay: each is revoked on its own."""
         self._check_password(password)
         hashed = await self.cpu.run(passwords.hash_password, password)
+        now = self.now()
 
         def txn(conn: Connection) -> None:
             conn.execute(update(users).where(users.c.id == user_id).values(password_hash=hashed))
+            conn.execute(update(credentials).where(
+                credentials.c.user_id == user_id, credentials.c.kind == "page",
+                credentials.c.revoked_at.is_(None),
+            ).values(revoked_at=now))
 
         await self.db.run("set_password", txn)
+        self.forget_resolved()
+
+    async def set_active(self, user_id: int, active: bool) -> None:
+        """Enable or disable a user. A disabled user's password, keys, tokens, sessions and
+        OAuth grants all stop resolving (they are kept, and work again once enabled)."""
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.id == user_id).values(is_active=active))
+
+        await self.db.run("set_active", txn)
         self.forget_resolved()
 
     async def set_plan(self, user_id: int, plan: str) -> None:
