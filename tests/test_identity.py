@@ -125,6 +125,35 @@ class UserTests(IdentityTestCase):
         self.assertEqual(await self.identity.find_user("alice@example.test"), alice)
         self.assertIsNone(await self.identity.find_user("nobody"))
 
+    async def test_a_non_ascii_address_is_one_user_in_every_case_and_form(self) -> None:
+        """SQLite's lower() folds ASCII only: "Éloise@…" was stored as typed, so neither
+        "Éloise@…" nor "ÉLOISE@…" found it, and "éloise@…" could be a second user (even
+        set through PUT /api/v1/user) that those spellings then found instead."""
+        eloise = await self.user("eloise", email="Éloise@X.test")
+        self.assertEqual(eloise.email, "éloise@x.test")
+        for typed in ("Éloise@x.test", "ÉLOISE@X.TEST", "e\u0301loise@x.test"):
+            self.assertEqual(await self.identity.find_user(typed), eloise, typed)
+            self.assertEqual(
+                await self.identity.authenticate_password(typed, "s3cret"), eloise, typed)
+        for typed in ("éloise@x.test", "E\u0301LOISE@x.test"):
+            await self.assertRefused("email", self.user("mallory", email=typed))
+        mallory = await self.user("mallory")
+        await self.assertRefused(
+            "email", self.identity.update_profile(mallory.id, {"email": "éloise@x.test"}))
+
+    async def test_one_users_email_is_no_other_users_username(self) -> None:
+        """A name finds a username first, else an email: a user named like another's
+        address took that address's logins and CLI commands."""
+        alice = await self.user("alice", email="alice@x.test")
+        await self.assertRefused("username", self.user("Alice@X.test", email="m@x.test"))
+        carol = await self.user("carol@y.test", email="carol@z.test")
+        await self.assertRefused("email", self.user("dave", email="CAROL@y.test"))
+        await self.assertRefused(
+            "email", self.identity.update_profile(alice.id, {"email": "carol@y.test"}))
+        # A user's own username may be its own address.
+        await self.identity.update_profile(carol.id, {"email": "carol@y.test"})
+        self.assertEqual(await self.identity.find_user("alice@x.test"), alice)
+
     async def test_list_users_in_creation_order(self) -> None:
         for name in ("carol", "alice", "bob"):
             await self.user(name, password=None)

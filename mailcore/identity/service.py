@@ -13,10 +13,11 @@ import datetime
 import hashlib
 import re
 import secrets as _random
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -140,11 +141,18 @@ def thd_get_user(conn: Connection, user_id: int) -> User | None:
     return _user(row) if row else None
 
 
+def name_key(name_or_email: str) -> str:
+    """What a user name or e-mail address is compared as: trimmed, NFC, lower case. The
+    database's lower() folds ASCII only (SQLite), so an address with other letters is stored
+    in this form already (`normalise_email`) and compares equal however it is typed."""
+    return unicodedata.normalize("NFC", name_or_email.strip()).lower()
+
+
 def thd_user_row_by_name(conn: Connection, name_or_email: str) -> Any:
     """Blocking: the users row whose username, or else email, is `name_or_email`
     (case-insensitive), or None. Text that is not text (NUL) names nobody: PostgreSQL would
     refuse the lookup."""
-    key = name_or_email.strip().lower()
+    key = name_key(name_or_email)
     if not_text(key):
         return None
     for column in (users.c.username, users.c.email):
@@ -182,11 +190,29 @@ def _credential(row: Any) -> CredentialInfo:
 
 
 def normalise_email(email: str) -> str:
-    email = email.strip()
+    """The address as stored: NFC, its domain in lower case, and its local part too when
+    that is not ASCII (see `name_key`: such an address must be stored as it is compared)."""
+    email = unicodedata.normalize("NFC", email.strip())
     if not _EMAIL.match(email) or len(email) > _max_length("email"):
         raise IdentityError("Enter a valid email address.", "email")
     local, _, domain = email.rpartition("@")
+    if not local.isascii():
+        local = local.lower()
     return f"{local}@{domain.lower()}"
+
+
+def _thd_name_taken(conn: Connection, value: str, but: int | None = None) -> bool:
+    """Blocking: whether another user (not `but`) has `value` as username or as email.
+    A login or a grant names a user by either: one user's email must not be another's
+    username, or that name would find the wrong user."""
+    key = name_key(value)
+    for column in (users.c.username, users.c.email):
+        q = select(users.c.id).where(func.lower(column) == key)
+        if but is not None:
+            q = q.where(users.c.id != but)
+        if conn.execute(q).first() is not None:
+            return True
+    return False
 
 
 def _new_id(result: Any) -> int:
@@ -276,10 +302,7 @@ class Identity:
 
         def txn(conn: Connection) -> int:
             for column, value in (("username", username), ("email", email)):
-                taken = conn.execute(
-                    select(users.c.id).where(func.lower(users.c[column]) == value.lower())
-                ).first()
-                if taken:
+                if _thd_name_taken(conn, value):
                     raise IdentityError(f"A user with that {column} already exists.", column)
             try:
                 return _new_id(conn.execute(insert(users).values(**values)))
@@ -327,15 +350,8 @@ class Identity:
         _check_profile_values(values)
 
         def txn(conn: Connection) -> None:
-            if "email" in values:
-                taken = conn.execute(
-                    select(users.c.id).where(
-                        and_(func.lower(users.c.email) == values["email"].lower(),
-                             users.c.id != user_id)
-                    )
-                ).first()
-                if taken:
-                    raise IdentityError("A user with that email already exists.", "email")
+            if "email" in values and _thd_name_taken(conn, values["email"], but=user_id):
+                raise IdentityError("A user with that email already exists.", "email")
             if values:
                 conn.execute(update(users).where(users.c.id == user_id).values(**values))
 

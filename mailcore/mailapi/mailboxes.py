@@ -17,6 +17,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.gateway.domains import thd_mailboxes_changed
+from mailcore.identity.service import thd_user_row_by_name
 from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.store import Database
@@ -178,13 +179,9 @@ def thd_visible(conn: Connection, user_id: int) -> list[Access]:
 
 def _thd_user(conn: Connection, name: str) -> tuple[int, str]:
     """Blocking: (id, username) of the user named `name` (username, else email)."""
-    key = name.strip().lower()
-    for column in (users.c.username, users.c.email):
-        row = conn.execute(
-            select(users.c.id, users.c.username).where(func.lower(column) == key)
-        ).first()
-        if row is not None:
-            return row.id, row.username
+    row = thd_user_row_by_name(conn, name)
+    if row is not None:
+        return row.id, row.username
     raise MailApiError(NOT_FOUND, "user not found", "username")
 
 
