@@ -1,12 +1,19 @@
 """Password logins: IMAP2API `POST /api-token-auth/` and Mail API `POST /api/v1/auth/`,
-and the per-address limit that slows password guessing on both."""
+and the limits that slow password guessing on both: per client address, and failures per
+account name."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from mailcore.config import Config
 from tests.support.web import PASSWORD, Web, header
+from web.login import PasswordLogin
+from web.ratelimit import RateLimited
 
 CREDENTIALS = {"username": "alice", "password": PASSWORD}
 LOGIN_FAILED = {"non_field_errors": ["Unable to log in with provided credentials."]}
@@ -150,3 +157,67 @@ class LoginRateLimitTests(TestCase):
             status, _, _ = await web.call("POST", "/api/v1/auth/", data={"username": "a",
                                                                          "password": "b"})
             self.assertEqual(status, 401)
+
+
+class AccountFailureLimitTests(TestCase):
+    """Failed logins per account name, whatever the client address (`login_failure_rate`)."""
+
+    def build(self) -> tuple[Web, PasswordLogin]:
+        web = Web.build(Config(sections={"web": {"login_rate": 0,
+                                                 "login_failure_rate": "3/hour"}}))
+        login: PasswordLogin = web.root.apps["imap2api"].login  # type: ignore[attr-defined]
+        return web, login
+
+    async def attempt(self, login: PasswordLogin, host: str, username: str,
+                      password: str) -> str:
+        request: Any = DummyRequest([b""])
+        request.client = IPv4Address("TCP", host, 40000)
+        try:
+            user = await login.check(request, username, password)
+        except RateLimited:
+            return "429"
+        return "ok" if user is not None else "wrong"
+
+    async def test_guesses_from_many_addresses_at_one_account_are_limited(self) -> None:
+        web, login = self.build()
+        await web.user("alice")
+        await web.user("bob")
+        results = [await self.attempt(login, f"192.0.2.{i}", name, "guess")
+                   for i, name in enumerate(["alice", "ALICE ", "alice", "alice"], 1)]
+        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])
+        # Even the right password waits now; another account does not.
+        self.assertEqual(await self.attempt(login, "198.51.100.1", "alice", PASSWORD), "429")
+        self.assertEqual(await self.attempt(login, "198.51.100.1", "bob", PASSWORD), "ok")
+        # A name nobody has is limited alike: the 429 tells nothing of who exists.
+        results = [await self.attempt(login, f"203.0.113.{i}", "nobody", "guess")
+                   for i in range(1, 5)]
+        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])
+        # A name as long as a body is remembered by its digest, not whole.
+        self.assertEqual(await self.attempt(login, "203.0.113.9", "n" * 500_000, "x"), "wrong")
+        assert login.failures is not None
+        self.assertLess(max(len(repr(k)) for k in login.failures._buckets), 200)
+        web.clock.advance(1200)  # one failure back
+        self.assertEqual(await self.attempt(login, "198.51.100.1", "alice", PASSWORD), "ok")
+
+    async def test_only_failures_count_and_the_429_is_the_apis_own(self) -> None:
+        web, _ = self.build()
+        await web.user("alice")
+        for _ in range(5):
+            status, _, _ = await web.call("POST", "/api-token-auth/", json=CREDENTIALS)
+            self.assertEqual(status, 200)
+        wrong = {"username": "alice", "password": "wrong"}
+        for path in ("/api-token-auth/", "/api/v1/auth/", "/api-token-auth/"):
+            self.assertIn((await web.call("POST", path, json=wrong))[0], (400, 401))
+        status, headers, body = await web.call("POST", "/api/v1/auth/", json=CREDENTIALS)
+        self.assertEqual(status, 429)
+        self.assertEqual(header(headers, "Retry-After"), "1200")
+        self.assertEqual(header(headers, "X-RateLimit-Limit"), "3")
+        self.assertTrue(body["message"].startswith("Request was throttled."))
+
+    async def test_the_default_is_20_failures_per_hour_and_zero_turns_it_off(self) -> None:
+        web = Web.build()
+        login: PasswordLogin = web.root.apps["imap2api"].login  # type: ignore[attr-defined]
+        assert login.failures is not None
+        self.assertEqual((login.failures.rate.limit, login.failures.rate.period), (20, 3600))
+        web = Web.build(Config(sections={"web": {"login_failure_rate": 0}}))
+        self.assertIsNone(web.root.apps["imap2api"].login.failures)  # type: ignore[attr-defined]
