@@ -20,8 +20,10 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from mailcore.config import Config, DaemonOptions
+from mailcore.config import Config, ConfigError, DaemonOptions
 from mailcore.core import Core
+from mailcore.fetch.secrets import SecretError, check_key_blocking
+from mailcore.fetch.settings import FetchSettings
 from mailcore.files import restrict_umask
 from mailcore.logfilter import LogLimiterService
 from mailcore.logrotation import LogSettings
@@ -99,8 +101,10 @@ class OrderedMultiService(service.MultiService):
                 log.failure("stopping {service} failed", service=child)
 
 
-def build_core(config: Config, reactor: IReactorCore) -> Core:
+def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = False) -> Core:
     """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks.
+    `check_secrets` (the daemon): a ConfigError when the fetch key cannot open the secrets
+    the database holds (mailcore.fetch.secrets.check_key_blocking).
 
     What it creates is private to this user: the process umask gets 077 first (the CLI
     comes here first; see mailcore.files)."""
@@ -110,6 +114,12 @@ def build_core(config: Config, reactor: IReactorCore) -> Core:
     db = Database(config.database_url, reactor,  # type: ignore[arg-type]
                   max_threads=store.threads, read_threads=store.read_threads)
     db.migrate_blocking()
+    if check_secrets:
+        try:
+            check_key_blocking(db.engine, config.data_dir,
+                               FetchSettings.from_section(config.section("fetch")).secret_key)
+        except SecretError as e:
+            raise ConfigError(str(e)) from None
     cert, key = ensure_certificate(
         config.data_dir, config.tls_cert, config.tls_key, config.hostname
     )
@@ -132,7 +142,7 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     check_database_url(config)
     lock = DataDirLock.acquire(config)
     try:
-        core = build_core(config, reactor)  # type: ignore[arg-type]
+        core = build_core(config, reactor, check_secrets=True)  # type: ignore[arg-type]
     except SQLAlchemyError as e:
         raise database_error(config, e) from None
     top = OrderedMultiService()

@@ -362,6 +362,23 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         # The daemon had started logging: the log says it too (for a --logfile).
         self.assertIn(f"[mailcore.service#critical] {message}\n", self.log)
 
+    async def test_a_lost_password_key_is_refused(self) -> None:
+        """A missing fetch.key was made anew without a word: every webhook delivery was then
+        given up and every sync failed, one by one."""
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        for args in (["user", "add", "alice", "--email", "alice@example.test", "--password",
+                      "pw"], ["webhook", "add", "alice", "https://hooks.example.test/in"]):
+            result = await run_command([*cli, *args], env=_env(), cwd=self.base)
+            self.assertEqual(result.status, 0, result.err)
+        key = self.data_dir / "fetch.key"
+        key.unlink()
+        self.assertEqual(
+            await self.refused(),
+            f"mailcore: {key} is missing, but the database holds secrets encrypted with it "
+            f"(remote mailbox passwords, webhook secrets): restore that file (or set [fetch] "
+            f"secret_key to its key)")
+        self.assertFalse(key.exists())
+
     async def test_second_daemon_on_the_same_data_dir(self) -> None:
         first = await self.start_daemon()
         ports = (self.http_port, self.smtp_port)

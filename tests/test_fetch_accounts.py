@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
 from sqlalchemy import Connection, select
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -19,7 +20,7 @@ from mailcore.fetch import AccountError, AccountNotFound, Accounts, FetchSetting
 from mailcore.fetch.accounts import DESTINATION_REFUSAL
 from mailcore.fetch.engine import SyncEngine, SyncResult, imap_date, limit_since
 from mailcore.fetch.scheduler import FetchScheduler
-from mailcore.fetch.secrets import SecretError
+from mailcore.fetch.secrets import KEY_FILE, KeyFileSecretBox, SecretError, check_key_blocking
 from mailcore.messages import MessageQuery, MessageStore
 from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts
@@ -248,6 +249,49 @@ class SecretsTests(TestCase):
             SecretBox.generate().decrypt(token)
         with self.assertRaises(SecretError):
             SecretBox(b"not a key")
+
+
+class KeyCheckTests(TestCase):
+    """The daemon refuses to start with a key that cannot open the stored secrets: a
+    missing fetch.key was made anew and a changed one read without a word, and every sync
+    then failed, every webhook delivery was given up."""
+
+    def setUp(self) -> None:
+        self.data_dir = Path(self.mktemp())
+        self.db = Database.for_tests(f"sqlite:///{self.mktemp()}.sqlite")
+        user = self.successResultOf(self.db.run("make_user", thd_make_user, "owner"))
+        self.box = KeyFileSecretBox(self.data_dir)
+        self.successResultOf(defer.Deferred.fromCoroutine(
+            Accounts(self.db, Clock(), self.box).create(user, **BASE)))
+
+    def check(self, configured: str | None = None) -> None:
+        check_key_blocking(self.db.engine, self.data_dir, configured)
+
+    def test_the_key_that_wrote_them_passes(self) -> None:
+        self.check()
+        key = (self.data_dir / KEY_FILE).read_text().strip()
+        (self.data_dir / KEY_FILE).unlink()
+        self.check(configured=key)
+
+    def test_an_empty_database_needs_no_key(self) -> None:
+        check_key_blocking(Database.for_tests().engine, Path(self.mktemp()))
+
+    def test_a_missing_key_file_is_refused_and_not_made(self) -> None:
+        (self.data_dir / KEY_FILE).unlink()
+        with self.assertRaises(SecretError) as caught:
+            self.check()
+        self.assertIn("fetch.key is missing", str(caught.exception))
+        self.assertFalse((self.data_dir / KEY_FILE).exists())
+
+    def test_another_key_is_refused(self) -> None:
+        (self.data_dir / KEY_FILE).write_bytes(Fernet.generate_key())
+        with self.assertRaises(SecretError) as caught:
+            self.check()
+        self.assertIn("does not decrypt the secrets in the database "
+                      "(fetch_accounts.password_enc)", str(caught.exception))
+        with self.assertRaises(SecretError) as caught:
+            self.check(configured=Fernet.generate_key().decode())
+        self.assertIn("[fetch] secret_key does not decrypt", str(caught.exception))
 
 
 class SettingsTests(TestCase):

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import Column, Engine, select
 
 from mailcore.files import write_whole
 
@@ -96,3 +97,49 @@ class KeyFileSecretBox(SecretBox):
 
     def decrypt(self, token: bytes) -> str:
         return self.load().decrypt(token)
+
+
+def _encrypted_columns() -> list[Column]:  # type: ignore[type-arg]
+    """Every column that holds a Fernet token of this key."""
+    from mailcore.store.schema import drop_bundles, fetch_accounts, mailbox_jobs, webhooks
+
+    return [fetch_accounts.c.password_enc, mailbox_jobs.c.password_enc,
+            webhooks.c.secret_enc, drop_bundles.c.secure_message]
+
+
+def check_key_blocking(engine: Engine, data_dir: Path, configured: str | None = None) -> None:
+    """Refuse to start with a key that cannot open what the database holds.
+
+    A missing `fetch.key` would be made anew, and a changed one read, without a word: every
+    remote mailbox sync, webhook delivery (given up at once) and secure message would then
+    fail one by one. When the database holds a secret, the key must exist and open one of
+    each kind; else SecretError says which key to restore. Blocks: call at start-up.
+    """
+    samples = []
+    with engine.connect() as conn:
+        for column in _encrypted_columns():
+            token = conn.execute(
+                select(column).where(column.is_not(None)).limit(1)
+            ).scalar()
+            if token is not None:
+                samples.append((column, bytes(token)))
+    if not samples:
+        return
+    where = "[fetch] secret_key" if configured else str(data_dir / KEY_FILE)
+    if not configured and not (data_dir / KEY_FILE).exists():
+        raise SecretError(
+            f"{where} is missing, but the database holds secrets encrypted with it "
+            f"(remote mailbox passwords, webhook secrets): restore that file (or set "
+            f"[fetch] secret_key to its key)"
+        )
+    box = SecretBox(configured.encode("ascii")) if configured else SecretBox.from_data_dir(
+        data_dir)
+    for column, token in samples:
+        try:
+            box.decrypt(token)
+        except SecretError:
+            raise SecretError(
+                f"the key in {where} does not decrypt the secrets in the database "
+                f"({column.table.name}.{column.name}): it is not the key they were "
+                f"encrypted with; restore that key"
+            ) from None
