@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -23,7 +23,7 @@ from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.fetch.secrets import KEY_FILE, KeyFileSecretBox, SecretError, check_key_blocking
 from mailcore.messages import MessageQuery, MessageStore
 from mailcore.store import Database
-from mailcore.store.schema import fetch_accounts
+from mailcore.store.schema import fetch_accounts, users
 from mailcore.workers import CpuPool
 from tests.support.fetchenv import thd_make_user
 from tests.support.testca import shared_pki
@@ -380,6 +380,27 @@ class SchedulerTests(TestCase):
         self.assertEqual(len(self.engine.started), 10)
         self.scheduler.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_disabled_users_accounts_are_not_synced(self) -> None:
+        """`mailcore user disable` stops the user's scheduled syncs (the mailboxes of a
+        taken-over account are not fetched on), and `enable` brings them back."""
+        owner = self.successResultOf(self.db.read(
+            "owner", lambda c: c.execute(select(fetch_accounts.c.user_id)).scalar()))
+
+        def active(value: bool) -> None:
+            self.successResultOf(self.db.run("active", lambda c: c.execute(
+                update(users).where(users.c.id == owner).values(is_active=value))))
+
+        active(False)
+        self.scheduler.startService()
+        self.assertEqual(self.engine.started, [])
+        active(True)
+        self.clock.advance(30)
+        self.assertEqual(self.engine.started, self.ids[:2])
+        self.release_all()
+        self.release_all()
+        self.release_all()
+        self.scheduler.stopService()
 
     def test_on_demand_sync_joins_the_running_one(self) -> None:
         first = self.engine.sync(self.ids[0])

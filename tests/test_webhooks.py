@@ -256,6 +256,20 @@ class DeliveryTests(SenderTestCase):
                           entry.last_error), ("success", 1, 200, None))
         self.assertEqual(entry.completed_at, s.web.clock.seconds())
 
+    async def test_a_disabled_users_deliveries_wait_until_it_is_enabled(self) -> None:
+        """`mailcore user disable` must stop the user's mail from leaving by its webhooks
+        (an account disabled because it was taken over)."""
+        s = await self.setup()
+        identity = s.web.core.identity
+        await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await identity.set_active(s.alice.user.id, False)
+        await s.webhooks.enqueue_sync(s.result(3))
+        s.web.clock.advance(5)
+        self.assertEqual(s.receiver.received, [])
+        await identity.set_active(s.alice.user.id, True)
+        s.web.clock.advance(1)
+        self.assertEqual(len(s.receiver.received), 1)
+
     async def test_failures_are_retried_with_exponential_backoff_then_given_up(self) -> None:
         s = await self.setup(max_attempts=4, backoff_base=10)
         s.receiver.codes = [500, 503, 502, 500]

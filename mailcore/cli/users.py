@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
         "disable", help="disable a user: every login, key, token and grant stops working",
         description="Disable a user: password logins, API keys, tokens, safedrop and page "
         "sessions and OAuth access tokens of the user are refused (a running daemon, which "
-        "believes a secret it resolved for one second, refuses them within that second). "
+        "believes a secret it resolved for one second, refuses them within that second); "
+        "its remote mailboxes are no longer synced and its webhook deliveries wait. "
         "Nothing is deleted: `user enable` undoes it.",
     )
     disable.add_argument("name", help="user name or email")

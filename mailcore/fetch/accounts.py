@@ -29,7 +29,7 @@ from mailcore.messages.sql import new_id, utc
 from mailcore.messages.store import thd_collect_garbage
 from mailcore.messages.threading import thd_drop_empty_threads
 from mailcore.store import Database
-from mailcore.store.schema import fetch_accounts, fetch_folders, messages
+from mailcore.store.schema import fetch_accounts, fetch_folders, messages, users
 from mailcore.text import breaks_line, has_control, has_surrogate
 
 PROTOCOLS = ("imap", "pop")
@@ -423,14 +423,16 @@ class Accounts:
         await self.db.run("set_fetch_status", txn)
 
     async def all_enabled(self) -> list[Account]:
-        """Every enabled account of every user (for the scheduler)."""
+        """Every enabled account of every active user (for the scheduler: a disabled user's
+        mailboxes are not synced, `mailcore user disable`)."""
 
         def txn(conn: Connection) -> list[Account]:
             return [
                 _account(r)
                 for r in conn.execute(
                     select(fetch_accounts)
-                    .where(fetch_accounts.c.enabled.is_(True))
+                    .join(users, users.c.id == fetch_accounts.c.user_id)
+                    .where(fetch_accounts.c.enabled.is_(True), users.c.is_active.is_(True))
                     .order_by(fetch_accounts.c.id)
                 )
             ]

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from mailcore.messages.sql import utc
 from mailcore.messages.store import thd_get_messages
-from mailcore.store.schema import messages, webhook_deliveries, webhooks
+from mailcore.store.schema import messages, users, webhook_deliveries, webhooks
 from mailcore.webhooks.model import Webhook, WebhookNotFound, _webhook
 from mailcore.webhooks.payload import _event_payload, email_json, thread_ref
 
@@ -60,8 +60,11 @@ def thd_claim_due(
         select(webhook_deliveries, webhooks.c.url, webhooks.c.secret_enc, webhooks.c.active)
         .select_from(webhook_deliveries.join(
             webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id
-        ))
+        ).join(users, users.c.id == webhook_deliveries.c.user_id))
         .where(webhook_deliveries.c.status == "pending")
+        # A disabled user's deliveries wait (`mailcore user disable`): none leaves with the
+        # user's mail until the user is enabled again.
+        .where(users.c.is_active.is_(True))
         .where(webhook_deliveries.c.next_attempt_at <= now)
         .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.id)
         .limit(limit * 8)
