@@ -20,7 +20,7 @@ from mailcore.queue.runner import describe
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.mailsink import done, envelope
+from tests.support.mailsink import done, envelope, thd_add_domain
 from tests.support.queuetest import BODY, QueueTestCase
 
 HOP = Hop("10.0.0.1", 2525)  # with the default TLS policy, as the router gives it
@@ -113,6 +113,48 @@ class DeliveryTests(RunnerTestBase):
         hold, self.connector.hold = self.connector.hold, None
         hold.callback(None)
         self.assertEqual(len(self.connector.delivered), 30)
+
+
+class ConnectionLimitTests(RunnerTestBase):
+    """`max_connections` bounds the connections to all hops together."""
+
+    settings = {"max_connections": 5, "messages_per_connection": 2}
+
+    def add_hops(self, count: int) -> list[int]:
+        return [done(self.db.run("add", thd_add_domain, f"d{i}.test", f"10.0.1.{i + 1}", 25))
+                for i in range(count)]
+
+    async def test_connections_to_many_hops_stay_within_max_connections(self) -> None:
+        domains = self.add_hops(20)
+        self.connector.hold = defer.Deferred()
+        env = envelope("a@x.test", *[(f"u@d{i}.test", d) for i, d in enumerate(domains)])
+        await self.q.spool.accept("Q1", env, BODY)
+        self.assertEqual(len(self.connector.connects), 5)
+        self.assertEqual(self.runner.connections, 5)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.clock.advance(5)
+        self.assertEqual(sorted(self.connector.addresses()),
+                         sorted(f"u@d{i}.test" for i in range(20)))
+        self.assertEqual(len(set(self.connector.connects)), 20)
+        self.assertEqual(self.runner.connections, 0)
+
+    async def test_a_busy_hop_gives_its_connection_to_a_waiting_one_in_turn(self) -> None:
+        self.runner.settings = QueueSettings(**{**vars(self.runner.settings),
+                                                "max_connections": 1})
+        (other,) = self.add_hops(1)
+        self.connector.hold = defer.Deferred()
+        await self.accept("Q0", "b@customer.test")  # takes the one connection
+        await self.q.spool.accept("QB", envelope("a@x.test", ("u@d0.test", other)), BODY)
+        for i in range(1, 5):
+            await self.accept(f"Q{i}", "b@customer.test")
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.clock.advance(1)
+        # Two messages on the first connection (messages_per_connection), then the hop
+        # that asked for a connection next, then the rest.
+        self.assertEqual(self.connector.addresses(), ["b@customer.test"] * 2 + ["u@d0.test"]
+                         + ["b@customer.test"] * 3)
 
 
 class DeferralTests(RunnerTestBase):

@@ -26,6 +26,11 @@ A job is sent only while this node's lease on it has at least `LEASE_MARGIN` of
 `lease_seconds` left, counted from when it was leased and moved by the renewals that commit
 in time (`leases_renewed`); otherwise it is given back (released) unsent.
 
+Connections are bounded: at most `hop_concurrency` per hop and `max_connections` in all
+(opening or open). A hop that wants a connection while all are taken waits its turn (hops
+are served in the order they asked); a connection with nothing left to send for its own
+hop then ends at once rather than idling for `connection_idle`.
+
 Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
 processed, queued or in flight); bodies are kept only from accept to send within
 `body_cache_bytes`, otherwise loaded from the store when they are needed.
@@ -308,6 +313,10 @@ class QueueRunner:
         self.loader = BodyLoader(db)
         self.spool: Spool | None = None  # the write lane for results; set by build_queue
         self.hops: dict[Hop, HopQueue] = {}
+        # Connections opening or open, all hops together, and the hops waiting for one
+        # (`max_connections`), in the order they asked.
+        self.connections = 0
+        self._slot_wait: OrderedDict[Hop, None] = OrderedDict()
         self._workers: set[defer.Deferred[None]] = set()
         self._sessions: set[SMTPSession] = set()
         self._routing: set[defer.Deferred[None]] = set()
@@ -753,9 +762,10 @@ class QueueRunner:
 
     # -- connections --------------------------------------------------------------------
 
-    def _pump(self, hq: HopQueue) -> None:
-        """Give queued jobs to idle connections, open connections up to the limit, or defer
-        everything at once when the hop is known to be down."""
+    def _pump(self, hq: HopQueue, most: int | None = None) -> None:
+        """Give queued jobs to idle connections, open connections up to the limits (at most
+        `most` of them), or defer everything at once when the hop is known to be down. A hop
+        that wants more connections than it got waits its turn in `_slot_wait`."""
         now = self.clock.seconds()
         if hq.is_dead(now):
             while hq.jobs:
@@ -772,9 +782,23 @@ class QueueRunner:
             hq.jobs and hq.active < hq.limit
             and len(hq.jobs) > hq.connecting
         ):
+            if self.connections >= self.settings.max_connections or most == 0:
+                self._slot_wait.setdefault(hq.hop)
+                return
+            if most is not None:
+                most -= 1
             hq.active += 1
             hq.connecting += 1
+            self.connections += 1
             self._track(defer.Deferred.fromCoroutine(self._worker(hq)))
+
+    def _grant_slots(self) -> None:
+        """Give free connections to the hops waiting for one, one each in turn."""
+        while self._slot_wait and self.connections < self.settings.max_connections:
+            hop, _ = self._slot_wait.popitem(last=False)
+            hq = self.hops.get(hop)
+            if hq is not None:
+                self._pump(hq, most=1)
 
     def revive_hops(self) -> int:
         """Forget that next hops were found unusable (an operator's `queue flush`): the next
@@ -816,8 +840,8 @@ class QueueRunner:
     def _next_job(self, hq: HopQueue) -> defer.Deferred[Job | None]:
         if hq.jobs:
             return defer.succeed(hq.jobs.popleft())
-        if not self.running:
-            return defer.succeed(None)
+        if not self.running or self._slot_wait:
+            return defer.succeed(None)  # (other hops wait for a connection: end this one)
         d: defer.Deferred[Job | None] = defer.Deferred()
         hq.idle.append((d, self.clock.seconds()))
         if hq.idle_timer is None:
@@ -918,6 +942,8 @@ class QueueRunner:
                 self._sessions.discard(session)
                 hq.established -= 1
             hq.active -= 1
+            self.connections -= 1
+            self._grant_slots()
             self._pump(hq)
             self._forget_if_idle(hq)
 
@@ -1014,6 +1040,7 @@ class QueueRunner:
         then cut them), write every result; returns the recipients still held in memory,
         whose leases the caller releases."""
         self.running = False
+        self._slot_wait.clear()
         for hq in list(self.hops.values()):
             for timer in (hq.idle_timer, hq.dead_timer):
                 if timer is not None and timer.active():

@@ -67,6 +67,9 @@ class QueueSettings:
     poll_interval: float = 5.0
     # Delivery.
     hop_concurrency: int = 10
+    # Connections to next hops open at once, all hops together (Postfix's
+    # default_process_limit): past it, hops wait their turn for a connection.
+    max_connections: int = 100
     messages_per_connection: int = 100
     connection_idle: float = 2.0
     connect_timeout: float = 30.0
