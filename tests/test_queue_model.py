@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 from sqlalchemy import Connection, event, func, select, text
@@ -150,6 +151,30 @@ class QueueModelTestsMixin(MixinBase):
             return conn.execute(select(queue_messages.c.helo)).scalar_one()
 
         self.assertEqual(await db.read("helo", helo), "h\ufffdelo")
+
+    async def test_a_big_message_that_bounces_is_not_loaded_whole_for_its_dsn(self) -> None:
+        """The DSN returns the header section (at most 64 KiB): only that much of the body
+        is read from the store."""
+        db = await self.db()
+        head = b"Subject: big\r\nFrom: a@x.test\r\n\r\n"
+        body = head + (b"y" * 998 + b"\r\n") * 8000  # 8 MB
+        env = Envelope("a@x.test", (Recipient("r@c.test", self.domain),))
+        [[rid]] = await db.run("ins", thd_insert_messages, [NewMessage("Q1", env, body, True)],
+                               "node", 100.0, 160.0)
+        del body
+
+        def bounce(conn: Connection) -> tuple[Any, int]:
+            tracemalloc.start()
+            try:
+                finished, _ = thd_apply_results(conn, "node", 200.0,
+                                                [Result(rid, "Q1", BOUNCED, "550 no", "h:25")])
+                return finished, tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        finished, peak = await db.run("res", bounce)
+        self.assertEqual(finished[0].headers, head[:-2])
+        self.assertLess(peak, 1 << 20)
 
     async def test_clean_messages_finish_in_one_step_and_the_others_the_full_way(self) -> None:
         """Delivered or quarantined everywhere: finished without a DSN. A recipient that

@@ -13,7 +13,17 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    LargeBinary,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from mailcore.smtp.dsn import MAX_DETAIL
 from mailcore.smtp.envelope import Envelope
@@ -313,8 +323,11 @@ def _finish_messages(
         )
     out: list[FinishedWithFailures] = []
     if failures:
+        # Only the start of each body, where its header section is (the DSN returns no
+        # more): a group of bounces of 50 MB messages loaded every body whole.
+        head = func.substr(_m.body, 1, HEADER_LIMIT, type_=LargeBinary).label("head")
         body_rows = conn.execute(
-            select(_m.id, _m.mail_from, _m.kind, _m.created_at, _m.body).where(
+            select(_m.id, _m.mail_from, _m.kind, _m.created_at, head).where(
                 _m.id.in_(list(failures))
             )
         ).all()
@@ -322,7 +335,7 @@ def _finish_messages(
             out.append(
                 FinishedWithFailures(
                     row.id, row.mail_from, row.kind, row.created_at,
-                    header_block(bytes(row.body or b"")), tuple(failures[row.id]),
+                    header_block(bytes(row.head or b"")), tuple(failures[row.id]),
                 )
             )
     hot.finish(conn, done_ids, now)
@@ -353,7 +366,11 @@ def thd_finish_stranded(
     return _finish_messages(conn, _hot(conn), ids, now)
 
 
-def header_block(body: bytes, limit: int = 65536) -> bytes:
+# The most of a message's header section a DSN returns.
+HEADER_LIMIT = 65536
+
+
+def header_block(body: bytes, limit: int = HEADER_LIMIT) -> bytes:
     """The header section of a message (up to the first empty line), capped in size."""
     end = body.find(b"\r\n\r\n")
     if end < 0:
