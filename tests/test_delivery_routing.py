@@ -11,7 +11,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.routing import Hop, Router, RoutingError, parse_hostport
+from mailcore.queue.routing import MAX_LOOKUPS, Hop, Router, RoutingError, parse_hostport
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from tests.support.mailsink import done, thd_add_domain
@@ -119,6 +119,28 @@ class RouterTests(TestCase):
         relayed = await self.router(resolver, relayhost="relay.test", tls="verify").route(
             None, "a@x.test")
         self.assertEqual(relayed.tls, "verify")
+
+    async def test_at_most_max_lookups_are_under_way_at_once(self) -> None:
+        asked: list[defer.Deferred[Any]] = []
+
+        class Silent:
+            def lookupMailExchange(self, name: str) -> defer.Deferred[Any]:
+                asked.append(defer.Deferred())
+                return asked[-1]
+
+        router = self.router(Silent())
+        routes = [defer.Deferred.fromCoroutine(router.route(None, f"a@d{i}.test"))
+                  for i in range(MAX_LOOKUPS + 5)]
+        self.assertEqual(len(asked), MAX_LOOKUPS)
+        asked[0].callback(([], [], []))
+        self.assertEqual(len(asked), MAX_LOOKUPS + 1)
+        i = 1
+        while i < len(asked):  # each answer lets the next waiting lookup start
+            asked[i].callback(([], [], []))
+            i += 1
+        self.assertEqual(len(asked), MAX_LOOKUPS + 5)
+        self.assertEqual([self.successResultOf(r).host for r in routes],
+                         [f"d{i}.test" for i in range(MAX_LOOKUPS + 5)])
 
     async def test_nonexistent_domain_is_permanent(self) -> None:
         resolver = FakeResolver({"nx.test": DNSNameError("nx")})

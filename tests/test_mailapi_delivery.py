@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
 from twisted.internet import defer
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
@@ -200,3 +200,22 @@ class StorableTextTests(SynchronousTestCase):
         self.assertEqual(parsed.subject, "hi\ufffdthere")
         self.assertEqual(parsed.body.strip(), "zebra\ufffdcrossing")
         self.assertEqual([a.name for a in parsed.attachments], ["f\ufffd.bin"])
+
+
+class HostedAddressesReloadTests(TestCase):
+    async def test_callers_waiting_for_a_reload_share_one(self) -> None:
+        """The queue routes the recipients of MX-routed messages all at once: when the
+        cached set has expired, they wait for one reload, not one each."""
+        from tests.support.db import open_database
+        from tests.support.reactor import get_reactor
+
+        db = await open_database(self, "sqlite")
+        statements: list[str] = []
+        event.listen(db.engine, "before_cursor_execute",
+                     lambda _c, _cur, statement, *_a: statements.append(statement))
+        hosted = HostedAddresses(db, get_reactor())
+        answers = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(hosted.contains(f"u{i}@x.test")) for i in range(20)
+        ])
+        self.assertEqual(answers, [False] * 20)
+        self.assertEqual(len([s for s in statements if "FROM mailboxes" in s]), 1)

@@ -8,11 +8,12 @@ from email import message_from_bytes
 from typing import Any
 
 from sqlalchemy import select
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
+from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.model import thd_show
+from mailcore.queue.model import NewMessage, thd_insert_messages, thd_show
 from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
@@ -155,6 +156,41 @@ class ConnectionLimitTests(RunnerTestBase):
         # that asked for a connection next, then the rest.
         self.assertEqual(self.connector.addresses(), ["b@customer.test"] * 2 + ["u@d0.test"]
                          + ["b@customer.test"] * 3)
+
+
+class SlowResolver:
+    """MX answers at once, except for domains named slow…, answered after a minute."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.asked: list[str] = []
+
+    def lookupMailExchange(self, name: str) -> defer.Deferred[Any]:
+        self.asked.append(name)
+        answer: Any = ([dns.RRHeader(name, dns.MX, payload=dns.Record_MX(10, f"mx.{name}"))],
+                       [], [])
+        if not name.startswith("slow"):
+            return defer.succeed(answer)
+        return task.deferLater(self.clock, 60, lambda: answer)
+
+
+class MXRoutingTests(RunnerTestBase):
+    settings = {"relayhost": ""}
+
+    async def test_a_slow_mx_lookup_holds_up_no_other_message_claimed_with_it(self) -> None:
+        self.runner.router._resolver = SlowResolver(self.clock)
+        now = self.clock.seconds()
+        msgs = [NewMessage("Q1", envelope("a@x.test", *[(f"u@slow{i}.test", None)
+                                                        for i in range(5)]), BODY, False),
+                NewMessage("Q2", envelope("a@x.test", ("u@slow5.test", None)), BODY, False),
+                NewMessage("Q3", envelope("a@x.test", ("b@fast.test", None)), BODY, False)]
+        done(self.db.run("ins", thd_insert_messages, msgs, "", now, now))
+        self.clock.advance(self.q.settings.poll_interval)  # one sweep claims all three
+        self.assertEqual(self.connector.addresses(), ["b@fast.test"])
+        # The lookups of one message are made together: it waits for the slowest only.
+        self.clock.advance(60)
+        self.assertEqual(sorted(self.connector.addresses()),
+                         ["b@fast.test"] + [f"u@slow{i}.test" for i in range(6)])
 
 
 class DeferralTests(RunnerTestBase):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, insert, select
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import mailbox_key
@@ -61,17 +62,36 @@ class HostedAddresses:
         self.ttl = ttl
         self._known: frozenset[str] | None = None
         self._until = 0.0
+        # Callers waiting for the reload under way (one reload for all of them).
+        self._waiting: list[Deferred[frozenset[str]]] = []
 
     def invalidate(self) -> None:
         self._known = None
 
     async def contains(self, address: str) -> bool:
         now = self.clock.seconds()
-        if self._known is None or now >= self._until:
-            self._known = await self.db.read("mailapi_hosted_addresses", thd_hosted)
-            self._until = now + self.ttl
+        known = self._known
+        if known is None or now >= self._until:
+            waiter: Deferred[frozenset[str]] = Deferred()
+            self._waiting.append(waiter)
+            if len(self._waiting) == 1:
+                Deferred.fromCoroutine(self._reload(now))
+            known = await waiter
         key = mailbox_key(address)
-        return key is not None and key in self._known
+        return key is not None and key in known
+
+    async def _reload(self, now: float) -> None:
+        try:
+            known = await self.db.read("mailapi_hosted_addresses", thd_hosted)
+        except Exception as e:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.errback(e)
+            return
+        self._known, self._until = known, now + self.ttl
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(known)
 
 
 @dataclass(frozen=True)

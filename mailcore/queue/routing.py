@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, select
+from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
@@ -55,6 +56,10 @@ class RoutingError(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+# MX lookups under way at once at most (each is a socket of its own); the others wait.
+MAX_LOOKUPS = 20
 
 
 class MXResolver(Protocol):
@@ -103,6 +108,7 @@ class Router:
         self.settings = settings
         self._resolver = resolver
         self._cache: dict[int, tuple[float, Hop | None]] = {}
+        self._lookups = DeferredSemaphore(MAX_LOOKUPS)
 
     def _policy(self, domain_tls: str | None = None) -> str:
         """The domain's own TLS policy, or the `[queue] tls` default."""
@@ -131,6 +137,10 @@ class Router:
                 host, parsed_port = parse_hostport(host, port)
                 hop = Hop(host, parsed_port, self._policy(domain_tls))
             self._cache[d] = (expires, hop)
+
+    def looks_up(self, domain_id: int | None) -> bool:
+        """Whether the route of a recipient of `domain_id` is an MX lookup (it may be slow)."""
+        return domain_id is None and not self.settings.relayhost
 
     async def route(self, domain_id: int | None, address: str) -> Hop:
         """The next hop for one recipient (LOCAL for a hosted mailbox), or RoutingError."""
@@ -168,7 +178,8 @@ class Router:
 
             resolver = self._resolver = client.createResolver()
         try:
-            answers, _authority, _additional = await resolver.lookupMailExchange(domain)
+            answers, _authority, _additional = await self._lookups.run(
+                resolver.lookupMailExchange, domain)
         except DNSNameError:
             raise RoutingError(f"domain {domain} does not exist", permanent=True) from None
         except Exception as e:

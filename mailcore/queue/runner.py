@@ -374,37 +374,69 @@ class QueueRunner:
         self.submit(jobs, {})
 
     async def _route(self, jobs: list[Job]) -> None:
+        """Route `jobs` and put them on their way. A job with a recipient whose route is
+        an MX lookup is routed on its own, beside the others: a lookup may take a minute
+        (a domain whose name servers do not answer), and routed in turn it held up every
+        job after it."""
         try:
             await self.router.prefetch({r.domain_id for j in jobs for r in j.recipients})
         except Exception:
             log.failure("loading routes failed")
-        now = self.clock.seconds()
-        scanning = bool(self.pipeline.stages)
         touched: dict[Hop, HopQueue] = {}
+        lookups: list[defer.Deferred[None]] = []
         for job in jobs:
-            groups: Groups = OrderedDict()
-            for rcpt in job.recipients:
-                try:
-                    hop = await self.router.route(rcpt.domain_id, rcpt.address)
-                except RoutingError as e:
-                    self._fail(job, [rcpt], f"5.1.2 {e}" if e.permanent else f"4.4.3 {e}",
-                               permanent=e.permanent, hop="", now=now)
-                    continue
-                except Exception:
-                    log.failure("routing {address} of {queue_id} failed",
-                                address=rcpt.address, queue_id=job.message_id)
-                    self._fail(job, [rcpt], ROUTING_FAILED, permanent=False, hop="", now=now)
-                    continue
-                groups.setdefault(hop, []).append(rcpt)
-            if not groups:
+            if any(self.router.looks_up(r.domain_id) for r in job.recipients):
+                lookups.append(defer.Deferred.fromCoroutine(self._route_alone(job)))
                 continue
-            if not scanning:
-                self._queue(job, groups, touched)
-            elif self.running:
-                self._process_now(job, groups, touched)
-            else:
-                self._scan_wait.append((job, groups))
-        if scanning:
+            groups = await self._groups(job)
+            if groups:
+                self._dispatch(job, groups, touched)
+        self._dispatched(touched)
+        if lookups:
+            await defer.DeferredList(lookups)
+
+    async def _route_alone(self, job: Job) -> None:
+        touched: dict[Hop, HopQueue] = {}
+        groups = await self._groups(job, together=True)
+        if groups:
+            self._dispatch(job, groups, touched)
+        self._dispatched(touched)
+
+    async def _groups(self, job: Job, together: bool = False) -> Groups:
+        """`job`'s recipients by next hop (routed all at once when `together`, else in
+        turn); those that cannot be routed fail."""
+        groups: Groups = OrderedDict()
+        routes = [defer.Deferred.fromCoroutine(self.router.route(r.domain_id, r.address))
+                  for r in job.recipients] if together else []
+        for i, rcpt in enumerate(job.recipients):
+            try:
+                hop = await (routes[i] if together
+                             else self.router.route(rcpt.domain_id, rcpt.address))
+            except RoutingError as e:
+                self._fail(job, [rcpt], f"5.1.2 {e}" if e.permanent else f"4.4.3 {e}",
+                           permanent=e.permanent, hop="", now=self.clock.seconds())
+                continue
+            except Exception:
+                log.failure("routing {address} of {queue_id} failed",
+                            address=rcpt.address, queue_id=job.message_id)
+                self._fail(job, [rcpt], ROUTING_FAILED, permanent=False, hop="",
+                           now=self.clock.seconds())
+                continue
+            groups.setdefault(hop, []).append(rcpt)
+        return groups
+
+    def _dispatch(self, job: Job, groups: Groups, touched: dict[Hop, HopQueue]) -> None:
+        """A routed job to the pipeline or straight to its hops' queues (in `touched`)."""
+        if not self.pipeline.stages:
+            self._queue(job, groups, touched)
+        elif self.running:
+            self._process_now(job, groups, touched)
+        else:
+            self._scan_wait.append((job, groups))
+
+    def _dispatched(self, touched: dict[Hop, HopQueue]) -> None:
+        """After `_dispatch`: start the scans waiting, pump the hops given work."""
+        if self.pipeline.stages:
             self._start_scans()
         for hq in touched.values():
             self._pump(hq)
