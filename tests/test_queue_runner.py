@@ -463,6 +463,22 @@ class StopTests(RunnerTestBase):
         self.assertEqual(owners, {None})
 
 
+    async def test_stop_cuts_a_connection_still_opening_when_the_grace_period_ends(
+        self
+    ) -> None:
+        """A hop that accepts the TCP connection and never greets held the stop for the
+        greeting's timeout (command_timeout, 300 s), not stop_grace."""
+        self.connector.stall_connect = True
+        await self.accept("Q1", "b@customer.test")
+        self.assertEqual(len(self.connector.connects), 1)
+        stopping = self.q.service.stopService()
+        self.clock.advance(self.q.settings.stop_grace)
+        self.assertTrue(stopping.called)
+        await stopping
+        self.assertEqual(self.rows()["b@customer.test"][0], "queued")
+        self.assertEqual(self.runner.connections, 0)
+
+
 class MetricsTests(RunnerTestBase):
     async def test_depth_gauge_counts_waiting_recipients_on_each_sweep(self) -> None:
         self.connector.down.add(HOP)

@@ -319,6 +319,9 @@ class QueueRunner:
         self._slot_wait: OrderedDict[Hop, None] = OrderedDict()
         self._workers: set[defer.Deferred[None]] = set()
         self._sessions: set[SMTPSession] = set()
+        # Connections being opened (connect, greeting, EHLO, STARTTLS): cut with the
+        # sessions when a stop's grace period ends.
+        self._opening: set[defer.Deferred[SMTPSession]] = set()
         self._routing: set[defer.Deferred[None]] = set()
         # Routed jobs waiting for the pipeline, the scans running, and what scans that
         # ended during a stop left undelivered.
@@ -935,10 +938,14 @@ class QueueRunner:
         """One connection: open it, deliver jobs until idle or the per-connection cap."""
         session: SMTPSession | None = None
         try:
+            opening = defer.Deferred.fromCoroutine(self._open(hq))
+            self._opening.add(opening)
             try:
-                session = await self._open(hq)
+                session = await opening
             except Exception as e:
                 hq.connecting -= 1
+                if not self.running:
+                    return  # (cut by a stop: the hop is not to blame)
                 reason = describe(e, hq.hop)
                 if hq.established == 0:
                     wait = min(self.settings.dead_hop_seconds, self.settings.min_backoff)
@@ -953,6 +960,8 @@ class QueueRunner:
                 else:
                     hq.limit = max(1, hq.established)
                 return
+            finally:
+                self._opening.discard(opening)
             hq.connecting -= 1
             hq.established += 1
             hq.dead_until = 0.0
@@ -1069,8 +1078,8 @@ class QueueRunner:
 
     async def stop(self) -> list[int]:
         """Stop taking work, let in-flight transactions finish (up to the grace period,
-        then cut them), write every result; returns the recipients still held in memory,
-        whose leases the caller releases."""
+        then cut them and the connections still being opened), write every result;
+        returns the recipients still held in memory, whose leases the caller releases."""
         self.running = False
         self._slot_wait.clear()
         for hq in list(self.hops.values()):
@@ -1113,6 +1122,8 @@ class QueueRunner:
     def _abort_all(self) -> None:
         for session in list(self._sessions):
             session.abort()
+        for opening in list(self._opening):
+            opening.cancel()
 
 
 # What a connection to a next hop can fail with that is not a fault of ours (OSError: a

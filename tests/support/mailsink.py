@@ -263,12 +263,15 @@ class ScriptedConnector(Connector):
         self.hold: defer.Deferred[None] | None = None
         self.break_during_send = False
         self.peer_name_mismatch = False
+        self.stall_connect = False  # connections that never open (nor fail)
 
     def reply_for(self, address: str) -> tuple[int, tuple[str, ...]]:
         return self.replies.get(address, (250, ("2.1.5 Ok",)))
 
     def connect(self, hop: Hop) -> defer.Deferred[Any]:
         self.connects.append(hop)
+        if self.stall_connect:
+            return defer.Deferred()
         if hop in self.down:
             return defer.fail(ConnectionRefusedError("Connection refused"))
         return defer.succeed(FakeSession(self, hop))
