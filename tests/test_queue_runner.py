@@ -116,6 +116,27 @@ class DeliveryTests(RunnerTestBase):
         self.assertEqual(len(self.connector.delivered), 30)
 
 
+class HopConcurrencyTests(RunnerTestBase):
+    async def test_a_hop_that_refused_an_extra_connection_gets_more_again_later(self) -> None:
+        """An extra connection refused lowers the hop's limit to the connections it holds,
+        for a while (dead_hop_seconds): a hop that was busy once was held to one
+        connection for as long as mail kept coming."""
+        self.connector.hold = defer.Deferred()
+        await self.accept("Q0", "b@customer.test")  # one connection, busy
+        self.connector.down.add(HOP)
+        await self.accept("Q1", "b@customer.test")  # a second one, refused
+        self.assertEqual(len(self.connector.connects), 2)
+        self.connector.down.clear()
+        await self.accept("Q2", "b@customer.test")
+        self.assertEqual(len(self.connector.connects), 2)  # held to one for now
+        self.clock.advance(self.q.settings.dead_hop_seconds)
+        await self.accept("Q3", "b@customer.test")
+        self.assertEqual(len(self.connector.connects), 5)  # Q1, Q2 and Q3 get their own
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.assertEqual(len(self.connector.delivered), 4)
+
+
 class ConnectionLimitTests(RunnerTestBase):
     """`max_connections` bounds the connections to all hops together."""
 

@@ -277,6 +277,7 @@ class HopQueue:
     # has no work by then (see QueueRunner._forget_if_idle).
     dead_timer: IDelayedCall | None = None
     limit: int = 0  # connection limit now; lowered when the hop refuses extra connections
+    limit_until: float = 0.0  # when a lowered limit is lifted (tried at full again)
 
     def is_dead(self, now: float) -> bool:
         """Known to be down, with no connection of ours still working."""
@@ -813,6 +814,8 @@ class QueueRunner:
             d.callback(hq.jobs.popleft())
         if not self.running:
             return
+        if hq.limit < self.settings.hop_concurrency and now >= hq.limit_until:
+            hq.limit = self.settings.hop_concurrency  # (refused once: try at full again)
         while (
             hq.jobs and hq.active < hq.limit
             and len(hq.jobs) > hq.connecting
@@ -959,6 +962,8 @@ class QueueRunner:
                              reason=reason)
                 else:
                     hq.limit = max(1, hq.established)
+                    hq.limit_until = self.clock.seconds() + min(
+                        self.settings.dead_hop_seconds, self.settings.min_backoff)
                 return
             finally:
                 self._opening.discard(opening)
