@@ -106,7 +106,17 @@ class RouterTests(TestCase):
     async def test_without_relayhost_the_best_mx_is_used(self) -> None:
         resolver = FakeResolver({"x.test": [(20, "backup.x.test"), (10, "mx1.x.test")]})
         hop = await self.router(resolver).route(None, "a@X.test")
-        self.assertEqual(hop, Hop("mx1.x.test", 25, "verify-if-offered"))
+        self.assertEqual(hop, Hop("mx1.x.test", 25, "verify-if-offered", ("backup.x.test",)))
+
+    async def test_the_other_mx_hosts_are_fallbacks_by_preference(self) -> None:
+        answers = [(30, "c.x.test"), (10, "a.x.test"), (20, "b.x.test"), (10, "a.x.test")]
+        answers += [(40 + i, f"more{i}.x.test") for i in range(5)]
+        hop = await self.router(FakeResolver({"x.test": answers})).route(None, "a@x.test")
+        self.assertEqual((hop.host, hop.fallbacks),
+                         ("a.x.test", ("b.x.test", "c.x.test", "more0.x.test", "more1.x.test")))
+        self.assertEqual([h.host for h in hop.hosts()],
+                         ["a.x.test", "b.x.test", "c.x.test", "more0.x.test", "more1.x.test"])
+        self.assertEqual({h.fallbacks for h in hop.hosts()}, {()})
 
     async def test_no_mx_falls_back_to_the_domain_itself(self) -> None:
         hop = await self.router(FakeResolver({"x.test": []})).route(None, "a@x.test")

@@ -214,6 +214,35 @@ class MXRoutingTests(RunnerTestBase):
                          ["b@fast.test"] + [f"u@slow{i}.test" for i in range(6)])
 
 
+class MXFallbackTests(RunnerTestBase):
+    settings = {"relayhost": ""}
+
+    def setUp(self) -> None:
+        super().setUp()
+        answer: Any = ([dns.RRHeader("x.test", dns.MX, payload=dns.Record_MX(pref, name))
+                        for pref, name in ((10, "mx1.x.test"), (20, "mx2.x.test"))], [], [])
+
+        class Resolver:
+            def lookupMailExchange(self, name: str) -> defer.Deferred[Any]:
+                return defer.succeed(answer)
+
+        self.runner.router._resolver = Resolver()
+
+    async def test_the_next_mx_gets_the_mail_when_the_best_cannot_be_reached(self) -> None:
+        self.connector.down.add(Hop("mx1.x.test", 25))
+        await self.q.spool.accept("Q1", envelope("a@x.test", ("u@x.test", None)), BODY)
+        self.assertEqual([h.host for h in self.connector.connects], ["mx1.x.test", "mx2.x.test"])
+        self.assertEqual([(h.host, rcpts) for h, _f, rcpts, _b, _t in self.connector.delivered],
+                         [("mx2.x.test", ["u@x.test"])])
+
+    async def test_when_no_mx_can_be_reached_the_best_ones_failure_defers(self) -> None:
+        self.connector.down.update({Hop("mx1.x.test", 25), Hop("mx2.x.test", 25)})
+        await self.q.spool.accept("Q1", envelope("a@x.test", ("u@x.test", None)), BODY)
+        view = done(self.db.read("show", thd_show, "Q1"))
+        self.assertEqual(view.recipients[0].state, "deferred")
+        self.assertEqual(view.recipients[0].last_error, "4.4.1 mx1.x.test:25: Connection refused")
+
+
 class DeferralTests(RunnerTestBase):
     settings = {"min_backoff": 300.0, "max_backoff": 4000.0, "lifetime": 5 * 86400.0}
 

@@ -6,13 +6,14 @@ Mail for a served domain goes to that domain's `redirect_host:redirect_port` (it
 `redirectTo`), with the domain's own TLS policy when it has one and the `[queue] tls`
 default otherwise. Mail for anyone else (bounces to foreign senders) goes to the configured
 `relayhost`, or, when none is set, to the recipient domain's best MX found with
-twisted.names (the resolver is injectable), with the `[queue] tls` default.
+twisted.names (the resolver is injectable), with the `[queue] tls` default; its other MX
+hosts (up to MAX_MX_HOSTS in all, by preference) are tried in turn when it cannot be reached.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, select
@@ -26,11 +27,19 @@ from mailcore.store.schema import domains
 
 @dataclass(frozen=True)
 class Hop:
-    """A next hop: host, port and TLS policy (one of settings.TLS_POLICIES)."""
+    """A next hop: host, port and TLS policy (one of settings.TLS_POLICIES); for an MX
+    route, `fallbacks` are the domain's other MX hosts, tried in turn when `host` cannot be
+    reached (RFC 5321 5.1)."""
 
     host: str
     port: int
     tls: str = DEFAULT_TLS
+    fallbacks: tuple[str, ...] = ()
+
+    def hosts(self) -> list[Hop]:
+        """The hop of each host to try, in order, with no fallbacks of its own."""
+        return [self if not self.fallbacks else replace(self, fallbacks=())] + [
+            replace(self, host=host, fallbacks=()) for host in self.fallbacks]
 
     @property
     def label(self) -> str:
@@ -58,6 +67,8 @@ class RoutingError(Exception):
         self.permanent = permanent
 
 
+# MX hosts of a domain tried at most (Postfix's smtp_mx_address_limit is 5 addresses).
+MAX_MX_HOSTS = 5
 # MX lookups under way at once at most (each is a socket of its own); the others wait.
 MAX_LOOKUPS = 20
 
@@ -184,17 +195,16 @@ class Router:
             raise RoutingError(f"domain {domain} does not exist", permanent=True) from None
         except Exception as e:
             raise RoutingError(f"MX lookup for {domain} failed: {e}") from None
-        best: tuple[int, str] | None = None
+        found: set[tuple[int, str]] = set()
         for rr in answers:
             payload = getattr(rr, "payload", None)
             if payload is None or not hasattr(payload, "preference"):
                 continue
-            name = str(payload.name).rstrip(".").lower()
-            candidate = (int(payload.preference), name)
-            if best is None or candidate < best:
-                best = candidate
-        if best is None:
+            found.add((int(payload.preference), str(payload.name).rstrip(".").lower()))
+        if not found:
             return Hop(domain, 25, self._policy())
-        if best[1] in ("", "."):
+        ranked = sorted(found)
+        if ranked[0][1] in ("", "."):
             raise RoutingError(f"domain {domain} accepts no mail (null MX)", permanent=True)
-        return Hop(best[1], 25, self._policy())
+        names = list(dict.fromkeys(name for _pref, name in ranked if name not in ("", ".")))
+        return Hop(names[0], 25, self._policy(), tuple(names[1:MAX_MX_HOSTS]))

@@ -902,9 +902,29 @@ class QueueRunner:
                                                  self._expire_idle, hq)
 
     async def _open(self, hq: HopQueue) -> SMTPSession:
-        """Connect, and STARTTLS as the hop's policy says; opportunistic TLS that fails is
-        retried once in cleartext (pitfall 9: never QUIT-and-defer forever)."""
-        hop = hq.hop
+        """A session with the hop's host, or when it cannot be had (no connection, no
+        greeting, no TLS its policy wants) with each of its fallbacks (other MX hosts) in
+        turn; the first host's failure when none can be had. A loop back to ourselves ends
+        the search."""
+        first: Exception | None = None
+        for target in hq.hop.hosts():
+            try:
+                return await self._open_host(hq, target)
+            except NextHopRefused as e:
+                if e.permanent:
+                    raise
+                first = first or e
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                first = first or e
+        assert first is not None
+        raise first
+
+    async def _open_host(self, hq: HopQueue, hop: Hop) -> SMTPSession:
+        """Connect to `hop` (one host of hq's), and STARTTLS as its policy says;
+        opportunistic TLS that fails is retried once in cleartext (pitfall 9: never
+        QUIT-and-defer forever)."""
         session = await self.connector.connect(hop)
         offered = "STARTTLS" in session.extensions
         if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
