@@ -172,13 +172,17 @@ class GuardedEndpoint:
 
     def __init__(self, reactor: Any, policy: AddressCheck, host: str, port: int,
                  timeout: float, *,
-                 refusal: str = "is not an address this server may connect to") -> None:
+                 refusal: str = "is not an address this server may connect to",
+                 max_addresses: int | None = None) -> None:
+        """`max_addresses`: try at most that many of the allowed addresses (each may
+        take `timeout`), else all of them."""
         self.reactor = reactor
         self.policy = policy
         self.host = host.strip("[]")
         self.port = port
         self.timeout = timeout
         self.refusal = refusal
+        self.max_addresses = max_addresses
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._connect(factory))
@@ -202,7 +206,7 @@ class GuardedEndpoint:
                 public=f"{host} {self.refusal}",
             )
         last: BaseException | None = None
-        for address in allowed:
+        for address in allowed[:self.max_addresses]:
             endpoint: IStreamClientEndpoint
             if ":" in address:
                 endpoint = TCP6ClientEndpoint(self.reactor, address, self.port, self.timeout)

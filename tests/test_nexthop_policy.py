@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IResolutionReceiver
@@ -172,6 +172,18 @@ class ConnectorTests(TestCase):
         )
         connector.connect(Hop("mx.customer.test", 25))
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("93.184.216.34", 25)])
+
+    async def test_at_most_max_addresses_of_a_name_are_tried(self) -> None:
+        addresses = [f"93.184.216.{i}" for i in range(1, 21)]
+        reactor, connector = self.connector({"mx.customer.test": addresses})
+        d = connector.connect(Hop("mx.customer.test", 25))
+        while not d.called:
+            factory = reactor.tcpClients[-1][2]
+            factory.clientConnectionFailed(reactor.connectors[-1],
+                                           Failure(error.ConnectionRefusedError()))
+        self.failureResultOf(d, error.ConnectionRefusedError)
+        # connector.MAX_ADDRESSES of them
+        self.assertEqual([h for h, *_ in reactor.tcpClients], addresses[:5])
 
     async def test_ip_literal_hops_are_checked_without_resolving(self) -> None:
         reactor, connector = self.connector({}, allow_networks=["10.1.0.0/16"])

@@ -8,8 +8,9 @@ Which policy a hop gets is the router's business (`Hop.tls`); the runner's `_ope
 
 Which addresses a hop may have is `mailcore.queue.nexthop`'s: an IP-literal hop is checked
 (cached) before connecting, a host name is resolved and only the addresses the policy
-allows are tried (netpolicy's `GuardedEndpoint`), and a connection that reached one of our
-own listeners is closed before any SMTP is spoken. A refusal is a `NextHopRefused`.
+allows are tried, at most MAX_ADDRESSES of them (netpolicy's `GuardedEndpoint`), and a
+connection that reached one of our own listeners is closed before any SMTP is spoken. A
+refusal is a `NextHopRefused`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from mailcore.queue.routing import Hop
 from mailcore.queue.runner import Connector
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.client import SMTPClientProtocol, SMTPSession, client_factory
+
+# The addresses of one next-hop name tried at most (each may take `connect_timeout`): a
+# name with a hundred unanswering addresses held a connection attempt for 50 minutes.
+MAX_ADDRESSES = 5
 
 
 class TCPConnector(Connector):
@@ -55,7 +60,7 @@ class TCPConnector(Connector):
             return TCP6ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
         host = hop.host.encode("idna").decode("ascii")
         return GuardedEndpoint(self.reactor, self.policy.at_port(hop.port), host, hop.port,
-                               timeout)
+                               timeout, max_addresses=MAX_ADDRESSES)
 
     def connect(self, hop: Hop) -> defer.Deferred[SMTPSession]:
         return defer.Deferred.fromCoroutine(self._connect(hop))
