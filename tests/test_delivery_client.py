@@ -562,6 +562,23 @@ class HostileReplyTests(ClientTestBase):
         self.successResultOf(defer.Deferred.fromCoroutine(self.session.quit()))
         self.assertEqual(self.sent(), b"")  # no QUIT on a dropped connection
 
+    def test_the_rest_of_the_read_is_dropped_with_the_connection(self) -> None:
+        """As on TCP, aborting does not set `disconnecting`: the lines after the one that
+        dropped the connection are not parsed one by one."""
+        self.handshake()
+        self.transport.abortConnection = lambda: None  # type: ignore[method-assign]
+        seen: list[bytes] = []
+        receive = self.proto.lineReceived
+
+        def counting(line: bytes) -> None:
+            seen.append(line)
+            receive(line)
+
+        self.proto.lineReceived = counting  # type: ignore[method-assign]
+        self.server(b"250 unasked\r\n" * 1000)
+        self.assertFalse(self.session.usable)
+        self.assertEqual(len(seen), 1)
+
     def test_an_unsolicited_421_drops_the_connection(self) -> None:
         self.handshake()
         self.server(b"421 4.4.2 idle too long\r\n")
