@@ -19,6 +19,7 @@ from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
 from mailcore.queue.runner import describe
 from mailcore.queue.settings import QueueSettings
+from mailcore.smtp.client import ReplyTimeout
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.mailsink import done, envelope, thd_add_domain
@@ -375,6 +376,17 @@ class BounceTests(RunnerTestBase):
             "k", lambda c: sorted(r[0] for r in c.execute(select(queue_messages.c.kind)))
         ))
         self.assertEqual(kinds, ["bounce", "relay"])
+
+
+class TLSFailureTextTests(RunnerTestBase):
+    async def test_no_reply_to_starttls_is_not_called_a_certificate_mismatch(self) -> None:
+        self.connector.offer_starttls = True
+        self.connector.starttls_error = ReplyTimeout("timed out waiting for the server's reply")
+        await self.accept("Q1", "b@customer.test")
+        view = done(self.db.read("show", thd_show, "Q1"))
+        self.assertEqual((view.recipients[0].state, view.recipients[0].last_error), (
+            "deferred", "4.7.5 TLS was offered and failed: timed out waiting for the server's "
+            "reply"))
 
 
 class TLSFallbackTests(RunnerTestBase):

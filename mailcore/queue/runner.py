@@ -935,9 +935,12 @@ class QueueRunner:
             try:
                 await session.starttls(self.connector.tls_creator(hop, verify=True))
                 self.connector.check_peer(session, hop)
-            except TLSFailed as e:
+            except SMTPClientError as e:  # TLSFailed, or no reply to the STARTTLS itself
                 session.abort()
                 raise SMTPClientError(f"4.7.5 TLS {why} and failed: {e}") from e
+            except defer.CancelledError:
+                session.abort()
+                raise
             except Exception as e:
                 session.abort()
                 raise SMTPClientError(

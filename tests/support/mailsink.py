@@ -217,6 +217,9 @@ class FakeSession:
 
     async def starttls(self, creator: Any) -> None:
         self.connector.tls_attempts += 1
+        if self.connector.starttls_error is not None:
+            self.usable = False
+            raise self.connector.starttls_error
         if self.connector.starttls_fails:
             self.usable = False
             raise TLSFailed("STARTTLS refused: 454 4.7.0 not now", code=454)
@@ -257,6 +260,7 @@ class ScriptedConnector(Connector):
         self.connects: list[Hop] = []
         self.offer_starttls = False
         self.starttls_fails = False
+        self.starttls_error: Exception | None = None  # what STARTTLS raises, if anything
         self.tls_attempts = 0
         self.verified: list[bool] = []  # the `verify` flag of every TLS context asked for
         self.quits = 0
