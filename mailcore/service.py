@@ -145,6 +145,10 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         core = build_core(config, reactor, check_secrets=True)  # type: ignore[arg-type]
     except SQLAlchemyError as e:
         raise database_error(config, e) from None
+    # No database connection may cross twistd's fork into the background: on SQLite the
+    # child kept the parent's connection (made for the migrations) without its locks and
+    # read an old snapshot through it, blind to what the CLI wrote. The pool makes new ones.
+    core.db.engine.dispose()
     top = OrderedMultiService()
     # First in, last out: repeated log lines stay limited until the end of the shutdown.
     LogLimiterService(  # type: ignore[arg-type]

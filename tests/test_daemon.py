@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import smtplib
 import stat
 import sys
 from collections.abc import Sequence
@@ -265,6 +266,68 @@ class DaemonServesApiTests(DaemonTestCase):
         self.assertEqual(row[-1], "no")
         await pool.closeCachedConnections()
         await self.stop_cleanly(daemon)
+
+
+class DaemonInBackgroundTests(DaemonTestCase):
+    """`twistd mailcore` without `-n`: twistd forks into the background after
+    `makeService` built (and migrated) the store."""
+
+    async def start_in_background(self) -> int:
+        """Start the daemon in the background; returns its pid (stopped at cleanup)."""
+        pidfile = self.base / "twistd.pid"
+        started = await run_command(
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={self.base / 'twistd.log'}",
+             "mailcore", "--data-dir", str(self.data_dir),
+             "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+             "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1"],
+            env=_env(), cwd=self.base,
+        )
+        self.assertEqual(started.status, 0, started.err)
+        pid = int(pidfile.read_text())
+        self.addCleanup(self.stop_background, pid)
+        await self.wait_until_serving()
+        return pid
+
+    async def stop_background(self, pid: int) -> None:
+        os.kill(pid, signal.SIGTERM)
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 10
+        while reactor.seconds() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            await sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    async def test_serves_a_domain_the_cli_adds_while_it_runs(self) -> None:
+        """No connection to SQLite crosses the fork: one made by the parent (for the
+        migrations) kept a snapshot in the child, which then never saw what the CLI
+        wrote (a domain added meanwhile was refused, 550 5.7.1 Relaying denied)."""
+        await self.start_in_background()
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        for command in (
+            ["user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
+            ["domain", "add", "late.test", "--owner", "alice", "--redirect-to",
+             "mx.late.invalid"],
+        ):
+            done = await run_command([*cli, *command], env=_env(), cwd=self.base)
+            self.assertEqual(done.status, 0, done.err)
+
+        def rcpt() -> int:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as s:
+                s.ehlo("client.test")
+                s.mail("a@example.net")
+                code, _ = s.rcpt("bob@late.test")
+                return int(code)
+
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 10  # [domains] poll_interval is 0.5 s
+        while (code := await threads.deferToThread(rcpt)) != 250:
+            if reactor.seconds() > deadline:
+                log = (self.base / "twistd.log").read_text()
+                self.fail(f"RCPT to the new domain still answered {code}\n{log[-3000:]}")
+            await sleep(0.25)
 
 
 class DaemonStartupMistakesTests(DaemonTestCase):
