@@ -74,6 +74,8 @@ class SettingsTests(TestCase):
             with self.subTest(hostname=hostname):
                 with self.assertRaisesRegex(ConfigError, "^hostname"):
                     SMTPSettings.from_config(Config(hostname=hostname))
+        with self.assertRaisesRegex(ConfigError, "^hostname 'bücher.example' .* its xn-- form"):
+            SMTPSettings.from_config(Config(hostname="bücher.example"))
         with self.assertRaisesRegex(ConfigError, r"the default, from hostname\); set it"):
             SMTPSettings.from_config(Config(hostname="mx_1.example"))
         for sender in ("digest@gw.example\r\nRCPT TO:<victim@elsewhere.example>",

@@ -206,8 +206,9 @@ class SMTPSettings:
         section = config.section("smtp")
         hostname = config.hostname
         if not hostname or not all("\x21" <= c <= "\x7e" for c in hostname):
-            raise ConfigError(f"hostname {hostname!r} must be a host name without spaces "
-                              "or control characters")
+            raise ConfigError(f"hostname {hostname!r} must be a host name in printable "
+                              "ASCII, without spaces (an internationalised one in its xn-- "
+                              "form)")
         values: dict[str, Any] = {"hostname": hostname}
         if "postmaster" in section:
             if not isinstance(section["postmaster"], str):
