@@ -304,6 +304,24 @@ class MistakeTests(CliTestCase):
         # None of them changed anything.
         self.assertEqual(len((await self.ok("user", "list")).splitlines()), 2)
 
+    async def test_arguments_that_are_not_utf8_or_limits_out_of_range(self) -> None:
+        """Named in one line: not a codec's complaint about a surrogate, nor SQLite's about
+        an integer too large (and a negative --limit is no "no limit")."""
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        not_utf8 = os.fsdecode(b"a\xffb")
+        cases: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+            (("address", "add", "example.test", not_utf8), ("argument 'a\\xffb' is not UTF-8",)),
+            (("queue", "delete", not_utf8), ("argument 'a\\xffb' is not UTF-8",)),
+            (("queue", "list", "--limit", "-1"), ("--limit: must be from 1 to",)),
+            (("queue", "list", "--limit", str(2**64)), ("--limit: must be from 1 to",)),
+            (("jobs", "list", "--limit", str(2**64)), ("--limit: must be from 1 to",)),
+            (("webhook", "deliveries", "alice", "1", "--limit", str(2**64)),
+             ("--limit: must be from 1 to",)),
+        ]
+        results = await gather(self.mc(*args) for args, _ in cases)
+        for (args, fragments), result in zip(cases, results, strict=True):
+            self.assertOneLineError(result, *fragments, context=args)
+
     async def test_bad_config_and_unreachable_database(self) -> None:
         bad_toml = self.base / "bad.toml"
         bad_toml.write_text("data_dir = \n[oops\n")

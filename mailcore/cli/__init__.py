@@ -63,6 +63,32 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+# The most a --limit may ask for: past a 64-bit integer no database takes it as a number.
+MAX_LIMIT = 2**63 - 1
+
+
+def limit(text: str) -> int:
+    """An argparse type: the number of rows a --limit asks for, 1 at least."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}, not {value}")
+    return value
+
+
+def check_text(argv: Sequence[str]) -> None:
+    """Refuse an argument that is not UTF-8 (Python carries its bytes as lone surrogates,
+    which every later step would fail to encode with a message naming no argument)."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = repr(arg.encode("utf-8", "surrogateescape"))[1:]
+            raise UsageError(f"argument {shown} is not UTF-8 text") from None
+
+
 def build_parser() -> ArgumentParser:
     """The whole command line: global options and every available command module."""
     parser = ArgumentParser(
@@ -202,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         parser = build_parser()
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        words = list(sys.argv[1:] if argv is None else argv)
+        check_text(words)
+        args = parser.parse_args(words)
         config = resolve_config(args)
         check_tables(config, reactor)  # every table, as the daemon checks them
         check_database_url(config)

@@ -13,7 +13,7 @@ import argparse
 import datetime
 from typing import Any
 
-from mailcore.cli import CommandError, command_group, print_table, utc_seconds
+from mailcore.cli import CommandError, command_group, limit, print_table, utc_seconds
 from mailcore.fetch.jobs import (
     KINDS,
     STATUSES,
@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--status", choices=STATUSES, help="only jobs with this status")
     listing.add_argument("--kind", choices=KINDS, help="only migrates or only restores")
     listing.add_argument("--user", help="only the jobs of this user (name or e-mail)")
-    listing.add_argument("--limit", type=int, default=100,
+    listing.add_argument("--limit", type=limit, default=100,
                          help="show at most this many jobs [100]")
     listing.set_defaults(handler=jobs_list)
     show = actions.add_parser("show", help="one job: destination, progress, attempts")
@@ -63,8 +63,6 @@ def _progress(job: Job) -> str:
 
 
 async def jobs_list(args: argparse.Namespace, core: Any) -> int:
-    if args.limit < 1:
-        raise CommandError("--limit must be at least 1")
     user_id = None
     if args.user:
         user = await core.identity.find_user(args.user)

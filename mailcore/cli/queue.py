@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mailcore.cli import CommandError, command_group, print_table, utc_seconds
+from mailcore.cli import CommandError, command_group, limit, print_table, utc_seconds
 from mailcore.queue.model import (
     ACTIVE,
     MessageView,
@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
         "recipient's next hop.",
     )
     listing = actions.add_parser("list", help="messages with recipients still waiting")
-    listing.add_argument("--limit", type=int, default=100,
+    listing.add_argument("--limit", type=limit, default=100,
                          help="show at most this many messages, oldest first [100]")
     listing.set_defaults(handler=queue_list)
     show = actions.add_parser("show", help="one message and every recipient's state")

@@ -10,9 +10,9 @@ import argparse
 from typing import Any
 
 from mailcore.cli import (
-    CommandError,
     command_group,
     in_cli_words,
+    limit,
     print_table,
     refusals,
     utc_seconds,
@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
     log = actions.add_parser("deliveries", help="show a webhook's latest deliveries")
     log.add_argument("user", help="the owning user (name or email)")
     log.add_argument("id", type=int, help="the webhook id")
-    log.add_argument("--limit", type=int, default=20, help="how many [default: 20]")
+    log.add_argument("--limit", type=limit, default=20, help="how many [default: 20]")
     log.set_defaults(handler=webhook_deliveries)
 
 
@@ -111,8 +111,6 @@ async def webhook_remove(args: argparse.Namespace, core: Any) -> int:
 @_webhook_errors
 async def webhook_deliveries(args: argparse.Namespace, core: Any) -> int:
     owner = await require_user(core, args.user)
-    if args.limit < 1:
-        raise CommandError("--limit must be at least 1")
     page = await core.webhooks.deliveries(owner.id, args.id, offset=0, limit=args.limit)
     print_table(
         ("ID", "EVENT", "STATUS", "ATTEMPTS", "CODE", "CREATED", "LAST ERROR"),
