@@ -38,6 +38,8 @@ from twisted.logger import (
 from twisted.python.compat import ioType
 from zope.interface import implementer
 
+from mailcore.text import escape_controls
+
 # An event's text (formatEvent's result), kept in the event by the first observer that
 # needs it, so the limiter and the file do not format it twice; the mail log sets it when
 # it emits.
@@ -190,7 +192,11 @@ class BufferedLogWriter:
                 system = str(system)
             except Exception:
                 system = "UNFORMATTABLE"
-        if "\n" in text:
-            text = text.replace("\n", "\n\t")
+        if not text.isprintable():
+            # What a remote party said (a next hop's greeting, a server's refusal) may hold
+            # ESC sequences, CR or BEL for whoever reads the log in a terminal.
+            text = escape_controls(text, keep_lines=True)
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
         return f"{stamp} [{system}] {text}\n"
 

@@ -44,6 +44,25 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BIDI_CONTROL = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+# Cc (but TAB and LF) and U+2028/U+2029: what a log line may not hold as it is.
+_LOG_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_controls(text: str, *, keep_lines: bool = False) -> str:
+    """`text` with each control character written as `\\xNN` (`\\u2028` ...): for what an
+    operator reads in a terminal (the log, the CLI's tables), where a remote party's ESC
+    sequence, CR or BEL would otherwise act. With `keep_lines`, TAB and LF stay as they
+    are (the log writer indents a continued line)."""
+    if text.isprintable():
+        return text
+    return (_LOG_CONTROL if keep_lines else _CONTROL).sub(_escaped, text)
+
+
 def has_control(text: str) -> bool:
     """Whether `text` holds a control character (NUL, CR, LF, TAB, DEL, C1...) or a line or
     paragraph separator (U+2028, U+2029): whether it is not one line of text."""

@@ -7,13 +7,17 @@ Identity on the same store afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import stat
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
+from twisted.trial.unittest import SynchronousTestCase
 
+from mailcore.cli import print_table
 from mailcore.config import Config
 from mailcore.identity import Identity
 from mailcore.identity import secrets as creds
@@ -267,6 +271,21 @@ class LifecycleTests(IdentityCliTestCase):
         self.assertGreater(len(raw), 0)
         for secret in secrets:
             self.assertNotIn(secret.encode(), raw)
+
+
+class TableTests(SynchronousTestCase):
+    def test_cells_control_characters_are_shown_escaped(self) -> None:
+        """`queue list` shows a next hop's last reply: its ESC sequences and BEL are
+        printed as text, never sent to the operator's terminal; the columns still align."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_table(("ID", "LAST ERROR"), [("q1", "421 busy \x1b]0;pwned\x07\x1b[2J"),
+                                               ("q22", "ok")])
+        self.assertEqual(out.getvalue().splitlines(), [
+            "ID   LAST ERROR",
+            "q1   421 busy \\x1b]0;pwned\\x07\\x1b[2J",
+            "q22  ok",
+        ])
 
 
 class MistakeTests(CliTestCase):

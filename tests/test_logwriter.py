@@ -145,6 +145,19 @@ class FormatTests(WriterTestCase):
         self.same_as_twisted(emit)
         self.assertIn("ZeroDivisionError", self.out.getvalue())
 
+    def test_control_characters_a_remote_party_sent_are_written_escaped(self) -> None:
+        """A next hop's greeting (`421 busy ESC]0;title BEL ESC[2J`) reaches the log in
+        a line of the queue runner's; the terminal of whoever reads the log never gets the
+        ESC sequence, CR or BEL, and a line stays one line."""
+        self.log.info("next hop {hop} unusable: {reason}", hop="mx.example",
+                      reason="greeting: 421 busy \x1b]0;pwned\x07\x1b[2J\rnow\u2028x")
+        self.writer.flush()
+        line = self.out.getvalue()
+        self.assertIn("greeting: 421 busy \\x1b]0;pwned\\x07\\x1b[2J\\x0dnow\\u2028x\n", line)
+        self.assertEqual(line.count("\n"), 1)
+        for character in "\x1b\x07\r\u2028":
+            self.assertNotIn(character, line)
+
     def test_an_event_without_text_writes_nothing(self) -> None:
         self.log.info()  # no format: Twisted's observer writes nothing either
         self.writer.flush()

@@ -31,6 +31,7 @@ from twisted.internet import defer, task
 
 from mailcore.config import Config, ConfigError, apply_overrides, config_from_toml, load_toml
 from mailcore.identity import IdentityError
+from mailcore.text import escape_controls
 
 PROG = "mailcore"
 COMMAND_MODULES = (
@@ -146,7 +147,9 @@ def _first_line(text: str) -> str:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Rows in aligned columns under a header line, on stdout."""
+    """Rows in aligned columns under a header line, on stdout. A cell's control characters
+    are shown escaped: a next hop's reply or a user's label is never a terminal command."""
+    rows = [[escape_controls(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
