@@ -47,6 +47,16 @@ class Config:
             return self.db_url
         return f"sqlite:///{(self.data_dir / 'mailcore.sqlite').resolve()}"
 
+    def absolute(self) -> Config:
+        """This Config with its file paths made absolute against the current directory,
+        for a process that may change it later (twistd's `--rundir`)."""
+        return replace(
+            self,
+            data_dir=self.data_dir.absolute(),
+            tls_cert=self.tls_cert.absolute() if self.tls_cert is not None else None,
+            tls_key=self.tls_key.absolute() if self.tls_key is not None else None,
+        )
+
     def section(self, name: str) -> dict[str, Any]:
         """The TOML table `[name]`, empty when absent.
 

@@ -130,7 +130,10 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     """The whole daemon as one MultiService (called by the twistd plugin)."""
     from twisted.internet import reactor
 
-    config: Config = options.config
+    # twistd changes to its --rundir (the current directory by default) after this returns:
+    # a relative --data-dir would name another directory for the services than the one
+    # the store was made in (the Mail API's file sweep failed, its uploads too).
+    config: Config = options.config.absolute()
     # Before anything is written: the data dir, the database, its WAL, the lock file and
     # twistd's log file (opened when this returns) are private to this user.
     restrict_umask()

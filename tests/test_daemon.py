@@ -223,6 +223,31 @@ class DaemonLifecycleTests(DaemonTestCase):
         self.assertRegex(result.out, r"\n\s+mailcore\s+Mail gateway")
 
 
+class DaemonRunDirTests(DaemonTestCase):
+    async def test_a_relative_data_dir_is_the_one_where_it_was_started(self) -> None:
+        """twistd changes to its --rundir after makeService: the services still use the
+        data directory the store was made in, named relative to where twistd started."""
+        elsewhere = self.base / "elsewhere"
+        elsewhere.mkdir()
+        daemon = ServerProcess(
+            [*TWISTD, "-n", "--pidfile=", f"--rundir={elsewhere}", "mailcore",
+             "--data-dir", "var",
+             "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+             "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1"],
+            directory=self.base, name="twistd", env=_env(), grace=10.0,
+        ).start()
+        self.addCleanup(daemon.stop)
+        await daemon.wait_for_port(self.http_port, timeout=30)
+        await self.wait_until_serving()
+        await sleep(1)  # the Mail API's file sweep runs at start
+        self.assertTrue((self.data_dir / "mailcore.sqlite").exists())
+        self.assertEqual(list(elsewhere.iterdir()), [])
+        log = daemon.stdout_path.read_text()
+        self.assertNotIn("Traceback", log)
+        self.assertIn(f"mailcore starting: data {self.data_dir}", log)
+        await self.stop_cleanly(daemon)
+
+
 class DaemonServesApiTests(DaemonTestCase):
     async def test_ping_with_a_key_made_by_the_cli(self) -> None:
         cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
