@@ -169,8 +169,9 @@ class BufferedLogWriter:
         """What `textFileLogObserver` writes for `event`, made with the cached event text
         and a time stamp formatted once per second."""
         if "log_failure" in event:  # rare: Twisted's own formatting, traceback and all
-            return formatEventAsClassicLogText(
+            line = formatEventAsClassicLogText(
                 event, formatTime=lambda t: formatTime(t, timeFormatRFC3339))
+            return escape_controls(line, keep_lines=True) if line else line
         text = event_text(event)
         if not text:
             return None

@@ -158,6 +158,16 @@ class FormatTests(WriterTestCase):
         for character in "\x1b\x07\r\u2028":
             self.assertNotIn(character, line)
 
+    def test_a_failures_message_is_written_escaped_too(self) -> None:
+        try:
+            raise ValueError("server said \x1b[2Jgone\x07")
+        except ValueError:
+            self.log.failure("sync failed")
+        self.writer.flush()
+        written = self.out.getvalue()
+        self.assertIn("ValueError: server said \\x1b[2Jgone\\x07", written)
+        self.assertNotIn("\x1b", written)
+
     def test_an_event_without_text_writes_nothing(self) -> None:
         self.log.info()  # no format: Twisted's observer writes nothing either
         self.writer.flush()
