@@ -31,7 +31,13 @@ class WebSettingsTests(TestCase):
         self.assertEqual((s.protecmail_user_rate, s.mailapi_user_rate, s.safedrop_user_rate),
                          (Rate(20, 1), Rate(20, 1), Rate(20, 1)))
         self.assertEqual(s.bad_credential_rate, Rate(100, 3600))
-        self.assertTrue(s.metrics_allowed("192.0.2.1"))
+        # /metrics (no credential) for loopback clients only, unless [web] metrics_allow says.
+        self.assertFalse(s.metrics_allowed("192.0.2.1"))
+        self.assertFalse(s.metrics_allowed("2001:db8::1"))
+        self.assertTrue(s.metrics_allowed("127.0.0.1"))
+        self.assertTrue(s.metrics_allowed("::1"))
+        self.assertTrue(WebSettings.from_config(
+            Config(sections={"web": {"metrics_allow": []}})).metrics_allowed("192.0.2.1"))
 
     def test_values_are_read(self) -> None:
         s = settings(login_rate="5/minute", dropmyemail_token_rate="50/second",

@@ -1,7 +1,7 @@
 """The service's own endpoints: `GET /metrics` (Prometheus) and `GET /openapi.json`.
 
-/metrics has no credential: the default listener is on loopback, and `[web] metrics_allow`
-restricts it to client networks (`metrics = false` turns it off) when the listener is not.
+/metrics has no credential: it answers clients on loopback only unless `[web] metrics_allow`
+names other networks (`[]`: every client; `metrics = false` turns it off).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ safedrop_user_rate = "20/second"    # safedrop requests per user
 bad_credential_rate = "100/hour" # Protecmail, Mail API, safedrop requests with a missing or
                                  # bad credential, per client address, the three together
 metrics = true                   # serve GET /metrics
-metrics_allow = ["127.0.0.1/32", "::1/128"]   # client networks allowed (empty: all)
+metrics_allow = ["127.0.0.0/8", "::1/128"]    # client networks allowed (the default;
+                                 # [] serves every client)
 idle_timeout = 60                # seconds an idle (keep-alive) HTTP connection stays open
 header_timeout = 30              # seconds from a request's first byte to its last header
 body_timeout = 300               # seconds from a request's headers to the end of its body
@@ -104,7 +105,10 @@ class WebSettings:
     safedrop_user_rate: Rate = SAFEDROP_USER_RATE
     bad_credential_rate: Rate = BAD_CREDENTIAL_RATE
     metrics: bool = True
-    metrics_allow: tuple[IPNetwork, ...] = ()
+    # Loopback by default: /metrics has no credential, and a listener on a public address
+    # would show anyone the queue and traffic figures. `[]` serves every client.
+    metrics_allow: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     idle_timeout: float = 60.0
     header_timeout: float = 30.0
     body_timeout: float = 300.0
@@ -146,7 +150,8 @@ class WebSettings:
                 table, "bad_credential_rate", defaults.bad_credential_rate
             ),
             metrics=_bool(table, "metrics", defaults.metrics),
-            metrics_allow=_networks(table.get("metrics_allow", [])),
+            metrics_allow=(_networks(table["metrics_allow"]) if "metrics_allow" in table
+                           else defaults.metrics_allow),
             idle_timeout=float(_int(table, "idle_timeout", int(defaults.idle_timeout))),
             header_timeout=float(
                 _int(table, "header_timeout", int(defaults.header_timeout))
@@ -166,7 +171,7 @@ class WebSettings:
         """Whether a client at `host` may read /metrics."""
         if not self.metrics:
             return False
-        if not self.metrics_allow:
+        if not self.metrics_allow:  # []: every client
             return True
         try:
             address = ipaddress.ip_address(host or "")
