@@ -214,6 +214,25 @@ class IndexBase(TestCase):
                 message_attachments.c.meta_data.is_(None))).all())
         return await self.core.db.read("t", txn)
 
+    def get_traced(self, path: str) -> tuple[DigestingTransport, int]:
+        """GET `path` over a whole HTTP connection whose transport hashes the reply as it
+        comes; (the transport, the peak of memory traced while the request was served)."""
+        site = Site(self.web.root, reactor=self.web.clock)  # type: ignore[arg-type]
+        site.timeOut = None
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = DigestingTransport()
+        protocol.makeConnection(transport)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            protocol.dataReceived(
+                f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {self.token}\r\n\r\n".encode())
+            return transport, tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+
     def count_libmagic(self) -> list[bytes]:
         calls: list[bytes] = []
         real = index_module.describe
@@ -328,21 +347,7 @@ class StreamedFileTests(IndexBase):
         del raw
         _, page = await self.call(f"{self.base}/attachments")
         path = f"{self.base}/attachments/{page['attachments'][0]['id']}"
-        site = Site(self.web.root, reactor=self.web.clock)  # type: ignore[arg-type]
-        site.timeOut = None
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = DigestingTransport()
-        protocol.makeConnection(transport)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            protocol.dataReceived(
-                f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {self.token}\r\n\r\n".encode())
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        transport, peak = self.get_traced(path)
         self.assertTrue(transport.done, transport.head[:300])
         self.assertEqual(transport.digest.hexdigest(), hashlib.sha256(data).hexdigest())
         message_size = len(data) * 4 // 3 + len(data) // 57 * 2  # base64 lines with CRLF
@@ -367,21 +372,7 @@ class StreamedMessageTests(IndexBase):
         path = f"{self.base}/mailboxes/{folder}/messages/{stored.created[0]}"
         size, digest = len(raw), hashlib.sha256(raw).hexdigest()
         del raw, stored
-        site = Site(self.web.root, reactor=self.web.clock)  # type: ignore[arg-type]
-        site.timeOut = None
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = DigestingTransport()
-        protocol.makeConnection(transport)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            protocol.dataReceived(
-                f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {self.token}\r\n\r\n".encode())
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        transport, peak = self.get_traced(path)
         self.assertTrue(transport.done, transport.head[:300])
         self.assertEqual(transport.digest.hexdigest(), digest)
         head = json.loads(transport.head[transport.head.index(b"{"):] + b'"x":0}')

@@ -68,6 +68,18 @@ class FileFixture(SafedropFixture):
         )
         return status, reply
 
+    async def sent_bundle(self, test: TestCase, query: str) -> int:
+        """A bundle made with `query`, a file uploaded, ann@example.org added and sent."""
+        bundle_id = await self.bundle(query)
+        status, _ = await self.upload(bundle_id, multipart_file("a", b"%d" % bundle_id))
+        test.assertEqual(status, 200)
+        status, _ = await self.form("POST", f"/dropbundles/{bundle_id}/dropbundlerecipients",
+                                    "email=ann%40example.org")
+        test.assertEqual(status, 200)
+        status, _, _ = await self.call("GET", f"/dropbundles/{bundle_id}?send")
+        test.assertEqual(status, 200)
+        return bundle_id
+
     def stored(self) -> list[Path]:
         root = self.data_dir / "safedrop"
         return sorted(p for p in root.rglob("*") if p.is_file())
@@ -169,15 +181,10 @@ class UploadTests(TestCase):
         # START is 2023-11-14T22:13:20Z.
         expired = await f.bundle("subject=x&expiry_date=2023-11-14T23%3A00%3A00Z")
         young = await f.bundle("subject=y")
-        sent = await f.bundle("subject=z&expiry_date=2023-11-14T23%3A00%3A00Z")
-        for bundle_id in (expired, young, sent):
+        for bundle_id in (expired, young):
             status, _ = await f.upload(bundle_id, multipart_file("a", b"%d" % bundle_id))
             self.assertEqual(status, 200)
-        status, _ = await f.form("POST", f"/dropbundles/{sent}/dropbundlerecipients",
-                                 "email=ann%40example.org")
-        self.assertEqual(status, 200)
-        status, _, _ = await f.call("GET", f"/dropbundles/{sent}?send")
-        self.assertEqual(status, 200)
+        sent = await f.sent_bundle(self, "subject=z&expiry_date=2023-11-14T23%3A00%3A00Z")
         f.web.clock.advance(3600)  # past the expiry date
         self.assertEqual(await drops.sweep(), 2)  # the unsent one deleted, the sent one's files
         f.token = await f.login("alice@example.test", f.key)  # an hour: a new session
@@ -202,14 +209,7 @@ class UploadTests(TestCase):
         f = FileFixture()
         await f.start_with(self)
         drops = f.web.core.safedrop
-        sent = await f.bundle("subject=z&expiry_date=2023-11-14T23%3A00%3A00Z")
-        status, _ = await f.upload(sent, multipart_file("a", b"a"))
-        self.assertEqual(status, 200)
-        status, _ = await f.form("POST", f"/dropbundles/{sent}/dropbundlerecipients",
-                                 "email=ann%40example.org")
-        self.assertEqual(status, 200)
-        status, _, _ = await f.call("GET", f"/dropbundles/{sent}?send")
-        self.assertEqual(status, 200)
+        await f.sent_bundle(self, "subject=z&expiry_date=2023-11-14T23%3A00%3A00Z")
         f.web.clock.advance(3600)  # past the expiry date
         spool = drops.spool
         drops.spool = _NeverCommits()  # type: ignore[assignment]
