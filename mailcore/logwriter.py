@@ -10,6 +10,13 @@ flushes the buffer once per reactor turn, at once when it holds more than `limit
 and when the daemon stops. Lines keep their order; an event logged from another thread
 writes the buffer and its own line at once.
 
+A line can also arrive in the middle of a write, on the same thread: a Python signal
+handler runs between any two bytecodes of the main thread, and twistd's SIGTERM handler
+logs ("Received SIGTERM, shutting down."). The lock is re-entrant and such a line is only
+buffered (and a write scheduled): with a plain lock the handler waited for the write it had
+interrupted, for ever, and the daemon neither stopped nor logged again (CI saw it, 1 run in
+a few dozen; a stack dump, `kill -USR2`, showed where).
+
 What this costs: a crash (SIGKILL, a power cut) loses at most the lines of the reactor turn
 in which it happened. Mail itself is never at stake: a message is acknowledged only once
 its queue file is durable, and its state lives in the store and the queue journal, not in
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import IO, Any, TypeGuard
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -107,7 +115,8 @@ class BufferedLogWriter:
         self._lines: list[str] = []
         self._size = 0
         self._call: IDelayedCall | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._busy = False  # in a locked region's work: a line now came in re-entered
         self._thread = threading.get_ident()
         self._stamp: tuple[int, str] = (-1, "")  # a second and its time stamp
         self.closed = False
@@ -125,21 +134,29 @@ class BufferedLogWriter:
         with self._lock:
             self._lines.append(line)
             self._size += len(line)
-            if self.closed or threading.get_ident() != self._thread:
-                self._write()
-            elif self._size > self.limit:
-                self._write()
-            elif self._call is None:
-                self._call = self.clock.callLater(0, self._turn_ended)
+            if self._busy:
+                # Re-entered in the middle of a write on this thread (a signal handler that
+                # logs): buffered; the end of this turn writes it (a write from here could
+                # re-enter the file object's own write).
+                if self._call is None and not self.closed:
+                    self._call = self.clock.callLater(0, self._turn_ended)
+                return
+            with self._working():
+                if self.closed or threading.get_ident() != self._thread:
+                    self._write()
+                elif self._size > self.limit:
+                    self._write()
+                elif self._call is None:
+                    self._call = self.clock.callLater(0, self._turn_ended)
 
     def flush(self) -> None:
         """Write what is buffered now."""
-        with self._lock:
+        with self._lock, self._working():
             self._write()
 
     def close(self) -> None:
         """Write what is buffered; from now on every line is written at once."""
-        with self._lock:
+        with self._lock, self._working():
             self.closed = True
             self._write()
             if self._call is not None and self._call.active():
@@ -147,7 +164,7 @@ class BufferedLogWriter:
             self._call = None
 
     def _turn_ended(self) -> None:
-        with self._lock:
+        with self._lock, self._working():
             self._call = None
             # A file that cannot be written (a full disk) loses these lines, as Twisted's
             # own observer loses a line it cannot write; logging that would only come back
@@ -155,15 +172,27 @@ class BufferedLogWriter:
             with contextlib.suppress(Exception):
                 self._write()
 
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Mark a locked region's work (the caller holds the lock): a line logged while it
+        runs, on this thread, is one that interrupted it."""
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
     def _write(self) -> None:
-        """Write and flush the buffer (the caller holds the lock)."""
-        if not self._lines:
-            return
-        text = "".join(self._lines)
-        self._lines.clear()
-        self._size = 0
-        self.out.write(text.encode("utf-8") if self._encode else text)
-        self.out.flush()
+        """Write and flush the buffer, and what comes in meanwhile (the caller holds the
+        lock and is `_working`)."""
+        while self._lines:
+            # Taken before it is joined: a line appended by an interruption lands in the
+            # list written now or in the next one, never in one cleared unwritten.
+            lines, self._lines = self._lines, []
+            self._size = 0
+            text = "".join(lines)
+            self.out.write(text.encode("utf-8") if self._encode else text)
+            self.out.flush()
 
     def _line(self, event: LogEvent) -> str | None:
         """What `textFileLogObserver` writes for `event`, made with the cached event text

@@ -4,6 +4,7 @@ and all of them on stop."""
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import threading
 from typing import Any, cast
@@ -95,6 +96,44 @@ class BufferingTests(WriterTestCase):
                          ["first, in the reactor thread", "second, from a thread"])
         self.clock.advance(0)  # the turn's own write finds nothing left
         self.assertEqual(len(self.out.writes), 1)
+
+    def test_a_line_logged_in_the_middle_of_a_write_on_its_thread_is_written_next(
+        self,
+    ) -> None:
+        # A Python signal handler runs between two bytecodes of the main thread, and
+        # twistd's SIGTERM handler logs: here it interrupts each kind of write (the end of a
+        # turn, past the limit, close). With a plain lock it waited for the write it had
+        # interrupted, for ever (the daemon neither stopped nor logged again). The watchdog
+        # turns such a hang into a crash with every thread's stack instead of a stuck run.
+        interrupted: list[str] = []
+
+        class Interrupted(Recorder):
+            def write(inner, s: str) -> int:
+                if interrupted:
+                    self.log.info(interrupted.pop())
+                return super().write(s)
+
+        self.out = Interrupted()
+        self.writer = BufferedLogWriter(self.out, self.clock, limit=1000)
+        self.log = Logger(namespace="mailcore.test", observer=self.writer)
+        faulthandler.dump_traceback_later(60, exit=True)
+        self.addCleanup(faulthandler.cancel_dump_traceback_later)
+        self.log.info("before")
+        interrupted.append("Received SIGTERM, shutting down.")
+        self.clock.advance(0)  # the turn's write, interrupted
+        interrupted.append("past the limit, interrupted")
+        for _ in range(12):  # past the limit: written at once, interrupted
+            self.log.info("x" * 98)
+        self.assertEqual(interrupted, [])
+        interrupted.append("at close, interrupted")
+        self.log.info("last")
+        self.writer.close()
+        lines = [line.split("] ", 1)[1] for line in self.out.getvalue().splitlines()]
+        self.assertEqual(lines[:2], ["before", "Received SIGTERM, shutting down."])
+        self.assertEqual(lines.count("past the limit, interrupted"), 1)
+        self.assertEqual(lines.count("x" * 98), 12)
+        self.assertEqual(lines[-2:], ["last", "at close, interrupted"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_write_that_fails_at_the_end_of_a_turn_loses_its_lines_not_the_writer(self) -> None:
         class Full(Recorder):
