@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -174,16 +174,18 @@ _GONE_COPIES = select(messages.c.id, messages.c.sha256).where(
 _KEY_CHUNK = 500
 
 
+def _rows_for(conn: Connection, statement: Any, params: dict[str, Any],
+              keys: Iterable[Any]) -> Iterator[Any]:
+    """The rows `statement` finds for `keys` (its expanding "keys"), asked in chunks."""
+    ordered = sorted(set(keys))
+    for i in range(0, len(ordered), _KEY_CHUNK):
+        yield from conn.execute(statement, {**params, "keys": ordered[i : i + _KEY_CHUNK]})
+
+
 def _held(conn: Connection, statement: Any, params: dict[str, Any],
           keys: Sequence[Any]) -> set[Any]:
     """Which of `keys` the one-column `statement` finds (asked in chunks)."""
-    found: set[Any] = set()
-    ordered = sorted(set(keys))
-    for i in range(0, len(ordered), _KEY_CHUNK):
-        found.update(conn.execute(
-            statement, {**params, "keys": ordered[i : i + _KEY_CHUNK]}
-        ).scalars())
-    return found
+    return {row[0] for row in _rows_for(conn, statement, params, keys)}
 
 
 def _copy_key(item: FetchedMessage) -> tuple[str, Any] | None:
@@ -216,12 +218,8 @@ def _gone_copies(conn: Connection, where: Location, hashes: Sequence[str]) -> di
     first, by SHA-256: a message put back (a restore appends what was expunged) is the
     same message again under a new UID, not a second copy to back up (and to migrate)."""
     found: dict[str, list[int]] = {}
-    ordered = sorted(set(hashes))
-    for i in range(0, len(ordered), _KEY_CHUNK):
-        for row_id, sha256 in conn.execute(
-            _GONE_COPIES, {"f": where.folder_id, "keys": ordered[i : i + _KEY_CHUNK]}
-        ):
-            found.setdefault(sha256, []).append(int(row_id))
+    for row_id, sha256 in _rows_for(conn, _GONE_COPIES, {"f": where.folder_id}, hashes):
+        found.setdefault(sha256, []).append(int(row_id))
     for ids in found.values():
         ids.sort(reverse=True)  # popped from the end: the oldest first
     return found
