@@ -141,13 +141,11 @@ class BufferedLogWriter:
                 if self._call is None and not self.closed:
                     self._call = self.clock.callLater(0, self._turn_ended)
                 return
-            with self._working():
-                if self.closed or threading.get_ident() != self._thread:
+            if self.closed or self._size > self.limit or threading.get_ident() != self._thread:
+                with self._working():
                     self._write()
-                elif self._size > self.limit:
-                    self._write()
-                elif self._call is None:
-                    self._call = self.clock.callLater(0, self._turn_ended)
+            elif self._call is None:
+                self._call = self.clock.callLater(0, self._turn_ended)
 
     def flush(self) -> None:
         """Write what is buffered now."""
