@@ -9,10 +9,11 @@ from typing import Any
 
 from sqlalchemy import Connection, event, func, select
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.mailapi import MailboxService
-from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
+from mailcore.mailapi.delivery import HOSTED_TTL, HostedAddresses, LocalMailboxes
 from mailcore.mailapi.files import MailFiles
 from mailcore.queue.model import Job, Rcpt
 from mailcore.queue.runner import thd_deliver_local
@@ -219,3 +220,55 @@ class HostedAddressesReloadTests(TestCase):
         ])
         self.assertEqual(answers, [False] * 20)
         self.assertEqual(len([s for s in statements if "FROM mailboxes" in s]), 1)
+
+    async def test_a_change_during_a_reload_is_not_hidden_by_it(self) -> None:
+        """A mailbox added through this process while a reload is under way is seen by
+        the next caller: the reload read before the change, so its answer is not cached
+        for the TTL."""
+        from tests.support.db import open_database
+        from tests.support.reactor import get_reactor
+
+        db = await open_database(self, "sqlite")
+        await db.run("add", thd_add_domain, "hosted.test", "", 25)
+        hosted = HostedAddresses(db, get_reactor())
+        boxes = MailboxService(db, get_reactor(), on_change=hosted.invalidate)
+        owner: int = await db.read("owner", lambda c: c.execute(select(users.c.id)).scalar_one())
+        # The reload's read is done (before the mailbox exists); its answer is held back
+        # until the mailbox has been added.
+        read_done: defer.Deferred[None] = defer.Deferred()
+        gate: defer.Deferred[None] = defer.Deferred()
+        real_read = db.read
+
+        def held_read(name: str, fn: Any) -> defer.Deferred[Any]:
+            async def held() -> Any:
+                answer = await real_read(name, fn)
+                read_done.callback(None)
+                await gate
+                return answer
+            return defer.Deferred.fromCoroutine(held())
+
+        db.read = held_read  # type: ignore[method-assign,assignment]
+        reading = defer.Deferred.fromCoroutine(hosted.contains("bob@hosted.test"))
+        await read_done
+        db.read = real_read  # type: ignore[method-assign]
+        await boxes.add("bob@hosted.test", owner)
+        gate.callback(None)
+        self.assertFalse(await reading)  # asked before the mailbox existed
+        self.assertTrue(await hosted.contains("bob@hosted.test"))
+
+    async def test_an_empty_set_is_cached_too(self) -> None:
+        """No hosted mailbox at all is an answer like any other: cached for the TTL."""
+        from tests.support.db import open_database
+
+        clock = Clock()
+        db = await open_database(self, "sqlite")
+        statements: list[str] = []
+        event.listen(db.engine, "before_cursor_execute",
+                     lambda _c, _cur, statement, *_a: statements.append(statement))
+        hosted = HostedAddresses(db, clock)
+        for _ in range(3):
+            self.assertFalse(await hosted.contains("x@y.test"))
+        self.assertEqual(len([s for s in statements if "FROM mailboxes" in s]), 1)
+        clock.advance(HOSTED_TTL)
+        self.assertFalse(await hosted.contains("x@y.test"))
+        self.assertEqual(len([s for s in statements if "FROM mailboxes" in s]), 2)

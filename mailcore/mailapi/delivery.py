@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, insert, select
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import mailbox_key
@@ -54,7 +54,12 @@ def thd_hosted(conn: Connection) -> frozenset[str]:
 
 
 class HostedAddresses:
-    """Which recipient addresses are hosted mailboxes (a cached set of all of them)."""
+    """Which recipient addresses are hosted mailboxes (a cached set of all of them).
+
+    Callers that find the set expired queue on one lock and the first of them reads it; the
+    rest find it fresh when their turn comes (one read for all of them). A change made
+    through this process (`invalidate`) while a read is under way keeps that read's answer
+    out of the cache: it was taken before the change, and the next caller reads again."""
 
     def __init__(self, db: Database, clock: IReactorTime, ttl: float = HOSTED_TTL) -> None:
         self.db = db
@@ -62,36 +67,37 @@ class HostedAddresses:
         self.ttl = ttl
         self._known: frozenset[str] | None = None
         self._until = 0.0
-        # Callers waiting for the reload under way (one reload for all of them).
-        self._waiting: list[Deferred[frozenset[str]]] = []
+        self._generation = 0  # bumped by each invalidate
+        self._lock = DeferredLock()
 
     def invalidate(self) -> None:
         self._known = None
+        self._generation += 1
+
+    def _fresh(self) -> frozenset[str] | None:
+        if self._known is not None and self.clock.seconds() < self._until:
+            return self._known
+        return None
 
     async def contains(self, address: str) -> bool:
-        now = self.clock.seconds()
-        known = self._known
-        if known is None or now >= self._until:
-            waiter: Deferred[frozenset[str]] = Deferred()
-            self._waiting.append(waiter)
-            if len(self._waiting) == 1:
-                Deferred.fromCoroutine(self._reload(now))
-            known = await waiter
+        known = self._fresh()
+        if known is None:
+            await self._lock.acquire()
+            try:
+                known = self._fresh()  # read by the caller before us?
+                if known is None:
+                    known = await self._reload()
+            finally:
+                self._lock.release()
         key = mailbox_key(address)
         return key is not None and key in known
 
-    async def _reload(self, now: float) -> None:
-        try:
-            known = await self.db.read("mailapi_hosted_addresses", thd_hosted)
-        except Exception as e:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.errback(e)
-            return
-        self._known, self._until = known, now + self.ttl
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(known)
+    async def _reload(self) -> frozenset[str]:
+        generation, now = self._generation, self.clock.seconds()
+        known = await self.db.read("mailapi_hosted_addresses", thd_hosted)
+        if generation == self._generation:
+            self._known, self._until = known, now + self.ttl
+        return known
 
 
 @dataclass(frozen=True)
