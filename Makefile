@@ -76,7 +76,11 @@ lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/mypy $(LINT_PATHS)
 
+# Byte-compiled once before trial: the suite starts hundreds of `mailcore` and `twistd`
+# processes, and where PYTHONDONTWRITEBYTECODE is set (as on this machine kind) each of them
+# would compile our ~240 modules again (0.45 s of CPU each); existing .pyc files are still read.
 test: venv deps lint
+	$(BIN)/python -m compileall -q $(LINT_PATHS)
 	$(BIN)/trial $(TRIAL_ARGS) tests
 
 run: venv
