@@ -358,7 +358,8 @@ class ReplyCodeTests(ClientTestBase):
     def test_250_to_data_without_pipelining_sends_no_body(self) -> None:
         self.handshake(b"250 SIZE 100000\r\n")
         d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], self.BODY))
-        self.server(b"250 ok\r\n250 ok\r\n")
+        self.server(b"250 ok\r\n")
+        self.server(b"250 ok\r\n")
         self.assertTrue(self.sent().endswith(b"DATA\r\n"))
         self.server(b"250 ok\r\n")
         self.assert_protocol_error(self.successResultOf(d).for_recipient(0),
@@ -578,6 +579,45 @@ class HostileReplyTests(ClientTestBase):
         self.server(b"250 unasked\r\n" * 1000)
         self.assertFalse(self.session.usable)
         self.assertEqual(len(seen), 1)
+
+    def test_replies_beyond_those_asked_for_drop_the_connection(self) -> None:
+        """A hop that answers with more replies than it was asked for, in one read, is out
+        of step: the extra ones must not answer the next transaction, which the queue starts
+        from the first one's callback while the rest of that read is still unparsed (a
+        message the hop refused, or never saw, would be recorded as delivered). The reply
+        the message got stands; the connection is dropped and nothing more is written."""
+        self.handshake()
+        started: list[defer.Deferred[Any]] = []
+
+        def next_transaction(result: Any) -> Any:
+            if self.session.usable:  # as the queue runner does
+                started.append(defer.Deferred.fromCoroutine(
+                    self.session.send("a@x.test", ["e@c.test"], b"never\r\n")))
+            return result
+
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
+        d.addCallback(next_transaction)
+        self.sent()
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.sent()
+        self.server(b"250 queued\r\n250 2.1.0 stale\r\n250 2.1.5 stale\r\n354 stale\r\n")
+        self.assertEqual(self.successResultOf(d).data, Reply(250, ("queued",)))
+        self.assertEqual(self.sent(), b"")
+        self.assertFalse(self.session.usable)
+        self.assertTrue(self.transport.disconnecting)
+        self.proto.connectionLost(Failure(ConnectionDone("dropped")))
+        self.failureResultOf(started[0], ConnectionLostError)
+
+    def test_a_partial_line_that_came_unasked_drops_the_connection_at_the_next_write(
+        self,
+    ) -> None:
+        self.handshake()
+        self.server(b"250 2.1")  # no reply awaited, not yet a whole line
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x.test", ["b@c.test"], b"x\r\n"))
+        self.assertEqual(self.sent(), b"")
+        self.assertFalse(self.session.usable)
+        self.proto.connectionLost(Failure(ConnectionDone("dropped")))
+        self.failureResultOf(d, ConnectionLostError)
 
     def test_an_unsolicited_421_drops_the_connection(self) -> None:
         self.handshake()

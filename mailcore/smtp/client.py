@@ -174,8 +174,8 @@ class SMTPClientProtocol(LineReceiver):
     previous reply's end for the later replies of a pipelined group, which the server
     answers in order): continuation lines do not extend it. A reply is at most
     MAX_REPLY_LINES lines and MAX_REPLY_BYTES octets. Input while no reply is awaited (an
-    idle pooled connection) is discarded and the connection dropped: a next hop that talks
-    unasked is out of step with us.
+    idle pooled connection), or still in hand when we write (see _in_step), is discarded
+    and the connection dropped: a next hop that talks unasked is out of step with us.
     """
 
     delimiter = b"\r\n"
@@ -284,10 +284,27 @@ class SMTPClientProtocol(LineReceiver):
         return w.deferred
 
     def write_lines(self, *lines: bytes) -> None:
-        write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
+        if self._in_step():
+            write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
 
     def write_raw(self, data: bytes) -> None:
-        write_now(self.transport, data)
+        if self._in_step():
+            write_now(self.transport, data)
+
+    def _in_step(self) -> bool:
+        """Whether to write: not on a connection we dropped, and not while input waits
+        unparsed. Replies come only to what was sent, so bytes in hand as we write (the rest
+        of the read that held the reply we are acting on, or a partial line that came
+        unasked) are the peer out of step: they would be read as the answer to what we are
+        about to send (a message the hop refused, or never saw, recorded as delivered). The
+        connection is dropped instead; the replies already read stand. STARTTLS discards
+        what came before the switch (start_tls), so it writes on."""
+        if self.closing:
+            return False
+        if self._buffer:
+            self.abort()
+            return False
+        return True
 
     def abort(self) -> None:
         """Drop the connection, and what is left of the read in hand: a TCP transport's
