@@ -185,6 +185,7 @@ class Core:
         mail_files = MailFiles(self.config.data_dir / "mailapi")
         self.queue.runner.router.local = hosted
         self.queue.runner.local_store = LocalMailboxes(mail_files, self.cpu)
+        self.queue.runner.cpu = self.cpu
         self.mailboxes = MailboxService(self.db, self.clock, on_change=self._mailboxes_changed)
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.mail = MailService(

@@ -182,6 +182,28 @@ class ByteExactTests(QueueOnReactor):
             b"MAIL FROM:<seven@x.test> SIZE=%d" % len(seven),
         ])
 
+    async def test_8bit_body_to_a_hop_without_8bitmime_is_made_7bit(self) -> None:
+        """RFC 6152 3: a server that does not offer 8BITMIME gets no 8-bit body. The
+        message goes out converted (quoted-printable here), undeclared, and reads the same;
+        a 7-bit message goes byte for byte."""
+        state = SinkState(eight_bit=False)
+        port = self.listen_sink(state)
+        q, _db, domain = await self.start_queue(port)
+        eight = (b"Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                 + "na\u00efve \u00fcber\r\n".encode() * 3)
+        seven = b"Subject: plain\r\n\r\nascii\r\n"
+        await self.accept(q, domain, "Q8", eight, sender="eight@x.test")
+        await self.accept(q, domain, "Q7", seven, sender="seven@x.test")
+        await state.wait_for(2)
+        got = {m.mail_from: m.data for m in state.messages}
+        self.assertEqual(got["seven@x.test"], seven)
+        converted = got["eight@x.test"]
+        self.assertTrue(converted.isascii())
+        self.assertIn(b"Content-Transfer-Encoding: quoted-printable\r\n", converted)
+        self.assertEqual(message_from_bytes(converted).get_payload(decode=True),
+                         eight.split(b"\r\n\r\n", 1)[1])
+        self.assertFalse([c for c in state.commands if b"BODY=" in c])
+
     async def test_opportunistic_starttls_refused_still_delivers(self) -> None:
         """Pitfall 9: the next hop offers STARTTLS and then refuses it (policy `may`)."""
         state = SinkState(starttls="refuse")

@@ -57,7 +57,7 @@ def _line_end(raw: bytes, pos: int, end: int) -> tuple[int, int]:
     return m.start(), m.end()
 
 
-def _headers(raw: bytes, start: int, end: int) -> tuple[Message, int]:
+def headers_at(raw: bytes, start: int, end: int) -> tuple[Message, int]:
     """The part's header fields and where its body starts (after the blank line, or at the
     first line that is not a header, as the email package's parser decides)."""
     pos = start
@@ -109,7 +109,7 @@ def _strip_break(raw: bytes, start: int, end: int) -> int:
     return end
 
 
-def _children(raw: bytes, marker: bytes, body: int, end: int, most: int
+def children_at(raw: bytes, marker: bytes, body: int, end: int, most: int
               ) -> list[tuple[int, int]]:
     """The spans of the first `most` parts of a multipart whose body is raw[body:end], cut
     as `locate` cuts the one it wants."""
@@ -145,7 +145,7 @@ def locate(raw: bytes, part_path: str, limits: MimeLimits | None = None,
     start, end, depth = 0, len(raw), 0
     remaining = [int(s) for s in steps]
     while True:
-        header, body = _headers(raw, start, end)
+        header, body = headers_at(raw, start, end)
         boundary = header.get_boundary() if header.get_content_maintype() == "multipart" \
             else None
         if boundary is None:
@@ -166,7 +166,7 @@ def locate(raw: bytes, part_path: str, limits: MimeLimits | None = None,
         # Without a cache, the parts up to the wanted one; with one, all of them, once.
         known = cache.get((body, end)) if cache is not None else None
         if known is None:
-            known = _children(raw, marker, body, end,
+            known = children_at(raw, marker, body, end,
                               limits.max_parts if cache is not None else wanted)
             if cache is not None:
                 cache[(body, end)] = known

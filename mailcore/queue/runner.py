@@ -85,7 +85,9 @@ from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.smtp.dsn import MAX_DETAIL
 from mailcore.smtp.hops import DEFAULT_MAX_HOPS, count_received, too_many_hops
+from mailcore.smtp.sevenbit import seven_bit
 from mailcore.store import Database
+from mailcore.workers import CpuPool
 
 log = Logger()
 
@@ -334,6 +336,9 @@ class QueueRunner:
         self.on_room: Callable[[], None] | None = None  # the sweeper's "claim more" hook
         # Where LOCAL recipients are written (the Mail API's mailboxes; set by the Core).
         self.local_store: LocalStore | None = None
+        # Where a body is made 7-bit for a hop without 8BITMIME (set by the daemon's core;
+        # None converts on the calling thread, as unit tests on a Clock do).
+        self.cpu: CpuPool | None = None
         # The end of the leases the last renewal that committed gave, and the end before
         # which a lease lapsed (a renewal committed only after it: see leases_renewed).
         self._renewed_until = -math.inf
@@ -1028,6 +1033,8 @@ class QueueRunner:
             return True  # (with stages, checked before the pipeline ran)
         if isinstance(job, TaggedJob):
             body = apply_tags(body, job.add_headers, job.subject_prefix)
+        if "8BITMIME" not in session.extensions and not body.isascii():
+            body = await self._seven_bit(body)
         now = self.clock.seconds()
         if self._lease_end(job) - now < self.settings.lease_seconds * LEASE_MARGIN:
             self._give_back(job)
@@ -1056,6 +1063,13 @@ class QueueRunner:
         for reply, rcpts in by_reply.items():
             self._fail(job, rcpts, str(reply), permanent=reply.permanent, hop=hop, now=now)
         return session.usable
+
+    async def _seven_bit(self, body: bytes) -> bytes:
+        """An 8-bit body made 7-bit for a hop without 8BITMIME (mailcore.smtp.sevenbit), on
+        the CPU pool (a large message's parts are re-encoded whole)."""
+        if self.cpu is None:
+            return seven_bit(body)
+        return await self.cpu.run(seven_bit, body)
 
     # -- leases -------------------------------------------------------------------------
 

@@ -431,8 +431,9 @@ class SMTPSession:
         RSET when the previous one on this session did not end with a DATA phase.
 
         A body holding 8-bit octets goes out with BODY=8BITMIME when the server offers
-        8BITMIME (RFC 6152). To a server that does not, it goes out as it is: converting
-        it to 7 bit or returning it is not done (yet).
+        8BITMIME (RFC 6152). To a server that does not, the queue runner converts it to 7
+        bit first (mailcore.smtp.sevenbit); what it cannot convert (8-bit header fields)
+        goes out as it is.
 
         An address holding a control character (CR and LF above all, which would end the
         command line and start another) is never written: such a recipient gets a 553 of

@@ -85,6 +85,7 @@ class SinkState:
     starttls: str | None = None  # None: not offered; "ok" | "refuse" | "broken"
     tls_context: Any = None
     pipelining: bool = True
+    eight_bit: bool = True  # offer 8BITMIME
     connections: int = 0
     commands: list[bytes] = field(default_factory=list)
     arrived: list[defer.Deferred[None]] = field(default_factory=list)
@@ -137,7 +138,9 @@ class SinkProtocol(LineReceiver):
         verb = line.split(b" ", 1)[0].upper()
         arg = line[len(verb) :].strip()
         if verb == b"EHLO":
-            caps = [b"250-sink.test", b"250-SIZE 100000000", b"250-8BITMIME"]
+            caps = [b"250-sink.test", b"250-SIZE 100000000"]
+            if self.state.eight_bit:
+                caps.append(b"250-8BITMIME")
             if self.state.pipelining:
                 caps.append(b"250-PIPELINING")
             if self.state.starttls and not getattr(self, "_tls", False):
@@ -208,7 +211,7 @@ class FakeSession:
     def __init__(self, connector: ScriptedConnector, hop: Hop) -> None:
         self.connector = connector
         self.hop = hop
-        self.extensions: dict[str, str] = {"PIPELINING": ""}
+        self.extensions: dict[str, str] = {"PIPELINING": "", "8BITMIME": ""}
         if connector.offer_starttls:
             self.extensions["STARTTLS"] = ""
         self.transactions = 0
