@@ -67,6 +67,7 @@ from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.store.chunks import found_keys
 from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
 from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
@@ -196,16 +197,17 @@ def thd_rights_by_mailbox(conn: Connection, user_id: int) -> dict[int, tuple[str
     return out
 
 
+_ATTACHMENT_FILES = select(_a.sha256).where(
+    _a.sha256.in_(bindparam("keys", expanding=True))).distinct()
+_MESSAGE_FILES = select(_m.raw_sha256).where(
+    _m.raw_sha256.in_(bindparam("keys", expanding=True))).distinct()
+
+
 def thd_files_in_use(conn: Connection, hashes: Sequence[str]) -> set[str]:
     """Blocking: which of these file hashes a row names (an attachment, an inbox message)."""
-    found: set[str] = set()
-    for start in range(0, len(hashes), 500):
-        chunk = list(hashes[start:start + 500])
-        found.update(r[0] for r in conn.execute(
-            select(_a.sha256).where(_a.sha256.in_(chunk)).distinct()))
-        found.update(r[0] for r in conn.execute(
-            select(_m.raw_sha256).where(_m.raw_sha256.in_(chunk)).distinct()))
-    return found
+    return (found_keys(conn, _ATTACHMENT_FILES, {}, hashes)
+            | found_keys(conn, _MESSAGE_FILES, {}, hashes))
+
 
 
 def _part(f: StoredFile) -> tuple[str, str, str]:

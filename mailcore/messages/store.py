@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -81,6 +81,7 @@ from mailcore.messages.search import (
 from mailcore.messages.sql import allocate_ids, insert_rows, utc
 from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
 from mailcore.store import Database
+from mailcore.store.chunks import found_keys, rows_for
 from mailcore.store.prepared import Prepared
 from mailcore.store.schema import (
     fetch_folders,
@@ -171,21 +172,6 @@ _GONE_COPIES = select(messages.c.id, messages.c.sha256).where(
     messages.c.on_server.is_(False),
     messages.c.sha256.in_(bindparam("keys", expanding=True)),
 )
-_KEY_CHUNK = 500
-
-
-def _rows_for(conn: Connection, statement: Any, params: dict[str, Any],
-              keys: Iterable[Any]) -> Iterator[Any]:
-    """The rows `statement` finds for `keys` (its expanding "keys"), asked in chunks."""
-    ordered = sorted(set(keys))
-    for i in range(0, len(ordered), _KEY_CHUNK):
-        yield from conn.execute(statement, {**params, "keys": ordered[i : i + _KEY_CHUNK]})
-
-
-def _held(conn: Connection, statement: Any, params: dict[str, Any],
-          keys: Sequence[Any]) -> set[Any]:
-    """Which of `keys` the one-column `statement` finds (asked in chunks)."""
-    return {row[0] for row in _rows_for(conn, statement, params, keys)}
 
 
 def _copy_key(item: FetchedMessage) -> tuple[str, Any] | None:
@@ -207,9 +193,10 @@ def _held_copies(
     held: set[tuple[str, Any]] = set()
     if uids:
         params = {"f": where.folder_id, "v": where.uidvalidity}
-        held.update(("uid", u) for u in _held(conn, _HELD_UIDS, params, uids))
+        held.update(("uid", u) for u in found_keys(conn, _HELD_UIDS, params, uids))
     if uidls:
-        held.update(("uidl", u) for u in _held(conn, _HELD_UIDLS, {"f": where.folder_id}, uidls))
+        held.update(("uidl", u)
+                    for u in found_keys(conn, _HELD_UIDLS, {"f": where.folder_id}, uidls))
     return held
 
 
@@ -218,7 +205,7 @@ def _gone_copies(conn: Connection, where: Location, hashes: Sequence[str]) -> di
     first, by SHA-256: a message put back (a restore appends what was expunged) is the
     same message again under a new UID, not a second copy to back up (and to migrate)."""
     found: dict[str, list[int]] = {}
-    for row_id, sha256 in _rows_for(conn, _GONE_COPIES, {"f": where.folder_id}, hashes):
+    for row_id, sha256 in rows_for(conn, _GONE_COPIES, {"f": where.folder_id}, hashes):
         found.setdefault(sha256, []).append(int(row_id))
     for ids in found.values():
         ids.sort(reverse=True)  # popped from the end: the oldest first
@@ -244,7 +231,7 @@ def _relink_candidate(
 def thd_put_blobs(conn: Connection, items: Sequence[tuple[bytes, str]],
                   now: datetime.datetime) -> None:
     """Store each (bytes, sha256) under its hash unless it is there already."""
-    held = _held(conn, _HELD_BLOBS, {}, [h for _, h in items])
+    held = found_keys(conn, _HELD_BLOBS, {}, [h for _, h in items])
     new: dict[str, bytes] = {}
     for raw, sha256 in items:
         if sha256 not in held:

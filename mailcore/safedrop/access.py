@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 
 from mailcore.safedrop.model import Bundle, DropFile, DropRecipient
 from mailcore.safedrop.store import bundle_of, file_of, recipient_of
+from mailcore.store.chunks import rows_for
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import (
     drop_bundles,
@@ -349,6 +350,10 @@ def delete_unsent_bundle_txn(conn: Connection, bundle_id: int) -> bool:
     return done.rowcount == 1
 
 
+_BUNDLES_REMOVED = sa.select(drop_bundles.c.id, drop_bundles.c.removed_at).where(
+    drop_bundles.c.id.in_(sa.bindparam("keys", expanding=True)))
+
+
 def left_behind_txn(conn: Connection, bundle_ids: list[int]) -> list[int]:
     """Of `bundle_ids` (directories of files on disk), those whose files nothing serves any
     more: the bundle's files are marked removed, or the bundle was deleted. A deleted id
@@ -356,13 +361,9 @@ def left_behind_txn(conn: Connection, bundle_ids: list[int]) -> list[int]:
     next bundle made, whose uploads may be writing into that directory."""
     b = drop_bundles.c
     highest = conn.execute(sa.select(sa.func.max(b.id))).scalar() or 0
-    gone = []
-    for start in range(0, len(bundle_ids), 500):
-        chunk = bundle_ids[start:start + 500]
-        live = {row.id: row.removed_at for row in conn.execute(
-            sa.select(b.id, b.removed_at).where(b.id.in_(chunk)))}
-        gone += [i for i in chunk if (live[i] is not None if i in live else i < highest)]
-    return gone
+    live = {row.id: row.removed_at for row in rows_for(conn, _BUNDLES_REMOVED, {}, bundle_ids)}
+    return [i for i in bundle_ids if (live[i] is not None if i in live else i < highest)]
+
 
 
 def download_summary_txn(conn: Connection, bundle_id: int) -> list[tuple[str, int, int]]:
