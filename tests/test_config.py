@@ -345,11 +345,12 @@ class TableTests(SynchronousTestCase):
         self.assertEqual(self.error({"fetch": {"tick": 0}}),
                          "[fetch] tick must be a positive number")
 
-    def test_safedrop_max_recipients_is_a_bounded_whole_number(self) -> None:
-        for value in (0, -1, 100_001, 2.5, True, "100"):
-            self.assertEqual(self.error({"safedrop": {"max_recipients": value}}),
-                             "[safedrop] max_recipients must be a whole number from 1 to "
-                             "100000", value)
+    def test_safedrop_max_recipients_and_max_files_are_bounded_whole_numbers(self) -> None:
+        for key in ("max_recipients", "max_files"):
+            for value in (0, -1, 100_001, 2.5, True, "100"):
+                self.assertEqual(self.error({"safedrop": {key: value}}),
+                                 f"[safedrop] {key} must be a whole number from 1 to 100000",
+                                 value)
 
     def test_a_good_file_passes(self) -> None:
         check_tables(config_from_toml({
@@ -365,7 +366,7 @@ class TableTests(SynchronousTestCase):
             "protecmail": {"forbidden_redirects": ["10.0.0.0/8"], "verify_domains": False},
             "fetch": {"sync_interval": 60, "jitter": 0},
             "webhooks": {"max_attempts": 3},
-            "safedrop": {"max_file_size": 1024, "max_recipients": 500},
+            "safedrop": {"max_file_size": 1024, "max_recipients": 500, "max_files": 50},
             "web": {"listen": "tcp:8081", "metrics": False},
         }), reactor())
         check_tables(Config(), reactor())

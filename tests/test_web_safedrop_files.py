@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.config import Config
 from mailcore.safedrop import access as safedrop_side
 from mailcore.safedrop import store as safedrop_store
-from mailcore.safedrop.model import TooLarge, bundle_full
+from mailcore.safedrop.model import DropError, SafedropSettings, TooLarge, bundle_full
 from mailcore.store.schema import drop_files
 from tests.support.web import Web, make_core
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
@@ -153,7 +153,7 @@ class UploadTests(TestCase):
                   "sha256": "0" * 64, "created_at": datetime.now(UTC)}
         with self.assertRaises(TooLarge) as raised:
             await f.web.core.db.run("t", safedrop_store.add_file_txn, f.alice.id, bundle_id,
-                                    values, 150, 10**12)
+                                    values, 150, 10**12, 1000)
         self.assertEqual(raised.exception.args, bundle_full().args)
         self.assertEqual(len(f.file_rows()), 1)
 
@@ -173,6 +173,32 @@ class UploadTests(TestCase):
         self.assertEqual(status, 413, reply)
         self.assertEqual(sorted(r.name for r in f.file_rows()), ["a", "b"])
         self.assertEqual(len(f.stored()), 2)
+
+    async def test_a_bundle_has_at_most_max_files(self) -> None:
+        """Empty files, or copies of one file's bytes, take no room, yet every mail of the
+        bundle's send lists each of them (300 empty files made mails of 80 KB each, and
+        nothing bounded their number): [safedrop] max_files bounds it, before the body is
+        stored and again in the transaction that records the file."""
+        self.assertEqual(SafedropSettings().max_files, 1000)
+        f = FileFixture()
+        await f.start_with(self, max_files=2)
+        bundle_id = await f.bundle()
+        for name in ("a", "b"):
+            status, _ = await f.upload(bundle_id, multipart_file(name, b""))
+            self.assertEqual(status, 200)
+        status, reply = await f.upload(bundle_id, multipart_file("c", b"c"))
+        self.assertEqual(status, 400, reply)
+        self.assertEqual(reply["errors"], {"the_file": ["A drop may have at most 2 files."]})
+        self.assertEqual(sorted(r.name for r in f.file_rows()), ["a", "b"])
+        self.assertEqual(len(f.stored()), 1)  # the one empty file's bytes, not c's
+        values = {"name": "d", "content_type": "application/octet-stream", "size": 0,
+                  "sha256": "0" * 64, "created_at": datetime.now(UTC)}
+        with self.assertRaises(DropError):
+            await f.web.core.db.run("t", safedrop_store.add_file_txn, f.alice.id, bundle_id,
+                                    values, 10**12, 10**12, 2)
+        other = await f.bundle()  # the limit is per bundle
+        status, _ = await f.upload(other, multipart_file("c", b"c"))
+        self.assertEqual(status, 200)
 
     async def test_bundles_never_sent_are_deleted_once_expired_or_old(self) -> None:
         f = FileFixture()

@@ -567,7 +567,8 @@ class SafedropApp(ApiApp):
         summary="Add a file to a safedrop (multipart/form-data, field `the_file`)",
         description="The upload is written to disk as it is parsed, never held in memory; "
         "it is bounded by `[safedrop] max_file_size` (413) and the bundle's total "
-        "`max_bundle_size`. A failed upload leaves no file and no row.",
+        "`max_bundle_size`; a bundle holds at most `max_files` files (400). A failed upload "
+        "leaves no file and no row.",
         auth=SAFEDROP,
         body=FILE_BODY,
         body_types=(MULTIPART_TYPE,),

@@ -172,6 +172,7 @@ class SafedropSettings:
     unsent_max_age = 2592000      # seconds an unsent bundle is kept (30 days), then deleted
     max_user_size = 53687091200   # bytes of all files a user keeps, all bundles (50 GiB)
     max_recipients = 100          # recipients of one bundle (its send queues one mail each)
+    max_files = 1000              # files of one bundle (each mail of its send lists them all)
     ```
     """
 
@@ -184,6 +185,7 @@ class SafedropSettings:
     unsent_max_age: float = 30 * 86400.0
     max_user_size: int = 50 * GIB
     max_recipients: int = 100
+    max_files: int = 1000
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
@@ -201,12 +203,13 @@ class SafedropSettings:
                 if not is_positive_number(v):
                     raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
                 values[key] = float(v)
-        if "max_recipients" in section:
-            v = section["max_recipients"]
-            if not is_positive_number(v, integer=True) or v > 100_000:
-                raise ConfigError("[safedrop] max_recipients must be a whole number from 1 to "
-                                  "100000")
-            values["max_recipients"] = v
+        for key in ("max_recipients", "max_files"):
+            if key in section:
+                v = section[key]
+                if not is_positive_number(v, integer=True) or v > 100_000:
+                    raise ConfigError(f"[safedrop] {key} must be a whole number from 1 to "
+                                      "100000")
+                values[key] = v
         for key in ("link_hostname", "notify_from", "sms_gateway"):
             if key in section:
                 v = section[key]

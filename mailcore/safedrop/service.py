@@ -236,7 +236,8 @@ class SafedropService:
         self, owner_id: int, bundle_id: int, content_type: str, body: BinaryIO
     ) -> DropFile:
         used = await self.db.read(
-            "safedrop_upload_room", store.upload_room_txn, owner_id, bundle_id
+            "safedrop_upload_room", store.upload_room_txn, owner_id, bundle_id,
+            self.settings.max_files,
         )
         room = self.settings.max_bundle_size - used
         mine = await self.db.read("safedrop_user_stored", store.user_stored_txn, owner_id)
@@ -256,6 +257,7 @@ class SafedropService:
             return await self.db.run(
                 "safedrop_add_file", store.add_file_txn, owner_id, bundle_id, values,
                 self.settings.max_bundle_size, self.settings.max_user_size,
+                self.settings.max_files,
             )
         except BaseException:
             in_use = await self.db.read(

@@ -187,14 +187,19 @@ def list_recipients_txn(conn: Connection, owner_id: int, bundle_id: int) -> list
     return _list_parts_txn(conn, drop_recipients, recipient_of, owner_id, bundle_id)
 
 
-def upload_room_txn(conn: Connection, owner_id: int, bundle_id: int) -> int:
-    """Bytes already stored in the bundle (which must be changeable)."""
+def upload_room_txn(conn: Connection, owner_id: int, bundle_id: int, max_files: int) -> int:
+    """Bytes already stored in the bundle, which must be changeable and hold fewer than
+    `max_files` files (else DropError("the_file")): a file costs no room when it is empty,
+    or has the bytes of another file of the bundle, yet every mail of the bundle's send
+    lists it and every opening of a link reads it."""
     _changeable_row_txn(conn, owner_id, bundle_id)
-    total = conn.execute(
-        sa.select(sa.func.coalesce(sa.func.sum(drop_files.c.size), 0)).where(
+    held, total = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(drop_files.c.size), 0)).where(
             drop_files.c.bundle_id == bundle_id
         )
-    ).scalar_one()
+    ).one()
+    if held >= max_files:
+        raise DropError("the_file", f"A drop may have at most {max_files} files.")
     return int(total)
 
 
@@ -216,9 +221,9 @@ def user_full(max_user_size: int) -> TooLarge:
 
 def add_file_txn(
     conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any],
-    max_bundle_size: int, max_user_size: int,
+    max_bundle_size: int, max_user_size: int, max_files: int,
 ) -> DropFile:
-    used = upload_room_txn(conn, owner_id, bundle_id)
+    used = upload_room_txn(conn, owner_id, bundle_id, max_files)
     if used + int(values["size"]) > max_bundle_size:  # another upload took the room
         raise bundle_full()
     if user_stored_txn(conn, owner_id) + int(values["size"]) > max_user_size:
