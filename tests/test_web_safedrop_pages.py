@@ -11,7 +11,9 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.safedrop.access import CODE_FAILURES, CODE_LOCK_SECONDS, OPEN_RECEIPT_SECONDS
@@ -528,6 +530,48 @@ class DownloadOnTheWireTests(TestCase):
         self.assertEqual(rest, data[:CHUNK])  # the first chunk, then nothing: no page
         self.assertTrue(self.wire.transport.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class GoneMidwayTests(TestCase):
+    async def test_a_client_going_away_midway_logs_no_error_and_what_it_got_counts(
+            self) -> None:
+        """The connection is lost while a chunk is being read: the request no longer has
+        a channel when the download ends. It ended with AttributeError ('NoneType' object
+        has no attribute 'unregisterProducer') logged as an unhandled error."""
+        f = PageFixture()
+        await f.start(self)
+        data = b"M" * (3 * CHUNK)
+        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
+                                    files=(("report.pdf", data),))
+        _, _, page = await Browser(f).get(ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        drops = f.web.core.safedrop
+        run = drops.io.run
+        held: list[defer.Deferred[Any]] = []
+
+        def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") != "read":
+                return run(fn, *args, **kwargs)
+            later: defer.Deferred[Any] = defer.Deferred()
+            held.append(later)
+            later.addCallback(lambda _: run(fn, *args, **kwargs))
+            return later
+
+        drops.io.run = reads_wait  # type: ignore[method-assign]
+        wire = Wire.open(f.web)
+        wire.send(b"GET " + f"{ann}/files/{fid.decode()}".encode()
+                  + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        held.pop(0).callback(None)  # the first chunk goes out; the next read waits
+        wire.channel.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual(self.flushLoggedErrors(AttributeError), [])
+        drops.io.run = run  # type: ignore[method-assign]
+        # The first chunk counts: the rest, resumed, completes the download (read_remove).
+        browser = Browser(f)
+        status, _, body = await browser.get(f"{ann}/files/{fid.decode()}",
+                                            Range=f"bytes={CHUNK}-")
+        self.assertEqual((status, body), (206, data[CHUNK:]))
+        status, _, _ = await browser.get(ann)
+        self.assertEqual(status, 410)
 
 
 class HelperTests(TestCase):

@@ -403,4 +403,6 @@ class DropPageApp(PageApp):
                 request.write(data)
                 written.bytes += len(data)
         finally:
-            consumer.unregisterProducer()
+            # A lost connection took the request's channel (and its producer) with it.
+            if consumer.channel is not None:
+                consumer.unregisterProducer()
