@@ -574,6 +574,99 @@ class GoneMidwayTests(TestCase):
         self.assertEqual(status, 410)
 
 
+class ConcurrentDownloadTests(TestCase):
+    """read_remove: a recipient's link ends once every byte of its files went out, so two
+    downloads of the same bytes at once must not both be sent the file."""
+
+    async def test_a_second_download_of_the_same_bytes_ends_the_first(self) -> None:
+        f = PageFixture()
+        await f.start(self)
+        data = bytes(range(256)) * (3 * CHUNK // 256)
+        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
+                                    files=(("report.pdf", data),))
+        _, _, page = await Browser(f).get(ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        get = b"GET " + f"{ann}/files/{fid.decode()}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        drops = f.web.core.safedrop
+        run = drops.io.run
+        held: list[defer.Deferred[Any]] = []
+
+        def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") != "read":
+                return run(fn, *args, **kwargs)
+            later: defer.Deferred[Any] = defer.Deferred()
+            held.append(later)
+            later.addCallback(lambda _: run(fn, *args, **kwargs))
+            return later
+
+        def release() -> None:
+            while held:
+                held.pop(0).callback(None)
+
+        drops.io.run = reads_wait  # type: ignore[method-assign]
+        first, second = Wire.open(f.web), Wire.open(f.web)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        first.send(get)
+        held.pop(0).callback(None)  # the first chunk goes out; the next read waits
+        self.assertEqual(len(held), 1)
+        second.send(get)  # the same bytes on another connection (the link forwarded)
+        if first.transport.disconnecting:  # what the reactor does once it is aborted
+            first.channel.connectionLost(Failure(ConnectionLost("aborted")))
+        release()
+        release()
+        got = [w.transport.value().partition(b"\r\n\r\n")[2] for w in (first, second)]
+        self.assertEqual([len(g) == len(data) for g in got], [False, True])
+        self.assertEqual(got[1], data)
+        self.assertTrue(first.transport.disconnecting)
+        status, _, page = await Browser(f).get(ann)
+        self.assertEqual(status, 410)
+        self.assertIn(b"downloaded every file", page)
+
+    async def test_parallel_downloads_of_other_bytes_go_on_side_by_side(self) -> None:
+        """A download manager's ranges on two connections: neither cuts the other, and
+        together they complete the download."""
+        f = PageFixture()
+        await f.start(self)
+        data = bytes(range(256)) * (4 * CHUNK // 256)
+        half = len(data) // 2
+        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
+                                    files=(("report.pdf", data),))
+        _, _, page = await Browser(f).get(ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        url = f"{ann}/files/{fid.decode()}".encode()
+        drops = f.web.core.safedrop
+        run = drops.io.run
+        held: list[defer.Deferred[Any]] = []
+
+        def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") != "read":
+                return run(fn, *args, **kwargs)
+            later: defer.Deferred[Any] = defer.Deferred()
+            held.append(later)
+            later.addCallback(lambda _: run(fn, *args, **kwargs))
+            return later
+
+        drops.io.run = reads_wait  # type: ignore[method-assign]
+        low, high = Wire.open(f.web), Wire.open(f.web)
+        self.addCleanup(low.close)
+        self.addCleanup(high.close)
+        low.send(b"GET " + url + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=0-%d\r\n\r\n"
+                 % (half - 1))
+        high.send(b"GET " + url + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=%d-\r\n\r\n"
+                  % half)
+        self.assertEqual(len(held), 2)  # both are reading
+        while held:
+            held.pop(0).callback(None)
+        [(status, _, body)] = low.responses()
+        self.assertEqual((status, body), (b"HTTP/1.1 206 Partial Content", data[:half]))
+        [(status, _, body)] = high.responses()
+        self.assertEqual((status, body), (b"HTTP/1.1 206 Partial Content", data[half:]))
+        self.assertFalse(low.transport.disconnecting or high.transport.disconnecting)
+        opened, _, _ = await Browser(f).get(ann)
+        self.assertEqual(opened, 410)
+
+
 class HelperTests(TestCase):
     def test_byte_ranges(self) -> None:
         self.assertIsNone(byte_range(None, 10))

@@ -13,18 +13,22 @@ file from disk in chunks read on a thread pool, with backpressure, as
 (206, 416). A file counts as downloaded (receipts, read_remove) once the recipient was sent
 every byte of it: in one response, or in parts (ranges, a download resumed after it broke
 off: what was written before it did counts) that together cover it; a range that merely
-ends at the end (`bytes=-1`) is a part. With allow_comments (and
-require_token_auth) a reply form mails the sender. An unknown link is a 404 page; an
-expired or removed drop, or one a recipient has read in full under read_remove, a 410 page.
+ends at the end (`bytes=-1`) is a part. Under read_remove a download of bytes another
+download of the same link and file is still sending ends that one first (`Sending`). With
+allow_comments (and require_token_auth) a reply form mails the sender. An unknown link is
+a 404 page; an expired or removed drop, or one a recipient has read in full under
+read_remove, a 410 page.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import IO, cast
 
 from klein import Klein
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.iweb import IRequest
@@ -77,6 +81,68 @@ class Written:
     bytes: int = 0
 
 
+@dataclass
+class _Sending:
+    """One download under way: the bytes it was asked for, and who waits for its end."""
+
+    first: int
+    last: int
+    request: IRequest
+    written: bool = False  # every byte was handed to the transport: it is only recording
+    waiting: list[defer.Deferred[None]] = field(default_factory=list)
+
+
+class Sending:
+    """The downloads of read_remove files under way in this process, by recipient and
+    file. A download of bytes that one under way is sending too ends that one (a resumed
+    download replaces its stale connection; a link forwarded and opened at the same time
+    does not get the file twice), unless that one has written all it had to, and waits
+    until it has recorded what it sent. Downloads of other bytes (a download manager's
+    parallel ranges) go on side by side. Per process: nodes sharing a store each keep
+    their own."""
+
+    def __init__(self) -> None:
+        self._live: dict[tuple[int, int], list[_Sending]] = {}
+
+    async def take(self, key: tuple[int, int], first: int, last: int,
+                   request: IRequest) -> _Sending:
+        """Register a download of bytes `first` to `last`, once every older download of
+        any of them has ended; `release` it when it has recorded what it sent."""
+        mine = _Sending(first, last, request)
+        live = self._live.setdefault(key, [])
+        older = [s for s in live if s.first <= last and first <= s.last]
+        live.append(mine)
+        try:
+            for other in older:
+                ended: defer.Deferred[None] = defer.Deferred()
+                other.waiting.append(ended)
+                if not other.written:
+                    _abort(other.request)
+                await ended
+        except BaseException:
+            self.release(key, mine)
+            raise
+        return mine
+
+    def release(self, key: tuple[int, int], mine: _Sending) -> None:
+        live = self._live.get(key, [])
+        if mine in live:
+            live.remove(mine)
+        if not live:
+            self._live.pop(key, None)
+        waiting, mine.waiting = mine.waiting, []
+        for ended in waiting:
+            if not ended.called:
+                ended.callback(None)
+
+
+def _abort(request: IRequest) -> None:
+    """Cut the connection of a request (its handler is cancelled, its download recorded)."""
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
 def invalid() -> PageError:
     return PageError(404, "Link not valid", "This drop link is not valid.")
 
@@ -127,6 +193,7 @@ class DropPageApp(PageApp):
         self.drops = drops
         self.limiter = limiter or RateLimiter(drops.clock, PASSWORD_RATE)
         self.code_limiter = code_limiter or RateLimiter(drops.clock, CODE_SEND_RATE)
+        self.sending = Sending()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -334,6 +401,27 @@ class DropPageApp(PageApp):
             raise PageError(416, "Range not satisfiable", "The requested range is not "
                             "satisfiable.", headers={"Content-Range": f"bytes */{size}"})
         first, last = wanted if isinstance(wanted, tuple) else (0, size - 1)
+        ranged = isinstance(wanted, tuple)
+        if not found.bundle.read_remove or request.method == b"HEAD":
+            return await self._serve(request, found, drop_file, path, first, last, ranged)
+        # read_remove: bytes another download is sending end it (Sending), and the drop is
+        # read again once it has recorded them: they may have been the last it lacked.
+        key = (found.recipient.id, drop_file.id)
+        mine = await self.sending.take(key, first, last, request)
+        try:
+            found = await self._open(token)
+            if self.drops.file_path(found, file_id) is None:
+                raise PageError(404, "Not found", "This drop has no such file.")
+            return await self._serve(request, found, drop_file, path, first, last, ranged,
+                                     mine)
+        finally:
+            self.sending.release(key, mine)
+
+    async def _serve(self, request: IRequest, found: Access, drop_file: DropFile, path: Path,
+                     first: int, last: int, ranged: bool,
+                     sending: _Sending | None = None) -> bytes:
+        """Open the file and send bytes `first` to `last` of it (`sending`: marked once
+        every byte was handed to the transport)."""
         # Opened before any header of the file is set: a file missing on disk is a 410 page
         # of its own, not a page under the file's Content-Length and Content-Disposition.
         try:
@@ -342,12 +430,13 @@ class DropPageApp(PageApp):
             raise gone("The files of this drop have been removed.") from None
         try:
             return await self._send(request, found, drop_file, handle, first, last,
-                                    ranged=isinstance(wanted, tuple))
+                                    ranged=ranged, sending=sending)
         finally:
             await self.drops.io.run(handle.close)
 
     async def _send(self, request: IRequest, found: Access, drop_file: DropFile,
-                    handle: IO[bytes], first: int, last: int, *, ranged: bool) -> bytes:
+                    handle: IO[bytes], first: int, last: int, *, ranged: bool,
+                    sending: _Sending | None = None) -> bytes:
         """The headers and the bytes `first` to `last` of an open file (`ranged`: a 206);
         what was sent is recorded (receipts, read_remove) once it has gone."""
         size = drop_file.size
@@ -368,6 +457,8 @@ class DropPageApp(PageApp):
         written = Written()
         try:
             await self._stream(request, handle, first, length, written)
+            if sending is not None and written.bytes == length:
+                sending.written = True
         finally:
             # What was written counts, also when the client went away midway (which cancels
             # this handler): it resumes from there with a Range. Recorded to its end.
