@@ -69,19 +69,23 @@ def _check_flags(values: Mapping[str, Any]) -> None:
         )
 
 
-def _owned_row_txn(conn: Connection, owner_id: int, bundle_id: int) -> Any:
-    row = conn.execute(
-        sa.select(drop_bundles).where(
-            drop_bundles.c.id == bundle_id, drop_bundles.c.owner_id == owner_id
-        )
-    ).first()
+def _owned_row_txn(conn: Connection, owner_id: int, bundle_id: int, *,
+                   lock: bool = False) -> Any:
+    """The owner's bundle (DropNotFound); `lock`: locked until the end of the transaction."""
+    query = sa.select(drop_bundles).where(
+        drop_bundles.c.id == bundle_id, drop_bundles.c.owner_id == owner_id
+    )
+    row = conn.execute(query.with_for_update() if lock else query).first()
     if row is None:
         raise DropNotFound()
     return row
 
 
 def _changeable_row_txn(conn: Connection, owner_id: int, bundle_id: int) -> Any:
-    row = _owned_row_txn(conn, owner_id, bundle_id)
+    """The owner's bundle, not yet sent (DropNotFound, DropSent), locked until the end of the
+    transaction (PostgreSQL; SQLite's writers take turns): a change and a send of the same
+    bundle take turns, so no change lands on a bundle once it has been sent."""
+    row = _owned_row_txn(conn, owner_id, bundle_id, lock=True)
     if row.sent_at is not None:
         raise DropSent()
     return row

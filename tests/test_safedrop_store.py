@@ -1,0 +1,107 @@
+"""safedrop's store under concurrency: a bundle being sent takes no change in the meantime
+(mailcore.safedrop.store), on PostgreSQL, where writers do not wait for each other's reads
+as SQLite's do."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from mailcore.safedrop import store
+from mailcore.safedrop.model import DropSent
+from mailcore.store.schema.identity import users
+from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
+from tests.support.db import open_database
+from tests.support.pg import create_test_database
+from tests.support.reactor import get_reactor
+from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
+
+NOW = datetime.datetime(2026, 12, 5, 10, 0, tzinfo=datetime.UTC)
+
+
+def _unsent_bundle_txn(conn: Connection) -> dict[str, int]:
+    """An unsent bundle of alice's with one recipient and one file."""
+    owner = conn.execute(sa.insert(users).values(
+        username="alice", email="alice@example.test", nic="N1", created_at=NOW,
+    ).returning(users.c.id)).scalar_one()
+    bundle = conn.execute(sa.insert(drop_bundles).values(
+        owner_id=owner, subject="before", message="m", email_receipt_when=4,
+        read_remove=True, allow_comments=False, require_token_auth=False, created_at=NOW,
+    ).returning(drop_bundles.c.id)).scalar_one()
+    recipient = conn.execute(sa.insert(drop_recipients).values(
+        bundle_id=bundle, email="ann@example.org", telephone="", valid_for=0,
+    ).returning(drop_recipients.c.id)).scalar_one()
+    conn.execute(sa.insert(drop_files).values(
+        bundle_id=bundle, name="a", content_type="application/octet-stream", size=1,
+        sha256="a" * 64, created_at=NOW))
+    return {"owner": owner, "bundle": bundle, "recipient": recipient}
+
+
+class ChangeWhileSendingTests(TestCase):
+    timeout = 60
+
+    async def change_while_sent(self, change: Callable[..., Any], *args: Any) -> None:
+        """Run `change(conn, owner, bundle, *args)` while another transaction is sending
+        the bundle (its sent_at written, not yet committed), then let the send commit: the
+        change must be refused as DropSent, as it is once the send has committed."""
+        db = await open_database(self, "postgresql")
+        ids = await db.run("bundle", _unsent_bundle_txn)
+        sending = db.engine.connect()
+        self.addCleanup(sending.close)
+        sending.begin()
+        sending.execute(sa.update(drop_bundles).where(drop_bundles.c.id == ids["bundle"])
+                        .values(sent_at=NOW))
+        changed = db.run("change", change, ids["owner"], ids["bundle"], *args)
+        outcome: list[Any] = []
+        changed.addBoth(outcome.append)
+        await deferLater(get_reactor(), 0.5, lambda: None)  # the change waits on the send
+        sending.commit()
+        while not outcome:
+            await deferLater(get_reactor(), 0.05, lambda: None)
+        self.assertIsInstance(getattr(outcome[0], "value", outcome[0]), DropSent)
+        row = await db.read("row", lambda c: c.execute(
+            sa.select(drop_bundles.c.subject, drop_bundles.c.password_hash)
+            .where(drop_bundles.c.id == ids["bundle"])).one())
+        self.assertEqual(tuple(row), ("before", None))
+        recipient = await db.read("rcpt", lambda c: c.execute(
+            sa.select(drop_recipients.c.telephone)
+            .where(drop_recipients.c.id == ids["recipient"])).scalar_one())
+        self.assertEqual(recipient, "")
+
+    async def test_a_bundle_change_racing_its_send_is_refused(self) -> None:
+        await self.change_while_sent(store.update_bundle_txn,
+                                     {"subject": "after", "password_hash": "x"})
+
+    async def test_a_recipient_change_racing_its_send_is_refused(self) -> None:
+        def change(conn: Connection, owner: int, bundle: int) -> Any:
+            recipient = conn.execute(sa.select(drop_recipients.c.id).where(
+                drop_recipients.c.bundle_id == bundle)).scalar_one()
+            return store.update_recipient_txn(conn, owner, bundle, recipient,
+                                              {"telephone": "442077394252"})
+
+        await self.change_while_sent(change)
+
+    async def test_the_whole_api_on_postgresql_with_the_lock(self) -> None:
+        """Upload (its room read on the read lane), recipient, send, then 405s."""
+        f = SafedropFixture()
+        await f.start(self, await create_test_database(self))
+        bundle_id = await f.bundle()
+        status, _, reply = await f.call("POST", f"/dropbundles/{bundle_id}/dropfiles",
+                                        multipart_file("a.txt", b"data"), MULTIPART)
+        self.assertEqual(status, 200, reply)
+        status, reply = await f.form("POST", f"/dropbundles/{bundle_id}/dropbundlerecipients",
+                                     "email=ann%40example.org")
+        self.assertEqual(status, 200, reply)
+        status, _, _ = await f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual(status, 200)
+        status, _ = await f.form("PUT", f"/dropbundles/{bundle_id}", "subject=late")
+        self.assertEqual(status, 405)
+        status, _, _ = await f.call("POST", f"/dropbundles/{bundle_id}/dropfiles",
+                                    multipart_file("b.txt", b"more"), MULTIPART)
+        self.assertEqual(status, 405)
