@@ -623,6 +623,45 @@ class ConcurrentDownloadTests(TestCase):
         self.assertEqual(status, 410)
         self.assertIn(b"downloaded every file", page)
 
+    async def test_a_download_that_has_written_all_is_not_cut_while_it_records(
+            self) -> None:
+        """Its bytes are all in the transport (maybe not yet at the client): cutting it
+        would lose them though they count as sent. The second waits for its record: the
+        file was the last the link lacked, so the second is a 410."""
+        f = PageFixture()
+        await f.start(self)
+        data = b"W" * (2 * CHUNK)
+        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
+                                    files=(("report.pdf", data),))
+        _, _, page = await Browser(f).get(ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        get = b"GET " + f"{ann}/files/{fid.decode()}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        drops = f.web.core.safedrop
+        sent = drops.sent
+        recording: list[defer.Deferred[None]] = []
+
+        async def slow_record(*args: Any) -> None:
+            later: defer.Deferred[None] = defer.Deferred()
+            recording.append(later)
+            await later
+            await sent(*args)
+
+        drops.sent = slow_record  # type: ignore[method-assign,assignment]
+        first, second = Wire.open(f.web), Wire.open(f.web)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        first.send(get)
+        self.assertEqual(len(recording), 1)  # every byte written; recording
+        second.send(get)
+        self.assertFalse(first.transport.disconnecting)
+        self.assertEqual(second.transport.value(), b"")  # waiting for the first
+        recording.pop(0).callback(None)
+        [(status, _, body)] = first.responses()
+        self.assertEqual((status, body), (b"HTTP/1.1 200 OK", data))
+        [(status, _, body)] = second.responses()
+        self.assertEqual(status, b"HTTP/1.1 410 Gone")
+        self.assertIn(b"downloaded every file", body)
+
     async def test_parallel_downloads_of_other_bytes_go_on_side_by_side(self) -> None:
         """A download manager's ranges on two connections: neither cuts the other, and
         together they complete the download."""
