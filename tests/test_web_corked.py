@@ -17,7 +17,7 @@ from twisted.web import http, resource, server
 
 from tests.support.reactor import get_reactor
 from web.corked import CORK_LIMIT, CorkedChannel
-from web.jsonstream import Pacer
+from web.pacing import Pacer
 
 GET = b"GET /%s HTTP/1.1\r\nHost: example.test\r\n\r\n"
 

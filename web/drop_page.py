@@ -52,8 +52,8 @@ from mailcore.safedrop.service import (
 )
 from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
-from web.jsonstream import Pacer
 from web.openapi import Reply, RouteTable
+from web.pacing import paced
 from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
 from web.ratelimit import Rate, RateLimiter
 from web.replies import content_disposition
@@ -481,10 +481,7 @@ class DropPageApp(PageApp):
         """Write `length` bytes of `handle` from `first`, a chunk at a time, reading on the
         drop service's thread pool and pausing while the client's transport is full;
         `written` counts the bytes handed to the transport."""
-        pacer = Pacer()
-        consumer = cast(http.Request, request)
-        consumer.registerProducer(pacer, True)
-        try:
+        with paced(request) as pacer:
             await self.drops.io.run(handle.seek, first)
             while written.bytes < length and not pacer.stopped:
                 await pacer.ready()
@@ -493,7 +490,3 @@ class DropPageApp(PageApp):
                     break
                 request.write(data)
                 written.bytes += len(data)
-        finally:
-            # A lost connection took the request's channel (and its producer) with it.
-            if consumer.channel is not None:
-                consumer.unregisterProducer()

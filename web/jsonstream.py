@@ -13,43 +13,12 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
-from twisted.web import http
 from twisted.web.iweb import IRequest
-from zope.interface import implementer
 
+from web.pacing import paced
 from web.replies import JSON_TYPE, encode_json
-
-
-@implementer(IPushProducer)
-class Pacer:
-    """Backpressure from the transport: the writer waits while it is paused."""
-
-    def __init__(self) -> None:
-        self._waiting: defer.Deferred[None] | None = None
-        self.paused = False
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-    async def ready(self) -> None:
-        if self.paused and not self.stopped:
-            self._waiting = defer.Deferred()
-            await self._waiting
 
 
 def base64_length(size: int) -> int:
@@ -101,18 +70,15 @@ async def stream_base64_member(
     request.setHeader(b"Content-Length",
                       str(len(prefix) + base64_length(size) + len(suffix)).encode("ascii"))
     request.write(prefix)
-    pacer = Pacer()
-    consumer = cast(http.Request, request)
-    consumer.registerProducer(pacer, True)
     pieces = _each(chunks)
     try:
-        async for piece in pieces:
-            if pacer.stopped:
-                return
-            request.write(piece)
-            await pacer.ready()
-        if not pacer.stopped:
-            request.write(suffix)
+        with paced(request) as pacer:
+            async for piece in pieces:
+                if pacer.stopped:
+                    return
+                request.write(piece)
+                await pacer.ready()
+            if not pacer.stopped:
+                request.write(suffix)
     finally:
-        consumer.unregisterProducer()
         await pieces.aclose()

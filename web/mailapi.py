@@ -32,11 +32,10 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from mailcore.identity import Principal
@@ -69,9 +68,9 @@ from mailcore.uploads import CHUNK, shielded
 from web.api import ApiApp
 from web.auth import MAIL_API, CredentialResolver
 from web.errors import ApiError, MailApiErrors
-from web.jsonstream import Pacer
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
+from web.pacing import paced
 from web.parsing import (
     FORM_TYPE,
     MULTIPART_TYPE,
@@ -482,18 +481,13 @@ class MailApiApp(ApiApp):
     async def stream(self, request: IRequest, source: BinaryIO) -> None:
         """Write `source` a chunk at a time, read on the mail service's thread pool, pausing
         while the client's transport is full (the file is never held whole)."""
-        pacer = Pacer()
-        consumer = cast(http.Request, request)
-        consumer.registerProducer(pacer, True)
-        try:
+        with paced(request) as pacer:
             while not pacer.stopped:
                 await pacer.ready()
                 data = await self.mail.io.run(source.read, CHUNK)
                 if not data:
                     break
                 request.write(data)
-        finally:
-            consumer.unregisterProducer()
 
     @routes.route(
         "/api/v1/mail/<mail_id>",
