@@ -524,14 +524,21 @@ def _filters(
 
 def _order_terms(ordering: str) -> list[tuple[str, bool]]:
     """(column name, descending) of each term of `ordering`, the row id last; a name we
-    cannot order by is a QueryError."""
+    cannot order by is a QueryError. A column already ordered by is not ordered by again
+    (a later term on it cannot change the order): the list holds each column once, so a
+    client repeating a field thousands of times cannot pass the database's limit on ORDER
+    BY terms (SQLite: 2000) and turn the request into a 500."""
     terms = [t.strip() for t in (ordering or "-date").split(",") if t.strip()]
     out = []
+    seen: set[str] = set()
     for term in [*terms, "-id" if ordering.startswith("-") else "id"]:
         name = term.lstrip("-+")
         if name not in _ORDER_COLUMNS:
             raise QueryError(f"cannot order by {name!r}", "ordering")
-        out.append((name, term.startswith("-")))
+        column = _ORDER_COLUMNS[name].key
+        if column not in seen:
+            seen.add(column)
+            out.append((name, term.startswith("-")))
     return out
 
 
