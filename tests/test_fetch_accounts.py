@@ -314,6 +314,13 @@ class SettingsTests(TestCase):
         self.assertEqual(since("weeks", 1), datetime.date(2024, 3, 24))
         self.assertEqual(since("months", 2), datetime.date(2024, 1, 28))
         self.assertIsNone(since("all", 0))
+        # Limits the API takes that reach back past year 1000 (an IMAP date's four-digit
+        # year) or past year 1 (datetime's: OverflowError, ValueError) are no limit at all.
+        self.assertEqual(since("months", 12_290), datetime.date(1000, 1, 28))
+        for kind in ("days", "weeks", "months"):
+            self.assertIsNone(since(kind, 1_000_000))
+        self.assertIsNone(since("days", 400_000))  # year 929: "SINCE 28-Mar-929" is a BAD
+        self.assertIsNone(since("months", 12_291))
         self.assertEqual(imap_date(datetime.date(2024, 2, 5)), "5-Feb-2024")
 
 

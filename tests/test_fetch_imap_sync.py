@@ -343,6 +343,21 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         self.assertEqual({h for _f, h in await env.held(account.id)},
                          {sha256_hex(m.raw) for m in recent})
 
+    async def test_a_days_limit_past_any_date_syncs_everything(self) -> None:
+        # The API takes up to 1,000,000 days: that reaches back before year 1 (every sync of
+        # the account failed with OverflowError), and 400,000 before year 1000, which an
+        # IMAP date cannot write. Both mean every message.
+        server = await self.dovecot()
+        user = server.new_user()
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(0, 5)])
+        env = await make_env(self)
+        for n in (1_000_000, 400_000):
+            account = await env.imap_account(server, user, sync_limit_type="days",
+                                              sync_limit_value=n)
+            result = await env.engine.sync(account.id)
+            self.assertEqual((result.status, result.new_messages), ("success", 5),
+                             (n, result.problems()))
+
     async def test_message_over_the_size_bound_is_skipped_with_a_clear_error(self) -> None:
         server = await self.dovecot()
         user = server.new_user()

@@ -167,19 +167,30 @@ def imap_date(day: datetime.date) -> str:
     return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
 
 
+# The earliest first day a limit may name: an IMAP date has a four-digit year (RFC 3501
+# date-year), and a datetime none before year 1. A limit that reaches further back (the API
+# takes up to 1,000,000 days, weeks or months) takes in every message, as no limit does.
+EARLIEST_SINCE = datetime.date(1000, 1, 1)
+
+
 def limit_since(account: Account, now: datetime.datetime) -> datetime.date | None:
-    """The first day to sync for days/weeks/months limits, else None."""
+    """The first day to sync for days/weeks/months limits, else None (also for a limit
+    reaching back before EARLIEST_SINCE)."""
     n = account.sync_limit_value
-    if account.sync_limit_type == "days":
-        return (now - datetime.timedelta(days=n)).date()
-    if account.sync_limit_type == "weeks":
-        return (now - datetime.timedelta(weeks=n)).date()
-    if account.sync_limit_type == "months":
-        month_index = now.year * 12 + (now.month - 1) - n
-        year, month = divmod(month_index, 12)
-        day = min(now.day, 28)
-        return datetime.date(year, month + 1, day)
-    return None
+    try:
+        if account.sync_limit_type == "days":
+            first = (now - datetime.timedelta(days=n)).date()
+        elif account.sync_limit_type == "weeks":
+            first = (now - datetime.timedelta(weeks=n)).date()
+        elif account.sync_limit_type == "months":
+            month_index = now.year * 12 + (now.month - 1) - n
+            year, month = divmod(month_index, 12)
+            first = datetime.date(year, month + 1, min(now.day, 28))
+        else:
+            return None
+    except (OverflowError, ValueError):  # before year 1
+        return None
+    return first if first >= EARLIEST_SINCE else None
 
 
 def is_trash(folder: RemoteFolder) -> bool:
