@@ -10,11 +10,13 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import update
 from treq.testing import StubTreq
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
 from mailcore.fetch.engine import SyncResult
+from mailcore.store.schema import webhook_deliveries
 from mailcore.webhooks import (
     AddressPolicy,
     WebhookError,
@@ -294,6 +296,23 @@ class DeliveryTests(SenderTestCase):
         self.assertEqual(len(s.receiver.received), 4)  # given up
         ids = {h["x-mailcore-delivery"] for h, _ in s.receiver.received}
         self.assertEqual(len(ids), 1)  # every retry names the same delivery
+
+    async def test_retries_past_the_1025th_keep_the_maximum_backoff(self) -> None:
+        # 30 * 2**1024 overflowed: the attempt raised before it was recorded, so the
+        # delivery was posted again after every lease (a minute) instead of every hour.
+        s = await self.setup(max_attempts=5000, backoff_base=30, backoff_max=3600)
+        s.receiver.codes = [500] * 10
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        await s.web.core.db.run("many_attempts", lambda conn: conn.execute(
+            update(webhook_deliveries).values(attempts=1100)))
+        s.web.clock.advance(0)
+        self.assertEqual(len(s.receiver.received), 1)
+        [entry] = await s.log(hook.id)
+        self.assertEqual((entry.status, entry.attempts), ("pending", 1101))
+        self.assertEqual(entry.next_attempt_at, s.web.clock.seconds() + 3600)
+        s.web.clock.pump([60] * 59)
+        self.assertEqual(len(s.receiver.received), 1)
 
     async def test_a_receiver_that_recovers_gets_the_delivery(self) -> None:
         s = await self.setup(backoff_base=5)

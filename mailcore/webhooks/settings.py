@@ -87,8 +87,11 @@ class WebhookSettings:
         return cls(**values)
 
     def backoff(self, attempts: int) -> float:
-        """Seconds to wait after the `attempts`-th failed attempt."""
-        return float(min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1)))
+        """Seconds to wait after the `attempts`-th failed attempt. The doubling stops after
+        30 (as the queue's does): 2**1024 times a float overflows, and max_attempts has no
+        upper bound."""
+        exponent = min(max(0, attempts - 1), 30)
+        return float(min(self.backoff_max, self.backoff_base * 2 ** exponent))
 
 
 class AddressPolicy(netpolicy.AddressPolicy):
