@@ -25,6 +25,7 @@ from mailcore.messages import MessageQuery, MessageStore
 from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts, users
 from mailcore.workers import CpuPool
+from tests.support.db import open_database
 from tests.support.fetchenv import thd_make_user
 from tests.support.testca import shared_pki
 
@@ -434,3 +435,26 @@ class UndecryptablePasswordTests(TestCase):
         stored = self.successResultOf(defer.Deferred.fromCoroutine(
             other_key.get(user, created.id)))
         self.assertEqual(stored.sync_status, "error")
+
+
+class PostgreSQLRoomTests(TestCase):
+    """The per-user account limit under concurrent creates, on a real PostgreSQL."""
+
+    timeout = 240
+
+    async def test_concurrent_creates_keep_the_per_user_limit(self) -> None:
+        # Each create counted the user's accounts, then inserted: under READ COMMITTED
+        # every concurrent create counted the same rows, and 40 at once with room for 5
+        # made 40 accounts.
+        db = await open_database(self, "postgresql", max_threads=8)
+        user = await db.run("make_user", thd_make_user, "owner")
+        accounts = Accounts(db, Clock(), SecretBox.generate(), max_per_user=5)
+        results = await defer.DeferredList([
+            defer.Deferred.fromCoroutine(
+                accounts.create(user, **{**BASE, "host": f"imap{i}.example.test"}))
+            for i in range(40)
+        ], consumeErrors=True)
+        self.assertEqual(sum(1 for ok, _ in results if ok), 5)
+        refused: list[Any] = [r for ok, r in results if not ok]
+        self.assertEqual({type(f.value) for f in refused}, {AccountError})
+        self.assertEqual(len(await accounts.list_accounts(user)), 5)

@@ -289,6 +289,10 @@ class Accounts:
         limit = self.max_per_user
 
         def txn(conn: Connection) -> Account:
+            # The user's row is locked first, so that concurrent creates for one user count
+            # one after another (under PostgreSQL's READ COMMITTED each would count the same
+            # rows and all insert; SQLite serialises writers and ignores FOR UPDATE).
+            conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
             thd_check_room(conn, user_id, limit)
             account_id = new_id(conn.execute(insert(fetch_accounts).values(**clean)))
             return thd_get_account(conn, user_id, account_id)
