@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
@@ -221,6 +222,33 @@ class EnqueueTests(SenderTestCase):
         self.assertTrue(all(e["thread_id"] == e["latest_email"]["thread_id"] for e in entries))
         self.assertEqual({d.status for d in log}, {"pending"})
         self.assertEqual(len({d.delivery_id for d in log}), 4)
+
+    async def test_a_webhook_deleted_while_a_sync_is_queued_costs_no_other_its_events(
+            self) -> None:
+        # The subscribers are read once, then each batch is written in a transaction of
+        # its own: a webhook deleted in between made the next insert fail on its foreign key,
+        # and the user's other webhooks lost that batch and every one after it.
+        s = await self.setup()
+        s.sender.stopService()
+        uid = s.alice.user.id
+        gone, _ = await s.webhooks.create(uid, url=HOOK, events=["email.new"])
+        kept, _ = await s.webhooks.create(uid, url=HOOK, events=["email.new"])
+        ids = await store(s.web, uid, [mail(i) for i in range(150)])
+        db = s.web.core.db
+        write = db.run
+        deleted: list[int] = []
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == "enqueue_email_webhooks" and not deleted:
+                deleted.append(gone.id)
+                self.successResultOf(Deferred.fromCoroutine(s.webhooks.delete(uid, gone.id)))
+            return write(name, *args, **kwargs)
+
+        self.patch(db, "run", run)
+        queued = await s.webhooks.enqueue_sync(s.result(None, new_messages=150,
+                                                        new_message_ids=ids))
+        self.assertEqual((deleted, queued), ([gone.id], 2))
+        self.assertEqual([d.event for d in await s.log(kept.id)], ["email.new", "email.new"])
 
     async def test_no_webhook_means_no_rows_and_a_failed_sync_is_reported(self) -> None:
         s = await self.setup()

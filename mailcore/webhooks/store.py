@@ -166,10 +166,23 @@ def thd_enqueue(
     conn: Connection, user_id: int, event: str, data_list: Sequence[dict[str, Any]],
     subscribers: Sequence[_Subscriber], created: datetime.datetime, now: float,
 ) -> int:
-    """One delivery row per (subscribed webhook, data); returns how many."""
+    """One delivery row per (subscribed webhook, data); returns how many. `subscribers` may
+    have been read in an earlier transaction: a webhook deleted (or turned off) since gets no
+    row, and the others still get theirs (a row for a deleted webhook would fail its foreign
+    key and take the whole insert with it). The webhooks found are locked against deletion
+    (FOR KEY SHARE) until this transaction ends."""
+    wanted = [hook.id for hook in subscribers if event in hook.events]
+    if not wanted:
+        return 0
+    live = set(conn.execute(
+        select(webhooks.c.id)
+        .where(webhooks.c.id.in_(wanted), webhooks.c.user_id == user_id,
+               webhooks.c.active.is_(True))
+        .with_for_update(read=True, key_share=True)
+    ).scalars())
     rows = []
     for hook in subscribers:
-        if event not in hook.events:
+        if event not in hook.events or hook.id not in live:
             continue
         for data in data_list:
             delivery_id = str(uuid.uuid4())
