@@ -26,8 +26,7 @@ from mailcore.fetch.errors import AccountError, AccountNotFound
 from mailcore.fetch.secrets import SecretBox
 from mailcore.fetch.tls import check_ca_pem, normalise_fingerprint
 from mailcore.messages.sql import new_id, utc
-from mailcore.messages.store import thd_collect_garbage
-from mailcore.messages.threading import thd_drop_empty_threads
+from mailcore.messages.store import thd_delete_account_messages
 from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts, fetch_folders, messages, users
 from mailcore.text import breaks_line, has_control, has_surrogate
@@ -329,10 +328,10 @@ class Accounts:
 
         def txn(conn: Connection) -> Account:
             account = thd_get_account(conn, user_id, account_id)
+            # Its messages first, with the blobs and threads only they used (the cascade
+            # would leave those, and looking for them afterwards reads the whole store).
+            thd_delete_account_messages(conn, user_id, account_id)
             conn.execute(delete(fetch_accounts).where(fetch_accounts.c.id == account_id))
-            # The cascade removed its messages; their blobs and empty threads go too.
-            thd_collect_garbage(conn)
-            thd_drop_empty_threads(conn, user_id)
             return account
 
         return await self.db.run("delete_fetch_account", txn)

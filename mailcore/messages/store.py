@@ -26,6 +26,7 @@ from sqlalchemy import (
     case,
     column,
     delete,
+    exists,
     func,
     literal,
     literal_column,
@@ -79,7 +80,11 @@ from mailcore.messages.search import (
     thd_index_messages,
 )
 from mailcore.messages.sql import allocate_ids, insert_rows, utc
-from mailcore.messages.threading import thd_assign_threads, thd_drop_empty_threads
+from mailcore.messages.threading import (
+    thd_assign_threads,
+    thd_drop_empty_threads,
+    thd_drop_threads_if_empty,
+)
 from mailcore.store import Database
 from mailcore.store.chunks import found_keys, rows_for
 from mailcore.store.prepared import Prepared
@@ -370,6 +375,34 @@ def thd_insert_messages(
         (row["id"], row["date"], parsed)
         for row, (_, parsed) in zip(rows, items, strict=True)])
     return list(zip(row_ids, thread_ids, strict=True))
+
+
+# A chunk of an account's messages (in no order: the account's index finds the first ones).
+_ACCOUNT_MESSAGES = (
+    select(messages.c.id, messages.c.sha256, messages.c.thread_id)
+    .where(messages.c.account_id == bindparam("account_id"))
+    .limit(_KEY_CHUNK)
+)
+# The blobs among :keys that no message points at any more.
+_UNUSED_BLOBS = delete(message_blobs).where(
+    message_blobs.c.sha256.in_(bindparam("keys", expanding=True)),
+    ~exists().where(messages.c.sha256 == message_blobs.c.sha256),
+)
+
+
+def thd_delete_account_messages(conn: Connection, user_id: int, account_id: int) -> int:
+    """Blocking: delete every message of a fetch account, with the blobs and threads only
+    they used; how many messages went. It reads the account's rows, _KEY_CHUNK at a time,
+    and one index probe per blob and thread of theirs: never the whole store (which
+    `thd_collect_garbage` reads, seconds of a write transaction on a large one)."""
+    total = 0
+    while rows := conn.execute(_ACCOUNT_MESSAGES, {"account_id": account_id}).all():
+        conn.execute(delete(messages).where(messages.c.id.in_([r.id for r in rows])))
+        conn.execute(_UNUSED_BLOBS, {"keys": sorted({r.sha256 for r in rows})})
+        thd_drop_threads_if_empty(conn, user_id,
+                                  {r.thread_id for r in rows if r.thread_id is not None})
+        total += len(rows)
+    return total
 
 
 def thd_collect_garbage(conn: Connection) -> int:

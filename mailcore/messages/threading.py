@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, delete, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, exists, select, update
 
 from mailcore.messages.parse import ParsedMessage, indexed_text, subject_key
 from mailcore.messages.sql import allocate_ids, insert_rows
@@ -192,6 +192,23 @@ def thd_assign_threads(
             by_child_ref.setdefault(ref, set()).add(target)
     view.write_new()
     return [view.final(t) for t in assigned]
+
+
+# The threads among :ids of user :u that no message points at any more.
+_EMPTY_THREADS = delete(threads).where(
+    threads.c.user_id == bindparam("u"),
+    threads.c.id.in_(bindparam("ids", expanding=True)),
+    ~exists().where(messages.c.thread_id == threads.c.id),
+)
+
+
+def thd_drop_threads_if_empty(conn: Connection, user_id: int, thread_ids: Iterable[int]
+                              ) -> None:
+    """Delete those of the user's threads `thread_ids` that no message points at any more
+    (after messages of theirs went): one index probe each, whatever the store holds."""
+    ordered = sorted(set(thread_ids))
+    for i in range(0, len(ordered), _CHUNK):
+        conn.execute(_EMPTY_THREADS, {"u": user_id, "ids": ordered[i:i + _CHUNK]})
 
 
 def thd_drop_empty_threads(conn: Connection, user_id: int) -> None:
