@@ -86,7 +86,7 @@ from mailcore.messages.threading import (
     thd_drop_threads_if_empty,
 )
 from mailcore.store import Database
-from mailcore.store.chunks import found_keys, rows_for
+from mailcore.store.chunks import KEY_CHUNK, found_keys, rows_for
 from mailcore.store.prepared import Prepared
 from mailcore.store.schema import (
     fetch_folders,
@@ -381,7 +381,7 @@ def thd_insert_messages(
 _ACCOUNT_MESSAGES = (
     select(messages.c.id, messages.c.sha256, messages.c.thread_id)
     .where(messages.c.account_id == bindparam("account_id"))
-    .limit(_KEY_CHUNK)
+    .limit(KEY_CHUNK)
 )
 # The blobs among :keys that no message points at any more.
 _UNUSED_BLOBS = delete(message_blobs).where(
@@ -392,7 +392,7 @@ _UNUSED_BLOBS = delete(message_blobs).where(
 
 def thd_delete_account_messages(conn: Connection, user_id: int, account_id: int) -> int:
     """Blocking: delete every message of a fetch account, with the blobs and threads only
-    they used; how many messages went. It reads the account's rows, _KEY_CHUNK at a time,
+    they used; how many messages went. It reads the account's rows, KEY_CHUNK at a time,
     and one index probe per blob and thread of theirs: never the whole store (which
     `thd_collect_garbage` reads, seconds of a write transaction on a large one)."""
     total = 0
