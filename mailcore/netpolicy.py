@@ -46,6 +46,25 @@ _ALWAYS_DENIED = tuple(
 )
 
 
+# NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address reached.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, judged in its place: IPv4-mapped
+    (::ffff:a.b.c.d), 6to4 (2002:aabb:ccdd::/48, RFC 3056: 2002:7f00:1:: reaches
+    127.0.0.1 through a 6to4 relay) and NAT64 (64:ff9b::a.b.c.d, which Python calls
+    reserved: on an IPv6-only host behind DNS64 every IPv4-only server has such an
+    address, and a private one must stay refused)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 class AddressRefused(Exception):
     """A connection would go to an address the operator does not allow (or nowhere).
 
@@ -118,15 +137,17 @@ class AddressPolicy:
             ip = ipaddress.ip_address(address) if isinstance(address, str) else address
         except ValueError:
             return "not an IP address"
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         s = self.settings
         key = f"[{self.table}] " if self.table else ""
+        # deny_networks may name the IPv6 form itself (64:ff9b::/96) or what it carries.
+        as_written = ip
+        if isinstance(ip, ipaddress.IPv6Address):
+            ip = _carried_ipv4(ip) or ip
 
-        def within(networks: Iterable[IPNetwork]) -> IPNetwork | None:
+        def within(networks: Iterable[IPNetwork], ip: IPAddress = ip) -> IPNetwork | None:
             return next((n for n in networks if ip.version == n.version and ip in n), None)
 
-        denied = within(s.deny_networks)
+        denied = within(s.deny_networks) or within(s.deny_networks, as_written)
         if denied is not None:
             return f"in {key}deny_networks ({denied})"
         if within(_ALWAYS_DENIED) is not None:

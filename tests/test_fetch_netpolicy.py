@@ -130,6 +130,21 @@ class FetchPolicySettingsTests(TestCase):
                         "::ffff:127.0.0.1", "0.0.0.0"):  # noqa: S104
             self.assertFalse(policy.allows(address), address)
 
+    def test_ipv6_forms_of_an_ipv4_address_are_judged_as_that_address(self) -> None:
+        """6to4 (2002::/16) and NAT64 (64:ff9b::/96) carry an IPv4 address: 2002:7f00:1::
+        reaches 127.0.0.1 through a 6to4 relay and was allowed as global; a NAT64 address
+        was refused as reserved even when it reached a public server."""
+        policy = FetchSettings.from_section({}).address_policy()
+        for refused in ("2002:7f00:1::", "2002:a9fe:a9fe::1", "2002:c0a8:101::",
+                        "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b::a9fe:a9fe"):
+            self.assertFalse(policy.allows(refused), refused)
+            reason = policy.refusal(refused) or ""
+            self.assertTrue(reason.startswith(("loopback", "link-local", "private")), reason)
+        for allowed in ("2002:5db8:d822::1", "64:ff9b::5db8:d822"):
+            self.assertTrue(policy.allows(allowed), allowed)
+        denying = FetchSettings.from_section({"deny_networks": ["64:ff9b::/96"]})
+        self.assertFalse(denying.address_policy().allows("64:ff9b::5db8:d822"))
+
     def test_bad_values_are_configuration_errors(self) -> None:
         for bad in ({"allow_loopback": "yes"}, {"allow_private": 1},
                     {"allow_networks": ["not a network"]}, {"deny_networks": 10},
