@@ -75,6 +75,17 @@ class NamesTests(TestCase):
                     parse_redirect(bad)
                 self.assertEqual(cm.exception.field, "redirectTo")
 
+    def test_an_ipv6_zone_index_is_refused(self) -> None:
+        # ipaddress takes any text after the "%": it would be stored as the next hop.
+        for bad in ("[fe80::1%eth0]", "[2001:db8::1%eth0]:2525", "2001:db8::1%eth0",
+                    "[IPv6:2001:db8::1%1]", "[2001:db8::1%\r\nRCPT TO:<x@y.test>]",
+                    "[2001:db8::1%" + "x" * 300 + "]"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(DomainError) as cm:
+                    parse_redirect(bad)
+                self.assertEqual(cm.exception.field, "redirectTo")
+                self.assertIn("zone index", cm.exception.message)
+
     def test_format_redirect_inverts_parse(self) -> None:
         for text in ("mx.example.net", "mx.example.net:2525", "[2001:db8::1]",
                      "[2001:db8::1]:2525", "192.0.2.7:26"):

@@ -140,6 +140,23 @@ class DomainTests(DomainTestCase):
             got = await self.alice.call("GET", "/api/v1/domain/protecmail.fr")
             self.assertEqual(got["data"]["redirectTo"], shown)
 
+    async def test_an_ipv6_zone_index_in_redirect_to_is_a_400(self) -> None:
+        # A global address with a zone index passed every check: the text after "%" (CR LF,
+        # any length) was stored as the next hop, and one over 255 characters was a 500 on
+        # PostgreSQL (varchar(255)).
+        await self.alice.call("POST", "/api/v1/domain/protecmail.fr", SEED_DOMAIN)
+        for given in ("[2a00:1450:4001:81c::200e%\r\nRCPT TO:<x@y.test>]",
+                      "2a00:1450:4001:81c::200e%eth0",
+                      "[2a00:1450:4001:81c::200e%" + "x" * 300 + "]:2525"):
+            reply = await self.alice.call("PUT", "/api/v1/domain/protecmail.fr",
+                                          {"redirectTo": given}, status=400)
+            self.assertEqual(list(reply["data"]), ["redirectTo"])
+            self.assertIn("zone index", reply["msg"])
+        await self.alice.call("POST", "/api/v1/domain/example.tld",
+                              {"redirectTo": "[2a00:1450:4001:81c::200e%eth0]"}, status=400)
+        got = await self.alice.call("GET", "/api/v1/domain/protecmail.fr")
+        self.assertEqual(got["data"]["redirectTo"], SEED_DOMAIN["redirectTo"])
+
     async def test_bad_input_is_a_400_naming_the_field(self) -> None:
         await self.alice.call("POST", "/api/v1/domain/protecmail.fr", SEED_DOMAIN)
         for body, words in [

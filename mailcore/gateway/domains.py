@@ -252,13 +252,26 @@ def _parse_port(text: str, value: str) -> int:
 HOSTED = ""
 
 
+def _redirect_address(text: str, value: str) -> str:
+    """The IP address `text` of redirectTo `value`, compressed; ValueError when it is not
+    one, DomainError when it carries a zone index."""
+    address = ipaddress.ip_address(text)
+    if "%" in text:
+        raise DomainError(
+            f"redirectTo {value!r}: an IPv6 zone index (%...) is not accepted; give the "
+            "address alone.", "redirectTo")
+    return address.compressed
+
+
 def parse_redirect(value: str) -> tuple[str, int]:
     """Parse seed 004's `redirectTo` into (host, port); the port is 25 when absent.
 
     Accepted spellings: `host`, `host:port`, `1.2.3.4`, `1.2.3.4:port`, `[1.2.3.4]`,
     `[1.2.3.4]:port`, `[2001:db8::1]`, `[IPv6:2001:db8::1]:port`, and a bare IPv6 address
     (no port then: brackets are needed to give one). Host names are IDNA-normalised; IP
-    addresses come back in their compressed form, without brackets.
+    addresses come back in their compressed form, without brackets. An IPv6 zone index
+    (`fe80::1%eth0`) is refused: it names an interface of whichever host reads it, and
+    Python's ipaddress takes any text after the `%` (CR LF, thousands of characters).
     """
     text = value.strip()
     if not text:
@@ -272,7 +285,7 @@ def parse_redirect(value: str) -> tuple[str, int]:
         if inner[:5].lower() == "ipv6:":
             inner = inner[5:]
         try:
-            host = ipaddress.ip_address(inner).compressed
+            host = _redirect_address(inner, value)
         except ValueError:
             raise DomainError(
                 f"redirectTo {value!r}: only an IP address may stand in brackets.", "redirectTo"
@@ -285,7 +298,7 @@ def parse_redirect(value: str) -> tuple[str, int]:
             port = _parse_port(rest[1:], value)
         return host, port
     try:
-        return ipaddress.ip_address(text).compressed, port
+        return _redirect_address(text, value), port
     except ValueError:
         pass
     if text.count(":") > 1:
