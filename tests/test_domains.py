@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, insert, select
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection, create_engine, delete, event, insert, select
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -21,6 +24,7 @@ from mailcore.identity import Identity
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domains
 from mailcore.workers import CpuPool
+from tests.support.pg import create_test_database
 
 
 class NamesTests(TestCase):
@@ -413,6 +417,62 @@ class SnapshotTests(TestCase):
         self.successResultOf(first)
         self.successResultOf(second)
         self.assertIsNotNone(self.domains.lookup("example.com"))
+
+
+class PostgresAddressRaceTests(TestCase):
+    """add_address on PostgreSQL (READ COMMITTED), when another connection commits between
+    its SELECT and its INSERT: what two requests at once do."""
+
+    timeout = 240
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        url = await create_test_database(self)
+        self.db = Database.for_tests(url)
+        self.addCleanup(self.db.close)
+        self.clock = Clock()
+        self.clock.advance(1_750_000_000)
+        identity = Identity(self.db, self.clock, CpuPool.for_tests())
+        self.domains = DomainService(self.db, self.clock, refresh_interval=30)
+        self.alice = (await identity.create_user("alice", "alice@users.test")).id
+        await self.domains.add("example.com", self.alice, "mx.example.net")
+        self.other = create_engine(self.db.engine.url)
+        self.addCleanup(self.other.dispose)
+
+    def before_insert(self, meanwhile: Callable[[Connection], object]) -> None:
+        """Run `meanwhile` on another connection, committed, just before the next INSERT
+        into domain_addresses."""
+        done: list[bool] = []
+
+        def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.startswith("INSERT INTO domain_addresses") and not done:
+                done.append(True)
+                with self.other.begin() as other:
+                    meanwhile(other)
+
+        event.listen(self.db.engine, "before_cursor_execute", hook)
+        self.addCleanup(event.remove, self.db.engine, "before_cursor_execute", hook)
+
+    def domain_id(self, conn: Connection) -> int:
+        return int(conn.execute(
+            select(domains.c.id).where(domains.c.name == "example.com")).scalar_one())
+
+    async def test_an_address_listed_meanwhile_is_already_listed(self) -> None:
+        # It was an IntegrityError (the API's 500) for the request that committed second.
+        self.before_insert(lambda conn: conn.execute(insert(domain_addresses).values(
+            domain_id=self.domain_id(conn), local_part="john")))
+        self.assertFalse(await self.domains.add_address("example.com", "john",
+                                                        owner_id=self.alice))
+        self.assertEqual(await self.domains.list_addresses("example.com"), ["john"])
+        self.assertTrue(await self.domains.add_address("example.com", "jane"))
+
+    async def test_a_domain_removed_meanwhile_is_no_such_domain(self) -> None:
+        def remove(conn: Connection) -> None:
+            conn.execute(delete(domains).where(domains.c.id == self.domain_id(conn)))
+
+        self.before_insert(remove)
+        with self.assertRaises(DomainError) as caught:
+            await self.domains.add_address("example.com", "john", owner_id=self.alice)
+        self.assertEqual(caught.exception.message, "No such domain: example.com.")
 
 
 class CapSettingsTests(TestCase):

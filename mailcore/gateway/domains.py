@@ -1087,8 +1087,9 @@ class DomainService(PeriodicService):
     async def add_address(
         self, domain: str, local_part: str, *, owner_id: int | None = None
     ) -> bool:
-        """Add a local part to the domain's list; False when it was already there.
-        DomainLimitReached when the list already has `max_addresses` entries."""
+        """Add a local part to the domain's list; False when it was already there (also
+        when a concurrent call listed it first). DomainLimitReached when the list already
+        has `max_addresses` entries."""
         domain_name = normalise_domain(domain)
         local = normalise_local_part(local_part)
         limit = self.max_addresses
@@ -1111,7 +1112,15 @@ class DomainService(PeriodicService):
                 raise DomainLimitReached(
                     f"{domain_name} may list at most {limit} addresses; remove one to add "
                     "another.", "address")
-            conn.execute(insert(domain_addresses).values(domain_id=found.id, local_part=local))
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        insert(domain_addresses).values(domain_id=found.id, local_part=local))
+            except IntegrityError:
+                # PostgreSQL (READ COMMITTED): a concurrent request listed it (or removed
+                # the domain) since the SELECT above, and committed first.
+                _find_domain_txn(conn, domain_name, owner_id)
+                return False
             _bump_generation_txn(conn, [found.id])
             return True
 
