@@ -5,8 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from sqlalchemy import create_engine, event, update
 from twisted.trial.unittest import TestCase
 
+from mailcore.store.schema import users
+from tests.support.pg import create_test_database
 from tests.support.web import Web, header
 
 USER_FIELDS = {
@@ -95,6 +98,40 @@ class UserTests(TestCase):
         for method in ("GET", "PUT"):
             status, _, body = await self.web.call(method, "/api/v1/user", json={})
             self.assertEqual((status, body["success"]), (401, False), method)
+
+
+class UserPostgresTests(TestCase):
+    timeout = 240
+
+    async def test_an_email_taken_meanwhile_is_a_409(self) -> None:
+        # Bob takes the address between the check and the UPDATE of Alice's PUT (two
+        # requests at once, READ COMMITTED): her UPDATE failed on the unique constraint,
+        # a 500 with an IntegrityError traceback.
+        web = Web.build(url=await create_test_database(self))
+        self.addCleanup(web.core.db.close)
+        alice = await web.user()
+        bob = await web.user("bob", "bob@example.test")
+        key = await web.credential(alice)
+        other = create_engine(web.core.db.engine.url)
+        self.addCleanup(other.dispose)
+        done: list[bool] = []
+
+        def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.startswith("UPDATE users SET") and not done:
+                done.append(True)
+                with other.begin() as c:
+                    c.execute(update(users).where(users.c.id == bob.id)
+                              .values(email="john@doe.com"))
+
+        event.listen(web.core.db.engine, "before_cursor_execute", hook)
+        self.addCleanup(event.remove, web.core.db.engine, "before_cursor_execute", hook)
+        status, _, reply = await web.call("PUT", "/api/v1/user", json={"email": "john@doe.com"},
+                                          headers={"Api-Key": key})
+        self.assertEqual((status, reply["success"]), (409, False))
+        self.assertEqual(reply["msg"], "A user with that email already exists.")
+        got = await web.core.identity.get_user(alice.id)
+        assert got is not None
+        self.assertEqual(got.email, "alice@example.test")
 
 
 class EnvelopeTests(TestCase):

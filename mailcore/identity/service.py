@@ -353,7 +353,13 @@ class Identity:
             if "email" in values and _thd_name_taken(conn, values["email"], but=user_id):
                 raise IdentityError("A user with that email already exists.", "email")
             if values:
-                conn.execute(update(users).where(users.c.id == user_id).values(**values))
+                try:
+                    conn.execute(update(users).where(users.c.id == user_id).values(**values))
+                except IntegrityError:
+                    # PostgreSQL (READ COMMITTED): another user took the address since the
+                    # check above, and committed first.
+                    raise IdentityError(
+                        "A user with that email already exists.", "email") from None
 
         await self.db.run("update_profile", txn)
         self.forget_resolved()
