@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.identity import User
+from tests.support.quarantine import Gateway, message, stopper
 from tests.support.web import Web
 
 SEED_DOMAIN = {
@@ -430,3 +431,35 @@ class CapTests(DomainTestCase):
         web = build_web()
         self.assertEqual((web.core.domains.max_per_user, web.core.domains.max_addresses),
                          (1000, 10_000))
+
+
+class RemovedDomainTests(TestCase):
+    async def test_mail_queued_for_a_removed_domain_never_reaches_the_next_one_added(
+        self,
+    ) -> None:
+        # Alice's newest domain is removed while a message for it waits in the queue (its
+        # server was down); Bob then adds a domain. On SQLite it got the removed domain's
+        # id, and the queue, which routes by id, delivered Alice's mail to Bob's server.
+        gw = Gateway()
+        self.addCleanup(stopper(gw))
+        alice = Client(self, gw.web, await gw.owner("alice"), "")
+        alice.key = await gw.web.credential(alice.user)
+        bob = Client(self, gw.web, await gw.owner("bob"), "")
+        bob.key = await gw.web.credential(bob.user)
+        await gw.domain(alice.user, "kept.test")
+        gone = await gw.domain(alice.user, "gone.test")
+        queue = gw.core.queue.service
+        stopping = queue.stopService()
+        gw.clock.advance(60)
+        await stopping
+        await gw.send(message("board minutes", b"confidential"), "ceo@gone.test")
+        await alice.call("DELETE", "/api/v1/domain/gone.test")
+        await bob.call("POST", "/api/v1/domain/bob.test", {"redirectTo": "192.0.2.99"})
+        added = await gw.core.domains.get("bob.test")
+        assert added is not None
+        self.assertNotEqual(added.id, gone.id)
+        queue.startService()
+        for _ in range(10):
+            gw.clock.advance(60)
+        self.assertEqual(gw.delivered(), [])
+        self.assertIn("no longer served", gw.last_errors()["ceo@gone.test"] or "")

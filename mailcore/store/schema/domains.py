@@ -21,7 +21,8 @@ from mailcore.store.schema.meta import metadata
 # redirect_host/redirect_port is the next hop ("redirectTo"); `tls` is the outbound STARTTLS
 # policy towards it (NULL: the `[queue] tls` default; else none, may, verify-if-offered or
 # verify; migration 0008 folded the former `require_tls` flag into it as "verify"); the
-# resume_* fields are seed 004's quarantine-summary settings.
+# resume_* fields are seed 004's quarantine-summary settings. An id is never given twice
+# (SQLite AUTOINCREMENT, migration 0034): queued recipients name their domain by id.
 domains = Table(
     "domains",
     metadata,
@@ -45,6 +46,7 @@ domains = Table(
     # until `verified_at` is set; a NULL token means it never needed the proof.
     Column("verify_token", String(64), nullable=True),
     Column("verified_at", DateTime(timezone=True), nullable=True),
+    sqlite_autoincrement=True,
 )
 
 # The local parts a domain accepts; a domain with no rows accepts every local part.
