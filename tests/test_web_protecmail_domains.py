@@ -158,6 +158,32 @@ class DomainTests(DomainTestCase):
         got = await self.alice.call("GET", "/api/v1/domain/protecmail.fr")
         self.assertEqual(got["data"]["redirectTo"], SEED_DOMAIN["redirectTo"])
 
+    async def test_a_hosted_domain_object_can_be_put_back_as_read(self) -> None:
+        # Domain info shows "hosted": true and redirectTo "" for a domain the operator
+        # hosts; a client PUTting that object back with one change got 400 "unknown field:
+        # hosted", and without hosted 400 "redirectTo is empty".
+        await self.web.core.domains.add("hosted.test", self.alice.user.id, "", hosted=True)
+        got = await self.alice.call("GET", "/api/v1/domain/hosted.test")
+        self.assertEqual((got["data"]["hosted"], got["data"]["redirectTo"]), (True, ""))
+        await self.alice.call("PUT", "/api/v1/domain/hosted.test",
+                              {**got["data"], "spamAction": 1})
+        again = await self.alice.call("GET", "/api/v1/domain/hosted.test")
+        self.assertEqual(again["data"], {**got["data"], "spamAction": 1})
+        for body in ({"hosted": False}, {"hosted": 1}, {"hosted": None}):
+            reply = await self.alice.call("PUT", "/api/v1/domain/hosted.test", body, status=400)
+            self.assertEqual(list(reply["data"]), ["hosted"])
+        await self.alice.call("POST", "/api/v1/domain/protecmail.fr", SEED_DOMAIN)
+        await self.alice.call("PUT", "/api/v1/domain/protecmail.fr", {"hosted": False})
+        await self.alice.call("PUT", "/api/v1/domain/protecmail.fr", {"hosted": True},
+                              status=400)
+        await self.alice.call("PUT", "/api/v1/domain/protecmail.fr", {"redirectTo": ""},
+                              status=400)
+        await self.alice.call("POST", "/api/v1/domain/example.tld",
+                              {"redirectTo": "", "hosted": True}, status=400)
+        stored = await self.web.core.domains.get("hosted.test")
+        assert stored is not None
+        self.assertTrue(stored.hosted)
+
     async def test_bad_input_is_a_400_naming_the_field(self) -> None:
         await self.alice.call("POST", "/api/v1/domain/protecmail.fr", SEED_DOMAIN)
         for body, words in [

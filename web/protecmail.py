@@ -24,6 +24,10 @@ Decisions (the seed leaves them open):
 - PUT is partial: fields left out keep their value. A `domain` in a body must name the
   domain of the path. Unknown fields, wrong types (spamAction/virusAction only 0 or 1,
   sendResume only true/false) and bad redirectTo values are 400 with the field named.
+- A domain the operator hosts here (`mailcore domain add --local`: its mail kept in Mail
+  API mailboxes) reads with `"hosted": true` and an empty redirectTo. Both may be sent back
+  as read (a client PUTs back the object it got); `hosted` is not set through the API
+  (a value other than the domain's own is 400), and a redirectTo makes it relayed.
 - A setting the account's plan does not allow is 403 (an envelope whose msg names the
   plans: sendResume is not on Free, the agency fields only on Agency; its data is
   `{"plan": <the account's plan>}`). Nothing is changed then. Sending back the
@@ -146,6 +150,11 @@ DOMAIN_SCHEMA: dict[str, Any] = {
         "spamAction": {**_ACTION_SCHEMA, "description": "0 quarantine, 1 tag and deliver."},
         "virusAction": {**_ACTION_SCHEMA, "description": "0 quarantine, 1 tag and deliver."},
         "sendResume": {"type": "boolean", "description": "Quarantine summaries (not on Free)."},
+        "hosted": {
+            "type": "boolean",
+            "description": "Only on a domain the operator hosts here (its mail kept in Mail "
+            "API mailboxes; redirectTo is \"\"). May be sent back as read; not set here.",
+        },
         **{
             name: {"type": ["string", "null"], "description": "Agency plan only."}
             for name in OPTIONAL_FIELDS
@@ -394,22 +403,27 @@ class ProtecmailApp(ApiApp):
         return principal, await self.owned_domain(principal, name)
 
     def domain_options(
-        self, body: Mapping[str, Any], path_name: str, *, creating: bool
+        self, body: Mapping[str, Any], path_name: str, current: Domain | None
     ) -> dict[str, Any]:
-        """The DomainService options a Domain object body asks for; 400 on bad input."""
+        """The DomainService options a Domain object body asks for, to add a domain
+        (`current` None) or change `current`; 400 on bad input."""
         for key in body:
-            if key != "domain" and key not in DOMAIN_OPTIONS:
+            if key not in ("domain", "hosted") and key not in DOMAIN_OPTIONS:
                 raise ApiError(400, f"unknown field: {key}", fields={key: ["Unknown field."]})
+        hosted = current is not None and current.hosted
         checks: dict[str, Callable[[], Any]] = {}
         if "domain" in body:
             checks["domain"] = lambda: self._check_same_domain(body["domain"], path_name)
+        if "hosted" in body:
+            checks["hosted"] = lambda: _check_hosted(body["hosted"], hosted)
         for name, option in DOMAIN_OPTIONS.items():
-            if name in body:
+            if name in body and not (name == "redirectTo" and hosted and body[name] == ""):
                 checks[option] = _checker(name, body[name], self._check_redirect)
-        if creating and "redirectTo" not in body:
+        if current is None and "redirectTo" not in body:
             checks["redirect_to"] = _missing("redirectTo")
         values = collect_fields(checks)
         values.pop("domain", None)
+        values.pop("hosted", None)
         return values
 
     @staticmethod
@@ -489,7 +503,7 @@ class ProtecmailApp(ApiApp):
     )
     async def add_domain(self, request: IRequest, domain: str) -> bytes:
         principal = await self.principal(request)
-        options = self.domain_options(self.json_object(request), domain, creating=True)
+        options = self.domain_options(self.json_object(request), domain, None)
         self.check_plan(principal, options, None)
         redirect_to = options.pop("redirect_to")
         try:
@@ -517,7 +531,7 @@ class ProtecmailApp(ApiApp):
     )
     async def update_domain(self, request: IRequest, domain: str) -> bytes:
         principal, current = await self.caller_domain(request, domain)
-        options = self.domain_options(self.json_object(request), domain, creating=False)
+        options = self.domain_options(self.json_object(request), domain, current)
         self.check_plan(principal, options, current)
         try:
             await self.domains.update(current.name, options, owner_id=principal.user.id)
@@ -767,6 +781,14 @@ def _bounded_int(text: str, name: str, low: int, high: int) -> int:
     ):
         raise field_error(name, f"must be an integer from {low} to {high}.")
     return int(text)
+
+
+def _check_hosted(value: Any, hosted: bool) -> None:
+    """`hosted` sent back: only the domain's own value (the operator hosts a domain)."""
+    if value is not hosted:
+        what = "hosts this domain" if hosted else "does not host this domain"
+        raise field_error("hosted", f"must be {str(hosted).lower()}: the operator {what} "
+                          "(mailcore domain add --local); it is not set through the API.")
 
 
 def _missing(name: str) -> Callable[[], Any]:
