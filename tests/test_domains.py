@@ -155,6 +155,23 @@ class DomainServiceTests(TestCase):
                 self.assertEqual(cm.exception.field, field)
         self.assertEqual(len(await self.domains.list()), 1)
 
+    async def test_resume_reply_to_is_one_address(self) -> None:
+        # The digests' Reply-To field: "a,b@x.test" made it a list of two mailboxes (one
+        # without a domain), "a:b@x.test" a group, and ESC or DEL went into the header raw.
+        alice = await self.user("alice")
+        await self.domains.add("example.com", alice, "mx.example.net")
+        for bad in ("a,b@x.test", "a:b@x.test;", "<a@x.test>", "a\x1bb@x.test",
+                    "a@x.test\x7f", "a b@x.test", "a(c)@x.test", "a@", "@x.test", "a@b@x.test",
+                    "a..b@x.test", "a@x_y.test", "Bob <b@x.test>", "x" * 65 + "@x.test"):
+            with self.subTest(bad=bad), self.assertRaises(DomainError) as cm:
+                await self.domains.update("example.com", {"resume_reply_to": bad})
+            self.assertEqual(cm.exception.field, "resume_reply_to")
+        for good in ("support@example.test", "first.last+tag@sub.example.test",
+                     " help@x.test ", "élise@bücher.example", "o'neil@x.test"):
+            with self.subTest(good=good):
+                stored = await self.domains.update("example.com", {"resume_reply_to": good})
+                self.assertEqual(stored.resume_reply_to, good.strip())
+
     async def test_update_changes_only_what_is_given(self) -> None:
         alice = await self.user("alice")
         bob = await self.user("bob")

@@ -77,7 +77,10 @@ ACTIONS = (0, 1)  # seed 004: 0 quarantine, 1 tag and deliver
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL_PART = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,253}$")
+# The local part of resumeReplyTo: a dot-atom, UTF-8 letters allowed (RFC 6531), nothing
+# that would make the Reply-To field mean something else (a list, a group, a route).
+_REPLY_ATOM = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f\s])+"
+_REPLY_LOCAL = re.compile(rf"{_REPLY_ATOM}(?:\.{_REPLY_ATOM})*")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
 # Domain fields that `update` may change, and the optional text fields of seed 004.
@@ -362,9 +365,7 @@ def _check_text(value: Any, field: str) -> str | None:
     if field == "resume_link_hostname":
         return _to_ascii(value, "resume_link_hostname", field)
     if field == "resume_reply_to":
-        if len(value) > 254 or not _EMAIL.match(value.strip()):
-            raise DomainError("resume_reply_to must be an e-mail address.", field)
-        return value.strip()
+        return _check_reply_to(value)
     if len(value) > 100_000:
         raise DomainError(f"{field} is longer than 100000 characters.", field)
     # The digest's templates: its Subject is one header line (a control character there
@@ -375,6 +376,22 @@ def _check_text(value: Any, field: str) -> str | None:
         raise DomainError(
             f"{field} may not hold control characters other than TAB, CR and LF.", field)
     return value
+
+
+def _check_reply_to(value: str) -> str:
+    """resumeReplyTo, the Reply-To of the domain's digests: one address, local@domain."""
+    text = value.strip()
+    local, _, domain = text.rpartition("@")
+    bad = DomainError("resume_reply_to must be an e-mail address (local-part@domain).",
+                      "resume_reply_to")
+    if (len(text) > 254 or has_control(text) or len(local.encode("utf-8")) > 64
+            or not _REPLY_LOCAL.fullmatch(local)):
+        raise bad
+    try:
+        _to_ascii(domain, "resume_reply_to", "resume_reply_to")
+    except DomainError:
+        raise bad from None
+    return text
 
 
 def _column_values(options: Mapping[str, Any]) -> dict[str, Any]:
