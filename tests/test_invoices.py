@@ -9,6 +9,7 @@ import os
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, select
 from twisted.internet import defer
@@ -150,6 +151,46 @@ class InvoiceTests(TestCase):
         self.assertIsNone(await self.invoices.pdf(invoice.ref, user_id=other.id))
         self.assertIsNone(await self.invoices.pdf(invoice.ref + 1, user_id=self.user.id))
         self.assertEqual(await self.invoices.list(other.id), [])
+
+    async def test_an_invoice_is_rendered_once_however_often_it_is_downloaded(self) -> None:
+        # Every download rendered it again (~0.13 s of CPU holding Python's lock with the
+        # embedded font): 20 requests a second of one user kept the CPU pool busy for good.
+        invoice = await self.invoices.buy(self.user.id, 5, "1")
+        renders: list[defer.Deferred[bytes]] = []
+
+        def run(fn: Any, *args: Any) -> defer.Deferred[bytes]:
+            renders.append(defer.Deferred())
+            return renders[-1]
+
+        self.cpu.run = run  # type: ignore[method-assign, assignment]
+        first = [defer.Deferred.fromCoroutine(self.invoices.pdf(invoice.ref,
+                                                                user_id=self.user.id))
+                 for _ in range(3)]
+        self.assertEqual(len(renders), 1)
+        renders[0].callback(b"%PDF-1")
+        self.assertEqual([self.successResultOf(d) for d in first], [b"%PDF-1"] * 3)
+        self.assertEqual(await self.invoices.pdf(invoice.ref, user_id=self.user.id), b"%PDF-1")
+        other = await self.user_named("jane")
+        self.assertIsNone(await self.invoices.pdf(invoice.ref, user_id=other.id))
+        self.assertEqual(len(renders), 1)
+
+    async def test_a_failed_render_fails_its_waiters_and_is_tried_again(self) -> None:
+        invoice = await self.invoices.buy(self.user.id, 5, "1")
+        renders: list[defer.Deferred[bytes]] = []
+
+        def run(fn: Any, *args: Any) -> defer.Deferred[bytes]:
+            renders.append(defer.Deferred())
+            return renders[-1]
+
+        self.cpu.run = run  # type: ignore[method-assign, assignment]
+        waiting = [defer.Deferred.fromCoroutine(self.invoices.pdf(invoice.ref)) for _ in range(2)]
+        renders[0].errback(RuntimeError("font unreadable"))
+        for d in waiting:
+            self.failureResultOf(d, RuntimeError)
+        again = defer.Deferred.fromCoroutine(self.invoices.pdf(invoice.ref))
+        self.assertEqual(len(renders), 2)
+        renders[1].callback(b"%PDF-2")
+        self.assertEqual(self.successResultOf(again), b"%PDF-2")
 
     async def test_the_pdf_shows_account_lines_ref_date_and_total(self) -> None:
         invoice = await self.invoices.buy(self.user.id, 120_000, "724.80")

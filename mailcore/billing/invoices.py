@@ -10,7 +10,11 @@ details (name, organisation, address, VAT number) as they were when it was issue
 with at most two decimals; it is the invoice's one line and its total. Dates are shown in
 `[billing] timezone` (default UTC) as RFC 3339 with an offset.
 
-The PDF is rendered with fpdf2 on the CPU pool, never on the reactor. It uses DejaVu Sans
+The PDF is rendered with fpdf2 on the CPU pool, never on the reactor, once per invoice: an
+invoice never changes, so the last `PDF_CACHE` rendered are kept, and requests for one being
+rendered wait for it. (A render with the embedded font costs ~0.13 s of CPU and holds
+Python's lock; at the API's 20 requests a second one user downloading one invoice again and
+again kept the CPU pool, which also hashes passwords, busy for good.) It uses DejaVu Sans
 when it is installed (Debian: fonts-dejavu-core; `[billing] font` names another TrueType
 file), so that any name prints; without it, the PDF core font Helvetica with the characters
 outside Latin-1 replaced by "?".
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import zoneinfo
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -27,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from mailcore.billing.tokens import TokenError, TokenService
 from mailcore.config import ConfigError
@@ -42,6 +49,7 @@ DEFAULT_FONTS = (
 )
 MAX_TOKENS = 10**12
 MAX_CENTS = 10**13
+PDF_CACHE = 64  # rendered invoices kept in memory (a few tens of KB each)
 ACCOUNT_FIELDS = (
     "nic", "first_name", "last_name", "email", "organisation", "tva_intra", "address",
     "zip", "city", "country",
@@ -330,6 +338,8 @@ class InvoiceService:
         self.cpu = cpu
         self.tokens = tokens
         self.settings = settings or BillingSettings()
+        self._pdfs: OrderedDict[int, bytes] = OrderedDict()  # by ref, least recent first
+        self._rendering: dict[int, list[defer.Deferred[bytes]]] = {}  # ref: its waiters
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
@@ -421,10 +431,39 @@ class InvoiceService:
         return await self.db.read("list_invoices", txn)
 
     async def pdf(self, ref: int, *, user_id: int | None = None) -> bytes | None:
-        """The invoice as PDF bytes (rendered on the CPU pool), or None if not found."""
+        """The invoice as PDF bytes, or None if not found (or not `user_id`'s)."""
         invoice = await self.get(ref, user_id=user_id)
         if invoice is None:
             return None
-        return await self.cpu.run(
-            render_invoice_pdf, invoice, self.settings, self.settings.font_path()
-        )
+        return await self._rendered(invoice)
+
+    async def _rendered(self, invoice: Invoice) -> bytes:
+        """The PDF of `invoice`: kept, being rendered (waited for), or rendered now on the
+        CPU pool."""
+        ref = invoice.ref
+        kept = self._pdfs.get(ref)
+        if kept is not None:
+            self._pdfs.move_to_end(ref)
+            return kept
+        waiters = self._rendering.get(ref)
+        if waiters is not None:
+            waiting: defer.Deferred[bytes] = defer.Deferred()
+            waiters.append(waiting)
+            return await waiting
+        waiters = self._rendering[ref] = []
+        try:
+            data = await self.cpu.run(
+                render_invoice_pdf, invoice, self.settings, self.settings.font_path()
+            )
+        except Exception as e:
+            del self._rendering[ref]
+            for waiting in waiters:
+                waiting.errback(Failure(e))
+            raise
+        del self._rendering[ref]
+        self._pdfs[ref] = data
+        while len(self._pdfs) > PDF_CACHE:
+            self._pdfs.popitem(last=False)
+        for waiting in waiters:
+            waiting.callback(data)
+        return data
