@@ -152,10 +152,8 @@ class InvoiceTests(TestCase):
         self.assertIsNone(await self.invoices.pdf(invoice.ref + 1, user_id=self.user.id))
         self.assertEqual(await self.invoices.list(other.id), [])
 
-    async def test_an_invoice_is_rendered_once_however_often_it_is_downloaded(self) -> None:
-        # Every download rendered it again (~0.13 s of CPU holding Python's lock with the
-        # embedded font): 20 requests a second of one user kept the CPU pool busy for good.
-        invoice = await self.invoices.buy(self.user.id, 5, "1")
+    def hold_renders(self) -> list[defer.Deferred[bytes]]:
+        """Each render asked of the CPU pool waits for the test to fire its Deferred."""
         renders: list[defer.Deferred[bytes]] = []
 
         def run(fn: Any, *args: Any) -> defer.Deferred[bytes]:
@@ -163,6 +161,13 @@ class InvoiceTests(TestCase):
             return renders[-1]
 
         self.cpu.run = run  # type: ignore[method-assign, assignment]
+        return renders
+
+    async def test_an_invoice_is_rendered_once_however_often_it_is_downloaded(self) -> None:
+        # Every download rendered it again (~0.13 s of CPU holding Python's lock with the
+        # embedded font): 20 requests a second of one user kept the CPU pool busy for good.
+        invoice = await self.invoices.buy(self.user.id, 5, "1")
+        renders = self.hold_renders()
         first = [defer.Deferred.fromCoroutine(self.invoices.pdf(invoice.ref,
                                                                 user_id=self.user.id))
                  for _ in range(3)]
@@ -176,13 +181,7 @@ class InvoiceTests(TestCase):
 
     async def test_a_failed_render_fails_its_waiters_and_is_tried_again(self) -> None:
         invoice = await self.invoices.buy(self.user.id, 5, "1")
-        renders: list[defer.Deferred[bytes]] = []
-
-        def run(fn: Any, *args: Any) -> defer.Deferred[bytes]:
-            renders.append(defer.Deferred())
-            return renders[-1]
-
-        self.cpu.run = run  # type: ignore[method-assign, assignment]
+        renders = self.hold_renders()
         waiting = [defer.Deferred.fromCoroutine(self.invoices.pdf(invoice.ref)) for _ in range(2)]
         renders[0].errback(RuntimeError("font unreadable"))
         for d in waiting:

@@ -532,6 +532,34 @@ class DownloadOnTheWireTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
 
+def hold_reads(drops: Any) -> list[defer.Deferred[Any]]:
+    """The drop service's file reads wait, each until the test fires its Deferred (in the
+    list returned, in the order they were asked); other work on its pool runs as before.
+    The caller puts `drops.io.run` back when it needs reads to flow again."""
+    run = drops.io.run
+    held: list[defer.Deferred[Any]] = []
+
+    def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "") != "read":
+            return run(fn, *args, **kwargs)
+        later: defer.Deferred[Any] = defer.Deferred()
+        held.append(later)
+        later.addCallback(lambda _: run(fn, *args, **kwargs))
+        return later
+
+    drops.io.run = reads_wait
+    return held
+
+
+async def one_file_link(f: PageFixture, data: bytes) -> tuple[str, str]:
+    """A bundle sent to ann with one file of `data`: her link, and the file's id."""
+    [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
+                                files=(("report.pdf", data),))
+    _, _, page = await Browser(f).get(ann)
+    [fid] = re.findall(rb'/files/(\d+)"', page)
+    return ann, fid.decode()
+
+
 class GoneMidwayTests(TestCase):
     async def test_a_client_going_away_midway_logs_no_error_and_what_it_got_counts(
             self) -> None:
@@ -541,25 +569,12 @@ class GoneMidwayTests(TestCase):
         f = PageFixture()
         await f.start(self)
         data = b"M" * (3 * CHUNK)
-        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
-                                    files=(("report.pdf", data),))
-        _, _, page = await Browser(f).get(ann)
-        [fid] = re.findall(rb'/files/(\d+)"', page)
+        ann, fid = await one_file_link(f, data)
         drops = f.web.core.safedrop
         run = drops.io.run
-        held: list[defer.Deferred[Any]] = []
-
-        def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(fn, "__name__", "") != "read":
-                return run(fn, *args, **kwargs)
-            later: defer.Deferred[Any] = defer.Deferred()
-            held.append(later)
-            later.addCallback(lambda _: run(fn, *args, **kwargs))
-            return later
-
-        drops.io.run = reads_wait  # type: ignore[method-assign]
+        held = hold_reads(drops)
         wire = Wire.open(f.web)
-        wire.send(b"GET " + f"{ann}/files/{fid.decode()}".encode()
+        wire.send(b"GET " + f"{ann}/files/{fid}".encode()
                   + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         held.pop(0).callback(None)  # the first chunk goes out; the next read waits
         wire.channel.connectionLost(Failure(ConnectionLost("gone")))
@@ -567,7 +582,7 @@ class GoneMidwayTests(TestCase):
         drops.io.run = run  # type: ignore[method-assign]
         # The first chunk counts: the rest, resumed, completes the download (read_remove).
         browser = Browser(f)
-        status, _, body = await browser.get(f"{ann}/files/{fid.decode()}",
+        status, _, body = await browser.get(f"{ann}/files/{fid}",
                                             Range=f"bytes={CHUNK}-")
         self.assertEqual((status, body), (206, data[CHUNK:]))
         status, _, _ = await browser.get(ann)
@@ -582,28 +597,14 @@ class ConcurrentDownloadTests(TestCase):
         f = PageFixture()
         await f.start(self)
         data = bytes(range(256)) * (3 * CHUNK // 256)
-        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
-                                    files=(("report.pdf", data),))
-        _, _, page = await Browser(f).get(ann)
-        [fid] = re.findall(rb'/files/(\d+)"', page)
-        get = b"GET " + f"{ann}/files/{fid.decode()}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-        drops = f.web.core.safedrop
-        run = drops.io.run
-        held: list[defer.Deferred[Any]] = []
-
-        def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(fn, "__name__", "") != "read":
-                return run(fn, *args, **kwargs)
-            later: defer.Deferred[Any] = defer.Deferred()
-            held.append(later)
-            later.addCallback(lambda _: run(fn, *args, **kwargs))
-            return later
+        ann, fid = await one_file_link(f, data)
+        get = b"GET " + f"{ann}/files/{fid}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        held = hold_reads(f.web.core.safedrop)
 
         def release() -> None:
             while held:
                 held.pop(0).callback(None)
 
-        drops.io.run = reads_wait  # type: ignore[method-assign]
         first, second = Wire.open(f.web), Wire.open(f.web)
         self.addCleanup(first.close)
         self.addCleanup(second.close)
@@ -631,11 +632,8 @@ class ConcurrentDownloadTests(TestCase):
         f = PageFixture()
         await f.start(self)
         data = b"W" * (2 * CHUNK)
-        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
-                                    files=(("report.pdf", data),))
-        _, _, page = await Browser(f).get(ann)
-        [fid] = re.findall(rb'/files/(\d+)"', page)
-        get = b"GET " + f"{ann}/files/{fid.decode()}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        ann, fid = await one_file_link(f, data)
+        get = b"GET " + f"{ann}/files/{fid}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
         drops = f.web.core.safedrop
         sent = drops.sent
         recording: list[defer.Deferred[None]] = []
@@ -669,24 +667,9 @@ class ConcurrentDownloadTests(TestCase):
         await f.start(self)
         data = bytes(range(256)) * (4 * CHUNK // 256)
         half = len(data) // 2
-        [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
-                                    files=(("report.pdf", data),))
-        _, _, page = await Browser(f).get(ann)
-        [fid] = re.findall(rb'/files/(\d+)"', page)
-        url = f"{ann}/files/{fid.decode()}".encode()
-        drops = f.web.core.safedrop
-        run = drops.io.run
-        held: list[defer.Deferred[Any]] = []
-
-        def reads_wait(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(fn, "__name__", "") != "read":
-                return run(fn, *args, **kwargs)
-            later: defer.Deferred[Any] = defer.Deferred()
-            held.append(later)
-            later.addCallback(lambda _: run(fn, *args, **kwargs))
-            return later
-
-        drops.io.run = reads_wait  # type: ignore[method-assign]
+        ann, fid = await one_file_link(f, data)
+        url = f"{ann}/files/{fid}".encode()
+        held = hold_reads(f.web.core.safedrop)
         low, high = Wire.open(f.web), Wire.open(f.web)
         self.addCleanup(low.close)
         self.addCleanup(high.close)
