@@ -6,13 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, create_engine, delete, event, insert, select
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
 from mailcore.gateway.domains import (
     DomainError,
+    DomainLimitReached,
     DomainService,
     DomainSettings,
     format_redirect,
@@ -24,6 +25,7 @@ from mailcore.identity import Identity
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domains
 from mailcore.workers import CpuPool
+from tests.support.db import open_database
 from tests.support.pg import create_test_database
 
 
@@ -455,13 +457,14 @@ class PostgresAddressRaceTests(TestCase):
         self.other = create_engine(self.db.engine.url)
         self.addCleanup(self.other.dispose)
 
-    def before_insert(self, meanwhile: Callable[[Connection], object]) -> None:
-        """Run `meanwhile` on another connection, committed, just before the next INSERT
-        into domain_addresses."""
+    def before_insert(self, meanwhile: Callable[[Connection], object],
+                      prefix: str = "INSERT INTO domain_addresses") -> None:
+        """Run `meanwhile` on another connection, committed, just before the next statement
+        starting with `prefix` (the INSERT into domain_addresses)."""
         done: list[bool] = []
 
         def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if statement.startswith("INSERT INTO domain_addresses") and not done:
+            if statement.startswith(prefix) and not done:
                 done.append(True)
                 with self.other.begin() as other:
                     meanwhile(other)
@@ -486,7 +489,10 @@ class PostgresAddressRaceTests(TestCase):
         def remove(conn: Connection) -> None:
             conn.execute(delete(domains).where(domains.c.id == self.domain_id(conn)))
 
-        self.before_insert(remove)
+        # Before add_address locks the domain's row (it found the domain): a DELETE once
+        # the row is locked waits for the add's transaction, as the add's INSERT would
+        # wait for the DELETE's.
+        self.before_insert(remove, prefix="SELECT domains.id \nFROM domains \nWHERE domains.id")
         with self.assertRaises(DomainError) as caught:
             await self.domains.add_address("example.com", "john", owner_id=self.alice)
         self.assertEqual(caught.exception.message, "No such domain: example.com.")
@@ -502,3 +508,40 @@ class CapSettingsTests(TestCase):
                 DomainSettings.from_config({"max_addresses": value})
             self.assertIn("[domains] max_addresses must be a positive integer",
                           str(caught.exception))
+
+
+class PostgresLimitTests(TestCase):
+    """[domains] max_per_user and max_addresses under concurrent adds, on PostgreSQL: each
+    add counted, then inserted, and under READ COMMITTED concurrent ones counted the same
+    rows and all inserted."""
+
+    timeout = 240
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await open_database(self, "postgresql", max_threads=8)
+        identity = Identity(self.db, Clock(), CpuPool.for_tests())
+        self.alice = (await identity.create_user("alice", "alice@users.test")).id
+        self.domains = DomainService(self.db, Clock(), refresh_interval=30,
+                                     max_per_user=5, max_addresses=5)
+
+    async def all_at_once(self, calls: list[Any]) -> list[Any]:
+        results = await DeferredList([Deferred.fromCoroutine(c) for c in calls],
+                                     consumeErrors=True)
+        refused = [r.value for ok, r in results if not ok]
+        self.assertEqual({type(e) for e in refused}, {DomainLimitReached})
+        return [r for ok, r in results if ok]
+
+    async def test_concurrent_domain_adds_keep_the_per_user_limit(self) -> None:
+        added = await self.all_at_once([
+            self.domains.add(f"d{i}.example.com", self.alice, "mx.example.net")
+            for i in range(30)])
+        self.assertEqual(len(added), 5)
+        self.assertEqual(len(await self.domains.list(self.alice)), 5)
+
+    async def test_concurrent_address_adds_keep_the_list_limit(self) -> None:
+        await self.domains.add("example.com", self.alice, "mx.example.net")
+        added = await self.all_at_once([
+            self.domains.add_address("example.com", f"u{i}") for i in range(30)])
+        self.assertEqual(added, [True] * 5)
+        self.assertEqual(len(await self.domains.list_addresses("example.com")), 5)
+

@@ -948,7 +948,12 @@ class DomainService(PeriodicService):
         limit = self.max_per_user
 
         def txn(conn: Connection) -> Domain:
-            if conn.execute(select(users.c.id).where(users.c.id == owner_id)).first() is None:
+            # The owner's row is locked, so that concurrent adds for one user count one
+            # after another (under PostgreSQL's READ COMMITTED each counted the same rows);
+            # FOR NO KEY UPDATE, which rows referencing it (their FOR KEY SHARE) do not wait
+            # for.
+            if conn.execute(select(users.c.id).where(users.c.id == owner_id)
+                            .with_for_update(key_share=True)).first() is None:
                 raise DomainError(f"No such user (id {owner_id}).", "owner")
             taken = conn.execute(select(domains.c.id).where(domains.c.name == domain_name))
             if taken.first() is not None:
@@ -1113,6 +1118,11 @@ class DomainService(PeriodicService):
 
         def txn(conn: Connection) -> bool:
             found = _find_domain_txn(conn, domain_name, owner_id)
+            # The domain's row is locked, so that concurrent adds to its list count one
+            # after another (as the owner's row is for add).
+            if conn.execute(select(domains.c.id).where(domains.c.id == found.id)
+                            .with_for_update(key_share=True)).first() is None:
+                _find_domain_txn(conn, domain_name, owner_id)  # removed meanwhile: raises
             exists = conn.execute(
                 select(domain_addresses.c.id).where(
                     domain_addresses.c.domain_id == found.id,
