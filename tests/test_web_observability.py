@@ -150,6 +150,20 @@ class AccessLogTests(TestCase):
         self.assertEqual(redacted_target(b"/cb?code=abc&STATE=xyz&scope=read"),
                          "/cb?code=[redacted]&STATE=[redacted]&scope=read")
 
+    def test_every_spelling_of_a_credential_in_the_query_is_hidden(self) -> None:
+        """Whatever a careless client names its password or key in a query string, its value
+        never reaches the log; parameters that are not credentials are still shown."""
+        for name in (b"passwd", b"pwd", b"pass", b"PASSWORD", b"password", b"token",
+                     b"key", b"api_key", b"Api-Key", b"x-api-key", b"apiKey", b"secret",
+                     b"client_secret", b"id_token", b"new_password", b"db_pwd", b"user_pass",
+                     b"passphrase", b"pass%77ord", b"+password", b"password%00", b"pass_word",
+                     b"session", b"credentials"):
+            shown = redacted_target(b"/api/v1/mail/?" + name + b"=hunter2&limit=5")
+            self.assertNotIn("hunter2", shown, name)
+            self.assertTrue(shown.endswith("=[redacted]&limit=5"), shown)
+        self.assertEqual(redacted_target(b"/x?keyword=a&q=b&sort=date&page=2"),
+                         "/x?keyword=a&q=b&sort=date&page=2")
+
     def test_secret_path_segments_are_hidden_however_the_path_is_spelt(self) -> None:
         for uri, shown in [
             (b"/quarantine/release/0101.99.mac", "/quarantine/release/[redacted]"),

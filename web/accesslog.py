@@ -37,8 +37,12 @@ ANY_SEGMENT = "*"
 class RedactionRule:
     """Which parts of a request target the logs replace by `REDACTED`.
 
-    `params`: query parameter names, lower case (a query's names are compared without
-    case), whose values are hidden.
+    `params`: query parameter names whose values are hidden, and `suffixes`: name endings
+    whose values are hidden too (`key` hides `api_key`, `x-api-key`, `apikey`). Both are
+    written in lower case letters and digits: a query's name is compared in lower case with
+    everything else left out, so `Pass_Word`, `api-key`, ` password` or `password%00`
+    (names an API refuses or ignores, whose value is still a credential a client sent)
+    are hidden as `password` and `api_key` are.
     `paths`: path patterns, one segment per `/`: a literal segment (compared without case,
     after percent-decoding), `*` (any one segment, shown) or `{secret}` (any one segment,
     hidden). A pattern matches the start of a path; empty segments (`//`) are skipped, as
@@ -47,6 +51,12 @@ class RedactionRule:
 
     params: frozenset[str]
     paths: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()
+
+    def hides(self, name: str) -> bool:
+        """Whether the value of the query parameter `name` is hidden."""
+        plain = _plain_name(name)
+        return bool(plain) and (plain in self.params or plain.endswith(self.suffixes))
 
     @cached_property
     def _patterns(self) -> tuple[tuple[str, ...], ...]:
@@ -93,7 +103,7 @@ class RedactionRule:
             return shown
         pairs = parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True)
         parts = [
-            f"{quote(k)}={REDACTED if k.lower() in self.params else quote(v)}"
+            f"{quote(k)}={REDACTED if self.hides(k) else quote(v)}"
             for k, v in pairs
         ]
         return shown + "?" + "&".join(parts)
@@ -114,18 +124,29 @@ def _segment_matches(want: str, segment: str) -> bool:
     return want in (HIDDEN_SEGMENT, ANY_SEGMENT) or unquote(segment).lower() == want
 
 
+# What a query parameter's name is compared by: its letters and digits, lower case.
+_NOT_NAME = re.compile(r"[^0-9a-z]")
+
+
+def _plain_name(name: str) -> str:
+    return _NOT_NAME.sub("", name.lower())
+
+
 def _names(*groups: Iterable[str]) -> frozenset[str]:
-    return frozenset(name.lower() for group in groups for name in group)
+    return frozenset(_plain_name(name) for group in groups for name in group)
 
 
 SECRETS = RedactionRule(
     params=_names(
         # credentials in the query (Dropmyemail, Mail API, generic spellings)
         ("access_token", "refresh_token", "auth_key", "auth_token", "api_key", "apikey",
-         "key", "token", "password", "client_secret", "secret"),
+         "key", "token", "password", "passwd", "pwd", "pass", "passphrase", "client_secret",
+         "secret", "credential", "credentials", "session", "sessionid"),
         # OAuth 2 authorization responses (RFC 6749 §4.1.2)
         ("code", "state"),
     ),
+    # Any name ending so (`x-api-key`, `id_token`, `new_password`, `db_pwd`, `csrf_token`)
+    suffixes=("key", "token", "secret", "password", "passwd", "pwd", "pass", "passphrase"),
     paths=(
         "/quarantine/release/{secret}",  # digest links (web/quarantine_page.py)
         "/drop/{secret}",  # safedrop recipients' links and downloads (web/drop_page.py)
