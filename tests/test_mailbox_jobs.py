@@ -22,6 +22,7 @@ from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
 from mailcore.fetch.jobs import (
     CANCELLED,
     LEASE,
+    PAUSED,
     Job,
     JobFailed,
     JobMetrics,
@@ -34,7 +35,7 @@ from mailcore.fetch.jobs import (
 )
 from mailcore.fetch.secrets import SecretBox
 from mailcore.store import Database
-from mailcore.store.schema import mailbox_jobs, webhook_deliveries, webhooks
+from mailcore.store.schema import mailbox_jobs, users, webhook_deliveries, webhooks
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 
@@ -180,6 +181,82 @@ class JobRunnerMixin(DatabaseMixin):
         self.assertEqual((job.status, job.reason), ("failed", CANCELLED))
         self.assertEqual(await self.events(a.db), ["restore.completed"])
         self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+
+    async def set_active(self, db: Database, job_id: int, active: bool) -> None:
+        """`mailcore user disable/enable` of the job's owner, as another node's CLI does."""
+
+        def txn(conn: Connection) -> None:
+            owner = conn.execute(select(mailbox_jobs.c.user_id)
+                                 .where(mailbox_jobs.c.id == job_id)).scalar()
+            conn.execute(update(users).where(users.c.id == owner).values(is_active=active))
+
+        await db.run("set_active", txn)
+
+    async def test_a_disabled_users_queued_job_waits_until_it_is_enabled(self) -> None:
+        """`mailcore user disable` stops the user's migrates and restores: neither node
+        starts its queued job (nothing is failed), and `enable` lets it run."""
+        recorder = Recorder()
+        a, b, clock, job_id = await self.nodes(recorder)
+        await self.set_active(b.db, job_id, False)
+        for _ in range(3):
+            self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+            clock.advance(LEASE)
+        self.assertEqual(recorder.runs, [])
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.attempts), ("queued", 0))
+        await self.set_active(b.db, job_id, True)
+        self.assertEqual(sum(await gather(a.tick(), b.tick())), 1)
+        winner = a if recorder.runs[0][0] == "node-a" else b
+        recorder.release[job_id].callback(None)
+        await winner.settle()
+        self.assertEqual((await self.job(a, job_id)).status, "done")
+
+    async def test_a_running_job_of_a_disabled_user_is_paused_then_resumed(self) -> None:
+        """A run under way when its user is disabled stops at the node's next lease renewal
+        and is queued again as it stood (the run not counted); neither node takes it up
+        until the user is enabled, then one does."""
+        recorder = Recorder()
+        a, b, clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        await self.set_active(b.db, job_id, False)
+        clock.advance(LEASE / 3)
+        await a.renew_leases()
+        await a.settle()
+        self.assertEqual(a.running_jobs(), [])
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.reason, job.attempts), ("queued", PAUSED, 0))
+        self.assertEqual(await self.events(a.db), [])  # not ended: no webhook event
+        clock.advance(2 * LEASE)
+        self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+        await self.set_active(a.db, job_id, True)
+        self.assertEqual(await b.tick(), 1)
+        self.assertEqual(recorder.runs, [("node-a", job_id), ("node-b", job_id)])
+        self.assertEqual((await self.job(b, job_id)).attempts, 1)
+        recorder.release[job_id].callback(None)
+        await b.settle()
+        self.assertEqual((await self.job(b, job_id)).status, "done")
+
+    async def test_a_job_body_finding_its_user_disabled_is_paused(self) -> None:
+        """A body's own transactions (`check_txn`, before each batch it sends) stop it as
+        soon as the user is disabled, without waiting for the lease renewal."""
+        a_db = await self.open_database()
+        clock = Clock()
+        clock.advance(START)
+        job_id = await self.make_job(a_db, clock)
+        checked: list[int] = []
+
+        async def body(runner: JobRunner, job: Job) -> None:
+            await self.set_active(runner.db, job.id, False)
+            seconds = clock.seconds()
+            await runner.db.run("batch", runner.check_txn, job.id, seconds)
+            checked.append(job.id)
+
+        a = JobRunner(clock, a_db, "node-a", {"migrate": body, "restore": body})
+        self.assertEqual(await a.tick(), 1)
+        await a.settle()
+        self.assertEqual(checked, [])
+        job = await self.job(a, job_id)
+        self.assertEqual((job.status, job.reason, job.attempts), ("queued", PAUSED, 0))
 
     async def test_transient_failures_are_retried_with_backoff_then_given_up(self) -> None:
         recorder = Recorder()

@@ -60,7 +60,9 @@ def register(subparsers: Any) -> None:
         description="Disable a user: password logins, API keys, tokens, safedrop and page "
         "sessions and OAuth access tokens of the user are refused (a running daemon, which "
         "believes a secret it resolved for one second, refuses them within that second); "
-        "its remote mailboxes are no longer synced and its webhook deliveries wait. "
+        "its remote mailboxes are no longer synced, its webhook deliveries wait, and its "
+        "migrate and restore jobs wait queued (one running is paused within its next batch "
+        "and goes on where it stood once the user is enabled). "
         "Nothing is deleted: `user enable` undoes it.",
     )
     disable.add_argument("name", help="user name or email")

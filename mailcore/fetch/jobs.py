@@ -17,6 +17,11 @@ else (refused login, a refused message, TLS that does not verify) fails it with 
 An operator's `cancel` fails it at once ("cancelled by an operator"); the node running it
 notices at its next batch or lease renewal and stops.
 
+A job of a disabled user (`mailcore user disable`) waits: no node claims it, and a run
+under way stops at its next batch or lease renewal and is queued again as it stood, the run
+not counted as an attempt (`reason` says "paused: the user is disabled"). Nothing it
+recorded is lost, and once the user is enabled it resumes as a job whose node stopped does.
+
 A finished job (done or failed) queues the webhook event `migrate.completed` or
 `restore.completed` for its owner's subscribed webhooks in the same transaction that records
 the outcome, and counts in the Prometheus registry (`JobMetrics`).
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, case, func, insert, select, update
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -40,7 +45,7 @@ from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
 from mailcore.messages.sql import new_id, utc
 from mailcore.store import Database
 from mailcore.store.leases import thd_claim_job, thd_release_job
-from mailcore.store.schema import job_leases, mailbox_job_items, mailbox_jobs, webhooks
+from mailcore.store.schema import job_leases, mailbox_job_items, mailbox_jobs, users, webhooks
 from mailcore.webhooks.payload import iso
 from mailcore.webhooks.store import _Subscriber, thd_enqueue
 
@@ -51,6 +56,7 @@ STATUSES = ("queued", "running", "done", "failed")
 ACTIVE = ("queued", "running")
 JOB_EVENTS = {"migrate": "migrate.completed", "restore": "restore.completed"}
 CANCELLED = "cancelled by an operator"
+PAUSED = "paused: the user is disabled"
 # A running job's lease lasts this long and is renewed every third of it.
 LEASE = 300.0
 
@@ -61,6 +67,10 @@ class JobError(Exception):
 
 class JobStopped(Exception):
     """The job is no longer this node's to run (cancelled, or its lease was taken over)."""
+
+
+class JobPaused(JobStopped):
+    """The job's user is disabled: the job waits, queued, until the user is enabled."""
 
 
 class TransientJobError(Exception):
@@ -144,6 +154,15 @@ def _job(row: Any, *, lease_owner: str | None = None,
 def thd_create_job(conn: Connection, values: dict[str, Any]) -> int:
     """Blocking: a new queued job from its column values; its id."""
     return new_id(conn.execute(insert(mailbox_jobs).values(**values)))
+
+
+def thd_owner_active(conn: Connection, job_id: int) -> bool:
+    """Blocking: whether the job's user is enabled (a disabled user's jobs wait)."""
+    return bool(conn.execute(
+        select(users.c.is_active)
+        .select_from(mailbox_jobs.join(users, users.c.id == mailbox_jobs.c.user_id))
+        .where(mailbox_jobs.c.id == job_id)
+    ).scalar())
 
 
 def thd_message_ids(conn: Connection, job_ids: list[int]) -> dict[int, tuple[int, ...]]:
@@ -334,6 +353,8 @@ class JobRunner(service.Service):
         self.on_finished = on_finished
         self._running: dict[int, defer.Deferred[None]] = {}
         self._claiming: set[int] = set()
+        # Runs this node cancels because their user was disabled: queued again, not ended.
+        self._pausing: set[int] = set()
         self._loop: task.LoopingCall | None = None
         self._renewal: task.LoopingCall | None = None
         self._tick: defer.Deferred[int] | None = None
@@ -417,8 +438,10 @@ class JobRunner(service.Service):
         def due(conn: Connection) -> tuple[list[int], dict[tuple[str, str], int]]:
             ids = [int(r[0]) for r in conn.execute(
                 select(mailbox_jobs.c.id)
+                .select_from(mailbox_jobs.join(users, users.c.id == mailbox_jobs.c.user_id))
                 .where(mailbox_jobs.c.status.in_(ACTIVE),
-                       mailbox_jobs.c.next_attempt_at <= seconds)
+                       mailbox_jobs.c.next_attempt_at <= seconds,
+                       users.c.is_active.is_(True))
                 .order_by(mailbox_jobs.c.id).limit(100)
             )]
             return ids, thd_counts(conn)
@@ -445,7 +468,8 @@ class JobRunner(service.Service):
 
     async def _claim(self, job_id: int) -> Job | None:
         """Lease job `job_id` for this node and mark it running, if it is still due; the
-        job, or None (another node holds it, or it ended or is waiting meanwhile)."""
+        job, or None (another node holds it, or it ended, is waiting or its user was
+        disabled meanwhile)."""
         seconds = self.reactor.seconds()
         now = self.now()
         node = self.node_id
@@ -456,7 +480,8 @@ class JobRunner(service.Service):
             # The lease is ours: the row as the last holder left it (a job ended before
             # its holder let go is not run again).
             job = thd_get_job(conn, job_id)
-            if job is None or job.status not in ACTIVE or job.next_attempt_at > seconds:
+            if (job is None or job.status not in ACTIVE or job.next_attempt_at > seconds
+                    or not thd_owner_active(conn, job_id)):
                 thd_release_job(conn, lease_name(job_id), node, seconds)
                 return None
             conn.execute(
@@ -501,8 +526,14 @@ class JobRunner(service.Service):
         try:
             await body(self, job)
         except defer.CancelledError:
+            if job.id in self._pausing:
+                await self._pause(job)
+                return
             await self._let_go(job.id)
             raise
+        except JobPaused:
+            await self._pause(job)
+            return
         except JobStopped as e:
             log.info("job {id} stopped on this node: {why}", id=job.id, why=str(e))
             await self._let_go(job.id)
@@ -530,6 +561,28 @@ class JobRunner(service.Service):
                               self.node_id, self.reactor.seconds())
         except Exception:
             log.failure("could not give up the lease of job {id}", id=job_id)
+
+    async def _pause(self, job: Job) -> None:
+        """Queue a running job of a disabled user again, due at once, this run not counted
+        as an attempt; picked up again once the user is enabled."""
+        self._pausing.discard(job.id)
+        now = self.now()
+
+        def txn(conn: Connection) -> None:
+            conn.execute(
+                update(mailbox_jobs)
+                .where(mailbox_jobs.c.id == job.id, mailbox_jobs.c.status == "running")
+                .values(status="queued", reason=PAUSED, updated_at=now,
+                        attempts=case((mailbox_jobs.c.attempts > 0,
+                                       mailbox_jobs.c.attempts - 1), else_=0))
+            )
+
+        try:
+            await self.db.run("pause_mailbox_job", txn)
+        except Exception:
+            log.failure("could not queue job {id} again", id=job.id)
+        log.info("job {id} paused: its user is disabled", id=job.id)
+        await self._let_go(job.id)
 
     async def _retry_later(self, job: Job, reason: str) -> None:
         def txn(conn: Connection) -> Job | None:
@@ -581,25 +634,28 @@ class JobRunner(service.Service):
 
     async def renew_leases(self) -> None:
         """Extend the leases of the jobs running here; a job whose lease another node took,
-        or that an operator cancelled, is stopped."""
+        or that an operator cancelled, is stopped, and one whose user was disabled is
+        paused."""
         mine = sorted(self._running)
         if not mine:
             return
         seconds = self.reactor.seconds()
         node = self.node_id
 
-        def txn(conn: Connection) -> list[int]:
-            lost = []
+        def txn(conn: Connection) -> tuple[list[int], list[int]]:
+            lost, paused = [], []
             for job_id in mine:
                 held = thd_claim_job(conn, lease_name(job_id), node, seconds, seconds + LEASE)
                 status = conn.execute(select(mailbox_jobs.c.status)
                                       .where(mailbox_jobs.c.id == job_id)).scalar()
                 if not held or status != "running":
                     lost.append(job_id)
-            return lost
+                elif not thd_owner_active(conn, job_id):
+                    paused.append(job_id)
+            return lost, paused
 
         try:
-            lost: list[int] = await self.db.run("renew_mailbox_jobs", txn)
+            lost, paused = await self.db.run("renew_mailbox_jobs", txn)
         except Exception:
             log.failure("renewing job leases failed")
             return
@@ -608,11 +664,16 @@ class JobRunner(service.Service):
             if d is not None:
                 log.warn("job {id} is no longer this node's: stopping it", id=job_id)
                 d.cancel()
+        for job_id in paused:
+            d = self._running.get(job_id)
+            if d is not None:
+                self._pausing.add(job_id)
+                d.cancel()
 
     def check_txn(self, conn: Connection, job_id: int, seconds: float) -> None:
         """Blocking, inside a job's own transactions: JobStopped unless the job is still
         running and this node still holds its lease (so nothing is sent for a job another
-        node took over or an operator cancelled)."""
+        node took over or an operator cancelled), JobPaused if its user was disabled."""
         status = conn.execute(select(mailbox_jobs.c.status)
                               .where(mailbox_jobs.c.id == job_id)).scalar()
         if status != "running":
@@ -623,6 +684,8 @@ class JobRunner(service.Service):
         ).scalar()
         if owner != self.node_id:
             raise JobStopped("another node holds the job")
+        if not thd_owner_active(conn, job_id):
+            raise JobPaused(PAUSED)
 
 
 class JobFailed(Exception):
