@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from twisted.internet import defer
 
 from mailcore.mailapi import MailApiError, MailboxService
@@ -245,3 +245,53 @@ class OutboxWakeUpTests(QueueTestCase):
             mailapi_mail.c.public_id, mailapi_mail.c.status)).all())
         self.assertEqual(sorted(rows), sorted([(public_ids[0], "sent"),
                                                (public_ids[2], "sent")]))
+
+    async def set_active(self, active: bool) -> None:
+        """`mailcore user disable/enable` of the mailbox's owner."""
+        await self.db.run("active", lambda c: c.execute(
+            update(users).where(users.c.id == self.owner).values(is_active=active)))
+
+    async def test_a_disabled_owners_outbox_waits_until_it_is_enabled(self) -> None:
+        # `mailcore user disable` stops the account acting: its outbox mail is neither sent
+        # nor failed while it is disabled, and goes, in its order, once it is enabled.
+        await self.set_active(False)
+        public_ids = []
+        for n in range(2):
+            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            public_ids.append(written.public_id)
+        self.sender.startService()
+        await self.sender.settled()
+        self.assertEqual((self.queued(), self.connector.addresses()), (0, []))
+        rows = await self.db.read("rows", lambda c: c.execute(select(
+            mailapi_mail.c.public_id, mailapi_mail.c.status)).all())
+        self.assertEqual(sorted(rows), sorted((p, "outbox") for p in public_ids))
+        await self.set_active(True)
+        self.sender.kick()
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test", "r1@customer.test"])
+
+    async def test_mail_read_before_its_owner_was_disabled_stays_in_the_outbox(self) -> None:
+        public_ids = []
+        for n in range(3):
+            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            public_ids.append(written.public_id)
+        self.connector.hold = defer.Deferred()
+        self.sender.startService()  # it read all three; the second waits for the first
+        self.assertEqual(self.queued(), 1)
+        await self.set_active(False)
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
+        rows = await self.db.read("rows", lambda c: c.execute(select(
+            mailapi_mail.c.public_id, mailapi_mail.c.status)).all())
+        self.assertEqual(sorted(rows), sorted([(public_ids[0], "sent"),
+                                               (public_ids[1], "outbox"),
+                                               (public_ids[2], "outbox")]))
+        await self.set_active(True)
+        self.sender.kick()
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(),
+                         ["r0@customer.test", "r1@customer.test", "r2@customer.test"])

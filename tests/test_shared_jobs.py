@@ -553,6 +553,57 @@ class SharedJobsMixin(DatabaseMixin):
 
         self.assertEqual(await a.read("statuses", statuses), {SENT})
 
+    async def test_a_disabled_owners_outbox_waits_on_every_node_until_it_is_enabled(
+            self) -> None:
+        """`mailcore user disable` (the CLI, another process) stops the owner's outbox on
+        both nodes: its mail stays in the outbox, neither sent nor failed, and once the owner
+        is enabled the nodes' polls send it, once each and in order."""
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        owner = await a.run("owner", thd_make_user, "owner")
+
+        def txn(conn: Connection) -> None:
+            box = conn.execute(insert(mailboxes).values(
+                address="me@hosted.test", owner_id=owner, created_at=START,
+            ).returning(mailboxes.c.id)).scalar_one()
+            for i in range(3):
+                conn.execute(insert(mailapi_mail).values(
+                    public_id=f"m{i:04d}", mailbox_id=box, status=OUTBOX,
+                    mail_from="me@hosted.test", to_addrs="you@example.test",
+                    raw=b"Subject: hi\r\n\r\nbody\r\n", queue_id=f"Q{i:04d}",
+                    created_at=START, outbox_seq=i,
+                ))
+            conn.execute(update(users).where(users.c.id == owner).values(is_active=False))
+
+        await a.run("outbox", txn)
+        queued: list[tuple[str, Envelope]] = []
+        senders = [OutboxSender(db, clock, RecordingSpool(queued, node, db),  # type: ignore[arg-type]
+                                leases=JobLeases(db, node))
+                   for db, node in ((a, "node-a"), (b, "node-b"))]
+        for sender in senders:
+            sender.startService()
+            self.addCleanup(sender.stopService)
+
+        async def polls(n: int) -> None:
+            for _ in range(n):
+                clock.advance(OUTBOX_POLL)
+                await defer.DeferredList([s.settled() for s in senders])
+
+        await polls(3)
+        self.assertEqual(queued, [])
+
+        def statuses(conn: Connection) -> list[str]:
+            return [r.status for r in conn.execute(
+                select(mailapi_mail.c.status).order_by(mailapi_mail.c.id))]
+
+        self.assertEqual(await b.read("statuses", statuses), [OUTBOX] * 3)
+        await b.run("enable", lambda c: c.execute(
+            update(users).where(users.c.id == owner).values(is_active=True)))
+        await polls(10)
+        self.assertEqual(len(queued), 3)
+        self.assertEqual(await a.read("statuses", statuses), [SENT] * 3)
+
 
 class SQLiteSharedJobsTests(SharedJobsMixin, TestCase):
     backend = "sqlite"
@@ -560,3 +611,4 @@ class SQLiteSharedJobsTests(SharedJobsMixin, TestCase):
 
 class PostgresSharedJobsTests(SharedJobsMixin, TestCase):
     backend = "postgresql"
+

@@ -23,6 +23,13 @@ sent without a second accept. Hosted recipients are then delivered locally by th
 others routed as any mail ([queue] relayhost or MX); bounces come back to the sender's
 mailbox.
 
+The outbox of a mailbox whose owner is disabled (`mailcore user disable`) waits: its mail
+stays in the outbox, in its order, and is neither sent nor failed until the owner is enabled
+again; the sender leaves such mailboxes out when it reads the outbox, and the accept's guard
+refuses a mail whose owner was disabled since it was read (it stays in the outbox, as a mail
+changed meanwhile does). Every node looks at the outbox every OUTBOX_POLL seconds, so the
+mail goes within that once the owner is enabled.
+
 Nodes sharing the store send the outbox one at a time: a node claims the job lease
 "mailapi_outbox" (mailcore.store.leases) before it reads the rows it will send and again
 before each one, and gives it up when the outbox is empty. A node refused the lease leaves
@@ -49,7 +56,7 @@ from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
-from mailcore.store.schema import mailapi_mail, queue_messages, queue_recipients
+from mailcore.store.schema import mailapi_mail, mailboxes, queue_messages, queue_recipients, users
 from mailcore.store.schema.mailapi import OUTBOX, SENT
 
 log = Logger()
@@ -67,6 +74,9 @@ OUTBOX_LEASE = 120.0
 OUTBOX_POLL = 5.0
 
 _m = mailapi_mail.c
+# The mailboxes whose owner is enabled: only their outbox is sent.
+_SENDING = select(mailboxes.c.id).join(users, users.c.id == mailboxes.c.owner_id) \
+    .where(users.c.is_active.is_(True))
 
 
 OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
@@ -76,9 +86,9 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
                besides: Collection[int] = ()) -> list[OutboxRow]:
     """Blocking: the outbox rows that entered it first (of `mailbox` only; of mailboxes not
     in `besides`) as (row id, mailbox id, queue id, envelope, message, already in the
-    queue)."""
+    queue). Mail of a disabled owner's mailbox is left out: it waits."""
     query = select(_m.id, _m.mailbox_id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs,
-                   _m.bcc_addrs, _m.raw).where(_m.status == OUTBOX)
+                   _m.bcc_addrs, _m.raw).where(_m.status == OUTBOX, _m.mailbox_id.in_(_SENDING))
     if mailbox is not None:
         query = query.where(_m.mailbox_id == mailbox)
     if besides:
@@ -116,7 +126,7 @@ _MARK_SENT = update(mailapi_mail) \
     .values(status=SENT, sent_at=bindparam("now"), read=True)
 _TAKE = update(mailapi_mail) \
     .where(_m.id == bindparam("row_id"), _m.status == OUTBOX,
-           _m.queue_id == bindparam("read_queue_id")) \
+           _m.queue_id == bindparam("read_queue_id"), _m.mailbox_id.in_(_SENDING)) \
     .values(status=SENT, sent_at=bindparam("now"), read=True)
 
 
@@ -131,7 +141,8 @@ def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
 
 def thd_take(conn: Connection, row_id: int, queue_id: str, now: float) -> bool:
     """Blocking, in the spool's transaction that stores the mail (the guard of its accept):
-    mark the row sent if it is still in the outbox as `queue_id`; whether it was. A delete
+    mark the row sent if it is still in the outbox as `queue_id` and its mailbox's owner is
+    enabled; whether it was. A delete
     of the mail commits before (the mail is left out of the queue) or after (it deletes
     mail sent); PostgreSQL's row lock orders the two, SQLite's writers take turns."""
     taken = conn.execute(_TAKE, {"row_id": row_id, "read_queue_id": queue_id, "now": now})
