@@ -134,6 +134,20 @@ class DigestTests(TestCase):
         self.tick()
         self.assertEqual(self.digests(), [])
 
+    async def test_a_disabled_owner_gets_no_digest_until_it_is_enabled(self) -> None:
+        """`mailcore user disable` stops the account's digests; its held mail is kept
+        undigested and listed in the first digest once the user is enabled."""
+        await self.gw.core.identity.set_active(self.user.id, False)
+        self.tick()
+        self.tick()
+        self.assertEqual(self.digests(), [])
+        await self.gw.core.identity.set_active(self.user.id, True)
+        self.tick()
+        got = {tuple(r): m for r, m in self.digests()}
+        self.assertEqual(set(got), {("ann@q.test",), ("joe@q.test",)})
+        self.assertEqual(got[("ann@q.test",)]["Subject"],
+                         "Quarantine summary for ann@q.test: 2 new message(s)")
+
     async def test_agency_templates_reply_to_and_link_host(self) -> None:
         await self.gw.core.identity.set_plan(self.user.id, "agency")
         await self.gw.core.domains.update("q.test", {

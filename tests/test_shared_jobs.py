@@ -282,6 +282,23 @@ class SharedJobsMixin(DatabaseMixin):
         self.assertEqual(sorted(sent), [0, 1])
         self.assertEqual(len(queued), 2)
 
+    async def test_a_disabled_owners_held_mail_waits_for_a_digest_until_it_is_enabled(
+            self) -> None:
+        """`mailcore user disable` (made on another node) stops the owner's digests on every
+        node; the held mail stays undigested and is in the first period's digest once the
+        owner is enabled."""
+        qa, qb, queued, clock, domain_id = await self.quarantines()
+        await self.hold(qa, domain_id, 2)
+        await qb.db.run("disable", lambda c: c.execute(update(users).values(is_active=False)))
+        for _ in range(2):
+            self.assertEqual(await gather(qa.leased_digests(), qb.leased_digests()), [0, 0])
+            clock.advance(DAY)
+        self.assertEqual(queued, [])
+        await qa.db.run("enable", lambda c: c.execute(update(users).values(is_active=True)))
+        sent = await gather(qa.leased_digests(), qb.leased_digests())
+        self.assertEqual(sorted(sent), [0, 1])
+        self.assertEqual([e.recipients[0].address for _n, e in queued], ["bob@customer.test"])
+
     async def test_purges_on_both_nodes_at_once_remove_each_old_message_once(self) -> None:
         qa, qb, _queued, clock, domain_id = await self.quarantines()
         await self.hold(qa, domain_id, 5)

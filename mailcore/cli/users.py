@@ -63,7 +63,9 @@ def register(subparsers: Any) -> None:
         "its remote mailboxes are no longer synced, its webhook deliveries wait, and its "
         "migrate and restore jobs wait queued (one running is paused within its next batch "
         "and goes on where it stood once the user is enabled); the outbox mail of its "
-        "Mail API mailboxes stays in the outbox, in its order, sent once it is enabled. "
+        "Mail API mailboxes stays in the outbox, in its order, sent once it is enabled; no "
+        "quarantine digest goes out for its domains (the held mail is in the first one once "
+        "it is enabled). "
         "Nothing is deleted: `user enable` undoes it.",
     )
     disable.add_argument("name", help="user name or email")

@@ -405,14 +405,16 @@ def _undigested(domain_id: int, spellings: Sequence[str]) -> list[Any]:
 
 def _digest_recipients_txn(conn: Connection) -> list[tuple[int, list[str]]]:
     """Blocking: (domain id, spellings of the address) of each recipient with held,
-    unreleased, undigested rows in a domain with send_resume; one recipient whatever the
-    case of its address."""
+    unreleased, undigested rows in a domain with send_resume whose owner is enabled (a
+    disabled owner's rows wait, undigested, for the first digest once it is enabled); one
+    recipient whatever the case of its address."""
     found: dict[tuple[int, str], list[str]] = {}
     for row in conn.execute(
         sa.select(quarantine.c.domain_id, quarantine.c.email)
-        .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id))
+        .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
+                     .join(users, users.c.id == domains.c.owner_id))
         .where(quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None),
-               domains.c.send_resume.is_(True))
+               domains.c.send_resume.is_(True), users.c.is_active.is_(True))
         .group_by(quarantine.c.domain_id, quarantine.c.email)
         .order_by(quarantine.c.domain_id, quarantine.c.email)
     ):
@@ -436,7 +438,8 @@ def _digest_items_txn(
         )
         .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
                      .join(users, users.c.id == domains.c.owner_id))
-        .where(*_undigested(domain_id, spellings), domains.c.send_resume.is_(True))
+        .where(*_undigested(domain_id, spellings), domains.c.send_resume.is_(True),
+               users.c.is_active.is_(True))
         .order_by(quarantine.c.id.desc())
         .limit(MAX_DIGEST_ITEMS)
     ))
