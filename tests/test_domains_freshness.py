@@ -160,6 +160,38 @@ class ReadmeTourMixin(DatabaseMixin):
         await self.poll()
         self.assertEqual(recipients("PostMaster@hosted.test"), ["PostMaster@hosted.test"])
 
+    async def test_a_disabled_users_domains_are_refused_for_now_until_it_is_enabled(
+            self) -> None:
+        """`mailcore user disable` (the CLI, another process) makes every node answer the
+        user's domains' recipients 450 4.2.1 within a poll: the senders keep the mail and
+        try again, and once `user enable` is run it is accepted again. Other users'
+        domains are served meanwhile; the snapshot is patched, not read whole."""
+        bob = await self.other.identity.create_user("bob", "bob@example.test")
+        await self.other.domains.add("customer.test", self.alice.id, "mx.customer.test")
+        await self.other.domains.add("hosted.test", self.alice.id, "", hosted=True)
+        await self.other.mailboxes.add("ann@hosted.test", self.alice.id)
+        await self.other.domains.add("other.test", bob.id, "mx.other.test")
+        await self.poll()
+        reloads = self.daemon.reloads
+        await self.cli("user", "disable", "alice")
+        await self.poll()
+        for address in ("joe@customer.test", "ann@hosted.test", "postmaster@customer.test"):
+            reply = self.rcpt(address)
+            self.assertTrue(reply.startswith("450 4.2.1 "), reply)
+        self.assertTrue(self.rcpt("joe@other.test").startswith("250 "))
+        await self.cli("user", "enable", "alice")
+        await self.poll()
+        self.assertTrue(self.rcpt("joe@customer.test").startswith("250 "))
+        self.assertTrue(self.rcpt("ann@hosted.test").startswith("250 "))
+        self.assertEqual(self.daemon.reloads, reloads)
+        # A node that reads the whole snapshot (started now, or its periodic reload) knows
+        # the same.
+        await self.cli("user", "disable", "alice")
+        fresh = DomainService(self.other_db, Clock())
+        await fresh.refresh()
+        self.assertEqual((fresh.suspended("customer.test"), fresh.suspended("other.test")),
+                         (True, False))
+
 
 class SQLiteReadmeTourTests(ReadmeTourMixin, TestCase):
     backend = "sqlite"

@@ -25,6 +25,12 @@ the snapshot is refused at once (550) rather than looked up in the store: the po
 that window under a second without putting SQL on the RCPT path, which unknown-domain
 floods would otherwise reach.
 
+The domains of a disabled user (`mailcore user disable`) stay in the snapshot, marked
+suspended (`suspended`): the SMTP server answers their recipients 450 4.2.1, a temporary
+refusal, so senders keep the mail and try again, and it arrives once the user is enabled
+(within the senders' retry time, typically 4 to 5 days) with nothing held or charged here
+meanwhile. Enabling or disabling a user logs its domains' change (`thd_owner_changed`).
+
 With `[protecmail] verify_domains` on, a domain added without `verified=True` is stored
 pending, with a random token its owner publishes in DNS (`mailcore.gateway.verification`);
 it is left out of the snapshot (its mail is refused like an unknown domain's) until
@@ -478,6 +484,7 @@ class _Snapshot:
     by_name: dict[str, Domain]
     addresses: dict[int, frozenset[str]]
     mailboxes: dict[int, frozenset[str]]
+    suspended: frozenset[int]
 
 
 def _generation_txn(conn: Connection) -> int:
@@ -506,6 +513,22 @@ def thd_mailboxes_changed(conn: Connection, addresses: Iterable[str]) -> None:
     names = {address.rpartition("@")[2] for address in addresses}
     ids = conn.execute(select(domains.c.id).where(domains.c.name.in_(names))).scalars()
     _bump_generation_txn(conn, ids)
+
+
+def thd_owner_changed(conn: Connection, owner_id: int) -> None:
+    """Blocking, inside the transaction that disables or enables user `owner_id`: log its
+    domains' change, so that every node's RCPT snapshot suspends or serves them again."""
+    ids = conn.execute(select(domains.c.id).where(domains.c.owner_id == owner_id)).scalars()
+    _bump_generation_txn(conn, ids)
+
+
+def _thd_suspended(conn: Connection, ids: Iterable[int] | None = None) -> frozenset[int]:
+    """Blocking: the ids of the domains (among `ids`, if given) whose owner is disabled."""
+    query = select(domains.c.id).join(users, users.c.id == domains.c.owner_id) \
+        .where(users.c.is_active.is_(False))
+    if ids is not None:
+        query = query.where(domains.c.id.in_(list(ids)))
+    return frozenset(conn.execute(query).scalars())
 
 
 def _addresses_of(rows: Iterable[Any]) -> dict[int, frozenset[str]]:
@@ -556,7 +579,7 @@ def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
     boxes = conn.execute(select(mailboxes.c.address))
     hosted = {d.name: d.id for d in by_name.values() if d.hosted}
     return _Snapshot(generation, by_name, _addresses_of(rows),
-                     _mailboxes_of(boxes, hosted) if hosted else {})
+                     _mailboxes_of(boxes, hosted) if hosted else {}, _thd_suspended(conn))
 
 
 @dataclass(frozen=True)
@@ -569,6 +592,7 @@ class _Changes:
     domains: tuple[Domain, ...]
     addresses: dict[int, frozenset[str]]
     mailboxes: dict[int, frozenset[str]]
+    suspended: frozenset[int] = frozenset()
 
 
 def _changes_txn(conn: Connection, since: int, servable_only: bool) -> _Changes | None:
@@ -602,7 +626,8 @@ def _changes_txn(conn: Connection, since: int, servable_only: bool) -> _Changes 
         .where(domain_addresses.c.domain_id.in_([d.id for d in found]))
     )
     return _Changes(generation, ids, found, _addresses_of(addresses),
-                    _thd_hosted_mailboxes(conn, found))
+                    _thd_hosted_mailboxes(conn, found),
+                    _thd_suspended(conn, [d.id for d in found]))
 
 
 @dataclass(frozen=True)
@@ -687,6 +712,7 @@ class DomainService(PeriodicService):
         self._by_id: dict[int, Domain] = {}
         self._addresses: dict[int, frozenset[str]] = {}
         self._mailboxes: dict[int, frozenset[str]] = {}  # of hosted domains, by domain id
+        self._suspended: frozenset[int] = frozenset()  # ids of disabled owners' domains
         self._generation = -1
         self._loaded_at = 0.0
         self._loaded = False
@@ -811,6 +837,12 @@ class DomainService(PeriodicService):
         allowed = self._addresses.get(found.id)
         return not allowed or local in allowed or local == "postmaster"
 
+    def suspended(self, domain_name: str) -> bool:
+        """Whether the served domain `domain_name` belongs to a disabled user (its mail is
+        refused for now, 4xx, until the user is enabled)."""
+        found = self.lookup(domain_name)
+        return found is not None and found.id in self._suspended
+
     def postmaster_elsewhere(self, domain_name: str) -> bool:
         """Whether mail to postmaster@domain_name goes to the operator's postmaster: the
         domain is hosted and has no postmaster mailbox, so the mail RFC 5321 4.5.1 has us
@@ -854,6 +886,7 @@ class DomainService(PeriodicService):
             self._by_id[domain.id] = domain
         self._addresses.update(changes.addresses)
         self._mailboxes.update(changes.mailboxes)
+        self._suspended = (self._suspended - changes.ids) | changes.suspended
         self._generation = changes.generation
         self.patches += 1
 
@@ -885,6 +918,7 @@ class DomainService(PeriodicService):
         self._by_id = {d.id: d for d in snapshot.by_name.values()}
         self._addresses = snapshot.addresses
         self._mailboxes = snapshot.mailboxes
+        self._suspended = snapshot.suspended
         self._generation = snapshot.generation
         self._loaded_at = started
         self._loaded = True

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailcore.gateway.domains import thd_owner_changed
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
 from mailcore.periodic import PeriodicService
@@ -387,10 +388,12 @@ class Identity:
 
     async def set_active(self, user_id: int, active: bool) -> None:
         """Enable or disable a user. A disabled user's password, keys, tokens, sessions and
-        OAuth grants all stop resolving (they are kept, and work again once enabled)."""
-
+        OAuth grants all stop resolving (they are kept, and work again once enabled), and
+        its domains' mail is refused for now (every node's RCPT snapshot hears of it:
+        `mailcore.gateway.domains.thd_owner_changed`)."""
         def txn(conn: Connection) -> None:
             conn.execute(update(users).where(users.c.id == user_id).values(is_active=active))
+            thd_owner_changed(conn, user_id)
 
         await self.db.run("set_active", txn)
         self.forget_resolved()

@@ -132,6 +132,8 @@ class RecipientDirectory(Protocol):
 
     def postmaster_elsewhere(self, domain_name: str) -> bool: ...
 
+    def suspended(self, domain_name: str) -> bool: ...
+
 
 # -- settings -------------------------------------------------------------------------------
 
@@ -855,6 +857,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         if domain is None:
             self._refuse("RCPT", 550, "5.7.1", f"<{address}>: Relaying denied",
                          recipients=[address])
+            return
+        if directory.suspended(mailbox.domain):
+            # Its owner is disabled (`mailcore user disable`): a temporary refusal, so the
+            # sender keeps the mail and it arrives once the owner is enabled.
+            self._refuse("RCPT", 450, "4.2.1",
+                         f"<{address}>: Recipient address temporarily unavailable, try again "
+                         "later", recipients=[address])
             return
         if not directory.accepts(mailbox.local_part, mailbox.domain):
             self._refuse("RCPT", 550, "5.1.1",
