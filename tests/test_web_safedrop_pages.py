@@ -167,6 +167,27 @@ class PasswordAndDownloadTests(TestCase):
         self.assertIn("Every recipient has downloaded every file.",
                       receipts[0].get_content())
 
+    async def test_a_disabled_senders_drop_opens_nothing_until_it_is_enabled(self) -> None:
+        """`mailcore user disable` of the sender: its links neither open the drop nor
+        download its files (a browser that passed the password included); once enabled,
+        everything works as before, nothing removed."""
+        browser = Browser(self.f)
+        await browser.post(self.ann, action="password", password="Open-Sesame-77")
+        status, _, page = await browser.get(self.ann)
+        file_ids = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)
+        first = f"{self.ann}/files/{file_ids[0].decode()}"
+        identity = self.f.web.core.identity
+        await identity.set_active(self.f.alice.id, False)
+        for path in (self.ann, first, self.bob):
+            status, _, page = await browser.get(path)
+            self.assertEqual(status, 403, path)
+            self.assertIn(b"cannot be opened for now", page)
+            self.assertNotIn(b"0123456789", page)
+        await identity.set_active(self.f.alice.id, True)
+        status, _, body = await browser.get(first)
+        self.assertEqual((status, body), (200, b"0123456789"))
+        self.assertEqual(len(self.f.stored_files()), 2)
+
     async def test_ranges_that_together_cover_a_file_count_as_its_download(self) -> None:
         """A download manager's pieces, or a download resumed where it broke off: once the
         recipient was sent every byte of a file, it counts (here read_remove ends ann's

@@ -40,6 +40,7 @@ from mailcore.safedrop.access import (
     CODE_WRONG,
     Access,
     DropGone,
+    DropPaused,
     LinkInvalid,
 )
 from mailcore.safedrop.model import DropFile
@@ -151,6 +152,12 @@ def gone(message: str) -> PageError:
     return PageError(410, "Drop no longer available", message)
 
 
+def paused() -> PageError:
+    """A drop whose sender is disabled: nothing opens or downloads until it is enabled."""
+    return PageError(403, "Drop not available for now",
+                     "This drop cannot be opened for now. Try again later.")
+
+
 def byte_range(header: bytes | None, size: int) -> tuple[int, int] | bool | None:
     """(first, last) of a single satisfiable `Range`; None: serve it whole (no header, or
     one we do not take, such as several ranges); False: unsatisfiable (416)."""
@@ -204,6 +211,8 @@ class DropPageApp(PageApp):
             raise invalid() from None
         except DropGone as e:
             raise gone(str(e)) from None
+        except DropPaused:
+            raise paused() from None
 
     def _levels(self, request: IRequest, token: str) -> str:
         return self.drops.grants.levels(

@@ -68,7 +68,8 @@ def register(subparsers: Any) -> None:
         "it is enabled); mail to its domains is refused with 450 4.2.1 on every node within "
         "about a second, a temporary refusal: the senders keep it and try again, and it "
         "arrives once the user is enabled (within their retry time, commonly 4-5 days; "
-        "mail already accepted is still delivered). "
+        "mail already accepted is still delivered); its safedrop links open nothing (403, "
+        "\"for now\") until it is enabled. "
         "Nothing is deleted: `user enable` undoes it.",
     )
     disable.add_argument("name", help="user name or email")

@@ -63,6 +63,11 @@ class DropGone(Exception):
     """The link worked once and does not any more; the message says why."""
 
 
+class DropPaused(Exception):
+    """The drop's sender is disabled (`mailcore user disable`): its links open nothing for
+    now, and everything works again once the sender is enabled (nothing is removed)."""
+
+
 @dataclass(frozen=True)
 class Access:
     """What one recipient's link opens."""
@@ -117,6 +122,9 @@ def open_link_txn(
     reason = gone_reason(bundle, recipient, now)
     if reason is not None:
         raise DropGone(reason)
+    if not conn.execute(sa.select(users.c.is_active)
+                        .where(users.c.id == bundle.owner_id)).scalar_one():
+        raise DropPaused()
     first_open = viewing and row.opened_at is None
     last_told = _utc(row.opened_receipt_at)
     quiet = datetime.timedelta(seconds=OPEN_RECEIPT_SECONDS)
