@@ -725,6 +725,56 @@ class SmallAttachmentTests(MailApiTestCase):
         self.assertEqual(await self.rows(), [])
         self.assertEqual(self.files.hashes(), [])  # the first file was placed, and taken back
 
+    async def test_a_draft_holds_attachments_within_the_message_limit_across_edits(
+            self) -> None:
+        # max_message_bytes bounded one upload only: each PUT added its own 12 bytes to the
+        # draft, which was then sent as a message of any size (found by an audit: 10 PUTs of
+        # 25 MiB made a 250 MiB draft, built whole in memory when it was sent).
+        data, headers = multipart({"status": "draft"}, "attachment", "a.bin", b"1234567",
+                                  "application/octet-stream")
+        status, body = await self.post(data, headers)
+        self.assertEqual(status, 201)
+        path = f"/api/v1/mail/{body['id']}"
+        more, _ = multipart({}, "attachment", "b.bin", b"7654321", "application/octet-stream")
+        status, _, reply = await self.web.call(
+            "PUT", path, headers={"Auth-Key": self.keys["bob"], **headers}, data=more)
+        self.assertEqual((status, reply),
+                         (413, {"message": "the attachments are larger than 12 bytes in all"}))
+        self.assertEqual(len(await self.rows()), 1)
+        self.assertEqual([(a.name, a.size) for a in await self.attachment_rows()],
+                         [("a.bin", 7)])
+        self.assertEqual(len(self.files.hashes()), 1)  # b.bin's file taken back
+        # Within the limit, an edit still adds one.
+        small, _ = multipart({}, "attachment", "c.bin", b"12345", "application/octet-stream")
+        status, _, reply = await self.web.call(
+            "PUT", path, headers={"Auth-Key": self.keys["bob"], **headers}, data=small)
+        self.assertEqual(status, 200, reply)
+        self.assertEqual([a.name for a in await self.attachment_rows()], ["a.bin", "c.bin"])
+
+    async def test_a_draft_holds_at_most_256_attachments_across_edits(self) -> None:
+        def files(n: int, start: int) -> bytes:
+            return b"".join(f'--B\r\nContent-Disposition: form-data; name="f{i}"; '
+                            f'filename="e{i}.txt"\r\n\r\n\r\n'.encode()
+                            for i in range(start, start + n)) + b"--B--\r\n"
+
+        headers = {"Content-Type": "multipart/form-data; boundary=B"}
+        status, body = await self.post(
+            b'--B\r\nContent-Disposition: form-data; name="status"\r\n\r\ndraft\r\n'
+            + files(200, 0), headers)
+        self.assertEqual(status, 201, body)
+        path = f"/api/v1/mail/{body['id']}"
+        status, _, reply = await self.web.call(
+            "PUT", path, headers={"Auth-Key": self.keys["bob"], **headers},
+            data=files(57, 200))
+        self.assertEqual((status, reply),
+                         (413, {"message": "a mail has at most 256 attachments"}))
+        self.assertEqual(len(await self.attachment_rows()), 200)
+        status, _, reply = await self.web.call(
+            "PUT", path, headers={"Auth-Key": self.keys["bob"], **headers},
+            data=files(56, 200))
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(len(await self.attachment_rows()), 256)
+
     async def test_a_body_over_the_upload_limit_is_413_before_it_is_read(self) -> None:
         data, headers = multipart({"status": "draft"}, "attachment", "a.bin",
                                   b"x" * (1024 * 1024 + 100), "application/octet-stream")

@@ -171,7 +171,8 @@ MAIL_BODY: dict[str, Any] = {
         **{name: {"type": "string"} for name in FIELDS},
         "attachment": {"type": "string", "format": "binary",
                        "description": "multipart file part(s), any field name; each within "
-                       "[mailapi] max_attachment_bytes, all within max_message_bytes (413)"},
+                       "[mailapi] max_attachment_bytes, all within max_message_bytes, "
+                       "with those a draft keeps, and at most 256 (413)"},
     },
 }
 WRITTEN_REPLY: dict[str, Any] = {

@@ -27,7 +27,9 @@ cost.
 
 Attachments are files on disk named by their content hash (mailcore.mailapi.files): a
 multipart upload is streamed to disk within `[mailapi] max_attachment_bytes` per file and
-`max_message_bytes` in all (413 otherwise), before the mail's row is written. A write that
+`max_message_bytes` in all (413 otherwise), before the mail's row is written; an edit
+adding attachments to a draft is refused (413) when the draft's would then be over
+`max_message_bytes` or MAX_PARTS files in all. A write that
 stores no mail (refused, or failed) takes back the files its upload made; files of deleted
 mail are removed once no row names them.
 """
@@ -52,7 +54,14 @@ from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import DENIED, NOT_FOUND, MailApiError
-from mailcore.mailapi.files import GRACE, MailFiles, Received, StoredFile
+from mailcore.mailapi.files import (
+    GRACE,
+    MAX_PARTS,
+    TOO_LARGE,
+    MailFiles,
+    Received,
+    StoredFile,
+)
 from mailcore.mailapi.listing import (
     COLUMNS,
     FIELDS,
@@ -227,6 +236,19 @@ def _thd_insert_attachments(conn: Connection, mail_id: int,
 def _thd_parts(conn: Connection, mail_id: int) -> Sequence[Any]:
     """A mail's attachment rows in their order: id, name, content type, hash, size."""
     return conn.execute(_PARTS, {"mail_id": mail_id}).all()
+
+
+def _check_room(kept: Sequence[Any], added: Sequence[StoredFile], max_total: int) -> None:
+    """TOO_LARGE unless a draft's attachments `kept` and those an edit `added` are together
+    within what one upload may bring (`max_total` bytes, MAX_PARTS files): the limits of
+    the message it is sent as, which each edit's upload would otherwise bound only for
+    itself."""
+    if len(kept) + len(added) > MAX_PARTS:
+        raise MailApiError(TOO_LARGE, f"a mail has at most {MAX_PARTS} attachments",
+                           "attachment")
+    if sum(a.size for a in kept) + sum(f.size for f in added) > max_total:
+        raise MailApiError(TOO_LARGE, f"the attachments are larger than {max_total} bytes "
+                           "in all", "attachment")
 
 
 def _size(values: dict[str, str], sizes: Iterable[int]) -> int:
@@ -486,6 +508,9 @@ class MailService:
                                    "drafts can")
             if not held.allow_send:
                 raise MailApiError(DENIED, "you may not write mail from this mailbox")
+            if edit.attachments:
+                _check_room(_thd_parts(conn, row.id), edit.attachments,
+                            self.max_message_bytes)
             values = _edited_values(edit, row)
             conn.execute(_UPDATE_BY_ID, {
                 "row_id": row.id, **{COLUMNS[n]: v for n, v in values.items()}})

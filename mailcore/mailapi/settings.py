@@ -4,11 +4,13 @@
 [mailapi]
 require_api_key = false          # true: every /api/v1/auth/ call needs an api_key
 max_attachment_bytes = 26214400  # bytes per attachment of a mail (25 MiB)
-max_message_bytes = 26214400     # bytes of all the attachments of one upload (25 MiB)
+max_message_bytes = 26214400     # bytes of all the attachments of one mail (25 MiB)
 file_sweep_interval = 3600       # seconds between sweeps of files no mail names any more
 ```
 
-An upload over either limit is refused with 413 and leaves nothing stored. The HTTP body of
+An upload over either limit is refused with 413 and leaves nothing stored; so is one
+that would take a draft's attachments (those it keeps and those added) over
+`max_message_bytes` or 256 files. The HTTP body of
 a POST or PUT to `/api/v1/mail/…` may be `max_message_bytes` plus 1 MiB (the multipart
 framing and the text fields), whatever `[web] max_body` says.
 """
