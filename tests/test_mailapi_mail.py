@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import delete, event, func, insert, select, update
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
@@ -24,7 +25,9 @@ from mailcore.mailapi import addresses as addresses_module
 from mailcore.mailapi import listing
 from mailcore.mailapi import mail as mail_module
 from mailcore.mailapi.delivery import LocalMailboxes
+from mailcore.mailapi.errors import MailApiError
 from mailcore.mailapi.files import GRACE, MailFiles
+from mailcore.mailapi.mail import Edit, MailService
 from mailcore.mailapi.mime import build_message
 from mailcore.store.engine import WRITE_INTENT
 from mailcore.store.schema import (
@@ -35,6 +38,9 @@ from mailcore.store.schema import (
     queue_messages,
     queue_recipients,
 )
+from mailcore.workers import CpuPool
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
 from tests.support.web import Web, Wire
 
 BOB = "bob@hosted.test"
@@ -962,3 +968,69 @@ class MailFilesTests(TestCase):
         os.utime(old, (time.time() - 2 * GRACE, time.time() - 2 * GRACE))
         files.prepare()
         self.assertEqual(list(files.tmp.iterdir()), [young])
+
+
+class PostgreSQLDraftEditRaceTests(DatabaseMixin, TestCase):
+    """A draft sent (put in the outbox and handed to the queue) by another request between
+    an edit's read of it and its write. On PostgreSQL the edit's read takes no lock, so the
+    other request's commit may fall in between (SQLite's writers take turns)."""
+
+    backend = "postgresql"
+
+    async def race(self, edit: Edit, deleted: bool = False) -> tuple[Any, Any]:
+        db = await self.open_database()
+        clock = Clock()
+        owner = await db.run("user", thd_make_user, "bob")
+        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=BOB, owner_id=owner, created_at=1.0)))
+        mail = MailService(db, clock, "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests())
+        draft = await mail.create(owner, BOB, Edit("draft", {
+            "to": "x@customer.test", "subject": "as sent"}))
+        reads = 0
+
+        def sent_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # After the edit's write transaction read the mail: the other request's send
+            # and the outbox sender's mark commit, on their own connection.
+            nonlocal reads
+            if "mailapi_mail.public_id =" not in statement:
+                return
+            reads += 1
+            if reads == (2 if edit.status == "outbox" else 1):  # (an outbox edit reads
+                with db.engine.begin() as other:               # once before its txn)
+                    mine = mailapi_mail.c.public_id == draft.public_id
+                    other.execute(delete(mailapi_mail).where(mine) if deleted else
+                                  update(mailapi_mail).where(mine).values(
+                                      status="sent", raw=b"Subject: as sent\r\n\r\n",
+                                      queue_id="Q1"))
+
+        event.listen(db.engine, "after_cursor_execute", sent_meanwhile)
+        try:
+            outcome: Any = await mail.update(owner, draft.public_id, edit, None)
+        except MailApiError as e:
+            outcome = (e.kind, e.message)
+        finally:
+            event.remove(db.engine, "after_cursor_execute", sent_meanwhile)
+        row = await db.read("row", lambda c: c.execute(select(mailapi_mail).where(
+            mailapi_mail.c.public_id == draft.public_id)).first())
+        return outcome, row
+
+    async def test_an_edit_does_not_change_mail_sent_meanwhile(self) -> None:
+        # The edit answered 200 and wrote its subject into the sent mail, whose message
+        # went out with the old one (found by an audit).
+        outcome, row = await self.race(Edit("draft", {"subject": "autosaved"}))
+        self.assertEqual(outcome, ("state", "sent mail cannot be changed; only drafts can"))
+        self.assertEqual((row.status, row.subject), ("sent", "as sent"))
+
+    async def test_a_send_does_not_put_mail_sent_meanwhile_back_in_the_outbox(self) -> None:
+        # A second "send" of the draft answered 202 and put the sent mail back in the
+        # outbox under a new queue id: it was sent twice (found by an audit).
+        outcome, row = await self.race(Edit("outbox", {}))
+        self.assertEqual(outcome, ("state", "sent mail cannot be changed; only drafts can"))
+        self.assertEqual((row.status, row.queue_id), ("sent", "Q1"))
+
+    async def test_an_edit_of_mail_deleted_meanwhile_is_404(self) -> None:
+        # It failed (NoResultFound reading the row back): 500 "mail not sent / draft not
+        # saved".
+        outcome, row = await self.race(Edit("draft", {"subject": "autosaved"}), deleted=True)
+        self.assertEqual((outcome, row), (("not_found", "email not found"), None))

@@ -121,6 +121,8 @@ _ROW_BY_ID = _ROW.where(_m.id == bindparam("row_id"))
 _ROW_BY_PUBLIC_ID = _ROW.where(_m.public_id == bindparam("public_id"))
 # Sets the columns the parameters name besides row_id.
 _UPDATE_BY_ID = update(mailapi_mail).where(_m.id == bindparam("row_id"))
+# A draft's fields, only while it is still a draft.
+_EDIT_DRAFT = update(mailapi_mail).where(_m.id == bindparam("row_id"), _m.status == DRAFT)
 _INSERT_MAIL = insert(mailapi_mail)
 _PARTS = select(_a.id, _a.name, _a.content_type, _a.sha256, _a.size) \
     .where(_a.mail_id == bindparam("mail_id")).order_by(_a.id)
@@ -249,6 +251,22 @@ def _check_room(kept: Sequence[Any], added: Sequence[StoredFile], max_total: int
     if sum(a.size for a in kept) + sum(f.size for f in added) > max_total:
         raise MailApiError(TOO_LARGE, f"the attachments are larger than {max_total} bytes "
                            "in all", "attachment")
+
+
+def _thd_edit_draft(conn: Connection, row_id: int, values: dict[str, str]) -> None:
+    """Blocking: write a draft's fields, if it is still a draft (the row then stays locked
+    until the transaction ends). The edit's read of the row took no lock: on PostgreSQL
+    another request may have put the draft in the outbox, and the sender marked it sent,
+    since; that mail is not changed (the caller is told it is no draft now), nor put in the
+    outbox a second time. Deleted meanwhile: NOT_FOUND."""
+    written = conn.execute(_EDIT_DRAFT, {
+        "row_id": row_id, **{COLUMNS[n]: v for n, v in values.items()}}).rowcount
+    if written == 1:
+        return
+    now = conn.execute(_ROW_BY_ID, {"row_id": row_id}).first()
+    if now is None:
+        raise MailApiError(NOT_FOUND, "email not found")
+    raise MailApiError("state", f"{now.status} mail cannot be changed; only drafts can")
 
 
 def _size(values: dict[str, str], sizes: Iterable[int]) -> int:
@@ -512,8 +530,7 @@ class MailService:
                 _check_room(_thd_parts(conn, row.id), edit.attachments,
                             self.max_message_bytes)
             values = _edited_values(edit, row)
-            conn.execute(_UPDATE_BY_ID, {
-                "row_id": row.id, **{COLUMNS[n]: v for n, v in values.items()}})
+            _thd_edit_draft(conn, row.id, values)
             _thd_insert_attachments(conn, row.id, edit.attachments)
             fresh = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
