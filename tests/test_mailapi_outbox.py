@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from twisted.internet import defer
 
-from mailcore.mailapi import MailApiError, MailboxService
+from mailcore.mailapi import MailApiError, MailboxService, outbox
 from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
@@ -295,3 +295,25 @@ class OutboxWakeUpTests(QueueTestCase):
         await self.sender.settled()
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+
+    async def test_one_read_of_the_outbox_holds_at_most_batch_bytes_of_messages(
+            self) -> None:
+        # The sender read up to 200 outbox rows with their messages at once and held them
+        # until it had sent them: 200 mails of max_message_bytes (25 MiB of attachments,
+        # base64) are several GB (found by an audit). Each read now takes the first
+        # messages that fit in BATCH_BYTES (at least one), and the stream reads on.
+        for n in range(4):
+            await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}", "body": "x\n" * 50_000}))
+        sizes = [len(row[4]) for row in await self.db.read("outbox", thd_outbox, 10)]
+        self.assertEqual(len(sizes), 4)
+        self.patch(outbox, "BATCH_BYTES", sizes[0] + sizes[1] + sizes[2] // 2)
+        read = await self.db.read("outbox", thd_outbox, 10)
+        self.assertEqual([row[3].recipients[0].address for row in read],
+                         ["r0@customer.test", "r1@customer.test"])
+        self.patch(outbox, "BATCH_BYTES", 1)  # the first always, however large
+        self.assertEqual(len(await self.db.read("outbox", thd_outbox, 10)), 1)
+        self.sender.startService()
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(), [f"r{n}@customer.test" for n in range(4)])
+        self.assertEqual(self.queued(), 4)

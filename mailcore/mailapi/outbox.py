@@ -44,7 +44,7 @@ from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -62,6 +62,9 @@ from mailcore.store.schema.mailapi import OUTBOX, SENT
 log = Logger()
 
 BATCH = 200
+# The most bytes of messages one read of the outbox takes (more than one message only when
+# they fit together): a stream holds what it read until it has sent it.
+BATCH_BYTES = 64 * 1024 * 1024
 RETRY_AFTER = 5.0
 # How long the next message waits for the queue to try the one before it, at most; and how
 # often the queue is looked at meanwhile when no results are committed on this node.
@@ -81,20 +84,37 @@ _SENDING = select(mailboxes.c.id).join(users, users.c.id == mailboxes.c.owner_id
 
 OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
 
+_RAWS = select(_m.id, _m.raw).where(_m.id.in_(bindparam("ids", expanding=True)))
+
 
 def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
                besides: Collection[int] = ()) -> list[OutboxRow]:
     """Blocking: the outbox rows that entered it first (of `mailbox` only; of mailboxes not
     in `besides`) as (row id, mailbox id, queue id, envelope, message, already in the
-    queue). Mail of a disabled owner's mailbox is left out: it waits."""
+    queue): at most `limit` of them, and only as many as BATCH_BYTES of messages hold (the
+    first one always). The messages are read once the rows are chosen by their sizes: a
+    message is up to max_message_bytes of attachments, base64 (34 MiB at the defaults), and
+    a batch of 200 read whole was several GB in memory. Mail of a disabled owner's mailbox
+    is left out: it waits."""
     query = select(_m.id, _m.mailbox_id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs,
-                   _m.bcc_addrs, _m.raw).where(_m.status == OUTBOX, _m.mailbox_id.in_(_SENDING))
+                   _m.bcc_addrs, func.coalesce(func.length(_m.raw), 0).label("size")) \
+        .where(_m.status == OUTBOX, _m.mailbox_id.in_(_SENDING))
     if mailbox is not None:
         query = query.where(_m.mailbox_id == mailbox)
     if besides:
         query = query.where(_m.mailbox_id.not_in(list(besides)))
     # `id` only orders rows stored without a place (none are put in the outbox so).
-    rows = conn.execute(query.order_by(_m.outbox_seq, _m.id).limit(limit)).all()
+    listed = conn.execute(query.order_by(_m.outbox_seq, _m.id).limit(limit)).all()
+    rows: list[Any] = []
+    total = 0
+    for row in listed:
+        total += int(row.size)
+        if rows and total > BATCH_BYTES:
+            break
+        rows.append(row)
+    raws = {r.id: r.raw for r in conn.execute(
+        _RAWS, {"ids": [row.id for row in rows]})} if rows else {}
+    rows = [row for row in rows if raws.get(row.id) is not None]  # (deleted meanwhile)
     queued = {r[0] for r in conn.execute(select(queue_messages.c.id).where(
         queue_messages.c.id.in_([row.queue_id for row in rows])))} if rows else set()
     out = []
@@ -112,7 +132,7 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
                 domains[domain] = thd_domain_for(conn, domain)
             recipients.append(Recipient(address, domains[domain]))
         envelope = Envelope(row.mail_from, tuple(recipients), kind="outbox")
-        out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(row.raw),
+        out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(raws[row.id]),
                     row.queue_id in queued))
     return out
 
