@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import event, insert, select, update
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -15,9 +15,9 @@ from mailcore.mailapi import RIGHTS, MailApiError, MailboxService
 from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
-from mailcore.mailapi.mailboxes import OutboxNotEmpty
+from mailcore.mailapi.mailboxes import Grant, OutboxNotEmpty
 from mailcore.mailapi.outbox import thd_mark_sent, thd_outbox
-from mailcore.store.schema import mailboxes
+from mailcore.store.schema import mailbox_grants, mailboxes
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -269,3 +269,64 @@ class PostgreSQLMailboxDeleteTests(DatabaseMixin, TestCase):
         await db.run("sent", thd_mark_sent, [row_id], clock.seconds())
         await boxes.delete(owner, BOX)
         self.assertIsNone(await boxes.find(BOX))
+
+
+class PostgreSQLGrantRaceTests(DatabaseMixin, TestCase):
+    """Another request changes the same grant between a grant change's read of it and its
+    write (PostgreSQL; SQLite's writers take turns)."""
+
+    backend = "postgresql"
+
+    async def race(self, existing: bool) -> tuple[Any, Any]:
+        db = await self.open_database()
+        owner = await db.run("user", thd_make_user, "bob")
+        joe = await db.run("user", thd_make_user, "joe")
+        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=BOX, owner_id=owner, created_at=1.0)))
+        boxes = MailboxService(db, Clock())
+        if existing:
+            await boxes.set_grant(owner, BOX, "joe", {"allow_read": False})
+        fired = False
+
+        def other_request(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # Just before this change writes the grant, another request's grant of
+            # allow_send commits (on its own connection).
+            nonlocal fired
+            if fired or not statement.lstrip().startswith(("INSERT INTO mailbox_grants",
+                                                            "UPDATE mailbox_grants")):
+                return
+            fired = True
+            with db.engine.begin() as other:
+                if existing:
+                    other.execute(update(mailbox_grants).where(
+                        mailbox_grants.c.user_id == joe).values(allow_send=True))
+                else:
+                    other.execute(insert(mailbox_grants).values(
+                        mailbox_id=1, user_id=joe, allow_send=True))
+
+        event.listen(db.engine, "before_cursor_execute", other_request)
+        try:
+            grant: Any = await boxes.set_grant(owner, BOX, "joe", {"allow_read": True})
+        except Exception as e:
+            grant = e
+        finally:
+            event.remove(db.engine, "before_cursor_execute", other_request)
+        self.assertTrue(fired)
+        [row] = await db.read("grant", lambda c: c.execute(select(mailbox_grants)).all())
+        return grant, row
+
+    async def test_a_first_grant_made_twice_at_once_is_no_failure(self) -> None:
+        # The second insert of the grant failed (IntegrityError: a 500 to the client).
+        grant, row = await self.race(existing=False)
+        self.assertIsInstance(grant, Grant)
+        expected = {**NONE, "allow_read": True, "allow_send": True}
+        self.assertEqual(grant.rights.as_dict(), expected)
+        self.assertEqual({r: getattr(row, r) for r in RIGHTS}, expected)
+
+    async def test_two_changes_of_one_grant_at_once_both_hold(self) -> None:
+        # The change wrote every right as it had read them: allow_send, granted by the
+        # other request meanwhile, was taken away again.
+        grant, row = await self.race(existing=True)
+        expected = {**NONE, "allow_read": True, "allow_send": True}
+        self.assertEqual(grant.rights.as_dict(), expected)
+        self.assertEqual({r: getattr(row, r) for r in RIGHTS}, expected)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.gateway.domains import thd_mailboxes_changed
@@ -183,6 +185,15 @@ def _thd_user(conn: Connection, name: str) -> tuple[int, str]:
     if row is not None:
         return row.id, row.username
     raise MailApiError(NOT_FOUND, "user not found", "username")
+
+
+def _thd_insert_grant(conn: Connection, mailbox_id: int, user_id: int) -> None:
+    """Blocking: a grant of no rights of `mailbox_id` to `user_id`, unless it has one."""
+    values = {"mailbox_id": mailbox_id, "user_id": user_id, **Rights().as_dict()}
+    if conn.dialect.name == "postgresql":
+        conn.execute(pg_insert(mailbox_grants).values(**values).on_conflict_do_nothing())
+    else:
+        conn.execute(sqlite_insert(mailbox_grants).values(**values).on_conflict_do_nothing())
 
 
 def _require_modify(access: Access) -> None:
@@ -357,14 +368,15 @@ class MailboxService:
             beyond = [r for r in RIGHTS if changes.get(r) and not held[r]]
             if beyond:
                 raise MailApiError(DENIED, f"you may not grant {beyond[0]}", beyond[0])
-            current = thd_rights(conn, box, target_id)
-            new = current.with_changes(changes)
+            # The grant's row (no rights) unless it is there, then only the rights named:
+            # a grant made or changed by another request meanwhile is neither a clash (on
+            # PostgreSQL the insert waits for the other's commit and leaves its row) nor
+            # written over with what this one read before it.
             where = (_g.mailbox_id == box.id, _g.user_id == target_id)
-            if conn.execute(select(_g.user_id).where(*where)).first() is None:
-                conn.execute(insert(mailbox_grants).values(
-                    mailbox_id=box.id, user_id=target_id, **new.as_dict()))
-            else:
-                conn.execute(update(mailbox_grants).where(*where).values(**new.as_dict()))
+            _thd_insert_grant(conn, box.id, target_id)
+            if changes:
+                conn.execute(update(mailbox_grants).where(*where).values(**changes))
+            new = _rights(conn.execute(select(mailbox_grants).where(*where)).one())
             return Grant(target_id, target_name, new)
 
         return await self.db.run("mailapi_set_grant", txn)
