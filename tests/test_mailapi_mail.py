@@ -1034,3 +1034,44 @@ class PostgreSQLDraftEditRaceTests(DatabaseMixin, TestCase):
         # saved".
         outcome, row = await self.race(Edit("draft", {"subject": "autosaved"}), deleted=True)
         self.assertEqual((outcome, row), (("not_found", "email not found"), None))
+
+
+class PostgreSQLDeleteRaceTests(DatabaseMixin, TestCase):
+    backend = "postgresql"
+
+    async def test_a_mail_deleted_twice_at_once_is_counted_once(self) -> None:
+        # A second DELETE of the mail (a double click) read it before the first one
+        # committed: it answered 202 as well and took the mail off its mailbox's count a
+        # second time, so the listing's count was one short for good (found by an audit).
+        db = await self.open_database()
+        owner = await db.run("user", thd_make_user, "bob")
+        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=BOB, owner_id=owner, created_at=1.0)))
+        mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests())
+        for n in range(2):
+            written = await mail.create(owner, BOB, Edit("draft", {"subject": f"n{n}"}))
+        fired = False
+
+        def deleted_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            nonlocal fired
+            if fired or "mailapi_mail.public_id =" not in statement:
+                return
+            fired = True  # the other DELETE's transaction, on its own connection
+            with db.engine.begin() as other:
+                mine = mailapi_mail.c.public_id == written.public_id
+                box = other.execute(select(mailapi_mail.c.mailbox_id).where(mine)).scalar()
+                other.execute(delete(mailapi_mail).where(mine))
+                other.execute(update(mailboxes).where(mailboxes.c.id == box).values(
+                    mail_count=mailboxes.c.mail_count - 1))
+
+        event.listen(db.engine, "after_cursor_execute", deleted_meanwhile)
+        try:
+            with self.assertRaises(MailApiError) as refused:
+                await mail.delete(owner, written.public_id)
+        finally:
+            event.remove(db.engine, "after_cursor_execute", deleted_meanwhile)
+        self.assertEqual((refused.exception.kind, refused.exception.message),
+                         ("not_found", "email not found"))
+        page = await mail.page(owner, 10, None)
+        self.assertEqual((page.count, len(page.emails)), (1, 1))

@@ -124,6 +124,8 @@ _UPDATE_BY_ID = update(mailapi_mail).where(_m.id == bindparam("row_id"))
 # A draft's fields, only while it is still a draft.
 _EDIT_DRAFT = update(mailapi_mail).where(_m.id == bindparam("row_id"), _m.status == DRAFT)
 _INSERT_MAIL = insert(mailapi_mail)
+_DELETE_BY_ID = delete(mailapi_mail).where(_m.id == bindparam("row_id")) \
+    .returning(_m.mailbox_id)
 _PARTS = select(_a.id, _a.name, _a.content_type, _a.sha256, _a.size) \
     .where(_a.mail_id == bindparam("mail_id")).order_by(_a.id)
 _OWNED = select(mailboxes.c.id, mailboxes.c.address) \
@@ -371,8 +373,13 @@ class MailService:
             if not held.allow_delete:
                 raise MailApiError(DENIED, "you may not delete this email")
             hashes = _hashes_of(conn, [row.id])
-            conn.execute(delete(mailapi_mail).where(_m.id == row.id))
-            thd_count_mail(conn, row.mailbox_id, -1)
+            # The mailbox it is in as it goes: the read above took no lock, and on
+            # PostgreSQL another request may have deleted it (a second click) or sent it
+            # from another mailbox since; only the delete that removes it counts it.
+            gone = conn.execute(_DELETE_BY_ID, {"row_id": row.id}).first()
+            if gone is None:
+                raise MailApiError(NOT_FOUND, "email not found")
+            thd_count_mail(conn, gone.mailbox_id, -1)
             return hashes
 
         hashes = await self.db.run("mailapi_delete", txn)
