@@ -41,6 +41,7 @@ from mailcore.store.schema import (
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
+from tests.support.mailsink import thd_add_domain
 from tests.support.web import Web, Wire
 
 BOB = "bob@hosted.test"
@@ -221,6 +222,33 @@ class WritingTests(MailApiTestCase):
     # mailapi_user_rate's burst.
     config = Config(sections={"fetch": {"allow_loopback": True},
                               "web": {"mailapi_user_rate": "1000/second"}})
+
+    async def test_no_mail_goes_out_from_a_mailbox_of_a_domain_no_longer_served(
+            self) -> None:
+        # Removing a domain (its owner's DELETE /api/v1/domain/..., or the CLI) leaves its
+        # mailboxes; their users went on sending as that domain, 202 (found by an audit).
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "draft", "to": "x@customer.test", "subject": "later"})
+        self.assertEqual(status, 201)
+        draft = body["id"]
+        await self.web.core.domains.remove("hosted.test")
+        unauthorized = "unauthorized from/reply-to - stored email as draft"
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": "x@customer.test", "subject": "now"})
+        self.assertEqual((status, body["message"]), (401, unauthorized))
+        posted = body["id"]
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{draft}",
+                                      json={"status": "outbox"})
+        self.assertEqual((status, body["message"]), (401, unauthorized))
+        self.assertEqual({r.public_id: r.status for r in await self.rows()},
+                         {draft: "draft", posted: "draft"})
+        # Both kept where bob reads them; with the domain served again, they go.
+        status, body = await self.as_("bob", "GET", f"/api/v1/mail/{posted}")
+        self.assertEqual((status, body["mailbox"]), (200, BOB))
+        await self.web.core.domains.add("hosted.test", self.users["bob"].id, "mx.hosted.test")
+        status, _ = await self.as_("bob", "PUT", f"/api/v1/mail/{draft}",
+                                   json={"status": "outbox"})
+        self.assertEqual(status, 202)
 
     async def test_draft_outbox_and_the_seeds_codes(self) -> None:
         status, body = await self.as_("bob", "POST", "/api/v1/mail/",
@@ -981,6 +1009,7 @@ class PostgreSQLDraftEditRaceTests(DatabaseMixin, TestCase):
         db = await self.open_database()
         clock = Clock()
         owner = await db.run("user", thd_make_user, "bob")
+        await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
         await db.run("box", lambda c: c.execute(insert(mailboxes).values(
             address=BOB, owner_id=owner, created_at=1.0)))
         mail = MailService(db, clock, "mx.test", MailFiles(Path(self.mktemp())),
@@ -1045,6 +1074,7 @@ class PostgreSQLDeleteRaceTests(DatabaseMixin, TestCase):
         # second time, so the listing's count was one short for good (found by an audit).
         db = await self.open_database()
         owner = await db.run("user", thd_make_user, "bob")
+        await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
         await db.run("box", lambda c: c.execute(insert(mailboxes).values(
             address=BOB, owner_id=owner, created_at=1.0)))
         mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),

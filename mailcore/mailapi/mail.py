@@ -10,7 +10,8 @@ only `allow_send` would be out of its reach at once. A caller with no such mailb
 mail, but not keep a draft.
 
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
-field with a line break, a `from` or `reply-to` the caller may not use) stays a draft and
+field with a line break, a `from` or `reply-to` the caller may not use, a `from` of a domain
+no longer served) stays a draft and
 the reply says why. Mail set to `outbox` is built with Python's `email` package
 (Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
 id and its place in the outbox's order in the transaction that puts it in the outbox; the
@@ -74,6 +75,7 @@ from mailcore.mailapi.listing import (
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
+from mailcore.queue.model import thd_domain_for
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.chunks import found_keys
@@ -472,7 +474,8 @@ class MailService:
             values = _new_values(edit, rights, user_email)
             # Checked once here (it parses every address field, inside the write lock) and
             # handed to _thd_settle.
-            sendable = _sendable(values, rights) if edit.status == OUTBOX else None
+            sendable = _thd_served(conn, _sendable(values, rights)) \
+                if edit.status == OUTBOX else None
             sending = sendable is not None and not isinstance(sendable, Outcome)
             box = _home(rights, values["from"], user_email, sending)
             if box is None:
@@ -603,7 +606,7 @@ class MailService:
         if status != OUTBOX:
             return Written(Outcome.MISSING, public_id)
         if sendable is None:
-            sendable = _sendable(values, rights)
+            sendable = _thd_served(conn, _sendable(values, rights))
         if isinstance(sendable, Outcome):
             return Written(sendable, public_id)
         checked, recipients = sendable
@@ -707,6 +710,18 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
             or any(a not in reply_ok for a in recipients["reply-to"]):
         return Outcome.UNAUTHORIZED
     return {**values, "from": recipients["from"][0]}, recipients
+
+
+def _thd_served(conn: Connection, sendable: Sendable) -> Sendable:
+    """Blocking: `sendable`, unless its `from` is of a domain this gateway no longer serves
+    (UNAUTHORIZED: kept as a draft). Removing a domain leaves its mailboxes (and their mail)
+    in place; mail sent from one would go out as a domain whose owner removed it, or which
+    someone else has claimed since (a claim not yet proved counts as not served, as for
+    routing)."""
+    if isinstance(sendable, Outcome):
+        return sendable
+    domain = sendable[0]["from"].rpartition("@")[2]
+    return sendable if thd_domain_for(conn, domain) is not None else Outcome.UNAUTHORIZED
 
 
 def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:
