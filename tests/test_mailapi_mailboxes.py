@@ -95,6 +95,18 @@ class MailboxApiTests(TestCase):
         self.assertEqual(await self.as_("joe", "GET", f"/api/v1/mailboxes/{BOX}/access/"),
                          (401, {"message": "you may not change access to this mailbox"}))
 
+    async def test_the_access_list_names_the_mailbox_as_it_is_stored(self) -> None:
+        # It echoed the path lower-cased: an internationalised domain's U-label (and any
+        # other spelling normalise_address would store differently), where GET
+        # /api/v1/mailboxes/ shows the mailbox by its stored A-label (found by an audit).
+        await self.web.core.domains.add("bücher.test", self.bob.id, "mx.hosted.test")
+        await self.web.core.mailboxes.add("bob@bücher.test", self.bob.id)
+        status, body = await self.as_("bob", "GET", "/api/v1/mailboxes/")
+        self.assertIn("bob@xn--bcher-kva.test", [m["email"] for m in body["mailboxes"]])
+        status, body = await self.as_("bob", "GET",
+                                      "/api/v1/mailboxes/Bob%40B%C3%9CCHER.test/access/")
+        self.assertEqual((status, body["email"]), (200, "bob@xn--bcher-kva.test"))
+
     async def test_a_grantee_cannot_tell_which_usernames_exist(self) -> None:
         await self.grant("bob", "joe", allow_read=True, allow_send=True, allow_reply_to=True,
                          allow_delete=True)

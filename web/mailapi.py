@@ -594,8 +594,8 @@ class MailApiApp(ApiApp):
     async def list_access(self, request: IRequest, email: str) -> bytes:
         principal = await self.principal(request)
         with refusals():
-            grants = await self.mailboxes.grants(principal.user.id, email)
-        return self.reply(request, {"email": email.strip().lower(),
+            box, grants = await self.mailboxes.grants(principal.user.id, email)
+        return self.reply(request, {"email": box.address,
                                     "access": [grant_object(g) for g in grants]})
 
     @routes.route(

@@ -309,10 +309,10 @@ class MailboxService:
         await self.db.run("mailapi_delete_mailbox", txn)
         self._changed()
 
-    async def grants(self, user_id: int, address: str) -> list[Grant]:
-        """The owner and every grant of the mailbox (owner or `allow_modify` only)."""
+    async def grants(self, user_id: int, address: str) -> tuple[Mailbox, list[Grant]]:
+        """The mailbox, with its owner and every grant (owner or `allow_modify` only)."""
 
-        def txn(conn: Connection) -> list[Grant]:
+        def txn(conn: Connection) -> tuple[Mailbox, list[Grant]]:
             access = thd_access(conn, user_id, address)
             _require_modify(access)
             box = access.mailbox
@@ -323,7 +323,7 @@ class MailboxService:
                 .where(_g.mailbox_id == box.id).order_by(users.c.username)
             )
             out.extend(Grant(row.user_id, row.username, _rights(row)) for row in rows)
-            return out
+            return box, out
 
         return await self.db.read("mailapi_list_grants", txn)
 
