@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, event, func, select
+from sqlalchemy import Connection, delete, event, func, select, update
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -18,6 +18,7 @@ from mailcore.mailapi.files import MailFiles
 from mailcore.queue.model import Job, Rcpt
 from mailcore.queue.runner import thd_deliver_local
 from mailcore.store.schema import (
+    domains,
     mailapi_attachments,
     mailapi_mail,
     mailboxes,
@@ -272,3 +273,28 @@ class HostedAddressesReloadTests(TestCase):
         clock.advance(HOSTED_TTL)
         self.assertFalse(await hosted.contains("x@y.test"))
         self.assertEqual(len([s for s in statements if "FROM mailboxes" in s]), 2)
+
+    async def test_mailboxes_of_a_domain_no_longer_served_are_not_hosted(self) -> None:
+        """Removing a domain leaves its mailboxes: mail to them must not be stored there
+        any more (nor once another user claims the name and has not proved it)."""
+        from tests.support.db import open_database
+
+        db = await open_database(self, "sqlite")
+        await db.run("add", thd_add_domain, "hosted.test", "", 25)
+        clock = Clock()
+        hosted = HostedAddresses(db, clock)
+        boxes = MailboxService(db, clock, on_change=hosted.invalidate)
+        owner: int = await db.read("owner", lambda c: c.execute(select(users.c.id)).scalar_one())
+        await boxes.add("bob@hosted.test", owner)
+        self.assertTrue(await hosted.contains("bob@hosted.test"))
+        await db.run("remove", lambda c: c.execute(
+            delete(domains).where(domains.c.name == "hosted.test")))
+        clock.advance(HOSTED_TTL)
+        self.assertFalse(await hosted.contains("bob@hosted.test"))
+        # Claimed again by someone, the claim waiting for its DNS proof: not served either.
+        domain_id = await db.run("claim", thd_add_domain, "hosted.test", "mx.other.test", 25)
+        await db.run("pending", lambda c: c.execute(
+            update(domains).where(domains.c.id == domain_id).values(verify_token="t")))
+        clock.advance(HOSTED_TTL)
+        self.assertFalse(await hosted.contains("bob@hosted.test"))
+

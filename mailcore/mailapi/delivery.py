@@ -26,8 +26,9 @@ from mailcore.mailapi.addresses import mailbox_key
 from mailcore.mailapi.counts import thd_count_mail
 from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
+from mailcore.queue.model import SERVED
 from mailcore.store import Database
-from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailboxes
+from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes
 from mailcore.workers import CpuPool
 
 # How long the set of hosted addresses is trusted before it is read again (changes made
@@ -50,7 +51,13 @@ def thd_new_public_id(conn: Connection) -> str:
 
 
 def thd_hosted(conn: Connection) -> frozenset[str]:
-    return frozenset(row[0] for row in conn.execute(select(mailboxes.c.address)))
+    """The addresses of the mailboxes whose domain is served. Removing a domain leaves its
+    mailboxes (and their mail); routing to them afterwards stored in bob's mailbox what was
+    sent to bob@ a domain nobody served, or, once another user had claimed the name, mail
+    meant for that user's server."""
+    served = {row[0] for row in conn.execute(select(domains.c.name).where(SERVED))}
+    return frozenset(row[0] for row in conn.execute(select(mailboxes.c.address))
+                     if row[0].rpartition("@")[2] in served)
 
 
 class HostedAddresses:

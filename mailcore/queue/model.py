@@ -379,16 +379,16 @@ def header_block(body: bytes, limit: int = HEADER_LIMIT) -> bytes:
     return head[:limit]
 
 
+# A domain row that is served: one still waiting for proof of ownership
+# (`mailcore.gateway.verification`) is not.
+SERVED = or_(domains.c.verify_token.is_(None), domains.c.verified_at.is_not(None))
+
+
 def thd_domain_for(conn: Connection, domain: str) -> int | None:
     """The id of a served domain by name (lower-case A-label), or None. A domain still
-    waiting for proof of ownership (`mailcore.gateway.verification`) is not served: a claim
-    on gmail.com must not draw bounces to gmail.com addresses to the claimant's next hop."""
-    row = conn.execute(
-        select(domains.c.id).where(
-            domains.c.name == domain,
-            or_(domains.c.verify_token.is_(None), domains.c.verified_at.is_not(None)),
-        )
-    ).first()
+    waiting for proof of ownership is not served: a claim on gmail.com must not draw
+    bounces to gmail.com addresses to the claimant's next hop."""
+    row = conn.execute(select(domains.c.id).where(domains.c.name == domain, SERVED)).first()
     return None if row is None else int(row[0])
 
 
