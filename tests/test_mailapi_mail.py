@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import delete, event, func, insert, select, update
+from sqlalchemy import delete, event, func, select, update
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -40,8 +40,7 @@ from mailcore.store.schema import (
 )
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
-from tests.support.fetchenv import thd_make_user
-from tests.support.mailsink import thd_add_domain
+from tests.support.mailsink import add_hosted_mailbox
 from tests.support.web import Web, Wire
 
 BOB = "bob@hosted.test"
@@ -1008,10 +1007,7 @@ class PostgreSQLDraftEditRaceTests(DatabaseMixin, TestCase):
     async def race(self, edit: Edit, deleted: bool = False) -> tuple[Any, Any]:
         db = await self.open_database()
         clock = Clock()
-        owner = await db.run("user", thd_make_user, "bob")
-        await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
-        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
-            address=BOB, owner_id=owner, created_at=1.0)))
+        owner = await add_hosted_mailbox(db, BOB)
         mail = MailService(db, clock, "mx.test", MailFiles(Path(self.mktemp())),
                            CpuPool.for_tests())
         draft = await mail.create(owner, BOB, Edit("draft", {
@@ -1073,10 +1069,7 @@ class PostgreSQLDeleteRaceTests(DatabaseMixin, TestCase):
         # committed: it answered 202 as well and took the mail off its mailbox's count a
         # second time, so the listing's count was one short for good (found by an audit).
         db = await self.open_database()
-        owner = await db.run("user", thd_make_user, "bob")
-        await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
-        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
-            address=BOB, owner_id=owner, created_at=1.0)))
+        owner = await add_hosted_mailbox(db, BOB)
         mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
                            CpuPool.for_tests())
         for n in range(2):

@@ -21,7 +21,7 @@ from mailcore.store.schema import mailbox_grants, mailboxes
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
-from tests.support.mailsink import thd_add_domain
+from tests.support.mailsink import add_hosted_mailbox
 from tests.support.web import PASSWORD, Web
 
 BOX = "bob@hosted.test"
@@ -267,10 +267,7 @@ class PostgreSQLMailboxDeleteTests(DatabaseMixin, TestCase):
         # server (SQLite ignores both: its writers take turns).
         db = await self.open_database()
         clock = Clock()
-        owner = await db.run("user", thd_make_user, "bob")
-        await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
-        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
-            address=BOX, owner_id=owner, created_at=1.0)))
+        owner = await add_hosted_mailbox(db, BOX)
         boxes = MailboxService(db, clock)
         mail = MailService(db, clock, "mx.test", MailFiles(Path(self.mktemp())),
                            CpuPool.for_tests())

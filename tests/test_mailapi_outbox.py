@@ -224,14 +224,19 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
 
-    async def test_a_mail_deleted_once_the_sender_read_it_is_not_sent(self) -> None:
-        # DELETE answered 202 "mail deleted" means the mail is not sent (found by an audit:
-        # the sender kept the rows it read and handed a deleted one to the queue anyway).
+    async def post_outbox(self, count: int) -> list[str]:
+        """`count` mails put in BOB's outbox, to r0@customer.test, r1@...: their ids."""
         public_ids = []
-        for n in range(3):
+        for n in range(count):
             written = await self.mail.create(self.owner, BOB, Edit("outbox", {
                 "to": f"r{n}@customer.test", "subject": f"n{n}"}))
             public_ids.append(written.public_id)
+        return public_ids
+
+    async def test_a_mail_deleted_once_the_sender_read_it_is_not_sent(self) -> None:
+        # DELETE answered 202 "mail deleted" means the mail is not sent (found by an audit:
+        # the sender kept the rows it read and handed a deleted one to the queue anyway).
+        public_ids = await self.post_outbox(3)
         self.connector.hold = defer.Deferred()
         self.sender.startService()  # it read all three; the second waits for the first
         self.assertEqual(self.queued(), 1)
@@ -255,11 +260,7 @@ class OutboxWakeUpTests(QueueTestCase):
         # `mailcore user disable` stops the account acting: its outbox mail is neither sent
         # nor failed while it is disabled, and goes, in its order, once it is enabled.
         await self.set_active(False)
-        public_ids = []
-        for n in range(2):
-            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
-                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
-            public_ids.append(written.public_id)
+        public_ids = await self.post_outbox(2)
         self.sender.startService()
         await self.sender.settled()
         self.assertEqual((self.queued(), self.connector.addresses()), (0, []))
@@ -272,11 +273,7 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(self.connector.addresses(), ["r0@customer.test", "r1@customer.test"])
 
     async def test_mail_read_before_its_owner_was_disabled_stays_in_the_outbox(self) -> None:
-        public_ids = []
-        for n in range(3):
-            written = await self.mail.create(self.owner, BOB, Edit("outbox", {
-                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
-            public_ids.append(written.public_id)
+        public_ids = await self.post_outbox(3)
         self.connector.hold = defer.Deferred()
         self.sender.startService()  # it read all three; the second waits for the first
         self.assertEqual(self.queued(), 1)

@@ -73,6 +73,21 @@ def gather(*coroutines: Any) -> defer.Deferred[list[Any]]:
     )
 
 
+
+def thd_outbox_mail(conn: Connection, owner: int, count: int) -> None:
+    """Blocking: a mailbox me@hosted.test of `owner` with `count` mails in its outbox, in
+    order: public ids m0000..., queue ids Q0000..."""
+    box = conn.execute(insert(mailboxes).values(
+        address="me@hosted.test", owner_id=owner, created_at=START,
+    ).returning(mailboxes.c.id)).scalar_one()
+    for i in range(count):
+        conn.execute(insert(mailapi_mail).values(
+            public_id=f"m{i:04d}", mailbox_id=box, status=OUTBOX,
+            mail_from="me@hosted.test", to_addrs="you@example.test",
+            raw=b"Subject: hi\r\n\r\nbody\r\n", queue_id=f"Q{i:04d}",
+            created_at=START, outbox_seq=i,
+        ))
+
 class RecordingSpool:
     """Where a node's digests go: each accepted message is recorded (the queue itself is
     tested elsewhere; here only how many digests the nodes queue matters)."""
@@ -516,19 +531,7 @@ class SharedJobsMixin(DatabaseMixin):
         clock.advance(START)
         owner = await a.run("owner", thd_make_user, "owner")
 
-        def txn(conn: Connection) -> None:
-            box = conn.execute(insert(mailboxes).values(
-                address="me@hosted.test", owner_id=owner, created_at=START,
-            ).returning(mailboxes.c.id)).scalar_one()
-            for i in range(12):
-                conn.execute(insert(mailapi_mail).values(
-                    public_id=f"m{i:04d}", mailbox_id=box, status=OUTBOX,
-                    mail_from="me@hosted.test", to_addrs="you@example.test",
-                    raw=b"Subject: hi\r\n\r\nbody\r\n", queue_id=f"Q{i:04d}",
-                    created_at=START,
-                ))
-
-        await a.run("outbox", txn)
+        await a.run("outbox", thd_outbox_mail, owner, 12)
         queued: list[tuple[str, Envelope]] = []
         accepted: list[str] = []
 
@@ -581,16 +584,7 @@ class SharedJobsMixin(DatabaseMixin):
         owner = await a.run("owner", thd_make_user, "owner")
 
         def txn(conn: Connection) -> None:
-            box = conn.execute(insert(mailboxes).values(
-                address="me@hosted.test", owner_id=owner, created_at=START,
-            ).returning(mailboxes.c.id)).scalar_one()
-            for i in range(3):
-                conn.execute(insert(mailapi_mail).values(
-                    public_id=f"m{i:04d}", mailbox_id=box, status=OUTBOX,
-                    mail_from="me@hosted.test", to_addrs="you@example.test",
-                    raw=b"Subject: hi\r\n\r\nbody\r\n", queue_id=f"Q{i:04d}",
-                    created_at=START, outbox_seq=i,
-                ))
+            thd_outbox_mail(conn, owner, 3)
             conn.execute(update(users).where(users.c.id == owner).values(is_active=False))
 
         await a.run("outbox", txn)

@@ -24,7 +24,8 @@ from mailcore.queue.routing import Hop
 from mailcore.queue.runner import Connector
 from mailcore.smtp.client import Reply, SMTPClientError, TLSFailed, TransactionResult
 from mailcore.store import Database
-from mailcore.store.schema import domains, users
+from mailcore.store.schema import domains, mailboxes, users
+from tests.support.fetchenv import thd_make_user
 
 REPO = str(__import__("pathlib").Path(__file__).resolve().parent.parent.parent)
 
@@ -67,6 +68,16 @@ async def add_domain(db: Database, name: str, host: str, port: int, **kw: Any) -
 
 # -- a byte-exact sink ----------------------------------------------------------------------
 
+
+
+async def add_hosted_mailbox(db: Database, address: str) -> int:
+    """A user bob, the served domain hosted.test and a Mail API mailbox `address` of bob's,
+    written straight into the store; bob's id."""
+    owner: int = await db.run("user", thd_make_user, "bob")
+    await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
+    await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+        address=address, owner_id=owner, created_at=1.0)))
+    return owner
 
 @dataclass
 class Received:
