@@ -20,9 +20,9 @@ from sqlalchemy import Connection, Select, bindparam, delete, exists, select, up
 
 from mailcore.messages.parse import ParsedMessage, indexed_text, subject_key
 from mailcore.messages.sql import allocate_ids, insert_rows
+from mailcore.store.chunks import key_chunks
 from mailcore.store.schema import message_refs, messages, threads
 
-_CHUNK = 500
 _PROVISIONAL = 1 << 62
 # threads.subject_key holds at most this much (and at most MAX_INDEXED_BYTES of UTF-8,
 # `indexed_text`); a longer key is stored cut and never matches.
@@ -58,16 +58,10 @@ def _stored_key(key: str) -> str:
     return indexed_text(key[:_KEY_CHARS])
 
 
-def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
-    ordered = sorted(set(values))
-    for i in range(0, len(ordered), _CHUNK):
-        yield ordered[i : i + _CHUNK]
-
-
 def _pairs(conn: Connection, statement: Select[Any], user_id: int,
            keys: Iterable[str]) -> dict[str, set[int]]:
     found: dict[str, set[int]] = {}
-    for chunk in _chunks(keys):
+    for chunk in key_chunks(keys):
         for key, thread_id in conn.execute(statement, {"u": user_id, "ids": chunk}):
             found.setdefault(key, set()).add(int(thread_id))
     return found
@@ -206,9 +200,8 @@ def thd_drop_threads_if_empty(conn: Connection, user_id: int, thread_ids: Iterab
                               ) -> None:
     """Delete those of the user's threads `thread_ids` that no message points at any more
     (after messages of theirs went): one index probe each, whatever the store holds."""
-    ordered = sorted(set(thread_ids))
-    for i in range(0, len(ordered), _CHUNK):
-        conn.execute(_EMPTY_THREADS, {"u": user_id, "ids": ordered[i:i + _CHUNK]})
+    for chunk in key_chunks(thread_ids):
+        conn.execute(_EMPTY_THREADS, {"u": user_id, "ids": chunk})
 
 
 def thd_drop_empty_threads(conn: Connection, user_id: int) -> None:

@@ -16,12 +16,19 @@ from sqlalchemy import Connection
 KEY_CHUNK = 500
 
 
+def key_chunks(keys: Iterable[Any]) -> Iterator[list[Any]]:
+    """`keys`, each once and sorted, KEY_CHUNK at a time (for a statement that returns no
+    rows, a DELETE, run once per chunk)."""
+    ordered = sorted(set(keys))
+    for i in range(0, len(ordered), KEY_CHUNK):
+        yield ordered[i : i + KEY_CHUNK]
+
+
 def rows_for(conn: Connection, statement: Any, params: dict[str, Any],
              keys: Iterable[Any]) -> Iterator[Any]:
     """The rows `statement` finds for `keys` (its expanding "keys"), asked in chunks."""
-    ordered = sorted(set(keys))
-    for i in range(0, len(ordered), KEY_CHUNK):
-        yield from conn.execute(statement, {**params, "keys": ordered[i : i + KEY_CHUNK]})
+    for chunk in key_chunks(keys):
+        yield from conn.execute(statement, {**params, "keys": chunk})
 
 
 def found_keys(conn: Connection, statement: Any, params: dict[str, Any],
