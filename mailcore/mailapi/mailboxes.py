@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.gateway.domains import thd_mailboxes_changed
 from mailcore.identity.service import thd_user_row_by_name
 from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
+from mailcore.messages.sql import dialect_insert
 from mailcore.store import Database
 from mailcore.store.schema import domains, mailapi_mail, mailbox_grants, mailboxes, users
 from mailcore.store.schema.mailapi import OUTBOX
@@ -189,11 +188,8 @@ def _thd_user(conn: Connection, name: str) -> tuple[int, str]:
 
 def _thd_insert_grant(conn: Connection, mailbox_id: int, user_id: int) -> None:
     """Blocking: a grant of no rights of `mailbox_id` to `user_id`, unless it has one."""
-    values = {"mailbox_id": mailbox_id, "user_id": user_id, **Rights().as_dict()}
-    if conn.dialect.name == "postgresql":
-        conn.execute(pg_insert(mailbox_grants).values(**values).on_conflict_do_nothing())
-    else:
-        conn.execute(sqlite_insert(mailbox_grants).values(**values).on_conflict_do_nothing())
+    conn.execute(dialect_insert(conn)(mailbox_grants).values(
+        mailbox_id=mailbox_id, user_id=user_id, **Rights().as_dict()).on_conflict_do_nothing())
 
 
 def _require_modify(access: Access) -> None:
