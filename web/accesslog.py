@@ -138,14 +138,13 @@ def _names(*groups: Iterable[str]) -> frozenset[str]:
 
 SECRETS = RedactionRule(
     params=_names(
-        # credentials in the query (Dropmyemail, Mail API, generic spellings)
-        ("access_token", "refresh_token", "auth_key", "auth_token", "api_key", "apikey",
-         "key", "token", "password", "passwd", "pwd", "pass", "passphrase", "client_secret",
-         "secret", "credential", "credentials", "session", "sessionid"),
+        # credentials in the query that the suffixes below do not already name (those
+        # cover access_token, auth_key, api_key, client_secret, password, ...)
+        ("credential", "credentials", "session", "sessionid"),
         # OAuth 2 authorization responses (RFC 6749 §4.1.2)
         ("code", "state"),
     ),
-    # Any name ending so (`x-api-key`, `id_token`, `new_password`, `db_pwd`, `csrf_token`)
+    # Any name ending so (`key`, `x-api-key`, `id_token`, `new_password`, `db_pwd`)
     suffixes=("key", "token", "secret", "password", "passwd", "pwd", "pass", "passphrase"),
     paths=(
         "/quarantine/release/{secret}",  # digest links (web/quarantine_page.py)
