@@ -224,7 +224,6 @@ def thd_files_in_use(conn: Connection, hashes: Sequence[str]) -> set[str]:
             | found_keys(conn, _MESSAGE_FILES, {}, hashes))
 
 
-
 def _part(f: StoredFile) -> tuple[str, str, str]:
     """An uploaded file as its attachment row names it: name, content type, hash."""
     return f.name[:255], f.content_type[:255], f.sha256

@@ -373,7 +373,6 @@ def left_behind_txn(conn: Connection, bundle_ids: list[int]) -> list[int]:
     return [i for i in bundle_ids if (live[i] is not None if i in live else i < highest)]
 
 
-
 def download_summary_txn(conn: Connection, bundle_id: int) -> list[tuple[str, int, int]]:
     """(recipient address, files downloaded, files) of each recipient of a bundle."""
     n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)
