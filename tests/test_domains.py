@@ -489,10 +489,9 @@ class PostgresAddressRaceTests(TestCase):
         def remove(conn: Connection) -> None:
             conn.execute(delete(domains).where(domains.c.id == self.domain_id(conn)))
 
-        # Before add_address locks the domain's row (it found the domain): a DELETE once
-        # the row is locked waits for the add's transaction, as the add's INSERT would
-        # wait for the DELETE's.
-        self.before_insert(remove, prefix="SELECT domains.id \nFROM domains \nWHERE domains.id")
+        # Before add_address finds and locks the domain's row: a DELETE once the row is
+        # locked waits for the add's transaction.
+        self.before_insert(remove, prefix="SELECT domains.id, domains.owner_id, domains.name")
         with self.assertRaises(DomainError) as caught:
             await self.domains.add_address("example.com", "john", owner_id=self.alice)
         self.assertEqual(caught.exception.message, "No such domain: example.com.")

@@ -470,9 +470,13 @@ SERVABLE: ColumnElement[bool] = or_(
 )
 
 
-def _find_domain_txn(conn: Connection, name: str, owner_id: int | None) -> Domain:
-    """Blocking: the domain row, or DomainError when absent (or owned by someone else)."""
-    row = conn.execute(select(domains).where(domains.c.name == name)).first()
+def _find_domain_txn(conn: Connection, name: str, owner_id: int | None, *,
+                     lock: bool = False) -> Domain:
+    """Blocking: the domain row, or DomainError when absent (or owned by someone else);
+    `lock`: the row locked FOR NO KEY UPDATE until the transaction ends (rows referencing
+    it, which take FOR KEY SHARE, do not wait for it)."""
+    query = select(domains).where(domains.c.name == name)
+    row = conn.execute(query.with_for_update(key_share=True) if lock else query).first()
     if row is None or (owner_id is not None and row._mapping["owner_id"] != owner_id):
         raise DomainError(f"No such domain: {name}.", "domain")
     return _domain(row)
@@ -1151,12 +1155,9 @@ class DomainService(PeriodicService):
         limit = self.max_addresses
 
         def txn(conn: Connection) -> bool:
-            found = _find_domain_txn(conn, domain_name, owner_id)
             # The domain's row is locked, so that concurrent adds to its list count one
             # after another (as the owner's row is for add).
-            if conn.execute(select(domains.c.id).where(domains.c.id == found.id)
-                            .with_for_update(key_share=True)).first() is None:
-                _find_domain_txn(conn, domain_name, owner_id)  # removed meanwhile: raises
+            found = _find_domain_txn(conn, domain_name, owner_id, lock=True)
             exists = conn.execute(
                 select(domain_addresses.c.id).where(
                     domain_addresses.c.domain_id == found.id,
