@@ -28,6 +28,7 @@ from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
 from mailcore.queue.model import SERVED
 from mailcore.store import Database
+from mailcore.store.chunks import found_keys
 from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes
 from mailcore.workers import CpuPool
 
@@ -50,14 +51,19 @@ def thd_new_public_id(conn: Connection) -> str:
     raise RuntimeError("no free mail id")  # pragma: no cover - 2**64 ids
 
 
+# Which of :keys (domain names) are served: asked only for the domains mailboxes are in.
+_SERVED_NAMES = select(domains.c.name).where(
+    domains.c.name.in_(bindparam("keys", expanding=True)), SERVED)
+
+
 def thd_hosted(conn: Connection) -> frozenset[str]:
     """The addresses of the mailboxes whose domain is served. Removing a domain leaves its
     mailboxes (and their mail); routing to them afterwards stored in bob's mailbox what was
     sent to bob@ a domain nobody served, or, once another user had claimed the name, mail
     meant for that user's server."""
-    served = {row[0] for row in conn.execute(select(domains.c.name).where(SERVED))}
-    return frozenset(row[0] for row in conn.execute(select(mailboxes.c.address))
-                     if row[0].rpartition("@")[2] in served)
+    addresses = [row[0] for row in conn.execute(select(mailboxes.c.address))]
+    served = found_keys(conn, _SERVED_NAMES, {}, (a.rpartition("@")[2] for a in addresses))
+    return frozenset(a for a in addresses if a.rpartition("@")[2] in served)
 
 
 class HostedAddresses:
