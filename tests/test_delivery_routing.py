@@ -11,6 +11,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import TestCase
 
+from mailcore.queue.model import thd_vouched_domain_for
 from mailcore.queue.routing import MAX_LOOKUPS, Hop, Router, RoutingError, parse_hostport
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
@@ -168,6 +169,44 @@ class RouterTests(TestCase):
         with self.assertRaises(RoutingError) as e:
             await self.router(FakeResolver({"x.test": [(0, b"")]})).route(None, "a@x.test")
         self.assertTrue(e.exception.permanent)
+
+    # -- this gateway's own mail to a domain served but not vouched for -----------------
+
+    async def test_own_mail_to_a_claimed_domain_goes_by_mx_with_the_served_hop_behind(
+        self,
+    ) -> None:
+        # Claimed through the API with verification off: served, not vouched for.
+        resolver = FakeResolver({"customer.test": [(10, b"mx.real.test")]})
+        hop = await self.router(resolver).route(None, "b@customer.test")
+        self.assertEqual(hop, Hop("mx.real.test", 25, "verify-if-offered", loop_to=Hop(
+            "mx.customer.test", 2525, "verify-if-offered")))
+        self.assertEqual(resolver.asked, ["customer.test"])
+
+    async def test_own_mail_to_a_claimed_domain_without_dns_takes_the_served_hop(
+        self,
+    ) -> None:
+        resolver = FakeResolver({"customer.test": DNSNameError("nx")})
+        hop = await self.router(resolver).route(None, "b@customer.test")
+        self.assertEqual(hop, Hop("mx.customer.test", 2525, "verify-if-offered"))
+
+    async def test_own_mail_to_a_claimed_domain_waits_when_dns_fails(self) -> None:
+        resolver = FakeResolver({"customer.test": DNSServerError("servfail")})
+        with self.assertRaises(RoutingError) as e:
+            await self.router(resolver).route(None, "b@customer.test")
+        self.assertFalse(e.exception.permanent)
+
+    async def test_an_unserved_domain_has_no_served_hop_behind(self) -> None:
+        resolver = FakeResolver({"other.test": [(10, b"mx.other.test")]})
+        hop = await self.router(resolver).route(None, "b@other.test")
+        self.assertIsNone(hop.loop_to)
+
+    async def test_which_served_domains_own_mail_names(self) -> None:
+        vouched = await self.db.run("d", thd_add_domain, "vouched.test", "mx.v.test", 25,
+                                    vouched=True)
+        self.assertEqual(await self.db.read("v", thd_vouched_domain_for, "vouched.test"),
+                         vouched)
+        self.assertIsNone(await self.db.read("v", thd_vouched_domain_for, "customer.test"))
+        self.assertIsNone(await self.db.read("v", thd_vouched_domain_for, "nowhere.test"))
 
     def test_parse_hostport(self) -> None:
         self.assertEqual(parse_hostport("mx.test"), ("mx.test", 25))

@@ -22,6 +22,7 @@ from mailcore.gateway.domains import (
     parse_redirect,
 )
 from mailcore.identity import Identity
+from mailcore.queue.model import thd_vouched_domain_for
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domains
 from mailcore.workers import CpuPool
@@ -134,6 +135,22 @@ class DomainServiceTests(TestCase):
                          ["a.example", "b.example", "xn--bcher-kva.de"])
         self.assertEqual([d.name for d in await self.domains.list(alice)],
                          ["a.example", "xn--bcher-kva.de"])
+
+    async def test_only_the_operators_adds_are_vouched_for_when_nothing_is_verified(
+        self,
+    ) -> None:
+        # verify_domains off: both are served at once, but only the operator's (the CLI
+        # passes verified=True) draws this gateway's own mail straight to its next hop; a
+        # user's claim of any name through the API does not (queue.model.VOUCHED).
+        alice = await self.user("alice")
+        operators = await self.domains.add("vouched.test", alice, "mx.v.test", verified=True)
+        claimed = await self.domains.add("gmail.test", alice, "mx.claimant.test")
+        self.assertFalse(operators.pending or claimed.pending)
+        self.assertIsNotNone(operators.verified_at)
+        self.assertIsNone(claimed.verified_at)
+        self.assertEqual(await self.db.read("v", thd_vouched_domain_for, "vouched.test"),
+                         operators.id)
+        self.assertIsNone(await self.db.read("v", thd_vouched_domain_for, "gmail.test"))
 
     async def test_add_refuses_duplicates_unknown_owners_and_bad_options(self) -> None:
         alice = await self.user("alice")

@@ -17,7 +17,7 @@ from mailcore.mailapi.mail import Edit, MailService, Outcome
 from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender, thd_outbox
 from mailcore.store.schema import mailapi_mail, queue_messages, users
 from mailcore.workers import CpuPool
-from tests.support.mailsink import done
+from tests.support.mailsink import done, thd_add_domain
 from tests.support.queuetest import QueueTestCase
 
 BOB = "bob@customer.test"
@@ -223,6 +223,22 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(await boxes.find(BOB), None)
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+
+    async def test_mail_to_a_domain_claimed_through_the_api_does_not_go_to_the_claimant(
+        self,
+    ) -> None:
+        # With [protecmail] verify_domains off anyone may claim a name through the API
+        # (served, not vouched for): every user's mail to it goes the way the world's mail
+        # goes (here the relayhost; the MX otherwise), not to the claimant's next hop.
+        await self.db.run("claim", thd_add_domain, "gmail.test", "10.6.6.6", 25)
+        for to in ("victim@gmail.test", "r@customer.test"):
+            await self.mail.create(self.owner, BOB, Edit("outbox", {"to": to}))
+        self.sender.startService()
+        await self.sender.settled()
+        self.assertEqual([(hop.label, rcpts) for hop, _f, rcpts, _b, _t
+                          in self.connector.delivered],
+                         [("relay.test:25", ["victim@gmail.test"]),
+                          ("10.0.0.1:2525", ["r@customer.test"])])
 
     async def post_outbox(self, count: int) -> list[str]:
         """`count` mails put in BOB's outbox, to r0@customer.test, r1@...: their ids."""

@@ -301,6 +301,33 @@ class QueueTests(TestCase):
         ))
         self.assertEqual(self.reactor.tcpClients, [])
 
+    def own_mail(self, mx_host: str) -> Queue:
+        """A queue listening on 127.0.0.1:25 and customer.test, served here (its hop
+        93.184.216.34:2526) but not vouched for, whose MX is `mx_host`."""
+        q = self.make({"mx.us.test": ["127.0.0.1"], "mx.elsewhere.test": ["93.184.216.35"]},
+                      config=Config(hostname="mx.test",
+                                    smtp_endpoints=("tcp:25:interface=127.0.0.1",)),
+                      mx={"customer.test": [(10, mx_host)]}, allow_loopback=True)
+        done(self.db.run("d", thd_add_domain, "customer.test", "93.184.216.34", 2526))
+        return q
+
+    async def test_own_mail_whose_mx_is_us_takes_the_claimed_domains_served_hop(self) -> None:
+        # A bounce (the gateway's own mail) routed without a domain id, as it is for a
+        # domain claimed through the API: its MX names us, so the served hop is taken.
+        q = self.own_mail("mx.us.test")
+        await q.spool.accept("Q1", envelope("", ("b@customer.test", None)), BODY)
+        self.assertEqual([(h, p) for h, p, *_ in self.reactor.tcpClients],
+                         [("93.184.216.34", 2526)])
+        self.assertEqual(self.last("Q1")[0], "queued")
+
+    async def test_own_mail_whose_mx_is_elsewhere_goes_there_not_to_the_claimant(
+        self,
+    ) -> None:
+        q = self.own_mail("mx.elsewhere.test")
+        await q.spool.accept("Q1", envelope("", ("b@customer.test", None)), BODY)
+        self.assertEqual([(h, p) for h, p, *_ in self.reactor.tcpClients],
+                         [("93.184.216.35", 25)])
+
 
 # -- when a redirect is set: the API -------------------------------------------------------
 

@@ -34,7 +34,9 @@ meanwhile. Enabling or disabling a user logs its domains' change (`thd_owner_cha
 With `[protecmail] verify_domains` on, a domain added without `verified=True` is stored
 pending, with a random token its owner publishes in DNS (`mailcore.gateway.verification`);
 it is left out of the snapshot (its mail is refused like an unknown domain's) until
-`mark_verified` records the proof.
+`mark_verified` records the proof. With it off, a domain added through the API is served
+at once but not vouched for: this gateway's own mail to it goes by MX, as the world's does
+(`mailcore.queue.model.VOUCHED`); the operator's adds (`verified=True`) are vouched for.
 """
 
 from __future__ import annotations
@@ -960,8 +962,11 @@ class DomainService(PeriodicService):
         A `hosted` domain has no next hop (`redirect_to` is ignored): its mail is kept in
         its Mail API mailboxes.
 
-        With `verify_domains` on the domain is stored pending, with a fresh token, unless
-        `verified` (an operator vouches for it).
+        `verified`: an operator vouches for it (the CLI), so that this gateway's own mail
+        to it takes its next hop directly (`mailcore.queue.model.VOUCHED`). Else, with
+        `verify_domains` on, the domain is stored pending with a fresh token; with it off it
+        is served at once, but this gateway's own mail to it goes by MX
+        (`mailcore.queue.routing`).
 
         DomainLimitReached when the owner already has `max_per_user` domains (pending ones
         count: they hold their names too).
@@ -977,11 +982,10 @@ class DomainService(PeriodicService):
         values.setdefault("virus_action", 0)
         values.setdefault("send_resume", False)
         values.update(name=domain_name, owner_id=owner_id, created_at=self.now())
-        if self.verify_domains:
-            if verified:
-                values["verified_at"] = values["created_at"]
-            else:
-                values["verify_token"] = secrets.token_hex(16)
+        if verified:
+            values["verified_at"] = values["created_at"]
+        elif self.verify_domains:
+            values["verify_token"] = secrets.token_hex(16)
 
         limit = self.max_per_user
 

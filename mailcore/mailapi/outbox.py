@@ -51,7 +51,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
-from mailcore.queue.model import Result, thd_domain_for
+from mailcore.queue.model import Result, thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
@@ -129,7 +129,7 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
         for address in addresses:
             domain = address.rpartition("@")[2]
             if domain not in domains:
-                domains[domain] = thd_domain_for(conn, domain)
+                domains[domain] = thd_vouched_domain_for(conn, domain)
             recipients.append(Recipient(address, domains[domain]))
         envelope = Envelope(row.mail_from, tuple(recipients), kind="outbox")
         out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(raws[row.id]),

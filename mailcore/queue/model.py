@@ -392,6 +392,23 @@ def thd_domain_for(conn: Connection, domain: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+# A served domain this gateway's own mail (bounces, Mail API and safedrop mail) is routed
+# to directly: one proved in DNS or vouched for by the operator (`mailcore domain add`).
+# Without that, a user could claim any name through the API (`[protecmail] verify_domains`
+# off) and draw every user's mail to it to their own server; such mail goes the way the
+# world's mail goes instead (`mailcore.queue.routing.Router` takes the served hop when that
+# way leads back to us).
+VOUCHED = domains.c.verified_at.is_not(None)
+
+
+def thd_vouched_domain_for(conn: Connection, domain: str) -> int | None:
+    """The id of a served domain by name (lower-case A-label) that this gateway's own mail
+    may be routed to directly (`VOUCHED`), or None."""
+    row = conn.execute(
+        select(domains.c.id).where(domains.c.name == domain, SERVED, VOUCHED)).first()
+    return None if row is None else int(row[0])
+
+
 def thd_prune(conn: Connection, before: float) -> int:
     """Forget finished messages older than `before` (their recipients go with them)."""
     old = [

@@ -8,6 +8,14 @@ default otherwise. Mail for anyone else (bounces to foreign senders) goes to the
 `relayhost`, or, when none is set, to the recipient domain's best MX found with
 twisted.names (the resolver is injectable), with the `[queue] tls` default; its other MX
 hosts (up to MAX_MX_HOSTS in all, by preference) are tried in turn when it cannot be reached.
+
+This gateway's own mail (bounces, Mail API and safedrop mail) names a served domain only
+when that domain is proved or vouched for (`mailcore.queue.model.VOUCHED`): a user may claim
+any name through the API while `[protecmail] verify_domains` is off, and must not draw the
+gateway's mail for it to their own server. Mail for a domain served but not vouched for goes
+the way the world's mail goes, with its served hop as `Hop.loop_to`: when that way leads
+back to one of our own listeners (the domain's MX names us), or when the domain has no DNS
+at all (nobody else can have it), the served hop is taken after all.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from sqlalchemy import Connection, select
 from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 
+from mailcore.queue.model import SERVED
 from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
 from mailcore.store import Database
 from mailcore.store.schema import domains
@@ -35,6 +44,9 @@ class Hop:
     port: int
     tls: str = DEFAULT_TLS
     fallbacks: tuple[str, ...] = ()
+    # The hop to take instead when this one loops back to our own listeners: the served
+    # hop of a domain that is served here but not vouched for (see the module's doc).
+    loop_to: Hop | None = None
 
     def hosts(self) -> list[Hop]:
         """The hop of each host to try, in order, with no fallbacks of its own."""
@@ -62,15 +74,20 @@ class LocalAddresses(Protocol):
 class RoutingError(Exception):
     """No next hop for a recipient; `permanent` says whether to bounce rather than retry."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False,
+                 no_domain: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+        # The recipient's domain does not exist in DNS (NXDOMAIN).
+        self.no_domain = no_domain
 
 
 # MX hosts of a domain tried at most (Postfix's smtp_mx_address_limit is 5 addresses).
 MAX_MX_HOSTS = 5
 # MX lookups under way at once at most (each is a socket of its own); the others wait.
 MAX_LOOKUPS = 20
+# Domain names whose served id is cached at most (then the cache starts again).
+_SERVED_CACHE_LIMIT = 4096
 
 
 class MXResolver(Protocol):
@@ -102,6 +119,12 @@ def _domain_routes(conn: Connection, ids: list[int]) -> dict[int, tuple[str, int
     return {row.id: (row.redirect_host, row.redirect_port, row.tls) for row in rows}
 
 
+def _served_id(conn: Connection, name: str) -> int | None:
+    """Blocking: the id of the served domain `name`, vouched for or not, or None."""
+    row = conn.execute(select(domains.c.id).where(domains.c.name == name, SERVED)).first()
+    return None if row is None else int(row[0])
+
+
 class Router:
     """Maps (domain_id, address) to a Hop, caching the domains table for a short while."""
 
@@ -119,6 +142,8 @@ class Router:
         self.settings = settings
         self._resolver = resolver
         self._cache: dict[int, tuple[float, Hop | None]] = {}
+        # Domain name -> (expiry, served domain id or None), for mail without a domain id.
+        self._served: dict[str, tuple[float, int | None]] = {}
         self._lookups = DeferredSemaphore(MAX_LOOKUPS)
 
     def _policy(self, domain_tls: str | None = None) -> str:
@@ -172,7 +197,32 @@ class Router:
         if self.settings.relayhost:
             host, port = parse_hostport(self.settings.relayhost)
             return Hop(host, port, self._policy())
-        return await self._mx(address)
+        served_id = await self._served_id(address)
+        if served_id is None:
+            return await self._mx(address)
+        try:
+            served: Hop | None = await self.route(served_id, address)
+        except RoutingError:
+            served = None  # removed meanwhile, or hosted and not a mailbox: the MX decides
+        try:
+            found = await self._mx(address)
+        except RoutingError as e:
+            if served is not None and e.permanent and e.no_domain:
+                return served  # no DNS at all: nobody but us can have its mail
+            raise
+        return replace(found, loop_to=served)
+
+    async def _served_id(self, address: str) -> int | None:
+        """The served domain of an address routed without one (cached like routes)."""
+        name = address.rpartition("@")[2].strip().rstrip(".").lower()
+        now = self.clock.seconds()
+        entry = self._served.get(name)
+        if entry is None or entry[0] < now:
+            if len(self._served) >= _SERVED_CACHE_LIMIT:
+                self._served.clear()
+            found = await self.db.read("queue_served_domain", _served_id, name)
+            entry = self._served[name] = (now + self.settings.route_cache_seconds, found)
+        return entry[1]
 
     async def _mx(self, address: str) -> Hop:
         """The lowest-preference MX of the address's domain (its A record if it has none)."""
@@ -192,7 +242,8 @@ class Router:
             answers, _authority, _additional = await self._lookups.run(
                 resolver.lookupMailExchange, domain)
         except DNSNameError:
-            raise RoutingError(f"domain {domain} does not exist", permanent=True) from None
+            raise RoutingError(f"domain {domain} does not exist", permanent=True,
+                               no_domain=True) from None
         except Exception as e:
             raise RoutingError(f"MX lookup for {domain} failed: {e}") from None
         found: set[tuple[int, str]] = set()

@@ -910,13 +910,16 @@ class QueueRunner:
         """A session with the hop's host, or when it cannot be had (no connection, no
         greeting, no TLS its policy wants) with each of its fallbacks (other MX hosts) in
         turn; the first host's failure when none can be had. A loop back to ourselves ends
-        the search."""
+        the search, or for a hop with a `loop_to` (the served hop of a domain served here
+        but not vouched for, `mailcore.queue.routing`) turns to that hop."""
         first: Exception | None = None
         for target in hq.hop.hosts():
             try:
                 return await self._open_host(hq, target)
             except NextHopRefused as e:
                 if e.permanent:
+                    if hq.hop.loop_to is not None:
+                        return await self._open_host(hq, hq.hop.loop_to)
                     raise
                 first = first or e
             except defer.CancelledError:

@@ -61,9 +61,9 @@ from mailcore.queue.model import (
     Rcpt,
     Result,
     thd_apply_results,
-    thd_domain_for,
     thd_finish_stranded,
     thd_insert_messages,
+    thd_vouched_domain_for,
 )
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.dsn import Failure as DsnFailure
@@ -259,7 +259,7 @@ def _thd_insert_dsns(
             now=now,
         )
         sender_domain = msg.mail_from.rpartition("@")[2].lower()
-        domain_id = thd_domain_for(conn, sender_domain) if sender_domain else None
+        domain_id = thd_vouched_domain_for(conn, sender_domain) if sender_domain else None
         env = Envelope(
             "", (Recipient(msg.mail_from, domain_id),), kind="bounce"
         )

@@ -38,7 +38,7 @@ from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.identity.secrets import digest
 from mailcore.mailapi.addresses import mailbox_key
-from mailcore.queue.model import NewMessage, thd_domain_for, thd_insert_messages
+from mailcore.queue.model import NewMessage, thd_insert_messages, thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
@@ -107,11 +107,12 @@ def rfc3339(value: datetime.datetime) -> str:
 
 
 def thd_recipient(conn: Connection, address: str) -> Recipient:
-    """Blocking: `address` as the queue routes it: with its served domain (that domain's
-    next hop or mailbox, as for the Mail API's outbox), else relayhost or MX."""
+    """Blocking: `address` as the queue routes it: with its served domain when that is
+    proved or vouched for (that domain's next hop, as for the Mail API's outbox), else
+    relayhost or MX (`mailcore.queue.model.VOUCHED`)."""
     key = mailbox_key(address)
     domain = (key or address).rpartition("@")[2].lower()
-    return Recipient(address, thd_domain_for(conn, domain))
+    return Recipient(address, thd_vouched_domain_for(conn, domain))
 
 
 class SafedropService:

@@ -36,12 +36,13 @@ _owner_counter = itertools.count(1)
 
 def thd_add_domain(
     conn: Connection, name: str, host: str, port: int, require_tls: bool = False,
-    tls: str | None = None,
+    tls: str | None = None, vouched: bool = False,
 ) -> int:
     """Insert a served domain (and an owner when none exists); returns the domain id.
 
     `tls` is the domain's own outbound TLS policy (None: the queue default);
-    `require_tls` is the DomainService shorthand for tls "verify"."""
+    `require_tls` is the DomainService shorthand for tls "verify"; `vouched`: as the
+    operator's adds (`mailcore.queue.model.VOUCHED`), not as the API's."""
     now = datetime.datetime.now(datetime.UTC)
     owner = conn.execute(select(users.c.id).limit(1)).scalar()
     if owner is None:
@@ -57,6 +58,7 @@ def thd_add_domain(
             insert(domains).values(
                 owner_id=owner, name=name, redirect_host=host, redirect_port=port,
                 tls="verify" if require_tls else tls, created_at=now,
+                verified_at=now if vouched else None,
             ).returning(domains.c.id)
         ).scalar_one()
     )

@@ -16,7 +16,8 @@ BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
 
 
 class QueueTestCase(TestCase):
-    """customer.test served and routed to 10.0.0.1:2525; `settings` go to QueueSettings.
+    """customer.test served (vouched for, as the operator's adds are) and routed to
+    10.0.0.1:2525; `settings` go to QueueSettings.
     At the end the queue is stopped and no DelayedCall may be left on the clock."""
 
     settings: dict[str, Any] = {}
@@ -27,7 +28,7 @@ class QueueTestCase(TestCase):
         self.db = Database.for_tests()
         self.connector = ScriptedConnector()
         self.domain = done(self.db.run(
-            "add", thd_add_domain, "customer.test", "10.0.0.1", 2525
+            "add", thd_add_domain, "customer.test", "10.0.0.1", 2525, vouched=True
         ))
         self.q = make_queue(self.db, self.clock, self.connector, **self.settings)
         self.runner = self.q.runner
