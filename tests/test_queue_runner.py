@@ -180,6 +180,36 @@ class ConnectionLimitTests(RunnerTestBase):
                          + ["b@customer.test"] * 3)
 
 
+class FairShareTests(RunnerTestBase):
+    """While hops wait for a connection, none holds more than its fair share."""
+
+    settings = {"max_connections": 4, "messages_per_connection": 100}
+
+    async def test_a_tarpit_hop_gives_connections_back_to_waiting_hops(self) -> None:
+        # A customer's redirectTo answers each message after minutes: it took every
+        # connection, and kept them while it had mail, so other hops' mail waited behind it.
+        tarpit = done(self.db.run("add", thd_add_domain, "tarpit.test", "10.6.6.6", 25))
+        stalled = self.connector.stalled["10.6.6.6"] = []
+        for i in range(12):
+            await self.q.spool.accept(f"T{i}", envelope("a@x.test", ("u@tarpit.test", tarpit)),
+                                      BODY)
+        self.assertEqual(self.runner.connections, 4)
+        await self.accept("G1", "b@customer.test")
+        await self.accept("G2", "c@customer.test")
+        self.assertEqual(self.connector.addresses(), [])
+        stalled.pop(0).callback(None)  # one tarpit message done: its connection ends
+        self.assertEqual(self.connector.addresses(), ["u@tarpit.test", "b@customer.test",
+                                                      "c@customer.test"])
+        # The other hop's connection, idle, ended as soon as the tarpit asked for it again.
+        self.assertEqual(self.runner.connections, 4)
+        self.assertEqual(self.runner.hops[Hop("10.6.6.6", 25, "verify-if-offered")].active, 4)
+        while stalled:
+            stalled.pop(0).callback(None)
+        self.assertEqual(self.connector.addresses().count("u@tarpit.test"), 12)
+        self.clock.advance(self.q.settings.connection_idle)
+        self.assertEqual(self.runner.connections, 0)
+
+
 class SlowResolver:
     """MX answers at once, except for domains named slow…, answered after a minute."""
 

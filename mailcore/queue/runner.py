@@ -29,7 +29,12 @@ in time (`leases_renewed`); otherwise it is given back (released) unsent.
 Connections are bounded: at most `hop_concurrency` per hop and `max_connections` in all
 (opening or open). A hop that wants a connection while all are taken waits its turn (hops
 are served in the order they asked); a connection with nothing left to send for its own
-hop then ends at once rather than idling for `connection_idle`.
+hop then ends at once rather than idling for `connection_idle`. While hops wait, none
+holds more than its fair share (`max_connections` over the hops with connections or
+waiting for one): one above it opens no more, and its connections end after their current
+message until it is back within it. Without that, a next hop that answers slowly (a
+customer's redirectTo may be a tarpit) kept each connection it got for minutes while fast
+hops gave theirs back, and a handful of them came to hold every connection.
 
 Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
 processed, queued or in flight); bodies are kept only from accept to send within
@@ -320,6 +325,8 @@ class QueueRunner:
         # (`max_connections`), in the order they asked.
         self.connections = 0
         self._slot_wait: OrderedDict[Hop, None] = OrderedDict()
+        # Hops with a connection opening or open (for the fair share, see the module's doc).
+        self._busy_hops = 0
         self._workers: set[defer.Deferred[None]] = set()
         self._sessions: set[SMTPSession] = set()
         # Connections being opened (connect, greeting, EHLO, STARTTLS): cut with the
@@ -826,14 +833,39 @@ class QueueRunner:
             and len(hq.jobs) > hq.connecting
         ):
             if self.connections >= self.settings.max_connections or most == 0:
-                self._slot_wait.setdefault(hq.hop)
+                if hq.hop not in self._slot_wait:
+                    self._slot_wait[hq.hop] = None
+                    self._end_an_idle_connection()
                 return
+            if self._others_wait(hq) and hq.active >= self._fair_share():
+                return  # (others wait: its own connections take its jobs meanwhile)
             if most is not None:
                 most -= 1
+            if hq.active == 0:
+                self._busy_hops += 1
             hq.active += 1
             hq.connecting += 1
             self.connections += 1
             self._track(defer.Deferred.fromCoroutine(self._worker(hq)))
+
+    def _end_an_idle_connection(self) -> None:
+        """End one connection that idles with nothing to send (it QUITs and gives its slot
+        to the hops waiting): a hop that starts waiting would otherwise wait for another
+        hop's `connection_idle`."""
+        for other in self.hops.values():
+            if other.idle and not other.jobs:
+                d, _since = other.idle.popleft()
+                d.callback(None)
+                return
+
+    def _others_wait(self, hq: HopQueue) -> bool:
+        """Whether hops other than `hq` wait for a connection."""
+        return bool(self._slot_wait) and len(self._slot_wait) > (hq.hop in self._slot_wait)
+
+    def _fair_share(self) -> int:
+        """The connections one hop may hold while others wait for one."""
+        contenders = self._busy_hops + len(self._slot_wait)
+        return max(1, self.settings.max_connections // max(1, contenders))
 
     def _grant_slots(self) -> None:
         """Give free connections to the hops waiting for one, one each in turn."""
@@ -881,6 +913,8 @@ class QueueRunner:
         worker.addBoth(done)
 
     def _next_job(self, hq: HopQueue) -> defer.Deferred[Job | None]:
+        if self._others_wait(hq) and hq.active > self._fair_share():
+            return defer.succeed(None)  # (more than its share while others wait: end one)
         if hq.jobs:
             return defer.succeed(hq.jobs.popleft())
         if not self.running or self._slot_wait:
@@ -1019,6 +1053,8 @@ class QueueRunner:
                 self._sessions.discard(session)
                 hq.established -= 1
             hq.active -= 1
+            if hq.active == 0:
+                self._busy_hops -= 1
             self.connections -= 1
             self._grant_slots()
             self._pump(hq)

@@ -246,6 +246,10 @@ class FakeSession:
         c = self.connector
         if c.hold is not None:
             await c.hold
+        if self.hop.host in c.stalled:  # a tarpit: each send waits for its own release
+            release: defer.Deferred[None] = defer.Deferred()
+            c.stalled[self.hop.host].append(release)
+            await release
         if c.break_during_send:
             self.usable = False
             raise SMTPClientError("connection lost: gone")
@@ -281,6 +285,8 @@ class ScriptedConnector(Connector):
         self.verified: list[bool] = []  # the `verify` flag of every TLS context asked for
         self.quits = 0
         self.hold: defer.Deferred[None] | None = None
+        # Hosts whose sends each wait until the test fires their Deferred (in this list).
+        self.stalled: dict[str, list[defer.Deferred[None]]] = {}
         self.break_during_send = False
         self.peer_name_mismatch = False
         self.stall_connect = False  # connections that never open (nor fail)
