@@ -335,10 +335,12 @@ class CountsTestsMixin(DatabaseMixin):
     async def test_message_with_thread_in_one_read(self) -> None:
         root = await self.add(1, "Plan", None, "INBOX", day=1)
         reply = await self.add(2, "Re: Plan", None, "INBOX", reply_to="<m1@x.test>", day=2)
-        detail, thread = await self.store.message_with_thread(self.user, reply)
+        detail, thread = await self.store.message_and_thread(self.user, reply)
         self.assertEqual(detail.summary.id, reply)
-        self.assertEqual([m.summary.id for m in thread], [root, reply])
+        self.assertEqual(thread, [root, reply])
         self.assertEqual(detail.summary.thread_count, 2)
+        self.assertEqual([d.summary.id async for d in self.store.details_of(
+            self.user, [reply, 10**9, root])], [reply, root])
 
 
 class SQLiteCountsTests(CountsTestsMixin, TestCase):

@@ -4,6 +4,7 @@ search, filters, ordering, DRF pagination and errors, rate limits, CORS, and own
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any, cast
 
 from sqlalchemy import Connection
@@ -13,9 +14,10 @@ from twisted.trial.unittest import TestCase
 from mailcore.fetch import AccountNotFound
 from mailcore.fetch.accounts import DESTINATION_REFUSAL
 from mailcore.fetch.engine import SyncResult
+from mailcore.messages.store import DETAILS_BATCH
 from mailcore.store.schema import messages
 from tests.support.imap2api import Client, client, config, live_api, mail, store
-from tests.support.web import BASE, Web, header
+from tests.support.web import BASE, Web, Wire, header
 from tests.test_fetch_imap_hostile import cleartext_servers
 from web.imap2api import Imap2ApiApp
 
@@ -153,6 +155,67 @@ class PostmanCollectionTests(TestCase):
         self.assertEqual(await alice.ok("GET", "/api/emails/statistics/"), {
             "total_emails": 4, "total_threads": 2, "folders": {"INBOX": 3, "Sent": 1},
         })
+
+
+class LongThreadTests(TestCase):
+    """A thread's e-mails are written as they are read, DETAILS_BATCH at a time, pausing
+    while the client's transport is full: a thread of thousands of large messages was one
+    reply built whole (a 2,001-message thread: 43.7 MB, +160 MB of the daemon's memory for
+    each request of it)."""
+
+    async def test_a_long_thread_is_streamed_and_waits_for_the_client(self) -> None:
+        web, alice = await setup()
+        n = 2 * DETAILS_BATCH + 5
+        ids = await store(web, alice.user.id, [
+            mail(i + 1, subject="Plan", body=f"message {i + 1}", reply_to=i or None)
+            for i in range(n)])
+        reads: list[str] = []
+        run_read = web.core.db.read
+
+        def counting_read(name: str, *args: Any, **kwargs: Any) -> Any:
+            reads.append(name)
+            return run_read(name, *args, **kwargs)
+
+        web.core.db.read = counting_read  # type: ignore[method-assign]
+        thread = await web.core.messages.thread_ids(alice.user.id, ids[0])  # by date
+        self.assertEqual(sorted(thread), ids)
+        for path, others in ((f"/api/emails/{ids[0]}/", [i for i in thread if i != ids[0]]),
+                             (f"/api/emails/{ids[0]}/thread/", thread)):
+            wire = Wire.open(web)
+            full: list[bool] = []
+            write = wire.transport.write
+
+            def filling(data: bytes, wire: Wire = wire, write: Any = write,
+                        full: list[bool] = full) -> None:
+                # The client reads nothing: the transport is full once the reply streams.
+                write(data)
+                if not full and wire.channel._requestProducer is not None:
+                    full.append(True)
+                    wire.channel.pauseProducing()
+
+            wire.transport.write = filling  # type: ignore[method-assign]
+
+            def filling_all(seq: Any, filling: Any = filling) -> None:
+                filling(b"".join(seq))
+
+            wire.transport.writeSequence = filling_all  # type: ignore[method-assign]
+            reads.clear()
+            wire.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n"
+                      f"Authorization: Token {alice.token}\r\n\r\n".encode())
+            self.assertEqual(reads.count("get_thread_batch"), 1, path)
+            wire.channel.resumeProducing()
+            [(status, headers, body)] = wire.responses()
+            self.assertEqual(status, b"HTTP/1.1 200 OK", body[:300])
+            self.assertEqual(headers[b"transfer-encoding"], b"chunked")
+            self.assertEqual(reads.count("get_thread_batch"), 3, path)
+            reply = json.loads(body)
+            items = reply["thread_emails"] if isinstance(reply, dict) else reply
+            self.assertEqual([t["id"] for t in items], others)
+            self.assertEqual(items[-1]["body_text"].strip(), f"message {ids.index(thread[-1]) + 1}")
+            if isinstance(reply, dict):
+                self.assertEqual((reply["id"], reply["body_text"].strip()),
+                                 (ids[0], "message 1"))
+            wire.close()
 
 
 class SyncEndpointTests(TestCase):

@@ -1,4 +1,5 @@
-"""A JSON reply whose last member is a long base64 string, written a slice at a time.
+"""JSON replies written a piece at a time: one whose last member is a long base64 string,
+and one whose last member (or whole body) is a long array.
 
 Encoding a large file into one base64 string and then into one JSON document holds the file
 three or four times over. Here the members known up front are written first, then the base64
@@ -7,18 +8,25 @@ client's transport is full, then the closing quote and brace: the reply costs on
 memory besides what the iterator holds.
 The length of the base64 text follows from the file's size, so the reply has a
 Content-Length like every other JSON reply.
+
+An array's items (a thread's e-mails with their bodies: thousands of them, hundreds of
+megabytes) are encoded and written one at a time as an async iterator yields them, read from
+the store a batch at a time, with the same pauses; its length is not known up front, so the
+reply is sent chunked.
 """
 
 from __future__ import annotations
 
 import binascii
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.web.iweb import IRequest
 
 from web.pacing import paced
 from web.replies import JSON_TYPE, encode_json
+
+T = TypeVar("T")
 
 
 def base64_length(size: int) -> int:
@@ -39,7 +47,7 @@ async def base64_of(raw: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         yield binascii.b2a_base64(carry, newline=False)
 
 
-async def _each(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncGenerator[bytes]:
+async def _each(chunks: Iterable[T] | AsyncIterable[T]) -> AsyncGenerator[T]:
     if not isinstance(chunks, AsyncIterable):
         for piece in chunks:
             yield piece
@@ -77,6 +85,39 @@ async def stream_base64_member(
                 if pacer.stopped:
                     return
                 request.write(piece)
+                await pacer.ready()
+            if not pacer.stopped:
+                request.write(suffix)
+    finally:
+        await pieces.aclose()
+
+
+async def stream_json_array(
+    request: IRequest, items: AsyncIterable[Any], head: Mapping[str, Any] | None = None,
+    name: str = "",
+) -> None:
+    """Write `[item, ...]`, or with `head` `{**head, name: [item, ...]}` (status 200), each
+    item encoded as `items` yields it; the caller returns b"" afterwards. Errors after the
+    first bytes: as for `stream_base64_member`."""
+    if head is None:
+        prefix, suffix = b"[", b"]"
+    else:
+        known = encode_json(dict(head))
+        prefix = (known[:-1] + b"," if head else b"{") + encode_json(name) + b":["
+        suffix = b"]}"
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    request.write(prefix)
+    pieces = _each(items)
+    try:
+        with paced(request) as pacer:
+            first = True
+            async for item in pieces:
+                if pacer.stopped:
+                    return
+                encoded = encode_json(item)
+                request.write(encoded if first else b"," + encoded)
+                first = False
                 await pacer.ready()
             if not pacer.stopped:
                 request.write(suffix)

@@ -1133,6 +1133,10 @@ _THREAD_ROWS = (select(messages.c.id).where(*_shape_terms(("thread_id",), messag
                 .order_by(messages.c.date.asc(), messages.c.id.asc()))
 
 
+# Messages whose details (bodies included) are read at once by `MessageStore.details_of`.
+DETAILS_BATCH = 32
+
+
 class MessageStore:
     """Stores fetched messages and answers the message, thread, folder and search reads."""
 
@@ -1231,28 +1235,42 @@ class MessageStore:
             raise MessageNotFound(row_id)
         return found[0]
 
-    async def message_with_thread(
+    async def message_and_thread(
         self, user_id: int, row_id: int
-    ) -> tuple[MessageDetail, list[MessageDetail]]:
-        """A message and every message of its thread, oldest first (itself included), read
-        in one transaction."""
+    ) -> tuple[MessageDetail, list[int]]:
+        """A message and the row ids of every message of its thread, oldest first (itself
+        included), read in one transaction; the others' details come from `details_of`."""
 
-        def txn(conn: Connection) -> tuple[MessageDetail, list[MessageDetail]]:
-            thread = thd_get_messages(conn, user_id, thd_thread_ids(conn, user_id, row_id))
-            for detail in thread:
-                if detail.summary.id == row_id:
-                    return detail, thread
-            raise MessageNotFound(row_id)
+        def txn(conn: Connection) -> tuple[MessageDetail, list[int]]:
+            ids = thd_thread_ids(conn, user_id, row_id)
+            found = thd_get_messages(conn, user_id, [row_id])
+            if not found:
+                raise MessageNotFound(row_id)
+            return found[0], ids
 
         return await self.db.read("get_message_with_thread", txn)
 
+    async def thread_ids(self, user_id: int, row_id: int) -> list[int]:
+        """The row ids of every message of the thread `row_id` belongs to, oldest first
+        (itself included)."""
+        return await self.db.read("get_thread", thd_thread_ids, user_id, row_id)
+
+    async def details_of(self, user_id: int, ids: Sequence[int]
+                         ) -> AsyncGenerator[MessageDetail]:
+        """The details of the user's messages `ids`, in that order, read DETAILS_BATCH at a
+        time (a thread may hold thousands, their bodies hundreds of megabytes: a reply
+        writes them as they come instead of holding them all); those deleted meanwhile are
+        left out."""
+        for start in range(0, len(ids), DETAILS_BATCH):
+            for detail in await self.db.read("get_thread_batch", thd_get_messages, user_id,
+                                             ids[start:start + DETAILS_BATCH]):
+                yield detail
+
     async def thread_of(self, user_id: int, row_id: int) -> list[MessageDetail]:
-        """Every message of the thread `row_id` belongs to, oldest first (itself included)."""
-
-        def txn(conn: Connection) -> list[MessageDetail]:
-            return thd_get_messages(conn, user_id, thd_thread_ids(conn, user_id, row_id))
-
-        return await self.db.read("get_thread", txn)
+        """Every message of the thread `row_id` belongs to, oldest first (itself included),
+        all in memory (tests and small threads; replies use `details_of`)."""
+        ids = await self.thread_ids(user_id, row_id)
+        return [detail async for detail in self.details_of(user_id, ids)]
 
     async def raw_message(self, user_id: int, row_id: int) -> bytes:
         """The exact bytes of a message (the .eml)."""

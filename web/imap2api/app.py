@@ -8,7 +8,7 @@ described in the package's docstring.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from twisted.web.iweb import IRequest
 from mailcore.fetch import Account, AccountError, AccountNotFound, Accounts, SyncEngine
 from mailcore.fetch.engine import BUSY, SyncResult
 from mailcore.identity import Principal
-from mailcore.messages import MessageNotFound, MessageQuery, MessageStore, QueryError
+from mailcore.messages import MessageDetail, MessageNotFound, MessageQuery, MessageStore, QueryError
 from mailcore.messages import Page as StorePage
 from mailcore.messages.counts import StampedCache
 from mailcore.webhooks import (
@@ -66,12 +66,13 @@ from web.imap2api.schemas import (
 )
 from web.imap2api.serializers import (
     delivery_json,
-    email_detail_json,
+    email_detail_head,
     server_json,
     statistics_json,
     thread_email_json,
     webhook_json,
 )
+from web.jsonstream import stream_json_array
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
 from web.parsing import FORM_TYPE, MULTIPART_TYPE, query_params
@@ -96,6 +97,12 @@ PAGE_BODIES = 256
 def both(path: str) -> tuple[str, str]:
     """A seed path under /api/ and under /api/v1/."""
     return f"/api{path}", f"/api/v1{path}"
+
+
+async def _thread_emails(details: AsyncIterable[MessageDetail]) -> AsyncGenerator[Any]:
+    """Seed 001's thread items (`thread_email_json`) of details as they are read."""
+    async for detail in details:
+        yield thread_email_json(detail)
 
 
 @contextmanager
@@ -496,8 +503,13 @@ class Imap2ApiApp(ApiApp):
     async def get_email(self, request: IRequest, email_id: int) -> bytes:
         user_id = await self.user_id(request)
         with refusals():
-            detail, thread = await self.messages.message_with_thread(user_id, email_id)
-        return self.reply(request, email_detail_json(detail, thread))
+            detail, thread = await self.messages.message_and_thread(user_id, email_id)
+        # Written as read, a batch of the thread's e-mails at a time (see web.jsonstream).
+        others = [row_id for row_id in thread if row_id != email_id]
+        await stream_json_array(
+            request, _thread_emails(self.messages.details_of(user_id, others)),
+            email_detail_head(detail), "thread_emails")
+        return b""
 
     @routes.route(
         both("/emails/<int:email_id>/thread/"),
@@ -510,8 +522,10 @@ class Imap2ApiApp(ApiApp):
     async def get_thread(self, request: IRequest, email_id: int) -> bytes:
         user_id = await self.user_id(request)
         with refusals():
-            thread = await self.messages.thread_of(user_id, email_id)
-        return self.reply(request, [thread_email_json(d) for d in thread])
+            thread = await self.messages.thread_ids(user_id, email_id)
+        await stream_json_array(request,
+                                _thread_emails(self.messages.details_of(user_id, thread)))
+        return b""
 
     # -- webhooks ----------------------------------------------------------------------------
 

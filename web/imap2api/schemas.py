@@ -2,7 +2,7 @@
 
 Bodies and replies of the routes in `app`, and the query parameters of its lists. They
 describe what `inputs` and `queries` accept and what `serializers` returns (`server_json`,
-`email_detail_json`, …); keep them in step.
+`email_detail_head`, …); keep them in step.
 """
 
 from __future__ import annotations

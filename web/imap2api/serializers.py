@@ -61,8 +61,10 @@ def thread_email_json(d: MessageDetail) -> dict[str, Any]:
     }
 
 
-def email_detail_json(d: MessageDetail, thread: list[MessageDetail]) -> dict[str, Any]:
-    """One e-mail with its bodies, attachments and the other e-mails of its thread."""
+def email_detail_head(d: MessageDetail) -> dict[str, Any]:
+    """One e-mail with its bodies and attachments: seed 001's e-mail detail but its last
+    member, `thread_emails`, the other e-mails of its thread (`thread_email_json` each),
+    which the reply writes as they are read (web.jsonstream)."""
     m = d.summary
     return {
         **email_json(m),
@@ -80,7 +82,6 @@ def email_detail_json(d: MessageDetail, thread: list[MessageDetail]) -> dict[str
         "created_at": iso(m.created_at),
         "updated_at": iso(m.updated_at),
         "thread_id": thread_ref(m.thread_id),
-        "thread_emails": [thread_email_json(t) for t in thread if t.summary.id != m.id],
     }
 
 
