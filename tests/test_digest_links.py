@@ -72,8 +72,9 @@ class DigestTests(TestCase):
         """Quarantine `count` messages with `subject` for ann@q.test (as a spam flood)."""
         dom = self.gw.core.domains.lookup("q.test")
         assert dom is not None
-        held = ToKeep("QFLOOD", "spammer@x.test", "ann@q.test", dom.id, "spam", "GTUBE")
-        await self.gw.core.quarantine.keep([held] * count, message(subject, GTUBE))
+        held = [ToKeep(f"QFLOOD{subject}{n}", "spammer@x.test", "ann@q.test", dom.id, "spam",
+                       "GTUBE") for n in range(count)]
+        await self.gw.core.quarantine.keep(held, message(subject, GTUBE))
 
     async def test_a_flood_lists_the_newest_and_counts_the_rest_once(self) -> None:
         """Every held message of an address was listed (10,000 made a digest of 1.9 MB,

@@ -49,6 +49,24 @@ class KeepTestsMixin(MixinBase):
                          ("win\ufffdmoney\ufffd[2J", "spam: tests=SYM\ufffdBOL",
                           "spammer@forged.test"))
 
+    async def test_a_message_filtered_again_after_a_crash_is_kept_once(self) -> None:
+        # Killed after the keep committed and before the queue recorded the recipient as
+        # quarantined: the message is filtered again on restart and kept again. It was a
+        # second entry (listed, digested and releasable twice).
+        db = await open_database(self, self.backend)
+        dom = await add_domain(db, "q.test", "10.0.0.1", 25)
+        service = QuarantineService(db, Clock(), QuarantineSettings(), Plans(),
+                                    hostname="mx.test", signer=LinkSigner(b"k" * 32))
+        ann, bob = (ToKeep("Q1", "s@forged.test", f"{n}@q.test", dom, "spam", "GTUBE")
+                    for n in ("ann", "bob"))
+        first = await service.keep([ann, bob], SPAM)
+        self.assertEqual(await service.keep([ann, bob], SPAM), first)
+        other = await service.keep([ToKeep("Q2", "s@forged.test", "ann@q.test", dom, "spam",
+                                           "GTUBE")], SPAM)
+        self.assertNotIn(other[0], first)
+        page = await service.page(dom, None, 0, 10)
+        self.assertEqual(page.count, 3)
+
 
 class SQLiteKeepTests(KeepTestsMixin, TestCase):
     backend = "sqlite"

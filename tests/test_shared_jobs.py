@@ -278,8 +278,10 @@ class SharedJobsMixin(DatabaseMixin):
         return path
 
     async def hold(self, node: QuarantineService, domain_id: int, n: int) -> None:
+        """`n` messages held for bob, each of a queued message of its own."""
+        self.held = getattr(self, "held", 0) + n
         items = [ToKeep(f"Q{i}", "spam@x.test", "bob@customer.test", domain_id, "spam",
-                        "score 9") for i in range(n)]
+                        "score 9") for i in range(self.held - n, self.held)]
         await node.keep(items, b"Subject: hi\r\n\r\nbody\r\n")
 
     async def test_each_period_one_digest_per_recipient_whatever_the_nodes(self) -> None:

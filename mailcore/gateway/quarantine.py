@@ -292,13 +292,23 @@ class LinkSigner:
 # -- transactions ----------------------------------------------------------------------------
 
 
+# The row kept for one recipient of one queued message (ix_quarantine_queue_id).
+_KEPT = sa.select(quarantine.c.ident).where(
+    quarantine.c.queue_id == sa.bindparam("queue_id"),
+    quarantine.c.email == sa.bindparam("email")).limit(1)
+
+
 def _keep_txn(
     conn: Connection, items: Sequence[ToKeep], body: bytes, now: datetime.datetime
 ) -> list[str]:
     """Blocking: store one row per recipient; returns their idents. Every text taken from
     the mail (sender, recipient, Subject, the filter's reason) is made `storable`: a NUL
     in any of them would fail the insert on PostgreSQL, and the spam would be deferred
-    until it bounced to its (forged) sender instead of being kept."""
+    until it bounced to its (forged) sender instead of being kept.
+
+    A recipient of a queued message already kept (the process was killed after this
+    commit and before the queue recorded it, so the message was filtered again) keeps its
+    row: the ident is that row's, and no second entry is listed, digested or released."""
     subject = decoded_subject(body)
     ids = {i.domain_id for i in items}
     rows = conn.execute(
@@ -310,6 +320,11 @@ def _keep_txn(
         dom = by_id.get(item.domain_id)
         if dom is None:
             raise QuarantineError(f"domain {item.domain_id} no longer exists")
+        kept = conn.execute(_KEPT, {"queue_id": item.queue_id,
+                                    "email": storable(item.email)}).scalar()
+        if kept is not None:
+            idents.append(kept)
+            continue
         for _ in range(20):
             ident = new_ident(now)
             try:
