@@ -190,6 +190,22 @@ class BatteryTests(Base):
             code_verifier=verifier)
         self.assertEqual(status, 200)
 
+    async def test_a_verifier_for_a_code_issued_without_a_challenge_is_invalid_grant(
+        self
+    ) -> None:
+        # PKCE downgrade (RFC 9700 §2.1.1): a code obtained without a challenge (an
+        # attacker's, injected into the victim's client) must not pass for the client's own,
+        # which it sends with its verifier.
+        verifier, _challenge = pkce_pair()
+        code = await self.client.code()
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT,
+            code_verifier=verifier)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual(status, 200, body)  # the refusal did not use the code up
+
     async def test_pkce_plain_is_refused(self) -> None:
         with self.assertRaises(AuthorizationRedirect) as caught:
             await self.web.core.oauth.consent(authorize_uri(

@@ -341,7 +341,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
         description="RFC 6749 §4.1.3 and §6. The client authenticates with client_id and "
         "client_secret in the form, or with HTTP Basic. Codes are single-use and live 5 "
         "minutes; a reused code revokes what was issued from it. A code issued with a PKCE "
-        "challenge needs its code_verifier (S256). A refresh token is good once: the reply "
+        "challenge needs its code_verifier (S256), and one issued without a challenge takes no "
+        "code_verifier (invalid_grant; RFC 9700 §2.1.1). A refresh token is good once: the reply "
         "carries the next one. Errors are RFC 6749 §5.2 (`invalid_grant`, "
         "`invalid_client` with 401 and `WWW-Authenticate: Basic`, `invalid_request` for a "
         "missing grant_type or a parameter given twice, ...).",

@@ -9,8 +9,10 @@ only its SHA-256 is stored); a redirect_uri must equal a registered one characte
 character; codes are single-use, bound to the client and to the redirect_uri of the
 authorization request, live `CODE_TTL` seconds, and a reused code revokes every token issued
 from it (RFC 6749 §4.1.2, RFC 9700 §4.2); PKCE is checked when the code carries a challenge
-(S256 only); a refresh token is good once (rotated), never for more scopes than granted, and
-a rotated one presented again revokes its family.
+(S256 only), and a code_verifier sent with a code that carries none is refused (RFC 9700
+§2.1.1: a code issued without PKCE cannot pass as one issued with it); a refresh token is
+good once (rotated), never for more scopes than granted, and a rotated one presented again
+revokes its family.
 
 Concurrent requests with one code or refresh token are settled by locking its row as it is
 read (FOR UPDATE; SQLite serialises writers anyway): the second waits for the first and then
@@ -231,6 +233,10 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
             self.revoke_family(m["id"])
             return False
         if _utc(m["expires_at"]) <= self.now:
+            return False
+        if m["code_challenge"] is None and request.code_verifier is not None:
+            # PKCE downgrade (RFC 9700 §2.1.1): a client that sends a verifier asked for
+            # its code with a challenge, so a code issued without one was not issued to it.
             return False
         request.user = m["user_id"]
         request.scopes = m["scopes"].split()
