@@ -30,6 +30,11 @@ def cookie(headers: dict[str, list[str]], name: str) -> tuple[str, str] | None:
     return None
 
 
+def new_browser(web: Web) -> Any:
+    """A client of its own (StubTreq keeps cookies): another browser."""
+    return StubTreq(web.root)
+
+
 class PageClient(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.web = Web.build()
@@ -114,6 +119,43 @@ class AuthorizePageTests(PageClient):
         self.assertNotIn("secure", line)  # plain HTTP here; Secure under TLS
         sessions = await self.web.core.identity.list_credentials(self.alice.id, "page")
         self.assertEqual([s.scopes for s in sessions], [("pages",)])
+
+    async def test_under_tls_the_session_is_a_host_cookie_a_sibling_cannot_plant(
+        self
+    ) -> None:
+        tls = "https://127.0.0.1"
+        path = path_of(authorize_uri(self.client.uid))
+        # Mallory's session, planted by her sibling subdomain as `mc_session; Domain=`
+        # the parent (it reaches this host under that name): not a session here.
+        mallory = await self.web.user("mallory")
+        planted, _ = await self.web.core.identity.create_credential(
+            mallory.id, "page", label="authorization page", scopes=("pages",))
+        response = await new_browser(self.web).request(
+            "GET", tls + path, cookies={"mc_session": planted})
+        body = await response.content()
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"Log in to\ncontinue", body)
+        self.assertNotIn(b"mallory", body)
+        # Alice's own login over TLS sets the host cookie, which is her session.
+        response = await new_browser(self.web).request("GET", tls + path)
+        login_page = await response.content()
+        [csrf_line] = response.headers.getRawHeaders("set-cookie")
+        csrf = csrf_line.split(";", 1)[0].partition("=")[2]
+        response = await new_browser(self.web).request(
+            "POST", tls + path, allow_redirects=False, cookies={"__Host-mc_csrf": csrf},
+            data={"csrf_token": csrf_field(login_page), "action": "login",
+                  "username": "alice", "password": PASSWORD})
+        self.assertEqual(response.code, 303)
+        [line] = [c for c in response.headers.getRawHeaders("set-cookie")
+                  if c.startswith("__Host-mc_session=")]
+        attributes = [a.strip().lower() for a in line.split(";")[1:]]
+        self.assertIn("secure", attributes)
+        self.assertIn("path=/", attributes)
+        self.assertFalse([a for a in attributes if a.startswith("domain")])
+        session = line.split(";", 1)[0].partition("=")[2]
+        response = await new_browser(self.web).request(
+            "GET", tls + path, cookies={"__Host-mc_session": session})
+        self.assertIn(b"act for you, <strong>alice</strong>", await response.content())
 
     async def test_a_wrong_password_is_the_login_form_again(self) -> None:
         path = path_of(authorize_uri(self.client.uid))

@@ -16,10 +16,11 @@ cookie cleared and the CSRF cookie renewed, and the browser is sent back to the 
 
 The session is a "page" credential (hashed, expiring; the session TTL) whose only scope is
 "pages" (a kind of its own, so it is never a safedrop X-Auth-Token), in the HttpOnly,
-SameSite=Lax cookie `mc_session` (Secure under TLS). Every form's CSRF token is bound to the
-session cookie the page was rendered for (none: the login form) and to the form's action,
-and a login renews the CSRF cookie: a token made in another browser, or before the login,
-does not pass.
+SameSite=Lax cookie `mc_session`, `__Host-mc_session` under TLS (Secure, Path=/, no Domain:
+a sibling domain cannot plant its own session in a visitor's browser). Every form's CSRF
+token is bound to the session cookie the page was rendered for (none: the login form) and
+to the form's action, and a login renews the CSRF cookie: a token made in another browser,
+or before the login, does not pass.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ from web.pages import (
     clear_cookie,
     form_body,
     get_cookie,
+    host_cookie_name,
     page_replies,
     set_cookie,
 )
 from web.settings import WebSettings
 
+# `__Host-mc_session` over TLS (session_cookie_name).
 SESSION_COOKIE = "mc_session"
 SESSION_SCOPE = "pages"
 # oauthlib wants an absolute URI; only its path and query matter.
@@ -65,6 +68,11 @@ def _request_uri(request: IRequest) -> str:
         return _BASE + bytes(request.uri).decode("ascii")
     except UnicodeDecodeError:
         raise PageError(400, "Bad request", "The address is not valid.") from None
+
+
+def session_cookie_name(request: IRequest) -> str:
+    """The session cookie's name for this request: `__Host-mc_session` over TLS."""
+    return host_cookie_name(request, SESSION_COOKIE)
 
 
 class OAuthPagesApp(PageApp):
@@ -101,14 +109,14 @@ class OAuthPagesApp(PageApp):
     @staticmethod
     def _csrf_bind(request: IRequest) -> str:
         """What this browser's CSRF tokens are bound to: its session cookie, if any."""
-        return "session:" + (get_cookie(request, SESSION_COOKIE) or "")
+        return "session:" + (get_cookie(request, session_cookie_name(request)) or "")
 
     async def _session_user(self, request: IRequest) -> User | None:
         session = await self._session(request)
         return None if session is None else session.user
 
     async def _session(self, request: IRequest) -> Principal | None:
-        secret = get_cookie(request, SESSION_COOKIE)
+        secret = get_cookie(request, session_cookie_name(request))
         if secret is None:
             return None
         principal = await self.identity.resolve(secret, ("page",))
@@ -122,7 +130,7 @@ class OAuthPagesApp(PageApp):
         session = await self._session(request)
         if session is not None and session.credential_id is not None:
             await self.identity.end_credential(session.user.id, session.credential_id)
-        clear_cookie(request, SESSION_COOKIE)
+        clear_cookie(request, session_cookie_name(request))
         self.pages.renew_csrf(request)
         request.setResponseCode(303)
         request.setHeader(b"Location", bytes(request.uri))
@@ -226,7 +234,7 @@ class OAuthPagesApp(PageApp):
         secret, _ = await self.identity.create_credential(
             user.id, "page", label="authorization page", scopes=(SESSION_SCOPE,)
         )
-        set_cookie(request, SESSION_COOKIE, secret)
+        set_cookie(request, session_cookie_name(request), secret)
         self.pages.renew_csrf(request)
         request.setResponseCode(303)
         request.setHeader(b"Location", bytes(request.uri))

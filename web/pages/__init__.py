@@ -27,7 +27,8 @@ work without JavaScript, and none may be framed.
 - A page app subclasses `PageApp`: its errors (`ApiError`, `PageError`, unknown paths, wrong
   methods, 500s) are HTML pages with the same headers. `page_replies` documents a page
   route's replies (all HTML) for the OpenAPI document.
-- `set_cookie`/`get_cookie`/`clear_cookie`: cookies with safe defaults, for login sessions.
+- `set_cookie`/`get_cookie`/`clear_cookie`: cookies with safe defaults, for login sessions;
+  `host_cookie_name` names a cookie for path / that only this host may set under TLS.
 """
 
 from __future__ import annotations
@@ -56,10 +57,8 @@ from web.openapi import Reply, RouteTable
 from web.parsing import read_fields
 from web.settings import WebSettings
 
+# `__Host-mc_csrf` over TLS (host_cookie_name).
 CSRF_COOKIE = "mc_csrf"
-# Over TLS: a cookie only a secure reply from this very host, for path /, can set (RFC 6265bis
-# 4.1.3.2), so a sibling subdomain or a forged plain-HTTP reply cannot plant one.
-CSRF_COOKIE_TLS = "__Host-mc_csrf"
 CSRF_FIELD = "csrf_token"
 # How long a form's token is accepted after the page was rendered.
 CSRF_MAX_AGE = 24 * 3600
@@ -322,9 +321,17 @@ class Pages:
         return read_fields(request, FORM_LIMIT, accept_json=False, accept_multipart=False)
 
 
+def host_cookie_name(request: IRequest, name: str) -> str:
+    """`__Host-{name}` over TLS, `name` over plain HTTP. Browsers take a `__Host-` cookie
+    only from a secure reply of this very host for path / (RFC 6265bis 4.1.3.2), so neither
+    a sibling domain (`Domain=` the parent) nor a forged plain-HTTP reply can plant one; a
+    cookie of the plain name is not read under TLS."""
+    return f"__Host-{name}" if request.isSecure() else name
+
+
 def csrf_cookie_name(request: IRequest) -> str:
     """`__Host-mc_csrf` over TLS (the prefix needs Secure), `mc_csrf` over plain HTTP."""
-    return CSRF_COOKIE_TLS if request.isSecure() else CSRF_COOKIE
+    return host_cookie_name(request, CSRF_COOKIE)
 
 
 def _well_formed(cookie: str) -> bool:
