@@ -6,14 +6,16 @@ pages are kept in the test's temp dir."""
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.support.browser import Browser, serve
+from tests.support.browser import Browser, host_map, serve
 from tests.support.oauth import Client, authorize_uri, query_of, register
+from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import PASSWORD, Web
 from web.root import build_site
 
@@ -104,3 +106,75 @@ class AuthorizeInChromiumTests(TestCase):
         await self.browser.screenshot("logout-3-login")
         [ended] = await self.web.core.identity.list_credentials(self.alice.id, "page")
         self.assertTrue(ended.revoked)
+
+
+class SiblingPrize(Resource):
+    """Mallory's page on a sibling subdomain (evil.example.test, same site as the pages at
+    pages.example.test): it plants her CSRF cookie for the parent domain and posts her login
+    form, with her cookie's token, from a page whose referrer policy makes the browser send
+    `Origin: null` (a login CSRF)."""
+
+    isLeaf = True
+
+    def __init__(self, target: str, cookie: str, token: str) -> None:
+        super().__init__()
+        self.target, self.cookie, self.token = target, cookie, token
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Set-Cookie",
+                          f"mc_csrf={self.cookie}; Domain=example.test; Path=/".encode())
+        fields = {"csrf_token": self.token, "action": "login", "username": "mallory",
+                  "password": PASSWORD}
+        inputs = "".join(f'<input type="hidden" name="{k}" value="{html.escape(v)}">'
+                         for k, v in fields.items())
+        return (
+            '<!DOCTYPE html><html><head><meta name="referrer" content="no-referrer">'
+            "<title>Prize</title></head><body>"
+            f'<form method="post" action="{html.escape(self.target, quote=True)}">'
+            f"{inputs}<button>Claim your prize</button></form></body></html>"
+        ).encode()
+
+
+class PlainHttpLoginCsrfTests(TestCase):
+    """Over plain HTTP under a host name (no `Sec-Fetch-Site` from the browser there), a
+    sibling subdomain's form cannot log the visitor in to its own account, and the person's
+    own login still works (the browser sends our pages' own origin with their forms)."""
+
+    async def test_a_sibling_cannot_log_the_visitor_in_to_its_account(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        await web.user("mallory")
+        client = await register(web, alice)
+        pages = serve(self, build_site(web.core)).replace("127.0.0.1", "pages.example.test")
+        path = authorize_uri(client.uid).removeprefix("http://127.0.0.1")
+        # Mallory's own browser gets the login form: a CSRF cookie and its token.
+        status, headers, body = await web.call("GET", path)
+        self.assertEqual(status, 200)
+        cookie = csrf_cookie(headers)
+        assert cookie is not None
+        evil = serve(self, Site(SiblingPrize(pages + path, cookie, csrf_field(body, "login"))))
+        evil = evil.replace("127.0.0.1", "evil.example.test")
+        browser = await Browser.start(
+            self, arguments=[host_map("pages.example.test", "evil.example.test")])
+
+        await browser.get(evil + "/prize")
+        await browser.click_button("Claim your prize")
+        await browser.screenshot("1-refused")
+        self.assertEqual(await browser.title(), "Form expired · Mailcore")
+        await browser.get(pages + path)
+        self.assertEqual(await browser.title(), "Log in · Mailcore")  # not Mallory's session
+
+        from selenium.webdriver.common.by import By
+
+        driver = browser.driver
+
+        def fill() -> None:
+            driver.find_element(By.NAME, "username").send_keys("alice")
+            driver.find_element(By.NAME, "password").send_keys(PASSWORD)
+
+        await browser.run(fill)
+        await browser.click_button("Log in")
+        await browser.screenshot("2-own-login")
+        self.assertEqual(await browser.title(), "Authorize Test client · Mailcore")
+        self.assertIn("act for you, alice", await browser.text())

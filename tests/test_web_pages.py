@@ -26,7 +26,7 @@ SUBJECT = "<script>alert('x')</script> & <b>bold</b>"
 EXPECTED_HEADERS = {
     "content-security-policy": CSP,
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
     "content-type": "text/html; charset=utf-8",
@@ -202,10 +202,15 @@ class ReleasePageTests(TestCase):
             ("cross-site fetch", {"Sec-Fetch-Site": "cross-site"}),
             ("same-site fetch (a sibling domain)", {"Sec-Fetch-Site": "same-site"}),
             ("garbage Origin", {"Origin": "evil"}),
+            # Another site's page with no-referrer (or a sandboxed frame) over plain HTTP,
+            # where browsers send no Sec-Fetch-Site: a login CSRF from a sibling otherwise.
+            ("null Origin without fetch metadata", {"Origin": "null"}),
+            ("null Origin, cross-site", {"Origin": "null", "Sec-Fetch-Site": "cross-site"}),
         ]:
             self.assertEqual(await self.post(cookie, token, **headers), 403, what)
         self.assertEqual(self.released(), 0)
-        # Our own forms: same-origin, and Origin null (our pages' Referrer-Policy) or ours.
+        # Our own forms: our Origin (our pages' Referrer-Policy: same-origin), or null with
+        # Sec-Fetch-Site: same-origin (a browser's privacy setting).
         for headers in [{"Origin": "null", "Sec-Fetch-Site": "same-origin"},
                         {"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"},
                         {"Origin": "HTTP://127.0.0.1:80"}]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -43,8 +43,10 @@ class Browser:
         self.shots = shots
 
     @classmethod
-    async def start(cls, test: TestCase, *, javascript: bool = False) -> Browser:
-        """A browser for `test` (skipped, or failed under CI=true, without Chromium)."""
+    async def start(cls, test: TestCase, *, javascript: bool = False,
+                    arguments: Sequence[str] = ()) -> Browser:
+        """A browser for `test` (skipped, or failed under CI=true, without Chromium), with
+        Chromium's command-line `arguments` added (e.g. `host_map`'s)."""
         try:
             from selenium import webdriver
             from selenium.webdriver.chrome.service import Service
@@ -58,6 +60,8 @@ class Browser:
                     "--no-first-run", "--disable-extensions", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync"):
             options.add_argument(arg)  # --no-sandbox: the tests may run as root
+        for arg in arguments:
+            options.add_argument(arg)
         if not javascript:
             options.add_experimental_option(
                 "prefs", {"profile.managed_default_content_settings.javascript": 2}
@@ -155,6 +159,14 @@ class Browser:
 
     async def quit(self) -> None:
         await self.run(self.driver.quit)
+
+
+def host_map(*names: str) -> str:
+    """The Chromium argument that resolves host `names` to 127.0.0.1, so that a test may
+    serve sites under names: an http:// site under a name other than localhost or an IP
+    loopback address is not a potentially trustworthy origin (no `Sec-Fetch-*` headers),
+    and names under one parent are one site with each other (sibling subdomains)."""
+    return "--host-resolver-rules=" + ", ".join(f"MAP {name} 127.0.0.1" for name in names)
 
 
 async def _in_thread(f: Callable[..., T], *args: Any) -> T:

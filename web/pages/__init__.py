@@ -23,7 +23,8 @@ work without JavaScript, and none may be framed.
   to plant their own cookie in a victim's browser (a site served over plain HTTP) holds a
   valid token only for what the token is bound to: not for the victim's session nor another
   link, not for another form, and not for long; pages with no session (the login form)
-  rely on the `Origin`/`Sec-Fetch-Site` check there.
+  rely on the `Origin`/`Sec-Fetch-Site` check there (`same_origin`: a foreign or `null`
+  Origin is refused unless the browser says `Sec-Fetch-Site: same-origin`).
 - A page app subclasses `PageApp`: its errors (`ApiError`, `PageError`, unknown paths, wrong
   methods, 500s) are HTML pages with the same headers. `page_replies` documents a page
   route's replies (all HTML) for the OpenAPI document.
@@ -80,7 +81,9 @@ CSP = (
 SECURITY_HEADERS: Mapping[str, str] = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Our own origin with our forms' POSTs (same_origin), no Referer to any other site (the
+    # links' tokens are in their paths).
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
@@ -348,19 +351,22 @@ def _authority(host: str, scheme: str) -> str:
 def same_origin(request: IRequest) -> bool:
     """False when the browser says the request does not come from our own page: a
     `Sec-Fetch-Site` of cross-site or same-site (a sibling domain; our forms post
-    same-origin), or an `Origin` naming another host. `Origin: null` passes: browsers send
-    it for our own forms, whose pages have `Referrer-Policy: no-referrer`. Over TLS the
-    origin must be https; over plain HTTP either scheme is ours (a TLS-terminating proxy
-    may be in front)."""
-    fetch_site = request.getHeader(b"sec-fetch-site")
-    if fetch_site is not None and fetch_site.strip().lower() in (b"cross-site", b"same-site"):
+    same-origin), or an `Origin` naming another host. Our pages' `Referrer-Policy:
+    same-origin` has browsers send our own origin with our forms; `Origin: null` (what a
+    page with `no-referrer`, a sandboxed frame or a data: URL sends from anywhere) passes
+    only with `Sec-Fetch-Site: same-origin`, which browsers send over TLS and to loopback
+    but not to a plain-HTTP host name. Over TLS the origin must be https; over plain HTTP
+    either scheme is ours (a TLS-terminating proxy may be in front)."""
+    raw_fetch_site = request.getHeader(b"sec-fetch-site")
+    fetch_site = None if raw_fetch_site is None else raw_fetch_site.strip().lower()
+    if fetch_site in (b"cross-site", b"same-site"):
         return False
     raw_origin = request.getHeader(b"origin")
     if raw_origin is None:
         return True
     origin = raw_origin.decode("latin-1").strip().lower()
     if origin == "null":
-        return True
+        return fetch_site == b"same-origin"
     scheme, sep, host = origin.partition("://")
     if not sep or scheme not in ("http", "https") or (request.isSecure() and scheme != "https"):
         return False
