@@ -101,6 +101,12 @@ def strip_bidi_controls(text: str) -> str:
     return _BIDI_CONTROL.sub("", text) if has_bidi_control(text) else text
 
 
+def shown(text: str) -> str:
+    """A name or subject as someone other than who wrote it is shown it, in a page or a
+    mail: one line, without bidirectional controls (text that reads otherwise than it is)."""
+    return " ".join(strip_bidi_controls(text).split())
+
+
 def breaks_line(text: str) -> bool:
     """Whether `text` holds NUL, CR or LF, which would end or cut a protocol command line."""
     return _LINE_BREAKING.search(text) is not None

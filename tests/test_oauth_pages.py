@@ -250,6 +250,21 @@ class AuthorizePageTests(PageClient):
         self.assertNotIn(b"<script>x", body)
         self.assertIn(b"&lt;script&gt;x", body)
 
+    async def test_the_app_name_is_shown_without_bidirectional_controls(self) -> None:
+        # An app's name is written by its owner and read by another user: a right-to-left
+        # override in it would reverse it and the consent page's words after it.
+        app, secret = await self.web.core.oauth.add_app(
+            self.alice.id, "Backup \u202epukcab", [REDIRECT])
+        self.web.secrets.append(secret)
+        path = path_of(authorize_uri(app.uid))
+        _, _, login_page = await self.call("GET", path)
+        await self.log_in(path)
+        _, _, consent_page = await self.call("GET", path)
+        for body in (login_page, consent_page):
+            self.assertNotIn("\u202e".encode(), body)
+            self.assertIn(b"<strong>Backup pukcab</strong>", body)
+        self.assertIn(b"<title>Authorize Backup pukcab", consent_page)
+
     async def test_an_idn_redirect_uri_is_named_in_a_labels_in_the_csp(self) -> None:
         uri = "https://bücher.example/cb"
         app, _ = await self.web.core.oauth.add_app(self.alice.id, "Shop", [uri])

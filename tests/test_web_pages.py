@@ -5,6 +5,7 @@ stylesheet, and the CSRF key file."""
 
 from __future__ import annotations
 
+import base64
 import email
 import re
 import stat
@@ -110,6 +111,21 @@ class ReleasePageTests(TestCase):
         self.assertNotIn(b"<script>", body)
         self.assertNotIn(b"<b>bold", body)
         self.assertIn(b"&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &lt;b&gt;", body)
+
+    async def test_a_subject_is_shown_without_bidirectional_controls(self) -> None:
+        # "Invoice \u202efdp.exe" reads "Invoice exe.pdf" where it is shown as it came.
+        subject = "Invoice \u202efdp.exe"
+        encoded = "=?utf-8?b?" + base64.b64encode(subject.encode()).decode() + "?="
+        await self.gw.send(message(encoded, GTUBE), "joe@q.test", sender="billing@x.test")
+        self.gw.clock.advance(self.gw.core.quarantine.settings.digest_interval)
+        digest = email.message_from_bytes(self.gw.delivered()[-1][2])
+        text = digest.get_payload(decode=True)
+        assert isinstance(text, bytes)
+        self.assertIn("Subject: Invoice fdp.exe\r\n", text.decode())
+        [path] = LINK.findall(text.decode())
+        _status, _headers, body = await fetch(self.browser(), "GET", path)
+        self.assertIn(b"<dd>Invoice fdp.exe</dd>", body)
+        self.assertNotIn("\u202e".encode(), body)
 
     async def test_the_csrf_cookie_is_http_only_same_site_lax_and_not_secure_over_http(
         self

@@ -49,9 +49,8 @@ from mailcore.safedrop.service import (
     SafedropService,
     link_digest,
     rfc3339,
-    shown,
 )
-from mailcore.text import has_control_multiline
+from mailcore.text import has_control_multiline, shown
 from mailcore.uploads import shielded
 from web.openapi import Reply, RouteTable
 from web.pacing import paced

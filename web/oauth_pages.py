@@ -40,6 +40,7 @@ from mailcore.oauth import (
     OAuthProvider,
 )
 from mailcore.oauth.redirects import redirect_origin
+from mailcore.text import shown
 from web.auth import DROPMYEMAIL_SCOPES
 from web.login import PasswordLogin
 from web.openapi import RouteTable
@@ -145,7 +146,7 @@ class OAuthPagesApp(PageApp):
     def _consent_page(self, request: IRequest, consent: Consent, user: User) -> bytes:
         scopes = [(s, DROPMYEMAIL_SCOPES.get(s, s)) for s in consent.scopes]
         return self.pages.render(
-            request, "oauth_consent.html", title=f"Authorize {consent.app.name}",
+            request, "oauth_consent.html", title=f"Authorize {shown(consent.app.name)}",
             csrf_bind=self._csrf_bind(request),
             consent=consent, user=user, scopes=scopes,
             redirect_host=urlsplit(consent.redirect_uri).netloc,

@@ -80,7 +80,7 @@ from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
 from mailcore.store.schema import domains, quarantine, users
-from mailcore.text import replace_cc, storable
+from mailcore.text import replace_cc, shown, storable
 from mailcore.workers import CpuPool
 
 log = Logger()
@@ -676,8 +676,8 @@ class QuarantineService(Service):
         lines = []
         for row in items:
             lines.append(render(item_template, {
-                "date": rfc3339(row.created_at), "mailfrom": row.mailfrom or "<>",
-                "subject": row.subject, "link": self.link(row.ident, hostname, at),
+                "date": rfc3339(row.created_at), "mailfrom": shown(row.mailfrom or "<>"),
+                "subject": shown(row.subject), "link": self.link(row.ident, hostname, at),
                 "ident": row.ident, "email": row.email, "reason": row.reason,
             }))
         if more:

@@ -55,7 +55,7 @@ from mailcore.safedrop.sms import SmsError, SmsGateway
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
-from mailcore.text import strip_bidi_controls
+from mailcore.text import shown
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
@@ -85,12 +85,6 @@ def new_link() -> tuple[str, bytes]:
     """A recipient's link token (256 random bits) and the digest that is stored."""
     token = secrets.token_urlsafe(32)
     return token, link_digest(token)
-
-
-def shown(text: str) -> str:
-    """A subject or file name as a recipient or the sender is shown it, in a page or a mail:
-    one line, without bidirectional controls (text that reads otherwise than it is)."""
-    return " ".join(strip_bidi_controls(text).split())
 
 
 def subject_line(prefix: str, subject: str) -> str:

@@ -1,9 +1,10 @@
 """Server-rendered pages a person uses: quarantine release, OAuth consent, drop download.
 
 Every page is a Jinja2 template under `web/pages/templates/` (autoescaped: a value is text
-unless a template marks it safe), extending `base.html` and its one stylesheet, served at
-`/static/mailcore.css?v=<hash>` (cached for a year; the hash changes with the file). Pages
-work without JavaScript, and none may be framed.
+unless a template marks it safe; `| shown` for names and subjects others wrote), extending
+`base.html` and its one stylesheet, served at `/static/mailcore.css?v=<hash>` (cached for a
+year; the hash changes with the file). Pages work without JavaScript, and none may be
+framed.
 
 - `Pages.render(request, template, status, **context)` renders a page and sets its status,
   Content-Type and the security headers (`SECURITY_HEADERS`, the CSP).
@@ -52,6 +53,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from mailcore.files import secret_key_file
+from mailcore.text import shown
 from web.api import ApiApp, response_started
 from web.errors import ApiError, PlainErrors
 from web.openapi import Reply, RouteTable
@@ -127,6 +129,10 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.globals["stylesheet"] = STYLESHEET_URL
+    # `{{ name | shown }}`: a name or subject someone else wrote (a spammer's subject on the
+    # release page, an app's name on the consent page) as one line without bidirectional
+    # controls, which would make it, and the page's text after it, read otherwise.
+    env.filters["shown"] = shown
     return env
 
 
