@@ -214,6 +214,19 @@ class AuthorizePageTests(PageClient):
         self.assertNotEqual(status, 302)
         self.assertIsNone(header(headers, "location"))
 
+    async def test_back_to_the_page_is_a_path_not_another_host(self) -> None:
+        # `//oauth/...` reaches the pages too; a Location of `//oauth/...` would be the
+        # host "oauth" (a network-path reference), not this page.
+        for path in ("//oauth/applications", "///oauth/authorize?" + path_of(
+                authorize_uri(self.client.uid)).partition("?")[2]):
+            self.cookies.clear()
+            for action in ("login", "logout"):
+                fields = {"username": "alice", "password": PASSWORD} if action == "login" \
+                    else {}
+                status, headers, _ = await self.form(path, action=action, **fields)
+                self.assertEqual(status, 303, (path, action))
+                self.assertEqual(header(headers, "location"), "/" + path.lstrip("/"))
+
     async def test_log_out_needs_its_csrf_token(self) -> None:
         path = path_of(authorize_uri(self.client.uid))
         await self.log_in(path)

@@ -76,6 +76,13 @@ def session_cookie_name(request: IRequest) -> str:
     return host_cookie_name(request, SESSION_COOKIE)
 
 
+def _this_page(request: IRequest) -> bytes:
+    """The Location that sends the browser back to this page: its path and query with one
+    leading slash. `//oauth/authorize` reaches this page too, and a Location of
+    `//oauth/...` is a network-path reference: the browser would go to the host "oauth"."""
+    return b"/" + bytes(request.uri).lstrip(b"/")
+
+
 class OAuthPagesApp(PageApp):
     name = "oauth_pages"
     title = "Dropmyemail authorization page (OAuth 2 login and consent)"
@@ -134,7 +141,7 @@ class OAuthPagesApp(PageApp):
         clear_cookie(request, session_cookie_name(request))
         self.pages.renew_csrf(request)
         request.setResponseCode(303)
-        request.setHeader(b"Location", bytes(request.uri))
+        request.setHeader(b"Location", _this_page(request))
         return b""
 
     def _login_page(self, request: IRequest, consent: Consent | None, status: int = 200,
@@ -238,7 +245,7 @@ class OAuthPagesApp(PageApp):
         set_cookie(request, session_cookie_name(request), secret)
         self.pages.renew_csrf(request)
         request.setResponseCode(303)
-        request.setHeader(b"Location", bytes(request.uri))
+        request.setHeader(b"Location", _this_page(request))
         return b""
 
     # -- the Applications page ----------------------------------------------------------
