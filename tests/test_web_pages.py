@@ -176,6 +176,24 @@ class ReleasePageTests(TestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.released(), 1)
 
+    async def test_a_disabled_owners_message_stays_held_until_it_is_enabled(self) -> None:
+        # `mailcore user disable`: nothing of the account is delivered, and a link of an
+        # earlier digest released its mail all the same.
+        owner = await self.gw.core.identity.find_user("alice")
+        assert owner is not None
+        await self.gw.core.identity.set_active(owner.id, False)
+        cookie, token = await self.page(self.browser())
+        status, headers, body = await fetch(
+            self.browser(), "POST", self.path,
+            headers={"Cookie": f"mc_csrf={cookie}"}, data={"csrf_token": token})
+        self.assertEqual(status, 403, body)
+        self.assertIn(b"suspended", body)
+        self.assertPageHeaders(headers, "suspended")
+        self.assertEqual(self.released(), 0)
+        await self.gw.core.identity.set_active(owner.id, True)
+        self.assertEqual(await self.post(cookie, token), 200)
+        self.assertEqual(self.released(), 1)
+
     async def post(self, cookie: str, token: str, base: str = BASE,
                    cookie_name: str = "mc_csrf", **headers: str) -> int:
         status, _headers, _body = await fetch(

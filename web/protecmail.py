@@ -87,6 +87,7 @@ from mailcore.gateway.quarantine import (
     ALREADY,
     MAX_PAGE,
     MISSING,
+    SUSPENDED,
     QuarantineError,
     QuarantineService,
     rfc3339,
@@ -771,6 +772,8 @@ class ProtecmailApp(ApiApp):
             raise ApiError(404, f"No such quarantined mail: {ident}.")
         if status == ALREADY:
             raise ApiError(409, "already released")
+        if status == SUSPENDED:  # (a disabled user's key no longer opens the API)
+            raise ApiError(403, "this account is disabled")
         return self.envelope(request)
 
 

@@ -17,6 +17,7 @@ from twisted.web.iweb import IRequest
 from mailcore.gateway.quarantine import (
     ALREADY,
     MISSING,
+    SUSPENDED,
     QuarantineError,
     QuarantineService,
     rfc3339,
@@ -75,6 +76,8 @@ class QuarantinePageApp(PageApp):
         body_types=("application/x-www-form-urlencoded",),
         replies=page_replies({
             200: "HTML page: released",
+            403: "HTML page: the account the message is kept for is suspended (it stays "
+                 "held), or the form expired",
             404: "HTML page: the link is not valid or has expired",
             409: "HTML page: released already",
             503: "HTML page: the message could not be released now",
@@ -92,6 +95,11 @@ class QuarantinePageApp(PageApp):
                             "The message could not be released now.") from None
         if status == MISSING:
             raise invalid()
+        if status == SUSPENDED:
+            return self.pages.message(
+                request, 403, "Not now",
+                "The account this message is kept for is suspended: the message stays in "
+                "quarantine, and this link releases it once the account is active again.")
         if status == ALREADY:
             return self.pages.message(
                 request, 409, "Already released",

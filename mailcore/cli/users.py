@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
         "and goes on where it stood once the user is enabled); the outbox mail of its "
         "Mail API mailboxes stays in the outbox, in its order, sent once it is enabled; no "
         "quarantine digest goes out for its domains (the held mail is in the first one once "
-        "it is enabled); mail to its domains is refused with 450 4.2.1 on every node within "
+        "it is enabled) and release links of earlier digests release nothing until then; mail to its domains is refused with 450 4.2.1 on every node within "
         "about a second, a temporary refusal: the senders keep it and try again, and it "
         "arrives once the user is enabled (within their retry time, commonly 4-5 days; "
         "mail already accepted is still delivered); its safedrop links open nothing (403, "

@@ -88,6 +88,8 @@ log = Logger()
 RELEASED = "released"
 ALREADY = "already released"
 MISSING = "missing"
+# The owner of the domain is disabled (`mailcore user disable`): the message stays held.
+SUSPENDED = "owner suspended"
 
 MAX_PAGE = 1000
 # The messages one digest lists (the newest); a spam flood to one address made a digest of
@@ -379,13 +381,16 @@ def _list_txn(
 
 
 def _release_row_txn(conn: Connection, ident: str, owner_id: int | None) -> Any:
-    """Blocking: the row to release (None if there is none for this owner)."""
+    """Blocking: the row to release (None if there is none for this owner), with whether
+    its owner is active."""
     where = [quarantine.c.ident == ident]
     if owner_id is not None:
         where.append(quarantine.c.owner_id == owner_id)
     return conn.execute(
         sa.select(quarantine.c.id, quarantine.c.mailfrom, quarantine.c.email,
-                  quarantine.c.domain_id, quarantine.c.body, quarantine.c.released_at)
+                  quarantine.c.domain_id, quarantine.c.body, quarantine.c.released_at,
+                  users.c.is_active.label("owner_active"))
+        .select_from(quarantine.join(users, users.c.id == quarantine.c.owner_id))
         .where(*where)
     ).first()
 
@@ -563,7 +568,9 @@ class QuarantineService(Service):
     # -- releasing -------------------------------------------------------------------------
 
     async def release(self, ident: str, *, owner_id: int | None = None) -> str:
-        """Queue the kept message for its recipient once: RELEASED, ALREADY or MISSING."""
+        """Queue the kept message for its recipient once: RELEASED, ALREADY, MISSING, or
+        SUSPENDED while its owner is disabled (a disabled account's mail waits: nothing of
+        it is delivered, digests included, until `mailcore user enable`)."""
         if not (ident.isascii() and ident.isdigit() and len(ident) == 20):
             return MISSING
         row = await self.db.read("quarantine_release_row", _release_row_txn, ident, owner_id)
@@ -571,6 +578,8 @@ class QuarantineService(Service):
             return MISSING
         if row.released_at is not None:
             return ALREADY
+        if not row.owner_active:
+            return SUSPENDED
         if self.spool is None:
             raise QuarantineError("the release could not be queued: no queue to release into")
         queue_id = new_queue_id(self.clock.seconds())
