@@ -40,6 +40,21 @@ def private_directory(path: Path) -> Path:
     return path
 
 
+def durable_directory(path: Path) -> Path:
+    """`private_directory`, with each directory it makes recorded durably in its parent (a
+    file renamed into a new directory and fsynced, its directory fsynced too, could still
+    vanish with the directory's own entry on a power loss). Blocks."""
+    made = []
+    walk = path
+    while not walk.is_dir() and walk.parent != walk:
+        made.append(walk)
+        walk = walk.parent
+    private_directory(path)
+    for directory in reversed(made):
+        fsync_directory(directory.parent)
+    return path
+
+
 def private_file(path: Path) -> Path:
     """Create `path` empty with mode 0600 if it does not exist yet. Blocks."""
     try:
@@ -108,7 +123,7 @@ def secret_key_file(path: Path, size: int = 32) -> bytes:
     except FileNotFoundError:
         key = b""
     if not key:
-        private_directory(path.parent)
+        durable_directory(path.parent)
         key = secrets.token_bytes(size)
         if not write_whole(path, key, replace=False):  # made by another process meanwhile
             return secret_key_file(path, size)

@@ -21,7 +21,7 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser, par
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailcore.files import fsync_directory, private_directory
+from mailcore.files import durable_directory, fsync_directory, private_directory
 
 CHUNK = 64 * 1024
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class SpoolFile:
         self._out.flush()
         os.fsync(self._out.fileno())
         self._out.close()
-        private_directory(final.parent)
+        durable_directory(final.parent)
         existed = final.exists()
         os.replace(self.path, final)
         fsync_directory(final.parent)
