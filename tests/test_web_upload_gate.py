@@ -4,11 +4,14 @@ channel on a StringTransport."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
@@ -17,6 +20,7 @@ from tests.test_web_safedrop_api import MULTIPART, multipart_file
 from tests.test_web_safedrop_files import FileFixture
 from web.auth import CredentialResolver
 from web.root import MailcoreSite, upload_gate, upload_paths
+from web.safedrop import UPLOAD_OVERHEAD
 
 MAX_BODY = 10_000
 
@@ -24,10 +28,10 @@ MAX_BODY = 10_000
 class GateFixture(FileFixture):
     """Alice logged in to safedrop, a bundle of hers, and the site over a small max_body."""
 
-    async def start(self, test: TestCase, db_url: str | None = None) -> None:
+    async def start(self, test: TestCase, db_url: str | None = None, **safedrop: Any) -> None:
         data_dir = Path(test.mktemp())
         config = Config(data_dir=data_dir, session_token_ttl=3600, http_max_body=MAX_BODY,
-                        sections={"safedrop": {"max_file_size": 200_000}})
+                        sections={"safedrop": {"max_file_size": 200_000, **safedrop}})
         self.web = Web.build(config)
         self.data_dir = data_dir
         self.alice = await self.web.user("alice")
@@ -145,14 +149,146 @@ class UploadGateTests(TestCase):
         self.assertEqual(asked, [])
 
 
+class RefusedBeforeTheBodyTests(TestCase):
+    """What the API would refuse after reading an upload is refused before: another user's
+    bundle, a sent one, no room for the declared length, too many uploads under way. The
+    reply is the API's own; no byte of the body is kept and the connection closes."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = GateFixture()
+        await self.f.start(self, max_bundle_size=150_000, max_concurrent_uploads=1)
+        self.bundle_id = await self.f.bundle()
+        self.body = multipart_file("big.bin", b"b" * 50_000)
+        self.made: list[Any] = []
+        factory = self.f.site.requestFactory
+
+        def made(*args: Any, **kwargs: Any) -> Any:
+            self.made.append(factory(*args, **kwargs))
+            return self.made[-1]
+
+        self.f.site.requestFactory = made  # type: ignore[assignment]
+
+    def connect(self, close: bool = True) -> tuple[Any, StringTransport]:
+        transport = StringTransport()
+        channel = self.f.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        if close:
+            self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        return channel, transport
+
+    def head(self, bundle_id: int, token: str, length: int) -> bytes:
+        lines = [f"POST /dropbundles/{bundle_id}/dropfiles HTTP/1.1", "Host: x",
+                 f"Content-Type: {MULTIPART['Content-Type']}", f"Content-Length: {length}",
+                 f"X-Auth-Token: {token}"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    async def send(self, bundle_id: int, token: str | None = None,
+                   length: int | None = None) -> tuple[bytes, Any, StringTransport]:
+        """The head of an upload and 4000 bytes of its body; the reply, request, transport."""
+        channel, transport = self.connect()
+        head = self.head(bundle_id, token or self.f.token,
+                         len(self.body) if length is None else length)
+        channel.dataReceived(head + self.body[:4000])
+        request = self.made[-1]
+        if transport.value() and not request.finished:
+            await request.notifyFinish()
+        return bytes(transport.value()), request, transport
+
+    def assertUnread(self, sent: bytes, status: bytes, request: Any,
+                     transport: StringTransport) -> dict[str, Any]:
+        self.assertTrue(sent.startswith(b"HTTP/1.1 " + status), sent[:200])
+        self.assertIn(b"Connection: close", sent)
+        self.assertTrue(request.body_refused)
+        self.assertEqual(request._received, 0)  # no byte of the body was stored
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.f.file_rows(), [])
+        self.assertEqual(self.f.stored(), [])
+        reply: dict[str, Any] = json.loads(sent.split(b"\r\n\r\n", 1)[1])
+        return reply
+
+    async def test_another_users_bundle_is_a_404_before_the_body(self) -> None:
+        bob = await self.f.web.user("bob")
+        bob_token = await self.f.login("bob@example.test", await self.f.web.credential(bob))
+        sent, request, transport = await self.send(self.bundle_id, bob_token)
+        reply = self.assertUnread(sent, b"404 ", request, transport)
+        self.assertEqual(reply["error"], "Not found.")
+        sent, request, transport = await self.send(10**30)  # no such bundle at all
+        self.assertUnread(sent, b"404 ", request, transport)
+
+    async def test_a_sent_bundle_is_a_405_before_the_body(self) -> None:
+        status, _ = await self.f.upload(self.bundle_id, multipart_file("a", b"a"))
+        self.assertEqual(status, 200)
+        status, _ = await self.f.form(
+            "POST", f"/dropbundles/{self.bundle_id}/dropbundlerecipients",
+            "email=ann%40example.org")
+        self.assertEqual(status, 200)
+        status, _, _ = await self.f.call("GET", f"/dropbundles/{self.bundle_id}?send")
+        self.assertEqual(status, 200)
+        rows = self.f.file_rows()
+        sent, request, transport = await self.send(self.bundle_id)
+        self.assertTrue(sent.startswith(b"HTTP/1.1 405 "), sent[:200])
+        self.assertIn(b"Allow: GET", sent)
+        self.assertEqual(request._received, 0)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.f.file_rows(), rows)
+
+    async def test_a_declared_length_beyond_the_room_left_is_a_413_before_the_body(self) -> None:
+        # 150,000 bytes a bundle: a body of 1 MiB of framing and 150,001 bytes cannot fit.
+        sent, request, transport = await self.send(self.bundle_id,
+                                                   length=UPLOAD_OVERHEAD + 150_001)
+        reply = self.assertUnread(sent, b"413 ", request, transport)
+        self.assertEqual(reply["errors"], {"the_file": [
+            "The bundle's files would exceed the total allowed size."]})
+        # One that may fit is read, and refused only if it does not.
+        sent, _, _ = await self.send(self.bundle_id, length=UPLOAD_OVERHEAD + 150_000)
+        self.assertEqual(sent, b"")  # let in: waiting for the rest of its body
+
+    async def test_a_user_has_max_concurrent_uploads_under_way(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(self.bundle_id, self.f.token, len(self.body))
+                             + self.body[:4000])
+        first = self.made[-1]
+        self.assertFalse(first.finished)  # let in, its body on its way
+        sent, request, other = await self.send(self.bundle_id)
+        reply = self.assertUnread(sent, b"429 ", request, other)
+        self.assertIn(b"Retry-After: 10", sent)
+        self.assertIn("1 uploads under way", reply["error"])
+        # A body within max_body is not held before it is read, but counts all the same.
+        status, small = await self.f.upload(self.bundle_id, multipart_file("s", b"s"))
+        self.assertEqual((status, small["error"]), (429, reply["error"]))
+        # Another user is not held up by alice's uploads.
+        bob = await self.f.web.user("bob")
+        bob_token = await self.f.login("bob@example.test", await self.f.web.credential(bob))
+        bob_bundle = await self.f.bundle()
+        sent, _, _ = await self.send(bob_bundle, bob_token)
+        self.assertTrue(sent.startswith(b"HTTP/1.1 404 "), sent[:80])  # not 429: not hers
+        # Once the first one ends, the slot is free again.
+        channel.dataReceived(self.body[4000:])  # the file is stored at once (no threads)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:80])
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(self.bundle_id, self.f.token, len(self.body))
+                             + self.body)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:80])
+        self.assertEqual(len(self.f.file_rows()), 2)
+
+    async def test_a_dropped_connection_gives_its_slot_back(self) -> None:
+        channel, _ = self.connect(close=False)
+        channel.dataReceived(self.head(self.bundle_id, self.f.token, len(self.body))
+                             + self.body[:4000])
+        channel.connectionLost(Failure(ConnectionDone()))
+        sent, _, _ = await self.send(self.bundle_id)
+        self.assertEqual(sent, b"")  # let in
+
+
 class GateFunctionTests(TestCase):
     async def test_only_the_credential_of_the_paths_api_opens_it(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
         f = GateFixture()
         await f.start(self)
+        paths = upload_paths(f.web.core, f.web.root.apps)
         gate = upload_gate(CredentialResolver(f.web.core.identity),
-                           [(path, policy) for path, _, policy in upload_paths(f.web.core)])
+                           [(path, policy, None) for path, _, policy, _ in paths])
         mail_key = await f.web.credential(f.alice, "token")
 
         async def ask(uri: bytes, headers: dict[str, str]) -> bool:

@@ -31,6 +31,9 @@ in (the connection is paused, nothing of the body is stored) while `BodyLimits.g
 the request's credential. A request without a good one is answered at once without its body
 (the API's own 401) and closes lingering, as below; anyone else's upload is read on. Without
 the gate, anyone could make the daemon write `max_file_size` (2 GiB) to disk per connection.
+The gate also asks the path's API what it would refuse anyway (a safedrop bundle not the
+caller's, already sent, or without room for the declared length; too many uploads under way):
+such a request is answered at once with that reply, its body unread, as well.
 
 After such a 413 the connection closes "lingering" (as nginx does): our side stops writing,
 and what the client still sends is read and dropped, for at most `LINGER_SECONDS` or until
@@ -136,6 +139,8 @@ class LimitedRequest(server.Request):
     body_too_large = False
     # The upload gate refused the request: its body is not read (see the module docstring).
     body_refused = False
+    # The reply the upload path's API refused it with (web.root.upload_gate), if not a 401.
+    upload_refusal: Exception | None = None
     _continue = False
     _received = 0
 

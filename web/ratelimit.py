@@ -7,7 +7,8 @@ a refused request gets 429 with `Retry-After`. Users: the password-login endpoin
 client address, and failures per account name), IMAP2API (1000/h per user, 100/h
 anonymous), Dropmyemail (20/s per token), Protecmail, the Mail API and safedrop (20/s per
 user each; 100/h per client address for requests whose credential is missing or bad, the
-three APIs together).
+three APIs together). `InFlight` bounds what a key has under way at once instead (a
+safedrop user's concurrent uploads): 429 beyond, with Retry-After.
 """
 
 from __future__ import annotations
@@ -137,6 +138,40 @@ class RateLimiter:
             oldest = sorted(self._buckets, key=lambda k: self._buckets[k][1])
             for k in oldest[: len(oldest) // 2 + 1]:
                 del self._buckets[k]
+
+
+class InFlight:
+    """At most `limit` things under way at once per key (in this process): `take` a slot
+    before the work, `give_back` after it."""
+
+    RETRY_AFTER = 10
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[Hashable, int] = {}
+
+    def take(self, key: Hashable) -> bool:
+        """Take one of `key`'s slots; False (nothing taken) when all are held."""
+        held = self._held.get(key, 0)
+        if held >= self.limit:
+            return False
+        self._held[key] = held + 1
+        return True
+
+    def give_back(self, key: Hashable) -> None:
+        held = self._held.get(key, 0) - 1
+        if held > 0:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
+
+    def held(self, key: Hashable) -> int:
+        return self._held.get(key, 0)
+
+    def refusal(self, what: str) -> ApiError:
+        """The 429 of a request over the limit; `what` names what is under way."""
+        return ApiError(429, f"You have {self.limit} {what} under way; try again once one "
+                        "has finished.", headers={"Retry-After": str(self.RETRY_AFTER)})
 
 
 def enforce(request: IRequest, limiter: RateLimiter, key: Hashable) -> Decision:

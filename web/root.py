@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 
 from mailcore.connlimits import ConnectionCounter, client_address
 from mailcore.core import Core
+from mailcore.identity import Principal
 from web import mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
@@ -192,6 +193,9 @@ class RootResource(Resource):
                 return app.error_reply(request, ApiError(400, "The path is not valid UTF-8."))
             if getattr(request, "body_refused", False):  # the upload gate's: no body read
                 request.setHeader(b"Connection", b"close")
+                refusal = getattr(request, "upload_refusal", None)
+                if refusal is not None:  # the upload path's API refused it (upload_gate)
+                    return app.error_reply(request, refusal)
             limit = self.body_limits.for_path(request.path)
             if body_exceeds(request, limit):
                 request.setHeader(b"Connection", b"close")
@@ -351,51 +355,70 @@ def _version() -> str:
         return "0"
 
 
+# What an upload path asks once the credential is known good, before the body is read: the
+# API's reply refusing the upload, or None to read it.
+Admission = Callable[[IRequest, Principal], Awaitable[ApiError | None]]
+
+
 def upload_gate(resolver: CredentialResolver,
-                uploads: Sequence[tuple[re.Pattern[str], AuthPolicy]]
+                uploads: Sequence[tuple[re.Pattern[str], AuthPolicy, Admission | None]]
                 ) -> Callable[[IRequest], Awaitable[bool]]:
     """Whether a request may send an upload path a body over `[web] max_body`: whether it
-    carries a credential of the path's API (`uploads`: each path and its API's policy;
-    web.limits reads no such body before it knows). A bad or missing one is refused here;
-    the API itself then answers the request (401)."""
+    carries a credential of the path's API (`uploads`: each path, its API's policy and its
+    admission; web.limits reads no such body before it knows), and the path's admission
+    lets it in. A bad or missing credential is refused here and the API itself then
+    answers the request (401); what the admission refuses is answered with its reply
+    (`upload_refusal`, see RootResource.render)."""
 
     async def may_upload(request: IRequest) -> bool:
         path = request.uri.split(b"?", 1)[0].decode("latin-1")
-        for pattern, policy in uploads:
+        for pattern, policy, admission in uploads:
             if pattern.fullmatch(path):
                 try:
-                    return await resolver.optional(request, policy) is not None
+                    principal = await resolver.optional(request, policy)
                 except ApiError:
                     return False
+                if principal is None:
+                    return False
+                refusal = None if admission is None else await admission(request, principal)
+                if refusal is not None:
+                    cast(Any, request).upload_refusal = refusal
+                    return False
+                return True
         return False
 
     return may_upload
 
 
-def upload_paths(core: Core) -> tuple[tuple[re.Pattern[str], int, AuthPolicy], ...]:
-    """The paths that take bodies over [web] max_body: how large, and whose credential
-    opens them (the upload gate)."""
+def upload_paths(core: Core, apps: Mapping[str, ApiApp]
+                 ) -> tuple[tuple[re.Pattern[str], int, AuthPolicy, Admission | None], ...]:
+    """The paths that take bodies over [web] max_body: how large, whose credential opens
+    them, and what else their API checks before such a body is read (the upload gate)."""
+    drops = cast(SafedropApp, apps[SafedropApp.name])
     return (
-        (UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD, SAFEDROP),
+        (UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD, SAFEDROP,
+         drops.admit_upload),
         (mailapi.UPLOAD_PATH,
-         core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD, MAIL_API),
+         core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD, MAIL_API, None),
     )
 
 
 def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
     """The root resource over every app (tests drive it through StubTreq)."""
     settings = settings or WebSettings.from_config(core.config)
-    uploads = upload_paths(core)
+    apps = build_apps(core, settings)
+    uploads = upload_paths(core, apps)
     return RootResource(
-        build_apps(core, settings),
+        apps,
         settings=settings,
         clock=core.clock,
         metrics=HttpMetrics.for_registry(core.metrics),
         body_limits=BodyLimits(
             settings.max_body,
-            tuple((pattern, limit) for pattern, limit, _ in uploads),
+            tuple((pattern, limit) for pattern, limit, _, _ in uploads),
             upload_gate(CredentialResolver(core.identity),
-                        [(pattern, policy) for pattern, _, policy in uploads]),
+                        [(pattern, policy, admission)
+                         for pattern, _, policy, admission in uploads]),
         ),
     )
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from klein import Klein
 from twisted.web.iweb import IRequest
@@ -63,7 +63,7 @@ from web.parsing import (
     query_params,
     string_field,
 )
-from web.ratelimit import RateLimiter, admit
+from web.ratelimit import InFlight, RateLimiter, admit
 from web.replies import empty_reply
 from web.settings import WebSettings
 
@@ -91,8 +91,11 @@ MAX_SUBJECT = 1000
 
 # Where files are uploaded: allowed a body up to `[safedrop] max_file_size` plus room for
 # the multipart framing, instead of `[web] max_body`.
-UPLOAD_PATH = re.compile(r"/dropbundles/[0-9]+/dropfiles/?")
+UPLOAD_PATH = re.compile(r"/dropbundles/([0-9]+)/dropfiles/?")
 UPLOAD_OVERHEAD = 1024 * 1024
+# The largest bundle id a path may name (a longer one names nothing: a 404).
+MAX_ID_DIGITS = 18
+UPLOADS_UNDER_WAY = "uploads"
 
 BUNDLE_FIELDS = (
     "subject", "message", "secure_message", "expiry_date", "email_receipt_when", "password",
@@ -345,6 +348,8 @@ class SafedropApp(ApiApp):
         self.anonymous_limiter = anonymous_limiter
         self.identity = identity
         self.drops = drops
+        # Each user's uploads under way in this process ([safedrop] max_concurrent_uploads).
+        self.uploads = InFlight(drops.settings.max_concurrent_uploads)
 
     async def principal(self, request: IRequest) -> Principal:
         """The token's user within `[web] safedrop_user_rate`, or 401 (the token is unknown
@@ -568,12 +573,15 @@ class SafedropApp(ApiApp):
         description="The upload is written to disk as it is parsed, never held in memory; "
         "it is bounded by `[safedrop] max_file_size` (413) and the bundle's total "
         "`max_bundle_size`; a bundle holds at most `max_files` files (400). A failed upload "
-        "leaves no file and no row.",
+        "leaves no file and no row. A user has at most `[safedrop] max_concurrent_uploads` "
+        "uploads under way at once (429). A body over `[web] max_body` is refused before it "
+        "is read when the bundle is not the caller's (404), is sent (405) or has no room for "
+        "its declared length (413).",
         auth=SAFEDROP,
         body=FILE_BODY,
         body_types=(MULTIPART_TYPE,),
         replies={200: Reply("The new file", FILE_SCHEMA)},
-        errors=(413,),
+        errors=(404, 405, 413),
     )
     async def add_file(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)
@@ -586,10 +594,44 @@ class SafedropApp(ApiApp):
                 400, "Send the file as multipart/form-data, in the field the_file.",
                 fields={"the_file": ["This field is required."]},
             )
+        refusal = self._upload_slot(request, principal.user.id)
+        if refusal is not None:
+            raise refusal
         found = await self._do(
             self.drops.add_file(principal.user.id, bundle_id, content_type, request.content)
         )
         return self.reply(request, file_json(found))
+
+    async def admit_upload(self, request: IRequest, principal: Principal) -> ApiError | None:
+        """The upload gate's question for a file upload whose body is not read yet: the
+        reply that would refuse it (404 not the user's bundle, 405 sent, 400 `max_files`,
+        413 no room for the declared length, 429 `max_concurrent_uploads` under way), or
+        None once it has taken one of the user's upload slots (given back when the request
+        ends)."""
+        path = request.uri.split(b"?", 1)[0].decode("latin-1")
+        match = UPLOAD_PATH.fullmatch(path)
+        if match is None or len(match.group(1)) > MAX_ID_DIGITS:
+            return drop_error(DropNotFound())
+        declared = (request.getHeader(b"content-length") or b"").strip()
+        least = int(declared) - UPLOAD_OVERHEAD if declared.isdigit() else 0
+        user_id = principal.user.id
+        try:
+            await self.drops.check_upload(user_id, int(match.group(1)), least)
+        except (DropError, DropNotFound, DropSent) as e:
+            return drop_error(e)
+        return self._upload_slot(request, user_id)
+
+    def _upload_slot(self, request: IRequest, user_id: int) -> ApiError | None:
+        """Take one of the user's upload slots for this request, held until it ends (a body
+        over [web] max_body took it before it was read: `admit_upload`); the 429 when the
+        user has every slot under way."""
+        if getattr(request, "upload_slot", False):
+            return None
+        if not self.uploads.take(user_id):
+            return self.uploads.refusal(UPLOADS_UNDER_WAY)
+        cast(Any, request).upload_slot = True
+        cast(Any, request).notifyFinish().addBoth(lambda _: self.uploads.give_back(user_id))
+        return None
 
     @routes.route(
         "/dropbundles/<int:bundle_id>/dropfiles/<int:file_id>",

@@ -173,6 +173,7 @@ class SafedropSettings:
     max_user_size = 53687091200   # bytes of all files a user keeps, all bundles (50 GiB)
     max_recipients = 100          # recipients of one bundle (its send queues one mail each)
     max_files = 1000              # files of one bundle (each mail of its send lists them all)
+    max_concurrent_uploads = 4    # uploads one user has under way at once (per node); 429 beyond
     ```
     """
 
@@ -186,6 +187,7 @@ class SafedropSettings:
     max_user_size: int = 50 * GIB
     max_recipients: int = 100
     max_files: int = 1000
+    max_concurrent_uploads: int = 4
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
@@ -203,7 +205,7 @@ class SafedropSettings:
                 if not is_positive_number(v):
                     raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
                 values[key] = float(v)
-        for key in ("max_recipients", "max_files"):
+        for key in ("max_recipients", "max_files", "max_concurrent_uploads"):
             if key in section:
                 v = section[key]
                 if not is_positive_number(v, integer=True) or v > 100_000:

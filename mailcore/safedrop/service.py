@@ -50,6 +50,8 @@ from mailcore.safedrop.model import (
     DropFile,
     DropRecipient,
     SafedropSettings,
+    TooLarge,
+    bundle_full,
 )
 from mailcore.safedrop.sms import SmsError, SmsGateway
 from mailcore.smtp.envelope import Envelope, Recipient
@@ -227,9 +229,11 @@ class SafedropService:
         request's Deferred): it ends with the file and its row, or with neither."""
         return await shielded(self._add_file(owner_id, bundle_id, content_type, body))
 
-    async def _add_file(
-        self, owner_id: int, bundle_id: int, content_type: str, body: BinaryIO
-    ) -> DropFile:
+    async def upload_room(self, owner_id: int, bundle_id: int) -> tuple[int, TooLarge]:
+        """How many bytes an upload to the bundle may still store (the bundle's room or its
+        owner's, whichever is less), and the 413 past it. DropNotFound (not the owner's),
+        DropSent, DropError (`max_files` reached), and the 413 when the owner has no room
+        left at all."""
         used = await self.db.read(
             "safedrop_upload_room", store.upload_room_txn, owner_id, bundle_id,
             self.settings.max_files,
@@ -239,10 +243,29 @@ class SafedropService:
         user_room = self.settings.max_user_size - mine
         if user_room <= 0:
             raise store.user_full(self.settings.max_user_size)
+        if user_room < room:
+            return user_room, store.user_full(self.settings.max_user_size)
+        return room, bundle_full()
+
+    async def check_upload(self, owner_id: int, bundle_id: int, least: int) -> None:
+        """Refuse, before its body is read, an upload that would be refused after: the
+        bundle is not the owner's or is sent, holds `max_files`, or has no room for the
+        `least` bytes the file will have at least (what its declared length leaves once
+        the multipart framing is taken off)."""
+        if least > self.settings.max_file_size:
+            limit = self.settings.max_file_size
+            raise TooLarge("the_file", f"The file is larger than {limit} bytes.")
+        room, full = await self.upload_room(owner_id, bundle_id)
+        if least > room:
+            raise full
+
+    async def _add_file(
+        self, owner_id: int, bundle_id: int, content_type: str, body: BinaryIO
+    ) -> DropFile:
+        room, full = await self.upload_room(owner_id, bundle_id)
         stored = await self.io.run(
             self.files.receive, body, content_type, bundle_id, self.settings.max_file_size,
-            min(room, user_room),
-            store.user_full(self.settings.max_user_size) if user_room < room else None,
+            room, full,
         )
         values = {
             "name": stored.name, "content_type": stored.content_type, "size": stored.size,
