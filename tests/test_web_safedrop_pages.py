@@ -9,6 +9,7 @@ import email.policy
 import re
 from typing import Any
 
+import sqlalchemy as sa
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
@@ -16,13 +17,21 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mailcore.safedrop.access import CODE_FAILURES, CODE_LOCK_SECONDS, OPEN_RECEIPT_SECONDS
+from mailcore.safedrop.access import (
+    CODE_FAILURES,
+    CODE_LOCK_SECONDS,
+    OPEN_RECEIPT_SECONDS,
+    PASSWORD_FAILURES,
+    PASSWORD_LOCK_SECONDS,
+)
 from mailcore.safedrop.service import SafedropSweeper
+from mailcore.store.schema import drop_recipients
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import BASE, Wire
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
 from web.accesslog import redacted_path
-from web.drop_page import CHUNK, byte_range, content_disposition
+from web.drop_page import CHUNK, PASSWORD_RATE, byte_range, content_disposition
+from web.ratelimit import RateLimiter
 
 LINK = re.compile(r"https://localhost(/drop/[A-Za-z0-9_-]{43})")
 
@@ -245,6 +254,50 @@ class PasswordAndDownloadTests(TestCase):
         status, _, _ = await browser.post(self.ann, action="password",
                                           password="Open-Sesame-77")
         self.assertEqual(status, 303)
+
+    async def test_wrong_passwords_lock_the_link_for_a_day_across_restarts(self) -> None:
+        browser = Browser(self.f)
+        _, _, page = await browser.get(self.ann)
+        token = csrf_field(page, "password")
+
+        async def guess(password: str) -> tuple[int, dict[str, list[str]], bytes]:
+            return await browser._call(  # type: ignore[no-any-return]
+                "POST", self.ann, data={"csrf_token": token, "action": "password",
+                                        "password": password}, allow_redirects=False)
+
+        app = self.f.web.root.apps["drop"]
+        for wrong in range(1, PASSWORD_FAILURES + 1):
+            if wrong % 5 == 1:  # within the per-process rate; a restart forgets it
+                self.f.web.clock.advance(300)
+                app.limiter = RateLimiter(  # type: ignore[attr-defined]
+                    self.f.web.clock, PASSWORD_RATE)
+            status, _, page = await guess("nope")
+            self.assertEqual(status, 403 if wrong < PASSWORD_FAILURES else 429, wrong)
+        self.assertIn(b"Too many wrong passwords", page)
+        # Locked: even the right password does not open the link, nor does the page ask.
+        status, headers, page = await guess("Open-Sesame-77")
+        self.assertEqual(status, 429)
+        self.assertEqual(int(headers["retry-after"][0]), PASSWORD_LOCK_SECONDS)
+        status, _, page = await browser.get(self.ann)
+        self.assertEqual(status, 429)
+        self.assertIn(b"ask alice@example.test to send you a new drop", page)
+        self.assertNotIn(b'name="password"', page)
+        # Another recipient's link is not locked.
+        status, _, _ = await Browser(self.f).post(self.bob, action="password",
+                                                  password="Open-Sesame-77")
+        self.assertEqual(status, 303)
+        # A day later the link takes the password again; a right one starts the count anew.
+        self.f.web.clock.advance(PASSWORD_LOCK_SECONDS)
+        for _ in range(3):
+            status, _, _ = await browser.post(self.ann, action="password", password="nope")
+            self.assertEqual(status, 403)
+        status, _, _ = await browser.post(self.ann, action="password",
+                                          password="Open-Sesame-77")
+        self.assertEqual(status, 303)
+        failures = await self.f.web.core.db.read("count", lambda c: c.execute(
+            sa.select(drop_recipients.c.password_failures)
+            .where(drop_recipients.c.email == "ann@example.org")).scalar_one())
+        self.assertEqual(failures, 0)
 
     async def test_a_post_without_the_csrf_token_is_refused(self) -> None:
         status, _, _ = await self.f.web.call(

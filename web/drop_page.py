@@ -2,7 +2,9 @@
 
 Server-rendered (web.pages: autoescaped templates, security headers, CSRF-checked forms),
 no JavaScript. The link opens the drop; a password prompt comes first when the bundle has
-one (each link may guess `PASSWORD_RATE`, then 429 with Retry-After), then with
+one (each link may guess `PASSWORD_RATE`, then 429 with Retry-After; and
+`PASSWORD_FAILURES` wrong passwords in all, counted in the store, lock it for a day, as wrong
+one-time codes do: mailcore.safedrop.access.Lockout), then with
 require_token_auth a one-time code sent to the recipient: by text message through
 `[safedrop] sms_gateway` when it has a telephone number and a gateway is configured, else by
 mail (the page says which). The checks
@@ -22,6 +24,7 @@ read_remove, a 410 page.
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -246,22 +249,29 @@ class DropPageApp(PageApp):
               error: str | None = None) -> bytes:
         title = shown(found.bundle.subject) or "Secure drop"
         if step == CHECK_PW:
-            return self.pages.render(request, "drop_password.html", status, title=title,
-                                     sender=found.sender, error=error,
+            locked = self._locked(request, found.password_locked_until)
+            return self.pages.render(request, "drop_password.html",
+                                     429 if locked else status, title=title,
+                                     sender=found.sender, error=error, locked=locked,
                                      csrf_bind=self._csrf_bind(request, found))
-        locked = found.code_locked_until
-        if locked is not None:
-            status = 429
-            wait = max(1, int(locked.timestamp() - self.drops.clock.seconds()))
-            request.setHeader(b"Retry-After", str(wait).encode("ascii"))
+        locked = self._locked(request, found.code_locked_until)
         return self.pages.render(
-            request, "drop_code.html", status, title=title, sender=found.sender,
-            csrf_bind=self._csrf_bind(request, found),
+            request, "drop_code.html", 429 if locked else status, title=title,
+            sender=found.sender, csrf_bind=self._csrf_bind(request, found),
             email=found.recipient.email, pending=found.code_pending, error=error,
-            locked=rfc3339(locked) if locked is not None else None,
+            locked=locked,
             by_sms=self.drops.by_sms(found),
             by_mail_instead=bool(found.recipient.telephone) and not self.drops.by_sms(found),
         )
+
+    def _locked(self, request: IRequest, until: datetime.datetime | None) -> str | None:
+        """A check locked `until` then (too many wrong answers): its Retry-After on the
+        reply, and the time as the page shows it; None when it is not locked."""
+        if until is None:
+            return None
+        wait = max(1, int(until.timestamp() - self.drops.clock.seconds()))
+        request.setHeader(b"Retry-After", str(wait).encode("ascii"))
+        return rfc3339(until)
 
     def _contents(self, request: IRequest, token: str, found: Access,
                   replied: bool = False) -> bytes:
@@ -332,16 +342,21 @@ class DropPageApp(PageApp):
         levels = self._levels(request, token)
         step = self._missing(found, levels)
         if action == "password" and step == CHECK_PW:
+            if found.password_locked_until is not None:
+                return self._step(request, found, CHECK_PW)  # 429, saying until when
             decision = self.limiter.check(("drop-password", link_digest(token)))
             if not decision.allowed:
                 raise PageError(429, "Too many attempts",
                                 "Too many wrong passwords; try again later.",
                                 headers={"Retry-After": str(decision.retry_after)})
             password = fields.get("password")
-            if isinstance(password, str) and await self.drops.check_password(found, password):
+            checked = await self.drops.check_password(found, password) \
+                if isinstance(password, str) else CODE_WRONG
+            if checked == CODE_OK:
                 self._grant(request, token, levels + CHECK_PW)
                 return self._see_other(request, token)
-            return self._step(request, found, CHECK_PW, 403, "That password is not right.")
+            return self._step(request, await self._open(token), CHECK_PW, 403,
+                              "That password is not right.")
         if action in ("send_code", "code") and step == CHECK_CODE \
                 and found.code_locked_until is not None:
             return self._step(request, found, CHECK_CODE)  # 429, saying until when

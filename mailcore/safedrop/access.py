@@ -42,6 +42,9 @@ CODE_ATTEMPTS = 5  # wrong guesses of one code before it is void
 # code, and sends none, for CODE_LOCK_SECONDS. 10 guesses a day of 10^6 codes.
 CODE_FAILURES = 10
 CODE_LOCK_SECONDS = 24 * 3600
+# The same for the drop's password, per recipient (link): 10 wrong ones lock it for a day.
+PASSWORD_FAILURES = 10
+PASSWORD_LOCK_SECONDS = 24 * 3600
 # Runs of bytes kept per recipient and file (drop_download_parts): past this many, the two
 # runs with the smallest gap between them become one, the gap counted as sent. No byte that
 # was sent is forgotten: a file counts as downloaded at worst a little early, never not at all.
@@ -83,6 +86,8 @@ class Access:
     first_open: bool
     code_locked_until: datetime.datetime | None  # too many wrong codes: none until then
     tell_opened: bool  # this opening gets the sender an "opened" receipt
+    # Too many wrong passwords: the link takes none until then.
+    password_locked_until: datetime.datetime | None = None
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -149,21 +154,78 @@ def open_link_txn(
     sender = conn.execute(
         sa.select(users.c.email).where(users.c.id == bundle.owner_id)).scalar_one()
     expires = _utc(row.code_expires_at)
-    locked = _utc(row.code_locked_until)
     return Access(
         bundle=bundle, recipient=recipient, files=files, downloaded=downloaded,
         sender=sender, password_hash=brow.password_hash,
         secure_message=brow.secure_message,
         code_pending=row.code_digest is not None and expires is not None and expires > now,
         first_open=first_open,
-        code_locked_until=locked if locked is not None and locked > now else None,
+        code_locked_until=CODE_LOCK.locked(row, now),
         tell_opened=tell,
+        password_locked_until=PASSWORD_LOCK.locked(row, now),
     )
 
 
-def _locked(row: Any, now: datetime.datetime) -> bool:
-    until = _utc(row.code_locked_until)
-    return until is not None and until > now
+@dataclass(frozen=True)
+class Lockout:
+    """Wrong answers to one check (the one-time code, the password) a recipient's link may
+    give in all, counted in the store (so across restarts and nodes): the `limit`th locks the
+    link for that check for `seconds`, and the count starts again; a right answer clears
+    both. `failures` and `locked_until` name the recipient's columns."""
+
+    failures: str
+    locked_until: str
+    limit: int
+    seconds: float
+
+    def columns(self) -> tuple[Any, Any]:
+        return drop_recipients.c[self.failures], drop_recipients.c[self.locked_until]
+
+    def locked(self, row: Any, now: datetime.datetime) -> datetime.datetime | None:
+        """Until when the link is locked (the recipient's row has the columns), or None."""
+        until = _utc(getattr(row, self.locked_until))
+        return until if until is not None and until > now else None
+
+    def failed(self, row: Any, now: datetime.datetime) -> dict[str, Any]:
+        """The column values after one more wrong answer (the row's count is the one
+        before it)."""
+        if getattr(row, self.failures) + 1 >= self.limit:
+            return {self.failures: 0,
+                    self.locked_until: now + datetime.timedelta(seconds=self.seconds)}
+        return {self.failures: drop_recipients.c[self.failures] + 1}
+
+    def cleared(self) -> dict[str, Any]:
+        """The column values after a right answer."""
+        return {self.failures: 0, self.locked_until: None}
+
+
+CODE_LOCK = Lockout("code_failures", "code_locked_until", CODE_FAILURES, CODE_LOCK_SECONDS)
+PASSWORD_LOCK = Lockout("password_failures", "password_locked_until", PASSWORD_FAILURES,
+                        PASSWORD_LOCK_SECONDS)
+
+
+def take_guess_txn(conn: Connection, recipient_id: int, lock: Lockout,
+                   now: datetime.datetime) -> datetime.datetime | None:
+    """Count a guess for the check `lock` guards as wrong before it is checked (a check that
+    runs outside the transaction, as the password's hash does: guesses at once cannot pass
+    the limit together); `guess_right_txn` takes it back. Returns until when the link is
+    locked, None when the guess may be checked (this one may be the one that locks it; a
+    right answer unlocks it)."""
+    r = drop_recipients.c
+    row = conn.execute(sa.select(*lock.columns()).where(r.id == recipient_id)
+                       .with_for_update()).one()
+    until = lock.locked(row, now)
+    if until is not None:
+        return until
+    conn.execute(sa.update(drop_recipients).where(r.id == recipient_id)
+                 .values(**lock.failed(row, now)))
+    return None
+
+
+def guess_right_txn(conn: Connection, recipient_id: int, lock: Lockout) -> None:
+    """The guess `take_guess_txn` counted was right: the count starts again, unlocked."""
+    conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
+                 .values(**lock.cleared()))
 
 
 def set_code_txn(
@@ -175,7 +237,7 @@ def set_code_txn(
     codes stays as it is."""
     row = conn.execute(sa.select(drop_recipients.c.code_locked_until)
                        .where(drop_recipients.c.id == recipient_id).with_for_update()).one()
-    if _locked(row, now):
+    if CODE_LOCK.locked(row, now) is not None:
         return False
     conn.execute(
         sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
@@ -202,23 +264,21 @@ def check_code_txn(
                   r.code_locked_until)
         .where(r.id == recipient_id).with_for_update()
     ).one()
-    if _locked(row, now):
+    if CODE_LOCK.locked(row, now) is not None:
         return CODE_LOCKED
     mine = sa.update(drop_recipients).where(r.id == recipient_id)
     expires = _utc(row.code_expires_at)
     live = (row.code_digest is not None and expires is not None and expires > now
             and row.code_attempts < CODE_ATTEMPTS)
+    void = {"code_digest": None, "code_expires_at": None, "code_attempts": 0}
     if live and hmac.compare_digest(bytes(row.code_digest), digest):
-        conn.execute(mine.values(code_digest=None, code_expires_at=None, code_attempts=0,
-                                 code_failures=0, code_locked_until=None))
+        conn.execute(mine.values(**void, **CODE_LOCK.cleared()))
         return CODE_OK
-    if row.code_failures + 1 >= CODE_FAILURES:
-        conn.execute(mine.values(
-            code_digest=None, code_expires_at=None, code_attempts=0, code_failures=0,
-            code_locked_until=now + datetime.timedelta(seconds=CODE_LOCK_SECONDS)))
+    failed = CODE_LOCK.failed(row, now)
+    if CODE_LOCK.locked_until in failed:
+        conn.execute(mine.values(**void, **failed))
         return CODE_LOCKED
-    conn.execute(mine.values(code_attempts=r.code_attempts + 1,
-                             code_failures=r.code_failures + 1))
+    conn.execute(mine.values(code_attempts=r.code_attempts + 1, **failed))
     return CODE_WRONG
 
 

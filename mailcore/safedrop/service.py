@@ -376,10 +376,21 @@ class SafedropService:
                                     f"{found.recipient.email} opened your drop.")
         return found
 
-    async def check_password(self, found: Access, password: str) -> bool:
+    async def check_password(self, found: Access, password: str) -> str:
+        """side.CODE_OK (no password, or the right one), CODE_WRONG, or CODE_LOCKED while
+        too many wrong passwords lock the link (side.PASSWORD_LOCK: counted in the store
+        before the hash is checked, taken back when it was right)."""
         if found.password_hash is None:
-            return True
-        return await self.cpu.run(verify_password, found.password_hash, password)
+            return side.CODE_OK
+        recipient_id = found.recipient.id
+        if await self.db.run("safedrop_password_guess", side.take_guess_txn, recipient_id,
+                             side.PASSWORD_LOCK, self.now()) is not None:
+            return side.CODE_LOCKED
+        if not await self.cpu.run(verify_password, found.password_hash, password):
+            return side.CODE_WRONG
+        await self.db.run("safedrop_password_right", side.guess_right_txn, recipient_id,
+                          side.PASSWORD_LOCK)
+        return side.CODE_OK
 
     def by_sms(self, found: Access) -> bool:
         """Whether this recipient's codes go by text message (a number and a gateway)."""

@@ -72,6 +72,9 @@ drop_recipients = Table(
     # of them lock the link (migration 0032).
     Column("code_failures", Integer, nullable=False, server_default="0"),
     Column("code_locked_until", DateTime(timezone=True), nullable=True),
+    # The same for wrong drop passwords (migration 0035).
+    Column("password_failures", Integer, nullable=False, server_default="0"),
+    Column("password_locked_until", DateTime(timezone=True), nullable=True),
     # When the sender was last told this recipient opened the drop (email_receipt_when=1:
     # at most one such receipt an hour; migration 0033).
     Column("opened_receipt_at", DateTime(timezone=True), nullable=True),
