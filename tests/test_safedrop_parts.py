@@ -19,10 +19,12 @@ from mailcore.safedrop.access import (
     capped_runs,
     merge_runs,
     record_sent_txn,
+    start_download_txn,
 )
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import (
     drop_bundles,
+    drop_download_attempts,
     drop_download_parts,
     drop_downloads,
     drop_files,
@@ -206,6 +208,41 @@ class SentPartsTestsMixin(MixinBase):
 
         await self.db.run("delete", delete_file)
         self.assertEqual(await self.runs("ann"), [])
+
+
+    async def start(self, who: str, file: str = "big", limit: int = 3) -> bool:
+        return await self.db.run("start", start_download_txn, self.ids[who], self.ids[file],
+                                 limit)
+
+    async def sent_remove(self, who: str, first: int, last: int, limit: int = 3) -> Downloaded:
+        return await self.db.run("sent", record_sent_txn, self.ids[who], self.ids["bundle"],
+                                 self.ids["big"], SIZE, first, last, NOW, limit)
+
+    async def test_read_remove_counts_a_file_once_its_last_allowed_download_ends(
+            self) -> None:
+        """All but the last byte, twice, then a connection dropped before any byte: the
+        third download was the last allowed, so the file counts although byte 99 never
+        went; no fourth starts."""
+        for _ in range(2):
+            self.assertTrue(await self.start("ann"))
+            self.assertEqual(await self.sent_remove("ann", 0, SIZE - 2), NOTHING)
+        self.assertTrue(await self.start("ann"))
+        self.assertEqual(await self.sent_remove("ann", 0, -1), Downloaded(True, False, False))
+        self.assertFalse(await self.start("ann"))
+        self.assertEqual(await self.runs("ann"), [])
+
+        def attempts(conn: Connection) -> list[Any]:
+            return list(conn.execute(sa.select(drop_download_attempts)))
+
+        self.assertEqual(await self.db.read("attempts", attempts), [])
+        self.assertTrue(await self.start("bob"))  # each recipient has attempts of its own
+
+    async def test_a_file_downloaded_whole_starts_no_download_again(self) -> None:
+        self.assertTrue(await self.start("ann"))
+        self.assertEqual(await self.sent_remove("ann", 0, SIZE - 1),
+                         Downloaded(True, False, False))
+        self.assertFalse(await self.start("ann"))
+        self.assertTrue(await self.start("ann", "tiny"))
 
 
 class SQLiteSentPartsTests(SentPartsTestsMixin, TestCase):

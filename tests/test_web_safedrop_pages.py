@@ -4,6 +4,7 @@ expiry sweeper and replies to the sender."""
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import re
@@ -96,6 +97,10 @@ class PasswordAndDownloadTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.f = PageFixture()
         await self.f.start(self)
+        # These tests fetch a read_remove file in many ranges; how many downloads of one
+        # may start is ReadRemoveAttemptsTests'.
+        drops = self.f.web.core.safedrop
+        drops.settings = dataclasses.replace(drops.settings, max_download_attempts=100)
         self.ann, self.bob = await self.f.sent_bundle(
             "subject=Plans&message=Hello+%3Cb%3Eyou%3C%2Fb%3E&password=Open-Sesame-77"
             "&secure_message=vault+%3Cscript%3E4711")
@@ -446,6 +451,70 @@ class CodeLimitTests(TestCase):
         status, _, page = await self.browser.get(self.ann)
         self.assertEqual(status, 200)
         self.assertIn(b"b.bin", page)
+
+
+class ReadRemoveAttemptsTests(TestCase):
+    """read_remove: a file self-destructs for a recipient once it was sent whole, or once
+    `[safedrop] max_download_attempts` (3) downloads of it started, whatever they sent (all
+    but its last byte, a dropped connection); no download of it starts after that."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = PageFixture()
+        await self.f.start(self)
+        self.ann, self.bob = await self.f.sent_bundle("subject=S&email_receipt_when=3")
+        self.browser = Browser(self.f)
+        _, _, page = await self.browser.get(self.ann)
+        self.first, self.second = (f"{self.ann}/files/{i.decode()}" for i in re.findall(
+            rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page))
+
+    def receipts(self) -> list[str]:
+        return [m.get_content().strip() for m in self.f.mails_to("alice@example.test")
+                if "downloaded" in m.get_content()]
+
+    async def test_all_but_the_last_byte_is_fetched_at_most_max_download_attempts_times(
+            self) -> None:
+        attempts = self.f.web.core.safedrop.settings.max_download_attempts
+        self.assertEqual(attempts, 3)
+        for _ in range(attempts):
+            status, _, got = await self.browser.get(self.first, Range="bytes=0-8")
+            self.assertEqual((status, got), (206, b"012345678"))
+        self.assertEqual(self.receipts(), ["ann@example.org downloaded r\u00e9sum\u00e9 1.txt."])
+        for wanted in ("bytes=0-8", "bytes=9-", None):
+            status, _, page = await self.browser.get(
+                self.first, **({"Range": wanted} if wanted else {}))
+            self.assertEqual(status, 410, wanted)
+            self.assertIn(b"self-destructs", page)
+            self.assertNotIn(b"0123", page)
+        status, _, page = await self.browser.get(self.ann)
+        self.assertEqual(status, 200)
+        self.assertIn(b"downloaded", page)
+        # The other file whole: ann has every file, her link ends.
+        status, _, got = await self.browser.get(self.second)
+        self.assertEqual((status, got), (200, b"\x00\xffdata"))
+        status, _, page = await self.browser.get(self.ann)
+        self.assertEqual(status, 410)
+        # Bob's attempts are his own.
+        bob = Browser(self.f)
+        await bob.get(self.bob)
+        status, _, got = await bob.get(self.first.replace(self.ann, self.bob))
+        self.assertEqual((status, got), (200, b"0123456789"))
+
+    async def test_a_file_sent_whole_is_not_sent_again_while_another_is_left(self) -> None:
+        status, _, got = await self.browser.get(self.first)
+        self.assertEqual((status, got), (200, b"0123456789"))
+        status, _, _ = await self.browser.get(self.first)
+        self.assertEqual(status, 410)
+        status, _, _ = await self.browser.get(self.first, Range="bytes=0-0")
+        self.assertEqual(status, 410)
+        status, _, _ = await self.browser.get(self.ann)
+        self.assertEqual(status, 200)  # the second file is still to come
+
+    async def test_a_head_request_is_no_attempt(self) -> None:
+        for _ in range(5):
+            status, _, _ = await self.browser._call("HEAD", self.first)
+            self.assertEqual(status, 200)
+        status, _, got = await self.browser.get(self.first)
+        self.assertEqual((status, got), (200, b"0123456789"))
 
 
 class OpenReceiptTests(TestCase):

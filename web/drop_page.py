@@ -15,7 +15,9 @@ file from disk in chunks read on a thread pool, with backpressure, as
 (206, 416). A file counts as downloaded (receipts, read_remove) once the recipient was sent
 every byte of it: in one response, or in parts (ranges, a download resumed after it broke
 off: what was written before it did counts) that together cover it; a range that merely
-ends at the end (`bytes=-1`) is a part. Under read_remove a download of bytes another
+ends at the end (`bytes=-1`) is a part. Under read_remove a file also counts once `[safedrop]
+max_download_attempts` downloads of it started (when the last one ends), and no download of
+a file that counts starts again (410). Under read_remove a download of bytes another
 download of the same link and file is still sending ends that one first (`Sending`). With
 allow_comments (and require_token_auth) a reply form mails the sender. An unknown link is
 a 404 page; an expired or removed drop, or one a recipient has read in full under
@@ -285,6 +287,7 @@ class DropPageApp(PageApp):
             downloaded=found.downloaded, base=LINK_PATH + token,
             expires=rfc3339(min(expiries)) if expiries else None,
             read_remove=found.bundle.read_remove,
+            attempts=self.drops.settings.max_download_attempts,
             comments=found.bundle.allow_comments and found.bundle.require_token_auth,
             replied=replied,
         )
@@ -435,6 +438,9 @@ class DropPageApp(PageApp):
             found = await self._open(token)
             if self.drops.file_path(found, file_id) is None:
                 raise PageError(404, "Not found", "This drop has no such file.")
+            if not await self.drops.start_download(found, drop_file):
+                raise gone("You have downloaded this file (or started all the downloads of "
+                           "it allowed); it self-destructs and cannot be downloaded again.")
             return await self._serve(request, found, drop_file, path, first, last, ranged,
                                      mine)
         finally:
@@ -484,8 +490,10 @@ class DropPageApp(PageApp):
                 sending.written = True
         finally:
             # What was written counts, also when the client went away midway (which cancels
-            # this handler): it resumes from there with a Range. Recorded to its end.
-            if written.bytes or size == 0:
+            # this handler): it resumes from there with a Range. Recorded to its end. A
+            # read_remove download (`sending`) is recorded even when it wrote nothing: it
+            # may have been the last one allowed.
+            if written.bytes or size == 0 or sending is not None:
                 await self._record(found, drop_file, first, first + written.bytes - 1)
         return b""
 

@@ -28,6 +28,7 @@ from mailcore.store.chunks import rows_for
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import (
     drop_bundles,
+    drop_download_attempts,
     drop_download_parts,
     drop_downloads,
     drop_files,
@@ -289,23 +290,62 @@ class Downloaded:
     all_done: bool  # every recipient has every file (it just became so)
 
 
-def record_sent_txn(
-    conn: Connection, recipient_id: int, bundle_id: int, file_id: int, size: int,
-    first: int, last: int, now: datetime.datetime,
-) -> Downloaded:
-    """Bytes `first` to `last` (both included) of a file of `size` bytes were sent to a
-    recipient. The file counts as downloaded, once, when one response carried all of it or
-    the parts sent so far cover it (a download resumed with Range, or fetched in pieces)."""
-    # One recipient's downloads take turns (PostgreSQL; SQLite's writers always do): two
-    # parts finishing at once must not each miss the other's bytes.
+def _downloaded_txn(conn: Connection, recipient_id: int, file_id: int) -> bool:
+    """Whether the recipient has the file counted as downloaded; its downloads take turns
+    from here to the end of the transaction (PostgreSQL; SQLite's writers always do): two
+    parts finishing at once must not each miss the other's bytes, nor two downloads starting
+    at once both take the last attempt."""
     conn.execute(sa.select(drop_recipients.c.id).where(drop_recipients.c.id == recipient_id)
                  .with_for_update())
-    if conn.execute(sa.select(drop_downloads.c.id).where(
-            drop_downloads.c.recipient_id == recipient_id,
-            drop_downloads.c.file_id == file_id)).first() is not None:
+    return conn.execute(sa.select(drop_downloads.c.id).where(
+        drop_downloads.c.recipient_id == recipient_id,
+        drop_downloads.c.file_id == file_id)).first() is not None
+
+
+def _attempts_txn(conn: Connection, recipient_id: int, file_id: int) -> int:
+    a = drop_download_attempts.c
+    found = conn.execute(sa.select(a.attempts).where(
+        a.recipient_id == recipient_id, a.file_id == file_id)).scalar_one_or_none()
+    return int(found or 0)
+
+
+def start_download_txn(conn: Connection, recipient_id: int, file_id: int,
+                       max_attempts: int) -> bool:
+    """A download of a read_remove file starts: False (it may not) once the recipient has
+    it counted as downloaded or has started `max_attempts` downloads of it; else the
+    download counts as one more attempt, whatever it will send."""
+    if _downloaded_txn(conn, recipient_id, file_id):
+        return False
+    attempts = _attempts_txn(conn, recipient_id, file_id)
+    if attempts >= max_attempts:
+        return False
+    a = drop_download_attempts.c
+    if attempts:
+        conn.execute(sa.update(drop_download_attempts)
+                     .where(a.recipient_id == recipient_id, a.file_id == file_id)
+                     .values(attempts=attempts + 1))
+    else:
+        conn.execute(sa.insert(drop_download_attempts).values(
+            recipient_id=recipient_id, file_id=file_id, attempts=1))
+    return True
+
+
+def record_sent_txn(
+    conn: Connection, recipient_id: int, bundle_id: int, file_id: int, size: int,
+    first: int, last: int, now: datetime.datetime, max_attempts: int | None = None,
+) -> Downloaded:
+    """Bytes `first` to `last` (both included; none when `last` < `first`) of a file of
+    `size` bytes were sent to a recipient. The file counts as downloaded, once, when one
+    response carried all of it or the parts sent so far cover it (a download resumed with
+    Range, or fetched in pieces); with `max_attempts` (read_remove) also once that many of
+    its downloads have started (`start_download_txn`), whatever they sent."""
+    if _downloaded_txn(conn, recipient_id, file_id):
         return Downloaded(False, False, False)
     whole = first <= 0 and last >= size - 1
-    if not whole and not _covered_txn(conn, recipient_id, file_id, size, first, last):
+    if not whole and not (last >= first and _covered_txn(conn, recipient_id, file_id, size,
+                                                         first, last)) \
+            and not (max_attempts is not None
+                     and _attempts_txn(conn, recipient_id, file_id) >= max_attempts):
         return Downloaded(False, False, False)
     return _count_download_txn(conn, recipient_id, bundle_id, file_id, now)
 
@@ -332,10 +372,11 @@ def _covered_txn(conn: Connection, recipient_id: int, file_id: int, size: int, f
 
 def _count_download_txn(conn: Connection, recipient_id: int, bundle_id: int, file_id: int,
                         now: datetime.datetime) -> Downloaded:
-    """The recipient has the whole file (not counted before): it counts, its runs go."""
-    conn.execute(sa.delete(drop_download_parts).where(
-        drop_download_parts.c.recipient_id == recipient_id,
-        drop_download_parts.c.file_id == file_id))
+    """The recipient has the whole file (not counted before): it counts, its runs and
+    attempts go."""
+    for table in (drop_download_parts, drop_download_attempts):
+        conn.execute(sa.delete(table).where(table.c.recipient_id == recipient_id,
+                                            table.c.file_id == file_id))
     conn.execute(sa.insert(drop_downloads).values(
         recipient_id=recipient_id, file_id=file_id, completed_at=now))
     n_files = conn.execute(sa.select(sa.func.count()).select_from(drop_files)

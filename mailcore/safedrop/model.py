@@ -174,6 +174,7 @@ class SafedropSettings:
     max_recipients = 100          # recipients of one bundle (its send queues one mail each)
     max_files = 1000              # files of one bundle (each mail of its send lists them all)
     max_concurrent_uploads = 4    # uploads one user has under way at once (per node); 429 beyond
+    max_download_attempts = 3     # downloads of a read_remove file a recipient may start
     ```
     """
 
@@ -188,6 +189,7 @@ class SafedropSettings:
     max_recipients: int = 100
     max_files: int = 1000
     max_concurrent_uploads: int = 4
+    max_download_attempts: int = 3
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
@@ -205,7 +207,8 @@ class SafedropSettings:
                 if not is_positive_number(v):
                     raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
                 values[key] = float(v)
-        for key in ("max_recipients", "max_files", "max_concurrent_uploads"):
+        for key in ("max_recipients", "max_files", "max_concurrent_uploads",
+                    "max_download_attempts"):
             if key in section:
                 v = section[key]
                 if not is_positive_number(v, integer=True) or v > 100_000:

@@ -350,7 +350,9 @@ class SafedropService:
         else:
             lines.append("It does not expire.")
         if bundle.read_remove:
-            lines.append("It is removed once you have downloaded every file.")
+            lines.append("It is removed once you have downloaded every file; each file can "
+                         f"be downloaded once ({self.settings.max_download_attempts} tries "
+                         "in all if a download breaks off).")
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
         msg["Reply-To"] = sender
@@ -446,12 +448,22 @@ class SafedropService:
                 return f, self.files.path(found.bundle.id, f.sha256)
         return None
 
+    async def start_download(self, found: Access, drop_file: DropFile) -> bool:
+        """A download of a read_remove file starts: False (it may not) once the recipient
+        has the file, or has started `[safedrop] max_download_attempts` downloads of it
+        (each counts, whatever it sends: a Range, a broken connection)."""
+        return await self.db.run(
+            "safedrop_start_download", side.start_download_txn, found.recipient.id,
+            drop_file.id, self.settings.max_download_attempts)
+
     async def sent(self, found: Access, drop_file: DropFile, first: int, last: int) -> None:
-        """Bytes `first` to `last` of a file went to a recipient; once it has all of the file
-        (in one response or in parts): receipts, and read_remove."""
+        """Bytes `first` to `last` of a file went to a recipient (none when `last` <
+        `first`); once it has all of the file (in one response or in parts), or under
+        read_remove once its last allowed download has ended: receipts, and read_remove."""
+        attempts = self.settings.max_download_attempts if found.bundle.read_remove else None
         result = await self.db.run(
             "safedrop_record_download", side.record_sent_txn, found.recipient.id,
-            found.bundle.id, drop_file.id, drop_file.size, first, last, self.now(),
+            found.bundle.id, drop_file.id, drop_file.size, first, last, self.now(), attempts,
         )
         when = found.bundle.email_receipt_when
         if result.first_time and when == 3:

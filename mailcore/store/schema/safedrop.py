@@ -127,3 +127,18 @@ drop_download_parts = Table(
     Column("last_byte", BigInteger, nullable=False),
     Index("ix_drop_download_parts_recipient", "recipient_id", "file_id"),
 )
+
+# The downloads of a read_remove file a recipient has started (migration 0036): once
+# `[safedrop] max_download_attempts` have, the file counts as downloaded when the last one
+# ends, whatever bytes they sent, and no further download of it starts.
+drop_download_attempts = Table(
+    "drop_download_attempts",
+    metadata,
+    Column(
+        "recipient_id", Integer, ForeignKey("drop_recipients.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("file_id", Integer, ForeignKey("drop_files.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("attempts", Integer, nullable=False),
+)
