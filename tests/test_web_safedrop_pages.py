@@ -31,7 +31,13 @@ from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import BASE, Wire
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
 from web.accesslog import redacted_path
-from web.drop_page import CHUNK, PASSWORD_RATE, byte_range, content_disposition
+from web.drop_page import (
+    CHUNK,
+    COMMENT_RATE,
+    PASSWORD_RATE,
+    byte_range,
+    content_disposition,
+)
 from web.ratelimit import RateLimiter
 
 LINK = re.compile(r"https://localhost(/drop/[A-Za-z0-9_-]{43})")
@@ -371,6 +377,20 @@ class TokenAuthTests(TestCase):
         to_alice = [m.get_content() for m in f.mails_to("alice@example.test")]
         self.assertEqual(len([t for t in to_alice if "opened your drop" in t]), 1)
         self.assertEqual(len([t for t in to_alice if "Agreed <ok>" in t]), 1)
+        # Replies are limited per link: each is a mail to the sender.
+        for n in range(2, COMMENT_RATE.limit + 2):
+            status, headers, page = await browser.post(bob, action="comment", comment=f"#{n}")
+            if n <= COMMENT_RATE.limit:
+                self.assertEqual(status, 200, n)
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["retry-after"], ["360"])
+        self.assertIn(b"Too many replies", page)
+        replies = [t for t in (m.get_content() for m in f.mails_to("alice@example.test"))
+                   if "replied" in t]
+        self.assertEqual(len(replies), COMMENT_RATE.limit)
+        f.web.clock.advance(360)
+        status, _, _ = await browser.post(bob, action="comment", comment="later")
+        self.assertEqual(status, 200)
 
 
 class CodeLimitTests(TestCase):

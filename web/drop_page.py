@@ -19,7 +19,8 @@ ends at the end (`bytes=-1`) is a part. Under read_remove a file also counts onc
 max_download_attempts` downloads of it started (when the last one ends), and no download of
 a file that counts starts again (410). Under read_remove a download of bytes another
 download of the same link and file is still sending ends that one first (`Sending`). With
-allow_comments (and require_token_auth) a reply form mails the sender. An unknown link is
+allow_comments (and require_token_auth) a reply form mails the sender (`COMMENT_RATE` per
+link, then 429). An unknown link is
 a 404 page; an expired or removed drop, or one a recipient has read in full under
 read_remove, a 410 page.
 """
@@ -71,6 +72,9 @@ PASSWORD_RATE = Rate(5, 300)
 # New one-time codes per link: each is a mail or a text message to the recipient (and an
 # SMS gateway's bill); three at once, then one every five minutes.
 CODE_SEND_RATE = Rate(3, 900)
+# Replies per link (allow_comments): each is a mail to the sender; ten at once, then one
+# every six minutes, so that whoever holds a link cannot flood the sender's mailbox.
+COMMENT_RATE = Rate(10, 3600)
 CHUNK = 64 * 1024
 MAX_COMMENT = 10_000
 # At most 19 digits a number (a 64-bit offset): longer is no range we serve, and int() of
@@ -199,11 +203,13 @@ class DropPageApp(PageApp):
     def __init__(
         self, settings: WebSettings, *, pages: Pages, drops: SafedropService,
         limiter: RateLimiter | None = None, code_limiter: RateLimiter | None = None,
+        comment_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(settings, pages=pages)
         self.drops = drops
         self.limiter = limiter or RateLimiter(drops.clock, PASSWORD_RATE)
         self.code_limiter = code_limiter or RateLimiter(drops.clock, CODE_SEND_RATE)
+        self.comment_limiter = comment_limiter or RateLimiter(drops.clock, COMMENT_RATE)
         self.sending = Sending()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -332,8 +338,8 @@ class DropPageApp(PageApp):
             403: "HTML page: wrong password or code",
             404: "HTML page: the link is not valid",
             410: "HTML page: the drop expired or was removed",
-            429: "HTML page: too many password guesses, new codes or wrong codes "
-                 "(Retry-After)",
+            429: "HTML page: too many password guesses, new codes, wrong codes or "
+                 "replies (Retry-After)",
         }, form=True),
     )
     async def answer(self, request: IRequest, token: str) -> bytes:
@@ -391,6 +397,11 @@ class DropPageApp(PageApp):
                     or has_control_multiline(text):
                 raise PageError(400, "Reply not sent",
                                 f"Write a reply of at most {MAX_COMMENT} characters.")
+            decision = self.comment_limiter.check(("drop-comment", link_digest(token)))
+            if not decision.allowed:
+                raise PageError(429, "Reply not sent",
+                                "Too many replies from this link; try again later.",
+                                headers={"Retry-After": str(decision.retry_after)})
             await self.drops.comment(found, text.strip())
             return self._contents(request, token, found, replied=True)
         if step is not None:
