@@ -56,7 +56,7 @@ class MailboxApiTests(TestCase):
     async def test_the_owner_sees_its_mailbox_with_every_right(self) -> None:
         status, body = await self.as_("bob", "GET", "/api/v1/mailboxes/")
         self.assertEqual((status, body), (200, {"mailboxes": [
-            {"email": BOX, "owner": "bob", "is_owner": True, **EVERY}]}))
+            {"email": BOX, "owner": "bob", "is_owner": True, "active": True, **EVERY}]}))
 
     async def test_a_mailbox_without_a_grant_is_invisible(self) -> None:
         self.assertEqual(await self.as_("joe", "GET", "/api/v1/mailboxes/"),
@@ -87,7 +87,7 @@ class MailboxApiTests(TestCase):
                                 **{**NONE, "allow_read": True, "allow_send": True}})
         status, body = await self.as_("joe", "GET", "/api/v1/mailboxes/")
         self.assertEqual(body["mailboxes"], [
-            {"email": BOX, "owner": "bob", "is_owner": False,
+            {"email": BOX, "owner": "bob", "is_owner": False, "active": True,
              **{**NONE, "allow_read": True, "allow_send": True}}])
         # Its own rights it may read; the list of everyone's it may not.
         self.assertEqual((await self.as_("joe", "GET",

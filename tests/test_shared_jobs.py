@@ -75,10 +75,11 @@ def gather(*coroutines: Any) -> defer.Deferred[list[Any]]:
 
 
 def thd_outbox_mail(conn: Connection, owner: int, count: int) -> None:
-    """Blocking: a mailbox me@hosted.test of `owner` with `count` mails in its outbox, in
-    order: public ids m0000..., queue ids Q0000..."""
+    """Blocking: a mailbox me@hosted.test (of the domain hosted.test) of `owner` with `count`
+    mails in its outbox, in order: public ids m0000..., queue ids Q0000..."""
+    domain = thd_add_domain(conn, "hosted.test", "mx.hosted.test", 25)
     box = conn.execute(insert(mailboxes).values(
-        address="me@hosted.test", owner_id=owner, created_at=START,
+        address="me@hosted.test", owner_id=owner, created_at=START, domain_id=domain,
     ).returning(mailboxes.c.id)).scalar_one()
     for i in range(count):
         conn.execute(insert(mailapi_mail).values(

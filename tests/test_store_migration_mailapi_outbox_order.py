@@ -7,7 +7,9 @@ Each test runs on SQLite and on PostgreSQL (where the places come from a sequenc
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, inspect, text
+import datetime
+
+from sqlalchemy import Connection, insert, inspect, text
 from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
@@ -15,6 +17,7 @@ from mailcore.mailapi.mail import thd_next_outbox_seq
 from mailcore.mailapi.outbox import thd_outbox
 from mailcore.store import Database
 from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.schema import domains
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 
@@ -22,9 +25,12 @@ BEFORE = "0028_account_list_indexes"  # the revision 0029_mailapi_outbox_order b
 
 
 def thd_mail(conn: Connection, statuses: list[str]) -> None:
-    """Blocking: a mailbox with one mail of each status, in this order (as 0028 stored
-    them: ids in creation order, no place in the outbox)."""
+    """Blocking: a mailbox of the domain hosted.test with one mail of each status, in this
+    order (as 0028 stored them: ids in creation order, no place in the outbox)."""
     owner = thd_make_user(conn, "owner")
+    conn.execute(insert(domains).values(
+        owner_id=owner, name="hosted.test", redirect_host="mx.hosted.test", redirect_port=25,
+        created_at=datetime.datetime.fromtimestamp(0, datetime.UTC)))
     box = conn.execute(text("INSERT INTO mailboxes (address, owner_id, created_at)"
                             " VALUES ('me@hosted.test', :o, 1.0) RETURNING id"),
                        {"o": owner}).scalar_one()

@@ -113,6 +113,10 @@ MAILBOX_SCHEMA: dict[str, Any] = {
         "email": {"type": "string"},
         "owner": {"type": "string", "description": "the owner's username"},
         "is_owner": {"type": "boolean"},
+        "active": {"type": "boolean", "description": (
+            "false once the mailbox's domain is removed: nothing is delivered to it or sent "
+            "from it any more (nor when the domain name is claimed again); its mail stays "
+            "readable until the owner deletes it")},
         **RIGHTS_SCHEMA,
     },
 }
@@ -252,7 +256,7 @@ def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
 def mailbox_object(access: Access) -> dict[str, Any]:
     box = access.mailbox
     return {"email": box.address, "owner": box.owner, "is_owner": access.is_owner,
-            **access.rights.as_dict()}
+            "active": box.active, **access.rights.as_dict()}
 
 
 def grant_object(grant: Grant) -> dict[str, Any]:

@@ -69,7 +69,8 @@ async def mailbox_list(args: argparse.Namespace, core: Any) -> int:
         owner_id = (await require_user(core, args.owner)).id
     found = await core.mailboxes.list_all(owner_id)
     print_table(("ADDRESS", "OWNER", "CREATED"),
-                [(b.address, b.owner, utc_seconds(b.created_at)) for b in found])
+                [(b.address if b.active else f"{b.address} (domain removed)", b.owner,
+                  utc_seconds(b.created_at)) for b in found])
     return 0
 
 

@@ -46,7 +46,7 @@ import datetime
 import ipaddress
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,15 @@ from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
 from mailcore.store.counters import thd_bump_counter, thd_read_counter
-from mailcore.store.schema import domain_addresses, domain_changes, domains, mailboxes, users
+from mailcore.store.schema import (
+    domain_addresses,
+    domain_changes,
+    domains,
+    mailapi_mail,
+    mailboxes,
+    users,
+)
+from mailcore.store.schema.mailapi import DRAFT, OUTBOX
 from mailcore.text import has_control, has_control_multiline
 
 log = Logger()
@@ -512,13 +520,12 @@ def _bump_generation_txn(conn: Connection, domain_ids: Iterable[int]) -> None:
     conn.execute(delete(domain_changes).where(domain_changes.c.seq <= seq - CHANGE_LOG_KEEP))
 
 
-def thd_mailboxes_changed(conn: Connection, addresses: Iterable[str]) -> None:
-    """Blocking, inside the transaction that adds or removes hosted mailboxes at these
-    (stored-form) addresses: log their domains' change, so that every node's RCPT snapshot
-    learns of it (`mailcore.mailapi.mailboxes` calls it)."""
-    names = {address.rpartition("@")[2] for address in addresses}
-    ids = conn.execute(select(domains.c.id).where(domains.c.name.in_(names))).scalars()
-    _bump_generation_txn(conn, ids)
+def thd_mailboxes_changed(conn: Connection, domain_ids: Iterable[int | None]) -> None:
+    """Blocking, inside the transaction that adds or removes hosted mailboxes of these
+    domains (a mailbox's `domain_id`; None, a removed domain's, changes none): log their
+    change, so that every node's RCPT snapshot learns of it (`mailcore.mailapi.mailboxes`
+    calls it)."""
+    _bump_generation_txn(conn, (i for i in domain_ids if i is not None))
 
 
 def thd_owner_changed(conn: Connection, owner_id: int) -> None:
@@ -526,6 +533,23 @@ def thd_owner_changed(conn: Connection, owner_id: int) -> None:
     domains' change, so that every node's RCPT snapshot suspends or serves them again."""
     ids = conn.execute(select(domains.c.id).where(domains.c.owner_id == owner_id)).scalars()
     _bump_generation_txn(conn, ids)
+
+
+def _thd_unbind_mailboxes(conn: Connection, domain_ids: Sequence[int]) -> None:
+    """Blocking, in the transaction that deletes these domains, before it does: their Mail
+    API mailboxes stay (with their mail, readable) but are no longer theirs (the delete
+    sets `mailboxes.domain_id` NULL, for good: a new row of the name is another domain),
+    so nothing is delivered to them or sent from them any more. Their outbox mail not yet
+    handed to the queue goes back to being drafts, as a send from them now would.
+
+    The domain rows are locked first (FOR UPDATE): a send from one of their mailboxes
+    holds its domain's row (FOR KEY SHARE) until its mail is in the outbox, so it commits
+    before and its mail is seen here, or finds the domain gone."""
+    conn.execute(select(domains.c.id).where(domains.c.id.in_(domain_ids)).with_for_update())
+    theirs = select(mailboxes.c.id).where(mailboxes.c.domain_id.in_(domain_ids))
+    conn.execute(update(mailapi_mail)
+                 .where(mailapi_mail.c.status == OUTBOX, mailapi_mail.c.mailbox_id.in_(theirs))
+                 .values(status=DRAFT, queue_id=None, outbox_seq=None, raw=None))
 
 
 def _thd_suspended(conn: Connection, ids: Iterable[int] | None = None) -> frozenset[int]:
@@ -544,30 +568,24 @@ def _addresses_of(rows: Iterable[Any]) -> dict[int, frozenset[str]]:
     return {k: frozenset(v) for k, v in lists.items()}
 
 
-def _mailboxes_of(rows: Iterable[Any], hosted: Mapping[str, int]) -> dict[int, frozenset[str]]:
-    """The local parts of the hosted mailboxes among `rows` (addresses in their stored,
-    lower-case form), by the id of their domain in `hosted` (name -> id)."""
-    boxes: dict[int, set[str]] = {}
-    for (address,) in rows:
-        local, _, name = address.rpartition("@")
-        domain_id = hosted.get(name)
-        if domain_id is not None:
-            boxes.setdefault(domain_id, set()).add(local)
-    return {k: frozenset(v) for k, v in boxes.items()}
-
-
 def _thd_hosted_mailboxes(
-    conn: Connection, found: Iterable[Domain]
+    conn: Connection, found: Iterable[Domain], *, every: bool = False
 ) -> dict[int, frozenset[str]]:
-    """Blocking: the mailboxes of the hosted domains in `found`."""
-    hosted = {d.name: d.id for d in found if d.hosted}
+    """Blocking: the local parts of the mailboxes of the hosted domains in `found`, by
+    domain id; a mailbox belongs to the domain row it was created under (`domain_id`), not
+    to a later row of the same name. `every`: `found` is every domain (a whole snapshot),
+    so every bound mailbox is read rather than asked for by domain."""
+    hosted = {d.id for d in found if d.hosted}
     if not hosted:
         return {}
-    query = select(mailboxes.c.address)
-    if len(hosted) <= _MOST_PATCHED:  # a patch: only these domains' mailboxes
-        query = query.where(or_(*(mailboxes.c.address.endswith("@" + name, autoescape=True)
-                                  for name in hosted)))
-    return _mailboxes_of(conn.execute(query), hosted)
+    query = select(mailboxes.c.domain_id, mailboxes.c.address)
+    query = query.where(mailboxes.c.domain_id.is_not(None)) if every \
+        else query.where(mailboxes.c.domain_id.in_(sorted(hosted)))
+    boxes: dict[int, set[str]] = {}
+    for domain_id, address in conn.execute(query):
+        if domain_id in hosted:
+            boxes.setdefault(domain_id, set()).add(address.rpartition("@")[0])
+    return {k: frozenset(v) for k, v in boxes.items()}
 
 
 def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
@@ -582,10 +600,9 @@ def _snapshot_txn(conn: Connection, servable_only: bool) -> _Snapshot:
     query = select(domains).where(SERVABLE) if servable_only else select(domains)
     by_name = {d.name: d for d in map(_domain, conn.execute(query))}
     rows = conn.execute(select(domain_addresses.c.domain_id, domain_addresses.c.local_part))
-    boxes = conn.execute(select(mailboxes.c.address))
-    hosted = {d.name: d.id for d in by_name.values() if d.hosted}
     return _Snapshot(generation, by_name, _addresses_of(rows),
-                     _mailboxes_of(boxes, hosted) if hosted else {}, _thd_suspended(conn))
+                     _thd_hosted_mailboxes(conn, by_name.values(), every=True),
+                     _thd_suspended(conn))
 
 
 @dataclass(frozen=True)
@@ -1072,11 +1089,13 @@ class DomainService(PeriodicService):
         return domain
 
     async def remove(self, name: str, *, owner_id: int | None = None) -> None:
-        """Stop serving a domain; its address list goes with it."""
+        """Stop serving a domain; its address list goes with it. Its Mail API mailboxes
+        stay, with their mail, but inactive for good (`_thd_unbind_mailboxes`)."""
         domain_name = normalise_domain(name)
 
         def txn(conn: Connection) -> None:
             found = _find_domain_txn(conn, domain_name, owner_id)
+            _thd_unbind_mailboxes(conn, [found.id])
             conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id == found.id))
             conn.execute(delete(domains).where(domains.c.id == found.id))
             _bump_generation_txn(conn, [found.id])
@@ -1136,6 +1155,7 @@ class DomainService(PeriodicService):
             if not stale:
                 return []
             ids = [row.id for row in stale]
+            _thd_unbind_mailboxes(conn, ids)
             conn.execute(delete(domain_addresses).where(domain_addresses.c.domain_id.in_(ids)))
             conn.execute(delete(domains).where(domains.c.id.in_(ids)))
             _bump_generation_txn(conn, ids)

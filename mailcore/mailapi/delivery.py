@@ -28,7 +28,6 @@ from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
 from mailcore.queue.model import SERVED
 from mailcore.store import Database
-from mailcore.store.chunks import found_keys
 from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes
 from mailcore.workers import CpuPool
 
@@ -51,19 +50,22 @@ def thd_new_public_id(conn: Connection) -> str:
     raise RuntimeError("no free mail id")  # pragma: no cover - 2**64 ids
 
 
-# Which of :keys (domain names) are served: asked only for the domains mailboxes are in.
-_SERVED_NAMES = select(domains.c.name).where(
-    domains.c.name.in_(bindparam("keys", expanding=True)), SERVED)
+# The addresses of the mailboxes whose own domain row (the one they were created under) is
+# served; and the mailbox at :address, if it is one of them.
+_HOSTED = select(mailboxes.c.address) \
+    .join(domains, domains.c.id == mailboxes.c.domain_id).where(SERVED)
+_HOSTED_BOX = select(mailboxes.c.id) \
+    .join(domains, domains.c.id == mailboxes.c.domain_id) \
+    .where(mailboxes.c.address == bindparam("address"), SERVED)
 
 
 def thd_hosted(conn: Connection) -> frozenset[str]:
     """The addresses of the mailboxes whose domain is served. Removing a domain leaves its
-    mailboxes (and their mail); routing to them afterwards stored in bob's mailbox what was
-    sent to bob@ a domain nobody served, or, once another user had claimed the name, mail
-    meant for that user's server."""
-    addresses = [row[0] for row in conn.execute(select(mailboxes.c.address))]
-    served = found_keys(conn, _SERVED_NAMES, {}, (a.rpartition("@")[2] for a in addresses))
-    return frozenset(a for a in addresses if a.rpartition("@")[2] in served)
+    mailboxes (and their mail) but unbinds them for good (`mailboxes.domain_id`): routing
+    to them afterwards stored in bob's mailbox what was sent to bob@ a domain nobody
+    served, or, once another user had claimed the name again (proved or not), mail meant
+    for that user."""
+    return frozenset(row[0] for row in conn.execute(_HOSTED))
 
 
 class HostedAddresses:
@@ -149,7 +151,9 @@ class LocalMailboxes:
     ) -> set[int]:
         """Store the message as unread inbox mail in the mailbox of each recipient, once
         per mailbox (Bob@ and bob@ are two recipients to the SMTP server, RFC 5321 2.4, and
-        one mailbox here); returns the recipient ids stored now or before."""
+        one mailbox here); returns the recipient ids stored now or before. A mailbox whose
+        domain is removed (or no longer served) stores nothing, whatever routed the mail
+        here (a node's set of hosted addresses read before the removal)."""
         stored: set[int] = set()
         boxes: set[int] = set()  # the mailboxes that hold this message
         fresh = []
@@ -164,8 +168,7 @@ class LocalMailboxes:
         parsed = prepared.parsed
         for rcpt_id, address in fresh:
             key = mailbox_key(address)
-            box = None if key is None else conn.execute(
-                select(mailboxes.c.id).where(mailboxes.c.address == key)).first()
+            box = None if key is None else conn.execute(_HOSTED_BOX, {"address": key}).first()
             if box is None:
                 continue
             if box.id in boxes:

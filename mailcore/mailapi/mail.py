@@ -75,13 +75,19 @@ from mailcore.mailapi.listing import (
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
-from mailcore.queue.model import thd_domain_for
+from mailcore.queue.model import SERVED
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.chunks import found_keys
 from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
-from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
+from mailcore.store.schema import (
+    domains,
+    mailapi_attachments,
+    mailapi_mail,
+    mailbox_grants,
+    mailboxes,
+)
 from mailcore.store.schema.mailapi import DRAFT, INBOX, OUTBOX, mailapi_outbox_seq
 from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
@@ -711,16 +717,26 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
     return {**values, "from": recipients["from"][0]}, recipients
 
 
+# The domain row of the mailbox at :address, if it is served; held (FOR KEY SHARE on
+# PostgreSQL) until the transaction ends, so that the domain's removal, which locks the row
+# first (mailcore.gateway.domains), waits for the mail this puts in the outbox and sends it
+# back to the drafts.
+_SERVED_FROM = select(domains.c.id) \
+    .join(mailboxes, mailboxes.c.domain_id == domains.c.id) \
+    .where(mailboxes.c.address == bindparam("address"), SERVED) \
+    .with_for_update(read=True, key_share=True, of=domains)
+
+
 def _thd_served(conn: Connection, sendable: Sendable) -> Sendable:
-    """Blocking: `sendable`, unless its `from` is of a domain this gateway no longer serves
-    (UNAUTHORIZED: kept as a draft). Removing a domain leaves its mailboxes (and their mail)
-    in place; mail sent from one would go out as a domain whose owner removed it, or which
-    someone else has claimed since (a claim not yet proved counts as not served, as for
-    routing)."""
+    """Blocking: `sendable`, unless its `from` is a mailbox whose domain this gateway no
+    longer serves (UNAUTHORIZED: kept as a draft). Removing a domain leaves its mailboxes
+    (and their mail) in place, bound to the removed row; mail sent from one would go out as
+    a domain whose owner removed it, or which someone else has claimed since (a new row of
+    the name is not the mailbox's domain, whoever holds it)."""
     if isinstance(sendable, Outcome):
         return sendable
-    domain = sendable[0]["from"].rpartition("@")[2]
-    return sendable if thd_domain_for(conn, domain) is not None else Outcome.UNAUTHORIZED
+    found = conn.execute(_SERVED_FROM, {"address": sendable[0]["from"]}).first()
+    return sendable if found is not None else Outcome.UNAUTHORIZED
 
 
 def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:

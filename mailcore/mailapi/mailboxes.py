@@ -1,7 +1,10 @@
 """Hosted mailboxes and who may use them (seed 002's `/api/v1/mailboxes/…`).
 
-A mailbox is an address of a served domain whose mail is kept here. Its owner holds every
-right; another user holds what its grant says (`allow_read`, `allow_send`,
+A mailbox is an address of a served domain whose mail is kept here. It belongs to the domain
+row it was created under (`mailboxes.domain_id`): once that domain is removed the mailbox is
+inactive for good (nothing is delivered to it or sent from it, whoever claims the name
+again), and its mail stays readable to those who may read it until the mailbox is deleted.
+Its owner holds every right; another user holds what its grant says (`allow_read`, `allow_send`,
 `allow_reply_to`, `allow_delete`, `allow_modify`). A mailbox the caller holds no right on is
 invisible: it answers as unknown. Only the owner or a holder of `allow_modify` changes
 grants, and nobody grants a right it does not hold itself.
@@ -73,6 +76,13 @@ class Mailbox:
     owner_id: int
     owner: str  # the owner's username
     created_at: float
+    # The domain row it belongs to; None once that domain is removed (the mailbox is then
+    # inactive: see the module docstring).
+    domain_id: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.domain_id is not None
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,8 @@ def _not_found(address: str) -> MailApiError:
 
 
 def _mailbox(row: Any) -> Mailbox:
-    return Mailbox(row.id, row.address, row.owner_id, row.owner, row.created_at)
+    return Mailbox(row.id, row.address, row.owner_id, row.owner, row.created_at,
+                   row.domain_id)
 
 
 def _rights(row: Any) -> Rights:
@@ -107,7 +118,7 @@ def _rights(row: Any) -> Rights:
 
 
 def _mailbox_query() -> Any:
-    return select(_b.id, _b.address, _b.owner_id, _b.created_at,
+    return select(_b.id, _b.address, _b.owner_id, _b.created_at, _b.domain_id,
                   users.c.username.label("owner")).join(users, users.c.id == _b.owner_id)
 
 
@@ -215,21 +226,31 @@ class MailboxService:
     # -- the operator's side (CLI) ------------------------------------------------------
 
     async def add(self, address: str, owner_id: int) -> Mailbox:
-        """Host `address` (of a served domain) for `owner_id`."""
+        """Host `address` (of a served domain) for `owner_id`, in the domain row now named
+        so. An address still held by a mailbox of a removed domain is refused (CONFLICT)
+        until that mailbox, with its mail, is removed: the operator decides."""
         stored = normalise_address(address)
         now = self.clock.seconds()
 
         def txn(conn: Connection) -> Mailbox:
             domain = stored.rpartition("@")[2]
-            if conn.execute(select(domains.c.id).where(domains.c.name == domain)).first() \
-                    is None:
+            # Held (FOR KEY SHARE on PostgreSQL) until the mailbox is in: a removal of the
+            # domain meanwhile waits, then unbinds it too (ON DELETE SET NULL).
+            domain_id = conn.execute(select(domains.c.id).where(domains.c.name == domain)
+                                     .with_for_update(read=True, key_share=True)).scalar()
+            if domain_id is None:
                 raise MailApiError(INVALID, f"{domain} is not a served domain "
                                    "(add it with `mailcore domain add`)", "address")
-            if thd_mailbox(conn, stored) is not None:
+            held = thd_mailbox(conn, stored)
+            if held is not None and not held.active:
+                raise MailApiError(CONFLICT, f"{stored} is still the mailbox of {held.owner} "
+                                   "from when its domain was removed; remove that mailbox "
+                                   "(and its mail) first", "address")
+            if held is not None:
                 raise MailApiError(CONFLICT, f"{stored} is already a mailbox", "address")
             conn.execute(insert(mailboxes).values(address=stored, owner_id=owner_id,
-                                                  created_at=now))
-            thd_mailboxes_changed(conn, [stored])
+                                                  created_at=now, domain_id=domain_id))
+            thd_mailboxes_changed(conn, [domain_id])
             found = thd_mailbox(conn, stored)
             assert found is not None
             return found
@@ -263,7 +284,7 @@ class MailboxService:
             if waiting and not force:
                 raise OutboxNotEmpty(stored, waiting)
             conn.execute(delete(mailboxes).where(_b.id == box.id))
-            thd_mailboxes_changed(conn, [stored])
+            thd_mailboxes_changed(conn, [box.domain_id])
             return waiting
 
         unsent = await self.db.run("mailapi_remove_mailbox", txn)
@@ -300,7 +321,7 @@ class MailboxService:
                 raise MailApiError(CONFLICT, "this mailbox has mail waiting to be sent; "
                                    "delete it once its outbox is empty")
             conn.execute(delete(mailboxes).where(_b.id == box))
-            thd_mailboxes_changed(conn, [access.mailbox.address])
+            thd_mailboxes_changed(conn, [access.mailbox.domain_id])
 
         await self.db.run("mailapi_delete_mailbox", txn)
         self._changed()

@@ -77,9 +77,11 @@ OUTBOX_LEASE = 120.0
 OUTBOX_POLL = 5.0
 
 _m = mailapi_mail.c
-# The mailboxes whose owner is enabled: only their outbox is sent.
+# The mailboxes whose owner is enabled and whose domain is not removed: only their outbox is
+# sent (a removal sends its mailboxes' outbox mail back to the drafts: this also leaves out
+# mail read just before it, at thd_take).
 _SENDING = select(mailboxes.c.id).join(users, users.c.id == mailboxes.c.owner_id) \
-    .where(users.c.is_active.is_(True))
+    .where(users.c.is_active.is_(True), mailboxes.c.domain_id.is_not(None))
 
 
 OutboxRow = tuple[int, int, str, Envelope, bytes, bool]

@@ -76,9 +76,9 @@ async def add_hosted_mailbox(db: Database, address: str) -> int:
     """A user bob, the served domain hosted.test and a Mail API mailbox `address` of bob's,
     written straight into the store; bob's id."""
     owner: int = await db.run("user", thd_make_user, "bob")
-    await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
+    domain = await db.run("domain", thd_add_domain, "hosted.test", "mx.hosted.test", 25)
     await db.run("box", lambda c: c.execute(insert(mailboxes).values(
-        address=address, owner_id=owner, created_at=1.0)))
+        address=address, owner_id=owner, created_at=1.0, domain_id=domain)))
     return owner
 
 @dataclass
