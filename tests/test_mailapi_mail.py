@@ -10,13 +10,15 @@ import email.policy
 import hashlib
 import os
 import re
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import delete, event, func, insert, select, update
+from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -26,7 +28,7 @@ from mailcore.mailapi import listing
 from mailcore.mailapi import mail as mail_module
 from mailcore.mailapi.delivery import LocalMailboxes
 from mailcore.mailapi.errors import MailApiError
-from mailcore.mailapi.files import GRACE, MailFiles
+from mailcore.mailapi.files import GRACE, MailFiles, StoredFile
 from mailcore.mailapi.mail import Edit, MailService
 from mailcore.mailapi.mime import build_message
 from mailcore.store.engine import WRITE_INTENT
@@ -1060,6 +1062,67 @@ class PostgreSQLDraftEditRaceTests(DatabaseMixin, TestCase):
         # saved".
         outcome, row = await self.race(Edit("draft", {"subject": "autosaved"}), deleted=True)
         self.assertEqual((outcome, row), (("not_found", "email not found"), None))
+
+
+class PostgreSQLAttachmentRaceTests(DatabaseMixin, TestCase):
+    """Two uploads to one draft at once (PostgreSQL; SQLite's writers take turns): the
+    draft's attachments stay within max_message_bytes in all."""
+
+    backend = "postgresql"
+
+    async def test_two_uploads_at_once_do_not_pass_the_total_together(self) -> None:
+        # Each edit counted the draft's attachments, then wrote: the other upload committed
+        # in between, and the two together (14 bytes) passed a limit of 10 each passed
+        # alone (found by an audit).
+        db = await self.open_database()
+        owner = await add_hosted_mailbox(db, BOB)
+        mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests(), max_message_bytes=10)
+        draft = await mail.create(owner, BOB, Edit("draft", {"to": "x@customer.test"}))
+        row_id = await db.read("id", lambda c: c.execute(select(mailapi_mail.c.id).where(
+            mailapi_mail.c.public_id == draft.public_id)).scalar_one())
+        other: list[str] = []
+
+        def other_upload() -> None:
+            """The other request, as the service writes one: the draft's row, then the
+            count, then its 7 bytes, on its own connection."""
+            with db.engine.begin() as conn:
+                conn.execute(update(mailapi_mail).where(mailapi_mail.c.id == row_id)
+                             .values(subject="other"))
+                kept = conn.execute(select(func.coalesce(func.sum(mailapi_attachments.c.size),
+                                                         0)).where(
+                    mailapi_attachments.c.mail_id == row_id)).scalar_one()
+                if kept + 7 > 10:
+                    other.append("refused")
+                    return
+                conn.execute(insert(mailapi_attachments).values(
+                    mail_id=row_id, name="b.bin", content_type="application/octet-stream",
+                    size=7, sha256="b" * 64))
+                other.append("stored")
+
+        worker: threading.Thread | None = None
+
+        def upload_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # Once this edit has counted the draft's attachments: the other upload runs,
+            # and is given two seconds to commit (it waits for this one's lock, if any).
+            nonlocal worker
+            if worker is None and "FROM mailapi_attachments" in statement:
+                worker = threading.Thread(target=other_upload)
+                worker.start()
+                worker.join(2.0)
+
+        event.listen(db.engine, "after_cursor_execute", upload_meanwhile)
+        try:
+            await mail.update(owner, draft.public_id, Edit("draft", attachments=[
+                StoredFile("a.bin", "application/octet-stream", 7, "a" * 64)]), None)
+        finally:
+            event.remove(db.engine, "after_cursor_execute", upload_meanwhile)
+        assert worker is not None
+        await threads.deferToThread(worker.join, 30.0)
+        sizes = await db.read("sizes", lambda c: c.execute(
+            select(mailapi_attachments.c.size).where(
+                mailapi_attachments.c.mail_id == row_id)).scalars().all())
+        self.assertEqual((other, sizes), (["refused"], [7]))
 
 
 class PostgreSQLDeleteRaceTests(DatabaseMixin, TestCase):

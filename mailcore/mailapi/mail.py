@@ -541,11 +541,14 @@ class MailService:
                                    "drafts can")
             if not held.allow_send:
                 raise MailApiError(DENIED, "you may not write mail from this mailbox")
+            values = _edited_values(edit, row)
+            # The draft's row is written (locked, PostgreSQL: FOR NO KEY UPDATE) before its
+            # attachments are counted: two uploads to one draft at once count one after the
+            # other, so that both together cannot pass the limits each passed alone.
+            _thd_edit_draft(conn, row.id, values)
             if edit.attachments:
                 _check_room(_thd_parts(conn, row.id), edit.attachments,
                             self.max_message_bytes)
-            values = _edited_values(edit, row)
-            _thd_edit_draft(conn, row.id, values)
             _thd_insert_attachments(conn, row.id, edit.attachments)
             fresh = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
