@@ -8,9 +8,13 @@ Each test runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -158,6 +162,51 @@ class DomainRemovalMixin(DatabaseMixin):
         await w.boxes.delete(alice, BOB)
         self.assertIsNone(await w.db.read("box", lambda conn: conn.execute(
             select(mailboxes.c.id).where(mailboxes.c.id == old)).first()))
+
+
+class PostgresRemovalDuringASendTests(DatabaseMixin, TestCase):
+    """A domain removed while a send from one of its mailboxes is under way (PostgreSQL;
+    SQLite's writers take turns)."""
+
+    backend = "postgresql"
+
+    async def test_mail_put_in_the_outbox_meanwhile_goes_back_to_the_drafts(self) -> None:
+        # The send found the domain served and put its mail in the outbox after the
+        # removal had sent the outbox back to the drafts: the mail stayed in the outbox of
+        # an inactive mailbox, never sent and keeping the owner from deleting it.
+        w = World(self, await self.open_database())
+        alice, _ = await w.users()
+        await w.domains.add("x.test", alice, "", hosted=True)
+        await w.boxes.add(BOB, alice)
+        removed = threading.Event()
+        fired = False
+
+        def remove_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # Once the send has read its mailbox's domain: the owner removes the domain
+            # (another request), given two seconds to commit.
+            nonlocal fired
+            if fired or "mailboxes.domain_id = domains.id" not in statement:
+                return
+            fired = True
+
+            def remove() -> None:
+                done = Deferred.fromCoroutine(w.domains.remove("x.test", owner_id=alice))
+                done.addBoth(lambda _: removed.set())
+
+            reactor.callFromThread(remove)  # type: ignore[attr-defined]
+            removed.wait(2.0)
+
+        event.listen(w.db.engine, "after_cursor_execute", remove_meanwhile)
+        try:
+            self.assertEqual(await w.send(alice), Outcome.ENQUEUED)
+        finally:
+            event.remove(w.db.engine, "after_cursor_execute", remove_meanwhile)
+        await threads.deferToThread(removed.wait, 30.0)
+        self.assertTrue(fired and removed.is_set())
+        self.assertEqual(await w.db.read("outbox", thd_outbox, 10), [])
+        self.assertEqual(await w.db.read("statuses", lambda conn: conn.execute(
+            select(mailapi_mail.c.status)).scalars().all()), ["draft"])
+        await w.boxes.delete(alice, BOB)  # nothing waits in its outbox
 
 
 class SQLiteDomainRemovalTests(DomainRemovalMixin, TestCase):
