@@ -108,6 +108,18 @@ class DomainRemovalMixin(DatabaseMixin):
         [access] = await w.boxes.visible(alice)
         self.assertEqual((access.mailbox.address, access.mailbox.active), (BOB, False))
 
+    async def test_an_inactive_mailbox_is_no_reply_to_either(self) -> None:
+        # alice, sending from her other domain's mailbox, could still name bob@x.test as
+        # the reply-to: the replies went to x.test's new owner.
+        w, alice, carol, _ = await self.world()
+        await w.domains.add("y.test", alice, "", hosted=True)
+        await w.boxes.add("alice@y.test", alice)
+        reply_to_bob = {"from": "alice@y.test", "reply-to": BOB}
+        await w.domains.remove("x.test", owner_id=alice)
+        await w.domains.add("x.test", carol, "mx.carol.test")
+        self.assertEqual(await w.send(alice, **reply_to_bob), Outcome.UNAUTHORIZED)
+        self.assertEqual(await w.send(alice, **{"from": "alice@y.test"}), Outcome.ENQUEUED)
+
     async def test_the_same_owner_claiming_the_name_again_gets_another_domain(self) -> None:
         w, alice, _, old = await self.world()
         await w.domains.remove("x.test", owner_id=alice)

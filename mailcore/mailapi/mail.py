@@ -10,8 +10,8 @@ only `allow_send` would be out of its reach at once. A caller with no such mailb
 mail, but not keep a draft.
 
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
-field with a line break, a `from` or `reply-to` the caller may not use, a `from` of a domain
-no longer served) stays a draft and
+field with a line break, a `from` or `reply-to` the caller may not use, a `from` or
+`reply-to` mailbox whose domain was removed) stays a draft and
 the reply says why. Mail set to `outbox` is built with Python's `email` package
 (Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
 id and its place in the outbox's order in the transaction that puts it in the outbox; the
@@ -731,15 +731,19 @@ _SERVED_FROM = select(domains.c.id) \
 
 
 def _thd_served(conn: Connection, sendable: Sendable) -> Sendable:
-    """Blocking: `sendable`, unless its `from` is a mailbox whose domain this gateway no
-    longer serves (UNAUTHORIZED: kept as a draft). Removing a domain leaves its mailboxes
-    (and their mail) in place, bound to the removed row; mail sent from one would go out as
-    a domain whose owner removed it, or which someone else has claimed since (a new row of
-    the name is not the mailbox's domain, whoever holds it)."""
+    """Blocking: `sendable`, unless its `from` or a `reply-to` is a mailbox whose domain
+    this gateway no longer serves (UNAUTHORIZED: kept as a draft). Removing a domain leaves
+    its mailboxes (and their mail) in place, bound to the removed row; mail sent from one
+    would go out as a domain whose owner removed it, or which someone else has claimed
+    since (a new row of the name is not the mailbox's domain, whoever holds it), and its
+    replies would go to that domain's new owner."""
     if isinstance(sendable, Outcome):
         return sendable
-    found = conn.execute(_SERVED_FROM, {"address": sendable[0]["from"]}).first()
-    return sendable if found is not None else Outcome.UNAUTHORIZED
+    values, recipients = sendable
+    for address in (values["from"], *recipients["reply-to"]):
+        if conn.execute(_SERVED_FROM, {"address": address}).first() is None:
+            return Outcome.UNAUTHORIZED
+    return sendable
 
 
 def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:
