@@ -1,4 +1,4 @@
-"""Migration 0035: a Mail API mailbox belongs to the domain row it was created under
+"""Migration 0037: a Mail API mailbox belongs to the domain row it was created under
 (`mailboxes.domain_id`). The upgrade binds each mailbox to the domain now named as its
 address's domain, unless that row is younger than the mailbox (its own domain was removed
 and the name claimed again); the mailboxes' grants and mail survive the SQLite rebuild, on
@@ -22,7 +22,7 @@ from mailcore.store.schema import domains
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 
-BEFORE = "0034_domain_ids_never_reused"  # the revision 0035_mailbox_domain_rows builds on
+BEFORE = "0036_drop_download_attempts"  # the revision 0037_mailbox_domain_rows builds on
 T0 = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 
 

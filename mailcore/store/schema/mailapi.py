@@ -1,4 +1,4 @@
-"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029 and 0035): hosted mailboxes,
+"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029 and 0037): hosted mailboxes,
 access grants, the mail kept in them, and its attachments.
 
 A mailbox is an address whose mail is kept here; its owner has every right on it, other
@@ -28,7 +28,7 @@ from sqlalchemy import (
 from mailcore.store.schema.meta import metadata
 
 # `address` is the normalised form: local part as given, domain in lower-case A-labels.
-# `domain_id` is the domain row the mailbox was created under (migration 0035): mail is routed
+# `domain_id` is the domain row the mailbox was created under (migration 0037): mail is routed
 # to it and sent from it only while that row is served. Removing the domain sets it NULL for
 # good (a new row of the same name, whoever claims it, is another domain); the mailbox keeps
 # its mail, readable, until it is deleted.

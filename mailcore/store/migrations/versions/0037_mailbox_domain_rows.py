@@ -12,8 +12,8 @@ domain row: such a mailbox belongs to a row removed since, whose name was claime
 mailboxes and the ones of a domain no longer there keep NULL. Downgrade: the column, its
 foreign key and its index go (the mailboxes are then matched by name again).
 
-Revision ID: 0035_mailbox_domain_rows
-Revises: 0034_domain_ids_never_reused
+Revision ID: 0037_mailbox_domain_rows
+Revises: 0036_drop_download_attempts
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import datetime
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0035_mailbox_domain_rows"
-down_revision = "0034_domain_ids_never_reused"
+revision = "0037_mailbox_domain_rows"
+down_revision = "0036_drop_download_attempts"
 branch_labels = None
 depends_on = None
 
