@@ -1,4 +1,4 @@
-"""Quarantined messages (migration 0007).
+"""Quarantined messages (migrations 0007 and 0038).
 
 One row per quarantined recipient: the message bytes as they arrived, the seed-shaped
 `ident` (20 digits, ddmmyyyyHHMMSS in UTC + 6 random digits), the recipient and its domain,
@@ -47,4 +47,6 @@ quarantine = Table(
     Index("ix_quarantine_domain_created", "domain_id", "created_at"),
     Index("ix_quarantine_email_created", "email", "created_at"),
     Index("ix_quarantine_created_at", "created_at"),
+    # The row of one recipient of one queued message (kept once, migration 0038).
+    Index("ix_quarantine_queue_id", "queue_id", "email"),
 )
