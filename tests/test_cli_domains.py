@@ -17,7 +17,7 @@ from tests.support.reactor import get_reactor
 
 
 class DomainCliTests(CliTestCase):
-    timeout = 120
+    timeout = 300  # dozens of CLI runs in a row (each a process of ~1.5 s of CPU)
     tempdir_prefix = "mailcore-cli-domains-"
 
     async def test_domains_and_addresses_end_to_end(self) -> None:
