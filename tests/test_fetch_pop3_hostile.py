@@ -14,6 +14,7 @@ HostileServerTests runs the whole engine against a scripted server on a real loo
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from email.utils import format_datetime
 from typing import Any
 
@@ -28,6 +29,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.fetch.engine import POP_REOPENS
 from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
 from mailcore.fetch.pop3 import MAX_HEADER, QUIT_WAIT, Listing, MessageTooLarge, POP3Session
+from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
@@ -330,6 +332,20 @@ class FakePOP3Factory(protocol.ServerFactory):
                 conn.transport.loseConnection()
 
 
+def batch_bytes_stored(env: FetchEnv) -> list[int]:
+    """The bytes of each batch the engine will store, as it stores them."""
+    held: list[int] = []
+    store_batch = env.store.store_batch
+
+    async def recording(where: Location, fetched: Sequence[FetchedMessage], *args: Any,
+                        **kw: Any) -> StoreResult:
+        held.append(sum(len(f.raw) for f in fetched))
+        return await store_batch(where, fetched, *args, **kw)
+
+    env.store.store_batch = recording  # type: ignore[method-assign]
+    return held
+
+
 class HostileServerTests(TestCase):
     timeout = 30
 
@@ -537,3 +553,48 @@ class HostileServerTests(TestCase):
         self.assertEqual(factory.retrieved, [1, 2, 3])
         self.assertEqual(await env.count(account.id), 3)
 
+
+    async def test_a_batch_holds_at_most_batch_bytes_of_messages(self) -> None:
+        """A POP3 batch was cut by count alone: 1,000 messages of up to max_message_bytes
+        (64 MiB) each were held in memory before one store."""
+        factory = FakePOP3Factory([message(i) + b"x" * 3000 + b"\r\n" for i in range(1, 8)])
+        env, account = await self.account(factory, batch_bytes=7000)
+        held = batch_bytes_stored(env)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 7), result.problems())
+        self.assertEqual(sum(held), sum(map(len, factory.messages)))
+        self.assertLessEqual(max(held), 7000, held)
+        self.assertEqual(len(held), 4)  # two messages a batch, the last alone
+
+    async def test_a_batch_whose_list_sizes_lied_is_cut_by_the_bytes_fetched(self) -> None:
+        factory = FakePOP3Factory([message(i) + b"x" * 3000 + b"\r\n" for i in range(1, 8)])
+        factory.sizes = [1] * 7
+        env, account = await self.account(factory, batch_bytes=7000)
+        held = batch_bytes_stored(env)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 7), result.problems())
+        # At most batch_bytes and one message more.
+        self.assertLessEqual(max(held), 7000 + len(factory.messages[0]), held)
+        self.assertGreater(len(held), 1)
+
+    async def test_what_was_fetched_before_the_server_closed_is_stored(self) -> None:
+        """A server that drops the connection within a RETR (a session limit of its own)
+        cost the whole batch fetched before it, at every sync."""
+        factory = FakePOP3Factory([message(i) for i in range(1, 6)])
+
+        def drop_at_fourth(conn: FakePOP3, arg: bytes) -> bool | None:
+            if int(arg) == 4:
+                conn.transport.write(b"+OK\r\npartial\r\n")
+                conn.transport.loseConnection()
+                return True
+            return None
+
+        factory.hooks["RETR"] = drop_at_fourth
+        result, env, account = await self.sync(factory)
+        self.assertEqual(result.status, "error")
+        self.assertIn("connection to 127.0.0.1", result.problems() or "")
+        self.assertEqual(await env.count(account.id), 3)
+        factory.hooks.clear()
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 2), result.problems())
+        self.assertEqual(await env.count(account.id), 5)

@@ -910,12 +910,31 @@ class SyncEngine:
         await self._progress(account, "INBOX", 0, len(todo))
         where = Location(user_id=account.user_id, account_id=account.id,
                          folder_id=state.id, folder="INBOX")
+        # A batch is bounded in count and in bytes, as an IMAP one: by the size LIST gives
+        # before a message is fetched, by the bytes fetched after (LIST may lie).
+        fetched: list[FetchedMessage] = []
+        batch_bytes = 0
         done = 0
-        alive = True
-        for start in range(0, len(todo), s.batch_messages):
-            chunk = todo[start : start + s.batch_messages]
-            fetched = []
-            for index, uidl, size in chunk:
+
+        async def store() -> None:
+            nonlocal fetched, batch_bytes
+            batch, fetched, batch_bytes = fetched, [], 0
+            if not batch:
+                return
+            if since is not None:
+                batch = await self._within(batch, since)
+            stored = await self.store.store_batch(where, batch, relaxed=True)
+            folder_result.new += len(stored.created)
+            result.new_messages += len(stored.created)
+            result.new_message_ids.extend(stored.created)
+            result.thread_ids.update(stored.thread_ids)
+
+        try:
+            for index, uidl, size in todo:
+                if fetched and (len(fetched) >= s.batch_messages
+                                or batch_bytes + (size or 0) > s.batch_bytes):
+                    await store()
+                    await self._progress(account, "INBOX", done, len(todo))
                 try:
                     raw = await session.retrieve_bytes(index)
                 except MessageTooLarge:
@@ -925,22 +944,23 @@ class SyncEngine:
                         f"bytes (LIST said {listed}); not fetched"
                     )
                     passed.add(uidl)
-                    alive = session.error is None
-                    if alive:
-                        continue
-                    break
+                    if session.error is not None:
+                        await store()
+                        return False
+                    done += 1
+                    continue
                 fetched.append(FetchedMessage(raw=raw, uidl=uidl))
-            if since is not None and fetched:
-                fetched = await self._within(fetched, since)
-            stored = await self.store.store_batch(where, fetched, relaxed=True)
-            folder_result.new += len(stored.created)
-            result.new_messages += len(stored.created)
-            result.new_message_ids.extend(stored.created)
-            result.thread_ids.update(stored.thread_ids)
-            if not alive:
-                return False
-            done += len(chunk)
-            await self._progress(account, "INBOX", done, len(todo))
+                batch_bytes += len(raw)
+                done += 1
+                if batch_bytes >= s.batch_bytes:
+                    await store()
+                    await self._progress(account, "INBOX", done, len(todo))
+        except FetchError:
+            # The session failed (dropped, timed out, refused a RETR): what was fetched
+            # before is stored, so that the next sync does not fetch it again.
+            await store()
+            raise
+        await store()
         if todo:
             await self._progress(account, "INBOX", done, len(todo), now=True)
         return True

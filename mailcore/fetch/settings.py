@@ -42,7 +42,8 @@ class FetchSettings:
     # Each batch is one store transaction with work of its own (keys, threads, counts, the
     # full-text index's segment): 1,000 small messages a batch synced 20,000 of 4 KiB about
     # 10 % faster than 200 did (`make bench`; 2,000 gained nothing more, and a pipeline
-    # deeper than 3 lost). A crash re-fetches at most the batches not yet committed.
+    # deeper than 3 lost). A crash re-fetches at most the batches not yet committed. A POP3
+    # batch is bounded the same way (by LIST's sizes, then by the bytes fetched).
     batch_messages: int = 1000
     batch_bytes: int = 8 * 1024 * 1024
     pipeline_depth: int = 3
