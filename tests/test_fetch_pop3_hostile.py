@@ -28,7 +28,14 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.engine import POP_REOPENS
 from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
-from mailcore.fetch.pop3 import MAX_HEADER, QUIT_WAIT, Listing, MessageTooLarge, POP3Session
+from mailcore.fetch.pop3 import (
+    MAX_CAPA,
+    MAX_HEADER,
+    QUIT_WAIT,
+    Listing,
+    MessageTooLarge,
+    POP3Session,
+)
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
@@ -170,6 +177,36 @@ class ListingUnitTests(TestCase):
             self.assertTrue(transport.disconnecting)
             self.assertEqual(transport.value(), b"STAT\r\n")  # no UIDL asked
             self.assertEqual(str(failure_of(d)), message)
+
+
+class CapabilityUnitTests(TestCase):
+    def test_capa_gives_the_capability_names(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.ask_capabilities())
+        self.assertEqual(transport.value(), b"CAPA\r\n")
+        session.dataReceived(b"+OK\r\nstls\r\nSASL PLAIN LOGIN\r\nUIDL\r\n.\r\n")
+        self.assertEqual(self.successResultOf(d), {"STLS", "SASL", "UIDL"})
+        d = defer.Deferred.fromCoroutine(session.ask_capabilities())
+        session.dataReceived(b"-ERR no CAPA\r\n")  # RFC 2449 is optional: none known
+        self.assertEqual(self.successResultOf(d), set())
+        self.assertIsNone(session.error)
+
+    def test_a_capa_reply_is_bounded_as_it_comes(self) -> None:
+        """Twisted's capabilities() kept every line of the reply in a dict, however many: a
+        hostile server (any host an account names, before the login) could send distinct
+        lines until the daemon ran out of memory."""
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.ask_capabilities())
+        session.dataReceived(b"+OK\r\n")
+        for i in range(20_000):
+            if session._dead:
+                break
+            session.dataReceived(b"X%d %s\r\n" % (i, b"y" * 1000))
+        self.assertTrue(transport.disconnecting)
+        self.assertLess(i, 100)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(str(failure_of(d)),
+                         f"fake sent a CAPA reply longer than {MAX_CAPA} bytes")
 
 
 class RetrieveUnitTests(TestCase):

@@ -45,6 +45,8 @@ _T = TypeVar("_T")
 MAX_MESSAGES = 1_000_000
 # The most a message's header (TOP n 0) may take, in bytes.
 MAX_HEADER = 256 * 1024
+# The most a CAPA reply may take, in bytes (RFC 2449 lists a dozen short lines).
+MAX_CAPA = 64 * 1024
 # How long a session waits for the reply to QUIT (seconds): the sync is done by then.
 QUIT_WAIT = 5.0
 
@@ -163,8 +165,31 @@ class POP3Session(pop3client.POP3Client):
             raise self.error or ProtocolFailed(f"{what} failed on {self.host}: {e}") from None
 
     async def ask_capabilities(self) -> set[str]:
-        caps = await self._call(self.capabilities(useCache=False), "CAPA")
-        return {c.decode("ascii", "replace").upper() for c in caps}
+        """The capability names CAPA lists (upper case); none when the server refuses CAPA
+        (optional, RFC 2449). Twisted's capabilities() keeps every line of the reply, however
+        many: here the reply is bounded as it comes (MAX_CAPA) and only the names are kept."""
+        caps: set[str] = set()
+        size = 0
+
+        def consume(line: bytes) -> None:
+            nonlocal size
+            size += len(line) + 2
+            if size > MAX_CAPA:
+                if not self._dead:
+                    self._fail(ProtocolFailed(
+                        f"{self.host} sent a CAPA reply longer than {MAX_CAPA} bytes"))
+                return
+            words = line.split(None, 1)
+            if words:
+                caps.add(words[0].decode("ascii", "replace").upper())
+
+        try:
+            await self._call(self.sendLong(b"CAPA", None, consume, None), "CAPA")
+        except ProtocolFailed:
+            if self.error is not None:
+                raise
+            return set()  # -ERR
+        return caps
 
     def _switch_to_tls(self, result: Any, creator: IOpenSSLClientConnectionCreator) -> Any:
         # Lines already read after +OK in this same read are plaintext: drop them.
@@ -383,12 +408,7 @@ async def open_pop3(
     try:
         await session.greeted
         if not spec.use_ssl:
-            caps: set[str] = set()
-            try:
-                caps = await session.ask_capabilities()
-            except ProtocolFailed:
-                if session.error is not None:
-                    raise
+            caps = await session.ask_capabilities()
             if "STLS" in caps:
                 await session.stls(creator)
             elif spec.start_tls or not spec.allow_cleartext:
