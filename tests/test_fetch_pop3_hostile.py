@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from email.utils import format_datetime
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.engine import POP_REOPENS
-from mailcore.fetch.errors import INTERNAL_ERROR, ProtocolFailed
+from mailcore.fetch.errors import INTERNAL_ERROR, CommandTimeout, ProtocolFailed
 from mailcore.fetch.pop3 import (
     MAX_CAPA,
     MAX_HEADER,
@@ -239,6 +239,45 @@ class RetrieveUnitTests(TestCase):
         self.assertEqual(str(failure_of(d)), "the header of message 1 on fake is over the limit "
                          f"of {MAX_HEADER} bytes")
         self.assertIsNone(session.error)
+
+
+class DeadlineUnitTests(TestCase):
+    def session(self) -> tuple[POP3Session, StringTransport, Clock]:
+        clock = Clock()
+        session = POP3Session(clock, host="fake", idle_timeout=30, command_timeout=100)
+        transport = StringTransport()
+        session.makeConnection(transport)
+        session.dataReceived(b"+OK fake POP3\r\n")
+        return session, transport, clock
+
+    def test_a_trickled_reply_ends_at_the_command_deadline(self) -> None:
+        """Each line restarts the idle timer: a server sending one every 20 s held a sync
+        (and one of the engine's max_concurrent slots) for ever."""
+        session, transport, clock = self.session()
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+        session.dataReceived(b"+OK\r\n")
+        for _ in range(4):
+            clock.advance(20)
+            session.dataReceived(b"more\r\n")
+        self.assertNoResult(d)
+        clock.advance(20)
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        error = failure_of(d)
+        self.assertIsInstance(error, CommandTimeout)
+        self.assertEqual(str(error), "fake answered no command for 100 s")
+
+    def test_each_command_has_a_whole_deadline_and_none_is_left_after_it(self) -> None:
+        session, transport, clock = self.session()
+        for _ in range(3):
+            d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+            clock.advance(25)
+            session.dataReceived(b"+OK\r\n")
+            clock.advance(25)
+            session.dataReceived(b"x\r\n.\r\n")
+            self.assertEqual(self.successResultOf(d), b"x\r\n")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the idle timer alone
 
 
 class EndingUnitTests(TestCase):
@@ -590,6 +629,34 @@ class HostileServerTests(TestCase):
         self.assertEqual(factory.retrieved, [1, 2, 3])
         self.assertEqual(await env.count(account.id), 3)
 
+
+    async def test_a_server_trickling_a_message_fails_the_sync_at_the_command_deadline(
+        self,
+    ) -> None:
+        factory = FakePOP3Factory([message(1), message(2)])
+        reactor = get_reactor()
+
+        def trickle(conn: FakePOP3, arg: bytes) -> bool | None:
+            if arg != b"2":
+                return None
+            conn.transport.write(b"+OK\r\n")
+            beat = task.LoopingCall(conn.transport.write, b"still coming\r\n")
+            beat.clock = reactor
+            beat.start(0.2)
+
+            def stop() -> None:
+                if beat.running:
+                    beat.stop()
+
+            self.addCleanup(stop)
+            return True
+
+        factory.hooks["RETR"] = trickle
+        result, env, account = await self.sync(factory, idle_timeout=1.0, command_timeout=1.5)
+        self.assertEqual(result.status, "error")
+        self.assertEqual(result.problems(),
+                         f"INBOX: 127.0.0.1:{factory.port} answered no command for 1.5 s")
+        self.assertEqual(await env.count(account.id), 1)  # the one fetched before
 
     async def test_a_batch_holds_at_most_batch_bytes_of_messages(self) -> None:
         """A POP3 batch was cut by count alone: 1,000 messages of up to max_message_bytes

@@ -868,7 +868,8 @@ class SyncEngine:
         return await open_pop3(
             self.reactor, self._spec(account, password), self._creator(account),
             max_message=s.max_message_bytes, connect_timeout=s.connect_timeout,
-            idle_timeout=s.idle_timeout, policy=s.address_policy(),
+            idle_timeout=s.idle_timeout, command_timeout=s.command_timeout,
+            policy=s.address_policy(),
         )
 
     async def _sync_pop_pass(

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
+    CommandTimeout,
     FetchError,
     FetchTimeout,
     ProtocolFailed,
@@ -92,13 +93,16 @@ class POP3Session(pop3client.POP3Client):
 
     def __init__(
         self, clock: IReactorTime, *, max_message: int = DEFAULT_MAX_LITERAL,
-        idle_timeout: float = 120.0, host: str = "server",
+        idle_timeout: float = 120.0, command_timeout: float = 0.0, host: str = "server",
     ) -> None:
         self.greeted: defer.Deferred[None] = defer.Deferred()
         self.error: FetchError | None = None
         self.max_message = max_message
         self.host = host
         self.timeout = int(idle_timeout) if idle_timeout > 0 else 0
+        # The command deadline (0: none): each command is answered whole within it,
+        # whatever the server trickles meanwhile (each line restarts the idle timer).
+        self.command_timeout = command_timeout
         self.callLater = clock.callLater  # type: ignore[assignment]
         self._discard = False
         self._dead = False
@@ -149,7 +153,13 @@ class POP3Session(pop3client.POP3Client):
         self._greetingError = None
         super().connectionLost(Failure(self.error))
 
+    def _command_timed_out(self) -> None:
+        self._fail(CommandTimeout(
+            f"{self.host} answered no command for {self.command_timeout:g} s"))
+
     async def _call(self, d: defer.Deferred[Any], what: str) -> Any:
+        deadline = (self.callLater(self.command_timeout, self._command_timed_out)
+                    if self.command_timeout > 0 and not self._dead else None)
         try:
             return await d
         except ServerErrorResponse as e:
@@ -163,6 +173,9 @@ class POP3Session(pop3client.POP3Client):
             raise
         except Exception as e:
             raise self.error or ProtocolFailed(f"{what} failed on {self.host}: {e}") from None
+        finally:
+            if deadline is not None and deadline.active():
+                deadline.cancel()
 
     async def ask_capabilities(self) -> set[str]:
         """The capability names CAPA lists (upper case); none when the server refuses CAPA
@@ -397,12 +410,15 @@ async def open_pop3(
     max_message: int = DEFAULT_MAX_LITERAL,
     connect_timeout: float = 30.0,
     idle_timeout: float = 120.0,
+    command_timeout: float = 0.0,
     policy: AddressPolicy,
 ) -> POP3Session:
-    """Connect (only to an address `policy` allows), secure (TLS or STLS, verified), log in."""
+    """Connect (only to an address `policy` allows), secure (TLS or STLS, verified), log in.
+    With `command_timeout`, every command (CAPA, STLS, the login's included) is answered
+    whole within it, or the session fails with CommandTimeout."""
     session = POP3Session(
         reactor, max_message=max_message, idle_timeout=idle_timeout,
-        host=f"{spec.host}:{spec.port}",
+        command_timeout=command_timeout, host=f"{spec.host}:{spec.port}",
     )
     await connect_to(reactor, spec, creator, session, connect_timeout, policy)
     try:

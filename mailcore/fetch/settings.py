@@ -49,10 +49,10 @@ class FetchSettings:
     pipeline_depth: int = 3
     connect_timeout: float = 30.0
     idle_timeout: float = 120.0
-    # An IMAP sync's session fails when no command is answered for this long while one
-    # waits, whatever untagged replies the server sends meanwhile (they restart
-    # idle_timeout: Dovecot sends `* OK Searched 40% ...` during a slow SEARCH). Long enough
-    # for the biggest message on a slow link: 64 MiB at 300 kbit/s.
+    # An IMAP or POP3 sync's session fails when no command is answered for this long while
+    # one waits, whatever the server sends meanwhile (IMAP's untagged replies and each line
+    # of a POP3 reply restart idle_timeout: Dovecot sends `* OK Searched 40% ...` during a
+    # slow SEARCH). Long enough for the biggest message on a slow link: 64 MiB at 300 kbit/s.
     command_timeout: float = 1800.0
     # How many accounts (IMAP2API imap-servers, Dropmyemail accounts) one user may have:
     # each is synced on its own schedule, so the number bounds the work a user can ask for.
