@@ -241,9 +241,11 @@ class Rig:
     """A writer connected to a scripted server through iosim."""
 
     def __init__(self, test: TestCase, script: Script,
-                 server_class: type[ScriptedIMAP] = ScriptedIMAP, **options: Any) -> None:
+                 server_class: type[ScriptedIMAP] = ScriptedIMAP,
+                 session_options: dict[str, Any] | None = None, **options: Any) -> None:
         self.server = server_class(script)
-        self.session = WriterSession(Clock(), host="fake")
+        self.clock = Clock()
+        self.session = WriterSession(self.clock, host="fake", **(session_options or {}))
         self.pump: IOPump = connect(
             self.server, FakeTransport(self.server, isServer=True),
             self.session, FakeTransport(self.session, isServer=False),
@@ -424,6 +426,35 @@ class InterruptionTests(TestCase):
         rig.pump.flush()
         error = rig.fails(rig.writer.append(("INBOX",), [msg(1), msg(2)]), AppendInterrupted)
         self.assertEqual((error.answered, error.not_sent), ([], (0, 1)))
+
+
+class DeadlineTests(TestCase):
+    def test_an_append_trickled_past_the_command_deadline_fails_the_batch(self) -> None:
+        """Each untagged reply restarts the idle timer: a destination that never answers an
+        APPEND but says '* OK' every 20 s held a migrate or restore job, its lease and one
+        of the job runner's max_concurrent slots for ever."""
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+", hold_until=1000),
+                  session_options={"idle_timeout": 30, "command_timeout": 100})
+        d = rig.start(rig.writer.append(("INBOX",), [msg(i) for i in range(3)]))
+        for _ in range(4):
+            rig.clock.advance(20)
+            rig.server.send(b"* OK still working\r\n")
+            rig.pump.flush()
+        self.assertNoResult(d)
+        rig.clock.advance(20)
+        rig.pump.flush()
+        error = self.failureResultOf(d, AppendInterrupted).value
+        self.assertEqual(error.answered, [])
+        self.assertIn("answered no command for 100 s", str(error))
+
+    def test_answers_in_time_leave_no_deadline_behind(self) -> None:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"),
+                  session_options={"idle_timeout": 30, "command_timeout": 100})
+        for n in range(3):
+            rig.clock.advance(25)
+            results = rig.run(rig.writer.append(("INBOX",), [msg(n)]))
+            self.assertTrue(results[0].ok)
+        self.assertIsNone(rig.session._deadline)
 
 
 class TryCreateTests(TestCase):

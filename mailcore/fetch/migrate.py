@@ -274,7 +274,7 @@ class MailboxCopier:
         return await guarded(open_session(
             self.engine.reactor, spec, creator, max_literal=s.max_message_bytes,
             connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-            policy=s.address_policy()))
+            command_timeout=s.command_timeout, policy=s.address_policy()))
 
     async def open_writer(self, spec: ServerSpec, creator: Any) -> MailboxWriter:
         """A writing session on the destination (`mailcore.fetch.writer`)."""

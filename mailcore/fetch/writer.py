@@ -516,6 +516,7 @@ class WriterSession(IMAPClient):
         self._appends[tag] = cmd
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._arm()  # answered within the command deadline, as any other command
         return cmd
 
     def wait_continuation(self, cmd: _Command) -> defer.Deferred[bool]:
@@ -1038,7 +1039,9 @@ async def open_writer(
 
     `tls` is the verified client TLS for the host (default: the platform's CAs, the host
     name checked; mailcore.fetch.tls.client_tls for a private CA or a pinned certificate);
-    `settings` gives the address policy, timeouts and the reply bound. MULTIAPPEND groups
+    `settings` gives the address policy, timeouts (a command, an APPEND included, is
+    answered within its command_timeout, whatever the server trickles meanwhile) and the
+    reply bound. MULTIAPPEND groups
     hold at most `group_messages` messages and `group_bytes` bytes; at most `window`
     APPEND commands are in flight."""
     s = settings or FetchSettings()
@@ -1046,7 +1049,8 @@ async def open_writer(
     session = await open_session(
         reactor, spec, tls or client_tls(spec.host), max_literal=s.max_message_bytes,
         connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-        policy=s.address_policy(), client_class=WriterSession,
+        command_timeout=s.command_timeout, policy=s.address_policy(),
+        client_class=WriterSession,
     )
     assert isinstance(session, WriterSession)
     return await writer_for(session, group_messages=group_messages, group_bytes=group_bytes,
