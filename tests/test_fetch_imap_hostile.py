@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import FetchError, LiteralTooLarge, ProtocolFailed
-from mailcore.fetch.imap import IMAPClient, parse_fetch
+from mailcore.fetch.imap import IMAPClient, expand_set, parse_fetch
 from tests.support.dovecot import dovecot_pki
 from tests.support.fetchenv import make_env
 from tests.support.reactor import get_reactor
@@ -376,3 +376,85 @@ class POP3SessionUnitTests(TestCase):
         error = failure_of(d)
         self.assertIsInstance(error, MessageTooLarge)
         self.assertTrue(transport.disconnecting)
+
+
+class MissingBodyTests(TestCase):
+    """A FETCH reply without the body of a message still in the folder: the message was
+    passed over as if expunged, the sync said success, and the next sync looked only above
+    the highest UID held, so it was never backed up."""
+
+    timeout = 30
+
+    async def sync(self, *, left_out: int = 0, size_omit: frozenset[int] = frozenset(),
+                   gone: frozenset[int] = frozenset()) -> tuple[Any, Any, int, int]:
+        """Sync an account of UIDs 1 to 3 whose server leaves UID 2's body out of its first
+        `left_out` body FETCHes; `gone` UIDs are listed by the first search only (expunged
+        meanwhile), `size_omit` ones left out of the size FETCH. The result, the env, the
+        account id and the server's port."""
+        (factory, port), = cleartext_servers(self, 1)
+        times = [left_out]
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n"
+                                 b"* OK [UIDNEXT 4] n\r\n" + tag + b" OK done\r\n")
+            return True
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            words = rest.split()
+            listed = [1, 2, 3] if words[-1] == b"ALL" else [
+                u for u in expand_set(words[-1].replace(b"*", b"3"), 10) if u not in gone]
+            conn.transport.write(b"* SEARCH " + b" ".join(b"%d" % u for u in listed) + b"\r\n"
+                                 + tag + b" OK searched\r\n")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            sizing = b"BODY" not in rest
+            uids = expand_set(rest.split(b" ")[2], 10)
+            omit = not sizing and 2 in uids and times[0] > 0
+            if omit:
+                times[0] -= 1
+            for uid in uids:
+                body = b"Subject: m%d\r\nMessage-ID: <m%d@x.test>\r\n\r\nhi\r\n" % (uid, uid)
+                if sizing:
+                    if uid not in size_omit:
+                        conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
+                                             % (uid, uid, len(body)))
+                elif (uid == 2 and omit) or uid in gone:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS ())\r\n" % (uid, uid))
+                else:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
+                                         % (uid, uid, len(body), body))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
+        env = await make_env(self)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        return await env.engine.sync(account.id), env, account.id, port
+
+    async def test_a_body_left_out_once_is_fetched_again_at_once(self) -> None:
+        result, env, account_id, _port = await self.sync(left_out=1)
+        self.assertEqual((result.status, result.new_messages), ("success", 3), result.problems())
+        self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 2, 3])
+
+    async def test_a_body_left_out_twice_is_a_folder_error_not_a_silent_success(
+        self,
+    ) -> None:
+        result, env, account_id, port = await self.sync(left_out=2)
+        self.assertEqual((result.status, result.new_messages), ("error", 2))
+        self.assertEqual(result.problems(),
+                         f"INBOX: UID 2: 127.0.0.1:{port} sent no body for it, twice; not fetched")
+        self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 3])
+
+    async def test_a_message_expunged_since_the_search_is_no_error(self) -> None:
+        result, env, account_id, _port = await self.sync(gone=frozenset({2}))
+        self.assertEqual((result.status, result.new_messages), ("success", 2), result.problems())
+        self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 3])
+
+    async def test_a_message_the_size_fetch_left_out_is_fetched(self) -> None:
+        result, env, account_id, _port = await self.sync(size_omit=frozenset({2}))
+        self.assertEqual((result.status, result.new_messages), ("success", 3), result.problems())
+        self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 2, 3])

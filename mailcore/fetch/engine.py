@@ -48,6 +48,7 @@ from mailcore.fetch.imap import (
     RemoteFolder,
     SelectInfo,
     ServerSpec,
+    compress_set,
     open_session,
 )
 from mailcore.fetch.pop3 import MessageTooLarge, POP3Session, open_pop3
@@ -699,12 +700,12 @@ class SyncEngine:
                 _swallow(answer)
         todo = []
         for uid in uids:
-            if uid not in sizes:
-                continue  # expunged since the search
+            # A UID the size fetch left out is fetched all the same (expunged since the
+            # search, its body will be missing too; else the literal's bound applies).
             if uid in oversized.skipped:
                 skipped.append(oversized.skipped[uid])
                 continue
-            if sizes[uid] > s.max_message_bytes:
+            if sizes.get(uid, 0) > s.max_message_bytes:
                 skipped.append(
                     f"UID {uid} is {sizes[uid]} bytes, over the limit of "
                     f"{s.max_message_bytes}; not fetched"
@@ -738,6 +739,11 @@ class SyncEngine:
                 if queue:  # the next fetch goes out before this batch is stored
                     nxt = queue.popleft()
                     pending.append((nxt, self._fetch_and_parse(session, nxt)))
+                got = {f.uid for f in fetched}
+                missing = [uid for uid in batch if uid not in got]
+                if missing:
+                    more, more_parsed = await self._missing(session, missing, skipped)
+                    fetched, parsed = [*fetched, *more], [*parsed, *more_parsed]
                 # Durable once the folder state is saved after the last batch (a FULL
                 # commit fsyncs the WAL with every batch before it).
                 stored = await self.store.store_batch(where, fetched, rescan=rescan,
@@ -792,6 +798,27 @@ class SyncEngine:
         found = await session.uid_search(b" ".join(criteria))
         return [u for u in found if u > max_uid]
 
+    async def _missing(self, session: IMAPClient, missing: list[int],
+                       skipped: list[str]) -> _Parsed:
+        """The messages of a batch whose FETCH reply held no body: those expunged since the
+        search are dropped; those still in the folder are fetched once more, before the
+        batch is stored (the next sync looks only above the highest UID held, so a message
+        passed over here would never be fetched). One whose body is missing again is
+        skipped with an error on the folder."""
+        present = set(await session.uid_search(b"UID " + compress_set(missing)))
+        again = [uid for uid in missing if uid in present]
+        if not again:
+            return [], []
+        try:
+            fetched, parsed = await self._fetch_and_parse(session, again)
+        except LiteralTooLarge as e:
+            over = e.uid if e.uid in again else again[0] if len(again) == 1 else None
+            raise _BodyTooLarge(over, e) from None
+        got = {f.uid for f in fetched}
+        skipped.extend(f"UID {uid}: {session.host} sent no body for it, twice; not fetched"
+                       for uid in again if uid not in got)
+        return fetched, parsed
+
     def _fetch_and_parse(self, session: IMAPClient, batch: list[int]) -> defer.Deferred[_Parsed]:
         """Fetch a batch (queued on the wire now) and parse it on the CPU pool as soon as it
         arrives, whatever the store is doing meanwhile."""
@@ -819,7 +846,7 @@ class SyncEngine:
         for uid in batch:
             item = by_uid.get(uid)
             if item is None or item.body is None:
-                continue  # expunged between SEARCH and FETCH
+                continue  # expunged since the search, or left out: see _missing
             if len(item.body) > self.settings.max_message_bytes:
                 raise _BodyTooLarge(uid, LiteralTooLarge(
                     f"its body came back over the limit of {self.settings.max_message_bytes} "
