@@ -22,6 +22,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -239,6 +240,28 @@ class RetrieveUnitTests(TestCase):
         self.assertEqual(str(failure_of(d)), "the header of message 1 on fake is over the limit "
                          f"of {MAX_HEADER} bytes")
         self.assertIsNone(session.error)
+
+
+class OutOfTurnUnitTests(TestCase):
+    def test_lines_outside_any_command_are_dropped_and_logged_once(self) -> None:
+        """Twisted's client logs each line a server sends between commands, whole (up to the
+        1 MiB line bound, repr'd): a server sending distinct lines while a batch is stored
+        wrote them to the daemon's log as fast as it sent them."""
+        events: list[Any] = []
+        observe: Any = events.append
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        session, transport = connected()
+        for i in range(100):
+            session.dataReceived(b"+OK junk %d %s\r\n" % (i, b"z" * 10_000))
+        texts = [formatEvent(e) for e in events]
+        self.assertEqual(len(texts), 1, [t[:80] for t in texts[:3]])
+        self.assertLess(len(texts[0]), 300)
+        self.assertIn("fake sent a line outside any command: +OK junk 0 zzz", texts[0])
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))  # still in step
+        self.assertEqual(transport.value(), b"RETR 1\r\n")
+        session.dataReceived(b"+OK\r\nx\r\n.\r\n")
+        self.assertEqual(self.successResultOf(d), b"x\r\n")
 
 
 class DeadlineUnitTests(TestCase):

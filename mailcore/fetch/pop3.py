@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.logger import Logger
 from twisted.mail import pop3client
 from twisted.mail._except import ServerErrorResponse
 from twisted.python.failure import Failure
@@ -40,6 +41,8 @@ from mailcore.netpolicy import AddressPolicy
 from mailcore.text import breaks_line
 
 _T = TypeVar("_T")
+
+log = Logger()
 
 # The most messages one mailbox may hold (STAT) for a sync: its UIDL and LIST replies are
 # held in memory whole.
@@ -106,6 +109,7 @@ class POP3Session(pop3client.POP3Client):
         self.callLater = clock.callLater  # type: ignore[assignment]
         self._discard = False
         self._dead = False
+        self._out_of_turn = False
 
     def serverGreeting(self, greeting: bytes) -> None:
         if not self.greeted.called:
@@ -131,6 +135,16 @@ class POP3Session(pop3client.POP3Client):
             super().lineReceived(line)
         except Exception:
             self._fail(ProtocolFailed(f"malformed reply from {self.host}: {_show(line)}"))
+
+    def state_WAITING(self, line: bytes) -> None:
+        """A line outside any command: dropped. Twisted's client logs each one whole (up to
+        MAX_LENGTH, repr'd), so a server sending lines between our commands (while a batch
+        is stored) wrote them to the daemon's log as fast as it sent them; the first is
+        logged, shortened, once per session."""
+        if not self._out_of_turn:
+            self._out_of_turn = True
+            log.info("fetch: {host} sent a line outside any command: {line} (such lines "
+                     "are dropped)", host=self.host, line=_show(line))
 
     def lineLengthExceeded(self, buffer: bytes) -> None:
         self._fail(ProtocolFailed(f"{self.host} sent a line longer than {self.MAX_LENGTH}"))
