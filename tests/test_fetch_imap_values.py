@@ -234,6 +234,31 @@ class FolderListingTests(TestCase):
                          ["caf\ufffd", "caf\ufffd\ufffd", "a&b-c"])
         self.assertIn("not modified UTF-7 (8-bit bytes?)", listing.refused[0][1])
 
+    def test_only_the_first_max_folders_are_read(self) -> None:
+        """Each listed folder cost the reactor about 0.2 ms to parse, an EXAMINE at every
+        sync and a row in the store: a LIST of a million folders (23 MB, within the reply
+        bound) held the daemon's reactor for minutes and stored a million rows."""
+        self.patch(imap, "MAX_FOLDERS", 50)
+        listing = listed(self, *[b"f%d" % i for i in range(57)])
+        self.assertEqual([f.name for f in listing.folders], [f"f{i}" for i in range(50)])
+        self.assertEqual(listing.beyond, 7)
+        self.assertEqual(listing.refused, [(
+            "(7 more folders)",
+            "fake lists more than 50 folders; those after the first 50 are not synced")])
+        self.assertEqual(listed(self, *[b"f%d" % i for i in range(50)]).beyond, 0)
+
+    def test_a_reader_of_every_folder_fails_beyond_max_folders(self) -> None:
+        """A restore takes a folder it does not see for one deleted, and puts every
+        message of it back: it fails instead."""
+        self.patch(imap, "MAX_FOLDERS", 50)
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.list_folders())
+        client.dataReceived(b"".join(b"* LIST () \"/\" f%d\r\n" % i for i in range(51))
+                            + b"0001 OK listed\r\n")
+        error = failure_of(d)
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertEqual(str(error), "fake lists more than 50 folders")
+
     def test_a_delimiter_longer_than_the_store_takes_is_refused(self) -> None:
         listing = listed(self, b"x", delimiter=b'"abcde"')
         self.assertEqual(listing.folders, [])
@@ -349,6 +374,18 @@ class SyncValuesMixin(MixinBase):
             self.assertEqual(result.status, "error")
             self.assertIn(f"INBOX: the server sent {code.decode()} 9999", result.problems())
 
+
+    async def test_a_sync_takes_the_first_max_folders_and_says_so(self) -> None:
+        self.patch(imap, "MAX_FOLDERS", 5)
+        result, _env, _account_id = await self.run_sync({"LIST": listlean(
+            b'"/" INBOX', *[b'"/" f%d' % i for i in range(8)])})
+        self.assertEqual(result.status, "error")
+        self.assertEqual(sorted(result.folders), ["(4 more folders)", "INBOX", "f0", "f1",
+                                                  "f2", "f3"])
+        self.assertRegex(result.problems() or "", r"^\(4 more folders\): 127\.0\.0\.1:\d+ "
+                         r"lists more than 5 folders; those after the first 5 are not synced$")
+        examined = [line for _tls, line in self.factory.received if b"EXAMINE" in line]
+        self.assertEqual(len(examined), 5)
 
     async def test_a_folder_listed_twice_or_spelt_twice_syncs_once(self) -> None:
         result, env, account_id = await self.run_sync({"LIST": listlean(

@@ -23,7 +23,8 @@ from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import TestCase
 
-from mailcore.fetch.errors import FetchError
+from mailcore.fetch import writer as writer_module
+from mailcore.fetch.errors import FetchError, ProtocolFailed
 from mailcore.fetch.imap import compress_set
 from mailcore.fetch.writer import (
     Append,
@@ -613,6 +614,19 @@ class FolderNameTests(TestCase):
         creates = [a for n, a in rig.server.commands if n == b"CREATE"]
         self.assertEqual(creates, [b'"INBOX.&AMk-t&AOk-"', b'"INBOX.&AMk-t&AOk-.v1&ICQ-2"'])
         self.assertIn(("INBOX", "Été", "v1\u20242"), rig.run(rig.writer.folders()))
+
+
+class FolderCountTests(TestCase):
+    def test_a_destination_listing_more_than_max_folders_fails(self) -> None:
+        """Each listed folder costs the reactor a parse: a destination listing a million
+        held the daemon for minutes."""
+        self.patch(writer_module, "MAX_FOLDERS", 50)
+        names = [b"INBOX"] + [b"f%d" % i for i in range(50)]
+        rig = Rig(self, Script(folders=names))
+        error = rig.fails(rig.writer.folders(), ProtocolFailed)
+        self.assertEqual(str(error), "fake lists more than 50 folders")
+        rig = Rig(self, Script(folders=names[:50]))
+        self.assertEqual(len(rig.run(rig.writer.folders())), 50)
 
 
 class EncodingTests(TestCase):

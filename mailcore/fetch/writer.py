@@ -70,6 +70,7 @@ from zope.interface import implementer
 
 from mailcore.fetch.errors import ConnectFailed, FetchError, ProtocolFailed
 from mailcore.fetch.imap import (
+    MAX_FOLDERS,
     IMAPClient,
     ServerSpec,
     compress_set,
@@ -701,6 +702,9 @@ class MailboxWriter:
 
     async def _folders(self) -> list[tuple[str, ...]]:
         lines, _ = await self.session.send(b"LIST", b'"" "*"')
+        if sum(line[:5].upper() == b"LIST " for line in lines) > MAX_FOLDERS:
+            # Each costs the reactor a parse; a folder not read would be made again.
+            raise ProtocolFailed(f"{self.session.host} lists more than {MAX_FOLDERS} folders")
         out: list[tuple[str, ...]] = []
         for line in lines:
             tokens = self._list_tokens(line)
