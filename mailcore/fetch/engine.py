@@ -787,15 +787,17 @@ class SyncEngine:
         since = limit_since(account, now)
         if since is not None:
             criteria.append(b"SINCE " + imap_date(since).encode("ascii"))
+        # The folder holds EXISTS messages, and a few more may arrive meanwhile.
+        bound = exists + ARRIVING
         if rescan or max_uid == 0:
             if not criteria:
                 criteria.append(b"ALL")
-            found = await session.uid_search(b" ".join(criteria))
+            found = await session.uid_search(b" ".join(criteria), max_uids=bound)
             held = await self.db.read("fetch_stored_uids", thd_stored_uids, state.id,
                                       uidvalidity)
             return [u for u in found if u not in held]
         criteria.append(b"UID %d:*" % (max_uid + 1))
-        found = await session.uid_search(b" ".join(criteria))
+        found = await session.uid_search(b" ".join(criteria), max_uids=bound)
         return [u for u in found if u > max_uid]
 
     async def _missing(self, session: IMAPClient, missing: list[int],
