@@ -9,6 +9,7 @@ takes the connection back afterwards.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -31,6 +32,7 @@ from mailcore.fetch.imap import (
 )
 from mailcore.fetch.jobs import TransientJobError
 from mailcore.fetch.migrate import MailboxCopier
+from tests.test_fetch_imap_hostile import failure_of
 
 BODIES = {7: b"Subject: a\r\n\r\none {3}\r\n)(\r\n", 8: b"Subject: \xe9\r\n\r\n\x00\xff",
           9: b"x" * 5000}
@@ -279,3 +281,81 @@ class SetFetchTests(TestCase):
             else:
                 error = self.failureResultOf(d, TransientJobError).value
                 self.assertIn(f"more than {3 + _ARRIVING} FETCH replies", str(error))
+
+
+def feed_in_reads(receive: Any, data: bytes, size: int) -> float:
+    """Seconds `receive` takes for `data` given `size` bytes at a time."""
+    began = time.perf_counter()
+    for i in range(0, len(data), size):
+        receive(data[i : i + size])
+    return time.perf_counter() - began
+
+
+def read_all(reader: ReplyReader, data: bytes, size: int) -> tuple[float, list[Any]]:
+    """Seconds the bulk reader takes for `data` given `size` bytes at a time, and the
+    replies it read."""
+    out: list[Any] = []
+    return feed_in_reads(lambda part: out.extend(reader.feed(part)), data, size), out
+
+
+class LongLineTests(TestCase):
+    """Both readers appended each read to what they held and searched all of it again for
+    the line's end: a line of 16 MiB read 64 KiB at a time (as TCP gives it) held the
+    reactor 6 s, against 0.1 s whole, and a reply of nine such lines a minute."""
+
+    LINE = b"* SEARCH 7 " + b"x" * (15 * 1024 * 1024) + b"\r\n"
+
+    def test_twisteds_reader_takes_a_long_line_in_time_linear_in_its_length(self) -> None:
+        times = []
+        for size in (len(self.LINE), 65536):
+            client, _transport = connected()
+            d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+            times.append(feed_in_reads(client.dataReceived, self.LINE + b"0001 OK s\r\n", size))
+            self.assertEqual(self.successResultOf(d), [7])
+        whole, in_reads = times
+        self.assertLess(in_reads, 10 * whole + 0.2, times)
+
+    def test_the_bulk_reader_takes_a_long_line_in_time_linear_in_its_length(self) -> None:
+        line = b"* 1 FETCH (UID 1 X-LONG " + b"7" * (15 * 1024 * 1024) + b")\r\n"
+        times = []
+        for size in (len(line), 65536):
+            reader = ReplyReader(max_line=imap.MAX_LINE, max_literal=1000, host="fake")
+            seconds, out = read_all(reader, line, size)
+            times.append(seconds)
+            self.assertEqual([r.lines for r in out], [[line[:-2]]])
+        whole, in_reads = times
+        self.assertLess(in_reads, 10 * whole + 0.2, times)
+
+    def test_a_line_cut_anywhere_is_read_once_whole(self) -> None:
+        data = b"* SEARCH 4 5\r\n* SEARCH 6\r\n0001 OK s\r\n"
+        for size in (1, 2, 3, 7):
+            client, _transport = connected()
+            d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+            feed_in_reads(client.dataReceived, data, size)
+            self.assertEqual(self.successResultOf(d), [4, 5, 6])
+            _seconds, out = read_all(ReplyReader(max_line=100, max_literal=100, host="fake"),
+                                     data, size)
+            self.assertEqual([r.lines for r in out],
+                             [[b"* SEARCH 4 5"], [b"* SEARCH 6"], [b"0001 OK s"]])
+
+    def test_a_line_over_the_bound_still_fails_read_by_read(self) -> None:
+        client, transport = connected()
+        self.patch(client, "MAX_LENGTH", 1000)
+        d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+        feed_in_reads(client.dataReceived, b"* SEARCH " + b"7 " * 600, 100)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("sent a line longer than 1000 bytes", str(failure_of(d)))
+        reader = ReplyReader(max_line=1000, max_literal=100, host="fake")
+        with self.assertRaises(ProtocolFailed):
+            feed_in_reads(reader.feed, b"* SEARCH " + b"7 " * 600, 100)
+
+    def test_starttls_discards_what_followed_its_ok_read_in_pieces(self) -> None:
+        client, transport = connected()
+        transport.startTLS = lambda creator: None  # type: ignore[attr-defined]
+        d = defer.Deferred.fromCoroutine(client.starttls(cast(Any, None)))
+        client.dataReceived(b"0001 OK g")  # kept aside: no line ends in it
+        client.dataReceived(b"o\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n* OK inj")
+        client.dataReceived(b"ected")  # (over TLS this is ciphertext)
+        self.assertEqual(client.clearLineBuffer(), b"ected")
+        client.dataReceived(b"* CAPABILITY IMAP4rev1\r\n0002 OK caps\r\n")
+        self.assertEqual(self.successResultOf(d), {"IMAP4REV1"})

@@ -496,6 +496,9 @@ class IMAPClient(imap4.IMAP4Client):
         self._bulk_uids: dict[int, _Pipelined] = {}
         self._bulk_set: _Pipelined | None = None  # a UID FETCH of a set, alone in flight
         self._bulk_bytes = 0
+        # Reads that end no line, kept aside until one does (see dataReceived).
+        self._partial: list[bytes] = []
+        self._partial_bytes = 0
 
     # -- reading, bounded ---------------------------------------------------------------
 
@@ -526,7 +529,27 @@ class IMAPClient(imap4.IMAP4Client):
         if self._bulk is not None:
             self._bulk_received(data)
             return
+        if (self.line_mode and b"\n" not in data and not self.paused
+                and not self._busyReceiving):
+            # No line ends in this read: kept aside. LineReceiver appends each read to its
+            # buffer and searches the whole buffer again, so a line of 16 MiB read 64 KiB
+            # at a time cost the reactor 6 s (quadratic in the line's length).
+            self._partial.append(data)
+            self._partial_bytes += len(data)
+            if len(self._buffer) + self._partial_bytes < self.MAX_LENGTH + 2:
+                return
+            data = b""  # over the line bound: LineReceiver says so
+        if self._partial:
+            self._join_partial()
         super().dataReceived(data)
+
+    def _join_partial(self) -> None:
+        self._buffer += b"".join(self._partial)
+        self._partial, self._partial_bytes = [], 0
+
+    def clearLineBuffer(self) -> bytes:
+        self._join_partial()
+        return super().clearLineBuffer()  # type: ignore[no-any-return]
 
     # -- the bulk path ------------------------------------------------------------------
 
