@@ -319,13 +319,12 @@ class HostileServerTests(TestCase):
         factory = FakeIMAPFactory()
 
         def garbage(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            conn.sendLine(b"* 1 EXISTS")
-            conn.sendLine(b"* OK [UIDVALIDITY 7] ok")
             conn.sendLine(b"* 1 FETCH (UID 1 ((((")
             conn.sendLine(tag + b" OK done")
             return True
 
-        factory.hooks["EXAMINE"] = garbage
+        # (An EXAMINE's FETCH replies are read only when QRESYNC asked for them.)
+        factory.hooks["UID FETCH"] = garbage
         result, _env, _created = await self.run_sync(factory)
         self.assertEqual(result.status, "error")
         self.assertIn("malformed FETCH reply", result.problems())
