@@ -240,13 +240,15 @@ class LifecycleTests(IdentityCliTestCase):
         for secret, kind in credentials:
             self.assertIsNotNone(await identity.resolve(secret, (kind,)), kind)
 
-    async def test_set_password_replaces_it_and_ends_page_sessions(self) -> None:
+    async def test_set_password_replaces_it_and_ends_sessions_and_login_tokens(self) -> None:
         await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
         token = (await self.ok("token", "create", "alice")).strip()
         identity = await self.identity()
         alice = await identity.find_user("alice")
         assert alice is not None
         page, _ = await identity.create_credential(alice.id, "page", scopes=("pages",))
+        login, _ = await identity.create_credential(
+            alice.id, "token", label="api-token-auth", login=True)
 
         self.assertEqual(await self.ok("user", "set-password", "alice", stdin=b"new-pw\n"),
                          "alice: password changed\n")
@@ -254,6 +256,7 @@ class LifecycleTests(IdentityCliTestCase):
         self.assertIsNone(await identity.authenticate_password("alice", "pw"))
         self.assertIsNotNone(await identity.authenticate_password("alice", "new-pw"))
         self.assertIsNone(await identity.resolve(page, ("page",)))
+        self.assertIsNone(await identity.resolve(login, ("token",)))
         self.assertIsNotNone(await identity.resolve(token, ("token",)))
         await self.refused("user", "set-password", "nobody", "--password", "x",
                            fragment="no such user: nobody")

@@ -53,5 +53,6 @@ class PasswordLogin:
 
     async def issue_token(self, user: User, label: str) -> str:
         """A new non-expiring token for `user` (shown once)."""
-        secret, _ = await self.identity.create_credential(user.id, "token", label=label)
+        secret, _ = await self.identity.create_credential(
+            user.id, "token", label=label, login=True)
         return secret

@@ -47,9 +47,13 @@ def register(subparsers: Any) -> None:
 
     set_password = users.add_parser(
         "set-password", help="change a user's password",
-        description="Change a user's password; the user's browser sessions (the OAuth "
-        "pages) end with the old one. API keys and tokens stay: revoke them with `apikey "
-        "revoke` and `token revoke`. Without --password the password is read from stdin.",
+        description="Change a user's password; what the old one handed out ends with it: "
+        "the user's browser sessions (the OAuth pages), the tokens of its password logins "
+        "(/api-token-auth/, /api/v1/auth/) and its OAuth access and refresh tokens "
+        "(Dropmyemail apps must be allowed again). API keys (and the safedrop sessions "
+        "made with them) and the tokens `token create` printed stay: revoke them with "
+        "`apikey revoke` and `token revoke`. Without --password the password is read from "
+        "stdin.",
     )
     set_password.add_argument("name", help="user name or email")
     set_password.add_argument("--password", help="the password [default: read from stdin]")

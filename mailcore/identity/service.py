@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -28,7 +28,7 @@ from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
-from mailcore.store.schema import credentials, users
+from mailcore.store.schema import credentials, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, has_surrogate, not_text
 from mailcore.workers import CpuPool
 
@@ -370,18 +370,31 @@ class Identity:
         return user
 
     async def set_password(self, user_id: int, password: str) -> None:
-        """A new password; the user's page sessions (browser logins made with the old one)
-        end with it. API keys and tokens stay: each is revoked on its own."""
+        """A new password. Everything handed out for the old one ends with it: the page
+        sessions (browser logins), the tokens the password logins made (`/api-token-auth/`,
+        `/api/v1/auth/`) and the user's OAuth access and refresh tokens and unused codes
+        (Dropmyemail's, granted on the consent page after a password login). What the
+        operator made stays, each revoked on its own: API keys (and the safedrop sessions
+        made with them) and the tokens `mailcore token create` printed."""
         self._check_password(password)
         hashed = await self.cpu.run(passwords.hash_password, password)
         now = self.now()
 
         def txn(conn: Connection) -> None:
             conn.execute(update(users).where(users.c.id == user_id).values(password_hash=hashed))
+            c = credentials.c
             conn.execute(update(credentials).where(
-                credentials.c.user_id == user_id, credentials.c.kind == "page",
-                credentials.c.revoked_at.is_(None),
+                c.user_id == user_id, or_(c.kind == "page", c.login.is_(True)),
+                c.revoked_at.is_(None),
             ).values(revoked_at=now))
+            # The OAuth tables are written here rather than through mailcore.oauth, which
+            # builds on this module: one transaction, so no grant outlives the change.
+            conn.execute(update(oauth_tokens).where(
+                oauth_tokens.c.user_id == user_id, oauth_tokens.c.revoked_at.is_(None),
+            ).values(revoked_at=now))
+            conn.execute(update(oauth_codes).where(
+                oauth_codes.c.user_id == user_id, oauth_codes.c.used_at.is_(None),
+            ).values(used_at=now))
 
         await self.db.run("set_password", txn)
         self.forget_resolved()
@@ -433,12 +446,14 @@ class Identity:
         scopes: tuple[str, ...] = ("*",),
         ttl: float | None = None,
         parent_id: int | None = None,
+        login: bool = False,
     ) -> tuple[str, CredentialInfo]:
         """A new credential; returns the secret (shown once, never stored) and its info.
 
         `parent_id` names the credential this one was made with (a safedrop session's API
         key): the new one resolves only while that parent does, so revoking the key, its
-        expiry or its deletion ends it too.
+        expiry or its deletion ends it too. `login` marks a credential a password login
+        made: it ends when the password changes.
         """
         if kind not in KINDS:
             raise IdentityError(f"Unknown credential kind {kind!r}.")
@@ -470,6 +485,7 @@ class Identity:
                     created_at=now,
                     expires_at=expires,
                     parent_id=parent_id,
+                    login=login,
                 )
             ))
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()

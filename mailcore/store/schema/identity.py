@@ -1,4 +1,4 @@
-"""Identity tables: users and their credentials (migrations 0001, 0009)."""
+"""Identity tables: users and their credentials (migrations 0001, 0009, 0035)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ credentials = Table(
     Column(
         "parent_id", Integer, ForeignKey("credentials.id", ondelete="CASCADE"), nullable=True
     ),
+    # (0035) Made by a password login (/api-token-auth/, /api/v1/auth/), not by the CLI:
+    # such a credential ends when the password changes, and a user keeps a bounded number.
+    Column("login", Boolean, nullable=False, server_default="0"),
     Index("ix_credentials_prefix", "prefix"),
     Index("ix_credentials_user_kind", "user_id", "kind"),
     Index("ix_credentials_parent_id", "parent_id"),

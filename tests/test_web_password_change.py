@@ -1,0 +1,110 @@
+"""A password change ends what was handed out for the old password, on every API.
+
+The only route that changes a password is `mailcore user set-password` (no seed API has
+one), which calls `Identity.set_password`; these tests drive that call and then present
+every kind of credential to the API that reads it, through StubTreq.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from tests.support.oauth import REDIRECT, register
+from tests.support.web import PASSWORD, Web
+
+CREDENTIALS = {"username": "alice", "password": PASSWORD}
+
+
+class PasswordChangeTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.alice = await self.web.user("alice")
+        self.bob = await self.web.user("bob")
+
+    async def login_token(self, path: str = "/api-token-auth/",
+                          user: str = "alice") -> str:
+        status, _, body = await self.web.call(
+            "POST", path, json={"username": user, "password": PASSWORD})
+        self.assertEqual(status, 200, body)
+        return str(body.get("token") or body["auth_key"])
+
+    async def imap2api(self, token: str) -> int:
+        return (await self.web.call(
+            "GET", "/api/imap-servers/", headers={"Authorization": f"Token {token}"}))[0]
+
+    async def mailapi(self, key: str) -> int:
+        return (await self.web.call("GET", "/api/v1/mailboxes/", headers={"Auth-Key": key}))[0]
+
+    async def dropmyemail(self, access_token: str) -> int:
+        return (await self.web.call(
+            "GET", "/v1/accounts", headers={"Authorization": f"Bearer {access_token}"}))[0]
+
+    async def protecmail(self, key: str) -> int:
+        return (await self.web.call("GET", "/api/v1/user", headers={"Api-Key": key}))[0]
+
+    async def safedrop(self, token: str) -> int:
+        return (await self.web.call(
+            "GET", "/dropbundles", headers={"X-Auth-Token": token}))[0]
+
+    async def test_login_tokens_page_sessions_and_oauth_grants_end_the_rest_stays(
+            self) -> None:
+        identity = self.web.core.identity
+        imap_token = await self.login_token("/api-token-auth/")
+        mail_key = await self.login_token("/api/v1/auth/")
+        page = await self.web.credential(self.alice, "page", scopes=("pages",))
+        client = await register(self.web, self.alice)
+        granted = await client.token()
+        unused_code = await client.code()
+        # What the operator made stays: an API key, the safedrop session made with it,
+        # and a token `mailcore token create` printed.
+        key = await self.web.credential(self.alice, "apikey")
+        status, headers, _ = await self.web.call(
+            "GET", "/", headers={"X-Auth-User": "alice@example.test", "X-Auth-Key": key})
+        self.assertEqual(status, 204)
+        session = headers["x-auth-token"][0]
+        printed = await self.web.credential(self.alice, "token", label="api-token-auth")
+        # Bob's login token is no business of Alice's password.
+        bobs = await self.login_token("/api-token-auth/", "bob")
+
+        self.assertEqual(await self.imap2api(imap_token), 200)
+        self.assertEqual(await self.mailapi(mail_key), 200)
+        self.assertEqual(await self.dropmyemail(granted["access_token"]), 200)
+
+        await identity.set_password(self.alice.id, "a-new-password")
+
+        self.assertEqual(await self.imap2api(imap_token), 401)
+        self.assertEqual(await self.mailapi(mail_key), 401)
+        self.assertEqual(await self.imap2api(mail_key), 401)
+        self.assertIsNone(await identity.resolve(page, ("page",)))
+        self.assertEqual(await self.dropmyemail(granted["access_token"]), 401)
+        status, _, body = await client.exchange(
+            grant_type="refresh_token", refresh_token=granted["refresh_token"])
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        status, _, body = await client.exchange(
+            grant_type="authorization_code", code=unused_code, redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+
+        self.assertEqual(await self.protecmail(key), 200)
+        self.assertEqual(await self.safedrop(session), 200)
+        self.assertEqual(await self.imap2api(printed), 200)
+        self.assertEqual(await self.imap2api(bobs), 200)
+        # The new password logs in and its token works.
+        status, _, body = await self.web.call(
+            "POST", "/api-token-auth/",
+            json={"username": "alice", "password": "a-new-password"})
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.imap2api(body["token"]), 200)
+        # The app may ask again: a new grant works.
+        self.assertEqual(await self.dropmyemail((await client.token())["access_token"]), 200)
+
+    async def test_the_login_tokens_are_told_from_the_printed_ones(self) -> None:
+        await self.login_token("/api-token-auth/")
+        await self.login_token("/api/v1/auth/")
+        await self.web.credential(self.alice, "token", label="ci")
+        listed: Any = await self.web.core.identity.list_credentials(self.alice.id, "token")
+        self.assertEqual([c.label for c in listed], ["api-token-auth", "mailapi-auth", "ci"])
+        await self.web.core.identity.set_password(self.alice.id, "another")
+        listed = await self.web.core.identity.list_credentials(self.alice.id, "token")
+        self.assertEqual([c.revoked for c in listed], [True, True, False])
