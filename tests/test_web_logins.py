@@ -5,6 +5,7 @@ account name."""
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
@@ -12,7 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mailcore.config import Config
 from tests.support.web import PASSWORD, Web, header
-from web.login import PasswordLogin
+from web.login import KNOWN_SOURCE_DAYS, PasswordLogin
 from web.ratelimit import RateLimited
 
 CREDENTIALS = {"username": "alice", "password": PASSWORD}
@@ -160,11 +161,14 @@ class LoginRateLimitTests(TestCase):
 
 
 class AccountFailureLimitTests(TestCase):
-    """Failed logins per account name, whatever the client address (`login_failure_rate`)."""
+    """Failed logins per account name from one address (`login_failure_rate`) and from all
+    addresses together (`login_account_failure_rate`), which spares the addresses that
+    logged in to the account lately."""
 
     def build(self) -> tuple[Web, PasswordLogin]:
-        web = Web.build(Config(sections={"web": {"login_rate": 0,
-                                                 "login_failure_rate": "3/hour"}}))
+        web = Web.build(Config(sections={"web": {
+            "login_rate": 0, "login_failure_rate": "3/hour",
+            "login_account_failure_rate": "6/hour"}}))
         login: PasswordLogin = web.root.apps["imap2api"].login  # type: ignore[attr-defined]
         return web, login
 
@@ -178,26 +182,77 @@ class AccountFailureLimitTests(TestCase):
             return "429"
         return "ok" if user is not None else "wrong"
 
+    async def test_wrong_passwords_from_one_address_do_not_lock_the_owner_out(self) -> None:
+        web, login = self.build()
+        await web.user("alice")
+        results = [await self.attempt(login, "192.0.2.1", name, "guess")
+                   for name in ["alice", "ALICE ", "alice", "alice", "alice"]]
+        self.assertEqual(results, ["wrong", "wrong", "wrong", "429", "429"])
+        # That address waits, even with the right password ...
+        self.assertEqual(await self.attempt(login, "192.0.2.1", "alice", PASSWORD), "429")
+        # ... and the owner, elsewhere, logs in (never seen before: the account's own
+        # budget of 6 is not spent by one address's 3).
+        self.assertEqual(await self.attempt(login, "198.51.100.1", "alice", PASSWORD), "ok")
+        web.clock.advance(1200)  # one failure back
+        self.assertEqual(await self.attempt(login, "192.0.2.1", "alice", PASSWORD), "ok")
+
     async def test_guesses_from_many_addresses_at_one_account_are_limited(self) -> None:
         web, login = self.build()
         await web.user("alice")
         await web.user("bob")
-        results = [await self.attempt(login, f"192.0.2.{i}", name, "guess")
-                   for i, name in enumerate(["alice", "ALICE ", "alice", "alice"], 1)]
-        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])
-        # Even the right password waits now; another account does not.
+        # The owner logged in from home before the guessing began.
+        self.assertEqual(await self.attempt(login, "198.51.100.7", "alice", PASSWORD), "ok")
+        results = [await self.attempt(login, f"192.0.2.{i}", "alice", "guess")
+                   for i in range(1, 8)]
+        self.assertEqual(results, ["wrong"] * 6 + ["429"])
+        # A new address waits, even with the right password; another account does not;
+        # the owner's usual address still logs in.
         self.assertEqual(await self.attempt(login, "198.51.100.1", "alice", PASSWORD), "429")
         self.assertEqual(await self.attempt(login, "198.51.100.1", "bob", PASSWORD), "ok")
+        self.assertEqual(await self.attempt(login, "198.51.100.7", "alice", PASSWORD), "ok")
+        # ... but guesses from it are still counted and limited as its own.
+        results = [await self.attempt(login, "198.51.100.7", "alice", "guess")
+                   for _ in range(4)]
+        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])
         # A name nobody has is limited alike: the 429 tells nothing of who exists.
         results = [await self.attempt(login, f"203.0.113.{i}", "nobody", "guess")
-                   for i in range(1, 5)]
-        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])
+                   for i in range(1, 9)]
+        self.assertEqual(results, ["wrong"] * 6 + ["429", "429"])
         # A name as long as a body is remembered by its digest, not whole.
         self.assertEqual(await self.attempt(login, "203.0.113.9", "n" * 500_000, "x"), "wrong")
-        assert login.failures is not None
-        self.assertLess(max(len(repr(k)) for k in login.failures._buckets), 200)
-        web.clock.advance(1200)  # one failure back
+        for limiter in (login.failures, login.account_failures):
+            assert limiter is not None
+            self.assertLess(max(len(repr(k)) for k in limiter._buckets), 200)
+        web.clock.advance(600)  # one failure back
         self.assertEqual(await self.attempt(login, "198.51.100.1", "alice", PASSWORD), "ok")
+
+    async def test_an_address_is_known_for_30_days_after_its_last_login(self) -> None:
+        web, login = self.build()
+        await web.user("alice")
+        self.assertEqual(await self.attempt(login, "198.51.100.7", "alice", PASSWORD), "ok")
+        web.clock.advance(KNOWN_SOURCE_DAYS * 86400 - 3600)
+        for i in range(1, 7):
+            self.assertEqual(await self.attempt(login, f"192.0.2.{i}", "alice", "x"), "wrong")
+        self.assertEqual(await self.attempt(login, "198.51.100.7", "alice", PASSWORD), "ok")
+        web.clock.advance(KNOWN_SOURCE_DAYS * 86400 - 1)  # renewed by that login
+        for i in range(1, 7):
+            self.assertEqual(await self.attempt(login, f"192.0.2.{i}", "alice", "x"), "wrong")
+        self.assertEqual(await self.attempt(login, "198.51.100.7", "alice", PASSWORD), "ok")
+        web.clock.advance(KNOWN_SOURCE_DAYS * 86400)
+        for i in range(1, 7):
+            self.assertEqual(await self.attempt(login, f"192.0.2.{i}", "alice", "x"), "wrong")
+        self.assertEqual(await self.attempt(login, "198.51.100.7", "alice", PASSWORD), "429")
+
+    async def test_the_known_addresses_kept_are_bounded(self) -> None:
+        web, login = self.build()
+        await web.user("alice")
+        with mock.patch("web.login.KNOWN_SOURCES_KEPT", 10):
+            for i in range(25):
+                self.assertEqual(
+                    await self.attempt(login, f"10.0.0.{i}", "alice", PASSWORD), "ok")
+                self.assertLessEqual(len(login._known), 10)
+        # The latest logins are the ones kept.
+        self.assertIn("10.0.0.24", [client for _, client in login._known])
 
     async def test_only_failures_count_and_the_429_is_the_apis_own(self) -> None:
         web, _ = self.build()
@@ -214,10 +269,17 @@ class AccountFailureLimitTests(TestCase):
         self.assertEqual(header(headers, "X-RateLimit-Limit"), "3")
         self.assertTrue(body["message"].startswith("Request was throttled."))
 
-    async def test_the_default_is_20_failures_per_hour_and_zero_turns_it_off(self) -> None:
+    async def test_the_defaults_are_20_and_100_failures_per_hour_and_zero_turns_off(
+            self) -> None:
         web = Web.build()
         login: PasswordLogin = web.root.apps["imap2api"].login  # type: ignore[attr-defined]
-        assert login.failures is not None
+        assert login.failures is not None and login.account_failures is not None
         self.assertEqual((login.failures.rate.limit, login.failures.rate.period), (20, 3600))
-        web = Web.build(Config(sections={"web": {"login_failure_rate": 0}}))
-        self.assertIsNone(web.root.apps["imap2api"].login.failures)  # type: ignore[attr-defined]
+        self.assertEqual(
+            (login.account_failures.rate.limit, login.account_failures.rate.period),
+            (100, 3600))
+        web = Web.build(Config(sections={"web": {"login_failure_rate": 0,
+                                                 "login_account_failure_rate": 0}}))
+        login = web.root.apps["imap2api"].login  # type: ignore[attr-defined]
+        self.assertIsNone(login.failures)
+        self.assertIsNone(login.account_failures)

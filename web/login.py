@@ -1,12 +1,22 @@
-"""Password logins that hand out tokens (IMAP2API `/api-token-auth/`, Mail API `/api/v1/auth/`).
+"""Password logins that hand out tokens (IMAP2API `/api-token-auth/`, Mail API `/api/v1/auth/`)
+and the OAuth login page.
 
-Every attempt, right or wrong, first takes a token from the login rate limiter of the
-client's address, so that guessing passwords is slow whatever name is tried; and every
-failure takes one from the limiter of the name tried (any address), so that guesses at one
-account are slow however many addresses make them. The name is counted as typed (trimmed,
-lower case), whether a user has it or not: the 429 says nothing of who exists. A success
-creates a new non-expiring "token" credential: only its digest is stored, so the same token
-cannot be handed out twice (DRF would return the existing one).
+Three limits slow password guessing without letting a guesser lock the owner out:
+
+- every attempt, right or wrong, first takes a token from the login rate limiter of the
+  client's address, so that guessing is slow whatever name is tried;
+- every failure takes one from the limiter of the pair (name tried, client address): one
+  address guessing at an account is refused there, and only there;
+- every failure also takes one from the account's limiter (any address), whose budget is
+  larger, so that many addresses (a botnet, an IPv6 network's /64s) do not multiply the
+  guesses at one password. A client address that logged in to the account in the last
+  KNOWN_SOURCE_DAYS days is not refused by that one (the owner's usual address still logs
+  in while others guess), only by its own pair's.
+
+The name is counted as typed (trimmed, lower case), whether a user has it or not: the 429
+says nothing of who exists. A success creates a new "token" credential marked as a login's
+(`login=True`: it ends when the password changes): only its digest is stored, so the same
+token cannot be handed out twice (DRF would return the existing one).
 """
 
 from __future__ import annotations
@@ -20,16 +30,26 @@ from mailcore.identity.service import name_key
 from web.context import context_of
 from web.ratelimit import RateLimited, RateLimiter, client_key, enforce
 
+# How long an address that logged in to an account stays exempt from the account's limit,
+# and how many such (account, address) pairs are remembered.
+KNOWN_SOURCE_DAYS = 30
+KNOWN_SOURCES_KEPT = 100_000
+
 
 class PasswordLogin:
-    """Checks a username (or e-mail) and password, rate-limited per client address and
-    (`failures`, when given) per account name for failed attempts."""
+    """Checks a username (or e-mail) and password, rate-limited per client address and, for
+    failed attempts, per (account name, client address) (`failures`) and per account name
+    (`account_failures`), when given."""
 
     def __init__(self, identity: Identity, limiter: RateLimiter,
-                 failures: RateLimiter | None = None) -> None:
+                 failures: RateLimiter | None = None,
+                 account_failures: RateLimiter | None = None) -> None:
         self.identity = identity
         self.limiter = limiter
         self.failures = failures
+        self.account_failures = account_failures
+        # (account digest, client key) -> when it last logged in (the limiter's clock).
+        self._known: dict[tuple[bytes, str], float] = {}
 
     def throttle(self, request: IRequest) -> None:
         """Count one attempt from this client; 429 when it has made too many."""
@@ -39,20 +59,50 @@ class PasswordLogin:
         """The user if the password is right, else None (the attempt is counted first)."""
         self.throttle(request)
         # A digest: a name may be as long as a body (1 MiB), and the limiter keeps 100,000.
-        account = ("account", hashlib.sha256(name_key(username).encode("utf-8", "replace"))
-                   .digest())
-        if self.failures is not None and self.failures.peek(account) < 1:
-            raise RateLimited(self.failures.check(account))
+        name = hashlib.sha256(name_key(username).encode("utf-8", "replace")).digest()
+        client = client_key(request)
+        pair = ("pair", name, client)
+        account = ("account", name)
+        if self.failures is not None and self.failures.peek(pair) < 1:
+            raise RateLimited(self.failures.check(pair))
+        if (self.account_failures is not None and not self._is_known(name, client)
+                and self.account_failures.peek(account) < 1):
+            raise RateLimited(self.account_failures.check(account))
         user = await self.identity.authenticate_password(username, password)
         if user is None:
             if self.failures is not None:
-                self.failures.check(account)
+                self.failures.check(pair)
+            if self.account_failures is not None:
+                self.account_failures.check(account)
             return None
+        self._remember(name, client)
         context_of(request).user = user.username
         return user
 
+    def _is_known(self, name: bytes, client: str) -> bool:
+        """Whether `client` logged in to the account `name` within KNOWN_SOURCE_DAYS."""
+        at = self._known.get((name, client))
+        return at is not None and self._now() - at < KNOWN_SOURCE_DAYS * 86400
+
+    def _remember(self, name: bytes, client: str) -> None:
+        """Note a login of `client` to `name`; the memory stays within KNOWN_SOURCES_KEPT
+        (the pairs past KNOWN_SOURCE_DAYS go first, then the oldest half)."""
+        now = self._now()
+        key = (name, client)
+        self._known.pop(key, None)  # re-inserted last: the dict stays in login order
+        if len(self._known) >= KNOWN_SOURCES_KEPT:
+            cutoff = now - KNOWN_SOURCE_DAYS * 86400
+            kept = {k: at for k, at in self._known.items() if at >= cutoff}
+            if len(kept) >= KNOWN_SOURCES_KEPT:
+                kept = dict(list(kept.items())[len(kept) // 2:])
+            self._known = kept
+        self._known[key] = now
+
+    def _now(self) -> float:
+        return self.limiter.clock.seconds()
+
     async def issue_token(self, user: User, label: str) -> str:
-        """A new non-expiring token for `user` (shown once)."""
+        """A new token for `user` (shown once), marked as a password login's."""
         secret, _ = await self.identity.create_credential(
             user.id, "token", label=label, login=True)
         return secret

@@ -4,11 +4,12 @@ A `Rate` of N per period lets a key make N requests at once, then one more every
 period/N seconds. Every reply of a limited endpoint carries `X-RateLimit-Limit`,
 `X-RateLimit-Remaining` and `X-RateLimit-Reset` (epoch seconds when the bucket is full again);
 a refused request gets 429 with `Retry-After`. Users: the password-login endpoints (per
-client address, and failures per account name), IMAP2API (1000/h per user, 100/h
-anonymous), Dropmyemail (20/s per token), Protecmail, the Mail API and safedrop (20/s per
-user each; 100/h per client address for requests whose credential is missing or bad, the
-three APIs together). `InFlight` bounds what a key has under way at once instead (a
-safedrop user's concurrent uploads): 429 beyond, with Retry-After.
+client address; failures per account name and address, and per account name: web.login),
+IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token), Protecmail, the
+Mail API and safedrop (20/s per user each; 100/h per client address for requests whose
+credential is missing or bad, the three APIs together). `InFlight` bounds what a key has
+under way at once instead (a safedrop user's concurrent uploads): 429 beyond, with
+Retry-After.
 """
 
 from __future__ import annotations

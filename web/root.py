@@ -282,8 +282,12 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
     # allow a client no more guesses than either alone. A huge rate stands for "off".
     login_rate = settings.login_rate or Rate(10**9, 1)
     failures = settings.login_failure_rate
-    login = PasswordLogin(identity, RateLimiter(clock, login_rate),
-                          failures=RateLimiter(clock, failures) if failures else None)
+    account_failures = settings.login_account_failure_rate
+    login = PasswordLogin(
+        identity, RateLimiter(clock, login_rate),
+        failures=RateLimiter(clock, failures) if failures else None,
+        account_failures=RateLimiter(clock, account_failures) if account_failures else None,
+    )
     # Protecmail, the Mail API and safedrop share one budget of bad credentials per client
     # address: an API key opens all three, so guesses spread over them count once.
     bad_credentials = RateLimiter(clock, settings.bad_credential_rate)

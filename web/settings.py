@@ -4,8 +4,11 @@
 [web]
 json_max_body = 1048576          # largest JSON/form body (multipart uploads use http_max_body)
 login_rate = "100/hour"          # password logins per client address (0 turns it off)
-login_failure_rate = "20/hour"   # failed password logins per account name, from any
-                                 # address (0 turns it off)
+login_failure_rate = "20/hour"   # failed password logins per account name from one
+                                 # client address (0 turns it off)
+login_account_failure_rate = "100/hour"  # ... per account name from all addresses
+                                 # together, except those that logged in to it in the
+                                 # last 30 days (0 turns it off)
 imap2api_user_rate = "1000/hour" # IMAP2API requests per user
 imap2api_anonymous_rate = "100/hour"
 dropmyemail_token_rate = "20/second"
@@ -45,6 +48,7 @@ _KEYS = {
     "json_max_body",
     "login_rate",
     "login_failure_rate",
+    "login_account_failure_rate",
     "imap2api_user_rate",
     "imap2api_anonymous_rate",
     "dropmyemail_token_rate",
@@ -66,10 +70,14 @@ _KEYS = {
 
 # Defaults (module constants: a frozen Rate is safe to share).
 LOGIN_RATE = Rate(100, 3600)
-# Failed password logins per account name, whatever the client address: many addresses (a
-# botnet, an IPv6 network) must not multiply the guesses at one password. Only failures
-# count, so a script that logs in for every run is never refused.
+# Failed password logins per account name from one client address: that address is refused
+# for that account, and only it, so sending wrong passwords cannot lock the owner out from
+# elsewhere. Only failures count, so a script that logs in for every run is never refused.
 LOGIN_FAILURE_RATE = Rate(20, 3600)
+# Failed password logins per account name from all addresses together: many addresses (a
+# botnet, an IPv6 network's /64s) must not multiply the guesses at one password. Addresses
+# that logged in to the account lately are not refused by it (web.login).
+LOGIN_ACCOUNT_FAILURE_RATE = Rate(100, 3600)
 IMAP2API_USER_RATE = Rate(1000, 3600)
 IMAP2API_ANONYMOUS_RATE = Rate(100, 3600)
 DROPMYEMAIL_TOKEN_RATE = Rate(20, 1)
@@ -97,6 +105,7 @@ class WebSettings:
     session_token_ttl: int = 3600
     login_rate: Rate | None = LOGIN_RATE
     login_failure_rate: Rate | None = LOGIN_FAILURE_RATE
+    login_account_failure_rate: Rate | None = LOGIN_ACCOUNT_FAILURE_RATE
     imap2api_user_rate: Rate = IMAP2API_USER_RATE
     imap2api_anonymous_rate: Rate = IMAP2API_ANONYMOUS_RATE
     dropmyemail_token_rate: Rate = DROPMYEMAIL_TOKEN_RATE
@@ -133,6 +142,10 @@ class WebSettings:
             login_rate=_rate(table, "login_rate", defaults.login_rate, allow_off=True),
             login_failure_rate=_rate(
                 table, "login_failure_rate", defaults.login_failure_rate, allow_off=True
+            ),
+            login_account_failure_rate=_rate(
+                table, "login_account_failure_rate", defaults.login_account_failure_rate,
+                allow_off=True,
             ),
             imap2api_user_rate=_rate(table, "imap2api_user_rate", defaults.imap2api_user_rate),
             imap2api_anonymous_rate=_rate(
