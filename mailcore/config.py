@@ -37,6 +37,12 @@ class Config:
     # HTTP
     http_max_body: int = 25 * 1024 * 1024
     session_token_ttl: int = 3600
+    # The tokens password logins hand out (IMAP2API, Mail API): lifetime from the login and
+    # from the last use, in seconds (0: none, the reference service's tokens never expire),
+    # and how many one user keeps (a login past them removes the user's oldest).
+    login_token_ttl: int = 0
+    login_token_idle: int = 0
+    login_tokens_per_user: int = 100
     # Sections of the TOML file that later services read (smtp, queue, filters, fetch ...).
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -77,6 +83,9 @@ _TOP_LEVEL: dict[str, type] = {
     "hostname": str,
     "http_max_body": int,
     "session_token_ttl": int,
+    "login_token_ttl": int,
+    "login_token_idle": int,
+    "login_tokens_per_user": int,
 }
 
 
@@ -126,7 +135,15 @@ _LISTEN_TABLES = {"smtp": "smtp", "web": "http"}
 _TOP_LEVEL_MAX = {
     "http_max_body": 1 << 40,
     "session_token_ttl": 10 * 365 * 86400,
+    "login_token_ttl": 10 * 365 * 86400,
+    "login_token_idle": 10 * 365 * 86400,
+    "login_tokens_per_user": 1_000_000,
 }
+# Their smallest value, where it is not 1. 0 means "never" for the login token lifetimes;
+# an idle lifetime is at least 600 s, since a token's last use is written at most every
+# 300 s (mailcore.identity.service).
+_TOP_LEVEL_MIN = {"login_token_ttl": 0, "login_token_idle": 600}
+_ZERO_MEANS_NEVER = {"login_token_idle"}
 
 
 def _checked(key: str, value: Any, expected: type) -> Any:
@@ -137,10 +154,19 @@ def _checked(key: str, value: Any, expected: type) -> Any:
             raise ConfigError(f"config key {key} must be a string or a list of strings")
     elif not isinstance(value, expected) or isinstance(value, bool):
         raise ConfigError(f"config key {key} must be of type {expected.__name__}")
-    if key in _TOP_LEVEL_MAX and not 0 < value <= _TOP_LEVEL_MAX[key]:
-        raise ConfigError(f"config key {key} must be from 1 to {_TOP_LEVEL_MAX[key]}, "
-                          f"not {value}")
+    if key in _TOP_LEVEL_MAX:
+        low = _TOP_LEVEL_MIN.get(key, 1)
+        if not (low <= value <= _TOP_LEVEL_MAX[key]
+                or (key in _ZERO_MEANS_NEVER and value == 0)):
+            never = " (or 0)" if key in _ZERO_MEANS_NEVER else ""
+            raise ConfigError(f"config key {key} must be from {low} to "
+                              f"{_TOP_LEVEL_MAX[key]}{never}, not {value}")
     return value
+
+
+def checked_number(key: str, value: Any) -> Any:
+    """A top-level number given on the command line, checked as the TOML file's is."""
+    return None if value is None else _checked(key, value, int)
 
 
 def unknown_key(table: str, key: str) -> ConfigError:
@@ -206,6 +232,14 @@ def apply_overrides(config: Config, values: dict[str, Any]) -> Config:
     return replace(config, **changes)
 
 
+def _whole(value: str) -> int:
+    """An option's whole number (Twisted puts the ValueError's text in its UsageError)."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"not a whole number: {value!r}") from None
+
+
 class CommonOptions(usage.Options):
     """Options shared by the daemon and the admin CLI: where the data lives."""
 
@@ -245,6 +279,13 @@ class DaemonOptions(CommonOptions):
         ["tls-key", None, None, "PEM private key matching --tls-cert."],
         ["hostname", None, None, "Host name announced in SMTP greetings and Received headers "
          "[default: localhost]."],
+        ["login-token-ttl", None, None, "Seconds a token from a password login "
+         "(/api-token-auth/, /api/v1/auth/) lives after the login; 0: for ever, as the "
+         "reference service's do [default: 0; TOML login_token_ttl].", _whole],
+        ["login-token-idle", None, None, "Seconds such a token lives unused (at least 600); "
+         "0: for ever [default: 0; TOML login_token_idle].", _whole],
+        ["login-tokens-per-user", None, None, "Login tokens one user keeps; a login past them "
+         "removes the user's oldest [default: 100; TOML login_tokens_per_user].", _whole],
     ]
 
     def __init__(self) -> None:
@@ -268,6 +309,9 @@ class DaemonOptions(CommonOptions):
             tls_cert=self["tls-cert"],
             tls_key=self["tls-key"],
             hostname=self["hostname"],
+            login_token_ttl=self["login-token-ttl"],
+            login_token_idle=self["login-token-idle"],
+            login_tokens_per_user=self["login-tokens-per-user"],
         )
         return values
 
@@ -276,4 +320,10 @@ class DaemonOptions(CommonOptions):
         mistake in the options UsageError."""
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        for key in ("login_token_ttl", "login_token_idle", "login_tokens_per_user"):
+            try:
+                checked_number(key, self[key.replace("_", "-")])
+            except ConfigError as e:
+                raise usage.UsageError(str(e).replace(
+                    f"config key {key}", "--" + key.replace("_", "-"))) from None
         self.config = self.resolve()

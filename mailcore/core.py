@@ -242,7 +242,12 @@ class Core:
         """Every service over `db`; `cpu` defaults to a real thread pool (tests hand in
         `CpuPool.for_tests()`)."""
         cpu = cpu or CpuPool(clock)  # type: ignore[arg-type]
-        identity = Identity(db, clock, cpu, session_ttl=config.session_token_ttl)
+        identity = Identity(
+            db, clock, cpu, session_ttl=config.session_token_ttl,
+            login_ttl=config.login_token_ttl or None,
+            login_idle=config.login_token_idle or None,
+            logins_kept=config.login_tokens_per_user,
+        )
         core = cls(
             config=config,
             db=db,

@@ -619,3 +619,41 @@ class QueueNumbersTests(SynchronousTestCase):
     def test_zero_where_it_switches_something_off(self) -> None:
         settings = self.settings(connection_idle=0, route_cache_seconds=0, stop_grace=0)
         self.assertEqual((settings.connection_idle, settings.route_cache_seconds), (0.0, 0.0))
+
+
+class LoginTokenSettingsTests(ConfigTestCase):
+    """The lifetime and number of the tokens password logins hand out."""
+
+    def test_defaults_keep_the_reference_services_tokens(self) -> None:
+        config = self.parse()
+        self.assertEqual((config.login_token_ttl, config.login_token_idle,
+                          config.login_tokens_per_user), (0, 0, 100))
+
+    def test_from_the_file_and_the_command_line(self) -> None:
+        path = self.write_toml("login_token_ttl = 86400\nlogin_token_idle = 3600\n"
+                               "login_tokens_per_user = 5\n")
+        config = self.parse("--config", str(path), "--login-tokens-per-user", "7")
+        self.assertEqual((config.login_token_ttl, config.login_token_idle,
+                          config.login_tokens_per_user), (86400, 3600, 7))
+        config = self.parse("--login-token-ttl", "0", "--login-token-idle", "600")
+        self.assertEqual((config.login_token_ttl, config.login_token_idle), (0, 600))
+
+    def test_out_of_range(self) -> None:
+        for line, message in (
+            ("login_token_ttl = -1",
+             "config key login_token_ttl must be from 0 to 315360000, not -1"),
+            ("login_token_idle = 599",
+             "config key login_token_idle must be from 600 to 315360000 (or 0), not 599"),
+            ("login_tokens_per_user = 0",
+             "config key login_tokens_per_user must be from 1 to 1000000, not 0"),
+        ):
+            path = self.write_toml(line + "\n")
+            self.assertEqual(self.config_error("--config", str(path)), message)
+        self.assertEqual(self.usage_error("--login-token-idle", "60"),
+                         "--login-token-idle must be from 600 to 315360000 (or 0), not 60")
+        self.assertIn("not a whole number: 'x'", self.usage_error("--login-tokens-per-user", "x"))
+
+    def test_the_help_names_them(self) -> None:
+        text = str(DaemonOptions())
+        for option in ("--login-token-ttl", "--login-token-idle", "--login-tokens-per-user"):
+            self.assertIn(option, text)

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.identity import Identity, IdentityError, User, passwords
 from mailcore.identity import secrets as creds
-from mailcore.identity.service import RESOLVED_TTL, utc
+from mailcore.identity.service import EXPIRED_KEPT_SECONDS, RESOLVED_TTL, utc
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
@@ -380,6 +380,64 @@ class CredentialTests(IdentityTestCase):
         self.clock.advance(10 * 365 * 86400)
         self.assertIsNone(await self.identity.resolve(short, ("apikey",)))
         self.assertIsNotNone(await self.identity.resolve(forever, ("token",)))
+
+    async def test_login_tokens_never_expire_by_default(self) -> None:
+        alice = await self.user()
+        secret, info = await self.identity.create_credential(alice.id, "token", login=True)
+        self.assertIsNone(info.expires_at)
+        self.clock.advance(10 * 365 * 86400)
+        self.assertIsNotNone(await self.identity.resolve(secret, ("token",)))
+
+    async def test_login_tokens_live_login_ttl_after_the_login(self) -> None:
+        identity = Identity(self.db, self.clock, CpuPool.for_tests(), login_ttl=86400)
+        alice = await self.user()
+        login, _ = await identity.create_credential(alice.id, "token", login=True)
+        printed, _ = await identity.create_credential(alice.id, "token")
+        self.clock.advance(86399)
+        self.assertIsNotNone(await identity.resolve(login, ("token",)))
+        self.clock.advance(1)
+        self.assertIsNone(await identity.resolve(login, ("token",)))
+        self.assertIsNotNone(await identity.resolve(printed, ("token",)))
+
+    async def test_login_tokens_end_login_idle_after_their_last_use(self) -> None:
+        identity = Identity(self.db, self.clock, CpuPool.for_tests(), login_idle=3600)
+        alice = await self.user()
+        used, _ = await identity.create_credential(alice.id, "token", login=True)
+        unused, _ = await identity.create_credential(alice.id, "token", login=True)
+        printed, _ = await identity.create_credential(alice.id, "token")
+        for _ in range(10):  # used every 50 minutes: lives on
+            self.clock.advance(3000)
+            self.assertIsNotNone(await identity.resolve(used, ("token",)))
+        self.assertIsNone(await identity.resolve(unused, ("token",)))
+        self.assertIsNotNone(await identity.resolve(printed, ("token",)))
+        # In use the whole time, with its last use written every five minutes at most.
+        for _ in range(30):
+            self.clock.advance(299)
+            self.assertIsNotNone(await identity.resolve(used, ("token",)))
+        self.clock.advance(3600)
+        self.assertIsNone(await identity.resolve(used, ("token",)))
+        # The sweeper removes the idle ones a day after they ended; the others stay.
+        self.clock.advance(EXPIRED_KEPT_SECONDS + 1)
+        self.assertEqual(await identity.purge_expired(), 2)
+        self.assertEqual([c.label for c in await identity.list_credentials(alice.id)], [""])
+
+    async def test_a_user_keeps_the_newest_login_tokens(self) -> None:
+        identity = Identity(self.db, self.clock, CpuPool.for_tests(), logins_kept=3)
+        alice = await self.user()
+        bob = await self.user("bob")
+        _, bobs = await identity.create_credential(bob.id, "token", login=True)
+        printed, _ = await identity.create_credential(alice.id, "token")
+        made = [await identity.create_credential(alice.id, "token", login=True)
+                for _ in range(5)]
+        left = [c.id for c in await identity.list_credentials(alice.id, "token")]
+        self.assertEqual(len(left), 4)
+        self.assertEqual(left[1:], [info.id for _, info in made[2:]])
+        for secret, _ in made[:2]:
+            self.assertIsNone(await identity.resolve(secret, ("token",)))
+        for secret, _ in made[2:]:
+            self.assertIsNotNone(await identity.resolve(secret, ("token",)))
+        self.assertIsNotNone(await identity.resolve(printed, ("token",)))
+        self.assertEqual([c.id for c in await identity.list_credentials(bob.id)], [bobs.id])
 
     async def test_a_session_ends_when_its_parent_key_is_revoked(self) -> None:
         alice = await self.user()

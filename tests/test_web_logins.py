@@ -4,6 +4,7 @@ account name."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 from unittest import mock
 
@@ -56,6 +57,25 @@ class ApiTokenAuthTests(TestCase):
         self.assertNotEqual(first, second)
         infos = await web.core.identity.list_credentials(alice.id, "token")
         self.assertEqual([i.label for i in infos], ["api-token-auth", "api-token-auth"])
+
+    async def test_a_login_loop_keeps_the_newest_tokens_only(self) -> None:
+        web = Web.build(Config(login_tokens_per_user=3, login_token_ttl=86400))
+        alice = await web.user()
+        tokens = []
+        for path in ("/api-token-auth/", "/api/v1/auth/") * 4:
+            body = (await web.call("POST", path, json=CREDENTIALS))[2]
+            tokens.append(body.get("token") or body["auth_key"])
+        infos = await web.core.identity.list_credentials(alice.id, "token")
+        self.assertEqual(len(infos), 3)
+        live = [t for t in tokens if await web.core.identity.resolve(t, ("token",))]
+        self.assertEqual(live, tokens[-3:])
+        # Each lives a day from its login.
+        self.assertEqual({i.expires_at - i.created_at for i in infos},  # type: ignore[operator]
+                         {datetime.timedelta(days=1)})
+        web.clock.advance(86400)
+        status, _, _ = await web.call("GET", "/api/imap-servers/",
+                                      headers={"Authorization": f"Token {tokens[-2]}"})
+        self.assertEqual(status, 401)
 
     async def test_the_email_address_works_as_username(self) -> None:
         web = Web.build()

@@ -249,11 +249,19 @@ class Identity:
         cpu: CpuPool,
         *,
         session_ttl: int = 3600,
+        login_ttl: float | None = None,
+        login_idle: float | None = None,
+        logins_kept: int = 100,
     ) -> None:
         self.db = db
         self.clock = clock
         self.cpu = cpu
         self.session_ttl = session_ttl
+        # The credentials password logins make (`login=True`): their lifetime from the
+        # login and from their last use (None: none), and how many one user keeps.
+        self.login_ttl = login_ttl
+        self.login_idle = login_idle
+        self.logins_kept = logins_kept
         # Secrets resolved in the last RESOLVED_TTL seconds: their digest -> (when,
         # when the credential or its parent expires, the principal). Cleared by every
         # change this Identity makes to users or credentials.
@@ -453,7 +461,9 @@ class Identity:
         `parent_id` names the credential this one was made with (a safedrop session's API
         key): the new one resolves only while that parent does, so revoking the key, its
         expiry or its deletion ends it too. `login` marks a credential a password login
-        made: it ends when the password changes.
+        made: it ends when the password changes, lives `login_ttl` seconds (unless `ttl` is
+        given) and `login_idle` seconds unused, and the user keeps `logins_kept` of them:
+        making one more removes the oldest.
         """
         if kind not in KINDS:
             raise IdentityError(f"Unknown credential kind {kind!r}.")
@@ -461,6 +471,8 @@ class Identity:
             raise IdentityError("Label is too long (255 at most).", "label")
         if kind in ("session", "page") and ttl is None:
             ttl = self.session_ttl
+        if login and ttl is None:
+            ttl = self.login_ttl
         now = self.now()
         expires = now + datetime.timedelta(seconds=ttl) if ttl is not None else None
         secret = creds.new_secret()
@@ -488,6 +500,8 @@ class Identity:
                     login=login,
                 )
             ))
+            if login:
+                _thd_keep_newest_logins(conn, user_id, self.logins_kept)
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
             return _credential(row)
 
@@ -540,15 +554,23 @@ class Identity:
 
     async def purge_expired(self, grace: float = EXPIRED_KEPT_SECONDS) -> int:
         """Delete credentials (safedrop sessions, mostly) that expired more than `grace`
-        seconds ago; how many. An expired credential never resolves, so this only keeps
-        the table from growing with every login."""
+        seconds ago, and login tokens unused `login_idle` seconds longer than that; how
+        many. Neither resolves, so this only keeps the table from growing with every
+        login."""
         cutoff = self.now() - datetime.timedelta(seconds=grace)
+        idle = self.login_idle
 
         def txn(conn: Connection) -> int:
             c = credentials.c
-            return int(conn.execute(
+            purged = int(conn.execute(
                 delete(credentials).where(c.expires_at.is_not(None), c.expires_at < cutoff)
             ).rowcount or 0)
+            if idle is not None:
+                unused_since = cutoff - datetime.timedelta(seconds=idle)
+                purged += int(conn.execute(delete(credentials).where(
+                    c.login.is_(True), func.coalesce(c.last_used_at, c.created_at) < unused_since
+                )).rowcount or 0)
+            return purged
 
         purged = await self.db.run("purge_expired_credentials", txn)
         self.forget_resolved()
@@ -606,6 +628,13 @@ class Identity:
                 return None
             if m["parent_id"] is not None and not _parent_live(m, now):
                 return None
+            idle_end = None
+            if m["login"] and self.login_idle is not None:
+                used = utc(m["last_used_at"]) or utc(m["created_at"])
+                assert used is not None
+                idle_end = used + datetime.timedelta(seconds=self.login_idle)
+                if idle_end <= now:
+                    return None
             user = thd_get_user(conn, m["user_id"])
             if user is None or not user.is_active:
                 return None
@@ -617,7 +646,8 @@ class Identity:
                 kind=m["kind"],
                 scopes=tuple(m["scopes"].split()),
             )
-            ends = [t for t in (expires, utc(m["parent_expires_at"])) if t is not None]
+            ends = [t for t in (expires, utc(m["parent_expires_at"]), idle_end)
+                    if t is not None]
             return principal, stale, min(ends) if ends else None
 
         found = await self.db.read("resolve_credential", txn)
@@ -642,6 +672,18 @@ def _parent_live(m: Any, now: datetime.datetime) -> bool:
         return False
     expires = utc(m["parent_expires_at"])
     return expires is None or expires > now
+
+
+def _thd_keep_newest_logins(conn: Connection, user_id: int, kept: int) -> None:
+    """Blocking: delete the user's login credentials but the newest `kept` (live or not:
+    a script logging in for every run must not grow the table without bound)."""
+    c = credentials.c
+    mine = (c.user_id == user_id, c.login.is_(True))
+    oldest_kept = conn.execute(
+        select(c.id).where(*mine).order_by(c.id.desc()).offset(kept - 1).limit(1)
+    ).scalar()
+    if oldest_kept is not None:
+        conn.execute(delete(credentials).where(*mine, c.id < oldest_kept))
 
 
 def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) -> None:
