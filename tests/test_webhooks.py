@@ -132,6 +132,28 @@ class SignatureTests(TestCase):
         self.assertFalse(verify_signature(secret, "1700000000", body, None, now=now))
 
 
+    def test_the_delivery_and_event_headers_must_be_the_bodys(self) -> None:
+        """The headers are copies of the signed body's id and event: a replay within the
+        tolerance under another X-Mailcore-Delivery (to pass a receiver's duplicate
+        check) verifies only when the receiver does not ask for them to be checked."""
+        body = b'{"id":"0b7f3c1e","event":"email.new","created_at":null,"data":{}}'
+        secret = "s3cret-s3cret-s3cret"
+        good = sign(secret, 1_700_000_000, body)
+        now = 1_700_000_010
+
+        def check(delivery: str | bytes | None, event: str | bytes | None = None) -> bool:
+            return verify_signature(secret, "1700000000", body, good, now=now,
+                                    delivery=delivery, event=event)
+
+        self.assertTrue(check("0b7f3c1e", "email.new"))
+        self.assertTrue(check(b"0b7f3c1e", b"email.new"))
+        self.assertFalse(check("another-delivery-id"))
+        self.assertFalse(check("0b7f3c1e", "sync.completed"))
+        not_json = b"not json"
+        self.assertFalse(verify_signature(secret, "1700000000", not_json,
+                                          sign(secret, 1_700_000_000, not_json), now=now,
+                                          delivery="x"))
+
 class Setup:
     """A Web whose webhook sender posts to a StubTreq receiver, on the Web's Clock."""
 
@@ -276,7 +298,8 @@ class DeliveryTests(SenderTestCase):
         self.assertEqual(headers["x-mailcore-event"], "sync.completed")
         self.assertTrue(verify_signature(
             secret, headers["x-mailcore-timestamp"], body, headers["x-mailcore-signature"],
-            now=s.web.clock.seconds(),
+            now=s.web.clock.seconds(), delivery=headers["x-mailcore-delivery"],
+            event=headers["x-mailcore-event"],
         ))
         payload = json.loads(body)
         self.assertEqual(payload["id"], headers["x-mailcore-delivery"])

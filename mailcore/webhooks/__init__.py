@@ -33,7 +33,13 @@ A receiver recomputes the HMAC over the timestamp header, a dot and the raw body
 compares it in constant time, and refuses a timestamp more than a few minutes old (the
 signature covers the timestamp, so an old delivery cannot be replayed with a new one);
 `verify_signature` does exactly that. Retries carry the same `X-Mailcore-Delivery` id, so a
-receiver can drop duplicates.
+receiver can drop duplicates. That header and `X-Mailcore-Event` are copies of the body's
+`id` and `event`, which the signature covers; the headers themselves are not signed (the
+signed text stays "<timestamp>.<raw body>", which receivers already check), so a receiver
+drops duplicates by the body's `id`, or checks that the header equals it
+(`verify_signature(..., delivery=header, event=header)` does): otherwise a copy of a
+delivery replayed within the timestamp's tolerance under another `X-Mailcore-Delivery`
+would pass as new.
 
 Deliveries are durable: the sync engine's listener only writes delivery rows (it never waits
 for a receiver), and the background `WebhookSender` posts them, at most `concurrency` at

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
+from typing import Any
 
 SIGNATURE_HEADER = "X-Mailcore-Signature"
 TIMESTAMP_HEADER = "X-Mailcore-Timestamp"
@@ -22,9 +24,16 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 def verify_signature(
     secret: str, timestamp: str | bytes | None, body: bytes, signature: str | bytes | None,
-    now: float, tolerance: float = SIGNATURE_TOLERANCE,
+    now: float, tolerance: float = SIGNATURE_TOLERANCE, *,
+    delivery: str | bytes | None = None, event: str | bytes | None = None,
 ) -> bool:
-    """What a receiver does: the signature matches and the timestamp is recent."""
+    """What a receiver does: the signature matches and the timestamp is recent.
+
+    The signature covers the timestamp and the body; the X-Mailcore-Delivery and
+    X-Mailcore-Event headers are copies of the body's "id" and "event", not signed by
+    themselves. Given (`delivery`, `event`: the headers' values), each must equal the
+    body's field, so that a receiver dropping duplicates by the header is not fooled by a
+    replay within `tolerance` that changed it."""
     if timestamp is None or signature is None:
         return False
     if isinstance(timestamp, bytes):
@@ -33,7 +42,23 @@ def verify_signature(
         signature = signature.decode("ascii", "replace")
     if not timestamp.isdigit() or abs(now - int(timestamp)) > tolerance:
         return False
-    return hmac.compare_digest(sign(secret, int(timestamp), body), signature)
+    if not hmac.compare_digest(sign(secret, int(timestamp), body), signature):
+        return False
+    return all(given is None or _body_field(body, name) == _text(given)
+               for name, given in (("id", delivery), ("event", event)))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _body_field(body: bytes, name: str) -> Any:
+    """Field `name` of the JSON object `body`, None when it is no such object."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data.get(name) if isinstance(data, dict) else None
 
 
 def new_secret() -> str:
