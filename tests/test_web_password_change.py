@@ -9,17 +9,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support.oauth import REDIRECT, register
+from tests.support.pg import create_test_database
 from tests.support.web import PASSWORD, Web
+from web.login import PasswordLogin
 
 CREDENTIALS = {"username": "alice", "password": PASSWORD}
 
 
 class PasswordChangeTests(TestCase):
+    url: str | None = None
+
     async def setUp(self) -> None:  # type: ignore[override]
-        self.web = Web.build()
+        self.web = Web.build(url=await create_test_database(self) if self.url else None)
+        if self.url:
+            self.addCleanup(self.web.core.db.close)
         self.alice = await self.web.user("alice")
         self.bob = await self.web.user("bob")
 
@@ -108,3 +116,28 @@ class PasswordChangeTests(TestCase):
         await self.web.core.identity.set_password(self.alice.id, "another")
         listed = await self.web.core.identity.list_credentials(self.alice.id, "token")
         self.assertEqual([c.revoked for c in listed], [True, True, False])
+
+    async def test_a_login_that_checked_the_old_password_makes_nothing_after_it(
+            self) -> None:
+        """The password is checked, then the credential made: a change committed in
+        between (a login in a loop with a leaked password, while the owner changes it)
+        must not leave the login a token or page session made after the change."""
+        login: PasswordLogin = self.web.root.apps["imap2api"].login  # type: ignore[attr-defined]
+        request: Any = DummyRequest([b""])
+        request.client = IPv4Address("TCP", "192.0.2.1", 40000)
+        checked = await login.check(request, "alice", PASSWORD)
+        assert checked is not None
+        await self.web.core.identity.set_password(self.alice.id, "a-new-password")
+        self.assertIsNone(await login.issue_token(checked, "api-token-auth"))
+        self.assertIsNone(await login.issue(checked, "page", scopes=("pages",)))
+        self.assertEqual(await self.web.core.identity.list_credentials(self.alice.id), [])
+        # A login that checked the new password is served.
+        fresh = await login.check(request, "alice", "a-new-password")
+        assert fresh is not None
+        token = await login.issue_token(fresh, "api-token-auth")
+        assert token is not None
+        self.assertEqual(await self.imap2api(token), 200)
+
+
+class PostgresPasswordChangeTests(PasswordChangeTests):
+    url = "postgresql"

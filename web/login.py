@@ -22,10 +22,11 @@ token cannot be handed out twice (DRF would return the existing one).
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from mailcore.identity import Identity, User
+from mailcore.identity import Identity, IdentityError, User
 from mailcore.identity.service import name_key
 from web.context import context_of
 from web.ratelimit import RateLimited, RateLimiter, client_key, enforce
@@ -101,8 +102,20 @@ class PasswordLogin:
     def _now(self) -> float:
         return self.limiter.clock.seconds()
 
-    async def issue_token(self, user: User, label: str) -> str:
-        """A new token for `user` (shown once), marked as a password login's."""
-        secret, _ = await self.identity.create_credential(
-            user.id, "token", label=label, login=True)
+    async def issue_token(self, user: User, label: str) -> str | None:
+        """A new token for `user` as `check` found it (shown once), marked as a password
+        login's; None when the password changed since `check` read it (the login failed)."""
+        return await self.issue(user, "token", label=label, login=True)
+
+    async def issue(self, user: User, kind: str, **options: Any) -> str | None:
+        """A new credential of `kind` for `user` as `check` found it, made only while the
+        password is still the one checked (else None): a password change ends every
+        credential a login made, and one made just after it must not escape that."""
+        try:
+            secret, _ = await self.identity.create_credential(
+                user.id, kind, password_stamp=user.password_stamp, **options)
+        except IdentityError as e:
+            if e.field != "password":
+                raise
+            return None
         return secret

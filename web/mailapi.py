@@ -326,9 +326,9 @@ class MailApiApp(ApiApp):
         if password is None:
             raise ApiError(400, "Please provide password.", key="error")
         user = await self.login.check(request, username, password)
-        if user is None:
+        key = await self.login.issue_token(user, "mailapi-auth") if user else None
+        if key is None:
             raise ApiError(401, "unauthorized")
-        key = await self.login.issue_token(user, "mailapi-auth")
         return self.reply(request, {"auth_key": key}, headers={"Cache-Control": "no-store"})
 
     async def check_api_key(self, request: IRequest, data: dict[str, Any], *,

@@ -236,12 +236,12 @@ class OAuthPagesApp(PageApp):
         if not isinstance(username, str) or not isinstance(password, str) or not username:
             return self._login_page(request, consent, 400, "Enter your username and password.")
         user = await self.login.check(request, username, password)
-        if user is None:
+        secret = await self.login.issue(
+            user, "page", label="authorization page", scopes=(SESSION_SCOPE,)
+        ) if user else None
+        if secret is None:
             return self._login_page(request, consent, 401,
                                     "That username or password is not right.", username)
-        secret, _ = await self.identity.create_credential(
-            user.id, "page", label="authorization page", scopes=(SESSION_SCOPE,)
-        )
         set_cookie(request, session_cookie_name(request), secret)
         self.pages.renew_csrf(request)
         request.setResponseCode(303)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import re
 import secrets as _random
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
@@ -90,6 +91,9 @@ class User:
     plan: str
     is_active: bool
     created_at: datetime.datetime
+    # A digest of the password hash as read with the user: a credential made for a password
+    # login names it, and is refused if the password changed meanwhile (`create_credential`).
+    password_stamp: bytes = field(default=b"", repr=False, compare=False)
 
     def profile(self) -> dict[str, str]:
         """Seed 004's User object."""
@@ -172,7 +176,13 @@ def _user(row: Any) -> User:
         plan=m["plan"],
         is_active=bool(m["is_active"]),
         created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+        password_stamp=_password_stamp(m["password_hash"]),
     )
+
+
+def _password_stamp(password_hash: str | None) -> bytes:
+    """What `User.password_stamp` holds for `password_hash` (the hash itself stays here)."""
+    return hashlib.sha256((password_hash or "").encode("utf-8")).digest()
 
 
 def _credential(row: Any) -> CredentialInfo:
@@ -455,6 +465,7 @@ class Identity:
         ttl: float | None = None,
         parent_id: int | None = None,
         login: bool = False,
+        password_stamp: bytes | None = None,
     ) -> tuple[str, CredentialInfo]:
         """A new credential; returns the secret (shown once, never stored) and its info.
 
@@ -463,7 +474,11 @@ class Identity:
         expiry or its deletion ends it too. `login` marks a credential a password login
         made: it ends when the password changes, lives `login_ttl` seconds (unless `ttl` is
         given) and `login_idle` seconds unused, and the user keeps `logins_kept` of them:
-        making one more removes the oldest.
+        making one more removes the oldest. `password_stamp` (the `User.password_stamp`
+        of the user a password login found) refuses it with an IdentityError on "password"
+        when the password has changed since: `set_password` ends what exists when it
+        commits, and this makes sure a login that checked the old password just before
+        cannot add one after (the user's row is read FOR SHARE, so the two take turns).
         """
         if kind not in KINDS:
             raise IdentityError(f"Unknown credential kind {kind!r}.")
@@ -478,8 +493,15 @@ class Identity:
         secret = creds.new_secret()
 
         def txn(conn: Connection) -> CredentialInfo:
-            if conn.execute(select(users.c.id).where(users.c.id == user_id)).first() is None:
+            found = conn.execute(
+                select(users.c.id, users.c.password_hash).where(users.c.id == user_id)
+                .with_for_update(read=True)
+            ).first()
+            if found is None:
                 raise IdentityError("No such user.")
+            if password_stamp is not None and not hmac.compare_digest(
+                    _password_stamp(found.password_hash), password_stamp):
+                raise IdentityError("The password was changed meanwhile.", "password")
             if parent_id is not None and conn.execute(
                 select(credentials.c.id).where(
                     credentials.c.id == parent_id, credentials.c.user_id == user_id

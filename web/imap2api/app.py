@@ -242,9 +242,9 @@ class Imap2ApiApp(ApiApp):
         login."""
         username, password = credentials_input(self.fields(request))
         user = await self.login.check(request, username, password)
-        if user is None:
+        token = await self.login.issue_token(user, "api-token-auth") if user else None
+        if token is None:
             raise ApiError(400, LOGIN_FAILED, fields={"non_field_errors": [LOGIN_FAILED]})
-        token = await self.login.issue_token(user, "api-token-auth")
         return self.reply(request, {"token": token}, headers=NO_STORE)
 
     # -- IMAP servers ------------------------------------------------------------------------
