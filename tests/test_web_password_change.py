@@ -7,14 +7,23 @@ every kind of credential to the API that reads it, through StubTreq.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import urlencode
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.support.oauth import REDIRECT, register
+from mailcore.identity import Identity
+from mailcore.oauth import OAuthProvider, SessionEnded
+from mailcore.oauth.settings import OAuthSettings
+from mailcore.store import Database
+from mailcore.workers import CpuPool
+from tests.support.oauth import REDIRECT, authorize_uri, query_of, register
 from tests.support.pg import create_test_database
+from tests.support.reactor import get_reactor
 from tests.support.web import PASSWORD, Web
 from web.login import PasswordLogin
 
@@ -138,6 +147,70 @@ class PasswordChangeTests(TestCase):
         assert token is not None
         self.assertEqual(await self.imap2api(token), 200)
 
+    async def test_a_consent_on_a_session_the_change_ended_makes_no_code(self) -> None:
+        """The consent page resolves its session, then the code is made: a change that
+        ended the session in between must not leave a code (and tokens) behind."""
+        client = await register(self.web, self.alice)
+        oauth = self.web.core.oauth
+        session = await self.web.credential(self.alice, "page", scopes=("pages",))
+        principal = await self.web.core.identity.resolve(session, ("page",))
+        assert principal is not None and principal.credential_id is not None
+        uri = authorize_uri(client.uid)
+        location = await oauth.decide(uri, self.alice.id, True,
+                                      session_id=principal.credential_id)
+        self.assertIn("code", query_of(location))
+        await self.web.core.identity.set_password(self.alice.id, "a-new-password")
+        with self.assertRaises(SessionEnded):
+            await oauth.decide(uri, self.alice.id, True, session_id=principal.credential_id)
+        self.assertEqual(await oauth.grants(self.alice.id), [])
+
 
 class PostgresPasswordChangeTests(PasswordChangeTests):
     url = "postgresql"
+
+
+class PasswordChangeRacePostgreSQLTests(TestCase):
+    """A password change racing the OAuth token endpoint, on a real PostgreSQL through a
+    threaded Database as the daemon runs it: no token issued meanwhile may outlive it."""
+
+    timeout = 240
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build(url=await create_test_database(self))
+        self.addCleanup(self.web.core.db.close)
+        self.db = Database(self.web.core.db.url, get_reactor(), max_threads=8)
+        await self.db.open()
+        self.addCleanup(self.db.close)
+        self.alice = await self.web.user()
+        self.client = await register(self.web, self.alice)
+        self.oauth = OAuthProvider(self.db, self.web.clock, self.web.core.identity,
+                                   OAuthSettings())
+        self.identity = Identity(self.db, self.web.clock, CpuPool.for_tests())
+
+    async def token_request(self, **fields: str) -> tuple[int, Any]:
+        body = urlencode({"client_id": self.client.uid, "client_secret": self.client.secret,
+                          **fields})
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        _, text, status = await self.oauth.token("https://x/oauth/token", body, headers)
+        return status, json.loads(text)
+
+    async def test_refreshes_and_exchanges_racing_a_change_leave_no_live_token(self) -> None:
+        survivors = 0
+        for i in range(20):
+            token = await self.client.token()
+            code = await self.client.code()
+            # The change hashes first (on the test's synchronous CPU pool) and then runs its
+            # transaction on the pool, alongside the two requests.
+            change = defer.ensureDeferred(self.identity.set_password(self.alice.id, f"p{i}"))
+            requests = [
+                defer.ensureDeferred(self.token_request(
+                    grant_type="refresh_token", refresh_token=token["refresh_token"])),
+                defer.ensureDeferred(self.token_request(
+                    grant_type="authorization_code", code=code, redirect_uri=REDIRECT)),
+            ]
+            replies = await defer.gatherResults(requests)
+            await change
+            for status, body in replies:
+                if status == 200 and await self.oauth.resolve(body["access_token"]):
+                    survivors += 1
+        self.assertEqual(survivors, 0)

@@ -38,6 +38,7 @@ from mailcore.oauth import (
     Consent,
     OAuthError,
     OAuthProvider,
+    SessionEnded,
 )
 from mailcore.oauth.redirects import redirect_origin
 from mailcore.text import shown
@@ -216,15 +217,20 @@ class OAuthPagesApp(PageApp):
             return await self._log_in(request, consent, fields)
         if action == "logout":
             return await self._log_out(request)
-        user = await self._session_user(request)
-        if user is None:
+        session = await self._session(request)
+        if session is None:
             return self._login_page(request, consent)
         decision = fields.get("decision")
         if decision not in ("allow", "deny"):
             raise PageError(400, "Bad request", "Choose Allow or Deny.")
-        location = await self.oauth.decide(
-            _request_uri(request), user.id, allow=decision == "allow"
-        )
+        try:
+            location = await self.oauth.decide(
+                _request_uri(request), session.user.id, allow=decision == "allow",
+                session_id=session.credential_id,
+            )
+        except SessionEnded:
+            # Ended meanwhile (a password change, a logout elsewhere): log in again.
+            return self._login_page(request, consent)
         request.setResponseCode(302)
         request.setHeader(b"Location", location.encode("ascii"))
         return b""

@@ -153,6 +153,25 @@ def name_key(name_or_email: str) -> str:
     return unicodedata.normalize("NFC", name_or_email.strip()).lower()
 
 
+def thd_hold_live_credential(conn: Connection, credential_id: int, user_id: int,
+                             now: datetime.datetime) -> bool:
+    """Blocking: whether credential `credential_id` of active user `user_id` is live (not
+    revoked nor expired), its row held shared until the transaction ends: what a caller
+    then writes on its strength (an OAuth code made on a page session) commits before a
+    revocation of it (`set_password`) or is refused after it, never in between."""
+    c = credentials.c
+    row = conn.execute(
+        select(c.revoked_at, c.expires_at, users.c.is_active)
+        .join(users, users.c.id == c.user_id)
+        .where(c.id == credential_id, c.user_id == user_id)
+        .with_for_update(read=True, of=credentials)
+    ).first()
+    if row is None or row.revoked_at is not None or not row.is_active:
+        return False
+    expires = utc(row.expires_at)
+    return expires is None or expires > now
+
+
 def thd_user_row_by_name(conn: Connection, name_or_email: str) -> Any:
     """Blocking: the users row whose username, or else email, is `name_or_email`
     (case-insensitive), or None. Text that is not text (NUL) names nobody: PostgreSQL would

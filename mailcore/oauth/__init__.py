@@ -16,6 +16,7 @@ from mailcore.oauth.provider import (
     Grant,
     OAuthError,
     OAuthProvider,
+    SessionEnded,
 )
 from mailcore.oauth.settings import CODE_TTL, OAuthSettings
 from mailcore.oauth.validator import SCOPES
@@ -32,4 +33,5 @@ __all__ = [
     "OAuthError",
     "OAuthProvider",
     "OAuthSettings",
+    "SessionEnded",
 ]

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailcore.identity import Identity, Principal, User
 from mailcore.identity import secrets as creds
-from mailcore.identity.service import thd_get_user, utc
+from mailcore.identity.service import thd_get_user, thd_hold_live_credential, utc
 from mailcore.oauth.redirects import normal_redirect_uri
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.oauth.validator import SCOPES, GrantLost, StoreValidator, redirect_uris
@@ -293,14 +293,22 @@ class OAuthProvider:
 
         return await self.db.read("oauth_consent", txn)
 
-    async def decide(self, uri: str, user_id: int, allow: bool) -> str:
+    async def decide(self, uri: str, user_id: int, allow: bool,
+                     session_id: int | None = None) -> str:
         """The Location the user's decision on the request in `uri` sends them to: the
-        redirect_uri with a new `code` (and `state`), or with `error=access_denied`."""
+        redirect_uri with a new `code` (and `state`), or with `error=access_denied`.
+
+        `session_id` is the page session the decision came with: it must still be live when
+        the code is made (SessionEnded otherwise), so that no code is made on the strength
+        of a session a password change ended meanwhile."""
         consent = await self.consent(uri)
         now = self.now()
         uri = _request_uri(uri)
 
         def txn(conn: Connection) -> str:
+            if session_id is not None and not thd_hold_live_credential(
+                    conn, session_id, user_id, now):
+                raise SessionEnded()
             server = self._server(conn, now)
             scopes, credentials = server.validate_authorization_request(uri)
             if not allow:
@@ -382,6 +390,10 @@ class OAuthProvider:
 _LIVE_TOKEN = select(oauth_tokens.c.id, oauth_tokens.c.user_id, oauth_tokens.c.scopes,
                      oauth_tokens.c.expires_at, oauth_tokens.c.revoked_at) \
     .where(oauth_tokens.c.access_digest == bindparam("digest"))
+
+
+class SessionEnded(Exception):
+    """The page session a decision came with ended before the code was made."""
 
 
 class AuthorizationRedirect(Exception):
@@ -474,4 +486,5 @@ __all__ = [
     "Grant",
     "OAuthError",
     "OAuthProvider",
+    "SessionEnded",
 ]

@@ -213,9 +213,12 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
     def _code(self, code: str, request: Request) -> Any:
         found = getattr(request, "mailcore_code", None)
         if found is None:
+            digest = creds.digest(code)
+            self.hold_user(self.conn.execute(
+                select(oauth_codes.c.user_id).where(oauth_codes.c.digest == digest)
+            ).scalar())
             found = self.conn.execute(
-                select(oauth_codes).where(oauth_codes.c.digest == creds.digest(code))
-                .with_for_update()
+                select(oauth_codes).where(oauth_codes.c.digest == digest).with_for_update()
             ).first()
             request.mailcore_code = found
         return found
@@ -318,10 +321,13 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
         self, refresh_token: str, client: Any, request: Request, *args: Any, **kwargs: Any
     ) -> bool:
         self.hold_app(client.id)
+        digest = creds.digest(refresh_token)
+        self.hold_user(self.conn.execute(
+            select(oauth_tokens.c.user_id).where(oauth_tokens.c.refresh_digest == digest)
+        ).scalar())
         row = self.conn.execute(
-            select(oauth_tokens).where(
-                oauth_tokens.c.refresh_digest == creds.digest(refresh_token)
-            ).with_for_update()
+            select(oauth_tokens).where(oauth_tokens.c.refresh_digest == digest)
+            .with_for_update()
         ).first()
         if row is None or row._mapping["app_id"] != client.id:
             return False
@@ -349,6 +355,17 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
         self.conn.execute(
             select(oauth_apps.c.id).where(oauth_apps.c.id == app_id).with_for_update(read=True)
         )
+
+    def hold_user(self, user_id: int | None) -> None:
+        """Hold user `user_id`'s row shared until the transaction ends, before the code or
+        token row is locked: a password change updates that row first and then revokes
+        the user's codes and tokens, so on PostgreSQL the two take turns. Without it a
+        refresh or exchange holding its row made the change's revocation wait for it and
+        then miss the token it had just issued, which outlived the change."""
+        if user_id is not None:
+            self.conn.execute(
+                select(users.c.id).where(users.c.id == user_id).with_for_update(read=True)
+            )
 
     def revoke_family(self, code_id: int) -> None:
         """Revoke every live token issued from code `code_id` (and their refreshes)."""
