@@ -61,6 +61,18 @@ class SafedropAuthTests(TestCase):
         status, _, _ = await self.login(user="ALICE@Example.TEST")
         self.assertEqual(status, 204)
 
+    async def test_a_non_ascii_address_matches_in_any_case_and_unicode_form(self) -> None:
+        """X-Auth-User is compared as the user's address is stored and looked up elsewhere
+        (trimmed, NFC, lower case): a client sending it decomposed or in capitals is the
+        same user (it compared lower case only, so the decomposed form was a 401)."""
+        jose = await self.web.user("jose", email="jos\u00e9@example.test")
+        key = await self.web.credential(jose)
+        for typed in ("jos\u00e9@example.test", "jose\u0301@example.test",
+                      "JOS\u00c9@EXAMPLE.TEST", " JOSE\u0301@example.test "):
+            status, _, _ = await self.web.call("GET", "/", headers={
+                b"X-Auth-User": typed.encode("utf-8"), b"X-Auth-Key": key.encode()})
+            self.assertEqual(status, 204, ascii(typed))
+
     async def test_wrong_or_missing_credentials_are_401(self) -> None:
         bob = await self.web.user("bob")
         bob_key = await self.web.credential(bob)

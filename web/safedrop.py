@@ -32,6 +32,7 @@ from twisted.web.iweb import IRequest
 
 from mailcore.identity import Identity, Principal
 from mailcore.identity.passwords import MAX_PASSWORD_LENGTH
+from mailcore.identity.service import name_key
 from mailcore.safedrop.model import (
     MAX_TEXT,
     MAX_VALID_FOR,
@@ -368,7 +369,7 @@ class SafedropApp(ApiApp):
         if not user or not user.strip():
             raise SAFEDROP_KEY.error("missing")
         principal = await self.resolver.require(request, SAFEDROP_KEY)
-        if user.decode("utf-8", "replace").strip().lower() != principal.user.email.lower():
+        if name_key(user.decode("utf-8", "replace")) != name_key(principal.user.email):
             raise SAFEDROP_KEY.error("invalid")
         return principal
 
