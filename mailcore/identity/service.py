@@ -512,10 +512,10 @@ class Identity:
         secret = creds.new_secret()
 
         def txn(conn: Connection) -> CredentialInfo:
-            found = conn.execute(
-                select(users.c.id, users.c.password_hash).where(users.c.id == user_id)
-                .with_for_update(read=True)
-            ).first()
+            query = select(users.c.id, users.c.password_hash).where(users.c.id == user_id)
+            if password_stamp is not None:
+                query = query.with_for_update(read=True)
+            found = conn.execute(query).first()
             if found is None:
                 raise IdentityError("No such user.")
             if password_stamp is not None and not hmac.compare_digest(
