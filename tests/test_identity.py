@@ -439,6 +439,21 @@ class CredentialTests(IdentityTestCase):
         self.assertIsNotNone(await identity.resolve(printed, ("token",)))
         self.assertEqual([c.id for c in await identity.list_credentials(bob.id)], [bobs.id])
 
+    async def test_a_user_keeps_the_newest_safedrop_sessions(self) -> None:
+        alice = await self.user()
+        _, key = await self.identity.create_credential(alice.id, "apikey")
+        page, _ = await self.identity.create_credential(alice.id, "page")
+        with mock.patch("mailcore.identity.service.SESSIONS_KEPT", 3):
+            made = [await self.identity.create_credential(alice.id, "session",
+                                                          parent_id=key.id)
+                    for _ in range(5)]
+        left = [c.id for c in await self.identity.list_credentials(alice.id, "session")]
+        self.assertEqual(left, [info.id for _, info in made[2:]])
+        self.assertIsNone(await self.identity.resolve(made[0][0], ("session",)))
+        self.assertIsNotNone(await self.identity.resolve(made[-1][0], ("session",)))
+        self.assertIsNotNone(await self.identity.resolve(page, ("page",)))
+        self.assertEqual(len(await self.identity.list_credentials(alice.id, "apikey")), 1)
+
     async def test_a_session_ends_when_its_parent_key_is_revoked(self) -> None:
         alice = await self.user()
         key, key_info = await self.identity.create_credential(alice.id, "apikey")

@@ -378,8 +378,9 @@ class SafedropApp(ApiApp):
         "GET",
         summary="Obtain a temporary X-Auth-Token (or check one)",
         description="With `X-Auth-User` (the account's e-mail address) and `X-Auth-Key` "
-        "(an API key): 204 with a new `X-Auth-Token`. With only `X-Auth-Token`: 204 while "
-        "it is valid, 401 once it has expired.",
+        "(an API key): 204 with a new `X-Auth-Token` (an account keeps its newest 1,000: "
+        "one more ends the oldest). With only `X-Auth-Token`: 204 while it is valid, 401 "
+        "once it has expired.",
         auth=(SAFEDROP_KEY, SAFEDROP),
         replies={204: Reply("Authenticated", None, headers=TOKEN_HEADERS)},
     )

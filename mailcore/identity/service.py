@@ -56,6 +56,9 @@ _USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}\Z")
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f-\x9f]{1,64}@[^@\s\x00-\x1f\x7f-\x9f]{1,253}\Z")
 # Expired credentials stay this long (for "expired" rather than "unknown" in logs).
 EXPIRED_KEPT_SECONDS = 86400.0
+# Safedrop sessions (X-Auth-Token) one user keeps: each GET /auth makes one (up to 20 a
+# second), each lives `session_ttl`; past this many, making one deletes the oldest.
+SESSIONS_KEPT = 1000
 # last_used_at is refreshed at most this often, so that reads do not become writes.
 _LAST_USED_GRANULARITY = 300
 # How long a resolved secret is believed without the store (seconds), and how many such
@@ -493,7 +496,8 @@ class Identity:
         expiry or its deletion ends it too. `login` marks a credential a password login
         made: it ends when the password changes, lives `login_ttl` seconds (unless `ttl` is
         given) and `login_idle` seconds unused, and the user keeps `logins_kept` of them:
-        making one more removes the oldest. `password_stamp` (the `User.password_stamp`
+        making one more removes the oldest (a user keeps SESSIONS_KEPT safedrop sessions
+        alike). `password_stamp` (the `User.password_stamp`
         of the user a password login found) refuses it with an IdentityError on "password"
         when the password has changed since: `set_password` ends what exists when it
         commits, and this makes sure a login that checked the old password just before
@@ -542,7 +546,9 @@ class Identity:
                 )
             ))
             if login:
-                _thd_keep_newest_logins(conn, user_id, self.logins_kept)
+                _thd_keep_newest(conn, user_id, self.logins_kept, credentials.c.login.is_(True))
+            elif kind == "session":
+                _thd_keep_newest(conn, user_id, SESSIONS_KEPT, credentials.c.kind == "session")
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
             return _credential(row)
 
@@ -715,11 +721,12 @@ def _parent_live(m: Any, now: datetime.datetime) -> bool:
     return expires is None or expires > now
 
 
-def _thd_keep_newest_logins(conn: Connection, user_id: int, kept: int) -> None:
-    """Blocking: delete the user's login credentials but the newest `kept` (live or not:
-    a script logging in for every run must not grow the table without bound)."""
+def _thd_keep_newest(conn: Connection, user_id: int, kept: int, which: Any) -> None:
+    """Blocking: delete the user's credentials that match `which` but the newest `kept`
+    (live or not: a script logging in for every run must not grow the table without
+    bound)."""
     c = credentials.c
-    mine = (c.user_id == user_id, c.login.is_(True))
+    mine = (c.user_id == user_id, which)
     oldest_kept = conn.execute(
         select(c.id).where(*mine).order_by(c.id.desc()).offset(kept - 1).limit(1)
     ).scalar()
