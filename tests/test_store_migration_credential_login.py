@@ -1,4 +1,4 @@
-"""Migration 0035: `credentials.login` marks the tokens password logins handed out.
+"""Migration 0039: `credentials.login` marks the tokens password logins handed out.
 
 The tokens written at 0034 with a login's label are marked, every other row is not, and
 every row survives both ways, on SQLite and on PostgreSQL.
@@ -17,7 +17,7 @@ from mailcore.store.migrate import current_revision, downgrade_to
 from mailcore.store.schema import users
 from tests.support.db import DatabaseMixin
 
-BEFORE = "0034_domain_ids_never_reused"  # the revision 0035_credential_login builds on
+BEFORE = "0038_quarantine_queue_index"  # the revision 0039_credential_login builds on
 NOW = datetime.datetime(2027, 1, 15, tzinfo=datetime.UTC)
 ROWS = (("token", "api-token-auth"), ("token", "mailapi-auth"), ("token", "ci"),
         ("apikey", "api-token-auth"), ("page", ""), ("session", ""))

@@ -1,4 +1,4 @@
-"""Identity tables: users and their credentials (migrations 0001, 0009, 0035)."""
+"""Identity tables: users and their credentials (migrations 0001, 0009, 0039)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ credentials = Table(
     Column(
         "parent_id", Integer, ForeignKey("credentials.id", ondelete="CASCADE"), nullable=True
     ),
-    # (0035) Made by a password login (/api-token-auth/, /api/v1/auth/), not by the CLI:
+    # (0039) Made by a password login (/api-token-auth/, /api/v1/auth/), not by the CLI:
     # such a credential ends when the password changes, and a user keeps a bounded number.
     Column("login", Boolean, nullable=False, server_default="0"),
     Index("ix_credentials_prefix", "prefix"),

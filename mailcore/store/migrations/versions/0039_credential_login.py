@@ -10,8 +10,8 @@ Upgrade: the column, false by default; the existing tokens whose label is one th
 give ("api-token-auth", "mailapi-auth") are marked as login tokens. Downgrade: the column
 goes.
 
-Revision ID: 0035_credential_login
-Revises: 0034_domain_ids_never_reused
+Revision ID: 0039_credential_login
+Revises: 0038_quarantine_queue_index
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0035_credential_login"
-down_revision = "0034_domain_ids_never_reused"
+revision = "0039_credential_login"
+down_revision = "0038_quarantine_queue_index"
 branch_labels = None
 depends_on = None
 
