@@ -1,18 +1,31 @@
 """Dropmyemail's /v1/accounts without a mail server: scopes, the Gmail refusal, the host
-rule, bad input as 4xx in the OAuth error shape, another user's ids as 404."""
+rule, bad input as 4xx in the OAuth error shape, another user's ids as 404; and the login
+check's command deadline against a loopback server that never answers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from sqlalchemy import update
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from mailcore.backup import GOOGLE_REFUSAL, BackupError, BackupSettings, derive_host
+from mailcore.backup import (
+    GOOGLE_REFUSAL,
+    BackupAccounts,
+    BackupError,
+    BackupSettings,
+    derive_host,
+)
+from mailcore.backup.accounts import login_check_timeout
 from mailcore.config import Config, ConfigError
+from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.state import thd_folder
 from mailcore.store.schema import users
+from tests.support.fetchenv import make_env
 from tests.support.oauth import access_token
+from tests.support.reactor import get_reactor
 from tests.support.web import Web
 
 
@@ -237,3 +250,47 @@ class MailboxInputTests(ApiBase):
         status, body = await self.call("GET", f"/v1/accounts/{other.id}/mailboxes/{folder}"
                                        "/messages")
         self.assertEqual((status, body["error_description"]), (404, "No such mailbox."))
+
+
+class _Trickler(Protocol):
+    """An IMAP server that greets, then answers no command, only '* OK' every 0.1 s."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] ready\r\n")
+        self.ticker = LoopingCall(transport.write, b"* OK still working\r\n")
+        self.ticker.clock = get_reactor()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.ticker.running:
+            self.ticker.start(0.1)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.ticker.running:
+            self.ticker.stop()
+
+
+class LoginCheckDeadlineTests(TestCase):
+    """A login check runs while the HTTP client waits: a server trickling untagged lines
+    held it until the client gave up ([fetch] command_timeout, 1,800 s for syncs, was not
+    applied). Loopback servers, real time (half a second)."""
+
+    timeout = 30
+
+    def test_the_deadline_is_a_minute_at_most(self) -> None:
+        self.assertEqual(login_check_timeout(FetchSettings()), 60.0)
+        self.assertEqual(login_check_timeout(FetchSettings(command_timeout=5.0)), 5.0)
+        self.assertEqual(login_check_timeout(FetchSettings(command_timeout=0.0)), 60.0)
+
+    async def test_a_trickling_server_fails_the_check_at_the_deadline(self) -> None:
+        factory = Factory.forProtocol(_Trickler)
+        port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        env = await make_env(self, command_timeout=0.5)
+        backup = BackupAccounts(env.db, env.accounts, env.engine, BackupSettings())
+        with self.assertRaises(BackupError) as caught:
+            await backup._check_login({
+                "host": "127.0.0.1", "port": port.getHost().port, "protocol": "imap",
+                "use_ssl": False, "start_tls": False, "allow_cleartext": True,
+                "username": "alice", "password": "secret"})
+        self.assertIn("answered no command for 0.5 s", str(caught.exception))

@@ -56,6 +56,19 @@ SORTS = ("email", "message_count", "storage", "created_at", "updated_at")
 LOGIN_FIELDS = ("password", "host", "port", "protocol", "use_ssl", "start_tls")
 
 
+# Seconds a server has to answer each command of a login check made while an HTTP client
+# waits (at most; `[fetch] command_timeout` when shorter): a server that trickles untagged
+# lines held the request until the client gave up.
+LOGIN_CHECK_COMMAND_TIMEOUT = 60.0
+
+
+def login_check_timeout(settings: Any) -> float:
+    """The command deadline of a login check under the `[fetch]` settings."""
+    configured = float(settings.command_timeout or 0)
+    return min(configured, LOGIN_CHECK_COMMAND_TIMEOUT) if configured > 0 \
+        else LOGIN_CHECK_COMMAND_TIMEOUT
+
+
 class BackupError(Exception):
     """A refused account operation (400); `field` names the input at fault."""
 
@@ -227,13 +240,13 @@ class BackupAccounts:
                 pop = await open_pop3(
                     engine.reactor, spec, creator, max_message=s.max_message_bytes,
                     connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-                    policy=s.address_policy())
+                    command_timeout=login_check_timeout(s), policy=s.address_policy())
                 await pop.close_session()
             else:
                 imap = await open_session(
                     engine.reactor, spec, creator, max_literal=s.max_message_bytes,
                     connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-                    policy=s.address_policy())
+                    command_timeout=login_check_timeout(s), policy=s.address_policy())
                 await imap.close_session()
         except CleartextRefused:
             raise BackupError(

@@ -29,6 +29,7 @@ from mailcore.backup.accounts import (
     BackupSettings,
     derive_host,
     is_google,
+    login_check_timeout,
 )
 from mailcore.fetch.accounts import DEFAULT_PORTS, Accounts, validate
 from mailcore.fetch.engine import SyncEngine
@@ -139,7 +140,7 @@ class BackupJobs:
             session = await open_session(
                 engine.reactor, spec, creator, max_literal=s.max_message_bytes,
                 connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-                policy=s.address_policy())
+                command_timeout=login_check_timeout(s), policy=s.address_policy())
         except FetchError as e:
             raise BackupError(f"could not log in to {spec.host}: {e}", "password") from None
         await session.close_session()
