@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from klein import Klein
@@ -53,6 +53,7 @@ from mailcore.safedrop.service import SafedropService
 from web.api import ApiApp
 from web.auth import SAFEDROP, SAFEDROP_KEY, CredentialResolver
 from web.errors import ApiError, SafedropErrors, field_error
+from web.jsonstream import stream_json_array
 from web.openapi import Reply, RouteTable
 from web.parsing import (
     FORM_TYPE,
@@ -304,6 +305,12 @@ def bundle_json(bundle: Bundle) -> dict[str, Any]:
     }
 
 
+async def _bundles_json(bundles: AsyncIterable[Bundle]) -> AsyncGenerator[dict[str, Any]]:
+    """Seed 003's bundles (`bundle_json`) as they are read."""
+    async for bundle in bundles:
+        yield bundle_json(bundle)
+
+
 def recipient_json(recipient: DropRecipient) -> dict[str, Any]:
     return {
         "id": recipient.id,
@@ -428,12 +435,15 @@ class SafedropApp(ApiApp):
         "GET",
         summary="List your safedrops",
         auth=SAFEDROP,
+        description="Every bundle of the user, oldest first, sent ones included. The array "
+        "is written as it is read (chunked, no Content-Length).",
         replies={200: Reply("Every bundle of the user", {"type": "array", "items": BUNDLE_SCHEMA})},
     )
     async def list_bundles(self, request: IRequest) -> bytes:
         principal = await self.principal(request)
-        bundles = await self.drops.bundles(principal.user.id)
-        return self.reply(request, [bundle_json(b) for b in bundles])
+        # Written as read, a batch of bundles at a time (see web.jsonstream).
+        await stream_json_array(request, _bundles_json(self.drops.bundles(principal.user.id)))
+        return b""
 
     @routes.route(
         "/dropbundles",

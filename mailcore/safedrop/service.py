@@ -20,7 +20,7 @@ import datetime
 import email.utils
 import functools
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,6 +76,9 @@ BUNDLE_DEFAULTS: dict[str, Any] = {
 SECRET_FIELDS = ("secure_message", "password")
 RECIPIENT_DEFAULTS: dict[str, Any] = {"telephone": "", "valid_for": 0}
 LINK_PATH = "/drop/"
+# Bundles read at once by `SafedropService.bundles` (each message up to 100,000 characters:
+# a batch is a few megabytes at most).
+BUNDLES_BATCH = 32
 
 
 # The stored digest of a link token (any text has one: a token that is not ours matches no
@@ -187,8 +190,20 @@ class SafedropService:
     async def bundle(self, owner_id: int, bundle_id: int) -> Bundle:
         return await self.db.read("safedrop_bundle", store.get_bundle_txn, owner_id, bundle_id)
 
-    async def bundles(self, owner_id: int) -> list[Bundle]:
-        return await self.db.read("safedrop_bundles", store.list_bundles_txn, owner_id)
+    async def bundles(self, owner_id: int) -> AsyncGenerator[Bundle]:
+        """Every bundle of the owner, by id, read BUNDLES_BATCH at a time (a user may hold
+        thousands, each message up to 100,000 characters: a reply writes them as they come
+        instead of holding them all). Each batch is its own read: a bundle made while they
+        are read shows if it comes after those already read."""
+        after = 0
+        while True:
+            batch = await self.db.read("safedrop_bundles", store.list_bundles_txn, owner_id,
+                                       after, BUNDLES_BATCH)
+            for bundle in batch:
+                yield bundle
+            if len(batch) < BUNDLES_BATCH:
+                return
+            after = batch[-1].id
 
     # -- recipients ------------------------------------------------------------------------
 

@@ -116,11 +116,13 @@ def get_bundle_txn(conn: Connection, owner_id: int, bundle_id: int) -> Bundle:
     return bundle_of(_owned_row_txn(conn, owner_id, bundle_id))
 
 
-def list_bundles_txn(conn: Connection, owner_id: int) -> list[Bundle]:
+def list_bundles_txn(conn: Connection, owner_id: int, after: int, limit: int) -> list[Bundle]:
+    """The owner's next `limit` bundles, by id, after bundle `after` (0: from the first)."""
     rows = conn.execute(
         sa.select(drop_bundles)
-        .where(drop_bundles.c.owner_id == owner_id)
+        .where(drop_bundles.c.owner_id == owner_id, drop_bundles.c.id > after)
         .order_by(drop_bundles.c.id)
+        .limit(limit)
     )
     return [bundle_of(r) for r in rows]
 
