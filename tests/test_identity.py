@@ -7,7 +7,9 @@ import hmac
 from typing import Any
 from unittest import mock
 
+from argon2 import PasswordHasher
 from sqlalchemy import Connection, insert, inspect, select, update
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -234,6 +236,83 @@ class PasswordTests(IdentityTestCase):
         self.assertIsNone(await self.identity.authenticate_password("alice", "old"))
         self.assertEqual(await self.identity.authenticate_password("alice", "new"), alice)
         await self.assertRefused("password", self.identity.set_password(alice.id, ""))
+
+
+    async def stored_hash(self, user_id: int) -> str:
+        def txn(conn: Connection) -> str:
+            return str(conn.execute(
+                select(users.c.password_hash).where(users.c.id == user_id)).scalar_one())
+
+        return await self.db.read("stored_hash", txn)
+
+    async def set_stored_hash(self, user_id: int, hashed: str) -> None:
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.id == user_id).values(password_hash=hashed))
+
+        await self.db.run("set_stored_hash", txn)
+
+    async def test_a_hash_with_old_parameters_is_upgraded_at_login(self) -> None:
+        """A hash made with other Argon2 parameters (say, before passwords.py raised them) is
+        replaced by one with today's at the next right password; the login is as before and
+        a credential made for it is not taken for one made across a password change."""
+        alice = await self.user(password=None)
+        old = _OLD_HASHER.hash("s3cret")
+        await self.set_stored_hash(alice.id, old)
+        self.assertTrue(passwords.needs_rehash(old))
+        self.assertIsNone(await self.identity.authenticate_password("alice", "wrong"))
+        self.assertEqual(await self.stored_hash(alice.id), old)  # only a right password
+        found = await self.identity.authenticate_password("alice", "s3cret")
+        self.assertEqual(found, alice)
+        assert found is not None
+        upgraded = await self.stored_hash(alice.id)
+        self.assertNotEqual(upgraded, old)
+        self.assertFalse(passwords.needs_rehash(upgraded))
+        self.assertTrue(passwords.verify_password(upgraded, "s3cret"))
+        await self.identity.create_credential(
+            alice.id, "page", login=True, password_stamp=found.password_stamp)
+        self.assertEqual(await self.identity.authenticate_password("alice", "s3cret"), alice)
+        self.assertEqual(await self.stored_hash(alice.id), upgraded)  # once
+
+    async def test_a_password_change_during_the_upgrade_wins(self) -> None:
+        alice = await self.user(password=None)
+        await self.set_stored_hash(alice.id, _OLD_HASHER.hash("s3cret"))
+        gated = _GatedCpu()
+        identity = Identity(self.db, self.clock, gated, session_ttl=3600)
+        login = defer.ensureDeferred(identity.authenticate_password("alice", "s3cret"))
+        self.assertEqual(len(gated.held), 1)  # the new hash is being made
+        await self.identity.set_password(alice.id, "changed")
+        changed = await self.stored_hash(alice.id)
+        gated.release()
+        found = self.successResultOf(login)
+        self.assertEqual(found, alice)  # the password was right when checked
+        self.assertEqual(await self.stored_hash(alice.id), changed)
+        assert found is not None
+        await self.assertRefused("password", self.identity.create_credential(
+            alice.id, "page", login=True, password_stamp=found.password_stamp))
+
+
+# Cheaper parameters than passwords.py's: a hash an older release could have stored.
+_OLD_HASHER = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1)
+
+
+class _GatedCpu(CpuPool):
+    """A synchronous CpuPool that holds back each hash_password until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__(None, synchronous=True)
+        self.held: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        if fn is not passwords.hash_password:
+            return super().run(fn, *args, **kwargs)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((d, fn, args))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, fn, args in held:
+            d.callback(fn(*args))
 
 
 class CredentialTests(IdentityTestCase):

@@ -9,6 +9,7 @@ None; the web layer turns None into each API's own 401.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import hmac
@@ -471,9 +472,30 @@ class Identity:
         found = await self.db.read("authenticate_password", txn)
         stored = found[1] if found else None
         ok = await self.cpu.run(passwords.verify_password, stored, password)
-        if not ok or found is None or not found[0].is_active:
+        if not ok or found is None or stored is None or not found[0].is_active:
             return None
-        return found[0]
+        user = found[0]
+        if passwords.needs_rehash(stored):
+            user = await self._rehash(user, stored, password)
+        return user
+
+    async def _rehash(self, user: User, stored: str, password: str) -> User:
+        """`user`, whose right `password` was just checked against `stored`, a hash made
+        with other parameters than passwords.py's now: the password hashed again and
+        stored, but only while `stored` is still the user's hash (a password change that
+        committed meanwhile wins). The user comes back with the stamp of the hash now
+        stored, so that a credential made for this login (`create_credential`) is not
+        taken for one made across a password change; unchanged when nothing was written."""
+        hashed = await self.cpu.run(passwords.hash_password, password)
+
+        def txn(conn: Connection) -> bool:
+            return bool(conn.execute(update(users).where(
+                users.c.id == user.id, users.c.password_hash == stored,
+            ).values(password_hash=hashed)).rowcount)
+
+        if not await self.db.run("rehash_password", txn):
+            return user
+        return dataclasses.replace(user, password_stamp=_password_stamp(hashed))
 
     # -- credentials ----------------------------------------------------------------------
 
