@@ -121,6 +121,20 @@ class UserTests(IdentityTestCase):
         await self.assertRefused("email", self.user("alice2", email="alice@EXAMPLE.test"))
         self.assertEqual(len(await self.identity.list_users()), 1)
 
+    async def test_the_store_refuses_a_name_in_another_case_the_check_missed(self) -> None:
+        """On PostgreSQL two creations can both pass the check in the code before either
+        commits (READ COMMITTED); the store's lower() indexes (0040) refuse the second."""
+        alice = await self.user("alice", email="alice@example.test")
+        bob = await self.user("bob", email="bob@example.test")
+        with mock.patch("mailcore.identity.service._thd_name_taken", return_value=False):
+            await self.assertRefused(None, self.identity.create_user(
+                "ALICE", "other@example.test", "pw"))
+            await self.assertRefused(None, self.identity.create_user(
+                "carol", "Alice@example.test", "pw"))
+            await self.assertRefused("email", self.identity.update_profile(
+                bob.id, {"email": "ALICE@example.test"}))
+        self.assertEqual(await self.identity.list_users(), [alice, bob])
+
     async def test_find_user_by_name_or_email(self) -> None:
         alice = await self.user("alice")
         self.assertEqual(await self.identity.find_user("ALICE"), alice)

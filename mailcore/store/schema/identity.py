@@ -1,4 +1,4 @@
-"""Identity tables: users and their credentials (migrations 0001, 0009, 0039)."""
+"""Identity tables: users and their credentials (migrations 0001, 0009, 0039, 0040)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    func,
 )
 
 from mailcore.store.schema.meta import metadata
@@ -39,6 +40,9 @@ users = Table(
     Column("is_active", Boolean, nullable=False, server_default="1"),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+# Compared in lower case (identity.name_key): unique so, not only as typed (0040).
+Index("ux_users_username_lower", func.lower(users.c.username), unique=True)
+Index("ux_users_email_lower", func.lower(users.c.email), unique=True)
 
 # One table for every credential kind: "apikey" (Protecmail Api-Key, safedrop X-Auth-Key),
 # "token" (IMAP2API Token, Mail API auth_key; no expiry) and "session" (safedrop
