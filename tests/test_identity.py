@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.identity import Identity, IdentityError, User, passwords
 from mailcore.identity import secrets as creds
-from mailcore.identity.service import EXPIRED_KEPT_SECONDS, RESOLVED_TTL, utc
+from mailcore.identity.service import EXPIRED_KEPT_SECONDS, RESOLVED_TTL, name_key, utc
 from mailcore.store import Database
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
@@ -156,6 +156,34 @@ class UserTests(IdentityTestCase):
         mallory = await self.user("mallory")
         await self.assertRefused(
             "email", self.identity.update_profile(mallory.id, {"email": "éloise@x.test"}))
+
+    async def test_an_internationalised_domain_is_one_user_in_either_spelling(self) -> None:
+        """An address is stored with its domain in A-labels, as domains are: one given with
+        U-labels was stored so and not found by its xn-- spelling, nor the other way."""
+        jo = await self.user("jo", email="jo@Bücher.example")
+        self.assertEqual(jo.email, "jo@xn--bcher-kva.example")
+        for typed in ("jo@bücher.example", "JO@BÜCHER.EXAMPLE", "jo@XN--BCHER-KVA.example"):
+            self.assertEqual(await self.identity.find_user(typed), jo, typed)
+            self.assertEqual(
+                await self.identity.authenticate_password(typed, "s3cret"), jo, typed)
+        await self.assertRefused("email", self.user("jo2", email="jo@xn--bcher-kva.example"))
+        await self.assertRefused("email", self.user("jo3", email="jo@BÜCHER.example"))
+        self.assertEqual(name_key(" Jo@Bücher.Example"), "jo@xn--bcher-kva.example")
+        self.assertEqual(name_key("alice"), "alice")  # a name without "@" as before
+        self.assertEqual(name_key("a@b_c.test"), "a@b_c.test")  # no host name: as typed
+
+    async def test_an_address_stored_with_u_labels_before_is_found_both_ways(self) -> None:
+        ann = await self.user("ann", email="ann@example.test")
+
+        def legacy(conn: Connection) -> None:  # as normalise_email stored it until now
+            conn.execute(update(users).where(users.c.id == ann.id).values(
+                email="ann@bücher.example"))
+
+        await self.db.run("legacy", legacy)
+        for typed in ("ann@bücher.example", "ann@xn--bcher-kva.example", "ANN@BÜCHER.example"):
+            found = await self.identity.authenticate_password(typed, "s3cret")
+            self.assertEqual(found and found.id, ann.id, typed)
+        await self.assertRefused("email", self.user("ann2", email="ann@xn--bcher-kva.example"))
 
     async def test_one_users_email_is_no_other_users_username(self) -> None:
         """A name finds a username first, else an email: a user named like another's

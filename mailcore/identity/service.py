@@ -19,6 +19,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+import idna
 from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from twisted.internet import defer
@@ -151,10 +152,40 @@ def thd_get_user(conn: Connection, user_id: int) -> User | None:
 
 
 def name_key(name_or_email: str) -> str:
-    """What a user name or e-mail address is compared as: trimmed, NFC, lower case. The
-    database's lower() folds ASCII only (SQLite), so an address with other letters is stored
-    in this form already (`normalise_email`) and compares equal however it is typed."""
-    return unicodedata.normalize("NFC", name_or_email.strip()).lower()
+    """What a user name or e-mail address is compared as: trimmed, NFC, lower case, and the
+    domain after its last "@" in A-labels (xn--, as domains are stored:
+    `mailcore.gateway.domains.normalise_domain`) when it is a valid host name, so that
+    "bücher.example" and "xn--bcher-kva.example" name one user. The database's lower()
+    folds ASCII only (SQLite), so an address with other letters is stored in this form
+    already (`normalise_email`) and compares equal however it is typed."""
+    key = unicodedata.normalize("NFC", name_or_email.strip()).lower()
+    local, at, domain = key.rpartition("@")
+    return f"{local}@{_ascii_domain(domain) or domain}" if at else key
+
+
+def _ascii_domain(domain: str) -> str | None:
+    """`domain` in lower-case A-labels, or None when it is no valid host name."""
+    if not domain or len(domain) > 253:
+        return None
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError):
+        return None
+
+
+def _stored_spellings(key: str) -> tuple[str, ...]:
+    """The lower-case values a `name_key` may be stored as: itself, and for an address
+    whose domain has A-labels the same with U-labels, as addresses were stored before
+    `normalise_email` spelled every domain in A-labels."""
+    local, at, domain = key.rpartition("@")
+    if not at or "xn--" not in domain:
+        return (key,)
+    try:
+        unicode_domain = idna.decode(domain)
+    except (idna.IDNAError, UnicodeError):
+        return (key,)
+    other = unicodedata.normalize("NFC", f"{local}@{unicode_domain}").lower()
+    return (key,) if other == key else (key, other)
 
 
 def thd_hold_live_credential(conn: Connection, credential_id: int, user_id: int,
@@ -183,8 +214,11 @@ def thd_user_row_by_name(conn: Connection, name_or_email: str) -> Any:
     key = name_key(name_or_email)
     if not_text(key):
         return None
+    spellings = _stored_spellings(key)
     for column in (users.c.username, users.c.email):
-        row = conn.execute(select(users).where(func.lower(column) == key)).first()
+        row = conn.execute(
+            select(users).where(func.lower(column).in_(spellings)).order_by(users.c.id)
+        ).first()
         if row:
             return row
     return None
@@ -224,24 +258,28 @@ def _credential(row: Any) -> CredentialInfo:
 
 
 def normalise_email(email: str) -> str:
-    """The address as stored: NFC, its domain in lower case, and its local part too when
-    that is not ASCII (see `name_key`: such an address must be stored as it is compared)."""
+    """The address as stored: NFC, its domain in lower case and in A-labels when it is a
+    valid host name, and its local part in lower case too when that is not ASCII (see
+    `name_key`: such an address must be stored as it is compared)."""
     email = unicodedata.normalize("NFC", email.strip())
-    if not _EMAIL.match(email) or len(email) > _max_length("email"):
+    if not _EMAIL.match(email):
         raise IdentityError("Enter a valid email address.", "email")
     local, _, domain = email.rpartition("@")
     if not local.isascii():
         local = local.lower()
-    return f"{local}@{domain.lower()}"
+    email = f"{local}@{_ascii_domain(domain) or domain.lower()}"
+    if len(email) > _max_length("email"):
+        raise IdentityError("Enter a valid email address.", "email")
+    return email
 
 
 def _thd_name_taken(conn: Connection, value: str, but: int | None = None) -> bool:
     """Blocking: whether another user (not `but`) has `value` as username or as email.
     A login or a grant names a user by either: one user's email must not be another's
     username, or that name would find the wrong user."""
-    key = name_key(value)
+    spellings = _stored_spellings(name_key(value))
     for column in (users.c.username, users.c.email):
-        q = select(users.c.id).where(func.lower(column) == key)
+        q = select(users.c.id).where(func.lower(column).in_(spellings))
         if but is not None:
             q = q.where(users.c.id != but)
         if conn.execute(q).first() is not None:
