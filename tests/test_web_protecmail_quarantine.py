@@ -10,7 +10,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from mailcore.gateway.quarantine import ALREADY, RELEASED
+from mailcore.gateway.quarantine import ALREADY, MISSING, RELEASED
+from mailcore.store.schema import quarantine
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 
 
@@ -137,6 +138,27 @@ class QuarantineApiTests(TestCase):
         self.assertEqual(len(self.gw.delivered()), 1)
         status, _ = await self.get(f"/api/v1/quarantine/{ident}")
         self.assertEqual(status, 409)
+
+    async def test_a_release_racing_the_purge_is_404(self) -> None:
+        # The retention purge deletes the row after the release read it and before the
+        # spool's transaction claims it: the message is gone (404), not "already released".
+        ident = await self.ident()
+        service = self.gw.core.quarantine
+        spool = service.spool
+        assert spool is not None
+
+        class _PurgedFirst:
+            async def accept(self, *args: Any, **kwargs: Any) -> None:
+                await service.db.run("purge_one", lambda conn: conn.execute(
+                    quarantine.delete().where(quarantine.c.ident == ident)))
+                await spool.accept(*args, **kwargs)
+
+        service.spool = _PurgedFirst()  # type: ignore[assignment]
+        self.assertEqual(await service.release(ident), MISSING)
+        service.spool = spool
+        status, body = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual((status, body["success"]), (404, False))
+        self.assertEqual(self.gw.delivered(), [])
 
     async def test_purge_after_retention(self) -> None:
         service = self.gw.core.quarantine

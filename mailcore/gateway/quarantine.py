@@ -395,14 +395,23 @@ def _release_row_txn(conn: Connection, ident: str, owner_id: int | None) -> Any:
     ).first()
 
 
+class _Gone(Exception):
+    """The row to release was deleted (the retention purge) after the release read it."""
+
+
 def _claim_txn(conn: Connection, row_id: int, now: datetime.datetime, queue_id: str) -> bool:
     """Blocking, in the spool's transaction that queues the release (its guard): mark the
-    row released as `queue_id` unless it was; whether it was not."""
-    return conn.execute(
+    row released as `queue_id` unless it was; whether it was not. Raises _Gone when the
+    row is no longer there (purged meanwhile): the message is gone, not released."""
+    if conn.execute(
         quarantine.update()
         .where(quarantine.c.id == row_id, quarantine.c.released_at.is_(None))
         .values(released_at=now, release_queue_id=queue_id)
-    ).rowcount == 1
+    ).rowcount == 1:
+        return True
+    if conn.execute(sa.select(quarantine.c.id).where(quarantine.c.id == row_id)).first() is None:
+        raise _Gone(row_id)
+    return False
 
 
 def _find_txn(conn: Connection, ident: str) -> Held | None:
@@ -593,6 +602,8 @@ class QuarantineService(Service):
             await self.spool.accept(queue_id, envelope, bytes(row.body), guard=guard)
         except Withdrawn:
             return ALREADY  # released meanwhile (another request, another node)
+        except _Gone:
+            return MISSING  # purged meanwhile (the retention ran between read and claim)
         except Exception as e:
             raise QuarantineError(f"the release could not be queued: {e}") from e
         log.info("quarantine {ident} released as {queue_id}", ident=ident, queue_id=queue_id)
