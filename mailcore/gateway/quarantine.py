@@ -50,6 +50,7 @@ import hmac
 import math
 import re
 import secrets
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.header import decode_header, make_header
@@ -291,6 +292,16 @@ class LinkSigner:
         return parts[0]
 
 
+def address_key(email: str) -> str:
+    """What a quarantined recipient is listed by within its domain (column `email_key`):
+    the local part of `email`, trimmed, NFC, lower case. It is made here, when a row is
+    stored and when an address is looked up, and compared as is: SQL lower() folds ASCII
+    only on SQLite, and the domain is left out as the row's domain_id names it (however
+    the recipient spelled it, A-label or U-label)."""
+    local = email.rpartition("@")[0] if "@" in email else email
+    return unicodedata.normalize("NFC", local.strip()).lower()
+
+
 # -- transactions ----------------------------------------------------------------------------
 
 
@@ -333,7 +344,9 @@ def _keep_txn(
                 with conn.begin_nested():
                     conn.execute(quarantine.insert().values(
                         ident=ident, owner_id=dom.owner_id, domain_id=dom.id, domain=dom.name,
-                        email=storable(item.email), mailfrom=storable(item.mailfrom),
+                        email=storable(item.email),
+                        email_key=address_key(storable(item.email)),
+                        mailfrom=storable(item.mailfrom),
                         subject=subject, category=storable(item.category),
                         reason=storable(item.reason), queue_id=item.queue_id,
                         body=body, size=len(body), created_at=now,
@@ -368,7 +381,7 @@ def _list_txn(
     """Blocking: one page, newest first, and the total."""
     where = [quarantine.c.domain_id == domain_id]
     if email is not None:
-        where.append(sa.func.lower(quarantine.c.email) == email.lower())
+        where.append(quarantine.c.email_key == address_key(email))
     total = conn.execute(
         sa.select(sa.func.count()).select_from(quarantine).where(*where)
     ).scalar_one()

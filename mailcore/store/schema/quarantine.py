@@ -32,6 +32,9 @@ quarantine = Table(
     Column("domain_id", Integer, ForeignKey("domains.id", ondelete="CASCADE"), nullable=False),
     Column("domain", String(253), nullable=False),
     Column("email", String(320), nullable=False),
+    # What a listing by address compares: the local part of `email`, trimmed, NFC, lower
+    # case (mailcore.gateway.quarantine.address_key; migration 0042).
+    Column("email_key", Text, nullable=False),
     Column("mailfrom", String(320), nullable=False),
     Column("subject", Text, nullable=False),
     # "spam" or "virus"; `reason` says more (score and rules, or the virus names).
@@ -49,4 +52,5 @@ quarantine = Table(
     Index("ix_quarantine_created_at", "created_at"),
     # The row of one recipient of one queued message (kept once, migration 0038).
     Index("ix_quarantine_queue_id", "queue_id", "email"),
+    Index("ix_quarantine_domain_email_key", "domain_id", "email_key", "created_at"),
 )
