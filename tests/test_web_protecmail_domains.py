@@ -361,6 +361,28 @@ class ForbiddenRedirectTests(DomainTestCase):
         self.assertEqual(got["data"]["redirectTo"], "192.0.2.1")
 
 
+    async def test_a_next_hop_refused_since_may_be_put_back_unchanged(self) -> None:
+        # Set before the operator's policy came to refuse it: a client PUTting back the
+        # object it read (another field changed) is not refused for it; a change is.
+        await self.alice.call("POST", "/api/v1/domain/alice.example",
+                              {"redirectTo": "192.0.2.1"})
+        service = self.web.core.domains
+        policy, service.redirects = service.redirects, None
+        await service.update("alice.example", {"redirect_to": "10.1.2.3:2525"})
+        service.redirects = policy
+        data = (await self.alice.call("GET", "/api/v1/domain/alice.example"))["data"]
+        self.assertEqual(data["redirectTo"], "10.1.2.3:2525")
+        data["sendResume"] = not data["sendResume"]
+        await self.alice.call("PUT", "/api/v1/domain/alice.example", data)
+        got = (await self.alice.call("GET", "/api/v1/domain/alice.example"))["data"]
+        self.assertEqual(got, data)
+        for target in ("10.1.2.3", "10.1.2.3:2526", "127.0.0.1:2525"):
+            await self.alice.call("PUT", "/api/v1/domain/alice.example",
+                                  {"redirectTo": target}, status=400)
+        got = (await self.alice.call("GET", "/api/v1/domain/alice.example"))["data"]
+        self.assertEqual(got["redirectTo"], "10.1.2.3:2525")
+
+
 class DefaultRedirectPolicyTests(DomainTestCase):
     config = Config()
 

@@ -36,7 +36,9 @@ Decisions (the seed leaves them open):
 - A redirectTo the queue would refuse to deliver to is 400: an address (or `localhost`)
   the operator's `[queue]` network policy refuses (loopback, link-local and private ones by
   default) or `[protecmail] forbidden_redirects` lists, or one of the gateway's own SMTP
-  listeners (`mailcore.gateway.redirects`). Host names are checked at delivery.
+  listeners (`mailcore.gateway.redirects`). Host names are checked at delivery. Only a
+  new next hop is checked: a PUT sending back the one stored (the object as read) leaves it
+  alone, though the policy may have come to refuse it since it was set.
 - A user sees only its own domains: another user's domain is 404 (as an unknown one),
   except on POST, where any served name is 409.
 - Adding an address already listed is 200 with a msg saying so; removing one that is not
@@ -418,7 +420,8 @@ class ProtecmailApp(ApiApp):
         if "hosted" in body:
             checks["hosted"] = lambda: _check_hosted(body["hosted"], hosted)
         for name, option in DOMAIN_OPTIONS.items():
-            if name in body and not (name == "redirectTo" and hosted and body[name] == ""):
+            if name in body and not (name == "redirectTo" and (
+                    (hosted and body[name] == "") or _same_redirect(body[name], current))):
                 checks[option] = _checker(name, body[name], self._check_redirect)
         if current is None and "redirectTo" not in body:
             checks["redirect_to"] = _missing("redirectTo")
@@ -799,6 +802,18 @@ def _missing(name: str) -> Callable[[], Any]:
         raise field_error(name, "This field is required.")
 
     return check
+
+
+def _same_redirect(value: Any, current: Domain | None) -> bool:
+    """Whether redirectTo `value` names the next hop `current` already has: a PUT sending
+    back what it read leaves it alone, and it is not checked again (the operator's policy
+    may have come to refuse it since; only a change is refused)."""
+    if current is None or current.hosted or not isinstance(value, str):
+        return False
+    try:
+        return parse_redirect(value) == (current.redirect_host, current.redirect_port)
+    except DomainError:
+        return False
 
 
 def _checker(name: str, value: Any, redirect: Callable[[Any], str]) -> Callable[[], Any]:
