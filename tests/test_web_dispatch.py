@@ -54,12 +54,12 @@ class DispatcherTests(TestCase):
             self.check(path, (api, True))
 
     def test_prefixes_match_whole_segments(self) -> None:
-        self.check("/api/v1/users", ("meta", False))
-        self.check("/api/v1/mailx", ("meta", False))
+        self.check("/api/v1/users", ("protecmail", False))
+        self.check("/api/v1/mailx", ("protecmail", False))
         self.check("/authx", ("meta", False))
 
     def test_unknown_paths_get_the_closest_api(self) -> None:
-        self.check("/api/v1/nothing", ("meta", False))  # three APIs share /api/v1
+        self.check("/api/v1/nothing", ("protecmail", False))  # its envelope on every reply
         self.check("/api/nothing", ("imap2api", False))
         self.check("/favicon.ico", ("meta", False))
 
@@ -160,11 +160,23 @@ class NotFoundShapeTests(TestCase):
             ("/v1/nothing", {"error": "not_found", "error_description": "Not found."}),
             ("/dropbundles/12/nothing", {"error": "Not found."}),
             ("/nothing", {"error": "Not found.", "status": 404}),
-            ("/api/v1/nothing", {"error": "Not found.", "status": 404}),
+            ("/api/v1/mailboxes/nothing/at/all", {"message": "not found"}),
+            ("/api/v1/emails/no/such/route/", {"detail": "Not found."}),
         ]
         for path, expected in cases:
             status, _, body = await web.call("GET", path)
             self.assertEqual((status, body), (404, expected), path)
+
+    async def test_unknown_api_v1_paths_are_protecmail_envelopes(self) -> None:
+        # /api/v1 is shared; what no API there routes answers in Protecmail's envelope
+        # (it was the plain {"error", "status"} that no seed client parses).
+        web = Web.build()
+        for path in ("/api/v1/nothing", "/api/v1/mailx", "/api/v1/users/1", "/api/v1/"):
+            status, headers, body = await web.call("GET", path)
+            self.assertEqual(status, 404, path)
+            self.assertEqual(set(body), {"request_id", "success", "msg"}, path)
+            self.assertIs(body["success"], False)
+            self.assertEqual(body["request_id"], header(headers, "X-Request-Id"))
 
     async def test_protecmail_404_is_an_envelope(self) -> None:
         web = Web.build()

@@ -103,7 +103,10 @@ ROUTES: tuple[tuple[str, str], ...] = (
 EXACT: tuple[tuple[str, str], ...] = (("/", "safedrop"),)
 # Whose 404 an unknown path gets: the API its prefix most resembles, else plain JSON.
 NOT_FOUND: tuple[tuple[str, str], ...] = (
-    ("/api/v1", "meta"),  # shared by three APIs: no shape is closer than another
+    # Shared by three APIs, whose paths under it are all routed above (a Mail API or
+    # IMAP2API path keeps its own 404): the rest answer as Protecmail, whose map promises
+    # its envelope on every reply, errors included (seed 004).
+    ("/api/v1", "protecmail"),
     ("/api", "imap2api"),
     ("/", "meta"),
 )
