@@ -1,6 +1,6 @@
-"""Migration 0042: `quarantine.email_key`, the key a listing by address compares.
+"""Migration 0041: `quarantine.email_key`, the key a listing by address compares.
 
-The rows held at 0039 get the key of their recipient (its local part, trimmed, NFC, lower
+The rows held at 0040 get the key of their recipient (its local part, trimmed, NFC, lower
 case), across more than one batch of the backfill; the column and its index go on the way
 down and every row survives both ways, on SQLite and on PostgreSQL.
 """
@@ -19,7 +19,7 @@ from mailcore.store.migrate import current_revision, downgrade_to
 from tests.support.db import DatabaseMixin
 from tests.support.mailsink import add_domain
 
-BEFORE = "0039_credential_login"  # the revision 0042_quarantine_email_key builds on
+BEFORE = "0040_users_lower_unique"  # the revision 0041_quarantine_email_key builds on
 NOW = datetime.datetime(2027, 1, 15, tzinfo=datetime.UTC)
 SPELLINGS = ("\u00dcnal@xn--bcher-kva.test", "U\u0308NAL@b\u00fccher.test", "Joe@q.test",
              "plain@q.test", " x@q.test")
@@ -27,7 +27,7 @@ ROWS = 1005  # more than one batch (1,000) of the backfill
 
 
 def thd_add_rows(conn: Connection, domain_id: int) -> None:
-    """Blocking: quarantine rows as revision 0039 stores them (no email_key)."""
+    """Blocking: quarantine rows as revision 0040 stores them (no email_key)."""
     owner = conn.execute(text("SELECT owner_id FROM domains WHERE id = :d"),
                          {"d": domain_id}).scalar_one()
     conn.execute(
@@ -57,7 +57,7 @@ def thd_indexes(conn: Connection) -> set[str]:
 class QuarantineEmailKeyMigrationMixin(DatabaseMixin):
     timeout = 120
 
-    async def at_0039_with_rows(self) -> Database:
+    async def at_0040_with_rows(self) -> Database:
         db = await self.open_database()
         await threads.deferToThread(downgrade_to, db.engine, BEFORE)
         self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
@@ -66,7 +66,7 @@ class QuarantineEmailKeyMigrationMixin(DatabaseMixin):
         return db
 
     async def test_every_row_gets_its_key_on_the_way_up(self) -> None:
-        db = await self.at_0039_with_rows()
+        db = await self.at_0040_with_rows()
         await threads.deferToThread(db.migrate_blocking)
         keys = await db.read("keys", thd_keys)
         self.assertEqual(len(keys), ROWS)
@@ -75,7 +75,7 @@ class QuarantineEmailKeyMigrationMixin(DatabaseMixin):
         self.assertIn("ix_quarantine_domain_email_key", await db.read("ix", thd_indexes))
 
     async def test_the_column_goes_on_the_way_down(self) -> None:
-        db = await self.at_0039_with_rows()
+        db = await self.at_0040_with_rows()
         await threads.deferToThread(db.migrate_blocking)
         await threads.deferToThread(downgrade_to, db.engine, BEFORE)
         self.assertNotIn("email_key", await db.read("columns", thd_columns))

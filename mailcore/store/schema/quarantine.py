@@ -33,7 +33,7 @@ quarantine = Table(
     Column("domain", String(253), nullable=False),
     Column("email", String(320), nullable=False),
     # What a listing by address compares: the local part of `email`, trimmed, NFC, lower
-    # case (mailcore.gateway.quarantine.address_key; migration 0042).
+    # case (mailcore.gateway.quarantine.address_key; migration 0041).
     Column("email_key", Text, nullable=False),
     Column("mailfrom", String(320), nullable=False),
     Column("subject", Text, nullable=False),

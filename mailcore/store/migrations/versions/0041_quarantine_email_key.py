@@ -12,8 +12,8 @@ Upgrade: the column, filled from each row's email (the same rule as address_key,
 here so that this migration keeps doing what it did), made NOT NULL, and an index on
 (domain_id, email_key, created_at) for the listing. Downgrade: the index and the column go.
 
-Revision ID: 0042_quarantine_email_key
-Revises: 0039_credential_login
+Revision ID: 0041_quarantine_email_key
+Revises: 0040_users_lower_unique
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import unicodedata
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0042_quarantine_email_key"
-down_revision = "0039_credential_login"
+revision = "0041_quarantine_email_key"
+down_revision = "0040_users_lower_unique"
 branch_labels = None
 depends_on = None
 
