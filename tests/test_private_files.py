@@ -132,32 +132,10 @@ class CrashLeftoverTests(UmaskTestCase):
 
 
 class DurableDirectoryTests(TestCase):
-    def test_each_directory_made_is_recorded_in_its_parent(self) -> None:
-        # A file fsynced and renamed into a new directory, and that directory fsynced, could
-        # still vanish on a power loss: the new directory's own entry was never synced.
-        from mailcore import files
-
-        base = tempdir_for(self, "mailcore-durable-")
-        synced: list[Path] = []
-        real = files.fsync_directory
-
-        def recording(path: Path) -> None:
-            synced.append(path)
-            real(path)
-
-        self.patch(files, "fsync_directory", recording)
-        made = files.durable_directory(base / "a" / "b")
-        self.assertEqual(made, base / "a" / "b")
-        self.assertEqual(mode(made), 0o700)
-        self.assertEqual(synced, [base, base / "a"])
-        synced.clear()
-        files.durable_directory(base / "a" / "b")  # there already: nothing to record
-        self.assertEqual(synced, [])
-
-    def test_an_upload_kept_in_a_new_directory_records_it(self) -> None:
+    def recorded(self) -> tuple[Path, list[Path]]:
+        """A new temp dir, and the directories fsynced from now on (in order)."""
         from mailcore import files, uploads
 
-        base = tempdir_for(self, "mailcore-durable-")
         synced: list[Path] = []
         real = files.fsync_directory
 
@@ -167,6 +145,26 @@ class DurableDirectoryTests(TestCase):
 
         self.patch(files, "fsync_directory", recording)
         self.patch(uploads, "fsync_directory", recording)
+        return tempdir_for(self, "mailcore-durable-"), synced
+
+    def test_each_directory_made_is_recorded_in_its_parent(self) -> None:
+        # A file fsynced and renamed into a new directory, and that directory fsynced, could
+        # still vanish on a power loss: the new directory's own entry was never synced.
+        from mailcore import files
+
+        base, synced = self.recorded()
+        made = files.durable_directory(base / "a" / "b")
+        self.assertEqual(made, base / "a" / "b")
+        self.assertEqual(mode(made), 0o700)
+        self.assertEqual(synced, [base, base / "a"])
+        synced.clear()
+        files.durable_directory(base / "a" / "b")  # there already: nothing to record
+        self.assertEqual(synced, [])
+
+    def test_an_upload_kept_in_a_new_directory_records_it(self) -> None:
+        from mailcore import uploads
+
+        base, synced = self.recorded()
         with uploads.SpoolFile(base / "tmp") as spool:
             spool.write(b"data")
             spool.keep(base / "files" / "7" / "f")
