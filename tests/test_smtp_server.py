@@ -601,6 +601,20 @@ class LimitTests(ServerTestCase):
                     s.close()
         self.assertEqual(len(self.sink.messages), 3)
 
+    def test_text_line_limit_does_not_count_the_stuffed_dot(self) -> None:
+        # RFC 5321 4.5.3.1.6: 1000 octets with CRLF, "not counting the leading dot
+        # duplicated for transparency": 1001 on the wire for a line that begins with a dot.
+        for length, code in ((998, "250"), (999, "500")):
+            with self.subTest(length=length):
+                long_line = b"." + b"L" * (length - 1) + b"\r\n"
+                s = self.session()
+                self.start(s)
+                replies = s.send(stuff(b"Subject: x\r\n\r\n" + long_line + b"end\r\n"))
+                self.assertEqual([r[:3] for r in replies], [code])
+                s.close()
+        self.assertEqual(len(self.sink.messages), 1)
+        self.assertIn(b"\r\n." + b"L" * 997 + b"\r\nend\r\n", self.sink.messages[0].data)
+
     def test_command_line_limit_is_512_octets_with_crlf(self) -> None:
         s = self.session()
         s.hello()

@@ -170,7 +170,8 @@ class SMTPSettings:
       change nothing (NOOP, RSET, VRFY, HELP, HELO and EHLO, a recipient given again)
       answered since the session began or since its last accepted message; one more is
       answered 421 4.7.0 and the session ends.
-    - `max_line_length` (1000): longest DATA line, CRLF included (RFC 5321 4.5.3.1.6).
+    - `max_line_length` (1000): longest DATA line, CRLF included, a dot doubled for
+      transparency not counted (RFC 5321 4.5.3.1.6).
     - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
     - `max_hops` (50, as Postfix's `hopcount_limit`): most Received header fields a message
       may carry when it leaves us, ours included; more is a mail loop, refused at the end of
@@ -1010,6 +1011,11 @@ class ESMTPServerProtocol(TwistedProtocol):
             # Pitfall 6: a bare CR or LF could end the message early at a next hop.
             refuse(550, "5.5.2", "Error: bare CR or LF in message data; message refused")
             return
+        stuffed = b"\r\n." in data
+        if stuffed:
+            # Undo dot-stuffing (RFC 5321 4.5.2); a line may still begin with a dot. Before
+            # the lines are measured: their limit does not count that dot (4.5.3.1.6).
+            data = data.replace(b"\r\n.", b"\r\n")
         if _line_too_long(data, len(header), self.settings.max_line_length):
             refuse(500, "5.5.2", "Error: line too long; message refused")
             return
@@ -1017,9 +1023,8 @@ class ESMTPServerProtocol(TwistedProtocol):
             # Not text (RFC 5322 3.5): refused rather than stripped (module docstring).
             refuse(554, "5.6.0", "Error: NUL character in message data; message refused")
             return
-        if b"\r\n." in data:
-            # Undo dot-stuffing (RFC 5321 4.5.2); a line may still begin with a dot.
-            data = CRLFBody(data.replace(b"\r\n.", b"\r\n"))  # checked: no bare CR or LF
+        if stuffed:
+            data = CRLFBody(data)  # checked: no bare CR or LF
         else:
             # No line begins with a dot and the hops were counted (see AcceptedBody).
             data = AcceptedBody(data)
