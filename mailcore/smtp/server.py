@@ -367,11 +367,13 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._recipients: list[Recipient] = []
         self._seen: set[tuple[str, str]] = set()  # (local part, domain in lower case)
         self._overshoot = 0  # RCPTs of this transaction answered 452 (too many recipients)
-        # DATA: chunks received so far, their size, the last 4 octets (to find the end
-        # marker across chunk boundaries), whether the size limit was passed, and the
-        # Received fields of the header section (whether there are too many).
+        # DATA: the octets received so far (one buffer: a client sending an octet per
+        # segment would have us hold some 40 octets of list entry and bytes object per
+        # octet), their count, the last 4 octets (to find the end marker across chunk
+        # boundaries), whether the size limit was passed, and the Received fields of the
+        # header section (whether there are too many).
         self._in_data = False
-        self._chunks: list[bytes] = []
+        self._body = bytearray()
         self._data_len = 0
         self._tail = b""
         self._overflow = False
@@ -408,7 +410,7 @@ class ESMTPServerProtocol(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
-        self._chunks = []
+        self._body = bytearray()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -472,7 +474,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._buf = b""
         self._pos = 0
-        self._chunks = []  # a message still in DATA is not accepted
+        self._body = bytearray()  # a message still in DATA is not accepted
         self._flush()
         if self._write_blocked:
             # The client reads nothing: the 421 and the replies before it would wait for it
@@ -913,7 +915,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self._write("354 End data with <CR><LF>.<CR><LF>\r\n")
         self._in_data = True
-        self._chunks = []
+        self._body = bytearray()
         self._data_len = 0
         self._tail = b"\r\n"  # DATA's own CRLF: a message may be just ".\r\n"
         self._overflow = False
@@ -952,7 +954,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         if self._data_len > self.settings.max_message_size:
             self._overflow = True
-            self._chunks = []
+            self._body = bytearray()
             return
         hops = self._hops
         if hops.in_header:
@@ -960,24 +962,19 @@ class ESMTPServerProtocol(TwistedProtocol):
             # With the Received field we would add: more than max_hops is a loop.
             if hops.count + 1 > self.settings.max_hops:
                 self._looping = True
-                self._chunks = []
+                self._body = bytearray()
                 return
-        self._chunks.append(piece)
+        self._body += piece
 
     def _trim(self, count: int) -> None:
         """Drop the last `count` stored octets (part of an end marker split across reads)."""
         self._data_len -= count
-        while count and self._chunks:
-            last = self._chunks.pop()
-            if len(last) > count:
-                self._chunks.append(last[:-count])
-                return
-            count -= len(last)
+        del self._body[max(0, len(self._body) - count):]
 
     def _end_of_data(self) -> None:
         """The message is complete: check it, then hand it to the sink (asynchronously)."""
         self._in_data = False
-        chunks, self._chunks = self._chunks, []
+        body, self._body = self._body, bytearray()
         overflow, looping = self._overflow, self._looping
         mail_from, recipients = self._mail_from or "", tuple(self._recipients)
         self._reset_transaction()
@@ -1004,8 +1001,8 @@ class ESMTPServerProtocol(TwistedProtocol):
             recipients=recipients,
             when=self.clock.seconds(),
         )
-        data = b"".join([header, *chunks])
-        del chunks
+        data = b"".join([header, body])
+        del body
         crlf = data.count(b"\r\n")
         if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
             # Pitfall 6: a bare CR or LF could end the message early at a next hop.
