@@ -584,6 +584,30 @@ class LimitTests(ServerTestCase):
         self.start(s)
         self.assertEqual(s.codes(line * 10 + b".\r\n"), ["250"])
 
+    def test_size_limit_does_not_count_the_stuffed_dots(self) -> None:
+        # RFC 1870: SIZE (declared and advertised) is the message's size, without the dots
+        # DATA doubles; 1000 octets whose ten lines begin with a dot are 1010 on the wire.
+        content = (b"." + b"x" * 97 + b"\r\n") * 10
+        self.assertEqual(len(content), 1000)
+        factory = self.make_factory(max_message_size=1000)
+        for size in (len(stuff(content)), 4096, 7, 1):
+            with self.subTest(chunk=size):
+                s = self.session(factory)
+                s.hello()
+                self.assertEqual(s.codes(b"MAIL FROM:<s@remote.test> SIZE=1000\r\n"), ["250"])
+                self.assertEqual(s.codes(b"RCPT TO:<user@example.com>\r\nDATA\r\n"),
+                                 ["250", "354"])
+                wire = stuff(content)
+                replies: list[str] = []
+                for i in range(0, len(wire), size):
+                    replies += s.codes(wire[i:i + size])
+                self.assertEqual(replies, ["250"])
+                self.assertTrue(self.sink.messages[-1].data.endswith(b"\r\n" + content))
+                # one octet more is over the limit, dots or not
+                self.start(s)
+                self.assertEqual(s.codes(stuff(content + b".\r\n")), ["552"])
+                s.close()
+
     def test_message_sent_in_tiny_reads_is_held_in_about_its_size(self) -> None:
         # A client may send DATA an octet or two per TCP segment (or TLS record); each read
         # used to be kept as its own bytes object in a list, some 40 octets of memory per

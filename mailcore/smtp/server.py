@@ -145,7 +145,8 @@ class SMTPSettings:
     Keys (all optional; sizes in octets, times in seconds):
 
     - `max_message_size` (52428800): the SIZE advertised in EHLO; larger messages get 552,
-      at MAIL when the client declares SIZE=, else at the end of DATA.
+      at MAIL when the client declares SIZE=, else at the end of DATA (a message's size,
+      as in RFC 1870, does not count the dots DATA doubles).
     - `max_recipients` (100): accepted RCPTs per message; more get 452 4.5.3.
     - `max_connections` (200): concurrent connections in total; more get 421 4.7.0.
     - `max_connections_per_ip` (20): concurrent connections from one client address.
@@ -949,10 +950,16 @@ class ESMTPServerProtocol(TwistedProtocol):
     def _store(self, piece: bytes) -> None:
         if not piece:
             return
-        self._data_len += len(piece)
+        # The size is the message's, without the dots doubled for transparency (RFC 1870:
+        # SIZE= and our limit count the message, not its DATA stream). A "\r\n." split
+        # across reads begins in the last octets stored before this piece (the tail).
+        stuffed = piece.count(b"\r\n.") + (self._tail[-2:] + piece[:2]).count(b"\r\n.")
+        self._data_len += len(piece) - stuffed
         if self._overflow or self._looping:
             return
-        if self._data_len > self.settings.max_message_size:
+        # (+ 1: the CR of an end marker split across reads, "\r\n.\r", is counted until
+        # `_trim` takes it back; `_end_of_data` checks the exact size.)
+        if self._data_len > self.settings.max_message_size + 1:
             self._overflow = True
             self._body = bytearray()
             return
@@ -967,15 +974,17 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._body += piece
 
     def _trim(self, count: int) -> None:
-        """Drop the last `count` stored octets (part of an end marker split across reads)."""
-        self._data_len -= count
+        """Drop the last `count` stored octets (part of an end marker split across reads):
+        its dot, which `_store` did not count (it follows a CRLF), and what came after it."""
+        self._data_len -= count - 1
         del self._body[max(0, len(self._body) - count):]
 
     def _end_of_data(self) -> None:
         """The message is complete: check it, then hand it to the sink (asynchronously)."""
         self._in_data = False
         body, self._body = self._body, bytearray()
-        overflow, looping = self._overflow, self._looping
+        overflow = self._overflow or self._data_len > self.settings.max_message_size
+        looping = self._looping
         mail_from, recipients = self._mail_from or "", tuple(self._recipients)
         self._reset_transaction()
         addresses = [r.address for r in recipients]
