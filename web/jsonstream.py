@@ -61,24 +61,22 @@ async def _each(chunks: Iterable[T] | AsyncIterable[T]) -> AsyncGenerator[T]:
             await close()
 
 
-async def stream_base64_member(
-    request: IRequest, head: Mapping[str, Any], name: str, size: int,
-    chunks: Iterable[bytes] | AsyncIterable[bytes],
-) -> None:
-    """Write `{**head, name: "<base64 of size bytes>"}` (status 200) with `chunks` as the
-    base64 text (made on the spot, or read as it comes); the caller returns b""
-    afterwards. An error after the first bytes goes up to the app's error path, which
-    writes nothing more and drops the connection (web.api; closing it gently would let the
-    next pipelined reply follow the cut-off one)."""
+def _member_open(head: Mapping[str, Any], name: str, opening: bytes) -> bytes:
+    """`{**head, name: ` as JSON text, then `opening` (the last member's first bytes)."""
     known = encode_json(dict(head))
-    prefix = (known[:-1] + b"," if head else b"{") + encode_json(name) + b':"'
-    suffix = b'"}'
+    return (known[:-1] + b"," if head else b"{") + encode_json(name) + b":" + opening
+
+
+async def _write_paced(request: IRequest, prefix: bytes, pieces: AsyncGenerator[bytes],
+                       suffix: bytes, length: int | None = None) -> None:
+    """Status 200, a JSON reply of `prefix`, each of `pieces` as it comes (pausing while the
+    client's transport is full) and `suffix`; with a Content-Length when `length` is given,
+    chunked otherwise. Stops when the client goes away; `pieces` is closed either way."""
     request.setResponseCode(200)
     request.setHeader(b"Content-Type", JSON_TYPE)
-    request.setHeader(b"Content-Length",
-                      str(len(prefix) + base64_length(size) + len(suffix)).encode("ascii"))
+    if length is not None:
+        request.setHeader(b"Content-Length", str(length).encode("ascii"))
     request.write(prefix)
-    pieces = _each(chunks)
     try:
         with paced(request) as pacer:
             async for piece in pieces:
@@ -88,6 +86,32 @@ async def stream_base64_member(
                 await pacer.ready()
             if not pacer.stopped:
                 request.write(suffix)
+    finally:
+        await pieces.aclose()
+
+
+async def stream_base64_member(
+    request: IRequest, head: Mapping[str, Any], name: str, size: int,
+    chunks: Iterable[bytes] | AsyncIterable[bytes],
+) -> None:
+    """Write `{**head, name: "<base64 of size bytes>"}` (status 200) with `chunks` as the
+    base64 text (made on the spot, or read as it comes); the caller returns b""
+    afterwards. An error after the first bytes goes up to the app's error path, which
+    writes nothing more and drops the connection (web.api; closing it gently would let the
+    next pipelined reply follow the cut-off one)."""
+    prefix, suffix = _member_open(head, name, b'"'), b'"}'
+    await _write_paced(request, prefix, _each(chunks), suffix,
+                       len(prefix) + base64_length(size) + len(suffix))
+
+
+async def _encoded(items: AsyncIterable[Any]) -> AsyncGenerator[bytes]:
+    """Each item as JSON text, the ones after the first with their leading comma."""
+    pieces = _each(items)
+    try:
+        separator = b""
+        async for item in pieces:
+            yield separator + encode_json(item)
+            separator = b","
     finally:
         await pieces.aclose()
 
@@ -102,24 +126,5 @@ async def stream_json_array(
     if head is None:
         prefix, suffix = b"[", b"]"
     else:
-        known = encode_json(dict(head))
-        prefix = (known[:-1] + b"," if head else b"{") + encode_json(name) + b":["
-        suffix = b"]}"
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", JSON_TYPE)
-    request.write(prefix)
-    pieces = _each(items)
-    try:
-        with paced(request) as pacer:
-            first = True
-            async for item in pieces:
-                if pacer.stopped:
-                    return
-                encoded = encode_json(item)
-                request.write(encoded if first else b"," + encoded)
-                first = False
-                await pacer.ready()
-            if not pacer.stopped:
-                request.write(suffix)
-    finally:
-        await pieces.aclose()
+        prefix, suffix = _member_open(head, name, b"["), b"]}"
+    await _write_paced(request, prefix, _encoded(items), suffix)
