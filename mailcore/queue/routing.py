@@ -28,7 +28,7 @@ from sqlalchemy import Connection, select
 from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.queue.model import SERVED
+from mailcore.queue.model import thd_domain_for
 from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
 from mailcore.store import Database
 from mailcore.store.schema import domains
@@ -117,12 +117,6 @@ def _domain_routes(conn: Connection, ids: list[int]) -> dict[int, tuple[str, int
         ).where(domains.c.id.in_(ids))
     ).all()
     return {row.id: (row.redirect_host, row.redirect_port, row.tls) for row in rows}
-
-
-def _served_id(conn: Connection, name: str) -> int | None:
-    """Blocking: the id of the served domain `name`, vouched for or not, or None."""
-    row = conn.execute(select(domains.c.id).where(domains.c.name == name, SERVED)).first()
-    return None if row is None else int(row[0])
 
 
 class Router:
@@ -220,7 +214,7 @@ class Router:
         if entry is None or entry[0] < now:
             if len(self._served) >= _SERVED_CACHE_LIMIT:
                 self._served.clear()
-            found = await self.db.read("queue_served_domain", _served_id, name)
+            found = await self.db.read("queue_served_domain", thd_domain_for, name)
             entry = self._served[name] = (now + self.settings.route_cache_seconds, found)
         return entry[1]
 
