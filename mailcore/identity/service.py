@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailcore.gateway.domains import thd_owner_changed
+from mailcore.gateway.domains import DomainError, normalise_host_name, thd_owner_changed
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
 from mailcore.periodic import PeriodicService
@@ -164,12 +164,11 @@ def name_key(name_or_email: str) -> str:
 
 
 def _ascii_domain(domain: str) -> str | None:
-    """`domain` in lower-case A-labels, or None when it is no valid host name."""
-    if not domain or len(domain) > 253:
-        return None
+    """`domain` in lower-case A-labels (as `normalise_host_name` spells host names), or
+    None when it is no valid host name."""
     try:
-        return idna.encode(domain, uts46=True).decode("ascii").lower()
-    except (idna.IDNAError, UnicodeError):
+        return normalise_host_name(domain)
+    except DomainError:
         return None
 
 
