@@ -20,7 +20,7 @@ from mailcore.messages.models import MessageQuery
 from mailcore.messages.parse import sha256_hex
 from tests.support.corpus import make_corpus
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
-from tests.support.fetchenv import FetchEnv, expected, make_env
+from tests.support.fetchenv import FetchEnv, expected, make_env, thread_of
 from tests.support.reactor import get_reactor
 
 FOLDERS = {"INBOX": (0, 300), "Archive": (300, 150), "Sent": (450, 50)}
@@ -95,7 +95,7 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         self.assertEqual(detail.summary.subject, "Re: Topic 5 réunion cafe")
         self.assertEqual(detail.summary.sender, "Jürgen Groß <user1@example.test>")
         self.assertEqual([a.filename for a in detail.attachments], ["résumé-7.pdf"])
-        thread = await env.store.thread_of(env.user_id, detail.summary.id)
+        thread = await thread_of(env.store, env.user_id, detail.summary.id)
         self.assertEqual(
             sorted(m.summary.message_id for m in thread),
             [f"<corpus-{n}@corpus.test>" for n in range(5, 10)],

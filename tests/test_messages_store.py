@@ -38,7 +38,7 @@ from mailcore.messages.store import (
 from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin, driver_query_plans, query_plans
-from tests.support.fetchenv import thd_make_user
+from tests.support.fetchenv import thd_make_user, thread_of
 
 
 def mail(n: int, subject: str, *, body: str = "", refs: str = "", reply_to: str = "",
@@ -165,10 +165,10 @@ class StoreTestsMixin(DatabaseMixin):
         d = await store.add_message(user, mail(4, "Side note", reply_to="<m2@x.test>", day=4))
         b = await store.add_message(user, mail(2, "Re: Plan", refs="<m1@x.test>",
                                                reply_to="<m1@x.test>", day=2))
-        thread = await store.thread_of(user, a)
+        thread = await thread_of(store, user, a)
         self.assertEqual([m.summary.id for m in thread], [a, b, c, d])
         self.assertEqual({m.summary.thread_count for m in thread}, {4})
-        self.assertEqual(len(await store.thread_of(user, unrelated)), 1)
+        self.assertEqual(len(await thread_of(store, user, unrelated)), 1)
 
         def thread_rows(conn: Connection) -> int:
             return int(conn.execute(select(func.count()).select_from(threads)).scalar() or 0)
@@ -237,8 +237,8 @@ class StoreTestsMixin(DatabaseMixin):
         a = await store.add_message(user, mail(1, "Lunch on Friday?"))
         b = await store.add_message(user, mail(2, "RE: Lunch on  friday?"))
         c = await store.add_message(user, mail(3, "Lunch on Friday?"))  # not a reply
-        self.assertEqual([m.summary.id for m in await store.thread_of(user, b)], [a, b])
-        self.assertEqual([m.summary.id for m in await store.thread_of(user, c)], [c])
+        self.assertEqual([m.summary.id for m in await thread_of(store, user, b)], [a, b])
+        self.assertEqual([m.summary.id for m in await thread_of(store, user, c)], [c])
 
     async def test_nul_in_body_subject_and_file_name_is_stored(self) -> None:
         """PostgreSQL's text refuses NUL: a message carrying one (in its body, an encoded
@@ -306,12 +306,12 @@ class StoreTestsMixin(DatabaseMixin):
                       range(MAX_INDEXED_BYTES - 3, MAX_INDEXED_BYTES + 1))
         self.assertTrue(long_id.startswith(stored.summary.message_id))
         self.assertEqual((await store.get_message(user, wide)).summary.subject, cjk)
-        self.assertEqual([m.summary.id for m in await store.thread_of(user, reply)],
+        self.assertEqual([m.summary.id for m in await thread_of(store, user, reply)],
                          [long, reply])
         # A later batch's reply finds the thread through the stored (cut) id and reference.
         later = await store.store_batch(where, [FetchedMessage(
             raw=mail(5, "Re: long id", reply_to=long_id, body="tapir"), uid=5)])
-        self.assertEqual([m.summary.id for m in await store.thread_of(user, later.created[0])],
+        self.assertEqual([m.summary.id for m in await thread_of(store, user, later.created[0])],
                          [long, reply, *later.created])
         for word, row_id in (("zebra", first), ("giraffe", long), ("okapi", wide)):
             page = await store.list_messages(user, MessageQuery(q=word, ordering="id"))

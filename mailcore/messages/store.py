@@ -1266,12 +1266,6 @@ class MessageStore:
                                              ids[start:start + DETAILS_BATCH]):
                 yield detail
 
-    async def thread_of(self, user_id: int, row_id: int) -> list[MessageDetail]:
-        """Every message of the thread `row_id` belongs to, oldest first (itself included),
-        all in memory (tests and small threads; replies use `details_of`)."""
-        ids = await self.thread_ids(user_id, row_id)
-        return [detail async for detail in self.details_of(user_id, ids)]
-
     async def raw_message(self, user_id: int, row_id: int) -> bytes:
         """The exact bytes of a message (the .eml)."""
 

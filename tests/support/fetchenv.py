@@ -14,6 +14,7 @@ from mailcore.fetch.accounts import Account, Accounts
 from mailcore.fetch.engine import SyncEngine
 from mailcore.fetch.secrets import SecretBox
 from mailcore.fetch.settings import FetchSettings
+from mailcore.messages.models import MessageDetail
 from mailcore.messages.sql import new_id
 from mailcore.messages.store import MessageStore
 from mailcore.store import Database
@@ -115,3 +116,10 @@ async def make_env(test: TestCase, *, backend: str = "sqlite", **settings: Any) 
 def expected(server: DovecotServer, user: str, folders: list[str]) -> list[tuple[str, str]]:
     """Sorted (folder, sha256) of what the server holds in `folders`."""
     return sorted((f, h) for f in folders for h in server.source_hashes(user, f))
+
+
+async def thread_of(store: MessageStore, user_id: int, row_id: int) -> list[MessageDetail]:
+    """Every message of the thread `row_id` belongs to, oldest first, all in memory (the
+    replies write them as they are read: MessageStore.thread_ids and details_of)."""
+    ids = await store.thread_ids(user_id, row_id)
+    return [detail async for detail in store.details_of(user_id, ids)]
