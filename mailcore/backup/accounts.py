@@ -40,6 +40,7 @@ from mailcore.fetch.engine import SyncEngine
 from mailcore.fetch.errors import AccountError, AccountNotFound, CleartextRefused, FetchError
 from mailcore.fetch.imap import ServerSpec, open_session
 from mailcore.fetch.pop3 import open_pop3
+from mailcore.fetch.settings import FetchSettings
 from mailcore.store import Database
 from mailcore.store.schema import messages
 
@@ -62,9 +63,9 @@ LOGIN_FIELDS = ("password", "host", "port", "protocol", "use_ssl", "start_tls")
 LOGIN_CHECK_COMMAND_TIMEOUT = 60.0
 
 
-def login_check_timeout(settings: Any) -> float:
-    """The command deadline of a login check under the `[fetch]` settings."""
-    configured = float(settings.command_timeout or 0)
+def login_check_timeout(settings: FetchSettings) -> float:
+    """The command deadline of a login check under the `[fetch]` settings (0: none)."""
+    configured = settings.command_timeout
     return min(configured, LOGIN_CHECK_COMMAND_TIMEOUT) if configured > 0 \
         else LOGIN_CHECK_COMMAND_TIMEOUT
 
