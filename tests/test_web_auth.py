@@ -52,6 +52,14 @@ class Imap2ApiTokenTests(TestCase):
         self.assertEqual(principal.user.username, "alice")
         self.assertEqual(principal.kind, "token")
 
+    async def test_the_same_login_is_served_under_api_v1(self) -> None:
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/api-token-auth/", json={"username": "alice", "password": PASSWORD}
+        )
+        self.assertEqual(status, 200, body)
+        principal = await self.app.principal(request({"Authorization": f"Token {body['token']}"}))
+        self.assertEqual(principal.user.id, self.alice.id)
+
     async def test_the_scheme_is_case_insensitive(self) -> None:
         principal = await self.app.principal(request({"Authorization": f"token {self.token}"}))
         self.assertEqual(principal.user.id, self.alice.id)

@@ -26,6 +26,7 @@ class DispatcherTests(TestCase):
     def test_each_seed_prefix_goes_to_its_api(self) -> None:
         for path, api in [
             ("/api-token-auth/", "imap2api"),
+            ("/api/v1/api-token-auth/", "imap2api"),  # "the same under /api/v1/" (API-MAP)
             ("/api/imap-servers/3/sync/", "imap2api"),
             ("/api/emails/threads/", "imap2api"),
             ("/api/v1/emails/7/thread/", "imap2api"),

@@ -60,6 +60,7 @@ log = Logger(namespace="mailcore.web")
 ROUTES: tuple[tuple[str, str], ...] = (
     # Simple IMAP2API (seed 001), also under /api/v1/
     ("/api-token-auth", "imap2api"),
+    ("/api/v1/api-token-auth", "imap2api"),
     ("/api/imap-servers", "imap2api"),
     ("/api/emails", "imap2api"),
     ("/api/v1/imap-servers", "imap2api"),

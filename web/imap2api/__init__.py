@@ -1,6 +1,7 @@
 """Simple IMAP2API (seed 001): a Django REST framework service, `Authorization: Token`.
 
-Served at `/api-token-auth/` and under both `/api/` and `/api/v1/` (API-MAP.md):
+Served at `/api-token-auth/` (also `/api/v1/api-token-auth/`) and under both `/api/` and
+`/api/v1/` (API-MAP.md):
 
 - `imap-servers/`: list, create; `imap-servers/{id}/`: retrieve, update (PUT and PATCH are
   both partial, as the seed's PUT example is), delete; `imap-servers/{id}/sync/`: sync now.

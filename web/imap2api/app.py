@@ -226,7 +226,7 @@ class Imap2ApiApp(ApiApp):
     # -- token -------------------------------------------------------------------------------
 
     @routes.route(
-        "/api-token-auth/",
+        ("/api-token-auth/", "/api/v1/api-token-auth/"),
         "POST",
         summary="Obtain a token from a username and password",
         body=CREDENTIALS_SCHEMA,
