@@ -535,6 +535,12 @@ class ReadRemoveAttemptsTests(TestCase):
             self.assertEqual(status, 200)
         status, _, got = await self.browser.get(self.first)
         self.assertEqual((status, got), (200, b"0123456789"))
+        # Once the file has self-destructed, a HEAD answers what a GET would: 410.
+        status, headers, _ = await self.browser._call("HEAD", self.first)
+        self.assertEqual(status, 410)
+        self.assertNotIn("content-disposition", {k.lower() for k in headers})
+        status, _, _ = await self.browser._call("HEAD", self.second)
+        self.assertEqual(status, 200)
 
 
 class OpenReceiptTests(TestCase):

@@ -81,6 +81,8 @@ MAX_COMMENT = 10_000
 # more than 4300 digits raises.
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 _MAX_RANGE_HEADER = 64
+SELF_DESTRUCTED = ("You have downloaded this file (or started all the downloads of it "
+                   "allowed); it self-destructs and cannot be downloaded again.")
 
 
 @dataclass
@@ -439,7 +441,12 @@ class DropPageApp(PageApp):
                             "satisfiable.", headers={"Content-Range": f"bytes */{size}"})
         first, last = wanted if isinstance(wanted, tuple) else (0, size - 1)
         ranged = isinstance(wanted, tuple)
-        if not found.bundle.read_remove or request.method == b"HEAD":
+        if not found.bundle.read_remove:
+            return await self._serve(request, found, drop_file, path, first, last, ranged)
+        if request.method == b"HEAD":
+            # Answers what a GET would, and counts no download.
+            if not await self.drops.may_download(found, drop_file):
+                raise gone(SELF_DESTRUCTED)
             return await self._serve(request, found, drop_file, path, first, last, ranged)
         # read_remove: bytes another download is sending end it (Sending), and the drop is
         # read again once it has recorded them: they may have been the last it lacked.
@@ -450,8 +457,7 @@ class DropPageApp(PageApp):
             if self.drops.file_path(found, file_id) is None:
                 raise PageError(404, "Not found", "This drop has no such file.")
             if not await self.drops.start_download(found, drop_file):
-                raise gone("You have downloaded this file (or started all the downloads of "
-                           "it allowed); it self-destructs and cannot be downloaded again.")
+                raise gone(SELF_DESTRUCTED)
             return await self._serve(request, found, drop_file, path, first, last, ranged,
                                      mine)
         finally:

@@ -309,16 +309,22 @@ def _attempts_txn(conn: Connection, recipient_id: int, file_id: int) -> int:
     return int(found or 0)
 
 
+def may_download_txn(conn: Connection, recipient_id: int, file_id: int,
+                     max_attempts: int) -> bool:
+    """Whether a download of a read_remove file may start (`start_download_txn` would let
+    it), without counting one."""
+    return (not _downloaded_txn(conn, recipient_id, file_id)
+            and _attempts_txn(conn, recipient_id, file_id) < max_attempts)
+
+
 def start_download_txn(conn: Connection, recipient_id: int, file_id: int,
                        max_attempts: int) -> bool:
     """A download of a read_remove file starts: False (it may not) once the recipient has
     it counted as downloaded or has started `max_attempts` downloads of it; else the
     download counts as one more attempt, whatever it will send."""
-    if _downloaded_txn(conn, recipient_id, file_id):
+    if not may_download_txn(conn, recipient_id, file_id, max_attempts):
         return False
     attempts = _attempts_txn(conn, recipient_id, file_id)
-    if attempts >= max_attempts:
-        return False
     a = drop_download_attempts.c
     if attempts:
         conn.execute(sa.update(drop_download_attempts)

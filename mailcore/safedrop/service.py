@@ -463,6 +463,13 @@ class SafedropService:
                 return f, self.files.path(found.bundle.id, f.sha256)
         return None
 
+    async def may_download(self, found: Access, drop_file: DropFile) -> bool:
+        """Whether a download of a read_remove file may start, without counting one (a
+        HEAD's answer)."""
+        return await self.db.run(
+            "safedrop_may_download", side.may_download_txn, found.recipient.id,
+            drop_file.id, self.settings.max_download_attempts)
+
     async def start_download(self, found: Access, drop_file: DropFile) -> bool:
         """A download of a read_remove file starts: False (it may not) once the recipient
         has the file, or has started `[safedrop] max_download_attempts` downloads of it
