@@ -51,6 +51,9 @@ class WebSettingsTests(TestCase):
         self.assertFalse(s.metrics_allowed(None))
         self.assertEqual(s.idle_timeout, 30.0)
         self.assertIsNone(settings(login_rate=0).login_rate)
+        self.assertEqual(settings().trusted_proxies, ())  # nobody's forwarding is believed
+        self.assertEqual(settings(trusted_proxies=["127.0.0.1", "10.0.0.0/8"]).trusted_proxies,
+                         (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")))
 
     def test_mistakes_name_the_key(self) -> None:
         cases: list[tuple[dict[str, Any], str]] = [
@@ -61,6 +64,8 @@ class WebSettingsTests(TestCase):
             ({"bad_credential_rate": 0}, "[web] bad_credential_rate"),
             ({"metrics": "yes"}, "[web] metrics must be true or false"),
             ({"metrics_allow": ["not a net"]}, "[web] metrics_allow"),
+            ({"trusted_proxies": ["10.0.0.0/33"]}, "[web] trusted_proxies"),
+            ({"trusted_proxies": [5]}, "[web] trusted_proxies must be a list of networks"),
             ({"json_max_body": -1}, "[web] json_max_body"),
             ({"idle_timeout": True}, "[web] idle_timeout"),
             ({"header_timeout": 0}, "[web] header_timeout"),

@@ -51,6 +51,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IDelayedCall,
     INegotiated,
@@ -65,6 +66,7 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
 from web.corked import CorkedChannel
+from web.forwarded import forwarded_client, forwarded_secure, trusted
 
 DEFAULT_MAX_BODY = 25 * 1024 * 1024
 LINGER_SECONDS = 10.0
@@ -143,6 +145,33 @@ class LimitedRequest(server.Request):
     upload_refusal: Exception | None = None
     _continue = False
     _received = 0
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        # The site's `[web] trusted_proxies` when the peer is one of them (asked now: the
+        # access log asks for the client once the request has let go of its channel).
+        settings = getattr(getattr(channel, "site", None), "settings", None)
+        proxies = getattr(settings, "trusted_proxies", ())
+        peer = getattr(self.client, "host", None)
+        self._proxies: tuple[Any, ...] = proxies if trusted(peer, proxies) else ()
+
+    def getClientAddress(self) -> Any:
+        """The client's address: the peer's, or behind a trusted proxy the one its
+        X-Forwarded-For names (web.forwarded)."""
+        if not self._proxies:
+            return self.client
+        host = forwarded_client(self.client.host, self.requestHeaders, self._proxies)
+        kind = IPv6Address if ":" in host else IPv4Address
+        return kind("TCP", host, 0)
+
+    def isSecure(self) -> bool:
+        """Whether the client used TLS: the connection's answer, or behind a trusted proxy
+        its X-Forwarded-Proto's (web.forwarded)."""
+        if self._proxies:
+            said = forwarded_secure(self.requestHeaders)
+            if said is not None:
+                return said
+        return bool(super().isSecure())
 
     def _max_body(self) -> int:
         site = getattr(self.channel, "site", None)

@@ -32,6 +32,7 @@ from web.context import context_of
 from web.drop_page import DropPageApp
 from web.dropmyemail import DropmyemailApp
 from web.errors import ApiError, too_large
+from web.forwarded import trusted
 from web.imap2api import Imap2ApiApp
 from web.limits import (
     BodyLimits,
@@ -255,6 +256,8 @@ class MailcoreSite(server.Site):
     def buildProtocol(self, addr: Any) -> Any:
         """A channel for an admitted connection, a 503 for one over a cap."""
         address = client_address(getattr(addr, "host", None))
+        if trusted(address, self.settings.trusted_proxies):
+            address = None  # a trusted proxy's connections count against the total only
         refusal = self.connections.admit(address)
         if refusal is not None:
             log.info("refused an HTTP connection from {client}: {reason}",

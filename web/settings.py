@@ -24,8 +24,11 @@ idle_timeout = 60                # seconds an idle (keep-alive) HTTP connection 
 header_timeout = 30              # seconds from a request's first byte to its last header
 body_timeout = 300               # seconds from a request's headers to the end of its body
 max_connections = 500            # open HTTP connections in total (more: 503, Retry-After)
-max_connections_per_ip = 50      # ... from one client address (behind a reverse proxy
-                                 # every client has the proxy's: raise it to max_connections)
+max_connections_per_ip = 50      # ... from one client address (a trusted proxy's
+                                 # connections count against max_connections only)
+trusted_proxies = []             # reverse proxies whose X-Forwarded-For and
+                                 # X-Forwarded-Proto are believed (networks; see
+                                 # web.forwarded)
 cors_origins = []                # IMAP2API origins allowed by CORS ("*": any; [] none)
 imap2api_sync_wait = 25          # seconds POST .../sync/ waits before answering 202
 ```
@@ -65,6 +68,7 @@ _KEYS = {
     "max_connections_per_ip",
     "cors_origins",
     "imap2api_sync_wait",
+    "trusted_proxies",
 }
 
 
@@ -125,6 +129,9 @@ class WebSettings:
     max_connections_per_ip: int = 50
     cors_origins: tuple[str, ...] = ()
     imap2api_sync_wait: float = 25.0
+    # Reverse proxies whose forwarding headers tell the client's address and scheme
+    # (web.forwarded). None by default: any client can send those headers.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> WebSettings:
@@ -163,7 +170,7 @@ class WebSettings:
                 table, "bad_credential_rate", defaults.bad_credential_rate
             ),
             metrics=_bool(table, "metrics", defaults.metrics),
-            metrics_allow=(_networks(table["metrics_allow"]) if "metrics_allow" in table
+            metrics_allow=(_networks(table, "metrics_allow") if "metrics_allow" in table
                            else defaults.metrics_allow),
             idle_timeout=float(_int(table, "idle_timeout", int(defaults.idle_timeout))),
             header_timeout=float(
@@ -178,6 +185,7 @@ class WebSettings:
             imap2api_sync_wait=float(
                 _int(table, "imap2api_sync_wait", int(defaults.imap2api_sync_wait))
             ),
+            trusted_proxies=_networks(table, "trusted_proxies"),
         )
 
     def metrics_allowed(self, host: str | None) -> bool:
@@ -223,15 +231,16 @@ def _rate(
         raise ConfigError(f"[web] {key}: {e}") from None
 
 
-def _networks(values: Any) -> tuple[IPNetwork, ...]:
+def _networks(table: dict[str, Any], key: str) -> tuple[IPNetwork, ...]:
+    values = table.get(key, [])
     if isinstance(values, str):
         values = [values]
     if not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise ConfigError("[web] metrics_allow must be a list of networks")
+        raise ConfigError(f"[web] {key} must be a list of networks")
     try:
         return tuple(ipaddress.ip_network(v, strict=False) for v in values)
     except ValueError as e:
-        raise ConfigError(f"[web] metrics_allow: {e}") from None
+        raise ConfigError(f"[web] {key}: {e}") from None
 
 
 def _origins(values: Any) -> tuple[str, ...]:
