@@ -33,7 +33,7 @@ from mailcore.fetch.jobs import (
     thd_create_job,
     thd_get_job,
 )
-from mailcore.fetch.secrets import SecretBox
+from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.store import Database
 from mailcore.store.schema import mailbox_jobs, users, webhook_deliveries, webhooks
 from tests.support.db import DatabaseMixin
@@ -289,6 +289,20 @@ class JobRunnerMixin(DatabaseMixin):
         job = await self.job(a, job_id)
         self.assertEqual((job.status, job.reason),
                          ("failed", "the destination refused message 7: NO [OVERQUOTA]"))
+
+    async def test_a_password_no_key_opens_fails_the_job_saying_so(self) -> None:
+        """A destination password given up with a lost fetch key (`mailcore secrets
+        forget`): the user must give it again, which no retry does."""
+        recorder = Recorder()
+        recorder.outcome = SecretError("the stored secret was given up with a lost fetch key "
+                                       "(mailcore secrets forget): set it again")
+        a, _b, _clock, job_id = await self.nodes(recorder)
+        self.assertEqual(await a.tick(), 1)
+        await a.settle()
+        job = await self.job(a, job_id)
+        self.assertEqual(job.status, "failed")
+        self.assertIn("set it again", job.reason or "")
+        self.assertEqual(self.flushLoggedErrors(SecretError), [])
 
     async def test_a_fault_of_ours_fails_the_job_with_a_fixed_text(self) -> None:
         """The exception's text (on PostgreSQL: SQL with its parameters, a message's

@@ -43,6 +43,7 @@ COMMAND_MODULES = (
     "mailcore.cli.mailboxes",
     "mailcore.cli.oauth",
     "mailcore.cli.jobs",
+    "mailcore.cli.secrets",
 )
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]

@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
+from mailcore.fetch.secrets import SecretError
 from mailcore.messages.sql import new_id, utc
 from mailcore.store import Database
 from mailcore.store.leases import thd_claim_job, thd_release_job
@@ -548,6 +549,11 @@ class JobRunner(service.Service):
             return
         except JobFailed as e:
             await self._end(job, "failed", str(e) or type(e).__name__)
+            return
+        except SecretError as e:
+            # A password the key cannot open (or one given up with a lost key): the user
+            # must set it again, which no retry does.
+            await self._end(job, "failed", str(e))
             return
         except Exception:
             log.failure("job {id} failed", id=job.id)

@@ -57,7 +57,8 @@ class FetchSettings:
     # How many accounts (IMAP2API imap-servers, Dropmyemail accounts) one user may have:
     # each is synced on its own schedule, so the number bounds the work a user can ask for.
     max_accounts_per_user: int = 1000
-    # Fernet key for remote passwords; default: `fetch.key` in the data directory.
+    # Fernet key(s) for remote passwords, the first encrypting (commas between several);
+    # default: `fetch.key` in the data directory.
     secret_key: str | None = None
     # Where accounts may connect (see the module docstring): loopback and other non-global
     # addresses are refused unless allowed; deny_networks wins over everything.
