@@ -15,6 +15,7 @@ import base64
 import resource
 from typing import Any
 
+from sqlalchemy import select
 from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -25,6 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import FetchError, LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import IMAPClient, expand_set, parse_fetch
+from mailcore.store.schema import fetch_folders
 from tests.support.dovecot import dovecot_pki
 from tests.support.fetchenv import make_env
 from tests.support.reactor import get_reactor
@@ -385,7 +387,7 @@ class MissingBodyTests(TestCase):
     timeout = 30
 
     async def sync(self, *, left_out: int = 0, size_omit: frozenset[int] = frozenset(),
-                   gone: frozenset[int] = frozenset()) -> tuple[Any, Any, int, int]:
+                   gone: frozenset[int] | set[int] = frozenset()) -> tuple[Any, Any, int, int]:
         """Sync an account of UIDs 1 to 3 whose server leaves UID 2's body out of its first
         `left_out` body FETCHes; `gone` UIDs are listed by the first search only (expunged
         meanwhile), `size_omit` ones left out of the size FETCH. The result, the env, the
@@ -401,7 +403,8 @@ class MissingBodyTests(TestCase):
         def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
             words = rest.split()
             listed = [1, 2, 3] if words[-1] == b"ALL" else [
-                u for u in expand_set(words[-1].replace(b"*", b"3"), 10) if u not in gone]
+                u for u in expand_set(words[-1].replace(b"*", b"3"), 10)
+                if u <= 3 and u not in gone]
             conn.transport.write(b"* SEARCH " + b" ".join(b"%d" % u for u in listed) + b"\r\n"
                                  + tag + b" OK searched\r\n")
             return True
@@ -446,6 +449,39 @@ class MissingBodyTests(TestCase):
         self.assertEqual((result.status, result.new_messages), ("error", 2))
         self.assertEqual(result.problems(),
                          f"INBOX: UID 2: 127.0.0.1:{port} sent no body for it, twice; not fetched")
+        self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 3])
+
+    async def test_a_skipped_message_is_tried_again_at_each_sync_until_it_is_fetched(
+        self,
+    ) -> None:
+        """The next sync looked only above the highest UID held: UID 2 was never fetched,
+        and its error went with the next sync, which said success."""
+        result, env, account_id, port = await self.sync(left_out=4)
+        self.assertEqual((result.status, result.new_messages), ("error", 2))
+
+        async def folder() -> tuple[str | None, str | None]:
+            row = (await env.db.read("folder", lambda c: c.execute(select(
+                fetch_folders.c.sync_error, fetch_folders.c.skipped_uids)).one()))
+            return row.sync_error, row.skipped_uids
+
+        error = f"UID 2: 127.0.0.1:{port} sent no body for it, twice; not fetched"
+        self.assertEqual(await folder(), (error, "2"))
+        again = await env.engine.sync(account_id)  # left out twice more: still an error
+        self.assertEqual((again.status, again.new_messages, again.problems()),
+                         ("error", 0, f"INBOX: {error}"))
+        self.assertEqual(await folder(), (error, "2"))
+        last = await env.engine.sync(account_id)
+        self.assertEqual((last.status, last.new_messages), ("success", 1), last.problems())
+        self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 2, 3])
+        self.assertEqual(await folder(), (None, None))
+
+    async def test_a_skipped_message_expunged_since_is_no_longer_an_error(self) -> None:
+        gone: set[int] = set()
+        result, env, account_id, _port = await self.sync(left_out=2, gone=gone)
+        self.assertEqual(result.status, "error")
+        gone.add(2)  # expunged before the next sync
+        again = await env.engine.sync(account_id)
+        self.assertEqual((again.status, again.new_messages), ("success", 0), again.problems())
         self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 3])
 
     async def test_a_message_expunged_since_the_search_is_no_error(self) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -650,8 +650,11 @@ class SyncEngine:
         rescan = state.uidvalidity is not None and state.uidvalidity != uidvalidity
         now = self.now()
 
+        # What the last sync could not fetch is tried again (the search below looks only
+        # above the highest UID held), and the folder keeps its error while one is left.
+        retry = state.skipped_uids if state.uidvalidity == uidvalidity else ()
         unchanged = (
-            not rescan and info.highestmodseq is not None
+            not rescan and not retry and info.highestmodseq is not None
             and state.highestmodseq == info.highestmodseq
             and state.uidnext is not None and state.uidnext == info.uidnext
         )
@@ -685,8 +688,8 @@ class SyncEngine:
                                   info.vanished)
 
         uids = await self._wanted_uids(session, account, info.exists, uidvalidity, state,
-                                       max_uid, rescan, now)
-        skipped: list[str] = []
+                                       max_uid, rescan, now, retry)
+        skipped: dict[int, str] = {}  # by UID
         sizes: dict[int, int] = {}
         asked = [session.uid_fetch(uids[i : i + _SIZE_CHUNK], b"UID RFC822.SIZE")
                  for i in range(0, len(uids), _SIZE_CHUNK)]  # pipelined
@@ -703,13 +706,11 @@ class SyncEngine:
             # A UID the size fetch left out is fetched all the same (expunged since the
             # search, its body will be missing too; else the literal's bound applies).
             if uid in oversized.skipped:
-                skipped.append(oversized.skipped[uid])
+                skipped[uid] = oversized.skipped[uid]
                 continue
             if sizes.get(uid, 0) > s.max_message_bytes:
-                skipped.append(
-                    f"UID {uid} is {sizes[uid]} bytes, over the limit of "
-                    f"{s.max_message_bytes}; not fetched"
-                )
+                skipped[uid] = (f"UID {uid} is {sizes[uid]} bytes, over the limit of "
+                                f"{s.max_message_bytes}; not fetched")
                 continue
             todo.append(uid)
         if oversized.progress is None:
@@ -760,9 +761,10 @@ class SyncEngine:
             for _batch, d in pending:
                 _swallow(d)
         await self._progress(account, state.name, progress[0], progress[1], now=True)
-        folder_result.skipped = skipped
-        if skipped:
-            folder_result.error = "; ".join(skipped)
+        folder_result.skipped = list(skipped.values())
+        error = "; ".join(skipped.values()) or None
+        if error:
+            folder_result.error = error
         if rescan and account.sync_limit_type == "all" and not skipped:
             # Copies under the old UIDVALIDITY that matched nothing are gone from the
             # server; they stay ours, marked as such.
@@ -770,16 +772,22 @@ class SyncEngine:
         await self.db.run(
             "save_fetch_folder_state", thd_save_folder_state, state.id,
             uidvalidity=uidvalidity, uidnext=info.uidnext, highestmodseq=info.highestmodseq,
-            now=self.now(), error="; ".join(skipped) if skipped else None,
+            now=self.now(), error=error, skipped_uids=list(skipped),
         )
 
     async def _wanted_uids(
         self, session: IMAPClient, account: Account, exists: int, uidvalidity: int,
         state: FolderState, max_uid: int, rescan: bool, now: datetime.datetime,
+        retry: Sequence[int] = (),
     ) -> list[int]:
-        """UIDs on the server, within the account's limits, that we do not hold yet."""
+        """UIDs on the server, within the account's limits, that we do not hold yet, and
+        those the last sync skipped (`retry`: if gone meanwhile, their FETCH finds them
+        gone)."""
+        again = set(retry) - await self.db.read(
+            "fetch_stored_uids", thd_stored_uids, state.id, uidvalidity, retry
+        ) if retry else set()
         if exists == 0:
-            return []
+            return sorted(again)
         criteria: list[bytes] = []
         if account.sync_limit_type == "last_n":
             first = max(1, exists - account.sync_limit_value + 1)
@@ -795,13 +803,13 @@ class SyncEngine:
             found = await session.uid_search(b" ".join(criteria), max_uids=bound)
             held = await self.db.read("fetch_stored_uids", thd_stored_uids, state.id,
                                       uidvalidity)
-            return [u for u in found if u not in held]
+            return sorted(again | {u for u in found if u not in held})
         criteria.append(b"UID %d:*" % (max_uid + 1))
         found = await session.uid_search(b" ".join(criteria), max_uids=bound)
-        return [u for u in found if u > max_uid]
+        return sorted(again | {u for u in found if u > max_uid})
 
     async def _missing(self, session: IMAPClient, missing: list[int],
-                       skipped: list[str]) -> _Parsed:
+                       skipped: dict[int, str]) -> _Parsed:
         """The messages of a batch whose FETCH reply held no body: those expunged since the
         search are dropped; those still in the folder are fetched once more, before the
         batch is stored (the next sync looks only above the highest UID held, so a message
@@ -817,8 +825,8 @@ class SyncEngine:
             over = e.uid if e.uid in again else again[0] if len(again) == 1 else None
             raise _BodyTooLarge(over, e) from None
         got = {f.uid for f in fetched}
-        skipped.extend(f"UID {uid}: {session.host} sent no body for it, twice; not fetched"
-                       for uid in again if uid not in got)
+        skipped.update((uid, f"UID {uid}: {session.host} sent no body for it, twice; not "
+                             "fetched") for uid in again if uid not in got)
         return fetched, parsed
 
     def _fetch_and_parse(self, session: IMAPClient, batch: list[int]) -> defer.Deferred[_Parsed]:

@@ -8,6 +8,7 @@ written after a folder sync completes and only serve to skip work.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,20 @@ class FolderState:
     highestmodseq: int | None
     delimiter: str | None = None  # as the server's LIST last gave them
     special_use: str | None = None
+    # UIDs (under `uidvalidity`) the last sync could not fetch, and why (its error).
+    skipped_uids: tuple[int, ...] = ()
+    sync_error: str | None = None
+
+
+def _uids(text: str | None) -> tuple[int, ...]:
+    return tuple(int(u) for u in (text or "").split() if u.isdigit())
 
 
 def _state(row: Any) -> FolderState:
     m = row._mapping
     return FolderState(m["id"], m["name"], m["uidvalidity"], m["uidnext"], m["highestmodseq"],
-                       m["delimiter"], m["special_use"])
+                       m["delimiter"], m["special_use"], _uids(m["skipped_uids"]),
+                       m["sync_error"])
 
 
 def thd_upsert_folders(
@@ -121,14 +130,14 @@ def thd_max_uid(conn: Connection, folder_id: int, uidvalidity: int) -> int:
     return int(value or 0)
 
 
-def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
-    return set(
-        conn.execute(
-            select(messages.c.uid)
-            .where(messages.c.folder_id == folder_id)
-            .where(messages.c.uidvalidity == uidvalidity)
-        ).scalars()
-    )
+def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int,
+                    among: Sequence[int] | None = None) -> set[int]:
+    """The UIDs we hold of (folder, uidvalidity); only those `among` when given."""
+    query = (select(messages.c.uid).where(messages.c.folder_id == folder_id)
+             .where(messages.c.uidvalidity == uidvalidity))
+    if among is not None:
+        query = query.where(messages.c.uid.in_(list(among)))
+    return set(conn.execute(query).scalars())
 
 
 def thd_stored_uidls(conn: Connection, folder_id: int) -> set[str]:
@@ -150,11 +159,15 @@ def thd_save_folder_state(
     highestmodseq: int | None,
     now: datetime.datetime,
     error: str | None,
+    skipped_uids: Sequence[int] = (),
 ) -> None:
+    """A folder synced: its new state, and what it could not fetch (`skipped_uids`, under
+    `uidvalidity`, with `error` saying why)."""
     conn.execute(
         update(fetch_folders).where(fetch_folders.c.id == folder_id).values(
             uidvalidity=uidvalidity, uidnext=uidnext, highestmodseq=highestmodseq,
             last_sync=now, sync_error=error,
+            skipped_uids=" ".join(str(u) for u in sorted(skipped_uids)) or None,
         )
     )
 

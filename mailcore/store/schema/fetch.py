@@ -82,5 +82,9 @@ fetch_folders = Table(
     Column("exists_on_server", Boolean, nullable=False, server_default="1"),
     Column("last_sync", DateTime(timezone=True), nullable=True),
     Column("sync_error", Text, nullable=True),
+    # The UIDs (under `uidvalidity`, space-separated) the last sync could not fetch: over
+    # the size limit, or their body left out twice. Tried again at each sync; the folder
+    # keeps its error while one is left (mailcore.fetch.engine).
+    Column("skipped_uids", Text, nullable=True),
     UniqueConstraint("account_id", "name", name="uq_fetch_folders_account_name"),
 )
