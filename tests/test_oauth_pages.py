@@ -91,6 +91,11 @@ class AuthorizePageTests(PageClient):
         self.assertEqual(status, 302)
         location = header(headers, "location") or ""
         self.assertTrue(location.startswith(REDIRECT + "?"), location)
+        # The redirect carries the code: not stored, no Referer onwards, no framing (it had
+        # none of the page headers).
+        self.assertEqual((header(headers, "cache-control"), header(headers, "referrer-policy"),
+                          header(headers, "x-frame-options")),
+                         ("no-store", "same-origin", "DENY"))
         query = query_of(location)
         self.assertEqual(query["state"], "s-1")
         status, _, token = await self.client.exchange(
@@ -111,6 +116,7 @@ class AuthorizePageTests(PageClient):
         status, headers, _ = await self.form(path, action="login", username="alice@example.test",
                                              password=PASSWORD)
         self.assertEqual(status, 303)
+        self.assertEqual(header(headers, "cache-control"), "no-store")
         found = cookie(headers, "mc_session")
         assert found is not None
         line = found[1].lower()

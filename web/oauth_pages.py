@@ -54,6 +54,7 @@ from web.pages import (
     get_cookie,
     host_cookie_name,
     page_replies,
+    redirect,
     set_cookie,
 )
 from web.settings import WebSettings
@@ -111,8 +112,7 @@ class OAuthPagesApp(PageApp):
         except AuthorizationRefused as e:
             raise PageError(400, "Authorization refused", e.message) from None
         except AuthorizationRedirect as e:
-            request.setResponseCode(302)
-            request.setHeader(b"Location", e.location.encode("ascii"))
+            redirect(request, 302, e.location)
             return None
 
     @staticmethod
@@ -141,9 +141,7 @@ class OAuthPagesApp(PageApp):
             await self.identity.end_credential(session.user.id, session.credential_id)
         clear_cookie(request, session_cookie_name(request))
         self.pages.renew_csrf(request)
-        request.setResponseCode(303)
-        request.setHeader(b"Location", _this_page(request))
-        return b""
+        return redirect(request, 303, _this_page(request))
 
     def _login_page(self, request: IRequest, consent: Consent | None, status: int = 200,
                     error: str = "", username: str = "") -> bytes:
@@ -231,9 +229,7 @@ class OAuthPagesApp(PageApp):
         except SessionEnded:
             # Ended meanwhile (a password change, a logout elsewhere): log in again.
             return self._login_page(request, consent)
-        request.setResponseCode(302)
-        request.setHeader(b"Location", location.encode("ascii"))
-        return b""
+        return redirect(request, 302, location)
 
     async def _log_in(self, request: IRequest, consent: Consent | None,
                       fields: dict[str, object]
@@ -250,9 +246,7 @@ class OAuthPagesApp(PageApp):
                                     "That username or password is not right.", username)
         set_cookie(request, session_cookie_name(request), secret)
         self.pages.renew_csrf(request)
-        request.setResponseCode(303)
-        request.setHeader(b"Location", _this_page(request))
-        return b""
+        return redirect(request, 303, _this_page(request))
 
     # -- the Applications page ----------------------------------------------------------
 

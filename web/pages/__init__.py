@@ -151,6 +151,17 @@ def set_security_headers(request: IRequest, form_action: Sequence[str] = ()) -> 
         request.setHeader(b"Content-Security-Policy", csp.encode("ascii"))
 
 
+def redirect(request: IRequest, status: int, location: str | bytes) -> bytes:
+    """A page's redirect (302, 303), with the headers every page carries: among them
+    `Cache-Control: no-store` (an OAuth redirect carries a code) and the Referrer-Policy,
+    which browsers apply to the request they are sent on with."""
+    set_security_headers(request)
+    request.setResponseCode(status)
+    request.setHeader(b"Location",
+                      location if isinstance(location, bytes) else location.encode("ascii"))
+    return b""
+
+
 def set_cookie(
     request: IRequest,
     name: str,
