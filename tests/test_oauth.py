@@ -348,7 +348,11 @@ class AppTests(Base):
                     "https://user:pw@a.example/cb", "https://user@a.example/cb",
                     "https://a.example:0/cb", "https://a.example:x/cb", "https://a.example:/cb",
                     "https://[::1%25eth0]/cb", "https://[nope]/cb", "https://a_b.example/cb",
-                    "https://-a.example/cb", "https://1.2.3/cb", "https://a..example/cb"):
+                    "https://-a.example/cb", "https://1.2.3/cb", "https://a..example/cb",
+                    # http only to a loopback host (the code would cross the network in
+                    # the clear)
+                    "http://client.example/cb", "http://192.0.2.1/cb", "http://[2001:db8::1]/cb",
+                    "http://localhost.example/cb"):
             with self.assertRaises(OAuthError, msg=uri):
                 await self.web.core.oauth.add_app(self.alice.id, "x", [uri])
         app, _ = await self.web.core.oauth.add_app(self.alice.id, "x", [

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailcore.identity import Identity, Principal, User
 from mailcore.identity import secrets as creds
 from mailcore.identity.service import thd_get_user, thd_hold_live_credential, utc
-from mailcore.oauth.redirects import normal_redirect_uri
+from mailcore.oauth.redirects import is_loopback_redirect, normal_redirect_uri
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.oauth.validator import SCOPES, GrantLost, StoreValidator, redirect_uris
 from mailcore.store import Database
@@ -107,12 +107,19 @@ def _app(row: Any) -> App:
 
 def check_redirect_uri(uri: str) -> str:
     """A redirect URI fit to register (RFC 6749 §3.1.2) in the normal form it is stored and
-    compared in (mailcore.oauth.redirects): absolute http(s), no fragment, no userinfo, a
-    host name or IP address for host."""
+    compared in (mailcore.oauth.redirects): absolute https, no fragment, no userinfo, a
+    host name or IP address for host; http only to a loopback host (a native app's own
+    listener, RFC 8252 §7.3): over the network, a code sent in the clear can be read on the
+    way and exchanged by anyone who has the client's secret or none is needed (OAuth 2.1
+    §2.3.1)."""
     try:
-        return normal_redirect_uri(uri)
+        normal = normal_redirect_uri(uri)
     except ValueError as e:
         raise OAuthError(str(e), "redirect_uri") from None
+    if normal.startswith("http:") and not is_loopback_redirect(normal):
+        raise OAuthError(f"redirect URI {uri!r} must be https:// (http:// only to a loopback "
+                         f"host: 127.0.0.1, [::1], localhost)", "redirect_uri")
+    return normal
 
 
 def _apps_query() -> Any:

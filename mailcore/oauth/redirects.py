@@ -42,6 +42,18 @@ def normal_redirect_uri(uri: str) -> str:
                        _ascii(parts.query), ""))
 
 
+def is_loopback_redirect(normal: str) -> bool:
+    """Whether a redirect URI in normal form names a loopback host: `localhost`, an address
+    of 127.0.0.0/8, or `[::1]`."""
+    host = urlsplit(normal).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def redirect_origin(uri: str) -> str:
     """scheme://host[:port] of a redirect URI, from its normal form (ValueError as
     `normal_redirect_uri`)."""
