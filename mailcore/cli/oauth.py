@@ -26,8 +26,9 @@ def register(subparsers: Any) -> None:
     app_actions = app.add_subparsers(dest="oauth_app_command", metavar="ACTION", required=True)
     add = app_actions.add_parser(
         "add", help="register an app (prints its uid and secret, once)",
-        description="Register an app. Its redirect URIs must be absolute http(s) URIs without "
-        "a fragment; an authorization request must name one of them exactly.",
+        description="Register an app. Its redirect URIs must be absolute https:// URIs "
+        "(http:// only to a loopback host: 127.0.0.1, [::1], localhost) without a fragment; "
+        "an authorization request must name one of them exactly.",
     )
     add.add_argument("name", help="the app's name, shown on the consent page")
     add.add_argument("--owner", required=True, help="the owning user (name or email)")
