@@ -120,6 +120,29 @@ class DomainRemovalMixin(DatabaseMixin):
         self.assertEqual(await w.send(alice, **reply_to_bob), Outcome.UNAUTHORIZED)
         self.assertEqual(await w.send(alice, **{"from": "alice@y.test"}), Outcome.ENQUEUED)
 
+    async def test_the_default_from_is_a_mailbox_still_served(self) -> None:
+        # alice's mailboxes: bob@x.test (its domain removed) and zed@z.test. A mail posted
+        # without `from` took the first by address, the inactive one, and stayed a draft
+        # "unauthorized from" though she has a mailbox to send it from.
+        w, alice, _, _ = await self.world()
+        await w.domains.add("z.test", alice, "", hosted=True)
+        await w.boxes.add("zed@z.test", alice)
+        await w.domains.remove("x.test", owner_id=alice)
+        for user_email in ("", BOB):  # also when her own address is the inactive mailbox
+            written = await w.mail.create(alice, user_email, Edit("outbox", {
+                "to": "x@far.test", "subject": "hi"}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        self.assertEqual(await w.db.read("froms", lambda conn: conn.execute(
+            select(mailapi_mail.c.mail_from).where(mailapi_mail.c.status == "outbox"))
+            .scalars().all()), ["zed@z.test", "zed@z.test"])
+        # A draft without `from` is kept in (and written from) the live mailbox too.
+        draft = await w.mail.create(alice, BOB, Edit("draft", {"to": "x@far.test"}))
+        mail = await w.mail.get(alice, draft.public_id)
+        self.assertEqual((mail.mailbox, mail.fields["from"]), ("zed@z.test", "zed@z.test"))
+        # With no live mailbox left, the default is still hers (a draft, unauthorized).
+        await w.domains.remove("z.test", owner_id=alice)
+        self.assertEqual(await w.send(alice, **{"from": ""}), Outcome.UNAUTHORIZED)
+
     async def test_the_same_owner_claiming_the_name_again_gets_another_domain(self) -> None:
         w, alice, _, old = await self.world()
         await w.domains.remove("x.test", owner_id=alice)

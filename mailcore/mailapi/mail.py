@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from io import BytesIO
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from twisted.internet import defer
@@ -136,9 +136,9 @@ _DELETE_BY_ID = delete(mailapi_mail).where(_m.id == bindparam("row_id")) \
     .returning(_m.mailbox_id)
 _PARTS = select(_a.id, _a.name, _a.content_type, _a.sha256, _a.size) \
     .where(_a.mail_id == bindparam("mail_id")).order_by(_a.id)
-_OWNED = select(mailboxes.c.id, mailboxes.c.address) \
+_OWNED = select(mailboxes.c.id, mailboxes.c.address, mailboxes.c.domain_id) \
     .where(mailboxes.c.owner_id == bindparam("user"))
-_GRANTED = select(mailboxes.c.id, mailboxes.c.address, mailbox_grants) \
+_GRANTED = select(mailboxes.c.id, mailboxes.c.address, mailboxes.c.domain_id, mailbox_grants) \
     .join(mailbox_grants, mailbox_grants.c.mailbox_id == mailboxes.c.id) \
     .where(mailbox_grants.c.user_id == bindparam("user"),
            mailboxes.c.owner_id != bindparam("user"))
@@ -187,10 +187,23 @@ class Written:
     mailbox_id: int | None = None
 
 
+class Held(NamedTuple):
+    """A mailbox as one user holds it: its address, the user's rights on it, and whether
+    it is active (bound to the domain it was created under; mailcore.mailapi.mailboxes)."""
+
+    address: str
+    rights: Rights
+    active: bool
+
+
+# Every mailbox a user holds a right on, by id.
+Holdings = dict[int, Held]
+
+
 # What a write reads before its transaction to build the message: the mail's fields, the
 # caller's rights, the attachments (name, content type, file hash), and the size of the
 # body and attachments.
-Gathered = tuple[dict[str, str], dict[int, tuple[str, Rights]],
+Gathered = tuple[dict[str, str], Holdings,
                  list[tuple[str, str, str | None]], int]
 # What a message is built from: the checked fields, the parsed recipients, the attachments
 # (name, content type, file hash; None for bytes kept in the row) and the time.
@@ -206,15 +219,15 @@ class Built:
     raw: bytes
 
 
-def thd_rights_by_mailbox(conn: Connection, user_id: int) -> dict[int, tuple[str, Rights]]:
-    """Blocking: every mailbox `user_id` holds a right on: id → (address, rights)."""
-    out: dict[int, tuple[str, Rights]] = {}
+def thd_rights_by_mailbox(conn: Connection, user_id: int) -> Holdings:
+    """Blocking: every mailbox `user_id` holds a right on: id → (address, rights, active)."""
+    out: Holdings = {}
     for row in conn.execute(_OWNED, {"user": user_id}):
-        out[row.id] = (row.address, Rights.every())
+        out[row.id] = Held(row.address, Rights.every(), row.domain_id is not None)
     for row in conn.execute(_GRANTED, {"user": user_id}):
         rights = Rights(**{r: bool(getattr(row, r)) for r in RIGHTS})
         if rights.any():
-            out[row.id] = (row.address, rights)
+            out[row.id] = Held(row.address, rights, row.domain_id is not None)
     return out
 
 
@@ -284,7 +297,7 @@ def _size(values: dict[str, str], sizes: Iterable[int]) -> int:
     return sum(len(v) for v in values.values()) + sum(sizes)
 
 
-def _new_values(edit: Edit, rights: dict[int, tuple[str, Rights]], user_email: str
+def _new_values(edit: Edit, rights: Holdings, user_email: str
                 ) -> dict[str, str]:
     """A new mail's fields: the ones given, `from` the caller's default when not given."""
     values = {name: edit.values.get(name, "") for name in FIELDS}
@@ -323,7 +336,7 @@ class MailService:
         return await self.db.read("mailapi_page", thd_page, user_id, count, cursor)
 
     def _thd_find(self, conn: Connection, user_id: int, public_id: str,
-                  rights: dict[int, tuple[str, Rights]] | None = None
+                  rights: Holdings | None = None
                   ) -> tuple[Any, str, Rights]:
         """The mail `public_id` if the caller may read it (else NOT_FOUND), the address of
         its mailbox and the caller's rights there; `rights` when the caller has them."""
@@ -333,7 +346,7 @@ class MailService:
         if row is None or row.mailbox_id not in rights \
                 or not rights[row.mailbox_id][1].allow_read:
             raise MailApiError(NOT_FOUND, "email not found")
-        address, held = rights[row.mailbox_id]
+        address, held, _ = rights[row.mailbox_id]
         return row, address, held
 
     async def get(self, user_id: int, public_id: str) -> Mail:
@@ -601,7 +614,7 @@ class MailService:
                 hook(written.mailbox_id)
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
-                    status: str | None, rights: dict[int, tuple[str, Rights]],
+                    status: str | None, rights: Holdings,
                     now: float, built: Built | None, sendable: Sendable | None = None
                     ) -> Written:
         """Leave `row` a draft, or check it and put it in the outbox (with the message
@@ -687,7 +700,7 @@ def _too_long(values: dict[str, str]) -> bool:
 Sendable = Outcome | tuple[dict[str, str], dict[str, list[str]]]
 
 
-def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> Sendable:
+def _sendable(values: dict[str, str], rights: Holdings) -> Sendable:
     """Whether a mail with `values` may go out with these rights: its checked fields
     (`from` as the bare address) and parsed recipients, else the outcome that keeps it a
     draft."""
@@ -712,8 +725,8 @@ def _sendable(values: dict[str, str], rights: dict[int, tuple[str, Rights]]) -> 
     if has_control_multiline(values["body"]):
         # ESC, DEL, C1...: no text/plain body carries them (RFC 2045 2.7, RFC 5322 2.3).
         return Outcome.BAD_BODY
-    sendable = {a for a, r in rights.values() if r.allow_send}
-    reply_ok = {a for a, r in rights.values() if r.allow_reply_to}
+    sendable = {h.address for h in rights.values() if h.rights.allow_send}
+    reply_ok = {h.address for h in rights.values() if h.rights.allow_reply_to}
     if recipients["from"][0] not in sendable \
             or any(a not in reply_ok for a in recipients["reply-to"]):
         return Outcome.UNAUTHORIZED
@@ -746,29 +759,31 @@ def _thd_served(conn: Connection, sendable: Sendable) -> Sendable:
     return sendable
 
 
-def _default_from(rights: dict[int, tuple[str, Rights]], user_email: str) -> str | None:
+def _default_from(rights: Holdings, user_email: str) -> str | None:
     """The user's main address: its own email when it may send from it, else the first
-    mailbox it owns or may send from."""
+    mailbox it owns or may send from; of those, a mailbox still bound to its domain
+    (`Held.active`) before one whose domain was removed, which sends nothing."""
     return _main_address(rights, user_email, lambda r: r.allow_send)
 
 
-def _main_address(rights: dict[int, tuple[str, Rights]], user_email: str,
+def _main_address(rights: Holdings, user_email: str,
                   usable: Callable[[Rights], bool]) -> str | None:
-    """Of the mailboxes whose rights are `usable`: the user's own address, else the first."""
-    found = sorted(a for a, r in rights.values() if usable(r))
-    if user_email.lower() in found:
-        return user_email.lower()
-    return found[0] if found else None
+    """Of the mailboxes whose rights are `usable`, active ones first: the user's own
+    address, else the first by address."""
+    own = user_email.lower()
+    found = sorted((not h.active, h.address != own, h.address)
+                   for h in rights.values() if usable(h.rights))
+    return found[0][2] if found else None
 
 
-def _home(rights: dict[int, tuple[str, Rights]], mail_from: str, user_email: str,
+def _home(rights: Holdings, mail_from: str, user_email: str,
           sending: bool) -> int | None:
     """The mailbox a new mail is kept in. Mail `sending` now: its from's (the caller may
     send from it). Mail kept as a draft: one the caller may read as well as send from, as
     reading and editing the draft need both (allow_send alone lets the caller send from a
     mailbox, not see its mail): its from's when so, else the caller's own address's, else
     the first such; None when the caller has none."""
-    by_address = {a: (i, r) for i, (a, r) in rights.items()}
+    by_address = {h.address: (i, h.rights) for i, h in rights.items()}
     try:
         parsed = parse_address_list(mail_from, "from")
     except MailApiError:
