@@ -4,10 +4,11 @@ polling of the store), in posting order; each mailbox in a stream of its own."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from twisted.internet import defer
 
 from mailcore.mailapi import MailApiError, MailboxService, outbox
@@ -283,6 +284,36 @@ class OutboxWakeUpTests(QueueTestCase):
         rows = await self.db.read("rows", lambda c: c.execute(select(
             mailapi_mail.c.public_id, mailapi_mail.c.status)).all())
         self.assertEqual(sorted(rows), sorted((p, "outbox") for p in public_ids))
+        await self.set_active(True)
+        self.sender.kick()
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test", "r1@customer.test"])
+
+    async def test_the_outbox_of_a_disabled_users_domain_waits_whoever_owns_the_mailbox(
+            self) -> None:
+        # The domain's owner is disabled (its inbound mail is refused 450 for now), and
+        # joe, another user with a mailbox in it, went on sending as that domain: only the
+        # mailbox owner's state was looked at. Now the mail waits until the domain's owner
+        # is enabled, also when the sender read it before the owner was disabled.
+        joe = await self.db.run("joe", lambda c: c.execute(insert(users).values(
+            username="joe", email=JOE, nic="joe", created_at=datetime.datetime.now(
+                datetime.UTC)).returning(users.c.id)).scalar_one())
+        await MailboxService(self.db, self.clock).add(JOE, joe)
+        await self.set_active(False)
+        for n in range(2):
+            written = await self.mail.create(joe, JOE, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        self.assertEqual(await self.db.read("outbox", thd_outbox, 10), [])
+        self.sender.startService()
+        await self.sender.settled()
+        self.assertEqual((self.queued(), self.connector.addresses()), (0, []))
+        # Read while the owner was enabled, then disabled before the spool took it.
+        await self.set_active(True)
+        [first, _] = await self.db.read("outbox", thd_outbox, 10)
+        await self.set_active(False)
+        self.assertFalse(await self.db.run("take", outbox.thd_take, first[0], first[2],
+                                           self.clock.seconds()))
         await self.set_active(True)
         self.sender.kick()
         await self.sender.settled()

@@ -23,12 +23,13 @@ sent without a second accept. Hosted recipients are then delivered locally by th
 others routed as any mail ([queue] relayhost or MX); bounces come back to the sender's
 mailbox.
 
-The outbox of a mailbox whose owner is disabled (`mailcore user disable`) waits: its mail
-stays in the outbox, in its order, and is neither sent nor failed until the owner is enabled
-again; the sender leaves such mailboxes out when it reads the outbox, and the accept's guard
-refuses a mail whose owner was disabled since it was read (it stays in the outbox, as a mail
-changed meanwhile does). Every node looks at the outbox every OUTBOX_POLL seconds, so the
-mail goes within that once the owner is enabled.
+The outbox of a mailbox whose owner is disabled (`mailcore user disable`), or whose domain's
+owner is (the domain is suspended: its inbound mail is refused 450 meanwhile, whoever owns the
+mailbox), waits: its mail stays in the outbox, in its order, and is neither sent nor failed
+until that user is enabled again; the sender leaves such mailboxes out when it reads the
+outbox, and the accept's guard refuses a mail whose owner was disabled since it was read (it
+stays in the outbox, as a mail changed meanwhile does). Every node looks at the outbox every
+OUTBOX_POLL seconds, so the mail goes within that once the user is enabled.
 
 Nodes sharing the store send the outbox one at a time: a node claims the job lease
 "mailapi_outbox" (mailcore.store.leases) before it reads the rows it will send and again
@@ -56,7 +57,14 @@ from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
-from mailcore.store.schema import mailapi_mail, mailboxes, queue_messages, queue_recipients, users
+from mailcore.store.schema import (
+    domains,
+    mailapi_mail,
+    mailboxes,
+    queue_messages,
+    queue_recipients,
+    users,
+)
 from mailcore.store.schema.mailapi import OUTBOX, SENT
 
 log = Logger()
@@ -77,11 +85,14 @@ OUTBOX_LEASE = 120.0
 OUTBOX_POLL = 5.0
 
 _m = mailapi_mail.c
-# The mailboxes whose owner is enabled and whose domain is not removed: only their outbox is
-# sent (a removal sends its mailboxes' outbox mail back to the drafts: this also leaves out
-# mail read just before it, at thd_take).
+# The mailboxes whose owner and whose domain's owner are enabled, and whose domain is not
+# removed: only their outbox is sent (a removal sends its mailboxes' outbox mail back to the
+# drafts: this also leaves out mail read just before it, at thd_take).
+_domain_owners = users.alias("domain_owners")
 _SENDING = select(mailboxes.c.id).join(users, users.c.id == mailboxes.c.owner_id) \
-    .where(users.c.is_active.is_(True), mailboxes.c.domain_id.is_not(None))
+    .join(domains, domains.c.id == mailboxes.c.domain_id) \
+    .join(_domain_owners, _domain_owners.c.id == domains.c.owner_id) \
+    .where(users.c.is_active.is_(True), _domain_owners.c.is_active.is_(True))
 
 
 OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
@@ -120,7 +131,7 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
     queued = {r[0] for r in conn.execute(select(queue_messages.c.id).where(
         queue_messages.c.id.in_([row.queue_id for row in rows])))} if rows else set()
     out = []
-    domains: dict[str, int | None] = {}
+    domain_ids: dict[str, int | None] = {}
     for row in rows:
         addresses: list[str] = []
         for text, name in ((row.to_addrs, "to"), (row.cc_addrs, "cc"), (row.bcc_addrs, "bcc")):
@@ -130,9 +141,9 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
         recipients = []
         for address in addresses:
             domain = address.rpartition("@")[2]
-            if domain not in domains:
-                domains[domain] = thd_vouched_domain_for(conn, domain)
-            recipients.append(Recipient(address, domains[domain]))
+            if domain not in domain_ids:
+                domain_ids[domain] = thd_vouched_domain_for(conn, domain)
+            recipients.append(Recipient(address, domain_ids[domain]))
         envelope = Envelope(row.mail_from, tuple(recipients), kind="outbox")
         out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(raws[row.id]),
                     row.queue_id in queued))
