@@ -4,10 +4,12 @@ more than it holds."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import delete, event, insert, select, update
+from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -17,7 +19,7 @@ from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
 from mailcore.mailapi.mailboxes import Grant, OutboxNotEmpty
 from mailcore.mailapi.outbox import thd_mark_sent, thd_outbox
-from mailcore.store.schema import mailbox_grants, mailboxes
+from mailcore.store.schema import mailapi_mail, mailbox_grants, mailboxes
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -341,3 +343,109 @@ class PostgreSQLGrantRaceTests(DatabaseMixin, TestCase):
         expected = {**NONE, "allow_read": True, "allow_send": True}
         self.assertEqual(grant.rights.as_dict(), expected)
         self.assertEqual({r: getattr(row, r) for r in RIGHTS}, expected)
+
+
+class PostgreSQLWritesRacingAMailboxDeleteTests(DatabaseMixin, TestCase):
+    """A mailbox deleted (committed on another connection) while a write that read it is
+    under way: the write answers as if it had come a moment later, never with the store's
+    foreign-key failure (a 500), and stores what it can (PostgreSQL; SQLite's writers take
+    turns)."""
+
+    backend = "postgresql"
+    ZED = "zed@hosted.test"
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.open_database()
+        self.bob = await add_hosted_mailbox(self.db, BOX)
+        self.joe = await self.db.run("user", thd_make_user, "joe")
+        await self.db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=self.ZED, owner_id=self.bob, created_at=1.0,
+            domain_id=select(mailboxes.c.domain_id).scalar_subquery())))
+        self.boxes = MailboxService(self.db, Clock())
+        self.mail = MailService(self.db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                                CpuPool.for_tests())
+
+    async def deleting(self, address: str, after: str, work: Any) -> Any:
+        """Run `work()`; once it has run a statement containing `after`, the mailbox at
+        `address` is deleted on another connection (given two seconds to commit: a write
+        holding the mailbox makes it wait). `work`'s result, or what it raised."""
+        done = threading.Event()
+        started: list[threading.Thread] = []
+
+        def remove() -> None:
+            try:
+                with self.db.engine.begin() as other:
+                    other.execute(delete(mailboxes).where(mailboxes.c.address == address))
+            finally:
+                done.set()
+
+        def meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if started or after not in statement:
+                return
+            started.append(threading.Thread(target=remove))
+            started[0].start()
+            done.wait(2.0)
+
+        event.listen(self.db.engine, "after_cursor_execute", meanwhile)
+        try:
+            result = await work()
+        except Exception as e:
+            result = e
+        finally:
+            event.remove(self.db.engine, "after_cursor_execute", meanwhile)
+        self.assertTrue(started)
+        await threads.deferToThread(started[0].join, 30.0)
+        self.assertTrue(done.is_set())
+        return result
+
+    async def mail_rows(self) -> list[tuple[str, str, int]]:
+        return [tuple(r) for r in await self.db.read("rows", lambda c: c.execute(
+            select(mailapi_mail.c.status, mailboxes.c.address, mailboxes.c.mail_count)
+            .join(mailboxes, mailboxes.c.id == mailapi_mail.c.mailbox_id)).all())]
+
+    async def written_as_its_mailbox_goes(self, status: str) -> Any:
+        """bob writes a mail from BOX, deleted once the write has read bob's rights."""
+        written = await self.deleting(BOX, "mailbox_grants.user_id", lambda: self.mail.create(
+            self.bob, BOX, Edit(status, {"from": BOX, "to": "x@far.test"})))
+        self.assertNotIsInstance(written, Exception)
+        return written
+
+    async def test_a_draft_written_as_its_mailbox_goes_is_kept_in_another(self) -> None:
+        # The mail's row was inserted into the mailbox it had read: IntegrityError, 500
+        # "mail not sent / draft not saved". Now the mailbox is held from then on, or the
+        # rights read again when it went: the draft is kept in bob's other mailbox.
+        written = await self.written_as_its_mailbox_goes("draft")
+        self.assertEqual(written.outcome, Outcome.SAVED)
+        self.assertEqual(await self.mail_rows(), [("draft", self.ZED, 1)])
+
+    async def test_a_mail_sent_as_its_mailbox_goes_stays_a_draft_in_another(self) -> None:
+        # Its `from` gone, the mail is kept as a draft, 401 "unauthorized from".
+        written = await self.written_as_its_mailbox_goes("outbox")
+        self.assertEqual(written.outcome, Outcome.UNAUTHORIZED)
+        self.assertEqual(await self.mail_rows(), [("draft", self.ZED, 1)])
+
+    async def test_a_grant_made_as_its_mailbox_goes_is_no_failure(self) -> None:
+        # The grant's row was inserted for the mailbox read: IntegrityError, a 500.
+        grant = await self.deleting(BOX, "mailboxes.address", lambda: self.boxes.set_grant(
+            self.bob, BOX, "joe", {"allow_read": True}))
+        if isinstance(grant, MailApiError):
+            self.assertEqual(grant.kind, "not_found")
+        else:
+            self.assertIsInstance(grant, Grant)
+        self.assertIsNone(await self.boxes.find(BOX))
+        self.assertEqual(await self.db.read("grants", lambda c: c.execute(
+            select(mailbox_grants)).all()), [])
+
+    async def test_a_draft_sent_from_a_mailbox_that_goes_stays_a_draft(self) -> None:
+        # A draft of zed's put in the outbox from bob@: the from mailbox went between the
+        # check that it is served and its hold, and the edit answered 404 "email not found"
+        # with the draft as it was. It is the draft, edited, and 401.
+        draft = await self.mail.create(self.bob, self.ZED, Edit("draft", {
+            "from": self.ZED, "to": "x@far.test"}))
+        written = await self.deleting(BOX, "domains.verify_token", lambda: self.mail.update(
+            self.bob, draft.public_id, Edit("outbox", {"from": BOX, "subject": "s"}), None))
+        self.assertNotIsInstance(written, Exception)
+        self.assertEqual(written.outcome, Outcome.UNAUTHORIZED)
+        mail = await self.mail.get(self.bob, draft.public_id)
+        self.assertEqual((mail.status, mail.fields["from"], mail.fields["subject"]),
+                         ("draft", BOX, "s"))

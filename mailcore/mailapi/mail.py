@@ -72,7 +72,7 @@ from mailcore.mailapi.listing import (
     thd_attachments,
     thd_page,
 )
-from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_mailbox
+from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_hold_mailbox, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.periodic import PeriodicService
 from mailcore.queue.model import SERVED
@@ -488,17 +488,25 @@ class MailService:
                     _size(values, (f.size for f in edit.attachments)))
 
         def txn(conn: Connection, built: Built | None) -> Written:
-            rights = thd_rights_by_mailbox(conn, user_id)
-            values = _new_values(edit, rights, user_email)
-            # Checked once here (it parses every address field, inside the write lock) and
-            # handed to _thd_settle.
-            sendable = _thd_served(conn, _sendable(values, rights)) \
-                if edit.status == OUTBOX else None
-            sending = sendable is not None and not isinstance(sendable, Outcome)
-            box = _home(rights, values["from"], user_email, sending)
-            if box is None:
-                raise MailApiError(DENIED, "unauthorized from/reply-to - no mailbox of yours "
-                                   "can keep this email")
+            # The mailbox the mail is kept in is held once chosen (PostgreSQL: its delete
+            # waits for this commit, then takes the mail along or refuses, 409, while it is
+            # in the outbox). One deleted since the rights were read is not there to hold:
+            # they are read again, so that the mail is kept where it can be, never failed
+            # on the row's foreign key.
+            while True:
+                rights = thd_rights_by_mailbox(conn, user_id)
+                values = _new_values(edit, rights, user_email)
+                # Checked once here (it parses every address field, inside the write
+                # lock) and handed to _thd_settle.
+                sendable = _thd_served(conn, _sendable(values, rights)) \
+                    if edit.status == OUTBOX else None
+                sending = sendable is not None and not isinstance(sendable, Outcome)
+                box = _home(rights, values["from"], user_email, sending)
+                if box is None:
+                    raise MailApiError(DENIED, "unauthorized from/reply-to - no mailbox of "
+                                       "yours can keep this email")
+                if thd_hold_mailbox(conn, box):
+                    break
             key = conn.execute(_INSERT_MAIL, {
                 "public_id": thd_new_public_id(conn), "mailbox_id": box, "status": DRAFT,
                 "read": True, "created_at": now, **{COLUMNS[n]: v for n, v in values.items()},
@@ -632,8 +640,8 @@ class MailService:
             return Written(sendable, public_id)
         checked, recipients = sendable
         sender = thd_mailbox(conn, checked["from"], hold=True)
-        if sender is None:  # deleted, with this mail, while this transaction ran
-            raise MailApiError(NOT_FOUND, "email not found")
+        if sender is None:  # deleted since its rights were read: the mail stays a draft
+            return Written(Outcome.UNAUTHORIZED, public_id)
         found = _thd_parts(conn, row.id)
         made_from = (checked, recipients,
                      tuple((a.name, a.content_type, a.sha256) for a in found), now)

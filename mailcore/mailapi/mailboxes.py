@@ -139,11 +139,22 @@ def _thd_outbox_waiting(conn: Connection, box: int) -> int:
 def thd_mailbox(conn: Connection, address: str, *, hold: bool = False) -> Mailbox | None:
     """Blocking: the mailbox at `address` (stored form), or None. `hold`: kept from being
     deleted until the transaction ends (PostgreSQL: FOR KEY SHARE, which the owner's delete
-    waits for; SQLite's writers take turns), for mail put in its outbox."""
+    waits for; SQLite's writers take turns), for mail put in its outbox or a row that names
+    it (one deleted before is None: no insert then fails on its foreign key)."""
     query = _BY_ADDRESS.with_for_update(read=True, key_share=True, of=mailboxes) \
         if hold else _BY_ADDRESS
     row = conn.execute(query, {"address": address}).first()
     return _mailbox(row) if row is not None else None
+
+
+_HOLD_BY_ID = select(_b.id).where(_b.id == bindparam("box")) \
+    .with_for_update(read=True, key_share=True)
+
+
+def thd_hold_mailbox(conn: Connection, box: int) -> bool:
+    """Blocking: whether the mailbox `box` is still there, then kept from being deleted
+    until the transaction ends (as thd_mailbox's `hold`)."""
+    return conn.execute(_HOLD_BY_ID, {"box": box}).first() is not None
 
 
 def thd_rights(conn: Connection, mailbox: Mailbox, user_id: int) -> Rights:
@@ -156,14 +167,16 @@ def thd_rights(conn: Connection, mailbox: Mailbox, user_id: int) -> Rights:
     return _rights(row) if row is not None else Rights()
 
 
-def thd_access(conn: Connection, user_id: int, address: str) -> Access:
+def thd_access(conn: Connection, user_id: int, address: str, *, hold: bool = False
+               ) -> Access:
     """Blocking: `user_id`'s access to the mailbox at `address`; unknown or invisible
-    mailboxes raise NOT_FOUND."""
+    mailboxes raise NOT_FOUND. `hold`: the mailbox is kept from being deleted until the
+    transaction ends (thd_mailbox), for a write that adds a row naming it."""
     try:
         stored = normalise_address(address, "email")
     except MailApiError:
         raise _not_found(address) from None
-    mailbox = thd_mailbox(conn, stored)
+    mailbox = thd_mailbox(conn, stored, hold=hold)
     if mailbox is None:
         raise _not_found(address)
     rights = thd_rights(conn, mailbox, user_id)
@@ -374,7 +387,9 @@ class MailboxService:
             raise MailApiError(INVALID, f"unknown right: {unknown[0]}", unknown[0])
 
         def txn(conn: Connection) -> Grant:
-            access = thd_access(conn, user_id, address)
+            # Held: the owner's delete of the mailbox meanwhile waits for the grant (then
+            # takes it along) or went first (NOT_FOUND), instead of failing its insert.
+            access = thd_access(conn, user_id, address, hold=True)
             _require_modify(access)
             box = access.mailbox
             target_id, target_name = _thd_user(conn, username)
