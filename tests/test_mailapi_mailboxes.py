@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.mailapi import RIGHTS, MailApiError, MailboxService
+from mailcore.mailapi.delivery import LocalMailboxes
 from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
@@ -449,3 +450,20 @@ class PostgreSQLWritesRacingAMailboxDeleteTests(DatabaseMixin, TestCase):
         mail = await self.mail.get(self.bob, draft.public_id)
         self.assertEqual((mail.status, mail.fields["from"], mail.fields["subject"]),
                          ("draft", BOX, "s"))
+
+    async def test_a_delivery_to_a_mailbox_that_goes_stores_its_other_recipients(
+            self) -> None:
+        # The delivery read BOX as hosted, the delete committed, and the insert of its mail
+        # failed on the foreign key: the whole delivery (ZED's copy too) was deferred, 4.3.0
+        # "mailbox store unavailable", to be tried again later. The mailbox is now held
+        # from its read: the delete waits, then takes BOX's copy along.
+        files = MailFiles(Path(self.mktemp()))
+        files.prepare()
+        local = LocalMailboxes(files, CpuPool.for_tests())
+        prepared = await local.prepare("Q1", b"From: s@far.test\r\nSubject: hi\r\n\r\nhi\r\n")
+        stored = await self.deleting(BOX, "mailboxes.address", lambda: self.db.run(
+            "deliver", local.thd_store, [(1, BOX), (2, self.ZED)], "Q1", prepared, 1.0))
+        self.assertEqual(stored, {1, 2})
+        self.assertIsNone(await self.boxes.find(BOX))
+        self.assertEqual(await self.mail_rows(), [("inbox", self.ZED, 1)])
+

@@ -51,12 +51,16 @@ def thd_new_public_id(conn: Connection) -> str:
 
 
 # The addresses of the mailboxes whose own domain row (the one they were created under) is
-# served; and the mailbox at :address, if it is one of them.
+# served; and the mailbox at :address, if it is one of them, held until the delivery commits
+# (PostgreSQL: FOR KEY SHARE, as mailcore.mailapi.mailboxes.thd_mailbox's `hold`): its delete
+# meanwhile waits and takes the mail along, instead of failing the delivery's insert (and with
+# it every recipient's copy) on the foreign key.
 _HOSTED = select(mailboxes.c.address) \
     .join(domains, domains.c.id == mailboxes.c.domain_id).where(SERVED)
 _HOSTED_BOX = select(mailboxes.c.id) \
     .join(domains, domains.c.id == mailboxes.c.domain_id) \
-    .where(mailboxes.c.address == bindparam("address"), SERVED)
+    .where(mailboxes.c.address == bindparam("address"), SERVED) \
+    .with_for_update(read=True, key_share=True, of=mailboxes)
 
 
 def thd_hosted(conn: Connection) -> frozenset[str]:
