@@ -51,6 +51,7 @@ from mailcore.mailapi import (
     MailboxService,
 )
 from mailcore.mailapi.files import TOO_LARGE, StoredFile
+from mailcore.mailapi.listing import PAGE_CHARS
 from mailcore.mailapi.mail import (
     DEFAULT_COUNT,
     FIELDS,
@@ -369,7 +370,10 @@ class MailApiApp(ApiApp):
         summary="List the mail the caller may read, newest first",
         description="A keyset page: `cursor` is a mail id (the page starts there, "
         "inclusive); `next_page_id` starts the next page, `previous_page_id` the one "
-        "before. Stable while new mail arrives.",
+        "before. Stable while new mail arrives. A page holds at most `count` mails, fewer "
+        f"when their fields (bodies, subjects, addresses) are over {PAGE_CHARS >> 20} MiB "
+        "of text in all (the first mail always): `next_page_id` names the first one left "
+        "out.",
         auth=MAIL_API,
         query={"count": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT,
                          "default": DEFAULT_COUNT},

@@ -9,6 +9,14 @@ mails shown. Each statement but the last is `Prepared` (mailcore.store.prepared:
 once, run on the driver, no SQLAlchemy work per execution); the last takes the page's ids
 as a list, which a prepared statement cannot.
 
+A page holds at most `count` mails, and fewer when their fields together (body, subject,
+addresses) are over PAGE_CHARS characters (the first mail always): the parts of the page are
+read with each mail's size and without its fields, which are read for the mails shown only.
+An inbox mail's body may be as large as the SMTP server's max_message_size (50 MB), a
+draft's 1 MiB: read whole, a page of 25 such mails, or of 1,000 (MAX_COUNT) drafts, held a
+gigabyte or more. `next_page_id` then names the first mail not shown, so a client following
+it misses none.
+
 Read per mailbox, a page costs the same whichever mailbox holds the newest mail, one short
 statement per mailbox the user may read (a few tens of microseconds each). One statement
 over all of them (`mailbox_id IN (...) ORDER BY id DESC LIMIT n`) reads fine on SQLite but
@@ -18,11 +26,23 @@ whose mail is older than most, over 300,000 mails, 70-100 ms against 0.5 ms.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Integer, bindparam, literal, or_, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    bindparam,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+)
 
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.store.prepared import Prepared
@@ -32,6 +52,8 @@ from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_gra
 FIELDS = ("to", "cc", "bcc", "reply-to", "from", "subject", "body")
 COLUMNS = {"to": "to_addrs", "cc": "cc_addrs", "bcc": "bcc_addrs", "reply-to": "reply_to",
            "from": "mail_from", "subject": "subject", "body": "body"}
+# The most characters of mail fields one page holds (more than one mail only when they fit).
+PAGE_CHARS = 8 * 1024 * 1024
 # No mail id reaches this: the first page is the page from it. (Bound as a BIGINT:
 # PostgreSQL's ids are INTEGERs, compared across the types down their index as they are.)
 _NEWEST = 2**62
@@ -111,15 +133,18 @@ def _box_part(columns: Sequence[Any], *, newer: bool) -> dict[str, Prepared]:
 # One mailbox's mails after the cursor, for the previous page.
 _AFTER = _box_part([_m.id, _m.public_id], newer=True)
 _FIELD_COLUMNS = [_m[COLUMNS[name]] for name in FIELDS]
-# One mailbox's part of the page (never `raw`, the message as sent: a page of up to 1,000
-# outbox mails would hold every one in memory).
+# One mailbox's part of the page, with each mail's size (its fields' characters) instead of
+# its fields (and never `raw`, the message as sent); then the fields of the mails shown.
+_SIZE = reduce(operator.add, [func.coalesce(func.length(c), 0) for c in _FIELD_COLUMNS])
 _ROWS = _box_part([_m.id, _m.public_id, _m.mailbox_id, _m.status, _m.read, _m.created_at,
-                   *_FIELD_COLUMNS], newer=False)
+                   _SIZE.label("size")], newer=False)
+_FIELDS = select(_m.id, *_FIELD_COLUMNS).where(_m.id.in_(bindparam("ids", expanding=True)))
 _ATTACHMENTS = (select(_a.mail_id, _a.name, _a.content_type, _a.size)
                 .where(_a.mail_id.in_(bindparam("ids", expanding=True))).order_by(_a.id))
 # Every statement of a page, for tests.
 STATEMENTS = (_BOXES.statement, _CURSOR.statement,
-              *(p.statement for part in (_AFTER, _ROWS) for p in part.values()), _ATTACHMENTS)
+              *(p.statement for part in (_AFTER, _ROWS) for p in part.values()), _FIELDS,
+              _ATTACHMENTS)
 
 
 def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> Page:
@@ -141,11 +166,26 @@ def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> 
         previous = after[-1][1] if after else None
     rows = sorted((row for box in boxes for row in _ROWS[conn.dialect.name].rows(
         conn, {"box": box, "start": start, "n": count + 1})), key=lambda r: -r[0])
-    following = rows[count][1] if len(rows) > count else None
-    shown = rows[:count]
-    attached = thd_attachments(conn, [row[0] for row in shown])
-    return Page([_mail(row, boxes[row[2]][0], attached.get(row[0], ())) for row in shown],
-                total, previous, following)
+    shown = _within(rows[:count], PAGE_CHARS)
+    following = rows[len(shown)][1] if len(rows) > len(shown) else None
+    ids = [row[0] for row in shown]
+    values = {row[0]: row[1:] for row in conn.execute(_FIELDS, {"ids": ids})} if ids else {}
+    attached = thd_attachments(conn, ids)
+    # (A mail deleted since its part was read is left out.)
+    return Page([mail_of(row[0], row[1], boxes[row[2]][0], row[3], row[4], row[5],
+                         values[row[0]], attached.get(row[0], ()))
+                 for row in shown if row[0] in values], total, previous, following)
+
+
+def _within(rows: Sequence[Any], most: int) -> Sequence[Any]:
+    """The first of `rows` whose sizes (their last column) together are at most `most`
+    characters; the first row always."""
+    total = 0
+    for n, row in enumerate(rows):
+        total += int(row[-1])
+        if n and total > most:
+            return rows[:n]
+    return rows
 
 
 def thd_attachments(conn: Connection, mail_ids: Sequence[int]
@@ -158,11 +198,6 @@ def thd_attachments(conn: Connection, mail_ids: Sequence[int]
             mine = found.setdefault(mail_id, [])
             mine.append(AttachmentInfo(len(mine) + 1, name, content_type, size))
     return {mail_id: tuple(items) for mail_id, items in found.items()}
-
-
-def _mail(row: Sequence[Any], address: str, attachments: tuple[AttachmentInfo, ...]) -> Mail:
-    mail_id, public_id, _, status, read, created_at, *values = row
-    return mail_of(mail_id, public_id, address, status, read, created_at, values, attachments)
 
 
 def mail_of(mail_id: int, public_id: str, address: str, status: str, read: Any,
