@@ -467,3 +467,18 @@ class PostgreSQLWritesRacingAMailboxDeleteTests(DatabaseMixin, TestCase):
         self.assertIsNone(await self.boxes.find(BOX))
         self.assertEqual(await self.mail_rows(), [("inbox", self.ZED, 1)])
 
+
+    async def test_reading_a_mail_as_its_mailbox_goes_is_404(self) -> None:
+        # Reading unread inbox mail marks it read and reads it again: deleted (with its
+        # mailbox) in between, the second read found no row (NoResultFound, a 500).
+        files = MailFiles(Path(self.mktemp()))
+        files.prepare()
+        local = LocalMailboxes(files, CpuPool.for_tests())
+        prepared = await local.prepare("Q1", b"From: s@far.test\r\nSubject: hi\r\n\r\nhi\r\n")
+        await self.db.run("deliver", local.thd_store, [(1, BOX)], "Q1", prepared, 1.0)
+        [public_id] = await self.db.read("id", lambda c: c.execute(
+            select(mailapi_mail.c.public_id)).scalars().all())
+        read = await self.deleting(BOX, "mailapi_mail.public_id =", lambda: self.mail.get(
+            self.bob, public_id))
+        self.assertIsInstance(read, MailApiError)
+        self.assertEqual((read.kind, read.message), ("not_found", "email not found"))

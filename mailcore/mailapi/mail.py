@@ -355,8 +355,13 @@ class MailService:
         def txn(conn: Connection) -> Mail:
             row, address, _ = self._thd_find(conn, user_id, public_id)
             if row.status == INBOX and not row.read:
-                conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "read": True})
-                row = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
+                # The read above took no lock: on PostgreSQL the mail may have been deleted
+                # (alone, or with its mailbox) since.
+                marked = conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "read": True})
+                row = conn.execute(_ROW_BY_ID, {"row_id": row.id}).first() \
+                    if marked.rowcount == 1 else None
+                if row is None:
+                    raise MailApiError(NOT_FOUND, "email not found")
             return mail_of(row.id, row.public_id, address, row.status, row.read,
                            row.created_at, (getattr(row, COLUMNS[f]) for f in FIELDS),
                            thd_attachments(conn, [row.id]).get(row.id, ()))
