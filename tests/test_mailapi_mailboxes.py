@@ -329,6 +329,38 @@ class PostgreSQLGrantRaceTests(DatabaseMixin, TestCase):
         [row] = await db.read("grant", lambda c: c.execute(select(mailbox_grants)).all())
         return grant, row
 
+    async def test_a_grant_changed_as_it_is_revoked_is_made_again(self) -> None:
+        # Another request removed joe from the access list just before this change wrote
+        # his grant: the update found no row, and so did the read of the grant after it
+        # (NoResultFound, a 500). The change, the later of the two, makes the grant again.
+        db = await self.open_database()
+        owner = await db.run("user", thd_make_user, "bob")
+        joe = await db.run("user", thd_make_user, "joe")
+        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=BOX, owner_id=owner, created_at=1.0)))
+        boxes = MailboxService(db, Clock())
+        await boxes.set_grant(owner, BOX, "joe", {"allow_send": True})
+        fired = False
+
+        def revoke(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            nonlocal fired
+            if fired or not statement.lstrip().startswith("UPDATE mailbox_grants"):
+                return
+            fired = True
+            with db.engine.begin() as other:
+                other.execute(delete(mailbox_grants).where(mailbox_grants.c.user_id == joe))
+
+        event.listen(db.engine, "before_cursor_execute", revoke)
+        try:
+            grant = await boxes.set_grant(owner, BOX, "joe", {"allow_read": True})
+        finally:
+            event.remove(db.engine, "before_cursor_execute", revoke)
+        self.assertTrue(fired)
+        expected = {**NONE, "allow_read": True}
+        self.assertEqual(grant.rights.as_dict(), expected)
+        [row] = await db.read("grant", lambda c: c.execute(select(mailbox_grants)).all())
+        self.assertEqual({r: getattr(row, r) for r in RIGHTS}, expected)
+
     async def test_a_first_grant_made_twice_at_once_is_no_failure(self) -> None:
         # The second insert of the grant failed (IntegrityError: a 500 to the client).
         grant, row = await self.race(existing=False)

@@ -403,13 +403,17 @@ class MailboxService:
             # The grant's row (no rights) unless it is there, then only the rights named:
             # a grant made or changed by another request meanwhile is neither a clash (on
             # PostgreSQL the insert waits for the other's commit and leaves its row) nor
-            # written over with what this one read before it.
+            # written over with what this one read before it. A row the insert left (no
+            # lock) may be revoked before the update: then it is made again, this change
+            # being the later one.
             where = (_g.mailbox_id == box.id, _g.user_id == target_id)
-            _thd_insert_grant(conn, box.id, target_id)
-            if changes:
-                conn.execute(update(mailbox_grants).where(*where).values(**changes))
-            new = _rights(conn.execute(select(mailbox_grants).where(*where)).one())
-            return Grant(target_id, target_name, new)
+            while True:
+                _thd_insert_grant(conn, box.id, target_id)
+                if changes:
+                    conn.execute(update(mailbox_grants).where(*where).values(**changes))
+                row = conn.execute(select(mailbox_grants).where(*where)).first()
+                if row is not None:
+                    return Grant(target_id, target_name, _rights(row))
 
         return await self.db.run("mailapi_set_grant", txn)
 
