@@ -4,7 +4,9 @@ A scan is `zINSTREAM\\0` followed by the message in chunks, each prefixed with i
 4 big-endian bytes, ended by a zero-length chunk. clamd answers `stream: OK`,
 `stream: <signature> FOUND`, or an error such as `INSTREAM size limit exceeded. ERROR`
 (the message is larger than clamd's StreamMaxLength), then closes the connection.
-`zPING` and `zVERSION` check health.
+`zPING` and `zVERSION` check health. clamd scans only once it has the last chunk: a clean
+answer that comes sooner is refused as a protocol violation (the filter failed, it did not
+say clean).
 """
 
 from __future__ import annotations
@@ -88,6 +90,18 @@ def verdict_from_reply(name: str, reply: ClamdReply) -> Verdict:
     )
 
 
+def early_reply(reply: ClamdReply) -> None:
+    """Check a reply that came before the whole stream was written. clamd scans only once it
+    has the terminating chunk, so a clean answer sooner cannot be genuine (a broken or
+    hostile daemon, a reply meant for another stream): it is a ProtocolViolation, never a
+    clean verdict. An error (the size limit, sent as soon as the stream passes
+    StreamMaxLength), a FOUND (a virus either way) or garbage is left to
+    `verdict_from_reply`, which never makes those clean."""
+    if all(line == "stream: OK" for line in reply.lines):
+        raise ProtocolViolation(
+            f"answered {reply.lines[0][:80]!r} before the whole message was sent")
+
+
 @implementer(IPullProducer)
 class _ChunkProducer:
     """Writes the message as INSTREAM chunks as fast as the transport drains."""
@@ -98,6 +112,7 @@ class _ChunkProducer:
         self.chunk_size = chunk_size
         self.offset = 0
         self.finished = False
+        self.sent = False  # the whole message and the terminating chunk were written
 
     def resumeProducing(self) -> None:
         if self.finished:
@@ -108,6 +123,7 @@ class _ChunkProducer:
             self.transport.write(struct.pack(">I", len(chunk)) + chunk)
         if self.offset >= len(self.view):
             self.transport.write(struct.pack(">I", 0))
+            self.sent = True
             self.stop()
 
     def stopProducing(self) -> None:
@@ -145,7 +161,11 @@ class ClamdExchange(Exchange):
             producer.stop()
 
     def reply_complete(self, buffer: bytes, closed: bool) -> ClamdReply | None:
-        return parse_reply(buffer, closed)
+        reply = parse_reply(buffer, closed)
+        if reply is not None and self.payload is not None and not (
+                self.producer is not None and self.producer.sent):
+            early_reply(reply)  # (the exchange is still running: `stopped` not yet called)
+        return reply
 
 
 class ClamdClient:

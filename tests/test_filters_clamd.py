@@ -9,6 +9,7 @@ from typing import Any, cast
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -115,6 +116,40 @@ class ClamdProtocolTests(TestCase):
         self.assertTrue(failure.value.permanent)
         self.assertIsNone(transport.producer)  # no more chunks written
 
+    def test_an_ok_before_the_whole_stream_is_not_a_clean_verdict(self) -> None:
+        # clamd scans once it has the terminating chunk: an OK sooner is a lie (a broken
+        # or hostile daemon), and the rest of the message, the virus maybe, went unread.
+        d = self.start(self.client(chunk_size=10, max_size=0), b"x" * 1000 + EICAR)
+        transport = self.endpoint.transports[0]
+        assert transport.producer is not None
+        transport.producer.resumeProducing()  # one chunk out
+        self.reply(b"stream: OK\0", close=False)
+        failure = self.failureResultOf(d, FilterError)
+        self.assertIn("answered 'stream: OK' before the whole message was sent",
+                      str(failure.value))
+        self.assertNotIsInstance(failure.value, MessageTooLarge)
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)
+
+    def test_an_ok_line_and_a_close_before_the_whole_stream_is_not_clean(self) -> None:
+        d = self.start(self.client(chunk_size=10, max_size=0), b"x" * 1000)
+        self.reply(b"stream: OK\n")  # no NUL, then the close
+        self.assertIn("before the whole message was sent",
+                      str(self.failureResultOf(d, FilterError).value))
+
+    def test_the_last_byte_written_then_ok_is_clean(self) -> None:
+        d = self.start(self.client(chunk_size=10, max_size=0), b"x" * 25)
+        transport = self.endpoint.transports[0]
+        pump(transport)
+        self.assertTrue(transport.value().endswith(b"\0\0\0\0"))
+        self.reply(b"stream: OK\0")
+        self.assertTrue(self.successResultOf(d).clean)
+
+    def test_a_found_before_the_whole_stream_is_still_a_virus(self) -> None:
+        d = self.start(self.client(chunk_size=10, max_size=0), b"x" * 1000)
+        self.reply(b"stream: Bad.Thing FOUND\0", close=False)
+        self.assertEqual(self.successResultOf(d).viruses, ("Bad.Thing",))
+
     def test_other_errors(self) -> None:
         d = self.start(self.client())
         self.reply(b"stream: Can't allocate memory ERROR\0")
@@ -189,6 +224,33 @@ class ClamdProtocolTests(TestCase):
 
     def test_chunk_size_must_be_positive(self) -> None:
         self.assertRaises(ValueError, self.client, chunk_size=0)
+
+
+class _EarlyOk(Protocol):
+    """A hostile clamd: answers OK as soon as the first bytes of the stream arrive."""
+
+    def dataReceived(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if not transport.disconnecting:
+            transport.write(b"stream: OK\0")
+            transport.loseConnection()
+
+
+class HostileClamdTests(TestCase):
+    """A lying clamd on 127.0.0.1, over a real socket."""
+
+    timeout = 30
+
+    async def test_an_early_ok_does_not_let_a_virus_through(self) -> None:
+        reactor = get_reactor()
+        port = reactor.listenTCP(0, Factory.forProtocol(_EarlyOk), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        parsed = parse_address(f"127.0.0.1:{port.getHost().port}")
+        client = ClamdClient(client_endpoint(reactor, parsed, 10), reactor, address=parsed,
+                             timeout=20, max_size=0)
+        with self.assertRaises(FilterError) as caught:
+            await client.scan(message(b"x" * 4_000_000 + EICAR))
+        self.assertIn("before the whole message was sent", str(caught.exception))
 
 
 class ClamdIntegrationTests(TestCase):
