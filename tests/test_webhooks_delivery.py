@@ -197,6 +197,22 @@ class HostileReceiverTests(TestCase):
                          ("pending", 1, "no answer within 10 s"))
 
 
+    async def test_the_timeout_bounds_the_whole_attempt_not_each_half(self) -> None:
+        # The answer's head at 9 s, then its body stalls: the attempt ends at 10 s, as
+        # `timeout` says, not 10 s after the head (19 s).
+        reactor, entry = await self.setup(timeout=10)
+        connection = Connection(reactor)
+        web_clock = self.web.clock
+        web_clock.advance(9)
+        connection.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        self.assertFalse(connection.aborted)
+        web_clock.advance(1)
+        self.assertTrue(connection.aborted)
+        connection.lost()
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_error),
+                         ("pending", 1, "no answer within 10 s"))
+
     async def test_a_name_that_does_not_resolve_is_retried(self) -> None:
         reactor, entry = await self.setup(names={}, backoff_base=30)
         self.assertEqual(reactor.tcpClients, [])

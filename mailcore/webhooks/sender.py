@@ -243,14 +243,18 @@ class WebhookSender(Service):
             TIMESTAMP_HEADER.encode("ascii"): [str(timestamp).encode("ascii")],
             SIGNATURE_HEADER.encode("ascii"): [sign(secret, timestamp, body).encode("ascii")],
         }
+        # One deadline for the whole attempt: connecting, sending, the answer's head and
+        # what is read of its body.
+        deadline = self.clock.seconds() + self.settings.timeout
         try:
             response = await self._bounded(self.http.request(
                 "POST", url, headers=headers, data=body, allow_redirects=False,
                 unbuffered=True,
-            ))
+            ), deadline)
             snippet = _Snippet(SNIPPET_BYTES)
             response.deliverBody(snippet)
-            text = (await self._bounded(snippet.done)).decode("utf-8", "replace").strip()
+            text = (await self._bounded(snippet.done, deadline)).decode(
+                "utf-8", "replace").strip()
         except AttemptTimedOut:
             return Outcome(error=f"no answer within {self.settings.timeout:g} s")
         except AddressRefused as e:
@@ -278,8 +282,8 @@ class WebhookSender(Service):
                  id=item.id, error=str(error), reasons=error.reasons)
         return Outcome(error=error.public, refused=True)
 
-    async def _bounded(self, d: Deferred[Any]) -> Any:
-        """`d`'s result, or AttemptTimedOut (and `d` cancelled) after the timeout."""
+    async def _bounded(self, d: Deferred[Any], deadline: float) -> Any:
+        """`d`'s result, or AttemptTimedOut (and `d` cancelled) at `deadline` (clock time)."""
         result: Deferred[Any] = Deferred(lambda _: d.cancel())
         timed_out = []
 
@@ -289,7 +293,7 @@ class WebhookSender(Service):
             if not result.called:
                 result.errback(AttemptTimedOut())
 
-        timer = self.clock.callLater(self.settings.timeout, expire)
+        timer = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), expire)
 
         def forward(outcome: Any) -> None:
             if timer.active():
