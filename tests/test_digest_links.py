@@ -101,6 +101,25 @@ class DigestTests(TestCase):
         self.assertEqual(later["Subject"],
                          "Quarantine summary for ann@q.test: 1 new message(s)")
 
+    async def test_one_digest_for_every_spelling_of_an_address(self) -> None:
+        # Held for "ünal" composed, decomposed and in capitals (as senders spelled it): one
+        # recipient (the quarantine's email_key), so one digest listing the three.
+        dom = self.gw.core.domains.lookup("q.test")
+        assert dom is not None
+        for n, spelling in enumerate(["\u00fcnal@q.test", "u\u0308nal@q.test",
+                                      "\u00dcNAL@q.test"]):
+            await self.gw.core.quarantine.keep(
+                [ToKeep(f"QSPELL{n}", "spammer@x.test", spelling, dom.id, "spam", "GTUBE")],
+                message(f"spelling {n}", GTUBE))
+        self.assertEqual(await self.gw.core.quarantine.send_digests(), 3)  # ann, joe, ünal
+        self.gw.clock.advance(1)
+        [(rcpts, digest)] = [(r, m) for r, m in self.digests()
+                             if r not in (["ann@q.test"], ["joe@q.test"])]
+        self.assertEqual(rcpts, ["\u00fcnal@q.test"])  # the oldest row's spelling
+        text = digest.get_payload(decode=True).decode()  # type: ignore[union-attr]
+        self.assertEqual(len(LINK.findall(text)), 3)
+        self.assertEqual(await self.gw.core.quarantine.send_digests(), 0)
+
     async def test_a_digest_queued_just_before_a_crash_is_not_sent_again(self) -> None:
         # The process dies right after the spool committed the first digest: the next run
         # sends the other recipient's digest, and not the first one a second time.

@@ -438,35 +438,30 @@ def _purge_txn(conn: Connection, before: datetime.datetime) -> int:
     ).rowcount)
 
 
-def _undigested(domain_id: int, spellings: Sequence[str]) -> list[Any]:
+def _undigested(domain_id: int, key: str) -> list[Any]:
     """The conditions of one recipient's held, unreleased, undigested rows in domain
-    `domain_id`: its address in any of the `spellings` it was held under."""
-    return [quarantine.c.domain_id == domain_id, quarantine.c.email.in_(list(spellings)),
+    `domain_id`: its address in any spelling it was held under (`key`, its address_key)."""
+    return [quarantine.c.domain_id == domain_id, quarantine.c.email_key == key,
             quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None)]
 
 
-def _digest_recipients_txn(conn: Connection) -> list[tuple[int, list[str]]]:
-    """Blocking: (domain id, spellings of the address) of each recipient with held,
-    unreleased, undigested rows in a domain with send_resume whose owner is enabled (a
-    disabled owner's rows wait, undigested, for the first digest once it is enabled); one
-    recipient whatever the case of its address."""
-    found: dict[tuple[int, str], list[str]] = {}
-    for row in conn.execute(
-        sa.select(quarantine.c.domain_id, quarantine.c.email)
+def _digest_recipients_txn(conn: Connection) -> list[tuple[int, str]]:
+    """Blocking: (domain id, address_key) of each recipient with held, unreleased,
+    undigested rows in a domain with send_resume whose owner is enabled (a disabled owner's
+    rows wait, undigested, for the first digest once it is enabled); one recipient however
+    its address was spelled (case, Unicode normal form, the domain in U- or A-labels)."""
+    return [(row.domain_id, row.email_key) for row in conn.execute(
+        sa.select(quarantine.c.domain_id, quarantine.c.email_key)
         .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
                      .join(users, users.c.id == domains.c.owner_id))
         .where(quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None),
                domains.c.send_resume.is_(True), users.c.is_active.is_(True))
-        .group_by(quarantine.c.domain_id, quarantine.c.email)
-        .order_by(quarantine.c.domain_id, quarantine.c.email)
-    ):
-        found.setdefault((row.domain_id, row.email.lower()), []).append(row.email)
-    return [(domain_id, spellings) for (domain_id, _), spellings in found.items()]
+        .group_by(quarantine.c.domain_id, quarantine.c.email_key)
+        .order_by(quarantine.c.domain_id, quarantine.c.email_key)
+    )]
 
 
-def _digest_items_txn(
-    conn: Connection, domain_id: int, spellings: Sequence[str]
-) -> tuple[list[Any], int]:
+def _digest_items_txn(conn: Connection, domain_id: int, key: str) -> tuple[list[Any], int]:
     """Blocking: the newest MAX_DIGEST_ITEMS undigested rows of one recipient, oldest
     first, with their domain's settings, and how many older ones there are."""
     rows: list[Any] = list(conn.execute(
@@ -480,7 +475,7 @@ def _digest_items_txn(
         )
         .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
                      .join(users, users.c.id == domains.c.owner_id))
-        .where(*_undigested(domain_id, spellings), domains.c.send_resume.is_(True),
+        .where(*_undigested(domain_id, key), domains.c.send_resume.is_(True),
                users.c.is_active.is_(True))
         .order_by(quarantine.c.id.desc())
         .limit(MAX_DIGEST_ITEMS)
@@ -489,13 +484,13 @@ def _digest_items_txn(
         return rows[::-1], 0
     more = conn.execute(
         sa.select(sa.func.count()).select_from(quarantine)
-        .where(*_undigested(domain_id, spellings), quarantine.c.id < rows[-1].id)
+        .where(*_undigested(domain_id, key), quarantine.c.id < rows[-1].id)
     ).scalar_one()
     return rows[::-1], int(more)
 
 
 def _mark_digested_txn(
-    conn: Connection, domain_id: int, spellings: Sequence[str], items: Sequence[Any], more: int,
+    conn: Connection, domain_id: int, key: str, items: Sequence[Any], more: int,
     now: datetime.datetime,
 ) -> bool:
     """Blocking, in the spool's transaction that queues the digest (its guard): the rows it
@@ -511,7 +506,7 @@ def _mark_digested_txn(
     if more:
         conn.execute(
             quarantine.update()
-            .where(*_undigested(domain_id, spellings), quarantine.c.id < items[0].id)
+            .where(*_undigested(domain_id, key), quarantine.c.id < items[0].id)
             .values(digested_at=now)
         )
     return True
@@ -661,9 +656,9 @@ class QuarantineService(Service):
         """One digest per recipient with new quarantined mail; returns how many were sent."""
         recipients = await self.db.read("quarantine_digest_recipients", _digest_recipients_txn)
         sent = 0
-        for domain_id, spellings in recipients:
+        for domain_id, key in recipients:
             items, more = await self.db.read("quarantine_digest_items", _digest_items_txn,
-                                             domain_id, spellings)
+                                             domain_id, key)
             if not items:
                 continue  # released or digested meanwhile
             plan = self.plans[items[0].plan]
@@ -678,7 +673,7 @@ class QuarantineService(Service):
             # Marked digested in the transaction that queues the digest: a crash between
             # two commits would send the same digest again at the next run.
             guard = functools.partial(_mark_digested_txn, domain_id=domain_id,
-                                      spellings=spellings, items=items, more=more,
+                                      key=key, items=items, more=more,
                                       now=self.now())
             try:
                 await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message,
