@@ -32,7 +32,12 @@ from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.fetch.secrets import SecretBox
 from mailcore.fetch.settings import FetchSettings
 from mailcore.gateway.domains import DomainService
-from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings, ToKeep
+from mailcore.gateway.quarantine import (
+    SEND_HOLD,
+    QuarantineService,
+    QuarantineSettings,
+    ToKeep,
+)
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.mailapi.outbox import OUTBOX_POLL, OutboxSender
 from mailcore.messages.store import MessageStore
@@ -299,6 +304,80 @@ class SharedJobsMixin(DatabaseMixin):
         sent = await gather(qb.leased_digests(), qa.leased_digests())
         self.assertEqual(sorted(sent), [0, 1])
         self.assertEqual(len(queued), 2)
+
+    def restarted(self, db: Database, node: str, queued: list[tuple[str, Envelope]]
+                  ) -> QuarantineService:
+        """Node `node`'s quarantine service after a restart (a new process)."""
+        return QuarantineService(
+            db, self.clock, QuarantineSettings(digest_interval=DAY, retention_days=30),
+            Plans(), hostname="mx.test", signer=self.mktemp_path() / "quarantine.key",
+            spool=RecordingSpool(queued, node, db), leases=JobLeases(db, node))
+
+    async def hold_for(self, node: QuarantineService, domain_id: int, local: str,
+                       n: int) -> None:
+        self.held = getattr(self, "held", 0) + n
+        items = [ToKeep(f"Q{i}", "spam@x.test", f"{local}@customer.test", domain_id, "spam",
+                        "score 9") for i in range(self.held - n, self.held)]
+        await node.keep(items, b"Subject: hi\r\n\r\nbody\r\n")
+
+    async def killed_after_the_first_digest(self, node: QuarantineService) -> None:
+        """Run `node`'s digests until the first one is queued, then leave the run hanging
+        forever (a process killed right after that commit)."""
+        committed: defer.Deferred[None] = defer.Deferred()
+        spool = node.spool
+
+        class Dies:
+            async def accept(self, *args: Any, **kwargs: Any) -> None:
+                await spool.accept(*args, **kwargs)
+                committed.callback(None)
+                await defer.Deferred()
+
+        node.spool = Dies()
+        defer.Deferred.fromCoroutine(node.leased_digests())
+        await committed
+
+    async def test_a_digest_run_cut_short_is_finished_at_the_next_start(self) -> None:
+        """A run killed after bob's digest: at the node's next start carol (not reached)
+        gets hers, with what was held for her meanwhile, and bob gets no second digest
+        this period (his new mail waits for the next one)."""
+        qa, qb, queued, clock, domain_id = await self.quarantines()
+        self.clock = clock
+        await self.hold_for(qa, domain_id, "bob", 2)
+        await self.hold_for(qa, domain_id, "carol", 1)
+        await self.killed_after_the_first_digest(qa)
+        self.assertEqual([e.recipients[0].address for _n, e in queued], ["bob@customer.test"])
+        clock.advance(3600)
+        await self.hold_for(qb, domain_id, "bob", 1)
+        await self.hold_for(qb, domain_id, "carol", 1)
+        qa = self.restarted(qa.db, "node-a", queued)
+        qa.startService()
+        await qa.stopService()
+        self.assertEqual([e.recipients[0].address for _n, e in queued],
+                         ["bob@customer.test", "carol@customer.test"])
+        # The run is finished: no sweep, start or node sends anything more this period.
+        self.assertEqual(await gather(qa.resume_digests(), qb.resume_digests(),
+                                      qa.leased_digests(), qb.leased_digests()), [0, 0, 0, 0])
+        clock.advance(DAY)
+        self.assertEqual(sorted(await gather(qa.leased_digests(), qb.leased_digests())),
+                         [0, 1])
+        self.assertEqual([e.recipients[0].address for _n, e in queued][2:],
+                         ["bob@customer.test"])
+
+    async def test_another_node_finishes_a_run_cut_short_once_its_lease_lapses(
+            self) -> None:
+        qa, qb, queued, clock, domain_id = await self.quarantines()
+        await self.hold_for(qa, domain_id, "bob", 1)
+        await self.hold_for(qa, domain_id, "carol", 1)
+        await self.killed_after_the_first_digest(qa)
+        # node-a may still be sending: node-b's sweep leaves the run alone ...
+        self.assertEqual(await qb.resume_digests(), 0)
+        clock.advance(SEND_HOLD)
+        # ... until node-a's lease on it lapsed.
+        self.assertEqual(sorted(await gather(qb.resume_digests(), qb.resume_digests())),
+                         [0, 1])
+        self.assertEqual([e.recipients[0].address for _n, e in queued],
+                         ["bob@customer.test", "carol@customer.test"])
+        self.assertEqual(await qb.resume_digests(), 0)
 
     async def test_a_disabled_owners_held_mail_waits_for_a_digest_until_it_is_enabled(
             self) -> None:

@@ -14,6 +14,12 @@ with `send_resume` (and a plan that allows it, re-checked when sending) gets one
 the messages quarantined for it since its last digest: the newest `MAX_DIGEST_ITEMS` (200) of
 them, and a line counting the older ones not listed ({count} counts them all), which the
 next digest does not list again (the domain's owner sees them in the quarantine listing).
+A recipient is its address_key in its domain: its spellings (case, Unicode normal form,
+U- or A-label domain) get one digest. A run is recorded as it claims its period
+(`quarantine_digest_runs`, migration 0046) and marked finished once every digest is queued;
+one cut short (crash, kill -9, a digest that could not be queued) is taken up again at the
+next start and at each purge sweep, for the recipients it had not served: one who had a
+digest queued since the run started gets no second one that period.
 The digest is built on the CPU pool. Each item carries a signed, expiring
 link `https://{host}/quarantine/release/{token}` that opens a small page (web/quarantine_page)
 whose POST releases that one message; the token is HMAC-SHA256 over ident and expiry with a
@@ -79,8 +85,8 @@ from mailcore.smtp.address import PathError, parse_mail_from
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
-from mailcore.store.leases import JobLeases
-from mailcore.store.schema import domains, quarantine, users
+from mailcore.store.leases import JobLeases, thd_claim_periodic
+from mailcore.store.schema import domains, quarantine, quarantine_digest_runs, users
 from mailcore.text import replace_cc, shown, storable
 from mailcore.workers import CpuPool
 
@@ -445,12 +451,23 @@ def _undigested(domain_id: int, key: str) -> list[Any]:
             quarantine.c.released_at.is_(None), quarantine.c.digested_at.is_(None)]
 
 
-def _digest_recipients_txn(conn: Connection) -> list[tuple[int, str]]:
+def _served_since(domain_id: int, key: str, since: datetime.datetime) -> Any:
+    """Whether the recipient had a digest queued at `since` or later: a row of it digested
+    since then (read on the (domain_id, email_key, created_at) index)."""
+    return sa.exists().where(quarantine.c.domain_id == domain_id,
+                             quarantine.c.email_key == key,
+                             quarantine.c.digested_at >= since)
+
+
+def _digest_recipients_txn(
+    conn: Connection, since: datetime.datetime | None = None
+) -> list[tuple[int, str]]:
     """Blocking: (domain id, address_key) of each recipient with held, unreleased,
     undigested rows in a domain with send_resume whose owner is enabled (a disabled owner's
     rows wait, undigested, for the first digest once it is enabled); one recipient however
-    its address was spelled (case, Unicode normal form, the domain in U- or A-labels)."""
-    return [(row.domain_id, row.email_key) for row in conn.execute(
+    its address was spelled (case, Unicode normal form, the domain in U- or A-labels).
+    With `since` (the start of the run), leaving out the recipients the run served."""
+    found = [(row.domain_id, row.email_key) for row in conn.execute(
         sa.select(quarantine.c.domain_id, quarantine.c.email_key)
         .select_from(quarantine.join(domains, domains.c.id == quarantine.c.domain_id)
                      .join(users, users.c.id == domains.c.owner_id))
@@ -459,6 +476,15 @@ def _digest_recipients_txn(conn: Connection) -> list[tuple[int, str]]:
         .group_by(quarantine.c.domain_id, quarantine.c.email_key)
         .order_by(quarantine.c.domain_id, quarantine.c.email_key)
     )]
+    if since is None or not found:
+        return found
+    # One pass for the served ones (a NOT EXISTS per undigested row read every row of the
+    # recipient for each: quadratic in a flood to one address).
+    served = set(conn.execute(
+        sa.select(quarantine.c.domain_id, quarantine.c.email_key).distinct()
+        .where(quarantine.c.digested_at >= since)
+    ).tuples())
+    return [r for r in found if r not in served]
 
 
 def _digest_items_txn(conn: Connection, domain_id: int, key: str) -> tuple[list[Any], int]:
@@ -491,11 +517,15 @@ def _digest_items_txn(conn: Connection, domain_id: int, key: str) -> tuple[list[
 
 def _mark_digested_txn(
     conn: Connection, domain_id: int, key: str, items: Sequence[Any], more: int,
-    now: datetime.datetime,
+    now: datetime.datetime, since: datetime.datetime | None = None,
 ) -> bool:
     """Blocking, in the spool's transaction that queues the digest (its guard): the rows it
     lists (`items`, oldest first), and the older ones it counts, are digested. False (the
-    digest is left out, and this undone) when a listed row was digested meanwhile."""
+    digest is left out, and this undone) when a listed row was digested meanwhile, or (with
+    `since`, the start of the run) the recipient had a digest queued since then."""
+    if since is not None and conn.execute(
+            sa.select(_served_since(domain_id, key, since))).scalar():
+        return False
     ids = [r.id for r in items]
     marked = conn.execute(
         quarantine.update().where(quarantine.c.id.in_(ids), quarantine.c.digested_at.is_(None))
@@ -510,6 +540,54 @@ def _mark_digested_txn(
             .values(digested_at=now)
         )
     return True
+
+
+@dataclass(frozen=True)
+class DigestRun:
+    """A digest run as recorded in quarantine_digest_runs."""
+
+    id: int
+    started_at: datetime.datetime
+
+
+def _start_run_txn(
+    conn: Connection, node: str, now: float, period: float | None
+) -> DigestRun | None:
+    """Blocking: claim this period's digest run (with `period`: nodes share the store's
+    leases; None when they do not) and record it as the latest run, replacing the one
+    before (finished, or taken over: this run serves whoever that one left). None when
+    another node ran this period's."""
+    if period is not None and not thd_claim_periodic(conn, DIGEST_JOB, node, now, period):
+        return None
+    started = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    conn.execute(quarantine_digest_runs.delete())
+    run_id = conn.execute(
+        quarantine_digest_runs.insert().values(node=node, started_at=started)
+        .returning(quarantine_digest_runs.c.id)
+    ).scalar_one()
+    return DigestRun(int(run_id), started)
+
+
+def _unfinished_run_txn(conn: Connection) -> DigestRun | None:
+    """Blocking: the latest digest run if it has not queued every digest (cut short)."""
+    row = conn.execute(
+        sa.select(quarantine_digest_runs.c.id, quarantine_digest_runs.c.started_at)
+        .where(quarantine_digest_runs.c.finished_at.is_(None))
+        .order_by(quarantine_digest_runs.c.id.desc()).limit(1)
+    ).first()
+    return DigestRun(row.id, _utc(row.started_at)) if row is not None else None
+
+
+def _finish_run_txn(conn: Connection, run_id: int, now: datetime.datetime) -> None:
+    conn.execute(quarantine_digest_runs.update()
+                 .where(quarantine_digest_runs.c.id == run_id).values(finished_at=now))
+
+
+# The periodic job of the digest runs (one per period, whatever the nodes), and the lease of
+# sending a run's digests (one node at a time, renewed while it sends).
+DIGEST_JOB = "quarantine_digest"
+SEND_JOB = "quarantine_digest_send"
+SEND_HOLD = 600.0
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -548,6 +626,7 @@ class QuarantineService(Service):
         self._purge: LoopingCall | None = None
         self._digest: LoopingCall | None = None
         self._runs = InFlight()  # a purge or digest run a stop waits for
+        self._sending = False  # a digest run is sending (one at a time in a process)
 
     def load_key(self) -> None:
         """Read or make the link key now (blocks: call before the reactor runs)."""
@@ -643,20 +722,73 @@ class QuarantineService(Service):
     async def leased_digests(self) -> int:
         """This period's digests, sent only by the node that claims this period's run of the
         "quarantine_digest" job (any node when no leases are set); returns how many were
-        sent (0 on the others)."""
+        sent (0 on the others). The run is recorded as it is claimed, so that one cut
+        short (a crash, kill -9) is finished by `resume_digests`."""
+        node = self.leases.node_id if self.leases is not None else ""
+        period = self.settings.digest_interval if self.leases is not None else None
+        run = await self.db.run("quarantine_digest_start", _start_run_txn, node,
+                                self.clock.seconds(), period)
+        if run is None:
+            return 0
+        return await self._digest_run(run)
+
+    async def resume_digests(self) -> int:
+        """Finish the latest digest run if it was cut short: the digests of the recipients
+        it had not served (none had a digest queued since it started), whatever was held
+        for them meanwhile; returns how many were sent. Run at start and at each purge
+        sweep; nothing to do (one read) when the run finished."""
+        run = await self.db.read("quarantine_digest_unfinished", _unfinished_run_txn)
+        if run is None:
+            return 0
+        log.info("resuming the quarantine digest run of {started}", started=run.started_at)
+        return await self._digest_run(run)
+
+    async def _digest_run(self, run: DigestRun) -> int:
+        """Send `run`'s digests, one node and one call at a time (the "quarantine_digest_send"
+        lease, renewed while sending), and mark the run finished once every digest is
+        queued (a failure to queue one leaves the run to be resumed)."""
+        if self._sending:
+            return 0  # this node is sending a run's digests (a resumed one): it goes on
+        if self.leases is not None and not await self.leases.claim(
+                SEND_JOB, self.clock.seconds(), SEND_HOLD):
+            return 0  # another node is sending (it takes the run up if it must)
+        self._sending = True
+        try:
+            sent, complete = await self._send(run.started_at)
+            if complete:
+                await self.db.run("quarantine_digest_finish", _finish_run_txn, run.id,
+                                  self.now())
+        except Exception:
+            await self._release_send()
+            raise
+        finally:
+            self._sending = False
+        await self._release_send()
+        return sent
+
+    async def _release_send(self) -> None:
         if self.leases is not None:
-            mine = await self.leases.claim_periodic(
-                "quarantine_digest", self.clock.seconds(), self.settings.digest_interval
-            )
-            if not mine:
-                return 0
-        return await self.send_digests()
+            await self.leases.release(SEND_JOB, self.clock.seconds())
 
     async def send_digests(self) -> int:
         """One digest per recipient with new quarantined mail; returns how many were sent."""
-        recipients = await self.db.read("quarantine_digest_recipients", _digest_recipients_txn)
-        sent = 0
+        sent, _ = await self._send(None)
+        return sent
+
+    async def _send(self, since: datetime.datetime | None) -> tuple[int, bool]:
+        """The digests (of the recipients not served since `since`, when given): how many
+        were queued, and whether every one that was due was."""
+        recipients = await self.db.read("quarantine_digest_recipients",
+                                        _digest_recipients_txn, since)
+        sent, complete = 0, True
+        renewed = self.clock.seconds()
         for domain_id, key in recipients:
+            if self.leases is not None and since is not None:
+                now = self.clock.seconds()
+                if now - renewed > SEND_HOLD / 2:
+                    if not await self.leases.claim(SEND_JOB, now, SEND_HOLD):
+                        return sent, False  # the lease lapsed: another node took over
+                    renewed = now
             items, more = await self.db.read("quarantine_digest_items", _digest_items_txn,
                                              domain_id, key)
             if not items:
@@ -674,7 +806,7 @@ class QuarantineService(Service):
             # two commits would send the same digest again at the next run.
             guard = functools.partial(_mark_digested_txn, domain_id=domain_id,
                                       key=key, items=items, more=more,
-                                      now=self.now())
+                                      now=self.now(), since=since)
             try:
                 await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, message,
                                         guard=guard)
@@ -683,9 +815,10 @@ class QuarantineService(Service):
             except Exception:
                 log.failure("queueing a quarantine digest for {email} failed",
                             email=items[0].email)
+                complete = False
                 continue
             sent += 1
-        return sent
+        return sent, complete
 
     def digest_message(self, items: Sequence[Any], *, agency: bool, more: int = 0,
                        at: float | None = None) -> bytes:
@@ -733,9 +866,11 @@ class QuarantineService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._purge = LoopingCall(self._tick, self.purge, "purge")
+        # The purge sweep also finishes a digest run cut short; so does the start, at once.
+        self._purge = LoopingCall(self._tick, self._sweep, "purge")
         self._purge.clock = self.clock
         self._purge.start(self.settings.purge_interval, now=False)
+        self._tick(self.resume_digests, "digest resume")
         self._digest = LoopingCall(self._tick, self.leased_digests, "digest")
         self._digest.clock = self.clock
         self._digest.start(self.settings.digest_interval, now=False)
@@ -749,6 +884,12 @@ class QuarantineService(Service):
         self._purge = self._digest = None
         super().stopService()
         return defer.Deferred.fromCoroutine(self._runs.wait())
+
+    async def _sweep(self) -> None:
+        try:
+            await self.purge()
+        finally:
+            await self.resume_digests()
 
     def _tick(self, job: Any, name: str) -> defer.Deferred[None]:
         return self._runs.track(defer.Deferred.fromCoroutine(self._run(job, name)))

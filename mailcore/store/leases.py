@@ -63,6 +63,14 @@ def thd_claim_job(
     return conn.execute(stmt.returning(_c.name)).first() is not None
 
 
+def thd_claim_periodic(conn: Connection, name: str, owner: str, now: float,
+                       period: float) -> bool:
+    """Blocking: `JobLeases.claim_periodic` in the caller's transaction (to record, in the
+    same commit, what the run is about to do)."""
+    return thd_claim_job(conn, name, owner, now, now + period * (1 - PERIOD_SLACK),
+                         renew=False)
+
+
 def thd_release_job(conn: Connection, name: str, owner: str, now: float) -> bool:
     """Blocking: give job `name` up at `now` if `owner` holds it (any node may claim it
     next); whether it did."""
@@ -89,9 +97,7 @@ class JobLeases:
         """Whether this node runs job `name`, run every `period` seconds, now: no node ran
         it within the last period (less the slack)."""
         return bool(await self.db.run(
-            "claim_periodic_job", thd_claim_job, name, self.node_id, now,
-            now + period * (1 - PERIOD_SLACK), renew=False,
-        ))
+            "claim_periodic_job", thd_claim_periodic, name, self.node_id, now, period))
 
     async def release(self, name: str, now: float) -> bool:
         """Give job `name` up at once (another node may take it at its next run)."""

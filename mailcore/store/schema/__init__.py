@@ -36,7 +36,7 @@ from mailcore.store.schema.messages import (
 )
 from mailcore.store.schema.meta import metadata
 from mailcore.store.schema.oauth import oauth_apps, oauth_codes, oauth_tokens
-from mailcore.store.schema.quarantine import quarantine
+from mailcore.store.schema.quarantine import quarantine, quarantine_digest_runs
 from mailcore.store.schema.queue import queue_messages, queue_recipients
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
@@ -72,6 +72,7 @@ __all__ = [
     "oauth_codes",
     "oauth_tokens",
     "quarantine",
+    "quarantine_digest_runs",
     "queue_messages",
     "queue_recipients",
     "threads",

@@ -1,10 +1,15 @@
-"""Quarantined messages (migrations 0007 and 0038).
+"""Quarantined messages (migrations 0007, 0038 and 0041) and digest runs (0046).
 
 One row per quarantined recipient: the message bytes as they arrived, the seed-shaped
 `ident` (20 digits, ddmmyyyyHHMMSS in UTC + 6 random digits), the recipient and its domain,
 the envelope sender, the decoded subject and why it was held. `released_at` is set once,
 by a conditional UPDATE, when the message is handed back to the queue; `digested_at` when
 a summary mail listed it.
+
+`quarantine_digest_runs` holds the latest digest run (one row; a new run replaces it): when
+it started, on which node, and when it had queued every digest (NULL while running, or
+after a crash: the run is then taken up again, for the recipients not served since it
+started).
 """
 
 from __future__ import annotations
@@ -53,4 +58,13 @@ quarantine = Table(
     # The row of one recipient of one queued message (kept once, migration 0038).
     Index("ix_quarantine_queue_id", "queue_id", "email"),
     Index("ix_quarantine_domain_email_key", "domain_id", "email_key", "created_at"),
+)
+
+quarantine_digest_runs = Table(
+    "quarantine_digest_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("node", String(128), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
 )
