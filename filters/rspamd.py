@@ -4,7 +4,10 @@ The envelope goes in request headers (`From`, one `Rcpt` per recipient, `IP`, `H
 `Hostname`, `Queue-Id`, `User`); the JSON reply carries `action`, `score`,
 `required_score` and `symbols`. The message is spam when rspamd's action is one of the
 configured spam actions (by default `reject`, `rewrite subject`, `add header`) or the score
-reaches the threshold (by default rspamd's own `required_score`).
+reaches the threshold (by default rspamd's own `required_score`). A `soft reject` is
+rspamd's "try again later" (a task that ran past its task_timeout gets it, with the score of
+whatever rules ran, and so do greylisting and rate limits): it is no verdict, the scan fails
+as temporary (FilterError), unless the operator lists it among the spam actions.
 
 rspamd's normal worker answers every request with `Connection: close` (3.4, with or without
 a keep-alive header), so there is no connection to reuse: the daemon talks to it with
@@ -47,6 +50,7 @@ from filters.interface import FilterError, ScanContext, Symbol, Verdict, refuse_
 
 DEFAULT_PORT = 11333
 DEFAULT_SPAM_ACTIONS = ("reject", "rewrite subject", "add header")
+SOFT_REJECT = "soft reject"
 KNOWN_ACTIONS = (
     "no action", "greylist", "add header", "rewrite subject", "soft reject", "reject",
 )
@@ -270,10 +274,15 @@ def parse_reply(
     symbols = _symbols(data.get("symbols"))
     reasons = [f"rspamd: {action} ({score:g} / {limit:g})"]
     messages = data.get("messages")
-    if isinstance(messages, dict):
-        smtp_message = messages.get("smtp_message")
-        if isinstance(smtp_message, str) and smtp_message:
-            reasons.append(f"rspamd: {smtp_message[:200]}")
+    smtp_message = messages.get("smtp_message") if isinstance(messages, dict) else None
+    if isinstance(smtp_message, str) and smtp_message:
+        reasons.append(f"rspamd: {smtp_message[:200]}")
+    if action == SOFT_REJECT and SOFT_REJECT not in spam_actions:
+        # rspamd's "try again later": its own failures (a task past task_timeout, "timeout
+        # processing message", with the score of the rules that ran so far), greylisting,
+        # rate limits. Not a verdict: the message is scanned again when retried.
+        said = f": {smtp_message[:200]}" if isinstance(smtp_message, str) else ""
+        raise FilterError(name, f"rspamd asked to try again later (soft reject{said})")
     spam = action in spam_actions or score >= limit
     return Verdict(
         filter=name, score=score, threshold=limit, spam=spam,

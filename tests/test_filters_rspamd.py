@@ -124,6 +124,20 @@ class RspamdClientTests(TestCase):
         reply = dict(CLEAN_REPLY, action="greylist", score=4.0)
         self.assertFalse((await self.scan(FakeRspamd(reply))).spam)
 
+    async def test_a_soft_reject_is_no_verdict(self) -> None:
+        # What rspamd answers when a task runs past its task_timeout: a soft reject with
+        # the score of the rules that ran so far. Not clean: the scan failed.
+        reply = dict(CLEAN_REPLY, action="soft reject", score=1.99,
+                     messages={"smtp_message": "timeout processing message"})
+        with self.assertRaises(FilterError) as caught:
+            await self.scan(FakeRspamd(reply))
+        self.assertFalse(caught.exception.permanent)
+        self.assertIn("try again later (soft reject: timeout processing message)",
+                      str(caught.exception))
+        # Unless the operator counts it as spam.
+        actions = ("reject", "soft reject")
+        self.assertTrue((await self.scan(FakeRspamd(reply), spam_actions=actions)).spam)
+
     async def test_threshold_override(self) -> None:
         reply = dict(CLEAN_REPLY, score=6.0)
         verdict = await self.scan(FakeRspamd(reply), threshold=6.0)
