@@ -71,6 +71,7 @@ address = "127.0.0.1:783"  # host:port, [v6]:port, or a unix socket path (/run/s
 timeout = 30.0       # seconds for connect + scan; then the filter counts as failed
 fail_open = false
 command = "SYMBOLS"  # SYMBOLS (rule names), REPORT (rule names with points) or CHECK
+                     # (no rule names: a scan cut short at spamd's time limit looks clean)
 user = ""            # SPAMC User header (per-user settings in spamd), empty: none
 max_size = 1048576   # larger messages are not sent to spamd (0: no limit) ...
 oversize = "skip"    # ... and are "skip"ped (recorded as skipped) or "fail" (permanent

@@ -4,6 +4,11 @@ One connection per message: `SYMBOLS SPAMC/1.5` (default), `CHECK` or `REPORT` w
 `Content-length` header and the raw message; spamd answers with a status line
 (`SPAMD/1.1 0 EX_OK`), a `Spam: True ; 1000.0 / 5.0` header and, for SYMBOLS, the matched
 rule names (for REPORT, a table with each rule's points). `PING` checks health.
+
+A scan that SpamAssassin cut short at its time limit comes back as an ordinary reply with the
+score of the rules that ran and the rule TIME_LIMIT_EXCEEDED: when that is not spam, it is no
+verdict, and the scan fails as temporary (FilterError). Only SYMBOLS and REPORT name the
+rules: with CHECK such a reply cannot be told from a clean one.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ _REPORT_LINE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+([A-Za-z0-9_.\-]{1,128})\s*(
 _MAX_HEADERS = 64
 _MAX_SYMBOLS = 1000  # rules kept from one reply, as rspamd's symbols
 _MAX_DESCRIPTION = 200  # characters of a rule's description kept, as rspamd's
+# The rule SpamAssassin hits when it stopped checking at its time limit (time_limit, or
+# spamd's --timeout-child): the score is that of the rules that ran before.
+TIME_LIMIT_RULE = "TIME_LIMIT_EXCEEDED"
+_TIME_LIMIT = re.compile(r"(?<![A-Za-z0-9_.\-])TIME_LIMIT_EXCEEDED(?![A-Za-z0-9_.\-])")
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,9 @@ def verdict_from_reply(name: str, command: str, reply: SpamdReply) -> Verdict:
     if not (math.isfinite(score) and math.isfinite(threshold)):  # 309 digits make inf
         raise FilterError(name, f"score out of range in Spam header {spam_header[:80]!r}")
     text = reply.body.decode("utf-8", "replace")
+    if not is_spam and _TIME_LIMIT.search(text) is not None:
+        raise FilterError(name, f"spamd stopped checking at its time limit ({TIME_LIMIT_RULE}, "
+                          f"{score:g} / {threshold:g} from the rules that ran)")
     symbols: tuple[Symbol, ...] = ()
     if command == "SYMBOLS":
         symbols = parse_symbols(text)

@@ -90,6 +90,31 @@ class SpamdProtocolTests(TestCase):
         self.assertEqual(verdict.score, 1.2)
         self.assertEqual(verdict.symbols, ())
 
+    def test_a_scan_cut_short_at_the_time_limit_is_no_verdict(self) -> None:
+        # A real spamd 4.0.1's reply with time_limit 0.05 (the rules that ran scored 0).
+        d = self.start(self.client())
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: 31\r\nSpam: False ; 0.0 / 5.0\r\n"
+                   b"\r\nNO_RECEIVED,TIME_LIMIT_EXCEEDED")
+        failure = self.failureResultOf(d, FilterError)
+        self.assertFalse(failure.value.permanent)
+        self.assertIn("stopped checking at its time limit (TIME_LIMIT_EXCEEDED, 0 / 5",
+                      str(failure.value))
+        # The same in a REPORT table; and spam found before the limit is still spam.
+        d = self.start(self.client(command="REPORT"))
+        body = b"\n---- ----\n 0.0 TIME_LIMIT_EXCEEDED Exceeded time limit / deadline\n"
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: False ; 0.0 / 5.0"
+                   b"\r\n\r\n" % len(body) + body)
+        self.failureResultOf(d, FilterError)
+        d = self.start(self.client())
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: 25\r\nSpam: True ; 1000.0 / 5.0"
+                   b"\r\n\r\nGTUBE,TIME_LIMIT_EXCEEDED")
+        self.assertTrue(self.successResultOf(d).spam)
+        # A rule whose name only contains it is not it.
+        d = self.start(self.client())
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: 22\r\nSpam: False ; 0.0 / 5.0"
+                   b"\r\n\r\nX_TIME_LIMIT_EXCEEDED2")
+        self.assertTrue(self.successResultOf(d).clean)
+
     def test_report_reply_gives_points_per_rule(self) -> None:
         d = self.start(self.client(command="REPORT"))
         self.reply(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: True ; 1000.0 / 5.0"
