@@ -126,8 +126,12 @@ def _parse_headers(block: bytes) -> dict[str, str]:
         name, colon, value = line.partition(b":")
         if not colon or not name.strip():
             raise ProtocolViolation(_short("bad reply header", line))
-        headers[name.strip().decode("ascii", "replace").lower()] = (
-            value.strip().decode("utf-8", "replace"))
+        key = name.strip().decode("ascii", "replace").lower()
+        if key in headers:
+            # Two Spam (or Content-length) headers: two replies run together, or a broken
+            # daemon; neither is the verdict (the last one was taken as it).
+            raise ProtocolViolation(_short("reply header repeated", line))
+        headers[key] = value.strip().decode("utf-8", "replace")
     return headers
 
 

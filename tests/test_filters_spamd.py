@@ -163,6 +163,14 @@ class SpamdProtocolTests(TestCase):
         self.assertIn("not a SPAMD status line", str(self.failureResultOf(d, FilterError).value))
         self.assertTrue(self.endpoint.transports[0].disconnecting)
 
+    def test_a_repeated_header_is_refused(self) -> None:
+        # Which of two Spam headers is the verdict? Neither (the last one was taken).
+        d = self.start(self.client(command="CHECK"))
+        self.reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 9.0 / 5.0\r\n"
+                   b"Spam: False ; 0.0 / 5.0\r\n\r\n")
+        self.assertIn("reply header repeated: b'Spam: False",
+                      str(self.failureResultOf(d, FilterError).value))
+
     def test_unparsable_spam_header(self) -> None:
         d = self.start(self.client(command="CHECK"))
         self.reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe\r\n\r\n")
