@@ -93,7 +93,9 @@ timeout = 30.0
 fail_open = false
 threshold = 15.0     # score that makes spam [default: rspamd's required_score per reply]
 spam_actions = ["reject", "rewrite subject", "add header"]  # rspamd actions meaning spam
-                     # ("soft reject", rspamd's try-again-later, fails the scan unless listed)
+                     # ("soft reject", rspamd's try-again-later, fails the scan unless listed;
+                     # set rspamd's own soft_reject_on_timeout = true: without it, a scan it
+                     # cut short at task_timeout answers "no action" and reads as clean)
 max_size = 0         # 0: no limit of ours (rspamd has its own)
 oversize = "skip"
 max_reply = 1048576
