@@ -10,7 +10,7 @@ long as one is still skipped.
 Upgrade: the column (NULL: none skipped). Downgrade: it goes.
 
 Revision ID: 0048_fetch_folder_skipped
-Revises: 0041_quarantine_email_key
+Revises: 0046_quarantine_digest_runs
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0048_fetch_folder_skipped"
-down_revision = "0041_quarantine_email_key"
+down_revision = "0046_quarantine_digest_runs"
 branch_labels = None
 depends_on = None
 
