@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, create_engine, inspect, text
 from twisted.internet import defer, threads
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.config import ConfigError
-from mailcore.store import Database, schema
-from mailcore.store.migrate import current_revision, downgrade_to, head_revision, upgrade_to
+from mailcore.store import Database, migrate, schema
+from mailcore.store.migrate import (
+    VERSIONS,
+    alembic_config,
+    at_newest_revision,
+    current_revision,
+    downgrade_to,
+    head_revision,
+    newest_revision,
+    upgrade_to,
+)
 from tests.support.db import DatabaseMixin, database_url
 
 # Dialect-specific objects made by hand in migrations (full-text search), not declared.
@@ -135,6 +145,32 @@ class MigrationTestsMixin(DatabaseMixin):
         await threads.deferToThread(db.migrate_blocking)
         self.assertEqual(await db.read("schema_diff", schema_diff), [])
 
+    async def test_a_store_at_head_is_checked_without_alembic(self) -> None:
+        """The check every command and daemon start makes: at head, no Alembic run."""
+        db = await self._migrated()
+        self.assertTrue(await threads.deferToThread(at_newest_revision, db.engine))
+
+        def no_alembic(engine: Any, revision: str) -> None:
+            raise AssertionError(f"Alembic ran to {revision} on a store at head")
+
+        self.patch(migrate, "upgrade_to", no_alembic)
+        await threads.deferToThread(db.migrate_blocking)
+        await db.open()
+
+    async def test_a_store_one_revision_behind_is_still_migrated(self) -> None:
+        """The cheap check at head must not take a store just behind it for one at head."""
+        db = await self._migrated()
+        previous = sorted(path.stem for path in VERSIONS.glob("[0-9]*.py"))[-2]
+        await threads.deferToThread(downgrade_to, db.engine, previous)
+        self.assertFalse(await threads.deferToThread(at_newest_revision, db.engine))
+        await db.open()
+        self.assertEqual(await threads.deferToThread(current_revision, db.engine),
+                         head_revision())
+        self.assertEqual(await db.read("schema_diff", schema_diff), [])
+
+    async def test_an_empty_store_is_not_at_head(self) -> None:
+        db = await self.open_database(migrate=False)
+        self.assertFalse(await threads.deferToThread(at_newest_revision, db.engine))
 
     async def test_concurrent_migrations_in_one_process(self) -> None:
         """Several Databases opening at once (daemon store, queue results ...) all migrate.
@@ -168,6 +204,24 @@ class MigrationTestsMixin(DatabaseMixin):
         self.assertIn("9999_future", message)
         self.assertIn("newer than this version of Mailcore", message)
         self.assertNotIn("\n", message)
+
+
+class MigrationFilesTests(SynchronousTestCase):
+    """What `newest_revision` (the cheap check of a store at head) relies on."""
+
+    def test_each_file_is_named_for_its_revision_and_revises_the_one_before(self) -> None:
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(alembic_config())
+        revisions = {Path(s.path).stem: s for s in script.walk_revisions()}
+        names = sorted(path.stem for path in VERSIONS.glob("[0-9]*.py"))
+        self.assertEqual(sorted(revisions), names)
+        for before, name in zip([None, *names], names, strict=False):
+            self.assertEqual(revisions[name].revision, name)
+            self.assertEqual(revisions[name].down_revision, before)
+
+    def test_the_newest_file_is_alembic_head(self) -> None:
+        self.assertEqual(newest_revision(), head_revision())
 
 
 def _migrate_at_once(url: str, processes: int = 2) -> list[str]:

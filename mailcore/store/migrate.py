@@ -1,4 +1,11 @@
-"""Running Alembic migrations from code (blocking; call on a pool thread)."""
+"""Running Alembic migrations from code (blocking; call on a pool thread).
+
+Every `mailcore` command and every daemon start checks the schema (`upgrade_to_head`). A
+store already at the newest revision, the usual case, is told by one SELECT against the
+newest migration's file name (`newest_revision`): Alembic (its import, 40 migration modules
+read, `env.py` run) cost each command some 0.15 s of CPU to find nothing to do, so it is
+imported only when there is something to do or to refuse.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,23 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from mailcore.config import ConfigError
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+VERSIONS = MIGRATIONS / "versions"
 
 
 def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -56,8 +66,32 @@ def _without_foreign_keys(conn: Connection) -> Iterator[None]:
 
 
 def upgrade_to_head(engine: Engine) -> None:
-    """Bring the database at `engine` to the newest revision. Blocks."""
-    upgrade_to(engine, "head")
+    """Bring the database at `engine` to the newest revision. Blocks.
+
+    A store already there is left alone without Alembic; any other (empty, older, newer
+    than this code, branched) goes through `upgrade_to`, as before."""
+    if not at_newest_revision(engine):
+        upgrade_to(engine, "head")
+
+
+def newest_revision() -> str:
+    """The revision of the newest migration, from the file names alone.
+
+    Each migration is `versions/<revision>.py` and the revisions form one chain in the
+    order of their names (`0041_…` revises `0040_…`; tests/test_store_migrations.py holds
+    the files to both), so the greatest name is Alembic's head."""
+    return max(path.stem for path in VERSIONS.glob("[0-9]*.py"))
+
+
+def at_newest_revision(engine: Engine) -> bool:
+    """Whether the database at `engine` is exactly at `newest_revision` (one row in
+    alembic_version). False for an empty database. Blocks."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+    except DBAPIError:  # no alembic_version table: nothing was migrated yet
+        return False
+    return [row[0] for row in rows] == [newest_revision()]
 
 
 def upgrade_to(engine: Engine, revision: str) -> None:
@@ -75,6 +109,9 @@ def upgrade_to(engine: Engine, revision: str) -> None:
                              {"key": _PG_MIGRATION_LOCK})
             cfg = alembic_config(conn)
             _refuse_unknown_revision(conn, cfg)
+            from alembic import command
+            from alembic.util.exc import CommandError
+
             try:
                 command.upgrade(cfg, revision)
             except CommandError as e:
@@ -84,6 +121,9 @@ def upgrade_to(engine: Engine, revision: str) -> None:
 def _refuse_unknown_revision(conn: Connection, cfg: AlembicConfig) -> None:
     """ConfigError when the database is at a revision this code does not have: a newer
     Mailcore migrated it (Alembic would fail with a traceback)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(cfg)
     known = {s.revision for s in script.walk_revisions()}
     for current in MigrationContext.configure(conn).get_current_heads():
@@ -102,14 +142,21 @@ def _first_line(error: Exception) -> str:
 
 def downgrade_to(engine: Engine, revision: str) -> None:
     """Take the database at `engine` down to `revision` ("base": empty). Blocks."""
+    from alembic import command
+
     with _ALEMBIC_LOCK, engine.connect() as conn, _without_foreign_keys(conn), conn.begin():
         command.downgrade(alembic_config(conn), revision)
 
 
 def head_revision() -> str | None:
+    """Alembic's head, from the migration modules themselves."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
