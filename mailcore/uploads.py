@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -104,6 +105,23 @@ class SpoolFile:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.discard()
+
+
+def remove_stale(tmp: Path, older_than: float, now: float | None = None) -> None:
+    """Remove the files in `tmp` last written more than `older_than` seconds ago: what a
+    crash left of SpoolFiles. Younger ones may be uploads in progress (a daemon's, while
+    the `mailcore` command or another node starts up), so they stay. Blocks."""
+    cutoff = (time.time() if now is None else now) - older_than
+    try:
+        entries = list(os.scandir(tmp))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        try:
+            if entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
 
 
 async def shielded(work: Coroutine[Any, Any, T]) -> T:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import stat
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from mailcore.cli import print_table
 from mailcore.config import Config
 from mailcore.identity import Identity
 from mailcore.identity import secrets as creds
+from mailcore.safedrop.files import STALE_UPLOAD
 from mailcore.store.migrate import current_revision, head_revision
 from mailcore.workers import CpuPool
 from tests.support.cli import CliTestCase
@@ -274,6 +276,24 @@ class LifecycleTests(IdentityCliTestCase):
         self.assertGreater(len(raw), 0)
         for secret in secrets:
             self.assertNotIn(secret.encode(), raw)
+
+
+class BesideTheDaemonTests(CliTestCase):
+    async def test_a_command_leaves_the_daemons_uploads_in_progress(self) -> None:
+        """Every command prepares the data directory as the daemon does; it emptied
+        safedrop's temp directory, so a drop upload the daemon was writing there lost its
+        file (its rename into place failed). Only a crash's leftovers go."""
+        await self.ok("init")
+        tmp = self.data_dir / "safedrop" / "tmp"
+        writing = tmp / "upload-writing"
+        writing.write_bytes(b"half an upload")
+        left = tmp / "upload-left"
+        left.write_bytes(b"what a crash left")
+        old = time.time() - 2 * STALE_UPLOAD
+        os.utime(left, (old, old))
+        await self.ok("user", "list")
+        self.assertEqual(writing.read_bytes(), b"half an upload")
+        self.assertFalse(left.exists())
 
 
 class TableTests(SynchronousTestCase):

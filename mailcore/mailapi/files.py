@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import Message
@@ -41,7 +40,13 @@ from mailcore.emailpolicy import filename_breaks
 from mailcore.files import private_directory
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control, has_surrogate
-from mailcore.uploads import MalformedUpload, SpoolFile, form_boundary, multipart_events
+from mailcore.uploads import (
+    MalformedUpload,
+    SpoolFile,
+    form_boundary,
+    multipart_events,
+    remove_stale,
+)
 
 TOO_LARGE = "too_large"
 # How old a file no row names must be before the sweep removes it (a write names the file
@@ -97,13 +102,7 @@ class MailFiles:
     def clear_tmp(self, now: float | None = None) -> None:
         """Remove temp files older than GRACE: what a crash left. (Younger ones may be
         uploads in progress, of this node or of another one sharing the directory.)"""
-        cutoff = (time.time() if now is None else now) - GRACE
-        for entry in os.scandir(self.tmp):
-            try:
-                if entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-            except FileNotFoundError:
-                continue
+        remove_stale(self.tmp, GRACE, now)
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):

@@ -21,9 +21,18 @@ from multipart import MultipartSegment
 from mailcore.files import private_directory
 from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge, bundle_full
 from mailcore.text import has_control, strip_bidi_controls
-from mailcore.uploads import MalformedUpload, SpoolFile, form_boundary, multipart_events
+from mailcore.uploads import (
+    MalformedUpload,
+    SpoolFile,
+    form_boundary,
+    multipart_events,
+    remove_stale,
+)
 
 FILE_FIELD = "the_file"
+# How old a temp file must be to count as a crash's leftover: an upload writes its temp
+# file from the request body twisted.web already holds, in seconds.
+STALE_UPLOAD = 3600.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,12 @@ class DropFiles:
         return self.root / "tmp"
 
     def prepare(self) -> None:
-        """Make the directories and remove temp files a crash left behind. Blocks."""
+        """Make the directories and remove temp files a crash left behind (older than
+        STALE_UPLOAD): a younger one is an upload in progress of the daemon, which runs
+        while a `mailcore` command starts up and prepares the same directory. Blocks."""
         private_directory(self.root)
-        shutil.rmtree(self.tmp, ignore_errors=True)
         private_directory(self.tmp)
+        remove_stale(self.tmp, STALE_UPLOAD)
 
     def path(self, bundle_id: int, sha256: str) -> Path:
         return self.root / str(bundle_id) / sha256
