@@ -34,10 +34,15 @@ DEFAULT_HEADER_SCORES: dict[str, float] = {
 
 ADDRESS_FIELDS = ("to", "cc", "bcc", "reply-to", "sender")
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+# atext (RFC 5322) and letters-digits(-hyphens) of a domain label, and every non-ASCII
+# character (RFC 6531/6532), each written as the ASCII it is not: a class spelled with the
+# range \u0080-\U0010ffff took 30 ms to compile, at every import of this module (each
+# `mailcore` command's and daemon's start); this spelling, the same set, well under 1 ms.
+_ATEXT = r'[^\x00-\x20\x7f"(),.:;<>@\[\\\]]'
 _LOCAL = re.compile(rf'^(?:{_ATEXT}+(?:\.{_ATEXT}+)*|"(?:[^"\\\r\n]|\\.)*")$')
-_LETDIG = r"[A-Za-z0-9\u0080-\U0010ffff]"
-_LABEL = rf"{_LETDIG}(?:[A-Za-z0-9\-\u0080-\U0010ffff]*{_LETDIG})?"
+_LETDIG = r"[^\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]"
+_LDH = r"[^\x00-\x2c\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]"
+_LABEL = rf"{_LETDIG}(?:{_LDH}*{_LETDIG})?"
 _DOMAIN = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[^\[\]\\\s]+\])$")
 _MESSAGE_ID = re.compile(r"^<[^<>@\s]+@[^<>@\s]+>$")
 _MAX_DATE = 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import time
 import tracemalloc
 from email.utils import parsedate_tz
@@ -12,6 +13,9 @@ from twisted.trial.unittest import TestCase
 from filters import mime
 from filters.builtin import BuiltinSettings, analyse
 from filters.headers import (
+    _ATEXT,
+    _LDH,
+    _LETDIG,
     _plain_split,
     _split_top_level,
     _strip_comments,
@@ -326,6 +330,18 @@ class HeaderCheckTests(TestCase):
 
 
 class AddressTests(TestCase):
+    def test_character_classes_are_the_rfc_sets(self) -> None:
+        """The classes are spelled as the ASCII they exclude (cheap to compile); each must
+        still be its RFC 5322/5321 ASCII set plus every non-ASCII character (RFC 6532)."""
+        letdig = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+        sets = {_ATEXT: letdig | set("!#$%&'*+/=?^_`{|}~-"), _LETDIG: letdig,
+                _LDH: letdig | {"-"}}
+        for pattern, ascii_set in sets.items():
+            compiled = re.compile(pattern)
+            wrong = [c for c in map(chr, range(0x110000))
+                     if bool(compiled.fullmatch(c)) != (c in ascii_set or ord(c) >= 0x80)]
+            self.assertEqual(wrong, [], pattern)
+
     def test_usable_addresses(self) -> None:
         for value in ("alice@example.com", "Alice <alice@example.com>",
                       '"Smith, Bob" <bob@example.org>, carol@example.net',
