@@ -13,12 +13,13 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, event, inspect, text
 from twisted.internet import defer, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.config import ConfigError
 from mailcore.store import Database, migrate, schema
+from mailcore.store.engine import make_engine
 from mailcore.store.migrate import (
     VERSIONS,
     alembic_config,
@@ -253,6 +254,22 @@ def _migrate_at_once(url: str, processes: int = 2) -> list[str]:
 
 class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
     backend = "sqlite"
+
+    async def test_the_check_at_head_takes_no_write_lock(self) -> None:
+        """Each command checks the schema while the daemon writes: the check reads, with
+        a plain BEGIN, and never waits for the daemon's write lock (BEGIN IMMEDIATE)."""
+        db = await self._migrated()
+        engine = make_engine(db.url)
+        self.addCleanup(engine.dispose)
+        statements: list[str] = []
+
+        @event.listens_for(engine, "connect")
+        def trace(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.set_trace_callback(statements.append)
+
+        self.assertTrue(await threads.deferToThread(at_newest_revision, engine))
+        self.assertIn("BEGIN", statements)
+        self.assertNotIn("BEGIN IMMEDIATE", statements)
 
 
 class PostgresMigrationTests(MigrationTestsMixin, TestCase):

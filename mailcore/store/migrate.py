@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from mailcore.config import ConfigError
+from mailcore.store.engine import WRITE_INTENT
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -74,13 +75,14 @@ def upgrade_to_head(engine: Engine) -> None:
         upgrade_to(engine, "head")
 
 
-def newest_revision() -> str:
+def newest_revision() -> str | None:
     """The revision of the newest migration, from the file names alone.
 
     Each migration is `versions/<revision>.py` and the revisions form one chain in the
     order of their names (`0041_…` revises `0040_…`; tests/test_store_migrations.py holds
-    the files to both), so the greatest name is Alembic's head."""
-    return max(path.stem for path in VERSIONS.glob("[0-9]*.py"))
+    the files to both), so the greatest name is Alembic's head. None when there is no
+    migration source to read (the check then leaves the question to Alembic)."""
+    return max((path.stem for path in VERSIONS.glob("[0-9]*.py")), default=None)
 
 
 def at_newest_revision(engine: Engine) -> bool:
@@ -88,10 +90,12 @@ def at_newest_revision(engine: Engine) -> bool:
     alembic_version). False for an empty database. Blocks."""
     try:
         with engine.connect() as conn:
+            conn.info[WRITE_INTENT] = False  # SQLite: a plain BEGIN, not the write lock
             rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
     except DBAPIError:  # no alembic_version table: nothing was migrated yet
         return False
-    return [row[0] for row in rows] == [newest_revision()]
+    newest = newest_revision()
+    return newest is not None and [row[0] for row in rows] == [newest]
 
 
 def upgrade_to(engine: Engine, revision: str) -> None:
