@@ -257,7 +257,9 @@ class Core:
             tls_cert=tls_cert,
             tls_key=tls_key,
         )
-        core.fetch.load_key()  # the fetch password key file, before the reactor runs
+        # The fetch key is read (or made) on first use, or by the daemon before its reactor
+        # runs (mailcore.service.build_core): a CLI command that uses no secret must not
+        # make a new key where a lost one is missing (the daemon then says it is missing).
         core.quarantine.load_key()  # the release-link key file, likewise
         core.verifier.load_nameservers()  # /etc/resolv.conf unless dns_servers are given
         core.safedrop.prepare()  # the drop files' directories, half-written uploads removed

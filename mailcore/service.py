@@ -123,7 +123,10 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
     cert, key = ensure_certificate(
         config.data_dir, config.tls_cert, config.tls_key, config.hostname
     )
-    return Core.build(config, db, reactor, tls_cert=cert, tls_key=key)  # type: ignore[arg-type]
+    core = Core.build(config, db, reactor, tls_cert=cert, tls_key=key)  # type: ignore[arg-type]
+    if check_secrets:
+        core.fetch.load_key()  # the fetch password key file, before the reactor runs
+    return core
 
 
 def makeService(options: DaemonOptions) -> service.MultiService:

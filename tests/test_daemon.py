@@ -464,7 +464,8 @@ class DaemonStartupMistakesTests(DaemonTestCase):
             await self.refused(),
             f"mailcore: {key} is missing, but the database holds secrets encrypted with it "
             f"(remote mailbox passwords, webhook secrets): restore that file (or set [fetch] "
-            f"secret_key to its key)")
+            f"secret_key to its key); if it is lost for good, `mailcore secrets forget` gives "
+            f"up those secrets so that the daemon starts")
         self.assertFalse(key.exists())
 
     async def test_second_daemon_on_the_same_data_dir(self) -> None:
