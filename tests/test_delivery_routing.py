@@ -93,10 +93,13 @@ class RouterTests(TestCase):
         self.clock.advance(31)
         self.assertEqual((await router.route(self.served, "b@customer.test")).port, 2626)
 
-    async def test_a_removed_domain_is_a_temporary_routing_error(self) -> None:
+    async def test_a_removed_domain_is_a_permanent_routing_error(self) -> None:
+        # Its id is never given again: no retry could route the mail, which bounces now
+        # rather than after days of retries (a domain removed, or its owner deleted).
         with self.assertRaises(RoutingError) as e:
             await self.router().route(999, "x@gone.test")
-        self.assertFalse(e.exception.permanent)
+        self.assertTrue(e.exception.permanent)
+        self.assertIn("domain 999 is no longer served", str(e.exception))
 
     async def test_foreign_recipient_goes_to_the_relayhost(self) -> None:
         resolver = FakeResolver({})

@@ -488,7 +488,8 @@ class RemovedDomainTests(TestCase):
         # Alice's newest domain is removed while a message for it waits in the queue (its
         # server was down); Bob then adds a domain. On SQLite it got the removed domain's
         # id, and the queue, which routes by id, delivered Alice's mail to Bob's server.
-        gw = Gateway()
+        # It is bounced instead (its DSN goes to the sender through the relay host).
+        gw = Gateway(Config(sections={"queue": {"relayhost": "relay.test:25"}}))
         self.addCleanup(stopper(gw))
         alice = Client(self, gw.web, await gw.owner("alice"), "")
         alice.key = await gw.web.credential(alice.user)
@@ -509,5 +510,6 @@ class RemovedDomainTests(TestCase):
         queue.startService()
         for _ in range(10):
             gw.clock.advance(60)
-        self.assertEqual(gw.delivered(), [])
+        self.assertEqual([rcpts for _f, rcpts, _b in gw.delivered()], [["spammer@x.test"]])
+        self.assertEqual(gw.states()["ceo@gone.test"], "bounced")
         self.assertIn("no longer served", gw.last_errors()["ceo@gone.test"] or "")

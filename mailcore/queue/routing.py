@@ -183,7 +183,10 @@ class Router:
                 cached = self._cache[domain_id]
             hop = cached[1]
             if hop is None:
-                raise RoutingError(f"domain {domain_id} is no longer served")
+                # Removed (by its owner, or with its owner by `mailcore user delete`): an
+                # id is never given again (migration 0034), so no retry can route it.
+                # Bounced now, not after days of retries to the same end.
+                raise RoutingError(f"domain {domain_id} is no longer served", permanent=True)
             if hop.host == "":
                 # A hosted domain (no next hop) and an address that is not its mailbox.
                 raise RoutingError(f"no such mailbox here: {address}", permanent=True)
