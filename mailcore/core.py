@@ -23,6 +23,7 @@ from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import ChargeBatcher, TokenService, TokenSettings
 from mailcore.config import Config
+from mailcore.deletion import UserDeletion
 from mailcore.fetch import FetchServices, build_fetch
 from mailcore.fetch.jobs import JobRunner
 from mailcore.gateway.domains import DomainService, DomainSettings
@@ -118,6 +119,8 @@ class Core:
     outbox: OutboxSender = field(init=False)
     # safedrop ([safedrop]): drop bundles, recipients, files on disk, notifications.
     safedrop: SafedropService = field(init=False)
+    # `mailcore user delete`: a user with everything it owns, through the services above.
+    deletion: UserDeletion = field(init=False)
 
     def __post_init__(self) -> None:
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
@@ -195,6 +198,10 @@ class Core:
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.mail.on_enqueued.append(self.outbox.enqueued)
+        self.deletion = UserDeletion(
+            self.identity, self.domains, self.mailboxes, self.mail, self.safedrop,
+            self.fetch.accounts, self.messages, self.webhooks, self.oauth,
+        )
 
     def _mailboxes_changed(self) -> None:
         """A hosted mailbox came or went through this process: routing's cache of them is

@@ -11,11 +11,17 @@ import contextlib
 import io
 import os
 import stat
+import sys
 import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
+from sqlalchemy import text
 from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailcore.cli import print_table
@@ -25,7 +31,7 @@ from mailcore.identity import secrets as creds
 from mailcore.safedrop.files import STALE_UPLOAD
 from mailcore.store.migrate import current_revision, head_revision
 from mailcore.workers import CpuPool
-from tests.support.cli import CliTestCase
+from tests.support.cli import CliTestCase, cli_env
 from tests.support.db import open_database_at
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
@@ -242,6 +248,48 @@ class LifecycleTests(IdentityCliTestCase):
         for secret, kind in credentials:
             self.assertIsNotNone(await identity.resolve(secret, (kind,)), kind)
 
+    async def test_delete_asks_for_yes_then_removes_the_user_and_what_it_owns(self) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        await self.ok("user", "add", "bob", "--email", "bob@example.test", "--password", "pw")
+        await self.ok("domain", "add", "a.test", "--owner", "alice", "--local")
+        await self.ok("domain", "add", "b.test", "--owner", "bob", "--local")
+        await self.ok("mailbox", "add", "box@a.test", "--owner", "alice")
+        await self.ok("mailbox", "add", "her@b.test", "--owner", "alice")
+        key = (await self.ok("apikey", "create", "alice")).strip()
+        await self.refused("user", "delete", "alice",
+                           fragment="deleting alice removes it and 1 domain, 2 mailboxes, "
+                           "for good; add --yes to delete")
+        self.assertIn("alice", await self.ok("user", "list"))  # nothing changed
+
+        out = await self.ok("user", "delete", "alice", "--yes")
+        self.assertEqual(out, "removed domain a.test\nremoved mailbox box@a.test\n"
+                         "removed mailbox her@b.test\ndeleted user alice\n")
+        self.assertEqual([line.split()[0] for line in
+                          (await self.ok("user", "list")).splitlines()], ["USERNAME", "bob"])
+        self.assertNotIn("a.test", await self.ok("domain", "list"))
+        self.assertNotIn("her@b.test", await self.ok("mailbox", "list"))
+        identity = await self.identity()
+        self.assertIsNone(await identity.resolve(key, ("apikey",)))
+        await self.refused("user", "delete", "alice", "--yes", fragment="no such user: alice")
+
+    async def test_a_deletion_cut_short_shows_and_is_finished_by_running_it_again(
+        self,
+    ) -> None:
+        await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
+        await self.ok("domain", "add", "a.test", "--owner", "alice", "--local")
+        identity = await self.identity()
+        alice = await identity.find_user("alice")
+        assert alice is not None
+        await identity.begin_deletion(alice.id)  # where a kill -9 after the first step leaves it
+        self.assertEqual((await self.ok("user", "list")).splitlines()[1].split()[3], "deleting")
+        await self.refused("user", "enable", "alice",
+                           fragment="the user is being deleted: finish it with "
+                           "`mailcore user delete`")
+        out = await self.ok("user", "delete", "alice", "--yes")
+        self.assertRegex(out.splitlines()[0],
+                         r"^alice: finishing the deletion begun \d{4}-\d\d-\d\d \d\d:\d\d$")
+        self.assertEqual(out.splitlines()[1:], ["removed domain a.test", "deleted user alice"])
+
     async def test_set_password_replaces_it_and_ends_sessions_and_login_tokens(self) -> None:
         await self.ok("user", "add", "alice", "--email", "alice@example.test", "--password", "pw")
         token = (await self.ok("token", "create", "alice")).strip()
@@ -420,3 +468,61 @@ class PostgresTests(IdentityCliTestCase):
         assert principal is not None
         self.assertEqual(principal.user.username, "pg")
         self.assertFalse((self.data_dir / "mailcore.sqlite").exists())
+        result = await self.run_cli("--db", url, "--data-dir", str(self.data_dir),
+                                    "user", "delete", "pg", "--yes")
+        self.assertEqual((result.status, result.err, result.out), (0, "", "deleted user pg\n"))
+        self.assertIsNone(await identity.find_user("pg"))
+
+    async def test_a_delete_killed_midway_is_finished_by_running_it_again(self) -> None:
+        url = await create_test_database(self)
+        args = ("--db", url, "--data-dir", str(self.data_dir))
+        await self.ok_on(args, "user", "add", "alice", "--email", "alice@example.test",
+                         "--password", "pw")
+        await self.ok_on(args, "domain", "add", "a.test", "--owner", "alice", "--local")
+        await self.ok_on(args, "oauth", "app", "add", "hers", "--owner", "alice",
+                         "--redirect-uri", "https://h.example.com/cb")
+        identity = await self.identity(url)
+        db = identity.db
+        # Another connection holds the domain's row: the deletion stops at its domains step
+        # (after its OAuth step committed) until it is killed there.
+        holder = db.engine.connect()
+        self.addCleanup(threads.deferToThread, holder.close)
+        hold = holder.begin()
+        await threads.deferToThread(lambda: holder.execute(text(
+            "SELECT id FROM domains WHERE name = 'a.test' FOR UPDATE")))
+        ended: Deferred[int | None] = Deferred()
+
+        class Ended(ProcessProtocol):
+            def processEnded(self, reason: Failure) -> None:
+                ended.callback(getattr(reason.value, "signal", None))
+
+        process = get_reactor().spawnProcess(
+            Ended(), sys.executable,
+            [sys.executable, "-m", "mailcore.cli", *args, "user", "delete", "alice", "--yes"],
+            env=cli_env(), path=str(self.base))
+        waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                       "current_database() AND wait_event_type = 'Lock'")
+        for _ in range(600):
+            if await db.read("waiting", lambda c: c.execute(waiting).scalar()):
+                break
+            await deferLater(get_reactor(), 0.1)
+        else:
+            self.fail("the deletion never reached the domains step")
+        process.signalProcess("KILL")
+        self.assertEqual(await ended, 9)
+        await threads.deferToThread(hold.rollback)
+        alice = await identity.find_user("alice")
+        assert alice is not None
+        self.assertIsNotNone(alice.deleting_at)
+        self.assertFalse(alice.is_active)
+        # The steps before the domains' are done: its OAuth app is gone.
+        self.assertNotIn("hers", await self.ok_on(args, "oauth", "app", "list"))
+        self.assertIn("a.test", await self.ok_on(args, "domain", "list"))
+        out = await self.ok_on(args, "user", "delete", "alice", "--yes")
+        self.assertEqual(out.splitlines()[1:], ["removed domain a.test", "deleted user alice"])
+        self.assertIsNone(await identity.find_user("alice"))
+
+    async def ok_on(self, args: tuple[str, ...], *command: str) -> str:
+        result = await self.run_cli(*args, *command)
+        self.assertEqual((result.status, result.err), (0, ""), command)
+        return result.out

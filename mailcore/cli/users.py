@@ -79,9 +79,33 @@ def register(subparsers: Any) -> None:
     )
     disable.add_argument("name", help="user name or email")
     disable.set_defaults(handler=user_set_active, active=False)
-    enable = users.add_parser("enable", help="enable a disabled user again")
+    enable = users.add_parser(
+        "enable", help="enable a disabled user again",
+        description="Enable a disabled user again (not one being deleted: finish that "
+        "with `user delete`).",
+    )
     enable.add_argument("name", help="user name or email")
     enable.set_defaults(handler=user_set_active, active=True)
+
+    remove = users.add_parser(
+        "delete", help="delete a user and everything it owns (asks for --yes)",
+        description="Delete a user and everything it owns, for good: its domains (their "
+        "address lists and quarantined mail), its Mail API mailboxes with their mail, "
+        "drafts and unsent outbox mail and the grants it gave on them, the grants it holds "
+        "on other users' mailboxes, its fetch accounts with their backed-up messages and "
+        "their migrate and restore jobs, its safedrop drops with their files on disk, its "
+        "webhooks with their pending deliveries, its OAuth apps and the grants it gave "
+        "apps, its API keys, tokens and sessions, and its token tanks. Its invoices are "
+        "kept (accounting records), no longer linked to any user. Mail already accepted "
+        "for its domains is bounced to the senders at its next delivery attempt. The user "
+        "is disabled first, so nothing of it runs meanwhile on any node; a deletion cut "
+        "short (a crash) leaves it disabled and marked, and running this again finishes "
+        "it. Without --yes it only says what would be deleted.",
+    )
+    remove.add_argument("name", help="user name or email")
+    remove.add_argument("--yes", action="store_true",
+                        help="really delete (without it, nothing is changed)")
+    remove.set_defaults(handler=user_delete)
 
     keys = command_group(subparsers, "apikey", help="create, list and revoke API keys")
     _credential_create(
@@ -192,7 +216,8 @@ async def user_list(args: argparse.Namespace, core: Any) -> int:
     found: list[User] = await core.identity.list_users()
     print_table(
         ("USERNAME", "EMAIL", "PLAN", "ACTIVE", "CREATED"),
-        [(u.username, u.email, u.plan, "yes" if u.is_active else "no", when(u.created_at))
+        [(u.username, u.email, u.plan,
+          "deleting" if u.deleting_at else "yes" if u.is_active else "no", when(u.created_at))
          for u in found],
     )
     return 0
@@ -216,6 +241,26 @@ async def user_set_active(args: argparse.Namespace, core: Any) -> int:
     user = await require_user(core, args.name)
     await core.identity.set_active(user.id, args.active)
     print(f"{user.username}: {'enabled' if args.active else 'disabled'}")
+    return 0
+
+
+async def user_delete(args: argparse.Namespace, core: Any) -> int:
+    user = await require_user(core, args.name)
+    holdings = await core.deletion.holdings(user)
+    if not args.yes:
+        raise CommandError(f"deleting {user.username} removes it and {holdings.summary()}, "
+                           "for good; add --yes to delete")
+    if user.deleting_at is not None:
+        print(f"{user.username}: finishing the deletion begun {when(user.deleting_at)}")
+    removed = await core.deletion.delete(user)
+    for name in removed.domains:
+        print(f"removed domain {name}")
+    for address in removed.mailboxes:
+        print(f"removed mailbox {address}")
+    if removed.unsent:
+        print(f"{removed.unsent} outbox {'mail' if removed.unsent == 1 else 'mails'} "
+              "went unsent")
+    print(f"deleted user {user.username}")
     return 0
 
 

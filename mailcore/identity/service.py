@@ -96,6 +96,8 @@ class User:
     plan: str
     is_active: bool
     created_at: datetime.datetime
+    # When `mailcore user delete` began to delete the user (None: it is not being deleted).
+    deleting_at: datetime.datetime | None = None
     # A digest of the password hash as read with the user: a credential made for a password
     # login names it, and is refused if the password changed meanwhile (`create_credential`).
     password_stamp: bytes = field(default=b"", repr=False, compare=False)
@@ -232,6 +234,7 @@ def _user(row: Any) -> User:
         plan=m["plan"],
         is_active=bool(m["is_active"]),
         created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+        deleting_at=utc(m["deleting_at"]),
         password_stamp=_password_stamp(m["password_hash"]),
     )
 
@@ -481,13 +484,64 @@ class Identity:
         """Enable or disable a user. A disabled user's password, keys, tokens, sessions and
         OAuth grants all stop resolving (they are kept, and work again once enabled), and
         its domains' mail is refused for now (every node's RCPT snapshot hears of it:
-        `mailcore.gateway.domains.thd_owner_changed`)."""
+        `mailcore.gateway.domains.thd_owner_changed`). A user being deleted is not enabled
+        again (IdentityError): its deletion is to be finished."""
         def txn(conn: Connection) -> None:
+            if active and conn.execute(select(users.c.deleting_at).where(
+                    users.c.id == user_id).with_for_update()).scalar() is not None:
+                raise IdentityError("The user is being deleted: finish it with "
+                                    "`mailcore user delete`.")
             conn.execute(update(users).where(users.c.id == user_id).values(is_active=active))
             thd_owner_changed(conn, user_id)
 
         await self.db.run("set_active", txn)
         self.forget_resolved()
+
+    async def begin_deletion(self, user_id: int) -> User:
+        """The first step of deleting a user (`mailcore.deletion`): disable it as
+        `set_active` does and mark it being deleted (`deleting_at`, kept from an earlier
+        start), in one commit, so that nothing of its acts any more while what it owns is
+        removed, and a deletion cut short is seen and finished. Returns the user so marked
+        (IdentityError when there is none)."""
+        now = self.now()
+
+        def txn(conn: Connection) -> User:
+            conn.execute(update(users).where(users.c.id == user_id).values(
+                is_active=False, deleting_at=func.coalesce(users.c.deleting_at, now)))
+            thd_owner_changed(conn, user_id)
+            found = thd_get_user(conn, user_id)
+            if found is None:
+                raise IdentityError("No such user.")
+            return found
+
+        marked = await self.db.run("begin_user_deletion", txn)
+        self.forget_resolved()
+        return marked
+
+    async def finish_deletion(self, user_id: int) -> bool:
+        """The last step of deleting a user: its credentials of every kind (API keys,
+        tokens, login tokens, safedrop and page sessions) and its row go, in one commit.
+        Only a user `begin_deletion` marked; False when there is no such user (left).
+        What other services keep of it is theirs to remove first (`mailcore.deletion`);
+        the foreign keys' cascade takes only the counters kept beside it."""
+
+        def txn(conn: Connection) -> bool:
+            marked = conn.execute(select(users.c.id).where(
+                users.c.id == user_id, users.c.deleting_at.is_not(None)).with_for_update()
+            ).first()
+            if marked is None:
+                return False
+            c = credentials.c
+            # Those made from another first (a safedrop session from its API key).
+            conn.execute(delete(credentials).where(c.user_id == user_id,
+                                                   c.parent_id.is_not(None)))
+            conn.execute(delete(credentials).where(c.user_id == user_id))
+            conn.execute(delete(users).where(users.c.id == user_id))
+            return True
+
+        done = await self.db.run("finish_user_deletion", txn)
+        self.forget_resolved()
+        return done
 
     async def set_plan(self, user_id: int, plan: str) -> None:
         if plan not in PLANS:

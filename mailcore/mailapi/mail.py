@@ -454,6 +454,17 @@ class MailService:
         unused = [h for h in old if h not in named]
         return int(await self.io.run(self.files.remove_older, unused, cutoff))
 
+    async def mailbox_files(self, mailbox_id: int) -> list[str]:
+        """The files the mail of one mailbox names: what `collect` may remove once the
+        mailbox is deleted with its mail (`MailboxService.remove`)."""
+
+        def txn(conn: Connection) -> list[str]:
+            ids = [r[0] for r in conn.execute(select(_m.id).where(_m.mailbox_id == mailbox_id))]
+            return sorted({h for start in range(0, len(ids), 500)
+                           for h in _hashes_of(conn, ids[start:start + 500])})
+
+        return await self.db.read("mailapi_mailbox_files", txn)
+
     async def sweep(self, grace: float = GRACE, batch: int = 500) -> int:
         """Remove every file on disk no row names (older than `grace`), and temp files a
         crash left."""

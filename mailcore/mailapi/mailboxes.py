@@ -304,6 +304,16 @@ class MailboxService:
         self._changed()
         return unsent
 
+    async def forget_grantee(self, user_id: int) -> int:
+        """Delete every grant `user_id` holds on other users' mailboxes (a deleted user's);
+        how many went."""
+
+        def txn(conn: Connection) -> int:
+            return int(conn.execute(delete(mailbox_grants).where(_g.user_id == user_id))
+                       .rowcount or 0)
+
+        return await self.db.run("mailapi_forget_grantee", txn)
+
     async def find(self, address: str) -> Mailbox | None:
         """The mailbox at `address`, or None (also for a malformed address)."""
         try:

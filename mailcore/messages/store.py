@@ -383,6 +383,12 @@ _ACCOUNT_MESSAGES = (
     .where(messages.c.account_id == bindparam("account_id"))
     .limit(KEY_CHUNK)
 )
+# A chunk of a user's messages (its index on (user_id, date) finds them).
+_USER_MESSAGES = (
+    select(messages.c.id, messages.c.sha256, messages.c.thread_id)
+    .where(messages.c.user_id == bindparam("user_id"))
+    .limit(KEY_CHUNK)
+)
 # The blobs among :keys that no message points at any more.
 _UNUSED_BLOBS = delete(message_blobs).where(
     message_blobs.c.sha256.in_(bindparam("keys", expanding=True)),
@@ -395,8 +401,21 @@ def thd_delete_account_messages(conn: Connection, user_id: int, account_id: int)
     they used; how many messages went. It reads the account's rows, KEY_CHUNK at a time,
     and one index probe per blob and thread of theirs: never the whole store (which
     `thd_collect_garbage` reads, seconds of a write transaction on a large one)."""
+    return _thd_delete_chunks(conn, user_id, _ACCOUNT_MESSAGES, {"account_id": account_id})
+
+
+def thd_delete_user_messages(conn: Connection, user_id: int) -> int:
+    """Blocking: delete every message of a user (in its accounts or outside any: local
+    delivery, imports), with the blobs and threads only they used; how many went."""
+    return _thd_delete_chunks(conn, user_id, _USER_MESSAGES, {"user_id": user_id})
+
+
+def _thd_delete_chunks(conn: Connection, user_id: int, chunk: Any,
+                       params: dict[str, int]) -> int:
+    """Blocking: delete the messages `chunk` reads, KEY_CHUNK at a time, with the blobs
+    and threads only they used; how many went."""
     total = 0
-    while rows := conn.execute(_ACCOUNT_MESSAGES, {"account_id": account_id}).all():
+    while rows := conn.execute(chunk, params).all():
         conn.execute(delete(messages).where(messages.c.id.in_([r.id for r in rows])))
         conn.execute(_UNUSED_BLOBS, {"keys": sorted({r.sha256 for r in rows})})
         thd_drop_threads_if_empty(conn, user_id,
@@ -1195,6 +1214,11 @@ class MessageStore:
             [FetchedMessage(raw=raw, internal_date=internal_date)],
         )
         return result.created[0]
+
+    async def delete_user_messages(self, user_id: int) -> int:
+        """Delete every message the user still has (a deleted user's: those outside any
+        fetch account, and any an account's deletion left); how many went."""
+        return await self.db.run("delete_user_messages", thd_delete_user_messages, user_id)
 
     async def collect_garbage(self) -> int:
         """Drop blobs and threads nothing refers to any more (after deleting an account)."""

@@ -213,6 +213,17 @@ class OAuthProvider:
 
         return await self.db.run("oauth_remove_app", txn)
 
+    async def forget_user(self, user_id: int) -> int:
+        """Delete every code and token `user_id` gave any app (a deleted user's grants;
+        its own apps go with `remove_app`); how many tokens went."""
+
+        def txn(conn: Connection) -> int:
+            gone = conn.execute(delete(oauth_tokens).where(oauth_tokens.c.user_id == user_id))
+            conn.execute(delete(oauth_codes).where(oauth_codes.c.user_id == user_id))
+            return int(gone.rowcount or 0)
+
+        return await self.db.run("oauth_forget_user", txn)
+
     # -- grants -------------------------------------------------------------------------
 
     async def grants(self, user_id: int) -> list[Grant]:

@@ -465,6 +465,19 @@ def delete_unsent_bundle_txn(conn: Connection, bundle_id: int) -> bool:
     return done.rowcount == 1
 
 
+def owner_bundle_ids_txn(conn: Connection, owner_id: int) -> list[int]:
+    """The ids of every bundle of `owner_id`, sent or not, removed or not."""
+    return [r[0] for r in conn.execute(sa.select(drop_bundles.c.id).where(
+        drop_bundles.c.owner_id == owner_id).order_by(drop_bundles.c.id))]
+
+
+def delete_bundle_txn(conn: Connection, bundle_id: int) -> bool:
+    """Delete a bundle whatever its state, with its recipients, files' rows and download
+    records (the foreign keys' cascade: they are the bundle's own); False when gone."""
+    done = conn.execute(sa.delete(drop_bundles).where(drop_bundles.c.id == bundle_id))
+    return done.rowcount == 1
+
+
 _BUNDLES_REMOVED = sa.select(drop_bundles.c.id, drop_bundles.c.removed_at).where(
     drop_bundles.c.id.in_(sa.bindparam("keys", expanding=True)))
 

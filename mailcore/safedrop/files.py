@@ -71,8 +71,17 @@ class DropFiles:
         self.path(bundle_id, sha256).unlink(missing_ok=True)
 
     def remove_bundle(self, bundle_id: int) -> None:
-        """Delete every stored file of a bundle. Blocks."""
-        shutil.rmtree(self.root / str(bundle_id), ignore_errors=True)
+        """Delete every stored file of a bundle, for good: the removal of its directory is
+        on disk (the drop root fsynced) when this returns. Blocks."""
+        directory = self.root / str(bundle_id)
+        if not directory.exists():
+            return
+        shutil.rmtree(directory, ignore_errors=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def bundle_ids(self) -> list[int]:
         """The bundles that have a directory of files. Blocks."""

@@ -505,6 +505,25 @@ class SafedropService:
         await self.io.run(self.files.remove_bundle, bundle_id)
         return True
 
+    async def bundle_ids(self, owner_id: int) -> list[int]:
+        """The ids of every bundle of `owner_id`, sent or not, removed or not."""
+        return await self.db.read("safedrop_owner_bundles", side.owner_bundle_ids_txn,
+                                  owner_id)
+
+    async def delete_owner_bundles(self, owner_id: int) -> int:
+        """Delete every bundle of `owner_id` (a deleted user's), sent or not, with its
+        recipients and its files on disk; how many went. Each bundle's files go first,
+        then its row, then any file an upload finishing meanwhile placed: a run cut short
+        leaves rows to find again (and the files of an id SQLite may give again are never
+        left without their row); nobody is mailed."""
+        deleted = 0
+        for bundle_id in await self.bundle_ids(owner_id):
+            await self.io.run(self.files.remove_bundle, bundle_id)
+            if await self.db.run("safedrop_delete_bundle", side.delete_bundle_txn, bundle_id):
+                deleted += 1
+            await self.io.run(self.files.remove_bundle, bundle_id)
+        return deleted
+
     async def comment(self, found: Access, text: str) -> None:
         """A recipient's reply, mailed to the sender."""
         await self._tell_sender(found.sender, found.bundle,

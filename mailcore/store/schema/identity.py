@@ -1,4 +1,4 @@
-"""Identity tables: users and their credentials (migrations 0001, 0009, 0039, 0040)."""
+"""Identity tables: users and their credentials (migrations 0001, 0009, 0039, 0040, 0042)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ users = Table(
     Column("plan", String(16), nullable=False, server_default="free"),
     Column("is_active", Boolean, nullable=False, server_default="1"),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # (0042) When `mailcore user delete` began to delete the user (it is disabled since):
+    # set until the row goes, the last step; `user enable` refuses such a user.
+    Column("deleting_at", DateTime(timezone=True), nullable=True),
 )
 # Compared in lower case (identity.name_key): unique so, not only as typed (0040).
 Index("ux_users_username_lower", func.lower(users.c.username), unique=True)
