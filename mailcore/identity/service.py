@@ -275,10 +275,20 @@ def normalise_email(email: str) -> str:
     return email
 
 
+# PostgreSQL: the key of the advisory lock that makes `_thd_name_taken` and the write after
+# it one step (any constant bigint; this one spells "usrnames").
+_PG_NAMES_LOCK = 0x7573726E616D6573
+
+
 def _thd_name_taken(conn: Connection, value: str, but: int | None = None) -> bool:
     """Blocking: whether another user (not `but`) has `value` as username or as email.
     A login or a grant names a user by either: one user's email must not be another's
-    username, or that name would find the wrong user."""
+    username, or that name would find the wrong user. The unique indexes see one column
+    each, so the check and the caller's write are one step: on PostgreSQL the
+    transaction holds an advisory lock until it ends (READ COMMITTED: a writer that waited
+    for it then reads what the other committed), SQLite's writers take turns anyway."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(_PG_NAMES_LOCK)))
     spellings = _stored_spellings(name_key(value))
     for column in (users.c.username, users.c.email):
         q = select(users.c.id).where(func.lower(column).in_(spellings))
