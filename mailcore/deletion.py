@@ -67,13 +67,12 @@ class Holdings:
     apps: int
 
     def summary(self) -> str:
-        """One line: each kind held, with how many."""
+        """One line: each kind held, with how many ("" when it holds none)."""
         parts = [_count(len(self.domains), "domain"), _count(len(self.mailboxes), "mailbox"),
                  _count(self.accounts, "fetch account"), _count(self.bundles,
                                                                 "safedrop bundle"),
                  _count(self.webhooks, "webhook"), _count(self.apps, "OAuth app")]
-        held = [p for p in parts if p]
-        return ", ".join(held) if held else "no domains, mailboxes, accounts or drops"
+        return ", ".join(p for p in parts if p)
 
 
 @dataclass

@@ -260,12 +260,16 @@ class LifecycleTests(IdentityCliTestCase):
                            fragment="deleting alice removes it and 1 domain, 2 mailboxes, "
                            "for good; add --yes to delete")
         self.assertIn("alice", await self.ok("user", "list"))  # nothing changed
+        await self.ok("user", "add", "carl", "--email", "carl@example.test", "--password", "pw")
+        await self.refused("user", "delete", "carl@example.test",
+                           fragment="deleting carl removes it (it owns no domain, mailbox, "
+                           "account, drop, webhook or app), for good; add --yes to delete")
 
         out = await self.ok("user", "delete", "alice", "--yes")
         self.assertEqual(out, "removed domain a.test\nremoved mailbox box@a.test\n"
                          "removed mailbox her@b.test\ndeleted user alice\n")
-        self.assertEqual([line.split()[0] for line in
-                          (await self.ok("user", "list")).splitlines()], ["USERNAME", "bob"])
+        self.assertEqual([line.split()[0] for line in (await self.ok("user", "list")).splitlines()],
+                         ["USERNAME", "bob", "carl"])
         self.assertNotIn("a.test", await self.ok("domain", "list"))
         self.assertNotIn("her@b.test", await self.ok("mailbox", "list"))
         identity = await self.identity()

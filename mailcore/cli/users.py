@@ -248,8 +248,11 @@ async def user_delete(args: argparse.Namespace, core: Any) -> int:
     user = await require_user(core, args.name)
     holdings = await core.deletion.holdings(user)
     if not args.yes:
-        raise CommandError(f"deleting {user.username} removes it and {holdings.summary()}, "
-                           "for good; add --yes to delete")
+        held = holdings.summary()
+        what = f"it and {held}" if held else "it (it owns no domain, mailbox, account, drop, " \
+            "webhook or app)"
+        raise CommandError(f"deleting {user.username} removes {what}, for good; "
+                           "add --yes to delete")
     if user.deleting_at is not None:
         print(f"{user.username}: finishing the deletion begun {when(user.deleting_at)}")
     removed = await core.deletion.delete(user)
