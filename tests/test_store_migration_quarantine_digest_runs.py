@@ -18,7 +18,7 @@ from mailcore.store import Database
 from mailcore.store.migrate import current_revision, downgrade_to
 from tests.support.db import DatabaseMixin
 
-BEFORE = "0041_quarantine_email_key"  # the revision 0046_quarantine_digest_runs builds on
+BEFORE = "0042_user_deleting"  # the revision 0046_quarantine_digest_runs builds on
 START = 1_800_000_000.0
 
 
@@ -27,14 +27,14 @@ def thd_tables(conn: Connection) -> set[str]:
 
 
 class QuarantineDigestRunsMigrationMixin(DatabaseMixin):
-    async def at_0041(self) -> Database:
+    async def at_before(self) -> Database:
         db = await self.open_database()
         await threads.deferToThread(downgrade_to, db.engine, BEFORE)
         self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
         return db
 
     async def test_up_the_table_is_there_empty_and_records_runs(self) -> None:
-        db = await self.at_0041()
+        db = await self.at_before()
         self.assertNotIn("quarantine_digest_runs", await db.read("tables", thd_tables))
         await threads.deferToThread(db.migrate_blocking)
         self.assertIsNone(await db.read("unfinished", _unfinished_run_txn))

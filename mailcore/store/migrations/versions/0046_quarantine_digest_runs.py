@@ -10,7 +10,7 @@ digested since its start), so no one gets two digests for one period.
 Upgrade: the table. Downgrade: it goes.
 
 Revision ID: 0046_quarantine_digest_runs
-Revises: 0041_quarantine_email_key
+Revises: 0042_user_deleting
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0046_quarantine_digest_runs"
-down_revision = "0041_quarantine_email_key"
+down_revision = "0042_user_deleting"
 branch_labels = None
 depends_on = None
 
