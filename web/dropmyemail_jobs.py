@@ -25,11 +25,22 @@ from mailcore.fetch.jobs import STATUSES, Job
 from web.auth import DROPMYEMAIL
 from web.errors import ApiError
 from web.openapi import Reply, RouteTable
-from web.parsing import FORM_TYPE, bool_field, collect_fields, int_field, query_params, string_field
+from web.parsing import (
+    FORM_TYPE,
+    bool_field,
+    collect_fields,
+    int_field,
+    is_json_type,
+    media_type,
+    query_params,
+    read_json,
+    string_field,
+)
 
 if TYPE_CHECKING:
     from mailcore.backup.jobs import BackupJobs
     from mailcore.identity import Principal
+    from web.settings import WebSettings
 
 _PROGRESS = {
     "id": {"type": "integer"},
@@ -91,6 +102,8 @@ MIGRATE_INPUT = {
     },
     "required": ["email", "password"],
 }
+RESTORE_INPUT: dict[str, Any] = {"type": "object", "properties": {},
+                                 "additionalProperties": False}
 JOB_QUERY = {
     "sort": {"type": "string", "enum": ["start_time", "end_time"]},
     "direction": {"type": "string", "enum": ["asc", "desc"]},
@@ -145,6 +158,8 @@ class JobRoutes:
                   headers: Mapping[str, str] | None = None) -> bytes: ...
 
         def fields(self, request: IRequest, *, untyped_form: bool = ...) -> dict[str, Any]: ...
+
+        settings: WebSettings
 
     def with_jobs(self, jobs: BackupJobs) -> Self:
         """This app, serving `jobs`' migrates and restores."""
@@ -228,6 +243,16 @@ class JobRoutes:
 
     async def create_restore(self, request: IRequest, account_id: int) -> bytes:
         principal = await self.principal(request, "write")
+        # No input (dropmyemail-v1.md): a field is a 400, not ignored. A client asking for
+        # some messages back (`message_ids`) would otherwise get every missing one. A JSON
+        # null says "no input" as an empty body does.
+        if is_json_type(media_type(request)):
+            data = read_json(request, self.settings.json_max_body)
+            if data is not None and not isinstance(data, dict):
+                raise ApiError(400, "Invalid data. Expected a JSON object or nothing.")
+        else:
+            data = self.fields(request)
+        refuse_unknown_fields(data or {}, RESTORE_INPUT["properties"])
         try:
             job = await self._jobs().restore(principal.user.id, account_id)
         except BackupError as e:
@@ -283,11 +308,16 @@ def install(routes: RouteTable) -> None:
     routes.route(
         f"{base}/restores", "POST",
         summary="Put back into the account every backed-up message no longer there",
-        description="No input. A background job brings the backup up to date, then appends "
+        description="No input: an empty body (or `{}`, or JSON null); any field is a 400 "
+        "naming it, "
+        "`message_ids` among them (the whole backup is restored, never a choice of messages), "
+        "as is a body that is not a JSON object or a form. A background job brings the "
+        "backup up to date, then appends "
         "each backed-up message missing from the account into its folder (made again if it "
         "was deleted), exactly once; a restore of an intact account appends nothing. Its "
         "end fires the webhook event restore.completed. While a restore of the account is "
         "queued or running, another is a 409.",
-        auth=DROPMYEMAIL, scope="write", body_types=("application/json", FORM_TYPE),
+        auth=DROPMYEMAIL, scope="write", body=RESTORE_INPUT,
+        body_types=("application/json", FORM_TYPE),
         replies={201: Reply("The restore, queued", RESTORE)}, errors=(400, 409, *errors),
     )(JobRoutes.create_restore)
