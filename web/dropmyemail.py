@@ -729,7 +729,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "telephone number of the signature block of the newest message from the contact "
         "(after '-- ' or in the trailing lines: Tel:, Phone:, Mobile:, +49 …; validated "
         "with libphonenumber). backup_date: when a message naming the contact was last "
-        "backed up.",
+        "backed up. The contacts are worked out from the whole backup once per change of "
+        "it (a sync that stores or removes mail, a signature read by the indexer); pages "
+        "and single contacts read that result.",
         auth=DROPMYEMAIL,
         scope="contact",
         query={**PAGE_QUERY,

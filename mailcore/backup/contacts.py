@@ -7,19 +7,32 @@ the newest message from that address gives (read once per message by the backup 
 mailcore.backup.index and .signature). Each is served as a vCard 3.0 built with vobject.
 `backup_date` is when a message naming the contact was last backed up. A contact's id is
 derived from its address (stable across backups).
+
+The contacts are worked out from the whole account (every message's address fields, every
+attached vCard), so they are worked out once per change of the backup, not per request: an
+account's `ContactBook` (sorted both ways, and by id) is kept with the stamp it was read at,
+the user's change stamp (`mailcore.messages.counts.thd_change_stamp`: any message stored,
+deleted or moved, on any node) and how many of the account's messages the indexer has yet to
+read the signature of. A page, or one contact, is then a lookup in the book while the stamp
+stands (`ContactBooks`).
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from email.utils import getaddresses
 
 import vobject
 from sqlalchemy import Connection, func, or_, select
+from twisted.internet import defer
 
 from mailcore.backup.mail import BackupMail, NotFound, Window
+from mailcore.fetch.errors import AccountNotFound
+from mailcore.messages.counts import thd_change_stamp
 from mailcore.messages.models import Page
 from mailcore.messages.store import MessageNotFound
 from mailcore.store.schema import message_attachments, messages
@@ -123,14 +136,128 @@ def fold_contacts(rows: list[Row], own: str) -> dict[str, Contact]:
     return found
 
 
+@dataclass(frozen=True)
+class ContactBook:
+    """An account's contacts as its listing reads them: by name, by address, by id."""
+
+    by_name: tuple[Contact, ...]
+    by_email: tuple[Contact, ...]
+    by_id: dict[int, Contact]
+
+    def __len__(self) -> int:
+        return len(self.by_email)
+
+
+def make_book(contacts: list[Contact]) -> ContactBook:
+    """The book of `contacts` (two sorts of them all: CPU-bound, off the reactor)."""
+    return ContactBook(
+        by_name=tuple(sorted(contacts, key=lambda c: ((c.name or c.email).casefold(),
+                                                      c.email))),
+        by_email=tuple(sorted(contacts, key=lambda c: c.email)),
+        by_id={c.id: c for c in contacts})
+
+
+# The stamp a book is read at: the user's change stamp, and how many of the account's
+# messages still wait for the indexer to read their signature (its phone may change then).
+Stamp = tuple[int, int]
+
+
+class ContactBooks:
+    """Books kept with their stamp (module docstring), the least recently used dropped first
+    once they hold more than `max_contacts` contacts together; a book larger than that is
+    not kept. Requests at once for a book not kept share one fold."""
+
+    def __init__(self, max_contacts: int = 100_000) -> None:
+        self.max_contacts = max_contacts
+        self._books: OrderedDict[Hashable, tuple[Stamp, ContactBook]] = OrderedDict()
+        self._held = 0
+        self._waiting: dict[tuple[Hashable, Stamp],
+                            list[defer.Deferred[ContactBook | None]]] = {}
+
+    def get(self, key: Hashable, stamp: Stamp) -> ContactBook | None:
+        found = self._books.get(key)
+        if found is None or found[0] != stamp:
+            return None
+        self._books.move_to_end(key)
+        return found[1]
+
+    def _put(self, key: Hashable, stamp: Stamp, book: ContactBook) -> None:
+        old = self._books.pop(key, None)
+        if old is not None:
+            self._held -= len(old[1])
+        if len(book) > self.max_contacts:
+            return
+        self._books[key] = (stamp, book)
+        self._held += len(book)
+        while self._held > self.max_contacts:
+            _, (_, dropped) = self._books.popitem(last=False)
+            self._held -= len(dropped)
+
+    async def book(self, key: Hashable, stamp: Stamp) -> ContactBook | None:
+        """The book kept for `key` at `stamp`, or the one a fold under way makes; None
+        when the caller is to fold it (and then call `fold_done`, whatever the outcome)."""
+        while True:
+            found = self.get(key, stamp)
+            if found is not None:
+                return found
+            waiting = self._waiting.get((key, stamp))
+            if waiting is None:
+                self._waiting[(key, stamp)] = []
+                return None
+            d: defer.Deferred[ContactBook | None] = defer.Deferred()
+            waiting.append(d)
+            found = await d
+            if found is not None:
+                return found
+            # That fold failed (its request went away, say): one of us folds again.
+
+    def fold_done(self, key: Hashable, stamp: Stamp, book: ContactBook | None) -> None:
+        """Keep the book folded for `key` at `stamp` and hand it to the requests waiting for
+        it; None: the fold failed, and they try again."""
+        waiting = self._waiting.pop((key, stamp), [])
+        if book is not None:
+            self._put(key, stamp, book)
+        for d in waiting:
+            d.callback(book)
+
+
 class BackupContacts:
-    def __init__(self, mail: BackupMail) -> None:
+    def __init__(self, mail: BackupMail, books: ContactBooks | None = None) -> None:
         self.mail = mail
         self.store = mail.store
+        self.books = books or ContactBooks()
 
-    async def _all(self, user_id: int, account_id: int) -> list[Contact]:
-        account = await self.mail.accounts.get(user_id, account_id)
-        own = account.email.strip().lower()
+    async def book(self, user_id: int, account_id: int) -> ContactBook:
+        """The account's contacts, folded once per change of its backup (module
+        docstring); NotFound if the account is not the user's."""
+        try:
+            account = await self.mail.accounts.get(user_id, account_id)
+        except AccountNotFound:
+            raise NotFound() from None
+        c = messages.c
+
+        def txn(conn: Connection) -> Stamp:
+            unscanned = conn.execute(
+                select(func.count()).select_from(messages)
+                .where(c.signature_phone.is_(None), c.account_id == account_id)).scalar()
+            return thd_change_stamp(conn, user_id), int(unscanned or 0)
+
+        # Read before the rows: a change after it makes a book newer than its stamp, which
+        # the next request finds stale, never one older than it.
+        stamp = await self.mail.db.read("backup_contacts_stamp", txn)
+        key = (user_id, account_id)
+        found = await self.books.book(key, stamp)
+        if found is not None:
+            return found
+        book = None
+        try:
+            contacts = await self._all(user_id, account_id, account.email.strip().lower())
+            book = await self.store.cpu.run(make_book, contacts)
+        finally:
+            self.books.fold_done(key, stamp, book)
+        return book
+
+    async def _all(self, user_id: int, account_id: int, own: str) -> list[Contact]:
 
         def txn(conn: Connection) -> list[Row]:
             return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in conn.execute(
@@ -184,19 +311,17 @@ class BackupContacts:
 
     async def list(self, user_id: int, account_id: int, *, sort: str, direction: str,
                    window: Window) -> Page[Contact]:
-        await self.mail._account(user_id, account_id)
-        contacts = await self._all(user_id, account_id)
-        if sort == "name":
-            contacts.sort(key=lambda c: ((c.name or c.email).casefold(), c.email))
-        else:
-            contacts.sort(key=lambda c: c.email)
-        if direction == "desc":
-            contacts.reverse()
-        return Page(len(contacts), contacts[window.offset:window.offset + window.per_page])
+        book = await self.book(user_id, account_id)
+        ordered = book.by_name if sort == "name" else book.by_email
+        total = len(ordered)
+        start, end = window.offset, window.offset + window.per_page
+        if direction == "desc":  # the same slice of the reversed order, none reversed
+            start, end = max(total - end, 0), max(total - start, 0)
+            return Page(total, list(reversed(ordered[start:end])))
+        return Page(total, list(ordered[start:end]))
 
     async def get(self, user_id: int, account_id: int, contact: int) -> Contact:
-        await self.mail._account(user_id, account_id)
-        for c in await self._all(user_id, account_id):
-            if c.id == contact:
-                return c
-        raise NotFound()
+        found = (await self.book(user_id, account_id)).by_id.get(contact)
+        if found is None:
+            raise NotFound()
+        return found
