@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
@@ -77,11 +78,42 @@ def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
     return value
 
 
+# The properties `vcard_entries` reads (and those that frame a card).
+_READ = frozenset({"BEGIN", "END", "VERSION", "FN", "EMAIL", "TEL"})
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def only_read_properties(text: str) -> str:
+    """The physical lines of the properties `vcard_entries` reads, the others (a PHOTO or a
+    sound of megabytes, a NOTE) left out, so that vobject parses names, addresses and numbers
+    only. Logical lines as vobject reads them: a line starting with a space or a tab
+    continues the one before, as does any line after one of a quoted-printable property
+    (vCard 2.1) that ends with "="; a blank line ends one; a name may carry a group
+    ("item1.EMAIL"). One pass over the text: vobject took 4.5 s for a card holding a 7.7 MB
+    photo, more than linearly (it searches each logical line again at each of its lines)."""
+    out: list[str] = []
+    keep = quoted_printable = continues = False
+    for line in _LINE_END.split(text):
+        if not line.strip():
+            keep = quoted_printable = continues = False
+            continue
+        if not (continues or line[0] in " \t"):
+            head = line.split(":", 1)[0]
+            name = head.split(";", 1)[0].rsplit(".", 1)[-1].strip().upper()
+            keep = name in _READ
+            quoted_printable = "quoted-printable" in head.lower()
+        continues = quoted_printable and line.endswith("=")
+        if keep:
+            out.append(line)
+    return "\r\n".join(out) + "\r\n" if out else ""
+
+
 def vcard_entries(data: bytes) -> list[tuple[str, str, str]]:
     """(name, email, phone) of every card in `data` with an e-mail address."""
     out = []
     try:
-        for card in vobject.readComponents(data.decode("utf-8", "replace")):
+        text = only_read_properties(data.decode("utf-8", "replace"))
+        for card in vobject.readComponents(text):
             emails = [e.value for e in card.contents.get("email", []) if e.value]
             if not emails:
                 continue
