@@ -9,12 +9,14 @@ counts the messages dealt with so far (written, or found already at the destinat
 `messages` the messages the job has to deal with, `appended` those it wrote. A restore has the
 same fields and `restore_size`, the bytes it has to put back, and `attempts`, its runs so far.
 `backup_id` is the account whose backup is copied; `message_ids` the backed-up messages
-dealt with. The destination's password is never returned.
+dealt with, one id per message (millions, for a large account): lists and shows are
+streamed, the ids read from the store and written a chunk at a time. The destination's
+password is never returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from twisted.web.iweb import IRequest
@@ -24,6 +26,7 @@ from mailcore.backup.jobs import JobConflict
 from mailcore.fetch.jobs import STATUSES, Job
 from web.auth import DROPMYEMAIL
 from web.errors import ApiError
+from web.jsonstream import member_open, stream_json_text
 from web.openapi import Reply, RouteTable
 from web.parsing import (
     FORM_TYPE,
@@ -131,6 +134,19 @@ def restore_json(job: Job) -> dict[str, Any]:
     return {**_common(job), "user_id": job.user_id, "restore_size": job.restore_size}
 
 
+async def _job_text(jobs: BackupJobs, job: Job) -> AsyncIterator[bytes]:
+    """A migrate or restore as JSON text, its `message_ids` (one per message the job dealt
+    with: millions, for a large account) read and written a chunk at a time, last."""
+    shown = migrate_json(job) if job.kind == "migrate" else restore_json(job)
+    shown.pop("message_ids")
+    yield member_open(shown, "message_ids", b"[")
+    separator = b""
+    async for chunk in jobs.message_ids(job.id):
+        yield separator + ",".join(map(str, chunk)).encode("ascii")
+        separator = b","
+    yield b"]}"
+
+
 def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     value = params.get(name, default) or default
     if value not in allowed:
@@ -177,24 +193,37 @@ class JobRoutes:
         params = query_params(request)
         sort = _choice(params, "sort", ("start_time", "end_time"), "start_time")
         direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        jobs = self._jobs()
         try:
-            found = await self._jobs().list(principal.user.id, account_id, kind, sort=sort,
-                                            direction=direction)
+            found = await jobs.list(principal.user.id, account_id, kind, sort=sort,
+                                    direction=direction, with_message_ids=False)
         except BackupError as e:
             raise ApiError(400, e.message, code="invalid_request") from None
         if found is None:
             raise ApiError(404, "No such account.")
-        show = migrate_json if kind == "migrate" else restore_json
-        return self.reply(request, [show(j) for j in found])
+
+        async def text() -> AsyncIterator[bytes]:
+            yield b"["
+            for n, job in enumerate(found):
+                if n:
+                    yield b","
+                async for piece in _job_text(jobs, job):
+                    yield piece
+            yield b"]"
+
+        await stream_json_text(request, text())
+        return b""
 
     async def _show(self, request: IRequest, account_id: int, kind: str, job_id: int
                     ) -> bytes:
         principal = await self.principal(request, "read")
-        job = await self._jobs().get(principal.user.id, account_id, kind, job_id)
+        jobs = self._jobs()
+        job = await jobs.get(principal.user.id, account_id, kind, job_id,
+                             with_message_ids=False)
         if job is None:
             raise ApiError(404, f"No such {kind}.")
-        return self.reply(request, migrate_json(job) if kind == "migrate"
-                          else restore_json(job))
+        await stream_json_text(request, _job_text(jobs, job))
+        return b""
 
     async def list_migrates(self, request: IRequest, account_id: int) -> bytes:
         return await self._list(request, account_id, "migrate")
@@ -268,15 +297,18 @@ def install(routes: RouteTable) -> None:
     """Serve and document the migrate and restore routes on the Dropmyemail route table."""
     base = "/v1/accounts/<int:account_id>"
     errors = (401, 403, 404, 429)
+    streamed = ("The reply is streamed: each job's message_ids are read and written a chunk "
+                "at a time.")
     routes.route(
-        f"{base}/migrates", "GET", summary="List an account's migrates",
+        f"{base}/migrates", "GET", summary="List an account's migrates", description=streamed,
         auth=DROPMYEMAIL, scope="read", query=JOB_QUERY,
         replies={200: Reply("The migrates", {"type": "array", "items": MIGRATE})},
         errors=errors,
     )(JobRoutes.list_migrates)
     routes.route(
         f"{base}/migrates/<int:migrate_id>", "GET", summary="Show a migrate and its progress",
-        auth=DROPMYEMAIL, scope="read", replies={200: Reply("The migrate", MIGRATE)},
+        description=streamed, auth=DROPMYEMAIL, scope="read",
+        replies={200: Reply("The migrate", MIGRATE)},
         errors=errors,
     )(JobRoutes.show_migrate)
     routes.route(
@@ -295,14 +327,15 @@ def install(routes: RouteTable) -> None:
         replies={201: Reply("The migrate, queued", MIGRATE)}, errors=(400, 409, *errors),
     )(JobRoutes.create_migrate)
     routes.route(
-        f"{base}/restores", "GET", summary="List an account's restores",
+        f"{base}/restores", "GET", summary="List an account's restores", description=streamed,
         auth=DROPMYEMAIL, scope="read", query=JOB_QUERY,
         replies={200: Reply("The restores", {"type": "array", "items": RESTORE})},
         errors=errors,
     )(JobRoutes.list_restores)
     routes.route(
         f"{base}/restores/<int:restore_id>", "GET", summary="Show a restore and its progress",
-        auth=DROPMYEMAIL, scope="read", replies={200: Reply("The restore", RESTORE)},
+        description=streamed, auth=DROPMYEMAIL, scope="read",
+        replies={200: Reply("The restore", RESTORE)},
         errors=errors,
     )(JobRoutes.show_restore)
     routes.route(

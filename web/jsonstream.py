@@ -12,7 +12,7 @@ Content-Length like every other JSON reply.
 An array's items (a thread's e-mails with their bodies: thousands of them, hundreds of
 megabytes) are encoded and written one at a time as an async iterator yields them, read from
 the store a batch at a time, with the same pauses; its length is not known up front, so the
-reply is sent chunked.
+reply is sent chunked. Any other JSON text can be written so, as its pieces come.
 """
 
 from __future__ import annotations
@@ -114,6 +114,19 @@ async def _encoded(items: AsyncIterable[Any]) -> AsyncGenerator[bytes]:
             separator = b","
     finally:
         await pieces.aclose()
+
+
+def member_open(head: Mapping[str, Any], name: str, opening: bytes) -> bytes:
+    """`{**head, name: ` as JSON text, then `opening`: the start of an object whose last
+    member the caller writes on (`stream_json_text`)."""
+    return _member_open(head, name, opening)
+
+
+async def stream_json_text(request: IRequest, pieces: AsyncIterable[bytes]) -> None:
+    """Write the JSON text `pieces` yields (status 200, chunked), each piece as it comes:
+    for a reply whose nesting the other writers here do not shape. Errors after the first
+    bytes: as for `stream_base64_member`."""
+    await _write_paced(request, b"", _each(pieces), b"")
 
 
 async def stream_json_array(

@@ -19,6 +19,7 @@ lock of BEGIN IMMEDIATE), so two requests at once cannot both pass it.
 from __future__ import annotations
 
 import datetime
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, func, select
@@ -42,11 +43,14 @@ from mailcore.fetch.jobs import (
     thd_create_job,
     thd_get_job,
     thd_list_jobs,
+    thd_message_id_chunk,
 )
 from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts, mailbox_jobs
 
 JOB_SORTS = ("start_time", "end_time")
+# How many of a job's message ids one read of the store gives.
+MESSAGE_ID_CHUNK = 5000
 
 
 class JobConflict(Exception):
@@ -202,8 +206,10 @@ class BackupJobs:
         })
 
     async def list(self, user_id: int, account_id: int, kind: str, *,
-                   sort: str = "start_time", direction: str = "asc") -> list[Job] | None:
-        """The account's jobs of `kind`; None if the account is not the user's."""
+                   sort: str = "start_time", direction: str = "asc",
+                   with_message_ids: bool = True) -> list[Job] | None:
+        """The account's jobs of `kind`; None if the account is not the user's. Without
+        `with_message_ids`, their `message_ids` are left empty (`message_ids` reads them)."""
         if sort not in JOB_SORTS:
             raise BackupError(f"sort must be one of {', '.join(JOB_SORTS)}", "sort")
         if direction not in ("asc", "desc"):
@@ -212,11 +218,27 @@ class BackupJobs:
             return None
         return await self.db.read("list_mailbox_jobs", thd_list_jobs, user_id=user_id,
                                   account_id=account_id, kind=kind, sort=sort,
-                                  direction=direction)
+                                  direction=direction, with_message_ids=with_message_ids)
 
-    async def get(self, user_id: int, account_id: int, kind: str, job_id: int) -> Job | None:
+    async def get(self, user_id: int, account_id: int, kind: str, job_id: int, *,
+                  with_message_ids: bool = True) -> Job | None:
         return await self.db.read("get_mailbox_job", thd_get_job, job_id, user_id=user_id,
-                                  account_id=account_id, kind=kind)
+                                  account_id=account_id, kind=kind,
+                                  with_message_ids=with_message_ids)
+
+    async def message_ids(self, job_id: int) -> AsyncIterator[Sequence[int]]:
+        """The backed-up messages job `job_id` copied or found, in order, a chunk of
+        `MESSAGE_ID_CHUNK` at a time, each read on its own: the store's read lane is never
+        held for all of them, nor are they all in memory at once."""
+        after = 0
+        while True:
+            chunk = await self.db.read("mailbox_job_message_ids", thd_message_id_chunk,
+                                       job_id, after, MESSAGE_ID_CHUNK)
+            if chunk:
+                yield chunk
+            if len(chunk) < MESSAGE_ID_CHUNK:
+                return
+            after = chunk[-1]
 
 
 def build_jobs(

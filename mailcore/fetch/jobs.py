@@ -182,6 +182,17 @@ def thd_message_ids(conn: Connection, job_ids: list[int]) -> dict[int, tuple[int
     return {k: tuple(v) for k, v in out.items()}
 
 
+def thd_message_id_chunk(conn: Connection, job_id: int, after: int, limit: int) -> list[int]:
+    """Blocking: the next `limit` backed-up messages the job copied or found, after message
+    `after`, in order (a list read a chunk at a time: a job may have dealt with millions)."""
+    i = mailbox_job_items.c
+    return [int(r[0]) for r in conn.execute(
+        select(i.message_row_id)
+        .where(i.job_id == job_id, i.message_row_id > after, i.state.in_(("done", "present")))
+        .order_by(i.message_row_id).limit(limit)
+    )]
+
+
 def _leases(conn: Connection, job_ids: list[int], now: float) -> dict[int, str]:
     if not job_ids:
         return {}
@@ -195,7 +206,7 @@ def _leases(conn: Connection, job_ids: list[int], now: float) -> dict[int, str]:
 
 def thd_get_job(conn: Connection, job_id: int, *, user_id: int | None = None,
                 account_id: int | None = None, kind: str | None = None,
-                now: float = 0.0) -> Job | None:
+                now: float = 0.0, with_message_ids: bool = True) -> Job | None:
     """Blocking: one job (of that user, account and kind when given), or None."""
     q = select(mailbox_jobs).where(mailbox_jobs.c.id == job_id)
     if user_id is not None:
@@ -208,7 +219,8 @@ def thd_get_job(conn: Connection, job_id: int, *, user_id: int | None = None,
     if row is None:
         return None
     return _job(row, lease_owner=_leases(conn, [job_id], now).get(job_id),
-                message_ids=thd_message_ids(conn, [job_id]).get(job_id, ()))
+                message_ids=thd_message_ids(conn, [job_id]).get(job_id, ())
+                if with_message_ids else ())
 
 
 def thd_list_jobs(
