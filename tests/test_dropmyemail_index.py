@@ -10,16 +10,13 @@ import binascii
 import hashlib
 import json
 import os
-import tracemalloc
 from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import event, select
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web.server import Site
 
 from mailcore.backup import contacts as contacts_module
 from mailcore.backup import index as index_module
@@ -41,7 +38,7 @@ from mailcore.store.schema import fetch_folders, message_attachments, messages
 from tests.support.corpus import make_corpus
 from tests.support.oauth import access_token
 from tests.support.pg import create_test_database
-from tests.support.web import Web
+from tests.support.web import Web, traced_get
 
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"
 PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02" \
@@ -232,21 +229,8 @@ class IndexBase(TestCase):
     def get_traced(self, path: str) -> tuple[DigestingTransport, int]:
         """GET `path` over a whole HTTP connection whose transport hashes the reply as it
         comes; (the transport, the peak of memory traced while the request was served)."""
-        site = Site(self.web.root, reactor=self.web.clock)  # type: ignore[arg-type]
-        site.timeOut = None
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = DigestingTransport()
-        protocol.makeConnection(transport)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            protocol.dataReceived(
-                f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {self.token}\r\n\r\n".encode())
-            return transport, tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        return transport, traced_get(self.web, path, self.token, transport)
 
     def count_libmagic(self) -> list[bytes]:
         calls: list[bytes] = []

@@ -6,21 +6,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import tracemalloc
 from typing import Any
 
 from sqlalchemy import func, insert, select
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web.server import Site
 
 from mailcore.config import Config
 from mailcore.fetch.jobs import thd_cancel_job, thd_create_job
 from mailcore.store.schema import mailbox_job_items, mailbox_jobs, message_blobs, messages
 from tests.support.oauth import access_token
 from tests.support.pg import create_test_database
-from tests.support.web import BASE, Web
+from tests.support.web import BASE, Web, traced_get
 
 
 class JobsApiBase(TestCase):
@@ -159,21 +156,8 @@ class ManyMessageIdsTests(JobsApiBase):
             f"{BASE}{self.base}/restores", headers={"Authorization": f"Bearer {self.token}"})
         whole = await response.content()
         self.assertEqual(len(json.loads(whole)), self.JOBS - 1)
-        site = Site(self.web.root, reactor=self.web.clock)  # type: ignore[arg-type]
-        site.timeOut = None
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = HashingTransport()
-        protocol.makeConnection(transport)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            protocol.dataReceived(
-                f"GET {self.base}/restores HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {self.token}\r\n\r\n".encode())
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        peak = traced_get(self.web, f"{self.base}/restores", self.token, transport)
         self.assertEqual(transport.body(), hashlib.sha256(whole).hexdigest())
         # 30,000 ids, a 150 kB reply: read whole, 3.5 MB; a chunk at a time, 0.6 MB, what
         # reading and writing one chunk takes, whatever the number of ids.

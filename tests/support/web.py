@@ -8,13 +8,16 @@ Werkzeug or Twisted stay warnings: we cannot fix them, see notes/twisted-pitfall
 from __future__ import annotations
 
 import json
+import tracemalloc
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.server import Site
 
 from mailcore.config import Config
 from mailcore.core import Core
@@ -154,3 +157,23 @@ class Wire:
 def header(headers: dict[str, list[str]], name: str) -> str | None:
     values = headers.get(name.lower())
     return values[0] if values else None
+
+
+def traced_get(web: Web, path: str, token: str, transport: StringTransport) -> int:
+    """GET `path` (with `Authorization: Bearer token`) over one whole HTTP/1.0 connection to
+    the web root, written to `transport`; the peak of memory traced while it was served
+    (the transport keeps what it wants of the reply: a hash, not the body)."""
+    site = Site(web.root, reactor=web.clock)  # type: ignore[arg-type]
+    site.timeOut = None
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(transport)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        protocol.dataReceived(
+            f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode())
+        return int(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
