@@ -253,6 +253,12 @@ class _BodyTooLarge(Exception):
         self.error = error
 
 
+def _with(again: set[int], wanted: list[int]) -> list[int]:
+    """`wanted` (the server's order) with the UIDs to try `again`, in UID order; sorted only
+    when there are some (a first sync's search may name a million UIDs)."""
+    return sorted(again.union(wanted)) if again else wanted
+
+
 def _swallow(d: defer.Deferred[Any]) -> None:
     """Consume the outcome of a pipelined request we no longer wait for."""
     d.addErrback(lambda _f: None)
@@ -803,10 +809,10 @@ class SyncEngine:
             found = await session.uid_search(b" ".join(criteria), max_uids=bound)
             held = await self.db.read("fetch_stored_uids", thd_stored_uids, state.id,
                                       uidvalidity)
-            return sorted(again | {u for u in found if u not in held})
+            return _with(again, [u for u in found if u not in held])
         criteria.append(b"UID %d:*" % (max_uid + 1))
         found = await session.uid_search(b" ".join(criteria), max_uids=bound)
-        return sorted(again | {u for u in found if u > max_uid})
+        return _with(again, [u for u in found if u > max_uid])
 
     async def _missing(self, session: IMAPClient, missing: list[int],
                        skipped: dict[int, str]) -> _Parsed:
