@@ -136,7 +136,8 @@ class _LingeringClose:
 
 
 class LimitedRequest(server.Request):
-    """A Request that refuses bodies larger than its site's `max_body`."""
+    """A Request that refuses bodies larger than its site's `max_body` (and, behind a proxy
+    of `[web] trusted_proxies`, names the client the proxy names: web.forwarded)."""
 
     body_too_large = False
     # The upload gate refused the request: its body is not read (see the module docstring).
