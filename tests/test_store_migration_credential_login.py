@@ -13,7 +13,7 @@ from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from mailcore.store.schema import users
 from tests.support.db import DatabaseMixin
 
@@ -51,9 +51,7 @@ def thd_columns(conn: Connection) -> set[str]:
 
 class CredentialLoginMigrationMixin(DatabaseMixin):
     async def at_0034_with_credentials(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
+        db = await self.open_database_before(BEFORE)
         user = await db.run("user", thd_add_user)
         for n, (kind, label) in enumerate(ROWS, 1):
             await db.run("credential", thd_add_credential, user, n, kind, label)

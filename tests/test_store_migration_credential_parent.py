@@ -14,7 +14,7 @@ from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from mailcore.store.schema import users
 from tests.support.db import DatabaseMixin
 
@@ -59,9 +59,7 @@ def thd_parent_ids(conn: Connection) -> list[int | None]:
 
 class CredentialParentMigrationMixin(DatabaseMixin):
     async def at_0008_with_credentials(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
+        db = await self.open_database_before(BEFORE)
         user = await db.run("user", thd_add_user)
         for kind, prefix in (("apikey", "aaaa1111"), ("session", "bbbb2222"),
                              ("token", "cccc3333")):

@@ -15,7 +15,7 @@ from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from mailcore.store.schema import domain_addresses, domains, users
 from tests.support.db import DatabaseMixin
 
@@ -63,9 +63,7 @@ def thd_rows(conn: Connection) -> list[tuple[int, str, list[str]]]:
 
 class DomainIdMigrationMixin(DatabaseMixin):
     async def at_0033(self) -> tuple[Database, int, int]:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
+        db = await self.open_database_before(BEFORE)
         kept, gone = await db.run("setup", thd_setup)
         return db, kept, gone
 

@@ -65,10 +65,7 @@ def thd_column(conn: Connection, column: str) -> dict[str, Any]:
 
 class DomainTLSMigrationMixin(DatabaseMixin):
     async def at_0007(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
-        return db
+        return await self.open_database_before(BEFORE)
 
     async def test_a_new_database_has_the_policy_column_only(self) -> None:
         db = await self.open_database()

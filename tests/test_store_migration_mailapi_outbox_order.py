@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.mailapi.mail import thd_next_outbox_seq
 from mailcore.mailapi.outbox import thd_outbox
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from mailcore.store.schema import domains
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -65,10 +65,7 @@ def thd_indexes(conn: Connection) -> dict[str, list[str | None]]:
 
 class MailApiOutboxOrderMigrationMixin(DatabaseMixin):
     async def at_0028(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
-        return db
+        return await self.open_database_before(BEFORE)
 
     async def test_outbox_mail_keeps_its_order_and_later_mail_goes_after_it(self) -> None:
         db = await self.at_0028()

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.quarantine import _start_run_txn, _unfinished_run_txn
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 
 BEFORE = "0042_user_deleting"  # the revision 0046_quarantine_digest_runs builds on
@@ -28,10 +28,7 @@ def thd_tables(conn: Connection) -> set[str]:
 
 class QuarantineDigestRunsMigrationMixin(DatabaseMixin):
     async def at_before(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
-        return db
+        return await self.open_database_before(BEFORE)
 
     async def test_up_the_table_is_there_empty_and_records_runs(self) -> None:
         db = await self.at_before()

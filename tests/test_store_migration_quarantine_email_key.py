@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.quarantine import address_key
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 from tests.support.mailsink import add_domain
 
@@ -58,9 +58,7 @@ class QuarantineEmailKeyMigrationMixin(DatabaseMixin):
     timeout = 120
 
     async def at_0040_with_rows(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
+        db = await self.open_database_before(BEFORE)
         domain_id = await add_domain(db, "q.test", "10.0.0.1", 25)
         await db.run("rows", thd_add_rows, domain_id)
         return db

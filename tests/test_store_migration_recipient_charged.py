@@ -12,7 +12,7 @@ from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 
 BEFORE = "0026_fts_automerge"  # the revision 0027_recipient_charged builds on
@@ -50,10 +50,7 @@ def thd_addresses(conn: Connection) -> list[str]:
 
 class RecipientChargedMigrationMixin(DatabaseMixin):
     async def at_0026(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
-        return db
+        return await self.open_database_before(BEFORE)
 
     async def test_recipients_queued_before_are_unmarked(self) -> None:
         db = await self.at_0026()

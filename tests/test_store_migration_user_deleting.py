@@ -9,7 +9,7 @@ from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
 from mailcore.store import Database
-from mailcore.store.migrate import current_revision, downgrade_to
+from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 
 BEFORE = "0041_quarantine_email_key"  # the revision 0042_user_deleting builds on
@@ -32,9 +32,7 @@ class UserDeletingMigrationMixin(DatabaseMixin):
     timeout = 120
 
     async def at_0041_with_users(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
+        db = await self.open_database_before(BEFORE)
         self.assertNotIn("deleting_at", await db.read("columns", thd_columns))
         await db.run("users", thd_add_users)
         return db

@@ -37,10 +37,7 @@ def thd_names(conn: Connection) -> list[tuple[str, str]]:
 
 class UsersLowerMigrationMixin(DatabaseMixin):
     async def at_0039(self) -> Database:
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertEqual(await threads.deferToThread(current_revision, db.engine), BEFORE)
-        return db
+        return await self.open_database_before(BEFORE)
 
     async def test_a_name_or_address_in_another_case_is_refused_after(self) -> None:
         db = await self.at_0039()

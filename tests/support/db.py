@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event
+from twisted.internet import threads
 
 from mailcore.store import Database
+from mailcore.store.migrate import current_revision, downgrade_to
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir
@@ -88,6 +90,15 @@ class DatabaseMixin(MixinBase):
     async def open_database_at(self, url: str, *, max_threads: int = 4) -> Database:
         """A second Database object on the same database."""
         return await open_database_at(self, url, max_threads=max_threads)
+
+    async def open_database_before(self, revision: str) -> Database:
+        """A fresh database of this class's backend migrated to `revision` only (the one a
+        migration under test builds on)."""
+        db = await self.open_database()
+        await threads.deferToThread(downgrade_to, db.engine, revision)
+        self.assertEqual(  # type: ignore[attr-defined]
+            await threads.deferToThread(current_revision, db.engine), revision)
+        return db
 
 
 def query_plans(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
