@@ -58,10 +58,24 @@ class Rekeyed:
             counts[name] = counts.get(name, 0) + n
 
 
+def _replacement(box: SecretBox, token: bytes, forget: bool) -> bytes | None:
+    """What a stored secret becomes. rotate: encrypted again with the first key
+    (SecretError: no key opens it). forget: FORGOTTEN when no key opens it, else None (it
+    is kept as it is)."""
+    if not forget:
+        return box.rotate(token)
+    try:
+        box.decrypt(token)
+    except SecretError:
+        return FORGOTTEN
+    return None
+
+
 def _batch_txn(conn: Connection, column: Column, box: SecretBox,  # type: ignore[type-arg]
                after: int, forget: bool) -> tuple[int | None, int, int]:
     """One batch of `column`'s secrets after row id `after`: (the last id, or None at the
-    end; how many were encrypted again, or given up; how many no key opens)."""
+    end; how many were encrypted again, or given up; how many no key opens, when
+    rotating)."""
     table = column.table
     key = table.c.id
     rows = conn.execute(
@@ -72,18 +86,14 @@ def _batch_txn(conn: Connection, column: Column, box: SecretBox,  # type: ignore
     for row_id, token in rows:
         token = bytes(token)
         try:
-            new = box.rotate(token)
-        except SecretError:
+            new = _replacement(box, token, forget)
+        except SecretError:  # rotate: no key opens it; left as it is
             unreadable += 1
-            if not forget:
-                continue
-            new = FORGOTTEN
-        else:
-            if forget:
-                continue  # it opens: kept as it is
-        done = conn.execute(update(table).where(key == row_id, column == token)
-                            .values({column.name: new}))
-        changed += done.rowcount
+            continue
+        if new is not None:
+            done = conn.execute(update(table).where(key == row_id, column == token)
+                                .values({column.name: new}))
+            changed += done.rowcount
     return (rows[-1][0] if len(rows) == BATCH else None), changed, unreadable
 
 
