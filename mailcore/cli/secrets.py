@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
     """Add `secrets` to the `mailcore` command line."""
     actions = command_group(
         subparsers, "secrets", help="rotate the fetch key, or give up a lost one's secrets",
-        description=__doc__.splitlines()[2] if __doc__ else None,
+        description="The fetch key (fetch.key in the data directory, or [fetch] secret_key) "
+        "encrypts remote mailbox and migrate/restore passwords, webhook signing secrets and "
+        "safedrop secure messages.",
     )
     rotate = actions.add_parser("rotate", help="encrypt every stored secret with a new key",
                                 description=ROTATE_HELP)
