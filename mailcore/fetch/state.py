@@ -29,9 +29,8 @@ class FolderState:
     highestmodseq: int | None
     delimiter: str | None = None  # as the server's LIST last gave them
     special_use: str | None = None
-    # UIDs (under `uidvalidity`) the last sync could not fetch, and why (its error).
+    # UIDs (under `uidvalidity`) the last sync could not fetch (its error says why).
     skipped_uids: tuple[int, ...] = ()
-    sync_error: str | None = None
 
 
 def _uids(text: str | None) -> tuple[int, ...]:
@@ -41,8 +40,7 @@ def _uids(text: str | None) -> tuple[int, ...]:
 def _state(row: Any) -> FolderState:
     m = row._mapping
     return FolderState(m["id"], m["name"], m["uidvalidity"], m["uidnext"], m["highestmodseq"],
-                       m["delimiter"], m["special_use"], _uids(m["skipped_uids"]),
-                       m["sync_error"])
+                       m["delimiter"], m["special_use"], _uids(m["skipped_uids"]))
 
 
 def thd_upsert_folders(
