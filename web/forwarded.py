@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from twisted.web.http_headers import Headers
 
+from mailcore.connlimits import client_address
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -38,13 +40,8 @@ def _address(text: str) -> IPAddress | None:
         text = text[1:].partition("]")[0]
     elif text.count(":") == 1:
         text = text.partition(":")[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    canonical = client_address(text)  # an IPv4-mapped address as its IPv4 address
+    return None if canonical is None else ipaddress.ip_address(canonical)
 
 
 def trusted(host: str | None, proxies: Sequence[IPNetwork]) -> bool:
