@@ -74,8 +74,8 @@ command = "SYMBOLS"  # SYMBOLS (rule names), REPORT (rule names with points) or 
                      # (no rule names: a scan cut short at spamd's time limit looks clean)
 user = ""            # SPAMC User header (per-user settings in spamd), empty: none
 max_size = 1048576   # larger messages are not sent to spamd (0: no limit) ...
-oversize = "skip"    # ... and are "skip"ped (recorded as skipped) or "fail" (permanent
-                     # FilterUnavailable)
+oversize = "skip"    # ... and are "skip"ped (recorded as skipped) or "fail" (unless fail_open:
+                     # quarantined unscanned, category "oversize", for a person to release)
 max_reply = 262144   # bytes of reply accepted
 
 [filters.clamd]      # ClamAV's clamd
@@ -84,7 +84,7 @@ timeout = 60.0
 fail_open = false
 chunk_size = 65536   # INSTREAM chunk size
 max_size = 26214400  # keep equal to clamd's StreamMaxLength (0: no limit of ours) ...
-oversize = "fail"    # ... larger messages: "fail" (permanent FilterUnavailable) or "skip"
+oversize = "fail"    # ... larger messages: "fail" (quarantined unscanned) or "skip"
 max_reply = 65536
 
 [filters.rspamd]     # rspamd's normal worker (POST /checkv2)

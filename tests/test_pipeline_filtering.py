@@ -7,13 +7,20 @@ from email import message_from_bytes
 from email.policy import default
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs, formatEvent
+from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
+from filters.chain import ChainEntry, FilterChain
+from filters.clamd import ClamdClient
 from filters.interface import Symbol, Verdict
 from mailcore.config import Config
 from mailcore.gateway.filtering import FILTERING_UNAVAILABLE, spam_headers
 from mailcore.queue.pipeline import Action, PipelineMessage, apply_tags
+from mailcore.smtp.envelope import Envelope, Recipient
 from tests.support.quarantine import (
     GTUBE,
     DownChain,
@@ -120,6 +127,54 @@ class PipelineFilteringTests(TestCase):
         stage.chain = real
         self.gw.clock.advance(3600)
         self.assertEqual([r for _f, r, _b in self.gw.delivered()], [["bob@q.test"]])
+
+    def too_large_for_clamd(self) -> None:
+        """The stage's chain: clamd alone, fail-closed, taking 16 bytes at most (the
+        message is refused before any connection: the endpoint is never used)."""
+        stage: Any = self.gw.core.queue.runner.pipeline.stages[0]
+        endpoint = TCP4ClientEndpoint(MemoryReactor(), "127.0.0.1", 3310)
+        clamd = ClamdClient(endpoint, self.gw.clock, max_size=16)
+        stage.chain = FilterChain([ChainEntry(clamd)], self.gw.clock)
+
+    async def test_too_large_for_a_fail_closed_filter_is_quarantined_unscanned(self) -> None:
+        # Retrying cannot make it fit: deferred, it would be scanned again at every retry
+        # until it bounced days later. Held unscanned, whatever the domains' policy.
+        user = await self.gw.owner()
+        await self.gw.domain(user, "q.test", spam_action=0)
+        await self.gw.domain(user, "t.test", spam_action=1, virus_action=1)
+        self.too_large_for_clamd()
+        await self.gw.send(message("big", b"x" * 64), "a@q.test", "b@t.test")
+        self.assertEqual(self.gw.delivered(), [])
+        self.assertEqual(self.gw.states(), {"a@q.test": "quarantined",
+                                            "b@t.test": "quarantined"})
+        [held] = await self.held("t.test")
+        self.assertEqual((held.category, held.reason),
+                         ("oversize", "unscanned: too large for filter clamd"))
+        self.assertEqual(await self.gw.core.quarantine.release(held.ident), "released")
+        self.gw.clock.advance(60)
+        self.assertEqual([r for _f, r, _b in self.gw.delivered()], [["b@t.test"]])
+
+    async def test_too_large_with_a_recipient_outside_the_domains_defers_only_it(self) -> None:
+        user = await self.gw.owner()
+        await self.gw.domain(user, "q.test", spam_action=1)
+        self.too_large_for_clamd()
+        answer: Any = ([dns.RRHeader("gw.test", dns.MX, payload=dns.Record_MX(10, "mx.gw.test"))],
+                  [], [])
+
+        class Resolver:
+            def lookupMailExchange(self, name: str) -> defer.Deferred[Any]:
+                return defer.succeed(answer)
+
+        self.gw.core.queue.runner.router._resolver = Resolver()
+        dom = self.gw.core.domains.lookup("q.test")
+        assert dom is not None
+        envelope = Envelope("s@x.test", (Recipient("a@q.test", dom.id),
+                                         Recipient("postmaster@gw.test", None)))
+        await self.gw.core.spool.accept("Q9", envelope, message("big", b"x" * 64))
+        self.assertEqual(self.gw.delivered(), [])
+        self.assertEqual(self.gw.states(), {"a@q.test": "quarantined",
+                                            "postmaster@gw.test": "deferred"})
+        self.assertEqual(self.gw.last_errors()["postmaster@gw.test"], FILTERING_UNAVAILABLE)
 
     async def test_empty_tanks_defer_and_nothing_is_lost(self) -> None:
         user = await self.gw.owner(tokens=0)

@@ -18,6 +18,10 @@ released message was judged already). For a relay message:
    group commit).
 2. The filter chain scans the bytes. `FilterUnavailable` defers the message (a fail-open
    filter never raises it: the chain skips that filter instead, as the operator chose).
+   A message larger than a fail-closed filter takes (its `max_size`, clamd's
+   StreamMaxLength) would only be deferred again and again until it expired: it is
+   quarantined unscanned instead (category "oversize"; released, it is delivered as it
+   is), unless that filter's entry has `skip_oversize`.
 3. Per recipient domain, seed 004's policy: `virusAction` for a virus, else `spamAction`
    for spam: 0 quarantine (not delivered), 1 tag and deliver. Tags are `X-Spam-Flag: YES`,
    `X-Spam-Score`, `X-Spam-Status: Yes, score=… required=… tests=…`, for a virus
@@ -241,7 +245,7 @@ class FilteringStage:
         try:
             verdict = await self.chain.scan(message.body, context)
         except FilterUnavailable as e:
-            return _unavailable(message.queue_id, e)
+            return _unavailable(message, e, by_domain)
         return self._decide(message, verdict, by_domain, doms)
 
     def process_now(self, message: PipelineMessage) -> Decision | Later | None:
@@ -261,7 +265,7 @@ class FilteringStage:
         try:
             verdict = self.chain.scan_now(message.body, _context(message))
         except FilterUnavailable as e:
-            return _unavailable(message.queue_id, e)
+            return _unavailable(message, e, by_domain)
         assert verdict is not None, "inline was checked above"
         return self._decide(message, verdict, by_domain, doms)
 
@@ -320,9 +324,27 @@ def _context(message: PipelineMessage) -> ScanContext:
 FILTERING_UNAVAILABLE = "4.7.0 filtering unavailable"
 
 
-def _unavailable(queue_id: str, e: FilterUnavailable) -> Decision:
-    log.warn("{queue_id}: deferred, {error}", queue_id=queue_id, error=str(e))
-    return Decision(Action.DEFER, reason=FILTERING_UNAVAILABLE)
+# The category of mail a fail-closed filter can never scan (larger than it takes).
+UNSCANNED = "oversize"
+
+
+def _unavailable(message: PipelineMessage, e: FilterUnavailable,
+                 by_domain: dict[int, list[str]]) -> Decision:
+    """A fail-closed filter gave no verdict: defer. When retrying cannot help (the message
+    is larger than the filter takes), the recipients of served domains are quarantined
+    instead, unscanned, for a person to release; the others (`[smtp] postmaster` outside
+    them: no owner to release it) stay deferred until the message expires."""
+    if not e.permanent:
+        log.warn("{queue_id}: deferred, {error}", queue_id=message.queue_id, error=str(e))
+        return Decision(Action.DEFER, reason=FILTERING_UNAVAILABLE)
+    log.warn("{queue_id}: quarantined unscanned, {error}", queue_id=message.queue_id,
+             error=str(e))
+    reason = f"unscanned: too large for filter {e.filter}"
+    held = tuple(address for addresses in by_domain.values() for address in addresses)
+    if len(held) == len(message.recipients):
+        return Decision(Action.QUARANTINE, reason=reason, category=UNSCANNED)
+    return Decision(Action.DEFER, reason=FILTERING_UNAVAILABLE, quarantine=held,
+                    category=UNSCANNED)
 
 
 @dataclass(frozen=True)

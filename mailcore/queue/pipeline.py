@@ -21,7 +21,7 @@ Decisions the queue runner carries out:
   filtering tokens are spent): a temporary failure, nothing is lost.
 
 A decision other than QUARANTINE may name some recipients in `quarantine`: those are
-quarantined and the others get the decision (recipients of domains with different
+quarantined and the others get the decision (DEFER too) (recipients of domains with different
 policies can share one delivery). `subject_prefix` is put before the Subject of a TAG.
 
 `FilteringStage` is the filtering issue's stage: filter chain, tokens, domain policy.
@@ -61,7 +61,7 @@ class Decision:
     reason: str = ""
     quarantine: tuple[str, ...] = ()  # addresses to quarantine while the others go on
     subject_prefix: str = ""
-    category: str = ""  # "spam" or "virus" for a quarantine
+    category: str = ""  # "spam", "virus" or "oversize" (unscanned) for a quarantine
 
     @classmethod
     def deliver(cls) -> Decision:

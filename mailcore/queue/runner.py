@@ -619,10 +619,6 @@ class QueueRunner:
     def _act_now(self, job: Job, decision: Decision) -> Job | Later | None:
         """`_act` as a plain call when the decision keeps nothing in quarantine; LATER,
         with nothing done, when it does."""
-        if decision.action is Action.DEFER:
-            self._fail(job, job.recipients, decision.reason, permanent=False, hop="",
-                       now=self.clock.seconds())
-            return None
         if decision.action is Action.QUARANTINE or (decision.quarantine and any(
                 r.address in decision.quarantine for r in job.recipients)):
             return LATER
@@ -632,9 +628,6 @@ class QueueRunner:
         """Carry out what a decision says before sending: defer, quarantine (all or some
         recipients), discard. Returns the job still to send (tagged for a TAG), or None."""
         now = self.clock.seconds()
-        if decision.action is Action.DEFER:
-            self._fail(job, job.recipients, decision.reason, permanent=False, hop="", now=now)
-            return None
         if decision.action is Action.QUARANTINE:
             held = job.recipients
         else:
@@ -662,8 +655,12 @@ class QueueRunner:
         return self._after_quarantine(job, decision)
 
     def _after_quarantine(self, job: Job, decision: Decision) -> Job | None:
-        """The rest of `_act` for the recipients not quarantined: discard, or the job to
-        send (tagged for a TAG)."""
+        """The rest of `_act` for the recipients not quarantined: defer, discard, or the
+        job to send (tagged for a TAG)."""
+        if decision.action is Action.DEFER:
+            self._fail(job, job.recipients, decision.reason, permanent=False, hop="",
+                       now=self.clock.seconds())
+            return None
         if decision.action is Action.DISCARD:
             maillog.kept(job.message_id, "discarded", (r.address for r in job.recipients),
                          decision.reason)
