@@ -41,6 +41,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailcore.backoff import doubling
 from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
 from mailcore.fetch.secrets import SecretError
 from mailcore.messages.sql import new_id, utc
@@ -95,7 +96,7 @@ class JobSettings:
     stream_bytes: int = 1024 * 1024
 
     def backoff(self, attempt: int) -> float:
-        return float(min(self.retry_max, self.retry_base * 2 ** max(0, attempt - 1)))
+        return doubling(attempt, self.retry_base, self.retry_max)
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from mailcore.backoff import doubling
 from mailcore.queue.settings import QueueSettings
 
 
 def backoff(attempts: int, settings: QueueSettings) -> float:
     """Seconds to wait after the `attempts`-th failed attempt: doubling from min to max."""
-    if attempts < 1:
-        attempts = 1
-    delay = settings.min_backoff * (2 ** min(attempts - 1, 30))
-    return float(min(settings.max_backoff, delay))
+    return doubling(attempts, settings.min_backoff, settings.max_backoff)
 
 
 def expired(created_at: float, now: float, settings: QueueSettings) -> bool:

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mailcore import netpolicy
+from mailcore.backoff import doubling
 from mailcore.config import ConfigError, is_positive_number
 from mailcore.netpolicy import IPNetwork, parse_networks
 from mailcore.webhooks.model import WebhookError
@@ -87,11 +88,8 @@ class WebhookSettings:
         return cls(**values)
 
     def backoff(self, attempts: int) -> float:
-        """Seconds to wait after the `attempts`-th failed attempt. The doubling stops after
-        30 (as the queue's does): 2**1024 times a float overflows, and max_attempts has no
-        upper bound."""
-        exponent = min(max(0, attempts - 1), 30)
-        return float(min(self.backoff_max, self.backoff_base * 2 ** exponent))
+        """Seconds to wait after the `attempts`-th failed attempt."""
+        return doubling(attempts, self.backoff_base, self.backoff_max)
 
 
 class AddressPolicy(netpolicy.AddressPolicy):
