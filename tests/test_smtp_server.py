@@ -531,6 +531,33 @@ class ByteExactTests(ServerTestCase):
                 self.assertEqual(self.sink.bodies[-1], content)
                 s.close()
 
+    def test_the_checks_are_the_same_wherever_the_reads_are_cut(self) -> None:
+        # The CRs, LFs, dotted lines and NULs are counted read by read: a CRLF, a "\r\n."
+        # or the end marker cut in two, and a one-octet read, count as in one read.
+        wires = {
+            b"a\r\n.b\r\n..\r\nc\r\n.\r\n": ("250", b"a\r\nb\r\n.\r\nc\r\n"),
+            b".\r\n": ("250", b""),
+            b"..\r\n.\r\n": ("250", b".\r\n"),
+            b"x\r\r\n.\r\n": ("550", None),
+            b"x\n\r\n.\r\n": ("550", None),
+            b"x\r\n\x00\r\n.\r\n": ("554", None),
+            b"\r\n\r\n.\r\n": ("250", b"\r\n\r\n"),
+        }
+        for wire, (code, body) in wires.items():
+            cuts = [[wire[:cut], wire[cut:]] for cut in range(len(wire) + 1)]
+            for reads in [*cuts, [wire[i:i + 1] for i in range(len(wire))]]:
+                with self.subTest(reads=reads):
+                    s = self.session()
+                    self.start(s)
+                    before = len(self.sink.bodies)
+                    codes = [r[:3] for read in reads for r in s.send(read)]
+                    self.assertEqual(codes, [code])
+                    if body is not None:
+                        self.assertEqual(self.sink.bodies[before:], [body])
+                        self.assertIs(type(self.sink.messages[-1].data) is AcceptedBody,
+                                      b"\r\n." not in b"\r\n" + body)
+                    s.close()
+
     def test_the_spool_is_told_the_line_endings_were_checked(self) -> None:
         s = self.session()
         self.start(s)

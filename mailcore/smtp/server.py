@@ -325,6 +325,19 @@ def _line_too_long(data: bytes, start: int, limit: int) -> bool:
     return False
 
 
+@dataclass
+class _Counts:
+    """What the checks at the end of DATA need of the stored octets, counted as they are
+    stored: CRs, LFs, CRLFs (one split across two reads included), lines that begin with
+    a dot (their dot doubled for transparency), and whether a NUL was among them."""
+
+    cr: int = 0
+    lf: int = 0
+    crlf: int = 0
+    stuffed: int = 0
+    nul: bool = False
+
+
 # -- the protocol -------------------------------------------------------------------------
 
 
@@ -372,7 +385,9 @@ class ESMTPServerProtocol(TwistedProtocol):
         # segment would have us hold some 40 octets of list entry and bytes object per
         # octet), their count, the last 4 octets (to find the end marker across chunk
         # boundaries), whether the size limit was passed, and the Received fields of the
-        # header section (whether there are too many).
+        # header section (whether there are too many). The stored octets' CRs, LFs, CRLFs,
+        # dot-stuffed lines and NULs are counted as they arrive (`_Counts`), so the end of
+        # a large message does not pass over it once more for each on the reactor.
         self._in_data = False
         self._body = bytearray()
         self._data_len = 0
@@ -380,6 +395,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._overflow = False
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
+        self._counts = _Counts()
         # The session's one timer (see _arm_timer): the idle and the command timeout, and
         # the session's time.
         self._last_activity = 0.0
@@ -922,6 +938,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._overflow = False
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
+        self._counts = _Counts()
 
     # -- DATA -----------------------------------------------------------------------------
 
@@ -957,6 +974,12 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._data_len += len(piece) - stuffed
         if self._overflow or self._looping:
             return
+        counts = self._counts
+        counts.stuffed += stuffed
+        counts.cr += piece.count(b"\r")
+        counts.lf += piece.count(b"\n")
+        counts.crlf += piece.count(b"\r\n") + (self._tail[-1:] == b"\r" and piece[0] == 10)
+        counts.nul = counts.nul or b"\x00" in piece
         # (+ 1: the CR of an end marker split across reads, "\r\n.\r", is counted until
         # `_trim` takes it back; `_end_of_data` checks the exact size.)
         if self._data_len > self.settings.max_message_size + 1:
@@ -977,7 +1000,11 @@ class ESMTPServerProtocol(TwistedProtocol):
         """Drop the last `count` stored octets (part of an end marker split across reads):
         its dot, which `_store` did not count (it follows a CRLF), and what came after it."""
         self._data_len -= count - 1
-        del self._body[max(0, len(self._body) - count):]
+        start = max(0, len(self._body) - count)
+        counts = self._counts
+        counts.stuffed -= 1  # that dot
+        counts.cr -= self._body.count(b"\r", start)  # a CR whose LF was not stored
+        del self._body[start:]
 
     def _end_of_data(self) -> None:
         """The message is complete: check it, then hand it to the sink (asynchronously)."""
@@ -985,6 +1012,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         body, self._body = self._body, bytearray()
         overflow = self._overflow or self._data_len > self.settings.max_message_size
         looping = self._looping
+        counts = self._counts
         mail_from, recipients = self._mail_from or "", tuple(self._recipients)
         self._reset_transaction()
         addresses = [r.address for r in recipients]
@@ -1010,14 +1038,13 @@ class ESMTPServerProtocol(TwistedProtocol):
             recipients=recipients,
             when=self.clock.seconds(),
         )
-        data = b"".join([header, body])
-        del body
-        crlf = data.count(b"\r\n")
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        if counts.cr != counts.crlf or counts.lf != counts.crlf:
             # Pitfall 6: a bare CR or LF could end the message early at a next hop.
             refuse(550, "5.5.2", "Error: bare CR or LF in message data; message refused")
             return
-        stuffed = b"\r\n." in data
+        data = b"".join([header, body])  # (the header: CRLF-terminated lines, no dot)
+        del body
+        stuffed = counts.stuffed > 0
         if stuffed:
             # Undo dot-stuffing (RFC 5321 4.5.2); a line may still begin with a dot. Before
             # the lines are measured: their limit does not count that dot (4.5.3.1.6).
@@ -1025,7 +1052,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         if _line_too_long(data, len(header), self.settings.max_line_length):
             refuse(500, "5.5.2", "Error: line too long; message refused")
             return
-        if b"\x00" in data:
+        if counts.nul:
             # Not text (RFC 5322 3.5): refused rather than stripped (module docstring).
             refuse(554, "5.6.0", "Error: NUL character in message data; message refused")
             return
