@@ -27,6 +27,7 @@ from mailcore.fetch.settings import FetchSettings
 from mailcore.files import restrict_umask
 from mailcore.logfilter import LogLimiterService
 from mailcore.logrotation import LogSettings
+from mailcore.privileges import acting_as, daemon_ids
 from mailcore.startup import (
     DataDirLock,
     check_database_url,
@@ -144,17 +145,23 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     # directory (SQLite) before it migrates.
     check_tables(config, reactor)
     check_listeners(config, reactor)
-    check_tls_files(config)
     check_database_url(config)
-    lock = DataDirLock.acquire(config)
-    try:
-        core = build_core(config, reactor, check_secrets=True)  # type: ignore[arg-type]
-    except SQLAlchemyError as e:
-        raise database_error(config, e) from None
-    # No database connection may cross twistd's fork into the background: on SQLite the
-    # child kept the parent's connection (made for the migrations) without its locks and
-    # read an old snapshot through it, blind to what the CLI wrote. The pool makes new ones.
-    core.db.engine.dispose()
+    # Started as root with `twistd --uid`: built as that user (mailcore.privileges).
+    with acting_as(daemon_ids(getattr(options, "parent", None)), config.data_dir):
+        check_tls_files(config)
+        lock = DataDirLock.acquire(config)
+        try:
+            core = build_core(config, reactor, check_secrets=True)  # type: ignore[arg-type]
+        except SQLAlchemyError as e:
+            raise database_error(config, e) from None
+        # No database connection may cross twistd's fork into the background: on SQLite
+        # the child kept the parent's connection (made for the migrations) without its
+        # locks and read an old snapshot through it, blind to what the CLI wrote. The pool
+        # makes new ones.
+        core.db.engine.dispose()
+        from web.root import build_site
+
+        site = build_site(core)  # (its pages key too)
     top = OrderedMultiService()
     # First in, last out: repeated log lines stay limited until the end of the shutdown.
     LogLimiterService(  # type: ignore[arg-type]
@@ -165,9 +172,6 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     StoreService(core.db).setServiceParent(top)
     for svc in core.background_services():
         svc.setServiceParent(top)
-    from web.root import build_site
-
-    site = build_site(core)
     for description in config.http_endpoints:
         strports.service(description, site).setServiceParent(top)
     for svc in core.listener_services(reactor):  # type: ignore[arg-type]

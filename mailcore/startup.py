@@ -404,7 +404,7 @@ def ensure_data_dir(config: Config) -> Path:
         raise ConfigError(f"data directory {path}: not a directory") from None
     except OSError as e:
         raise ConfigError(f"data directory {path}: {_strerror(e)}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
         raise ConfigError(f"data directory {path}: not writable")
     return path
 

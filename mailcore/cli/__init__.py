@@ -249,8 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, EOFError):
         return fail("interrupted")
 
+    from mailcore.privileges import as_data_dir_owner
     from mailcore.service import build_core
 
+    # Root on the daemon user's data directory: that user (nothing root-owned left there).
+    as_data_dir_owner(config.data_dir)
     try:
         # Blocks (creates the data dir, migrates): the reactor is not running yet.
         core = build_core(config, reactor)  # type: ignore[arg-type]
