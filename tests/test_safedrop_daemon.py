@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.reactor import get_reactor
 from tests.support.safedrop_daemon import SafedropDaemonTestCase
 
@@ -185,9 +186,21 @@ class ResumedDownloadTests(SafedropDaemonTestCase):
         self.assertEqual(response.code, 200, await treq.content(response))
         link = await self.delivered_link("ann@example.org")
         path = f"{link}/files/{file_id}"
+        # read_remove: the download starts from the button on the page (a POST), whose
+        # cookie lets the file's address download it.
+        response = await http.get(base + path)
+        page = await treq.content(response)
+        csrf = csrf_cookie({"set-cookie": response.headers.getRawHeaders("set-cookie")})
+        cookie: dict[bytes | str, bytes | str] = {"Cookie": f"mc_csrf={csrf}"}
+        response = await http.post(
+            base + path, data={"action": "download", "csrf_token": csrf_field(page)},
+            headers=cookie, allow_redirects=False)
+        self.assertEqual(response.code, 303, await treq.content(response))
+        [grant] = [c.split(";")[0] for c in response.headers.getRawHeaders("set-cookie")
+                   if c.startswith("mc_drop_dl=")]
 
         async def get(headers: str = "", stop_after: int | None = None) -> _Download:
-            client = _Download(path, headers, stop_after)
+            client = _Download(path, f"Cookie: {grant}\r\n{headers}", stop_after)
             await connectProtocol(endpoint, client)
             await client.done
             return client

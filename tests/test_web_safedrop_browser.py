@@ -1,14 +1,16 @@
 """safedrop in headless Chromium (JavaScript off), against the site on a real socket: a
 recipient opens the link from the notification, enters the password and downloads the file
-(the bytes are equal); with read_remove the link then says the drop is gone and the file is
-deleted from disk; a second recipient with token auth receives the code by mail and enters
-it; an expired drop says so. Screenshots are kept in the test's temp dir.
+with the page's button (a form: a read_remove file's download starts from a click, never
+from a GET of an address a link scanner could follow; the bytes are equal); with read_remove
+the link then says the drop is gone and the file is deleted from disk; a second recipient
+with token auth receives the code by mail and enters it; an expired drop says so.
+Screenshots are kept in the test's temp dir.
 
 The password test runs against the real daemon (twistd on free ports): it sends the
 notification through its queue to an SMTP sink of ours on 127.0.0.1 (`[queue] relayhost`),
 and the link is taken from the body of the message the sink received. The token test needs
-the drop to expire, so it runs on the in-process site with a Clock and reads the mails
-where the service queued them."""
+the drop to expire, so it runs on the in-process site with a Clock and reads the mails where
+the service queued them."""
 
 from __future__ import annotations
 
@@ -37,12 +39,18 @@ async def type_into(browser: Browser, element_id: str, text: str) -> None:
 
 
 async def download(browser: Browser, name: str, where: Path) -> bytes:
-    """Click the link named `name` and wait (up to 20 s) for the file to be saved."""
+    """Click the download button (read_remove: a form that posts) or the link named `name`
+    and wait (up to 20 s) for the file to be saved."""
     from selenium.webdriver.common.by import By
+
+    def click() -> None:
+        buttons = [b for b in browser.driver.find_elements(By.TAG_NAME, "button")
+                   if b.text.strip() == name]
+        (buttons[0] if buttons else browser.driver.find_element(By.LINK_TEXT, name)).click()
 
     await browser.run(lambda: browser.driver.execute_cdp_cmd(
         "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(where)}))
-    await browser.run(lambda: browser.driver.find_element(By.LINK_TEXT, name).click())
+    await browser.run(click)
     for _ in range(200):
         saved = _saved(where, name)
         if saved is not None:
@@ -174,3 +182,49 @@ class RecipientInChromiumTests(TestCase):
         await browser.screenshot("4-expired")
         self.assertEqual(await browser.title(), "Drop no longer available · Mailcore")
         self.assertIn("This drop has expired.", await browser.text())
+
+    async def test_a_link_scanner_consumes_nothing_and_a_click_downloads(self) -> None:
+        """read_remove: a scanner (a mail gateway, a chat preview) GETs the link and the
+        addresses it finds; the recipient then opens a file's address (here its own page,
+        as from a copied address) and the drop, and gets each file by clicking."""
+        f = PageFixture()
+        await f.start(self)
+        [ann] = await f.sent_bundle("subject=Deal", recipients=("ann%40example.org",),
+                                    files=(("a.bin", b"A" * 3000), ("b.bin", b"B" * 500)))
+        base = serve(self, build_site(f.web.core))
+        seen: list[str] = []
+        todo = [ann]
+        while todo:
+            path = todo.pop()
+            seen.append(path)
+            response = await treq.get(base + path, persistent=False)
+            body = await treq.content(response)
+            self.assertEqual(response.code, 200, path)
+            self.assertNotIn(b"AAAA", body)
+            todo += [m.decode() for m in re.findall(rb'action="(/drop/[^"]+)"', body)
+                     if m.decode() not in seen]
+        self.assertEqual(len(seen), 3)
+        self.assertEqual(len(f.stored_files()), 2)
+        data = {"a.bin": b"A" * 3000, "b.bin": b"B" * 500}
+        where = _absolute(self.mktemp())
+        browser = await Browser.start(self)
+
+        await browser.get(base + seen[1])  # one file's address
+        await browser.screenshot("1-file-page")
+        page = await browser.text()
+        self.assertIn("self-destructs", page)
+        first = "a.bin" if "a.bin" in page else "b.bin"
+        self.assertEqual(await download(browser, first, where), data.pop(first))
+        await browser.get(base + ann)
+        await browser.screenshot("2-drop")
+        self.assertIn("downloaded", await browser.text())
+        [(other, rest)] = data.items()
+        self.assertEqual(await download(browser, other, where), rest)
+        for _ in range(100):
+            if not f.stored_files():
+                break
+            await task.deferLater(get_reactor(), 0.1, lambda: None)
+        self.assertEqual(f.stored_files(), [])
+        await browser.get(base + ann)
+        await browser.screenshot("3-gone")
+        self.assertEqual(await browser.title(), "Drop no longer available · Mailcore")

@@ -25,8 +25,9 @@ from mailcore.safedrop.access import (
     PASSWORD_FAILURES,
     PASSWORD_LOCK_SECONDS,
 )
-from mailcore.safedrop.service import SafedropSweeper
+from mailcore.safedrop.service import SafedropSweeper, link_digest
 from mailcore.store.schema import drop_recipients
+from mailcore.store.schema.safedrop import drop_download_attempts, drop_downloads
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import BASE, Wire
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
@@ -48,6 +49,7 @@ class Browser:
 
     def __init__(self, f: SafedropFixture) -> None:
         self.http: Any = StubTreq(f.web.root)
+        self.pressed: set[str] = set()
 
     async def get(self, path: str, **headers: str) -> tuple[int, dict[str, list[str]], Any]:
         return await self._call("GET", path, headers=headers)
@@ -67,6 +69,16 @@ class Browser:
         token = csrf_field(body, fields.get("action"))
         return await self._call("POST", path, data={"csrf_token": token, **fields},
                                 allow_redirects=False)
+
+    async def download(self, path: str, **headers: str) -> tuple[int, dict[str, list[str]],
+                                                                  Any]:
+        """GET the file at `path`, its download button (read_remove) pressed first the
+        first time."""
+        if path not in self.pressed:
+            status, _, body = await self.post(path, action="download")
+            assert status == 303, (status, body)
+            self.pressed.add(path)
+        return await self.get(path, **headers)
 
 
 class PageFixture(SafedropFixture):
@@ -131,33 +143,33 @@ class PasswordAndDownloadTests(TestCase):
         self.assertIn(b"Hello &lt;b&gt;you&lt;/b&gt;", page)
         self.assertIn(b"vault &lt;script&gt;4711", page)
         self.assertNotIn(b"<script>", page)
-        file_ids = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)
+        file_ids = re.findall(rb'action="' + self.ann.encode() + rb'/files/(\d+)"', page)
         self.assertEqual(len(file_ids), 2)
         first = f"{self.ann}/files/{file_ids[0].decode()}"
         second = f"{self.ann}/files/{file_ids[1].decode()}"
         # A range is served as 206 and does not count as the whole file, not even one that
         # ends where the file ends (a tail, or the rest from an offset).
-        status, headers, body = await browser.get(first, Range="bytes=2-5")
+        status, headers, body = await browser.download(first, Range="bytes=2-5")
         self.assertEqual((status, body), (206, b"2345"))
         self.assertEqual(headers["content-range"], ["bytes 2-5/10"])
-        status, headers, body = await browser.get(first, Range="bytes=-3")
+        status, headers, body = await browser.download(first, Range="bytes=-3")
         self.assertEqual((status, body), (206, b"789"))
-        status, headers, body = await browser.get(first, Range="bytes=-1")
+        status, headers, body = await browser.download(first, Range="bytes=-1")
         self.assertEqual((status, body), (206, b"9"))
-        status, headers, body = await browser.get(first, Range="bytes=5-")
+        status, headers, body = await browser.download(first, Range="bytes=5-")
         self.assertEqual((status, body), (206, b"56789"))
-        status, headers, _ = await browser.get(first, Range="bytes=10-")
+        status, headers, _ = await browser.download(first, Range="bytes=10-")
         self.assertEqual(status, 416)
         self.assertEqual(headers["content-range"], ["bytes */10"])
         # The other file in full: ann still lacks the whole of the first, so under
         # read_remove her drop stays open and its files stay on disk.
-        status, _, body = await browser.get(second)
+        status, _, body = await browser.download(second)
         self.assertEqual((status, body), (200, b"\x00\xffdata"))
         status, _, page = await browser.get(self.ann)
         self.assertEqual(status, 200)
         self.assertEqual(len(self.f.stored_files()), 2)
         # The first in full completes ann's download: read_remove ends her access.
-        status, headers, body = await browser.get(first)
+        status, headers, body = await browser.download(first)
         self.assertEqual((status, body), (200, b"0123456789"))
         self.assertEqual(headers["content-type"], ["application/octet-stream"])
         self.assertEqual(
@@ -172,11 +184,11 @@ class PasswordAndDownloadTests(TestCase):
         # 206 of the whole file (bytes=0-) is the whole file.
         bob = Browser(self.f)
         await bob.post(self.bob, action="password", password="Open-Sesame-77")
-        status, _, body = await bob.get(f"{self.bob}/files/{file_ids[0].decode()}",
+        status, _, body = await bob.download(f"{self.bob}/files/{file_ids[0].decode()}",
                                         Range="bytes=0-")
         self.assertEqual((status, body), (206, b"0123456789"))
         self.assertEqual(len(self.f.stored_files()), 2)
-        status, _, _ = await bob.get(f"{self.bob}/files/{file_ids[1].decode()}")
+        status, _, _ = await bob.download(f"{self.bob}/files/{file_ids[1].decode()}")
         self.assertEqual(status, 200)
         self.assertEqual(self.f.stored_files(), [])
         status, _, _ = await bob.get(self.bob)
@@ -194,7 +206,7 @@ class PasswordAndDownloadTests(TestCase):
         browser = Browser(self.f)
         await browser.post(self.ann, action="password", password="Open-Sesame-77")
         status, _, page = await browser.get(self.ann)
-        file_ids = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)
+        file_ids = re.findall(rb'action="' + self.ann.encode() + rb'/files/(\d+)"', page)
         first = f"{self.ann}/files/{file_ids[0].decode()}"
         identity = self.f.web.core.identity
         await identity.set_active(self.f.alice.id, False)
@@ -204,7 +216,7 @@ class PasswordAndDownloadTests(TestCase):
             self.assertIn(b"cannot be opened for now", page)
             self.assertNotIn(b"0123456789", page)
         await identity.set_active(self.f.alice.id, True)
-        status, _, body = await browser.get(first)
+        status, _, body = await browser.download(first)
         self.assertEqual((status, body), (200, b"0123456789"))
         self.assertEqual(len(self.f.stored_files()), 2)
 
@@ -216,18 +228,18 @@ class PasswordAndDownloadTests(TestCase):
         await browser.post(self.ann, action="password", password="Open-Sesame-77")
         _, _, page = await browser.get(self.ann)
         first, second = (f"{self.ann}/files/{i.decode()}" for i in re.findall(
-            rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page))
+            rb'action="' + self.ann.encode() + rb'/files/(\d+)"', page))
         for wanted, body in (("bytes=-1", b"9"), ("bytes=4-6", b"456"),
                              ("bytes=0-4", b"01234")):
-            status, _, got = await browser.get(first, Range=wanted)
+            status, _, got = await browser.download(first, Range=wanted)
             self.assertEqual((status, got), (206, body))
-        status, _, got = await browser.get(second, Range="bytes=0-2")
+        status, _, got = await browser.download(second, Range="bytes=0-2")
         self.assertEqual((status, got), (206, b"\x00\xffd"))
-        status, _, got = await browser.get(second, Range="bytes=3-")
+        status, _, got = await browser.download(second, Range="bytes=3-")
         self.assertEqual((status, got), (206, b"ata"))
         status, _, _ = await browser.get(self.ann)
         self.assertEqual(status, 200)  # bytes 7 and 8 of the first file are still missing
-        status, _, got = await browser.get(first, Range="bytes=6-8")
+        status, _, got = await browser.download(first, Range="bytes=6-8")
         self.assertEqual((status, got), (206, b"678"))
         status, _, page = await browser.get(self.ann)
         self.assertEqual(status, 410)
@@ -242,8 +254,8 @@ class PasswordAndDownloadTests(TestCase):
         self.assertIn(b'type="password"', page)
         await browser.post(self.ann, action="password", password="Open-Sesame-77")
         _, _, page = await browser.get(self.ann)
-        first = re.findall(rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page)[0]
-        status, _, body = await browser.get(f"{self.ann}/files/{first.decode()}",
+        first = re.findall(rb'action="' + self.ann.encode() + rb'/files/(\d+)"', page)[0]
+        status, _, body = await browser.download(f"{self.ann}/files/{first.decode()}",
                                             Range="bytes=" + "9" * 5000 + "-")
         self.assertEqual((status, body), (200, b"0123456789"))
 
@@ -485,7 +497,7 @@ class ReadRemoveAttemptsTests(TestCase):
         self.browser = Browser(self.f)
         _, _, page = await self.browser.get(self.ann)
         self.first, self.second = (f"{self.ann}/files/{i.decode()}" for i in re.findall(
-            rb'href="' + self.ann.encode() + rb'/files/(\d+)"', page))
+            rb'action="' + self.ann.encode() + rb'/files/(\d+)"', page))
 
     def receipts(self) -> list[str]:
         return [m.get_content().strip() for m in self.f.mails_to("alice@example.test")
@@ -496,7 +508,7 @@ class ReadRemoveAttemptsTests(TestCase):
         attempts = self.f.web.core.safedrop.settings.max_download_attempts
         self.assertEqual(attempts, 3)
         for _ in range(attempts):
-            status, _, got = await self.browser.get(self.first, Range="bytes=0-8")
+            status, _, got = await self.browser.download(self.first, Range="bytes=0-8")
             self.assertEqual((status, got), (206, b"012345678"))
         self.assertEqual(self.receipts(), ["ann@example.org downloaded r\u00e9sum\u00e9 1.txt."])
         for wanted in ("bytes=0-8", "bytes=9-", None):
@@ -509,22 +521,22 @@ class ReadRemoveAttemptsTests(TestCase):
         self.assertEqual(status, 200)
         self.assertIn(b"downloaded", page)
         # The other file whole: ann has every file, her link ends.
-        status, _, got = await self.browser.get(self.second)
+        status, _, got = await self.browser.download(self.second)
         self.assertEqual((status, got), (200, b"\x00\xffdata"))
         status, _, page = await self.browser.get(self.ann)
         self.assertEqual(status, 410)
         # Bob's attempts are his own.
         bob = Browser(self.f)
         await bob.get(self.bob)
-        status, _, got = await bob.get(self.first.replace(self.ann, self.bob))
+        status, _, got = await bob.download(self.first.replace(self.ann, self.bob))
         self.assertEqual((status, got), (200, b"0123456789"))
 
     async def test_a_file_sent_whole_is_not_sent_again_while_another_is_left(self) -> None:
-        status, _, got = await self.browser.get(self.first)
+        status, _, got = await self.browser.download(self.first)
         self.assertEqual((status, got), (200, b"0123456789"))
-        status, _, _ = await self.browser.get(self.first)
+        status, _, _ = await self.browser.download(self.first)
         self.assertEqual(status, 410)
-        status, _, _ = await self.browser.get(self.first, Range="bytes=0-0")
+        status, _, _ = await self.browser.download(self.first, Range="bytes=0-0")
         self.assertEqual(status, 410)
         status, _, _ = await self.browser.get(self.ann)
         self.assertEqual(status, 200)  # the second file is still to come
@@ -533,7 +545,7 @@ class ReadRemoveAttemptsTests(TestCase):
         for _ in range(5):
             status, _, _ = await self.browser._call("HEAD", self.first)
             self.assertEqual(status, 200)
-        status, _, got = await self.browser.get(self.first)
+        status, _, got = await self.browser.download(self.first)
         self.assertEqual((status, got), (200, b"0123456789"))
         # Once the file has self-destructed, a HEAD answers what a GET would: 410.
         status, headers, _ = await self.browser._call("HEAD", self.first)
@@ -541,6 +553,94 @@ class ReadRemoveAttemptsTests(TestCase):
         self.assertNotIn("content-disposition", {k.lower() for k in headers})
         status, _, _ = await self.browser._call("HEAD", self.second)
         self.assertEqual(status, 200)
+
+
+class LinkScannerTests(TestCase):
+    """Mail security gateways and chat previews GET the link of a notification, and the
+    addresses on the page they get: none of that may start the download of a read_remove
+    file (it would self-destruct before the recipient saw it). The download starts from the
+    page's button (a POST with its CSRF token); then the recipient has each file once."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = PageFixture()
+        await self.f.start(self)
+        self.ann, _ = await self.f.sent_bundle("subject=S&email_receipt_when=3")
+
+    def attempts(self) -> list[Any]:
+        def txn(conn: Any) -> list[Any]:
+            return [*conn.execute(sa.select(drop_download_attempts)),
+                    *conn.execute(sa.select(drop_downloads))]
+
+        result: list[Any] = []
+        self.f.web.core.db.read("rows", txn).addCallback(result.extend)
+        return result
+
+    async def test_gets_of_the_link_and_every_address_on_its_pages_consume_nothing(
+            self) -> None:
+        scanner = Browser(self.f)
+        seen: set[str] = set()
+        todo = [self.ann]
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            for method, sent in (("HEAD", {}), ("GET", {}), ("GET", {"Range": "bytes=0-"})):
+                status, _, body = await scanner._call(method, path, headers=sent)
+                self.assertIn(status, (200, 403), (method, path, sent))
+                self.assertNotIn(b"0123456789", body)
+                todo += [m.decode() for m in re.findall(rb'(?:href|action)="(/drop/[^"]+)"',
+                                                       body)]
+        self.assertEqual(len(seen), 3, seen)  # the link and its two files' addresses
+        self.assertEqual(self.attempts(), [])
+        self.assertEqual(self.f.mails_to("alice@example.test"), [])
+        self.assertEqual(len(self.f.stored_files()), 2)
+        # The recipient, in her own browser, presses each file's button on the page.
+        person = Browser(self.f)
+        _, _, page = await person.get(self.ann)
+        files = [m.decode() for m in re.findall(
+            rb'action="(' + self.ann.encode() + rb'/files/\d+)"', page)]
+        self.assertEqual(len(files), 2)
+        for path, data in zip(files, (b"0123456789", b"\x00\xffdata"), strict=True):
+            status, headers, _ = await person.post(path, action="download")
+            self.assertEqual(status, 303)
+            self.assertEqual(headers["location"], [path])
+            self.assertTrue(any(c.startswith("mc_drop_dl=") and f"Path={path}" in c
+                                for c in headers["set-cookie"]), headers["set-cookie"])
+            status, _, body = await person.get(path)
+            self.assertEqual((status, body), (200, data))
+        status, _, _ = await person.get(self.ann)
+        self.assertEqual(status, 410)
+
+    async def test_the_button_needs_its_csrf_token_and_grants_its_own_file_only(
+            self) -> None:
+        person = Browser(self.f)
+        _, _, page = await person.get(self.ann)
+        first, second = (m.decode() for m in re.findall(
+            rb'action="(' + self.ann.encode() + rb'/files/\d+)"', page))
+        status, _, _ = await person._call("POST", first, data={"action": "download"},
+                                          allow_redirects=False)
+        self.assertEqual(status, 403)
+        status, headers, _ = await person.post(first, action="download")
+        self.assertEqual(status, 303)
+        grant = next(c for c in headers["set-cookie"] if c.startswith("mc_drop_dl="))
+        value = grant.split(";")[0].split("=", 1)[1]
+        # The first file's grant, sent to the second file's address: the page, no bytes.
+        status, headers, body = await person.get(second, Cookie=f"mc_drop_dl={value}")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], ["text/html; charset=utf-8"])
+        self.assertIn(b'name="action" value="download"', body)
+        self.assertEqual(self.attempts(), [])
+        # It lasts an hour: a download resumed later needs the button again.
+        status, _, body = await person.get(first, Range="bytes=0-4")
+        self.assertEqual((status, body), (206, b"01234"))
+        self.f.web.clock.advance(3601)
+        status, _, body = await person.get(first, Range="bytes=5-")
+        self.assertEqual(status, 403)
+        self.assertIn(b"press the file", body)
+        await person.post(first, action="download")
+        status, _, body = await person.get(first, Range="bytes=5-")
+        self.assertEqual((status, body), (206, b"56789"))
 
 
 class OpenReceiptTests(TestCase):
@@ -590,7 +690,7 @@ class BidiTests(TestCase):
         self.assertEqual(notice["Subject"], "Secure drop from alice@example.test: Pay fdp.exe")
         self.assertIn("invoicefdp.exe", notice.get_content())
         [fid] = re.findall(rb'/files/(\d+)"', page)
-        status, headers, _ = await Browser(f).get(f"{ann}/files/{fid.decode()}")
+        status, headers, _ = await Browser(f).download(f"{ann}/files/{fid.decode()}")
         self.assertEqual(status, 200)
         self.assertIn("invoicefdp.exe", headers["content-disposition"][0])
         [receipt] = f.mails_to("alice@example.test")
@@ -641,7 +741,7 @@ class DownloadOnTheWireTests(TestCase):
                                               files=(("report.pdf", data),))
         _, _, page = await Browser(self.f).get(self.ann)
         [fid] = re.findall(rb'/files/(\d+)"', page)
-        self.url = f"{self.ann}/files/{fid.decode()}".encode()
+        self.get = granted_get(self.f, self.ann, fid)
         self.wire = Wire.open(self.f.web)
         self.addCleanup(self.wire.close)
 
@@ -649,7 +749,7 @@ class DownloadOnTheWireTests(TestCase):
         await self.start("subject=S", b"x" * 5000)
         for p in (self.f.data_dir / "safedrop" / str(self.f.bundle_id)).iterdir():
             p.unlink()
-        self.wire.send(b"GET " + self.url + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.wire.send(self.get +
                        b"GET /drop/" + b"A" * 43 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         [(status, headers, body), (after, _, _)] = self.wire.responses()
         self.assertEqual(status, b"HTTP/1.1 410 Gone")
@@ -669,7 +769,7 @@ class DownloadOnTheWireTests(TestCase):
             raise OSError("No space left on device")
 
         self.f.web.core.safedrop.spool.accept = refuse  # type: ignore[method-assign]
-        self.wire.send(b"GET " + self.url + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.wire.send(self.get)
         [(status, _, body)] = self.wire.responses()
         self.assertEqual((status, body), (b"HTTP/1.1 200 OK", data))
         self.assertTrue(self.wire.transport.value().endswith(data))
@@ -692,7 +792,7 @@ class DownloadOnTheWireTests(TestCase):
             return run(fn, *args, **kwargs)
 
         drops.io.run = failing  # type: ignore[method-assign]
-        self.wire.send(b"GET " + self.url + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.wire.send(self.get +
                        b"GET /drop/" + b"A" * 43 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         head, _, rest = self.wire.transport.value().partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
@@ -720,6 +820,16 @@ def hold_reads(drops: Any) -> list[defer.Deferred[Any]]:
     return held
 
 
+def granted_get(f: PageFixture, ann: str, fid: str | bytes, headers: bytes = b"") -> bytes:
+    """A raw GET of file `fid` of the link `ann` from a browser that pressed its download
+    button (the grant cookie), with `headers` (each ending in CRLF)."""
+    fid = fid.decode() if isinstance(fid, bytes) else fid
+    grant = f.web.core.safedrop.grants.make_download(
+        link_digest(ann.rpartition("/")[2]), int(fid), f.web.clock.seconds())
+    return (b"GET " + f"{ann}/files/{fid}".encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            + f"Cookie: mc_drop_dl={grant}\r\n".encode() + headers + b"\r\n")
+
+
 async def one_file_link(f: PageFixture, data: bytes) -> tuple[str, str]:
     """A bundle sent to ann with one file of `data`: her link, and the file's id."""
     [ann] = await f.sent_bundle("subject=S", recipients=("ann%40example.org",),
@@ -743,15 +853,14 @@ class GoneMidwayTests(TestCase):
         run = drops.io.run
         held = hold_reads(drops)
         wire = Wire.open(f.web)
-        wire.send(b"GET " + f"{ann}/files/{fid}".encode()
-                  + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        wire.send(granted_get(f, ann, fid))
         held.pop(0).callback(None)  # the first chunk goes out; the next read waits
         wire.channel.connectionLost(Failure(ConnectionLost("gone")))
         self.assertEqual(self.flushLoggedErrors(AttributeError), [])
         drops.io.run = run  # type: ignore[method-assign]
         # The first chunk counts: the rest, resumed, completes the download (read_remove).
         browser = Browser(f)
-        status, _, body = await browser.get(f"{ann}/files/{fid}",
+        status, _, body = await browser.download(f"{ann}/files/{fid}",
                                             Range=f"bytes={CHUNK}-")
         self.assertEqual((status, body), (206, data[CHUNK:]))
         status, _, _ = await browser.get(ann)
@@ -767,7 +876,7 @@ class ConcurrentDownloadTests(TestCase):
         await f.start(self)
         data = bytes(range(256)) * (3 * CHUNK // 256)
         ann, fid = await one_file_link(f, data)
-        get = b"GET " + f"{ann}/files/{fid}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        get = granted_get(f, ann, fid)
         held = hold_reads(f.web.core.safedrop)
 
         def release() -> None:
@@ -802,7 +911,7 @@ class ConcurrentDownloadTests(TestCase):
         await f.start(self)
         data = b"W" * (2 * CHUNK)
         ann, fid = await one_file_link(f, data)
-        get = b"GET " + f"{ann}/files/{fid}".encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        get = granted_get(f, ann, fid)
         drops = f.web.core.safedrop
         sent = drops.sent
         recording: list[defer.Deferred[None]] = []
@@ -837,15 +946,12 @@ class ConcurrentDownloadTests(TestCase):
         data = bytes(range(256)) * (4 * CHUNK // 256)
         half = len(data) // 2
         ann, fid = await one_file_link(f, data)
-        url = f"{ann}/files/{fid}".encode()
         held = hold_reads(f.web.core.safedrop)
         low, high = Wire.open(f.web), Wire.open(f.web)
         self.addCleanup(low.close)
         self.addCleanup(high.close)
-        low.send(b"GET " + url + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=0-%d\r\n\r\n"
-                 % (half - 1))
-        high.send(b"GET " + url + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=%d-\r\n\r\n"
-                  % half)
+        low.send(granted_get(f, ann, fid, b"Range: bytes=0-%d\r\n" % (half - 1)))
+        high.send(granted_get(f, ann, fid, b"Range: bytes=%d-\r\n" % half))
         self.assertEqual(len(held), 2)  # both are reading
         while held:
             held.pop(0).callback(None)

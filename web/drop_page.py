@@ -12,17 +12,24 @@ passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.
 Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
 file from disk in chunks read on a thread pool, with backpressure, as
 `application/octet-stream` with an RFC 6266 `filename*`, and honours a single byte Range
-(206, 416). A file counts as downloaded (receipts, read_remove) once the recipient was sent
-every byte of it: in one response, or in parts (ranges, a download resumed after it broke
-off: what was written before it did counts) that together cover it; a range that merely
-ends at the end (`bytes=-1`) is a part. Under read_remove a file also counts once `[safedrop]
-max_download_attempts` downloads of it started (when the last one ends), and no download of
-a file that counts starts again (410). Under read_remove a download of bytes another
-download of the same link and file is still sending ends that one first (`Sending`). With
-allow_comments (and require_token_auth) a reply form mails the sender (`COMMENT_RATE` per
-link, then 429). An unknown link is
-a 404 page; an expired or removed drop, or one a recipient has read in full under
-read_remove, a 410 page.
+(206, 416). A read_remove file self-destructs once downloaded, and link scanners (mail security
+gateways, chat previews) GET the addresses they see: so its download starts from a
+person's click only. The drop page has a button (a CSRF-checked POST to the file's
+address) per file; the POST sets a cookie for that file's address (`DOWNLOAD_COOKIE`,
+lasting mailcore.safedrop.access.DOWNLOAD_GRANT_SECONDS) and redirects (303) to it, and
+only a GET that carries the cookie downloads (and resumes). A GET without it downloads
+nothing and counts nothing: it is a page with the button (a Range without it, a browser
+resuming after the cookie ran out, is a 403 page). A file counts as downloaded (receipts,
+read_remove) once the recipient was sent every byte of it: in one response, or in parts
+(ranges, a download resumed after it broke off: what was written before it did counts)
+that together cover it; a range that merely ends at the end (`bytes=-1`) is a part. Under
+read_remove a file also counts once `[safedrop] max_download_attempts` downloads of it
+started (when the last one ends), and no download of a file that counts starts again
+(410). Under read_remove a download of bytes another download of the same link and file is
+still sending ends that one first (`Sending`). With allow_comments (and
+require_token_auth) a reply form mails the sender (`COMMENT_RATE` per link, then 429). An
+unknown link is a 404 page; an expired or removed drop, or one a recipient has read in
+full under read_remove, a 410 page.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from mailcore.safedrop.access import (
     CHECK_PW,
     CODE_OK,
     CODE_WRONG,
+    DOWNLOAD_GRANT_SECONDS,
     Access,
     DropGone,
     DropPaused,
@@ -60,7 +68,16 @@ from mailcore.text import has_control_multiline, shown
 from mailcore.uploads import shielded
 from web.openapi import Reply, RouteTable
 from web.pacing import paced
-from web.pages import PageApp, PageError, Pages, form_body, get_cookie, page_replies, set_cookie
+from web.pages import (
+    PageApp,
+    PageError,
+    Pages,
+    form_body,
+    get_cookie,
+    page_replies,
+    redirect,
+    set_cookie,
+)
 from web.ratelimit import Rate, RateLimiter
 from web.replies import content_disposition
 from web.settings import WebSettings
@@ -68,6 +85,8 @@ from web.settings import WebSettings
 log = Logger()
 
 GRANT_COOKIE = "mc_drop"
+# A read_remove file's download grant, scoped to that file's address.
+DOWNLOAD_COOKIE = "mc_drop_dl"
 PASSWORD_RATE = Rate(5, 300)
 # New one-time codes per link: each is a mail or a text message to the recipient (and an
 # SMS gateway's bill); three at once, then one every five minutes.
@@ -233,6 +252,14 @@ class DropPageApp(PageApp):
     def _grant(self, request: IRequest, token: str, levels: str) -> None:
         value = self.drops.grants.make(link_digest(token), levels, self.drops.clock.seconds())
         set_cookie(request, GRANT_COOKIE, value, path=LINK_PATH + token)
+
+    def _file_path(self, token: str, file_id: int) -> str:
+        return f"{LINK_PATH}{token}/files/{file_id}"
+
+    def _download_granted(self, request: IRequest, token: str, file_id: int) -> bool:
+        return self.drops.grants.may_download(
+            link_digest(token), file_id, get_cookie(request, DOWNLOAD_COOKIE),
+            self.drops.clock.seconds())
 
     @staticmethod
     def _csrf_bind(request: IRequest, found: Access) -> str:
@@ -413,27 +440,39 @@ class DropPageApp(PageApp):
     @routes.route(
         "/drop/<token>/files/<int:file_id>",
         "GET",
-        summary="Download one file of a drop (Range requests resume)",
+        summary="Download one file of a drop (Range requests resume); a read_remove file "
+                "only after its button was pressed (POST), else the page with the button",
         replies={
             **page_replies({
-                403: "HTML page: the drop's checks were not passed in this browser",
+                403: "HTML page: the drop's checks were not passed in this browser, or a "
+                     "read_remove file's download is resumed without its button",
                 404: "HTML page: the link or the file is not valid",
                 410: "HTML page: the drop expired or was removed",
                 416: "HTML page: the range is not satisfiable",
             }),
-            200: file_reply("The file's bytes"),
+            200: replace(file_reply(
+                "The file's bytes; or, for a read_remove file whose button this browser "
+                "has not pressed lately, an HTML page with that button"),
+                alternatives={"text/html": {"type": "string"}}),
             206: file_reply("Part of the file (Range)"),
         },
     )
     async def download(self, request: IRequest, token: str, file_id: int) -> bytes:
         found = await self._open(token)
-        if self._missing(found, self._levels(request, token)) is not None:
-            raise PageError(403, "Open the drop first",
-                            "Open the drop's link and pass its checks before downloading.")
-        located = self.drops.file_path(found, file_id)
-        if located is None:
-            raise PageError(404, "Not found", "This drop has no such file.")
-        drop_file, path = located
+        drop_file, path = self._checked_file(request, token, found, file_id)
+        if found.bundle.read_remove and not self._download_granted(request, token, file_id):
+            # Not from the button (a link scanner, a copied address): nothing starts.
+            if not await self.drops.may_download(found, drop_file):
+                raise gone(SELF_DESTRUCTED)
+            if request.getHeader(b"range") is not None:
+                raise PageError(403, "Start the download again",
+                                "This download can no longer be resumed: press the file's "
+                                "button on the drop's page to start it again.")
+            return self.pages.render(
+                request, "drop_download.html", title=shown(drop_file.name) or "Download",
+                csrf_bind=self._csrf_bind(request, found), sender=found.sender,
+                file=replace(drop_file, name=shown(drop_file.name)),
+                base=LINK_PATH + token, attempts=self.drops.settings.max_download_attempts)
         size = drop_file.size
         wanted = byte_range(request.getHeader(b"range"), size)
         if wanted is False:
@@ -462,6 +501,48 @@ class DropPageApp(PageApp):
                                      mine)
         finally:
             self.sending.release(key, mine)
+
+    @routes.route(
+        "/drop/<token>/files/<int:file_id>",
+        "POST",
+        summary="Start the download of a file of a drop (the page's button): a read_remove "
+                "file's download starts from this only",
+        body=form_body({"action": {"enum": ["download"]}}),
+        body_types=("application/x-www-form-urlencoded",),
+        replies=page_replies({
+            303: "Redirect to the file's address, where the download starts (read_remove: "
+                 "with a cookie that lets that address download the file for a while)",
+            403: "HTML page: the drop's checks were not passed in this browser",
+            404: "HTML page: the link or the file is not valid",
+            410: "HTML page: the drop expired or was removed, or the file self-destructed",
+        }, form=True),
+    )
+    async def start_download(self, request: IRequest, token: str, file_id: int) -> bytes:
+        found = await self._open(token)
+        fields = self.pages.form(request)
+        self.pages.check_csrf(request, fields, purpose="download",
+                              bind=self._csrf_bind(request, found))
+        drop_file, _ = self._checked_file(request, token, found, file_id)
+        where = self._file_path(token, file_id)
+        if found.bundle.read_remove:
+            if not await self.drops.may_download(found, drop_file):
+                raise gone(SELF_DESTRUCTED)
+            grant = self.drops.grants.make_download(link_digest(token), file_id,
+                                                    self.drops.clock.seconds())
+            set_cookie(request, DOWNLOAD_COOKIE, grant, DOWNLOAD_GRANT_SECONDS, path=where)
+        return redirect(request, http.SEE_OTHER, where)
+
+    def _checked_file(self, request: IRequest, token: str, found: Access,
+                      file_id: int) -> tuple[DropFile, Path]:
+        """The file `file_id` of the drop and its path, once this browser passed the
+        drop's checks (403) and the drop has it (404)."""
+        if self._missing(found, self._levels(request, token)) is not None:
+            raise PageError(403, "Open the drop first",
+                            "Open the drop's link and pass its checks before downloading.")
+        located = self.drops.file_path(found, file_id)
+        if located is None:
+            raise PageError(404, "Not found", "This drop has no such file.")
+        return located
 
     async def _serve(self, request: IRequest, found: Access, drop_file: DropFile, path: Path,
                      first: int, last: int, ranged: bool,

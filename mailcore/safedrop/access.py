@@ -9,6 +9,12 @@ the files are deleted from disk.
 The grant: after the password (and the one-time code, with require_token_auth) the browser
 gets a cookie for that link only, holding which checks it passed and until when, signed with
 HMAC-SHA256 under `{data_dir}/safedrop.key`. It lasts `GRANT_SECONDS`.
+
+The download grant: a read_remove file self-destructs once downloaded, so a GET of its
+address (a link scanner, a chat preview) must not start that download. A person starts it
+with the drop page's button (a POST); the browser then gets a cookie for that file's address
+only, signed as the grant is, that lets GETs of it (the download, and its resumption) start
+downloads for `DOWNLOAD_GRANT_SECONDS`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from mailcore.store.schema.safedrop import (
 )
 
 GRANT_SECONDS = 12 * 3600
+# How long a download a person asked for (the drop page's button, a POST) may start and
+# resume (GETs of the file's address) in that browser: `Grants.make_download`.
+DOWNLOAD_GRANT_SECONDS = 3600
 CODE_SECONDS = 600
 CODE_ATTEMPTS = 5  # wrong guesses of one code before it is void
 # Wrong codes a recipient may enter in all, whatever new codes it asked for in between (a
@@ -544,3 +553,24 @@ class Grants:
         if not hmac.compare_digest(mac, self._mac(digest, levels, int(expires_text))):
             return ""
         return levels
+
+    def _download_mac(self, digest: bytes, file_id: int, expires: int) -> str:
+        payload = b"drop-download:" + digest.hex().encode() + f":{file_id}:{expires}".encode()
+        return hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+
+    def make_download(self, digest: bytes, file_id: int, now: float) -> str:
+        """The cookie that lets the browser of the link `digest` download file `file_id`
+        (read_remove) for DOWNLOAD_GRANT_SECONDS."""
+        expires = int(now) + DOWNLOAD_GRANT_SECONDS
+        return f"{expires}.{self._download_mac(digest, file_id, expires)}"
+
+    def may_download(self, digest: bytes, file_id: int, cookie: str | None,
+                     now: float) -> bool:
+        """Whether `cookie` is a valid, unexpired download grant of that link and file."""
+        if not cookie or len(cookie) > MAX_GRANT_COOKIE or not cookie.isascii() \
+                or cookie.count(".") != 1:
+            return False
+        expires_text, mac = cookie.split(".")
+        if not expires_text.isdigit() or len(expires_text) > 12 or int(expires_text) <= now:
+            return False
+        return hmac.compare_digest(mac, self._download_mac(digest, file_id, int(expires_text)))
