@@ -29,6 +29,7 @@ from mailcore.safedrop.service import SafedropSweeper, link_digest
 from mailcore.store.schema import drop_recipients
 from mailcore.store.schema.safedrop import drop_download_attempts, drop_downloads
 from tests.support.pages import csrf_cookie, csrf_field
+from tests.support.pg import create_test_database
 from tests.support.web import BASE, Wire
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
 from web.accesslog import redacted_path
@@ -727,6 +728,81 @@ class ExpiryTests(TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         status, _, page = await Browser(f).get(ann)
         self.assertEqual(status, 410)
+
+
+class DeadLinksTests(TestCase):
+    """A sent bundle whose every recipient's link has ended (its own `valid_for` ran out,
+    or under read_remove it has every file) serves nothing ever again (recipients cannot
+    change once it is sent): the sweep deletes its files and mails the summary as for an
+    expired drop. They stayed on disk for good when the bundle had no expiry_date (the
+    sweep looked at that date only), filling the disk and `max_user_size`."""
+
+    async def fixture(self) -> PageFixture:
+        f = PageFixture()
+        await f.start(self)
+        return f
+
+    async def sweep(self, f: PageFixture, seconds: float) -> None:
+        sweeper = SafedropSweeper(f.web.core.safedrop)
+        sweeper.startService()
+        self.addCleanup(sweeper.stopService)
+        f.web.clock.advance(seconds)
+
+    def summaries(self, f: PageFixture) -> list[str]:
+        return [m.get_content() for m in f.mails_to("alice@example.test")
+                if (m["Subject"] or "").startswith("Safedrop expired")]
+
+    async def test_read_remove_one_has_all_files_the_others_link_ran_out(self) -> None:
+        f = await self.fixture()
+        ann, bob = await f.sent_bundle("subject=S", recipients=(
+            "ann%40example.org", "bob%40example.net&valid_for=3600"))
+        browser = Browser(f)
+        _, _, page = await browser.get(ann)
+        for fid in re.findall(rb'/files/(\d+)"', page):
+            status, _, _ = await browser.download(f"{ann}/files/{fid.decode()}")
+            self.assertEqual(status, 200)
+        interval = f.web.core.safedrop.settings.sweep_interval
+        await self.sweep(f, interval)
+        self.assertEqual(len(f.stored_files()), 2)  # bob's link still works
+        f.web.clock.advance(3600)
+        status, _, _ = await Browser(f).get(bob)
+        self.assertEqual(status, 410)
+        f.web.clock.advance(interval)
+        self.assertEqual(f.stored_files(), [])
+        [summary] = self.summaries(f)
+        self.assertIn("bob@example.net: downloaded 0 of 2 files", summary)
+        self.assertIsNotNone(f.bundle_rows()[0].removed_at)
+
+    async def test_every_link_ran_out_without_read_remove(self) -> None:
+        f = await self.fixture()
+        await f.sent_bundle("subject=S&read_remove=0", recipients=(
+            "ann%40example.org&valid_for=60", "bob%40example.net&valid_for=120"))
+        interval = f.web.core.safedrop.settings.sweep_interval
+        self.assertGreater(interval, 120)
+        await self.sweep(f, 100)
+        self.assertEqual(len(f.stored_files()), 2)
+        f.web.clock.advance(interval)
+        self.assertEqual(f.stored_files(), [])
+        self.assertEqual(len(self.summaries(f)), 1)
+
+    async def test_a_link_without_an_end_keeps_the_files(self) -> None:
+        f = await self.fixture()
+        await f.sent_bundle("subject=S&read_remove=0", recipients=(
+            "ann%40example.org&valid_for=60", "bob%40example.net"))
+        await self.sweep(f, 10 * f.web.core.safedrop.settings.sweep_interval)
+        self.assertEqual(len(f.stored_files()), 2)
+        self.assertEqual(self.summaries(f), [])
+
+
+class DeadLinksOnPostgresTests(DeadLinksTests):
+    """The same on PostgreSQL (its booleans and the sweep's NOT EXISTS)."""
+
+    timeout = 120
+
+    async def fixture(self) -> PageFixture:
+        f = PageFixture()
+        await f.start(self, await create_test_database(self))
+        return f
 
 
 class DownloadOnTheWireTests(TestCase):

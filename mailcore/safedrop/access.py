@@ -4,7 +4,8 @@ downloads, read_remove, and the grant a browser keeps between requests.
 A link names one recipient of one sent bundle. It stops working (`DropGone`, a 410 page)
 when the bundle expired or was removed, when the recipient's own `valid_for` ran out, or,
 with read_remove, once that recipient has downloaded every file; once every recipient has,
-the files are deleted from disk.
+the files are deleted from disk. Once no link works any more (expired, or each one ended
+for one of those reasons), the expiry sweep deletes the files (`expired_bundles_txn`).
 
 The grant: after the password (and the one-time code, with require_token_auth) the browser
 gets a cookie for that link only, holding which checks it passed and until when, signed with
@@ -441,13 +442,22 @@ def mark_removed_txn(conn: Connection, bundle_id: int, now: datetime.datetime) -
 
 
 def expired_bundles_txn(conn: Connection, now: datetime.datetime) -> list[Any]:
-    """Sent bundles past their expiry whose files are still on disk, with the owner."""
+    """Sent bundles whose files are still on disk though no link will serve them again,
+    with the owner: past their expiry date, or with no recipient whose link still works
+    (each one's `valid_for` ran out, or under read_remove it has every file: `gone_reason`;
+    a sent bundle's recipients never change)."""
+    b, r = drop_bundles.c, drop_recipients.c
+    live_link = sa.exists().where(
+        r.bundle_id == b.id,
+        sa.or_(r.expires_at.is_(None), r.expires_at > now),
+        sa.or_(b.read_remove.is_(False), r.done_at.is_(None)))
     return list(conn.execute(
-        sa.select(drop_bundles.c.id, drop_bundles.c.subject, users.c.email)
-        .join(users, users.c.id == drop_bundles.c.owner_id)
-        .where(drop_bundles.c.sent_at.is_not(None), drop_bundles.c.removed_at.is_(None),
-               drop_bundles.c.expiry_date.is_not(None), drop_bundles.c.expiry_date <= now)
-        .order_by(drop_bundles.c.id)
+        sa.select(b.id, b.subject, users.c.email)
+        .join(users, users.c.id == b.owner_id)
+        .where(b.sent_at.is_not(None), b.removed_at.is_(None),
+               sa.or_(sa.and_(b.expiry_date.is_not(None), b.expiry_date <= now),
+                      ~live_link))
+        .order_by(b.id)
     ))
 
 

@@ -530,7 +530,9 @@ class SafedropService:
                                 f"{found.recipient.email} replied:\n\n{text}")
 
     async def sweep(self) -> int:
-        """Remove expired drops' files and mail each sender a summary, and delete bundles
+        """Remove the files of drops no link serves any more (expired, or each
+        recipient's link ended: `side.expired_bundles_txn`) and mail each sender a
+        summary, and delete bundles
         never sent that expired or are older than `[safedrop] unsent_max_age` (nobody was
         told of them: no mail), and the files a crash left behind of bundles gone before;
         returns how many bundles went."""
