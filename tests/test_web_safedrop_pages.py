@@ -805,6 +805,49 @@ class DeadLinksOnPostgresTests(DeadLinksTests):
         return f
 
 
+class RemovedSecretsTests(TestCase):
+    """A drop's secure message and password hash went nowhere when it expired or
+    self-destructed: its row kept them for good (any copy of the database, with the key
+    beside it, opened the message). Removal clears them; the API still says a secure
+    message was set."""
+
+    async def check(self, f: PageFixture) -> None:
+        [row] = f.bundle_rows()
+        self.assertIsNotNone(row.removed_at)
+        self.assertEqual((row.secure_message, row.password_hash), (None, None))
+        # What the API's `secure_message` reads (its session may have expired by now).
+        bundle = await f.web.core.safedrop.bundle(f.alice.id, f.bundle_id)
+        self.assertIs(bundle.has_secure_message, True)
+
+    async def test_read_in_full_under_read_remove(self) -> None:
+        f = PageFixture()
+        await f.start(self)
+        [ann] = await f.sent_bundle("subject=S&password=Open-Sesame-77&secure_message=vault",
+                                    recipients=("ann%40example.org",))
+        [row] = f.bundle_rows()
+        self.assertIsNotNone(row.secure_message)
+        browser = Browser(f)
+        await browser.post(ann, action="password", password="Open-Sesame-77")
+        _, _, page = await browser.get(ann)
+        self.assertIn(b"vault", page)
+        for fid in re.findall(rb'/files/(\d+)"', page):
+            status, _, _ = await browser.download(f"{ann}/files/{fid.decode()}")
+            self.assertEqual(status, 200)
+        await self.check(f)
+
+    async def test_expired(self) -> None:
+        f = PageFixture()
+        await f.start(self)
+        await f.sent_bundle("subject=S&password=Open-Sesame-77&secure_message=vault"
+                            "&expiry_date=2023-11-14T23%3A13%3A20Z")
+        sweeper = SafedropSweeper(f.web.core.safedrop)
+        sweeper.startService()
+        self.addCleanup(sweeper.stopService)
+        f.web.clock.advance(3600 + f.web.core.safedrop.settings.sweep_interval)
+        self.assertEqual(f.stored_files(), [])
+        await self.check(f)
+
+
 class DownloadOnTheWireTests(TestCase):
     """What a client on the connection reads when a download cannot go as planned: never a
     page inside the file's reply (a kept-alive connection would read the next response as

@@ -434,10 +434,11 @@ def capped_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def mark_removed_txn(conn: Connection, bundle_id: int, now: datetime.datetime) -> bool:
-    """Mark the bundle's files removed; False when it was already."""
+    """Mark the bundle's files removed, and clear its secrets (the secure message and the
+    password's hash: nothing will ever read them again); False when it was already."""
     done = conn.execute(sa.update(drop_bundles).where(
         drop_bundles.c.id == bundle_id, drop_bundles.c.removed_at.is_(None)
-    ).values(removed_at=now))
+    ).values(removed_at=now, secure_message=None, password_hash=None))
     return done.rowcount == 1
 
 

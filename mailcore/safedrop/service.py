@@ -167,6 +167,7 @@ class SafedropService:
         if "secure_message" in changes:
             text = changes["secure_message"]
             values["secure_message"] = self.box.encrypt(text) if text else None
+            values["has_secure_message"] = bool(text)
         if "password" in changes:
             password = changes["password"]
             values["password_hash"] = (

@@ -37,7 +37,7 @@ def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
 def bundle_of(row: Any) -> Bundle:
     return Bundle(
         id=row.id, owner_id=row.owner_id, subject=row.subject, message=row.message,
-        has_secure_message=row.secure_message is not None,
+        has_secure_message=bool(row.has_secure_message),
         has_password=row.password_hash is not None,
         expiry_date=_utc(row.expiry_date), email_receipt_when=row.email_receipt_when,
         read_remove=bool(row.read_remove), allow_comments=bool(row.allow_comments),

@@ -3,7 +3,9 @@
 Secrets never appear in clear: `password_hash` is an Argon2id hash, `secure_message` Fernet
 ciphertext, and a recipient's link is kept as the SHA-256 of its token. A bundle is sent
 once (`sent_at`, set by a conditional UPDATE); `removed_at` is set when its files have been
-deleted from disk (every recipient has read it with read_remove, or it expired). File bytes
+deleted from disk (every recipient has read it with read_remove, it expired, or no link
+opens it any more), and its secrets are cleared then (`has_secure_message` still says
+whether it had a secure message: migration 0051). File bytes
 live on disk under the data directory (`safedrop/<bundle id>/<sha256>`), never in a row.
 """
 
@@ -34,6 +36,7 @@ drop_bundles = Table(
     Column("subject", Text, nullable=False),
     Column("message", Text, nullable=False),
     Column("secure_message", LargeBinary, nullable=True),
+    Column("has_secure_message", Boolean, nullable=False, server_default="0"),
     Column("password_hash", String(255), nullable=True),
     Column("expiry_date", DateTime(timezone=True), nullable=True),
     Column("email_receipt_when", Integer, nullable=False),
