@@ -100,6 +100,33 @@ class PostmanCollectionTests(TestCase):
         status, _, body = await alice.call("GET", f"/api/imap-servers/{server_id}/")
         self.assertEqual((status, body), (404, {"detail": "Not found."}))
 
+    async def test_imap_servers_list_searches_with_q(self) -> None:
+        # The seed: "Most list endpoints support ... search using the q parameter"; its
+        # service searches IMAP servers by name, host and username (DRF's SearchFilter:
+        # every word, any case, in one of them). q was ignored: every server came back.
+        _, alice = await setup()
+        gmail = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        work = await alice.ok("POST", "/api/imap-servers/", 201, json={
+            **GMAIL, "name": "Work", "host": "mail.corp.example", "username": "Jo@Corp"})
+
+        async def found(query: str) -> list[int]:
+            page = await alice.ok("GET", "/api/imap-servers/" + query)
+            self.assertEqual(page["count"], len(page["results"]))
+            return [s["id"] for s in page["results"]]
+
+        self.assertEqual(await found("?q=gmail"), [gmail["id"]])
+        self.assertEqual(await found("?q=CORP"), [work["id"]])
+        self.assertEqual(await found("?q=jo%40corp"), [work["id"]])
+        self.assertEqual(await found("?q=mail+work"), [work["id"]])
+        self.assertEqual(await found("?q=imap,gmail"), [gmail["id"]])
+        self.assertEqual(await found("?q=gmail+corp"), [])
+        self.assertEqual(await found("?q=nothing"), [])
+        self.assertEqual(await found("?q=+"), [gmail["id"], work["id"]])
+        self.assertEqual(await found(""), [gmail["id"], work["id"]])
+        page = await alice.ok("GET", "/api/imap-servers/?q=mail&page_size=1")
+        self.assertEqual(page["next"],
+                         "http://127.0.0.1/api/imap-servers/?page=2&page_size=1&q=mail")
+
     async def test_every_route_also_answers_under_v1(self) -> None:
         web, alice = await setup()
         created = await alice.ok("POST", "/api/v1/imap-servers/", 201, json=GMAIL)

@@ -3,8 +3,9 @@
 Served at `/api-token-auth/` (also `/api/v1/api-token-auth/`) and under both `/api/` and
 `/api/v1/` (API-MAP.md):
 
-- `imap-servers/`: list, create; `imap-servers/{id}/`: retrieve, update (PUT and PATCH are
-  both partial, as the seed's PUT example is), delete; `imap-servers/{id}/sync/`: sync now.
+- `imap-servers/`: list (`q`: words in the name, host or username), create;
+  `imap-servers/{id}/`: retrieve, update (PUT and PATCH are both partial, as the seed's PUT
+  example is), delete; `imap-servers/{id}/sync/`: sync now.
 - `emails/` (filters `q`, `folder`, `imap_server`, `date_from`, `date_to`, `thread`,
   `has_attachments`, `ordering`), `emails/{id}/` with `thread_emails`, `emails/{id}/thread/`,
   `emails/threads/`, `emails/folders/`, `emails/statistics/`.

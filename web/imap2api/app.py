@@ -42,7 +42,7 @@ from web.imap2api.inputs import (
     webhook_changes,
 )
 from web.imap2api.pages import list_page, paginate, request_base, request_path
-from web.imap2api.queries import message_query, server_param
+from web.imap2api.queries import message_query, search_terms, server_param
 from web.imap2api.schemas import (
     CREDENTIALS_SCHEMA,
     DELIVERIES_QUERY,
@@ -55,6 +55,7 @@ from web.imap2api.schemas import (
     SERVER_FILTER_QUERY,
     SERVER_INPUT_SCHEMA,
     SERVER_SCHEMA,
+    SERVERS_QUERY,
     STATISTICS_SCHEMA,
     SYNC_SCHEMA,
     THREAD_SCHEMA,
@@ -103,6 +104,12 @@ async def _thread_emails(details: AsyncIterable[MessageDetail]) -> AsyncGenerato
     """Seed 001's thread items (`thread_email_json`) of details as they are read."""
     async for detail in details:
         yield thread_email_json(detail)
+
+
+def _holds_each(terms: list[str], fields: tuple[str, ...]) -> bool:
+    """Whether each of the (case-folded) terms is in one of `fields`, in any case."""
+    folded = [f.casefold() for f in fields]
+    return all(any(term in field for field in folded) for term in terms)
 
 
 @contextmanager
@@ -262,13 +269,17 @@ class Imap2ApiApp(ApiApp):
         "GET",
         summary="List IMAP servers",
         auth=IMAP2API,
-        query=PAGE_QUERY,
+        query=SERVERS_QUERY,
         replies={200: Reply("A page of IMAP servers", page_schema(SERVER_SCHEMA))},
         errors=(429,),
     )
     async def list_servers(self, request: IRequest) -> bytes:
+        """`q` keeps the servers whose name, host or username holds each of its words
+        (any case), as the seed's service searches them (DRF's SearchFilter)."""
         user_id = await self.user_id(request)
-        found = await self.accounts.list_accounts(user_id, protocol="imap")
+        terms = [t.casefold() for t in search_terms(query_params(request))]
+        found = [a for a in await self.accounts.list_accounts(user_id, protocol="imap")
+                 if _holds_each(terms, (a.name, a.host, a.username))]
         return self.reply(request, await paginate(request, list_page(found), server_json))
 
     @routes.route(

@@ -80,6 +80,12 @@ def message_query(params: Mapping[str, str]) -> MessageQuery:
     )
 
 
+def search_terms(params: Mapping[str, str]) -> list[str]:
+    """The words of `q`, as DRF's SearchFilter splits them (on commas and white space);
+    a row matches when it holds every word."""
+    return (params.get("q") or "").replace(",", " ").split()
+
+
 def page_size(params: Mapping[str, str]) -> int:
     """`page_size` as DRF reads it: a positive integer, at most 100; anything else is 50."""
     value = parse_int(params.get("page_size", "").strip())

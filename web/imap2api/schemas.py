@@ -229,5 +229,10 @@ FILTER_QUERY: dict[str, dict[str, Any]] = {
 }
 EMAILS_QUERY = {**FILTER_QUERY, "thread": {"type": "boolean"}, **PAGE_QUERY}
 THREADS_QUERY = {**FILTER_QUERY, **PAGE_QUERY}
+SERVERS_QUERY = {
+    "q": {"type": "string", "description": "words each found in the name, host or username "
+          "(any case)"},
+    **PAGE_QUERY,
+}
 SERVER_FILTER_QUERY = {"imap_server": {"type": "integer"}}
 DELIVERIES_QUERY = {"status": {"enum": DELIVERY_STATUSES}, **PAGE_QUERY}
