@@ -14,9 +14,10 @@ from mailcore.messages.models import (
     StoreResult,
 )
 from mailcore.messages.parse import MimeLimits, ParsedMessage, parse_message
-from mailcore.messages.store import MessageNotFound, MessageStore, QueryError
+from mailcore.messages.store import ORDER_FIELDS, MessageNotFound, MessageStore, QueryError
 
 __all__ = [
+    "ORDER_FIELDS",
     "AccountUsage",
     "AttachmentSummary",
     "FetchedMessage",

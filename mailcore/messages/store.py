@@ -114,6 +114,8 @@ _ORDER_COLUMNS = {
     "message_id": messages.c.message_id,
     "has_attachments": messages.c.has_attachments,
 }
+# The field names a MessageQuery's `ordering` may name (each with "-" for descending).
+ORDER_FIELDS: frozenset[str] = frozenset(_ORDER_COLUMNS)
 
 _SUMMARY_COLUMNS = (
     messages.c.id, messages.c.user_id, messages.c.account_id, messages.c.folder_id,

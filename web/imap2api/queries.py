@@ -1,7 +1,9 @@
 """What a Simple IMAP2API list request asks for: its filters, ordering and page.
 
 DRF's readings: a bad filter value is a 400 naming the parameter; a bad `page` is 404
-"Invalid page."; a bad `page_size` quietly falls back to the default.
+"Invalid page."; a bad `page_size` quietly falls back to the default, and an `ordering`
+term on a field that cannot be ordered by is dropped (the default order, newest first,
+when none is left), as DRF's OrderingFilter does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 
 from twisted.web.iweb import IRequest
 
-from mailcore.messages import MessageQuery
+from mailcore.messages import ORDER_FIELDS, MessageQuery
 from web.errors import ApiError, field_error
 from web.parsing import (
     ID_MAX,
@@ -48,6 +50,14 @@ def _flag(params: Mapping[str, str], name: str) -> bool | None:
     return bool_field(params, name)
 
 
+def _ordering(params: Mapping[str, str]) -> str:
+    """`ordering` without its terms on fields we cannot order by (DRF's OrderingFilter
+    drops them: a client of the seed's service gets its list, not an error); "-date" when
+    none is left."""
+    terms = [t.strip() for t in (params.get("ordering") or "").split(",")]
+    return ",".join(t for t in terms if t.lstrip("-+") in ORDER_FIELDS) or "-date"
+
+
 def _server_filter(params: Mapping[str, str]) -> int | None:
     if not params.get("imap_server", "").strip():
         return None
@@ -70,7 +80,7 @@ def message_query(params: Mapping[str, str]) -> MessageQuery:
         "date_to": lambda: _day(params, "date_to"),
         "thread": lambda: _flag(params, "thread"),
         "has_attachments": lambda: _flag(params, "has_attachments"),
-        "ordering": lambda: (params.get("ordering") or "").strip() or "-date",
+        "ordering": lambda: _ordering(params),
     })
     return MessageQuery(
         q=values["q"], folder=values["folder"], account_id=values["imap_server"],

@@ -225,7 +225,9 @@ FILTER_QUERY: dict[str, dict[str, Any]] = {
     "date_from": {"type": "string", "format": "date"},
     "date_to": {"type": "string", "format": "date"},
     "has_attachments": {"type": "boolean"},
-    "ordering": {"type": "string", "description": "e.g. -date, subject, sender, folder"},
+    "ordering": {"type": "string", "description": "fields separated by commas, each with "
+                 "- for descending (e.g. -date, subject, sender, folder); a field that "
+                 "cannot be ordered by is ignored, as DRF does (default -date)"},
 }
 EMAILS_QUERY = {**FILTER_QUERY, "thread": {"type": "boolean"}, **PAGE_QUERY}
 THREADS_QUERY = {**FILTER_QUERY, **PAGE_QUERY}
