@@ -39,7 +39,7 @@ class Config:
     session_token_ttl: int = 3600
     # The tokens password logins hand out (IMAP2API, Mail API): lifetime from the login and
     # from the last use, in seconds (0: none, the reference service's tokens never expire),
-    # and how many one user keeps (a login past them removes the user's oldest).
+    # and how many one user keeps (a login past them removes the one unused the longest).
     login_token_ttl: int = 0
     login_token_idle: int = 0
     login_tokens_per_user: int = 100
@@ -285,7 +285,8 @@ class DaemonOptions(CommonOptions):
         ["login-token-idle", None, None, "Seconds such a token lives unused (at least 600); "
          "0: for ever [default: 0; TOML login_token_idle].", _whole],
         ["login-tokens-per-user", None, None, "Login tokens one user keeps; a login past them "
-         "removes the user's oldest [default: 100; TOML login_tokens_per_user].", _whole],
+         "removes the one unused the longest [default: 100; TOML login_tokens_per_user].",
+         _whole],
     ]
 
     def __init__(self) -> None:

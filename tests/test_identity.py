@@ -560,6 +560,28 @@ class CredentialTests(IdentityTestCase):
         self.assertIsNotNone(await identity.resolve(printed, ("token",)))
         self.assertEqual([c.id for c in await identity.list_credentials(bob.id)], [bobs.id])
 
+    async def test_a_login_past_the_kept_ones_ends_the_token_unused_the_longest(self) -> None:
+        # The seed's login (DRF) gives one token that lives for ever, so a script may log
+        # in for every run while a service holds the token it got at its start: the
+        # logins removed the oldest token, the one in use too (401 "Invalid token.").
+        identity = Identity(self.db, self.clock, CpuPool.for_tests(), logins_kept=3)
+        alice = await self.user()
+        held, held_info = await identity.create_credential(alice.id, "token", login=True)
+        made = []
+        for _ in range(6):
+            self.clock.advance(400)  # past the 5 minutes between writes of the last use
+            self.assertIsNotNone(await identity.resolve(held, ("token",)))
+            made.append(await identity.create_credential(alice.id, "token", login=True))
+        left = [c.id for c in await identity.list_credentials(alice.id, "token")]
+        self.assertEqual(sorted(left), [held_info.id, made[-2][1].id, made[-1][1].id])
+        self.assertIsNotNone(await identity.resolve(held, ("token",)))
+        self.assertIsNone(await identity.resolve(made[0][0], ("token",)))
+        # With one kept, the login's own token is the one kept.
+        one = Identity(self.db, self.clock, CpuPool.for_tests(), logins_kept=1)
+        newest, _ = await one.create_credential(alice.id, "token", login=True)
+        self.assertIsNotNone(await one.resolve(newest, ("token",)))
+        self.assertIsNone(await one.resolve(held, ("token",)))
+
     async def test_a_user_keeps_the_newest_safedrop_sessions(self) -> None:
         alice = await self.user()
         _, key = await self.identity.create_credential(alice.id, "apikey")

@@ -3,6 +3,7 @@ search, filters, ordering, DRF pagination and errors, rate limits, CORS, and own
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from typing import Any, cast
@@ -17,6 +18,7 @@ from mailcore.fetch.engine import SyncResult
 from mailcore.messages.store import DETAILS_BATCH
 from mailcore.store.schema import messages
 from tests.support.imap2api import Client, client, config, live_api, mail, store
+from tests.support.pg import create_test_database
 from tests.support.web import BASE, Web, Wire, header
 from tests.test_fetch_imap_hostile import cleartext_servers
 from web.imap2api import Imap2ApiApp
@@ -491,6 +493,40 @@ class NewDestinationSyncTests(TestCase):
         self.assertEqual((status, body.get("port")), (200, new_port), body)
         status, body = await api.call("POST", f"{path}sync/", token=token)
         self.assertEqual(new.passwords(), ["For-The-New"])
+
+
+class TokenLoginTests(TestCase):
+    """POST /api-token-auth/ as the seed's clients use it: DRF hands out one token for ever,
+    so they log in again whenever they like."""
+
+    timeout = 240
+
+    async def check_a_held_token_outlives_repeated_logins(self, url: str | None) -> None:
+        # A service holds the token it got at its start and uses it; a script of the same
+        # user logs in for each of its runs. Each login removed the oldest of the user's
+        # tokens (100 kept), the held one included: the service got 401 "Invalid token.".
+        web = Web.build(dataclasses.replace(config(), login_tokens_per_user=3), url=url)
+        if url is not None:
+            self.addCleanup(web.core.db.close)
+        service = await client(web)
+        for _ in range(6):
+            web.clock.advance(600)
+            await service.ok("GET", "/api/emails/")
+            status, _, body = await web.call("POST", "/api-token-auth/", json={
+                "username": "alice", "password": web.secrets[-1]})
+            self.assertEqual(status, 200, body)
+            self.assertNotEqual(body["token"], service.token)
+        web.clock.advance(600)
+        await service.ok("GET", "/api/emails/")
+        script = Client(web, service.user, body["token"])
+        await script.ok("GET", "/api/emails/")
+
+    async def test_a_held_token_outlives_repeated_logins(self) -> None:
+        await self.check_a_held_token_outlives_repeated_logins(None)
+
+    async def test_a_held_token_outlives_repeated_logins_on_postgresql(self) -> None:
+        await self.check_a_held_token_outlives_repeated_logins(
+            await create_test_database(self))
 
 
 class OwnershipTests(TestCase):

@@ -314,10 +314,10 @@ class MailApiApp(ApiApp):
         errors=(400, 401, 429),
     )
     async def authenticate(self, request: IRequest) -> bytes:
-        """Each call creates a new auth_key; a user keeps the newest
-        `login_tokens_per_user` (100), which never expire unless the operator sets
-        `login_token_ttl` or `login_token_idle`. A password change ends them. Limited per
-        client address."""
+        """Each call creates a new auth_key; a user keeps `login_tokens_per_user` (100),
+        a login past them ending the one unused the longest; they never expire unless the
+        operator sets `login_token_ttl` or `login_token_idle`. A password change ends them.
+        Limited per client address."""
         data = self.fields(request)
         await self.check_api_key(request, data, required=self.require_api_key)
         username = _given(data, "username")

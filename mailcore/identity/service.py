@@ -619,12 +619,13 @@ class Identity:
         expiry or its deletion ends it too. `login` marks a credential a password login
         made: it ends when the password changes, lives `login_ttl` seconds (unless `ttl` is
         given) and `login_idle` seconds unused, and the user keeps `logins_kept` of them:
-        making one more removes the oldest (a user keeps SESSIONS_KEPT safedrop sessions
-        alike). `password_stamp` (the `User.password_stamp`
-        of the user a password login found) refuses it with an IdentityError on "password"
-        when the password has changed since: `set_password` ends what exists when it
-        commits, and this makes sure a login that checked the old password just before
-        cannot add one after (the user's row is read FOR SHARE, so the two take turns).
+        making one more removes the one unused the longest (`_thd_keep_used`); a user keeps
+        SESSIONS_KEPT safedrop sessions, making one more removes the oldest.
+        `password_stamp` (the `User.password_stamp` of the user a password login found)
+        refuses it with an IdentityError on "password" when the password has changed
+        since: `set_password` ends what exists when it commits, and this makes sure a
+        login that checked the old password just before cannot add one after (the user's
+        row is read FOR SHARE, so the two take turns).
         """
         if kind not in KINDS:
             raise IdentityError(f"Unknown credential kind {kind!r}.")
@@ -669,7 +670,8 @@ class Identity:
                 )
             ))
             if login:
-                _thd_keep_newest(conn, user_id, self.logins_kept, credentials.c.login.is_(True))
+                _thd_keep_used(conn, user_id, self.logins_kept, credentials.c.login.is_(True),
+                               new_id)
             elif kind == "session":
                 _thd_keep_newest(conn, user_id, SESSIONS_KEPT, credentials.c.kind == "session")
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
@@ -855,6 +857,25 @@ def _thd_keep_newest(conn: Connection, user_id: int, kept: int, which: Any) -> N
     ).scalar()
     if oldest_kept is not None:
         conn.execute(delete(credentials).where(*mine, c.id < oldest_kept))
+
+
+def _thd_keep_used(
+    conn: Connection, user_id: int, kept: int, which: Any, new_id: int
+) -> None:
+    """Blocking: delete the user's credentials that match `which` but `new_id` (the one
+    just made) and the `kept` - 1 others used last (by `last_used_at`, else `created_at`;
+    live or not). The seed's token login (DRF) hands out one token that lives for ever, so
+    its clients log in again whenever they like: a script doing so for every run must
+    neither grow the table without bound nor end the token a long-running client holds
+    and uses."""
+    c = credentials.c
+    others = (c.user_id == user_id, which, c.id != new_id)
+    beyond = (
+        select(c.id).where(*others)
+        .order_by(func.coalesce(c.last_used_at, c.created_at).desc(), c.id.desc())
+        .offset(kept - 1)
+    )
+    conn.execute(delete(credentials).where(*others, c.id.in_(beyond)))
 
 
 def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) -> None:

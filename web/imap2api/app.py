@@ -243,8 +243,10 @@ class Imap2ApiApp(ApiApp):
     )
     async def obtain_token(self, request: IRequest) -> bytes:
         """Each call creates a new token (only digests are stored, so an existing token
-        cannot be shown again); a user keeps the newest `login_tokens_per_user` (100), and
-        they never expire unless the operator sets `login_token_ttl` or `login_token_idle`.
+        cannot be shown again); a user keeps `login_tokens_per_user` (100): a login past
+        them ends the one unused the longest, so a token in use outlives the logins of a
+        script that logs in for every run. They never expire unless the operator sets
+        `login_token_ttl` or `login_token_idle`.
         A password change ends them. Limited per client address like every password
         login."""
         username, password = credentials_input(self.fields(request))
