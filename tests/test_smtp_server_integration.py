@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
@@ -293,3 +293,102 @@ class RealSocketTests(TestCase):
         self.assertEqual(code, 250)
         [body] = (await self.committed_bodies()).values()
         self.assertEqual(strip_received(body), looped(49))
+
+
+class TLSSessionEndTests(TestCase):
+    """The server ends a TLS session itself, over a real socket: after QUIT, after its idle
+    timeout, and when a client sends STARTTLS and then nothing. Each read here has a
+    deadline of its own; a server that left the connection open fails it (the session
+    kept its connection slot for as long as the client kept the socket)."""
+
+    timeout = 30
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.reactor = get_reactor()
+        directory = tempdir_for(self)
+        cert, key = shared_pki().write_server_pair(directory)
+        self.ca_file = directory / "ca.pem"
+        self.factory = SMTPServerFactory(
+            SMTPSettings(hostname="mx.gateway.test", idle_timeout=1.0), _NoDomains(), None,
+            self.reactor, tls=server_context(cert, key),
+        )
+        self.factory.close_grace = 1.0
+        port = await serverFromString(self.reactor, "tcp:0:interface=127.0.0.1").listen(
+            self.factory
+        )
+        self.addCleanup(port.stopListening)
+        self.port: int = port.getHost().port
+
+    def starttls(self) -> socket.socket:
+        """Blocking: a connection that has said EHLO and STARTTLS and read the 220."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"EHLO client.example\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert reader.readline().startswith(b"220 ")
+        return raw
+
+    def replies_until_closed(self, quit: bool) -> list[bytes]:
+        """Blocking: STARTTLS, then QUIT or silence over TLS; the lines read until the
+        server closed (a read that times out raises)."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        with context.wrap_socket(self.starttls(), server_hostname="localhost") as tls:
+            tls.settimeout(5)
+            if quit:
+                tls.sendall(b"QUIT\r\n")
+            return tls.makefile("rb").readlines()
+
+    def silent_after_starttls(self) -> bytes:
+        """Blocking: STARTTLS, then no handshake; what is read until the server closes."""
+        with self.starttls() as raw:
+            raw.settimeout(5)
+            try:
+                return raw.recv(100)
+            except ConnectionResetError:
+                return b""
+
+    async def test_quit_over_tls_closes_the_connection(self) -> None:
+        lines = await threads.deferToThread(self.replies_until_closed, True)
+        self.assertEqual(lines, [b"221 2.0.0 Bye\r\n"])
+        await self.connections_released()
+
+    async def test_the_idle_timeout_over_tls_closes_the_connection(self) -> None:
+        lines = await threads.deferToThread(self.replies_until_closed, False)
+        self.assertEqual(lines, [b"421 4.4.2 mx.gateway.test Error: timeout exceeded\r\n"])
+        await self.connections_released()
+
+    async def test_a_client_silent_after_starttls_loses_its_connection(self) -> None:
+        # The 421 waits for a handshake that never comes; the connection is dropped.
+        self.assertEqual(await threads.deferToThread(self.silent_after_starttls), b"")
+        await self.connections_released()
+
+    async def connections_released(self) -> None:
+        for _ in range(100):
+            if self.factory.connections == 0:
+                return
+            await sleep(0.02)
+        self.fail(f"{self.factory.connections} SMTP sessions still open")
+
+
+class _NoDomains:
+    """A recipient directory serving nothing (these tests send no mail)."""
+
+    loaded = True
+
+    def when_loaded(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def lookup(self, domain_name: str) -> None:
+        return None
+
+    def accepts(self, local_part: str, domain_name: str) -> bool:
+        return False
+
+    def postmaster_elsewhere(self, domain_name: str) -> bool:
+        return False
+
+    def suspended(self, domain_name: str) -> bool:
+        return False

@@ -89,6 +89,9 @@ MAX_BACKLOG = 64 * 1024
 # may tell us to stop): one 64 KiB segment of pipelined HELP would otherwise be answered
 # whole, 13 times its size, before the transport's buffer limit could act.
 MAX_CORKED_REPLIES = 256
+# After we end a session, how long the client has to take our last replies (and, over TLS,
+# to answer our close_notify) before the connection is dropped.
+CLOSE_GRACE = 10.0
 # RCPTs over `max_recipients` in one transaction answered 452 before each further one counts
 # as an error (Postfix's smtpd_recipient_overshoot_limit).
 RECIPIENT_OVERSHOOT = 1000
@@ -376,6 +379,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._write_blocked = False
         self._reading_paused = False
         self._discarding = False
+        self._producing = False  # registered as the transport's producer
         # The transaction.
         self._mail_from: str | None = None
         self._recipients: list[Recipient] = []
@@ -420,6 +424,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._admitted = True
         self._open = True
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._producing = True
         self._last_activity = now = self.clock.seconds()
         self._session_end = now + self.settings.max_session_time
         self._arm_timer(now)
@@ -493,12 +498,37 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._pos = 0
         self._body = bytearray()  # a message still in DATA is not accepted
         self._flush()
+        self._close()
+
+    def _close(self) -> None:
+        """Close the connection once our last replies are out, and drop it if it is not
+        gone CLOSE_GRACE seconds later.
+
+        The session first stops being its transport's producer: a TLS transport does not
+        close while one is registered (it waits for unregisterProducer), so every TLS
+        session outlived its QUIT or its 421 for as long as the client kept the socket. A
+        TLS close also waits for the client's close_notify, and replies written before the
+        TLS handshake finished wait for the handshake (a client that sends STARTTLS and
+        then nothing): the grace timer ends those. A client that reads nothing gets no
+        grace: the replies would wait for it for ever, and the connection with them."""
+        transport: Any = self.transport
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._producing:
+            self._producing = False
+            transport.unregisterProducer()
         if self._write_blocked:
-            # The client reads nothing: the 421 and the replies before it would wait for it
-            # for ever, and the connection with them.
-            self.transport.abortConnection()  # type: ignore[union-attr]
-        else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            transport.abortConnection()
+            return
+        transport.loseConnection()
+        self._timer = self.clock.callLater(self.factory.close_grace, self._drop)
+
+    def _drop(self) -> None:
+        """The client did not let the connection go after we closed it: abort it."""
+        self._timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[union-attr, attr-defined]
 
     # -- output flow control (IPushProducer, called by the transport) ---------------------
 
@@ -781,7 +811,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self.reply(221, "2.0.0", "Bye")
         self._open = False
         self._flush()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._close()
 
     def do_VRFY(self, arg: str) -> None:
         if self._junk():
@@ -1145,6 +1175,7 @@ class SMTPServerFactory(ServerFactory):
                      address=str(self.postmaster))
         self.counter = ConnectionCounter(settings.max_connections,
                                          settings.max_connections_per_ip)
+        self.close_grace = CLOSE_GRACE
 
     @property
     def connections(self) -> int:
