@@ -274,8 +274,9 @@ class DaemonOptions(CommonOptions):
     )
     optParameters: list[list[Any]] = [
         *CommonOptions.optParameters,
-        ["tls-cert", None, None, "PEM certificate for STARTTLS [default: self-signed, generated "
-         "in the data directory on first start]."],
+        ["tls-cert", None, None, "PEM certificate for STARTTLS, followed by its intermediates "
+         "(as certbot's fullchain.pem) [default: self-signed, generated in the data directory "
+         "on first start]."],
         ["tls-key", None, None, "PEM private key matching --tls-cert."],
         ["hostname", None, None, "Host name announced in SMTP greetings and Received headers "
          "[default: localhost]."],

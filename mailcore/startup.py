@@ -344,7 +344,7 @@ def check_tls_files(config: Config) -> None:
         return
     try:
         server_context(cert, key)
-    except OpenSSLError:
+    except (OpenSSLError, ValueError):  # (ValueError: a malformed certificate after the first)
         raise ConfigError(f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate "
                           "and its private key") from None
     except VerifyError:

@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -71,6 +72,20 @@ def _nonempty(path: Path) -> bool:
 
 
 def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:
-    """Server-side TLS options for STARTTLS and TLS listeners."""
-    certificate = ssl.PrivateCertificate.loadPEM(cert.read_bytes() + b"\n" + key.read_bytes())
-    return certificate.options()
+    """Server-side TLS options for STARTTLS and TLS listeners. Blocks (reads the files).
+
+    `cert` holds the server's certificate first, then any intermediate certificates
+    (certbot's fullchain.pem): all of them are sent, as a client that verifies needs the
+    chain up to a root it trusts. OpenSSL's Error when a file is not PEM (ValueError for a
+    malformed certificate after the first), VerifyError when the key is not the first
+    certificate's."""
+    pem = cert.read_bytes()
+    certificate = ssl.PrivateCertificate.loadPEM(pem + b"\n" + key.read_bytes())
+    chain = [
+        crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(pem)[1:]
+    ]
+    return ssl.CertificateOptions(
+        privateKey=certificate.privateKey.original,
+        certificate=certificate.original,
+        extraCertChain=chain,
+    )

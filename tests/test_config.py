@@ -517,6 +517,15 @@ class TlsFilesTests(SynchronousTestCase):
             f"--tls-cert {base / 'junk.pem'} and --tls-key {base / 'a.key'} are not a PEM "
             "certificate and its private key",
         )
+        # A chain file whose intermediate is broken (its certificate alone is good).
+        broken = (base / "a.pem").read_bytes() + (
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+        (base / "chain.pem").write_bytes(broken)
+        self.assertEqual(
+            self.error(base / "chain.pem", base / "a.key"),
+            f"--tls-cert {base / 'chain.pem'} and --tls-key {base / 'a.key'} are not a PEM "
+            "certificate and its private key",
+        )
 
 
 class DataDirTests(SynchronousTestCase):

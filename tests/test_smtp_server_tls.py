@@ -8,8 +8,15 @@ first command.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -97,3 +104,72 @@ class InMemoryStartTLSTests(TestCase):
         self.assertTrue(self.client_transport.disconnecting)
         self.assertEqual(self.sink.messages, [])
         self.flushLoggedErrors()
+
+
+def _chained_pair(directory: Path) -> tuple[Path, Path, bytes]:
+    """A root CA, an intermediate it signed and a `localhost` certificate the intermediate
+    signed; writes fullchain.pem (server certificate, then the intermediate, as certbot
+    does) and key.pem into `directory`. Returns (fullchain, key, root PEM)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    root_key, middle_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in "abc")
+    root = issue("Chain Test Root", "Chain Test Root", root_key, root_key, True)
+    middle = issue("Chain Test Intermediate", "Chain Test Root", middle_key, root_key, True)
+    leaf = issue("localhost", "Chain Test Intermediate", leaf_key, middle_key, False)
+    directory.mkdir(parents=True, exist_ok=True)
+    fullchain, key = directory / "fullchain.pem", directory / "key.pem"
+    fullchain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                   for c in (leaf, middle)))
+    key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return fullchain, key, root.public_bytes(serialization.Encoding.PEM)
+
+
+class CertificateChainTests(TestCase):
+    """A certificate file with intermediates (certbot's fullchain.pem): the server sends the
+    whole chain, so a client that trusts only the root verifies it. With only the server's
+    own certificate sent (the first of the file), such a client cannot build the chain and
+    the handshake fails: a sender that verifies (MTA-STS, DANE-TA, a `verify` policy) could
+    not deliver."""
+
+    async def test_the_intermediates_of_the_certificate_file_are_sent(self) -> None:
+        clock = Clock()
+        db = Database.for_tests()
+        sink = RecordingSink()
+        fullchain, key, root = _chained_pair(Path(self.mktemp()))
+        factory = make_factory(await served_domains(db, clock), sink, clock,
+                               tls=server_context(fullchain, key))
+        server = factory.buildProtocol(None)
+        client = LineClient()
+        server_transport, client_transport, pump = connect_tls_capable(server, client)
+
+        def say(data: bytes) -> list[str]:
+            client_transport.write(data)
+            pump.flush()
+            return client.take()
+
+        say(b"EHLO client.example\r\nSTARTTLS\r\n")
+        client_transport.startTLS(
+            ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(root)))
+        self.assertEqual(say(b"NOOP\r\n"), ["250 2.0.0 Ok"])
+        self.assertFalse(client_transport.disconnecting)
+        self.assertTrue(ISSLTransport.providedBy(server_transport))
+        say(b"QUIT\r\n")
+        server.connectionLost(None)  # type: ignore[arg-type]
