@@ -7,6 +7,7 @@ reaches the store directly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ from mailcore.safedrop.sms import SmsGateway
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
-from mailcore.tls import server_context
+from mailcore.tls import CertificateReloader
 from mailcore.webhooks import Webhooks, build_webhooks
 from mailcore.workers import CpuPool
 
@@ -72,6 +73,8 @@ class Core:
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # The STARTTLS pair of tls_cert and tls_key, loaded again when its files change.
+    certificate: CertificateReloader | None = field(init=False)
     # Served domains and the RCPT snapshot; built from db/clock/config in __post_init__.
     domains: DomainService = field(init=False)
     # Fetch accounts, the sync engine and its scheduler ([fetch]); the message store.
@@ -123,6 +126,10 @@ class Core:
     deletion: UserDeletion = field(init=False)
 
     def __post_init__(self) -> None:
+        self.certificate = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            self.certificate = CertificateReloader(self.tls_cert, self.tls_key, self.clock,
+                                                   self.cpu)
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
         queue_settings = QueueSettings.from_config(self.config)
         self.leases = JobLeases(self.db, queue_settings.node_id)
@@ -288,6 +295,8 @@ class Core:
             services.append(self.webhooks.sender)
         if self.verifier.settings.verify_domains:
             services.append(self.verifier)
+        if self.certificate is not None:
+            services.append(self.certificate)
         return services
 
     def listener_services(self, reactor: IReactorTCP) -> list[IService]:
@@ -305,10 +314,13 @@ class Core:
 
     def smtp_factory(self) -> SMTPServerFactory:
         """The inbound ESMTP factory: [smtp] settings, the domain snapshot, the spool, and
-        the daemon's TLS pair for STARTTLS. Reads the certificate files (blocks)."""
-        tls = None
-        if self.tls_cert is not None and self.tls_key is not None:
-            tls = server_context(self.tls_cert, self.tls_key)
+        the daemon's TLS pair for STARTTLS, replaced when its files change (`certificate`).
+        Reads the certificate files the first time (blocks)."""
+        certificate = self.certificate
+        tls = certificate.options() if certificate is not None else None
         sink = self.spool
         settings = SMTPSettings.from_config(self.config)
-        return SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls)
+        factory = SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls)
+        if certificate is not None:
+            certificate.serve(functools.partial(setattr, factory, "tls"))
+        return factory

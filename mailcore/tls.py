@@ -1,8 +1,10 @@
-"""The daemon's TLS identity: load the configured pair, or make a self-signed one once."""
+"""The daemon's TLS identity: load the configured pair, or make a self-signed one once, and
+load it again when its files change."""
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -10,10 +12,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.files import private_directory, write_whole
+from mailcore.periodic import PeriodicService
+from mailcore.workers import CpuPool
 
 log = Logger()
 
@@ -89,3 +94,103 @@ def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:
         certificate=certificate.original,
         extraCertChain=chain,
     )
+
+
+# How often the reloader looks at the certificate files (a stat of each).
+RELOAD_CHECK_INTERVAL = 60.0
+
+# What tells one version of the pair from another: (device, inode, size, mtime) of each
+# file, after symbolic links (certbot's live/ names link to its archive/ files).
+Signature = tuple[tuple[int, int, int, int], ...]
+
+
+def _signature(cert: Path, key: Path) -> Signature:
+    """Blocks (a stat of each file)."""
+    out = []
+    for path in (cert, key):
+        st = path.stat()
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _load_if_changed(
+    cert: Path, key: Path, seen: Signature | None
+) -> tuple[Signature, ssl.CertificateOptions | None]:
+    """The files' signature, and the pair loaded again when it differs from `seen` (None
+    when it does not). Blocks; raises as server_context does."""
+    signature = _signature(cert, key)
+    if signature == seen:
+        return signature, None
+    return signature, server_context(cert, key)
+
+
+class CertificateReloader(PeriodicService):
+    """The STARTTLS pair, served renewed without a restart.
+
+    `options()` loads the pair the first time (blocks); then every RELOAD_CHECK_INTERVAL
+    seconds the files are looked at (on `pool`) and, when either changed (certbot renews
+    a certificate a month before it expires and replaces the files in place or behind its
+    symbolic links), loaded again and handed to each `serve` target, the SMTP factory
+    (its next STARTTLS uses them; sessions already in TLS keep theirs). A pair that does
+    not load (a renewal caught half-written, a key that is not the certificate's) is logged
+    once and the one loaded before is kept; it is tried again once the files change."""
+
+    name = "tls_certificate_reload"
+
+    def __init__(self, cert: Path, key: Path, clock: IReactorTime, pool: CpuPool,
+                 interval: float = RELOAD_CHECK_INTERVAL) -> None:
+        self.cert = cert
+        self.key = key
+        self.clock = clock
+        self.pool = pool
+        self._interval = interval
+        self._options: ssl.CertificateOptions | None = None
+        self._seen: Signature | None = None  # the files as last loaded or tried
+        self._targets: list[Callable[[ssl.CertificateOptions], None]] = []
+
+    def options(self) -> ssl.CertificateOptions:
+        """The pair as last loaded; the first call loads it (blocks, raises as
+        server_context does)."""
+        if self._options is None:
+            self._seen, options = _load_if_changed(self.cert, self.key, None)
+            assert options is not None
+            self._options = options
+        return self._options
+
+    def serve(self, install: Callable[[ssl.CertificateOptions], None]) -> None:
+        """Call `install` with the pair each time it is loaded again."""
+        self._targets.append(install)
+
+    def interval(self) -> float:
+        return self._interval
+
+    def tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self.check())
+
+    async def check(self) -> None:
+        """Load the pair again if its files changed (never fails: a failure is logged)."""
+        if self._options is None:
+            return  # nothing serves it yet
+        try:
+            signature, options = await self.pool.run(
+                _load_if_changed, self.cert, self.key, self._seen)
+        except Exception as e:
+            try:
+                signature = await self.pool.run(_signature, self.cert, self.key)
+            except OSError:
+                signature = None
+            if signature is None or signature != self._seen:
+                log.warn("the TLS certificate {cert} (key {key}) could not be loaded again "
+                         "({error}); the one loaded before is still served",
+                         cert=str(self.cert), key=str(self.key), error=str(e) or repr(e))
+            if signature is not None:
+                self._seen = signature
+            return
+        self._seen = signature
+        if options is None:
+            return
+        self._options = options
+        for install in self._targets:
+            install(options)
+        log.info("loaded the TLS certificate {cert} again (its files changed)",
+                 cert=str(self.cert))
