@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.smtp.client import (
+    CLOSE_GRACE,
     MAX_REPLY_BYTES,
     MAX_REPLY_LINES,
     ConnectionLostError,
@@ -623,3 +624,36 @@ class HostileReplyTests(ClientTestBase):
         self.handshake()
         self.server(b"421 4.4.2 idle too long\r\n")
         self.assertFalse(self.session.usable)
+
+
+class CloseTests(ClientTestBase):
+    """After QUIT the connection is closed, and dropped if the next hop does not let it go:
+    over TLS, Twisted's close waits for the hop's close_notify, and a hop that neither sent
+    one nor closed its end held the socket open for ever (reproduced over real TLS with a
+    next hop that answers 221 and then nothing: still connected 30 s later)."""
+
+    def quit(self) -> list[bool]:
+        aborted: list[bool] = []
+        self.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.quit())
+        self.assertEqual(self.sent(), b"QUIT\r\n")
+        self.server(b"221 2.0.0 Bye\r\n")
+        self.successResultOf(d)
+        self.assertTrue(self.transport.disconnecting)
+        return aborted
+
+    def test_a_next_hop_that_keeps_the_connection_is_dropped(self) -> None:
+        aborted = self.quit()
+        self.clock.advance(CLOSE_GRACE - 1)
+        self.assertEqual(aborted, [])
+        self.clock.advance(1)
+        self.assertEqual(aborted, [True])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_connection_that_closes_leaves_no_timer(self) -> None:
+        aborted = self.quit()
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(CLOSE_GRACE)
+        self.assertEqual(aborted, [])

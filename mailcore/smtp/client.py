@@ -44,6 +44,10 @@ WRITE_CHUNK = 65536
 # most SMTPClientProtocol.MAX_LENGTH.
 MAX_REPLY_LINES = 100
 MAX_REPLY_BYTES = 65536
+# After QUIT, how long the next hop has to close its end (over TLS: to answer our
+# close_notify, which Twisted's TLS waits for before closing the socket) before the
+# connection is dropped.
+CLOSE_GRACE = 10.0
 
 
 class SMTPClientError(Exception):
@@ -195,6 +199,7 @@ class SMTPClientProtocol(LineReceiver):
         self.closing = False
         self.connected_deferred: defer.Deferred[SMTPClientProtocol] = defer.Deferred()
         self.tls_started = False
+        self._close_timer: IDelayedCall | None = None
 
     # -- connection events --------------------------------------------------------------
 
@@ -205,6 +210,9 @@ class SMTPClientProtocol(LineReceiver):
         self._lost = reason
         self.closing = True
         self._cancel_timer()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
         waiting, self._waiting = self._waiting, deque()
         message = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
         error_cls = TLSFailed if self.tls_started and not self._lines_after_tls else (
@@ -315,6 +323,24 @@ class SMTPClientProtocol(LineReceiver):
         self.clearLineBuffer()
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Close the connection, and drop it if it is not gone CLOSE_GRACE seconds later: a
+        TLS close waits for the next hop's close_notify, and one that neither answers it
+        nor closes its end held the socket (and a descriptor of ours) for ever."""
+        self.closing = True
+        if not self._waiting:
+            self._cancel_timer()  # (the lazy reply timer, waiting for nothing)
+        if self.transport is None or self._lost is not None:
+            return
+        self.transport.loseConnection()
+        if self._close_timer is None:
+            self._close_timer = self.clock.callLater(CLOSE_GRACE, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        if self._lost is None:
+            self.abort()
 
     def start_tls(self, creator: IOpenSSLClientConnectionCreator) -> None:
         """Switch to TLS; bytes the server sent before the switch are discarded."""
@@ -550,9 +576,7 @@ class SMTPSession:
         except SMTPClientError:
             pass
         finally:
-            self.protocol.closing = True
-            if self.protocol.transport is not None:
-                self.protocol.transport.loseConnection()
+            self.protocol.close()
 
     def abort(self) -> None:
         self.protocol.abort()
