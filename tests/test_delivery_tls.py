@@ -85,12 +85,12 @@ class VerifiedTLSTests(TestCase):
     timeout = 60
 
     async def setup(self, *, require_tls: bool, trusted: bool, host: str = "localhost",
-                    policy: str = "may",
-                    cert_host: str | None = None) -> tuple[Queue, Any, SinkState]:
+                    policy: str = "may", cert_host: str | None = None,
+                    starttls: str | None = "ok") -> tuple[Queue, Any, SinkState]:
         directory = tempdir_for(self)
         ca_key, ca_cert, _ca_path = make_ca(directory, "test-ca")
         _other_key, _other_cert, other_path = make_ca(directory, "other-ca")
-        state = SinkState(starttls="ok",
+        state = SinkState(starttls=starttls,
                           tls_context=server_options(ca_key, ca_cert, cert_host or host))
         listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
             SinkFactory(state)
@@ -132,6 +132,19 @@ class VerifiedTLSTests(TestCase):
                                          cert_host="mx.other.test")
         await self.wait_state(db, "deferred")
         self.assertEqual(state.messages, [])
+
+    async def test_required_tls_to_a_hop_that_stopped_offering_starttls_is_not_delivered(
+        self,
+    ) -> None:
+        """A man in the middle that strips STARTTLS from the EHLO reply gets no cleartext
+        from a hop whose TLS is required."""
+        _q, db, state = await self.setup(require_tls=True, trusted=True, starttls=None)
+        await self.wait_state(db, "deferred")
+        self.assertEqual(state.messages, [])
+        self.assertNotIn(b"MAIL", b" ".join(state.commands))
+        error = await db.read("e", lambda c: c.execute(
+            select(queue_recipients.c.last_error)).scalar_one())
+        self.assertIn("4.7.5 TLS is required but the server offers no STARTTLS", error)
 
     async def test_opportunistic_tls_does_not_need_a_trusted_certificate(self) -> None:
         _q, db, state = await self.setup(require_tls=False, trusted=False, policy="may")
