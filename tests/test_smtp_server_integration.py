@@ -14,6 +14,7 @@ import smtplib
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection
@@ -365,12 +366,47 @@ class TLSSessionEndTests(TestCase):
         self.assertEqual(await threads.deferToThread(self.silent_after_starttls), b"")
         await self.connections_released()
 
-    async def connections_released(self) -> None:
+    async def tls_listener(self, **settings: Any) -> tuple[SMTPServerFactory, int]:
+        """An implicit-TLS listener (RFC 8314, an `ssl:` endpoint) with its own factory."""
+        factory = SMTPServerFactory(
+            SMTPSettings(hostname="mx.gateway.test", **settings), _NoDomains(), None,
+            self.reactor)
+        factory.close_grace = 1.0
+        cert, key = self.ca_file.parent / "cert.pem", self.ca_file.parent / "key.pem"
+        port = await serverFromString(
+            self.reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        ).listen(factory)
+        self.addCleanup(port.stopListening)
+        return factory, port.getHost().port
+
+    async def test_an_implicit_tls_listener_serves_a_session(self) -> None:
+        """The greeting, written before the handshake, made the TLS transport pause the
+        session as its producer, which stopped reading the socket: the handshake never
+        finished and no client ever got the greeting."""
+        factory, port = await self.tls_listener()
+
+        def session() -> list[bytes]:
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                reader = tls.makefile("rb")
+                lines = [reader.readline()]
+                tls.sendall(b"EHLO client.example\r\nQUIT\r\n")
+                return lines + reader.readlines()
+
+        lines = await threads.deferToThread(session)
+        self.assertEqual(lines[0], b"220 mx.gateway.test ESMTP Mailcore\r\n")
+        self.assertNotIn(b"250-STARTTLS\r\n", lines)  # (already TLS)
+        self.assertEqual(lines[-1], b"221 2.0.0 Bye\r\n")
+        await self.connections_released(factory)
+
+    async def connections_released(self, factory: SMTPServerFactory | None = None) -> None:
+        factory = factory or self.factory
         for _ in range(100):
-            if self.factory.connections == 0:
+            if factory.connections == 0:
                 return
             await sleep(0.02)
-        self.fail(f"{self.factory.connections} SMTP sessions still open")
+        self.fail(f"{factory.connections} SMTP sessions still open")
 
 
 class _NoDomains:

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
     INegotiated,
     IPushProducer,
     IReactorTime,
@@ -347,7 +348,7 @@ class _Counts:
 Handler = Callable[["ESMTPServerProtocol", str], "defer.Deferred[None] | None"]
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class ESMTPServerProtocol(TwistedProtocol):
     """One inbound SMTP session. See the module docstring for what it guarantees.
 
@@ -423,12 +424,23 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self._admitted = True
         self._open = True
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self._producing = True
+        if not self.tls:
+            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+            self._producing = True
+        # else a TLS listener's handshake is still to come: see handshakeCompleted.
         self._last_activity = now = self.clock.seconds()
         self._session_end = now + self.settings.max_session_time
         self._arm_timer(now)
         self._write(f"220 {self.settings.hostname} ESMTP Mailcore\r\n")
+
+    def handshakeCompleted(self) -> None:
+        """(IHandshakeListener) On a TLS listener, the session becomes its transport's
+        producer once the handshake is done. Before, the TLS transport holds what we write
+        (the greeting) for the handshake and pauses its producer meanwhile: we stopped
+        reading the socket, the client's handshake with it, and no session could begin."""
+        if self._open and not self._producing:
+            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+            self._producing = True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
