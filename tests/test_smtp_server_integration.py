@@ -13,6 +13,7 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +399,30 @@ class TLSSessionEndTests(TestCase):
         self.assertEqual(lines[0], b"220 mx.gateway.test ESMTP Mailcore\r\n")
         self.assertNotIn(b"250-STARTTLS\r\n", lines)  # (already TLS)
         self.assertEqual(lines[-1], b"221 2.0.0 Bye\r\n")
+        await self.connections_released(factory)
+
+    async def test_a_connection_over_the_limit_on_a_tls_listener_is_closed(self) -> None:
+        """A connection over max_connections_per_ip is answered 421, which on an
+        implicit-TLS listener waits for a TLS handshake: a client that never starts one
+        kept the connection, counted by no limit, for as long as it liked."""
+        factory, port = await self.tls_listener(max_connections_per_ip=1)
+
+        def second_connection() -> bytes:
+            address = ("127.0.0.1", port)
+            with socket.create_connection(address, timeout=10) as first:
+                for _ in range(100):  # until the first one is counted
+                    if factory.connections == 1:
+                        break
+                    time.sleep(0.02)
+                with socket.create_connection(address, timeout=5) as second:
+                    try:
+                        return second.recv(100)
+                    except ConnectionResetError:
+                        return b""
+                    finally:
+                        first.close()
+
+        self.assertEqual(await threads.deferToThread(second_connection), b"")
         await self.connections_released(factory)
 
     async def connections_released(self, factory: SMTPServerFactory | None = None) -> None:

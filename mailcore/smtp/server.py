@@ -420,7 +420,9 @@ class ESMTPServerProtocol(TwistedProtocol):
         if refusal is not None:
             self._write(f"421 4.7.0 {self.settings.hostname} {refusal}\r\n")
             self._flush()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            # (On a TLS listener the 421 waits for a handshake the client may never start:
+            # the grace timer ends such a connection, which no limit counts.)
+            self._close()
             return
         self._admitted = True
         self._open = True
