@@ -59,6 +59,7 @@ from mailcore.store.schema import (
 )
 from mailcore.store.schema.mailapi import OUTBOX, SENT
 from mailcore.webhooks import Webhooks, WebhookSender, WebhookSettings
+from mailcore.webhooks.store import thd_claim_due as thd_claim_due_webhooks
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -549,6 +550,43 @@ class SharedJobsMixin(DatabaseMixin):
             sender._last_prune = float("-inf")
         await gather(senders[0]._prune(), senders[1]._prune())
         self.assertEqual(await a.read("states", states), [])
+
+    async def test_a_node_whose_delivery_lease_lapsed_does_not_overwrite_the_new_outcome(
+            self) -> None:
+        """Node a claims a delivery and stalls (a GC pause, SIGSTOP) past its lease; node b
+        takes it over and posts it (200). Node a's late outcome (its receiver said 500) must
+        not replace b's success, or the delivery is pending again and posted a third time."""
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        box = SecretBox(Fernet.generate_key())
+        settings = WebhookSettings()
+        receivers = [Receiver(), Receiver()]
+        services = [Webhooks(db, clock, box, settings) for db in (a, b)]
+        senders = [WebhookSender(s, clock, StubTreq(r)) for s, r in zip(services, receivers,
+                                                                         strict=True)]
+        owner = await a.run("owner", thd_make_user, "owner")
+        await services[0].create(owner, url="https://hooks.example.com/in",
+                                 events=["sync.completed"])
+        now = datetime.datetime.fromtimestamp(START, datetime.UTC)
+        await services[0].enqueue_sync(SyncResult(
+            account_id=1, user_id=owner, started_at=now, finished_at=now, status="success"))
+        [item] = await a.run("claim", thd_claim_due_webhooks, START, START + 60.0, 1)
+        clock.advance(61)  # node a stalls past its lease: node b takes the delivery over
+        self.assertEqual(await senders[1].sweep(), 1)
+        await defer.DeferredList([d for *_, d in senders[1]._in_flight.values()])
+        receivers[0].codes = [500]
+        await senders[0].attempt(item)  # node a wakes up and finishes its attempt
+
+        def row(conn: Connection) -> tuple[str, int]:
+            r = conn.execute(select(webhook_deliveries.c.status,
+                                    webhook_deliveries.c.attempts)).one()
+            return r.status, r.attempts
+
+        self.assertEqual(await a.read("row", row), ("success", 1))
+        clock.advance(DAY)
+        self.assertEqual(await gather(senders[0].sweep(), senders[1].sweep()), [0, 0])
+        self.assertEqual([len(r.received) for r in receivers], [1, 1])
 
     # -- credentials ---------------------------------------------------------------------
 

@@ -194,11 +194,9 @@ class WebhookSender(Service):
         """One attempt at one delivery, and its record in the log."""
         now = self.clock.seconds()
         if not item.active:
-            await self.db.run(
-                "record_webhook_attempt", thd_record_attempt, item.id, now=now,
-                status="cancelled", attempts=item.attempts, next_attempt_at=now,
-                status_code=None, error="the webhook is disabled",
-            )
+            await self._record(item, now=now, status="cancelled", attempts=item.attempts,
+                               next_attempt_at=now, status_code=None,
+                               error="the webhook is disabled")
             return
         try:
             outcome = await self.post(item)
@@ -217,11 +215,18 @@ class WebhookSender(Service):
             status, next_at = "failed", done
         else:
             status, next_at = "pending", done + self.settings.backoff(attempts)
-        await self.db.run(
-            "record_webhook_attempt", thd_record_attempt, item.id, now=done, status=status,
-            attempts=attempts, next_attempt_at=next_at, status_code=outcome.status_code,
-            error=outcome.error, disable_webhook=disable,
-        )
+        await self._record(item, now=done, status=status, attempts=attempts,
+                           next_attempt_at=next_at, status_code=outcome.status_code,
+                           error=outcome.error, disable_webhook=disable)
+
+    async def _record(self, item: Due, **outcome: Any) -> None:
+        """Record an attempt at `item` while this node's claim on it stands (else another
+        node took it over after the lease lapsed, and its record stands)."""
+        if not await self.db.run("record_webhook_attempt", thd_record_attempt, item.id,
+                                 lease=item.lease, **outcome):
+            log.warn("webhook delivery {id} was taken over by another node while this one "
+                     "attempted it (its lease lapsed); this attempt is not recorded",
+                     id=item.id)
 
     async def post(self, item: Due) -> Outcome:
         """Sign and POST one delivery; never raises for what the receiver does."""

@@ -40,6 +40,9 @@ class Due:
     url: str
     secret_enc: bytes
     active: bool
+    # Its lease: the `next_attempt_at` the claim wrote. While the row still says so and is
+    # pending, no other node took the delivery over; the attempt is recorded only then.
+    lease: float
 
 
 def thd_claim_due(
@@ -94,26 +97,37 @@ def thd_claim_due(
     return [
         Due(id=r.id, webhook_id=r.webhook_id, user_id=r.user_id, delivery_id=r.delivery_uuid,
             event=r.event, payload=r.payload, attempts=r.attempts, url=r.url,
-            secret_enc=bytes(r.secret_enc), active=bool(r.active))
+            secret_enc=bytes(r.secret_enc), active=bool(r.active), lease=lease_until)
         for r in rows
     ]
 
 
 def thd_record_attempt(
-    conn: Connection, delivery_id: int, *, now: float, status: str, attempts: int,
-    next_attempt_at: float, status_code: int | None, error: str | None,
+    conn: Connection, delivery_id: int, *, lease: float, now: float, status: str,
+    attempts: int, next_attempt_at: float, status_code: int | None, error: str | None,
     disable_webhook: int | None = None,
-) -> None:
-    conn.execute(
-        update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(
+) -> bool:
+    """Record one attempt of a delivery claimed with `lease` (`Due.lease`), if the claim
+    still stands; whether it did. A node that stalled past its lease (a pause, a slow
+    store) finds the delivery taken over by another node, or already recorded by it: its
+    outcome is then dropped, and the other node's stands (an overwrite would make a
+    delivered one pending again, to be posted once more)."""
+    _d = webhook_deliveries.c
+    recorded = conn.execute(
+        update(webhook_deliveries)
+        .where(_d.id == delivery_id, _d.status == "pending", _d.next_attempt_at == lease)
+        .values(
             status=status, attempts=attempts, next_attempt_at=next_attempt_at,
             last_attempt_at=now, last_status_code=status_code, last_error=error,
             completed_at=None if status == "pending" else now,
         )
-    )
+    ).rowcount
+    if not recorded:
+        return False
     if disable_webhook is not None:
         conn.execute(update(webhooks).where(webhooks.c.id == disable_webhook).values(
             active=False))
+    return True
 
 
 def thd_prune(conn: Connection, before: float) -> int:
