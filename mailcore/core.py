@@ -57,6 +57,7 @@ from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.safedrop.sms import SmsGateway
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
+from mailcore.store.dbclock import ClockFollower, DatabaseTime
 from mailcore.store.leases import JobLeases
 from mailcore.tls import CertificateReloader
 from mailcore.webhooks import Webhooks, build_webhooks
@@ -286,6 +287,8 @@ class Core:
         services: list[IService] = [self.filter_service, self.domains, self.fetch.scheduler,
                                     self.queue.service, self.quarantine, self.outbox,
                                     self.job_runner]
+        if isinstance(self.clock, DatabaseTime):  # the daemon's (mailcore.service)
+            services.insert(0, ClockFollower(self.clock, self.db))
         services.append(self.tokens)
         services.append(self.backup_index)
         services.append(CredentialSweeper(self.identity, self.clock))

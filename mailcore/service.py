@@ -40,6 +40,7 @@ from mailcore.startup import (
     report_config_errors,
 )
 from mailcore.store import Database
+from mailcore.store.dbclock import DatabaseTime
 from mailcore.store.settings import StoreSettings
 from mailcore.tls import ensure_certificate
 
@@ -124,7 +125,11 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
     cert, key = ensure_certificate(
         config.data_dir, config.tls_cert, config.tls_key, config.hostname
     )
-    core = Core.build(config, db, reactor, tls_cert=cert, tls_key=key)  # type: ignore[arg-type]
+    # The services read the database server's clock: nodes sharing the store judge each
+    # other's leases by it, whatever their own clocks say (mailcore.store.dbclock).
+    time = DatabaseTime(reactor)  # type: ignore[arg-type]
+    time.follow_blocking(db.engine)
+    core = Core.build(config, db, time, tls_cert=cert, tls_key=key)  # type: ignore[arg-type]
     if check_secrets:
         core.fetch.load_key()  # the fetch password key file, before the reactor runs
     return core

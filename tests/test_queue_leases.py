@@ -4,14 +4,10 @@ own work back, and concurrent claimers on one PostgreSQL never get the same reci
 
 from __future__ import annotations
 
-import time
-
 from sqlalchemy import select
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from mailcore.queue.model import (
     NewMessage,
@@ -227,36 +223,3 @@ class PostgresSkipLockedTests(TestCase):
             "o", lambda c: {r[0] for r in c.execute(select(queue_recipients.c.lease_owner))}
         )
         self.assertEqual(owners, {"node0", "node1"})
-
-
-class ClockCheckTests(TestCase):
-    """A node compares its clock with PostgreSQL's at start (and every ten minutes) and
-    warns when they differ by more than lease_seconds / 24: leases are judged by each
-    node's own clock."""
-
-    timeout = 60
-
-    async def warnings_with_clock_ahead_by(self, ahead: float) -> list[str]:
-        db = await open_database(self, "postgresql")
-        lines: list[str] = []
-
-        @implementer(ILogObserver)
-        def observe(event: LogEvent) -> None:
-            if "clock" in (event.get("log_format") or ""):
-                lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        clock = Clock()
-        clock.advance(time.time() + ahead)  # this node's clock, set as an operator's is
-        queue = make_queue(db, clock, ScriptedConnector(), node_id="a")
-        await defer.Deferred.fromCoroutine(queue.service._check_clock())
-        return lines
-
-    async def test_a_clock_ahead_of_the_databases_is_warned_of(self) -> None:
-        [line] = await self.warnings_with_clock_ahead_by(90.0)
-        self.assertIn("this node's clock is 90", line)
-        self.assertIn("ahead of the database server's (more than 5 s)", line)
-
-    async def test_a_clock_in_step_is_not(self) -> None:
-        self.assertEqual(await self.warnings_with_clock_ahead_by(0.0), [])

@@ -230,15 +230,6 @@ def thd_release_leases(conn: Connection, node_id: str, rcpt_ids: Sequence[int] |
     return result.rowcount or 0
 
 
-def thd_database_clock(conn: Connection) -> float | None:
-    """The database server's clock (Unix time) on PostgreSQL, whose nodes judge each
-    other's leases by their own clocks; None on SQLite (one node, the node's own clock)."""
-    if conn.dialect.name != "postgresql":
-        return None
-    return float(conn.execute(
-        select(func.extract("epoch", func.clock_timestamp()))).scalar_one())
-
-
 def thd_load_bodies(conn: Connection, message_ids: Sequence[str]) -> dict[str, bytes]:
     """The bodies of messages about to be sent."""
     rows = conn.execute(

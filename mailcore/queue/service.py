@@ -27,7 +27,6 @@ from mailcore.periodic import InFlight
 from mailcore.queue.model import (
     FLUSH_COUNTER,
     thd_claim_due,
-    thd_database_clock,
     thd_depth,
     thd_prune,
     thd_release_leases,
@@ -47,9 +46,6 @@ CLAIM_BATCH = 1000
 # and how many it finishes at a time.
 STRANDED_INTERVAL = 600.0
 STRANDED_BATCH = 1000
-# The part of `lease_seconds` by which this node's clock may differ from the database's
-# before a warning: a node whose clock is ahead takes leases another still holds.
-CLOCK_TOLERANCE = 1 / 24
 
 
 class Sweeper:
@@ -161,7 +157,6 @@ class QueueService(Service):
                          n=released)
         except Exception:
             log.failure("releasing this node's old leases failed")
-        await self._check_clock()
         if not self.running:
             return
         # Only now may the spool lease new work to this node: an earlier lease would have
@@ -196,32 +191,9 @@ class QueueService(Service):
             )
             if self._stranded_at is None or now - self._stranded_at >= STRANDED_INTERVAL:
                 self._stranded_at = now
-                await self._check_clock()
                 await self._repair_stranded(now)
         except Exception:
             log.failure("queue housekeeping failed")
-
-    async def _check_clock(self) -> None:
-        """Warn when this node's clock and PostgreSQL's differ by more than the tolerance:
-        leases are judged by each node's own clock, so nodes must keep theirs in step."""
-        try:
-            before = self.clock.seconds()
-            theirs = await self.db.read("queue_database_clock", thd_database_clock)
-            after = self.clock.seconds()
-        except Exception:
-            log.failure("reading the database's clock failed")
-            return
-        if theirs is None:
-            return
-        skew = (before + after) / 2 - theirs
-        tolerance = self.settings.lease_seconds * CLOCK_TOLERANCE
-        if abs(skew) - (after - before) / 2 > tolerance:
-            log.warn("this node's clock is {skew:.1f} s {way} the database server's (more "
-                     "than {tolerance:g} s): nodes judge queue leases by their own clocks, so "
-                     "a node ahead takes work another still holds and mail is sent twice; "
-                     "keep every node's clock in step (NTP)",
-                     skew=abs(skew), way="ahead of" if skew > 0 else "behind",
-                     tolerance=tolerance)
 
     async def _repair_stranded(self, now: float) -> None:
         """Finish messages that no active recipient keeps but that were never marked done,
