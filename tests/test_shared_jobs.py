@@ -51,6 +51,7 @@ from mailcore.store.schema import (
     credentials,
     domains,
     drop_bundles,
+    fetch_accounts,
     mailapi_mail,
     mailboxes,
     quarantine,
@@ -506,6 +507,53 @@ class SharedJobsMixin(DatabaseMixin):
         await ea.renew_leases()
         await defer.DeferredList([syncing], consumeErrors=True)
         self.assertEqual(ea.running(), [])
+
+    def sync_state(self, engine: SyncEngine, account_id: int) -> Any:
+        def txn(conn: Connection) -> Any:
+            return conn.execute(select(
+                fetch_accounts.c.sync_status, fetch_accounts.c.sync_error,
+                fetch_accounts.c.lease_owner).where(fetch_accounts.c.id == account_id)).one()
+
+        return engine.db.read("sync state", txn)
+
+    async def test_a_sync_that_outlived_its_lease_leaves_the_takers_outcome(self) -> None:
+        """Node a stalls mid-sync past its lease (a pause, SIGSTOP: its renewals stop) and
+        node b syncs the account meanwhile. When node a's sync ends after all, or is stopped
+        at its next renewal, b's outcome stays recorded and is told once (one sync.completed
+        webhook, not two)."""
+        ea, eb, reactor, account = await self.engines()
+        second = await ea.accounts.create(
+            account.user_id, host="127.0.0.1", port=143, username="v", password="pw",
+            allow_cleartext=True)
+        told: list[tuple[str, int]] = []
+        ea.listeners.append(lambda r: told.append(("node-a", r.account_id)))
+        eb.listeners.append(lambda r: told.append(("node-b", r.account_id)))
+        syncing = [ea.sync(account.id)]
+        await reactor.tried
+        reactor.tried = defer.Deferred()
+        syncing.append(ea.sync(second.id))
+        await reactor.tried
+        a_renewal = ea._renewal
+        assert a_renewal is not None
+        a_renewal.stop()  # node a stalls
+        reactor.advance(SYNC_LEASE)
+        for i, acc in enumerate((account, second)):
+            reactor.tried = defer.Deferred()
+            taken = eb.sync(acc.id)
+            await reactor.tried
+            reactor.refuse(2 + i)
+            self.assertEqual((await taken).status, "error")
+        taken_over = [await self.sync_state(eb, acc.id) for acc in (account, second)]
+        self.assertEqual(told, [("node-b", account.id), ("node-b", second.id)])
+        # Node a wakes up: its first sync ends (its server refused it too) ...
+        reactor.refuse(0)
+        self.assertEqual((await syncing[0]).status, "error")
+        # ... and its next renewal finds the second one taken over and stops it.
+        await ea.renew_leases()
+        await defer.DeferredList([syncing[1]], consumeErrors=True)
+        self.assertEqual(told, [("node-b", account.id), ("node-b", second.id)])
+        self.assertEqual([await self.sync_state(eb, acc.id) for acc in (account, second)],
+                         taken_over)
 
     # -- webhook deliveries and their log ------------------------------------------------
 

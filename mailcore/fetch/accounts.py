@@ -410,20 +410,25 @@ class Accounts:
             raise AccountNotFound("no such account", "id")
         return int(owner)
 
-    async def set_status(self, account_id: int, **values: Any) -> None:
-        """Record sync status/progress fields (sync_status, sync_error, progress_*, ...)."""
+    async def set_status(self, account_id: int, *, holder: str | None = None,
+                         **values: Any) -> bool:
+        """Record sync status/progress fields (sync_status, sync_error, progress_*, ...);
+        with `holder`, only while that node holds the account's sync lease (a sync ending on
+        a node that stalled past its lease leaves the outcome of the node that took it
+        over). Whether they were recorded."""
         allowed = {"sync_status", "sync_error", "sync_started_at", "last_sync",
                    "progress_folder", "progress_done", "progress_total"}
         unknown = set(values) - allowed
         if unknown:
             raise ValueError(f"not status fields: {sorted(unknown)}")
 
-        def txn(conn: Connection) -> None:
-            conn.execute(
-                update(fetch_accounts).where(fetch_accounts.c.id == account_id).values(**values)
-            )
+        def txn(conn: Connection) -> bool:
+            stmt = update(fetch_accounts).where(fetch_accounts.c.id == account_id)
+            if holder is not None:
+                stmt = stmt.where(fetch_accounts.c.lease_owner == holder)
+            return bool(conn.execute(stmt.values(**values)).rowcount)
 
-        await self.db.run("set_fetch_status", txn)
+        return bool(await self.db.run("set_fetch_status", txn))
 
     async def all_enabled(self) -> list[Account]:
         """Every enabled account of every active user (for the scheduler: a disabled user's

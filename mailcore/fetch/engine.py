@@ -459,9 +459,15 @@ class SyncEngine:
         }
         if result.ok:
             status["last_sync"] = result.finished_at
-        await self.accounts.set_status(account.id, **status)
+        held = await self.accounts.set_status(account.id, holder=self.node_id, **status)
         if cancelled:
             raise defer.CancelledError()
+        if not held:
+            # This node stalled past its lease and another took the sync over: that one's
+            # outcome is recorded and told (no second sync.completed for one sync).
+            log.warn("account {account}: another node took its sync over; this sync's "
+                     "outcome is dropped", account=account.id)
+            return result
         for listener in list(self.listeners):
             try:
                 listener(result)
