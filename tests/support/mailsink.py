@@ -417,8 +417,18 @@ class Daemon:
         if self.process is not None and self.process.running():
             os.kill(self.process.pid, signal.SIGKILL)
 
+    def pause(self, paused: bool = True) -> None:
+        """Stop the process where it stands (SIGSTOP: a long GC pause, a frozen VM), or let
+        it go on (SIGCONT)."""
+        import os
+        import signal
+
+        if self.process is not None and self.process.running():
+            os.kill(self.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     async def stop(self) -> None:
         if self.process is not None:
+            self.pause(False)  # a paused process would not hear the stop
             await self.process.stop()
 
 
