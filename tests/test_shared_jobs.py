@@ -2,12 +2,16 @@
 different node ids, each on its own Database and thread pool) on one PostgreSQL and on one
 SQLite file, and each job is done once.
 
-Leased: named periodic jobs (quarantine digests, domain verification passes) through
-`job_leases`, account syncs through `fetch_accounts.lease_owner`, webhook deliveries through
-their claim. Idempotent on every node (checked here to stay right when two nodes run them at
-once): the quarantine purge, the webhook log pruning, the credential sweep. The token
-sweep's two-node test is `tests.test_tokens.*ConcurrencyTests` (the queue's:
-`tests.test_queue_leases` and `tests.test_gateway_cluster`)."""
+Leased: named periodic jobs (quarantine digests, domain verification passes) and the Mail
+API's outbox through `job_leases`, account syncs through `fetch_accounts.lease_owner`,
+webhook deliveries through their claim; a node that stalled past its lease leaves the
+outcome of the node that took the work over (its late result is not recorded). Idempotent on
+every node (checked here to stay right when two nodes run them at once): the quarantine
+purge, the webhook log pruning, the credential sweep, the safedrop expiry sweep. Elsewhere:
+the token sweep's two-node test is `tests.test_tokens.*ConcurrencyTests`, migrates and
+restores' `tests.test_mailbox_jobs`, the queue's `tests.test_queue_leases` and
+`tests.test_gateway_cluster` (killed and paused nodes), the database clock the nodes' leases
+are judged by `tests.test_store_dbclock`."""
 
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from mailcore.gateway.quarantine import (
     ToKeep,
 )
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
-from mailcore.mailapi.outbox import OUTBOX_POLL, OutboxSender
+from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
 from mailcore.messages.store import MessageStore
 from mailcore.queue.spool import Withdrawn
 from mailcore.safedrop.model import SafedropSettings
@@ -740,6 +744,51 @@ class SharedJobsMixin(DatabaseMixin):
             return {r.status for r in conn.execute(select(mailapi_mail.c.status))}
 
         self.assertEqual(await a.read("statuses", statuses), {SENT})
+
+    async def test_a_dead_senders_outbox_is_taken_over_once_its_lease_lapsed(self) -> None:
+        """Node a dies (SIGKILL) right after queueing the first mail of the outbox: node b
+        leaves the outbox alone while a's lease lasts, then sends the rest, once each and
+        in order."""
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        owner = await a.run("owner", thd_make_user, "owner")
+        await a.run("outbox", thd_outbox_mail, owner, 5)
+        queued: list[tuple[str, Envelope]] = []
+        accepted: list[str] = []
+        committed: defer.Deferred[None] = defer.Deferred()
+
+        class Spool(RecordingSpool):
+            async def accept(self, queue_id: str, envelope: Envelope, body: bytes, *,
+                             guard: Callable[[Connection], bool] | None = None) -> None:
+                await super().accept(queue_id, envelope, body, guard=guard)
+                accepted.append(queue_id)
+                if self.node == "node-a":
+                    committed.callback(None)
+                    await defer.Deferred()  # killed: never returns, never lets go
+
+        dying = OutboxSender(a, clock, Spool(queued, "node-a", a),  # type: ignore[arg-type]
+                             leases=JobLeases(a, "node-a"))
+        dying.startService()
+        await committed
+        assert dying._poll is not None
+        dying._poll.stop()  # the process is gone: no timer of its runs any more
+        taker = OutboxSender(b, clock, Spool(queued, "node-b", b),  # type: ignore[arg-type]
+                             leases=JobLeases(b, "node-b"))
+        taker.startService()
+        self.addCleanup(taker.stopService)
+        await taker.settled()
+        while clock.seconds() < START + OUTBOX_LEASE - OUTBOX_POLL:
+            clock.advance(OUTBOX_POLL)
+            await taker.settled()
+        self.assertEqual(accepted, ["Q0000"])  # a's lease still holds
+        for _ in range(10):
+            clock.advance(OUTBOX_POLL)
+            await taker.settled()
+            if len(accepted) >= 5:
+                break
+        self.assertEqual(accepted, [f"Q{i:04d}" for i in range(5)])
+        self.assertEqual([n for n, _e in queued], ["node-a"] + ["node-b"] * 4)
 
     async def test_a_disabled_owners_outbox_waits_on_every_node_until_it_is_enabled(
             self) -> None:
