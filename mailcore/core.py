@@ -195,14 +195,16 @@ class Core:
         self.hosted = hosted = HostedAddresses(self.db, self.clock)
         mail_files = MailFiles(self.config.data_dir / "mailapi")
         self.queue.runner.router.local = hosted
-        self.queue.runner.local_store = LocalMailboxes(mail_files, self.cpu)
+        self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
+        self.queue.runner.local_store = LocalMailboxes(
+            mail_files, self.cpu, quota_bytes=self.mailapi_settings.mailbox_quota_bytes)
         self.queue.runner.cpu = self.cpu
         self.mailboxes = MailboxService(self.db, self.clock, on_change=self._mailboxes_changed)
-        self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.mail = MailService(
             self.db, self.clock, self.config.hostname, mail_files, self.cpu,
             max_attachment_bytes=self.mailapi_settings.max_attachment_bytes,
             max_message_bytes=self.mailapi_settings.max_message_bytes,
+            quota_bytes=self.mailapi_settings.mailbox_quota_bytes,
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.mail.on_enqueued.append(self.outbox.enqueued)

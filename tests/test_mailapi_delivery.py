@@ -113,7 +113,7 @@ class LocalDeliveryTests(QueueTestCase):
         job = Job("Q1", "a@x.test", "relay", 0.0, 10,
                   [Rcpt(i, address, self.domain, 0) for i, address in ids])
         prepared = await self.local.prepare("Q1", b"Subject: again\r\n\r\nx")
-        stored, _dsns = await self.q.spool.run_serialized(
+        stored, _results, _dsns = await self.q.spool.run_serialized(
             "replay", thd_deliver_local, self.local, job, prepared,
             "node", 1.0, 2.0, "mx.test")
         self.assertEqual(stored, {i for i, _ in ids})
@@ -125,7 +125,7 @@ class LocalDeliveryTests(QueueTestCase):
         job = Job("Q1", "a@x.test", "relay", 0.0, 10,
                   [Rcpt(row.queue_rcpt_id, "bob@customer.test", self.domain, 0)])
         prepared = await self.local.prepare("Q1", b"Subject: again\r\n\r\nx")
-        stored, _dsns = await self.q.spool.run_serialized(
+        stored, _results, _dsns = await self.q.spool.run_serialized(
             "replay", thd_deliver_local, self.local, job, prepared,
             "node", 1.0, 2.0, "mx.test")
         self.assertEqual(stored, {row.queue_rcpt_id})
@@ -142,6 +142,32 @@ class LocalDeliveryTests(QueueTestCase):
             select(func.count()).select_from(queue_recipients)
             .where(queue_recipients.c.state == "bounced")).scalar()))
         self.assertEqual(count, 1)
+
+    async def test_mail_for_a_full_mailbox_bounces_5_2_2_and_stores_nothing(self) -> None:
+        # [mailapi] mailbox_quota_bytes: the mailbox had no limit (anyone mailing it could
+        # fill the disk). The first message fits; the second would pass the quota and
+        # bounces permanently, as Dovecot's default; its neighbour recipient is relayed.
+        self.local.quota_bytes = len(MIME) + 100
+        await self.accept("Q1", "bob@customer.test", body=MIME)
+        await self.q.spool.drain()
+        [first] = self.mail()
+        used = done(self.db.read("used", lambda c: c.execute(
+            select(mailboxes.c.used_bytes)).scalar_one()))
+        self.assertEqual(used, first.size)
+        # the message as received, its attachment (5 bytes) and its text fields
+        self.assertEqual(first.size, len(MIME) + 5 + len("Joe <joe@x.test>héllo".encode())
+                         + len("bob@customer.test") + len("Hi Bob"))
+        await self.accept("Q2", "bob@customer.test", "joe@customer.test", body=MIME,
+                          sender="sender@elsewhere.test")
+        await self.q.spool.drain()
+        self.assertEqual(len(self.mail()), 1)
+        r = queue_recipients.c
+        states = done(self.db.read("states", lambda c: sorted(
+            tuple(row) for row in c.execute(select(r.address, r.state, r.last_error)
+                                            .where(r.message_id == "Q2")))))
+        self.assertEqual(states[0][:2], ("bob@customer.test", "bounced"))
+        self.assertIn("5.2.2 mailbox full", states[0][2])
+        self.assertEqual(states[1][:2], ("joe@customer.test", "delivered"))
 
     async def test_a_bounce_comes_back_to_the_senders_inbox_as_a_dsn(self) -> None:
         self.connector.replies["joe@customer.test"] = (550, ("5.1.1 <joe@customer.test>: no",))

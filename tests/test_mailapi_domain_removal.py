@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
 from mailcore.mailapi import MailApiError, MailboxService
+from mailcore.mailapi.counts import mail_size
 from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
 from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
@@ -60,7 +61,7 @@ class World:
         """Store MESSAGE for `address` as the queue's local delivery does; whether it was."""
         self.rcpt += 1
         rcpt, prepared = self.rcpt, await self.local.prepare("Q", MESSAGE)
-        stored = await self.db.run("deliver", lambda conn: self.local.thd_store(
+        stored, _full = await self.db.run("deliver", lambda conn: self.local.thd_store(
             conn, [(rcpt, address)], f"Q{rcpt}", prepared, self.clock.seconds()))
         return rcpt in stored
 
@@ -181,6 +182,8 @@ class DomainRemovalMixin(DatabaseMixin):
         # Mail answered 202 and not yet handed to the queue would have gone out as a domain
         # nobody serves (or someone else's, once claimed again).
         w, alice, carol, old = await self.world()
+        inbox = await w.db.read("used", lambda conn: conn.execute(
+            select(mailboxes.c.used_bytes)).scalar_one())
         self.assertEqual(await w.send(alice), Outcome.ENQUEUED)
         self.assertEqual(len(await w.db.read("outbox", thd_outbox, 10)), 1)
         await w.domains.remove("x.test", owner_id=alice)
@@ -193,6 +196,15 @@ class DomainRemovalMixin(DatabaseMixin):
                 .where(mailapi_mail.c.status != "inbox"))]
 
         self.assertEqual(await w.db.read("statuses", statuses), [("draft", None, None)])
+        # The message dropped gives its bytes back (mailboxes.used_bytes, migration 0049):
+        # the draft takes its fields, as before it was sent.
+        used, draft = await w.db.read("used", lambda conn: (
+            conn.execute(select(mailboxes.c.used_bytes).where(mailboxes.c.id == old))
+            .scalar_one(),
+            conn.execute(select(mailapi_mail.c.size)
+                         .where(mailapi_mail.c.status == "draft")).scalar_one()))
+        self.assertEqual(draft, mail_size([BOB, "x@far.test", "hi"]))
+        self.assertEqual(used, inbox + draft)
         # The owner deletes the inactive mailbox (nothing waits in its outbox).
         await w.boxes.delete(alice, BOB)
         self.assertIsNone(await w.db.read("box", lambda conn: conn.execute(

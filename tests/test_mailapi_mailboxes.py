@@ -59,7 +59,8 @@ class MailboxApiTests(TestCase):
     async def test_the_owner_sees_its_mailbox_with_every_right(self) -> None:
         status, body = await self.as_("bob", "GET", "/api/v1/mailboxes/")
         self.assertEqual((status, body), (200, {"mailboxes": [
-            {"email": BOX, "owner": "bob", "is_owner": True, "active": True, **EVERY}]}))
+            {"email": BOX, "owner": "bob", "is_owner": True, "active": True,
+             "used_bytes": 0, "quota_bytes": 1024 ** 3, **EVERY}]}))
 
     async def test_a_mailbox_without_a_grant_is_invisible(self) -> None:
         self.assertEqual(await self.as_("joe", "GET", "/api/v1/mailboxes/"),
@@ -91,6 +92,7 @@ class MailboxApiTests(TestCase):
         status, body = await self.as_("joe", "GET", "/api/v1/mailboxes/")
         self.assertEqual(body["mailboxes"], [
             {"email": BOX, "owner": "bob", "is_owner": False, "active": True,
+             "used_bytes": 0, "quota_bytes": 1024 ** 3,
              **{**NONE, "allow_read": True, "allow_send": True}}])
         # Its own rights it may read; the list of everyone's it may not.
         self.assertEqual((await self.as_("joe", "GET",
@@ -493,7 +495,7 @@ class PostgreSQLWritesRacingAMailboxDeleteTests(DatabaseMixin, TestCase):
         files.prepare()
         local = LocalMailboxes(files, CpuPool.for_tests())
         prepared = await local.prepare("Q1", b"From: s@far.test\r\nSubject: hi\r\n\r\nhi\r\n")
-        stored = await self.deleting(BOX, "mailboxes.address", lambda: self.db.run(
+        stored, _full = await self.deleting(BOX, "mailboxes.address", lambda: self.db.run(
             "deliver", local.thd_store, [(1, BOX), (2, self.ZED)], "Q1", prepared, 1.0))
         self.assertEqual(stored, {1, 2})
         self.assertIsNone(await self.boxes.find(BOX))

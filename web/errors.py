@@ -26,6 +26,7 @@ STATUS_CODES: dict[int, str] = {
     413: "request_too_large",
     429: "rate_limited",
     500: "server_error",
+    507: "insufficient_storage",
 }
 
 

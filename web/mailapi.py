@@ -19,6 +19,9 @@ Mail: `/api/v1/mail/` (GET a keyset page, POST a draft or outbox mail) and
 model is mailcore.mailapi.mail. A multipart POST or PUT is not parsed here: its body goes to
 MailService.receive, which streams the file parts to disk within the `[mailapi]` limits
 (413 beyond), and `/api/v1/mail/{id}/attachments/{n}` streams a file back a chunk at a time.
+A write that would take its mailbox past `[mailapi] mailbox_quota_bytes` stores nothing and
+answers 507 `{"message": "mailbox full: ..."}`; a mailbox shows its `used_bytes` and
+`quota_bytes`.
 
 Mailboxes and grants: `/api/v1/mailboxes/…` (model in mailcore.mailapi). A refusal of the
 model answers 400 (bad input), 401 (a right the caller does not hold, as the seed's "you
@@ -44,6 +47,7 @@ from mailcore.mailapi import (
     DENIED,
     INVALID,
     NOT_FOUND,
+    QUOTA,
     RIGHTS,
     Access,
     Grant,
@@ -118,6 +122,12 @@ MAILBOX_SCHEMA: dict[str, Any] = {
             "false once the mailbox's domain is removed: nothing is delivered to it or sent "
             "from it any more (nor when the domain name is claimed again); its mail stays "
             "readable until the owner deletes it")},
+        "used_bytes": {"type": "integer", "description": (
+            "the bytes its mail takes: text fields, attachments, messages as sent or "
+            "received")},
+        "quota_bytes": {"type": ["integer", "null"], "description": (
+            "[mailapi] mailbox_quota_bytes (null: no limit); a draft or upload past it is "
+            "refused 507, mail received past it bounces 5.2.2")},
         **RIGHTS_SCHEMA,
     },
 }
@@ -144,8 +154,9 @@ MESSAGE_REPLY: dict[str, Any] = {
     "type": "object",
     "properties": {"message": {"type": "string"}},
 }
+# 507 Insufficient Storage (RFC 4918 11.5): the mailbox has no room for the mail (its quota).
 STATUS_OF_KIND = {INVALID: 400, DENIED: 401, NOT_FOUND: 404, "state": 405, CONFLICT: 409,
-                  TOO_LARGE: 413}
+                  TOO_LARGE: 413, QUOTA: 507}
 MAIL_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -254,10 +265,11 @@ def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
     return Edit(status if isinstance(status, str) and status else None, values, files)
 
 
-def mailbox_object(access: Access) -> dict[str, Any]:
+def mailbox_object(access: Access, quota_bytes: int | None = None) -> dict[str, Any]:
     box = access.mailbox
     return {"email": box.address, "owner": box.owner, "is_owner": access.is_owner,
-            "active": box.active, **access.rights.as_dict()}
+            "active": box.active, "used_bytes": box.used_bytes, "quota_bytes": quota_bytes,
+            **access.rights.as_dict()}
 
 
 def grant_object(grant: Grant) -> dict[str, Any]:
@@ -418,7 +430,7 @@ class MailApiApp(ApiApp):
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
         replies={201: Reply("Draft saved", WRITTEN_REPLY),
                  202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
-        errors=(400, 401, 413, 500),
+        errors=(400, 401, 413, 500, 507),
     )
     async def create_mail(self, request: IRequest) -> bytes:
         principal = await self.principal(request)
@@ -513,7 +525,7 @@ class MailApiApp(ApiApp):
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
         replies={200: Reply("Updated", WRITTEN_REPLY),
                  202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
-        errors=(400, 401, 404, 405, 413, 500),
+        errors=(400, 401, 404, 405, 413, 500, 507),
     )
     async def put_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)
@@ -562,7 +574,8 @@ class MailApiApp(ApiApp):
     async def list_mailboxes(self, request: IRequest) -> bytes:
         principal = await self.principal(request)
         found = await self.mailboxes.visible(principal.user.id)
-        return self.reply(request, {"mailboxes": [mailbox_object(a) for a in found]})
+        return self.reply(request, {"mailboxes": [mailbox_object(a, self.mail.quota_bytes)
+                                                  for a in found]})
 
     @routes.route(
         "/api/v1/mailboxes/<email>",
@@ -576,7 +589,7 @@ class MailApiApp(ApiApp):
         principal = await self.principal(request)
         with refusals():
             access = await self.mailboxes.access(principal.user.id, email)
-        return self.reply(request, mailbox_object(access))
+        return self.reply(request, mailbox_object(access, self.mail.quota_bytes))
 
     @routes.route(
         "/api/v1/mailboxes/<email>",

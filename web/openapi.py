@@ -47,6 +47,7 @@ _DEFAULT_ERRORS = {
     413: "Request body too large",
     429: "Rate limited",
     500: "Internal error",
+    507: "No room left in the store (a quota)",
 }
 
 # What a 429 carries (web.ratelimit.Decision.headers).

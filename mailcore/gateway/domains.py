@@ -547,9 +547,23 @@ def _thd_unbind_mailboxes(conn: Connection, domain_ids: Sequence[int]) -> None:
     before and its mail is seen here, or finds the domain gone."""
     conn.execute(select(domains.c.id).where(domains.c.id.in_(domain_ids)).with_for_update())
     theirs = select(mailboxes.c.id).where(mailboxes.c.domain_id.in_(domain_ids))
-    conn.execute(update(mailapi_mail)
-                 .where(mailapi_mail.c.status == OUTBOX, mailapi_mail.c.mailbox_id.in_(theirs))
-                 .values(status=DRAFT, queue_id=None, outbox_seq=None, raw=None))
+    m = mailapi_mail.c
+    # Locked as read (PostgreSQL: the sender's take of one waits), so that the bytes of the
+    # messages dropped are those of the rows changed (their mailboxes' used_bytes).
+    going = conn.execute(select(m.id, m.mailbox_id, func.coalesce(func.length(m.raw), 0))
+                         .where(m.status == OUTBOX, m.mailbox_id.in_(theirs))
+                         .with_for_update()).all()
+    ids = [row[0] for row in going]
+    for start in range(0, len(ids), 500):
+        conn.execute(update(mailapi_mail).where(m.id.in_(ids[start:start + 500]))
+                     .values(status=DRAFT, queue_id=None, outbox_seq=None, raw=None,
+                             size=m.size - func.coalesce(func.length(m.raw), 0)))
+    freed: dict[int, int] = {}
+    for _id, box, length in going:
+        freed[box] = freed.get(box, 0) + int(length)
+    for box, length in freed.items():  # (mailcore.mailapi.counts keeps used_bytes so)
+        conn.execute(update(mailboxes).where(mailboxes.c.id == box)
+                     .values(used_bytes=mailboxes.c.used_bytes - length))
 
 
 def _thd_suspended(conn: Connection, ids: Iterable[int] | None = None) -> frozenset[int]:

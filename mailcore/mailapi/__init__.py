@@ -4,7 +4,7 @@ that sends through the queue, and shared mailboxes with access grants.
 web/mailapi.py only translates the wire format; every rule lives here.
 """
 
-from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
+from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, QUOTA, MailApiError
 from mailcore.mailapi.mailboxes import RIGHTS, Access, Grant, Mailbox, MailboxService, Rights
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "DENIED",
     "INVALID",
     "NOT_FOUND",
+    "QUOTA",
     "RIGHTS",
     "Access",
     "Grant",

@@ -1,21 +1,70 @@
-"""How much mail each mailbox holds: `mailboxes.mail_count`, kept by its writers.
+"""How much mail each mailbox holds: `mailboxes.mail_count` and `used_bytes`, kept by the
+writers of its mail in the transactions that change it.
 
 The listing's `count` (every mail the caller may read) is the sum of the counts of the
 mailboxes it may read: a few rows, where counting the mail rows themselves walks an index
 of every mail (about 10 ms per 100,000 on SQLite, on every page).
+
+`used_bytes` is the sum of the `size` of the mailbox's mail (mail_size: the bytes a mail
+keeps), checked against `[mailapi] mailbox_quota_bytes` by the write that would grow it:
+one conditional UPDATE of the mailbox's row (`thd_charge`), so that two writes at once
+cannot both pass a limit that only one fits under. PostgreSQL's row lock orders them (the
+second re-reads the row the first committed, READ COMMITTED), SQLite's writers take turns.
+Writes that free bytes (a delete, a smaller draft) and a mail's message built when it is
+sent are never refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from sqlalchemy import Connection, bindparam, update
 
+from mailcore.mailapi.errors import QUOTA, MailApiError
 from mailcore.store.schema import mailboxes
 
 _COUNT = update(mailboxes).where(mailboxes.c.id == bindparam("box")) \
     .values(mail_count=mailboxes.c.mail_count + bindparam("delta"))
+_USE = update(mailboxes).where(mailboxes.c.id == bindparam("box")) \
+    .values(used_bytes=mailboxes.c.used_bytes + bindparam("bytes"))
+_USE_WITHIN = _USE.where(mailboxes.c.used_bytes + bindparam("bytes") <= bindparam("quota"))
 
 
 def thd_count_mail(conn: Connection, mailbox_id: int, delta: int) -> None:
     """Blocking: `mailboxes.mail_count` of a mailbox changes by `delta`, in the transaction
     that adds, removes or moves its mail (every writer of mailapi_mail rows calls it)."""
     conn.execute(_COUNT, {"box": mailbox_id, "delta": delta})
+
+
+def mail_size(fields: Mapping[str, str] | Iterable[str], *sizes: Iterable[int]) -> int:
+    """The bytes a mail keeps: its text fields in UTF-8, plus `sizes` (its attachments, its
+    message as sent or received)."""
+    texts = fields.values() if isinstance(fields, Mapping) else fields
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) \
+        + sum(sum(s) for s in sizes)
+
+
+def thd_use(conn: Connection, mailbox_id: int, delta: int) -> None:
+    """Blocking: `used_bytes` of a mailbox changes by `delta`, unchecked (bytes freed or
+    moved, a message built as the mail is sent)."""
+    if delta:
+        conn.execute(_USE, {"box": mailbox_id, "bytes": delta})
+
+
+def thd_fits(conn: Connection, mailbox_id: int, delta: int, quota: int | None) -> bool:
+    """Blocking: add `delta` bytes to a mailbox's `used_bytes` if it stays within `quota`
+    (None: no limit; a delta of 0 or less always fits); whether it did. The mailbox row
+    stays locked until the transaction ends (PostgreSQL)."""
+    if delta <= 0 or quota is None:
+        thd_use(conn, mailbox_id, delta)
+        return True
+    return conn.execute(_USE_WITHIN, {"box": mailbox_id, "bytes": delta,
+                                      "quota": quota}).rowcount == 1
+
+
+def thd_charge(conn: Connection, mailbox_id: int, delta: int, quota: int | None,
+               address: str = "the mailbox") -> None:
+    """Blocking: thd_fits, or QUOTA (the caller's transaction then stores nothing)."""
+    if not thd_fits(conn, mailbox_id, delta, quota):
+        raise MailApiError(QUOTA, f"mailbox full: {address} has no room for {delta} more "
+                           f"bytes (quota {quota} bytes) - email not saved")

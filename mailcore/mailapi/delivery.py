@@ -8,6 +8,12 @@ then inserts one row per mailbox, all naming the same files, inside the transact
 also records the recipients' results (mailcore.queue.runner.thd_deliver_local). A recipient
 is stored at most once: `mailapi_mail.queue_rcpt_id` is unique, and a replay finds its row;
 two recipients of one mailbox (`Bob@` and `bob@`) share the first one's row.
+A mailbox whose mail would pass `[mailapi] mailbox_quota_bytes` with the message (its size:
+the message as received, its attachments and text fields, mailcore.mailapi.counts) stores
+nothing: its recipients bounce 5.2.2 "mailbox full" (RFC 3463), as Dovecot's LDA and LMTP
+answer by default (`quota_full_tempfail = no`). A temporary failure would keep the message
+in the spool for the queue's lifetime, retried, and move the disk it takes from the mailbox
+to the spool; the sender learns of it days later rather than at once.
 Files a delivery wrote but no row names (a replay, a mailbox removed meanwhile) are swept
 later (MailService.sweep).
 """
@@ -23,7 +29,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import mailbox_key
-from mailcore.mailapi.counts import thd_count_mail
+from mailcore.mailapi.counts import mail_size, thd_count_mail, thd_fits
 from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
 from mailcore.queue.model import SERVED
@@ -131,9 +137,10 @@ class Prepared:
 class LocalMailboxes:
     """Stores queued mail in hosted mailboxes (see the module docstring)."""
 
-    def __init__(self, files: MailFiles, io: CpuPool) -> None:
+    def __init__(self, files: MailFiles, io: CpuPool, quota_bytes: int | None = None) -> None:
         self.files = files
         self.io = io
+        self.quota_bytes = quota_bytes  # bytes a mailbox's mail may take (None: no limit)
 
     async def prepare(self, queue_id: str, body: bytes) -> Prepared:
         return await self.io.run(self.thd_prepare, body)
@@ -152,13 +159,16 @@ class LocalMailboxes:
     def thd_store(
         self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
         prepared: Prepared, now: float,
-    ) -> set[int]:
+    ) -> tuple[set[int], set[int]]:
         """Store the message as unread inbox mail in the mailbox of each recipient, once
         per mailbox (Bob@ and bob@ are two recipients to the SMTP server, RFC 5321 2.4, and
-        one mailbox here); returns the recipient ids stored now or before. A mailbox whose
+        one mailbox here); returns the recipient ids stored now or before, and those whose
+        mailbox has no room for it (its quota). A mailbox whose
         domain is removed (or no longer served) stores nothing, whatever routed the mail
         here (a node's set of hosted addresses read before the removal)."""
         stored: set[int] = set()
+        full: set[int] = set()
+        full_boxes: set[int] = set()
         boxes: set[int] = set()  # the mailboxes that hold this message
         fresh = []
         for rcpt_id, address in recipients:
@@ -170,6 +180,9 @@ class LocalMailboxes:
                 stored.add(rcpt_id)
                 boxes.add(row.mailbox_id)
         parsed = prepared.parsed
+        fields = (parsed.mail_from, parsed.to, parsed.cc, parsed.reply_to, parsed.subject,
+                  parsed.body)
+        size = mail_size(fields, (a.size for a in prepared.attachments), [prepared.raw.size])
         for rcpt_id, address in fresh:
             key = mailbox_key(address)
             box = None if key is None else conn.execute(_HOSTED_BOX, {"address": key}).first()
@@ -178,13 +191,17 @@ class LocalMailboxes:
             if box.id in boxes:
                 stored.add(rcpt_id)
                 continue
+            if box.id in full_boxes or not thd_fits(conn, box.id, size, self.quota_bytes):
+                full_boxes.add(box.id)
+                full.add(rcpt_id)
+                continue
             boxes.add(box.id)
             inserted = conn.execute(insert(mailapi_mail).values(
                 public_id=thd_new_public_id(conn), mailbox_id=box.id, status="inbox",
                 read=False, mail_from=parsed.mail_from, to_addrs=parsed.to,
                 cc_addrs=parsed.cc, reply_to=parsed.reply_to, subject=parsed.subject,
                 body=parsed.body, raw_sha256=prepared.raw.sha256, queue_rcpt_id=rcpt_id,
-                created_at=now,
+                created_at=now, size=size,
             )).inserted_primary_key
             assert inserted is not None
             thd_count_mail(conn, box.id, 1)
@@ -194,4 +211,4 @@ class LocalMailboxes:
                     size=a.size, sha256=a.sha256, data=None,
                 ))
             stored.add(rcpt_id)
-        return stored
+        return stored, full

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 # The kinds of refusal: bad input, an object the caller may not see (or that does not
-# exist: the same answer), a right the caller does not hold, a clash with what is stored.
+# exist: the same answer), a right the caller does not hold, a clash with what is stored, a
+# write its mailbox has no room for (`[mailapi] mailbox_quota_bytes`).
 INVALID = "invalid"
 NOT_FOUND = "not_found"
 DENIED = "denied"
 CONFLICT = "conflict"
+QUOTA = "quota"
 
 
 class MailApiError(Exception):

@@ -52,7 +52,7 @@ from twisted.logger import Logger
 
 from mailcore.emailpolicy import header_breaks
 from mailcore.mailapi.addresses import parse_address_list
-from mailcore.mailapi.counts import thd_count_mail
+from mailcore.mailapi.counts import mail_size, thd_charge, thd_count_mail, thd_use
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import DENIED, NOT_FOUND, MailApiError
 from mailcore.mailapi.files import (
@@ -133,7 +133,7 @@ _UPDATE_BY_ID = update(mailapi_mail).where(_m.id == bindparam("row_id"))
 _EDIT_DRAFT = update(mailapi_mail).where(_m.id == bindparam("row_id"), _m.status == DRAFT)
 _INSERT_MAIL = insert(mailapi_mail)
 _DELETE_BY_ID = delete(mailapi_mail).where(_m.id == bindparam("row_id")) \
-    .returning(_m.mailbox_id)
+    .returning(_m.mailbox_id, _m.size)
 _PARTS = select(_a.id, _a.name, _a.content_type, _a.sha256, _a.size) \
     .where(_a.mail_id == bindparam("mail_id")).order_by(_a.id)
 _OWNED = select(mailboxes.c.id, mailboxes.c.address, mailboxes.c.domain_id) \
@@ -317,7 +317,8 @@ class MailService:
 
     def __init__(self, db: Database, clock: IReactorTime, hostname: str, files: MailFiles,
                  io: CpuPool, *, max_attachment_bytes: int = 25 * 1024 * 1024,
-                 max_message_bytes: int = 25 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 25 * 1024 * 1024,
+                 quota_bytes: int | None = None) -> None:
         self.db = db
         self.clock = clock
         self.hostname = hostname
@@ -325,6 +326,7 @@ class MailService:
         self.io = io  # where file work blocks
         self.max_attachment_bytes = max_attachment_bytes
         self.max_message_bytes = max_message_bytes
+        self.quota_bytes = quota_bytes  # bytes a mailbox's mail may take (None: no limit)
         # Callables told when mail enters the outbox, with the mailbox it is sent from.
         self.on_enqueued: list[Callable[[int | None], object]] = []
 
@@ -405,6 +407,7 @@ class MailService:
             if gone is None:
                 raise MailApiError(NOT_FOUND, "email not found")
             thd_count_mail(conn, gone.mailbox_id, -1)
+            thd_use(conn, gone.mailbox_id, -gone.size)
             return hashes
 
         hashes = await self.db.run("mailapi_delete", txn)
@@ -523,9 +526,12 @@ class MailService:
                                        "yours can keep this email")
                 if thd_hold_mailbox(conn, box):
                     break
+            size = mail_size(values, (f.size for f in edit.attachments))
+            thd_charge(conn, box, size, self.quota_bytes, rights[box][0])
             key = conn.execute(_INSERT_MAIL, {
                 "public_id": thd_new_public_id(conn), "mailbox_id": box, "status": DRAFT,
-                "read": True, "created_at": now, **{COLUMNS[n]: v for n, v in values.items()},
+                "read": True, "created_at": now, "size": size,
+                **{COLUMNS[n]: v for n, v in values.items()},
             }).inserted_primary_key
             assert key is not None
             thd_count_mail(conn, box, 1)
@@ -587,6 +593,13 @@ class MailService:
                 _check_room(_thd_parts(conn, row.id), edit.attachments,
                             self.max_message_bytes)
             _thd_insert_attachments(conn, row.id, edit.attachments)
+            # The draft is locked (written above): its size and mailbox are as they stand.
+            before = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
+            size = mail_size(values, (a.size for a in _thd_parts(conn, row.id)))
+            thd_charge(conn, before.mailbox_id, size - before.size, self.quota_bytes,
+                       rights[before.mailbox_id][0] if before.mailbox_id in rights
+                       else "the mailbox")
+            conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "size": size})
             fresh = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
                                     built)
@@ -667,13 +680,21 @@ class MailService:
             parts = [OutgoingPart(a.name, a.content_type, self._opener(conn, a.id, a.sha256))
                      for a in found]
             raw = build_message(checked, recipients, parts, self.hostname, now)
+        # The message built is kept with the mail (its size counted unchecked: the draft
+        # was let in, and is not refused for the message it is sent as).
+        size = row.size + len(raw) \
+            + mail_size([checked["from"]]) - mail_size([row.mail_from])
         conn.execute(_UPDATE_BY_ID, {
             "row_id": row.id, "status": OUTBOX, "mailbox_id": sender.id, "raw": raw,
             "queue_id": new_queue_id(now), "mail_from": checked["from"],
-            "outbox_seq": thd_next_outbox_seq(conn)})
+            "outbox_seq": thd_next_outbox_seq(conn), "size": size})
         if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
             thd_count_mail(conn, row.mailbox_id, -1)
             thd_count_mail(conn, sender.id, 1)
+            thd_use(conn, row.mailbox_id, -row.size)
+            thd_use(conn, sender.id, size)
+        else:
+            thd_use(conn, sender.id, size - row.size)
         return Written(Outcome.ENQUEUED, public_id, sender.id)
 
 

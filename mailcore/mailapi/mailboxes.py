@@ -79,6 +79,8 @@ class Mailbox:
     # The domain row it belongs to; None once that domain is removed (the mailbox is then
     # inactive: see the module docstring).
     domain_id: int | None = None
+    # The bytes its mail takes (mailcore.mailapi.counts).
+    used_bytes: int = 0
 
     @property
     def active(self) -> bool:
@@ -110,7 +112,7 @@ def _not_found(address: str) -> MailApiError:
 
 def _mailbox(row: Any) -> Mailbox:
     return Mailbox(row.id, row.address, row.owner_id, row.owner, row.created_at,
-                   row.domain_id)
+                   row.domain_id, row.used_bytes)
 
 
 def _rights(row: Any) -> Rights:
@@ -118,7 +120,7 @@ def _rights(row: Any) -> Rights:
 
 
 def _mailbox_query() -> Any:
-    return select(_b.id, _b.address, _b.owner_id, _b.created_at, _b.domain_id,
+    return select(_b.id, _b.address, _b.owner_id, _b.created_at, _b.domain_id, _b.used_bytes,
                   users.c.username.label("owner")).join(users, users.c.id == _b.owner_id)
 
 

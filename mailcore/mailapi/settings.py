@@ -6,6 +6,7 @@ require_api_key = false          # true: every /api/v1/auth/ call needs an api_k
 max_attachment_bytes = 26214400  # bytes per attachment of a mail (25 MiB)
 max_message_bytes = 26214400     # bytes of all the attachments of one mail (25 MiB)
 file_sweep_interval = 3600       # seconds between sweeps of files no mail names any more
+mailbox_quota_bytes = 1073741824 # bytes a mailbox's mail may take (1 GiB); 0: no limit
 ```
 
 An upload over either limit is refused with 413 and leaves nothing stored; so is one
@@ -13,6 +14,13 @@ that would take a draft's attachments (those it keeps and those added) over
 `max_message_bytes` or 256 files. The HTTP body of
 a POST or PUT to `/api/v1/mail/…` may be `max_message_bytes` plus 1 MiB (the multipart
 framing and the text fields), whatever `[web] max_body` says.
+
+`mailbox_quota_bytes` bounds what the mail of one mailbox takes (mailcore.mailapi.counts: a
+mail's text fields, attachments and message as sent or received). A draft or upload that
+would pass it is refused (507, nothing stored); mail received for a full mailbox bounces
+5.2.2 (RFC 3463 "mailbox full"); sending a draft is never refused for the message it builds
+(the mailbox may then pass its quota by that message, and takes no new mail until it is
+back under).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ class MailApiSettings:
     max_attachment_bytes: int = 25 * 1024 * 1024
     max_message_bytes: int = 25 * 1024 * 1024
     file_sweep_interval: float = 3600.0
+    # None: no limit (0 in the file).
+    mailbox_quota_bytes: int | None = 1024 * 1024 * 1024
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> MailApiSettings:
@@ -45,6 +55,12 @@ class MailApiSettings:
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                     raise ConfigError(f"[mailapi] {key} must be a positive number of bytes")
                 values[key] = v
+        if "mailbox_quota_bytes" in section:
+            v = section["mailbox_quota_bytes"]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError("[mailapi] mailbox_quota_bytes must be a number of bytes "
+                                  "(0: no limit)")
+            values["mailbox_quota_bytes"] = v or None
         if "file_sweep_interval" in section:
             v = section["file_sweep_interval"]
             if not is_positive_number(v):

@@ -124,18 +124,21 @@ class LocalStore(Protocol):
     what is slow or waits on the disk); `thd_store` then writes the rows in the caller's
     transaction (blocking), called with `(recipient id, address)` pairs of the message and
     what `prepare` returned. It returns the ids it stored (or had stored already: a replay
-    stores nothing twice); the others have no mailbox (any more) and bounce."""
+    stores nothing twice) and those whose mailbox is full (they bounce MAILBOX_FULL); the
+    others have no mailbox (any more) and bounce NO_MAILBOX."""
 
     async def prepare(self, queue_id: str, body: bytes) -> Any: ...
 
     def thd_store(
         self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
         prepared: Any, now: float,
-    ) -> set[int]: ...
+    ) -> tuple[set[int], set[int]]: ...
 
 
 LOCAL_REPLY = "250 2.0.0 stored in the mailbox"
 NO_MAILBOX = "5.1.1 no such mailbox here"
+# RFC 3463 X.2.2; permanent, as Dovecot's default (mailcore.mailapi.delivery says why).
+MAILBOX_FULL = "5.2.2 mailbox full (over its storage quota)"
 
 # What a recipient's result says when something of ours failed. A result's detail is shown
 # by `queue show` and becomes the DSN's text and Diagnostic-Code when the message expires
@@ -152,19 +155,20 @@ LOCAL_STORE_FAILED = "4.3.0 mailbox store unavailable"
 def thd_deliver_local(
     conn: Connection, store: LocalStore, job: Job, prepared: Any, node_id: str, now: float,
     lease_until: float, reporting_mta: str,
-) -> tuple[set[int], list[tuple[Job, bytes]]]:
+) -> tuple[set[int], list[Result], list[tuple[Job, bytes]]]:
     """Store `job`'s recipients in their mailboxes (`prepared`: what `store.prepare` made
     of the body) and record their results, in one transaction; returns the stored recipient
-    ids and the DSNs the results made."""
-    stored = store.thd_store(conn, [(r.id, r.address) for r in job.recipients],
-                             job.message_id, prepared, now)
+    ids, the results and the DSNs they made."""
+    stored, full = store.thd_store(conn, [(r.id, r.address) for r in job.recipients],
+                                   job.message_id, prepared, now)
     results = [
         Result(r.id, job.message_id, DELIVERED, LOCAL_REPLY, LOCAL.label) if r.id in stored
-        else Result(r.id, job.message_id, BOUNCED, NO_MAILBOX, LOCAL.label)
+        else Result(r.id, job.message_id, BOUNCED,
+                    MAILBOX_FULL if r.id in full else NO_MAILBOX, LOCAL.label)
         for r in job.recipients
     ]
     dsns = thd_record_results(conn, results, node_id, now, lease_until, reporting_mta)
-    return stored, dsns
+    return stored, results, dsns
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -779,7 +783,7 @@ class QueueRunner:
         assert self.spool is not None, "build_queue attaches the spool"
         try:
             prepared = await store.prepare(job.message_id, body)
-            stored, dsns = await self.spool.run_serialized(
+            stored, results, dsns = await self.spool.run_serialized(
                 "queue_deliver_local", thd_deliver_local, store, job, prepared,
                 self.settings.node_id, now, now + self.settings.lease_seconds,
                 self.spool.reporting_mta,
@@ -798,8 +802,12 @@ class QueueRunner:
             self.metrics.delivered.inc(len(delivered))
             self.metrics.latency.observe(max(0.0, now - job.created_at))
         if missing:
-            maillog.outcome(job.message_id, BOUNCED, (r.address for r in missing),
-                            relay=LOCAL.label, delay=now - job.created_at, reply=NO_MAILBOX)
+            replies = {result.rcpt_id: result.detail for result in results}
+            for reply in (NO_MAILBOX, MAILBOX_FULL):
+                these = [r.address for r in missing if replies.get(r.id) == reply]
+                if these:
+                    maillog.outcome(job.message_id, BOUNCED, these, relay=LOCAL.label,
+                                    delay=now - job.created_at, reply=reply)
             self.metrics.bounced.inc(len(missing))
         self._release_memory(job, len(job.recipients))
         if dsns:

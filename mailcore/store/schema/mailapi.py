@@ -1,4 +1,4 @@
-"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029 and 0037): hosted mailboxes,
+"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029, 0037 and 0049): hosted mailboxes,
 access grants, the mail kept in them, and its attachments.
 
 A mailbox is an address whose mail is kept here; its owner has every right on it, other
@@ -42,6 +42,10 @@ mailboxes = Table(
     # How many mailapi_mail rows it holds, kept by their writers (mailcore.mailapi.counts).
     Column("mail_count", Integer, nullable=False, server_default="0"),
     Column("domain_id", Integer, ForeignKey("domains.id", ondelete="SET NULL"), nullable=True),
+    # The bytes its mail takes: the sum of its mailapi_mail rows' `size`, kept by their
+    # writers (migration 0049; mailcore.mailapi.counts), checked against
+    # `[mailapi] mailbox_quota_bytes`.
+    Column("used_bytes", BigInteger, nullable=False, server_default="0"),
     Index("ix_mailboxes_owner_id", "owner_id"),
     Index("ix_mailboxes_domain_id", "domain_id"),
 )
@@ -75,7 +79,9 @@ DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
 # recipient a local delivery stored: unique, so a delivery replayed after a crash stores
 # nothing twice. `outbox_seq` is the mail's place in the outbox, given when it enters the
 # outbox (a draft may enter long after it was created, so `id` is not that order): the
-# sender takes each mailbox's outbox mail in this order (mailcore.mailapi.outbox).
+# sender takes each mailbox's outbox mail in this order (mailcore.mailapi.outbox). `size` is
+# the bytes the mail keeps (migration 0049): its text fields (UTF-8), its attachments and its
+# message (`raw`, or the received file), counted in its mailbox's `used_bytes`.
 mailapi_mail = Table(
     "mailapi_mail",
     metadata,
@@ -100,6 +106,7 @@ mailapi_mail = Table(
     Column("created_at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),
     Column("outbox_seq", BigInteger, nullable=True),
+    Column("size", BigInteger, nullable=False, server_default="0"),
     Index("ix_mailapi_mail_mailbox_id", "mailbox_id", "id"),
     Index("ix_mailapi_mail_outbox", "status", "mailbox_id", "outbox_seq"),
     Index("ix_mailapi_mail_raw_sha256", "raw_sha256"),

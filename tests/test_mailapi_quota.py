@@ -1,0 +1,223 @@
+"""`[mailapi] mailbox_quota_bytes`: a mailbox's mail (drafts, uploads, sent and received
+mail) takes at most that many bytes. `mailboxes.used_bytes` is kept by every write in its
+transaction: a write past the quota stores nothing (507 through the API, its upload taken
+back), a delete frees what the mail took, and writes at once never pass the quota together
+(SQLite and PostgreSQL, including a charge committed on another connection while a write is
+under way)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import event, func, select, update
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config, ConfigError
+from mailcore.mailapi import QUOTA, MailApiError
+from mailcore.mailapi.counts import mail_size
+from mailcore.mailapi.files import MailFiles
+from mailcore.mailapi.mail import Edit, MailService
+from mailcore.mailapi.settings import MailApiSettings
+from mailcore.store.schema import mailapi_mail, mailboxes
+from mailcore.workers import CpuPool
+from tests.support.db import DatabaseMixin
+from tests.support.mailsink import add_hosted_mailbox
+from tests.test_mailapi_mail import BOB, JOE, MailApiTestCase, multipart
+
+QUOTA_BYTES = 10_000
+BOX = "bob@hosted.test"
+
+
+class QuotaSettingsTests(TestCase):
+    def test_default_and_no_limit(self) -> None:
+        self.assertEqual(MailApiSettings().mailbox_quota_bytes, 1024 ** 3)
+        self.assertIsNone(MailApiSettings.from_config({"mailbox_quota_bytes": 0})
+                          .mailbox_quota_bytes)
+        self.assertEqual(MailApiSettings.from_config({"mailbox_quota_bytes": 5})
+                         .mailbox_quota_bytes, 5)
+        for bad in (-1, True, "1G", 1.5):
+            with self.assertRaises(ConfigError):
+                MailApiSettings.from_config({"mailbox_quota_bytes": bad})
+
+
+class QuotaApiTests(MailApiTestCase):
+    config = Config(sections={"fetch": {"allow_loopback": True},
+                              "mailapi": {"mailbox_quota_bytes": QUOTA_BYTES}})
+
+    async def used(self, box: str = BOB) -> int:
+        status, body = await self.as_("bob" if box == BOB else "joe", "GET",
+                                      f"/api/v1/mailboxes/{box}")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["quota_bytes"], QUOTA_BYTES)
+        return int(body["used_bytes"])
+
+    async def sizes(self) -> int:
+        return sum(row.size for row in await self.rows())
+
+    async def post_file(self, data: bytes, status: str = "draft") -> tuple[int, Any]:
+        body, headers = multipart({"status": status, "to": JOE, "subject": "file"},
+                                  "attachment", "a.bin", data,
+                                  "application/octet-stream")
+        return await self.as_("bob", "POST", "/api/v1/mail/", data=body, headers=headers)
+
+    async def test_an_upload_past_the_quota_is_507_and_leaves_nothing(self) -> None:
+        status, body = await self.post_file(b"a" * 6000)
+        self.assertEqual(status, 201)
+        used = await self.used()
+        self.assertEqual(used, 6000 + mail_size([BOB, JOE, "file"]))
+        self.assertEqual(used, await self.sizes())
+        status, body = await self.post_file(b"b" * 6000)
+        self.assertEqual(status, 507)
+        self.assertEqual(list(body), ["message"])
+        self.assertTrue(body["message"].startswith(f"mailbox full: {BOB} has no room"),
+                        body)
+        self.assertEqual(len(await self.rows()), 1)
+        self.assertEqual(len(await self.attachment_rows()), 1)
+        self.assertEqual(len(self.files.hashes()), 1)  # the refused upload's file is gone
+        self.assertEqual(await self.used(), used)
+        # A mail without attachments that still fits is kept.
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/",
+                                   json={"status": "draft", "subject": "small"})
+        self.assertEqual(status, 201)
+        self.assertEqual(await self.used(), await self.sizes())
+
+    async def test_a_delete_frees_what_the_mail_took(self) -> None:
+        status, _ = await self.post_file(b"a" * 6000)
+        self.assertEqual(status, 201)
+        [row] = await self.rows()
+        self.assertEqual((await self.as_("bob", "DELETE", f"/api/v1/mail/{row.public_id}"))[0],
+                         202)
+        self.assertEqual(await self.used(), 0)
+        self.assertEqual((await self.post_file(b"b" * 6000))[0], 201)
+
+    async def test_an_edit_growing_a_draft_past_the_quota_is_507(self) -> None:
+        status, body = await self.post_file(b"a" * 6000)
+        draft = body["id"]
+        used = await self.used()
+        data, headers = multipart({"subject": "more"}, "attachment", "b.bin", b"b" * 5000,
+                                  "application/octet-stream")
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{draft}", data=data,
+                                      headers=headers)
+        self.assertEqual(status, 507)
+        self.assertEqual(len(await self.attachment_rows()), 1)
+        self.assertEqual([r.subject for r in await self.rows()], ["file"])
+        self.assertEqual(await self.used(), used)
+        # A smaller body gives bytes back; a larger one within the quota takes them.
+        status, _ = await self.as_("bob", "PUT", f"/api/v1/mail/{draft}",
+                                   json={"subject": ""})
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.used(), used - len("file"))
+        status, _ = await self.as_("bob", "PUT", f"/api/v1/mail/{draft}",
+                                   json={"body": "é" * 100})
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.used(), used - len("file") + 200)
+        self.assertEqual(await self.used(), await self.sizes())
+
+    async def test_sent_mail_counts_its_message_in_the_mailbox_it_is_sent_from(self) -> None:
+        await self.grant(JOE, "bob", allow_read=True, allow_send=True)
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "from": JOE, "to": BOB, "subject": "hi", "body": "x" * 100})
+        self.assertEqual(status, 202)
+        [row] = await self.rows()
+        self.assertEqual(row.size, mail_size([JOE, BOB, "hi", "x" * 100]) + len(row.raw))
+        self.assertEqual((await self.used(BOB), await self.used(JOE)), (0, row.size))
+        # A sent message built past the quota is sent: the mailbox then takes no new mail.
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "from": JOE, "to": BOB, "body": "y" * (QUOTA_BYTES - 1000)})
+        self.assertEqual(status, 202)
+        self.assertGreater(await self.used(JOE), QUOTA_BYTES)
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "draft", "from": JOE, "body": "z"})
+        self.assertEqual(status, 507)
+        self.assertEqual(await self.used(JOE), await self.sizes())
+
+    async def test_received_mail_counts_and_stops_at_the_quota(self) -> None:
+        n = 0
+        while True:
+            n += 1
+            before = len(await self.rows())
+            await self.deliver(n)
+            if len(await self.rows()) == before:
+                break
+        self.assertGreater(n, 2)
+        self.assertLessEqual(await self.used(), QUOTA_BYTES)
+        self.assertEqual(await self.used(), await self.sizes())
+
+
+class QuotaRaceMixin(DatabaseMixin):
+    """Writes at once into one mailbox, on the store's thread pool (PostgreSQL: on
+    connections of their own, truly at once)."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.open_database()
+        self.bob = await add_hosted_mailbox(self.db, BOX)
+        self.mail = MailService(self.db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                                CpuPool.for_tests(), quota_bytes=QUOTA_BYTES)
+        self.mail.files.prepare()
+
+    async def usage(self) -> tuple[int, int, int]:
+        """used_bytes, the sum of the mail's sizes, how many mails."""
+        return tuple(await self.db.read("usage", lambda c: (  # type: ignore[return-value]
+            c.execute(select(mailboxes.c.used_bytes)).scalar_one(),
+            c.execute(select(func.coalesce(func.sum(mailapi_mail.c.size), 0))).scalar_one(),
+            c.execute(select(func.count()).select_from(mailapi_mail)).scalar_one())))
+
+    async def test_writes_at_once_never_pass_the_quota_together(self) -> None:
+        body = "x" * 2000  # each draft takes 2000 + len(BOX) bytes: four fit, not five
+        results = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(
+                self.mail.create(self.bob, BOX, Edit("draft", {"body": body})))
+             for _ in range(12)], consumeErrors=True)
+        refused = [cast(Failure, r) for ok, r in results if not ok]
+        for failure in refused:
+            failure.trap(MailApiError)
+            self.assertEqual(cast(MailApiError, failure.value).kind, QUOTA)
+        self.assertEqual(len(refused), 8)
+        self.assertEqual(await self.usage(), (4 * (2000 + len(BOX)),) * 2 + (4,))
+
+
+class SQLiteQuotaRaceTests(QuotaRaceMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLQuotaRaceTests(QuotaRaceMixin, TestCase):
+    backend = "postgresql"
+
+    async def test_a_charge_committed_meanwhile_is_seen(self) -> None:
+        # Another write (another node) fills the mailbox and commits after this create read
+        # the mailbox and holds it: the create's check sees the committed bytes, not those
+        # it read. (A read-then-write check would store past the quota.)
+        done = threading.Event()
+        started: list[threading.Thread] = []
+
+        def fill() -> None:
+            try:
+                with self.db.engine.begin() as other:
+                    other.execute(update(mailboxes).values(used_bytes=QUOTA_BYTES - 10))
+            finally:
+                done.set()
+
+        def meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if started or "FOR KEY SHARE" not in statement:
+                return
+            started.append(threading.Thread(target=fill))
+            started[0].start()
+            done.wait(5)
+
+        event.listen(self.db.engine, "after_cursor_execute", meanwhile)
+        self.addCleanup(event.remove, self.db.engine, "after_cursor_execute", meanwhile)
+        with self.assertRaises(MailApiError) as refused:
+            await self.mail.create(self.bob, BOX, Edit("draft", {"body": "x" * 100}))
+        self.assertEqual(refused.exception.kind, QUOTA)
+        self.assertTrue(started)
+        started[0].join()
+        self.assertEqual(await self.usage(), (QUOTA_BYTES - 10, 0, 0))
+
+
