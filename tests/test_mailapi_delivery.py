@@ -116,7 +116,7 @@ class LocalDeliveryTests(QueueTestCase):
         stored, _results, _dsns = await self.q.spool.run_serialized(
             "replay", thd_deliver_local, self.local, job, prepared,
             "node", 1.0, 2.0, "mx.test")
-        self.assertEqual(stored, {i for i, _ in ids})
+        self.assertEqual(stored.stored, {i for i, _ in ids})
         self.assertEqual(len(self.mail()), 1)
 
     async def test_a_replayed_delivery_stores_nothing_twice(self) -> None:
@@ -128,7 +128,7 @@ class LocalDeliveryTests(QueueTestCase):
         stored, _results, _dsns = await self.q.spool.run_serialized(
             "replay", thd_deliver_local, self.local, job, prepared,
             "node", 1.0, 2.0, "mx.test")
-        self.assertEqual(stored, {row.queue_rcpt_id})
+        self.assertEqual(stored.stored, {row.queue_rcpt_id})
         self.assertEqual(len(self.mail()), 1)
 
     async def test_a_mailbox_removed_before_delivery_bounces_to_the_sender(self) -> None:
@@ -168,6 +168,31 @@ class LocalDeliveryTests(QueueTestCase):
         self.assertEqual(states[0][:2], ("bob@customer.test", "bounced"))
         self.assertIn("5.2.2 mailbox full", states[0][2])
         self.assertEqual(states[1][:2], ("joe@customer.test", "delivered"))
+
+    async def test_mail_for_a_suspended_domain_waits_in_the_queue(self) -> None:
+        # The domain's owner is disabled (`mailcore user disable`): the SMTP server answers
+        # its recipients 450 4.2.1, so mail from outside waits with its sender. Mail that
+        # reaches the queue another way (a hosted mailbox's outbox, a bounce, mail accepted
+        # before the owner was disabled) was stored in the mailbox all the same; it now
+        # waits in the queue, deferred 4.2.1, and is stored once the owner is enabled.
+        done(self.db.run("disable", lambda c: c.execute(
+            update(users).where(users.c.id == select(domains.c.owner_id).scalar_subquery())
+            .values(is_active=False))))
+        await self.accept("Q1", "bob@customer.test", "joe@customer.test",
+                          sender="sender@elsewhere.test")
+        await self.q.spool.drain()
+        self.assertEqual(self.mail(), [])
+        self.assertEqual(self.connector.addresses(), ["joe@customer.test"])
+        r = queue_recipients.c
+        [(state, error)] = done(self.db.read("states", lambda c: [tuple(row) for row in c.execute(
+            select(r.state, r.last_error).where(r.address == "bob@customer.test"))]))
+        self.assertEqual(state, "deferred")
+        self.assertIn("4.2.1", error)
+        done(self.db.run("enable", lambda c: c.execute(update(users).values(is_active=True))))
+        self.clock.advance(3600)
+        await self.q.spool.drain()
+        [row] = self.mail()
+        self.assertEqual(row.status, "inbox")
 
     async def test_a_bounce_comes_back_to_the_senders_inbox_as_a_dsn(self) -> None:
         self.connector.replies["joe@customer.test"] = (550, ("5.1.1 <joe@customer.test>: no",))

@@ -61,7 +61,7 @@ class World:
         """Store MESSAGE for `address` as the queue's local delivery does; whether it was."""
         self.rcpt += 1
         rcpt, prepared = self.rcpt, await self.local.prepare("Q", MESSAGE)
-        stored, _full = await self.db.run("deliver", lambda conn: self.local.thd_store(
+        stored, _full, _waiting = await self.db.run("deliver", lambda conn: self.local.thd_store(
             conn, [(rcpt, address)], f"Q{rcpt}", prepared, self.clock.seconds()))
         return rcpt in stored
 

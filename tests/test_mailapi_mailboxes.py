@@ -495,7 +495,7 @@ class PostgreSQLWritesRacingAMailboxDeleteTests(DatabaseMixin, TestCase):
         files.prepare()
         local = LocalMailboxes(files, CpuPool.for_tests())
         prepared = await local.prepare("Q1", b"From: s@far.test\r\nSubject: hi\r\n\r\nhi\r\n")
-        stored, _full = await self.deleting(BOX, "mailboxes.address", lambda: self.db.run(
+        stored, _full, _waiting = await self.deleting(BOX, "mailboxes.address", lambda: self.db.run(
             "deliver", local.thd_store, [(1, BOX), (2, self.ZED)], "Q1", prepared, 1.0))
         self.assertEqual(stored, {1, 2})
         self.assertIsNone(await self.boxes.find(BOX))

@@ -14,6 +14,11 @@ nothing: its recipients bounce 5.2.2 "mailbox full" (RFC 3463), as Dovecot's LDA
 answer by default (`quota_full_tempfail = no`). A temporary failure would keep the message
 in the spool for the queue's lifetime, retried, and move the disk it takes from the mailbox
 to the spool; the sender learns of it days later rather than at once.
+A mailbox whose domain is suspended (its owner disabled: `mailcore user disable`) stores
+nothing either: its recipients wait in the queue (deferred 4.2.1, as the SMTP server answers
+them 450 4.2.1 meanwhile) and are stored once the owner is enabled, or bounce at the queue's
+lifetime. Mail reaches the queue for them without the SMTP server (a hosted mailbox's
+outbox, a bounce, mail accepted before the owner was disabled).
 Files a delivery wrote but no row names (a replay, a mailbox removed meanwhile) are swept
 later (MailService.sweep).
 """
@@ -32,9 +37,9 @@ from mailcore.mailapi.addresses import mailbox_key
 from mailcore.mailapi.counts import mail_size, thd_count_mail, thd_fits
 from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
-from mailcore.queue.model import SERVED
+from mailcore.queue.model import SERVED, LocalStored
 from mailcore.store import Database
-from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes
+from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes, users
 from mailcore.workers import CpuPool
 
 # How long the set of hosted addresses is trusted before it is read again (changes made
@@ -63,8 +68,10 @@ def thd_new_public_id(conn: Connection) -> str:
 # it every recipient's copy) on the foreign key.
 _HOSTED = select(mailboxes.c.address) \
     .join(domains, domains.c.id == mailboxes.c.domain_id).where(SERVED)
-_HOSTED_BOX = select(mailboxes.c.id) \
+# With it, whether the domain's owner is enabled (else the domain is suspended).
+_HOSTED_BOX = select(mailboxes.c.id, users.c.is_active) \
     .join(domains, domains.c.id == mailboxes.c.domain_id) \
+    .join(users, users.c.id == domains.c.owner_id) \
     .where(mailboxes.c.address == bindparam("address"), SERVED) \
     .with_for_update(read=True, key_share=True, of=mailboxes)
 
@@ -159,15 +166,17 @@ class LocalMailboxes:
     def thd_store(
         self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
         prepared: Prepared, now: float,
-    ) -> tuple[set[int], set[int]]:
+    ) -> LocalStored:
         """Store the message as unread inbox mail in the mailbox of each recipient, once
         per mailbox (Bob@ and bob@ are two recipients to the SMTP server, RFC 5321 2.4, and
-        one mailbox here); returns the recipient ids stored now or before, and those whose
-        mailbox has no room for it (its quota). A mailbox whose
+        one mailbox here); returns the recipient ids stored now or before, those whose
+        mailbox has no room for it (its quota) and those whose domain is suspended. A
+        mailbox whose
         domain is removed (or no longer served) stores nothing, whatever routed the mail
         here (a node's set of hosted addresses read before the removal)."""
         stored: set[int] = set()
         full: set[int] = set()
+        suspended: set[int] = set()
         full_boxes: set[int] = set()
         boxes: set[int] = set()  # the mailboxes that hold this message
         fresh = []
@@ -187,6 +196,9 @@ class LocalMailboxes:
             key = mailbox_key(address)
             box = None if key is None else conn.execute(_HOSTED_BOX, {"address": key}).first()
             if box is None:
+                continue
+            if not box.is_active:
+                suspended.add(rcpt_id)
                 continue
             if box.id in boxes:
                 stored.add(rcpt_id)
@@ -211,4 +223,4 @@ class LocalMailboxes:
                     size=a.size, sha256=a.sha256, data=None,
                 ))
             stored.add(rcpt_id)
-        return stored, full
+        return LocalStored(stored, full, suspended)

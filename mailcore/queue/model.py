@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -84,6 +84,16 @@ class NewMessage:
     # The recipient domains whose filtering tokens were charged in the commit that stores
     # the message: their recipients are stored `charged`.
     paid: frozenset[int] = frozenset()
+
+
+class LocalStored(NamedTuple):
+    """What a local store (mailcore.queue.runner.LocalStore.thd_store) did with a message's
+    recipients: the ids stored (now or before), those whose mailbox is full, those whose
+    domain is suspended."""
+
+    stored: set[int]
+    full: set[int]
+    suspended: set[int]
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from mailcore.queue.model import (
     DELIVERED,
     QUARANTINED,
     Job,
+    LocalStored,
     Rcpt,
     Result,
     thd_load_bodies,
@@ -124,21 +125,24 @@ class LocalStore(Protocol):
     what is slow or waits on the disk); `thd_store` then writes the rows in the caller's
     transaction (blocking), called with `(recipient id, address)` pairs of the message and
     what `prepare` returned. It returns the ids it stored (or had stored already: a replay
-    stores nothing twice) and those whose mailbox is full (they bounce MAILBOX_FULL); the
-    others have no mailbox (any more) and bounce NO_MAILBOX."""
+    stores nothing twice), those whose mailbox is full (they bounce MAILBOX_FULL) and those
+    whose domain is suspended (they wait, deferred SUSPENDED); the others have no mailbox
+    (any more) and bounce NO_MAILBOX."""
 
     async def prepare(self, queue_id: str, body: bytes) -> Any: ...
 
     def thd_store(
         self, conn: Connection, recipients: Sequence[tuple[int, str]], queue_id: str,
         prepared: Any, now: float,
-    ) -> tuple[set[int], set[int]]: ...
+    ) -> LocalStored: ...
 
 
 LOCAL_REPLY = "250 2.0.0 stored in the mailbox"
 NO_MAILBOX = "5.1.1 no such mailbox here"
 # RFC 3463 X.2.2; permanent, as Dovecot's default (mailcore.mailapi.delivery says why).
 MAILBOX_FULL = "5.2.2 mailbox full (over its storage quota)"
+# A temporary failure, as the SMTP server's 450 for such a domain's recipients.
+SUSPENDED = "4.2.1 mailbox temporarily unavailable (its domain is suspended)"
 
 # What a recipient's result says when something of ours failed. A result's detail is shown
 # by `queue show` and becomes the DSN's text and Diagnostic-Code when the message expires
@@ -155,20 +159,23 @@ LOCAL_STORE_FAILED = "4.3.0 mailbox store unavailable"
 def thd_deliver_local(
     conn: Connection, store: LocalStore, job: Job, prepared: Any, node_id: str, now: float,
     lease_until: float, reporting_mta: str,
-) -> tuple[set[int], list[Result], list[tuple[Job, bytes]]]:
+) -> tuple[LocalStored, list[Result], list[tuple[Job, bytes]]]:
     """Store `job`'s recipients in their mailboxes (`prepared`: what `store.prepare` made
-    of the body) and record their results, in one transaction; returns the stored recipient
-    ids, the results and the DSNs they made."""
-    stored, full = store.thd_store(conn, [(r.id, r.address) for r in job.recipients],
-                                   job.message_id, prepared, now)
+    of the body) and record their results, in one transaction; returns what thd_store did,
+    the results and the DSNs they made. The recipients of a suspended domain get no result
+    here: the caller defers them (QueueRunner._fail, which bounces them at the queue's
+    lifetime)."""
+    done = store.thd_store(conn, [(r.id, r.address) for r in job.recipients],
+                           job.message_id, prepared, now)
     results = [
-        Result(r.id, job.message_id, DELIVERED, LOCAL_REPLY, LOCAL.label) if r.id in stored
+        Result(r.id, job.message_id, DELIVERED, LOCAL_REPLY, LOCAL.label)
+        if r.id in done.stored
         else Result(r.id, job.message_id, BOUNCED,
-                    MAILBOX_FULL if r.id in full else NO_MAILBOX, LOCAL.label)
-        for r in job.recipients
+                    MAILBOX_FULL if r.id in done.full else NO_MAILBOX, LOCAL.label)
+        for r in job.recipients if r.id not in done.suspended
     ]
     dsns = thd_record_results(conn, results, node_id, now, lease_until, reporting_mta)
-    return stored, results, dsns
+    return done, results, dsns
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -783,7 +790,7 @@ class QueueRunner:
         assert self.spool is not None, "build_queue attaches the spool"
         try:
             prepared = await store.prepare(job.message_id, body)
-            stored, results, dsns = await self.spool.run_serialized(
+            done, results, dsns = await self.spool.run_serialized(
                 "queue_deliver_local", thd_deliver_local, store, job, prepared,
                 self.settings.node_id, now, now + self.settings.lease_seconds,
                 self.spool.reporting_mta,
@@ -794,8 +801,10 @@ class QueueRunner:
                        hop=LOCAL.label, now=self.clock.seconds())
             return
         now = self.clock.seconds()
-        delivered = [r for r in job.recipients if r.id in stored]
-        missing = [r for r in job.recipients if r.id not in stored]
+        delivered = [r for r in job.recipients if r.id in done.stored]
+        missing = [r for r in job.recipients
+                   if r.id not in done.stored and r.id not in done.suspended]
+        waiting = [r for r in job.recipients if r.id in done.suspended]
         if delivered:
             maillog.outcome(job.message_id, DELIVERED, (r.address for r in delivered),
                             relay=LOCAL.label, delay=now - job.created_at, reply=LOCAL_REPLY)
@@ -809,7 +818,9 @@ class QueueRunner:
                     maillog.outcome(job.message_id, BOUNCED, these, relay=LOCAL.label,
                                     delay=now - job.created_at, reply=reply)
             self.metrics.bounced.inc(len(missing))
-        self._release_memory(job, len(job.recipients))
+        self._release_memory(job, len(job.recipients) - len(waiting))
+        if waiting:  # (released there)
+            self._fail(job, waiting, SUSPENDED, permanent=False, hop=LOCAL.label, now=now)
         if dsns:
             self.enqueue_new(dsns)
 
