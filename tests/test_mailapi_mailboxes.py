@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy import delete, event, func, insert, select, update
 from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -19,8 +19,8 @@ from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
 from mailcore.mailapi.mailboxes import Grant, OutboxNotEmpty
-from mailcore.mailapi.outbox import thd_mark_sent, thd_outbox
-from mailcore.store.schema import mailapi_mail, mailbox_grants, mailboxes
+from mailcore.mailapi.outbox import thd_mark_sent, thd_outbox, thd_take
+from mailcore.store.schema import mailapi_mail, mailbox_grants, mailboxes, users
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -262,6 +262,82 @@ class MailboxServiceTests(TestCase):
                                          headers={"Api-Key": key})
         self.assertNotIn("hosted", body["data"])
 
+
+
+class GranteeOutboxMixin(DatabaseMixin):
+    """Outbox mail a grantee put in another user's mailbox is sent on the strength of its
+    allow_send and while it is enabled: it was sent whatever became of the grantee (no
+    author was kept), as the mailbox's address, however long it waited."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.open_database()
+        self.bob = await add_hosted_mailbox(self.db, BOX)
+        self.joe = await self.db.run("user", thd_make_user, "joe")
+        self.boxes = MailboxService(self.db, Clock())
+        self.mail = MailService(self.db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                                CpuPool.for_tests())
+        await self.boxes.set_grant(self.bob, BOX, "joe",
+                                   {"allow_read": True, "allow_send": True})
+        written = await self.mail.create(self.joe, "joe@owner.test", Edit("outbox", {
+            "from": BOX, "to": "x@far.test", "body": "from joe"}))
+        self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        # the owner's own mail, which nothing here holds back
+        await self.mail.create(self.bob, BOX, Edit("outbox", {"to": "y@far.test"}))
+        self.assertEqual(len(await self.db.read("outbox", thd_outbox, 10)), 2)
+
+    async def bodies_waiting(self) -> list[str]:
+        rows = await self.db.read("outbox", thd_outbox, 10)
+        return [env.recipients[0].address for _, _, _, env, _, _ in rows]
+
+    async def drafts(self) -> list[tuple[str, Any, Any]]:
+        m = mailapi_mail.c
+        return [tuple(r) for r in await self.db.read("drafts", lambda c: c.execute(
+            select(m.body, m.raw, m.queue_id).where(m.status == "draft")).all())]
+
+    async def used_is_the_sum(self) -> None:
+        used, total = await self.db.read("used", lambda c: (
+            c.execute(select(mailboxes.c.used_bytes)).scalar_one(),
+            c.execute(select(func.sum(mailapi_mail.c.size))).scalar_one()))
+        self.assertEqual(used, total)
+
+    async def test_a_revoked_grantees_outbox_mail_goes_back_to_the_drafts(self) -> None:
+        await self.boxes.revoke(self.bob, BOX, "joe")
+        self.assertEqual(await self.bodies_waiting(), ["y@far.test"])
+        self.assertEqual(await self.drafts(), [("from joe", None, None)])
+        await self.used_is_the_sum()
+
+    async def test_allow_send_taken_away_sends_it_back_to_the_drafts(self) -> None:
+        await self.boxes.set_grant(self.bob, BOX, "joe", {"allow_send": False})
+        self.assertEqual(await self.bodies_waiting(), ["y@far.test"])
+        self.assertEqual(await self.drafts(), [("from joe", None, None)])
+        await self.used_is_the_sum()
+
+    async def test_a_deleted_grantees_outbox_mail_goes_back_to_the_drafts(self) -> None:
+        await self.boxes.forget_grantee(self.joe)
+        self.assertEqual(await self.bodies_waiting(), ["y@far.test"])
+        self.assertEqual(await self.drafts(), [("from joe", None, None)])
+
+    async def test_a_disabled_grantees_outbox_mail_waits(self) -> None:
+        [(joe_row, _, joe_qid, *_), _] = await self.db.read("outbox", thd_outbox, 10)
+        await self.db.run("disable", lambda c: c.execute(
+            update(users).where(users.c.id == self.joe).values(is_active=False)))
+        self.assertEqual(await self.bodies_waiting(), ["y@far.test"])
+        # read before the user was disabled: the take refuses it all the same
+        self.assertFalse(await self.db.run("take", thd_take, joe_row, joe_qid, 1.0))
+        await self.db.run("enable", lambda c: c.execute(
+            update(users).where(users.c.id == self.joe).values(is_active=True)))
+        self.assertEqual(await self.bodies_waiting(), ["x@far.test", "y@far.test"])
+        self.assertTrue(await self.db.run("take", thd_take, joe_row, joe_qid, 1.0))
+
+
+class SQLiteGranteeOutboxTests(GranteeOutboxMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLGranteeOutboxTests(GranteeOutboxMixin, TestCase):
+    backend = "postgresql"
 
 
 class PostgreSQLMailboxDeleteTests(DatabaseMixin, TestCase):

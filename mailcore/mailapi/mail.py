@@ -538,7 +538,7 @@ class MailService:
             _thd_insert_attachments(conn, key[0], edit.attachments)
             row = conn.execute(_ROW_BY_ID, {"row_id": key[0]}).one()
             return self._thd_settle(conn, row, values, edit.status, rights, now, built,
-                                    sendable)
+                                    user_id, sendable)
 
         # A new mail's size is the request's: a small one is not read for before.
         large = _size(edit.values, (f.size for f in edit.attachments)) > BUILT_APART
@@ -602,7 +602,7 @@ class MailService:
             conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "size": size})
             fresh = conn.execute(_ROW_BY_ID, {"row_id": row.id}).one()
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
-                                    built)
+                                    built, user_id)
 
         written = await self.db.run_prepared(
             "mailapi_update", partial(self._thd_built, edit.status, now, gather), txn)
@@ -652,10 +652,11 @@ class MailService:
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
                     status: str | None, rights: Holdings,
-                    now: float, built: Built | None, sendable: Sendable | None = None
-                    ) -> Written:
+                    now: float, built: Built | None, author: int,
+                    sendable: Sendable | None = None) -> Written:
         """Leave `row` a draft, or check it and put it in the outbox (with the message
-        `built` before, when it was built from what the row now holds). `sendable`: what
+        `built` before, when it was built from what the row now holds), as `author`'s
+        (the caller's: its mail waits while it is disabled). `sendable`: what
         `_sendable` said of `values` and `rights` in this transaction, when the caller
         asked it already."""
         public_id = row.public_id
@@ -687,7 +688,7 @@ class MailService:
         conn.execute(_UPDATE_BY_ID, {
             "row_id": row.id, "status": OUTBOX, "mailbox_id": sender.id, "raw": raw,
             "queue_id": new_queue_id(now), "mail_from": checked["from"],
-            "outbox_seq": thd_next_outbox_seq(conn), "size": size})
+            "outbox_seq": thd_next_outbox_seq(conn), "size": size, "author_id": author})
         if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
             thd_count_mail(conn, row.mailbox_id, -1)
             thd_count_mail(conn, sender.id, 1)

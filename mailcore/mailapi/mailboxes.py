@@ -8,6 +8,13 @@ Its owner holds every right; another user holds what its grant says (`allow_read
 `allow_reply_to`, `allow_delete`, `allow_modify`). A mailbox the caller holds no right on is
 invisible: it answers as unknown. Only the owner or a holder of `allow_modify` changes
 grants, and nobody grants a right it does not hold itself.
+
+A grantee's outbox mail (`mailapi_mail.author_id`) is sent on the strength of its
+`allow_send`: taking that right away (a revoke, a grant changed to allow_send false, the
+grantee deleted) sends the grantee's mail still in the mailbox's outbox back to the drafts,
+where the owner finds it (`_thd_unsend`), in the same transaction. The sender's take of a row
+(mailcore.mailapi.outbox.thd_take) and this change are ordered by the row's lock on
+PostgreSQL: a mail already handed to the queue has gone.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from twisted.internet.interfaces import IReactorTime
 from mailcore.gateway.domains import thd_mailboxes_changed
 from mailcore.identity.service import thd_user_row_by_name
 from mailcore.mailapi.addresses import normalise_address
+from mailcore.mailapi.counts import thd_use
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.messages.sql import dialect_insert
 from mailcore.store import Database
 from mailcore.store.schema import domains, mailapi_mail, mailbox_grants, mailboxes, users
-from mailcore.store.schema.mailapi import OUTBOX
+from mailcore.store.schema.mailapi import DRAFT, OUTBOX
 
 RIGHTS = ("allow_read", "allow_send", "allow_reply_to", "allow_delete", "allow_modify")
 
@@ -218,6 +226,27 @@ def _thd_insert_grant(conn: Connection, mailbox_id: int, user_id: int) -> None:
         mailbox_id=mailbox_id, user_id=user_id, **Rights().as_dict()).on_conflict_do_nothing())
 
 
+def _thd_unsend(conn: Connection, author: int, box: int | None = None) -> int:
+    """Blocking: `author`'s mail in the outbox of mailbox `box` (None: of every mailbox
+    `author` does not own) goes back to the drafts, its message dropped and its bytes given
+    back to its mailbox; how many. Its rows are locked as read (PostgreSQL), so the bytes
+    given back are those of the rows changed."""
+    m = mailapi_mail.c
+    where = [m.status == OUTBOX, m.author_id == author]
+    if box is None:
+        where.append(m.mailbox_id.in_(select(_b.id).where(_b.owner_id != author)))
+    else:
+        where.append(m.mailbox_id == box)
+    going = conn.execute(select(m.id, m.mailbox_id, func.coalesce(func.length(m.raw), 0))
+                         .where(*where).with_for_update()).all()
+    for row_id, box_id, length in going:
+        conn.execute(update(mailapi_mail).where(m.id == row_id).values(
+            status=DRAFT, queue_id=None, outbox_seq=None, raw=None,
+            size=m.size - func.coalesce(func.length(m.raw), 0)))
+        thd_use(conn, box_id, -int(length))
+    return len(going)
+
+
 def _require_modify(access: Access) -> None:
     if not access.rights.allow_modify:
         raise MailApiError(DENIED, "you may not change access to this mailbox")
@@ -311,6 +340,7 @@ class MailboxService:
         how many went."""
 
         def txn(conn: Connection) -> int:
+            _thd_unsend(conn, user_id)
             return int(conn.execute(delete(mailbox_grants).where(_g.user_id == user_id))
                        .rowcount or 0)
 
@@ -425,6 +455,8 @@ class MailboxService:
                     conn.execute(update(mailbox_grants).where(*where).values(**changes))
                 row = conn.execute(select(mailbox_grants).where(*where)).first()
                 if row is not None:
+                    if not row.allow_send:
+                        _thd_unsend(conn, target_id, box.id)
                     return Grant(target_id, target_name, _rights(row))
 
         return await self.db.run("mailapi_set_grant", txn)
@@ -443,5 +475,6 @@ class MailboxService:
                 _g.mailbox_id == box.id, _g.user_id == target_id)).rowcount
             if not gone:
                 raise MailApiError(NOT_FOUND, "user has no access to this mailbox", "username")
+            _thd_unsend(conn, target_id, box.id)
 
         await self.db.run("mailapi_revoke_grant", txn)

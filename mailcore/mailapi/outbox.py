@@ -28,7 +28,11 @@ owner is (the domain is suspended: its inbound mail is refused 450 meanwhile, wh
 mailbox), waits: its mail stays in the outbox, in its order, and is neither sent nor failed
 until that user is enabled again; the sender leaves such mailboxes out when it reads the
 outbox, and the accept's guard refuses a mail whose owner was disabled since it was read (it
-stays in the outbox, as a mail changed meanwhile does). Every node looks at the outbox every
+stays in the outbox, as a mail changed meanwhile does). So does the mail of a disabled author
+(`mailapi_mail.author_id`, the user who put it in the outbox: a grantee sending from another
+user's mailbox), alone: the mailbox's other mail goes on meanwhile. A grantee whose
+`allow_send` is taken away has its outbox mail in that mailbox sent back to the drafts
+(mailcore.mailapi.mailboxes). Every node looks at the outbox every
 OUTBOX_POLL seconds, so the mail goes within that once the user is enabled.
 
 Nodes sharing the store send the outbox one at a time: a node claims the job lease
@@ -45,7 +49,7 @@ from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -95,6 +99,11 @@ _SENDING = select(mailboxes.c.id).join(users, users.c.id == mailboxes.c.owner_id
     .where(users.c.is_active.is_(True), _domain_owners.c.is_active.is_(True))
 
 
+# Mail put in the outbox by a user who is enabled (or before migration 0050, or by a user
+# deleted since: no author).
+_AUTHOR_ENABLED = or_(_m.author_id.is_(None),
+                      _m.author_id.in_(select(users.c.id).where(users.c.is_active.is_(True))))
+
 OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
 
 _RAWS = select(_m.id, _m.raw).where(_m.id.in_(bindparam("ids", expanding=True)))
@@ -111,7 +120,7 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
     is left out: it waits."""
     query = select(_m.id, _m.mailbox_id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs,
                    _m.bcc_addrs, func.coalesce(func.length(_m.raw), 0).label("size")) \
-        .where(_m.status == OUTBOX, _m.mailbox_id.in_(_SENDING))
+        .where(_m.status == OUTBOX, _m.mailbox_id.in_(_SENDING), _AUTHOR_ENABLED)
     if mailbox is not None:
         query = query.where(_m.mailbox_id == mailbox)
     if besides:
@@ -159,7 +168,8 @@ _MARK_SENT = update(mailapi_mail) \
     .values(status=SENT, sent_at=bindparam("now"), read=True)
 _TAKE = update(mailapi_mail) \
     .where(_m.id == bindparam("row_id"), _m.status == OUTBOX,
-           _m.queue_id == bindparam("read_queue_id"), _m.mailbox_id.in_(_SENDING)) \
+           _m.queue_id == bindparam("read_queue_id"), _m.mailbox_id.in_(_SENDING),
+           _AUTHOR_ENABLED) \
     .values(status=SENT, sent_at=bindparam("now"), read=True)
 
 

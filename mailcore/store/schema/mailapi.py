@@ -1,5 +1,5 @@
-"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029, 0037 and 0049): hosted mailboxes,
-access grants, the mail kept in them, and its attachments.
+"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029, 0037, 0049 and 0050):
+hosted mailboxes, access grants, the mail kept in them, and its attachments.
 
 A mailbox is an address whose mail is kept here; its owner has every right on it, other
 users have what `mailbox_grants` gives them. A mail row is a draft, an outbox message
@@ -81,7 +81,10 @@ DRAFT, OUTBOX, SENT, INBOX = "draft", "outbox", "sent", "inbox"
 # outbox (a draft may enter long after it was created, so `id` is not that order): the
 # sender takes each mailbox's outbox mail in this order (mailcore.mailapi.outbox). `size` is
 # the bytes the mail keeps (migration 0049): its text fields (UTF-8), its attachments and its
-# message (`raw`, or the received file), counted in its mailbox's `used_bytes`.
+# message (`raw`, or the received file), counted in its mailbox's `used_bytes`. `author_id`
+# is the user who put it in the outbox (migration 0050; NULL: before it, or a deleted user):
+# it is sent only while that user is enabled, and goes back to the drafts when the user's
+# `allow_send` on its mailbox is taken away (mailcore.mailapi.outbox, mailboxes).
 mailapi_mail = Table(
     "mailapi_mail",
     metadata,
@@ -107,7 +110,9 @@ mailapi_mail = Table(
     Column("sent_at", Float, nullable=True),
     Column("outbox_seq", BigInteger, nullable=True),
     Column("size", BigInteger, nullable=False, server_default="0"),
+    Column("author_id", Integer, ForeignKey("users.id", ondelete="SET NULL"), nullable=True),
     Index("ix_mailapi_mail_mailbox_id", "mailbox_id", "id"),
+    Index("ix_mailapi_mail_author_id", "author_id"),
     Index("ix_mailapi_mail_outbox", "status", "mailbox_id", "outbox_seq"),
     Index("ix_mailapi_mail_raw_sha256", "raw_sha256"),
 )
