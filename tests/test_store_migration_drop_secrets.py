@@ -15,7 +15,7 @@ from mailcore.store import Database
 from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 
-BEFORE = "0048_fetch_folder_skipped"  # the revision 0051_drop_secrets_removed builds on
+BEFORE = "0050_mailapi_mail_author"  # the revision 0051_drop_secrets_removed builds on
 
 
 def thd_add_bundles(conn: Connection) -> None:

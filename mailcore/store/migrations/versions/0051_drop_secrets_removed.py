@@ -12,7 +12,7 @@ removed are cleared. Downgrade: the column goes (a removed drop then reads back 
 had no secure message; the secrets cleared stay cleared).
 
 Revision ID: 0051_drop_secrets_removed
-Revises: 0048_fetch_folder_skipped
+Revises: 0050_mailapi_mail_author
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0051_drop_secrets_removed"
-down_revision = "0048_fetch_folder_skipped"
+down_revision = "0050_mailapi_mail_author"
 branch_labels = None
 depends_on = None
 
