@@ -388,3 +388,68 @@ class CancelledUploadTests(TestCase):
         rows = f.file_rows()
         self.assertEqual([r.name for r in rows], ["late.bin"])
         self.assertEqual([p.name for p in f.stored()], [rows[0].sha256])
+
+
+class FailedUploadTakeBackTests(TestCase):
+    async def test_a_failed_upload_never_removes_the_same_bytes_another_upload_stored(
+            self) -> None:
+        """Two uploads of the same bytes to one bundle write one file. The one whose row
+        could not be written (here a database error) removed the file when no row named
+        it yet, and the other's row, committed just after, then named a file that was gone:
+        its upload was answered 200 and its download found nothing. Only the upload that
+        made the file, and only while the file is still the one it wrote, takes it back."""
+        import io
+
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+        drops = f.web.core.safedrop
+        pool = _HeldPool()
+        drops.io = pool  # type: ignore[assignment]
+        data = b"the same bytes" * 100
+        body = multipart_file("same.bin", data)
+        real = safedrop_store.add_file_txn
+        calls = [0]
+
+        def fails_first(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("the database went away")
+            return real(*args, **kwargs)
+
+        self.patch(safedrop_store, "add_file_txn", fails_first)
+        first = defer.Deferred.fromCoroutine(drops.add_file(
+            f.alice.id, bundle_id, MULTIPART["Content-Type"], io.BytesIO(body)))
+        second = defer.Deferred.fromCoroutine(drops.add_file(
+            f.alice.id, bundle_id, MULTIPART["Content-Type"], io.BytesIO(body)))
+        failures: list[Any] = []
+        first.addErrback(failures.append)
+        done: list[Any] = []
+        second.addCallback(done.append)
+        # The first upload's file is written, its row fails; the second's file is written
+        # and its row committed; then the first takes its file back.
+        pool.release()
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(len(done), 1)
+        rows = f.file_rows()
+        self.assertEqual([r.name for r in rows], ["same.bin"])
+        path = f.data_dir / "safedrop" / str(bundle_id) / rows[0].sha256
+        self.assertEqual(path.read_bytes(), data)
+
+    async def test_a_failed_upload_alone_leaves_no_file(self) -> None:
+        import io
+
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+
+        def fails(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the database went away")
+
+        self.patch(safedrop_store, "add_file_txn", fails)
+        with self.assertRaises(RuntimeError):
+            await f.web.core.safedrop.add_file(
+                f.alice.id, bundle_id, MULTIPART["Content-Type"],
+                io.BytesIO(multipart_file("gone.bin", b"x" * 50)))
+        self.assertEqual(f.stored(), [])
+        self.assertEqual(f.file_rows(), [])

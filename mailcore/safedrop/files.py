@@ -5,14 +5,18 @@ parsed from the request body (already spooled by twisted.web, in memory or in a 
 with the streaming multipart parser of mailcore.uploads, a chunk at a time: each chunk is
 hashed and written to a temp file in `{data_dir}/safedrop/tmp`, which is fsynced and renamed
 into place once the part is complete and within its limit. Nothing of a failed upload stays:
-the temp file is removed on every error. Every function here blocks: run it on a thread pool.
+the temp file is removed on every error, and the file it placed is taken back when its row
+is not written (`take_back`), unless another upload of the same bytes wrote it again since
+(a new inode: that upload's row may be about to name it). Placing a file and taking one back
+are each one step under a lock. Every function here blocks: run it on a thread pool.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,14 +39,18 @@ FILE_FIELD = "the_file"
 STALE_UPLOAD = 3600.0
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Stored:
-    """A file written into place: its name as uploaded, type, size and content hash."""
+    """A file written into place: its name as uploaded, type, size and content hash; `new`
+    when this upload made the file, and the inode it was written as (a later upload of the
+    same bytes writes a new one)."""
 
     name: str
     content_type: str
     size: int
     sha256: str
+    new: bool = False
+    inode: int = 0
 
 
 class DropFiles:
@@ -50,6 +58,10 @@ class DropFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Placing a file and taking one back are one step each under this lock, so that an
+        # upload taking back its file never removes the same bytes another upload has just
+        # written again (see `take_back`).
+        self._placing = threading.Lock()
 
     @property
     def tmp(self) -> Path:
@@ -66,9 +78,20 @@ class DropFiles:
     def path(self, bundle_id: int, sha256: str) -> Path:
         return self.root / str(bundle_id) / sha256
 
-    def remove(self, bundle_id: int, sha256: str) -> None:
-        """Delete one stored file (absent is fine). Blocks."""
-        self.path(bundle_id, sha256).unlink(missing_ok=True)
+    def take_back(self, bundle_id: int, stored: Stored) -> None:
+        """Remove the file an upload whose row was not written placed: only if that upload
+        made it (`new`) and it is still the file it wrote (the same inode). Another upload
+        of the same bytes to the bundle wrote it again otherwise, and its row may be
+        committed, or about to be, naming it. Blocks."""
+        if not stored.new:
+            return
+        path = self.path(bundle_id, stored.sha256)
+        with self._placing:
+            try:
+                if path.stat().st_ino == stored.inode:
+                    path.unlink()
+            except FileNotFoundError:
+                return
 
     def remove_bundle(self, bundle_id: int) -> None:
         """Delete every stored file of a bundle, for good: the removal of its directory is
@@ -105,8 +128,11 @@ class DropFiles:
             )
         with SpoolFile(self.tmp) as out:
             stored = self._parse(source, boundary, out, limit, bundle_room, room_error)
-            out.keep(self.path(bundle_id, stored.sha256))
-            return stored
+            final = self.path(bundle_id, stored.sha256)
+            with self._placing:
+                new = out.keep(final)
+                inode = final.stat().st_ino
+            return dataclasses.replace(stored, new=new, inode=inode)
 
     def _parse(
         self, source: BinaryIO, boundary: str, out: SpoolFile, limit: int, bundle_room: int,

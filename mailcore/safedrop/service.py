@@ -298,7 +298,7 @@ class SafedropService:
                 "safedrop_file_in_use", store.file_hash_in_use_txn, bundle_id, stored.sha256
             )
             if not in_use:
-                await self.io.run(self.files.remove, bundle_id, stored.sha256)
+                await self.io.run(self.files.take_back, bundle_id, stored)
             raise
 
     async def file(self, owner_id: int, bundle_id: int, file_id: int) -> DropFile:
