@@ -3,14 +3,17 @@ hop: SMTP into a hosted mailbox lands in its inbox; outbox mail to another hoste
 lands in that inbox; outbox mail to a relayed domain reaches the sink with its headers, no
 Bcc field and its attachment intact; 200 messages posted at once arrive in posting
 order; the daemon killed with SIGKILL twice while mail is posted and sent: every 202'd
-message arrives, none twice, each handed to the queue once."""
+message arrives, none twice, each handed to the queue once; and twice while mail for a
+hosted mailbox comes in by SMTP: every 250'd message is in the inbox once, its files whole."""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import hashlib
 import json
 import smtplib
+import time
 from typing import Any
 
 import treq
@@ -258,3 +261,80 @@ class OutboxKillNineTests(TestCase):
         # final dot was sent but whose 250 was not read yet (at most one per connection, so
         # hop_concurrency per kill; the results journal closes every wider window).
         self.assertLessEqual(duplicates, kills * QueueSettings().hop_concurrency)
+
+
+class LocalDeliveryCrashTests(TestCase):
+    timeout = 180
+
+    async def test_every_250_for_a_hosted_mailbox_is_stored_once_across_kill_9(
+            self) -> None:
+        """Mail for a hosted mailbox, 250'd by the SMTP server, is stored in it once (its
+        message file written and fsynced before the row that names it and the queue's
+        record commit together) however the daemon is killed meanwhile."""
+        listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
+            SinkFactory(SinkState()))
+        self.addCleanup(listener.stopListening)
+        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5})
+        prepare(daemon, listener.getHost().port)
+        await daemon.start()
+        self.addCleanup(daemon.stop)
+        n = 120
+        accepted: set[str] = set()
+
+        def send(i: int) -> bool:
+            attachment = ("QUJD" * 19 + "\r\n") * 100  # 5.7 KB, and an i of its own
+            message = (f"From: far@away.test\r\nTo: {BOB}\r\nSubject: m{i}\r\n"
+                       "Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+                       f"Content-Type: text/plain\r\n\r\nbody {i}\r\n--B\r\n"
+                       "Content-Type: application/octet-stream\r\n"
+                       f"Content-Disposition: attachment; filename=a{i}.bin\r\n"
+                       "Content-Transfer-Encoding: base64\r\n\r\n"
+                       f"{attachment}{i:04d}\r\n--B--\r\n").encode()
+            for _ in range(100):  # until the daemon listens again (it is being killed)
+                try:
+                    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as s:
+                        s.sendmail("far@away.test", [BOB], message)
+                        return True
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+                except (smtplib.SMTPException, OSError):
+                    return False  # cut off mid-transaction: never retried
+            return False
+
+        async def one(i: int) -> None:
+            if await threads.deferToThread(send, i):
+                accepted.add(f"m{i}")
+
+        lock = defer.DeferredSemaphore(6)
+        sending = defer.gatherResults([lock.run(one, i) for i in range(n)])
+        kills = 0
+        for mark in (n // 3, 2 * n // 3):
+            while len(accepted) < mark and not sending.called:
+                await sleep(0.01)
+            daemon.kill()
+            await daemon.stop()
+            kills += 1
+            await daemon.start()
+        await sending
+        self.assertEqual(kills, 2)
+        import sqlite3
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 60
+        while True:
+            c = sqlite3.connect(str(daemon.data_dir / "mailcore.sqlite"))
+            rows = c.execute("select subject, raw_sha256 from mailapi_mail "
+                             "where status = 'inbox'").fetchall()
+            parts = c.execute("select a.sha256 from mailapi_attachments a join mailapi_mail m "
+                              "on m.id = a.mail_id where m.status = 'inbox'").fetchall()
+            c.close()
+            if accepted <= {s for s, _ in rows} or reactor.seconds() > deadline:
+                break
+            await sleep(0.2)
+        subjects = [s for s, _ in rows]
+        print(f"\n  {kills} kills, {len(accepted)} of {n} got 250, {len(rows)} stored")
+        self.assertEqual(sorted(accepted - set(subjects)), [])
+        self.assertEqual(len(subjects), len(set(subjects)))  # none stored twice
+        files = daemon.data_dir / "mailapi" / "files"
+        for sha256 in [h for _, h in rows] + [h for (h,) in parts]:
+            data = (files / sha256[:2] / sha256).read_bytes()
+            self.assertEqual(hashlib.sha256(data).hexdigest(), sha256)
