@@ -170,3 +170,20 @@ class DurableDirectoryTests(TestCase):
             spool.keep(base / "files" / "7" / "f")
         self.assertEqual(synced, [base, base / "files", base / "files" / "7"])
         self.assertEqual((base / "files" / "7" / "f").read_bytes(), b"data")
+
+    def test_the_upload_directories_made_at_start_are_recorded(self) -> None:
+        # The drop files and the Mail API's files hang off directories made at start;
+        # an upload records only the directories it makes itself, so without this the
+        # first upload's file, fsynced and renamed, could vanish with `safedrop` or
+        # `mailapi/files` on a power loss.
+        from mailcore.mailapi.files import MailFiles
+        from mailcore.safedrop.files import DropFiles
+
+        base, synced = self.recorded()
+        DropFiles(base / "safedrop").prepare()
+        MailFiles(base / "mailapi").prepare()
+        self.assertEqual(synced, [base, base, base / "mailapi"])
+        synced.clear()
+        DropFiles(base / "safedrop").prepare()  # there already: nothing to record
+        MailFiles(base / "mailapi").prepare()
+        self.assertEqual(synced, [])

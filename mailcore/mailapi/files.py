@@ -37,7 +37,7 @@ from typing import BinaryIO
 from multipart import MultipartSegment
 
 from mailcore.emailpolicy import filename_breaks
-from mailcore.files import private_directory
+from mailcore.files import durable_directory, private_directory
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control, has_surrogate
 from mailcore.uploads import (
@@ -94,8 +94,10 @@ class MailFiles:
         return self.root / "tmp"
 
     def prepare(self) -> None:
-        """Make the directories and remove temp files a crash left behind. Blocks."""
-        private_directory(self.root / "files")
+        """Make the directories and remove temp files a crash left behind. `files` is
+        recorded durably in its parents when made (an upload records only the directory
+        it makes, `files/<xx>`). Blocks."""
+        durable_directory(self.root / "files")
         private_directory(self.tmp)
         self.clear_tmp()
 

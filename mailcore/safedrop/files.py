@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from multipart import MultipartSegment
 
-from mailcore.files import private_directory
+from mailcore.files import durable_directory, private_directory
 from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge, bundle_full
 from mailcore.text import has_control, strip_bidi_controls
 from mailcore.uploads import (
@@ -70,8 +70,10 @@ class DropFiles:
     def prepare(self) -> None:
         """Make the directories and remove temp files a crash left behind (older than
         STALE_UPLOAD): a younger one is an upload in progress of the daemon, which runs
-        while a `mailcore` command starts up and prepares the same directory. Blocks."""
-        private_directory(self.root)
+        while a `mailcore` command starts up and prepares the same directory. The root is
+        recorded durably in its parent when made (an upload records only the bundle
+        directory it makes). Blocks."""
+        durable_directory(self.root)
         private_directory(self.tmp)
         remove_stale(self.tmp, STALE_UPLOAD)
 
