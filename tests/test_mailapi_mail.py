@@ -936,6 +936,48 @@ class GrantMatrixTests(MailApiTestCase):
                          (401, {"message": "you may not grant allow_send"}))
 
 
+class AuthTokenTests(MailApiTestCase):
+    """The seed lists `auth_token` among the parameters of POST /api/v1/mail/ (and says
+    only "in header" for the auth_key): a client may send it as a body field, a query
+    parameter or a header of that name, or send `auth_key` in the body."""
+
+    async def test_auth_token_and_auth_key_wherever_the_seed_lets_a_client_put_them(
+            self) -> None:
+        key = self.keys["bob"]
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", data={"auth_token": key, "status": "draft",
+                                           "subject": "form"})
+        self.assertEqual((status, body["message"]), (201, "draft saved"))
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", json={"auth_key": key, "status": "draft",
+                                           "subject": "json"})
+        self.assertEqual((status, body["message"]), (201, "draft saved"))
+        status, _, page = await self.web.call("GET", f"/api/v1/mail/?auth_token={key}")
+        self.assertEqual(status, 200)
+        self.assertEqual(sorted(m["subject"] for m in page["emails"]), ["form", "json"])
+        self.assertNotIn("auth_token", page["emails"][0])
+        status, _, _ = await self.web.call("GET", "/api/v1/mailboxes/",
+                                           headers={"auth_token": key})
+        self.assertEqual(status, 200)
+        status, _, body = await self.web.call(
+            "PUT", f"/api/v1/mailboxes/{BOB}/access/joe",
+            data={"auth_token": key, "allow_read": "1"})
+        self.assertEqual((status, body["allow_read"]), (200, True))
+
+    async def test_a_bad_or_missing_body_credential_is_the_401(self) -> None:
+        for data in ({"auth_token": "f" * 40, "status": "draft"}, {"status": "draft"}):
+            status, _, body = await self.web.call("POST", "/api/v1/mail/", data=data)
+            self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", json={"auth_token": ["x"], "status": "draft"})
+        self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+        status, _, body = await self.web.call(
+            "POST", "/api/v1/mail/", data=b"{not json",
+            headers={"Content-Type": "application/json"})
+        self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+        self.assertEqual(await self.rows(), [])
+
+
 class ApiKeyTests(MailApiTestCase):
     config = Config(sections={"fetch": {"allow_loopback": True},
                               "mailapi": {"require_api_key": True}})

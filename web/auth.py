@@ -8,7 +8,7 @@ API's own 401 as an `ApiError`, which the app renders in its shape.
 | policy | reads | kinds |
 |---|---|---|
 | IMAP2API | `Authorization: Token <t>` | token |
-| MAIL_API | `Auth-Key`, `auth_key` (header or query), `Authorization: Token <t>` | token |
+| MAIL_API | `Auth-Key`, `auth_key`, `auth_token` (header, query), `Authorization: Token` | token |
 | PROTECMAIL | `Api-Key` | apikey |
 | SAFEDROP_KEY | `X-Auth-Key` (the auth server, with `X-Auth-User`) | apikey |
 | SAFEDROP | `X-Auth-Token`, `Auth-Token` | session |
@@ -118,15 +118,16 @@ IMAP2API = AuthPolicy(
 MAIL_API = AuthPolicy(
     name="mailapi",
     kinds=("token",),
-    headers=("Auth-Key", "auth_key"),
+    headers=("Auth-Key", "auth_key", "auth_token"),
     schemes=("Token",),
-    query=("auth_key",),
+    query=("auth_key", "auth_token"),
     messages={"missing": "unauthorized", "invalid": "unauthorized"},
     security_schemes={
         "mailapiAuthKey": api_key_scheme(
             "Auth-Key",
             "The auth_key from POST /api/v1/auth/ (also accepted as header "
-            "or query parameter `auth_key`, or `Authorization: Token <key>`).",
+            "or query parameter `auth_key` or `auth_token`, as field `auth_key` or "
+            "`auth_token` of a JSON or form-encoded body, or `Authorization: Token <key>`).",
         )
     },
 )
@@ -285,6 +286,12 @@ class CredentialResolver:
         secret = self.presented(request, policy)
         if secret is None:
             return None
+        return await self.authenticate(request, secret, policy)
+
+    async def authenticate(self, request: IRequest, secret: str,
+                           policy: AuthPolicy) -> Principal:
+        """The principal `secret` (found by the caller, wherever its API lets it travel)
+        opens for `request`, or the API's 401."""
         principal = await self.resolve(secret, policy)
         if principal is None:
             raise policy.error("invalid")

@@ -2,8 +2,11 @@
 
 Replies are `{"message": ...}` with the seed's status codes (the auth endpoint's input
 errors are `{"error": ...}`, as the seed shows). The credential is the `auth_key` from
-`POST /api/v1/auth/`, in the `Auth-Key` header (also `auth_key` as header or query
-parameter, or `Authorization: Token <key>`). A user makes `[web] mailapi_user_rate`
+`POST /api/v1/auth/`, in the `Auth-Key` header (also `auth_key` or `auth_token` as header
+or query parameter, or `Authorization: Token <key>`), or, in none of those, as field
+`auth_key` or `auth_token` of a JSON or form-encoded body: the seed lists `auth_token` among
+the parameters of `POST /api/v1/mail/`. A multipart body is streamed after the caller is
+known, so its fields carry no credential. A user makes `[web] mailapi_user_rate`
 requests (20 a second); a client address `[web] bad_credential_rate` ones with a missing or
 bad auth_key or api_key (100 an hour, shared with Protecmail and safedrop): 429 beyond, with
 Retry-After and the X-RateLimit-* headers.
@@ -81,6 +84,7 @@ from web.parsing import (
     MULTIPART_TYPE,
     bool_field,
     collect_fields,
+    is_json_type,
     media_type,
     parse_int,
     query_params,
@@ -96,6 +100,9 @@ log = Logger(namespace="mailcore.web")
 # multipart framing and the text fields, instead of `[web] max_body`.
 UPLOAD_PATH = re.compile(r"/api/v1/mail/(?:[^/]+)?")
 UPLOAD_OVERHEAD = 1024 * 1024
+# The body fields that may carry the auth_key (the seed's POST /api/v1/mail/ names
+# `auth_token`); they are no mail or grant field.
+CREDENTIAL_FIELDS = ("auth_key", "auth_token")
 
 AUTH_BODY: dict[str, Any] = {
     "type": "object",
@@ -313,8 +320,32 @@ class MailApiApp(ApiApp):
         """The auth_key's user within `[web] mailapi_user_rate`, or 401 `{"message":
         "unauthorized"}` (429 once the client's address has spent `[web]
         bad_credential_rate`)."""
-        return await admit(request, self.resolver.require(request, MAIL_API),
+        return await admit(request, self._resolve(request),
                            users=self.user_limiter, anonymous=self.anonymous_limiter)
+
+    async def _resolve(self, request: IRequest) -> Principal:
+        if self.resolver.presented(request, MAIL_API) is None:
+            secret = self.body_credential(request)
+            if secret is not None:
+                return await self.resolver.authenticate(request, secret, MAIL_API)
+        return await self.resolver.require(request, MAIL_API)
+
+    def body_credential(self, request: IRequest) -> str | None:
+        """The `auth_key` or `auth_token` field of a JSON or form-encoded body (a body that
+        does not parse carries none: the reply is then the 401)."""
+        if not (is_json_type(media_type(request)) or media_type(request) == FORM_TYPE):
+            return None
+        try:
+            data = self.fields(request)
+        except ApiError:
+            return None
+        for name in CREDENTIAL_FIELDS:
+            value = data.get(name)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+            if value not in (None, ""):
+                raise MAIL_API.error("invalid")
+        return None
 
     @routes.route(
         "/api/v1/auth/",
@@ -651,7 +682,7 @@ class MailApiApp(ApiApp):
     async def put_access(self, request: IRequest, email: str, username: str) -> bytes:
         principal = await self.principal(request)
         data = self.fields(request)
-        unknown = sorted(set(data) - set(RIGHTS) - {"auth_key", "api_key"})
+        unknown = sorted(set(data) - set(RIGHTS) - {*CREDENTIAL_FIELDS, "api_key"})
         if unknown:
             raise ApiError(400, f"unknown field: {unknown[0]}")
         try:
