@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Coroutine, Iterator
+from email.message import Message
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
@@ -39,6 +40,24 @@ def form_boundary(content_type: str) -> str | None:
     if media.lower() != "multipart/form-data" or not boundary:
         return None
     return str(boundary)
+
+
+def part_filename(segment: MultipartSegment) -> str | None:
+    """A part's file name: `filename`, or RFC 5987's `filename*` (charset'lang'%xx), which
+    RFC 7578 discourages but some clients send (urllib3 1.x, for a name that is not ASCII);
+    "" when a `filename*` cannot be decoded; None when the part is not a file."""
+    if segment.filename is not None:
+        return str(segment.filename)
+    header = segment.header("Content-Disposition", "")
+    if "filename*" not in header:
+        return None
+    holder = Message()
+    holder["Content-Disposition"] = header
+    try:
+        name = holder.get_filename()
+    except (UnicodeError, LookupError, ValueError):
+        return ""
+    return "" if name is None else str(name)
 
 
 def multipart_events(

@@ -271,6 +271,29 @@ class UploadTests(TestCase):
         status, _, _ = await f.call("GET", f"/dropbundles/{kept}/dropfiles")
         self.assertEqual(status, 200)
 
+    async def test_a_file_name_in_rfc_5987_notation_is_read(self) -> None:
+        # urllib3 1.x (requests) names a file that is not ASCII `filename*=utf-8''...`; the
+        # Mail API's uploads read it, safedrop's said "The part carries no file name."
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+
+        def part(disposition: str) -> bytes:
+            return (f"--def46f21fc67\r\ncontent-disposition: form-data; name=\"the_file\"; "
+                    f"{disposition}\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+                    "--def46f21fc67--\r\n").encode()
+
+        status, reply = await f.upload(bundle_id, part("filename*=utf-8''r%C3%A9sum%C3%A9.txt"))
+        self.assertEqual((status, reply["the_file"]), (200, "r\u00e9sum\u00e9.txt"))
+        status, _, shown = await f.call("GET", f"/dropbundles/{bundle_id}/dropfiles")
+        self.assertEqual([d["the_file"] for d in shown], ["r\u00e9sum\u00e9.txt"])
+        # Its last path component only, as a plain `filename`.
+        status, reply = await f.upload(bundle_id, part("filename*=utf-8''..%2F..%2Fpasswd"))
+        self.assertEqual((status, reply["the_file"]), (200, "passwd"))
+        status, reply = await f.upload(bundle_id, part("filename*=utf-8''..%2F.."))
+        self.assertEqual((status, reply["errors"]), (400, {"the_file": ["The file has no name."]}))
+        self.assertEqual(len(f.file_rows()), 2)
+
     async def test_a_cut_off_or_malformed_upload_leaves_no_file_and_no_row(self) -> None:
         f = FileFixture()
         await f.start_with(self)

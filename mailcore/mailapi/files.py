@@ -30,7 +30,6 @@ import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from email.message import Message
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,6 +44,7 @@ from mailcore.uploads import (
     SpoolFile,
     form_boundary,
     multipart_events,
+    part_filename,
     remove_stale,
 )
 
@@ -148,7 +148,7 @@ class MailFiles:
                     if not event.name:
                         raise MailApiError(INVALID, "Malformed multipart body: a part has "
                                            "no name.")
-                    if _filename(event) is not None:
+                    if part_filename(event) is not None:
                         out = SpoolFile(self.tmp)
                 elif event is None:
                     assert segment is not None
@@ -245,26 +245,9 @@ class MailFiles:
         return found
 
 
-def _filename(segment: MultipartSegment) -> str | None:
-    """The part's file name: `filename`, or RFC 5987's `filename*` (charset'lang'%xx), which
-    RFC 7578 discourages but some clients send; None when the part is not a file."""
-    if segment.filename is not None:
-        return str(segment.filename)
-    header = segment.header("Content-Disposition", "")
-    if "filename*" not in header:
-        return None
-    holder = Message()
-    holder["Content-Disposition"] = header
-    try:
-        name = holder.get_filename()
-    except (UnicodeError, LookupError, ValueError):
-        return "attachment"
-    return "attachment" if name is None else str(name)
-
-
 def _shown(segment: MultipartSegment | None) -> str:
     """The file name a part is kept under: the last path component, one line of text."""
-    raw = (_filename(segment) if segment is not None else None) or "attachment"
+    raw = (part_filename(segment) if segment is not None else None) or "attachment"
     name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
     if not name or name in (".", "..") or has_control(name) or has_surrogate(name) \
             or filename_breaks(name):  # a line break once its RFC 2047 words are decoded

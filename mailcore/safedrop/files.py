@@ -30,6 +30,7 @@ from mailcore.uploads import (
     SpoolFile,
     form_boundary,
     multipart_events,
+    part_filename,
     remove_stale,
 )
 
@@ -148,10 +149,11 @@ class DropFiles:
                         raise DropError(event.name or None, "Unknown field.")
                     if found is not None:
                         raise DropError(FILE_FIELD, "Send one file per request.")
-                    if event.filename is None:
+                    filename = part_filename(event)
+                    if filename is None:
                         raise DropError(FILE_FIELD, "The part carries no file name.")
                     found = (
-                        clean_filename(event.filename),
+                        clean_filename(filename),
                         event.content_type or "application/octet-stream",
                     )
                 elif event:
