@@ -964,6 +964,15 @@ class AuthTokenTests(MailApiTestCase):
             data={"auth_token": key, "allow_read": "1"})
         self.assertEqual((status, body["allow_read"]), (200, True))
 
+    async def test_the_token_header_of_the_seeds_mailbox_listing(self) -> None:
+        # Seed 002, GET /api/v1/mailboxes/: "HEADERS: token [accept]".
+        status, _, body = await self.web.call("GET", "/api/v1/mailboxes/",
+                                              headers={"token": self.keys["bob"]})
+        self.assertEqual((status, [b["email"] for b in body["mailboxes"]]), (200, [BOB]))
+        status, _, body = await self.web.call("GET", "/api/v1/mailboxes/",
+                                              headers={"token": "f" * 40})
+        self.assertEqual((status, body), (401, {"message": "unauthorized"}))
+
     async def test_a_bad_or_missing_body_credential_is_the_401(self) -> None:
         for data in ({"auth_token": "f" * 40, "status": "draft"}, {"status": "draft"}):
             status, _, body = await self.web.call("POST", "/api/v1/mail/", data=data)

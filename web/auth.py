@@ -8,7 +8,7 @@ API's own 401 as an `ApiError`, which the app renders in its shape.
 | policy | reads | kinds |
 |---|---|---|
 | IMAP2API | `Authorization: Token <t>` | token |
-| MAIL_API | `Auth-Key`, `auth_key`, `auth_token` (header, query), `Authorization: Token` | token |
+| MAIL_API | `Auth-Key`, `token`, `auth_key`/`auth_token` (+query), `Authorization: Token` | token |
 | PROTECMAIL | `Api-Key` | apikey |
 | SAFEDROP_KEY | `X-Auth-Key` (the auth server, with `X-Auth-User`) | apikey |
 | SAFEDROP | `X-Auth-Token`, `Auth-Token` | session |
@@ -118,7 +118,7 @@ IMAP2API = AuthPolicy(
 MAIL_API = AuthPolicy(
     name="mailapi",
     kinds=("token",),
-    headers=("Auth-Key", "auth_key", "auth_token"),
+    headers=("Auth-Key", "auth_key", "auth_token", "token"),
     schemes=("Token",),
     query=("auth_key", "auth_token"),
     messages={"missing": "unauthorized", "invalid": "unauthorized"},
@@ -126,8 +126,9 @@ MAIL_API = AuthPolicy(
         "mailapiAuthKey": api_key_scheme(
             "Auth-Key",
             "The auth_key from POST /api/v1/auth/ (also accepted as header "
-            "or query parameter `auth_key` or `auth_token`, as field `auth_key` or "
-            "`auth_token` of a JSON or form-encoded body, or `Authorization: Token <key>`).",
+            "or query parameter `auth_key` or `auth_token`, as header `token`, as field "
+            "`auth_key` or `auth_token` of a JSON or form-encoded body, or "
+            "`Authorization: Token <key>`).",
         )
     },
 )

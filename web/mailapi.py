@@ -3,9 +3,10 @@
 Replies are `{"message": ...}` with the seed's status codes (the auth endpoint's input
 errors are `{"error": ...}`, as the seed shows). The credential is the `auth_key` from
 `POST /api/v1/auth/`, in the `Auth-Key` header (also `auth_key` or `auth_token` as header
-or query parameter, or `Authorization: Token <key>`), or, in none of those, as field
-`auth_key` or `auth_token` of a JSON or form-encoded body: the seed lists `auth_token` among
-the parameters of `POST /api/v1/mail/`. A multipart body is streamed after the caller is
+or query parameter, header `token`, or `Authorization: Token <key>`), or, in none of those,
+as field `auth_key` or `auth_token` of a JSON or form-encoded body: the seed lists
+`auth_token` among the parameters of `POST /api/v1/mail/` and "HEADERS: token" for
+`GET /api/v1/mailboxes/`. A multipart body is streamed after the caller is
 known, so its fields carry no credential. A user makes `[web] mailapi_user_rate`
 requests (20 a second); a client address `[web] bad_credential_rate` ones with a missing or
 bad auth_key or api_key (100 an hour, shared with Protecmail and safedrop): 429 beyond, with
