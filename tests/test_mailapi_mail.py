@@ -349,6 +349,23 @@ class WritingTests(MailApiTestCase):
         status, body = await self.as_("bob", "PUT", path, json={"status": "draft"})
         self.assertEqual(status, 405)
 
+    async def test_a_json_null_clears_a_field_of_a_draft(self) -> None:
+        # A JSON client clearing cc with null, then sending: the mail went to the old cc
+        # (null was read as "not given").
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "draft", "to": JOE, "cc": "spy@far.test", "subject": "s"})
+        self.assertEqual(status, 201)
+        path = f"/api/v1/mail/{body['id']}"
+        status, _ = await self.as_("bob", "PUT", path, json={"cc": None, "subject": None})
+        self.assertEqual(status, 200)
+        status, mail = await self.as_("bob", "GET", path)
+        self.assertEqual((mail["to"], mail["cc"], mail["subject"]), (JOE, "", ""))
+        status, _ = await self.as_("bob", "PUT", path, json={"status": "outbox", "bcc": None})
+        self.assertEqual(status, 202)
+        status, mail = await self.as_("bob", "GET", path)
+        self.assertEqual((mail["status"], mail["to"], mail["cc"], mail["bcc"]),
+                         ("outbox", JOE, "", ""))
+
     async def test_an_encoded_word_adds_no_header_field(self) -> None:
         """RFC 2047 words in a subject or file name are decoded by the `email` package, and
         Python 3.11.7 wrote a decoded CR LF out as it is (CVE-2024-6923): the subject below

@@ -192,7 +192,8 @@ MAIL_BODY: dict[str, Any] = {
     "type": "object",
     "properties": {
         "status": {"type": "string", "enum": ["draft", "outbox"]},
-        **{name: {"type": "string"} for name in FIELDS},
+        **{name: {"type": ["string", "null"], "description": "null (JSON) is the empty "
+                  "string: on a PUT it clears the field"} for name in FIELDS},
         "attachment": {"type": "string", "format": "binary",
                        "description": "multipart file part(s), any field name; each within "
                        "[mailapi] max_attachment_bytes, all within max_message_bytes, "
@@ -262,10 +263,14 @@ def mail_object(mail: Mail) -> dict[str, Any]:
 
 def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
     """The fields of a POST or PUT: strings (any text; checked when sent), and the file parts
-    already on disk as attachments. A value that is not a string is refused before anything
-    is stored."""
+    already on disk as attachments. A JSON null is the empty string (on a PUT it clears the
+    field, as "" does: the seed's mail shows an unset field as ""); a value of another type
+    is refused before anything is stored."""
     values: dict[str, str] = {}
     for name in FIELDS:
+        if name in data and data[name] is None:
+            values[name] = ""
+            continue
         value = string_field(data, name, required=False, allow_blank=True, trim=False)
         if value is not None:
             values[name] = value
