@@ -19,17 +19,20 @@ holds), and every other path segment through `TextConverter`.
 
 from __future__ import annotations
 
+import binascii
 import email.parser
 import email.policy
+import io
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from email.errors import CloseBoundaryNotFoundDefect
+from email.message import Message
 from typing import Any
 from urllib.parse import parse_qsl
 
+from multipart import MultipartSegment
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter, UnicodeConverter
@@ -42,6 +45,7 @@ from mailcore.text import (
     has_control_multiline,
     not_text,
 )
+from mailcore.uploads import MalformedUpload, form_boundary, multipart_events
 from web.errors import ApiError, field_error, too_large
 
 JSON_TYPES = ("application/json",)
@@ -68,6 +72,10 @@ INT64_MIN = -(2**63)
 ID_MAX = 2**31 - 1
 # Our documents are a few levels deep; this leaves room and bounds every walk over them.
 MAX_JSON_DEPTH = 32
+# A multipart/form-data body (not an upload path's, mailcore.uploads): its parts, and the
+# headers of each. Our forms have a few fields; the Mail API's files come one a part.
+MAX_FORM_PARTS = 256
+MAX_PART_HEADERS = 16
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -349,38 +357,76 @@ def parse_form(data: bytes) -> dict[str, str]:
 
 
 def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
-    """A multipart/form-data body: text fields as str, file parts as Upload."""
-    head = b"Content-Type: " + content_type + b"\r\nMIME-Version: 1.0\r\n\r\n"
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
-    if not message.is_multipart() or message.get_boundary() is None:
+    """A multipart/form-data body: text fields as str, file parts as Upload.
+
+    The body is split by `mailcore.uploads.multipart_events` (boundaries found with
+    `bytes.find`: linear in the body, whatever its lines), at most `MAX_FORM_PARTS` parts of
+    at most `MAX_PART_HEADERS` headers each; only each part's header section goes through
+    the email package (names, RFC 2231 filenames, charsets as before). Parsing the whole
+    body with `email.parser` took time in its number of lines and parts, on the reactor
+    thread: 24 MiB of newlines in one field held every connection of the daemon for 24 s.
+    """
+    boundary = form_boundary(content_type.decode("latin-1"))
+    if boundary is None:
         raise ApiError(400, "Malformed multipart body: no boundary or no parts.")
-    if any(isinstance(d, CloseBoundaryNotFoundDefect) for d in message.defects):
-        # A body cut short: the parser ends its last part at the end of the data, a value
-        # that would be stored truncated. (Uploads streamed to disk refuse it too.)
-        raise ApiError(400, "Malformed multipart body: it ends before its closing boundary.")
     fields: dict[str, Any] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "Malformed multipart body: a part has no name.")
-        raw = None if part.is_multipart() else part.get_payload(decode=True)
-        if not isinstance(raw, bytes):
-            # multipart/* or message/rfc822: parsed as parts of its own, which are neither
-            # a value nor a file's bytes (read as "", such a part emptied its field).
-            raise field_error(name, NESTED_PARTS)
-        filename = part.get_filename()
-        if filename is not None:
-            fields[name] = Upload(name, filename, part.get_content_type(), raw)
-            continue
-        try:
-            text = raw.decode(part.get_content_charset() or "utf-8")
-        except (UnicodeError, LookupError):
-            raise field_error(name, NOT_UTF8) from None
-        problem = not_text(text)
-        if problem:
-            raise field_error(name, problem)
-        fields[name] = text
+    part: Message | None = None
+    chunks: list[bytes] = []
+    try:
+        for event in multipart_events(io.BytesIO(data), boundary,
+                                      max_header_count=MAX_PART_HEADERS,
+                                      max_segment_count=MAX_FORM_PARTS):
+            if isinstance(event, MultipartSegment):
+                part, chunks = _part_headers(event), []
+            elif isinstance(event, bytes):
+                chunks.append(event)
+            elif part is not None:
+                name, value = _part_value(part, b"".join(chunks))
+                fields[name] = value
+                part, chunks = None, []
+    except MalformedUpload as e:
+        if "Unexpected end" in str(e):
+            # A body cut short: its last part would be stored truncated.
+            raise ApiError(400, "Malformed multipart body: it ends before its closing "
+                           "boundary.") from None
+        raise ApiError(400, str(e)) from None
     return fields
+
+
+def _part_headers(segment: MultipartSegment) -> Message:
+    """A part's header section as an email message without a body."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in segment.headerlist) + "\r\n"
+    return email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(
+        head.encode("utf-8", "surrogateescape"))
+
+
+def _part_value(part: Message, raw: bytes) -> tuple[str, Any]:
+    """A part's field name and value: text, or an Upload for a file part."""
+    name = part.get_param("name", header="content-disposition")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "Malformed multipart body: a part has no name.")
+    if part.get_content_maintype() in ("multipart", "message"):
+        # Parts of its own, which are neither a value nor a file's bytes.
+        raise field_error(name, NESTED_PARTS)
+    encoding = str(part.get("content-transfer-encoding", "")).strip().lower()
+    try:
+        if encoding == "base64":
+            raw = binascii.a2b_base64(raw)
+        elif encoding == "quoted-printable":
+            raw = binascii.a2b_qp(raw)
+    except binascii.Error:
+        raise field_error(name, f"The value is not valid {encoding}.") from None
+    filename = part.get_filename()
+    if filename is not None:
+        return name, Upload(name, filename, part.get_content_type(), raw)
+    try:
+        text = raw.decode(part.get_content_charset() or "utf-8")
+    except (UnicodeError, LookupError):
+        raise field_error(name, NOT_UTF8) from None
+    problem = not_text(text)
+    if problem:
+        raise field_error(name, problem)
+    return name, text
 
 
 # -- fields ---------------------------------------------------------------------------------
