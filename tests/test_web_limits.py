@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import time
 from typing import Any
 
 from treq.client import HTTPClient
@@ -18,7 +20,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import INegotiated, ISSLTransport
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -111,6 +113,24 @@ class HalfClosingTransport(StringTransport):
 
     def abortConnection(self) -> None:
         self.aborted = True
+
+
+class _FillingTransport(HalfClosingTransport):
+    """A transport whose send buffer each write fills (while `full`): it pauses its
+    producer, the channel, as a TCP transport does when the client reads nothing."""
+
+    full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.full and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+
+PING = b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 class _TCPTransport(StringTransport):
@@ -250,8 +270,39 @@ class StreamingTests(TestCase):
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         self.channel.dataReceived(request + request)
+        self.clock.advance(0)  # the pipelined one is read in a turn of its own
         self.assertEqual(self.sent().count(b"HTTP/1.1 401 Unauthorized"), 2)
         self.assertFalse(self.transport.disconnecting)
+
+    def test_pipelined_requests_are_read_one_reactor_turn_apart(self) -> None:
+        # Twisted answered every pipelined request of a read in one turn of the reactor:
+        # thousands of them from one client while every other connection waited.
+        # (A Clock runs in one advance what a reactor runs in its next turns.)
+        self.channel.dataReceived(PING * 3)
+        self.assertEqual(self.sent().count(b"HTTP/1.1 401 "), 1)
+        reads = [c.getTime() for c in self.clock.getDelayedCalls()
+                 if getattr(c, "func", None) == self.channel._read_pipelined]
+        self.assertEqual(reads, [self.clock.seconds()])  # the next read: a later turn
+        self.clock.advance(0)
+        self.assertEqual(self.sent().count(b"HTTP/1.1 401 "), 3)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_pipelined_requests_wait_while_the_client_reads_no_reply(self) -> None:
+        transport = _FillingTransport()
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        transport.full = True  # each reply fills the send buffer: the client reads nothing
+        channel.dataReceived(PING * 3)
+        self.clock.advance(0)
+        self.clock.advance(1)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 401 "), 1)
+        for answered in (2, 3):
+            channel.resumeProducing()  # the client read what was sent: the next is read
+            self.clock.advance(0)
+            self.clock.advance(1)
+            self.assertEqual(transport.value().count(b"HTTP/1.1 401 "), answered)
+        self.assertFalse(transport.disconnecting)
 
 
 class LoopbackTests(TestCase):
@@ -268,6 +319,7 @@ class LoopbackTests(TestCase):
         # Wait for every server-side connection to close (a refused upload lingers while
         # the client finishes sending) before the test ends.
         closed: list[Deferred[None]] = []
+        self.channels: list[Any] = []
         build = site.buildProtocol
 
         def build_protocol(addr: Any) -> Any:
@@ -281,6 +333,7 @@ class LoopbackTests(TestCase):
                 done.callback(None)
 
             protocol.connectionLost = connection_lost
+            self.channels.append(protocol)
             return protocol
 
         site.buildProtocol = build_protocol  # type: ignore[method-assign]
@@ -315,6 +368,42 @@ class LoopbackTests(TestCase):
         self.assertEqual(status, 413)
         self.assertEqual(json.loads(body), {"message": "Request body too large (at most "
                                                        "100000 bytes)."})
+
+    async def test_a_client_that_pipelines_without_reading_is_answered_as_it_reads(self) -> None:
+        # 40 pipelined GET /openapi.json (345 kB each) from a client that reads nothing:
+        # Twisted answered them all into the send buffer at once (14 MB kept, the reactor
+        # busy meanwhile); 3000 such requests took the daemon from 110 MiB to 1.1 GiB.
+        port = self.port.getHost().port
+        count = 40
+
+        def send_all() -> socket.socket:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.settimeout(20)
+            client.connect(("127.0.0.1", port))
+            client.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+            return client
+
+        client = await threads.deferToThread(send_all)
+        self.addCleanup(client.close)
+        await deferLater(get_reactor(), 1.0, lambda: None)
+        [channel] = self.channels
+        transport = channel.transport
+        kept = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        self.assertLess(kept, 1_000_000)
+
+        def read_all() -> int:
+            data = b""
+            deadline = time.monotonic() + 60
+            while data.count(b"HTTP/1.1 200 OK") < count and time.monotonic() < deadline:
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            client.close()
+            return data.count(b"HTTP/1.1 200 OK")
+
+        self.assertEqual(await threads.deferToThread(read_all), count)
 
     async def test_an_ordinary_login_over_the_socket(self) -> None:
         response = await self.client.post(

@@ -10,6 +10,11 @@ Connections (`LimitedChannel`, counted by the site with `mailcore.connlimits`):
   and its body within `body_timeout` seconds of its headers, however the bytes trickle in
   (slowloris). Past the deadline the client gets `408 Request Timeout` and the connection
   closes.
+- Pipelined requests (HTTP/1.1: several sent before the first reply) are read one at a
+  time, each in a turn of the reactor of its own, and only while the client reads the
+  replies: one whose replies fill the send buffer gets no more answered until it reads
+  them. (Twisted answered every pipelined request of a read at once: a few KiB of
+  `GET /openapi.json` kept the reactor for a minute and 1 GiB of replies in memory.)
 - A connection with no request in progress (a fresh one, or keep-alive between requests)
   closes after `idle_timeout` seconds of silence. Idle closes are routine and logged at
   debug level; refusals and deadlines at info, one line each (the daemon limits repeated
@@ -382,6 +387,9 @@ class LimitedChannel(CorkedChannel):
     _phase = _IDLE
     _lines = 0
     _deadline: IDelayedCall | None = None
+    # Pipelined bytes held after a reply (requestDone), and the call that reads them.
+    _holding = False
+    _pipelined: IDelayedCall | None = None
     _secure: bool | None = None
     _host: Any = None
 
@@ -435,12 +443,50 @@ class LimitedChannel(CorkedChannel):
 
     def requestDone(self, request: http.Request) -> None:
         self._enter(_IDLE)
-        super().requestDone(request)  # may replay pipelined bytes through lineReceived
-        if self._phase == _IDLE and self.persistent and self._buffer:
-            self._enter(_HEADERS)  # part of the next request is already here
+        # Twisted parses the pipelined requests already read (up to a read's 64 KiB: some
+        # thousands of short GETs) as soon as this one is done, and answers each one that
+        # answers at once in the same turn of the reactor, even while the client reads
+        # none of the replies. The channel holds them instead (LineReceiver keeps them in
+        # its buffer while paused) and reads the next one in a later turn, once the
+        # transport is not waiting for the client to read: `_read_pipelined`.
+        self.paused = True
+        self._holding = True
+        super().requestDone(request)  # a persistent channel hands its held bytes back
+        if not self.persistent or self._phase == _CLOSED or self.transport is None:
+            return
+        if self._buffer:
+            if self._phase == _IDLE:
+                self._enter(_HEADERS)  # part of the next request is already here
+            if not self._waitingForTransport:
+                self._read_pipelined_soon()
+            return  # else resumeProducing reads on once the client has read
+        self._holding = False
+        self.paused = False
+
+    def resumeProducing(self) -> None:
+        """The transport sent what it held: read a pipelined request held for it."""
+        super().resumeProducing()
+        if self._holding:
+            self._read_pipelined_soon()
+
+    def _read_pipelined_soon(self) -> None:
+        if self._pipelined is None:
+            self._pipelined = self.callLater(0, self._read_pipelined)
+
+    def _read_pipelined(self) -> None:
+        """Parse the held pipelined bytes (in a turn of the reactor of their own)."""
+        self._pipelined = None
+        if not self._holding or self._phase == _CLOSED or self.transport is None:
+            return
+        self._holding = False
+        self.paused = False
+        self.dataReceived(b"")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._enter(_CLOSED)
+        if self._pipelined is not None and self._pipelined.active():
+            self._pipelined.cancel()
+        self._pipelined = None
         try:
             super().connectionLost(reason)
         finally:
