@@ -19,7 +19,7 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import INegotiated, ISSLTransport
+from twisted.internet.interfaces import INegotiated, IPushProducer, ISSLTransport
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -27,7 +27,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from zope.interface import directlyProvides
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import directlyProvides, implementer
 
 from mailcore.config import Config
 from tests.support.reactor import get_reactor
@@ -128,6 +130,35 @@ class _FillingTransport(HalfClosingTransport):
 
     def writeSequence(self, data: Any) -> None:
         self.write(b"".join(data))
+
+
+@implementer(IPushProducer)
+class _WaitingProducer:
+    """The producer of a streamed reply: it waits for the transport to want more."""
+
+    stopped = False
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class _StreamedForever(Resource):
+    """A reply streamed by a producer, as the file downloads are."""
+
+    isLeaf = True
+    producer = _WaitingProducer()
+
+    def render_GET(self, request: Any) -> Any:
+        _StreamedForever.producer = _WaitingProducer()
+        request.registerProducer(_StreamedForever.producer, True)
+        request.write(b"the first bytes")
+        return NOT_DONE_YET
 
 
 PING = b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -566,6 +597,43 @@ class ConnectionLimitTests(TestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 401 "), 1)
         self.clock.advance(30)
         self.assertIn(b"HTTP/1.1 408 ", transport.value())
+
+    def test_a_client_that_reads_nothing_of_a_streamed_reply_is_dropped(self) -> None:
+        # A streamed reply (a file, a long JSON array) waits on the transport while the
+        # client reads nothing; nothing else times it out: the connection, its slot and
+        # the reply's file were held for ever.
+        self.site.resource = _StreamedForever()
+        channel, transport = self.connect("203.0.113.5")
+        channel.dataReceived(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        channel.pauseProducing()  # the transport's send buffer is full
+        self.clock.advance(100)
+        channel.resumeProducing()  # the client read some: the deadline starts again
+        channel.pauseProducing()
+        self.clock.advance(119)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(1)  # idle_timeout without reading a byte
+        self.assertTrue(transport.aborted)
+        channel.stopProducing()  # what a TCP transport does when the connection is gone
+        self.close(channel, transport)
+        self.assertTrue(_StreamedForever.producer.stopped)
+        self.assertEqual(self.site.connections.total, 0)
+
+    def test_a_client_that_reads_a_streamed_reply_slowly_is_kept(self) -> None:
+        self.site.resource = _StreamedForever()
+        channel, transport = self.connect("203.0.113.5")
+        channel.dataReceived(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+        held: Any = transport
+        held.dataBuffer, held.offset = b"x" * 100_000, 0  # what a TCP transport holds
+        channel.pauseProducing()
+        self.clock.advance(60)
+        held.offset = 1  # the client read a byte in two minutes: it is reading
+        self.clock.advance(60)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(120)  # and then nothing for two minutes
+        self.assertTrue(transport.aborted)
+        channel.stopProducing()
+        self.close(channel, transport)
 
     def test_an_idle_keepalive_connection_is_closed_quietly(self) -> None:
         events: list[dict[str, Any]] = []

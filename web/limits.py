@@ -15,6 +15,10 @@ Connections (`LimitedChannel`, counted by the site with `mailcore.connlimits`):
   replies: one whose replies fill the send buffer gets no more answered until it reads
   them. (Twisted answered every pipelined request of a read at once: a few KiB of
   `GET /openapi.json` kept the reactor for a minute and 1 GiB of replies in memory.)
+- A client that reads nothing for `idle_timeout` seconds while a reply waits in our send
+  buffer is dropped (aborted): a streamed reply (a file, a long JSON array) has no other
+  deadline, and a client that stopped reading one held its connection, its slot under
+  `max_connections`, an open file and the request's coroutine for ever.
 - A connection with no request in progress (a fresh one, or keep-alive between requests)
   closes after `idle_timeout` seconds of silence. Idle closes are routine and logged at
   debug level; refusals and deadlines at info, one line each (the daemon limits repeated
@@ -371,13 +375,27 @@ _HEADER_TOO_LONG = _closing_reply(b"431 Request Header Fields Too Large",
                                   b"A header line is too long.\n")
 
 
+def _unsent(transport: Any) -> int | None:
+    """Bytes a TCP transport holds for the client (under TLS, the TCP transport below
+    it), or None when that cannot be told."""
+    for _ in range(3):
+        if transport is None:
+            return None
+        buffered = getattr(transport, "dataBuffer", None)
+        if isinstance(buffered, bytes | bytearray | memoryview):
+            offset = getattr(transport, "offset", 0)
+            return len(buffered) - int(offset) + int(getattr(transport, "_tempDataLen", 0))
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 class LimitedChannel(CorkedChannel):
     """An HTTP/1.1 channel with deadlines for each request's headers and body (its
     responses go out corked, see `web.corked`).
 
-    The site sets `header_timeout` and `body_timeout` (seconds, None for none) and
-    `on_close`, called once when the connection ends. The deadlines run on the channel's
-    `callLater`, which the site points at its reactor (a Clock in tests).
+    The site sets `header_timeout`, `body_timeout` and `send_timeout` (seconds, None for
+    none) and `on_close`, called once when the connection ends. The deadlines run on the
+    channel's `callLater`, which the site points at its reactor (a Clock in tests).
     """
 
     header_timeout: float | None = None
@@ -390,6 +408,11 @@ class LimitedChannel(CorkedChannel):
     # Pipelined bytes held after a reply (requestDone), and the call that reads them.
     _holding = False
     _pipelined: IDelayedCall | None = None
+    # Seconds a client may read nothing while a reply waits in our send buffer (the site
+    # sets `[web] idle_timeout`), and the deadline running while it does.
+    send_timeout: float | None = None
+    _stall: IDelayedCall | None = None
+    _unsent: int | None = None  # bytes held for the client when the deadline started
     _secure: bool | None = None
     _host: Any = None
 
@@ -463,11 +486,47 @@ class LimitedChannel(CorkedChannel):
         self._holding = False
         self.paused = False
 
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full: the client is not reading. It has
+        `send_timeout` seconds to read some of it (`_stalled`)."""
+        super().pauseProducing()
+        if self._stall is None and self.send_timeout is not None and self._phase != _CLOSED:
+            self._unsent = _unsent(self.transport)
+            self._stall = self.callLater(self.send_timeout, self._stalled)
+
     def resumeProducing(self) -> None:
         """The transport sent what it held: read a pipelined request held for it."""
+        self._cancel_stall()
         super().resumeProducing()
         if self._holding:
             self._read_pipelined_soon()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self) -> None:
+        """The client read nothing of a reply for `send_timeout` seconds: drop it (a reply
+        streamed by a producer has no other deadline; nothing would be sent to it anyway).
+        One that read some (what we hold for it shrank) gets another `send_timeout`."""
+        self._stall = None
+        unsent = _unsent(self.transport)
+        if unsent is not None and self._unsent is not None and unsent < self._unsent \
+                and self.send_timeout is not None:
+            self._unsent = unsent
+            self._stall = self.callLater(self.send_timeout, self._stalled)
+            return
+        peer = self.transport.getPeer() if self.transport is not None else None
+        log.info(
+            "closed an HTTP connection from {client}: it read nothing of a reply for "
+            "{seconds:g} s",
+            client=getattr(peer, "host", "-"),
+            seconds=self.send_timeout,
+        )
+        self._enter(_CLOSED)
+        if self.transport is not None:
+            self.forceAbortClient()
 
     def _read_pipelined_soon(self) -> None:
         if self._pipelined is None:
@@ -487,6 +546,7 @@ class LimitedChannel(CorkedChannel):
         if self._pipelined is not None and self._pipelined.active():
             self._pipelined.cancel()
         self._pipelined = None
+        self._cancel_stall()
         try:
             super().connectionLost(reason)
         finally:

@@ -266,6 +266,7 @@ class MailcoreSite(server.Site):
         channel = super().buildProtocol(addr)
         channel.header_timeout = self.settings.header_timeout
         channel.body_timeout = self.settings.body_timeout
+        channel.send_timeout = self.settings.idle_timeout
         channel.on_close = partial(self.connections.release, address)
         return channel
 
