@@ -20,7 +20,8 @@ bad_credential_rate = "100/hour" # Protecmail, Mail API, safedrop requests with 
 metrics = true                   # serve GET /metrics
 metrics_allow = ["127.0.0.0/8", "::1/128"]    # client networks allowed (the default;
                                  # [] serves every client)
-idle_timeout = 60                # seconds an idle (keep-alive) HTTP connection stays open
+idle_timeout = 60                # seconds an idle (keep-alive) HTTP connection stays open,
+                                 # and a client may read nothing of a reply sent to it
 header_timeout = 30              # seconds from a request's first byte to its last header
 body_timeout = 300               # seconds from a request's headers to the end of its body
 max_connections = 500            # open HTTP connections in total (more: 503, Retry-After)
