@@ -94,7 +94,9 @@ class TwoNodeTests(TestCase):
         """Node b is stopped (SIGSTOP) with work leased, for three leases: node a takes its
         work over and delivers it. Let go on (SIGCONT), node b finds its leases ended and
         sends none of that work again (only what it was in the middle of sending may arrive
-        twice), and its late results do not undo node a's."""
+        twice), and its late results do not undo node a's. Node b stopped in the middle of
+        a transaction holds row locks node a's commits wait for (the owner's token tank)
+        until PostgreSQL ends that transaction (mailcore.store.engine)."""
         state, a, b = await self.start_cluster()
         log = SendLog()
         paused = False
@@ -103,7 +105,9 @@ class TwoNodeTests(TestCase):
             return [a.smtp_port] if paused else [a.smtp_port, b.smtp_port]
 
         sending = defer.Deferred.fromCoroutine(
-            send_numbered(ports, list(range(MESSAGES)), log, concurrency=10)
+            # Sessions to node b when it stops give up after 5 s instead of 30-60.
+            send_numbered(ports, list(range(MESSAGES)), log, concurrency=10,
+                          reply_timeout=5.0)
         )
         mark = random.uniform(0.3, 0.6) * MESSAGES
         while not sending.called and len(log.accepted) < mark:
@@ -126,4 +130,7 @@ class TwoNodeTests(TestCase):
         # At most what node b had in flight (its connections' transactions) arrives twice.
         self.assertLessEqual(len(duplicates), 50)
         self.assertLessEqual(len(state.messages) - before, 50)
+
+    # Up to 30 s of node a's commits waiting for node b's locks (PG_IDLE_IN_TRANSACTION_MS).
+    test_a_node_paused_past_its_leases_sends_nothing_taken_over_again.timeout = 240  # type: ignore[attr-defined]
 

@@ -1,7 +1,8 @@
 """Creating SQLAlchemy engines with the settings durability needs.
 
 PostgreSQL sessions run in UTC (`_configure_postgresql`), whatever the server's TimeZone,
-without JIT compilation and without parallel workers.
+without JIT compilation and without parallel workers, and a transaction left idle for
+`PG_IDLE_IN_TRANSACTION_MS` ends its session.
 
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
@@ -30,6 +31,17 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # of once every 4 MiB: a backup's batches stored 15 % faster, final checkpoint included.
 # The price: the -wal file grows to about this size and is reused, not truncated.
 SQLITE_CHECKPOINT_PAGES = 8192
+
+# PostgreSQL ends a session whose transaction has waited this long for its client (the
+# server's idle_in_transaction_session_timeout). Our transactions run on pool threads from
+# first statement to commit, with milliseconds of Python between statements; one left idle
+# is a node stopped in the middle (a frozen VM, SIGSTOP, a swap storm), and the row locks
+# it holds stop every other node: mail acceptance charges the owner's token tank under its
+# row lock, so one node stopped mid-commit held every node's SMTP DATA (no 250, the
+# clients timing out) for as long as it stayed stopped. Ended, its transaction rolls back
+# and its locks go; the stopped node, let go on, finds its connection gone and that
+# transaction fails as any database error does (nothing in it had been acknowledged).
+PG_IDLE_IN_TRANSACTION_MS = 30_000
 
 # Key in Connection.info that asks for a write transaction (BEGIN IMMEDIATE on SQLite).
 WRITE_INTENT = "mailcore_write"
@@ -86,6 +98,7 @@ def _configure_postgresql(engine: Engine) -> None:
         cursor.execute("SET TIME ZONE 'UTC'")
         cursor.execute("SET jit = off")
         cursor.execute("SET max_parallel_workers_per_gather = 0")
+        cursor.execute(f"SET idle_in_transaction_session_timeout = {PG_IDLE_IN_TRANSACTION_MS}")
         cursor.close()
         dbapi_connection.commit()
 

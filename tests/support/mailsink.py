@@ -432,8 +432,10 @@ class Daemon:
             await self.process.stop()
 
 
-async def open_session(port: int, helo: str = "client.test") -> Any:
-    """An SMTPSession of ours to 127.0.0.1:port, for driving the gateway in tests."""
+async def open_session(port: int, helo: str = "client.test",
+                       reply_timeout: float = 30.0) -> Any:
+    """An SMTPSession of ours to 127.0.0.1:port, for driving the gateway in tests:
+    `reply_timeout` seconds for each reply (twice that for the one after the message's data)."""
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
     from mailcore.smtp.client import SMTPSession, client_factory
@@ -441,9 +443,9 @@ async def open_session(port: int, helo: str = "client.test") -> Any:
 
     reactor = get_reactor()
     proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5).connect(
-        client_factory(reactor, 30.0)
+        client_factory(reactor, reply_timeout)
     )
-    session = SMTPSession(cast(Any, proto), helo_name=helo, data_timeout=60.0)
+    session = SMTPSession(cast(Any, proto), helo_name=helo, data_timeout=2 * reply_timeout)
     await session.handshake()
     return session
 
@@ -472,11 +474,13 @@ def seq_of(data: bytes) -> int | None:
 async def send_numbered(
     ports: Any, seqs: list[int], log: SendLog, *, concurrency: int = 10,
     rcpt: str = "b@customer.test", stop: Any = None, size: int = 2000,
+    reply_timeout: float = 30.0,
 ) -> None:
     """Send each numbered message (of about `size` bytes) once over `concurrency`
     connections (to `ports()` in turn), recording which got a 250. A failed message is not
-    retried: it was never accepted. Connection failures (a daemon being killed) make that
-    worker reconnect and go on."""
+    retried: it was never accepted. Connection failures (a daemon being killed) and replies
+    that take over `reply_timeout` seconds (a daemon stopped) make that worker reconnect and go
+    on."""
     from tests.support.servers import sleep
 
     queue = list(reversed(seqs))
@@ -487,7 +491,8 @@ async def send_numbered(
             if session is None or not session.usable:
                 try:
                     port_list = ports()
-                    session = await open_session(port_list[n % len(port_list)])
+                    session = await open_session(port_list[n % len(port_list)],
+                                                 reply_timeout=reply_timeout)
                 except Exception:
                     session = None
                     await sleep(0.1)
