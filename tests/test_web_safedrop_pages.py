@@ -870,6 +870,7 @@ class DownloadOnTheWireTests(TestCase):
             p.unlink()
         self.wire.send(self.get +
                        b"GET /drop/" + b"A" * 43 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.f.web.clock.advance(0)  # the pipelined request is read in a turn of its own
         [(status, headers, body), (after, _, _)] = self.wire.responses()
         self.assertEqual(status, b"HTTP/1.1 410 Gone")
         self.assertNotIn(b"content-disposition", headers)
