@@ -26,6 +26,7 @@ NOBODY = 65534
 
 DAEMON = """
 import json, os, sqlite3, sys
+from pathlib import Path
 from twisted.scripts._twistd_unix import ServerOptions
 from mailcore.service import makeService
 
@@ -40,7 +41,7 @@ warm, data = sys.argv[1:]
 build(warm)
 build(data, "--uid", "65534", "--gid", "65534")
 owners = {str(p.relative_to(data)): (p.lstat().st_uid, p.lstat().st_gid)
-          for p in __import__("pathlib").Path(data).rglob("*")}
+          for p in Path(data).rglob("*")}
 os.setgid(65534)
 os.setuid(65534)
 db = sqlite3.connect(os.path.join(data, "mailcore.sqlite"))
@@ -53,17 +54,17 @@ os._exit(0)
 
 CLI = """
 import json, os, sys
-from twisted.internet import reactor
+from pathlib import Path
+from twisted.internet.testing import MemoryReactorClock
 from mailcore.config import Config
 from mailcore.privileges import as_data_dir_owner
 from mailcore.service import build_core
 
 warm, data = sys.argv[1:]
-build_core(Config(data_dir=__import__("pathlib").Path(warm)), reactor).db.engine.dispose()
-as_data_dir_owner(__import__("pathlib").Path(data))
-build_core(Config(data_dir=__import__("pathlib").Path(data)), reactor).db.engine.dispose()
-owners = {str(p.relative_to(data)): p.lstat().st_uid
-          for p in __import__("pathlib").Path(data).rglob("*")}
+build_core(Config(data_dir=Path(warm)), MemoryReactorClock()).db.engine.dispose()
+as_data_dir_owner(Path(data))
+build_core(Config(data_dir=Path(data)), MemoryReactorClock()).db.engine.dispose()
+owners = {str(p.relative_to(data)): p.lstat().st_uid for p in Path(data).rglob("*")}
 print(json.dumps({"owners": owners, "uid": os.getuid()}))
 sys.stdout.flush()
 os._exit(0)

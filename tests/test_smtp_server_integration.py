@@ -13,7 +13,6 @@ import re
 import smtplib
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -407,22 +406,25 @@ class TLSSessionEndTests(TestCase):
         kept the connection, counted by no limit, for as long as it liked."""
         factory, port = await self.tls_listener(max_connections_per_ip=1)
 
-        def second_connection() -> bytes:
-            address = ("127.0.0.1", port)
-            with socket.create_connection(address, timeout=10) as first:
-                for _ in range(100):  # until the first one is counted
-                    if factory.connections == 1:
-                        break
-                    time.sleep(0.02)
-                with socket.create_connection(address, timeout=5) as second:
-                    try:
-                        return second.recv(100)
-                    except ConnectionResetError:
-                        return b""
-                    finally:
-                        first.close()
+        address = ("127.0.0.1", port)
 
-        self.assertEqual(await threads.deferToThread(second_connection), b"")
+        def second_connection() -> bytes:
+            with socket.create_connection(address, timeout=5) as second:
+                try:
+                    return second.recv(100)
+                except ConnectionResetError:
+                    return b""
+
+        first = await threads.deferToThread(socket.create_connection, address, 10)
+        try:
+            for _ in range(100):  # until the first one is counted
+                if factory.connections == 1:
+                    break
+                await sleep(0.02)
+            got = await threads.deferToThread(second_connection)
+        finally:
+            first.close()
+        self.assertEqual(got, b"")
         await self.connections_released(factory)
 
     async def connections_released(self, factory: SMTPServerFactory | None = None) -> None:
