@@ -75,6 +75,17 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def unlink_if_same(path: Path, inode: int) -> None:
+    """Remove `path` if it is still the file with `inode` (one written since, by another
+    writer of the same content-named file, is left alone; so is a missing one). Blocks;
+    the caller holds the lock its writers place files under."""
+    try:
+        if path.stat().st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def write_whole(path: Path, data: bytes, *, replace: bool = True) -> bool:
     """Put a file holding `data` (mode 0600) at `path`, whole or not at all: written to a temp
     file beside it, fsynced, then renamed into place (or, with `replace` False, linked there

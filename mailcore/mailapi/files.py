@@ -36,7 +36,7 @@ from typing import BinaryIO
 from multipart import MultipartSegment
 
 from mailcore.emailpolicy import filename_breaks
-from mailcore.files import durable_directory, private_directory
+from mailcore.files import durable_directory, private_directory, unlink_if_same
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control, has_surrogate
 from mailcore.uploads import (
@@ -214,13 +214,8 @@ class MailFiles:
         """Remove the files these uploads made, unless the same bytes were written again
         since (another upload, whose mail may be about to name them: a new inode)."""
         for f in files:
-            path = self.path(f.sha256)
             with self._placing:
-                try:
-                    if path.stat().st_ino == f.inode:
-                        path.unlink()
-                except FileNotFoundError:
-                    continue
+                unlink_if_same(self.path(f.sha256), f.inode)
 
     def older_than(self, hashes: Iterable[str], cutoff: float) -> list[str]:
         """Those of `hashes` whose file was last written before `cutoff` (epoch seconds)."""

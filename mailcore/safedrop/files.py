@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from multipart import MultipartSegment
 
-from mailcore.files import durable_directory, private_directory
+from mailcore.files import durable_directory, private_directory, unlink_if_same
 from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge, bundle_full
 from mailcore.text import has_control, strip_bidi_controls
 from mailcore.uploads import (
@@ -88,13 +88,8 @@ class DropFiles:
         committed, or about to be, naming it. Blocks."""
         if not stored.new:
             return
-        path = self.path(bundle_id, stored.sha256)
         with self._placing:
-            try:
-                if path.stat().st_ino == stored.inode:
-                    path.unlink()
-            except FileNotFoundError:
-                return
+            unlink_if_same(self.path(bundle_id, stored.sha256), stored.inode)
 
     def remove_bundle(self, bundle_id: int) -> None:
         """Delete every stored file of a bundle, for good: the removal of its directory is
