@@ -59,6 +59,7 @@ from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.store.dbclock import ClockFollower, DatabaseTime
 from mailcore.store.leases import JobLeases
+from mailcore.store.stuck import StuckSessionReaper
 from mailcore.tls import CertificateReloader
 from mailcore.webhooks import Webhooks, build_webhooks
 from mailcore.workers import CpuPool
@@ -291,6 +292,8 @@ class Core:
                                     self.job_runner]
         if isinstance(self.clock, DatabaseTime):  # the daemon's (mailcore.service)
             services.insert(0, ClockFollower(self.clock, self.db))
+            if not self.db.is_sqlite:  # several nodes may share the store
+                services.insert(1, StuckSessionReaper(self.db, self.clock))
         services.append(self.tokens)
         services.append(self.backup_index)
         services.append(CredentialSweeper(self.identity, self.clock))

@@ -28,6 +28,7 @@ from mailcore.files import restrict_umask
 from mailcore.logfilter import LogLimiterService
 from mailcore.logrotation import LogSettings
 from mailcore.privileges import acting_as, daemon_ids
+from mailcore.queue.settings import QueueSettings
 from mailcore.startup import (
     DataDirLock,
     check_database_url,
@@ -103,18 +104,21 @@ class OrderedMultiService(service.MultiService):
                 log.failure("stopping {service} failed", service=child)
 
 
-def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = False) -> Core:
+def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = False,
+               named: bool = False) -> Core:
     """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks.
     `check_secrets` (the daemon): a ConfigError when the fetch key cannot open the secrets
-    the database holds (mailcore.fetch.secrets.check_key_blocking).
+    the database holds (mailcore.fetch.secrets.check_key_blocking). `named` (the daemon): its
+    PostgreSQL sessions carry the node's id ([queue] node_id) after "mailcore".
 
     What it creates is private to this user: the process umask gets 077 first (the CLI
     comes here first; see mailcore.files)."""
     restrict_umask()
     ensure_data_dir(config)
     store = StoreSettings.from_config(config.section("store"))
+    node = QueueSettings.from_config(config).node_id if named else ""
     db = Database(config.database_url, reactor,  # type: ignore[arg-type]
-                  max_threads=store.threads, read_threads=store.read_threads)
+                  max_threads=store.threads, read_threads=store.read_threads, node=node)
     db.migrate_blocking()
     if check_secrets:
         try:
@@ -156,7 +160,8 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         check_tls_files(config)
         lock = DataDirLock.acquire(config)
         try:
-            core = build_core(config, reactor, check_secrets=True)  # type: ignore[arg-type]
+            core = build_core(config, reactor,  # type: ignore[arg-type]
+                              check_secrets=True, named=True)
         except SQLAlchemyError as e:
             raise database_error(config, e) from None
         # No database connection may cross twistd's fork into the background: on SQLite

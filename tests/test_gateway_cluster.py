@@ -96,7 +96,8 @@ class TwoNodeTests(TestCase):
         sends none of that work again (only what it was in the middle of sending may arrive
         twice), and its late results do not undo node a's. Node b stopped in the middle of
         a transaction holds row locks node a's commits wait for (the owner's token tank)
-        until PostgreSQL ends that transaction (mailcore.store.engine)."""
+        until PostgreSQL ends that transaction (mailcore.store.engine) or, stopped in the
+        middle of a statement, node a ends its session (mailcore.store.stuck)."""
         state, a, b = await self.start_cluster()
         log = SendLog()
         paused = False
@@ -131,6 +132,7 @@ class TwoNodeTests(TestCase):
         self.assertLessEqual(len(duplicates), 50)
         self.assertLessEqual(len(state.messages) - before, 50)
 
-    # Up to 30 s of node a's commits waiting for node b's locks (PG_IDLE_IN_TRANSACTION_MS).
+    # Up to 30-40 s of node a's commits waiting for node b's locks (PG_IDLE_IN_TRANSACTION_MS,
+    # mailcore.store.stuck).
     test_a_node_paused_past_its_leases_sends_nothing_taken_over_again.timeout = 240  # type: ignore[attr-defined]
 

@@ -70,6 +70,7 @@ class Database:
         max_threads: int = 4,
         read_threads: int | None = None,
         synchronous: bool = False,
+        node: str = "",
     ) -> None:
         self.url = url
         self.is_sqlite = is_sqlite(url)
@@ -86,7 +87,7 @@ class Database:
         self.engine: Engine = make_engine(
             # A connection for each shared thread, one held by each thread of the read
             # lane, one spare.
-            url, pool_size=max_threads + read_threads + 1)
+            url, pool_size=max_threads + read_threads + 1, node=node)
         self._pool: ThreadPool | None = None
         self._read_pool: ThreadPool | None = None
         if not synchronous:

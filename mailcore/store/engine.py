@@ -1,8 +1,9 @@
 """Creating SQLAlchemy engines with the settings durability needs.
 
 PostgreSQL sessions run in UTC (`_configure_postgresql`), whatever the server's TimeZone,
-without JIT compilation and without parallel workers, and a transaction left idle for
-`PG_IDLE_IN_TRANSACTION_MS` ends its session.
+without JIT compilation and without parallel workers, named `APPLICATION_NAME` (and the
+node), and a transaction left idle for `PG_IDLE_IN_TRANSACTION_MS` ends its session (one
+whose client stopped in the middle of a statement is ended by mailcore.store.stuck).
 
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
@@ -42,6 +43,10 @@ SQLITE_CHECKPOINT_PAGES = 8192
 # and its locks go; the stopped node, let go on, finds its connection gone and that
 # transaction fails as any database error does (nothing in it had been acknowledged).
 PG_IDLE_IN_TRANSACTION_MS = 30_000
+# What our PostgreSQL sessions call themselves (pg_stat_activity's application_name), with
+# the node's name after it in the daemon: mailcore.store.stuck ends such sessions of a
+# stopped node that block the others, and only such.
+APPLICATION_NAME = "mailcore"
 
 # Key in Connection.info that asks for a write transaction (BEGIN IMMEDIATE on SQLite).
 WRITE_INTENT = "mailcore_write"
@@ -51,13 +56,15 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
     """An engine for `url`; SQLite gets WAL, FULL sync and explicit transactions, PostgreSQL
-    sessions in UTC."""
+    sessions in UTC, named `APPLICATION_NAME` and `node`."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        name = f"{APPLICATION_NAME} {node}" if node else APPLICATION_NAME
         engine = create_engine(
-            url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True
+            url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
+            connect_args={"application_name": name[:63]},
         )
         _configure_postgresql(engine)
         return engine
