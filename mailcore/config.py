@@ -28,6 +28,10 @@ class Config:
     """Everything the daemon needs to know, resolved once at start-up."""
 
     data_dir: Path = Path("var")
+    # Where uploaded files live (safedrop's `safedrop/`, the Mail API's `mailapi/`): the
+    # data directory unless given. Nodes sharing a PostgreSQL store must all see one
+    # (shared storage): mailcore.filenodes checks that they do.
+    files_dir: Path | None = None
     db_url: str | None = None
     smtp_endpoints: tuple[str, ...] = (DEFAULT_SMTP,)
     http_endpoints: tuple[str, ...] = (DEFAULT_HTTP,)
@@ -47,6 +51,12 @@ class Config:
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
+    def files_root(self) -> Path:
+        """The directory holding `safedrop/` and `mailapi/`: `files_dir`, else the data
+        directory."""
+        return self.files_dir if self.files_dir is not None else self.data_dir
+
+    @property
     def database_url(self) -> str:
         """The SQLAlchemy URL: the one given, else SQLite in the data directory."""
         if self.db_url:
@@ -59,6 +69,7 @@ class Config:
         return replace(
             self,
             data_dir=self.data_dir.absolute(),
+            files_dir=self.files_dir.absolute() if self.files_dir is not None else None,
             tls_cert=self.tls_cert.absolute() if self.tls_cert is not None else None,
             tls_key=self.tls_key.absolute() if self.tls_key is not None else None,
         )
@@ -75,6 +86,7 @@ class Config:
 # TOML keys at the top level that map onto Config fields, and their types.
 _TOP_LEVEL: dict[str, type] = {
     "data_dir": str,
+    "files_dir": str,
     "db": str,
     "smtp": list,
     "http": list,
@@ -217,8 +229,8 @@ def apply_overrides(config: Config, values: dict[str, Any]) -> Config:
     for key, value in values.items():
         if value is None:
             continue
-        if key == "data_dir":
-            changes["data_dir"] = Path(value)
+        if key in ("data_dir", "files_dir"):
+            changes[key] = Path(value)
         elif key == "db":
             changes["db_url"] = value
         elif key == "smtp":
@@ -246,6 +258,9 @@ class CommonOptions(usage.Options):
     optParameters: list[list[Any]] = [
         ["data-dir", None, None,
          "Directory for the database, keys and certificates [default: ./var]."],
+        ["files-dir", None, None,
+         "Directory for uploaded files: safedrop's and the Mail API's [default: the data "
+         "directory]. Nodes sharing a PostgreSQL database must all name one shared storage."],
         ["db", None, None, "SQLAlchemy database URL [default: SQLite in the data directory]; "
          "postgresql+psycopg://user:pass@host/db for PostgreSQL."],
         ["config", "c", None, "TOML configuration file; command-line options win over it."],
@@ -260,7 +275,7 @@ class CommonOptions(usage.Options):
 
     def overrides(self) -> dict[str, Any]:
         """Values given on the command line, in TOML spelling."""
-        return {"data_dir": self["data-dir"], "db": self["db"]}
+        return {"data_dir": self["data-dir"], "files_dir": self["files-dir"], "db": self["db"]}
 
 
 class DaemonOptions(CommonOptions):

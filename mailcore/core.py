@@ -27,6 +27,7 @@ from mailcore.config import Config
 from mailcore.deletion import UserDeletion
 from mailcore.fetch import FetchServices, build_fetch
 from mailcore.fetch.jobs import JobRunner
+from mailcore.filenodes import FileNodes
 from mailcore.gateway.domains import DomainService, DomainSettings
 from mailcore.gateway.filtering import (
     ChainService,
@@ -126,6 +127,9 @@ class Core:
     safedrop: SafedropService = field(init=False)
     # `mailcore user delete`: a user with everything it owns, through the services above.
     deletion: UserDeletion = field(init=False)
+    # This node's marker under `files_dir` and the check that the nodes sharing a
+    # PostgreSQL store see one files directory (run by the daemon, on PostgreSQL only).
+    file_nodes: FileNodes = field(init=False)
 
     def __post_init__(self) -> None:
         self.certificate = None
@@ -188,13 +192,14 @@ class Core:
         drop_settings = SafedropSettings.from_config(self.config.section("safedrop"))
         self.safedrop = SafedropService(
             self.db, self.clock, self.cpu, self.fetch.secrets, self.spool, drop_settings,
-            data_dir=self.config.data_dir, hostname=self.config.hostname,
+            data_dir=self.config.data_dir, files_dir=self.config.files_root,
+            hostname=self.config.hostname,
             sms=SmsGateway.over(drop_settings.sms_gateway, self.clock)
             if drop_settings.sms_gateway else None,
         )
         # Hosted mailboxes: the queue stores their mail here instead of relaying it.
         self.hosted = hosted = HostedAddresses(self.db, self.clock)
-        mail_files = MailFiles(self.config.data_dir / "mailapi")
+        mail_files = MailFiles(self.config.files_root / "mailapi")
         self.queue.runner.router.local = hosted
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.queue.runner.local_store = LocalMailboxes(
@@ -208,11 +213,20 @@ class Core:
             quota_bytes=self.mailapi_settings.mailbox_quota_bytes,
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
+        self.file_nodes = FileNodes(
+            self.db, self.clock, self.cpu, queue_settings.node_id,
+            {"safedrop": self.safedrop.files.root, "mailapi": mail_files.root},
+        )
         self.mail.on_enqueued.append(self.outbox.enqueued)
         self.deletion = UserDeletion(
             self.identity, self.domains, self.mailboxes, self.mail, self.safedrop,
             self.fetch.accounts, self.messages, self.webhooks, self.oauth,
         )
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether other nodes may share this store (PostgreSQL; SQLite is one node's)."""
+        return self.db.engine.dialect.name == "postgresql"
 
     def _mailboxes_changed(self) -> None:
         """A hosted mailbox came or went through this process: routing's cache of them is
@@ -299,6 +313,8 @@ class Core:
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(SafedropSweeper(self.safedrop))
         services.append(MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval))
+        if self.shared_store:
+            services.append(self.file_nodes)
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
         if self.verifier.settings.verify_domains:

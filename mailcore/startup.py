@@ -16,7 +16,8 @@
   `flock` on `DATA/mailcore.lock` for its lifetime, taken before the migrations; a second
   daemon on the same directory is refused while the first runs (the kernel releases the
   lock when the process ends, even on `kill -9`). On PostgreSQL no lock is taken: several
-  nodes share the database by design, each with its own data directory. The admin CLI
+  nodes share the database by design, each with its own data directory (and one shared
+  `files_dir`: mailcore.filenodes). The admin CLI
   never takes it, so it can run beside the daemon.
 
 Every check raises ConfigError with a message that starts with what is wrong and names

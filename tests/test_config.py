@@ -132,6 +132,15 @@ max_attempts = 12
         self.assertEqual(config.session_token_ttl, 60)
         self.assertEqual(config.section("queue"), {"max_attempts": 12})
 
+    def test_files_dir_defaults_to_the_data_dir_and_is_set_by_file_or_option(self) -> None:
+        self.assertEqual(self.parse("--data-dir", "/d").files_root, Path("/d"))
+        path = self.write_toml('data_dir = "/d"\nfiles_dir = "/from/toml"\n')
+        self.assertEqual(self.parse("-c", str(path)).files_root, Path("/from/toml"))
+        config = self.parse("-c", str(path), "--files-dir", "/mnt/shared")
+        self.assertEqual((config.data_dir, config.files_root), (Path("/d"), Path("/mnt/shared")))
+        relative = self.parse("--files-dir", "shared").absolute()
+        self.assertEqual(relative.files_root, Path.cwd() / "shared")  # before twistd's chdir
+
     def test_short_config_option(self) -> None:
         path = self.write_toml('hostname = "short.example.test"\n')
         self.assertEqual(self.parse("-c", str(path)).hostname, "short.example.test")

@@ -102,6 +102,10 @@ def build_parser() -> ArgumentParser:
         "--data-dir", help="directory for the database, keys and certificates [default: ./var]"
     )
     parser.add_argument(
+        "--files-dir", help="directory for uploaded files (safedrop's, the Mail API's) "
+        "[default: the data directory]"
+    )
+    parser.add_argument(
         "--db", help="SQLAlchemy database URL [default: SQLite in the data directory]"
     )
     parser.add_argument(
@@ -124,7 +128,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     config = Config()
     if args.config:
         config = config_from_toml(load_toml(Path(args.config)))
-    return apply_overrides(config, {"data_dir": args.data_dir, "db": args.db})
+    return apply_overrides(config, {"data_dir": args.data_dir, "files_dir": args.files_dir,
+                                    "db": args.db})
 
 
 def one_line(error: BaseException) -> str:

@@ -1,6 +1,8 @@
 """The Mail API's files on disk: attachments, and inbox messages as received.
 
-A file lives at `{data_dir}/mailapi/files/<first 2 hex digits>/<sha256 of its bytes>` and is
+A file lives at `{files_dir}/mailapi/files/<first 2 hex digits>/<sha256 of its bytes>`
+(`files_dir`: the data directory unless given; one shared storage for nodes sharing a
+PostgreSQL store, mailcore.filenodes) and is
 named by the rows that use it (`mailapi_attachments.sha256`, `mailapi_mail.raw_sha256`): one
 file however many mails hold the same bytes (every recipient of one delivered message, a
 draft sent to many). Files are written before the row that names them commits (temp file in
@@ -80,7 +82,7 @@ class Received:
 
 
 class MailFiles:
-    """The Mail API's files under one directory (`{data_dir}/mailapi`)."""
+    """The Mail API's files under one directory (`{files_dir}/mailapi`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

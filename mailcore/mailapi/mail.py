@@ -844,7 +844,9 @@ def _home(rights: Holdings, mail_from: str, user_email: str,
 
 class MailFilesSweeper(PeriodicService):
     """Removes the Mail API's files no row names (MailService.sweep) at start and every
-    `[mailapi] file_sweep_interval` seconds. Each node sweeps its own data directory."""
+    `[mailapi] file_sweep_interval` seconds. Each node sweeps its `files_dir` (shared by the
+nodes sharing a PostgreSQL store: what one node's rows name, another's sweep reads from the
+same database)."""
 
     name = "mailapi_files_sweep"
 

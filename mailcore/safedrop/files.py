@@ -1,9 +1,11 @@
 """Uploads written to disk as they are parsed, and the files of a drop on disk.
 
-A file lives at `{data_dir}/safedrop/<bundle id>/<sha256 of its bytes>`. An upload is
+A file lives at `{files_dir}/safedrop/<bundle id>/<sha256 of its bytes>` (`files_dir`: the
+data directory unless given; one shared storage for nodes sharing a PostgreSQL store,
+mailcore.filenodes). An upload is
 parsed from the request body (already spooled by twisted.web, in memory or in a temp file)
 with the streaming multipart parser of mailcore.uploads, a chunk at a time: each chunk is
-hashed and written to a temp file in `{data_dir}/safedrop/tmp`, which is fsynced and renamed
+hashed and written to a temp file in `{files_dir}/safedrop/tmp`, which is fsynced and renamed
 into place once the part is complete and within its limit. Nothing of a failed upload stays:
 the temp file is removed on every error, and the file it placed is taken back when its row
 is not written (`take_back`), unless another upload of the same bytes wrote it again since

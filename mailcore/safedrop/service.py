@@ -128,6 +128,7 @@ class SafedropService:
         *,
         data_dir: Path,
         hostname: str,
+        files_dir: Path | None = None,
         io: CpuPool | None = None,
         sms: SmsGateway | None = None,
     ) -> None:
@@ -139,7 +140,9 @@ class SafedropService:
         self.spool = spool
         self.settings = settings
         self.hostname = hostname
-        self.files = DropFiles(data_dir / "safedrop")
+        # The files under `files_dir` (default: the data directory), the grants' key in
+        # the data directory.
+        self.files = DropFiles((files_dir or data_dir) / "safedrop")
         self.sms = sms
         self._key_path = data_dir / "safedrop.key"
         self._grants: Grants | None = None

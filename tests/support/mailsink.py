@@ -356,11 +356,12 @@ class Daemon:
 
     def __init__(
         self, directory: Any, *, db_url: str | None = None, queue: dict[str, Any] | None = None,
-        web: dict[str, Any] | None = None, name: str = "mailcore",
+        web: dict[str, Any] | None = None, name: str = "mailcore", files_dir: Any = None,
     ) -> None:
         from tests.support.servers import free_ports
 
         self.directory = directory
+        self.files_dir = files_dir  # --files-dir (nodes sharing one), else the data dir's
         self.data_dir = directory / "var"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'mailcore.sqlite'}"
@@ -403,6 +404,7 @@ class Daemon:
             [twistd_binary(), "-n", "--pidfile=", "-l", str(self.directory / "twistd.log"),
              "mailcore", "--data-dir", str(self.data_dir), "--db", self.db_url,
              "-c", str(self.config),
+             *(["--files-dir", str(self.files_dir)] if self.files_dir is not None else []),
              "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1:backlog=500",
              "--http", f"tcp:{self.http_port}:interface=127.0.0.1"],
             directory=self.directory, name=f"{self.name}-{self.runs}", env=env, grace=30.0,

@@ -17,6 +17,7 @@ from mailcore.store.schema.billing import (
 from mailcore.store.schema.counters import change_counters
 from mailcore.store.schema.domains import domain_addresses, domain_changes, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
+from mailcore.store.schema.filenodes import file_nodes
 from mailcore.store.schema.identity import credentials, users
 from mailcore.store.schema.jobs import mailbox_job_items, mailbox_jobs
 from mailcore.store.schema.leases import job_leases
@@ -54,6 +55,7 @@ __all__ = [
     "drop_recipients",
     "fetch_accounts",
     "fetch_folders",
+    "file_nodes",
     "invoice_lines",
     "invoices",
     "job_leases",
