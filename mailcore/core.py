@@ -53,6 +53,7 @@ from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
+from mailcore.ratelimits import BucketSweeper, SharedBuckets
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.safedrop.sms import SmsGateway
@@ -130,6 +131,9 @@ class Core:
     # This node's marker under `files_dir` and the check that the nodes sharing a
     # PostgreSQL store see one files directory (run by the daemon, on PostgreSQL only).
     file_nodes: FileNodes = field(init=False)
+    # The rate limits that guard secrets (logins, drop passwords and codes), in the store so
+    # that they hold across nodes (mailcore.ratelimits).
+    rate_buckets: SharedBuckets = field(init=False)
 
     def __post_init__(self) -> None:
         self.certificate = None
@@ -213,6 +217,7 @@ class Core:
             quota_bytes=self.mailapi_settings.mailbox_quota_bytes,
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
+        self.rate_buckets = SharedBuckets(self.db, self.clock)
         self.file_nodes = FileNodes(
             self.db, self.clock, self.cpu, queue_settings.node_id,
             {"safedrop": self.safedrop.files.root, "mailapi": mail_files.root},
@@ -311,6 +316,7 @@ class Core:
         services.append(self.tokens)
         services.append(self.backup_index)
         services.append(CredentialSweeper(self.identity, self.clock))
+        services.append(BucketSweeper(self.rate_buckets))
         services.append(SafedropSweeper(self.safedrop))
         services.append(MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval))
         if self.shared_store:

@@ -1,5 +1,6 @@
-"""Migration 0054: the table `file_nodes` (mailcore.filenodes) comes on the way up, empty,
-and goes on the way down, on SQLite and on PostgreSQL."""
+"""Migration 0054: the tables `file_nodes` (mailcore.filenodes) and `rate_buckets`
+(mailcore.ratelimits) come on the way up, empty, and go on the way down, on SQLite and on
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from twisted.trial.unittest import TestCase
 from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 
-BEFORE = "0051_drop_secrets_removed"  # the revision 0054_file_nodes builds on
+BEFORE = "0051_drop_secrets_removed"  # the revision 0054 builds on
 
 
 def thd_tables(conn: Connection) -> set[str]:
     return set(inspect(conn).get_table_names())
+
+
+def thd_count(conn: Connection, table: str) -> int:
+    return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
 
 
 class FileNodesMigrationMixin(DatabaseMixin):
@@ -22,12 +27,12 @@ class FileNodesMigrationMixin(DatabaseMixin):
 
     async def test_the_table_comes_empty_and_goes(self) -> None:
         db = await self.open_database_before(BEFORE)
-        self.assertNotIn("file_nodes", await db.read("tables", thd_tables))
+        self.assertFalse({"file_nodes", "rate_buckets"} & await db.read("tables", thd_tables))
         await threads.deferToThread(db.migrate_blocking)
-        self.assertEqual(await db.read("rows", lambda c: c.execute(
-            text("SELECT count(*) FROM file_nodes")).scalar_one()), 0)
+        for table in ("file_nodes", "rate_buckets"):
+            self.assertEqual(await db.read("rows", thd_count, table), 0)
         await threads.deferToThread(downgrade_to, db.engine, BEFORE)
-        self.assertNotIn("file_nodes", await db.read("tables", thd_tables))
+        self.assertFalse({"file_nodes", "rate_buckets"} & await db.read("tables", thd_tables))
 
 
 class SQLiteFileNodesMigrationTests(FileNodesMigrationMixin, TestCase):

@@ -8,14 +8,17 @@ import datetime
 from typing import Any
 from unittest import mock
 
+import sqlalchemy as sa
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from mailcore.config import Config
+from mailcore.store.schema import rate_buckets
 from tests.support.web import PASSWORD, Web, header
 from web.login import KNOWN_SOURCE_DAYS, PasswordLogin
 from web.ratelimit import RateLimited
+from web.root import build_root
 
 CREDENTIALS = {"username": "alice", "password": PASSWORD}
 LOGIN_FAILED = {"non_field_errors": ["Unable to log in with provided credentials."]}
@@ -240,11 +243,25 @@ class AccountFailureLimitTests(TestCase):
         self.assertEqual(results, ["wrong"] * 6 + ["429", "429"])
         # A name as long as a body is remembered by its digest, not whole.
         self.assertEqual(await self.attempt(login, "203.0.113.9", "n" * 500_000, "x"), "wrong")
-        for limiter in (login.failures, login.account_failures):
-            assert limiter is not None
-            self.assertLess(max(len(repr(k)) for k in limiter._buckets), 200)
+        names = await web.core.db.read("names", lambda c: [r[0] for r in c.execute(
+            sa.select(rate_buckets.c.name))])
+        self.assertTrue(names)
+        self.assertEqual({len(name) for name in names}, {64})  # digests
         web.clock.advance(600)  # one failure back
         self.assertEqual(await self.attempt(login, "198.51.100.1", "alice", PASSWORD), "ok")
+
+    async def test_failures_count_across_nodes(self) -> None:
+        """Two nodes over one store (each its own apps and limiters) allow together the
+        failures one allows, per address and per account."""
+        web, login = self.build()
+        await web.user("alice")
+        other: PasswordLogin = build_root(web.core).apps["imap2api"].login  # type: ignore
+        results = [await self.attempt(node, "192.0.2.1", "alice", "guess")
+                   for node in (login, other, login, other)]
+        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])
+        results = [await self.attempt(node, f"198.51.100.{i}", "alice", "guess")
+                   for i, node in enumerate((other, login, other, login), 1)]
+        self.assertEqual(results, ["wrong", "wrong", "wrong", "429"])  # 6 per account
 
     async def test_an_address_is_known_for_30_days_after_its_last_login(self) -> None:
         web, login = self.build()

@@ -37,6 +37,7 @@ from web.drop_page import (
     CHUNK,
     COMMENT_RATE,
     PASSWORD_RATE,
+    DropPageApp,
     byte_range,
     content_disposition,
 )
@@ -279,6 +280,20 @@ class PasswordAndDownloadTests(TestCase):
                                           password="Open-Sesame-77")
         self.assertEqual(status, 303)
 
+    async def test_password_guesses_are_throttled_per_link_across_nodes(self) -> None:
+        browser = Browser(self.f)
+        for _ in range(PASSWORD_RATE.limit):
+            status, _, _ = await browser.post(self.ann, action="password", password="nope")
+            self.assertEqual(status, 403)
+        # The next guess lands on another node (an app of its own over the same store).
+        app: Any = self.f.web.root.apps["drop"]
+        other = DropPageApp(app.settings, pages=app.pages, drops=self.f.web.core.safedrop)
+        app.limiter = other.limiter
+        status, _, page = await browser.post(self.ann, action="password",
+                                             password="nope")
+        self.assertEqual(status, 429)
+        self.assertIn(b"Too many wrong passwords", page)
+
     async def test_wrong_passwords_lock_the_link_for_a_day_across_restarts(self) -> None:
         browser = Browser(self.f)
         _, _, page = await browser.get(self.ann)
@@ -449,6 +464,20 @@ class CodeLimitTests(TestCase):
         status, _, _ = await self.post(action="send_code")
         self.assertEqual(status, 303)
         self.assertEqual(len(self.codes()), 4)
+
+    async def test_new_codes_are_limited_per_link_across_nodes(self) -> None:
+        """Another node's page (an app of its own over the same store) takes from the same
+        bucket: N nodes do not send N times the codes (mails or paid text messages)."""
+        await self.open_link()
+        for _ in range(3):
+            status, _, _ = await self.post(action="send_code")
+            self.assertEqual(status, 303)
+        app: Any = self.f.web.root.apps["drop"]
+        other = DropPageApp(app.settings, pages=app.pages, drops=self.f.web.core.safedrop)
+        app.code_limiter = other.code_limiter  # the next request lands on node b
+        status, _, _ = await self.post(action="send_code")
+        self.assertEqual(status, 429)
+        self.assertEqual(len(self.codes()), 3)
 
     async def test_wrong_codes_count_across_new_codes_then_the_link_locks_for_a_day(
             self) -> None:

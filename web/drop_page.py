@@ -2,7 +2,8 @@
 
 Server-rendered (web.pages: autoescaped templates, security headers, CSRF-checked forms),
 no JavaScript. The link opens the drop; a password prompt comes first when the bundle has
-one (each link may guess `PASSWORD_RATE`, then 429 with Retry-After; and
+one (each link may guess `PASSWORD_RATE`, then 429 with Retry-After: this and the other
+per-link rates are kept in the store, mailcore.ratelimits, so every node counts together; and
 `PASSWORD_FAILURES` wrong passwords in all, counted in the store, lock it for a day, as wrong
 one-time codes do: mailcore.safedrop.access.Lockout), then with
 require_token_auth a one-time code sent to the recipient: by text message through
@@ -46,6 +47,7 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
+from mailcore.ratelimits import SharedBuckets
 from mailcore.safedrop.access import (
     CHECK_CODE,
     CHECK_PW,
@@ -78,7 +80,7 @@ from web.pages import (
     redirect,
     set_cookie,
 )
-from web.ratelimit import Rate, RateLimiter
+from web.ratelimit import Limiter, Rate, SharedRateLimiter
 from web.replies import content_disposition
 from web.settings import WebSettings
 
@@ -223,14 +225,18 @@ class DropPageApp(PageApp):
 
     def __init__(
         self, settings: WebSettings, *, pages: Pages, drops: SafedropService,
-        limiter: RateLimiter | None = None, code_limiter: RateLimiter | None = None,
-        comment_limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None, code_limiter: Limiter | None = None,
+        comment_limiter: Limiter | None = None,
     ) -> None:
         super().__init__(settings, pages=pages)
         self.drops = drops
-        self.limiter = limiter or RateLimiter(drops.clock, PASSWORD_RATE)
-        self.code_limiter = code_limiter or RateLimiter(drops.clock, CODE_SEND_RATE)
-        self.comment_limiter = comment_limiter or RateLimiter(drops.clock, COMMENT_RATE)
+        # In the store (every node's page takes from the same buckets), unless given.
+        shared = SharedBuckets(drops.db, drops.clock)
+        self.limiter = limiter or SharedRateLimiter(shared, "drop-password", PASSWORD_RATE)
+        self.code_limiter = code_limiter or SharedRateLimiter(shared, "drop-code",
+                                                              CODE_SEND_RATE)
+        self.comment_limiter = comment_limiter or SharedRateLimiter(shared, "drop-comment",
+                                                                    COMMENT_RATE)
         self.sending = Sending()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -382,7 +388,7 @@ class DropPageApp(PageApp):
         if action == "password" and step == CHECK_PW:
             if found.password_locked_until is not None:
                 return self._step(request, found, CHECK_PW)  # 429, saying until when
-            decision = self.limiter.check(("drop-password", link_digest(token)))
+            decision = await self.limiter.take(("drop-password", link_digest(token)))
             if not decision.allowed:
                 raise PageError(429, "Too many attempts",
                                 "Too many wrong passwords; try again later.",
@@ -399,7 +405,7 @@ class DropPageApp(PageApp):
                 and found.code_locked_until is not None:
             return self._step(request, found, CHECK_CODE)  # 429, saying until when
         if action == "send_code" and step == CHECK_CODE:
-            decision = self.code_limiter.check(("drop-code", link_digest(token)))
+            decision = await self.code_limiter.take(("drop-code", link_digest(token)))
             if not decision.allowed:
                 request.setHeader(b"Retry-After", str(decision.retry_after).encode("ascii"))
                 return self._step(
@@ -426,7 +432,7 @@ class DropPageApp(PageApp):
                     or has_control_multiline(text):
                 raise PageError(400, "Reply not sent",
                                 f"Write a reply of at most {MAX_COMMENT} characters.")
-            decision = self.comment_limiter.check(("drop-comment", link_digest(token)))
+            decision = await self.comment_limiter.take(("drop-comment", link_digest(token)))
             if not decision.allowed:
                 raise PageError(429, "Reply not sent",
                                 "Too many replies from this link; try again later.",

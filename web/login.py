@@ -13,10 +13,12 @@ Three limits slow password guessing without letting a guesser lock the owner out
   KNOWN_SOURCE_DAYS days is not refused by that one (the owner's usual address still logs
   in while others guess), only by its own pair's.
 
-The name is counted as typed (trimmed, lower case), whether a user has it or not: the 429
-says nothing of who exists. A success creates a new "token" credential marked as a login's
-(`login=True`: it ends when the password changes): only its digest is stored, so the same
-token cannot be handed out twice (DRF would return the existing one).
+The three are kept in the store (web.ratelimit.SharedRateLimiter), so that nodes sharing it
+allow together the guesses one node allows. The name is counted as typed (trimmed, lower
+case), whether a user has it or not: the 429 says nothing of who exists. A success creates
+a new "token" credential marked as a login's (`login=True`: it ends when the password
+changes): only its digest is stored, so the same token cannot be handed out twice (DRF
+would return the existing one).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from twisted.web.iweb import IRequest
 from mailcore.identity import Identity, IdentityError, User
 from mailcore.identity.service import name_key
 from web.context import context_of
-from web.ratelimit import RateLimited, RateLimiter, client_key, enforce
+from web.ratelimit import Limiter, RateLimited, client_key
+from web.replies import set_headers
 
 # How long an address that logged in to an account stays exempt from the account's limit,
 # and how many such (account, address) pairs are remembered.
@@ -42,9 +45,9 @@ class PasswordLogin:
     failed attempts, per (account name, client address) (`failures`) and per account name
     (`account_failures`), when given."""
 
-    def __init__(self, identity: Identity, limiter: RateLimiter,
-                 failures: RateLimiter | None = None,
-                 account_failures: RateLimiter | None = None) -> None:
+    def __init__(self, identity: Identity, limiter: Limiter,
+                 failures: Limiter | None = None,
+                 account_failures: Limiter | None = None) -> None:
         self.identity = identity
         self.limiter = limiter
         self.failures = failures
@@ -52,29 +55,32 @@ class PasswordLogin:
         # (account digest, client key) -> when it last logged in (the limiter's clock).
         self._known: dict[tuple[bytes, str], float] = {}
 
-    def throttle(self, request: IRequest) -> None:
+    async def throttle(self, request: IRequest) -> None:
         """Count one attempt from this client; 429 when it has made too many."""
-        enforce(request, self.limiter, ("login", client_key(request)))
+        decision = await self.limiter.take(("login", client_key(request)))
+        set_headers(request, decision.headers())
+        if not decision.allowed:
+            raise RateLimited(decision)
 
     async def check(self, request: IRequest, username: str, password: str) -> User | None:
         """The user if the password is right, else None (the attempt is counted first)."""
-        self.throttle(request)
+        await self.throttle(request)
         # A digest: a name may be as long as a body (1 MiB), and the limiter keeps 100,000.
         name = hashlib.sha256(name_key(username).encode("utf-8", "replace")).digest()
         client = client_key(request)
         pair = ("pair", name, client)
         account = ("account", name)
-        if self.failures is not None and self.failures.peek(pair) < 1:
-            raise RateLimited(self.failures.check(pair))
+        if self.failures is not None and await self.failures.available(pair) < 1:
+            raise RateLimited(await self.failures.take(pair))
         if (self.account_failures is not None and not self._is_known(name, client)
-                and self.account_failures.peek(account) < 1):
-            raise RateLimited(self.account_failures.check(account))
+                and await self.account_failures.available(account) < 1):
+            raise RateLimited(await self.account_failures.take(account))
         user = await self.identity.authenticate_password(username, password)
         if user is None:
             if self.failures is not None:
-                self.failures.check(pair)
+                await self.failures.take(pair)
             if self.account_failures is not None:
-                self.account_failures.check(account)
+                await self.account_failures.take(account)
             return None
         self._remember(name, client)
         context_of(request).user = user.username

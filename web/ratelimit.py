@@ -7,7 +7,10 @@ a refused request gets 429 with `Retry-After`. Users: the password-login endpoin
 client address; failures per account name and address, and per account name: web.login),
 IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token), Protecmail, the
 Mail API and safedrop (20/s per user each; 100/h per client address for requests whose
-credential is missing or bad, the three APIs together). `InFlight` bounds what a key has
+credential is missing or bad, the three APIs together). The limits that guard a secret (the
+password logins', a drop's password, code and reply limits) are `SharedRateLimiter`s, kept in
+the store, so that nodes sharing it allow together what one node does; the others are kept
+in each process's memory. `InFlight` bounds what a key has
 under way at once instead (a safedrop user's concurrent uploads): 429 beyond, with
 Retry-After.
 """
@@ -24,6 +27,7 @@ from twisted.web.iweb import IRequest
 
 from mailcore.connlimits import address_key, client_address
 from mailcore.identity import Principal
+from mailcore.ratelimits import SharedBuckets
 from web.errors import ApiError
 from web.replies import set_headers
 
@@ -114,8 +118,6 @@ class RateLimiter:
     def check(self, key: Hashable, cost: int = 1) -> Decision:
         """Take `cost` tokens from `key`'s bucket if it has them; say what happened."""
         now = self.clock.seconds()
-        limit, period = self.rate.limit, self.rate.period
-        per_token = period / limit
         tokens = self._refilled(key, now)
         allowed = tokens >= cost
         if allowed:
@@ -123,13 +125,19 @@ class RateLimiter:
         if key not in self._buckets and len(self._buckets) >= self.max_keys:
             self._prune(now)
         self._buckets[key] = (tokens, now)
-        retry_after = 0 if allowed else max(1, math.ceil((cost - tokens) * per_token))
-        reset = math.ceil(now + (limit - tokens) * per_token)
-        return Decision(allowed, limit, max(0, math.floor(tokens)), reset, retry_after)
+        return decision(self.rate, now, allowed, tokens, cost)
 
     def peek(self, key: Hashable) -> int:
         """How many requests `key` may still make now (nothing is taken)."""
         return math.floor(self._refilled(key, self.clock.seconds()))
+
+    async def take(self, key: Hashable, cost: int = 1) -> Decision:
+        """`check`, as the shared limiter's (SharedRateLimiter) is called."""
+        return self.check(key, cost)
+
+    async def available(self, key: Hashable) -> int:
+        """`peek`, likewise."""
+        return self.peek(key)
 
     def _prune(self, now: float) -> None:
         full = [k for k in self._buckets if self._refilled(k, now) >= self.rate.limit]
@@ -139,6 +147,41 @@ class RateLimiter:
             oldest = sorted(self._buckets, key=lambda k: self._buckets[k][1])
             for k in oldest[: len(oldest) // 2 + 1]:
                 del self._buckets[k]
+
+
+class SharedRateLimiter:
+    """A RateLimiter whose buckets are in the store (mailcore.ratelimits), so that it holds
+    across the nodes sharing it: for the limits that guard a secret. `name` tells its
+    buckets from another limit's for the same key."""
+
+    def __init__(self, buckets: SharedBuckets, name: str, rate: Rate) -> None:
+        self.buckets = buckets
+        self.name = name
+        self.rate = rate
+        self.clock = buckets.clock
+
+    async def take(self, key: Hashable, cost: int = 1) -> Decision:
+        """Take `cost` tokens from `key`'s bucket if it has them; say what happened."""
+        allowed, tokens = await self.buckets.take(self.name, key, self.rate.limit,
+                                                  self.rate.period, cost)
+        return decision(self.rate, self.clock.seconds(), allowed, tokens, cost)
+
+    async def available(self, key: Hashable) -> int:
+        """How many requests `key` may still make now (nothing is taken)."""
+        return math.floor(await self.buckets.available(self.name, key, self.rate.limit,
+                                                       self.rate.period))
+
+
+# What PasswordLogin and the drop page take: either kind.
+Limiter = RateLimiter | SharedRateLimiter
+
+
+def decision(rate: Rate, now: float, allowed: bool, tokens: float, cost: int) -> Decision:
+    """The Decision of a take that left `tokens` in a bucket of `rate` at `now`."""
+    per_token = rate.period / rate.limit
+    retry_after = 0 if allowed else max(1, math.ceil((cost - tokens) * per_token))
+    reset = math.ceil(now + (rate.limit - tokens) * per_token)
+    return Decision(allowed, rate.limit, max(0, math.floor(tokens)), reset, retry_after)
 
 
 class InFlight:

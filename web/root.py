@@ -50,7 +50,7 @@ from web.openapi import document
 from web.pages import Pages, StaticApp
 from web.protecmail import ProtecmailApp
 from web.quarantine_page import QuarantinePageApp
-from web.ratelimit import Rate, RateLimiter
+from web.ratelimit import Rate, RateLimiter, SharedRateLimiter
 from web.safedrop import UPLOAD_OVERHEAD, UPLOAD_PATH, SafedropApp
 from web.settings import WebSettings
 
@@ -291,10 +291,15 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
     login_rate = settings.login_rate or Rate(10**9, 1)
     failures = settings.login_failure_rate
     account_failures = settings.login_account_failure_rate
+    # Kept in the store: nodes sharing it allow together the guesses one node allows.
+    shared = core.rate_buckets
     login = PasswordLogin(
-        identity, RateLimiter(clock, login_rate),
-        failures=RateLimiter(clock, failures) if failures else None,
-        account_failures=RateLimiter(clock, account_failures) if account_failures else None,
+        identity,
+        SharedRateLimiter(shared, "login", settings.login_rate) if settings.login_rate
+        else RateLimiter(clock, login_rate),
+        failures=SharedRateLimiter(shared, "login-failures", failures) if failures else None,
+        account_failures=SharedRateLimiter(shared, "login-account-failures", account_failures)
+        if account_failures else None,
     )
     # Protecmail, the Mail API and safedrop share one budget of bad credentials per client
     # address: an API key opens all three, so guesses spread over them count once.

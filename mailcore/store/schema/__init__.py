@@ -39,6 +39,7 @@ from mailcore.store.schema.meta import metadata
 from mailcore.store.schema.oauth import oauth_apps, oauth_codes, oauth_tokens
 from mailcore.store.schema.quarantine import quarantine, quarantine_digest_runs
 from mailcore.store.schema.queue import queue_messages, queue_recipients
+from mailcore.store.schema.rates import rate_buckets
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
 
@@ -77,6 +78,7 @@ __all__ = [
     "quarantine_digest_runs",
     "queue_messages",
     "queue_recipients",
+    "rate_buckets",
     "threads",
     "token_charges",
     "token_tanks",

@@ -1,0 +1,79 @@
+"""Rate limits kept in the store, so that they hold across the nodes sharing it: a limit
+that guards a secret (a password, a drop's password, the one-time codes a link may have sent)
+must allow the same number of tries whether one node or ten answer. The token-bucket
+arithmetic is web.ratelimit.Rate's (N at once, then one every period/N seconds); each take
+is one short transaction on the bucket's row (`mailcore.store.rates`), judged by the
+database's clock (the injected one, mailcore.store.dbclock). Keys are stored as digests.
+Limits that only pace load (per user requests a second) stay in each process's memory."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailcore.periodic import PeriodicService
+from mailcore.store.database import Database
+from mailcore.store.rates import thd_available, thd_sweep, thd_take
+
+log = Logger()
+
+# How often the buckets full again (which hold nothing) are deleted.
+SWEEP_INTERVAL = 600.0
+
+
+class SharedBuckets:
+    """Token buckets in the store: `take` and `available` for one limit's key."""
+
+    def __init__(self, db: Database, clock: IReactorTime) -> None:
+        self.db = db
+        self.clock = clock
+
+    @staticmethod
+    def bucket_name(limit: str, key: Hashable) -> str:
+        """The row's name: a digest of the limit's name and the key's repr."""
+        return hashlib.sha256(f"{limit}\0{key!r}".encode("utf-8", "replace")).hexdigest()
+
+    async def take(self, limit: str, key: Hashable, count: int, period: float,
+                   cost: int = 1) -> tuple[bool, float]:
+        """Take `cost` from the bucket of `key` under `limit` (`count` per `period`
+        seconds): whether it had them, and what it holds now."""
+        return await self.db.run("rate_take", thd_take, self.bucket_name(limit, key), count,
+                                 period, cost, self.clock.seconds())
+
+    async def available(self, limit: str, key: Hashable, count: int, period: float) -> float:
+        """What the bucket of `key` under `limit` holds now (nothing is taken)."""
+        return await self.db.read("rate_available", thd_available,
+                                  self.bucket_name(limit, key), count, period,
+                                  self.clock.seconds())
+
+    async def sweep(self) -> int:
+        """Delete the buckets full again (a missing one is full); how many."""
+        return await self.db.run("rate_sweep", thd_sweep, self.clock.seconds())
+
+
+class BucketSweeper(PeriodicService):
+    """Deletes the shared buckets that are full again, every SWEEP_INTERVAL seconds (every
+    node may run it: the delete is idempotent)."""
+
+    name = "rate-bucket-sweeper"
+
+    def __init__(self, buckets: SharedBuckets, every: float = SWEEP_INTERVAL) -> None:
+        self.buckets = buckets
+        self.clock = buckets.clock
+        self.every = every
+
+    def interval(self) -> float:
+        return self.every
+
+    def tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            await self.buckets.sweep()
+        except Exception:
+            log.failure("sweeping the shared rate-limit buckets failed")
