@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077
@@ -75,15 +76,49 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def unlink_if_same(path: Path, inode: int) -> None:
+def unlink_if_same(path: Path, inode: int, graveyard: Path) -> None:
     """Remove `path` if it is still the file with `inode` (one written since, by another
     writer of the same content-named file, is left alone; so is a missing one). Blocks;
-    the caller holds the lock its writers place files under."""
+    the caller holds the lock its writers place files under, and writers outside it
+    (another node on shared storage) are kept as `remove_judged` says."""
+    remove_judged(path, graveyard, lambda st: st.st_ino == inode)
+
+
+def remove_if_older(path: Path, graveyard: Path, cutoff: float) -> bool:
+    """Remove `path` if it was last written before `cutoff` (epoch seconds); whether it was.
+    Blocks; see `remove_judged`."""
+    return remove_judged(path, graveyard, lambda st: st.st_mtime < cutoff)
+
+
+def remove_judged(path: Path, graveyard: Path,
+                  removable: Callable[[os.stat_result], bool]) -> bool:
+    """Remove `path` if `removable` says so of it; whether it was removed. Another process
+    may write the same content-named file again at any moment, outside the caller's lock
+    (another node on shared storage): the file is renamed into `graveyard` (a directory on
+    the same file system) first and judged again there, so that what is removed is the file
+    that was judged, and one written again between the look and the rename is put back. A
+    crash in between leaves the file in `graveyard`, whose sweep of old temp files removes
+    it. Blocks."""
     try:
-        if path.stat().st_ino == inode:
-            path.unlink()
+        if not removable(path.stat()):
+            return False
+        grave = graveyard / f".removing-{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, grave)
     except FileNotFoundError:
-        pass
+        return False
+    try:
+        if removable(grave.stat()):
+            return True
+        try:  # written again meanwhile: back in place, unless a newer copy is there
+            os.link(grave, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(grave, path)
+        return False
+    finally:
+        grave.unlink(missing_ok=True)
 
 
 def write_whole(path: Path, data: bytes, *, replace: bool = True) -> bool:

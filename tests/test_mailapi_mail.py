@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import quote
 
 from sqlalchemy import delete, event, func, insert, select, update
@@ -1056,6 +1057,32 @@ class MailFilesTests(TestCase):
         self.assertEqual(files.remove_older([old.sha256, again.sha256], cutoff), 1)
         self.assertFalse(files.path(old.sha256).exists())
         self.assertTrue(files.path(again.sha256).exists())
+
+    def test_the_sweep_keeps_a_file_another_node_writes_again_as_it_removes(self) -> None:
+        """Nodes sharing the files directory: node b writes the same bytes again (outside
+        node a's lock) just after node a's sweep looked at the old file's age. The file
+        node b's mail is about to name stays; nothing is left in the temp directory."""
+        root = Path(self.mktemp())
+        node_a, node_b = MailFiles(root), MailFiles(root)
+        node_a.prepare()
+        stored = node_a.write(b"sent again through node b")
+        target = node_a.path(stored.sha256)
+        os.utime(target, (time.time() - 2 * GRACE,) * 2)
+        real_stat = Path.stat
+        fired: list[bool] = []
+
+        def stat(path: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+            result = real_stat(path, *args, **kwargs)
+            if path == target and not fired:
+                fired.append(True)
+                node_b.write(b"sent again through node b")
+            return result
+
+        with mock.patch.object(Path, "stat", stat):
+            removed = node_a.remove_older([stored.sha256], time.time() - GRACE)
+        self.assertEqual((fired, removed), ([True], 0))
+        self.assertEqual(node_a.read(stored.sha256), b"sent again through node b")
+        self.assertEqual(list(node_a.tmp.iterdir()), [])
 
     def test_start_up_removes_only_temp_files_a_crash_left(self) -> None:
         files = MailFiles(Path(self.mktemp()))

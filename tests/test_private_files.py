@@ -8,12 +8,21 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.fetch.secrets import SecretBox
-from mailcore.files import private_directory, private_file, restrict_umask, secret_key_file
+from mailcore.files import (
+    private_directory,
+    private_file,
+    remove_if_older,
+    restrict_umask,
+    secret_key_file,
+    unlink_if_same,
+)
 from mailcore.service import build_core
 from mailcore.store.engine import make_engine
 from mailcore.tls import ensure_certificate, server_context
@@ -187,3 +196,57 @@ class DurableDirectoryTests(TestCase):
         DropFiles(base / "safedrop").prepare()  # there already: nothing to record
         MailFiles(base / "mailapi").prepare()
         self.assertEqual(synced, [])
+
+
+class RemovalRaceTests(TestCase):
+    """Removing a content-named file while another writer outside our lock (another node on
+    shared storage) writes the same name again, just after we looked at it: the file it
+    wrote stays, and nothing is left in the graveyard."""
+
+    def race(self, judge: str) -> tuple[Path, Path]:
+        base = tempdir_for(self)
+        graveyard = private_directory(base / "tmp")
+        path = base / "f"
+        path.write_bytes(b"same bytes")
+        os.utime(path, (1, 1))
+        inode = path.stat().st_ino
+        real_stat = Path.stat
+        fired: list[bool] = []
+
+        def stat(p: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+            result = real_stat(p, *args, **kwargs)
+            if p == path and not fired:
+                fired.append(True)
+                tmp = base / "other-writer"
+                tmp.write_bytes(b"same bytes")
+                os.replace(tmp, path)  # a new inode, written now
+            return result
+
+        with mock.patch.object(Path, "stat", stat):
+            if judge == "inode":
+                unlink_if_same(path, inode, graveyard)
+            else:
+                self.assertFalse(remove_if_older(path, graveyard, 1000.0))
+        self.assertEqual(fired, [True])
+        return path, graveyard
+
+    def test_taking_back_keeps_the_file_written_again(self) -> None:
+        path, graveyard = self.race("inode")
+        self.assertEqual(path.read_bytes(), b"same bytes")
+        self.assertEqual(list(graveyard.iterdir()), [])
+
+    def test_the_sweep_keeps_the_file_written_again(self) -> None:
+        path, graveyard = self.race("age")
+        self.assertEqual(path.read_bytes(), b"same bytes")
+        self.assertEqual(list(graveyard.iterdir()), [])
+
+    def test_without_a_writer_the_file_goes(self) -> None:
+        base = tempdir_for(self)
+        graveyard = private_directory(base / "tmp")
+        (base / "old").write_bytes(b"x")
+        os.utime(base / "old", (1, 1))
+        self.assertTrue(remove_if_older(base / "old", graveyard, 1000.0))
+        (base / "mine").write_bytes(b"y")
+        unlink_if_same(base / "mine", (base / "mine").stat().st_ino, graveyard)
+        self.assertEqual(sorted(p.name for p in base.iterdir()), ["tmp"])
+        self.assertEqual(list(graveyard.iterdir()), [])

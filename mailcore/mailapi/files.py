@@ -21,8 +21,9 @@ Files no row names any more (mail deleted, a mailbox removed with its mail, a cr
 rename and commit) are removed once they are older than `GRACE` seconds, so that a file a
 write is about to name is never taken from under it (MailService.collect and sweep; the age
 is checked again at the removal). Placing a file and removing one are each one step under a
-lock, so within a node no removal races a write of the same bytes. Every method here
-blocks: run it on a thread pool.
+lock, so within a node no removal races a write of the same bytes; a write of another node
+sharing the directory is put back by the removal (mailcore.files.remove_if_older). Every
+method here blocks: run it on a thread pool.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from typing import BinaryIO
 from multipart import MultipartSegment
 
 from mailcore.emailpolicy import filename_breaks
-from mailcore.files import durable_directory, private_directory, unlink_if_same
+from mailcore.files import (
+    durable_directory,
+    private_directory,
+    remove_if_older,
+    unlink_if_same,
+)
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control, has_surrogate
 from mailcore.uploads import (
@@ -202,14 +208,10 @@ class MailFiles:
         since, by an upload whose mail may be about to name it, stays); how many."""
         removed = 0
         for sha256 in hashes:
-            path = self.path(sha256)
+            # The lock keeps this node's writes out; another node's (shared storage) are
+            # kept by the removal itself (remove_if_older).
             with self._placing:
-                try:
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    continue
+                removed += remove_if_older(self.path(sha256), self.tmp, cutoff)
         return removed
 
     def take_back(self, files: Iterable[StoredFile]) -> None:
@@ -217,7 +219,7 @@ class MailFiles:
         since (another upload, whose mail may be about to name them: a new inode)."""
         for f in files:
             with self._placing:
-                unlink_if_same(self.path(f.sha256), f.inode)
+                unlink_if_same(self.path(f.sha256), f.inode, self.tmp)
 
     def older_than(self, hashes: Iterable[str], cutoff: float) -> list[str]:
         """Those of `hashes` whose file was last written before `cutoff` (epoch seconds)."""

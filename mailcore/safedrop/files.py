@@ -91,7 +91,7 @@ class DropFiles:
         if not stored.new:
             return
         with self._placing:
-            unlink_if_same(self.path(bundle_id, stored.sha256), stored.inode)
+            unlink_if_same(self.path(bundle_id, stored.sha256), stored.inode, self.tmp)
 
     def remove_bundle(self, bundle_id: int) -> None:
         """Delete every stored file of a bundle, for good: the removal of its directory is
