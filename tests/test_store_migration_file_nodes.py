@@ -1,4 +1,4 @@
-"""Migration 0054: the tables `file_nodes` (mailcore.filenodes) and `rate_buckets`
+"""Migration 0052: the tables `file_nodes` (mailcore.filenodes) and `rate_buckets`
 (mailcore.ratelimits) come on the way up, empty, and go on the way down, on SQLite and on
 PostgreSQL."""
 
@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 
-BEFORE = "0051_drop_secrets_removed"  # the revision 0054 builds on
+BEFORE = "0051_drop_secrets_removed"  # the revision 0052 builds on
 
 
 def thd_tables(conn: Connection) -> set[str]:

@@ -1,4 +1,4 @@
-"""The nodes that keep files under `files_dir` (migration 0054), so that each node can tell
+"""The nodes that keep files under `files_dir` (migration 0052), so that each node can tell
 whether it sees the others' files: `mailcore.filenodes` checks it.
 
 One row per node (`[queue] node_id`): `marker` is the random text this node wrote, at its

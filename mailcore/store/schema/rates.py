@@ -1,4 +1,4 @@
-"""Rate-limit buckets shared by the nodes of one store (migration 0054), for the limits that
+"""Rate-limit buckets shared by the nodes of one store (migration 0052), for the limits that
 guard secrets (password logins, a drop's password, one-time codes sent) and must not grow
 with the number of nodes. `mailcore.ratelimits` takes from them.
 

@@ -14,7 +14,7 @@ rate_buckets, taken from in one transaction by whichever node answers (mailcore.
 Upgrade: both tables are made empty (each node records itself at its next start; every
 bucket starts full). Downgrade: they go.
 
-Revision ID: 0054_file_nodes_rate_buckets
+Revision ID: 0052_file_nodes_rate_buckets
 Revises: 0051_drop_secrets_removed
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0054_file_nodes_rate_buckets"
+revision = "0052_file_nodes_rate_buckets"
 down_revision = "0051_drop_secrets_removed"
 branch_labels = None
 depends_on = None
