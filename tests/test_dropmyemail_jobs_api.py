@@ -56,7 +56,7 @@ class RestoreInputTests(JobsApiBase):
     async def test_a_field_is_a_400_naming_it_and_no_job_is_made(self) -> None:
         attempts: list[dict[str, Any]] = [
             {"json": {"message_ids": [1, 2, 3]}},
-            {"json": {"message_ids": list(range(100_000))}},
+            {"json": {"message_ids": list(range(9_000))}},
             {"json": {"folder": "INBOX"}},
             {"data": b"message_ids=1", "headers": {
                 "Content-Type": "application/x-www-form-urlencoded"}},
@@ -66,6 +66,13 @@ class RestoreInputTests(JobsApiBase):
             self.assertEqual(status, 400, (kwargs.get("json", kwargs.get("data")), body))
             self.assertEqual(body["error"], "invalid_request")
             self.assertTrue(body["error_description"].startswith("Unknown field: "), body)
+        # A document of more values than any of ours holds is refused before it is decoded
+        # (web.parsing.MAX_JSON_VALUES).
+        status, body = await self.call("POST", f"{self.base}/restores",
+                                       json={"message_ids": list(range(100_000))})
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        self.assertEqual(body["error_description"],
+                         "JSON parse error - more than 10000 values.")
         self.assertEqual(await self.jobs(), 0)
 
     async def test_a_body_that_is_no_object_is_a_400(self) -> None:

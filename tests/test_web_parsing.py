@@ -16,6 +16,7 @@ from web.errors import ApiError
 from web.parsing import (
     MAX_FORM_PARTS,
     MAX_JSON_DEPTH,
+    MAX_JSON_VALUES,
     Upload,
     bool_field,
     collect_fields,
@@ -124,6 +125,40 @@ class JsonTests(TestCase):
             e = self.assertRaises(ApiError, read_json, request(body, "application/json"), LIMIT)
             self.assertEqual((e.status, e.fields), (400, None))
             self.assertIn("NUL", e.message)
+
+    def test_a_document_of_too_many_values_is_refused_before_it_is_decoded(self) -> None:
+        """1 MiB of JSON (the default json_max_body) holds some 300,000 values; decoding
+        and checking them kept the reactor for 1-5 s. More than MAX_JSON_VALUES is refused
+        from a count in the text, without decoding it."""
+        MIB = 1024 * 1024
+        hostile = [
+            json.dumps({f"k{i:05d}": 0 for i in range(90_000)}, separators=(",", ":")),
+            "[" + ",".join(["{}"] * 300_000) + "]",
+            "[" + ",".join(['"a"'] * 250_000) + "]",
+            "[" + "[]" * (MAX_JSON_VALUES + 1) + "]",  # brackets only, no comma
+        ]
+        decoded: list[str] = []
+        real_loads = json.loads
+
+        def loads(text: str, **kwargs: Any) -> Any:
+            decoded.append(text)
+            return real_loads(text, **kwargs)
+
+        self.patch(json, "loads", loads)
+        for text in hostile:
+            body = text.encode()
+            self.assertLessEqual(len(body), MIB)
+            e = self.assertRaises(ApiError, read_json, request(body, "application/json"), MIB)
+            self.assertEqual((e.status, e.message),
+                             (400, f"JSON parse error - more than {MAX_JSON_VALUES} values."))
+        self.assertEqual(decoded, [])
+        # Fewer fit, whatever commas and brackets their strings hold (escaped quotes too).
+        fits = list(range(MAX_JSON_VALUES - 1))
+        self.assertEqual(read_json(request(json.dumps(fits).encode(), "application/json"),
+                                   MIB), fits)
+        strings = {"a": ',[{"\\' * 20_000, "b": "\\", "c": '"' + "," * 20_000}
+        self.assertEqual(read_json(request(json.dumps(strings).encode(), "application/json"),
+                                   MIB), strings)
 
     def test_a_number_beyond_a_double_is_refused(self) -> None:
         e = self.assertRaises(

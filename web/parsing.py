@@ -6,15 +6,15 @@ Messages for fields follow Django REST framework's wording, which the IMAP2API s
 clients see verbatim; the other shapes show them as "field: message".
 
 This is the input boundary of every route, so it refuses here what nothing behind it could
-hold: JSON nested deeper than `MAX_JSON_DEPTH`, text (in JSON, a form, a multipart field, the
-query string or a path segment) holding a lone surrogate ("\\ud800", which json.loads accepts
-but no database or reply can encode) or NUL (which PostgreSQL's text columns refuse: a 500
-there, a stored NUL on SQLite), a number that is not finite, an integer outside the signed
-64-bit range (`INT64_MIN`..`INT64_MAX`, what a BIGINT column keeps), digits other than
-ASCII 0-9, and (in `string_field(..., line=True)`, for names) control characters, or
-(`multiline=True`, for messages) those other than TAB, CR and LF. Ids in paths go through
-`IdConverter`, the `int` converter of every route (at most `ID_MAX`, what an id column
-holds), and every other path segment through `TextConverter`.
+hold: JSON nested deeper than `MAX_JSON_DEPTH` or of more than `MAX_JSON_VALUES` values,
+text (in JSON, a form, a multipart field, the query string or a path segment) holding a lone
+surrogate ("\\ud800", which json.loads accepts but no database or reply can encode) or NUL
+(which PostgreSQL's text columns refuse: a 500 there, a stored NUL on SQLite), a number that
+is not finite, an integer outside the signed 64-bit range (`INT64_MIN`..`INT64_MAX`, what a
+BIGINT column keeps), digits other than ASCII 0-9, and (in `string_field(..., line=True)`,
+for names) control characters, or (`multiline=True`, for messages) those other than TAB, CR
+and LF. Ids in paths go through `IdConverter`, the `int` converter of every route (at most
+`ID_MAX`, what an id column holds), and every other path segment through `TextConverter`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ INT64_MIN = -(2**63)
 ID_MAX = 2**31 - 1
 # Our documents are a few levels deep; this leaves room and bounds every walk over them.
 MAX_JSON_DEPTH = 32
+# Values in one JSON document (every object, array, key's value, array item and scalar).
+# Our request documents hold a few dozen; a list of folder names or recipients some
+# hundreds. The bound keeps decoding and checking a hostile body short: 1 MiB of `{}` or of
+# one-letter keys is some 300,000 values, and decoding and walking them kept the reactor
+# 1-5 s.
+MAX_JSON_VALUES = 10_000
 # A multipart/form-data body (not an upload path's, mailcore.uploads): its parts, and the
 # headers of each. Our forms have a few fields; the Mail API's files come one a part.
 MAX_FORM_PARTS = 256
@@ -206,15 +212,44 @@ def _reject_constant(name: str) -> Any:
 
 
 _TOO_DEEP = f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels."
+_TOO_MANY = f"JSON parse error - more than {MAX_JSON_VALUES} values."
+# What opens MAX_JSON_DEPTH + 1 levels at once (in a text without its strings, spaces or
+# colons, where `{` is written `[`).
+_DEEP_RUN = "[" * (MAX_JSON_DEPTH + 1)
+
+
+def _bound(text: str) -> int:
+    return text.count(",") + text.count("[") + text.count("{")
+
+
+def _count_values(text: str) -> None:
+    """Refuse a document of more than MAX_JSON_VALUES values before it is decoded.
+
+    Each value after an array's or object's first follows a comma, and each array or
+    object opens with a bracket, so commas and opening brackets bound the values from
+    above. Counted in the text first (C speed; strings may hold some); only a text over the
+    bound is counted again without its strings (cut out at their unescaped quotes: a
+    backslash only ever stands in a string). Deep nesting gets the depth message."""
+    if _bound(text) < MAX_JSON_VALUES:
+        return
+    unescaped = text.replace("\\\\", "").replace('\\"', "")
+    bare = "".join(unescaped.split('"')[0::2])
+    if _bound(bare) < MAX_JSON_VALUES:
+        return
+    if _DEEP_RUN in "".join(bare.split()).replace(":", "").replace("{", "["):
+        raise ApiError(400, _TOO_DEEP)
+    raise ApiError(400, _TOO_MANY)
 
 
 def decode_json(data: bytes) -> Any:
     """Strict JSON from bytes (UTF-8, no NaN/Infinity, numbers that fit a double, at most
-    `MAX_JSON_DEPTH` levels, text without lone surrogates), or a 400 saying what broke."""
+    `MAX_JSON_DEPTH` levels and `MAX_JSON_VALUES` values, text without lone surrogates), or
+    a 400 saying what broke."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "JSON parse error - the body is not valid UTF-8.") from None
+    _count_values(text)
     try:
         document = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
