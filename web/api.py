@@ -166,11 +166,9 @@ class ApiApp:
 
     def fields(self, request: IRequest, *, untyped_form: bool = False) -> dict[str, Any]:
         """Input fields from a JSON, form-encoded or multipart body (`untyped_form`: a body
-        without a Content-Type is form-encoded)."""
-        return read_fields(
-            request, self.settings.json_max_body, multipart_limit=self.settings.max_body,
-            untyped_form=untyped_form,
-        )
+        without a Content-Type is form-encoded), each at most `[web] json_max_body` (files
+        come only to the upload paths, web.root.upload_paths)."""
+        return read_fields(request, self.settings.json_max_body, untyped_form=untyped_form)
 
     def json_object(self, request: IRequest) -> dict[str, Any]:
         """A JSON object body (only JSON is accepted)."""

@@ -26,12 +26,15 @@ Connections (`LimitedChannel`, counted by the site with `mailcore.connlimits`):
 
 The request-size limit, enforced while the body arrives rather than after:
 
-`LimitedRequest` is the site's request class. A body declared larger than the limit
-(`Content-Length`) is refused as soon as the headers are in: no `100 Continue` is sent, no
-byte of the body is stored, and the 413 goes out at once on a connection that then closes.
-A chunked body is counted as it arrives; past the limit nothing more is stored and the 413
-goes out at once too. The reply itself comes from the root resource, in the shape of the API
-the path belongs to (`body_too_large` tells it to answer 413).
+`LimitedRequest` is the site's request class. The limit is `[web] json_max_body` (1 MiB) on
+every path but the upload paths, which take `[web] max_body` (25 MiB) or more (below): a
+path that reads only JSON, a form or text fields never buffers more. A body declared larger
+than the limit (`Content-Length`) is refused as soon as the headers are in: no `100
+Continue` is sent, no byte of the body is stored, and the 413 goes out at once on a
+connection that then closes. A chunked body is counted as it arrives; past the limit nothing
+more is stored and the 413 goes out at once too. The reply itself comes from the root
+resource, in the shape of the API the path belongs to (`body_too_large` tells it to answer
+413).
 
 An upload path (a safedrop file, a Mail API message with attachments) takes bodies larger
 than `[web] max_body`, but only from a client its API would serve: when a body over
@@ -309,9 +312,10 @@ async def _ask(gate: Callable[[IRequest], Awaitable[bool]], request: IRequest) -
 
 @dataclass(frozen=True)
 class BodyLimits:
-    """The largest request body: `default` ([web] max_body), or more on the paths that
+    """The largest request body: `default` ([web] json_max_body), or more on the paths that
     take uploads (a regular expression over the path, and its limit). `gate`, when set, is
-    asked before a body over `default` is read on an upload path (module docstring)."""
+    asked before a body over the site's `max_body` ([web] max_body) is read on an upload
+    path (module docstring)."""
 
     default: int
     uploads: tuple[tuple[re.Pattern[str], int], ...] = ()

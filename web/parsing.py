@@ -327,7 +327,6 @@ def read_fields(
     request: IRequest,
     limit: int,
     *,
-    multipart_limit: int | None = None,
     accept_json: bool = True,
     accept_form: bool = True,
     accept_multipart: bool = True,
@@ -353,7 +352,7 @@ def read_fields(
     if accept_multipart and media == MULTIPART_TYPE:
         return parse_multipart(
             request.getHeader(b"content-type") or b"",
-            read_body(request, multipart_limit or limit),
+            read_body(request, limit),
         )
     if not media:
         body = read_body(request, limit)

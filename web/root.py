@@ -174,8 +174,8 @@ class RootResource(Resource):
         super().__init__()
         self.apps = dict(apps)
         self.settings = settings
-        # [web] max_body, and the larger limits of upload paths (safedrop files).
-        self.body_limits = body_limits or BodyLimits(settings.max_body)
+        # [web] json_max_body, and the larger limits of upload paths (safedrop files).
+        self.body_limits = body_limits or BodyLimits(body_limit(settings))
         self.clock = clock
         self.metrics = metrics
         self.access_log = access_log or AccessLog()
@@ -407,6 +407,13 @@ def upload_gate(resolver: CredentialResolver,
     return may_upload
 
 
+def body_limit(settings: WebSettings) -> int:
+    """The largest body of a path that takes no upload: `[web] json_max_body` (a JSON,
+    form or multipart body of text fields), never more than `max_body`. Only the upload
+    paths (`upload_paths`) take bodies up to `max_body` and beyond."""
+    return min(settings.json_max_body, settings.max_body)
+
+
 def upload_paths(core: Core, apps: Mapping[str, ApiApp]
                  ) -> tuple[tuple[re.Pattern[str], int, AuthPolicy, Admission | None], ...]:
     """The paths that take bodies over [web] max_body: how large, whose credential opens
@@ -431,8 +438,8 @@ def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
         clock=core.clock,
         metrics=HttpMetrics.for_registry(core.metrics),
         body_limits=BodyLimits(
-            settings.max_body,
-            tuple((pattern, limit) for pattern, limit, _, _ in uploads),
+            body_limit(settings),
+            tuple((pattern, max(limit, settings.max_body)) for pattern, limit, _, _ in uploads),
             upload_gate(CredentialResolver(core.identity),
                         [(pattern, policy, admission)
                          for pattern, _, policy, admission in uploads]),

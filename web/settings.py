@@ -2,7 +2,8 @@
 
 ```toml
 [web]
-json_max_body = 1048576          # largest JSON/form body (multipart uploads use http_max_body)
+json_max_body = 1048576          # largest body (JSON, form or multipart) of every path but
+                                 # the upload paths, which take http_max_body or more
 login_rate = "100/hour"          # password logins per client address (0 turns it off)
 login_failure_rate = "20/hour"   # failed password logins per account name from one
                                  # client address (0 turns it off)
