@@ -239,6 +239,64 @@ class StreamingTests(TestCase):
         self.assertIn(b"Content-Length: " + str(len(body)).encode(), head)
         self.assertTrue(transport.disconnecting)
 
+    def connection(self) -> tuple[Any, HalfClosingTransport]:
+        channel = self.site.buildProtocol(None)
+        transport = HalfClosingTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return channel, transport
+
+    def test_host_fields_as_rfc_9112_wants_them(self) -> None:
+        """An HTTP/1.1 request without Host, or any with two Host fields (or one that is no
+        host), is a 400 and the connection closes; Twisted served them. HTTP/1.0 needs
+        none."""
+        refused = [
+            b"GET /api/v1/ping HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/ping HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET /api/v1/ping HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+            b"GET /api/v1/ping HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET /api/v1/ping HTTP/1.1\r\nHost: u@a\r\n\r\n",
+            b"POST /api/v1/auth/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde"
+            b"GET /api/v1/ping HTTP/1.1\r\nHost: a\r\n\r\n",
+        ]
+        for request in refused:
+            channel, transport = self.connection()
+            channel.dataReceived(request)
+            reply = bytes(transport.value())
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (request, reply))
+            self.assertNotIn(b"HTTP/1.1 401 ", reply, request)  # nothing served
+            self.assertIn(b"Connection: close", reply)
+            self.assertTrue(transport.disconnecting)
+        for request in (b"GET /api/v1/ping HTTP/1.0\r\n\r\n",
+                        b"GET /api/v1/ping HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+                        b"GET /api/v1/ping HTTP/1.1\r\nHost: mail.example.test:443\r\n\r\n"):
+            channel, transport = self.connection()
+            channel.dataReceived(request)
+            self.assertIn(b" 401 ", bytes(transport.value()).split(b"\r\n")[0], request)
+
+    def test_an_absolute_form_target_is_served_as_its_path_and_host(self) -> None:
+        """`GET http://host/path` (RFC 9112 3.2.2: a server must accept it) is the request
+        for /path on host, whatever Host says; it was a 404 for every path."""
+        seen: list[tuple[bytes, bytes | None]] = []
+        received = _Recording.requestReceived
+
+        def record(request: Any, command: bytes, path: bytes, version: bytes) -> None:
+            seen.append((path, request.getHeader(b"host")))
+            received(request, command, path, version)
+
+        self.patch(_Recording, "requestReceived", record)
+        self.channel.dataReceived(
+            b"GET HTTP://mail.example.test:8080/api/v1/ping?x=1 HTTP/1.1\r\n"
+            b"Host: other.example\r\n\r\n")
+        self.assertTrue(self.sent().startswith(b"HTTP/1.1 401 "), self.sent())
+        self.assertEqual(seen, [(b"/api/v1/ping?x=1", b"mail.example.test:8080")])
+        channel, transport = self.connection()
+        channel.dataReceived(b"GET http://a.example HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertEqual(seen[-1], (b"/", b"a.example"))
+        channel, transport = self.connection()
+        channel.dataReceived(b"GET http://u@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertTrue(bytes(transport.value()).startswith(b"HTTP/1.1 400 "))
+
     def test_a_declared_oversized_body_is_refused_before_it_is_sent(self) -> None:
         self.channel.dataReceived(
             b"POST /api/v1/auth/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -10,6 +10,10 @@ Connections (`LimitedChannel`, counted by the site with `mailcore.connlimits`):
   and its body within `body_timeout` seconds of its headers, however the bytes trickle in
   (slowloris). Past the deadline the client gets `408 Request Timeout` and the connection
   closes.
+- An HTTP/1.1 request without a `Host` field, or any request with two (or one that names no
+  host), is answered `400 Bad Request` and the connection closes (RFC 9112 3.2). A request
+  whose target is in absolute form (`GET http://host/path`, RFC 9112 3.2.2) is served as
+  the request for its path, on the host it names.
 - Pipelined requests (HTTP/1.1: several sent before the first reply) are read one at a
   time, each in a turn of the reactor of its own, and only while the client reads the
   replies: one whose replies fill the send buffer gets no more answered until it reads
@@ -377,6 +381,16 @@ def _closing_reply(status: bytes, text: bytes) -> bytes:
 _URI_TOO_LONG = _closing_reply(b"414 URI Too Long", b"The request line is too long.\n")
 _HEADER_TOO_LONG = _closing_reply(b"431 Request Header Fields Too Large",
                                   b"A header line is too long.\n")
+# RFC 9112 3.2: an HTTP/1.1 request without a Host field, or any request with more than one
+# (or with one we cannot read), is a 400. Twisted served them.
+_NO_HOST = _closing_reply(b"400 Bad Request", b"An HTTP/1.1 request needs a Host header.\n")
+_HOSTS = _closing_reply(b"400 Bad Request", b"A request has one Host header at most.\n")
+_BAD_TARGET = _closing_reply(b"400 Bad Request", b"The request target is not valid.\n")
+# An absolute-form request target (RFC 9112 3.2.2): scheme, authority, the rest.
+_ABSOLUTE = re.compile(rb"(?i:https?)://([^/?#]*)([^#]*)")
+# A Host value (or an absolute target's authority): a name, an IPv4 or a bracketed IPv6
+# address, and an optional port (no userinfo, no space).
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(?::[0-9]*)?")
 
 
 def _unsent(transport: Any) -> int | None:
@@ -454,17 +468,56 @@ class LimitedChannel(CorkedChannel):
         (Twisted's LineReceiver closes without a word)."""
         if self._phase == _CLOSED or self.transport is None:
             return
-        too_long = _URI_TOO_LONG if self._lines == 0 else _HEADER_TOO_LONG
-        self._enter(_CLOSED)
-        self.transport.write(too_long)
-        self.loseConnection()
+        self._refuse(_URI_TOO_LONG if self._lines == 0 else _HEADER_TOO_LONG)
 
     def allHeadersReceived(self) -> None:
+        refusal = self._check_target()
+        if refusal is not None:
+            self._refuse(refusal)
+            return
         super().allHeadersReceived()
         if self.length != 0 and self._phase == _HEADERS:
             self._enter(_BODY)
 
+    def _check_target(self) -> bytes | None:
+        """The 400 a request's Host fields or absolute-form target earn (RFC 9112 3.2), or
+        None. An absolute-form target (`GET http://host/path`, which a server must accept)
+        becomes its path and query, and its authority the Host (3.2.2: the Host field sent
+        is ignored); Twisted read the whole URL as the path, and every such request was a
+        404."""
+        request = self.requests[-1]
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1:
+            return _HOSTS
+        if not hosts and self._version == b"HTTP/1.1":
+            return _NO_HOST
+        if hosts and hosts[0] and not _AUTHORITY.fullmatch(hosts[0]):
+            return _HOSTS
+        absolute = _ABSOLUTE.fullmatch(self._path)
+        if absolute is None:
+            return None
+        authority, rest = absolute.groups()
+        if not _AUTHORITY.fullmatch(authority):
+            return _BAD_TARGET
+        if not rest.startswith(b"/"):
+            rest = b"/" + rest
+        self._path = rest
+        request.requestHeaders.setRawHeaders(b"host", [authority])
+        return None
+
+    def _refuse(self, reply: bytes) -> None:
+        """Answer a request we will not serve at once, and close: nothing more of the
+        connection is read (its body neither)."""
+        self.length = 0  # the channel's lineReceived goes on to allContentReceived: a no-op
+        self._enter(_CLOSED)
+        if self.transport is None:
+            return
+        self.transport.write(reply)
+        self.loseConnection()
+
     def allContentReceived(self) -> None:
+        if self._phase == _CLOSED:
+            return  # refused (_refuse)
         self._enter(_HANDLING)
         super().allContentReceived()
 
