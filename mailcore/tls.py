@@ -22,6 +22,11 @@ from mailcore.workers import CpuPool
 
 log = Logger()
 
+# The oldest TLS version any of our TLS contexts speaks (RFC 8996 deprecates 1.0 and 1.1).
+# Twisted 26's default is the same, enforced with OP_NO_TLSv1/OP_NO_TLSv1_1 whatever the
+# distribution's openssl.cnf says; named here so that no Twisted default decides it.
+TLS_FLOOR = ssl.TLSVersion.TLSv1_2
+
 
 def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     """Write a fresh RSA-2048 key and a self-signed certificate for `hostname`. Blocks."""
@@ -77,7 +82,8 @@ def _nonempty(path: Path) -> bool:
 
 
 def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:
-    """Server-side TLS options for STARTTLS and TLS listeners. Blocks (reads the files).
+    """Server-side TLS options for STARTTLS and TLS listeners (TLS 1.2 at least). Blocks
+    (reads the files).
 
     `cert` holds the server's certificate first, then any intermediate certificates
     (certbot's fullchain.pem): all of them are sent, as a client that verifies needs the
@@ -93,6 +99,7 @@ def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:
         privateKey=certificate.privateKey.original,
         certificate=certificate.original,
         extraCertChain=chain,
+        raiseMinimumTo=TLS_FLOOR,
     )
 
 

@@ -29,6 +29,7 @@ from mailcore.queue.routing import Hop
 from mailcore.queue.runner import Connector
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.client import SMTPClientProtocol, SMTPSession, client_factory
+from mailcore.tls import TLS_FLOOR
 
 # The addresses of one next-hop name tried at most (each may take `connect_timeout`): a
 # name with a hundred unanswering addresses held a connection attempt for 50 minutes.
@@ -108,11 +109,12 @@ class TCPConnector(Connector):
 
     def tls_creator(self, hop: Hop, verify: bool) -> Any:
         if not verify:
-            return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+            return ssl.CertificateOptions(raiseMinimumTo=TLS_FLOOR)
         if self._trust is None:
             if self.settings.tls_ca_file:
                 pem = Path(self.settings.tls_ca_file).read_bytes()
                 self._trust = ssl.Certificate.loadPEM(pem)
             else:
                 self._trust = ssl.platformTrust()
-        return ssl.optionsForClientTLS(hop.host, trustRoot=self._trust)
+        return ssl.optionsForClientTLS(hop.host, trustRoot=self._trust,
+                                       extraCertificateOptions={"raiseMinimumTo": TLS_FLOOR})
