@@ -20,6 +20,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import INegotiated, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -33,8 +34,15 @@ from zope.interface import directlyProvides, implementer
 
 from mailcore.config import Config
 from tests.support.reactor import get_reactor
+from tests.support.servers import sleep
 from tests.support.web import PASSWORD, Web, make_core
-from web.limits import LINGER_SECONDS, REFUSED_LINGER_SECONDS, LimitedChannel, LimitedRequest
+from web.limits import (
+    LINGER_SECONDS,
+    REFUSED_LINGER_SECONDS,
+    LimitedChannel,
+    LimitedRequest,
+    _unsent,
+)
 from web.root import MailcoreSite, build_root, build_site
 from web.settings import WebSettings
 
@@ -444,6 +452,68 @@ class NonUploadLimitTests(TestCase):
         # Read whole, then answered by the API (no credential: 401), not refused for size.
         self.assertEqual(max(b.most for b in _Recording.buffers), len(body))
         self.assertTrue(self.head().startswith(b"HTTP/1.1 401 "), self.head())
+
+
+class _Flood(Protocol):
+    """Writes FLOOD bytes as soon as it connects."""
+
+    FLOOD = 8 * 1024 * 1024
+    made: list[Any] = []
+
+    def connectionMade(self) -> None:
+        _Flood.made.append(self.transport)
+        assert self.transport is not None
+        self.transport.write(b"x" * self.FLOOD)
+
+
+class UnsentTests(TestCase):
+    """`web.limits._unsent` reads what a TCP transport holds for its client from Twisted's
+    private attributes (`dataBuffer`, `offset`, `_tempDataLen` of
+    twisted.internet.abstract.FileDescriptor): no public interface tells how much of a
+    reply the client read while the transport stays paused. Without them the send deadline
+    could not tell a slow reader from a stopped one, and dropped both; this fails when a
+    Twisted upgrade renames them."""
+
+    async def test_what_a_tcp_transport_holds_is_read_from_it(self) -> None:
+        reactor = get_reactor()
+        _Flood.made = []
+        port = reactor.listenTCP(0, Factory.forProtocol(_Flood), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.addCleanup(client.close)
+        for _ in range(50):
+            await sleep(0.05)
+            if _Flood.made:
+                break
+        [transport] = _Flood.made
+        self.addCleanup(transport.abortConnection)
+        await sleep(0.2)
+        for name in ("dataBuffer", "offset", "_tempDataLen"):
+            self.assertTrue(hasattr(transport, name), name)
+        held = _unsent(transport)
+        self.assertIsInstance(held, int)
+        assert held is not None
+        self.assertGreater(held, 0)
+        self.assertLessEqual(held, _Flood.FLOOD)
+        client.setblocking(False)
+        read = 0
+        for _ in range(100):  # read some, let the reactor send more
+            try:
+                while read < 2 * 1024 * 1024:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        break
+                    read += len(chunk)
+            except BlockingIOError:
+                pass
+            await sleep(0.01)
+            if read >= 2 * 1024 * 1024:
+                break
+        await sleep(0.1)
+        after = _unsent(transport)
+        assert after is not None
+        self.assertLess(after, held)
 
 
 class LoopbackTests(TestCase):

@@ -395,7 +395,13 @@ _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(?
 
 def _unsent(transport: Any) -> int | None:
     """Bytes a TCP transport holds for the client (under TLS, the TCP transport below
-    it), or None when that cannot be told."""
+    it), or None when that cannot be told.
+
+    Read from Twisted's private FileDescriptor attributes (`dataBuffer`, `offset`,
+    `_tempDataLen`): no public interface tells how much of what it holds a paused
+    transport sent (IPushProducer says only "full" and "drained"). tests.test_web_limits
+    UnsentTests fails if a Twisted upgrade renames them; None would make `_stalled` drop a
+    slow reader like a stopped one."""
     for _ in range(3):
         if transport is None:
             return None
