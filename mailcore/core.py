@@ -45,6 +45,7 @@ from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import MailFilesSweeper, MailService
 from mailcore.mailapi.outbox import OutboxSender
+from mailcore.mailapi.room import MailboxRoom
 from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
 from mailcore.oauth import OAuthProvider, OAuthSettings
@@ -233,6 +234,12 @@ class Core:
         """Whether other nodes may share this store (PostgreSQL; SQLite is one node's)."""
         return self.db.engine.dialect.name == "postgresql"
 
+    def mailbox_room(self, margin: int) -> MailboxRoom:
+        """The room of the nearly full hosted mailboxes, for the SMTP server's RCPT: those
+        with less than `margin` bytes (its largest message) left."""
+        return MailboxRoom(self.db, self.clock, self.mailapi_settings.mailbox_quota_bytes,
+                           margin)
+
     def _mailboxes_changed(self) -> None:
         """A hosted mailbox came or went through this process: routing's cache of them is
         stale, and the RCPT snapshot catches up now rather than at its next poll."""
@@ -350,7 +357,8 @@ class Core:
         tls = certificate.options() if certificate is not None else None
         sink = self.spool
         settings = SMTPSettings.from_config(self.config)
-        factory = SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls)
+        factory = SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls,
+                                    room=self.mailbox_room(settings.max_message_size))
         if certificate is not None:
             certificate.serve(functools.partial(setattr, factory, "tls"))
         return factory

@@ -4,7 +4,8 @@ lands in that inbox; outbox mail to a relayed domain reaches the sink with its h
 Bcc field and its attachment intact; 200 messages posted at once arrive in posting
 order; the daemon killed with SIGKILL twice while mail is posted and sent: every 202'd
 message arrives, none twice, each handed to the queue once; and twice while mail for a
-hosted mailbox comes in by SMTP: every 250'd message is in the inbox once, its files whole."""
+hosted mailbox comes in by SMTP: every 250'd message is in the inbox once, its files whole;
+a mailbox without room for a message refuses it at RCPT (552 5.2.2)."""
 
 from __future__ import annotations
 
@@ -179,6 +180,61 @@ class MailApiGatewayTests(TestCase):
         posted = [m["subject"] for m in reversed(page["emails"])]  # oldest first
         arrived = [email.message_from_bytes(m.data)["Subject"] for m in self.state.messages]
         self.assertEqual(arrived, posted)
+
+
+class MailboxFullAtRcptTests(TestCase):
+    """A hosted mailbox without room for a message refuses it at RCPT (552 5.2.2), over a
+    real SMTP session with the daemon: nothing is accepted to be bounced later."""
+
+    timeout = 120
+
+    async def test_a_full_mailbox_refuses_at_rcpt(self) -> None:
+        daemon = Daemon(tempdir_for(self), mailapi={"mailbox_quota_bytes": 20_000})
+        tokens = prepare(daemon, 9)  # (no mail goes to the sink)
+        await daemon.start()
+        self.addCleanup(daemon.stop)
+        await daemon.process.wait_for_port(daemon.http_port, timeout=30)
+        pool = HTTPConnectionPool(get_reactor(), persistent=False)
+        http = HTTPClient(Agent(get_reactor(), pool=pool))
+        # A draft of 19,990 bytes (its body and its from, bob@hosted.test): 10 bytes left.
+        headers: dict[bytes | str, bytes | str] = {
+            "Auth-Key": tokens["bob"], "Content-Type": "application/json"}
+        response = await http.request(
+            "POST", f"http://127.0.0.1:{daemon.http_port}/api/v1/mail/", headers=headers,
+            data=json.dumps({"status": "draft", "body": "x" * 19_975}).encode())
+        self.assertEqual(response.code, 201, await treq.content(response))
+        await treq.content(response)
+
+        def session() -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as s:
+                s.ehlo("client.test")
+                replies = [s.mail("far@away.test"), s.rcpt(BOB), s.rcpt(JOE), s.rset()]
+                replies += [s.mail("far@away.test", ["SIZE=30000"]), s.rcpt(JOE), s.rset()]
+                replies += [s.mail("far@away.test", ["SIZE=100"]), s.rcpt(JOE), s.data(
+                    b"From: far@away.test\r\nSubject: fits\r\n\r\nhello joe\r\n")]
+                return replies
+
+        replies = await threads.deferToThread(session)
+        self.assertEqual(replies[1], (552, b"5.2.2 <bob@hosted.test>: Recipient address "
+                                           b"rejected: mailbox full"))
+        self.assertEqual([code for code, _ in replies],
+                         [250, 552, 250, 250, 250, 552, 250, 250, 250, 250])
+        self.assertIn(b"5.2.2", replies[5][1])
+        # The message that fits is stored; nothing was bounced.
+        import sqlite3
+        c = sqlite3.connect(str(daemon.data_dir / "mailcore.sqlite"))
+        try:
+            for _ in range(100):
+                inbox = c.execute("select subject from mailapi_mail "
+                                  "where status = 'inbox'").fetchall()
+                if inbox:
+                    break
+                await sleep(0.1)
+            bounces = c.execute("select count(*) from queue_messages "
+                                "where mail_from = ''").fetchone()[0]
+        finally:
+            c.close()
+        self.assertEqual((inbox, bounces), ([("fits",)], 0))
 
 
 class OutboxKillNineTests(TestCase):

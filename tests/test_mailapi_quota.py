@@ -221,3 +221,62 @@ class PostgreSQLQuotaRaceTests(QuotaRaceMixin, TestCase):
         self.assertEqual(await self.usage(), (QUOTA_BYTES - 10, 0, 0))
 
 
+
+
+class MailboxRoomTests(TestCase):
+    """The RCPT check's view of the mailboxes' room (mailcore.mailapi.room): one read for
+    every RCPT within its TTL, the nearly full mailboxes only, a failed read accepting."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        from mailcore.store import Database
+
+        self.db = Database.for_tests()
+        await add_hosted_mailbox(self.db, BOX)
+        self.clock = Clock()
+        self.reads = 0
+        read = self.db.read
+
+        def counted(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.reads += 1
+            return read(name, fn, *args, **kwargs)
+
+        self.db.read = counted  # type: ignore[method-assign]
+
+    async def use(self, used: int) -> None:
+        await self.db.run("use", lambda c: c.execute(
+            update(mailboxes).values(used_bytes=used)))
+
+    async def test_room_is_read_once_a_ttl_and_only_when_short(self) -> None:
+        from mailcore.mailapi.room import MailboxRoom
+
+        room = MailboxRoom(self.db, self.clock, QUOTA_BYTES, margin=1000, ttl=10.0)
+        await self.use(8000)  # 2000 left: more than the margin
+        self.assertIsNone(await room.room(BOX))
+        await self.use(9990)
+        self.assertIsNone(await room.room("Bob@Hosted.TEST"))  # (still the read before)
+        self.assertEqual(self.reads, 1)
+        self.clock.advance(10)
+        self.assertEqual(await room.room("Bob@Hosted.TEST"), 10)
+        self.assertIsNone(await room.room("nobody@hosted.test"))
+        self.assertEqual(self.reads, 2)
+        await self.use(QUOTA_BYTES + 500)  # passed by mail sent from it
+        self.clock.advance(10)
+        self.assertEqual(await room.room(BOX), -500)
+
+    async def test_no_limit_reads_nothing_and_a_failed_read_accepts(self) -> None:
+        from mailcore.mailapi.room import MailboxRoom
+
+        await self.use(QUOTA_BYTES)
+        self.assertIsNone(await MailboxRoom(self.db, self.clock, None, 1000).room(BOX))
+        self.assertEqual(self.reads, 0)
+        room = MailboxRoom(self.db, self.clock, QUOTA_BYTES, 1000)
+
+        def broken(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.reads += 1
+            return defer.fail(RuntimeError("store down"))
+
+        self.db.read = broken  # type: ignore[method-assign]
+        self.assertIsNone(await room.room(BOX))
+        self.assertIsNone(await room.room(BOX))  # not read again by every RCPT
+        self.assertEqual(self.reads, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -13,7 +13,10 @@ the message as received, its attachments and text fields, mailcore.mailapi.count
 nothing: its recipients bounce 5.2.2 "mailbox full" (RFC 3463), as Dovecot's LDA and LMTP
 answer by default (`quota_full_tempfail = no`). A temporary failure would keep the message
 in the spool for the queue's lifetime, retried, and move the disk it takes from the mailbox
-to the spool; the sender learns of it days later rather than at once.
+to the spool; the sender learns of it days later rather than at once. Most such mail never
+gets here: the SMTP server refuses a recipient whose mailbox has no room at RCPT
+(mailcore.mailapi.room), so this bounce is for the message that fills a mailbox (or mail
+that came another way: an outbox, a bounce).
 A mailbox whose domain is suspended (its owner disabled: `mailcore user disable`) stores
 nothing either: its recipients wait in the queue (deferred 4.2.1, as the SMTP server answers
 them 450 4.2.1 meanwhile) and are stored once the owner is enabled, or bounce at the queue's

@@ -17,8 +17,9 @@ framing and the text fields), whatever `[web] max_body` says.
 
 `mailbox_quota_bytes` bounds what the mail of one mailbox takes (mailcore.mailapi.counts: a
 mail's text fields, attachments and message as sent or received). A draft or upload that
-would pass it is refused (507, nothing stored); mail received for a full mailbox bounces
-5.2.2 (RFC 3463 "mailbox full"); sending a draft is never refused for the message it builds
+would pass it is refused (507, nothing stored); mail for a mailbox without room for it is
+refused at RCPT (552 5.2.2, RFC 3463 "mailbox full": mailcore.mailapi.room) or, when it did
+not fit after all, bounces 5.2.2; sending a draft is never refused for the message it builds
 (the mailbox may then pass its quota by that message, and takes no new mail until it is
 back under).
 """

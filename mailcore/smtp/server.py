@@ -24,6 +24,12 @@ not inherit (see shared/notes/twisted-pitfalls.md):
   included) is refused at the end of DATA with 554 5.4.6 Too many hops: it is looping (see
   `mailcore.smtp.hops`). The fields are counted as the header section streams in, and
   once there are too many the rest of the message is read but not kept;
+- a RCPT for a hosted mailbox that has no room for the message is refused with 552 5.2.2
+  "mailbox full" (RFC 3463; Dovecot's LMTP with `lmtp_rcpt_check_quota`): its room (the
+  factory's `MailboxRoom`, cached) is less than the SIZE the client declared at MAIL, or
+  than MIN_STORED when it declared none. Permanent, as the bounce at delivery of a message
+  that does not fit is (mailcore.mailapi.delivery): the sender's server tells its user at
+  once, and nothing here sends a DSN to a sender who may be forged;
 - `RCPT TO:<postmaster>` (no domain) is always accepted (RFC 5321 4.5.1) and its mail goes
   to the `postmaster` address: to that domain's next hop when we serve it, else routed like
   a bounce to a foreign sender (the `[queue] relayhost`, or the domain's MX). Only that one
@@ -96,6 +102,9 @@ CLOSE_GRACE = 10.0
 # RCPTs over `max_recipients` in one transaction answered 452 before each further one counts
 # as an error (Postfix's smtpd_recipient_overshoot_limit).
 RECIPIENT_OVERSHOOT = 1000
+# The fewest bytes a message received for a hosted mailbox takes there (our Received field
+# alone is longer): a mailbox with less room refuses mail that declares no SIZE.
+MIN_STORED = 64
 _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -120,6 +129,13 @@ class ServedDomain(Protocol):
 
     @property
     def name(self) -> str: ...
+
+
+class MailboxRoom(Protocol):
+    """How much room hosted mailboxes have left (mailcore.mailapi.room.MailboxRoom): from a
+    cached read, not one per RCPT."""
+
+    async def room(self, address: str) -> int | None: ...
 
 
 class RecipientDirectory(Protocol):
@@ -386,6 +402,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._recipients: list[Recipient] = []
         self._seen: set[tuple[str, str]] = set()  # (local part, domain in lower case)
         self._overshoot = 0  # RCPTs of this transaction answered 452 (too many recipients)
+        self._declared = 0  # the SIZE given at MAIL (0: none)
         # DATA: the octets received so far (one buffer: a client sending an octet per
         # segment would have us hold some 40 octets of list entry and bytes object per
         # octet), their count, the last 4 octets (to find the end marker across chunk
@@ -741,6 +758,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._recipients = []
         self._seen = set()
         self._overshoot = 0
+        self._declared = 0
 
     def do_HELO(self, arg: str) -> None:
         self._greet(arg, esmtp=False)
@@ -853,6 +871,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         except PathError as e:
             self._error(e.code, e.status, e.text)
             return
+        declared = 0
         for key, value in params.items():
             if key == "SIZE" and self.esmtp:
                 if value is None or not value.isdigit() or len(value) > 20:
@@ -861,6 +880,7 @@ class ESMTPServerProtocol(TwistedProtocol):
                 if int(value) > self.settings.max_message_size:
                     self._error(552, "5.3.4", "Message size exceeds fixed limit")
                     return
+                declared = int(value)
             elif key == "BODY" and self.esmtp:
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     self._error(501, "5.5.4", "Bad BODY parameter")
@@ -869,6 +889,7 @@ class ESMTPServerProtocol(TwistedProtocol):
                 self._error(555, "5.5.4", f"Unsupported parameter {key}")
                 return
         self._mail_from = str(mailbox) if mailbox is not None else ""
+        self._declared = declared
         self.reply(250, "2.1.0", "Ok")
 
     def do_RCPT(self, arg: str) -> defer.Deferred[None] | None:
@@ -898,8 +919,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         directory = self.factory.directory
         if not directory.loaded:
             return defer.Deferred.fromCoroutine(self._rcpt_when_loaded(mailbox))
-        self._check_recipient(mailbox)
-        return None
+        return self._check_recipient(mailbox)
 
     async def _rcpt_when_loaded(self, mailbox: Mailbox) -> None:
         try:
@@ -908,37 +928,55 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._refuse("RCPT", 451, "4.3.0", f"<{mailbox}>: Temporary lookup failure",
                          recipients=[str(mailbox)])
             return
-        self._check_recipient(mailbox)
+        checking = self._check_recipient(mailbox)
+        if checking is not None:
+            await checking
 
-    def _check_recipient(self, mailbox: Mailbox) -> None:
+    def _check_recipient(self, mailbox: Mailbox) -> defer.Deferred[None] | None:
         directory = self.factory.directory
         if not mailbox.domain:
             # <postmaster>: RFC 5321 4.5.1 says accept it; it goes to the configured address.
             self._add_postmaster()
-            return
+            return None
         domain = directory.lookup(mailbox.domain)
         address = str(mailbox)
         if domain is None:
             self._refuse("RCPT", 550, "5.7.1", f"<{address}>: Relaying denied",
                          recipients=[address])
-            return
+            return None
         if directory.suspended(mailbox.domain):
             # Its owner is disabled (`mailcore user disable`): a temporary refusal, so the
             # sender keeps the mail and it arrives once the owner is enabled.
             self._refuse("RCPT", 450, "4.2.1",
                          f"<{address}>: Recipient address temporarily unavailable, try again "
                          "later", recipients=[address])
-            return
+            return None
         if not directory.accepts(mailbox.local_part, mailbox.domain):
             self._refuse("RCPT", 550, "5.1.1",
                          f"<{address}>: Recipient address rejected: User unknown",
                          recipients=[address])
-            return
+            return None
         if mailbox.local_part.lower() == "postmaster" and directory.postmaster_elsewhere(
                 mailbox.domain):
             self._add_postmaster()  # a hosted domain without a postmaster mailbox
-            return
+            return None
+        if self.factory.room is not None:
+            return defer.Deferred.fromCoroutine(self._rcpt_with_room(address, domain.id))
         self._add_recipient(address, domain.id)
+        return None
+
+    async def _rcpt_with_room(self, address: str, domain_id: int) -> None:
+        """A recipient of a served domain: accepted unless it is a hosted mailbox (of a
+        hosted or a relayed domain) without room for the message (see the module
+        docstring)."""
+        assert self.factory.room is not None
+        room = await self.factory.room.room(address)
+        if room is not None and room < max(self._declared, MIN_STORED):
+            self._refuse("RCPT", 552, "5.2.2",
+                         f"<{address}>: Recipient address rejected: mailbox full",
+                         recipients=[address])
+            return
+        self._add_recipient(address, domain_id)
 
     def _add_postmaster(self) -> None:
         """Accept the operator's postmaster (`[smtp] postmaster`) as the recipient: in a
@@ -1176,12 +1214,14 @@ class SMTPServerFactory(ServerFactory):
         clock: IReactorTime,
         *,
         tls: Any = None,
+        room: MailboxRoom | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.sink = sink
         self.clock = clock
         self.tls = tls  # an IOpenSSLContextFactory (CertificateOptions) for STARTTLS, or None
+        self.room = room  # the room hosted mailboxes have left (None: not checked at RCPT)
         self.postmaster = postmaster_mailbox(settings)  # where <postmaster> goes
         if "." not in self.postmaster.domain:
             log.warn("mail to <postmaster> goes to {address}, which has no next hop: set "

@@ -357,6 +357,7 @@ class Daemon:
     def __init__(
         self, directory: Any, *, db_url: str | None = None, queue: dict[str, Any] | None = None,
         web: dict[str, Any] | None = None, name: str = "mailcore", files_dir: Any = None,
+        mailapi: dict[str, Any] | None = None,
     ) -> None:
         from tests.support.servers import free_ports
 
@@ -373,7 +374,7 @@ class Daemon:
         # The next hops (sinks) listen on 127.0.0.1, which the operator must allow.
         lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000", "",
                  "[tokens]", 'when_empty = "allow"', "", "[queue]", "allow_loopback = true"]
-        for section, values in (("queue", queue), ("web", web)):
+        for section, values in (("queue", queue), ("web", web), ("mailapi", mailapi)):
             if section != "queue" and values:
                 lines += ["", f"[{section}]"]
             for key, value in (values or {}).items():

@@ -1,0 +1,97 @@
+"""How much room the nearly full hosted mailboxes have left, for the SMTP server's RCPT.
+
+Mail for a mailbox that cannot take it is refused at RCPT (552 5.2.2 "mailbox full",
+mailcore.smtp.server), where the sender's own server tells its user, rather than accepted
+and bounced later (a DSN to a sender that may be forged: backscatter). The later check at
+delivery (mailcore.mailapi.delivery) stays: it is the one that counts, for the message
+whose bytes pass the quota.
+
+No RCPT reads the store: the mailboxes whose room (`[mailapi] mailbox_quota_bytes` less
+`used_bytes`) is under `margin` (the largest message the SMTP server takes: any other
+mailbox has room for whatever a client may send) are read at once, with their room, and
+that answer is kept `ttl` seconds. Callers that find it expired queue on one lock and the
+first of them reads it (one read for all of them). So a mailbox freed by a delete takes
+mail again within `ttl` seconds, and one filled meanwhile is refused within as long (until
+then its mail is accepted and bounced at delivery, as before). A read that fails leaves the
+answer unknown: the recipient is accepted (the delivery's check still holds).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, bindparam, select
+from twisted.internet.defer import DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailcore.mailapi.addresses import mailbox_key
+from mailcore.store import Database
+from mailcore.store.schema import mailboxes
+
+log = Logger()
+
+# How long the room of the nearly full mailboxes is trusted before it is read again.
+ROOM_TTL = 10.0
+
+_b = mailboxes.c
+_NEARLY_FULL = select(_b.address, (bindparam("quota") - _b.used_bytes).label("room")) \
+    .where(_b.domain_id.is_not(None),
+           _b.used_bytes > bindparam("quota") - bindparam("margin"))
+
+
+def thd_nearly_full(conn: Connection, quota: int, margin: int) -> dict[str, int]:
+    """Blocking: address -> room left (bytes, 0 or less: full) of each active mailbox that
+    has less than `margin` bytes left under `quota`."""
+    return {row.address: int(row.room) for row in conn.execute(
+        _NEARLY_FULL, {"quota": quota, "margin": margin})}
+
+
+class MailboxRoom:
+    """The room hosted mailboxes have left, from a cached read of the nearly full ones (see
+    the module docstring)."""
+
+    def __init__(self, db: Database, clock: IReactorTime, quota: int | None, margin: int,
+                 ttl: float = ROOM_TTL) -> None:
+        self.db = db
+        self.clock = clock
+        self.quota = quota  # None: no limit (nothing is ever full)
+        self.margin = margin
+        self.ttl = ttl
+        self._known: dict[str, int] | None = None
+        self._until = 0.0
+        self._lock = DeferredLock()
+
+    def _fresh(self) -> dict[str, int] | None:
+        if self._known is not None and self.clock.seconds() < self._until:
+            return self._known
+        return None
+
+    async def room(self, address: str) -> int | None:
+        """The bytes the mailbox at `address` may still take, when fewer than `margin`;
+        None when it has more (or no limit), is no mailbox, or the last read failed."""
+        if self.quota is None:
+            return None
+        known = self._fresh()
+        if known is None:
+            await self._lock.acquire()
+            try:
+                known = self._fresh()  # read by the caller before us?
+                if known is None:
+                    known = await self._reload()
+            finally:
+                self._lock.release()
+        key = mailbox_key(address)
+        return None if key is None else known.get(key)
+
+    async def _reload(self) -> dict[str, int]:
+        assert self.quota is not None
+        now = self.clock.seconds()
+        try:
+            known = await self.db.read("mailapi_nearly_full", thd_nearly_full, self.quota,
+                                       self.margin)
+        except Exception:
+            log.failure("reading the room of the hosted mailboxes failed; their mail is "
+                        "accepted for {ttl} s, and bounced at delivery if it does not fit",
+                        ttl=self.ttl)
+            known = {}  # (not read again by every RCPT while the store fails)
+        self._known, self._until = known, now + self.ttl
+        return known
