@@ -332,6 +332,73 @@ class GranteeOutboxMixin(DatabaseMixin):
         self.assertTrue(await self.db.run("take", thd_take, joe_row, joe_qid, 1.0))
 
 
+class ReplyToRevokedMixin(DatabaseMixin):
+    """Outbox mail a grantee sent from its own mailbox with another user's mailbox as
+    reply-to (its allow_reply_to there) is sent only while it holds that right: a revoke
+    left it queued, and it went out with the reply-to it may no longer use."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.open_database()
+        self.bob = await add_hosted_mailbox(self.db, BOX)
+        self.joe = await self.db.run("user", thd_make_user, "joe")
+        await self.db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address="joe@hosted.test", owner_id=self.joe, created_at=1.0,
+            domain_id=c.execute(select(mailboxes.c.domain_id)).scalar_one())))
+        self.boxes = MailboxService(self.db, Clock())
+        self.mail = MailService(self.db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                                CpuPool.for_tests())
+        await self.boxes.set_grant(self.bob, BOX, "joe", {"allow_reply_to": True})
+        for to, reply_to in (("x@far.test", f"Bob <{BOX.upper()}>"), ("y@far.test", ""),
+                             ("z@far.test", f"joe@hosted.test, {BOX}")):
+            written = await self.mail.create(self.joe, "joe@hosted.test", Edit("outbox", {
+                "from": "joe@hosted.test", "to": to, "reply-to": reply_to}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        self.assertEqual(len(await self.waiting()), 3)
+
+    async def waiting(self) -> list[str]:
+        rows = await self.db.read("outbox", thd_outbox, 10)
+        return [env.recipients[0].address for _, _, _, env, _, _ in rows]
+
+    async def unsent(self) -> list[str]:
+        m = mailapi_mail.c
+        drafts = await self.db.read("drafts", lambda c: c.execute(
+            select(m.to_addrs, m.raw, m.queue_id).where(m.status == "draft")
+            .order_by(m.to_addrs)).all())
+        self.assertEqual([(raw, qid) for _, raw, qid in drafts], [(None, None)] * len(drafts))
+        used, total = await self.db.read("used", lambda c: (
+            c.execute(select(func.sum(mailboxes.c.used_bytes))).scalar_one(),
+            c.execute(select(func.sum(mailapi_mail.c.size))).scalar_one()))
+        self.assertEqual(used, total)
+        return [to for to, _, _ in drafts]
+
+    async def test_allow_reply_to_taken_away_sends_that_mail_back_to_the_drafts(self) -> None:
+        await self.boxes.set_grant(self.bob, BOX, "joe", {"allow_read": True})
+        self.assertEqual(len(await self.waiting()), 3)  # (another right changed)
+        await self.boxes.set_grant(self.bob, BOX, "joe", {"allow_reply_to": False})
+        self.assertEqual(await self.waiting(), ["y@far.test"])
+        self.assertEqual(await self.unsent(), ["x@far.test", "z@far.test"])
+
+    async def test_a_revoke_sends_that_mail_back_to_the_drafts(self) -> None:
+        await self.boxes.revoke(self.bob, BOX, "joe")
+        self.assertEqual(await self.waiting(), ["y@far.test"])
+        self.assertEqual(await self.unsent(), ["x@far.test", "z@far.test"])
+
+    async def test_a_deleted_grantees_mail_with_that_reply_to_goes_back(self) -> None:
+        await self.boxes.forget_grantee(self.joe)
+        self.assertEqual(await self.waiting(), ["y@far.test"])
+        self.assertEqual(await self.unsent(), ["x@far.test", "z@far.test"])
+
+
+class SQLiteReplyToRevokedTests(ReplyToRevokedMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLReplyToRevokedTests(ReplyToRevokedMixin, TestCase):
+    backend = "postgresql"
+
+
 class SQLiteGranteeOutboxTests(GranteeOutboxMixin, TestCase):
     backend = "sqlite"
 

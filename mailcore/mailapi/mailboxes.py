@@ -12,14 +12,17 @@ grants, and nobody grants a right it does not hold itself.
 A grantee's outbox mail (`mailapi_mail.author_id`) is sent on the strength of its
 `allow_send`: taking that right away (a revoke, a grant changed to allow_send false, the
 grantee deleted) sends the grantee's mail still in the mailbox's outbox back to the drafts,
-where the owner finds it (`_thd_unsend`), in the same transaction. The sender's take of a row
-(mailcore.mailapi.outbox.thd_take) and this change are ordered by the row's lock on
-PostgreSQL: a mail already handed to the queue has gone.
+where the owner finds it (`_thd_unsend`), in the same transaction. So does taking
+`allow_reply_to` away for the grantee's outbox mail, from any mailbox, whose reply-to names
+the mailbox (`_thd_unsend_replying`): the mail was let out with that reply-to on the
+strength of the right, and would otherwise go with it however long it waits. The sender's
+take of a row (mailcore.mailapi.outbox.thd_take) and these changes are ordered by the row's
+lock on PostgreSQL: a mail already handed to the queue has gone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -28,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailcore.gateway.domains import thd_mailboxes_changed
 from mailcore.identity.service import thd_user_row_by_name
-from mailcore.mailapi.addresses import normalise_address
+from mailcore.mailapi.addresses import normalise_address, parse_address_list
 from mailcore.mailapi.counts import thd_use
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.messages.sql import dialect_insert
@@ -237,6 +240,36 @@ def _thd_unsend(conn: Connection, author: int, box: int | None = None) -> int:
         where.append(m.mailbox_id.in_(select(_b.id).where(_b.owner_id != author)))
     else:
         where.append(m.mailbox_id == box)
+    return _thd_unsend_where(conn, where)
+
+
+def _thd_unsend_replying(conn: Connection, author: int, addresses: Collection[str]) -> int:
+    """Blocking: `author`'s outbox mail (from any mailbox) whose reply-to names one of
+    `addresses` (mailboxes whose allow_reply_to it no longer holds) goes back to the drafts,
+    as `_thd_unsend`; how many."""
+    if not addresses:
+        return 0
+    m = mailapi_mail.c
+    ids = []
+    for row_id, reply_to in conn.execute(select(m.id, m.reply_to).where(
+            m.status == OUTBOX, m.author_id == author, m.reply_to != "")):
+        try:
+            named = parse_address_list(reply_to or "", "reply-to")
+        except MailApiError:
+            named = []
+        if any(a in addresses for a in named):
+            ids.append(row_id)
+    going = 0
+    for start in range(0, len(ids), 500):
+        going += _thd_unsend_where(conn, [m.id.in_(ids[start:start + 500]),
+                                          m.status == OUTBOX])
+    return going
+
+
+def _thd_unsend_where(conn: Connection, where: list[Any]) -> int:
+    """Blocking: the outbox mail `where` selects goes back to the drafts (see
+    `_thd_unsend`); how many."""
+    m = mailapi_mail.c
     going = conn.execute(select(m.id, m.mailbox_id, func.coalesce(func.length(m.raw), 0))
                          .where(*where).with_for_update()).all()
     for row_id, box_id, length in going:
@@ -341,6 +374,9 @@ class MailboxService:
 
         def txn(conn: Connection) -> int:
             _thd_unsend(conn, user_id)
+            _thd_unsend_replying(conn, user_id, set(conn.execute(
+                select(_b.address).join(mailbox_grants, _g.mailbox_id == _b.id)
+                .where(_g.user_id == user_id, _g.allow_reply_to.is_(True))).scalars()))
             return int(conn.execute(delete(mailbox_grants).where(_g.user_id == user_id))
                        .rowcount or 0)
 
@@ -457,6 +493,8 @@ class MailboxService:
                 if row is not None:
                     if not row.allow_send:
                         _thd_unsend(conn, target_id, box.id)
+                    if not row.allow_reply_to:
+                        _thd_unsend_replying(conn, target_id, {box.address})
                     return Grant(target_id, target_name, _rights(row))
 
         return await self.db.run("mailapi_set_grant", txn)
@@ -476,5 +514,6 @@ class MailboxService:
             if not gone:
                 raise MailApiError(NOT_FOUND, "user has no access to this mailbox", "username")
             _thd_unsend(conn, target_id, box.id)
+            _thd_unsend_replying(conn, target_id, {box.address})
 
         await self.db.run("mailapi_revoke_grant", txn)
