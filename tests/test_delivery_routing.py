@@ -101,6 +101,24 @@ class RouterTests(TestCase):
         self.assertTrue(e.exception.permanent)
         self.assertIn("domain 999 is no longer served", str(e.exception))
 
+    async def test_own_mail_to_a_suspended_domain_is_a_temporary_4_2_1_until_enabled(
+            self) -> None:
+        router = self.router(route_cache_seconds=30)
+        done(self.db.run("u", lambda c: c.exec_driver_sql("UPDATE users SET is_active = 0")))
+        for kind in ("outbox", "bounce", "notification", "digest"):
+            with self.assertRaises(RoutingError) as e:
+                await router.route(self.served, "b@customer.test", kind)
+            self.assertFalse(e.exception.permanent)
+            self.assertEqual(e.exception.status, "4.2.1")
+        # Mail accepted from the world before the suspension (answered 250) still goes.
+        for kind in ("relay", "release"):
+            self.assertEqual((await router.route(self.served, "b@customer.test", kind)).port,
+                             2525)
+        done(self.db.run("u", lambda c: c.exec_driver_sql("UPDATE users SET is_active = 1")))
+        self.clock.advance(31)
+        self.assertEqual((await router.route(self.served, "b@customer.test", "outbox")).port,
+                         2525)
+
     async def test_foreign_recipient_goes_to_the_relayhost(self) -> None:
         resolver = FakeResolver({})
         hop = await self.router(resolver, relayhost="[10.1.2.3]:587").route(None, "a@x.test")

@@ -16,7 +16,7 @@ from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
 from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender, thd_outbox
-from mailcore.store.schema import mailapi_mail, queue_messages, users
+from mailcore.store.schema import domains, mailapi_mail, queue_messages, queue_recipients, users
 from mailcore.workers import CpuPool
 from tests.support.mailsink import done, thd_add_domain
 from tests.support.queuetest import QueueTestCase
@@ -318,6 +318,42 @@ class OutboxWakeUpTests(QueueTestCase):
         self.sender.kick()
         await self.sender.settled()
         self.assertEqual(self.connector.addresses(), ["r0@customer.test", "r1@customer.test"])
+
+    async def test_outbox_mail_to_a_suspended_customers_domain_waits_in_the_queue(
+            self) -> None:
+        # carol's relayed domain is suspended (carol disabled): the world's mail for it is
+        # refused 450 4.2.1, but bob's outbox mail to it was relayed to carol's server at
+        # once (routing read the domain's next hop only). Now it waits in the queue, deferred
+        # 4.2.1, and goes once carol is enabled; bob's other mail goes on meanwhile.
+        now = datetime.datetime.now(datetime.UTC)
+
+        def carol_domain(conn: Any) -> int:
+            carol = conn.execute(insert(users).values(
+                username="carol", email="carol@carol.test", nic="carol", created_at=now,
+                is_active=False).returning(users.c.id)).scalar_one()
+            domain_id = thd_add_domain(conn, "carol.test", "10.0.0.9", 25, vouched=True)
+            conn.execute(update(domains).where(domains.c.id == domain_id)
+                         .values(owner_id=carol))
+            return int(carol)
+
+        carol = await self.db.run("carol", carol_domain)
+        for to in ("x@carol.test", "r0@customer.test"):
+            written = await self.mail.create(self.owner, BOB, Edit("outbox", {"to": to}))
+            self.assertEqual(written.outcome, Outcome.ENQUEUED)
+        self.sender.startService()
+        await self.sender.settled()
+        await self.q.spool.drain()
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
+        r = queue_recipients.c
+        [(state, error)] = await self.db.read("state", lambda c: c.execute(
+            select(r.state, r.last_error).where(r.address == "x@carol.test")).all())
+        self.assertEqual(state, "deferred")
+        self.assertIn("4.2.1", error)
+        await self.db.run("enable", lambda c: c.execute(
+            update(users).where(users.c.id == carol).values(is_active=True)))
+        self.clock.advance(3600)
+        await self.q.spool.drain()
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test", "x@carol.test"])
 
     async def test_mail_read_before_its_owner_was_disabled_stays_in_the_outbox(self) -> None:
         public_ids = await self.post_outbox(3)

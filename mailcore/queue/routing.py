@@ -4,7 +4,13 @@ A hosted mailbox's address (`mailcore mailbox add`, the Mail API) is delivered l
 hop is `LOCAL`, which the runner writes into the mailbox store instead of connecting.
 Mail for a served domain goes to that domain's `redirect_host:redirect_port` (its
 `redirectTo`), with the domain's own TLS policy when it has one and the `[queue] tls`
-default otherwise. Mail for anyone else (bounces to foreign senders) goes to the configured
+default otherwise. While the domain is suspended (its owner disabled) this gateway's own
+mail for it (Mail API outbox mail, bounces, notifications, digests: any kind but those of
+ACCEPTED_KINDS) waits, deferred 4.2.1 (retried on the queue's schedule, bounced at its
+lifetime), as the SMTP server answers the world's mail for it 450 4.2.1 meanwhile: it is not
+relayed to a suspended customer's server. Mail accepted from the world before the
+suspension (and released from quarantine) is still delivered, as it was answered 250.
+Mail for anyone else (bounces to foreign senders) goes to the configured
 `relayhost`, or, when none is set, to the recipient domain's best MX found with
 twisted.names (the resolver is injectable), with the `[queue] tls` default; its other MX
 hosts (up to MAX_MX_HOSTS in all, by preference) are tried in turn when it cannot be reached.
@@ -31,7 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailcore.queue.model import thd_domain_for
 from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
 from mailcore.store import Database
-from mailcore.store.schema import domains
+from mailcore.store.schema import domains, users
 
 
 @dataclass(frozen=True)
@@ -75,13 +81,18 @@ class RoutingError(Exception):
     """No next hop for a recipient; `permanent` says whether to bounce rather than retry."""
 
     def __init__(self, message: str, *, permanent: bool = False,
-                 no_domain: bool = False) -> None:
+                 no_domain: bool = False, status: str | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
         # The recipient's domain does not exist in DNS (NXDOMAIN).
         self.no_domain = no_domain
+        # The RFC 3463 status of the recipient's result.
+        self.status = status or ("5.1.2" if permanent else "4.4.3")
 
 
+# The kinds of mail (Envelope.kind) the gateway accepted from the world: still relayed to a
+# suspended domain, as they were accepted (250) while it was served.
+ACCEPTED_KINDS = frozenset({"relay", "release"})
 # MX hosts of a domain tried at most (Postfix's smtp_mx_address_limit is 5 addresses).
 MAX_MX_HOSTS = 5
 # MX lookups under way at once at most (each is a socket of its own); the others wait.
@@ -109,14 +120,18 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
     return text, default_port
 
 
-def _domain_routes(conn: Connection, ids: list[int]) -> dict[int, tuple[str, int, str | None]]:
-    """Blocking: (redirect host, port, TLS policy or None) of each served domain in `ids`."""
+def _domain_routes(conn: Connection, ids: list[int]
+                   ) -> dict[int, tuple[str, int, str | None, bool]]:
+    """Blocking: (redirect host, port, TLS policy or None, whether suspended: its owner is
+    disabled) of each served domain in `ids`."""
     rows = conn.execute(
         select(
-            domains.c.id, domains.c.redirect_host, domains.c.redirect_port, domains.c.tls
-        ).where(domains.c.id.in_(ids))
+            domains.c.id, domains.c.redirect_host, domains.c.redirect_port, domains.c.tls,
+            users.c.is_active,
+        ).join(users, users.c.id == domains.c.owner_id).where(domains.c.id.in_(ids))
     ).all()
-    return {row.id: (row.redirect_host, row.redirect_port, row.tls) for row in rows}
+    return {row.id: (row.redirect_host, row.redirect_port, row.tls, not row.is_active)
+            for row in rows}
 
 
 class Router:
@@ -135,7 +150,8 @@ class Router:
         self.clock = clock
         self.settings = settings
         self._resolver = resolver
-        self._cache: dict[int, tuple[float, Hop | None]] = {}
+        # Domain id -> (expiry, its hop or None: not served, whether it is suspended).
+        self._cache: dict[int, tuple[float, Hop | None, bool]] = {}
         # Domain name -> (expiry, served domain id or None), for mail without a domain id.
         self._served: dict[str, tuple[float, int | None]] = {}
         self._lookups = DeferredSemaphore(MAX_LOOKUPS)
@@ -144,7 +160,7 @@ class Router:
         """The domain's own TLS policy, or the `[queue] tls` default."""
         return effective_tls(domain_tls, self.settings.tls)
 
-    def _fresh(self, domain_id: int, now: float) -> tuple[float, Hop | None] | None:
+    def _fresh(self, domain_id: int, now: float) -> tuple[float, Hop | None, bool] | None:
         """The cached route of a served domain, unless it is missing or has expired."""
         entry = self._cache.get(domain_id)
         return entry if entry is not None and entry[0] >= now else None
@@ -162,18 +178,20 @@ class Router:
         for d in missing:
             route = found.get(d)
             hop = None
+            suspended = False
             if route is not None:
-                host, port, domain_tls = route
+                host, port, domain_tls, suspended = route
                 host, parsed_port = parse_hostport(host, port)
                 hop = Hop(host, parsed_port, self._policy(domain_tls))
-            self._cache[d] = (expires, hop)
+            self._cache[d] = (expires, hop, suspended)
 
     def looks_up(self, domain_id: int | None) -> bool:
         """Whether the route of a recipient of `domain_id` is an MX lookup (it may be slow)."""
         return domain_id is None and not self.settings.relayhost
 
-    async def route(self, domain_id: int | None, address: str) -> Hop:
-        """The next hop for one recipient (LOCAL for a hosted mailbox), or RoutingError."""
+    async def route(self, domain_id: int | None, address: str, kind: str = "relay") -> Hop:
+        """The next hop for one recipient (LOCAL for a hosted mailbox) of mail of `kind`
+        (Envelope.kind), or RoutingError."""
         if self.local is not None and await self.local.contains(address):
             return LOCAL
         if domain_id is not None:
@@ -190,6 +208,11 @@ class Router:
             if hop.host == "":
                 # A hosted domain (no next hop) and an address that is not its mailbox.
                 raise RoutingError(f"no such mailbox here: {address}", permanent=True)
+            if cached[2] and kind not in ACCEPTED_KINDS:
+                # Its owner is disabled: our own mail for it waits, as the SMTP server's
+                # 450 4.2.1 has the world's wait (see the module docstring).
+                raise RoutingError("mailbox temporarily unavailable (its domain is "
+                                   "suspended)", status="4.2.1")
             return hop
         if self.settings.relayhost:
             host, port = parse_hostport(self.settings.relayhost)

@@ -433,14 +433,15 @@ class QueueRunner:
         """`job`'s recipients by next hop (routed all at once when `together`, else in
         turn); those that cannot be routed fail."""
         groups: Groups = OrderedDict()
-        routes = [defer.Deferred.fromCoroutine(self.router.route(r.domain_id, r.address))
-                  for r in job.recipients] if together else []
+        routes = [defer.Deferred.fromCoroutine(
+            self.router.route(r.domain_id, r.address, job.kind))
+            for r in job.recipients] if together else []
         for i, rcpt in enumerate(job.recipients):
             try:
                 hop = await (routes[i] if together
-                             else self.router.route(rcpt.domain_id, rcpt.address))
+                             else self.router.route(rcpt.domain_id, rcpt.address, job.kind))
             except RoutingError as e:
-                self._fail(job, [rcpt], f"5.1.2 {e}" if e.permanent else f"4.4.3 {e}",
+                self._fail(job, [rcpt], f"{e.status} {e}",
                            permanent=e.permanent, hop="", now=self.clock.seconds())
                 continue
             except Exception:
