@@ -35,7 +35,7 @@ class MailboxCliTests(CliTestCase):
                            fragment="no such user: carol")
         await self.refused("mailbox", "add", "x@hosted.test", fragment="--owner")
         listing = (await self.ok("mailbox", "list")).splitlines()
-        self.assertEqual(listing[0].split(), ["ADDRESS", "OWNER", "CREATED"])
+        self.assertEqual(listing[0].split(), ["ADDRESS", "OWNER", "CREATED", "USED", "QUOTA"])
         self.assertEqual([line.split()[:2] for line in listing[1:]],
                          [["bob@hosted.test", "bob"], ["joe@hosted.test", "joe"]])
         only_joe = (await self.ok("mailbox", "list", "--owner", "joe")).splitlines()
@@ -45,6 +45,30 @@ class MailboxCliTests(CliTestCase):
         await self.refused("mailbox", "remove", "joe@hosted.test",
                            fragment="no such mailbox: joe@hosted.test")
         self.assertEqual(len((await self.ok("mailbox", "list")).splitlines()), 2)
+
+    async def test_one_mailboxs_quota_is_set_shown_and_reset(self) -> None:
+        # Every mailbox had [mailapi] mailbox_quota_bytes and nothing else: the operator
+        # could give none more, less or no limit.
+        await self.ok("user", "add", "bob", "--email", "bob@users.test", "--password", "x")
+        await self.ok("domain", "add", "hosted.test", "--owner", "bob",
+                      "--redirect-to", "mx.example.net")
+        for box in ("bob@hosted.test", "team@hosted.test"):
+            await self.ok("mailbox", "add", box, "--owner", "bob")
+        self.assertEqual(await self.ok("mailbox", "quota", "Team@hosted.test", "5000000000"),
+                         "mailbox team@hosted.test: 0 bytes used, quota 5000000000 (own)\n")
+        listing = [line.split() for line in (await self.ok("mailbox", "list")).splitlines()]
+        self.assertEqual(listing[1][0], "bob@hosted.test")
+        self.assertEqual(listing[1][-2:], ["0", "1073741824"])
+        self.assertEqual(listing[2][-3:], ["0", "5000000000", "(own)"])
+        self.assertEqual(await self.ok("mailbox", "quota", "team@hosted.test", "0"),
+                         "mailbox team@hosted.test: 0 bytes used, quota no limit (own)\n")
+        self.assertEqual(await self.ok("mailbox", "quota", "team@hosted.test", "default"),
+                         "mailbox team@hosted.test: 0 bytes used, quota 1073741824\n")
+        await self.refused("mailbox", "quota", "team@hosted.test", "-1", fragment="bytes")
+        await self.refused("mailbox", "quota", "team@hosted.test", "1G", fragment="bytes")
+        await self.refused("mailbox", "quota", "nobody@hosted.test", "10",
+                           fragment="mailbox not found")
+        self.assertIn("'default'", await self.ok("mailbox", "quota", "--help"))
 
     async def test_a_mailbox_with_outbox_mail_is_removed_only_with_force(self) -> None:
         # Mail answered 202 "enqueued to be sent" went with the mailbox unsent (found by an

@@ -49,11 +49,11 @@ class QuotaApiTests(MailApiTestCase):
     config = Config(sections={"fetch": {"allow_loopback": True},
                               "mailapi": {"mailbox_quota_bytes": QUOTA_BYTES}})
 
-    async def used(self, box: str = BOB) -> int:
+    async def used(self, box: str = BOB, quota: int | None = QUOTA_BYTES) -> int:
         status, body = await self.as_("bob" if box == BOB else "joe", "GET",
                                       f"/api/v1/mailboxes/{box}")
         self.assertEqual(status, 200)
-        self.assertEqual(body["quota_bytes"], QUOTA_BYTES)
+        self.assertEqual(body["quota_bytes"], quota)
         return int(body["used_bytes"])
 
     async def sizes(self) -> int:
@@ -135,6 +135,46 @@ class QuotaApiTests(MailApiTestCase):
             "status": "draft", "from": JOE, "body": "z"})
         self.assertEqual(status, 507)
         self.assertEqual(await self.used(JOE), await self.sizes())
+
+    async def test_a_mailboxs_own_quota_replaces_the_configured_one(self) -> None:
+        # The operator's `mailcore mailbox quota`: more room for one mailbox, none, or no
+        # limit; the others keep [mailapi] mailbox_quota_bytes.
+        boxes = self.web.core.mailboxes
+        await boxes.set_quota(BOB, 20_000)
+        status, _ = await self.post_file(b"a" * 15_000)
+        self.assertEqual(status, 201)  # past the configured 10000, within its own
+        self.assertGreater(await self.used(quota=20_000), QUOTA_BYTES)
+        _, listed = await self.as_("bob", "GET", "/api/v1/mailboxes/")
+        self.assertEqual({b["email"]: b["quota_bytes"] for b in listed["mailboxes"]},
+                         {BOB: 20_000})
+        status, body = await self.post_file(b"b" * 6000)
+        self.assertEqual(status, 507)
+        self.assertIn("(quota 20000 bytes)", body["message"])
+        await boxes.set_quota(BOB, 0)  # no limit
+        status, _ = await self.post_file(b"c" * 6000)
+        self.assertEqual(status, 201)
+        await self.used(quota=None)
+        await boxes.set_quota(BOB, None)  # the configured one again: over it, nothing new
+        status, _ = await self.post_file(b"d")
+        self.assertEqual(status, 507)
+        used = await self.used()
+        self.assertEqual(used, await self.sizes())
+        before = len(await self.rows())
+        await self.deliver(1)  # received mail too
+        self.assertEqual(len(await self.rows()), before)
+        # And the RCPT check's read of the mailboxes' room follows it.
+        from mailcore.mailapi.room import thd_nearly_full
+
+        db = self.web.core.db
+        self.assertEqual(await db.read("room", thd_nearly_full, QUOTA_BYTES, 1000),
+                         {BOB: QUOTA_BYTES - used})
+        await boxes.set_quota(BOB, 0)
+        self.assertEqual(await db.read("room", thd_nearly_full, QUOTA_BYTES, 1000), {})
+        self.assertEqual(await db.read("room", thd_nearly_full, None, 1000), {})
+        await boxes.set_quota(BOB, used + 10)
+        self.assertEqual(await db.read("room", thd_nearly_full, None, 1000), {BOB: 10})
+        with self.assertRaises(MailApiError):
+            await boxes.set_quota(BOB, -1)
 
     async def test_received_mail_counts_and_stops_at_the_quota(self) -> None:
         n = 0
@@ -223,14 +263,14 @@ class PostgreSQLQuotaRaceTests(QuotaRaceMixin, TestCase):
 
 
 
-class MailboxRoomTests(TestCase):
+class MailboxRoomMixin(DatabaseMixin):
     """The RCPT check's view of the mailboxes' room (mailcore.mailapi.room): one read for
     every RCPT within its TTL, the nearly full mailboxes only, a failed read accepting."""
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        from mailcore.store import Database
+    timeout = 120
 
-        self.db = Database.for_tests()
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.open_database()
         await add_hosted_mailbox(self.db, BOX)
         self.clock = Clock()
         self.reads = 0
@@ -263,12 +303,12 @@ class MailboxRoomTests(TestCase):
         self.clock.advance(10)
         self.assertEqual(await room.room(BOX), -500)
 
-    async def test_no_limit_reads_nothing_and_a_failed_read_accepts(self) -> None:
+    async def test_no_limit_and_a_failed_read_accept(self) -> None:
         from mailcore.mailapi.room import MailboxRoom
 
         await self.use(QUOTA_BYTES)
         self.assertIsNone(await MailboxRoom(self.db, self.clock, None, 1000).room(BOX))
-        self.assertEqual(self.reads, 0)
+        self.reads = 0
         room = MailboxRoom(self.db, self.clock, QUOTA_BYTES, 1000)
 
         def broken(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -280,3 +320,22 @@ class MailboxRoomTests(TestCase):
         self.assertIsNone(await room.room(BOX))  # not read again by every RCPT
         self.assertEqual(self.reads, 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class SQLiteMailboxRoomTests(MailboxRoomMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLMailboxRoomTests(MailboxRoomMixin, TestCase):
+    backend = "postgresql"
+
+    async def test_own_quotas_on_the_real_server(self) -> None:
+        from mailcore.mailapi.room import thd_nearly_full
+
+        await self.use(9990)
+        self.assertEqual(await self.db.read("r", thd_nearly_full, QUOTA_BYTES, 1000), {BOX: 10})
+        await self.db.run("own", lambda c: c.execute(update(mailboxes).values(quota_bytes=0)))
+        self.assertEqual(await self.db.read("r", thd_nearly_full, QUOTA_BYTES, 1000), {})
+        await self.db.run("own", lambda c: c.execute(
+            update(mailboxes).values(quota_bytes=10_500)))
+        self.assertEqual(await self.db.read("r", thd_nearly_full, None, 1000), {BOX: 510})

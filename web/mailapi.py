@@ -23,7 +23,8 @@ Mail: `/api/v1/mail/` (GET a keyset page, POST a draft or outbox mail) and
 model is mailcore.mailapi.mail. A multipart POST or PUT is not parsed here: its body goes to
 MailService.receive, which streams the file parts to disk within the `[mailapi]` limits
 (413 beyond), and `/api/v1/mail/{id}/attachments/{n}` streams a file back a chunk at a time.
-A write that would take its mailbox past `[mailapi] mailbox_quota_bytes` stores nothing and
+A write that would take its mailbox past its quota (its own, set by the operator, else
+`[mailapi] mailbox_quota_bytes`) stores nothing and
 answers 507 `{"message": "mailbox full: ..."}`; a mailbox shows its `used_bytes` and
 `quota_bytes`.
 
@@ -58,6 +59,7 @@ from mailcore.mailapi import (
     MailApiError,
     MailboxService,
 )
+from mailcore.mailapi.counts import effective_quota
 from mailcore.mailapi.files import TOO_LARGE, StoredFile
 from mailcore.mailapi.listing import PAGE_CHARS
 from mailcore.mailapi.mail import (
@@ -134,8 +136,10 @@ MAILBOX_SCHEMA: dict[str, Any] = {
             "the bytes its mail takes: text fields, attachments, messages as sent or "
             "received")},
         "quota_bytes": {"type": ["integer", "null"], "description": (
-            "[mailapi] mailbox_quota_bytes (null: no limit); a draft or upload past it is "
-            "refused 507, mail received past it bounces 5.2.2")},
+            "the bytes its mail may take (null: no limit): the mailbox's own quota when the "
+            "operator set one (`mailcore mailbox quota`), else [mailapi] "
+            "mailbox_quota_bytes; a draft or upload past it is refused 507, mail for it "
+            "without room is refused at RCPT 552 5.2.2 (or bounces 5.2.2)")},
         **RIGHTS_SCHEMA,
     },
 }
@@ -279,9 +283,12 @@ def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
 
 
 def mailbox_object(access: Access, quota_bytes: int | None = None) -> dict[str, Any]:
+    """A mailbox as the API shows it; `quota_bytes` is the configured quota, which the
+    mailbox's own (set by the operator) overrides."""
     box = access.mailbox
     return {"email": box.address, "owner": box.owner, "is_owner": access.is_owner,
-            "active": box.active, "used_bytes": box.used_bytes, "quota_bytes": quota_bytes,
+            "active": box.active, "used_bytes": box.used_bytes,
+            "quota_bytes": effective_quota(box.quota_bytes, quota_bytes),
             **access.rights.as_dict()}
 
 

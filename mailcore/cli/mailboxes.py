@@ -11,14 +11,15 @@ from typing import Any
 
 from mailcore.cli import command_group, print_table, refusals, utc_seconds
 from mailcore.cli.users import require_user
-from mailcore.mailapi import MailApiError
+from mailcore.mailapi import MailApiError, Mailbox
+from mailcore.mailapi.counts import effective_quota
 from mailcore.mailapi.mailboxes import OutboxNotEmpty
 
 
 def register(subparsers: Any) -> None:
     """Add `mailbox` to the `mailcore` command line."""
     actions = command_group(
-        subparsers, "mailbox", help="add, list and remove hosted mailboxes",
+        subparsers, "mailbox", help="add, list and remove hosted mailboxes, set their quota",
         description="A hosted mailbox keeps the mail of its address here (Mail API, "
         "/api/v1/mail/); its domain must be served (`mailcore domain add`).",
     )
@@ -31,6 +32,19 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--owner", help="only this user's (name or email)")
     listing.set_defaults(handler=mailbox_list)
 
+    quota = actions.add_parser(
+        "quota", help="set one mailbox's quota",
+        description="Set the bytes one mailbox's mail may take (text fields, attachments, "
+        "messages as sent or received), in place of [mailapi] mailbox_quota_bytes: 0 is no "
+        "limit, 'default' follows mailbox_quota_bytes again. Nothing is removed: a mailbox "
+        "over its new quota takes no new mail (drafts and uploads refused 507, mail for it "
+        "refused at RCPT 552 5.2.2) until mail is deleted.",
+    )
+    quota.add_argument("address", help="the mailbox's address")
+    quota.add_argument("bytes", type=_quota,
+                       help="its quota in bytes (0: no limit; 'default': the configured one)")
+    quota.set_defaults(handler=mailbox_quota)
+
     remove = actions.add_parser(
         "remove", help="delete a mailbox with its mail and grants",
         description="Delete a mailbox with its mail and grants. A mailbox whose outbox holds "
@@ -42,6 +56,22 @@ def register(subparsers: Any) -> None:
     remove.add_argument("--force", action="store_true",
                         help="remove it even with mail in its outbox, which is then never sent")
     remove.set_defaults(handler=mailbox_remove)
+
+
+def _quota(text: str) -> int | None:
+    """A quota argument: bytes (0: no limit), or 'default' (None)."""
+    if text == "default":
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise argparse.ArgumentTypeError(f"not a number of bytes nor 'default': {text!r}")
+    return int(text)
+
+
+def _quota_text(box: Mailbox, configured: int | None) -> str:
+    """A mailbox's quota as `list` and `quota` show it."""
+    quota = effective_quota(box.quota_bytes, configured)
+    shown = "no limit" if quota is None else str(quota)
+    return shown if box.quota_bytes is None else f"{shown} (own)"
 
 
 def _refusal(e: MailApiError) -> str:
@@ -68,9 +98,19 @@ async def mailbox_list(args: argparse.Namespace, core: Any) -> int:
     if args.owner:
         owner_id = (await require_user(core, args.owner)).id
     found = await core.mailboxes.list_all(owner_id)
-    print_table(("ADDRESS", "OWNER", "CREATED"),
+    configured = core.mailapi_settings.mailbox_quota_bytes
+    print_table(("ADDRESS", "OWNER", "CREATED", "USED", "QUOTA"),
                 [(b.address if b.active else f"{b.address} (domain removed)", b.owner,
-                  utc_seconds(b.created_at)) for b in found])
+                  utc_seconds(b.created_at), str(b.used_bytes), _quota_text(b, configured))
+                 for b in found])
+    return 0
+
+
+@_mailbox_errors
+async def mailbox_quota(args: argparse.Namespace, core: Any) -> int:
+    box = await core.mailboxes.set_quota(args.address, args.bytes)
+    print(f"mailbox {box.address}: {box.used_bytes} bytes used, quota "
+          f"{_quota_text(box, core.mailapi_settings.mailbox_quota_bytes)}")
     return 0
 
 

@@ -6,7 +6,9 @@ mailboxes it may read: a few rows, where counting the mail rows themselves walks
 of every mail (about 10 ms per 100,000 on SQLite, on every page).
 
 `used_bytes` is the sum of the `size` of the mailbox's mail (mail_size: the bytes a mail
-keeps), checked against `[mailapi] mailbox_quota_bytes` by the write that would grow it:
+keeps), checked against the mailbox's quota (its own `quota_bytes`, set by the operator, 0
+for no limit; else `[mailapi] mailbox_quota_bytes`: `effective_quota`) by the write that
+would grow it:
 one conditional UPDATE of the mailbox's row (`thd_charge`), so that two writes at once
 cannot both pass a limit that only one fits under. PostgreSQL's row lock orders them (the
 second re-reads the row the first committed, READ COMMITTED), SQLite's writers take turns.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import Connection, bindparam, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 
 from mailcore.mailapi.errors import QUOTA, MailApiError
 from mailcore.store.schema import mailboxes
@@ -27,7 +29,24 @@ _COUNT = update(mailboxes).where(mailboxes.c.id == bindparam("box")) \
     .values(mail_count=mailboxes.c.mail_count + bindparam("delta"))
 _USE = update(mailboxes).where(mailboxes.c.id == bindparam("box")) \
     .values(used_bytes=mailboxes.c.used_bytes + bindparam("bytes"))
-_USE_WITHIN = _USE.where(mailboxes.c.used_bytes + bindparam("bytes") <= bindparam("quota"))
+_b = mailboxes.c
+# Within the mailbox's own quota (0: none), else the configured one (:quota)...
+_USE_WITHIN = _USE.where(or_(
+    _b.quota_bytes == 0,
+    _b.used_bytes + bindparam("bytes") <= func.coalesce(_b.quota_bytes, bindparam("quota"))))
+# ... or, when none is configured, within its own if it has one.
+_USE_WITHIN_OWN = _USE.where(or_(
+    _b.quota_bytes.is_(None), _b.quota_bytes == 0,
+    _b.used_bytes + bindparam("bytes") <= _b.quota_bytes))
+_QUOTA_OF = select(_b.quota_bytes).where(_b.id == bindparam("box"))
+
+
+def effective_quota(own: int | None, configured: int | None) -> int | None:
+    """A mailbox's quota in bytes (None: no limit): its own `quota_bytes` (0: no limit), or
+    the configured `[mailapi] mailbox_quota_bytes` when it has none."""
+    if own is None:
+        return configured
+    return own or None
 
 
 def thd_count_mail(conn: Connection, mailbox_id: int, delta: int) -> None:
@@ -52,12 +71,15 @@ def thd_use(conn: Connection, mailbox_id: int, delta: int) -> None:
 
 
 def thd_fits(conn: Connection, mailbox_id: int, delta: int, quota: int | None) -> bool:
-    """Blocking: add `delta` bytes to a mailbox's `used_bytes` if it stays within `quota`
-    (None: no limit; a delta of 0 or less always fits); whether it did. The mailbox row
-    stays locked until the transaction ends (PostgreSQL)."""
-    if delta <= 0 or quota is None:
+    """Blocking: add `delta` bytes to a mailbox's `used_bytes` if it stays within its quota
+    (`effective_quota` of its own and the configured `quota`; None: no limit; a delta of 0
+    or less always fits); whether it did. The mailbox row stays locked until the
+    transaction ends (PostgreSQL)."""
+    if delta <= 0:
         thd_use(conn, mailbox_id, delta)
         return True
+    if quota is None:
+        return conn.execute(_USE_WITHIN_OWN, {"box": mailbox_id, "bytes": delta}).rowcount == 1
     return conn.execute(_USE_WITHIN, {"box": mailbox_id, "bytes": delta,
                                       "quota": quota}).rowcount == 1
 
@@ -66,5 +88,7 @@ def thd_charge(conn: Connection, mailbox_id: int, delta: int, quota: int | None,
                address: str = "the mailbox") -> None:
     """Blocking: thd_fits, or QUOTA (the caller's transaction then stores nothing)."""
     if not thd_fits(conn, mailbox_id, delta, quota):
+        own = conn.execute(_QUOTA_OF, {"box": mailbox_id}).scalar()
         raise MailApiError(QUOTA, f"mailbox full: {address} has no room for {delta} more "
-                           f"bytes (quota {quota} bytes) - email not saved")
+                           f"bytes (quota {effective_quota(own, quota)} bytes) - email not "
+                           "saved")

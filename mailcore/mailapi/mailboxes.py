@@ -92,6 +92,9 @@ class Mailbox:
     domain_id: int | None = None
     # The bytes its mail takes (mailcore.mailapi.counts).
     used_bytes: int = 0
+    # Its own quota in bytes, set by the operator (None: `[mailapi] mailbox_quota_bytes`;
+    # 0: no limit): mailcore.mailapi.counts.effective_quota.
+    quota_bytes: int | None = None
 
     @property
     def active(self) -> bool:
@@ -123,7 +126,7 @@ def _not_found(address: str) -> MailApiError:
 
 def _mailbox(row: Any) -> Mailbox:
     return Mailbox(row.id, row.address, row.owner_id, row.owner, row.created_at,
-                   row.domain_id, row.used_bytes)
+                   row.domain_id, row.used_bytes, row.quota_bytes)
 
 
 def _rights(row: Any) -> Rights:
@@ -132,7 +135,8 @@ def _rights(row: Any) -> Rights:
 
 def _mailbox_query() -> Any:
     return select(_b.id, _b.address, _b.owner_id, _b.created_at, _b.domain_id, _b.used_bytes,
-                  users.c.username.label("owner")).join(users, users.c.id == _b.owner_id)
+                  _b.quota_bytes, users.c.username.label("owner")) \
+        .join(users, users.c.id == _b.owner_id)
 
 
 _BY_ADDRESS = _mailbox_query().where(_b.address == bindparam("address"))
@@ -335,6 +339,26 @@ class MailboxService:
         found = await self.db.run("mailapi_add_mailbox", txn)
         self._changed()
         return found
+
+    async def set_quota(self, address: str, quota_bytes: int | None) -> Mailbox:
+        """The operator sets the mailbox's own quota in bytes (0: no limit; None: back to
+        `[mailapi] mailbox_quota_bytes`). A quota below what its mail takes now refuses it
+        new mail until mail is deleted; nothing is removed."""
+        if quota_bytes is not None and (isinstance(quota_bytes, bool) or quota_bytes < 0):
+            raise MailApiError(INVALID, "a quota is a number of bytes (0: no limit)",
+                               "quota_bytes")
+        stored = normalise_address(address)
+
+        def txn(conn: Connection) -> Mailbox:
+            changed = conn.execute(update(mailboxes).where(_b.address == stored)
+                                   .values(quota_bytes=quota_bytes)).rowcount
+            if not changed:
+                raise _not_found(stored)
+            found = thd_mailbox(conn, stored)
+            assert found is not None
+            return found
+
+        return await self.db.run("mailapi_set_quota", txn)
 
     async def list_all(self, owner_id: int | None = None) -> list[Mailbox]:
         """Every mailbox (or those of one owner), by address."""

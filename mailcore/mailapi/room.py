@@ -6,19 +6,21 @@ and bounced later (a DSN to a sender that may be forged: backscatter). The later
 delivery (mailcore.mailapi.delivery) stays: it is the one that counts, for the message
 whose bytes pass the quota.
 
-No RCPT reads the store: the mailboxes whose room (`[mailapi] mailbox_quota_bytes` less
-`used_bytes`) is under `margin` (the largest message the SMTP server takes: any other
-mailbox has room for whatever a client may send) are read at once, with their room, and
-that answer is kept `ttl` seconds. Callers that find it expired queue on one lock and the
-first of them reads it (one read for all of them). So a mailbox freed by a delete takes
-mail again within `ttl` seconds, and one filled meanwhile is refused within as long (until
-then its mail is accepted and bounced at delivery, as before). A read that fails leaves the
-answer unknown: the recipient is accepted (the delivery's check still holds).
+No RCPT reads the store: the mailboxes whose room (their quota, mailcore.mailapi.counts'
+effective_quota, less `used_bytes`) is under `margin` (the largest message the SMTP server
+takes: any other mailbox has room for whatever a client may send) are read at once, with
+their room, and that answer is kept `ttl` seconds. Callers that find it expired queue on one
+lock and the first of them reads it (one read for all of them). So a mailbox freed by a
+delete takes mail again within `ttl` seconds, and one filled meanwhile is refused within as
+long (until then its mail is accepted and bounced at delivery, as before). A read that fails
+leaves the answer unknown: the recipient is accepted (the delivery's check still holds).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, select
+from typing import Any
+
+from sqlalchemy import Connection, Select, bindparam, func, or_, select
 from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -33,16 +35,31 @@ log = Logger()
 ROOM_TTL = 10.0
 
 _b = mailboxes.c
-_NEARLY_FULL = select(_b.address, (bindparam("quota") - _b.used_bytes).label("room")) \
-    .where(_b.domain_id.is_not(None),
-           _b.used_bytes > bindparam("quota") - bindparam("margin"))
 
 
-def thd_nearly_full(conn: Connection, quota: int, margin: int) -> dict[str, int]:
+def _nearly_full(quota: Any) -> Select[Any]:
+    """The active mailboxes (address, room) with less than :margin bytes left under
+    `quota`, and a limit (not 0)."""
+    return select(_b.address, (quota - _b.used_bytes).label("room")) \
+        .where(_b.domain_id.is_not(None), or_(_b.quota_bytes.is_(None), _b.quota_bytes != 0),
+               _b.used_bytes > quota - bindparam("margin"))
+
+
+# Under each mailbox's own quota, else the configured one; with none configured, under its
+# own only (a mailbox without one has no limit).
+_NEARLY_FULL = _nearly_full(func.coalesce(_b.quota_bytes, bindparam("quota")))
+_NEARLY_FULL_OWN = _nearly_full(_b.quota_bytes).where(_b.quota_bytes.is_not(None))
+
+
+def thd_nearly_full(conn: Connection, quota: int | None, margin: int) -> dict[str, int]:
     """Blocking: address -> room left (bytes, 0 or less: full) of each active mailbox that
-    has less than `margin` bytes left under `quota`."""
-    return {row.address: int(row.room) for row in conn.execute(
-        _NEARLY_FULL, {"quota": quota, "margin": margin})}
+    has less than `margin` bytes left under its quota (its own, else `quota`; None: no
+    limit; mailcore.mailapi.counts.effective_quota)."""
+    if quota is None:
+        rows = conn.execute(_NEARLY_FULL_OWN, {"margin": margin})
+    else:
+        rows = conn.execute(_NEARLY_FULL, {"quota": quota, "margin": margin})
+    return {row.address: int(row.room) for row in rows}
 
 
 class MailboxRoom:
@@ -53,7 +70,7 @@ class MailboxRoom:
                  ttl: float = ROOM_TTL) -> None:
         self.db = db
         self.clock = clock
-        self.quota = quota  # None: no limit (nothing is ever full)
+        self.quota = quota  # the configured quota (None: no limit but mailboxes' own)
         self.margin = margin
         self.ttl = ttl
         self._known: dict[str, int] | None = None
@@ -68,8 +85,6 @@ class MailboxRoom:
     async def room(self, address: str) -> int | None:
         """The bytes the mailbox at `address` may still take, when fewer than `margin`;
         None when it has more (or no limit), is no mailbox, or the last read failed."""
-        if self.quota is None:
-            return None
         known = self._fresh()
         if known is None:
             await self._lock.acquire()
@@ -83,7 +98,6 @@ class MailboxRoom:
         return None if key is None else known.get(key)
 
     async def _reload(self) -> dict[str, int]:
-        assert self.quota is not None
         now = self.clock.seconds()
         try:
             known = await self.db.read("mailapi_nearly_full", thd_nearly_full, self.quota,

@@ -16,7 +16,9 @@ a POST or PUT to `/api/v1/mail/…` may be `max_message_bytes` plus 1 MiB (the m
 framing and the text fields), whatever `[web] max_body` says.
 
 `mailbox_quota_bytes` bounds what the mail of one mailbox takes (mailcore.mailapi.counts: a
-mail's text fields, attachments and message as sent or received). A draft or upload that
+mail's text fields, attachments and message as sent or received), unless the operator set
+that mailbox's own quota (`mailcore mailbox quota`: `mailboxes.quota_bytes`, 0 for no
+limit). A draft or upload that
 would pass it is refused (507, nothing stored); mail for a mailbox without room for it is
 refused at RCPT (552 5.2.2, RFC 3463 "mailbox full": mailcore.mailapi.room) or, when it did
 not fit after all, bounces 5.2.2; sending a draft is never refused for the message it builds

@@ -46,6 +46,9 @@ mailboxes = Table(
     # writers (migration 0049; mailcore.mailapi.counts), checked against
     # `[mailapi] mailbox_quota_bytes`.
     Column("used_bytes", BigInteger, nullable=False, server_default="0"),
+    # Its own quota in bytes, set by the operator (migration 0053; `mailcore mailbox quota`):
+    # NULL follows `[mailapi] mailbox_quota_bytes`, 0 is no limit.
+    Column("quota_bytes", BigInteger, nullable=True),
     Index("ix_mailboxes_owner_id", "owner_id"),
     Index("ix_mailboxes_domain_id", "domain_id"),
 )
