@@ -15,7 +15,7 @@ from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 
-BEFORE = "0051_drop_secrets_removed"  # the revision 0053_mailbox_quota builds on
+BEFORE = "0052_file_nodes_rate_buckets"  # the revision 0053_mailbox_quota builds on
 
 
 def thd_add_mailboxes(conn: Connection) -> None:

@@ -10,7 +10,7 @@ Upgrade: the column, NULL in every row (each mailbox keeps the configured limit)
 the column goes (every mailbox follows the configured limit again).
 
 Revision ID: 0053_mailbox_quota
-Revises: 0051_drop_secrets_removed
+Revises: 0052_file_nodes_rate_buckets
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0053_mailbox_quota"
-down_revision = "0051_drop_secrets_removed"
+down_revision = "0052_file_nodes_rate_buckets"
 branch_labels = None
 depends_on = None
 
