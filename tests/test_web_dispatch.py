@@ -192,7 +192,7 @@ class MethodNotAllowedTests(TestCase):
         web = Web.build()
         cases = [
             ("GET", "/api-token-auth/", {"detail": 'Method "GET" not allowed.'}, "POST"),
-            ("GET", "/api/v1/auth/", {"message": "Method GET not allowed."}, "HEAD, POST"),
+            ("GET", "/api/v1/auth/", {"error": "Method GET not allowed."}, "HEAD, POST"),
             ("POST", "/auth", {"error": "Method POST not allowed."}, "GET, HEAD"),
             ("DELETE", "/metrics", {"error": "Method DELETE not allowed.", "status": 405},
              "GET, HEAD"),

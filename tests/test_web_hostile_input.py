@@ -46,7 +46,7 @@ class HostileInputTests(TestCase):
             ("POST", "/api/imap-servers/", self.token, "detail"),
             ("POST", "/api/webhooks/", self.token, "detail"),
             ("POST", "/api-token-auth/", {}, "detail"),
-            ("POST", "/api/v1/auth/", {}, "message"),
+            ("POST", "/api/v1/auth/", {}, "error"),
             ("PUT", "/api/v1/user", self.key, "msg"),
             ("POST", "/api/v1/domain/example.com", self.key, "msg"),
         ]
@@ -79,7 +79,7 @@ class HostileInputTests(TestCase):
             "POST", "/api/v1/auth/", data=b"username=%ED%A0%80&password=x",
             headers={"Content-Type": "application/x-www-form-urlencoded"})
         self.assertEqual((status, reply),
-                         (400, {"message": "username: The value is not valid UTF-8."}))
+                         (400, {"error": "username: The value is not valid UTF-8."}))
 
     async def test_ids_past_the_signed_64_bit_range_in_paths_are_404(self) -> None:
         for path in (f"/api/emails/{TOO_BIG}/", f"/api/v1/emails/{TOO_BIG}/thread/",

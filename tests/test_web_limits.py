@@ -55,7 +55,7 @@ class ShapeTests(TestCase):
         big = b"x" * (MAX + 1)
         cases: list[tuple[str, str, Any]] = [
             ("POST", "/api-token-auth/", lambda b: b["detail"]),
-            ("POST", "/api/v1/auth/", lambda b: b["message"]),
+            ("POST", "/api/v1/auth/", lambda b: b["error"]),
             ("PUT", "/api/v1/user", lambda b: (b["success"], b["msg"])[1]),
             ("POST", "/dropbundles", lambda b: b["error"]),
             ("POST", "/v1/accounts", lambda b: b["error_description"]),
@@ -316,7 +316,7 @@ class StreamingTests(TestCase):
         self.assertIn(b"Connection: close", head)
         self.assertIn(b"Server: mailcore", head)
         self.assertIn(b"Content-Length: " + str(len(self.sent()) - len(head) - 4).encode(), head)
-        self.assertEqual(body, {"message": f"Request body too large (at most {MAX} bytes)."})
+        self.assertEqual(body, {"error": f"Request body too large (at most {MAX} bytes)."})
         # Lingering close: the write side is shut, what the client still sends is dropped.
         self.assertTrue(self.transport.write_closed)
         self.assertFalse(self.transport.disconnecting)
@@ -577,7 +577,7 @@ class LoopbackTests(TestCase):
 
         status, body = await threads.deferToThread(blocking_upload)
         self.assertEqual(status, 413)
-        self.assertEqual(json.loads(body), {"message": "Request body too large (at most "
+        self.assertEqual(json.loads(body), {"error": "Request body too large (at most "
                                                        "100000 bytes)."})
 
     async def test_a_client_that_pipelines_without_reading_is_answered_as_it_reads(self) -> None:

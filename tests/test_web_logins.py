@@ -131,12 +131,28 @@ class MailApiAuthTests(TestCase):
             status, _, body = await web.call("POST", "/api/v1/auth/", data=data)
             self.assertEqual((status, body), (400, expected), data)
 
-    async def test_wrong_credentials_are_401_unauthorized(self) -> None:
+    async def test_wrong_credentials_are_401_in_the_seeds_error_shape(self) -> None:
+        # Seed 002 shows the auth endpoint's errors as {"error": ...} only (400, 403): a
+        # client written against it reads that key when a login fails.
         web = Web.build()
         await web.user()
-        status, _, body = await web.call(
-            "POST", "/api/v1/auth/", data={"username": "alice", "password": "nope"}
-        )
+        for credentials in ({"username": "alice", "password": "nope"},
+                            {"username": "nobody", "password": PASSWORD}):
+            status, _, body = await web.call("POST", "/api/v1/auth/", data=credentials)
+            self.assertEqual((status, body), (401, {"error": "Invalid username or password."}))
+
+    async def test_every_error_of_the_auth_endpoint_has_the_error_key(self) -> None:
+        web = Web.build()
+        cases: list[tuple[dict[str, Any], int]] = [
+            ({"data": b"{", "headers": {"Content-Type": "application/json"}}, 400),
+            ({"data": {"username": "a", "password": "b", "api_key": "guess"}}, 403),
+        ]
+        for kwargs, status in cases:
+            code, _, body = await web.call("POST", "/api/v1/auth/", **kwargs)
+            self.assertEqual(code, status, body)
+            self.assertEqual(list(body), ["error"], body)
+        # The other Mail API routes keep {"message": ...}.
+        status, _, body = await web.call("GET", "/api/v1/mail/", headers={"Auth-Key": "x"})
         self.assertEqual((status, body), (401, {"message": "unauthorized"}))
 
 
@@ -156,7 +172,7 @@ class LoginRateLimitTests(TestCase):
         status, headers, body = await web.call("POST", "/api/v1/auth/", data=CREDENTIALS)
         self.assertEqual(status, 429)
         self.assertEqual(header(headers, "Retry-After"), "20")
-        self.assertTrue(body["message"].startswith("Request was throttled."))
+        self.assertTrue(body["error"].startswith("Request was throttled."))
         self.assertEqual(
             int(header(headers, "X-RateLimit-Reset") or 0), int(web.clock.seconds()) + 60
         )
@@ -304,7 +320,7 @@ class AccountFailureLimitTests(TestCase):
         self.assertEqual(status, 429)
         self.assertEqual(header(headers, "Retry-After"), "1200")
         self.assertEqual(header(headers, "X-RateLimit-Limit"), "3")
-        self.assertTrue(body["message"].startswith("Request was throttled."))
+        self.assertTrue(body["error"].startswith("Request was throttled."))
 
     async def test_the_defaults_are_20_and_100_failures_per_hour_and_zero_turns_off(
             self) -> None:

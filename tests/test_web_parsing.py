@@ -431,7 +431,7 @@ class ParseErrorsPerApiTests(TestCase):
             "POST", "/api/v1/auth/", data=b"username=a", headers={"Content-Type": "text/plain"}
         )
         self.assertEqual(status, 400)
-        self.assertIn('Unsupported media type "text/plain"', body["message"])
+        self.assertIn('Unsupported media type "text/plain"', body["error"])
 
     async def test_protecmail_bad_json_is_an_envelope(self) -> None:
         web = Web.build()

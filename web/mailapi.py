@@ -1,7 +1,8 @@
 """Mail API (seed 002): `/api/v1/auth/`, `/api/v1/mail/`, `/api/v1/mailboxes/`.
 
-Replies are `{"message": ...}` with the seed's status codes (the auth endpoint's input
-errors are `{"error": ...}`, as the seed shows). The credential is the `auth_key` from
+Replies are `{"message": ...}` with the seed's status codes; every error of the auth
+endpoint is `{"error": ...}` instead (a wrong password, bad input, a limit), as the seed
+shows its errors there. The credential is the `auth_key` from
 `POST /api/v1/auth/`, in the `Auth-Key` header (also `auth_key` or `auth_token` as header
 or query parameter, header `token`, or `Authorization: Token <key>`), or, in none of those,
 as field `auth_key` or `auth_token` of a JSON or form-encoded body: the seed lists
@@ -103,6 +104,7 @@ log = Logger(namespace="mailcore.web")
 # multipart framing and the text fields, instead of `[web] max_body`.
 UPLOAD_PATH = re.compile(r"/api/v1/mail/(?:[^/]+)?")
 UPLOAD_OVERHEAD = 1024 * 1024
+AUTH_PATH = b"/api/v1/auth/"
 # The body fields that may carry the auth_key (the seed's POST /api/v1/mail/ names
 # `auth_token`); they are no mail or grant field.
 CREDENTIAL_FIELDS = ("auth_key", "auth_token")
@@ -329,6 +331,16 @@ class MailApiApp(ApiApp):
         self.mail = mail
         self.require_api_key = require_api_key
 
+    def error_reply(self, request: IRequest, error: ApiError) -> bytes:
+        """`error` as `{"message": ...}`, but as `{"error": ...}` on the auth endpoint: seed
+        002 shows only that key for its errors there ("Please provide username.", "API key
+        is missing."), so a client written against it reads that key for every failure."""
+        if error.key is None and getattr(request, "path", None) == AUTH_PATH:
+            error = ApiError(error.status, error.message, fields=error.fields,
+                             code=error.code, key="error", extra=error.extra,
+                             headers=error.headers)
+        return super().error_reply(request, error)
+
     async def principal(self, request: IRequest) -> Principal:
         """The auth_key's user within `[web] mailapi_user_rate`, or 401 `{"message":
         "unauthorized"}` (429 once the client's address has spent `[web]
@@ -364,10 +376,13 @@ class MailApiApp(ApiApp):
         "/api/v1/auth/",
         "POST",
         summary="Authenticate and obtain an auth_key",
+        description='Every error here is `{"error": "..."}` (400 a missing username or '
+        'password, 401 a wrong one, 403 a missing or bad api_key, 429), as the seed shows '
+        'them; the other Mail API routes answer `{"message": "..."}`.',
         body=AUTH_BODY,
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
         replies={200: Reply("The auth_key for every further call", AUTH_REPLY)},
-        errors=(400, 401, 429),
+        errors=(400, 401, 403, 413, 429),
     )
     async def authenticate(self, request: IRequest) -> bytes:
         """Each call creates a new auth_key; a user keeps `login_tokens_per_user` (100),
@@ -385,7 +400,7 @@ class MailApiApp(ApiApp):
         user = await self.login.check(request, username, password)
         key = await self.login.issue_token(user, "mailapi-auth") if user else None
         if key is None:
-            raise ApiError(401, "unauthorized")
+            raise ApiError(401, "Invalid username or password.")
         return self.reply(request, {"auth_key": key}, headers={"Cache-Control": "no-store"})
 
     async def check_api_key(self, request: IRequest, data: dict[str, Any], *,
