@@ -253,6 +253,39 @@ class WritingTests(MailApiTestCase):
                                       json={"status": "outbox"})
         self.assertEqual((status, body["message"]), (401, unauthorized))
 
+    async def test_reply_to_spelled_with_an_underscore_is_read_and_unknown_fields_refused(
+            self) -> None:
+        # reply_to was dropped unseen: the draft saved, 201, with no reply address.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", data={
+            "status": "draft", "to": JOE, "reply_to": BOB})
+        self.assertEqual(status, 201, body)
+        status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{body['id']}")
+        self.assertEqual(mail["reply-to"], BOB)
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{body['id']}",
+                                      json={"reply_to": "me@far.test", "status": "outbox"})
+        self.assertEqual((status, body["message"]),
+                         (401, "unauthorized from/reply-to - stored email as draft"))
+        # What GET showed may be PUT back (its read-only keys change nothing).
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{mail['id']}",
+                                      json={**mail, "subject": "again"})
+        self.assertEqual((status, body["message"]), (200, "updated email"))
+        before = len(await self.rows())
+        for fields, message in [
+            ({"status": "draft", "replyto": BOB}, "unknown field: replyto"),
+            ({"status": "outbox", "to": JOE, "subjet": "typo"}, "unknown field: subjet"),
+            ({"status": "draft", "reply_to": BOB, "reply-to": JOE},
+             "reply_to: given twice, as reply_to and reply-to, with different values"),
+            ({"status": "draft", "attachment": "not a file"},
+             "attachment: a file part of a multipart/form-data body (with a filename), not "
+             "a text field"),
+        ]:
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=fields)
+            self.assertEqual((status, body), (400, {"message": message}), fields)
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{mail['id']}",
+                                      data={"bcc ": JOE})
+        self.assertEqual((status, body), (400, {"message": "unknown field: bcc "}))
+        self.assertEqual(len(await self.rows()), before)
+
     async def test_draft_outbox_and_the_seeds_codes(self) -> None:
         status, body = await self.as_("bob", "POST", "/api/v1/mail/",
                                       json={"status": "draft", "cc": JOE})

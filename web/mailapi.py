@@ -196,10 +196,13 @@ PAGE_REPLY: dict[str, Any] = {
 }
 MAIL_BODY: dict[str, Any] = {
     "type": "object",
+    "description": "Any other field is a 400 (`unknown field: ...`), but the mail's own "
+    "read-only keys (id, mailbox, attachments), which change nothing.",
     "properties": {
         "status": {"type": "string", "enum": ["draft", "outbox"]},
         **{name: {"type": ["string", "null"], "description": "null (JSON) is the empty "
                   "string: on a PUT it clears the field"} for name in FIELDS},
+        "reply_to": {"type": ["string", "null"], "description": "`reply-to` spelled so"},
         "attachment": {"type": "string", "format": "binary",
                        "description": "multipart file part(s), any field name; each within "
                        "[mailapi] max_attachment_bytes, all within max_message_bytes, "
@@ -227,6 +230,14 @@ WRITTEN: dict[Outcome, tuple[int, int, str]] = {
     Outcome.UNAUTHORIZED: (401, 401, "unauthorized from/reply-to - stored email as draft"),
 }
 NOT_STORED = "mail not sent / draft not saved"
+# Other spellings of the seed's mail fields a client may send.
+FIELD_ALIASES = {"reply_to": "reply-to"}
+# The fields a POST or PUT of a mail may carry: the seed's, `read` (PUT), the credential
+# and the application api_key the seed has every request send, and the mail object's own
+# read-only keys (a client may PUT back what it read; they change nothing, as `read` on a
+# POST).
+MAIL_INPUT = frozenset({*FIELDS, "status", "read", *CREDENTIAL_FIELDS, "api_key", "id",
+                        "mailbox", "attachments"})
 
 
 def model_error(error: MailApiError) -> ApiError:
@@ -271,7 +282,16 @@ def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
     """The fields of a POST or PUT: strings (any text; checked when sent), and the file parts
     already on disk as attachments. A JSON null is the empty string (on a PUT it clears the
     field, as "" does: the seed's mail shows an unset field as ""); a value of another type
-    is refused before anything is stored."""
+    is refused before anything is stored, and so is a field the mail has not (a client's
+    misspelling must not be dropped unseen: a reply address it meant to set, say). The seed's
+    `reply-to` may also be spelled `reply_to` (the seed's own right is `allow_reply_to`)."""
+    data = _with_aliases(data)
+    if "attachment" in data:
+        raise ApiError(400, "attachment: a file part of a multipart/form-data body (with a "
+                       "filename), not a text field")
+    unknown = sorted(set(data) - MAIL_INPUT)
+    if unknown:
+        raise ApiError(400, f"unknown field: {unknown[0]}")
     values: dict[str, str] = {}
     for name in FIELDS:
         if name in data and data[name] is None:
@@ -282,6 +302,22 @@ def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
             values[name] = value
     status = data.get("status")
     return Edit(status if isinstance(status, str) and status else None, values, files)
+
+
+def _with_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each FIELD_ALIASES spelling under the seed's name (400 when both are given
+    with different values)."""
+    if not FIELD_ALIASES.keys() & data.keys():
+        return data
+    data = dict(data)
+    for alias, name in FIELD_ALIASES.items():
+        if alias in data:
+            value = data.pop(alias)
+            if name in data and data[name] != value:
+                raise ApiError(400, f"{alias}: given twice, as {alias} and {name}, with "
+                               "different values")
+            data[name] = value
+    return data
 
 
 def mailbox_object(access: Access, quota_bytes: int | None = None) -> dict[str, Any]:
