@@ -203,7 +203,7 @@ def _user_index_made_last(conn: Connection) -> None:
 
 
 class ThreadListPlanTests(TestCase):
-    """The thread list (SQLite, no statistics) looks for a newer message of each row's
+    """The thread list (SQLite, no statistics) looks for an older message of each row's
     thread through the thread's index, whichever index SQLite met first: an index rebuilt
     later (as migration 0025 could have) must not turn it into a walk over every message of
     the user for each row of the page."""
@@ -215,12 +215,12 @@ class ThreadListPlanTests(TestCase):
         await store.add_message(user, _PLAIN)
 
         def plan(conn: Connection) -> list[str]:
-            return query_plans(conn, lambda statement: "newer" in statement, lambda: (
+            return query_plans(conn, lambda statement: "older" in statement, lambda: (
                 thd_list_messages(conn, user, MessageQuery(limit=50, threads_only=True))))[-1]
 
         for _ in range(2):
             steps = await db.read("plan", plan)
-            self.assertIn("SEARCH newer USING INDEX ix_messages_thread_date (thread_id=?)",
+            self.assertIn("SEARCH older USING INDEX ix_messages_thread_date (thread_id=?)",
                           steps)
             await db.run("user_index_made_last", _user_index_made_last)
 

@@ -175,10 +175,19 @@ class PostmanCollectionTests(TestCase):
         self.assertEqual([t["id"] for t in thread], ids)
         self.assertEqual(thread[0]["subject"], "Original Email")
 
+        # The seed's thread list shows a thread by its first e-mail (thread-123: id 1 at
+        # 12:00, not its reply id 2 at 12:30); its newest one was shown.
         threads = await alice.ok("GET", "/api/emails/threads/")
         self.assertEqual(threads["count"], 2)
-        self.assertEqual({(t["subject"], t["thread_count"]) for t in threads["results"]},
-                         {("Re: Original Email", 3), ("Lone", 1)})
+        self.assertEqual([(t["id"], t["subject"], t["thread_count"])
+                          for t in threads["results"]],
+                         [(ids[2] + 1, "Lone", 1), (ids[0], "Original Email", 3)])
+        threaded = await alice.ok("GET", "/api/emails/?thread=true&ordering=date")
+        self.assertEqual([t["id"] for t in threaded["results"]], [ids[0], ids[2] + 1])
+        # Among the e-mails a filter keeps, the first of each thread.
+        found = await alice.ok("GET", "/api/emails/threads/?q=reply")
+        self.assertEqual([(t["id"], t["thread_count"]) for t in found["results"]],
+                         [(ids[1], 3)])
 
         self.assertEqual(await alice.ok("GET", "/api/emails/folders/"), ["INBOX", "Sent"])
         self.assertEqual(await alice.ok("GET", "/api/emails/statistics/"), {
@@ -694,9 +703,9 @@ class SearchAndFilterTests(TestCase):
         flat = await alice.ok("GET", "/api/emails/")
         threaded = await alice.ok("GET", "/api/emails/?thread=true")
         self.assertEqual((flat["count"], threaded["count"]), (4, 3))
-        self.assertIn(reply, [e["id"] for e in threaded["results"]])
-        self.assertNotIn(ids["budget"], [e["id"] for e in threaded["results"]])
-        row = next(e for e in threaded["results"] if e["id"] == reply)
+        self.assertIn(ids["budget"], [e["id"] for e in threaded["results"]])
+        self.assertNotIn(reply, [e["id"] for e in threaded["results"]])
+        row = next(e for e in threaded["results"] if e["id"] == ids["budget"])
         self.assertEqual(row["thread_count"], 2)
         self.assertEqual((await alice.ok("GET", "/api/emails/?thread=false"))["count"], 4)
 

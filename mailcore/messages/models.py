@@ -53,7 +53,7 @@ class MessageQuery:
     """Filters, ordering and a window for listing messages.
 
     `date_from`/`date_to` are inclusive calendar days (UTC). `threads_only` keeps one row per
-    thread: the newest message of it among those matching the filters.
+    thread: the first (oldest) message of it among those matching the filters.
     """
 
     q: str | None = None

@@ -563,7 +563,7 @@ def _filters(
     statement runs with `_filter_values` as its parameters.
 
     `by_match`: the user's rows are found through another index (the full-text matches'
-    row ids, or a thread's for `_newest_of_thread`), not through one on user_id ("+ 0"
+    row ids, or a thread's for `_first_of_thread`), not through one on user_id ("+ 0"
     keeps the database from walking the user's whole date index and probing each entry:
     SQLite has no statistics, and PostgreSQL, asked for the newest 50, takes that walk for
     a rare word too, some 50,000 rows deep over a million messages), nor through the
@@ -636,26 +636,29 @@ def _thread_counts(conn: Connection, thread_ids: set[int]) -> dict[int, int]:
     return {tid: int(n) for tid, n in rows}
 
 
-def _newest_of_thread(
+def _first_of_thread(
     dialect: str, user_id: int, query: MessageQuery
 ) -> ColumnElement[bool]:
-    """`messages` is the newest (date, then id) of its thread among the rows matching the
-    query's filters: no newer matching message shares its thread. The thread's messages are
-    read through (thread_id, date), so a page walks only as many rows as it shows."""
-    other = messages.alias("newer")
+    """`messages` is the first (oldest by date, then id: the order of a thread's own
+    listing) of its thread among the rows matching the query's filters: no older matching
+    message shares its thread. Seed 001 shows a thread by its first e-mail (its thread list
+    and its thread-123 example: id 1 at 12:00, whose reply id 2 came at 12:30). The
+    thread's messages are read through (thread_id, date), so a page walks only as many rows
+    as it shows."""
+    other = messages.alias("older")
     # The thread's index is the way in (`by_match`): without statistics SQLite may weigh
     # (user_id, date) the same and walk every message of the user for each row of a page.
     same = [c for c in _filters(dialect, user_id, query, table=other, by_match=True)]
     oldest = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
     mine = func.coalesce(messages.c.date, oldest)
     theirs = func.coalesce(other.c.date, oldest)
-    newer = (
+    older = (
         select(literal(1))
         .select_from(other)
         .where(other.c.thread_id == messages.c.thread_id, *same)
-        .where(or_(theirs > mine, (theirs == mine) & (other.c.id > messages.c.id)))
+        .where(or_(theirs < mine, (theirs == mine) & (other.c.id < messages.c.id)))
     )
-    return or_(messages.c.thread_id.is_(None), ~newer.exists())
+    return or_(messages.c.thread_id.is_(None), ~older.exists())
 
 
 def _counted(query: MessageQuery) -> bool:
@@ -745,7 +748,7 @@ def thd_list_messages(
     def where(by_match: bool) -> list[ColumnElement[bool]]:
         conds = _filters(dialect, user_id, query, by_match=by_match)
         if query.threads_only:
-            conds.append(_newest_of_thread(dialect, user_id, query))
+            conds.append(_first_of_thread(dialect, user_id, query))
         return conds
 
     # PostgreSQL: a search with no other filter, in date order, picks and counts its
@@ -1249,7 +1252,7 @@ class MessageStore:
         )
 
     async def list_threads(self, user_id: int, query: MessageQuery) -> Page[MessageSummary]:
-        """One row per thread (its newest matching message) with thread_count."""
+        """One row per thread (its first matching message) with thread_count."""
         return await self.list_messages(
             user_id,
             MessageQuery(**{**query.__dict__, "threads_only": True}),

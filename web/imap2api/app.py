@@ -465,13 +465,14 @@ class Imap2ApiApp(ApiApp):
     )
     async def list_emails(self, request: IRequest) -> bytes:
         """`q` finds every word (as a prefix) in subject, sender, recipient or body;
-        `thread=true` shows one e-mail per thread, the newest matching one."""
+        `thread=true` shows one e-mail per thread, the first (oldest) matching one, as the
+        seed's thread list does."""
         return await self._page_of_messages(request, threads=False)
 
     @routes.route(
         both("/emails/threads/"),
         "GET",
-        summary="List email threads (one row per thread, its newest email)",
+        summary="List email threads (one row per thread, its first email)",
         auth=IMAP2API,
         query=THREADS_QUERY,
         replies={200: Reply("A page of threads", page_schema(EMAIL_SCHEMA))},
