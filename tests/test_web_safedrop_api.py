@@ -624,6 +624,32 @@ class RecipientFieldTests(TestCase):
         _, _, listed = await self.f.call("GET", self.path)
         self.assertEqual(len(listed), 2)
 
+    async def test_an_address_is_a_recipient_of_a_bundle_once(self) -> None:
+        # The same address added twice was two recipients: the send mailed it twice, with
+        # two links. The seed's 400 for properties that "do not meet requirements".
+        status, fred = await self.f.form("POST", self.path, "email=fred%40safedrop.com")
+        self.assertEqual(status, 200, fred)
+        status, ann = await self.f.form("POST", self.path, "email=ann%40example.org")
+        self.assertEqual(status, 200, ann)
+        duplicate = {"email": ["This address is a recipient of the drop already."]}
+        for method, path, body in [
+            ("POST", self.path, "email=fred%40safedrop.com"),
+            ("POST", self.path, "email=Fred%40SafeDrop.com&telephone=442077394252"),
+            ("PUT", f"{self.path}/{ann['id']}", "email=FRED%40safedrop.com"),
+        ]:
+            status, reply = await self.f.form(method, path, body)
+            self.assertEqual((status, reply["errors"]), (400, duplicate), body)
+        _, _, listed = await self.f.call("GET", self.path)
+        self.assertEqual([r["email"] for r in listed], ["fred@safedrop.com", "ann@example.org"])
+        # A recipient keeps its own address; another bundle may have it too.
+        status, same = await self.f.form("PUT", f"{self.path}/{fred['id']}",
+                                         "email=fred%40safedrop.com&telephone=442077394252")
+        self.assertEqual((status, same["telephone"]), (200, "442077394252"))
+        other = await self.f.bundle()
+        status, _ = await self.f.form("POST", f"/dropbundles/{other}/dropbundlerecipients",
+                                      "email=fred%40safedrop.com")
+        self.assertEqual(status, 200)
+
     async def test_valid_for_and_telephone_are_kept(self) -> None:
         status, reply = await self.f.form(
             "POST", self.path, "email=ann%40example.org&telephone=442077394252&valid_for=3600")

@@ -521,7 +521,8 @@ class SafedropApp(ApiApp):
         summary="Add a recipient to a safedrop",
         description="`telephone`: international digits without '+' (recipients with one get "
         "their one-time code by SMS when `[safedrop] sms_gateway` is set, else by mail). "
-        "`valid_for` is deprecated: seconds of access after sending.",
+        "`valid_for` is deprecated: seconds of access after sending. An address is a "
+        "recipient of a bundle once (in any case): adding it again is a 400 naming `email`.",
         auth=SAFEDROP,
         body={**RECIPIENT_BODY, "required": ["email"]},
         body_types=INPUT_TYPES,
@@ -549,6 +550,7 @@ class SafedropApp(ApiApp):
         "/dropbundles/<int:bundle_id>/dropbundlerecipients/<int:recipient_id>",
         "PUT",
         summary="Update a recipient (before the safedrop is sent)",
+        description="An `email` another recipient of the bundle has is a 400.",
         auth=SAFEDROP,
         body=RECIPIENT_BODY,
         body_types=INPUT_TYPES,

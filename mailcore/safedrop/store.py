@@ -127,6 +127,24 @@ def list_bundles_txn(conn: Connection, owner_id: int, after: int, limit: int) ->
     return [bundle_of(r) for r in rows]
 
 
+DUPLICATE = "This address is a recipient of the drop already."
+
+
+def _refuse_duplicate_txn(conn: Connection, bundle_id: int, email: str,
+                          recipient_id: int | None = None) -> None:
+    """DropError("email") when another recipient of the bundle (not `recipient_id`) has
+    `email`, in any case: a send mails each recipient its own link, so the address would get
+    two mails of the drop and two links. The caller holds the bundle's row lock, so two
+    adds of one address take turns and the second sees the first."""
+    r = drop_recipients.c
+    query = sa.select(r.id).where(r.bundle_id == bundle_id,
+                                  sa.func.lower(r.email) == email.lower())
+    if recipient_id is not None:
+        query = query.where(r.id != recipient_id)
+    if conn.execute(query.limit(1)).first() is not None:
+        raise DropError("email", DUPLICATE)
+
+
 def add_recipient_txn(
     conn: Connection, owner_id: int, bundle_id: int, values: Mapping[str, Any],
     max_recipients: int,
@@ -136,6 +154,7 @@ def add_recipient_txn(
         drop_recipients.c.bundle_id == bundle_id)).scalar_one()
     if held >= max_recipients:
         raise DropError("email", f"A drop may have at most {max_recipients} recipients.")
+    _refuse_duplicate_txn(conn, bundle_id, values["email"])
     new_id = conn.execute(
         sa.insert(drop_recipients).values(bundle_id=bundle_id, **values)
     ).inserted_primary_key[0]  # type: ignore[index]
@@ -148,6 +167,8 @@ def update_recipient_txn(
 ) -> DropRecipient:
     _changeable_row_txn(conn, owner_id, bundle_id)
     get_recipient_txn(conn, owner_id, bundle_id, recipient_id)
+    if "email" in changes:
+        _refuse_duplicate_txn(conn, bundle_id, changes["email"], recipient_id)
     if changes:
         conn.execute(
             sa.update(drop_recipients)
