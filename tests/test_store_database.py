@@ -57,7 +57,7 @@ class DatabaseTestsMixin(DatabaseMixin):
     async def test_reads_take_a_lane_of_their_own(self) -> None:
         """Short reads run on the read lane's threads (one on SQLite, two on PostgreSQL);
         writes and long reads (a full-text search) on the shared pool's. A read answers
-        while every shared thread is held by a write."""
+        while every shared thread is held, one of them by a write."""
 
         def thread_name(conn: Connection) -> str:
             return threading.current_thread().name
@@ -79,9 +79,15 @@ class DatabaseTestsMixin(DatabaseMixin):
             held.release()
             release.wait(30)
 
-        holding = [self.db.run("hold", hold) for _ in range(4)]  # the shared pool's four
+        # The shared pool's four threads: one in a write transaction, three in long reads
+        # (SQLite lets one writer in at a time: three more writes would wait in BEGIN
+        # IMMEDIATE for its busy timeout, 30 s, and never say they are in).
+        holding = [self.db.run("hold", hold)] + [
+            self.db.read_long("hold", hold) for _ in range(3)]
         try:
-            await threads.deferToThread(lambda: [held.acquire(timeout=30) for _ in holding])
+            entered = await threads.deferToThread(
+                lambda: [held.acquire(timeout=30) for _ in holding])
+            self.assertEqual(entered, [True] * 4)
             self.assertIn("mailcore-db-read", await self.db.read("where", thread_name))
         finally:
             release.set()
