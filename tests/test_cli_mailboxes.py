@@ -16,7 +16,6 @@ from tests.support.db import open_database_at
 
 
 class MailboxCliTests(CliTestCase):
-    timeout = 120
     tempdir_prefix = "mailcore-cli-mailboxes-"
 
     async def test_add_list_remove(self) -> None:

@@ -298,7 +298,6 @@ class CliTests(DnsServerMixin, CliTestCase):
     """`mailcore domain add` and `mailcore domain verify` as a real process, against the
     local DNS server."""
 
-    timeout = 120
 
     async def setUp(self) -> None:  # type: ignore[override]
         super().setUp()

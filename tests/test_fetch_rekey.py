@@ -150,7 +150,6 @@ class RekeyTests(TestCase):
 
 
 class SecretsCliTests(CliTestCase):
-    timeout = 120
     tempdir_prefix = "mailcore-cli-secrets-"
 
     async def test_rotate_and_forget_from_the_shell(self) -> None:

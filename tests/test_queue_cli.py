@@ -13,7 +13,6 @@ from tests.support.mailsink import thd_add_domain
 
 
 class QueueCliTests(CliTestCase):
-    timeout = 120
     tempdir_prefix = "mailcore-cli-queue-"
 
     def setUp(self) -> None:

@@ -32,6 +32,9 @@ class CliTestCase(TestCase):
     """`self.base` (a temp dir, the CLI's cwd) and `self.data_dir` (base/var, not created)."""
 
     tempdir_prefix = "mailcore-cli-"
+    # Many CLI runs in a row, each a process of ~1.5 s of CPU (the CLI builds the whole Core):
+    # a loaded 2-core machine passed trial's default 120 s in a test of 16 runs.
+    timeout = 300
 
     def setUp(self) -> None:
         self.base = tempdir_for(self, self.tempdir_prefix)
