@@ -14,7 +14,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
 from filters import FilterChain, build_chain
@@ -64,6 +63,7 @@ from mailcore.store.dbclock import ClockFollower, DatabaseTime
 from mailcore.store.leases import JobLeases
 from mailcore.store.stuck import StuckSessionReaper
 from mailcore.tls import CertificateReloader
+from mailcore.tlslisten import TLSListeners
 from mailcore.webhooks import Webhooks, build_webhooks
 from mailcore.workers import CpuPool
 
@@ -80,6 +80,8 @@ class Core:
     tls_key: Path | None = None
     # The STARTTLS pair of tls_cert and tls_key, loaded again when its files change.
     certificate: CertificateReloader | None = field(init=False)
+    # The listener endpoints, and the reloaders of the `ssl:` ones' certificates.
+    tls_listeners: TLSListeners = field(init=False)
     # Served domains and the RCPT snapshot; built from db/clock/config in __post_init__.
     domains: DomainService = field(init=False)
     # Fetch accounts, the sync engine and its scheduler ([fetch]); the message store.
@@ -141,6 +143,7 @@ class Core:
         if self.tls_cert is not None and self.tls_key is not None:
             self.certificate = CertificateReloader(self.tls_cert, self.tls_key, self.clock,
                                                    self.cpu)
+        self.tls_listeners = TLSListeners(self.clock, self.cpu, self.certificate)
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
         queue_settings = QueueSettings.from_config(self.config)
         self.leases = JobLeases(self.db, queue_settings.node_id)
@@ -339,11 +342,14 @@ class Core:
     def listener_services(self, reactor: IReactorTCP) -> list[IService]:
         """Non-HTTP listeners: one per `config.smtp_endpoints`, all sharing one SMTP factory
         (so the connection limits are global). Started after the HTTP site. The address
-        each one binds is recorded in `listeners`."""
+        each one binds is recorded in `listeners`. An `ssl:` one's certificate is loaded
+        now (blocks) and again when its files change (`tls_listeners`, whose `services()`
+        the caller starts)."""
         factory = self.smtp_factory()
         services: list[IService] = []
         for description in self.config.smtp_endpoints:
-            endpoint = ListeningEndpoint(serverFromString(reactor, description), self.listeners)
+            endpoint = ListeningEndpoint(self.tls_listeners.endpoint(reactor, description),
+                                         self.listeners)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use fails the start, as strports does
             services.append(svc)

@@ -14,7 +14,8 @@ import gc
 import signal
 
 from sqlalchemy.exc import SQLAlchemyError
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
@@ -185,9 +186,15 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     for svc in core.background_services():
         svc.setServiceParent(top)
     for description in config.http_endpoints:
-        strports.service(description, site).setServiceParent(top)
+        http = StreamServerEndpointService(
+            core.tls_listeners.endpoint(reactor, description), site)
+        http._raiseSynchronously = True  # a port in use fails the start, as strports does
+        http.setServiceParent(top)
     for svc in core.listener_services(reactor):  # type: ignore[arg-type]
         svc.setServiceParent(top)
+    # The `ssl:` listeners' certificates, looked at again every minute (mailcore.tlslisten).
+    for reloader in core.tls_listeners.services():
+        reloader.setServiceParent(top)
     log.info(
         "mailcore starting: data {data}, database {db}",
         data=str(config.data_dir.resolve()),

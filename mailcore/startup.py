@@ -41,9 +41,10 @@ from typing import Any, TextIO
 from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IStreamServerEndpoint
 
 from mailcore.config import DEFAULT_HTTP, DEFAULT_SMTP, Config, ConfigError, unknown_key
+from mailcore.tls import server_context
+from mailcore.tlslisten import UnsupportedParameter, parse_ssl
 
 # -- the tables ------------------------------------------------------------------------------
 
@@ -243,23 +244,43 @@ def check_listeners(config: Config, reactor: Any) -> None:
     """Parse every listener string (nothing is opened); ConfigError names the first bad one."""
     for kind, descriptions in (("SMTP", config.smtp_endpoints), ("HTTP", config.http_endpoints)):
         for description in descriptions:
-            endpoint(kind, description, reactor)
+            check_listener(kind, description, reactor)
 
 
-def endpoint(kind: str, description: str, reactor: Any) -> IStreamServerEndpoint:
-    """The server endpoint `description` names; ConfigError in one line if it names none."""
+def check_listener(kind: str, description: str, reactor: Any) -> None:
+    """ConfigError in one line if `description` names no server endpoint. An `ssl:` one
+    (mailcore.tlslisten) has its certificate files loaded (blocks)."""
     try:
-        parsed = serverFromString(reactor, description)
-    except OSError as e:  # a file an ssl: endpoint names
-        reason = f"{_strerror(e)}: {e.filename}" if e.filename else _strerror(e)
+        listener = parse_ssl(description)
+        if listener is None:
+            parsed = serverFromString(reactor, description)
+            port = getattr(parsed, "_port", None)  # TCP endpoints keep it; bind() fails later
+        else:
+            port = listener.port
+    except UnsupportedParameter as e:
+        reason = str(e)
     except (ValueError, TypeError, LookupError) as e:
         reason = _endpoint_reason(e, DEFAULT_SMTP if kind == "SMTP" else DEFAULT_HTTP)
+    except OSError as e:
+        reason = _file_reason(e)
     else:
-        port = getattr(parsed, "_port", None)  # TCP endpoints keep it; bind() fails later
-        if not isinstance(port, int) or 0 <= port <= 65535:
-            return parsed
-        reason = f"port {port} is out of range (0-65535)"
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            reason = f"port {port} is out of range (0-65535)"
+        elif listener is None:
+            return
+        else:
+            try:
+                server_context(listener.cert, listener.key, listener.chain)
+                return
+            except OSError as e:  # a file an ssl: endpoint names
+                reason = _file_reason(e)
+            except Exception as e:  # not PEM, a key that is not the certificate's
+                reason = f"its certificate or key does not load: {e or repr(e)}"
     raise ConfigError(f"{kind} listener {description!r}: {reason}")
+
+
+def _file_reason(error: OSError) -> str:
+    return f"{_strerror(error)}: {error.filename}" if error.filename else _strerror(error)
 
 
 def _endpoint_reason(error: Exception, example: str) -> str:

@@ -81,24 +81,27 @@ def _nonempty(path: Path) -> bool:
         return False
 
 
-def server_context(cert: Path, key: Path) -> ssl.CertificateOptions:
+def server_context(cert: Path, key: Path, chain: Path | None = None) -> ssl.CertificateOptions:
     """Server-side TLS options for STARTTLS and TLS listeners (TLS 1.2 at least). Blocks
     (reads the files).
 
     `cert` holds the server's certificate first, then any intermediate certificates
     (certbot's fullchain.pem): all of them are sent, as a client that verifies needs the
-    chain up to a root it trusts. OpenSSL's Error when a file is not PEM (ValueError for a
-    malformed certificate after the first), VerifyError when the key is not the first
-    certificate's."""
+    chain up to a root it trusts; so are those of `chain` (an `ssl:` listener's
+    extraCertChain=, certbot's chain.pem) that `cert` does not hold already. OpenSSL's
+    Error when a file is not PEM (ValueError for a malformed certificate after the first,
+    or in `chain`), VerifyError when the key is not the first certificate's."""
     pem = cert.read_bytes()
     certificate = ssl.PrivateCertificate.loadPEM(pem + b"\n" + key.read_bytes())
-    chain = [
-        crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(pem)[1:]
-    ]
+    extra = x509.load_pem_x509_certificates(pem)[1:]
+    if chain is not None:
+        extra += [c for c in x509.load_pem_x509_certificates(chain.read_bytes())
+                  if c not in extra]
+    chain_certs = [crypto.X509.from_cryptography(c) for c in extra]
     return ssl.CertificateOptions(
         privateKey=certificate.privateKey.original,
         certificate=certificate.original,
-        extraCertChain=chain,
+        extraCertChain=chain_certs,
         raiseMinimumTo=TLS_FLOOR,
     )
 
@@ -111,43 +114,47 @@ RELOAD_CHECK_INTERVAL = 60.0
 Signature = tuple[tuple[int, int, int, int], ...]
 
 
-def _signature(cert: Path, key: Path) -> Signature:
+def _signature(cert: Path, key: Path, chain: Path | None = None) -> Signature:
     """Blocks (a stat of each file)."""
     out = []
-    for path in (cert, key):
+    for path in (cert, key) if chain is None else (cert, key, chain):
         st = path.stat()
         out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
 
 
 def _load_if_changed(
-    cert: Path, key: Path, seen: Signature | None
+    cert: Path, key: Path, chain: Path | None, seen: Signature | None
 ) -> tuple[Signature, ssl.CertificateOptions | None]:
     """The files' signature, and the pair loaded again when it differs from `seen` (None
     when it does not). Blocks; raises as server_context does."""
-    signature = _signature(cert, key)
+    signature = _signature(cert, key, chain)
     if signature == seen:
         return signature, None
-    return signature, server_context(cert, key)
+    return signature, server_context(cert, key, chain)
 
 
 class CertificateReloader(PeriodicService):
-    """The STARTTLS pair, served renewed without a restart.
+    """A certificate and its key (and, for an `ssl:` listener, its extraCertChain= file),
+    served renewed without a restart: the STARTTLS pair (--tls-cert) and each `ssl:`
+    listener's (mailcore.tlslisten).
 
     `options()` loads the pair the first time (blocks); then every RELOAD_CHECK_INTERVAL
     seconds the files are looked at (on `pool`) and, when either changed (certbot renews
     a certificate a month before it expires and replaces the files in place or behind its
     symbolic links), loaded again and handed to each `serve` target, the SMTP factory
-    (its next STARTTLS uses them; sessions already in TLS keep theirs). A pair that does
+    (its next STARTTLS uses them; sessions already in TLS keep theirs); an `ssl:` listener
+    asks `options()` for each new connection. A pair that does
     not load (a renewal caught half-written, a key that is not the certificate's) is logged
     once and the one loaded before is kept; it is tried again once the files change."""
 
     name = "tls_certificate_reload"
 
     def __init__(self, cert: Path, key: Path, clock: IReactorTime, pool: CpuPool,
-                 interval: float = RELOAD_CHECK_INTERVAL) -> None:
+                 interval: float = RELOAD_CHECK_INTERVAL, chain: Path | None = None) -> None:
         self.cert = cert
         self.key = key
+        self.chain = chain
         self.clock = clock
         self.pool = pool
         self._interval = interval
@@ -159,7 +166,7 @@ class CertificateReloader(PeriodicService):
         """The pair as last loaded; the first call loads it (blocks, raises as
         server_context does)."""
         if self._options is None:
-            self._seen, options = _load_if_changed(self.cert, self.key, None)
+            self._seen, options = _load_if_changed(self.cert, self.key, self.chain, None)
             assert options is not None
             self._options = options
         return self._options
@@ -180,10 +187,10 @@ class CertificateReloader(PeriodicService):
             return  # nothing serves it yet
         try:
             signature, options = await self.pool.run(
-                _load_if_changed, self.cert, self.key, self._seen)
+                _load_if_changed, self.cert, self.key, self.chain, self._seen)
         except Exception as e:
             try:
-                signature = await self.pool.run(_signature, self.cert, self.key)
+                signature = await self.pool.run(_signature, self.cert, self.key, self.chain)
             except OSError:
                 signature = None
             if signature is None or signature != self._seen:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
@@ -32,6 +33,7 @@ from mailcore.smtp.envelope import Envelope
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.tls import server_context
+from mailcore.tlslisten import TLSListeners
 from mailcore.workers import CpuPool
 from tests.support.db import open_database
 from tests.support.reactor import get_reactor
@@ -367,17 +369,19 @@ class TLSSessionEndTests(TestCase):
         await self.connections_released()
 
     async def tls_listener(self, **settings: Any) -> tuple[SMTPServerFactory, int]:
-        """An implicit-TLS listener (RFC 8314, an `ssl:` endpoint) with its own factory."""
+        """An implicit-TLS listener (RFC 8314, an `ssl:` endpoint, as the daemon makes
+        it) with its own factory."""
         factory = SMTPServerFactory(
             SMTPSettings(hostname="mx.gateway.test", **settings), _NoDomains(), None,
             self.reactor)
         factory.close_grace = 1.0
         cert, key = self.ca_file.parent / "cert.pem", self.ca_file.parent / "key.pem"
-        port = await serverFromString(
+        listeners = TLSListeners(Clock(), CpuPool.for_tests())  # (the daemon's endpoints)
+        port = await listeners.endpoint(
             self.reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
         ).listen(factory)
         self.addCleanup(port.stopListening)
-        return factory, port.getHost().port
+        return factory, port.getHost().port  # type: ignore[attr-defined]
 
     async def test_an_implicit_tls_listener_serves_a_session(self) -> None:
         """The greeting, written before the handshake, made the TLS transport pause the
