@@ -28,10 +28,13 @@ MAX_BODY = 10_000
 class GateFixture(FileFixture):
     """Alice logged in to safedrop, a bundle of hers, and the site over a small max_body."""
 
-    async def start(self, test: TestCase, db_url: str | None = None, **safedrop: Any) -> None:
+    async def start(self, test: TestCase, db_url: str | None = None,
+                    max_body: int = MAX_BODY, web: dict[str, Any] | None = None,
+                    **safedrop: Any) -> None:
         data_dir = Path(test.mktemp())
-        config = Config(data_dir=data_dir, session_token_ttl=3600, http_max_body=MAX_BODY,
-                        sections={"safedrop": {"max_file_size": 200_000, **safedrop}})
+        config = Config(data_dir=data_dir, session_token_ttl=3600, http_max_body=max_body,
+                        sections={"safedrop": {"max_file_size": 200_000, **safedrop},
+                                  "web": web or {}})
         self.web = Web.build(config)
         self.data_dir = data_dir
         self.alice = await self.web.user("alice")
@@ -147,6 +150,95 @@ class UploadGateTests(TestCase):
         sent = await self.reply()
         self.assertTrue(sent.startswith(b"HTTP/1.1 200 "), sent[:200])
         self.assertEqual(asked, [])
+
+
+class OverJsonMaxBodyTests(TestCase):
+    """A body within `[web] max_body` but over `json_max_body` (every other path's limit)
+    is gated too: an anonymous client or a bad credential gets its 401 before any of the
+    body is read. The gate only reached bodies over max_body (25 MiB by default), so anyone
+    could make the daemon take 25 MiB before answering 401."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = GateFixture()
+        await self.f.start(self, max_body=100_000, web={"json_max_body": 5_000},
+                           max_concurrent_uploads=1)
+        self.bundle_id = await self.f.bundle()
+        self.body = multipart_file("mid.bin", b"m" * 50_000)  # 5,000 < it < 100,000
+        self.mail_key = await self.f.web.credential(self.f.alice, "token")
+        self.resolved: list[str] = []
+        identity = self.f.web.core.identity
+        resolve = identity.resolve
+
+        async def counted(secret: str, kinds: tuple[str, ...]) -> Any:
+            self.resolved.append(secret)
+            return await resolve(secret, kinds)
+
+        identity.resolve = counted  # type: ignore[method-assign]
+        self.lookups: list[str] = []  # the credential lookups that reached SQL
+        db = self.f.web.core.db
+        read = db.read
+
+        def recorded(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == "resolve_credential":
+                self.lookups.append(name)
+            return read(name, *args, **kwargs)
+
+        db.read = recorded  # type: ignore[method-assign]
+
+    async def send(self, path: str, headers: dict[str, str]) -> tuple[bytes, Any, Any]:
+        """The head of an upload and 4000 bytes of its body; the reply, request, transport
+        (the reply is awaited only once the request is held or answered: on the old code
+        it waited for the rest of the body)."""
+        transport = StringTransport()
+        channel = self.f.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        lines = [f"POST {path} HTTP/1.1", "Host: x",
+                 f"Content-Type: {MULTIPART['Content-Type']}",
+                 f"Content-Length: {len(self.body)}",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + self.body[:4000])
+        request = channel.requests[-1] if channel.requests else None
+        if request is not None:
+            self.assertEqual(request._received, 0)  # nothing of the body read yet
+            if not request.finished:
+                await request.notifyFinish()
+        return bytes(transport.value()), request, (channel, transport)
+
+    async def test_no_or_a_bad_credential_is_a_401_before_the_body(self) -> None:
+        upload = f"/dropbundles/{self.bundle_id}/dropfiles"
+        for path, headers in ((upload, {}), (upload, {"X-Auth-Token": "0" * 40}),
+                              (upload, {"Auth-Key": self.mail_key}),
+                              ("/api/v1/mail/", {}), ("/api/v1/mail/", {"Auth-Key": "0" * 40}),
+                              ("/api/v1/mail/", {"X-Auth-Token": self.f.token})):
+            sent, _, (_, transport) = await self.send(path, headers)
+            self.assertTrue(sent.startswith(b"HTTP/1.1 401 "), (path, headers, sent[:80]))
+            self.assertIn(b"Connection: close", sent)
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.f.file_rows(), [])
+        self.assertEqual(self.f.stored(), [])
+        # Each bad secret was looked up once, though the gate and the API both asked.
+        self.assertEqual(sorted(self.resolved), sorted(["0" * 40, "0" * 40]))
+
+    async def test_the_owner_uploads_and_the_token_is_looked_up_from_memory(self) -> None:
+        for _ in range(2):  # (the second within max_concurrent_uploads: the first ended)
+            transport = StringTransport()
+            channel = self.f.site.buildProtocol(None)
+            channel.makeConnection(transport)
+            self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+            lines = [f"POST /dropbundles/{self.bundle_id}/dropfiles HTTP/1.1", "Host: x",
+                     f"Content-Type: {MULTIPART['Content-Type']}",
+                     f"Content-Length: {len(self.body)}", f"X-Auth-Token: {self.f.token}"]
+            channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + self.body)
+            if channel.requests:
+                await channel.requests[-1].notifyFinish()
+            sent = bytes(transport.value())
+            self.assertTrue(sent.startswith(b"HTTP/1.1 200 "), sent[:200])
+        self.assertEqual([r.name for r in self.f.file_rows()], ["mid.bin", "mid.bin"])
+        self.assertEqual(len(self.f.stored()), 1)  # (stored once by content)
+        # The gate's check and the API's: the token came from memory after its first use.
+        self.assertEqual(self.resolved, [self.f.token] * 4)
+        self.assertLessEqual(len(self.lookups), 1)
 
 
 class RefusedBeforeTheBodyTests(TestCase):

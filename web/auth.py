@@ -292,9 +292,17 @@ class CredentialResolver:
     async def authenticate(self, request: IRequest, secret: str,
                            policy: AuthPolicy) -> Principal:
         """The principal `secret` (found by the caller, wherever its API lets it travel)
-        opens for `request`, or the API's 401."""
-        principal = await self.resolve(secret, policy)
+        opens for `request`, or the API's 401. A secret found dead is not looked up again
+        for the same request (the upload gate asks before the body is read, the API again
+        once it is; a live one comes from Identity's memory, where a revocation made
+        meanwhile shows)."""
+        context = context_of(request)
+        key = (policy.name, secret)
+        principal = None
+        if key not in context.refused:
+            principal = await self.resolve(secret, policy)
         if principal is None:
+            context.refused.add(key)
             raise policy.error("invalid")
         context_of(request).authenticated(principal)
         return principal

@@ -38,6 +38,9 @@ class RequestContext:
     principal: Principal | None = None
     # Who the access log names: the principal's user, or the user a password login found.
     user: str | None = None
+    # The secrets (policy name, secret) the request presented that resolved to no one:
+    # looked up once, though the upload gate and the API both ask (web.auth).
+    refused: set[tuple[str, str]] = field(default_factory=set)
 
     def authenticated(self, principal: Principal) -> None:
         self.principal = principal

@@ -41,15 +41,20 @@ resource, in the shape of the API the path belongs to (`body_too_large` tells it
 413).
 
 An upload path (a safedrop file, a Mail API message with attachments) takes bodies larger
-than `[web] max_body`, but only from a client its API would serve: when a body over
-`max_body` is announced (or comes chunked) on such a path, reading stops once the headers are
-in (the connection is paused, nothing of the body is stored) while `BodyLimits.gate` checks
-the request's credential. A request without a good one is answered at once without its body
-(the API's own 401) and closes lingering, as below; anyone else's upload is read on. Without
-the gate, anyone could make the daemon write `max_file_size` (2 GiB) to disk per connection.
-The gate also asks the path's API what it would refuse anyway (a safedrop bundle not the
-caller's, already sent, or without room for the declared length; too many uploads under way):
-such a request is answered at once with that reply, its body unread, as well.
+than every other path's limit, and larger than `[web] max_body`, but only from a client its
+API would serve: when a body over `json_max_body` is announced (or comes chunked) on such a
+path, reading stops once the headers are in (the connection is paused, nothing of the body is
+stored) while `BodyLimits.gate` checks the request's credential (in its headers or query:
+the credential a JSON or form body may carry is never in a body that large). A request
+without a good one is answered at once without its body (the API's own 401) and closes
+lingering, as below; anyone else's upload is read on. Without the gate, anyone could make the
+daemon read and write `max_file_size` (2 GiB) to disk per connection, or 25 MiB before its
+401. A good credential is resolved from memory after its first use (Identity.resolve), and
+a bad one is looked up once for the gate and the API's own 401 (CredentialResolver), so the
+gate adds no SQL query to a request. For a body over `max_body` (or chunked) the gate also asks
+the path's API what it would refuse anyway (a safedrop bundle not the caller's, already
+sent, or without room for the declared length; too many uploads under way): such a request
+is answered at once with that reply, its body unread, as well.
 
 After such a 413 the connection closes "lingering" (as nginx does): our side stops writing,
 and what the client still sends is read and dropped, for at most `LINGER_SECONDS` or until
@@ -160,6 +165,9 @@ class LimitedRequest(server.Request):
     body_refused = False
     # The reply the upload path's API refused it with (web.root.upload_gate), if not a 401.
     upload_refusal: Exception | None = None
+    # The gated body is over `[web] max_body` (or chunked): the gate asks the path's API
+    # what else it would refuse, not only the credential.
+    over_max_body = False
     _continue = False
     _received = 0
 
@@ -207,12 +215,15 @@ class LimitedRequest(server.Request):
         site = getattr(self.channel, "site", None)
         gate = getattr(site, "upload_gate", None)
         default = int(getattr(site, "max_body", DEFAULT_MAX_BODY))
+        # Bodies over the limit of every other path (`[web] json_max_body`) are gated.
+        above = int(getattr(site, "gate_above", default))
         channel = self.channel
-        if gate is None or self._max_body() <= default \
-                or (length is not None and length <= default) \
+        if gate is None or self._max_body() <= above \
+                or (length is not None and length <= above) \
                 or not isinstance(channel, http.HTTPChannel) or channel.transport is None:
             super().gotLength(length)
             return
+        self.over_max_body = length is None or length > default
         # A body only some may send (module docstring): ask the gate before reading it. It
         # reads the target (the Request sets its own only once the body is in).
         self.uri = channel._path  # type: ignore[attr-defined]
@@ -318,8 +329,7 @@ async def _ask(gate: Callable[[IRequest], Awaitable[bool]], request: IRequest) -
 class BodyLimits:
     """The largest request body: `default` ([web] json_max_body), or more on the paths that
     take uploads (a regular expression over the path, and its limit). `gate`, when set, is
-    asked before a body over the site's `max_body` ([web] max_body) is read on an upload
-    path (module docstring)."""
+    asked before a body over `default` is read on an upload path (module docstring)."""
 
     default: int
     uploads: tuple[tuple[re.Pattern[str], int], ...] = ()

@@ -247,6 +247,7 @@ class MailcoreSite(server.Site):
         self.max_body = settings.max_body
         self.max_body_for = root.body_limits.for_path
         self.upload_gate = root.body_limits.gate
+        self.gate_above = root.body_limits.default
         self.settings = settings
         self.connections = ConnectionCounter(
             settings.max_connections, settings.max_connections_per_ip
@@ -380,12 +381,12 @@ Admission = Callable[[IRequest, Principal], Awaitable[ApiError | None]]
 def upload_gate(resolver: CredentialResolver,
                 uploads: Sequence[tuple[re.Pattern[str], AuthPolicy, Admission | None]]
                 ) -> Callable[[IRequest], Awaitable[bool]]:
-    """Whether a request may send an upload path a body over `[web] max_body`: whether it
-    carries a credential of the path's API (`uploads`: each path, its API's policy and its
-    admission; web.limits reads no such body before it knows), and the path's admission
-    lets it in. A bad or missing credential is refused here and the API itself then
-    answers the request (401); what the admission refuses is answered with its reply
-    (`upload_refusal`, see RootResource.render)."""
+    """Whether a request may send an upload path a body over `[web] json_max_body`: whether
+    it carries a credential of the path's API (`uploads`: each path, its API's policy and its
+    admission; web.limits reads no such body before it knows), and, for a body over `[web]
+    max_body` (or chunked), the path's admission lets it in. A bad or missing credential is
+    refused here and the API itself then answers the request (401); what the admission
+    refuses is answered with its reply (`upload_refusal`, see RootResource.render)."""
 
     async def may_upload(request: IRequest) -> bool:
         path = request.uri.split(b"?", 1)[0].decode("latin-1")
@@ -397,7 +398,9 @@ def upload_gate(resolver: CredentialResolver,
                     return False
                 if principal is None:
                     return False
-                refusal = None if admission is None else await admission(request, principal)
+                if admission is None or not getattr(request, "over_max_body", True):
+                    return True
+                refusal = await admission(request, principal)
                 if refusal is not None:
                     cast(Any, request).upload_refusal = refusal
                     return False

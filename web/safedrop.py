@@ -588,9 +588,10 @@ class SafedropApp(ApiApp):
         "it is bounded by `[safedrop] max_file_size` (413) and the bundle's total "
         "`max_bundle_size`; a bundle holds at most `max_files` files (400). A failed upload "
         "leaves no file and no row. A user has at most `[safedrop] max_concurrent_uploads` "
-        "uploads under way at once (429). A body over `[web] max_body` is refused before it "
-        "is read when the bundle is not the caller's (404), is sent (405) or has no room for "
-        "its declared length (413).",
+        "uploads under way at once (429). A body over `[web] json_max_body` is read only "
+        "once its token is known good (401 before it, else); one over `[web] max_body` is "
+        "also refused before it is read when the bundle is not the caller's (404), is sent "
+        "(405) or has no room for its declared length (413).",
         auth=SAFEDROP,
         body=FILE_BODY,
         body_types=(MULTIPART_TYPE,),
