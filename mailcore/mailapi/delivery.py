@@ -29,17 +29,17 @@ later (MailService.sweep).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, insert, select
-from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.mailapi.addresses import mailbox_key
 from mailcore.mailapi.counts import mail_size, thd_count_mail, thd_fits
 from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
+from mailcore.mailapi.snapshot import Snapshot
 from mailcore.queue.model import SERVED, LocalStored
 from mailcore.store import Database
 from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes, users
@@ -89,50 +89,23 @@ def thd_hosted(conn: Connection) -> frozenset[str]:
 
 
 class HostedAddresses:
-    """Which recipient addresses are hosted mailboxes (a cached set of all of them).
-
-    Callers that find the set expired queue on one lock and the first of them reads it; the
-    rest find it fresh when their turn comes (one read for all of them). A change made
-    through this process (`invalidate`) while a read is under way keeps that read's answer
-    out of the cache: it was taken before the change, and the next caller reads again."""
+    """Which recipient addresses are hosted mailboxes (a cached set of all of them, read
+    again `ttl` seconds after; `invalidate` after a change made through this process)."""
 
     def __init__(self, db: Database, clock: IReactorTime, ttl: float = HOSTED_TTL) -> None:
         self.db = db
         self.clock = clock
         self.ttl = ttl
-        self._known: frozenset[str] | None = None
-        self._until = 0.0
-        self._generation = 0  # bumped by each invalidate
-        self._lock = DeferredLock()
+        self._known = Snapshot(clock, ttl, self._read)
+        self.invalidate = self._known.invalidate
 
-    def invalidate(self) -> None:
-        self._known = None
-        self._generation += 1
-
-    def _fresh(self) -> frozenset[str] | None:
-        if self._known is not None and self.clock.seconds() < self._until:
-            return self._known
-        return None
+    def _read(self) -> Awaitable[frozenset[str]]:
+        return self.db.read("mailapi_hosted_addresses", thd_hosted)
 
     async def contains(self, address: str) -> bool:
-        known = self._fresh()
-        if known is None:
-            await self._lock.acquire()
-            try:
-                known = self._fresh()  # read by the caller before us?
-                if known is None:
-                    known = await self._reload()
-            finally:
-                self._lock.release()
+        known = await self._known.get()
         key = mailbox_key(address)
         return key is not None and key in known
-
-    async def _reload(self) -> frozenset[str]:
-        generation, now = self._generation, self.clock.seconds()
-        known = await self.db.read("mailapi_hosted_addresses", thd_hosted)
-        if generation == self._generation:
-            self._known, self._until = known, now + self.ttl
-        return known
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, func, or_, select
-from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import mailbox_key
+from mailcore.mailapi.snapshot import Snapshot
 from mailcore.store import Database
 from mailcore.store.schema import mailboxes
 
@@ -73,39 +73,21 @@ class MailboxRoom:
         self.quota = quota  # the configured quota (None: no limit but mailboxes' own)
         self.margin = margin
         self.ttl = ttl
-        self._known: dict[str, int] | None = None
-        self._until = 0.0
-        self._lock = DeferredLock()
-
-    def _fresh(self) -> dict[str, int] | None:
-        if self._known is not None and self.clock.seconds() < self._until:
-            return self._known
-        return None
+        self._known = Snapshot(clock, ttl, self._read)
 
     async def room(self, address: str) -> int | None:
         """The bytes the mailbox at `address` may still take, when fewer than `margin`;
         None when it has more (or no limit), is no mailbox, or the last read failed."""
-        known = self._fresh()
-        if known is None:
-            await self._lock.acquire()
-            try:
-                known = self._fresh()  # read by the caller before us?
-                if known is None:
-                    known = await self._reload()
-            finally:
-                self._lock.release()
+        known = await self._known.get()
         key = mailbox_key(address)
         return None if key is None else known.get(key)
 
-    async def _reload(self) -> dict[str, int]:
-        now = self.clock.seconds()
+    async def _read(self) -> dict[str, int]:
         try:
-            known = await self.db.read("mailapi_nearly_full", thd_nearly_full, self.quota,
-                                       self.margin)
+            return await self.db.read("mailapi_nearly_full", thd_nearly_full, self.quota,
+                                      self.margin)
         except Exception:
             log.failure("reading the room of the hosted mailboxes failed; their mail is "
                         "accepted for {ttl} s, and bounced at delivery if it does not fit",
                         ttl=self.ttl)
-            known = {}  # (not read again by every RCPT while the store fails)
-        self._known, self._until = known, now + self.ttl
-        return known
+            return {}  # (not read again by every RCPT while the store fails)
