@@ -328,7 +328,9 @@ class Core:
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(BucketSweeper(self.rate_buckets))
         services.append(SafedropSweeper(self.safedrop))
-        services.append(MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval))
+        mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
+        mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period
+        services.append(mail_sweeper)
         if self.shared_store:
             services.append(self.file_nodes)
         if self.webhooks.sender is not None:

@@ -2,16 +2,16 @@
 different node ids, each on its own Database and thread pool) on one PostgreSQL and on one
 SQLite file, and each job is done once.
 
-Leased: named periodic jobs (quarantine digests, domain verification passes) and the Mail
-API's outbox through `job_leases`, account syncs through `fetch_accounts.lease_owner`,
-webhook deliveries through their claim; a node that stalled past its lease leaves the
-outcome of the node that took the work over (its late result is not recorded). Idempotent on
-every node (checked here to stay right when two nodes run them at once): the quarantine
-purge, the webhook log pruning, the credential sweep, the safedrop expiry sweep. Elsewhere:
-the token sweep's two-node test is `tests.test_tokens.*ConcurrencyTests`, migrates and
-restores' `tests.test_mailbox_jobs`, the queue's `tests.test_queue_leases` and
-`tests.test_gateway_cluster` (killed and paused nodes), the database clock the nodes' leases
-are judged by `tests.test_store_dbclock`."""
+Leased: named periodic jobs (quarantine digests, domain verification passes, the Mail API's
+file sweep) and the Mail API's outbox through `job_leases`, account syncs through
+`fetch_accounts.lease_owner`, webhook deliveries through their claim; a node that stalled
+past its lease leaves the outcome of the node that took the work over (its late result is
+not recorded). Idempotent on every node (checked here to stay right when two nodes run them
+at once): the quarantine purge, the webhook log pruning, the credential sweep, the safedrop
+expiry sweep. Elsewhere: the token sweep's two-node test is
+`tests.test_tokens.*ConcurrencyTests`, migrates and restores' `tests.test_mailbox_jobs`, the
+queue's `tests.test_queue_leases` and `tests.test_gateway_cluster` (killed and paused
+nodes), the database clock the nodes' leases are judged by `tests.test_store_dbclock`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.billing.plans import Plans
+from mailcore.config import Config
+from mailcore.core import Core
 from mailcore.fetch.accounts import Account, Accounts, thd_claim_sync, thd_renew_syncs
 from mailcore.fetch.engine import BUSY, SYNC_LEASE, SyncEngine, SyncResult
 from mailcore.fetch.scheduler import FetchScheduler
@@ -43,6 +45,7 @@ from mailcore.gateway.quarantine import (
     ToKeep,
 )
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
+from mailcore.mailapi.mail import MailFilesSweeper
 from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
 from mailcore.messages.store import MessageStore
 from mailcore.queue.spool import Withdrawn
@@ -694,6 +697,37 @@ class SharedJobsMixin(DatabaseMixin):
         removed = await gather(nodes[0].sweep(), nodes[1].sweep(), nodes[0].sweep())
         self.assertEqual(sum(removed), 4)
         self.assertEqual(len(queued), 4)  # one summary per drop
+
+    # -- the Mail API's file sweep --------------------------------------------------------
+
+    async def test_the_mail_api_file_sweep_runs_on_one_node_per_period(self) -> None:
+        """The nodes share `files_dir`: the sweep the Core runs (listing every file of it)
+        is done by one node per `[mailapi] file_sweep_interval`, not by each."""
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        files = self.mktemp_path()
+        swept: list[str] = []
+        sweepers = []
+        for db, node in ((a, "node-a"), (b, "node-b")):
+            config = Config(files_dir=files, sections={"queue": {"node_id": node}})
+            core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
+
+            async def sweep(node: str = node) -> int:
+                swept.append(node)
+                return 0
+
+            core.mail.sweep = sweep  # type: ignore[method-assign,assignment]
+            sweepers.append(next(s for s in core.background_services()
+                                 if isinstance(s, MailFilesSweeper)))
+        await gather(sweepers[0].leased_tick(), sweepers[1].leased_tick())
+        self.assertEqual(len(swept), 1)
+        clock.advance(1800)  # within the period: neither sweeps again
+        await gather(sweepers[1].leased_tick(), sweepers[0].leased_tick())
+        self.assertEqual(len(swept), 1)
+        clock.advance(1800)
+        await gather(sweepers[1].leased_tick(), sweepers[0].leased_tick())
+        self.assertEqual(len(swept), 2)
 
     # -- the Mail API's outbox -----------------------------------------------------------
 

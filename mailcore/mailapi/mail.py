@@ -844,9 +844,10 @@ def _home(rights: Holdings, mail_from: str, user_email: str,
 
 class MailFilesSweeper(PeriodicService):
     """Removes the Mail API's files no row names (MailService.sweep) at start and every
-    `[mailapi] file_sweep_interval` seconds. Each node sweeps its `files_dir` (shared by the
-nodes sharing a PostgreSQL store: what one node's rows name, another's sweep reads from the
-same database)."""
+    `[mailapi] file_sweep_interval` seconds. The nodes sharing a PostgreSQL store share its
+    `files_dir` too, so the Core gives it the store's job leases: one node of them sweeps
+    each period (it lists every file of the shared directory, which costs each node as much
+    as it costs one)."""
 
     name = "mailapi_files_sweep"
 
