@@ -47,6 +47,7 @@ from mailcore.mailapi.outbox import OutboxSender
 from mailcore.mailapi.room import MailboxRoom
 from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
+from mailcore.nodekeys import NodeKeys
 from mailcore.oauth import OAuthProvider, OAuthSettings
 from mailcore.queue import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
@@ -134,6 +135,9 @@ class Core:
     # This node's marker under `files_dir` and the check that the nodes sharing a
     # PostgreSQL store see one files directory (run by the daemon, on PostgreSQL only).
     file_nodes: FileNodes = field(init=False)
+    # The fingerprints of this node's keys in the store, and the check that the nodes hold
+    # the same keys (run by the daemon, on PostgreSQL only).
+    node_keys: NodeKeys = field(init=False)
     # The rate limits that guard secrets (logins, drop passwords and codes), in the store so
     # that they hold across nodes (mailcore.ratelimits).
     rate_buckets: SharedBuckets = field(init=False)
@@ -226,6 +230,8 @@ class Core:
             self.db, self.clock, self.cpu, queue_settings.node_id,
             {"safedrop": self.safedrop.files.root, "mailapi": mail_files.root},
         )
+        self.node_keys = NodeKeys(self.db, self.clock, queue_settings.node_id,
+                                  self.config.data_dir, self.fetch.settings.secret_key)
         self.mail.on_enqueued.append(self.outbox.enqueued)
         self.deletion = UserDeletion(
             self.identity, self.domains, self.mailboxes, self.mail, self.safedrop,
@@ -333,6 +339,7 @@ class Core:
         services.append(mail_sweeper)
         if self.shared_store:
             services.append(self.file_nodes)
+            services.append(self.node_keys)
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
         if self.verifier.settings.verify_domains:

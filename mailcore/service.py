@@ -139,6 +139,7 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
         core.fetch.load_key()  # the fetch password key file, before the reactor runs
         if core.shared_store:  # other nodes: do they see this node's files, and it theirs?
             core.file_nodes.announce_blocking(db.engine)
+            core.node_keys.announce_blocking(db.engine)  # and the same keys?
     return core
 
 

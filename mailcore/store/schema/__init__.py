@@ -36,6 +36,7 @@ from mailcore.store.schema.messages import (
     threads,
 )
 from mailcore.store.schema.meta import metadata
+from mailcore.store.schema.nodekeys import node_keys
 from mailcore.store.schema.oauth import oauth_apps, oauth_codes, oauth_tokens
 from mailcore.store.schema.quarantine import quarantine, quarantine_digest_runs
 from mailcore.store.schema.queue import queue_messages, queue_recipients
@@ -71,6 +72,7 @@ __all__ = [
     "message_refs",
     "messages",
     "metadata",
+    "node_keys",
     "oauth_apps",
     "oauth_codes",
     "oauth_tokens",
