@@ -70,6 +70,19 @@ class HostileTests(TestCase):
         self.assertTrue(box[0].subject.startswith("abéabé"))
         self.assertEqual((box[0].mail_from, box[0].body), ("a@sender.test", "body\n"))
 
+    def test_a_long_field_of_a_part_is_cut_before_it_is_parsed(self) -> None:
+        word = b"=?utf-8?q?ab=C3=A9?= "
+        raw = (HEAD + b'Content-Type: multipart/mixed; boundary="zz"\r\n\r\n'
+               b"--zz\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+               b'--zz\r\nContent-Disposition: attachment; filename="'
+               + word * (64 * 1024 // len(word)) + b'"\r\n\r\nxx\r\n--zz--\r\n')
+        box: list[Parsed] = []
+        peak = _peak(lambda: box.append(parse_message(raw)))
+        self.assertLess(peak, 24 << 20)  # the header parser read it whole: 143 MiB
+        [attachment] = box[0].attachments
+        self.assertTrue(attachment.name.startswith("abéabé"))
+        self.assertEqual((box[0].body, attachment.data), ("hi", b"xx"))
+
     def test_a_body_of_a_million_short_lines_is_not_walked(self) -> None:
         raw = (HEAD + b"Content-Type: text/plain\r\nContent-Transfer-Encoding: "
                b"quoted-printable\r\n\r\n" + b"a=\r\n" * 1_100_000)
