@@ -111,6 +111,15 @@ class HostileTests(TestCase):
             b"--zz\r\nContent-Disposition: attachment; filename=a%d\r\n\r\nx\r\n" % i
             for i in range(50)) + b"--zz--\r\n"
         self.assertEqual(len(parse_message(fewer).attachments), 50)
+        # Lines starting "--" that are no delimiters (an SQL file's comments) are no parts.
+        sql = b"".join(b"-- step %d\r\nselect %d;\r\n" % (i, i) for i in range(3000))
+        text = (HEAD + b'Content-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\n'
+                b"Content-Type: text/plain\r\n\r\nsee the file\r\n--zz\r\n"
+                b"Content-Disposition: attachment; filename=steps.sql\r\n\r\n" + sql
+                + b"--zz--\r\n")
+        parsed = parse_message(text)
+        self.assertEqual((parsed.body, [(a.name, a.data) for a in parsed.attachments]),
+                         ("see the file", [("steps.sql", sql[:-2])]))
 
     def test_a_header_section_past_its_bound_is_read_up_to_it(self) -> None:
         raw = HEAD + b"X-Filler: " + b"f" * 70 + b"\r\n" * 1 + (

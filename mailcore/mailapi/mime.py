@@ -10,10 +10,10 @@ package's header parser (whose time and memory grow with the square of a field's
 words: a 256 KiB Subject took 2 GB), and a part's field (its Content-Type or
 Content-Disposition) is cut to 16 KiB before that parser reads it (a 64 KiB file name took
 143 MiB); a message with more than a million lines (the parser keeps an object per line:
-a 50 MB quoted-printable body of soft line breaks took 1.3 GB), 2,000 lines like a boundary
-delimiter or 100 multipart and message/rfc822 parts (nesting deep enough for a
-RecursionError) has its header fields read and no body or attachments taken out: it is
-still delivered, the message as received stored whole.
+a 50 MB quoted-printable body of soft line breaks took 1.3 GB), 2,000 parts or 100
+multipart and message/rfc822 parts (nesting deep enough for a RecursionError) has its
+header fields read and no body or attachments taken out: it is still delivered, the
+message as received stored whole.
 
 Out: `build_message` makes the message a mail is sent as, with the `email` package: header
 fields from checked values (no Bcc field), Date, Message-ID, the body as text/plain, and
@@ -37,7 +37,7 @@ from io import BytesIO
 from typing import Any, BinaryIO, cast
 
 from mailcore.emailpolicy import SMTP, HeaderClasses, filename_breaks
-from mailcore.messages.parse import decode_header_value
+from mailcore.messages.parse import decode_header_value, parts_over
 from mailcore.text import has_control, storable
 
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
@@ -102,14 +102,17 @@ def _header_end(raw: bytes, limit: int) -> int | None:
     return len(raw) if len(raw) <= limit else None
 
 
-def _walkable(raw: bytes, bounds: MimeBounds) -> bool:
-    """Whether the `email` package may parse `raw` whole (counts only, no copies)."""
-    if raw.count(b"\n") > bounds.max_lines or raw.count(b"\n--") > bounds.max_delimiters:
+def _walkable(raw: bytes, head_end: int, bounds: MimeBounds) -> bool:
+    """Whether the `email` package may parse `raw` whole (counts, no copies; with more
+    lines like a delimiter than the bound, which text such as an SQL file's comments may
+    have, the parts the package builds are counted, up to the bound)."""
+    if raw.count(b"\n") > bounds.max_lines:
         return False
     for count, _ in enumerate(_CONTAINER.finditer(raw), 1):
         if count > bounds.max_containers:
             return False
-    return True
+    return not (raw.count(b"\n--") > bounds.max_delimiters
+                and parts_over(raw, head_end, bounds.max_delimiters))
 
 
 def _header(message: EmailMessage, name: str, max_bytes: int) -> str:
@@ -130,7 +133,7 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     A message past `bounds` gives its header fields only (the module docstring)."""
     bounds = bounds or MimeBounds()
     head_end = _header_end(raw, bounds.max_header_bytes)
-    whole = head_end is not None and _walkable(raw, bounds)
+    whole = head_end is not None and _walkable(raw, head_end, bounds)
     received: EmailPolicy = cast(Any, _RECEIVED).clone(max_field_bytes=bounds.max_field_bytes)
     if whole:
         message = BytesParser(policy=received).parsebytes(raw)

@@ -404,7 +404,7 @@ def _tree(raw: bytes, end: int | None, limits: MimeLimits, problems: list[str]) 
         return message_from_bytes(raw[:end] + b"\n\n")
     # A part needs no Content-Type line (an empty header block will do), but each needs a
     # line of its own starting "--": with more of those than the bound, the parts are counted.
-    if raw.count(b"\n--") + raw.count(b"\r--") > limits.max_parts * 2 and _parts_over(
+    if raw.count(b"\n--") + raw.count(b"\r--") > limits.max_parts * 2 and parts_over(
         raw, end, limits.max_parts * 2
     ):
         problems.append(f"more than {limits.max_parts} MIME parts; not parsed")
@@ -417,10 +417,10 @@ def _tree(raw: bytes, end: int | None, limits: MimeLimits, problems: list[str]) 
 
 
 class _TooManyParts(Exception):
-    """The email package's parser built more parts than `_parts_over` allows."""
+    """The email package's parser built more parts than `parts_over` allows."""
 
 
-def _parts_over(raw: bytes, end: int, bound: int) -> bool:
+def parts_over(raw: bytes, end: int, bound: int) -> bool:
     """Whether the email package's tree of `raw` holds more than `bound` parts (messages
     included). Its parser is fed slice by slice and stopped at the part over the bound, so
     no more than `bound` parts are ever built; a top level that is no container (not
