@@ -249,20 +249,24 @@ class CountsTestsMixin(DatabaseMixin):
         page = await self.store.list_messages(self.user, deep)
         self.assertEqual([m.subject for m in page.items], ["S9", "S8"])
 
-    async def test_thread_list_shows_the_newest_matching_message_of_each_thread(self) -> None:
+    async def test_thread_list_shows_the_first_matching_message_of_each_thread(self) -> None:
+        """As seed 001's example and its reference show a thread (e36e555): by its first
+        message among those the filters keep, placed by that message's date."""
         root = await self.add(1, "Plan", None, "INBOX", day=1)
         reply = await self.add(2, "Re: Plan", None, "Sent", reply_to="<m1@x.test>", day=5)
         alone = await self.add(3, "Alone", None, "INBOX", day=3)
         page = await self.store.list_threads(self.user, MessageQuery())
         self.assertEqual([(m.id, m.thread_count) for m in page.items],
-                         [(reply, 2), (alone, 1)])
+                         [(alone, 1), (root, 2)])
         self.assertEqual(page.count, 2)
         inbox = await self.store.list_threads(self.user, MessageQuery(folder="INBOX"))
         self.assertEqual([m.id for m in inbox.items], [alone, root])
         self.assertEqual(inbox.count, 2)
+        sent = await self.store.list_threads(self.user, MessageQuery(folder="Sent"))
+        self.assertEqual([m.id for m in sent.items], [reply])
         oldest_first = await self.store.list_threads(self.user, MessageQuery(ordering="date",
                                                                              offset=1))
-        self.assertEqual([m.id for m in oldest_first.items], [reply])
+        self.assertEqual([m.id for m in oldest_first.items], [alone])
 
     async def test_search_count_is_remembered_until_the_users_messages_change(self) -> None:
         await self.add(1, "Budget plan", None, "INBOX", day=1)
