@@ -49,7 +49,7 @@ from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
 from mailcore.nodekeys import NodeKeys
 from mailcore.oauth import OAuthProvider, OAuthSettings
-from mailcore.queue import Queue, build_queue
+from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.settings import QueueSettings

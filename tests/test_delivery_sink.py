@@ -15,7 +15,7 @@ from twisted.mail.smtp import ESMTPSenderFactory
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.queue import Queue, build_queue
+from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from mailcore.store.schema import queue_recipients

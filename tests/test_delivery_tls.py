@@ -19,7 +19,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.queue import Queue, build_queue
+from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.settings import QueueSettings
 from mailcore.store.schema import queue_recipients
 from tests.support.db import open_database

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
-from mailcore.queue import Queue, build_queue
+from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.connector import TCPConnector
 from mailcore.queue.model import thd_show
 from mailcore.queue.nexthop import Listeners, NextHopPolicy, NextHopRefused, listener_address

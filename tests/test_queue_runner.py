@@ -656,7 +656,7 @@ class HopLimitTests(RunnerTestBase):
         from prometheus_client import CollectorRegistry
 
         from mailcore.config import Config
-        from mailcore.queue import build_queue
+        from mailcore.queue.assembly import build_queue
         from mailcore.smtp.hops import DEFAULT_MAX_HOPS
 
         def runner_of(config: Config) -> Any:

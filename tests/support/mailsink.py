@@ -324,7 +324,7 @@ def make_queue(
     from prometheus_client import CollectorRegistry
 
     from mailcore.config import Config
-    from mailcore.queue import build_queue
+    from mailcore.queue.assembly import build_queue
     from mailcore.queue.settings import QueueSettings
 
     settings.setdefault("relayhost", "relay.test:25")  # never a real MX lookup in tests
