@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib
 import os
 import sys
@@ -230,7 +231,19 @@ def fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one admin command; returns the exit status."""
+    """Run one admin command; returns the exit status.
+
+    What the command loaded and built (most of the product's modules, the schema, the
+    Core) is frozen out of the garbage collector's sight when it returns (`gc.freeze`): the
+    interpreter's exit then no longer walks those ~150,000 objects in its collections, which
+    cost each command some 0.18 s of CPU. The process ends right after; nothing is kept."""
+    try:
+        return _main(argv)
+    finally:
+        gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from twisted.internet import reactor
 
     from mailcore.startup import check_database_url, check_tables
