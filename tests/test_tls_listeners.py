@@ -5,8 +5,8 @@ reloader's next check, without a restart."""
 from __future__ import annotations
 
 import os
+import select
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,20 +46,21 @@ def handshake(port: int) -> list[bytes]:
         connection = SSL.Connection(context, raw)
         connection.set_connect_state()
         connection.set_tlsext_host_name(b"localhost")
-        _blocking(connection.do_handshake)
-        assert _blocking(lambda: connection.recv(100)) == b"hello\r\n"
+        _blocking(raw, connection.do_handshake)
+        assert _blocking(raw, lambda: connection.recv(100)) == b"hello\r\n"
         chain = connection.get_peer_cert_chain() or []
         return [crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in chain]
 
 
-def _blocking(call: Callable[[], T]) -> T:
-    """`call` on a socket with a timeout (pyOpenSSL sees it as non-blocking), waiting for
-    the socket to be readable as long as it wants to read."""
+def _blocking(raw: socket.socket, call: Callable[[], T]) -> T:
+    """`call` on a socket with a timeout (pyOpenSSL sees it as non-blocking), waiting (5 s
+    at most each time) for the socket to be readable as long as it wants to read."""
     for _ in range(50):
         try:
             return call()
         except SSL.WantReadError:
-            time.sleep(0.1)
+            if not select.select([raw], [], [], 5)[0]:
+                break
     raise TimeoutError("no TLS answer")
 
 
