@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from mailcore.config import Config
 from mailcore.core import Core
 from mailcore.service import build_core
 from mailcore.store.dbclock import ClockFollower, DatabaseTime
 from tests.support.db import open_database
+from tests.support.logs import logged
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir_for
@@ -42,16 +41,7 @@ class SkewedReactor:
 
 def warnings_of(test: TestCase) -> list[str]:
     """The clock warnings logged from now on in `test`."""
-    lines: list[str] = []
-
-    @implementer(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if "clock" in (event.get("log_format") or ""):
-            lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    test.addCleanup(globalLogPublisher.removeObserver, observe)
-    return lines
+    return logged(test, lambda event: "clock" in (event.get("log_format") or ""))
 
 
 class DaemonClockTests(TestCase):
