@@ -46,8 +46,9 @@ class InFlight:
 
 
 class PeriodicService(Service):
-    """Calls `tick()` at start and then every `interval()` seconds on `self.clock`, waiting
-    for a tick's Deferred before the next. Stopping cancels the timer and returns a Deferred
+    """Calls `tick()` at start (unless `tick_at_start` is false: the work was done just
+    before) and then every `interval()` seconds on `self.clock`, waiting for a tick's
+    Deferred before the next. Stopping cancels the timer and returns a Deferred
     that fires once a tick in flight has ended, so that the daemon closes the store only
     after it. `tick` must not fail: a failure would stop the loop.
 
@@ -58,6 +59,7 @@ class PeriodicService(Service):
 
     clock: IReactorTime
     leases: JobLeases | None = None
+    tick_at_start = True
     _loop: LoopingCall | None = None
     _in_flight: InFlight | None = None
 
@@ -72,7 +74,7 @@ class PeriodicService(Service):
         self._in_flight = InFlight()
         self._loop = LoopingCall(self._tracked_tick, self._in_flight)
         self._loop.clock = self.clock
-        self._loop.start(self.interval(), now=True)
+        self._loop.start(self.interval(), now=self.tick_at_start)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

@@ -92,6 +92,21 @@ class StopWaitsForTheRunInFlightTests(TestCase):
         self.successResultOf(Instant(Clock()).stopService())
 
 
+class FirstTickTests(TestCase):
+    def test_without_tick_at_start_the_first_run_is_an_interval_later(self) -> None:
+        """For a service that did the work just before it started (blocking, at the
+        daemon's start): it is not done again at once."""
+        clock = Clock()
+        service = Instant(clock)
+        service.tick_at_start = False
+        service.startService()
+        self.assertEqual(service.runs, 0)
+        clock.advance(60)
+        self.assertEqual(service.runs, 1)
+        self.successResultOf(service.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class InFlightTests(TestCase):
     def test_wait_ends_after_every_tracked_run_and_results_pass_through(self) -> None:
         runs = InFlight()
