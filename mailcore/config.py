@@ -30,7 +30,7 @@ class Config:
     data_dir: Path = Path("var")
     # Where uploaded files live (safedrop's `safedrop/`, the Mail API's `mailapi/`): the
     # data directory unless given. Nodes sharing a PostgreSQL store must all see one
-    # (shared storage): mailcore.filenodes checks that they do.
+    # (shared storage): mailcore.nodes.files checks that they do.
     files_dir: Path | None = None
     db_url: str | None = None
     smtp_endpoints: tuple[str, ...] = (DEFAULT_SMTP,)

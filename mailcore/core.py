@@ -26,7 +26,6 @@ from mailcore.config import Config
 from mailcore.deletion import UserDeletion
 from mailcore.fetch import FetchServices, build_fetch
 from mailcore.fetch.jobs import JobRunner
-from mailcore.filenodes import FileNodes
 from mailcore.gateway.domains import DomainService, DomainSettings
 from mailcore.gateway.filtering import (
     ChainService,
@@ -47,7 +46,7 @@ from mailcore.mailapi.outbox import OutboxSender
 from mailcore.mailapi.room import MailboxRoom
 from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
-from mailcore.nodekeys import NodeKeys
+from mailcore.nodes.registry import NodeRegistry
 from mailcore.oauth import OAuthProvider, OAuthSettings
 from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
@@ -132,12 +131,10 @@ class Core:
     safedrop: SafedropService = field(init=False)
     # `mailcore user delete`: a user with everything it owns, through the services above.
     deletion: UserDeletion = field(init=False)
-    # This node's marker under `files_dir` and the check that the nodes sharing a
-    # PostgreSQL store see one files directory (run by the daemon, on PostgreSQL only).
-    file_nodes: FileNodes = field(init=False)
-    # The fingerprints of this node's keys in the store, and the check that the nodes hold
-    # the same keys (run by the daemon, on PostgreSQL only).
-    node_keys: NodeKeys = field(init=False)
+    # This node in the registry of the nodes sharing a PostgreSQL store (its files marker
+    # under `files_dir`, its key fingerprints), and the checks that they see one files
+    # directory and hold the same keys (run by the daemon, on PostgreSQL only).
+    node_registry: NodeRegistry = field(init=False)
     # The rate limits that guard secrets (logins, drop passwords and codes), in the store so
     # that they hold across nodes (mailcore.ratelimits).
     rate_buckets: SharedBuckets = field(init=False)
@@ -226,12 +223,11 @@ class Core:
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.rate_buckets = SharedBuckets(self.db, self.clock)
-        self.file_nodes = FileNodes(
+        self.node_registry = NodeRegistry(
             self.db, self.clock, self.cpu, queue_settings.node_id,
             {"safedrop": self.safedrop.files.root, "mailapi": mail_files.root},
+            self.config.data_dir, self.fetch.settings.secret_key,
         )
-        self.node_keys = NodeKeys(self.db, self.clock, queue_settings.node_id,
-                                  self.config.data_dir, self.fetch.settings.secret_key)
         self.mail.on_enqueued.append(self.outbox.enqueued)
         self.deletion = UserDeletion(
             self.identity, self.domains, self.mailboxes, self.mail, self.safedrop,
@@ -338,8 +334,7 @@ class Core:
         mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period
         services.append(mail_sweeper)
         if self.shared_store:
-            services.append(self.file_nodes)
-            services.append(self.node_keys)
+            services.append(self.node_registry)
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
         if self.verifier.settings.verify_domains:

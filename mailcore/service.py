@@ -137,9 +137,8 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
     core = Core.build(config, db, time, tls_cert=cert, tls_key=key)  # type: ignore[arg-type]
     if check_secrets:
         core.fetch.load_key()  # the fetch password key file, before the reactor runs
-        if core.shared_store:  # other nodes: do they see this node's files, and it theirs?
-            core.file_nodes.announce_blocking(db.engine)
-            core.node_keys.announce_blocking(db.engine)  # and the same keys?
+        if core.shared_store:  # other nodes: do they see its files, hold its keys?
+            core.node_registry.announce_blocking(db.engine)
     return core
 
 

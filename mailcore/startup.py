@@ -17,7 +17,7 @@
   daemon on the same directory is refused while the first runs (the kernel releases the
   lock when the process ends, even on `kill -9`). On PostgreSQL no lock is taken: several
   nodes share the database by design, each with its own data directory (and one shared
-  `files_dir`: mailcore.filenodes, and the same keys: mailcore.nodekeys). The admin CLI
+  `files_dir` and the same keys: mailcore.nodes checks both). The admin CLI
   never takes it, so it can run beside the daemon.
 
 Every check raises ConfigError with a message that starts with what is wrong and names

@@ -1,5 +1,6 @@
-"""Migration 0054: the table `node_keys` (mailcore.nodekeys) comes on the way up, empty, and
-goes on the way down, on SQLite and on PostgreSQL."""
+"""Migration 0054: the table `node_keys` (then mailcore.nodekeys; 0055 replaces it with
+`nodes`) comes on the way up, empty, and goes on the way down, on SQLite and on
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from sqlalchemy import Connection, inspect, text
 from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
-from mailcore.store.migrate import downgrade_to
+from mailcore.store.migrate import downgrade_to, upgrade_to
 from tests.support.db import DatabaseMixin
 
 BEFORE = "0053_mailbox_quota"  # the revision 0054 builds on
+REVISION = "0054_node_keys"  # 0055 replaces its table: checked here as 0054 left it
 
 
 def thd_tables(conn: Connection) -> set[str]:
@@ -27,7 +29,7 @@ class NodeKeysMigrationMixin(DatabaseMixin):
     async def test_the_table_comes_empty_and_goes(self) -> None:
         db = await self.open_database_before(BEFORE)
         self.assertNotIn("node_keys", await db.read("tables", thd_tables))
-        await threads.deferToThread(db.migrate_blocking)
+        await threads.deferToThread(upgrade_to, db.engine, REVISION)
         self.assertEqual(await db.read("rows", thd_count), 0)
         await threads.deferToThread(downgrade_to, db.engine, BEFORE)
         self.assertNotIn("node_keys", await db.read("tables", thd_tables))

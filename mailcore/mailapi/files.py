@@ -2,7 +2,7 @@
 
 A file lives at `{files_dir}/mailapi/files/<first 2 hex digits>/<sha256 of its bytes>`
 (`files_dir`: the data directory unless given; one shared storage for nodes sharing a
-PostgreSQL store, mailcore.filenodes) and is
+PostgreSQL store, mailcore.nodes.files) and is
 named by the rows that use it (`mailapi_attachments.sha256`, `mailapi_mail.raw_sha256`): one
 file however many mails hold the same bytes (every recipient of one delivered message, a
 draft sent to many). Files are written before the row that names them commits (temp file in

@@ -2,7 +2,7 @@
 
 A file lives at `{files_dir}/safedrop/<bundle id>/<sha256 of its bytes>` (`files_dir`: the
 data directory unless given; one shared storage for nodes sharing a PostgreSQL store,
-mailcore.filenodes). An upload is
+mailcore.nodes.files). An upload is
 parsed from the request body (already spooled by twisted.web, in memory or in a temp file)
 with the streaming multipart parser of mailcore.uploads, a chunk at a time: each chunk is
 hashed and written to a temp file in `{files_dir}/safedrop/tmp`, which is fsynced and renamed

@@ -17,7 +17,6 @@ from mailcore.store.schema.billing import (
 from mailcore.store.schema.counters import change_counters
 from mailcore.store.schema.domains import domain_addresses, domain_changes, domains
 from mailcore.store.schema.fetch import fetch_accounts, fetch_folders
-from mailcore.store.schema.filenodes import file_nodes
 from mailcore.store.schema.identity import credentials, users
 from mailcore.store.schema.jobs import mailbox_job_items, mailbox_jobs
 from mailcore.store.schema.leases import job_leases
@@ -36,7 +35,7 @@ from mailcore.store.schema.messages import (
     threads,
 )
 from mailcore.store.schema.meta import metadata
-from mailcore.store.schema.nodekeys import node_keys
+from mailcore.store.schema.nodes import nodes
 from mailcore.store.schema.oauth import oauth_apps, oauth_codes, oauth_tokens
 from mailcore.store.schema.quarantine import quarantine, quarantine_digest_runs
 from mailcore.store.schema.queue import queue_messages, queue_recipients
@@ -57,7 +56,6 @@ __all__ = [
     "drop_recipients",
     "fetch_accounts",
     "fetch_folders",
-    "file_nodes",
     "invoice_lines",
     "invoices",
     "job_leases",
@@ -72,7 +70,7 @@ __all__ = [
     "message_refs",
     "messages",
     "metadata",
-    "node_keys",
+    "nodes",
     "oauth_apps",
     "oauth_codes",
     "oauth_tokens",
