@@ -29,13 +29,20 @@ from mailcore.store import Database
 from mailcore.store.schema import nodes
 from mailcore.workers import CpuPool
 from tests.support.logs import logged_at
+from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir_for
 
 
 class NodeRegistryTests(TestCase):
-    def setUp(self) -> None:
-        self.db = Database.for_tests()
+    """On SQLite in memory; `PostgresNodeRegistryTests` runs them on PostgreSQL, the store
+    nodes share."""
+
+    async def database(self) -> Database:
+        return Database.for_tests()
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db = await self.database()
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.base = tempdir_for(self)
@@ -72,7 +79,7 @@ class NodeRegistryTests(TestCase):
         self.assertEqual(row_b.seen_at, self.clock.seconds())
         self.assertEqual(self.errors, [])
 
-    async def test_a_node_stopped_cleanly_removes_its_row_after_a_check_in_flight(
+    async def test_a_running_node_checks_each_interval_and_a_clean_stop_removes_it(
         self,
     ) -> None:
         a, b = self.node("node-a"), self.node("node-b")
@@ -281,6 +288,15 @@ class NodeRegistryTests(TestCase):
         self.node("node-b", data="b").announce_blocking(self.db.engine)
         self.assertEqual(len(await a.check()), len(KEYS))
         self.assertEqual(len(self.errors), 2 * len(KEYS))
+
+
+class PostgresNodeRegistryTests(NodeRegistryTests):
+    timeout = 240
+
+    async def database(self) -> Database:
+        db = Database.for_tests(await create_test_database(self))
+        self.addCleanup(db.close)
+        return db
 
 
 def thd_node_count(conn: Connection) -> int:
