@@ -2,8 +2,11 @@
 hop: SMTP into a hosted mailbox lands in its inbox; outbox mail to another hosted mailbox
 lands in that inbox; outbox mail to a relayed domain reaches the sink with its headers, no
 Bcc field and its attachment intact; 200 messages posted at once arrive in posting
-order; the daemon killed with SIGKILL twice while mail is posted and sent: every 202'd
-message arrives, none twice, each handed to the queue once; and twice while mail for a
+order; the daemon killed with SIGKILL three times while mail is posted and sent (just
+after a 202; while a message is held at the next hop, mid-DATA or at its final dot, once
+another's 250 is in the daemon's socket unread, or on record in its results journal):
+every 201'd draft is there, every 202'd message arrives, in its outbox's order, each handed
+to the queue once, and duplicates only where a 250 was never read; and twice while mail for a
 hosted mailbox comes in by SMTP: every 250'd message is in the inbox once, its files whole;
 a mailbox without room for a message refuses it at RCPT (552 5.2.2)."""
 
@@ -14,6 +17,8 @@ import email.policy
 import hashlib
 import json
 import smtplib
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import treq
@@ -29,9 +34,18 @@ from mailcore.mailapi import MailboxService
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from mailcore.workers import CpuPool
-from tests.support.mailsink import Daemon, SinkFactory, SinkState, done, thd_add_domain
+from tests.support.mailsink import (
+    Daemon,
+    Received,
+    SinkFactory,
+    SinkProtocol,
+    SinkState,
+    done,
+    thd_add_domain,
+)
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep, tempdir_for
+from tests.test_gateway_crash import journal_of
 
 BOB = "bob@hosted.test"
 JOE = "joe@hosted.test"
@@ -237,85 +251,221 @@ class MailboxFullAtRcptTests(TestCase):
         self.assertEqual((inbox, bounces), ([("fits",)], 0))
 
 
+class TrapSink(SinkProtocol):
+    """The byte-exact sink, armed to kill the daemon at chosen moments of delivery (see
+    TrapState). A "hold" trap stops answering the first of joe's messages to reach its
+    moment ("data": its Subject line read, mid-DATA; "dot": the final dot read): it is
+    not taken, and nothing more on its connection is answered. The kill trap then waits
+    for the first of bob's messages not taken yet to reach its own: "250" (taken, and its
+    250 put in the daemon's socket, not read yet) or "recorded" (taken, and the daemon's
+    results journal holds its delivery)."""
+
+    state: TrapState
+
+    swallow = False  # a held message: no line of this connection is answered any more
+
+    def lineReceived(self, line: bytes) -> None:
+        state = self.state
+        if self.swallow:
+            return
+        if self._in_data and state.hold is not None and self.mail_from == JOE:
+            if (state.hold == "data" and line.startswith(b"Subject:")) or (
+                    state.hold == "dot" and line == b"."):
+                state.held = (state.hold, b"".join(self._data) + line + b"\r\n")
+                state.hold = None
+                self.swallow = True
+                return
+        if (self._in_data and line == b"." and state.trap is not None and
+                state.held is not None and self.mail_from == BOB and
+                subject_of(b"".join(self._data)) not in state.subjects()):
+            self._in_data = False
+            msg = Received(self.mail_from, list(self.rcpts), b"".join(self._data))
+            self._data = []
+            self._reset()
+            state.messages.append(msg)
+            reply = b"250 2.0.0 Ok: queued\r\n"
+            if state.trap == "250":
+                # Straight into the socket, then the kill: the daemon cannot have read it.
+                self.transport.getHandle().send(reply)  # type: ignore[union-attr]
+            else:
+                self.transport.write(reply)  # type: ignore[union-attr]
+            state.fire(msg)
+            return
+        super().lineReceived(line)
+
+
+@dataclass
+class TrapState(SinkState):
+    hold: str | None = None
+    held: tuple[str, bytes] | None = None
+    trap: str | None = None
+    kill: Any = None  # called with the trap and bob's message it caught
+    trapped: list[tuple[str, str]] = field(default_factory=list)
+
+    def subjects(self) -> set[str]:
+        return {subject_of(m.data) for m in self.messages}
+
+    def fire(self, msg: Received) -> None:
+        assert self.trap is not None and self.held is not None
+        self.trapped += [(self.held[0], subject_of(self.held[1])),
+                         (self.trap, subject_of(msg.data))]
+        trap, self.trap, self.held = self.trap, None, None
+        self.kill(trap, msg)
+
+
+class TrapFactory(SinkFactory):
+    def buildProtocol(self, addr: Any) -> SinkProtocol:
+        return TrapSink(self.state)
+
+
+def subject_of(data: bytes) -> str:
+    return str(email.message_from_bytes(data)["Subject"])
+
+
 class OutboxKillNineTests(TestCase):
+    """bob and joe post mail to their outboxes (and drafts) while the daemon is killed
+    (SIGKILL) three times and restarted: just after a 202; then, each time, while joe's
+    message is held at the next hop (halfway through its DATA; at its final dot,
+    unanswered), once bob's next message has its 250 in the daemon's socket, unread; once
+    the daemon's results journal holds bob's message's delivery. Every 201'd draft is
+    there; every 202'd mail arrives; none is left in the outbox; each was handed to the
+    queue once; each mailbox's mail arrives in its outbox's order (each mail's first copy);
+    joe's held mail arrives once, and so does bob's mail on record; duplicates stay within
+    what SMTP leaves open (a 250 never read)."""
+
     timeout = 180
 
     async def test_every_202_is_sent_once_across_kill_9(self) -> None:
-        state = SinkState()
+        import sqlite3
+
+        state = TrapState()
         listener = await TCP4ServerEndpoint(get_reactor(), 0, interface="127.0.0.1").listen(
-            SinkFactory(state))
+            TrapFactory(state))
         self.addCleanup(listener.stopListening)
-        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5})
+        daemon = Daemon(tempdir_for(self), queue={"poll_interval": 0.5},
+                        web={"mailapi_user_rate": "1000/second"})
         tokens = prepare(daemon, listener.getHost().port)
         await daemon.start()
         self.addCleanup(daemon.stop)
         await daemon.process.wait_for_port(daemon.http_port, timeout=30)
         pool = HTTPConnectionPool(get_reactor(), persistent=False)
         http = HTTPClient(Agent(get_reactor(), pool=pool))
-        n = 150
-        accepted: set[str] = set()
-        headers: dict[bytes | str, bytes | str] = {
-            "Auth-Key": tokens["bob"], "Content-Type": "application/json"}
+        database = str(daemon.data_dir / "mailcore.sqlite")
+        n = 120
+        accepted: list[str] = []
+        drafts: list[str] = []
+        killed: list[defer.Deferred[None]] = []
+        on_record: list[str] = []
+
+        def kill_now() -> None:
+            daemon.kill()
+            killed[-1].callback(None)
+
+        def kill(trap: str, msg: Received) -> None:
+            if trap == "250":
+                kill_now()
+                return
+            # Once the journal holds the delivery (the daemon writes it as it reads the 250).
+            c = sqlite3.connect(database)
+            [(queue_id,)] = c.execute("select queue_id from mailapi_mail where subject = ?",
+                                      (subject_of(msg.data),)).fetchall()
+            c.close()
+
+            async def when_on_record() -> None:
+                for _ in range(2000):
+                    if queue_id.encode() in journal_of(daemon):
+                        on_record.append(subject_of(msg.data))
+                        break
+                    await sleep(0.001)
+                kill_now()
+
+            defer.Deferred.fromCoroutine(when_on_record())
+
+        state.kill = kill
 
         async def post(i: int) -> None:
-            for _ in range(100):  # until the daemon listens again (it is being killed)
+            who, status = ("bob", "joe")[i % 2], "draft" if i % 10 == 9 else "outbox"
+            headers: dict[bytes | str, bytes | str] = {
+                "Auth-Key": tokens[who], "Content-Type": "application/json"}
+            for _ in range(300):  # until the daemon listens again (it is being killed)
                 try:
                     response = await http.request(
                         "POST", f"http://127.0.0.1:{daemon.http_port}/api/v1/mail/",
                         headers=headers,
-                        data=json.dumps({"status": "outbox", "to": "x@customer.test",
+                        data=json.dumps({"status": status, "to": "x@customer.test",
                                          "subject": f"n{i}"}).encode())
                     await treq.content(response)
                 except ConnectError:
-                    await sleep(0.1)
+                    await sleep(0.05)
                     continue
                 except Exception:
                     return  # cut off mid-request: it may or may not be stored; never retried
-                if response.code == 202:
-                    accepted.add(f"n{i}")
+                self.assertEqual(response.code, 201 if status == "draft" else 202)
+                (drafts if status == "draft" else accepted).append(f"n{i}")
+                if len(accepted) == 15 and not killed:
+                    killed.append(defer.Deferred())
+                    kill_now()  # just after a 202
                 return
 
         lock = defer.DeferredSemaphore(10)
         posting = defer.gatherResults([lock.run(post, i) for i in range(n)])
-        kills = 0
-        for mark in (n // 3, 2 * n // 3):
-            while len(accepted) < mark and not posting.called:
+        for hold, trap in ((None, None), ("data", "250"), ("dot", "recorded")):
+            if trap is not None:
+                killed.append(defer.Deferred())
+                state.hold, state.trap = hold, trap
+            while not killed:
                 await sleep(0.01)
-            daemon.kill()
+            await killed[-1]
             await daemon.stop()
-            kills += 1
             await daemon.start()
         await posting
-        self.assertEqual(kills, 2)
+        self.assertEqual(len(killed), 3)
+
         reactor = get_reactor()
         deadline = reactor.seconds() + 60
 
-        def arrived() -> list[str]:
-            return [str(email.message_from_bytes(m.data)["Subject"]) for m in state.messages]
+        def arrived(sender: str | None = None) -> list[str]:
+            return [subject_of(m.data) for m in state.messages
+                    if sender in (None, m.mail_from)]
 
-        while not accepted <= set(arrived()) and reactor.seconds() < deadline:
-            await sleep(0.2)
+        while not set(accepted) <= set(arrived()) and reactor.seconds() < deadline:
+            await sleep(0.1)
         got = arrived()
-        missing = sorted(accepted - set(got))
+        missing = sorted(set(accepted) - set(got))
         duplicates = len(got) - len(set(got))
-        print(f"\n  {kills} kills, {len(accepted)} of {n} posts got 202, {len(got)} arrived, "
-              f"{duplicates} duplicates")
+        print(f"\n  {len(killed)} kills, {len(accepted)} of {n} posts got 202, {len(got)} "
+              f"arrived, {duplicates} duplicates; trapped {state.trapped}")
         self.assertEqual(missing, [])
-        # Each outbox message was handed to the queue once (its queue id is the key).
-        import sqlite3
-        c = sqlite3.connect(str(daemon.data_dir / "mailcore.sqlite"))
+        c = sqlite3.connect(database)
         rows = c.execute("select count(*), count(distinct m.queue_id) from mailapi_mail m "
                          "join queue_messages q on q.id = m.queue_id "
                          "where m.status = 'sent'").fetchone()
         outbox_left = c.execute("select count(*) from mailapi_mail where status = 'outbox'"
                                 ).fetchone()[0]
+        order = {who: [s for (s,) in c.execute(
+            "select m.subject from mailapi_mail m join mailboxes b on b.id = m.mailbox_id "
+            "where m.status = 'sent' and b.address = ? order by m.outbox_seq", (who,))]
+            for who in (BOB, JOE)}
+        stored_drafts = {s for (s,) in c.execute(
+            "select subject from mailapi_mail where status = 'draft'")}
         c.close()
+        self.assertEqual(sorted(set(drafts) - stored_drafts), [])
+        # Each outbox message was handed to the queue once (its queue id is the key).
         self.assertEqual(rows[0], rows[1])
         self.assertEqual(outbox_left, 0)
-        # At the sink, a kill can still cost what SMTP itself leaves open: a transaction whose
-        # final dot was sent but whose 250 was not read yet (at most one per connection, so
-        # hop_concurrency per kill; the results journal closes every wider window).
-        self.assertLessEqual(duplicates, kills * QueueSettings().hop_concurrency)
+        # First in, first out across the kills, each mailbox's mail (its first copies).
+        for who in (BOB, JOE):
+            self.assertEqual(list(dict.fromkeys(arrived(who))), order[who])
+        copies = Counter(got)
+        trapped = dict(state.trapped)
+        # Not taken by the next hop (no 250 sent): it comes again, once. Its delivery on
+        # record in the journal when the daemon died: it never comes again.
+        self.assertEqual((copies[trapped["data"]], copies[trapped["dot"]]), (1, 1))
+        self.assertEqual(on_record, [trapped["recorded"]])
+        self.assertEqual(copies[trapped["recorded"]], 1)
+        # A 250 the daemon never read: the one window SMTP leaves open (a copy more at most).
+        self.assertLessEqual(copies[trapped["250"]], 2)
+        self.assertLessEqual(duplicates, len(killed) * QueueSettings().hop_concurrency)
 
 
 class LocalDeliveryCrashTests(TestCase):

@@ -5,6 +5,7 @@ polling of the store), in posting order; each mailbox in a stream of its own."""
 from __future__ import annotations
 
 import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,28 @@ class OutboxWakeUpTests(QueueTestCase):
             select(mailapi_mail.c.status)).scalars().all())
         self.assertEqual(statuses, ["sent"])
         self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
+
+    async def test_after_a_restart_the_next_mail_waits_for_the_one_queued_before(
+            self) -> None:
+        # The last run handed n0 to the queue (marked sent in the spool's transaction) and
+        # died before the queue tried it; n1 waits in the outbox. The queue tries n0 again
+        # once its lease is taken back: n1 may not overtake it at the next hop.
+        await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "r0@customer.test", "subject": "n0"}))
+        [(row_id, _, queue_id, envelope, raw, _)] = await self.db.read(
+            "outbox", thd_outbox, 10)
+        self.connector.hold = defer.Deferred()  # n0's try has not ended
+        await self.q.spool.accept(queue_id, envelope, raw, guard=partial(
+            outbox.thd_take, row_id=row_id, queue_id=queue_id, now=self.clock.seconds()))
+        await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "r1@customer.test", "subject": "n1"}))
+        self.sender.startService()
+        self.assertEqual(self.queued(), 1)  # n1 waits for n0's try
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        self.assertEqual(self.queued(), 2)
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(), ["r0@customer.test", "r1@customer.test"])
 
     async def test_the_next_message_goes_once_the_try_is_recorded_before_its_commit(
             self) -> None:

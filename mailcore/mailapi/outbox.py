@@ -12,16 +12,19 @@ queue works on many messages at once (filtering runs concurrently), so to keep a
 order at the next hop the sender hands over its next message only once the queue has tried
 the previous one (none of its recipients still `queued`: delivered, deferred, bounced or
 held), or after FIFO_WAIT seconds, so that one slow message cannot hold the mailbox for
-long. Each mailbox is a stream of its own: one mailbox waiting on a slow next hop never
-holds up another's mail. A stream goes on as soon as this node's queue records the try
-(`Spool.on_recorded`, before the results commit), looks again each time this node's spool
-commits delivery results (`Spool.on_results`: local delivery commits its results in its
-own transaction), and every FIFO_POLL seconds besides, for results another node sharing
-the store commits. The queue id is the idempotency key: a row still in the outbox whose
-id is in the queue (left by a version that marked it after the spool's commit) is marked
-sent without a second accept. Hosted recipients are then delivered locally by the queue, the
-others routed as any mail ([queue] relayhost or MX); bounces come back to the sender's
-mailbox.
+long. A stream starts the same way, waiting for the mail its mailbox handed over last
+(`thd_last_untried`): a process killed while the queue held its mail untried left that
+mail to be tried again once its lease is taken back, and the next mail, handed over at
+once by the new run, went out before it. Each mailbox is a stream of its own: one mailbox
+waiting on a slow next hop never holds up another's mail. A stream goes on as soon as this
+node's queue records the try (`Spool.on_recorded`, before the results commit), looks again
+each time this node's spool commits delivery results (`Spool.on_results`: local delivery
+commits its results in its own transaction), and every FIFO_POLL seconds besides, for
+results another node sharing the store commits. The queue id is the idempotency key: a
+row still in the outbox whose id is in the queue (left by a version that marked it after
+the spool's commit) is marked sent without a second accept. Hosted recipients are then
+delivered locally by the queue, the others routed as any mail ([queue] relayhost or MX);
+bounces come back to the sender's mailbox.
 
 The outbox of a mailbox whose owner is disabled (`mailcore user disable`), or whose domain's
 owner is (the domain is suspended: its inbound mail is refused 450 meanwhile, whoever owns the
@@ -173,9 +176,22 @@ _TAKE = update(mailapi_mail) \
     .values(status=SENT, sent_at=bindparam("now"), read=True)
 
 
+_LAST_SENT = select(_m.queue_id).where(
+    _m.status == SENT, _m.mailbox_id == bindparam("mailbox"), _m.outbox_seq.is_not(None)) \
+    .order_by(_m.outbox_seq.desc()).limit(1)
+
+
 def thd_untried(conn: Connection, queue_id: str) -> bool:
     """Blocking: whether a recipient of the queued message has not been tried yet."""
     return conn.execute(_UNTRIED, {"queue_id": queue_id}).first() is not None
+
+
+def thd_last_untried(conn: Connection, mailbox: int) -> str | None:
+    """Blocking: the queue id of the mail `mailbox`'s outbox handed to the queue last, if
+    the queue has not tried it yet (a stream that ended with it, a process killed while the
+    queue held it, another node's stream); else None."""
+    queue_id = conn.execute(_LAST_SENT, {"mailbox": mailbox}).scalar()
+    return queue_id if queue_id is not None and thd_untried(conn, queue_id) else None
 
 
 def thd_mark_sent(conn: Connection, ids: Sequence[int], now: float) -> None:
@@ -333,8 +349,13 @@ class OutboxSender(Service):
         return rows
 
     async def _stream(self, mailbox: int, rows: list[OutboxRow]) -> None:
-        """Send `mailbox`'s outbox, oldest first, until it is empty."""
+        """Send `mailbox`'s outbox, oldest first, until it is empty: once the queue has
+        tried the mail the mailbox sent before (`thd_last_untried`), as it waits for each
+        mail the stream sends."""
         try:
+            previous = await self.db.read("mailapi_outbox_last", thd_last_untried, mailbox)
+            if previous is not None:
+                await self._tried(previous)
             while rows and self.running:
                 for row in rows:
                     if not self.running or not await self._claim():
