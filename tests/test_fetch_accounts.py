@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
 from mailcore.fetch import AccountError, AccountNotFound, Accounts, FetchSettings, SecretBox
-from mailcore.fetch.accounts import DESTINATION_REFUSAL
+from mailcore.fetch.accounts import DESTINATION_REFUSAL, INTERRUPTED
 from mailcore.fetch.engine import SyncEngine, SyncResult, imap_date, limit_since
 from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.fetch.secrets import KEY_FILE, KeyFileSecretBox, SecretError, check_key_blocking
@@ -459,6 +459,39 @@ class SchedulerTests(TestCase):
         self.release_all()
         self.release_all()
         self.scheduler.stopService()
+
+    def test_syncs_shown_running_but_running_nowhere_are_shown_failed(self) -> None:
+        """A sync killed with its process stayed `running` until its account's next sync;
+        the scheduler's start and each tick show it failed: this node's that it does not
+        run, and any other node's whose lease has lapsed. A live lease of another node, and
+        this node's running sync, stay running."""
+        now = self.clock.seconds()
+        leases = [("local", now + 300), ("other", now - 1), ("other", now + 300), (None, None)]
+
+        def thd_lease(conn: Connection, account_id: int, owner: str | None,
+                      until: float | None) -> None:
+            conn.execute(update(fetch_accounts).where(fetch_accounts.c.id == account_id)
+                         .values(sync_status="running", lease_owner=owner, lease_until=until,
+                                 progress_folder="INBOX"))
+
+        for account_id, (owner, until) in zip(self.ids, leases, strict=False):
+            self.successResultOf(self.db.run("lease", thd_lease, account_id, owner, until))
+        running = self.engine.sync(self.ids[4])  # this node's sync, running here
+        self.successResultOf(self.db.run("lease", lambda c: c.execute(
+            update(fetch_accounts).where(fetch_accounts.c.id == self.ids[4]).values(
+                sync_status="running", lease_owner="local", lease_until=now + 300))))
+        self.successResultOf(defer.Deferred.fromCoroutine(
+            self.scheduler.settle_interrupted()))
+        shown = self.successResultOf(self.db.read("shown", lambda c: c.execute(
+            select(fetch_accounts.c.id, fetch_accounts.c.sync_status,
+                   fetch_accounts.c.sync_error, fetch_accounts.c.progress_folder)
+            .order_by(fetch_accounts.c.id)).all()))
+        failed = ("error", INTERRUPTED, None)
+        self.assertEqual([tuple(row[1:]) for row in shown],
+                         [failed, failed, ("running", None, "INBOX"), failed,
+                          ("running", None, None)])
+        self.release_all()
+        self.successResultOf(running)
 
     def test_on_demand_sync_joins_the_running_one(self) -> None:
         first = self.engine.sync(self.ids[0])

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.accounts import INTERRUPTED
 from mailcore.fetch.engine import SyncResult
 from mailcore.fetch.imap import IMAPClient
 from mailcore.messages.models import MessageQuery
@@ -399,6 +400,15 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         partial = await env.count(account.id)
         self.assertGreater(partial, 0, child.stderr.read().decode() if child.stderr else "")
         self.assertLess(partial, 500, "the child finished before it was killed")
+        # The next start of this node's scheduler shows the killed sync as failed, not
+        # running forever (its account may never be due again: turned off, or far apart).
+        killed = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual(killed.sync_status, "running")
+        from mailcore.fetch.scheduler import FetchScheduler
+        await FetchScheduler(env.engine).settle_interrupted()
+        shown = await env.accounts.get(env.user_id, account.id)
+        self.assertEqual((shown.sync_status, shown.sync_error, shown.progress_folder),
+                         ("error", INTERRUPTED, None))
         result = await env.engine.sync(account.id)
         self.assertEqual(result.status, "success", result.problems())
         self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))

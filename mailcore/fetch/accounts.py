@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.fetch.errors import AccountError, AccountNotFound
@@ -34,6 +34,8 @@ from mailcore.text import breaks_line, has_control, has_surrogate
 PROTOCOLS = ("imap", "pop")
 SYNC_LIMIT_TYPES = ("all", "last_n", "days", "weeks", "months")
 SYNC_STATUSES = ("never", "running", "success", "error")
+# The error an account shows when the process that ran its sync died mid-sync.
+INTERRUPTED = "the sync was interrupted: the process running it stopped"
 DEFAULT_PORTS = {("imap", True): 993, ("imap", False): 143, ("pop", True): 995,
                  ("pop", False): 110}
 MIN_SYNC_INTERVAL = 60
@@ -523,6 +525,22 @@ def thd_renew_syncs(
     return sorted(int(r.id) for r in conn.execute(
         select(_f.id).where(_f.id.in_(account_ids), _f.lease_owner == owner)
     ))
+
+
+def thd_settle_interrupted(
+    conn: Connection, owner: str, now: float, running: list[int], message: str
+) -> int:
+    """Blocking: show as failed (`message`) the syncs that show running but run nowhere:
+    this node's that it does not run (`running`: a run of this node killed mid-sync) and
+    any whose lease has lapsed (its node died, or stalls: one that comes back still records
+    its own outcome, set_status with its holder). How many. The lease is left alone: the
+    next claim takes it over as any lapsed lease."""
+    interrupted = or_(_f.lease_owner.is_(None), _f.lease_until.is_(None), _f.lease_until <= now,
+                      and_(_f.lease_owner == owner, _f.id.not_in(running)))
+    return int(conn.execute(
+        update(fetch_accounts).where(_f.sync_status == "running", interrupted)
+        .values(sync_status="error", sync_error=message, progress_folder=None)
+    ).rowcount)
 
 
 def thd_release_sync(conn: Connection, account_id: int, owner: str) -> None:

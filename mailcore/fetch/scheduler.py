@@ -9,6 +9,12 @@ The engine's semaphore bounds how many run at once; an account already syncing i
 Every node runs a scheduler over the same accounts: a sync leases its account in the store
 first, and a scheduled one only while the account is still due (the check is made again in
 the claim's UPDATE), so each due account is synced once, by one node.
+
+A sync whose process died (kill -9, a crash, a power loss) left its account showing
+`running`, its progress frozen, until the account's next sync. At start and at each tick the
+scheduler shows such syncs failed ("the sync was interrupted: ..."): this node's that it
+does not run, and any whose lease has lapsed; what they committed stays, and the next sync
+goes on from it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from mailcore.fetch.accounts import Account
+from mailcore.fetch.accounts import INTERRUPTED, Account, thd_settle_interrupted
 from mailcore.fetch.engine import SyncEngine
 
 log = Logger()
@@ -77,8 +83,26 @@ class FetchScheduler(service.Service):
         last = account.sync_started_at or account.last_sync
         return last is None or last <= self.due_before(account, now)
 
+    async def settle_interrupted(self) -> None:
+        """Show as failed the syncs that show running but run nowhere (`thd_settle_
+        interrupted`): a sync killed with its process stayed `running`, its progress
+        frozen, until the account's next sync, which may never come (an account turned off,
+        a disabled user, a long interval)."""
+        engine = self.engine
+        try:
+            settled = await engine.db.run(
+                "settle_fetch_syncs", thd_settle_interrupted, engine.node_id,
+                self.clock.seconds(), engine.running(), INTERRUPTED)
+        except Exception:
+            log.failure("fetch scheduler cannot settle interrupted syncs")
+            return
+        if settled:
+            log.info("{n} syncs interrupted by a stop were shown as failed", n=settled)
+
     async def tick(self) -> int:
-        """Start every due account's sync (not waiting for them); returns how many."""
+        """Settle interrupted syncs, then start every due account's sync (not waiting for
+        them); returns how many."""
+        await self.settle_interrupted()
         now = self.engine.now()
         try:
             accounts = await self.engine.accounts.all_enabled()
