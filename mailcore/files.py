@@ -96,9 +96,10 @@ def remove_judged(path: Path, graveyard: Path,
     may write the same content-named file again at any moment, outside the caller's lock
     (another node on shared storage): the file is renamed into `graveyard` (a directory on
     the same file system) first and judged again there, so that what is removed is the file
-    that was judged, and one written again between the look and the rename is put back. A
-    crash in between leaves the file in `graveyard`, whose sweep of old temp files removes
-    it. Blocks."""
+    that was judged, and one written again between the look and the rename is put back
+    (its directory fsynced: a power loss must not undo the put-back of a file its writer
+    made durable). A crash in between leaves the file in `graveyard`, whose sweep of old
+    temp files removes it. Blocks."""
     try:
         if not removable(path.stat()):
             return False
@@ -112,10 +113,14 @@ def remove_judged(path: Path, graveyard: Path,
         try:  # written again meanwhile: back in place, unless a newer copy is there
             os.link(grave, path)
         except FileExistsError:
-            pass
+            return False
         except OSError:  # a file system without hard links
-            if not path.exists():
-                os.replace(grave, path)
+            if path.exists():
+                return False
+            os.replace(grave, path)
+        # Its writer made it durable (an upload answered, its row committed): so is it
+        # again, back in place, before its name in the graveyard goes.
+        fsync_directory(path.parent)
         return False
     finally:
         grave.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from unittest import mock
 
 from twisted.trial.unittest import TestCase
 
+from mailcore import files
 from mailcore.config import Config
 from mailcore.fetch.secrets import SecretBox
 from mailcore.files import (
@@ -222,12 +223,22 @@ class RemovalRaceTests(TestCase):
                 os.replace(tmp, path)  # a new inode, written now
             return result
 
-        with mock.patch.object(Path, "stat", stat):
+        synced: list[Path] = []
+        real_fsync = files.fsync_directory
+
+        def fsync_directory(p: Path) -> None:
+            synced.append(p)
+            real_fsync(p)
+
+        with mock.patch.object(Path, "stat", stat), \
+                mock.patch.object(files, "fsync_directory", fsync_directory):
             if judge == "inode":
                 unlink_if_same(path, inode, graveyard)
             else:
                 self.assertFalse(remove_if_older(path, graveyard, 1000.0))
         self.assertEqual(fired, [True])
+        # The writer's file is durable in its place again (not only in the page cache).
+        self.assertEqual(synced, [base])
         return path, graveyard
 
     def test_taking_back_keeps_the_file_written_again(self) -> None:
