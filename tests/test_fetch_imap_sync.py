@@ -375,6 +375,10 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         self.assertIn("over the limit", stored.sync_error)
 
     async def test_kill_9_of_a_syncing_process_then_rerun_gives_exact_set(self) -> None:
+        """A sync process killed (SIGKILL) in the middle of the first sync, and of a resync
+        with 200 new messages: each next sync stores exactly what the server holds, nothing
+        lost and nothing twice (batches commit with their UIDs; a folder's UIDNEXT only
+        after its last batch)."""
         import os
         import signal
         import subprocess
@@ -383,23 +387,30 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
 
         server, user, env = await self.setup()
         account = await env.imap_account(server, user)
-        url = env.db.url
-        child = subprocess.Popen(  # noqa: ASYNC220 (a child to kill -9; never waited on here)
-            [sys.executable, "-m", "tests.support.fetch_child", url, str(account.id)],
-            env={**os.environ, "FETCH_CHILD_KEY": env.key},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        try:
-            for _ in range(600):
-                if await env.count(account.id) >= 60 or child.poll() is not None:
-                    break
-                await sleep(0.01)
-            os.kill(child.pid, signal.SIGKILL)
-        finally:
-            child.wait()
-        partial = await env.count(account.id)
-        self.assertGreater(partial, 0, child.stderr.read().decode() if child.stderr else "")
-        self.assertLess(partial, 500, "the child finished before it was killed")
+
+        async def kill_at(count: int) -> int:
+            """Sync in a child process, killed once `count` messages are stored; how many
+            are stored then."""
+            child = subprocess.Popen(  # noqa: ASYNC220 (a child to kill -9; never waited on)
+                [sys.executable, "-m", "tests.support.fetch_child", env.db.url,
+                 str(account.id)],
+                env={**os.environ, "FETCH_CHILD_KEY": env.key},
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            try:
+                for _ in range(600):
+                    if await env.count(account.id) >= count or child.poll() is not None:
+                        break
+                    await sleep(0.01)
+                os.kill(child.pid, signal.SIGKILL)
+            finally:
+                child.wait()
+            partial = await env.count(account.id)
+            self.assertGreaterEqual(partial, count,
+                                    child.stderr.read().decode() if child.stderr else "")
+            return partial
+
+        self.assertLess(await kill_at(60), 500, "the child finished before it was killed")
         # The next start of this node's scheduler shows the killed sync as failed, not
         # running forever (its account may never be due again: turned off, or far apart).
         killed = await env.accounts.get(env.user_id, account.id)
@@ -409,6 +420,13 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         shown = await env.accounts.get(env.user_id, account.id)
         self.assertEqual((shown.sync_status, shown.sync_error, shown.progress_folder),
                          ("error", INTERRUPTED, None))
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+        # A resync killed in the middle of the new mail.
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(1000, 200, "new")])
+        self.assertLess(await kill_at(540), 700, "the child finished before it was killed")
         result = await env.engine.sync(account.id)
         self.assertEqual(result.status, "success", result.problems())
         self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
