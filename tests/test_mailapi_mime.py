@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import hashlib
 import itertools
 import tracemalloc
 from collections.abc import Callable
@@ -11,7 +13,13 @@ from io import BytesIO
 
 from twisted.trial.unittest import TestCase
 
-from mailcore.mailapi.mime import OutgoingPart, Parsed, build_message, parse_message
+from mailcore.mailapi.mime import (
+    MimeBounds,
+    OutgoingPart,
+    Parsed,
+    build_message,
+    parse_message,
+)
 
 RECIPIENTS = [f"rcpt{i}@customer.example.test" for i in range(12)]
 
@@ -126,3 +134,78 @@ class HostileTests(TestCase):
             b"X-Filler: " + b"f" * 70 + b"\r\n") * 200_000 + b"Cc: late@x.test\r\n\r\nbody\r\n"
         parsed = parse_message(raw)
         self.assertEqual((parsed.subject, parsed.cc, parsed.body), ("hello", "", ""))
+
+
+def _with_attachment(data: bytes) -> bytes:
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return (HEAD + b'Content-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\n'
+            b"Content-Type: text/plain\r\n\r\nsee the file\r\n--zz\r\n"
+            b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=big.pdf\r\n\r\n" + encoded
+            + b"--zz--\r\n")
+
+
+class LargeMessageTests(TestCase):
+    """A message as large as the SMTP server takes is read holding about itself: the email
+    package reads it with its larger bodies cut out (mailcore.messages.parts.hollow), and
+    those are decoded from the message a slice at a time."""
+
+    def test_a_large_attachment_is_decoded_a_slice_at_a_time(self) -> None:
+        data = bytes(range(256)) * (6 * 4096)  # 6 MiB, 8 MiB as base64
+        raw = _with_attachment(data)
+        sizes: list[int] = []
+        digest = hashlib.sha256()
+
+        def read() -> None:
+            parsed = parse_message(raw)
+            for attachment in parsed.attachments:
+                for chunk in attachment.chunks():
+                    digest.update(chunk)
+                    sizes.append(len(chunk))
+            self.assertEqual(parsed.body, "see the file")
+
+        peak = _peak(read)
+        # The package held the message as text, its lines, the part's payload and the
+        # decoded bytes: 63 MiB for this 8 MiB one (411 MB for 53 MB).
+        self.assertLess(peak, 2 << 20)
+        self.assertEqual((sum(sizes), digest.digest()), (len(data), hashlib.sha256(data).digest()))
+        self.assertLess(max(sizes), 1 << 20)
+
+    def test_a_long_text_is_cut_and_kept_whole_as_an_attachment(self) -> None:
+        line = "Grüße, line {} of a long letter\r\n"
+        text = "".join(line.format(i) for i in range(60_000))
+        raw = HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
+        box: list[Parsed] = []
+        peak = _peak(lambda: box.append(parse_message(raw)))
+        self.assertLess(peak, 8 << 20)  # the package's copies: 26 MiB for 2 MiB
+        parsed = box[0]
+        bound = MimeBounds().max_body_chars
+        self.assertEqual(parsed.body, text.replace("\r\n", "\n")[:bound])
+        [whole] = parsed.attachments
+        self.assertEqual((whole.name, whole.content_type, whole.data),
+                         ("body.txt", "text/plain; charset=utf-8", text.encode()))
+
+    def test_one_long_line_is_not_held_several_times(self) -> None:
+        raw = HEAD + b"\r\n" + b"x" * (8 << 20) + b"\r\n"
+        box: list[Parsed] = []
+        peak = _peak(lambda: box.append(parse_message(raw)))
+        self.assertLess(peak, 8 << 20)  # 10 times the line: 80 MiB (539 MB for 50 MB)
+        self.assertEqual(box[0].body, "x" * MimeBounds().max_body_chars)
+
+    def test_a_part_read_otherwise_by_the_package_falls_back_to_reading_it_whole(self) -> None:
+        # A line of an attachment that starts like a delimiter of the message ("--zz" then
+        # more): no delimiter, but the cut-out bodies are read whole rather than guessed.
+        data = b"--zzlike a delimiter\r\n" + b"y" * 20_000 + b"\r\n"
+        raw = (HEAD + b'Content-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\n'
+               b"Content-Type: text/plain\r\n\r\nhi\r\n--zz\r\n"
+               b"Content-Disposition: attachment; filename=a.txt\r\n\r\n" + data
+               + b"--zz--\r\n")
+        parsed = parse_message(raw)
+        self.assertEqual([(a.name, a.data) for a in parsed.attachments],
+                         [("a.txt", data[:-2])])
+        # Base64 that does not decode cleanly is decoded by the package, as before.
+        broken = _with_attachment(b"q" * 30_000).replace(b"cXFx", b"cX=x", 1)
+        [attachment] = parse_message(broken).attachments
+        whole = email.message_from_bytes(broken, policy=email.policy.default)
+        parts = list(whole.walk())
+        self.assertEqual(attachment.data, parts[-1].get_payload(decode=True))

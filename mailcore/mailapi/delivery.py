@@ -40,6 +40,7 @@ from mailcore.mailapi.counts import mail_size, thd_count_mail, thd_fits
 from mailcore.mailapi.files import MailFiles, StoredFile
 from mailcore.mailapi.mime import Parsed, parse_message
 from mailcore.mailapi.snapshot import Snapshot
+from mailcore.messages.parts import NotClean
 from mailcore.queue.model import SERVED, LocalStored
 from mailcore.store import Database
 from mailcore.store.schema import domains, mailapi_attachments, mailapi_mail, mailboxes, users
@@ -134,7 +135,10 @@ class LocalMailboxes:
         raw = self.files.write(body)
         attachments = []
         for a in parsed.attachments:
-            stored = self.files.write(a.data)
+            try:  # a slice at a time, straight from the message
+                stored = self.files.write_chunks(a.chunks())
+            except NotClean:  # not decodable so: at once, by the email package
+                stored = self.files.write(a.whole())
             attachments.append(StoredFile(a.name, a.content_type, stored.size, stored.sha256))
         parsed.attachments = []  # their bytes are in the files now
         return Prepared(parsed, raw, tuple(attachments))

@@ -128,8 +128,14 @@ class MailFiles:
     def write(self, data: bytes) -> StoredFile:
         """Put `data` in the file named by its hash (the same bytes always land in the
         same file). Blocks (fsync)."""
+        return self.write_chunks((data,))
+
+    def write_chunks(self, chunks: Iterable[bytes]) -> StoredFile:
+        """`write` of the bytes `chunks` yields, as they come; an error of theirs leaves no
+        file. Blocks."""
         with SpoolFile(self.tmp) as out:
-            out.write(data)
+            for chunk in chunks:
+                out.write(chunk)
             new, inode = self._keep(out)
             return StoredFile("", "", out.size, out.sha256, new, inode)
 

@@ -12,7 +12,8 @@ as a list, which a prepared statement cannot.
 A page holds at most `count` mails, and fewer when their fields together (body, subject,
 addresses) are over PAGE_CHARS characters (the first mail always): the parts of the page are
 read with each mail's size and without its fields, which are read for the mails shown only.
-An inbox mail's body may be as large as the SMTP server's max_message_size (50 MB), a
+An inbox mail's body is up to 1 Mi characters (mailcore.mailapi.mime; one delivered
+before that bound may be as large as the SMTP server's max_message_size, 50 MB), a
 draft's 1 MiB: read whole, a page of 25 such mails, or of 1,000 (MAX_COUNT) drafts, held a
 gigabyte or more. `next_page_id` then names the first mail not shown, so a client following
 it misses none.

@@ -15,6 +15,19 @@ multipart and message/rfc822 parts (nesting deep enough for a RecursionError) ha
 header fields read and no body or attachments taken out: it is still delivered, the
 message as received stored whole.
 
+Within them, the package reads the message with the bodies of its leaf parts over 8 KiB cut
+out (`mailcore.messages.parts.hollow`: a marker in their place), and those bodies are then
+decoded from the message itself, a slice at a time: an attachment straight into its file
+(`Attachment.chunks`), the text body up to its bound. Read whole, the package held the
+message as text (twice its size with one 8-bit octet), as lines, each part's payload once
+more and its decoded bytes: 411 MB for a 53 MB message with one base64 attachment, 539 MB
+for one line of 52 MB; a few such deliveries at once took a small node's memory. A body
+that does not decode cleanly so (base64 with stray characters, uuencode) is decoded by the
+package, that part alone (`Attachment.whole`). The text body is stored up to
+`max_body_chars` (1 Mi characters: an inbox mail's body, in the database and in every reply
+that shows the mail, was as large as the message, 50 MB); a longer text is cut there and
+the whole part is added as an attachment (`body.txt`, `body.html`), so nothing is lost.
+
 Out: `build_message` makes the message a mail is sent as, with the `email` package: header
 fields from checked values (no Bcc field), Date, Message-ID, the body as text/plain, and
 each attachment as a base64 part of a multipart/mixed. An attachment's bytes are read from
@@ -25,11 +38,14 @@ held in memory.
 from __future__ import annotations
 
 import base64
+import codecs
+import copy
+import itertools
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import EmailPolicy
 from email.utils import formatdate, make_msgid
@@ -38,6 +54,7 @@ from typing import Any, BinaryIO, cast
 
 from mailcore.emailpolicy import SMTP, HeaderClasses, filename_breaks
 from mailcore.messages.parse import decode_header_value, parts_over
+from mailcore.messages.parts import NotClean, Span, decoded_chunks, holds_line, hollow
 from mailcore.text import has_control, storable
 
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
@@ -45,11 +62,36 @@ _LINE = 57
 _CHUNK = _LINE * 1024
 
 
-@dataclass(frozen=True)
 class Attachment:
-    name: str
-    content_type: str
-    data: bytes
+    """An attachment of a received message: its name, type, and decoded bytes, which
+    `chunks` yields a slice at a time from the message (NotClean when they do not decode
+    that way exactly as the email package decodes them: `whole` then does)."""
+
+    def __init__(self, name: str, content_type: str, raw: bytes, part: MIMEPart,
+                 span: tuple[int, int] | None) -> None:
+        self.name = name
+        self.content_type = content_type
+        self._raw = raw
+        self._part = part
+        self._span = span
+
+    def chunks(self) -> Iterator[bytes]:
+        if self._span is None:
+            yield self.whole()
+            return
+        yield from decoded_chunks(self._raw, _span(self._part, self._span))
+
+    def whole(self) -> bytes:
+        """The decoded bytes at once, by the email package."""
+        payload = _payload(self._raw, self._part, self._span).get_payload(decode=True)
+        return payload if isinstance(payload, bytes) else b""
+
+    @property
+    def data(self) -> bytes:
+        try:
+            return b"".join(self.chunks())
+        except NotClean:
+            return self.whole()
 
 
 @dataclass
@@ -72,6 +114,8 @@ class MimeBounds:
     max_lines: int = 1_000_000
     max_delimiters: int = 2_000
     max_containers: int = 100
+    hollow_above: int = 8 * 1024
+    max_body_chars: int = 1024 * 1024
 
 
 class _Received(EmailPolicy):
@@ -135,14 +179,16 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     head_end = _header_end(raw, bounds.max_header_bytes)
     whole = head_end is not None and _walkable(raw, head_end, bounds)
     received: EmailPolicy = cast(Any, _RECEIVED).clone(max_field_bytes=bounds.max_field_bytes)
+    spans: dict[int, tuple[int, int]] = {}
     if whole:
-        message = BytesParser(policy=received).parsebytes(raw)
+        message, spans = _read_hollowed(raw, received, bounds)
     else:
         head = raw[:head_end] if head_end is not None else raw[:bounds.max_header_bytes]
         if head_end is None:
             head = head[:head.rfind(b"\n") + 1]  # whole lines only
-        message = BytesHeaderParser(policy=received).parsebytes(head)
-    assert isinstance(message, EmailMessage)
+        header = BytesHeaderParser(policy=received).parsebytes(head)
+        assert isinstance(header, EmailMessage)
+        message = header
     limit = bounds.max_field_bytes
     parsed = Parsed(
         mail_from=_header(message, "From", limit), to=_header(message, "To", limit),
@@ -154,21 +200,134 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     try:
         part = message.get_body(preferencelist=("plain", "html"))
         if part is not None:
-            content = part.get_content()
-            parsed.body = (storable(content.replace("\r\n", "\n"))
-                           if isinstance(content, str) else "")
+            parsed.body, cut = _body_text(raw, part, spans.get(id(part)), bounds.max_body_chars)
+            if cut:  # the whole text as an attachment: nothing of it is lost
+                kind = "html" if part.get_content_subtype() == "html" else "txt"
+                name = storable(part.get_filename() or f"body.{kind}")[:255]
+                parsed.attachments.append(Attachment(
+                    name, _text_type(part)[:255], raw, part, spans.get(id(part))))
     except Exception:
         parsed.body = ""
     try:
         for index, attachment in enumerate(message.iter_attachments(), 1):
-            payload = attachment.get_payload(decode=True)
-            data = payload if isinstance(payload, bytes) else b""
             name = storable(attachment.get_filename() or f"attachment-{index}")
-            parsed.attachments.append(
-                Attachment(name[:255], attachment.get_content_type()[:255], data))
+            parsed.attachments.append(Attachment(
+                name[:255], attachment.get_content_type()[:255], raw, attachment,
+                spans.get(id(attachment))))
     except Exception:
         return parsed  # a broken MIME structure: what was read so far (all is in `raw`)
     return parsed
+
+
+def _read_hollowed(raw: bytes, policy: EmailPolicy, bounds: MimeBounds
+                   ) -> tuple[EmailMessage, dict[int, tuple[int, int]]]:
+    """The message as the email package reads it, with the bodies of its larger leaf parts
+    left in `raw` (`mailcore.messages.parts.hollow`): the package reads the skeleton, and
+    each such part's body is then known by its place in `raw` (by the part's id). The
+    package would read the whole message the same way unless a body cut out holds a line
+    that starts a delimiter of one of its multiparts: then (and whenever a marker is not
+    where the walk put it) it reads the whole message, as it always did."""
+    nonce = "=mailcore-hollow-" + secrets.token_hex(12) + "-"
+    hollowed = hollow(raw, nonce, bounds.hollow_above, bounds.max_delimiters)
+    message = BytesParser(policy=policy).parsebytes(hollowed.raw)
+    assert isinstance(message, EmailMessage)
+    if not hollowed.spans:
+        return message, {}
+    spans: dict[int, tuple[int, int]] = {}
+    boundaries: set[bytes] = set()
+    for part in message.walk():
+        if part.is_multipart():
+            boundary = part.get_boundary()
+            if boundary is not None:
+                boundaries.add(b"--" + boundary.encode("ascii", "surrogateescape"))
+            continue
+        payload = part.get_payload()  # the text the package read (undecoded)
+        if not isinstance(payload, str) or nonce not in payload:
+            continue
+        found = _MARKED.fullmatch(payload[len(nonce):]) if payload.startswith(nonce) else None
+        if found is None or int(found[1]) >= len(hollowed.spans):
+            return _read_whole(raw, policy), {}
+        start, end = hollowed.spans[int(found[1])]
+        suffix = found[2].encode("ascii")
+        if raw[end:end + len(suffix)] != suffix:
+            return _read_whole(raw, policy), {}
+        spans[id(part)] = (start, end + len(suffix))
+    if len(spans) != len(hollowed.spans) or any(
+            holds_line(raw, b, start, end) for b in boundaries
+            for start, end in hollowed.spans):
+        return _read_whole(raw, policy), {}
+    return message, spans
+
+
+# A marker's number, and the line break the package left after it (that of the last part
+# of a message/rfc822 part: the email package strips none there).
+_MARKED = re.compile(r"([0-9]{1,9})(\r\n|\n|\r|)")
+
+
+def _read_whole(raw: bytes, policy: EmailPolicy) -> EmailMessage:
+    message = BytesParser(policy=policy).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def _span(part: MIMEPart, span: tuple[int, int]) -> Span:
+    cte = str(part.get("content-transfer-encoding", "")).lower()
+    return Span(span[0], span[1], cte, part.get_content_type())
+
+
+def _payload(raw: bytes, part: MIMEPart, span: tuple[int, int] | None) -> MIMEPart:
+    """`part` with its payload back as the package would have read it (a copy of the part,
+    so that the message keeps its skeleton)."""
+    if span is None:
+        return part
+    whole = copy.copy(part)
+    whole.set_payload(raw[span[0]:span[1]].decode("ascii", "surrogateescape"))
+    return whole
+
+
+def _text_type(part: MIMEPart) -> str:
+    charset = part.get_param("charset")
+    ctype = part.get_content_type()
+    return f"{ctype}; charset={charset}" if isinstance(charset, str) and charset.isascii() \
+        and not has_control(charset) else ctype
+
+
+def _body_text(raw: bytes, part: MIMEPart, span: tuple[int, int] | None, most: int
+               ) -> tuple[str, bool]:
+    """The text of the body part (as `get_content` decodes it, CRLF made LF, storable) and
+    whether it was cut to `most` characters. A part left in `raw` is decoded a slice at a
+    time up to a little more than `most` characters (its charset decoded incrementally
+    gives the same text as decoded at once)."""
+    if span is not None:
+        try:
+            return _text_from(raw, part, span, most)
+        except NotClean:
+            pass
+    content = _payload(raw, part, span).get_content()
+    if not isinstance(content, str):
+        return "", False
+    text = storable(content.replace("\r\n", "\n"))
+    return (text[:most], True) if len(text) > most else (text, False)
+
+
+def _text_from(raw: bytes, part: MIMEPart, span: tuple[int, int], most: int
+               ) -> tuple[str, bool]:
+    charset = part.get_param("charset", "ASCII")
+    decoder = codecs.getincrementaldecoder(cast(str, charset))(errors="replace")
+    pieces: list[str] = []
+    held = 0
+    cr = ""  # a CR that ended the last piece: maybe half of a CRLF
+    for chunk in itertools.chain(decoded_chunks(raw, _span(part, span)), [None]):
+        piece = cr + (decoder.decode(chunk) if chunk is not None
+                      else decoder.decode(b"", final=True))
+        cr = "\r" if chunk is not None and piece.endswith("\r") else ""
+        piece = piece[:-1] if cr else piece
+        piece = piece.replace("\r\n", "\n")
+        pieces.append(piece)
+        held += len(piece)
+        if held > most:  # what follows changes none of the first `most`
+            return storable("".join(pieces)[:most]), True
+    return storable("".join(pieces)), False
 
 
 @dataclass(frozen=True)

@@ -177,14 +177,16 @@ def locate(raw: bytes, part_path: str, limits: MimeLimits | None = None,
         depth += 1
 
 
-def _lines(raw: bytes, span: Span, size: int) -> Iterator[memoryview]:
+def _lines(raw: bytes, span: Span, size: int, whole_lines: bool = True
+           ) -> Iterator[memoryview]:
     """raw[span] in slices of about `size` bytes, each ending at a line end when there is
-    one (quoted-printable and base64 lines stay whole)."""
+    one (quoted-printable lines stay whole); without `whole_lines`, of `size` bytes (a
+    body of one long line is not taken whole: base64 carries what a slice cuts)."""
     view = memoryview(raw)
     pos = span.start
     while pos < span.end:
         cut = min(pos + size, span.end)
-        if cut < span.end:
+        if cut < span.end and whole_lines:
             nl = raw.rfind(b"\n", pos, cut)
             if nl >= pos:
                 cut = nl + 1
@@ -208,11 +210,11 @@ def decoded_chunks(raw: bytes, span: Span, size: int = CHUNK) -> Iterator[bytes]
     if encoding in UUENCODE:
         raise NotClean(encoding)
     if encoding != "base64":  # 7bit, 8bit, binary and unknown ones: the bytes as they are
-        for piece in _lines(raw, span, size):
+        for piece in _lines(raw, span, size, whole_lines=False):
             yield bytes(piece)
         return
     carry = b""
-    for piece in _lines(raw, span, size * 4 // 3):
+    for piece in _lines(raw, span, size * 4 // 3, whole_lines=False):
         text = carry + bytes(piece).translate(None, b"\r\n")
         whole = len(text) - len(text) % 4
         carry = text[whole:]
@@ -266,3 +268,74 @@ def check(raw: bytes, part_path: str, expected_size: int,
     except NotClean:
         return None
     return Located(span, total) if total == expected_size else None
+
+
+@dataclass(frozen=True)
+class Hollowed:
+    """A message with its larger leaf bodies cut out (`hollow`): `raw` holds `marker`
+    followed by the body's number where each body was, and `spans[number]` is that body's
+    place in the original message."""
+
+    raw: bytes
+    marker: str
+    spans: list[tuple[int, int]]
+
+
+def hollow(raw: bytes, marker: str, least: int, most_parts: int) -> Hollowed:
+    """`raw` with the body of each leaf part larger than `least` bytes replaced by a marker
+    line (`marker` and a number: ASCII, no colon, so never a header line), following the
+    parts as the email package's parser does (`locate`): multiparts by their boundary, and
+    message/* parts (but delivery-status, whose body is header blocks) as a message. The
+    package reads such a skeleton for a fraction of what the whole message costs it (it
+    holds the message several times as text, and each part's payload once more). What the
+    package decides differently from this walk shows in where the markers end up
+    (`mailcore.mailapi.mime` checks)."""
+    cuts: list[tuple[int, int]] = []
+
+    def walk(start: int, end: int, default: str) -> None:
+        header, body = headers_at(raw, start, end)
+        if default != "text/plain" and "content-type" not in header:
+            header.set_default_type(default)
+        ctype = header.get_content_type()
+        maintype = header.get_content_maintype()
+        if maintype == "multipart":
+            boundary = header.get_boundary()
+            if boundary is None:
+                return
+            try:
+                marker_bytes = boundary.encode("ascii")
+            except UnicodeEncodeError:
+                return
+            child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+            for child in children_at(raw, marker_bytes, body, end, most_parts):
+                walk(*child, child_default)
+            return
+        if maintype == "message":
+            if ctype != "message/delivery-status" and body < end:
+                walk(body, end, "text/plain")
+            return
+        # The line break that ends the body stays: whether the package counts it as the
+        # body's (a message/rfc822 part's last) or not (before a delimiter), it then says.
+        end = _strip_break(raw, body, end)
+        if end - body > least:
+            cuts.append((body, end))
+
+    walk(0, len(raw), "text/plain")
+    pieces: list[bytes] = []
+    at = 0
+    for number, (start, end) in enumerate(cuts):
+        pieces += [raw[at:start], f"{marker}{number}".encode("ascii")]
+        at = end
+    pieces.append(raw[at:])
+    return Hollowed(b"".join(pieces) if cuts else raw, marker, cuts)
+
+
+def holds_line(raw: bytes, prefix: bytes, start: int, end: int) -> bool:
+    """Whether a line of raw[start:end] begins with `prefix` (a line begins after CR or LF,
+    as the email package's parser splits lines)."""
+    pos = start
+    while (at := raw.find(prefix, pos, end)) >= 0:
+        if at == start or raw[at - 1] in b"\r\n":
+            return True
+        pos = at + 1
+    return False
