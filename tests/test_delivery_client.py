@@ -16,6 +16,8 @@ from mailcore.smtp.client import (
     CLOSE_GRACE,
     MAX_REPLY_BYTES,
     MAX_REPLY_LINES,
+    TURN_BYTES,
+    WRITE_CHUNK,
     ConnectionLostError,
     ProtocolError,
     Reply,
@@ -657,3 +659,75 @@ class CloseTests(ClientTestBase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(CLOSE_GRACE)
         self.assertEqual(aborted, [])
+
+
+class PacedBodyTests(ClientTestBase):
+    """A large body is not written in one go on the reactor: its DATA stream goes a chunk at
+    a time, under the transport's flow control and with a reactor turn every TURN_BYTES
+    (written at once, a 53 MB message held the reactor 300-480 ms)."""
+
+    def start(self, body: bytes) -> defer.Deferred[Any]:
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], body))
+        self.sent()
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        return d
+
+    def test_the_stream_gives_the_reactor_a_turn_every_turn_bytes(self) -> None:
+        body = b"".join(b"line %07d of the message\r\n" % i for i in range(60_000))  # 1.6 MB
+        d = self.start(body)
+        first = self.sent()
+        self.assertGreaterEqual(len(first), TURN_BYTES)
+        self.assertLess(len(first), TURN_BYTES + WRITE_CHUNK + 10)
+        written = [first]
+        for _ in range(len(body) // TURN_BYTES + 1):
+            self.clock.advance(0)
+            written.append(self.sent())
+        self.assertEqual(b"".join(written), body + b".\r\n")
+        self.assertGreater(len(written), len(body) // TURN_BYTES)
+        self.server(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).data, Reply(250, ("queued",)))
+
+    def test_the_stream_waits_while_the_transport_is_paused(self) -> None:
+        self.transport = _PausingTransport()
+        self.proto = SMTPClientProtocol(self.clock, timeout=30)
+        self.proto.makeConnection(self.transport)
+        self.session = SMTPSession(self.proto, helo_name="mx.test", data_timeout=60)
+        body = b"x" * 70 + b"\r\n"
+        body *= 3 * WRITE_CHUNK // len(body)
+        d = self.start(body)
+        written = [self.sent()]
+        self.assertLessEqual(len(written[0]), WRITE_CHUNK)  # then the transport paused it
+        self.assertEqual(self.sent(), b"")
+        producer = self.transport.producer
+        assert producer is not None
+        while self.transport.producer is not None:
+            producer.resumeProducing()
+            written.append(self.sent())
+        self.assertEqual(b"".join(written), body + b".\r\n")
+        self.assertGreater(len(written), 3)
+        self.server(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).data, Reply(250, ("queued",)))
+
+    def test_a_connection_lost_while_paused_ends_the_stream(self) -> None:
+        self.transport = _PausingTransport()
+        self.proto = SMTPClientProtocol(self.clock, timeout=30)
+        self.proto.makeConnection(self.transport)
+        self.session = SMTPSession(self.proto, helo_name="mx.test", data_timeout=60)
+        d = self.start(b"z" * (4 * WRITE_CHUNK))
+        self.sent()
+        producer = self.transport.producer
+        assert producer is not None
+        producer.stopProducing()
+        self.proto.connectionLost(Failure(ConnectionDone("bye")))
+        self.failureResultOf(d, ConnectionLostError)
+        self.assertEqual(self.sent(), b"")
+
+
+class _PausingTransport(StringTransport):
+    """A transport whose buffer is full after half a chunk: it pauses its producer."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) >= WRITE_CHUNK // 2:
+            self.producer.pauseProducing()

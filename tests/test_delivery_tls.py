@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.config import Config
 from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.settings import QueueSettings
-from mailcore.store.schema import queue_recipients
+from mailcore.store.schema import domains, queue_recipients
 from tests.support.db import open_database
 from tests.support.mailsink import SinkFactory, SinkState, add_domain, envelope
 from tests.support.reactor import get_reactor
@@ -121,6 +121,22 @@ class VerifiedTLSTests(TestCase):
         await state.wait_for(1)
         self.assertIn(b"STARTTLS", state.commands)
         await self.wait_state(db, "delivered")
+
+    async def test_large_messages_stream_over_one_tls_connection(self) -> None:
+        """A body over TURN_BYTES goes out a chunk at a time under TLS's flow control, and
+        the next message on the connection registers its stream's producer afresh (the
+        last one was unregistered)."""
+        q, db, state = await self.setup(require_tls=True, trusted=True)
+        await state.wait_for(1)
+        bodies = [b"Subject: big %d\r\n\r\n" % i
+                  + b"".join(b"line %07d\r\n" % n for n in range(120_000)) for i in range(2)]
+        domain = await db.read("d", lambda c: c.execute(select(domains.c.id)).scalar_one())
+        for i, body in enumerate(bodies):
+            env = envelope("a@x.test", ("b@customer.test", domain))
+            await q.spool.accept(f"Q{i + 2}", env, body)
+        await state.wait_for(3)
+        self.assertEqual([m.data.endswith(b"line 0119999\r\n") for m in state.messages[1:]],
+                         [True, True])
 
     async def test_required_tls_with_an_untrusted_certificate_is_not_delivered(self) -> None:
         _q, db, state = await self.setup(require_tls=True, trusted=False)

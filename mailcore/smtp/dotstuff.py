@@ -26,7 +26,7 @@ class CRLFBody(bytes):
 class AcceptedBody(CRLFBody):
     """A `CRLFBody` as our SMTP server accepted it, two more facts checked on the way in:
     no line of it begins with "." (the DATA stream held no CRLF "." to undo), so it goes
-    out as it is, followed by ".\\r\\n" (`mailcore.smtp.client.write_body` skips the
+    out as it is, followed by ".\\r\\n" (`mailcore.smtp.client.data_stream` skips the
     stuffing scan); and its Received fields, ours included, are within `[smtp] max_hops`
     (the queue runner, which reads the same limit, does not count them again). As with
     CRLFBody, anything built from it is plain `bytes` again; a body loaded from the store is
