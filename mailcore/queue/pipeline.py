@@ -206,14 +206,23 @@ def apply_tags(
     of a list, never past 998 (`mailcore.smtp.fold`), without control characters, and
     ASCII (a non-ASCII symbol name is written `\\x{HHHH}`: the message may not be one that
     said SMTPUTF8, RFC 6532)."""
+    # Only the header section changes: it is rewritten on its own and joined to the rest
+    # once. (Rewritten whole, a 53 MB message was copied four times, 45-93 ms of CPU and
+    # 159 MB; the queue runner runs this off the reactor for a large body, and bytes.join
+    # copies a large one without holding the interpreter's lock.)
+    end = body.find(b"\r\n\r\n")
+    head_end = len(body) if end < 0 else end + 2
+    head = body[:head_end]
     if subject_prefix:
-        body = _prefix_subject(body, subject_prefix)
+        head = _prefix_subject(head, subject_prefix)
     lines = b"".join(
         (fold(name, ascii_escaped(value), commas=True) + "\r\n").encode()
         for name, value in headers
     )
-    at = _after_trace(body)
-    return body[:at] + lines + body[at:]
+    at = _after_trace(head)
+    if head_end == len(body):
+        return head[:at] + lines + head[at:]
+    return b"".join((head[:at], lines, head[at:], memoryview(body)[head_end:]))
 
 
 _TRACE = re.compile(rb"(?i)(?:received|return-path):[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")

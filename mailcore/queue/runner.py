@@ -102,6 +102,9 @@ CLEARTEXT_AFTER_TLS_FAILURE = 3600.0
 # A job is not sent when less than this part of `lease_seconds` is left of its lease: the
 # transaction must end before another node may claim the recipients.
 LEASE_MARGIN = 0.25
+# A tagged body larger than this is made on the CPU pool (`_tagged`): below it, the thread
+# hop costs more than the copy.
+TAG_INLINE = 256 * 1024
 
 
 class Connector:
@@ -787,7 +790,7 @@ class QueueRunner:
         if not self.pipeline.stages and self._looping(job, body):
             return
         if isinstance(job, TaggedJob):
-            body = apply_tags(body, job.add_headers, job.subject_prefix)
+            body = await self._tagged(job, body)
         assert self.spool is not None, "build_queue attaches the spool"
         try:
             prepared = await store.prepare(job.message_id, body)
@@ -1088,7 +1091,7 @@ class QueueRunner:
         if not self.pipeline.stages and self._looping(job, body):
             return True  # (with stages, checked before the pipeline ran)
         if isinstance(job, TaggedJob):
-            body = apply_tags(body, job.add_headers, job.subject_prefix)
+            body = await self._tagged(job, body)
         if "8BITMIME" not in session.extensions and not body.isascii():
             body = await self._seven_bit(body)
         now = self.clock.seconds()
@@ -1119,6 +1122,14 @@ class QueueRunner:
         for reply, rcpts in by_reply.items():
             self._fail(job, rcpts, str(reply), permanent=reply.permanent, hop=hop, now=now)
         return session.usable
+
+    async def _tagged(self, job: TaggedJob, body: bytes) -> bytes:
+        """The body with the job's tags (`apply_tags`); on the CPU pool when it is larger
+        than TAG_INLINE (the tagged copy of a 53 MB message took 45-93 ms of the reactor's
+        CPU, 21 ms once made one copy)."""
+        if self.cpu is None or len(body) <= TAG_INLINE:
+            return apply_tags(body, job.add_headers, job.subject_prefix)
+        return await self.cpu.run(apply_tags, body, job.add_headers, job.subject_prefix)
 
     async def _seven_bit(self, body: bytes) -> bytes:
         """An 8-bit body made 7-bit for a hop without 8BITMIME (mailcore.smtp.sevenbit), on
