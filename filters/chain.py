@@ -44,6 +44,7 @@ from filters.interface import (
     FilterUnavailable,
     InlineFilter,
     MessageTooLarge,
+    NotInline,
     ScanContext,
     Symbol,
     Verdict,
@@ -181,8 +182,10 @@ class FilterChain:
 
     def scan_now(self, message: bytes, context: ScanContext | None = None) -> Verdict | None:
         """What `scan` would give, as a plain call, when `inline(message)`; else None, with
-        nothing run. Raises FilterUnavailable as `scan` does: every filter runs, as `scan`
-        starts them all, and the first (in chain order) that failed closed is raised."""
+        nothing run (and None when a filter turns the message down after all: NotInline,
+        nothing decided). Raises FilterUnavailable as `scan` does: every filter runs, as
+        `scan` starts them all, and the first (in chain order) that failed closed is
+        raised."""
         if not self.inline(message):
             return None
         verdicts: list[Verdict] = []
@@ -193,6 +196,8 @@ class FilterChain:
             except FilterUnavailable as e:
                 if first is None:
                     first = e
+            except NotInline:
+                return None
         if first is not None:
             raise first
         return combine(verdicts, threshold=self.threshold, score_mode=self.score_mode,
@@ -206,6 +211,8 @@ class FilterChain:
         try:
             verdict: Verdict = f.scan_inline(message, context)
             return verdict
+        except NotInline:
+            raise
         except Exception as e:
             return self._failed(entry, e)
 

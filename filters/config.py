@@ -44,7 +44,8 @@ zip_max_ratio = 100.0      # expanded/compressed size per entry ...
 zip_ratio_min_size = 1048576  # ... for entries larger than this
 zip_max_depth = 3          # zips inside zips
 inline_max = 32768   # messages up to this size are checked on the reactor thread,
-                     # larger ones on the CPU pool
+                     # larger ones on the CPU pool (and so are smaller ones holding a
+                     # zip, more than 100 parts or 500 header lines)
 
 [filters.builtin.scores]  # points per symbol, merged over the defaults; 0 turns it off
 GTUBE = 1000.0

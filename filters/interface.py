@@ -166,11 +166,18 @@ class Filter(Protocol):
         ...
 
 
+class NotInline(Exception):
+    """Raised by `InlineFilter.scan_inline` for a message that turned out to need more work
+    than a plain call on the reactor may take (the built-in checks of a small message that
+    holds a zip archive): nothing was decided, `scan` answers it off the reactor."""
+
+
 @runtime_checkable
 class InlineFilter(Filter, Protocol):
     """A filter that can also answer as a plain call, for the messages it would analyse on
     the calling thread anyway (the built-in checks of a small message): `inline(message)`
-    says whether it would, and `scan_inline` is then what `scan` would return or raise."""
+    says whether it would, and `scan_inline` is then what `scan` would return or raise, or
+    NotInline when the message needs more work than that after all."""
 
     def inline(self, message: bytes) -> bool:
         """Whether `scan` would answer this message without waiting on anything."""

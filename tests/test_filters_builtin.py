@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from filters.archive import ZipLimits, declared_entries, inspect_zip
 from filters.builtin import (
     DANGEROUS_NAME,
+    DEFAULT_INLINE_MAX,
     EICAR,
     EICAR_NAME,
     ENCRYPTED_ZIP_NAME,
@@ -29,7 +30,7 @@ from filters.builtin import (
     executable_kind,
     extension,
 )
-from filters.interface import Verdict
+from filters.interface import NotInline, Verdict
 from filters.mime import MimeLimits
 from mailcore.workers import CpuPool
 from tests.support.filterd import (
@@ -432,6 +433,28 @@ class BuiltinFilterTests(TestCase):
         verdict = await BuiltinFilter(runner).scan(big)
         self.assertEqual(verdict.viruses, (EICAR_NAME,))
         self.assertEqual(runner.calls, [analyse])
+
+    async def test_small_messages_whose_work_their_size_does_not_bound_run_on_the_pool(
+            self) -> None:
+        """A zip archive, many parts or many header lines in a small message: the work is
+        not bounded by its size (3 KB of nested zips expanded to 80 MB, 228 ms on the
+        reactor), so it is analysed on the CPU pool; the verdict is the same."""
+        bomb = nested_zip(3, {f"f{i}.bin": b"\0" * (1024 * 1024) for i in range(20)})
+        eicar = zip_bytes({"e.txt": EICAR})
+        many = multipart([text_part(b"x") for _ in range(150)])
+        fields = b"".join(b"X-Field: %d\r\n" % i for i in range(600)) + message(b"hello")
+        for data in (multipart([attachment("a.zip", bomb)]),
+                     multipart([attachment("e.zip", eicar)]), many, fields):
+            self.assertLessEqual(len(data), DEFAULT_INLINE_MAX)
+            runner = RecordingRunner()
+            builtin = BuiltinFilter(runner)
+            self.assertTrue(builtin.inline(data))
+            self.assertRaises(NotInline, builtin.scan_inline, data)
+            verdict = await builtin.scan(data)
+            self.assertEqual(runner.calls, [analyse])
+            self.assertEqual(verdict, analyse(data, SETTINGS))
+        self.assertEqual(analyse(multipart([attachment("e.zip", eicar)]), SETTINGS).viruses,
+                         (EICAR_NAME,))
 
     async def test_works_with_cpu_pool_for_tests(self) -> None:
         settings = BuiltinSettings(inline_max=0)

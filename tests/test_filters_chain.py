@@ -16,6 +16,7 @@ from filters.interface import (
     FilterError,
     FilterUnavailable,
     MessageTooLarge,
+    NotInline,
     ScanContext,
     Symbol,
     Verdict,
@@ -289,6 +290,13 @@ class ChainTests(TestCase):
             chain.scan_now(b"msg")
         self.assertEqual(caught.exception.filter, "a")
         self.assertEqual(last.inline_scans, 1)  # as `scan` starts every filter
+
+    def test_scan_now_is_none_when_a_filter_turns_the_message_down(self) -> None:
+        """NotInline (more work than a plain call takes on) is no failure: nothing is
+        decided, and `scan` answers the message."""
+        chain = self.chain(Inline("a", error=NotInline("a zip")), Inline("b"))
+        self.assertTrue(chain.inline(b"msg"))
+        self.assertIsNone(chain.scan_now(b"msg"))
 
     def test_scan_now_is_none_with_nothing_run_unless_every_filter_is_inline(self) -> None:
         inline = Inline("a", inline_max=3)

@@ -328,6 +328,8 @@ class ProcessNowTests(TestCase):
             self.assertEqual(len(now_events), 1)  # the `filtered` line
 
     async def test_what_cannot_be_decided_at_once_waits(self) -> None:
+        from twisted.logger import capturedLogs
+
         from mailcore.queue.pipeline import LATER, PipelineRecipient
 
         msg = PipelineMessage("Q1", "relay", "a@x.test",
@@ -340,6 +342,16 @@ class ProcessNowTests(TestCase):
         stage.domains.loaded = True
         self.assertIsNone(stage.process_now(msg))
         self.assertIsNone(stage.process_now(PipelineMessage("Q", "digest", "", (), b"x")))
+        # A small message whose analysis its size does not bound (many parts: a zip, many
+        # header lines likewise) waits for the pool, nothing decided or logged.
+        parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(150))
+        many = (b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                + parts + b"--b--\r\n")
+        msg = PipelineMessage("Q2", "relay", "a@x.test", (PipelineRecipient("r@d1.test", 1),),
+                              many)
+        with capturedLogs() as events:
+            self.assertIs(stage.process_now(msg), LATER)
+        self.assertEqual(events, [])
 
 
 class FilteringSwitchTests(TestCase):
