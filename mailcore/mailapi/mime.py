@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import copy
 import itertools
 import re
@@ -239,7 +240,10 @@ def _read_hollowed(raw: bytes, policy: EmailPolicy, bounds: MimeBounds
         if part.is_multipart():
             boundary = part.get_boundary()
             if boundary is not None:
-                boundaries.add(b"--" + boundary.encode("ascii", "surrogateescape"))
+                # (as the package matches lines: ASCII, other octets as surrogates; one
+                # it decoded to other characters matches no line)
+                with contextlib.suppress(UnicodeEncodeError):
+                    boundaries.add(b"--" + boundary.encode("ascii", "surrogateescape"))
             continue
         payload = part.get_payload()  # the text the package read (undecoded)
         if not isinstance(payload, str) or nonce not in payload:
