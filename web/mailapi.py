@@ -179,6 +179,10 @@ MAIL_SCHEMA: dict[str, Any] = {
         "read": {"type": "boolean"},
         "status": {"type": "string", "enum": ["draft", "outbox", "sent", "inbox"]},
         **{name: {"type": "string"} for name in FIELDS},
+        "body": {"type": "string", "description": (
+            "an inbox mail's: its message's first text/plain part (else text/html), up to "
+            "1,048,576 characters; a longer text is cut there and the whole part is among "
+            "its attachments (body.txt or body.html)")},
         "attachments": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "type": {"type": "string"},
             "size": {"type": "integer"}, "url": {"type": "string"}}}},
