@@ -104,7 +104,14 @@ async def with_deadline(
     work: Coroutine[Any, Any, T],
 ) -> T:
     """Await `work`, cancelling it after `timeout` seconds of `clock` (FilterTimeout)."""
-    d: defer.Deferred[T] = defer.Deferred.fromCoroutine(work)
+    return await deadline(filter_name, clock, timeout, defer.Deferred.fromCoroutine(work))
+
+
+def deadline(
+    filter_name: str, clock: IReactorTime, timeout: float | None, d: defer.Deferred[T],
+) -> defer.Deferred[T]:
+    """`d`, cancelled after `timeout` seconds of `clock` (then failing with FilterTimeout):
+    `with_deadline` for work that is a Deferred already (no coroutine to drive)."""
     if timeout is not None and timeout > 0 and not d.called:  # (inline work is done)
 
         def timed_out(result: Any, seconds: float) -> Any:
@@ -115,7 +122,7 @@ async def with_deadline(
             return result
 
         d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
-    return await d
+    return d
 
 
 class ProtocolViolation(Exception):
@@ -227,20 +234,45 @@ async def run_exchange(
     make_protocol: Callable[[], Exchange],
 ) -> Any:
     """Connect, run one Exchange, return its parsed reply; failures become FilterError."""
-    try:
-        # Not connectProtocol: it builds a factory class per call (zope.interface work
-        # that cost more than the rest of a scan's client side).
-        proto: Any = await endpoint.connect(_OneProtocol(make_protocol()))
-    except error.ConnectingCancelledError:
+    return await start_exchange(filter_name, endpoint, address, make_protocol)
+
+
+def start_exchange(
+    filter_name: str,
+    endpoint: IStreamClientEndpoint,
+    address: Address,
+    make_protocol: Callable[[], Exchange],
+) -> defer.Deferred[Any]:
+    """`run_exchange` as one Deferred chain (connect, then the exchange's `done`), for a
+    client that awaits nothing else: no coroutine to drive, one Deferred to wait on.
+    Cancelling it cancels the connection attempt or, once connected, the exchange."""
+    # Not connectProtocol: it builds a factory class per call (zope.interface work that
+    # cost more than the rest of a scan's client side).
+    d: defer.Deferred[Any] = endpoint.connect(_OneProtocol(make_protocol()))
+    d.addCallbacks(_exchange_done, _connect_failed, errbackArgs=(filter_name, address))
+    d.addErrback(_bad_reply, filter_name, address)
+    return d
+
+
+def _exchange_done(proto: Exchange) -> defer.Deferred[Any]:
+    return proto.done
+
+
+def _connect_failed(failure: Failure, filter_name: str, address: Address) -> Failure:
+    if failure.check(error.ConnectingCancelledError):
         # A cancelled connection attempt (our deadline): report it as the cancellation it
         # is, so that the deadline turns it into FilterTimeout.
-        raise defer.CancelledError() from None
-    except (error.ConnectError, error.DNSLookupError, OSError) as e:
-        raise FilterError(filter_name, f"cannot connect to {address}: {_why(e)}") from None
-    try:
-        return await proto.done
-    except ProtocolViolation as e:
-        raise FilterError(filter_name, f"bad reply from {address}: {e}") from None
+        raise defer.CancelledError()
+    if failure.check(error.ConnectError, error.DNSLookupError, OSError):
+        reason: Any = failure.value
+        raise FilterError(filter_name, f"cannot connect to {address}: {_why(reason)}")
+    return failure
+
+
+def _bad_reply(failure: Failure, filter_name: str, address: Address) -> Failure:
+    if failure.check(ProtocolViolation):
+        raise FilterError(filter_name, f"bad reply from {address}: {failure.value}")
+    return failure
 
 
 class _OneProtocol(Factory):

@@ -28,7 +28,7 @@ otherwise raises `FilterUnavailable(permanent=True)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,14 +74,19 @@ def combine(
     name: str = "chain",
 ) -> Verdict:
     """One verdict out of several, by the rule in this module's docstring."""
-    if len(verdicts) == 1 and score_mode == "max":
+    if len(verdicts) == 1 and verdicts[0].unavailable is None:
+        # The usual verdict of a one-filter chain: nothing to unite, only to scale (and the
+        # filter's name put before its reasons), as below.
         v = verdicts[0]
-        if (v.unavailable is None and not v.viruses and not v.symbols
-                and not v.reasons):
-            # The usual verdict of a one-filter chain: nothing to unite, only to scale.
-            score = round(v.score * threshold / v.threshold if v.threshold > 0 else v.score, 3)
-            return Verdict(filter=name, score=score, threshold=threshold,
-                           spam=v.spam or score >= threshold, results=(v,))
+        one = v.score * threshold / v.threshold if v.threshold > 0 else v.score
+        score = round(one if score_mode == "max" else sum((one,)), 3)
+        symbols = tuple(v.symbols)
+        if len({s.name for s in symbols}) != len(symbols):
+            symbols = _first_of_each(symbols)
+        return Verdict(filter=name, score=score, threshold=threshold,
+                       spam=v.spam or score >= threshold,
+                       viruses=tuple(dict.fromkeys(v.viruses)), symbols=symbols,
+                       reasons=tuple(f"{v.filter}: {r}" for r in v.reasons), results=(v,))
     counted = [v for v in verdicts if v.unavailable is None]
     scaled = [
         v.score * threshold / v.threshold if v.threshold > 0 else v.score for v in counted
@@ -92,10 +97,7 @@ def combine(
         score = max(scaled, default=0.0)
     score = round(score, 3)
     viruses = tuple(dict.fromkeys(name for v in counted for name in v.viruses))
-    symbols: dict[str, Symbol] = {}
-    for v in counted:
-        for s in v.symbols:
-            symbols.setdefault(s.name, s)
+    symbols = _first_of_each(s for v in counted for s in v.symbols)
     reasons: list[str] = []
     for v in verdicts:
         if v.unavailable is not None:
@@ -108,10 +110,18 @@ def combine(
         threshold=threshold,
         spam=any(v.spam for v in counted) or score >= threshold,
         viruses=viruses,
-        symbols=tuple(symbols.values()),
+        symbols=symbols,
         reasons=tuple(reasons),
         results=tuple(verdicts),
     )
+
+
+def _first_of_each(symbols: Iterable[Symbol]) -> tuple[Symbol, ...]:
+    """The symbols by name, each once: the first reported of that name, in order."""
+    first: dict[str, Symbol] = {}
+    for s in symbols:
+        first.setdefault(s.name, s)
+    return tuple(first.values())
 
 
 class FilterChain:

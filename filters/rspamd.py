@@ -16,13 +16,16 @@ clients (`filters._net.Exchange`). A general HTTP client (treq, Agent, its pool)
 CPU per scan than rspamd spent scanning: URL parsing with IDNA checks, agent wrappers and
 a class built per request, a body producer on a cooperator, a pool that never had a
 connection to give back. `RspamdClient` takes any object with treq's `request` (tests give
-it StubTreq).
+it StubTreq); with `OneShotHTTP` it asks `fetch` instead: one Deferred from the connection
+to the reply's (code, body), the envelope written as ready header lines, no response
+object, Headers or coroutine layer per scan.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,8 +45,9 @@ from filters._net import (
     ProtocolViolation,
     RequestExchange,
     client_endpoint,
+    deadline,
     parse_address,
-    run_exchange,
+    start_exchange,
     with_deadline,
 )
 from filters.interface import FilterError, ScanContext, Symbol, Verdict, refuse_oversized
@@ -108,22 +112,35 @@ class OneShotHTTP:
 
     async def request(self, method: str, url: str, *, data: bytes | None = None,
                       headers: Headers | None = None) -> _Reply:
-        parts = urlsplit(url)
-        head = [f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                "Connection: close\r\n".encode("ascii")]
-        if data is not None:
-            head.append(b"Content-Length: %d\r\n" % len(data))
-        for name, values in (headers or Headers()).getAllRawHeaders():
-            head.extend(name + b": " + value + b"\r\n" for value in values)
-        head.append(b"\r\n")
-        request = b"".join(head) + (data or b"")
-        try:
-            code, body = await run_exchange(
-                "rspamd", self.endpoint, self.address,
-                lambda: _HTTPExchange(request, self.max_reply))
-        except FilterError as e:
-            raise ConnectionError(e.reason) from None
+        fields = b"".join(
+            name + b": " + value + b"\r\n"
+            for name, values in (headers or Headers()).getAllRawHeaders() for value in values)
+        code, body = await self.fetch(method, url, data, fields)
         return _Reply(code, body)
+
+    def fetch(self, method: str, url: str, data: bytes | None,
+              fields: bytes) -> defer.Deferred[tuple[int, bytes]]:
+        """`request` without the response object, for `RspamdClient`: one Deferred firing
+        with (code, body), or failing with ConnectionError as `request` does. `fields` are
+        the request's header lines, ready to send (`header_lines`)."""
+        parts = urlsplit(url)
+        head = f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n" \
+               "Connection: close\r\n".encode("ascii")
+        if data is not None:
+            head += b"Content-Length: %d\r\n" % len(data)
+        request = head + fields + b"\r\n" + (data or b"")
+        d = start_exchange("rspamd", self.endpoint, self.address,
+                           lambda: _HTTPExchange(request, self.max_reply))
+        d.addErrback(_unreachable)
+        return d
+
+
+def _unreachable(failure: Failure) -> Failure:
+    """A FilterError of the exchange as the ConnectionError an HTTP client raises."""
+    error = failure.value
+    if isinstance(error, FilterError):
+        raise ConnectionError(error.reason)
+    return failure
 
 
 class _HTTPExchange(RequestExchange):
@@ -227,15 +244,7 @@ def request_headers(context: ScanContext | None) -> Headers:
     headers = Headers()
     if context is None:
         return headers
-    single = {
-        b"From": context.mail_from,
-        b"IP": context.client_ip,
-        b"Helo": context.helo,
-        b"Hostname": context.hostname,
-        b"Queue-Id": context.queue_id,
-        b"User": context.user,
-    }
-    for name, value in single.items():
+    for name, value in _envelope(context):
         if value:
             headers.setRawHeaders(name, [_header_value(value)])
     if context.recipients:
@@ -243,10 +252,33 @@ def request_headers(context: ScanContext | None) -> Headers:
     return headers
 
 
+def header_lines(context: ScanContext | None) -> bytes:
+    """`request_headers` as the header lines OneShotHTTP sends (the same names, in the same
+    order), without a Headers object to build and read back per scan."""
+    if context is None:
+        return b""
+    lines = [b"%s: %s\r\n" % (_SENT_NAMES[name], _header_value(value))
+             for name, value in _envelope(context) if value]
+    lines.extend(b"Rcpt: %s\r\n" % _header_value(r) for r in context.recipients)
+    return b"".join(lines)
+
+
+def _envelope(context: ScanContext) -> tuple[tuple[bytes, str], ...]:
+    return ((b"From", context.mail_from), (b"IP", context.client_ip), (b"Helo", context.helo),
+            (b"Hostname", context.hostname), (b"Queue-Id", context.queue_id),
+            (b"User", context.user))
+
+
+# The names as Headers writes them (its canonical capitalisation: "IP" goes out as "Ip").
+_SENT_NAMES = {name: name.title() for name in (
+    b"From", b"IP", b"Helo", b"Hostname", b"Queue-Id", b"User")}
+
+
 def _header_value(value: str) -> bytes:
     """A header value that cannot split the request (no CR, LF or NUL)."""
-    cleaned = "".join(ch for ch in value if ch not in "\r\n\0")
-    return cleaned.encode("utf-8")
+    if "\r" in value or "\n" in value or "\0" in value:
+        value = value.replace("\r", "").replace("\n", "").replace("\0", "")
+    return value.encode("utf-8")
 
 
 def parse_reply(
@@ -291,6 +323,8 @@ def parse_reply(
 
 
 def _number(value: Any) -> float | None:
+    if type(value) is float:  # (what a JSON number with a fraction is: rspamd's scores)
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     result = float(value)
@@ -301,7 +335,7 @@ def _symbols(raw: Any) -> tuple[Symbol, ...]:
     if not isinstance(raw, dict):
         return ()
     found: list[Symbol] = []
-    for key, value in list(raw.items())[:_MAX_SYMBOLS]:
+    for key, value in islice(raw.items(), _MAX_SYMBOLS):
         if not isinstance(key, str) or not key:
             continue
         score: float | None = None
@@ -349,10 +383,18 @@ class RspamdClient:
     async def scan(self, message: bytes, context: ScanContext | None = None) -> Verdict:
         """POST the message to /checkv2 and read rspamd's decision."""
         refuse_oversized(self.name, message, self.max_size)
-        headers = request_headers(context)
-        body = await with_deadline(
-            self.name, self.clock, self.timeout,
-            self._request("POST", "/checkv2", message, headers))
+        if isinstance(self.http, OneShotHTTP):
+            # The daemon's client: one Deferred from the connection to the checked body,
+            # no response object, Headers or coroutine per scan (what `_request` does).
+            fetched = self.http.fetch(
+                "POST", self.url + "/checkv2", message, header_lines(context))
+            checked: defer.Deferred[bytes] = fetched.addCallbacks(
+                self._checked, self._unreached)
+            body = await deadline(self.name, self.clock, self.timeout, checked)
+        else:
+            body = await with_deadline(
+                self.name, self.clock, self.timeout,
+                self._request("POST", "/checkv2", message, request_headers(context)))
         return parse_reply(
             self.name, body, spam_actions=self.spam_actions, threshold=self.threshold)
 
@@ -385,6 +427,23 @@ class RspamdClient:
             detail = body[:200].decode("utf-8", "replace").strip()
             raise FilterError(self.name, f"rspamd answered HTTP {response.code}: {detail!r}")
         return body
+
+    def _checked(self, reply: tuple[int, bytes]) -> bytes:
+        """`_request`'s checks of a reply OneShotHTTP read whole: its size, then its code."""
+        code, body = reply
+        if len(body) > self.max_reply:
+            raise FilterError(self.name, f"reply larger than {self.max_reply} bytes")
+        if code != 200:
+            detail = body[:200].decode("utf-8", "replace").strip()
+            raise FilterError(self.name, f"rspamd answered HTTP {code}: {detail!r}")
+        return body
+
+    def _unreached(self, failure: Failure) -> Failure:
+        """`_request`'s treatment of a failed request (the deadline's cancellation passes)."""
+        if failure.check(defer.CancelledError) or not failure.check(Exception):
+            return failure
+        error: Any = failure.value
+        raise FilterError(self.name, f"cannot reach {self.url}: {_why(error)}")
 
     async def _read_body(self, response: Any) -> bytes:
         """The response body, at most max_reply bytes (else the connection is dropped)."""

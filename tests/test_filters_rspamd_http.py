@@ -165,3 +165,34 @@ class OneShotHTTPTests(TestCase):
         self.reactor.advance(5.0)
         self.failureResultOf(d, FilterTimeout)
         self.assertTrue(transport.disconnecting)
+
+    def test_the_envelope_lines_are_those_of_request_headers(self) -> None:
+        # The daemon's path writes the envelope without a Headers object per scan; what it
+        # writes is what the treq path's request_headers gives, name for name, in order.
+        from filters.rspamd import header_lines, request_headers
+
+        context = ScanContext(mail_from="a@x.test", recipients=("b@y.test", "c\r\n@y.test"),
+                              client_ip="192.0.2.1", helo="h\0elo", hostname="mx.x.test",
+                              queue_id="Q1", user="u")
+        expected = b"".join(name + b": " + value + b"\r\n" for name, values
+                            in request_headers(context).getAllRawHeaders() for value in values)
+        self.assertEqual(header_lines(context), expected)
+        self.assertEqual(header_lines(ScanContext(queue_id="Q2")), b"Queue-Id: Q2\r\n")
+        self.assertEqual(header_lines(None), b"")
+
+    def test_a_scan_builds_no_headers_object_nor_response(self) -> None:
+        # Per scan the client built a twisted Headers (then read it back into bytes) and a
+        # response object whose body went through a protocol and a Failure(ResponseDone):
+        # CPU on the reactor thread for every message, for nothing the scan needs.
+        import filters.rspamd as rspamd
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("built per scan")
+
+        self.patch(rspamd, "Headers", refused)
+        self.patch(rspamd, "_Reply", refused)
+        d = self.scan(ScanContext(mail_from="a@x.test", queue_id="Q1"))
+        protocol, _transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(REPLY)
+                              + REPLY)
+        self.assertTrue(self.successResultOf(d).spam)
