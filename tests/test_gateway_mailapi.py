@@ -262,7 +262,12 @@ class TrapSink(SinkProtocol):
 
     state: TrapState
 
-    swallow = False  # a held message: no line of this connection is answered any more
+    # A held message: no line of this connection is answered any more. It reads on rather
+    # than pausing (pauseProducing): a paused connection with nothing to write is out of the
+    # reactor's sets, and with nothing else holding it the garbage collector frees it and
+    # closes its socket, which the daemon reads as the next hop hanging up (ConnectionDone,
+    # the message deferred for 5 minutes) before the kill the test waits for.
+    swallow = False
 
     def lineReceived(self, line: bytes) -> None:
         state = self.state
