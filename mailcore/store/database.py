@@ -37,6 +37,32 @@ class Reader(Protocol):
 
 log = Logger()
 
+# `Database.for_tests()`: one in-memory database per process, migrated to head by the
+# migrations themselves, that every new one is a page-for-page copy of.
+_memory_template: Database | None = None
+_memory_template_lock = threading.Lock()
+
+
+def _copy_migrated_memory(engine: Engine) -> None:
+    """Fill the (empty) in-memory database of `engine` with a copy of the process's migrated
+    one (sqlite3's backup), made by running the migrations the first time. Blocks.
+
+    Unit tests make a fresh schema in their setUp by the thousand: running the migrations
+    for each cost some 0.32 s of CPU, the copy a few milliseconds. The copy holds what the
+    migrations made, triggers, full-text tables and counter rows included."""
+    global _memory_template
+    with _memory_template_lock:
+        if _memory_template is None:
+            template = Database.for_tests("sqlite:///:memory:")
+            _memory_template = template
+        source = _memory_template.engine.raw_connection()
+        target = engine.raw_connection()
+        try:
+            source.driver_connection.backup(target.driver_connection)  # type: ignore[union-attr]
+        finally:
+            target.close()
+            source.close()
+
 # PostgreSQL SQLSTATEs after which the whole transaction may simply run again.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 MAX_ATTEMPTS = 5
@@ -116,7 +142,10 @@ class Database:
 
         # Synchronous: the reactor is never asked to run anything from a thread.
         db = cls(url, MemoryReactor(), synchronous=True)  # type: ignore[arg-type]
-        db.migrate_blocking()
+        if url == "sqlite://":
+            _copy_migrated_memory(db.engine)
+        else:
+            db.migrate_blocking()
         return db
 
     # -- lifecycle ------------------------------------------------------------------------
