@@ -15,7 +15,7 @@ from sqlalchemy import Connection, event, func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.store import Database, StoreError
 from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_CHECKPOINT_PAGES
@@ -572,3 +572,29 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
         after = await defer.gatherResults([self.db.read("pid", backend) for _ in range(8)])
         self.assertFalse(pids & set(after))
         self.assertEqual(await self.db.read("count", _count_users), 0)
+
+
+class ForTestsDatabaseTests(SynchronousTestCase):
+    """`Database.for_tests()`: each one a database of its own, at head, as migrated."""
+
+    def test_each_is_a_migrated_database_of_its_own(self) -> None:
+        from mailcore.store.migrate import at_newest_revision
+
+        first, second = Database.for_tests(), Database.for_tests()
+        with first.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO job_leases (name, owner, until) VALUES ('sweep', 'a', 1)")
+        for db in (first, second):
+            self.assertTrue(at_newest_revision(db.engine))
+        with second.engine.connect() as conn:
+            self.assertEqual(conn.exec_driver_sql("SELECT count(*) FROM job_leases").scalar(), 0)
+            # What the migrations insert and create by hand is there too.
+            names = {row[0] for row in conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type IN ('trigger', 'table')")}
+            self.assertIn("messages_fts", names)
+            self.assertIn("message_counts_insert", names)
+            self.assertEqual(conn.exec_driver_sql("PRAGMA foreign_keys").scalar(), 1)
+        with first.engine.connect() as conn:
+            self.assertEqual(conn.exec_driver_sql("SELECT count(*) FROM job_leases").scalar(), 1)
+            self.assertEqual(conn.exec_driver_sql(
+                "SELECT value FROM billing_counters WHERE name = 'invoice_ref'").scalar(), 0)
