@@ -111,6 +111,8 @@ def snapshot(conn: Connection) -> dict[str, Any]:
 
 
 class MigrationTestsMixin(DatabaseMixin):
+    migrated_copies = False  # each migrated database here is one the migrations built
+
     async def _migrated(self) -> Database:
         return await self.open_database()  # open() migrates to head, as the daemon does
 

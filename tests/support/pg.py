@@ -171,14 +171,29 @@ async def _server_url() -> tuple[URL, bool]:
         _lock.release()
 
 
-async def create_test_database(test: TestCase) -> str:
-    """A fresh empty database for `test`, as a `postgresql+psycopg://` URL string."""
+async def create_test_database(test: TestCase, *, template: str | None = None) -> str:
+    """A fresh empty database for `test`, as a `postgresql+psycopg://` URL string; with
+    `template`, a copy of that database of the server (`create_template_database`)."""
     server, external = await _server_url()
     name = f"mc_test_{os.getpid()}_{next(_counter)}"
-    await threads.deferToThread(_execute_blocking, server, f'CREATE DATABASE "{name}"')
+    copy = f' TEMPLATE "{template}"' if template is not None else ""
+    await threads.deferToThread(_execute_blocking, server, f'CREATE DATABASE "{name}"{copy}')
     if external:
         test.addCleanup(
             threads.deferToThread, _execute_blocking, server,
             f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
         )
+    return server.set(database=name).render_as_string(hide_password=False)
+
+
+async def create_template_database() -> str:
+    """A fresh empty database that lives as long as this process (dropped at exit on an
+    external server), as a URL string: for a template that `create_test_database` copies.
+    Whoever fills it must close every connection to it before it is copied."""
+    server, external = await _server_url()
+    name = f"mc_template_{os.getpid()}"
+    await threads.deferToThread(_execute_blocking, server, f'CREATE DATABASE "{name}"')
+    if external:
+        atexit.register(_execute_blocking, server,
+                        f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return server.set(database=name).render_as_string(hide_password=False)
