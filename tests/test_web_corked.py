@@ -15,9 +15,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web import http, resource, server
 
+from mailcore.pacing import Pacer
 from tests.support.reactor import get_reactor
 from web.corked import CORK_LIMIT, CorkedChannel
-from web.pacing import Pacer
 
 GET = b"GET /%s HTTP/1.1\r\nHost: example.test\r\n\r\n"
 

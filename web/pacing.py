@@ -1,10 +1,11 @@
 """Backpressure for replies written a piece at a time (files, long JSON members).
 
-`paced(request)` registers a `Pacer` as the request's streaming producer for the `with`
-block: the writer awaits `pacer.ready()` between pieces, which waits while the client's
-transport is full, and stops when `pacer.stopped` (the client went away). On the way out
-the producer is unregistered, unless the lost connection has taken the request's channel
-with it (twisted.web's Request.connectionLost), where unregistering would raise.
+`paced(request)` registers a `Pacer` (`mailcore.pacing`) as the request's streaming
+producer for the `with` block: the writer awaits `pacer.ready()` between pieces, which
+waits while the client's transport is full, and stops when `pacer.stopped` (the client
+went away). On the way out the producer is unregistered, unless the lost connection has
+taken the request's channel with it (twisted.web's Request.connectionLost), where
+unregistering would raise.
 """
 
 from __future__ import annotations
@@ -13,39 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import cast
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
 from twisted.web import http
 from twisted.web.iweb import IRequest
-from zope.interface import implementer
 
-
-@implementer(IPushProducer)
-class Pacer:
-    """Backpressure from the transport: the writer waits while it is paused."""
-
-    def __init__(self) -> None:
-        self._waiting: defer.Deferred[None] | None = None
-        self.paused = False
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-    async def ready(self) -> None:
-        if self.paused and not self.stopped:
-            self._waiting = defer.Deferred()
-            await self._waiting
+from mailcore.pacing import Pacer
 
 
 @contextmanager

@@ -28,19 +28,15 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IOpenSSLClientConnectionCreator,
-    IPushProducer,
-)
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.interfaces import IReactorTime as _IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailcore.netwrite import write_now
+from mailcore.pacing import Pacer
 from mailcore.smtp.dotstuff import TERMINATOR, AcceptedBody, CRLFBody, DotStuffer
 
 WRITE_CHUNK = 65536
@@ -645,37 +641,13 @@ def write_body(write: Callable[[bytes], None], body: bytes) -> None:
         write(out)
 
 
-@implementer(IPushProducer)
-class _Pacer:
-    """The producer of a message's DATA stream on its transport: the transport pauses it
-    when what it holds unsent passes its buffer size, resumes it once sent, and stops it
-    when the connection is lost."""
-
-    def __init__(self) -> None:
-        self.paused: defer.Deferred[None] | None = None
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        if self.paused is None:
-            self.paused = defer.Deferred()
-
-    def resumeProducing(self) -> None:
-        paused, self.paused = self.paused, None
-        if paused is not None:
-            paused.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-
 async def write_paced(protocol: SMTPClientProtocol, body: bytes) -> None:
     """Write `body`'s DATA stream a chunk at a time, each when the transport has room for
-    it (the stream's producer, `_Pacer`). Written at once, a 53 MB message held the reactor
-    for 300-480 ms (dot-stuffing it and handing it to the transport, which then held a
-    stuffed copy of it besides)."""
+    it (the stream's producer, a `mailcore.pacing.Pacer`). Written at once, a 53 MB
+    message held the reactor for 300-480 ms (dot-stuffing it and handing it to the
+    transport, which then held a stuffed copy of it besides)."""
     transport = protocol.transport
-    pacer = _Pacer()
+    pacer = Pacer()
     transport.registerProducer(pacer, True)  # type: ignore[union-attr]
     since_turn = 0
     try:
@@ -684,8 +656,7 @@ async def write_paced(protocol: SMTPClientProtocol, body: bytes) -> None:
                 # A socket that takes all (a next hop reading as fast) never pauses us.
                 since_turn = 0
                 await deferLater(protocol.clock, 0)
-            if pacer.paused is not None:
-                await pacer.paused
+            await pacer.ready()
             if pacer.stopped or protocol.closing:
                 return
             protocol.write_raw(out)
