@@ -10,7 +10,8 @@
    STARTTLS; `--sync-rounds` rounds (3) in alternating order, each into a fresh store (a
    daemon of its own) and a fresh Maildir. Both rates in messages/s per round and the median
    of our ratios to mbsync (one run of each swung by a third between runs on this VM); then
-   each resyncs round 1's copy with nothing new, timed.
+   each resyncs round 1's copy with nothing new, timed. Round 1's daemon, kept for that,
+   is left to finish its backup indexer's pass before the next leg runs.
 3. The daemon stops; this script fills the same store with more messages through the message
    store's own batch transaction (rows, threads, full-text index; each variant parsed once)
    until it holds 100,000; the daemon starts again and `wrk` measures `GET /api/emails/`
@@ -51,7 +52,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from procs import REPO, MailcoreDaemon, env, keep_or_remove, need, terminate, wait_port
+from procs import (
+    REPO,
+    MailcoreDaemon,
+    env,
+    keep_or_remove,
+    need,
+    settle,
+    terminate,
+    wait_port,
+)
 from wrk import wrk
 
 sys.path.insert(0, str(REPO))
@@ -584,10 +594,14 @@ def main() -> int:
             legs = ["mailcore", "mbsync"] if n % 2 == 0 else ["mbsync", "mailcore"]
             for leg in legs:
                 print(f"initial sync, round {n + 1}: {leg} ...", flush=True)
-                if leg == "mailcore":
-                    ours_s, inside = (
-                        checked_sync(daemon, token, server["id"], args.messages) if n == 0
-                        else fresh_sync(n, base, dovecot, args.messages))
+                if leg == "mailcore" and n == 0:
+                    ours_s, inside = checked_sync(daemon, token, server["id"], args.messages)
+                    # This daemon is kept (resyncs, later legs): its backup indexer's pass
+                    # over what the sync stored would run into the next leg (mbsync's).
+                    assert daemon.proc is not None
+                    settle(daemon.proc.pid)
+                elif leg == "mailcore":
+                    ours_s, inside = fresh_sync(n, base, dovecot, args.messages)
                 else:
                     theirs_s = mbsync_round(n, base, dovecot, mbsync, args.messages)
             ours, theirs = args.messages / ours_s, args.messages / theirs_s

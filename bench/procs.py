@@ -79,6 +79,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(pid: int, timeout: float = 3600.0) -> float:
+    """Wait until the daemon `pid` is idle (under 10 % of a CPU over 2 s, twice in a row):
+    on a new store its background work (the backup indexer's first pass over every message
+    a sync stored) would otherwise run into the leg measured next. Returns the seconds
+    waited."""
+    started = time.monotonic()
+    quiet = 0
+    while quiet < 2 and time.monotonic() - started < timeout:
+        before = cpu_seconds(pid)
+        time.sleep(2)
+        busy = (cpu_seconds(pid) - before) / 2
+        quiet = quiet + 1 if busy < 0.1 else 0
+        if not quiet and int(time.monotonic() - started) % 60 < 2:
+            print(f"  waiting for the daemon to settle ({busy:.0%} CPU) ...", flush=True)
+    return time.monotonic() - started
+
+
 class StealMeter:
     """The share of the machine's CPU time that the hypervisor gave to others (the steal
     column of /proc/stat) from its making to `share()`: on a VM whose neighbours are busy,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fetch import Daemon, vocabulary, wrk
-from procs import REPO, cpu_seconds, env, free_port, need
+from procs import REPO, cpu_seconds, env, free_port, need, settle
 
 sys.path.insert(0, str(REPO))
 PYTHON = sys.executable
@@ -266,25 +266,9 @@ def one_client(daemon: Daemon, token: str, path: str, requests: int,
             "cpu": cpu}
 
 
-def settle(daemon: Daemon, timeout: float = 3600.0) -> float:
-    """Wait until the daemon is idle (under 10 % of a CPU over 2 s, twice in a row): on a
-    new store its background work (the backup indexer's first pass over every message)
-    would otherwise be measured with the requests. Returns the seconds waited."""
-    assert daemon.proc is not None
-    started = time.monotonic()
-    quiet = 0
-    while quiet < 2 and time.monotonic() - started < timeout:
-        before = cpu_seconds(daemon.proc.pid)
-        time.sleep(2)
-        busy = (cpu_seconds(daemon.proc.pid) - before) / 2
-        quiet = quiet + 1 if busy < 0.1 else 0
-        if not quiet and int(time.monotonic() - started) % 60 < 2:
-            print(f"  waiting for the daemon to settle ({busy:.0%} CPU) ...", flush=True)
-    return time.monotonic() - started
-
-
 def measure(daemon: Daemon, args: argparse.Namespace, kind: str) -> list[tuple[str, str, bool]]:
-    waited = settle(daemon)
+    assert daemon.proc is not None
+    waited = settle(daemon.proc.pid)
     print(f"[{kind}] daemon idle after {waited:.0f} s", flush=True)
     token = login(daemon)
     _, first = daemon.call("GET", "/api/emails/?page_size=50", token)
