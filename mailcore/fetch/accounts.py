@@ -527,18 +527,31 @@ def thd_renew_syncs(
     ))
 
 
+def _interrupted(owner: str, now: float, running: list[int]) -> Any:
+    """The syncs that show running but run nowhere: this node's that it does not run
+    (`running`: a run of this node killed mid-sync) and any whose lease has lapsed (its node
+    died, or stalls: one that comes back still records its own outcome, set_status with its
+    holder)."""
+    return and_(_f.sync_status == "running", or_(
+        _f.lease_owner.is_(None), _f.lease_until.is_(None), _f.lease_until <= now,
+        and_(_f.lease_owner == owner, _f.id.not_in(running))))
+
+
+def thd_any_interrupted(conn: Connection, owner: str, now: float, running: list[int]) -> bool:
+    """Blocking: whether a sync shows running but runs nowhere (`_interrupted`): a read,
+    so that the scheduler's tick writes only when there is one to settle."""
+    found = conn.execute(select(_f.id).where(_interrupted(owner, now, running)).limit(1))
+    return found.first() is not None
+
+
 def thd_settle_interrupted(
     conn: Connection, owner: str, now: float, running: list[int], message: str
 ) -> int:
-    """Blocking: show as failed (`message`) the syncs that show running but run nowhere:
-    this node's that it does not run (`running`: a run of this node killed mid-sync) and
-    any whose lease has lapsed (its node died, or stalls: one that comes back still records
-    its own outcome, set_status with its holder). How many. The lease is left alone: the
-    next claim takes it over as any lapsed lease."""
-    interrupted = or_(_f.lease_owner.is_(None), _f.lease_until.is_(None), _f.lease_until <= now,
-                      and_(_f.lease_owner == owner, _f.id.not_in(running)))
+    """Blocking: show as failed (`message`) the syncs that show running but run nowhere
+    (`_interrupted`); how many. The lease is left alone: the next claim takes it over as
+    any lapsed lease."""
     return int(conn.execute(
-        update(fetch_accounts).where(_f.sync_status == "running", interrupted)
+        update(fetch_accounts).where(_interrupted(owner, now, running))
         .values(sync_status="error", sync_error=message, progress_folder=None)
     ).rowcount)
 

@@ -27,7 +27,12 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from mailcore.fetch.accounts import INTERRUPTED, Account, thd_settle_interrupted
+from mailcore.fetch.accounts import (
+    INTERRUPTED,
+    Account,
+    thd_any_interrupted,
+    thd_settle_interrupted,
+)
 from mailcore.fetch.engine import SyncEngine
 
 log = Logger()
@@ -89,10 +94,15 @@ class FetchScheduler(service.Service):
         frozen, until the account's next sync, which may never come (an account turned off,
         a disabled user, a long interval)."""
         engine = self.engine
+        now, running = self.clock.seconds(), engine.running()
         try:
+            # Looked for on the read lane first: the tick writes only when there is one.
+            if not await engine.db.read("fetch_syncs_interrupted", thd_any_interrupted,
+                                        engine.node_id, now, running):
+                return
             settled = await engine.db.run(
-                "settle_fetch_syncs", thd_settle_interrupted, engine.node_id,
-                self.clock.seconds(), engine.running(), INTERRUPTED)
+                "settle_fetch_syncs", thd_settle_interrupted, engine.node_id, now,
+                engine.running(), INTERRUPTED)
         except Exception:
             log.failure("fetch scheduler cannot settle interrupted syncs")
             return
