@@ -227,24 +227,14 @@ class RequestExchange(Exchange):
         transport.write(self.request)
 
 
-async def run_exchange(
-    filter_name: str,
-    endpoint: IStreamClientEndpoint,
-    address: Address,
-    make_protocol: Callable[[], Exchange],
-) -> Any:
-    """Connect, run one Exchange, return its parsed reply; failures become FilterError."""
-    return await start_exchange(filter_name, endpoint, address, make_protocol)
-
-
-def start_exchange(
+def run_exchange(
     filter_name: str,
     endpoint: IStreamClientEndpoint,
     address: Address,
     make_protocol: Callable[[], Exchange],
 ) -> defer.Deferred[Any]:
-    """`run_exchange` as one Deferred chain (connect, then the exchange's `done`), for a
-    client that awaits nothing else: no coroutine to drive, one Deferred to wait on.
+    """Connect, run one Exchange, fire with its parsed reply; failures become FilterError.
+    One Deferred chain (connect, then the exchange's `done`): no coroutine to drive.
     Cancelling it cancels the connection attempt or, once connected, the exchange."""
     # Not connectProtocol: it builds a factory class per call (zope.interface work that
     # cost more than the rest of a scan's client side).

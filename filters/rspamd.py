@@ -47,7 +47,7 @@ from filters._net import (
     client_endpoint,
     deadline,
     parse_address,
-    start_exchange,
+    run_exchange,
     with_deadline,
 )
 from filters.interface import FilterError, ScanContext, Symbol, Verdict, refuse_oversized
@@ -129,7 +129,7 @@ class OneShotHTTP:
         if data is not None:
             head += b"Content-Length: %d\r\n" % len(data)
         request = head + fields + b"\r\n" + (data or b"")
-        d = start_exchange("rspamd", self.endpoint, self.address,
+        d = run_exchange("rspamd", self.endpoint, self.address,
                            lambda: _HTTPExchange(request, self.max_reply))
         d.addErrback(_unreachable)
         return d

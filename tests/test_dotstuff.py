@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.mail.smtp import SMTPClient
 from twisted.trial.unittest import TestCase
 
-from mailcore.smtp.client import write_body
+from mailcore.smtp.client import data_stream
 from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody, DotStuffer, normalise, stuff, unstuff
 
 # FileSender, which Twisted's SMTPClient sends bodies with, reads 2**14 bytes at a time.
@@ -123,20 +123,20 @@ class PropertyTests(TestCase):
         clean = normalise(message)
         self.assertEqual(stream_of(DotStuffer(crlf_only=True), clean, cuts), stuff(clean))
 
-    def test_write_body_takes_the_fast_path_only_for_a_crlf_body(self) -> None:
+    def test_data_stream_takes_the_fast_path_only_for_a_crlf_body(self) -> None:
         out: list[bytes] = []
-        write_body(out.append, b"a\nb\r\n.c\r\n")
+        out.extend(data_stream(b"a\nb\r\n.c\r\n"))
         self.assertEqual(b"".join(out), b"a\r\nb\r\n..c\r\n.\r\n")
         big = CRLFBody(b"x" * 70000 + b"\r\n.\r\n" + b"y" * 70000 + b"\r\n")
         out = []
-        write_body(out.append, big)
+        out.extend(data_stream(big))
         self.assertEqual(b"".join(out), stuff(bytes(big)))
         self.assertGreater(len(out), 2)  # written in chunks
 
     def test_an_accepted_body_goes_as_it_is(self) -> None:
         for body in (b"Received: x\r\n\r\nhello\r\n", b"a\r\n", b"x" * 70000 + b"\r\n"):
             out: list[bytes] = []
-            write_body(out.append, AcceptedBody(body))
+            out.extend(data_stream(AcceptedBody(body)))
             self.assertEqual(b"".join(out), stuff(body))
 
     @settings(max_examples=50, deadline=None)

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
-from mailcore.smtp.client import write_body
+from mailcore.smtp.client import data_stream
 from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import count_received
@@ -575,7 +575,7 @@ class ByteExactTests(ServerTestCase):
         [accepted] = self.sink.messages
         self.assertIs(type(accepted.data), AcceptedBody)
         out: list[bytes] = []
-        write_body(out.append, accepted.data)
+        out.extend(data_stream(accepted.data))
         self.assertEqual(b"".join(out), stuff(bytes(accepted.data)))
 
     def test_bodies_in_crlf_and_8bit_pass_unchanged(self) -> None:

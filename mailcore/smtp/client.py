@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -633,12 +633,6 @@ def data_stream(body: bytes) -> Iterator[bytes]:
         if out:
             yield out
     yield stuffer.finish()
-
-
-def write_body(write: Callable[[bytes], None], body: bytes) -> None:
-    """Write all of `body`'s DATA stream (`data_stream`) at once."""
-    for out in data_stream(body):
-        write(out)
 
 
 async def write_paced(protocol: SMTPClientProtocol, body: bytes) -> None:
