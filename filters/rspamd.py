@@ -421,29 +421,34 @@ class RspamdClient:
         except defer.CancelledError:
             raise
         except Exception as e:
-            raise FilterError(self.name, f"cannot reach {self.url}: {_why(e)}") from None
-        body = await self._read_body(response)
-        if response.code != 200:
-            detail = body[:200].decode("utf-8", "replace").strip()
-            raise FilterError(self.name, f"rspamd answered HTTP {response.code}: {detail!r}")
-        return body
+            raise self._cannot_reach(e) from None
+        return self._answered(response.code, await self._read_body(response))
 
-    def _checked(self, reply: tuple[int, bytes]) -> bytes:
-        """`_request`'s checks of a reply OneShotHTTP read whole: its size, then its code."""
-        code, body = reply
-        if len(body) > self.max_reply:
-            raise FilterError(self.name, f"reply larger than {self.max_reply} bytes")
+    def _answered(self, code: int, body: bytes) -> bytes:
+        """The body of a reply read whole (at most max_reply bytes), if its code is 200."""
         if code != 200:
             detail = body[:200].decode("utf-8", "replace").strip()
             raise FilterError(self.name, f"rspamd answered HTTP {code}: {detail!r}")
         return body
 
+    def _cannot_reach(self, error: Any) -> FilterError:
+        return FilterError(self.name, f"cannot reach {self.url}: {_why(error)}")
+
+    def _too_large(self) -> FilterError:
+        return FilterError(self.name, f"reply larger than {self.max_reply} bytes")
+
+    def _checked(self, reply: tuple[int, bytes]) -> bytes:
+        """`_request`'s checks of a reply OneShotHTTP read whole: its size, then its code."""
+        code, body = reply
+        if len(body) > self.max_reply:
+            raise self._too_large()
+        return self._answered(code, body)
+
     def _unreached(self, failure: Failure) -> Failure:
         """`_request`'s treatment of a failed request (the deadline's cancellation passes)."""
         if failure.check(defer.CancelledError) or not failure.check(Exception):
             return failure
-        error: Any = failure.value
-        raise FilterError(self.name, f"cannot reach {self.url}: {_why(error)}")
+        raise self._cannot_reach(failure.value)
 
     async def _read_body(self, response: Any) -> bytes:
         """The response body, at most max_reply bytes (else the connection is dropped)."""
@@ -456,7 +461,7 @@ class RspamdClient:
         try:
             return await reader.done
         except _TooLarge:
-            raise FilterError(self.name, f"reply larger than {self.max_reply} bytes") from None
+            raise self._too_large() from None
         except defer.CancelledError:
             raise
         except Exception as e:
