@@ -96,9 +96,14 @@ DEFAULT_MIME_SCORES: dict[str, float] = {
 }
 
 
+def default_scores() -> dict[str, float]:
+    """Points per symbol when none are configured: GTUBE, the header checks', the MIME
+    checks'. `[filters.builtin.scores]` (filters.config) is merged over these."""
+    return {"GTUBE": GTUBE_SCORE, **DEFAULT_HEADER_SCORES, **DEFAULT_MIME_SCORES}
+
+
 def _default_scores() -> Mapping[str, float]:
-    return MappingProxyType({"GTUBE": GTUBE_SCORE, **DEFAULT_HEADER_SCORES,
-                             **DEFAULT_MIME_SCORES})
+    return MappingProxyType(default_scores())
 
 
 @dataclass(frozen=True)

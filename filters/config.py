@@ -120,13 +120,13 @@ from filters.builtin import (
     DEFAULT_INLINE_MAX,
     BuiltinFilter,
     BuiltinSettings,
+    default_scores,
 )
 from filters.chain import SCORE_MODES, ChainEntry, FilterChain
 from filters.clamd import DEFAULT_CHUNK, ClamdClient
 from filters.clamd import DEFAULT_MAX_SIZE as CLAMD_MAX_SIZE
 from filters.clamd import DEFAULT_PORT as CLAMD_PORT
 from filters.clamd import MAX_REPLY as CLAMD_MAX_REPLY
-from filters.headers import DEFAULT_HEADER_SCORES
 from filters.interface import DEFAULT_THRESHOLD, Filter, Runner
 from filters.mime import MimeLimits
 from filters.rspamd import DEFAULT_PORT as RSPAMD_PORT
@@ -295,7 +295,7 @@ def _address(table: _Table, default: str, default_port: int) -> Address:
 
 
 def _builtin(table: _Table, runner: Runner) -> ChainEntry:
-    scores = dict(DEFAULT_HEADER_SCORES, GTUBE=1000.0)
+    scores = default_scores()
     score_table = table.get_table("scores")
     for key in score_table.data:
         scores[key] = score_table.get_number(key, 0.0, positive=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from typing import Any
 
@@ -11,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from filters._net import Address, client_endpoint, parse_address
-from filters.builtin import DANGEROUS_NAME, BuiltinFilter
+from filters.builtin import DANGEROUS_NAME, BuiltinFilter, BuiltinSettings
 from filters.chain import FilterChain
 from filters.clamd import ClamdClient
 from filters.config import build_chain
@@ -19,7 +20,7 @@ from filters.rspamd import RspamdClient, target
 from filters.spamd import SpamdClient
 from mailcore.config import ConfigError, config_from_toml
 from mailcore.workers import CpuPool
-from tests.support.filterd import attachment, multipart
+from tests.support.filterd import attachment, multipart, text_part
 
 FULL_TOML = """
 [filters]
@@ -129,6 +130,22 @@ class BuildChainTests(TestCase):
         self.assertIsNone(rspamd.threshold)
         skip = {e.filter.name: e.skip_oversize for e in chain.entries}
         self.assertEqual(skip, {"spamd": True, "clamd": False, "rspamd": True})
+
+    def test_no_section_builds_the_builtin_defaults(self) -> None:
+        """The daemon builds its built-in filter here: with nothing configured it has the
+        settings `BuiltinSettings` defaults to, scores included. The MIME structure scores
+        were left out here (2 to 3 points where they fell back to the threshold, 5)."""
+        builtin = self.build({}).entries[0].filter
+        assert isinstance(builtin, BuiltinFilter)
+        self.assertEqual(builtin.settings, dataclasses.replace(
+            BuiltinSettings(), scores=builtin.settings.scores))
+        self.assertEqual(dict(builtin.settings.scores), dict(BuiltinSettings().scores))
+
+    async def test_a_long_boundary_alone_is_no_spam_by_default(self) -> None:
+        boundary = "b" * 71  # past RFC 2046's 70 characters: MIME_LONG_BOUNDARY, 1 point
+        verdict = await self.build({}).scan(multipart([text_part(b"hi")], boundary=boundary))
+        self.assertIn("MIME_LONG_BOUNDARY", verdict.symbol_names)
+        self.assertFalse(verdict.spam)
 
     def test_configured_but_not_enabled_is_allowed(self) -> None:
         chain = self.build({"spamd": {"address": "127.0.0.1:1783"}})
