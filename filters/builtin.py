@@ -102,6 +102,12 @@ def default_scores() -> dict[str, float]:
     return {"GTUBE": GTUBE_SCORE, **DEFAULT_HEADER_SCORES, **DEFAULT_MIME_SCORES}
 
 
+# The symbols of the heuristics whose action is "spam" (worth the threshold at least).
+HEURISTIC_SYMBOLS = frozenset({"MIME_LIMITS", "DANGEROUS_ATTACHMENT", "ZIP_BOMB", "ZIP_ENCRYPTED"})
+# Every symbol the checks add: the names `[filters.builtin.scores]` may give points.
+SYMBOLS = frozenset(default_scores()) | HEURISTIC_SYMBOLS
+
+
 def _default_scores() -> Mapping[str, float]:
     return MappingProxyType(default_scores())
 

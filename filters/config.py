@@ -1,7 +1,8 @@
 """Building the filter chain from the `[filters]` section of the TOML config file.
 
 Every key is optional; with no `[filters]` section only the built-in checks run.
-Unknown keys and wrong types are errors (`ConfigError`, one line naming the key).
+Unknown keys and wrong types are errors (`ConfigError`, one line naming the key), in the
+table of a filter that is not enabled too.
 
 ```toml
 [filters]
@@ -47,7 +48,9 @@ inline_max = 32768   # messages up to this size are checked on the reactor threa
                      # larger ones on the CPU pool (and so are smaller ones holding a
                      # zip, more than 100 parts or 500 header lines)
 
-[filters.builtin.scores]  # points per symbol, merged over the defaults; 0 turns it off
+[filters.builtin.scores]  # points per symbol, merged over the defaults; 0 turns it off;
+                          # also MIME_LIMITS, DANGEROUS_ATTACHMENT, ZIP_BOMB, ZIP_ENCRYPTED
+                          # (their action "spam": at least the threshold)
 GTUBE = 1000.0
 MISSING_FROM = 2.0
 MISSING_DATE = 1.0
@@ -118,6 +121,7 @@ from filters.builtin import (
     DEFAULT_DANGEROUS_EXTENSIONS,
     DEFAULT_DANGEROUS_TYPES,
     DEFAULT_INLINE_MAX,
+    SYMBOLS,
     BuiltinFilter,
     BuiltinSettings,
     default_scores,
@@ -263,19 +267,22 @@ def build_chain(
     entries: list[ChainEntry] = []
     for name in FILTER_NAMES:
         table = tables[name]
-        if name not in enabled:
-            if table.data:
-                table.seen.update(table.data)  # configured but not enabled: allowed
+        if name not in enabled and not table.data:
             continue
+        # A table configured but not enabled is read all the same, and dropped: a key
+        # misspelt there is an error now, not once the filter is enabled. Building a client
+        # opens nothing.
         if name == "builtin":
-            entries.append(_builtin(table, runner))
+            entry = _builtin(table, runner)
         elif name == "spamd":
-            entries.append(_spamd(table, reactor, clock))
+            entry = _spamd(table, reactor, clock)
         elif name == "clamd":
-            entries.append(_clamd(table, reactor, clock))
+            entry = _clamd(table, reactor, clock)
         else:
-            entries.append(_rspamd(table, reactor, clock, http_client))
+            entry = _rspamd(table, reactor, clock, http_client)
         table.done()
+        if name in enabled:
+            entries.append(entry)
     entries.sort(key=lambda e: enabled.index(e.filter.name))
     return FilterChain(entries, clock, threshold=threshold, score_mode=score_mode)
 
@@ -298,6 +305,9 @@ def _builtin(table: _Table, runner: Runner) -> ChainEntry:
     scores = default_scores()
     score_table = table.get_table("scores")
     for key in score_table.data:
+        if key not in SYMBOLS:
+            raise ConfigError(f"unknown key {score_table.path}.{key} (symbols: "
+                              f"{', '.join(sorted(SYMBOLS))})")
         scores[key] = score_table.get_number(key, 0.0, positive=False)
     score_table.done()
     settings = BuiltinSettings(

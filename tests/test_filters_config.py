@@ -151,6 +151,23 @@ class BuildChainTests(TestCase):
         chain = self.build({"spamd": {"address": "127.0.0.1:1783"}})
         self.assertEqual(chain.names, ("builtin",))
 
+    def test_a_table_configured_but_not_enabled_is_checked(self) -> None:
+        """A misspelt key or a bad value in the table of a filter not (yet) enabled was
+        taken without a word, and refused only on the day the filter was enabled."""
+        for section, expected in (
+            ({"spamd": {"adress": "127.0.0.1:1783"}}, "unknown key filters.spamd.adress"),
+            ({"clamd": {"timeout": -1}}, "filters.clamd.timeout must be a positive number"),
+            ({"rspamd": {"spam_actions": ["junk"]}}, "unknown action 'junk'"),
+            ({"enabled": ["spamd"], "builtin": {"gtube": "yes"}},
+             "filters.builtin.gtube must be true or false"),
+        ):
+            with self.assertRaises(ConfigError, msg=repr(section)) as caught:
+                self.build(section)
+            self.assertIn(expected, str(caught.exception))
+        chain = self.build({"enabled": ["spamd"], "builtin": {"gtube": False},
+                            "rspamd": {"timeout": 5}})
+        self.assertEqual(chain.names, ("spamd",))
+
     def test_clients_connect_where_configured(self) -> None:
         for section, where in (
             ({"enabled": ["spamd"], "spamd": {"address": "127.0.0.1:1783"}}, "tcp"),
@@ -198,6 +215,9 @@ class BuildChainTests(TestCase):
              "unknown action 'junk'"),
             ({"enabled": ["rspamd"], "rspamd": {"address": "ftp://x"}},
              "filters.rspamd.address"),
+            # A misspelt score symbol gave no points to anything, silently.
+            ({"builtin": {"scores": {"MIME_LONG_BOUNDRY": 0}}},
+             "unknown key filters.builtin.scores.MIME_LONG_BOUNDRY (symbols: "),
         ]
         for section, expected in cases:
             with self.assertRaises(ConfigError, msg=repr(section)) as caught:
