@@ -189,8 +189,7 @@ class _Table:
         return float(value)
 
     def get_optional_number(self, key: str) -> float | None:
-        if self.data.get(key) is None:
-            self.seen.add(key)
+        if self._get(key) is None:
             return None
         return self.get_number(key, 0.0)
 

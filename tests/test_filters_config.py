@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from typing import Any
 
@@ -11,8 +12,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
+import filters.config
 from filters._net import Address, client_endpoint, parse_address
-from filters.builtin import DANGEROUS_NAME, BuiltinFilter, BuiltinSettings
+from filters.builtin import DANGEROUS_NAME, BuiltinFilter, BuiltinSettings, default_scores
 from filters.chain import FilterChain
 from filters.clamd import ClamdClient
 from filters.config import build_chain
@@ -223,6 +225,80 @@ class BuildChainTests(TestCase):
             with self.assertRaises(ConfigError, msg=repr(section)) as caught:
                 self.build(section)
             self.assertIn(expected, str(caught.exception), section)
+
+
+# Keys whose value in filters.config's example is an example, not the default.
+EXAMPLE_ONLY = {("filters", "enabled"), ("filters.builtin", "dangerous_extensions"),
+                ("filters.builtin", "dangerous_types"), ("filters.rspamd", "threshold")}
+ALL_FILTERS = ["builtin", "spamd", "clamd", "rspamd"]
+
+
+def documented_example() -> dict[str, Any]:
+    """The TOML block of filters.config's docstring, the reference of `[filters]` (a list
+    written `[..., ...]` read without its `...`)."""
+    match = re.search(r"```toml\n(.*?)```", filters.config.__doc__ or "", re.S)
+    assert match is not None
+    return tomllib.loads(re.sub(r",\s*\.\.\.\]", "]", match.group(1)))["filters"]
+
+
+def key_paths(table: dict[str, Any], path: str = "filters") -> set[tuple[str, str]]:
+    keys = set()
+    for key, value in table.items():
+        if isinstance(value, dict) and not path.endswith(".scores"):
+            keys |= key_paths(value, f"{path}.{key}")
+        else:
+            keys.add((path, key))
+    return keys
+
+
+def chain_facts(chain: FilterChain) -> dict[str, Any]:
+    """What a chain was configured with: its own settings and each entry's, the filters'
+    plain attributes (not their clocks and endpoints)."""
+    plain = (int, float, str, tuple, frozenset, type(None), Address, BuiltinSettings)
+    facts: dict[str, Any] = {"threshold": chain.threshold, "score_mode": chain.score_mode}
+    for entry in chain.entries:
+        attributes = {k: v for k, v in vars(entry.filter).items()
+                      if isinstance(v, plain) and not k.startswith("_")}
+        facts[entry.filter.name] = dict(
+            attributes, entry=(entry.fail_open, entry.timeout, entry.skip_oversize))
+    return facts
+
+
+class DocumentedExampleTests(TestCase):
+    """filters.config's docstring documents every key of `[filters]` with its default: a
+    key read and not documented, a key documented and refused, or a default that is not
+    the one written fails here."""
+
+    def build(self, section: dict[str, Any]) -> FilterChain:
+        return build_chain(section, reactor=MemoryReactorClock(), runner=CpuPool.for_tests())
+
+    def test_every_key_read_is_documented(self) -> None:
+        read: set[tuple[str, str]] = set()
+        original = filters.config._Table._get
+
+        def recording(table: Any, key: str) -> Any:
+            read.add((table.path, key))
+            return original(table, key)
+
+        self.patch(filters.config._Table, "_get", recording)
+        self.build({"enabled": ALL_FILTERS})
+        documented = key_paths(documented_example())
+        scores = {(p, k) for p, k in documented if p == "filters.builtin.scores"}
+        self.assertEqual(read - documented, set())
+        self.assertEqual(documented - scores - read, set())
+        self.assertEqual({k for _, k in scores}, set(default_scores()))
+
+    def test_the_documented_values_are_the_defaults(self) -> None:
+        example = documented_example()
+        for path, key in EXAMPLE_ONLY:
+            table = example
+            for name in path.split(".")[1:]:
+                table = table[name]
+            del table[key]
+        example["enabled"] = ALL_FILTERS
+        documented = chain_facts(self.build(example))
+        defaults = chain_facts(self.build({"enabled": ALL_FILTERS}))
+        self.assertEqual(documented, defaults)
 
 
 class AddressTests(TestCase):
