@@ -1,0 +1,86 @@
+"""README.md names what the code has: every package and module in its architecture, every
+admin command in its command table, every table of the TOML file and every daemon option in
+its configuration reference. A package, command, table or option added without its line
+in README fails here (the node registry's package went without its row for a while)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from mailcore.cli import build_parser
+from mailcore.config import DaemonOptions
+from mailcore.startup import TABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def section(title: str) -> str:
+    """The text of README's `## title` section, up to the next `## `."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.S | re.M)
+    assert match is not None, title
+    return match.group(1)
+
+
+def table_rows(text: str, first_cell: str) -> list[str]:
+    """The rows of the Markdown tables in `text` whose first cell starts with `first_cell`."""
+    return [line for line in text.splitlines() if line.startswith(f"| {first_cell}")]
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices) if actions else {}
+
+
+class ArchitectureTests(TestCase):
+    def test_every_package_is_named(self) -> None:
+        text = section("Architecture")
+        for top in ("mailcore", "web", "filters"):
+            for init in sorted((ROOT / top).glob("*/__init__.py")):
+                name = init.parent.name
+                self.assertTrue(re.search(rf"`({top}/)?{name}/`", text), f"{top}/{name}/")
+
+    def test_every_module_of_mailcore_is_named(self) -> None:
+        text = section("Architecture")
+        for path in sorted((ROOT / "mailcore").glob("*.py")):
+            if path.stem != "__init__":
+                self.assertTrue(re.search(rf"`{path.stem}`", text), f"mailcore/{path.name}")
+
+
+class CommandTableTests(TestCase):
+    def test_every_admin_command_and_action_has_its_row(self) -> None:
+        rows = table_rows(README, "`mailcore ")
+        for command, parser in subcommands(build_parser()).items():
+            text = " ".join(r for r in rows if r.startswith(f"| `mailcore {command} ")
+                            or r.startswith(f"| `mailcore {command}`"))
+            self.assertTrue(text, f"mailcore {command}")
+            for action, sub in subcommands(parser).items():
+                self.assertTrue(re.search(rf"\b{re.escape(action)}\b", text),
+                                f"mailcore {command} {action}")
+                for leaf in subcommands(sub):
+                    self.assertTrue(re.search(rf"\b{action} {leaf}\b", text),
+                                    f"mailcore {command} {action} {leaf}")
+
+
+class ConfigurationTests(TestCase):
+    def test_every_table_has_its_row_and_its_module_exists(self) -> None:
+        text = section("Configuration")
+        rows = table_rows(text, "`[")
+        for table in TABLES:
+            row = [r for r in rows if re.match(rf"\| `\[{table}[\].]", r)]
+            self.assertTrue(row, f"[{table}]")
+            for module in re.findall(r"`((?:mailcore|web|filters)/[\w/]+\.py)`", row[-1]):
+                self.assertTrue((ROOT / module).is_file(), module)
+
+    def test_every_daemon_option_is_in_the_reference(self) -> None:
+        rows = table_rows(section("Configuration"), "`--")
+        options = DaemonOptions()
+        names = [p[0] for p in options.optParameters] + ["smtp", "http"]
+        for name in names:
+            if name == "config":
+                continue
+            self.assertTrue([r for r in rows if f"`--{name}`" in r], f"--{name}")
