@@ -99,6 +99,19 @@ class CompletenessTests(TestCase):
             [{"safedropUser": [], "safedropApiKey": []}, {"safedropToken": []}],
         )
 
+    async def test_the_mail_api_login_documents_its_api_key(self) -> None:
+        """`POST /api/v1/auth/` reads an application api_key from its body, its query or
+        `Api-Key` (required with `[mailapi] require_api_key`, else 403): the document named
+        only username and password, so a client had no way to learn where to send it."""
+        web = Web.build()
+        _, _, doc = await web.call("GET", "/openapi.json")
+        login = doc["paths"]["/api/v1/auth/"]["post"]
+        self.assertEqual([p["name"] for p in login["parameters"]], ["api_key"])
+        for content in login["requestBody"]["content"].values():
+            self.assertIn("api_key", content["schema"]["properties"])
+        self.assertIn("403", login["responses"])
+        self.assertIn("Api-Key", doc["paths"]["/api/v1/auth/"]["head"]["description"])
+
     async def test_every_rate_limited_operation_documents_its_429(self) -> None:
         web = Web.build()
         _, _, doc = await web.call("GET", "/openapi.json")

@@ -114,9 +114,14 @@ AUTH_BODY: dict[str, Any] = {
     "properties": {
         "username": {"type": "string"},
         "password": {"type": "string", "format": "password"},
+        "api_key": {"type": "string", "description": "the application's API key (also the "
+                    "query parameter `api_key` or the header `Api-Key`): required with "
+                    "`[mailapi] require_api_key`, and checked whenever it is given"},
     },
     "required": ["username", "password"],
 }
+# Where an application's api_key may also come from (check_api_key).
+API_KEY_QUERY: dict[str, dict[str, Any]] = {"api_key": {"type": "string"}}
 AUTH_REPLY: dict[str, Any] = {
     "type": "object",
     "properties": {"auth_key": {"type": "string"}},
@@ -421,6 +426,7 @@ class MailApiApp(ApiApp):
         'them; the other Mail API routes answer `{"message": "..."}`.',
         body=AUTH_BODY,
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
+        query=API_KEY_QUERY,
         replies={200: Reply("The auth_key for every further call", AUTH_REPLY)},
         errors=(400, 401, 403, 413, 429),
     )
@@ -465,7 +471,9 @@ class MailApiApp(ApiApp):
         "/api/v1/auth/",
         "HEAD",
         summary="Check an application api_key",
-        query={"api_key": {"type": "string"}},
+        description="The key is the query parameter `api_key` or the header `Api-Key`: "
+        "200 when it is a live API key, 403 when it is missing or not.",
+        query=API_KEY_QUERY,
         replies={200: Reply("The api_key is valid")},
         errors=(403,),
     )
