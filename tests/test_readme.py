@@ -6,13 +6,17 @@ in README fails here (the node registry's package went without its row for a whi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from mailcore.cli import build_parser
-from mailcore.config import DaemonOptions
+from mailcore.config import Config, DaemonOptions
 from mailcore.startup import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +33,12 @@ def section(title: str) -> str:
 def table_rows(text: str, first_cell: str) -> list[str]:
     """The rows of the Markdown tables in `text` whose first cell starts with `first_cell`."""
     return [line for line in text.splitlines() if line.startswith(f"| {first_cell}")]
+
+
+# Keys whose value in a module's example is not the default, and why.
+EXAMPLE_ONLY = {
+    "store": ("read_threads",),  # its default depends on the database: 1 SQLite, 2 PostgreSQL
+}
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -75,6 +85,37 @@ class ConfigurationTests(TestCase):
             self.assertTrue(row, f"[{table}]")
             for module in re.findall(r"`((?:mailcore|web|filters)/[\w/]+\.py)`", row[-1]):
                 self.assertTrue((ROOT / module).is_file(), module)
+
+    def test_the_documented_examples_hold_the_defaults(self) -> None:
+        """A `toml` example in a module the configuration table names for a table is
+        accepted as it stands, and each value it writes is that key's default: an example
+        that said 4 where the code has 8 would mislead every operator who read it.
+        ([filters] has a test of its own, tests.test_filters_config.)"""
+        rows = table_rows(section("Configuration"), "`[")
+        checked = []
+        for table, reader in TABLES.items():
+            if table == "filters":
+                continue
+            row = [r for r in rows if re.match(rf"\| `\[{table}[\].]", r)][-1]
+            example: dict[str, Any] = {}
+            for module in re.findall(r"`((?:mailcore|web)/[\w/]+\.py)`", row):
+                text = (ROOT / module).read_text(encoding="utf-8")
+                for block in re.findall(r"```toml\n(.*?)```", text, re.S):
+                    example.update(tomllib.loads(block).get(table, {}))
+            for key in EXAMPLE_ONLY.get(table, ()):
+                example.pop(key)
+            if not example:
+                continue
+            checked.append(table)
+            reactor = MemoryReactorClock()
+            documented = reader(Config(sections={table: example}), reactor)
+            default = reader(Config(), reactor)
+            if dataclasses.is_dataclass(default):
+                for key in example:
+                    self.assertEqual(getattr(documented, key), getattr(default, key),
+                                     f"[{table}] {key}")
+            self.assertEqual(documented, default, f"[{table}]")
+        self.assertGreaterEqual(len(checked), 10)
 
     def test_every_daemon_option_is_in_the_reference(self) -> None:
         rows = table_rows(section("Configuration"), "`--")
