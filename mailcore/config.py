@@ -293,8 +293,11 @@ class DaemonOptions(CommonOptions):
          "(as certbot's fullchain.pem) [default: self-signed, generated in the data directory "
          "on first start]."],
         ["tls-key", None, None, "PEM private key matching --tls-cert."],
-        ["hostname", None, None, "Host name announced in SMTP greetings and Received headers "
-         "[default: localhost]."],
+        ["hostname", None, None, "This gateway's public host name: in SMTP greetings, "
+         "Received headers and DSNs, the default postmaster (postmaster@NAME), the senders "
+         "and Message-IDs of the mail it writes, the links of quarantine digests and safedrop "
+         "mails (unless [quarantine]/[safedrop] link_hostname), the first self-signed "
+         "certificate [default: localhost; TOML hostname]."],
         ["login-token-ttl", None, None, "Seconds a token from a password login "
          "(/api-token-auth/, /api/v1/auth/) lives after the login; 0: for ever, as the "
          "reference service's do [default: 0; TOML login_token_ttl].", _whole],
