@@ -21,6 +21,7 @@ import gc
 import importlib
 import os
 import sys
+import textwrap
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import wraps
@@ -59,8 +60,28 @@ class UsageError(CommandError):
     """The command line itself is wrong."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped between words only: a path such as /api-token-auth/ or a
+    list such as sync.completed,email.new is never cut across two lines, where a reader
+    copying it would take half of it."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False, break_long_words=False)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line and exit status 1, like every other error."""
+    """argparse, but a usage mistake is one line and exit status 1, like every other error,
+    and help is wrapped between words (HelpFormatter); every subcommand's parser is one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")

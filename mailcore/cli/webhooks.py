@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
     add.add_argument("url", help="http:// or https:// URL")
     add.add_argument(
         "--events", default=",".join(EVENTS),
-        help=f"comma-separated events [default: all: {','.join(EVENTS)}]",
+        help=f"comma-separated events [default: all: {', '.join(EVENTS)}]",
     )
     add.add_argument("--description", default="", help="a note shown in listings")
     add.add_argument("--secret", help="the signing secret (16+ characters) [default: made]")
