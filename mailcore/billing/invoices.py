@@ -18,6 +18,18 @@ again kept the CPU pool, which also hashes passwords, busy for good.) It uses De
 when it is installed (Debian: fonts-dejavu-core; `[billing] font` names another TrueType
 file), so that any name prints; without it, the PDF core font Helvetica with the characters
 outside Latin-1 replaced by "?".
+
+```toml
+[billing]
+currency = "EUR"             # ISO 4217 code of every price and invoice
+timezone = "UTC"             # IANA zone invoice dates are shown in
+first_invoice_ref = 1        # the reference of the first invoice issued
+seller_name = "Mailcore"     # the seller, at the head of every invoice ...
+seller_address = []          # ... its address, one string a line ...
+seller_vat = ""              # ... and VAT number (none: not printed)
+# font = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"  # a TrueType file for the PDF
+                             # [default: DejaVu Sans when installed, else Helvetica]
+```
 """
 
 from __future__ import annotations

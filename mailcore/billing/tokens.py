@@ -36,6 +36,17 @@ charges, so all tank rows of a transaction are locked in one order).
 
 Consumption is logged per user and UTC day for `daily_average` (seed 004's
 `/api/v1/token/daily-average`).
+
+```toml
+[tokens]
+when_empty = "defer"         # an owner with no tokens left: "defer" its mail (4.7.1) until
+                             # tokens are bought or the month starts, or "allow" it, filtered
+rollover_interval = 600.0    # seconds between sweeps that roll tanks over at a month's start
+usage_retention_days = 400   # days of the per-day consumption log kept (30 at least: the
+                             # daily average reads the last 30)
+charge_retention_days = 14   # days a keyed charge is remembered, so that a message filtered
+                             # again within them is not charged twice
+```
 """
 
 from __future__ import annotations

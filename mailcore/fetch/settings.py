@@ -1,5 +1,25 @@
 """The `[fetch]` section of the configuration, checked once at start-up.
 
+Every key, with its default (times in seconds, sizes in octets; more on each at its field):
+
+```toml
+[fetch]
+sync_interval = 900.0        # each account is synced about this often (its own wins) ...
+jitter = 0.1                 # ... spread by this fraction either way
+max_concurrent = 4           # accounts synced at once
+tick = 30.0                  # how often the scheduler looks for accounts due
+max_message_bytes = 67108864 # the largest message fetched (an IMAP literal, a POP3 message)
+batch_messages = 1000        # messages per pipelined fetch, one store transaction ...
+batch_bytes = 8388608        # ... and their declared bytes
+pipeline_depth = 3           # such fetches on the wire while a batch is stored
+connect_timeout = 30.0       # to connect to an account's server
+idle_timeout = 120.0         # silence from the server while a command waits
+command_timeout = 1800.0     # a command unanswered this long fails the session
+max_accounts_per_user = 1000 # IMAP2API imap-servers and Dropmyemail accounts of one user
+# secret_key = "KEY[,OLD]"   # Fernet key(s) of remote passwords [default: fetch.key in the
+                             # data directory, made on first use]
+```
+
 Which servers an account may name is the operator's decision (mailcore.netpolicy): every
 address the account's host resolves to is checked when the sync connects, and a host with no
 allowed address fails the sync ("<host> is where this server does not connect"; the addresses

@@ -1,20 +1,53 @@
 """Queue settings: the `[queue]` table of the TOML file, with Postfix-like defaults.
 
-Which addresses a next hop may be (`mailcore.queue.nexthop`): the four keys of
-`mailcore.netpolicy`, checked on the address actually connected to, after resolution, on
-every delivery (served domains' redirects, MX answers, the relayhost) and when a redirect is
-set. The default forbids loopback, link-local and private ranges; an operator who relays to
-hosts on its own network or on the same host allows them here:
+Every key, with its default (times in seconds, sizes in octets):
 
 ```toml
 [queue]
+# Retries (RFC 5321 4.5.4.1; Postfix's minimal/maximal_backoff_time, maximal_queue_lifetime)
+min_backoff = 300.0          # first wait after a temporary failure, doubling from there ...
+max_backoff = 4000.0         # ... up to this
+lifetime = 432000.0          # 5 days: then the mail bounces
+# Leases (nodes sharing a store claim recipients row by row)
+lease_seconds = 120.0        # a claim's length; renewed every third of it
+poll_interval = 5.0          # how often the sweeper claims due work and prunes the log
+node_id = ""                 # this node's name in leases [default: host name and data dir]
+# Delivery
+hop_concurrency = 10         # connections to one next hop at once
+max_connections = 100        # connections to next hops open or opening, all hops together
+messages_per_connection = 100  # messages sent over one connection before it QUITs
+connection_idle = 2.0        # an idle connection to a next hop is kept this long (0: not)
+connect_timeout = 30.0       # to connect to a next hop
+command_timeout = 300.0      # for each other reply of a next hop (its greeting too)
+data_timeout = 600.0         # to send a message's data and read the reply to its end
+dead_hop_seconds = 60.0      # a hop that cannot be reached is not tried again for this long
+                             # (at most min_backoff)
+stop_grace = 10.0            # at stop, deliveries under way get this long to end
+# Memory and group commits
+max_in_memory = 10000        # recipients the runner holds at once
+body_cache_bytes = 67108864  # message bodies kept in memory from accept to send (0: none)
+batch_max_messages = 256     # messages accepted in one group commit, at most ...
+batch_max_bytes = 16777216   # ... and their bytes
+# Routing and TLS
+relayhost = ""               # host[:port] for mail to domains not served (bounces, Mail API,
+                             # safedrop mail) [default: the recipient domain's MX]
+tls = "verify-if-offered"    # outbound STARTTLS: none, may, verify-if-offered, verify
+tls_ca_file = ""             # PEM trust roots for verifying next hops [default: the system's]
+route_cache_seconds = 30.0   # a served domain's next hop is read again after this (0: always)
+log_retention = 86400.0      # a delivered message stays visible to `mailcore queue show`
+# Which addresses a next hop may have (see below)
 allow_loopback = false       # 127.0.0.0/8 and ::1 (tests, a next hop on the same host)
 allow_private = false        # RFC 1918, CGNAT, ULA, link-local and other non-global ranges
 allow_networks = []          # CIDRs allowed even if private ("10.1.2.0/24")
 deny_networks = []           # CIDRs refused whatever else says
 ```
 
-The gateway's own SMTP listeners are never a next hop, whatever these say.
+Which addresses a next hop may be (`mailcore.queue.nexthop`): the four keys of
+`mailcore.netpolicy`, checked on the address actually connected to, after resolution, on
+every delivery (served domains' redirects, MX answers, the relayhost) and when a redirect is
+set. The default forbids loopback, link-local and private ranges; an operator who relays to
+hosts on its own network or on the same host allows them. The gateway's own SMTP listeners
+are never a next hop, whatever these say.
 """
 
 from __future__ import annotations
