@@ -42,11 +42,15 @@ _CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
 _DEFAULT_ERRORS = {
     400: "Bad input",
     401: "No or bad credential",
+    403: "Refused to this credential or account",
     404: "Not found",
     405: "Method not allowed",
+    409: "Conflicts with the state of the object",
     413: "Request body too large",
     429: "Rate limited",
     500: "Internal error",
+    502: "A remote server failed",
+    503: "Cannot be done now; try again later",
     507: "No room left in the store (a quota)",
 }
 

@@ -759,10 +759,11 @@ class ProtecmailApp(ApiApp):
         "GET",
         summary="Resend a quarantined mail",
         description="Queues the message for its recipient, once. A second release is 409 "
-        "(msg \"already released\") and sends nothing.",
+        "(msg \"already released\") and sends nothing; 403 while the account is disabled "
+        "(its mail waits), 503 when the message could not be queued now (try again).",
         auth=PROTECMAIL,
         replies={200: Reply("Queued for delivery", envelope_schema(None))},
-        errors=(409,),
+        errors=(403, 409, 503),
     )
     async def release_quarantine(self, request: IRequest, ident: str) -> bytes:
         principal = await self.principal(request)
