@@ -16,7 +16,7 @@ from tests.support.web import Web
 from web.api import ApiApp
 from web.auth import PROTECMAIL
 from web.errors import PlainErrors
-from web.openapi import RouteTable, document, openapi_path
+from web.openapi import Reply, RouteTable, document, openapi_path
 from web.settings import WebSettings
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # HEAD: where Werkzeug adds it to a GET rule
@@ -180,6 +180,17 @@ class CompletenessTests(TestCase):
               "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}],
         )
         self.assertEqual(item["get"]["security"], [{"protecmailApiKey": []}])
+
+    async def test_a_download_documents_its_content_type(self) -> None:
+        """The Mail API's attachment download was declared `application/octet-stream` with
+        no schema, and the document showed a 200 with no body at all."""
+        web = Web.build()
+        _, _, doc = await web.call("GET", "/openapi.json")
+        reply = doc["paths"]["/api/v1/mail/{mail_id}/attachments/{index}"]["get"][
+            "responses"]["200"]
+        self.assertEqual(reply["content"], {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}})
+        self.assertRaises(ValueError, Reply, "bytes", None, "application/pdf")
 
     def test_a_path_and_method_declared_twice_is_refused(self) -> None:
         class Twice(ApiApp):

@@ -589,7 +589,9 @@ class MailApiApp(ApiApp):
         "GET",
         summary="Download an attachment",
         auth=MAIL_API,
-        replies={200: Reply("The attachment's bytes", None, "application/octet-stream")},
+        replies={200: Reply("The attachment's bytes (its type is the mail's `attachments` "
+                            "entry's `type`)", {"type": "string", "format": "binary"},
+                            "application/octet-stream")},
         errors=(401, 404),
     )
     async def get_attachment(self, request: IRequest, mail_id: str, index: int) -> bytes:

@@ -74,6 +74,12 @@ class Reply:
     # Other bodies the same status may carry: content type -> schema.
     alternatives: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A content type without a schema would vanish from the document (no body).
+        if self.schema is None and self.content_type != "application/json":
+            raise ValueError(f"a {self.content_type} reply needs a schema "
+                             '({"type": "string", "format": "binary"} for bytes)')
+
 
 @dataclass(frozen=True)
 class RouteSpec:
