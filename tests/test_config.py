@@ -327,12 +327,18 @@ class TableTests(SynchronousTestCase):
             self.assertEqual(self.error({name: {"no_such_key": 1}}), expected[name], name)
 
     def test_a_field_that_is_not_a_key_is_refused(self) -> None:
-        """[smtp] hostname is a field of SMTPSettings, but set by the top-level hostname."""
+        """[smtp] hostname is a field of SMTPSettings, but set by the top-level hostname;
+        [web] max_body and session_token_ttl are fields of WebSettings, set by the top-level
+        http_max_body and session_token_ttl (refused as "unknown key in [web]: max_body",
+        another wording than every other table's)."""
         self.assertEqual(self.error({"smtp": {"hostname": "mx"}}), "[smtp] unknown key: hostname")
+        self.assertEqual(self.error({"web": {"max_body": 5}}), "[web] unknown key: max_body")
+        self.assertEqual(self.error({"web": {"session_token_ttl": 5}}),
+                         "[web] unknown key: session_token_ttl")
 
     def test_a_key_in_a_sub_table_is_checked(self) -> None:
         self.assertEqual(self.error({"plans": {"free": {"monthly_token": 5}}}),
-                         "[plans.free] unknown key 'monthly_token'")
+                         "[plans.free] unknown key: monthly_token")
         self.assertEqual(self.error({"filters": {"builtin": {"gtub": True}}}),
                          "unknown key filters.builtin.gtub")
 

@@ -57,7 +57,7 @@ class WebSettingsTests(TestCase):
 
     def test_mistakes_name_the_key(self) -> None:
         cases: list[tuple[dict[str, Any], str]] = [
-            ({"nope": 1}, "unknown key in [web]: nope"),
+            ({"nope": 1}, "[web] unknown key: nope"),
             ({"login_rate": "lots"}, "[web] login_rate"),
             ({"login_rate": 5}, "[web] login_rate"),
             ({"protecmail_user_rate": "fast"}, "[web] protecmail_user_rate"),

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import Config, ConfigError
+from mailcore.config import Config, ConfigError, unknown_key
 from web.ratelimit import Rate
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -141,7 +141,7 @@ class WebSettings:
         table = config.section("web")
         unknown = set(table) - _KEYS
         if unknown:
-            raise ConfigError(f"unknown key in [web]: {sorted(unknown)[0]}")
+            raise unknown_key("web", sorted(unknown)[0])
         defaults = cls()
         json_max = _int(table, "json_max_body", defaults.json_max_body)
         return cls(

@@ -49,7 +49,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from mailcore.billing.tokens import TokenError, TokenService
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, unknown_key
 from mailcore.store import Database
 from mailcore.store.schema import billing_counters, invoice_lines, invoices, users
 from mailcore.workers import CpuPool
@@ -95,7 +95,7 @@ class BillingSettings:
                  "seller_vat", "font"}
         unknown = set(section) - known
         if unknown:
-            raise ConfigError(f"[billing] unknown key {sorted(unknown)[0]!r}")
+            raise unknown_key("billing", sorted(unknown)[0])
         currency = section.get("currency", cls.currency)
         if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
             raise ConfigError("[billing] currency must be a 3-letter code such as EUR")

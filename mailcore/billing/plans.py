@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError
+from mailcore.config import ConfigError, unknown_key
 from mailcore.identity import PLANS
 
 DEFAULT_MONTHLY_TOKENS: dict[str, int] = {"free": 1_000, "standard": 50_000, "agency": 250_000}
@@ -110,7 +110,7 @@ class Plans:
                 raise ConfigError(f"[plans.{name}] must be a table")
             for key, value in table.items():
                 if key != "monthly_tokens":
-                    raise ConfigError(f"[plans.{name}] unknown key {key!r}")
+                    raise unknown_key(f"plans.{name}", key)
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ConfigError(
                         f"[plans.{name}] monthly_tokens must be a non-negative integer"

@@ -73,7 +73,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.billing.plans import Plans
-from mailcore.config import ConfigError, is_positive_number
+from mailcore.config import ConfigError, is_positive_number, unknown_key
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
@@ -126,7 +126,7 @@ class TokenSettings:
                  "charge_retention_days"}
         unknown = set(section) - known
         if unknown:
-            raise ConfigError(f"[tokens] unknown key {sorted(unknown)[0]!r}")
+            raise unknown_key("tokens", sorted(unknown)[0])
         when_empty = section.get("when_empty", cls.when_empty)
         if when_empty not in WHEN_EMPTY:
             raise ConfigError('[tokens] when_empty must be "defer" or "allow"')

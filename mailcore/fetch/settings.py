@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from mailcore.config import ConfigError, check_positive
+from mailcore.config import ConfigError, check_positive, unknown_key
 from mailcore.netpolicy import AddressPolicy, IPNetwork, parse_networks
 
 
@@ -94,7 +94,7 @@ class FetchSettings:
         values: dict[str, Any] = {}
         for key, value in section.items():
             if key not in known:
-                raise ConfigError(f"unknown key in [fetch]: {key}")
+                raise unknown_key("fetch", key)
             if key in ("allow_networks", "deny_networks"):
                 values[key] = parse_networks("fetch", key, value)
                 continue

@@ -58,7 +58,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mailcore.config import Config, ConfigError, is_positive_number
+from mailcore.config import Config, ConfigError, is_positive_number, unknown_key
 from mailcore.netpolicy import IPNetwork, parse_networks
 
 # Outbound STARTTLS policies, weakest first:
@@ -139,7 +139,7 @@ class QueueSettings:
         values: dict[str, Any] = {}
         for key, value in section.items():
             if key not in known:
-                raise ConfigError(f"unknown key in [queue]: {key}")
+                raise unknown_key("queue", key)
             if key in ("allow_networks", "deny_networks"):
                 values[key] = parse_networks("queue", key, value)
                 continue

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from mailcore import netpolicy
 from mailcore.backoff import doubling
-from mailcore.config import ConfigError, is_positive_number
+from mailcore.config import ConfigError, is_positive_number, unknown_key
 from mailcore.netpolicy import IPNetwork, parse_networks
 from mailcore.webhooks.model import WebhookError
 
@@ -69,7 +69,7 @@ class WebhookSettings:
         values: dict[str, Any] = {}
         for key, value in section.items():
             if key not in known:
-                raise ConfigError(f"unknown key in [webhooks]: {key}")
+                raise unknown_key("webhooks", key)
             default = getattr(cls, key)
             if key in ("allow_networks", "deny_networks"):
                 values[key] = parse_networks("webhooks", key, value)
