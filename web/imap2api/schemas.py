@@ -229,8 +229,12 @@ FILTER_QUERY: dict[str, dict[str, Any]] = {
                  "- for descending (e.g. -date, subject, sender, folder); a field that "
                  "cannot be ordered by is ignored, as DRF does (default -date)"},
 }
-EMAILS_QUERY = {**FILTER_QUERY, "thread": {"type": "boolean"}, **PAGE_QUERY}
-THREADS_QUERY = {**FILTER_QUERY, **PAGE_QUERY}
+EMAILS_QUERY = {**FILTER_QUERY, "thread": {"type": "boolean", "description": "one email "
+                                             "per thread"}, **PAGE_QUERY}
+THREADS_QUERY = {**FILTER_QUERY, "thread": {"type": "boolean", "description": "read as on "
+                                            "/emails/ (a value that is no boolean is a 400); "
+                                            "this list is one email per thread anyway"},
+                 **PAGE_QUERY}
 SERVERS_QUERY = {
     "q": {"type": "string", "description": "words each found in the name, host or username "
           "(any case)"},
