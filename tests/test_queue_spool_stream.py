@@ -4,15 +4,18 @@ for a fuller group, and when mail trickles in it does not."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import OperationalError
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import DELIVERED, Result
 from mailcore.queue.settings import QueueSettings
-from mailcore.queue.spool import Spool
+from mailcore.queue.spool import Spool, SpoolError
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages
@@ -132,3 +135,38 @@ class GatheringStreamTests(StreamTestCase):
         await self.accept("Q2")
         await accepted
         self.assertEqual(await self.db.read("n", _count), 2)
+
+
+class _Unreachable:
+    """An engine whose connections cannot be had, as while the database server is down;
+    anything else is the real engine's."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.attempts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def connect(self) -> Any:
+        self.attempts += 1
+        raise OperationalError("connect", {}, ConnectionRefusedError("connection refused"))
+
+
+class UnreachableDatabaseTests(StreamTestCase):
+
+    async def test_accepts_fail_at_once_while_no_connection_can_be_had(self) -> None:
+        """The accept is answered (the SMTP client gets 451) instead of waiting for the
+        database while the spool starts stream after stream, each failing to connect."""
+        engine = self.db.engine
+        down = _Unreachable(engine)
+        self.db.engine = down  # type: ignore[assignment]
+        accepted = self.accept("Q1").addTimeout(5, get_reactor())
+        with self.assertRaisesRegex(SpoolError, "connection refused"):
+            await accepted
+        self.flushLoggedErrors(OperationalError)
+        await sleep(0.05)
+        self.assertEqual(down.attempts, 1)  # not tried again with nothing to commit
+        self.db.engine = engine  # the server is back
+        await self.accept("Q2")
+        self.assertEqual(await self.db.read("n", _count), 1)

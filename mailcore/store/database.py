@@ -267,7 +267,8 @@ class Database:
         runs in its own transaction, and `done(batch, result)` is called in the reactor
         thread after each commit (with a Failure when the transaction failed, which also
         ends the stream). The stream ends when `take()` returns nothing; the Deferred fires
-        after the last `done`.
+        after the last `done`. When no connection can be had (the database server is down),
+        the first batch gets that Failure, as if its transaction had failed.
 
         For a write lane such as the spool's group commit: the next group starts while the
         reactor is still answering the previous one.
@@ -275,7 +276,17 @@ class Database:
 
         def loop() -> None:
             # One connection for the whole stream: no pool checkout and reset per group.
-            with self.engine.connect() as conn:
+            try:
+                connection = self.engine.connect()
+            except Exception:
+                # Its callers are answered (the SMTP client gets its 451 at once) instead
+                # of waiting, while a new stream tries again and again, for the database.
+                failure = Failure()
+                batch = take()
+                if batch:
+                    self._in_reactor(done, batch, failure)
+                return
+            with connection as conn:
                 conn.info[WRITE_INTENT] = True
                 while True:
                     batch = take()
