@@ -11,9 +11,11 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.spool import SpoolError, Withdrawn
+from mailcore.queue.model import DELIVERED, Result
+from mailcore.queue.spool import RETRY_DELAY, SpoolError, Withdrawn
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
+from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
 
@@ -147,6 +149,58 @@ class SpoolTests(TestCase):
         self.db.release()
         self.successResultOf(later)
         self.assertEqual(self.count(queue_messages), 2)
+
+    def test_a_run_of_failed_commits_is_logged_once_and_its_end_once(self) -> None:
+        """A full disk or a database down fails every group until it is back: the first
+        failure is logged with its cause, the end of the run in one line, nothing between."""
+        lines = logged(self, lambda e: e.get("log_namespace") == "mailcore.queue.spool")
+        refused = []
+        for i in range(3):
+            d = self.accept(f"Q{i}")
+            self.db.fail_next = True
+            self.db.release()
+            refused.append(d)
+        for d in refused:
+            self.failureResultOf(d, SpoolError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(lines), 1)
+        self.assertIn("accepts are refused (451) until a commit succeeds", lines[0])
+        later = self.accept("Q9")
+        self.db.release()
+        self.successResultOf(later)
+        self.assertEqual(lines[1:], [
+            "spool commits succeed again, after 3 failed (3 messages refused)",
+        ])
+        # A later failure is the first of a new run.
+        d = self.accept("Q10")
+        self.db.fail_next = True
+        self.db.release()
+        self.failureResultOf(d, SpoolError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(lines), 3)
+
+    def test_a_run_of_failed_result_writes_is_logged_once_and_its_end_once(self) -> None:
+        lines = logged(self, lambda e: e.get("log_namespace") == "mailcore.queue.spool")
+        spool = self.q.spool
+        db = self.db
+        failing = [True]
+
+        class Failing:
+            def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+                if failing[0]:
+                    return defer.fail(RuntimeError("database or disk is full"))
+                return db.run(name, fn, *args)
+
+        spool.results_db = Failing()  # type: ignore[assignment]
+        spool.record([Result(1, "Q1", DELIVERED, "250 ok")])  # tried at once: the lane is idle
+        for _ in range(4):
+            self.clock.advance(RETRY_DELAY)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(lines, ["writing 1 delivery results failed; retrying every 1 s"])
+        failing[0] = False
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual(lines[1:], ["delivery results written again, after 5 failed attempts"])
+        self.assertFalse(spool._results)
 
     def test_drain_waits_for_pending_commits(self) -> None:
         self.accept("Q0")

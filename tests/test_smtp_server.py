@@ -15,9 +15,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
+from mailcore.queue.spool import SpoolError
 from mailcore.smtp.client import data_stream
 from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
@@ -29,6 +31,7 @@ from mailcore.smtp.server import (
     received_protocol,
 )
 from mailcore.store import Database
+from tests.support.logs import logged_at
 from tests.support.smtpsession import (
     RecordingSink,
     SendBufferTransport,
@@ -238,6 +241,18 @@ class TransactionTests(ServerTestCase):
         self.start(s)
         self.assertEqual(s.codes(b"body\r\n.\r\n"), ["250"])
         self.assertEqual(self.sink.bodies, [b"body\r\n"])
+
+    def test_a_failed_spool_commit_is_451_without_a_traceback_per_message(self) -> None:
+        """The spool logs why its commits fail, once for a run of them (a full disk, a
+        database down); the server adds no traceback per refused message."""
+        s = self.session()
+        critical = logged_at(self, LogLevel.critical)
+        self.start(s)
+        self.sink.fail_with = SpoolError("commit failed: database or disk is full")
+        self.assertEqual(s.send(b"body\r\n.\r\n"),
+                         ["451 4.3.0 Error: queue file write error, try again later"])
+        self.assertEqual(critical, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_no_spool_means_451(self) -> None:
         s = self.session(make_factory(self.domains, None, self.clock))

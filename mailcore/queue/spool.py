@@ -363,6 +363,9 @@ class Spool:
         self._yield_lane = False
         self.commits = 0  # group transactions run (for tests and the benchmark)
         self.streams = 0  # commit streams started
+        self._failed_commits = 0  # group commits failed since the last one that succeeded
+        self._refused = 0  # messages in them
+        self._failed_results = 0  # results transactions failed since the last one written
         # Told (no arguments) each time delivery results of this node are committed: a
         # results transaction, a group commit they rode along in, or a write chore (local
         # delivery records its results).
@@ -722,7 +725,7 @@ class Spool:
         consumer = self.consumer
         batch = group.batch
         if isinstance(result, Failure):
-            log.failure("spool commit of {n} messages failed", result, n=len(batch))
+            self._failed_commit(result, len(batch))
             reserved = sum(len(p.envelope.recipients) for p in batch if p.leased)
             if consumer is not None and reserved:
                 consumer.unreserve(reserved)
@@ -736,6 +739,10 @@ class Spool:
                 self._results.extendleft(reversed(group.results))
             return
         self.commits += 1
+        if self._failed_commits:
+            log.info("spool commits succeed again, after {commits} failed ({messages} messages "
+                     "refused)", commits=self._failed_commits, messages=self._refused)
+            self._failed_commits = self._refused = 0
         self._stored(group.results)
         withdrawn = result.withdrawn
         stored = len(batch) - len(withdrawn)
@@ -768,6 +775,16 @@ class Spool:
         if group.results:
             self._tell_results()  # results rode along in this group
 
+    def _failed_commit(self, failure: Failure, messages: int) -> None:
+        """Log a failed group commit: the first of a run of them with its cause, the rest
+        only when a commit succeeds again (a full disk or a database server down for a
+        while fails every group, one per accept when mail trickles in)."""
+        if not self._failed_commits:
+            log.failure("spool commit of {n} messages failed; accepts are refused (451) "
+                        "until a commit succeeds", failure, n=messages)
+        self._failed_commits += 1
+        self._refused += messages
+
     @staticmethod
     def _answer_charges(requests: list[_ChargeRequest], outcomes: list[Any]) -> None:
         """Each charge request handed in gets its own outcomes, in order."""
@@ -786,10 +803,18 @@ class Spool:
                 self.reporting_mta,
             )
         except Exception:
-            log.failure("writing {n} delivery results failed; retrying", n=len(results))
+            # Logged once for a run of failures, as failed commits are (_failed_commit).
+            if not self._failed_results:
+                log.failure("writing {n} delivery results failed; retrying every {delay:g} s",
+                            n=len(results), delay=RETRY_DELAY)
+            self._failed_results += 1
             self._results.extendleft(reversed(results))
             self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
         else:
+            if self._failed_results:
+                log.info("delivery results written again, after {n} failed attempts",
+                         n=self._failed_results)
+                self._failed_results = 0
             self._stored(results)
             self._tell_results()
             if dsns and self.consumer is not None:

@@ -74,6 +74,7 @@ from mailcore import maillog
 from mailcore.config import Config, ConfigError, is_positive_number
 from mailcore.connlimits import ConnectionCounter
 from mailcore.netwrite import write_now
+from mailcore.queue.spool import SpoolError
 from mailcore.smtp.address import (
     Mailbox,
     PathError,
@@ -116,7 +117,8 @@ _HELO_DOMAIN = re.compile(
 
 
 class MessageSink(Protocol):
-    """Where accepted messages go: the spool. `accept` returns once the message is durable."""
+    """Where accepted messages go: the spool. `accept` returns once the message is durable;
+    it raises SpoolError when it could not be stored for a reason the spool logs itself."""
 
     async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> None: ...
 
@@ -1158,8 +1160,9 @@ class ESMTPServerProtocol(TwistedProtocol):
             if sink is None:
                 raise RuntimeError("no spool is configured")
             await sink.accept(queue_id, envelope, data)
-        except Exception:
-            log.failure("could not queue message {queue_id}", queue_id=queue_id)
+        except Exception as e:
+            if not isinstance(e, SpoolError):  # (the spool logs why its commits fail)
+                log.failure("could not queue message {queue_id}", queue_id=queue_id)
             self.reply(451, "4.3.0", "Error: queue file write error, try again later")
             maillog.refused("DATA", "451 4.3.0 queue file write error", client=self.client_ip,
                             mail_from=envelope.mail_from, queue_id=queue_id,

@@ -31,11 +31,13 @@ class Accepted:
 @dataclass
 class RecordingSink:
     """A MessageSink that keeps what it accepts. With `hold`, each accept waits until the
-    test fires its Deferred from `pending`; with `fail`, accept raises."""
+    test fires its Deferred from `pending`; with `fail`, accept raises (`fail_with` when
+    set, else a RuntimeError)."""
 
     messages: list[Accepted] = field(default_factory=list)
     hold: bool = False
     fail: bool = False
+    fail_with: Exception | None = None
     pending: list[defer.Deferred[None]] = field(default_factory=list)
 
     async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
@@ -43,6 +45,8 @@ class RecordingSink:
             gate: defer.Deferred[None] = defer.Deferred()
             self.pending.append(gate)
             await gate
+        if self.fail_with is not None:
+            raise self.fail_with
         if self.fail:
             raise RuntimeError("disk full")
         self.messages.append(Accepted(queue_id, envelope, data))
