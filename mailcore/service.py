@@ -43,6 +43,7 @@ from mailcore.startup import (
 )
 from mailcore.store import Database
 from mailcore.store.dbclock import DatabaseTime
+from mailcore.store.migrate import check_writable
 from mailcore.store.settings import StoreSettings
 from mailcore.tls import ensure_certificate
 
@@ -106,11 +107,12 @@ class OrderedMultiService(service.MultiService):
 
 
 def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = False,
-               named: bool = False) -> Core:
+               named: bool = False, writable: bool = False) -> Core:
     """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks.
     `check_secrets` (the daemon): a ConfigError when the fetch key cannot open the secrets
     the database holds (mailcore.fetch.secrets.check_key_blocking). `named` (the daemon): its
-    PostgreSQL sessions carry the node's id ([queue] node_id) after "mailcore".
+    PostgreSQL sessions carry the node's id ([queue] node_id) after "mailcore". `writable`
+    (the daemon): a ConfigError when the database takes no writes (a read-only file).
 
     What it creates is private to this user: the process umask gets 077 first (the CLI
     comes here first; see mailcore.files)."""
@@ -121,6 +123,8 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
     db = Database(config.database_url, reactor,  # type: ignore[arg-type]
                   max_threads=store.threads, read_threads=store.read_threads, node=node)
     db.migrate_blocking()
+    if writable:
+        check_writable(db.engine, db.engine.url.render_as_string(hide_password=True))
     if check_secrets:
         try:
             check_key_blocking(db.engine, config.data_dir,
@@ -164,7 +168,7 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         lock = DataDirLock.acquire(config)
         try:
             core = build_core(config, reactor,  # type: ignore[arg-type]
-                              check_secrets=True, named=True)
+                              check_secrets=True, named=True, writable=True)
         except SQLAlchemyError as e:
             raise database_error(config, e) from None
         # No database connection may cross twistd's fork into the background: on SQLite

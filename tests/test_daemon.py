@@ -444,6 +444,18 @@ class DaemonStartupMistakesTests(DaemonTestCase):
             "connection failed"), line)
         self.assertNotIn("secret", line)
 
+    async def test_a_database_that_takes_no_writes(self) -> None:
+        """A store already at head is migrated without a write: a read-only one (here a
+        SQLite file opened read-only; a read-only mount or file, a PostgreSQL standby) let
+        the daemon start and answer, every write failing after (a 451 for every message)."""
+        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        result = await run_command([*cli, "user", "list"], env=_env(), cwd=self.base)
+        self.assertEqual(result.status, 0, result.err)
+        path = self.data_dir / "mailcore.sqlite"
+        line = await self.refused("--db", f"sqlite:///file:{path}?mode=ro&uri=true")
+        self.assertTrue(line.startswith("mailcore: cannot write to the database sqlite:"), line)
+        self.assertTrue(line.endswith(": attempt to write a readonly database"), line)
+
     async def test_port_in_use(self) -> None:
         port = get_reactor().listenTCP(0, Factory(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)

@@ -75,6 +75,24 @@ def upgrade_to_head(engine: Engine) -> None:
         upgrade_to(engine, "head")
 
 
+def check_writable(engine: Engine, shown: str) -> None:
+    """ConfigError when the migrated database at `engine` (`shown` in the message) takes no
+    writes: a read-only SQLite file or mount, a PostgreSQL standby or read-only role. A
+    store already at head is migrated without a write, so this is what finds it before the
+    daemon starts to answer, rather than every write failing after. Blocks.
+
+    The probe writes nothing: a DELETE of no row still asks for write access (SQLite's
+    write lock, PostgreSQL's check of a read-only transaction), and it is rolled back."""
+    try:
+        with engine.connect() as conn, conn.begin() as transaction:
+            conn.execute(text("DELETE FROM alembic_version WHERE 1 = 0"))
+            transaction.rollback()
+    except DBAPIError as e:
+        cause = e.orig if isinstance(e.orig, Exception) else e
+        raise ConfigError(f"cannot write to the database {shown}: {_first_line(cause)}"
+                          ) from None
+
+
 def newest_revision() -> str | None:
     """The revision of the newest migration, from the file names alone.
 
