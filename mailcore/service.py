@@ -38,6 +38,7 @@ from mailcore.startup import (
     check_tls_files,
     database_error,
     ensure_data_dir,
+    ensure_files_dir,
     listen_error,
     report_config_errors,
 )
@@ -118,6 +119,7 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
     comes here first; see mailcore.files)."""
     restrict_umask()
     ensure_data_dir(config)
+    ensure_files_dir(config)
     store = StoreSettings.from_config(config.section("store"))
     node = QueueSettings.from_config(config).node_id if named else ""
     db = Database(config.database_url, reactor,  # type: ignore[arg-type]

@@ -419,15 +419,24 @@ def database_error(config: Config, error: Exception) -> ConfigError:
 
 def ensure_data_dir(config: Config) -> Path:
     """The data directory, made if missing; ConfigError if it cannot be made or written."""
-    path = config.data_dir
+    return _ensure_directory(config.data_dir, "data directory")
+
+
+def ensure_files_dir(config: Config) -> Path:
+    """The directory of uploaded files (`--files-dir`, else the data directory), made if
+    missing; ConfigError if it cannot be made or written (a read-only or missing mount)."""
+    return _ensure_directory(config.files_root, "files directory (--files-dir)")
+
+
+def _ensure_directory(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise ConfigError(f"data directory {path}: not a directory") from None
+        raise ConfigError(f"{what} {path}: not a directory") from None
     except OSError as e:
-        raise ConfigError(f"data directory {path}: {_strerror(e)}") from None
+        raise ConfigError(f"{what} {path}: {_strerror(e)}") from None
     if not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
-        raise ConfigError(f"data directory {path}: not writable")
+        raise ConfigError(f"{what} {path}: not writable")
     return path
 
 

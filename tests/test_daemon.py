@@ -436,6 +436,16 @@ class DaemonStartupMistakesTests(DaemonTestCase):
             await self.refused(), f"mailcore: data directory {self.data_dir}: not a directory"
         )
 
+    async def test_unusable_files_dir(self) -> None:
+        """The daemon made the files directories while it built its services: one that
+        could not be made was an OSError traceback out of twistd."""
+        files = self.base / "files"
+        files.write_text("a file where the files directory should be")
+        self.assertEqual(
+            await self.refused("--files-dir", str(files)),
+            f"mailcore: files directory (--files-dir) {files}: not a directory",
+        )
+
     async def test_unreachable_database(self) -> None:
         port = free_port()  # nothing listens there
         line = await self.refused("--db", f"postgresql+psycopg://mc:secret@127.0.0.1:{port}/mc")
