@@ -3,12 +3,16 @@ a method or a handler goes wrong (404, 405, 500), each in its own shape."""
 
 from __future__ import annotations
 
+import errno
 import re
 
 from klein import Klein
+from sqlalchemy.exc import OperationalError
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IRequest
 
+from tests.support.logs import logged_at
 from tests.support.web import Web, header
 from web.api import ApiApp
 from web.errors import ApiError, PlainErrors
@@ -91,6 +95,10 @@ class _Probe(ApiApp):
     def echo(self, request: IRequest, rest: str) -> bytes:
         if rest == "boom":
             raise RuntimeError("handler exploded with a secret 0123456789abcdef")
+        if rest == "dbdown":
+            raise OperationalError("SELECT 1", {}, Exception("connection failed: refused"))
+        if rest == "diskfull":
+            raise OSError(errno.ENOSPC, "No space left on device")
         if rest == "apierror":
             raise ApiError(409, "conflict here", headers={"X-Why": "test"})
         return self.reply(request, {"path": request.path.decode(), "rest": rest})
@@ -128,6 +136,28 @@ class RootBehaviourTests(TestCase):
         self.assertNotIn("Traceback", str(body))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(header(headers, "X-Request-Id"))
+
+    async def test_a_database_out_of_reach_is_503_with_retry_after(self) -> None:
+        """Each request during a database outage was a 500 and a traceback in the log."""
+        web = _probe_web()
+        warnings = logged_at(self, LogLevel.warn)
+        for _ in range(2):
+            status, headers, body = await web.call("GET", "/deep/dbdown")
+            self.assertEqual(status, 503)
+            self.assertEqual(header(headers, "Retry-After"), "30")
+            self.assertEqual(body["error"],
+                             "Try again later: the database cannot be reached.")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # The same words for every request: the repeat limiter holds a flood back.
+        self.assertEqual(warnings, ["answering 503 while the database cannot be reached"] * 2)
+
+    async def test_a_full_disk_is_507_with_retry_after(self) -> None:
+        web = _probe_web()
+        status, headers, body = await web.call("GET", "/deep/diskfull")
+        self.assertEqual(status, 507)
+        self.assertEqual(header(headers, "Retry-After"), "30")
+        self.assertEqual(body["error"], "Try again later: no room left on the server's storage.")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_an_api_error_keeps_its_status_and_headers(self) -> None:
         web = _probe_web()

@@ -23,9 +23,10 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
+from mailcore.outages import outage
 from web.accesslog import redacted_path
 from web.context import context_of
-from web.errors import ApiError, ErrorShape
+from web.errors import ApiError, ErrorShape, outage_error
 from web.openapi import RouteTable
 from web.parsing import read_fields, read_json_object
 from web.replies import encode_json, json_reply
@@ -152,6 +153,9 @@ class ApiApp:
             )
         if isinstance(error, HTTPException) and error.code is not None:
             return ApiError(error.code, error.description or error.name)
+        found = outage(error) if error is not None else None
+        if found is not None:
+            return outage_error(found)
         log.failure(
             "unhandled error serving {method} {path} ({api}, request {request_id})",
             failure,

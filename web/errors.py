@@ -15,6 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from twisted.logger import Logger
+
+from mailcore.outages import Outage
+
+log = Logger(namespace="mailcore.web")
+
 # The short machine code of each status, used where a shape carries one (OAuth, plain).
 STATUS_CODES: dict[int, str] = {
     400: "invalid_request",
@@ -26,8 +32,12 @@ STATUS_CODES: dict[int, str] = {
     413: "request_too_large",
     429: "rate_limited",
     500: "server_error",
+    503: "temporarily_unavailable",
     507: "insufficient_storage",
 }
+
+# Seconds a client is told to wait (Retry-After) when the store is full or unreachable.
+OUTAGE_RETRY_AFTER = 30
 
 
 class ApiError(Exception):
@@ -62,6 +72,16 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.message!r})"
+
+
+def outage_error(found: Outage) -> ApiError:
+    """A full disk (507) or a database out of reach (503) as the reply to every request that
+    needed it, with Retry-After; logged without a traceback, in words that are the same for
+    every request (the repeat limiter keeps an outage to a few lines a minute)."""
+    status = 507 if found.full else 503
+    log.warn("answering {status} while {what}", status=status, what=found.what)
+    return ApiError(status, f"Try again later: {found.what}.",
+                    headers={"Retry-After": str(OUTAGE_RETRY_AFTER)})
 
 
 def too_large(limit: int) -> ApiError:

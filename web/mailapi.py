@@ -75,11 +75,12 @@ from mailcore.mailapi.mail import (
     Outcome,
     Written,
 )
+from mailcore.outages import outage
 from mailcore.store.schema.mailapi import DRAFT, INBOX
 from mailcore.uploads import CHUNK, shielded
 from web.api import ApiApp
 from web.auth import MAIL_API, CredentialResolver
-from web.errors import ApiError, MailApiErrors
+from web.errors import ApiError, MailApiErrors, outage_error
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
 from web.pacing import paced
@@ -264,9 +265,12 @@ def refusals(failure: str | None = None, reply: str = NOT_STORED) -> Iterator[No
         raise model_error(e) from None
     except ApiError:
         raise  # bad input the web layer found: its own reply
-    except Exception:
+    except Exception as e:
         if failure is None:
             raise
+        found = outage(e)
+        if found is not None:
+            raise outage_error(found) from None
         log.failure(failure)
         raise ApiError(500, reply) from None
 

@@ -50,8 +50,10 @@ _DEFAULT_ERRORS = {
     429: "Rate limited",
     500: "Internal error",
     502: "A remote server failed",
-    503: "Cannot be done now; try again later",
-    507: "No room left in the store (a quota)",
+    503: "Cannot be done now (the database cannot be reached or is busy, or the work cannot be "
+         "queued); try again later, after Retry-After when given",
+    507: "No room left: the mailbox's quota, or the server's storage is full (then with "
+         "Retry-After)",
 }
 
 # What a 429 carries (web.ratelimit.Decision.headers).
@@ -237,8 +239,11 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
             }
         responses[str(status)] = entry
     # Any request may be bad input (a path that is not UTF-8, a bad parameter or body), an
-    # unknown path, the wrong method or too large.
-    error_statuses = set(spec.errors) | {400, 404, 405, 413, 500}
+    # unknown path, the wrong method or too large, or meet the store out of reach; any
+    # write may meet it full (mailcore.outages).
+    error_statuses = set(spec.errors) | {400, 404, 405, 413, 500, 503}
+    if method not in ("GET", "HEAD"):
+        error_statuses.add(507)
     if spec.auth:
         error_statuses.add(401)
     error_schema = {"$ref": f"#/components/schemas/{error_schema_name(spec.api)}"}
@@ -254,6 +259,10 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
                 name: {"description": text, "schema": {"type": "string"}}
                 for name, text in RATE_LIMIT_HEADERS.items()
             }
+        elif status in (503, 507):
+            responses[str(status)]["headers"] = {"Retry-After": {
+                "description": "Seconds to wait before trying again (an outage)",
+                "schema": {"type": "string"}}}
     op["responses"] = responses
     return op
 
