@@ -9,7 +9,8 @@ when the interval ends one summary line says how many were dropped:
     … 4290 more like this suppressed in the last 60 s: closed an HTTP connection from …
 
 Lines that differ (each access-log line has its request id, each message-log line its
-queue id) are never held back: the limit is on repetition, not on volume. Intervals run on
+queue id) are never held back: the limit is on repetition, not on volume. A few lines of
+Twisted's that name each peer of a flood (`BY_FORMAT`) repeat by their format. Intervals run on
 the injected clock (events logged from a worker thread pass unlimited: the clock's timers
 belong to the reactor thread).
 
@@ -49,6 +50,16 @@ MAX_TRACKED = 1000
 SUMMARY = "… {log_repeat_count} more like this suppressed in the last {log_repeat_interval:g} s: "
 
 _Key = tuple[str, str, str, str]
+
+# Lines of other code that name a peer, so that each of a flood is new text, but say one
+# thing: repeated by their format, summarised in these words. Twisted's listening ports,
+# out of file descriptors (EMFILE: `ulimit -n`), accept each waiting connection and close
+# it at once, one line each: a flood of connections was as many lines.
+BY_FORMAT = {
+    "EMFILE recovery: Closed socket from {address}":
+        "EMFILE recovery: Closed socket from a client (too many open files: connections are "
+        "closed as they come until some end; see ulimit -n)",
+}
 
 
 @dataclass
@@ -126,11 +137,12 @@ class RepeatLimiter:
     def _key(event: LogEvent) -> _Key:
         failure = event.get("log_failure")
         kind = type(failure.value).__name__ if failure is not None else ""
+        text = BY_FORMAT.get(str(event.get("log_format")))
         return (
             str(event.get("log_namespace", "")),
             str(getattr(event.get("log_level"), "name", "")),
             kind,
-            event_text(event),
+            text if text is not None else event_text(event),
         )
 
     def _end(self, key: _Key) -> None:

@@ -69,6 +69,20 @@ class RepeatLimiterTests(LimiterTestCase):
         self.clock.advance(INTERVAL)
         self.assertEqual(len(self.lines), 1000)  # nothing suppressed: no summary
 
+    def test_twisted_closing_connections_out_of_descriptors_repeats_by_its_format(self) -> None:
+        """A listening port out of file descriptors logs each connection it closes with the
+        peer's address: a flood of connections was as many lines."""
+        port = Logger(namespace="twisted.internet.tcp.Port", observer=self.limiter)
+        for n in range(1000):
+            port.info("EMFILE recovery: Closed socket from {address}",
+                      address=("127.0.0.1", 40000 + n))
+        self.assertEqual(len(self.lines), BURST)
+        self.clock.advance(INTERVAL)
+        self.assertEqual(self.texts()[-1],
+                         "… 990 more like this suppressed in the last 60 s: EMFILE recovery: "
+                         "Closed socket from a client (too many open files: connections are "
+                         "closed as they come until some end; see ulimit -n)")
+
     def test_level_namespace_and_failure_type_tell_lines_apart(self) -> None:
         other = Logger(namespace="mailcore.other", observer=self.limiter)
         for _ in range(BURST + 5):
