@@ -10,6 +10,9 @@ flushes the buffer once per reactor turn, at once when it holds more than `limit
 and when the daemon stops. Lines keep their order; an event logged from another thread
 writes the buffer and its own line at once.
 
+A failure that is a resource out of room or reach (a full disk, the database down:
+mailcore.outages) is written as one line, its cause appended, without its traceback.
+
 A line can also arrive in the middle of a write, on the same thread: a Python signal
 handler runs between any two bytecodes of the main thread, and twistd's SIGTERM handler
 logs ("Received SIGTERM, shutting down."). The lock is re-entrant and such a line is only
@@ -46,6 +49,7 @@ from twisted.logger import (
 from twisted.python.compat import ioType
 from zope.interface import implementer
 
+from mailcore.outages import outage
 from mailcore.text import escape_controls
 
 # An event's text (formatEvent's result), kept in the event by the first observer that
@@ -75,6 +79,14 @@ def emit_text(logger: Logger, log_format: str, text: str, fields: dict[str, Any]
     if unique:
         event[UNIQUE_KEY] = True
     logger.observer(event)
+
+
+def _first_line(error: BaseException) -> str:
+    """`error` as one line: its type and the first line of its message (a database error's
+    first, not the SQL and parameters that follow)."""
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 def event_text(event: LogEvent) -> str:
@@ -195,11 +207,19 @@ class BufferedLogWriter:
     def _line(self, event: LogEvent) -> str | None:
         """What `textFileLogObserver` writes for `event`, made with the cached event text
         and a time stamp formatted once per second."""
-        if "log_failure" in event:  # rare: Twisted's own formatting, traceback and all
+        failure = event.get("log_failure")
+        found = outage(failure.value) if failure is not None else None
+        if failure is not None and found is None:
+            # Rare: Twisted's own formatting, traceback and all.
             line = formatEventAsClassicLogText(
                 event, formatTime=lambda t: formatTime(t, timeFormatRFC3339))
             return escape_controls(line, keep_lines=True) if line else line
         text = event_text(event)
+        if failure is not None and found is not None and text:
+            # A resource out of room or reach (mailcore.outages): while it lasts, every job
+            # that needs it fails the same way, and a traceback each says nothing more than
+            # the cause does, in one line.
+            text = f"{text} ({found.what}: {_first_line(failure.value)})"
         if not text:
             return None
         when = event.get("log_time")

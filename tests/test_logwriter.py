@@ -184,6 +184,23 @@ class FormatTests(WriterTestCase):
         self.same_as_twisted(emit)
         self.assertIn("ZeroDivisionError", self.out.getvalue())
 
+    def test_an_outage_is_one_line_without_its_traceback(self) -> None:
+        """Every periodic job logged its own traceback of a database outage, each minute
+        it lasted (some 50 lines each)."""
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError(
+                "connection failed: connection to server at 127.0.0.1 failed\nIs it up?"))
+        except OperationalError:
+            self.log.failure("webhook sweep failed")
+        self.writer.flush()
+        self.assertEqual(
+            self.out.getvalue().split(" ", 1)[1],  # (after the time stamp)
+            "[mailcore.test#critical] webhook sweep failed (the "
+            "database cannot be reached: ConnectionRefusedError: connection failed: "
+            "connection to server at 127.0.0.1 failed)\n")
+
     def test_control_characters_a_remote_party_sent_are_written_escaped(self) -> None:
         """A next hop's greeting (`421 busy ESC]0;title BEL ESC[2J`) reaches the log in
         a line of the queue runner's; the terminal of whoever reads the log never gets the
