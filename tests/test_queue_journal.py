@@ -14,10 +14,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.queue.journal import NAMES, NOT_WRITTEN, ResultJournal, encode
+from mailcore.queue.journal import NAMES, NOT_WRITTEN, ResultJournal, decode, encode
 from mailcore.queue.model import BOUNCED, DEFERRED, DELIVERED, Result
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
+from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
 
@@ -78,13 +79,30 @@ class JournalFileTests(TestCase):
         journal.thd_close()
         self.assertEqual(self.read_after_crash(), [delivered(1)])
 
-    def test_a_write_that_fails_turns_the_journal_off_and_says_so(self) -> None:
+    def test_a_write_that_fails_says_so_once_and_the_journal_goes_on_once_it_can(
+        self,
+    ) -> None:
+        """A full disk turned the journal off until the next start: a crash long after the
+        disk had room again could still deliver mail twice."""
+        lines = logged(self, lambda e: e.get("log_namespace") == "mailcore.queue.journal")
         (self.dir / NAMES[0]).symlink_to("/dev/full")  # every write: ENOSPC
         journal = self.journal()
         self.assertEqual(journal.append([delivered(1)]), [NOT_WRITTEN])
-        self.assertFalse(journal.is_open)
         self.assertTrue(journal.failed)
         self.assertEqual(journal.append([delivered(2)]), [NOT_WRITTEN])
+        self.assertEqual(lines, ["cannot write the results journal (No space left on device); "
+                                 "until it can again, a crash may deliver some mail twice"])
+        # The disk has room again: the same descriptor now writes to a file.
+        room = os.open(self.dir / "room", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(room, journal._fds[0])
+        os.close(room)
+        with (self.dir / "room").open("wb") as f:
+            f.write(encode(delivered(1))[:-9])  # the line the full disk cut short
+        self.assertEqual(journal.append([delivered(3)]), [0])
+        self.assertFalse(journal.failed)
+        self.assertEqual(lines[1:], ["the results journal is written again"])
+        written = (self.dir / "room").read_bytes().splitlines()
+        self.assertEqual([decode(line) for line in written], [None, delivered(3)])
 
     def test_a_missing_directory_is_an_error_at_open(self) -> None:
         journal = ResultJournal(self.dir / "gone")

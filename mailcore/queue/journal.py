@@ -76,7 +76,7 @@ class ResultJournal:
         self._size = 0
         # Per file: results written there and not yet committed to the store.
         self._outstanding = [0, 0]
-        self.failed = False  # a write failed: the journal is off until the next start
+        self.failed = False  # the last write failed (a full disk): the next one tries again
 
     @property
     def is_open(self) -> bool:
@@ -133,7 +133,9 @@ class ResultJournal:
         lines = [encode(r) for r in results if r.state in FINAL]
         if not lines:
             return [NOT_WRITTEN] * len(results)
-        data = memoryview(b"".join(lines))
+        joined = b"".join(lines)
+        # After a failed write, a newline first ends the line it may have cut short.
+        data = memoryview(b"\n" + joined if self.failed else joined)
         try:
             self._turn()
             fd = self._fds[self._current]
@@ -141,14 +143,16 @@ class ResultJournal:
                 data = data[os.write(fd, data):]
         except OSError as e:
             # The results still go to the store: only the protection from duplicates is
-            # lost. A half-written line is skipped when read.
-            log.error("cannot write the results journal ({error}); until the next start a "
-                      "crash may deliver some mail twice", error=e.strerror or str(e))
+            # lost, for these and until a write succeeds again (once the disk has room:
+            # each append tries). A half-written line is skipped when read.
+            if not self.failed:
+                log.error("cannot write the results journal ({error}); until it can again, "
+                          "a crash may deliver some mail twice", error=e.strerror or str(e))
             self.failed = True
-            self._fds, fds = [], self._fds
-            for fd in fds:
-                os.close(fd)
             return [NOT_WRITTEN] * len(results)
+        if self.failed:
+            log.info("the results journal is written again")
+            self.failed = False
         self._size += sum(len(line) for line in lines)
         self._outstanding[self._current] += len(lines)
         where = self._current
