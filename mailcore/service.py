@@ -90,7 +90,8 @@ class OrderedMultiService(service.MultiService):
         # twistd opens the listeners here; one that cannot is one line, not a traceback.
         try:
             super().privilegedStartService()
-        except (CannotListenError, OverflowError) as e:  # a port in use, out of range
+        except (CannotListenError, OverflowError, OSError) as e:
+            # A port in use, out of range; a unix: socket's lock file that cannot be made.
             error = listen_error(e)
             log.critical("mailcore: {message}", message=str(error))
             raise error from None

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from twisted.application.service import Service
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 
 from mailcore.config import DEFAULT_HTTP, DEFAULT_SMTP, Config, ConfigError, unknown_key
@@ -264,8 +264,11 @@ def check_listener(kind: str, description: str, reactor: Any) -> None:
     except OSError as e:
         reason = _file_reason(e)
     else:
+        socket_dir = _unix_socket_directory(parsed) if listener is None else None
         if isinstance(port, int) and not 0 <= port <= 65535:
             reason = f"port {port} is out of range (0-65535)"
+        elif socket_dir is not None and not socket_dir.is_dir():
+            reason = f"no such directory: {socket_dir}"
         elif listener is None:
             return
         else:
@@ -277,6 +280,17 @@ def check_listener(kind: str, description: str, reactor: Any) -> None:
             except Exception as e:  # not PEM, a key that is not the certificate's
                 reason = f"its certificate or key does not load: {e or repr(e)}"
     raise ConfigError(f"{kind} listener {description!r}: {reason}")
+
+
+def _unix_socket_directory(endpoint: object) -> Path | None:
+    """The directory a `unix:` server endpoint makes its socket (and lock file) in; None
+    for other endpoints. (Twisted's lock file in a missing directory was a traceback.)"""
+    if not isinstance(endpoint, UNIXServerEndpoint):
+        return None
+    address = getattr(endpoint, "_address", None)
+    if isinstance(address, bytes):
+        address = os.fsdecode(address)
+    return Path(address).parent if isinstance(address, str) else None
 
 
 def _file_reason(error: OSError) -> str:
@@ -318,7 +332,7 @@ def listen_error(error: Exception) -> ListenError:
         cause = error.socketError
         reason = _strerror(cause) if isinstance(cause, OSError) else str(cause)
         return ListenError(f"cannot listen on {where}: {reason}")
-    reason = _strerror(error) if isinstance(error, OSError) else str(error)
+    reason = _file_reason(error) if isinstance(error, OSError) else str(error)
     return ListenError(f"cannot listen: {reason}")
 
 

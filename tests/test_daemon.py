@@ -430,6 +430,15 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         )
         self.assertFalse(self.data_dir.exists())
 
+    async def test_a_unix_socket_in_a_missing_directory(self) -> None:
+        """Twisted makes the socket's lock file while the listeners open: in a directory that
+        is not there, that was a FileNotFoundError traceback out of twistd."""
+        missing = self.base / "missing"
+        line = await self.refused("--smtp", f"unix:{missing}/smtp.sock")
+        self.assertEqual(line, f"mailcore: SMTP listener 'unix:{missing}/smtp.sock': "
+                               f"no such directory: {missing}")
+        self.assertFalse(self.data_dir.exists())
+
     async def test_unusable_data_dir(self) -> None:
         self.data_dir.write_text("a file where the data directory should be")
         self.assertEqual(
