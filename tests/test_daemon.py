@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import stat
 import sys
 from collections.abc import Sequence
@@ -474,6 +475,20 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         line = await self.refused("--db", f"sqlite:///file:{path}?mode=ro&uri=true")
         self.assertTrue(line.startswith("mailcore: cannot write to the database sqlite:"), line)
         self.assertTrue(line.endswith(": attempt to write a readonly database"), line)
+
+    async def test_a_database_server_that_never_answers(self) -> None:
+        """A server that takes the TCP connection and says nothing (hung, stopped): the
+        start hung for ever with nothing said. Now libpq's connect_timeout ends it."""
+        mute = socket.socket()
+        self.addCleanup(mute.close)
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # never accepted: the kernel completes the handshake, no one answers
+        port = mute.getsockname()[1]
+        line = await self.refused("--db", f"postgresql+psycopg://mc@127.0.0.1:{port}/mc")
+        self.assertTrue(line.startswith(
+            f"mailcore: cannot open the database postgresql+psycopg://mc@127.0.0.1:{port}/mc: "
+        ), line)
+        self.assertIn("timeout", line)
 
     async def test_port_in_use(self) -> None:
         port = get_reactor().listenTCP(0, Factory(), interface="127.0.0.1")

@@ -43,6 +43,12 @@ SQLITE_CHECKPOINT_PAGES = 8192
 # and its locks go; the stopped node, let go on, finds its connection gone and that
 # transaction fails as any database error does (nothing in it had been acknowledged).
 PG_IDLE_IN_TRANSACTION_MS = 30_000
+# Seconds a new PostgreSQL connection may take (libpq's connect_timeout; a URL's own
+# ?connect_timeout= wins). Without one, a server that takes the TCP connection but never
+# answers (stopped with SIGSTOP, hung, a proxy in front of a dead one) held the connecting
+# thread for ever: the daemon's start hung with nothing said, and at run time each pool
+# thread that needed a new connection stopped for good.
+PG_CONNECT_TIMEOUT = 10
 # What our PostgreSQL sessions call themselves (pg_stat_activity's application_name), with
 # the node's name after it in the daemon: mailcore.store.stuck ends such sessions of a
 # stopped node that block the others, and only such.
@@ -62,9 +68,12 @@ def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         name = f"{APPLICATION_NAME} {node}" if node else APPLICATION_NAME
+        connect_args: dict[str, Any] = {"application_name": name[:63]}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
         engine = create_engine(
             url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
-            connect_args={"application_name": name[:63]},
+            connect_args=connect_args,
         )
         _configure_postgresql(engine)
         return engine
