@@ -6,11 +6,14 @@ from __future__ import annotations
 import datetime
 import time
 import tracemalloc
+from dataclasses import asdict
+from email.message import Message
 
 from twisted.trial.unittest import TestCase
 
 from mailcore.messages.parse import (
     MimeLimits,
+    ParsedMessage,
     decode_header_value,
     extract_part,
     parse_message,
@@ -317,3 +320,134 @@ class FastPathTests(TestCase):
                       "a@b, c@d", "N <a@b> (c)", "N\r\n <a@b>", "<a@b>", "a..b@c"]:
             self.assertIsNone(parse._plain_address([value]), value)
         self.assertIsNone(parse._plain_address(["a@b", "c@d"]))
+
+
+class HeaderReaderTests(TestCase):
+    """The usual single-part message is read without the email package's parser
+    (mailcore.messages.headerblock), and every field comes out as the email package's full
+    parse gives it; anything that parser reads another way goes to it."""
+
+    def full_parse(self, raw: bytes) -> ParsedMessage:
+        """`parse_message` with every shortcut off: the email package parses it all."""
+        from mailcore.messages import parse
+
+        single = parse._single_part
+        parse._single_part = lambda raw: None  # type: ignore[assignment]
+        try:
+            return parse_message(raw)
+        finally:
+            parse._single_part = single
+
+    def test_every_field_equals_the_full_parse_on_a_generated_corpus(self) -> None:
+        from mailcore.messages.parse import _single_part
+        from tests.support import mimegen
+        from tests.support.corpus import make_corpus
+
+        bench_like = [msg(f"From: Sender {n} <sender{n}@example.test>\nTo: Bench Owner "
+                          f"<owner@example.test>\nSubject: Re: Topic {n} kalo mine\n"
+                          f"Message-ID: <bench-{n}@bench.test>\nDate: 0{1 + n % 9} Oct 2024 "
+                          f"10:00:00 +0000\nMIME-Version: 1.0\nContent-Type: text/plain; "
+                          f"charset=utf-8\nIn-Reply-To: <bench-{n - 1}@bench.test>\n"
+                          f"References: <bench-0@bench.test> <bench-{n - 1}@bench.test>",
+                          b"Message %d token.\r\n" % n * 40) for n in range(1, 50)]
+        raws = bench_like + [m.raw for m in make_corpus(0, 200)] + mimegen.corpus(17, 2500)
+        read = 0
+        for raw in raws:
+            if _single_part(raw) is not None:
+                read += 1
+            self.assertEqual(asdict(parse_message(raw)), asdict(self.full_parse(raw)), raw)
+        self.assertGreater(read, len(raws) // 4)
+        self.assertLess(read, len(raws) - len(raws) // 4)
+
+    def test_headers_that_end_early_keep_an_8bit_body_with_an_rfc2231_charset(self) -> None:
+        """A header block that ends at a line that is no header field (here "X-Mailer :"),
+        8-bit bytes after it and a charset given as an RFC 2231 parameter: the old shortcut
+        asked the email package for the payload it had parsed from the header block alone,
+        which raised TypeError (the charset a tuple), so the message was stored as "MIME
+        structure unreadable", headers only, though the email package reads it."""
+        raw = msg("Subject: kept\nContent-Type: text/plain; charset*=utf-8''x\n"
+                  "X-Mailer : odd\nFrom: caf\udcc3\udca9 <a@b.test>", b"caf\xc3\xa9 \x00\r\n")
+        p = parse_message(raw)
+        self.assertEqual(p.problems, [])
+        self.assertEqual(p.subject, "kept")
+        self.assertIn("caf", p.body_text)
+        self.assertEqual(asdict(p), asdict(self.full_parse(raw)))
+
+    def test_the_usual_message_is_not_handed_to_the_email_packages_parser(self) -> None:
+        """The header block is read by `header_fields`, and the scan for "Content-Type:"
+        lines runs only when the cheap count says the bound could be broken: the parser's
+        header pass and that scan were together about half of parsing a 4 KiB message."""
+        from mailcore.messages import parse
+
+        calls: list[str] = []
+        real_parse, real_lines = parse.message_from_bytes, parse._CONTENT_TYPE_LINE
+
+        class CountedLines:
+            def findall(self, raw: bytes) -> list[bytes]:
+                calls.append("scan")
+                return real_lines.findall(raw)
+
+        def counted_parse(raw: bytes) -> Message:
+            calls.append("parser")
+            return real_parse(raw)
+
+        self.patch(parse, "message_from_bytes", counted_parse)
+        self.patch(parse, "_CONTENT_TYPE_LINE", CountedLines())
+        raw = msg("From: A <a@x.test>\nSubject: hi\nContent-Type: text/plain; charset=utf-8\n"
+                  "Content-Transfer-Encoding: quoted-printable", b"caf=C3=A9\r\n")
+        p = parse_message(raw)
+        self.assertEqual((p.subject, p.body_text, p.sender), ("hi", "café\r\n", "A <a@x.test>"))
+        self.assertEqual(calls, [])
+        parse_message(msg("Subject: x\nContent-Type: multipart/mixed; boundary=b",
+                          b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n"))
+        self.assertEqual(calls, ["parser"])  # a tree: the parser, still no scan
+        many = "".join(f"--b\r\nContent-Type: text/plain\r\n\r\n{i}\r\n" for i in range(2001))
+        p = parse_message(msg("Content-Type: multipart/mixed; boundary=b", many.encode()))
+        self.assertIn("scan", calls)
+        self.assertIn("more than 1000 MIME parts; not parsed", p.problems)
+
+    def test_blank_line_is_the_first_match_of_the_old_pattern(self) -> None:
+        """`blank_line` gives the span rb"\\r?\\n\\r?\\n" finds, on every string of up to 7
+        of CR, LF and "x", with and without an end bound."""
+        import itertools
+        import re
+
+        from mailcore.messages.headerblock import blank_line
+
+        pattern = re.compile(rb"\r?\n\r?\n")
+        for length in range(8):
+            for chars in itertools.product(b"\r\nx", repeat=length):
+                raw = bytes(chars)
+                for endpos in (None, 0, 3, 5):
+                    m = pattern.search(raw, 0, len(raw) if endpos is None else endpos)
+                    self.assertEqual(blank_line(raw, endpos),
+                                     None if m is None else m.span(), (raw, endpos))
+
+    def test_header_fields_are_stored_as_the_email_package_stores_them(self) -> None:
+        import random
+        from email import message_from_bytes
+
+        from mailcore.messages.headerblock import blank_line, header_fields
+        from tests.support import mimegen
+
+        rng = random.Random(3)
+        read = 0
+        for _ in range(1500):
+            eol = rng.choice(["\r\n", "\n"])
+            raw = (mimegen.header_block(rng, eol) + eol + eol).encode("utf-8", "surrogateescape")
+            span = blank_line(raw)
+            assert span is not None
+            fields = header_fields(raw[: span[1]])
+            if fields is None:
+                continue
+            read += 1
+            parsed = message_from_bytes(raw[: span[1]])
+            self.assertEqual(fields, list(parsed.raw_items()), raw)
+            if not parsed.is_multipart():  # the body did not start early
+                self.assertEqual(parsed.get_payload(), "")
+        self.assertGreater(read, 500)
+        for block in [b"From a@b Mon Nov  6 10:00:00 2023\r\nSubject: x\r\n\r\n",
+                      b" first\r\nSubject: x\r\n\r\n", b"Subject: x\rTo: y\r\n\r\n",
+                      b"Subject: x\r\nno field\r\n\r\n", b": x\r\n\r\n",
+                      b"Subject: x\r\nFrom y\r\n\r\n", b"Sub\xe9: x\r\n\r\n"]:
+            self.assertIsNone(header_fields(block), block)

@@ -24,6 +24,7 @@ from email.message import Message
 from email.parser import BytesFeedParser
 from email.policy import Policy, compat32
 
+from mailcore.messages.headerblock import blank_line, header_fields
 from mailcore.text import storable
 
 # Transfer and charset decoding of a whole body is bounded by the message size, which the
@@ -298,17 +299,16 @@ def html_to_text(html: str) -> str:
 
 # -- structure ---------------------------------------------------------------------------
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MULTIPART_LINE = re.compile(rb"(?im)^content-type:[ \t]*multipart/")
 _CONTENT_TYPE_LINE = re.compile(rb"(?im)^content-type:")
 
 
 def _header_block_end(raw: bytes, limit: int) -> int | None:
     """Offset where the top-level header block ends, or None if it is longer than `limit`."""
-    m = _HEADER_END.search(raw, 0, limit + 4)
-    if m is None:
+    span = blank_line(raw, limit + 4)
+    if span is None:
         return None if len(raw) > limit else len(raw)
-    return m.start()
+    return span[0]
 
 
 def _payload_bytes(part: Message) -> bytes:
@@ -392,14 +392,16 @@ def _tree(raw: bytes, end: int | None, limits: MimeLimits, problems: list[str]) 
         cut = raw.rfind(b"\n", 0, limits.max_header_bytes)
         return message_from_bytes(raw[: max(cut, 0)] + b"\n\n")
     # Each bound below counts "Content-Type:" lines: a message with fewer such strings in
-    # all than either bound cannot break it, and most messages have one or two.
+    # all than either bound cannot break it, and most messages have one or two (the scan
+    # for lines is some 40 us on a 4 KiB message, the count of strings 3 us).
     lines = raw.lower().count(b"content-type:")
     if lines + 1 <= limits.max_multiparts and lines <= limits.max_parts * 2:
         pass
     elif len(_MULTIPART_LINE.findall(raw, end)) + 1 > limits.max_multiparts:
         problems.append(f"more than {limits.max_multiparts} multipart containers; not parsed")
         return message_from_bytes(raw[:end] + b"\n\n")
-    if len(_CONTENT_TYPE_LINE.findall(raw)) > limits.max_parts * 2:
+    if lines > limits.max_parts * 2 and \
+            len(_CONTENT_TYPE_LINE.findall(raw)) > limits.max_parts * 2:
         problems.append(f"more than {limits.max_parts} MIME parts; not parsed")
         return message_from_bytes(raw[:end] + b"\n\n")
     # A part needs no Content-Type line (an empty header block will do), but each needs a
@@ -452,18 +454,24 @@ def parts_over(raw: bytes, end: int, bound: int) -> bool:
 
 def _single_part(raw: bytes) -> Message | None:
     """The email package's tree of a message whose top level is one leaf (not multipart/*,
-    not message/*), built without its parser walking the body line by line: the header
-    block alone is parsed, then the body is set as the payload, as the parser sets it (the
-    rest of the message, decoded as ASCII with surrogate escapes). None when the full
-    parser is needed: no blank line ends the headers, the parser ends them before it (a
-    line that is no header), or the top level is a container."""
-    m = _HEADER_END.search(raw)
-    if m is None:
+    not message/*), built without its parser: the header fields are read by
+    `headerblock.header_fields` and stored as the parser stores them, then the body is set
+    as the payload, as the parser sets it (the rest of the message, decoded as ASCII with
+    surrogate escapes). None when the full parser is needed: no blank line ends the headers,
+    the parser would read them another way (`header_fields` says None), or the top level is
+    a container."""
+    span = blank_line(raw)
+    if span is None:
         return None
-    msg = message_from_bytes(raw[: m.end()])
-    if msg.get_payload() or msg.get_content_maintype() in ("multipart", "message"):
+    fields = header_fields(raw[: span[1]])
+    if fields is None:
         return None
-    msg.set_payload(raw[m.end() :].decode("ascii", "surrogateescape"))
+    msg = Message()
+    for name, value in fields:
+        msg.set_raw(name, value)
+    if msg.get_content_maintype() in ("multipart", "message"):
+        return None
+    msg.set_payload(raw[span[1] :].decode("ascii", "surrogateescape"))
     return msg
 
 
