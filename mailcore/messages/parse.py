@@ -88,11 +88,11 @@ class ParsedMessage:
     @property
     def thread_refs(self) -> list[str]:
         """Message-IDs this message points at, oldest first, without duplicates."""
-        seen: list[str] = []
-        for ref in [*self.references, self.in_reply_to]:
-            if ref and ref not in seen and ref != self.message_id:
-                seen.append(ref)
-        return seen
+        refs = dict.fromkeys(self.references)  # in order, each once
+        refs[self.in_reply_to] = None
+        refs.pop("", None)
+        refs.pop(self.message_id, None)
+        return list(refs)
 
 
 def sha256_hex(raw: bytes) -> str:

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select, text
+from sqlalchemy import Connection, DateTime, Table, func, select, text
 
 
 def dialect_insert(conn: Connection) -> Any:
@@ -69,11 +69,37 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], 
     names = list(rows[0])
     dialect = conn.dialect
     quote = dialect.identifier_preparer.quote
-    pairs = [(n, table.c[n].type._cached_bind_processor(dialect)) for n in names]
+    pairs = []
+    for n in names:
+        column_type = table.c[n].type
+        process = column_type._cached_bind_processor(dialect)
+        # DateTime, or a type built on it (the schema's UTCDateTime): its processor is a
+        # function of the value alone.
+        datetimes = column_type._type_affinity is DateTime
+        pairs.append((n, _once_per_object(process) if datetimes else process))
     head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) VALUES "
     sqlite_values(conn, head, len(names),
                   [[p(row[n]) if p is not None else row[n] for n, p in pairs] for row in rows],
                   " ON CONFLICT DO NOTHING" if skip_existing else "")
+
+
+def _once_per_object(process: Any) -> Any:
+    """`process` (a bind processor) run once per value object of one statement's rows: a
+    batch's rows share one `now` in two or three columns each, and SQLite's DATETIME
+    processor formats it through a dict of its fields (some 5 us a value). Keyed by
+    identity, not equality: equal datetimes in other zones format to other strings (the
+    values are held by the rows, so no id is reused meanwhile)."""
+    if process is None:
+        return None
+    done: dict[int, Any] = {}
+
+    def once(value: Any) -> Any:
+        key = id(value)
+        if key not in done:
+            done[key] = process(value)
+        return done[key]
+
+    return once
 
 
 def sqlite_values(conn: Connection, head: str, width: int, rows: Sequence[Sequence[Any]],

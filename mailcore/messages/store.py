@@ -318,12 +318,14 @@ def thd_insert_messages(
     if not items:
         return []
     thd_put_blobs(conn, [(item.raw, parsed.sha256) for item, parsed in items], now)
-    thread_ids = thd_assign_threads(conn, where.user_id, [p for _, p in items], now)
+    refs_of = [parsed.thread_refs for _, parsed in items]
+    thread_ids = thd_assign_threads(conn, where.user_id, [p for _, p in items], now, refs_of)
     row_ids = allocate_ids(conn, messages, len(items))
     rows: list[dict[str, Any]] = []
     refs: list[dict[str, Any]] = []
     attachments: list[dict[str, Any]] = []
-    for (item, parsed), row_id, thread_id in zip(items, row_ids, thread_ids, strict=True):
+    for (item, parsed), row_id, thread_id, thread_refs in zip(items, row_ids, thread_ids,
+                                                               refs_of, strict=True):
         rows.append({
             "id": row_id,
             "user_id": where.user_id,
@@ -358,7 +360,7 @@ def thd_insert_messages(
             "updated_at": now,
         })
         refs.extend({"message_row_id": row_id, "user_id": where.user_id, "ref": r}
-                    for r in parsed.thread_refs)
+                    for r in thread_refs)
         attachments.extend(
             {
                 "message_row_id": row_id,

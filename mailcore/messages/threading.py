@@ -143,14 +143,17 @@ class _Threads:
 
 
 def thd_assign_threads(
-    conn: Connection, user_id: int, batch: Sequence[ParsedMessage], now: datetime.datetime
+    conn: Connection, user_id: int, batch: Sequence[ParsedMessage], now: datetime.datetime,
+    refs_of: Sequence[list[str]] | None = None,
 ) -> list[int]:
     """The thread of each message of `batch` (in order), whose rows are not written yet.
     New threads are written and threads a message links are merged (into the oldest); the
-    caller inserts each message row with the thread returned for it."""
+    caller inserts each message row with the thread returned for it. `refs_of`: each
+    message's `thread_refs`, when the caller has them already."""
     if not batch:
         return []
-    refs_of = [p.thread_refs for p in batch]
+    if refs_of is None:
+        refs_of = [p.thread_refs for p in batch]
     own_ids = {p.message_id for p in batch if p.message_id}
     by_message_id = _pairs(conn, _THREADS_BY_MESSAGE_ID, user_id,
                            own_ids.union(*refs_of))
