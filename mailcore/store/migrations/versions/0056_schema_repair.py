@@ -1,0 +1,100 @@
+"""Repair stores stamped past migrations they never ran (0042, 0046, 0049, 0050).
+
+Migrations written at once on separate lines of work were chained onto the same revision
+and put in one line when merged, so a store some released commits migrated holds a revision
+whose ancestors, as the chain now runs, include migrations it never ran:
+
+- stamped `0048_fetch_folder_skipped` by the commits where 0048 revised 0041 (no 0042, no
+  0046) or 0046 (no 0042): no `users.deleting_at`, and without 0046 no
+  `quarantine_digest_runs`;
+- stamped `0051_drop_secrets_removed` by the commits where 0051 revised 0048: no
+  `mailapi_mail.size`, `mailboxes.used_bytes` (0049), `mailapi_mail.author_id` (0050).
+
+Alembic saw such a store as past those migrations and never ran them; the upgrade then
+ended without an error, and the daemon and every admin command failed on the first query
+of the missing column ("no such column: users.deleting_at", "mailboxes.used_bytes").
+
+Upgrade: what is missing is made as those migrations made it (their statements are copied
+here, as a migration keeps doing what it did): the column or table, and for 0049 the
+sizes counted from the rows. A store that has them is left as it is. Downgrade: nothing
+(what was added belongs to 0042-0050 and goes with their downgrades).
+
+Revision ID: 0056_schema_repair
+Revises: 0055_node_registry
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0056_schema_repair"
+down_revision = "0055_node_registry"
+branch_labels = None
+depends_on = None
+
+
+def _columns(table: str) -> set[str]:
+    return {c["name"] for c in sa.inspect(op.get_bind()).get_columns(table)}
+
+
+def _repair_user_deleting() -> None:  # as 0042_user_deleting
+    if "deleting_at" not in _columns("users"):
+        op.add_column("users", sa.Column("deleting_at", sa.DateTime(timezone=True),
+                                         nullable=True))
+
+
+def _repair_digest_runs() -> None:  # as 0046_quarantine_digest_runs
+    if sa.inspect(op.get_bind()).has_table("quarantine_digest_runs"):
+        return
+    op.create_table(
+        "quarantine_digest_runs",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("node", sa.String(length=128), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_quarantine_digest_runs")),
+    )
+
+
+def _repair_mailapi_usage() -> None:  # as 0049_mailapi_usage
+    if "size" in _columns("mailapi_mail"):
+        return
+    with op.batch_alter_table("mailapi_mail") as batch:
+        batch.add_column(sa.Column("size", sa.BigInteger(), nullable=False, server_default="0"))
+    with op.batch_alter_table("mailboxes") as batch:
+        batch.add_column(sa.Column("used_bytes", sa.BigInteger(), nullable=False,
+                                   server_default="0"))
+    if op.get_bind().dialect.name == "postgresql":
+        octets = "octet_length({})"
+    else:  # SQLite's length() of text counts characters; of a blob, bytes
+        octets = "length(CAST({} AS BLOB))"
+    fields = " + ".join(octets.format(c) for c in (
+        "mail_from", "to_addrs", "cc_addrs", "bcc_addrs", "reply_to", "subject", "body"))
+    op.execute(
+        f"UPDATE mailapi_mail SET size = {fields} + coalesce(length(raw), 0)"
+        " + coalesce((SELECT sum(a.size) FROM mailapi_attachments a"
+        " WHERE a.mail_id = mailapi_mail.id), 0)")
+    op.execute("UPDATE mailboxes SET used_bytes = coalesce((SELECT sum(size) FROM mailapi_mail"
+               " WHERE mailapi_mail.mailbox_id = mailboxes.id), 0)")
+
+
+def _repair_mail_author() -> None:  # as 0050_mailapi_mail_author
+    if "author_id" in _columns("mailapi_mail"):
+        return
+    with op.batch_alter_table("mailapi_mail") as batch:
+        batch.add_column(sa.Column("author_id", sa.Integer(), nullable=True))
+        batch.create_foreign_key("fk_mailapi_mail_author_id_users", "users", ["author_id"],
+                                 ["id"], ondelete="SET NULL")
+    op.create_index("ix_mailapi_mail_author_id", "mailapi_mail", ["author_id"])
+
+
+def upgrade() -> None:
+    _repair_user_deleting()
+    _repair_digest_runs()
+    _repair_mailapi_usage()
+    _repair_mail_author()
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,110 @@
+"""Migration 0056: a store stamped past migrations it never ran gets what they made.
+
+Released commits stamped stores `0048_fetch_folder_skipped` with 0048 revising 0041 (no
+0042, no 0046), and `0051_drop_secrets_removed` with 0051 revising 0048 (no 0049, no 0050);
+the chain now runs those migrations before them, so Alembic never ran them on such a store
+and the daemon failed on "no such column: users.deleting_at" or "mailboxes.used_bytes".
+Each test builds the store as that commit left it (its migration's statements, its stamp,
+rows as its code wrote them), upgrades it to head and reads what was missing, on SQLite
+and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, inspect, text
+from twisted.internet import threads
+from twisted.trial.unittest import TestCase
+
+from mailcore.store import Database
+from mailcore.store.migrate import current_revision, head_revision
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
+
+
+def thd_stamp(conn: Connection, revision: str) -> None:
+    conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+
+
+def thd_as_0048_on_0041(conn: Connection) -> None:
+    """Blocking: what 0048_fetch_folder_skipped did when it revised 0041, and its stamp;
+    a user as that code stored it (no deleting_at)."""
+    conn.execute(text("ALTER TABLE fetch_folders ADD COLUMN skipped_uids TEXT"))
+    thd_stamp(conn, "0048_fetch_folder_skipped")
+    conn.execute(text("INSERT INTO users (username, email, nic, created_at) VALUES "
+                      "('Alice', 'Alice@example.test', 'MC-1', '2026-12-06 09:30:00+00')"))
+
+
+def thd_as_0051_on_0048(conn: Connection) -> None:
+    """Blocking: what 0051_drop_secrets_removed did when it revised 0048, and its stamp;
+    a mailbox with a received mail and a draft with an attachment as that code stored
+    them (no size, no used_bytes, no author)."""
+    conn.execute(text("ALTER TABLE drop_bundles ADD COLUMN has_secure_message BOOLEAN "
+                      "DEFAULT '0' NOT NULL"))
+    thd_stamp(conn, "0051_drop_secrets_removed")
+    owner = thd_make_user(conn, "bob")
+    conn.execute(text("INSERT INTO mailboxes (address, owner_id, created_at, mail_count) "
+                      "VALUES ('bob@hosted.test', :o, 1.0, 2)"), {"o": owner})
+    box = conn.execute(text("SELECT id FROM mailboxes")).scalar_one()
+    conn.execute(text(
+        "INSERT INTO mailapi_mail (public_id, mailbox_id, status, subject, body, created_at) "
+        "VALUES ('a1', :b, 'inbox', 'Grüße', 'Hallo', 1.0), "
+        "('a2', :b, 'draft', 'x', '', 2.0)"), {"b": box})
+    draft = conn.execute(text("SELECT id FROM mailapi_mail WHERE public_id = 'a2'")).scalar()
+    conn.execute(text(
+        "INSERT INTO mailapi_attachments (mail_id, name, content_type, size, sha256) "
+        "VALUES (:m, 'a.pdf', 'application/pdf', 1000, :h)"), {"m": draft, "h": "0" * 64})
+
+
+def thd_columns(conn: Connection, table: str) -> set[str]:
+    return {c["name"] for c in inspect(conn).get_columns(table)}
+
+
+class SchemaRepairMigrationMixin(DatabaseMixin):
+    timeout = 120
+
+    async def upgraded(self, before: str, build: Callable[[Connection], None]) -> Database:
+        """A store at `before` that the commit `build` stands for took further, upgraded."""
+        db = await self.open_database_before(before)
+        await db.run("old", build)
+        await threads.deferToThread(db.migrate_blocking)
+        self.assertEqual(await threads.deferToThread(current_revision, db.engine),
+                         head_revision())
+        return db
+
+    async def test_a_store_stamped_0048_on_0041_gets_0042_and_0046(self) -> None:
+        db = await self.upgraded("0041_quarantine_email_key", thd_as_0048_on_0041)
+        self.assertIn("deleting_at", await db.read("c", thd_columns, "users"))
+        self.assertIn("started_at", await db.read("c", thd_columns, "quarantine_digest_runs"))
+        rows = await db.read("users", lambda c: c.execute(
+            text("SELECT username, deleting_at FROM users")).all())
+        self.assertEqual([tuple(r) for r in rows], [("Alice", None)])
+
+    async def test_a_store_stamped_0051_on_0048_gets_0049_and_0050(self) -> None:
+        db = await self.upgraded("0048_fetch_folder_skipped", thd_as_0051_on_0048)
+        self.assertLessEqual({"size", "author_id"},
+                             await db.read("c", thd_columns, "mailapi_mail"))
+        sizes = await db.read("sizes", lambda c: c.execute(text(
+            "SELECT public_id, size, author_id FROM mailapi_mail ORDER BY public_id")).all())
+        # "Grüße" is 7 bytes in UTF-8, "Hallo" 5; the draft's "x" and its attachment.
+        self.assertEqual([tuple(r) for r in sizes], [("a1", 12, None), ("a2", 1001, None)])
+        used = await db.read("used", lambda c: c.execute(
+            text("SELECT used_bytes FROM mailboxes")).scalar())
+        self.assertEqual(used, 1013)
+        indexes = await db.read("i", lambda c: {
+            i["name"] for i in inspect(c).get_indexes("mailapi_mail")})
+        self.assertIn("ix_mailapi_mail_author_id", indexes)
+
+    async def test_a_store_that_ran_every_migration_is_left_as_it_is(self) -> None:
+        db = await self.open_database()
+        before = await db.read("c", thd_columns, "mailapi_mail")
+        await threads.deferToThread(db.migrate_blocking)
+        self.assertEqual(await db.read("c", thd_columns, "mailapi_mail"), before)
+
+
+class SQLiteSchemaRepairMigrationTests(SchemaRepairMigrationMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresSchemaRepairMigrationTests(SchemaRepairMigrationMixin, TestCase):
+    backend = "postgresql"
