@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy import Connection, inspect, text
 from twisted.internet import threads
 from twisted.trial.unittest import TestCase
@@ -56,6 +57,27 @@ def thd_as_0051_on_0048(conn: Connection) -> None:
         "VALUES (:m, 'a.pdf', 'application/pdf', 1000, :h)"), {"m": draft, "h": "0" * 64})
 
 
+def thd_as_0054_file_nodes(conn: Connection, rate_buckets: bool) -> None:
+    """Blocking: what 0054_file_nodes (fbaca15: its file_nodes table) or
+    0054_file_nodes_rate_buckets (cd928b7: both tables, as 0052 makes them) did on 0051,
+    and its stamp; a user as that code stored it."""
+    metadata = sa.MetaData()
+    sa.Table("file_nodes", metadata,
+             sa.Column("node_id", sa.String(255), primary_key=True),
+             sa.Column("marker", sa.String(64), nullable=False),
+             sa.Column("seen_at", sa.Float(), nullable=False))
+    if rate_buckets:
+        sa.Index("ix_rate_buckets_full_at", sa.Table(
+            "rate_buckets", metadata,
+            sa.Column("name", sa.String(64), primary_key=True),
+            sa.Column("tokens", sa.Float(), nullable=False),
+            sa.Column("at", sa.Float(), nullable=False),
+            sa.Column("full_at", sa.Float(), nullable=False)).c.full_at)
+    metadata.create_all(conn)
+    thd_stamp(conn, "0054_file_nodes_rate_buckets" if rate_buckets else "0054_file_nodes")
+    thd_make_user(conn, "alice")
+
+
 def thd_columns(conn: Connection, table: str) -> set[str]:
     return {c["name"] for c in inspect(conn).get_columns(table)}
 
@@ -94,6 +116,22 @@ class SchemaRepairMigrationMixin(DatabaseMixin):
         indexes = await db.read("i", lambda c: {
             i["name"] for i in inspect(c).get_indexes("mailapi_mail")})
         self.assertIn("ix_mailapi_mail_author_id", indexes)
+
+    async def test_a_store_stamped_0054_file_nodes_is_upgraded(self) -> None:
+        # Refused before: "the database schema is at revision 0054_file_nodes, newer than
+        # this version of Mailcore knows", and no version knew it.
+        db = await self.upgraded("0051_drop_secrets_removed",
+                                 lambda c: thd_as_0054_file_nodes(c, rate_buckets=False))
+        self.assertIn("full_at", await db.read("c", thd_columns, "rate_buckets"))
+        self.assertIn("files_marker", await db.read("c", thd_columns, "nodes"))
+        self.assertEqual(await db.read("u", lambda c: c.execute(
+            text("SELECT username FROM users")).scalar()), "alice")
+
+    async def test_a_store_stamped_0054_file_nodes_rate_buckets_is_upgraded(self) -> None:
+        db = await self.upgraded("0051_drop_secrets_removed",
+                                 lambda c: thd_as_0054_file_nodes(c, rate_buckets=True))
+        self.assertIn("full_at", await db.read("c", thd_columns, "rate_buckets"))
+        self.assertFalse(await db.read("t", lambda c: inspect(c).has_table("file_nodes")))
 
     async def test_a_store_that_ran_every_migration_is_left_as_it_is(self) -> None:
         db = await self.open_database()

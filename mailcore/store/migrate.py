@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import DBAPIError
+from twisted.logger import Logger
 
 from mailcore.config import ConfigError
 from mailcore.store.engine import WRITE_INTENT
@@ -45,6 +46,18 @@ _ALEMBIC_LOCK = threading.Lock()
 # PostgreSQL: the key of the advisory lock that serialises migrations across processes (two
 # nodes starting at once on one database). Any constant bigint; this one spells "mailcore".
 _PG_MIGRATION_LOCK = 0x6D61696C636F7265
+
+log = Logger()
+
+# Revisions that released commits stamped stores with, under an id the chain no longer has
+# (renamed when lines of work were put in one line at merge), and the revision each is now.
+# A store stamped with one is restamped before it is upgraded: Alembic would otherwise take
+# it for a store of a newer Mailcore and nothing could upgrade it. 0054_file_nodes made
+# only the file_nodes table of 0052 (0056_schema_repair makes its rate_buckets).
+RETIRED_REVISIONS = {
+    "0054_file_nodes": "0052_file_nodes_rate_buckets",
+    "0054_file_nodes_rate_buckets": "0052_file_nodes_rate_buckets",
+}
 
 
 @contextmanager
@@ -129,6 +142,7 @@ def upgrade_to(engine: Engine, revision: str) -> None:
                 # Released when the transaction ends (commit or rollback).
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                              {"key": _PG_MIGRATION_LOCK})
+            _restamp_retired(conn)
             cfg = alembic_config(conn)
             _refuse_unknown_revision(conn, cfg)
             from alembic import command
@@ -138,6 +152,20 @@ def upgrade_to(engine: Engine, revision: str) -> None:
                 command.upgrade(cfg, revision)
             except CommandError as e:
                 raise ConfigError(f"cannot migrate the database: {_first_line(e)}") from None
+
+
+def _restamp_retired(conn: Connection) -> None:
+    """Blocking: a store stamped with a retired revision id (RETIRED_REVISIONS) gets the id
+    that revision has now, in the migration transaction."""
+    if not inspect(conn).has_table("alembic_version"):
+        return
+    for current in conn.execute(text("SELECT version_num FROM alembic_version")).scalars():
+        now = RETIRED_REVISIONS.get(current)
+        if now is not None:
+            conn.execute(text("UPDATE alembic_version SET version_num = :now "
+                              "WHERE version_num = :old"), {"now": now, "old": current})
+            log.info("the database schema was stamped {old}, a revision now named {now}: "
+                     "restamped before the upgrade", old=current, now=now)
 
 
 def _refuse_unknown_revision(conn: Connection, cfg: AlembicConfig) -> None:

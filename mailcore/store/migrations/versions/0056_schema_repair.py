@@ -1,4 +1,4 @@
-"""Repair stores stamped past migrations they never ran (0042, 0046, 0049, 0050).
+"""Repair stores stamped past migrations they never ran (0042, 0046, 0049, 0050, 0052).
 
 Migrations written at once on separate lines of work were chained onto the same revision
 and put in one line when merged, so a store some released commits migrated holds a revision
@@ -8,7 +8,10 @@ whose ancestors, as the chain now runs, include migrations it never ran:
   0046) or 0046 (no 0042): no `users.deleting_at`, and without 0046 no
   `quarantine_digest_runs`;
 - stamped `0051_drop_secrets_removed` by the commits where 0051 revised 0048: no
-  `mailapi_mail.size`, `mailboxes.used_bytes` (0049), `mailapi_mail.author_id` (0050).
+  `mailapi_mail.size`, `mailboxes.used_bytes` (0049), `mailapi_mail.author_id` (0050);
+- stamped `0054_file_nodes` (restamped 0052_file_nodes_rate_buckets before the upgrade:
+  mailcore.store.migrate.RETIRED_REVISIONS), which made 0052's file_nodes and not its
+  `rate_buckets`.
 
 Alembic saw such a store as past those migrations and never ran them; the upgrade then
 ended without an error, and the daemon and every admin command failed on the first query
@@ -17,7 +20,7 @@ of the missing column ("no such column: users.deleting_at", "mailboxes.used_byte
 Upgrade: what is missing is made as those migrations made it (their statements are copied
 here, as a migration keeps doing what it did): the column or table, and for 0049 the
 sizes counted from the rows. A store that has them is left as it is. Downgrade: nothing
-(what was added belongs to 0042-0050 and goes with their downgrades).
+(what was added belongs to 0042-0052 and goes with their downgrades).
 
 Revision ID: 0056_schema_repair
 Revises: 0055_node_registry
@@ -89,11 +92,25 @@ def _repair_mail_author() -> None:  # as 0050_mailapi_mail_author
     op.create_index("ix_mailapi_mail_author_id", "mailapi_mail", ["author_id"])
 
 
+def _repair_rate_buckets() -> None:  # as 0052_file_nodes_rate_buckets
+    if sa.inspect(op.get_bind()).has_table("rate_buckets"):
+        return
+    op.create_table(
+        "rate_buckets",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("tokens", sa.Float(), nullable=False),
+        sa.Column("at", sa.Float(), nullable=False),
+        sa.Column("full_at", sa.Float(), nullable=False),
+    )
+    op.create_index("ix_rate_buckets_full_at", "rate_buckets", ["full_at"])
+
+
 def upgrade() -> None:
     _repair_user_deleting()
     _repair_digest_runs()
     _repair_mailapi_usage()
     _repair_mail_author()
+    _repair_rate_buckets()
 
 
 def downgrade() -> None:
