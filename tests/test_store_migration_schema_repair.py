@@ -78,6 +78,35 @@ def thd_as_0054_file_nodes(conn: Connection, rate_buckets: bool) -> None:
     thd_make_user(conn, "alice")
 
 
+def thd_as_0021_reserved(conn: Connection) -> None:
+    """Blocking: a store fe67b6a migrated: 0017-0021 were reserved, empty (it stamped 0021
+    over 0016's schema); a user and a mailbox with two mails as that code stored them."""
+    thd_stamp(conn, "0021_fetch_bulk")
+    owner = thd_make_user(conn, "bob")
+    conn.execute(text("INSERT INTO mailboxes (address, owner_id, created_at) "
+                      "VALUES ('bob@hosted.test', :o, 1.0)"), {"o": owner})
+    box = conn.execute(text("SELECT id FROM mailboxes")).scalar_one()
+    conn.execute(text(
+        "INSERT INTO mailapi_mail (public_id, mailbox_id, status, subject, raw, created_at) "
+        "VALUES ('a1', :b, 'inbox', 'Grüße', :raw, 1.0), ('a2', :b, 'draft', 'x', NULL, 2.0)"),
+        {"b": box, "raw": b"Subject: x\r\n\r\nhi\r\n"})
+
+
+def thd_as_0021_before_completion(conn: Connection) -> None:
+    """Blocking: a store the commits between 0018's and 0019's first version and their
+    completion (7608f97, 869030d) migrated: no mailbox_jobs.tls_ca_pem/tls_fingerprint, no
+    mailboxes.mail_count; a mailbox with a mail."""
+    for table, column in (("mailbox_jobs", "tls_ca_pem"), ("mailbox_jobs", "tls_fingerprint"),
+                          ("mailboxes", "mail_count")):
+        conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+    owner = thd_make_user(conn, "bob")
+    conn.execute(text("INSERT INTO mailboxes (address, owner_id, created_at) "
+                      "VALUES ('bob@hosted.test', :o, 1.0)"), {"o": owner})
+    box = conn.execute(text("SELECT id FROM mailboxes")).scalar_one()
+    conn.execute(text("INSERT INTO mailapi_mail (public_id, mailbox_id, status, created_at) "
+                      "VALUES ('a1', :b, 'inbox', 1.0)"), {"b": box})
+
+
 def thd_columns(conn: Connection, table: str) -> set[str]:
     return {c["name"] for c in inspect(conn).get_columns(table)}
 
@@ -116,6 +145,26 @@ class SchemaRepairMigrationMixin(DatabaseMixin):
         indexes = await db.read("i", lambda c: {
             i["name"] for i in inspect(c).get_indexes("mailapi_mail")})
         self.assertIn("ix_mailapi_mail_author_id", indexes)
+
+    async def test_a_store_stamped_0021_over_reserved_migrations_gets_0017_to_0020(self) -> None:
+        # Head's daemon failed at its start: "no such table: mailbox_jobs".
+        db = await self.upgraded("0016_job_leases", thd_as_0021_reserved)
+        self.assertIn("meta_data", await db.read("c", thd_columns, "message_attachments"))
+        self.assertIn("tls_ca_pem", await db.read("c", thd_columns, "mailbox_jobs"))
+        self.assertIn("raw_sha256", await db.read("c", thd_columns, "mailapi_mail"))
+        self.assertIn("total", await db.read("c", thd_columns, "message_counts"))
+        self.assertEqual(await db.read("n", lambda c: c.execute(
+            text("SELECT mail_count FROM mailboxes")).scalar()), 2)
+        # 0049 counted the message kept in `raw` (18 bytes) and the subjects (7 + 1).
+        self.assertEqual(await db.read("n", lambda c: c.execute(
+            text("SELECT used_bytes FROM mailboxes")).scalar()), 26)
+
+    async def test_a_store_of_0018_and_0019_before_completion_gets_their_columns(self) -> None:
+        db = await self.upgraded("0021_fetch_bulk", thd_as_0021_before_completion)
+        self.assertLessEqual({"tls_ca_pem", "tls_fingerprint"},
+                             await db.read("c", thd_columns, "mailbox_jobs"))
+        self.assertEqual(await db.read("n", lambda c: c.execute(
+            text("SELECT mail_count FROM mailboxes")).scalar()), 1)
 
     async def test_a_store_stamped_0054_file_nodes_is_upgraded(self) -> None:
         # Refused before: "the database schema is at revision 0054_file_nodes, newer than
