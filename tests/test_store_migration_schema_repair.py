@@ -107,6 +107,19 @@ def thd_as_0021_before_completion(conn: Connection) -> None:
                       "VALUES ('a1', :b, 'inbox', 1.0)"), {"b": box})
 
 
+def thd_domain_generation(conn: Connection, stamp: str | None) -> None:
+    """Blocking: what 0010_domain_generation made (0f7cfb3) in place of change_counters,
+    and, with `stamp`, that commit's stamp; a user as that code stored it."""
+    conn.execute(text("DROP TABLE change_counters"))
+    conn.execute(text("CREATE TABLE domain_generation (id INTEGER NOT NULL, "
+                      "generation BIGINT NOT NULL, CONSTRAINT pk_domain_generation "
+                      "PRIMARY KEY (id))"))
+    conn.execute(text("INSERT INTO domain_generation (id, generation) VALUES (1, 7)"))
+    if stamp is not None:
+        thd_stamp(conn, stamp)
+    thd_make_user(conn, "alice")
+
+
 def thd_columns(conn: Connection, table: str) -> set[str]:
     return {c["name"] for c in inspect(conn).get_columns(table)}
 
@@ -165,6 +178,28 @@ class SchemaRepairMigrationMixin(DatabaseMixin):
                              await db.read("c", thd_columns, "mailbox_jobs"))
         self.assertEqual(await db.read("n", lambda c: c.execute(
             text("SELECT mail_count FROM mailboxes")).scalar()), 1)
+
+    async def test_a_store_stamped_0010_domain_generation_is_upgraded(self) -> None:
+        # Refused before: "the database schema is at revision 0010_domain_generation,
+        # newer than this version of Mailcore knows".
+        db = await self.upgraded("0010_change_counters",
+                                 lambda c: thd_domain_generation(c, "0010_domain_generation"))
+        await self.assert_counters_replace_domain_generation(db)
+
+    async def test_a_store_of_0011_on_0010_domain_generation_is_upgraded(self) -> None:
+        # 8aee59a stamped 0011 over 0010_domain_generation; 0029 failed on it before:
+        # "no such table: change_counters", and the daemon never started.
+        db = await self.upgraded("0011_domain_verification",
+                                 lambda c: thd_domain_generation(c, None))
+        await self.assert_counters_replace_domain_generation(db)
+
+    async def assert_counters_replace_domain_generation(self, db: Database) -> None:
+        self.assertFalse(await db.read("t", lambda c: inspect(c).has_table("domain_generation")))
+        names = await db.read("n", lambda c: set(c.execute(
+            text("SELECT name FROM change_counters")).scalars()))
+        self.assertLessEqual({"domains", "queue_flush"}, names)
+        self.assertEqual(await db.read("u", lambda c: c.execute(
+            text("SELECT username FROM users")).scalar()), "alice")
 
     async def test_a_store_stamped_0054_file_nodes_is_upgraded(self) -> None:
         # Refused before: "the database schema is at revision 0054_file_nodes, newer than

@@ -15,7 +15,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    inspect,
+    text,
+)
 from sqlalchemy.exc import DBAPIError
 from twisted.logger import Logger
 
@@ -55,6 +66,7 @@ log = Logger()
 # it for a store of a newer Mailcore and nothing could upgrade it. 0054_file_nodes made
 # only the file_nodes table of 0052 (0056_schema_repair makes its rate_buckets).
 RETIRED_REVISIONS = {
+    "0010_domain_generation": "0010_change_counters",  # once _replace_domain_generation ran
     "0054_file_nodes": "0052_file_nodes_rate_buckets",
     "0054_file_nodes_rate_buckets": "0052_file_nodes_rate_buckets",
 }
@@ -142,6 +154,7 @@ def upgrade_to(engine: Engine, revision: str) -> None:
                 # Released when the transaction ends (commit or rollback).
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                              {"key": _PG_MIGRATION_LOCK})
+            _replace_domain_generation(conn)
             _restamp_retired(conn)
             cfg = alembic_config(conn)
             _refuse_unknown_revision(conn, cfg)
@@ -152,6 +165,30 @@ def upgrade_to(engine: Engine, revision: str) -> None:
                 command.upgrade(cfg, revision)
             except CommandError as e:
                 raise ConfigError(f"cannot migrate the database: {_first_line(e)}") from None
+
+
+def _replace_domain_generation(conn: Connection) -> None:
+    """Blocking: a store migrated by the commits of `0010_domain_generation` (0f7cfb3 to
+    93420a9) holds its one-row table `domain_generation`, where 0010_change_counters makes
+    `change_counters`, whether it is stamped with that revision or with 0011 on top of it:
+    the table is made as 0010_change_counters makes it and the old one goes, in the
+    migration transaction (0029 writes to change_counters, and the daemon reads it)."""
+    inspector = inspect(conn)
+    if not inspector.has_table("domain_generation"):
+        return
+    if not inspector.has_table("change_counters"):
+        metadata = MetaData()
+        counters = Table(
+            "change_counters", metadata,
+            Column("name", String(40), nullable=False),
+            Column("value", BigInteger(), nullable=False),
+            PrimaryKeyConstraint("name", name="pk_change_counters"))
+        counters.create(conn)
+        conn.execute(counters.insert(), [{"name": "domains", "value": 0},
+                                         {"name": "queue_flush", "value": 0}])
+    conn.execute(text("DROP TABLE domain_generation"))
+    log.info("the database held domain_generation (revision 0010_domain_generation): "
+             "replaced by change_counters before the upgrade")
 
 
 def _restamp_retired(conn: Connection) -> None:
