@@ -21,6 +21,8 @@ _SQLITE_CANTOPEN = 14
 # (the server shuts down, crashed, cannot take connections yet).
 _PG_DISK_FULL = "53100"
 _PG_GOING_AWAY = frozenset({"57P01", "57P02", "57P03"})
+# How far down a chain of causes `outage` looks (a chain may loop).
+_MOST_CAUSES = 8
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,21 @@ DATABASE_BUSY = Outage(False, "the database is busy")
 
 
 def outage(error: BaseException) -> Outage | None:
-    """The outage `error` shows, or None when it is something else."""
+    """The outage `error` shows, or None when it is something else. An error raised from an
+    outage (its `__cause__`: the spool's SpoolError of a group commit that failed for one)
+    shows that outage."""
+    cause: BaseException | None = error
+    for _ in range(_MOST_CAUSES):
+        if cause is None:
+            break
+        found = _outage(cause)
+        if found is not None:
+            return found
+        cause = cause.__cause__
+    return None
+
+
+def _outage(error: BaseException) -> Outage | None:
     if isinstance(error, OSError):
         return NO_ROOM if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
     if not isinstance(error, DBAPIError):

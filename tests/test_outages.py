@@ -61,6 +61,23 @@ class OutageTests(SynchronousTestCase):
         self.assertIsNone(outage(error))
         self.assertIsNone(outage(_error_of("sqlite://", "SELECT * FROM missing")))
 
+    def test_an_error_raised_from_an_outage_is_that_outage(self) -> None:
+        """What a caller gets for work an outage stopped (the spool's SpoolError of a
+        failed group commit) carries it as its cause, and is that outage; an error raised
+        from a bug is not one."""
+        from mailcore.queue.spool import SpoolError
+
+        full = _error_of("sqlite://", "PRAGMA max_page_count = 2", "CREATE TABLE t (x TEXT)",
+                         "INSERT INTO t VALUES (printf('%.10000c', 'x'))")
+        for cause, expected in ((full, NO_ROOM), (RuntimeError("a bug"), None)):
+            try:
+                try:
+                    raise cause
+                except Exception as e:
+                    raise SpoolError("commit failed") from e
+            except SpoolError as e:
+                self.assertIs(outage(e), expected)
+
 
 def _sqlite_error(message: str, code: int) -> Exception:
     import sqlite3

@@ -257,8 +257,12 @@ class SpoolTests(TestCase):
         self.successResultOf(first)
         self.db.fail_next = True
         self.db.release()
-        self.failureResultOf(second, SpoolError)
-        self.failureResultOf(rode, SpoolError)
+        # Each caller's SpoolError carries the commit's error as its cause (what tells an
+        # outage from a bug: mailcore.outages).
+        refused = self.failureResultOf(second, SpoolError)
+        self.assertIsInstance(refused.value.__cause__, RuntimeError)
+        rider = self.failureResultOf(rode, SpoolError)
+        self.assertIsInstance(rider.value.__cause__, RuntimeError)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_a_message_whose_guard_says_no_is_left_out_alone(self) -> None:

@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.core import Core
+from mailcore.queue.spool import SpoolError
 from mailcore.safedrop import service
 from mailcore.safedrop.model import MAX_VALID_FOR
 from mailcore.smtp.envelope import Envelope, Recipient
@@ -802,6 +803,31 @@ class SendTests(TestCase):
         self.assertEqual((status, body), (200, b"OK"))
         self.assertEqual([m[2] for m in self.f.spooled()],
                          ["ann@example.org", "bob@example.net", "y@example.test"])
+
+    async def test_a_send_while_the_database_cannot_be_reached_is_503(self) -> None:
+        """The session is known without the database, so the send reaches the spool, whose
+        group commit cannot connect: its callers get SpoolError. That was a 500 'Internal
+        server error.' with a traceback per request while every other request of the same
+        outage answered 503 (mailcore.outages): the SpoolError did not carry its cause."""
+        bundle_id = await self.ready_bundle()
+        db = self.f.web.core.db
+        connect = db.engine.connect
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise sa.exc.OperationalError(
+                "connect", {}, Exception("connection failed: Connection refused"))
+
+        self.patch(db.engine, "connect", refused)
+        status, headers, reply = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual(status, 503, reply)
+        self.assertEqual(header(headers, "Retry-After"), "30")
+        self.assertEqual(self.flushLoggedErrors(SpoolError), [])  # not logged as a bug
+        self.flushLoggedErrors(sa.exc.OperationalError)  # the spool's line of the outage
+        # Nothing was sent: once the database is back, the send goes through.
+        self.patch(db.engine, "connect", connect)
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual(len(self.f.spooled()), 2)
 
     def routed(self) -> list[tuple[str, int | None]]:
         """(address, served domain id) of every queued recipient, by address."""

@@ -102,6 +102,15 @@ class SpoolError(Exception):
     """The message could not be committed; the SMTP server answers 451."""
 
 
+def _refused(failure: Failure) -> SpoolError:
+    """What each caller of a group whose commit failed gets: the commit's error is its
+    cause (`__cause__`), so that whoever answers the caller tells an outage (a full disk,
+    the database down: mailcore.outages) from a bug."""
+    error = SpoolError(f"commit failed: {failure.getErrorMessage()}")
+    error.__cause__ = failure.value
+    return error
+
+
 class Withdrawn(SpoolError):
     """The message's guard (`Spool.accept`) said no: it was not stored."""
 
@@ -730,11 +739,11 @@ class Spool:
             if consumer is not None and reserved:
                 consumer.unreserve(reserved)
             for p in batch:
-                p.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
+                p.done.errback(_refused(result))
             for rider in group.riders:
-                rider.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
+                rider.done.errback(_refused(result))
             for request in group.charges:
-                request.done.errback(SpoolError(f"commit failed: {result.getErrorMessage()}"))
+                request.done.errback(_refused(result))
             if group.results:
                 self._results.extendleft(reversed(group.results))
             return
