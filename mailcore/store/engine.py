@@ -14,6 +14,7 @@ it; SQLite gives its `-wal` and `-shm` files the same mode.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,13 @@ SQLITE_CHECKPOINT_PAGES = 8192
 # and its locks go; the stopped node, let go on, finds its connection gone and that
 # transaction fails as any database error does (nothing in it had been acknowledged).
 PG_IDLE_IN_TRANSACTION_MS = 30_000
-# Seconds a new PostgreSQL connection may take (libpq's connect_timeout; a URL's own
-# ?connect_timeout= wins). Without one, a server that takes the TCP connection but never
-# answers (stopped with SIGSTOP, hung, a proxy in front of a dead one) held the connecting
-# thread for ever: the daemon's start hung with nothing said, and at run time each pool
-# thread that needed a new connection stopped for good.
+# Seconds a new PostgreSQL connection may take (libpq's connect_timeout). A URL's own
+# ?connect_timeout= wins, and so does the environment's PGCONNECT_TIMEOUT (libpq and psycopg
+# read it only when the connection names no connect_timeout, so this default would override
+# it). Without one, a server that takes the TCP connection but never answers (stopped with
+# SIGSTOP, hung, a proxy in front of a dead one) held the connecting thread for psycopg's
+# own 130 s: the daemon's start hung with nothing said, and at run time each pool thread
+# that needed a new connection stopped as long.
 PG_CONNECT_TIMEOUT = 10
 # What our PostgreSQL sessions call themselves (pg_stat_activity's application_name), with
 # the node's name after it in the daemon: mailcore.store.stuck ends such sessions of a
@@ -69,7 +72,7 @@ def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
     if parsed.get_backend_name() != "sqlite":
         name = f"{APPLICATION_NAME} {node}" if node else APPLICATION_NAME
         connect_args: dict[str, Any] = {"application_name": name[:63]}
-        if "connect_timeout" not in parsed.query:
+        if "connect_timeout" not in parsed.query and "PGCONNECT_TIMEOUT" not in os.environ:
             connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
         engine = create_engine(
             url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
