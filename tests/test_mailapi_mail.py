@@ -28,7 +28,7 @@ from mailcore.mailapi import addresses as addresses_module
 from mailcore.mailapi import listing
 from mailcore.mailapi import mail as mail_module
 from mailcore.mailapi.delivery import LocalMailboxes
-from mailcore.mailapi.errors import MailApiError
+from mailcore.mailapi.errors import CONFLICT, MailApiError
 from mailcore.mailapi.files import GRACE, MailFiles, StoredFile
 from mailcore.mailapi.mail import Edit, MailService
 from mailcore.mailapi.mime import build_message
@@ -169,7 +169,7 @@ class ListingTests(MailApiTestCase):
         status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{row.public_id}",
                                       json={"subject": "changed"})
         self.assertEqual((status, body),
-                         (405, {"message": "inbox mail cannot be changed; only drafts can"}))
+                         (409, {"message": "inbox mail cannot be changed; only drafts can"}))
         self.assertEqual(await self.as_("bob", "GET", "/api/v1/mail/nosuch1"),
                          (404, {"message": "email not found"}))
 
@@ -359,7 +359,7 @@ class WritingTests(MailApiTestCase):
                          ("outbox", BOB, "spy@far.test"))
         status, body = await self.as_("bob", "PUT", path, json={"subject": "late"})
         self.assertEqual((status, body),
-                         (405, {"message": "outbox mail cannot be changed; only drafts can"}))
+                         (409, {"message": "outbox mail cannot be changed; only drafts can"}))
 
         # The sender hands it to the spool in order and marks it sent.
         self.web.core.outbox.startService()
@@ -381,7 +381,7 @@ class WritingTests(MailApiTestCase):
             .where(queue_recipients.c.message_id == row.queue_id))))
         self.assertEqual(rcpts, [JOE, "spy@far.test"])
         status, body = await self.as_("bob", "PUT", path, json={"status": "draft"})
-        self.assertEqual(status, 405)
+        self.assertEqual(status, 409)
 
     async def test_a_json_null_clears_a_field_of_a_draft(self) -> None:
         # A JSON client clearing cc with null, then sending: the mail went to the old cc
@@ -739,8 +739,8 @@ class WritingTests(MailApiTestCase):
         before = set(self.files.hashes())  # the delivered message's file
         data, headers = multipart({"subject": "x"}, "attachment", "a.bin", b"refused bytes",
                                   "application/octet-stream")
-        # PUT on inbox mail (405), on unknown mail (404), by someone who cannot see it.
-        for who, path, code in (("bob", f"/api/v1/mail/{inbox.public_id}", 405),
+        # PUT on inbox mail (409), on unknown mail (404), by someone who cannot see it.
+        for who, path, code in (("bob", f"/api/v1/mail/{inbox.public_id}", 409),
                                 ("bob", "/api/v1/mail/nosuch1", 404),
                                 ("eve", f"/api/v1/mail/{inbox.public_id}", 404)):
             status, _, _ = await self.web.call(
@@ -1175,14 +1175,14 @@ class PostgreSQLDraftEditRaceTests(DatabaseMixin, TestCase):
         # The edit answered 200 and wrote its subject into the sent mail, whose message
         # went out with the old one (found by an audit).
         outcome, row = await self.race(Edit("draft", {"subject": "autosaved"}))
-        self.assertEqual(outcome, ("state", "sent mail cannot be changed; only drafts can"))
+        self.assertEqual(outcome, (CONFLICT, "sent mail cannot be changed; only drafts can"))
         self.assertEqual((row.status, row.subject), ("sent", "as sent"))
 
     async def test_a_send_does_not_put_mail_sent_meanwhile_back_in_the_outbox(self) -> None:
         # A second "send" of the draft answered 202 and put the sent mail back in the
         # outbox under a new queue id: it was sent twice (found by an audit).
         outcome, row = await self.race(Edit("outbox", {}))
-        self.assertEqual(outcome, ("state", "sent mail cannot be changed; only drafts can"))
+        self.assertEqual(outcome, (CONFLICT, "sent mail cannot be changed; only drafts can"))
         self.assertEqual((row.status, row.queue_id), ("sent", "Q1"))
 
     async def test_an_edit_of_mail_deleted_meanwhile_is_404(self) -> None:

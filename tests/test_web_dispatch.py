@@ -101,6 +101,10 @@ class _Probe(ApiApp):
             raise OSError(errno.ENOSPC, "No space left on device")
         if rest == "apierror":
             raise ApiError(409, "conflict here", headers={"X-Why": "test"})
+        if rest == "refused":
+            raise ApiError(405, "not in this state")
+        if rest == "refused-all-but-get":
+            raise ApiError(405, "not in this state", headers={"Allow": "GET"})
         return self.reply(request, {"path": request.path.decode(), "rest": rest})
 
 
@@ -231,6 +235,36 @@ class MethodNotAllowedTests(TestCase):
             status, headers, body = await web.call(method, path)
             self.assertEqual((status, body), (405, expected), path)
             self.assertEqual(header(headers, "Allow"), allow, path)
+
+    async def test_every_405_of_every_route_carries_allow(self) -> None:
+        """RFC 9110 15.5.6: a 405 MUST carry Allow. Every method a route does not take, on
+        every route of every app: each 405 names the route's methods and not the one
+        refused."""
+        web = Web.build()
+        seen = 0
+        for app in web.root.apps.values():
+            for rule in app.app.url_map.iter_rules():
+                path = re.sub(r"<(?:int:)?[^>]*>", "1", rule.rule)
+                taken = set(rule.methods or ())
+                for method in sorted({"GET", "POST", "PUT", "DELETE", "PATCH"} - taken):
+                    status, headers, _ = await web.call(method, path)
+                    if status != 405:
+                        continue
+                    seen += 1
+                    allow = set((header(headers, "Allow") or "").split(", "))
+                    self.assertLessEqual(taken - {"OPTIONS"}, allow, (method, path))
+                    self.assertNotIn(method, allow, (method, path))
+        self.assertGreater(seen, 300)
+
+    async def test_a_handlers_405_carries_the_methods_of_its_path(self) -> None:
+        """A handler's 405 (a method its object's state refuses) went out without Allow."""
+        web = _probe_web()
+        status, headers, body = await web.call("GET", "/deep/refused")
+        self.assertEqual((status, body["error"]), (405, "not in this state"))
+        self.assertEqual(header(headers, "Allow"), "GET, HEAD")
+        # One that names what its state leaves keeps it.
+        status, headers, _ = await web.call("GET", "/deep/refused-all-but-get")
+        self.assertEqual((status, header(headers, "Allow")), (405, "GET"))
 
     async def test_protecmail_405_is_an_envelope(self) -> None:
         web = Web.build()

@@ -4,10 +4,11 @@ A subclass sets `name`, `title`, `shape`, `app = Klein()` and `routes = RouteTab
 name)`, takes the services it needs in `__init__`, and declares its handlers with
 `@routes.route(...)`. Whatever a handler raises comes back in the API's error shape:
 `ApiError` as itself, Werkzeug's routing errors as 404/405, anything else as a logged 500
-without a trace. An error once the reply has begun (a stream that failed midway) renders
-nothing: the status line and headers have gone, and a page written after them would be read
-as the rest of the body, or as the next response on a kept-alive connection. It is logged and
-the connection dropped (`drop_connection`), so the client sees a cut-off reply.
+without a trace; every 405 carries Allow (`ApiApp.with_allow`). An error once the reply has
+begun (a stream that failed midway) renders nothing: the status line and headers have gone,
+and a page written after them would be read as the rest of the body, or as the next response
+on a kept-alive connection. It is logged and the connection dropped (`drop_connection`), so
+the client sees a cut-off reply.
 """
 
 from __future__ import annotations
@@ -99,11 +100,27 @@ class ApiApp:
         return json_reply(request, body, status, headers)
 
     def error_reply(self, request: IRequest, error: ApiError) -> bytes:
-        """`error` in this API's shape."""
+        """`error` in this API's shape (a 405 with its Allow header: with_allow)."""
         if response_started(request):
             return self.cut_short(request, f"{error.status} {error.message}")
+        return self.render_error(request, self.with_allow(request, error))
+
+    def render_error(self, request: IRequest, error: ApiError) -> bytes:
+        """The reply of `error`: this API's JSON shape (the page apps make a page of it)."""
         body = self.shape.body(error, context_of(request).request_id)
         return json_reply(request, body, error.status, error.headers)
+
+    def with_allow(self, request: IRequest, error: ApiError) -> ApiError:
+        """`error`, and if it is a 405 without an Allow header, with the methods the routes
+        of the request's path take: RFC 9110 15.5.6 has every 405 carry Allow. The router's
+        405s and handlers' alike get it here; a handler that refuses by the object's state
+        names the methods that state leaves (web.safedrop's sent bundle)."""
+        if error.status != 405 or any(k.lower() == "allow" for k in error.headers):
+            return error
+        path = request.path.decode("utf-8", "replace")
+        methods = self.app.url_map.bind("localhost").allowed_methods(path)
+        error.headers["Allow"] = ", ".join(sorted(set(methods)))
+        return error
 
     def handle_failure(self, request: IRequest, failure: Failure) -> bytes:
         """Turn anything a handler or the router raised into a reply in this API's shape."""
@@ -145,12 +162,9 @@ class ApiApp:
             return ApiError(308, "Moved.", headers={"Location": location})
         if isinstance(error, NotFound):
             return ApiError(404, self.shape.not_found())
-        if isinstance(error, MethodNotAllowed):
-            allowed = sorted(set(error.valid_methods or ()))
+        if isinstance(error, MethodNotAllowed):  # its Allow header: with_allow
             method = request.method.decode("latin-1", "replace")
-            return ApiError(
-                405, self.shape.method_not_allowed(method), headers={"Allow": ", ".join(allowed)}
-            )
+            return ApiError(405, self.shape.method_not_allowed(method))
         if isinstance(error, HTTPException) and error.code is not None:
             return ApiError(error.code, error.description or error.name)
         found = outage(error) if error is not None else None

@@ -32,7 +32,7 @@ answers 507 `{"message": "mailbox full: ..."}`; a mailbox shows its `used_bytes`
 Mailboxes and grants: `/api/v1/mailboxes/…` (model in mailcore.mailapi). A refusal of the
 model answers 400 (bad input), 401 (a right the caller does not hold, as the seed's "you
 may not delete this email"), 404 (unknown or invisible) or 409 (already there; a mailbox
-whose outbox holds mail).
+whose outbox holds mail; a change, other than `read`, of a mail that is no draft).
 """
 
 from __future__ import annotations
@@ -175,8 +175,10 @@ MESSAGE_REPLY: dict[str, Any] = {
     "properties": {"message": {"type": "string"}},
 }
 # 507 Insufficient Storage (RFC 4918 11.5): the mailbox has no room for the mail (its quota).
-STATUS_OF_KIND = {INVALID: 400, DENIED: 401, NOT_FOUND: 404, "state": 405, CONFLICT: 409,
-                  TOO_LARGE: 413, QUOTA: 507}
+# A change of a mail that is no draft is CONFLICT (409, RFC 9110 15.5.10): PUT is the
+# mail's method (its `read` flag changes on any mail), only its state refuses the edit.
+STATUS_OF_KIND = {INVALID: 400, DENIED: 401, NOT_FOUND: 404, CONFLICT: 409, TOO_LARGE: 413,
+                  QUOTA: 507}
 MAIL_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -631,14 +633,14 @@ class MailApiApp(ApiApp):
         "PUT",
         summary="Update a draft, send it (status outbox), or set read",
         description="Only drafts change; sent, outbox and inbox mail take only `read` "
-        "(405 otherwise).",
+        "(409 otherwise).",
         auth=MAIL_API,
         body={**MAIL_BODY, "properties": {**MAIL_BODY["properties"],
                                           "read": {"type": "boolean"}}},
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
         replies={200: Reply("Updated", WRITTEN_REPLY),
                  202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
-        errors=(400, 401, 404, 405, 413, 500, 507),
+        errors=(400, 401, 404, 409, 413, 500, 507),
     )
     async def put_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)

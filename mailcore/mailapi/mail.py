@@ -54,7 +54,7 @@ from mailcore.emailpolicy import header_breaks
 from mailcore.mailapi.addresses import parse_address_list
 from mailcore.mailapi.counts import mail_size, thd_charge, thd_count_mail, thd_use
 from mailcore.mailapi.delivery import thd_new_public_id
-from mailcore.mailapi.errors import DENIED, NOT_FOUND, MailApiError
+from mailcore.mailapi.errors import CONFLICT, DENIED, NOT_FOUND, MailApiError
 from mailcore.mailapi.files import (
     GRACE,
     MAX_PARTS,
@@ -288,7 +288,7 @@ def _thd_edit_draft(conn: Connection, row_id: int, values: dict[str, str]) -> No
     now = conn.execute(_ROW_BY_ID, {"row_id": row_id}).first()
     if now is None:
         raise MailApiError(NOT_FOUND, "email not found")
-    raise MailApiError("state", f"{now.status} mail cannot be changed; only drafts can")
+    raise MailApiError(CONFLICT, f"{now.status} mail cannot be changed; only drafts can")
 
 
 def _size(values: dict[str, str], sizes: Iterable[int]) -> int:
@@ -580,7 +580,7 @@ class MailService:
             if not changing:
                 return Written(Outcome.SAVED, row.public_id)
             if row.status != DRAFT:
-                raise MailApiError("state", f"{row.status} mail cannot be changed; only "
+                raise MailApiError(CONFLICT, f"{row.status} mail cannot be changed; only "
                                    "drafts can")
             if not held.allow_send:
                 raise MailApiError(DENIED, "you may not write mail from this mailbox")

@@ -54,7 +54,7 @@ from twisted.web.iweb import IRequest
 
 from mailcore.files import secret_key_file
 from mailcore.text import shown
-from web.api import ApiApp, response_started
+from web.api import ApiApp
 from web.errors import ApiError, PlainErrors
 from web.openapi import Reply, RouteTable
 from web.parsing import read_fields
@@ -443,9 +443,7 @@ class PageApp(ApiApp):
         super().__init__(settings)
         self.pages = pages
 
-    def error_reply(self, request: IRequest, error: ApiError) -> bytes:
-        if response_started(request):  # no page inside a reply that began (web.api)
-            return self.cut_short(request, f"{error.status} {error.message}")
+    def render_error(self, request: IRequest, error: ApiError) -> bytes:
         return self.pages.error_page(request, error)
 
 
