@@ -101,6 +101,28 @@ _TOP_LEVEL: dict[str, type] = {
 }
 
 
+# Top-level settings whose empty value would silently mean something else (a path "" is the
+# current directory, Path("") == Path("."); a db "" the SQLite store of the data directory),
+# and what to give instead.
+_NOT_EMPTY = {
+    "data_dir": "name a directory",
+    "files_dir": "name a directory, or leave it out for the data directory",
+    "db": "give a database URL, or leave it out for SQLite in the data directory",
+    "tls_cert": "name a PEM file",
+    "tls_key": "name a PEM file",
+}
+
+
+def refuse_empty(values: Mapping[str, Any], *, options: bool = False) -> None:
+    """Refuse an empty (or blank) path or database URL among `values` (TOML spelling), named
+    as the config key, or as the command-line option with `options`."""
+    for key, hint in _NOT_EMPTY.items():
+        value = values.get(key)
+        if isinstance(value, str) and not value.strip():
+            name = "--" + key.replace("_", "-") if options else f"config key {key}"
+            raise ConfigError(f"{name} is empty: {hint}")
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML config file, turning every failure into a one-line ConfigError."""
     try:
@@ -135,6 +157,7 @@ def config_from_toml(data: dict[str, Any]) -> Config:
         if key in values:
             raise ConfigError(f"listeners given twice: {key} and [{key}] listen")
         values[key] = _checked(key, value, expected)
+    refuse_empty(values)
     return apply_overrides(Config(sections=sections), values)
 
 
@@ -271,7 +294,9 @@ class CommonOptions(usage.Options):
         config = Config()
         if self["config"]:
             config = config_from_toml(load_toml(Path(self["config"])))
-        return apply_overrides(config, self.overrides())
+        overrides = self.overrides()
+        refuse_empty(overrides, options=True)
+        return apply_overrides(config, overrides)
 
     def overrides(self) -> dict[str, Any]:
         """Values given on the command line, in TOML spelling."""

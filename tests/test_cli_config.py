@@ -57,6 +57,23 @@ class CliConfigTests(TestCase):
             )
         self.assertFalse(self.data_dir.exists())
 
+    async def test_an_empty_data_dir_is_one_line_before_anything_is_written(self) -> None:
+        """`data_dir = ""` made the current directory the data directory: `user list` made
+        mailcore.sqlite there."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("MAILCORE_DEBUG", None)
+        path = self.config_file('data_dir = ""\n')
+        for args, message in (
+            (["--config", str(path)], "config key data_dir is empty: name a directory"),
+            (["--data-dir", ""], "--data-dir is empty: name a directory"),
+        ):
+            result = await run_command([sys.executable, "-m", "mailcore.cli", *args, "user",
+                                        "list"], env=env, cwd=self.base)
+            self.assertEqual((result.status, result.out, result.err),
+                             (1, "", f"mailcore: {message}\n"), args)
+        self.assertEqual(sorted(p.name for p in self.base.iterdir()), [])
+
     async def test_a_good_file_is_used(self) -> None:
         result = await self.mailcore("[smtp]\nmax_recipients = 5\n", "user", "list")
         self.assertEqual((result.status, result.err), (0, ""))

@@ -240,6 +240,31 @@ class ErrorTests(ConfigTestCase):
             "config key smtp must be a string or a list of strings",
         )
 
+    def test_an_empty_path_or_database_url_is_refused(self) -> None:
+        """`data_dir = ""` silently meant the current directory (Path("") is Path(".")):
+        the store, keys and certificates went wherever the daemon was started; `db = ""`
+        silently meant SQLite in the data directory. In the file and on the command line."""
+        for key, hint in (
+            ("data_dir", "name a directory"),
+            ("files_dir", "name a directory, or leave it out for the data directory"),
+            ("db", "give a database URL, or leave it out for SQLite in the data directory"),
+            ("tls_cert", "name a PEM file"),
+            ("tls_key", "name a PEM file"),
+        ):
+            for value in ('""', '"  "'):
+                path = self.write_toml(f"{key} = {value}\n")
+                self.assertEqual(self.config_error("--config", str(path)),
+                                 f"config key {key} is empty: {hint}", value)
+        for argv, message in (
+            (("--data-dir", ""), "--data-dir is empty: name a directory"),
+            (("--files-dir=",), "--files-dir is empty: name a directory, or leave it out for "
+                                "the data directory"),
+            (("--db", " "), "--db is empty: give a database URL, or leave it out for SQLite "
+                            "in the data directory"),
+            (("--tls-cert", " ", "--tls-key", " "), "--tls-cert is empty: name a PEM file"),
+        ):
+            self.assertEqual(self.config_error(*argv), message)
+
     def test_tls_cert_without_key_is_refused(self) -> None:
         self.assertIn("--tls-key", self.usage_error("--tls-cert", "/etc/cert.pem"))
 

@@ -31,7 +31,14 @@ from typing import Any, NoReturn, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet import defer, task
 
-from mailcore.config import Config, ConfigError, apply_overrides, config_from_toml, load_toml
+from mailcore.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_toml,
+    load_toml,
+    refuse_empty,
+)
 from mailcore.identity import IdentityError
 from mailcore.text import escape_controls
 
@@ -150,8 +157,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     config = Config()
     if args.config:
         config = config_from_toml(load_toml(Path(args.config)))
-    return apply_overrides(config, {"data_dir": args.data_dir, "files_dir": args.files_dir,
-                                    "db": args.db})
+    overrides = {"data_dir": args.data_dir, "files_dir": args.files_dir, "db": args.db}
+    refuse_empty(overrides, options=True)
+    return apply_overrides(config, overrides)
 
 
 def one_line(error: BaseException) -> str:
