@@ -18,7 +18,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.store import Database, StoreError
-from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_CHECKPOINT_PAGES
+from mailcore.store.engine import (
+    PG_TCP_SETTINGS,
+    SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_CHECKPOINT_PAGES,
+)
 from mailcore.store.schema import credentials, users
 from tests.support.db import DatabaseMixin
 from tests.support.reactor import get_reactor
@@ -502,6 +506,46 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
             self.assertIs(moment.tzinfo, datetime.UTC)
             self.assertEqual(moment, _NOW.replace(hour=3))
             self.assertEqual(day, datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC))
+
+    async def test_tcp_connections_have_keepalives_and_a_user_timeout(self) -> None:
+        """A connection had no TCP keepalive: with the server out of reach (a partition, no
+        FIN or RST) a pool thread waited on its reply for the kernel's defaults, hours. The
+        settings are libpq's, on our side of the connection (the server's SHOW
+        tcp_keepalives_idle is its own socket's): read from psycopg's connection. A URL's
+        own parameters win; a Unix-domain socket gets none (libpq has none there)."""
+        from sqlalchemy.engine import make_url
+
+        from tests.support import pg
+        from tests.support.db import database_url, open_database_at
+
+        def client(conn: Connection) -> tuple[str, dict[str, str]]:
+            driver: Any = conn.connection.driver_connection
+            info = driver.info
+            return info.host, info.get_parameters()
+
+        expected = {key: str(value) for key, value in PG_TCP_SETTINGS.items()}
+        for way in (self.db.read, self.db.run):
+            host, parameters = await way("client", client)
+            self.assertFalse(host.startswith("/"), host)
+            self.assertEqual({k: parameters.get(k) for k in expected}, expected)
+
+        url = make_url(await database_url(self, "postgresql"))
+        own = url.update_query_dict({"keepalives_idle": "5", "tcp_user_timeout": "7000"})
+        db = await open_database_at(self, own.render_as_string(hide_password=False))
+        _, parameters = await db.read("client", client)
+        self.assertEqual({k: parameters.get(k) for k in expected},
+                         {**expected, "keepalives_idle": "5", "tcp_user_timeout": "7000"})
+
+        if pg._cluster is None:  # MAILCORE_TEST_PG_URL's server: its socket is unknown
+            return
+        local = url.set(host=None, port=None).update_query_dict(
+            {"host": str(pg._cluster.sockets), "port": str(pg._cluster.port)})
+        db = await open_database_at(self, local.render_as_string(hide_password=False))
+        host, parameters = await db.read("client", client)
+        self.assertEqual(host, str(pg._cluster.sockets))
+        self.assertEqual({k: parameters.get(k) for k in expected},
+                         dict.fromkeys(expected))
+        self.assertEqual(parameters.get("connect_timeout"), "10")
 
     async def test_no_statement_is_jit_compiled_or_run_on_parallel_workers(self) -> None:
         """The store's sessions never JIT-compile a statement nor start parallel workers

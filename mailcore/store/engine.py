@@ -3,7 +3,9 @@
 PostgreSQL sessions run in UTC (`_configure_postgresql`), whatever the server's TimeZone,
 without JIT compilation and without parallel workers, named `APPLICATION_NAME` (and the
 node), and a transaction left idle for `PG_IDLE_IN_TRANSACTION_MS` ends its session (one
-whose client stopped in the middle of a statement is ended by mailcore.store.stuck).
+whose client stopped in the middle of a statement is ended by mailcore.store.stuck). A new
+connection gives up after `PG_CONNECT_TIMEOUT`, and one over TCP whose server falls silent
+after about a minute (`PG_TCP_SETTINGS`); a URL's own parameters win.
 
 SQLite runs in WAL mode with `synchronous=FULL` (a commit is on disk before it returns), a
 busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and explicit
@@ -21,7 +23,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
 from mailcore.files import private_file
@@ -52,6 +54,21 @@ PG_IDLE_IN_TRANSACTION_MS = 30_000
 # own 130 s: the daemon's start hung with nothing said, and at run time each pool thread
 # that needed a new connection stopped as long.
 PG_CONNECT_TIMEOUT = 10
+# libpq's TCP keepalives and TCP_USER_TIMEOUT (ms) on every PostgreSQL connection over TCP
+# (a URL's own parameters win; libpq has none of them for a Unix-domain socket). Without
+# them a connection whose server went out of reach (a network partition, the server's
+# host powered off) with no FIN or RST looked alive for as long as the kernel's defaults
+# (Linux: keepalives off unless asked, then 2 h of idle before the first probe; data
+# unacknowledged retransmitted for some 15 min): the pool thread waiting on a reply, and
+# the request or SMTP DATA waiting on it, stayed blocked that long. Now a silent peer is
+# given up after about a minute and the statement fails as any database error does.
+PG_TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,  # seconds of silence before the first probe
+    "keepalives_interval": 10,  # seconds between probes
+    "keepalives_count": 3,  # unanswered probes that end the connection
+    "tcp_user_timeout": 60_000,  # ms sent data may stay unacknowledged
+}
 # What our PostgreSQL sessions call themselves (pg_stat_activity's application_name), with
 # the node's name after it in the daemon: mailcore.store.stuck ends such sessions of a
 # stopped node that block the others, and only such.
@@ -72,8 +89,14 @@ def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
     if parsed.get_backend_name() != "sqlite":
         name = f"{APPLICATION_NAME} {node}" if node else APPLICATION_NAME
         connect_args: dict[str, Any] = {"application_name": name[:63]}
-        if "connect_timeout" not in parsed.query and "PGCONNECT_TIMEOUT" not in os.environ:
-            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        defaults: dict[str, int] = {}
+        if "PGCONNECT_TIMEOUT" not in os.environ:
+            defaults["connect_timeout"] = PG_CONNECT_TIMEOUT
+        if not _unix_socket_only(parsed):
+            defaults.update(PG_TCP_SETTINGS)
+        for key, value in defaults.items():
+            if key not in parsed.query:
+                connect_args[key] = value
         engine = create_engine(
             url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
             connect_args=connect_args,
@@ -91,6 +114,17 @@ def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
     engine = create_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
+
+
+def _unix_socket_only(parsed: URL) -> bool:
+    """Whether libpq reaches every host of a PostgreSQL URL over a Unix-domain socket: a
+    host (the URL's, else its `?host=`, else PGHOST) that is a directory, or none at all
+    (libpq's default socket), and no `?hostaddr=`."""
+    if "hostaddr" in parsed.query:
+        return False
+    given = parsed.query.get("host") or parsed.host or os.environ.get("PGHOST", "")
+    hosts = ",".join(given) if isinstance(given, tuple) else given
+    return all(h.startswith(("/", "@")) for h in hosts.split(",") if h)
 
 
 def _configure_postgresql(engine: Engine) -> None:
