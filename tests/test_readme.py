@@ -86,6 +86,56 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return dict(actions[0].choices) if actions else {}
 
 
+# A JSON string (its brackets and separators are text).
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def json_examples(text: str) -> list[str]:
+    """README's JSON examples: the comments of its code blocks (a `{` or `[` left open goes
+    on in the next comment line) and the inline code of its prose, each with its strings
+    made empty."""
+    examples: list[str] = []
+    for block in re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M):
+        depth, current = 0, ""
+        for line in block.splitlines():
+            _, comment, after = line.partition("#")
+            bare = JSON_STRING.sub('""', after) if comment else ""
+            for ch in bare:
+                depth += (ch in "{[") - (ch in "}]" and depth > 0)
+            current += bare.lstrip() if current else bare  # a line break, not a space
+            if depth == 0:
+                examples.append(current)
+                current = ""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    examples += [JSON_STRING.sub('""', code) for code in re.findall(r"`([^`\n]+)`", prose)
+                 if '"' in code and re.search(r"[{\[]", code)]
+    return examples
+
+
+class ExampleTests(TestCase):
+    def test_json_examples_are_compact_as_the_apis_send_them(self) -> None:
+        """The APIs send compact JSON (web.replies.encode_json, as the seeds show it); the
+        README showed `{"request_id": "…", "success": true, "msg": "pong"}` for the ping and
+        spaced replies for the Mail API. Brackets that are not JSON (a TOML inline table,
+        `[queue]`) hold no `", "` or `": "` either way."""
+        spaced = [e for e in json_examples(README)
+                  if re.search(r"[{\[][^{}\[\]]*?[,:] ", e) and " = " not in e]
+        self.assertEqual(spaced, [])
+        self.assertIn('# {"request_id":"…","success":true,"msg":"pong"}', README)
+
+    async def test_the_ping_example_is_the_ping_reply(self) -> None:
+        from tests.support.web import Web
+
+        web = Web.build()
+        user = await web.user()
+        key = await web.credential(user)
+        response = await web.http.request("GET", "http://127.0.0.1/api/v1/ping",
+                                          headers={"Api-Key": key})
+        sent = (await response.content()).decode()
+        [shown] = re.findall(r"^# (.*)\n.*\bapi/v1/ping\b.*# no key", README, re.M)
+        self.assertRegex(sent, "^" + re.escape(shown).replace("…", ".+") + "$")
+
+
 class ArchitectureTests(TestCase):
     def test_every_package_is_named(self) -> None:
         text = section("Architecture")
