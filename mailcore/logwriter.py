@@ -50,7 +50,7 @@ from twisted.python.compat import ioType
 from zope.interface import implementer
 
 from mailcore.outages import outage
-from mailcore.text import escape_controls
+from mailcore.text import escape_controls, first_line
 
 # An event's text (formatEvent's result), kept in the event by the first observer that
 # needs it, so the limiter and the file do not format it twice; the mail log sets it when
@@ -85,8 +85,8 @@ def _first_line(error: BaseException) -> str:
     """`error` as one line: its type and the first line of its message (a database error's
     first, not the SQL and parameters that follow)."""
     cause = getattr(error, "orig", None) or error
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    line = first_line(str(cause))
+    return f"{type(cause).__name__}: {line}" if line else type(cause).__name__
 
 
 def event_text(event: LogEvent) -> str:

@@ -107,6 +107,15 @@ def shown(text: str) -> str:
     return " ".join(strip_bidi_controls(text).split())
 
 
+def first_line(text: str) -> str:
+    """The first line of `text` that is not blank, stripped ("" when there is none): an
+    error's message as one line (a database error's first, not the SQL that follows)."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
 def breaks_line(text: str) -> bool:
     """Whether `text` holds NUL, CR or LF, which would end or cut a protocol command line."""
     return _LINE_BREAKING.search(text) is not None

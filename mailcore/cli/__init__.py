@@ -40,7 +40,7 @@ from mailcore.config import (
     refuse_empty,
 )
 from mailcore.identity import IdentityError
-from mailcore.text import escape_controls
+from mailcore.text import escape_controls, first_line
 
 PROG = "mailcore"
 COMMAND_MODULES = (
@@ -167,19 +167,12 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, SQLAlchemyError):
         orig = getattr(error, "orig", None)
         text = str(orig) if orig is not None else str(error)
-        return f"database error: {_first_line(text)}"
+        return f"database error: {first_line(text)}"
     if isinstance(error, IdentityError):
         return in_cli_words(error.message, error.field, IDENTITY_OPTIONS)
     if isinstance(error, OSError) and error.filename:
         return f"{error.strerror or error}: {error.filename}"
-    return _first_line(str(error)) or type(error).__name__
-
-
-def _first_line(text: str) -> str:
-    for line in text.strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    return first_line(str(error)) or type(error).__name__
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

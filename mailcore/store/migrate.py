@@ -32,6 +32,7 @@ from twisted.logger import Logger
 
 from mailcore.config import ConfigError
 from mailcore.store.engine import WRITE_INTENT
+from mailcore.text import first_line
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -114,8 +115,8 @@ def check_writable(engine: Engine, shown: str) -> None:
             transaction.rollback()
     except DBAPIError as e:
         cause = e.orig if isinstance(e.orig, Exception) else e
-        raise ConfigError(f"cannot write to the database {shown}: {_first_line(cause)}"
-                          ) from None
+        reason = first_line(str(cause)) or type(cause).__name__
+        raise ConfigError(f"cannot write to the database {shown}: {reason}") from None
 
 
 def newest_revision() -> str | None:
@@ -164,7 +165,8 @@ def upgrade_to(engine: Engine, revision: str) -> None:
             try:
                 command.upgrade(cfg, revision)
             except CommandError as e:
-                raise ConfigError(f"cannot migrate the database: {_first_line(e)}") from None
+                reason = first_line(str(e)) or type(e).__name__
+                raise ConfigError(f"cannot migrate the database: {reason}") from None
 
 
 def _replace_domain_generation(conn: Connection) -> None:
@@ -220,11 +222,6 @@ def _refuse_unknown_revision(conn: Connection, cfg: AlembicConfig) -> None:
                 f"Mailcore knows (its newest is {script.get_current_head()}): run the Mailcore "
                 "that migrated it, or a newer one"
             )
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def downgrade_to(engine: Engine, revision: str) -> None:
