@@ -313,6 +313,33 @@ class SpoolTests(TestCase):
         d = defer.Deferred.fromCoroutine(self.q.spool.accept("Q", envelope("a@x"), b"x"))
         self.failureResultOf(d, SpoolError)
 
+    def test_an_accept_given_up_on_is_withdrawn_unless_its_commit_has_begun(self) -> None:
+        """The SMTP server's command deadline cancels an accept: one still waiting for a
+        group is taken out (never stored; the runner's room it held is given back); one
+        whose group commit is under way is stored when that lands, its answer dropped, and
+        the rest of its group is answered as usual."""
+        self.q.runner.start()
+        first = self.accept("Q0")
+        in_flight, companion = self.accept("Q1"), self.accept("Q2")
+        self.db.release()  # Q0's group commits; Q1 and Q2 are taken into the next
+        self.successResultOf(first)
+        self.assertEqual(self.db.accept_batches, [1, 2])
+        waiting = self.accept("Q3")
+        held = self.q.runner.held
+        waiting.cancel()
+        self.failureResultOf(waiting, defer.CancelledError)
+        self.assertEqual(self.q.runner.held, held - 1)
+        in_flight.cancel()
+        self.failureResultOf(in_flight, defer.CancelledError)
+        self.db.release()  # the commit under way lands
+        self.successResultOf(companion)
+        self.db.release()
+        self.assertEqual(self.db.accept_batches, [1, 2])  # Q3 never went into a group
+        ids = done(self.db.inner.read(
+            "q", lambda c: sorted(c.execute(select(queue_messages.c.id)).scalars())))
+        self.assertEqual(ids, ["Q0", "Q1", "Q2"])
+        self.assertEqual(len(self.connector.delivered), 3)  # the late one delivered too
+
     def test_leased_to_this_node_only_while_the_runner_has_room(self) -> None:
         self.q.runner.start()
         self.q.runner.held = self.q.settings.max_in_memory  # full

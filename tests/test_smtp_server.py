@@ -19,6 +19,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.domains import DomainService
+from mailcore.mailapi.room import MailboxRoom
 from mailcore.queue.spool import SpoolError
 from mailcore.smtp.client import data_stream
 from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
@@ -782,20 +783,78 @@ class TimeoutTests(ServerTestCase):
         self.assertEqual([r[:3] for r in s.replies()], ["421"])
         self.assertEqual(self.sink.messages, [])
 
-    def test_command_timeout_while_the_spool_hangs(self) -> None:
+    def test_a_commit_not_confirmed_in_time_is_answered_451_and_the_session_goes_on(
+            self) -> None:
+        """The store does not answer (a frozen database): at command_timeout the message is
+        answered 451 once, the input held behind it is handled, the commit that lands
+        late answers nothing more, and the next message on the session is accepted."""
         s = self.session(self.make_factory(idle_timeout=10, command_timeout=120))
         self.sink.hold = True
         self.start(s)
-        self.assertEqual(s.send(b"x\r\n.\r\n"), [])
-        self.clock.advance(60)  # the idle timer does not run while we owe a reply
+        self.assertEqual(s.send(b"x\r\n.\r\nMAIL FROM:<b@remote.test>\r\n"), [])
+        self.clock.advance(119.5)  # the idle timer does not run while we owe a reply
+        self.assertEqual(s.replies(), [])
+        warnings = logged_at(self, LogLevel.warn)
+        self.clock.advance(0.5)
+        self.assertEqual(s.replies(), [
+            "451 4.3.0 Error: message not confirmed in time, try again later",
+            "250 2.1.0 Ok",
+        ])
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("command_timeout (120 s); answered 451", warnings[0])
         self.assertFalse(s.closing)
-        self.clock.advance(60)
+        self.sink.hold = False
+        self.assertEqual(s.codes(b"RCPT TO:<user@example.com>\r\n"), ["250"])
+        self.assertEqual(s.codes(b"DATA\r\n"), ["354"])
+        self.assertEqual(s.codes(b"y\r\n.\r\n"), ["250"])
+        self.sink.release()  # the first commit lands late: delivered, answered no more
+        self.assertEqual(s.replies(), [])
+        self.assertEqual(self.sink.bodies, [b"y\r\n", b"x\r\n"])
+        self.assertEqual(s.codes(b"NOOP\r\n"), ["250"])
+        self.clock.advance(9.5)  # the idle time counts from our last answer
+        self.assertFalse(s.closing)
+        self.clock.advance(0.5)
         self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+
+    def test_a_late_commit_after_the_client_left_is_harmless(self) -> None:
+        s = self.session(self.make_factory(command_timeout=60))
+        self.sink.hold = True
+        self.start(s)
+        s.send(b"x\r\n.\r\nQUIT\r\n")
+        self.clock.advance(60)
+        self.assertEqual([r[:3] for r in s.replies()], ["451", "221"])
         self.assertTrue(s.closing)
         s.close()
         self.sink.release()
         self.assertEqual(s.replies(), [])
         self.assertEqual(len(self.sink.messages), 1)  # committed late: a duplicate, not a loss
+
+    def test_a_recipient_lookup_not_answered_in_time_is_451(self) -> None:
+        """A RCPT whose room lookup (not cached) waits on a store that does not answer: 451
+        at command_timeout; the lookup's late answer adds no recipient."""
+        reads: list[defer.Deferred[dict[str, int]]] = []
+
+        class HungStore:
+            def read(self, name: str, fn: Any, *args: Any) -> defer.Deferred[dict[str, int]]:
+                reads.append(defer.Deferred())
+                return reads[-1]
+
+        factory = self.make_factory(command_timeout=60)
+        factory.room = MailboxRoom(HungStore(), self.clock, None, 1000)  # type: ignore[arg-type]
+        s = self.session(factory)
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        self.assertEqual(s.send(b"RCPT TO:<user@example.com>\r\nRSET\r\n"), [])
+        self.clock.advance(60)
+        self.assertEqual(s.replies(), ["451 4.3.0 <user@example.com>: Temporary lookup failure",
+                                       "250 2.0.0 Ok"])
+        reads[0].callback({})  # the store answers late
+        self.assertEqual(s.replies(), [])
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        self.assertEqual(s.send(b"RCPT TO:<user@example.com>\r\n"), [])  # reads again
+        reads[1].callback({})
+        self.assertEqual(s.replies(), ["250 2.1.5 Ok"])
+        self.assertEqual(s.codes(b"DATA\r\n"), ["354"])
 
     def test_after_a_slow_command_the_idle_time_counts_from_our_answer(self) -> None:
         s = self.session(self.make_factory(idle_timeout=10, command_timeout=120))

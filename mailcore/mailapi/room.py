@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, func, or_, select
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -86,6 +87,8 @@ class MailboxRoom:
         try:
             return await self.db.read("mailapi_nearly_full", thd_nearly_full, self.quota,
                                       self.margin)
+        except defer.CancelledError:
+            raise  # its caller gave up waiting (the SMTP command deadline): no answer to keep
         except Exception:
             log.failure("reading the room of the hosted mailboxes failed; their mail is "
                         "accepted for {ttl} s, and bounced at delivery if it does not fit",

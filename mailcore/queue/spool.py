@@ -152,14 +152,17 @@ class _Pending:
 
     def __init__(self, queue_id: str, envelope: Envelope, body: bytes, leased: bool,
                  charges: list[Any] | None = None,
-                 guard: Callable[[Connection], bool] | None = None) -> None:
+                 guard: Callable[[Connection], bool] | None = None,
+                 withdraw: Callable[[_Pending], None] | None = None) -> None:
         self.queue_id = queue_id
         self.envelope = envelope
         self.body = body
         self.leased = leased  # the runner reserved room: insert it leased to this node
         self.charges = charges  # the charger's items for this message, if any
         self.guard = guard  # run in the group's transaction: whether to store it
-        self.done: defer.Deferred[None] = defer.Deferred()
+        # Cancelled when its caller gives up waiting: `withdraw` takes it out if it can.
+        self.done: defer.Deferred[None] = defer.Deferred(
+            None if withdraw is None else lambda _: withdraw(self))
 
 
 class _ChargeRequest:
@@ -214,6 +217,17 @@ class _Chore:
         self.fn = fn
         self.args = args
         self.done: defer.Deferred[Any] = defer.Deferred()
+
+
+def _answer(done: defer.Deferred[None], outcome: Failure | Exception | None) -> None:
+    """Tell an accept's caller how its group commit went (None: stored), unless it gave up
+    waiting (cancelled: `Spool._withdraw`); the rest of the group is answered all the same."""
+    if done.called:
+        return
+    if outcome is None:
+        done.callback(None)
+    else:
+        done.errback(outcome)
 
 
 def _host_of(label: str) -> str:
@@ -392,13 +406,15 @@ class Spool:
         savepoint of its own): when it returns False (or raises) the message alone is left
         out, what the guard wrote with it, and accept raises Withdrawn (or what it
         raised). So a write elsewhere that the guard looks at commits either before the
-        message (which it keeps out) or after it."""
+        message (which it keeps out) or after it. A caller that stops waiting (cancels)
+        withdraws the message if its group commit has not begun (`_withdraw`)."""
         if not envelope.recipients:
             raise SpoolError("a message needs at least one recipient")
         n = len(envelope.recipients)
         charges = self.charger.charges_for(queue_id, envelope) if self.charger else None
         leased = self.consumer is not None and self.consumer.reserve(n)
-        item = _Pending(queue_id, envelope, data, leased, charges or None, guard)
+        item = _Pending(queue_id, envelope, data, leased, charges or None, guard,
+                        self._withdraw)
         with self._wake:
             self._pending.append(item)
             waiting = len(self._pending)
@@ -408,6 +424,20 @@ class Spool:
                 self._wake.notify()
         self._kick()
         await item.done
+
+    def _withdraw(self, item: _Pending) -> None:
+        """An accept given up on (its Deferred cancelled: the SMTP server's command deadline
+        passed): a message not yet taken into a group is taken out, and never stored; one
+        whose group is being committed stays in it, and is stored and delivered if that
+        commit succeeds (its caller was told it was not; a duplicate when the client sends
+        it again, the price of answering in time)."""
+        with self._wake:
+            try:
+                self._pending.remove(item)
+            except ValueError:
+                return  # in a group being committed (its answer is dropped: `_answer`)
+        if item.leased and self.consumer is not None:
+            self.consumer.unreserve(len(item.envelope.recipients))
 
     def record(self, results: Sequence[Result]) -> None:
         """Queue delivery results for a results transaction (soon, not necessarily next);
@@ -631,7 +661,8 @@ class Spool:
         With nothing pending it waits up to `linger` seconds for an accept (or for the
         lane to be wanted); under load it then waits up to `gather` seconds for a group of
         `group_target`. Neither wait happens while draining. Only the stream takes from
-        `_pending` (the reactor thread only appends to it). Delivery results waiting
+        `_pending` (the reactor thread appends to it, and takes out an accept given up on,
+        `_withdraw`, under the same lock). Delivery results waiting
         meanwhile ride along in the same transaction, so that under load they are written
         within one group commit, without a lane turn of their own."""
         with self._wake:
@@ -739,7 +770,7 @@ class Spool:
             if consumer is not None and reserved:
                 consumer.unreserve(reserved)
             for p in batch:
-                p.done.errback(_refused(result))
+                _answer(p.done, _refused(result))
             for rider in group.riders:
                 rider.done.errback(_refused(result))
             for request in group.charges:
@@ -768,10 +799,8 @@ class Spool:
                 consumer.unreserve(reserved)
         # The callers first (their 250s go out now), then the riders, then the delivery work.
         for i, p in enumerate(batch):
-            if i not in withdrawn:
-                p.done.callback(None)
-            else:
-                p.done.errback(withdrawn[i] or Withdrawn("its guard left the message out"))
+            _answer(p.done, None if i not in withdrawn
+                    else withdrawn[i] or Withdrawn("its guard left the message out"))
         for rider, outcome in zip(group.riders, result.riders, strict=True):
             if isinstance(outcome, Failure):
                 rider.done.errback(outcome)

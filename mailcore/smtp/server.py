@@ -38,7 +38,9 @@ not inherit (see shared/notes/twisted-pitfalls.md):
 
 Recipients are checked against a `RecipientDirectory` (the DomainService's in-memory
 snapshot: no SQL per RCPT) and accepted messages go to a `MessageSink` (the spool), whose
-`accept` returns only once the message is durably committed; only then do we say 250.
+`accept` returns only once the message is durably committed; only then do we say 250. A
+command that waits on the store longer than `command_timeout` (the end of DATA, a RCPT
+whose lookup is not cached) is cancelled and answered 451 4.3.0 (see `SMTPSettings`).
 
 Configuration: the `[smtp]` table of the TOML file (see `SMTPSettings`).
 """
@@ -175,7 +177,14 @@ class SMTPSettings:
     - `idle_timeout` (300): silence from the client (between commands or inside DATA)
       before we say 421 4.4.2 and close.
     - `command_timeout` (120): how long one command may wait on us (a store lookup, the
-      spool's commit) before we say 421 4.4.2 and close.
+      spool's commit) before it is answered 451 4.3.0 and the session goes on: a store
+      that does not answer (a frozen or hung database server, which neither TCP
+      keepalives nor a statement error end) must not hold the client without a reply.
+      RFC 5321 4.5.3.2 gives the client 5 minutes for a RCPT reply and 10 for DATA's, so
+      keep it well under 300. A message so answered is taken out of the spool if its
+      group commit has not begun; if it has, the commit may still land and the message is
+      delivered, and again when the client sends it again (a rare duplicate, the price of
+      an answer in time).
     - `max_session_time` (3600): how long a session may last in all, whatever it does,
       before we say 421 4.4.2 and close; a message still in DATA then is not accepted. The
       idle timeout alone lets one octet every few minutes hold a session (and its
@@ -426,6 +435,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._paused_at = 0.0
         self._session_end = 0.0  # max_session_time after the connection was admitted
         self._timer: IDelayedCall | None = None
+        # The command's Deferred while it waits on us: cancelled at its deadline.
+        self._waiting: defer.Deferred[None] | None = None
 
     # -- connection ---------------------------------------------------------------------
 
@@ -690,10 +701,12 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self._paused = True
         self._paused_at = self.clock.seconds()  # the command timeout runs from here
+        self._waiting = pending
         pending.addBoth(self._resume)
 
     def _resume(self, result: object) -> None:
         self._paused = False
+        self._waiting = None
         if not self._open:
             return
         if self.clock.seconds() >= self._session_end:
@@ -714,6 +727,11 @@ class ESMTPServerProtocol(TwistedProtocol):
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _internal_error(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            # Past command_timeout, in a command that does not answer that itself.
+            self._reset_transaction()
+            self.reply(451, "4.3.0", "Error: timeout waiting for the store, try again later")
+            return
         log.failure("SMTP command failed", failure)
         self._reset_transaction()
         self.reply(451, "4.3.0", "Error: internal error, try again later")
@@ -743,12 +761,27 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         now = self.clock.seconds()
         if now >= self._deadline() - 1e-6:  # (not re-armed for a rounding error's worth)
+            if self._paused and self._waiting is not None:
+                self._overdue(self._waiting)
+                if not self._paused:  # answered (451): the session goes on
+                    if self._open and self._timer is None:
+                        self._arm_timer(now)
+                    return
             if not self._paused and now >= self._session_end - 1e-6:
                 self._end_session_time()
             else:
                 self.shutdown("4.4.2", "Error: timeout exceeded")
             return
         self._arm_timer(now)
+
+    def _overdue(self, pending: defer.Deferred[None]) -> None:
+        """A command waited on the store past `command_timeout`: cancel it. Its coroutine
+        answers 451 4.3.0 (the work it waited on goes on: see `SMTPSettings`), and the
+        input held behind it is handled. One that does not answer ends the session (421)."""
+        self._waiting = None
+        log.warn("an SMTP command waited on the store over [smtp] command_timeout "
+                 "({timeout:g} s); answered 451", timeout=self.settings.command_timeout)
+        pending.cancel()
 
     def _end_session_time(self) -> None:
         self.shutdown("4.4.2", "Error: session time limit exceeded")
@@ -972,7 +1005,12 @@ class ESMTPServerProtocol(TwistedProtocol):
         hosted or a relayed domain) without room for the message (see the module
         docstring)."""
         assert self.factory.room is not None
-        room = await self.factory.room.room(address)
+        try:
+            room = await self.factory.room.room(address)
+        except defer.CancelledError:  # command_timeout: the store did not answer
+            self._refuse("RCPT", 451, "4.3.0", f"<{address}>: Temporary lookup failure",
+                         recipients=[address])
+            return
         if room is not None and room < max(self._declared, MIN_STORED):
             self._refuse("RCPT", 552, "5.2.2",
                          f"<{address}>: Recipient address rejected: mailbox full",
@@ -1160,6 +1198,15 @@ class ESMTPServerProtocol(TwistedProtocol):
             if sink is None:
                 raise RuntimeError("no spool is configured")
             await sink.accept(queue_id, envelope, data)
+        except defer.CancelledError:
+            # command_timeout: the spool did not confirm the commit in time. The message is
+            # withdrawn, or its commit (under way) may still land (see SMTPSettings).
+            self.reply(451, "4.3.0", "Error: message not confirmed in time, try again later")
+            maillog.refused("DATA", "451 4.3.0 message not confirmed in time",
+                            client=self.client_ip, mail_from=envelope.mail_from,
+                            queue_id=queue_id,
+                            recipients=[r.address for r in envelope.recipients])
+            return
         except Exception as e:
             if not isinstance(e, SpoolError):  # (the spool logs why its commits fail)
                 log.failure("could not queue message {queue_id}", queue_id=queue_id)

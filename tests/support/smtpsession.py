@@ -31,8 +31,9 @@ class Accepted:
 @dataclass
 class RecordingSink:
     """A MessageSink that keeps what it accepts. With `hold`, each accept waits until the
-    test fires its Deferred from `pending`; with `fail`, accept raises (`fail_with` when
-    set, else a RuntimeError)."""
+    test fires its Deferred from `pending` (a commit in flight: it lands then even if its
+    caller gave up waiting, as the spool's does); with `fail`, accept raises (`fail_with`
+    when set, else a RuntimeError)."""
 
     messages: list[Accepted] = field(default_factory=list)
     hold: bool = False
@@ -44,7 +45,24 @@ class RecordingSink:
         if self.hold:
             gate: defer.Deferred[None] = defer.Deferred()
             self.pending.append(gate)
-            await gate
+            answer: defer.Deferred[None] = defer.Deferred()  # what the caller waits for
+
+            def landed(_: object) -> None:
+                try:
+                    self._commit(queue_id, envelope, data)
+                except Exception:
+                    if not answer.called:
+                        answer.errback()
+                    return
+                if not answer.called:
+                    answer.callback(None)
+
+            gate.addCallback(landed)
+            await answer
+            return
+        self._commit(queue_id, envelope, data)
+
+    def _commit(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         if self.fail_with is not None:
             raise self.fail_with
         if self.fail:
