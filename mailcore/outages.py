@@ -36,6 +36,9 @@ class Outage:
 NO_ROOM = Outage(True, "no room left on the server's storage")
 DATABASE_DOWN = Outage(False, "the database cannot be reached")
 DATABASE_BUSY = Outage(False, "the database is busy")
+# A request whose reply had not begun at `[web] reply_timeout` (web.deadline): what it waits
+# on that long is the store, a database server that is frozen or hung.
+DATABASE_SLOW = Outage(False, "the database did not answer in time")
 
 
 def outage(error: BaseException) -> Outage | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
 from mailcore.identity import Principal
@@ -41,6 +42,8 @@ class RequestContext:
     # The secrets (policy name, secret) the request presented that resolved to no one:
     # looked up once, though the upload gate and the API both ask (web.auth).
     refused: set[tuple[str, str]] = field(default_factory=set)
+    # Fires when the reply deadline passes (web.deadline); None when none is armed.
+    overdue: defer.Deferred[None] | None = None
 
     def authenticated(self, principal: Principal) -> None:
         self.principal = principal

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 from klein import Klein
 
 from web.auth import AuthPolicy
+from web.deadline import within_deadline
 from web.errors import ErrorShape
 from web.parsing import (
     ID_MAX,
@@ -50,8 +51,9 @@ _DEFAULT_ERRORS = {
     429: "Rate limited",
     500: "Internal error",
     502: "A remote server failed",
-    503: "Cannot be done now (the database cannot be reached or is busy, or the work cannot be "
-         "queued); try again later, after Retry-After when given",
+    503: "Cannot be done now (the database cannot be reached, is busy or did not answer in "
+         "time, or the work cannot be queued); try again later, after Retry-After when "
+         "given. A write answered so for want of time may still have been applied",
     507: "No room left: the mailbox's quota, or the server's storage is full (then with "
          "Retry-After)",
 }
@@ -146,7 +148,7 @@ class RouteTable:
                 endpoint = f.__name__ if i == 0 else f"{f.__name__}__{i}"
                 self.klein.route(
                     path, methods=list(method_list), strict_slashes=False, endpoint=endpoint
-                )(f)
+                )(within_deadline(f))
             self.specs.append(
                 RouteSpec(
                     api=self.api,

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from mailcore.connlimits import ConnectionCounter, client_address
 from mailcore.core import Core
 from mailcore.identity import Principal
-from web import mailapi
+from web import deadline, mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
 from web.auth import MAIL_API, SAFEDROP, AuthPolicy, CredentialResolver
@@ -207,6 +207,7 @@ class RootResource(Resource):
                 return app.error_reply(request, too_large(limit))
             if not served:
                 return app.error_reply(request, ApiError(404, app.shape.not_found()))
+            deadline.arm(request, self.clock, self.settings.reply_timeout)
             return app.render(request)
         except Exception:
             return app.handle_failure(request, Failure())

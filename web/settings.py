@@ -33,6 +33,9 @@ trusted_proxies = []             # reverse proxies whose X-Forwarded-For and
                                  # web.forwarded)
 cors_origins = []                # IMAP2API origins allowed by CORS ("*": any; [] none)
 imap2api_sync_wait = 25          # seconds POST .../sync/ waits before answering 202
+reply_timeout = 120              # seconds a request may wait for its reply to begin (on a
+                                 # database that does not answer); then 503, Retry-After
+                                 # (web.deadline; a write may still land after it)
 ```
 """
 
@@ -44,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import Config, ConfigError, unknown_key
+from mailcore.config import Config, ConfigError, is_positive_number, unknown_key
 from web.ratelimit import Rate
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -71,6 +74,7 @@ _KEYS = {
     "cors_origins",
     "imap2api_sync_wait",
     "trusted_proxies",
+    "reply_timeout",
 }
 
 
@@ -131,6 +135,8 @@ class WebSettings:
     max_connections_per_ip: int = 50
     cors_origins: tuple[str, ...] = ()
     imap2api_sync_wait: float = 25.0
+    # A reply not begun this long after its request reached its app is a 503 (web.deadline).
+    reply_timeout: float = 120.0
     # Reverse proxies whose forwarding headers tell the client's address and scheme
     # (web.forwarded). None by default: any client can send those headers.
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -188,6 +194,7 @@ class WebSettings:
                 _int(table, "imap2api_sync_wait", int(defaults.imap2api_sync_wait))
             ),
             trusted_proxies=_networks(table, "trusted_proxies"),
+            reply_timeout=_seconds(table, "reply_timeout", defaults.reply_timeout),
         )
 
     def metrics_allowed(self, host: str | None) -> bool:
@@ -208,6 +215,13 @@ def _int(table: dict[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"[web] {key} must be a positive integer")
     return value
+
+
+def _seconds(table: dict[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if not is_positive_number(value):
+        raise ConfigError(f"[web] {key} must be a positive number")
+    return float(value)
 
 
 def _bool(table: dict[str, Any], key: str, default: bool) -> bool:
