@@ -357,7 +357,7 @@ class Daemon:
     def __init__(
         self, directory: Any, *, db_url: str | None = None, queue: dict[str, Any] | None = None,
         web: dict[str, Any] | None = None, name: str = "mailcore", files_dir: Any = None,
-        mailapi: dict[str, Any] | None = None,
+        mailapi: dict[str, Any] | None = None, smtp: dict[str, Any] | None = None,
     ) -> None:
         from tests.support.servers import free_ports
 
@@ -372,7 +372,8 @@ class Daemon:
         # Limits for load from one address. Mail is filtered and charged (the defaults), but
         # an empty tank lets it through: a free plan's tank would run dry in these runs.
         # The next hops (sinks) listen on 127.0.0.1, which the operator must allow.
-        lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000", "",
+        lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000",
+                 *(f"{key} = {value!r}" for key, value in (smtp or {}).items()), "",
                  "[tokens]", 'when_empty = "allow"', "", "[queue]", "allow_loopback = true"]
         for section, values in (("queue", queue), ("web", web), ("mailapi", mailapi)):
             if section != "queue" and values:

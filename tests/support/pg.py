@@ -197,3 +197,42 @@ async def create_template_database() -> str:
         atexit.register(_execute_blocking, server,
                         f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return server.set(database=name).render_as_string(hide_password=False)
+
+
+def pause_cluster(paused: bool) -> list[int]:
+    """Freeze this process's cluster (SIGSTOP to its postmaster, then to every backend and
+    auxiliary process it has forked), as a hung server is: connections stay open, the
+    kernel still acknowledges TCP, no statement ends. Or (`paused` False) let it go on
+    (SIGCONT, backends first). Returns the PIDs signalled; skips the test on an external
+    server (MAILCORE_TEST_PG_URL), which is not ours to stop."""
+    if os.environ.get(ENV_URL) or _cluster is None or _cluster.server is None:
+        raise missing("no private PostgreSQL cluster of this process to freeze")
+    postmaster = _cluster.server.pid
+    if paused:
+        os.kill(postmaster, signal.SIGSTOP)  # first: it forks no new backend meanwhile
+        pids = [postmaster, *_children(postmaster)]
+    else:
+        pids = [*_children(postmaster), postmaster]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP if paused else signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # a backend that had just ended
+    return pids
+
+
+def _children(parent: int) -> list[int]:
+    """The PIDs whose parent is `parent` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        if int(stat.rpartition(")")[2].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
+

@@ -1,0 +1,142 @@
+"""A frozen database under a real daemon: `twistd mailcore` on the PostgreSQL of
+tests/support, whose postmaster and backends are stopped with SIGSTOP (a hung server: the
+connections stay open, the kernel still acknowledges TCP, no statement ends and no error
+comes). The clients get answers within the configured deadlines ([smtp] command_timeout:
+451 4.3.0, the session goes on; [web] reply_timeout: 503 with Retry-After), what does not
+wait on the store (/metrics) answers at once, and once the server goes on (SIGCONT) nothing
+acknowledged is lost: a message answered 451 is delivered at most once (its commit was
+under way) or not stored at all. The cluster is let go on (SIGCONT) at each test's cleanup.
+Run it with `timeout 300`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from tests.support.mailsink import Daemon, numbered_message, open_session
+from tests.support.pg import create_test_database, pause_cluster
+from tests.support.reactor import get_reactor
+from tests.support.servers import ServerProcess, free_port, require_binary, sleep, tempdir_for
+
+# The deadlines the daemon is given: short, so that the test is.
+DEADLINE = 3.0
+# How much later than its deadline an answer may come on a loaded machine.
+SLACK = 7.0
+_SEQ = re.compile(rb"^X-Seq: (\d+)\r?$", re.M)
+
+
+def delivered(dump: Path) -> list[int]:
+    """The sequence numbers of the messages smtp-sink received, in order (repeats kept)."""
+    try:
+        return [int(m) for m in _SEQ.findall(dump.read_bytes())]
+    except FileNotFoundError:
+        return []
+
+
+class FrozenDatabaseTests(TestCase):
+    timeout = 240
+
+    async def start(self) -> tuple[Daemon, Path]:
+        """smtp-sink as the next hop of customer.test, and the daemon on a fresh database
+        of the cluster, with short deadlines."""
+        url = await create_test_database(self)
+        binary = require_binary("smtp-sink", "postfix")
+        sink_dir = tempdir_for(self)
+        sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
+        dump = sink_dir / "dump"
+        sink_port = free_port()
+        sink = ServerProcess(
+            [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
+            directory=sink_dir,
+        ).start()
+        self.addCleanup(sink.stop)
+        await sink.wait_for_port(sink_port)
+        daemon = Daemon(tempdir_for(self), db_url=url, smtp={"command_timeout": DEADLINE},
+                        web={"reply_timeout": DEADLINE}, queue={"poll_interval": 0.5})
+        daemon.prepare_blocking("customer.test", sink_port)
+        await daemon.start()
+        self.addCleanup(daemon.stop)
+        return daemon, dump
+
+    def freeze(self) -> None:
+        pause_cluster(True)
+        self.addCleanup(pause_cluster, False)  # always, whatever happens before
+
+    async def send(self, session: Any, seq: int) -> tuple[int, str, float]:
+        """(DATA's reply code, its text, seconds it took) of numbered message `seq`."""
+        reactor = get_reactor()
+        started = reactor.seconds()
+        result = await session.send("a@x.test", ["b@customer.test"], numbered_message(seq, 400))
+        self.assertEqual(result.mail.code, 250)
+        reply = result.data if result.data is not None else result.rcpts[0]
+        return reply.code, reply.text, reactor.seconds() - started
+
+    async def http(self, daemon: Daemon, method: str, path: str, **kwargs: Any
+                   ) -> tuple[int, dict[str, list[str]], float]:
+        reactor = get_reactor()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = HTTPClient(Agent(reactor, pool=pool))
+        started = reactor.seconds()
+        response = await client.request(method, f"http://127.0.0.1:{daemon.http_port}{path}",
+                                        **kwargs)
+        await treq.content(response)
+        await pool.closeCachedConnections()
+        headers = {k.decode().lower(): [v.decode() for v in vs]
+                   for k, vs in response.headers.getAllRawHeaders()}
+        return response.code, headers, reactor.seconds() - started
+
+    async def test_answers_in_time_and_nothing_acknowledged_is_lost(self) -> None:
+        daemon, dump = await self.start()
+        session = await open_session(daemon.smtp_port)
+        self.assertEqual((await self.send(session, 0))[0], 250)  # warm: pooled connections
+
+        self.freeze()
+        late: list[int] = []
+        for seq in (1, 2):  # the same session, answered each time
+            code, text, took = await self.send(session, seq)
+            self.assertEqual(code, 451, text)
+            self.assertIn("not confirmed in time", text)
+            self.assertGreaterEqual(took, DEADLINE - 0.5)
+            self.assertLess(took, DEADLINE + SLACK)
+            late.append(seq)
+        # An HTTP request that waits on the store: a login (its user and its rate bucket).
+        status, headers, took = await self.http(
+            daemon, "POST", "/api-token-auth/", data={"username": "u", "password": "p"})
+        self.assertEqual(status, 503)
+        self.assertEqual(headers.get("retry-after"), ["30"])
+        self.assertLess(took, DEADLINE + SLACK)
+        # What does not wait on the store is not held up by the pool threads that do.
+        status, _, took = await self.http(daemon, "GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertLess(took, 2.0)
+
+        pause_cluster(False)
+        # The session goes on, and so does the store.
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 60
+        while True:
+            code, text, _ = await self.send(session, 3)
+            if code == 250 or reactor.seconds() > deadline:
+                break
+            await sleep(0.5)  # the first commits after the thaw may still fail
+        self.assertEqual(code, 250, text)
+        await session.quit()
+        while not {0, 3} <= set(delivered(dump)) and reactor.seconds() < deadline:
+            await sleep(0.2)
+        await sleep(2.0)  # a late commit's delivery, if there is one
+        arrived = delivered(dump)
+        self.assertTrue({0, 3} <= set(arrived), arrived)  # every 250 delivered
+        self.assertEqual(len(arrived), len(set(arrived)), arrived)  # each at most once
+        self.assertTrue(set(arrived) <= {0, 3, *late}, arrived)
+        print(f"\n  answered 451 then delivered (late commits): "
+              f"{sorted(set(arrived) & set(late))}")
+        log = (daemon.directory / "twistd.log").read_text()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("Unhandled", log)
