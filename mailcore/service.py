@@ -18,8 +18,9 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailcore.config import Config, ConfigError, DaemonOptions
 from mailcore.core import Core
@@ -84,7 +85,18 @@ class OrderedMultiService(service.MultiService):
     Twisted's MultiService stops every child at once, so the store would close while the
     queue or a listener still finishes in-flight work that needs it (and that work, and
     with it SIGTERM, would hang). Here each child has stopped before the next one stops.
+
+    With a `clock`, the stop ends after `stop_timeout` seconds whatever is still stopping
+    (`[store] stop_timeout`: a database that does not answer holds the queue's last
+    commits and the store's close for ever): the children not yet stopped are told to stop
+    all at once and not waited for, and twistd exits.
     """
+
+    def __init__(self, clock: IReactorTime | None = None, stop_timeout: float = 60.0) -> None:
+        super().__init__()
+        self.clock = clock
+        self.stop_timeout = stop_timeout
+        self._current = "none"  # the child stopping now
 
     def privilegedStartService(self) -> None:
         # twistd opens the listeners here; one that cannot is one line, not a traceback.
@@ -98,14 +110,50 @@ class OrderedMultiService(service.MultiService):
 
     def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)  # not MultiService's, which stops all at once
-        return Deferred.fromCoroutine(self._stop_in_order())
+        stopping = Deferred.fromCoroutine(self._stop_in_order())
+        if self.clock is None or stopping.called:
+            return stopping
+        stopped: Deferred[None] = Deferred()
+        timer = self.clock.callLater(self.stop_timeout, self._gave_up, stopped)
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not stopped.called:
+                stopped.callback(None)
+
+        stopping.addBoth(done)
+        return stopped
+
+    def _gave_up(self, stopped: Deferred[None]) -> None:
+        waiting = [_service_name(child) for child in reversed(list(self)) if child.running]
+        log.critical("mailcore: the stop did not finish within [store] stop_timeout "
+                     "({timeout:g} s) and ends now (a database that does not answer?); still "
+                     "stopping: {current}; not stopped: {others}. Nothing acknowledged is "
+                     "lost", timeout=self.stop_timeout, current=self._current,
+                     others=", ".join(waiting) or "none")
+        # The rest are told to stop without being waited for: those that need nothing of
+        # the store are done at once (the log is written, the data directory's lock let go).
+        for child in reversed(list(self)):
+            if child.running:
+                maybeDeferred(child.stopService).addErrback(_stop_failed, _service_name(child))
+        stopped.callback(None)
 
     async def _stop_in_order(self) -> None:
         for child in reversed(list(self)):
+            self._current = _service_name(child)
             try:
                 await maybeDeferred(child.stopService)
             except Exception:
                 log.failure("stopping {service} failed", service=child)
+
+
+def _stop_failed(failure: Failure, name: str) -> None:
+    log.failure("stopping {service} failed", failure, service=name)
+
+
+def _service_name(child: service.IService) -> str:
+    return str(getattr(child, "name", None) or type(child).__name__)
 
 
 def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = False,
@@ -182,7 +230,8 @@ def makeService(options: DaemonOptions) -> service.MultiService:
         from web.root import build_site
 
         site = build_site(core)  # (its pages key too)
-    top = OrderedMultiService()
+    top = OrderedMultiService(reactor,  # type: ignore[arg-type]
+                              StoreSettings.from_config(config.section("store")).stop_timeout)
     # First in, last out: repeated log lines stay limited until the end of the shutdown.
     LogLimiterService(  # type: ignore[arg-type]
         reactor, rotation=LogSettings.from_config(config.section("log"))

@@ -12,11 +12,13 @@ Run it with `timeout 300`.
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
 import treq
 from treq.client import HTTPClient
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -29,6 +31,7 @@ from tests.support.servers import ServerProcess, free_port, require_binary, slee
 DEADLINE = 3.0
 # How much later than its deadline an answer may come on a loaded machine.
 SLACK = 7.0
+STOP_TIMEOUT = 5.0
 _SEQ = re.compile(rb"^X-Seq: (\d+)\r?$", re.M)
 
 
@@ -43,7 +46,7 @@ def delivered(dump: Path) -> list[int]:
 class FrozenDatabaseTests(TestCase):
     timeout = 240
 
-    async def start(self) -> tuple[Daemon, Path]:
+    async def start(self, store: dict[str, Any] | None = None) -> tuple[Daemon, Path]:
         """smtp-sink as the next hop of customer.test, and the daemon on a fresh database
         of the cluster, with short deadlines."""
         url = await create_test_database(self)
@@ -59,7 +62,8 @@ class FrozenDatabaseTests(TestCase):
         self.addCleanup(sink.stop)
         await sink.wait_for_port(sink_port)
         daemon = Daemon(tempdir_for(self), db_url=url, smtp={"command_timeout": DEADLINE},
-                        web={"reply_timeout": DEADLINE}, queue={"poll_interval": 0.5})
+                        web={"reply_timeout": DEADLINE}, queue={"poll_interval": 0.5},
+                        store=store)
         daemon.prepare_blocking("customer.test", sink_port)
         await daemon.start()
         self.addCleanup(daemon.stop)
@@ -140,3 +144,26 @@ class FrozenDatabaseTests(TestCase):
         log = (daemon.directory / "twistd.log").read_text()
         self.assertNotIn("Traceback", log)
         self.assertNotIn("Unhandled", log)
+
+    async def test_sigterm_while_frozen_stops_within_stop_timeout(self) -> None:
+        """SIGTERM while the database is frozen and a message waits on its commit: the stop
+        waits on the store until [store] stop_timeout, then ends with one line saying so
+        (it waited for ever: the queue's stop waited on its last commits)."""
+        daemon, _ = await self.start(store={"stop_timeout": STOP_TIMEOUT})
+        session = await open_session(daemon.smtp_port)
+        self.assertEqual((await self.send(session, 0))[0], 250)
+        self.freeze()
+        waiting = defer.Deferred.fromCoroutine(self.send(session, 1))
+        waiting.addErrback(lambda f: None)  # the connection goes with the daemon
+        await sleep(0.5)
+        reactor = get_reactor()
+        started = reactor.seconds()
+        status = await daemon.process.stop(grace=STOP_TIMEOUT + SLACK + 20)
+        took = reactor.seconds() - started
+        log = (daemon.directory / "twistd.log").read_text()
+        print(f"\n  SIGTERM while frozen: exit status {status} after {took:.1f} s")
+        self.assertIn(status, (0, -signal.SIGTERM), log[-3000:])
+        self.assertGreaterEqual(took, STOP_TIMEOUT - 0.5)
+        self.assertLess(took, STOP_TIMEOUT + SLACK, log[-3000:])
+        self.assertIn("the stop did not finish within [store] stop_timeout (5 s)", log)
+        self.assertIn("Main loop terminated", log)

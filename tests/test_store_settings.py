@@ -1,5 +1,5 @@
 """The `[store]` table: the database's threads as the operator sets them, checked at
-start-up, and the daemon's store built with them."""
+start-up, and the daemon's store built with them; the bound on the daemon's stop."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.config import Config, ConfigError, config_from_toml
-from mailcore.service import build_core
+from mailcore.service import OrderedMultiService, build_core
 from mailcore.startup import check_tables
 from mailcore.store.settings import StoreSettings
+from tests.support.logs import logged_at
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir_for
@@ -35,6 +40,69 @@ class StoreSettingsTests(SynchronousTestCase):
             self.assertEqual(self.error({key: value}),
                              f"[store] {key} must be a whole number from 1 to 64", (key, value))
         self.assertEqual(self.error({"pool": 3}), "[store] unknown key: pool")
+
+    def test_stop_timeout_is_a_positive_number_of_seconds(self) -> None:
+        self.assertEqual(StoreSettings.from_config({}).stop_timeout, 60.0)
+        self.assertEqual(StoreSettings.from_config({"stop_timeout": 2.5}).stop_timeout, 2.5)
+        for value in (0, -1, "60", True, float("nan"), float("inf")):
+            self.assertEqual(self.error({"stop_timeout": value}),
+                             "[store] stop_timeout must be a positive number", value)
+
+
+class _Stuck(Service):
+    """A service whose stop waits on something that never comes (a frozen database)."""
+
+    name = "queue"
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred()
+
+
+class _Quick(Service):
+    def __init__(self, name: str, stopped: list[str]) -> None:
+        self.name = self.label = name
+        self.stopped = stopped
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.stopped.append(self.label)
+
+
+class BoundedStopTests(SynchronousTestCase):
+    def test_a_stop_that_waits_on_a_frozen_store_ends_at_stop_timeout(self) -> None:
+        """The daemon's stop waited for ever on a database that did not answer; past
+        [store] stop_timeout it ends, saying what was still stopping, and the services
+        not yet stopped are told to (those that need no store stop at once)."""
+        clock = Clock()
+        stopped: list[str] = []
+        top = OrderedMultiService(clock, stop_timeout=60)
+        for child in (_Quick("log", stopped), _Quick("store", stopped), _Stuck(),
+                      _Quick("http", stopped)):
+            child.setServiceParent(top)
+        top.startService()
+        critical = logged_at(self, LogLevel.critical)
+        d = top.stopService()
+        self.assertEqual(stopped, ["http"])
+        clock.advance(59)
+        self.assertNoResult(d)
+        clock.advance(1)
+        self.successResultOf(d)
+        self.assertEqual(stopped, ["http", "store", "log"])
+        self.assertEqual(critical, [
+            "mailcore: the stop did not finish within [store] stop_timeout (60 s) and ends "
+            "now (a database that does not answer?); still stopping: queue; not stopped: "
+            "store, log. Nothing acknowledged is lost"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_stop_in_time_leaves_no_timer(self) -> None:
+        clock = Clock()
+        stopped: list[str] = []
+        top = OrderedMultiService(clock, stop_timeout=60)
+        _Quick("store", stopped).setServiceParent(top)
+        top.startService()
+        self.successResultOf(top.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class BuiltStoreTests(TestCase):

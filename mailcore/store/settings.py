@@ -4,6 +4,8 @@
 [store]
 threads = 4         # writes and long reads (backups, searches, sweeps)
 read_threads = 2    # the lane of short reads (list pages, lookups); default 1 on SQLite
+stop_timeout = 60   # seconds the daemon's stop (SIGTERM) waits for its services, which
+                    # wait on the store; then it exits without closing it (see below)
 ```
 
 Every thread holds a database connection while it works, and each thread of the read lane
@@ -16,6 +18,13 @@ more time handing Python's lock round than reading). On PostgreSQL, more read th
 when the server has cores of its own to run them (its own host, reached over a network,
 where each read also waits on the round trip); on a two-core host with PostgreSQL on it,
 two beat four (mailcore.store.database). Measure before raising them.
+
+`stop_timeout` bounds a stop on a database that does not answer (a frozen or hung server:
+the queue's last commits, the store's close and its threads would wait for it for ever).
+Past it the daemon logs what it gave up and exits with its pool threads still waiting:
+nothing acknowledged is lost (a 250 or a 201 came after its commit; the results journal
+replays delivery results at the next start, and leases run out), and a message whose
+commit was under way is answered nothing, so its client sends it again.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mailcore.config import ConfigError, refuse_unknown
+from mailcore.config import ConfigError, is_positive_number, refuse_unknown
 
 MAX_THREADS = 64
 
@@ -33,11 +42,12 @@ MAX_THREADS = 64
 class StoreSettings:
     threads: int = 4
     read_threads: int | None = None  # None: 1 on SQLite, 2 on PostgreSQL
+    stop_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> StoreSettings:
         refuse_unknown("store", section, cls)
-        values: dict[str, int] = {}
+        values: dict[str, Any] = {}
         for key in ("threads", "read_threads"):
             if key in section:
                 v = section[key]
@@ -45,4 +55,8 @@ class StoreSettings:
                     raise ConfigError(f"[store] {key} must be a whole number from 1 to "
                                       f"{MAX_THREADS}")
                 values[key] = v
+        if "stop_timeout" in section:
+            if not is_positive_number(section["stop_timeout"]):
+                raise ConfigError("[store] stop_timeout must be a positive number")
+            values["stop_timeout"] = float(section["stop_timeout"])
         return cls(**values)

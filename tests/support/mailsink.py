@@ -358,6 +358,7 @@ class Daemon:
         self, directory: Any, *, db_url: str | None = None, queue: dict[str, Any] | None = None,
         web: dict[str, Any] | None = None, name: str = "mailcore", files_dir: Any = None,
         mailapi: dict[str, Any] | None = None, smtp: dict[str, Any] | None = None,
+        store: dict[str, Any] | None = None,
     ) -> None:
         from tests.support.servers import free_ports
 
@@ -375,7 +376,8 @@ class Daemon:
         lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000",
                  *(f"{key} = {value!r}" for key, value in (smtp or {}).items()), "",
                  "[tokens]", 'when_empty = "allow"', "", "[queue]", "allow_loopback = true"]
-        for section, values in (("queue", queue), ("web", web), ("mailapi", mailapi)):
+        for section, values in (("queue", queue), ("web", web), ("mailapi", mailapi),
+                                ("store", store)):
             if section != "queue" and values:
                 lines += ["", f"[{section}]"]
             for key, value in (values or {}).items():
