@@ -145,6 +145,59 @@ class FrozenDatabaseTests(TestCase):
         self.assertNotIn("Traceback", log)
         self.assertNotIn("Unhandled", log)
 
+    async def test_under_load_every_250_is_delivered_once(self) -> None:
+        """Sessions sending back to back while the database freezes for a while: each
+        reply comes within the deadline, every 250 is delivered, nothing twice, and the
+        messages answered 451 that were delivered all the same are counted (printed): the
+        rare duplicates a client that sends them again makes."""
+        daemon, dump = await self.start()
+        reactor = get_reactor()
+        accepted: set[int] = set()
+        refused: set[int] = set()
+        slowest = [0.0]
+        seqs = iter(range(1, 100_000))
+        state = {"frozen": False, "stop": False}
+
+        async def worker() -> None:
+            session = await open_session(daemon.smtp_port)
+            while not state["stop"]:
+                seq = next(seqs)
+                code, text, took = await self.send(session, seq)
+                slowest[0] = max(slowest[0], took)
+                if code == 250:
+                    accepted.add(seq)
+                else:
+                    self.assertEqual(code, 451, text)
+                    refused.add(seq)
+                    if not state["frozen"]:
+                        await sleep(0.2)  # a commit failing just after the thaw
+            await session.quit()
+
+        workers = [defer.Deferred.fromCoroutine(worker()) for _ in range(8)]
+        await sleep(2.0)
+        self.freeze()
+        state["frozen"] = True
+        await sleep(2 * DEADLINE)
+        state["frozen"] = False
+        pause_cluster(False)
+        await sleep(3.0)
+        state["stop"] = True
+        await defer.gatherResults(workers)
+        deadline = reactor.seconds() + 60
+        while not accepted <= set(delivered(dump)) and reactor.seconds() < deadline:
+            await sleep(0.2)
+        await sleep(2.0)
+        arrived = delivered(dump)
+        late = sorted(set(arrived) & refused)
+        print(f"\n  {len(accepted)} accepted, {len(refused)} answered 451, {len(arrived)} "
+              f"delivered; answered 451 but delivered (late commits): {len(late)}; slowest "
+              f"reply {slowest[0]:.1f} s")
+        self.assertEqual(sorted(accepted - set(arrived)), [])  # every 250 delivered
+        self.assertEqual(len(arrived), len(set(arrived)))  # none twice
+        self.assertTrue(set(arrived) <= accepted | refused)
+        self.assertTrue(refused)
+        self.assertLess(slowest[0], DEADLINE + SLACK)
+
     async def test_sigterm_while_frozen_stops_within_stop_timeout(self) -> None:
         """SIGTERM while the database is frozen and a message waits on its commit: the stop
         waits on the store until [store] stop_timeout, then ends with one line saying so
