@@ -829,6 +829,20 @@ class TimeoutTests(ServerTestCase):
         self.assertEqual(s.replies(), [])
         self.assertEqual(len(self.sink.messages), 1)  # committed late: a duplicate, not a loss
 
+    def test_a_recipient_waiting_for_the_domains_first_load_is_451_at_the_deadline(
+            self) -> None:
+        gate = self.gate_directory()
+        s = self.session(self.make_factory(command_timeout=60))
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        self.assertEqual(s.send(b"RCPT TO:<x@example.com>\r\nNOOP\r\n"), [])
+        self.clock.advance(60)
+        self.assertEqual(s.replies(), ["451 4.3.0 <x@example.com>: Temporary lookup failure",
+                                       "250 2.0.0 Ok"])
+        gate.callback(None)  # the snapshot loads late: no reply for the RCPT given up on
+        self.assertEqual(s.replies(), [])
+        self.assertEqual(s.codes(b"RCPT TO:<x@example.com>\r\n"), ["250"])
+
     def test_a_recipient_lookup_not_answered_in_time_is_451(self) -> None:
         """A RCPT whose room lookup (not cached) waits on a store that does not answer: 451
         at command_timeout; the lookup's late answer adds no recipient."""
