@@ -6,15 +6,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from klein import Klein
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.iweb import IRequest
 
 from mailcore.config import Config, ConfigError
 from tests.support.logs import logged_at
-from tests.support.web import Web, header
+from tests.support.web import BASE, Web, header
 from web import deadline
+from web.api import ApiApp
+from web.errors import PlainErrors
+from web.metrics import HttpMetrics
+from web.openapi import RouteTable
+from web.root import Dispatcher, RootResource, build_apps
 from web.settings import WebSettings
 
 
@@ -119,6 +127,47 @@ class ReplyDeadlineTests(TestCase):
         self.assertTrue(held.called)  # cancelled: the handler's work stopped
         store.release()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class _Streaming(ApiApp):
+    """An app whose reply begins, then waits (a streamed list whose next page hangs)."""
+
+    name = "streaming"
+    title = "streaming"
+    shape = PlainErrors()
+    app = Klein()
+    routes = RouteTable(app, "streaming")
+
+    def __init__(self, settings: WebSettings) -> None:
+        super().__init__(settings)
+        self.rest: defer.Deferred[None] = defer.Deferred()
+
+    @routes.route("/stream", "GET", summary="stream")
+    async def stream(self, request: IRequest) -> bytes:
+        request.write(b"first part, ")
+        await self.rest
+        return b"last part"
+
+
+class BegunReplyTests(TestCase):
+    async def test_a_reply_that_has_begun_is_left_to_finish(self) -> None:
+        web = Web.build()
+        settings = WebSettings(reply_timeout=30)
+        app = _Streaming(settings)
+        root = RootResource(
+            {**build_apps(web.core, settings), "streaming": app}, settings=settings,
+            clock=web.clock, metrics=HttpMetrics.for_registry(web.core.metrics),
+            dispatcher=Dispatcher(routes=[("/stream", "streaming")], exact=(),
+                                  not_found=[("/", "meta")]))
+        http: Any = StubTreq(root)
+        d = http.get(BASE + "/stream")
+        web.clock.advance(60)
+        http.flush()
+        app.rest.callback(None)
+        http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(response.content()), b"first part, last part")
 
 
 class SettingTests(TestCase):
