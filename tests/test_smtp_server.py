@@ -854,7 +854,8 @@ class TimeoutTests(ServerTestCase):
                 return reads[-1]
 
         factory = self.make_factory(command_timeout=60)
-        factory.room = MailboxRoom(HungStore(), self.clock, None, 1000)  # type: ignore[arg-type]
+        factory.room = MailboxRoom(HungStore(), self.clock, None, 1000,  # type: ignore[arg-type]
+                                   ttl=1.0)
         s = self.session(factory)
         s.hello()
         self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
@@ -869,6 +870,19 @@ class TimeoutTests(ServerTestCase):
         reads[1].callback({})
         self.assertEqual(s.replies(), ["250 2.1.5 Ok"])
         self.assertEqual(s.codes(b"DATA\r\n"), ["354"])
+        # Pipelined commands that each wait: each has its own deadline, the session goes on.
+        self.assertEqual(s.codes(b"x\r\n.\r\n"), ["250"])
+        self.clock.advance(1)  # the room read is no longer cached
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        self.assertEqual(s.send(b"RCPT TO:<user@example.com>\r\nRCPT TO:<u2@example.com>\r\n"),
+                         [])
+        self.clock.advance(60)
+        self.assertEqual(s.replies(), ["451 4.3.0 <user@example.com>: Temporary lookup failure"])
+        self.assertFalse(s.closing)
+        self.clock.advance(60)
+        self.assertEqual(s.replies(), ["451 4.3.0 <u2@example.com>: Temporary lookup failure"])
+        self.assertFalse(s.closing)
+        self.assertEqual(s.codes(b"NOOP\r\n"), ["250"])
 
     def test_after_a_slow_command_the_idle_time_counts_from_our_answer(self) -> None:
         s = self.session(self.make_factory(idle_timeout=10, command_timeout=120))

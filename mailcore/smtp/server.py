@@ -762,8 +762,10 @@ class ESMTPServerProtocol(TwistedProtocol):
         now = self.clock.seconds()
         if now >= self._deadline() - 1e-6:  # (not re-armed for a rounding error's worth)
             if self._paused and self._waiting is not None:
-                self._overdue(self._waiting)
-                if not self._paused:  # answered (451): the session goes on
+                overdue = self._waiting
+                self._overdue(overdue)
+                if overdue.called:  # answered (451): the session goes on (the input held
+                    # behind it may have started a wait of its own, with its own deadline)
                     if self._open and self._timer is None:
                         self._arm_timer(now)
                     return
