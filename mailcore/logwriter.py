@@ -49,8 +49,8 @@ from twisted.logger import (
 from twisted.python.compat import ioType
 from zope.interface import implementer
 
-from mailcore.outages import outage
-from mailcore.text import escape_controls, first_line
+from mailcore.outages import describe, outage
+from mailcore.text import escape_controls
 
 # An event's text (formatEvent's result), kept in the event by the first observer that
 # needs it, so the limiter and the file do not format it twice; the mail log sets it when
@@ -79,14 +79,6 @@ def emit_text(logger: Logger, log_format: str, text: str, fields: dict[str, Any]
     if unique:
         event[UNIQUE_KEY] = True
     logger.observer(event)
-
-
-def _first_line(error: BaseException) -> str:
-    """`error` as one line: its type and the first line of its message (a database error's
-    first, not the SQL and parameters that follow)."""
-    cause = getattr(error, "orig", None) or error
-    line = first_line(str(cause))
-    return f"{type(cause).__name__}: {line}" if line else type(cause).__name__
 
 
 def event_text(event: LogEvent) -> str:
@@ -219,7 +211,7 @@ class BufferedLogWriter:
             # A resource out of room or reach (mailcore.outages): while it lasts, every job
             # that needs it fails the same way, and a traceback each says nothing more than
             # the cause does, in one line.
-            text = f"{text} ({found.what}: {_first_line(failure.value)})"
+            text = f"{text} ({found.what}: {describe(failure.value)})"
         if not text:
             return None
         when = event.get("log_time")

@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailcore.outages import log_failure
 from mailcore.store.leases import JobLeases
 
 log = Logger()
@@ -101,7 +102,7 @@ class PeriodicService(Service):
             mine = await leases.claim_periodic(str(self.name), self.clock.seconds(),
                                                self.interval())
         except Exception:
-            log.failure("claiming the {name} job failed; it is skipped this time",
+            log_failure(log, "claiming the {name} job failed; it is skipped this time",
                         name=self.name)
             return
         if mine:

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.store.database import Database
 from mailcore.store.rates import thd_available, thd_sweep, thd_take
@@ -76,4 +77,4 @@ class BucketSweeper(PeriodicService):
         try:
             await self.buckets.sweep()
         except Exception:
-            log.failure("sweeping the shared rate-limit buckets failed")
+            log_failure(log, "sweeping the shared rate-limit buckets failed")

@@ -4,12 +4,31 @@ errors of SQLite, the OS and a PostgreSQL connection that cannot be made."""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcore.outages import DATABASE_BUSY, DATABASE_DOWN, NO_ROOM, outage
+from mailcore.gateway.domains import DomainService
+from mailcore.identity.service import CredentialSweeper, Identity
+from mailcore.outages import (
+    DATABASE_BUSY,
+    DATABASE_DOWN,
+    NO_ROOM,
+    StoreOutages,
+    log_failure,
+    outage,
+    told,
+)
+from mailcore.periodic import PeriodicService
+from mailcore.ratelimits import BucketSweeper, SharedBuckets
+from mailcore.store import Database
+from mailcore.store.dbclock import ClockFollower, DatabaseTime
+from mailcore.workers import CpuPool
+from tests.support.logs import logged
 from tests.support.servers import free_port
 
 
@@ -109,3 +128,99 @@ class MailApiRefusalTests(SynchronousTestCase):
             raise RuntimeError("a bug")
         self.assertEqual(caught.exception.status, 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StoreOutageLogTests(SynchronousTestCase):
+    """A store out of reach is one line when it begins and one when it ends, however many
+    periodic jobs fail of it meanwhile (each logged a failure on each of its runs: with
+    several jobs, up to 10 lines a minute each, after which the repeated-line limiter
+    summed them up)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.home = Path(self.mktemp())
+        self.home.mkdir()
+        self.db = Database(f"sqlite:///{self.home / 'mailcore.sqlite'}",
+                           self.clock, synchronous=True)  # type: ignore[arg-type]
+        self.addCleanup(self.db.engine.dispose)
+        self.db.migrate_blocking()
+        self.warnings = logged(self, lambda e: e.get("log_level") >= LogLevel.warn)
+        self.infos = logged(self, lambda e: "store" in e.get("log_format", ""))
+        self.lines = logged(self, lambda e: e.get("log_level") >= LogLevel.info)
+
+    def jobs(self) -> list[PeriodicService]:
+        identity = Identity(self.db, self.clock, CpuPool.for_tests())
+        return [BucketSweeper(SharedBuckets(self.db, self.clock), every=5),
+                CredentialSweeper(identity, self.clock, every=5),
+                ClockFollower(DatabaseTime(self.clock), self.db),
+                DomainService(self.db, self.clock, poll_interval=5)]
+
+    def outage(self) -> None:
+        """The store's directory goes away (an unmounted volume): no connection opens."""
+        self.home.rename(self.home.with_name("away"))
+        self.db.engine.dispose()
+
+    def back(self) -> None:
+        self.home.with_name("away").rename(self.home)
+
+    def test_an_outage_is_a_line_when_it_begins_and_one_when_it_ends(self) -> None:
+        jobs = self.jobs()
+        for job in jobs:
+            job.startService()
+            self.addCleanup(job.stopService)
+        self.assertEqual(self.warnings, [])
+        before = len(self.lines)
+        self.outage()
+        for _ in range(24):  # two minutes
+            self.clock.advance(5)
+        self.assertEqual(len(self.warnings), 1, self.warnings)
+        self.assertEqual(
+            self.warnings[0],
+            "store unavailable since 2023-11-14T22:13:25+0000: the database cannot be reached "
+            "(OperationalError: unable to open database file); until it is back, the periodic "
+            "jobs that need it fail without a line each")
+        self.assertIsNotNone(self.db.outages.since)
+        self.back()
+        self.clock.advance(5)
+        self.assertEqual(self.infos[-1], "store reachable again after 120 s")
+        self.assertIsNone(self.db.outages.since)
+        # Nothing else: no job's failure, nor the domain snapshot's first and last lines.
+        self.assertEqual(self.lines[before:], [self.warnings[0], self.infos[-1]])
+        self.assertEqual(len(self.warnings), 1)
+        # The next outage is told again.
+        self.outage()
+        self.clock.advance(5)
+        self.assertEqual(len(self.warnings), 2)
+        self.back()
+
+    def test_a_failure_that_is_no_outage_is_still_logged_by_its_job(self) -> None:
+        outages = StoreOutages(self.clock.seconds)
+        bug = RuntimeError("a bug")
+        outages.failed(bug, write=True)
+        try:
+            raise bug
+        except RuntimeError:
+            log_failure(Logger(), "the job failed")
+        self.assertEqual(self.warnings, ["the job failed"])
+        self.flushLoggedErrors(RuntimeError)
+        self.assertIsNone(outages.since)
+
+    def test_an_outage_a_write_began_ends_with_a_write(self) -> None:
+        """No room left, or the write lock held elsewhere: reads still work, and do not end
+        it (a line pair per run of the jobs that read)."""
+        outages = StoreOutages(self.clock.seconds)
+        full = _error_of("sqlite://", "PRAGMA max_page_count = 2", "CREATE TABLE t (x TEXT)",
+                         "INSERT INTO t VALUES (printf('%.10000c', 'x'))")
+        outages.failed(full, write=True)
+        self.assertTrue(told(full))
+        self.clock.advance(30)
+        outages.succeeded(write=False)
+        self.assertIsNotNone(outages.since)
+        outages.succeeded(write=True)
+        self.assertIsNone(outages.since)
+        self.assertEqual(self.infos[-1], "store reachable again after 30 s")
+        # One a read began ends with any transaction that commits.
+        outages.failed(full, write=False)
+        outages.succeeded(write=False)
+        self.assertIsNone(outages.since)

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from mailcore.backup.signature import MAX_TEXT, signature_phone
 from mailcore.messages import MessageStore, parts
 from mailcore.messages.parse import MimeLimits, extract_parts
+from mailcore.outages import log_failure
 from mailcore.periodic import InFlight
 from mailcore.store import Database
 from mailcore.store.schema import message_attachments, message_blobs, messages
@@ -248,7 +249,7 @@ class BackupIndexer(Service):
                 try:
                     await self.index.run(lambda: bool(self.running))
                 except Exception:
-                    log.failure("indexing the backup failed; the next pass retries")
+                    log_failure(log, "indexing the backup failed; the next pass retries")
                 if not (self._again and self.running):
                     return
         finally:

@@ -74,6 +74,7 @@ from twisted.python.failure import Failure
 
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number, unknown_key
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
@@ -585,7 +586,7 @@ class TokenService(PeriodicService):
         try:
             await self.sweep()
         except Exception as e:
-            log.failure("token tank sweep failed", Failure(e))
+            log_failure(log, "token tank sweep failed", Failure(e))
 
     async def sweep(self) -> int:
         """Open missing tanks, roll over stale ones, purge old logs; the number rolled."""

@@ -45,6 +45,7 @@ from mailcore.backoff import doubling
 from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
 from mailcore.fetch.secrets import SecretError
 from mailcore.messages.sql import new_id, utc
+from mailcore.outages import log_failure
 from mailcore.store import Database
 from mailcore.store.leases import thd_claim_job, thd_release_job
 from mailcore.store.schema import job_leases, mailbox_job_items, mailbox_jobs, users, webhooks
@@ -434,7 +435,7 @@ class JobRunner(service.Service):
         def done(outcome: Any) -> Any:
             self._tick = None
             if isinstance(outcome, Failure):
-                log.failure("looking for due jobs failed", outcome)
+                log_failure(log, "looking for due jobs failed", outcome)
                 return 0
             return outcome
 

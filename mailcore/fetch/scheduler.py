@@ -34,6 +34,7 @@ from mailcore.fetch.accounts import (
     thd_settle_interrupted,
 )
 from mailcore.fetch.engine import SyncEngine
+from mailcore.outages import log_failure
 
 log = Logger()
 
@@ -104,7 +105,7 @@ class FetchScheduler(service.Service):
                 "settle_fetch_syncs", thd_settle_interrupted, engine.node_id, now,
                 engine.running(), INTERRUPTED)
         except Exception:
-            log.failure("fetch scheduler cannot settle interrupted syncs")
+            log_failure(log, "fetch scheduler cannot settle interrupted syncs")
             return
         if settled:
             log.info("{n} syncs interrupted by a stop were shown as failed", n=settled)
@@ -117,7 +118,7 @@ class FetchScheduler(service.Service):
         try:
             accounts = await self.engine.accounts.all_enabled()
         except Exception:
-            log.failure("fetch scheduler cannot list accounts")
+            log_failure(log, "fetch scheduler cannot list accounts")
             return 0
         started = 0
         for account in accounts:

@@ -60,6 +60,7 @@ from twisted.python.failure import Failure
 
 from mailcore.config import ConfigError, is_positive_number
 from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
+from mailcore.outages import told
 from mailcore.periodic import PeriodicService
 from mailcore.queue.settings import TLS_POLICIES
 from mailcore.store import Database
@@ -757,6 +758,7 @@ class DomainService(PeriodicService):
         self.reloads = 0
         self.patches = 0
         self._failures = 0
+        self._failure_logged = False  # a line said the run of failures began
         self._lock = defer.DeferredLock()
         self._checking: defer.Deferred[None] | None = None
         self._waiters: list[defer.Deferred[None]] = []
@@ -801,21 +803,24 @@ class DomainService(PeriodicService):
 
     async def _check_logged(self) -> None:
         # The first failure is logged with its traceback; the rest of a run of failures
-        # (a database down for a minute would be 120 of them) only when it ends.
+        # (a database down for a minute would be 120 of them) only when it ends. A store
+        # outage's are left to the store's own lines (mailcore.outages).
         try:
             await self._check()
         except Exception as e:
             self._failures += 1
-            if self._failures == 1:
+            if not self._failure_logged and not told(e):
+                self._failure_logged = True
                 log.failure(
                     "could not load the domain snapshot (retrying every {interval} s)",
                     Failure(e), interval=self.poll_interval,
                 )
             return
-        if self._failures:
+        if self._failure_logged:
             log.info("domain snapshot loaded again after {count} failed attempts",
                      count=self._failures)
-            self._failures = 0
+        self._failures = 0
+        self._failure_logged = False
 
     async def _check(self) -> None:
         """Catch up when the change counter moved; reload everything when nothing is loaded

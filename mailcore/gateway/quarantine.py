@@ -78,6 +78,7 @@ from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number
 from mailcore.emailpolicy import SMTP
 from mailcore.files import secret_key_file
+from mailcore.outages import log_failure
 from mailcore.periodic import InFlight
 from mailcore.queue.model import header_block
 from mailcore.queue.spool import Withdrawn
@@ -898,4 +899,4 @@ class QuarantineService(Service):
         try:
             await job()
         except Exception:
-            log.failure("quarantine {name} run failed", name=name)
+            log_failure(log, "quarantine {name} run failed", name=name)

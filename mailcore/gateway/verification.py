@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from mailcore.config import ConfigError, is_positive_number
 from mailcore.gateway.domains import Domain, DomainError, DomainService
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 
 log = Logger()
@@ -234,7 +235,7 @@ class DomainVerifier(PeriodicService):
         try:
             await self.check_pending()
         except Exception as e:
-            log.failure("checking the domains that wait for proof of ownership failed",
+            log_failure(log, "checking the domains that wait for proof of ownership failed",
                         Failure(e))
 
     async def check_pending(self) -> list[CheckResult]:

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from mailcore.gateway.domains import DomainError, normalise_host_name, thd_owner_changed
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import credentials, oauth_codes, oauth_tokens, users
@@ -905,7 +906,7 @@ class CredentialSweeper(PeriodicService):
         try:
             purged = await self.identity.purge_expired()
         except Exception:
-            log.failure("purging expired credentials failed")
+            log_failure(log, "purging expired credentials failed")
             return
         if purged:
             log.info("purged {n} expired credentials", n=purged)

@@ -74,6 +74,7 @@ from mailcore.mailapi.listing import (
 )
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_hold_mailbox, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.queue.model import SERVED
 from mailcore.smtp.queueid import new_queue_id
@@ -866,7 +867,7 @@ class MailFilesSweeper(PeriodicService):
         try:
             removed = await self.mail.sweep()
         except Exception:
-            log.failure("sweeping the Mail API's files failed")
+            log_failure(log, "sweeping the Mail API's files failed")
             return
         if removed:
             log.info("removed {n} Mail API files no mail names", n=removed)

@@ -59,6 +59,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
+from mailcore.outages import log_failure
 from mailcore.queue.model import Result, thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
@@ -401,7 +402,7 @@ class OutboxSender(Service):
     def _failed(self, mailbox: int | None) -> None:
         """Log the failure (of `mailbox`'s stream; None: of the look) and look again after
         RETRY_AFTER seconds, the mailbox left alone until then."""
-        log.failure("sending the outbox failed; trying again in {s} s", s=RETRY_AFTER)
+        log_failure(log, "sending the outbox failed; trying again in {s} s", s=RETRY_AFTER)
         if mailbox is not None:
             self._resting.add(mailbox)
         if self.running and not (self._retry is not None and self._retry.active()):

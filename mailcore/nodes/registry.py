@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from mailcore.nodes import files, keys
 from mailcore.nodes.model import Node, Problem, thd_forget, thd_heartbeat, thd_nodes
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.store.database import Database
 from mailcore.workers import CpuPool
@@ -138,7 +139,7 @@ class NodeRegistry(PeriodicService):
         try:
             await self.check()
         except Exception:
-            log.failure("checking the other nodes sharing the store failed")
+            log_failure(log, "checking the other nodes sharing the store failed")
 
     def _declared_blocking(self) -> Node:
         if self.declared is None:  # not announced at the start

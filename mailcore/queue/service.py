@@ -23,6 +23,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mailcore.outages import log_failure
 from mailcore.periodic import InFlight
 from mailcore.queue.model import (
     FLUSH_COUNTER,
@@ -91,7 +92,7 @@ class Sweeper:
             self.claimed += claimed
         except Exception:
             self.runner.held -= room
-            log.failure("claiming due queue work failed")
+            log_failure(log, "claiming due queue work failed")
         finally:
             self._claiming = False
         return claimed
@@ -193,7 +194,7 @@ class QueueService(Service):
                 self._stranded_at = now
                 await self._repair_stranded(now)
         except Exception:
-            log.failure("queue housekeeping failed")
+            log_failure(log, "queue housekeeping failed")
 
     async def _repair_stranded(self, now: float) -> None:
         """Finish messages that no active recipient keeps but that were never marked done,
@@ -215,7 +216,7 @@ class QueueService(Service):
         try:
             flushes = await self.db.read("queue_flush_counter", thd_read_counter, FLUSH_COUNTER)
         except Exception:
-            log.failure("reading the queue flush counter failed")
+            log_failure(log, "reading the queue flush counter failed")
             return
         if self._flushes is not None and flushes != self._flushes:
             revived = self.runner.revive_hops()
@@ -230,7 +231,7 @@ class QueueService(Service):
                 "queue_renew_leases", thd_renew_leases, self.settings.node_id, until
             )
         except Exception:
-            log.failure("renewing leases failed; work whose lease ends is not sent")
+            log_failure(log, "renewing leases failed; work whose lease ends is not sent")
         else:
             self.runner.leases_renewed(until, self.clock.seconds())
 

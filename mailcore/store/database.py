@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mailcore.outages import StoreOutages
 from mailcore.store.engine import WRITE_INTENT, is_sqlite, make_engine
 
 T = TypeVar("T")
@@ -125,6 +126,8 @@ class Database:
         self._held = threading.local()
         self._held_conns: list[Connection] = []
         self._held_lock = threading.Lock()
+        # The log's two lines of an outage (mailcore.outages), on the reactor's clock.
+        self.outages = StoreOutages(getattr(reactor, "seconds", time.time))
 
     def _pools(self) -> list[ThreadPool]:
         """The thread pools, the read lane first."""
@@ -278,7 +281,8 @@ class Database:
             # One connection for the whole stream: no pool checkout and reset per group.
             try:
                 connection = self.engine.connect()
-            except Exception:
+            except Exception as e:
+                self.outages.failed(e, write=True)
                 # Its callers are answered (the SMTP client gets its 451 at once) instead
                 # of waiting, while a new stream tries again and again, for the database.
                 failure = Failure()
@@ -298,7 +302,7 @@ class Database:
                             return fn(conn, batch)
 
                     try:
-                        result = self._retrying(name, once)
+                        result = self._retrying(name, True, once)
                     except Exception:
                         self._in_reactor(done, batch, Failure())
                         return
@@ -350,7 +354,7 @@ class Database:
                 finally:
                     driver.execute("PRAGMA synchronous=FULL")
 
-        return self._retrying(name, once)
+        return self._retrying(name, write, once)
 
     def _held_read(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Blocking: `_transaction` of a read, on the connection this thread keeps for its
@@ -369,7 +373,7 @@ class Database:
             with conn.begin():
                 return fn(conn, *args, **kwargs)
 
-        return self._retrying(name, once)
+        return self._retrying(name, False, once)
 
     def _held_connection(self, renew: bool) -> Connection:
         """This thread's read connection (a new one when there is none, it is no longer
@@ -393,9 +397,10 @@ class Database:
         self._held.conn = fresh
         return fresh
 
-    def _retrying(self, name: str, once: Callable[[], T]) -> T:
-        """Blocking: `once()` (one transaction), run again after lock conflicts and
-        serialization failures; slow ones are logged."""
+    def _retrying(self, name: str, write: bool, once: Callable[[], T]) -> T:
+        """Blocking: `once()` (one transaction, a `write` one or a read), run again after
+        lock conflicts and serialization failures; slow ones are logged, and how it ended
+        is told to `outages`."""
         delay = 0.05
         for attempt in range(1, MAX_ATTEMPTS + 1):
             started = time.monotonic()
@@ -404,9 +409,11 @@ class Database:
                 elapsed = time.monotonic() - started
                 if elapsed > 1.0:
                     log.warn("slow transaction {name}: {elapsed:.2f}s", name=name, elapsed=elapsed)
+                self.outages.succeeded(write)
                 return result
             except DBAPIError as e:
                 if attempt == MAX_ATTEMPTS or not _retryable(e):
+                    self.outages.failed(e, write)
                     raise
                 log.info(
                     "transaction {name} conflicted (attempt {attempt}); retrying",

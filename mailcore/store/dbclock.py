@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import alsoProvides, implementer, providedBy
 
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.store.database import Database
 
@@ -112,4 +113,4 @@ class ClockFollower(PeriodicService):
         try:
             await self.time.follow(self.db)
         except Exception:
-            log.failure("reading the database server's clock failed")
+            log_failure(log, "reading the database server's clock failed")

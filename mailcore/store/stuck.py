@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.store.database import Database
 from mailcore.store.engine import APPLICATION_NAME, PG_IDLE_IN_TRANSACTION_MS
@@ -115,7 +116,7 @@ class StuckSessionReaper(PeriodicService):
         except Exception:
             # (Ending another role's session is refused: the nodes connect as one role, or
             # as members of pg_signal_backend.)
-            log.failure("looking for or ending stopped nodes' database sessions failed")
+            log_failure(log, "looking for or ending stopped nodes' database sessions failed")
             return
         for s in ended:
             if s.ended:

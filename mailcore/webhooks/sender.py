@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from mailcore.fetch.secrets import SecretError
 from mailcore.netpolicy import AddressRefused
+from mailcore.outages import log_failure
 from mailcore.webhooks.client import (
     SNIPPET_BYTES,
     USER_AGENT,
@@ -131,7 +132,7 @@ class WebhookSender(Service):
         return d
 
     def _sweep_failed(self, failure: Failure) -> int:
-        log.failure("webhook sweep failed", failure)
+        log_failure(log, "webhook sweep failed", failure)
         return 0
 
     async def sweep(self) -> int:
