@@ -105,6 +105,8 @@ class _Probe(ApiApp):
             raise ApiError(405, "not in this state")
         if rest == "refused-all-but-get":
             raise ApiError(405, "not in this state", headers={"Allow": "GET"})
+        if rest == "refused-but-more":
+            raise ApiError(405, "not in this state", headers={"allow": "GET, PUT"})
         return self.reply(request, {"path": request.path.decode(), "rest": rest})
 
 
@@ -262,9 +264,14 @@ class MethodNotAllowedTests(TestCase):
         status, headers, body = await web.call("GET", "/deep/refused")
         self.assertEqual((status, body["error"]), (405, "not in this state"))
         self.assertEqual(header(headers, "Allow"), "GET, HEAD")
-        # One that names what its state leaves keeps it.
-        status, headers, _ = await web.call("GET", "/deep/refused-all-but-get")
-        self.assertEqual((status, header(headers, "Allow")), (405, "GET"))
+        # One that names what its state leaves keeps it, with HEAD where it names GET (the
+        # router answers a HEAD wherever a GET is: it said GET alone), and without what the
+        # path does not answer at all.
+        for rest in ("refused-all-but-get", "refused-but-more"):
+            status, headers, _ = await web.call("GET", f"/deep/{rest}")
+            self.assertEqual((status, header(headers, "Allow")), (405, "GET, HEAD"), rest)
+            status, _, _ = await web.call("HEAD", "/deep/anything")
+            self.assertEqual(status, 200)
 
     async def test_protecmail_405_is_an_envelope(self) -> None:
         web = Web.build()

@@ -255,7 +255,11 @@ class SeedReplayTests(TestCase):
             self.assertEqual(status, 405, (method, target))
             self.assertEqual(reply["error"],
                              "The safedrop has been sent; it can no longer be changed.")
-            self.assertEqual(header(headers, "Allow"), "GET")
+            # What the sent state leaves, each answered: GET and HEAD (HEAD was left out).
+            self.assertEqual(header(headers, "Allow"), "GET, HEAD", (method, target))
+            for allowed in ("GET", "HEAD"):
+                status, _, _ = await f.call(allowed, target)
+                self.assertEqual(status, 200, (allowed, target))
         status, _, still = await f.call("GET", f"/dropbundles/{bundle_id}")
         self.assertEqual((status, still), (200, updated))
 

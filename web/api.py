@@ -4,11 +4,11 @@ A subclass sets `name`, `title`, `shape`, `app = Klein()` and `routes = RouteTab
 name)`, takes the services it needs in `__init__`, and declares its handlers with
 `@routes.route(...)`. Whatever a handler raises comes back in the API's error shape:
 `ApiError` as itself, Werkzeug's routing errors as 404/405, anything else as a logged 500
-without a trace; every 405 carries Allow (`ApiApp.with_allow`). An error once the reply has
-begun (a stream that failed midway) renders nothing: the status line and headers have gone,
-and a page written after them would be read as the rest of the body, or as the next response
-on a kept-alive connection. It is logged and the connection dropped (`drop_connection`), so
-the client sees a cut-off reply.
+without a trace; every 405 carries Allow, the methods its path answers
+(`ApiApp.with_allow`). An error once the reply has begun (a stream that failed midway)
+renders nothing: the status line and headers have gone, and a page written after them would
+be read as the rest of the body, or as the next response on a kept-alive connection. It is
+logged and the connection dropped (`drop_connection`), so the client sees a cut-off reply.
 """
 
 from __future__ import annotations
@@ -111,15 +111,23 @@ class ApiApp:
         return json_reply(request, body, error.status, error.headers)
 
     def with_allow(self, request: IRequest, error: ApiError) -> ApiError:
-        """`error`, and if it is a 405 without an Allow header, with the methods the routes
-        of the request's path take: RFC 9110 15.5.6 has every 405 carry Allow. The router's
-        405s and handlers' alike get it here; a handler that refuses by the object's state
-        names the methods that state leaves (web.safedrop's sent bundle)."""
-        if error.status != 405 or any(k.lower() == "allow" for k in error.headers):
+        """`error`, and if it is a 405, with Allow naming exactly the methods the request's
+        path answers: RFC 9110 15.5.6 has every 405 carry Allow. The router's 405s and
+        handlers' alike get it here: the methods of the path's routes, HEAD among them
+        where one takes GET (Werkzeug routes a HEAD there). A handler that refuses by the
+        object's state names in its own Allow the methods that state leaves (web.safedrop's
+        sent bundle: GET); those of them the path takes are kept, HEAD with GET."""
+        if error.status != 405:
             return error
         path = request.path.decode("utf-8", "replace")
-        methods = self.app.url_map.bind("localhost").allowed_methods(path)
-        error.headers["Allow"] = ", ".join(sorted(set(methods)))
+        methods = set(self.app.url_map.bind("localhost").allowed_methods(path))
+        named = [k for k in error.headers if k.lower() == "allow"]
+        if named:
+            left = {m.strip().upper() for m in error.headers.pop(named[0]).split(",")}
+            if "GET" in left:
+                left.add("HEAD")
+            methods = methods & left if methods else left - {""}
+        error.headers["Allow"] = ", ".join(sorted(methods))
         return error
 
     def handle_failure(self, request: IRequest, failure: Failure) -> bytes:

@@ -329,6 +329,7 @@ def drop_error(error: Exception) -> ApiError:
     if isinstance(error, DropNotFound):
         return ApiError(404, SafedropErrors().not_found())
     if isinstance(error, DropSent):
+        # What the sent state leaves: reading (ApiApp.with_allow adds the HEAD it answers).
         return ApiError(405, SENT, headers={"Allow": "GET"})
     if isinstance(error, DropError):
         status = 413 if isinstance(error, TooLarge) else 400
