@@ -6,6 +6,7 @@ column for column, index for index. Each test runs on both backends.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.config import ConfigError
 from mailcore.store import Database, migrate, schema
-from mailcore.store.engine import make_engine
+from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS, make_engine
 from mailcore.store.migrate import (
     VERSIONS,
     alembic_config,
     at_newest_revision,
+    check_writable,
     current_revision,
     downgrade_to,
     head_revision,
@@ -31,6 +33,7 @@ from mailcore.store.migrate import (
     upgrade_to,
 )
 from tests.support.db import DatabaseMixin, database_url
+from tests.support.logs import logged
 
 # Dialect-specific objects made by hand in migrations (full-text search), not declared.
 _UNDECLARED = frozenset(getattr(schema, "FTS_TABLES", ()))
@@ -298,3 +301,47 @@ class PostgresMigrationTests(MigrationTestsMixin, TestCase):
         self.addCleanup(engine.dispose)
         await threads.deferToThread(upgrade_to, engine, "0025")
         await self._race(url)
+
+
+class CheckWritableTests(SynchronousTestCase):
+    """The daemon's start-up check that its migrated SQLite store takes writes."""
+
+    def setUp(self) -> None:
+        home = Path(self.mktemp())
+        home.mkdir()
+        self.path = home / "mailcore.sqlite"
+        Database.for_tests(f"sqlite:///{self.path}").engine.dispose()
+        # Another process's write lock (the admin CLI in a long command or migration).
+        self.holder = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(self.holder.close)
+        self.holder.execute("BEGIN IMMEDIATE")
+
+    def test_a_write_lock_held_elsewhere_is_not_waited_for(self) -> None:
+        """It waited the whole busy timeout (30 s), then refused to start: `cannot write
+        to the database …: database is locked`."""
+        engine = make_engine(f"sqlite:///{self.path}", pool_size=1)
+        self.addCleanup(engine.dispose)
+        infos = logged(self, lambda e: e.get("log_namespace") == migrate.__name__)
+        check_writable(engine, "sqlite:///mailcore.sqlite")
+        self.assertEqual(infos, [
+            "the database sqlite:///mailcore.sqlite is locked by another process (the admin "
+            "CLI, another daemon): this daemon's writes wait for it"])
+        # Its connection waits for locks as every other does again.
+        with engine.connect() as conn:
+            driver: Any = conn.connection.driver_connection
+            timeout = driver.execute("PRAGMA busy_timeout").fetchone()[0]
+        self.assertEqual(timeout, SQLITE_BUSY_TIMEOUT_MS)
+
+    def test_a_read_only_database_is_refused_at_once_even_while_locked(self) -> None:
+        engine = make_engine(f"sqlite:///file:{self.path}?mode=ro&uri=true", pool_size=1)
+        self.addCleanup(engine.dispose)
+        with self.assertRaises(ConfigError) as refused:
+            check_writable(engine, "sqlite:///mailcore.sqlite")
+        self.assertEqual(str(refused.exception), "cannot write to the database "
+                         "sqlite:///mailcore.sqlite: attempt to write a readonly database")
+
+    def test_a_database_that_takes_writes_passes(self) -> None:
+        self.holder.execute("ROLLBACK")
+        engine = make_engine(f"sqlite:///{self.path}", pool_size=1)
+        self.addCleanup(engine.dispose)
+        check_writable(engine, "sqlite:///mailcore.sqlite")

@@ -31,7 +31,8 @@ from sqlalchemy.exc import DBAPIError
 from twisted.logger import Logger
 
 from mailcore.config import ConfigError
-from mailcore.store.engine import WRITE_INTENT
+from mailcore.outages import DATABASE_BUSY, outage
+from mailcore.store.engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_INTENT
 from mailcore.text import first_line
 
 if TYPE_CHECKING:
@@ -108,15 +109,51 @@ def check_writable(engine: Engine, shown: str) -> None:
     daemon starts to answer, rather than every write failing after. Blocks.
 
     The probe writes nothing: a DELETE of no row still asks for write access (SQLite's
-    write lock, PostgreSQL's check of a read-only transaction), and it is rolled back."""
+    write lock, PostgreSQL's check of a read-only transaction), and it is rolled back.
+
+    On SQLite it does not wait for the write lock: another process that holds it (the admin
+    CLI in a long command or migration, another daemon on the same file) made the daemon
+    wait the whole busy timeout (30 s) and then refuse to start, saying "database is
+    locked" as if it could not write. A database that another process holds the write lock
+    of takes writes; a read-only one (a read-only file, mount or `mode=ro`) is refused at
+    once, locked or not (its BEGIN IMMEDIATE takes no lock, its DELETE fails)."""
     try:
-        with engine.connect() as conn, conn.begin() as transaction:
-            conn.execute(text("DELETE FROM alembic_version WHERE 1 = 0"))
-            transaction.rollback()
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                with _no_busy_wait(conn):
+                    try:
+                        _probe_write(conn)
+                    except DBAPIError as e:
+                        if outage(e) is not DATABASE_BUSY:
+                            raise
+                        log.info("the database {db} is locked by another process (the "
+                                 "admin CLI, another daemon): this daemon's writes wait for "
+                                 "it", db=shown)
+            else:
+                _probe_write(conn)
     except DBAPIError as e:
         cause = e.orig if isinstance(e.orig, Exception) else e
         reason = first_line(str(cause)) or type(cause).__name__
         raise ConfigError(f"cannot write to the database {shown}: {reason}") from None
+
+
+def _probe_write(conn: Connection) -> None:
+    """Ask for write access in a transaction that is rolled back (see check_writable)."""
+    with conn.begin() as transaction:
+        conn.execute(text("DELETE FROM alembic_version WHERE 1 = 0"))
+        transaction.rollback()
+
+
+@contextmanager
+def _no_busy_wait(conn: Connection) -> Iterator[None]:
+    """SQLite: while inside, a lock held elsewhere fails at once (SQLITE_BUSY)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute("PRAGMA busy_timeout=0")
+    try:
+        yield
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def newest_revision() -> str | None:
