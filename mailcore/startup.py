@@ -8,7 +8,8 @@
   second list; a new table needs one line in `TABLES` (tests/test_config.py finds every
   `config.section("…")` in the code and checks that it is there).
 - Every listener string parses (`check_listeners`); a listener that cannot open (a port in
-  use, no permission) is one line too (`listen_error`).
+  use, no permission, a `unix:` one's lock file that cannot be made) is one line too, naming
+  the address or the file (`listen_error`).
 - `--db` names SQLite or PostgreSQL with an installed driver (`check_database_url`), and a
   database that cannot be opened is one line (`database_error`).
 - The data directory exists or can be made, and is writable (`ensure_data_dir`).
@@ -325,15 +326,45 @@ class ListenError(ConfigError):
     """A listener could not open (a port in use, no permission)."""
 
 
+# Twisted's reason when a unix: listener's lock file names a process that runs.
+_LOCK_HELD = "Cannot acquire lock"
+
+
 def listen_error(error: Exception) -> ListenError:
-    """A failure to listen, as one line naming the address."""
+    """A failure to start a listener, as one line naming the address or file and the cause.
+
+    A listener that cannot listen (a port in use, no permission) is `cannot listen on
+    ADDRESS: CAUSE`. An OSError that is no listening error is a file a `unix:` listener
+    makes before it listens, its lock file `PATH.lock` (a symlink to the pid that holds
+    it): it names that file (os.symlink's error names the pid it links to first, which
+    was what the line showed: `cannot listen: file name too long: 12054`)."""
     if isinstance(error, CannotListenError):
-        where = f"{error.interface or '*'}:{error.port}"
+        if isinstance(error.port, (str, bytes)):  # a unix: socket's path
+            where = os.fsdecode(error.port)
+        else:
+            where = f"{error.interface or '*'}:{error.port}"
         cause = error.socketError
-        reason = _strerror(cause) if isinstance(cause, OSError) else str(cause)
+        if cause == _LOCK_HELD:
+            reason = f"its lock file {where}.lock is held by {_lock_holder(where + '.lock')}"
+        else:
+            reason = _strerror(cause) if isinstance(cause, OSError) else str(cause)
         return ListenError(f"cannot listen on {where}: {reason}")
-    reason = _file_reason(error) if isinstance(error, OSError) else str(error)
-    return ListenError(f"cannot listen: {reason}")
+    if isinstance(error, OSError):
+        path = error.filename2 if error.filename2 is not None else error.filename
+        if path is None:
+            return ListenError(f"a listener cannot start: {_strerror(error)}")
+        return ListenError(f"cannot make a listener's file {os.fsdecode(path)}: "
+                           f"{_strerror(error)}")
+    return ListenError(f"cannot listen: {error}")
+
+
+def _lock_holder(lock: str) -> str:
+    """Who holds a unix: listener's lock file, for the message: the pid it links to."""
+    try:
+        pid = os.readlink(lock)
+    except OSError:
+        return "another process"
+    return f"another process (pid {pid})" if pid.isdigit() else "another process"
 
 
 def report_config_errors() -> None:

@@ -499,6 +499,26 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         # The daemon had started logging: the log says it too (for a --logfile).
         self.assertIn(f"[mailcore.service#critical] {message}\n", self.log)
 
+    async def test_a_unix_listeners_lock_file_that_cannot_be_made(self) -> None:
+        """An OSError of a unix: listener's lock file was `cannot listen: file name too
+        long: 12054`, the pid it links to named as the file; a lock held by a running
+        process, and a socket path in use, named the path as `*:b'/…'`."""
+        name = "x" * 250  # the socket's name fits, its lock file's ("….sock.lock") does not
+        socket_path = self.base / f"{name}.sock"
+        self.assertEqual(
+            await self.refused("--smtp", f"unix:{socket_path}"),
+            f"mailcore: cannot make a listener's file {socket_path}.lock: file name too long")
+        held = self.base / "held.sock"
+        os.symlink("1", f"{held}.lock")  # pid 1 runs
+        self.assertEqual(
+            await self.refused("--smtp", f"unix:{held}"),
+            f"mailcore: cannot listen on {held}: its lock file {held}.lock is held by another "
+            "process (pid 1)")
+        taken = self.base / "taken.sock"
+        taken.mkdir()
+        self.assertEqual(await self.refused("--smtp", f"unix:{taken}"),
+                         f"mailcore: cannot listen on {taken}: address already in use")
+
     async def test_a_lost_password_key_is_refused(self) -> None:
         """A missing fetch.key was made anew without a word: every webhook delivery was then
         given up and every sync failed, one by one."""
