@@ -35,6 +35,7 @@ from mailcore.startup import (
     DataDirLock,
     check_database_url,
     check_listeners,
+    check_logfile,
     check_tables,
     check_tls_files,
     database_error,
@@ -213,8 +214,10 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     check_tables(config, reactor)
     check_listeners(config, reactor)
     check_database_url(config)
+    twistd_options = getattr(options, "parent", None)
+    check_logfile(twistd_options)
     # Started as root with `twistd --uid`: built as that user (mailcore.privileges).
-    with acting_as(daemon_ids(getattr(options, "parent", None)), config.data_dir):
+    with acting_as(daemon_ids(twistd_options), config.data_dir):
         check_tls_files(config)
         lock = DataDirLock.acquire(config)
         try:

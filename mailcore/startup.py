@@ -12,7 +12,8 @@
   the address or the file (`listen_error`).
 - `--db` names SQLite or PostgreSQL with an installed driver (`check_database_url`), and a
   database that cannot be opened is one line (`database_error`).
-- The data directory exists or can be made, and is writable (`ensure_data_dir`).
+- The data directory exists or can be made, and is writable (`ensure_data_dir`); so is the
+  directory of twistd's `--logfile` (`check_logfile`).
 - One daemon per SQLite data directory (`DataDirLock`): the daemon holds an exclusive
   `flock` on `DATA/mailcore.lock` for its lifetime, taken before the migrations; a second
   daemon on the same directory is refused while the first runs (the kernel releases the
@@ -457,6 +458,32 @@ def database_error(config: Config, error: Exception) -> ConfigError:
     reason = lines[0] if lines else type(cause).__name__
     shown = make_url(config.database_url).render_as_string(hide_password=True)
     return ConfigError(f"cannot open the database {shown}: {reason}")
+
+
+# -- twistd's log file ------------------------------------------------------------------------
+
+
+def check_logfile(twistd_options: Mapping[str, Any] | None) -> None:
+    """ConfigError when twistd's `--logfile` cannot be opened: its directory is missing or
+    not a directory, or it (or, when it does not exist yet, its directory) is not writable.
+    twistd opens it only after `makeService` returned, as the user that started it, and a
+    failure was its traceback, after the data directory and the database were made."""
+    if twistd_options is None:
+        return
+    name = twistd_options.get("logfile")
+    if not name or name == "-":  # none (twistd's default), or stdout
+        return
+    path = Path(name).absolute()  # twistd opens it before it changes to --rundir
+    directory = path.parent
+    if not directory.is_dir():
+        what = "not a directory" if directory.exists() else "no such directory"
+        raise ConfigError(f"--logfile {name}: {what}: {directory}")
+    if path.is_dir():
+        raise ConfigError(f"--logfile {name}: is a directory")
+    target = path if path.exists() else directory
+    mode = os.W_OK if path.exists() else os.W_OK | os.X_OK
+    if not os.access(target, mode, effective_ids=True):
+        raise ConfigError(f"--logfile {name}: not writable: {target}")
 
 
 # -- the data directory ----------------------------------------------------------------------

@@ -499,6 +499,22 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         # The daemon had started logging: the log says it too (for a --logfile).
         self.assertIn(f"[mailcore.service#critical] {message}\n", self.log)
 
+    async def test_a_logfile_in_a_missing_directory(self) -> None:
+        """twistd opens its --logfile after makeService: in a missing directory that was
+        its FileNotFoundError traceback, after the data directory and database were made."""
+        for where, why in ((self.base / "nowhere" / "mailcore.log", "no such directory"),
+                           (self.base / "a-file" / "mailcore.log", "not a directory")):
+            (self.base / "a-file").write_text("not a directory")
+            argv = [*TWISTD, "--logfile", str(where), "--pidfile=", "mailcore",
+                    "--data-dir", str(self.data_dir),
+                    "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+                    "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1"]
+            result = await run_command(argv, env=_env(), cwd=self.base, timeout=30)
+            self.assertEqual(result.status, 1, result.out + result.err)
+            self.assertEqual(result.out + result.err,
+                             f"mailcore: --logfile {where}: {why}: {where.parent}\n")
+            self.assertFalse(self.data_dir.exists())
+
     async def test_a_unix_listeners_lock_file_that_cannot_be_made(self) -> None:
         """An OSError of a unix: listener's lock file was `cannot listen: file name too
         long: 12054`, the pid it links to named as the file; a lock held by a running
