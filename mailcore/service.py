@@ -157,6 +157,36 @@ def _service_name(child: service.IService) -> str:
     return str(getattr(child, "name", None) or type(child).__name__)
 
 
+class SignalsWhileStopping(service.Service):
+    """A SIGTERM or SIGINT that comes while the daemon stops is one line.
+
+    Twisted's handler calls `reactor.stop()` for each: the second, while the services
+    still finish their work, raised ReactorNotRunning, logged as a traceback ("while
+    calling from thread"). When the reactor begins to shut down, the handlers it installed
+    are replaced by one that says the daemon is stopping already (SIGKILL ends it at
+    once). A handler that is not the reactor's (twistd started without them) is left."""
+
+    name = "signals-while-stopping"
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.stopping)
+
+    def stopping(self) -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            if getattr(signal.getsignal(number), "__self__", None) is self.reactor:
+                signal.signal(number, self.again)
+
+    def again(self, number: int, frame: object) -> None:
+        # In a signal handler: the line is logged by the reactor, as Twisted's own is.
+        self.reactor.callFromThread(  # type: ignore[attr-defined]
+            log.info, "received {signal} while stopping: the daemon is stopping already "
+            "(SIGKILL ends it at once)", signal=signal.Signals(number).name)
+
+
 def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = False,
                named: bool = False, writable: bool = False) -> Core:
     """The data dir, the migrated store, the TLS pair and every mailcore service. Blocks.
@@ -239,6 +269,7 @@ def makeService(options: DaemonOptions) -> service.MultiService:
     LogLimiterService(  # type: ignore[arg-type]
         reactor, rotation=LogSettings.from_config(config.section("log"))
     ).setServiceParent(top)
+    SignalsWhileStopping(reactor).setServiceParent(top)  # type: ignore[arg-type]
     if lock is not None:
         lock.setServiceParent(top)
     StoreService(core.db).setServiceParent(top)
