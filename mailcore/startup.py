@@ -11,7 +11,8 @@
   use, no permission, a `unix:` one's lock file that cannot be made) is one line too, naming
   the address or the file (`listen_error`).
 - `--db` names SQLite or PostgreSQL with an installed driver (`check_database_url`), and a
-  database that cannot be opened is one line (`database_error`).
+  database that cannot be opened is one line (`database_error`; a SQLite one whose lock
+  another process holds names the processes that have the file open).
 - The data directory exists or can be made, and is writable (`ensure_data_dir`); so is the
   directory of twistd's `--logfile` (`check_logfile`).
 - One daemon per SQLite data directory (`DataDirLock`): the daemon holds an exclusive
@@ -450,14 +451,67 @@ def check_database_url(config: Config) -> None:
 
 
 def database_error(config: Config, error: Exception) -> ConfigError:
-    """A failure to open or migrate the database, in one line (the driver's first)."""
+    """A failure to open or migrate the database, in one line (the driver's first). A
+    SQLite database whose lock another process holds (the admin CLI migrating it, say)
+    says so, and which processes have the file open."""
     from sqlalchemy.engine import make_url
+
+    from mailcore.outages import DATABASE_BUSY, outage
 
     cause = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     reason = lines[0] if lines else type(cause).__name__
-    shown = make_url(config.database_url).render_as_string(hide_password=True)
+    url = make_url(config.database_url)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and outage(error) is DATABASE_BUSY:
+        holders = ", ".join(_processes_with_open(url.database or ""))
+        who = holders or "the admin CLI, or a daemon of another data directory"
+        reason += f": another process holds its lock ({who}); start again once it is done"
     return ConfigError(f"cannot open the database {shown}: {reason}")
+
+
+def _processes_with_open(database: str, most: int = 3) -> list[str]:
+    """Other processes that have the SQLite file `database` open, as `pid N (command)`:
+    who may hold its lock (Linux's /proc; those of other users only as root; none found
+    elsewhere)."""
+    if database.startswith("file:"):  # a URI filename
+        database = database[len("file:"):].split("?", 1)[0]
+    try:
+        target = os.stat(database)
+    except OSError:
+        return []
+    found: list[str] = []
+    try:
+        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            opened = any(_same_file(f"/proc/{pid}/fd/{fd}", target) for fd in fds)
+            if not opened:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                words = f.read(400).split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to look at
+        # One line: an argument may hold newlines (python -c), or be long.
+        command = " ".join(" ".join(os.fsdecode(w) for w in words[:6] if w).split())
+        command = command if len(command) <= 80 else command[:79] + "…"
+        found.append(f"pid {pid} ({command})" if command else f"pid {pid}")
+        if len(found) == most:
+            break
+    return found
+
+
+def _same_file(fd_path: str, target: os.stat_result) -> bool:
+    try:
+        here = os.stat(fd_path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (target.st_dev, target.st_ino)
 
 
 # -- twistd's log file ------------------------------------------------------------------------

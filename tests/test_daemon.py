@@ -13,6 +13,7 @@ import os
 import signal
 import smtplib
 import socket
+import sqlite3
 import stat
 import sys
 from collections.abc import Sequence
@@ -475,6 +476,22 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         line = await self.refused("--db", f"sqlite:///file:{path}?mode=ro&uri=true")
         self.assertTrue(line.startswith("mailcore: cannot write to the database sqlite:"), line)
         self.assertTrue(line.endswith(": attempt to write a readonly database"), line)
+
+    async def test_a_database_another_process_is_migrating(self) -> None:
+        """Its lock held (the admin CLI migrating a new store) was `cannot open the database
+        …: database is locked`, nothing said of why or by whom."""
+        self.data_dir.mkdir()
+        path = self.data_dir / "mailcore.sqlite"
+        holder = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("CREATE TABLE being_migrated (x INTEGER)")
+        line = await self.refused()
+        prefix = (f"mailcore: cannot open the database sqlite:///{path}: database is locked: "
+                  f"another process holds its lock (pid {os.getpid()} (")
+        self.assertTrue(line.startswith(prefix), line)
+        self.assertTrue(line.endswith(")); start again once it is done"), line)
 
     async def test_a_database_server_that_never_answers(self) -> None:
         """A server that takes the TCP connection and says nothing (hung, stopped): the
