@@ -26,6 +26,16 @@ itself. A small mail is built in the transaction: it takes a millisecond or two,
 the extra read and, with several built at once, the contention for Python's lock would
 cost.
 
+On SQLite (the daemon sets `ride` to Spool.ride) a write's transaction is a rider of the
+spool's next group commit, in a savepoint of its own: the mail posted meanwhile and the
+queue's messages commit together, one fsync for all of them, where each post's own commit
+cost one (and took turns with the spool for the store's one write lock). Its reply still
+waits for that commit; a write refused (its savepoint rolled back) is refused alone, a group
+whose commit fails fails each of its writes (SpoolError, whose cause is the store's error).
+Mail to be sent has its addresses parsed (and a large one is built) on the pool before it
+rides. PostgreSQL groups concurrent commits itself, and there a rider's row locks would make
+the queue's lane wait on other transactions: each write is a transaction of its own.
+
 Attachments are files on disk named by their content hash (mailcore.mailapi.files): a
 multipart upload is streamed to disk within `[mailapi] max_attachment_bytes` per file and
 `max_message_bytes` in all (413 otherwise), before the mail's row is written; an edit
@@ -319,7 +329,8 @@ class MailService:
     def __init__(self, db: Database, clock: IReactorTime, hostname: str, files: MailFiles,
                  io: CpuPool, *, max_attachment_bytes: int = 25 * 1024 * 1024,
                  max_message_bytes: int = 25 * 1024 * 1024,
-                 quota_bytes: int | None = None) -> None:
+                 quota_bytes: int | None = None,
+                 ride: Callable[..., defer.Deferred[Any]] | None = None) -> None:
         self.db = db
         self.clock = clock
         self.hostname = hostname
@@ -328,6 +339,9 @@ class MailService:
         self.max_attachment_bytes = max_attachment_bytes
         self.max_message_bytes = max_message_bytes
         self.quota_bytes = quota_bytes  # bytes a mailbox's mail may take (None: no limit)
+        # How a write commits in the spool's group commit (Spool.ride; see the module
+        # docstring); None: in a transaction of its own.
+        self.ride = ride
         # Callables told when mail enters the outbox, with the mailbox it is sent from.
         self.on_enqueued: list[Callable[[int | None], object]] = []
 
@@ -546,9 +560,24 @@ class MailService:
         prepare: Callable[[Reader], Built | None] = partial(
             self._thd_built, edit.status, now, gather) if large \
             else partial(_parse_ahead, edit.values if edit.status == OUTBOX else {})
-        written = await self.db.run_prepared("mailapi_create", prepare, txn)
+        written = await self._write("mailapi_create", prepare, txn,
+                                    building=large or edit.status == OUTBOX)
         self._told(written)
         return written
+
+    async def _write(self, name: str, prepare: Callable[[Reader], Built | None],
+                     txn: Callable[[Connection, Built | None], Written], *,
+                     building: bool) -> Written:
+        """Commit `txn(conn, prepare(read))`, `prepare` run first outside the write
+        transaction. With `ride` (SQLite), `txn` rides the spool's next group commit (one
+        fsync for the mail posted meanwhile and the queue's messages), `prepare` run on the
+        pool before it only when `building` (mail to be sent: its addresses are parsed, a
+        large one built; a draft has nothing to prepare). Without, `txn` is a transaction
+        of its own, `prepare` run on its pool thread just before it."""
+        if self.ride is None:
+            return await self.db.run_prepared(name, prepare, txn)
+        built = await self.db.prepare(name, prepare) if building else None
+        return await self.ride(name, txn, built)
 
     async def update(self, user_id: int, public_id: str, edit: Edit,
                      read: bool | None) -> Written:
@@ -605,8 +634,9 @@ class MailService:
             return self._thd_settle(conn, fresh, values, edit.status or DRAFT, rights, now,
                                     built, user_id)
 
-        written = await self.db.run_prepared(
-            "mailapi_update", partial(self._thd_built, edit.status, now, gather), txn)
+        written = await self._write(
+            "mailapi_update", partial(self._thd_built, edit.status, now, gather), txn,
+            building=edit.status == OUTBOX)
         self._told(written)
         return written
 

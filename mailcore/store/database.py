@@ -215,6 +215,16 @@ class Database:
 
         return self._defer(work)
 
+    def prepare(self, name: str, prepare: Callable[[Reader], A]) -> defer.Deferred[A]:
+        """`prepare(read)` alone on the pool, outside any write transaction (`run_prepared`
+        without its write): for a write that commits elsewhere, a rider of the spool's
+        group commit (`Spool.ride`), which must check again what it relies on of it."""
+
+        def read(f: Callable[[Connection], R]) -> R:
+            return self._transaction(name, False, f)
+
+        return self._defer(prepare, read)
+
     def run_relaxed(
         self,
         name: str,
