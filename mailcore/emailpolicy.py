@@ -19,7 +19,8 @@ from email import policy
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.policy import EmailPolicy
-from typing import Any
+from functools import lru_cache
+from typing import Any, cast
 
 from mailcore.text import has_control
 
@@ -49,9 +50,22 @@ class HeaderBreak(ValueError):
 
 
 class Outgoing(EmailPolicy):
-    """The policy of messages we build: SMTP's, refusing what would not stay one field."""
+    """The policy of messages we build: SMTP's, refusing what would not stay one field.
+
+    A field set with a value of up to MEMO_CHARS characters is parsed once for each name
+    and value (the header object is kept, MEMO_FIELDS of them, and shared: it is never
+    changed once made), and a header object is folded once for each policy: the fields
+    every message repeats (its From, its To, the Date of one second, the body's
+    Content-Type and Content-Transfer-Encoding, MIME-Version) cost nothing after the first
+    message. Parsing and folding took four fifths of the time a small message took to
+    build; both are functions of the name and the value alone, so the bytes are the same."""
 
     def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        if isinstance(value, str) and len(value) <= MEMO_CHARS:
+            return name, _stored_field(self, name, value)
+        return self._parsed(name, value)
+
+    def _parsed(self, name: str, value: Any) -> tuple[str, Any]:
         name, header = super().header_store_parse(name, value)
         if _LINE_BREAK.search(str(header)):
             raise HeaderBreak(f"the {name} field would hold a line break once decoded")
@@ -63,9 +77,28 @@ class Outgoing(EmailPolicy):
         return folded
 
     def fold_binary(self, name: str, value: Any) -> bytes:
+        # A header object's own fold ignores `name`; the check below does not.
+        kept = getattr(value, "__dict__", {}).get(_FOLDED)
+        if kept is not None and kept[0] is self and kept[1] == name:
+            return cast(bytes, kept[2])
         folded = super().fold_binary(name, value)
         _check_folded(name, folded, self.linesep)
+        if hasattr(value, "__dict__"):
+            value.__dict__[_FOLDED] = (self, name, folded)
         return folded
+
+
+# See Outgoing.
+MEMO_CHARS = 512
+MEMO_FIELDS = 1024
+_FOLDED = "_mailcore_folded"
+
+
+@lru_cache(maxsize=MEMO_FIELDS)
+def _stored_field(policy: Outgoing, name: str, value: str) -> Any:
+    """The header object `policy` stores for field `name` set to `value` (lru_cache keeps
+    no exception: a refused value is refused each time)."""
+    return policy._parsed(name, value)[1]
 
 
 def _check_folded(name: str, folded: bytes, linesep: str) -> None:

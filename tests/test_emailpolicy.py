@@ -10,7 +10,16 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from mailcore.emailpolicy import DEFAULT, SMTP, HeaderBreak, filename_breaks, header_breaks
+from mailcore.emailpolicy import (
+    DEFAULT,
+    MEMO_CHARS,
+    SMTP,
+    HeaderBreak,
+    HeaderClasses,
+    _stored_field,
+    filename_breaks,
+    header_breaks,
+)
 
 
 class HeaderClassTests(TestCase):
@@ -74,3 +83,71 @@ class OneFieldTests(TestCase):
             message.as_bytes()
         with self.assertRaises(HeaderBreak):
             message.as_string()
+
+
+class MemoTests(TestCase):
+    """A field is parsed once for each name and value, a header object folded once: the
+    bytes are those the stock SMTP policy writes."""
+
+    values = [
+        ("From", "bob@hosted.test"),
+        ("From", "B\u00f6b <bob@hosted.test>"),
+        ("To", ", ".join(f"Someone Long {n} <someone.long.{n}@customer.test>"
+                         for n in range(12))),
+        ("Subject", "plain"),
+        ("Subject", "caf\u00e9 " + encoded("d\u00e9j\u00e0 vu") + " word" * 40),
+        ("Subject", encoded("caf\u00e9")),
+        ("Subject", "caf\u00e9"),
+        ("Subject", ""),
+        ("Date", "Sun, 06 Dec 2026 23:43:01 +0000"),
+        ("Message-ID", "<1.2.3@mx.test>"),
+        ("Content-Type", 'text/plain; charset="utf-8"'),
+        ("X-Own", "x" * 600),  # over MEMO_CHARS: parsed each time
+    ]
+
+    def setUp(self) -> None:
+        _stored_field.cache_clear()
+        self.addCleanup(_stored_field.cache_clear)
+
+    def written(self, policy: Any, name: str, value: str) -> bytes:
+        message = EmailMessage(policy=policy)
+        message[name] = value
+        message.set_content("body\n")
+        return message.as_bytes()
+
+    def test_the_bytes_are_the_stock_policys(self) -> None:
+        for name, value in self.values:
+            stock = self.written(email.policy.SMTP, name, value)
+            for _ in range(3):  # parsed, then from the memo, folded, then kept
+                self.assertEqual(self.written(SMTP, name, value), stock, (name, value))
+        # A header object shared by two names (as `Message.__setitem__` never does): each
+        # name is checked and written for itself.
+        message = EmailMessage(policy=SMTP)
+        message["Subject"] = "same"
+        header = message["Subject"]
+        self.assertEqual(SMTP.fold_binary("Subject", header), b"Subject: same\r\n")
+        self.assertEqual(SMTP.fold_binary("Subject", header), b"Subject: same\r\n")
+        with self.assertRaises(HeaderBreak):
+            SMTP.fold_binary("Comments", header)
+
+    def test_a_field_is_parsed_once_and_a_refused_one_each_time(self) -> None:
+        made: list[tuple[str, str]] = []
+        call = HeaderClasses.__call__
+
+        def counted(registry: Any, name: str, value: str) -> Any:
+            made.append((name, value))
+            return call(registry, name, value)
+
+        self.patch(HeaderClasses, "__call__", counted)
+        for _ in range(3):
+            message = EmailMessage(policy=SMTP)
+            message["From"] = "bob@hosted.test"
+            message["X-Own"] = "y" * (MEMO_CHARS + 1)
+            message.set_content("body\n")
+            message.as_bytes()
+            with self.assertRaises(HeaderBreak):
+                EmailMessage(policy=SMTP)["Subject"] = OneFieldTests.injection
+        self.assertEqual(made.count(("From", "bob@hosted.test")), 1)
+        self.assertEqual(made.count(("Content-Type", "text/plain")), 1)
+        self.assertEqual(made.count(("X-Own", "y" * (MEMO_CHARS + 1))), 3)
+        self.assertEqual(made.count(("Subject", OneFieldTests.injection)), 3)

@@ -24,7 +24,41 @@ from mailcore.mailapi.mime import (
 RECIPIENTS = [f"rcpt{i}@customer.example.test" for i in range(12)]
 
 
+class _Fixed:
+    """`secrets` with one boundary."""
+
+    @staticmethod
+    def token_hex(n: int) -> str:
+        return "ab" * n
+
+
 class RoundTripTests(TestCase):
+    def test_the_bytes_are_the_stock_policys(self) -> None:
+        """Built with mailcore.emailpolicy.SMTP (its fields parsed and folded once) or with
+        the stock SMTP policy, each message is the same bytes, the first time and again."""
+        from mailcore.emailpolicy import SMTP, HeaderClasses, _stored_field
+        from mailcore.mailapi import mime
+
+        _stored_field.cache_clear()
+        self.patch(mime, "make_msgid", lambda domain: f"<1.2.3@{domain}>")
+        self.patch(mime, "secrets", _Fixed)
+        stock = email.policy.SMTP.clone(header_factory=HeaderClasses())
+        with_file = [OutgoingPart("r\u00c9port.pdf", "application/pdf",
+                                  lambda: BytesIO(b"%PDF-1.4"))]
+        built = []
+        for _, policy in itertools.product(range(2), (SMTP, stock)):
+            self.patch(mime, "SMTP", policy)
+            for subject, to, parts in itertools.product(
+                    ("hello", "Gr\u00fc\u00dfe " + "long " * 30, "=?utf-8?q?caf=C3=A9?="),
+                    (RECIPIENTS, ["B\u00f6b <bob@far.test>"]), ([], with_file)):
+                values = {"from": "bob@hosted.test", "subject": subject,
+                          "body": "Gr\u00fc\u00dfe\n" + "a line of text\n" * 3}
+                recipients = {"to": to, "cc": [], "reply-to": [], "from": ["bob@hosted.test"]}
+                built.append(build_message(values, recipients, parts, "mx.test", 1.7e9))
+        self.assertEqual(len(set(built)), 12)
+        self.assertEqual(built[:12], built[12:24])
+        self.assertEqual(built[:24], built[24:])
+
     def test_a_built_message_reads_back_as_written(self) -> None:
         values = {"from": "bob@hosted.test", "subject": "Gr\u00fc\u00dfe \u2013 " + "long " * 30,
                   "body": "Grüße\n" + "a line of text\n" * 20}
