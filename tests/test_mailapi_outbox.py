@@ -60,6 +60,32 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertEqual(self.connector.addresses(),
                          ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
 
+    async def test_a_mail_the_spool_leased_here_is_waited_on_without_reading_the_store(
+            self) -> None:
+        # Stored leased to this node's runner, it is untried until the runner tries it and
+        # records that: the sender read the store for it every time all the same.
+        reads: list[str] = []
+        untried = outbox.thd_untried
+
+        def counted(conn: Any, queue_id: str) -> bool:
+            reads.append(queue_id)
+            return untried(conn, queue_id)
+
+        self.patch(outbox, "thd_untried", counted)
+        for n in range(3):
+            await self.mail.create(self.owner, BOB, Edit("outbox", {
+                "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+        self.connector.hold = defer.Deferred()  # the next hop has not answered yet
+        self.sender.startService()
+        self.assertEqual((self.queued(), reads), (1, []))
+        hold, self.connector.hold = self.connector.hold, None
+        hold.callback(None)
+        await self.sender.settled()
+        self.assertEqual(self.connector.addresses(),
+                         ["r0@customer.test", "r1@customer.test", "r2@customer.test"])
+        # Only a wake by results committed meanwhile (another mail's) looks at the store.
+        self.assertLess(len(reads), 3)
+
     async def test_a_draft_is_sent_in_its_turn_from_when_it_entered_the_outbox(self) -> None:
         # Seed 002: the outbox is first in, first out. The draft was written first, but
         # entered the outbox after the mail posted straight to it, so it goes after it.

@@ -44,7 +44,7 @@ class StreamTestCase(TestCase):
         )
         self.addCleanup(self.spool.drain)
 
-    def accept(self, qid: str) -> defer.Deferred[None]:
+    def accept(self, qid: str) -> defer.Deferred[bool]:
         env = Envelope("a@x.test", (Recipient("b@customer.test", None),))
         return defer.Deferred.fromCoroutine(
             self.spool.accept(qid, env, b"Subject: x\r\n\r\nhi\r\n")

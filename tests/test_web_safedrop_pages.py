@@ -914,7 +914,7 @@ class DownloadOnTheWireTests(TestCase):
         data = b"F" * 3000
         await self.start("subject=S&email_receipt_when=3", data)
 
-        async def refuse(*_: Any, **__: Any) -> None:
+        async def refuse(*_: Any, **__: Any) -> bool:
             raise OSError("No space left on device")
 
         self.f.web.core.safedrop.spool.accept = refuse  # type: ignore[method-assign]

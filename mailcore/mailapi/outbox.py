@@ -380,6 +380,7 @@ class OutboxSender(Service):
         self._watched[queue_id] = (len(envelope.recipients), set())
         try:
             marked: defer.Deferred[None] | None = None
+            leased = False
             if queued:
                 # In the queue, not marked (an older version marked after the spool's
                 # commit): marked while the queue tries it, without a second accept.
@@ -387,12 +388,14 @@ class OutboxSender(Service):
                                      self.clock.seconds())
             else:
                 try:
-                    await self.spool.accept(queue_id, envelope, raw, guard=partial(
-                        thd_take, row_id=row_id, queue_id=queue_id, now=self.clock.seconds()))
+                    leased = bool(await self.spool.accept(
+                        queue_id, envelope, raw, guard=partial(
+                            thd_take, row_id=row_id, queue_id=queue_id,
+                            now=self.clock.seconds())))
                 except Withdrawn:
                     return  # deleted (or changed) since it was read: not sent
             try:
-                await self._tried(queue_id)
+                await self._tried(queue_id, ours=leased)
             finally:
                 if marked is not None:
                     await marked
@@ -435,17 +438,23 @@ class OutboxSender(Service):
             self._holding = False
             await self.leases.release(OUTBOX_JOB, self.clock.seconds())
 
-    async def _tried(self, queue_id: str) -> None:
-        """Wait until the queue has tried `queue_id` (at most FIFO_WAIT seconds)."""
+    async def _tried(self, queue_id: str, *, ours: bool = False) -> None:
+        """Wait until the queue has tried `queue_id` (at most FIFO_WAIT seconds). `ours`:
+        this node's spool has just stored it leased to this node's runner (Spool.accept),
+        so no node has tried it yet: the first wait needs no look at the store (a read of
+        every mail sent, the outbox's most frequent statement)."""
         give_up = self.clock.seconds() + FIFO_WAIT
+        look = not ours
         while self.running and self.clock.seconds() < give_up:
             if self._tried_here(queue_id):
                 return
             seen = self._wakes
-            if not await self.db.read("mailapi_outbox_untried", thd_untried, queue_id):
-                return
-            if self._wakes != seen:
-                continue  # results came while we looked: look again
+            if look:
+                if not await self.db.read("mailapi_outbox_untried", thd_untried, queue_id):
+                    return
+                if self._wakes != seen:
+                    continue  # results came while we looked: look again
+            look = True
             pause: defer.Deferred[None] = defer.Deferred()
             self._pauses.add(pause)
 

@@ -400,14 +400,17 @@ class Spool:
     # -- the API ------------------------------------------------------------------------
 
     async def accept(self, queue_id: str, envelope: Envelope, data: bytes, *,
-                     guard: Callable[[Connection], bool] | None = None) -> None:
+                     guard: Callable[[Connection], bool] | None = None) -> bool:
         """Commit one message; returns when it is durable, raises SpoolError otherwise.
         `guard(conn)` runs in the transaction that stores it, before it is stored (in a
         savepoint of its own): when it returns False (or raises) the message alone is left
         out, what the guard wrote with it, and accept raises Withdrawn (or what it
         raised). So a write elsewhere that the guard looks at commits either before the
         message (which it keeps out) or after it. A caller that stops waiting (cancels)
-        withdraws the message if its group commit has not begun (`_withdraw`)."""
+        withdraws the message if its group commit has not begun (`_withdraw`). Returns
+        whether the message is leased to this node's queue runner (stored with its lease and
+        handed to it: no other node tries it while the lease holds; it has not been tried yet
+        when this returns)."""
         if not envelope.recipients:
             raise SpoolError("a message needs at least one recipient")
         n = len(envelope.recipients)
@@ -424,6 +427,7 @@ class Spool:
                 self._wake.notify()
         self._kick()
         await item.done
+        return leased
 
     def _withdraw(self, item: _Pending) -> None:
         """An accept given up on (its Deferred cancelled: the SMTP server's command deadline

@@ -119,10 +119,11 @@ _HELO_DOMAIN = re.compile(
 
 
 class MessageSink(Protocol):
-    """Where accepted messages go: the spool. `accept` returns once the message is durable;
-    it raises SpoolError when it could not be stored for a reason the spool logs itself."""
+    """Where accepted messages go: the spool. `accept` returns once the message is durable
+    (what it returns is not used here); it raises SpoolError when it could not be stored
+    for a reason the spool logs itself."""
 
-    async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> None: ...
+    async def accept(self, queue_id: str, envelope: Envelope, data: bytes) -> object: ...
 
 
 class ServedDomain(Protocol):
