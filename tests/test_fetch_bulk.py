@@ -9,6 +9,7 @@ takes the connection back afterwards.
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mailcore.fetch import imap
+from mailcore.fetch import bulk, imap
 from mailcore.fetch.bulk import ReplyReader, parse_fetch_reply, parse_internaldate
 from mailcore.fetch.errors import LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import ARRIVING as _ARRIVING
@@ -95,6 +96,58 @@ class LeanParserTests(TestCase):
         self.assertIsNone(general(data).body)
         with self.assertRaises(ProtocolFailed):
             parse_fetch_lean(lean(b"* 1 FETCH (UID 1 FLAGS (\\Seen)\r\n"))
+
+    def test_the_usual_reply_is_read_in_one_match_as_the_loop_reads_it(self) -> None:
+        """Dovecot's reply to the sync's UID FETCH goes through one expression (`_USUAL`);
+        what it reads is what the item-by-item loop reads of the same reply, and a reply a
+        little off that shape goes through the loop."""
+        usual = [reply(uid, body, flags=flags, date=date)
+                 for uid, body in BODIES.items()
+                 for flags in (b"", b"\\Seen", b"\\Seen $Label \\Recent", b"a\\b  c")
+                 for date in (b"14-Nov-2023 22:13:21 +0100", b" 2-Feb-2024 01:02:03 -0730",
+                              b"30-Feb-2024 00:00:00 +0000", b"soon", b"", b"a {1} b")]
+        usual += [reply(0, b"x"), reply(2**64, b"x"), reply(5, b"x", seq=99)]
+        off = [data.replace(old, new) for data in usual[:6] for old, new in (
+            (b"UID", b"uid"), (b"FLAGS (", b"FLAGS  ("), (b" BODY[]", b" MODSEQ (3) BODY[]"),
+            (b"UID %d" % 7, b"UID NIL"), (b"RFC822.SIZE", b"RFC822.SIZE 1 RFC822.SIZE"))]
+        for data in usual:
+            self.assertIsNotNone(bulk._USUAL.fullmatch(lean(data).lines[0]), data)
+        for data in off:
+            self.assertIsNone(bulk._USUAL.fullmatch(lean(data).lines[0]), data)
+        for data in usual + off:  # what becomes of it is what the general parser makes
+            outcomes: list[FetchItem | type[ProtocolFailed]] = []
+            for read in (lambda d: parse_fetch_lean(lean(d)), general):
+                try:
+                    outcomes.append(read(data))
+                except ProtocolFailed:
+                    outcomes.append(ProtocolFailed)
+            self.assertEqual(outcomes[0], outcomes[1], data)
+        fast = [parse_fetch_reply(lean(data)) for data in usual + off]
+        self.patch(bulk, "_USUAL", re.compile(b"(?!)"))  # matches nothing: the loop alone
+        self.assertEqual(fast, [parse_fetch_reply(lean(data)) for data in usual + off])
+
+    def test_internaldate_zones_as_datetime_reads_them(self) -> None:
+        """A zone's offset is what datetime.timezone takes (under 24 hours either way, its
+        minutes may run past 59), remembered once read; the result is the same instant
+        in UTC."""
+        for zone in (b"+0000", b"-0000", b"+0100", b"-0730", b"+1400", b"+2359", b"-2359",
+                     b"+0075", b"+2400", b"-2400", b"+9999", b"+2360"):
+            for _again in range(2):  # the second time, the remembered offset
+                value = b"14-Nov-2023 22:13:21 " + zone
+                hours, minutes = int(zone[1:3]), int(zone[3:])
+                offset = datetime.timedelta(hours=hours, minutes=minutes)
+                try:
+                    tz = datetime.timezone(-offset if zone.startswith(b"-") else offset)
+                except ValueError:
+                    self.assertIsNone(parse_internaldate(value), zone)
+                    continue
+                expected = datetime.datetime(2023, 11, 14, 22, 13, 21, tzinfo=tz)
+                got = parse_internaldate(value)
+                assert got is not None
+                self.assertEqual((got, got.tzinfo), (expected, datetime.UTC), zone)
+        # Out of datetime's years once in UTC.
+        self.assertIsNone(parse_internaldate(b"31-Dec-9999 23:00:00 -0100"))
+        self.assertIsNone(parse_internaldate(b"01-Jan-0001 00:00:00 +0100"))
 
     def test_internaldate_fast_path_matches_strptime(self) -> None:
         for value in [b"14-Nov-2023 22:13:21 +0100", b" 2-feb-2024 01:02:03 -0730",

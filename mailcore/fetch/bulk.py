@@ -5,8 +5,9 @@ lists byte by byte (splitQuoted, collapseStrings): for a 4 KiB message that was 
 reactor's time. `ReplyReader` cuts the byte stream into replies itself (lines and literals,
 bounded as IMAPClient bounds them: line length and literal size), and `parse_fetch_reply`
 reads the usual FETCH reply (UID, FLAGS, INTERNALDATE, RFC822.SIZE, MODSEQ, BODY[] or
-RFC822) with a few regular expressions; any other shape goes to the general parser
-(`mailcore.fetch.imap.parse_fetch`), so the outcome is the same either way.
+RFC822) with a few regular expressions (the sync's own reply, in the words Dovecot uses, with
+one); any other shape goes to the general parser (`mailcore.fetch.imap.parse_fetch`), so the
+outcome is the same either way.
 """
 
 from __future__ import annotations
@@ -140,6 +141,14 @@ def _show(data: bytes, limit: int = 120) -> str:
 
 
 _HEAD = re.compile(rb"\* (\d+) FETCH \(", re.IGNORECASE)
+# The reply to the sync's UID FETCH as Dovecot words it (its items in the order asked):
+# read by this one expression, to what the loop of `parse_fetch_reply` reads of it, in a
+# third of the time (the loop cost 11 us a message in the reactor). Anything else (another
+# order, other items, lower case, a NIL) goes through the loop.
+_USUAL = re.compile(
+    rb'\* (\d+) FETCH \(UID (\d+) FLAGS \(([^()"{}]*)\) INTERNALDATE "([^"\\\r\n]*)" '
+    rb"RFC822\.SIZE (\d+) BODY\[\] \{\d+\}"
+)
 _NAME = re.compile(rb"([A-Za-z0-9.]+)(\[[^\]\r\n]*\](?:<\d+>)?)? ")
 _ATOM = re.compile(rb"[^\s()\"{}\[\]]+")
 _PAREN = re.compile(rb"\(([^()\"{}]*)\)")
@@ -148,8 +157,13 @@ _MONTHS = {m: i for i, m in enumerate(
     (b"JAN", b"FEB", b"MAR", b"APR", b"MAY", b"JUN", b"JUL", b"AUG", b"SEP", b"OCT", b"NOV",
      b"DEC"), 1)}
 _DATE = re.compile(
-    rb"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)\s*$"
+    rb"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-]\d{4})\s*$"
 )
+
+
+# A zone's offset from UTC by its "+hhmm" (a few a mailbox; made once each).
+_OFFSETS: dict[bytes, datetime.timedelta] = {}
+_DAY = datetime.timedelta(days=1)
 
 
 def parse_internaldate(value: bytes) -> datetime.datetime | None:
@@ -157,17 +171,23 @@ def parse_internaldate(value: bytes) -> datetime.datetime | None:
     m = _DATE.match(value)
     if m is None:
         return None
-    month = _MONTHS.get(m.group(2).upper())
+    day, name, year, hour, minute, second, zone = m.groups()
+    month = _MONTHS.get(name.upper())
     if month is None:
         return None
-    offset = datetime.timedelta(hours=int(m.group(8)), minutes=int(m.group(9)))
+    offset = _OFFSETS.get(zone)
+    if offset is None:
+        offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[3:]))
+        if offset >= _DAY:  # no zone (datetime.timezone refuses it)
+            return None
+        if zone[0] == 0x2D:  # "-"
+            offset = -offset
+        if len(_OFFSETS) < 1024:
+            _OFFSETS[zone] = offset
     try:
-        local = datetime.datetime(
-            int(m.group(3)), month, int(m.group(1)), int(m.group(4)), int(m.group(5)),
-            int(m.group(6)),
-            tzinfo=datetime.timezone(-offset if m.group(7) == b"-" else offset),
-        )
-        return local.astimezone(datetime.UTC)
+        # The wall-clock time in UTC, less the zone's offset: what astimezone(UTC) gives.
+        return datetime.datetime(int(year), month, int(day), int(hour), int(minute),
+                                 int(second), tzinfo=datetime.UTC) - offset
     except (ValueError, OverflowError):
         return None
 
@@ -186,6 +206,12 @@ def parse_fetch_reply(reply: Reply) -> FetchedValues | None:
     anywhere but as a value, anything unexpected)."""
     lines, literals = reply.lines, reply.literals
     s = lines[0]
+    m = _USUAL.fullmatch(s)
+    if m is not None and len(lines) == 2 and lines[1] == b")" and len(literals) == 1:
+        seq, uid, flags, date, size = m.groups()
+        return FetchedValues(int(seq), {"UID": uid, "FLAGS": flags.split(),
+                                        "INTERNALDATE": date, "RFC822.SIZE": size,
+                                        "BODY[]": literals[0]})
     m = _HEAD.match(s)
     if m is None:
         return None
