@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.store import Database, StoreError
+from mailcore.store.database import RELAXED_CHECKPOINT_PAGES
 from mailcore.store.engine import (
     PG_TCP_SETTINGS,
     SQLITE_BUSY_TIMEOUT_MS,
@@ -383,6 +384,71 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
 
         self.assertEqual(await self.db.read("names", names), ["alice"])
         self.assertIsInstance(user_id, int)
+
+    async def test_a_relaxed_write_leaves_its_checkpoint_to_a_pool_thread(self) -> None:
+        """A relaxed write commits with the checkpoint interval raised (the committing
+        connection copies the WAL back only past RELAXED_CHECKPOINT_PAGES), puts it back,
+        and a pool thread then checkpoints (PASSIVE) on a connection of its own: once for
+        writes that come while one runs. An ordinary write leaves it to SQLite's own."""
+        seen: list[tuple[str, str]] = []
+
+        def trace(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.set_trace_callback(
+                lambda sql: seen.append((threading.current_thread().name, sql)))
+
+        self.db.engine.dispose()  # new connections from here on, traced
+        event.listen(self.db.engine, "connect", trace)
+        self.addCleanup(event.remove, self.db.engine, "connect", trace)
+
+        def interval(conn: Connection) -> int:
+            return int(conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one())
+
+        def relaxed(conn: Connection, name: str) -> int:
+            _add_user(conn, name)
+            return interval(conn)
+
+        def checkpoints() -> list[str]:
+            return [thread for thread, sql in seen if sql == "PRAGMA wal_checkpoint(PASSIVE)"]
+
+        self.assertEqual(await self.db.run_relaxed("relaxed", relaxed, "alice"),
+                         RELAXED_CHECKPOINT_PAGES)
+        deadline = get_reactor().seconds() + 10
+        while not checkpoints() and get_reactor().seconds() < deadline:
+            await sleep(0.01)
+        self.assertEqual(len(checkpoints()), 1)
+        self.assertTrue(checkpoints()[0].startswith("PoolThread-mailcore-db-"), checkpoints())
+        self.assertNotIn("mailcore-db-read", checkpoints()[0])
+        for _ in range(6):  # whichever pooled connection comes next
+            self.assertEqual(await self.db.run("interval", interval), SQLITE_CHECKPOINT_PAGES)
+
+        # Three relaxed writes while a checkpoint runs: one more checkpoint after it.
+        seen.clear()
+        started, release = threading.Event(), threading.Event()
+        real = self.db._checkpoint
+
+        def held() -> None:
+            started.set()
+            release.wait(10)
+            real()
+
+        self.patch(self.db, "_checkpoint", held)
+        await self.db.run_relaxed("relaxed", relaxed, "bob")
+        while not started.is_set():
+            await sleep(0.01)
+        self.patch(self.db, "_checkpoint", real)
+        for name in ("carol", "dave", "erin"):
+            await self.db.run_relaxed("relaxed", relaxed, name)
+        release.set()
+        deadline = get_reactor().seconds() + 10
+        while (len(checkpoints()) < 2 or self.db._checkpointing) and (
+                get_reactor().seconds() < deadline):
+            await sleep(0.01)
+        self.assertEqual(len(checkpoints()), 2)
+
+        seen.clear()
+        await self.db.run("ordinary", _add_user, "frank")
+        await sleep(0.05)
+        self.assertEqual(checkpoints(), [])
 
     async def test_database_is_locked_is_retried(self) -> None:
         """A transaction that fails with "database is locked" runs again and commits."""
