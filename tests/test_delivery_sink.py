@@ -3,7 +3,6 @@ sink of ours (for bodies, STARTTLS failures and permanent refusals)."""
 
 from __future__ import annotations
 
-import os
 from email import message_from_bytes
 from typing import Any
 
@@ -27,6 +26,7 @@ from tests.support.servers import (
     free_port,
     require_binary,
     sleep,
+    start_smtp_sink,
     tempdir_for,
 )
 
@@ -81,17 +81,7 @@ class QueueOnReactor(TestCase):
 
 class SmtpSinkTests(QueueOnReactor):
     async def test_messages_reach_smtp_sink(self) -> None:
-        binary = require_binary("smtp-sink", "postfix")
-        directory = tempdir_for(self)
-        os.chmod(directory, 0o777)  # noqa: S103 (smtp-sink runs as nobody and writes here)
-        port = free_port()
-        dump = directory / "dump"
-        sink = ServerProcess(
-            [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{port}", "100"],
-            directory=directory,
-        ).start()
-        self.addCleanup(sink.stop)
-        await sink.wait_for_port(port)
+        dump, port = await start_smtp_sink(self)
         q, db, domain = await self.start_queue(port)
         n = 200
         await defer.gatherResults([

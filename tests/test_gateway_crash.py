@@ -28,7 +28,11 @@ from mailcore.queue.journal import NAMES as JOURNAL_NAMES
 from mailcore.queue.settings import QueueSettings
 from tests.support.mailsink import Daemon, SendLog, send_numbered
 from tests.support.reactor import get_reactor
-from tests.support.servers import ServerProcess, free_port, require_binary, sleep, tempdir_for
+from tests.support.servers import (
+    sleep,
+    start_smtp_sink,
+    tempdir_for,
+)
 
 KILLS = 2
 # A kill costs at most HOP_CONCURRENCY duplicates, and makes the sends in flight (at most
@@ -76,17 +80,7 @@ def journal_of(daemon: Daemon) -> bytes:
 async def sink_and_daemon(test: TestCase) -> tuple[Path, Daemon, int]:
     """A real smtp-sink dumping to a file (its path) and a started daemon relaying
     customer.test to it (and that domain's id); both stopped at the test's cleanup."""
-    binary = require_binary("smtp-sink", "postfix")
-    sink_dir = tempdir_for(test)
-    sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
-    dump = sink_dir / "dump"
-    sink_port = free_port()
-    sink = ServerProcess(
-        [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
-        directory=sink_dir,
-    ).start()
-    test.addCleanup(sink.stop)
-    await sink.wait_for_port(sink_port)
+    dump, sink_port = await start_smtp_sink(test)
     daemon = Daemon(tempdir_for(test), queue={"poll_interval": 0.5})
     domain_id = daemon.prepare_blocking("customer.test", sink_port)
     await daemon.start()

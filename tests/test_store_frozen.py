@@ -25,7 +25,11 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from tests.support.mailsink import Daemon, numbered_message, open_session
 from tests.support.pg import create_test_database, pause_cluster
 from tests.support.reactor import get_reactor
-from tests.support.servers import ServerProcess, free_port, require_binary, sleep, tempdir_for
+from tests.support.servers import (
+    sleep,
+    start_smtp_sink,
+    tempdir_for,
+)
 
 # The deadlines the daemon is given: short, so that the test is.
 DEADLINE = 3.0
@@ -50,17 +54,7 @@ class FrozenDatabaseTests(TestCase):
         """smtp-sink as the next hop of customer.test, and the daemon on a fresh database
         of the cluster, with short deadlines."""
         url = await create_test_database(self)
-        binary = require_binary("smtp-sink", "postfix")
-        sink_dir = tempdir_for(self)
-        sink_dir.chmod(0o777)  # smtp-sink runs as nobody and writes its dump here
-        dump = sink_dir / "dump"
-        sink_port = free_port()
-        sink = ServerProcess(
-            [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{sink_port}", "100"],
-            directory=sink_dir,
-        ).start()
-        self.addCleanup(sink.stop)
-        await sink.wait_for_port(sink_port)
+        dump, sink_port = await start_smtp_sink(self)
         daemon = Daemon(tempdir_for(self), db_url=url, smtp={"command_timeout": DEADLINE},
                         web={"reply_timeout": DEADLINE}, queue={"poll_interval": 0.5},
                         store=store)

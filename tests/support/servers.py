@@ -416,6 +416,20 @@ async def start_server(
     return server
 
 
+
+async def start_smtp_sink(test: TestCase) -> tuple[Path, int]:
+    """Postfix's smtp-sink on a free port, writing every message it takes to a dump file,
+    for one test (stopped when it ends); returns the dump's path (made at the first
+    message) and the port."""
+    binary = require_binary("smtp-sink", "postfix")
+    directory = tempdir_for(test)
+    directory.chmod(0o777)
+    dump = directory / "dump"
+    port = free_port()
+    await start_server(test, [binary, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{port}",
+                              "100"], port=port, directory=directory)
+    return dump, port
+
 def _primary_group(user: str) -> int:
     import pwd
 
