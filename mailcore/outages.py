@@ -6,8 +6,9 @@ answer those 507 or 503 with Retry-After, a line in the log without a traceback,
 While the store is out of reach (or room), every job that runs every few seconds fails of it
 on each run. `StoreOutages`, which the Database tells of each transaction's end, logs one
 line when the outage begins (its cause, since when) and one when a transaction succeeds
-again (after how long); a job logs its failure with `log_failure`, which leaves out the
-failures those two lines already tell, rather than one line per job and run.
+again (after how long, and how many transactions failed of it meanwhile); a job logs its
+failure with `log_failure`, which leaves out the failures those two lines already tell,
+rather than one line per job and run.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class StoreOutages:
         self._lock = threading.Lock()
         self._since: float | None = None
         self._by_write = False
+        self._failures = 0  # transactions that failed of the outage in course
 
     @property
     def since(self) -> float | None:
@@ -138,6 +140,8 @@ class StoreOutages:
             if began:
                 self._since = self._now()
                 self._by_write = write
+                self._failures = 0
+            self._failures += 1
             since = self._since
         if began:
             log.warn("store unavailable since {since}: {what} ({cause}); until it is back, "
@@ -150,7 +154,8 @@ class StoreOutages:
             pass
 
     def succeeded(self, write: bool) -> None:
-        """A transaction (a `write` one or a read) committed."""
+        """A transaction (a `write` one or a read) committed. The line that ends an
+        outage says how many transactions failed of it (each once, after its retries)."""
         if self._since is None:  # the usual case, without the lock
             return
         with self._lock:
@@ -158,7 +163,10 @@ class StoreOutages:
                 return
             lasted = max(0.0, self._now() - self._since)
             self._since = None
-        log.info("store reachable again after {seconds:.0f} s", seconds=lasted)
+            failures = self._failures
+        log.info("store reachable again after {seconds:.0f} s, {failures} {operations} failed",
+                 seconds=lasted, failures=failures,
+                 operations="operation" if failures == 1 else "operations")
 
 
 def told(error: BaseException) -> bool:

@@ -183,7 +183,8 @@ class StoreOutageLogTests(SynchronousTestCase):
         self.assertIsNotNone(self.db.outages.since)
         self.back()
         self.clock.advance(5)
-        self.assertEqual(self.infos[-1], "store reachable again after 120 s")
+        self.assertRegex(self.infos[-1],
+                         r"^store reachable again after 120 s, [1-9][0-9]* operations failed$")
         self.assertIsNone(self.db.outages.since)
         # Nothing else: no job's failure, nor the domain snapshot's first and last lines.
         self.assertEqual(self.lines[before:], [self.warnings[0], self.infos[-1]])
@@ -219,8 +220,24 @@ class StoreOutageLogTests(SynchronousTestCase):
         self.assertIsNotNone(outages.since)
         outages.succeeded(write=True)
         self.assertIsNone(outages.since)
-        self.assertEqual(self.infos[-1], "store reachable again after 30 s")
+        self.assertEqual(self.infos[-1], "store reachable again after 30 s, 1 operation failed")
         # One a read began ends with any transaction that commits.
         outages.failed(full, write=False)
         outages.succeeded(write=False)
         self.assertIsNone(outages.since)
+
+    def test_the_end_of_an_outage_says_how_many_operations_failed_of_it(self) -> None:
+        """Each transaction that failed of the outage (after its retries) is counted once;
+        a failure that is no outage is not, and the next outage counts from one again."""
+        outages = StoreOutages(self.clock.seconds)
+        gone = _error_of(f"sqlite:///{self.home / 'missing' / 'x.sqlite'}", "SELECT 1")
+        for write in (False, True, False):
+            outages.failed(gone, write)
+        outages.failed(RuntimeError("a bug"), write=False)
+        self.clock.advance(7)
+        outages.succeeded(write=False)
+        self.assertEqual(self.infos[-1], "store reachable again after 7 s, 3 operations failed")
+        outages.failed(gone, write=False)
+        self.clock.advance(2)
+        outages.succeeded(write=True)
+        self.assertEqual(self.infos[-1], "store reachable again after 2 s, 1 operation failed")
