@@ -11,11 +11,15 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.identity.service import RESOLVED_TTL
+from tests.support.logs import logged_at
 from tests.support.web import Web
+from tests.test_web_deadline import HungStore
 from tests.test_web_safedrop_api import MULTIPART, multipart_file
 from tests.test_web_safedrop_files import FileFixture
 from web.auth import CredentialResolver
@@ -380,7 +384,8 @@ class GateFunctionTests(TestCase):
         await f.start(self)
         paths = upload_paths(f.web.core, f.web.root.apps)
         gate = upload_gate(CredentialResolver(f.web.core.identity),
-                           [(path, policy, None) for path, _, policy, _ in paths])
+                           [(path, policy, None) for path, _, policy, _ in paths],
+                           f.web.clock, 120)
         mail_key = await f.web.credential(f.alice, "token")
 
         async def ask(uri: bytes, headers: dict[str, str]) -> bool:
@@ -435,3 +440,82 @@ class OverTcpTests(TestCase):
             reply = await response.json()
             self.assertEqual(response.code, expected, (headers, reply))
         self.assertEqual([r.name for r in f.file_rows()], ["tcp.bin"])
+
+
+class FrozenStoreTests(TestCase):
+    """A store that does not answer what the gate asks it (a frozen or hung database): the
+    upload is answered at `[web] reply_timeout` with its API's 503 and Retry-After: 30, as
+    web.deadline answers a request, its body unread and the gate's wait cancelled. The
+    client was held, its connection paused, until `[web] body_timeout` (300 s), then 408."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.f = GateFixture()
+        await self.f.start(self, web={"reply_timeout": 30})
+        self.bundle_id = await self.f.bundle()
+        self.body = multipart_file("big.bin", b"b" * 50_000)
+        self.warnings = logged_at(self, LogLevel.warn)
+
+    def send(self, path: str, headers: dict[str, str]) -> tuple[Any, StringTransport]:
+        """The head of an upload over max_body and 4000 bytes of its body."""
+        transport = StringTransport()
+        channel = self.f.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        lines = [f"POST {path} HTTP/1.1", "Host: x",
+                 f"Content-Type: {MULTIPART['Content-Type']}",
+                 f"Content-Length: {len(self.body)}",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + self.body[:4000])
+        return channel.requests[-1], transport
+
+    def assertAnsweredInTime(self, request: Any, transport: StringTransport,
+                             store: HungStore) -> dict[str, Any]:
+        """Nothing until reply_timeout, then the 503 (the reply's JSON body)."""
+        self.assertTrue(store.held)  # the gate waits on the store
+        self.f.web.clock.advance(29)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.producerState, "paused")  # the body is not read
+        self.f.web.clock.advance(1)
+        sent = bytes(transport.value())
+        self.assertTrue(sent.startswith(b"HTTP/1.1 503 "), sent[:200])
+        self.assertIn(b"\r\nRetry-After: 30\r\n", sent)
+        self.assertIn(b"\r\nConnection: close\r\n", sent)
+        self.assertTrue(request.body_refused)
+        self.assertEqual(request._received, 0)  # no byte of the body was stored
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.warnings[-1],
+                         "answering 503 while the database did not answer in time")
+        reply: dict[str, Any] = json.loads(sent.split(b"\r\n\r\n", 1)[1])
+        return reply
+
+    async def test_a_credential_lookup_that_is_not_answered_is_a_503(self) -> None:
+        mail_key = await self.f.web.credential(self.f.alice, "token")
+        self.f.web.clock.advance(RESOLVED_TTL)  # the token is looked up in the store again
+        store = HungStore(self.f.web.core.db, only="resolve_credential")
+        request, transport = self.send(f"/dropbundles/{self.bundle_id}/dropfiles",
+                                       {"X-Auth-Token": self.f.token})
+        reply = self.assertAnsweredInTime(request, transport, store)
+        self.assertEqual(reply["error"],
+                         "Try again later: the database did not answer in time.")
+        request, transport = self.send("/api/v1/mail/", {"Auth-Key": mail_key})
+        reply = self.assertAnsweredInTime(request, transport, store)
+        self.assertEqual(reply["message"],
+                         "Try again later: the database did not answer in time.")
+        store.release()  # the lookups answer late: nothing more is written
+        self.assertTrue(transport.value().endswith(b"}"))
+        self.assertEqual(self.f.file_rows(), [])
+        self.assertEqual(self.f.stored(), [])
+
+    async def test_an_admission_that_is_not_answered_is_a_503(self) -> None:
+        # The token is resolved (and remembered) first: the gate then waits on the bundle.
+        status, _, _ = await self.f.call("GET", f"/dropbundles/{self.bundle_id}")
+        self.assertEqual(status, 200)
+        store = HungStore(self.f.web.core.db)
+        request, transport = self.send(f"/dropbundles/{self.bundle_id}/dropfiles",
+                                       {"X-Auth-Token": self.f.token})
+        self.assertTrue(request.over_max_body)
+        reply = self.assertAnsweredInTime(request, transport, store)
+        self.assertEqual(reply["error"],
+                         "Try again later: the database did not answer in time.")
+        store.release()
+        self.assertEqual(self.f.file_rows(), [])

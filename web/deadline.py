@@ -14,7 +14,8 @@ streamed list or download) is left to finish.
 
 The root resource arms the deadline (`arm`) as it hands the request to its app; every
 route's handler is declared through `web.openapi.RouteTable`, which wraps it so that its
-result races the deadline (`within_deadline`).
+result races the deadline (`within_deadline`). An upload's credential check, which comes
+before the request reaches its app (web.root.upload_gate), has the same deadline and reply.
 """
 
 from __future__ import annotations

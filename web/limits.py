@@ -54,7 +54,9 @@ a bad one is looked up once for the gate and the API's own 401 (CredentialResolv
 gate adds no SQL query to a request. For a body over `max_body` (or chunked) the gate also asks
 the path's API what it would refuse anyway (a safedrop bundle not the caller's, already
 sent, or without room for the declared length; too many uploads under way): such a request
-is answered at once with that reply, its body unread, as well.
+is answered at once with that reply, its body unread, as well. The gate answers within `[web]
+reply_timeout`: a store that does not answer it (frozen, hung) gets the request its API's 503
+with Retry-After, its body unread (web.root.upload_gate).
 
 After such a 413 the connection closes "lingering" (as nginx does): our side stops writing,
 and what the client still sends is read and dropped, for at most `LINGER_SECONDS` or until

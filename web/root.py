@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +25,7 @@ from twisted.web.resource import Resource
 from mailcore.connlimits import ConnectionCounter, client_address
 from mailcore.core import Core
 from mailcore.identity import Principal
+from mailcore.outages import DATABASE_SLOW
 from web import deadline, mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
@@ -31,7 +33,7 @@ from web.auth import MAIL_API, SAFEDROP, AuthPolicy, CredentialResolver
 from web.context import context_of
 from web.drop_page import DropPageApp
 from web.dropmyemail import DropmyemailApp
-from web.errors import ApiError, too_large
+from web.errors import ApiError, outage_error, too_large
 from web.forwarded import trusted
 from web.imap2api import Imap2ApiApp
 from web.limits import (
@@ -380,16 +382,32 @@ Admission = Callable[[IRequest, Principal], Awaitable[ApiError | None]]
 
 
 def upload_gate(resolver: CredentialResolver,
-                uploads: Sequence[tuple[re.Pattern[str], AuthPolicy, Admission | None]]
+                uploads: Sequence[tuple[re.Pattern[str], AuthPolicy, Admission | None]],
+                clock: IReactorTime, timeout: float,
                 ) -> Callable[[IRequest], Awaitable[bool]]:
     """Whether a request may send an upload path a body over `[web] json_max_body`: whether
     it carries a credential of the path's API (`uploads`: each path, its API's policy and its
     admission; web.limits reads no such body before it knows), and, for a body over `[web]
     max_body` (or chunked), the path's admission lets it in. A bad or missing credential is
     refused here and the API itself then answers the request (401); what the admission
-    refuses is answered with its reply (`upload_refusal`, see RootResource.render)."""
+    refuses is answered with its reply (`upload_refusal`, see RootResource.render).
+
+    The answer comes within `timeout` seconds (`[web] reply_timeout`): past it, what the
+    gate waits on (the store's credential lookup or the admission's reads: a frozen or hung
+    database) is cancelled and the request is answered as web.deadline answers one, the
+    API's 503 with Retry-After (DATABASE_SLOW), its body unread. (The client was held until
+    `[web] body_timeout`, then got a 408.)"""
 
     async def may_upload(request: IRequest) -> bool:
+        asked = defer.Deferred.fromCoroutine(decide(request))
+        asked.addTimeout(timeout, clock)
+        try:
+            return await asked
+        except defer.TimeoutError:
+            cast(Any, request).upload_refusal = outage_error(DATABASE_SLOW)
+            return False
+
+    async def decide(request: IRequest) -> bool:
         path = request.uri.split(b"?", 1)[0].decode("latin-1")
         for pattern, policy, admission in uploads:
             if pattern.fullmatch(path):
@@ -446,7 +464,8 @@ def build_root(core: Core, settings: WebSettings | None = None) -> RootResource:
             tuple((pattern, max(limit, settings.max_body)) for pattern, limit, _, _ in uploads),
             upload_gate(CredentialResolver(core.identity),
                         [(pattern, policy, admission)
-                         for pattern, _, policy, admission in uploads]),
+                         for pattern, _, policy, admission in uploads],
+                        core.clock, settings.reply_timeout),
         ),
     )
 
