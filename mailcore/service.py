@@ -43,6 +43,7 @@ from mailcore.startup import (
     ensure_files_dir,
     listen_error,
     report_config_errors,
+    unix_socket_path,
 )
 from mailcore.store import Database
 from mailcore.store.dbclock import DatabaseTime
@@ -101,13 +102,17 @@ class OrderedMultiService(service.MultiService):
 
     def privilegedStartService(self) -> None:
         # twistd opens the listeners here; one that cannot is one line, not a traceback.
-        try:
-            super().privilegedStartService()
-        except (CannotListenError, OverflowError, OSError) as e:
-            # A port in use, out of range; a unix: socket's lock file that cannot be made.
-            error = listen_error(e)
-            log.critical("mailcore: {message}", message=str(error))
-            raise error from None
+        # (MultiService's, one child at a time: the line names the listener's socket.)
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except (CannotListenError, OverflowError, OSError) as e:
+                # A port in use, out of range; a unix: socket's lock file that cannot be
+                # made, or that names another user's process.
+                error = listen_error(e, unix_socket_path(getattr(child, "endpoint", None)))
+                log.critical("mailcore: {message}", message=str(error))
+                raise error from None
 
     def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)  # not MultiService's, which stops all at once

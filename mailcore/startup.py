@@ -8,8 +8,9 @@
   second list; a new table needs one line in `TABLES` (tests/test_config.py finds every
   `config.section("…")` in the code and checks that it is there).
 - Every listener string parses (`check_listeners`); a listener that cannot open (a port in
-  use, no permission, a `unix:` one's lock file that cannot be made) is one line too, naming
-  the address or the file (`listen_error`).
+  use, no permission, a `unix:` one's lock file that cannot be made or that another
+  process holds, of this user or another) is one line too, naming the address or the file
+  (`listen_error`).
 - `--db` names SQLite or PostgreSQL with an installed driver (`check_database_url`), and a
   database that cannot be opened is one line (`database_error`; a SQLite one whose lock
   another process holds names the processes that have the file open).
@@ -288,12 +289,23 @@ def check_listener(kind: str, description: str, reactor: Any) -> None:
 def _unix_socket_directory(endpoint: object) -> Path | None:
     """The directory a `unix:` server endpoint makes its socket (and lock file) in; None
     for other endpoints. (Twisted's lock file in a missing directory was a traceback.)"""
-    if not isinstance(endpoint, UNIXServerEndpoint):
-        return None
-    address = getattr(endpoint, "_address", None)
-    if isinstance(address, bytes):
-        address = os.fsdecode(address)
-    return Path(address).parent if isinstance(address, str) else None
+    path = unix_socket_path(endpoint)
+    return Path(path).parent if path is not None else None
+
+
+# How many endpoints wrapping one another `unix_socket_path` looks through.
+_MOST_WRAPPERS = 4
+
+
+def unix_socket_path(endpoint: object) -> str | None:
+    """The socket path of a `unix:` server endpoint, or of the one an endpoint of ours
+    wraps (its `endpoint`: mailcore.queue.nexthop.ListeningEndpoint); None for others."""
+    for _ in range(_MOST_WRAPPERS):
+        if isinstance(endpoint, UNIXServerEndpoint):
+            address = getattr(endpoint, "_address", None)
+            return os.fsdecode(address) if isinstance(address, (str, bytes)) else None
+        endpoint = getattr(endpoint, "endpoint", None)
+    return None
 
 
 def _file_reason(error: OSError) -> str:
@@ -332,14 +344,18 @@ class ListenError(ConfigError):
 _LOCK_HELD = "Cannot acquire lock"
 
 
-def listen_error(error: Exception) -> ListenError:
+def listen_error(error: Exception, socket_path: str | None = None) -> ListenError:
     """A failure to start a listener, as one line naming the address or file and the cause.
 
     A listener that cannot listen (a port in use, no permission) is `cannot listen on
     ADDRESS: CAUSE`. An OSError that is no listening error is a file a `unix:` listener
     makes before it listens, its lock file `PATH.lock` (a symlink to the pid that holds
     it): it names that file (os.symlink's error names the pid it links to first, which
-    was what the line showed: `cannot listen: file name too long: 12054`)."""
+    was what the line showed: `cannot listen: file name too long: 12054`). One that names
+    no file comes from the lock's check of the pid it links to: a process of another user,
+    which a daemon not run as root may not signal (EPERM), holds it; with the listener's
+    `socket_path` the line names the lock file and the pid (it was `a listener cannot
+    start: operation not permitted`)."""
     if isinstance(error, CannotListenError):
         if isinstance(error.port, (str, bytes)):  # a unix: socket's path
             where = os.fsdecode(error.port)
@@ -353,6 +369,14 @@ def listen_error(error: Exception) -> ListenError:
         return ListenError(f"cannot listen on {where}: {reason}")
     if isinstance(error, OSError):
         path = error.filename2 if error.filename2 is not None else error.filename
+        if path is None and socket_path is not None:
+            lock = f"{socket_path}.lock"
+            if error.errno == errno.EPERM:
+                reason = (f"its lock file {lock} is held by "
+                          f"{_lock_holder(lock, 'a process of another user')}")
+            else:
+                reason = f"its lock file {lock}: {_strerror(error)}"
+            return ListenError(f"cannot listen on {socket_path}: {reason}")
         if path is None:
             return ListenError(f"a listener cannot start: {_strerror(error)}")
         return ListenError(f"cannot make a listener's file {os.fsdecode(path)}: "
@@ -360,13 +384,14 @@ def listen_error(error: Exception) -> ListenError:
     return ListenError(f"cannot listen: {error}")
 
 
-def _lock_holder(lock: str) -> str:
-    """Who holds a unix: listener's lock file, for the message: the pid it links to."""
+def _lock_holder(lock: str, holder: str = "another process") -> str:
+    """Who holds a unix: listener's lock file, for the message: `holder`, with the pid it
+    links to."""
     try:
         pid = os.readlink(lock)
     except OSError:
-        return "another process"
-    return f"another process (pid {pid})" if pid.isdigit() else "another process"
+        return holder
+    return f"{holder} (pid {pid})" if pid.isdigit() else holder
 
 
 def report_config_errors() -> None:

@@ -24,7 +24,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import threads
 from twisted.internet.protocol import Factory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailcore.startup import TABLES
@@ -37,6 +37,7 @@ from tests.support.servers import (
     free_port,
     free_ports,
     port_open,
+    require_binary,
     run_command,
     sleep,
     tempdir_for,
@@ -371,11 +372,12 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         path.write_text(text, encoding="utf-8")
         return path
 
-    async def refused(self, *extra: str, config: str | None = None) -> str:
-        """Start the daemon as `start_daemon` would; it must refuse. Its one stderr line
-        (what it logged, on stdout, is in `self.log`)."""
+    async def refused(self, *extra: str, config: str | None = None,
+                      under: Sequence[str] = ()) -> str:
+        """Start the daemon as `start_daemon` would (run by the command `under`, if any);
+        it must refuse. Its one stderr line (what it logged, on stdout, is in `self.log`)."""
         argv = [
-            *TWISTD, "-n", "--pidfile=", "mailcore",
+            *under, *TWISTD, "-n", "--pidfile=", "mailcore",
             "--data-dir", str(self.data_dir),
             "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
             "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1",
@@ -551,6 +553,29 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         taken.mkdir()
         self.assertEqual(await self.refused("--smtp", f"unix:{taken}"),
                          f"mailcore: cannot listen on {taken}: address already in use")
+
+    async def test_a_unix_listeners_lock_file_held_by_another_users_process(self) -> None:
+        """A daemon not run as root may not signal another user's process: Twisted's check
+        of the pid a lock file links to raised EPERM, an OSError naming no file, and the
+        line was `a listener cannot start: operation not permitted`. The daemon runs here
+        as root of a user namespace of its own (no capability outside it, as a daemon of
+        its own user), the lock file linking to a process of nobody's."""
+        unshare = require_binary("unshare", "util-linux")
+        under = [unshare, "--user", "--map-root-user"]
+        probe = await run_command([*under, "/bin/true"], env=_env())
+        if probe.status != 0:
+            raise SkipTest(f"no user namespace here: {probe.err.strip()}")
+        other = ServerProcess(["/bin/sleep", "600"], user="nobody",
+                              directory=tempdir_for(self, "mailcore-other-"))
+        other.start()
+        self.addCleanup(other.stop)
+        for option in ("--smtp", "--http"):
+            held = self.base / f"held-{option[2:]}.sock"
+            os.symlink(str(other.pid), f"{held}.lock")
+            self.assertEqual(
+                await self.refused(option, f"unix:{held}", under=under),
+                f"mailcore: cannot listen on {held}: its lock file {held}.lock is held by a "
+                f"process of another user (pid {other.pid})")
 
     async def test_a_lost_password_key_is_refused(self) -> None:
         """A missing fetch.key was made anew without a word: every webhook delivery was then
