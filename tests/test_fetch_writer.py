@@ -15,9 +15,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ParamSpec, TypeVar
 
+from twisted.internet.defer import Deferred
+from twisted.python.threadable import isInIOThread
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import AuthFailed, ConnectFailed, TLSFailed
@@ -25,16 +27,20 @@ from mailcore.fetch.imap import IMAPClient, ServerSpec, open_session
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
 from mailcore.fetch.writer import (
+    HASH_INLINE,
     Append,
     MailboxWriter,
     Streamed,
     WriterSession,
     open_writer,
 )
+from mailcore.workers import CpuPool
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.reactor import get_reactor
 
 UTC = datetime.UTC
+P = ParamSpec("P")
+T = TypeVar("T")
 SETTINGS = FetchSettings(allow_loopback=True)
 
 
@@ -70,6 +76,22 @@ async def read_folder(server: DovecotServer, user: str, name: str) -> tuple[int,
         await reader.close_session()
     assert info.uidvalidity is not None
     return info.uidvalidity, sorted(items, key=lambda i: i.uid or 0)
+
+
+class RecordingPool(CpuPool):
+    """The real CPU thread pool, recording what it ran: each function's name, and whether
+    it ran on the reactor's thread."""
+
+    def __init__(self) -> None:
+        super().__init__(get_reactor(), max_threads=1)
+        self.ran: list[tuple[str, bool]] = []
+
+    def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        def recorded(*args: P.args, **kwargs: P.kwargs) -> T:
+            self.ran.append((fn.__name__, isInIOThread()))
+            return fn(*args, **kwargs)
+
+        return super().run(recorded, *args, **kwargs)
 
 
 class Recorder:
@@ -305,6 +327,28 @@ class WriterDovecotTests(DovecotClassMixin, TestCase):
         self.assertIsNone(await writer.find(
             ("Nirgendwo",), message_id="<writer-0@example.test>", size=1, internaldate=None,
             sha256=""))
+
+    async def test_find_hashes_a_large_body_on_the_cpu_pool(self) -> None:
+        """The body `find` compares by its SHA-256 was hashed on the reactor whatever its
+        size (64 MiB, the largest fetched: some 160 ms of it); one over HASH_INLINE is
+        hashed on a thread of the CPU pool now, a small one still inline."""
+        server = await self.dovecot()
+        user = server.new_user()
+        pool = RecordingPool()
+        self.addCleanup(pool.stop)
+        writer = await writer_for_user(server, user, cpu=pool)
+        self.addCleanup(writer.logout)
+        large = Append(message(1, message_id=False, size=HASH_INLINE + 4096), (), when(1))
+        small = Append(message(2, message_id=False), (), when(2))
+        results = await writer.append(("INBOX",), [large, small])
+        self.assertTrue(all(r.ok and r.uid for r in results), results)
+        for item, result in zip((large, small), results, strict=True):
+            uid = await writer.find(("INBOX",), message_id=None, size=len(item.data),
+                                    internaldate=item.internaldate,
+                                    sha256=hashlib.sha256(item.data).hexdigest())
+            self.assertEqual(uid, result.uid)
+        self.assertGreater(len(large.data), HASH_INLINE)
+        self.assertEqual(pool.ran, [("_sha256_hex", False)])  # the large one, off the reactor
 
     async def test_batches_of_hundreds_are_pipelined(self) -> None:
         server, user, writer = await self.setup()

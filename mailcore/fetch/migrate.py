@@ -280,7 +280,7 @@ class MailboxCopier:
         """A writing session on the destination (`mailcore.fetch.writer`)."""
         return await guarded(open_writer(
             self.engine.reactor, spec, spec.username, spec.password, tls=creator,
-            settings=self.engine.settings))
+            settings=self.engine.settings, cpu=self.engine.store.cpu))
 
     # -- the migrate body ------------------------------------------------------------------
 
