@@ -2,9 +2,10 @@
 
 `inspect_zip` hands every entry (its path, and its bytes unless encrypted) to a visitor and
 recurses into nested zips. It stops and reports a bomb when an archive declares too many
-entries, an entry expands by more than `max_ratio`, the bytes expanded across the whole
-attachment exceed `max_total_size`, or zips nest deeper than `max_depth`. Declared sizes are
-checked before anything is decompressed; reads are chunked and counted as well.
+entries or holds too many central directory headers (whatever it declares), an entry expands
+by more than `max_ratio`, the bytes expanded across the whole attachment exceed
+`max_total_size`, or zips nest deeper than `max_depth`. Entry counts and declared sizes are
+checked before anything is read or decompressed; reads are chunked and counted as well.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ZIP_TYPES = frozenset({
 })
 _CHUNK = 64 * 1024
 _EOCD = b"PK\x05\x06"
+_CENTRAL = b"PK\x01\x02"
 _ZIP64_EOCD = b"PK\x06\x06"
 
 
@@ -91,6 +93,16 @@ def declared_entries(data: bytes) -> int | None:
     return int(count64)
 
 
+def central_headers(data: bytes) -> int:
+    """How many central directory entries zipfile could read from `data`: at most one per
+    central file header signature. zipfile reads the central directory by its size in
+    bytes and never looks at the end record's entry count, so a count that lies (1, while
+    the directory holds 700,000 entries of 47 bytes: a 33 MB attachment) does not bound
+    what `infolist` builds; this does. A stored nested zip's entries count here too, as
+    they count against the same limit when it is opened."""
+    return data.count(_CENTRAL)
+
+
 def _inspect(
     data: bytes, label: str, depth: int, limits: ZipLimits,
     visit: Callable[[ZipEntry], None], report: ZipReport,
@@ -101,6 +113,11 @@ def _inspect(
     count = declared_entries(data)
     if count is not None and report.entries + count > limits.max_entries:
         report.bombs.append(f"{label}: {count} entries (limit {limits.max_entries})")
+        return
+    headers = central_headers(data)
+    if report.entries + headers > limits.max_entries:
+        report.bombs.append(f"{label}: {headers} central directory entries, declares "
+                            f"{count} (limit {limits.max_entries})")
         return
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
