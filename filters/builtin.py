@@ -10,7 +10,8 @@ What each check adds to the verdict:
 - EICAR's 68-byte test string in the raw message, a decoded part, or a zip entry: virus
   `Eicar-Test-Signature`.
 - Zip attachments (nested zips too): a bomb (too many entries, too high a compression
-  ratio, too many bytes expanded, too deep) → `Heuristics.Zip.Bomb`; an encrypted entry →
+  ratio, too many bytes expanded, too deep; entries and bytes counted over all the
+  message's zips) → `Heuristics.Zip.Bomb`; an encrypted entry →
   `Heuristics.Encrypted.Zip` (off by default).
 - An attachment (or zip entry) with a dangerous extension or MIME type, or whose bytes are
   a Windows/Linux executable → `Heuristics.Dangerous.Attachment`.
@@ -35,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from filters.archive import ZipEntry, ZipLimits, inspect_zip, looks_like_zip
+from filters.archive import ZipEntry, ZipLimits, ZipReport, inspect_zip, looks_like_zip
 from filters.headers import DEFAULT_HEADER_SCORES, check_headers
 from filters.interface import (
     DEFAULT_THRESHOLD,
@@ -155,6 +156,7 @@ class _Findings:
         self.viruses: dict[str, None] = {}
         self.symbols: dict[str, Symbol] = {}
         self.reasons: list[str] = []
+        self.zips = ZipReport()  # what the message's zip attachments have taken so far
 
     def virus(self, name: str, detail: str) -> None:
         self.viruses[name] = None
@@ -245,13 +247,16 @@ def _check_zip(data: bytes, label: str, settings: BuiltinSettings, found: _Findi
             found.heuristic(settings.dangerous_action, DANGEROUS_NAME,
                             "DANGEROUS_ATTACHMENT", f"{entry.path}: {danger}")
 
-    report = inspect_zip(data, label, settings.zip, visit)
-    for bomb in report.bombs:
+    report = found.zips  # the message's zips share the entry and expansion limits
+    bombs, encrypted, unreadable = (len(report.bombs), len(report.encrypted),
+                                    len(report.unreadable))
+    inspect_zip(data, label, settings.zip, visit, report)
+    for bomb in report.bombs[bombs:]:
         found.heuristic(settings.zip_bomb_action, ZIP_BOMB_NAME, "ZIP_BOMB", bomb)
-    for path in report.encrypted:
+    for path in report.encrypted[encrypted:]:
         found.heuristic(settings.encrypted_zip_action, ENCRYPTED_ZIP_NAME, "ZIP_ENCRYPTED",
                         f"{path} is encrypted")
-    for problem in report.unreadable:
+    for problem in report.unreadable[unreadable:]:
         found.reason(f"not opened (left to the virus scanner): {problem}")
 
 

@@ -9,6 +9,7 @@ import io
 import struct
 import tracemalloc
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -225,6 +226,44 @@ class ZipBombTests(TestCase):
         archive = zip_bytes({f"f{i}.txt": b"x" for i in range(1000)})
         report = inspect_zip(archive, "a.zip", ZipLimits(), lambda entry: None)
         self.assertEqual((report.bombs, report.entries), ([], 1000))
+
+    def test_the_expansion_limit_counts_all_the_zips_of_a_message(self) -> None:
+        """Entries of up to ratio_min_size may compress as well as they like: 99 entries
+        naming one deflated MiB of zeros made a 6 KB zip expanding to 100 MB, and each
+        attachment had the whole limit of its own (20 of them, 160 KB, cost 5.3 s of CPU;
+        the 1,000 parts the MIME walk allows, minutes). The message's zips share it."""
+        zeros = bytes(1024 * 1024)
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+        deflated = compressor.compress(zeros) + compressor.flush()
+        crc = zlib.crc32(zeros)
+        local = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(deflated),
+                            len(zeros), 1, 0) + b"a" + deflated
+        header = struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc,
+                             len(deflated), len(zeros), 1, 0, 0, 0, 0, 0, 0) + b"a"
+        directory = header * 10
+        archive = local + directory + struct.pack(
+            "<4s4H2IH", b"PK\x05\x06", 0, 0, 10, 10, len(directory), len(local), 0)
+        alone = inspect_zip(archive, "a.zip", ZipLimits(max_total_size=25 * 2**20),
+                            lambda entry: None)
+        self.assertEqual((alone.bombs, alone.expanded), ([], 10 * 2**20))
+        attachments = [attachment(f"a{i}.zip", archive) for i in range(3)]
+        settings = BuiltinSettings(zip=ZipLimits(max_total_size=25 * 2**20))
+        verdict = scan(multipart([text_part(), *attachments]), settings)
+        self.assertEqual(verdict.viruses, (ZIP_BOMB_NAME,))
+        self.assertIn("Heuristics.Zip.Bomb: a2.zip/a: expands to more than 26214400 bytes "
+                      "(declares 1048576)", verdict.reasons)
+        two = scan(multipart([text_part(), *attachments[:2]]), settings)
+        self.assertNotIn(ZIP_BOMB_NAME, two.viruses)
+
+    def test_each_zip_of_a_message_is_still_scanned(self) -> None:
+        """Sharing the counts, a bomb in one zip (its action off) stops neither the next
+        zip nor a nested zip inside it."""
+        bomb = zip_bytes({"zeros.bin": b"\0" * (4 * 1024 * 1024)})
+        infected = zip_bytes({"inner.zip": zip_bytes({"a.txt": b"hello"}), "e.txt": EICAR})
+        settings = BuiltinSettings(zip_bomb_action="off")
+        verdict = scan(multipart([attachment("bomb.zip", bomb),
+                                  attachment("x.zip", infected)]), settings)
+        self.assertEqual(verdict.viruses, (EICAR_NAME,))
 
     def test_nesting_deeper_than_the_limit(self) -> None:
         archive = nested_zip(5, {"deep.txt": b"hello"})
