@@ -164,6 +164,36 @@ class EicarTests(TestCase):
         self.assertEqual(scan(message(EICAR), BuiltinSettings(eicar=False)).viruses, ())
 
 
+class LongFileNameTests(TestCase):
+    """A file name was cut to its first 1,024 characters before its extension was read, so
+    1,100 letters in front of ".exe" hid it; a mail client that shortens the name to save
+    it keeps the extension."""
+
+    def test_a_long_name_keeps_its_extension(self) -> None:
+        name = "a" * 1100 + ".exe"
+        verdict = scan(multipart([text_part(), attachment(name, b"hello")]))
+        self.assertEqual(verdict.viruses, (DANGEROUS_NAME,))
+        self.assertIn(f"Heuristics.Dangerous.Attachment: \u2026{'a' * 1019}.exe: "
+                      "dangerous file type .exe", verdict.reasons)
+
+    def test_a_long_name_in_encoded_words_keeps_its_end(self) -> None:
+        raw = "=?utf-8?q?a?= " * 15_000 + "=?utf-8?b?" + base64.b64encode(
+            "r\u00e9sum\u00e9.scr".encode()).decode() + "?="
+        part = ([("Content-Type", "application/octet-stream"),
+                 ("Content-Disposition", f'attachment; filename="{raw}"')], b"hello")
+        verdict = scan(multipart([text_part(), part]))
+        self.assertEqual(verdict.viruses, (DANGEROUS_NAME,))
+        reason = verdict.reasons[-1]
+        self.assertTrue(reason.endswith("r\u00e9sum\u00e9.scr: dangerous file type .scr"),
+                        reason)
+        self.assertIn("\u2026", reason)
+
+    def test_a_short_name_is_whole(self) -> None:
+        verdict = scan(multipart([text_part(), attachment("setup.exe", b"hello")]))
+        self.assertIn("Heuristics.Dangerous.Attachment: setup.exe: dangerous file type .exe",
+                      verdict.reasons)
+
+
 class ZipBombTests(TestCase):
     def bomb_verdict(self, archive: bytes, **limits: Any) -> Verdict:
         settings = BuiltinSettings(zip=ZipLimits(**limits))
