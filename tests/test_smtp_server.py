@@ -76,6 +76,9 @@ class ServerTestCase(TestCase):
         for s in self.sessions:
             s.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        if not self.sink.pending:  # (a commit still held counts its message)
+            for s in self.sessions:  # every octet counted in max_data_memory let go
+                self.assertEqual(s.protocol.factory.buffered, 0)
 
     def gate_directory(self) -> defer.Deferred[None]:
         """Make the directory unloaded, its next load waiting for the returned Deferred."""
@@ -626,6 +629,65 @@ class LimitTests(ServerTestCase):
         self.assertEqual(self.sink.messages, [])
         self.start(s)
         self.assertEqual(s.codes(line * 10 + b".\r\n"), ["250"])
+
+    def test_messages_held_in_memory_together_are_bounded(self) -> None:
+        """Each session held its message whole in memory up to max_message_size, with no
+        bound on them all: 10 sessions sending 45 MB each without the final dot took a
+        running daemon to 540 MB, and max_connections of them could take 10 GB. A message
+        that would take them past max_data_memory is read to its end, not kept, and
+        answered 452 4.3.1; its sender tries again later."""
+        factory = self.make_factory(max_data_memory=1000)
+        line = b"x" * 98 + b"\r\n"
+        first, second = self.session(factory), self.session(factory, client_ip="192.0.2.11")
+        self.start(first)
+        self.start(second)
+        self.assertEqual(first.send(line * 6), [])
+        self.assertEqual(factory.buffered, 600)
+        self.assertEqual(second.send(line * 3), [])
+        self.assertEqual(second.send(line * 2), [])  # 1,100: past the limit, not kept
+        self.assertEqual(len(second.protocol._body), 0)
+        self.assertEqual(factory.buffered, 600)
+        self.assertEqual(second.send(b".\r\n"),
+                         ["452 4.3.1 Error: insufficient system storage, try again later"])
+        self.assertEqual(first.codes(b".\r\n"), ["250"])
+        self.assertEqual(factory.buffered, 0)
+        self.start(second)
+        self.assertEqual(second.codes(line * 9 + b".\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [line * 6, line * 9])
+        self.assertEqual(factory.buffered, 0)
+
+    def test_a_message_counts_until_the_spool_has_committed_it(self) -> None:
+        factory = self.make_factory(max_data_memory=1000)
+        line = b"x" * 98 + b"\r\n"
+        self.sink.hold = True
+        first, second = self.session(factory), self.session(factory, client_ip="192.0.2.11")
+        self.start(first)
+        self.assertEqual(first.codes(line * 6 + b".\r\n"), [])  # committing
+        self.assertEqual(factory.buffered, 600)
+        self.start(second)
+        self.assertEqual(second.codes(line * 5 + b".\r\n"), ["452"])
+        self.sink.release()
+        self.assertEqual(first.replies()[0][:3], "250")
+        self.assertEqual(factory.buffered, 0)
+        self.sink.hold = False
+        self.start(second)
+        self.assertEqual(second.codes(line * 5 + b".\r\n"), ["250"])
+
+    def test_a_message_cut_off_lets_its_octets_go(self) -> None:
+        factory = self.make_factory(max_data_memory=1000)
+        line = b"x" * 98 + b"\r\n"
+        s = self.session(factory)
+        self.start(s)
+        s.send(line * 7)
+        self.assertEqual(factory.buffered, 700)
+        s.close()
+        self.assertEqual(factory.buffered, 0)
+        s = self.session(factory)
+        self.start(s)
+        s.send(line * 7)
+        self.clock.advance(301)  # idle_timeout: 421, the message dropped
+        self.assertTrue(s.closing)
+        self.assertEqual(factory.buffered, 0)
 
     def test_size_limit_does_not_count_the_stuffed_dots(self) -> None:
         # RFC 1870: SIZE (declared and advertised) is the message's size, without the dots

@@ -172,6 +172,13 @@ class SMTPSettings:
     - `max_message_size` (52428800): the SIZE advertised in EHLO; larger messages get 552,
       at MAIL when the client declares SIZE=, else at the end of DATA (a message's size,
       as in RFC 1870, does not count the dots DATA doubles).
+    - `max_data_memory` (1073741824, 1 GiB): octets of DATA all sessions together may hold
+      in memory, from the first octet of a message until the spool has committed it. A
+      message that would take them past it is read to its end but not kept, and answered
+      452 4.3.1 (insufficient system storage: the sender tries again later), as Postfix
+      answers when its queue's disk is short. Without it `max_connections` sessions could
+      each hold a message of `max_message_size` (200 x 50 MB: 10 GB) and the daemon be
+      killed for memory.
     - `max_recipients` (100): accepted RCPTs per message; more get 452 4.5.3.
     - `max_connections` (200): concurrent connections in total; more get 421 4.7.0.
     - `max_connections_per_ip` (20): concurrent connections from one client address.
@@ -223,6 +230,7 @@ class SMTPSettings:
 
     hostname: str = "localhost"
     max_message_size: int = 52_428_800
+    max_data_memory: int = 1_073_741_824
     max_recipients: int = 100
     max_connections: int = 200
     max_connections_per_ip: int = 20
@@ -427,6 +435,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._data_len = 0
         self._tail = b""
         self._overflow = False
+        self._no_room = False  # past the factory's max_data_memory: read, not kept
+        self._held = 0  # octets of _body counted in the factory's `buffered`
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
         self._counts = _Counts()
@@ -477,7 +487,7 @@ class ESMTPServerProtocol(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
-        self._body = bytearray()
+        self._drop_body()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -541,7 +551,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._buf = b""
         self._pos = 0
-        self._body = bytearray()  # a message still in DATA is not accepted
+        self._drop_body()  # a message still in DATA is not accepted
         self._flush()
         self._close()
 
@@ -1061,6 +1071,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._data_len = 0
         self._tail = b"\r\n"  # DATA's own CRLF: a message may be just ".\r\n"
         self._overflow = False
+        self._no_room = False
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
         self._counts = _Counts()
@@ -1097,7 +1108,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         # across reads begins in the last octets stored before this piece (the tail).
         stuffed = piece.count(b"\r\n.") + (self._tail[-2:] + piece[:2]).count(b"\r\n.")
         self._data_len += len(piece) - stuffed
-        if self._overflow or self._looping:
+        if self._overflow or self._looping or self._no_room:
             return
         counts = self._counts
         counts.stuffed += stuffed
@@ -1109,7 +1120,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         # `_trim` takes it back; `_end_of_data` checks the exact size.)
         if self._data_len > self.settings.max_message_size + 1:
             self._overflow = True
-            self._body = bytearray()
+            self._drop_body()
             return
         hops = self._hops
         if hops.in_header:
@@ -1117,9 +1128,22 @@ class ESMTPServerProtocol(TwistedProtocol):
             # With the Received field we would add: more than max_hops is a loop.
             if hops.count + 1 > self.settings.max_hops:
                 self._looping = True
-                self._body = bytearray()
+                self._drop_body()
                 return
+        factory = self.factory
+        if factory.buffered + len(piece) > self.settings.max_data_memory:
+            self._no_room = True
+            self._drop_body()
+            return
+        factory.buffered += len(piece)
+        self._held += len(piece)
         self._body += piece
+
+    def _drop_body(self) -> None:
+        """Let the message's octets go, and their count in the factory's `buffered`."""
+        self._body = bytearray()
+        self.factory.buffered -= self._held
+        self._held = 0
 
     def _trim(self, count: int) -> None:
         """Drop the last `count` stored octets (part of an end marker split across reads):
@@ -1129,12 +1153,16 @@ class ESMTPServerProtocol(TwistedProtocol):
         counts = self._counts
         counts.stuffed -= 1  # that dot
         counts.cr -= self._body.count(b"\r", start)  # a CR whose LF was not stored
+        released = min(self._held, len(self._body) - start)
+        self.factory.buffered -= released
+        self._held -= released
         del self._body[start:]
 
     def _end_of_data(self) -> None:
         """The message is complete: check it, then hand it to the sink (asynchronously)."""
         self._in_data = False
         body, self._body = self._body, bytearray()
+        held, self._held = self._held, 0  # counted until the spool has it (see _queue)
         overflow = self._overflow or self._data_len > self.settings.max_message_size
         looping = self._looping
         counts = self._counts
@@ -1143,6 +1171,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         addresses = [r.address for r in recipients]
 
         def refuse(code: int, status: str, text: str) -> None:
+            self.factory.buffered -= held
             self._refuse("DATA", code, status, text, recipients=addresses, mail_from=mail_from)
 
         if overflow:
@@ -1152,6 +1181,9 @@ class ESMTPServerProtocol(TwistedProtocol):
             # Counted as the client sent it: ours would be one more.
             refuse(554, "5.4.6", f"Too many hops (more than {self.settings.max_hops - 1} "
                                  "Received header fields); message refused")
+            return
+        if self._no_room:
+            refuse(452, "4.3.1", "Error: insufficient system storage, try again later")
             return
         queue_id = new_queue_id(self.clock.seconds())
         header = received_header(
@@ -1193,9 +1225,18 @@ class ESMTPServerProtocol(TwistedProtocol):
             helo=self.helo or "",
             tls=self.tls,
         )
-        self._wait(defer.Deferred.fromCoroutine(self._queue(queue_id, envelope, data)))
+        self._wait(defer.Deferred.fromCoroutine(self._queue(queue_id, envelope, data, held)))
 
-    async def _queue(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+    async def _queue(self, queue_id: str, envelope: Envelope, data: bytes,
+                     held: int = 0) -> None:
+        """Hand the message to the spool and answer; its `held` octets count in the
+        factory's `buffered` until then."""
+        try:
+            await self._commit(queue_id, envelope, data)
+        finally:
+            self.factory.buffered -= held
+
+    async def _commit(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         sink = self.factory.sink
         try:
             if sink is None:
@@ -1282,6 +1323,9 @@ class SMTPServerFactory(ServerFactory):
                      address=str(self.postmaster))
         self.counter = ConnectionCounter(settings.max_connections,
                                          settings.max_connections_per_ip)
+        # Octets of DATA the sessions hold in memory now (at most max_data_memory): from a
+        # message's first octet until the spool has committed it or it was refused.
+        self.buffered = 0
         self.close_grace = CLOSE_GRACE
 
     @property
