@@ -79,6 +79,7 @@ class ServerTestCase(TestCase):
         if not self.sink.pending:  # (a commit still held counts its message)
             for s in self.sessions:  # every octet counted in max_data_memory let go
                 self.assertEqual(s.protocol.factory.buffered, 0)
+                self.assertEqual(s.protocol.factory.buffered_by, {})
 
     def gate_directory(self) -> defer.Deferred[None]:
         """Make the directory unloaded, its next load waiting for the returned Deferred."""
@@ -637,6 +638,7 @@ class LimitTests(ServerTestCase):
         that would take them past max_data_memory is read to its end, not kept, and
         answered 452 4.3.1; its sender tries again later."""
         factory = self.make_factory(max_data_memory=1000)
+        factory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
         line = b"x" * 98 + b"\r\n"
         first, second = self.session(factory), self.session(factory, client_ip="192.0.2.11")
         self.start(first)
@@ -658,6 +660,7 @@ class LimitTests(ServerTestCase):
 
     def test_a_message_counts_until_the_spool_has_committed_it(self) -> None:
         factory = self.make_factory(max_data_memory=1000)
+        factory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
         line = b"x" * 98 + b"\r\n"
         self.sink.hold = True
         first, second = self.session(factory), self.session(factory, client_ip="192.0.2.11")
@@ -675,6 +678,7 @@ class LimitTests(ServerTestCase):
 
     def test_a_message_cut_off_lets_its_octets_go(self) -> None:
         factory = self.make_factory(max_data_memory=1000)
+        factory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
         line = b"x" * 98 + b"\r\n"
         s = self.session(factory)
         self.start(s)
@@ -688,6 +692,38 @@ class LimitTests(ServerTestCase):
         self.clock.advance(301)  # idle_timeout: 421, the message dropped
         self.assertTrue(s.closing)
         self.assertEqual(factory.buffered, 0)
+
+    def test_the_first_octets_of_a_message_always_have_room(self) -> None:
+        factory = self.make_factory(max_data_memory=1000)
+        factory.data_free = 300
+        line = b"x" * 98 + b"\r\n"
+        large, small, other = (self.session(factory, client_ip=f"192.0.2.{i}")
+                               for i in (11, 12, 13))
+        self.start(large)
+        large.send(line * 9)
+        self.assertEqual(factory.buffered, 900)
+        self.start(small)
+        self.assertEqual(small.codes(line * 2 + b".\r\n"), ["250"])  # within data_free
+        self.start(other)
+        self.assertEqual(other.codes(line * 4 + b".\r\n"), ["452"])
+        self.assertEqual(large.codes(b".\r\n"), ["250"])
+
+    def test_one_address_holds_at_most_its_share(self) -> None:
+        # Its share: max_connections_per_ip / max_connections of the budget (300 here).
+        factory = self.make_factory(max_data_memory=1000, max_message_size=200,
+                                    max_connections=10, max_connections_per_ip=3)
+        factory.data_free = 0
+        self.assertEqual(factory.address_share, 300)
+        line = b"x" * 98 + b"\r\n"
+        first, second = self.session(factory), self.session(factory)
+        elsewhere = self.session(factory, client_ip="198.51.100.7")
+        for s in (first, second, elsewhere):
+            self.start(s)
+        first.send(line * 2)
+        self.assertEqual(second.codes(line * 2 + b".\r\n"), ["452"])
+        self.assertEqual(elsewhere.codes(line * 2 + b".\r\n"), ["250"])
+        self.assertEqual(factory.buffered_by, {"192.0.2.10": 200})
+        self.assertEqual(first.codes(b".\r\n"), ["250"])
 
     def test_size_limit_does_not_count_the_stuffed_dots(self) -> None:
         # RFC 1870: SIZE (declared and advertised) is the message's size, without the dots

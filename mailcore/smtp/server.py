@@ -74,7 +74,7 @@ from zope.interface import implementer
 
 from mailcore import maillog
 from mailcore.config import Config, ConfigError, is_positive_number
-from mailcore.connlimits import ConnectionCounter
+from mailcore.connlimits import ConnectionCounter, address_key, client_address
 from mailcore.netwrite import write_now
 from mailcore.queue.spool import SpoolError
 from mailcore.smtp.address import (
@@ -108,6 +108,9 @@ RECIPIENT_OVERSHOOT = 1000
 # The fewest bytes a message received for a hosted mailbox takes there (our Received field
 # alone is longer): a mailbox with less room refuses mail that declares no SIZE.
 MIN_STORED = 64
+# The first octets of each message that `[smtp] max_data_memory` never refuses (see
+# SMTPServerFactory.hold): sessions may hold max_connections times this beyond it.
+DATA_FREE = 1024 * 1024
 _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -173,12 +176,15 @@ class SMTPSettings:
       at MAIL when the client declares SIZE=, else at the end of DATA (a message's size,
       as in RFC 1870, does not count the dots DATA doubles).
     - `max_data_memory` (1073741824, 1 GiB): octets of DATA all sessions together may hold
-      in memory, from the first octet of a message until the spool has committed it. A
-      message that would take them past it is read to its end but not kept, and answered
-      452 4.3.1 (insufficient system storage: the sender tries again later), as Postfix
-      answers when its queue's disk is short. Without it `max_connections` sessions could
-      each hold a message of `max_message_size` (200 x 50 MB: 10 GB) and the daemon be
-      killed for memory.
+      in memory, from the first octet of a message until the spool has committed it, past
+      the first MiB of each message (DATA_FREE: small mail is never refused for this). One
+      client address may hold at most its connections' share of it
+      (`max_connections_per_ip` / `max_connections`, at least `max_message_size`). A
+      message that would take them past either is read to its end but not kept, and
+      answered 452 4.3.1 (insufficient system storage: the sender tries again later), as
+      Postfix answers when its queue's disk is short. Without it `max_connections`
+      sessions could each hold a message of `max_message_size` (200 x 50 MB: 10 GB) and
+      the daemon be killed for memory.
     - `max_recipients` (100): accepted RCPTs per message; more get 452 4.5.3.
     - `max_connections` (200): concurrent connections in total; more get 421 4.7.0.
     - `max_connections_per_ip` (20): concurrent connections from one client address.
@@ -437,6 +443,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._overflow = False
         self._no_room = False  # past the factory's max_data_memory: read, not kept
         self._held = 0  # octets of _body counted in the factory's `buffered`
+        self._address: str | None = None  # the client address as max_data_memory counts it
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
         self._counts = _Counts()
@@ -454,6 +461,7 @@ class ESMTPServerProtocol(TwistedProtocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client_ip = _normalise_ip(getattr(peer, "host", "") or "")
+        self._address = address_key(client_address(self.client_ip))
         self.tls = ISSLTransport.providedBy(self.transport) or INegotiated.providedBy(
             self.transport
         )
@@ -1130,19 +1138,17 @@ class ESMTPServerProtocol(TwistedProtocol):
                 self._looping = True
                 self._drop_body()
                 return
-        factory = self.factory
-        if factory.buffered + len(piece) > self.settings.max_data_memory:
+        if not self.factory.hold(self._address, self._held, len(piece)):
             self._no_room = True
             self._drop_body()
             return
-        factory.buffered += len(piece)
         self._held += len(piece)
         self._body += piece
 
     def _drop_body(self) -> None:
         """Let the message's octets go, and their count in the factory's `buffered`."""
         self._body = bytearray()
-        self.factory.buffered -= self._held
+        self.factory.let_go(self._address, self._held)
         self._held = 0
 
     def _trim(self, count: int) -> None:
@@ -1154,7 +1160,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         counts.stuffed -= 1  # that dot
         counts.cr -= self._body.count(b"\r", start)  # a CR whose LF was not stored
         released = min(self._held, len(self._body) - start)
-        self.factory.buffered -= released
+        self.factory.let_go(self._address, released)
         self._held -= released
         del self._body[start:]
 
@@ -1171,7 +1177,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         addresses = [r.address for r in recipients]
 
         def refuse(code: int, status: str, text: str) -> None:
-            self.factory.buffered -= held
+            self.factory.let_go(self._address, held)
             self._refuse("DATA", code, status, text, recipients=addresses, mail_from=mail_from)
 
         if overflow:
@@ -1234,7 +1240,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         try:
             await self._commit(queue_id, envelope, data)
         finally:
-            self.factory.buffered -= held
+            self.factory.let_go(self._address, held)
 
     async def _commit(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         sink = self.factory.sink
@@ -1323,9 +1329,16 @@ class SMTPServerFactory(ServerFactory):
                      address=str(self.postmaster))
         self.counter = ConnectionCounter(settings.max_connections,
                                          settings.max_connections_per_ip)
-        # Octets of DATA the sessions hold in memory now (at most max_data_memory): from a
-        # message's first octet until the spool has committed it or it was refused.
+        # Octets of DATA the sessions hold in memory now: from a message's first octet until
+        # the spool has committed it or it was refused (see `hold`), in all and by client
+        # address (as the connection caps count them).
         self.buffered = 0
+        self.buffered_by: dict[str, int] = {}
+        self.data_free = DATA_FREE
+        self.address_share = max(
+            settings.max_message_size,
+            settings.max_data_memory * settings.max_connections_per_ip
+            // settings.max_connections)
         self.close_grace = CLOSE_GRACE
 
     @property
@@ -1349,3 +1362,36 @@ class SMTPServerFactory(ServerFactory):
     def release(self, session: ESMTPServerProtocol) -> None:
         """Count a finished session out."""
         self.counter.release(session.client_ip or None)
+
+    def hold(self, address: str | None, held: int, more: int) -> bool:
+        """Count `more` octets of a message that holds `held` already, from the client
+        `address`; False (nothing counted) when there is no room for them.
+
+        A message's first `data_free` octets (DATA_FREE) always have room, so that the
+        usual small mail is never refused for memory, however much large mail is in
+        flight; past them, all sessions together hold at most `max_data_memory`, and one
+        client address at most `address_share` of it (the share its connections have of
+        `max_connections`, at least one message of `max_message_size`): a sender cannot
+        fill the budget alone from one address, and refuse everyone's large mail."""
+        if held + more > self.data_free:
+            if self.buffered + more > self.settings.max_data_memory:
+                return False
+            if address is not None and (
+                    self.buffered_by.get(address, 0) + more > self.address_share):
+                return False
+        self.buffered += more
+        if address is not None:
+            self.buffered_by[address] = self.buffered_by.get(address, 0) + more
+        return True
+
+    def let_go(self, address: str | None, count: int) -> None:
+        """Count out `count` octets `hold` counted in."""
+        if not count:
+            return
+        self.buffered -= count
+        if address is not None:
+            left = self.buffered_by.get(address, 0) - count
+            if left > 0:
+                self.buffered_by[address] = left
+            else:
+                self.buffered_by.pop(address, None)
