@@ -877,6 +877,34 @@ class SendTests(TestCase):
         self.assertEqual(ann[2], "ann@example.org")
         self.assertIn("available until 2033-11-11T22:13:20Z", ann[3].decode())
 
+    async def test_a_head_of_the_send_answers_as_the_send_would_and_sends_nothing(
+            self) -> None:
+        """HEAD is safe (RFC 9110 9.2.1): `HEAD /dropbundles/N?send` (a link checker, `curl
+        -I`) sent the bundle, mailing every recipient, and left it unchangeable."""
+        empty = await self.f.bundle()
+        status, _, _ = await self.f.call("HEAD", f"/dropbundles/{empty}?send")
+        self.assertEqual(status, 400)
+        bundle_id = await self.ready_bundle()
+        status, headers, body = await self.f.call("HEAD", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, header(headers, "Content-Type"), body),
+                         (200, "text/plain", b""))
+        self.assertEqual(self.f.spooled(), [])
+        self.assertIsNone(self.f.bundle_rows()[-1].sent_at)
+        status, _ = await self.f.form("PUT", f"/dropbundles/{bundle_id}", "subject=still")
+        self.assertEqual(status, 200)
+        bob = await self.f.web.user("bob")
+        bob_token = await self.f.login("bob@example.test", await self.f.web.credential(bob))
+        status, _, _ = await self.f.call("HEAD", f"/dropbundles/{bundle_id}?send",
+                                         token=bob_token)
+        self.assertEqual(status, 404)
+        # The GET sends; a HEAD afterwards answers the 405 a second send gets.
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual(len(self.f.spooled()), 2)
+        status, headers, _ = await self.f.call("HEAD", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, header(headers, "Allow")), (405, "GET, HEAD"))
+        self.assertEqual(len(self.f.spooled()), 2)
+
     async def test_sending_needs_a_recipient_a_file_and_a_future_expiry(self) -> None:
         empty = await self.f.bundle()
         status, _, reply = await self.f.call("GET", f"/dropbundles/{empty}?send")

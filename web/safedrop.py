@@ -471,7 +471,7 @@ class SafedropApp(ApiApp):
         description="With `?send`: notify every recipient (one mail each, with a link of "
         "its own) and answer `200 text/plain` `OK`; afterwards the bundle, its recipients "
         "and files can no longer be changed (405). Sending with no recipient or no file is "
-        "a 400.",
+        "a 400. A HEAD with `?send` answers what the send would and sends nothing.",
         auth=SAFEDROP,
         query={"send": {"type": "string", "description": "Present: send the bundle"}},
         replies={200: Reply("The bundle (or `OK` after sending)", BUNDLE_SCHEMA,
@@ -480,7 +480,12 @@ class SafedropApp(ApiApp):
     async def show_bundle(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)
         if "send" in query_params(request):
-            await self._do(self.drops.send(principal.user.id, bundle_id))
+            # A HEAD answers what the send would, and sends nothing (a link checker, a
+            # client's probe, `curl -I`): HEAD is safe (RFC 9110 9.2.1).
+            if request.method == b"HEAD":
+                await self._do(self.drops.check_send(principal.user.id, bundle_id))
+            else:
+                await self._do(self.drops.send(principal.user.id, bundle_id))
             request.setResponseCode(200)
             request.setHeader(b"Content-Type", b"text/plain")
             return b"OK"

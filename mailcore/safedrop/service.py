@@ -342,6 +342,12 @@ class SafedropService:
 
         return await self.spool.ride("safedrop_send", txn)
 
+    async def check_send(self, owner_id: int, bundle_id: int) -> None:
+        """Refuse as `send` would now (DropNotFound, DropSent, DropError), sending nothing
+        and changing nothing."""
+        await self.db.read("safedrop_check_send", store.check_send_txn, owner_id, bundle_id,
+                           self.now())
+
     def notification(
         self, bundle: Bundle, sender: str, recipient: DropRecipient,
         files: Sequence[DropFile], link: str,

@@ -277,6 +277,31 @@ def file_hash_in_use_txn(conn: Connection, bundle_id: int, sha256: str) -> bool:
     ).first() is not None
 
 
+def _sendable_txn(conn: Connection, owner_id: int, row: Any, now: datetime.datetime
+                  ) -> tuple[list[DropRecipient], list[DropFile]]:
+    """The recipients and files of the owner's unsent bundle `row`, once it may be sent: it
+    has at least one recipient and one file, and its expiry date is still to come (else
+    DropError)."""
+    recipients = list_recipients_txn(conn, owner_id, row.id)
+    files = list_files_txn(conn, owner_id, row.id)
+    if not recipients:
+        raise DropError("recipients", "Add at least one recipient before sending.")
+    if not files:
+        raise DropError("files", "Add at least one file before sending.")
+    check_expiry(_utc(row.expiry_date), now)
+    return recipients, files
+
+
+def check_send_txn(conn: Connection, owner_id: int, bundle_id: int,
+                   now: datetime.datetime) -> None:
+    """Refuse as `claim_send_txn` would (DropNotFound, DropSent, DropError), changing
+    nothing: the answer to a HEAD of the send."""
+    row = _owned_row_txn(conn, owner_id, bundle_id)
+    if row.sent_at is not None:
+        raise DropSent()
+    _sendable_txn(conn, owner_id, row, now)
+
+
 def claim_send_txn(
     conn: Connection, owner_id: int, bundle_id: int, now: datetime.datetime,
     new_link: Callable[[], tuple[str, bytes]],
@@ -286,14 +311,7 @@ def claim_send_txn(
     recipient with its link token, and the files. The bundle must have at least one
     recipient and one file, and an expiry date still to come."""
     row = _changeable_row_txn(conn, owner_id, bundle_id)
-    recipients = list_recipients_txn(conn, owner_id, bundle_id)
-    files = list_files_txn(conn, owner_id, bundle_id)
-    if not recipients:
-        raise DropError("recipients", "Add at least one recipient before sending.")
-    if not files:
-        raise DropError("files", "Add at least one file before sending.")
-    bundle = bundle_of(row)
-    check_expiry(bundle.expiry_date, now)
+    recipients, files = _sendable_txn(conn, owner_id, row, now)
     done = conn.execute(
         sa.update(drop_bundles)
         .where(drop_bundles.c.id == bundle_id, drop_bundles.c.sent_at.is_(None))
