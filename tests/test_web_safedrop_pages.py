@@ -1087,6 +1087,49 @@ class ConcurrentDownloadTests(TestCase):
         self.assertEqual(status, b"HTTP/1.1 410 Gone")
         self.assertIn(b"downloaded every file", body)
 
+    async def test_a_client_leaving_once_it_has_every_byte_is_recorded_without_error(
+            self) -> None:
+        """A client that closes its connection once it has read the whole body (curl, a
+        download manager) leaves while the download is recorded, and the handler is
+        cancelled there: the record ran on, but its cancelled wait was logged as a failure
+        of it ('recording the download ... failed', CancelledError), and the download
+        ended at once, so a second download of the same bytes waiting for it (Sending)
+        started before the record said the file was downloaded and was sent the
+        self-destructing file again. Now the download ends once its record has."""
+        f = PageFixture()
+        await f.start(self)
+        data = b"L" * (2 * CHUNK)
+        ann, fid = await one_file_link(f, data)
+        get = granted_get(f, ann, fid)
+        drops = f.web.core.safedrop
+        sent = drops.sent
+        recording: list[defer.Deferred[None]] = []
+
+        async def slow_record(*args: Any) -> None:
+            later: defer.Deferred[None] = defer.Deferred()
+            recording.append(later)
+            await later
+            await sent(*args)
+
+        drops.sent = slow_record  # type: ignore[method-assign,assignment]
+        first, second = Wire.open(f.web), Wire.open(f.web)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        first.send(get)
+        self.assertEqual(len(recording), 1)  # every byte written; recording
+        [(status, _, body)] = first.responses()
+        self.assertEqual((status, body), (b"HTTP/1.1 200 OK", data))
+        first.channel.connectionLost(Failure(ConnectionLost("read it all, closed")))
+        second.send(get)
+        self.assertEqual(second.transport.value(), b"")  # waiting for the first's record
+        recording.pop(0).callback(None)
+        self.assertEqual(self.flushLoggedErrors(defer.CancelledError), [])
+        [(status, _, body)] = second.responses()
+        self.assertEqual(status, b"HTTP/1.1 410 Gone")
+        self.assertIn(b"downloaded every file", body)
+        page_status, _, _ = await Browser(f).get(ann)
+        self.assertEqual(page_status, 410)
+
     async def test_parallel_downloads_of_other_bytes_go_on_side_by_side(self) -> None:
         """A download manager's ranges on two connections: neither cuts the other, and
         together they complete the download."""

@@ -67,7 +67,6 @@ from mailcore.safedrop.service import (
     rfc3339,
 )
 from mailcore.text import has_control_multiline, shown
-from mailcore.uploads import shielded
 from web.openapi import Reply, RouteTable
 from web.pacing import paced
 from web.pages import (
@@ -173,6 +172,18 @@ def _abort(request: IRequest) -> None:
     transport = getattr(getattr(request, "channel", None), "transport", None)
     if transport is not None:
         transport.abortConnection()
+
+
+def _waiting_for(running: defer.Deferred[None]) -> defer.Deferred[None]:
+    """A Deferred that fires once `running` has; cancelling it leaves `running` be."""
+    waiter: defer.Deferred[None] = defer.Deferred(lambda _: None)
+
+    def settle(_: object) -> None:
+        if not waiter.called:
+            waiter.callback(None)
+
+    running.addBoth(settle)
+    return waiter
 
 
 def invalid() -> PageError:
@@ -602,10 +613,23 @@ class DropPageApp(PageApp):
         return b""
 
     async def _record(self, found: Access, drop_file: DropFile, first: int, last: int) -> None:
+        """Record bytes sent, to the end. A client that leaves meanwhile (one that closes
+        its connection once it has read the body) cancels the handler: the record is not
+        cancelled with it, and the download waits for it all the same, so that a download
+        of the same bytes waiting for this one (`Sending`) starts once the record says
+        what was sent."""
+        recording = defer.Deferred.fromCoroutine(self._recorded(found, drop_file, first, last))
+        try:
+            await _waiting_for(recording)
+        except defer.CancelledError:
+            await _waiting_for(recording)
+
+    async def _recorded(self, found: Access, drop_file: DropFile, first: int,
+                        last: int) -> None:
         """Record bytes sent. The reply has gone out by then: a failure here (the store, a
         receipt the spool refused) is logged; a page written now would trail the file."""
         try:
-            await shielded(self.drops.sent(found, drop_file, first, last))
+            await self.drops.sent(found, drop_file, first, last)
         except Exception:
             log.failure("recording the download of file {file} of safedrop bundle {bundle} "
                         "(bytes {first}-{last}) failed", file=drop_file.id,
