@@ -217,6 +217,10 @@ class PasswordAndDownloadTests(TestCase):
             self.assertEqual(status, 403, path)
             self.assertIn(b"cannot be opened for now", page)
             self.assertNotIn(b"0123456789", page)
+        # The link's page documents that 403 (it listed none), as the file's does.
+        _, _, doc = await self.f.web.call("GET", "/openapi.json")
+        for path in ("/drop/{token}", "/drop/{token}/files/{file_id}"):
+            self.assertIn("403", doc["paths"][path]["get"]["responses"], path)
         await identity.set_active(self.f.alice.id, True)
         status, _, body = await browser.download(first)
         self.assertEqual((status, body), (200, b"0123456789"))
@@ -321,6 +325,9 @@ class PasswordAndDownloadTests(TestCase):
         self.assertEqual(status, 429)
         self.assertIn(b"ask alice@example.test to send you a new drop", page)
         self.assertNotIn(b'name="password"', page)
+        # The link's page documents that 429 (it listed none).
+        _, _, doc = await self.f.web.call("GET", "/openapi.json")
+        self.assertIn("429", doc["paths"]["/drop/{token}"]["get"]["responses"])
         # Another recipient's link is not locked.
         status, _, _ = await Browser(self.f).post(self.bob, action="password",
                                                   password="Open-Sesame-77")

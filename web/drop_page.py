@@ -352,8 +352,11 @@ class DropPageApp(PageApp):
         summary="A recipient's drop: password or code prompt, then its contents",
         replies=page_replies({
             200: "HTML page: the next check (password, code) or the drop's contents",
+            403: "HTML page: the drop's sender is disabled for now",
             404: "HTML page: the link is not valid",
             410: "HTML page: the drop expired or was removed",
+            429: "HTML page: too many wrong passwords or codes lock the link for now "
+                 "(Retry-After)",
         }),
     )
     async def show(self, request: IRequest, token: str) -> bytes:
@@ -381,7 +384,7 @@ class DropPageApp(PageApp):
         replies=page_replies({
             200: "HTML page: the reply was sent",
             303: "Redirect back to the drop (a check was passed or a code sent)",
-            403: "HTML page: wrong password or code",
+            403: "HTML page: wrong password or code, or the drop's sender is disabled",
             404: "HTML page: the link is not valid",
             410: "HTML page: the drop expired or was removed",
             429: "HTML page: too many password guesses, new codes, wrong codes or "
@@ -461,8 +464,9 @@ class DropPageApp(PageApp):
                 "only after its button was pressed (POST), else the page with the button",
         replies={
             **page_replies({
-                403: "HTML page: the drop's checks were not passed in this browser, or a "
-                     "read_remove file's download is resumed without its button",
+                403: "HTML page: the drop's checks were not passed in this browser, a "
+                     "read_remove file's download is resumed without its button, or the "
+                     "drop's sender is disabled",
                 404: "HTML page: the link or the file is not valid",
                 410: "HTML page: the drop expired or was removed",
                 416: "HTML page: the range is not satisfiable",
@@ -529,7 +533,8 @@ class DropPageApp(PageApp):
         replies=page_replies({
             303: "Redirect to the file's address, where the download starts (read_remove: "
                  "with a cookie that lets that address download the file for a while)",
-            403: "HTML page: the drop's checks were not passed in this browser",
+            403: "HTML page: the drop's checks were not passed in this browser, or its "
+                 "sender is disabled",
             404: "HTML page: the link or the file is not valid",
             410: "HTML page: the drop expired or was removed, or the file self-destructed",
         }, form=True),
