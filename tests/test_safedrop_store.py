@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from mailcore.safedrop import store
+from mailcore.safedrop import access, store
 from mailcore.safedrop.model import DropSent
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
@@ -105,3 +105,45 @@ class ChangeWhileSendingTests(TestCase):
         status, _, _ = await f.call("POST", f"/dropbundles/{bundle_id}/dropfiles",
                                     multipart_file("b.txt", b"more"), MULTIPART)
         self.assertEqual(status, 405)
+
+
+class OpenWhileOpeningTests(TestCase):
+    timeout = 60
+
+    async def opened_while_opening(self, when: int) -> Any:
+        """A recipient's link opened (viewed) while another opening of it is recorded and
+        not yet committed; what the second opening finds once the first commits."""
+        db = await open_database(self, "postgresql")
+        ids = await db.run("bundle", _unsent_bundle_txn)
+        digest = b"d" * 32
+        await db.run("sent", lambda c: (
+            c.execute(sa.update(drop_bundles).where(drop_bundles.c.id == ids["bundle"])
+                      .values(sent_at=NOW, email_receipt_when=when)),
+            c.execute(sa.update(drop_recipients)
+                      .where(drop_recipients.c.id == ids["recipient"])
+                      .values(link_digest=digest))))
+        first = db.engine.connect()
+        self.addCleanup(first.close)
+        first.begin()
+        told = access.open_link_txn(first, digest, NOW, True).tell_opened
+        self.assertTrue(told)
+        opened = db.run("open", access.open_link_txn, digest, NOW, True)
+        outcome: list[Any] = []
+        opened.addBoth(outcome.append)
+        await deferLater(get_reactor(), 0.5, lambda: None)  # it waits on the first
+        first.commit()
+        while not outcome:
+            await deferLater(get_reactor(), 0.05, lambda: None)
+        return outcome[0]
+
+    async def test_two_first_openings_at_once_tell_the_sender_once(self) -> None:
+        """email_receipt_when=2 (the first open per recipient): on PostgreSQL two openings
+        at once both read the recipient unopened and both mailed the sender its receipt."""
+        found = await self.opened_while_opening(2)
+        self.assertFalse(found.first_open)
+        self.assertFalse(found.tell_opened)
+
+    async def test_two_openings_at_once_tell_the_sender_once_an_hour(self) -> None:
+        """email_receipt_when=1 (each open, at most one receipt an hour)."""
+        found = await self.opened_while_opening(1)
+        self.assertFalse(found.tell_opened)

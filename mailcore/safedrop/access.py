@@ -124,10 +124,12 @@ def open_link_txn(
     conn: Connection, digest: bytes, now: datetime.datetime, viewing: bool
 ) -> Access:
     """The drop a link opens; LinkInvalid or DropGone. `viewing`: the recipient sees the
-    contents now (the first time is recorded: `first_open`)."""
-    row = conn.execute(
-        sa.select(drop_recipients).where(drop_recipients.c.link_digest == digest)
-    ).first()
+    contents now (the first time is recorded: `first_open`). A viewing takes the
+    recipient's row until the end of the transaction (PostgreSQL; SQLite's writers take
+    turns): two openings at once take turns, so that only one of them is the first, or the
+    one an hourly receipt goes with, and the sender is told once."""
+    query = sa.select(drop_recipients).where(drop_recipients.c.link_digest == digest)
+    row = conn.execute(query.with_for_update() if viewing else query).first()
     if row is None:
         raise LinkInvalid()
     recipient = recipient_of(row)
