@@ -147,3 +147,44 @@ class OpenWhileOpeningTests(TestCase):
         """email_receipt_when=1 (each open, at most one receipt an hour)."""
         found = await self.opened_while_opening(1)
         self.assertFalse(found.tell_opened)
+
+
+class DoneWhileDoneTests(TestCase):
+    timeout = 60
+
+    async def test_the_last_two_recipients_finishing_at_once_make_one_all_done(
+            self) -> None:
+        """Every recipient has every file once the last one gets its last file: then the
+        sender's receipt (email_receipt_when=4) and, under read_remove, the drop's removal.
+        On PostgreSQL two recipients finishing at once each counted the other as pending,
+        so neither saw it: no receipt ever, and the files stayed until the expiry sweep,
+        which mailed "Your drop has expired" instead."""
+        db = await open_database(self, "postgresql")
+        ids = await db.run("bundle", _unsent_bundle_txn)
+
+        def second_recipient_and_send(conn: Connection) -> tuple[int, int]:
+            bob = conn.execute(sa.insert(drop_recipients).values(
+                bundle_id=ids["bundle"], email="bob@example.net", telephone="", valid_for=0,
+            ).returning(drop_recipients.c.id)).scalar_one()
+            conn.execute(sa.update(drop_bundles).where(drop_bundles.c.id == ids["bundle"])
+                         .values(sent_at=NOW))
+            file_id = conn.execute(sa.select(drop_files.c.id).where(
+                drop_files.c.bundle_id == ids["bundle"])).scalar_one()
+            return bob, file_id
+
+        bob, file_id = await db.run("bob", second_recipient_and_send)
+        first = db.engine.connect()
+        self.addCleanup(first.close)
+        first.begin()
+        ann_done = access.record_sent_txn(first, ids["recipient"], ids["bundle"], file_id, 1,
+                                          0, 0, NOW)
+        self.assertEqual((ann_done.recipient_done, ann_done.all_done), (True, False))
+        recorded = db.run("bob", access.record_sent_txn, bob, ids["bundle"], file_id, 1, 0, 0,
+                          NOW)
+        outcome: list[Any] = []
+        recorded.addBoth(outcome.append)
+        await deferLater(get_reactor(), 0.5, lambda: None)
+        first.commit()
+        while not outcome:
+            await deferLater(get_reactor(), 0.05, lambda: None)
+        self.assertEqual(outcome[0], access.Downloaded(True, True, True))

@@ -405,6 +405,12 @@ def _count_download_txn(conn: Connection, recipient_id: int, bundle_id: int, fil
         return Downloaded(True, False, False)
     conn.execute(sa.update(drop_recipients).where(drop_recipients.c.id == recipient_id)
                  .values(done_at=now))
+    # Recipients becoming done take turns on the bundle's row (PostgreSQL; SQLite's writers
+    # always do), and each counts those still pending once the one before has committed:
+    # the last two finishing at once must not each count the other as pending, or no one
+    # would see every recipient done (no receipt, no read_remove).
+    conn.execute(sa.select(drop_bundles.c.id).where(drop_bundles.c.id == bundle_id)
+                 .with_for_update())
     pending = conn.execute(sa.select(sa.func.count()).select_from(drop_recipients).where(
         drop_recipients.c.bundle_id == bundle_id, drop_recipients.c.done_at.is_(None))
     ).scalar_one()
