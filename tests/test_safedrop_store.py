@@ -14,7 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from mailcore.safedrop import access, store
-from mailcore.safedrop.model import DropSent
+from mailcore.safedrop.model import DropSent, TooLarge
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 from tests.support.db import open_database
@@ -188,3 +188,43 @@ class DoneWhileDoneTests(TestCase):
         while not outcome:
             await deferLater(get_reactor(), 0.05, lambda: None)
         self.assertEqual(outcome[0], access.Downloaded(True, True, True))
+
+
+class UploadsOfOneUserTests(TestCase):
+    timeout = 60
+
+    async def test_two_uploads_at_once_to_two_bundles_stay_within_max_user_size(
+            self) -> None:
+        """`[safedrop] max_user_size` bounds the bytes of all a user's drops. The
+        transaction that records an upload held only its bundle's row, so on PostgreSQL two
+        uploads to two bundles of the user, recorded at once, each counted the user's bytes
+        without the other's and both went in, past the limit (by up to
+        max_concurrent_uploads files a node)."""
+        db = await open_database(self, "postgresql")
+        ids = await db.run("bundle", _unsent_bundle_txn)  # its file: 1 byte
+        other = await db.run("other", lambda c: c.execute(sa.insert(drop_bundles).values(
+            owner_id=ids["owner"], subject="other", message="", email_receipt_when=4,
+            read_remove=True, allow_comments=False, require_token_auth=False,
+            created_at=NOW).returning(drop_bundles.c.id)).scalar_one())
+
+        def upload(size: int, sha: str) -> dict[str, Any]:
+            return {"name": sha, "content_type": "application/octet-stream", "size": size,
+                    "sha256": sha * 64, "created_at": NOW}
+
+        limit = 100
+        first = db.engine.connect()
+        self.addCleanup(first.close)
+        first.begin()
+        store.add_file_txn(first, ids["owner"], ids["bundle"], upload(60, "b"), 10**9, limit,
+                           1000)
+        recorded = db.run("second", store.add_file_txn, ids["owner"], other,
+                          upload(60, "c"), 10**9, limit, 1000)
+        outcome: list[Any] = []
+        recorded.addBoth(outcome.append)
+        await deferLater(get_reactor(), 0.5, lambda: None)
+        first.commit()
+        while not outcome:
+            await deferLater(get_reactor(), 0.05, lambda: None)
+        self.assertIsInstance(getattr(outcome[0], "value", outcome[0]), TooLarge)
+        stored = await db.read("sum", store.user_stored_txn, ids["owner"])
+        self.assertEqual(stored, 61)
