@@ -87,11 +87,18 @@ class JobRunnerMixin(DatabaseMixin):
         job_id = await self.make_job(a, clock)
         return runners[0], runners[1], clock, job_id
 
-    async def make_job(self, db: Database, clock: Clock, kind: str = "restore") -> int:
+    async def make_job(self, db: Database, clock: Clock, kind: str = "restore", *,
+                       host: str = "127.0.0.1", dest: tuple[str, int, str] | None = None
+                       ) -> int:
+        """A queued job of a new user's account at `host` (user u, port 143); a migrate
+        writes to `dest` (host, port, user)."""
         owner = await db.run("owner", thd_make_user, f"owner{int(clock.seconds())}")
         accounts = Accounts(db, clock, SecretBox(Fernet.generate_key()))
-        account = await accounts.create(owner, host="127.0.0.1", port=143, username="u",
+        account = await accounts.create(owner, host=host, port=143, username="u",
                                         password="pw", allow_cleartext=True)
+        target: dict[str, Any] = {}
+        if dest is not None:
+            target = {"host": dest[0], "port": dest[1], "username": dest[2]}
         now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
 
         def txn(conn: Connection) -> int:
@@ -101,7 +108,7 @@ class JobRunnerMixin(DatabaseMixin):
                 created_at=now, updated_at=now))
             return thd_create_job(conn, {"kind": kind, "user_id": owner,
                                          "account_id": account.id, "status": "queued",
-                                         "created_at": now, "updated_at": now})
+                                         "created_at": now, "updated_at": now, **target})
 
         return int(await db.run("job", txn))
 
@@ -326,6 +333,67 @@ class JobRunnerMixin(DatabaseMixin):
         await a.settle()
         job = await self.job(a, job_id)
         self.assertEqual((job.status, job.reason), ("failed", "the account was deleted"))
+
+
+    async def test_jobs_writing_to_one_mailbox_run_one_after_the_other(self) -> None:
+        """Two restores of two accounts naming one mailbox (here two users'), a migrate
+        into it: run at once, each found the same messages missing and appended them (found
+        live: 20 expunged messages came back as 40). The runner starts one; the others wait,
+        queued, on both nodes, until it ended; a stalled node does not take its job back
+        beside one started meanwhile."""
+        recorder = Recorder()
+        a, b, clock, first = await self.nodes(recorder)  # an account at 127.0.0.1:143, u
+        clock.advance(1)
+        second = await self.make_job(a.db, clock)
+        clock.advance(1)
+        into = await self.make_job(a.db, clock, kind="migrate", host="Mail.Example.Test",
+                                   dest=("127.0.0.1", 143, "u"))
+        clock.advance(1)
+        elsewhere = await self.make_job(a.db, clock, kind="migrate",
+                                        dest=("127.0.0.1", 143, "v"))
+        clock.advance(1)
+        # A restore of that migrate's source, written by nothing else: it runs too.
+        source = await self.make_job(a.db, clock, host="mail.example.test")
+        started = await gather(*(r.tick() for r in (a, b, a, b)))
+        self.assertEqual(sum(started), 3)
+        ran = sorted(job for _, job in recorder.runs)
+        # Of the two restores of the mailbox, the one claimed first (nodes race) runs.
+        self.assertIn(ran, (sorted([first, elsewhere, source]),
+                            sorted([second, elsewhere, source])))
+        one = first if first in ran else second
+        waiting = [second if one == first else first, into]
+        for job_id in waiting:
+            self.assertEqual((await self.job(a, job_id)).status, "queued")
+        self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+
+        # It ends (the others too); the waiting restore is in a retry's backoff: the
+        # migrate starts, on node a.
+        [restore, _] = waiting
+        for job_id in (one, elsewhere, source):
+            recorder.release[job_id].callback(None)
+        await gather(a.settle(), b.settle())
+        await a.db.run("backoff", lambda conn: conn.execute(
+            update(mailbox_jobs).where(mailbox_jobs.c.id == restore)
+            .values(next_attempt_at=clock.seconds() + 60)))
+        self.assertEqual(await a.tick(), 1)
+        self.assertEqual(recorder.runs[-1], ("node-a", into))
+
+        # Node a stalls (no renewals): once the lease lapsed, node b starts the restore,
+        # and not the migrate beside it; the stalled node's next renewal finds the mailbox
+        # taken and stops its run (which resumes once the restore ended).
+        clock.advance(LEASE)
+        self.assertEqual(await b.tick(), 1)
+        self.assertEqual(recorder.runs[-1], ("node-b", restore))
+        self.assertEqual(await b.tick(), 0)
+        await a.renew_leases()
+        await a.settle()
+        self.assertEqual((a.running_jobs(), b.running_jobs()), ([], [restore]))
+        self.assertEqual(await gather(a.tick(), b.tick()), [0, 0])
+        recorder.release[restore].callback(None)
+        await b.settle()
+        self.assertEqual((await self.job(a, restore)).status, "done")
+        self.assertEqual(await b.tick(), 1)
+        self.assertEqual(recorder.runs[-1], ("node-b", into))
 
 
 class SQLiteJobRunnerTests(JobRunnerMixin, TestCase):

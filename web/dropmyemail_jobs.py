@@ -321,7 +321,8 @@ def install(routes: RouteTable) -> None:
         "message counts as copied only after the server's OK, and messages already at the "
         "destination are not copied again. Its end fires the webhook event "
         "migrate.completed. While a migrate of the account into the same destination "
-        "(host, port, user) is queued or running, another is a 409.",
+        "(host, port, user) is queued or running, another is a 409; other jobs writing to that "
+        "mailbox (of any account) wait, queued, while one runs there.",
         auth=DROPMYEMAIL, scope="write", body=MIGRATE_INPUT,
         body_types=("application/json", FORM_TYPE),
         replies={201: Reply("The migrate, queued", MIGRATE)}, errors=(400, 409, *errors),
@@ -349,7 +350,8 @@ def install(routes: RouteTable) -> None:
         "each backed-up message missing from the account into its folder (made again if it "
         "was deleted), exactly once; a restore of an intact account appends nothing. Its "
         "end fires the webhook event restore.completed. While a restore of the account is "
-        "queued or running, another is a 409.",
+        "queued or running, another is a 409; other jobs writing to its mailbox (of any "
+        "account) wait, queued, while one runs there.",
         auth=DROPMYEMAIL, scope="write", body=RESTORE_INPUT,
         body_types=("application/json", FORM_TYPE),
         replies={201: Reply("The restore, queued", RESTORE)}, errors=(400, 409, *errors),

@@ -13,7 +13,10 @@ another is refused (JobConflict), and so is a migrate of an account into a desti
 port, user) that an active migrate of it already writes to. Two such jobs run at once would
 each find the same messages missing and each append them (every message twice). The check
 and the insert are one transaction that first locks the account's row (SQLite: the write
-lock of BEGIN IMMEDIATE), so two requests at once cannot both pass it.
+lock of BEGIN IMMEDIATE), so two requests at once cannot both pass it. Jobs of other
+accounts (or users) writing to the same mailbox (two accounts naming it, a migrate into an
+account that is restored) are not refused: the runner starts them one after the other
+(`mailcore.fetch.jobs.thd_mailbox_busy`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ marked running when its node died resumes by itself: what it recorded stays, and
 had in flight are looked for at the destination before anything is sent again
 (`mailcore.fetch.migrate`).
 
+One job at a time writes to a mailbox (host, port, user: a migrate's destination, a
+restore's own account), whichever kind, account or user it is of: a due job waits, queued,
+while another writing there runs (its lease live), and starts at a later poll once that one
+ended or its node died. Two run at once each found the same messages missing and each
+appended them (two restores of two accounts naming one mailbox put every message back
+twice); one after the other, the second finds what the first wrote.
+
 A transient failure (the server unreachable, a timeout, a dropped connection, an APPEND the
 server says may succeed later) puts the job back in the queue after a backoff
 (`retry_base` * 2^(attempt-1), at most `retry_max`), up to `max_attempts` runs; anything
@@ -48,7 +55,14 @@ from mailcore.messages.sql import new_id, utc
 from mailcore.outages import log_failure
 from mailcore.store import Database
 from mailcore.store.leases import thd_claim_job, thd_release_job
-from mailcore.store.schema import job_leases, mailbox_job_items, mailbox_jobs, users, webhooks
+from mailcore.store.schema import (
+    fetch_accounts,
+    job_leases,
+    mailbox_job_items,
+    mailbox_jobs,
+    users,
+    webhooks,
+)
 from mailcore.webhooks.payload import iso
 from mailcore.webhooks.store import _Subscriber, thd_enqueue
 
@@ -204,6 +218,42 @@ def _leases(conn: Connection, job_ids: list[int], now: float) -> dict[int, str]:
         .where(job_leases.c.name.in_(list(names)), job_leases.c.until > now)
     )
     return {names[name]: owner for name, owner in rows}
+
+
+def _writes_to() -> tuple[Any, Any, Any]:
+    """The mailbox (host, port, user) a job writes to, as columns of mailbox_jobs joined
+    with fetch_accounts: a migrate's destination, a restore's own account."""
+    j, a = mailbox_jobs.c, fetch_accounts.c
+    restore = j.kind == "restore"
+    return (func.lower(case((restore, a.host), else_=j.host)),
+            case((restore, a.port), else_=j.port),
+            case((restore, a.username), else_=j.username))
+
+
+def thd_mailbox_busy(conn: Connection, job_id: int, now: float) -> int | None:
+    """Blocking: another job writing to the mailbox job `job_id` writes to that runs now
+    (marked running, its lease live), or None. Two such jobs run at once each find the same
+    messages missing and each append them: every message twice (two restores of two
+    accounts of one mailbox, a migrate into an account while it is restored). Run one
+    after the other, the second finds what the first wrote (`mailcore.fetch.migrate`).
+    The active jobs of that mailbox are locked first (PostgreSQL: two nodes claiming two
+    of them at once take turns; SQLite's write lock does it there)."""
+    host, port, username = _writes_to()
+    joined = mailbox_jobs.join(fetch_accounts, fetch_accounts.c.id == mailbox_jobs.c.account_id)
+    mine = conn.execute(
+        select(host, port, username).select_from(joined).where(mailbox_jobs.c.id == job_id)
+    ).first()
+    if mine is None or mine[0] is None:
+        return None
+    rows = conn.execute(
+        select(mailbox_jobs.c.id, mailbox_jobs.c.status).select_from(joined)
+        .where(mailbox_jobs.c.status.in_(ACTIVE), host == mine[0], port == mine[1],
+               username == mine[2])
+        .order_by(mailbox_jobs.c.id).with_for_update(of=mailbox_jobs)
+    ).all()
+    running = [int(i) for i, status in rows if status == "running" and i != job_id]
+    live = _leases(conn, running, now)
+    return min(live) if live else None
 
 
 def thd_get_job(conn: Connection, job_id: int, *, user_id: int | None = None,
@@ -483,8 +533,9 @@ class JobRunner(service.Service):
 
     async def _claim(self, job_id: int) -> Job | None:
         """Lease job `job_id` for this node and mark it running, if it is still due; the
-        job, or None (another node holds it, or it ended, is waiting or its user was
-        disabled meanwhile)."""
+        job, or None (another node holds it, or it ended, is waiting, its user was
+        disabled meanwhile, or another job writing to its mailbox runs: it waits for that
+        one, `thd_mailbox_busy`)."""
         seconds = self.reactor.seconds()
         now = self.now()
         node = self.node_id
@@ -496,7 +547,8 @@ class JobRunner(service.Service):
             # its holder let go is not run again).
             job = thd_get_job(conn, job_id)
             if (job is None or job.status not in ACTIVE or job.next_attempt_at > seconds
-                    or not thd_owner_active(conn, job_id)):
+                    or not thd_owner_active(conn, job_id)
+                    or thd_mailbox_busy(conn, job_id, seconds) is not None):
                 thd_release_job(conn, lease_name(job_id), node, seconds)
                 return None
             conn.execute(
@@ -654,8 +706,8 @@ class JobRunner(service.Service):
 
     async def renew_leases(self) -> None:
         """Extend the leases of the jobs running here; a job whose lease another node took,
-        or that an operator cancelled, is stopped, and one whose user was disabled is
-        paused."""
+        that an operator cancelled, or whose lease lapsed while another job writing to its
+        mailbox started, is stopped, and one whose user was disabled is paused."""
         mine = sorted(self._running)
         if not mine:
             return
@@ -665,6 +717,12 @@ class JobRunner(service.Service):
         def txn(conn: Connection) -> tuple[list[int], list[int]]:
             lost, paused = [], []
             for job_id in mine:
+                # A lease of ours that lapsed (this node stalled) is not taken back while
+                # another job writing to the mailbox started meanwhile runs.
+                if (_leases(conn, [job_id], seconds).get(job_id) != node
+                        and thd_mailbox_busy(conn, job_id, seconds) is not None):
+                    lost.append(job_id)
+                    continue
                 held = thd_claim_job(conn, lease_name(job_id), node, seconds, seconds + LEASE)
                 status = conn.execute(select(mailbox_jobs.c.status)
                                       .where(mailbox_jobs.c.id == job_id)).scalar()
