@@ -122,6 +122,42 @@ class NewDestinationTests(TestCase):
         self.assertEqual((status, moved["port"]), (200, new_port), moved)
         self.assertEqual(new.passwords(), ["For-The-New"])  # the login check
 
+    async def test_restating_the_protocol_or_ssl_keeps_the_port(self) -> None:
+        """A PUT naming the protocol or ssl the account has (a new password with what the
+        client knows of the account) moved it to that protocol's default port (143): the
+        login check went to localhost:143 and the PUT was a 400, or, without a password, a
+        400 asking for one. Only a change of protocol or ssl without a port takes the
+        default port."""
+        ((old, old_port),) = cleartext_servers(self, 1)
+        api = await live_api(self, {"dropmyemail": {"allow_cleartext_login": True}})
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        status, created = await bearer(api, token, "POST", "/v1/accounts", json={
+            "email": "alice@example.test", "password": "Stored-Pw", "host": "127.0.0.1",
+            "port": old_port})
+        self.assertEqual(status, 201, created)
+        await api.core.fetch.engine.sync(created["id"])
+        path = f"/v1/accounts/{created['id']}"
+        restated: list[dict[str, Any]] = [{"ssl": False}, {"protocol": "imap"},
+                                          {"protocol": "imap", "ssl": False}]
+        for n, change in enumerate(restated):
+            logins = len(old.passwords())
+            status, body = await bearer(api, token, "PUT", path, json=change)
+            self.assertEqual((status, body.get("port")), (200, old_port), (change, body))
+            self.assertEqual(len(old.passwords()), logins)  # nothing changed: no login
+            status, body = await bearer(api, token, "PUT", path,
+                                        json={**change, "password": f"New-Pw-{n}"})
+            self.assertEqual((status, body.get("port")), (200, old_port), (change, body))
+            self.assertEqual(old.passwords()[logins:], [f"New-Pw-{n}"])
+        account, password = await api.core.fetch.accounts.credentials(created["id"])
+        self.assertEqual((account.port, account.protocol, account.use_ssl, password),
+                         (old_port, "imap", False, "New-Pw-2"))
+        # A change of ssl without a port still takes the default one (and its password).
+        status, body = await bearer(api, token, "PUT", path,
+                                    json={"ssl": True, "password": "New-Pw-3"})
+        self.assertEqual(status, 400, body)
+        self.assertIn("127.0.0.1:993", body["error_description"])
+
     async def test_an_update_without_password_never_turns_cleartext_on(self) -> None:
         """The operator allowing cleartext since the account was stored does not make a PUT
         without the password allow it for the stored password; one with it does."""

@@ -220,7 +220,11 @@ class BackupAccounts:
         if current is not None and "password" not in values:
             allowed = allowed and current.allow_cleartext
         out["allow_cleartext"] = allowed
-        if "port" not in out and ("use_ssl" in out or "protocol" in out) and current:
+        # A change of protocol or ssl without a port takes that protocol's default port;
+        # restating the account's own (a client sending what it knows with a new password)
+        # keeps its port.
+        if "port" not in out and current is not None and (
+                protocol != current.protocol or bool(use_ssl) != current.use_ssl):
             out["port"] = DEFAULT_PORTS[(protocol, bool(use_ssl))]
         return out
 
