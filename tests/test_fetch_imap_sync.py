@@ -432,6 +432,31 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
 
 
+    async def test_an_account_deleted_during_its_sync_stops_it_quietly(self) -> None:
+        """Its owner deletes the account (DELETE /v1/accounts/:id) while the first sync runs:
+        the next batch's insert fails (the account's row is gone), which was logged as a
+        critical "sync of account N failed" with the SQL traceback, and then as "another
+        node took its sync over". Now the sync ends with the reason, nothing of the account
+        is left, and no failure is logged (trial fails a test that logs one)."""
+        server, user, env = await self.setup(batch_messages=50)
+        account = await env.imap_account(server, user, folders_to_sync=SYNCED)
+        original = env.store.store_batch
+        batches = 0
+
+        async def deleting(where: Any, fetched: Any, **kw: Any) -> Any:
+            nonlocal batches
+            batches += 1
+            if batches == 2:
+                await env.accounts.delete(env.user_id, account.id)
+            return await original(where, fetched, **kw)
+
+        env.store.store_batch = deleting  # type: ignore[method-assign]
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.error), ("error", "the account was deleted"))
+        self.assertEqual(await env.count(account.id), 0)
+        self.assertFalse(env.engine.is_running(account.id))
+
+
 class CondstoreOnlyTests(DovecotClassMixin, TestCase):
     """A server offering CONDSTORE without QRESYNC: flag changes come from CHANGEDSINCE."""
 

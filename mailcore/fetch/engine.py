@@ -35,7 +35,9 @@ from mailcore.fetch.accounts import (
     thd_renew_syncs,
 )
 from mailcore.fetch.errors import (
+    ACCOUNT_DELETED,
     INTERNAL_ERROR,
+    AccountNotFound,
     CommandTimeout,
     FetchError,
     LiteralTooLarge,
@@ -448,6 +450,15 @@ class SyncEngine:
             result.error = "sync cancelled"
             cancelled = True
         except Exception:
+            if await self._deleted(account.id):
+                # Its owner deleted it meanwhile: its folders and copies went with it, and
+                # the next write of this sync failed on them. Nothing to record or tell.
+                log.info("account {account} was deleted during its sync; stopped",
+                         account=account.id)
+                self._shown.pop(account.id, None)
+                result.error, result.status = ACCOUNT_DELETED, "error"
+                result.finished_at = self.now()
+                return result
             log.failure("sync of account {account} failed", account=account.id)
             result.error = INTERNAL_ERROR
         self._shown.pop(account.id, None)
@@ -462,6 +473,9 @@ class SyncEngine:
         held = await self.accounts.set_status(account.id, holder=self.node_id, **status)
         if cancelled:
             raise defer.CancelledError()
+        if not held and await self._deleted(account.id):
+            log.info("account {account} was deleted during its sync", account=account.id)
+            return result
         if not held:
             # This node stalled past its lease and another took the sync over: that one's
             # outcome is recorded and told (no second sync.completed for one sync).
@@ -474,6 +488,17 @@ class SyncEngine:
             except Exception:
                 log.failure("sync listener failed")
         return result
+
+    async def _deleted(self, account_id: int) -> bool:
+        """Whether the account is gone (deleted by its owner while it synced); False when
+        the store cannot say."""
+        try:
+            await self.accounts.owner_of(account_id)
+        except AccountNotFound:
+            return True
+        except Exception:
+            return False
+        return False
 
     def _spec(self, account: Account, password: str) -> ServerSpec:
         return ServerSpec(

@@ -5,6 +5,8 @@ from __future__ import annotations
 # What an account or job shows for a failure of ours: the exception's own text may hold SQL
 # with its parameters (a message's headers and body), so it goes only to the log.
 INTERNAL_ERROR = "internal error; see the daemon's log"
+# Why a sync or job of an account its owner deleted while it ran stopped.
+ACCOUNT_DELETED = "the account was deleted"
 
 
 class FetchError(Exception):

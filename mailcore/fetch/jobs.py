@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.backoff import doubling
-from mailcore.fetch.errors import INTERNAL_ERROR, AccountNotFound
+from mailcore.fetch.errors import ACCOUNT_DELETED, INTERNAL_ERROR, AccountNotFound
 from mailcore.fetch.secrets import SecretError
 from mailcore.messages.sql import new_id, utc
 from mailcore.outages import log_failure
@@ -611,7 +611,7 @@ class JobRunner(service.Service):
         except AccountNotFound:
             # Its user may delete the account while the job waits or runs: a failure with
             # its reason, not a fault of ours.
-            await self._end(job, "failed", "the account was deleted")
+            await self._end(job, "failed", ACCOUNT_DELETED)
             return
         except JobFailed as e:
             await self._end(job, "failed", str(e) or type(e).__name__)
