@@ -103,6 +103,39 @@ class POP3SyncTests(DovecotClassMixin, TestCase):
         self.assertEqual((result.status, result.new_messages), ("success", 70))
         self.assertEqual(await env.held(account.id), expected(server, user, ["INBOX"]))
 
+    async def test_an_account_turning_to_pop3_and_back_keeps_one_copy_of_each(self) -> None:
+        """Dropmyemail's PUT may change an account's protocol. Turned from IMAP to POP3, the
+        POP3 sync stored every INBOX message again under its UIDL (found live: INBOX 40 ->
+        80 backed-up messages, and a migrate then copied 80); turned back, IMAP stored the
+        ones POP3 had fetched again under their UIDs. Now each is the copy held already,
+        found by its bytes."""
+        server, user, env = await self.setup(60)
+        server.add_messages(user, "Archive", [m.raw for m in make_corpus(300, 10, "arch")])
+        account = await env.imap_account(server, user, folders_to_sync=["Archive", "INBOX"])
+        first = await env.engine.sync(account.id)
+        self.assertEqual((first.status, first.new_messages), ("success", 70),
+                         first.problems())
+        await env.accounts.update(env.user_id, account.id, protocol="pop", port=server.pop3,
+                                  password=server.PASSWORD)
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(500, 5, "as-pop")])
+        popped = await env.engine.sync(account.id)
+        self.assertEqual((popped.status, popped.new_messages), ("success", 5),
+                         popped.problems())
+        want = expected(server, user, ["Archive", "INBOX"])
+        self.assertEqual(await env.held(account.id), want)
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.status, again.new_messages), ("success", 0))
+
+        await env.accounts.update(env.user_id, account.id, protocol="imap", port=server.imap,
+                                  password=server.PASSWORD)
+        server.add_messages(user, "INBOX", [m.raw for m in make_corpus(600, 3, "as-imap")])
+        back = await env.engine.sync(account.id)
+        self.assertEqual((back.status, back.new_messages), ("success", 3), back.problems())
+        self.assertEqual(await env.held(account.id),
+                         expected(server, user, ["Archive", "INBOX"]))
+        self.assertEqual(await env.count(account.id, on_server=False), 0)
+        self.assertEqual((await env.engine.sync(account.id)).new_messages, 0)
+
 
 class TLSVerificationTests(DovecotClassMixin, TestCase):
     timeout = 60

@@ -173,10 +173,18 @@ _HELD_UIDLS = select(messages.c.pop_uidl).where(
 _HELD_BLOBS = select(message_blobs.c.sha256).where(
     message_blobs.c.sha256.in_(bindparam("keys", expanding=True))
 )
-# Our copies in a folder that the server no longer holds (expunged there), of these bytes.
+# Our copies in a folder that no UID of the server stands for, of these bytes: expunged
+# there, or fetched by POP3 before the account turned to IMAP.
 _GONE_COPIES = select(messages.c.id, messages.c.sha256).where(
     messages.c.folder_id == bindparam("f"),
-    messages.c.on_server.is_(False),
+    or_(messages.c.on_server.is_(False), messages.c.uid.is_(None)),
+    messages.c.sha256.in_(bindparam("keys", expanding=True)),
+)
+# Our copies in a folder that no UIDL stands for, of these bytes: fetched by IMAP before
+# the account turned to POP3.
+_UNLISTED_COPIES = select(messages.c.id, messages.c.sha256).where(
+    messages.c.folder_id == bindparam("f"),
+    messages.c.pop_uidl.is_(None),
     messages.c.sha256.in_(bindparam("keys", expanding=True)),
 )
 
@@ -207,12 +215,16 @@ def _held_copies(
     return held
 
 
-def _gone_copies(conn: Connection, where: Location, hashes: Sequence[str]) -> dict[str, list[int]]:
-    """Our copies of these bytes in this folder marked no longer on the server, oldest
-    first, by SHA-256: a message put back (a restore appends what was expunged) is the
-    same message again under a new UID, not a second copy to back up (and to migrate)."""
+def _gone_copies(conn: Connection, where: Location, hashes: Sequence[str],
+                 query: Any = _GONE_COPIES) -> dict[str, list[int]]:
+    """Our copies of these bytes in this folder marked no longer on the server (or held
+    under no UID: fetched by POP3), oldest first, by SHA-256: a message put back (a restore
+    appends what was expunged) is the same message again under a new UID, not a second
+    copy to back up (and to migrate); so is one an account that turned from POP3 to IMAP
+    sees under its UID. With `_UNLISTED_COPIES`: the copies held under no UIDL, which an
+    account that turned from IMAP to POP3 lists under their UIDLs."""
     found: dict[str, list[int]] = {}
-    for row_id, sha256 in rows_for(conn, _GONE_COPIES, {"f": where.folder_id}, hashes):
+    for row_id, sha256 in rows_for(conn, query, {"f": where.folder_id}, hashes):
         found.setdefault(sha256, []).append(int(row_id))
     for ids in found.values():
         ids.sort(reverse=True)  # popped from the end: the oldest first
@@ -258,7 +270,10 @@ def thd_store_batch(
 ) -> StoreResult:
     """Store fetched messages in one transaction; idempotent for (folder, uidvalidity, uid).
     A message under a new UID whose bytes the folder holds only in a copy marked no longer
-    on the server (`_gone_copies`) is that copy again: it takes the UID (relinked).
+    on the server, or held under no UID (fetched by POP3), is that copy again: it takes the
+    UID (relinked, `_gone_copies`); a POP3 message under a new UIDL whose bytes the folder
+    holds in a copy under no UIDL (fetched by IMAP) takes that copy's (the account turned
+    from one protocol to the other).
     The outcome (rows, threads, search entries) is the one of storing them one by one in
     order; the work is a few statements per batch."""
     if conn.dialect.name == "postgresql":
@@ -271,6 +286,10 @@ def thd_store_batch(
     gone = _gone_copies(conn, where, [
         p.sha256 for i, p in items
         if i.uid is not None and ("uid", i.uid) not in held]) if where.folder_id else {}
+    unlisted = _gone_copies(conn, where, [
+        p.sha256 for i, p in items
+        if i.uid is None and i.uidl is not None and ("uidl", i.uidl) not in held],
+        _UNLISTED_COPIES) if where.folder_id else {}
     fresh: list[tuple[FetchedMessage, ParsedMessage]] = []
     relinked = already = 0
     taken: set[int] = set()
@@ -284,6 +303,17 @@ def thd_store_batch(
         old: int | None = None
         if rescan and item.uid is not None:
             old = _relink_candidate(conn, where, parsed.sha256)
+        if old is None and item.uid is None and item.uidl is not None:
+            candidates = unlisted.get(parsed.sha256, [])
+            while candidates and old is None:
+                old = candidates.pop()
+                old = None if old in taken else old
+            if old is not None:
+                taken.add(old)
+                conn.execute(update(messages).where(messages.c.id == old).values(
+                    pop_uidl=item.uidl, on_server=True, updated_at=now))
+                relinked += 1
+                continue
         if old is None and item.uid is not None:
             candidates = gone.get(parsed.sha256, [])
             while candidates and old is None:
