@@ -82,6 +82,16 @@ class AccountsApiTests(ApiBase):
         status, _, body = await self.web.call("GET", f"/v1/accounts?access_token={self.token}")
         self.assertEqual((status, body), (200, []))
 
+    async def test_replies_are_private_and_not_stored(self) -> None:
+        """No Cache-Control came with any /v1 reply, even one to a request carrying its
+        token in the URL (RFC 6750 §2.3: SHOULD be private): a cache keyed on that URL
+        could keep an account's data past the token's revocation."""
+        for path, headers in (("/v1/accounts", {"Authorization": f"Bearer {self.token}"}),
+                              (f"/v1/accounts?access_token={self.token}", {})):
+            status, got, _ = await self.web.call("GET", path, headers=headers)
+            self.assertEqual((status, got.get("cache-control")), (200, ["private, no-store"]),
+                             path)
+
     async def test_gmail_and_google_are_a_clear_400_and_nothing_is_stored(self) -> None:
         for fields in ({"email": "a@gmail.com"}, {"email": "a@googlemail.com"},
                        {"email": "a@corp.example", "host": "imap.gmail.com"}):

@@ -330,6 +330,10 @@ class DropmyemailApp(JobRoutes, ApiApp):
         """The access token's user if it grants `scope`, within the per-token rate."""
         principal = await self.resolver.require(request, self.policy, scope=scope)
         enforce(request, self.token_limiter, ("token", principal.credential_id))
+        # One user's mail and accounts: no cache keeps a reply, a shared one least of all
+        # (RFC 6750 §2.3: the reply to a request with access_token in its URL SHOULD be
+        # private; a proxy keyed on that URL would serve it past the token's revocation).
+        request.setHeader(b"Cache-Control", b"private, no-store")
         return principal
 
     # -- OAuth 2 ------------------------------------------------------------------------
