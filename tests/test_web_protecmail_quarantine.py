@@ -93,6 +93,33 @@ class QuarantineApiTests(TestCase):
         self.assertEqual((status, body["success"], body["msg"]), (409, False, ALREADY))
         self.assertEqual(len(self.gw.delivered()), 1)
 
+    async def test_a_head_of_the_release_answers_as_it_would_and_releases_nothing(
+            self) -> None:
+        """HEAD is safe (RFC 9110 9.2.1): `HEAD /api/v1/quarantine/{ident}` (a link checker,
+        a proxy's probe, `curl -I`) released the message as the GET does: delivered, and
+        the GET that meant it answered 409."""
+        ident = await self.ident()
+
+        async def head(key: str | None = None) -> tuple[int, dict[str, list[str]], Any]:
+            return await self.gw.web.call("HEAD", f"/api/v1/quarantine/{ident}",
+                                          headers={"Api-Key": key or self.key})
+
+        status, headers, body = await head()
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(headers["content-type"], ["application/json; charset=utf-8"])
+        self.assertEqual(self.gw.delivered(), [])
+        [row] = await self.gw.web.core.db.read("released", lambda c: c.execute(
+            quarantine.select().where(quarantine.c.ident == ident)).all())
+        self.assertIsNone(row.released_at)
+        status, _, _ = await head(self.bob_key)
+        self.assertEqual(status, 404)
+        status, body = await self.get(f"/api/v1/quarantine/{ident}")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.gw.delivered()), 1)
+        status, _, _ = await head()
+        self.assertEqual(status, 409)
+        self.assertEqual(len(self.gw.delivered()), 1)
+
     async def test_unknown_or_other_users_ident_is_404(self) -> None:
         ident = await self.ident()
         status, body = await self.get(f"/api/v1/quarantine/{ident}", key=self.bob_key)

@@ -36,6 +36,31 @@ class SafedropAuthTests(TestCase):
         sessions = await self.web.core.identity.list_credentials(self.alice.id, "session")
         self.assertEqual([s.label for s in sessions], ["safedrop", "safedrop"])
 
+    async def test_a_head_checks_the_key_and_makes_no_token(self) -> None:
+        """HEAD is safe (RFC 9110 9.2.1): a HEAD of the auth server with X-Auth-User and
+        X-Auth-Key (`curl -I`, a monitor) made a session token as the GET does, each one
+        live and held by nobody, one more of the 1,000 an account keeps."""
+        for path in ("/", "/auth"):
+            status, headers, body = await self.web.call(
+                "HEAD", path, headers={"X-Auth-User": "alice@example.test",
+                                       "X-Auth-Key": self.key})
+            self.assertEqual((status, body), (204, b""), path)
+            self.assertIsNone(header(headers, "X-Auth-Token"))
+            self.assertIsNone(header(headers, "X-Auth-Token-Expires"))
+            self.assertEqual(header(headers, "Cache-Control"), "no-store")
+        self.assertEqual(await self.web.core.identity.list_credentials(self.alice.id,
+                                                                       "session"), [])
+        status, _, _ = await self.web.call("HEAD", "/auth", headers={
+            "X-Auth-User": "alice@example.test", "X-Auth-Key": "0" * 40})
+        self.assertEqual(status, 401)
+        # The GET still makes one; a HEAD with only that token checks it, as a GET does.
+        _, headers, _ = await self.login()
+        token = header(headers, "X-Auth-Token")
+        status, check, _ = await self.web.call("HEAD", "/auth", headers={"X-Auth-Token": token})
+        self.assertEqual((status, header(check, "X-Auth-Token")), (204, token))
+        sessions = await self.web.core.identity.list_credentials(self.alice.id, "session")
+        self.assertEqual(len(sessions), 1)
+
     async def test_the_token_expires_after_the_configured_ttl(self) -> None:
         _, headers, _ = await self.login()
         expected = datetime.datetime.fromtimestamp(START + 600, datetime.UTC)

@@ -57,6 +57,17 @@ def drop_connection(request: IRequest) -> None:
         transport.loseConnection()
 
 
+def is_head(request: IRequest) -> bool:
+    """Whether `request` is a HEAD. Werkzeug routes a HEAD to the route that takes GET and
+    twisted.web drops the body that route writes, so every GET route answers HEAD. HEAD is
+    safe (RFC 9110 9.2.1, 9.3.2: a link checker, a proxy's or monitor's probe, `curl -I`):
+    a route whose GET changes anything (mints a token, sends or releases mail, marks mail
+    read, records an opening or a download) asks this and, for a HEAD, answers what its GET
+    would (status, headers) with nothing changed. Counting the request against a rate
+    limit, or noting when a credential was last used, is no such change."""
+    return request.method == b"HEAD"
+
+
 def _klein_failure(self: Any, request: IRequest, failure: Failure) -> bytes:
     """Klein error handler installed on every app: delegate to the app instance."""
     app: ApiApp = self

@@ -67,6 +67,7 @@ from mailcore.safedrop.service import (
     rfc3339,
 )
 from mailcore.text import has_control_multiline, shown
+from web.api import is_head
 from web.openapi import Reply, RouteTable
 from web.pacing import paced
 from web.pages import (
@@ -366,7 +367,7 @@ class DropPageApp(PageApp):
         if step is not None:
             return self._step(request, found, step)
         # A HEAD (a link scanner, a mail client's preview) is no opening: no receipt.
-        if request.method != b"HEAD":
+        if not is_head(request):
             found = await self._open(token, viewing=True)
         return self._contents(request, token, found)
 
@@ -503,7 +504,7 @@ class DropPageApp(PageApp):
         ranged = isinstance(wanted, tuple)
         if not found.bundle.read_remove:
             return await self._serve(request, found, drop_file, path, first, last, ranged)
-        if request.method == b"HEAD":
+        if is_head(request):
             # Answers what a GET would, and counts no download.
             if not await self.drops.may_download(found, drop_file):
                 raise gone(SELF_DESTRUCTED)
@@ -601,7 +602,7 @@ class DropPageApp(PageApp):
             request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
         length = max(0, last - first + 1)
         request.setHeader(b"Content-Length", str(length).encode())
-        if request.method == b"HEAD":
+        if is_head(request):
             return b""
         written = Written()
         try:

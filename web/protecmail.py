@@ -97,7 +97,7 @@ from mailcore.gateway.quarantine import (
 from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
 from mailcore.gateway.verification import verification_record
 from mailcore.identity import PROFILE_FIELDS, Identity, IdentityError, Principal
-from web.api import ApiApp
+from web.api import ApiApp, is_head
 from web.auth import PROTECMAIL, CredentialResolver
 from web.context import context_of
 from web.errors import ApiError, EnvelopeErrors, envelope_schema, field_error
@@ -760,7 +760,8 @@ class ProtecmailApp(ApiApp):
         summary="Resend a quarantined mail",
         description="Queues the message for its recipient, once. A second release is 409 "
         "(msg \"already released\") and sends nothing; 403 while the account is disabled "
-        "(its mail waits), 503 when the message could not be queued now (try again).",
+        "(its mail waits), 503 when the message could not be queued now (try again). A "
+        "HEAD answers what the release would (200, 404, 409, 403) and releases nothing.",
         auth=PROTECMAIL,
         replies={200: Reply("Queued for delivery", envelope_schema(None))},
         errors=(403, 409, 503),
@@ -768,8 +769,10 @@ class ProtecmailApp(ApiApp):
     async def release_quarantine(self, request: IRequest, ident: str) -> bytes:
         principal = await self.principal(request)
         service = self._quarantine()
+        # A HEAD (a link checker, a proxy's probe) answers what the release would (is_head).
+        release = service.check_release if is_head(request) else service.release
         try:
-            status = await service.release(ident, owner_id=principal.user.id)
+            status = await release(ident, owner_id=principal.user.id)
         except QuarantineError as e:
             raise ApiError(503, str(e)) from None
         if status == MISSING:

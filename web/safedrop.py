@@ -50,7 +50,7 @@ from mailcore.safedrop.model import (
     check_telephone,
 )
 from mailcore.safedrop.service import SafedropService
-from web.api import ApiApp
+from web.api import ApiApp, is_head
 from web.auth import SAFEDROP, SAFEDROP_KEY, CredentialResolver
 from web.errors import ApiError, SafedropErrors, field_error
 from web.jsonstream import stream_json_array
@@ -388,7 +388,8 @@ class SafedropApp(ApiApp):
         description="With `X-Auth-User` (the account's e-mail address) and `X-Auth-Key` "
         "(an API key): 204 with a new `X-Auth-Token` (an account keeps its newest 1,000: "
         "one more ends the oldest). With only `X-Auth-Token`: 204 while it is valid, 401 "
-        "once it has expired.",
+        "once it has expired. A HEAD checks the key as the GET does (204 or 401) and "
+        "makes no token: its 204 has no `X-Auth-Token`.",
         auth=(SAFEDROP_KEY, SAFEDROP),
         replies={204: Reply("Authenticated", None, headers=TOKEN_HEADERS)},
     )
@@ -399,6 +400,10 @@ class SafedropApp(ApiApp):
             await self.principal(request)
             return self._token_reply(request, self.resolver.presented(request, SAFEDROP), None)
         principal = await self.key_principal(request, user)
+        if is_head(request):
+            # A probe of the auth server (`curl -I`, a monitor) makes no session: each one
+            # would be a live token nobody holds, and one more of the 1,000 ends the oldest.
+            return self._token_reply(request, None, None)
         token, info = await self.identity.create_credential(
             principal.user.id,
             "session",
@@ -412,7 +417,9 @@ class SafedropApp(ApiApp):
     def _token_reply(
         self, request: IRequest, token: str | None, expires: datetime.datetime | None
     ) -> bytes:
-        headers = {"X-Auth-Token": token or "", "Cache-Control": "no-store"}
+        headers = {"Cache-Control": "no-store"}
+        if token is not None:
+            headers["X-Auth-Token"] = token
         if expires is not None:
             headers["X-Auth-Token-Expires"] = rfc3339(expires)
         return empty_reply(request, 204, headers)
@@ -480,9 +487,8 @@ class SafedropApp(ApiApp):
     async def show_bundle(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)
         if "send" in query_params(request):
-            # A HEAD answers what the send would, and sends nothing (a link checker, a
-            # client's probe, `curl -I`): HEAD is safe (RFC 9110 9.2.1).
-            if request.method == b"HEAD":
+            # A HEAD answers what the send would, and sends nothing (is_head).
+            if is_head(request):
                 await self._do(self.drops.check_send(principal.user.id, bundle_id))
             else:
                 await self._do(self.drops.send(principal.user.id, bundle_id))

@@ -668,17 +668,9 @@ class QuarantineService(Service):
         """Queue the kept message for its recipient once: RELEASED, ALREADY, MISSING, or
         SUSPENDED while its owner is disabled (a disabled account's mail waits: nothing of
         it is delivered, digests included, until `mailcore user enable`)."""
-        if not (ident.isascii() and ident.isdigit() and len(ident) == 20):
-            return MISSING
-        row = await self.db.read("quarantine_release_row", _release_row_txn, ident, owner_id)
+        status, row = await self._releasable(ident, owner_id)
         if row is None:
-            return MISSING
-        if row.released_at is not None:
-            return ALREADY
-        if not row.owner_active:
-            return SUSPENDED
-        if self.spool is None:
-            raise QuarantineError("the release could not be queued: no queue to release into")
+            return status
         queue_id = new_queue_id(self.clock.seconds())
         envelope = Envelope(row.mailfrom, (Recipient(row.email, row.domain_id),),
                             kind="release")
@@ -696,6 +688,28 @@ class QuarantineService(Service):
             raise QuarantineError(f"the release could not be queued: {e}") from e
         log.info("quarantine {ident} released as {queue_id}", ident=ident, queue_id=queue_id)
         return RELEASED
+
+    async def check_release(self, ident: str, *, owner_id: int | None = None) -> str:
+        """What `release` would answer now (RELEASED: it would queue the message), with
+        nothing queued or marked: a HEAD of the API's release."""
+        status, _ = await self._releasable(ident, owner_id)
+        return status
+
+    async def _releasable(self, ident: str, owner_id: int | None) -> tuple[str, Any]:
+        """(RELEASED, its row) for a message a release would queue now, else (ALREADY,
+        MISSING or SUSPENDED, None); QuarantineError when there is no queue."""
+        if not (ident.isascii() and ident.isdigit() and len(ident) == 20):
+            return MISSING, None
+        row = await self.db.read("quarantine_release_row", _release_row_txn, ident, owner_id)
+        if row is None:
+            return MISSING, None
+        if row.released_at is not None:
+            return ALREADY, None
+        if not row.owner_active:
+            return SUSPENDED, None
+        if self.spool is None:
+            raise QuarantineError("the release could not be queued: no queue to release into")
+        return RELEASED, row
 
     def link_ident(self, token: str) -> str | None:
         """The ident a release link names, if genuine and unexpired."""
