@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IRequest
 
 from tests.support.logs import logged_at
+from tests.support.oauth import access_token
 from tests.support.web import Web, header
 from web.api import ApiApp
 from web.errors import ApiError, PlainErrors
@@ -185,6 +186,61 @@ class RootBehaviourTests(TestCase):
         status, _, body = await web.call("GET", "/api/v1/user/%ff")
         self.assertEqual(status, 400)
         self.assertFalse(body["success"])
+
+
+class CacheControlTests(TestCase):
+    """The APIs' replies carry account data, mostly to credentials that are no
+    `Authorization` header (X-Auth-Token, Api-Key, Auth-Key, query parameters), which
+    RFC 9111 3.5 does not keep from shared caches: one could store a reply and hand it to
+    another client. Every reply of the five APIs, errors and HEADs included, says
+    `Cache-Control: no-store` (only the login and webhook-secret replies did); the
+    stylesheet keeps its year, the service's own endpoints set none."""
+
+    async def test_every_api_reply_says_no_store(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        _, _, reply = await web.call("POST", "/api-token-auth/", json={
+            "username": "alice", "password": web.secrets[0]})
+        imap2api = {"Authorization": f"Token {reply['token']}"}
+        _, _, reply = await web.call("POST", "/api/v1/auth/", json={
+            "username": "alice", "password": web.secrets[0]})
+        mailapi = {"Auth-Key": reply["auth_key"]}
+        _, headers, _ = await web.call("GET", "/auth", headers={
+            "X-Auth-User": "alice@example.test", "X-Auth-Key": key})
+        safedrop = {"X-Auth-Token": header(headers, "X-Auth-Token") or ""}
+        oauth = {"Authorization": "Bearer " + await access_token(web.core.oauth, alice.id)}
+        for path, credential, says in [
+            ("/api/imap-servers/", imap2api, "no-store"),
+            ("/api/v1/emails/", imap2api, "no-store"),
+            ("/api/v1/mailboxes/", mailapi, "no-store"),
+            ("/api/v1/user", {"Api-Key": key}, "no-store"),
+            ("/api/v1/domain/all", {"Api-Key": key}, "no-store"),
+            ("/dropbundles", safedrop, "no-store"),  # streamed
+            # Its own, once the token is taken (RFC 6750 2.3: private).
+            ("/v1/accounts", oauth, "private, no-store"),
+        ]:
+            for method in ("GET", "HEAD"):
+                status, headers, _ = await web.call(method, path, headers=credential)
+                self.assertEqual((status, header(headers, "Cache-Control")),
+                                 (200, says), (method, path))
+            # An error reply, a refused credential among them, says it too.
+            for sent in ({}, {name: "0" * 40 for name in credential}):
+                status, headers, _ = await web.call("GET", path, headers=sent)
+                self.assertEqual((status, header(headers, "Cache-Control")),
+                                 (401, "no-store"), (path, sent))
+        for path in ("/api/v1/nothing", "/dropbundles/1/nothing", "/v1/nothing"):
+            status, headers, _ = await web.call("GET", path)
+            self.assertEqual((status, header(headers, "Cache-Control")), (404, "no-store"))
+
+    async def test_the_stylesheet_and_the_service_endpoints_keep_their_own(self) -> None:
+        web = Web.build()
+        status, headers, _ = await web.call("GET", "/static/mailcore.css")
+        self.assertEqual((status, header(headers, "Cache-Control")),
+                         (200, "public, max-age=31536000, immutable"))
+        for path in ("/openapi.json", "/metrics"):
+            status, headers, _ = await web.call("GET", path)
+            self.assertEqual((status, header(headers, "Cache-Control")), (200, None), path)
 
 
 class NotFoundShapeTests(TestCase):

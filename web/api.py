@@ -82,6 +82,13 @@ class ApiApp:
     shape: ClassVar[ErrorShape]
     app: ClassVar[Klein]
     routes: ClassVar[RouteTable]
+    # What every reply of the app tells caches, set by the root before the app answers (a
+    # handler may set its own: the stylesheet's is cached for a year). The APIs' replies
+    # carry account data and answer credentials that are no `Authorization` header
+    # (X-Auth-Token, Api-Key, `Token` ...), which RFC 9111 3.5 does not keep from shared
+    # caches: none may store them. None: no such header (web.meta: the metrics and the
+    # OpenAPI document).
+    cache_control: ClassVar[bytes | None] = b"no-store"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

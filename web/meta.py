@@ -26,6 +26,7 @@ class MetaApp(ApiApp):
     shape = PlainErrors()
     app = Klein()
     routes = RouteTable(app, "meta")
+    cache_control = None  # nobody's data: the metrics (loopback) and the document
 
     def __init__(
         self,

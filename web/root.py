@@ -194,6 +194,8 @@ class RootResource(Resource):
         request.setHeader(b"Server", b"mailcore")
         request.setHeader(b"X-Request-Id", ctx.request_id.encode("ascii"))
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        if app.cache_control is not None:
+            request.setHeader(b"Cache-Control", app.cache_control)
         cast(server.Request, request).notifyFinish().addBoth(self._finished, request)
         try:
             if not valid_path:
