@@ -38,7 +38,13 @@ hops gave theirs back, and a handful of them came to hold every connection.
 
 Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
 processed, queued or in flight); bodies are kept only from accept to send within
-`body_cache_bytes`, otherwise loaded from the store when they are needed.
+`body_cache_bytes`, otherwise loaded from the store when they are needed. The bodies that
+delivery attempts hold, from before the body is loaded until the attempt ends (a next hop
+that reads its DATA slowly keeps one for up to `data_timeout`), count against
+`max_send_memory` (`SendMemory`): an attempt that would pass it waits on its open
+connection, in the order the attempts asked, until another ends. One attempt always goes,
+whatever its size. Without it, `max_connections` attempts to slow next hops could each hold
+a message of `[smtp] max_message_size`: 100 x 50 MB.
 """
 
 from __future__ import annotations
@@ -247,6 +253,72 @@ class BodyLoader:
             self._kick()
 
 
+class SendMemory:
+    """The octets of message bodies outbound delivery attempts hold, within a limit
+    (`[queue] max_send_memory`).
+
+    An attempt takes its message's size before its body is loaded and gives it back when
+    it ends, however it ends. One that would pass the limit waits for room; waits are
+    served in the order they were asked (a small message does not pass a large one that
+    waits: the large one would wait for ever behind a stream of small ones). An attempt is
+    always allowed when no other holds anything, so a message larger than the limit still
+    goes, alone. A wait is not a failure of the delivery: it costs the message no attempt
+    and no backoff."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # octets the attempts under way hold
+        self.attempts = 0  # attempts under way
+        self._waiting: deque[tuple[int, defer.Deferred[bool]]] = deque()
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        """Attempts waiting for room."""
+        return len(self._waiting)
+
+    def take(self, size: int) -> defer.Deferred[bool]:
+        """Room for an attempt holding `size` octets: True once it is taken (give it back
+        with `give`), False when the runner stops first (nothing taken)."""
+        if self._closed:
+            return defer.succeed(False)
+        if not self._waiting and self._fits(size):
+            self.used += size
+            self.attempts += 1
+            return defer.succeed(True)
+        entry: tuple[int, defer.Deferred[bool]]
+
+        def cancel(d: defer.Deferred[bool]) -> None:
+            self._waiting.remove(entry)
+
+        entry = (size, defer.Deferred(cancel))
+        self._waiting.append(entry)
+        return entry[1]
+
+    def give(self, size: int) -> None:
+        """An attempt that held `size` octets ended: wake the waits that now fit."""
+        self.used -= size
+        self.attempts -= 1
+        granted = []
+        while self._waiting and self._fits(self._waiting[0][0]):
+            size, d = self._waiting.popleft()
+            self.used += size
+            self.attempts += 1
+            granted.append(d)
+        for d in granted:
+            d.callback(True)
+
+    def close(self) -> None:
+        """The runner stops: every wait ends with False, and so does any later take."""
+        self._closed = True
+        waiting, self._waiting = self._waiting, deque()
+        for _size, d in waiting:
+            d.callback(False)
+
+    def _fits(self, size: int) -> bool:
+        return self.attempts == 0 or self.used + size <= self.limit
+
+
 # -- jobs ------------------------------------------------------------------------------------
 
 
@@ -332,6 +404,7 @@ class QueueRunner:
         self.held = 0
         self.running = False
         self.bodies = BodyCache(settings.body_cache_bytes)
+        self.send_memory = SendMemory(settings.max_send_memory)
         self.loader = BodyLoader(db)
         self.spool: Spool | None = None  # the write lane for results; set by build_queue
         self.hops: dict[Hop, HopQueue] = {}
@@ -618,9 +691,7 @@ class QueueRunner:
     def _send_rest(self, rest: Job, live: Groups, touched: dict[Hop, HopQueue]) -> None:
         """Put what the pipeline left to send on its hops' queues (pumped by the caller)."""
         if not self.running:
-            # Stopping: not sent by this run; the caller releases the leases.
-            self._stop_leftover.extend(r.id for r in rest.recipients)
-            self.held -= len(rest.recipients)
+            self._left_at_stop(rest)
             return
         if len(rest.recipients) == sum(len(rcpts) for rcpts in live.values()):
             self._queue(rest, live, touched)  # (the usual message: every recipient goes on)
@@ -1081,7 +1152,32 @@ class QueueRunner:
             self._forget_if_idle(hq)
 
     async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
-        """Send one job on an open session; returns False when the session is unusable."""
+        """Send one job on an open session, once `send_memory` has room for its body;
+        returns False when the session is unusable."""
+        if not await self.send_memory.take(job.size):
+            self._left_at_stop(job)
+            return False
+        try:
+            if not session.usable:
+                # Dropped while it waited (the hop's own idle timeout): the job is another
+                # connection's, and no attempt of its own.
+                if self.running:
+                    hq.jobs.appendleft(job)
+                else:
+                    self._left_at_stop(job)
+                return False
+            return await self._attempt(session, job, hq)
+        finally:
+            self.send_memory.give(job.size)
+
+    def _left_at_stop(self, job: Job) -> None:
+        """A job not sent because the runner stops: the caller of `stop` releases its
+        leases."""
+        self._stop_leftover.extend(r.id for r in job.recipients)
+        self.held -= len(job.recipients)
+
+    async def _attempt(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
+        """`_deliver` with its room taken."""
         hop = hq.hop.label
         body = self.bodies.get(job.message_id)
         if body is None:
@@ -1191,6 +1287,7 @@ class QueueRunner:
         returns the recipients still held in memory, whose leases the caller releases."""
         self.running = False
         self._slot_wait.clear()
+        self.send_memory.close()
         for hq in list(self.hops.values()):
             for timer in (hq.idle_timer, hq.dead_timer):
                 if timer is not None and timer.active():
@@ -1226,6 +1323,7 @@ class QueueRunner:
             await self.spool.drain()
             self.spool.cancel()
         self.bodies = BodyCache(self.settings.body_cache_bytes)
+        self.send_memory = SendMemory(self.settings.max_send_memory)
         return leftover
 
     def _abort_all(self) -> None:

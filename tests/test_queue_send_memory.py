@@ -1,0 +1,291 @@
+"""`[queue] max_send_memory`: the octets of message bodies that outbound delivery attempts
+hold together are bounded. An attempt that would pass the bound waits for another to end
+(no attempt counted, no backoff), in the order the attempts asked; one attempt always goes,
+whatever its size; room comes back however an attempt ends (delivered, refused, cut, timed
+out); a stop ends the waits with the work given back, and the leases of the waiting work
+stay this node's while it waits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config, ConfigError
+from mailcore.queue.runner import SendMemory
+from mailcore.queue.settings import QueueSettings
+from mailcore.store import Database
+from mailcore.store.schema import queue_recipients
+from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
+from tests.support.queuetest import QueueTestCase
+from tests.test_queue_runner_peer import ScriptedHopConnector
+
+# A 1,000-octet message: the limits below are counted in these.
+BIG = b"From: a@x.test\r\nSubject: big\r\n\r\n" + b"x" * 966 + b"\r\n"
+assert len(BIG) == 1000
+
+
+class SendMemoryTests(TestCase):
+    """The budget on its own."""
+
+    def test_waits_are_served_in_the_order_they_were_asked(self) -> None:
+        budget = SendMemory(1000)
+        self.assertTrue(self.successResultOf(budget.take(600)))
+        big = budget.take(700)
+        small = budget.take(100)  # would fit, but does not pass the large one that waits
+        self.assertNoResult(big)
+        self.assertNoResult(small)
+        budget.give(600)
+        self.assertTrue(self.successResultOf(big))
+        self.assertTrue(self.successResultOf(small))
+        self.assertEqual((budget.used, budget.attempts, budget.waiting), (800, 2, 0))
+
+    def test_one_attempt_always_goes_whatever_its_size(self) -> None:
+        budget = SendMemory(1000)
+        self.assertTrue(self.successResultOf(budget.take(5000)))
+        second = budget.take(1)
+        self.assertNoResult(second)
+        budget.give(5000)
+        self.assertTrue(self.successResultOf(second))
+
+    def test_close_ends_the_waits_and_refuses_later_takes(self) -> None:
+        budget = SendMemory(1000)
+        self.successResultOf(budget.take(1000))
+        waiting = budget.take(1)
+        budget.close()
+        self.assertFalse(self.successResultOf(waiting))
+        self.assertFalse(self.successResultOf(budget.take(1)))
+        budget.give(1000)
+        self.assertEqual((budget.used, budget.attempts), (0, 0))
+
+    def test_a_cancelled_wait_leaves_the_queue(self) -> None:
+        budget = SendMemory(1000)
+        self.successResultOf(budget.take(1000))
+        gone = budget.take(500)
+        after = budget.take(500)
+        gone.cancel()
+        self.failureResultOf(gone, defer.CancelledError)
+        budget.give(1000)
+        self.assertTrue(self.successResultOf(after))
+        self.assertEqual((budget.used, budget.attempts), (500, 1))
+
+
+class SettingTests(TestCase):
+    def test_the_key_is_read_and_must_be_positive(self) -> None:
+        self.assertEqual(QueueSettings().max_send_memory, 1024 ** 3)
+        read = QueueSettings.from_config(Config(sections={"queue": {"max_send_memory": 5}}))
+        self.assertEqual(read.max_send_memory, 5)
+        with self.assertRaises(ConfigError) as e:
+            QueueSettings.from_config(Config(sections={"queue": {"max_send_memory": 0}}))
+        self.assertIn("max_send_memory must be greater than 0", str(e.exception))
+
+
+class SlowHopsTestBase(QueueTestCase):
+    """Ten served domains whose next hops (10.6.6.1-10) take each message only when the
+    test says so; two messages' worth of send memory."""
+
+    settings = {"max_send_memory": 2000}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.domains = [done(self.db.run("add", thd_add_domain, f"slow{i}.test",
+                                         f"10.6.6.{i}", 25)) for i in range(10)]
+        self.stalled: dict[str, list[defer.Deferred[None]]] = {}
+        for i in range(10):
+            self.stalled[f"10.6.6.{i}"] = self.connector.stalled[f"10.6.6.{i}"] = []
+
+    async def send_to(self, i: int, qid: str, body: bytes = BIG) -> None:
+        await self.q.spool.accept(qid, envelope("a@x.test", (f"u@slow{i}.test",
+                                                             self.domains[i])), body)
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` pass as a running daemon sees them: the lease renewals on time."""
+        for _ in range(int(seconds // 10)):
+            self.clock.advance(10)
+
+    def in_flight(self) -> list[str]:
+        """The hosts with a send under way, in the order they began."""
+        return [host for host, sends in self.stalled.items() for _ in sends]
+
+    def release(self, host: str) -> None:
+        self.stalled[host].pop(0).callback(None)
+
+    def rows(self) -> dict[str, tuple[str, int, str | None]]:
+        r = queue_recipients.c
+        return done(self.db.read("rows", lambda conn: {
+            row.address: (row.state, row.attempts, row.lease_owner)
+            for row in conn.execute(select(r.address, r.state, r.attempts, r.lease_owner))
+        }))
+
+
+class BudgetTests(SlowHopsTestBase):
+    async def test_many_slow_next_hops_hold_no_more_than_the_budget(self) -> None:
+        for i in range(10):
+            await self.send_to(i, f"Q{i}")
+        # Ten connections open, two sends under way; the other eight wait for room.
+        self.assertEqual(self.runner.connections, 10)
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.1"])
+        memory = self.runner.send_memory
+        self.assertEqual((memory.used, memory.attempts, memory.waiting), (2000, 2, 8))
+        # Waiting is no failure: nothing deferred, no attempt counted.
+        self.advance(3 * self.q.settings.lease_seconds)
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.1"])
+        self.assertEqual({row[:2] for row in self.rows().values()}, {("queued", 0)})
+        # A send that ends lets the one that asked first go.
+        self.release("10.6.6.1")
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.2"])
+        self.assertEqual(memory.used, 2000)
+        while any(self.stalled.values()):
+            host = self.in_flight()[0]
+            self.release(host)
+            self.assertLessEqual(memory.used, 2000)
+            self.assertLessEqual(len(self.in_flight()), 2)
+        self.assertEqual(sorted(self.connector.addresses()),
+                         sorted(f"u@slow{i}.test" for i in range(10)))
+        self.assertEqual({row[:2] for row in self.rows().values()}, {("delivered", 1)})
+        self.assertEqual((memory.used, memory.attempts, memory.waiting), (0, 0, 0))
+
+    async def test_a_message_larger_than_the_budget_goes_alone(self) -> None:
+        huge = BIG[:-2] + b"y" * 2998 + b"\r\n"  # 4,000 octets, twice the budget
+        await self.send_to(0, "HUGE", huge)
+        self.assertEqual(self.in_flight(), ["10.6.6.0"])
+        await self.send_to(1, "Q1")
+        self.assertEqual(self.in_flight(), ["10.6.6.0"])  # waits while the huge one goes
+        self.release("10.6.6.0")
+        self.assertEqual(self.in_flight(), ["10.6.6.1"])
+        await self.send_to(2, "HUGE2", huge)
+        self.assertEqual(self.in_flight(), ["10.6.6.1"])  # waits until it would be alone
+        self.release("10.6.6.1")
+        self.assertEqual(self.in_flight(), ["10.6.6.2"])
+        self.release("10.6.6.2")
+        self.assertEqual(sorted(self.connector.addresses()),
+                         ["u@slow0.test", "u@slow1.test", "u@slow2.test"])
+        self.assertEqual(self.connector.delivered[0][3], huge)
+
+    async def test_room_comes_back_when_an_attempt_fails(self) -> None:
+        for i in range(3):
+            await self.send_to(i, f"Q{i}")
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.1"])
+        self.connector.break_during_send = True  # the connection is cut mid-transaction
+        self.release("10.6.6.0")
+        self.connector.break_during_send = False
+        self.assertEqual(self.in_flight(), ["10.6.6.1", "10.6.6.2"])
+        self.assertEqual(self.rows()["u@slow0.test"][:2], ("deferred", 1))
+        # A refusal of the recipient frees it too.
+        self.connector.replies["u@slow1.test"] = (550, ("5.1.1 no such user",))
+        self.release("10.6.6.1")
+        self.assertEqual(self.rows()["u@slow1.test"][:2], ("bounced", 1))
+        self.assertEqual(self.runner.send_memory.used, 1000)
+        self.release("10.6.6.2")
+        self.assertEqual(self.runner.send_memory.used, 0)
+        self.assertEqual(self.rows()["u@slow2.test"][:2], ("delivered", 1))
+
+    async def test_a_stop_gives_the_waiting_work_back_unsent(self) -> None:
+        for i in range(3):
+            await self.send_to(i, f"Q{i}")
+        self.assertEqual(self.runner.send_memory.waiting, 1)
+        stopping = self.q.service.stopService()
+        for host in self.in_flight():
+            self.release(host)
+        self.clock.advance(60)
+        await stopping
+        self.assertEqual(sorted(self.connector.addresses()), ["u@slow0.test", "u@slow1.test"])
+        # Still queued, in the store, leased to nobody: the next start (or another node)
+        # sends it, with no attempt counted.
+        self.assertEqual(self.rows()["u@slow2.test"], ("queued", 0, None))
+        self.assertEqual(self.runner.held, 0)
+
+
+class RealClientTests(QueueTestCase):
+    """With the real SMTP client: a next hop that never answers the end of the data holds
+    its room until the data timeout, then gives it back; a waiting connection the hop
+    closes costs its message nothing."""
+
+    settings = {"max_send_memory": 1000}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.hop = ScriptedHopConnector(self.clock)
+        self.hop.answers[b"."] = b""  # reads the data, never answers it
+        self.runner.connector = self.hop
+
+    async def test_room_comes_back_when_an_attempt_times_out(self) -> None:
+        await self.accept("Q1", "b@customer.test", body=BIG)
+        await self.accept("Q2", "c@customer.test", body=BIG)
+        self.assertEqual(len(self.hop.hops), 2)
+        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 0])  # Q2 waits
+        self.hop.hops[1].answers[b"."] = b"250 2.0.0 queued\r\n"
+        for _ in range(599):  # the lease renewals on time, as a running daemon's
+            self.clock.advance(1)
+        self.assertEqual(self.runner.send_memory.waiting, 1)
+        self.clock.advance(1)  # data_timeout: Q1 is deferred, Q2 goes
+        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 1])
+        self.assertEqual(self.runner.send_memory.used, 0)
+        r = queue_recipients.c
+        states = done(self.db.read("rows", lambda conn: dict(
+            conn.execute(select(r.address, r.state)).all())))
+        self.assertEqual(states, {"b@customer.test": "deferred", "c@customer.test": "delivered"})
+
+    async def test_a_connection_the_hop_closed_while_it_waited_costs_no_attempt(
+        self
+    ) -> None:
+        await self.accept("Q1", "b@customer.test", body=BIG)
+        await self.accept("Q2", "c@customer.test", body=BIG)
+        self.hop.answers[b"."] = b"250 2.0.0 queued\r\n"
+        self.hop.hops[1].loseConnection()  # the hop's idle timeout, while Q2 waits
+        self.hop.hops[0].answer(b"250 2.0.0 queued\r\n")  # Q1 ends: Q2 has room
+        self.assertEqual(len(self.hop.hops), 3)  # Q2 on a new connection
+        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 0, 1])
+        r = queue_recipients.c
+        rows = done(self.db.read("rows", lambda conn: {
+            row.address: (row.state, row.attempts)
+            for row in conn.execute(select(r.address, r.state, r.attempts))}))
+        self.assertEqual(rows, {"b@customer.test": ("delivered", 1),
+                                "c@customer.test": ("delivered", 1)})
+        self.assertEqual(self.runner.send_memory.used, 0)
+
+
+class LeaseTests(TestCase):
+    """Two nodes on one store: work waiting for send memory on one is renewed with the
+    rest of its leases, and the other node never takes it."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.db = Database.for_tests()
+        self.domain = done(self.db.run("d", thd_add_domain, "c.test", "10.0.0.1", 25))
+        self.conn_a = ScriptedConnector()
+        self.conn_b = ScriptedConnector()
+        common: dict[str, Any] = {"lease_seconds": 60.0, "poll_interval": 5.0,
+                                  "max_send_memory": 1000}
+        self.a = make_queue(self.db, self.clock, self.conn_a, node_id="a", **common)
+        self.b = make_queue(self.db, self.clock, self.conn_b, node_id="b", **common)
+
+    def tearDown(self) -> None:
+        for q in (self.a, self.b):
+            if q.service.running:
+                d = q.service.stopService()
+                self.clock.advance(30)
+                self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waiting_work_keeps_its_lease(self) -> None:
+        self.a.service.startService()
+        self.b.service.startService()
+        self.conn_a.hold = defer.Deferred()  # a slow delivery on node a
+        for i in range(3):
+            env = envelope("s@x.test", (f"r{i}@c.test", self.domain))
+            self.successResultOf(defer.Deferred.fromCoroutine(
+                self.a.spool.accept(f"Q{i}", env, BIG)))
+        self.assertEqual(self.a.runner.send_memory.waiting, 2)
+        for _ in range(30):  # five lease lengths
+            self.clock.advance(10)
+        self.assertEqual(self.conn_b.addresses(), [])
+        hold, self.conn_a.hold = self.conn_a.hold, None
+        hold.callback(None)
+        self.assertEqual(sorted(self.conn_a.addresses()), ["r0@c.test", "r1@c.test",
+                                                           "r2@c.test"])
+        self.assertEqual(self.a.runner.send_memory.used, 0)
