@@ -286,6 +286,43 @@ class WritingTests(MailApiTestCase):
         self.assertEqual((status, body), (400, {"message": "unknown field: bcc "}))
         self.assertEqual(len(await self.rows()), before)
 
+    async def test_a_form_field_given_twice_with_other_values_is_refused(self) -> None:
+        # A client sending a list as forms do (requests' data={"to": [a, b]}) wrote
+        # to=a&to=b: the last value won, the mail was enqueued (202) and went to b only.
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        twice = ("to: The field is given more than once, with different values; it takes "
+                 "one value.")
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", headers=form,
+                                      data=f"status=outbox&to={JOE}&to=eve@far.test".encode())
+        self.assertEqual((status, body), (400, {"message": twice}))
+        mp = {"Content-Type": "multipart/form-data; boundary=B"}
+
+        def parts(*fields: tuple[str, str]) -> bytes:
+            return b"".join(f'--B\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+                            f"{v}\r\n".encode() for k, v in fields) + b"--B--\r\n"
+
+        data, _ = multipart({"status": "outbox", "to": JOE}, "attachment", "a.txt", b"hi",
+                            "text/plain")
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", headers=mp,
+                                      data=parts(("to", "eve@far.test")) [:-len(b"--B--\r\n")]
+                                      + data)
+        self.assertEqual((status, body), (400, {"message": twice}))
+        self.assertEqual((await self.rows(), self.files.hashes()), ([], []))
+        # The same value twice says nothing else: taken.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", headers=form,
+                                      data=f"status=draft&to={JOE}&to={JOE}".encode())
+        self.assertEqual(status, 201, body)
+        draft = body["id"]
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{draft}", headers=mp,
+                                      data=parts(("cc", JOE), ("cc", "eve@far.test")))
+        self.assertEqual((status, body["message"]), (400, twice.replace("to:", "cc:")))
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mailboxes/{BOB}/access/joe",
+                                      headers=form, data=b"allow_read=1&allow_read=0")
+        self.assertEqual(status, 400, body)
+        self.assertTrue(body["message"].startswith("allow_read: The field is given more"))
+        self.assertEqual([(r.to_addrs, r.cc_addrs, r.status) for r in await self.rows()],
+                         [(JOE, "", "draft")])
+
     async def test_draft_outbox_and_the_seeds_codes(self) -> None:
         status, body = await self.as_("bob", "POST", "/api/v1/mail/",
                                       json={"status": "draft", "cc": JOE})

@@ -196,6 +196,22 @@ class FormTests(TestCase):
         req = request(b"a=1&b=x%20y&a=2&empty=", "application/x-www-form-urlencoded")
         self.assertEqual(read_fields(req, LIMIT), {"a": "2", "b": "x y", "empty": ""})
 
+    def test_once_refuses_a_field_given_again_with_another_value(self) -> None:
+        form = "application/x-www-form-urlencoded"
+        req = request(b"to=a%40x.test&b=1&to=b%40x.test", form)
+        e = self.assertRaises(ApiError, read_fields, req, LIMIT, once=True)
+        self.assertEqual((e.status, e.fields), (400, {"to": [
+            "The field is given more than once, with different values; it takes one "
+            "value."]}))
+        req = request(b"to=a&b=1&to=a", form)
+        self.assertEqual(read_fields(req, LIMIT, once=True), {"to": "a", "b": "1"})
+        mp = "multipart/form-data; boundary=XyZ"
+        body = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="to"\r\n\r\n'
+                        + v + b"\r\n" for v in (b"a", b"b")) + b"--XyZ--\r\n"
+        e = self.assertRaises(ApiError, read_fields, request(body, mp), LIMIT, once=True)
+        self.assertEqual((e.status, list(e.fields or ())), (400, ["to"]))
+        self.assertEqual(read_fields(request(body, mp), LIMIT), {"to": "b"})
+
     def test_percent_escapes_that_are_not_utf8_are_a_400_naming_each_field(self) -> None:
         form = "application/x-www-form-urlencoded"
         req = request(b"subject=caf%C3%A9&to=%E2%82%AC", form)

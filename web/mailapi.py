@@ -93,6 +93,7 @@ from web.parsing import (
     media_type,
     parse_int,
     query_params,
+    read_fields,
     string_field,
 )
 from web.ratelimit import RateLimiter, admit, count_bad_credential
@@ -209,7 +210,8 @@ PAGE_REPLY: dict[str, Any] = {
 MAIL_BODY: dict[str, Any] = {
     "type": "object",
     "description": "Any other field is a 400 (`unknown field: ...`), but the mail's own "
-    "read-only keys (id, mailbox, attachments), which change nothing.",
+    "read-only keys (id, mailbox, attachments), which change nothing; so is a form or "
+    "multipart text field given twice with different values (one value each).",
     "properties": {
         "status": {"type": "string", "enum": ["draft", "outbox"]},
         **{name: {"type": ["string", "null"], "description": "null (JSON) is the empty "
@@ -391,6 +393,13 @@ class MailApiApp(ApiApp):
                              code=error.code, key="error", extra=error.extra,
                              headers=error.headers)
         return super().error_reply(request, error)
+
+    def fields(self, request: IRequest, *, untyped_form: bool = False) -> dict[str, Any]:
+        """The body's fields, a form field given twice with different values refused (400):
+        each field takes one value, and a client sending a list as forms do
+        (`to=a&to=b`) would otherwise have its mail sent to the last address only."""
+        return read_fields(request, self.settings.json_max_body, untyped_form=untyped_form,
+                           once=True)
 
     async def principal(self, request: IRequest) -> Principal:
         """The auth_key's user within `[web] mailapi_user_rate`, or 401 `{"message":

@@ -332,10 +332,12 @@ def read_fields(
     accept_form: bool = True,
     accept_multipart: bool = True,
     untyped_form: bool = False,
+    once: bool = False,
 ) -> dict[str, Any]:
     """Input fields from a JSON object, a form-encoded body or a multipart body.
 
-    JSON keeps its types; form fields are strings (the last value of a repeated name wins);
+    JSON keeps its types; form fields are strings (the last value of a repeated name wins,
+    unless `once`: a name given again with another value is then a 400, see parse_form);
     multipart file parts become `Upload`s. An empty body without a type is no fields; a
     body without a type is read as form-encoded when `untyped_form` (an API whose
     published examples send forms without a Content-Type), else refused.
@@ -349,23 +351,27 @@ def read_fields(
     if accept_json and is_json_type(media):
         return read_json_object(request, limit)
     if accept_form and media == FORM_TYPE:
-        return parse_form(read_body(request, limit))
+        return parse_form(read_body(request, limit), once=once)
     if accept_multipart and media == MULTIPART_TYPE:
         return parse_multipart(
             request.getHeader(b"content-type") or b"",
             read_body(request, limit),
+            once=once,
         )
     if not media:
         body = read_body(request, limit)
         if accept_form and untyped_form:
-            return parse_form(body)
+            return parse_form(body, once=once)
         if not body.strip():
             return {}
     raise _unsupported(media, accepted)
 
 
-def parse_form(data: bytes) -> dict[str, str]:
-    """An application/x-www-form-urlencoded body; the last value of a repeated name wins.
+def parse_form(data: bytes, *, once: bool = False) -> dict[str, str]:
+    """An application/x-www-form-urlencoded body; the last value of a repeated name wins,
+    unless `once`: a name given again with another value is then a 400 naming it (an API
+    whose fields each hold one value, where keeping one of two silently would lose what
+    the client meant: a form of `to=a&to=b`, as clients send a list, mailed only b).
 
     Percent-escapes must spell UTF-8 too (`caf%E9` is Latin-1): a 400 naming each such field,
     where parse_qsl's default would store U+FFFD in place of what the client meant. More
@@ -390,11 +396,25 @@ def parse_form(data: bytes) -> dict[str, str]:
     if bad:
         raise ApiError(400, "; ".join(f"{name}: {bad[name]}" for name in sorted(bad)),
                        fields={name: [message] for name, message in bad.items()})
-    return dict(pairs)
+    fields = dict(pairs)
+    if once:
+        for name, value in pairs:
+            if fields[name] != value:
+                raise given_twice(name)
+    return fields
 
 
-def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
-    """A multipart/form-data body: text fields as str, file parts as Upload.
+def given_twice(name: str) -> ApiError:
+    """The 400 for a field a form gives more than once with different values (`once`)."""
+    return field_error(name, "The field is given more than once, with different values; "
+                       "it takes one value.")
+
+
+def parse_multipart(content_type: bytes, data: bytes, *, once: bool = False
+                    ) -> dict[str, Any]:
+    """A multipart/form-data body: text fields as str, file parts as Upload (the last
+    part of a repeated name wins, unless `once`: a text field given again with another
+    value is then a 400, as in parse_form).
 
     The body is split by `mailcore.uploads.multipart_events` (boundaries found with
     `bytes.find`: linear in the body, whatever its lines), at most `MAX_FORM_PARTS` parts of
@@ -419,6 +439,8 @@ def parse_multipart(content_type: bytes, data: bytes) -> dict[str, Any]:
                 chunks.append(event)
             elif part is not None:
                 name, value = _part_value(part, b"".join(chunks))
+                if once and isinstance(value, str) and fields.get(name, value) != value:
+                    raise given_twice(name)
                 fields[name] = value
                 part, chunks = None, []
     except MalformedUpload as e:

@@ -170,7 +170,14 @@ class MailFiles:
                         received.files.append(self._place(segment, out))
                         out = None
                     else:
-                        received.fields[str(segment.name)] = _text(segment, b"".join(text))
+                        name, value = str(segment.name), _text(segment, b"".join(text))
+                        if received.fields.get(name, value) != value:
+                            # One value a field: `to` twice (a list, as clients send
+                            # one) would mail the last address only.
+                            raise MailApiError(INVALID, f"{name}: The field is given more "
+                                               "than once, with different values; it "
+                                               "takes one value.", name)
+                        received.fields[name] = value
                 else:
                     if out is not None:
                         if out.size + len(event) > max_attachment:
