@@ -275,6 +275,9 @@ class WritingTests(MailApiTestCase):
             ({"status": "outbox", "to": JOE, "subjet": "typo"}, "unknown field: subjet"),
             ({"status": "draft", "reply_to": BOB, "reply-to": JOE},
              "reply_to: given twice, as reply_to and reply-to, with different values"),
+            # Stored as a draft (400 "missing to / status") on the old code.
+            ({"status": 1, "to": JOE}, "status: Not a valid string."),
+            ({"status": ["outbox"], "to": JOE}, "status: Not a valid string."),
             ({"status": "draft", "attachment": "not a file"},
              "attachment: a file part of a multipart/form-data body (with a filename), not "
              "a text field"),

@@ -317,8 +317,11 @@ def mail_edit(data: dict[str, Any], files: list[StoredFile]) -> Edit:
         value = string_field(data, name, required=False, allow_blank=True, trim=False)
         if value is not None:
             values[name] = value
-    status = data.get("status")
-    return Edit(status if isinstance(status, str) and status else None, values, files)
+    # Any text is taken (one other than draft or outbox keeps the mail a draft, 400 "missing
+    # to / status", as the seed has it); another type is refused as any field's is.
+    status = None if data.get("status") is None else string_field(
+        data, "status", required=False, allow_blank=True, trim=False)
+    return Edit(status or None, values, files)
 
 
 def _with_aliases(data: dict[str, Any]) -> dict[str, Any]:
