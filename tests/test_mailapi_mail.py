@@ -158,6 +158,10 @@ class ListingTests(MailApiTestCase):
     async def test_reading_inbox_mail_marks_it_read_and_put_unmarks(self) -> None:
         await self.deliver(1)
         [row] = await self.rows()
+        # A HEAD reads nothing of it: still unread (marked read on the old code).
+        status, _ = await self.as_("bob", "HEAD", f"/api/v1/mail/{row.public_id}")
+        self.assertEqual(status, 200)
+        self.assertFalse((await self.rows())[0].read)
         status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{row.public_id}")
         self.assertEqual((status, mail["read"]), (200, True))
         self.assertTrue((await self.rows())[0].read)

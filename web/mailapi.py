@@ -591,7 +591,7 @@ class MailApiApp(ApiApp):
     @routes.route(
         "/api/v1/mail/<mail_id>",
         "GET",
-        summary="One email (reading inbox mail marks it read)",
+        summary="One email (reading inbox mail marks it read; a HEAD does not)",
         auth=MAIL_API,
         replies={200: Reply("The email", MAIL_SCHEMA)},
         errors=(401, 404),
@@ -599,7 +599,10 @@ class MailApiApp(ApiApp):
     async def get_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)
         with refusals():
-            mail = await self.mail.get(principal.user.id, mail_id)
+            # HEAD is safe (RFC 9110 9.3.2): a link checker or a proxy's probe of the URL
+            # reads no mail, and must not mark it read.
+            mail = await self.mail.get(principal.user.id, mail_id,
+                                       mark_read=request.method != b"HEAD")
         return self.reply(request, mail_object(mail))
 
     @routes.route(

@@ -366,12 +366,13 @@ class MailService:
         address, held, _ = rights[row.mailbox_id]
         return row, address, held
 
-    async def get(self, user_id: int, public_id: str) -> Mail:
-        """One mail; reading inbox mail marks it read."""
+    async def get(self, user_id: int, public_id: str, *, mark_read: bool = True) -> Mail:
+        """One mail; reading inbox mail marks it read (unless not `mark_read`: a HEAD, which
+        reads nothing of it)."""
 
         def txn(conn: Connection) -> Mail:
             row, address, _ = self._thd_find(conn, user_id, public_id)
-            if row.status == INBOX and not row.read:
+            if mark_read and row.status == INBOX and not row.read:
                 # The read above took no lock: on PostgreSQL the mail may have been deleted
                 # (alone, or with its mailbox) since.
                 marked = conn.execute(_UPDATE_BY_ID, {"row_id": row.id, "read": True})
