@@ -9,10 +9,13 @@ import hashlib
 import itertools
 import tracemalloc
 from collections.abc import Callable
+from email.message import EmailMessage
 from io import BytesIO
+from unittest import mock
 
 from twisted.trial.unittest import TestCase
 
+from mailcore.mailapi import mime
 from mailcore.mailapi.mime import (
     MimeBounds,
     OutgoingPart,
@@ -243,3 +246,80 @@ class LargeMessageTests(TestCase):
         whole = email.message_from_bytes(broken, policy=email.policy.default)
         parts = list(whole.walk())
         self.assertEqual(attachment.data, parts[-1].get_payload(decode=True))
+
+
+def _forwarded(inner: bytes, head: bytes = b"") -> bytes:
+    """A message with `inner` attached as a message/rfc822 part (forward as attachment)."""
+    return (HEAD + b'Content-Type: multipart/mixed; boundary="fw"\r\n\r\n--fw\r\n'
+            b"Content-Type: text/plain\r\n\r\nforwarded, see below\r\n--fw\r\n"
+            b'Content-Type: message/rfc822; name="original.eml"\r\n' + head
+            + b'Content-Disposition: attachment; filename="original.eml"\r\n\r\n' + inner
+            + b"\r\n--fw--\r\n")
+
+
+class AttachedMessageTests(TestCase):
+    """A mail forwarded as an attachment (message/rfc822) is its bytes as they stand in the
+    message: the email package makes a message of such a part and gives it no bytes
+    (get_payload(decode=True) is None), so it was stored as an empty file."""
+
+    INNER = (b"From: Carol <carol@far.test>\r\nTo: a@far.test\r\nSubject: original\r\n"
+             b"Message-ID: <o@far.test>\r\n\r\nThe original text.\r\n")
+
+    def test_an_attached_message_is_its_bytes(self) -> None:
+        parsed = parse_message(_forwarded(self.INNER))
+        [attachment] = parsed.attachments
+        self.assertEqual((attachment.name, attachment.content_type, attachment.data),
+                         ("original.eml", "message/rfc822", self.INNER))
+        self.assertEqual(b"".join(attachment.chunks()), self.INNER)  # b"" on the old code
+        self.assertEqual(parsed.body, "forwarded, see below")
+
+    def test_one_whose_parts_were_cut_out_is_whole(self) -> None:
+        # Its large bodies are markers in what the package read: the bytes come from the
+        # message itself, with them.
+        data = base64.encodebytes(bytes(range(256)) * 100).replace(b"\n", b"\r\n")
+        inner = (b"From: c@far.test\r\nSubject: with a file\r\n"
+                 b'Content-Type: multipart/mixed; boundary="in"\r\n\r\n--in\r\n'
+                 b"Content-Type: text/plain\r\n\r\n" + b"x" * 20_000 + b"\r\n--in\r\n"
+                 b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+                 b"\r\n" + data + b"--in--\r\n")
+        for bounds in (MimeBounds(), MimeBounds(hollow_above=16)):
+            [attachment] = parse_message(_forwarded(inner), bounds).attachments
+            self.assertEqual(b"".join(attachment.chunks()), inner)
+
+    def test_a_transfer_encoded_one_is_decoded(self) -> None:
+        encoded = base64.encodebytes(self.INNER).replace(b"\n", b"\r\n")
+        raw = _forwarded(encoded, b"Content-Transfer-Encoding: base64\r\n")
+        [attachment] = parse_message(raw).attachments
+        self.assertEqual(attachment.data, self.INNER)
+
+    def test_one_not_found_in_the_message_is_written_out_by_the_package(self) -> None:
+        # Where the walk of the raw message does not match the package's tree, the
+        # package writes the attached message out, from the message read whole (the one it
+        # read first holds markers in place of its large bodies).
+        big = b"y" * 20_000
+        raw = _forwarded(b"From: c@far.test\r\nSubject: big\r\n\r\n" + big + b"\r\n")
+        with mock.patch.object(mime, "_encapsulated", return_value={}):
+            [attachment] = parse_message(raw, MimeBounds(hollow_above=16)).attachments
+        whole = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(whole, EmailMessage)
+        [attached] = whole.iter_attachments()
+        payload = attached.get_payload()
+        assert isinstance(payload, list)
+        [inner] = payload
+        assert isinstance(inner, EmailMessage)
+        self.assertEqual(attachment.data, inner.as_bytes())
+        self.assertIn(big, attachment.data)
+
+    def test_a_bounces_delivery_status_is_its_bytes(self) -> None:
+        # The package reads its body as header blocks: an empty file on the old code, in
+        # every bounce that comes back to a sender's inbox.
+        status = (b"Reporting-MTA: dns; mx.far.test\r\n\r\nFinal-Recipient: rfc822; "
+                  b"x@far.test\r\nAction: failed\r\nStatus: 5.1.1\r\n")
+        raw = (HEAD + b'Content-Type: multipart/report; report-type=delivery-status; '
+               b'boundary="r"\r\n\r\n--r\r\nContent-Type: text/plain\r\n\r\nnot delivered\r\n'
+               b"--r\r\nContent-Type: message/delivery-status\r\n\r\n" + status
+               + b"\r\n--r\r\nContent-Type: message/rfc822\r\n\r\n" + self.INNER
+               + b"\r\n--r--\r\n")
+        self.assertEqual([(a.content_type, a.data) for a in parse_message(raw).attachments],
+                         [("message/delivery-status", status),
+                          ("message/rfc822", self.INNER)])

@@ -55,7 +55,15 @@ from typing import Any, BinaryIO, cast
 
 from mailcore.emailpolicy import SMTP, HeaderClasses, filename_breaks
 from mailcore.messages.parse import decode_header_value, parts_over
-from mailcore.messages.parts import NotClean, Span, decoded_chunks, holds_line, hollow
+from mailcore.messages.parts import (
+    NotClean,
+    Span,
+    children_at,
+    decoded_chunks,
+    headers_at,
+    holds_line,
+    hollow,
+)
 from mailcore.text import has_control, storable
 
 # Base64 of 57 bytes is one 76-character line (RFC 2045 §6.8); a chunk is whole lines.
@@ -66,7 +74,9 @@ _CHUNK = _LINE * 1024
 class Attachment:
     """An attachment of a received message: its name, type, and decoded bytes, which
     `chunks` yields a slice at a time from the message (NotClean when they do not decode
-    that way exactly as the email package decodes them: `whole` then does)."""
+    that way exactly as the email package decodes them: `whole` then does). An attached
+    message (message/rfc822: mail forwarded as an attachment) is its bytes as they stand
+    in the message (`_encapsulated`), else as the email package writes it out."""
 
     def __init__(self, name: str, content_type: str, raw: bytes, part: MIMEPart,
                  span: tuple[int, int] | None) -> None:
@@ -80,12 +90,24 @@ class Attachment:
         if self._span is None:
             yield self.whole()
             return
-        yield from decoded_chunks(self._raw, _span(self._part, self._span))
+        span = _span(self._part, self._span)
+        if span.content_type.startswith("message/"):
+            # An attached message's bytes as they stand (decoded_chunks leaves message/*
+            # parts to the package, which writes them out anew), its transfer encoding
+            # undone when it has one.
+            span = Span(span.start, span.end, span.encoding, "application/octet-stream")
+        yield from decoded_chunks(self._raw, span)
 
     def whole(self) -> bytes:
         """The decoded bytes at once, by the email package."""
-        payload = _payload(self._raw, self._part, self._span).get_payload(decode=True)
-        return payload if isinstance(payload, bytes) else b""
+        part = _payload(self._raw, self._part, self._span)
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            return payload
+        inner = part.get_payload()
+        if isinstance(inner, list) and len(inner) == 1 and isinstance(inner[0], EmailMessage):
+            return inner[0].as_bytes()  # an attached message found nowhere in `raw`
+        return b""
 
     @property
     def data(self) -> bytes:
@@ -210,14 +232,63 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     except Exception:
         parsed.body = ""
     try:
-        for index, attachment in enumerate(message.iter_attachments(), 1):
+        found = list(message.iter_attachments())
+        attached = _encapsulated(raw, message) if any(
+            a.get_content_maintype() == "message" for a in found) else {}
+        if spans and any(a.is_multipart() and id(a) not in attached for a in found
+                         if a.get_content_maintype() == "message"):
+            # An attached message not found in `raw`: the package writes it out, which it
+            # can only do from the whole message (this one holds markers in its bodies).
+            message = _read_whole(raw, received)
+            spans, found = {}, list(message.iter_attachments())
+            attached = _encapsulated(raw, message)
+        for index, attachment in enumerate(found, 1):
             name = storable(attachment.get_filename() or f"attachment-{index}")
             parsed.attachments.append(Attachment(
                 name[:255], attachment.get_content_type()[:255], raw, attachment,
-                spans.get(id(attachment))))
+                spans.get(id(attachment)) or attached.get(id(attachment))))
     except Exception:
         return parsed  # a broken MIME structure: what was read so far (all is in `raw`)
     return parsed
+
+
+def _encapsulated(raw: bytes, message: EmailMessage) -> dict[int, tuple[int, int]]:
+    """Where the body of each message/* part the package made a message of (an attached
+    message) stands in `raw`, by the part's id: the raw message's parts followed along the
+    package's tree (mailcore.messages.parts, as `hollow` follows them); a multipart whose
+    parts do not match the package's in number or type is not followed. The package
+    itself gives such a part no bytes (get_payload(decode=True) is None): a mail forwarded
+    as an attachment was stored as an empty file."""
+    found: dict[int, tuple[int, int]] = {}
+
+    def walk(part: Any, start: int, end: int) -> None:
+        header, body = headers_at(raw, start, end)
+        if "content-type" in header and header.get_content_type() != part.get_content_type():
+            return
+        payload = part.get_payload()
+        if not isinstance(payload, list):
+            return
+        if part.get_content_maintype() == "message":
+            found[id(part)] = (body, end)
+            if len(payload) == 1 and body < end:
+                walk(payload[0], body, end)
+            return
+        boundary = header.get_boundary()
+        if part.get_content_maintype() != "multipart" or boundary is None:
+            return
+        try:
+            marker = boundary.encode("ascii")
+        except UnicodeEncodeError:
+            return
+        children = children_at(raw, marker, body, end, len(payload) + 1)
+        if len(children) == len(payload):
+            for child, (child_start, child_end) in zip(payload, children, strict=True):
+                walk(child, child_start, child_end)
+
+    # A part the walk cannot read leaves those found so far; the package writes the rest.
+    with contextlib.suppress(Exception):
+        walk(message, 0, len(raw))
+    return found
 
 
 def _read_hollowed(raw: bytes, policy: EmailPolicy, bounds: MimeBounds
