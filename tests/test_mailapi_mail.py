@@ -527,6 +527,26 @@ class WritingTests(MailApiTestCase):
         self.assertEqual(part.get_filename(), "r\u00e9port.pdf")
         self.assertEqual((await self.as_("eve", "GET", att["url"]))[0], 404)
 
+    async def test_an_uploaded_name_loses_its_path_and_bidirectional_controls(self) -> None:
+        # "invoice\u202efdp.exe" reads as "invoiceexe.pdf" to whoever it is shown or sent
+        # to: kept so on the old code, in the mail's attachments and the message sent.
+        for uploaded, kept in [("invoice\u202efdp.exe", "invoicefdp.exe"),
+                               ("C:\\Users\\bob\\plan.txt", "plan.txt"),
+                               ("\u202e", "attachment")]:
+            data, headers = multipart({"status": "outbox", "to": JOE}, "attachment",
+                                      uploaded, b"data", "application/octet-stream")
+            status, _, body = await self.web.call(
+                "POST", "/api/v1/mail/", headers={"Auth-Key": self.keys["bob"], **headers},
+                data=data)
+            self.assertEqual(status, 202, body)
+            status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{body['id']}")
+            self.assertEqual([a["name"] for a in mail["attachments"]], [kept])
+            [row] = [r for r in await self.rows() if r.public_id == body["id"]]
+            message: Any = email.message_from_bytes(bytes(row.raw),
+                                                    policy=email.policy.default)
+            [part] = list(message.iter_attachments())
+            self.assertEqual(part.get_filename(), kept)
+
 
     def watch_writes(self) -> list[bool]:
         """A list that holds True while a write transaction is open."""

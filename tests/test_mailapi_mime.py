@@ -12,6 +12,7 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from io import BytesIO
 from unittest import mock
+from urllib.parse import quote
 
 from twisted.trial.unittest import TestCase
 
@@ -323,3 +324,22 @@ class AttachedMessageTests(TestCase):
         self.assertEqual([(a.content_type, a.data) for a in parse_message(raw).attachments],
                          [("message/delivery-status", status),
                           ("message/rfc822", self.INNER)])
+
+
+class ReceivedNameTests(TestCase):
+    def test_a_received_name_loses_its_path_and_bidirectional_controls(self) -> None:
+        # RFC 2183 2.3: no directory information is taken from a file name; and
+        # "invoice\u202efdp.exe" reads as "invoiceexe.pdf" (both kept on the old code).
+        def named(filename: str) -> str:
+            raw = (HEAD + b'Content-Type: multipart/mixed; boundary="n"\r\n\r\n--n\r\n'
+                   b"Content-Type: text/plain\r\n\r\nhi\r\n--n\r\n"
+                   b"Content-Type: application/octet-stream\r\nContent-Disposition: "
+                   b"attachment; filename*=utf-8''" + quote(filename, safe="").encode()
+                   + b"\r\n\r\nx\r\n--n--\r\n")
+            [attachment] = parse_message(raw).attachments
+            return attachment.name
+
+        self.assertEqual(named("../../etc/passwd"), "passwd")
+        self.assertEqual(named("invoice\u202efdp.exe"), "invoicefdp.exe")
+        self.assertEqual(named("dir\\"), "attachment-1")
+        self.assertEqual(named("r\u00e9sum\u00e9.pdf"), "r\u00e9sum\u00e9.pdf")

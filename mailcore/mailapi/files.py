@@ -46,7 +46,7 @@ from mailcore.files import (
     unlink_if_same,
 )
 from mailcore.mailapi.errors import INVALID, MailApiError
-from mailcore.text import has_control, has_surrogate
+from mailcore.text import has_control, has_surrogate, strip_bidi_controls
 from mailcore.uploads import (
     MalformedUpload,
     SpoolFile,
@@ -258,12 +258,20 @@ class MailFiles:
 
 
 def _shown(segment: MultipartSegment | None) -> str:
-    """The file name a part is kept under: the last path component, one line of text."""
-    raw = (part_filename(segment) if segment is not None else None) or "attachment"
-    name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    """The file name a part is kept under (file_name)."""
+    return file_name(part_filename(segment) if segment is not None else None)
+
+
+def file_name(raw: str | None, default: str = "attachment") -> str:
+    """The name a file is kept and shown under, uploaded or received: the last path
+    component of the name it came with (RFC 2183 2.3: no directory information is taken
+    from it), one line of text, without bidirectional controls ("invoice\u202efdp.exe"
+    reads as "invoiceexe.pdf", mailcore.text), at most MAX_FILENAME characters; `default`
+    when nothing of it is left."""
+    name = strip_bidi_controls((raw or "").replace("\\", "/").rsplit("/", 1)[-1]).strip()
     if not name or name in (".", "..") or has_control(name) or has_surrogate(name) \
             or filename_breaks(name):  # a line break once its RFC 2047 words are decoded
-        name = "attachment"
+        return default
     return name[:MAX_FILENAME]
 
 

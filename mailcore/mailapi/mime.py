@@ -54,6 +54,7 @@ from io import BytesIO
 from typing import Any, BinaryIO, cast
 
 from mailcore.emailpolicy import SMTP, HeaderClasses, filename_breaks
+from mailcore.mailapi.files import file_name
 from mailcore.messages.parse import decode_header_value, parts_over
 from mailcore.messages.parts import (
     NotClean,
@@ -226,7 +227,7 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
             parsed.body, cut = _body_text(raw, part, spans.get(id(part)), bounds.max_body_chars)
             if cut:  # the whole text as an attachment: nothing of it is lost
                 kind = "html" if part.get_content_subtype() == "html" else "txt"
-                name = storable(part.get_filename() or f"body.{kind}")[:255]
+                name = file_name(_filename(part), f"body.{kind}")
                 parsed.attachments.append(Attachment(
                     name, _text_type(part)[:255], raw, part, spans.get(id(part))))
     except Exception:
@@ -243,13 +244,19 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
             spans, found = {}, list(message.iter_attachments())
             attached = _encapsulated(raw, message)
         for index, attachment in enumerate(found, 1):
-            name = storable(attachment.get_filename() or f"attachment-{index}")
+            name = file_name(_filename(attachment), f"attachment-{index}")
             parsed.attachments.append(Attachment(
-                name[:255], attachment.get_content_type()[:255], raw, attachment,
+                name, attachment.get_content_type()[:255], raw, attachment,
                 spans.get(id(attachment)) or attached.get(id(attachment))))
     except Exception:
         return parsed  # a broken MIME structure: what was read so far (all is in `raw`)
     return parsed
+
+
+def _filename(part: MIMEPart) -> str | None:
+    """The file name a part came with, as a column stores it."""
+    name = part.get_filename()
+    return storable(name) if name else None
 
 
 def _encapsulated(raw: bytes, message: EmailMessage) -> dict[int, tuple[int, int]]:
