@@ -343,3 +343,17 @@ class ReceivedNameTests(TestCase):
         self.assertEqual(named("invoice\u202efdp.exe"), "invoicefdp.exe")
         self.assertEqual(named("dir\\"), "attachment-1")
         self.assertEqual(named("r\u00e9sum\u00e9.pdf"), "r\u00e9sum\u00e9.pdf")
+
+
+class UnknownCharsetTests(TestCase):
+    def test_a_text_in_a_charset_python_does_not_know_is_read_not_dropped(self) -> None:
+        # "unknown-8bit" (RFC 1428) and misspelt labels: the email package raises
+        # LookupError and the mail was stored with no body at all.
+        for label in (b"unknown-8bit", b"x-nonexistent", b"hex"):
+            for text in (b"caf\xe9 ol\xe9", b"caf\xe9 " + b"z" * 20_000):  # read whole, cut out
+                raw = (HEAD + b"Content-Type: text/plain; charset=" + label + b"\r\n\r\n"
+                       + text + b"\r\n")
+                self.assertEqual(parse_message(raw).body,
+                                 text.decode("windows-1252") + "\n", label)
+        raw = HEAD + b"Content-Type: text/plain; charset=x-nonexistent\r\n\r\nna\xc3\xafve\r\n"
+        self.assertEqual(parse_message(raw).body, "na\u00efve\n")  # UTF-8 when it is

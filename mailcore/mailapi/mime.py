@@ -55,7 +55,7 @@ from typing import Any, BinaryIO, cast
 
 from mailcore.emailpolicy import SMTP, HeaderClasses, filename_breaks
 from mailcore.mailapi.files import file_name
-from mailcore.messages.parse import decode_header_value, parts_over
+from mailcore.messages.parse import decode_bytes, decode_header_value, parts_over
 from mailcore.messages.parts import (
     NotClean,
     Span,
@@ -385,7 +385,18 @@ def _body_text(raw: bytes, part: MIMEPart, span: tuple[int, int] | None, most: i
             return _text_from(raw, part, span, most)
         except NotClean:
             pass
-    content = _payload(raw, part, span).get_content()
+    whole = _payload(raw, part, span)
+    try:
+        content = whole.get_content()
+    except LookupError:
+        # A charset Python does not know ("unknown-8bit", a misspelt one): read as IMAP2API
+        # reads it (UTF-8, else Windows-1252) rather than dropping the text.
+        data = whole.get_payload(decode=True)
+        data = data if isinstance(data, bytes) else b""
+        try:
+            content = decode_bytes(data, str(part.get_param("charset", "")))
+        except LookupError:  # a codec that is no text encoding ("hex", "base64")
+            content = decode_bytes(data, None)
     if not isinstance(content, str):
         return "", False
     text = storable(content.replace("\r\n", "\n"))
@@ -395,7 +406,12 @@ def _body_text(raw: bytes, part: MIMEPart, span: tuple[int, int] | None, most: i
 def _text_from(raw: bytes, part: MIMEPart, span: tuple[int, int], most: int
                ) -> tuple[str, bool]:
     charset = part.get_param("charset", "ASCII")
-    decoder = codecs.getincrementaldecoder(cast(str, charset))(errors="replace")
+    try:
+        if not getattr(codecs.lookup(cast(str, charset)), "_is_text_encoding", True):
+            raise LookupError(charset)  # "hex", "base64": no text comes out of them
+        decoder = codecs.getincrementaldecoder(cast(str, charset))(errors="replace")
+    except (LookupError, TypeError):
+        raise NotClean(f"charset {charset!r}") from None  # read whole, by _body_text
     pieces: list[str] = []
     held = 0
     cr = ""  # a CR that ended the last piece: maybe half of a CRLF
