@@ -357,3 +357,55 @@ class UnknownCharsetTests(TestCase):
                                  text.decode("windows-1252") + "\n", label)
         raw = HEAD + b"Content-Type: text/plain; charset=x-nonexistent\r\n\r\nna\xc3\xafve\r\n"
         self.assertEqual(parse_message(raw).body, "na\u00efve\n")  # UTF-8 when it is
+
+
+def _multipart(content_type: bytes, boundary: bytes, *parts: bytes) -> bytes:
+    return (b"Content-Type: " + content_type + b'; boundary="' + boundary + b'"\r\n\r\n'
+            + b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts)
+            + b"--" + boundary + b"--\r\n")
+
+
+class NestedPartsTests(TestCase):
+    """A multipart the package names as an attachment (the signed part of an S/MIME or
+    PGP/MIME signed mail, a mixed part within a mixed one) is given as its parts: it was
+    one attachment of no bytes, `multipart/mixed`, and the files in it were nowhere."""
+
+    TEXT = b"Content-Type: text/plain\r\n\r\nhello"
+    SIGNATURE = (b"Content-Type: application/pkcs7-signature; name=smime.p7s\r\n"
+                 b"Content-Disposition: attachment; filename=smime.p7s\r\n\r\nMIAGCSqG")
+
+    @staticmethod
+    def pdf(data: bytes) -> bytes:
+        return (b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+                b"Content-Disposition: attachment; filename=report.pdf\r\n\r\n"
+                + base64.encodebytes(data).replace(b"\n", b"\r\n"))
+
+    def test_a_signed_mails_files_are_its_attachments(self) -> None:
+        for data in (b"%PDF-1.4 small", bytes(range(256)) * 400):  # read whole, cut out
+            signed = _multipart(b'multipart/signed; protocol="application/pkcs7-signature"',
+                                b"s", _multipart(b"multipart/mixed", b"m", self.TEXT,
+                                                 self.pdf(data)), self.SIGNATURE)
+            parsed = parse_message(HEAD + signed)
+            self.assertEqual(parsed.body, "hello")
+            self.assertEqual([(a.name, a.content_type, a.data) for a in parsed.attachments],
+                             [("report.pdf", "application/pdf", data),
+                              ("smime.p7s", "application/pkcs7-signature", b"MIAGCSqG")])
+
+    def test_a_digests_messages_are_its_attachments(self) -> None:
+        # One empty attachment, multipart/digest, on the old code.
+        one = b"From: c@far.test\r\nSubject: one\r\n\r\nfirst\r\n"
+        two = b"From: d@far.test\r\nSubject: two\r\n\r\nsecond\r\n"
+        raw = HEAD + _multipart(b"multipart/mixed", b"o", self.TEXT, _multipart(
+            b"multipart/digest", b"d", b"\r\n" + one, b"\r\n" + two))
+        self.assertEqual([(a.content_type, a.data) for a in parse_message(raw).attachments],
+                         [("message/rfc822", one), ("message/rfc822", two)])
+
+    def test_a_mixed_part_within_a_mixed_one_gives_its_text_and_files(self) -> None:
+        raw = HEAD + _multipart(b"multipart/mixed", b"o", self.TEXT, _multipart(
+            b"multipart/mixed", b"i", self.pdf(b"one"),
+            b"Content-Type: text/plain\r\n\r\nsecond text"))
+        parsed = parse_message(raw)
+        self.assertEqual(parsed.body, "hello")
+        self.assertEqual([(a.name, a.content_type, a.data) for a in parsed.attachments],
+                         [("attachment-1", "text/plain", b"second text"),
+                          ("report.pdf", "application/pdf", b"one")])

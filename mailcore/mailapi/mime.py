@@ -221,6 +221,7 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     )
     if not whole:
         return parsed
+    part = None
     try:
         part = message.get_body(preferencelist=("plain", "html"))
         if part is not None:
@@ -233,7 +234,7 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     except Exception:
         parsed.body = ""
     try:
-        found = list(message.iter_attachments())
+        found = list(_attached(message, part))
         attached = _encapsulated(raw, message) if any(
             a.get_content_maintype() == "message" for a in found) else {}
         if spans and any(a.is_multipart() and id(a) not in attached for a in found
@@ -241,7 +242,8 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
             # An attached message not found in `raw`: the package writes it out, which it
             # can only do from the whole message (this one holds markers in its bodies).
             message = _read_whole(raw, received)
-            spans, found = {}, list(message.iter_attachments())
+            part = message.get_body(preferencelist=("plain", "html"))
+            spans, found = {}, list(_attached(message, part))
             attached = _encapsulated(raw, message)
         for index, attachment in enumerate(found, 1):
             name = file_name(_filename(attachment), f"attachment-{index}")
@@ -251,6 +253,22 @@ def parse_message(raw: bytes, bounds: MimeBounds | None = None) -> Parsed:
     except Exception:
         return parsed  # a broken MIME structure: what was read so far (all is in `raw`)
     return parsed
+
+
+def _attached(container: MIMEPart, body: MIMEPart | None) -> Iterator[MIMEPart]:
+    """The parts `container.iter_attachments` names, but a multipart among them (the signed
+    part of an S/MIME or PGP/MIME signed mail, a mixed part within a mixed one) given as
+    its own: its text, unless it is the mail's `body`, then its attachments, each so. The
+    package names such a part as one attachment, and it has no bytes of its own: the files
+    of every signed mail were one empty attachment, `multipart/mixed`."""
+    for part in container.iter_attachments():
+        if part.get_content_maintype() != "multipart":
+            yield part
+            continue
+        text = part.get_body(preferencelist=("plain", "html"))
+        if text is not None and text is not body:
+            yield text
+        yield from _attached(part, body)
 
 
 def _filename(part: MIMEPart) -> str | None:
