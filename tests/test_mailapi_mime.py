@@ -409,3 +409,10 @@ class NestedPartsTests(TestCase):
         self.assertEqual([(a.name, a.content_type, a.data) for a in parsed.attachments],
                          [("attachment-1", "text/plain", b"second text"),
                           ("report.pdf", "application/pdf", b"one")])
+
+    def test_a_message_that_is_an_attached_one_has_it_as_its_attachment(self) -> None:
+        # Content-Type: message/rfc822 at its top: no body, no attachment on the old code.
+        inner = b"From: c@far.test\r\nSubject: inner\r\n\r\ninner body\r\n"
+        parsed = parse_message(HEAD + b"Content-Type: message/rfc822\r\n\r\n" + inner)
+        self.assertEqual([(a.name, a.content_type, a.data) for a in parsed.attachments],
+                         [("attachment-1", "message/rfc822", inner)])

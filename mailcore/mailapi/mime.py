@@ -261,6 +261,11 @@ def _attached(container: MIMEPart, body: MIMEPart | None) -> Iterator[MIMEPart]:
     its own: its text, unless it is the mail's `body`, then its attachments, each so. The
     package names such a part as one attachment, and it has no bytes of its own: the files
     of every signed mail were one empty attachment, `multipart/mixed`."""
+    if container.get_content_maintype() == "message" and container.is_multipart():
+        # A message that is itself an attached one (Content-Type: message/rfc822 at its
+        # top): that message is its attachment (iter_attachments names nothing in it).
+        yield container
+        return
     for part in container.iter_attachments():
         if part.get_content_maintype() != "multipart":
             yield part
