@@ -9,6 +9,7 @@ held in memory whole. Every function blocks: run it on a thread pool. Used by th
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import os
 import tempfile
@@ -77,6 +78,56 @@ def multipart_events(
                     break
     except MultipartError as e:
         raise MalformedUpload(f"Malformed multipart body: {e}") from None
+
+
+_BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_NOT_BASE64 = bytes(b for b in range(256) if b not in _BASE64_ALPHABET)
+
+
+class TransferDecoder:
+    """Undoes a part's Content-Transfer-Encoding (base64, quoted-printable) a chunk at a
+    time, as web.parsing undoes it for a body read whole: a part so encoded (RFC 7578 4.7
+    says not to, and some clients still do) is its decoded bytes, not its encoding's."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._carry = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.encoding == "base64":
+            data = self._carry + data.translate(None, _NOT_BASE64)
+            whole = len(data) - len(data) % 4
+            self._carry = data[whole:]
+            return self._base64(data[:whole])
+        # Quoted-printable: whole lines only, so that no =XX is cut in two.
+        data = self._carry + data
+        end = data.rfind(b"\n") + 1
+        self._carry = data[end:]
+        return binascii.a2b_qp(data[:end])
+
+    def finish(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        if self.encoding == "base64":
+            return self._base64(rest + b"=" * (-len(rest) % 4)) if rest.strip(b"=") else b""
+        return binascii.a2b_qp(rest)
+
+    @staticmethod
+    def _base64(data: bytes) -> bytes:
+        try:
+            return binascii.a2b_base64(data)
+        except binascii.Error:
+            raise MalformedUpload("The value is not valid base64.") from None
+
+
+def transfer_decoder(segment: MultipartSegment) -> TransferDecoder | None:
+    """The decoder of a part's Content-Transfer-Encoding; None for the identity ones
+    (7bit, 8bit, binary, none); MalformedUpload for another."""
+    encoding = (segment.header("Content-Transfer-Encoding") or "").strip().lower()
+    if encoding in ("", "7bit", "8bit", "binary"):
+        return None
+    if encoding in ("base64", "quoted-printable"):
+        return TransferDecoder(encoding)
+    raise MalformedUpload(f"Content-Transfer-Encoding {encoding[:40]!r} is not supported.")
 
 
 class SpoolFile:

@@ -527,6 +527,41 @@ class WritingTests(MailApiTestCase):
         self.assertEqual(part.get_filename(), "r\u00e9port.pdf")
         self.assertEqual((await self.as_("eve", "GET", att["url"]))[0], 404)
 
+    async def test_a_transfer_encoded_part_is_stored_decoded(self) -> None:
+        # A part with Content-Transfer-Encoding (RFC 7578 4.7 says not to; some clients
+        # do): its encoding was stored as the file and the field (the file 'aGVsbG8=', the
+        # subject 'caf=C3=A9'), where the API's other forms decode it (web.parsing).
+        payload = bytes(range(256)) * 40
+        encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+        body = (b'--B\r\nContent-Disposition: form-data; name="status"\r\n\r\ndraft\r\n'
+                b'--B\r\nContent-Disposition: form-data; name="subject"\r\n'
+                b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9 =\r\nsoft\r\n"
+                b'--B\r\nContent-Disposition: form-data; name="attachment"; filename="b.bin"'
+                b"\r\nContent-Transfer-Encoding: BASE64\r\n\r\n" + encoded + b"\r\n--B--\r\n")
+        mp = {"Content-Type": "multipart/form-data; boundary=B"}
+        status, reply = await self.as_("bob", "POST", "/api/v1/mail/", headers=mp, data=body)
+        self.assertEqual(status, 201, reply)
+        status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{reply['id']}")
+        self.assertEqual((mail["subject"], mail["attachments"][0]["size"]),
+                         ("caf\u00e9 soft", len(payload)))
+        status, _, got = await self.web.call("GET", mail["attachments"][0]["url"],
+                                             headers={"Auth-Key": self.keys["bob"]})
+        self.assertEqual(got, payload)
+        before = len(await self.rows())
+        for cte, data, message in [
+            (b"base64", b"not*base64", "The value is not valid base64."),
+            (b"x-uuencode", b"begin 644 a", "Content-Transfer-Encoding 'x-uuencode' is "
+             "not supported."),
+        ]:
+            bad = (b'--B\r\nContent-Disposition: form-data; name="attachment"; filename="c"'
+                   b"\r\nContent-Transfer-Encoding: " + cte + b"\r\n\r\n" + data
+                   + b"\r\n--B--\r\n")
+            status, reply = await self.as_("bob", "POST", "/api/v1/mail/", headers=mp,
+                                           data=bad)
+            self.assertEqual((status, reply), (400, {"message": message}))
+        self.assertEqual(len(await self.rows()), before)
+        self.assertEqual(len(self.files.hashes()), 1)
+
     async def test_an_uploaded_name_loses_its_path_and_bidirectional_controls(self) -> None:
         # "invoice\u202efdp.exe" reads as "invoiceexe.pdf" to whoever it is shown or sent
         # to: kept so on the old code, in the mail's attachments and the message sent.

@@ -3,6 +3,8 @@ same errors as each API shows them."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import time
@@ -11,6 +13,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from mailcore.uploads import TransferDecoder
 from tests.support.web import Web
 from web.errors import ApiError
 from web.parsing import (
@@ -460,3 +463,23 @@ class ParseErrorsPerApiTests(TestCase):
         self.assertEqual(status, 400)
         self.assertIs(body["success"], False)
         self.assertTrue(body["msg"].startswith("JSON parse error"))
+
+
+class TransferDecoderTests(TestCase):
+    """The Mail API's streamed uploads undo a part's transfer encoding a chunk at a time
+    (mailcore.uploads.TransferDecoder) to the bytes parse_multipart decodes at once."""
+
+    def test_any_cut_of_the_stream_decodes_as_the_whole(self) -> None:
+        data = bytes(range(256)) * 3
+        cases = [("base64", base64.encodebytes(data).replace(b"\n", b"\r\n"), data),
+                 ("base64", b"aGVs bG8", b"hello"),
+                 ("quoted-printable", b"caf=C3=A9 =\r\nsoft line=\r\n=3D end\r\nlast=",
+                  binascii.a2b_qp(b"caf=C3=A9 =\r\nsoft line=\r\n=3D end\r\nlast="))]
+        for encoding, encoded, expected in cases:
+            for cut in range(len(encoded) + 1):
+                for step in (1, 7, len(encoded) + 1):
+                    decoder = TransferDecoder(encoding)
+                    pieces = [encoded[:cut]] + [encoded[i:i + step]
+                                                for i in range(cut, len(encoded), step)]
+                    out = b"".join(decoder.feed(p) for p in pieces) + decoder.finish()
+                    self.assertEqual(out, expected, (encoding, cut, step))

@@ -50,10 +50,12 @@ from mailcore.text import has_control, has_surrogate, strip_bidi_controls
 from mailcore.uploads import (
     MalformedUpload,
     SpoolFile,
+    TransferDecoder,
     form_boundary,
     multipart_events,
     part_filename,
     remove_stale,
+    transfer_decoder,
 )
 
 TOO_LARGE = "too_large"
@@ -155,6 +157,27 @@ class MailFiles:
         segment: MultipartSegment | None = None
         text: list[bytes] = []
         out: SpoolFile | None = None
+        decoder: TransferDecoder | None = None
+
+        def take(data: bytes) -> None:
+            nonlocal total, text_size
+            if out is not None:
+                if out.size + len(data) > max_attachment:
+                    raise MailApiError(
+                        TOO_LARGE, f"attachment {_shown(segment)!r} is larger than "
+                        f"{max_attachment} bytes", "attachment")
+                total += len(data)
+                if total > max_total:
+                    raise MailApiError(TOO_LARGE, "the attachments are larger than "
+                                       f"{max_total} bytes in all", "attachment")
+                out.write(data)
+            else:
+                text_size += len(data)
+                if text_size > max_text:
+                    raise MailApiError(TOO_LARGE, "the text fields are larger than "
+                                       f"{max_text} bytes", str(segment and segment.name))
+                text.append(bytes(data))
+
         try:
             for event in multipart_events(source, boundary, max_segment_count=MAX_PARTS):
                 if isinstance(event, MultipartSegment):
@@ -162,10 +185,13 @@ class MailFiles:
                     if not event.name:
                         raise MailApiError(INVALID, "Malformed multipart body: a part has "
                                            "no name.")
+                    decoder = transfer_decoder(event)
                     if part_filename(event) is not None:
                         out = SpoolFile(self.tmp)
                 elif event is None:
                     assert segment is not None
+                    if decoder is not None:
+                        take(decoder.finish())
                     if out is not None:
                         received.files.append(self._place(segment, out))
                         out = None
@@ -179,23 +205,7 @@ class MailFiles:
                                                "takes one value.", name)
                         received.fields[name] = value
                 else:
-                    if out is not None:
-                        if out.size + len(event) > max_attachment:
-                            raise MailApiError(
-                                TOO_LARGE, f"attachment {_shown(segment)!r} is larger than "
-                                f"{max_attachment} bytes", "attachment")
-                        total += len(event)
-                        if total > max_total:
-                            raise MailApiError(TOO_LARGE, "the attachments are larger than "
-                                               f"{max_total} bytes in all", "attachment")
-                        out.write(event)
-                    else:
-                        text_size += len(event)
-                        if text_size > max_text:
-                            raise MailApiError(TOO_LARGE, "the text fields are larger than "
-                                               f"{max_text} bytes", str(segment and
-                                                                       segment.name))
-                        text.append(bytes(event))
+                    take(decoder.feed(bytes(event)) if decoder is not None else event)
         except MalformedUpload as e:
             raise MailApiError(INVALID, str(e)) from None
         finally:
