@@ -187,6 +187,37 @@ class ListingTestsMixin(DatabaseMixin):
             self.assertEqual((caught.exception.kind, caught.exception.message,
                               caught.exception.field), ("invalid", "invalid cursor", "cursor"))
 
+    async def test_a_cursor_of_deleted_mail_goes_on_from_its_place(self) -> None:
+        # A cursor naming mail deleted before the next request was 400 'invalid cursor':
+        # a client walking its mail while deleting it could not go on. The place the mail
+        # left is kept (GONE_KEEP), for those who may read its mailbox only.
+        await self.add("bob_box", range(1, 8))
+        await self.add("eve_box", range(8, 9))
+        await self.grant("bob_box", "joe", allow_read=True)
+        self.assertEqual(await self.subjects("bob", 3, "m000004"),
+                         (["mail 4", "mail 3", "mail 2"], 7, "m000007", "m000001"))
+        await self.mail.delete(self.ids["bob"], "m000004")
+        await self.mail.delete(self.ids["bob"], "m000007")
+        self.assertEqual(await self.subjects("bob", 3, "m000004"),
+                         (["mail 3", "mail 2", "mail 1"], 5, "m000006", None))
+        self.assertEqual(await self.subjects("bob", 3, "m000007"),
+                         (["mail 6", "mail 5", "mail 3"], 5, None, "m000002"))
+        self.assertEqual(await self.subjects("joe", 3, "m000004"),
+                         (["mail 3", "mail 2", "mail 1"], 5, "m000006", None))
+        await self.mail.delete(self.ids["eve"], "m000008")
+        # Who may not read the mailbox gets what an id no mail ever had gets.
+        for user, cursor in (("eve", "m000004"), ("bob", "m000008"), ("joe", "m000008"),
+                             ("bob", "nosuch1")):
+            with self.assertRaises(MailApiError) as caught:
+                await self.mail.page(self.ids[user], 10, cursor)
+            self.assertEqual(caught.exception.message, "invalid cursor")
+        # Kept GONE_KEEP seconds: a later change of a mailbox lets the old places go.
+        self.mail.clock.advance(listing.GONE_KEEP + 1)  # type: ignore[attr-defined]
+        await self.mail.delete(self.ids["bob"], "m000001")
+        with self.assertRaises(MailApiError):
+            await self.mail.page(self.ids["bob"], 3, "m000004")
+        self.assertEqual(await self.subjects("bob", 3, "m000001"), ([], 4, "m000005", None))
+
     async def test_no_readable_mailbox_lists_nothing(self) -> None:
         def txn(conn: Connection) -> int:
             return thd_make_user(conn, "ann")

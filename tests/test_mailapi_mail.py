@@ -1009,6 +1009,28 @@ class GrantMatrixTests(MailApiTestCase):
         [row] = await self.rows()
         self.assertEqual((row.status, row.subject), ("outbox", "edited"))
 
+    async def test_a_cursor_of_mail_sent_out_of_reach_goes_on_from_its_place(self) -> None:
+        # joe's draft from bob, kept in joe's mailbox, goes to bob's (which joe may not
+        # read) when sent: a cursor naming it was 400 'invalid cursor' for joe; it now
+        # starts at the place it left in joe's mailbox. Others get what an unknown id gets.
+        await self.grant(BOB, "joe", allow_send=True)
+        ids = []
+        for subject in ("older", "draft", "newer"):
+            status, body = await self.as_("joe", "POST", "/api/v1/mail/", json={
+                "status": "draft", "from": BOB if subject == "draft" else JOE,
+                "subject": subject})
+            ids.append(body["id"])
+        status, page = await self.as_("joe", "GET", "/api/v1/mail/?count=1")
+        self.assertEqual(page["next_page_id"], ids[1])
+        self.assertEqual((await self.as_("joe", "PUT", f"/api/v1/mail/{ids[1]}", json={
+            "status": "outbox", "to": "x@far.test"}))[0], 202)
+        status, page = await self.as_("joe", "GET", f"/api/v1/mail/?count=1&cursor={ids[1]}")
+        self.assertEqual((status, [m["subject"] for m in page["emails"]],
+                          page["previous_page_id"], page["next_page_id"]),
+                         (200, ["older"], ids[2], None))
+        self.assertEqual(await self.as_("eve", "GET", f"/api/v1/mail/?cursor={ids[1]}"),
+                         (400, {"message": "invalid cursor"}))
+
     async def test_a_caller_with_allow_send_alone_sends_but_keeps_no_draft(self) -> None:
         await self.grant(BOB, "eve", allow_send=True)  # eve has no mailbox of her own
         for fields in ({"status": "draft", "from": BOB}, {"status": "draft"},

@@ -62,7 +62,7 @@ from mailcore.mailapi import (
 )
 from mailcore.mailapi.counts import effective_quota
 from mailcore.mailapi.files import TOO_LARGE, StoredFile
-from mailcore.mailapi.listing import PAGE_CHARS
+from mailcore.mailapi.listing import GONE_KEEP, PAGE_CHARS
 from mailcore.mailapi.mail import (
     DEFAULT_COUNT,
     FIELDS,
@@ -510,7 +510,9 @@ class MailApiApp(ApiApp):
         "before. Stable while new mail arrives. A page holds at most `count` mails, fewer "
         f"when their fields (bodies, subjects, addresses) are over {PAGE_CHARS >> 20} MiB "
         "of text in all (the first mail always): `next_page_id` names the first one left "
-        "out.",
+        "out. A cursor naming mail that left a mailbox the caller may read (deleted, or "
+        f"sent from another mailbox) within {int(GONE_KEEP) // 86400} days starts where "
+        "it stood; any other unknown cursor is a 400 'invalid cursor'.",
         auth=MAIL_API,
         query={"count": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT,
                          "default": DEFAULT_COUNT},

@@ -18,6 +18,14 @@ draft's 1 MiB: read whole, a page of 25 such mails, or of 1,000 (MAX_COUNT) draf
 gigabyte or more. `next_page_id` then names the first mail not shown, so a client following
 it misses none.
 
+A cursor is a mail's public id, and the page starts at the mail's place (its `id`). A mail
+that left a mailbox (deleted, or sent from another mailbox) leaves its place there for
+GONE_KEEP seconds (`thd_left`, table mailapi_gone): a cursor naming a mail no longer in a
+mailbox the caller may read starts at that place if the caller may read the mailbox it left,
+so a client walking its mail while it deletes some goes on where it was. Any other cursor
+(no such mail, mail of a mailbox the caller may not read, now or when it left it) is
+`invalid cursor`, whether a mail had that id or not.
+
 Read per mailbox, a page costs the same whichever mailbox holds the newest mail, one short
 statement per mailbox the user may read (a few tens of microseconds each). One statement
 over all of them (`mailbox_id IN (...) ORDER BY id DESC LIMIT n`) reads fine on SQLite but
@@ -38,7 +46,9 @@ from sqlalchemy import (
     Connection,
     Integer,
     bindparam,
+    delete,
     func,
+    insert,
     literal,
     or_,
     select,
@@ -47,7 +57,13 @@ from sqlalchemy import (
 
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.store.prepared import Prepared
-from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
+from mailcore.store.schema import (
+    mailapi_attachments,
+    mailapi_gone,
+    mailapi_mail,
+    mailbox_grants,
+    mailboxes,
+)
 
 # The fields a client writes, by their names on the wire, and their columns.
 FIELDS = ("to", "cc", "bcc", "reply-to", "from", "subject", "body")
@@ -58,6 +74,8 @@ PAGE_CHARS = 8 * 1024 * 1024
 # No mail id reaches this: the first page is the page from it. (Bound as a BIGINT:
 # PostgreSQL's ids are INTEGERs, compared across the types down their index as they are.)
 _NEWEST = 2**62
+# How long the place of a mail that left a mailbox is kept for cursors naming it (seconds).
+GONE_KEEP = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,12 @@ _BOXES = Prepared(select(_b.id, _b.address, _b.mail_count).where(or_(
     _b.id.in_(select(_g.mailbox_id).where(_g.user_id == bindparam("user_id"), _g.allow_read)),
 )))
 _CURSOR = Prepared(select(_m.id, _m.mailbox_id).where(_m.public_id == bindparam("cursor")))
+_gone = mailapi_gone.c
+# The places a mail with this public id left, the latest first.
+_GONE = Prepared(select(_gone.mail_id, _gone.mailbox_id).where(_gone.public_id == bindparam(
+    "cursor")).order_by(_gone.id.desc()))
+_LEFT = insert(mailapi_gone)
+_EXPIRED = delete(mailapi_gone).where(_gone.gone_at < bindparam("before"))
 _BOX = bindparam("box", type_=Integer)
 _START = bindparam("start", type_=BigInteger)
 _KEY = tuple_(_m.mailbox_id, _m.id)
@@ -143,22 +167,25 @@ _FIELDS = select(_m.id, *_FIELD_COLUMNS).where(_m.id.in_(bindparam("ids", expand
 _ATTACHMENTS = (select(_a.mail_id, _a.name, _a.content_type, _a.size)
                 .where(_a.mail_id.in_(bindparam("ids", expanding=True))).order_by(_a.id))
 # Every statement of a page, for tests.
-STATEMENTS = (_BOXES.statement, _CURSOR.statement,
+STATEMENTS = (_BOXES.statement, _CURSOR.statement, _GONE.statement,
               *(p.statement for part in (_AFTER, _ROWS) for p in part.values()), _FIELDS,
               _ATTACHMENTS)
 
 
 def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> Page:
     """Blocking: up to `count` mails `user_id` may read, newest first, from the mail
-    `cursor` names (a public id; None: the newest). A cursor of mail the user may not read
-    (or of none) is invalid."""
+    `cursor` names (a public id; None: the newest), or from the place it left in a mailbox
+    the user may read. Any other cursor (of mail the user may not read, or of none) is
+    invalid."""
     boxes = {box: (address, mail_count)
              for box, address, mail_count in _BOXES.rows(conn, {"user_id": user_id})}
     total = sum(int(mail_count) for _, mail_count in boxes.values())
     start, previous = _NEWEST, None
     if cursor is not None:
-        found = _CURSOR.rows(conn, {"cursor": cursor})
-        if not found or found[0][1] not in boxes:
+        found = [row for row in _CURSOR.rows(conn, {"cursor": cursor}) if row[1] in boxes]
+        if not found:
+            found = [row for row in _GONE.rows(conn, {"cursor": cursor}) if row[1] in boxes]
+        if not found:
             raise MailApiError(INVALID, "invalid cursor", "cursor")
         start = int(found[0][0])
         # The previous page starts `count` mails up, the newest when there are fewer.
@@ -176,6 +203,16 @@ def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> 
     return Page([mail_of(row[0], row[1], boxes[row[2]][0], row[3], row[4], row[5],
                          values[row[0]], attached.get(row[0], ()))
                  for row in shown if row[0] in values], total, previous, following)
+
+
+def thd_left(conn: Connection, public_id: str, mail_id: int, mailbox_id: int,
+             now: float) -> None:
+    """Blocking: the mail `mail_id` (public id `public_id`) left the mailbox `mailbox_id`
+    (deleted, or sent from another one): its place there is kept for cursors naming it, and
+    the places kept longer than GONE_KEEP go."""
+    conn.execute(_EXPIRED, {"before": now - GONE_KEEP})
+    conn.execute(_LEFT, {"public_id": public_id, "mail_id": mail_id, "mailbox_id": mailbox_id,
+                         "gone_at": now})
 
 
 def _within(rows: Sequence[Any], most: int) -> Sequence[Any]:

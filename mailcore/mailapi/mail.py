@@ -80,6 +80,7 @@ from mailcore.mailapi.listing import (
     Page,
     mail_of,
     thd_attachments,
+    thd_left,
     thd_page,
 )
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_hold_mailbox, thd_mailbox
@@ -424,6 +425,7 @@ class MailService:
                 raise MailApiError(NOT_FOUND, "email not found")
             thd_count_mail(conn, gone.mailbox_id, -1)
             thd_use(conn, gone.mailbox_id, -gone.size)
+            thd_left(conn, row.public_id, row.id, gone.mailbox_id, self.clock.seconds())
             return hashes
 
         hashes = await self.db.run("mailapi_delete", txn)
@@ -722,6 +724,7 @@ class MailService:
             "queue_id": new_queue_id(now), "mail_from": checked["from"],
             "outbox_seq": thd_next_outbox_seq(conn), "size": size, "author_id": author})
         if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
+            thd_left(conn, row.public_id, row.id, row.mailbox_id, now)
             thd_count_mail(conn, row.mailbox_id, -1)
             thd_count_mail(conn, sender.id, 1)
             thd_use(conn, row.mailbox_id, -row.size)

@@ -22,6 +22,7 @@ from mailcore.store.schema.jobs import mailbox_job_items, mailbox_jobs
 from mailcore.store.schema.leases import job_leases
 from mailcore.store.schema.mailapi import (
     mailapi_attachments,
+    mailapi_gone,
     mailapi_mail,
     mailbox_grants,
     mailboxes,
@@ -60,6 +61,7 @@ __all__ = [
     "invoices",
     "job_leases",
     "mailapi_attachments",
+    "mailapi_gone",
     "mailapi_mail",
     "mailbox_grants",
     "mailbox_job_items",

@@ -1,11 +1,12 @@
-"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029, 0037, 0049 and 0050):
+"""The Mail API's tables (seed 002, migrations 0013, 0019, 0029, 0037, 0049, 0050 and 0057):
 hosted mailboxes, access grants, the mail kept in them, and its attachments.
 
 A mailbox is an address whose mail is kept here; its owner has every right on it, other
 users have what `mailbox_grants` gives them. A mail row is a draft, an outbox message
 waiting for the queue, sent mail, or inbox mail delivered locally. `public_id` is the short
 opaque id the API shows; `id` orders the listing (newest first, keyset cursor). Times are
-epoch seconds from the injected clock.
+epoch seconds from the injected clock. `mailapi_gone` keeps where a mail stood in a mailbox
+it left (deleted, or sent from another mailbox) so that a listing cursor naming it goes on.
 """
 
 from __future__ import annotations
@@ -141,4 +142,25 @@ mailapi_attachments = Table(
     Column("sha256", String(64), nullable=True),
     Index("ix_mailapi_attachments_mail_id", "mail_id"),
     Index("ix_mailapi_attachments_sha256", "sha256"),
+)
+
+# Where a mail stood in a mailbox it left (migration 0057): its public id, its `id` (its place
+# in the listing's order) and the mailbox, written when it is deleted or sent from another
+# mailbox, kept GONE_KEEP seconds (mailcore.mailapi.listing). A listing cursor naming a mail
+# no longer in a mailbox the caller may read starts at that place when the caller may read
+# the mailbox it left, so a client walking its mail while mail is deleted goes on. Not
+# unique: a public id no mail holds may be given again.
+mailapi_gone = Table(
+    "mailapi_gone",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", String(16), nullable=False),
+    Column("mail_id", Integer, nullable=False),
+    Column(
+        "mailbox_id", Integer, ForeignKey("mailboxes.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("gone_at", Float, nullable=False),
+    Index("ix_mailapi_gone_public_id", "public_id"),
+    Index("ix_mailapi_gone_mailbox_id", "mailbox_id"),
+    Index("ix_mailapi_gone_gone_at", "gone_at"),
 )
