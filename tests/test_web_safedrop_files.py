@@ -5,6 +5,7 @@ sends its summary."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -293,6 +294,47 @@ class UploadTests(TestCase):
         status, reply = await f.upload(bundle_id, part("filename*=utf-8''..%2F.."))
         self.assertEqual((status, reply["errors"]), (400, {"the_file": ["The file has no name."]}))
         self.assertEqual(len(f.file_rows()), 2)
+
+    async def test_a_transfer_encoded_file_is_stored_decoded(self) -> None:
+        # A part with Content-Transfer-Encoding (RFC 7578 4.7 says not to; some clients
+        # do): its base64 text was stored as the file, with that size and hash, as the
+        # Mail API's uploads did before c2efea7. The limits count the decoded bytes.
+        f = FileFixture()
+        await f.start_with(self, max_file_size=10_240)
+        bundle_id = await f.bundle()
+
+        def part(cte: bytes, data: bytes, name: bytes = b"b.bin") -> bytes:
+            return (b'--def46f21fc67\r\ncontent-disposition: form-data; name="the_file"; '
+                    b'filename="' + name + b'"\r\nContent-Transfer-Encoding: ' + cte
+                    + b"\r\n\r\n" + data + b"\r\n--def46f21fc67--\r\n")
+
+        payload = bytes(range(256)) * 40  # 10,240 bytes: 13,840 as base64
+        encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+        status, reply = await f.upload(bundle_id, part(b"BASE64", encoded))
+        self.assertEqual(status, 200, reply)
+        digest = hashlib.sha256(payload).hexdigest()
+        path = f.data_dir / "safedrop" / str(bundle_id) / digest
+        self.assertEqual(path.read_bytes(), payload)
+        self.assertEqual((f.file_rows()[0].size, f.file_rows()[0].sha256),
+                         (len(payload), digest))
+        status, reply = await f.upload(bundle_id, part(
+            b"quoted-printable", b"caf=C3=A9 =\r\nsoft", b"q.txt"))
+        self.assertEqual(status, 200, reply)
+        qp = f.data_dir / "safedrop" / str(bundle_id) / hashlib.sha256(
+            "caf\u00e9 soft".encode()).hexdigest()
+        self.assertEqual(qp.read_bytes(), "caf\u00e9 soft".encode())
+        status, reply = await f.upload(bundle_id, part(
+            b"base64", base64.encodebytes(payload + b"x")))
+        self.assertEqual((status, list(reply["errors"])), (413, ["the_file"]))
+        for cte, data, message in [
+            (b"base64", b"not*base64", "The value is not valid base64."),
+            (b"x-uuencode", b"begin 644 a", "Content-Transfer-Encoding 'x-uuencode' is "
+             "not supported."),
+        ]:
+            self.assertEqual(await f.upload(bundle_id, part(cte, data)),
+                             (400, {"error": message}))
+        self.assertEqual(len(f.file_rows()), 2)
+        self.assertEqual(f.stored(), sorted([path, qp]))
 
     async def test_a_cut_off_or_malformed_upload_leaves_no_file_and_no_row(self) -> None:
         f = FileFixture()

@@ -4,9 +4,11 @@ A file lives at `{files_dir}/safedrop/<bundle id>/<sha256 of its bytes>` (`files
 data directory unless given; one shared storage for nodes sharing a PostgreSQL store,
 mailcore.nodes.files). An upload is
 parsed from the request body (already spooled by twisted.web, in memory or in a temp file)
-with the streaming multipart parser of mailcore.uploads, a chunk at a time: each chunk is
-hashed and written to a temp file in `{files_dir}/safedrop/tmp`, which is fsynced and renamed
-into place once the part is complete and within its limit. Nothing of a failed upload stays:
+with the streaming multipart parser of mailcore.uploads, a chunk at a time (a part's
+Content-Transfer-Encoding, base64 or quoted-printable, undone as it streams; bad base64 or
+another encoding is refused): each chunk is hashed and written to a temp file in
+`{files_dir}/safedrop/tmp`, which is fsynced and renamed into place once the part is
+complete and within its limit. Nothing of a failed upload stays:
 the temp file is removed on every error, and the file it placed is taken back when its row
 is not written (`take_back`), unless another upload of the same bytes wrote it again since
 (a new inode: that upload's row may be about to name it). Placing a file and taking one back
@@ -30,10 +32,12 @@ from mailcore.text import has_control, strip_bidi_controls
 from mailcore.uploads import (
     MalformedUpload,
     SpoolFile,
+    TransferDecoder,
     form_boundary,
     multipart_events,
     part_filename,
     remove_stale,
+    transfer_decoder,
 )
 
 FILE_FIELD = "the_file"
@@ -139,6 +143,15 @@ class DropFiles:
         room_error: TooLarge | None,
     ) -> Stored:
         found: tuple[str, str] | None = None
+        decoder: TransferDecoder | None = None
+
+        def take(data: bytes) -> None:
+            if out.size + len(data) > limit:
+                raise TooLarge(FILE_FIELD, f"The file is larger than {limit} bytes.")
+            if out.size + len(data) > bundle_room:
+                raise room_error or bundle_full()
+            out.write(data)
+
         try:
             for event in multipart_events(source, boundary):
                 if isinstance(event, MultipartSegment):
@@ -153,12 +166,15 @@ class DropFiles:
                         clean_filename(filename),
                         event.content_type or "application/octet-stream",
                     )
+                    # Its Content-Transfer-Encoding undone as it streams (as the Mail
+                    # API's uploads undo it): the limits count the file's own bytes.
+                    decoder = transfer_decoder(event)
+                elif event is None:
+                    if decoder is not None:
+                        take(decoder.finish())
+                        decoder = None
                 elif event:
-                    if out.size + len(event) > limit:
-                        raise TooLarge(FILE_FIELD, f"The file is larger than {limit} bytes.")
-                    if out.size + len(event) > bundle_room:
-                        raise room_error or bundle_full()
-                    out.write(event)
+                    take(decoder.feed(bytes(event)) if decoder is not None else event)
         except MalformedUpload as e:
             raise DropError(None, str(e)) from None
         if found is None:
