@@ -32,6 +32,7 @@ from mailcore.mailapi.errors import CONFLICT, MailApiError
 from mailcore.mailapi.files import GRACE, MailFiles, StoredFile
 from mailcore.mailapi.mail import Edit, MailService
 from mailcore.mailapi.mime import build_message
+from mailcore.mailapi.outbox import thd_outbox
 from mailcore.store.engine import WRITE_INTENT
 from mailcore.store.schema import (
     mailapi_attachments,
@@ -484,6 +485,43 @@ class WritingTests(MailApiTestCase):
         self.assertEqual((part.get_content_type(), part.get_filename(), part.get_content()),
                          ("text/plain", "attachment", "DATA"))
         self.assertEqual(len(part.keys()), 3)  # Content-Type, -Transfer-Encoding, -Disposition
+
+    async def test_the_from_display_name_is_kept_and_sent(self) -> None:
+        # `from: "Bob Smith <bob@…>"` was stored and sent as the bare address once sent:
+        # the From header lost the name the client gave. It is kept as written (as `to`
+        # is, and a received mail's `from`), the header carries it (RFC 2047-encoded when
+        # it is not ASCII), and the envelope sender is the bare address.
+        cases = [
+            ("Zo\u00eb Smith <bob@hosted.test>", "Zo\u00eb Smith <bob@hosted.test>",
+             b"From: =?utf-8?q?Zo=C3=AB?= Smith <bob@hosted.test>"),
+            ('"Smith, Bob" <bob@hosted.test>', '"Smith, Bob" <bob@hosted.test>',
+             b'From: "Smith, Bob" <bob@hosted.test>'),
+            ("=?utf-8?q?Zo=C3=AB?= <bob@hosted.test>", "Zo\u00eb <bob@hosted.test>",
+             b"From: =?utf-8?q?Zo=C3=AB?= <bob@hosted.test>"),
+            (BOB, BOB, b"From: bob@hosted.test"),
+        ]
+        ids = []
+        for given, shown, header in cases:
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+                "status": "outbox", "from": given, "to": JOE, "subject": "hi"})
+            self.assertEqual(status, 202, body)
+            status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{body['id']}")
+            self.assertEqual(mail["from"], given)
+            [row] = [r for r in await self.rows() if r.public_id == body["id"]]
+            sent: Any = email.message_from_bytes(bytes(row.raw), policy=email.policy.default)
+            self.assertEqual(str(sent["From"]), shown)
+            self.assertIn(b"\r\n" + header + b"\r\n", b"\r\n" + bytes(row.raw))
+            ids.append(row.queue_id)
+        # A line break in the name is no header of its own: the mail stays a draft.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "from": "Bob\r\nBcc: spy@far.test <bob@hosted.test>",
+            "to": JOE})
+        self.assertEqual(status, 400, body)
+        # The sender hands them to the queue with the bare address as envelope sender.
+        taken = await self.web.core.db.read("outbox", lambda c: thd_outbox(c, 100))
+        self.assertEqual(sorted((queue_id, envelope.mail_from)
+                                for _, _, queue_id, envelope, _, _ in taken),
+                         sorted((queue_id, BOB) for queue_id in ids))
 
     async def test_a_subject_over_998_characters_keeps_the_mail_a_draft(self) -> None:
         """Folding a long subject costs more than its length, and an outbox mail is built

@@ -53,6 +53,14 @@ def parse_address_list(text: str, field: str) -> list[str]:
     return list(found)
 
 
+def display_name(text: str) -> str:
+    """The display name of the first address of `text`, a list parse_address_list took
+    (its encoded words decoded); "" when it has none."""
+    header = _REGISTRY("To", text)
+    assert isinstance(header, AddressHeader)
+    return str(header.addresses[0].display_name) if header.addresses else ""
+
+
 @lru_cache(maxsize=1024)
 def _parsed(text: str, field: str) -> tuple[str, ...] | MailApiError:
     try:

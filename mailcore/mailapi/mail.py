@@ -61,7 +61,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.emailpolicy import header_breaks
-from mailcore.mailapi.addresses import parse_address_list
+from mailcore.mailapi.addresses import display_name, parse_address_list
 from mailcore.mailapi.counts import mail_size, thd_charge, thd_count_mail, thd_use
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import CONFLICT, DENIED, NOT_FOUND, MailApiError
@@ -717,11 +717,12 @@ class MailService:
             raw = build_message(checked, recipients, parts, self.hostname, now)
         # The message built is kept with the mail (its size counted unchecked: the draft
         # was let in, and is not refused for the message it is sent as).
-        size = row.size + len(raw) \
-            + mail_size([checked["from"]]) - mail_size([row.mail_from])
+        size = row.size + len(raw)
+        # `from` is kept as the client wrote it, display name and all (as `to` and `cc`
+        # are); the sender takes the envelope's address from it (mailcore.mailapi.outbox).
         conn.execute(_UPDATE_BY_ID, {
             "row_id": row.id, "status": OUTBOX, "mailbox_id": sender.id, "raw": raw,
-            "queue_id": new_queue_id(now), "mail_from": checked["from"],
+            "queue_id": new_queue_id(now),
             "outbox_seq": thd_next_outbox_seq(conn), "size": size, "author_id": author})
         if sender.id != row.mailbox_id:  # kept with the mailbox it is sent from
             thd_left(conn, row.public_id, row.id, row.mailbox_id, now)
@@ -811,7 +812,10 @@ def _sendable(values: dict[str, str], rights: Holdings) -> Sendable:
     if recipients["from"][0] not in sendable \
             or any(a not in reply_ok for a in recipients["reply-to"]):
         return Outcome.UNAUTHORIZED
-    return {**values, "from": recipients["from"][0]}, recipients
+    # `from` as the bare address (its mailbox, the envelope); the name the client gave it
+    # goes in the message's From header.
+    return {**values, "from": recipients["from"][0],
+            "from_name": display_name(values["from"])}, recipients
 
 
 # The domain row of the mailbox at :address, if it is served; held (FOR KEY SHARE on

@@ -46,6 +46,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import EmailPolicy
@@ -464,7 +465,11 @@ def build_message(values: dict[str, str], recipients: dict[str, list[str]],
                   attachments: Sequence[OutgoingPart], hostname: str, now: float) -> bytes:
     """The message as it goes out (see the module docstring)."""
     message = EmailMessage(policy=SMTP)
-    message["From"] = values["from"]
+    name = values.get("from_name", "")
+    local, _, domain = values["from"].rpartition("@")
+    # The display name the client gave, quoted or RFC 2047-encoded as it needs (it holds
+    # no control character: the field was refused with one).
+    message["From"] = Address(name, local, domain) if name else values["from"]
     if recipients["to"]:
         message["To"] = ", ".join(recipients["to"])
     if recipients["cc"]:

@@ -157,7 +157,9 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
             if domain not in domain_ids:
                 domain_ids[domain] = thd_vouched_domain_for(conn, domain)
             recipients.append(Recipient(address, domain_ids[domain]))
-        envelope = Envelope(row.mail_from, tuple(recipients), kind="outbox")
+        # `from` as the client wrote it ("Bob Smith <bob@…>"; checked when it was sent).
+        [sender] = parse_address_list(row.mail_from, "from")
+        envelope = Envelope(sender, tuple(recipients), kind="outbox")
         out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(raws[row.id]),
                     row.queue_id in queued))
     return out
