@@ -283,9 +283,11 @@ class AttachmentIndexTests(IndexBase):
         await self.store(*self.corpus())
         await self.core.backup_mail.index.run()
         for query, names in (("sum", ["résumé.pdf"]), ("image/", ["p.png"]),
-                             ("PDF document", ["résumé.pdf"]), ("%", []), ("_", [])):
+                             ("PDF document", ["résumé.pdf"]), ("%", []), ("_", []),
+                             # Every letter folded, not ASCII alone (SQLite's LIKE: none).
+                             ("RÉSUMÉ", ["résumé.pdf"]), ("Résumé.PDF", ["résumé.pdf"])):
             status, page = await self.call(
-                f"{self.base}/attachments_search?query={query.replace('%', '%25')}")
+                f"{self.base}/attachments_search?query={quote(query)}")
             self.assertEqual(status, 200, page)
             self.assertEqual([a["filename"] for a in page["attachments"]], names, query)
 

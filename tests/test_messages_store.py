@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import random
+from urllib.parse import quote
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.dialects import postgresql
@@ -541,6 +542,31 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertEqual((info.message_row_id, content), (row, b"a,b\n1,2\n"))
         listed = await store.list_messages(user, MessageQuery(has_attachments=True))
         self.assertEqual([m.id for m in listed.items], [row])
+
+    async def test_attachment_search_folds_every_letter(self) -> None:
+        # PostgreSQL's ILIKE folds É and Ä as it folds E in a database whose LC_CTYPE is a
+        # UTF-8 locale (in the C locale, as the test cluster's, ASCII only: its operator's
+        # choice); SQLite's LIKE folded ASCII only, so "RÉSUMÉ" found nothing there.
+        store, user = await self.make_store()
+        def ascii_lower(text: str) -> str:
+            return "".join(c.lower() if c.isascii() else c for c in text)
+
+        unicode = self.backend == "sqlite" or await self.db.read(
+            "t", lambda conn: conn.execute(select(func.lower("É"))).scalar()) == "é"
+        names = ["RÉSUMÉ.pdf", "résumé-2.txt", "Ärger.doc", "resume.txt", "50%_Ω.bin"]
+        parts = b"".join(
+            b"--B\r\nContent-Type: application/octet-stream\r\nContent-Disposition: "
+            b"attachment; filename*=utf-8''" + quote(n).encode() + b"\r\n\r\nx\r\n"
+            for n in names)
+        await store.add_message(user, b"Subject: files\r\nFrom: a@x.test\r\nContent-Type: "
+                                b"multipart/mixed; boundary=B\r\n\r\n" + parts + b"--B--\r\n")
+        for query, found in [("RÉSUMÉ", names[:2]), ("résumé", names[:2]), ("Résumé.PDF",
+                             names[:1]), ("ärger", names[2:3]), ("RESUME", names[3:4]),
+                             ("%_ω", names[4:5]), ("É_", [])]:
+            page = await store.list_attachments(user, query=query, sort="filename")
+            if not unicode:
+                found = [n for n in names if ascii_lower(query) in ascii_lower(n)]
+            self.assertEqual(sorted(a.filename for a in page.items), sorted(found), query)
 
 
     async def test_raw_bytes_read_in_chunks(self) -> None:

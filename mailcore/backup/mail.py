@@ -32,6 +32,7 @@ from mailcore.messages.parse import extract_part
 from mailcore.messages.sql import utc
 from mailcore.messages.store import raw_chunks
 from mailcore.store import Database
+from mailcore.store.engine import ilike, like_pattern
 from mailcore.store.schema import (
     fetch_accounts,
     fetch_folders,
@@ -232,10 +233,6 @@ def _summary(row: Any) -> AttachmentSummary:
     )
 
 
-def _like(query: str) -> str:
-    return "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
 class BackupAttachments:
     """An account's attachments, read from the index (mailcore.backup.index): listed,
     searched by file name, type or libmagic's description, and read."""
@@ -256,11 +253,11 @@ class BackupAttachments:
             conds: list[ColumnElement[bool]] = [messages.c.user_id == user_id,
                                                 messages.c.account_id == account_id]
             if query:
-                pattern = _like(query)
+                pattern = like_pattern(query)
                 conds.append(or_(
-                    message_attachments.c.filename.ilike(pattern, escape="\\"),
-                    message_attachments.c.mime_type.ilike(pattern, escape="\\"),
-                    message_attachments.c.meta_data.ilike(pattern, escape="\\"),
+                    ilike(conn, message_attachments.c.filename, pattern),
+                    ilike(conn, message_attachments.c.mime_type, pattern),
+                    ilike(conn, message_attachments.c.meta_data, pattern),
                 ))
             total = conn.execute(select(func.count()).select_from(_JOIN).where(*conds)).scalar()
             key = _SORT_KEYS[sort]

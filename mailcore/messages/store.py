@@ -87,6 +87,7 @@ from mailcore.messages.threading import (
 )
 from mailcore.store import Database
 from mailcore.store.chunks import KEY_CHUNK, found_keys, rows_for
+from mailcore.store.engine import ilike, like_pattern
 from mailcore.store.prepared import Prepared
 from mailcore.store.schema import (
     fetch_folders,
@@ -1451,11 +1452,10 @@ class MessageStore:
             if account_id is not None:
                 conds.append(messages.c.account_id == account_id)
             if query:
-                pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace(
-                    "_", "\\_") + "%"
+                pattern = like_pattern(query)
                 conds.append(or_(
-                    message_attachments.c.filename.ilike(pattern, escape="\\"),
-                    message_attachments.c.mime_type.ilike(pattern, escape="\\"),
+                    ilike(conn, message_attachments.c.filename, pattern),
+                    ilike(conn, message_attachments.c.mime_type, pattern),
                 ))
             total = conn.execute(
                 select(func.count()).select_from(_ATTACHMENT_JOIN).where(*conds)

@@ -12,6 +12,12 @@ busy timeout, a larger WAL between checkpoints (`SQLITE_CHECKPOINT_PAGES`), and 
 BEGIN statements so that writers take the lock up front (`BEGIN IMMEDIATE`) instead of
 failing on a read-to-write upgrade. A new database file is made 0600 before SQLite opens
 it; SQLite gives its `-wal` and `-shm` files the same mode.
+
+A search of user text without the full-text index (an attachment's name, type or
+description) asks `ilike`: PostgreSQL's ILIKE, and on SQLite, whose LIKE and lower() fold
+ASCII letters only, LIKE over `SQLITE_LOWER`, Python's str.lower registered on every SQLite
+connection under a name of its own (SQLite's lower() is left as it is: the unique indexes
+on lower(username) and lower(email) were built with it).
 """
 
 from __future__ import annotations
@@ -22,7 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    LargeBinary,
+    and_,
+    cast,
+    create_engine,
+    event,
+    func,
+    or_,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
@@ -76,6 +93,37 @@ APPLICATION_NAME = "mailcore"
 
 # Key in Connection.info that asks for a write transaction (BEGIN IMMEDIATE on SQLite).
 WRITE_INTENT = "mailcore_write"
+
+# The SQL function that lower-cases text as Python does (every letter, not ASCII alone) on
+# our SQLite connections: `ilike` searches with it.
+SQLITE_LOWER = "mailcore_lower"
+
+
+def _unicode_lower(value: object) -> object:
+    return value.lower() if type(value) is str else value
+
+
+def like_pattern(query: str) -> str:
+    """A LIKE pattern that finds `query` anywhere, its `%`, `_` and `\\` taken as they
+    are (escape character `\\`)."""
+    return "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def ilike(conn: Connection, column: Any, pattern: str) -> ColumnElement[bool]:
+    """`column ILIKE pattern` (escape character `\\`), with the same answer on SQLite as on
+    PostgreSQL (in a UTF-8 locale) for letters beyond ASCII: "RÉSUMÉ" finds "résumé.pdf" on
+    both (SQLite's LIKE folds ASCII only, so it found nothing there).
+
+    On SQLite, `SQLITE_LOWER` (a call into Python, some 0.5 us a value) runs only for a
+    value with a character beyond ASCII (its length in characters below its length in
+    bytes); an ASCII value is answered by LIKE itself, which folds it alike."""
+    if conn.dialect.name == "sqlite":
+        lowered = pattern.lower()
+        beyond_ascii = func.length(column) < func.length(cast(column, LargeBinary))
+        return or_(column.like(lowered, escape="\\"), and_(
+            beyond_ascii, getattr(func, SQLITE_LOWER)(column).like(lowered, escape="\\")))
+    matched: ColumnElement[bool] = column.ilike(pattern, escape="\\")
+    return matched
 
 
 def is_sqlite(url: str) -> bool:
@@ -161,6 +209,7 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves; pysqlite's implicit transactions are wrong for us.
         dbapi_connection.isolation_level = None
+        dbapi_connection.create_function(SQLITE_LOWER, 1, _unicode_lower, deterministic=True)
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
