@@ -243,6 +243,44 @@ class CacheControlTests(TestCase):
             self.assertEqual((status, header(headers, "Cache-Control")), (200, None), path)
 
 
+class ChallengeTests(TestCase):
+    """RFC 9110 11.6.1: a 401 MUST carry WWW-Authenticate. IMAP2API's said `Token` and
+    Dropmyemail's `Bearer`; the Mail API's, Protecmail's and safedrop's said nothing. Each
+    API names the credential its document defines (ApiApp.challenge), whichever part of it
+    refused the request."""
+
+    async def test_every_api_401_carries_its_challenge(self) -> None:
+        web = Web.build()
+        alice = await web.user()
+        mailapi = 'Auth-Key realm="mailapi"'
+        for method, path, sent, challenge in [
+            ("GET", "/api/imap-servers/", {}, "Token"),
+            ("GET", "/api/imap-servers/", {"Authorization": "Token " + "0" * 40}, "Token"),
+            ("GET", "/api/v1/mailboxes/", {}, mailapi),
+            ("HEAD", "/api/v1/mailboxes/", {"Auth-Key": "0" * 40}, mailapi),
+            ("GET", "/api/v1/user", {}, 'Api-Key realm="protecmail"'),
+            ("GET", "/api/v1/domain/all", {"Api-Key": "0" * 40}, 'Api-Key realm="protecmail"'),
+            ("GET", "/dropbundles", {}, 'X-Auth-Token realm="safedrop"'),
+            ("GET", "/dropbundles", {"X-Auth-Token": "0" * 40}, 'X-Auth-Token realm="safedrop"'),
+            # The auth server takes the user and an API key.
+            ("GET", "/auth", {"X-Auth-User": "alice@example.test", "X-Auth-Key": "0" * 40},
+             'X-Auth-Key realm="safedrop"'),
+            ("GET", "/v1/accounts", {}, 'Bearer realm="dropmyemail"'),
+            ("GET", "/v1/accounts", {"Authorization": "Bearer " + "0" * 40},
+             'Bearer realm="dropmyemail", error="invalid_token"'),
+        ]:
+            status, headers, _ = await web.call(method, path, headers=sent)
+            self.assertEqual((status, header(headers, "WWW-Authenticate")),
+                             (401, challenge), (method, path, sent))
+        # A wrong password at the Mail API's login is its 401 too.
+        status, headers, _ = await web.call("POST", "/api/v1/auth/", json={
+            "username": alice.username, "password": "wrong"})
+        self.assertEqual((status, header(headers, "WWW-Authenticate")), (401, mailapi))
+        # Other statuses carry none.
+        status, headers, _ = await web.call("GET", "/api/v1/nothing")
+        self.assertEqual((status, header(headers, "WWW-Authenticate")), (404, None))
+
+
 class NotFoundShapeTests(TestCase):
     async def test_each_api_answers_unknown_paths_in_its_shape(self) -> None:
         web = Web.build()

@@ -80,6 +80,7 @@ class UploadGateTests(TestCase):
         sent = await self.reply()
         self.assertTrue(sent.startswith(b"HTTP/1.1 401 "), sent[:80])
         self.assertIn(b"Connection: close", sent)
+        self.assertIn(b'WWW-Authenticate: X-Auth-Token realm="safedrop"', sent)  # RFC 9110
         self.assertEqual(self.f.file_rows(), [])
         self.assertTrue(self.transport.disconnecting)  # the rest is never read
         self.assertEqual(self.f.stored(), [])

@@ -89,6 +89,12 @@ class ApiApp:
     # caches: none may store them. None: no such header (web.meta: the metrics and the
     # OpenAPI document).
     cache_control: ClassVar[bytes | None] = b"no-store"
+    # The WWW-Authenticate every 401 of the app carries unless its reply names its own (an
+    # AuthPolicy's challenge, with its error code): RFC 9110 11.6.1 has every 401 carry
+    # one. The root hands it to the request (web.context); web.replies sets it on a 401.
+    # The scheme names the credential the API's document defines (a header's name is a
+    # valid auth-scheme token), with the app's name as realm. None: no 401 (the pages').
+    challenge: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

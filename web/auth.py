@@ -153,6 +153,7 @@ SAFEDROP_KEY = AuthPolicy(
         "missing": "X-Auth-User and X-Auth-Key headers are required.",
         "invalid": "Invalid X-Auth-User or X-Auth-Key.",
     },
+    challenge='X-Auth-Key realm="safedrop"',
     security_schemes={
         "safedropUser": api_key_scheme("X-Auth-User", "The e-mail address of the account."),
         "safedropApiKey": api_key_scheme("X-Auth-Key", "An API key of that account."),

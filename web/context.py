@@ -37,6 +37,8 @@ class RequestContext:
     request_id: str = field(default_factory=new_request_id)
     started: float = 0.0
     principal: Principal | None = None
+    # What a 401 of the app serving it says in WWW-Authenticate (ApiApp.challenge).
+    challenge: str | None = None
     # Who the access log names: the principal's user, or the user a password login found.
     user: str | None = None
     # The secrets (policy name, secret) the request presented that resolved to no one:

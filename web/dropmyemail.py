@@ -296,6 +296,7 @@ def window(params: dict[str, str]) -> Window:
 
 class DropmyemailApp(JobRoutes, ApiApp):
     name = "dropmyemail"
+    challenge = 'Bearer realm="dropmyemail"'
     title = "Dropmyemail (seed 000): mailbox backup, migrate and restore; OAuth 2"
     shape = OAuthErrors()
     app = Klein()

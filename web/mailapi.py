@@ -361,6 +361,7 @@ def _given(data: dict[str, Any], name: str) -> str | None:
 
 class MailApiApp(ApiApp):
     name = "mailapi"
+    challenge = 'Auth-Key realm="mailapi"'
     title = "Mail API (seed 002): drafts, outbox, mailboxes and access grants"
     shape = MailApiErrors()
     app = Klein()

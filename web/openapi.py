@@ -261,6 +261,11 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
                 name: {"description": text, "schema": {"type": "string"}}
                 for name, text in RATE_LIMIT_HEADERS.items()
             }
+        elif status == 401:  # web.replies.challenge_401 (ApiApp.challenge, an AuthPolicy's)
+            responses[str(status)]["headers"] = {"WWW-Authenticate": {
+                "description": "The challenge naming the credential the API takes "
+                               "(RFC 9110 11.6.1)",
+                "schema": {"type": "string"}}}
         elif status in (503, 507):
             responses[str(status)]["headers"] = {"Retry-After": {
                 "description": "Seconds to wait before trying again (an outage)",

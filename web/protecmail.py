@@ -285,6 +285,7 @@ def _domain_refusal(error: DomainError, name: str) -> ApiError:
 
 class ProtecmailApp(ApiApp):
     name = "protecmail"
+    challenge = 'Api-Key realm="protecmail"'
     title = "Protecmail (seed 004): domains, quarantine, token tanks, account, invoices"
     shape = EnvelopeErrors()
     app = Klein()

@@ -11,6 +11,7 @@ import orjson
 from twisted.web.iweb import IRequest
 
 from mailcore.webhooks.payload import json_default
+from web.context import context_of
 
 JSON_TYPE = b"application/json; charset=utf-8"
 
@@ -49,6 +50,16 @@ def set_headers(request: IRequest, headers: Mapping[str, str] | None) -> None:
         request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
 
 
+def challenge_401(request: IRequest, status: int) -> None:
+    """A 401 without a WWW-Authenticate of its own gets its app's (ApiApp.challenge):
+    RFC 9110 11.6.1 has every 401 carry one."""
+    if status != 401 or request.responseHeaders.hasHeader(b"www-authenticate"):
+        return
+    challenge = context_of(request).challenge
+    if challenge is not None:
+        request.setHeader(b"WWW-Authenticate", challenge.encode("latin-1"))
+
+
 def json_reply(
     request: IRequest,
     body: Any,
@@ -70,6 +81,7 @@ def encoded_json_reply(
     request.setHeader(b"Content-Type", JSON_TYPE)
     request.setHeader(b"Content-Length", str(len(encoded)).encode("ascii"))
     set_headers(request, headers)
+    challenge_401(request, status)
     return encoded
 
 
@@ -79,4 +91,5 @@ def empty_reply(
     """A reply without a body (safedrop's 204 from the auth server)."""
     request.setResponseCode(status)
     set_headers(request, headers)
+    challenge_401(request, status)
     return b""

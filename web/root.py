@@ -196,6 +196,7 @@ class RootResource(Resource):
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         if app.cache_control is not None:
             request.setHeader(b"Cache-Control", app.cache_control)
+        ctx.challenge = app.challenge
         cast(server.Request, request).notifyFinish().addBoth(self._finished, request)
         try:
             if not valid_path:

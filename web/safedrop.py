@@ -342,6 +342,7 @@ def drop_error(error: Exception) -> ApiError:
 
 class SafedropApp(ApiApp):
     name = "safedrop"
+    challenge = 'X-Auth-Token realm="safedrop"'
     title = "safedrop (seed 003): secure file drops; X-Auth-User/X-Auth-Key, X-Auth-Token"
     shape = SafedropErrors()
     app = Klein()

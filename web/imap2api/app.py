@@ -133,6 +133,7 @@ class _Unchanged(Exception):
 
 class Imap2ApiApp(ApiApp):
     name = "imap2api"
+    challenge = "Token"
     title = "Simple IMAP2API (seed 001): IMAP accounts, emails and threads; Token auth"
     shape = DrfErrors()
     app = Klein()
