@@ -196,6 +196,33 @@ class AccountsApiTests(ApiBase):
         self.assertEqual(still.port, 143)
 
 
+class BodyTokenTests(ApiBase):
+    """The documentation takes the token in `?access_token=` or `Authorization: Bearer`;
+    one in the body (RFC 6750 2.2's form) was neither used nor refused: alone, a 401 as if
+    none were sent; beside a header's, ignored even when another token. It is a 400
+    `invalid_request` naming where the token goes, and nothing is done."""
+
+    async def test_a_token_in_the_body_is_refused(self) -> None:
+        other = await access_token(self.web.core.oauth, self.alice.id)
+        bearer = {"Authorization": f"Bearer {self.token}"}
+        account = {"email": "joe@example.test", "password": "pw"}
+        for headers, kwargs in [
+            ({}, {"data": {**account, "access_token": self.token}}),
+            (bearer, {"data": {**account, "access_token": other}}),
+            (bearer, {"data": {**account, "access_token": self.token}}),
+            (bearer, {"json": {**account, "access_token": other}}),
+        ]:
+            status, _, body = await self.web.call("POST", "/v1/accounts/", headers=headers,
+                                                  **kwargs)
+            self.assertEqual((status, body.get("error")), (400, "invalid_request"), kwargs)
+            self.assertIn("Authorization: Bearer", body["error_description"])
+        self.assertEqual(await self.stored(), 0)
+        # A body with no token is served as before (no such account).
+        status, _, body = await self.web.call("PUT", "/v1/accounts/999", headers=bearer,
+                                              data={"port": "993"})
+        self.assertEqual(status, 404, body)
+
+
 class MailboxInputTests(ApiBase):
     """The read side's query parameters; the account exists but holds nothing yet."""
 

@@ -61,6 +61,25 @@ class TokenReplyTests(Base):
         self.assertEqual(headers["cache-control"], ["no-store"])
         self.assertEqual(await self.who(body["access_token"]), self.alice.id)
 
+    async def test_our_own_refusals_say_no_store_as_oauthlibs_do(self) -> None:
+        # RFC 6749 5.1/5.2: the token endpoint's replies are not cached. oauthlib's carry
+        # Cache-Control: no-store and Pragma: no-cache; those the endpoint refuses itself
+        # (a body that is not UTF-8, a JSON value that is no string, an Authorization
+        # header that is not ASCII, a body of another type) carry the same.
+        cases: list[tuple[int, dict[str, Any]]] = [
+            (400, {"data": b"grant_type=\xff", "headers": {
+                "Content-Type": "application/x-www-form-urlencoded"}}),
+            (400, {"json": {"grant_type": 5}}),
+            (401, {"data": {"grant_type": "refresh_token"},
+                   "headers": {"Authorization": b"Basic \xff"}}),
+            (400, {"data": b"x", "headers": {"Content-Type": "text/plain"}}),
+            (400, {"data": {"grant_type": "refresh_token"}}),  # oauthlib's own
+        ]
+        for status, kwargs in cases:
+            got, headers, body = await self.web.call("POST", "/oauth/token", **kwargs)
+            self.assertEqual((got, headers.get("cache-control"), headers.get("pragma")),
+                             (status, ["no-store"], ["no-cache"]), (kwargs, body))
+
     async def test_client_credentials_in_http_basic(self) -> None:
         code = await self.client.code()
         basic = base64.b64encode(

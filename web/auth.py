@@ -199,6 +199,8 @@ DROPMYEMAIL = AuthPolicy(
         "scope": "The access token does not grant this scope.",
         "two_secrets": "Two different access tokens were sent (access_token and "
                        "Authorization: Bearer); send one.",
+        "body_token": "The access token is not taken from the body: send it as "
+                      "Authorization: Bearer or the access_token query parameter.",
     },
     challenge='Bearer realm="dropmyemail"',
     error_code="invalid_token",
@@ -214,7 +216,9 @@ DROPMYEMAIL = AuthPolicy(
                 }
             },
         },
-        "dropmyemailAccessToken": api_key_scheme("access_token", where="query"),
+        "dropmyemailAccessToken": api_key_scheme(
+            "access_token", "The access token as a query parameter (not in the body: a 400 "
+            "invalid_request).", where="query"),
     },
 )
 

@@ -1,6 +1,7 @@
 """Dropmyemail (seed 000 + dropmyemail-v1.md): OAuth 2 at `/oauth/…`, the API under `/v1/`.
 
-JSON only; every call carries `access_token` (query) or `Authorization: Bearer`; 20
+JSON only; every call carries `access_token` (query) or `Authorization: Bearer` (one in
+the body is a 400 `invalid_request`: `_no_body_token`); 20
 requests per second per token (X-RateLimit-* headers, 429 with Retry-After). Errors are
 OAuth-style `{"error": code, "error_description": ...}` with `WWW-Authenticate: Bearer` on
 401/403 (`POST /oauth/token` challenges a client with Basic, RFC 6749 §5.2).
@@ -329,6 +330,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
 
     async def principal(self, request: IRequest, scope: str) -> Principal:
         """The access token's user if it grants `scope`, within the per-token rate."""
+        if request.method not in (b"GET", b"HEAD"):
+            self._no_body_token(request)
         principal = await self.resolver.require(request, self.policy, scope=scope)
         enforce(request, self.token_limiter, ("token", principal.credential_id))
         # One user's mail and accounts: no cache keeps a reply, a shared one least of all
@@ -336,6 +339,20 @@ class DropmyemailApp(JobRoutes, ApiApp):
         # private; a proxy keyed on that URL would serve it past the token's revocation).
         request.setHeader(b"Cache-Control", b"private, no-store")
         return principal
+
+    def _no_body_token(self, request: IRequest) -> None:
+        """A 400 `invalid_request` for an `access_token` in the body. The documentation
+        takes the token in the query or the Authorization header only, and RFC 6750 2.2's
+        body form (which it SHOULD NOT be used beside a usable header, and one method per
+        request, 3.1) was neither used nor refused: alone it was a 401 as if nothing were
+        sent, beside a header's token ignored even when another one. A body that does not
+        parse is left to the route, which answers it after the credential."""
+        try:
+            data = self.fields(request)
+        except ApiError:
+            return
+        if "access_token" in data:
+            raise self.policy.error("body_token", 400, code="invalid_request")
 
     # -- OAuth 2 ------------------------------------------------------------------------
 
@@ -357,6 +374,10 @@ class DropmyemailApp(JobRoutes, ApiApp):
         errors=(400, 401),
     )
     async def token(self, request: IRequest) -> bytes:
+        # Every reply, the refusals of our own before oauthlib's among them, is kept from
+        # caches as oauthlib's are (RFC 6749 5.1, 5.2).
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Pragma", b"no-cache")
         body = self._token_body(request)
         headers = {"Content-Type": FORM_TYPE}
         auth = request.getHeader(b"authorization")

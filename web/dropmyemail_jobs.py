@@ -156,8 +156,8 @@ def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default
 
 def refuse_unknown_fields(data: Mapping[str, Any], *known: Iterable[str]) -> None:
     """A 400 naming the first field of `data` not among the `known` names (a schema's
-    properties); the access token may travel in a form body too (RFC 6750 §2.2)."""
-    unknown = sorted(set(data).difference({"access_token"}, *known))
+    properties); an access token in the body was refused before (principal)."""
+    unknown = sorted(set(data).difference(*known))
     if unknown:
         raise ApiError(400, f"Unknown field: {unknown[0]}.")
 
