@@ -262,6 +262,16 @@ def thd_put_blobs(conn: Connection, items: Sequence[tuple[bytes, str]],
     ], skip_existing=True)
 
 
+def _untaken(candidates: list[int], taken: set[int]) -> int | None:
+    """The oldest of `candidates` (popped from the end) that no item of the batch has
+    taken yet, or None; those passed over are dropped."""
+    while candidates:
+        old = candidates.pop()
+        if old not in taken:
+            return old
+    return None
+
+
 def thd_store_batch(
     conn: Connection,
     where: Location,
@@ -305,10 +315,7 @@ def thd_store_batch(
         if rescan and item.uid is not None:
             old = _relink_candidate(conn, where, parsed.sha256)
         if old is None and item.uid is None and item.uidl is not None:
-            candidates = unlisted.get(parsed.sha256, [])
-            while candidates and old is None:
-                old = candidates.pop()
-                old = None if old in taken else old
+            old = _untaken(unlisted.get(parsed.sha256, []), taken)
             if old is not None:
                 taken.add(old)
                 conn.execute(update(messages).where(messages.c.id == old).values(
@@ -316,10 +323,7 @@ def thd_store_batch(
                 relinked += 1
                 continue
         if old is None and item.uid is not None:
-            candidates = gone.get(parsed.sha256, [])
-            while candidates and old is None:
-                old = candidates.pop()
-                old = None if old in taken else old
+            old = _untaken(gone.get(parsed.sha256, []), taken)
         if old is not None:
             taken.add(old)
             conn.execute(
