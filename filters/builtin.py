@@ -10,8 +10,8 @@ What each check adds to the verdict:
 - EICAR's 68-byte test string in the raw message, a decoded part, or a zip entry: virus
   `Eicar-Test-Signature`.
 - Zip attachments (nested zips too): a bomb (too many entries, too high a compression
-  ratio, too many bytes expanded, too deep; entries and bytes counted over all the
-  message's zips) → `Heuristics.Zip.Bomb`; an encrypted entry →
+  ratio, too many bytes expanded, entries sharing their data, too deep; entries and bytes
+  counted over all the message's zips) → `Heuristics.Zip.Bomb`; an encrypted entry →
   `Heuristics.Encrypted.Zip` (off by default).
 - An attachment (or zip entry) with a dangerous extension or MIME type, or whose bytes are
   a Windows/Linux executable → `Heuristics.Dangerous.Attachment`.

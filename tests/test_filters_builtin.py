@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from filters.archive import ZipLimits, declared_entries, inspect_zip
+from filters.archive import ZipEntry, ZipLimits, declared_entries, inspect_zip
 from filters.builtin import (
     DANGEROUS_NAME,
     DEFAULT_INLINE_MAX,
@@ -63,6 +63,46 @@ def nested_zip(depth: int, payload: dict[str, bytes]) -> bytes:
     for level in range(depth - 1):
         data = zip_bytes({f"level{level}.zip": data})
     return data
+
+
+class Unseekable:
+    """A stream zipfile cannot seek back in, so that it writes data descriptors."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        self.data += chunk
+        return len(chunk)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def deflated_zeros_zip(entries: int, shared: bool = False) -> bytes:
+    """A zip of `entries` entries 'a0', 'a1'... of one MiB of zeros, deflated to 1 KiB
+    each: each with its own local data, or (`shared`) entries all named 'a' and naming
+    the same local data (the overlapping-entries bomb, 6 KB for 100 MB with 99 entries)."""
+    zeros = bytes(1024 * 1024)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = compressor.compress(zeros) + compressor.flush()
+    crc = zlib.crc32(zeros)
+    files = b""
+    directory = b""
+    for i in range(entries):
+        name = b"a" if shared else f"a{i}".encode()
+        offset = 0 if shared else len(files)
+        if not shared or i == 0:
+            files += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc,
+                                 len(deflated), len(zeros), len(name), 0) + name + deflated
+        directory += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc,
+                                 len(deflated), len(zeros), len(name), 0, 0, 0, 0, 0,
+                                 offset) + name
+    return files + directory + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, entries,
+                                           entries, len(directory), len(files), 0)
 
 
 class CleanMessageTests(TestCase):
@@ -259,20 +299,10 @@ class ZipBombTests(TestCase):
 
     def test_the_expansion_limit_counts_all_the_zips_of_a_message(self) -> None:
         """Entries of up to ratio_min_size may compress as well as they like: 99 entries
-        naming one deflated MiB of zeros made a 6 KB zip expanding to 100 MB, and each
-        attachment had the whole limit of its own (20 of them, 160 KB, cost 5.3 s of CPU;
-        the 1,000 parts the MIME walk allows, minutes). The message's zips share it."""
-        zeros = bytes(1024 * 1024)
-        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-        deflated = compressor.compress(zeros) + compressor.flush()
-        crc = zlib.crc32(zeros)
-        local = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(deflated),
-                            len(zeros), 1, 0) + b"a" + deflated
-        header = struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc,
-                             len(deflated), len(zeros), 1, 0, 0, 0, 0, 0, 0) + b"a"
-        directory = header * 10
-        archive = local + directory + struct.pack(
-            "<4s4H2IH", b"PK\x05\x06", 0, 0, 10, 10, len(directory), len(local), 0)
+        of one deflated MiB of zeros each make a 100 KB zip expanding to 100 MB, and each
+        attachment had the whole limit of its own (20 of them cost 5.3 s of CPU; the 1,000
+        parts the MIME walk allows, minutes). The message's zips share it."""
+        archive = deflated_zeros_zip(10)
         alone = inspect_zip(archive, "a.zip", ZipLimits(max_total_size=25 * 2**20),
                             lambda entry: None)
         self.assertEqual((alone.bombs, alone.expanded), ([], 10 * 2**20))
@@ -280,10 +310,66 @@ class ZipBombTests(TestCase):
         settings = BuiltinSettings(zip=ZipLimits(max_total_size=25 * 2**20))
         verdict = scan(multipart([text_part(), *attachments]), settings)
         self.assertEqual(verdict.viruses, (ZIP_BOMB_NAME,))
-        self.assertIn("Heuristics.Zip.Bomb: a2.zip/a: expands to more than 26214400 bytes "
+        self.assertIn("Heuristics.Zip.Bomb: a2.zip/a5: expands to more than 26214400 bytes "
                       "(declares 1048576)", verdict.reasons)
         two = scan(multipart([text_part(), *attachments[:2]]), settings)
         self.assertNotIn(ZIP_BOMB_NAME, two.viruses)
+
+    def test_entries_sharing_their_data_are_a_bomb_unopened(self) -> None:
+        """The overlapping-entries bomb (Fifield, 2019): 99 central entries naming one
+        local entry's 1 KiB of deflated zeros, 6 KB expanding to 100 MB within every
+        other limit. It is refused from the central directory, nothing inflated."""
+        archive = deflated_zeros_zip(99, shared=True)
+        self.assertLess(len(archive), 7000)
+        seen: list[ZipEntry] = []
+        report = inspect_zip(archive, "a.zip", ZipLimits(), seen.append)
+        self.assertEqual(report.bombs, ["a.zip: entries overlap ('a' starts at offset 0, "
+                                        "within 'a', offsets 0 to 1064)"])
+        self.assertEqual((report.entries, report.expanded, seen), (0, 0, []))
+        verdict = self.bomb_verdict(archive)
+        self.assertEqual(verdict.viruses, (ZIP_BOMB_NAME,))
+
+    def test_an_entry_starting_inside_another_is_a_bomb(self) -> None:
+        """Fifield's overlap by quoting: each local header sits inside the previous
+        entry's compressed data, at an offset of its own."""
+        names = [b"a", b"b", b"c"]
+        payload = b"x" * 1000
+        # Stored entries whose declared size runs over the next entry's local header.
+        files = b""
+        offsets = []
+        for name in names:
+            offsets.append(len(files))
+            files += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0,
+                                 len(name), 0) + name + payload[:300]
+        directory = b""
+        for name, offset in zip(names, offsets, strict=True):
+            size = len(files) - offset - 30 - len(name)  # up to the end of the last one
+            directory += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0,
+                                     zlib.crc32(files[offset + 31:offset + 31 + size]),
+                                     size, size, len(name), 0, 0, 0, 0, 0, offset) + name
+        archive = files + directory + struct.pack(
+            "<4s4H2IH", b"PK\x05\x06", 0, 0, 3, 3, len(directory), len(files), 0)
+        report = inspect_zip(archive, "q.zip", ZipLimits(), lambda entry: None)
+        self.assertEqual(report.bombs, ["q.zip: entries overlap ('b' starts at offset 331, "
+                                        "within 'a', offsets 0 to 993)"])
+        self.assertEqual((report.entries, report.expanded), (0, 0))
+
+    def test_entries_side_by_side_are_no_overlap(self) -> None:
+        """Many small entries, empty files and directories, data descriptors (written by
+        a stream), junk in front: each entry's data is its own."""
+        stream = Unseekable()
+        with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED) as out:
+            for i in range(300):
+                out.writestr(f"f{i}.txt", b"hello %d" % i)
+                out.writestr(f"empty{i}", b"")
+            out.writestr("dir/", b"")
+            with out.open("streamed.bin", "w") as entry:
+                entry.write(bytes(50_000))
+        archive = b"#!junk in front\n" + bytes(stream.data)
+        self.assertTrue(all(info.flag_bits & 0x8 for info in
+                            zipfile.ZipFile(io.BytesIO(archive)).infolist()))
+        report = inspect_zip(archive, "ok.zip", ZipLimits(), lambda entry: None)
+        self.assertEqual((report.bombs, report.unreadable, report.entries), ([], [], 601))
 
     def test_each_zip_of_a_message_is_still_scanned(self) -> None:
         """Sharing the counts, a bomb in one zip (its action off) stops neither the next
