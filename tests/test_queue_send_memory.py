@@ -19,6 +19,7 @@ from mailcore.queue.runner import SendMemory
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from mailcore.store.schema import queue_recipients
+from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 from tests.support.queuetest import QueueTestCase
 from tests.test_queue_runner_peer import ScriptedHopConnector
@@ -32,7 +33,7 @@ class SendMemoryTests(TestCase):
     """The budget on its own."""
 
     def test_waits_are_served_in_the_order_they_were_asked(self) -> None:
-        budget = SendMemory(1000)
+        budget = SendMemory(1000, Clock())
         self.assertTrue(self.successResultOf(budget.take(600)))
         big = budget.take(700)
         small = budget.take(100)  # would fit, but does not pass the large one that waits
@@ -44,7 +45,7 @@ class SendMemoryTests(TestCase):
         self.assertEqual((budget.used, budget.attempts, budget.waiting), (800, 2, 0))
 
     def test_one_attempt_always_goes_whatever_its_size(self) -> None:
-        budget = SendMemory(1000)
+        budget = SendMemory(1000, Clock())
         self.assertTrue(self.successResultOf(budget.take(5000)))
         second = budget.take(1)
         self.assertNoResult(second)
@@ -52,7 +53,7 @@ class SendMemoryTests(TestCase):
         self.assertTrue(self.successResultOf(second))
 
     def test_close_ends_the_waits_and_refuses_later_takes(self) -> None:
-        budget = SendMemory(1000)
+        budget = SendMemory(1000, Clock())
         self.successResultOf(budget.take(1000))
         waiting = budget.take(1)
         budget.close()
@@ -62,7 +63,7 @@ class SendMemoryTests(TestCase):
         self.assertEqual((budget.used, budget.attempts), (0, 0))
 
     def test_a_cancelled_wait_leaves_the_queue(self) -> None:
-        budget = SendMemory(1000)
+        budget = SendMemory(1000, Clock())
         self.successResultOf(budget.take(1000))
         gone = budget.take(500)
         after = budget.take(500)
@@ -71,6 +72,75 @@ class SendMemoryTests(TestCase):
         budget.give(1000)
         self.assertTrue(self.successResultOf(after))
         self.assertEqual((budget.used, budget.attempts), (500, 1))
+
+
+def runner_lines(test: TestCase) -> list[str]:
+    """What the runner logs (the budget's spells of waiting among it), from now on."""
+    return logged(test, lambda event: event.get("log_namespace") == "mailcore.queue.runner")
+
+
+class WaitLogTests(TestCase):
+    """One line when attempts begin to wait, one when they have stopped."""
+
+    def test_a_spell_of_waiting_is_two_lines(self) -> None:
+        clock = Clock()
+        lines = runner_lines(self)
+        budget = SendMemory(1000, clock)
+        self.assertTrue(self.successResultOf(budget.take(1000)))
+        self.assertEqual(lines, [])
+        first, second = budget.take(500), budget.take(500)
+        self.assertEqual(lines, [
+            "outbound deliveries wait for send memory: 1000 octets held by 1 attempt, a "
+            "message of 500 more would pass [queue] max_send_memory (1000)"])
+        clock.advance(10)
+        budget.give(1000)
+        self.assertTrue(self.successResultOf(first))
+        self.assertTrue(self.successResultOf(second))
+        # None waits now, but one soon does again: the same spell, no line.
+        clock.advance(20)
+        third = budget.take(500)
+        clock.advance(10)
+        budget.give(500)
+        self.assertTrue(self.successResultOf(third))
+        self.assertEqual(len(lines), 1)
+        clock.advance(SendMemory.WAIT_QUIET - 1)
+        self.assertEqual(len(lines), 1)
+        clock.advance(1)
+        self.assertEqual(lines[1:], [
+            "outbound deliveries no longer wait for send memory: 3 attempts waited, over "
+            "40 s"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        # The next wait is a spell of its own.
+        budget.take(1000)
+        self.assertEqual(len(lines), 3)
+        self.assertIn("1000 octets held by 2 attempts", lines[2])
+
+    def test_a_cancelled_wait_ends_a_spell_too(self) -> None:
+        clock = Clock()
+        lines = runner_lines(self)
+        budget = SendMemory(1000, clock)
+        budget.take(1000)
+        waiting = budget.take(1)
+        clock.advance(5)
+        waiting.cancel()
+        self.failureResultOf(waiting, defer.CancelledError)
+        clock.advance(SendMemory.WAIT_QUIET)
+        self.assertEqual(lines[1:], [
+            "outbound deliveries no longer wait for send memory: 1 attempt waited, over "
+            "5 s"])
+
+    def test_a_stop_ends_the_spell_at_once(self) -> None:
+        clock = Clock()
+        lines = runner_lines(self)
+        budget = SendMemory(1000, clock)
+        budget.take(1000)
+        budget.take(1)
+        clock.advance(7)
+        budget.close()
+        self.assertEqual(lines[1:], [
+            "outbound deliveries no longer wait for send memory: 1 attempt waited, over "
+            "7 s"])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class SettingTests(TestCase):
@@ -147,6 +217,33 @@ class BudgetTests(SlowHopsTestBase):
                          sorted(f"u@slow{i}.test" for i in range(10)))
         self.assertEqual({row[:2] for row in self.rows().values()}, {("delivered", 1)})
         self.assertEqual((memory.used, memory.attempts, memory.waiting), (0, 0, 0))
+
+    def gauges(self) -> tuple[float, float]:
+        """The runner's metrics: octets held, attempts waiting."""
+        metrics = self.q.metrics
+        return (metrics.send_memory.collect()[0].samples[0].value,
+                metrics.send_waiting.collect()[0].samples[0].value)
+
+    async def test_the_metrics_and_the_log_show_the_waits(self) -> None:
+        lines = runner_lines(self)
+        self.assertEqual(self.gauges(), (0, 0))
+        for i in range(5):
+            await self.send_to(i, f"Q{i}")
+        self.assertEqual(self.gauges(), (2000, 3))
+        self.release("10.6.6.0")
+        self.assertEqual(self.gauges(), (2000, 2))
+        for host in ("10.6.6.1", "10.6.6.2", "10.6.6.3"):
+            self.release(host)
+        self.assertEqual(self.gauges(), (1000, 0))
+        self.release("10.6.6.4")
+        self.assertEqual(self.gauges(), (0, 0))
+        waits = [line for line in lines if "send memory" in line]
+        self.assertEqual(len(waits), 1)
+        self.assertIn("2000 octets held by 2 attempts", waits[0])
+        self.advance(SendMemory.WAIT_QUIET)
+        waits = [line for line in lines if "send memory" in line]
+        self.assertEqual(waits[1:], ["outbound deliveries no longer wait for send memory: "
+                                     "3 attempts waited, over 0 s"])
 
     async def test_a_message_larger_than_the_budget_goes_alone(self) -> None:
         huge = BIG[:-2] + b"y" * 2998 + b"\r\n"  # 4,000 octets, twice the budget

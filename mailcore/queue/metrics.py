@@ -6,7 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class QueueMetrics:
-    """Counters of accepted/delivered/deferred/bounced, the depth gauge, delivery latency."""
+    """Counters of accepted/delivered/deferred/bounced, the depth gauge, the send memory's
+    gauges (octets held, attempts waiting), delivery latency."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.accepted = Counter(
@@ -25,6 +26,16 @@ class QueueMetrics:
         )
         self.depth = Gauge(
             "mailcore_queue_depth", "Active (queued or deferred) recipients in the queue",
+            registry=registry,
+        )
+        self.send_memory = Gauge(
+            "mailcore_queue_send_memory_bytes",
+            "Octets of message bodies outbound delivery attempts hold ([queue] "
+            "max_send_memory)", registry=registry,
+        )
+        self.send_waiting = Gauge(
+            "mailcore_queue_send_memory_waiting",
+            "Outbound delivery attempts waiting for room in [queue] max_send_memory",
             registry=registry,
         )
         self.latency = Histogram(

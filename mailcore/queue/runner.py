@@ -263,14 +263,32 @@ class SendMemory:
     waits: the large one would wait for ever behind a stream of small ones). An attempt is
     always allowed when no other holds anything, so a message larger than the limit still
     goes, alone. A wait is not a failure of the delivery: it costs the message no attempt
-    and no backoff."""
+    and no backoff.
 
-    def __init__(self, limit: int) -> None:
+    Waiting is logged once when it starts (a warning: the limit is reached) and once when
+    it ends, that is when no attempt has waited for `WAIT_QUIET` seconds (or the runner
+    stops), with how many attempts waited and for how long, from the first wait to the end
+    of the last; an attempt waiting again
+    within them is the same spell, so a budget that stays full logs two lines, not two an
+    attempt. `used` and `waiting` are the gauges `mailcore_queue_send_memory_bytes` and
+    `mailcore_queue_send_memory_waiting`."""
+
+    WAIT_QUIET = 60.0
+
+    def __init__(self, limit: int, clock: IReactorTime) -> None:
         self.limit = limit
+        self.clock = clock
         self.used = 0  # octets the attempts under way hold
         self.attempts = 0  # attempts under way
         self._waiting: deque[tuple[int, defer.Deferred[bool]]] = deque()
         self._closed = False
+        # The spell of waiting under way: when it began, the attempts that waited in it,
+        # when its last wait ended, and the timer that ends it once none has waited for
+        # WAIT_QUIET seconds.
+        self._since: float | None = None
+        self._waited = 0
+        self._last = 0.0
+        self._quiet: IDelayedCall | None = None
 
     @property
     def waiting(self) -> int:
@@ -290,9 +308,11 @@ class SendMemory:
 
         def cancel(d: defer.Deferred[bool]) -> None:
             self._waiting.remove(entry)
+            self._wait_ended()
 
         entry = (size, defer.Deferred(cancel))
         self._waiting.append(entry)
+        self._wait_began(size)
         return entry[1]
 
     def give(self, size: int) -> None:
@@ -305,6 +325,8 @@ class SendMemory:
             self.used += size
             self.attempts += 1
             granted.append(d)
+        if granted:
+            self._wait_ended()
         for d in granted:
             d.callback(True)
 
@@ -312,8 +334,44 @@ class SendMemory:
         """The runner stops: every wait ends with False, and so does any later take."""
         self._closed = True
         waiting, self._waiting = self._waiting, deque()
+        if self._since is not None:
+            self._spell_over()
         for _size, d in waiting:
             d.callback(False)
+
+    def _wait_began(self, size: int) -> None:
+        self._waited += 1
+        if self._quiet is not None:  # waiting again within WAIT_QUIET: the same spell
+            self._quiet.cancel()
+            self._quiet = None
+        if self._since is None:
+            self._since = self.clock.seconds()
+            log.warn("outbound deliveries wait for send memory: {used} octets held by "
+                     "{attempts} {noun}, a message of {size} more would pass [queue] "
+                     "max_send_memory ({limit})", used=self.used, attempts=self.attempts,
+                     noun="attempt" if self.attempts == 1 else "attempts", size=size,
+                     limit=self.limit)
+
+    def _wait_ended(self) -> None:
+        """A wait ended: once none is left, the spell ends if none begins in WAIT_QUIET."""
+        if self._waiting or self._since is None or self._quiet is not None:
+            return
+        self._last = self.clock.seconds()
+        self._quiet = self.clock.callLater(self.WAIT_QUIET, self._spell_over)
+
+    def _spell_over(self) -> None:
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        elif self._quiet is None:  # (the runner stops while attempts wait)
+            self._last = self.clock.seconds()
+        self._quiet = None
+        assert self._since is not None
+        seconds = self._last - self._since
+        log.info("outbound deliveries no longer wait for send memory: {waited} {noun} "
+                 "waited, over {seconds:.0f} s", waited=self._waited,
+                 noun="attempt" if self._waited == 1 else "attempts", seconds=seconds)
+        self._since = None
+        self._waited = 0
 
     def _fits(self, size: int) -> bool:
         return self.attempts == 0 or self.used + size <= self.limit
@@ -404,7 +462,10 @@ class QueueRunner:
         self.held = 0
         self.running = False
         self.bodies = BodyCache(settings.body_cache_bytes)
-        self.send_memory = SendMemory(settings.max_send_memory)
+        self.send_memory = SendMemory(settings.max_send_memory, clock)
+        # (the gauges read the budget of the moment: a stop makes a new one)
+        metrics.send_memory.set_function(lambda: self.send_memory.used)
+        metrics.send_waiting.set_function(lambda: self.send_memory.waiting)
         self.loader = BodyLoader(db)
         self.spool: Spool | None = None  # the write lane for results; set by build_queue
         self.hops: dict[Hop, HopQueue] = {}
@@ -1323,7 +1384,7 @@ class QueueRunner:
             await self.spool.drain()
             self.spool.cancel()
         self.bodies = BodyCache(self.settings.body_cache_bytes)
-        self.send_memory = SendMemory(self.settings.max_send_memory)
+        self.send_memory = SendMemory(self.settings.max_send_memory, self.clock)
         return leftover
 
     def _abort_all(self) -> None:
