@@ -523,6 +523,71 @@ class WritingTests(MailApiTestCase):
                                 for _, _, queue_id, envelope, _, _ in taken),
                          sorted((queue_id, BOB) for queue_id in ids))
 
+    async def test_to_cc_and_reply_to_keep_their_display_names_when_sent(self) -> None:
+        # `to: "Bob Smith <bob@x.test>, carol@y.test"` was kept as written but sent as
+        # "To: bob@x.test, carol@y.test": the message's To, Cc and Reply-To were the bare
+        # addresses joined. They carry each address's name (quoted, RFC 2047-encoded when
+        # it is not ASCII) and the groups it was written in; the envelope's recipients are
+        # the bare addresses, and Bcc is in the envelope only.
+        cases = [
+            # (to, cc, reply-to, bcc), the header bytes, the fields as read back
+            (("Zo\u00eb Smith <Zoe@Far.test>, carol@b\u00fccher.test",
+              '"Smith, Bob" <smith@far.test>', "Bob Reply <bob@hosted.test>", ""),
+             b"To: =?utf-8?q?Zo=C3=AB?= Smith <zoe@far.test>, carol@xn--bcher-kva.test\r\n"
+             b'Cc: "Smith, Bob" <smith@far.test>\r\n'
+             b"Reply-To: Bob Reply <bob@hosted.test>\r\n",
+             ("Zo\u00eb Smith <zoe@far.test>, carol@xn--bcher-kva.test",
+              '"Smith, Bob" <smith@far.test>', "Bob Reply <bob@hosted.test>"),
+             ["zoe@far.test", "carol@xn--bcher-kva.test", "smith@far.test"]),
+            (("=?utf-8?q?Zo=C3=AB?= <z@far.test>, a@far.test (a comment)",
+              "undisclosed-recipients:;", "", "Hidden Name <spy@far.test>"),
+             b"To: =?utf-8?q?Zo=C3=AB?= <z@far.test>, a@far.test\r\n"
+             b"Cc: undisclosed-recipients:;\r\n",
+             ("Zo\u00eb <z@far.test>, a@far.test", "undisclosed-recipients:;", None),
+             ["z@far.test", "a@far.test", "spy@far.test"]),
+            (('Team: "Bob \\"the\\" Builder" <b@far.test>, c@far.test;, d@far.test',
+              "", "", ""),
+             b'To: Team: "Bob \\"the\\" Builder" <b@far.test>, c@far.test;, d@far.test\r\n',
+             ('Team: "Bob \\"the\\" Builder" <b@far.test>, c@far.test;, d@far.test',
+              None, None),
+             ["b@far.test", "c@far.test", "d@far.test"]),
+        ]
+        ids = {}
+        for (to, cc, reply_to, bcc), headers, read_back, envelope_to in cases:
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+                "status": "outbox", "to": to, "cc": cc, "reply-to": reply_to, "bcc": bcc,
+                "subject": "hi"})
+            self.assertEqual(status, 202, body)
+            status, mail = await self.as_("bob", "GET", f"/api/v1/mail/{body['id']}")
+            self.assertEqual((mail["to"], mail["cc"], mail["reply-to"]), (to, cc, reply_to))
+            [row] = [r for r in await self.rows() if r.public_id == body["id"]]
+            raw = bytes(row.raw)
+            head = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+            self.assertIn(b"\r\n" + headers + b"Subject: hi\r\n", head)
+            self.assertTrue(head.isascii())
+            self.assertNotIn(b"spy", raw)
+            self.assertNotIn(b"Bcc", raw)
+            sent: Any = email.message_from_bytes(raw, policy=email.policy.default)
+            self.assertEqual(
+                tuple(None if sent[f] is None else str(sent[f])
+                      for f in ("To", "Cc", "Reply-To")), read_back)
+            ids[row.queue_id] = envelope_to
+        taken = await self.web.core.db.read("outbox", lambda c: thd_outbox(c, 100))
+        self.assertEqual({queue_id: [r.address for r in envelope.recipients]
+                          for _, _, queue_id, envelope, _, _ in taken}, ids)
+        # A line break in a name, as it is or in an encoded word (of the name, of a
+        # group's name), is no header of its own: the mail stays a draft, nothing built.
+        invalid = "invalid to/from/cc/bcc/reply-to - stored email as draft"
+        for field, value in [("to", "Joe\r\nBcc: spy@far.test <joe@hosted.test>"),
+                             ("cc", "=?utf-8?q?Joe=0D=0ABcc:_spy@far.test?= <j@far.test>"),
+                             ("to", "=?utf-8?q?T=0D=0ABcc:_spy@far.test?=: j@far.test;"),
+                             ("reply-to", "=?utf-8?q?Bob=0ABcc:_x?= <bob@hosted.test>")]:
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+                "status": "outbox", "to": JOE, field: value})
+            self.assertEqual((status, body["message"]), (400, invalid), body)
+            [row] = [r for r in await self.rows() if r.public_id == body["id"]]
+            self.assertEqual((row.status, row.raw), ("draft", None))
+
     async def test_a_subject_over_998_characters_keeps_the_mail_a_draft(self) -> None:
         """Folding a long subject costs more than its length, and an outbox mail is built
         holding the store's write lock: a 200 KB subject held it for seconds, and another
@@ -646,7 +711,7 @@ class WritingTests(MailApiTestCase):
         parsed: list[tuple[bool, str]] = []
         parse = addresses_module._parse
 
-        def watched(text: str, field: str) -> list[str]:
+        def watched(text: str, field: str) -> Any:
             parsed.append((any(writing), field))
             return parse(text, field)
 

@@ -1,13 +1,16 @@
 """Addresses as the Mail API takes them: one address, or a comma-separated list.
 
 An address is `local@domain` with a dot-atom local part and a fully qualified domain, or
-`Name <local@domain>`. CR, LF and every other control character are refused, so that no
-value can add a header field to a message built from it (header injection).
+`Name <local@domain>`, and a list may hold groups (`Team: a@x.test, b@x.test;`). CR, LF
+and every other control character are refused, as written or in an encoded word of a name,
+so that no value can add a header field to a message built from it (header injection).
+The message sent keeps the names and groups (`header_text`); its envelope, the bare
+addresses (`parse_address_list`).
 """
 
 from __future__ import annotations
 
-from email.headerregistry import AddressHeader, HeaderRegistry
+from email.headerregistry import Address, AddressHeader, Group, HeaderRegistry
 from functools import lru_cache
 
 from mailcore.gateway.domains import DomainError, normalise_domain, normalise_local_part
@@ -15,6 +18,10 @@ from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control
 
 _REGISTRY = HeaderRegistry()
+
+# A parsed list: its groups in order, each its name (None: an address outside any group)
+# and its addresses, each its display name (encoded words decoded) and stored form.
+_Parsed = tuple[tuple[str | None, tuple[tuple[str, str], ...]], ...]
 
 
 def normalise_address(address: str, field: str = "address") -> str:
@@ -47,45 +54,76 @@ def parse_address_list(text: str, field: str) -> list[str]:
     or blank text is no addresses. Any malformed entry refuses the whole field. Cached:
     parsing costs about a millisecond an address, and a mail's fields are parsed before
     its write transaction so that the transaction finds them parsed (mailcore.mailapi.mail)."""
-    found = _parsed(text, field)
-    if isinstance(found, MailApiError):
-        raise MailApiError(found.kind, found.message, found.field)
-    return list(found)
+    return [address for _, members in _groups(text, field) for _, address in members]
 
 
 def display_name(text: str) -> str:
     """The display name of the first address of `text`, a list parse_address_list took
     (its encoded words decoded); "" when it has none."""
-    header = _REGISTRY("To", text)
-    assert isinstance(header, AddressHeader)
-    return str(header.addresses[0].display_name) if header.addresses else ""
+    named = [name for _, members in _groups(text, "from") for name, _ in members]
+    return named[0] if named else ""
+
+
+def header_text(text: str, field: str) -> str:
+    """`text`, a list parse_address_list took, as the To, Cc or Reply-To field of a message
+    carries it: each address in its stored form with the display name the client gave it
+    (encoded words decoded), in the groups it was written in ("Team: a@…, b@…;", an empty
+    one too); comments dropped; "" for no addresses. Written by email.headerregistry
+    (Address, Group), which quotes a name where it needs it; the policy the message is
+    built with RFC 2047-encodes what is not ASCII as it folds the field. No part holds a
+    control character (`_parse` refused them, encoded or not)."""
+    return ", ".join(str(Group(group, [Address(name, *address.rsplit("@", 1))
+                                       for name, address in members]))
+                     for group, members in _groups(text, field))
+
+
+def _groups(text: str, field: str) -> _Parsed:
+    found = _parsed(text, field)
+    if isinstance(found, MailApiError):
+        raise MailApiError(found.kind, found.message, found.field)
+    return found
 
 
 @lru_cache(maxsize=1024)
-def _parsed(text: str, field: str) -> tuple[str, ...] | MailApiError:
+def _parsed(text: str, field: str) -> _Parsed | MailApiError:
     try:
-        return tuple(_parse(text, field))
+        return _parse(text, field)
     except MailApiError as e:
         return e
 
 
-def _parse(text: str, field: str) -> list[str]:
+def _parse(text: str, field: str) -> _Parsed:
     if has_control(text):
         raise MailApiError(INVALID, f"{field}: control characters are not allowed.", field)
     if not text.strip():
-        return []
+        return ()
     try:
+        # Raises on some inputs ("a@"), and on an encoded word decoding to CR or LF.
         header = _REGISTRY("To", text)
-    except Exception:  # the stdlib parser raises on some inputs ("a@")
+    except Exception:
         raise MailApiError(INVALID, f"{field}: {text!r} is not a list of email addresses.",
                            field) from None
+    # A defect: among them an encoded word decoding to a control character
+    # (NonPrintableDefect); the names are checked again below, as the message's header
+    # fields are written from them (header_addresses).
     if header.defects or not isinstance(header, AddressHeader):
         raise MailApiError(INVALID, f"{field}: {text!r} is not a list of email addresses.",
                            field)
-    found: list[str] = []
-    for address in header.addresses:
-        if not address.username or not address.domain:
-            raise MailApiError(INVALID, f"{field}: {text!r} is not a list of email addresses.",
+    found: list[tuple[str | None, tuple[tuple[str, str], ...]]] = []
+    for group in header.groups:
+        if has_control(group.display_name or ""):
+            raise MailApiError(INVALID, f"{field}: control characters are not allowed.",
                                field)
-        found.append(normalise_address(f"{address.username}@{address.domain}", field))
-    return found
+        members: list[tuple[str, str]] = []
+        for address in group.addresses:
+            if has_control(address.display_name):
+                raise MailApiError(INVALID, f"{field}: control characters are not allowed.",
+                                   field)
+            if not address.username or not address.domain:
+                raise MailApiError(INVALID,
+                                   f"{field}: {text!r} is not a list of email addresses.",
+                                   field)
+            members.append((str(address.display_name),
+                            normalise_address(f"{address.username}@{address.domain}", field)))
+        found.append((group.display_name, tuple(members)))
+    return tuple(found)

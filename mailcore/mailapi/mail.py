@@ -667,7 +667,7 @@ class MailService:
         if isinstance(sendable, Outcome) or len(outgoing) < len(parts):
             return None  # not sent, or a part's bytes are in its row (the transaction reads)
         checked, recipients = sendable
-        raw = build_message(checked, recipients, outgoing, self.hostname, now)
+        raw = build_message(checked, outgoing, self.hostname, now)
         return Built((checked, recipients, tuple(parts), now), raw)
 
     def _opener(self, conn: Connection, attachment_id: int, sha256: str | None
@@ -714,7 +714,7 @@ class MailService:
         else:
             parts = [OutgoingPart(a.name, a.content_type, self._opener(conn, a.id, a.sha256))
                      for a in found]
-            raw = build_message(checked, recipients, parts, self.hostname, now)
+            raw = build_message(checked, parts, self.hostname, now)
         # The message built is kept with the mail (its size counted unchecked: the draft
         # was let in, and is not refused for the message it is sent as).
         size = row.size + len(raw)

@@ -29,10 +29,11 @@ that shows the mail, was as large as the message, 50 MB); a longer text is cut t
 the whole part is added as an attachment (`body.txt`, `body.html`), so nothing is lost.
 
 Out: `build_message` makes the message a mail is sent as, with the `email` package: header
-fields from checked values (no Bcc field), Date, Message-ID, the body as text/plain, and
-each attachment as a base64 part of a multipart/mixed. An attachment's bytes are read from
-its file a chunk at a time and encoded as they are read, so the message is the only copy
-held in memory.
+fields from checked values (no Bcc field; From, To, Cc and Reply-To with the display names
+and groups the client wrote, quoted or RFC 2047-encoded as they need), Date, Message-ID,
+the body as text/plain, and each attachment as a base64 part of a multipart/mixed. An
+attachment's bytes are read from its file a chunk at a time and encoded as they are read,
+so the message is the only copy held in memory.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from io import BytesIO
 from typing import Any, BinaryIO, cast
 
 from mailcore.emailpolicy import SMTP, HeaderClasses, filename_breaks
+from mailcore.mailapi.addresses import header_text
 from mailcore.mailapi.files import file_name
 from mailcore.messages.parse import decode_bytes, decode_header_value, parts_over
 from mailcore.messages.parts import (
@@ -461,21 +463,25 @@ class OutgoingPart:
     open: Callable[[], BinaryIO]
 
 
-def build_message(values: dict[str, str], recipients: dict[str, list[str]],
-                  attachments: Sequence[OutgoingPart], hostname: str, now: float) -> bytes:
-    """The message as it goes out (see the module docstring)."""
+def build_message(values: dict[str, str], attachments: Sequence[OutgoingPart],
+                  hostname: str, now: float) -> bytes:
+    """The message as it goes out (see the module docstring): `values` are a mail's checked
+    fields (mailcore.mailapi.mail: `from` the bare address, `from_name` its display name,
+    `to`, `cc` and `reply-to` as the client wrote them)."""
     message = EmailMessage(policy=SMTP)
     name = values.get("from_name", "")
     local, _, domain = values["from"].rpartition("@")
     # The display name the client gave, quoted or RFC 2047-encoded as it needs (it holds
     # no control character: the field was refused with one).
     message["From"] = Address(name, local, domain) if name else values["from"]
-    if recipients["to"]:
-        message["To"] = ", ".join(recipients["to"])
-    if recipients["cc"]:
-        message["Cc"] = ", ".join(recipients["cc"])
-    if recipients["reply-to"]:
-        message["Reply-To"] = ", ".join(recipients["reply-to"])
+    # To, Cc and Reply-To as the client wrote them: each address's display name and the
+    # groups they are in, the addresses in their stored form (the envelope's recipients
+    # are the bare addresses). A field written blank is left out. Set as text, the field
+    # is parsed and folded once for all messages that repeat it (emailpolicy.Outgoing).
+    for key, header in (("to", "To"), ("cc", "Cc"), ("reply-to", "Reply-To")):
+        written = header_text(values.get(key, ""), key)
+        if written:
+            message[header] = written
     message["Subject"] = values.get("subject", "")
     message["Date"] = formatdate(now, usegmt=True)
     message["Message-ID"] = make_msgid(domain=hostname)
