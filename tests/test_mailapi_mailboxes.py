@@ -137,6 +137,50 @@ class MailboxApiTests(TestCase):
         self.assertEqual({r: body[r] for r in RIGHTS},
                          {**NONE, "allow_delete": True})
 
+    async def test_a_grant_of_no_right_is_no_grant(self) -> None:
+        # A PUT naming no right stored a row of none, which the access list then showed
+        # (and a DELETE removed, where it answers 404 "user has no access" to a user with
+        # none). A grant left with no right is removed, as a revoke.
+        listed = f"/api/v1/mailboxes/{BOX}/access/"
+
+        async def names() -> list[str]:
+            status, body = await self.as_("bob", "GET", listed)
+            self.assertEqual(status, 200, body)
+            return [g["username"] for g in body["access"]]
+
+        for body in ({}, {"allow_read": False}, {"allow_read": False, "allow_send": False}):
+            self.assertEqual(await self.as_("bob", "PUT", listed + "joe", json=body),
+                             (200, {"message": "access updated", "username": "joe",
+                                    "is_owner": False, **NONE}), body)
+            self.assertEqual(await names(), ["bob"])
+        status, _, reply = await self.web.call(
+            "PUT", listed + "joe", headers={"Auth-Key": self.keys["bob"]}, data={})
+        self.assertEqual((status, {r: reply[r] for r in RIGHTS}), (200, NONE))
+        self.assertEqual(await names(), ["bob"])
+        self.assertEqual(await self.as_("bob", "DELETE", listed + "joe"),
+                         (404, {"message": "user has no access to this mailbox"}))
+        # A grantee's rights are kept by an empty PUT, and taken all away by one setting
+        # each to false: the user is off the list and no longer sees the mailbox.
+        await self.grant("bob", "joe", allow_read=True, allow_send=True)
+        status, body = await self.grant("bob", "joe")
+        self.assertEqual({r: body[r] for r in RIGHTS},
+                         {**NONE, "allow_read": True, "allow_send": True})
+        self.assertEqual(await names(), ["bob", "joe"])
+        status, body = await self.grant("bob", "joe", allow_send=False)
+        self.assertEqual(await names(), ["bob", "joe"])
+        status, body = await self.grant("bob", "joe", allow_read=False)
+        self.assertEqual((status, {r: body[r] for r in RIGHTS}), (200, NONE))
+        self.assertEqual(await names(), ["bob"])
+        self.assertEqual((await self.as_("joe", "GET", "/api/v1/mailboxes/"))[1],
+                         {"mailboxes": []})
+        self.assertEqual(await self.as_("bob", "GET", listed + "joe"),
+                         (200, {"username": "joe", "is_owner": False, **NONE}))
+        # A row of no rights stored before is no grant either: not listed.
+        await self.web.core.db.run("row", lambda c: c.execute(insert(mailbox_grants).values(
+            mailbox_id=c.execute(select(mailboxes.c.id)).scalar_one(),
+            user_id=self.eve.id, **NONE)))
+        self.assertEqual(await names(), ["bob"])
+
     async def test_bad_grant_input(self) -> None:
         status, body = await self.grant("bob", "joe", allow_read="maybe")  # type: ignore[arg-type]
         self.assertEqual(status, 400)
@@ -444,7 +488,7 @@ class PostgreSQLGrantRaceTests(DatabaseMixin, TestCase):
             address=BOX, owner_id=owner, created_at=1.0)))
         boxes = MailboxService(db, Clock())
         if existing:
-            await boxes.set_grant(owner, BOX, "joe", {"allow_read": False})
+            await boxes.set_grant(owner, BOX, "joe", {"allow_delete": True})
         fired = False
 
         def other_request(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -518,9 +562,43 @@ class PostgreSQLGrantRaceTests(DatabaseMixin, TestCase):
         # The change wrote every right as it had read them: allow_send, granted by the
         # other request meanwhile, was taken away again.
         grant, row = await self.race(existing=True)
-        expected = {**NONE, "allow_read": True, "allow_send": True}
+        expected = {**NONE, "allow_read": True, "allow_send": True, "allow_delete": True}
         self.assertEqual(grant.rights.as_dict(), expected)
         self.assertEqual({r: getattr(row, r) for r in RIGHTS}, expected)
+
+    async def test_a_right_granted_as_a_grant_of_none_is_removed_stays(self) -> None:
+        # A change that leaves joe no right removes his grant's row; a right another
+        # request granted meanwhile (committed just before the removal; this change, naming
+        # no right, took no lock on the row) is kept, that change being the later.
+        db = await self.open_database()
+        owner = await db.run("user", thd_make_user, "bob")
+        joe = await db.run("user", thd_make_user, "joe")
+        await db.run("box", lambda c: c.execute(insert(mailboxes).values(
+            address=BOX, owner_id=owner, created_at=1.0)))
+        # A row of no rights, as a grant of none left before.
+        await db.run("row", lambda c: c.execute(insert(mailbox_grants).values(
+            mailbox_id=1, user_id=joe, **NONE)))
+        boxes = MailboxService(db, Clock())
+        fired = False
+
+        def other_request(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            nonlocal fired
+            if fired or not statement.lstrip().startswith("DELETE FROM mailbox_grants"):
+                return
+            fired = True
+            with db.engine.begin() as other:
+                other.execute(update(mailbox_grants).where(
+                    mailbox_grants.c.user_id == joe).values(allow_send=True))
+
+        event.listen(db.engine, "before_cursor_execute", other_request)
+        try:
+            grant = await boxes.set_grant(owner, BOX, "joe", {})
+        finally:
+            event.remove(db.engine, "before_cursor_execute", other_request)
+        self.assertTrue(fired)
+        self.assertEqual(grant.rights.as_dict(), NONE)  # as this change found it
+        [row] = await db.read("grant", lambda c: c.execute(select(mailbox_grants)).all())
+        self.assertEqual({r: getattr(row, r) for r in RIGHTS}, {**NONE, "allow_send": True})
 
 
 class PostgreSQLWritesRacingAMailboxDeleteTests(DatabaseMixin, TestCase):

@@ -774,7 +774,9 @@ class MailApiApp(ApiApp):
         "PUT",
         summary="Grant mailbox access to a user",
         description="Only the owner or a holder of allow_modify; nobody grants a right it "
-        "does not hold (401).",
+        "does not hold (401). Rights not named keep their value; a user left holding no "
+        "right is removed from the access list (an empty body stores nothing for a user "
+        "holding none).",
         auth=MAIL_API,
         body=GRANT_BODY,
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),

@@ -7,7 +7,10 @@ again), and its mail stays readable to those who may read it until the mailbox i
 Its owner holds every right; another user holds what its grant says (`allow_read`, `allow_send`,
 `allow_reply_to`, `allow_delete`, `allow_modify`). A mailbox the caller holds no right on is
 invisible: it answers as unknown. Only the owner or a holder of `allow_modify` changes
-grants, and nobody grants a right it does not hold itself.
+grants, and nobody grants a right it does not hold itself. A grant is a user holding at
+least one right: a change that leaves none (every right set to false, or no right named
+for a user holding none) removes the user from the access list, as a revoke does, and the
+access list shows no row of no rights (`_HOLDS_A_RIGHT`).
 
 A grantee's outbox mail (`mailapi_mail.author_id`) is sent on the strength of its
 `allow_send`: taking that right away (a revoke, a grant changed to allow_send false, the
@@ -26,7 +29,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 from twisted.internet.interfaces import IReactorTime
 
 from mailcore.gateway.domains import thd_mailboxes_changed
@@ -225,6 +228,11 @@ def _thd_user(conn: Connection, name: str) -> tuple[int, str]:
     if row is not None:
         return row.id, row.username
     raise MailApiError(NOT_FOUND, "user not found", "username")
+
+
+# A grant's row that holds a right: the access list shows these only (a row of none, left
+# by a change before it was removed as set_grant removes it, is no access).
+_HOLDS_A_RIGHT = or_(*(getattr(_g, r).is_(True) for r in RIGHTS))
 
 
 def _thd_insert_grant(conn: Connection, mailbox_id: int, user_id: int) -> None:
@@ -452,7 +460,7 @@ class MailboxService:
             rows = conn.execute(
                 select(mailbox_grants, users.c.username)
                 .join(users, users.c.id == _g.user_id)
-                .where(_g.mailbox_id == box.id).order_by(users.c.username)
+                .where(_g.mailbox_id == box.id, _HOLDS_A_RIGHT).order_by(users.c.username)
             )
             out.extend(Grant(row.user_id, row.username, _rights(row)) for row in rows)
             return box, out
@@ -483,7 +491,9 @@ class MailboxService:
         self, user_id: int, address: str, username: str, changes: Mapping[str, bool]
     ) -> Grant:
         """Change `username`'s rights (the rights not named keep their value). A right set
-        to true must be one the caller holds."""
+        to true must be one the caller holds. A grant left with no right is removed (the
+        user is no longer on the access list): a change naming no right, or only rights
+        set to false, of a user holding none stores nothing."""
         unknown = sorted(set(changes) - set(RIGHTS))
         if unknown:
             raise MailApiError(INVALID, f"unknown right: {unknown[0]}", unknown[0])
@@ -519,7 +529,13 @@ class MailboxService:
                         _thd_unsend(conn, target_id, box.id)
                     if not row.allow_reply_to:
                         _thd_unsend_replying(conn, target_id, {box.address})
-                    return Grant(target_id, target_name, _rights(row))
+                    rights = _rights(row)
+                    if not rights.any():
+                        # No access: off the list, as a revoke. Only while it holds none: a
+                        # right another request granted meanwhile (a change naming no right
+                        # took no lock on the row) stays, that change being the later.
+                        conn.execute(delete(mailbox_grants).where(*where, ~_HOLDS_A_RIGHT))
+                    return Grant(target_id, target_name, rights)
 
         return await self.db.run("mailapi_set_grant", txn)
 
