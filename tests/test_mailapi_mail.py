@@ -588,6 +588,27 @@ class WritingTests(MailApiTestCase):
             [row] = [r for r in await self.rows() if r.public_id == body["id"]]
             self.assertEqual((row.status, row.raw), ("draft", None))
 
+    async def test_a_name_with_a_period_is_taken_and_sent_quoted(self) -> None:
+        # "Dr. Bob <bob@x.test>" (RFC 5322's obsolete phrase with a period, which mail
+        # clients still write) was refused as no list of addresses: the parser refused
+        # every defect the stdlib flags, this one included. It is taken and sent quoted.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": "Dr. Joe <joe@hosted.test>",
+            "cc": "J. R. Smith <smith@far.test>", "subject": "hi"})
+        self.assertEqual(status, 202, body)
+        [row] = [r for r in await self.rows() if r.public_id == body["id"]]
+        head = bytes(row.raw).split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        self.assertIn(b'\r\nTo: "Dr. Joe" <joe@hosted.test>\r\n'
+                      b'Cc: "J. R. Smith" <smith@far.test>\r\n', head)
+        taken = await self.web.core.db.read("outbox", lambda c: thd_outbox(c, 100))
+        self.assertEqual([[r.address for r in envelope.recipients]
+                          for _, _, _, envelope, _, _ in taken],
+                         [["joe@hosted.test", "smith@far.test"]])
+        # Other defects still refuse the list: an encoded word glued to what follows.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "outbox", "to": "=?utf-8?q?Joe?=<joe@hosted.test>"})
+        self.assertEqual(status, 400, body)
+
     async def test_a_subject_over_998_characters_keeps_the_mail_a_draft(self) -> None:
         """Folding a long subject costs more than its length, and an outbox mail is built
         holding the store's write lock: a 200 KB subject held it for seconds, and another

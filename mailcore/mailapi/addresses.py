@@ -10,6 +10,7 @@ addresses (`parse_address_list`).
 
 from __future__ import annotations
 
+from email.errors import MessageDefect, ObsoleteHeaderDefect
 from email.headerregistry import Address, AddressHeader, Group, HeaderRegistry
 from functools import lru_cache
 
@@ -84,6 +85,16 @@ def _groups(text: str, field: str) -> _Parsed:
     return found
 
 
+# RFC 5322 4.1's obsolete phrase with a period ("Dr. Bob <bob@x.test>", "J. Smith"): what
+# mail clients still write and readers all take; the name is quoted when the header is
+# written from it. Every other defect refuses the address list.
+_PERIOD_IN_PHRASE = "period in 'phrase'"
+
+
+def _refused(defect: MessageDefect) -> bool:
+    return not (isinstance(defect, ObsoleteHeaderDefect) and str(defect) == _PERIOD_IN_PHRASE)
+
+
 @lru_cache(maxsize=1024)
 def _parsed(text: str, field: str) -> _Parsed | MailApiError:
     try:
@@ -106,7 +117,7 @@ def _parse(text: str, field: str) -> _Parsed:
     # A defect: among them an encoded word decoding to a control character
     # (NonPrintableDefect); the names are checked again below, as the message's header
     # fields are written from them (header_addresses).
-    if header.defects or not isinstance(header, AddressHeader):
+    if any(map(_refused, header.defects)) or not isinstance(header, AddressHeader):
         raise MailApiError(INVALID, f"{field}: {text!r} is not a list of email addresses.",
                            field)
     found: list[tuple[str | None, tuple[tuple[str, str], ...]]] = []
