@@ -78,7 +78,7 @@ from mailcore.mailapi.mail import (
 from mailcore.outages import outage
 from mailcore.store.schema.mailapi import DRAFT, INBOX
 from mailcore.uploads import CHUNK, shielded
-from web.api import ApiApp
+from web.api import ApiApp, is_head
 from web.auth import MAIL_API, CredentialResolver
 from web.errors import ApiError, MailApiErrors, outage_error
 from web.login import PasswordLogin
@@ -602,10 +602,9 @@ class MailApiApp(ApiApp):
     async def get_mail(self, request: IRequest, mail_id: str) -> bytes:
         principal = await self.principal(request)
         with refusals():
-            # HEAD is safe (RFC 9110 9.3.2): a link checker or a proxy's probe of the URL
-            # reads no mail, and must not mark it read.
+            # A HEAD (a link checker, a proxy's probe) must not mark the mail read (is_head).
             mail = await self.mail.get(principal.user.id, mail_id,
-                                       mark_read=request.method != b"HEAD")
+                                       mark_read=not is_head(request))
         return self.reply(request, mail_object(mail))
 
     @routes.route(
