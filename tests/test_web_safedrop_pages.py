@@ -916,15 +916,15 @@ class DownloadOnTheWireTests(TestCase):
         self.assertEqual(after, b"HTTP/1.1 404 Not Found")
 
     async def test_a_failure_recording_a_sent_file_is_logged_not_written(self) -> None:
-        # email_receipt_when=3: the receipt of the download is queued once the file went
-        # out; the spool refuses it.
+        # email_receipt_when=3: the download is recorded, and its receipt queued, once the
+        # file went out, in the spool's write lane; the spool refuses it.
         data = b"F" * 3000
         await self.start("subject=S&email_receipt_when=3", data)
 
-        async def refuse(*_: Any, **__: Any) -> bool:
-            raise OSError("No space left on device")
+        def refuse(*_: Any, **__: Any) -> defer.Deferred[Any]:
+            return defer.fail(OSError("No space left on device"))
 
-        self.f.web.core.safedrop.spool.accept = refuse  # type: ignore[method-assign]
+        self.f.web.core.safedrop.spool.ride = refuse  # type: ignore[method-assign]
         self.wire.send(self.get)
         [(status, _, body)] = self.wire.responses()
         self.assertEqual((status, body), (b"HTTP/1.1 200 OK", data))

@@ -396,12 +396,24 @@ class SafedropService:
         contents now (read receipts 1, at most one an hour per recipient, and 2)."""
         if not token or len(token) > 100 or not token.isascii():
             raise side.LinkInvalid()
-        found = await self.db.run("safedrop_open_link", side.open_link_txn,
-                                  link_digest(token), self.now(), viewing)
-        if found.tell_opened:
-            await self._tell_sender(found.sender, found.bundle,
-                                    f"{found.recipient.email} opened your drop.")
-        return found
+        digest, now = link_digest(token), self.now()
+        if not viewing:
+            return await self.db.run("safedrop_open_link", side.open_link_txn, digest, now,
+                                     False)
+        at = self.clock.seconds()
+
+        def txn(conn: Connection) -> Access:
+            found = side.open_link_txn(conn, digest, now, True)
+            if found.tell_opened:
+                self._thd_tell_sender(conn, found.sender, found.bundle,
+                                      f"{found.recipient.email} opened your drop.", at)
+            return found
+
+        # The receipt is queued in the transaction that records the opening it goes with
+        # (`opened_at`, `opened_receipt_at`), a rider of the spool's write lane as `send`:
+        # recorded first and queued after, a crash between the two commits lost the
+        # receipt for good (the recipient's row said it was sent).
+        return await self.spool.ride("safedrop_open_link", txn)
 
     async def check_password(self, found: Access, password: str) -> str:
         """side.CODE_OK (no password, or the right one), CODE_WRONG, or CODE_LOCKED while
@@ -492,20 +504,39 @@ class SafedropService:
         """Bytes `first` to `last` of a file went to a recipient (none when `last` <
         `first`); once it has all of the file (in one response or in parts), or under
         read_remove once its last allowed download has ended: receipts, and read_remove."""
-        attempts = self.settings.max_download_attempts if found.bundle.read_remove else None
-        result = await self.db.run(
-            "safedrop_record_download", side.record_sent_txn, found.recipient.id,
-            found.bundle.id, drop_file.id, drop_file.size, first, last, self.now(), attempts,
-        )
-        when = found.bundle.email_receipt_when
-        if result.first_time and when == 3:
-            await self._tell_sender(found.sender, found.bundle,
-                                    f"{found.recipient.email} downloaded {shown(drop_file.name)}.")
-        if result.all_done and when == 4:
-            await self._tell_sender(found.sender, found.bundle,
-                                    "Every recipient has downloaded every file.")
-        if result.all_done and found.bundle.read_remove:
-            await self.remove(found.bundle.id)
+        bundle = found.bundle
+        attempts = self.settings.max_download_attempts if bundle.read_remove else None
+        when = bundle.email_receipt_when
+        now, at = self.now(), self.clock.seconds()
+
+        def txn(conn: Connection) -> bool:
+            """Record the bytes, and in the same transaction queue the receipt they decide
+            and mark the drop removed once every recipient has every file (read_remove):
+            whether it was marked now (its files are deleted after the commit)."""
+            result = side.record_sent_txn(conn, found.recipient.id, bundle.id, drop_file.id,
+                                          drop_file.size, first, last, now, attempts)
+            if result.first_time and when == 3:
+                self._thd_tell_sender(
+                    conn, found.sender, bundle,
+                    f"{found.recipient.email} downloaded {shown(drop_file.name)}.", at)
+            if result.all_done and when == 4:
+                self._thd_tell_sender(conn, found.sender, bundle,
+                                      "Every recipient has downloaded every file.", at)
+            return (result.all_done and bundle.read_remove
+                    and side.mark_removed_txn(conn, bundle.id, now))
+
+        # A receipt is queued in the transaction that records the download deciding it (a
+        # rider of the spool's write lane, as `open_link`'s); committed apart, a crash
+        # between the two lost it for good (the download was counted, never again first
+        # or last). So is the removal: marked apart, a crash left a drop every recipient
+        # had in full to the expiry sweep, which mailed its sender "Your drop has expired".
+        if when in (3, 4):
+            removed = await self.spool.ride("safedrop_record_download", txn)
+        else:
+            removed = await self.db.run("safedrop_record_download", txn)
+        if removed:
+            # A crash before this leaves them to the sweep (`_sweep_left_behind`).
+            await self.io.run(self.files.remove_bundle, bundle.id)
 
     async def remove(self, bundle_id: int) -> bool:
         """Delete a bundle's files from disk and mark it removed (once)."""
@@ -615,22 +646,41 @@ class SafedropService:
         subject = shown(bundle.subject)
         await self._mail(sender, subject_line("Safedrop", subject), text)
 
-    async def _mail(self, to: str, subject: str, body: str,
-                    guard: Callable[[Connection], bool] | None = None) -> None:
-        """A message from safedrop itself (null envelope sender: nothing bounces back);
-        `guard` as for `Spool.accept`."""
+    def _thd_tell_sender(self, conn: Connection, sender: str, bundle: Bundle, text: str,
+                         at: float) -> None:
+        """Blocking, in the transaction that records what decides it: queue a mail to the
+        drop's sender, as `_tell_sender` does."""
+        subject = subject_line("Safedrop", shown(bundle.subject))
+        envelope = Envelope("", (thd_recipient(conn, sender),), kind="notification")
+        settings = self.spool.settings
+        # Not leased: the queue's sweeper takes it (within [queue] poll_interval).
+        thd_insert_messages(
+            conn, [NewMessage(new_queue_id(at), envelope,
+                              self._message(sender, subject, text, at), False)],
+            settings.node_id, at, at + settings.lease_seconds)
+
+    def _message(self, to: str, subject: str, body: str, at: float) -> bytes:
+        """A message from safedrop itself, dated `at`."""
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
         msg["To"] = to
         msg["Subject"] = subject
-        msg["Date"] = email.utils.format_datetime(self.now())
+        msg["Date"] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(at, datetime.UTC))
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
         msg["Auto-Submitted"] = "auto-generated"
         msg.set_content(body + "\n")
+        return msg.as_bytes()
+
+    async def _mail(self, to: str, subject: str, body: str,
+                    guard: Callable[[Connection], bool] | None = None) -> None:
+        """A message from safedrop itself (null envelope sender: nothing bounces back);
+        `guard` as for `Spool.accept`."""
+        at = self.clock.seconds()
+        message = self._message(to, subject, body, at)
         recipient = await self.db.read("safedrop_route", thd_recipient, to)
         envelope = Envelope("", (recipient,), kind="notification")
-        await self.spool.accept(new_queue_id(self.clock.seconds()), envelope, msg.as_bytes(),
-                                guard=guard)
+        await self.spool.accept(new_queue_id(at), envelope, message, guard=guard)
 
 
 class SafedropSweeper(Service):
