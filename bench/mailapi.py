@@ -51,7 +51,9 @@ class Daemon(MailcoreDaemon):
             "[web]\nlogin_rate = 0\nmax_connections_per_ip = 1000\n"
             # The bench measures the API, not its per-user rate (20/second by default).
             'mailapi_user_rate = "1000000000/hour"\n\n'
-            "[pipeline]\nfiltering = false\n\n[queue]\nallow_loopback = true\n",
+            "[pipeline]\nfiltering = false\n\n[queue]\nallow_loopback = true\n\n"
+            # Nor the user's cap on recipients (500 an hour by default).
+            "[limits]\nuser_recipients_per_hour = 0\nuser_recipients_per_day = 0\n",
             backlog=1000,
         )
         self.cli("init")

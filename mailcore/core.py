@@ -57,6 +57,7 @@ from mailcore.ratelimits import BucketSweeper, SharedBuckets
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.safedrop.sms import SmsGateway
+from mailcore.sendcaps import SendCaps, SendCapSettings, SendsSweeper
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
 from mailcore.store import Database
 from mailcore.store.dbclock import ClockFollower, DatabaseTime
@@ -129,6 +130,8 @@ class Core:
     outbox: OutboxSender = field(init=False)
     # safedrop ([safedrop]): drop bundles, recipients, files on disk, notifications.
     safedrop: SafedropService = field(init=False)
+    # The caps on the recipients of the mail those two send for a user ([limits]).
+    send_caps: SendCaps = field(init=False)
     # `mailcore user delete`: a user with everything it owns, through the services above.
     deletion: UserDeletion = field(init=False)
     # This node in the registry of the nodes sharing a PostgreSQL store (its files marker
@@ -198,6 +201,10 @@ class Core:
             node_id=queue_settings.node_id, registry=self.metrics, webhooks=self.webhooks,
         )
         self._build_filtering()
+        self.send_caps = SendCaps(
+            self.db, self.clock, SendCapSettings.from_config(self.config.section("limits")),
+            registry=self.metrics,
+        )
         drop_settings = SafedropSettings.from_config(self.config.section("safedrop"))
         self.safedrop = SafedropService(
             self.db, self.clock, self.cpu, self.fetch.secrets, self.spool, drop_settings,
@@ -205,6 +212,7 @@ class Core:
             hostname=self.config.hostname,
             sms=SmsGateway.over(drop_settings.sms_gateway, self.clock)
             if drop_settings.sms_gateway else None,
+            caps=self.send_caps,
         )
         # Hosted mailboxes: the queue stores their mail here instead of relaying it.
         self.hosted = hosted = HostedAddresses(self.db, self.clock)
@@ -224,6 +232,7 @@ class Core:
             # one lock, and a commit of its own cost an fsync); PostgreSQL groups
             # concurrent commits itself, and a post's row locks would hold the queue's lane.
             ride=self.spool.ride if self.db.is_sqlite else None,
+            caps=self.send_caps,
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)
         self.rate_buckets = SharedBuckets(self.db, self.clock)
@@ -333,6 +342,7 @@ class Core:
         services.append(self.backup_index)
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(BucketSweeper(self.rate_buckets))
+        services.append(SendsSweeper(self.send_caps))
         services.append(SafedropSweeper(self.safedrop))
         mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
         mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period

@@ -148,6 +148,7 @@ TABLES: dict[str, Reader] = {
     "web": _web,
     "log": _settings("log", "mailcore.logrotation:LogSettings", "from_config"),
     "store": _settings("store", "mailcore.store.settings:StoreSettings", "from_config"),
+    "limits": _settings("limits", "mailcore.sendcaps:SendCapSettings", "from_config"),
 }
 
 

@@ -28,6 +28,9 @@ A write that would take its mailbox past its quota (its own, set by the operator
 `[mailapi] mailbox_quota_bytes`) stores nothing and
 answers 507 `{"message": "mailbox full: ..."}`; a mailbox shows its `used_bytes` and
 `quota_bytes`.
+A send past the caller's `[limits]` cap on recipients (mailcore.sendcaps) keeps the mail a
+draft and answers 429 `{"message": "sending limit reached: ... - stored email as draft",
+"id": ...}` with Retry-After (400, no Retry-After, when the mail alone is over a cap).
 
 Mailboxes and grants: `/api/v1/mailboxes/…` (model in mailcore.mailapi). A refusal of the
 model answers 400 (bad input), 401 (a right the caller does not hold, as the seed's "you
@@ -76,6 +79,7 @@ from mailcore.mailapi.mail import (
     Written,
 )
 from mailcore.outages import outage
+from mailcore.sendcaps import describe, retry_headers
 from mailcore.store.schema.mailapi import DRAFT, INBOX
 from mailcore.uploads import CHUNK, shielded
 from web.api import ApiApp, is_head
@@ -242,8 +246,26 @@ WRITTEN: dict[Outcome, tuple[int, int, str]] = {
     Outcome.BAD_BODY: (400, 400, "invalid body (a control character other than TAB, CR and "
                        "LF) - stored email as draft"),
     Outcome.UNAUTHORIZED: (401, 401, "unauthorized from/reply-to - stored email as draft"),
+    # The message and the status (400 when the mail alone is over a cap) are the verdict's.
+    Outcome.CAPPED: (429, 429, "sending limit reached - stored email as draft"),
 }
 NOT_STORED = "mail not sent / draft not saved"
+# A send past the caller's cap on recipients ([limits]: mailcore.sendcaps), in the document.
+CAPPED_TEXT = (
+    "Mail sent to more recipients than the caller's `[limits]` caps leave "
+    "(`user_recipients_per_hour`, `user_recipients_per_day`: the recipients of all the "
+    "user's Mail API and safedrop mail in any 60 minutes, any 24 hours) is kept as a draft "
+    "too: 429 with Retry-After (when it would pass), or 400 when the mail alone has more "
+    "recipients than a cap.")
+CAPPED_REPLY = Reply(
+    "Rate limited: the caller's requests (`[web] mailapi_user_rate`: `{\"message\": "
+    "\"Request was throttled. ...\"}`), or its cap on recipients (the mail kept as a "
+    "draft: `{\"message\": \"sending limit reached: ... - stored email as draft\", "
+    "\"id\": ...}`)", WRITTEN_REPLY,
+    headers={"Retry-After": "Seconds until the request, or the mail, would pass",
+             "X-RateLimit-Limit": "Requests the caller's bucket holds",
+             "X-RateLimit-Remaining": "Requests left now",
+             "X-RateLimit-Reset": "Epoch seconds when the bucket is full again"})
 # Other spellings of the seed's mail fields a client may send.
 FIELD_ALIASES = {"reply_to": "reply-to"}
 # The fields a POST or PUT of a mail may carry: the seed's, `read` (PUT), the credential
@@ -539,25 +561,33 @@ class MailApiApp(ApiApp):
             "next_email_id": page.next_id,
         })
 
-    def written(self, request: IRequest, outcome: Outcome, public_id: str, *,
-                put: bool) -> bytes:
+    def written(self, request: IRequest, written: Written, *, put: bool) -> bytes:
+        outcome = written.outcome
         post_status, put_status, message = WRITTEN[outcome]
         status = put_status if put else post_status
+        headers: dict[str, str] = {}
         if outcome is Outcome.SAVED:
             message = "updated email" if put else "draft saved"
-        return self.reply(request, {"message": message, "id": public_id}, status)
+        elif written.capped is not None:  # [limits]: mailcore.sendcaps
+            message = f"{describe(written.capped)} - stored email as draft"
+            headers = retry_headers(written.capped)
+            if written.capped.retry_after is None:
+                status = 400
+        return self.reply(request, {"message": message, "id": written.public_id}, status,
+                          headers=headers)
 
     @routes.route(
         "/api/v1/mail/",
         "POST",
         summary="Create an email (a draft, or outbox to send it)",
         description="Fields are checked only for status outbox; mail that cannot be sent "
-        "is kept as a draft and the reply says why (with its id).",
+        "is kept as a draft and the reply says why (with its id). " + CAPPED_TEXT,
         auth=MAIL_API,
         body=MAIL_BODY,
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
         replies={201: Reply("Draft saved", WRITTEN_REPLY),
-                 202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
+                 202: Reply("Enqueued to be sent", WRITTEN_REPLY),
+                 429: CAPPED_REPLY},
         errors=(400, 401, 413, 500, 507),
     )
     async def create_mail(self, request: IRequest) -> bytes:
@@ -568,7 +598,7 @@ class MailApiApp(ApiApp):
 
         with refusals("storing a Mail API mail failed"):
             written = await shielded(self.write_mail(request, create))
-        return self.written(request, written.outcome, written.public_id, put=False)
+        return self.written(request, written, put=False)
 
     async def write_mail(self, request: IRequest,
                          write: Callable[[dict[str, Any], Edit], Awaitable[Written]]
@@ -650,13 +680,14 @@ class MailApiApp(ApiApp):
         "PUT",
         summary="Update a draft, send it (status outbox), or set read",
         description="Only drafts change; sent, outbox and inbox mail take only `read` "
-        "(409 otherwise).",
+        "(409 otherwise). " + CAPPED_TEXT,
         auth=MAIL_API,
         body={**MAIL_BODY, "properties": {**MAIL_BODY["properties"],
                                           "read": {"type": "boolean"}}},
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),
         replies={200: Reply("Updated", WRITTEN_REPLY),
-                 202: Reply("Enqueued to be sent", WRITTEN_REPLY)},
+                 202: Reply("Enqueued to be sent", WRITTEN_REPLY),
+                 429: CAPPED_REPLY},
         errors=(400, 401, 404, 409, 413, 500, 507),
     )
     async def put_mail(self, request: IRequest, mail_id: str) -> bytes:
@@ -674,7 +705,7 @@ class MailApiApp(ApiApp):
 
         with refusals("updating a Mail API mail failed"):
             written = await shielded(self.write_mail(request, update))
-        return self.written(request, written.outcome, written.public_id, put=True)
+        return self.written(request, written, put=True)
 
     @routes.route(
         "/api/v1/mail/<mail_id>",

@@ -16,8 +16,10 @@ The auth server also answers a request carrying only an X-Auth-Token: 204 while 
 is valid, 401 after. Bundles, recipients and files are `mailcore.safedrop`'s; this module
 only translates the wire format: fields are checked here (unknown ones, wrong types, bad
 dates are 400s naming the field), what the service refuses becomes the seed's status (400
-bad input, 404 not yours or unknown, 405 once sent, 413 too large), and replies carry no
-secret: `secure_message` reads back as a boolean, `password` not at all.
+bad input, 404 not yours or unknown, 405 once sent, 413 too large; a send past the user's
+`[limits]` cap on recipients, mailcore.sendcaps, is a 429 with Retry-After, the bundle
+unsent), and replies carry no secret: `secure_message` reads back as a boolean, `password`
+not at all.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from mailcore.safedrop.model import (
     check_telephone,
 )
 from mailcore.safedrop.service import SafedropService
+from mailcore.sendcaps import SendCapped, describe, retry_headers
 from web.api import ApiApp, is_head
 from web.auth import SAFEDROP, SAFEDROP_KEY, CredentialResolver
 from web.errors import ApiError, SafedropErrors, field_error
@@ -328,6 +331,10 @@ def drop_error(error: Exception) -> ApiError:
     """The reply for what the drop service refused."""
     if isinstance(error, DropNotFound):
         return ApiError(404, SafedropErrors().not_found())
+    if isinstance(error, SendCapped):  # [limits]: the bundle stays unsent
+        verdict = error.verdict
+        return ApiError(429 if verdict.retry_after is not None else 400, describe(verdict),
+                        headers=retry_headers(verdict))
     if isinstance(error, DropSent):
         # What the sent state leaves: reading (ApiApp.with_allow adds the HEAD it answers).
         return ApiError(405, SENT, headers={"Allow": "GET"})
@@ -431,7 +438,7 @@ class SafedropApp(ApiApp):
         """Await the service; what it refused becomes the seed's 400/404/405/413."""
         try:
             return await work
-        except (DropError, DropNotFound, DropSent) as e:
+        except (DropError, DropNotFound, DropSent, SendCapped) as e:
             raise drop_error(e) from None
 
     def _input(self, request: IRequest) -> dict[str, Any]:
@@ -479,11 +486,27 @@ class SafedropApp(ApiApp):
         description="With `?send`: notify every recipient (one mail each, with a link of "
         "its own) and answer `200 text/plain` `OK`; afterwards the bundle, its recipients "
         "and files can no longer be changed (405). Sending with no recipient or no file is "
-        "a 400. A HEAD with `?send` answers what the send would and sends nothing.",
+        "a 400. A send past the user's `[limits]` caps on recipients "
+        "(`user_recipients_per_hour`, `user_recipients_per_day`: the recipients of all the "
+        "user's safedrop and Mail API mail in any 60 minutes, any 24 hours) leaves the "
+        "bundle unsent: 429 with Retry-After (when it would pass), or 400 when the bundle "
+        "alone has more recipients than a cap. A HEAD with `?send` answers what the send "
+        "would and sends nothing.",
         auth=SAFEDROP,
         query={"send": {"type": "string", "description": "Present: send the bundle"}},
         replies={200: Reply("The bundle (or `OK` after sending)", BUNDLE_SCHEMA,
-                            alternatives={"text/plain": {"type": "string", "enum": ["OK"]}})},
+                            alternatives={"text/plain": {"type": "string", "enum": ["OK"]}}),
+                 429: Reply(
+                     "Rate limited: the user's requests (`[web] safedrop_user_rate`), or "
+                     "(`?send`) its cap on recipients, `{\"error\": \"sending limit "
+                     "reached: ...\"}`, the bundle unsent",
+                     SafedropErrors().schema(),
+                     headers={"Retry-After": "Seconds until the request, or the send, "
+                              "would pass",
+                              "X-RateLimit-Limit": "Requests the user's bucket holds",
+                              "X-RateLimit-Remaining": "Requests left now",
+                              "X-RateLimit-Reset": "Epoch seconds when the bucket is full "
+                              "again"})},
     )
     async def show_bundle(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)

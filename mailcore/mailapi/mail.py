@@ -11,20 +11,21 @@ mail, but not keep a draft.
 
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
 field with a line break, a `from` or `reply-to` the caller may not use, a `from` or
-`reply-to` mailbox whose domain was removed) stays a draft and
-the reply says why. Mail set to `outbox` is built with Python's `email` package
-(Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given a queue
-id and its place in the outbox's order in the transaction that puts it in the outbox; the
-OutboxSender hands it to the spool in that order (mailcore.mailapi.outbox). A large mail
-(fields and attachments over BUILT_APART bytes) is built before that transaction (on the same
-pool thread), from a read of what the transaction will find: building it (attachments read
-from disk and encoded, up to max_message_bytes) must not hold the store's one write lock,
-which the SMTP spool needs for every message it accepts. The transaction checks the mail
-again and keeps the built message only when it would build it from the same fields and
-parts; else (the mail or the caller's rights changed in between) it builds the message
-itself. A small mail is built in the transaction: it takes a millisecond or two, less than
-the extra read and, with several built at once, the contention for Python's lock would
-cost.
+`reply-to` mailbox whose domain was removed, a send past the caller's `[limits]` cap on
+recipients: mailcore.sendcaps, counted in the transaction that would put it in the outbox)
+stays a draft and the reply says why. Mail set to `outbox` is built with Python's `email`
+package (Message-ID, Date, MIME attachments, no Bcc field; mailcore.mailapi.mime) and given
+a queue id and its place in the outbox's order in the transaction that puts it in the
+outbox; the OutboxSender hands it to the spool in that order (mailcore.mailapi.outbox). A
+large mail (fields and attachments over BUILT_APART bytes) is built before that transaction
+(on the same pool thread), from a read of what the transaction will find: building it
+(attachments read from disk and encoded, up to max_message_bytes) must not hold the store's
+one write lock, which the SMTP spool needs for every message it accepts. The transaction
+checks the mail again and keeps the built message only when it would build it from the same
+fields and parts; else (the mail or the caller's rights changed in between) it builds the
+message itself. A small mail is built in the transaction: it takes a millisecond or two,
+less than the extra read and, with several built at once, the contention for Python's lock
+would cost.
 
 On SQLite (the daemon sets `ride` to Spool.ride) a write's transaction is a rider of the
 spool's next group commit, in a savepoint of its own: the mail posted meanwhile and the
@@ -88,6 +89,7 @@ from mailcore.mailapi.mime import OutgoingPart, build_message
 from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
 from mailcore.queue.model import SERVED
+from mailcore.sendcaps import SendCaps
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.chunks import found_keys
@@ -101,6 +103,7 @@ from mailcore.store.schema import (
     mailboxes,
 )
 from mailcore.store.schema.mailapi import DRAFT, INBOX, OUTBOX, mailapi_outbox_seq
+from mailcore.store.sends import SendVerdict
 from mailcore.text import has_control_multiline
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
@@ -168,6 +171,7 @@ class Outcome(enum.Enum):
     TOO_MANY = "too_many"  # over MAX_RECIPIENTS recipients: a draft
     BAD_BODY = "bad_body"  # a control character other than TAB, CR, LF in the body: a draft
     UNAUTHORIZED = "unauthorized"  # a from / reply-to the caller may not use: a draft
+    CAPPED = "capped"  # past the caller's [limits] cap on recipients: a draft
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,8 @@ class Written:
     public_id: str
     # The mailbox an enqueued mail is sent from (None for any other outcome).
     mailbox_id: int | None = None
+    # Why a CAPPED mail was not sent (mailcore.sendcaps).
+    capped: SendVerdict | None = None
 
 
 class Held(NamedTuple):
@@ -331,7 +337,8 @@ class MailService:
                  io: CpuPool, *, max_attachment_bytes: int = 25 * 1024 * 1024,
                  max_message_bytes: int = 25 * 1024 * 1024,
                  quota_bytes: int | None = None,
-                 ride: Callable[..., defer.Deferred[Any]] | None = None) -> None:
+                 ride: Callable[..., defer.Deferred[Any]] | None = None,
+                 caps: SendCaps | None = None) -> None:
         self.db = db
         self.clock = clock
         self.hostname = hostname
@@ -343,6 +350,8 @@ class MailService:
         # How a write commits in the spool's group commit (Spool.ride; see the module
         # docstring); None: in a transaction of its own.
         self.ride = ride
+        # The caps on the recipients of a user's mail ([limits]; None: no cap).
+        self.caps = caps
         # Callables told when mail enters the outbox, with the mailbox it is sent from.
         self.on_enqueued: list[Callable[[int | None], object]] = []
 
@@ -565,7 +574,7 @@ class MailService:
             else partial(_parse_ahead, edit.values if edit.status == OUTBOX else {})
         written = await self._write("mailapi_create", prepare, txn,
                                     building=large or edit.status == OUTBOX)
-        self._told(written)
+        await self._told(user_id, written)
         return written
 
     async def _write(self, name: str, prepare: Callable[[Reader], Built | None],
@@ -640,7 +649,7 @@ class MailService:
         written = await self._write(
             "mailapi_update", partial(self._thd_built, edit.status, now, gather), txn,
             building=edit.status == OUTBOX)
-        self._told(written)
+        await self._told(user_id, written)
         return written
 
     def _thd_built(self, status: str | None, now: float,
@@ -679,10 +688,12 @@ class MailService:
         data = bytes(conn.execute(select(_a.data).where(_a.id == attachment_id)).scalar_one())
         return partial(BytesIO, data)
 
-    def _told(self, written: Written) -> None:
+    async def _told(self, user_id: int, written: Written) -> None:
         if written.outcome is Outcome.ENQUEUED:
             for hook in self.on_enqueued:
                 hook(written.mailbox_id)
+        elif written.capped is not None and self.caps is not None:
+            await self.caps.refused(user_id, "mailapi", written.capped)
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
                     status: str | None, rights: Holdings,
@@ -706,6 +717,13 @@ class MailService:
         sender = thd_mailbox(conn, checked["from"], hold=True)
         if sender is None:  # deleted since its rights were read: the mail stays a draft
             return Written(Outcome.UNAUTHORIZED, public_id)
+        if self.caps is not None:
+            # Counted last, when nothing else keeps it a draft; each distinct address once,
+            # as the envelope has it (mailcore.mailapi.outbox).
+            verdict = self.caps.thd_take(conn, author, len({
+                a for name in _RECIPIENT_FIELDS for a in recipients[name]}), now)
+            if not verdict.allowed:
+                return Written(Outcome.CAPPED, public_id, capped=verdict)
         found = _thd_parts(conn, row.id)
         made_from = (checked, recipients,
                      tuple((a.name, a.content_type, a.sha256) for a in found), now)

@@ -9,7 +9,9 @@ link token is ever logged or returned by a read.
 Sending claims the bundle once (`UPDATE … WHERE sent_at IS NULL`) together with the
 recipients' link digests and queues one notification per recipient (kind "notification",
 the owner's address as envelope sender so bounces reach them), all in one transaction of
-the spool's write lane: every recipient is told, or the bundle stays unsent.
+the spool's write lane: every recipient is told, or the bundle stays unsent. The same
+transaction counts the recipients against the owner's `[limits]` caps (mailcore.sendcaps);
+a send past one is refused (SendCapped) and the bundle stays unsent.
 Safedrop's mail is routed as the Mail API's outbox is: a recipient of a served domain goes
 to that domain's next hop (or mailbox), any other through relayhost or MX.
 """
@@ -54,6 +56,7 @@ from mailcore.safedrop.model import (
     bundle_full,
 )
 from mailcore.safedrop.sms import SmsError, SmsGateway
+from mailcore.sendcaps import SendCapped, SendCaps
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
@@ -131,6 +134,7 @@ class SafedropService:
         files_dir: Path | None = None,
         io: CpuPool | None = None,
         sms: SmsGateway | None = None,
+        caps: SendCaps | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -144,6 +148,8 @@ class SafedropService:
         # the data directory.
         self.files = DropFiles((files_dir or data_dir) / "safedrop")
         self.sms = sms
+        # The caps on the recipients of a user's mail ([limits]; None: no cap).
+        self.caps = caps
         self._key_path = data_dir / "safedrop.key"
         self._grants: Grants | None = None
 
@@ -329,6 +335,10 @@ class SafedropService:
         def txn(conn: Connection) -> int:
             bundle, sender, recipients, files = store.claim_send_txn(
                 conn, owner_id, bundle_id, now, new_link)
+            if self.caps is not None:
+                verdict = self.caps.thd_take(conn, owner_id, len(recipients), at)
+                if not verdict.allowed:
+                    raise SendCapped(verdict)  # the claim is rolled back with it
             messages = []
             for r, token in recipients:
                 message = self.notification(bundle, sender, r, files, self.link(token))
@@ -340,13 +350,27 @@ class SafedropService:
                                 at + settings.lease_seconds)
             return len(messages)
 
-        return await self.spool.ride("safedrop_send", txn)
+        try:
+            return await self.spool.ride("safedrop_send", txn)
+        except SendCapped as e:
+            assert self.caps is not None
+            await self.caps.refused(owner_id, "safedrop", e.verdict)
+            raise
 
     async def check_send(self, owner_id: int, bundle_id: int) -> None:
-        """Refuse as `send` would now (DropNotFound, DropSent, DropError), sending nothing
-        and changing nothing."""
-        await self.db.read("safedrop_check_send", store.check_send_txn, owner_id, bundle_id,
-                           self.now())
+        """Refuse as `send` would now (DropNotFound, DropSent, DropError, SendCapped),
+        sending nothing and changing nothing."""
+        now = self.now()
+        at = self.clock.seconds()
+
+        def txn(conn: Connection) -> None:
+            recipients = store.check_send_txn(conn, owner_id, bundle_id, now)
+            if self.caps is not None:
+                verdict = self.caps.thd_check(conn, owner_id, recipients, at)
+                if not verdict.allowed:
+                    raise SendCapped(verdict)
+
+        await self.db.read("safedrop_check_send", txn)
 
     def notification(
         self, bundle: Bundle, sender: str, recipient: DropRecipient,

@@ -299,13 +299,14 @@ def _sendable_txn(conn: Connection, owner_id: int, row: Any, now: datetime.datet
 
 
 def check_send_txn(conn: Connection, owner_id: int, bundle_id: int,
-                   now: datetime.datetime) -> None:
+                   now: datetime.datetime) -> int:
     """Refuse as `claim_send_txn` would (DropNotFound, DropSent, DropError), changing
-    nothing: the answer to a HEAD of the send."""
+    nothing: the answer to a HEAD of the send. Returns how many recipients it would
+    mail."""
     row = _owned_row_txn(conn, owner_id, bundle_id)
     if row.sent_at is not None:
         raise DropSent()
-    _sendable_txn(conn, owner_id, row, now)
+    return len(_sendable_txn(conn, owner_id, row, now)[0])
 
 
 def claim_send_txn(

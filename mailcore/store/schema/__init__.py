@@ -42,10 +42,12 @@ from mailcore.store.schema.quarantine import quarantine, quarantine_digest_runs
 from mailcore.store.schema.queue import queue_messages, queue_recipients
 from mailcore.store.schema.rates import rate_buckets
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
+from mailcore.store.schema.sends import api_sends
 from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
 
 __all__ = [
     "FTS_TABLES",
+    "api_sends",
     "billing_counters",
     "change_counters",
     "credentials",

@@ -1,0 +1,112 @@
+"""The sends the APIs made for each user (`schema.api_sends`), counted against caps over
+sliding windows (mailcore.sendcaps): one transaction checks a send against every window and
+records it, so that two sends at once, on one node or on several sharing a PostgreSQL
+store, never both pass the last of a cap. Blocking (`thd_`): run them in the transaction
+that sends."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, text
+
+from mailcore.store.schema import api_sends, users
+
+_s = api_sends.c
+
+# PostgreSQL: the namespace of the per-user advisory lock held while a send is counted (its
+# high 32 bits spell "send"; the user's id is the low ones).
+_SEND_LOCK = 0x73656E64 << 32
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+# Built once: they run for every send.
+_USED = select(func.coalesce(func.sum(_s.recipients), 0)).where(
+    _s.user_id == bindparam("user"), _s.at > bindparam("since"))
+_COUNTED = select(_s.at, _s.recipients).where(
+    _s.user_id == bindparam("user"), _s.at > bindparam("since")).order_by(_s.at)
+_FORGET = delete(api_sends).where(_s.user_id == bindparam("user"), _s.at <= bindparam("before"))
+_RECORD = insert(api_sends)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A cap: at most `cap` recipients in any `seconds` (`name` says which, as "hour")."""
+
+    name: str
+    seconds: float
+    cap: int
+
+
+@dataclass(frozen=True)
+class SendVerdict:
+    """Whether a send of `recipients` passes; when not, the window whose cap refused it,
+    the recipients already counted there, and the seconds until it would pass (the
+    longest wait of the windows that refuse it), None when it never can (more recipients
+    than the cap)."""
+
+    allowed: bool
+    recipients: int
+    window: Window | None = None
+    used: int = 0
+    retry_after: int | None = None
+
+
+def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
+                   windows: Sequence[Window], *, take: bool = True) -> SendVerdict:
+    """Count a send of `recipients` by `user_id` at `now` against `windows`: recorded
+    (with `take`) when every window has room for it, else refused, nothing recorded. In
+    the caller's transaction: on PostgreSQL it holds the user's advisory lock until it
+    ends (READ COMMITTED: a send that waited for it reads the one before it); SQLite's
+    writers take turns anyway. Without `take` (a check that sends nothing) no lock is
+    taken and nothing is written."""
+    if not windows or recipients <= 0:
+        return SendVerdict(True, recipients)
+    for window in windows:
+        if recipients > window.cap:
+            return SendVerdict(False, recipients, window)
+    if take:
+        if conn.dialect.name == "postgresql":
+            conn.execute(_LOCK, {"key": _SEND_LOCK + user_id})
+        longest = max(w.seconds for w in windows)
+        conn.execute(_FORGET, {"user": user_id, "before": now - longest})
+    refused: SendVerdict | None = None
+    for window in windows:
+        used = int(conn.execute(_USED, {"user": user_id, "since": now - window.seconds})
+                   .scalar_one())
+        if used + recipients <= window.cap:
+            continue
+        wait = _wait(conn, user_id, now, window, used + recipients - window.cap)
+        if refused is None or wait > (refused.retry_after or 0):
+            refused = SendVerdict(False, recipients, window, used, wait)
+    if refused is not None:
+        return refused
+    if take:
+        conn.execute(_RECORD, {"user_id": user_id, "at": now, "recipients": recipients})
+    return SendVerdict(True, recipients)
+
+
+def _wait(conn: Connection, user_id: int, now: float, window: Window, excess: int) -> int:
+    """Seconds until the sends counted in `window` leave it by at least `excess`
+    recipients (each leaves `window.seconds` after it was made), at least 1."""
+    freed = 0
+    leaves = now + window.seconds
+    for row in conn.execute(_COUNTED, {"user": user_id, "since": now - window.seconds}):
+        freed += row.recipients
+        if freed >= excess:
+            leaves = row.at + window.seconds
+            break
+    return max(1, math.ceil(leaves - now))
+
+
+def thd_sweep_sends(conn: Connection, before: float) -> int:
+    """Delete the sends made at or before `before` (no window counts them); how many."""
+    return int(conn.execute(delete(api_sends).where(_s.at <= before)).rowcount or 0)
+
+
+def thd_user_name(conn: Connection, user_id: int) -> str | None:
+    """The user's name and address as the log shows them ("bob <bob@x.test>"), None when
+    it is gone."""
+    row = conn.execute(select(users.c.username, users.c.email)
+                       .where(users.c.id == user_id)).first()
+    return None if row is None else f"{row.username} <{row.email}>"
