@@ -1,0 +1,355 @@
+"""HEAD is safe on every route: the guard that keeps it so (web.api.is_head).
+
+Werkzeug routes a HEAD to the route that takes GET and twisted.web only drops the body it
+writes, so every GET route answers HEAD by running its GET. A GET that changes something
+(mints a token, sends or releases mail, marks mail read, records an opening or a download)
+must ask `is_head` and change nothing for a HEAD (RFC 9110 9.2.1: a link checker, a proxy's
+probe, `curl -I`). This test enumerates every route of every app of the HTTP tree (each
+Klein url_map), HEADs each one that answers GET with a valid credential of its API and ids
+that exist, on a real store (SQLite), and checks that no row of any table changed but the
+columns `REFRESHED_ON_USE` allows (the queue's tables among them: no mail was queued), then
+that a GET answers the same status and Content-Length. A GET route added later fails here
+until `requests` or `build_estate` says how to request it with ids that exist, or
+`CANNOT_REQUEST` says why it cannot; one that changes state on a HEAD fails on its rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.trial.unittest import TestCase
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from mailcore.config import Config
+from mailcore.fetch.jobs import thd_create_job
+from mailcore.fetch.state import thd_folder
+from mailcore.gateway.quarantine import ToKeep
+from mailcore.mailapi.delivery import LocalMailboxes
+from mailcore.messages.models import FetchedMessage, Location
+from mailcore.safedrop.service import link_digest
+from mailcore.store.schema import mailapi_mail, message_attachments, queue_messages
+from tests.support.imap2api import FETCH_KEY
+from tests.support.oauth import authorize_uri, register
+from tests.support.web import BASE, Web, header
+
+# Columns a request may change as a use, not as a change of state (web.api.is_head): a HEAD
+# counts as a request as a GET does.
+REFRESHED_ON_USE: Mapping[str, frozenset[str] | None] = {
+    # When a credential was last used (refreshed at most once a minute,
+    # mailcore.identity.service): a HEAD is a use of it.
+    "credentials": frozenset({"last_used_at"}),
+    # Rate-limit buckets (web.ratelimit.SharedRateLimiter): every request is counted.
+    "rate_buckets": None,  # None: the whole table
+}
+
+# Routes that answer GET which this test cannot request, with the reason. Empty: every one
+# is requested below. A route named here is still checked to exist (a stale entry fails).
+CANNOT_REQUEST: Mapping[str, str] = {}
+
+# Requests whose GET answers the state it changed, so its length is not the HEAD's.
+GET_CHANGES_REPLY: Mapping[str, str] = {
+    # The GET shows the mail it marked read ("read": true), the HEAD the mail as it is.
+    "mailapi /api/v1/mail/<mail_id>": "marks read",
+}
+
+BOX = "alice@hosted.test"
+VCARD = (b"BEGIN:VCARD\r\nVERSION:3.0\r\nFN:Zoe Card\r\nEMAIL:zoe@example.test\r\n"
+         b"TEL:+33 1 23 45 67 89\r\nEND:VCARD\r\n")
+
+
+def _mime(subject: str, sender: str, to: str, attachment: bytes, name: str,
+          content_type: str = "application/octet-stream") -> bytes:
+    encoded = base64.encodebytes(attachment).decode().replace("\n", "\r\n")
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        "Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@example.test>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=BB\r\n\r\n"
+        "--BB\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        f"--BB\r\nContent-Type: {content_type}\r\n"
+        f'Content-Disposition: attachment; filename="{name}"\r\n'
+        f"Content-Transfer-Encoding: base64\r\n\r\n{encoded}--BB--\r\n"
+    ).encode()
+
+
+@dataclass
+class Estate:
+    """One of everything the GET routes show, owned by alice, and her credentials."""
+
+    web: Web
+    # Path placeholder values by app name, then by the placeholder's name.
+    ids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The headers carrying a valid credential, by app name.
+    credentials: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+async def build_estate(test: TestCase) -> Estate:
+    data_dir = Path(test.mktemp())
+    web = Web.build(Config(data_dir=data_dir, sections={
+        "fetch": {"secret_key": FETCH_KEY, "allow_loopback": True},
+        "web": {"safedrop_user_rate": "1000/second"},
+    }))
+    core = web.core
+    estate = Estate(web)
+    alice = await web.user("alice")
+    joe = await web.user("joe")
+    key = await web.credential(alice)
+
+    async def ok(method: str, path: str, headers: dict[str, str], status: int = 200,
+                 **kwargs: Any) -> Any:
+        got, reply_headers, body = await web.call(method, path, headers=headers, **kwargs)
+        assert got == status, (method, path, got, body)
+        return body if body != b"" else reply_headers
+
+    # IMAP2API: a server (a fetch account, Dropmyemail's backup account too), its mail, a
+    # webhook.
+    token = (await ok("POST", "/api-token-auth/", {}, json={
+        "username": "alice", "password": web.secrets[0]}))["token"]
+    imap2api = {"Authorization": f"Token {token}"}
+    account = await core.fetch.accounts.create(
+        alice.id, name="a", email="a@x.test", host="127.0.0.1", port=993, use_ssl=True,
+        password="pw")
+    folder = await core.db.run("folder", lambda c: thd_folder(c, account.id, "INBOX").id)
+    stored = await core.messages.store_batch(
+        Location(alice.id, account.id, folder, "INBOX"),
+        [FetchedMessage(raw=_mime("card", "Zoe <zoe@example.test>", "a@x.test", VCARD,
+                                  "zoe.vcf", "text/vcard"), uid=1),
+         FetchedMessage(raw=_mime("report", "Bo <bo@example.test>", "a@x.test",
+                                  b"%PDF-1.4\n" + b"x" * 5000, "report.pdf"), uid=2)])
+    email_id = stored.created[0]
+    hook = await ok("POST", "/api/webhooks/", imap2api, 201, json={
+        "url": "https://hooks.example.com/x", "events": ["email.new"]})
+    estate.credentials["imap2api"] = imap2api
+    estate.ids["imap2api"] = {"server_id": account.id, "email_id": email_id,
+                              "webhook_id": hook["id"]}
+
+    # The Mail API: alice's mailbox, a grant to joe, an inbox mail with an attachment
+    # (unread: a GET marks it read).
+    auth_key = (await ok("POST", "/api/v1/auth/", {}, json={
+        "username": "alice", "password": web.secrets[0]}))["auth_key"]
+    mailapi = {"Auth-Key": auth_key}
+    await core.domains.add("hosted.test", alice.id, "mx.hosted.test")
+    await core.mailboxes.add(BOX, alice.id)
+    await ok("PUT", f"/api/v1/mailboxes/{BOX}/access/joe", mailapi, json={"allow_read": True})
+    local = core.queue.runner.local_store
+    assert isinstance(local, LocalMailboxes)
+    prepared = await local.prepare("Q1", _mime("inbox", "s@far.test", BOX, b"A" * 3000,
+                                               "a.bin"))
+    await core.db.run("deliver", local.thd_store, [(1, BOX)], "Q1", prepared, 1.0)
+    mail_id = await core.db.read("mail", lambda c: c.execute(
+        sa.select(mailapi_mail.c.public_id)).scalar_one())
+    estate.credentials["mailapi"] = mailapi
+    estate.ids["mailapi"] = {"mail_id": mail_id, "index": 1, "email": BOX,
+                             "username": joe.username}
+
+    # Protecmail: a domain, an invoice, a held message (a GET releases it).
+    protecmail = {"Api-Key": key}
+    domain = await core.domains.add("q.test", alice.id, "mx.q.test")
+    await core.domains.refresh()
+    invoice = await core.invoices.buy(alice.id, 10_000, "60")
+    [ident] = await core.quarantine.keep(
+        [ToKeep("Q2", "spammer@x.test", "ann@q.test", domain.id, "spam", "GTUBE")],
+        b"From: spammer@x.test\r\nSubject: spam\r\n\r\n" + b"held " * 1000)
+    estate.credentials["protecmail"] = protecmail
+    estate.ids["protecmail"] = {"domain": "q.test", "ref": invoice.ref, "ident": ident,
+                                "target": "q.test", "start": 0, "count": 3}
+    # The release page of the held message's digest link.
+    release_link = core.quarantine.link(ident, None)
+    estate.ids["quarantine"] = {"token": release_link.rpartition("/")[2]}
+    estate.credentials["quarantine"] = {}
+
+    # safedrop: a session token; a bundle sent to ann (read_remove: each download counts)
+    # with a file, and one ready to send (a GET of ?send sends it).
+    headers = await ok("GET", "/auth", {"X-Auth-User": alice.email, "X-Auth-Key": key}, 204)
+    safedrop = {"X-Auth-Token": header(headers, "X-Auth-Token") or ""}
+    form = {**safedrop, "Content-Type": "application/x-www-form-urlencoded"}
+    bundles = []
+    for subject in ("sent", "ready"):
+        bundle = await ok("POST", "/dropbundles", form, data=f"subject={subject}".encode())
+        recipient = await ok("POST", f"/dropbundles/{bundle['id']}/dropbundlerecipients",
+                             form, data=b"email=ann%40example.org")
+        body = (b"--B\r\nContent-Disposition: form-data; name=\"the_file\"; "
+                b"filename=\"r.txt\"\r\nContent-Type: text/plain\r\n\r\n"
+                + b"0123456789" * 500 + b"\r\n--B--\r\n")
+        dropped = await ok("POST", f"/dropbundles/{bundle['id']}/dropfiles",
+                           {**safedrop, "Content-Type": "multipart/form-data; boundary=B"},
+                           data=body)
+        bundles.append((bundle["id"], recipient["id"], dropped["id"]))
+    sent, ready = bundles
+    await ok("GET", f"/dropbundles/{sent[0]}?send", safedrop)
+    [raw] = await core.db.read("spooled", lambda c: c.execute(
+        sa.select(queue_messages.c.body)).scalars().all())
+    link = re.search(rb"https://[^/\s]+(/drop/[A-Za-z0-9_-]{43})", bytes(raw))
+    assert link is not None
+    drop_token = link.group(1).decode().rpartition("/")[2]
+    estate.credentials["safedrop"] = safedrop
+    estate.ids["safedrop"] = {"bundle_id": ready[0], "recipient_id": ready[1],
+                              "file_id": ready[2]}
+    estate.ids["drop"] = {"token": drop_token, "file_id": sent[2]}
+    grant = core.safedrop.grants.make_download(link_digest(drop_token), sent[2],
+                                               web.clock.seconds())
+    estate.credentials["drop"] = {}
+    estate.ids["drop_grant"] = {"Cookie": f"mc_drop_dl={grant}"}
+
+    # Dropmyemail: a token of every scope; the backup account above; a migrate and a
+    # restore; the attachments described and the contacts worked out (caches a first
+    # GET fills, filled here before the HEADs).
+    app = await register(web, alice)
+    bearer = {"Authorization": "Bearer " + (await app.token(
+        "read write email attachment contact"))["access_token"]}
+    base = f"/v1/accounts/{account.id}"
+    # A migrate logs in to its destination when it is made: one that ran is stored here.
+    now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
+    migrate_id = await core.db.run("migrate", lambda c: thd_create_job(c, dict(
+        kind="migrate", user_id=alice.id, account_id=account.id, status="done",
+        email="m@x.test", host="imap.x.test", port=993, created_at=now, updated_at=now)))
+    restore = await ok("POST", f"{base}/restores", bearer, 201)
+    await ok("GET", f"{base}/attachments", bearer)
+    contacts = await ok("GET", f"{base}/contacts", bearer)
+    attachment_id = await core.db.read("att", lambda c: c.execute(
+        sa.select(message_attachments.c.id).order_by(message_attachments.c.id)).scalars()
+        .first())
+    estate.credentials["dropmyemail"] = bearer
+    estate.ids["dropmyemail"] = {
+        "account_id": account.id, "mailbox_id": folder, "message_id": email_id,
+        "attachment_id": attachment_id, "contact_id": contacts["contacts"][0]["id"],
+        "migrate_id": migrate_id, "restore_id": restore["id"]}
+
+    # The OAuth pages: a pending authorization request of a registered app.
+    estate.ids["oauth_pages"] = {"authorize": authorize_uri(app.uid).partition("?")[2]}
+    estate.credentials["oauth_pages"] = {}
+    for name in ("static", "meta"):
+        estate.ids[name] = {}
+        estate.credentials[name] = {}
+    return estate
+
+
+def requests(estate: Estate) -> dict[str, list[tuple[str, dict[str, str]]]]:
+    """The HEADs to make of each route ("app rule"): (path with query, extra headers). The
+    rule's placeholders take the app's ids; a route with variants that change state
+    differently (safedrop's ?send, a read_remove download with and without its button)
+    has one request each."""
+    ids = estate.ids
+    drop = ids["drop"]
+    dme = f"/v1/accounts/{ids['dropmyemail']['account_id']}"
+    key = estate.credentials["protecmail"]["Api-Key"]
+    alice = "alice@example.test"
+    return {
+        # safedrop's auth server: the key (a GET mints a token), and a token alone.
+        "safedrop /": [("/", {"X-Auth-User": alice, "X-Auth-Key": key}),
+                       ("/", estate.credentials["safedrop"])],
+        "safedrop /auth": [("/auth", {"X-Auth-User": alice, "X-Auth-Key": key})],
+        # A GET of ?send mails every recipient.
+        "safedrop /dropbundles/<int:bundle_id>": [
+            (f"/dropbundles/{ids['safedrop']['bundle_id']}", {}),
+            (f"/dropbundles/{ids['safedrop']['bundle_id']}?send", {})],
+        # A GET of the link records an opening (and mails a receipt).
+        "drop /drop/<token>": [(f"/drop/{drop['token']}", {})],
+        # Without its button, the page with the button; with it (the grant cookie), the
+        # download, which a GET counts.
+        "drop /drop/<token>/files/<int:file_id>": [
+            (f"/drop/{drop['token']}/files/{drop['file_id']}", {}),
+            (f"/drop/{drop['token']}/files/{drop['file_id']}", ids["drop_grant"])],
+        "dropmyemail /v1/accounts/<int:account_id>/attachments_search": [
+            (f"{dme}/attachments_search?query=report", {})],
+        "dropmyemail /v1/accounts/<int:account_id>/messages/search": [
+            (f"{dme}/messages/search?query=report", {})],
+        "oauth_pages /oauth/authorize": [
+            (f"/oauth/authorize?{ids['oauth_pages']['authorize']}", {})],
+    }
+
+
+_PLACEHOLDER = re.compile(r"<(?:[a-zA-Z_]+(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_]\w*)>")
+
+
+def get_routes(web: Web) -> dict[str, str]:
+    """Every route that answers GET: "app rule" -> app name."""
+    found = {}
+    for app in web.root.apps.values():
+        for rule in app.app.url_map.iter_rules():
+            if "GET" in (rule.methods or ()):
+                found[f"{app.name} {rule.rule}"] = app.name
+    return found
+
+
+def filled(rule: str, values: Mapping[str, Any]) -> str:
+    """`rule` with each placeholder replaced by its value (KeyError: none given)."""
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group("name")]), rule)
+
+
+def snapshot(conn: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the store, but the columns REFRESHED_ON_USE allows to
+    change, in a stable order."""
+    tables: dict[str, list[tuple[Any, ...]]] = {}
+    for name in sa.inspect(conn).get_table_names():
+        allowed = REFRESHED_ON_USE.get(name, frozenset())
+        if allowed is None:
+            continue
+        result = conn.execute(sa.text(f'SELECT * FROM "{name}"'))
+        keep = [i for i, column in enumerate(result.keys()) if column not in allowed]
+        tables[name] = sorted((tuple(row[i] for i in keep) for row in result), key=repr)
+    return tables
+
+
+def changes(before: dict[str, list[tuple[Any, ...]]],
+            after: dict[str, list[tuple[Any, ...]]]) -> dict[str, Any]:
+    """The rows gone and new of each table that differs."""
+    found = {}
+    for name in sorted(set(before) | set(after)):
+        was, now = before.get(name, []), after.get(name, [])
+        if was != now:
+            found[name] = {"gone": [r for r in was if r not in now],
+                           "new": [r for r in now if r not in was]}
+    return found
+
+
+class HeadChangesNothingTests(TestCase):
+    async def test_every_get_route_answers_head_with_nothing_changed(self) -> None:
+        estate = await build_estate(self)
+        web = estate.web
+        routes = get_routes(web)
+        special = requests(estate)
+        self.assertLessEqual(set(CANNOT_REQUEST), set(routes), "stale CANNOT_REQUEST entries")
+        self.assertLessEqual(set(special), set(routes), "requests for no route")
+        unrequestable = []
+        made = 0
+        for route, app in sorted(routes.items()):
+            if route in CANNOT_REQUEST:
+                continue
+            rule = route.partition(" ")[2]
+            try:
+                wanted = special.get(route) or [(filled(rule, estate.ids[app]), {})]
+                credential = estate.credentials[app]
+            except KeyError as e:
+                unrequestable.append(f"{route} (no value for {e})")
+                continue
+            for path, extra in wanted:
+                headers = {**credential, **extra}
+                web.clock.advance(1)  # within every API's rate (a burst of 20 at most)
+                before = await web.core.db.read("snapshot", snapshot)
+                status, head_headers, body = await web.call("HEAD", path, headers=headers)
+                after = await web.core.db.read("snapshot", snapshot)
+                self.assertEqual(changes(before, after), {}, f"HEAD {path} changed rows")
+                self.assertEqual(body, b"", path)
+                # Exercised: the route answered as for a good request, not a refusal.
+                self.assertLess(status, 400, (path, status))
+                # The GET's status and length are the HEAD's (RFC 9110 9.3.2); the client
+                # takes a GET's Content-Length as the response's length.
+                response = await web.http.request("GET", BASE + path, headers=headers)
+                await response.content()
+                length = None if response.length == UNKNOWN_LENGTH else str(response.length)
+                self.assertEqual(response.code, status, path)
+                if route not in GET_CHANGES_REPLY and status not in (204, 304):  # no body
+                    self.assertEqual(length, header(head_headers, "Content-Length"), path)
+                made += 1
+        # A GET route added without a way to request it here fails, naming it: add it to
+        # `requests` (or its ids to build_estate), or say in CANNOT_REQUEST why not.
+        self.assertEqual(unrequestable, [])
+        self.assertGreaterEqual(made, len(routes) - len(CANNOT_REQUEST))
