@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from twisted.trial.unittest import TestCase
@@ -32,9 +32,15 @@ from mailcore.fetch.jobs import thd_create_job
 from mailcore.fetch.state import thd_folder
 from mailcore.gateway.quarantine import ToKeep
 from mailcore.mailapi.delivery import LocalMailboxes
+from mailcore.mailapi.files import MailFiles
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.safedrop.service import link_digest
-from mailcore.store.schema import mailapi_mail, message_attachments, queue_messages
+from mailcore.store.schema import (
+    mailapi_attachments,
+    mailapi_mail,
+    message_attachments,
+    queue_messages,
+)
 from tests.support.imap2api import FETCH_KEY
 from tests.support.oauth import authorize_uri, register
 from tests.support.web import BASE, Web, header
@@ -353,3 +359,111 @@ class HeadChangesNothingTests(TestCase):
         # `requests` (or its ids to build_estate), or say in CANNOT_REQUEST why not.
         self.assertEqual(unrequestable, [])
         self.assertGreaterEqual(made, len(routes) - len(CANNOT_REQUEST))
+
+
+class Statements:
+    """The SQL statements the store runs while it is listened to (a real engine's events)."""
+
+    def __init__(self, test: TestCase, engine: sa.Engine) -> None:
+        self.seen: list[str] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            self.seen.append(statement)
+
+        sa.event.listen(engine, "before_cursor_execute", seen)
+        test.addCleanup(sa.event.remove, engine, "before_cursor_execute", seen)
+
+    def naming(self, text: str) -> list[str]:
+        return [s for s in self.seen if text in s]
+
+
+class CountingFiles(MailFiles):
+    """The Mail API's file store, counting the files it opens."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.opened = 0
+
+    def open(self, sha256: str) -> BinaryIO:
+        self.opened += 1
+        return super().open(sha256)
+
+
+class HeadReadsNoBodyTests(TestCase):
+    """A HEAD answers from what the store knows of a body (its size), and reads none of it:
+    a HEAD of Protecmail's release read the whole held message (check_release), one of a
+    Mail API attachment read its whole file a chunk at a time (the body dropped by
+    twisted.web), one of a backed-up message (Dropmyemail) read and base64-encoded it."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.estate = await build_estate(self)
+        self.web = self.estate.web
+        self.statements = Statements(self, self.web.core.db.engine)
+
+    async def head_and_get(self, app: str, path: str) -> tuple[list[str], str | None]:
+        """The statements a HEAD of `path` ran, and its Content-Length (the GET's, checked
+        after)."""
+        headers = self.estate.credentials[app]
+        self.web.clock.advance(1)
+        self.statements.seen.clear()
+        status, head_headers, _ = await self.web.call("HEAD", path, headers=headers)
+        ran = list(self.statements.seen)
+        self.assertEqual(status, 200, path)
+        response = await self.web.http.request("GET", BASE + path, headers=headers)
+        await response.content()
+        length = header(head_headers, "Content-Length")
+        self.assertEqual((response.code, str(response.length)), (200, length), path)
+        return ran, length
+
+    async def test_a_release_check_reads_no_held_message(self) -> None:
+        ident = self.estate.ids["protecmail"]["ident"]
+        ran, _ = await self.head_and_get("protecmail", f"/api/v1/quarantine/{ident}")
+        self.assertEqual([s for s in ran if "quarantine.body" in s], [])
+        # The release itself (the GET, after) read it to queue it.
+        self.assertNotEqual(self.statements.naming("quarantine.body"), [])
+
+    async def test_an_attachment_head_opens_no_file(self) -> None:
+        mail = self.web.core.mail
+        mail.files = counting = CountingFiles(mail.files.root)
+        ids = self.estate.ids["mailapi"]
+        path = f"/api/v1/mail/{ids['mail_id']}/attachments/1"
+        _, length = await self.head_and_get("mailapi", path)
+        self.assertEqual((length, counting.opened), ("3000", 1))  # the GET's open only
+        # One whose file is gone is a 404 for a HEAD as for a GET.
+        sha256 = await self.web.core.db.read("sha", lambda c: c.execute(
+            sa.select(mailapi_attachments.c.sha256)).scalar_one())
+        mail.files.path(sha256).unlink()
+        for method in ("HEAD", "GET"):
+            status, _, _ = await self.web.call(method, path, headers=self.estate.credentials[
+                "mailapi"])
+            self.assertEqual(status, 404, method)
+
+    async def test_an_attachment_kept_in_its_row_is_not_read_for_a_head(self) -> None:
+        """Attachments stored before migration 0019 hold their bytes in their row."""
+        await self.web.core.db.run("inline", lambda c: c.execute(
+            mailapi_attachments.update().values(sha256=None, data=b"B" * 3000)))
+        ids = self.estate.ids["mailapi"]
+        ran, length = await self.head_and_get(
+            "mailapi", f"/api/v1/mail/{ids['mail_id']}/attachments/1")
+        self.assertEqual(length, "3000")
+        self.assertEqual([s for s in ran if "mailapi_attachments.data" in s], [])
+        self.assertNotEqual(self.statements.naming("mailapi_attachments.data"), [])
+
+    async def test_a_backed_up_message_is_not_read_for_a_head(self) -> None:
+        ids = self.estate.ids["dropmyemail"]
+        path = (f"/v1/accounts/{ids['account_id']}/mailboxes/{ids['mailbox_id']}"
+                f"/messages/{ids['message_id']}")
+        ran, _ = await self.head_and_get("dropmyemail", path)
+        self.assertEqual([s for s in ran if "message_blobs.raw" in s], [])
+        self.assertNotEqual(self.statements.naming("message_blobs.raw"), [])
+
+    async def test_a_thread_head_reads_no_other_email(self) -> None:
+        """IMAP2API's e-mail with its thread streams the thread's e-mails with their
+        bodies: a HEAD reads none of them."""
+        email_id = self.estate.ids["imap2api"]["email_id"]
+        self.web.clock.advance(1)
+        self.statements.seen.clear()
+        status, _, _ = await self.web.call("HEAD", f"/api/emails/{email_id}/thread/",
+                                           headers=self.estate.credentials["imap2api"])
+        self.assertEqual(status, 200)
+        self.assertEqual([s for s in self.statements.seen if "body_text" in s], [])

@@ -9,6 +9,9 @@ memory besides what the iterator holds.
 The length of the base64 text follows from the file's size, so the reply has a
 Content-Length like every other JSON reply.
 
+A HEAD gets the headers alone: the iterator is closed unread, so no file, message or row
+is read for a body it would throw away (a base64 reply's Content-Length is the GET's).
+
 An array's items (a thread's e-mails with their bodies: thousands of them, hundreds of
 megabytes) are encoded and written one at a time as an async iterator yields them, read from
 the store a batch at a time, with the same pauses; its length is not known up front, so the
@@ -23,6 +26,7 @@ from typing import Any, TypeVar
 
 from twisted.web.iweb import IRequest
 
+from web.api import is_head
 from web.pacing import paced
 from web.replies import JSON_TYPE, encode_json
 
@@ -76,6 +80,9 @@ async def _write_paced(request: IRequest, prefix: bytes, pieces: AsyncGenerator[
     request.setHeader(b"Content-Type", JSON_TYPE)
     if length is not None:
         request.setHeader(b"Content-Length", str(length).encode("ascii"))
+    if is_head(request):  # the headers say all a HEAD gets: nothing is read for the body
+        await pieces.aclose()
+        return
     request.write(prefix)
     try:
         with paced(request) as pacer:

@@ -72,6 +72,7 @@ from mailcore.mailapi.mail import (
     MAX_COUNT,
     MAX_RECIPIENTS,
     MAX_SUBJECT,
+    Download,
     Edit,
     Mail,
     MailService,
@@ -641,6 +642,8 @@ class MailApiApp(ApiApp):
         "/api/v1/mail/<mail_id>/attachments/<int:index>",
         "GET",
         summary="Download an attachment",
+        description="A HEAD answers from the mail's record (Content-Length: the "
+        "attachment's size) and reads no byte of the file.",
         auth=MAIL_API,
         replies={200: Reply("The attachment's bytes (its type is the mail's `attachments` "
                             "entry's `type`)", {"type": "string", "format": "binary"},
@@ -649,20 +652,28 @@ class MailApiApp(ApiApp):
     )
     async def get_attachment(self, request: IRequest, mail_id: str, index: int) -> bytes:
         principal = await self.principal(request)
+        head = is_head(request)
         with refusals():
-            download = await self.mail.attachment(principal.user.id, mail_id, index)
+            download = await self.mail.attachment(principal.user.id, mail_id, index,
+                                                  with_data=not head)
+            if head:  # answered from the row: the file is not opened, no byte is read
+                await self.mail.check(download)
+                self._attachment_headers(request, download)
+                return b""
             source = await self.mail.open(download)
         try:
-            request.setHeader(b"Content-Type", b"application/octet-stream")
-            request.setHeader(b"X-Content-Type-Options", b"nosniff")
-            request.setHeader(b"Content-Length", str(download.size).encode("ascii"))
-            request.setHeader(b"Content-Disposition",
-                              content_disposition(download.name or "attachment")
-                              .encode("ascii"))
+            self._attachment_headers(request, download)
             await self.stream(request, source)
         finally:
             await self.mail.io.run(source.close)
         return b""
+
+    def _attachment_headers(self, request: IRequest, download: Download) -> None:
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Content-Length", str(download.size).encode("ascii"))
+        request.setHeader(b"Content-Disposition",
+                          content_disposition(download.name or "attachment").encode("ascii"))
 
     async def stream(self, request: IRequest, source: BinaryIO) -> None:
         """Write `source` a chunk at a time, read on the mail service's thread pool, pausing

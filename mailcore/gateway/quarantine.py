@@ -400,15 +400,18 @@ def _list_txn(
     return [_held(r) for r in rows], int(total)
 
 
-def _release_row_txn(conn: Connection, ident: str, owner_id: int | None) -> Any:
+def _release_row_txn(conn: Connection, ident: str, owner_id: int | None,
+                     with_body: bool = True) -> Any:
     """Blocking: the row to release (None if there is none for this owner), with whether
-    its owner is active."""
+    its owner is active; its body only `with_body` (what a release queues: a check of one
+    reads none)."""
     where = [quarantine.c.ident == ident]
     if owner_id is not None:
         where.append(quarantine.c.owner_id == owner_id)
+    body = (quarantine.c.body,) if with_body else ()
     return conn.execute(
         sa.select(quarantine.c.id, quarantine.c.mailfrom, quarantine.c.email,
-                  quarantine.c.domain_id, quarantine.c.body, quarantine.c.released_at,
+                  quarantine.c.domain_id, *body, quarantine.c.released_at,
                   users.c.is_active.label("owner_active"))
         .select_from(quarantine.join(users, users.c.id == quarantine.c.owner_id))
         .where(*where)
@@ -668,7 +671,7 @@ class QuarantineService(Service):
         """Queue the kept message for its recipient once: RELEASED, ALREADY, MISSING, or
         SUSPENDED while its owner is disabled (a disabled account's mail waits: nothing of
         it is delivered, digests included, until `mailcore user enable`)."""
-        status, row = await self._releasable(ident, owner_id)
+        status, row = await self._releasable(ident, owner_id, with_body=True)
         if row is None:
             return status
         queue_id = new_queue_id(self.clock.seconds())
@@ -691,16 +694,20 @@ class QuarantineService(Service):
 
     async def check_release(self, ident: str, *, owner_id: int | None = None) -> str:
         """What `release` would answer now (RELEASED: it would queue the message), with
-        nothing queued or marked: a HEAD of the API's release."""
-        status, _ = await self._releasable(ident, owner_id)
+        nothing queued or marked and the held message not read: a HEAD of the API's
+        release."""
+        status, _ = await self._releasable(ident, owner_id, with_body=False)
         return status
 
-    async def _releasable(self, ident: str, owner_id: int | None) -> tuple[str, Any]:
-        """(RELEASED, its row) for a message a release would queue now, else (ALREADY,
-        MISSING or SUSPENDED, None); QuarantineError when there is no queue."""
+    async def _releasable(self, ident: str, owner_id: int | None, *,
+                          with_body: bool) -> tuple[str, Any]:
+        """(RELEASED, its row: with its body only `with_body`) for a message a release would
+        queue now, else (ALREADY, MISSING or SUSPENDED, None); QuarantineError when there
+        is no queue."""
         if not (ident.isascii() and ident.isdigit() and len(ident) == 20):
             return MISSING, None
-        row = await self.db.read("quarantine_release_row", _release_row_txn, ident, owner_id)
+        row = await self.db.read("quarantine_release_row", _release_row_txn, ident, owner_id,
+                                 with_body)
         if row is None:
             return MISSING, None
         if row.released_at is not None:

@@ -396,7 +396,12 @@ class MailService:
 
         return await self.db.run("mailapi_get", txn)
 
-    async def attachment(self, user_id: int, public_id: str, index: int) -> Download:
+    async def attachment(self, user_id: int, public_id: str, index: int, *,
+                         with_data: bool = True) -> Download:
+        """The attachment `index` (from 1) of the mail, to serve; the bytes a row stored
+        before migration 0019 holds are read only `with_data` (a HEAD's answers from the
+        row's size)."""
+
         def txn(conn: Connection) -> Download:
             row, _, _ = self._thd_find(conn, user_id, public_id)
             found = conn.execute(select(_a.id, _a.name, _a.content_type, _a.size, _a.sha256)
@@ -405,11 +410,19 @@ class MailService:
                 raise MailApiError(NOT_FOUND, "attachment not found")
             a = found[index - 1]
             data = None
-            if a.sha256 is None:  # stored in the row, before migration 0019
+            if a.sha256 is None and with_data:  # stored in the row, before migration 0019
                 data = bytes(conn.execute(select(_a.data).where(_a.id == a.id)).scalar_one())
             return Download(a.name, a.content_type, a.size, a.sha256, data)
 
         return await self.db.read("mailapi_attachment", txn)
+
+    async def check(self, download: Download) -> None:
+        """What `open` would find, without opening the file: NOT_FOUND when its file is not
+        there (a HEAD, which answers from the row's size and reads no byte)."""
+        if download.sha256 is None:
+            return
+        if not await self.io.run(self.files.path(download.sha256).is_file):
+            raise MailApiError(NOT_FOUND, "attachment not found")
 
     async def open(self, download: Download) -> BinaryIO:
         """The bytes of an attachment, to be read a chunk at a time (the caller closes it)."""
