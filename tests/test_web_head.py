@@ -361,6 +361,11 @@ class HeadChangesNothingTests(TestCase):
         self.assertGreaterEqual(made, len(routes) - len(CANNOT_REQUEST))
 
 
+def _remove_files(root: Path) -> None:
+    for path in [p for p in root.rglob("*") if p.is_file()]:
+        path.unlink()
+
+
 class Statements:
     """The SQL statements the store runs while it is listened to (a real engine's events)."""
 
@@ -467,3 +472,33 @@ class HeadReadsNoBodyTests(TestCase):
                                            headers=self.estate.credentials["imap2api"])
         self.assertEqual(status, 200)
         self.assertEqual([s for s in self.statements.seen if "body_text" in s], [])
+
+    async def test_a_drop_file_head_opens_no_file(self) -> None:
+        """The drop page's download: a HEAD opened the file (to find it missing: 410) and
+        read none of it; it now asks whether it is there (a stat) and opens nothing."""
+        drops: Any = self.web.core.safedrop
+        run = drops.io.run
+        opened: list[str] = []
+
+        def recording(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") == "open":
+                opened.append(str(getattr(fn, "__self__", "")))
+            return run(fn, *args, **kwargs)
+
+        drops.io.run = recording
+        drop = self.estate.ids["drop"]
+        path = f"/drop/{drop['token']}/files/{drop['file_id']}"
+        # The recipient pressed its button (read_remove): this browser may download it.
+        self.estate.credentials["drop"] = self.estate.ids["drop_grant"]
+        _, length = await self.head_and_get("drop", path)
+        self.assertEqual((length, len(opened)), ("5000", 1))  # the GET's open only
+
+    async def test_a_drop_file_missing_on_disk_is_gone_for_a_head(self) -> None:
+        drop = self.estate.ids["drop"]
+        path = f"/drop/{drop['token']}/files/{drop['file_id']}"
+        _remove_files(Path(self.web.core.config.data_dir, "safedrop"))
+        for method in ("HEAD", "GET"):
+            status, headers, _ = await self.web.call(method, path,
+                                                     headers=self.estate.ids["drop_grant"])
+            self.assertEqual((status, header(headers, "Content-Disposition")), (410, None),
+                             method)

@@ -571,9 +571,15 @@ class DropPageApp(PageApp):
                      first: int, last: int, ranged: bool,
                      sending: _Sending | None = None) -> bytes:
         """Open the file and send bytes `first` to `last` of it (`sending`: marked once
-        every byte was handed to the transport)."""
-        # Opened before any header of the file is set: a file missing on disk is a 410 page
-        # of its own, not a page under the file's Content-Length and Content-Disposition.
+        every byte was handed to the transport); a HEAD's headers, the file not opened."""
+        # Opened (a HEAD: found) before any header of the file is set: a file missing on
+        # disk is a 410 page of its own, not a page under the file's Content-Length and
+        # Content-Disposition.
+        if is_head(request):
+            if not await self.drops.io.run(path.is_file):
+                raise gone("The files of this drop have been removed.")
+            self._file_headers(request, drop_file, first, last, ranged)
+            return b""
         try:
             handle = cast(IO[bytes], await self.drops.io.run(path.open, "rb"))
         except OSError:
@@ -590,20 +596,7 @@ class DropPageApp(PageApp):
         """The headers and the bytes `first` to `last` of an open file (`ranged`: a 206);
         what was sent is recorded (receipts, read_remove) once it has gone."""
         size = drop_file.size
-        request.setHeader(b"Content-Type", b"application/octet-stream")
-        request.setHeader(b"Content-Disposition",
-                          content_disposition(shown(drop_file.name)).encode("ascii"))
-        request.setHeader(b"Accept-Ranges", b"bytes")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        request.setHeader(b"Content-Security-Policy", b"default-src 'none'; sandbox")
-        if ranged:
-            request.setResponseCode(206)
-            request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
-        length = max(0, last - first + 1)
-        request.setHeader(b"Content-Length", str(length).encode())
-        if is_head(request):
-            return b""
+        length = self._file_headers(request, drop_file, first, last, ranged)
         written = Written()
         try:
             await self._stream(request, handle, first, length, written)
@@ -617,6 +610,25 @@ class DropPageApp(PageApp):
             if written.bytes or size == 0 or sending is not None:
                 await self._record(found, drop_file, first, first + written.bytes - 1)
         return b""
+
+    def _file_headers(self, request: IRequest, drop_file: DropFile, first: int, last: int,
+                      ranged: bool) -> int:
+        """Set the headers of bytes `first` to `last` of the file (`ranged`: a 206) and
+        give their length: all a HEAD of it gets."""
+        size = drop_file.size
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"Content-Disposition",
+                          content_disposition(shown(drop_file.name)).encode("ascii"))
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Content-Security-Policy", b"default-src 'none'; sandbox")
+        if ranged:
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
+        length = max(0, last - first + 1)
+        request.setHeader(b"Content-Length", str(length).encode())
+        return length
 
     async def _record(self, found: Access, drop_file: DropFile, first: int, last: int) -> None:
         """Record bytes sent, to the end. A client that leaves meanwhile (one that closes
