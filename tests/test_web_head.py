@@ -44,6 +44,7 @@ from mailcore.store.schema import (
 from tests.support.imap2api import FETCH_KEY
 from tests.support.oauth import authorize_uri, register
 from tests.support.web import BASE, Web, header
+from web.oauth_pages import SESSION_COOKIE, SESSION_SCOPE
 
 # Columns a request may change as a use, not as a change of state (web.api.is_head): a HEAD
 # counts as a request as a GET does.
@@ -228,8 +229,12 @@ async def build_estate(test: TestCase) -> Estate:
         "attachment_id": attachment_id, "contact_id": contacts["contacts"][0]["id"],
         "migrate_id": migrate_id, "restore_id": restore["id"]}
 
-    # The OAuth pages: a pending authorization request of a registered app.
+    # The OAuth pages: a pending authorization request of a registered app, and a browser
+    # logged in to them (its consent page, its apps).
     estate.ids["oauth_pages"] = {"authorize": authorize_uri(app.uid).partition("?")[2]}
+    session = await web.credential(alice, "page", label="authorization page",
+                                   scopes=(SESSION_SCOPE,))
+    estate.ids["oauth_session"] = {"Cookie": f"{SESSION_COOKIE}={session}"}
     estate.credentials["oauth_pages"] = {}
     for name in ("static", "meta"):
         estate.ids[name] = {}
@@ -267,8 +272,12 @@ def requests(estate: Estate) -> dict[str, list[tuple[str, dict[str, str]]]]:
             (f"{dme}/attachments_search?query=report", {})],
         "dropmyemail /v1/accounts/<int:account_id>/messages/search": [
             (f"{dme}/messages/search?query=report", {})],
+        # Logged out, the login form; logged in, the consent page and the user's apps.
         "oauth_pages /oauth/authorize": [
-            (f"/oauth/authorize?{ids['oauth_pages']['authorize']}", {})],
+            (f"/oauth/authorize?{ids['oauth_pages']['authorize']}", {}),
+            (f"/oauth/authorize?{ids['oauth_pages']['authorize']}", ids["oauth_session"])],
+        "oauth_pages /oauth/applications": [
+            ("/oauth/applications", {}), ("/oauth/applications", ids["oauth_session"])],
     }
 
 
