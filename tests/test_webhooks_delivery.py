@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionAborted, ConnectionDone
@@ -20,6 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import URI
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mailcore.fetch.engine import SyncResult
@@ -242,6 +244,42 @@ class HostileReceiverTests(TestCase):
                                        "webhooks"))
         logged = [formatEvent(event) for event in events]
         self.assertTrue(any("10.0.0.5" in line for line in logged), logged)  # the operator's
+
+
+class _NulAnswer(Resource):
+    """A receiver answering 500 with a NUL among the bytes of its body."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Any) -> bytes:
+        request.setResponseCode(500)
+        return b"bad \x00 thing"
+
+
+class PostgresLogTests(TestCase):
+    async def test_an_answer_holding_nul_is_logged_and_retried_as_any_other(self) -> None:
+        # A receiver's answer is kept in the delivery log; PostgreSQL's text columns refuse
+        # NUL, so the record failed: the attempt was never counted, and the delivery was
+        # posted again at each lease, past max_attempts, a traceback each time.
+        url = await create_test_database(self)
+        web = Web.build(config(webhooks={"poll_interval": 1, "max_attempts": 2}), url=url)
+        self.addCleanup(web.core.db.close)
+        alice = await client(web)
+        sender = WebhookSender(web.core.webhooks, web.clock, StubTreq(_NulAnswer()))
+        hook, _ = await web.core.webhooks.create(alice.user.id, url="https://hooks.example.com/in",
+                                                 events=["sync.completed"])
+        now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
+        await web.core.webhooks.enqueue_sync(SyncResult(
+            account_id=1, user_id=alice.user.id, started_at=now, finished_at=now,
+            status="success"))
+        for attempts, status in ((1, "pending"), (2, "failed")):
+            web.clock.advance(3600)
+            self.assertEqual(await sender.sweep(), 1)
+            await DeferredList([d for *_, d in sender._in_flight.values()])
+            [entry] = (await web.core.webhooks.deliveries(alice.user.id, hook.id)).items
+            self.assertEqual((entry.status, entry.attempts, entry.last_status_code,
+                              entry.last_error),
+                             (status, attempts, 500, "HTTP 500: bad \ufffd thing"))
 
 
 class RealSocketTests(TestCase):

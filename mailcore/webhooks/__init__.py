@@ -50,8 +50,9 @@ each bounded by `timeout` and by what it reads (a connection that receives more 
 A non-2xx answer, a timeout, an answer too long or a connection failure is
 retried with exponential backoff (`backoff_base` * 2^(attempt-1), at most `backoff_max`)
 until `max_attempts`; 410 Gone stops at once and disables the webhook. Each row keeps its
-status (pending, success, failed, cancelled), attempts, last status code and last error:
-the delivery log.
+status (pending, success, failed, cancelled), attempts, last status code and last error
+(with the first 512 bytes of a refusal's body, NUL in them written as U+FFFD): the delivery
+log.
 
 Where deliveries may go, retries and limits: the `[webhooks]` table, documented in
 `mailcore.webhooks.settings`.

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from mailcore.fetch.secrets import SecretError
 from mailcore.netpolicy import AddressRefused
 from mailcore.outages import log_failure
+from mailcore.text import storable
 from mailcore.webhooks.client import (
     SNIPPET_BYTES,
     USER_AGENT,
@@ -222,7 +223,11 @@ class WebhookSender(Service):
 
     async def _record(self, item: Due, **outcome: Any) -> None:
         """Record an attempt at `item` while this node's claim on it stands (else another
-        node took it over after the lease lapsed, and its record stands)."""
+        node took it over after the lease lapsed, and its record stands). The error may
+        quote the receiver's answer, which may hold NUL: PostgreSQL's text columns refuse
+        it (the record would fail, and the attempt go uncounted), so it is replaced."""
+        if outcome.get("error"):
+            outcome["error"] = storable(outcome["error"])
         if not await self.db.run("record_webhook_attempt", thd_record_attempt, item.id,
                                  lease=item.lease, **outcome):
             log.warn("webhook delivery {id} was taken over by another node while this one "
