@@ -246,14 +246,19 @@ class HostileReceiverTests(TestCase):
         self.assertTrue(any("10.0.0.5" in line for line in logged), logged)  # the operator's
 
 
-class _NulAnswer(Resource):
-    """A receiver answering 500 with a NUL among the bytes of its body."""
+class _Answer(Resource):
+    """A receiver answering `code` and `body`."""
 
     isLeaf = True
 
+    def __init__(self, code: int, body: bytes) -> None:
+        super().__init__()
+        self.code = code
+        self.body = body
+
     def render_POST(self, request: Any) -> bytes:
-        request.setResponseCode(500)
-        return b"bad \x00 thing"
+        request.setResponseCode(self.code)
+        return self.body
 
 
 class PostgresLogTests(TestCase):
@@ -261,11 +266,17 @@ class PostgresLogTests(TestCase):
         # A receiver's answer is kept in the delivery log; PostgreSQL's text columns refuse
         # NUL, so the record failed: the attempt was never counted, and the delivery was
         # posted again at each lease, past max_attempts, a traceback each time.
+        await self.two_attempts(_Answer(500, b"bad \x00 thing"), 500,
+                                "HTTP 500: bad \ufffd thing")
+
+    async def two_attempts(self, receiver: Resource, code: int | None, error: str) -> None:
+        """Two attempts at one delivery to `receiver` (max_attempts 2): each is logged
+        with `code` and `error`, pending after the first and failed after the second."""
         url = await create_test_database(self)
         web = Web.build(config(webhooks={"poll_interval": 1, "max_attempts": 2}), url=url)
         self.addCleanup(web.core.db.close)
         alice = await client(web)
-        sender = WebhookSender(web.core.webhooks, web.clock, StubTreq(_NulAnswer()))
+        sender = WebhookSender(web.core.webhooks, web.clock, StubTreq(receiver))
         hook, _ = await web.core.webhooks.create(alice.user.id, url="https://hooks.example.com/in",
                                                  events=["sync.completed"])
         now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
@@ -278,8 +289,14 @@ class PostgresLogTests(TestCase):
             await DeferredList([d for *_, d in sender._in_flight.values()])
             [entry] = (await web.core.webhooks.deliveries(alice.user.id, hook.id)).items
             self.assertEqual((entry.status, entry.attempts, entry.last_status_code,
-                              entry.last_error),
-                             (status, attempts, 500, "HTTP 500: bad \ufffd thing"))
+                              entry.last_error), (status, attempts, code, error))
+
+    async def test_a_status_code_past_three_digits_is_logged_as_no_status(self) -> None:
+        # Twisted's client takes any integer for the status code; the log's column is a
+        # 32-bit integer on PostgreSQL, and a code out of its range failed the record.
+        await self.two_attempts(_Answer(99_999_999_999, b"ok"), None,
+                                "the answer's status code 99999999999 is not an HTTP "
+                                "status code (100 to 599)")
 
 
 class RealSocketTests(TestCase):

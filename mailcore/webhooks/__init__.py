@@ -47,12 +47,12 @@ once (and `per_webhook` to any one webhook, so a dead receiver cannot hold up th
 and `per_user` to one user's webhooks, so one user's backlog cannot hold up other users),
 each bounded by `timeout` and by what it reads (a connection that receives more than about
 64 KiB, the answer's headers and the start of its body, is aborted: `client.MAX_ANSWER_BYTES`).
-A non-2xx answer, a timeout, an answer too long or a connection failure is
-retried with exponential backoff (`backoff_base` * 2^(attempt-1), at most `backoff_max`)
-until `max_attempts`; 410 Gone stops at once and disables the webhook. Each row keeps its
-status (pending, success, failed, cancelled), attempts, last status code and last error
-(with the first 512 bytes of a refusal's body, NUL in them written as U+FFFD): the delivery
-log.
+A non-2xx answer (a status code outside 100 to 599 is logged as none), a timeout, an
+answer too long or a connection failure is retried with exponential backoff
+(`backoff_base` * 2^(attempt-1), at most `backoff_max`) until `max_attempts`; 410 Gone
+stops at once and disables the webhook. Each row keeps its status (pending, success,
+failed, cancelled), attempts, last status code and last error (with the first 512 bytes of
+a refusal's body, NUL in them written as U+FFFD): the delivery log.
 
 Where deliveries may go, retries and limits: the `[webhooks]` table, documented in
 `mailcore.webhooks.settings`.

@@ -278,6 +278,11 @@ class WebhookSender(Service):
                 return self._refused(item, reasons[0].value)
             return Outcome(error=_describe(e))
         code = int(response.code)
+        if not 100 <= code <= 599:
+            # Twisted takes any integer (RFC 9110 15: every valid code is 100 to 599); the
+            # log's column would refuse one past 32 bits on PostgreSQL.
+            return Outcome(error=f"the answer's status code {code} is not an HTTP status "
+                                 "code (100 to 599)")
         if 200 <= code < 300:
             return Outcome(status_code=code)
         return Outcome(status_code=code, error=f"HTTP {code}" + (f": {text}" if text else ""))
