@@ -417,6 +417,36 @@ class AppTests(Base):
 
 
 
+class PostgreSQLStorageTests(TestCase):
+    """What a client may name is stored within its columns on PostgreSQL, which refuses a
+    value longer than its column or holding NUL (SQLite stores either)."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build(url=await create_test_database(self))
+        self.addCleanup(self.web.core.db.close)
+        self.alice = await self.web.user()
+        self.client = await register(self.web, self.alice)
+
+    async def test_a_scope_named_again_and_again_counts_once(self) -> None:
+        # 60 times "read" is 299 characters, past the codes' and tokens' String(255):
+        # the Allow and the refresh were 500s.
+        many = " ".join(["read"] * 60 + ["email"] * 2)
+        consent = await self.web.core.oauth.consent(authorize_uri(self.client.uid,
+                                                                  scope=many))
+        self.assertEqual(consent.scopes, ("read", "email"))
+        token = await self.client.token(scope=many)
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"], scope=many)
+        self.assertEqual(status, 200, body)
+        stored = await self.web.core.db.read("dump", lambda c: (
+            c.execute(select(oauth_codes.c.scopes)).scalars().all(),
+            c.execute(select(oauth_tokens.c.scopes).order_by(oauth_tokens.c.id))
+            .scalars().all()))
+        self.assertEqual(stored, (["read email"], ["read email", "read email"]))
+
+
 class ConcurrencyPostgreSQLTests(TestCase):
     """Requests racing with one code or refresh token on a real PostgreSQL, through a
     threaded Database as the daemon runs it (a synchronous one runs them one by one). Plain

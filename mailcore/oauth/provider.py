@@ -350,7 +350,7 @@ class OAuthProvider:
         if malformed is not None:
             return _error_reply(InvalidRequestError(description=malformed))
         now = self.now()
-        body = _normal_redirect(_plus_scopes(body))
+        body = _normal_redirect(_normal_scopes(body))
 
         def txn(conn: Connection) -> Reply:
             server = self._server(conn, now)
@@ -441,18 +441,21 @@ def _normal_redirect(form: str) -> str:
     return urlencode(pairs) if changed else form
 
 
-def _plus_scopes(form: str) -> str:
-    """`form` (form-encoded) with the scopes of a `scope` joined by a literal "+" spaced as
-    RFC 6749 joins them. Seed 000 tells clients to join scopes with "+" (scope=read+write,
-    which decodes to "read write"); a client that encodes its parameters as it should sends
-    that "+" as %2B, which decodes to "read+write", one unknown scope. Unchanged otherwise."""
+def _normal_scopes(form: str) -> str:
+    """`form` (form-encoded) with its `scope` in normal form. The scopes of a `scope` joined
+    by a literal "+" are spaced as RFC 6749 joins them: seed 000 tells clients to join scopes
+    with "+" (scope=read+write, which decodes to "read write"); a client that encodes its
+    parameters as it should sends that "+" as %2B, which decodes to "read+write", one unknown
+    scope. And a scope named more than once is named once ("read write read" is "read
+    write": RFC 6749 3.3's scope is a list whose order does not matter, a set), so that what
+    is shown, stored and granted names each at most once, never more characters than the
+    scopes there are (the codes' and tokens' columns hold 255). Unchanged otherwise."""
     if "scope" not in form:
         return form
     pairs = parse_qsl(form, keep_blank_values=True)
-    if not any(key == "scope" and "+" in value for key, value in pairs):
-        return form
-    return urlencode([(key, value.replace("+", " ") if key == "scope" else value)
-                      for key, value in pairs])
+    normal = [(key, " ".join(dict.fromkeys(value.replace("+", " ").split(" ")))
+               if key == "scope" else value) for key, value in pairs]
+    return urlencode(normal) if normal != pairs else form
 
 
 def _malformed(form: str) -> str | None:
@@ -476,10 +479,10 @@ def _error_reply(error: OAuth2Error) -> Reply:
 
 
 def _request_uri(uri: str) -> str:
-    """`uri` with its query's scope as `_plus_scopes` has it and its redirect_uri as
+    """`uri` with its query's scope as `_normal_scopes` has it and its redirect_uri as
     `_normal_redirect` has it."""
     base, mark, query = uri.partition("?")
-    return base + mark + _normal_redirect(_plus_scopes(query)) if mark else uri
+    return base + mark + _normal_redirect(_normal_scopes(query)) if mark else uri
 
 
 def _describe(error: OAuth2Error) -> str:
