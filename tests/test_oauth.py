@@ -231,6 +231,23 @@ class BatteryTests(Base):
                 self.client.uid, code_challenge="x" * 43, code_challenge_method="plain"))
         self.assertEqual(query_of(caught.exception.location)["error"], "invalid_request")
 
+    async def test_a_challenge_no_verifier_can_match_is_refused_before_consent(self) -> None:
+        # RFC 7636 4.2: an S256 challenge is BASE64URL(SHA256(verifier)), 43 characters.
+        # Another value made a code no verifier could exchange, after the user allowed it.
+        _, challenge = pkce_pair()
+        for bad in ("", "short", challenge + "=", challenge[:-1] + "+", challenge + "A",
+                    "\x00" * 43, "a" * 129):
+            with self.assertRaises(AuthorizationRedirect, msg=repr(bad)) as caught:
+                await self.web.core.oauth.consent(authorize_uri(
+                    self.client.uid, code_challenge=bad, code_challenge_method="S256",
+                    state="s"))
+            query = query_of(caught.exception.location)
+            self.assertEqual((query["error"], query["state"]), ("invalid_request", "s"))
+            self.assertIn("code_challenge", query["error_description"])
+        consent = await self.web.core.oauth.consent(authorize_uri(
+            self.client.uid, code_challenge=challenge, code_challenge_method="S256"))
+        self.assertEqual(consent.scopes, ("read", "write"))
+
     async def test_refresh_rotates_and_the_old_refresh_token_dies(self) -> None:
         first = await self.client.token()
         status, _, second = await self.client.exchange(
@@ -445,6 +462,15 @@ class PostgreSQLStorageTests(TestCase):
             c.execute(select(oauth_tokens.c.scopes).order_by(oauth_tokens.c.id))
             .scalars().all()))
         self.assertEqual(stored, (["read email"], ["read email", "read email"]))
+
+    async def test_a_challenge_past_its_column_is_refused_not_a_500(self) -> None:
+        # oauth_codes.code_challenge is String(128): the Allow of a longer one, or of one
+        # holding NUL, failed to store the code.
+        for bad in ("a" * 129, "\x00" * 43):
+            with self.assertRaises(AuthorizationRedirect):
+                await self.web.core.oauth.decide(authorize_uri(
+                    self.client.uid, code_challenge=bad, code_challenge_method="S256"),
+                    self.alice.id, True)
 
 
 class ConcurrencyPostgreSQLTests(TestCase):

@@ -166,7 +166,9 @@ class OAuthPagesApp(PageApp):
         summary="The authorization page: log in, then allow or deny the app",
         description="Query: client_id, redirect_uri (exactly as registered), "
         "response_type=code, scope (read, write, email, attachment, contact; `+`-separated), "
-        "state, code_challenge and code_challenge_method=S256 (PKCE).",
+        "state, code_challenge and code_challenge_method=S256 (PKCE: the challenge is the "
+        "43 characters of base64url RFC 7636 makes; another, or another method, is "
+        "redirected with error=invalid_request).",
         replies=page_replies({
             200: "HTML page: the login form, or the consent page",
             302: "Redirect to redirect_uri with error=… (a bad scope or response_type)",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import secrets as _random
 from dataclasses import dataclass
 from typing import Any
@@ -300,9 +301,9 @@ class OAuthProvider:
             except OAuth2Error as e:
                 raise AuthorizationRedirect(e.in_uri(e.redirect_uri)) from None
             request = credentials["request"]
-            method = request.code_challenge_method
-            if request.code_challenge and method != "S256":
-                error = _invalid_request("code_challenge_method must be S256", request)
+            refusal = _challenge_refusal(request.code_challenge, request.code_challenge_method)
+            if refusal is not None:
+                error = _invalid_request(refusal, request)
                 raise AuthorizationRedirect(error.in_uri(credentials["redirect_uri"]))
             return Consent(
                 app=_app(request.client.row), scopes=tuple(scopes),
@@ -483,6 +484,26 @@ def _request_uri(uri: str) -> str:
     `_normal_redirect` has it."""
     base, mark, query = uri.partition("?")
     return base + mark + _normal_redirect(_normal_scopes(query)) if mark else uri
+
+
+def _challenge_refusal(challenge: str | None, method: str | None) -> str | None:
+    """Why a PKCE `challenge` (None: the request has none) cannot be taken, or None. The
+    method must be S256 (plain would send the verifier itself through the browser), and the
+    challenge one S256 makes: BASE64URL(SHA256(code_verifier)) with no padding, 43
+    characters (RFC 7636 4.2). No verifier matches any other value: its code, made once the
+    user allowed it, could never be exchanged (and one past 128 characters or holding NUL
+    would not even be stored on PostgreSQL)."""
+    if challenge is None:
+        return None
+    if method != "S256":
+        return "code_challenge_method must be S256"
+    if _S256_CHALLENGE.fullmatch(challenge) is None:
+        return ("code_challenge must be an S256 challenge: 43 characters of base64url "
+                "(RFC 7636 4.2)")
+    return None
+
+
+_S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _describe(error: OAuth2Error) -> str:
