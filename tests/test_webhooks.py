@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sqlalchemy import update
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
@@ -405,6 +406,29 @@ class DeliveryTests(SenderTestCase):
         self.assertEqual((entry.status, entry.attempts, entry.last_error),
                          ("pending", 1, "no answer within 10 s"))
         self.assertEqual(entry.next_attempt_at, s.web.clock.seconds() + 60)
+
+    async def test_a_webhook_deleted_during_its_attempt_is_not_taken_for_a_takeover(
+        self
+    ) -> None:
+        # Its delivery row goes with it, so the attempt has nothing to record: that is no
+        # other node's lease, which single-node operators were warned of.
+        s = await self.setup(timeout=10)
+        s.receiver.hang = True
+        hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.webhooks.enqueue_sync(s.result(1))
+        s.web.clock.advance(0)
+        self.assertEqual(len(s.receiver.hanging), 1)
+        await s.webhooks.delete(s.alice.user.id, hook.id)
+        events: list[dict[str, Any]] = []
+        observe: Any = events.append
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        s.web.clock.advance(10)
+        lines = [formatEvent(e) for e in events if "webhook delivery" in formatEvent(e)]
+        self.assertEqual(lines, ["webhook delivery 1 was removed while it was attempted "
+                                 "(its webhook or its user was deleted): nothing to record"])
+        self.assertEqual([e["log_level"] for e in events if "webhook delivery" in
+                          formatEvent(e)], [LogLevel.info])
 
     async def test_at_most_concurrency_attempts_at_once(self) -> None:
         s = await self.setup(concurrency=2, timeout=30)

@@ -36,7 +36,14 @@ from mailcore.webhooks.signing import (
     TIMESTAMP_HEADER,
     sign,
 )
-from mailcore.webhooks.store import Due, thd_claim_due, thd_prune, thd_record_attempt
+from mailcore.webhooks.store import (
+    GONE,
+    TAKEN,
+    Due,
+    thd_claim_due,
+    thd_prune,
+    thd_record_attempt,
+)
 
 log = Logger()
 class AttemptTimedOut(Exception):
@@ -228,11 +235,15 @@ class WebhookSender(Service):
         it (the record would fail, and the attempt go uncounted), so it is replaced."""
         if outcome.get("error"):
             outcome["error"] = storable(outcome["error"])
-        if not await self.db.run("record_webhook_attempt", thd_record_attempt, item.id,
-                                 lease=item.lease, **outcome):
+        done = await self.db.run("record_webhook_attempt", thd_record_attempt, item.id,
+                                 lease=item.lease, **outcome)
+        if done == TAKEN:
             log.warn("webhook delivery {id} was taken over by another node while this one "
                      "attempted it (its lease lapsed); this attempt is not recorded",
                      id=item.id)
+        elif done == GONE:
+            log.info("webhook delivery {id} was removed while it was attempted (its webhook "
+                     "or its user was deleted): nothing to record", id=item.id)
 
     async def post(self, item: Due) -> Outcome:
         """Sign and POST one delivery; never raises for what the receiver does."""

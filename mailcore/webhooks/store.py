@@ -106,12 +106,13 @@ def thd_record_attempt(
     conn: Connection, delivery_id: int, *, lease: float, now: float, status: str,
     attempts: int, next_attempt_at: float, status_code: int | None, error: str | None,
     disable_webhook: int | None = None,
-) -> bool:
+) -> str:
     """Record one attempt of a delivery claimed with `lease` (`Due.lease`), if the claim
-    still stands; whether it did. A node that stalled past its lease (a pause, a slow
-    store) finds the delivery taken over by another node, or already recorded by it: its
-    outcome is then dropped, and the other node's stands (an overwrite would make a
-    delivered one pending again, to be posted once more)."""
+    still stands: RECORDED. A node that stalled past its lease (a pause, a slow store)
+    finds the delivery taken over by another node, or already recorded by it: its outcome
+    is then dropped, and the other node's stands (an overwrite would make a delivered one
+    pending again, to be posted once more): TAKEN. A delivery whose row is gone (its
+    webhook or its user was deleted meanwhile) has nothing to record: GONE."""
     _d = webhook_deliveries.c
     recorded = conn.execute(
         update(webhook_deliveries)
@@ -123,11 +124,16 @@ def thd_record_attempt(
         )
     ).rowcount
     if not recorded:
-        return False
+        still = conn.execute(select(_d.id).where(_d.id == delivery_id)).first()
+        return TAKEN if still is not None else GONE
     if disable_webhook is not None:
         conn.execute(update(webhooks).where(webhooks.c.id == disable_webhook).values(
             active=False))
-    return True
+    return RECORDED
+
+
+# What thd_record_attempt did with an attempt.
+RECORDED, TAKEN, GONE = "recorded", "taken", "gone"
 
 
 def thd_prune(conn: Connection, before: float) -> int:
