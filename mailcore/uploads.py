@@ -28,6 +28,29 @@ from mailcore.files import durable_directory, fsync_directory, private_directory
 
 CHUNK = 64 * 1024
 T = TypeVar("T")
+# What a part's Content-Transfer-Encoding may make of a file, for the limits checked before
+# a body is read (or while it arrives), which can only count its encoded bytes: base64
+# writes 4 characters for 3 bytes and a line break (CRLF) after each line, of 76 characters
+# in MIME (RFC 2045 6.8) and 64 in PEM, so at most 11 bytes for 8 (4/3 x 66/64), and
+# ENCODED_SLACK more for the padding and the last line.
+ENCODED_SLACK = 8
+
+
+def encoded_bound(size: int) -> int:
+    """The most bytes a file of `size` bytes takes in an upload's body: as it is, or as
+    base64 in lines of 64 characters or more. A body's limit is the file's limit so
+    bounded (the limit itself counts the decoded bytes, as they are parsed): a client sends
+    at most that, whatever it claims to encode."""
+    return -(-size * 11 // 8) + ENCODED_SLACK
+
+
+def decoded_least(encoded: int) -> int:
+    """The fewest bytes `encoded` bytes of a part, within `encoded_bound`, decode to: what a
+    check made before the body is read may count on (a file within a limit is never
+    refused for its encoding's size). A quoted-printable part can decode to less (a third,
+    for binary data); one that large is over `encoded_bound` of its size, and of its
+    limit when it is that close to it."""
+    return max(0, (encoded - ENCODED_SLACK) * 8 // 11)
 
 
 class MalformedUpload(ValueError):

@@ -1095,6 +1095,53 @@ class SmallAttachmentTests(MailApiTestCase):
         self.assertEqual(self.files.hashes(), [])
 
 
+class EncodedUploadLimitTests(MailApiTestCase):
+    """The limits count a part's decoded bytes before its body is read too: the body limit
+    of /api/v1/mail/ is max_message_bytes as base64 sends it (11/8) plus the framing."""
+
+    LIMIT = 3 * 1024 * 1024
+    config = Config(http_max_body=65_536, sections={
+        "fetch": {"allow_loopback": True},
+        # The quota holds the file and the `from` it is given (bob@hosted.test): no more.
+        "mailapi": {"max_attachment_bytes": LIMIT, "max_message_bytes": LIMIT,
+                    "mailbox_quota_bytes": LIMIT + 15}})
+
+    def body(self, payload: bytes) -> bytes:
+        encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")  # MIME's 76 a line
+        return (b'--B\r\nContent-Disposition: form-data; name="status"\r\n\r\ndraft\r\n'
+                b'--B\r\nContent-Disposition: form-data; name="attachment"; filename="b.bin"'
+                b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + encoded + b"\r\n--B--\r\n")
+
+    async def test_a_base64_attachment_at_the_limit_is_taken_and_counted_decoded(
+            self) -> None:
+        # 3 MiB as base64 is 4.1 MiB: past the 3 + 1 MiB the body limit allowed, a 413
+        # "Request body too large" before any of it was read.
+        from mailcore.uploads import encoded_bound
+        from web.mailapi import UPLOAD_OVERHEAD
+        mp = {"Content-Type": "multipart/form-data; boundary=B"}
+        payload = bytes(range(256)) * (self.LIMIT // 256)
+        body = self.body(payload)
+        self.assertGreater(len(body), self.LIMIT + UPLOAD_OVERHEAD)
+        status, reply = await self.as_("bob", "POST", "/api/v1/mail/", headers=mp, data=body)
+        self.assertEqual(status, 201, reply)
+        [row] = await self.rows()
+        [part] = await self.attachment_rows()
+        self.assertEqual((part.size, row.size), (self.LIMIT, self.LIMIT + len(BOB)))
+        status, boxes = await self.as_("bob", "GET", "/api/v1/mailboxes/")
+        [box] = [b for b in boxes["mailboxes"] if b["email"] == BOB]
+        self.assertEqual((box["used_bytes"], box["quota_bytes"]),
+                         (self.LIMIT + len(BOB), self.LIMIT + len(BOB)))
+        # One byte more is over max_attachment_bytes, counted decoded.
+        status, reply = await self.as_("bob", "POST", "/api/v1/mail/", headers=mp,
+                                       data=self.body(payload + b"x"))
+        self.assertEqual((status, reply), (413, {
+            "message": f"attachment 'b.bin' is larger than {self.LIMIT} bytes"}))
+        self.assertEqual(len(await self.rows()), 1)
+        self.assertEqual(len(self.files.hashes()), 1)
+        self.assertEqual(self.web.root.body_limits.for_path(b"/api/v1/mail/"),
+                         encoded_bound(self.LIMIT) + UPLOAD_OVERHEAD)
+
+
 class GrantMatrixTests(MailApiTestCase):
     """Each right: its operation by joe on bob's mailbox fails without it, works with it."""
 

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from mailcore.uploads import TransferDecoder
+from mailcore.uploads import TransferDecoder, decoded_least, encoded_bound
 from tests.support.web import Web
 from web.errors import ApiError
 from web.parsing import (
@@ -483,3 +483,19 @@ class TransferDecoderTests(TestCase):
                                                 for i in range(cut, len(encoded), step)]
                     out = b"".join(decoder.feed(p) for p in pieces) + decoder.finish()
                     self.assertEqual(out, expected, (encoding, cut, step))
+
+    def test_the_encoded_bound_holds_base64_and_the_least_is_never_more(self) -> None:
+        # The limits checked before a body is read count its bytes: a file of n bytes is
+        # at most encoded_bound(n) of them (as it is, or base64 in MIME's lines of 76 or
+        # PEM's of 64, CRLF or LF), and a part of e bytes decodes to decoded_least(e) at
+        # least, so a file within a limit is never refused for its encoding's size.
+        for n in [*range(200), 1000, 4096, 65_537, 3 * 1024 * 1024 + 1]:
+            data = b"\xff" * n
+            one_line = base64.b64encode(data)
+            pem = b"".join(one_line[i:i + 64] + b"\r\n" for i in range(0, len(one_line), 64))
+            mime = base64.encodebytes(data)
+            for sent in (data, pem, mime, mime.replace(b"\n", b"\r\n"), one_line):
+                self.assertLessEqual(len(sent), encoded_bound(n), n)
+                self.assertLessEqual(decoded_least(len(sent)), n, n)
+            self.assertGreater(decoded_least(encoded_bound(n) + 11), n)
+        self.assertEqual(decoded_least(0), 0)

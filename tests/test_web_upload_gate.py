@@ -4,6 +4,7 @@ channel on a StringTransport."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.identity.service import RESOLVED_TTL
+from mailcore.uploads import encoded_bound
 from tests.support.logs import logged_at
 from tests.support.web import Web
 from tests.test_web_deadline import HungStore
@@ -330,14 +332,16 @@ class RefusedBeforeTheBodyTests(TestCase):
         self.assertEqual(self.f.file_rows(), rows)
 
     async def test_a_declared_length_beyond_the_room_left_is_a_413_before_the_body(self) -> None:
-        # 150,000 bytes a bundle: a body of 1 MiB of framing and 150,001 bytes cannot fit.
-        sent, request, transport = await self.send(self.bundle_id,
-                                                   length=UPLOAD_OVERHEAD + 150_001)
+        # 150,000 bytes a bundle: a body of 1 MiB of framing and 150,000 bytes as base64
+        # would send them (its file's own bytes count) and a few more cannot fit.
+        sent, request, transport = await self.send(
+            self.bundle_id, length=UPLOAD_OVERHEAD + encoded_bound(150_000) + 11)
         reply = self.assertUnread(sent, b"413 ", request, transport)
         self.assertEqual(reply["errors"], {"the_file": [
             "The bundle's files would exceed the total allowed size."]})
         # One that may fit is read, and refused only if it does not.
-        sent, _, _ = await self.send(self.bundle_id, length=UPLOAD_OVERHEAD + 150_000)
+        sent, _, _ = await self.send(self.bundle_id,
+                                     length=UPLOAD_OVERHEAD + encoded_bound(150_000))
         self.assertEqual(sent, b"")  # let in: waiting for the rest of its body
 
     async def test_a_user_has_max_concurrent_uploads_under_way(self) -> None:
@@ -375,6 +379,75 @@ class RefusedBeforeTheBodyTests(TestCase):
         channel.connectionLost(Failure(ConnectionDone()))
         sent, _, _ = await self.send(self.bundle_id)
         self.assertEqual(sent, b"")  # let in
+
+
+class EncodedUploadTests(TestCase):
+    """A file sent base64 (a part's Content-Transfer-Encoding) is held to the limits by its
+    own bytes before its body is read as after: the path's body limit and the gate's room
+    check counted the encoded bytes, 4/3 of the file and its line breaks, so a file within
+    max_file_size or the bundle's room was refused 413 before it was read."""
+
+    LIMIT = 3 * 1024 * 1024  # as base64, 4.1 MiB: over the 1 MiB of framing it had
+
+    async def start(self, **safedrop: Any) -> GateFixture:
+        f = GateFixture()
+        await f.start(self, **safedrop)
+        return f
+
+    def body(self, payload: bytes) -> bytes:
+        encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+        return (b'--def46f21fc67\r\ncontent-disposition: form-data; name="the_file"; '
+                b'filename="b.bin"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+                + encoded + b"\r\n--def46f21fc67--\r\n")
+
+    async def send(self, f: GateFixture, bundle_id: int, payload: bytes) -> tuple[int, Any]:
+        """The whole upload through the site's channel: the status and the reply."""
+        body = self.body(payload)
+        self.assertGreater(len(body), len(payload) + UPLOAD_OVERHEAD)
+        transport = StringTransport()
+        channel = f.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        lines = [f"POST /dropbundles/{bundle_id}/dropfiles HTTP/1.1", "Host: x",
+                 f"Content-Type: {MULTIPART['Content-Type']}",
+                 f"Content-Length: {len(body)}", f"X-Auth-Token: {f.token}"]
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        if channel.requests and not channel.requests[-1].finished:
+            await channel.requests[-1].notifyFinish()
+        sent = bytes(transport.value())
+        head, _, reply = sent.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), json.loads(reply)
+
+    async def test_a_base64_file_of_max_file_size_is_taken_one_byte_more_refused(
+            self) -> None:
+        f = await self.start(max_file_size=self.LIMIT)
+        bundle_id = await f.bundle()
+        payload = bytes(range(256)) * (self.LIMIT // 256)
+        status, reply = await self.send(f, bundle_id, payload)
+        self.assertEqual(status, 200, reply)  # was 413: "Request body too large"
+        [row] = f.file_rows()
+        self.assertEqual(row.size, self.LIMIT)
+        status, reply = await self.send(f, bundle_id, payload + b"x")
+        self.assertEqual((status, reply["errors"]), (413, {"the_file": [
+            f"The file is larger than {self.LIMIT} bytes."]}))
+        self.assertEqual(len(f.file_rows()), 1)
+
+    async def test_a_base64_file_filling_the_room_left_is_let_in_and_counted_decoded(
+            self) -> None:
+        f = await self.start(max_file_size=2 * self.LIMIT, max_bundle_size=self.LIMIT + 10)
+        bundle_id = await f.bundle()
+        payload = bytes(range(256)) * (self.LIMIT // 256)
+        status, reply = await self.send(f, bundle_id, payload + b"0123456789x")
+        self.assertEqual((status, reply["errors"]), (413, {"the_file": [
+            "The bundle's files would exceed the total allowed size."]}))
+        status, reply = await self.send(f, bundle_id, payload)
+        self.assertEqual(status, 200, reply)  # was 413 at the gate: no room for 4.1 MiB
+        # The bundle holds the file's own bytes: 10 more fit, 11 do not.
+        status, _ = await f.upload(bundle_id, multipart_file("c", b"0123456789x"))
+        self.assertEqual(status, 413)
+        status, _ = await f.upload(bundle_id, multipart_file("c", b"0123456789"))
+        self.assertEqual(status, 200)
+        self.assertEqual([r.size for r in f.file_rows()], [self.LIMIT, 10])
 
 
 class GateFunctionTests(TestCase):

@@ -107,8 +107,9 @@ from web.settings import WebSettings
 
 log = Logger(namespace="mailcore.web")
 
-# Where mail is written: a body may be `[mailapi] max_message_bytes` plus this room for the
-# multipart framing and the text fields, instead of `[web] max_body`.
+# Where mail is written: a body may be `[mailapi] max_message_bytes` (as base64 may encode
+# it: mailcore.uploads.encoded_bound) plus this room for the multipart framing and the text
+# fields, instead of `[web] max_body`.
 UPLOAD_PATH = re.compile(r"/api/v1/mail/(?:[^/]+)?")
 UPLOAD_OVERHEAD = 1024 * 1024
 AUTH_PATH = b"/api/v1/auth/"
@@ -225,7 +226,10 @@ MAIL_BODY: dict[str, Any] = {
         "attachment": {"type": "string", "format": "binary",
                        "description": "multipart file part(s), any field name; each within "
                        "[mailapi] max_attachment_bytes, all within max_message_bytes, "
-                       "with those a draft keeps, and at most 256 (413)"},
+                       "with those a draft keeps, and at most 256 (413), counting decoded "
+                       "bytes (a part's Content-Transfer-Encoding, base64 or "
+                       "quoted-printable, is undone; the body may be max_message_bytes "
+                       "as base64, 11/8 of it, plus 1 MiB)"},
     },
 }
 WRITTEN_REPLY: dict[str, Any] = {

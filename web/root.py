@@ -26,6 +26,7 @@ from mailcore.connlimits import ConnectionCounter, client_address
 from mailcore.core import Core
 from mailcore.identity import Principal
 from mailcore.outages import DATABASE_SLOW
+from mailcore.uploads import encoded_bound
 from web import deadline, mailapi
 from web.accesslog import AccessLog
 from web.api import ApiApp
@@ -442,13 +443,17 @@ def body_limit(settings: WebSettings) -> int:
 def upload_paths(core: Core, apps: Mapping[str, ApiApp]
                  ) -> tuple[tuple[re.Pattern[str], int, AuthPolicy, Admission | None], ...]:
     """The paths that take bodies over [web] max_body: how large, whose credential opens
-    them, and what else their API checks before such a body is read (the upload gate)."""
+    them, and what else their API checks before such a body is read (the upload gate). How
+    large counts a body's bytes, so its limit is what the largest file takes once encoded
+    (mailcore.uploads.encoded_bound: a base64 part is 11/8 of its file at most) plus the
+    framing: the file limits themselves count decoded bytes, as the body is parsed."""
     drops = cast(SafedropApp, apps[SafedropApp.name])
     return (
-        (UPLOAD_PATH, core.safedrop.settings.max_file_size + UPLOAD_OVERHEAD, SAFEDROP,
-         drops.admit_upload),
+        (UPLOAD_PATH, encoded_bound(core.safedrop.settings.max_file_size) + UPLOAD_OVERHEAD,
+         SAFEDROP, drops.admit_upload),
         (mailapi.UPLOAD_PATH,
-         core.mailapi_settings.max_message_bytes + mailapi.UPLOAD_OVERHEAD, MAIL_API, None),
+         encoded_bound(core.mailapi_settings.max_message_bytes) + mailapi.UPLOAD_OVERHEAD,
+         MAIL_API, None),
     )
 
 

@@ -53,6 +53,7 @@ from mailcore.safedrop.model import (
 )
 from mailcore.safedrop.service import SafedropService
 from mailcore.sendcaps import SendCapped, describe, retry_headers
+from mailcore.uploads import decoded_least
 from web.api import ApiApp, is_head
 from web.auth import SAFEDROP, SAFEDROP_KEY, CredentialResolver
 from web.errors import ApiError, SafedropErrors, field_error
@@ -94,8 +95,9 @@ UNKNOWN_FIELD = "Unknown field."
 SENT = "The safedrop has been sent; it can no longer be changed."
 MAX_SUBJECT = 1000
 
-# Where files are uploaded: allowed a body up to `[safedrop] max_file_size` plus room for
-# the multipart framing, instead of `[web] max_body`.
+# Where files are uploaded: allowed a body up to `[safedrop] max_file_size` (as base64 may
+# encode it: mailcore.uploads.encoded_bound) plus room for the multipart framing, instead of
+# `[web] max_body`.
 UPLOAD_PATH = re.compile(r"/dropbundles/([0-9]+)/dropfiles/?")
 UPLOAD_OVERHEAD = 1024 * 1024
 # The largest bundle id a path may name (a longer one names nothing: a 404).
@@ -622,12 +624,16 @@ class SafedropApp(ApiApp):
         summary="Add a file to a safedrop (multipart/form-data, field `the_file`)",
         description="The upload is written to disk as it is parsed, never held in memory; "
         "it is bounded by `[safedrop] max_file_size` (413) and the bundle's total "
-        "`max_bundle_size`; a bundle holds at most `max_files` files (400). A failed upload "
-        "leaves no file and no row. A user has at most `[safedrop] max_concurrent_uploads` "
-        "uploads under way at once (429). A body over `[web] json_max_body` is read only "
-        "once its token is known good (401 before it, else); one over `[web] max_body` is "
-        "also refused before it is read when the bundle is not the caller's (404), is sent "
-        "(405) or has no room for its declared length (413).",
+        "`max_bundle_size`, counting the file's own bytes (a part's "
+        "Content-Transfer-Encoding, base64 or quoted-printable, is undone; the body may be "
+        "the largest file as base64, 11/8 of it, plus 1 MiB); a bundle holds at most "
+        "`max_files` files (400). A failed upload leaves no file and no row. A user has "
+        "at most `[safedrop] max_concurrent_uploads` uploads under way at once (429). A "
+        "body over `[web] json_max_body` is read only once its token is known good (401 "
+        "before it, else); one over `[web] max_body` is also refused before it is read when "
+        "the bundle is not the caller's (404), is sent (405) or has no room for the file "
+        "its declared length holds at least (413; as base64, 8/11 of what is left once 1 "
+        "MiB of framing is taken off).",
         auth=SAFEDROP,
         body=FILE_BODY,
         body_types=(MULTIPART_TYPE,),
@@ -664,7 +670,9 @@ class SafedropApp(ApiApp):
         if match is None or len(match.group(1)) > MAX_ID_DIGITS:
             return drop_error(DropNotFound())
         declared = (request.getHeader(b"content-length") or b"").strip()
-        least = int(declared) - UPLOAD_OVERHEAD if declared.isdigit() else 0
+        # The fewest bytes the file decodes to (a base64 part is up to 11/8 of it): the
+        # limits count the file's own bytes.
+        least = decoded_least(int(declared) - UPLOAD_OVERHEAD) if declared.isdigit() else 0
         user_id = principal.user.id
         try:
             await self.drops.check_upload(user_id, int(match.group(1)), least)

@@ -276,7 +276,7 @@ class SafedropService:
         """Refuse, before its body is read, an upload that would be refused after: the
         bundle is not the owner's or is sent, holds `max_files`, or has no room for the
         `least` bytes the file will have at least (what its declared length leaves once
-        the multipart framing is taken off)."""
+        the multipart framing is taken off, and decoded: mailcore.uploads.decoded_least)."""
         if least > self.settings.max_file_size:
             limit = self.settings.max_file_size
             raise TooLarge("the_file", f"The file is larger than {limit} bytes.")
