@@ -275,3 +275,133 @@ class DropmyemailTokenTests(TestCase):
         self.assertIsNotNone(self.app.policy.lookup)
         self.assertEqual(DROPMYEMAIL.schemes, ("Bearer",))
         self.assertEqual(DROPMYEMAIL.query, ("access_token",))
+
+
+class OneCredentialPerRequestTests(TestCase):
+    """A request presenting two different credentials of its API (two of the places it
+    reads one, or a header or parameter given twice) is refused in its API's shape, not
+    served as the first one found (a proxy or a client's default header adding its own
+    would act for someone else). The same one given twice is served; an Authorization of a
+    scheme the API does not take is left alone. No seed says which of two wins: IMAP2API
+    answers DRF's 401 for a malformed header, the others 400, Dropmyemail's RFC 6750
+    invalid_request."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build()
+        self.alice = await self.web.user()
+        self.bob = await self.web.user("bob")
+        self.token = await self.web.credential(self.alice, "token")
+        self.other = await self.web.credential(self.bob, "token")
+        self.key = await self.web.credential(self.alice)
+        self.bob_key = await self.web.credential(self.bob)
+
+    async def call(self, method: str, path: str, headers: dict[str, Any],
+                   **kwargs: Any) -> tuple[int, Any]:
+        status, _, body = await self.web.call(method, path, headers=headers, **kwargs)
+        return status, body
+
+    async def test_imap2api_two_tokens_are_drfs_401(self) -> None:
+        for tokens in ([self.token, self.other], [self.other, self.token]):
+            status, body = await self.call("GET", "/api/emails/folders/", {
+                "Authorization": [f"Token {t}" for t in tokens]})
+            self.assertEqual((status, body), (401, {
+                "detail": "Invalid token header. Two different tokens were sent; send one."}))
+        status, _ = await self.call("GET", "/api/emails/folders/", {
+            "Authorization": [f"Token {self.token}", f"token {self.token}"]})
+        self.assertEqual(status, 200)
+
+    async def test_mail_api_two_auth_keys_are_a_400(self) -> None:
+        message = ("two different auth_keys were sent (in Auth-Key, auth_key, auth_token, "
+                   "token, Authorization: Token, the query or the body); send one")
+        for headers, query in (
+                ({"Auth-Key": self.token, "Authorization": f"Token {self.other}"}, ""),
+                ({"Auth-Key": [self.other, self.token]}, ""),
+                ({"Auth-Key": self.token, "token": self.other}, ""),
+                ({"Auth-Key": self.token}, f"?auth_key={self.other}"),
+                ({}, f"?auth_key={self.token}&auth_token={self.other}"),
+                ({}, f"?auth_key={self.token}&auth_key=0{self.token}")):
+            status, body = await self.call("GET", "/api/v1/mailboxes/" + query, headers)
+            self.assertEqual((status, body), (400, {"message": message}), (headers, query))
+        # A body's auth_key beside another in a header, or auth_key and auth_token apart.
+        for headers, fields in (({"Auth-Key": self.token}, {"auth_key": self.other}),
+                                ({}, {"auth_key": self.token, "auth_token": self.other})):
+            status, body = await self.call("POST", "/api/v1/mail/", headers,
+                                           json={"status": "draft", **fields})
+            self.assertEqual((status, body), (400, {"message": message}), fields)
+        # The same key in every place is served; a proxy's Basic is not a Mail API key.
+        status, body = await self.call(
+            "GET", f"/api/v1/mailboxes/?auth_key={self.token}",
+            {"Auth-Key": [self.token, self.token], "Authorization": f"Token {self.token}"})
+        self.assertEqual(status, 200, body)
+        status, body = await self.call(
+            "GET", "/api/v1/mailboxes/",
+            {"Auth-Key": self.token, "Authorization": "Basic cHJveHk6c2VjcmV0"})
+        self.assertEqual(status, 200, body)
+        status, body = await self.call("POST", "/api/v1/mail/", {"Auth-Key": self.token},
+                                       json={"status": "draft", "auth_key": self.token})
+        self.assertEqual((status, body["message"]),  # alice's: she has no mailbox
+                         (401, "unauthorized from/reply-to - no mailbox of yours can keep "
+                          "this email"))
+
+    async def test_mail_api_login_with_two_api_keys_is_a_400(self) -> None:
+        login = {"username": "alice", "password": PASSWORD}
+        for headers, query in (({"Api-Key": self.key}, f"?api_key={self.bob_key}"),
+                               ({"Api-Key": [self.key, self.bob_key]}, "")):
+            status, body = await self.call("POST", "/api/v1/auth/" + query, headers,
+                                           json=login)
+            self.assertEqual((status, body), (400, {
+                "error": "Two different API keys were sent (the query's api_key, the "
+                         "form's or the Api-Key header); send one."}))
+        status, body = await self.call("POST", f"/api/v1/auth/?api_key={self.key}",
+                                       {"Api-Key": self.key}, json=login)
+        self.assertEqual(status, 200, body)
+
+    async def test_protecmail_two_api_keys_are_a_400_envelope(self) -> None:
+        for keys in ([self.key, self.bob_key], [self.key, "0" * 40]):
+            status, body = await self.call("GET", "/api/v1/ping", {"Api-Key": keys})
+            self.assertEqual((status, body["success"], body["msg"]),
+                             (400, False, "two different Api-Key headers were sent; send one"))
+        status, body = await self.call("GET", "/api/v1/ping", {"Api-Key": [self.key] * 2})
+        self.assertEqual((status, body["msg"]), (200, "pong"))
+
+    async def test_safedrop_two_tokens_or_accounts_are_a_400(self) -> None:
+        session = await self.web.credential(self.alice, "session")
+        bob_session = await self.web.credential(self.bob, "session")
+        tokens: list[dict[str, Any]] = [{"X-Auth-Token": session, "Auth-Token": bob_session},
+                                        {"X-Auth-Token": [bob_session, session]}]
+        for headers in tokens:
+            status, body = await self.call("GET", "/dropbundles", headers)
+            self.assertEqual((status, body), (400, {
+                "error": "Two different authentication tokens were sent (X-Auth-Token, "
+                         "Auth-Token); send one."}))
+            status, body = await self.call("GET", "/auth", headers)
+            self.assertEqual(status, 400, body)
+        status, body = await self.call("GET", "/dropbundles",
+                                       {"X-Auth-Token": session, "Auth-Token": session})
+        self.assertEqual((status, body), (200, []))
+        # The auth server: one account and one key.
+        keys: list[dict[str, Any]] = [
+            {"X-Auth-User": ["alice@example.test", "bob@example.test"], "X-Auth-Key": self.key},
+            {"X-Auth-User": "alice@example.test", "X-Auth-Key": [self.key, self.bob_key]}]
+        for headers in keys:
+            status, body = await self.call("GET", "/auth", headers)
+            self.assertEqual((status, body), (400, {
+                "error": "Two different X-Auth-User or X-Auth-Key values were sent; "
+                         "send one."}))
+        status, body = await self.call("GET", "/auth", {
+            "X-Auth-User": ["alice@example.test"] * 2, "X-Auth-Key": [self.key] * 2})
+        self.assertEqual(status, 204, body)
+
+    async def test_dropmyemail_a_repeated_header_or_parameter_is_invalid_request(
+            self) -> None:
+        client = await register(self.web, self.alice)
+        token = str((await client.token(scope="read"))["access_token"])
+        other = str((await client.token(scope="read"))["access_token"])
+        for headers, query in (({"Authorization": [f"Bearer {token}", f"Bearer {other}"]}, ""),
+                               ({}, f"?access_token={token}&access_token={other}")):
+            status, body = await self.call("GET", "/v1/accounts" + query, headers)
+            self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        status, body = await self.call(
+            "GET", f"/v1/accounts?access_token={token}&access_token={token}",
+            {"Authorization": [f"Bearer {token}"] * 2})
+        self.assertEqual((status, body), (200, []))

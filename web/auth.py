@@ -12,9 +12,14 @@ API's own 401 as an `ApiError`, which the app renders in its shape.
 | PROTECMAIL | `Api-Key` | apikey |
 | SAFEDROP_KEY | `X-Auth-Key` (the auth server, with `X-Auth-User`) | apikey |
 | SAFEDROP | `X-Auth-Token`, `Auth-Token` | session |
-| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` (not two) | OAuth token, scoped |
+| DROPMYEMAIL | `Authorization: Bearer <t>`, `?access_token=` | OAuth token, scoped |
 
-The secret is never logged, never put in an error, and only its digest is looked up.
+A request presenting two different secrets of its API (two of those places, or a header or
+parameter given twice) is refused (`AuthPolicy.ambiguous`: 401 for IMAP2API, as DRF answers
+a malformed header, else 400; Dropmyemail's `invalid_request`, RFC 6750 3.1); the same
+secret given twice is served. An `Authorization` header of a scheme the API does not take
+is not its credential and is left alone. The secret is never logged, never put in an error,
+and only its digest is looked up.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from twisted.web.iweb import IRequest
 from mailcore.identity import Identity, Principal
 from web.context import context_of
 from web.errors import ApiError
-from web.parsing import query_params
+from web.parsing import query_lists
 
 # A custom lookup: (identity, secret, policy) -> the principal, or None when not live.
 Lookup = Callable[[Identity, str, "AuthPolicy"], Awaitable[Principal | None]]
@@ -57,10 +62,16 @@ class AuthPolicy:
     security_schemes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # True when every scheme above must be presented together (safedrop user + key).
     all_required: bool = False
-    # True when a request presenting two different secrets (one in the header, another in
-    # the query) is a 400 `invalid_request` rather than served as the first one found
-    # (RFC 6750 §2, §3.1: one method per request). The same secret twice is served.
-    one_secret: bool = False
+    # A request presenting two different secrets (in two of the places above, or one
+    # header or query parameter given twice) is refused with this status and `code`
+    # (message "two_secrets"): which was meant cannot be told, and serving the first one
+    # found would act for whoever put it there. The same secret twice is served.
+    ambiguous_status: int = 400
+    ambiguous_code: str | None = None
+
+    def ambiguous(self) -> ApiError:
+        """The refusal of a request that presents two different secrets."""
+        return self.error("two_secrets", self.ambiguous_status, code=self.ambiguous_code)
 
     def security(self, scopes: list[str]) -> list[dict[str, list[str]]]:
         """OpenAPI security requirements: one of the schemes, or all of them together."""
@@ -105,12 +116,17 @@ IMAP2API = AuthPolicy(
         "invalid": "Invalid token.",
         "header_empty": "Invalid token header. No credentials provided.",
         "header_spaces": "Invalid token header. Token string should not contain spaces.",
+        "two_secrets": "Invalid token header. Two different tokens were sent; send one.",
     },
     challenge="Token",
+    # A malformed Authorization header is DRF's 401 (two joined by a proxy are one with
+    # spaces in it, "Token string should not contain spaces").
+    ambiguous_status=401,
     security_schemes={
         "imap2apiToken": api_key_scheme(
             "Authorization",
-            "`Authorization: Token <token>`; the token comes from POST /api-token-auth/.",
+            "`Authorization: Token <token>`; the token comes from POST /api-token-auth/. "
+            "Two different tokens (the header twice) are a 401.",
         )
     },
 )
@@ -121,14 +137,17 @@ MAIL_API = AuthPolicy(
     headers=("Auth-Key", "auth_key", "auth_token", "token"),
     schemes=("Token",),
     query=("auth_key", "auth_token"),
-    messages={"missing": "unauthorized", "invalid": "unauthorized"},
+    messages={"missing": "unauthorized", "invalid": "unauthorized",
+              "two_secrets": "two different auth_keys were sent (in Auth-Key, auth_key, "
+                             "auth_token, token, Authorization: Token, the query or the "
+                             "body); send one"},
     security_schemes={
         "mailapiAuthKey": api_key_scheme(
             "Auth-Key",
             "The auth_key from POST /api/v1/auth/ (also accepted as header "
             "or query parameter `auth_key` or `auth_token`, as header `token`, as field "
             "`auth_key` or `auth_token` of a JSON or form-encoded body, or "
-            "`Authorization: Token <key>`).",
+            "`Authorization: Token <key>`). Two different keys in one request are a 400.",
         )
     },
 )
@@ -137,10 +156,12 @@ PROTECMAIL = AuthPolicy(
     name="protecmail",
     kinds=("apikey",),
     headers=("Api-Key",),
-    messages={"missing": "missing Api-Key header", "invalid": "invalid Api-Key"},
+    messages={"missing": "missing Api-Key header", "invalid": "invalid Api-Key",
+              "two_secrets": "two different Api-Key headers were sent; send one"},
     security_schemes={
         "protecmailApiKey": api_key_scheme(
-            "Api-Key", "An API key (`mailcore apikey create NAME`)."
+            "Api-Key", "An API key (`mailcore apikey create NAME`); two different ones (the "
+            "header twice) are a 400."
         )
     },
 )
@@ -152,11 +173,14 @@ SAFEDROP_KEY = AuthPolicy(
     messages={
         "missing": "X-Auth-User and X-Auth-Key headers are required.",
         "invalid": "Invalid X-Auth-User or X-Auth-Key.",
+        "two_secrets": "Two different X-Auth-User or X-Auth-Key values were sent; send one.",
     },
     challenge='X-Auth-Key realm="safedrop"',
     security_schemes={
-        "safedropUser": api_key_scheme("X-Auth-User", "The e-mail address of the account."),
-        "safedropApiKey": api_key_scheme("X-Auth-Key", "An API key of that account."),
+        "safedropUser": api_key_scheme("X-Auth-User", "The e-mail address of the account "
+                                       "(two different ones: a 400)."),
+        "safedropApiKey": api_key_scheme("X-Auth-Key", "An API key of that account (two "
+                                         "different ones: a 400)."),
     },
     all_required=True,
 )
@@ -168,12 +192,14 @@ SAFEDROP = AuthPolicy(
     messages={
         "missing": "An X-Auth-Token header is required.",
         "invalid": "The authentication token is invalid or has expired.",
+        "two_secrets": "Two different authentication tokens were sent (X-Auth-Token, "
+                       "Auth-Token); send one.",
     },
     security_schemes={
         "safedropToken": api_key_scheme(
             "X-Auth-Token",
             "A temporary token from GET / (or /auth) with X-Auth-User and "
-            "X-Auth-Key; `Auth-Token` is accepted too.",
+            "X-Auth-Key; `Auth-Token` is accepted too (two different tokens: a 400).",
         )
     },
 )
@@ -197,14 +223,14 @@ DROPMYEMAIL = AuthPolicy(
         "missing": "An access token is required (access_token or Authorization: Bearer).",
         "invalid": "The access token is invalid.",
         "scope": "The access token does not grant this scope.",
-        "two_secrets": "Two different access tokens were sent (access_token and "
-                       "Authorization: Bearer); send one.",
+        "two_secrets": "Two different access tokens were sent (access_token, "
+                       "Authorization: Bearer, or one of them twice); send one.",
         "body_token": "The access token is not taken from the body: send it as "
                       "Authorization: Bearer or the access_token query parameter.",
     },
     challenge='Bearer realm="dropmyemail"',
     error_code="invalid_token",
-    one_secret=True,
+    ambiguous_code="invalid_request",  # RFC 6750 3.1: one method per request
     security_schemes={
         "dropmyemailOAuth": {
             "type": "oauth2",
@@ -218,7 +244,8 @@ DROPMYEMAIL = AuthPolicy(
         },
         "dropmyemailAccessToken": api_key_scheme(
             "access_token", "The access token as a query parameter (not in the body: a 400 "
-            "invalid_request).", where="query"),
+            "invalid_request; so are two different tokens, this and Authorization: Bearer "
+            "or either twice).", where="query"),
     },
 )
 
@@ -243,44 +270,43 @@ class CredentialResolver:
         self.identity = identity
 
     def presented(self, request: IRequest, policy: AuthPolicy) -> str | None:
-        """The secret the request presents under `policy`, or None; bad headers raise 401
-        (and two different secrets a 400, under a `one_secret` policy)."""
-        found = self._header_secret(request, policy)
-        if found is not None and not policy.one_secret:
-            return found
-        in_query = self._query_secret(request, policy)
-        if found is not None and in_query is not None and in_query != found:
-            raise policy.error("two_secrets", 400, code="invalid_request")
-        return found if found is not None else in_query
+        """The secret the request presents under `policy`, or None; bad headers raise 401,
+        and two different secrets (in two of the places the policy reads, or one header
+        or query parameter given twice) the policy's `ambiguous` refusal: serving one of
+        them, as the first found was, would act for whoever put it there."""
+        found = {*self._header_secrets(request, policy), *self._query_secrets(request, policy)}
+        if len(found) > 1:
+            raise policy.ambiguous()
+        return found.pop() if found else None
 
     @staticmethod
-    def _header_secret(request: IRequest, policy: AuthPolicy) -> str | None:
-        for scheme in policy.schemes:
-            header = request.getHeader(b"authorization")
-            if header is None:
-                break
-            parts = header.split()
-            if not parts or parts[0].lower() != scheme.lower().encode():
+    def _header_secrets(request: IRequest, policy: AuthPolicy) -> list[str]:
+        """Every secret the policy's headers carry (an `Authorization` of another scheme
+        is not this API's credential: a proxy's Basic, say)."""
+        found = []
+        schemes = {scheme.lower().encode() for scheme in policy.schemes}
+        for header in request.requestHeaders.getRawHeaders(b"authorization") or ():
+            parts = header.split() if schemes else ()
+            if not parts or parts[0].lower() not in schemes:
                 continue
             if len(parts) == 1:
                 raise policy.error("header_empty")
             if len(parts) > 2:
                 raise policy.error("header_spaces")
-            return _text(parts[1], policy)
+            found.append(_text(parts[1], policy))
         for name in policy.headers:
-            value = request.getHeader(name.encode("latin-1"))
-            if value is not None and value.strip():
-                return _text(value.strip(), policy)
-        return None
+            for value in request.requestHeaders.getRawHeaders(name.encode("latin-1")) or ():
+                if value.strip():
+                    found.append(_text(value.strip(), policy))
+        return found
 
     @staticmethod
-    def _query_secret(request: IRequest, policy: AuthPolicy) -> str | None:
-        if policy.query:
-            params = query_params(request)
-            for name in policy.query:
-                if params.get(name):
-                    return params[name].strip()
-        return None
+    def _query_secrets(request: IRequest, policy: AuthPolicy) -> list[str]:
+        if not policy.query:
+            return []
+        params = query_lists(request)
+        return [value.strip() for name in policy.query for value in params.get(name, ())
+                if value.strip()]
 
     async def resolve(self, secret: str, policy: AuthPolicy) -> Principal | None:
         if policy.lookup is not None:

@@ -97,6 +97,7 @@ from web.parsing import (
     is_json_type,
     media_type,
     parse_int,
+    query_lists,
     query_params,
     read_fields,
     string_field,
@@ -440,28 +441,34 @@ class MailApiApp(ApiApp):
                            users=self.user_limiter, anonymous=self.anonymous_limiter)
 
     async def _resolve(self, request: IRequest) -> Principal:
-        if self.resolver.presented(request, MAIL_API) is None:
-            secret = self.body_credential(request)
-            if secret is not None:
-                return await self.resolver.authenticate(request, secret, MAIL_API)
+        presented = self.resolver.presented(request, MAIL_API)
+        in_body = self.body_credential(request)
+        if presented is not None and in_body is not None and in_body != presented:
+            raise MAIL_API.ambiguous()  # a header's or the query's, and another in the body
+        if presented is None and in_body is not None:
+            return await self.resolver.authenticate(request, in_body, MAIL_API)
         return await self.resolver.require(request, MAIL_API)
 
     def body_credential(self, request: IRequest) -> str | None:
         """The `auth_key` or `auth_token` field of a JSON or form-encoded body (a body that
-        does not parse carries none: the reply is then the 401)."""
+        does not parse carries none: the reply is then the 401); the two fields with
+        different values are refused as two credentials (400)."""
         if not (is_json_type(media_type(request)) or media_type(request) == FORM_TYPE):
             return None
         try:
             data = self.fields(request)
         except ApiError:
             return None
+        found = set()
         for name in CREDENTIAL_FIELDS:
             value = data.get(name)
             if isinstance(value, str) and value.strip():
-                return value.strip()
-            if value not in (None, ""):
+                found.add(value.strip())
+            elif value not in (None, ""):
                 raise MAIL_API.error("invalid")
-        return None
+        if len(found) > 1:
+            raise MAIL_API.ambiguous()
+        return found.pop() if found else None
 
     @routes.route(
         "/api/v1/auth/",
@@ -498,11 +505,17 @@ class MailApiApp(ApiApp):
     async def check_api_key(self, request: IRequest, data: dict[str, Any], *,
                             required: bool) -> None:
         """The application api_key (query, form or `Api-Key` header): 403 when missing and
-        `required`, or when it is not a live API key."""
-        key: Any = query_params(request).get("api_key") or data.get("api_key")
-        if not key:
-            header = request.getHeader(b"api-key")
-            key = header.decode("latin-1").strip() if header else None
+        `required`, or when it is not a live API key; two different ones a 400 (which
+        was meant cannot be told)."""
+        in_body = data.get("api_key")
+        keys = {*query_lists(request).get("api_key", ()),
+                *((in_body,) if isinstance(in_body, str) else ()),
+                *(header.decode("latin-1").strip() for header in
+                  request.requestHeaders.getRawHeaders(b"api-key") or ())} - {""}
+        if len(keys) > 1:
+            raise ApiError(400, "Two different API keys were sent (the query's api_key, "
+                           "the form's or the Api-Key header); send one.", key="error")
+        key: Any = keys.pop() if keys else in_body
         if not key:
             if required:
                 raise ApiError(403, "API key is missing.", key="error")

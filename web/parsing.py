@@ -164,6 +164,11 @@ def is_json_type(media: str) -> bool:
 
 def query_params(request: IRequest) -> dict[str, str]:
     """Query-string parameters of the URI only (never the body); the last value wins."""
+    return {name: values[-1] for name, values in query_lists(request).items()}
+
+
+def query_lists(request: IRequest) -> dict[str, list[str]]:
+    """Query-string parameters of the URI only, each with every value it is given."""
     uri: bytes = request.uri
     _, _, query = uri.partition(b"?")
     try:
@@ -171,12 +176,13 @@ def query_params(request: IRequest) -> dict[str, str]:
     except UnicodeDecodeError:
         raise ApiError(400, "The query string is not valid UTF-8.") from None
     # Percent-escapes that are not UTF-8 become lone surrogates, as in `parse_form`.
-    params = dict(parse_qsl(text, keep_blank_values=True, errors="surrogateescape"))
-    for name, value in params.items():
+    params: dict[str, list[str]] = {}
+    for name, value in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
         problem = _escaped_problem(name) or _escaped_problem(value)
         if problem:
             raise ApiError(400, f"The query string is not text: {problem}",
                            fields={name: [problem]})
+        params.setdefault(name, []).append(value)
     return params
 
 

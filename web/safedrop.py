@@ -386,6 +386,9 @@ class SafedropApp(ApiApp):
     async def _key_owner(self, request: IRequest, user: bytes | None) -> Principal:
         if not user or not user.strip():
             raise SAFEDROP_KEY.error("missing")
+        if len({u.strip() for u in request.requestHeaders.getRawHeaders(b"x-auth-user")
+                or ()} - {b""}) > 1:
+            raise SAFEDROP_KEY.ambiguous()  # two accounts named: which one cannot be told
         principal = await self.resolver.require(request, SAFEDROP_KEY)
         if name_key(user.decode("utf-8", "replace")) != name_key(principal.user.email):
             raise SAFEDROP_KEY.error("invalid")
