@@ -169,9 +169,10 @@ class JsonTests(TestCase):
         )
         self.assertEqual(e.message, "JSON parse error - a number is out of range.")
 
-    def test_wrong_content_type_is_a_400_naming_it(self) -> None:
+    def test_wrong_content_type_is_a_415_naming_it(self) -> None:
+        # (The Mail API, safedrop and the pages answer it 400: ApiApp.unsupported_media_status.)
         e = self.assertRaises(ApiError, read_json_object, request(b"{}", "text/plain"), LIMIT)
-        self.assertEqual(e.status, 400)
+        self.assertEqual(e.status, 415)
         self.assertIn('"text/plain"', e.message)
         self.assertIn("application/json", e.message)
 
@@ -451,6 +452,53 @@ class ParseErrorsPerApiTests(TestCase):
         )
         self.assertEqual(status, 400)
         self.assertIn('Unsupported media type "text/plain"', body["error"])
+
+    async def test_a_body_of_another_type_is_415_where_the_document_allows(self) -> None:
+        # RFC 9110 15.5.16; every API answered 400. DRF (IMAP2API's framework) answers
+        # 415, Protecmail's document uses HTTP's response codes, Dropmyemail's takes JSON
+        # only; the Mail API's and safedrop's documents list their clients' statuses (400
+        # for bad input), and /oauth/token answers RFC 6749 5.2's 400 invalid_request.
+        from tests.support.oauth import register
+        web = Web.build()
+        alice = await web.user()
+        key = await web.credential(alice)
+        session = await web.credential(alice, "session")
+        client = await register(web, alice)
+        token = str((await client.token(scope="read write"))["access_token"])
+        plain = {"Content-Type": "text/plain"}
+        cases = [
+            ("POST", "/api-token-auth/", {}, 415, "detail"),
+            ("PUT", "/api/v1/user", {"Api-Key": key}, 415, "msg"),
+            ("POST", "/v1/accounts", {"Authorization": f"Bearer {token}"}, 415,
+             "error_description"),
+            ("POST", "/oauth/token", {}, 400, "error_description"),
+            ("POST", "/api/v1/auth/", {}, 400, "error"),
+            ("POST", "/api/v1/mail/", {"Auth-Key": await web.credential(alice, "token")},
+             400, "message"),
+            ("PUT", "/dropbundles/1", {"X-Auth-Token": session}, 400, "error"),
+        ]
+        for method, path, headers, expected, key_name in cases:
+            status, _, body = await web.call(method, path, data=b"a=b",
+                                             headers={**plain, **headers})
+            self.assertEqual(status, expected, (path, body))
+            self.assertIn('Unsupported media type "text/plain"', body[key_name], path)
+        status, _, body = await web.call("POST", "/oauth/token", data=b"a=b", headers=plain)
+        self.assertEqual(body["error"], "invalid_request")
+        status, _, body = await web.call("POST", "/v1/accounts", data=b"a=b", headers={
+            **plain, "Authorization": f"Bearer {token}"})
+        self.assertEqual(body["error"], "unsupported_media_type")
+        status, _, body = await web.call("PUT", "/api/v1/user", data=b"a=b", headers={
+            **plain, "Api-Key": key})
+        self.assertIs(body["success"], False)
+        # The OpenAPI document lists the 415 where it is answered.
+        status, _, doc = await web.call("GET", "/openapi.json")
+        paths = doc["paths"]
+        self.assertIn("415", paths["/api-token-auth/"]["post"]["responses"])
+        self.assertIn("415", paths["/api/v1/user"]["put"]["responses"])
+        self.assertIn("415", paths["/v1/accounts"]["post"]["responses"])
+        self.assertNotIn("415", paths["/oauth/token"]["post"]["responses"])
+        self.assertNotIn("415", paths["/api/v1/mail/"]["post"]["responses"])
+        self.assertNotIn("415", paths["/api/v1/user"]["get"]["responses"])
 
     async def test_protecmail_bad_json_is_an_envelope(self) -> None:
         web = Web.build()

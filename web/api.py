@@ -29,7 +29,7 @@ from web.accesslog import redacted_path
 from web.context import context_of
 from web.errors import ApiError, ErrorShape, outage_error
 from web.openapi import RouteTable
-from web.parsing import read_fields, read_json_object
+from web.parsing import UNSUPPORTED_MEDIA_STATUS, read_fields, read_json_object
 from web.replies import encode_json, json_reply
 from web.settings import WebSettings
 
@@ -95,6 +95,11 @@ class ApiApp:
     # The scheme names the credential the API's document defines (a header's name is a
     # valid auth-scheme token), with the app's name as realm. None: no 401 (the pages').
     challenge: ClassVar[str | None] = None
+    # The status of a body of a type the route does not read: 415 (RFC 9110 15.5.16), or
+    # 400 where the API's document lists the statuses its clients know (the Mail API's
+    # tables, safedrop's "400 ... when the form encoded properties do not meet
+    # requirements") and the pages, which a browser's form reaches.
+    unsupported_media_status: ClassVar[int] = UNSUPPORTED_MEDIA_STATUS
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,7 +129,12 @@ class ApiApp:
         return json_reply(request, body, status, headers)
 
     def error_reply(self, request: IRequest, error: ApiError) -> bytes:
-        """`error` in this API's shape (a 405 with its Allow header: with_allow)."""
+        """`error` in this API's shape (a 405 with its Allow header: with_allow; a body
+        of a type it does not read with its `unsupported_media_status`)."""
+        if error.status == UNSUPPORTED_MEDIA_STATUS != self.unsupported_media_status:
+            error = ApiError(self.unsupported_media_status, error.message, fields=error.fields,
+                             code=error.code, key=error.key, extra=error.extra,
+                             headers=error.headers)
         if response_started(request):
             return self.cut_short(request, f"{error.status} {error.message}")
         return self.render_error(request, self.with_allow(request, error))

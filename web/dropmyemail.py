@@ -49,6 +49,7 @@ from web.jsonstream import base64_of, stream_base64_member
 from web.openapi import Reply, RouteTable
 from web.parsing import (
     FORM_TYPE,
+    UNSUPPORTED_MEDIA_STATUS,
     bool_field,
     collect_fields,
     int_field,
@@ -301,7 +302,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
     title = "Dropmyemail (seed 000): mailbox backup, migrate and restore; OAuth 2"
     shape = OAuthErrors()
     app = Klein()
-    routes = RouteTable(app, "dropmyemail")
+    # "We only offer our endpoints in JSON. Please make your requests in JSON.": another
+    # type is a 415 (RFC 9110 15.5.16), but at /oauth/token (RFC 6749 5.2's 400).
+    routes = RouteTable(app, "dropmyemail", body_errors=(415,))
 
     def __init__(
         self,
@@ -372,6 +375,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
         body_types=(FORM_TYPE, "application/json"),
         replies={200: Reply("The access token", TOKEN_REPLY)},
         errors=(400, 401),
+        body_errors=(),  # a body of another type is RFC 6749 5.2's 400 invalid_request
     )
     async def token(self, request: IRequest) -> bytes:
         # Every reply, the refusals of our own before oauthlib's among them, is kept from
@@ -403,9 +407,15 @@ class DropmyemailApp(JobRoutes, ApiApp):
                 return raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ApiError(400, "The form is not valid UTF-8.") from None
-        fields: dict[str, Any] = read_fields(
-            request, self.settings.json_max_body, accept_multipart=False
-        )
+        try:
+            fields: dict[str, Any] = read_fields(
+                request, self.settings.json_max_body, accept_multipart=False
+            )
+        except ApiError as e:
+            if e.status != UNSUPPORTED_MEDIA_STATUS:
+                raise
+            # RFC 6749 5.2: a malformed token request is a 400 invalid_request.
+            raise ApiError(400, e.message, code="invalid_request") from None
         for key, value in fields.items():
             if not isinstance(value, str):
                 raise ApiError(400, f"Parameter {key} must be a string.")

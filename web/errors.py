@@ -30,6 +30,7 @@ STATUS_CODES: dict[int, str] = {
     405: "method_not_allowed",
     409: "conflict",
     413: "request_too_large",
+    415: "unsupported_media_type",
     429: "rate_limited",
     500: "server_error",
     503: "temporarily_unavailable",

@@ -394,6 +394,7 @@ class MailApiApp(ApiApp):
     shape = MailApiErrors()
     app = Klein()
     routes = RouteTable(app, "mailapi", errors=(429,))
+    unsupported_media_status = 400  # the seed's tables list what a client may get
 
     def __init__(
         self,

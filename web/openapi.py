@@ -48,6 +48,8 @@ _DEFAULT_ERRORS = {
     405: "Method not allowed",
     409: "Conflicts with the state of the object",
     413: "Request body too large",
+    415: "Unsupported media type: the body is not of a type the route reads (its "
+         "requestBody's)",
     429: "Rate limited",
     500: "Internal error",
     502: "A remote server failed",
@@ -107,12 +109,15 @@ class RouteSpec:
 class RouteTable:
     """Declares routes on one Klein app and remembers them for the OpenAPI document."""
 
-    def __init__(self, klein: Klein, api: str, *, errors: Sequence[int] = ()) -> None:
+    def __init__(self, klein: Klein, api: str, *, errors: Sequence[int] = (),
+                 body_errors: Sequence[int] = ()) -> None:
         self.klein = klein
         self.api = api
         # Statuses every route of the API may answer (429 where every request is rate
-        # limited), besides those each route lists.
+        # limited), besides those each route lists; and those every route taking a body
+        # may (415 for a body of another type, where the API answers so).
         self.errors = tuple(errors)
+        self.body_errors = tuple(body_errors)
         self.specs: list[RouteSpec] = []
         # Before any rule is added: a rule looks its converters up when it is added.
         klein.url_map.converters["int"] = IdConverter
@@ -133,15 +138,19 @@ class RouteTable:
         query: Mapping[str, Mapping[str, Any]] | None = None,
         replies: Mapping[int, Reply] | None = None,
         errors: Sequence[int] = (),
+        body_errors: Sequence[int] | None = None,
     ) -> Callable[[F], F]:
         """Serve the decorated method at `paths` for `methods`, and document it.
 
         Trailing slashes are optional on every path (a client may send either form).
         `auth` lists the credential policies of which the route accepts any one.
+        `body_errors` replaces the API's for a route that takes a body.
         """
         policies = (auth,) if isinstance(auth, AuthPolicy) else tuple(auth)
         path_list = (paths,) if isinstance(paths, str) else tuple(paths)
         method_list = (methods,) if isinstance(methods, str) else tuple(methods)
+        if body is not None and set(method_list) - {"GET", "HEAD", "DELETE"}:
+            errors = (*errors, *(self.body_errors if body_errors is None else body_errors))
 
         def decorate(f: F) -> F:
             for i, path in enumerate(path_list):

@@ -52,9 +52,11 @@ JSON_TYPES = ("application/json",)
 FORM_TYPE = "application/x-www-form-urlencoded"
 MULTIPART_TYPE = "multipart/form-data"
 
-# A body in a content type we do not read. 415 would be the more specific status; the
-# project's API map answers every bad input with 400.
-UNSUPPORTED_MEDIA_STATUS = 400
+# A body in a content type we do not read: 415 Unsupported Media Type (RFC 9110 15.5.16,
+# "content ... in a format not supported by this method on the target resource"). The
+# apps whose document lists the statuses its clients know answer 400 instead
+# (ApiApp.unsupported_media_status).
+UNSUPPORTED_MEDIA_STATUS = 415
 
 REQUIRED = "This field is required."
 BLANK = "This field may not be blank."

@@ -289,7 +289,8 @@ class ProtecmailApp(ApiApp):
     title = "Protecmail (seed 004): domains, quarantine, token tanks, account, invoices"
     shape = EnvelopeErrors()
     app = Klein()
-    routes = RouteTable(app, "protecmail", errors=(429,))
+    # "it uses the HTTP-related convenience, including verbs ... and response codes".
+    routes = RouteTable(app, "protecmail", errors=(429,), body_errors=(415,))
 
     def __init__(
         self,

@@ -356,6 +356,9 @@ class SafedropApp(ApiApp):
     shape = SafedropErrors()
     app = Klein()
     routes = RouteTable(app, "safedrop", errors=(429,))
+    # "A 400 'Bad Request' will be returned in response to a PUT or POST request on a
+    # resource when the form encoded properties do not meet requirements" (the seed).
+    unsupported_media_status = 400
 
     def __init__(
         self, settings: WebSettings, *, resolver: CredentialResolver, identity: Identity,

@@ -137,7 +137,9 @@ class Imap2ApiApp(ApiApp):
     title = "Simple IMAP2API (seed 001): IMAP accounts, emails and threads; Token auth"
     shape = DrfErrors()
     app = Klein()
-    routes = RouteTable(app, "imap2api")
+    # DRF's parsers answer a body of another type 415 {"detail": "Unsupported media type
+    # \"text/plain\" in request."}.
+    routes = RouteTable(app, "imap2api", body_errors=(415,))
 
     def __init__(
         self,

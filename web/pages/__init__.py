@@ -438,6 +438,7 @@ class PageApp(ApiApp):
     """The base of an app of pages: its errors are HTML pages, not JSON."""
 
     shape = PlainErrors()  # unused by replies; the OpenAPI document names it
+    unsupported_media_status = 400  # a page's form is a browser's
 
     def __init__(self, settings: WebSettings, *, pages: Pages) -> None:
         super().__init__(settings)
