@@ -493,3 +493,92 @@ class MissingBodyTests(TestCase):
         result, env, account_id, _port = await self.sync(size_omit=frozenset({2}))
         self.assertEqual((result.status, result.new_messages), ("success", 3), result.problems())
         self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 2, 3])
+
+
+class SkippedThenInterruptedTests(TestCase):
+    """A message a sync skipped (over the size limit, or its body left out twice) below a
+    UID it then committed, in a sync that did not finish (the connection dropped, the
+    daemon stopped): the skipped UIDs were saved only at the folder's end, and the next
+    sync looked only above the highest UID held, so the message was never tried again and
+    that sync said success; the backup lacked it without a word."""
+
+    timeout = 30
+
+    async def sync_twice(self, *, oversized: bool, resync: bool) -> tuple[Any, Any, int]:
+        """Sync an account whose server holds UIDs 1 to 4 (1 alone at a first sync when
+        `resync`), UID 2 over the size limit by its RFC822.SIZE (`oversized`) or its body
+        always left out; the server drops the connection when first asked for UID 4's
+        body. The last sync's result, the env and the account id."""
+        (factory, port), = cleartext_servers(self, 1)
+        held = [1] if resync else [1, 2, 3, 4]
+        drops = [1]
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT %d] n"
+                                 b"\r\n%s OK done\r\n" % (len(held), max(held) + 1, tag))
+            return True
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            words = rest.split()
+            top = b"%d" % max(held)
+            asked = set(held) if words[-1] == b"ALL" else set(
+                expand_set(words[-1].replace(b"*", top), 10))
+            conn.transport.write(b"* SEARCH " + b" ".join(
+                b"%d" % u for u in held if u in asked) + b"\r\n" + tag + b" OK searched\r\n")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            sizing = b"BODY" not in rest
+            uids = [u for u in expand_set(rest.split(b" ")[2], 10) if u in held]
+            if not sizing and 4 in uids and drops[0]:
+                drops[0] -= 1
+                conn.transport.loseConnection()
+                return True
+            for uid in uids:
+                body = b"Subject: m%d\r\nMessage-ID: <m%d@x.test>\r\n\r\nhi\r\n" % (uid, uid)
+                if sizing:
+                    size = 5000 if uid == 2 and oversized else len(body)
+                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
+                                         % (uid, uid, size))
+                elif uid == 2 and not oversized:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS ())\r\n" % (uid, uid))
+                else:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
+                                         % (uid, uid, len(body), body))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
+        # One batch a fetch, one on the wire: UID 3 is committed before UID 4 is asked for.
+        env = await make_env(self, max_message_bytes=2000, batch_messages=1,
+                             pipeline_depth=1)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        if resync:
+            first = await env.engine.sync(account.id)
+            self.assertEqual(first.status, "success", first.problems())
+            held[:] = [1, 2, 3, 4]
+        cut = await env.engine.sync(account.id)
+        self.assertEqual(cut.status, "error")
+        self.assertIn("connection to 127.0.0.1", cut.problems() or "")
+        self.assertEqual(sorted(await env.copies(account.id, "INBOX")), [1, 3])
+        return await env.engine.sync(account.id), env, account.id
+
+    async def test_a_skip_below_a_committed_uid_is_tried_again_after_an_interrupted_sync(
+        self,
+    ) -> None:
+        for oversized in (True, False):
+            for resync in (False, True):
+                last, env, account_id = await self.sync_twice(oversized=oversized,
+                                                              resync=resync)
+                self.assertEqual((last.status, last.new_messages), ("error", 1),
+                                 (oversized, resync, last.problems()))
+                why = ("UID 2 is 5000 bytes, over the limit of 2000; not fetched" if oversized
+                       else "sent no body for it, twice; not fetched")
+                self.assertIn(why, last.problems() or "")
+                self.assertEqual(sorted(await env.copies(account_id, "INBOX")), [1, 3, 4])
+                row = await env.db.read("folder", lambda c: c.execute(select(
+                    fetch_folders.c.skipped_uids)).scalar())
+                self.assertEqual(row, "2")

@@ -9,7 +9,9 @@ flow through three stages at once: `pipeline_depth` fetches on the wire, each fe
 parsed on the CPU pool as soon as it arrives, and one batch at a time stored. Each batch is
 committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
 order; the folder's state (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) is saved only after its last
-batch committed, so a sync killed at any moment and run again stores exactly the source set.
+batch committed, so a sync killed at any moment and run again stores exactly the source set
+(the UIDs it skipped are kept on the folder before any higher one is committed, with the
+UIDVALIDITY of a folder first opened, so that the next sync tries them again).
 A changed UIDVALIDITY rescans the folder and matches our copies by content hash; nothing of
 ours is ever deleted. POP3: UIDL says what is new; nothing is ever deleted on the server.
 """
@@ -63,6 +65,7 @@ from mailcore.fetch.state import (
     thd_mark_gone,
     thd_mark_stale,
     thd_max_uid,
+    thd_note_skipped,
     thd_save_folder_state,
     thd_set_folder_error,
     thd_stored_uidls,
@@ -750,6 +753,9 @@ class SyncEngine:
                                 f"{s.max_message_bytes}; not fetched")
                 continue
             todo.append(uid)
+        noted = len(skipped)
+        if skipped:
+            await self._note_skipped(state, uidvalidity, skipped)
         if oversized.progress is None:
             oversized.progress = (progress[0], progress[1])
         done, total = oversized.progress
@@ -782,6 +788,9 @@ class SyncEngine:
                 if missing:
                     more, more_parsed = await self._missing(session, missing, skipped)
                     fetched, parsed = [*fetched, *more], [*parsed, *more_parsed]
+                    if len(skipped) > noted:  # noted before this batch's higher UIDs
+                        noted = len(skipped)
+                        await self._note_skipped(state, uidvalidity, skipped)
                 # Durable once the folder state is saved after the last batch (a FULL
                 # commit fsyncs the WAL with every batch before it).
                 stored = await self.store.store_batch(where, fetched, rescan=rescan,
@@ -811,6 +820,14 @@ class SyncEngine:
             uidvalidity=uidvalidity, uidnext=info.uidnext, highestmodseq=info.highestmodseq,
             now=self.now(), error=error, skipped_uids=list(skipped),
         )
+
+    async def _note_skipped(self, state: FolderState, uidvalidity: int,
+                            skipped: dict[int, str]) -> None:
+        """Keep the UIDs skipped so far on the folder before any higher one is committed:
+        the next sync searches only above the highest UID held, so a skip this sync does
+        not live to record at its end would never be tried again nor told."""
+        await self.db.run("note_fetch_skipped", thd_note_skipped, state.id, uidvalidity,
+                          sorted(skipped))
 
     async def _wanted_uids(
         self, session: IMAPClient, account: Account, exists: int, uidvalidity: int,

@@ -2,7 +2,8 @@
 
 The messages table is the authority on what we hold: a (folder, uidvalidity, uid) row exists
 only once its message is committed. The folder row's uidvalidity/uidnext/highestmodseq are
-written after a folder sync completes and only serve to skip work.
+written after a folder sync completes and only serve to skip work; its skipped_uids (and a
+first uidvalidity with them) as soon as a sync skips one, before it commits a higher UID.
 """
 
 from __future__ import annotations
@@ -166,6 +167,28 @@ def thd_save_folder_state(
             uidvalidity=uidvalidity, uidnext=uidnext, highestmodseq=highestmodseq,
             last_sync=now, sync_error=error,
             skipped_uids=" ".join(str(u) for u in sorted(skipped_uids)) or None,
+        )
+    )
+
+
+def thd_note_skipped(conn: Connection, folder_id: int, uidvalidity: int,
+                     uids: Sequence[int]) -> None:
+    """UIDs (under `uidvalidity`) a sync skipped, kept with those already noted before the
+    sync goes on to commit higher ones: the next sync looks only above the highest UID held,
+    so a skip noted only at the folder's end was forgotten when the sync did not get there.
+    A folder first opened takes `uidvalidity` now (its UIDNEXT and HIGHESTMODSEQ wait for
+    its end); under another one it is being rescanned, which finds every UID again."""
+    row = conn.execute(
+        select(fetch_folders.c.uidvalidity, fetch_folders.c.skipped_uids)
+        .where(fetch_folders.c.id == folder_id)
+    ).first()
+    if row is None or row.uidvalidity not in (None, uidvalidity):
+        return
+    kept = set(_uids(row.skipped_uids)) if row.uidvalidity == uidvalidity else set()
+    conn.execute(
+        update(fetch_folders).where(fetch_folders.c.id == folder_id).values(
+            uidvalidity=uidvalidity,
+            skipped_uids=" ".join(str(u) for u in sorted(kept.union(uids))) or None,
         )
     )
 
