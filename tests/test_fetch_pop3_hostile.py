@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from email.utils import format_datetime
 from typing import Any
 
+from sqlalchemy import select
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -35,9 +36,11 @@ from mailcore.fetch.pop3 import (
     QUIT_WAIT,
     Listing,
     MessageTooLarge,
+    OutOfStep,
     POP3Session,
 )
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
+from mailcore.store.schema import message_blobs
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
@@ -242,6 +245,56 @@ class RetrieveUnitTests(TestCase):
         self.assertIsNone(session.error)
 
 
+class OutOfStepUnitTests(TestCase):
+    """A RETR reply that goes on after its end (a line "." not byte-stuffed) fails the
+    session, naming the message that was cut, whether the rest came in the same read or
+    later, where the next reply was due."""
+
+    def test_the_rest_in_the_same_read_fails_that_retr(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(1))
+        session.dataReceived(b"+OK\r\nhead\r\n.\r\nrest\r\n.\r\n")
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        error = failure_of(d)
+        assert isinstance(error, OutOfStep)
+        self.assertEqual((str(error), error.index), (
+            "fake sent more after the end of message 2 (a line '.' in it not byte-stuffed, "
+            "RFC 1939 3?)", 1))
+
+    def test_the_rest_where_the_next_reply_is_due_names_the_message_before(self) -> None:
+        for next_command in ("retr", "confirm"):
+            session, transport = connected()
+            d = defer.Deferred.fromCoroutine(session.retrieve_bytes(1))
+            session.dataReceived(b"+OK\r\nhead\r\n.\r\n")
+            self.assertEqual(self.successResultOf(d), b"head\r\n")  # cut: not yet known
+            following: defer.Deferred[Any] = defer.Deferred.fromCoroutine(
+                session.retrieve_bytes(2) if next_command == "retr"
+                else session.confirm())  # type: ignore[arg-type]
+            session.dataReceived(b"rest\r\n.\r\n+OK\r\n")
+            self.assertTrue(transport.disconnecting)
+            session.connectionLost(Failure(ConnectionDone()))
+            error = failure_of(following)
+            assert isinstance(error, OutOfStep)
+            self.assertEqual((str(error), error.index), (
+                "fake sent more after the end of message 2: rest came where a reply was due "
+                "(a line '.' not byte-stuffed, RFC 1939 3?)", 1))
+
+    def test_a_reply_in_step_confirms_the_message_before(self) -> None:
+        for answer in (b"+OK\r\n", b"-ERR no NOOP here\r\n"):
+            session, transport = connected()
+            d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+            session.dataReceived(b"+OK\r\nx\r\n..\r\ny\r\n.\r\n")
+            self.assertEqual(self.successResultOf(d), b"x\r\n.\r\ny\r\n")
+            transport.clear()
+            confirmed = defer.Deferred.fromCoroutine(session.confirm())
+            self.assertEqual(transport.value(), b"NOOP\r\n")
+            session.dataReceived(answer)
+            self.assertIsNone(self.successResultOf(confirmed))
+            self.assertFalse(transport.disconnecting)
+            self.assertIsNone(session.error)
+
+
 class OutOfTurnUnitTests(TestCase):
     def test_lines_outside_any_command_are_dropped_and_logged_once(self) -> None:
         """Twisted's client logs each line a server sends between commands, whole (up to the
@@ -371,7 +424,7 @@ class FakePOP3(LineReceiver):
             return
         if name == b"CAPA":
             self.transport.write(b"+OK\r\nUIDL\r\nUSER\r\n.\r\n")
-        elif name in (b"USER", b"PASS"):
+        elif name in (b"USER", b"PASS", b"NOOP"):
             self.sendLine(b"+OK")
         elif name == b"STAT":
             self.sendLine(b"+OK %d %d" % (len(f.messages), sum(map(len, f.messages))))
@@ -561,8 +614,8 @@ class HostileServerTests(TestCase):
         result, _env, _account = await self.sync(factory, max_message_bytes=2000)
         self.assertEqual(result.status, "error")
         self.assertTrue((result.problems() or "").endswith(
-            f"{POP_REOPENS + 1} messages ran far over the size limit, each ending the "
-            "session; the others are fetched next time"), result.problems())
+            f"{POP_REOPENS + 1} messages ran far over the size limit or went on after their "
+            "end, each ending the session; the others are fetched next time"), result.problems())
         self.assertEqual(len(factory.connections), POP_REOPENS + 1)
         self.assertEqual(factory.retrieved, list(range(1, POP_REOPENS + 2)))
 
@@ -725,3 +778,45 @@ class HostileServerTests(TestCase):
         result = await env.engine.sync(account.id)
         self.assertEqual((result.status, result.new_messages), ("success", 2), result.problems())
         self.assertEqual(await env.count(account.id), 5)
+
+    async def test_a_reply_going_on_after_its_end_stores_no_cut_message(self) -> None:
+        """A server that does not byte-stuff a message's line "." (RFC 1939 3) ends its
+        RETR reply there: the message was stored cut at that line, the rest of it dropped
+        as lines outside any command (or read as the next command's reply, which failed
+        the sync with the cut message stored all the same), and the sync said success."""
+        bodies = [message(i) for i in range(1, 5)]
+        bodies[1] = bodies[1].replace(b"\r\nbody 2\r\n", b"\r\nbody 2\r\n.\r\nrest of 2\r\n")
+        for late in (False, True):  # the rest in the same write, or 50 ms after the end
+            factory = FakePOP3Factory(list(bodies))
+
+            def unstuffed(conn: FakePOP3, arg: bytes, late: bool = late) -> bool | None:
+                if int(arg) != 2:
+                    return None
+                cut, rest = bodies[1].split(b"\r\n.\r\n")
+                conn.transport.write(b"+OK\r\n" + cut + b"\r\n.\r\n")
+                tail = rest + b".\r\n"
+                if not late:
+                    conn.transport.write(tail)
+                    return True
+                conn.pauseProducing()  # busy writing the message: the next command waits
+
+                def go_on() -> None:
+                    conn.transport.write(tail)
+                    conn.resumeProducing()
+
+                get_reactor().callLater(0.05, go_on)
+                return True
+
+            factory.hooks["RETR"] = unstuffed
+            result, env, account = await self.sync(factory, batch_messages=2)
+            self.assertEqual((result.status, result.new_messages), ("error", 3), late)
+            self.assertRegex(result.problems() or "", r"^INBOX: message uid-2: 127\.0\.0\.1:\d+ "
+                             r"sent more after the end of message 2")
+            raws = await env.db.read("raws", lambda c: c.execute(select(
+                message_blobs.c.raw)).scalars().all())
+            self.assertEqual(sorted(bytes(r) for r in raws),
+                             sorted([bodies[0], bodies[2], bodies[3]]), late)
+            # Tried again at the next sync, and told again; nothing stored twice.
+            again = await env.engine.sync(account.id)
+            self.assertEqual((again.status, again.new_messages), ("error", 0))
+            self.assertEqual(await env.count(account.id), 3)

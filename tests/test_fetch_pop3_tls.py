@@ -48,6 +48,20 @@ class POP3SyncTests(DovecotClassMixin, TestCase):
         # Nothing was deleted on the server: every file is still there.
         self.assertEqual(len(server.source_hashes(user, "INBOX")), 125)
 
+    async def test_lines_of_dots_come_back_byte_exact_from_dovecot(self) -> None:
+        """Dovecot byte-stuffs a message's lines "." and ".." (RFC 1939 3): each reply ends
+        where it says, so none is taken for one that went on after its end (OutOfStep)."""
+        server = await self.dovecot()
+        user = server.new_user()
+        server.add_messages(user, "INBOX", [
+            b"Subject: dots %d\r\nMessage-ID: <dots-%d@pop.test>\r\n\r\n.\r\n..\r\n.x\r\n"
+            b"end %d\r\n.\r\n" % (i, i, i) for i in range(5)])
+        env = await make_env(self, batch_messages=2)
+        account = await env.pop_account(server, user)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 5), result.problems())
+        self.assertEqual(await env.held(account.id), expected(server, user, ["INBOX"]))
+
     async def test_pop3s_with_last_n_limit(self) -> None:
         server, user, env = await self.setup(30)
         account = await env.pop_account(

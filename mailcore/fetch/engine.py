@@ -55,7 +55,7 @@ from mailcore.fetch.imap import (
     compress_set,
     open_session,
 )
-from mailcore.fetch.pop3 import MessageTooLarge, POP3Session, open_pop3
+from mailcore.fetch.pop3 import MessageTooLarge, OutOfStep, POP3Session, open_pop3
 from mailcore.fetch.secrets import SecretError
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.state import (
@@ -94,8 +94,8 @@ _PROCESS_PARSE_MIN = 50
 PROGRESS_INTERVAL = 1.0
 # Messages whose headers (POP3 TOP n 0) are read and parsed at once for a date limit.
 _TOP_CHUNK = 200
-# How many new POP3 sessions one sync may open after messages that ran far over the size
-# limit ended the session.
+# How many new POP3 sessions one sync may open after messages that ended the session (ran far
+# over the size limit, or their reply went on after its end).
 POP_REOPENS = 5
 
 # A folder's sync starts again (in a new session when the old one died) at most this many
@@ -928,14 +928,16 @@ class SyncEngine:
             state = await self.db.run("fetch_pop_folder", thd_folder, account.id, "INBOX")
             passed: set[str] = set()  # UIDLs skipped as over the limit in this sync
             reopened = 0
-            # A message that ran far over the limit (its LIST size lied) ends the session
-            # within it; the others are fetched in a new one, a few times a sync at most.
+            # A message that ran far over the limit (its LIST size lied), or whose reply went
+            # on after its end, ends the session; the others are fetched in a new one, a few
+            # times a sync at most.
             while not await self._sync_pop_pass(session, account, state, result,
                                                 folder_result, passed):
                 if reopened == POP_REOPENS:
                     raise ProtocolFailed(
-                        f"{reopened + 1} messages ran far over the size limit, each "
-                        "ending the session; the others are fetched next time"
+                        f"{reopened + 1} messages ran far over the size limit or went on "
+                        "after their end, each ending the session; the others are fetched "
+                        "next time"
                     )
                 reopened += 1
                 session = await self._open_pop(account, password)
@@ -1008,11 +1010,13 @@ class SyncEngine:
         batch_bytes = 0
         done = 0
 
-        async def store() -> None:
+        async def store(*, confirm: bool = True) -> None:
             nonlocal fetched, batch_bytes
-            batch, fetched, batch_bytes = fetched, [], 0
-            if not batch:
+            if not fetched:
                 return
+            if confirm:  # the last message's reply ended where the server said (OutOfStep)
+                await session.confirm()
+            batch, fetched, batch_bytes = fetched, [], 0
             if since is not None:
                 batch = await self._within(batch, since)
             stored = await self.store.store_batch(where, batch, relaxed=True)
@@ -1037,7 +1041,7 @@ class SyncEngine:
                     )
                     passed.add(uidl)
                     if session.error is not None:
-                        await store()
+                        await store(confirm=False)  # this RETR's +OK confirmed the last
                         return False
                     done += 1
                     continue
@@ -1047,12 +1051,24 @@ class SyncEngine:
                 if batch_bytes >= s.batch_bytes:
                     await store()
                     await self._progress(account, "INBOX", done, len(todo))
+            await store()
+        except OutOfStep as e:
+            # A message whose RETR reply went on after its end is cut: skipped, and the
+            # others are fetched in a new session (this one is out of step).
+            cut = next((u for i, u, _size in todo if i == e.index), None)
+            if cut is None:
+                await store(confirm=False)
+                raise
+            fetched = [f for f in fetched if f.uidl != cut]
+            folder_result.skipped.append(f"message {cut}: {e}; not stored")
+            passed.add(cut)
+            await store(confirm=False)
+            return False
         except FetchError:
             # The session failed (dropped, timed out, refused a RETR): what was fetched
             # before is stored, so that the next sync does not fetch it again.
-            await store()
+            await store(confirm=False)
             raise
-        await store()
         if todo:
             await self._progress(account, "INBOX", done, len(todo), now=True)
         return True

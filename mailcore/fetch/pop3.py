@@ -4,7 +4,10 @@ A backup client only reads: STAT and UIDL to know what is new, LIST for sizes, R
 bytes, TOP for the header alone (where the account takes only recent mail). It never sends
 DELE. Like the IMAP session it verifies TLS, discards plaintext that follows the server's
 reply to STLS, refuses to send a password in clear unless the account allows it, bounds
-what one message may cost, and turns every failure into one FetchError.
+what one message may cost, and turns every failure into one FetchError. A reply that goes on
+after its end (a message's line "." the server did not byte-stuff) is OutOfStep, found where
+the next reply is due if not in the same read: the engine confirms the last message of a
+batch with a NOOP before storing it, so that no message is stored cut.
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ class MessageTooLarge(ProtocolFailed):
     """A message was longer than the bound while being retrieved."""
 
 
+class OutOfStep(ProtocolFailed):
+    """The server sent more after the end of a multi-line reply than that reply: a line "."
+    inside a message it did not byte-stuff (RFC 1939 3) ended the reply there, and the rest
+    of the message followed. `index` is the message (counted from 0) whose RETR reply it
+    was, when it was one: that message is cut, whether its RETR answered or not."""
+
+    def __init__(self, message: str, index: int | None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 def _escaped(data: bytes, limit: int = 80) -> str:
     """Server bytes for an error message, every octet outside 0x21-0x7E as \\xHH (two
     UIDLs that differ in one 8-bit octet read differently)."""
@@ -110,6 +124,13 @@ class POP3Session(pop3client.POP3Client):
         self._discard = False
         self._dead = False
         self._out_of_turn = False
+        # Whether bytes follow the line being read (in the same read, or a partial line).
+        self._more = False
+        # The message (index) a RETR reads now, and the one whose RETR reply ended last
+        # while no status line has come since (the next reply tells whether it was whole).
+        self._reading: int | None = None
+        self._unconfirmed: int | None = None
+        self._message_reply = False  # a RETR or TOP reply is being read
 
     def serverGreeting(self, greeting: bytes) -> None:
         if not self.greeted.called:
@@ -123,10 +144,23 @@ class POP3Session(pop3client.POP3Client):
             abort_transport(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        """LineOnlyReceiver's reading, knowing for each line whether more bytes follow it."""
         if self._dead:
             return
         self._discard = False
-        super().dataReceived(data)
+        lines = (self._buffer + data).split(self.delimiter)
+        self._buffer = lines.pop(-1)
+        last = len(lines) - 1
+        for n, line in enumerate(lines):
+            if self._dead or getattr(self.transport, "disconnecting", False):
+                return
+            if len(line) > self.MAX_LENGTH:
+                self.lineLengthExceeded(line)
+                return
+            self._more = n < last or bool(self._buffer)
+            self.lineReceived(line)
+        if len(self._buffer) > self.MAX_LENGTH:
+            self.lineLengthExceeded(self._buffer)
 
     def lineReceived(self, line: bytes) -> None:
         if self._dead or self._discard:
@@ -145,6 +179,44 @@ class POP3Session(pop3client.POP3Client):
             self._out_of_turn = True
             log.info("fetch: {host} sent a line outside any command: {line} (such lines "
                      "are dropped)", host=self.host, line=_show(line))
+
+    def _in_step(self, line: bytes) -> bool:
+        """Whether a line where a command's status line is due is one (+OK or -ERR); else
+        the session fails: what came is the rest of the reply before it."""
+        if line.split(b" ", 1)[0] in (b"+OK", b"-ERR"):
+            self._unconfirmed = None
+            return True
+        what = ("a reply" if self._unconfirmed is None
+                else f"message {self._unconfirmed + 1}")
+        self._fail(OutOfStep(
+            f"{self.host} sent more after the end of {what}: {_show(line, 60)} came where "
+            "a reply was due (a line '.' not byte-stuffed, RFC 1939 3?)", self._unconfirmed))
+        return False
+
+    def state_SHORT(self, line: bytes) -> Any:
+        if not self._in_step(line):
+            return None
+        return super().state_SHORT(line)
+
+    def state_LONG_INITIAL(self, line: bytes) -> Any:
+        if not self._in_step(line):
+            return None
+        return super().state_LONG_INITIAL(line)
+
+    def state_LONG(self, line: bytes) -> Any:
+        if line == b".":
+            if self._more and self._message_reply:
+                # Nothing was asked since: the reply goes on after its end.
+                what = ("a reply" if self._reading is None
+                        else f"message {self._reading + 1}")
+                self._fail(OutOfStep(
+                    f"{self.host} sent more after the end of {what} (a line '.' in it not "
+                    "byte-stuffed, RFC 1939 3?)", self._reading))
+                return None
+            # Before the reply's Deferred fires: its caller may send the next command now.
+            self._unconfirmed, self._reading = self._reading, None
+            self._message_reply = False
+        return super().state_LONG(line)
 
     def lineLengthExceeded(self, buffer: bytes) -> None:
         self._fail(ProtocolFailed(f"{self.host} sent a line longer than {self.MAX_LENGTH}"))
@@ -390,10 +462,25 @@ class POP3Session(pop3client.POP3Client):
                 self._fail(too_large())
 
         command = "RETR" if top is None else "TOP"
-        await self._call(self.retrieve(index, consumer=consume, lines=top), command)
+        self._reading = index if top is None else None
+        self._message_reply = True
+        try:
+            await self._call(self.retrieve(index, consumer=consume, lines=top), command)
+        finally:
+            self._reading, self._message_reply = None, False
         if total[0] > limit:
             raise too_large()
         return b"".join(line + b"\r\n" for line in lines)
+
+    async def confirm(self) -> None:
+        """NOOP: its reply comes after all the server sent before it, so a message whose
+        RETR reply went on after its end (OutOfStep) is known before it is stored. -ERR
+        is in step too (NOOP is required by RFC 1939, refused by none we know)."""
+        try:
+            await self._call(self.noop(), "NOOP")
+        except ProtocolFailed:
+            if self.error is not None:
+                raise self.error from None
 
     async def close_session(self) -> None:
         """QUIT politely, waiting QUIT_WAIT seconds at most for the reply, then make sure
