@@ -18,12 +18,14 @@ a 4xx in the OAuth shape; another user's ids are 404.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import tracemalloc
 from collections import Counter
 from typing import Any
 
+from sqlalchemy import Connection, insert, select
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols import portforward
@@ -34,6 +36,7 @@ from mailcore.fetch.jobs import JobSettings
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
 from mailcore.fetch.writer import mutf7_encode
+from mailcore.store.schema import mailbox_job_items, mailbox_jobs, messages
 from tests.support.corpus import make_message
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.imap2api import LiveApi, live_api
@@ -312,6 +315,42 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         status, listed = await bearer(s.api, s.token, "GET",
                                       f"/v1/accounts/{s.account_id}/restores")
         self.assertEqual([r["id"] for r in listed], [job["id"], second["id"]])
+
+    async def test_a_place_an_earlier_restore_was_told_wrongly_does_not_hide_a_loss(
+        self,
+    ) -> None:
+        """An earlier restore recorded where each message went back from the server's
+        APPENDUID; one that named another message's UID (a lying server) made a later
+        restore take the message for there while that UID held the other one: it was
+        never put back, and the restore said done."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 3}, tag="appenduid")
+        before = await mailbox(server, s.source)
+        rows = await s.api.core.db.read("rows", lambda c: c.execute(
+            select(messages.c.id, messages.c.uidvalidity, messages.c.uid)
+            .where(messages.c.account_id == s.account_id).order_by(messages.c.uid)).all())
+        (first, validity, _uid), (_second, _v, second_uid) = rows[0], rows[1]
+        server.expunge(s.source, "INBOX", "1")
+        alice = await s.api.core.identity.find_user("alice")
+        assert alice is not None
+
+        def told(conn: Connection) -> None:  # a done restore whose APPENDUID lied
+            now = datetime.datetime.now(datetime.UTC)
+            job = conn.execute(insert(mailbox_jobs).values(
+                kind="restore", user_id=alice.id, account_id=s.account_id, status="done",
+                phase="copy", created_at=now, updated_at=now, end_time=now)
+                .returning(mailbox_jobs.c.id)).scalar_one()
+            conn.execute(insert(mailbox_job_items).values(
+                job_id=job, message_row_id=first, state="done", dest_uidvalidity=validity,
+                dest_uid=second_uid))
+
+        await s.api.core.db.run("told", told)
+        status, job = await bearer(s.api, s.token, "POST",
+                                   f"/v1/accounts/{s.account_id}/restores")
+        self.assertEqual(status, 201, job)
+        job = await self.finished(s, "restore", job["id"])
+        self.assertEqual((job["status"], job["messages"], job["appended"]), ("done", 1, 1), job)
+        self.assertEqual(await mailbox(server, s.source), before)
 
     async def test_jobs_asked_twice_at_once_write_each_message_once(self) -> None:
         """Two restores (or two migrates into one mailbox) asked at once ran at once: each

@@ -3,18 +3,21 @@
 The job brings the backup up to date (one sync), then reads the account as it is now: for
 each backed-up folder, whether it still exists, its UIDVALIDITY and its UIDs. A backed-up
 message is still there when its (UIDVALIDITY, UID) is, or when an earlier restore of this
-account put it back at a (UIDVALIDITY, UID) that is still there. Every other one is copied
-back into its folder (made again when it was deleted) by `MailboxCopier.copy`, with the same
-exactly-once rule as a migrate. A restore of an intact account appends nothing.
+account put it back at a (UIDVALIDITY, UID) that is still there and that no message of other
+bytes is said to hold (an APPENDUID that named another message's place). Every other one is
+copied back into its folder (made again when it was deleted) by `MailboxCopier.copy`, with
+the same exactly-once rule as a migrate. A restore of an intact account appends nothing.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 from sqlalchemy import Connection, select
 
 from mailcore.fetch.imap import ServerSpec
 from mailcore.fetch.jobs import Job, JobFailed, JobRunner
-from mailcore.fetch.migrate import MailboxCopier, guarded, thd_backup_folders
+from mailcore.fetch.migrate import MailboxCopier, Source, guarded, thd_backup_folders
 from mailcore.store.schema import mailbox_job_items, mailbox_jobs
 
 _i = mailbox_job_items.c
@@ -32,6 +35,22 @@ def thd_restored_before(conn: Connection, account_id: int,
                _i.state.in_(("done", "present")), _i.dest_uid.is_not(None))
     )
     return {int(m): (v, int(u)) for m, v, u in rows}
+
+
+def _claims(candidates: list[Source], before: dict[int, tuple[int | None, int]]
+            ) -> dict[tuple[int | None, int], set[str]]:
+    """(UIDVALIDITY, UID) -> the SHA-256 of each backed-up message said to be there: by its
+    own place (a sync fetched it there) or by where an earlier restore put it (the server's
+    APPENDUID). A place an earlier restore was given that another message's bytes also
+    claim was told wrongly (a lying or broken server): it stands for neither, and the
+    message it was given for is copied again (the copy first looks for it there)."""
+    claims: dict[tuple[int | None, int], set[str]] = defaultdict(set)
+    for source in candidates:
+        if source.uid is not None:
+            claims[(source.uidvalidity, source.uid)].add(source.sha256)
+        if source.id in before:
+            claims[before[source.id]].add(source.sha256)
+    return claims
 
 
 async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
@@ -60,11 +79,14 @@ async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
             uids = set(await guarded(reader.uid_search(b"ALL"))) if info.exists else set()
 
             here = {(info.uidvalidity, uid) for uid in uids}
+            claims = _claims(plan.candidates, before)
             missing = []
             for source in plan.candidates:
                 if source.uid is not None and (source.uidvalidity, source.uid) in here:
                     plan.present_uids.add(source.uid)
-                elif source.id in before and before[source.id] in here:
+                elif source.id in before and before[source.id] in here and (
+                    claims[before[source.id]] == {source.sha256}
+                ):
                     plan.present_uids.add(before[source.id][1])
                 else:
                     missing.append(source)
