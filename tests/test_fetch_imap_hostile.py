@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import FetchError, LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import IMAPClient, expand_set, parse_fetch
-from mailcore.store.schema import fetch_folders
+from mailcore.store.schema import fetch_folders, messages
 from tests.support.dovecot import dovecot_pki
 from tests.support.fetchenv import make_env
 from tests.support.reactor import get_reactor
@@ -582,3 +582,67 @@ class SkippedThenInterruptedTests(TestCase):
                 row = await env.db.read("folder", lambda c: c.execute(select(
                     fetch_folders.c.skipped_uids)).scalar())
                 self.assertEqual(row, "2")
+
+
+class FirstSyncCutThenNewUidvalidityTests(TestCase):
+    """A folder's first sync stopped after some batches were committed, then the server
+    gave the folder a new UIDVALIDITY (RFC 3501 2.3.1.1: every UID void): the folder had
+    no UIDVALIDITY of ours yet, so the next sync was no rescan and stored every message
+    again beside the copies under the old one, each message twice."""
+
+    timeout = 30
+
+    async def test_the_next_sync_rescans_and_relinks_instead_of_copying_twice(self) -> None:
+        (factory, port), = cleartext_servers(self, 1)
+        server = {"validity": 7, "base": 0, "drop": True}
+
+        def body(n: int) -> bytes:
+            return b"Subject: m%d\r\nMessage-ID: <m%d@x.test>\r\n\r\nhi\r\n" % (n, n)
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* 3 EXISTS\r\n* OK [UIDVALIDITY %d] v\r\n* OK [UIDNEXT %d] n"
+                                 b"\r\n%s OK done\r\n" % (server["validity"], server["base"] + 4,
+                                                          tag))
+            return True
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            base = server["base"]
+            conn.transport.write(b"* SEARCH %d %d %d\r\n%s OK searched\r\n"
+                                 % (base + 1, base + 2, base + 3, tag))
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            base = server["base"]
+            uids = [u for u in expand_set(rest.split(b" ")[2], 100) if 0 < u - base <= 3]
+            if b"BODY" in rest and base + 3 in uids and server["drop"]:
+                server["drop"] = False
+                conn.transport.loseConnection()
+                return True
+            for uid in uids:
+                raw = body(uid - base)
+                if b"BODY" not in rest:
+                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
+                                         % (uid - base, uid, len(raw)))
+                else:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
+                                         % (uid - base, uid, len(raw), raw))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
+        env = await make_env(self, batch_messages=1, pipeline_depth=1)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        cut = await env.engine.sync(account.id)
+        self.assertEqual((cut.status, cut.new_messages), ("error", 2), cut.problems())
+        server.update(validity=8, base=10)  # the folder made again: new UIDs
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.status, again.new_messages, again.relinked), ("success", 1, 2),
+                         again.problems())
+        rows = await env.db.read("rows", lambda c: c.execute(select(
+            messages.c.uidvalidity, messages.c.uid, messages.c.on_server)
+            .order_by(messages.c.uid)).all())
+        self.assertEqual([tuple(r) for r in rows], [(8, 11, True), (8, 12, True),
+                                                   (8, 13, True)])

@@ -10,8 +10,9 @@ parsed on the CPU pool as soon as it arrives, and one batch at a time stored. Ea
 committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
 order; the folder's state (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) is saved only after its last
 batch committed, so a sync killed at any moment and run again stores exactly the source set
-(the UIDs it skipped are kept on the folder before any higher one is committed, with the
-UIDVALIDITY of a folder first opened, so that the next sync tries them again).
+(the UIDs it skipped are kept on the folder before any higher one is committed, so that the
+next sync tries them again; a folder's first UIDVALIDITY before its first batch, so that a
+first sync cut short and a UIDVALIDITY changed meanwhile rescan rather than store twice).
 A changed UIDVALIDITY rescans the folder and matches our copies by content hash; nothing of
 ours is ever deleted. POP3: UIDL says what is new; nothing is ever deleted on the server.
 """
@@ -754,7 +755,9 @@ class SyncEngine:
                 continue
             todo.append(uid)
         noted = len(skipped)
-        if skipped:
+        if skipped or (state.uidvalidity is None and todo):
+            # Before any batch: a first sync cut short leaves the UIDVALIDITY it stored
+            # under, so that the next one rescans if the server changed it meanwhile.
             await self._note_skipped(state, uidvalidity, skipped)
         if oversized.progress is None:
             oversized.progress = (progress[0], progress[1])
@@ -825,7 +828,9 @@ class SyncEngine:
                             skipped: dict[int, str]) -> None:
         """Keep the UIDs skipped so far on the folder before any higher one is committed:
         the next sync searches only above the highest UID held, so a skip this sync does
-        not live to record at its end would never be tried again nor told."""
+        not live to record at its end would never be tried again nor told. A folder first
+        opened takes `uidvalidity` with them (none skipped or not): copies of a first sync
+        cut short are then rescanned, not stored twice, when the server changes it."""
         await self.db.run("note_fetch_skipped", thd_note_skipped, state.id, uidvalidity,
                           sorted(skipped))
 

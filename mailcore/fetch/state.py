@@ -2,8 +2,10 @@
 
 The messages table is the authority on what we hold: a (folder, uidvalidity, uid) row exists
 only once its message is committed. The folder row's uidvalidity/uidnext/highestmodseq are
-written after a folder sync completes and only serve to skip work; its skipped_uids (and a
-first uidvalidity with them) as soon as a sync skips one, before it commits a higher UID.
+written after a folder sync completes and only serve to skip work; its skipped_uids as soon
+as a sync skips one, before it commits a higher UID, and a first uidvalidity before the
+folder's first batch is committed (a UIDVALIDITY changed after a first sync cut short is
+then a rescan).
 """
 
 from __future__ import annotations
