@@ -227,6 +227,23 @@ class InternalDateTests(TestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class PartialBodyTests(TestCase):
+    """BODY[]<origin> is a substring of the message from that octet (RFC 3501 7.4.2): a
+    sync asks for no part, and a reply giving one from an octet past the first was taken
+    for the whole message by both parsers and stored cut."""
+
+    def test_a_body_from_an_octet_past_the_first_is_no_body_for_both_parsers(self) -> None:
+        for origin, whole in ((b"<100>", False), (b"<0>", True), (b"", True)):
+            data = fetch_reply(b"1").replace(b"BODY[]", b"BODY[]" + origin)
+            self.assertEqual(parse_fetch(data[2:-2]).body, BODY if whole else None, origin)
+            self.assertEqual(parse_fetch_lean(lean(data)).body, BODY if whole else None, origin)
+            client, _transport = connected()
+            d = client.uid_fetch([1], b"UID FLAGS RFC822.SIZE BODY.PEEK[]")
+            client.dataReceived(data + b"0001 OK done\r\n")
+            [item] = self.successResultOf(d)
+            self.assertEqual(item.body, BODY if whole else None, origin)
+
+
 class OversizedLiteralTests(TestCase):
     def test_the_literal_over_the_bound_names_its_uid_on_both_readers(self) -> None:
         for uids in ([7, 8], b"7:8"):  # the bulk path, Twisted's reader

@@ -261,7 +261,7 @@ def parse_fetch_reply(reply: Reply) -> FetchedValues | None:
         if section is not None:
             if name not in (b"BODY", b"BINARY", b"RFC822"):
                 return None
-            if section.startswith(b"[]"):
+            if section in (b"[]", b"[]<0>"):  # from a later octet: part of the message
                 values["BODY[]"] = value
         else:
             values[name.decode("ascii")] = value

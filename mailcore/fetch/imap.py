@@ -12,7 +12,8 @@ unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4
 - credentials and bodies stay bytes on the wire (AUTHENTICATE PLAIN or LOGIN with quoting);
 - a malformed reply fails the session with a ProtocolFailed naming it, never a traceback;
 - untagged replies come back raw, so SELECT gives UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ,
-  and FETCH gives BODY[] as the exact bytes;
+  and FETCH gives BODY[] as the exact bytes (a part from a later octet, BODY[]<n>, is none:
+  the message is fetched again, then skipped with an error on its folder);
 - UID FETCH of a list of UIDs is pipelined: it goes out at once with its own tag, beside the
   others in flight, and the replies are read by the lean reader of mailcore.fetch.bulk
   (same bounds) instead of Twisted's one-command-at-a-time reader. A UID FETCH of a set
@@ -362,11 +363,13 @@ def parse_fetch(line: bytes) -> FetchItem:
         ):
             section = items[i]
             i += 1
+            origin = b"<0>"
             if i < len(items) and isinstance(items[i], bytes) and items[i].startswith(b"<"):
+                origin = items[i]
                 i += 1
             if i >= len(items):
                 raise ProtocolFailed(f"malformed FETCH reply: {_show(line)}")
-            if section == []:
+            if section == [] and origin == b"<0>":  # from a later octet: part of it
                 values["BODY[]"] = items[i]
             i += 1
             continue
