@@ -646,3 +646,54 @@ class FirstSyncCutThenNewUidvalidityTests(TestCase):
             .order_by(messages.c.uid)).all())
         self.assertEqual([tuple(r) for r in rows], [(8, 11, True), (8, 12, True),
                                                    (8, 13, True)])
+
+
+class ModseqWentBackTests(TestCase):
+    """A CONDSTORE server whose HIGHESTMODSEQ went back (restored from a backup of its own,
+    RFC 7162 says never, UIDVALIDITY unchanged): the sync asked for the flags changed since
+    the mod-sequence it had seen, higher than any the server would give again, so each flag
+    changed meanwhile was never read and our copies kept the old flags for good."""
+
+    timeout = 30
+
+    async def test_every_flag_is_read_again(self) -> None:
+        (factory, port), = cleartext_servers(self, 1)
+        factory.caps = b"IMAP4rev1 AUTH=PLAIN SASL-IR CONDSTORE"
+        server: dict[str, Any] = {"modseq": 100, "flags": b"()", "changed": 1}
+        raw = b"Subject: m1\r\nMessage-ID: <m1@x.test>\r\n\r\nhi\r\n"
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 2] n\r\n"
+                                 b"* OK [HIGHESTMODSEQ %d] m\r\n%s OK done\r\n"
+                                 % (server["modseq"], tag))
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            since = rest.split(b"CHANGEDSINCE ")[1].split(b")")[0] if b"CHANGEDSINCE" in rest \
+                else b"0"
+            if b"BODY" in rest:
+                conn.transport.write(b"* 1 FETCH (UID 1 FLAGS %s BODY[] {%d}\r\n%s)\r\n"
+                                     % (server["flags"], len(raw), raw))
+            elif b"RFC822.SIZE" in rest:
+                conn.transport.write(b"* 1 FETCH (UID 1 RFC822.SIZE %d)\r\n" % len(raw))
+            elif int(since) < server["changed"]:  # the mod-sequence of the flags' change
+                conn.transport.write(b"* 1 FETCH (UID 1 FLAGS %s MODSEQ (%d))\r\n"
+                                     % (server["flags"], server["changed"]))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        factory.hooks.update({"EXAMINE": examine, "UID FETCH": fetch})
+        env = await make_env(self)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        first = await env.engine.sync(account.id)
+        self.assertEqual((first.status, first.new_messages), ("success", 1), first.problems())
+        server.update(modseq=80, flags=b"(\\Seen)", changed=60)
+        again = await env.engine.sync(account.id)
+        self.assertEqual(again.status, "success", again.problems())
+        self.assertEqual(await env.copies(account.id, "INBOX"), {1: ("\\Seen", True)})
+        server.update(modseq=90, flags=b"(\\Seen \\Flagged)", changed=85)  # as usual again
+        self.assertEqual((await env.engine.sync(account.id)).status, "success")
+        self.assertEqual(await env.copies(account.id, "INBOX"), {1: ("\\Seen \\Flagged", True)})

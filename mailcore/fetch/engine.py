@@ -710,12 +710,18 @@ class SyncEngine:
         max_uid = await self.db.read("fetch_max_uid", thd_max_uid, state.id, uidvalidity)
         if not rescan:
             changes = dict(info.changed_flags)
-            if qresync is None and condstore and state.highestmodseq and max_uid and (
-                info.highestmodseq != state.highestmodseq
-            ):
+            # A HIGHESTMODSEQ lower than the one we saw (RFC 7162 3.1.2.1 says never while
+            # UIDVALIDITY stays; a server restored from a backup of its own): the changes
+            # since ours were not asked for, and ours may never come again: every flag.
+            went_back = info.highestmodseq is not None and state.highestmodseq is not None \
+                and info.highestmodseq < state.highestmodseq
+            if max_uid and (went_back or (
+                qresync is None and condstore and state.highestmodseq
+                and info.highestmodseq != state.highestmodseq
+            )):
                 items = await session.uid_fetch(
                     b"1:%d" % max_uid, b"UID FLAGS",
-                    b"CHANGEDSINCE %d" % state.highestmodseq,
+                    b"" if went_back else b"CHANGEDSINCE %d" % (state.highestmodseq or 0),
                     max_items=info.exists + ARRIVING,
                 )
                 changes.update({i.uid: i.flags for i in items
