@@ -291,6 +291,15 @@ class FolderListingTests(TestCase):
                          ["&AGE-", "&Jjo", "&AGEAYgBj-"])
         self.assertIn("not modified UTF-7 as RFC 3501 writes it", listing.refused[0][1])
 
+    def test_inbox_spelt_in_other_cases_is_one_folder(self) -> None:
+        """INBOX is one folder whatever its case (RFC 3501 5.1): listed as INBOX and inbox
+        it was synced twice, each message stored twice, as the first spelling listed."""
+        for names, kept in (((b"inbox", b"INBOX", b"Sent"), "INBOX"),
+                            ((b"Inbox", b"inbox", b"Sent"), "Inbox")):
+            listing = listed(self, *names)
+            self.assertEqual([f.name for f in listing.folders], [kept, "Sent"], names)
+            self.assertEqual(listing.refused, [], names)  # as a name listed twice
+
     def test_a_name_with_8_bit_bytes_is_refused_alone(self) -> None:
         listing = listed(self, b"INBOX", b'"caf\xe9"', b'"caf\xc3\xa9"', b'"a&b-c"', b"Sent")
         self.assertEqual([f.name for f in listing.folders], ["INBOX", "Sent"])
@@ -479,6 +488,15 @@ class SyncValuesMixin(MixinBase):
                     if b" EXAMINE " in line]
         self.assertEqual(sorted(examined), [b'"INBOX"', b'"Sent"', b'"a"'])
 
+
+    async def test_inbox_listed_in_two_cases_syncs_once(self) -> None:
+        result, env, account_id = await self.run_sync({"LIST": listlean(
+            b'"/" inbox', b'"/" INBOX')})
+        self.assertEqual((result.status, result.new_messages), ("success", 1),
+                         result.problems())
+        self.assertEqual(await env.count(account_id), 1)
+        names = sorted(f["name"] for f in await env.accounts.folders(account_id))
+        self.assertEqual(names, ["INBOX"])
 
     async def test_a_folder_name_with_8_bit_bytes_fails_that_folder_alone(self) -> None:
         result, env, account_id = await self.run_sync({"LIST": listlean(

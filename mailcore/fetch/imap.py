@@ -881,7 +881,8 @@ class IMAPClient(imap4.IMAP4Client):
         """LIST every folder: a malformed reply fails the session; a folder whose name or
         delimiter the store cannot keep is refused alone (`folder_problem`), as is one whose
         name is not modified UTF-7 as we write it (EXAMINE would open another folder, or
-        name one listed under another spelling); a folder listed again is listed once. Only
+        name one listed under another spelling); a folder listed again is listed once, INBOX in
+any case too (as INBOX when it is listed so, else as first listed). Only
         the first MAX_FOLDERS LIST replies are read: the others are counted (`beyond`)."""
         lines, _ = await self.send(b"LIST", b'"" "*"')
         listing = FolderListing(folders=[])
@@ -924,6 +925,13 @@ class IMAPClient(imap4.IMAP4Client):
                 listing.refused.append((_show(raw_name), problem))
                 continue
             listing.folders.append(RemoteFolder(name=name, delimiter=delim, flags=flags))
+        inboxes = [f for f in listing.folders if f.name.upper() == "INBOX"]
+        if len(inboxes) > 1:
+            # One folder whatever its case (RFC 3501 5.1), listed once as a repeated name
+            # is: each spelling would EXAMINE it and store its messages again. "INBOX" if
+            # listed so, else the first listed.
+            kept = next((f for f in inboxes if f.name == "INBOX"), inboxes[0])
+            listing.folders[:] = [f for f in listing.folders if f not in inboxes or f is kept]
         if beyond:
             listing.refused.append((
                 f"({beyond} more folders)",
