@@ -25,7 +25,7 @@ import tracemalloc
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, update
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols import portforward
@@ -36,7 +36,7 @@ from mailcore.fetch.jobs import JobSettings
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
 from mailcore.fetch.writer import mutf7_encode
-from mailcore.store.schema import mailbox_job_items, mailbox_jobs, messages
+from mailcore.store.schema import fetch_folders, mailbox_job_items, mailbox_jobs, messages
 from tests.support.corpus import make_message
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.imap2api import LiveApi, live_api
@@ -351,6 +351,35 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         job = await self.finished(s, "restore", job["id"])
         self.assertEqual((job["status"], job["messages"], job["appended"]), ("done", 1, 1), job)
         self.assertEqual(await mailbox(server, s.source), before)
+
+    async def test_a_folder_the_destination_cannot_take_fails_alone_at_once(self) -> None:
+        """Dovecot (Maildir++) refuses a '.' in a folder name with NO [CANNOT]: the CREATE's
+        refusal was a transient error, retried 8 times over some 20 minutes, and the folders
+        after it in name order were never copied; the job ended 'gave up after 8 attempts'."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 3, "Archive": 2, "Sent": 2}, tag="cannot")
+        source = await mailbox(server, s.source)
+
+        def rename(conn: Connection) -> None:  # backed up from a server that takes '.'
+            folder = fetch_folders.c
+            conn.execute(update(fetch_folders).where(folder.account_id == s.account_id,
+                                                     folder.name == "Archive")
+                         .values(name="Arch.ive"))
+            conn.execute(update(messages).where(messages.c.account_id == s.account_id,
+                                                messages.c.folder == "Archive")
+                         .values(folder="Arch.ive"))
+
+        await s.api.core.db.run("rename", rename)
+        server.doveadm_run("mailbox", "delete", "-u", s.source, "Archive")  # not synced again
+        destination = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, destination)
+        self.assertEqual((job["status"], job["attempts"], job["downloaded"], job["appended"]),
+                         ("failed", 1, 5, 5), job)
+        self.assertRegex(job["reason"], r"^the destination cannot take the folder 'Arch\.ive' "
+                         r"\(.*\[CANNOT\].*\); every other folder was copied$")
+        landed = await mailbox(server, destination)
+        self.assertEqual(landed, Counter({e: n for e, n in source.items()
+                                          if e[0] != "Archive"}))
 
     async def test_jobs_asked_twice_at_once_write_each_message_once(self) -> None:
         """Two restores (or two migrates into one mailbox) asked at once ran at once: each

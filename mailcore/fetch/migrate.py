@@ -24,6 +24,8 @@ So a message counts as copied only after the server's OK, and never twice, whate
 moment the daemon dies. Transient failures (connection lost, timeouts, an APPEND answered NO
 that the server says may succeed later) put the job back in the queue with a backoff; a
 refused message, a refused login or a certificate that does not verify fail it with a reason.
+A folder the destination will never take (its CREATE refused with a permanent code, e.g.
+CANNOT) is passed over: the other folders are copied, then the job fails naming it.
 
 Memory is bounded per message: a batch holds messages up to `JobSettings.stream_bytes`
 (1 MiB) read whole; a larger message is a batch alone, APPENDed as a `Streamed` source that
@@ -67,10 +69,12 @@ from mailcore.fetch.writer import (
     Append,
     Appended,
     AppendInterrupted,
+    BadFolderName,
     MailboxWriter,
     Streamed,
     encode_folder,
     open_writer,
+    refused_for_good,
 )
 from mailcore.messages.sql import dialect_insert, utc
 from mailcore.messages.store import raw_chunks
@@ -342,8 +346,16 @@ class MailboxCopier:
                 reader = await self.open_reader(spec, creator)
             writer = await self.open_writer(spec, creator)
             existing = {tuple(p) for p in await guarded(writer.folders())}
+            cannot: list[str] = []
             for plan in plans:
-                await self._copy_folder(runner, job, writer, reader, plan, states, existing)
+                try:
+                    await self._copy_folder(runner, job, writer, reader, plan, states,
+                                            existing)
+                except _FolderRefused as e:
+                    cannot.append(f"{'/'.join(plan.path)!r} ({e})")
+            if cannot:
+                raise JobFailed(f"the destination cannot take the folder{'s' * (len(cannot) > 1)} "
+                                f"{', '.join(cannot)}; every other folder was copied")
         finally:
             if writer is not None:
                 try:
@@ -397,7 +409,14 @@ class MailboxCopier:
         dest = writer.destination_path(path)
         exists = dest in existing or dest == ("INBOX",)
         if not exists:
-            await guarded(writer.ensure_folder(path))
+            try:
+                await writer.ensure_folder(path)
+            except FetchError as e:
+                if isinstance(e, BadFolderName) or (
+                    writer.session.error is None and refused_for_good(e)
+                ):
+                    raise _FolderRefused(str(e)) from None
+                raise _classify(e) from None
             existing.add(dest)
         # What the destination holds that nothing of this plan accounts for.
         uidvalidity: int | None = None
@@ -563,6 +582,11 @@ class MailboxCopier:
             if len(rows) - appended:
                 self.metrics.messages.labels(kind=kind, outcome="present").inc(
                     len(rows) - appended)
+
+
+class _FolderRefused(Exception):
+    """A folder the destination will never take: its CREATE refused with a code that says
+    so, or a name no command can carry (BadFolderName)."""
 
 
 def _classify(e: FetchError) -> Exception:

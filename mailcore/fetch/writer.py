@@ -337,6 +337,12 @@ def _message_prefix(item: Append) -> bytes:
     return out
 
 
+def refused_for_good(e: Exception) -> bool:
+    """Whether a refusal's text names a response code of PERMANENT_CODES (RFC 5530:
+    CANNOT, NOPERM, OVERQUOTA...), which trying again later does not change."""
+    return bool(set(re.findall(r"\[([A-Z-]+)", str(e))) & PERMANENT_CODES)
+
+
 def _text(data: bytes, limit: int = 200) -> str:
     text = data[:limit].decode("utf-8", "replace")
     return "".join(c if c.isprintable() else "?" for c in text) + (
@@ -791,10 +797,9 @@ class MailboxWriter:
                         if self.session.error is not None or not isinstance(e, ProtocolFailed):
                             # The session died: the TRYCREATE'd messages are not stored.
                             raise _Interrupted(e, again) from None
-                        codes = set(re.findall(r"\[([A-Z-]+)", str(e)))
                         for i in again:
                             results[i] = Appended(False, None, None, str(e),
-                                                  not codes & PERMANENT_CODES)
+                                                  not refused_for_good(e))
                         again = []
                     again = await self._send_all(mailbox, items, again, results, False)
                     for i in again:
