@@ -24,6 +24,7 @@ from mailcore.store.engine import (
     SQLITE_BUSY_TIMEOUT_MS,
     SQLITE_CHECKPOINT_PAGES,
 )
+from mailcore.store.errands import Errand
 from mailcore.store.schema import credentials, users
 from tests.support.db import DatabaseMixin
 from tests.support.reactor import get_reactor
@@ -44,6 +45,12 @@ def _add_user(conn: Connection, name: str) -> int:
 
 def _count_users(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
+
+
+def _sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code
+    return error
 
 
 class Boom(Exception):
@@ -326,6 +333,238 @@ class DatabaseTestsMixin(DatabaseMixin):
         await db.close()
         with self.assertRaises(StoreError):
             await db.run("late", _add_user, "late")
+
+
+    # -- work its caller gave up on --------------------------------------------------------
+
+    async def held_pool(self) -> tuple[Database, defer.Deferred[None], threading.Event]:
+        """A Database whose one shared thread is held (a long read) until the Event is set:
+        what is handed to it meanwhile waits in the queue."""
+        db = await self.open_database_at(self.db.url, max_threads=1)
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hold(conn: Connection) -> None:
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+
+        holding = db.read_long("hold", hold)
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        return db, holding, release
+
+    async def test_a_write_cancelled_while_queued_never_begins(self) -> None:
+        """A write whose caller gave up (cancelled its Deferred: a reply deadline, a client
+        gone) before a thread took it is dropped: it fails with CancelledError at once, and
+        nothing of it runs when the thread is free, so a client told it failed that sends it
+        again does not find it stored twice. Work behind it runs as before."""
+        db, holding, release = await self.held_pool()
+        ran: list[str] = []
+
+        def add(conn: Connection, name: str) -> int:
+            ran.append(name)
+            return _add_user(conn, name)
+
+        given_up = db.run("add_user", add, "late")
+        kept = db.run("add_user", add, "kept")
+        given_up.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await given_up
+        release.set()
+        await holding
+        await kept
+        self.assertEqual(ran, ["kept"])
+        names = await db.read("names", lambda conn: list(
+            conn.execute(select(users.c.username)).scalars()))
+        self.assertEqual(names, ["kept"])
+
+    async def test_a_read_cancelled_while_queued_never_runs(self) -> None:
+        """A stalled store builds no backlog of reads nobody waits for: those given up
+        while queued are skipped when it answers again, and the live read behind them is
+        answered next."""
+        db, holding, release = await self.held_pool()
+        ran: list[int] = []
+
+        def read(conn: Connection, n: int) -> int:
+            ran.append(n)
+            return _count_users(conn)
+
+        dead = [db.read_long("dead", read, n) for n in range(50)]
+        live = db.read_long("live", read, 50)
+        for d in dead:
+            d.cancel()
+        release.set()
+        await holding
+        self.assertEqual(await live, 0)
+        self.assertEqual(ran, [50])
+        for d in dead:
+            self.failureResultOf(d, defer.CancelledError)
+
+    async def test_a_write_cancelled_once_begun_ends_unheard(self) -> None:
+        """A write a thread has begun is not interrupted inside its transaction: its
+        Deferred fails with CancelledError at once, and the write commits as it would have
+        (its outcome unheard)."""
+        db = await self.open_database_at(self.db.url, max_threads=1)
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def slow(conn: Connection) -> int:
+            user = _add_user(conn, "begun")
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+            return user
+
+        begun = db.run("slow", slow)
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        begun.cancel()
+        self.failureResultOf(begun, defer.CancelledError)
+        release.set()
+        # The one thread runs this after the write it had begun.
+        self.assertEqual(await db.run("count", _count_users), 1)
+
+    async def test_a_write_given_up_after_a_conflict_is_not_tried_again(self) -> None:
+        """A transaction that rolled back on a lock conflict and whose caller gave up
+        meanwhile stops there (a clean point): no new attempt, and no outage is told (it
+        did not fail for good)."""
+        db = await self.open_database_at(self.db.url, max_threads=1)
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        attempts: list[int] = []
+
+        def conflicted(conn: Connection) -> None:
+            attempts.append(1)
+            _add_user(conn, f"try{len(attempts)}")
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+            raise OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+
+        given_up = db.run("conflicted", conflicted)
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        given_up.cancel()
+        self.failureResultOf(given_up, defer.CancelledError)
+        release.set()
+        self.assertEqual(await db.run("count", _count_users), 0)
+        self.assertEqual(attempts, [1])
+        self.assertIsNone(db.outages.since)
+
+    async def test_run_prepared_given_up_while_it_prepares_never_writes(self) -> None:
+        """`run_prepared`'s write does not begin when its caller gave up while `prepare`
+        ran."""
+        db = await self.open_database_at(self.db.url, max_threads=1)
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        wrote: list[str] = []
+
+        def prepare(read: Any) -> str:
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+            return "prepared"
+
+        def write(conn: Connection, name: str) -> int:
+            wrote.append(name)
+            return _add_user(conn, name)
+
+        given_up = db.run_prepared("prepared", prepare, write)
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        given_up.cancel()
+        self.failureResultOf(given_up, defer.CancelledError)
+        release.set()
+        self.assertEqual(await db.run("count", _count_users), 0)
+        self.assertEqual(wrote, [])
+
+    async def test_a_write_given_up_in_an_outage_does_not_end_it(self) -> None:
+        """Outage accounting stays true: work dropped before it began is neither a failure
+        nor a success of the store (a write dropped in an outage a write began does not end
+        it); work that runs is counted as before."""
+        full = _sqlite_error("database or disk is full", 13)
+        db, holding, release = await self.held_pool()
+        db.outages.failed(OperationalError("INSERT", {}, full), write=True)
+        since = db.outages.since
+        self.assertIsNotNone(since)
+        given_up = db.run("add_user", _add_user, "late")
+        given_up.cancel()
+        self.failureResultOf(given_up, defer.CancelledError)
+        release.set()
+        await holding  # a read: it does not end an outage a write began
+        # (on the one shared thread, after the write given up)
+        self.assertEqual(await db.read_long("count", _count_users), 0)
+        self.assertEqual(db.outages.since, since)
+        await db.run("add_user", _add_user, "alive")
+        self.assertIsNone(db.outages.since)
+
+    async def test_an_errand_given_up_withdraws_only_what_has_not_begun(self) -> None:
+        """An errand (work whose outcome its caller must know, an upload's row) given up
+        while its first write runs: that write ends and the errand hears its outcome; the
+        write it had queued never begins, nor does one it hands in later, each failing
+        with CancelledError inside the errand; a run_prepared whose preparation had begun
+        stops before its write. Store work outside the errand is left alone."""
+        db = await self.open_database_at(self.db.url, max_threads=1)
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        heard: list[object] = []
+
+        def slow(conn: Connection, name: str) -> int:
+            user = _add_user(conn, name)
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+            return user
+
+        async def work() -> None:
+            first = db.run("first", slow, "first")
+            queued = db.run("queued", _add_user, "queued")
+            heard.append(await first)
+            try:
+                await queued
+            except defer.CancelledError:
+                heard.append("queued withdrawn")
+            try:
+                await db.run("later", _add_user, "later")
+            except defer.CancelledError:
+                heard.append("later withdrawn")
+                raise
+
+        errand = Errand()
+        running = defer.Deferred.fromCoroutine(errand.run(work()))
+        outside = db.run("outside", _add_user, "outside")
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        errand.give_up()
+        self.assertFalse(running.called)
+        release.set()
+        with self.assertRaises(defer.CancelledError):
+            await running
+        await outside
+        self.assertEqual(len(heard), 3)
+        self.assertIsInstance(heard[0], int)
+        self.assertEqual(heard[1:], ["queued withdrawn", "later withdrawn"])
+        names = await db.read("names", lambda conn: sorted(
+            conn.execute(select(users.c.username)).scalars()))
+        self.assertEqual(names, ["first", "outside"])
+
+        # A run_prepared begun: its outcome is that the write did not begin.
+        entered.clear()
+        release.clear()
+
+        def prepare(read: Any) -> str:
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+            return "prepared"
+
+        async def prepared() -> int:
+            return await db.run_prepared("prepared", prepare, _add_user)
+
+        errand = Errand()
+        writing = defer.Deferred.fromCoroutine(errand.run(prepared()))
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        errand.give_up()
+        release.set()
+        with self.assertRaises(defer.CancelledError):
+            await writing
+        self.assertEqual(await db.run("count", _count_users), 2)
 
 
 class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):

@@ -3,6 +3,17 @@
 Every piece of SQL in Mailcore is a function `thd_xxx(conn, ...)` (or a local `txn`) that
 runs inside one transaction on a pool thread; callers get a Deferred with its result. The
 reactor thread never waits on the database.
+
+A caller that gives up (an HTTP request past `[web] reply_timeout` or whose client left, an
+SMTP command past its deadline, a sync stopped: each cancels the Deferred it awaits) takes
+its work back when it has not begun: cancelled while queued for a thread, it never begins.
+Work already begun is not interrupted inside its transaction (what it does beside its SQL
+need not be undone by an exception anywhere); it ends as it would have, unheard, except
+that it stops at a clean point: no new attempt after a conflict that rolled it back, no
+write after `run_prepared`'s preparation. A stalled store thus builds no backlog of dead
+work (reads nobody waits for) to run before the live work once it answers again, and a
+write whose client was told it failed does not commit after the client sent it again (a
+draft twice). Work that must end known either way runs as an errand (`errands`).
 """
 
 from __future__ import annotations
@@ -14,13 +25,14 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailcore.outages import StoreOutages
+from mailcore.outages import StoreOutages, told
+from mailcore.store import errands
 from mailcore.store.engine import SQLITE_CHECKPOINT_PAGES, WRITE_INTENT, is_sqlite, make_engine
 
 T = TypeVar("T")
@@ -83,6 +95,79 @@ class StoreError(Exception):
     """A store operation failed in a way the caller can report."""
 
 
+class _Work:
+    """Work handed to a pool thread, from its hand-over to its end: `begun` once a thread
+    starts it, `given_up` once its caller cancels its Deferred (before it begins: it never
+    does), `stopping` once it is to stop at its next clean point (given up, or withdrawn
+    with its errand after it began). They change under the Database's `_work_lock`."""
+
+    __slots__ = ("args", "begun", "d", "db", "fn", "given_up", "kwargs", "stopping")
+
+    def __init__(self, db: Database, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        self.db = db
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.begun = False
+        self.given_up = False
+        self.stopping = False
+        self.d: defer.Deferred[Any] = defer.Deferred(self.give_up)
+
+    def run(self) -> Any:
+        """On a pool thread: the work, unless its caller gave it up first."""
+        db = self.db
+        with db._work_lock:
+            if self.given_up:
+                return _NEVER_BEGUN
+            self.begun = True
+        db._running.work = self
+        try:
+            return self.fn(*self.args, **self.kwargs)
+        finally:
+            db._running.work = None
+
+    def ended(self, ok: bool, result: Any) -> None:
+        """On the pool thread, after `run`: its Deferred fires in the reactor thread,
+        unless the caller gave up (it failed with CancelledError then)."""
+        if result is _NEVER_BEGUN:
+            return
+        if self.given_up:
+            if not ok:
+                _unheard(result)
+            return
+        self.db._reactor.callFromThread(self.d.callback if ok else self.d.errback, result)
+
+    def give_up(self, _: object) -> None:
+        """Its Deferred was cancelled: a thread will not begin it, or will stop it at the
+        next clean point (`Database._given_up`)."""
+        with self.db._work_lock:
+            self.given_up = self.stopping = True
+
+    def withdraw(self) -> None:
+        """For an errand given up: drop the work if it has not begun; else it stops at its
+        next clean point (CancelledError), or ends, and its Deferred fires with that."""
+        with self.db._work_lock:
+            self.stopping = True
+            if self.begun:
+                return
+            self.given_up = True
+        self.d.cancel()
+
+
+def _unheard(failure: Failure) -> None:
+    """Work its caller gave up on failed: nobody hears it, so the log does, unless it is its
+    stop at a clean point or a store outage (whose own lines tell it)."""
+    if failure.check(defer.CancelledError) or (
+            failure.value is not None and told(failure.value)):
+        return
+    log.failure("store work its caller gave up on failed", failure)
+
+
+# What a pool thread hands back for work given up before it began (nobody to tell).
+_NEVER_BEGUN: Any = object()
+
+
 def _retryable(error: DBAPIError) -> bool:
     orig = getattr(error, "orig", None)
     sqlstate = getattr(orig, "sqlstate", None)
@@ -142,6 +227,10 @@ class Database:
         self._checkpoint_lock = threading.Lock()
         self._checkpointing = False
         self._checkpoint_again = False
+        # Which work is queued or begun, and which was given up (_Work); the work each pool
+        # thread runs, for the clean points where work given up stops (`_given_up`).
+        self._work_lock = threading.Lock()
+        self._running = threading.local()
 
     def _pools(self) -> list[ThreadPool]:
         """The thread pools, the read lane first."""
@@ -225,6 +314,8 @@ class Database:
 
         def work() -> T:
             prepared = prepare(read)
+            if self._given_up():  # its caller gave up meanwhile: the write never begins
+                raise defer.CancelledError()
             return self._transaction(name, True, fn, prepared)
 
         return self._defer(work)
@@ -347,6 +438,9 @@ class Database:
 
     def _defer_on(self, pool: ThreadPool | None, fn: Callable[..., T], *args: Any,
                   **kwargs: Any) -> defer.Deferred[T]:
+        """`fn(*args, **kwargs)` on `pool` (None: here and now, synchronous). Cancelling
+        the Deferred before a thread begins the work drops it: it never begins (see the
+        module docstring); after, the work ends unheard."""
         if pool is None:
             try:
                 return defer.succeed(fn(*args, **kwargs))
@@ -355,7 +449,20 @@ class Database:
         if pool.joined:
             # A stopped ThreadPool drops new work silently: the Deferred would never fire.
             return defer.fail(StoreError("the database is closed"))
-        return threads.deferToThreadPool(self._reactor, pool, fn, *args, **kwargs)
+        errand = errands.current()
+        if errand is not None and errand.given_up:
+            return defer.fail(defer.CancelledError())  # its caller gave up already
+        work = _Work(self, fn, args, kwargs)
+        pool.callInThreadWithCallback(work.ended, work.run)
+        if errand is not None:
+            errand.hold(work.d, work.withdraw)
+        return work.d
+
+    def _given_up(self) -> bool:
+        """Blocking, on a pool thread: whether the caller of the work this thread runs gave
+        it up (it then stops at the next clean point, with CancelledError)."""
+        work: _Work | None = getattr(self._running, "work", None)
+        return work is not None and work.stopping
 
     def _transaction(
         self, name: str, write: bool, fn: Callable[..., T], *args: Any,
@@ -466,6 +573,10 @@ class Database:
         is told to `outages`."""
         delay = 0.05
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if attempt > 1 and self._given_up():
+                # The last attempt rolled back and its caller gave up: no new attempt (and
+                # no outage told: the transaction did not fail for good).
+                raise defer.CancelledError()
             started = time.monotonic()
             try:
                 result = once()
