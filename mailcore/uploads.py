@@ -18,13 +18,16 @@ from collections.abc import Coroutine, Iterator
 from email.message import Message
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailcore.files import durable_directory, fsync_directory, private_directory
+
+if TYPE_CHECKING:
+    from mailcore.store.errands import Errand
 
 CHUNK = 64 * 1024
 T = TypeVar("T")
@@ -217,12 +220,16 @@ def remove_stale(tmp: Path, older_than: float, now: float | None = None) -> None
             continue
 
 
-async def shielded(work: Coroutine[Any, Any, T]) -> T:
+async def shielded(work: Coroutine[Any, Any, T], errand: Errand | None = None) -> T:
     """Await `work` without letting a cancellation reach it: a client going away cancels its
     request's Deferred, but an upload being stored ends with its file and its row, or with
-    neither. The caller stops waiting; the work runs to its end."""
+    neither. The caller stops waiting; the work runs to its end. With `errand` (the one
+    `work` runs its store work in, mailcore.store.errands), the caller's cancellation gives
+    it up: what it handed the store and has not begun never begins, nor does any more, and
+    `work` cleans up after it as after any failure."""
     running = defer.Deferred.fromCoroutine(work)
-    waiter: defer.Deferred[T] = defer.Deferred(lambda _: None)
+    waiter: defer.Deferred[T] = defer.Deferred(
+        lambda _: errand.give_up() if errand is not None else None)
 
     def settle(result: Any) -> None:
         if waiter.called:

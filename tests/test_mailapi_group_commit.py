@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, event, select
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -27,7 +27,7 @@ from mailcore.store import Database
 from mailcore.store.engine import WRITE_INTENT
 from mailcore.store.schema import mailapi_mail
 from mailcore.workers import CpuPool
-from tests.support.db import open_database
+from tests.support.db import DatabaseMixin, open_database
 from tests.support.mailsink import add_hosted_mailbox
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
@@ -169,3 +169,129 @@ class DaemonTests(MailApiTestCase):
         self.assertEqual(status, 202, body)
         self.assertGreater(core.spool.commits, commits)
         self.assertEqual([r.status for r in await self.rows()], ["outbox"])
+
+
+class GivenUpTests(TestCase):
+    """A caller that gives up (a reply deadline, a client gone) takes back the writes the
+    store has not begun: the client, told its post failed, posts again, and one mail is
+    stored, not two. On SQLite a post rides the spool's group commit (held here in a group
+    of its own so that what comes after waits for it)."""
+
+    timeout = 60
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.db: Database = await open_database(self, "sqlite")
+        self.owner = await add_hosted_mailbox(self.db, BOB)
+        self.spool = Spool(self.db, get_reactor(), QueueSettings(node_id="test"),
+                           QueueMetrics(CollectorRegistry()), linger=3600.0)
+        self.addCleanup(self.spool.drain)
+        self.mail = MailService(self.db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                                CpuPool.for_tests(), ride=self.spool.ride)
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.addCleanup(self.gate.set)
+        self.hold_next = False
+        original = self.spool._thd_commit
+
+        def held(conn: Connection, group: Any) -> Any:
+            result = original(conn, group)
+            if self.hold_next:
+                self.hold_next = False
+                self.entered.set()
+                self.gate.wait(30)
+            return result
+
+        self.patch(self.spool, "_thd_commit", held)  # (the stream takes it as it starts)
+        await self.post("first", "draft")
+
+    def post(self, subject: str, status: str = "draft") -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self.mail.create(
+            self.owner, BOB, Edit(status, {"to": "joe@far.test", "subject": subject,
+                                           "body": "hello\n"})))
+
+    async def hold(self) -> defer.Deferred[Any]:
+        """The stream's next group (a rider of its own) held until `gate` is set."""
+        self.hold_next = True
+        holding = self.spool.ride("hold", lambda conn: None)
+        self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
+        return holding
+
+    async def test_a_post_given_up_before_its_group_takes_it_is_never_stored(self) -> None:
+        holding = await self.hold()
+        posted = self.post("second")
+        posted.cancel()
+        self.failureResultOf(posted, defer.CancelledError)
+        self.gate.set()
+        await holding
+        await self.post("second")  # the client's retry
+        self.assertEqual([r.subject for r in await self.db.read("rows", _rows)],
+                         ["first", "second"])
+
+    async def test_a_post_given_up_once_its_group_took_it_is_stored_and_told(self) -> None:
+        told: list[int | None] = []
+        self.mail.on_enqueued.append(told.append)
+        self.hold_next = True
+        posted = self.post("second", "outbox")
+        self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
+        posted.cancel()
+        self.failureResultOf(posted, defer.CancelledError)
+        self.gate.set()
+        await self.spool.drain()
+        rows = await self.db.read("rows", _rows)
+        self.assertEqual([(r.subject, r.status) for r in rows],
+                         [("first", "draft"), ("second", "outbox")])
+        self.assertEqual(len(told), 1)  # its outcome was heard: the outbox was told
+
+    async def test_riders_and_chores_cancelled_before_their_turn_never_run(self) -> None:
+        ran: list[str] = []
+        holding = await self.hold()
+        rider = self.spool.ride("rider", lambda conn: ran.append("rider"))
+        chore = self.spool.run_serialized("chore", lambda conn: ran.append("chore"))
+        after = self.spool.ride("after", lambda conn: ran.append("after"))
+        rider.cancel()
+        chore.cancel()
+        self.failureResultOf(rider, defer.CancelledError)
+        self.failureResultOf(chore, defer.CancelledError)
+        self.gate.set()
+        await holding
+        await after
+        await self.spool.drain()
+        self.assertEqual(ran, ["after"])
+
+
+class GivenUpOwnTransactionTests(DatabaseMixin):
+    """Without the spool (PostgreSQL): a post is a run_prepared of its own, dropped when its
+    caller gives up before the store's thread takes it."""
+
+    async def test_a_post_given_up_while_queued_is_never_stored(self) -> None:
+        db = await self.open_database(max_threads=1)
+        owner = await add_hosted_mailbox(db, BOB)
+        mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests())
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hold(conn: Connection) -> None:
+            entered.set()
+            release.wait(30)
+
+        def post(subject: str) -> defer.Deferred[Any]:
+            return defer.Deferred.fromCoroutine(mail.create(owner, BOB, Edit(
+                "draft", {"to": "joe@far.test", "subject": subject, "body": "hello\n"})))
+
+        holding = db.read_long("hold", hold)
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        posted = post("once")
+        posted.cancel()
+        self.failureResultOf(posted, defer.CancelledError)
+        release.set()
+        await holding
+        await post("once")  # the client's retry
+        self.assertEqual([r.subject for r in await db.read("rows", _rows)], ["once"])
+
+
+class SQLiteGivenUpOwnTransactionTests(GivenUpOwnTransactionTests, TestCase):
+    backend = "sqlite"
+
+
+class PostgresGivenUpOwnTransactionTests(GivenUpOwnTransactionTests, TestCase):
+    backend = "postgresql"

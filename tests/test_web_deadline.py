@@ -1,6 +1,7 @@
 """The reply deadline of HTTP requests (web.deadline): a request whose store does not answer
-(a frozen database) gets the API's 503 with Retry-After at `[web] reply_timeout`, its work
-goes on and its late result is dropped; a write's commit may still land after the 503."""
+(a frozen database) gets the API's 503 with Retry-After at `[web] reply_timeout`; its work
+not begun is dropped (a write so answered never lands), and the late result of work begun
+is dropped. (The real store's dropping: tests.test_store_database.)"""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from web.settings import WebSettings
 
 
 class HungStore:
-    """Makes `db`'s transactions (or the one called `only`) wait until `release`, as on a
-    frozen database server: each runs then, in the order it was asked for, even if its
-    caller gave up (it was on the pool already)."""
+    """Makes `db`'s transactions (or the one called `only`) wait until `release`, queued as
+    on a frozen database server: each runs then, in the order it was asked for, unless its
+    caller gave up meanwhile (cancelled its Deferred: the store drops work not begun)."""
 
     METHODS = ("run", "read", "read_long", "run_prepared", "run_relaxed")
 
@@ -56,7 +57,8 @@ class HungStore:
             setattr(self.db, name, method)
         held, self.held = self.held, []
         for d, work in held:
-            work().chainDeferred(d)
+            if not d.called:
+                work().chainDeferred(d)
 
 
 def _deadline_timers(web: Web) -> list[Any]:
@@ -99,7 +101,9 @@ class ReplyDeadlineTests(TestCase):
         status, _, _ = await web.call("GET", "/api/v1/domain/all", headers={"Api-Key": key})
         self.assertEqual(status, 200)
 
-    async def test_a_write_answered_503_may_still_land(self) -> None:
+    async def test_a_write_answered_503_before_it_began_never_lands(self) -> None:
+        """Its client, told the write failed, may send it again: it is not applied
+        twice (before, it ran when the store came back)."""
         web, key = await self.asyncSetUp()
         store = HungStore(web.core.db, "update_profile")  # the write hangs
         d = defer.ensureDeferred(web.call(
@@ -108,11 +112,13 @@ class ReplyDeadlineTests(TestCase):
         web.http.flush()
         status, _, _ = self.successResultOf(d)
         self.assertEqual(status, 503)
+        [(held, _)] = store.held
+        self.assertTrue(held.called)  # cancelled: the store drops it, never begun
         store.release()
         self.assertEqual(self.flushLoggedErrors(), [])
         user = await web.core.identity.get_user(self.user_id)
         assert user is not None
-        self.assertEqual(user.first_name, "Late")
+        self.assertNotEqual(user.first_name, "Late")
 
     async def test_a_client_that_leaves_cancels_the_work_as_before(self) -> None:
         web, key = await self.asyncSetUp()

@@ -435,7 +435,11 @@ class _HeldPool:
 
 
 class CancelledUploadTests(TestCase):
-    async def test_a_client_gone_while_storing_leaves_file_and_row_together(self) -> None:
+    async def test_a_client_gone_while_storing_leaves_neither_file_nor_row(self) -> None:
+        """The client goes away (or [web] reply_timeout passes) while its file is stored:
+        the row's write, not begun, never begins, and the file is taken back; the client's
+        retry stores one file and one row (before, the upload stored its row after its
+        client was told it failed)."""
         import io
 
         from twisted.internet import defer
@@ -454,6 +458,12 @@ class CancelledUploadTests(TestCase):
         d.addErrback(failures.append)
         self.assertEqual(len(failures), 1)
         pool.release()
+        self.assertEqual(f.file_rows(), [])
+        self.assertEqual(f.stored(), [])
+        retried = defer.Deferred.fromCoroutine(drops.add_file(
+            f.alice.id, bundle_id, MULTIPART["Content-Type"], io.BytesIO(body)))
+        pool.release()
+        self.successResultOf(retried)
         rows = f.file_rows()
         self.assertEqual([r.name for r in rows], ["late.bin"])
         self.assertEqual([p.name for p in f.stored()], [rows[0].sha256])

@@ -7,10 +7,12 @@ What a request waits on that long is the store: a database server that is frozen
 (SIGSTOP, a server that still acknowledges TCP) answers no statement and raises no error,
 and neither TCP keepalives nor libpq's timeouts end that wait. The handler's work is then
 cancelled, as when its client leaves (Klein does that): it stops where it waits. A
-transaction already handed to the store's thread pool cannot be called back, so a write
-whose commit was under way may still land after its 503 (the README's outage section says
-so); what the handler would have done after it is not done. A reply that has begun (a
-streamed list or download) is left to finish.
+transaction it handed to the store and that has not begun is dropped with it and never
+runs (mailcore.store.database; a post or upload takes its write back the same way,
+mailcore.store.errands); one already begun cannot be called back, so a write whose commit
+was under way may still land after its 503 (the README's outage section says so); what
+the handler would have done after it is not done. A reply that has begun (a streamed list
+or download) is left to finish.
 
 The root resource arms the deadline (`arm`) as it hands the request to its app; every
 route's handler is declared through `web.openapi.RouteTable`, which wraps it so that its

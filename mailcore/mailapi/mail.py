@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from io import BytesIO
@@ -95,6 +95,7 @@ from mailcore.store import Database
 from mailcore.store.chunks import found_keys
 from mailcore.store.counters import thd_bump_counter
 from mailcore.store.database import Reader
+from mailcore.store.errands import Errand
 from mailcore.store.schema import (
     domains,
     mailapi_attachments,
@@ -518,18 +519,22 @@ class MailService:
             removed += await self.collect(stored[start:start + batch], grace)
         return removed
 
-    async def _storing(self, edit: Edit, work: Callable[[], Awaitable[T]]) -> T:
+    async def _storing(self, edit: Edit, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a write that may store `edit`'s files; when it stores no mail (refused or
-        failed), take the files its upload made back. Not cancelled midway (shielded)."""
+        failed), take the files its upload made back. Not cancelled midway (shielded): a
+        caller that gives up (its client left, or `[web] reply_timeout` passed) takes the
+        write back if the store has not begun it (an errand: mailcore.store.errands), and
+        its files with it; a write begun ends as it would have, its files kept with it."""
+        errand = Errand()
 
         async def run() -> T:
             try:
-                return await work()
+                return await errand.run(work())
             except BaseException:
                 await self.discard(edit.attachments)
                 raise
 
-        return await shielded(run())
+        return await shielded(run(), errand)
 
     # -- writing ----------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ from mailcore.smtp.dsn import Failure as DsnFailure
 from mailcore.smtp.dsn import build_dsn, should_bounce
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
-from mailcore.store import Database
+from mailcore.store import Database, errands
 
 log = Logger()
 
@@ -210,13 +210,30 @@ class _Committed:
 
 
 class _Chore:
+    """A chore or a rider: a write of its own in the lane, or in a group commit."""
+
     __slots__ = ("args", "done", "fn", "name")
 
-    def __init__(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                 withdraw: Callable[[_Chore], object]) -> None:
         self.name = name
         self.fn = fn
         self.args = args
-        self.done: defer.Deferred[Any] = defer.Deferred()
+
+        def cancelled(_: defer.Deferred[Any]) -> None:
+            withdraw(self)
+
+        # Cancelled when its caller gives up: `withdraw` takes it out if it has not begun.
+        self.done: defer.Deferred[Any] = defer.Deferred(cancelled)
+
+
+def _take_all(waiting: deque[Any]) -> list[Any]:
+    """Everything `waiting` holds, taken one by one (the reactor may append meanwhile: a
+    copy then `clear()` would lose what came in between)."""
+    taken = []
+    while waiting:
+        taken.append(waiting.popleft())
+    return taken
 
 
 def _answer(done: defer.Deferred[None], outcome: Failure | Exception | None) -> None:
@@ -460,8 +477,9 @@ class Spool:
     def run_serialized(
         self, name: str, fn: Callable[..., T], *args: Any
     ) -> defer.Deferred[T]:
-        """Run a write transaction of the queue in turn with the group commits."""
-        chore = _Chore(name, fn, args)
+        """Run a write transaction of the queue in turn with the group commits. Cancelled
+        before its turn, it never runs."""
+        chore = _Chore(name, fn, args, self._withdraw_chore)
         self._chores.append(chore)
         self._kick()
         return chore.done
@@ -470,11 +488,44 @@ class Spool:
         """Run a small write `fn(conn, *args)` in the next group commit, in a savepoint of
         its own (its failure is its own: the group's messages still commit); with no group
         due, it starts one. The Deferred fires after that commit. For writes that must not
-        stop the commit stream under load the way a chore does (`run_serialized`)."""
-        rider = _Chore(name, fn, args)
+        stop the commit stream under load the way a chore does (`run_serialized`).
+        Cancelled (its caller gave up) before a group takes it, it is taken out and never
+        runs; taken, it commits or not with its group, unheard. Handed in within an errand
+        (mailcore.store.errands) it is withdrawn with the errand's work, unless taken."""
+        errand = errands.current()
+        if errand is not None and errand.given_up:
+            return defer.fail(defer.CancelledError())
+        rider = _Chore(name, fn, args, self._withdraw_rider)
         self._riders.append(rider)
         self._take_soon()
+        if errand is not None:
+            errand.hold(rider.done, lambda: self._unless_taken(rider))
         return rider.done
+
+    def _unless_taken(self, rider: _Chore) -> None:
+        """For an errand given up: drop `rider` unless a group has taken it (which then
+        answers it with its outcome)."""
+        if self._withdraw_rider(rider):
+            rider.done.cancel()
+
+    def _withdraw_chore(self, chore: _Chore) -> bool:
+        """A chore given up on: taken out unless it has begun (in the reactor thread, which
+        alone takes chores). Whether it was."""
+        try:
+            self._chores.remove(chore)
+        except ValueError:
+            return False
+        return True
+
+    def _withdraw_rider(self, rider: _Chore) -> bool:
+        """A rider given up on: taken out unless a group has taken it (the stream takes
+        riders under the same lock). Whether it was."""
+        with self._wake:
+            try:
+                self._riders.remove(rider)
+            except ValueError:
+                return False
+        return True
 
     def charge(self, items: Sequence[Any]) -> defer.Deferred[list[Any]]:
         """Apply `items` (the charger's) in the next group commit, with the charges of the
@@ -687,10 +738,8 @@ class Spool:
             if self._yield_lane:
                 return None
             batch = self._take_batch()
-            riders = list(self._riders)
-            self._riders.clear()
-            charges = list(self._charge_requests)
-            self._charge_requests.clear()
+            riders = _take_all(self._riders)
+            charges = _take_all(self._charge_requests)
         if not batch and not riders and not charges:
             return None
         results = self._take_results() if self._retry is None else []

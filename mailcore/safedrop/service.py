@@ -60,6 +60,7 @@ from mailcore.sendcaps import SendCapped, SendCaps
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
+from mailcore.store.errands import Errand
 from mailcore.text import shown
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
@@ -251,8 +252,12 @@ class SafedropService:
         """Store the `the_file` part of a multipart body and record it. Nothing stays of an
         upload that fails (bad body, over a limit, the bundle sent meanwhile). Once the body
         is being stored the work is not cancelled (the client going away cancels the
-        request's Deferred): it ends with the file and its row, or with neither."""
-        return await shielded(self._add_file(owner_id, bundle_id, content_type, body))
+        request's Deferred, as `[web] reply_timeout` does): it ends with the file and its
+        row, or with neither. A caller that gives up before the store begins the row's
+        write takes the upload back (an errand: mailcore.store.errands)."""
+        errand = Errand()
+        return await shielded(
+            self._add_file(errand, owner_id, bundle_id, content_type, body), errand)
 
     async def upload_room(self, owner_id: int, bundle_id: int) -> tuple[int, TooLarge]:
         """How many bytes an upload to the bundle may still store (the bundle's room or its
@@ -285,9 +290,10 @@ class SafedropService:
             raise full
 
     async def _add_file(
-        self, owner_id: int, bundle_id: int, content_type: str, body: BinaryIO
+        self, errand: Errand, owner_id: int, bundle_id: int, content_type: str,
+        body: BinaryIO,
     ) -> DropFile:
-        room, full = await self.upload_room(owner_id, bundle_id)
+        room, full = await errand.run(self.upload_room(owner_id, bundle_id))
         stored = await self.io.run(
             self.files.receive, body, content_type, bundle_id, self.settings.max_file_size,
             room, full,
@@ -297,11 +303,7 @@ class SafedropService:
             "sha256": stored.sha256, "created_at": self.now(),
         }
         try:
-            return await self.db.run(
-                "safedrop_add_file", store.add_file_txn, owner_id, bundle_id, values,
-                self.settings.max_bundle_size, self.settings.max_user_size,
-                self.settings.max_files,
-            )
+            return await errand.run(self._record_file(owner_id, bundle_id, values))
         except BaseException:
             in_use = await self.db.read(
                 "safedrop_file_in_use", store.file_hash_in_use_txn, bundle_id, stored.sha256
@@ -309,6 +311,14 @@ class SafedropService:
             if not in_use:
                 await self.io.run(self.files.take_back, bundle_id, stored)
             raise
+
+    async def _record_file(self, owner_id: int, bundle_id: int, values: dict[str, Any]
+                           ) -> DropFile:
+        return await self.db.run(
+            "safedrop_add_file", store.add_file_txn, owner_id, bundle_id, values,
+            self.settings.max_bundle_size, self.settings.max_user_size,
+            self.settings.max_files,
+        )
 
     async def file(self, owner_id: int, bundle_id: int, file_id: int) -> DropFile:
         return await self.db.read("safedrop_file", store.get_file_txn, owner_id, bundle_id,
