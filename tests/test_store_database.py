@@ -652,8 +652,13 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
         self.assertEqual(await self.db.run_relaxed("relaxed", relaxed, "alice"),
                          RELAXED_CHECKPOINT_PAGES)
         deadline = get_reactor().seconds() + 10
-        while not checkpoints() and get_reactor().seconds() < deadline:
+        # Until the checkpoint has ended, not only run its PRAGMA: a write while it still
+        # runs has it go round once more instead of calling the `_checkpoint` patched in
+        # below (the wait for `started` then never ended, under load).
+        while (not checkpoints() or self.db._checkpointing) and (
+                get_reactor().seconds() < deadline):
             await sleep(0.01)
+        self.assertFalse(self.db._checkpointing)
         self.assertEqual(len(checkpoints()), 1)
         self.assertTrue(checkpoints()[0].startswith("PoolThread-mailcore-db-"), checkpoints())
         self.assertNotIn("mailcore-db-read", checkpoints()[0])
@@ -672,8 +677,10 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
 
         self.patch(self.db, "_checkpoint", held)
         await self.db.run_relaxed("relaxed", relaxed, "bob")
-        while not started.is_set():
+        deadline = get_reactor().seconds() + 10
+        while not started.is_set() and get_reactor().seconds() < deadline:
             await sleep(0.01)
+        self.assertTrue(started.is_set())
         self.patch(self.db, "_checkpoint", real)
         for name in ("carol", "dave", "erin"):
             await self.db.run_relaxed("relaxed", relaxed, name)
