@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
+import decimal
 import hashlib
 import json
 import os
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import event, select
+from sqlalchemy import event, insert, select
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -27,14 +29,21 @@ from mailcore.backup.contacts import (
     contact_id,
     fold_contacts,
     make_book,
+    old_contact_id,
     vcard_entries,
 )
 from mailcore.backup.signature import signature_phone
+from mailcore.fetch.jobs import thd_create_job
 from mailcore.fetch.state import thd_folder
 from mailcore.messages import parts
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.parse import extract_part, parse_message
-from mailcore.store.schema import fetch_folders, message_attachments, messages
+from mailcore.store.schema import (
+    fetch_folders,
+    mailbox_job_items,
+    message_attachments,
+    messages,
+)
 from tests.support.corpus import make_corpus
 from tests.support.oauth import access_token
 from tests.support.pg import create_test_database
@@ -848,3 +857,111 @@ class BadInputBatteryTests(IndexBase):
                 self.assertEqual(set(body), {"error", "error_description"})
         account = await self.core.fetch.accounts.get(self.alice.id, self.account.id)
         self.assertEqual((account.port, account.use_ssl), (993, True))
+
+
+def _ids(value: Any, key: str = "") -> list[int]:
+    """Every integer of a reply that is an id: under "id", a key ending in "_id", or in
+    "message_ids"."""
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _ids(v, k)]
+    if isinstance(value, list):
+        return [n for v in value for n in _ids(v, key)]
+    if isinstance(value, int) and not isinstance(value, bool) and (
+            key in ("id", "message_ids") or key.endswith("_id")):
+        return [value]
+    return []
+
+
+class SafeIdTests(IndexBase):
+    """Contact ids were the first 56 bits of the address's SHA-256, handed out as JSON
+    numbers: a browser (a double, Number.MAX_SAFE_INTEGER = 2^53 - 1) read 7 in 8 of them
+    rounded and asked for a contact that did not exist. Every id the API hands out fits
+    2^53 - 1 now, and the ids handed out before still name their contacts."""
+
+    def addresses(self) -> dict[str, str]:
+        """Correspondents whose old ids are below 2^53, of 2^53 to 2^55, and above 2^55
+        (where a double is a multiple of 8)."""
+        found: dict[str, str] = {}
+        for n in range(1000):
+            address = f"c{n}@x.test"
+            old = old_contact_id(address)
+            kind = "low" if old < 2**53 else "mid" if old < 2**55 else "high"
+            found.setdefault(kind, address)
+            if len(found) == 3:
+                return found
+        raise AssertionError("no such addresses")
+
+    async def walk(self) -> list[int]:
+        """The ids of every reply of the account's read side, each list's items shown."""
+        ids: list[int] = []
+
+        async def get(path: str) -> Any:
+            self.web.clock.advance(0.1)  # within the token's 20 requests a second
+            status, body = await self.call(path)
+            self.assertEqual(status, 200, (path, body))
+            ids.extend(_ids(body))
+            return body
+
+        base = self.base
+        await get("/v1/accounts")
+        await get(base)
+        for box in await get(f"{base}/mailboxes"):
+            for m in await get(f"{base}/mailboxes/{box['id']}/messages"):
+                await get(f"{base}/mailboxes/{box['id']}/messages/{m['id']}")
+        await get(f"{base}/messages/search?query=hi")
+        for a in (await get(f"{base}/attachments"))["attachments"]:
+            await get(f"{base}/attachments/{a['id']}")
+        await get(f"{base}/attachments_search?query=pdf")
+        for c in (await get(f"{base}/contacts?per_page=40"))["contacts"]:
+            await get(f"{base}/contacts/{c['id']}")
+        for kind in ("migrates", "restores"):
+            for job in await get(f"{base}/{kind}"):
+                await get(f"{base}/{kind}/{job['id']}")
+        return ids
+
+    async def test_every_id_handed_out_fits_a_double_and_old_ids_still_work(self) -> None:
+        addresses = self.addresses()
+        folder = await self.core.db.run(
+            "folder", lambda conn: thd_folder(conn, self.account.id, "INBOX").id)
+        where = Location(self.alice.id, self.account.id, folder, "INBOX")
+        stored = await self.core.messages.store_batch(where, [
+            FetchedMessage(mail(f"C <{address}>", "hi", attachment(
+                "a.pdf", "application/pdf", PDF) + "--b--\n"), uid=n)
+            for n, address in enumerate(addresses.values(), 1)])
+        now = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+
+        def jobs(conn: Any) -> None:
+            for kind in ("restore", "migrate"):
+                job = thd_create_job(conn, dict(
+                    kind=kind, user_id=self.alice.id, account_id=self.account.id,
+                    status="done", email="a@x.test", host="imap.x.test", port=993,
+                    created_at=now, updated_at=now))
+                conn.execute(insert(mailbox_job_items), [
+                    dict(job_id=job, message_row_id=m, state="done") for m in stored.created])
+
+        await self.core.db.run("jobs", jobs)
+        ids = await self.walk()
+        self.assertGreater(len(ids), 40)
+        self.assertEqual([n for n in ids if not 0 <= n <= 2**53 - 1], [])
+
+        status, page = await self.call(f"{self.base}/contacts?sort=email")
+        shown = {c["email"]: c["id"] for c in page["contacts"]}
+        low, high = addresses["low"], addresses["high"]
+        self.assertEqual(shown[low], old_contact_id(low))  # an old id below 2^53 stands
+        # Old ids above 2^53, as a client kept them: exact, as the double it read (its
+        # value, and the fewest digits that read back as it, as JavaScript writes it).
+        for address in (addresses["mid"], high):
+            old = old_contact_id(address)
+            double = float(old)
+            for kept in (old, int(double), int(decimal.Decimal(repr(double)))):
+                status, card = await self.call(f"{self.base}/contacts/{kept}")
+                self.assertEqual((status, card.get("id"), card.get("filename")),
+                                 (200, shown[address], f"{address}.vcf"), (address, kept))
+        # Near an old id (within what rounding gives) but no contact's: none.
+        status, _ = await self.call(f"{self.base}/contacts/{old_contact_id(high) + 16}")
+        self.assertEqual(status, 404)
+
+
+class SafeIdPostgreSQLTests(SafeIdTests):
+    postgres = True
+    timeout = 240

@@ -37,6 +37,7 @@ from mailcore.backup import (
     Window,
 )
 from mailcore.backup.accounts import iso
+from mailcore.backup.contacts import MAX_CONTACT_ID
 from mailcore.identity import Identity, Principal
 from mailcore.messages.models import MessageSummary
 from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider
@@ -233,10 +234,13 @@ FILE = {
     "required": ["id", "filename", "mime_type", "size", "content"],
 }
 
+CONTACT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_CONTACT_ID,
+              "description": "Derived from the address, stable across backups; at most "
+              "2^53 - 1, which a JSON number read as a double holds exactly"}
 CONTACT = {
     "type": "object",
     "properties": {
-        "id": {"type": "integer"}, "account_id": {"type": "integer"},
+        "id": CONTACT_ID, "account_id": {"type": "integer"},
         "name": {"type": "string"}, "filename": {"type": "string"},
         "email": {"type": "string"}, "phone": {"type": "string"},
         "backup_date": {"type": ["string", "null"], "format": "date-time"},
@@ -254,7 +258,7 @@ CONTACTS = {
 VCARD = {
     "type": "object",
     "properties": {
-        "id": {"type": "integer"}, "filename": {"type": "string"},
+        "id": CONTACT_ID, "filename": {"type": "string"},
         "content_type": {"type": "string", "enum": ["text/vcard"]},
         "content": {"type": "string", "contentEncoding": "base64"},
     },
@@ -795,6 +799,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "/v1/accounts/<int:account_id>/contacts/<bigint:contact_id>",
         "GET",
         summary="A contact as a vCard, base64-encoded",
+        description="contact_id is the id the contacts list gives (at most 2^53 - 1). An "
+        "id handed out before ids were limited so (up to 2^56) still names its contact, "
+        "written exactly or as a double rounded it; the reply gives the contact's id now.",
         auth=DROPMYEMAIL,
         scope="contact",
         replies={200: Reply("The vCard", VCARD)},

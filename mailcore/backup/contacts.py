@@ -6,7 +6,13 @@ the one a vCard attached to any of those messages gives, else the one the signat
 the newest message from that address gives (read once per message by the backup indexer:
 mailcore.backup.index and .signature). Each is served as a vCard 3.0 built with vobject.
 `backup_date` is when a message naming the contact was last backed up. A contact's id is
-derived from its address (stable across backups).
+derived from its address (stable across backups): the low 53 bits of the first 7 bytes of
+its SHA-256, so that it is at most 2^53 - 1 (`MAX_CONTACT_ID`), which a JSON number read as
+a double (JavaScript's Number.MAX_SAFE_INTEGER) holds exactly. Ids were those 56 bits until
+then: a browser read 7 in 8 of them rounded and asked for a contact that did not exist. An
+id kept from then still names its contact (`ContactBook.find`): one below 2^53 is the same
+id now, one above it is known by its low bits and checked whole, and one a browser rounded
+is the contact whose old id rounds to the same double, when one alone does.
 
 The contacts are worked out from the whole account (every message's address fields, every
 attached vCard), so they are worked out once per change of the backup, not per request: an
@@ -67,9 +73,20 @@ class Contact:
         return str(card.serialize())
 
 
-def contact_id(address: str) -> int:
-    """A stable id below 2^56 from the (lower-case) address."""
+# The largest contact id: the largest integer a double holds exactly (2^53 - 1).
+MAX_CONTACT_ID = 2**53 - 1
+
+
+def old_contact_id(address: str) -> int:
+    """The id a contact had before ids were cut to 53 bits: below 2^56, from the
+    (lower-case) address."""
     return int.from_bytes(hashlib.sha256(address.encode("utf-8")).digest()[:7], "big")
+
+
+def contact_id(address: str) -> int:
+    """A stable id of at most `MAX_CONTACT_ID` from the (lower-case) address: the old id's
+    low 53 bits, so that an old id below 2^53 is the same id."""
+    return old_contact_id(address) & MAX_CONTACT_ID
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -178,6 +195,24 @@ class ContactBook:
 
     def __len__(self) -> int:
         return len(self.by_email)
+
+    def find(self, wanted: int) -> Contact | None:
+        """The contact of id `wanted`, or of the old id `wanted` (module docstring): one
+        whose old id it is exactly, else the one contact whose old id a double rounds to
+        the same value (a double of 2^53 to 2^56 is a multiple of 2, 4 or 8, and the client
+        may write it with the fewest digits that read back as it: within 8 of the old id)."""
+        if wanted <= MAX_CONTACT_ID:
+            return self.by_id.get(wanted)
+        rounded: dict[int, Contact] = {}
+        for old in range(wanted - 8, wanted + 9):
+            found = self.by_id.get(old & MAX_CONTACT_ID)
+            if found is None or old_contact_id(found.email) != old:
+                continue
+            if old == wanted:
+                return found
+            if float(old) == float(wanted):
+                rounded[found.id] = found
+        return next(iter(rounded.values())) if len(rounded) == 1 else None
 
 
 def make_book(contacts: list[Contact]) -> ContactBook:
@@ -353,7 +388,7 @@ class BackupContacts:
         return Page(total, list(ordered[start:end]))
 
     async def get(self, user_id: int, account_id: int, contact: int) -> Contact:
-        found = (await self.book(user_id, account_id)).by_id.get(contact)
+        found = (await self.book(user_id, account_id)).find(contact)
         if found is None:
             raise NotFound()
         return found
