@@ -124,6 +124,37 @@ class AccountsApiTests(ApiBase):
             "A user may have at most 1 accounts; delete one to add another."]}))
         self.assertEqual(await self.stored(), 1)
 
+    async def test_a_mailbox_already_backed_up_is_a_409_before_any_login(self) -> None:
+        """One account per mailbox (host in any case, port, user): adding it again, or
+        pointing another account at it, is a 409 naming the account that backs it up,
+        before the login (which would dial a server that does not resolve here)."""
+        accounts = self.web.core.fetch.accounts
+        first = await accounts.create(
+            self.alice.id, name="f", email="fred@x.test", host="imap.x.test", port=993,
+            use_ssl=True, password="pw")
+        other = await accounts.create(
+            self.alice.id, name="f", email="fred@x.test", host="imap.x.test", port=143,
+            start_tls=True, password="pw")
+        message = ("The mailbox of fred@x.test on IMAP.x.test:993 is already backed up as "
+                   f"account {first.id}; change that account instead of adding the mailbox "
+                   "again (it would be backed up twice).")
+        status, body = await self.call("POST", "/v1/accounts", json={
+            "email": "fred@x.test", "password": "pw", "host": "IMAP.x.test", "ssl": True})
+        self.assertEqual((status, body), (409, {
+            "error": "conflict", "error_description": message, "account_id": first.id}))
+        status, body = await self.call("PUT", f"/v1/accounts/{other.id}", json={
+            "port": 993, "ssl": True, "start_tls": False, "password": "pw"})
+        self.assertEqual((status, body["account_id"]), (409, first.id), body)
+        self.assertEqual(await self.stored(), 2)
+        kept = await accounts.get(self.alice.id, other.id)
+        self.assertEqual((kept.port, kept.start_tls), (143, True))
+        # Two accounts of one mailbox made before the rule may still be changed otherwise.
+        await accounts.update(self.alice.id, other.id, port=993, use_ssl=True,
+                              start_tls=False, password="pw")
+        changed = await accounts.update_one_per_mailbox(self.alice.id, other.id,
+                                                        sync_interval=3600)
+        self.assertEqual(changed.sync_interval, 3600)
+
     async def test_writing_needs_the_write_scope(self) -> None:
         reader = await access_token(self.web.core.oauth, self.alice.id, scope="read")
         status, body = await self.call("POST", "/v1/accounts", reader,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.trial.unittest import TestCase
 
@@ -141,3 +142,49 @@ class AccountsAgainstDovecotTests(DovecotClassMixin, TestCase):
         status, found = await bearer(api, token, "GET",
                                      f"{base}/messages/search?query=message&per_page=5&page=2")
         self.assertEqual((found["count"], found["start"], len(found["messages"])), (12, 5, 5))
+
+
+class OneAccountPerMailboxTests(DovecotClassMixin, TestCase):
+    """The same mailbox (host, port, user) could be added to one user's accounts any number
+    of times: each a backup of it into the one store, twice the work, and a migrate of each
+    every message again. The second is a 409 naming the first, also when both are added at
+    once (each passes the check made before its login; the one made where the account is
+    stored, under the user's lock, refuses the second)."""
+
+    timeout = 120
+    extra_config = ADDRESS_LOGINS
+
+    async def test_two_adds_at_once_store_one_account(self) -> None:
+        server = await self.dovecot()
+        address = f"{server.new_user()}@example.test"
+        api = await live_api(self, {}, backend="postgresql")
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        account = {"email": address, "password": server.PASSWORD, "host": "localhost",
+                   "port": server.imap, "start_tls": True}
+        api.core.fetch.engine.tls_factory = lambda host, **_: client_tls(
+            host, ca_pem=server.pki.ca_pem.decode())
+        both = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(bearer(api, token, "POST", "/v1/accounts",
+                                                json=account)) for _ in range(2)])
+        statuses = sorted(status for status, _ in both)
+        self.assertEqual(statuses, [201, 409], both)
+        created = next(body for status, body in both if status == 201)
+        refused = next(body for status, body in both if status == 409)
+        self.assertEqual((refused["error"], refused["account_id"]), ("conflict", created["id"]))
+        self.assertIn(f"already backed up as account {created['id']}",
+                      refused["error_description"])
+        await api.core.fetch.engine.sync(created["id"])
+        [stored] = await api.core.fetch.accounts.list_accounts(alice.id)
+        self.assertEqual(stored.id, created["id"])
+
+        # Once stored, the same mailbox is refused before any login (another case of the
+        # host too); another user may back it up.
+        again = {**account, "host": "LocalHost", "password": "not even tried"}
+        status, body = await bearer(api, token, "POST", "/v1/accounts", json=again)
+        self.assertEqual((status, body.get("account_id")), (409, created["id"]), body)
+        bob = await api.core.identity.create_user("bob", "bob@example.test", "pw")
+        status, theirs = await bearer(api, await access_token(api.core.oauth, bob.id),
+                                      "POST", "/v1/accounts", json=account)
+        self.assertEqual(status, 201, theirs)
+        await api.core.fetch.engine.sync(theirs["id"])

@@ -38,6 +38,7 @@ from mailcore.backup import (
 )
 from mailcore.backup.accounts import iso
 from mailcore.backup.contacts import MAX_CONTACT_ID
+from mailcore.fetch.errors import MailboxTaken
 from mailcore.identity import Identity, Principal
 from mailcore.messages.models import MessageSummary
 from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider
@@ -150,6 +151,11 @@ def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default
 
 def _refused(e: BackupError) -> ApiError:
     return ApiError(400, e.message, code="invalid_request")
+
+
+def _taken(e: MailboxTaken) -> ApiError:
+    """409: the user's account `e.account_id` already backs that mailbox up."""
+    return ApiError(409, e.message, extra={"account_id": e.account_id})
 
 
 def _not_found() -> ApiError:
@@ -496,13 +502,16 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "OAuth client credentials to ask for the user's consent. With neither ssl nor "
         "start_tls, the session still upgrades with STARTTLS when the server offers it; a "
         "server that offers neither TLS nor STARTTLS is refused (400) unless the operator "
-        "allows cleartext logins ([dropmyemail] allow_cleartext_login).",
+        "allows cleartext logins ([dropmyemail] allow_cleartext_login). A mailbox (host, in "
+        "any case, port and user) that one of the user's accounts already backs up is a 409 "
+        "conflict naming that account (its id also as account_id), before any login: one "
+        "account per mailbox.",
         auth=DROPMYEMAIL,
         scope="write",
         body={**ACCOUNT_INPUT, "required": ["email", "password"]},
         body_types=("application/json", FORM_TYPE),
         replies={201: Reply("The account", ACCOUNT)},
-        errors=(401, 403, 429),
+        errors=(401, 403, 409, 429),
     )
     async def create_account(self, request: IRequest) -> bytes:
         principal = await self.principal(request, "write")
@@ -511,6 +520,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
             found = await self.backup.create(principal.user.id, values)
         except BackupError as e:
             raise _refused(e) from None
+        except MailboxTaken as e:
+            raise _taken(e) from None
         return self.reply(request, account_json(found), 201)
 
     @routes.route(
@@ -524,13 +535,14 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "(else a 400, before any login, and nothing changes): the stored password is only "
         "sent to the server it was given for. The account as read may be sent back: fields "
         "PUT does not change are left as they are; a field the account does not have is a "
-        "400.",
+        "400. A host or port that would make the account name the mailbox of another of "
+        "the user's accounts is a 409 conflict naming it, as for create.",
         auth=DROPMYEMAIL,
         scope="write",
         body=ACCOUNT_INPUT,
         body_types=("application/json", FORM_TYPE),
         replies={200: Reply("The account", ACCOUNT)},
-        errors=(401, 403, 429),
+        errors=(401, 403, 409, 429),
     )
     async def update_account(self, request: IRequest, account_id: int) -> bytes:
         principal = await self.principal(request, "write")
@@ -539,6 +551,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
             found = await self.backup.update(principal.user.id, account_id, values)
         except BackupError as e:
             raise _refused(e) from None
+        except MailboxTaken as e:
+            raise _taken(e) from None
         if found is None:
             raise _not_found()
         return self.reply(request, account_json(found))

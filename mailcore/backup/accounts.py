@@ -15,6 +15,14 @@ nothing changes. One that changes where or how the password is sent (host, port,
 TLS weakened) must carry the password too (`mailcore.fetch.accounts.check_password_given`),
 checked before that login: the stored password is never sent to a server the update names.
 
+One account per mailbox: an account naming the host (in any case), port and user of one
+the user already has is refused with MailboxTaken (409), its create before the login and
+again, atomically, where it is stored (`mailcore.fetch.accounts`); so is an update that
+would make an account name another's mailbox. Two accounts of one mailbox back it up twice
+into the one store, and every migrate of the account's mail would hold each message twice.
+Accounts that shared a mailbox before this rule stay as they are (deleting one would delete
+its backup), and may still be changed in other ways.
+
 Cleartext: with neither `ssl` nor `start_tls` (the seed's defaults) the session still
 upgrades with STARTTLS whenever the server offers it. A server that offers neither TLS nor
 STARTTLS is refused (400, nothing stored), as the fetch engine refuses any account not
@@ -35,7 +43,13 @@ from sqlalchemy import Connection, func, select
 from twisted.logger import Logger
 
 from mailcore.config import ConfigError, unknown_key
-from mailcore.fetch.accounts import DEFAULT_PORTS, Account, Accounts, validate
+from mailcore.fetch.accounts import (
+    DEFAULT_PORTS,
+    MAILBOX_FIELDS,
+    Account,
+    Accounts,
+    validate,
+)
 from mailcore.fetch.engine import SyncEngine
 from mailcore.fetch.errors import AccountError, AccountNotFound, CleartextRefused, FetchError
 from mailcore.fetch.imap import ServerSpec, open_session
@@ -269,9 +283,10 @@ class BackupAccounts:
             await self.accounts.check_room(user_id)  # before a login to a server
         except AccountError as e:
             raise BackupError(e.message, e.field) from None
+        await self.accounts.mailbox_taken(user_id, {**fields, **checked})
         await self._check_login({**fields, **checked})
         try:
-            account = await self.accounts.create(user_id, **fields)
+            account = await self.accounts.create_one_per_mailbox(user_id, **fields)
         except AccountError as e:
             raise BackupError(e.message, e.field) from None
         self.engine.sync(account.id).addErrback(
@@ -292,6 +307,8 @@ class BackupAccounts:
             checked = {**fields, **validate(dict(fields), stored)}
         except AccountError as e:
             raise BackupError(e.message, e.field) from None
+        if any(checked.get(k, stored[k]) != stored[k] for k in MAILBOX_FIELDS):
+            await self.accounts.mailbox_taken(user_id, {**stored, **checked}, account_id)
         if any(k in checked and checked[k] != stored[k] for k in LOGIN_FIELDS if k in stored) \
                 or "password" in checked:
             password = checked.get("password")
@@ -301,7 +318,8 @@ class BackupAccounts:
                                     ca_pem=current.tls_ca_pem,
                                     fingerprint=current.tls_fingerprint)
         try:
-            account = await self.accounts.update(user_id, account_id, **fields)
+            account = await self.accounts.update_one_per_mailbox(user_id, account_id,
+                                                                 **fields)
         except AccountNotFound:
             return None
         except AccountError as e:

@@ -5,6 +5,14 @@ folders_to_sync, exclude_trash, last_sync) and Dropmyemail (accounts: email, pro
 imap|pop, ssl, start_tls, port). The password is stored encrypted and never leaves this module
 except to the sync engine, through `credentials`.
 
+A caller may ask for one account per mailbox (`create_one_per_mailbox`,
+`update_one_per_mailbox`: Dropmyemail does): an account of the user naming the same host (in
+any case), port and user name already backs that mailbox up, and a second one would back it
+up again into the same store, twice the work and every migrate or restore of it doubled; its
+create, or an update that would make it, is refused (MailboxTaken). The check and the write
+are one transaction that first locks the user's row, as the count of accounts does, so two
+at once cannot both pass it.
+
 An update that changes where or how that password would be sent (the server, its port, the
 protocol, the user name, the certificate trusted for it, or TLS so that cleartext becomes
 possible) must give the password again (`check_password_given`): otherwise whoever may
@@ -22,7 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 from twisted.internet.interfaces import IReactorTime
 
-from mailcore.fetch.errors import AccountError, AccountNotFound
+from mailcore.fetch.errors import AccountError, AccountNotFound, MailboxTaken
 from mailcore.fetch.secrets import SecretBox
 from mailcore.fetch.tls import check_ca_pem, normalise_fingerprint
 from mailcore.messages.sql import new_id, utc
@@ -46,6 +54,8 @@ MAX_SYNC_INTERVAL = 366 * 86400
 DESTINATION_FIELDS = ("protocol", "host", "port", "username", "tls_ca_pem", "tls_fingerprint")
 DESTINATION_REFUSAL = ("Give the password again when the server, port, protocol, user name "
                        "or TLS settings change.")
+# The columns that name an account's mailbox (one account per mailbox: module docstring).
+MAILBOX_FIELDS = ("host", "port", "username")
 _HOST = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
 
 # Fields a caller may set on create or update, and their types.
@@ -260,6 +270,38 @@ def thd_check_room(conn: Connection, user_id: int, limit: int) -> None:
                            "another.")
 
 
+def thd_same_mailbox(conn: Connection, user_id: int, values: dict[str, Any],
+                     other_than: int | None = None) -> None:
+    """Blocking: MailboxTaken when an account of `user_id` (but `other_than`) names the
+    mailbox that `values` (checked columns: host, port, username) names (module
+    docstring)."""
+    a = fetch_accounts.c
+    query = select(a.id).where(a.user_id == user_id,
+                               func.lower(a.host) == values["host"].lower(),
+                               a.port == values["port"], a.username == values["username"])
+    if other_than is not None:
+        query = query.where(a.id != other_than)
+    found = conn.execute(query.order_by(a.id).limit(1)).scalar()
+    if found is not None:
+        raise MailboxTaken(int(found), values["host"], values["port"], values["username"])
+
+
+def _moves_mailbox(changes: dict[str, Any], current: Account) -> bool:
+    """Whether `changes` (checked columns) name another mailbox than `current` does: an
+    account made before one per mailbox was asked for may share its mailbox with another,
+    and may still be changed otherwise (its password, say)."""
+    return any(key in changes and changes[key] != getattr(current, key)
+               for key in MAILBOX_FIELDS)
+
+
+def _lock_user(conn: Connection, user_id: int) -> None:
+    """Lock the user's row, so that the creates and updates of its accounts that check
+    something of its other accounts take turns (under PostgreSQL's READ COMMITTED each
+    would read the same rows and all write; SQLite serialises writers and ignores FOR
+    UPDATE)."""
+    conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+
+
 class Accounts:
     """Create, read, update and delete fetch accounts; keep their sync status."""
 
@@ -278,6 +320,15 @@ class Accounts:
     async def create(self, user_id: int, **values: Any) -> Account:
         """A new account for `user_id`; raises AccountError naming the bad field, or naming
         none when the user already has `max_per_user` accounts."""
+        return await self._create(user_id, values, one_per_mailbox=False)
+
+    async def create_one_per_mailbox(self, user_id: int, **values: Any) -> Account:
+        """As `create`, and MailboxTaken when an account of the user names the mailbox
+        (module docstring)."""
+        return await self._create(user_id, values, one_per_mailbox=True)
+
+    async def _create(self, user_id: int, values: dict[str, Any], *,
+                      one_per_mailbox: bool) -> Account:
         clean = validate(values)
         password = clean.pop("password")
         now = self.now()
@@ -291,10 +342,11 @@ class Accounts:
 
         def txn(conn: Connection) -> Account:
             # The user's row is locked first, so that concurrent creates for one user count
-            # one after another (under PostgreSQL's READ COMMITTED each would count the same
-            # rows and all insert; SQLite serialises writers and ignores FOR UPDATE).
-            conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+            # (and look for the mailbox) one after another.
+            _lock_user(conn, user_id)
             thd_check_room(conn, user_id, limit)
+            if one_per_mailbox:
+                thd_same_mailbox(conn, user_id, clean)
             account_id = new_id(conn.execute(insert(fetch_accounts).values(**clean)))
             return thd_get_account(conn, user_id, account_id)
 
@@ -305,16 +357,38 @@ class Accounts:
         with work to do before `create` (a login to check), which checks again."""
         await self.db.read("fetch_account_room", thd_check_room, user_id, self.max_per_user)
 
+    async def mailbox_taken(self, user_id: int, values: dict[str, Any],
+                            other_than: int | None = None) -> None:
+        """MailboxTaken when an account of `user_id` (but `other_than`) names the mailbox
+        of `values` (checked host, port, username): for a caller with work to do before
+        `create` or `update` (a login to check), which check again."""
+        await self.db.read("fetch_account_mailbox", thd_same_mailbox, user_id, values,
+                           other_than)
+
     async def update(self, user_id: int, account_id: int, **values: Any) -> Account:
         """Change some fields (a partial update, as the seed's PUT). A change of where or
         how the password is sent needs the password again (`check_password_given`); the
         check reads the stored account in the transaction that writes the change."""
+        return await self._update(user_id, account_id, values, one_per_mailbox=False)
+
+    async def update_one_per_mailbox(self, user_id: int, account_id: int,
+                                     **values: Any) -> Account:
+        """As `update`, and MailboxTaken when the change would make the account name the
+        mailbox of another account of the user (module docstring)."""
+        return await self._update(user_id, account_id, values, one_per_mailbox=True)
+
+    async def _update(self, user_id: int, account_id: int, values: dict[str, Any], *,
+                      one_per_mailbox: bool) -> Account:
         now = self.now()
         secrets = self.secrets
 
         def txn(conn: Connection) -> Account:
+            if one_per_mailbox:
+                _lock_user(conn, user_id)
             current = thd_get_account(conn, user_id, account_id)
             clean = validate(values, current.__dict__)
+            if one_per_mailbox and _moves_mailbox(clean, current):
+                thd_same_mailbox(conn, user_id, {**current.__dict__, **clean}, account_id)
             if "password" in clean:
                 clean["password_enc"] = secrets.encrypt(clean.pop("password"))
             clean["updated_at"] = now

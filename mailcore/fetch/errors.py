@@ -59,5 +59,17 @@ class AccountError(Exception):
         self.field = field
 
 
+class MailboxTaken(Exception):
+    """An account of the user already backs up that mailbox (host, port, user): account
+    `account_id` (`mailcore.fetch.accounts.thd_same_mailbox`)."""
+
+    def __init__(self, account_id: int, host: str, port: int, username: str) -> None:
+        self.message = (f"The mailbox of {username} on {host}:{port} is already backed up "
+                        f"as account {account_id}; change that account instead of adding "
+                        "the mailbox again (it would be backed up twice).")
+        super().__init__(self.message)
+        self.account_id = account_id
+
+
 class AccountNotFound(AccountError):
     """No such account for this user."""

@@ -130,8 +130,10 @@ class LiveApi:
         return response.code, json.loads(raw) if kind.startswith(b"application/json") else raw
 
 
-async def live_api(test: Any, sections: dict[str, dict[str, Any]]) -> LiveApi:
-    """Core + site on the trial reactor, torn down with `test`."""
+async def live_api(test: Any, sections: dict[str, dict[str, Any]],
+                   backend: str = "sqlite") -> LiveApi:
+    """Core + site on the trial reactor (a threaded store of `backend`: sqlite or
+    postgresql), torn down with `test`."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -144,7 +146,7 @@ async def live_api(test: Any, sections: dict[str, dict[str, Any]]) -> LiveApi:
 
     reactor = get_reactor()
     data_dir = tempdir_for(test, "mailcore-imap2api-")
-    db = await open_database(test, "sqlite")
+    db = await open_database(test, backend)
     tables = {**sections, "fetch": fetch_section(sections)}
     core = Core.build(Config(data_dir=data_dir, sections=tables), db, reactor)
     test.addCleanup(core.cpu.stop)
