@@ -195,7 +195,7 @@ class Core:
         self.webhooks = build_webhooks(
             self.config.section("webhooks"), self.db, self.clock, self.fetch.secrets
         )
-        self.fetch.engine.listeners.append(self.webhooks.on_sync)
+        self.webhooks.attach(self.fetch.engine)
         self.job_runner, self.jobs = build_jobs(
             self.clock, self.db, self.fetch, self.backup.settings,
             node_id=queue_settings.node_id, registry=self.metrics, webhooks=self.webhooks,

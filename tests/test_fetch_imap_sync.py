@@ -7,18 +7,23 @@ bodies) plus a Trash folder the account excludes.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from typing import Any
 
+from sqlalchemy import Connection, select
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.accounts import INTERRUPTED
 from mailcore.fetch.engine import SyncResult
 from mailcore.fetch.imap import IMAPClient
+from mailcore.fetch.secrets import SecretBox
 from mailcore.messages.models import MessageQuery
 from mailcore.messages.parse import sha256_hex
+from mailcore.store.schema import messages, webhook_deliveries
+from mailcore.webhooks import Webhooks
 from tests.support.corpus import make_corpus
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.fetchenv import FetchEnv, expected, make_env, thread_of
@@ -234,6 +239,69 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         result = await env.engine.sync(account.id)
         self.assertEqual(result.status, "success", result.problems())
         self.assertEqual(await env.held(account.id), expected(server, user, SYNCED))
+
+    async def test_webhook_events_of_batches_committed_before_a_stop_are_told_once(
+            self) -> None:
+        """A sync stopped mid-way (a daemon's stop cancels it: no listener runs, as in a
+        crash) committed some batches: their e-mails are told (email.new) by the sweep, and
+        the rerun tells the rest and its sync.completed; each e-mail once. The old code
+        told nothing of the stopped sync, and the rerun did not see its e-mails as new."""
+        server, user, env = await self.setup(batch_messages=25)
+        account = await env.imap_account(server, user)
+        hooks = Webhooks(env.db, get_reactor(), SecretBox(env.key.encode("ascii")))
+        hooks.attach(env.engine)
+        await hooks.create(env.user_id, url="https://hooks.example.com/in",
+                           events=["email.new", "sync.completed"])
+        original = env.store.store_batch
+        calls = [0]
+        running: list[defer.Deferred[SyncResult]] = []
+
+        async def store_then_cancel(where: Any, fetched: Any, **kw: Any) -> Any:
+            result = await original(where, fetched, **kw)
+            calls[0] += 1
+            if calls[0] == 5:
+                get_reactor().callLater(0, running[0].cancel)
+            return result
+
+        env.store.store_batch = store_then_cancel  # type: ignore[method-assign]
+        running.append(env.engine.sync(account.id))
+        with self.assertRaises(defer.CancelledError):
+            await running[0]
+        env.store.store_batch = original  # type: ignore[method-assign]
+        await hooks.settle()
+        stored = await self.message_ids(env, account.id)
+        self.assertTrue(0 < len(stored) < 500)
+        self.assertEqual(await self.told(env), [])
+        self.assertGreater(await hooks.tell_left(), 0)
+        told = await self.told(env)
+        self.assertEqual({event for event, _ in told}, {"email.new"})
+        self.assertEqual(sorted(e["id"] for _, data in told for e in data["emails"]), stored)
+
+        rerun = await env.engine.sync(account.id)
+        self.assertEqual(rerun.status, "success", rerun.problems())
+        await hooks.settle()
+        self.assertEqual(await hooks.tell_left(), 0)
+        told = await self.told(env)
+        everything = await self.message_ids(env, account.id)
+        self.assertEqual(len(everything), 500)
+        self.assertEqual(sorted(e["id"] for event, data in told if event == "email.new"
+                                for e in data["emails"]), everything)
+        [completed] = [data for event, data in told if event == "sync.completed"]
+        self.assertEqual(completed["new_messages"], 500 - len(stored))
+
+    async def message_ids(self, env: FetchEnv, account_id: int) -> list[int]:
+        def txn(conn: Connection) -> list[int]:
+            return sorted(conn.execute(select(messages.c.id).where(
+                messages.c.account_id == account_id)).scalars())
+
+        return await env.db.read("test_message_ids", txn)
+
+    async def told(self, env: FetchEnv) -> list[tuple[str, Any]]:
+        def txn(conn: Connection) -> list[tuple[str, Any]]:
+            return [(r.event, json.loads(r.payload)["data"]) for r in conn.execute(
+                select(webhook_deliveries).order_by(webhook_deliveries.c.id))]
+
+        return await env.db.read("test_told", txn)
 
     async def test_connection_dropped_mid_fetch_then_rerun_gives_exact_set(self) -> None:
         server, user, env = await self.setup(batch_messages=30)

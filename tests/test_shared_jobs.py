@@ -16,6 +16,7 @@ nodes), the database clock the nodes' leases are judged by `tests.test_store_dbc
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ from mailcore.gateway.quarantine import (
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
 from mailcore.mailapi.mail import MailFilesSweeper
 from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
+from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.store import MessageStore
 from mailcore.queue.spool import Withdrawn
 from mailcore.safedrop.model import SafedropSettings
@@ -67,11 +69,12 @@ from mailcore.store.schema import (
 )
 from mailcore.store.schema.mailapi import OUTBOX, SENT
 from mailcore.webhooks import Webhooks, WebhookSender, WebhookSettings
+from mailcore.webhooks.events import account_scope, thd_record_batch, thd_record_outcome
 from mailcore.webhooks.store import thd_claim_due as thd_claim_due_webhooks
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
-from tests.support.imap2api import Receiver
+from tests.support.imap2api import Receiver, mail
 from tests.support.mailsink import thd_add_domain
 
 START = 1_800_000_000.0
@@ -605,6 +608,50 @@ class SharedJobsMixin(DatabaseMixin):
             sender._last_prune = float("-inf")
         await gather(senders[0]._prune(), senders[1]._prune())
         self.assertEqual(await a.read("states", states), [])
+
+    async def test_each_pending_sync_event_is_told_by_one_node(self) -> None:
+        """Twenty syncs' events pending (e-mails each sync committed, and its outcome): both
+        nodes' sweeps and both nodes' end-of-sync tells at once write each event's delivery
+        once (a sync's events are told by whichever transaction takes them first)."""
+        a, b = await self.two_stores()
+        clock = Clock()
+        clock.advance(START)
+        box = SecretBox(Fernet.generate_key())
+        services = [Webhooks(db, clock, box) for db in (a, b)]
+        owner = await a.run("owner", thd_make_user, "owner")
+        await services[0].create(owner, url="https://hooks.example.com/in",
+                                 events=["sync.completed", "email.new"])
+        store = MessageStore(a, CpuPool.for_tests(), clock)
+        ids = (await store.store_batch(
+            Location(user_id=owner, account_id=None, folder_id=None, folder="INBOX"),
+            [FetchedMessage(raw=mail(i)) for i in range(240)])).created
+        now = datetime.datetime.fromtimestamp(START, datetime.UTC)
+        for n in range(20):
+            result = SyncResult(account_id=n + 1, user_id=owner, started_at=now,
+                                finished_at=now, status="success", new_messages=12)
+
+            def txn(conn: Connection, n: int = n, result: SyncResult = result) -> None:
+                thd_record_batch(conn, owner, n + 1, ids[n * 12:n * 12 + 6], [], START)
+                thd_record_batch(conn, owner, n + 1, ids[n * 12 + 6:n * 12 + 12], [], START)
+                thd_record_outcome(conn, result, START)
+
+            await (a, b)[n % 2].run("record", txn)
+        await gather(*(service.tell_left() for service in services),
+                     *(service.tell(account_scope(n)) for n in range(1, 21)
+                       for service in services))
+
+        def told(conn: Connection) -> list[tuple[str, Any]]:
+            return [(r.event, json.loads(r.payload)["data"]) for r in conn.execute(
+                select(webhook_deliveries.c.event, webhook_deliveries.c.payload))]
+
+        rows = await a.read("told", told)
+        emails = [e["id"] for event, data in rows if event == "email.new"
+                  for e in data["emails"]]
+        self.assertEqual(sorted(emails), sorted(ids))
+        completed = sorted(data["imap_server"] for event, data in rows
+                           if event == "sync.completed")
+        self.assertEqual(completed, list(range(1, 21)))
+        self.assertEqual(await gather(*(service.tell_left() for service in services)), [0, 0])
 
     async def test_a_node_whose_delivery_lease_lapsed_does_not_overwrite_the_new_outcome(
             self) -> None:

@@ -10,24 +10,28 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import update
+from sqlalchemy import Connection, func, select, update
+from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
 from mailcore.fetch.engine import SyncResult
-from mailcore.store.schema import webhook_deliveries
+from mailcore.messages.models import FetchedMessage, Location
+from mailcore.store.schema import webhook_deliveries, webhook_events
 from mailcore.webhooks import (
     AddressPolicy,
     WebhookError,
     WebhookSender,
     WebhookSettings,
+    build_webhooks,
     iso,
     sign,
     verify_signature,
 )
+from mailcore.webhooks.events import SWEEP_INTERVAL
 from tests.support.imap2api import Client, Receiver, client, config, mail, store
 from tests.support.web import Web
 
@@ -186,6 +190,37 @@ class Setup:
     async def log(self, webhook_id: int) -> list[Any]:
         return list((await self.webhooks.deliveries(self.alice.user.id, webhook_id)).items)
 
+    async def synced(self, batches: list[list[bytes]]) -> SyncResult:
+        """What a sync of a new account of alice's commits: each batch stored in a
+        transaction that also runs the engine's recorders, then its outcome recorded with
+        them. Its listeners are not called: the test does (or, for a crash, does not)."""
+        core = self.web.core
+        engine = core.fetch.engine
+        account = await core.fetch.accounts.create(
+            self.alice.user.id, host="127.0.0.1", port=143, username="u", password="pw",
+            allow_cleartext=True)
+        where = Location(user_id=self.alice.user.id, account_id=account.id, folder_id=None,
+                         folder="INBOX")
+        result = self.result(account.id)
+        for raws in batches:
+            stored = await core.messages.store_batch(
+                where, [FetchedMessage(raw=r) for r in raws], also=engine._record(where))
+            result.new_messages += len(stored.created)
+            result.new_message_ids.extend(stored.created)
+            result.thread_ids.update(stored.thread_ids)
+        assert await core.fetch.accounts.set_status(
+            account.id, also=engine._record_outcome(result), sync_status="success")
+        return result
+
+    async def told(self) -> list[tuple[str, Any]]:
+        """(event, data) of every delivery row, oldest first."""
+
+        def txn(conn: Connection) -> list[tuple[str, Any]]:
+            return [(r.event, json.loads(r.payload)["data"]) for r in conn.execute(
+                select(webhook_deliveries).order_by(webhook_deliveries.c.id))]
+
+        return await self.web.core.db.read("told", txn)
+
 
 class SenderTestCase(TestCase):
     async def setup(self, **settings: Any) -> Setup:
@@ -209,12 +244,14 @@ class EnqueueTests(SenderTestCase):
         bob = await client(s.web, "bob")
         bobs, _ = await s.webhooks.create(bob.user.id, url=HOOK)
         raws = [mail(i, reply_to=i - 1 if i % 3 else None) for i in range(150)]
-        ids = await store(s.web, uid, raws)
+        # Three batches: a thread (48, 49, 50) spans two of them and is told once.
+        result = await s.synced([raws[:50], raws[50:100], raws[100:]])
+        ids = result.new_message_ids
         details = [await s.web.core.messages.get_message(uid, i) for i in ids]
         threads = {d.summary.thread_id for d in details if d.summary.thread_id is not None}
         self.assertEqual(len(threads), 50)
+        self.assertEqual(result.thread_ids, threads)
 
-        result = s.result(None, new_messages=150, new_message_ids=ids, thread_ids=threads)
         for listener in s.web.core.fetch.engine.listeners:
             self.assertIsNone(listener(result))
         await s.webhooks.settle()
@@ -248,9 +285,9 @@ class EnqueueTests(SenderTestCase):
 
     async def test_a_webhook_deleted_while_a_sync_is_queued_costs_no_other_its_events(
             self) -> None:
-        # The subscribers are read once, then each batch is written in a transaction of
-        # its own: a webhook deleted in between made the next insert fail on its foreign key,
-        # and the user's other webhooks lost that batch and every one after it.
+        # Each delivery's events are told in a transaction of their own: a webhook deleted
+        # in between (once made the next insert fail on its foreign key, and the user's
+        # other webhooks lost that batch and every one after it) gets no more rows.
         s = await self.setup()
         s.sender.stopService()
         uid = s.alice.user.id
@@ -262,7 +299,7 @@ class EnqueueTests(SenderTestCase):
         deleted: list[int] = []
 
         def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            if name == "enqueue_email_webhooks" and not deleted:
+            if name == "tell_webhook_events" and not deleted:
                 deleted.append(gone.id)
                 self.successResultOf(Deferred.fromCoroutine(s.webhooks.delete(uid, gone.id)))
             return write(name, *args, **kwargs)
@@ -285,6 +322,93 @@ class EnqueueTests(SenderTestCase):
         data = json.loads(body)["data"]
         self.assertEqual((data["imap_server"], data["status"], data["error"]),
                          (7, "error", "login refused"))
+
+
+class DurableEventsTests(SenderTestCase):
+    """A sync's events are recorded in the transactions that commit what they describe, and
+    told at least once: what a crash or a store error left after the commit is told by the
+    sender's sweep, once."""
+
+    async def test_events_a_crash_left_after_the_syncs_commit_are_told_once_at_restart(
+            self) -> None:
+        s = await self.setup()
+        uid = s.alice.user.id
+        hook, _ = await s.webhooks.create(uid, url=HOOK)
+        raws = [mail(i, reply_to=i - 1 if i % 3 else None) for i in range(120)]
+        result = await s.synced([raws[:60], raws[60:]])
+        # The process dies here: its outcome is committed, its listeners never run (the
+        # old code wrote the deliveries only there, so they were lost for good).
+        await s.sender.stopService()
+        self.assertEqual(await s.told(), [])
+        # The restart: a new service and sender on the same store; the first sweep tells.
+        again = build_webhooks({"poll_interval": 1}, s.web.core.db, s.web.clock,
+                               s.web.core.fetch.secrets, http=StubTreq(s.receiver))
+        assert again.sender is not None
+        again.sender.startService()
+        self.addCleanup(again.sender.stopService)
+        s.web.clock.advance(0)
+        told = await s.told()
+        self.assertEqual([event for event, _ in told],
+                         ["email.new", "thread.updated", "email.new", "sync.completed"])
+        emails = [e["id"] for event, data in told if event == "email.new"
+                  for e in data["emails"]]
+        self.assertEqual(sorted(emails), sorted(result.new_message_ids))
+        [threads] = [data["threads"] for event, data in told if event == "thread.updated"]
+        self.assertEqual(len(threads), 40)
+        [completed] = [data for event, data in told if event == "sync.completed"]
+        self.assertEqual((completed["imap_server"], completed["new_messages"]),
+                         (result.account_id, 120))
+        self.assertEqual(len(s.receiver.received), 4)
+        # Later sweeps, and the listener had it run after all, tell nothing twice.
+        s.webhooks.on_sync(result)
+        await s.webhooks.settle()
+        for _ in range(3):
+            s.web.clock.advance(SWEEP_INTERVAL)
+        self.assertEqual(len(await s.told()), 4)
+        self.assertEqual(len(s.receiver.received), 4)
+        self.assertEqual({d.status for d in await s.log(hook.id)}, {"success"})
+
+    async def test_a_store_error_while_telling_leaves_the_events_to_the_sweep(self) -> None:
+        s = await self.setup()
+        await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed",
+                                                                    "email.new"])
+        result = await s.synced([[mail(i) for i in range(3)]])
+        db = s.web.core.db
+        write = db.run
+        failed: list[str] = []
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == "tell_webhook_events" and not failed:
+                failed.append(name)
+                return fail(OperationalError("INSERT", {}, Exception("disk I/O error")))
+            return write(name, *args, **kwargs)
+
+        self.patch(db, "run", run)
+        for listener in s.web.core.fetch.engine.listeners:
+            listener(result)
+        await s.webhooks.settle()
+        self.flushLoggedErrors(OperationalError)
+        self.assertEqual((failed, await s.told()), (["tell_webhook_events"], []))
+        s.web.clock.advance(SWEEP_INTERVAL)
+        told = await s.told()
+        self.assertEqual([event for event, _ in told], ["email.new", "sync.completed"])
+        self.assertEqual([e["id"] for e in told[0][1]["emails"]], result.new_message_ids)
+        s.web.clock.advance(SWEEP_INTERVAL)
+        self.assertEqual(len(await s.told()), 2)
+        self.assertEqual(len(s.receiver.received), 2)
+
+    async def test_a_user_without_webhooks_gets_no_pending_event(self) -> None:
+        s = await self.setup()
+        await s.synced([[mail(i) for i in range(5)]])
+
+        def pending(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(webhook_events)).scalar()
+                       or 0)
+
+        self.assertEqual(await s.web.core.db.read("pending", pending), 0)
+        await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
+        await s.synced([[mail(i, tag="n") for i in range(5)]])
+        self.assertEqual(await s.web.core.db.read("pending", pending), 1)
 
 
 class DeliveryTests(SenderTestCase):
@@ -480,9 +604,9 @@ class DeliveryTests(SenderTestCase):
     async def test_a_dead_receiver_never_delays_the_sync_listener(self) -> None:
         s = await self.setup(timeout=10)
         s.receiver.hang = True
-        await s.webhooks.create(s.alice.user.id, url=HOOK)
-        ids = await store(s.web, s.alice.user.id, [mail(1)])
-        result = s.result(1, new_messages=1, new_message_ids=ids)
+        await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed",
+                                                                    "email.new"])
+        result = await s.synced([[mail(1)]])
         for listener in s.web.core.fetch.engine.listeners:
             self.assertIsNone(listener(result))  # returns at once, nothing to wait for
         await s.webhooks.settle()

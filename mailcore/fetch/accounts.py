@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -487,11 +488,13 @@ class Accounts:
         return int(owner)
 
     async def set_status(self, account_id: int, *, holder: str | None = None,
+                         also: Callable[[Connection], None] | None = None,
                          **values: Any) -> bool:
         """Record sync status/progress fields (sync_status, sync_error, progress_*, ...);
         with `holder`, only while that node holds the account's sync lease (a sync ending on
         a node that stalled past its lease leaves the outcome of the node that took it
-        over). Whether they were recorded."""
+        over). `also` runs in the same transaction when they are recorded. Whether they
+        were recorded."""
         allowed = {"sync_status", "sync_error", "sync_started_at", "last_sync",
                    "progress_folder", "progress_done", "progress_total"}
         unknown = set(values) - allowed
@@ -502,7 +505,10 @@ class Accounts:
             stmt = update(fetch_accounts).where(fetch_accounts.c.id == account_id)
             if holder is not None:
                 stmt = stmt.where(fetch_accounts.c.lease_owner == holder)
-            return bool(conn.execute(stmt.values(**values)).rowcount)
+            recorded = bool(conn.execute(stmt.values(**values)).rowcount)
+            if recorded and also is not None:
+                also(conn)
+            return recorded
 
         return bool(await self.db.run("set_fetch_status", txn))
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
@@ -75,7 +76,7 @@ from mailcore.fetch.state import (
     thd_upsert_folders,
 )
 from mailcore.fetch.tls import client_tls
-from mailcore.messages.models import FetchedMessage, Location
+from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from mailcore.messages.parse import ParsedMessage, parse_messages
 from mailcore.messages.store import MessageStore
 from mailcore.store import Database
@@ -109,6 +110,18 @@ MAX_OVERSIZED_RESTARTS = 20
 # at most this long.
 SYNC_LEASE = 300.0
 BUSY = "busy"
+
+
+class SyncRecorder(Protocol):
+    """Told, inside a sync's own transactions, what each commits (`SyncEngine.recorders`):
+    so that what it records is durable with the data it describes (the webhooks' pending
+    events, `mailcore.webhooks.events`), whatever becomes of the process after the commit.
+    Both run on the store's pool and may not block on anything but the transaction."""
+
+    def thd_batch(self, conn: Connection, where: Location, stored: StoreResult,
+                  now: float) -> None: ...
+
+    def thd_outcome(self, conn: Connection, result: SyncResult, now: float) -> None: ...
 
 
 class TLSFactory(Protocol):
@@ -298,7 +311,10 @@ class SyncEngine:
         self._limit = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._running: dict[int, defer.Deferred[SyncResult]] = {}
         self._waiters: dict[int, list[defer.Deferred[SyncResult]]] = {}
+        # Called once a sync's outcome is committed (not for a cancelled sync); what must
+        # not be lost if the process dies before they run is written by `recorders`.
         self.listeners: list[Callable[[SyncResult], object]] = []
+        self.recorders: list[SyncRecorder] = []
         # Accounts whose sync lease this node holds, and the timer that renews them.
         self._leased: set[int] = set()
         self._renewal: task.LoopingCall | None = None
@@ -474,7 +490,10 @@ class SyncEngine:
         }
         if result.ok:
             status["last_sync"] = result.finished_at
-        held = await self.accounts.set_status(account.id, holder=self.node_id, **status)
+        # A cancelled sync (a stop) tells no outcome, as before; its batches' are recorded.
+        held = await self.accounts.set_status(
+            account.id, holder=self.node_id,
+            also=None if cancelled else self._record_outcome(result), **status)
         if cancelled:
             raise defer.CancelledError()
         if not held and await self._deleted(account.id):
@@ -503,6 +522,30 @@ class SyncEngine:
         except Exception:
             return False
         return False
+
+    def _record(self, where: Location) -> Callable[[Connection, StoreResult], None] | None:
+        """What a batch's transaction runs after storing it: the recorders (none: nothing)."""
+        if not self.recorders:
+            return None
+        recorders, now = list(self.recorders), self.reactor.seconds()
+
+        def record(conn: Connection, stored: StoreResult) -> None:
+            for recorder in recorders:
+                recorder.thd_batch(conn, where, stored, now)
+
+        return record
+
+    def _record_outcome(self, result: SyncResult) -> Callable[[Connection], None] | None:
+        """What the transaction recording a sync's outcome runs: the recorders."""
+        if not self.recorders:
+            return None
+        recorders, now = list(self.recorders), self.reactor.seconds()
+
+        def record(conn: Connection) -> None:
+            for recorder in recorders:
+                recorder.thd_outcome(conn, result, now)
+
+        return record
 
     def _spec(self, account: Account, password: str) -> ServerSpec:
         return ServerSpec(
@@ -803,7 +846,8 @@ class SyncEngine:
                 # Durable once the folder state is saved after the last batch (a FULL
                 # commit fsyncs the WAL with every batch before it).
                 stored = await self.store.store_batch(where, fetched, rescan=rescan,
-                                                      parsed=parsed, relaxed=True)
+                                                      parsed=parsed, relaxed=True,
+                                                      also=self._record(where))
                 folder_result.new += len(stored.created)
                 folder_result.relinked += stored.relinked
                 result.new_messages += len(stored.created)
@@ -1030,7 +1074,8 @@ class SyncEngine:
             batch, fetched, batch_bytes = fetched, [], 0
             if since is not None:
                 batch = await self._within(batch, since)
-            stored = await self.store.store_batch(where, batch, relaxed=True)
+            stored = await self.store.store_batch(where, batch, relaxed=True,
+                                                  also=self._record(where))
             folder_result.new += len(stored.created)
             result.new_messages += len(stored.created)
             result.new_message_ids.extend(stored.created)

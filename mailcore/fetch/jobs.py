@@ -61,10 +61,9 @@ from mailcore.store.schema import (
     mailbox_job_items,
     mailbox_jobs,
     users,
-    webhooks,
 )
 from mailcore.webhooks.payload import iso
-from mailcore.webhooks.store import _Subscriber, thd_enqueue
+from mailcore.webhooks.store import thd_enqueue, thd_subscribers
 
 log = Logger()
 
@@ -323,16 +322,6 @@ def thd_counts(conn: Connection) -> dict[tuple[str, str], int]:
     return {(k, s): int(n) for k, s, n in rows}
 
 
-def _subscribers(conn: Connection, user_id: int) -> list[_Subscriber]:
-    return [
-        _Subscriber(r.id, tuple(e for e in r.events.split(",") if e))
-        for r in conn.execute(
-            select(webhooks.c.id, webhooks.c.events)
-            .where(webhooks.c.user_id == user_id, webhooks.c.active.is_(True))
-        )
-    ]
-
-
 def event_data(job: Job) -> dict[str, Any]:
     """The `data` of a job's webhook event."""
     data: dict[str, Any] = {
@@ -362,7 +351,7 @@ def thd_finish(conn: Connection, job_id: int, status: str, reason: str | None,
         return -1
     job = thd_get_job(conn, job_id)
     assert job is not None
-    subscribers = _subscribers(conn, job.user_id)
+    subscribers = thd_subscribers(conn, job.user_id)
     if not subscribers:
         return 0
     return thd_enqueue(conn, job.user_id, JOB_EVENTS[job.kind], [event_data(job)], subscribers,

@@ -1231,20 +1231,29 @@ class MessageStore:
     async def store_batch(
         self, where: Location, fetched: Sequence[FetchedMessage], *, rescan: bool = False,
         parsed: Sequence[ParsedMessage] | None = None, relaxed: bool = False,
+        also: Callable[[Connection, StoreResult], None] | None = None,
     ) -> StoreResult:
         """Parse (unless `parsed` holds the parse of each message already) and store one
         batch atomically; a rerun of the same batch stores nothing. `relaxed`: committed
         without an fsync of its own (`Database.run_relaxed`), for a caller whose own later
-        commit makes it durable before anything is acknowledged (a sync's folder state)."""
+        commit makes it durable before anything is acknowledged (a sync's folder state).
+        `also` runs in the same transaction with what was stored (a sync's recorders)."""
         if not fetched:
             return StoreResult()
         if parsed is None:
             parsed = await self.parse([f.raw for f in fetched])
         run = self.db.run_relaxed if relaxed else self.db.run
-        return await run(
-            "store_message_batch", thd_store_batch, where, list(zip(fetched, parsed, strict=True)),
-            self.now(), rescan,
-        )
+        items = list(zip(fetched, parsed, strict=True))
+        if also is None:
+            return await run("store_message_batch", thd_store_batch, where, items, self.now(),
+                             rescan)
+
+        def txn(conn: Connection, now: datetime.datetime) -> StoreResult:
+            stored = thd_store_batch(conn, where, items, now, rescan)
+            also(conn, stored)
+            return stored
+
+        return await run("store_message_batch", txn, self.now())
 
     async def add_message(
         self, user_id: int, raw: bytes, *, folder: str = "INBOX",

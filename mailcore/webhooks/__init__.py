@@ -2,8 +2,8 @@
 
 One module per job: `model` (what a webhook and a delivery are), `settings` (the
 `[webhooks]` table and where deliveries may go), `signing`, `payload` (event data shapes),
-`store` (the SQL), `service` (the user-facing operations), `client` (the guarded HTTP
-client) and `sender` (the background sender).
+`store` (the SQL), `events` (a sync's pending events), `service` (the user-facing
+operations), `client` (the guarded HTTP client) and `sender` (the background sender).
 
 Events (seed 001 lists the first three: "email sync completion, new email arrival, thread
 updates"; the last two are Dropmyemail's jobs):
@@ -11,7 +11,8 @@ updates"; the last two are Dropmyemail's jobs):
 - `sync.completed`: every finished sync of an account, success or error. `data`:
   `imap_server`, `status`, `error`, `new_messages`, `started_at`, `finished_at`.
 - `email.new`: a sync stored new e-mails. `data`: `imap_server` and `emails`, up to 100
-  e-mails as the emails list shows them (a bigger sync sends several deliveries).
+  e-mails as the emails list shows them (a bigger sync sends several deliveries; a sync
+  stopped or cut short mid-way tells those it stored).
 - `thread.updated`: a sync added e-mails to threads. `data`: `imap_server` and `threads`,
   up to 100 of `{thread_id, thread_count, latest_email}`.
 - `migrate.completed`, `restore.completed`: a Dropmyemail migrate or restore ended (done or
@@ -41,8 +42,14 @@ drops duplicates by the body's `id`, or checks that the header equals it
 delivery replayed within the timestamp's tolerance under another `X-Mailcore-Delivery`
 would pass as new.
 
-Deliveries are durable: the sync engine's listener only writes delivery rows (it never waits
-for a receiver), and the background `WebhookSender` posts them, at most `concurrency` at
+Events are durable with what they describe: a sync records its email.new and thread.updated
+in the transaction that stores each batch and its sync.completed in the one that records its
+outcome (`events`; only for a user with an active webhook that wants them), and they are
+turned into delivery rows once, when the sync ends, or by the sender's sweep (at its start
+and every minute) for what a crash, a store error or a stop left: at least once, normally
+exactly once, whatever the nodes. Deliveries are durable: the sync engine's listener only
+writes delivery rows (it never waits for a receiver), and the background `WebhookSender`
+posts them, at most `concurrency` at
 once (and `per_webhook` to any one webhook, so a dead receiver cannot hold up the others,
 and `per_user` to one user's webhooks, so one user's backlog cannot hold up other users),
 each bounded by `timeout` and by what it reads (a connection that receives more than about

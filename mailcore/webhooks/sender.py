@@ -27,6 +27,7 @@ from mailcore.webhooks.client import (
     _Snippet,
     guarded_http_client,
 )
+from mailcore.webhooks.events import SWEEP_INTERVAL
 from mailcore.webhooks.model import WebhookError
 from mailcore.webhooks.service import Webhooks
 from mailcore.webhooks.signing import (
@@ -65,7 +66,9 @@ class Outcome:
 
 class WebhookSender(Service):
     """Posts due deliveries in the background: a sweep every `poll_interval` (and at once
-    when events are queued), at most `concurrency` attempts at a time, each bounded."""
+    when events are queued), at most `concurrency` attempts at a time, each bounded. The
+    sweep also tells the sync events left pending (`Webhooks.tell_left`), at its start and
+    every `SWEEP_INTERVAL` seconds."""
 
     name = "webhooks"
 
@@ -84,6 +87,7 @@ class WebhookSender(Service):
         # delivery id -> (webhook id, user id, the attempt)
         self._in_flight: dict[int, tuple[int, int, Deferred[None]]] = {}
         self._last_prune = float("-inf")
+        self._last_told = float("-inf")
         webhooks_service.sender = self
 
     @property
@@ -151,6 +155,7 @@ class WebhookSender(Service):
         started = 0
         self._sweeping = Deferred()
         try:
+            await self._tell_left()
             while True:
                 self._again = False
                 room = self.settings.concurrency - len(self._in_flight)
@@ -176,6 +181,18 @@ class WebhookSender(Service):
             sweeping, self._sweeping = self._sweeping, None
             sweeping.callback(started)
         return started
+
+    async def _tell_left(self) -> None:
+        # The events a crash, a store error or a stop left pending: at the first sweep (the
+        # start) and every SWEEP_INTERVAL after. A failure leaves them to the next one.
+        now = self.clock.seconds()
+        if now - self._last_told < SWEEP_INTERVAL:
+            return
+        self._last_told = now
+        try:
+            await self.webhooks.tell_left()
+        except Exception:
+            log_failure(log, "telling pending webhook events failed")
 
     async def _prune(self) -> None:
         # Every node prunes: an idempotent DELETE of old finished rows (no lease needed).

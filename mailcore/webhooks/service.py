@@ -1,12 +1,12 @@
 """The webhook service: a user's webhooks (create, change, list, delete), the delivery log, and
-the delivery rows written when a sync finishes."""
+a sync's events: recorded as it commits, turned into delivery rows (`mailcore.webhooks.events`)."""
 
 from __future__ import annotations
 
 import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -15,15 +15,22 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.engine import SyncEngine, SyncResult
 from mailcore.fetch.secrets import SecretBox
-from mailcore.messages.models import Page
+from mailcore.messages.models import Location, Page, StoreResult
 from mailcore.messages.sql import new_id
-from mailcore.messages.store import thd_get_messages
+from mailcore.outages import log_failure
 from mailcore.store import Database
 from mailcore.store.schema import users, webhook_deliveries, webhooks
+from mailcore.webhooks.events import (
+    account_scope,
+    thd_any_pending,
+    thd_not_syncing,
+    thd_record_batch,
+    thd_record_outcome,
+    thd_tell,
+)
 from mailcore.webhooks.model import (
-    BATCH,
     EVENTS,
     STATUSES,
     Delivery,
@@ -35,16 +42,9 @@ from mailcore.webhooks.model import (
     check_events,
     check_secret,
 )
-from mailcore.webhooks.payload import email_json, iso
 from mailcore.webhooks.settings import AddressPolicy, WebhookSettings
 from mailcore.webhooks.signing import new_secret
-from mailcore.webhooks.store import (
-    _Build,
-    _Subscriber,
-    _thread_entries,
-    thd_enqueue,
-    thd_get_webhook,
-)
+from mailcore.webhooks.store import thd_get_webhook
 
 if TYPE_CHECKING:
     from mailcore.webhooks.sender import WebhookSender
@@ -65,6 +65,7 @@ class Webhooks:
         self.settings = settings or WebhookSettings()
         self.policy = AddressPolicy(self.settings)
         self.sender: WebhookSender | None = None
+        self.engine: SyncEngine | None = None  # the syncs it is told of (`attach`)
         self._enqueues: set[Deferred[Any]] = set()
 
     def now(self) -> datetime.datetime:
@@ -195,17 +196,38 @@ class Webhooks:
 
     # -- events --------------------------------------------------------------------------
 
+    def attach(self, engine: SyncEngine) -> None:
+        """Be told of `engine`'s syncs: each batch's new e-mails and threads and each outcome
+        recorded as pending events in the sync's own transactions (`thd_batch`,
+        `thd_outcome`), told when the sync ends (`on_sync`) or, if that is cut short, by
+        the sender's sweep (`tell_left`)."""
+        self.engine = engine
+        engine.recorders.append(self)
+        engine.listeners.append(self.on_sync)
+
+    def thd_batch(self, conn: Connection, where: Location, stored: StoreResult,
+                  now: float) -> None:
+        """Blocking, in a sync's batch transaction: its pending email.new/thread.updated."""
+        if where.account_id is not None:
+            thd_record_batch(conn, where.user_id, where.account_id, stored.created,
+                             stored.thread_ids, now)
+
+    def thd_outcome(self, conn: Connection, result: SyncResult, now: float) -> None:
+        """Blocking, in the transaction recording a sync's outcome: its sync.completed."""
+        thd_record_outcome(conn, result, now)
+
     def on_sync(self, result: SyncResult) -> None:
-        """The sync engine's listener: queue the events of a finished sync, without waiting
-        (the sync has already recorded its result; a receiver never delays it)."""
-        d = Deferred.fromCoroutine(self.enqueue_sync(result))
+        """The sync engine's listener: tell the events the sync recorded, without waiting
+        (the sync has already recorded its result; a receiver never delays it). What a
+        failure here leaves pending, the sender's sweep tells."""
+        d = Deferred.fromCoroutine(self.tell(account_scope(result.account_id)))
         self._enqueues.add(d)
 
         def done(outcome: Any) -> None:
             self._enqueues.discard(d)
             if isinstance(outcome, Failure):
-                log.failure("queueing webhooks of account {account} failed", outcome,
-                            account=result.account_id)
+                log_failure(log, "queueing webhooks of account {account} failed "
+                            "(the sweep tries again)", outcome, account=result.account_id)
 
         d.addBoth(done)
 
@@ -215,69 +237,41 @@ class Webhooks:
             await defer.DeferredList(list(self._enqueues), consumeErrors=True)
 
     async def enqueue_sync(self, result: SyncResult) -> int:
-        """Write the deliveries a sync result causes; returns how many rows."""
-        user_id = result.user_id
-
-        def subscribers_txn(conn: Connection) -> list[_Subscriber]:
-            return [
-                _Subscriber(r.id, tuple(e for e in r.events.split(",") if e))
-                for r in conn.execute(
-                    select(webhooks.c.id, webhooks.c.events)
-                    .where(webhooks.c.user_id == user_id, webhooks.c.active.is_(True))
-                )
-            ]
-
-        subscribers = await self.db.read("webhook_subscribers", subscribers_txn)
-        if not subscribers:
-            return 0
-        wanted = {e for s in subscribers for e in s.events}
-        created = self.now()
+        """Record the events of a sync result the engine did not record (a sync run without
+        `attach`) in one transaction, as a sync's recorders do, and tell them; returns how
+        many delivery rows were written."""
         now = self.clock.seconds()
-        account = result.account_id
+
+        def txn(conn: Connection) -> None:
+            thd_record_batch(conn, result.user_id, result.account_id, result.new_message_ids,
+                             result.thread_ids, now)
+            thd_record_outcome(conn, result, now)
+
+        await self.db.run("record_webhook_events", txn)
+        return await self.tell(account_scope(result.account_id))
+
+    async def tell_left(self) -> int:
+        """Tell the pending events no running sync will tell at its end: those a crash, a
+        store error or a stop left, and a dead node's (once its lease lapsed)."""
+        engine = self.engine
+        if engine is None:
+            scope = thd_not_syncing(self.clock.seconds(), None, [])
+        else:  # judged by the clock the engine leases accounts with
+            scope = thd_not_syncing(engine.reactor.seconds(), engine.node_id, engine.running())
+        return await self.tell(scope)
+
+    async def tell(self, scope: ColumnElement[bool]) -> int:
+        """Turn the pending events in `scope` into delivery rows, one delivery's events a
+        transaction; returns how many rows were written."""
+        if not await self.db.read("webhook_events_pending", thd_any_pending, scope):
+            return 0
         total = 0
-        if "sync.completed" in wanted:
-            data = {
-                "imap_server": account, "status": result.status, "error": result.problems(),
-                "new_messages": result.new_messages, "started_at": iso(result.started_at),
-                "finished_at": iso(result.finished_at),
-            }
-            total += await self.db.run("enqueue_webhooks", thd_enqueue, user_id,
-                                       "sync.completed", [data], subscribers, created, now)
-
-        async def in_batches(name: str, event: str, ids: list[int], build: _Build) -> int:
-            """Queue `event` once per BATCH of `ids`, with the data `build` reads for them
-            in the same transaction (None: nothing of that batch to tell)."""
-            queued = 0
-            for start in range(0, len(ids), BATCH):
-                chunk = ids[start:start + BATCH]
-
-                def txn(conn: Connection, chunk: list[int] = chunk) -> int:
-                    data = build(conn, chunk)
-                    if data is None:
-                        return 0
-                    return thd_enqueue(conn, user_id, event, [data], subscribers, created, now)
-
-                queued += await self.db.run(name, txn)
-            return queued
-
-        def new_emails(conn: Connection, chunk: list[int]) -> dict[str, Any] | None:
-            found = thd_get_messages(conn, user_id, chunk)
+        while True:
+            written, found = await self.db.run("tell_webhook_events", thd_tell, scope,
+                                               self.now(), self.clock.seconds())
             if not found:
-                return None
-            return {"imap_server": account, "emails": [email_json(d.summary) for d in found]}
-
-        def updated_threads(conn: Connection, chunk: list[int]) -> dict[str, Any] | None:
-            entries = _thread_entries(conn, user_id, chunk)
-            if not entries:
-                return None
-            return {"imap_server": account, "threads": entries}
-
-        if "email.new" in wanted:
-            total += await in_batches("enqueue_email_webhooks", "email.new",
-                                      list(result.new_message_ids), new_emails)
-        if "thread.updated" in wanted:
-            total += await in_batches("enqueue_thread_webhooks", "thread.updated",
-                                      sorted(result.thread_ids), updated_threads)
+                break
+            total += written
         if total and self.sender is not None:
             self.sender.kick()
         return total

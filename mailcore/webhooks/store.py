@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,8 +178,15 @@ class _Subscriber:
     events: tuple[str, ...]
 
 
-# Reads, in a transaction, the event data of one batch of ids (None: nothing to tell).
-_Build = Callable[[Connection, list[int]], dict[str, Any] | None]
+def thd_subscribers(conn: Connection, user_id: int) -> list[_Subscriber]:
+    """The user's active webhooks and the events each wants."""
+    return [
+        _Subscriber(r.id, tuple(e for e in r.events.split(",") if e))
+        for r in conn.execute(
+            select(webhooks.c.id, webhooks.c.events)
+            .where(webhooks.c.user_id == user_id, webhooks.c.active.is_(True))
+        )
+    ]
 
 
 def thd_enqueue(

@@ -43,7 +43,7 @@ from mailcore.store.schema.queue import queue_messages, queue_recipients
 from mailcore.store.schema.rates import rate_buckets
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 from mailcore.store.schema.sends import api_sends
-from mailcore.store.schema.webhooks import webhook_deliveries, webhooks
+from mailcore.store.schema.webhooks import webhook_deliveries, webhook_events, webhooks
 
 __all__ = [
     "FTS_TABLES",
@@ -89,5 +89,6 @@ __all__ = [
     "token_usage",
     "users",
     "webhook_deliveries",
+    "webhook_events",
     "webhooks",
 ]

@@ -5,6 +5,9 @@ of the secret, never returned after creation). Each event for a webhook becomes 
 `webhook_deliveries` row, written when the event happens and then sent, retried and finally
 marked by the background sender; the row is the delivery log the API and the CLI show.
 Delivery times are epoch seconds (float) from the injected clock, as in the queue.
+`webhook_events` holds what a sync committed that its webhooks were not told yet (migration
+0059): written in the sync's own transactions, turned into delivery rows by a transaction
+that deletes them (`mailcore.webhooks.events`).
 """
 
 from __future__ import annotations
@@ -65,4 +68,22 @@ webhook_deliveries = Table(
     Column("completed_at", Float, nullable=True),
     Index("ix_webhook_deliveries_webhook_id", "webhook_id"),
     Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+)
+
+# A sync's pending events: one row per new e-mail ("email.new", `ref_id` its messages.id),
+# per thread it added to ("thread.updated", `ref_id` the thread's id; one per account until
+# told) and per finished sync ("sync.completed", `data` the event's JSON data). `account_id`
+# is no foreign key: an account deleted before its events were told leaves them to be told
+# (its e-mails and threads are gone with it, so only its sync.completed is).
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("account_id", Integer, nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("ref_id", Integer, nullable=True),
+    Column("data", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ux_webhook_events_ref", "account_id", "event", "ref_id", unique=True),
 )
