@@ -8,7 +8,7 @@ import json
 from typing import Any, cast
 from urllib.parse import quote, urlencode
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -315,6 +315,40 @@ class BatteryTests(Base):
         query = query_of(location)
         self.assertEqual((query["error"], query["state"]), ("access_denied", "xyz"))
         self.assertNotIn("code", query)
+
+    def after_consent(self, change: Any) -> None:
+        """Run `change` (a store transaction) each time the provider's consent check has
+        passed: what another request may do between the check and the Allow's transaction."""
+        oauth = self.web.core.oauth
+        checked = oauth.consent
+
+        async def consent(uri: str) -> Any:
+            found = await checked(uri)
+            await self.web.core.db.run("race", change)
+            return found
+
+        oauth.consent = consent  # type: ignore[method-assign]
+
+    async def test_an_app_removed_or_changed_during_the_decision_is_refused(self) -> None:
+        # Between the consent check and the Allow's transaction the app was deleted, or its
+        # redirect URIs changed: oauthlib's InvalidClientIdError (MismatchingRedirectURIError)
+        # went unhandled, a 500. Now the refusal the consent check gives, no redirect.
+        def change(conn: Any) -> None:
+            conn.execute(update(oauth_apps).where(oauth_apps.c.uid == self.client.uid)
+                         .values(redirect_uris="https://client.example/other"))
+
+        self.after_consent(change)
+        for allow in (True, False):
+            with self.assertRaises(AuthorizationRefused):
+                await self.web.core.oauth.decide(
+                    authorize_uri(self.client.uid, state="s"), self.alice.id, allow)
+        self.after_consent(lambda conn: conn.execute(
+            delete(oauth_apps).where(oauth_apps.c.uid == self.client.uid)))
+        with self.assertRaises(AuthorizationRefused):
+            await self.web.core.oauth.decide(
+                authorize_uri(self.client.uid, state="s"), self.alice.id, True)
+        self.assertEqual(await self.web.core.db.read(
+            "codes", lambda conn: conn.execute(select(oauth_codes)).all()), [])
 
     async def test_token_errors_are_those_of_rfc_6749_5_2(self) -> None:
         """A failed client authentication was challenged with Bearer (a resource server's

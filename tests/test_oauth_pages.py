@@ -111,6 +111,33 @@ class AuthorizePageTests(PageClient):
         self.assertEqual((query["error"], query["state"]), ("access_denied", "s-2"))
         self.assertNotIn("code", query)
 
+    async def test_an_app_removed_while_the_consent_page_is_open_is_an_error_page(
+        self,
+    ) -> None:
+        # The app is deleted after the Allow's consent checks have passed: the page is the
+        # refusal of an unknown client, no redirect (was a 500: oauthlib's error unhandled).
+        path = path_of(authorize_uri(self.client.uid, state="s-3"))
+        await self.log_in(path)
+        status, _, body = await self.call("GET", path)
+        self.assertEqual(status, 200)
+        oauth = self.web.core.oauth
+        checked = oauth.consent
+        calls: list[str] = []
+
+        async def consent(uri: str) -> Any:
+            found = await checked(uri)
+            calls.append(uri)
+            if len(calls) == 2:  # the page's check, then OAuthProvider.decide's
+                await oauth.remove_app(self.client.uid)
+            return found
+
+        oauth.consent = consent  # type: ignore[method-assign]
+        status, headers, body = await self.call(
+            "POST", path, data={"csrf_token": csrf_field(body), "decision": "allow"})
+        self.assertEqual(status, 400, body)
+        self.assertIsNone(header(headers, "location"))
+        self.assertIn(b"Authorization refused", body)
+
     async def test_the_session_cookie_is_httponly_samesite_lax_and_hashed(self) -> None:
         path = path_of(authorize_uri(self.client.uid))
         status, headers, _ = await self.form(path, action="login", username="alice@example.test",

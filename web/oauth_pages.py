@@ -200,6 +200,8 @@ class OAuthPagesApp(PageApp):
             302: "Redirect to redirect_uri with code and state (Allow) or "
             "error=access_denied (Deny)",
             303: "Logged in or out: back to the authorization page",
+            400: "HTML page: unknown client or unregistered redirect_uri, also when the app "
+            "was deleted or its redirect URIs changed since the page was shown (no redirect)",
             401: "HTML page: the login form, saying the password was wrong",
             429: "HTML page: too many login attempts",
         }, form=True),
@@ -231,6 +233,11 @@ class OAuthPagesApp(PageApp):
         except SessionEnded:
             # Ended meanwhile (a password change, a logout elsewhere): log in again.
             return self._login_page(request, consent)
+        except AuthorizationRefused as e:
+            # The app was removed, or its redirect URIs changed, since the check above.
+            raise PageError(400, "Authorization refused", e.message) from None
+        except AuthorizationRedirect as e:
+            return redirect(request, 302, e.location)
         return redirect(request, 302, location)
 
     async def _log_in(self, request: IRequest, consent: Consent | None,

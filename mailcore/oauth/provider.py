@@ -319,7 +319,11 @@ class OAuthProvider:
 
         `session_id` is the page session the decision came with: it must still be live when
         the code is made (SessionEnded otherwise), so that no code is made on the strength
-        of a session a password change ended meanwhile."""
+        of a session a password change ended meanwhile.
+
+        The request is checked again in the transaction that makes the code: an app removed,
+        or its redirect URIs changed, since `consent` passed is AuthorizationRefused (or
+        AuthorizationRedirect) as `consent` would have said, never oauthlib's error."""
         consent = await self.consent(uri)
         now = self.now()
         uri = _request_uri(uri)
@@ -329,7 +333,12 @@ class OAuthProvider:
                     conn, session_id, user_id, now):
                 raise SessionEnded()
             server = self._server(conn, now)
-            scopes, credentials = server.validate_authorization_request(uri)
+            try:
+                scopes, credentials = server.validate_authorization_request(uri)
+            except FatalClientError as e:
+                raise AuthorizationRefused(_describe(e)) from None
+            except OAuth2Error as e:
+                raise AuthorizationRedirect(e.in_uri(e.redirect_uri)) from None
             if not allow:
                 error = _access_denied(credentials["request"])
                 return str(error.in_uri(consent.redirect_uri))
