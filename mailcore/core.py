@@ -47,7 +47,7 @@ from mailcore.mailapi.room import MailboxRoom
 from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
 from mailcore.nodes.registry import NodeRegistry
-from mailcore.oauth import OAuthProvider, OAuthSettings
+from mailcore.oauth import OAuthProvider, OAuthPruner, OAuthSettings
 from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
@@ -343,6 +343,7 @@ class Core:
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(BucketSweeper(self.rate_buckets))
         services.append(SendsSweeper(self.send_caps))
+        services.append(OAuthPruner(self.oauth))
         services.append(SafedropSweeper(self.safedrop))
         mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
         mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period

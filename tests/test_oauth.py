@@ -13,12 +13,15 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from mailcore.config import ConfigError
 from mailcore.oauth import (
     CODE_TTL,
     AuthorizationRedirect,
     AuthorizationRefused,
     OAuthError,
     OAuthProvider,
+    OAuthPruner,
+    provider,
 )
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.store import Database
@@ -466,6 +469,144 @@ class AppTests(Base):
             await self.web.core.oauth.remove_app(self.client.uid, owner_id=bob.id)
         self.assertIsNotNone(await self.web.core.oauth.get_app(self.client.uid))
 
+
+
+class TokenRateTests(Base):
+    """POST /oauth/token is limited per client (its id and the secret it presents):
+    [web] oauth_token_rate, 20 at once and then 10 a second by default. Before, a client
+    could refresh in a loop as fast as it asked, a token row stored each time."""
+
+    async def refresh(self, token: dict[str, Any]) -> tuple[int, dict[str, list[str]], Any]:
+        return await self.client.exchange(grant_type="refresh_token",
+                                          refresh_token=token["refresh_token"])
+
+    async def test_a_client_refreshing_in_a_loop_is_slowed_down(self) -> None:
+        token = await self.client.token()  # the exchange is the first request of the 20
+        for i in range(19):
+            status, _, body = await self.refresh(token)
+            self.assertEqual(status, 200, (i, body))
+            token = body
+        status, headers, body = await self.refresh(token)
+        self.assertEqual(status, 429)
+        self.assertEqual(body["error"], "slow_down")
+        self.assertIn("try again in 1 s", body["error_description"])
+        self.assertEqual((headers["retry-after"], headers["cache-control"]), (["1"], ["no-store"]))
+        self.assertEqual(headers["x-ratelimit-limit"], ["20"])
+        # The refused request stored nothing: its refresh token is still good. After the
+        # Retry-After's second, 10 more (10 a second), then 429 again.
+        self.web.clock.advance(1)
+        for i in range(10):
+            status, _, body = await self.refresh(token)
+            self.assertEqual(status, 200, (i, body))
+            token = body
+        self.assertEqual((await self.refresh(token))[0], 429)
+        rows = await self.web.core.db.read(
+            "rows", lambda conn: len(conn.execute(select(oauth_tokens.c.id)).all()))
+        self.assertEqual(rows, 30)
+
+    async def test_the_budget_is_the_clients_own(self) -> None:
+        for _ in range(20):
+            await self.client.exchange(grant_type="refresh_token", refresh_token="x")
+        self.assertEqual((await self.client.exchange(
+            grant_type="refresh_token", refresh_token="x"))[0], 429)
+        # Another client, and one naming this client's (public) id with a wrong secret, in
+        # the form or in HTTP Basic, each have a budget of their own: the client's is not
+        # spent by whoever knows its id.
+        other = await register(self.web, self.alice)
+        code = await other.code()
+        status, _, body = await other.exchange(
+            grant_type="authorization_code", code=code, redirect_uri=REDIRECT)
+        self.assertEqual(status, 200, body)
+        status, _, body = await self.web.call("POST", "/oauth/token", data={
+            "grant_type": "refresh_token", "refresh_token": "x",
+            "client_id": self.client.uid, "client_secret": "wrong"})
+        self.assertEqual((status, body["error"]), (401, "invalid_client"))
+        basic = base64.b64encode(f"{self.client.uid}:{self.client.secret}".encode()).decode()
+        status, _, body = await self.web.call(
+            "POST", "/oauth/token", headers={"Authorization": f"Basic {basic}"},
+            data={"grant_type": "refresh_token", "refresh_token": "x"})
+        self.assertEqual(status, 429, body)  # the same client, in Basic: the same bucket
+
+
+class PruneTests(Base):
+    """Codes and token rows no request can use are deleted (OAuthProvider.prune, run by
+    OAuthPruner on every node); before, they stayed until their app or user was deleted."""
+
+    async def rows(self) -> tuple[list[int], list[int]]:
+        def txn(conn: Any) -> tuple[list[int], list[int]]:
+            return ([r.id for r in conn.execute(select(oauth_codes.c.id).order_by("id"))],
+                    [r.id for r in conn.execute(select(oauth_tokens.c.id).order_by("id"))])
+
+        return await self.web.core.db.read("rows", txn)
+
+    async def test_rotated_tokens_go_after_the_retention_and_live_ones_stay(self) -> None:
+        oauth = self.web.core.oauth
+        first = await self.client.token()
+        status, _, second = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=first["refresh_token"])
+        self.assertEqual(status, 200, second)
+        await self.client.code()  # allowed, never exchanged
+        self.assertEqual(await oauth.prune(), (0, 0))
+        codes, tokens = await self.rows()
+        self.assertEqual((len(codes), len(tokens)), (2, 2))
+
+        # Within 30 days of its rotation the first refresh token still gives the replay
+        # away: presented again, it revokes its family (the live second token too).
+        self.web.clock.advance(30 * 86400 - 1)
+        self.assertEqual(await oauth.prune(), (1, 0))  # the unused code, a day expired
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=first["refresh_token"])
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        self.assertEqual(await self.who(second["access_token"]), 401)
+        self.assertEqual(await self.rows(), ([codes[0]], tokens))
+        # 30 days after its revocation the second goes too, and then their code.
+        self.web.clock.advance(1)
+        self.assertEqual(await oauth.prune(), (0, 1))
+        self.web.clock.advance(30 * 86400 - 1)
+        self.assertEqual(await oauth.prune(), (1, 1))
+        self.assertEqual(await self.rows(), ([], []))
+        self.assertEqual(await oauth.prune(), (0, 0))
+
+    async def test_a_live_familys_code_and_newest_token_stay(self) -> None:
+        oauth = self.web.core.oauth
+        token = await self.client.token()
+        for _ in range(3):
+            self.web.clock.advance(7200)
+            status, _, token = await self.client.exchange(
+                grant_type="refresh_token", refresh_token=token["refresh_token"])
+            self.assertEqual(status, 200, token)
+        self.web.clock.advance(400 * 86400)  # the live refresh token does not expire
+        self.assertEqual(await oauth.prune(), (0, 3))
+        codes, tokens = await self.rows()
+        self.assertEqual((len(codes), len(tokens)), (1, 1))
+        status, _, token = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"])
+        self.assertEqual(status, 200, token)
+        self.assertEqual(await self.who(token["access_token"]), self.alice.id)
+
+    async def test_the_pruner_runs_every_hour_in_batches(self) -> None:
+        oauth = self.web.core.oauth
+        self.patch(provider, "PRUNE_BATCH", 2)
+        for _ in range(5):
+            await self.client.code()
+        pruner = OAuthPruner(oauth)
+        pruner.startService()
+        self.addCleanup(pruner.stopService)
+        self.assertEqual(len((await self.rows())[0]), 5)  # at start: nothing expired
+        self.web.clock.advance(86400 + 300 - 3600)
+        self.assertEqual(len((await self.rows())[0]), 5)
+        self.web.clock.advance(3600)
+        await self.web.core.db.read("wait", lambda conn: None)
+        self.assertEqual(await self.rows(), ([], []))
+
+
+    def test_revoked_token_days_is_read(self) -> None:
+        self.assertEqual(OAuthSettings().revoked_token_retention, 30 * 86400)
+        self.assertEqual(OAuthSettings.from_section(
+            {"revoked_token_days": 7}).revoked_token_retention, 7 * 86400)
+        for bad in ({"revoked_token_days": 0}, {"revoked_token_days": "7"}, {"retention": 1}):
+            with self.assertRaises(ConfigError):
+                OAuthSettings.from_section(bad)
 
 
 class PostgreSQLStorageTests(TestCase):

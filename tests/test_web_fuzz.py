@@ -63,6 +63,7 @@ deny_networks = ["0.0.0.0/0", "::/0"]
 imap2api_user_rate = "1000000/hour"
 imap2api_anonymous_rate = "1000000/hour"
 dropmyemail_token_rate = "1000000/second"
+oauth_token_rate = "1000000/second"
 protecmail_user_rate = "1000000/second"
 mailapi_user_rate = "1000000/second"
 safedrop_user_rate = "1000000/second"

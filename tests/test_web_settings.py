@@ -28,6 +28,7 @@ class WebSettingsTests(TestCase):
         self.assertEqual(s.imap2api_user_rate, Rate(1000, 3600))
         self.assertEqual(s.imap2api_anonymous_rate, Rate(100, 3600))
         self.assertEqual(s.dropmyemail_token_rate, Rate(20, 1))
+        self.assertEqual(s.oauth_token_rate, Rate(20, 2))  # 20 at once, then 10 a second
         self.assertEqual((s.protecmail_user_rate, s.mailapi_user_rate, s.safedrop_user_rate),
                          (Rate(20, 1), Rate(20, 1), Rate(20, 1)))
         self.assertEqual(s.bad_credential_rate, Rate(100, 3600))
@@ -41,9 +42,11 @@ class WebSettingsTests(TestCase):
 
     def test_values_are_read(self) -> None:
         s = settings(login_rate="5/minute", dropmyemail_token_rate="50/second",
-                     metrics_allow=["127.0.0.1/32", "::1"], idle_timeout=30)
+                     oauth_token_rate="30/3s", metrics_allow=["127.0.0.1/32", "::1"],
+                     idle_timeout=30)
         self.assertEqual(s.login_rate, Rate(5, 60))
         self.assertEqual(s.dropmyemail_token_rate, Rate(50, 1))
+        self.assertEqual(s.oauth_token_rate, Rate(30, 3))
         self.assertEqual(s.metrics_allow, (ipaddress.ip_network("127.0.0.1/32"),
                                            ipaddress.ip_network("::1/128")))
         self.assertTrue(s.metrics_allowed("::1"))

@@ -41,7 +41,7 @@ from mailcore.backup.contacts import MAX_CONTACT_ID
 from mailcore.fetch.errors import MailboxTaken
 from mailcore.identity import Identity, Principal
 from mailcore.messages.models import MessageSummary
-from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider
+from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider, token_client
 from web.api import ApiApp
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
@@ -62,7 +62,7 @@ from web.parsing import (
     read_fields,
     string_field,
 )
-from web.ratelimit import RateLimiter, enforce
+from web.ratelimit import RateLimiter, client_key, enforce
 from web.replies import set_headers
 from web.settings import WebSettings
 
@@ -323,12 +323,14 @@ class DropmyemailApp(JobRoutes, ApiApp):
         resolver: CredentialResolver,
         token_limiter: RateLimiter,
         oauth: OAuthProvider,
+        client_limiter: RateLimiter | None = None,
         backup: BackupAccounts,
         mail: BackupMail,
     ) -> None:
         super().__init__(settings)
         self.resolver = resolver
         self.token_limiter = token_limiter
+        self.client_limiter = client_limiter
         self.oauth = oauth
         self.backup = backup
         self.mail = mail
@@ -380,11 +382,14 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "code_verifier (invalid_grant; RFC 9700 §2.1.1). A refresh token is good once: the reply "
         "carries the next one. Errors are RFC 6749 §5.2 (`invalid_grant`, "
         "`invalid_client` with 401 and `WWW-Authenticate: Basic`, `invalid_request` for a "
-        "missing grant_type or a parameter given twice, ...).",
+        "missing grant_type or a parameter given twice, ...). Each client (its client_id "
+        "and the secret it presents) may make `[web] oauth_token_rate` requests (20 at once, "
+        "then 10 a second); past it `429` `{\"error\": \"slow_down\", ...}` with "
+        "`Retry-After`.",
         body=TOKEN_INPUT,
         body_types=(FORM_TYPE, "application/json"),
         replies={200: Reply("The access token", TOKEN_REPLY)},
-        errors=(400, 401),
+        errors=(400, 401, 429),
         body_errors=(),  # a body of another type is RFC 6749 5.2's 400 invalid_request
     )
     async def token(self, request: IRequest) -> bytes:
@@ -401,6 +406,15 @@ class DropmyemailApp(JobRoutes, ApiApp):
             except UnicodeDecodeError:
                 raise ApiError(401, "Client authentication failed.", code="invalid_client",
                                headers={"WWW-Authenticate": CLIENT_CHALLENGE}) from None
+        if self.client_limiter is not None:
+            verdict = self.client_limiter.check(
+                token_client(body, headers.get("Authorization"))
+                or ("address", client_key(request)))
+            set_headers(request, verdict.headers())
+            if not verdict.allowed:
+                raise ApiError(429, "Too many token requests from this client: try again "
+                               f"in {verdict.retry_after} s.", code="slow_down",
+                               headers=verdict.headers())
         uri = "https://dropmyemail.invalid/oauth/token"
         reply_headers, reply_body, status = await self.oauth.token(uri, body, headers)
         set_headers(request, {k: v for k, v in reply_headers.items()

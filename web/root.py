@@ -356,6 +356,7 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             settings,
             resolver=resolver,
             token_limiter=RateLimiter(clock, settings.dropmyemail_token_rate),
+            client_limiter=RateLimiter(clock, settings.oauth_token_rate),
             oauth=core.oauth,
             backup=core.backup,
             mail=core.backup_mail,

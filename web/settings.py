@@ -13,6 +13,8 @@ login_account_failure_rate = "100/hour"  # ... per account name from all address
 imap2api_user_rate = "1000/hour" # IMAP2API requests per user
 imap2api_anonymous_rate = "100/hour"
 dropmyemail_token_rate = "20/second"
+oauth_token_rate = "20/2s"       # POST /oauth/token per client (its client_id and the
+                                 # secret it presents): 20 at once, then 10 a second
 protecmail_user_rate = "20/second"  # Protecmail requests per user (all its API keys)
 mailapi_user_rate = "20/second"     # Mail API requests per user
 safedrop_user_rate = "20/second"    # safedrop requests per user
@@ -60,6 +62,7 @@ _KEYS = {
     "imap2api_user_rate",
     "imap2api_anonymous_rate",
     "dropmyemail_token_rate",
+    "oauth_token_rate",
     "protecmail_user_rate",
     "mailapi_user_rate",
     "safedrop_user_rate",
@@ -91,6 +94,10 @@ LOGIN_ACCOUNT_FAILURE_RATE = Rate(100, 3600)
 IMAP2API_USER_RATE = Rate(1000, 3600)
 IMAP2API_ANONYMOUS_RATE = Rate(100, 3600)
 DROPMYEMAIL_TOKEN_RATE = Rate(20, 1)
+# POST /oauth/token per client: a burst of 20, then 10 a second. Every code exchange and
+# every refresh stores a token row (kept for replay detection, see mailcore.oauth.provider's
+# pruning), so a client refreshing in a loop must not write as fast as it can ask.
+OAUTH_TOKEN_RATE = Rate(20, 2)
 # Protecmail, the Mail API and safedrop: a burst of 20, then 20 a second, per user. The rate
 # Dropmyemail's seed states for its own API; far above what a person at a client makes, and
 # enough for a provisioning script (10,000 addresses in under 9 minutes), while one key can
@@ -119,6 +126,7 @@ class WebSettings:
     imap2api_user_rate: Rate = IMAP2API_USER_RATE
     imap2api_anonymous_rate: Rate = IMAP2API_ANONYMOUS_RATE
     dropmyemail_token_rate: Rate = DROPMYEMAIL_TOKEN_RATE
+    oauth_token_rate: Rate = OAUTH_TOKEN_RATE
     protecmail_user_rate: Rate = PROTECMAIL_USER_RATE
     mailapi_user_rate: Rate = MAILAPI_USER_RATE
     safedrop_user_rate: Rate = SAFEDROP_USER_RATE
@@ -169,6 +177,7 @@ class WebSettings:
             dropmyemail_token_rate=_rate(
                 table, "dropmyemail_token_rate", defaults.dropmyemail_token_rate
             ),
+            oauth_token_rate=_rate(table, "oauth_token_rate", defaults.oauth_token_rate),
             protecmail_user_rate=_rate(
                 table, "protecmail_user_rate", defaults.protecmail_user_rate
             ),

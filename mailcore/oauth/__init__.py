@@ -16,7 +16,9 @@ from mailcore.oauth.provider import (
     Grant,
     OAuthError,
     OAuthProvider,
+    OAuthPruner,
     SessionEnded,
+    token_client,
 )
 from mailcore.oauth.settings import CODE_TTL, OAuthSettings
 from mailcore.oauth.validator import SCOPES
@@ -32,6 +34,8 @@ __all__ = [
     "Grant",
     "OAuthError",
     "OAuthProvider",
+    "OAuthPruner",
     "OAuthSettings",
     "SessionEnded",
+    "token_client",
 ]

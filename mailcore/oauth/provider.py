@@ -9,13 +9,15 @@ token) is stored as its SHA-256 only.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import json
 import re
 import secrets as _random
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from oauthlib.oauth2 import FatalClientError, OAuth2Error, WebApplicationServer
 from oauthlib.oauth2.rfc6749.errors import (
@@ -24,17 +26,23 @@ from oauthlib.oauth2.rfc6749.errors import (
     InvalidRequestError,
 )
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from mailcore.identity import Identity, Principal, User
 from mailcore.identity import secrets as creds
 from mailcore.identity.service import thd_get_user, thd_hold_live_credential, utc
 from mailcore.oauth.redirects import is_loopback_redirect, normal_redirect_uri
-from mailcore.oauth.settings import OAuthSettings
+from mailcore.oauth.settings import CODE_RETENTION, OAuthSettings
 from mailcore.oauth.validator import SCOPES, GrantLost, StoreValidator, redirect_uris
+from mailcore.outages import log_failure
+from mailcore.periodic import PeriodicService
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, not_text
+
+log = Logger()
 
 # oauthlib's reply headers and body, and its status.
 Reply = tuple[dict[str, str], str, int]
@@ -387,6 +395,35 @@ class OAuthProvider:
             })
         return reply_headers, reply_body, status
 
+    # -- pruning ------------------------------------------------------------------------
+
+    async def prune(self) -> tuple[int, int]:
+        """Delete the rows no request can use any more; how many (codes, tokens).
+
+        A token row rotated or revoked more than `revoked_token_days` ago (whether or not
+        its family is still live: a client refreshing in a loop writes a row each time and
+        revokes the one before, so its family's dead rows would grow without bound). Until
+        then a rotated refresh token presented again still revokes its family; after, it is
+        invalid_grant only. An authorization code CODE_RETENTION past its expiry that no
+        token row names (a live family's rows keep their code, which a replayed code
+        revokes). Rows go in batches of PRUNE_BATCH, a transaction each; idempotent, so
+        every node may run it."""
+        now = self.now()
+        token_before = now - datetime.timedelta(seconds=self.settings.revoked_token_retention)
+        code_before = now - datetime.timedelta(seconds=CODE_RETENTION)
+        tokens = codes = 0
+        while True:
+            gone = await self.db.run("oauth_prune_tokens", _thd_prune_tokens, token_before)
+            tokens += gone
+            if gone < PRUNE_BATCH:
+                break
+        while True:
+            gone = await self.db.run("oauth_prune_codes", _thd_prune_codes, code_before)
+            codes += gone
+            if gone < PRUNE_BATCH:
+                break
+        return codes, tokens
+
     # -- resource access ----------------------------------------------------------------
 
     async def resolve(self, access_token: str) -> Principal | None:
@@ -418,6 +455,57 @@ class OAuthProvider:
 _LIVE_TOKEN = select(oauth_tokens.c.id, oauth_tokens.c.user_id, oauth_tokens.c.scopes,
                      oauth_tokens.c.expires_at, oauth_tokens.c.revoked_at) \
     .where(oauth_tokens.c.access_digest == bindparam("digest"))
+
+
+# Rows deleted by one transaction of `OAuthProvider.prune`.
+PRUNE_BATCH = 5000
+# How often OAuthPruner prunes.
+PRUNE_INTERVAL = 3600.0
+
+
+def _thd_prune_tokens(conn: Connection, before: datetime.datetime) -> int:
+    """Delete up to PRUNE_BATCH token rows revoked at or before `before`; how many."""
+    t = oauth_tokens.c
+    ids = select(t.id).where(t.revoked_at <= before).limit(PRUNE_BATCH).scalar_subquery()
+    return int(conn.execute(delete(oauth_tokens).where(t.id.in_(ids))).rowcount or 0)
+
+
+def _thd_prune_codes(conn: Connection, before: datetime.datetime) -> int:
+    """Delete up to PRUNE_BATCH codes expired at or before `before` that no token row
+    names; how many."""
+    c = oauth_codes.c
+    named = select(oauth_tokens.c.id).where(oauth_tokens.c.code_id == c.id)
+    ids = select(c.id).where(c.expires_at <= before, ~named.exists()) \
+        .limit(PRUNE_BATCH).scalar_subquery()
+    return int(conn.execute(delete(oauth_codes).where(c.id.in_(ids))).rowcount or 0)
+
+
+class OAuthPruner(PeriodicService):
+    """Runs `OAuthProvider.prune` every PRUNE_INTERVAL seconds. Every node may run it: the
+    deletes are idempotent."""
+
+    name = "oauth-pruner"
+
+    def __init__(self, oauth: OAuthProvider, every: float = PRUNE_INTERVAL) -> None:
+        self.oauth = oauth
+        self.clock = oauth.clock
+        self.every = every
+
+    def interval(self) -> float:
+        return self.every
+
+    def tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._prune())
+
+    async def _prune(self) -> None:
+        try:
+            codes, tokens = await self.oauth.prune()
+        except Exception:
+            log_failure(log, "pruning the OAuth codes and tokens failed")
+            return
+        if codes or tokens:
+            log.info("pruned {codes} OAuth codes and {tokens} tokens no request can use",
+                     codes=codes, tokens=tokens)
 
 
 class SessionEnded(Exception):
@@ -466,6 +554,27 @@ def _normal_scopes(form: str) -> str:
     normal = [(key, " ".join(dict.fromkeys(value.replace("+", " ").split(" ")))
                if key == "scope" else value) for key, value in pairs]
     return urlencode(normal) if normal != pairs else form
+
+
+def token_client(form: str, authorization: str | None) -> tuple[str, str] | None:
+    """Which client token request `form` (form-encoded) with header `authorization` comes
+    from, as the rate limit of the token endpoint counts it: its client_id and the digest
+    of the secret it presents (HTTP Basic, else the form's), so that one who knows a
+    client's id (it is public: it is in every authorization request) but not its secret
+    cannot spend the client's budget. None when it names no client."""
+    fields = dict(parse_qsl(form, keep_blank_values=True))
+    client_id, secret = fields.get("client_id"), fields.get("client_secret")
+    if authorization is not None and authorization[:6].lower() == "basic ":
+        try:
+            pair = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            pair = ""
+        basic_id, sep, basic_secret = pair.partition(":")
+        if sep:
+            client_id, secret = unquote(basic_id), unquote(basic_secret)
+    if not client_id:
+        return None
+    return client_id, creds.digest(secret or "").hex()
 
 
 def _malformed(form: str) -> str | None:
@@ -537,5 +646,7 @@ __all__ = [
     "Grant",
     "OAuthError",
     "OAuthProvider",
+    "OAuthPruner",
     "SessionEnded",
+    "token_client",
 ]
