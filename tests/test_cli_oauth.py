@@ -45,6 +45,16 @@ class OAuthCliTests(CliTestCase):
         await self.refused("oauth", "app", "add", "x", "--owner", "nobody",
                            "--redirect-uri", REDIRECT, fragment="no such user")
 
+    async def test_one_app_past_the_cap_is_one_line(self) -> None:
+        config = self.base / "cap.toml"
+        config.write_text("[oauth]\nmax_apps_per_user = 1\n")
+        await self.ok("-c", str(config), "oauth", "app", "add", "one", "--owner", "alice",
+                      "--redirect-uri", REDIRECT)
+        await self.refused("-c", str(config), "oauth", "app", "add", "two", "--owner",
+                           "alice", "--redirect-uri", REDIRECT,
+                           fragment="a user may have at most 1 OAuth apps")
+        self.assertNotIn("two", await self.ok("oauth", "app", "list"))
+
     async def test_grants_and_revoke(self) -> None:
         uid, _ = await self.add()
         out = await self.ok("oauth", "grants", "alice")

@@ -11,6 +11,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
+from mailcore.oauth import OAuthSettings
 from tests.support.oauth import REDIRECT, authorize_uri, query_of, register
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.web import PASSWORD, Web, header
@@ -443,6 +444,24 @@ class ApplicationsPageTests(PageClient):
             "csrf_token": csrf_field(again, "delete"), "action": "delete", "uid": app.uid})
         self.assertEqual(status, 200)
         self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
+
+    async def test_one_app_past_the_cap_is_said_and_not_registered(self) -> None:
+        # [oauth] max_apps_per_user (20 by default): before, a user could register apps
+        # without end, each holding the codes and tokens of its grants.
+        self.assertEqual(self.web.core.oauth.settings.max_apps_per_user, 20)
+        self.web.core.oauth.settings = OAuthSettings(max_apps_per_user=2)
+        page = await self.enter()
+        for n in range(3):
+            status, _, page = await self.call("POST", "/oauth/applications", data={
+                "csrf_token": csrf_field(page, "register"), "action": "register",
+                "name": f"app {n}", "redirect_uris": "https://mine.example/cb"})
+            self.assertEqual(status, 400 if n == 2 else 200, page)
+        self.assertIn(b"a user may have at most 2 OAuth apps: delete one first", page)
+        self.assertEqual([a.name for a in await self.web.core.oauth.list_apps(self.alice.id)],
+                         ["app 0", "app 1"])
+        # Another user's apps are their own count: bob owns setUp's client and one more.
+        bob = (await self.web.core.oauth.get_app(self.client.uid)).owner_id  # type: ignore[union-attr]
+        await self.web.core.oauth.add_app(bob, "bob's", ["https://b.example/cb"])
 
     async def test_log_out_from_the_applications_page(self) -> None:
         await self.log_in("/oauth/applications")

@@ -161,7 +161,9 @@ class OAuthProvider:
     # -- apps ---------------------------------------------------------------------------
 
     async def add_app(self, owner_id: int, name: str, uris: list[str]) -> tuple[App, str]:
-        """Register an app; returns it and its secret (shown once, stored hashed)."""
+        """Register an app; returns it and its secret (shown once, stored hashed). A user
+        may own at most `max_apps_per_user` apps (each holds the codes and tokens of its
+        grants): one more is OAuthError, nothing stored."""
         name = name.strip() if isinstance(name, str) else ""
         if not 1 <= len(name) <= 255 or has_control(name):
             raise OAuthError("name must be 1 to 255 characters of one line", "name")
@@ -171,10 +173,19 @@ class OAuthProvider:
         uid = _random.token_hex(32)
         secret = _random.token_hex(32)
         now = self.now()
+        limit = self.settings.max_apps_per_user
 
         def txn(conn: Connection) -> App:
-            if conn.execute(select(users.c.id).where(users.c.id == owner_id)).first() is None:
+            # The owner's row locked first, so that two registrations at once count one
+            # after the other (SQLite serialises writers anyway and ignores FOR UPDATE).
+            if conn.execute(select(users.c.id).where(users.c.id == owner_id)
+                            .with_for_update()).first() is None:
                 raise OAuthError("no such user", "owner")
+            owned = conn.execute(select(func.count()).select_from(oauth_apps)
+                                 .where(oauth_apps.c.owner_id == owner_id)).scalar() or 0
+            if owned >= limit:
+                raise OAuthError(f"a user may have at most {limit} OAuth apps: delete one "
+                                 "first", "owner")
             conn.execute(insert(oauth_apps).values(
                 uid=uid, name=name, owner_id=owner_id, secret_digest=creds.digest(secret),
                 redirect_uris="\n".join(dict.fromkeys(checked)), created_at=now,

@@ -5,6 +5,7 @@ token's row is kept.
 [oauth]
 access_token_ttl = 7200   # seconds; the seed's token reply says expires_in: 7200
 revoked_token_days = 30   # days a rotated or revoked token's row is kept (replay detection)
+max_apps_per_user = 20    # apps a user may own (the Applications page and the CLI refuse one more)
 ```
 
 Authorization codes live 5 minutes (seed 000 says so) and are not configurable; refresh
@@ -30,6 +31,7 @@ CODE_RETENTION = 86400.0
 class OAuthSettings:
     access_token_ttl: int = 7200
     revoked_token_days: int = 30
+    max_apps_per_user: int = 20
 
     @property
     def revoked_token_retention(self) -> float:
@@ -41,7 +43,7 @@ class OAuthSettings:
         """Settings from `[oauth]`; an unknown key or a bad value raises ConfigError."""
         values: dict[str, Any] = {}
         for key, value in section.items():
-            if key not in ("access_token_ttl", "revoked_token_days"):
+            if key not in ("access_token_ttl", "revoked_token_days", "max_apps_per_user"):
                 raise unknown_key("oauth", key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"[oauth] {key} must be a positive integer")
