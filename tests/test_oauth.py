@@ -648,6 +648,41 @@ class PostgreSQLStorageTests(TestCase):
                     self.alice.id, True)
 
 
+class PostgreSQLPruneAndCapTests(TestCase):
+    """The prune's deletes (a correlated NOT EXISTS under a LIMITed IN) and the apps
+    cap's count on PostgreSQL."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build(url=await create_test_database(self))
+        self.addCleanup(self.web.core.db.close)
+        self.alice = await self.web.user()
+        self.client = await register(self.web, self.alice)
+
+    async def test_prune_keeps_a_live_family_and_deletes_the_rest(self) -> None:
+        oauth = self.web.core.oauth
+        token = await self.client.token()
+        status, _, token = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"])
+        self.assertEqual(status, 200, token)
+        await self.client.code()  # never exchanged
+        self.web.clock.advance(31 * 86400)
+        self.assertEqual(await oauth.prune(), (1, 1))
+        status, _, token = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"])
+        self.assertEqual(status, 200, token)
+
+    async def test_registrations_at_once_stop_at_the_cap(self) -> None:
+        oauth = self.web.core.oauth
+        oauth.settings = OAuthSettings(max_apps_per_user=3)  # setUp's client is one
+        results = await defer.DeferredList([
+            defer.Deferred.fromCoroutine(oauth.add_app(self.alice.id, f"a{n}", [REDIRECT]))
+            for n in range(6)], consumeErrors=True)
+        self.assertEqual(sorted(ok for ok, _ in results), [False] * 4 + [True] * 2)
+        self.assertEqual(len(await oauth.list_apps(self.alice.id)), 3)
+
+
 class ConcurrencyPostgreSQLTests(TestCase):
     """Requests racing with one code or refresh token on a real PostgreSQL, through a
     threaded Database as the daemon runs it (a synchronous one runs them one by one). Plain
