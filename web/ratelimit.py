@@ -5,7 +5,8 @@ period/N seconds. Every reply of a limited endpoint carries `X-RateLimit-Limit`,
 `X-RateLimit-Remaining` and `X-RateLimit-Reset` (epoch seconds when the bucket is full again);
 a refused request gets 429 with `Retry-After`. Users: the password-login endpoints (per
 client address; failures per account name and address, and per account name: web.login),
-IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token), Protecmail, the
+IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token; its
+`POST /oauth/token` 20 at once then 10/s per client), Protecmail, the
 Mail API and safedrop (20/s per user each; 100/h per client address for requests whose
 credential is missing or bad, the three APIs together). The limits that guard a secret (the
 password logins', a drop's password, code and reply limits) are `SharedRateLimiter`s, kept in
