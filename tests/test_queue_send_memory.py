@@ -1,9 +1,10 @@
 """`[queue] max_send_memory`: the octets of message bodies that outbound delivery attempts
 hold together are bounded. An attempt that would pass the bound waits for another to end
-(no attempt counted, no backoff), in the order the attempts asked; one attempt always goes,
-whatever its size; room comes back however an attempt ends (delivered, refused, cut, timed
-out); a stop ends the waits with the work given back, and the leases of the waiting work
-stay this node's while it waits."""
+(no attempt counted, no backoff), in the order the attempts asked, with no connection (its
+room is taken before it connects); one attempt always goes, whatever its size; room comes
+back however an attempt ends (delivered, refused, cut, timed out); a stop ends the waits
+with the work given back, and the leases of the waiting work stay this node's while it
+waits."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 
 from sqlalchemy import select
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config, ConfigError
+from mailcore.queue.connector import TCPConnector
 from mailcore.queue.runner import SendMemory
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
@@ -22,7 +26,7 @@ from mailcore.store.schema import queue_recipients
 from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 from tests.support.queuetest import QueueTestCase
-from tests.test_queue_runner_peer import ScriptedHopConnector
+from tests.test_queue_runner_peer import ANSWERS, ScriptedHop, ScriptedHopConnector
 
 # A 1,000-octet message: the limits below are counted in these.
 BIG = b"From: a@x.test\r\nSubject: big\r\n\r\n" + b"x" * 966 + b"\r\n"
@@ -195,11 +199,12 @@ class BudgetTests(SlowHopsTestBase):
     async def test_many_slow_next_hops_hold_no_more_than_the_budget(self) -> None:
         for i in range(10):
             await self.send_to(i, f"Q{i}")
-        # Ten connections open, two sends under way; the other eight wait for room.
-        self.assertEqual(self.runner.connections, 10)
+        # Two sends under way on two connections; the other eight wait for room, with no
+        # connection (they held one each before).
         self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.1"])
         memory = self.runner.send_memory
         self.assertEqual((memory.used, memory.attempts, memory.waiting), (2000, 2, 8))
+        self.assertEqual(self.runner.connections, 2)
         # Waiting is no failure: nothing deferred, no attempt counted.
         self.advance(3 * self.q.settings.lease_seconds)
         self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.1"])
@@ -296,6 +301,144 @@ class BudgetTests(SlowHopsTestBase):
         self.assertEqual(self.runner.held, 0)
 
 
+class ConnectionTests(SlowHopsTestBase):
+    """Attempts waiting for room hold no connection: the fast hops get theirs."""
+
+    settings = {"max_send_memory": 2000, "max_connections": 4}
+
+    async def test_a_fast_hop_is_not_starved_by_a_slow_hops_waiting_attempts(self) -> None:
+        del self.connector.stalled["10.6.6.9"]  # slow9.test's hop answers at once
+        for n in range(10):
+            await self.send_to(0, f"S{n}")
+        # The slow hop's two sends fill the budget; its next job waits for room with no
+        # connection, the rest of its backlog behind it.
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.0"])
+        self.assertEqual(self.runner.connections, 2)
+        self.assertEqual(self.runner.send_memory.waiting, 1)
+        await self.send_to(9, "FAST")
+        self.assertEqual(self.runner.connections, 2)  # (it waits for room, not a slot)
+        self.release("10.6.6.0")  # room for the slow hop's job that asked first
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.0"])
+        self.assertEqual(self.connector.addresses(), ["u@slow0.test"])
+        self.release("10.6.6.0")  # then for the fast hop's: it connects and is delivered
+        self.assertEqual(self.connector.addresses(), ["u@slow0.test"] * 2 + ["u@slow9.test"])
+        self.assertEqual(self.rows()["u@slow9.test"][:2], ("delivered", 1))
+        # (Before, the slow hop's waiting attempts held all four connections: the fast
+        # hop got one only as the slow sends ended, then waited behind them for room.)
+        while any(self.stalled.values()):
+            self.release("10.6.6.0")
+            self.assertLessEqual(self.runner.connections, 3)
+        self.assertEqual(len(self.connector.addresses()), 11)
+        self.assertEqual(self.runner.send_memory.used, 0)
+
+    async def test_a_session_whose_next_message_waits_idles_and_sends_it(self) -> None:
+        await self.send_to(0, "A1")
+        await self.send_to(1, "B1")
+        await self.send_to(1, "B2")  # waits for room, asked first
+        await self.send_to(0, "A2")  # waits for room, behind B2
+        self.assertEqual(self.runner.send_memory.waiting, 2)
+        self.release("10.6.6.0")  # A1 ends: its room goes to B2 on a connection of its own
+        self.assertEqual(self.in_flight(), ["10.6.6.1", "10.6.6.1"])
+        # A's connection idles (A2 waits for room held by B's sends), holding none.
+        self.assertEqual(self.runner.send_memory.used, 2000)
+        self.release("10.6.6.1")  # B1 ends: A2 goes on A's idle connection
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.1"])
+        self.assertEqual([hop.host for hop in self.connector.connects],
+                         ["10.6.6.0", "10.6.6.1", "10.6.6.1"])
+        self.release("10.6.6.0")
+        self.release("10.6.6.1")
+        self.assertEqual(sorted(self.connector.addresses()),
+                         ["u@slow0.test", "u@slow0.test", "u@slow1.test", "u@slow1.test"])
+        self.assertEqual(self.runner.send_memory.used, 0)
+
+    async def test_a_session_takes_its_next_message_with_the_room_it_gave_back(
+        self
+    ) -> None:
+        huge = BIG[:-2] + b"y" * 2998 + b"\r\n"  # twice the budget: it goes alone
+        await self.send_to(0, "A1")
+        await self.send_to(0, "A2")
+        await self.send_to(0, "HUGE", huge)
+        await self.send_to(0, "A3")
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.0"])
+        for _ in range(4):
+            self.release("10.6.6.0")
+        self.assertEqual(self.connector.addresses(), ["u@slow0.test"] * 4)
+        self.assertEqual(self.connector.delivered[2][3], huge)
+        # The huge one and A3 went on the connections that had sent before: no deadlock
+        # on room a connection held itself, and no new connection.
+        self.assertEqual(len(self.connector.connects), 2)
+        self.assertEqual(self.runner.send_memory.used, 0)
+
+
+    async def test_a_hop_found_down_gives_back_its_room_and_its_wait(self) -> None:
+        self.connector.pending["10.6.6.1"] = []
+        await self.send_to(0, "A1")  # a slow send: 1000 octets
+        await self.send_to(1, "B1")  # room taken, connecting
+        await self.send_to(1, "B2")  # waits for room
+        await self.send_to(2, "C1")  # waits behind it
+        memory = self.runner.send_memory
+        self.assertEqual((memory.used, memory.waiting), (2000, 2))
+        self.connector.pending["10.6.6.1"].pop().errback(
+            ConnectionRefusedError("Connection refused"))
+        # Both of B's jobs deferred, no room or wait left of them: C1 goes.
+        r = queue_recipients.c
+        b_rows = done(self.db.read("rows", lambda conn: conn.execute(
+            select(r.state, r.attempts).where(r.address == "u@slow1.test")).all()))
+        self.assertEqual([tuple(row) for row in b_rows], [("deferred", 1), ("deferred", 1)])
+        self.assertEqual(self.in_flight(), ["10.6.6.0", "10.6.6.2"])
+        self.assertEqual((memory.used, memory.waiting), (2000, 0))
+        self.release("10.6.6.0")
+        self.release("10.6.6.2")
+        self.assertEqual(memory.used, 0)
+
+
+class MemoryReactorTests(QueueTestCase):
+    """With the real connector on a MemoryReactor: an attempt waiting for room has not
+    connected."""
+
+    settings = {"max_send_memory": 1000, "allow_private": True}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reactor = MemoryReactorClock()
+        self.runner.connector = TCPConnector(self.reactor, self.q.settings, "mx.test")
+        self.other = done(self.db.run("add", thd_add_domain, "other.test", "10.0.0.2", 2525,
+                                      vouched=True))
+        self.hops: list[ScriptedHop] = []
+
+    def connected(self, answers: dict[bytes, bytes]) -> ScriptedHop:
+        """Let the next connection the runner asked for open, to a hop answering so."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[len(self.hops)]
+        protocol: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
+        hop = ScriptedHop(answers)
+        hop.protocol = protocol  # (the endpoint's wrapper around the SMTP client)
+        protocol.makeConnection(hop)
+        self.hops.append(hop)
+        hop.answer(b"220 hop.test ESMTP\r\n")
+        return hop
+
+    def destinations(self) -> list[tuple[str, int]]:
+        return [(host, port) for host, port, *_ in self.reactor.tcpClients]
+
+    async def test_an_attempt_waiting_for_room_does_not_connect(self) -> None:
+        await self.accept("Q1", "b@customer.test", body=BIG)
+        slow = self.connected({**ANSWERS, b".": b""})  # reads the data, does not answer
+        self.assertEqual(len(slow.bodies), 1)
+        env = envelope("a@x.test", ("c@other.test", self.other))
+        await self.q.spool.accept("Q2", env, BIG)
+        self.assertEqual(self.runner.send_memory.waiting, 1)
+        self.assertEqual(self.destinations(), [("10.0.0.1", 2525)])  # no connectTCP for Q2
+        slow.answer(b"250 2.0.0 queued\r\n")  # Q1 ends: Q2 has room, and connects
+        self.assertEqual(self.destinations(), [("10.0.0.1", 2525), ("10.0.0.2", 2525)])
+        fast = self.connected(dict(ANSWERS))
+        self.assertEqual(len(fast.bodies), 1)
+        r = queue_recipients.c
+        states = done(self.db.read("rows", lambda conn: dict(
+            conn.execute(select(r.address, r.state)).all())))
+        self.assertEqual(states, {"b@customer.test": "delivered", "c@other.test": "delivered"})
+        self.assertEqual(self.runner.send_memory.used, 0)
+
+
 class RealClientTests(QueueTestCase):
     """With the real SMTP client: a next hop that never answers the end of the data holds
     its room until the data timeout, then gives it back; a waiting connection the hop
@@ -312,9 +455,8 @@ class RealClientTests(QueueTestCase):
     async def test_room_comes_back_when_an_attempt_times_out(self) -> None:
         await self.accept("Q1", "b@customer.test", body=BIG)
         await self.accept("Q2", "c@customer.test", body=BIG)
-        self.assertEqual(len(self.hop.hops), 2)
-        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 0])  # Q2 waits
-        self.hop.hops[1].answers[b"."] = b"250 2.0.0 queued\r\n"
+        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1])  # Q2 waits, unconnected
+        self.hop.answers[b"."] = b"250 2.0.0 queued\r\n"
         for _ in range(599):  # the lease renewals on time, as a running daemon's
             self.clock.advance(1)
         self.assertEqual(self.runner.send_memory.waiting, 1)
@@ -326,22 +468,27 @@ class RealClientTests(QueueTestCase):
             conn.execute(select(r.address, r.state)).all())))
         self.assertEqual(states, {"b@customer.test": "deferred", "c@customer.test": "delivered"})
 
-    async def test_a_connection_the_hop_closed_while_it_waited_costs_no_attempt(
-        self
-    ) -> None:
+    async def test_an_idle_connection_the_hop_closed_costs_no_attempt(self) -> None:
+        other = done(self.db.run("add", thd_add_domain, "other.test", "10.0.0.2", 2525,
+                                 vouched=True))
         await self.accept("Q1", "b@customer.test", body=BIG)
-        await self.accept("Q2", "c@customer.test", body=BIG)
-        self.hop.answers[b"."] = b"250 2.0.0 queued\r\n"
-        self.hop.hops[1].loseConnection()  # the hop's idle timeout, while Q2 waits
+        await self.q.spool.accept("Q2", envelope("a@x.test", ("c@other.test", other)), BIG)
+        await self.accept("Q3", "d@customer.test", body=BIG)  # waits behind Q2
         self.hop.hops[0].answer(b"250 2.0.0 queued\r\n")  # Q1 ends: Q2 has room
-        self.assertEqual(len(self.hop.hops), 3)  # Q2 on a new connection
-        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 0, 1])
+        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 1])
+        # Q3 waits for the room Q2 holds; its hop's connection idles meanwhile and the hop
+        # closes it (its own idle timeout).
+        self.hop.hops[0].loseConnection()
+        self.hop.answers[b"."] = b"250 2.0.0 queued\r\n"
+        self.hop.hops[1].answer(b"250 2.0.0 queued\r\n")  # Q2 ends: Q3 has room
+        self.assertEqual([len(h.bodies) for h in self.hop.hops], [1, 1, 1])  # a new one
         r = queue_recipients.c
         rows = done(self.db.read("rows", lambda conn: {
             row.address: (row.state, row.attempts)
             for row in conn.execute(select(r.address, r.state, r.attempts))}))
         self.assertEqual(rows, {"b@customer.test": ("delivered", 1),
-                                "c@customer.test": ("delivered", 1)})
+                                "c@other.test": ("delivered", 1),
+                                "d@customer.test": ("delivered", 1)})
         self.assertEqual(self.runner.send_memory.used, 0)
 
 
@@ -377,7 +524,8 @@ class LeaseTests(TestCase):
             env = envelope("s@x.test", (f"r{i}@c.test", self.domain))
             self.successResultOf(defer.Deferred.fromCoroutine(
                 self.a.spool.accept(f"Q{i}", env, BIG)))
-        self.assertEqual(self.a.runner.send_memory.waiting, 2)
+        # One waits for room (the next of the hop's asks when it has it).
+        self.assertEqual(self.a.runner.send_memory.waiting, 1)
         for _ in range(30):  # five lease lengths
             self.clock.advance(10)
         self.assertEqual(self.conn_b.addresses(), [])

@@ -39,12 +39,25 @@ hops gave theirs back, and a handful of them came to hold every connection.
 Memory is bounded: at most `max_in_memory` recipients are held (reserved, waiting to be
 processed, queued or in flight); bodies are kept only from accept to send within
 `body_cache_bytes`, otherwise loaded from the store when they are needed. The bodies that
-delivery attempts hold, from before the body is loaded until the attempt ends (a next hop
-that reads its DATA slowly keeps one for up to `data_timeout`), count against
-`max_send_memory` (`SendMemory`): an attempt that would pass it waits on its open
-connection, in the order the attempts asked, until another ends. One attempt always goes,
-whatever its size. Without it, `max_connections` attempts to slow next hops could each hold
-a message of `[smtp] max_message_size`: 100 x 50 MB.
+delivery attempts hold, from before the attempt takes a connection (and its body is loaded)
+until it ends (a next hop that reads its DATA slowly keeps one for up to `data_timeout`),
+count against
+`max_send_memory` (`SendMemory`): an attempt that would pass it waits, in the order the
+attempts asked, until another ends. One attempt always goes, whatever its size. Without it,
+`max_connections` attempts to slow next hops could each hold a message of `[smtp]
+max_message_size`: 100 x 50 MB.
+
+An attempt takes its room before it takes a connection: a hop's job waits for room with
+no connection of its own and no slot of `hop_concurrency` or `max_connections` (it is no
+contender for the fair share either), and is handed to an idle connection of its hop or
+opens one only once its room is taken (`HopQueue.ready`). A connection whose hop's next job
+waits for room idles as one with nothing to send does (ended at once when other hops wait
+for a connection), never holding room of its own meanwhile: it gave its last message's back
+before the next one asked. Each hop has at most one job waiting for room at a time (the
+next asks once it has its room), as many as it may send at once taken. When attempts waited
+on their connections, a budget full of slow next hops' messages left the attempts waiting
+behind them holding the connections too, and the fast hops' messages could get neither; and
+a hop's backlog asking all at once would put every other hop's message behind all of it.
 """
 
 from __future__ import annotations
@@ -257,7 +270,7 @@ class SendMemory:
     """The octets of message bodies outbound delivery attempts hold, within a limit
     (`[queue] max_send_memory`).
 
-    An attempt takes its message's size before its body is loaded and gives it back when
+    An attempt takes its message's size before it takes a connection and gives it back when
     it ends, however it ends. One that would pass the limit waits for room; waits are
     served in the order they were asked (a small message does not pass a large one that
     waits: the large one would wait for ever behind a stream of small ones). An attempt is
@@ -295,14 +308,21 @@ class SendMemory:
         """Attempts waiting for room."""
         return len(self._waiting)
 
+    def take_now(self, size: int) -> bool:
+        """Take room for an attempt holding `size` octets if it is there now (none waits
+        before it); False, nothing taken or waited for, if not."""
+        if self._closed or self._waiting or not self._fits(size):
+            return False
+        self.used += size
+        self.attempts += 1
+        return True
+
     def take(self, size: int) -> defer.Deferred[bool]:
         """Room for an attempt holding `size` octets: True once it is taken (give it back
         with `give`), False when the runner stops first (nothing taken)."""
         if self._closed:
             return defer.succeed(False)
-        if not self._waiting and self._fits(size):
-            self.used += size
-            self.attempts += 1
+        if self.take_now(size):
             return defer.succeed(True)
         entry: tuple[int, defer.Deferred[bool]]
 
@@ -412,7 +432,15 @@ class HopQueue:
     """The jobs waiting for one next hop and the connections serving it."""
 
     hop: Hop
+    # Jobs with no room taken in the send memory yet, the one asking for it (`asking`, at
+    # most one a hop), and jobs whose room is taken, waiting for a connection (`ready`).
     jobs: deque[Job] = field(default_factory=deque)
+    asking: tuple[Job, defer.Deferred[bool]] | None = None
+    ready: deque[Job] = field(default_factory=deque)
+    sending: int = 0  # connections with a job (its room taken) under way
+    # Connections between one job and the next: they take a ready job themselves, so no
+    # connection is opened for it (see QueueRunner._pump).
+    finishing: int = 0
     active: int = 0
     connecting: int = 0
     established: int = 0
@@ -968,21 +996,19 @@ class QueueRunner:
         that wants more connections than it got waits its turn in `_slot_wait`."""
         now = self.clock.seconds()
         if hq.is_dead(now):
-            while hq.jobs:
-                job = hq.jobs.popleft()
-                self._fail(job, job.recipients, hq.dead_reason,
-                           permanent=hq.dead_permanent, hop=hq.hop.label, now=now)
-            return
-        while hq.jobs and hq.idle:
-            d, _since = hq.idle.popleft()
-            d.callback(hq.jobs.popleft())
-        if not self.running:
+            self._fail_all(hq, now)
             return
         if hq.limit < self.settings.hop_concurrency and now >= hq.limit_until:
             hq.limit = self.settings.hop_concurrency  # (refused once: try at full again)
+        self._ask_room(hq)
+        while hq.ready and hq.idle:
+            d, _since = hq.idle.popleft()
+            d.callback(hq.ready.popleft())
+        if not self.running:
+            return
         while (
-            hq.jobs and hq.active < hq.limit
-            and len(hq.jobs) > hq.connecting
+            hq.ready and hq.active < hq.limit
+            and len(hq.ready) > hq.connecting + hq.finishing
         ):
             if self.connections >= self.settings.max_connections or most == 0:
                 if hq.hop not in self._slot_wait:
@@ -1000,12 +1026,65 @@ class QueueRunner:
             self.connections += 1
             self._track(defer.Deferred.fromCoroutine(self._worker(hq)))
 
+    def _fail_all(self, hq: HopQueue, now: float) -> None:
+        """Fail every job of a hop known to be down, giving back the room of those that
+        had it."""
+        failed: list[Job] = []
+        if hq.asking is not None:
+            job, asking = hq.asking
+            hq.asking = None
+            asking.cancel()
+            failed.append(job)
+        while hq.ready:
+            job = hq.ready.popleft()
+            self.send_memory.give(job.size)
+            failed.append(job)
+        failed.extend(hq.jobs)
+        hq.jobs.clear()
+        for job in failed:
+            self._fail(job, job.recipients, hq.dead_reason, permanent=hq.dead_permanent,
+                       hop=hq.hop.label, now=now)
+
+    def _ask_room(self, hq: HopQueue) -> None:
+        """Take room in the send memory for the hop's next jobs (to `ready`), as many as it
+        may send at once (its connection limit, or its fair share while other hops wait
+        for a connection). The first that must wait asks (`asking`) and the hop's jobs
+        behind it wait for it: one wait a hop, so that a hop's backlog takes its turns
+        among the other hops' messages instead of going ahead of them all."""
+        if not self.running:
+            return
+        most = hq.limit
+        if self._others_wait(hq):
+            most = min(most, self._fair_share())
+        while hq.jobs and hq.asking is None and len(hq.ready) + hq.sending < most:
+            job = hq.jobs.popleft()
+            if self.send_memory.take_now(job.size):
+                hq.ready.append(job)
+                continue
+            asking = self.send_memory.take(job.size)
+            hq.asking = (job, asking)
+            asking.addCallbacks(self._room_taken, self._ask_cancelled,
+                                callbackArgs=(hq, job))
+
+    def _room_taken(self, taken: bool, hq: HopQueue, job: Job) -> None:
+        """The room `hq`'s asking job waited for is taken (False: the runner stops)."""
+        hq.asking = None
+        if not taken:
+            self._left_at_stop(job)
+            return
+        hq.ready.append(job)
+        self._pump(hq)
+
+    @staticmethod
+    def _ask_cancelled(failure: Failure) -> None:
+        failure.trap(defer.CancelledError)  # (its hop is down: _fail_all failed its job)
+
     def _end_an_idle_connection(self) -> None:
         """End one connection that idles with nothing to send (it QUITs and gives its slot
         to the hops waiting): a hop that starts waiting would otherwise wait for another
         hop's `connection_idle`."""
         for other in self.hops.values():
-            if other.idle and not other.jobs:
+            if other.idle and not other.ready:
                 d, _since = other.idle.popleft()
                 d.callback(None)
                 return
@@ -1042,7 +1121,8 @@ class QueueRunner:
         """Drop `hq` once it holds nothing: no jobs, no connections, and no `dead_until`
         still to come. Every hop that once failed was kept for ever (about 2 KB each, and
         bounces reach an unbounded set of hops)."""
-        if hq.jobs or hq.active or hq.idle or hq.dead_until > self.clock.seconds():
+        if (hq.jobs or hq.asking is not None or hq.ready or hq.active or hq.idle
+                or hq.dead_until > self.clock.seconds()):
             return
         for timer in (hq.idle_timer, hq.dead_timer):
             if timer is not None and timer.active():
@@ -1065,11 +1145,26 @@ class QueueRunner:
         worker.addBoth(done)
 
     def _next_job(self, hq: HopQueue) -> defer.Deferred[Job | None]:
+        """The hop's next job with its room taken, for a connection that has sent its
+        last; None when the connection is to end. While the next job waits for room the
+        connection idles, holding none."""
+        if not self.running:
+            return defer.succeed(None)  # (a stop: what is ready is left over)
         if self._others_wait(hq) and hq.active > self._fair_share():
             return defer.succeed(None)  # (more than its share while others wait: end one)
-        if hq.jobs:
-            return defer.succeed(hq.jobs.popleft())
-        if not self.running or self._slot_wait:
+        if hq.ready:
+            return defer.succeed(hq.ready.popleft())
+        if (hq.jobs and hq.asking is None and not self._slot_wait
+                and hq.sending < hq.limit and self.send_memory.take_now(hq.jobs[0].size)):
+            return defer.succeed(hq.jobs.popleft())  # (the usual case: room at once)
+        hq.finishing += 1
+        try:
+            self._pump(hq)  # (room for the next jobs; no connection for the one it takes)
+        finally:
+            hq.finishing -= 1
+        if hq.ready:
+            return defer.succeed(hq.ready.popleft())
+        if self._slot_wait:
             return defer.succeed(None)  # (other hops wait for a connection: end this one)
         d: defer.Deferred[Job | None] = defer.Deferred()
         hq.idle.append((d, self.clock.seconds()))
@@ -1194,8 +1289,9 @@ class QueueRunner:
                     break
                 if not session.usable:
                     # Closed or dropped while it waited (the hop hung up, or talked unasked):
-                    # the job is another connection's, and no attempt of its own.
-                    hq.jobs.appendleft(job)
+                    # the job (its room kept) is another connection's, and no attempt of its
+                    # own.
+                    hq.ready.appendleft(job)
                     break
                 if not await self._deliver(session, job, hq):
                     break
@@ -1213,23 +1309,18 @@ class QueueRunner:
             self._forget_if_idle(hq)
 
     async def _deliver(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
-        """Send one job on an open session, once `send_memory` has room for its body;
-        returns False when the session is unusable."""
-        if not await self.send_memory.take(job.size):
-            self._left_at_stop(job)
-            return False
+        """Send one job, its room in `send_memory` taken, on an open session and give the
+        room back; returns False when the session is unusable."""
+        hq.sending += 1
         try:
-            if not session.usable:
-                # Dropped while it waited (the hop's own idle timeout): the job is another
-                # connection's, and no attempt of its own.
-                if self.running:
-                    hq.jobs.appendleft(job)
-                else:
-                    self._left_at_stop(job)
-                return False
             return await self._attempt(session, job, hq)
         finally:
-            self.send_memory.give(job.size)
+            hq.sending -= 1
+            hq.finishing += 1  # (a job the room given back lets go may be this one's next)
+            try:
+                self.send_memory.give(job.size)
+            finally:
+                hq.finishing -= 1
 
     def _left_at_stop(self, job: Job) -> None:
         """A job not sent because the runner stops: the caller of `stop` releases its
@@ -1238,7 +1329,7 @@ class QueueRunner:
         self.held -= len(job.recipients)
 
     async def _attempt(self, session: SMTPSession, job: Job, hq: HopQueue) -> bool:
-        """`_deliver` with its room taken."""
+        """`_deliver`'s send."""
         hop = hq.hop.label
         body = self.bodies.get(job.message_id)
         if body is None:
@@ -1366,6 +1457,10 @@ class QueueRunner:
                 leftover.extend(r.id for r in rcpts)
                 self.held -= len(rcpts)
         for hq in self.hops.values():
+            while hq.ready:  # (the jobs asking for room were left over by the close)
+                job = hq.ready.popleft()
+                self.send_memory.give(job.size)
+                hq.jobs.appendleft(job)
             while hq.jobs:
                 job = hq.jobs.popleft()
                 leftover.extend(r.id for r in job.recipients)

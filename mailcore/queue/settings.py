@@ -27,7 +27,8 @@ stop_grace = 10.0            # at stop, deliveries under way get this long to en
 max_in_memory = 10000        # recipients the runner holds at once
 body_cache_bytes = 67108864  # message bodies kept in memory from accept to send (0: none)
 max_send_memory = 1073741824  # octets of bodies delivery attempts hold, all together: past
-                              # it an attempt waits for another to end (one always goes)
+                              # it an attempt waits, unconnected, for another to end (one
+                              # always goes)
 batch_max_messages = 256     # messages accepted in one group commit, at most ...
 batch_max_bytes = 16777216   # ... and their bytes
 # Routing and TLS
@@ -116,9 +117,10 @@ class QueueSettings:
     max_in_memory: int = 10000
     body_cache_bytes: int = 64 * 1024 * 1024
     # The octets of message bodies that delivery attempts hold together, from before the
-    # body is loaded until the attempt ends (a next hop that reads slowly keeps one for up
-    # to data_timeout): an attempt that would pass it waits until another ends; one attempt
-    # always goes, whatever its size. Without it, max_connections x max_message_size.
+    # attempt takes a connection until it ends (a next hop that reads slowly keeps one for
+    # up to data_timeout): an attempt that would pass it waits, holding no connection,
+    # until another ends; one attempt always goes, whatever its size. Without it,
+    # max_connections x max_message_size.
     max_send_memory: int = 1024 * 1024 * 1024
     # Group commit caps.
     batch_max_messages: int = 256

@@ -290,6 +290,8 @@ class ScriptedConnector(Connector):
         self.break_during_send = False
         self.peer_name_mismatch = False
         self.stall_connect = False  # connections that never open (nor fail)
+        # Hosts whose connections open or fail when the test fires their Deferred (here).
+        self.pending: dict[str, list[defer.Deferred[Any]]] = {}
 
     def reply_for(self, address: str) -> tuple[int, tuple[str, ...]]:
         return self.replies.get(address, (250, ("2.1.5 Ok",)))
@@ -298,6 +300,10 @@ class ScriptedConnector(Connector):
         self.connects.append(hop)
         if self.stall_connect:
             return defer.Deferred()
+        if hop.host in self.pending:
+            pending: defer.Deferred[Any] = defer.Deferred()
+            self.pending[hop.host].append(pending)
+            return pending
         if hop in self.down:
             return defer.fail(ConnectionRefusedError("Connection refused"))
         return defer.succeed(FakeSession(self, hop))
