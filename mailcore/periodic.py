@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import Any, Generic, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -107,3 +108,36 @@ class PeriodicService(Service):
             return
         if mine:
             await defer.maybeDeferred(self.tick)
+
+
+class Sweeper(PeriodicService, Generic[T]):
+    """A PeriodicService whose tick is one clean-up of the store (`sweep()`: deleting what
+    nothing needs any more) every `every` seconds. A failed sweep is logged (`failed`, the
+    line) and tried again at the next tick; a finished one is told to `swept` (a subclass
+    logs what it removed). Every node may run one whose deletes are idempotent."""
+
+    failed = "a sweep failed"
+
+    def __init__(self, clock: IReactorTime, every: float) -> None:
+        self.clock = clock
+        self.every = every
+
+    def interval(self) -> float:
+        return self.every
+
+    def sweep(self) -> Awaitable[T]:  # pragma: no cover - every subclass says
+        raise NotImplementedError
+
+    def swept(self, result: T) -> None:
+        """What the sweep did (`sweep()`'s result): nothing to tell by default."""
+
+    def tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            result = await self.sweep()
+        except Exception:
+            log_failure(log, self.failed)
+            return
+        self.swept(result)

@@ -9,14 +9,12 @@ Limits that only pace load (per user requests a second) stay in each process's m
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailcore.outages import log_failure
-from mailcore.periodic import PeriodicService
+from mailcore.periodic import Sweeper
 from mailcore.store.database import Database
 from mailcore.store.rates import thd_available, thd_sweep, thd_take
 
@@ -56,25 +54,16 @@ class SharedBuckets:
         return await self.db.run("rate_sweep", thd_sweep, self.clock.seconds())
 
 
-class BucketSweeper(PeriodicService):
+class BucketSweeper(Sweeper[int]):
     """Deletes the shared buckets that are full again, every SWEEP_INTERVAL seconds (every
     node may run it: the delete is idempotent)."""
 
     name = "rate-bucket-sweeper"
+    failed = "sweeping the shared rate-limit buckets failed"
 
     def __init__(self, buckets: SharedBuckets, every: float = SWEEP_INTERVAL) -> None:
+        super().__init__(buckets.clock, every)
         self.buckets = buckets
-        self.clock = buckets.clock
-        self.every = every
 
-    def interval(self) -> float:
-        return self.every
-
-    def tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._sweep())
-
-    async def _sweep(self) -> None:
-        try:
-            await self.buckets.sweep()
-        except Exception:
-            log_failure(log, "sweeping the shared rate-limit buckets failed")
+    def sweep(self) -> Awaitable[int]:
+        return self.buckets.sweep()

@@ -28,19 +28,17 @@ own). /metrics counts every refusal: `mailcore_api_sends_refused_total{api, wind
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Connection
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.config import ConfigError, refuse_unknown
-from mailcore.outages import log_failure
-from mailcore.periodic import PeriodicService
+from mailcore.periodic import Sweeper
 from mailcore.store.database import Database
 from mailcore.store.sends import (
     SendVerdict,
@@ -173,26 +171,17 @@ class SendCaps:
                                  self.clock.seconds() - longest)
 
 
-class SendsSweeper(PeriodicService):
+class SendsSweeper(Sweeper[int]):
     """Deletes the sends no cap counts any more, every SWEEP_INTERVAL seconds (a user's
     own are deleted by its next send; these are the users who stopped sending). Every node
     may run it: the delete is idempotent."""
 
     name = "api-sends-sweeper"
+    failed = "sweeping the API sends no cap counts failed"
 
     def __init__(self, caps: SendCaps, every: float = SWEEP_INTERVAL) -> None:
+        super().__init__(caps.clock, every)
         self.caps = caps
-        self.clock = caps.clock
-        self.every = every
 
-    def interval(self) -> float:
-        return self.every
-
-    def tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._sweep())
-
-    async def _sweep(self) -> None:
-        try:
-            await self.caps.sweep()
-        except Exception:
-            log_failure(log, "sweeping the API sends no cap counts failed")
+    def sweep(self) -> Awaitable[int]:
+        return self.caps.sweep()

@@ -16,21 +16,20 @@ import hmac
 import re
 import secrets as _random
 import unicodedata
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 import idna
 from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.gateway.domains import DomainError, normalise_host_name, thd_owner_changed
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
-from mailcore.outages import log_failure
-from mailcore.periodic import PeriodicService
+from mailcore.periodic import Sweeper
 from mailcore.store import Database
 from mailcore.store.schema import credentials, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, has_surrogate, not_text
@@ -885,28 +884,20 @@ def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) 
     )
 
 
-class CredentialSweeper(PeriodicService):
+class CredentialSweeper(Sweeper[int]):
     """Purges expired credentials every `every` seconds on `clock` (every node may run it:
     the delete is idempotent). Failures are logged and tried again next time."""
 
     name = "credential-sweeper"
+    failed = "purging expired credentials failed"
 
     def __init__(self, identity: Identity, clock: IReactorTime, every: float = 3600.0) -> None:
+        super().__init__(clock, every)
         self.identity = identity
-        self.clock = clock
-        self.every = every
 
-    def interval(self) -> float:
-        return self.every
+    def sweep(self) -> Awaitable[int]:
+        return self.identity.purge_expired()
 
-    def tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._sweep())
-
-    async def _sweep(self) -> None:
-        try:
-            purged = await self.identity.purge_expired()
-        except Exception:
-            log_failure(log, "purging expired credentials failed")
-            return
+    def swept(self, purged: int) -> None:
         if purged:
             log.info("purged {n} expired credentials", n=purged)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from io import BytesIO
@@ -86,8 +86,7 @@ from mailcore.mailapi.listing import (
 )
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_hold_mailbox, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
-from mailcore.outages import log_failure
-from mailcore.periodic import PeriodicService
+from mailcore.periodic import Sweeper
 from mailcore.queue.model import SERVED
 from mailcore.sendcaps import SendCaps
 from mailcore.smtp.queueid import new_queue_id
@@ -917,7 +916,7 @@ def _home(rights: Holdings, mail_from: str, user_email: str,
     return by_address[keeping][0] if keeping is not None else None
 
 
-class MailFilesSweeper(PeriodicService):
+class MailFilesSweeper(Sweeper[int]):
     """Removes the Mail API's files no row names (MailService.sweep) at start and every
     `[mailapi] file_sweep_interval` seconds. The nodes sharing a PostgreSQL store share its
     `files_dir` too, so the Core gives it the store's job leases: one node of them sweeps
@@ -925,23 +924,15 @@ class MailFilesSweeper(PeriodicService):
     as it costs one)."""
 
     name = "mailapi_files_sweep"
+    failed = "sweeping the Mail API's files failed"
 
     def __init__(self, mail: MailService, interval: float) -> None:
+        super().__init__(mail.clock, interval)
         self.mail = mail
-        self.clock = mail.clock
-        self._interval = interval
 
-    def interval(self) -> float:
-        return self._interval
+    def sweep(self) -> Awaitable[int]:
+        return self.mail.sweep()
 
-    def tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._sweep())
-
-    async def _sweep(self) -> None:
-        try:
-            removed = await self.mail.sweep()
-        except Exception:
-            log_failure(log, "sweeping the Mail API's files failed")
-            return
+    def swept(self, removed: int) -> None:
         if removed:
             log.info("removed {n} Mail API files no mail names", n=removed)

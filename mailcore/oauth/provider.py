@@ -15,6 +15,7 @@ import datetime
 import json
 import re
 import secrets as _random
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
@@ -26,7 +27,6 @@ from oauthlib.oauth2.rfc6749.errors import (
     InvalidRequestError,
 )
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -36,8 +36,7 @@ from mailcore.identity.service import thd_get_user, thd_hold_live_credential, ut
 from mailcore.oauth.redirects import is_loopback_redirect, normal_redirect_uri
 from mailcore.oauth.settings import CODE_RETENTION, OAuthSettings
 from mailcore.oauth.validator import SCOPES, GrantLost, StoreValidator, redirect_uris
-from mailcore.outages import log_failure
-from mailcore.periodic import PeriodicService
+from mailcore.periodic import Sweeper
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, not_text
@@ -491,29 +490,22 @@ def _thd_prune_codes(conn: Connection, before: datetime.datetime) -> int:
     return int(conn.execute(delete(oauth_codes).where(c.id.in_(ids))).rowcount or 0)
 
 
-class OAuthPruner(PeriodicService):
+class OAuthPruner(Sweeper[tuple[int, int]]):
     """Runs `OAuthProvider.prune` every PRUNE_INTERVAL seconds. Every node may run it: the
     deletes are idempotent."""
 
     name = "oauth-pruner"
+    failed = "pruning the OAuth codes and tokens failed"
 
     def __init__(self, oauth: OAuthProvider, every: float = PRUNE_INTERVAL) -> None:
+        super().__init__(oauth.clock, every)
         self.oauth = oauth
-        self.clock = oauth.clock
-        self.every = every
 
-    def interval(self) -> float:
-        return self.every
+    def sweep(self) -> Awaitable[tuple[int, int]]:
+        return self.oauth.prune()
 
-    def tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._prune())
-
-    async def _prune(self) -> None:
-        try:
-            codes, tokens = await self.oauth.prune()
-        except Exception:
-            log_failure(log, "pruning the OAuth codes and tokens failed")
-            return
+    def swept(self, pruned: tuple[int, int]) -> None:
+        codes, tokens = pruned
         if codes or tokens:
             log.info("pruned {codes} OAuth codes and {tokens} tokens no request can use",
                      codes=codes, tokens=tokens)
