@@ -46,6 +46,10 @@ _BIDI_CONTROL = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 # Cc (but TAB and LF) and U+2028/U+2029: what a log line may not hold as it is.
 _LOG_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# What `escape_controls` writes as an escape for a terminal: the controls above and the
+# bidirectional controls, which would reorder what follows them on the operator's screen.
+_SHOWN_ESCAPED = re.compile(f"{_CONTROL.pattern}|{_BIDI_CONTROL.pattern}")
+_LOG_SHOWN_ESCAPED = re.compile(f"{_LOG_CONTROL.pattern}|{_BIDI_CONTROL.pattern}")
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -56,11 +60,13 @@ def _escaped(match: re.Match[str]) -> str:
 def escape_controls(text: str, *, keep_lines: bool = False) -> str:
     """`text` with each control character written as `\\xNN` (`\\u2028` ...): for what an
     operator reads in a terminal (the log, the CLI's tables), where a remote party's ESC
-    sequence, CR or BEL would otherwise act. With `keep_lines`, TAB and LF stay as they
-    are (the log writer indents a continued line)."""
+    sequence, CR or BEL would otherwise act, and each bidirectional control too
+    (`\\u202e`): an OAuth app named "invoice\\u202efdp.exe" is listed as written, not
+    reordered to read "invoiceexe.pdf". With `keep_lines`, TAB and LF stay as they are (the
+    log writer indents a continued line)."""
     if text.isprintable():
         return text
-    return (_LOG_CONTROL if keep_lines else _CONTROL).sub(_escaped, text)
+    return (_LOG_SHOWN_ESCAPED if keep_lines else _SHOWN_ESCAPED).sub(_escaped, text)
 
 
 def has_control(text: str) -> bool:
