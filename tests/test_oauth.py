@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any, cast
 from urllib.parse import quote, urlencode
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -599,6 +600,27 @@ class PruneTests(Base):
         await self.web.core.db.read("wait", lambda conn: None)
         self.assertEqual(await self.rows(), ([], []))
 
+
+    async def test_the_prune_reads_no_whole_table(self) -> None:
+        """Each of the prune's statements finds its rows through an index (migration 0060):
+        without one it read all of oauth_tokens and oauth_codes every hour."""
+        await self.client.code()
+        plans: list[str] = []
+
+        def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                    executemany: bool) -> None:
+            if not executemany and statement.lstrip()[:6].upper() in ("SELECT", "DELETE"):
+                plans.extend(row[3] for row in cursor.connection.execute(
+                    "EXPLAIN QUERY PLAN " + statement, parameters))
+
+        engine = self.web.core.db.engine
+        event.listen(engine, "before_cursor_execute", explain)
+        try:
+            await self.web.core.oauth.prune()
+        finally:
+            event.remove(engine, "before_cursor_execute", explain)
+        self.assertTrue(plans)
+        self.assertEqual([p for p in plans if re.match(r"SCAN oauth_(tokens|codes)\b", p)], [])
 
     def test_revoked_token_days_is_read(self) -> None:
         self.assertEqual(OAuthSettings().revoked_token_retention, 30 * 86400)

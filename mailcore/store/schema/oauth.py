@@ -54,6 +54,7 @@ oauth_codes = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True), nullable=True),
     Index("ix_oauth_codes_app_user", "app_id", "user_id"),
+    Index("ix_oauth_codes_expires_at", "expires_at"),  # the prune (migration 0060)
 )
 
 oauth_tokens = Table(
@@ -73,4 +74,5 @@ oauth_tokens = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Index("ix_oauth_tokens_app_user", "app_id", "user_id"),
     Index("ix_oauth_tokens_code_id", "code_id"),
+    Index("ix_oauth_tokens_revoked_at", "revoked_at"),  # the prune (migration 0060)
 )
