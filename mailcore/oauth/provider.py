@@ -311,22 +311,7 @@ class OAuthProvider:
         uri = _request_uri(uri)
 
         def txn(conn: Connection) -> Consent:
-            server = self._server(conn, now)
-            try:
-                scopes, credentials = server.validate_authorization_request(uri)
-            except FatalClientError as e:
-                raise AuthorizationRefused(_describe(e)) from None
-            except OAuth2Error as e:
-                raise AuthorizationRedirect(e.in_uri(e.redirect_uri)) from None
-            request = credentials["request"]
-            refusal = _challenge_refusal(request.code_challenge, request.code_challenge_method)
-            if refusal is not None:
-                error = _invalid_request(refusal, request)
-                raise AuthorizationRedirect(error.in_uri(credentials["redirect_uri"]))
-            return Consent(
-                app=_app(request.client.row), scopes=tuple(scopes),
-                redirect_uri=credentials["redirect_uri"], state=credentials.get("state"),
-            )
+            return _thd_checked(self._server(conn, now), uri)[0]
 
         return await self.db.read("oauth_consent", txn)
 
@@ -339,29 +324,24 @@ class OAuthProvider:
         the code is made (SessionEnded otherwise), so that no code is made on the strength
         of a session a password change ended meanwhile.
 
-        The request is checked again in the transaction that makes the code: an app removed,
-        or its redirect URIs changed, since `consent` passed is AuthorizationRefused (or
-        AuthorizationRedirect) as `consent` would have said, never oauthlib's error."""
-        consent = await self.consent(uri)
+        The request is checked again, as `consent` checks it (`_thd_checked`), in the
+        transaction that makes the code: an app removed, or its redirect URIs changed, since
+        `consent` passed is AuthorizationRefused (or AuthorizationRedirect) as `consent`
+        would have said, never oauthlib's error."""
+        await self.consent(uri)  # a request refused already is not held up by the write lane
         now = self.now()
         uri = _request_uri(uri)
 
         def txn(conn: Connection) -> str:
+            server = self._server(conn, now)
+            consent, request = _thd_checked(server, uri)
             if session_id is not None and not thd_hold_live_credential(
                     conn, session_id, user_id, now):
                 raise SessionEnded()
-            server = self._server(conn, now)
-            try:
-                scopes, credentials = server.validate_authorization_request(uri)
-            except FatalClientError as e:
-                raise AuthorizationRefused(_describe(e)) from None
-            except OAuth2Error as e:
-                raise AuthorizationRedirect(e.in_uri(e.redirect_uri)) from None
             if not allow:
-                error = _access_denied(credentials["request"])
-                return str(error.in_uri(consent.redirect_uri))
+                return str(_access_denied(request).in_uri(consent.redirect_uri))
             headers, _, _ = server.create_authorization_response(
-                uri, scopes=scopes, credentials={"user": user_id}
+                uri, scopes=list(consent.scopes), credentials={"user": user_id}
             )
             return str(headers["Location"])
 
@@ -471,6 +451,29 @@ _LIVE_TOKEN = select(oauth_tokens.c.id, oauth_tokens.c.user_id, oauth_tokens.c.s
 PRUNE_BATCH = 5000
 # How often OAuthPruner prunes.
 PRUNE_INTERVAL = 3600.0
+
+
+def _thd_checked(server: WebApplicationServer, uri: str) -> tuple[Consent, Any]:
+    """Blocking, in a transaction: the authorization request in `uri` checked as the consent
+    page and the decision both check it (oauthlib's validation, then the PKCE challenge),
+    and oauthlib's request. Raises AuthorizationRefused when no redirect may happen, or
+    AuthorizationRedirect with the error's Location."""
+    try:
+        scopes, credentials = server.validate_authorization_request(uri)
+    except FatalClientError as e:
+        raise AuthorizationRefused(_describe(e)) from None
+    except OAuth2Error as e:
+        raise AuthorizationRedirect(e.in_uri(e.redirect_uri)) from None
+    request = credentials["request"]
+    refusal = _challenge_refusal(request.code_challenge, request.code_challenge_method)
+    if refusal is not None:
+        error = _invalid_request(refusal, request)
+        raise AuthorizationRedirect(error.in_uri(credentials["redirect_uri"]))
+    consent = Consent(
+        app=_app(request.client.row), scopes=tuple(scopes),
+        redirect_uri=credentials["redirect_uri"], state=credentials.get("state"),
+    )
+    return consent, request
 
 
 def _thd_prune_tokens(conn: Connection, before: datetime.datetime) -> int:
