@@ -26,11 +26,10 @@ import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, exists, insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import ColumnElement, Connection, and_, delete, exists, select
 
 from mailcore.fetch.engine import SyncResult
+from mailcore.messages.sql import insert_rows
 from mailcore.messages.store import thd_get_messages
 from mailcore.store.schema import fetch_accounts, webhook_events
 from mailcore.webhooks.model import BATCH
@@ -49,18 +48,6 @@ def _wanted(conn: Connection, user_id: int) -> set[str]:
     return {event for hook in thd_subscribers(conn, user_id) for event in hook.events}
 
 
-def _insert(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Insert pending events; one already pending (a thread told once) is left as it is."""
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        conn.execute(pg_insert(webhook_events).on_conflict_do_nothing(), rows)
-    elif conn.dialect.name == "sqlite":
-        conn.execute(sqlite_insert(webhook_events).on_conflict_do_nothing(), rows)
-    else:  # pragma: no cover - the two supported backends are above
-        conn.execute(insert(webhook_events), rows)
-
-
 def thd_record_batch(conn: Connection, user_id: int, account_id: int,
                      created: Sequence[int], thread_ids: Collection[int], now: float) -> None:
     """Blocking, in the transaction that stores a sync's batch: its new e-mails and their
@@ -76,7 +63,7 @@ def thd_record_batch(conn: Connection, user_id: int, account_id: int,
         rows += [{"user_id": user_id, "account_id": account_id, "event": "thread.updated",
                   "ref_id": thread_id, "data": None, "created_at": now}
                  for thread_id in sorted(set(thread_ids))]
-    _insert(conn, rows)
+    insert_rows(conn, webhook_events, rows, skip_existing=True)
 
 
 def sync_completed_data(result: SyncResult) -> dict[str, Any]:
@@ -92,12 +79,12 @@ def thd_record_outcome(conn: Connection, result: SyncResult, now: float) -> None
     """Blocking, in the transaction that records a sync's outcome: its sync.completed as a
     pending event, if a webhook of the user wants it."""
     if "sync.completed" in _wanted(conn, result.user_id):
-        _insert(conn, [{
+        insert_rows(conn, webhook_events, [{
             "user_id": result.user_id, "account_id": result.account_id,
             "event": "sync.completed", "ref_id": None,
             "data": json.dumps(sync_completed_data(result), separators=(",", ":")),
             "created_at": now,
-        }])
+        }], skip_existing=True)
 
 
 def thd_not_syncing(now: float, node_id: str | None, running: Sequence[int]) -> ColumnElement[
