@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.config import ConfigError, refuse_unknown
+from mailcore.identity.service import thd_get_user
 from mailcore.periodic import Sweeper
 from mailcore.store.database import Database
 from mailcore.store.sends import (
@@ -45,7 +46,6 @@ from mailcore.store.sends import (
     Window,
     thd_sweep_sends,
     thd_take_sends,
-    thd_user_name,
 )
 
 log = Logger()
@@ -155,9 +155,10 @@ class SendCaps:
             self._refused = {u: t for u, t in self._refused.items()
                              if now - t < SPELL_QUIET}
         try:
-            name = await self.db.read("user_name", thd_user_name, user_id)
+            user = await self.db.read("get_user", thd_get_user, user_id)
         except Exception:
-            name = None
+            user = None
+        name = None if user is None else f"{user.username} <{user.email}>"
         log.warn("user {user_id} ({name}) reached its cap on mail the APIs send: {why} "
                  "({api}); its next refusals are not logged until {quiet:g} s pass without "
                  "one", user_id=user_id, name=name or "gone", why=describe(verdict), api=api,

@@ -203,7 +203,7 @@ class ContactBook:
         may write it with the fewest digits that read back as it: within 8 of the old id)."""
         if wanted <= MAX_CONTACT_ID:
             return self.by_id.get(wanted)
-        rounded: dict[int, Contact] = {}
+        rounded: list[Contact] = []  # each old id is one contact's: none comes twice
         for old in range(wanted - 8, wanted + 9):
             found = self.by_id.get(old & MAX_CONTACT_ID)
             if found is None or old_contact_id(found.email) != old:
@@ -211,8 +211,8 @@ class ContactBook:
             if old == wanted:
                 return found
             if float(old) == float(wanted):
-                rounded[found.id] = found
-        return next(iter(rounded.values())) if len(rounded) == 1 else None
+                rounded.append(found)
+        return rounded[0] if len(rounded) == 1 else None
 
 
 def make_book(contacts: list[Contact]) -> ContactBook:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, text
 
-from mailcore.store.schema import api_sends, users
+from mailcore.store.schema import api_sends
 
 _s = api_sends.c
 
@@ -45,11 +45,14 @@ class SendVerdict:
     longest wait of the windows that refuse it), None when it never can (more recipients
     than the cap)."""
 
-    allowed: bool
     recipients: int
-    window: Window | None = None
+    window: Window | None = None  # None: it passes
     used: int = 0
     retry_after: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.window is None
 
 
 def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
@@ -61,10 +64,10 @@ def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
     writers take turns anyway. Without `take` (a check that sends nothing) no lock is
     taken and nothing is written."""
     if not windows or recipients <= 0:
-        return SendVerdict(True, recipients)
+        return SendVerdict(recipients)
     for window in windows:
         if recipients > window.cap:
-            return SendVerdict(False, recipients, window)
+            return SendVerdict(recipients, window)
     if take:
         if conn.dialect.name == "postgresql":
             conn.execute(_LOCK, {"key": _SEND_LOCK + user_id})
@@ -78,12 +81,12 @@ def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
             continue
         wait = _wait(conn, user_id, now, window, used + recipients - window.cap)
         if refused is None or wait > (refused.retry_after or 0):
-            refused = SendVerdict(False, recipients, window, used, wait)
+            refused = SendVerdict(recipients, window, used, wait)
     if refused is not None:
         return refused
     if take:
         conn.execute(_RECORD, {"user_id": user_id, "at": now, "recipients": recipients})
-    return SendVerdict(True, recipients)
+    return SendVerdict(recipients)
 
 
 def _wait(conn: Connection, user_id: int, now: float, window: Window, excess: int) -> int:
@@ -103,10 +106,3 @@ def thd_sweep_sends(conn: Connection, before: float) -> int:
     """Delete the sends made at or before `before` (no window counts them); how many."""
     return int(conn.execute(delete(api_sends).where(_s.at <= before)).rowcount or 0)
 
-
-def thd_user_name(conn: Connection, user_id: int) -> str | None:
-    """The user's name and address as the log shows them ("bob <bob@x.test>"), None when
-    it is gone."""
-    row = conn.execute(select(users.c.username, users.c.email)
-                       .where(users.c.id == user_id)).first()
-    return None if row is None else f"{row.username} <{row.email}>"
