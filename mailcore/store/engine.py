@@ -17,7 +17,9 @@ A search of user text without the full-text index (an attachment's name, type or
 description) asks `ilike`: PostgreSQL's ILIKE, and on SQLite, whose LIKE and lower() fold
 ASCII letters only, LIKE over `SQLITE_LOWER`, Python's str.lower registered on every SQLite
 connection under a name of its own (SQLite's lower() is left as it is: the unique indexes
-on lower(username) and lower(email) were built with it).
+on lower(username) and lower(email) were built with it); on PostgreSQL, ILIKE under ICU's
+root collation (`PG_FOLDING_COLLATION`) where the server has it, so that it folds every
+letter whatever the database's LC_CTYPE (in the C locale ILIKE folds ASCII only).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sqlalchemy import (
     event,
     func,
     or_,
+    text,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
@@ -99,6 +102,25 @@ WRITE_INTENT = "mailcore_write"
 SQLITE_LOWER = "mailcore_lower"
 
 
+# The PostgreSQL collation `ilike` folds under: ICU's root locale, which lower-cases every
+# letter as Unicode says, in any database (its own LC_CTYPE may be C). A server built
+# without ICU has none; `ilike` then folds as the database's LC_CTYPE does.
+PG_FOLDING_COLLATION = "und-x-icu"
+# Key in Connection.info: whether this PostgreSQL connection's server has it.
+_PG_HAS_FOLDING = "mailcore_pg_has_folding_collation"
+
+
+def _pg_has_folding_collation(conn: Connection) -> bool:
+    """Whether the server of `conn` has `PG_FOLDING_COLLATION` (asked once a connection)."""
+    known = conn.info.get(_PG_HAS_FOLDING)
+    if known is None:
+        known = conn.execute(
+            text("SELECT 1 FROM pg_collation WHERE collname = :name"),
+            {"name": PG_FOLDING_COLLATION}).first() is not None
+        conn.info[_PG_HAS_FOLDING] = known
+    return bool(known)
+
+
 def _unicode_lower(value: object) -> object:
     return value.lower() if type(value) is str else value
 
@@ -110,9 +132,10 @@ def like_pattern(query: str) -> str:
 
 
 def ilike(conn: Connection, column: Any, pattern: str) -> ColumnElement[bool]:
-    """`column ILIKE pattern` (escape character `\\`), with the same answer on SQLite as on
-    PostgreSQL (in a UTF-8 locale) for letters beyond ASCII: "RÉSUMÉ" finds "résumé.pdf" on
-    both (SQLite's LIKE folds ASCII only, so it found nothing there).
+    """`column ILIKE pattern` (escape character `\\`), folding every letter on SQLite and
+    PostgreSQL alike: "RÉSUMÉ" finds "résumé.pdf" on both (SQLite's LIKE folds ASCII only,
+    and so does PostgreSQL's ILIKE in a database of the C locale, unless asked under
+    `PG_FOLDING_COLLATION`).
 
     On SQLite, `SQLITE_LOWER` (a call into Python, some 0.5 us a value) runs only for a
     value with a character beyond ASCII (its length in characters below its length in
@@ -122,6 +145,8 @@ def ilike(conn: Connection, column: Any, pattern: str) -> ColumnElement[bool]:
         beyond_ascii = func.length(column) < func.length(cast(column, LargeBinary))
         return or_(column.like(lowered, escape="\\"), and_(
             beyond_ascii, getattr(func, SQLITE_LOWER)(column).like(lowered, escape="\\")))
+    if _pg_has_folding_collation(conn):
+        column = column.collate(PG_FOLDING_COLLATION)
     matched: ColumnElement[bool] = column.ilike(pattern, escape="\\")
     return matched
 
