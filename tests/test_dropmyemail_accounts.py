@@ -11,6 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
+import web.api
 from mailcore.backup import (
     GOOGLE_REFUSAL,
     BackupAccounts,
@@ -27,6 +28,7 @@ from tests.support.fetchenv import make_env
 from tests.support.oauth import access_token
 from tests.support.reactor import get_reactor
 from tests.support.web import Web
+from web.parsing import read_fields
 
 
 class HostRuleTests(TestCase):
@@ -252,6 +254,21 @@ class BodyTokenTests(ApiBase):
         status, _, body = await self.web.call("PUT", "/v1/accounts/999", headers=bearer,
                                               data={"port": "993"})
         self.assertEqual(status, 404, body)
+
+    async def test_the_body_is_parsed_once(self) -> None:
+        """The check for a token in the body and the route read the fields the body was
+        parsed into once (web.api.ApiApp.fields), not a parse each."""
+        parsed: list[int] = []
+
+        def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            parsed.append(1)
+            return read_fields(*args, **kwargs)
+
+        self.patch(web.api, "read_fields", counting)
+        status, _, body = await self.web.call(
+            "PUT", "/v1/accounts/999", headers={"Authorization": f"Bearer {self.token}"},
+            data={"port": "993"})
+        self.assertEqual((status, len(parsed)), (404, 1), body)
 
 
 class MailboxInputTests(ApiBase):

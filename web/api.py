@@ -14,7 +14,7 @@ logged and the connection dropped (`drop_connection`), so the client sees a cut-
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit
 
 from klein import Klein
@@ -227,7 +227,19 @@ class ApiApp:
     def fields(self, request: IRequest, *, untyped_form: bool = False) -> dict[str, Any]:
         """Input fields from a JSON, form-encoded or multipart body (`untyped_form`: a body
         without a Content-Type is form-encoded), each at most `[web] json_max_body` (files
-        come only to the upload paths, web.root.upload_paths)."""
+        come only to the upload paths, web.root.upload_paths). The body is parsed once a
+        request: a check made before the route (a credential in the body: the Mail API's
+        `body_credential`, Dropmyemail's `_no_body_token`) and the route both ask, and each
+        gets a copy of its own (a route may change what it got)."""
+        kept = getattr(request, "api_fields", None)
+        if kept is None or kept[0] != untyped_form:
+            kept = (untyped_form, self.parse_fields(request, untyped_form=untyped_form))
+            cast(Any, request).api_fields = kept
+        return dict(kept[1])
+
+    def parse_fields(self, request: IRequest, *, untyped_form: bool) -> dict[str, Any]:
+        """The body's fields as this API parses them (`fields` keeps them for the
+        request)."""
         return read_fields(request, self.settings.json_max_body, untyped_form=untyped_form)
 
     def json_object(self, request: IRequest) -> dict[str, Any]:

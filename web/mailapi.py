@@ -44,7 +44,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from klein import Klein
 from twisted.logger import Logger
@@ -427,18 +427,12 @@ class MailApiApp(ApiApp):
                              headers=error.headers)
         return super().error_reply(request, error)
 
-    def fields(self, request: IRequest, *, untyped_form: bool = False) -> dict[str, Any]:
+    def parse_fields(self, request: IRequest, *, untyped_form: bool) -> dict[str, Any]:
         """The body's fields, a form field given twice with different values refused (400):
         each field takes one value, and a client sending a list as forms do
         (`to=a&to=b`) would otherwise have its mail sent to the last address only."""
-        # Read once a request: the credential's check (`body_credential`) and the route
-        # both ask (a copy each: a route may change what it got).
-        kept = getattr(request, "mailapi_fields", None)
-        if kept is None or kept[0] != untyped_form:
-            kept = (untyped_form, read_fields(request, self.settings.json_max_body,
-                                              untyped_form=untyped_form, once=True))
-            cast(Any, request).mailapi_fields = kept
-        return dict(kept[1])
+        return read_fields(request, self.settings.json_max_body, untyped_form=untyped_form,
+                           once=True)
 
     async def principal(self, request: IRequest) -> Principal:
         """The auth_key's user within `[web] mailapi_user_rate`, or 401 `{"message":
