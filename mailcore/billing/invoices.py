@@ -447,9 +447,15 @@ class InvoiceService:
         invoice = await self.get(ref, user_id=user_id)
         if invoice is None:
             return None
-        return await self._rendered(invoice)
+        return await self.rendered(invoice)
 
-    async def _rendered(self, invoice: Invoice) -> bytes:
+    def kept_size(self, ref: int) -> int | None:
+        """The length of the invoice's PDF if it is kept (rendered before); None if not.
+        What a HEAD can say of the PDF without rendering it."""
+        kept = self._pdfs.get(ref)
+        return None if kept is None else len(kept)
+
+    async def rendered(self, invoice: Invoice) -> bytes:
         """The PDF of `invoice`: kept, being rendered (waited for), or rendered now on the
         CPU pool."""
         ref = invoice.ref
