@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from twisted.trial.unittest import TestCase
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+import mailcore.backup.mail as backup_mail
 import mailcore.billing.invoices as invoices_module
 from mailcore.config import Config
 from mailcore.fetch.jobs import thd_create_job
@@ -34,6 +35,7 @@ from mailcore.fetch.state import thd_folder
 from mailcore.gateway.quarantine import ToKeep
 from mailcore.mailapi.delivery import LocalMailboxes
 from mailcore.mailapi.files import MailFiles
+from mailcore.messages import parts
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.safedrop.service import link_digest
 from mailcore.store.schema import (
@@ -482,6 +484,57 @@ class HeadReadsNoBodyTests(TestCase):
         ran, _ = await self.head_and_get("dropmyemail", path)
         self.assertEqual([s for s in ran if "message_blobs.raw" in s], [])
         self.assertNotEqual(self.statements.naming("message_blobs.raw"), [])
+
+    async def test_a_backed_up_attachment_is_not_decoded_for_a_head(self) -> None:
+        """A HEAD of a Dropmyemail attachment read its message and decoded the part on the
+        CPU pool (parts.check, or the email package) for its size; it answers from the
+        index now, with the GET's headers."""
+        decoded: list[str] = []
+        check, extract = parts.check, backup_mail.extract_part
+
+        def counting_check(*args: Any) -> Any:
+            decoded.append("check")
+            return check(*args)
+
+        def counting_extract(*args: Any) -> Any:
+            decoded.append("extract")
+            return extract(*args)
+
+        self.patch(parts, "check", counting_check)
+        self.patch(backup_mail, "extract_part", counting_extract)
+        ids = self.estate.ids["dropmyemail"]
+        path = f"/v1/accounts/{ids['account_id']}/attachments/{ids['attachment_id']}"
+        headers = self.estate.credentials["dropmyemail"]
+        answers = []
+        for method in ("HEAD", "GET"):
+            self.web.clock.advance(1)
+            self.statements.seen.clear()
+            response = await self.web.http.request(method, BASE + path, headers=headers)
+            await response.content()
+            # The client takes a GET's Content-Length as the response's length.
+            length = (response.headers.getRawHeaders("content-length") if method == "HEAD"
+                      else [str(response.length)])
+            answers.append((response.code, length,
+                            *(response.headers.getRawHeaders(name)
+                              for name in ("content-type", "cache-control"))))
+            if method == "HEAD":
+                self.assertEqual(decoded, [])
+                self.assertEqual(self.statements.naming("message_blobs.raw"), [])
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0][:2], (200, ["209"]))
+        self.assertEqual(decoded, ["check"])  # the GET's
+        # An attached message listed with size 0 may be one nested too deep for its size
+        # to be known: the HEAD leaves Content-Length out rather than give a wrong one.
+        await self.web.core.db.run("unknown", lambda c: c.execute(
+            message_attachments.update().where(message_attachments.c.id == ids["attachment_id"])
+            .values(mime_type="message/rfc822", size=0)))
+        self.web.clock.advance(1)
+        status, got, _ = await self.web.call("HEAD", path, headers=headers)
+        self.assertEqual((status, header(got, "Content-Length")), (200, None))
+        self.web.clock.advance(1)
+        status, got, body = await self.web.call("GET", path, headers=headers)
+        self.assertEqual(status, 200)
+        self.assertNotEqual(body["size"], 0)
 
     async def test_an_invoice_head_renders_no_pdf(self) -> None:
         """A HEAD of an invoice rendered its PDF (0.13 s of the CPU pool) to give its

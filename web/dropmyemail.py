@@ -35,6 +35,7 @@ from mailcore.backup import (
     Contact,
     NotFound,
     Window,
+    known_size,
 )
 from mailcore.backup.accounts import iso
 from mailcore.backup.contacts import MAX_CONTACT_ID
@@ -42,7 +43,7 @@ from mailcore.fetch.errors import MailboxTaken
 from mailcore.identity import Identity, Principal
 from mailcore.messages.models import MessageSummary
 from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider, token_client
-from web.api import ApiApp
+from web.api import ApiApp, is_head
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
 from web.dropmyemail_jobs import install as install_job_routes
@@ -764,7 +765,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "GET",
         summary="An attachment's file, base64-encoded",
         description="The reply is streamed: the base64 is encoded from the stored message "
-        "a slice at a time as the part is decoded.",
+        "a slice at a time as the part is decoded. A HEAD answers from the backup's index "
+        "without reading the message (no Content-Length for an attached message the index "
+        "lists with size 0: its size may not be known).",
         auth=DROPMYEMAIL,
         scope="attachment",
         replies={200: Reply("The file", FILE)},
@@ -774,6 +777,16 @@ class DropmyemailApp(JobRoutes, ApiApp):
                               attachment_id: int) -> bytes:
         principal = await self.principal(request, "attachment")
         try:
+            if is_head(request):
+                # The headers from the index alone: no message read, no part decoded.
+                entry = await self.attachments.entry(principal.user.id, account_id,
+                                                     attachment_id)
+                size = known_size(entry)
+                await stream_base64_member(
+                    request, {"id": entry.id, "filename": entry.filename,
+                              "mime_type": entry.mime_type, "size": size},
+                    "content", size, ())
+                return b""
             found = await self.attachments.open(principal.user.id, account_id, attachment_id)
         except NotFound:
             raise ApiError(404, "No such attachment.") from None

@@ -98,17 +98,18 @@ async def _write_paced(request: IRequest, prefix: bytes, pieces: AsyncGenerator[
 
 
 async def stream_base64_member(
-    request: IRequest, head: Mapping[str, Any], name: str, size: int,
+    request: IRequest, head: Mapping[str, Any], name: str, size: int | None,
     chunks: Iterable[bytes] | AsyncIterable[bytes],
 ) -> None:
     """Write `{**head, name: "<base64 of size bytes>"}` (status 200) with `chunks` as the
     base64 text (made on the spot, or read as it comes); the caller returns b""
-    afterwards. An error after the first bytes goes up to the app's error path, which
+    afterwards. `size` None: not known (a HEAD that does not make the content), so no
+    Content-Length. An error after the first bytes goes up to the app's error path, which
     writes nothing more and drops the connection (web.api; closing it gently would let the
     next pipelined reply follow the cut-off one)."""
     prefix, suffix = _member_open(head, name, b'"'), b'"}'
-    await _write_paced(request, prefix, _each(chunks), suffix,
-                       len(prefix) + base64_length(size) + len(suffix))
+    length = None if size is None else len(prefix) + base64_length(size) + len(suffix)
+    await _write_paced(request, prefix, _each(chunks), suffix, length)
 
 
 async def _encoded(items: AsyncIterable[Any]) -> AsyncGenerator[bytes]:

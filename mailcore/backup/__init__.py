@@ -20,6 +20,7 @@ from mailcore.backup.mail import (
     BackupMail,
     NotFound,
     Window,
+    known_size,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "Window",
     "derive_host",
     "describe",
+    "known_size",
 ]

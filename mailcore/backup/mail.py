@@ -211,6 +211,18 @@ class AttachmentFile:
             yield binascii.b2a_base64(content[at:at + step], newline=False)
 
 
+def known_size(info: AttachmentSummary) -> int | None:
+    """The size `BackupAttachments.open` sends of the attachment, known from its index entry
+    without decoding the part: the size the email package decoded it to when the message
+    was stored, which is what `open` sends (the part's slices are checked to decode to it,
+    or the email package cuts it out as it did then). None for an attached message listed
+    with size 0, which may be one nested too deep to write out (mailcore.messages.parse:
+    "its size not known"), sent as its raw bytes."""
+    if info.size == 0 and info.mime_type == "message/rfc822":
+        return None
+    return info.size
+
+
 _SORT_KEYS = {"date": messages.c.date, "filename": message_attachments.c.filename,
               "sender": messages.c.sender}
 _COLUMNS = (
@@ -276,24 +288,37 @@ class BackupAttachments:
             Attachment(s, meta if meta is not None else described.get(s.id, ""))
             for s, meta in rows])
 
-    async def open(self, user_id: int, account_id: int, attachment_id: int) -> AttachmentFile:
-        """The attachment `attachment_id` of that account, ready to send."""
+    async def _file_row(self, user_id: int, account_id: int, attachment_id: int,
+                        *, raw: bool) -> tuple[AttachmentSummary, bytes]:
+        """The attachment's index entry and, with `raw`, the message it is cut from (b""
+        without); NotFound when the account is not the user's or has no such attachment."""
         await self.mail._account(user_id, account_id)
 
         def txn(conn: Connection) -> tuple[AttachmentSummary, bytes] | None:
             row = conn.execute(
-                select(*_COLUMNS, message_blobs.c.raw)
+                select(*_COLUMNS, *((message_blobs.c.raw,) if raw else ()))
                 .select_from(_JOIN.join(message_blobs,
                                         message_blobs.c.sha256 == messages.c.sha256))
                 .where(messages.c.user_id == user_id, messages.c.account_id == account_id,
                        message_attachments.c.id == attachment_id)
             ).first()
-            return None if row is None else (_summary(row), bytes(row.raw))
+            return None if row is None else (_summary(row), bytes(row.raw) if raw else b"")
 
         found = await self.mail.db.read("backup_attachment_file", txn)
         if found is None:
             raise NotFound()
-        info, raw = found
+        return found
+
+    async def entry(self, user_id: int, account_id: int, attachment_id: int
+                    ) -> AttachmentSummary:
+        """The attachment's index entry, its message neither read nor decoded (what a HEAD
+        answers from: `known_size`)."""
+        info, _ = await self._file_row(user_id, account_id, attachment_id, raw=False)
+        return info
+
+    async def open(self, user_id: int, account_id: int, attachment_id: int) -> AttachmentFile:
+        """The attachment `attachment_id` of that account, ready to send."""
+        info, raw = await self._file_row(user_id, account_id, attachment_id, raw=True)
         limits = self.store.limits
         located = await self.store.cpu.run(parts.check, raw, info.part_path, info.size, limits)
         if located is not None:
