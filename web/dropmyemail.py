@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -776,27 +777,24 @@ class DropmyemailApp(JobRoutes, ApiApp):
     async def show_attachment(self, request: IRequest, account_id: int,
                               attachment_id: int) -> bytes:
         principal = await self.principal(request, "attachment")
+        user_id = principal.user.id
+        chunks: Iterable[bytes] = ()
         try:
             if is_head(request):
                 # The headers from the index alone: no message read, no part decoded.
-                entry = await self.attachments.entry(principal.user.id, account_id,
-                                                     attachment_id)
-                size = known_size(entry)
-                await stream_base64_member(
-                    request, {"id": entry.id, "filename": entry.filename,
-                              "mime_type": entry.mime_type, "size": size},
-                    "content", size, ())
-                return b""
-            found = await self.attachments.open(principal.user.id, account_id, attachment_id)
+                info = await self.attachments.entry(user_id, account_id, attachment_id)
+                size = known_size(info)
+            else:
+                found = await self.attachments.open(user_id, account_id, attachment_id)
+                info, size, chunks = found.summary, found.size, found.base64_chunks()
         except NotFound:
             raise ApiError(404, "No such attachment.") from None
-        info = found.summary
         # Streamed: base64 made from the message's bytes as they are decoded, so the reply
         # holds about one copy of the message, not four of the file.
         await stream_base64_member(
             request, {"id": info.id, "filename": info.filename,
-                      "mime_type": info.mime_type, "size": found.size},
-            "content", found.size, found.base64_chunks())
+                      "mime_type": info.mime_type, "size": size},
+            "content", size, chunks)
         return b""
 
     # -- contacts -----------------------------------------------------------------------
