@@ -697,3 +697,66 @@ class ModseqWentBackTests(TestCase):
         server.update(modseq=90, flags=b"(\\Seen \\Flagged)", changed=85)  # as usual again
         self.assertEqual((await env.engine.sync(account.id)).status, "success")
         self.assertEqual(await env.copies(account.id, "INBOX"), {1: ("\\Seen \\Flagged", True)})
+
+
+class UidBeyondUidnextTests(TestCase):
+    """A server that lists a UID far above the UIDNEXT it announced: the message was stored
+    and the next sync searched above it (the highest UID held), so every message the server
+    numbered below it afterwards was never fetched."""
+
+    timeout = 30
+
+    async def test_messages_numbered_below_the_lie_are_still_fetched(self) -> None:
+        (factory, port), = cleartext_servers(self, 1)
+        lie = 1_000_000
+        server: dict[str, Any] = {"uids": [1, lie], "uidnext": 2}
+
+        def body(uid: int) -> bytes:
+            return b"Subject: m%d\r\nMessage-ID: <m%d@x.test>\r\n\r\nhi\r\n" % (uid, uid)
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n"
+                                 b"* OK [UIDNEXT %d] n\r\n%s OK done\r\n"
+                                 % (len(server["uids"]), server["uidnext"], tag))
+            return True
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            last = rest.split()[-1]
+            uids = server["uids"]
+            if last != b"ALL":  # UID n:* (RFC 3501: n above them all names the highest)
+                first = int(last.split(b":")[0])
+                uids = [u for u in uids if u >= first] or uids[-1:]
+            conn.transport.write(b"* SEARCH " + b" ".join(b"%d" % u for u in uids) + b"\r\n"
+                                 + tag + b" OK searched\r\n")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            for uid in expand_set(rest.split(b" ")[2], 10):
+                if uid not in server["uids"]:
+                    continue
+                raw = body(uid)
+                if b"BODY" in rest:
+                    conn.transport.write(b"* 1 FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
+                                         % (uid, len(raw), raw))
+                else:
+                    conn.transport.write(b"* 1 FETCH (UID %d RFC822.SIZE %d)\r\n"
+                                         % (uid, len(raw)))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
+        env = await make_env(self)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        first = await env.engine.sync(account.id)
+        self.assertEqual((first.status, first.new_messages), ("success", 2), first.problems())
+        server.update(uids=[1, 2, 3, lie], uidnext=4)  # two new messages, numbered as due
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.status, again.new_messages), ("success", 2), again.problems())
+        self.assertEqual(sorted(await env.copies(account.id, "INBOX")), [1, 2, 3, lie])
+        fetched = [line for _tls, line in factory.received if b"BODY.PEEK" in line]
+        self.assertEqual(len(fetched), 2, fetched)  # the lie is not fetched a second time
+        last = await env.engine.sync(account.id)
+        self.assertEqual((last.status, last.new_messages), ("success", 0), last.problems())

@@ -750,7 +750,11 @@ class SyncEngine:
             )
             return
 
-        max_uid = await self.db.read("fetch_max_uid", thd_max_uid, state.id, uidvalidity)
+        # The search resumes above the highest UID held below the server's UIDNEXT: a UID
+        # at or above it, which no message has yet (RFC 3501 2.3.1.1), that a server listed
+        # all the same is stored, but hid every message numbered below it from then on.
+        max_uid = await self.db.read("fetch_max_uid", thd_max_uid, state.id, uidvalidity,
+                                     info.uidnext)
         if not rescan:
             changes = dict(info.changed_flags)
             # A HIGHESTMODSEQ lower than the one we saw (RFC 7162 3.1.2.1 says never while
@@ -778,7 +782,7 @@ class SyncEngine:
                                   info.vanished)
 
         uids = await self._wanted_uids(session, account, info.exists, uidvalidity, state,
-                                       max_uid, rescan, now, retry)
+                                       max_uid, rescan, now, retry, uidnext=info.uidnext)
         skipped: dict[int, str] = {}  # by UID
         sizes: dict[int, int] = {}
         asked = [session.uid_fetch(uids[i : i + _SIZE_CHUNK], b"UID RFC822.SIZE")
@@ -887,11 +891,12 @@ class SyncEngine:
     async def _wanted_uids(
         self, session: IMAPClient, account: Account, exists: int, uidvalidity: int,
         state: FolderState, max_uid: int, rescan: bool, now: datetime.datetime,
-        retry: Sequence[int] = (),
+        retry: Sequence[int] = (), uidnext: int | None = None,
     ) -> list[int]:
         """UIDs on the server, within the account's limits, that we do not hold yet, and
         those the last sync skipped (`retry`: if gone meanwhile, their FETCH finds them
-        gone)."""
+        gone). `max_uid` is the highest held below `uidnext`: those held at or above it
+        are looked up."""
         again = set(retry) - await self.db.read(
             "fetch_stored_uids", thd_stored_uids, state.id, uidvalidity, retry
         ) if retry else set()
@@ -914,8 +919,14 @@ class SyncEngine:
                                       uidvalidity)
             return _with(again, [u for u in found if u not in held])
         criteria.append(b"UID %d:*" % (max_uid + 1))
-        found = await session.uid_search(b" ".join(criteria), max_uids=bound)
-        return _with(again, [u for u in found if u > max_uid])
+        found = [u for u in await session.uid_search(b" ".join(criteria), max_uids=bound)
+                 if u > max_uid]
+        beyond = [u for u in found if uidnext is not None and u >= uidnext]
+        if beyond:  # arrived since EXAMINE, or listed by a server beyond its own UIDNEXT
+            held = await self.db.read("fetch_stored_uids", thd_stored_uids, state.id,
+                                      uidvalidity, beyond)
+            found = [u for u in found if u not in held]
+        return _with(again, found)
 
     async def _missing(self, session: IMAPClient, missing: list[int],
                        skipped: dict[int, str]) -> _Parsed:

@@ -121,14 +121,15 @@ def thd_folder(conn: Connection, account_id: int, name: str) -> FolderState:
     return _state(row)
 
 
-def thd_max_uid(conn: Connection, folder_id: int, uidvalidity: int) -> int:
-    """The highest UID we hold for (folder, uidvalidity); 0 when none."""
-    value = conn.execute(
-        select(func.max(messages.c.uid))
-        .where(messages.c.folder_id == folder_id)
-        .where(messages.c.uidvalidity == uidvalidity)
-    ).scalar()
-    return int(value or 0)
+def thd_max_uid(conn: Connection, folder_id: int, uidvalidity: int,
+                below: int | None = None) -> int:
+    """The highest UID we hold for (folder, uidvalidity), only those `below` when given;
+    0 when none."""
+    query = (select(func.max(messages.c.uid)).where(messages.c.folder_id == folder_id)
+             .where(messages.c.uidvalidity == uidvalidity))
+    if below is not None:
+        query = query.where(messages.c.uid < below)
+    return int(conn.execute(query).scalar() or 0)
 
 
 def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int,
