@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from email.utils import format_datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -40,7 +40,8 @@ from mailcore.fetch.pop3 import (
     POP3Session,
 )
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
-from mailcore.store.schema import message_blobs
+from mailcore.store.schema import message_blobs, message_pop_sizes, messages
+from tests.support.db import MixinBase
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
@@ -820,3 +821,82 @@ class HostileServerTests(TestCase):
             again = await env.engine.sync(account.id)
             self.assertEqual((again.status, again.new_messages), ("error", 0))
             self.assertEqual(await env.count(account.id), 3)
+
+
+class ReusedUidlMixin(MixinBase):
+    """A POP3 server may give a new message the UIDL of one deleted (RFC 1939 asks a UIDL
+    to be unique only while its message is in the maildrop): the sync held the UIDL and
+    never fetched the new message. A UIDL we hold that LIST gives another size is fetched."""
+
+    timeout = 30
+    backend = "sqlite"
+
+    async def first_sync(self, factory: FakePOP3Factory) -> tuple[FetchEnv, Any]:
+        port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.close_all)
+        env = await make_env(self, backend=self.backend)
+        account = await env.accounts.create(
+            env.user_id, protocol="pop", host="127.0.0.1", port=port.getHost().port,
+            username="alice", password="pw", allow_cleartext=True, start_tls=False,
+            email="alice@example.test",
+        )
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 2), result.problems())
+        return env, account
+
+    async def copies(self, env: FetchEnv, account: Any) -> list[tuple[str | None, str, bool]]:
+        """(UIDL, subject, on the server) of each copy, in the order stored."""
+        rows = await env.db.read("test_pop_copies", lambda conn: conn.execute(
+            select(messages.c.pop_uidl, messages.c.subject, messages.c.on_server)
+            .where(messages.c.account_id == account.id).order_by(messages.c.id)).all())
+        return [(r.pop_uidl, r.subject, bool(r.on_server)) for r in rows]
+
+    async def test_a_uidl_given_to_a_new_message_fetches_it_and_keeps_the_old(self) -> None:
+        factory = FakePOP3Factory([message(1), message(2)])
+        env, account = await self.first_sync(factory)
+        factory.messages = [message(1), message(30)]  # 2 deleted; 30 took its UIDL uid-2
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.status, again.new_messages), ("success", 1), again.problems())
+        self.assertEqual(await self.copies(env, account), [
+            ("uid-1", "m1", True), (None, "m2", False), ("uid-2", "m30", True)])
+        self.assertEqual(factory.retrieved, [1, 2, 2])
+        last = await env.engine.sync(account.id)
+        self.assertEqual((last.status, last.new_messages), ("success", 0), last.problems())
+        self.assertEqual(factory.retrieved, [1, 2, 2])
+
+    async def test_a_copy_fetched_before_sizes_were_kept_takes_its_size_then_tells(
+        self,
+    ) -> None:
+        factory = FakePOP3Factory([message(1), message(2)])
+        env, account = await self.first_sync(factory)
+        await env.db.run("test_forget_sizes",
+                         lambda conn: conn.execute(delete(message_pop_sizes)))
+        quiet = await env.engine.sync(account.id)  # as after the upgrade: sizes learnt
+        self.assertEqual((quiet.status, quiet.new_messages), ("success", 0))
+        factory.messages = [message(1), message(30)]
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.status, again.new_messages), ("success", 1), again.problems())
+        self.assertEqual([c[1] for c in await self.copies(env, account)], ["m1", "m2", "m30"])
+
+    async def test_the_same_message_listed_with_another_size_is_not_stored_twice(
+        self,
+    ) -> None:
+        factory = FakePOP3Factory([message(1), message(2)])
+        env, account = await self.first_sync(factory)
+        factory.sizes = [len(message(1)), len(message(2)) + 7]  # its server counts anew
+        again = await env.engine.sync(account.id)
+        self.assertEqual((again.status, again.new_messages), ("success", 0), again.problems())
+        self.assertEqual(await self.copies(env, account),
+                         [("uid-1", "m1", True), ("uid-2", "m2", True)])
+        self.assertEqual(factory.retrieved, [1, 2, 2])  # fetched once to compare, then kept
+        await env.engine.sync(account.id)
+        self.assertEqual(factory.retrieved, [1, 2, 2])
+
+
+class SQLiteReusedUidlTests(ReusedUidlMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLReusedUidlTests(ReusedUidlMixin, TestCase):
+    backend = "postgresql"

@@ -14,7 +14,10 @@ batch committed, so a sync killed at any moment and run again stores exactly the
 next sync tries them again; a folder's first UIDVALIDITY before its first batch, so that a
 first sync cut short and a UIDVALIDITY changed meanwhile rescan rather than store twice).
 A changed UIDVALIDITY rescans the folder and matches our copies by content hash; nothing of
-ours is ever deleted. POP3: UIDL says what is new; nothing is ever deleted on the server.
+ours is ever deleted. POP3: UIDL says what is new, and a UIDL we hold that LIST gives
+another size than when we fetched it (a server may give a new message the UIDL of one deleted)
+is fetched again: stored when its bytes are not those of our copy, which stays under no UIDL;
+nothing is ever deleted on the server.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from mailcore.fetch.state import (
     thd_mark_gone,
     thd_mark_stale,
     thd_max_uid,
+    thd_note_pop_sizes,
     thd_note_skipped,
     thd_save_folder_state,
     thd_set_folder_error,
@@ -78,7 +82,7 @@ from mailcore.fetch.state import (
 from mailcore.fetch.tls import client_tls
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from mailcore.messages.parse import ParsedMessage, parse_messages
-from mailcore.messages.store import MessageStore
+from mailcore.messages.store import MessageStore, pop_size_changed
 from mailcore.store import Database
 
 log = Logger()
@@ -1048,7 +1052,14 @@ class SyncEngine:
                 folder_result.skipped.append(note)
         listing = found.messages
         held = await self.db.read("fetch_stored_uidls", thd_stored_uidls, state.id)
-        new = [(i, u, size) for i, u, size in listing if u not in held and u not in passed]
+        # A UIDL held with another LIST size is another message: a server may give a new
+        # message the UIDL of one deleted (fetched; our copy of the other is kept).
+        new = [(i, u, size) for i, u, size in listing if u not in passed and (
+            u not in held or pop_size_changed(held[u], size))]
+        unsized = {u: size for _i, u, size in listing
+                   if size is not None and u in held and held[u] is None}
+        if unsized:
+            await self.db.run("note_fetch_pop_sizes", thd_note_pop_sizes, state.id, unsized)
         if account.sync_limit_type == "last_n":
             keep = {u for _, u, _ in listing[-account.sync_limit_value:]}
             new = [(i, u, size) for i, u, size in new if u in keep]
@@ -1112,7 +1123,7 @@ class SyncEngine:
                         return False
                     done += 1
                     continue
-                fetched.append(FetchedMessage(raw=raw, uidl=uidl))
+                fetched.append(FetchedMessage(raw=raw, uidl=uidl, listed_size=size))
                 batch_bytes += len(raw)
                 done += 1
                 if batch_bytes >= s.batch_bytes:

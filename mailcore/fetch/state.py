@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from mailcore.messages.sql import new_id
-from mailcore.store.schema import fetch_folders, messages
+from mailcore.messages.store import thd_set_pop_sizes
+from mailcore.store.chunks import rows_for
+from mailcore.store.schema import fetch_folders, message_pop_sizes, messages
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,30 @@ def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int,
     return set(conn.execute(query).scalars())
 
 
-def thd_stored_uidls(conn: Connection, folder_id: int) -> set[str]:
-    return set(
-        conn.execute(
-            select(messages.c.pop_uidl)
+def thd_stored_uidls(conn: Connection, folder_id: int) -> dict[str, int | None]:
+    """The UIDLs we hold of a POP3 folder, with the size LIST gave each when it was fetched
+    (None: fetched before sizes were kept, or LIST left it out)."""
+    return {
+        row.pop_uidl: row.size
+        for row in conn.execute(
+            select(messages.c.pop_uidl, message_pop_sizes.c.size)
+            .select_from(messages.outerjoin(
+                message_pop_sizes, message_pop_sizes.c.message_row_id == messages.c.id))
             .where(messages.c.folder_id == folder_id)
             .where(messages.c.pop_uidl.is_not(None))
-        ).scalars()
-    )
+        )
+    }
+
+
+def thd_note_pop_sizes(conn: Connection, folder_id: int, sizes: dict[str, int]) -> None:
+    """The LIST sizes (by UIDL) of copies held without one: those fetched before sizes
+    were kept take the size at their next sync, so that a later reuse of their UIDL shows."""
+    thd_set_pop_sizes(conn, {
+        int(row.id): sizes[row.pop_uidl]
+        for row in rows_for(conn, select(messages.c.id, messages.c.pop_uidl).where(
+            messages.c.folder_id == folder_id,
+            messages.c.pop_uidl.in_(bindparam("keys", expanding=True))), {}, sizes)
+    })
 
 
 def thd_save_folder_state(

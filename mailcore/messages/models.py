@@ -25,6 +25,8 @@ class FetchedMessage:
     uidl: str | None = None
     flags: tuple[str, ...] = ()
     internal_date: datetime.datetime | None = None
+    # The size POP3's LIST gave it (kept with the copy: `message_pop_sizes`).
+    listed_size: int | None = None
 
 
 @dataclass(frozen=True)

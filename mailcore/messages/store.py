@@ -86,13 +86,14 @@ from mailcore.messages.threading import (
     thd_drop_threads_if_empty,
 )
 from mailcore.store import Database
-from mailcore.store.chunks import KEY_CHUNK, found_keys, rows_for
+from mailcore.store.chunks import KEY_CHUNK, found_keys, key_chunks, rows_for
 from mailcore.store.engine import ilike, like_pattern
 from mailcore.store.prepared import Prepared
 from mailcore.store.schema import (
     fetch_folders,
     message_attachments,
     message_blobs,
+    message_pop_sizes,
     message_refs,
     messages,
     threads,
@@ -167,7 +168,11 @@ _HELD_UIDS = select(messages.c.uid).where(
     messages.c.uidvalidity == bindparam("v"),
     messages.c.uid.in_(bindparam("keys", expanding=True)),
 )
-_HELD_UIDLS = select(messages.c.pop_uidl).where(
+_HELD_UIDLS = select(
+    messages.c.pop_uidl, messages.c.id, messages.c.sha256, message_pop_sizes.c.size,
+).select_from(messages.outerjoin(
+    message_pop_sizes, message_pop_sizes.c.message_row_id == messages.c.id,
+)).where(
     messages.c.folder_id == bindparam("f"),
     messages.c.pop_uidl.in_(bindparam("keys", expanding=True)),
 )
@@ -200,20 +205,45 @@ def _copy_key(item: FetchedMessage) -> tuple[str, Any] | None:
 
 def _held_copies(
     conn: Connection, where: Location, items: Sequence[tuple[FetchedMessage, ParsedMessage]]
-) -> set[tuple[str, Any]]:
-    """The (folder, uidvalidity, uid) and (folder, uidl) of the batch we hold already."""
+) -> tuple[set[tuple[str, Any]], dict[str, tuple[int, str]]]:
+    """The (folder, uidvalidity, uid) and (folder, uidl) of the batch we hold already; and
+    by UIDL, the (row id, SHA-256) of the copies held under a UIDL that LIST now gives
+    another size (`FetchedMessage.listed_size`): the server may have given it to another
+    message."""
     if where.folder_id is None:
-        return set()
+        return set(), {}
     uids = [i.uid for i, _ in items if i.uid is not None]
-    uidls = [i.uidl for i, _ in items if i.uid is None and i.uidl is not None]
+    listed = {i.uidl: i.listed_size for i, _ in items if i.uid is None and i.uidl is not None}
     held: set[tuple[str, Any]] = set()
+    reused: dict[str, tuple[int, str]] = {}
     if uids:
         params = {"f": where.folder_id, "v": where.uidvalidity}
         held.update(("uid", u) for u in found_keys(conn, _HELD_UIDS, params, uids))
-    if uidls:
-        held.update(("uidl", u)
-                    for u in found_keys(conn, _HELD_UIDLS, {"f": where.folder_id}, uidls))
-    return held
+    for uidl, row_id, sha256, size in rows_for(conn, _HELD_UIDLS, {"f": where.folder_id},
+                                               listed):
+        if pop_size_changed(size, listed[uidl]):
+            reused[uidl] = (int(row_id), sha256)
+        else:
+            held.add(("uidl", uidl))
+    return held, reused
+
+
+def pop_size_changed(held: int | None, listed: int | None) -> bool:
+    """Whether a UIDL we hold with the LIST size `held` names another message now that LIST
+    gives it `listed`; not when either is unknown (fetched before sizes were kept, or LIST
+    left it out)."""
+    return held is not None and listed is not None and held != listed
+
+
+def thd_set_pop_sizes(conn: Connection, sizes: dict[int, int]) -> None:
+    """The LIST size of each copy fetched by POP3 (message row id -> size)."""
+    if not sizes:
+        return
+    for chunk in key_chunks(sizes):
+        conn.execute(delete(message_pop_sizes)
+                     .where(message_pop_sizes.c.message_row_id.in_(chunk)))
+    insert_rows(conn, message_pop_sizes, [{"message_row_id": row_id, "size": size}
+                                          for row_id, size in sizes.items()])
 
 
 def _gone_copies(conn: Connection, where: Location, hashes: Sequence[str],
@@ -284,7 +314,9 @@ def thd_store_batch(
     on the server, or held under no UID (fetched by POP3), is that copy again: it takes the
     UID (relinked, `_gone_copies`); a POP3 message under a new UIDL whose bytes the folder
     holds in a copy under no UIDL (fetched by IMAP) takes that copy's (the account turned
-    from one protocol to the other).
+    from one protocol to the other). A POP3 message under a UIDL we hold whose LIST size
+    changed (`pop_size_changed`) and whose bytes are not our copy's is another message: our
+    copy gives the UIDL up (kept, no longer on the server) and the message is stored.
     The outcome (rows, threads, search entries) is the one of storing them one by one in
     order; the work is a few statements per batch."""
     if conn.dialect.name == "postgresql":
@@ -293,7 +325,8 @@ def thd_store_batch(
         conn.execute(
             text("SELECT pg_advisory_xact_lock(:k)"), {"k": _THREAD_LOCK + where.user_id}
         )
-    held = _held_copies(conn, where, items)
+    held, reused = _held_copies(conn, where, items)
+    sizes: dict[int, int] = {}  # the LIST sizes of copies taken or kept under a UIDL
     gone = _gone_copies(conn, where, [
         p.sha256 for i, p in items
         if i.uid is not None and ("uid", i.uid) not in held]) if where.folder_id else {}
@@ -311,6 +344,19 @@ def thd_store_batch(
                 already += 1
                 continue
             held.add(key)  # the same UID twice in one batch is stored once
+        replaced = reused.pop(item.uidl, None) if item.uid is None and item.uidl else None
+        if replaced is not None:
+            if replaced[1] == parsed.sha256:  # the same message, listed with another size
+                if item.listed_size is not None:
+                    sizes[replaced[0]] = item.listed_size
+                already += 1
+                continue
+            # The server gave the UIDL of a message it deleted to this one: our copy of the
+            # other stays, under no UIDL, as one no longer on the server.
+            conn.execute(update(messages).where(messages.c.id == replaced[0]).values(
+                pop_uidl=None, on_server=False, updated_at=now))
+            conn.execute(delete(message_pop_sizes)
+                         .where(message_pop_sizes.c.message_row_id == replaced[0]))
         old: int | None = None
         if rescan and item.uid is not None:
             old = _relink_candidate(conn, where, parsed.sha256)
@@ -320,6 +366,8 @@ def thd_store_batch(
                 taken.add(old)
                 conn.execute(update(messages).where(messages.c.id == old).values(
                     pop_uidl=item.uidl, on_server=True, updated_at=now))
+                if item.listed_size is not None:
+                    sizes[old] = item.listed_size
                 relinked += 1
                 continue
         if old is None and item.uid is not None:
@@ -336,6 +384,9 @@ def thd_store_batch(
             continue
         fresh.append((item, parsed))
     created = thd_insert_messages(conn, where, fresh, now)
+    sizes.update((row_id, item.listed_size) for (row_id, _), (item, _) in zip(
+        created, fresh, strict=True) if item.uidl is not None and item.listed_size is not None)
+    thd_set_pop_sizes(conn, sizes)
     return StoreResult(
         created=[row_id for row_id, _ in created], relinked=relinked, already_stored=already,
         thread_ids=[thread_id for _, thread_id in created],

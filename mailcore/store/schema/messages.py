@@ -131,6 +131,20 @@ messages = Table(
           postgresql_where=text("signature_phone IS NULL")),
 )
 
+# The size POP3's LIST gave a message fetched by POP3 under its UIDL (migration 0061): a
+# server may give a new message the UIDL of one deleted, and a size changed under a UIDL
+# we hold tells another message (`mailcore.fetch.engine`). Beside `messages`, not in it: a
+# column added there goes after its long text, which reading it would walk (migration 0025).
+message_pop_sizes = Table(
+    "message_pop_sizes",
+    metadata,
+    Column(
+        "message_row_id", Integer, ForeignKey("messages.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("size", BigInteger, nullable=False),
+)
+
 # Message-IDs a message points at (References and In-Reply-To), to find the children of a
 # message that arrives after them.
 message_refs = Table(
