@@ -36,12 +36,19 @@ from mailcore.fetch.jobs import JobSettings
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
 from mailcore.fetch.writer import mutf7_encode
-from mailcore.store.schema import fetch_folders, mailbox_job_items, mailbox_jobs, messages
+from mailcore.store.schema import (
+    fetch_accounts,
+    fetch_folders,
+    mailbox_job_items,
+    mailbox_jobs,
+    messages,
+)
 from tests.support.corpus import make_message
 from tests.support.dovecot import DovecotClassMixin, DovecotServer
 from tests.support.imap2api import LiveApi, live_api
 from tests.support.oauth import access_token
 from tests.support.reactor import get_reactor
+from tests.support.servers import free_port
 
 ADDRESS_LOGINS = """
 passdb {
@@ -434,6 +441,30 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         job = await self.migrate(s, destination)
         self.assertEqual((job["status"], job["appended"]), ("done", 50), job)
         self.assertEqual(await mailbox(server, destination), before)
+
+    async def test_a_failed_backup_sync_copies_the_backup_then_fails_the_job(self) -> None:
+        """The sync before the copy failed (the source unreachable): the job copied what was
+        backed up and ended "done", the failure in a log line only (found by an audit)."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 4, "Archive": 2}, tag="unsynced")
+        before = await mailbox(server, s.source)
+        s.api.core.job_runner.settings = JobSettings(retry_base=0.2, retry_max=0.5, poll=0.5,
+                                                     max_attempts=2)
+        closed = free_port()
+
+        def unreachable(conn: Connection) -> None:
+            conn.execute(update(fetch_accounts).where(fetch_accounts.c.id == s.account_id)
+                         .values(port=closed))
+
+        await s.api.core.db.run("unreachable", unreachable)
+        destination = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, destination)
+        self.assertEqual((job["status"], job["attempts"], job["appended"]), ("failed", 2, 6),
+                         job)
+        self.assertRegex(job["reason"], r"^gave up after 2 attempts: the backup sync before "
+                         rf"the copy failed \(cannot connect to localhost:{closed}: .*\); "
+                         r"what was backed up is copied$")
+        self.assertEqual(await mailbox(server, destination), before)  # each message once
 
     async def test_a_cut_connection_is_retried_and_every_message_lands_once(self) -> None:
         server = await self.dovecot()

@@ -1,6 +1,8 @@
 """Copy backed-up mail into an IMAP mailbox exactly once: the body of migrate and restore jobs.
 
-A migrate first brings the account's backup up to date (a sync, once per job), then copies
+A migrate first brings the account's backup up to date (a sync, once per job; when it fails,
+what is backed up is copied all the same, then the job is retried from the sync by the
+runner's rules, its reason saying why, and ends failed if it never succeeds), then copies
 every backed-up message into the destination, folder by folder (the folder is made there when
 missing, named as in the backup, hierarchy mapped to the destination's separator), with its
 flags and INTERNALDATE. A restore (`mailcore.fetch.restore`) plans which messages are no
@@ -289,7 +291,8 @@ class MailboxCopier:
     # -- the migrate body ------------------------------------------------------------------
 
     async def bring_backup_up_to_date(self, runner: JobRunner, job: Job) -> None:
-        """Sync the account once per job (a job resumed after a crash does not again)."""
+        """Sync the account once per run of the job that finds it in its "backup" phase (a
+        job resumed in its copy does not again; `backup_synced` puts it back)."""
         if job.phase != "backup":
             return
         result = await self.engine.sync(job.account_id)
@@ -298,11 +301,26 @@ class MailboxCopier:
         if not result.ok:
             log.info("job {id}: the backup sync before the copy failed ({why}); copying "
                      "what is backed up", id=job.id, why=result.problems())
+        await self._set_phase(runner, job, "copy")
+
+    async def backup_synced(self, runner: JobRunner, job: Job) -> None:
+        """After the copy: if the account's last sync failed (the job's own, unless one ran
+        since), the job goes back to its backup phase and is retried by the runner's rules,
+        its reason saying why, and ends failed when they are spent. What was backed up is
+        copied meanwhile: a source gone for good still has its backup migrated."""
+        account = await self.accounts.get(job.user_id, job.account_id)
+        if account.sync_status != "error":
+            return
+        await self._set_phase(runner, job, "backup")
+        raise TransientJobError(f"the backup sync before the copy failed "
+                                f"({account.sync_error}); what was backed up is copied")
+
+    async def _set_phase(self, runner: JobRunner, job: Job, phase: str) -> None:
         now = runner.now()
 
         def txn(conn: Connection) -> None:
             conn.execute(update(mailbox_jobs).where(mailbox_jobs.c.id == job.id)
-                         .values(phase="copy", updated_at=now))
+                         .values(phase=phase, updated_at=now))
 
         await self.db.run("mailbox_job_phase", txn)
 
@@ -322,6 +340,7 @@ class MailboxCopier:
         plans = await self.db.read("mailbox_job_folders", thd_backup_folders, job.account_id)
         await self.copy(runner, job, spec,
                         self.creator(job.host, job.tls_ca_pem, job.tls_fingerprint), plans)
+        await self.backup_synced(runner, job)
 
     # -- shared by migrate and restore -------------------------------------------------------
 
