@@ -18,7 +18,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import ConfigError
+from mailcore.fetch.accounts import INTERRUPTED
 from mailcore.fetch.engine import SyncResult
+from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.store.schema import webhook_deliveries, webhook_events
 from mailcore.webhooks import (
@@ -367,6 +369,40 @@ class DurableEventsTests(SenderTestCase):
         self.assertEqual(len(await s.told()), 4)
         self.assertEqual(len(s.receiver.received), 4)
         self.assertEqual({d.status for d in await s.log(hook.id)}, {"success"})
+
+    async def test_a_sync_its_process_died_in_is_told_completed_as_interrupted(self) -> None:
+        """A sync killed mid-way had its e-mails told (recorded with its batches), and the
+        scheduler then showed it failed, interrupted; its sync.completed was never sent, so
+        a client waiting for it to end waited for good (found by an audit)."""
+        s = await self.setup()
+        uid = s.alice.user.id
+        await s.webhooks.create(uid, url=HOOK, events=["sync.completed", "email.new"])
+        core = s.web.core
+        engine = core.fetch.engine
+        account = await core.fetch.accounts.create(
+            uid, host="127.0.0.1", port=143, username="u", password="pw", allow_cleartext=True)
+        started = engine.now()
+        await core.fetch.accounts.set_status(account.id, sync_status="running",
+                                             sync_started_at=started)
+        s.web.clock.advance(3)
+        where = Location(user_id=uid, account_id=account.id, folder_id=None, folder="INBOX")
+        stored = await core.messages.store_batch(
+            where, [FetchedMessage(raw=mail(i)) for i in range(3)], also=engine._record(where))
+        # The process dies here; a scheduler (this node's next start, or another node once
+        # the lease lapsed) settles the sync, and the sender's sweep tells what is pending.
+        s.web.clock.advance(3)
+        await FetchScheduler(engine).settle_interrupted()
+        await FetchScheduler(engine).settle_interrupted()  # settled once
+        s.web.clock.advance(SWEEP_INTERVAL)
+        told = await s.told()
+        self.assertEqual([event for event, _ in told], ["email.new", "sync.completed"])
+        self.assertEqual([e["id"] for e in told[0][1]["emails"]], stored.created)
+        self.assertEqual(told[1][1], {
+            "imap_server": account.id, "status": "error", "error": INTERRUPTED,
+            "new_messages": 3, "started_at": iso(started),
+            "finished_at": iso(started + datetime.timedelta(seconds=6))})
+        shown = await core.fetch.accounts.get(uid, account.id)
+        self.assertEqual((shown.sync_status, shown.sync_error), ("error", INTERRUPTED))
 
     async def test_a_store_error_while_telling_leaves_the_events_to_the_sweep(self) -> None:
         s = await self.setup()

@@ -626,14 +626,17 @@ def thd_any_interrupted(conn: Connection, owner: str, now: float, running: list[
 
 def thd_settle_interrupted(
     conn: Connection, owner: str, now: float, running: list[int], message: str
-) -> int:
+) -> list[tuple[int, int, datetime.datetime | None]]:
     """Blocking: show as failed (`message`) the syncs that show running but run nowhere
-    (`_interrupted`); how many. The lease is left alone: the next claim takes it over as
-    any lapsed lease."""
-    return int(conn.execute(
+    (`_interrupted`); (account id, user id, sync started at) of each, each settled by one
+    transaction only (PostgreSQL's row locks, SQLite's one writer). The lease is left
+    alone: the next claim takes it over as any lapsed lease."""
+    rows = conn.execute(
         update(fetch_accounts).where(_interrupted(owner, now, running))
         .values(sync_status="error", sync_error=message, progress_folder=None)
-    ).rowcount)
+        .returning(_f.id, _f.user_id, _f.sync_started_at)
+    ).all()
+    return sorted((int(r.id), int(r.user_id), utc(r.sync_started_at)) for r in rows)
 
 
 def thd_release_sync(conn: Connection, account_id: int, owner: str) -> None:

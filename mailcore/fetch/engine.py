@@ -35,11 +35,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.fetch.accounts import (
+    INTERRUPTED,
     Account,
     Accounts,
     thd_claim_sync,
     thd_release_sync,
     thd_renew_syncs,
+    thd_settle_interrupted,
 )
 from mailcore.fetch.errors import (
     ACCOUNT_DELETED,
@@ -65,6 +67,7 @@ from mailcore.fetch.secrets import SecretError
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.state import (
     FolderState,
+    thd_created_since,
     thd_folder,
     thd_known_folders,
     thd_mark_gone,
@@ -515,6 +518,24 @@ class SyncEngine:
             except Exception:
                 log.failure("sync listener failed")
         return result
+
+    def thd_settle_interrupted(self, conn: Connection, now: float, running: list[int]) -> int:
+        """Blocking: show as failed the syncs that show running but run nowhere (a process
+        killed mid-sync: `accounts.thd_settle_interrupted`), each one's outcome recorded in
+        the same transaction, as a sync's own is (a client told of its e-mails is told it
+        ended: its sync.completed, status "error", with what it had stored); how many."""
+        settled = thd_settle_interrupted(conn, self.node_id, now, running, INTERRUPTED)
+        finished = self.now()
+        for account_id, user_id, started_at in settled:
+            result = SyncResult(account_id=account_id, user_id=user_id,
+                                started_at=started_at or finished, finished_at=finished,
+                                status="error", error=INTERRUPTED)
+            record = self._record_outcome(result)
+            if record is None:
+                break
+            result.new_messages = thd_created_since(conn, account_id, result.started_at)
+            record(conn)
+        return len(settled)
 
     async def _deleted(self, account_id: int) -> bool:
         """Whether the account is gone (deleted by its owner while it synced); False when

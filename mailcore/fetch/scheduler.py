@@ -14,7 +14,8 @@ A sync whose process died (kill -9, a crash, a power loss) left its account show
 `running`, its progress frozen, until the account's next sync. At start and at each tick the
 scheduler shows such syncs failed ("the sync was interrupted: ..."): this node's that it
 does not run, and any whose lease has lapsed; what they committed stays, and the next sync
-goes on from it.
+goes on from it. Each one's outcome is recorded as a sync's own is (`SyncEngine.recorders`):
+a webhook that wants sync.completed is told it, status "error" with that error.
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from mailcore.fetch.accounts import (
-    INTERRUPTED,
-    Account,
-    thd_any_interrupted,
-    thd_settle_interrupted,
-)
+from mailcore.fetch.accounts import Account, thd_any_interrupted
 from mailcore.fetch.engine import SyncEngine
 from mailcore.outages import log_failure
 
@@ -101,9 +97,8 @@ class FetchScheduler(service.Service):
             if not await engine.db.read("fetch_syncs_interrupted", thd_any_interrupted,
                                         engine.node_id, now, running):
                 return
-            settled = await engine.db.run(
-                "settle_fetch_syncs", thd_settle_interrupted, engine.node_id, now,
-                engine.running(), INTERRUPTED)
+            settled = await engine.db.run("settle_fetch_syncs", engine.thd_settle_interrupted,
+                                          now, engine.running())
         except Exception:
             log_failure(log, "fetch scheduler cannot settle interrupted syncs")
             return

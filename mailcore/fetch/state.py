@@ -262,3 +262,12 @@ def thd_mark_gone(
             ))
             .values(on_server=False)
         )
+
+
+def thd_created_since(conn: Connection, account_id: int, since: datetime.datetime) -> int:
+    """How many copies of the account were stored at or after `since` (what a sync that
+    started then and was cut short had stored)."""
+    return int(conn.execute(
+        select(func.count()).select_from(messages)
+        .where(messages.c.account_id == account_id, messages.c.created_at >= since)
+    ).scalar() or 0)

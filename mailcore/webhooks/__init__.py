@@ -9,7 +9,10 @@ Events (seed 001 lists the first three: "email sync completion, new email arriva
 updates"; the last two are Dropmyemail's jobs):
 
 - `sync.completed`: every finished sync of an account, success or error. `data`:
-  `imap_server`, `status`, `error`, `new_messages`, `started_at`, `finished_at`.
+  `imap_server`, `status`, `error`, `new_messages`, `started_at`, `finished_at`. A sync
+  whose process died is told once a scheduler shows it failed (`mailcore.fetch.scheduler`):
+  `status` "error", `error` "the sync was interrupted: ...", `new_messages` what it stored,
+  `finished_at` when it was found. A sync cancelled by a stop of the daemon is not told.
 - `email.new`: a sync stored new e-mails. `data`: `imap_server` and `emails`, up to 100
   e-mails as the emails list shows them (a bigger sync sends several deliveries; a sync
   stopped or cut short mid-way tells those it stored).
