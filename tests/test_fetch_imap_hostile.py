@@ -24,11 +24,12 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.accounts import Account
 from mailcore.fetch.errors import FetchError, LiteralTooLarge, ProtocolFailed
 from mailcore.fetch.imap import IMAPClient, expand_set, parse_fetch
 from mailcore.store.schema import fetch_folders, messages
 from tests.support.dovecot import dovecot_pki
-from tests.support.fetchenv import make_env
+from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 
 
@@ -234,6 +235,16 @@ def cleartext_servers(test: TestCase, n: int) -> list[tuple[FakeIMAPFactory, int
     return servers
 
 
+async def cleartext_account(test: TestCase, port: int) -> tuple[FetchEnv, Account]:
+    """A fetch environment and an account of it on the cleartext server at `port`."""
+    env = await make_env(test)
+    account = await env.accounts.create(
+        env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
+        allow_cleartext=True, start_tls=False,
+    )
+    return env, account
+
+
 class HostileServerTests(TestCase):
     timeout = 30
 
@@ -430,11 +441,7 @@ class MissingBodyTests(TestCase):
             return True
 
         factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
-        env = await make_env(self)
-        account = await env.accounts.create(
-            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
-            allow_cleartext=True, start_tls=False,
-        )
+        env, account = await cleartext_account(self, port)
         return await env.engine.sync(account.id), env, account.id, port
 
     async def test_a_body_left_out_once_is_fetched_again_at_once(self) -> None:
@@ -683,11 +690,7 @@ class ModseqWentBackTests(TestCase):
             return True
 
         factory.hooks.update({"EXAMINE": examine, "UID FETCH": fetch})
-        env = await make_env(self)
-        account = await env.accounts.create(
-            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
-            allow_cleartext=True, start_tls=False,
-        )
+        env, account = await cleartext_account(self, port)
         first = await env.engine.sync(account.id)
         self.assertEqual((first.status, first.new_messages), ("success", 1), first.problems())
         server.update(modseq=80, flags=b"(\\Seen)", changed=60)
@@ -745,11 +748,7 @@ class UidBeyondUidnextTests(TestCase):
             return True
 
         factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
-        env = await make_env(self)
-        account = await env.accounts.create(
-            env.user_id, host="127.0.0.1", port=port, username="alice", password="pw",
-            allow_cleartext=True, start_tls=False,
-        )
+        env, account = await cleartext_account(self, port)
         first = await env.engine.sync(account.id)
         self.assertEqual((first.status, first.new_messages), ("success", 2), first.problems())
         server.update(uids=[1, 2, 3, lie], uidnext=4)  # two new messages, numbered as due
