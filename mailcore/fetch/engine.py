@@ -26,7 +26,7 @@ import datetime
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol
 
 from sqlalchemy import Connection
 from twisted.internet import defer, task
@@ -90,6 +90,7 @@ from mailcore.store import Database
 
 log = Logger()
 
+_P = ParamSpec("_P")
 _Parsed = tuple[list[FetchedMessage], list[ParsedMessage]]
 
 TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
@@ -548,29 +549,37 @@ class SyncEngine:
             return False
         return False
 
-    def _record(self, where: Location) -> Callable[[Connection, StoreResult], None] | None:
-        """What a batch's transaction runs after storing it: the recorders (none: nothing)."""
+    def _recording(
+        self, tell: Callable[Concatenate[SyncRecorder, float, _P], None]
+    ) -> Callable[_P, None] | None:
+        """What a sync's transaction runs to tell each of the recorders (`tell`: one, the
+        moment, and what the transaction passes); None when there are none."""
         if not self.recorders:
             return None
         recorders, now = list(self.recorders), self.reactor.seconds()
 
-        def record(conn: Connection, stored: StoreResult) -> None:
+        def record(*args: _P.args, **kwargs: _P.kwargs) -> None:
             for recorder in recorders:
-                recorder.thd_batch(conn, where, stored, now)
+                tell(recorder, now, *args, **kwargs)
 
         return record
+
+    def _record(self, where: Location) -> Callable[[Connection, StoreResult], None] | None:
+        """What a batch's transaction runs after storing it: the recorders."""
+
+        def batch(recorder: SyncRecorder, now: float, conn: Connection,
+                  stored: StoreResult) -> None:
+            recorder.thd_batch(conn, where, stored, now)
+
+        return self._recording(batch)
 
     def _record_outcome(self, result: SyncResult) -> Callable[[Connection], None] | None:
         """What the transaction recording a sync's outcome runs: the recorders."""
-        if not self.recorders:
-            return None
-        recorders, now = list(self.recorders), self.reactor.seconds()
 
-        def record(conn: Connection) -> None:
-            for recorder in recorders:
-                recorder.thd_outcome(conn, result, now)
+        def outcome(recorder: SyncRecorder, now: float, conn: Connection) -> None:
+            recorder.thd_outcome(conn, result, now)
 
-        return record
+        return self._recording(outcome)
 
     def _spec(self, account: Account, password: str) -> ServerSpec:
         return ServerSpec(
