@@ -6,10 +6,13 @@ leaving the bundle unsent, both counting against one total; one warning per spel
 
 from __future__ import annotations
 
+import datetime
+import threading
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from twisted.internet import defer
@@ -18,18 +21,29 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config, ConfigError
+from mailcore.fetch.secrets import SecretBox
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
+from mailcore.safedrop.model import SafedropSettings
+from mailcore.safedrop.service import SafedropService
 from mailcore.sendcaps import SendCaps, SendCapSettings
 from mailcore.startup import check_tables
 from mailcore.store import Database
-from mailcore.store.schema import api_sends, mailapi_mail, mailboxes, queue_messages
-from mailcore.store.sends import Window, thd_take_sends
+from mailcore.store.schema import (
+    api_sends,
+    drop_bundles,
+    drop_files,
+    drop_recipients,
+    mailapi_mail,
+    mailboxes,
+    queue_messages,
+)
+from mailcore.store.sends import SendVerdict, Window, thd_take_sends
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, open_database, open_database_at
 from tests.support.fetchenv import thd_make_user
 from tests.support.logs import logged_at
 from tests.support.mailsink import add_hosted_mailbox
@@ -165,6 +179,88 @@ class SQLiteServiceCapsTests(ServiceCapsMixin, TestCase):
 
 class PostgresServiceCapsTests(ServiceCapsMixin, TestCase):
     backend = "postgresql"
+
+
+def _thd_sendable_bundle(conn: sa.Connection, owner: int) -> int:
+    """An unsent bundle of `owner`'s with one recipient and one file."""
+    now = datetime.datetime.fromtimestamp(T0, datetime.UTC)
+    bundle = int(conn.execute(sa.insert(drop_bundles).values(
+        owner_id=owner, subject="s", message="m", email_receipt_when=0, read_remove=False,
+        allow_comments=False, require_token_auth=False, created_at=now,
+    ).returning(drop_bundles.c.id)).scalar_one())
+    conn.execute(sa.insert(drop_recipients).values(
+        bundle_id=bundle, email=f"r{bundle}@far.test", telephone="", valid_for=0))
+    conn.execute(sa.insert(drop_files).values(
+        bundle_id=bundle, name="a.pdf", content_type="application/pdf", size=1,
+        sha256="a" * 64, created_at=now))
+    return bundle
+
+
+class MeetingCaps(SendCaps):
+    """The caps of one node whose first send, once counted (its user's lock held on
+    PostgreSQL), waits for the other node's first to be counted too."""
+
+    def __init__(self, db: Database, clock: Clock, meet: threading.Barrier) -> None:
+        super().__init__(db, clock, SendCapSettings(user_recipients_per_hour=100),
+                         CollectorRegistry())
+        self.meet = meet
+        self.met = threading.Lock()
+
+    def thd_take(self, conn: sa.Connection, user_id: int, recipients: int,
+                 now: float) -> SendVerdict:
+        verdict = super().thd_take(conn, user_id, recipients, now)
+        if self.met.acquire(blocking=False):  # the node's first send
+            self.meet.wait()
+        return verdict
+
+
+class TwoNodeSendTests(TestCase):
+    """Two nodes (two Database objects) on one PostgreSQL store."""
+
+    timeout = 120
+
+    async def test_two_nodes_sending_for_two_users_in_both_orders_both_send(self) -> None:
+        """Each node sends a bundle of user X's and one of user Y's at once, node A in
+        that order and node B in the other, each node's first send counted before either
+        node's second is. As riders of one group commit per node, A held X's lock waiting
+        for Y's and B held Y's waiting for X's: PostgreSQL broke the deadlock by failing
+        one of the sends (40P01). On PostgreSQL a send is a transaction of its own: every
+        send goes."""
+        first = await open_database(self, "postgresql")
+        second = await open_database_at(self, first.url)
+        x = await first.run("user", thd_make_user, "x")
+        y = await first.run("user", thd_make_user, "y")
+        clock = Clock()
+        clock.advance(T0)
+        meet = threading.Barrier(2, timeout=30)
+        nodes = []
+        for n, db in enumerate((first, second)):
+            spool = Spool(db, get_reactor(), QueueSettings(node_id=f"node-{n}"),
+                          QueueMetrics(CollectorRegistry()))
+            self.addCleanup(spool.drain)
+            drops = SafedropService(
+                db, clock, CpuPool.for_tests(), SecretBox(Fernet.generate_key()), spool,
+                SafedropSettings(), data_dir=Path(self.mktemp()), hostname="mx.test",
+                caps=MeetingCaps(db, clock, meet))
+            drops.files.prepare()
+            nodes.append((spool, drops))
+        sends = []
+        for (spool, drops), users in zip(nodes, ((x, y), (y, x)), strict=True):
+            bundles = [await first.run("bundle", _thd_sendable_bundle, u) for u in users]
+            # Both sends handed in while the lane is held: (before) one group commit
+            # takes both, in this order.
+            go = threading.Event()
+            held = spool.run_serialized("hold", lambda _c, go=go: go.wait(30))
+            sends += [defer.Deferred.fromCoroutine(drops.send(u, b))
+                      for u, b in zip(users, bundles, strict=True)]
+            go.set()
+            await held
+        self.assertEqual(await defer.gatherResults(sends), [1, 1, 1, 1])
+        sent = await first.read("sent", lambda c: c.execute(
+            sa.select(sa.func.count()).where(drop_bundles.c.sent_at.is_not(None))).scalar())
+        self.assertEqual(sent, 4)
+        self.assertEqual(await first.read("n", _count(api_sends)), 4)
+        self.assertEqual(await first.read("n", _count(queue_messages)), 4)
 
 
 class MailApiCapTests(MailApiTestCase):

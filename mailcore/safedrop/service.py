@@ -8,8 +8,8 @@ link token is ever logged or returned by a read.
 
 Sending claims the bundle once (`UPDATE … WHERE sent_at IS NULL`) together with the
 recipients' link digests and queues one notification per recipient (kind "notification",
-the owner's address as envelope sender so bounces reach them), all in one transaction of
-the spool's write lane: every recipient is told, or the bundle stays unsent. The same
+the owner's address as envelope sender so bounces reach them), all in one transaction (on
+SQLite, in the spool's write lane): every recipient is told, or the bundle stays unsent. The same
 transaction counts the recipients against the owner's `[limits]` caps (mailcore.sendcaps);
 a send past one is refused (SendCapped) and the bundle stays unsent.
 Safedrop's mail is routed as the Mail API's outbox is: a recipient of a served domain goes
@@ -335,9 +335,13 @@ class SafedropService:
 
     async def send(self, owner_id: int, bundle_id: int) -> int:
         """Send the bundle: one notification per recipient; returns how many were queued.
-        The claim and every notification commit together, in the spool's write lane (a
-        rider of its next group commit), or none of them does: a send that fails leaves
-        the bundle unsent, to be sent again."""
+        The claim and every notification commit together, or none of them does: a send
+        that fails leaves the bundle unsent, to be sent again. SQLite: in the spool's
+        write lane (a rider of its next group commit: its writers take turns, and a commit
+        of its own costs an fsync). PostgreSQL: a transaction of its own, which holds one
+        user's send-cap lock (mailcore.store.sends) and no other: in a group commit it
+        held its owner's with the other riders', and two nodes' groups sending for two
+        users in turn deadlocked (one holding each lock, waiting for the other's)."""
         now = self.now()
         at = self.clock.seconds()
         settings = self.spool.settings
@@ -361,7 +365,9 @@ class SafedropService:
             return len(messages)
 
         try:
-            return await self.spool.ride("safedrop_send", txn)
+            if self.db.is_sqlite:
+                return await self.spool.ride("safedrop_send", txn)
+            return await self.db.run("safedrop_send", txn)
         except SendCapped as e:
             assert self.caps is not None
             await self.caps.refused(owner_id, "safedrop", e.verdict)

@@ -60,9 +60,10 @@ def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
     """Count a send of `recipients` by `user_id` at `now` against `windows`: recorded
     (with `take`) when every window has room for it, else refused, nothing recorded. In
     the caller's transaction: on PostgreSQL it holds the user's advisory lock until it
-    ends (READ COMMITTED: a send that waited for it reads the one before it); SQLite's
-    writers take turns anyway. Without `take` (a check that sends nothing) no lock is
-    taken and nothing is written."""
+    ends (READ COMMITTED: a send that waited for it reads the one before it), so the
+    transaction must count no other user's send (two transactions each holding one user's
+    lock and waiting for the other's deadlock); SQLite's writers take turns anyway.
+    Without `take` (a check that sends nothing) no lock is taken and nothing is written."""
     if not windows or recipients <= 0:
         return SendVerdict(recipients)
     for window in windows:
