@@ -100,6 +100,21 @@ class StoreCapsMixin(DatabaseMixin):
         # The user's sends that no window counts any more went with that send.
         self.assertEqual(await self.db.read("n", _count(api_sends)), 3)
 
+    async def test_a_send_reads_every_window_in_one_query(self) -> None:
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        sa.event.listen(self.db.engine, "before_cursor_execute", seen)
+        self.addCleanup(sa.event.remove, self.db.engine, "before_cursor_execute", seen)
+        await self.take(3, 0)
+        refused = await self.take(3, 600, take=False)
+        assert refused.window is not None
+        self.assertEqual((refused.window.name, refused.used), ("hour", 3))
+        # One sum of the hour's and the day's each, not one per window.
+        self.assertEqual(sum("sum(" in s.lower() for s in statements), 2, statements)
+
     async def test_a_send_over_a_cap_alone_never_passes(self) -> None:
         refused = await self.take(6, 0)
         assert refused.window is not None

@@ -6,11 +6,13 @@ that sends."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, text
+from sqlalchemy import Connection, Select, bindparam, case, delete, func, insert, select, text
 
 from mailcore.store.schema import api_sends
 
@@ -21,8 +23,6 @@ _s = api_sends.c
 _SEND_LOCK = 0x73656E64 << 32
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 # Built once: they run for every send.
-_USED = select(func.coalesce(func.sum(_s.recipients), 0)).where(
-    _s.user_id == bindparam("user"), _s.at > bindparam("since"))
 _COUNTED = select(_s.at, _s.recipients).where(
     _s.user_id == bindparam("user"), _s.at > bindparam("since")).order_by(_s.at)
 _FORGET = delete(api_sends).where(_s.user_id == bindparam("user"), _s.at <= bindparam("before"))
@@ -69,15 +69,17 @@ def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
     for window in windows:
         if recipients > window.cap:
             return SendVerdict(recipients, window)
+    longest = max(w.seconds for w in windows)
     if take:
         if conn.dialect.name == "postgresql":
             conn.execute(_LOCK, {"key": _SEND_LOCK + user_id})
-        longest = max(w.seconds for w in windows)
         conn.execute(_FORGET, {"user": user_id, "before": now - longest})
     refused: SendVerdict | None = None
-    for window in windows:
-        used = int(conn.execute(_USED, {"user": user_id, "since": now - window.seconds})
-                   .scalar_one())
+    counted = conn.execute(_used(len(windows)), {
+        "user": user_id, "since": now - longest,
+        **{f"since_{i}": now - w.seconds for i, w in enumerate(windows)}}).one()
+    for window, total in zip(windows, counted, strict=True):
+        used = int(total)
         if used + recipients <= window.cap:
             continue
         wait = _wait(conn, user_id, now, window, used + recipients - window.cap)
@@ -88,6 +90,18 @@ def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
     if take:
         conn.execute(_RECORD, {"user_id": user_id, "at": now, "recipients": recipients})
     return SendVerdict(recipients)
+
+
+@functools.cache
+def _used(windows: int) -> Select[Any]:
+    """The recipients a user's sends counted in each of `windows` windows (the one
+    starting at `since_0`, `since_1`, ...), in one read of its sends since the earliest
+    start (`since`)."""
+    return select(*(
+        func.coalesce(func.sum(case((_s.at > bindparam(f"since_{i}"), _s.recipients),
+                                    else_=0)), 0)
+        for i in range(windows))).where(
+            _s.user_id == bindparam("user"), _s.at > bindparam("since"))
 
 
 def _wait(conn: Connection, user_id: int, now: float, window: Window, excess: int) -> int:
