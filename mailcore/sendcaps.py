@@ -111,9 +111,13 @@ def describe(verdict: SendVerdict) -> str:
             f"{verdict.recipients}; try again in {verdict.retry_after} s")
 
 
-def retry_headers(verdict: SendVerdict) -> dict[str, str]:
-    """The headers of a refusal: Retry-After, when waiting makes room."""
-    return {} if verdict.retry_after is None else {"Retry-After": str(verdict.retry_after)}
+def http_refusal(verdict: SendVerdict) -> tuple[int, str, dict[str, str]]:
+    """A refused send's answer, for each API to put in its own error's shape: its status
+    (429 when waiting makes room, 400 when the send alone has more recipients than a cap),
+    why (`describe`), and its headers (Retry-After, with the 429)."""
+    if verdict.retry_after is None:
+        return 400, describe(verdict), {}
+    return 429, describe(verdict), {"Retry-After": str(verdict.retry_after)}
 
 
 class SendCaps:

@@ -29,7 +29,7 @@ from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService
-from mailcore.sendcaps import SendCaps, SendCapSettings
+from mailcore.sendcaps import SendCaps, SendCapSettings, http_refusal
 from mailcore.startup import check_tables
 from mailcore.store import Database
 from mailcore.store.schema import (
@@ -461,6 +461,18 @@ class LimitsTableTests(TestCase):
         with self.assertRaises(ConfigError) as caught:
             check_tables(Config(sections={"limits": {"recipients_per_hour": 5}}), Clock())
         self.assertEqual(str(caught.exception), "[limits] unknown key: recipients_per_hour")
+
+
+class HttpRefusalTests(TestCase):
+    def test_a_refusal_is_a_429_to_wait_or_a_400_that_never_passes(self) -> None:
+        """The answer both APIs give (each in its own error's shape, as tested above)."""
+        hour = Window("hour", 3600.0, 5)
+        self.assertEqual(http_refusal(SendVerdict(3, hour, 4, 120)), (
+            429, "sending limit reached: 4 of 5 recipients an hour used, this send has 3; "
+            "try again in 120 s", {"Retry-After": "120"}))
+        self.assertEqual(http_refusal(SendVerdict(6, Window("day", 86400.0, 5))), (
+            400, "too many recipients for the sending limit: 6, over the 5 recipients a day "
+            "a user may send to", {}))
 
 
 class DocumentTests(TestCase):

@@ -80,7 +80,7 @@ from mailcore.mailapi.mail import (
     Written,
 )
 from mailcore.outages import outage
-from mailcore.sendcaps import describe, retry_headers
+from mailcore.sendcaps import http_refusal
 from mailcore.store.schema.mailapi import DRAFT, INBOX
 from mailcore.uploads import CHUNK, shielded
 from web.api import ApiApp, is_head
@@ -588,10 +588,8 @@ class MailApiApp(ApiApp):
         if outcome is Outcome.SAVED:
             message = "updated email" if put else "draft saved"
         elif written.capped is not None:  # [limits]: mailcore.sendcaps
-            message = f"{describe(written.capped)} - stored email as draft"
-            headers = retry_headers(written.capped)
-            if written.capped.retry_after is None:
-                status = 400
+            status, why, headers = http_refusal(written.capped)
+            message = f"{why} - stored email as draft"
         return self.reply(request, {"message": message, "id": written.public_id}, status,
                           headers=headers)
 

@@ -52,7 +52,7 @@ from mailcore.safedrop.model import (
     check_telephone,
 )
 from mailcore.safedrop.service import SafedropService
-from mailcore.sendcaps import SendCapped, describe, retry_headers
+from mailcore.sendcaps import SendCapped, http_refusal
 from mailcore.uploads import decoded_least
 from web.api import ApiApp, is_head
 from web.auth import SAFEDROP, SAFEDROP_KEY, CredentialResolver
@@ -334,9 +334,8 @@ def drop_error(error: Exception) -> ApiError:
     if isinstance(error, DropNotFound):
         return ApiError(404, SafedropErrors().not_found())
     if isinstance(error, SendCapped):  # [limits]: the bundle stays unsent
-        verdict = error.verdict
-        return ApiError(429 if verdict.retry_after is not None else 400, describe(verdict),
-                        headers=retry_headers(verdict))
+        status, why, headers = http_refusal(error.verdict)
+        return ApiError(status, why, headers=headers)
     if isinstance(error, DropSent):
         # What the sent state leaves: reading (ApiApp.with_allow adds the HEAD it answers).
         return ApiError(405, SENT, headers={"Allow": "GET"})
