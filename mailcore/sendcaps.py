@@ -14,9 +14,10 @@ A send counts its recipients (a mail's distinct to, cc and bcc addresses; a bund
 recipients) when it is made: in the transaction that puts the mail in the outbox or marks
 the bundle sent, recorded in the store (mailcore.store.sends) so that every node sharing it
 counts one total, and checked under a per-user lock so that two sends at once cannot both
-take the last of a cap. A transaction holds one user's lock and no other (two holding one
-each, each waiting for the other's, deadlock): on PostgreSQL each send is a transaction of
-its own, never a rider of the spool's group commit with other users' sends. A send that
+take the last of a cap. A transaction holds one user's lock and no other, taken before
+any row's (`SendCaps.thd_hold`), so that it never waits for another while holding it: on
+PostgreSQL each send is a transaction of its own, never a rider of the spool's group
+commit with other users' sends. A send that
 would pass either cap is refused whole and changes nothing but what a refusal keeps: the
 mail stays a draft (its edit saved), the bundle stays unsent; the API answers 429 with
 Retry-After (when the windows' sends will have made room for it), or 400 when the send
@@ -46,6 +47,7 @@ from mailcore.store.database import Database
 from mailcore.store.sends import (
     SendVerdict,
     Window,
+    thd_hold_sends,
     thd_sweep_sends,
     thd_take_sends,
 )
@@ -136,6 +138,12 @@ class SendCaps:
             registry=registry)
         # User id -> when this node last refused it (the spell it logged goes on).
         self._refused: dict[int, float] = {}
+
+    def thd_hold(self, conn: Connection, user_id: int) -> None:
+        """Blocking, first in a transaction that may send for `user_id`: take the user's
+        lock (mailcore.store.sends.thd_hold_sends), when a cap is on."""
+        if self.windows:
+            thd_hold_sends(conn, user_id)
 
     def thd_take(self, conn: Connection, user_id: int, recipients: int,
                  now: float) -> SendVerdict:

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
-from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet import defer, threads
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
@@ -45,7 +45,7 @@ from mailcore.store.sends import SendVerdict, Window, thd_take_sends
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin, open_database, open_database_at
 from tests.support.fetchenv import thd_make_user
-from tests.support.logs import logged_at
+from tests.support.logs import logged, logged_at
 from tests.support.mailsink import add_hosted_mailbox
 from tests.support.reactor import get_reactor
 from tests.support.web import Web, header
@@ -186,6 +186,67 @@ class ServiceCapsMixin(DatabaseMixin):
             sa.select(mailapi_mail.c.status, sa.func.count())
             .group_by(mailapi_mail.c.status)).all())
         self.assertEqual(sorted(map(tuple, rows)), [("draft", 4), ("outbox", 2)])
+
+
+class WaitingCaps(SendCaps):
+    """Caps whose first send, once counted (its user's lock held), waits for `go`."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        super().__init__(db, clock, SendCapSettings(user_recipients_per_hour=100),
+                         CollectorRegistry())
+        self.first = threading.Lock()
+        self.counted = threading.Event()
+        self.go = threading.Event()
+
+    def thd_take(self, conn: sa.Connection, user_id: int, recipients: int,
+                 now: float) -> SendVerdict:
+        verdict = super().thd_take(conn, user_id, recipients, now)
+        if self.first.acquire(blocking=False):
+            self.counted.set()
+            self.go.wait(30)
+        return verdict
+
+
+class MovedDraftSendTests(TestCase):
+    timeout = 120
+
+    async def test_a_draft_sent_from_another_mailbox_waits_for_no_post(self) -> None:
+        """A draft of mailbox A sent from mailbox B, and meanwhile a post of the same user
+        from B: each has one mailbox row, and the moved draft needs B's. When the moved
+        draft counted its send (the user's send-cap lock held) and then waited for B's row
+        while the post held B's row and waited for the lock, PostgreSQL broke the deadlock
+        after a second and the post was run again. The lock is now a transaction's first:
+        the post waits for it holding nothing."""
+        db = await open_database(self, "postgresql")
+        owner = await add_hosted_mailbox(db, BOB)
+        await db.run("box", lambda c: c.execute(sa.insert(mailboxes).values(
+            address=OTHER, owner_id=owner, created_at=1.0, domain_id=c.execute(
+                sa.select(mailboxes.c.domain_id)).scalar())))
+        clock = Clock()
+        clock.advance(T0)
+        caps = WaitingCaps(db, clock)
+        mail = MailService(db, clock, "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests(), caps=caps)
+        draft = await mail.create(owner, BOB, Edit("draft", {"to": "a@far.test"}))
+        conflicts = logged(self, lambda e: "conflicted" in e.get("log_format", ""))
+        moved = defer.Deferred.fromCoroutine(mail.update(
+            owner, draft.public_id, Edit("outbox", {"from": OTHER}), None))
+        await threads.deferToThread(caps.counted.wait, 30)
+        posted = defer.Deferred.fromCoroutine(mail.create(
+            owner, BOB, Edit("outbox", {"to": "b@far.test", "from": OTHER})))
+        # The moved draft goes on once the post waits for the user's send-cap lock.
+        waiting = sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                          "AND NOT granted")
+        for _ in range(3000):
+            if await db.read("waiting", lambda c: c.execute(waiting).scalar()):
+                break
+            await deferLater(get_reactor(), 0.01)
+        else:
+            self.fail("the post never came to wait for the send-cap lock")
+        caps.go.set()
+        written = await defer.gatherResults([moved, posted])
+        self.assertEqual([w.outcome.value for w in written], ["enqueued", "enqueued"])
+        self.assertEqual(conflicts, [])
 
 
 class SQLiteServiceCapsTests(ServiceCapsMixin, TestCase):

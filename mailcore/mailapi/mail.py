@@ -551,6 +551,7 @@ class MailService:
                     _size(values, (f.size for f in edit.attachments)))
 
         def txn(conn: Connection, built: Built | None) -> Written:
+            self._thd_hold_caps(conn, user_id, edit)
             # The mailbox the mail is kept in is held once chosen (PostgreSQL: its delete
             # waits for this commit, then takes the mail along or refuses, 409, while it is
             # in the outbox). One deleted since the rights were read is not there to hold:
@@ -631,6 +632,7 @@ class MailService:
                           + [f.size for f in edit.attachments]))
 
         def txn(conn: Connection, built: Built | None) -> Written:
+            self._thd_hold_caps(conn, user_id, edit)
             rights = thd_rights_by_mailbox(conn, user_id)
             row, _, held = self._thd_find(conn, user_id, public_id, rights)
             changing = bool(edit.values or edit.attachments or edit.status)
@@ -711,6 +713,14 @@ class MailService:
                 hook(written.mailbox_id)
         elif written.capped is not None and self.caps is not None:
             await self.caps.refused(user_id, "mailapi", written.capped)
+
+    def _thd_hold_caps(self, conn: Connection, user_id: int, edit: Edit) -> None:
+        """Blocking, first in a write that may send the caller's mail: the caller's
+        send-cap lock (mailcore.sendcaps), before any row's. A draft sent from another
+        mailbox than its own counted its send, then waited for that mailbox's row while a
+        post from it, holding the row, waited for the lock: deadlocked."""
+        if edit.status == OUTBOX and self.caps is not None:
+            self.caps.thd_hold(conn, user_id)
 
     def _thd_settle(self, conn: Connection, row: Any, values: dict[str, str],
                     status: str | None, rights: Holdings,

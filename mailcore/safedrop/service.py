@@ -347,6 +347,8 @@ class SafedropService:
         settings = self.spool.settings
 
         def txn(conn: Connection) -> int:
+            if self.caps is not None:  # the owner's send-cap lock first, before any row's
+                self.caps.thd_hold(conn, owner_id)
             bundle, sender, recipients, files = store.claim_send_txn(
                 conn, owner_id, bundle_id, now, new_link)
             if self.caps is not None:

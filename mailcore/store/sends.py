@@ -55,6 +55,17 @@ class SendVerdict:
         return self.window is None
 
 
+def thd_hold_sends(conn: Connection, user_id: int) -> None:
+    """Blocking: take `user_id`'s send-cap lock (PostgreSQL: an advisory lock, held until
+    the transaction ends; taken again by `thd_take_sends`, it waits for nothing). A
+    transaction that may count a send takes it first, before any row lock: one that
+    counted its send, then waited for a row another of the user's sends held while that
+    one waited for the lock, deadlocked (a Mail API draft sent from another mailbox than
+    its own, and a post from that mailbox)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK, {"key": _SEND_LOCK + user_id})
+
+
 def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
                    windows: Sequence[Window], *, take: bool = True) -> SendVerdict:
     """Count a send of `recipients` by `user_id` at `now` against `windows`: recorded
@@ -71,8 +82,7 @@ def thd_take_sends(conn: Connection, user_id: int, recipients: int, now: float,
             return SendVerdict(recipients, window)
     longest = max(w.seconds for w in windows)
     if take:
-        if conn.dialect.name == "postgresql":
-            conn.execute(_LOCK, {"key": _SEND_LOCK + user_id})
+        thd_hold_sends(conn, user_id)
         conn.execute(_FORGET, {"user": user_id, "before": now - longest})
     refused: SendVerdict | None = None
     counted = conn.execute(_used(len(windows)), {
