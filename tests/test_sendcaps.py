@@ -150,6 +150,15 @@ class PostgresStoreCapsTests(StoreCapsMixin, TestCase):
     backend = "postgresql"
 
 
+async def _two_mailboxes(db: Database) -> int:
+    """Bob's id, the owner of mailboxes BOB and OTHER."""
+    owner = await add_hosted_mailbox(db, BOB)
+    await db.run("box", lambda c: c.execute(sa.insert(mailboxes).values(
+        address=OTHER, owner_id=owner, created_at=1.0, domain_id=c.execute(
+            sa.select(mailboxes.c.domain_id)).scalar())))
+    return owner
+
+
 class ServiceCapsMixin(DatabaseMixin):
     """MailService on a threaded store, as the daemon runs it: on PostgreSQL each post a
     transaction of its own, on SQLite a rider of the spool's group commits."""
@@ -158,12 +167,9 @@ class ServiceCapsMixin(DatabaseMixin):
 
     async def test_posts_at_once_send_no_more_than_the_cap(self) -> None:
         db = await self.open_database()
-        owner = await add_hosted_mailbox(db, BOB)
         # Two mailboxes of the user: posts from one wait on each other for the mailbox's
         # row; the user's count holds across them.
-        await db.run("box", lambda c: c.execute(sa.insert(mailboxes).values(
-            address=OTHER, owner_id=owner, created_at=1.0, domain_id=c.execute(
-                sa.select(mailboxes.c.domain_id)).scalar())))
+        owner = await _two_mailboxes(db)
         clock = Clock()
         clock.advance(T0)
         caps = SendCaps(db, clock, SendCapSettings(user_recipients_per_hour=4),
@@ -218,10 +224,7 @@ class MovedDraftSendTests(TestCase):
         after a second and the post was run again. The lock is now a transaction's first:
         the post waits for it holding nothing."""
         db = await open_database(self, "postgresql")
-        owner = await add_hosted_mailbox(db, BOB)
-        await db.run("box", lambda c: c.execute(sa.insert(mailboxes).values(
-            address=OTHER, owner_id=owner, created_at=1.0, domain_id=c.execute(
-                sa.select(mailboxes.c.domain_id)).scalar())))
+        owner = await _two_mailboxes(db)
         clock = Clock()
         clock.advance(T0)
         caps = WaitingCaps(db, clock)

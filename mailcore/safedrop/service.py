@@ -452,7 +452,7 @@ class SafedropService:
             return found
 
         # The receipt is queued in the transaction that records the opening it goes with
-        # (`opened_at`, `opened_receipt_at`), a rider of the spool's write lane as `send`:
+        # (`opened_at`, `opened_receipt_at`), a rider of the spool's write lane:
         # recorded first and queued after, a crash between the two commits lost the
         # receipt for good (the recipient's row said it was sent).
         return await self.spool.ride("safedrop_open_link", txn)
