@@ -17,12 +17,12 @@ counts one total, and checked under a per-user lock so that two sends at once ca
 take the last of a cap. A transaction holds one user's lock and no other, taken before
 any row's (`SendCaps.thd_hold`), so that it never waits for another while holding it: on
 PostgreSQL each send is a transaction of its own, never a rider of the spool's group
-commit with other users' sends. A send that
-would pass either cap is refused whole and changes nothing but what a refusal keeps: the
-mail stays a draft (its edit saved), the bundle stays unsent; the API answers 429 with
-Retry-After (when the windows' sends will have made room for it), or 400 when the send
-alone has more recipients than a cap. Mail the gateway sends on its own account (bounces,
-quarantine digests, safedrop's receipts and codes) is not counted.
+commit with other users' sends. A send that would pass either cap is refused whole and
+changes nothing but what a refusal keeps: the mail stays a draft (its edit saved), the
+bundle stays unsent; the API answers 429 with Retry-After (when the windows' sends will
+have made room for it), or 400 when the send alone has more recipients than a cap. Mail
+the gateway sends on its own account (bounces, quarantine digests, safedrop's receipts
+and codes) is not counted.
 
 The first refusal of a user logs a warning naming the user and the cap; the user's next
 refusals are not logged until SPELL_QUIET seconds pass without one (each node logs its

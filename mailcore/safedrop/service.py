@@ -9,9 +9,9 @@ link token is ever logged or returned by a read.
 Sending claims the bundle once (`UPDATE … WHERE sent_at IS NULL`) together with the
 recipients' link digests and queues one notification per recipient (kind "notification",
 the owner's address as envelope sender so bounces reach them), all in one transaction (on
-SQLite, in the spool's write lane): every recipient is told, or the bundle stays unsent. The same
-transaction counts the recipients against the owner's `[limits]` caps (mailcore.sendcaps);
-a send past one is refused (SendCapped) and the bundle stays unsent.
+SQLite, in the spool's write lane): every recipient is told, or the bundle stays unsent.
+The same transaction counts the recipients against the owner's `[limits]` caps
+(mailcore.sendcaps); a send past one is refused (SendCapped) and the bundle stays unsent.
 Safedrop's mail is routed as the Mail API's outbox is: a recipient of a served domain goes
 to that domain's next hop (or mailbox), any other through relayhost or MX.
 """
