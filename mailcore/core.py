@@ -30,8 +30,8 @@ from mailcore.gateway.domains import DomainService, DomainSettings
 from mailcore.gateway.filtering import (
     ChainService,
     FilteringStage,
+    PipelineQuarantine,
     PolicySettings,
-    quarantine_store,
 )
 from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
 from mailcore.gateway.redirects import RedirectPolicy
@@ -287,7 +287,7 @@ class Core:
             stage = FilteringStage(self.filter_chain, self.domains, charges, policy)
             self.spool.charger = stage
             self.queue.runner.pipeline = Pipeline(
-                [stage], quarantine_store(self.quarantine), max_scans=policy.max_scans
+                [stage], PipelineQuarantine(self.quarantine), max_scans=policy.max_scans
             )
 
     @classmethod

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, event, select
 from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 
+from mailcore.billing.plans import Plans
+from mailcore.gateway.filtering import PipelineQuarantine
+from mailcore.gateway.quarantine import LinkSigner, QuarantineService, QuarantineSettings
 from mailcore.queue.pipeline import (
     LATER,
     Action,
@@ -25,7 +28,7 @@ from mailcore.queue.pipeline import (
 )
 from mailcore.queue.routing import Hop
 from mailcore.queue.runner import PROCESSING_FAILED, QUARANTINE_FAILED, TAG_INLINE
-from mailcore.store.schema import queue_recipients
+from mailcore.store.schema import quarantine, queue_recipients
 from mailcore.workers import CpuPool
 from tests.support.mailsink import done
 from tests.support.queuetest import BODY, QueueTestCase
@@ -80,7 +83,8 @@ class Kept:
     def __init__(self) -> None:
         self.items: list[tuple[str, tuple[str, ...]]] = []
 
-    async def __call__(self, message: PipelineMessage, decision: Decision) -> None:
+    def thd_keep(self, conn: Connection, message: PipelineMessage, decision: Decision,
+                 now: float) -> None:
         wanted = set(decision.quarantine)
         self.items.append((message.queue_id, tuple(
             r.address for r in message.recipients
@@ -147,11 +151,13 @@ class DecisionBeforeConnectTests(PipelineRunnerBase):
         """The store's error (SQL, parameters, the message's bytes) is logged; the result,
         which `queue show` shows and an expiry DSN quotes to the sender, says only what
         failed."""
-        async def broken(message: PipelineMessage, decision: Decision) -> None:
-            raise RuntimeError("INSERT INTO quarantine ... parameters: secret body bytes")
+        class Broken:
+            def thd_keep(self, conn: Connection, message: PipelineMessage,
+                         decision: Decision, now: float) -> None:
+                raise RuntimeError("INSERT INTO quarantine ... parameters: secret body bytes")
 
         self.use(Stage(Decision(Action.QUARANTINE, reason="spam", category="spam")),
-                 quarantine=broken)
+                 quarantine=Broken())
         await self.accept("Q1", "b@customer.test")
         self.assertEqual(self.connector.connects, [])
         self.assertEqual(self.last_errors(), {"b@customer.test": QUARANTINE_FAILED})
@@ -478,3 +484,68 @@ class HopLimitBeforeThePipelineTests(PipelineRunnerBase):
 
 class HopLimitAtOnceTests(HopLimitBeforeThePipelineTests):
     now = True
+
+
+class Killed(Exception):
+    """What the store answers once the process is dead (`KillAfterKeep`)."""
+
+
+class KillAfterKeep:
+    """kill -9 right after the first commit that kept a message in quarantine: nothing the
+    process does from then on reaches the store."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.kept = False
+        self.dead = False
+        # (begin too: the queue's hot statements run on the DBAPI cursor, unseen by the
+        # cursor events)
+        self._listeners = [("begin", self._executing), ("before_cursor_execute", self._executing),
+                           ("after_cursor_execute", self._executed),
+                           ("commit", self._commit), ("rollback", self._rollback)]
+        for name, fn in self._listeners:
+            event.listen(engine, name, fn)
+
+    def revive(self) -> None:
+        """The next start (on the store the dead process left)."""
+        for name, fn in self._listeners:
+            event.remove(self.engine, name, fn)
+
+    def _executing(self, *args: Any) -> None:
+        if self.dead:
+            raise Killed()
+
+    def _executed(self, _conn: Any, _cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO QUARANTINE "):
+            self.kept = True
+
+    def _commit(self, _conn: Any) -> None:
+        self.dead = self.kept
+
+    def _rollback(self, _conn: Any) -> None:
+        self.kept = False
+
+
+class QuarantineCommitTests(PipelineRunnerBase):
+    async def test_killed_after_the_keep_commits_the_message_is_not_queued_as_well(
+        self,
+    ) -> None:
+        """The quarantine's row and the recipient's `quarantined` result commit together:
+        a kill -9 right after the row's commit must not leave the recipient queued, to be
+        filtered again at the next start (and delivered when the verdict or the domain's
+        policy changed meanwhile, while the message stays in quarantine, releasable: the
+        message kept twice)."""
+        service = QuarantineService(self.db, self.clock, QuarantineSettings(), Plans(),
+                                    hostname="mx.test", signer=LinkSigner(b"k" * 32))
+        self.use(Stage(Decision(Action.QUARANTINE, reason="spam", category="spam")),
+                 quarantine=PipelineQuarantine(service))
+        kill = KillAfterKeep(self.db.engine)
+        await self.accept("Q1", "b@customer.test", "c@customer.test")
+        self.assertTrue(kill.dead)
+        kill.revive()
+        self.flushLoggedErrors(Killed)
+        rows = done(self.db.read("kept", lambda c: c.execute(
+            select(quarantine.c.email)).scalars().all()))
+        self.assertEqual(sorted(rows), ["b@customer.test", "c@customer.test"])
+        self.assertEqual({a: s for a, (s, _o) in self.rows().items()},
+                         {"b@customer.test": "quarantined", "c@customer.test": "quarantined"})

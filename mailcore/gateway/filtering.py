@@ -375,11 +375,16 @@ def _unpaid(message: PipelineMessage, by_domain: dict[int, list[str]],
                     {d: a for d, a in by_domain.items() if d in unpaid}, doms)
 
 
-def quarantine_store(service: QuarantineService) -> Any:
-    """The pipeline's `quarantine` callback: keep the message for the decision's recipients
-    (all of them for a QUARANTINE, else those named in `decision.quarantine`)."""
+class PipelineQuarantine:
+    """The pipeline's QuarantineStore: keeps a message for the decision's recipients (all
+    of them for a QUARANTINE, else those named in `decision.quarantine`), in the queue
+    runner's transaction that records them quarantined."""
 
-    async def keep(message: PipelineMessage, decision: Decision) -> None:
+    def __init__(self, service: QuarantineService) -> None:
+        self.service = service
+
+    def thd_keep(self, conn: Connection, message: PipelineMessage, decision: Decision,
+                 now: float) -> None:
         wanted = set(decision.quarantine)
         items = [
             ToKeep(message.queue_id, message.mail_from, r.address, int(r.domain_id or 0),
@@ -387,9 +392,7 @@ def quarantine_store(service: QuarantineService) -> Any:
             for r in message.recipients
             if decision.action is Action.QUARANTINE or r.address in wanted
         ]
-        await service.keep(items, message.body)
-
-    return keep
+        self.service.thd_keep(conn, items, message.body, now)
 
 
 class ChainService(Service):

@@ -326,9 +326,10 @@ def _keep_txn(
     in any of them would fail the insert on PostgreSQL, and the spam would be deferred
     until it bounced to its (forged) sender instead of being kept.
 
-    A recipient of a queued message already kept (the process was killed after this
-    commit and before the queue recorded it, so the message was filtered again) keeps its
-    row: the ident is that row's, and no second entry is listed, digested or released."""
+    A recipient of a queued message already kept keeps its row: the ident is that row's,
+    and no second entry is listed, digested or released. (The queue runner records the
+    recipients quarantined in this transaction, but a node whose lease lapsed meanwhile
+    records nothing, and the node that took the message over filters it again.)"""
     subject = decoded_subject(body)
     ids = {i.domain_id for i in items}
     rows = conn.execute(
@@ -650,8 +651,15 @@ class QuarantineService(Service):
 
     async def keep(self, items: Sequence[ToKeep], body: bytes) -> list[str]:
         """Store `body` for each recipient in `items`; returns the idents."""
-        return list(await self.db.run("quarantine_keep", _keep_txn, list(items), body,
-                                      self.now()))
+        return await self.db.run("quarantine_keep", self.thd_keep, items, body,
+                                 self.clock.seconds())
+
+    @staticmethod
+    def thd_keep(conn: Connection, items: Sequence[ToKeep], body: bytes,
+                 now: float) -> list[str]:
+        """Blocking: `keep` in the caller's transaction (the queue runner's, which records
+        the recipients quarantined in it: `mailcore.queue.runner.thd_quarantine`)."""
+        return _keep_txn(conn, items, body, datetime.datetime.fromtimestamp(now, datetime.UTC))
 
     # -- listing ---------------------------------------------------------------------------
 

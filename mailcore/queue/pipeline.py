@@ -14,8 +14,10 @@ Decisions the queue runner carries out:
 - DELIVER: send the message as it is.
 - TAG: send it with extra header fields prepended (e.g. `X-Spam-Flag: YES`); the tags
   travel with the queued delivery and are applied when the body is sent.
-- QUARANTINE: hand the message to `quarantine` (set by the filtering issue) and finish the
-  recipients as `quarantined`; without a quarantine store, the message stays queued.
+- QUARANTINE: keep the message in `quarantine` (set by the filtering issue) and finish the
+  recipients as `quarantined`, in one transaction of the spool's write lane (a crash can
+  never leave the message kept and still queued, to be filtered and maybe delivered
+  again); without a quarantine store, the message stays queued.
 - DISCARD: finish the recipients without sending (policy "drop"), with the reason logged.
 - DEFER: leave the message queued and try again later (a filter is down, the owner's
   filtering tokens are spent): a temporary failure, nothing is lost.
@@ -36,10 +38,12 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.header import Header
 from typing import Literal, Protocol
+
+from sqlalchemy import Connection
 
 from mailcore.smtp.fold import ascii_escaped, fold
 
@@ -145,7 +149,15 @@ class Resume:
         return Decision.deliver()
 
 
-QuarantineStore = Callable[[PipelineMessage, Decision], Awaitable[None]]
+class QuarantineStore(Protocol):
+    """Where quarantined messages are kept (mailcore.gateway.quarantine)."""
+
+    def thd_keep(self, conn: Connection, message: PipelineMessage, decision: Decision,
+                 now: float) -> None:
+        """Blocking: keep `message` for the decision's recipients (all of them for a
+        QUARANTINE, else those named in `decision.quarantine`) in the caller's transaction,
+        the one that records them quarantined. A replay keeps nothing twice."""
+        ...
 
 # Messages processed at the same time by one queue runner, at most (`[pipeline] max_scans`).
 DEFAULT_MAX_SCANS = 32

@@ -17,7 +17,9 @@ go straight to their hop queues.
 
 Recipients routed to `LOCAL` (hosted mailboxes) are not sent: after the pipeline, the
 `local_store` writes them into their mailbox in one transaction of the spool's write lane
-that also records their result, so a crash can neither lose nor duplicate them.
+that also records their result, so a crash can neither lose nor duplicate them. A message
+the pipeline quarantines is kept the same way: the quarantine's rows and the recipients'
+`quarantined` results commit together (`thd_quarantine`).
 
 A message in a mail loop (more Received header fields than `[smtp] max_hops`, see
 `mailcore.smtp.hops`) is bounced with 5.4.6 before it is processed or sent.
@@ -99,6 +101,7 @@ from mailcore.queue.pipeline import (
     Pipeline,
     PipelineMessage,
     PipelineRecipient,
+    QuarantineStore,
     Resume,
     apply_tags,
 )
@@ -198,6 +201,20 @@ def thd_deliver_local(
     ]
     dsns = thd_record_results(conn, results, node_id, now, lease_until, reporting_mta)
     return done, results, dsns
+
+
+def thd_quarantine(
+    conn: Connection, store: QuarantineStore, message: PipelineMessage, decision: Decision,
+    results: Sequence[Result], node_id: str, now: float, lease_until: float,
+    reporting_mta: str,
+) -> list[tuple[Job, bytes]]:
+    """Keep `message` in quarantine for the decision's recipients and record their
+    (QUARANTINED) `results` in one transaction, so that a crash can never leave the message
+    kept and still queued (filtered again at the next start, and delivered if the verdict
+    or the domain's policy changed meanwhile: once by the queue, once more if released);
+    returns the DSNs the results made (the message's other recipients that bounced)."""
+    store.thd_keep(conn, message, decision, now)
+    return thd_record_results(conn, results, node_id, now, lease_until, reporting_mta)
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -812,8 +829,15 @@ class QueueRunner:
                 self._fail(job, job.recipients, "4.3.0 quarantine requested but no store",
                            permanent=False, hop="", now=now, count_attempt=False)
                 return None
+            assert self.spool is not None, "build_queue attaches the spool"
+            detail = f"quarantined: {decision.reason}"[:MAX_DETAIL]
+            results = [Result(r.id, job.message_id, QUARANTINED, detail, "") for r in held]
             try:
-                await self.pipeline.quarantine(message, decision)
+                dsns = await self.spool.run_serialized(
+                    "queue_quarantine", thd_quarantine, self.pipeline.quarantine, message,
+                    decision, results, self.settings.node_id, now,
+                    now + self.settings.lease_seconds, self.spool.reporting_mta,
+                )
             except Exception:
                 log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
                 self._fail(job, job.recipients, QUARANTINE_FAILED, permanent=False, hop="",
@@ -821,8 +845,9 @@ class QueueRunner:
                 return None
             maillog.kept(job.message_id, "quarantined", (r.address for r in held),
                          decision.reason)
-            self._delivered(job, held, f"quarantined: {decision.reason}", "",
-                            self.clock.seconds(), state=QUARANTINED)
+            self._release_memory(job, len(held))
+            if dsns:
+                self.enqueue_new(dsns)
             if len(held) == len(job.recipients):
                 return None
             held_ids = {r.id for r in held}
