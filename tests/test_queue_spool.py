@@ -340,6 +340,28 @@ class SpoolTests(TestCase):
         self.assertEqual(ids, ["Q0", "Q1", "Q2"])
         self.assertEqual(len(self.connector.delivered), 3)  # the late one delivered too
 
+    def test_a_rider_given_up_once_its_group_took_it_commits_unheard(self) -> None:
+        """A rider cancelled after a group took it (a safedrop link opened by a client that
+        left meanwhile) commits with its group, its answer dropped; the rest of the group is
+        answered and handed to the runner as usual. Its second answer raised
+        AlreadyCalledError in the middle of that: the riders after it were never answered
+        (their callers hung) and the group's messages waited for their lease to lapse."""
+        self.q.runner.start()
+        first = self.accept("Q0")
+        given_up = self.q.spool.ride("count", _count_messages)
+        other = self.q.spool.ride("count", _count_messages)
+        companion = self.accept("Q1")
+        self.db.release()  # Q0's group; Q1 and both riders are taken into the next
+        self.successResultOf(first)
+        self.assertEqual(self.db.accept_batches, [1, 1])
+        given_up.cancel()
+        self.failureResultOf(given_up, defer.CancelledError)
+        self.db.release()
+        self.successResultOf(companion)
+        self.assertEqual(self.successResultOf(other), 2)
+        self.assertEqual(len(self.connector.delivered), 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_leased_to_this_node_only_while_the_runner_has_room(self) -> None:
         self.q.runner.start()
         self.q.runner.held = self.q.settings.max_in_memory  # full

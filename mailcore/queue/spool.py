@@ -236,15 +236,18 @@ def _take_all(waiting: deque[Any]) -> list[Any]:
     return taken
 
 
-def _answer(done: defer.Deferred[None], outcome: Failure | Exception | None) -> None:
-    """Tell an accept's caller how its group commit went (None: stored), unless it gave up
-    waiting (cancelled: `Spool._withdraw`); the rest of the group is answered all the same."""
+def _answer(done: defer.Deferred[Any], outcome: Any) -> None:
+    """Tell a caller (an accept, a rider, a chore, a charge request) how its work went: a
+    Failure or an exception if it failed, else its result (None for a message stored);
+    unless the caller gave up waiting (cancelled) after a group or the lane had taken the
+    work, which then ended unheard. The rest of the group is answered all the same: a
+    second answer to a cancelled Deferred that has a canceller raises AlreadyCalledError."""
     if done.called:
         return
-    if outcome is None:
-        done.callback(None)
-    else:
+    if isinstance(outcome, (Failure, Exception)):
         done.errback(outcome)
+    else:
+        done.callback(outcome)
 
 
 def _host_of(label: str) -> str:
@@ -678,9 +681,9 @@ class Spool:
         try:
             result = await self.db.run(chore.name, chore.fn, *chore.args)
         except Exception as e:
-            chore.done.errback(e)
+            _answer(chore.done, e)
         else:
-            chore.done.callback(result)
+            _answer(chore.done, result)
             self._tell_results()
         finally:
             self._busy = False
@@ -825,9 +828,9 @@ class Spool:
             for p in batch:
                 _answer(p.done, _refused(result))
             for rider in group.riders:
-                rider.done.errback(_refused(result))
+                _answer(rider.done, _refused(result))
             for request in group.charges:
-                request.done.errback(_refused(result))
+                _answer(request.done, _refused(result))
             if group.results:
                 self._results.extendleft(reversed(group.results))
             return
@@ -855,10 +858,7 @@ class Spool:
             _answer(p.done, None if i not in withdrawn
                     else withdrawn[i] or Withdrawn("its guard left the message out"))
         for rider, outcome in zip(group.riders, result.riders, strict=True):
-            if isinstance(outcome, Failure):
-                rider.done.errback(outcome)
-            else:
-                rider.done.callback(outcome)
+            _answer(rider.done, outcome)
         if consumer is not None:
             self._hand_over(consumer, result.now, result.messages, result.ids)
             if result.dsns:
@@ -882,7 +882,7 @@ class Spool:
         at = 0
         for request in requests:
             n = len(request.items)
-            request.done.callback(outcomes[at:at + n])
+            _answer(request.done, outcomes[at:at + n])
             at += n
 
     async def _write_results(self, results: list[_Entry]) -> None:
