@@ -220,6 +220,33 @@ class AcceptChargeTests(TestCase):
         self.assertEqual(await self.total(self.bob), 0)
         self.assertEqual(self.charges(), [(self.bob.id, f"Q1:{self.b}", 1)])
 
+    async def test_a_charge_given_up_before_a_group_takes_it_is_never_applied(self) -> None:
+        """A filtering that gives up waiting for its charge (cancelled) takes the charge
+        back while no group has it: its message stays queued and is charged, once, by its
+        key, when it is filtered again. One a group took is applied with it, unheard."""
+        first = self.accept("Q0", "p@a.test")
+        asked = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 5, key="K"))
+        asked.cancel()
+        self.failureResultOf(asked, defer.CancelledError)
+        self.db.release()  # Q0's group
+        self.successResultOf(first)
+        self.db.release()  # (the group that would have taken the charge)
+        self.assertEqual(self.db.accept_batches, [1])
+        self.assertEqual(self.charges(), [])
+        self.assertEqual(await self.total(self.alice), 999)
+        taken = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 5, key="K"))
+        self.assertEqual(self.db.accept_batches, [1, 0])  # a group took it
+        taken.cancel()
+        self.failureResultOf(taken, defer.CancelledError)
+        self.db.release()
+        self.assertEqual([k for _u, k, _t in self.charges()], ["K"])
+        self.assertEqual(await self.total(self.alice), 994)
+        again = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 5, key="K"))
+        self.db.release()
+        self.assertEqual(self.successResultOf(again), OK)
+        self.assertEqual(await self.total(self.alice), 994)  # by its key: nothing more
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     async def test_a_failed_commit_charges_nothing(self) -> None:
         first = self.accept("Q0", "p@a.test")
         asked = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 5, key="K"))

@@ -105,6 +105,20 @@ class BatchingTests(TestCase):
         self.assertEqual(len(await self.charge_keys()), 21)
         self.assertEqual(await self.tokens.daily_average(self.alice.id), 21 // 30)
 
+    async def test_a_charge_given_up_while_waiting_for_a_batch_is_never_applied(self) -> None:
+        first = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 1, key="Q0"))
+        given_up = defer.Deferred.fromCoroutine(self.batcher.consume(self.bob.id, 2, key="Q1"))
+        kept = defer.Deferred.fromCoroutine(self.batcher.consume(self.alice.id, 2, key="Q2"))
+        given_up.cancel()
+        self.failureResultOf(given_up, defer.CancelledError)
+        self.lane.release()
+        self.assertEqual(await first, OK)
+        self.assertEqual([[c.key for c in b] for b in self.lane.batches], [["Q0"], ["Q2"]])
+        self.lane.release()
+        self.assertEqual(await kept, OK)
+        self.assertEqual(await self.total(self.alice), 1000 - 3)
+        self.assertEqual(await self.total(self.bob), 1000)
+
     async def test_each_charge_is_all_or_nothing_inside_a_batch(self) -> None:
         await self.tokens.credit(self.alice.id, 5)  # 1005 in all
         hold = defer.Deferred.fromCoroutine(self.batcher.consume(self.bob.id, 1))

@@ -690,6 +690,9 @@ class ChargeBatcher:
         self.max_batch = max_batch
         self._waiting: list[tuple[Charge, defer.Deferred[ConsumeResult]]] = []
         self._busy = False
+        # The batch handed to the lane and the lane's Deferred, while it is in flight.
+        self._flight: tuple[list[tuple[Charge, defer.Deferred[ConsumeResult]]],
+                            defer.Deferred[list[ConsumeResult | TokenError]]] | None = None
         self.transactions = 0  # charge transactions run (for tests and the benchmark)
 
     def _own_transaction(
@@ -721,6 +724,9 @@ class ChargeBatcher:
 
         Raises TokenError for a bad count or key (before anything is charged) or an unknown
         user, and the store's error when the transaction failed (nothing was charged).
+        A caller that gives up (cancels) takes back its charges not yet handed to the lane;
+        a batch the lane has is withdrawn once all its callers gave up, unless its
+        transaction took it already (then it is applied, unheard: see `_give_up`).
         """
         for charge in charges:
             check_charge(charge.n, charge.key)
@@ -729,7 +735,7 @@ class ChargeBatcher:
             if charge.n == 0:
                 waits.append(defer.succeed(OK))
                 continue
-            d: defer.Deferred[ConsumeResult] = defer.Deferred()
+            d: defer.Deferred[ConsumeResult] = defer.Deferred(self._give_up)
             self._waiting.append((charge, d))
             waits.append(d)
         self._kick()
@@ -741,6 +747,22 @@ class ChargeBatcher:
             e.subFailure.raiseException()
             raise  # pragma: no cover - raiseException always raises
 
+    def _give_up(self, d: defer.Deferred[ConsumeResult]) -> None:
+        """A caller gave up waiting for a charge (the filtering of its message goes no
+        further: the message stays queued, and its keyed charge is asked for again when it
+        is filtered again). One still waiting for a batch is taken out and never applied;
+        the lane's batch is withdrawn (`Spool.charge`: unless a group took it) once every
+        caller in it gave up. One applied all the same is charged once: by its key, the
+        next filtering of the message takes nothing more."""
+        for i, (_c, waiting) in enumerate(self._waiting):
+            if waiting is d:
+                del self._waiting[i]
+                return
+        if self._flight is not None:
+            batch, lane = self._flight
+            if all(w is d or w.called for _c, w in batch):
+                lane.cancel()
+
     def _kick(self) -> None:
         if self._busy or not self._waiting:
             return
@@ -751,14 +773,21 @@ class ChargeBatcher:
 
     async def _apply(self, batch: list[tuple[Charge, defer.Deferred[ConsumeResult]]]) -> None:
         try:
+            lane = self.lane([c for c, _d in batch])
+            self._flight = (batch, lane)
             try:
-                results = await self.lane([c for c, _d in batch])
+                results = await lane
             except Exception as e:
                 for _c, d in batch:
-                    d.errback(Failure(e))
+                    if not d.called:  # (a caller that gave up has its CancelledError)
+                        d.errback(Failure(e))
                 return
+            finally:
+                self._flight = None
             self.transactions += 1
             for (_c, d), result in zip(batch, results, strict=True):
+                if d.called:
+                    continue
                 if isinstance(result, TokenError):
                     d.errback(Failure(result))
                 else:

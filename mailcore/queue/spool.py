@@ -170,9 +170,14 @@ class _ChargeRequest:
 
     __slots__ = ("done", "items")
 
-    def __init__(self, items: list[Any]) -> None:
+    def __init__(self, items: list[Any], withdraw: Callable[[_ChargeRequest], object]) -> None:
         self.items = items
-        self.done: defer.Deferred[list[Any]] = defer.Deferred()
+
+        def cancelled(_: defer.Deferred[Any]) -> None:
+            withdraw(self)
+
+        # Cancelled when its caller gives up: `withdraw` takes it out if no group took it.
+        self.done: defer.Deferred[list[Any]] = defer.Deferred(cancelled)
 
 
 class _Group:
@@ -521,11 +526,20 @@ class Spool:
         return True
 
     def _withdraw_rider(self, rider: _Chore) -> bool:
-        """A rider given up on: taken out unless a group has taken it (the stream takes
-        riders under the same lock). Whether it was."""
+        """A rider given up on: taken out unless a group has taken it. Whether it was."""
+        return self._take_out(self._riders, rider)
+
+    def _withdraw_charge(self, request: _ChargeRequest) -> bool:
+        """A charge request given up on: taken out unless a group has taken it. Whether it
+        was."""
+        return self._take_out(self._charge_requests, request)
+
+    def _take_out(self, waiting: deque[Any], item: Any) -> bool:
+        """Take `item` out of `waiting` (riders or charge requests) unless a group has
+        taken it (the stream takes them under the same lock). Whether it was."""
         with self._wake:
             try:
-                self._riders.remove(rider)
+                waiting.remove(item)
             except ValueError:
                 return False
         return True
@@ -534,10 +548,14 @@ class Spool:
         """Apply `items` (the charger's) in the next group commit, with the charges of the
         messages it stores, in the same one call of `Charger.thd_charge` (so one order of
         row locks covers all of them); with no group due, it starts one. Fires with one
-        outcome per item after that commit, or fails (nothing of them applied)."""
+        outcome per item after that commit, or fails (nothing of them applied). Cancelled
+        (its caller gave up) before a group takes it, it is taken out and never applied
+        (the filtering that asked for it goes no further: its message stays queued, and is
+        charged, once, by its key, when it is filtered again); taken, it commits or not
+        with its group, unheard (its key keeps the next filtering from charging again)."""
         if self.charger is None:
             raise RuntimeError("the spool has no charger")
-        request = _ChargeRequest(list(items))
+        request = _ChargeRequest(list(items), self._withdraw_charge)
         self._charge_requests.append(request)
         self._take_soon()
         return request.done
