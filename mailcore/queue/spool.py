@@ -500,21 +500,21 @@ class Spool:
         Cancelled (its caller gave up) before a group takes it, it is taken out and never
         runs; taken, it commits or not with its group, unheard. Handed in within an errand
         (mailcore.store.errands) it is withdrawn with the errand's work, unless taken."""
-        errand = errands.current()
-        if errand is not None and errand.given_up:
-            return defer.fail(defer.CancelledError())
-        rider = _Chore(name, fn, args, self._withdraw_rider)
-        self._riders.append(rider)
-        self._take_soon()
-        if errand is not None:
-            errand.hold(rider.done, lambda: self._unless_taken(rider))
-        return rider.done
+
+        def start() -> tuple[defer.Deferred[T], Callable[[], None]]:
+            rider = _Chore(name, fn, args, self._withdraw_rider)
+            self._riders.append(rider)
+            self._take_soon()
+            return rider.done, lambda: self._unless_taken(rider)
+
+        return errands.hand_in(start)
 
     def _unless_taken(self, rider: _Chore) -> None:
         """For an errand given up: drop `rider` unless a group has taken it (which then
-        answers it with its outcome)."""
+        answers it with its outcome). Its Deferred fails as a cancelled one does, without
+        going through its canceller, which would withdraw it a second time."""
         if self._withdraw_rider(rider):
-            rider.done.cancel()
+            rider.done.errback(Failure(defer.CancelledError()))
 
     def _withdraw_chore(self, chore: _Chore) -> bool:
         """A chore given up on: taken out unless it has begun (in the reactor thread, which

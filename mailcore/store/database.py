@@ -449,14 +449,13 @@ class Database:
         if pool.joined:
             # A stopped ThreadPool drops new work silently: the Deferred would never fire.
             return defer.fail(StoreError("the database is closed"))
-        errand = errands.current()
-        if errand is not None and errand.given_up:
-            return defer.fail(defer.CancelledError())  # its caller gave up already
-        work = _Work(self, fn, args, kwargs)
-        pool.callInThreadWithCallback(work.ended, work.run)
-        if errand is not None:
-            errand.hold(work.d, work.withdraw)
-        return work.d
+
+        def start() -> tuple[defer.Deferred[T], Callable[[], None]]:
+            work = _Work(self, fn, args, kwargs)
+            pool.callInThreadWithCallback(work.ended, work.run)
+            return work.d, work.withdraw
+
+        return errands.hand_in(start)
 
     def _given_up(self) -> bool:
         """Blocking, on a pool thread: whether the caller of the work this thread runs gave

@@ -68,6 +68,17 @@ class Errand:
             withdraw()
 
 
-def current() -> Errand | None:
-    """The errand of the code running now, if any (for the store's hand-overs)."""
-    return _current.get()
+def hand_in(
+    start: Callable[[], tuple[defer.Deferred[T], Callable[[], None]]],
+) -> defer.Deferred[T]:
+    """Hand store work in (`Database`'s, `Spool.ride`'s) within the errand of the code
+    running now, if any: once the errand is given up none is handed in (CancelledError);
+    otherwise `start()` queues the work and returns its Deferred and how to withdraw it
+    unless it has begun, which the errand holds until the work ends."""
+    errand = _current.get()
+    if errand is not None and errand.given_up:
+        return defer.fail(defer.CancelledError())
+    d, withdraw = start()
+    if errand is not None:
+        errand.hold(d, withdraw)
+    return d
