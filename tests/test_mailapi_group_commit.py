@@ -28,7 +28,7 @@ from mailcore.store.engine import WRITE_INTENT
 from mailcore.store.schema import mailapi_mail
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin, open_database
-from tests.support.mailsink import add_hosted_mailbox
+from tests.support.mailsink import add_hosted_mailbox, envelope
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
 from tests.test_mailapi_mail import JOE, MailApiTestCase
@@ -297,3 +297,45 @@ class SQLiteGivenUpOwnTransactionTests(GivenUpOwnTransactionTests, TestCase):
 
 class PostgresGivenUpOwnTransactionTests(GivenUpOwnTransactionTests, TestCase):
     backend = "postgresql"
+
+
+class LaneAfterAPostGivenUpTests(TestCase):
+    """The spool's lane runs every caller's work: a post whose client gave up while its
+    group committed takes none of what the lane runs next down with it (the post started
+    the lane, which was idle: the commit stream ran in the post's errand)."""
+
+    timeout = 60
+
+    async def test_the_chore_and_message_after_a_post_given_up_go_on(self) -> None:
+        db: Database = await open_database(self, "sqlite")
+        owner = await add_hosted_mailbox(db, BOB)
+        spool = Spool(db, get_reactor(), QueueSettings(node_id="test"),
+                      QueueMetrics(CollectorRegistry()))  # (no linger: the post starts it)
+        self.addCleanup(spool.drain)
+        mail = MailService(db, Clock(), "mx.test", MailFiles(Path(self.mktemp())),
+                           CpuPool.for_tests(), ride=spool.ride)
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+        original = spool._thd_commit
+
+        def held(conn: Connection, group: Any) -> Any:
+            result = original(conn, group)
+            if not entered.is_set():
+                entered.set()
+                gate.wait(30)
+            return result
+
+        self.patch(spool, "_thd_commit", held)
+        posted = defer.Deferred.fromCoroutine(mail.create(owner, BOB, Edit(
+            "draft", {"to": "joe@far.test", "subject": "left", "body": "hello\n"})))
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        posted.cancel()  # its client left while its group committed
+        self.failureResultOf(posted, defer.CancelledError)
+        chore = spool.run_serialized("chore", lambda conn: "ran")
+        accepted = defer.Deferred.fromCoroutine(spool.accept(
+            "Q1", envelope("a@x.test", ("b@far.test", None)), b"Subject: x\r\n\r\nhi\r\n"))
+        gate.set()
+        self.assertEqual(await chore, "ran")
+        await accepted
+        self.assertEqual([r.subject for r in await db.read("rows", _rows)], ["left"])
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, event
@@ -253,6 +253,16 @@ def _answer(done: defer.Deferred[Any], outcome: Any) -> None:
         done.errback(outcome)
     else:
         done.callback(outcome)
+
+
+def _start(turn: Coroutine[Any, Any, None]) -> None:
+    """Start a turn of the lane (a commit stream, a chore, a results write) outside any
+    errand: it runs every caller's work. Started by a request within one (a Mail API post
+    riding on SQLite, when the lane was idle), it took that errand along, and once the
+    post's client had left (or passed [web] reply_timeout) each later turn kicked from it
+    was given up at once: the next chore failed with CancelledError, and the next stream
+    failed and kicked another until RecursionError."""
+    errands.outside(defer.Deferred.fromCoroutine, turn)
 
 
 def _host_of(label: str) -> str:
@@ -677,15 +687,15 @@ class Spool:
         self._yield_lane = False
         if self._chores:
             self._busy = True
-            defer.Deferred.fromCoroutine(self._run_chore(self._chores.popleft()))
+            _start(self._run_chore(self._chores.popleft()))
         elif results_due:
             self._busy = True
             results = self._take_results()
             self._results_since = self.clock.seconds()
-            defer.Deferred.fromCoroutine(self._write_results(results))
+            _start(self._write_results(results))
         elif self._pending or self._riders or self._charge_requests:
             self._busy = True
-            defer.Deferred.fromCoroutine(self._commit_stream())
+            _start(self._commit_stream())
         elif not self._results:
             if self._results_timer is not None and self._results_timer.active():
                 self._results_timer.cancel()

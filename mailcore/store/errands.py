@@ -82,3 +82,15 @@ def hand_in(
     if errand is not None:
         errand.hold(d, withdraw)
     return d
+
+
+def outside(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` outside any errand: the coroutines it starts (each runs in a copy of the
+    context it started in) hand their store work in for no caller. For work that serves
+    every caller (the spool's write lane) when a request within an errand happens to start
+    it: it took the errand along, and was given up with that request."""
+    token = _current.set(None)
+    try:
+        return fn(*args)
+    finally:
+        _current.reset(token)
