@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.mailapi import QUOTA, MailApiError
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
+from mailcore.mailapi.outbox import OutboxSender
 from mailcore.outages import NO_ROOM, outage
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.settings import QueueSettings
@@ -242,6 +243,35 @@ class GivenUpTests(TestCase):
         self.assertEqual([(r.subject, r.status) for r in rows],
                          [("first", "draft"), ("second", "outbox")])
         self.assertEqual(len(told), 1)  # its outcome was heard: the outbox was told
+
+    async def test_a_post_given_up_once_its_group_took_it_is_sent_from_the_outbox(
+        self,
+    ) -> None:
+        """The outbox is told of the mail after the post was given up: its look for mail to
+        send ran in the post's errand, given up, and failed at once (CancelledError, taken
+        for a stop), so the mail stayed in the outbox until something else looked again
+        (a single node has no poll)."""
+        sender = OutboxSender(self.db, Clock(), self.spool)
+        self.mail.on_enqueued.append(sender.enqueued)
+        sender.startService()
+        await sender.settled()
+        self.hold_next = True
+        posted = self.post("second", "outbox")
+        self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
+        posted.cancel()
+        self.failureResultOf(posted, defer.CancelledError)
+        self.gate.set()
+        await self.spool.drain()
+        # The sender's stream hands the mail to the spool, then waits for the queue (none
+        # here) to try it: what is waited for is the row marked sent.
+        for _ in range(100):
+            rows = await self.db.read("rows", _rows)
+            if rows[-1].status != "outbox":
+                break
+            await sleep(0.05)
+        sender.stopService()
+        self.assertEqual([(r.subject, r.status) for r in rows],
+                         [("first", "draft"), ("second", "sent")])
 
     async def test_riders_and_chores_cancelled_before_their_turn_never_run(self) -> None:
         ran: list[str] = []

@@ -63,7 +63,7 @@ from mailcore.outages import log_failure
 from mailcore.queue.model import Result, thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.smtp.envelope import Envelope, Recipient
-from mailcore.store import Database
+from mailcore.store import Database, errands
 from mailcore.store.leases import JobLeases
 from mailcore.store.schema import (
     domains,
@@ -312,7 +312,9 @@ class OutboxSender(Service):
             self._again = True
             return
         self._busy = True
-        self._current = defer.Deferred.fromCoroutine(self._look())
+        # Outside any errand: a post (whose write is an errand, given up with its request)
+        # tells the outbox of its mail, and the look must not be given up with the post.
+        self._current = errands.outside(defer.Deferred.fromCoroutine, self._look())
 
     async def _look(self) -> None:
         """Start a stream for each mailbox with outbox mail and none running; give the
