@@ -4,10 +4,12 @@ spam is kept instead of being deferred until it bounces to its forged sender."""
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.billing.plans import Plans
+from mailcore.gateway.filtering import PipelineQuarantine
 from mailcore.gateway.quarantine import (
     LinkSigner,
     QuarantineService,
@@ -15,8 +17,12 @@ from mailcore.gateway.quarantine import (
     ToKeep,
     decoded_subject,
 )
+from mailcore.queue.model import QUARANTINED, NewMessage, Result, thd_insert_messages
+from mailcore.queue.pipeline import Action, Decision, PipelineMessage, PipelineRecipient
+from mailcore.queue.runner import thd_quarantine
+from mailcore.store.schema import queue_recipients
 from tests.support.db import MixinBase, open_database
-from tests.support.mailsink import add_domain
+from tests.support.mailsink import add_domain, envelope
 
 SPAM = (b"From: spammer@forged.test\r\nTo: ann@q.test\r\n"
         b"Subject: =?utf-8?q?win=00money=1B[2J?=\r\n\r\nbuy now\r\n")
@@ -50,9 +56,10 @@ class KeepTestsMixin(MixinBase):
                           "spammer@forged.test"))
 
     async def test_a_message_filtered_again_after_a_crash_is_kept_once(self) -> None:
-        # Killed after the keep committed and before the queue recorded the recipient as
-        # quarantined: the message is filtered again on restart and kept again. It was a
-        # second entry (listed, digested and releasable twice).
+        # Kept again: by a node that took the message over after the keeping node's lease
+        # lapsed (that node's keep commits, its results are not applied), or on a store
+        # whose keep committed before the queue recorded the recipient. It was a second
+        # entry (listed, digested and releasable twice).
         db = await open_database(self, self.backend)
         dom = await add_domain(db, "q.test", "10.0.0.1", 25)
         service = QuarantineService(db, Clock(), QuarantineSettings(), Plans(),
@@ -66,6 +73,31 @@ class KeepTestsMixin(MixinBase):
         self.assertNotIn(other[0], first)
         page = await service.page(dom, None, 0, 10)
         self.assertEqual(page.count, 3)
+
+    async def test_the_queue_keeps_and_records_a_message_in_one_transaction(self) -> None:
+        # The queue runner's transaction (thd_quarantine): the rows kept and the recipients
+        # recorded quarantined commit together, and a replay keeps nothing twice.
+        db = await open_database(self, self.backend)
+        dom = await add_domain(db, "q.test", "10.0.0.1", 25)
+        service = QuarantineService(db, Clock(), QuarantineSettings(), Plans(),
+                                    hostname="mx.test", signer=LinkSigner(b"k" * 32))
+        now = 1_800_000_000.0
+        env = envelope("s@forged.test", ("ann@q.test", dom), ("bob@q.test", dom))
+        [ids] = await db.run("accept", thd_insert_messages,
+                             [NewMessage("Q1", env, SPAM, True)], "node", now, now + 300)
+        message = PipelineMessage("Q1", "relay", "s@forged.test", tuple(
+            PipelineRecipient(r.address, dom) for r in env.recipients), SPAM)
+        decision = Decision(Action.TAG, reason="GTUBE", quarantine=("bob@q.test",),
+                            category="spam")
+        results = [Result(ids[1], "Q1", QUARANTINED, "quarantined: GTUBE", "")]
+        for _ in range(2):
+            await db.run("quarantine", thd_quarantine, PipelineQuarantine(service), message,
+                         decision, results, "node", now, now + 300, "mx.test")
+        page = await service.page(dom, None, 0, 10)
+        self.assertEqual([h.email for h in page.emails], ["bob@q.test"])
+        states = await db.read("states", lambda c: dict(c.execute(sa.select(
+            queue_recipients.c.address, queue_recipients.c.state)).tuples().all()))
+        self.assertEqual(states, {"ann@q.test": "queued", "bob@q.test": QUARANTINED})
 
     async def test_an_address_is_listed_however_its_local_part_is_spelled(self) -> None:
         # SMTPUTF8 local parts: SQL lower() folds ASCII only on SQLite, so "Ünal@" was not
