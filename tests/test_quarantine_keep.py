@@ -4,6 +4,8 @@ spam is kept instead of being deferred until it bounces to its forged sender."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sqlalchemy as sa
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -20,6 +22,7 @@ from mailcore.gateway.quarantine import (
 from mailcore.queue.model import QUARANTINED, NewMessage, Result, thd_insert_messages
 from mailcore.queue.pipeline import Action, Decision, PipelineMessage, PipelineRecipient
 from mailcore.queue.runner import thd_quarantine
+from mailcore.queue.spool import NotLeased
 from mailcore.store.schema import queue_recipients
 from tests.support.db import MixinBase, open_database
 from tests.support.mailsink import add_domain, envelope
@@ -76,7 +79,8 @@ class KeepTestsMixin(MixinBase):
 
     async def test_the_queue_keeps_and_records_a_message_in_one_transaction(self) -> None:
         # The queue runner's transaction (thd_quarantine): the rows kept and the recipients
-        # recorded quarantined commit together, and a replay keeps nothing twice.
+        # recorded quarantined commit together; a replay, or a node whose lease another
+        # node took over, keeps nothing (NotLeased, its transaction rolled back).
         db = await open_database(self, self.backend)
         dom = await add_domain(db, "q.test", "10.0.0.1", 25)
         service = QuarantineService(db, Clock(), QuarantineSettings(), Plans(),
@@ -90,14 +94,28 @@ class KeepTestsMixin(MixinBase):
         decision = Decision(Action.TAG, reason="GTUBE", quarantine=("bob@q.test",),
                             category="spam")
         results = [Result(ids[1], "Q1", QUARANTINED, "quarantined: GTUBE", "")]
-        for _ in range(2):
-            await db.run("quarantine", thd_quarantine, PipelineQuarantine(service), message,
-                         decision, results, "node", now, now + 300, "mx.test")
+        keep = PipelineQuarantine(service)
+        await db.run("quarantine", thd_quarantine, keep, message, decision, results, "node",
+                     now, now + 300, "mx.test")
+        with self.assertRaises(NotLeased):
+            await db.run("quarantine", thd_quarantine, keep, message, decision, results,
+                         "node", now, now + 300, "mx.test")
+        # Claimed by node-a (this node's lease lapsed): node-b keeps nothing of Q2.
+        [others] = await db.run("accept", thd_insert_messages,
+                                 [NewMessage("Q2", env, SPAM, True)], "node-a", now, now + 300)
+        with self.assertRaises(NotLeased):
+            await db.run("quarantine", thd_quarantine, keep, replace(message, queue_id="Q2"),
+                          decision, [Result(others[1], "Q2", QUARANTINED, "quarantined", "")],
+                          "node-b", now, now + 300, "mx.test")
         page = await service.page(dom, None, 0, 10)
         self.assertEqual([h.email for h in page.emails], ["bob@q.test"])
-        states = await db.read("states", lambda c: dict(c.execute(sa.select(
-            queue_recipients.c.address, queue_recipients.c.state)).tuples().all()))
-        self.assertEqual(states, {"ann@q.test": "queued", "bob@q.test": QUARANTINED})
+        states: dict[str, dict[str, str]] = {}
+        for qid, address, state in await db.read("states", lambda c: c.execute(sa.select(
+                queue_recipients.c.message_id, queue_recipients.c.address,
+                queue_recipients.c.state)).tuples().all()):
+            states.setdefault(qid, {})[address] = state
+        self.assertEqual(states.pop("Q1"), {"ann@q.test": "queued", "bob@q.test": QUARANTINED})
+        self.assertEqual(states.pop("Q2"), {"ann@q.test": "queued", "bob@q.test": "queued"})
 
     async def test_an_address_is_listed_however_its_local_part_is_spelled(self) -> None:
         # SMTPUTF8 local parts: SQL lower() folds ASCII only on SQLite, so "Ünal@" was not

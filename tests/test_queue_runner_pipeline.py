@@ -549,3 +549,22 @@ class QuarantineCommitTests(PipelineRunnerBase):
         self.assertEqual(sorted(rows), ["b@customer.test", "c@customer.test"])
         self.assertEqual({a: s for a, (s, _o) in self.rows().items()},
                          {"b@customer.test": "quarantined", "c@customer.test": "quarantined"})
+
+    async def test_a_node_whose_lease_was_taken_over_keeps_nothing(self) -> None:
+        """This node's lease lapsed while the filter worked, and another node claimed the
+        message (it filters and keeps it itself): nothing is kept or recorded here."""
+        service = QuarantineService(self.db, self.clock, QuarantineSettings(), Plans(),
+                                    hostname="mx.test", signer=LinkSigner(b"k" * 32))
+        stage = Stage(Decision(Action.QUARANTINE, reason="spam", category="spam"))
+        stage.gate = defer.Deferred()
+        self.use(stage, quarantine=PipelineQuarantine(service))
+        await self.accept("Q1", "b@customer.test")
+        done(self.db.run("take over", lambda c: c.execute(
+            queue_recipients.update().values(lease_owner="node-b"))))
+        stage.release()
+        rows = done(self.db.read("kept", lambda c: c.execute(
+            select(quarantine.c.email)).scalars().all()))
+        self.assertEqual(rows, [])
+        self.assertEqual(self.rows(), {"b@customer.test": ("queued", "node-b")})
+        self.assertEqual(self.runner.held, 0)
+        self.assertEqual(self.flushLoggedErrors(), [])

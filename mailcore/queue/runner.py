@@ -108,7 +108,7 @@ from mailcore.queue.pipeline import (
 from mailcore.queue.retry import expired, next_attempt
 from mailcore.queue.routing import LOCAL, Hop, Router, RoutingError
 from mailcore.queue.settings import QueueSettings
-from mailcore.queue.spool import Spool, thd_record_results
+from mailcore.queue.spool import NotLeased, Spool, thd_record_results
 from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession, TLSFailed
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.smtp.dsn import MAX_DETAIL
@@ -212,9 +212,14 @@ def thd_quarantine(
     (QUARANTINED) `results` in one transaction, so that a crash can never leave the message
     kept and still queued (filtered again at the next start, and delivered if the verdict
     or the domain's policy changed meanwhile: once by the queue, once more if released);
-    returns the DSNs the results made (the message's other recipients that bounced)."""
+    returns the DSNs the results made (the message's other recipients that bounced).
+    Nothing is kept unless every result is this node's to record (NotLeased: its lease
+    lapsed and another node claimed the recipients, which filters and keeps the message
+    itself), so two nodes never both keep it, even at the same moment."""
+    dsns = thd_record_results(conn, results, node_id, now, lease_until, reporting_mta,
+                              leased_only=True)
     store.thd_keep(conn, message, decision, now)
-    return thd_record_results(conn, results, node_id, now, lease_until, reporting_mta)
+    return dsns
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -838,6 +843,11 @@ class QueueRunner:
                     decision, results, self.settings.node_id, now,
                     now + self.settings.lease_seconds, self.spool.reporting_mta,
                 )
+            except NotLeased:
+                log.info("{queue_id} not quarantined here: another node took it over (this "
+                         "node's lease had lapsed)", queue_id=job.message_id)
+                self._release_memory(job, len(job.recipients))
+                return None
             except Exception:
                 log.failure("quarantining {queue_id} failed", queue_id=job.message_id)
                 self._fail(job, job.recipients, QUARANTINE_FAILED, permanent=False, hop="",

@@ -271,6 +271,11 @@ def _host_of(label: str) -> str:
     return host.strip("[]")
 
 
+class NotLeased(Exception):
+    """Results recorded `leased_only` were not all this node's to record (its lease had
+    lapsed and another node claimed the recipients, or they were recorded already)."""
+
+
 def thd_record_results(
     conn: Connection,
     results: Sequence[Result],
@@ -278,11 +283,18 @@ def thd_record_results(
     now: float,
     lease_until: float,
     reporting_mta: str,
+    *,
+    leased_only: bool = False,
 ) -> list[tuple[Job, bytes]]:
     """Apply delivery results and give each message that finished with bounced recipients
     its one DSN, inserted through the same tables in this same transaction (so a crash can
-    never keep one without the other). Returns the DSNs as jobs leased to this node."""
-    finished, _applied = thd_apply_results(conn, node_id, now, results)
+    never keep one without the other). Returns the DSNs as jobs leased to this node. Only
+    the recipients this node leases take their result; with `leased_only`, NotLeased is
+    raised (for the caller to roll back what it wrote with them) unless all of them did."""
+    finished, applied = thd_apply_results(conn, node_id, now, results)
+    if leased_only and applied < len(results):
+        raise NotLeased(f"{len(results) - applied} of {len(results)} recipients are not "
+                        f"leased to {node_id}")
     return _thd_insert_dsns(conn, finished, node_id, now, lease_until, reporting_mta)
 
 
