@@ -218,6 +218,17 @@ class GivenUpTests(TestCase):
         self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
         return holding
 
+    async def give_up_while_committed(self, subject: str) -> None:
+        """Post `subject` to the outbox and give it up while its group commits (held until
+        `gate` is set: the commit then lands)."""
+        self.hold_next = True
+        posted = self.post(subject, "outbox")
+        self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
+        posted.cancel()
+        self.failureResultOf(posted, defer.CancelledError)
+        self.gate.set()
+        await self.spool.drain()
+
     async def test_a_post_given_up_before_its_group_takes_it_is_never_stored(self) -> None:
         holding = await self.hold()
         posted = self.post("second")
@@ -232,13 +243,7 @@ class GivenUpTests(TestCase):
     async def test_a_post_given_up_once_its_group_took_it_is_stored_and_told(self) -> None:
         told: list[int | None] = []
         self.mail.on_enqueued.append(told.append)
-        self.hold_next = True
-        posted = self.post("second", "outbox")
-        self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
-        posted.cancel()
-        self.failureResultOf(posted, defer.CancelledError)
-        self.gate.set()
-        await self.spool.drain()
+        await self.give_up_while_committed("second")
         rows = await self.db.read("rows", _rows)
         self.assertEqual([(r.subject, r.status) for r in rows],
                          [("first", "draft"), ("second", "outbox")])
@@ -255,13 +260,7 @@ class GivenUpTests(TestCase):
         self.mail.on_enqueued.append(sender.enqueued)
         sender.startService()
         await sender.settled()
-        self.hold_next = True
-        posted = self.post("second", "outbox")
-        self.assertTrue(await threads.deferToThread(self.entered.wait, 30))
-        posted.cancel()
-        self.failureResultOf(posted, defer.CancelledError)
-        self.gate.set()
-        await self.spool.drain()
+        await self.give_up_while_committed("second")
         # The sender's stream hands the mail to the spool, then waits for the queue (none
         # here) to try it: what is waited for is the row marked sent.
         for _ in range(100):
