@@ -409,14 +409,11 @@ class DropmyemailApp(JobRoutes, ApiApp):
                 raise ApiError(401, "Client authentication failed.", code="invalid_client",
                                headers={"WWW-Authenticate": CLIENT_CHALLENGE}) from None
         if self.client_limiter is not None:
-            verdict = self.client_limiter.check(
-                token_client(body, headers.get("Authorization"))
-                or ("address", client_key(request)))
-            set_headers(request, verdict.headers())
-            if not verdict.allowed:
-                raise ApiError(429, "Too many token requests from this client: try again "
-                               f"in {verdict.retry_after} s.", code="slow_down",
-                               headers=verdict.headers())
+            enforce(request, self.client_limiter,
+                    token_client(body, headers.get("Authorization"))
+                    or ("address", client_key(request)),
+                    message="Too many token requests from this client: try again in "
+                    "{wait} s.", code="slow_down")
         uri = "https://dropmyemail.invalid/oauth/token"
         reply_headers, reply_body, status = await self.oauth.token(uri, body, headers)
         set_headers(request, {k: v for k, v in reply_headers.items()

@@ -84,14 +84,19 @@ class Decision:
 
 
 class RateLimited(ApiError):
-    """429 Too Many Requests, with the rate-limit headers and Retry-After."""
+    """429 Too Many Requests, with the rate-limit headers and Retry-After. `message` (a
+    format string of `wait`, the seconds to wait) and `code` replace the default words,
+    where an API has its own (OAuth's slow_down)."""
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, *, message: str | None = None,
+                 code: str | None = None) -> None:
         wait = decision.retry_after
         unit = "second" if wait == 1 else "seconds"
         super().__init__(
             429,
-            f"Request was throttled. Expected available in {wait} {unit}.",
+            message.format(wait=wait) if message is not None
+            else f"Request was throttled. Expected available in {wait} {unit}.",
+            code=code,
             headers=decision.headers(),
         )
         self.decision = decision
@@ -219,12 +224,14 @@ class InFlight:
                         "has finished.", headers={"Retry-After": str(self.RETRY_AFTER)})
 
 
-def enforce(request: IRequest, limiter: RateLimiter, key: Hashable) -> Decision:
-    """Check `key` against `limiter`, put the headers on the reply, raise 429 when refused."""
+def enforce(request: IRequest, limiter: RateLimiter, key: Hashable, *,
+            message: str | None = None, code: str | None = None) -> Decision:
+    """Check `key` against `limiter`, put the headers on the reply, raise 429 when refused
+    (RateLimited's `message` and `code`)."""
     decision = limiter.check(key)
     set_headers(request, decision.headers())
     if not decision.allowed:
-        raise RateLimited(decision)
+        raise RateLimited(decision, message=message, code=code)
     return decision
 
 

@@ -9,16 +9,14 @@ token) is stored as its SHA-256 only.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import json
 import re
 import secrets as _random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from oauthlib.oauth2 import FatalClientError, OAuth2Error, WebApplicationServer
 from oauthlib.oauth2.rfc6749.errors import (
@@ -35,7 +33,13 @@ from mailcore.identity import secrets as creds
 from mailcore.identity.service import thd_get_user, thd_hold_live_credential, utc
 from mailcore.oauth.redirects import is_loopback_redirect, normal_redirect_uri
 from mailcore.oauth.settings import CODE_RETENTION, OAuthSettings
-from mailcore.oauth.validator import SCOPES, GrantLost, StoreValidator, redirect_uris
+from mailcore.oauth.validator import (
+    SCOPES,
+    GrantLost,
+    StoreValidator,
+    basic_credentials,
+    redirect_uris,
+)
 from mailcore.periodic import Sweeper
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
@@ -401,17 +405,10 @@ class OAuthProvider:
         now = self.now()
         token_before = now - datetime.timedelta(seconds=self.settings.revoked_token_retention)
         code_before = now - datetime.timedelta(seconds=CODE_RETENTION)
-        tokens = codes = 0
-        while True:
-            gone = await self.db.run("oauth_prune_tokens", _thd_prune_tokens, token_before)
-            tokens += gone
-            if gone < PRUNE_BATCH:
-                break
-        while True:
-            gone = await self.db.run("oauth_prune_codes", _thd_prune_codes, code_before)
-            codes += gone
-            if gone < PRUNE_BATCH:
-                break
+        tokens = await _prune_batches(self.db, "oauth_prune_tokens", _thd_prune_tokens,
+                                      token_before)
+        codes = await _prune_batches(self.db, "oauth_prune_codes", _thd_prune_codes,
+                                     code_before)
         return codes, tokens
 
     # -- resource access ----------------------------------------------------------------
@@ -474,6 +471,19 @@ def _thd_checked(server: WebApplicationServer, uri: str) -> tuple[Consent, Any]:
         redirect_uri=credentials["redirect_uri"], state=credentials.get("state"),
     )
     return consent, request
+
+
+async def _prune_batches(db: Database, name: str,
+                         thd: Callable[[Connection, datetime.datetime], int],
+                         before: datetime.datetime) -> int:
+    """Run `thd` (which deletes up to PRUNE_BATCH rows older than `before`) a transaction
+    at a time until a batch comes short; how many rows went."""
+    gone = 0
+    while True:
+        batch = await db.run(name, thd, before)
+        gone += batch
+        if batch < PRUNE_BATCH:
+            return gone
 
 
 def _thd_prune_tokens(conn: Connection, before: datetime.datetime) -> int:
@@ -570,14 +580,12 @@ def token_client(form: str, authorization: str | None) -> tuple[str, str] | None
     cannot spend the client's budget. None when it names no client."""
     fields = dict(parse_qsl(form, keep_blank_values=True))
     client_id, secret = fields.get("client_id"), fields.get("client_secret")
-    if authorization is not None and authorization[:6].lower() == "basic ":
-        try:
-            pair = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            pair = ""
-        basic_id, sep, basic_secret = pair.partition(":")
-        if sep:
-            client_id, secret = unquote(basic_id), unquote(basic_secret)
+    try:
+        basic = basic_credentials(authorization)
+    except ValueError:
+        basic = None  # refused by the validator; counted as the form's client
+    if basic is not None:
+        client_id, secret = basic
     if not client_id:
         return None
     return client_id, creds.digest(secret or "").hex()

@@ -65,6 +65,22 @@ def _normal_or_none(uri: str) -> str | None:
         return None
 
 
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """The client id and secret of an HTTP Basic `authorization` header (RFC 6749 §2.3.1:
+    each form-urlencoded, then joined by a colon); None when it is of another scheme or
+    there is none. A Basic header that does not decode to `id:secret` is ValueError."""
+    if authorization is None or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        pair = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("not HTTP Basic credentials") from None
+    client_id, sep, secret = pair.partition(":")
+    if not sep:
+        raise ValueError("not HTTP Basic credentials")
+    return unquote(client_id), unquote(secret)
+
+
 class GrantLost(Exception):
     """The code or refresh token of a grant was used by another request meanwhile: the
     transaction is rolled back (no token issued) and the client told invalid_grant."""
@@ -108,18 +124,14 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
 
     def authenticate_client(self, request: Request, *args: Any, **kwargs: Any) -> bool:
         client_id, secret = request.client_id, request.client_secret
-        header = (request.headers or {}).get("Authorization", "")
-        if header[:6].lower() == "basic ":
+        try:
+            basic = basic_credentials((request.headers or {}).get("Authorization"))
+        except ValueError:
+            return False
+        if basic is not None:
             if secret is not None:
                 return False  # RFC 6749 §2.3: one authentication method per request
-            try:
-                pair = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                return False
-            basic_id, sep, basic_secret = pair.partition(":")
-            if not sep:
-                return False
-            basic_id, basic_secret = unquote(basic_id), unquote(basic_secret)
+            basic_id, basic_secret = basic
             if client_id is not None and client_id != basic_id:
                 return False
             client_id, secret = basic_id, basic_secret
