@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from mailcore.config import ConfigError
+from mailcore.config import Config, ConfigError
 from mailcore.oauth import (
     CODE_TTL,
     AuthorizationRedirect,
@@ -33,6 +33,8 @@ from tests.support.reactor import get_reactor
 from tests.support.web import Web
 from web.dropmyemail import DropmyemailApp
 from web.errors import ApiError
+from web.ratelimit import Rate
+from web.settings import WebSettings
 
 
 class Base(TestCase):
@@ -527,6 +529,63 @@ class TokenRateTests(Base):
             "POST", "/oauth/token", headers={"Authorization": f"Basic {basic}"},
             data={"grant_type": "refresh_token", "refresh_token": "x"})
         self.assertEqual(status, 429, body)  # the same client, in Basic: the same bucket
+
+
+class ClientFailureTests(TestCase):
+    """Failed client authentications at POST /oauth/token are limited per client address:
+    [web] oauth_client_failure_rate. Before, oauth_token_rate counted each guessed secret
+    apart (its key is the client id and the secret presented), so one address could guess a
+    client's secret as fast as it asked."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.web = Web.build(Config(sections={"web": {"oauth_client_failure_rate": "3/hour"}}))
+        self.alice = await self.web.user()
+        self.client = await register(self.web, self.alice)
+
+    async def guess(self, secret: str, client_id: str | None = None,
+                    basic: bool = False) -> tuple[int, dict[str, list[str]], Any]:
+        client_id = client_id or self.client.uid
+        form = {"grant_type": "refresh_token", "refresh_token": "x"}
+        if basic:
+            pair = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+            return await self.web.call("POST", "/oauth/token", data=form,
+                                       headers={"Authorization": f"Basic {pair}"})
+        return await self.web.call("POST", "/oauth/token", data={
+            **form, "client_id": client_id, "client_secret": secret})
+
+    async def test_an_address_guessing_secrets_is_refused_then_let_in_again(self) -> None:
+        self.assertEqual(WebSettings().oauth_client_failure_rate, Rate(100, 3600))
+        other = await register(self.web, self.alice)
+        # Three wrong secrets, each a new one, in the form, in Basic and for another
+        # client: each its own oauth_token_rate bucket, one address's failures.
+        statuses = [(await self.guess("wrong-1"))[0], (await self.guess("wrong-2", basic=True))[0],
+                    (await self.guess("wrong-3", other.uid))[0]]
+        self.assertEqual(statuses, [401, 401, 401])
+        status, headers, body = await self.guess("wrong-4")
+        self.assertEqual((status, body["error"]), (429, "slow_down"), body)
+        self.assertIn("failed client authentications", body["error_description"])
+        self.assertEqual((headers["retry-after"], headers["cache-control"]),
+                         (["1200"], ["no-store"]))
+        # The right secret is refused too: a guess that hits past the budget learns nothing.
+        status, _, body = await self.guess(self.client.secret)
+        self.assertEqual((status, body["error"]), (429, "slow_down"))
+        # A request that authenticates does not spend the budget; a refusal of the spent
+        # address takes nothing more than the failure would have.
+        self.web.clock.advance(1200)
+        status, _, body = await self.guess(self.client.secret)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))  # the client passed
+        self.assertEqual((await self.guess("wrong-5"))[0], 401)
+        self.assertEqual((await self.guess(self.client.secret))[0], 429)
+
+    async def test_zero_turns_it_off(self) -> None:
+        web = Web.build(Config(sections={"web": {"oauth_client_failure_rate": 0}}))
+        alice = await web.user()
+        client = await register(web, alice)
+        for _ in range(5):
+            status, _, _ = await web.call("POST", "/oauth/token", data={
+                "grant_type": "refresh_token", "refresh_token": "x",
+                "client_id": client.uid, "client_secret": "wrong"})
+            self.assertEqual(status, 401)
 
 
 class PruneTests(Base):

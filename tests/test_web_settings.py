@@ -54,6 +54,10 @@ class WebSettingsTests(TestCase):
         self.assertFalse(s.metrics_allowed(None))
         self.assertEqual(s.idle_timeout, 30.0)
         self.assertIsNone(settings(login_rate=0).login_rate)
+        self.assertEqual(settings().oauth_client_failure_rate, Rate(100, 3600))
+        self.assertEqual(settings(oauth_client_failure_rate="5/minute").oauth_client_failure_rate,
+                         Rate(5, 60))
+        self.assertIsNone(settings(oauth_client_failure_rate=0).oauth_client_failure_rate)
         self.assertEqual(settings().trusted_proxies, ())  # nobody's forwarding is believed
         self.assertEqual(settings(trusted_proxies=["127.0.0.1", "10.0.0.0/8"]).trusted_proxies,
                          (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")))

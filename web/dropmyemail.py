@@ -44,6 +44,7 @@ from mailcore.fetch.errors import MailboxTaken
 from mailcore.identity import Identity, Principal
 from mailcore.messages.models import MessageSummary
 from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider, token_client
+from mailcore.oauth.provider import Reply as OAuthReply
 from web.api import ApiApp, is_head
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
 from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
@@ -64,9 +65,13 @@ from web.parsing import (
     read_fields,
     string_field,
 )
-from web.ratelimit import RateLimiter, client_key, enforce
+from web.ratelimit import Limiter, RateLimiter, client_key, enforce, refuse_spent
 from web.replies import set_headers
 from web.settings import WebSettings
+
+# The 429 of an address that has spent `[web] oauth_client_failure_rate`.
+_FAILURES_SPENT = ("Too many failed client authentications from this address: try again in "
+                   "{wait} s.")
 
 TOKEN_REPLY = {
     "type": "object",
@@ -326,6 +331,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
         token_limiter: RateLimiter,
         oauth: OAuthProvider,
         client_limiter: RateLimiter | None = None,
+        client_failures: Limiter | None = None,
         backup: BackupAccounts,
         mail: BackupMail,
     ) -> None:
@@ -333,6 +339,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
         self.resolver = resolver
         self.token_limiter = token_limiter
         self.client_limiter = client_limiter
+        self.client_failures = client_failures
         self.oauth = oauth
         self.backup = backup
         self.mail = mail
@@ -387,7 +394,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "missing grant_type or a parameter given twice, ...). Each client (its client_id "
         "and the secret it presents) may make `[web] oauth_token_rate` requests (20 at once, "
         "then 10 a second); past it `429` `{\"error\": \"slow_down\", ...}` with "
-        "`Retry-After`.",
+        "`Retry-After`. A client address may fail client authentication (a wrong secret, "
+        "whatever client it names) `[web] oauth_client_failure_rate` times (100 an hour); "
+        "past it every request from it is that `429` until the budget refills.",
         body=TOKEN_INPUT,
         body_types=(FORM_TYPE, "application/json"),
         replies={200: Reply("The access token", TOKEN_REPLY)},
@@ -395,10 +404,21 @@ class DropmyemailApp(JobRoutes, ApiApp):
         body_errors=(),  # a body of another type is RFC 6749 5.2's 400 invalid_request
     )
     async def token(self, request: IRequest) -> bytes:
-        # Every reply, the refusals of our own before oauthlib's among them, is kept from
-        # caches as oauthlib's are (RFC 6749 5.1, 5.2).
+        body, headers = await self._client_request(request)
+        uri = "https://dropmyemail.invalid/oauth/token"
+        return await self._client_reply(request, await self.oauth.token(uri, body, headers))
+
+    async def _client_request(self, request: IRequest) -> tuple[str, dict[str, str]]:
+        """The form body and headers oauthlib reads of a request a client authenticates
+        (the token endpoint), once its address and the client are within their limits:
+        `[web] oauth_client_failure_rate` (refused before the secret is checked) and
+        `oauth_token_rate`. Every reply, the refusals of our own before oauthlib's among
+        them, is kept from caches as oauthlib's are (RFC 6749 5.1, 5.2)."""
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Pragma", b"no-cache")
+        if self.client_failures is not None:
+            await refuse_spent(self.client_failures, ("address", client_key(request)),
+                               message=_FAILURES_SPENT, code="slow_down")
         body = self._token_body(request)
         headers = {"Content-Type": FORM_TYPE}
         auth = request.getHeader(b"authorization")
@@ -406,6 +426,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
             try:
                 headers["Authorization"] = auth.decode("ascii")
             except UnicodeDecodeError:
+                await self._client_failed(request)
                 raise ApiError(401, "Client authentication failed.", code="invalid_client",
                                headers={"WWW-Authenticate": CLIENT_CHALLENGE}) from None
         if self.client_limiter is not None:
@@ -414,13 +435,25 @@ class DropmyemailApp(JobRoutes, ApiApp):
                     or ("address", client_key(request)),
                     message="Too many token requests from this client: try again in "
                     "{wait} s.", code="slow_down")
-        uri = "https://dropmyemail.invalid/oauth/token"
-        reply_headers, reply_body, status = await self.oauth.token(uri, body, headers)
+        return body, headers
+
+    async def _client_reply(self, request: IRequest, reply: OAuthReply) -> bytes:
+        """oauthlib's reply to a client as the HTTP reply; a failed client authentication
+        (401 invalid_client) counted against the address."""
+        reply_headers, reply_body, status = reply
+        if status == 401:
+            await self._client_failed(request)
         set_headers(request, {k: v for k, v in reply_headers.items()
                               if k.lower() != "content-type"})
         request.setResponseCode(status)
+        if not reply_body:
+            return b""
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return reply_body.encode("utf-8")
+
+    async def _client_failed(self, request: IRequest) -> None:
+        if self.client_failures is not None:
+            await self.client_failures.take(("address", client_key(request)))
 
     def _token_body(self, request: IRequest) -> str:
         """The token request as the form body oauthlib reads (JSON is accepted too)."""

@@ -31,7 +31,7 @@ from twisted.web.iweb import IRequest
 from mailcore.identity import Identity, IdentityError, User
 from mailcore.identity.service import name_key
 from web.context import context_of
-from web.ratelimit import Limiter, RateLimited, client_key
+from web.ratelimit import Limiter, RateLimited, client_key, refuse_spent
 from web.replies import set_headers
 
 # How long an address that logged in to an account stays exempt from the account's limit,
@@ -70,11 +70,10 @@ class PasswordLogin:
         client = client_key(request)
         pair = ("pair", name, client)
         account = ("account", name)
-        if self.failures is not None and await self.failures.available(pair) < 1:
-            raise RateLimited(await self.failures.take(pair))
-        if (self.account_failures is not None and not self._is_known(name, client)
-                and await self.account_failures.available(account) < 1):
-            raise RateLimited(await self.account_failures.take(account))
+        if self.failures is not None:
+            await refuse_spent(self.failures, pair)
+        if self.account_failures is not None and not self._is_known(name, client):
+            await refuse_spent(self.account_failures, account)
         user = await self.identity.authenticate_password(username, password)
         if user is None:
             if self.failures is not None:

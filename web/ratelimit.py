@@ -6,12 +6,13 @@ period/N seconds. Every reply of a limited endpoint carries `X-RateLimit-Limit`,
 a refused request gets 429 with `Retry-After`. Users: the password-login endpoints (per
 client address; failures per account name and address, and per account name: web.login),
 IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token; its
-`POST /oauth/token` 20 at once then 10/s per client), Protecmail, the
+`POST /oauth/token` 20 at once then 10/s per client, and failed client authentications
+there per client address), Protecmail, the
 Mail API and safedrop (20/s per user each; 100/h per client address for requests whose
 credential is missing or bad, the three APIs together). The limits that guard a secret (the
-password logins', a drop's password, code and reply limits) are `SharedRateLimiter`s, kept in
-the store, so that nodes sharing it allow together what one node does; the others are kept
-in each process's memory. `InFlight` bounds what a key has
+password logins', the OAuth client failures', a drop's password, code and reply limits) are
+`SharedRateLimiter`s, kept in the store, so that nodes sharing it allow together what one
+node does; the others are kept in each process's memory. `InFlight` bounds what a key has
 under way at once instead (a safedrop user's concurrent uploads): 429 beyond, with
 Retry-After.
 """
@@ -233,6 +234,16 @@ def enforce(request: IRequest, limiter: RateLimiter, key: Hashable, *,
     if not decision.allowed:
         raise RateLimited(decision, message=message, code=code)
     return decision
+
+
+async def refuse_spent(limiter: Limiter, key: Hashable, *, message: str | None = None,
+                       code: str | None = None) -> None:
+    """429 (RateLimited's `message` and `code`) when `key` has nothing left in `limiter`,
+    a limit that counts failures only (take one after each): asked before the secret is
+    checked, so that a right guess past the budget is refused as a wrong one is. Nothing is
+    taken while some is left."""
+    if await limiter.available(key) < 1:
+        raise RateLimited(await limiter.take(key), message=message, code=code)
 
 
 def client_key(request: IRequest) -> str:

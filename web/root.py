@@ -357,6 +357,9 @@ def build_apps(core: Core, settings: WebSettings) -> dict[str, ApiApp]:
             resolver=resolver,
             token_limiter=RateLimiter(clock, settings.dropmyemail_token_rate),
             client_limiter=RateLimiter(clock, settings.oauth_token_rate),
+            client_failures=SharedRateLimiter(shared, "oauth-client-failures",
+                                              settings.oauth_client_failure_rate)
+            if settings.oauth_client_failure_rate else None,
             oauth=core.oauth,
             backup=core.backup,
             mail=core.backup_mail,

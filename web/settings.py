@@ -15,6 +15,8 @@ imap2api_anonymous_rate = "100/hour"
 dropmyemail_token_rate = "20/second"
 oauth_token_rate = "20/2s"       # POST /oauth/token per client (its client_id and the
                                  # secret it presents): 20 at once, then 10 a second
+oauth_client_failure_rate = "100/hour"  # failed client authentications at /oauth/token
+                                 # per client address (0 turns it off)
 protecmail_user_rate = "20/second"  # Protecmail requests per user (all its API keys)
 mailapi_user_rate = "20/second"     # Mail API requests per user
 safedrop_user_rate = "20/second"    # safedrop requests per user
@@ -63,6 +65,7 @@ _KEYS = {
     "imap2api_anonymous_rate",
     "dropmyemail_token_rate",
     "oauth_token_rate",
+    "oauth_client_failure_rate",
     "protecmail_user_rate",
     "mailapi_user_rate",
     "safedrop_user_rate",
@@ -98,6 +101,12 @@ DROPMYEMAIL_TOKEN_RATE = Rate(20, 1)
 # every refresh stores a token row (kept for replay detection, see mailcore.oauth.provider's
 # pruning), so a client refreshing in a loop must not write as fast as it can ask.
 OAUTH_TOKEN_RATE = Rate(20, 2)
+# Failed client authentications (a wrong client secret) at /oauth/token
+# per client address, whatever client they name: oauth_token_rate counts each guessed
+# secret apart, so without this one address could guess a client's secret as fast as it
+# asked. Once spent, the address is refused before its secret is checked (a right guess
+# past the budget is told nothing), as many requests as IMAP2API allows anonymous clients.
+OAUTH_CLIENT_FAILURE_RATE = Rate(100, 3600)
 # Protecmail, the Mail API and safedrop: a burst of 20, then 20 a second, per user. The rate
 # Dropmyemail's seed states for its own API; far above what a person at a client makes, and
 # enough for a provisioning script (10,000 addresses in under 9 minutes), while one key can
@@ -127,6 +136,7 @@ class WebSettings:
     imap2api_anonymous_rate: Rate = IMAP2API_ANONYMOUS_RATE
     dropmyemail_token_rate: Rate = DROPMYEMAIL_TOKEN_RATE
     oauth_token_rate: Rate = OAUTH_TOKEN_RATE
+    oauth_client_failure_rate: Rate | None = OAUTH_CLIENT_FAILURE_RATE
     protecmail_user_rate: Rate = PROTECMAIL_USER_RATE
     mailapi_user_rate: Rate = MAILAPI_USER_RATE
     safedrop_user_rate: Rate = SAFEDROP_USER_RATE
@@ -178,6 +188,10 @@ class WebSettings:
                 table, "dropmyemail_token_rate", defaults.dropmyemail_token_rate
             ),
             oauth_token_rate=_rate(table, "oauth_token_rate", defaults.oauth_token_rate),
+            oauth_client_failure_rate=_rate(
+                table, "oauth_client_failure_rate", defaults.oauth_client_failure_rate,
+                allow_off=True,
+            ),
             protecmail_user_rate=_rate(
                 table, "protecmail_user_rate", defaults.protecmail_user_rate
             ),
