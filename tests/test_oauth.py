@@ -27,7 +27,14 @@ from mailcore.oauth import (
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens
-from tests.support.oauth import REDIRECT, authorize_uri, pkce_pair, query_of, register
+from tests.support.oauth import (
+    REDIRECT,
+    Client,
+    authorize_uri,
+    pkce_pair,
+    query_of,
+    register,
+)
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.web import Web
@@ -531,6 +538,91 @@ class TokenRateTests(Base):
         self.assertEqual(status, 429, body)  # the same client, in Basic: the same bucket
 
 
+class RevocationTests(Base):
+    """POST /oauth/revoke (RFC 7009): a client ends one of its tokens and the family it
+    belongs to. Before, there was no such route (a 404): a client could not end a grant,
+    only the user through the CLI."""
+
+    async def revoke(self, token: str, client: Client | None = None,
+                     **fields: str) -> tuple[int, dict[str, list[str]], Any]:
+        client = client or self.client
+        return await self.web.call("POST", "/oauth/revoke", data={
+            "client_id": client.uid, "client_secret": client.secret, "token": token,
+            **fields})
+
+    async def refresh(self, token: dict[str, Any]) -> tuple[int, Any]:
+        status, _, body = await self.client.exchange(grant_type="refresh_token",
+                                                     refresh_token=token["refresh_token"])
+        return status, body
+
+    async def test_revoking_a_refresh_token_ends_its_access_tokens(self) -> None:
+        first = await self.client.token()
+        status, second = await self.refresh(first)
+        self.assertEqual(status, 200, second)
+        other = await self.client.token()  # another authorization: a family of its own
+        status, headers, body = await self.revoke(second["refresh_token"],
+                                                  token_type_hint="refresh_token")
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual((headers["cache-control"], headers["pragma"]),
+                         (["no-store"], ["no-cache"]))
+        self.assertEqual(await self.who(second["access_token"]), 401)
+        status, body = await self.refresh(second)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        self.assertEqual(await self.who(other["access_token"]), self.alice.id)
+        self.assertEqual((await self.refresh(other))[0], 200)
+
+    async def test_revoking_an_access_token_ends_its_refresh_token(self) -> None:
+        token = await self.client.token()
+        # A wrong hint is only where to look first (RFC 7009 2.1).
+        status, _, _ = await self.revoke(token["access_token"], token_type_hint="refresh_token")
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.who(token["access_token"]), 401)
+        self.assertEqual((await self.refresh(token))[0], 400)
+
+    async def test_a_rotated_refresh_token_revokes_the_live_one_it_led_to(self) -> None:
+        first = await self.client.token()
+        status, second = await self.refresh(first)
+        self.assertEqual(status, 200)
+        self.assertEqual((await self.revoke(first["refresh_token"]))[0], 200)
+        self.assertEqual(await self.who(second["access_token"]), 401)
+
+    async def test_unknown_and_other_clients_tokens_are_200_and_left_alone(self) -> None:
+        status, _, body = await self.revoke("no-such-token")
+        self.assertEqual((status, body), (200, b""))
+        mine = await self.client.token()
+        other = await register(self.web, self.alice)
+        status, _, _ = await self.revoke(mine["access_token"], other)
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.who(mine["access_token"]), self.alice.id)
+        self.assertEqual((await self.refresh(mine))[0], 200)
+
+    async def test_the_client_authenticates_as_at_the_token_endpoint(self) -> None:
+        token = await self.client.token()
+        status, headers, body = await self.web.call("POST", "/oauth/revoke", data={
+            "client_id": self.client.uid, "client_secret": "wrong",
+            "token": token["access_token"]})
+        self.assertEqual((status, body["error"]), (401, "invalid_client"))
+        self.assertEqual(headers["www-authenticate"], ['Basic realm="oauth"'])
+        status, _, body = await self.web.call("POST", "/oauth/revoke", data={
+            "token": token["access_token"]})
+        self.assertEqual((status, body["error"]), (401, "invalid_client"))
+        self.assertEqual(await self.who(token["access_token"]), self.alice.id)
+        status, _, body = await self.web.call("POST", "/oauth/revoke", data=[
+            ("client_id", self.client.uid), ("client_secret", self.client.secret),
+            ("token", token["access_token"]), ("token", "another")])
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        status, _, body = await self.web.call("POST", "/oauth/revoke", data={
+            "client_id": self.client.uid, "client_secret": self.client.secret})
+        self.assertEqual((status, body["error"]), (400, "invalid_request"))
+        basic = base64.b64encode(f"{self.client.uid}:{self.client.secret}".encode()).decode()
+        status, _, _ = await self.web.call(
+            "POST", "/oauth/revoke", headers={"Authorization": f"Basic {basic}"},
+            data={"token": token["access_token"]})
+        self.assertEqual(status, 200)
+        self.assertEqual(await self.who(token["access_token"]), 401)
+        self.assertEqual(await self.web.core.oauth.grants(self.alice.id), [])
+
+
 class ClientFailureTests(TestCase):
     """Failed client authentications at POST /oauth/token are limited per client address:
     [web] oauth_client_failure_rate. Before, oauth_token_rate counted each guessed secret
@@ -576,6 +668,18 @@ class ClientFailureTests(TestCase):
         self.assertEqual((status, body["error"]), (400, "invalid_grant"))  # the client passed
         self.assertEqual((await self.guess("wrong-5"))[0], 401)
         self.assertEqual((await self.guess(self.client.secret))[0], 429)
+
+    async def test_the_revocation_endpoint_counts_and_is_refused_alike(self) -> None:
+        form = {"client_id": self.client.uid, "token": "x"}
+        for _ in range(2):
+            status, _, _ = await self.web.call("POST", "/oauth/revoke",
+                                               data={**form, "client_secret": "wrong"})
+            self.assertEqual(status, 401)
+        self.assertEqual((await self.guess("wrong"))[0], 401)
+        status, headers, body = await self.web.call(
+            "POST", "/oauth/revoke", data={**form, "client_secret": self.client.secret})
+        self.assertEqual((status, body["error"], headers["retry-after"]),
+                         (429, "slow_down", ["1200"]))
 
     async def test_zero_turns_it_off(self) -> None:
         web = Web.build(Config(sections={"web": {"oauth_client_failure_rate": 0}}))
@@ -719,6 +823,19 @@ class PostgreSQLStorageTests(TestCase):
             .scalars().all()))
         self.assertEqual(stored, (["read email"], ["read email", "read email"]))
 
+    async def test_a_revocation_ends_the_family_and_a_nul_token_is_200(self) -> None:
+        first = await self.client.token()
+        status, _, second = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=first["refresh_token"])
+        self.assertEqual(status, 200, second)
+        form = {"client_id": self.client.uid, "client_secret": self.client.secret}
+        for token in ("\x00" * 3, second["refresh_token"]):
+            status, _, body = await self.web.call("POST", "/oauth/revoke",
+                                                  data={**form, "token": token})
+            self.assertEqual((status, body), (200, b""))
+        self.assertIsNone(await self.web.core.oauth.resolve(second["access_token"]))
+        self.assertEqual(await self.web.core.oauth.grants(self.alice.id), [])
+
     async def test_a_challenge_past_its_column_is_refused_not_a_500(self) -> None:
         # oauth_codes.code_challenge is String(128): the Allow of a longer one, or of one
         # holding NUL, failed to store the code.
@@ -831,4 +948,23 @@ class ConcurrencyPostgreSQLTests(TestCase):
             await revoke
             if status == 200:
                 self.assertIsNone(await self.oauth.resolve(json.loads(text)["access_token"]))
+            self.assertEqual(await self.oauth.grants(self.alice.id), [])
+
+    async def test_a_client_revocation_racing_a_refresh_leaves_no_live_token(self) -> None:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        for _ in range(5):
+            token = await self.client.token()
+            client = {"client_id": self.client.uid, "client_secret": self.client.secret}
+            refresh = defer.ensureDeferred(self.oauth.token(
+                "https://x/oauth/token", urlencode({
+                    **client, "grant_type": "refresh_token",
+                    "refresh_token": token["refresh_token"]}), headers))
+            revoke = defer.ensureDeferred(self.oauth.revoke_token(
+                "https://x/oauth/revoke", urlencode({
+                    **client, "token": token["refresh_token"]}), headers))
+            _, text, status = await refresh
+            self.assertEqual((await revoke)[2], 200)
+            if status == 200:
+                self.assertIsNone(await self.oauth.resolve(json.loads(text)["access_token"]))
+            self.assertIsNone(await self.oauth.resolve(token["access_token"]))
             self.assertEqual(await self.oauth.grants(self.alice.id), [])

@@ -8,9 +8,11 @@ OAuth-style `{"error": code, "error_description": ...}` with `WWW-Authenticate: 
 
 The OAuth 2 provider is `mailcore.oauth.OAuthProvider` (oauthlib underneath); this module
 only translates HTTP to it and back. `POST /oauth/token` exchanges a code or rotates a
-refresh token. Handlers of `/v1/` authenticate with `await self.principal(request, scope)`,
-which resolves the access token through the provider, checks the scope (read implies email,
-attachment and contact) and the per-token rate.
+refresh token; `POST /oauth/revoke` (RFC 7009) ends a token and its family. Both
+authenticate the client, within `[web] oauth_token_rate` per client and `[web]
+oauth_client_failure_rate` failures per client address. Handlers of `/v1/` authenticate
+with `await self.principal(request, scope)`, which resolves the access token through the
+provider, checks the scope (read implies email, attachment and contact) and the per-token rate.
 """
 
 from __future__ import annotations
@@ -96,6 +98,23 @@ TOKEN_INPUT = {
         "scope": {"type": "string"},
     },
     "required": ["grant_type"],
+}
+
+REVOKE_INPUT = {
+    "type": "object",
+    "properties": {
+        "token": {"type": "string"},
+        "token_type_hint": {"type": "string", "enum": ["access_token", "refresh_token"]},
+        "client_id": {"type": "string"},
+        "client_secret": {"type": "string"},
+    },
+    "required": ["token"],
+}
+# What the routes a client authenticates at (token, revoke) take and answer.
+CLIENT_ROUTE: dict[str, Any] = {
+    "body_types": (FORM_TYPE, "application/json"),
+    "errors": (400, 401, 429),
+    "body_errors": (),  # a body of another type is RFC 6749 5.2's 400 invalid_request
 }
 
 
@@ -398,22 +417,46 @@ class DropmyemailApp(JobRoutes, ApiApp):
         "whatever client it names) `[web] oauth_client_failure_rate` times (100 an hour); "
         "past it every request from it is that `429` until the budget refills.",
         body=TOKEN_INPUT,
-        body_types=(FORM_TYPE, "application/json"),
         replies={200: Reply("The access token", TOKEN_REPLY)},
-        errors=(400, 401, 429),
-        body_errors=(),  # a body of another type is RFC 6749 5.2's 400 invalid_request
+        **CLIENT_ROUTE,
     )
     async def token(self, request: IRequest) -> bytes:
         body, headers = await self._client_request(request)
         uri = "https://dropmyemail.invalid/oauth/token"
         return await self._client_reply(request, await self.oauth.token(uri, body, headers))
 
+    @routes.route(
+        "/oauth/revoke",
+        "POST",
+        summary="Revoke an access or refresh token (RFC 7009)",
+        description="The client authenticates as at `/oauth/token` (client_id and "
+        "client_secret in the form, or HTTP Basic) and names one of its tokens in `token` "
+        "(`token_type_hint`, access_token or refresh_token, says where to look first). "
+        "The token ends with every token issued from the same authorization code: a "
+        "refresh token's access tokens, an access token's refresh token. `200` with an "
+        "empty body whether or not the token was live, or the client's (RFC 7009 2.2: a "
+        "token of another client is left alone, and nobody learns whether it exists). "
+        "Errors are RFC 6749 §5.2's as at `/oauth/token` (`invalid_request` for a missing "
+        "token or a parameter given twice, `invalid_client` with 401 and "
+        "`WWW-Authenticate: Basic`), and so are the limits: the client's `[web] "
+        "oauth_token_rate` budget is the one its token requests take from, and a failed "
+        "client authentication counts against the address's `oauth_client_failure_rate`.",
+        body=REVOKE_INPUT,
+        replies={200: Reply("Revoked, or nothing to revoke: an empty body", None)},
+        **CLIENT_ROUTE,
+    )
+    async def revoke(self, request: IRequest) -> bytes:
+        body, headers = await self._client_request(request)
+        uri = "https://dropmyemail.invalid/oauth/revoke"
+        return await self._client_reply(
+            request, await self.oauth.revoke_token(uri, body, headers))
+
     async def _client_request(self, request: IRequest) -> tuple[str, dict[str, str]]:
         """The form body and headers oauthlib reads of a request a client authenticates
-        (the token endpoint), once its address and the client are within their limits:
-        `[web] oauth_client_failure_rate` (refused before the secret is checked) and
-        `oauth_token_rate`. Every reply, the refusals of our own before oauthlib's among
-        them, is kept from caches as oauthlib's are (RFC 6749 5.1, 5.2)."""
+        (the token and revocation endpoints), once its address and the client are within
+        their limits: `[web] oauth_client_failure_rate` (refused before the secret is
+        checked) and `oauth_token_rate`. Every reply, the refusals of our own before
+        oauthlib's among them, is kept from caches as oauthlib's are (RFC 6749 5.1, 5.2)."""
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Pragma", b"no-cache")
         if self.client_failures is not None:

@@ -7,7 +7,7 @@ a refused request gets 429 with `Retry-After`. Users: the password-login endpoin
 client address; failures per account name and address, and per account name: web.login),
 IMAP2API (1000/h per user, 100/h anonymous), Dropmyemail (20/s per token; its
 `POST /oauth/token` 20 at once then 10/s per client, and failed client authentications
-there per client address), Protecmail, the
+there and at `/oauth/revoke` per client address), Protecmail, the
 Mail API and safedrop (20/s per user each; 100/h per client address for requests whose
 credential is missing or bad, the three APIs together). The limits that guard a secret (the
 password logins', the OAuth client failures', a drop's password, code and reply limits) are

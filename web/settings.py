@@ -16,7 +16,7 @@ dropmyemail_token_rate = "20/second"
 oauth_token_rate = "20/2s"       # POST /oauth/token per client (its client_id and the
                                  # secret it presents): 20 at once, then 10 a second
 oauth_client_failure_rate = "100/hour"  # failed client authentications at /oauth/token
-                                 # per client address (0 turns it off)
+                                 # and /oauth/revoke per client address (0 turns it off)
 protecmail_user_rate = "20/second"  # Protecmail requests per user (all its API keys)
 mailapi_user_rate = "20/second"     # Mail API requests per user
 safedrop_user_rate = "20/second"    # safedrop requests per user
@@ -101,7 +101,7 @@ DROPMYEMAIL_TOKEN_RATE = Rate(20, 1)
 # every refresh stores a token row (kept for replay detection, see mailcore.oauth.provider's
 # pruning), so a client refreshing in a loop must not write as fast as it can ask.
 OAUTH_TOKEN_RATE = Rate(20, 2)
-# Failed client authentications (a wrong client secret) at /oauth/token
+# Failed client authentications (a wrong client secret) at /oauth/token and /oauth/revoke
 # per client address, whatever client they name: oauth_token_rate counts each guessed
 # secret apart, so without this one address could guess a client's secret as fast as it
 # asked. Once spent, the address is refused before its secret is checked (a right guess

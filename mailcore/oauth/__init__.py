@@ -2,9 +2,9 @@
 PKCE, and access and refresh tokens, built on oauthlib.
 
 `OAuthProvider` (provider.py) is the service: apps and grants for the CLI and the pages,
-the authorization and token endpoints for web/dropmyemail.py (which only translates HTTP),
-and `resolve` for the Bearer tokens of `/v1/`. Our rules for oauthlib are in validator.py;
-`[oauth]` in settings.py.
+the authorization, token and revocation (RFC 7009) endpoints for web/dropmyemail.py (which
+only translates HTTP), and `resolve` for the Bearer tokens of `/v1/`. Our rules for
+oauthlib are in validator.py; `[oauth]` in settings.py.
 """
 
 from mailcore.oauth.provider import (

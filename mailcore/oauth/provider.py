@@ -358,7 +358,9 @@ class OAuthProvider:
         seed's `{access_token, token_type: "bearer", expires_in, refresh_token}`. Errors
         are RFC 6749 §5.2's: a repeated parameter (§3.2) or a missing grant_type is
         invalid_request, and invalid_client is challenged with `CLIENT_CHALLENGE`."""
-        malformed = _malformed(body)
+        malformed = _repeated(body)
+        if malformed is None and not dict(parse_qsl(body)).get("grant_type"):
+            malformed = "Missing grant_type parameter."  # oauthlib: unsupported_grant_type
         if malformed is not None:
             return _error_reply(InvalidRequestError(description=malformed))
         now = self.now()
@@ -372,13 +374,10 @@ class OAuthProvider:
             return dict(out_headers), out_body, status
 
         try:
-            reply_headers, reply_body, status = await self.db.run("oauth_token", txn)
+            reply_headers, reply_body, status = _challenged(
+                await self.db.run("oauth_token", txn))
         except GrantLost as e:
             return _error_reply(InvalidGrantError(description=str(e)))
-        if status == 401:
-            reply_headers = {k: v for k, v in reply_headers.items()
-                             if k.lower() != "www-authenticate"}
-            reply_headers["WWW-Authenticate"] = CLIENT_CHALLENGE
         if status == 200:
             token = json.loads(reply_body)
             reply_body = json.dumps({
@@ -388,6 +387,29 @@ class OAuthProvider:
                 "refresh_token": token["refresh_token"],
             })
         return reply_headers, reply_body, status
+
+    # -- the revocation endpoint --------------------------------------------------------
+
+    async def revoke_token(self, uri: str, body: str, headers: dict[str, str]) -> Reply:
+        """POST /oauth/revoke (RFC 7009): (headers, body, status). The client authenticates
+        as at the token endpoint; the token it names (`token`, an access or a refresh token;
+        `token_type_hint` says which to look for first) ends with its whole family: every
+        token issued from the same authorization code, the access tokens of a refresh
+        token among them (StoreValidator.revoke_token). 200 with an empty body whether or
+        not the token was live or the client's (RFC 7009 2.2: an invalid token is no
+        error); a missing `token` or a parameter given twice is invalid_request, a failed
+        client authentication invalid_client with `CLIENT_CHALLENGE`."""
+        repeated = _repeated(body)
+        if repeated is not None:
+            return _error_reply(InvalidRequestError(description=repeated))
+        now = self.now()
+
+        def txn(conn: Connection) -> Reply:
+            out_headers, out_body, status = self._server(conn, now).create_revocation_response(
+                uri, "POST", body, headers)
+            return dict(out_headers), out_body, status
+
+        return _challenged(await self.db.run("oauth_revoke_token", txn))
 
     # -- pruning ------------------------------------------------------------------------
 
@@ -591,23 +613,31 @@ def token_client(form: str, authorization: str | None) -> tuple[str, str] | None
     return client_id, creds.digest(secret or "").hex()
 
 
-def _malformed(form: str) -> str | None:
-    """What makes token request `form` (form-encoded) invalid_request before oauthlib reads
-    it: a parameter given more than once (RFC 6749 §3.2; oauthlib checks only some, and
-    takes the last of the others), or no grant_type (oauthlib answers that
-    unsupported_grant_type). None when neither."""
-    seen: dict[str, str] = {}
-    for key, value in parse_qsl(form, keep_blank_values=True):
+def _repeated(form: str) -> str | None:
+    """What makes request `form` (form-encoded) invalid_request before oauthlib reads it: a
+    parameter given more than once (RFC 6749 §3.2; oauthlib checks only some, and takes the
+    last of the others). None when none is."""
+    seen: set[str] = set()
+    for key, _ in parse_qsl(form, keep_blank_values=True):
         if key in seen:
             return f"Parameter {key} is repeated."
-        seen[key] = value
-    if not seen.get("grant_type"):
-        return "Missing grant_type parameter."
+        seen.add(key)
     return None
 
 
+def _challenged(reply: Reply) -> Reply:
+    """oauthlib's `reply` with a 401 invalid_client challenged with `CLIENT_CHALLENGE`
+    (oauthlib's Bearer is a resource server's)."""
+    headers, body, status = reply
+    if status == 401:
+        headers = {k: v for k, v in headers.items() if k.lower() != "www-authenticate"}
+        headers["WWW-Authenticate"] = CLIENT_CHALLENGE
+    return headers, body, status
+
+
 def _error_reply(error: OAuth2Error) -> Reply:
-    """The token endpoint's reply of `error` (RFC 6749 §5.2), as oauthlib makes one."""
+    """The reply of `error` at the token or revocation endpoint (RFC 6749 §5.2), as
+    oauthlib makes one."""
     return {**_REPLY_HEADERS, **error.headers}, str(error.json), int(error.status_code)
 
 
