@@ -498,6 +498,75 @@ class ApplicationsPageTests(PageClient):
         self.assertEqual(await self.web.core.oauth.list_apps(self.alice.id), [])
 
 
+class AuthorizedPageTests(PageClient):
+    """The Authorized applications page (/oauth/authorized_applications): the apps a
+    logged-in user let in, each with Revoke. Before, only the CLI could end a grant."""
+
+    PATH = "/oauth/authorized_applications"
+
+    async def enter(self) -> bytes:
+        status, _, _ = await self.form(self.PATH, action="login", username="alice",
+                                       password=PASSWORD)
+        self.assertEqual(status, 303)
+        status, headers, body = await self.call("GET", self.PATH)
+        self.assertEqual(status, 200)
+        self.assertEqual(header(headers, "x-frame-options"), "DENY")
+        self.assertIn("frame-ancestors 'none'", header(headers, "content-security-policy"))
+        return bytes(body)
+
+    async def live(self, token: dict[str, Any]) -> bool:
+        return await self.web.core.oauth.resolve(token["access_token"]) is not None
+
+    async def test_lists_the_apps_let_in_and_revokes_one(self) -> None:
+        status, _, body = await self.call("GET", self.PATH)
+        self.assertIn(b"Log in", body)
+        token = await self.client.token(scope="read email")
+        mine = await register(self.web, self.alice)
+        kept = await mine.token()
+        page = await self.enter()
+        self.assertEqual(page.count(b"Revoke Test client"), 2)
+        self.assertIn(b"<td>read, email</td>", page)
+        self.assertIn(b"<td>bob</td>", page)  # who registered it
+        status, _, body = await self.call("POST", self.PATH, data={
+            "csrf_token": csrf_field(page, "revoke"), "action": "revoke",
+            "uid": self.client.uid})
+        self.assertEqual(status, 200, body)
+        self.assertIn(b"Revoked the access of <strong>Test client</strong>", body)
+        self.assertFalse(await self.live(token))
+        self.assertTrue(await self.live(kept))
+        self.assertEqual([g.app.uid for g in await self.web.core.oauth.grants(self.alice.id)],
+                         [mine.uid])
+        self.assertEqual(body.count(b"Revoke Test client"), 1)
+
+    async def test_revoke_needs_the_csrf_token(self) -> None:
+        token = await self.client.token()
+        await self.enter()
+        status, _, _ = await self.call("POST", self.PATH, data={
+            "action": "revoke", "uid": self.client.uid})
+        self.assertEqual(status, 403)
+        self.assertTrue(await self.live(token))
+
+    async def test_an_app_not_let_in_is_404_and_anothers_grant_stays(self) -> None:
+        await self.client.token()
+        carol = await self.web.user("carol")
+        theirs = await register(self.web, carol)  # carol's own app, carol's grant
+        their_token = await theirs.token()
+        page = await self.enter()
+        status, _, body = await self.call("POST", self.PATH, data={
+            "csrf_token": csrf_field(page, "revoke"), "action": "revoke",
+            "uid": theirs.uid})
+        self.assertEqual(status, 404)
+        self.assertIn(b"That application has no access.", body)
+        self.assertTrue(await self.live(their_token))
+
+    async def test_log_out(self) -> None:
+        await self.enter()
+        status, headers, _ = await self.form(self.PATH, action="logout")
+        self.assertEqual((status, header(headers, "location")), (303, self.PATH))
+        status, _, body = await self.call("GET", self.PATH)
+        self.assertIn(b"Log in", body)
+
+
 class LoginThrottleTests(TestCase):
     async def test_the_login_form_shares_the_password_login_limit(self) -> None:
         config = Config(sections={"web": {"login_rate": "2/minute"},

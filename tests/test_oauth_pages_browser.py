@@ -1,7 +1,8 @@
 """A person authorizes an app in headless Chromium (JavaScript off): the authorize URL shows
 the login form, then the consent page; Allow lands on the app's redirect URI with a code,
 which the app exchanges for a token that GET /v1/accounts accepts. Deny lands there with
-error=access_denied. Both sites listen on loopback; screenshots of the login and consent
+error=access_denied. The Authorized applications page revokes what Allow gave. Both sites
+listen on loopback; screenshots of the login and consent
 pages are kept in the test's temp dir."""
 
 from __future__ import annotations
@@ -106,6 +107,34 @@ class AuthorizeInChromiumTests(TestCase):
         await self.browser.screenshot("logout-3-login")
         [ended] = await self.web.core.identity.list_credentials(self.alice.id, "page")
         self.assertTrue(ended.revoked)
+
+
+    async def test_the_authorized_apps_page_revokes_an_app(self) -> None:
+        await self.log_in("revoke")
+        await self.browser.click_button("Allow")
+        query = await self.landed()
+        status, _, token = await self.client.exchange(
+            grant_type="authorization_code", code=query["code"], redirect_uri=self.redirect)
+        self.assertEqual(status, 200, token)
+        # The same browser, its session still on: the page lists the app it let in.
+        await self.browser.get(self.base + "/oauth/authorized_applications")
+        self.assertEqual(await self.browser.title(), "Authorized applications · Mailcore")
+        page = await self.browser.text()
+        self.assertIn("Test client", page)
+        self.assertIn("read, write", page)
+        await self.browser.screenshot("revoke-3-authorized")
+        await self.browser.click_button("Revoke Test client")
+        self.assertEqual(await self.browser.title(), "Authorized applications · Mailcore")
+        page = await self.browser.text()
+        self.assertIn("Revoked the access of Test client.", page)
+        self.assertIn("No application may act for you.", page)
+        await self.browser.screenshot("revoke-4-revoked")
+        status, _, _ = await self.web.call(
+            "GET", "/v1/accounts", headers={"Authorization": f"Bearer {token['access_token']}"})
+        self.assertEqual(status, 401)
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"])
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
 
 
 class SiblingPrize(Resource):

@@ -282,12 +282,16 @@ def requests(estate: Estate) -> dict[str, list[tuple[str, dict[str, str]]]]:
             (f"{dme}/attachments_search?query=report", {})],
         "dropmyemail /v1/accounts/<int:account_id>/messages/search": [
             (f"{dme}/messages/search?query=report", {})],
-        # Logged out, the login form; logged in, the consent page and the user's apps.
+        # Logged out, the login form; logged in, the consent page, the user's apps and the apps
+        # the user let in.
         "oauth_pages /oauth/authorize": [
             (f"/oauth/authorize?{ids['oauth_pages']['authorize']}", {}),
             (f"/oauth/authorize?{ids['oauth_pages']['authorize']}", ids["oauth_session"])],
         "oauth_pages /oauth/applications": [
             ("/oauth/applications", {}), ("/oauth/applications", ids["oauth_session"])],
+        "oauth_pages /oauth/authorized_applications": [
+            ("/oauth/authorized_applications", {}),
+            ("/oauth/authorized_applications", ids["oauth_session"])],
     }
 
 

@@ -11,7 +11,11 @@ redirect. The rules are mailcore.oauth's; this module only translates.
 `/oauth/applications` is the "Applications" page of the seed's flow: a logged-in user lists,
 registers (the secret is shown once) and deletes their own apps.
 
-Both pages have a "Log out" form (action=logout): the session's credential is revoked, its
+`/oauth/authorized_applications` lists the apps a logged-in user has let act for them (those
+holding live tokens of theirs, with the scopes) and revokes one: every token and unused
+code the user gave it (OAuthProvider.revoke, as `mailcore oauth revoke` does).
+
+Every page has a "Log out" form (action=logout): the session's credential is revoked, its
 cookie cleared and the CSRF cookie renewed, and the browser is sent back to the page.
 
 The session is a "page" credential (hashed, expiring; the session TTL) whose only scope is
@@ -25,6 +29,7 @@ or before the login, does not pass.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from klein import Klein
@@ -257,6 +262,25 @@ class OAuthPagesApp(PageApp):
         self.pages.renew_csrf(request)
         return redirect(request, 303, _this_page(request))
 
+    # -- the pages of a logged-in user's apps --------------------------------------------
+
+    async def _user_form(self, request: IRequest) -> tuple[dict[str, Any], User] | bytes:
+        """A form posted to the Applications or Authorized applications page, its CSRF
+        token checked for its action: its fields and the session's user, or the reply
+        itself when it logged in or out, or when there is no session (the login form)."""
+        fields = self.pages.form(request)
+        action = fields.get("action")
+        self.pages.check_csrf(request, fields, purpose=str(action),
+                              bind=self._csrf_bind(request))
+        if action == "login":
+            return await self._log_in(request, None, fields)
+        if action == "logout":
+            return await self._log_out(request)
+        user = await self._session_user(request)
+        if user is None:
+            return self._login_page(request, None)
+        return fields, user
+
     # -- the Applications page ----------------------------------------------------------
 
     async def _apps_page(self, request: IRequest, user: User, status: int = 200, *,
@@ -300,17 +324,11 @@ class OAuthPagesApp(PageApp):
         }, form=True),
     )
     async def change_applications(self, request: IRequest) -> bytes:
-        fields = self.pages.form(request)
+        form = await self._user_form(request)
+        if isinstance(form, bytes):
+            return form
+        fields, user = form
         action = fields.get("action")
-        self.pages.check_csrf(request, fields, purpose=str(action),
-                              bind=self._csrf_bind(request))
-        if action == "login":
-            return await self._log_in(request, None, fields)
-        if action == "logout":
-            return await self._log_out(request)
-        user = await self._session_user(request)
-        if user is None:
-            return self._login_page(request, None)
         if action == "register":
             name, uris = fields.get("name"), fields.get("redirect_uris")
             if not isinstance(name, str) or not isinstance(uris, str):
@@ -330,3 +348,66 @@ class OAuthPagesApp(PageApp):
                 return await self._apps_page(request, user, 404, error="No such app.")
             return await self._apps_page(request, user)
         raise PageError(400, "Bad request", "Unknown action.")
+
+    # -- the Authorized applications page -----------------------------------------------
+
+    async def _authorized_page(self, request: IRequest, user: User, status: int = 200, *,
+                               error: str = "", revoked: str = "") -> bytes:
+        grants = await self.oauth.grants(user.id)
+        return self.pages.render(request, "oauth_authorized.html", status,
+                                 title="Authorized applications",
+                                 csrf_bind=self._csrf_bind(request),
+                                 user=user, grants=grants, error=error, revoked=revoked)
+
+    @routes.route(
+        "/oauth/authorized_applications",
+        "GET",
+        summary="The apps a logged-in user has authorized, each with a Revoke button",
+        replies=page_replies({200: "HTML page: the login form, or the apps holding live "
+                                   "tokens of the user, with their scopes"}),
+    )
+    async def authorized(self, request: IRequest) -> bytes:
+        user = await self._session_user(request)
+        if user is None:
+            return self._login_page(request, None)
+        return await self._authorized_page(request, user)
+
+    @routes.route(
+        "/oauth/authorized_applications",
+        "POST",
+        summary="Log in or out, or revoke an app's access (every token and unused code "
+        "the user gave it)",
+        body=form_body({
+            "action": {"type": "string", "enum": ["login", "logout", "revoke"]},
+            "username": {"type": "string"}, "password": {"type": "string"},
+            "uid": {"type": "string"},
+        }),
+        body_types=("application/x-www-form-urlencoded",),
+        replies=page_replies({
+            200: "HTML page: the apps left, saying which was revoked",
+            303: "Logged in or out: back to the page",
+            401: "HTML page: the login form, saying the password was wrong",
+            404: "HTML page: the apps, saying that one is not among them",
+            429: "HTML page: too many login attempts",
+        }, form=True),
+    )
+    async def change_authorized(self, request: IRequest) -> bytes:
+        form = await self._user_form(request)
+        if isinstance(form, bytes):
+            return form
+        fields, user = form
+        if fields.get("action") != "revoke":
+            raise PageError(400, "Bad request", "Unknown action.")
+        uid = fields.get("uid")
+        granted = {g.app.uid: g.app for g in await self.oauth.grants(user.id)}
+        app = granted.get(uid) if isinstance(uid, str) else None
+        if app is None:
+            # Not one of the user's grants (revoked meanwhile, or another's app): nothing
+            # is said of it.
+            return await self._authorized_page(request, user, 404,
+                                               error="That application has no access.")
+        try:
+            await self.oauth.revoke(user.id, app.uid)
+        except OAuthError:  # the app was deleted meanwhile, with its tokens
+            pass
+        return await self._authorized_page(request, user, revoked=app.name)

@@ -90,6 +90,7 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("/oauth", "dropmyemail"),
     ("/oauth/authorize", "oauth_pages"),  # the HTML login and consent page
     ("/oauth/applications", "oauth_pages"),  # a user's apps (HTML)
+    ("/oauth/authorized_applications", "oauth_pages"),  # the apps a user let in (HTML)
     ("/v1", "dropmyemail"),
     # safedrop (seed 003): the auth server at / and /auth, the API at /dropbundles
     ("/auth", "safedrop"),
