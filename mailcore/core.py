@@ -41,7 +41,7 @@ from mailcore.identity.service import CredentialSweeper
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.delivery import HostedAddresses, LocalMailboxes
 from mailcore.mailapi.files import MailFiles
-from mailcore.mailapi.mail import MailFilesSweeper, MailService
+from mailcore.mailapi.mail import GoneSweeper, MailFilesSweeper, MailService
 from mailcore.mailapi.outbox import OutboxSender
 from mailcore.mailapi.room import MailboxRoom
 from mailcore.mailapi.settings import MailApiSettings
@@ -348,6 +348,9 @@ class Core:
         mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
         mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period
         services.append(mail_sweeper)
+        gone_sweeper = GoneSweeper(self.mail)
+        gone_sweeper.leases = self.leases  # one node deletes the expired rows per period
+        services.append(gone_sweeper)
         if self.shared_store:
             services.append(self.node_registry)
         if self.webhooks.sender is not None:

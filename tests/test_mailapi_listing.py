@@ -12,18 +12,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.dialects import postgresql
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.mailapi import listing
+from mailcore.mailapi import mail as mail_module
 from mailcore.mailapi.errors import MailApiError
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.listing import AttachmentInfo
-from mailcore.mailapi.mail import MailService
+from mailcore.mailapi.mail import GoneSweeper, MailService
 from mailcore.messages.sql import new_id
-from mailcore.store.schema import mailapi_attachments, mailapi_mail, mailbox_grants, mailboxes
+from mailcore.store.schema import (
+    mailapi_attachments,
+    mailapi_gone,
+    mailapi_mail,
+    mailbox_grants,
+    mailboxes,
+)
 from mailcore.workers import CpuPool
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
@@ -211,12 +218,67 @@ class ListingTestsMixin(DatabaseMixin):
             with self.assertRaises(MailApiError) as caught:
                 await self.mail.page(self.ids[user], 10, cursor)
             self.assertEqual(caught.exception.message, "invalid cursor")
-        # Kept GONE_KEEP seconds: a later change of a mailbox lets the old places go.
+        # Kept GONE_KEEP seconds.
         self.mail.clock.advance(listing.GONE_KEEP + 1)  # type: ignore[attr-defined]
         await self.mail.delete(self.ids["bob"], "m000001")
         with self.assertRaises(MailApiError):
             await self.mail.page(self.ids["bob"], 3, "m000004")
         self.assertEqual(await self.subjects("bob", 3, "m000001"), ([], 4, "m000005", None))
+
+    async def gone_rows(self) -> list[str]:
+        return sorted(await self.db.read("gone", lambda conn: [
+            r[0] for r in conn.execute(select(mailapi_gone.c.public_id))]))
+
+    async def test_a_place_kept_past_gone_keep_is_no_cursor_and_waits_for_the_sweep(
+            self) -> None:
+        # Each delete and send deleted every place kept longer than GONE_KEEP in its own
+        # transaction (on SQLite inside the spool's group commit, under the one write
+        # lock). Now they only write their place; a place older than GONE_KEEP is no
+        # cursor whether or not it is deleted yet, and the sweep deletes it.
+        clock: Clock = self.mail.clock  # type: ignore[assignment]
+        await self.add("bob_box", range(1, 6))
+        await self.mail.delete(self.ids["bob"], "m000004")
+        clock.advance(listing.GONE_KEEP - 1)
+        self.assertEqual(await self.subjects("bob", 2, "m000004"),
+                         (["mail 3", "mail 2"], 4, "m000005", "m000001"))
+        clock.advance(2)
+        with self.assertRaises(MailApiError) as caught:
+            await self.mail.page(self.ids["bob"], 2, "m000004")
+        self.assertEqual(caught.exception.message, "invalid cursor")
+        await self.mail.delete(self.ids["bob"], "m000002")
+        self.assertEqual(await self.gone_rows(), ["m000002", "m000004"])
+        self.assertEqual(await self.mail.sweep_gone(), 1)
+        self.assertEqual(await self.gone_rows(), ["m000002"])
+        self.assertEqual(await self.subjects("bob", 2, "m000002"), (["mail 1"], 3, "m000005",
+                                                                    None))
+
+    async def test_the_gone_sweep_deletes_expired_places_a_batch_a_transaction(self) -> None:
+        clock: Clock = self.mail.clock  # type: ignore[assignment]
+        clock.advance(listing.GONE_KEEP + 100)
+        now = clock.seconds()
+
+        def txn(conn: Connection) -> None:
+            conn.execute(insert(mailapi_gone), [
+                {"public_id": f"x{n}", "mail_id": n, "mailbox_id": self.ids["bob_box"],
+                 "gone_at": now - listing.GONE_KEEP - n} for n in range(1, 6)] + [
+                {"public_id": f"k{n}", "mail_id": n, "mailbox_id": self.ids["bob_box"],
+                 "gone_at": now - listing.GONE_KEEP + n} for n in range(0, 2)])
+
+        await self.db.run("gone", txn)
+        self.patch(mail_module, "GONE_SWEEP_BATCH", 2)
+        runs: list[str] = []
+        run = self.db.run
+
+        def counted(name: str, *args: Any, **kwargs: Any) -> Any:
+            runs.append(name)
+            return run(name, *args, **kwargs)
+
+        self.patch(self.db, "run", counted)
+        sweeper = GoneSweeper(self.mail, every=60)
+        sweeper.startService()  # sweeps at start
+        await sweeper.stopService()
+        self.assertEqual(runs, ["mailapi_gone_sweep"] * 3)  # 2 + 2 + 1
+        self.assertEqual(await self.gone_rows(), ["k0", "k1"])
 
     async def test_no_readable_mailbox_lists_nothing(self) -> None:
         def txn(conn: Connection) -> int:

@@ -36,6 +36,7 @@ from mailcore.mailapi.outbox import thd_outbox
 from mailcore.store.engine import WRITE_INTENT
 from mailcore.store.schema import (
     mailapi_attachments,
+    mailapi_gone,
     mailapi_mail,
     mailbox_grants,
     mailboxes,
@@ -845,6 +846,39 @@ class WritingTests(MailApiTestCase):
         sent = email.message_from_bytes(bytes(row.raw), policy=email.policy.default)
         self.assertEqual((row.status, row.subject, sent["Subject"]),
                          ("outbox", "after", "after"))
+
+    async def test_a_send_from_another_mailbox_and_a_delete_leave_expired_places_to_the_sweep(
+            self) -> None:
+        # A send from another mailbox and a delete each deleted every place kept longer
+        # than GONE_KEEP (mailapi_gone) in their transaction, on SQLite the spool's group
+        # commit. They write their own place only; GoneSweeper deletes the expired ones.
+        await self.grant(BOB, "joe", allow_send=True)
+        core = self.web.core
+        joes = await core.db.read("box", lambda c: c.execute(
+            select(mailboxes.c.id).where(mailboxes.c.address == JOE)).scalar_one())
+        await core.db.run("old", lambda c: c.execute(insert(mailapi_gone).values(
+            public_id="old", mail_id=1, mailbox_id=joes,
+            gone_at=self.web.clock.seconds() - listing.GONE_KEEP - 1)))
+
+        async def places() -> list[str]:
+            return sorted(await core.db.read("gone", lambda c: list(c.execute(
+                select(mailapi_gone.c.public_id)).scalars())))
+
+        status, body = await self.as_("joe", "POST", "/api/v1/mail/", json={
+            "status": "draft", "to": "x@far.test", "subject": "s"})
+        self.assertEqual(status, 201, body)
+        sent = body["id"]
+        status, body = await self.as_("joe", "PUT", f"/api/v1/mail/{sent}",
+                                      json={"from": BOB, "status": "outbox"})
+        self.assertEqual(status, 202, body)
+        self.assertEqual(await places(), sorted(["old", sent]))
+        status, body = await self.as_("joe", "POST", "/api/v1/mail/", json={
+            "status": "draft", "to": "x@far.test"})
+        deleted = body["id"]
+        self.assertEqual((await self.as_("joe", "DELETE", f"/api/v1/mail/{deleted}"))[0], 202)
+        self.assertEqual(await places(), sorted(["old", sent, deleted]))
+        self.assertEqual(await core.mail.sweep_gone(), 1)
+        self.assertEqual(await places(), sorted([sent, deleted]))
 
     async def test_rights_taken_while_a_message_was_built_keep_the_mail_a_draft(
             self) -> None:

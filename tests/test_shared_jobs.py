@@ -46,10 +46,11 @@ from mailcore.gateway.quarantine import (
     ToKeep,
 )
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
-from mailcore.mailapi.mail import MailFilesSweeper
+from mailcore.mailapi.mail import GoneSweeper, MailFilesSweeper
 from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.store import MessageStore
+from mailcore.periodic import Sweeper
 from mailcore.queue.spool import Withdrawn
 from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService
@@ -750,6 +751,16 @@ class SharedJobsMixin(DatabaseMixin):
     async def test_the_mail_api_file_sweep_runs_on_one_node_per_period(self) -> None:
         """The nodes share `files_dir`: the sweep the Core runs (listing every file of it)
         is done by one node per `[mailapi] file_sweep_interval`, not by each."""
+        await self.one_node_per_period(MailFilesSweeper, "sweep")
+
+    async def test_the_mail_api_gone_sweep_runs_on_one_node_per_period(self) -> None:
+        """The expired places of mail that left a mailbox (mailapi_gone) are deleted by one
+        node per GONE_SWEEP_INTERVAL (not by every delete and send any more)."""
+        await self.one_node_per_period(GoneSweeper, "sweep_gone")
+
+    async def one_node_per_period(self, kind: type[Sweeper[int]], method: str) -> None:
+        """Of two nodes' Cores, one runs the `kind` sweep (MailService's `method`) each
+        period of 3600 s."""
         a, b = await self.two_stores()
         clock = Clock()
         clock.advance(START)
@@ -764,9 +775,8 @@ class SharedJobsMixin(DatabaseMixin):
                 swept.append(node)
                 return 0
 
-            core.mail.sweep = sweep  # type: ignore[method-assign,assignment]
-            sweepers.append(next(s for s in core.background_services()
-                                 if isinstance(s, MailFilesSweeper)))
+            setattr(core.mail, method, sweep)
+            sweepers.append(next(s for s in core.background_services() if isinstance(s, kind)))
         await gather(sweepers[0].leased_tick(), sweepers[1].leased_tick())
         self.assertEqual(len(swept), 1)
         clock.advance(1800)  # within the period: neither sweeps again

@@ -23,8 +23,13 @@ that left a mailbox (deleted, or sent from another mailbox) leaves its place the
 GONE_KEEP seconds (`thd_left`, table mailapi_gone): a cursor naming a mail no longer in a
 mailbox the caller may read starts at that place if the caller may read the mailbox it left,
 so a client walking its mail while it deletes some goes on where it was. Any other cursor
-(no such mail, mail of a mailbox the caller may not read, now or when it left it) is
-`invalid cursor`, whether a mail had that id or not.
+(no such mail, mail of a mailbox the caller may not read, now or when it left it, or a place
+left more than GONE_KEEP seconds ago) is `invalid cursor`, whether a mail had that id or not.
+The places kept longer go in batches of GONE_SWEEP_BATCH rows, a transaction each, by a
+periodic sweep (`thd_sweep_gone`, run by mailcore.mailapi.mail.GoneSweeper), not by the
+delete or send that leaves a place: on SQLite those run inside the spool's group commit,
+under the store's one write lock, which deleting every expired row there held for as long
+as that took.
 
 Read per mailbox, a page costs the same whichever mailbox holds the newest mail, one short
 statement per mailbox the user may read (a few tens of microseconds each). One statement
@@ -76,6 +81,8 @@ PAGE_CHARS = 8 * 1024 * 1024
 _NEWEST = 2**62
 # How long the place of a mail that left a mailbox is kept for cursors naming it (seconds).
 GONE_KEEP = 30 * 24 * 3600.0
+# Expired places deleted by one transaction of the sweep (`thd_sweep_gone`).
+GONE_SWEEP_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -119,11 +126,15 @@ _BOXES = Prepared(select(_b.id, _b.address, _b.mail_count).where(or_(
 )))
 _CURSOR = Prepared(select(_m.id, _m.mailbox_id).where(_m.public_id == bindparam("cursor")))
 _gone = mailapi_gone.c
-# The places a mail with this public id left, the latest first.
-_GONE = Prepared(select(_gone.mail_id, _gone.mailbox_id).where(_gone.public_id == bindparam(
-    "cursor")).order_by(_gone.id.desc()))
+# The places a mail with this public id left since :since (kept still), the latest first.
+_GONE = Prepared(select(_gone.mail_id, _gone.mailbox_id).where(
+    _gone.public_id == bindparam("cursor"), _gone.gone_at >= bindparam("since"))
+    .order_by(_gone.id.desc()))
 _LEFT = insert(mailapi_gone)
-_EXPIRED = delete(mailapi_gone).where(_gone.gone_at < bindparam("before"))
+# Up to :n places left before :before (down the gone_at index).
+_EXPIRED = delete(mailapi_gone).where(_gone.id.in_(
+    select(_gone.id).where(_gone.gone_at < bindparam("before"))
+    .limit(bindparam("n", type_=Integer)).scalar_subquery()))
 _BOX = bindparam("box", type_=Integer)
 _START = bindparam("start", type_=BigInteger)
 _KEY = tuple_(_m.mailbox_id, _m.id)
@@ -172,11 +183,12 @@ STATEMENTS = (_BOXES.statement, _CURSOR.statement, _GONE.statement,
               _ATTACHMENTS)
 
 
-def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> Page:
+def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None,
+             now: float) -> Page:
     """Blocking: up to `count` mails `user_id` may read, newest first, from the mail
     `cursor` names (a public id; None: the newest), or from the place it left in a mailbox
-    the user may read. Any other cursor (of mail the user may not read, or of none) is
-    invalid."""
+    the user may read less than GONE_KEEP seconds before `now`. Any other cursor (of mail
+    the user may not read, or of none) is invalid."""
     boxes = {box: (address, mail_count)
              for box, address, mail_count in _BOXES.rows(conn, {"user_id": user_id})}
     total = sum(int(mail_count) for _, mail_count in boxes.values())
@@ -184,7 +196,9 @@ def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> 
     if cursor is not None:
         found = [row for row in _CURSOR.rows(conn, {"cursor": cursor}) if row[1] in boxes]
         if not found:
-            found = [row for row in _GONE.rows(conn, {"cursor": cursor}) if row[1] in boxes]
+            found = [row for row in _GONE.rows(conn, {"cursor": cursor,
+                                                      "since": now - GONE_KEEP})
+                     if row[1] in boxes]
         if not found:
             raise MailApiError(INVALID, "invalid cursor", "cursor")
         start = int(found[0][0])
@@ -208,11 +222,17 @@ def thd_page(conn: Connection, user_id: int, count: int, cursor: str | None) -> 
 def thd_left(conn: Connection, public_id: str, mail_id: int, mailbox_id: int,
              now: float) -> None:
     """Blocking: the mail `mail_id` (public id `public_id`) left the mailbox `mailbox_id`
-    (deleted, or sent from another one): its place there is kept for cursors naming it, and
-    the places kept longer than GONE_KEEP go."""
-    conn.execute(_EXPIRED, {"before": now - GONE_KEEP})
+    (deleted, or sent from another one): its place there is kept for cursors naming it
+    (GONE_KEEP seconds; `thd_sweep_gone` deletes it after)."""
     conn.execute(_LEFT, {"public_id": public_id, "mail_id": mail_id, "mailbox_id": mailbox_id,
                          "gone_at": now})
+
+
+def thd_sweep_gone(conn: Connection, now: float, batch: int = GONE_SWEEP_BATCH) -> int:
+    """Blocking: delete up to `batch` places left more than GONE_KEEP seconds before `now`
+    (which no cursor finds any more); how many. Idempotent: nodes sharing the store may
+    run it at once."""
+    return int(conn.execute(_EXPIRED, {"before": now - GONE_KEEP, "n": batch}).rowcount or 0)
 
 
 def _within(rows: Sequence[Any], most: int) -> Sequence[Any]:

@@ -77,12 +77,14 @@ from mailcore.mailapi.files import (
 from mailcore.mailapi.listing import (
     COLUMNS,
     FIELDS,
+    GONE_SWEEP_BATCH,
     Mail,
     Page,
     mail_of,
     thd_attachments,
     thd_left,
     thd_page,
+    thd_sweep_gone,
 )
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_hold_mailbox, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
@@ -115,6 +117,8 @@ DEFAULT_COUNT = 25
 # before its transaction.
 BUILT_APART = 64 * 1024
 MAX_COUNT = 1000
+# How often GoneSweeper deletes the places cursors no longer find (seconds).
+GONE_SWEEP_INTERVAL = 3600.0
 # The longest subject mail is sent with (characters): RFC 5322's line length. Folding one
 # costs more than its length (a 200 KB subject took seconds), and a mail is built holding
 # the store's write lock; a longer subject keeps the mail a draft.
@@ -360,7 +364,8 @@ class MailService:
     async def page(self, user_id: int, count: int, cursor: str | None) -> Page:
         """Up to `count` mails, newest first, starting at `cursor` (a mail id; None: the
         newest). A keyset page: stable while new mail arrives (mailcore.mailapi.listing)."""
-        return await self.db.read("mailapi_page", thd_page, user_id, count, cursor)
+        return await self.db.read("mailapi_page", thd_page, user_id, count, cursor,
+                                  self.clock.seconds())
 
     def _thd_find(self, conn: Connection, user_id: int, public_id: str,
                   rights: Holdings | None = None
@@ -517,6 +522,18 @@ class MailService:
         for start in range(0, len(stored), batch):
             removed += await self.collect(stored[start:start + batch], grace)
         return removed
+
+    async def sweep_gone(self) -> int:
+        """Delete the places mail left in mailboxes that cursors no longer find (kept
+        GONE_KEEP seconds: mailcore.mailapi.listing), a batch a transaction; how many."""
+        now = self.clock.seconds()
+        removed = 0
+        while True:
+            gone = await self.db.run("mailapi_gone_sweep", thd_sweep_gone, now,
+                                     GONE_SWEEP_BATCH)
+            removed += gone
+            if gone < GONE_SWEEP_BATCH:
+                return removed
 
     async def _storing(self, edit: Edit, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a write that may store `edit`'s files; when it stores no mail (refused or
@@ -946,3 +963,26 @@ class MailFilesSweeper(Sweeper[int]):
     def swept(self, removed: int) -> None:
         if removed:
             log.info("removed {n} Mail API files no mail names", n=removed)
+
+
+class GoneSweeper(Sweeper[int]):
+    """Deletes the places mail left in mailboxes that listing cursors no longer find
+    (MailService.sweep_gone) at start and every GONE_SWEEP_INTERVAL seconds, instead of each
+    delete and send (which on SQLite ride the spool's group commit). Idempotent, but the
+    Core gives it the store's job leases: one node of those sharing a PostgreSQL store
+    sweeps each period, and no two delete the same rows at once."""
+
+    name = "mailapi_gone_sweep"
+    failed = "sweeping the places mail left in Mail API mailboxes failed"
+
+    def __init__(self, mail: MailService, every: float = GONE_SWEEP_INTERVAL) -> None:
+        super().__init__(mail.clock, every)
+        self.mail = mail
+
+    def sweep(self) -> Awaitable[int]:
+        return self.mail.sweep_gone()
+
+    def swept(self, removed: int) -> None:
+        if removed:
+            log.info("removed {n} places mail left in Mail API mailboxes, kept for cursors "
+                     "until now", n=removed)
