@@ -1189,9 +1189,6 @@ class QueueRunner:
             return defer.succeed(None)  # (more than its share while others wait: end one)
         if hq.ready:
             return defer.succeed(hq.ready.popleft())
-        if (hq.jobs and hq.asking is None and not self._slot_wait
-                and hq.sending < hq.limit and self.send_memory.take_now(hq.jobs[0].size)):
-            return defer.succeed(hq.jobs.popleft())  # (the usual case: room at once)
         hq.finishing += 1
         try:
             self._pump(hq)  # (room for the next jobs; no connection for the one it takes)
