@@ -1070,15 +1070,22 @@ class QueueRunner:
             hq.asking = None
             asking.cancel()
             failed.append(job)
-        while hq.ready:
-            job = hq.ready.popleft()
-            self.send_memory.give(job.size)
-            failed.append(job)
-        failed.extend(hq.jobs)
-        hq.jobs.clear()
+        failed.extend(self._take_back(hq))
         for job in failed:
             self._fail(job, job.recipients, hq.dead_reason, permanent=hq.dead_permanent,
                        hop=hq.hop.label, now=now)
+
+    def _take_back(self, hq: HopQueue) -> list[Job]:
+        """Take the hop's jobs not under way out of it, in their order: those whose room
+        was taken (`ready`), their room given back, then those with none (`jobs`). The
+        one asking for room, if any, is its caller's to end."""
+        taken = list(hq.ready)
+        hq.ready.clear()
+        for job in taken:
+            self.send_memory.give(job.size)
+        taken.extend(hq.jobs)
+        hq.jobs.clear()
+        return taken
 
     def _ask_room(self, hq: HopQueue) -> None:
         """Take room in the send memory for the hop's next jobs (to `ready`), as many as it
@@ -1489,14 +1496,9 @@ class QueueRunner:
                 leftover.extend(r.id for r in rcpts)
                 self.held -= len(rcpts)
         for hq in self.hops.values():
-            while hq.ready:  # (the jobs asking for room were left over by the close)
-                job = hq.ready.popleft()
-                self.send_memory.give(job.size)
-                hq.jobs.appendleft(job)
-            while hq.jobs:
-                job = hq.jobs.popleft()
-                leftover.extend(r.id for r in job.recipients)
-                self.held -= len(job.recipients)
+            # (The jobs asking for room were left over by the close.)
+            for job in self._take_back(hq):
+                self._left_at_stop(job)
         if self._workers or self._scanning:
             # Scans in flight finish: their outcomes are recorded, or what they would have
             # sent is left over.
