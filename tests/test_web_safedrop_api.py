@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.core import Core
+from mailcore.queue import spool
 from mailcore.queue.spool import SpoolError
 from mailcore.safedrop import service
 from mailcore.safedrop.model import MAX_VALID_FOR
@@ -794,7 +795,7 @@ class SendTests(TestCase):
         await self.f.web.core.spool.accept(taken, Envelope(
             "x@example.test", (Recipient("y@example.test", None),)), b"Subject: x\r\n\r\nx\r\n")
         ids = iter(["0000000ANN01", taken])
-        self.patch(service, "new_queue_id", lambda _now: next(ids))
+        self.patch(spool, "new_queue_id", lambda _now: next(ids))
         status, _, _ = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
         self.assertEqual(status, 500)
         self.assertTrue(self.flushLoggedErrors(sqlite3.IntegrityError))
@@ -802,7 +803,7 @@ class SendTests(TestCase):
         # Nothing is sent: the client sends it again.
         status, _ = await self.f.form("PUT", f"/dropbundles/{bundle_id}", "subject=Again")
         self.assertEqual(status, 200)
-        self.patch(service, "new_queue_id", new_queue_id)
+        self.patch(spool, "new_queue_id", new_queue_id)
         status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
         self.assertEqual((status, body), (200, b"OK"))
         self.assertEqual([m[2] for m in self.f.spooled()],

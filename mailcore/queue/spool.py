@@ -531,6 +531,16 @@ class Spool:
 
         return errands.hand_in(start)
 
+    def thd_queue(self, conn: Connection, mails: Sequence[tuple[Envelope, bytes]],
+                  now: float) -> None:
+        """Blocking, in the caller's transaction (a rider's, so that the mail commits with
+        what decides it, or not at all): queue each (envelope, message) with a new queue
+        id. Not leased: the queue's sweeper takes them (within [queue] poll_interval)."""
+        thd_insert_messages(
+            conn, [NewMessage(new_queue_id(now), envelope, message, False)
+                   for envelope, message in mails],
+            self.settings.node_id, now, now + self.settings.lease_seconds)
+
     def _unless_taken(self, rider: _Chore) -> None:
         """For an errand given up: drop `rider` unless a group has taken it (which then
         answers it with its outcome). Its Deferred fails as a cancelled one does, without

@@ -40,7 +40,7 @@ from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.identity.secrets import digest
 from mailcore.mailapi.addresses import mailbox_key
-from mailcore.queue.model import NewMessage, thd_insert_messages, thd_vouched_domain_for
+from mailcore.queue.model import thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
@@ -344,7 +344,6 @@ class SafedropService:
         users in turn deadlocked (one holding each lock, waiting for the other's)."""
         now = self.now()
         at = self.clock.seconds()
-        settings = self.spool.settings
 
         def txn(conn: Connection) -> int:
             if self.caps is not None:  # the owner's send-cap lock first, before any row's
@@ -355,16 +354,11 @@ class SafedropService:
                 verdict = self.caps.thd_take(conn, owner_id, len(recipients), at)
                 if not verdict.allowed:
                     raise SendCapped(verdict)  # the claim is rolled back with it
-            messages = []
-            for r, token in recipients:
-                message = self.notification(bundle, sender, r, files, self.link(token))
-                envelope = Envelope(sender, (thd_recipient(conn, r.email),),
-                                    kind="notification")
-                messages.append(NewMessage(new_queue_id(at), envelope, message, False))
-            # Not leased: the queue's sweeper takes them (within [queue] poll_interval).
-            thd_insert_messages(conn, messages, settings.node_id, at,
-                                at + settings.lease_seconds)
-            return len(messages)
+            mails = [(Envelope(sender, (thd_recipient(conn, r.email),), kind="notification"),
+                      self.notification(bundle, sender, r, files, self.link(token)))
+                     for r, token in recipients]
+            self.spool.thd_queue(conn, mails, at)
+            return len(mails)
 
         try:
             if self.db.is_sqlite:
@@ -694,12 +688,7 @@ class SafedropService:
         drop's sender, as `_tell_sender` does."""
         subject = subject_line("Safedrop", shown(bundle.subject))
         envelope = Envelope("", (thd_recipient(conn, sender),), kind="notification")
-        settings = self.spool.settings
-        # Not leased: the queue's sweeper takes it (within [queue] poll_interval).
-        thd_insert_messages(
-            conn, [NewMessage(new_queue_id(at), envelope,
-                              self._message(sender, subject, text, at), False)],
-            settings.node_id, at, at + settings.lease_seconds)
+        self.spool.thd_queue(conn, [(envelope, self._message(sender, subject, text, at))], at)
 
     def _message(self, to: str, subject: str, body: str, at: float) -> bytes:
         """A message from safedrop itself, dated `at`."""
