@@ -77,6 +77,7 @@ from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 from tests.support.imap2api import Receiver, mail
 from tests.support.mailsink import thd_add_domain
+from tests.support.webhooks import sync_ended
 
 START = 1_800_000_000.0
 DAY = 86400.0
@@ -583,7 +584,7 @@ class SharedJobsMixin(DatabaseMixin):
                                  events=["sync.completed"])
         now = datetime.datetime.fromtimestamp(START, datetime.UTC)
         for i in range(30):
-            await services[i % 2].enqueue_sync(SyncResult(
+            await sync_ended(services[i % 2], SyncResult(
                 account_id=i, user_id=owner, started_at=now, finished_at=now,
                 status="success",
             ))
@@ -672,7 +673,7 @@ class SharedJobsMixin(DatabaseMixin):
         await services[0].create(owner, url="https://hooks.example.com/in",
                                  events=["sync.completed"])
         now = datetime.datetime.fromtimestamp(START, datetime.UTC)
-        await services[0].enqueue_sync(SyncResult(
+        await sync_ended(services[0], SyncResult(
             account_id=1, user_id=owner, started_at=now, finished_at=now, status="success"))
         [item] = await a.run("claim", thd_claim_due_webhooks, START, START + 60.0, 1)
         clock.advance(61)  # node a stalls past its lease: node b takes the delivery over

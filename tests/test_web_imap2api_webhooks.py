@@ -12,6 +12,7 @@ from mailcore.fetch.engine import SyncResult
 from mailcore.store.schema import webhooks
 from tests.support.imap2api import Client, client, config
 from tests.support.web import BASE, Web, header
+from tests.support.webhooks import sync_ended
 
 HOOK = "https://hooks.example.com/mailcore"
 
@@ -113,7 +114,7 @@ class WebhookApiTests(TestCase):
                                  json={"url": HOOK, "events": ["sync.completed"]})
         now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
         for n in range(3):
-            await web.core.webhooks.enqueue_sync(SyncResult(
+            await sync_ended(web.core.webhooks, SyncResult(
                 account_id=5, user_id=alice.user.id, started_at=now, finished_at=now,
                 status="success", new_messages=n,
             ))

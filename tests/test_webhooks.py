@@ -36,6 +36,7 @@ from mailcore.webhooks import (
 from mailcore.webhooks.events import SWEEP_INTERVAL
 from tests.support.imap2api import Client, Receiver, client, config, mail, store
 from tests.support.web import Web
+from tests.support.webhooks import sync_ended
 
 HOOK = "https://hooks.example.com/in"
 
@@ -307,18 +308,18 @@ class EnqueueTests(SenderTestCase):
             return write(name, *args, **kwargs)
 
         self.patch(db, "run", run)
-        queued = await s.webhooks.enqueue_sync(s.result(None, new_messages=150,
+        queued = await sync_ended(s.webhooks, s.result(None, new_messages=150,
                                                         new_message_ids=ids))
         self.assertEqual((deleted, queued), ([gone.id], 2))
         self.assertEqual([d.event for d in await s.log(kept.id)], ["email.new", "email.new"])
 
     async def test_no_webhook_means_no_rows_and_a_failed_sync_is_reported(self) -> None:
         s = await self.setup()
-        self.assertEqual(await s.webhooks.enqueue_sync(s.result(None)), 0)
+        self.assertEqual(await sync_ended(s.webhooks, s.result(None)), 0)
         await s.webhooks.create(s.alice.user.id, url=HOOK, events="sync.completed")
         failed = s.result(7)
         failed.status, failed.error = "error", "login refused"
-        self.assertEqual(await s.webhooks.enqueue_sync(failed), 1)
+        self.assertEqual(await sync_ended(s.webhooks, failed), 1)
         s.web.clock.advance(0)
         [(_, body)] = s.receiver.received
         data = json.loads(body)["data"]
@@ -452,7 +453,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup()
         hook, secret = await s.webhooks.create(s.alice.user.id, url=HOOK,
                                                events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(3, new_messages=2))
+        await sync_ended(s.webhooks, s.result(3, new_messages=2))
         s.web.clock.advance(0)
         [(headers, body)] = s.receiver.received
         self.assertEqual(headers["content-type"], "application/json")
@@ -477,7 +478,7 @@ class DeliveryTests(SenderTestCase):
         identity = s.web.core.identity
         await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
         await identity.set_active(s.alice.user.id, False)
-        await s.webhooks.enqueue_sync(s.result(3))
+        await sync_ended(s.webhooks, s.result(3))
         s.web.clock.advance(5)
         self.assertEqual(s.receiver.received, [])
         await identity.set_active(s.alice.user.id, True)
@@ -488,7 +489,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup(max_attempts=4, backoff_base=10)
         s.receiver.codes = [500, 503, 502, 500]
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         start = s.web.clock.seconds()
         times = [0.0]
@@ -515,7 +516,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup(max_attempts=5000, backoff_base=30, backoff_max=3600)
         s.receiver.codes = [500] * 10
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         await s.web.core.db.run("many_attempts", lambda conn: conn.execute(
             update(webhook_deliveries).values(attempts=1100)))
         s.web.clock.advance(0)
@@ -530,7 +531,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup(backoff_base=5)
         s.receiver.codes = [500]
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         [entry] = await s.log(hook.id)
         self.assertEqual((entry.status, entry.attempts), ("pending", 1))
@@ -544,8 +545,8 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup(concurrency=1)
         s.receiver.codes = [410]
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         entries = await s.log(hook.id)
         self.assertEqual(sorted(e.status for e in entries), ["cancelled", "failed"])
@@ -556,7 +557,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup(timeout=10, backoff_base=60)
         s.receiver.hang = True
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         self.assertEqual(len(s.receiver.received), 1)
         [entry] = await s.log(hook.id)
@@ -575,7 +576,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup(timeout=10)
         s.receiver.hang = True
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         self.assertEqual(len(s.receiver.hanging), 1)
         await s.webhooks.delete(s.alice.user.id, hook.id)
@@ -595,7 +596,7 @@ class DeliveryTests(SenderTestCase):
         s.receiver.hang = True
         await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
         for _ in range(5):
-            await s.webhooks.enqueue_sync(s.result(1))
+            await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         s.web.clock.advance(1)
         self.assertEqual(len(s.receiver.received), 2)
@@ -609,7 +610,7 @@ class DeliveryTests(SenderTestCase):
                                           events=["sync.completed"])
         live, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
         for _ in range(6):
-            await s.webhooks.enqueue_sync(s.result(1))
+            await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         s.web.clock.advance(1)
         self.assertEqual(len(s.receiver.hanging), 2)  # the dead one: two at a time
@@ -623,13 +624,13 @@ class DeliveryTests(SenderTestCase):
         for _ in range(4):
             await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
         for _ in range(10):
-            await s.webhooks.enqueue_sync(s.result(1))  # 40 deliveries, all older than bob's
+            await sync_ended(s.webhooks, s.result(1))  # 40 deliveries, all older than bob's
         bob = await client(s.web, "bob")
         bobs, _ = await s.webhooks.create(bob.user.id, url="https://hooks.example.com/bob",
                                           events=["sync.completed"])
         mine = s.result(2)
         mine.user_id = bob.user.id
-        await s.webhooks.enqueue_sync(mine)
+        await sync_ended(s.webhooks, mine)
         s.web.clock.advance(0)
         self.assertEqual(len(s.receiver.hanging), 3)  # alice: at most per_user at once
         s.web.clock.advance(1)  # the next sweep
@@ -654,7 +655,7 @@ class DeliveryTests(SenderTestCase):
         s = await self.setup()
         s.sender.stopService()
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         await s.webhooks.update(s.alice.user.id, hook.id, active=False)
         s.sender.startService()
         s.web.clock.advance(0)
@@ -667,7 +668,7 @@ class DeliveryTests(SenderTestCase):
         hook, _ = await s.webhooks.create(s.alice.user.id, url="http://127.0.0.1:9/in",
                                           events=["sync.completed"])
         s.webhooks.policy.settings = WebhookSettings()  # the operator turns loopback off
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         [entry] = await s.log(hook.id)
         self.assertEqual((entry.status, entry.attempts), ("failed", 1))
@@ -677,7 +678,7 @@ class DeliveryTests(SenderTestCase):
     async def test_old_finished_deliveries_are_pruned(self) -> None:
         s = await self.setup(retention_days=1)
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await s.webhooks.enqueue_sync(s.result(1))
+        await sync_ended(s.webhooks, s.result(1))
         s.web.clock.advance(0)
         self.assertEqual(len(await s.log(hook.id)), 1)
         s.web.clock.advance(86400 + 3600)

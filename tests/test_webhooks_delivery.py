@@ -41,6 +41,7 @@ from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, run_command, sleep, tempdir_for
 from tests.support.web import Web
+from tests.support.webhooks import sync_ended
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,7 +142,7 @@ class HostileReceiverTests(TestCase):
         hook, _ = await webhooks.create(alice.user.id, url="http://hooks.example.com/in",
                                         events=["sync.completed"])
         now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
-        await webhooks.enqueue_sync(SyncResult(
+        await sync_ended(webhooks, SyncResult(
             account_id=1, user_id=alice.user.id, started_at=now, finished_at=now,
             status="success",
         ))
@@ -280,7 +281,7 @@ class PostgresLogTests(TestCase):
         hook, _ = await web.core.webhooks.create(alice.user.id, url="https://hooks.example.com/in",
                                                  events=["sync.completed"])
         now = datetime.datetime.fromtimestamp(web.clock.seconds(), datetime.UTC)
-        await web.core.webhooks.enqueue_sync(SyncResult(
+        await sync_ended(web.core.webhooks, SyncResult(
             account_id=1, user_id=alice.user.id, started_at=now, finished_at=now,
             status="success"))
         for attempts, status in ((1, "pending"), (2, "failed")):
@@ -320,7 +321,7 @@ class RealSocketTests(TestCase):
         sender.startService()
         self.addCleanup(sender.stopService)
         now = datetime.datetime.now(datetime.UTC)
-        await api.core.webhooks.enqueue_sync(SyncResult(
+        await sync_ended(api.core.webhooks, SyncResult(
             account_id=1, user_id=user.id, started_at=now, finished_at=now, status="success",
         ))
         for _ in range(100):

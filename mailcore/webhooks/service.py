@@ -236,20 +236,6 @@ class Webhooks:
         while self._enqueues:
             await defer.DeferredList(list(self._enqueues), consumeErrors=True)
 
-    async def enqueue_sync(self, result: SyncResult) -> int:
-        """Record the events of a sync result the engine did not record (a sync run without
-        `attach`) in one transaction, as a sync's recorders do, and tell them; returns how
-        many delivery rows were written."""
-        now = self.clock.seconds()
-
-        def txn(conn: Connection) -> None:
-            thd_record_batch(conn, result.user_id, result.account_id, result.new_message_ids,
-                             result.thread_ids, now)
-            thd_record_outcome(conn, result, now)
-
-        await self.db.run("record_webhook_events", txn)
-        return await self.tell(account_scope(result.account_id))
-
     async def tell_left(self) -> int:
         """Tell the pending events no running sync will tell at its end: those a crash, a
         store error or a stop left, and a dead node's (once its lease lapsed)."""
