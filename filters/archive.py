@@ -25,16 +25,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+# The records of the zip format read here before zipfile does (PKWARE's APPNOTE.TXT 4.3):
+# their signatures and fixed sizes. zipfile holds the same values (stringFileHeader,
+# sizeEndCentDir, ...) as module globals outside its __all__, undocumented and absent from
+# typeshed's stubs (mypy refuses them): names it may change, not an API to build on.
+_LOCAL = b"PK\x03\x04"  # a local file header: 30 bytes, then its name and extra field
+_LOCAL_SIZE = 30
+_CENTRAL = b"PK\x01\x02"  # a central directory file header
+_EOCD = b"PK\x05\x06"  # the end of central directory record: 22 bytes and a comment
+_EOCD_SIZE = 22
+_ZIP64_EOCD = b"PK\x06\x06"  # the zip64 end of central directory record: 56 bytes
+_ZIP64_EOCD_SIZE = 56
+_SPANNED = b"PK\x07\x08"  # what a split archive begins with
+ZIP_MAGIC = (_LOCAL, _EOCD, _SPANNED)
 ZIP_TYPES = frozenset({
     "application/zip", "application/x-zip", "application/x-zip-compressed",
     "application/zip-compressed",
 })
 _CHUNK = 64 * 1024
-_EOCD = b"PK\x05\x06"
-_CENTRAL = b"PK\x01\x02"
-_LOCAL = b"PK\x03\x04"
-_ZIP64_EOCD = b"PK\x06\x06"
 
 
 @dataclass(frozen=True)
@@ -94,15 +102,15 @@ def inspect_zip(
 def declared_entries(data: bytes) -> int | None:
     """The entry count from the end-of-central-directory record, before zipfile reads the
     central directory (a million tiny entries would cost far more memory than the bytes)."""
-    start = max(0, len(data) - (65535 + 22))
+    start = max(0, len(data) - (zipfile.ZIP_MAX_COMMENT + _EOCD_SIZE))
     pos = data.rfind(_EOCD, start)
-    if pos < 0 or pos + 22 > len(data):
+    if pos < 0 or pos + _EOCD_SIZE > len(data):
         return None
     (count,) = struct.unpack_from("<H", data, pos + 10)
     if count != 0xFFFF:
         return int(count)
     z64 = data.rfind(_ZIP64_EOCD, 0, pos)
-    if z64 < 0 or z64 + 56 > len(data):
+    if z64 < 0 or z64 + _ZIP64_EOCD_SIZE > len(data):
         return None
     (count64,) = struct.unpack_from("<Q", data, z64 + 32)
     return int(count64)
@@ -130,10 +138,11 @@ def overlapping_entries(data: bytes, infos: list[zipfile.ZipInfo]) -> str | None
     extents: list[tuple[int, int, str]] = []
     for info in infos:
         start = info.header_offset  # (zipfile's: junk in front of the zip counted)
-        if start < 0 or data[start:start + 4] != _LOCAL or start + 30 > len(data):
+        if (start < 0 or data[start:start + len(_LOCAL)] != _LOCAL
+                or start + _LOCAL_SIZE > len(data)):
             continue
         name_size, extra_size = struct.unpack_from("<2H", data, start + 26)
-        end = start + 30 + name_size + extra_size + info.compress_size
+        end = start + _LOCAL_SIZE + name_size + extra_size + info.compress_size
         extents.append((start, end, info.filename))
     extents.sort()
     for (start, end, name), (later, _end, other) in pairwise(extents):
