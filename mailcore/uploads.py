@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Coroutine, Iterator
 from email.message import Message
@@ -189,6 +190,14 @@ class SpoolFile:
         os.replace(self.path, final)
         fsync_directory(final.parent)
         return not existed
+
+    def keep_under(self, final: Path, lock: threading.Lock) -> tuple[bool, int]:
+        """`keep` it at `final` holding `lock`, the one its store takes files back under
+        (so that taking a file back never removes the same bytes another upload has just
+        written again): whether `final` is new, and its inode."""
+        with lock:
+            new = self.keep(final)
+            return new, final.stat().st_ino
 
     def discard(self) -> None:
         if not self._out.closed:

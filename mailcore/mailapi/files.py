@@ -138,7 +138,7 @@ class MailFiles:
         with SpoolFile(self.tmp) as out:
             for chunk in chunks:
                 out.write(chunk)
-            new, inode = self._keep(out)
+            new, inode = out.keep_under(self.path(out.sha256), self._placing)
             return StoredFile("", "", out.size, out.sha256, new, inode)
 
     def receive(self, source: BinaryIO, content_type: str, received: Received, *,
@@ -212,15 +212,8 @@ class MailFiles:
             if out is not None:
                 out.discard()
 
-    def _keep(self, out: SpoolFile) -> tuple[bool, int]:
-        """Rename `out` into place: whether the file is new, and its inode."""
-        final = self.path(out.sha256)
-        with self._placing:
-            new = out.keep(final)
-            return new, final.stat().st_ino
-
     def _place(self, segment: MultipartSegment, out: SpoolFile) -> StoredFile:
-        new, inode = self._keep(out)
+        new, inode = out.keep_under(self.path(out.sha256), self._placing)
         media = segment.content_type or "application/octet-stream"
         if has_control(media):
             media = "application/octet-stream"

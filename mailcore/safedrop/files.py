@@ -26,7 +26,12 @@ from typing import BinaryIO
 
 from multipart import MultipartSegment
 
-from mailcore.files import durable_directory, private_directory, unlink_if_same
+from mailcore.files import (
+    durable_directory,
+    fsync_directory,
+    private_directory,
+    unlink_if_same,
+)
 from mailcore.safedrop.model import MAX_FILENAME, DropError, TooLarge, bundle_full
 from mailcore.text import has_control, strip_bidi_controls
 from mailcore.uploads import (
@@ -104,11 +109,7 @@ class DropFiles:
         if not directory.exists():
             return
         shutil.rmtree(directory, ignore_errors=True)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.root)
 
     def bundle_ids(self) -> list[int]:
         """The bundles that have a directory of files. Blocks."""
@@ -132,10 +133,7 @@ class DropFiles:
             )
         with SpoolFile(self.tmp) as out:
             stored = self._parse(source, boundary, out, limit, bundle_room, room_error)
-            final = self.path(bundle_id, stored.sha256)
-            with self._placing:
-                new = out.keep(final)
-                inode = final.stat().st_ino
+            new, inode = out.keep_under(self.path(bundle_id, stored.sha256), self._placing)
             return dataclasses.replace(stored, new=new, inode=inode)
 
     def _parse(
