@@ -110,14 +110,9 @@ def remove_judged(path: Path, graveyard: Path,
     try:
         if removable(grave.stat()):
             return True
-        try:  # written again meanwhile: back in place, unless a newer copy is there
-            os.link(grave, path)
-        except FileExistsError:
+        # Written again meanwhile: back in place, unless a newer copy is there.
+        if not _put_unless_there(grave, path):
             return False
-        except OSError:  # a file system without hard links
-            if path.exists():
-                return False
-            os.replace(grave, path)
         # Its writer made it durable (an upload answered, its row committed): so is it
         # again, back in place, before its name in the graveyard goes.
         fsync_directory(path.parent)
@@ -142,21 +137,28 @@ def write_whole(path: Path, data: bytes, *, replace: bool = True) -> bool:
             os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError:
-                # A file system without hard links: renamed unless there (two processes
-                # making the file at the same moment may then both think theirs won).
-                if path.exists():
-                    return False
-                os.replace(tmp, path)
+        elif not _put_unless_there(tmp, path):
+            return False
         fsync_directory(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _put_unless_there(source: Path, path: Path) -> bool:
+    """Put the file `source` at `path` unless a file is there already; whether it was put.
+    A hard link (refused at once when `path` exists; `source` stays, for its caller to
+    remove); on a file system without hard links, a rename when `path` does not exist (two
+    processes putting a file there at the same moment may then both think theirs won)."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links
+        if path.exists():
+            return False
+        os.replace(source, path)
+    return True
 
 
 def secret_key_file(path: Path, size: int = 32) -> bytes:
