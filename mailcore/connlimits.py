@@ -10,6 +10,7 @@ counts against the total only.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 TOO_MANY = "too many connections"
@@ -43,6 +44,21 @@ def address_key(address: str | None) -> str | None:
     except ValueError:
         return address
     return str(network)
+
+
+# Peer addresses whose key `peer_key` remembers (the most recently seen).
+PEER_KEYS = 4096
+
+
+@functools.lru_cache(maxsize=PEER_KEYS)
+def peer_key(host: str) -> str | None:
+    """`address_key(client_address(host))` for a connection's peer address as the socket
+    gives it, remembered for the last PEER_KEYS addresses: a client that connects again
+    (a sending server opens one connection per message or few) is not parsed again
+    (`ipaddress.ip_address` and its text: 3.5-4.6 us of an SMTP connection's CPU). Only for
+    the socket's own peer text, which is short: a value from the network (a forwarded-for
+    header) could fill the cache with long strings."""
+    return address_key(client_address(host))
 
 
 class ConnectionCounter:

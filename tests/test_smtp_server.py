@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import ipaddress
 import tracemalloc
 from typing import Any
 
@@ -18,6 +19,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
+from mailcore import connlimits
+from mailcore.connlimits import peer_key
 from mailcore.gateway.domains import DomainService
 from mailcore.mailapi.room import MailboxRoom
 from mailcore.queue.spool import SpoolError
@@ -844,6 +847,27 @@ class LimitTests(ServerTestCase):
         mapped = self.session(factory, client_ip="::ffff:192.0.2.1")
         self.assertEqual([g[:3] for g in mapped.greeting], ["421"])
 
+
+    def test_a_client_connecting_again_is_not_parsed_again(self) -> None:
+        """The peer's address is parsed once (connlimits.peer_key remembers it), not at
+        every connection: a sender's server that opens a connection per message cost us
+        an ipaddress parse each (3.5-4.6 us of the connection's CPU)."""
+        peer_key.cache_clear()
+        parsed: list[str] = []
+        real = ipaddress.ip_address
+
+        def counting(host: str) -> Any:
+            parsed.append(host)
+            return real(host)
+
+        self.patch(connlimits.ipaddress, "ip_address", counting)
+        factory = self.make_factory(max_connections_per_ip=2)
+        for _ in range(3):
+            s = self.session(factory, client_ip="198.51.100.7")
+            self.assertEqual([g[:3] for g in s.greeting], ["220"])
+            s.close()
+        self.assertEqual(parsed, ["198.51.100.7"])
+        self.assertEqual(factory.per_ip, {})
 
     def test_ipv6_clients_are_counted_by_their_64(self) -> None:
         """200 connections from 200 addresses of one /64 were all admitted past a cap of 20

@@ -74,7 +74,7 @@ from zope.interface import implementer
 
 from mailcore import maillog
 from mailcore.config import Config, ConfigError, is_positive_number
-from mailcore.connlimits import ConnectionCounter, address_key, client_address
+from mailcore.connlimits import ConnectionCounter, peer_key
 from mailcore.netwrite import write_now
 from mailcore.queue.spool import SpoolError
 from mailcore.smtp.address import (
@@ -461,7 +461,7 @@ class ESMTPServerProtocol(TwistedProtocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client_ip = _normalise_ip(getattr(peer, "host", "") or "")
-        self._address = address_key(client_address(self.client_ip))
+        self._address = peer_key(self.client_ip)
         self.tls = ISSLTransport.providedBy(self.transport) or INegotiated.providedBy(
             self.transport
         )
