@@ -5,6 +5,7 @@ not delivered a second time (and a bounce gets its one DSN)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,22 @@ class JournalFileTests(TestCase):
         self.assertEqual(lines[1:], ["the results journal is written again"])
         written = (self.dir / "room").read_bytes().splitlines()
         self.assertEqual([decode(line) for line in written], [None, delivered(3)])
+
+    def test_a_line_is_the_json_array_the_encoder_writes_and_reads_back(self) -> None:
+        """encode writes what json.JSONEncoder(separators=(",", ":")) wrote before it (the
+        journal of a daemon stopped by a crash is read by its successor): quotes,
+        backslashes, control characters, non-ASCII and astral characters alike."""
+        encoder = json.JSONEncoder(separators=(",", ":"))
+        for result in [
+            delivered(1),
+            Result(2**40, 'Q"\\x', BOUNCED, "550 5.1.1 \u00e9\u2603 \x00\x1f\n\t\U0001f600 \ufffd",
+                   "[2001:db8::1]:25"),
+            Result(0, "", DELIVERED, "", ""),
+        ]:
+            fields = [result.rcpt_id, result.message_id, result.state, result.detail,
+                      result.hop]
+            self.assertEqual(encode(result), (encoder.encode(fields) + "\n").encode("ascii"))
+            self.assertEqual(decode(encode(result)), result)
 
     def test_a_missing_directory_is_an_error_at_open(self) -> None:
         journal = ResultJournal(self.dir / "gone")

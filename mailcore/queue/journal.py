@@ -35,20 +35,21 @@ from mailcore.queue.model import FINAL, Result
 
 log = Logger()
 
+# json's own string quoting (its C function): ASCII, as JSONEncoder's default.
+_quoted = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
 NAMES = ("queue-results.0", "queue-results.1")
 MAX_BYTES = 4 << 20
 # What `append` returns for a result it did not write.
 NOT_WRITTEN = -1
 
 
-# One encoder for every line (json.dumps with arguments makes a new one per call).
-_encoder = json.JSONEncoder(separators=(",", ":"))
-
-
 def encode(result: Result) -> bytes:
-    """One journal line for a final result."""
-    fields = [result.rcpt_id, result.message_id, result.state, result.detail, result.hop]
-    return (_encoder.encode(fields) + "\n").encode("ascii")
+    """One journal line for a final result: the JSON array [rcpt_id, message_id, state,
+    detail, hop] as json.JSONEncoder(separators=(",", ":")) writes it, without the
+    encoder object its encode() builds for every call (a line per delivered message)."""
+    return (f"[{result.rcpt_id:d},{_quoted(result.message_id)},{_quoted(result.state)},"
+            f"{_quoted(result.detail)},{_quoted(result.hop)}]\n").encode("ascii")
 
 
 def decode(line: bytes) -> Result | None:
