@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailcore.netwrite import write_now
+from mailcore.netwrite import close_now, write_now
+
+
+class _Recording(Protocol):
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost.append(reason)
 
 
 def _server() -> tuple[tcp.Server, socket.socket, MemoryReactor]:
@@ -21,7 +30,7 @@ def _server() -> tuple[tcp.Server, socket.socket, MemoryReactor]:
     ours.setblocking(False)
     peer.setblocking(False)
     reactor = MemoryReactor()
-    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+    transport = tcp.Server(ours, _Recording(), ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
     return transport, peer, reactor
 
 
@@ -92,3 +101,49 @@ class WriteNowTests(unittest.TestCase):
         write_now(self.transport, b"a" * 10)
         write_now(self.transport, b"b" * 10)
         self.assertIsInstance(self.transport.doWrite(), BaseException)
+
+
+class CloseNowTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.transport, self.peer, self.reactor = _server()
+        self.protocol = self.transport.protocol
+        self.addCleanup(self.peer.close)
+        self.addCleanup(self.close_socket)
+
+    def close_socket(self) -> None:
+        """The transport's socket, if close_now left it open."""
+        if hasattr(self.transport, "socket"):
+            self.transport.socket.close()
+
+    def test_idle_connection_closes_at_once(self) -> None:
+        """Nothing held unsent: closed now, as loseConnection would on its next turn (the
+        protocol told ConnectionDone, the socket shut and out of the reactor), with no
+        writability turn for it."""
+        self.transport.startReading()
+        write_now(self.transport, b"221 2.0.0 Bye\r\n")
+        self.assertTrue(close_now(self.transport))
+        self.assertEqual(len(self.protocol.lost), 1)  # type: ignore[attr-defined]
+        self.assertTrue(self.protocol.lost[0].check(error.ConnectionDone))  # type: ignore[attr-defined]
+        self.assertNotIn(self.transport, self.reactor.getReaders())
+        self.assertNotIn(self.transport, self.reactor.getWriters())
+        self.assertEqual(_read_all(self.peer), b"221 2.0.0 Bye\r\n")  # then the end
+        self.assertEqual(self.peer.recv(10), b"")
+
+    def test_bytes_held_unsent_are_sent_first(self) -> None:
+        self.transport.write(b"queued\r\n")
+        self.assertFalse(close_now(self.transport))
+        self.assertEqual(self.protocol.lost, [])  # type: ignore[attr-defined]
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsInstance(self.transport.doWrite(), error.ConnectionDone)
+        self.assertEqual(_read_all(self.peer), b"queued\r\n")
+
+    def test_a_registered_producer_is_left_to_twisted(self) -> None:
+        self.transport.registerProducer(Protocol(), True)  # type: ignore[arg-type]
+        self.assertFalse(close_now(self.transport))
+        self.assertEqual(self.protocol.lost, [])  # type: ignore[attr-defined]
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_other_transports_lose_their_connection(self) -> None:
+        transport = StringTransport()
+        self.assertFalse(close_now(transport))
+        self.assertTrue(transport.disconnecting)

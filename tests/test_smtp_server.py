@@ -11,11 +11,13 @@ from __future__ import annotations
 import datetime
 import email.utils
 import ipaddress
+import socket
 import tracemalloc
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
@@ -295,6 +297,31 @@ class SequenceTests(ServerTestCase):
         self.assertEqual(s.send(b"QUIT\r\nNOOP\r\n"), ["221 2.0.0 Bye"])
         self.assertTrue(s.closing)
         self.assertEqual(s.send(b"NOOP\r\n"), [])
+
+    def test_quit_on_plain_tcp_closes_at_once(self) -> None:
+        """On a TCP transport whose replies have all been sent, QUIT closes the connection
+        while it is answered: no writability turn, no grace timer, the session counted
+        out (mailcore.netwrite.close_now). Pipelined input after QUIT is not answered."""
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        peer.setblocking(False)
+        self.addCleanup(peer.close)
+        reactor = MemoryReactor()
+        protocol = self.factory.buildProtocol(("127.0.0.1", 1))
+        transport = tcp.Server(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+        protocol.makeConnection(transport)
+        self.assertEqual(self.factory.connections, 1)
+        protocol.dataReceived(b"EHLO client.test\r\nQUIT\r\nNOOP\r\n")
+        self.assertEqual(self.factory.connections, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        received = b""
+        while chunk := peer.recv(65536):
+            received += chunk
+        self.assertTrue(received.startswith(b"220 mx.gateway.test ESMTP Mailcore\r\n"))
+        self.assertTrue(received.endswith(b"250 ENHANCEDSTATUSCODES\r\n221 2.0.0 Bye\r\n"),
+                        received)
 
     def test_unknown_commands(self) -> None:
         s = self.session()

@@ -75,7 +75,7 @@ from zope.interface import implementer
 from mailcore import maillog
 from mailcore.config import Config, ConfigError, is_positive_number
 from mailcore.connlimits import ConnectionCounter, peer_key
-from mailcore.netwrite import write_now
+from mailcore.netwrite import close_now, write_now
 from mailcore.queue.spool import SpoolError
 from mailcore.smtp.address import (
     Mailbox,
@@ -564,8 +564,9 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._close()
 
     def _close(self) -> None:
-        """Close the connection once our last replies are out, and drop it if it is not
-        gone CLOSE_GRACE seconds later.
+        """Close the connection once our last replies are out (at once when they are: see
+        mailcore.netwrite.close_now), and drop it if it is not gone CLOSE_GRACE seconds
+        later.
 
         The session first stops being its transport's producer: a TLS transport does not
         close while one is registered (it waits for unregisterProducer), so every TLS
@@ -584,7 +585,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         if self._write_blocked:
             transport.abortConnection()
             return
-        transport.loseConnection()
+        if close_now(transport):
+            return  # our replies were all sent: closed (connectionLost has run)
         self._timer = self.clock.callLater(self.factory.close_grace, self._drop)
 
     def _drop(self) -> None:
