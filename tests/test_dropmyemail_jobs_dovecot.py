@@ -466,6 +466,33 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
                          r"what was backed up is copied$")
         self.assertEqual(await mailbox(server, destination), before)  # each message once
 
+    async def test_a_failed_backup_sync_restores_the_backup_then_fails_the_job(self) -> None:
+        """The sync before a restore failed (a folder the account is to sync is not on the
+        server, the account reachable): the restore put back what was backed up and ended
+        "done", the failure in a log line only, where a migrate is retried and fails."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 4, "Archive": 2}, tag="restore-unsynced")
+        before = await mailbox(server, s.source)
+        server.expunge(s.source, "INBOX", "1:2")
+        s.api.core.job_runner.settings = JobSettings(retry_base=0.2, retry_max=0.5, poll=0.5,
+                                                     max_attempts=2)
+
+        def vanished(conn: Connection) -> None:
+            conn.execute(update(fetch_accounts).where(fetch_accounts.c.id == s.account_id)
+                         .values(folders_to_sync="INBOX,Archive,Vanished"))
+
+        await s.api.core.db.run("vanished", vanished)
+        status, job = await bearer(s.api, s.token, "POST",
+                                   f"/v1/accounts/{s.account_id}/restores")
+        self.assertEqual(status, 201, job)
+        job = await self.finished(s, "restore", job["id"])
+        self.assertEqual((job["status"], job["attempts"], job["appended"]), ("failed", 2, 2),
+                         job)
+        self.assertEqual(job["reason"], "gave up after 2 attempts: the backup sync before the "
+                         "copy failed (Vanished: folder not found on the server); what was "
+                         "backed up is copied")
+        self.assertEqual(await mailbox(server, s.source), before)  # each message once
+
     async def test_a_cut_connection_is_retried_and_every_message_lands_once(self) -> None:
         server = await self.dovecot()
         folders = {"INBOX": 300, "Archiv/Größe": 200}

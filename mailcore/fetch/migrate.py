@@ -307,7 +307,8 @@ class MailboxCopier:
         """After the copy: if the account's last sync failed (the job's own, unless one ran
         since), the job goes back to its backup phase and is retried by the runner's rules,
         its reason saying why, and ends failed when they are spent. What was backed up is
-        copied meanwhile: a source gone for good still has its backup migrated."""
+        copied meanwhile: a source gone for good still has its backup migrated. A restore
+        (`mailcore.fetch.restore`) ends the same way."""
         account = await self.accounts.get(job.user_id, job.account_id)
         if account.sync_status != "error":
             return

@@ -1,6 +1,8 @@
 """Restore: put back into an account every backed-up message that is no longer there.
 
-The job brings the backup up to date (one sync), then reads the account as it is now: for
+The job brings the backup up to date (one sync; when it fails, what is backed up is restored
+all the same, then the job is retried from the sync by the runner's rules, as a migrate is:
+`MailboxCopier.backup_synced`), then reads the account as it is now: for
 each backed-up folder, whether it still exists, its UIDVALIDITY and its UIDs. A backed-up
 message is still there when its (UIDVALIDITY, UID) is, or when an earlier restore of this
 account put it back at a (UIDVALIDITY, UID) that is still there and that no message of other
@@ -94,3 +96,4 @@ async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
         await copier.copy(runner, job, spec, creator, plans, reader=reader)
     finally:
         await reader.close_session()
+    await copier.backup_synced(runner, job)
