@@ -19,12 +19,13 @@ from mailcore.backup import (
     BackupSettings,
     derive_host,
 )
-from mailcore.backup.accounts import login_check_timeout
+from mailcore.backup.accounts import login_check_deadline, login_check_timeout
 from mailcore.config import Config, ConfigError
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.state import thd_folder
 from mailcore.store.schema import users
 from tests.support.fetchenv import make_env
+from tests.support.imap2api import live_api
 from tests.support.oauth import access_token
 from tests.support.reactor import get_reactor
 from tests.support.web import Web
@@ -379,3 +380,28 @@ class LoginCheckDeadlineTests(TestCase):
                 "use_ssl": False, "start_tls": False, "allow_cleartext": True,
                 "username": "alice", "password": "secret"})
         self.assertIn("answered no command for 0.5 s", str(caught.exception))
+
+    def test_the_whole_check_keeps_within_the_reply_timeout(self) -> None:
+        self.assertEqual(login_check_deadline(120.0), 115.0)
+        self.assertEqual(login_check_deadline(30.0), 25.0)
+        self.assertEqual(login_check_deadline(10.0), 8.0)
+        self.assertEqual(login_check_deadline(2.0), 1.6)
+
+    async def test_a_check_past_the_reply_timeout_is_the_routes_own_400(self) -> None:
+        """[web] reply_timeout under the check's 60 s command deadline: a create whose
+        server never answered the login was answered 503 'the database did not answer in
+        time' at the reply deadline; the check now ends first, a 400 naming the server."""
+        port = get_reactor().listenTCP(0, Factory.forProtocol(_Trickler),
+                                       interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        api = await live_api(self, {"web": {"reply_timeout": 2},
+                                    "dropmyemail": {"allow_cleartext_login": True}})
+        alice = await api.core.identity.create_user("alice", "alice@example.test", "pw")
+        token = await access_token(api.core.oauth, alice.id)
+        status, body = await api.call(
+            "POST", "/v1/accounts", headers={"Authorization": f"Bearer {token}"},
+            json={"email": "alice@example.test", "password": "secret", "host": "localhost",
+                  "port": port.getHost().port, "protocol": "imap"})
+        self.assertEqual((status, body["error_description"]),
+                         (400, "could not log in to localhost: no login within 1.6 s"), body)
+        self.assertEqual(await api.core.fetch.accounts.list_accounts(alice.id), [])

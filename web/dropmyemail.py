@@ -40,7 +40,7 @@ from mailcore.backup import (
     Window,
     known_size,
 )
-from mailcore.backup.accounts import iso
+from mailcore.backup.accounts import iso, login_check_deadline
 from mailcore.backup.contacts import MAX_CONTACT_ID
 from mailcore.fetch.errors import MailboxTaken
 from mailcore.identity import Identity, Principal
@@ -606,7 +606,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         principal = await self.principal(request, "write")
         values = self._account_input(request, create=True)
         try:
-            found = await self.backup.create(principal.user.id, values)
+            found = await self.backup.create(
+                principal.user.id, values,
+                deadline=login_check_deadline(self.settings.reply_timeout))
         except BackupError as e:
             raise _refused(e) from None
         except MailboxTaken as e:
@@ -637,7 +639,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         principal = await self.principal(request, "write")
         values = self._account_input(request, create=False)  # the body, read once
         try:
-            found = await self.backup.update(principal.user.id, account_id, values)
+            found = await self.backup.update(
+                principal.user.id, account_id, values,
+                deadline=login_check_deadline(self.settings.reply_timeout))
         except BackupError as e:
             raise _refused(e) from None
         except MailboxTaken as e:

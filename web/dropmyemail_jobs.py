@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from twisted.web.iweb import IRequest
 
-from mailcore.backup.accounts import BackupError, iso
+from mailcore.backup.accounts import BackupError, iso, login_check_deadline
 from mailcore.backup.jobs import JobConflict
 from mailcore.fetch.jobs import STATUSES, Job
 from web.auth import DROPMYEMAIL
@@ -254,7 +254,8 @@ class JobRoutes:
         refuse_unknown_fields(data, MIGRATE_INPUT["properties"])
         try:
             job = await jobs.migrate(principal.user.id, account_id,
-                                     {k: v for k, v in values.items() if v is not None})
+                                     {k: v for k, v in values.items() if v is not None},
+                                     deadline=login_check_deadline(self.settings.reply_timeout))
         except BackupError as e:
             raise ApiError(400, e.message, code="invalid_request") from None
         except JobConflict as e:

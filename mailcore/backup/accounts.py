@@ -36,10 +36,13 @@ off, never on.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, func, select
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.config import ConfigError, unknown_key
@@ -51,7 +54,13 @@ from mailcore.fetch.accounts import (
     validate,
 )
 from mailcore.fetch.engine import SyncEngine
-from mailcore.fetch.errors import AccountError, AccountNotFound, CleartextRefused, FetchError
+from mailcore.fetch.errors import (
+    AccountError,
+    AccountNotFound,
+    CleartextRefused,
+    FetchError,
+    FetchTimeout,
+)
 from mailcore.fetch.imap import ServerSpec, open_session
 from mailcore.fetch.pop3 import open_pop3
 from mailcore.fetch.settings import FetchSettings
@@ -82,6 +91,34 @@ def login_check_timeout(settings: FetchSettings) -> float:
     configured = settings.command_timeout
     return min(configured, LOGIN_CHECK_COMMAND_TIMEOUT) if configured > 0 \
         else LOGIN_CHECK_COMMAND_TIMEOUT
+
+
+# What a login check made while an HTTP client waits keeps of `[web] reply_timeout` for
+# itself, in all: that less this margin (less a fifth of it when that is smaller), so that
+# the route answers its own 400 before the reply deadline answers 503.
+LOGIN_CHECK_MARGIN = 5.0
+
+T = TypeVar("T")
+
+
+def login_check_deadline(reply_timeout: float) -> float:
+    """The whole deadline of a login check under `[web] reply_timeout` (seconds)."""
+    return reply_timeout - min(LOGIN_CHECK_MARGIN, reply_timeout / 5)
+
+
+async def login_within(clock: IReactorTime, deadline: float | None,
+                       opening: Coroutine[Any, Any, T]) -> T:
+    """The session `opening` opens for a login check, within `deadline` seconds (None: no
+    deadline but the command deadline's); past them the opening is cancelled (its
+    connection closed) and FetchTimeout raised."""
+    d = defer.Deferred.fromCoroutine(opening)
+    if deadline is None:
+        return await d
+    d.addTimeout(deadline, clock)
+    try:
+        return await d
+    except defer.TimeoutError:
+        raise FetchTimeout(f"no login within {deadline:g} s") from None
 
 
 class BackupError(Exception):
@@ -243,8 +280,10 @@ class BackupAccounts:
         return out
 
     async def _check_login(self, values: dict[str, Any], *, ca_pem: str | None = None,
-                           fingerprint: str | None = None) -> None:
-        """Log in with `values` (checked fetch-account columns); BackupError if refused."""
+                           fingerprint: str | None = None,
+                           deadline: float | None = None) -> None:
+        """Log in with `values` (checked fetch-account columns), within `deadline` seconds
+        (`login_within`); BackupError if refused or past it."""
         engine = self.engine
         s = engine.settings
         spec = ServerSpec(
@@ -256,16 +295,16 @@ class BackupAccounts:
         creator = engine.tls_factory(values["host"], ca_pem=ca_pem, fingerprint=fingerprint)
         try:
             if values.get("protocol", "imap") == "pop":
-                pop = await open_pop3(
+                pop = await login_within(engine.reactor, deadline, open_pop3(
                     engine.reactor, spec, creator, max_message=s.max_message_bytes,
                     connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-                    command_timeout=login_check_timeout(s), policy=s.address_policy())
+                    command_timeout=login_check_timeout(s), policy=s.address_policy()))
                 await pop.close_session()
             else:
-                imap = await open_session(
+                imap = await login_within(engine.reactor, deadline, open_session(
                     engine.reactor, spec, creator, max_literal=s.max_message_bytes,
                     connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-                    command_timeout=login_check_timeout(s), policy=s.address_policy())
+                    command_timeout=login_check_timeout(s), policy=s.address_policy()))
                 await imap.close_session()
         except CleartextRefused:
             raise BackupError(
@@ -275,8 +314,10 @@ class BackupAccounts:
         except FetchError as e:
             raise BackupError(f"could not log in to {spec.host}: {e}", "password") from None
 
-    async def create(self, user_id: int, values: dict[str, Any]) -> BackupAccount:
-        """Log in, store the account, start its first backup."""
+    async def create(self, user_id: int, values: dict[str, Any], *,
+                     deadline: float | None = None) -> BackupAccount:
+        """Log in (within `deadline` seconds: `login_check_deadline`), store the account,
+        start its first backup."""
         fields = self._values(values, None)
         try:
             checked = validate(dict(fields))
@@ -284,7 +325,7 @@ class BackupAccounts:
         except AccountError as e:
             raise BackupError(e.message, e.field) from None
         await self.accounts.mailbox_taken(user_id, {**fields, **checked})
-        await self._check_login({**fields, **checked})
+        await self._check_login({**fields, **checked}, deadline=deadline)
         try:
             account = await self.accounts.create_one_per_mailbox(user_id, **fields)
         except AccountError as e:
@@ -293,10 +334,10 @@ class BackupAccounts:
             lambda f: log.failure("first backup of account {id} failed", f, id=account.id))
         return (await self._with_usage(user_id, [account]))[0]
 
-    async def update(self, user_id: int, account_id: int,
-                     values: dict[str, Any]) -> BackupAccount | None:
-        """Change the account; when how to log in changes, log in first (module docstring).
-        None when the account is not the user's."""
+    async def update(self, user_id: int, account_id: int, values: dict[str, Any], *,
+                     deadline: float | None = None) -> BackupAccount | None:
+        """Change the account; when how to log in changes, log in first (module docstring;
+        within `deadline` seconds). None when the account is not the user's."""
         try:
             current = await self.accounts.get(user_id, account_id)
         except AccountNotFound:
@@ -316,7 +357,7 @@ class BackupAccounts:
                 _, password = await self.accounts.credentials(account_id)
             await self._check_login({**stored, **checked, "password": password},
                                     ca_pem=current.tls_ca_pem,
-                                    fingerprint=current.tls_fingerprint)
+                                    fingerprint=current.tls_fingerprint, deadline=deadline)
         try:
             account = await self.accounts.update_one_per_mailbox(user_id, account_id,
                                                                  **fields)

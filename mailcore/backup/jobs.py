@@ -34,6 +34,7 @@ from mailcore.backup.accounts import (
     derive_host,
     is_google,
     login_check_timeout,
+    login_within,
 )
 from mailcore.fetch.accounts import DEFAULT_PORTS, Accounts, validate
 from mailcore.fetch.engine import SyncEngine
@@ -132,8 +133,10 @@ class BackupJobs:
             raise BackupError(e.message, e.field) from None
         return {**fields, **checked}
 
-    async def check_login(self, fields: dict[str, Any]) -> None:
-        """Log in to the destination (the guarded connection the sync engine uses)."""
+    async def check_login(self, fields: dict[str, Any], *,
+                          deadline: float | None = None) -> None:
+        """Log in to the destination (the guarded connection the sync engine uses), within
+        `deadline` seconds (`login_within`)."""
         engine = self.engine
         s = engine.settings
         spec = ServerSpec(
@@ -144,10 +147,10 @@ class BackupJobs:
         creator = engine.tls_factory(fields["host"], ca_pem=fields["tls_ca_pem"],
                                      fingerprint=fields["tls_fingerprint"])
         try:
-            session = await open_session(
+            session = await login_within(engine.reactor, deadline, open_session(
                 engine.reactor, spec, creator, max_literal=s.max_message_bytes,
                 connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-                command_timeout=login_check_timeout(s), policy=s.address_policy())
+                command_timeout=login_check_timeout(s), policy=s.address_policy()))
         except FetchError as e:
             raise BackupError(f"could not log in to {spec.host}: {e}", "password") from None
         await session.close_session()
@@ -174,14 +177,14 @@ class BackupJobs:
             self.runner.kick()
         return job
 
-    async def migrate(self, user_id: int, account_id: int,
-                      values: dict[str, Any]) -> Job | None:
-        """A queued migrate of the account into the destination `values`; None if the
-        account is not the user's."""
+    async def migrate(self, user_id: int, account_id: int, values: dict[str, Any], *,
+                      deadline: float | None = None) -> Job | None:
+        """A queued migrate of the account into the destination `values` (its login
+        checked within `deadline` seconds); None if the account is not the user's."""
         if await self._account(user_id, account_id) is None:
             return None
         fields = self.destination(values)
-        await self.check_login(fields)
+        await self.check_login(fields, deadline=deadline)
         now = self.now()
         return await self._create({
             "kind": "migrate", "user_id": user_id, "account_id": account_id,
