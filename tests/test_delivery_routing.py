@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.queue.model import thd_vouched_domain_for
 from mailcore.queue.routing import MAX_LOOKUPS, Hop, Router, RoutingError, parse_hostport
 from mailcore.queue.settings import QueueSettings
-from mailcore.store import Database
+from tests.support.db import synchronous_database
 from tests.support.mailsink import done, thd_add_domain
 
 
@@ -38,7 +38,7 @@ class FakeResolver:
 class RouterTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.served = done(self.db.run("d", thd_add_domain, "customer.test", "mx.customer.test",
                                   2525))
         self.strict = done(self.db.run("d", thd_add_domain, "strict.test", "[2001:db8::1]:26", 25,

@@ -21,10 +21,9 @@ from mailcore.gateway.verification import (
 )
 from mailcore.identity import Identity
 from mailcore.queue.model import thd_domain_for
-from mailcore.store import Database
 from mailcore.workers import CpuPool
 from tests.support.cli import CliTestCase
-from tests.support.db import open_database_at
+from tests.support.db import open_database_at, synchronous_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir_for
 from tests.support.smtpsession import RecordingSink, Session, make_factory
@@ -79,7 +78,7 @@ class DnsServerMixin:
 class VerificationTests(DnsServerMixin, TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await self.start_dns()
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = Clock()
         self.clock.advance(1_750_000_000)
         self.identity = Identity(self.db, self.clock, CpuPool.for_tests())

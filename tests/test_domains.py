@@ -23,10 +23,9 @@ from mailcore.gateway.domains import (
 )
 from mailcore.identity import Identity
 from mailcore.queue.model import thd_vouched_domain_for
-from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domains
 from mailcore.workers import CpuPool
-from tests.support.db import open_database
+from tests.support.db import open_database, synchronous_database
 from tests.support.pg import create_test_database
 
 
@@ -104,7 +103,7 @@ class DomainServiceTests(TestCase):
     """The store API, on the synchronous in-memory database."""
 
     def setUp(self) -> None:
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = Clock()
         self.clock.advance(1_750_000_000)
         self.identity = Identity(self.db, self.clock, CpuPool.for_tests())
@@ -317,7 +316,7 @@ class SnapshotTests(TestCase):
     """lookup/accepts answer from memory; changes and the timer refresh them."""
 
     def setUp(self) -> None:
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = Clock()
         self.identity = Identity(self.db, self.clock, CpuPool.for_tests())
         self.domains = DomainService(self.db, self.clock, refresh_interval=30)
@@ -463,7 +462,7 @@ class PostgresAddressRaceTests(TestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]
         url = await create_test_database(self)
-        self.db = Database.for_tests(url)
+        self.db = synchronous_database(url)
         self.addCleanup(self.db.close)
         self.clock = Clock()
         self.clock.advance(1_750_000_000)

@@ -31,7 +31,7 @@ from mailcore.mailapi.mailboxes import MailboxService
 from mailcore.store import Database
 from mailcore.store.schema import domain_addresses, domain_changes
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.servers import tempdir_for
 from tests.support.smtpsession import RecordingSink, Session, make_factory
 from tests.support.web import Web
@@ -205,7 +205,7 @@ class PollTests(TestCase):
     """Two nodes on one store: `node` runs the snapshot, `cli` only writes (as the CLI)."""
 
     def setUp(self) -> None:
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = Clock()
         self.identity = Identity(self.db, self.clock, CpuPool.for_tests())
         self.node = DomainService(self.db, self.clock)

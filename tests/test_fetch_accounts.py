@@ -23,10 +23,9 @@ from mailcore.fetch.engine import SyncEngine, SyncResult, imap_date, limit_since
 from mailcore.fetch.scheduler import FetchScheduler
 from mailcore.fetch.secrets import KEY_FILE, KeyFileSecretBox, SecretError, check_key_blocking
 from mailcore.messages import MessageQuery, MessageStore
-from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads, users
 from mailcore.workers import CpuPool
-from tests.support.db import open_database
+from tests.support.db import open_database, synchronous_database
 from tests.support.fetchenv import thd_make_user
 from tests.support.testca import shared_pki
 
@@ -38,7 +37,7 @@ class AccountsTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.user = self.successResultOf(self.db.run("make_user", thd_make_user, "owner"))
         self.accounts = Accounts(self.db, self.clock, SecretBox.generate())
 
@@ -309,7 +308,7 @@ class KeyCheckTests(TestCase):
 
     def setUp(self) -> None:
         self.data_dir = Path(self.mktemp())
-        self.db = Database.for_tests(f"sqlite:///{self.mktemp()}.sqlite")
+        self.db = synchronous_database(f"sqlite:///{self.mktemp()}.sqlite")
         user = self.successResultOf(self.db.run("make_user", thd_make_user, "owner"))
         self.box = KeyFileSecretBox(self.data_dir)
         self.successResultOf(defer.Deferred.fromCoroutine(
@@ -325,7 +324,7 @@ class KeyCheckTests(TestCase):
         self.check(configured=key)
 
     def test_an_empty_database_needs_no_key(self) -> None:
-        check_key_blocking(Database.for_tests().engine, Path(self.mktemp()))
+        check_key_blocking(synchronous_database().engine, Path(self.mktemp()))
 
     def test_a_missing_key_file_is_refused_and_not_made(self) -> None:
         (self.data_dir / KEY_FILE).unlink()
@@ -397,7 +396,7 @@ class SchedulerTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         user = self.successResultOf(self.db.run("make_user", thd_make_user, "owner"))
         self.accounts = Accounts(self.db, self.clock, SecretBox.generate())
         self.ids = [
@@ -505,7 +504,7 @@ class SchedulerTests(TestCase):
 class UndecryptablePasswordTests(TestCase):
     def test_sync_reports_a_password_the_key_cannot_open(self) -> None:
         clock = Clock()
-        db = Database.for_tests()
+        db = synchronous_database()
         user = self.successResultOf(db.run("make_user", thd_make_user, "owner"))
         created = self.successResultOf(defer.Deferred.fromCoroutine(
             Accounts(db, clock, SecretBox.generate()).create(user, **BASE)))

@@ -22,11 +22,10 @@ from mailcore.fetch.secrets import (
     check_key_blocking,
     parse_keys,
 )
-from mailcore.store import Database
 from mailcore.store.schema import fetch_accounts
 from mailcore.workers import CpuPool
 from tests.support.cli import CliTestCase
-from tests.support.db import open_database_at
+from tests.support.db import open_database_at, synchronous_database
 from tests.support.fetchenv import thd_make_user
 
 BASE: dict[str, Any] = {"host": "imap.example.test", "username": "me@example.test"}
@@ -35,7 +34,7 @@ BASE: dict[str, Any] = {"host": "imap.example.test", "username": "me@example.tes
 class RekeyTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.data_dir = Path(self.mktemp())
-        self.db = Database.for_tests(f"sqlite:///{self.mktemp()}.sqlite")
+        self.db = synchronous_database(f"sqlite:///{self.mktemp()}.sqlite")
         self.io = CpuPool.for_tests()
         self.user = await self.db.run("make_user", thd_make_user, "owner")
         self.accounts = Accounts(self.db, Clock(), KeyFileSecretBox(self.data_dir))

@@ -16,9 +16,9 @@ from twisted.trial.unittest import TestCase
 from mailcore.identity import Identity, IdentityError, User, passwords
 from mailcore.identity import secrets as creds
 from mailcore.identity.service import EXPIRED_KEPT_SECONDS, RESOLVED_TTL, name_key, utc
-from mailcore.store import Database
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
+from tests.support.db import synchronous_database
 
 START = 1_800_000_000.0  # 2027-01-15, an arbitrary fixed "now" for the Clock
 
@@ -27,7 +27,7 @@ class IdentityTestCase(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.identity = Identity(self.db, self.clock, CpuPool.for_tests(), session_ttl=3600)
 
     async def user(

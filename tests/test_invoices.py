@@ -29,10 +29,9 @@ from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import Tanks, TokenService
 from mailcore.config import ConfigError
 from mailcore.identity import Identity, User
-from mailcore.store import Database
 from mailcore.store.schema import billing_counters
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.servers import CommandResult, require_binary, run_command, tempdir_for
 from tests.test_tokens import clock_at
 
@@ -89,7 +88,7 @@ class PriceTests(TestCase):
 
 class InvoiceTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = clock_at("2018-10-16T15:04:41")
         self.cpu = CpuPool.for_tests()
         self.identity = Identity(self.db, self.clock, self.cpu)

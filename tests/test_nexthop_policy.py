@@ -28,7 +28,7 @@ from mailcore.queue.model import thd_show
 from mailcore.queue.nexthop import Listeners, NextHopPolicy, NextHopRefused, listener_address
 from mailcore.queue.routing import Hop
 from mailcore.queue.settings import QueueSettings
-from mailcore.store import Database
+from tests.support.db import synchronous_database
 from tests.support.mailsink import done, envelope, thd_add_domain
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, run_command, tempdir_for
@@ -249,7 +249,7 @@ class QueueTests(TestCase):
     def make(self, names: dict[str, list[str]], *, config: Config | None = None,
              mx: dict[str, list[tuple[int, str]]] | None = None, **settings: Any) -> Queue:
         self.reactor = reactor_with(names)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         config = config or Config(hostname="mx.test")
         qs = queue_settings(**settings)
         q = build_queue(config, self.db, self.reactor, CollectorRegistry(),

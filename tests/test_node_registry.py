@@ -28,6 +28,7 @@ from mailcore.service import build_core
 from mailcore.store import Database
 from mailcore.store.schema import nodes
 from mailcore.workers import CpuPool
+from tests.support.db import synchronous_database
 from tests.support.logs import logged_at
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
@@ -39,7 +40,7 @@ class NodeRegistryTests(TestCase):
     nodes share."""
 
     async def database(self) -> Database:
-        return Database.for_tests()
+        return synchronous_database()
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.db = await self.database()
@@ -294,7 +295,7 @@ class PostgresNodeRegistryTests(NodeRegistryTests):
     timeout = 240
 
     async def database(self) -> Database:
-        db = Database.for_tests(await create_test_database(self))
+        db = synchronous_database(await create_test_database(self))
         self.addCleanup(db.close)
         return db
 
@@ -307,7 +308,7 @@ class SingleNodeTests(TestCase):
     """On SQLite one node holds the store: there is nothing to register nor check."""
 
     def test_no_registry_runs_on_sqlite(self) -> None:
-        db = Database.for_tests()
+        db = synchronous_database()
         core = Core.build(Config(data_dir=tempdir_for(self)), db, Clock(),
                           cpu=CpuPool.for_tests())
         self.assertFalse(core.shared_store)

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.periodic import InFlight, PeriodicService
+from tests.support.db import synchronous_database
 
 
 class Gated(PeriodicService):
@@ -139,11 +140,10 @@ class QuarantineStopTests(TestCase):
 
         from mailcore.billing.plans import Plans
         from mailcore.gateway.quarantine import QuarantineService, QuarantineSettings
-        from mailcore.store import Database
 
         clock = Clock()
         service = QuarantineService(
-            Database.for_tests(), clock, QuarantineSettings(), Plans(), hostname="mx.test",
+            synchronous_database(), clock, QuarantineSettings(), Plans(), hostname="mx.test",
             signer=Path(self.mktemp()) / "quarantine.key",
         )
         gate: defer.Deferred[int] = defer.Deferred()

@@ -17,8 +17,8 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.queue.journal import NAMES, NOT_WRITTEN, ResultJournal, decode, encode
 from mailcore.queue.model import BOUNCED, DEFERRED, DELIVERED, Result
-from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
+from tests.support.db import synchronous_database
 from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
@@ -134,7 +134,7 @@ class RestartAfterCrashTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.domain = done(self.db.run("d", thd_add_domain, "c.test", "10.0.0.1", 2525))
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
@@ -168,7 +168,7 @@ class RestartAfterCrashTests(TestCase):
         a = self.node(first)
         # Its results go to a store that is not this one: for this store they are lost,
         # as they would be in a crash before their transaction.
-        a.spool.results_db = Database.for_tests()
+        a.spool.results_db = synchronous_database()
         a.service.startService()
         for i in range(3):
             env = envelope("s@x.test", (f"r{i}@c.test", self.domain))

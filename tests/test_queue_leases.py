@@ -19,7 +19,7 @@ from mailcore.queue.model import (
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_recipients
-from tests.support.db import open_database, open_database_at
+from tests.support.db import open_database, open_database_at, synchronous_database
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
 
@@ -34,7 +34,7 @@ def insert(db: Database, n: int, *, leased_to: str | None = None, now: float = 1
 
 class ClaimTests(TestCase):
     def setUp(self) -> None:
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         done(self.db.run("d", thd_add_domain, "c.test", "10.0.0.1", 25))
 
     def claim(self, node: str, now: float, limit: int = 100) -> list[str]:
@@ -74,7 +74,7 @@ class TakeoverTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.domain = done(self.db.run("d", thd_add_domain, "c.test", "10.0.0.1", 25))
         self.conn_a = ScriptedConnector()
         self.conn_b = ScriptedConnector()

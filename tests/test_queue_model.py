@@ -30,7 +30,7 @@ from mailcore.queue.spool import thd_record_results, thd_repair_stranded
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.db import MixinBase, open_database, open_database_at
+from tests.support.db import MixinBase, open_database, open_database_at, synchronous_database
 from tests.support.mailsink import ScriptedConnector, done, make_queue, thd_add_domain
 
 # More rows than one statement of either kind may carry (999 parameters at most).
@@ -351,7 +351,7 @@ class RepairChoreTests(TestCase):
     def test_the_sweep_finishes_a_message_left_unfinished_and_sends_its_dsn(self) -> None:
         clock = Clock()
         clock.advance(1000)
-        db = Database.for_tests()
+        db = synchronous_database()
         domain = done(db.run("d", thd_add_domain, "c.test", "10.0.0.1", 25))
         msg = NewMessage("Q1", Envelope("s@x.test", (Recipient("r@c.test", domain),)),
                          b"Subject: x\r\n\r\nbody\r\n", leased=False)

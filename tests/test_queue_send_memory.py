@@ -21,8 +21,8 @@ from mailcore.config import Config, ConfigError
 from mailcore.queue.connector import TCPConnector
 from mailcore.queue.runner import SendMemory
 from mailcore.queue.settings import QueueSettings
-from mailcore.store import Database
 from mailcore.store.schema import queue_recipients
+from tests.support.db import synchronous_database
 from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 from tests.support.queuetest import QueueTestCase
@@ -499,7 +499,7 @@ class LeaseTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.domain = done(self.db.run("d", thd_add_domain, "c.test", "10.0.0.1", 25))
         self.conn_a = ScriptedConnector()
         self.conn_b = ScriptedConnector()

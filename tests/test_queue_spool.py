@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.queue.model import DELIVERED, Result
 from mailcore.queue.spool import RETRY_DELAY, SpoolError, Withdrawn
-from mailcore.store import Database
 from mailcore.store.schema import queue_messages, queue_recipients
+from tests.support.db import synchronous_database
 from tests.support.logs import logged
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
@@ -24,7 +24,7 @@ class GatedDatabase:
     as a real commit in flight would; it counts transactions and can fail them."""
 
     def __init__(self) -> None:
-        self.inner = Database.for_tests()
+        self.inner = synchronous_database()
         self.url = self.inner.url
         self.is_sqlite = True
         self.threaded = False

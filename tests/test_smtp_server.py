@@ -36,7 +36,7 @@ from mailcore.smtp.server import (
     received_header,
     received_protocol,
 )
-from mailcore.store import Database
+from tests.support.db import synchronous_database
 from tests.support.logs import logged_at
 from tests.support.smtpsession import (
     RecordingSink,
@@ -62,7 +62,7 @@ class ServerTestCase(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.sink = RecordingSink()
         self.sessions: list[Session] = []
         self.addCleanup(self.no_timers_left)

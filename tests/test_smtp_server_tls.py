@@ -22,8 +22,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.store import Database
 from mailcore.tls import server_context
+from tests.support.db import synchronous_database
 from tests.support.smtpsession import RecordingSink, make_factory, served_domains
 from tests.support.testca import shared_pki
 from tests.support.tlsmemory import connect_tls_capable
@@ -49,7 +49,7 @@ class LineClient(Protocol):
 class InMemoryStartTLSTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.clock = Clock()
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.sink = RecordingSink()
         pki = shared_pki()
         cert, key = pki.write_server_pair(Path(self.mktemp()))
@@ -151,7 +151,7 @@ class CertificateChainTests(TestCase):
 
     async def test_the_intermediates_of_the_certificate_file_are_sent(self) -> None:
         clock = Clock()
-        db = Database.for_tests()
+        db = synchronous_database()
         sink = RecordingSink()
         fullchain, key, root = _chained_pair(Path(self.mktemp()))
         factory = make_factory(await served_domains(db, clock), sink, clock,

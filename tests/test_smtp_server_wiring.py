@@ -12,7 +12,7 @@ from mailcore.config import Config, ConfigError
 from mailcore.core import Core
 from mailcore.gateway.quarantine import QuarantineSettings
 from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
-from mailcore.store import Database
+from tests.support.db import synchronous_database
 from tests.support.testca import shared_pki
 
 
@@ -93,7 +93,7 @@ class CoreWiringTests(TestCase):
         cert = key = None
         if tls:
             cert, key = shared_pki().write_server_pair(Path(self.mktemp()))
-        core = Core.build(config, Database.for_tests(), reactor, tls_cert=cert, tls_key=key)
+        core = Core.build(config, synchronous_database(), reactor, tls_cert=cert, tls_key=key)
         return core, reactor
 
     def test_one_listener_per_endpoint_sharing_one_factory(self) -> None:

@@ -26,7 +26,7 @@ from mailcore.store.engine import (
 )
 from mailcore.store.errands import Errand
 from mailcore.store.schema import credentials, users
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
 
@@ -931,12 +931,12 @@ class PostgresDatabaseTests(DatabaseTestsMixin, TestCase):
 
 
 class ForTestsDatabaseTests(SynchronousTestCase):
-    """`Database.for_tests()`: each one a database of its own, at head, as migrated."""
+    """`synchronous_database()`: each one a database of its own, at head, as migrated."""
 
     def test_each_is_a_migrated_database_of_its_own(self) -> None:
         from mailcore.store.migrate import at_newest_revision
 
-        first, second = Database.for_tests(), Database.for_tests()
+        first, second = synchronous_database(), synchronous_database()
         with first.engine.begin() as conn:
             conn.exec_driver_sql(
                 "INSERT INTO job_leases (name, owner, until) VALUES ('sweep', 'a', 1)")

@@ -32,7 +32,7 @@ from mailcore.store.migrate import (
     newest_revision,
     upgrade_to,
 )
-from tests.support.db import DatabaseMixin, database_url
+from tests.support.db import DatabaseMixin, database_url, synchronous_database
 from tests.support.logs import logged
 
 # Dialect-specific objects made by hand in migrations (full-text search), not declared.
@@ -310,7 +310,7 @@ class CheckWritableTests(SynchronousTestCase):
         home = Path(self.mktemp())
         home.mkdir()
         self.path = home / "mailcore.sqlite"
-        Database.for_tests(f"sqlite:///{self.path}").engine.dispose()
+        synchronous_database(f"sqlite:///{self.path}").engine.dispose()
         # Another process's write lock (the admin CLI in a long command or migration).
         self.holder = sqlite3.connect(self.path, isolation_level=None)
         self.addCleanup(self.holder.close)

@@ -23,10 +23,10 @@ from mailcore.config import Config, ConfigError
 from mailcore.core import Core
 from mailcore.queue.nexthop import ListeningEndpoint
 from mailcore.startup import check_listeners
-from mailcore.store import Database
 from mailcore.tls import RELOAD_CHECK_INTERVAL
 from mailcore.tlslisten import TLSListeners, TLSServerEndpoint, parse_ssl
 from mailcore.workers import CpuPool
+from tests.support.db import synchronous_database
 from tests.support.reactor import get_reactor
 from tests.support.testca import make_pki, shared_pki
 
@@ -157,7 +157,7 @@ class DaemonWiringTests(TestCase):
             "tcp:2525", f"ssl:465:privateKey={key}:certKey={cert}",
             f"ssl:4650:privateKey={other_key}:certKey={other_cert}",
             f"ssl:4651:privateKey={other_key}:certKey={other_cert}"))
-        core = Core.build(config, Database.for_tests(), reactor, tls_cert=cert, tls_key=key,
+        core = Core.build(config, synchronous_database(), reactor, tls_cert=cert, tls_key=key,
                           cpu=CpuPool.for_tests())
         services: list[Any] = core.listener_services(reactor)
         endpoints = [svc.endpoint for svc in services]

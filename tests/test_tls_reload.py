@@ -15,9 +15,9 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.core import Core
-from mailcore.store import Database
 from mailcore.tls import RELOAD_CHECK_INTERVAL, CertificateReloader
 from mailcore.workers import CpuPool
+from tests.support.db import synchronous_database
 from tests.support.testca import PKI, make_pki, shared_pki
 
 
@@ -88,7 +88,7 @@ class DaemonWiringTests(TestCase):
     def test_the_smtp_factory_takes_the_renewed_pair(self) -> None:
         reactor = MemoryReactorClock()
         cert, key = shared_pki().write_server_pair(Path(self.mktemp()))
-        core = Core.build(Config(), Database.for_tests(), reactor, tls_cert=cert, tls_key=key,
+        core = Core.build(Config(), synchronous_database(), reactor, tls_cert=cert, tls_key=key,
                           cpu=CpuPool.for_tests())
         factory = core.smtp_factory()
         assert core.certificate is not None

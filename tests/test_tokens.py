@@ -29,7 +29,7 @@ from mailcore.identity import Identity, User
 from mailcore.store import Database
 from mailcore.store.schema import token_charges, token_tanks, token_usage
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, synchronous_database
 
 PLANS = Plans({"free": 1000, "standard": 5000, "agency": 20000})
 
@@ -74,7 +74,7 @@ class MonthArithmeticTests(TestCase):
 
 class TokenTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = clock_at("2024-11-14T10:00:00")
         self.tokens = TokenService(self.db, self.clock, PLANS)
         self.user = await new_user(self.db, self.clock)
@@ -203,7 +203,7 @@ class TokenTests(TestCase):
 
 class SweepTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = clock_at("2024-11-14T10:00:00")
         self.settings = TokenSettings(rollover_interval=3600, usage_retention_days=60,
                                       charge_retention_days=7)

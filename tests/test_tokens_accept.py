@@ -33,7 +33,7 @@ from mailcore.store.schema import (
     token_usage,
 )
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue
 from tests.support.quarantine import DownChain, Gateway, message, stopper
 from tests.test_queue_spool import GatedDatabase
@@ -338,7 +338,7 @@ class FailingChargeTests(TestCase):
     async def test_a_charge_that_raises_fails_its_group(self) -> None:
         """No message is stored without its charge: the client gets a 451 and sends again."""
         clock = clock_at("2024-11-14T10:00:00")
-        db = Database.for_tests()
+        db = synchronous_database()
         tokens = TokenService(db, clock, PLANS)
         alice = await new_user(db, clock, "alice")
         a = await db.run("d", thd_domain, "a.test", alice.id)

@@ -26,9 +26,8 @@ from mailcore.billing.tokens import (
     consume_batch_txn,
 )
 from mailcore.identity import User
-from mailcore.store import Database
 from mailcore.store.schema import token_charges
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, synchronous_database
 from tests.test_tokens import PLANS, clock_at, new_user
 
 
@@ -66,7 +65,7 @@ def gather(calls: list[Any]) -> defer.Deferred[list[Any]]:
 
 class BatchingTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock: Clock = clock_at("2024-11-14T10:00:00")
         self.tokens = TokenService(self.db, self.clock, PLANS)
         self.lane = HeldLane(self.tokens)
@@ -299,7 +298,7 @@ class StageChargeTests(TestCase):
         from mailcore.gateway.filtering import FilteringStage
         from mailcore.workers import CpuPool
 
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.clock = clock_at("2024-11-14T10:00:00")
         self.tokens = TokenService(self.db, self.clock, PLANS)
         self.alice = await new_user(self.db, self.clock, "alice")

@@ -29,7 +29,6 @@ from mailcore.safedrop import service
 from mailcore.safedrop.model import MAX_VALID_FOR
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
-from mailcore.store import Database
 from mailcore.store.schema import (
     drop_bundles,
     drop_recipients,
@@ -37,6 +36,7 @@ from mailcore.store.schema import (
     queue_recipients,
 )
 from mailcore.workers import CpuPool
+from tests.support.db import synchronous_database
 from tests.support.pg import create_test_database
 from tests.support.web import BASE, START, Web, Wire, header
 from web.replies import encode_json
@@ -81,7 +81,7 @@ class SafedropFixture:
         else:
             clock = Clock()
             clock.advance(START)
-            db = Database.for_tests(db_url)
+            db = synchronous_database(db_url)
             test.addCleanup(db.close)
             core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
             root = build_root(core, None)

@@ -60,32 +60,6 @@ log = Logger()
 # readers keep the WAL from starting over.
 RELAXED_CHECKPOINT_PAGES = 4 * SQLITE_CHECKPOINT_PAGES
 
-# `Database.for_tests()`: one in-memory database per process, migrated to head by the
-# migrations themselves, that every new one is a page-for-page copy of.
-_memory_template: Database | None = None
-_memory_template_lock = threading.Lock()
-
-
-def _copy_migrated_memory(engine: Engine) -> None:
-    """Fill the (empty) in-memory database of `engine` with a copy of the process's migrated
-    one (sqlite3's backup), made by running the migrations the first time. Blocks.
-
-    Unit tests make a fresh schema in their setUp by the thousand: running the migrations
-    for each cost some 0.32 s of CPU, the copy a few milliseconds. The copy holds what the
-    migrations made, triggers, full-text tables and counter rows included."""
-    global _memory_template
-    with _memory_template_lock:
-        if _memory_template is None:
-            template = Database.for_tests("sqlite:///:memory:")
-            _memory_template = template
-        source = _memory_template.engine.raw_connection()
-        target = engine.raw_connection()
-        try:
-            source.driver_connection.backup(target.driver_connection)  # type: ignore[union-attr]
-        finally:
-            target.close()
-            source.close()
-
 # PostgreSQL SQLSTATEs after which the whole transaction may simply run again.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 MAX_ATTEMPTS = 5
@@ -240,19 +214,6 @@ class Database:
     def threaded(self) -> bool:
         """Whether work runs on the pool (False: synchronously, in tests)."""
         return self._pool is not None
-
-    @classmethod
-    def for_tests(cls, url: str = "sqlite://") -> Database:
-        """A synchronous in-memory database with the full schema, for unit tests."""
-        from twisted.internet.testing import MemoryReactor
-
-        # Synchronous: the reactor is never asked to run anything from a thread.
-        db = cls(url, MemoryReactor(), synchronous=True)  # type: ignore[arg-type]
-        if url == "sqlite://":
-            _copy_migrated_memory(db.engine)
-        else:
-            db.migrate_blocking()
-        return db
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from mailcore.store import Database
+from tests.support.db import synchronous_database
 from tests.support.mailsink import ScriptedConnector, done, envelope, make_queue, thd_add_domain
 
 BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
@@ -25,7 +25,7 @@ class QueueTestCase(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.db = Database.for_tests()
+        self.db = synchronous_database()
         self.connector = ScriptedConnector()
         self.domain = done(self.db.run(
             "add", thd_add_domain, "customer.test", "10.0.0.1", 2525, vouched=True

@@ -22,8 +22,8 @@ from twisted.web.server import Site
 from mailcore.config import Config
 from mailcore.core import Core
 from mailcore.identity import User
-from mailcore.store import Database
 from mailcore.workers import CpuPool
+from tests.support.db import synchronous_database
 from web.root import MailcoreSite, RootResource, build_root
 from web.settings import WebSettings
 
@@ -41,7 +41,7 @@ def make_core(config: Config | None = None, url: str | None = None) -> tuple[Cor
     clock.advance(START)
     # Servers in tests listen on 127.0.0.1, which the default fetch address policy refuses.
     config = config or Config(sections={"fetch": {"allow_loopback": True}})
-    db = Database.for_tests(url or "sqlite://")
+    db = synchronous_database(url or "sqlite://")
     core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
     return core, clock
 
