@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import update
+from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.trial.unittest import TestCase
 
 import web.api
@@ -19,8 +20,9 @@ from mailcore.backup import (
     BackupSettings,
     derive_host,
 )
-from mailcore.backup.accounts import login_check_deadline, login_check_timeout
+from mailcore.backup.accounts import login_check_deadline, login_check_timeout, login_within
 from mailcore.config import Config, ConfigError
+from mailcore.fetch.errors import ConnectFailed, FetchTimeout
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.state import thd_folder
 from mailcore.store.schema import users
@@ -405,3 +407,25 @@ class LoginCheckDeadlineTests(TestCase):
         self.assertEqual((status, body["error_description"]),
                          (400, "could not log in to localhost: no login within 1.6 s"), body)
         self.assertEqual(await api.core.fetch.accounts.list_accounts(alice.id), [])
+
+    async def test_a_connection_still_opening_at_the_deadline_is_no_login_within_it(
+        self,
+    ) -> None:
+        """A connect cancelled at the deadline ends as a ConnectFailed (connect_to makes one
+        of every error): the check said 'cannot connect to ...: ' and no more."""
+        clock = Clock()
+        connecting: defer.Deferred[None] = defer.Deferred()
+
+        async def opening() -> None:
+            try:
+                await connecting
+            except Exception as e:
+                raise ConnectFailed(f"cannot connect to mail.test:143: {e}") from None
+
+        d = defer.Deferred.fromCoroutine(login_within(clock, 3.0, opening()))
+        clock.advance(2.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        self.assertEqual(str(self.failureResultOf(d, FetchTimeout).value),
+                         "no login within 3 s")
+        self.assertEqual(clock.getDelayedCalls(), [])

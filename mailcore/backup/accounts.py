@@ -114,11 +114,23 @@ async def login_within(clock: IReactorTime, deadline: float | None,
     d = defer.Deferred.fromCoroutine(opening)
     if deadline is None:
         return await d
-    d.addTimeout(deadline, clock)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        d.cancel()
+
+    timer = clock.callLater(deadline, expire)
     try:
         return await d
-    except defer.TimeoutError:
-        raise FetchTimeout(f"no login within {deadline:g} s") from None
+    except Exception:
+        if expired:  # cancelled, whatever the opening made of it (a connect: ConnectFailed)
+            raise FetchTimeout(f"no login within {deadline:g} s") from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 class BackupError(Exception):
