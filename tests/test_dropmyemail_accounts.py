@@ -408,6 +408,18 @@ class LoginCheckDeadlineTests(TestCase):
                          (400, "could not log in to localhost: no login within 1.6 s"), body)
         self.assertEqual(await api.core.fetch.accounts.list_accounts(alice.id), [])
 
+        # A migrate's destination is checked the same way.
+        account = await api.core.fetch.accounts.create(
+            alice.id, name="a", email="alice@example.test", host="127.0.0.1", port=143,
+            password="pw", allow_cleartext=True)
+        status, body = await api.call(
+            "POST", f"/v1/accounts/{account.id}/migrates",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"email": "alice@example.test", "password": "secret", "host": "localhost",
+                  "port": port.getHost().port})
+        self.assertEqual((status, body["error_description"]),
+                         (400, "could not log in to localhost: no login within 1.6 s"), body)
+
     async def test_a_connection_still_opening_at_the_deadline_is_no_login_within_it(
         self,
     ) -> None:
