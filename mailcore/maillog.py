@@ -23,7 +23,9 @@ The events go to the `mailcore.mail` log namespace at level info. Refusals befor
 id (NOQUEUE: hostile clients) are subject to the daemon's repeated-line limit like any other
 line; a line naming a queue id cannot repeat, and the limiter lets it pass untracked. Addresses are
 shown between angle brackets and every value is made printable, so a line can never be
-split or forged by what a client sent.
+split or forged by what a client sent; a space in a value the client chose within the line
+(its HELO name, an address: a quoted local part may hold one) is escaped as `\\x20`, so
+that it cannot write fields of its own.
 """
 
 from __future__ import annotations
@@ -51,10 +53,19 @@ def printable(value: str, limit: int = 200) -> str:
     return text + ("…" if len(value) > limit else "")
 
 
+def token(value: str, limit: int = 200) -> str:
+    """`value` made printable (see `printable`) with its spaces escaped too (`\\x20`): for a
+    field in the middle of a line whose value a client chose (a HELO name, an address with
+    a quoted local part), which could otherwise write fields of its own after it
+    (`helo=x from=<forged@x> ...`)."""
+    text = printable(value, limit)
+    return text.replace(" ", "\\x20") if " " in text else text
+
+
 def addresses(values: Iterable[str]) -> str:
     """`<a>,<b>` for at most MAX_NAMED addresses, then `(+N more)`."""
     items = list(values)
-    shown = ",".join(f"<{printable(a, 256)}>" for a in items[:MAX_NAMED])
+    shown = ",".join(f"<{token(a, 256)}>" for a in items[:MAX_NAMED])
     if len(items) > MAX_NAMED:
         shown += f" (+{len(items) - MAX_NAMED} more)"
     return shown
@@ -72,8 +83,8 @@ def accepted(queue_id: str, *, client: str, helo: str, mail_from: str, size: int
              recipients: Iterable[str], tls: bool) -> None:
     rcpts = list(recipients)
     _emit(queue_id,
-          f"{queue_id}: accepted client={client or '-'} helo={printable(helo) or '-'} "
-          f"from=<{printable(mail_from, 256)}> size={size} nrcpt={len(rcpts)} "
+          f"{queue_id}: accepted client={client or '-'} helo={token(helo) or '-'} "
+          f"from=<{token(mail_from, 256)}> size={size} nrcpt={len(rcpts)} "
           f"to={addresses(rcpts)} tls={'yes' if tls else 'no'}")
 
 
@@ -82,7 +93,7 @@ def refused(stage: str, reply: str, *, client: str, mail_from: str | None = None
     """A recipient or message we refused (`reply` is what the client was told)."""
     extra = ""
     if mail_from is not None:
-        extra += f" from=<{printable(mail_from, 256)}>"
+        extra += f" from=<{token(mail_from, 256)}>"
     rcpts = list(recipients)
     if rcpts:
         extra += f" to={addresses(rcpts)}"

@@ -29,7 +29,7 @@ class FormatTests(TestCase):
         (line,) = lines(events)
         self.assertNotIn("\n", line)
         self.assertNotIn("\r", line)
-        self.assertIn("to=<x\\x0d\\x0aQ1: delivered", line)
+        self.assertIn("to=<x\\x0d\\x0aQ1:\\x20delivered", line)
 
     def test_only_lines_without_a_queue_id_are_for_the_repeated_line_limit(self) -> None:
         with capturedLogs() as events:
@@ -84,6 +84,27 @@ class ServerEventTests(ServerTestCase):
             f"from=<sender@remote.test> size={len(accepted.data)} nrcpt=2 "
             "to=<a@example.com>,<b@example.com> tls=no",
         )
+
+    def test_a_client_cannot_write_fields_of_its_own_into_the_line(self) -> None:
+        # Found attacking a running daemon: a HELO name, or a sender's quoted local part,
+        # with spaces wrote a whole forged set of fields before the real ones.
+        s = self.session()
+        with capturedLogs() as events:
+            s.send(b"EHLO x from=<ceo@bank.test> nrcpt=1 to=<ceo@example.com> tls=yes\r\n")
+            s.send(b'MAIL FROM:<"a> size=9 to=<boss@example.com> y=<"@remote.test>\r\n')
+            s.send(b"RCPT TO:<u@example.com>\r\n")
+            s.send(b"RCPT TO:<y@elsewhere.test>\r\n")
+            s.send(b"DATA\r\n")
+            s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        [accepted] = self.sink.messages
+        sender = '"a>\\x20size=9\\x20to=<boss@example.com>\\x20y=<"@remote.test'
+        self.assertEqual(lines(events), [
+            f"NOQUEUE: refused RCPT client=192.0.2.10 from=<{sender}> "
+            "to=<y@elsewhere.test>: 550 5.7.1 <y@elsewhere.test>: Relaying denied",
+            f"{accepted.queue_id}: accepted client=192.0.2.10 "
+            "helo=x\\x20from=<ceo@bank.test>\\x20nrcpt=1\\x20to=<ceo@example.com>\\x20tls=yes "
+            f"from=<{sender}> size={len(accepted.data)} nrcpt=1 to=<u@example.com> tls=no",
+        ])
 
     def test_refused_recipients_and_messages_are_logged_with_the_reply(self) -> None:
         s = self.session()
