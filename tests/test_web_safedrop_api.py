@@ -656,6 +656,33 @@ class RecipientFieldTests(TestCase):
                                       "email=fred%40safedrop.com")
         self.assertEqual(status, 200)
 
+    async def test_a_form_field_given_twice_with_other_values_is_refused(self) -> None:
+        # A client adding a list as forms send one (requests' data={"email": [a, b]}) wrote
+        # email=a&email=b: the last value won, one recipient b was added (200), a dropped
+        # unseen; a bundle's subject the same. As the Mail API refuses it (ab24e1f).
+        twice = ["The field is given more than once, with different values; it takes one "
+                 "value."]
+        status, reply = await self.f.form("POST", self.path,
+                                          "email=ann%40example.org&email=fred%40safedrop.com")
+        self.assertEqual((status, reply["errors"]), (400, {"email": twice}))
+        status, reply = await self.f.form("PUT", f"/dropbundles/{self.bundle_id}",
+                                          "subject=a&subject=b")
+        self.assertEqual((status, reply["errors"]), (400, {"subject": twice}))
+        status, _, body = await self.f.call(
+            "PUT", f"/dropbundles/{self.bundle_id}",
+            b"--B\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\na\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\nb\r\n--B--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=B"})
+        self.assertEqual((status, body["errors"]), (400, {"message": twice}))
+        _, _, listed = await self.f.call("GET", self.path)
+        self.assertEqual(listed, [])
+        _, _, bundle = await self.f.call("GET", f"/dropbundles/{self.bundle_id}")
+        self.assertEqual((bundle["subject"], bundle["message"]), ("x", ""))
+        # The same value twice says nothing else: taken.
+        status, reply = await self.f.form("POST", self.path,
+                                          "email=ann%40example.org&email=ann%40example.org")
+        self.assertEqual((status, reply["email"]), (200, "ann@example.org"))
+
     async def test_valid_for_and_telephone_are_kept(self) -> None:
         status, reply = await self.f.form(
             "POST", self.path, "email=ann%40example.org&telephone=442077394252&valid_for=3600")

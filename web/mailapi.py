@@ -99,7 +99,6 @@ from web.parsing import (
     parse_int,
     query_lists,
     query_params,
-    read_fields,
     string_field,
 )
 from web.ratelimit import RateLimiter, admit, count_bad_credential
@@ -395,6 +394,7 @@ class MailApiApp(ApiApp):
     app = Klein()
     routes = RouteTable(app, "mailapi", errors=(429,))
     unsupported_media_status = 400  # the seed's tables list what a client may get
+    one_value_fields = True  # to=a&to=b sent to b only
 
     def __init__(
         self,
@@ -426,13 +426,6 @@ class MailApiApp(ApiApp):
                              code=error.code, key="error", extra=error.extra,
                              headers=error.headers)
         return super().error_reply(request, error)
-
-    def parse_fields(self, request: IRequest, *, untyped_form: bool) -> dict[str, Any]:
-        """The body's fields, a form field given twice with different values refused (400):
-        each field takes one value, and a client sending a list as forms do
-        (`to=a&to=b`) would otherwise have its mail sent to the last address only."""
-        return read_fields(request, self.settings.json_max_body, untyped_form=untyped_form,
-                           once=True)
 
     async def principal(self, request: IRequest) -> Principal:
         """The auth_key's user within `[web] mailapi_user_rate`, or 401 `{"message":

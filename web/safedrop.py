@@ -127,8 +127,11 @@ BUNDLE_SCHEMA: dict[str, Any] = {
     "required": ["id"],
 }
 _FLAG = {"type": "integer", "enum": [0, 1], "description": "0 or 1 (true/false accepted)"}
+ONE_VALUE = ("A form or multipart field given twice with different values is a 400 (one "
+             "value each).")
 BUNDLE_BODY: dict[str, Any] = {
     "type": "object",
+    "description": ONE_VALUE,
     "properties": {
         "subject": {"type": "string", "description": "One line: no control character, "
                     "its RFC 2047 encoded words decoded too (else a 400)"},
@@ -162,6 +165,7 @@ RECIPIENT_SCHEMA: dict[str, Any] = {
 }
 RECIPIENT_BODY: dict[str, Any] = {
     "type": "object",
+    "description": ONE_VALUE,
     "properties": {
         "email": {"type": "string", "format": "email"},
         "telephone": {"type": "string", "pattern": "^([1-9][0-9]{6,14})?$",
@@ -358,6 +362,7 @@ class SafedropApp(ApiApp):
     # "A 400 'Bad Request' will be returned in response to a PUT or POST request on a
     # resource when the form encoded properties do not meet requirements" (the seed).
     unsupported_media_status = 400
+    one_value_fields = True  # email=a&email=b added b only
 
     def __init__(
         self, settings: WebSettings, *, resolver: CredentialResolver, identity: Identity,
