@@ -332,6 +332,23 @@ class WritingTests(MailApiTestCase):
         self.assertEqual([(r.to_addrs, r.cc_addrs, r.status) for r in await self.rows()],
                          [(JOE, "", "draft")])
 
+    async def test_a_json_key_given_twice_with_other_values_is_refused(self) -> None:
+        # A JSON object written by hand or by templating ({"to": a, "to": b}): json.loads
+        # kept the last, the mail was enqueued (202) and went to b only, as to=a&to=b did.
+        data = f'{{"status": "outbox", "to": "{JOE}", "to": "eve@far.test"}}'.encode()
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", data=data,
+                                      headers={"Content-Type": "application/json"})
+        self.assertEqual((status, body), (400, {"message": (
+            "to: The field is given more than once, with different values; it takes one "
+            "value.")}))
+        self.assertEqual(await self.rows(), [])
+        # The same value twice says nothing else: taken.
+        data = f'{{"status": "draft", "to": "{JOE}", "to": "{JOE}"}}'.encode()
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", data=data,
+                                      headers={"Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+        self.assertEqual([(r.to_addrs, r.status) for r in await self.rows()], [(JOE, "draft")])
+
     async def test_draft_outbox_and_the_seeds_codes(self) -> None:
         status, body = await self.as_("bob", "POST", "/api/v1/mail/",
                                       json={"status": "draft", "cc": JOE})

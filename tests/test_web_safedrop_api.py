@@ -674,6 +674,10 @@ class RecipientFieldTests(TestCase):
             b"--B\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\nb\r\n--B--\r\n",
             {"Content-Type": "multipart/form-data; boundary=B"})
         self.assertEqual((status, body["errors"]), (400, {"message": twice}))
+        status, _, body = await self.f.call(
+            "POST", self.path, b'{"email": "ann@example.org", "email": "fred@safedrop.com"}',
+            {"Content-Type": "application/json"})
+        self.assertEqual((status, body["errors"]), (400, {"email": twice}))
         _, _, listed = await self.f.call("GET", self.path)
         self.assertEqual(listed, [])
         _, _, bundle = await self.f.call("GET", f"/dropbundles/{self.bundle_id}")

@@ -100,10 +100,10 @@ class ApiApp:
     # tables, safedrop's "400 ... when the form encoded properties do not meet
     # requirements") and the pages, which a browser's form reaches.
     unsupported_media_status: ClassVar[int] = UNSUPPORTED_MEDIA_STATUS
-    # Whether a form or multipart text field given twice with different values is a 400
-    # (an API whose fields each take one value: a client sending a list as forms do,
-    # `to=a&to=b`, would otherwise have the last value taken and the others dropped
-    # unseen), rather than the last value winning.
+    # Whether a form or multipart text field, or a JSON key, given twice with different
+    # values is a 400 (an API whose fields each take one value: a client sending a list as
+    # forms do, `to=a&to=b`, would otherwise have the last value taken and the others
+    # dropped unseen), rather than the last value winning.
     one_value_fields: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -244,8 +244,8 @@ class ApiApp:
 
     def parse_fields(self, request: IRequest, *, untyped_form: bool) -> dict[str, Any]:
         """The body's fields as this API parses them (`fields` keeps them for the
-        request); a form or multipart text field given twice with different values is a
-        400 on an API whose `one_value_fields` says so (see parse_form)."""
+        request); a form or multipart text field, or a JSON key, given twice with different
+        values is a 400 on an API whose `one_value_fields` says so (see parse_form)."""
         return read_fields(request, self.settings.json_max_body, untyped_form=untyped_form,
                            once=self.one_value_fields)
 

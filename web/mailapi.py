@@ -217,7 +217,8 @@ MAIL_BODY: dict[str, Any] = {
     "type": "object",
     "description": "Any other field is a 400 (`unknown field: ...`), but the mail's own "
     "read-only keys (id, mailbox, attachments), which change nothing; so is a form or "
-    "multipart text field given twice with different values (one value each).",
+    "multipart text field, or a JSON key, given twice with different values (one value "
+    "each).",
     "properties": {
         "status": {"type": "string", "enum": ["draft", "outbox"]},
         **{name: {"type": ["string", "null"], "description": "null (JSON) is the empty "

@@ -250,22 +250,34 @@ def _count_values(text: str) -> None:
     raise ApiError(400, _TOO_MANY)
 
 
-def decode_json(data: bytes) -> Any:
+def decode_json(data: bytes, *, once: bool = False) -> Any:
     """Strict JSON from bytes (UTF-8, no NaN/Infinity, numbers that fit a double, at most
     `MAX_JSON_DEPTH` levels and `MAX_JSON_VALUES` values, text without lone surrogates), or
-    a 400 saying what broke."""
+    a 400 saying what broke. With `once`, a key an object gives again with another value
+    is a 400 naming it, as a form's field is (parse_form); else the last value wins."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "JSON parse error - the body is not valid UTF-8.") from None
     _count_values(text)
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        document = json.loads(text, parse_constant=_reject_constant,
+                              object_pairs_hook=_one_value_object if once else None)
     except RecursionError:
         raise ApiError(400, _TOO_DEEP) from None
     except ValueError as e:
         raise ApiError(400, f"JSON parse error - {e}") from None
     _check_document(document)
+    return document
+
+
+def _one_value_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict, a key given again with another value refused."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        for name, value in pairs:
+            if document[name] != value:
+                raise given_twice(name)
     return document
 
 
@@ -308,8 +320,10 @@ _JSON_TYPE_NAMES = {
 _EMPTY: Any = object()
 
 
-def read_json(request: IRequest, limit: int, empty: Any = None) -> Any:
-    """The JSON document in the body; an empty body is `empty` (a JSON null is None)."""
+def read_json(request: IRequest, limit: int, empty: Any = None, *, once: bool = False
+              ) -> Any:
+    """The JSON document in the body; an empty body is `empty` (a JSON null is None);
+    `once` as in decode_json."""
     data = read_body(request, limit)
     media = media_type(request)
     if not data.strip():
@@ -318,12 +332,14 @@ def read_json(request: IRequest, limit: int, empty: Any = None) -> Any:
         return empty
     if not is_json_type(media):
         raise _unsupported(media, JSON_TYPES)
-    return decode_json(data)
+    return decode_json(data, once=once)
 
 
-def read_json_object(request: IRequest, limit: int) -> dict[str, Any]:
-    """A JSON object from the body (an empty body is an empty object; null is not)."""
-    document = read_json(request, limit, empty=_EMPTY)
+def read_json_object(request: IRequest, limit: int, *, once: bool = False
+                     ) -> dict[str, Any]:
+    """A JSON object from the body (an empty body is an empty object; null is not); `once`
+    as in decode_json."""
+    document = read_json(request, limit, empty=_EMPTY, once=once)
     if document is _EMPTY:
         return {}
     if not isinstance(document, dict):
@@ -345,7 +361,8 @@ def read_fields(
     """Input fields from a JSON object, a form-encoded body or a multipart body.
 
     JSON keeps its types; form fields are strings (the last value of a repeated name wins,
-    unless `once`: a name given again with another value is then a 400, see parse_form);
+    unless `once`: a name given again with another value is then a 400, see parse_form, as
+    is a JSON key given again, see decode_json);
     multipart file parts become `Upload`s. An empty body without a type is no fields; a
     body without a type is read as form-encoded when `untyped_form` (an API whose
     published examples send forms without a Content-Type), else refused.
@@ -357,7 +374,7 @@ def read_fields(
         *((MULTIPART_TYPE,) if accept_multipart else ()),
     ]
     if accept_json and is_json_type(media):
-        return read_json_object(request, limit)
+        return read_json_object(request, limit, once=once)
     if accept_form and media == FORM_TYPE:
         return parse_form(read_body(request, limit), once=once)
     if accept_multipart and media == MULTIPART_TYPE:

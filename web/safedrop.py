@@ -127,8 +127,8 @@ BUNDLE_SCHEMA: dict[str, Any] = {
     "required": ["id"],
 }
 _FLAG = {"type": "integer", "enum": [0, 1], "description": "0 or 1 (true/false accepted)"}
-ONE_VALUE = ("A form or multipart field given twice with different values is a 400 (one "
-             "value each).")
+ONE_VALUE = ("A form or multipart field, or a JSON key, given twice with different values "
+             "is a 400 (one value each).")
 BUNDLE_BODY: dict[str, Any] = {
     "type": "object",
     "description": ONE_VALUE,
