@@ -104,7 +104,16 @@ def multipart_events(
                 if not chunk:
                     break
     except MultipartError as e:
-        raise MalformedUpload(f"Malformed multipart body: {e}") from None
+        raise MalformedUpload(f"Malformed multipart body: {_parser_reason(e)}") from None
+
+
+def _parser_reason(error: MultipartError) -> str:
+    """What the parser found wrong, without the exception it may carry beside its message
+    (str() of a header that is not UTF-8 was the repr of its args: the UnicodeDecodeError
+    with the header's bytes)."""
+    if any(isinstance(arg, UnicodeDecodeError) for arg in error.args):
+        return "a part's header is not valid UTF-8."
+    return str(error.args[0]) if error.args else str(error)
 
 
 _BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
