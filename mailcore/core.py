@@ -343,7 +343,9 @@ class Core:
         services.append(CredentialSweeper(self.identity, self.clock))
         services.append(BucketSweeper(self.rate_buckets))
         services.append(SendsSweeper(self.send_caps))
-        services.append(OAuthPruner(self.oauth))
+        oauth_pruner = OAuthPruner(self.oauth)
+        oauth_pruner.leases = self.leases  # one node prunes the OAuth rows per period
+        services.append(oauth_pruner)
         services.append(SafedropSweeper(self.safedrop))
         mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
         mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period

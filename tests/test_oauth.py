@@ -694,7 +694,8 @@ class ClientFailureTests(TestCase):
 
 class PruneTests(Base):
     """Codes and token rows no request can use are deleted (OAuthProvider.prune, run by
-    OAuthPruner on every node); before, they stayed until their app or user was deleted."""
+    OAuthPruner, on one node of those sharing a store); before, they stayed until their app
+    or user was deleted."""
 
     async def rows(self) -> tuple[list[int], list[int]]:
         def txn(conn: Any) -> tuple[list[int], list[int]]:

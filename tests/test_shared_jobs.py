@@ -50,6 +50,7 @@ from mailcore.mailapi.mail import GoneSweeper, MailFilesSweeper
 from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.store import MessageStore
+from mailcore.oauth import OAuthPruner
 from mailcore.periodic import Sweeper
 from mailcore.queue.spool import Withdrawn
 from mailcore.safedrop.model import SafedropSettings
@@ -752,16 +753,23 @@ class SharedJobsMixin(DatabaseMixin):
     async def test_the_mail_api_file_sweep_runs_on_one_node_per_period(self) -> None:
         """The nodes share `files_dir`: the sweep the Core runs (listing every file of it)
         is done by one node per `[mailapi] file_sweep_interval`, not by each."""
-        await self.one_node_per_period(MailFilesSweeper, "sweep")
+        await self.one_node_per_period(MailFilesSweeper, "mail", "sweep")
 
     async def test_the_mail_api_gone_sweep_runs_on_one_node_per_period(self) -> None:
         """The expired places of mail that left a mailbox (mailapi_gone) are deleted by one
         node per GONE_SWEEP_INTERVAL (not by every delete and send any more)."""
-        await self.one_node_per_period(GoneSweeper, "sweep_gone")
+        await self.one_node_per_period(GoneSweeper, "mail", "sweep_gone")
 
-    async def one_node_per_period(self, kind: type[Sweeper[int]], method: str) -> None:
-        """Of two nodes' Cores, one runs the `kind` sweep (MailService's `method`) each
-        period of 3600 s."""
+    async def test_the_oauth_prune_runs_on_one_node_per_period(self) -> None:
+        """The spent OAuth codes and tokens are pruned by one node per PRUNE_INTERVAL: two
+        nodes' batched deletes of the same rows could deadlock on PostgreSQL (retried, but
+        both nodes' work wasted)."""
+        await self.one_node_per_period(OAuthPruner, "oauth", "prune", (0, 0))
+
+    async def one_node_per_period(self, kind: type[Sweeper[Any]], service: str, method: str,
+                                  result: object = 0) -> None:
+        """Of two nodes' Cores, one runs the `kind` sweep (the Core's `service`'s `method`,
+        here answering `result`) each period of 3600 s."""
         a, b = await self.two_stores()
         clock = Clock()
         clock.advance(START)
@@ -772,11 +780,11 @@ class SharedJobsMixin(DatabaseMixin):
             config = Config(files_dir=files, sections={"queue": {"node_id": node}})
             core = Core.build(config, db, clock, cpu=CpuPool.for_tests())
 
-            async def sweep(node: str = node) -> int:
+            async def sweep(node: str = node) -> object:
                 swept.append(node)
-                return 0
+                return result
 
-            setattr(core.mail, method, sweep)
+            setattr(getattr(core, service), method, sweep)
             sweepers.append(next(s for s in core.background_services() if isinstance(s, kind)))
         await gather(sweepers[0].leased_tick(), sweepers[1].leased_tick())
         self.assertEqual(len(swept), 1)

@@ -526,8 +526,10 @@ def _thd_prune_codes(conn: Connection, before: datetime.datetime) -> int:
 
 
 class OAuthPruner(Sweeper[tuple[int, int]]):
-    """Runs `OAuthProvider.prune` every PRUNE_INTERVAL seconds. Every node may run it: the
-    deletes are idempotent."""
+    """Runs `OAuthProvider.prune` every PRUNE_INTERVAL seconds. Its deletes are idempotent,
+    but the Core gives it the store's job leases: one node of those sharing a PostgreSQL
+    store prunes each period, so no two nodes' batched deletes meet on the same rows (they
+    could deadlock: retried, but the work of both wasted)."""
 
     name = "oauth-pruner"
     failed = "pruning the OAuth codes and tokens failed"
