@@ -5,10 +5,11 @@ with two nodes batching into one store at once (threaded SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from sqlalchemy import Connection, select
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -26,6 +27,7 @@ from mailcore.billing.tokens import (
     consume_batch_txn,
 )
 from mailcore.identity import User
+from mailcore.store.errands import Errand
 from mailcore.store.schema import token_charges
 from tests.support.db import DatabaseMixin, synchronous_database
 from tests.test_tokens import PLANS, clock_at, new_user
@@ -231,7 +233,8 @@ class BatchingTests(TestCase):
 
 
 class ConcurrentBatchingMixin(DatabaseMixin):
-    """Two nodes, each with its batcher on its own Database, charging one store at once."""
+    """On a threaded store: two nodes, each with its batcher on its own Database, charging
+    one store at once; a batch whose first caller's errand is given up."""
 
     timeout = 60
 
@@ -263,6 +266,40 @@ class ConcurrentBatchingMixin(DatabaseMixin):
         tokens = TokenService(first, clock, plans)
         self.assertEqual(await tokens.tanks(alice.id), Tanks(0, 0))
         self.assertEqual(await tokens.tanks(bob.id), Tanks(0, 0))
+
+
+    async def test_a_batch_started_within_an_errand_given_up_charges_the_others(self) -> None:
+        """A batch serves every caller waiting, not only the one whose charge started it:
+        that caller's errand (a request whose store work it may give up) given up before
+        the batch's transaction begins withdraws none of it, nor the batches after it."""
+        db = await self.open_database(max_threads=1)
+        clock = clock_at("2024-11-14T10:00:00")
+        tokens = TokenService(db, clock, PLANS)
+        alice = await new_user(db, clock, "alice")
+        bob = await new_user(db, clock, "bob")
+        batcher = ChargeBatcher(tokens)  # its own transactions, on the store's one thread
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hold(conn: Connection) -> None:
+            entered.set()
+            if not release.wait(30):
+                raise AssertionError("never released")
+
+        holding = db.run("hold", hold)
+        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        errand = Errand()
+        first = defer.Deferred.fromCoroutine(errand.run(batcher.consume(alice.id, 1, key="A")))
+        others = gather([batcher.consume(bob.id, 2, key="B"),
+                         batcher.consume(alice.id, 3, key="C")])  # the next batch
+        errand.give_up()  # the first batch is queued behind `hold`, not begun
+        release.set()
+        await holding
+        self.assertEqual(await others, [OK, OK])
+        self.assertEqual(await first, OK)
+        self.assertEqual(batcher.transactions, 2)
+        self.assertEqual((await tokens.tanks(alice.id)).total, 1000 - 4)
+        self.assertEqual((await tokens.tanks(bob.id)).total, 1000 - 2)
 
 
 class SQLiteConcurrentBatchingTests(ConcurrentBatchingMixin, TestCase):

@@ -76,7 +76,7 @@ from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number, unknown_key
 from mailcore.outages import log_failure
 from mailcore.periodic import PeriodicService
-from mailcore.store import Database
+from mailcore.store import Database, errands
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
 
 log = Logger()
@@ -769,7 +769,10 @@ class ChargeBatcher:
         self._busy = True
         batch = self._waiting[:self.max_batch]
         del self._waiting[:self.max_batch]
-        defer.Deferred.fromCoroutine(self._apply(batch))
+        # The batch (and each one `_apply` kicks after it) serves every caller in it: it
+        # starts outside any errand, or the errand of the caller whose charge happened to
+        # start it would withdraw its transaction, and refuse the next ones, once given up.
+        errands.outside(defer.Deferred.fromCoroutine, self._apply(batch))
 
     async def _apply(self, batch: list[tuple[Charge, defer.Deferred[ConsumeResult]]]) -> None:
         try:

@@ -87,9 +87,9 @@ def hand_in(
 def outside(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` outside any errand: the coroutines it starts (each runs in a copy of the
     context it started in) hand their store work in for no caller. For work that serves
-    every caller (the spool's write lane, the outbox's sending) when a request within an
-    errand happens to start it: it took the errand along, and was given up with that
-    request."""
+    every caller (the spool's write lane, the outbox's sending, a batch of token charges)
+    when a request within an errand happens to start it: it took the errand along, and was
+    given up with that request."""
     token = _current.set(None)
     try:
         return fn(*args)
