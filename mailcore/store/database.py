@@ -120,13 +120,15 @@ class _Work:
 
     def withdraw(self) -> None:
         """For an errand given up: drop the work if it has not begun; else it stops at its
-        next clean point (CancelledError), or ends, and its Deferred fires with that."""
+        next clean point (CancelledError), or ends, and its Deferred fires with that. The
+        flags are set here, under the lock with the check: the Deferred fails as its
+        cancel() would fail it, without its canceller (`give_up`) setting them again."""
         with self.db._work_lock:
             self.stopping = True
-            if self.begun:
+            if self.begun or self.given_up:  # (given up: its Deferred failed then)
                 return
             self.given_up = True
-        self.d.cancel()
+        self.d.errback(Failure(defer.CancelledError()))
 
 
 def _unheard(failure: Failure) -> None:
