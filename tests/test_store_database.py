@@ -26,7 +26,7 @@ from mailcore.store.engine import (
 )
 from mailcore.store.errands import Errand
 from mailcore.store.schema import credentials, users
-from tests.support.db import DatabaseMixin, synchronous_database
+from tests.support.db import DatabaseMixin, hold_shared_thread, synchronous_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
 
@@ -341,16 +341,7 @@ class DatabaseTestsMixin(DatabaseMixin):
         """A Database whose one shared thread is held (a long read) until the Event is set:
         what is handed to it meanwhile waits in the queue."""
         db = await self.open_database_at(self.db.url, max_threads=1)
-        entered, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-
-        def hold(conn: Connection) -> None:
-            entered.set()
-            if not release.wait(30):
-                raise AssertionError("never released")
-
-        holding = db.read_long("hold", hold)
-        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        holding, release = await hold_shared_thread(self, db)
         return db, holding, release
 
     async def test_a_write_cancelled_while_queued_never_begins(self) -> None:

@@ -5,11 +5,10 @@ with two nodes batching into one store at once (threaded SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from sqlalchemy import Connection, select
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -29,7 +28,7 @@ from mailcore.billing.tokens import (
 from mailcore.identity import User
 from mailcore.store.errands import Errand
 from mailcore.store.schema import token_charges
-from tests.support.db import DatabaseMixin, synchronous_database
+from tests.support.db import DatabaseMixin, hold_shared_thread, synchronous_database
 from tests.test_tokens import PLANS, clock_at, new_user
 
 
@@ -278,16 +277,7 @@ class ConcurrentBatchingMixin(DatabaseMixin):
         alice = await new_user(db, clock, "alice")
         bob = await new_user(db, clock, "bob")
         batcher = ChargeBatcher(tokens)  # its own transactions, on the store's one thread
-        entered, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-
-        def hold(conn: Connection) -> None:
-            entered.set()
-            if not release.wait(30):
-                raise AssertionError("never released")
-
-        holding = db.run("hold", hold)
-        self.assertTrue(await threads.deferToThread(entered.wait, 30))
+        holding, release = await hold_shared_thread(self, db)
         errand = Errand()
         first = defer.Deferred.fromCoroutine(errand.run(batcher.consume(alice.id, 1, key="A")))
         others = gather([batcher.consume(bob.id, 2, key="B"),

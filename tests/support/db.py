@@ -177,6 +177,24 @@ async def open_database_at(test: TestCase, url: str, *, max_threads: int = 4) ->
     return db
 
 
+async def hold_shared_thread(test: TestCase, db: Database
+                             ) -> tuple[defer.Deferred[None], threading.Event]:
+    """Hold the one shared thread of `db` (opened with max_threads=1) with a long read until
+    the Event is set: what is handed to it meanwhile (writes, long reads) waits in its queue.
+    Returns once the thread holds; the read's Deferred fires once it is let go."""
+    entered, release = threading.Event(), threading.Event()
+    test.addCleanup(release.set)
+
+    def hold(conn: Connection) -> None:
+        entered.set()
+        if not release.wait(30):
+            raise AssertionError("never released")
+
+    holding = db.read_long("hold", hold)
+    test.assertTrue(await threads.deferToThread(entered.wait, 30))
+    return holding, release
+
+
 def _start_pool(db: Database) -> None:
     """Start the pool without migrating, for tests of the migrations themselves."""
     for pool in db._pools():
