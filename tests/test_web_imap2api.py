@@ -569,6 +569,25 @@ class OwnershipTests(TestCase):
         self.assertEqual((await alice.ok("GET", f"/api/imap-servers/{server['id']}/"))["name"],
                          "My Gmail")
 
+    async def test_a_deleted_servers_id_is_never_given_again(self) -> None:
+        # On SQLite a deleted server's id went to the next server created, by any user
+        # (the highest id in use plus one): a client or webhook receiver holding the old id
+        # reached another server, and a sync.completed the deleted one left untold (kept by
+        # design, webhook_events has no foreign key) was told under the new one's id.
+        # Found by deleting and creating servers against the daemon. Django's AutoField
+        # (the seed's service) and PostgreSQL's sequence never give an id twice.
+        web, alice = await setup()
+        bob = await client(web, "bob")
+        first = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        await alice.ok("DELETE", f"/api/imap-servers/{first['id']}/", 204)
+        mine = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        await alice.ok("DELETE", f"/api/imap-servers/{mine['id']}/", 204)
+        theirs = await bob.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        self.assertEqual(len({first["id"], mine["id"], theirs["id"]}), 3,
+                         (first["id"], mine["id"], theirs["id"]))
+        status, _, _ = await alice.call("GET", f"/api/imap-servers/{mine['id']}/")
+        self.assertEqual(status, 404)
+
     async def test_a_pop3_account_is_not_an_imap_server(self) -> None:
         web, alice = await setup()
         pop = await web.core.fetch.accounts.create(

@@ -281,3 +281,35 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def rebuild_autoincrement(conn: Connection, table: str, autoincrement: bool,
+                          references: tuple[str, ...], named_ids: str | None = None) -> None:
+    """In a migration, on SQLite (nothing elsewhere: PostgreSQL's sequences never give an
+    id twice): rebuild `table` with or without AUTOINCREMENT, every row and id kept, and
+    check its row count and the foreign keys of `references` (tables that point at it)
+    after. With AUTOINCREMENT, the sequence starts at what the query `named_ids` gives (the
+    highest id any row still names, the table's own included), so that no id given before
+    is given again. Foreign keys are off while migrations run (`_without_foreign_keys`), so
+    dropping the old table deletes nothing that references it."""
+    if conn.dialect.name != "sqlite":
+        return
+    from alembic import op
+
+    before = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+    with op.batch_alter_table(table, recreate="always",
+                              table_kwargs={"sqlite_autoincrement": autoincrement}):
+        pass
+    after = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+    broken = None
+    for name in (table, *references):
+        broken = broken or conn.exec_driver_sql(f"PRAGMA foreign_key_check({name})").first()
+    if after != before or broken is not None:
+        raise RuntimeError(f"{table} rebuilt with {after} of {before} rows, "
+                           f"first broken reference: {broken}")
+    if autoincrement:
+        highest = int(conn.exec_driver_sql(
+            named_ids or f"SELECT max(id) FROM {table}").scalar() or 0)
+        conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        conn.exec_driver_sql(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, highest))

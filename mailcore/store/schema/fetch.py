@@ -22,7 +22,9 @@ from mailcore.store.schema.meta import metadata
 
 # A remote mailbox a user backs up. `password_enc` is the Fernet token of the remote password
 # (never returned). `tls_mode` is derived from ssl/start_tls; `tls_ca_pem` / `tls_fingerprint`
-# let a private server be verified without turning verification off.
+# let a private server be verified without turning verification off. An id is never given
+# twice (SQLite AUTOINCREMENT, migration 0062): clients, webhook receivers and the untold
+# webhook events of a deleted account name an account by id.
 fetch_accounts = Table(
     "fetch_accounts",
     metadata,
@@ -60,6 +62,7 @@ fetch_accounts = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_fetch_accounts_user_id", "user_id"),
+    sqlite_autoincrement=True,
 )
 
 # One remote folder of an account and what we know of it. (uidvalidity, uidnext,

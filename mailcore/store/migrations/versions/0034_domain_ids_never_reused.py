@@ -20,13 +20,16 @@ Revises: 0033_drop_open_receipts
 from __future__ import annotations
 
 from alembic import op
-from sqlalchemy import Connection
+
+from mailcore.store.migrate import rebuild_autoincrement
 
 revision = "0034_domain_ids_never_reused"
 down_revision = "0033_drop_open_receipts"
 branch_labels = None
 depends_on = None
 
+# The tables whose rows point at a domain (foreign keys), checked after the rebuild.
+_REFERENCES = ("domain_addresses", "quarantine")
 # The domain ids a row may still name after the domain is gone.
 _NAMED_IDS = (
     "SELECT max(n) FROM (SELECT max(id) AS n FROM domains"
@@ -35,36 +38,9 @@ _NAMED_IDS = (
 )
 
 
-def _rebuild(conn: Connection, autoincrement: bool) -> None:
-    """Rebuild `domains` (SQLite) with or without AUTOINCREMENT; every row and reference
-    checked after. Foreign keys are off while migrations run (mailcore.store.migrate), so
-    dropping the old table deletes nothing that references it."""
-    before = conn.exec_driver_sql("SELECT count(*) FROM domains").scalar()
-    with op.batch_alter_table("domains", recreate="always",
-                              table_kwargs={"sqlite_autoincrement": autoincrement}):
-        pass
-    after = conn.exec_driver_sql("SELECT count(*) FROM domains").scalar()
-    broken = None
-    for table in ("domains", "domain_addresses", "quarantine"):
-        broken = broken or conn.exec_driver_sql(f"PRAGMA foreign_key_check({table})").first()
-    if after != before or broken is not None:
-        raise RuntimeError(f"0034: domains rebuilt with {after} of {before} rows, "
-                           f"first broken reference: {broken}")
-
-
 def upgrade() -> None:
-    conn = op.get_bind()
-    if conn.dialect.name != "sqlite":
-        return
-    _rebuild(conn, autoincrement=True)
-    highest = int(conn.exec_driver_sql(_NAMED_IDS).scalar() or 0)
-    conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = 'domains'")
-    conn.exec_driver_sql(
-        "INSERT INTO sqlite_sequence (name, seq) VALUES ('domains', ?)", (highest,))
+    rebuild_autoincrement(op.get_bind(), "domains", True, _REFERENCES, _NAMED_IDS)
 
 
 def downgrade() -> None:
-    conn = op.get_bind()
-    if conn.dialect.name != "sqlite":
-        return
-    _rebuild(conn, autoincrement=False)
+    rebuild_autoincrement(op.get_bind(), "domains", False, _REFERENCES)
