@@ -106,6 +106,26 @@ class RestoreInputTests(JobsApiBase):
         self.assertEqual(await self.jobs(), len(bodies))
 
 
+class JobIdTests(JobsApiBase):
+    async def test_a_deleted_jobs_id_is_never_given_again(self) -> None:
+        # On SQLite a job deleted with its account gave its id to the next job made, by any
+        # user (the highest id in use plus one): a client holding the old id
+        # (/restores/:id, `mailcore jobs show ID`) reached another job. Found by deleting
+        # and creating objects against the daemon.
+        status, first = await self.call("POST", f"{self.base}/restores")
+        self.assertEqual(status, 201, first)
+        status, _ = await self.call("DELETE", self.base)
+        self.assertEqual(status, 200)
+        bob = await self.web.user("bob")
+        token = await access_token(self.web.core.oauth, bob.id)
+        account = await self.web.core.fetch.accounts.create(
+            bob.id, name="b", email="b@x.test", host="127.0.0.1", port=993, use_ssl=True,
+            password="pw")
+        status, theirs = await self.call("POST", f"/v1/accounts/{account.id}/restores", token)
+        self.assertEqual(status, 201, theirs)
+        self.assertNotEqual(theirs["id"], first["id"])
+
+
 class ManyMessageIdsTests(JobsApiBase):
     """A job's `message_ids` name every message it dealt with. A list of an account's
     restores or migrates read them all in one read of the store and held them, their JSON

@@ -108,6 +108,17 @@ class WebhookApiTests(TestCase):
         status, _, _ = await alice.call("GET", f"/api/webhooks/{created['id']}/")
         self.assertEqual(status, 404)
 
+    async def test_a_deleted_webhooks_id_is_never_given_again(self) -> None:
+        # On SQLite a deleted webhook's id went to the next webhook made, by any user (the
+        # highest id in use plus one): a client holding the old id reached another webhook.
+        # Found by deleting and creating objects against the daemon.
+        web, alice = await setup()
+        bob = await client(web, "bob")
+        first = await alice.ok("POST", "/api/webhooks/", 201, json={"url": HOOK})
+        await alice.ok("DELETE", f"/api/webhooks/{first['id']}/", 204)
+        theirs = await bob.ok("POST", "/api/webhooks/", 201, json={"url": HOOK})
+        self.assertNotEqual(theirs["id"], first["id"])
+
     async def test_the_delivery_log_is_paginated_and_filtered(self) -> None:
         web, alice = await setup()
         created = await alice.ok("POST", "/api/webhooks/", 201,

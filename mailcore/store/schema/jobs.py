@@ -74,6 +74,7 @@ mailbox_jobs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_mailbox_jobs_status_next", "status", "next_attempt_at"),
     Index("ix_mailbox_jobs_account_kind", "account_id", "kind"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0063)
 )
 
 mailbox_job_items = Table(

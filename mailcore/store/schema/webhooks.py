@@ -42,6 +42,7 @@ webhooks = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_webhooks_user_id", "user_id"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0063)
 )
 
 # status: pending (to send, at next_attempt_at), success, failed (gave up), cancelled
