@@ -65,7 +65,7 @@ from mailcore.store.leases import JobLeases
 from mailcore.store.stuck import StuckSessionReaper
 from mailcore.tls import CertificateReloader
 from mailcore.tlslisten import TLSListeners
-from mailcore.webhooks import Webhooks, build_webhooks
+from mailcore.webhooks import WebhookPruner, Webhooks, build_webhooks
 from mailcore.workers import CpuPool
 
 
@@ -340,13 +340,18 @@ class Core:
                 services.insert(1, StuckSessionReaper(self.db, self.clock))
         services.append(self.tokens)
         services.append(self.backup_index)
-        services.append(CredentialSweeper(self.identity, self.clock))
-        services.append(BucketSweeper(self.rate_buckets))
-        services.append(SendsSweeper(self.send_caps))
+        # One node of those sharing the store runs each of these deletes per period: each
+        # node's run would delete the same rows (and wait on the other's row locks).
+        for sweeper in (CredentialSweeper(self.identity, self.clock),
+                        BucketSweeper(self.rate_buckets), SendsSweeper(self.send_caps)):
+            sweeper.leases = self.leases
+            services.append(sweeper)
         oauth_pruner = OAuthPruner(self.oauth)
         oauth_pruner.leases = self.leases  # one node prunes the OAuth rows per period
         services.append(oauth_pruner)
-        services.append(SafedropSweeper(self.safedrop))
+        safedrop_sweeper = SafedropSweeper(self.safedrop)
+        safedrop_sweeper.leases = self.leases  # one sweep of the shared drops per period
+        services.append(safedrop_sweeper)
         mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
         mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period
         services.append(mail_sweeper)
@@ -357,6 +362,9 @@ class Core:
             services.append(self.node_registry)
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
+            webhook_pruner = WebhookPruner(self.webhooks, self.clock)
+            webhook_pruner.leases = self.leases  # one node prunes the delivery log per period
+            services.append(webhook_pruner)
         if self.verifier.settings.verify_domains:
             services.append(self.verifier)
         if self.certificate is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from twisted.application.service import Service
@@ -12,6 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailcore.outages import log_failure
+from mailcore.store import Database
 from mailcore.store.leases import JobLeases
 
 log = Logger()
@@ -141,3 +142,16 @@ class Sweeper(PeriodicService, Generic[T]):
             log_failure(log, self.failed)
             return
         self.swept(result)
+
+
+async def delete_in_batches(db: Database, name: str, thd: Callable[..., int], *args: Any,
+                            batch: int) -> int:
+    """Run `thd(conn, *args)` (which deletes up to `batch` rows, and says how many) a
+    transaction at a time until a batch comes short; how many rows went. A sweep's deletes
+    so hold their row locks one short transaction at a time."""
+    gone = 0
+    while True:
+        n = await db.run(name, thd, *args)
+        gone += n
+        if n < batch:
+            return gone

@@ -3,12 +3,13 @@ different node ids, each on its own Database and thread pool) on one PostgreSQL 
 SQLite file, and each job is done once.
 
 Leased: named periodic jobs (quarantine digests, domain verification passes, the Mail API's
-file sweep) and the Mail API's outbox through `job_leases`, account syncs through
+file and gone sweeps, the OAuth and webhook log prunes, the credential, rate-bucket, API
+sends and safedrop sweeps) and the Mail API's outbox through `job_leases`, account syncs through
 `fetch_accounts.lease_owner`, webhook deliveries through their claim; a node that stalled
 past its lease leaves the outcome of the node that took the work over (its late result is
-not recorded). Idempotent on every node (checked here to stay right when two nodes run them
-at once): the quarantine purge, the webhook log pruning, the credential sweep, the safedrop
-expiry sweep. Elsewhere: the token sweep's two-node test is
+not recorded). Idempotent (checked here to stay right when two nodes run them at once, as
+they may when one's lease lapsed): the quarantine purge, the credential sweep, the safedrop
+expiry sweep (one expiry notice per drop). Elsewhere: the token sweep's two-node test is
 `tests.test_tokens.*ConcurrencyTests`, migrates and restores' `tests.test_mailbox_jobs`, the
 queue's `tests.test_queue_leases` and `tests.test_gateway_cluster` (killed and paused
 nodes), the database clock the nodes' leases are judged by `tests.test_store_dbclock`."""
@@ -30,6 +31,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from mailcore import sendcaps
 from mailcore.billing.plans import Plans
 from mailcore.config import Config
 from mailcore.core import Core
@@ -46,6 +48,7 @@ from mailcore.gateway.quarantine import (
     ToKeep,
 )
 from mailcore.gateway.verification import DomainVerifier, VerificationSettings
+from mailcore.identity.service import CredentialSweeper
 from mailcore.mailapi.mail import GoneSweeper, MailFilesSweeper
 from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
 from mailcore.messages.models import FetchedMessage, Location
@@ -53,8 +56,10 @@ from mailcore.messages.store import MessageStore
 from mailcore.oauth import OAuthPruner
 from mailcore.periodic import Sweeper
 from mailcore.queue.spool import Withdrawn
+from mailcore.ratelimits import SWEEP_INTERVAL, BucketSweeper
 from mailcore.safedrop.model import SafedropSettings
-from mailcore.safedrop.service import SafedropService
+from mailcore.safedrop.service import SafedropService, SafedropSweeper
+from mailcore.sendcaps import SendsSweeper
 from mailcore.smtp.envelope import Envelope
 from mailcore.store import Database
 from mailcore.store.leases import JobLeases
@@ -70,7 +75,7 @@ from mailcore.store.schema import (
     webhook_deliveries,
 )
 from mailcore.store.schema.mailapi import OUTBOX, SENT
-from mailcore.webhooks import Webhooks, WebhookSender, WebhookSettings
+from mailcore.webhooks import WebhookPruner, Webhooks, WebhookSender, WebhookSettings
 from mailcore.webhooks.events import account_scope, thd_record_batch, thd_record_outcome
 from mailcore.webhooks.store import thd_claim_due as thd_claim_due_webhooks
 from mailcore.workers import CpuPool
@@ -605,11 +610,11 @@ class SharedJobsMixin(DatabaseMixin):
             return [r.status for r in conn.execute(select(webhook_deliveries.c.status))]
 
         self.assertEqual(set(await a.read("states", states)), {"success"})
-        # Pruning the log later on both nodes at once: each old row goes once, no error.
+        # Pruning the log later on both nodes at once (one node's lease lapsed mid-prune):
+        # each old row goes once, no error.
         clock.advance(settings.retention_days * DAY + 3601)
-        for sender in senders:
-            sender._last_prune = float("-inf")
-        await gather(senders[0]._prune(), senders[1]._prune())
+        pruned = await gather(senders[0].webhooks.prune(), senders[1].webhooks.prune())
+        self.assertEqual(sum(pruned), 30)
         self.assertEqual(await a.read("states", states), [])
 
     async def test_each_pending_sync_event_is_told_by_one_node(self) -> None:
@@ -766,10 +771,33 @@ class SharedJobsMixin(DatabaseMixin):
         both nodes' work wasted)."""
         await self.one_node_per_period(OAuthPruner, "oauth", "prune", (0, 0))
 
+    async def test_the_webhook_log_prune_runs_on_one_node_per_period(self) -> None:
+        """The finished webhook deliveries past their retention are pruned by one node per
+        hour: every node's sender pruned them, at the same hour, on the same rows."""
+        await self.one_node_per_period(WebhookPruner, "webhooks", "prune")
+
+    async def test_the_credential_sweep_runs_on_one_node_per_period(self) -> None:
+        await self.one_node_per_period(CredentialSweeper, "identity", "purge_expired")
+
+    async def test_the_rate_bucket_sweep_runs_on_one_node_per_period(self) -> None:
+        await self.one_node_per_period(BucketSweeper, "rate_buckets", "sweep",
+                                       period=SWEEP_INTERVAL)
+
+    async def test_the_api_sends_sweep_runs_on_one_node_per_period(self) -> None:
+        await self.one_node_per_period(SendsSweeper, "send_caps", "sweep",
+                                       period=sendcaps.SWEEP_INTERVAL)
+
+    async def test_the_safedrop_sweep_runs_on_one_node_per_period(self) -> None:
+        """The drops' rows and files are shared: one node sweeps them per `[safedrop]
+        sweep_interval` (two could not both mail an expiry notice: see
+        test_an_expired_drop_is_removed_and_summarised_by_one_node)."""
+        await self.one_node_per_period(SafedropSweeper, "safedrop", "sweep",
+                                       period=SafedropSettings().sweep_interval)
+
     async def one_node_per_period(self, kind: type[Sweeper[Any]], service: str, method: str,
-                                  result: object = 0) -> None:
+                                  result: object = 0, period: float = 3600.0) -> None:
         """Of two nodes' Cores, one runs the `kind` sweep (the Core's `service`'s `method`,
-        here answering `result`) each period of 3600 s."""
+        here answering `result`) each `period` seconds."""
         a, b = await self.two_stores()
         clock = Clock()
         clock.advance(START)
@@ -788,10 +816,10 @@ class SharedJobsMixin(DatabaseMixin):
             sweepers.append(next(s for s in core.background_services() if isinstance(s, kind)))
         await gather(sweepers[0].leased_tick(), sweepers[1].leased_tick())
         self.assertEqual(len(swept), 1)
-        clock.advance(1800)  # within the period: neither sweeps again
+        clock.advance(period / 2)  # within the period: neither sweeps again
         await gather(sweepers[1].leased_tick(), sweepers[0].leased_tick())
         self.assertEqual(len(swept), 1)
-        clock.advance(1800)
+        clock.advance(period / 2)
         await gather(sweepers[1].leased_tick(), sweepers[0].leased_tick())
         self.assertEqual(len(swept), 2)
 

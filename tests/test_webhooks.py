@@ -10,7 +10,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
@@ -26,6 +26,7 @@ from mailcore.store.schema import webhook_deliveries, webhook_events
 from mailcore.webhooks import (
     AddressPolicy,
     WebhookError,
+    WebhookPruner,
     WebhookSender,
     WebhookSettings,
     build_webhooks,
@@ -33,6 +34,7 @@ from mailcore.webhooks import (
     sign,
     verify_signature,
 )
+from mailcore.webhooks import store as delivery_store
 from mailcore.webhooks.events import SWEEP_INTERVAL
 from tests.support.imap2api import Client, Receiver, client, config, mail, store
 from tests.support.web import Web
@@ -675,14 +677,46 @@ class DeliveryTests(SenderTestCase):
         self.assertIn("does not send webhooks", entry.last_error)
         self.assertEqual(s.receiver.received, [])
 
-    async def test_old_finished_deliveries_are_pruned(self) -> None:
+    async def test_old_finished_deliveries_are_pruned_hourly_in_batches(self) -> None:
+        """The delivery log's prune (WebhookPruner, hourly) deletes the finished
+        deliveries past `retention_days`, PRUNE_BATCH a transaction, and leaves pending
+        ones. It was one DELETE of them all, holding every row's lock to its end."""
         s = await self.setup(retention_days=1)
+        self.patch(delivery_store, "PRUNE_BATCH", 2)
         hook, _ = await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed"])
-        await sync_ended(s.webhooks, s.result(1))
+        for account in range(1, 6):
+            await sync_ended(s.webhooks, s.result(account))
         s.web.clock.advance(0)
-        self.assertEqual(len(await s.log(hook.id)), 1)
-        s.web.clock.advance(86400 + 3600)
-        self.assertEqual(await s.log(hook.id), [])
+        self.assertEqual([d.status for d in await s.log(hook.id)], ["success"] * 5)
+        later = s.web.clock.seconds() + 10 * 86400  # not due: the sender leaves it pending
+
+        def pending(conn: Connection) -> None:
+            conn.execute(insert(webhook_deliveries).values(
+                webhook_id=hook.id, user_id=s.alice.user.id, delivery_uuid="d" * 36,
+                event="sync.completed", payload="{}", status="pending",
+                next_attempt_at=later, created_at=0.0))
+
+        await s.web.core.db.run("pending", pending)
+        prunes: list[int] = []
+        db_run = s.webhooks.db.run
+
+        def counted(n: int) -> int:
+            prunes.append(n)
+            return n
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            d = db_run(name, *args, **kwargs)
+            return d.addCallback(counted) if name == "prune_webhook_deliveries" else d
+
+        self.patch(s.webhooks.db, "run", run)
+        pruner = WebhookPruner(s.webhooks, s.web.clock)
+        await pruner.tick()  # nothing old enough yet
+        self.assertEqual(prunes, [0])
+        self.assertEqual(len(await s.log(hook.id)), 6)
+        s.web.clock.advance(86400 + 1)
+        await pruner.tick()
+        self.assertEqual(prunes, [0, 2, 2, 1])  # a transaction for each batch of 2
+        self.assertEqual([d.status for d in await s.log(hook.id)], ["pending"])
 
 
 class IsoTests(TestCase):

@@ -88,7 +88,7 @@ from mailcore.mailapi.listing import (
 )
 from mailcore.mailapi.mailboxes import RIGHTS, Rights, thd_hold_mailbox, thd_mailbox
 from mailcore.mailapi.mime import OutgoingPart, build_message
-from mailcore.periodic import Sweeper
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.queue.model import SERVED
 from mailcore.sendcaps import SendCaps
 from mailcore.smtp.queueid import new_queue_id
@@ -526,14 +526,9 @@ class MailService:
     async def sweep_gone(self) -> int:
         """Delete the places mail left in mailboxes that cursors no longer find (kept
         GONE_KEEP seconds: mailcore.mailapi.listing), a batch a transaction; how many."""
-        now = self.clock.seconds()
-        removed = 0
-        while True:
-            gone = await self.db.run("mailapi_gone_sweep", thd_sweep_gone, now,
-                                     GONE_SWEEP_BATCH)
-            removed += gone
-            if gone < GONE_SWEEP_BATCH:
-                return removed
+        return await delete_in_batches(self.db, "mailapi_gone_sweep", thd_sweep_gone,
+                                       self.clock.seconds(), GONE_SWEEP_BATCH,
+                                       batch=GONE_SWEEP_BATCH)
 
     async def _storing(self, edit: Edit, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a write that may store `edit`'s files; when it stores no mail (refused or

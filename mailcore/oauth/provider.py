@@ -13,7 +13,7 @@ import datetime
 import json
 import re
 import secrets as _random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -40,7 +40,7 @@ from mailcore.oauth.validator import (
     basic_credentials,
     redirect_uris,
 )
-from mailcore.periodic import Sweeper
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, not_text
@@ -427,10 +427,10 @@ class OAuthProvider:
         now = self.now()
         token_before = now - datetime.timedelta(seconds=self.settings.revoked_token_retention)
         code_before = now - datetime.timedelta(seconds=CODE_RETENTION)
-        tokens = await _prune_batches(self.db, "oauth_prune_tokens", _thd_prune_tokens,
-                                      token_before)
-        codes = await _prune_batches(self.db, "oauth_prune_codes", _thd_prune_codes,
-                                     code_before)
+        tokens = await delete_in_batches(self.db, "oauth_prune_tokens", _thd_prune_tokens,
+                                         token_before, batch=PRUNE_BATCH)
+        codes = await delete_in_batches(self.db, "oauth_prune_codes", _thd_prune_codes,
+                                        code_before, batch=PRUNE_BATCH)
         return codes, tokens
 
     # -- resource access ----------------------------------------------------------------
@@ -493,19 +493,6 @@ def _thd_checked(server: WebApplicationServer, uri: str) -> tuple[Consent, Any]:
         redirect_uri=credentials["redirect_uri"], state=credentials.get("state"),
     )
     return consent, request
-
-
-async def _prune_batches(db: Database, name: str,
-                         thd: Callable[[Connection, datetime.datetime], int],
-                         before: datetime.datetime) -> int:
-    """Run `thd` (which deletes up to PRUNE_BATCH rows older than `before`) a transaction
-    at a time until a batch comes short; how many rows went."""
-    gone = 0
-    while True:
-        batch = await db.run(name, thd, before)
-        gone += batch
-        if batch < PRUNE_BATCH:
-            return gone
 
 
 def _thd_prune_tokens(conn: Connection, before: datetime.datetime) -> int:

@@ -22,16 +22,13 @@ import datetime
 import email.utils
 import functools
 import secrets
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import Connection
-from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailcore.emailpolicy import SMTP, header_breaks
@@ -40,6 +37,7 @@ from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
 from mailcore.identity.secrets import digest
 from mailcore.mailapi.addresses import mailbox_key
+from mailcore.periodic import Sweeper
 from mailcore.queue.model import thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
 from mailcore.safedrop import access as side
@@ -714,32 +712,21 @@ class SafedropService:
         await self.spool.accept(new_queue_id(at), envelope, message, guard=guard)
 
 
-class SafedropSweeper(Service):
+class SafedropSweeper(Sweeper[int]):
     """Runs `SafedropService.sweep` every `[safedrop] sweep_interval` seconds on the
-    injected clock; stopped with the daemon."""
+    injected clock (not at start); stopped with the daemon. The Core gives it the store's
+    job leases: the nodes share the store and `files_dir`, so one node of them sweeps each
+    period (another node's sweep would read the same drops and list the same files; it
+    could not mail a second expiry notice, as the notice is queued by the transaction that
+    marks the drop removed, once)."""
+
+    name = "safedrop-sweeper"
+    failed = "the safedrop expiry sweep failed"
+    tick_at_start = False
 
     def __init__(self, drops: SafedropService) -> None:
+        super().__init__(drops.clock, drops.settings.sweep_interval)
         self.drops = drops
-        self._loop: LoopingCall | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.drops.clock
-        self._loop.start(self.drops.settings.sweep_interval, now=False)
-
-    def stopService(self) -> defer.Deferred[None] | None:
-        loop, self._loop = self._loop, None
-        super().stopService()
-        if loop is not None and loop.running:
-            loop.stop()
-        return None
-
-    def _tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._sweep())
-
-    async def _sweep(self) -> None:
-        try:
-            await self.drops.sweep()
-        except Exception:
-            log.failure("the safedrop expiry sweep failed")
+    def sweep(self) -> Awaitable[int]:
+        return self.drops.sweep()

@@ -87,7 +87,7 @@ from mailcore.webhooks.model import (
     WebhookNotFound,
 )
 from mailcore.webhooks.payload import email_json, iso, thread_ref
-from mailcore.webhooks.sender import WebhookSender
+from mailcore.webhooks.sender import WebhookPruner, WebhookSender
 from mailcore.webhooks.service import Webhooks
 from mailcore.webhooks.settings import AddressPolicy, WebhookSettings
 from mailcore.webhooks.signing import (
@@ -122,6 +122,7 @@ __all__ = [
     "Webhook",
     "WebhookError",
     "WebhookNotFound",
+    "WebhookPruner",
     "WebhookSender",
     "WebhookSettings",
     "Webhooks",

@@ -3,6 +3,7 @@ retries with backoff."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 from mailcore.fetch.secrets import SecretError
 from mailcore.netpolicy import AddressRefused
 from mailcore.outages import log_failure
+from mailcore.periodic import Sweeper
 from mailcore.text import storable
 from mailcore.webhooks.client import (
     SNIPPET_BYTES,
@@ -42,11 +44,12 @@ from mailcore.webhooks.store import (
     TAKEN,
     Due,
     thd_claim_due,
-    thd_prune,
     thd_record_attempt,
 )
 
 log = Logger()
+
+PRUNE_INTERVAL = 3600.0  # the delivery log's prune (WebhookPruner)
 class AttemptTimedOut(Exception):
     pass
 
@@ -86,7 +89,6 @@ class WebhookSender(Service):
         self._again = False
         # delivery id -> (webhook id, user id, the attempt)
         self._in_flight: dict[int, tuple[int, int, Deferred[None]]] = {}
-        self._last_prune = float("-inf")
         self._last_told = float("-inf")
         webhooks_service.sender = self
 
@@ -176,7 +178,6 @@ class WebhookSender(Service):
                 started += len(due)
                 if len(due) < room and not self._again:
                     break
-            await self._prune()
         finally:
             sweeping, self._sweeping = self._sweeping, None
             sweeping.callback(started)
@@ -193,15 +194,6 @@ class WebhookSender(Service):
             await self.webhooks.tell_left()
         except Exception:
             log_failure(log, "telling pending webhook events failed")
-
-    async def _prune(self) -> None:
-        # Every node prunes: an idempotent DELETE of old finished rows (no lease needed).
-        now = self.clock.seconds()
-        if now - self._last_prune < 3600:
-            return
-        self._last_prune = now
-        await self.db.run("prune_webhook_deliveries", thd_prune,
-                          now - self.settings.retention_days * 86400)
 
     def _start(self, item: Due) -> None:
         d = Deferred.fromCoroutine(self.attempt(item))
@@ -362,3 +354,25 @@ def _describe(error: BaseException) -> str:
             return str(inner)
         return f"{type(inner).__name__}: {inner}".strip()
     return f"{type(error).__name__}: {error}".strip()
+
+
+class WebhookPruner(Sweeper[int]):
+    """Deletes the finished deliveries older than `[webhooks] retention_days` (the delivery
+    log's end) every PRUNE_INTERVAL seconds, PRUNE_BATCH rows a transaction. Idempotent,
+    but the Core gives it the store's job leases: one node of those sharing a store prunes
+    each period, so no two nodes' deletes wait on (or deadlock over) the same rows."""
+
+    name = "webhook-pruner"
+    failed = "pruning the webhook delivery log failed"
+
+    def __init__(self, webhooks_service: Webhooks, clock: IReactorTime,
+                 every: float = PRUNE_INTERVAL) -> None:
+        super().__init__(clock, every)
+        self.webhooks = webhooks_service
+
+    def sweep(self) -> Awaitable[int]:
+        return self.webhooks.prune()
+
+    def swept(self, pruned: int) -> None:
+        if pruned:
+            log.info("pruned {n} finished webhook deliveries past their retention", n=pruned)

@@ -20,8 +20,10 @@ from mailcore.fetch.secrets import SecretBox
 from mailcore.messages.models import Location, Page, StoreResult
 from mailcore.messages.sql import new_id
 from mailcore.outages import log_failure
+from mailcore.periodic import delete_in_batches
 from mailcore.store import Database
 from mailcore.store.schema import users, webhook_deliveries, webhooks
+from mailcore.webhooks import store as delivery_store
 from mailcore.webhooks.events import (
     account_scope,
     thd_any_pending,
@@ -235,6 +237,14 @@ class Webhooks:
         """Wait until every queued enqueue has been written (tests, shutdown)."""
         while self._enqueues:
             await defer.DeferredList(list(self._enqueues), consumeErrors=True)
+
+    async def prune(self) -> int:
+        """Delete the finished deliveries that completed more than `retention_days` ago,
+        PRUNE_BATCH a transaction; how many."""
+        before = self.clock.seconds() - self.settings.retention_days * 86400
+        batch = delivery_store.PRUNE_BATCH
+        return await delete_in_batches(self.db, "prune_webhook_deliveries",
+                                       delivery_store.thd_prune, before, batch, batch=batch)
 
     async def tell_left(self) -> int:
         """Tell the pending events no running sync will tell at its end: those a crash, a

@@ -136,14 +136,15 @@ def thd_record_attempt(
 RECORDED, TAKEN, GONE = "recorded", "taken", "gone"
 
 
-def thd_prune(conn: Connection, before: float) -> int:
-    """Drop finished deliveries that completed before `before`."""
-    result = conn.execute(
-        delete(webhook_deliveries)
-        .where(webhook_deliveries.c.status != "pending")
-        .where(webhook_deliveries.c.completed_at < before)
-    )
-    return int(result.rowcount or 0)
+PRUNE_BATCH = 1000  # finished deliveries deleted a transaction by the hourly prune
+
+
+def thd_prune(conn: Connection, before: float, batch: int = PRUNE_BATCH) -> int:
+    """Drop up to `batch` finished deliveries that completed before `before`; how many."""
+    d = webhook_deliveries.c
+    ids = select(d.id).where(d.status != "pending", d.completed_at < before) \
+        .limit(batch).scalar_subquery()
+    return int(conn.execute(delete(webhook_deliveries).where(d.id.in_(ids))).rowcount or 0)
 
 
 def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int]) -> list[

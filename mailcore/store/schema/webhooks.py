@@ -69,6 +69,7 @@ webhook_deliveries = Table(
     Column("completed_at", Float, nullable=True),
     Index("ix_webhook_deliveries_webhook_id", "webhook_id"),
     Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_completed_at", "completed_at"),  # the hourly prune
 )
 
 # A sync's pending events: one row per new e-mail ("email.new", `ref_id` its messages.id),
