@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
-from sqlalchemy import Connection, event, func, select, update
+from sqlalchemy import Connection, func, select, update
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -25,7 +25,7 @@ from mailcore.fetch.secrets import KEY_FILE, KeyFileSecretBox, SecretError, chec
 from mailcore.messages import MessageQuery, MessageStore
 from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads, users
 from mailcore.workers import CpuPool
-from tests.support.db import open_database, synchronous_database
+from tests.support.db import engine_query_plans, open_database, synchronous_database
 from tests.support.fetchenv import thd_make_user
 from tests.support.testca import shared_pki
 
@@ -254,20 +254,9 @@ class AccountsTests(TestCase):
         stored(gone.id, [mail(n) for n in range(1, 1201)] + [mail(9001, reply_to=9000)])
         [shared] = stored(kept.id, [mail(1)])  # the same bytes as one of `gone`'s
         [answered] = stored(kept.id, [mail(9000)])  # the thread of `gone`'s last one
-        plans: list[str] = []
-
-        def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                    executemany: bool) -> None:
-            if not executemany and statement.lstrip()[:6].upper() in ("SELECT", "DELETE"):
-                plans.extend(row[3] for row in cursor.connection.execute(
-                    "EXPLAIN QUERY PLAN " + statement, parameters))
-
-        event.listen(self.db.engine, "before_cursor_execute", explain)
-        try:
+        with engine_query_plans(self.db.engine) as plans:
             self.successResultOf(defer.Deferred.fromCoroutine(
                 self.accounts.delete(self.user, gone.id)))
-        finally:
-            event.remove(self.db.engine, "before_cursor_execute", explain)
         scans = [p for p in plans if re.match(r"SCAN (messages|message_blobs|threads)\b", p)]
         self.assertEqual(scans, [])
 

@@ -9,7 +9,7 @@ import re
 from typing import Any, cast
 from urllib.parse import quote, urlencode
 
-from sqlalchemy import delete, event, select, update
+from sqlalchemy import delete, select, update
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -27,6 +27,7 @@ from mailcore.oauth import (
 from mailcore.oauth.settings import OAuthSettings
 from mailcore.store import Database
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens
+from tests.support.db import engine_query_plans
 from tests.support.oauth import (
     REDIRECT,
     Client,
@@ -769,20 +770,8 @@ class PruneTests(Base):
         """Each of the prune's statements finds its rows through an index (migration 0060):
         without one it read all of oauth_tokens and oauth_codes every hour."""
         await self.client.code()
-        plans: list[str] = []
-
-        def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                    executemany: bool) -> None:
-            if not executemany and statement.lstrip()[:6].upper() in ("SELECT", "DELETE"):
-                plans.extend(row[3] for row in cursor.connection.execute(
-                    "EXPLAIN QUERY PLAN " + statement, parameters))
-
-        engine = self.web.core.db.engine
-        event.listen(engine, "before_cursor_execute", explain)
-        try:
+        with engine_query_plans(self.web.core.db.engine) as plans:
             await self.web.core.oauth.prune()
-        finally:
-            event.remove(engine, "before_cursor_execute", explain)
         self.assertTrue(plans)
         self.assertEqual([p for p in plans if re.match(r"SCAN oauth_(tokens|codes)\b", p)], [])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from typing import Any
 
 from hypothesis import given, settings
@@ -36,6 +37,7 @@ from mailcore.webhooks import (
 )
 from mailcore.webhooks import store as delivery_store
 from mailcore.webhooks.events import SWEEP_INTERVAL
+from tests.support.db import engine_query_plans
 from tests.support.imap2api import Client, Receiver, client, config, mail, store
 from tests.support.web import Web
 from tests.support.webhooks import sync_ended
@@ -717,6 +719,15 @@ class DeliveryTests(SenderTestCase):
         await pruner.tick()
         self.assertEqual(prunes, [0, 2, 2, 1])  # a transaction for each batch of 2
         self.assertEqual([d.status for d in await s.log(hook.id)], ["pending"])
+
+    async def test_the_prune_reads_no_whole_table(self) -> None:
+        """Each batch of the prune finds its rows through ix_webhook_deliveries_completed_at
+        (migration 0064): without it each batch read all of webhook_deliveries."""
+        s = await self.setup(retention_days=1)
+        with engine_query_plans(s.web.core.db.engine) as plans:
+            await s.webhooks.prune()
+        self.assertTrue(plans)
+        self.assertEqual([p for p in plans if re.match(r"SCAN webhook_deliveries\b", p)], [])
 
 
 class IsoTests(TestCase):

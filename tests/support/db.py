@@ -17,7 +17,8 @@ from __future__ import annotations
 import atexit
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, make_url
@@ -228,6 +229,25 @@ class DatabaseMixin(MixinBase):
         self.assertEqual(  # type: ignore[attr-defined]
             await threads.deferToThread(current_revision, db.engine), revision)
         return db
+
+
+@contextmanager
+def engine_query_plans(engine: Engine) -> Iterator[list[str]]:
+    """SQLite: within the block, the query plan steps of every SELECT and DELETE any
+    connection of `engine` runs (on whatever thread), each explained as it runs."""
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                executemany: bool) -> None:
+        if not executemany and statement.lstrip()[:6].upper() in ("SELECT", "DELETE"):
+            plans.extend(row[3] for row in cursor.connection.execute(
+                "EXPLAIN QUERY PLAN " + statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        yield plans
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
 
 
 def query_plans(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
