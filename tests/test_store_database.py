@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import sqlite3
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, event, func, insert, select
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailcore.store import Database, StoreError
-from mailcore.store.database import RELAXED_CHECKPOINT_PAGES
+from mailcore.store.database import RELAXED_CHECKPOINT_PAGES, _Work
 from mailcore.store.engine import (
     PG_TCP_SETTINGS,
     SQLITE_BUSY_TIMEOUT_MS,
@@ -945,3 +946,50 @@ class ForTestsDatabaseTests(SynchronousTestCase):
             self.assertEqual(conn.exec_driver_sql("SELECT count(*) FROM job_leases").scalar(), 1)
             self.assertEqual(conn.exec_driver_sql(
                 "SELECT value FROM billing_counters WHERE name = 'invoice_ref'").scalar(), 0)
+
+
+class _QueuedCalls:
+    """A reactor's callFromThread that keeps the calls until the test runs them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.append((f, args))
+
+    def run(self) -> None:
+        for f, args in self.calls:
+            f(*args)
+
+
+class WorkEndTests(SynchronousTestCase):
+    """Work that ends on its pool thread while its caller gives up in the reactor."""
+
+    def work(self, result: Any) -> tuple[_Work, _QueuedCalls]:
+        reactor = _QueuedCalls()
+        db = SimpleNamespace(_work_lock=threading.Lock(), _running=threading.local(),
+                             _reactor=reactor)
+        return _Work(db, lambda: result, (), {}), reactor  # type: ignore[arg-type]
+
+    def test_a_cancel_between_the_end_and_its_answer_leaves_it_unheard(self) -> None:
+        # The end was answered by the pool thread's check of given_up: a cancel in the
+        # reactor after that check and before the answer ran made the answer fire a
+        # Deferred that had failed already (AlreadyCalledError, logged unhandled).
+        work, reactor = self.work(1)
+        work.ended(True, work.run())
+        work.d.cancel()
+        reactor.run()
+        self.failureResultOf(work.d, defer.CancelledError)
+        failed, reactor = self.work(None)
+        failed.ended(False, Failure(ValueError("lost")))
+        failed.d.cancel()
+        reactor.run()
+        self.failureResultOf(failed.d, defer.CancelledError)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # logged, unheard
+
+    def test_an_end_nobody_gave_up_is_answered(self) -> None:
+        work, reactor = self.work(7)
+        work.ended(True, work.run())
+        self.assertNoResult(work.d)
+        reactor.run()
+        self.assertEqual(self.successResultOf(work.d), 7)

@@ -102,15 +102,22 @@ class _Work:
             db._running.work = None
 
     def ended(self, ok: bool, result: Any) -> None:
-        """On the pool thread, after `run`: its Deferred fires in the reactor thread,
-        unless the caller gave up (it failed with CancelledError then)."""
-        if result is _NEVER_BEGUN:
-            return
-        if self.given_up:
+        """On the pool thread, after `run`: its Deferred fires in the reactor thread."""
+        if result is not _NEVER_BEGUN:
+            self.db._reactor.callFromThread(self._fire, ok, result)
+
+    def _fire(self, ok: bool, result: Any) -> None:
+        """In the reactor thread: fire the Deferred, unless the caller gave up (it failed
+        with CancelledError then, maybe after the work ended and before this ran: so the
+        check is made here, where a cancel happens, not on the pool thread)."""
+        if self.d.called:
             if not ok:
                 _unheard(result)
             return
-        self.db._reactor.callFromThread(self.d.callback if ok else self.d.errback, result)
+        if ok:
+            self.d.callback(result)
+        else:
+            self.d.errback(result)
 
     def give_up(self, _: object) -> None:
         """Its Deferred was cancelled: a thread will not begin it, or will stop it at the
