@@ -146,12 +146,12 @@ class Sweeper(PeriodicService, Generic[T]):
 
 async def delete_in_batches(db: Database, name: str, thd: Callable[..., int], *args: Any,
                             batch: int) -> int:
-    """Run `thd(conn, *args)` (which deletes up to `batch` rows, and says how many) a
+    """Run `thd(conn, *args, batch)` (which deletes up to `batch` rows, and says how many) a
     transaction at a time until a batch comes short; how many rows went. A sweep's deletes
     so hold their row locks one short transaction at a time."""
     gone = 0
     while True:
-        n = await db.run(name, thd, *args)
+        n = await db.run(name, thd, *args, batch)
         gone += n
         if n < batch:
             return gone

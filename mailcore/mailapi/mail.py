@@ -527,8 +527,7 @@ class MailService:
         """Delete the places mail left in mailboxes that cursors no longer find (kept
         GONE_KEEP seconds: mailcore.mailapi.listing), a batch a transaction; how many."""
         return await delete_in_batches(self.db, "mailapi_gone_sweep", thd_sweep_gone,
-                                       self.clock.seconds(), GONE_SWEEP_BATCH,
-                                       batch=GONE_SWEEP_BATCH)
+                                       self.clock.seconds(), batch=GONE_SWEEP_BATCH)
 
     async def _storing(self, edit: Edit, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a write that may store `edit`'s files; when it stores no mail (refused or

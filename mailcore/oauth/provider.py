@@ -422,8 +422,8 @@ class OAuthProvider:
         then a rotated refresh token presented again still revokes its family; after, it is
         invalid_grant only. An authorization code CODE_RETENTION past its expiry that no
         token row names (a live family's rows keep their code, which a replayed code
-        revokes). Rows go in batches of PRUNE_BATCH, a transaction each; idempotent, so
-        every node may run it."""
+        revokes). Rows go in batches of PRUNE_BATCH, a transaction each; idempotent, so two
+        nodes meeting (OAuthPruner's lease lapsed under one) do no harm."""
         now = self.now()
         token_before = now - datetime.timedelta(seconds=self.settings.revoked_token_retention)
         code_before = now - datetime.timedelta(seconds=CODE_RETENTION)
@@ -495,20 +495,20 @@ def _thd_checked(server: WebApplicationServer, uri: str) -> tuple[Consent, Any]:
     return consent, request
 
 
-def _thd_prune_tokens(conn: Connection, before: datetime.datetime) -> int:
-    """Delete up to PRUNE_BATCH token rows revoked at or before `before`; how many."""
+def _thd_prune_tokens(conn: Connection, before: datetime.datetime, batch: int) -> int:
+    """Delete up to `batch` token rows revoked at or before `before`; how many."""
     t = oauth_tokens.c
-    ids = select(t.id).where(t.revoked_at <= before).limit(PRUNE_BATCH).scalar_subquery()
+    ids = select(t.id).where(t.revoked_at <= before).limit(batch).scalar_subquery()
     return int(conn.execute(delete(oauth_tokens).where(t.id.in_(ids))).rowcount or 0)
 
 
-def _thd_prune_codes(conn: Connection, before: datetime.datetime) -> int:
-    """Delete up to PRUNE_BATCH codes expired at or before `before` that no token row
+def _thd_prune_codes(conn: Connection, before: datetime.datetime, batch: int) -> int:
+    """Delete up to `batch` codes expired at or before `before` that no token row
     names; how many."""
     c = oauth_codes.c
     named = select(oauth_tokens.c.id).where(oauth_tokens.c.code_id == c.id)
     ids = select(c.id).where(c.expires_at <= before, ~named.exists()) \
-        .limit(PRUNE_BATCH).scalar_subquery()
+        .limit(batch).scalar_subquery()
     return int(conn.execute(delete(oauth_codes).where(c.id.in_(ids))).rowcount or 0)
 
 

@@ -242,9 +242,9 @@ class Webhooks:
         """Delete the finished deliveries that completed more than `retention_days` ago,
         PRUNE_BATCH a transaction; how many."""
         before = self.clock.seconds() - self.settings.retention_days * 86400
-        batch = delivery_store.PRUNE_BATCH
         return await delete_in_batches(self.db, "prune_webhook_deliveries",
-                                       delivery_store.thd_prune, before, batch, batch=batch)
+                                       delivery_store.thd_prune, before,
+                                       batch=delivery_store.PRUNE_BATCH)
 
     async def tell_left(self) -> int:
         """Tell the pending events no running sync will tell at its end: those a crash, a
