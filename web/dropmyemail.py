@@ -349,7 +349,7 @@ class DropmyemailApp(JobRoutes, ApiApp):
         resolver: CredentialResolver,
         token_limiter: RateLimiter,
         oauth: OAuthProvider,
-        client_limiter: RateLimiter | None = None,
+        client_limiter: RateLimiter,
         client_failures: Limiter | None = None,
         backup: BackupAccounts,
         mail: BackupMail,
@@ -472,12 +472,11 @@ class DropmyemailApp(JobRoutes, ApiApp):
                 await self._client_failed(request)
                 raise ApiError(401, "Client authentication failed.", code="invalid_client",
                                headers={"WWW-Authenticate": CLIENT_CHALLENGE}) from None
-        if self.client_limiter is not None:
-            enforce(request, self.client_limiter,
-                    token_client(body, headers.get("Authorization"))
-                    or ("address", client_key(request)),
-                    message="Too many token requests from this client: try again in "
-                    "{wait} s.", code="slow_down")
+        enforce(request, self.client_limiter,
+                token_client(body, headers.get("Authorization"))
+                or ("address", client_key(request)),
+                message="Too many token requests from this client: try again in "
+                "{wait} s.", code="slow_down")
         return body, headers
 
     async def _client_reply(self, request: IRequest, reply: OAuthReply) -> bytes:

@@ -389,10 +389,11 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
         if row is None or row._mapping["app_id"] != request.client.id:
             return
         if row._mapping["code_id"] is not None:
-            self.revoke_family(row._mapping["code_id"])
-        self.conn.execute(update(oauth_tokens).where(t.id == row._mapping["id"],
-                                                     t.revoked_at.is_(None))
-                          .values(revoked_at=self.now))
+            self.revoke_family(row._mapping["code_id"])  # this row among them
+        else:
+            self.conn.execute(update(oauth_tokens).where(t.id == row._mapping["id"],
+                                                         t.revoked_at.is_(None))
+                              .values(revoked_at=self.now))
 
     def hold_app(self, app_id: int) -> None:
         """Hold app `app_id`'s row shared until the transaction ends: `OAuthProvider.revoke`
