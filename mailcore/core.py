@@ -48,6 +48,7 @@ from mailcore.mailapi.settings import MailApiSettings
 from mailcore.messages import MessageStore
 from mailcore.nodes.registry import NodeRegistry
 from mailcore.oauth import OAuthProvider, OAuthPruner, OAuthSettings
+from mailcore.periodic import PeriodicService
 from mailcore.queue.assembly import Queue, build_queue
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
@@ -340,36 +341,30 @@ class Core:
                 services.insert(1, StuckSessionReaper(self.db, self.clock))
         services.append(self.tokens)
         services.append(self.backup_index)
-        # One node of those sharing the store runs each of these deletes per period: each
-        # node's run would delete the same rows (and wait on the other's row locks).
-        for sweeper in (CredentialSweeper(self.identity, self.clock),
-                        BucketSweeper(self.rate_buckets), SendsSweeper(self.send_caps)):
-            sweeper.leases = self.leases
-            services.append(sweeper)
-        oauth_pruner = OAuthPruner(self.oauth)
-        oauth_pruner.leases = self.leases  # one node prunes the OAuth rows per period
-        services.append(oauth_pruner)
-        safedrop_sweeper = SafedropSweeper(self.safedrop)
-        safedrop_sweeper.leases = self.leases  # one sweep of the shared drops per period
-        services.append(safedrop_sweeper)
-        mail_sweeper = MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval)
-        mail_sweeper.leases = self.leases  # one sweep of the shared files_dir per period
-        services.append(mail_sweeper)
-        gone_sweeper = GoneSweeper(self.mail)
-        gone_sweeper.leases = self.leases  # one node deletes the expired rows per period
-        services.append(gone_sweeper)
+        # One node of those sharing the store runs each of these per period: each node's
+        # run would delete the same rows (and wait on the other's row locks), or sweep the
+        # same shared files.
+        services.extend(self._leased(sweeper) for sweeper in (
+            CredentialSweeper(self.identity, self.clock), BucketSweeper(self.rate_buckets),
+            SendsSweeper(self.send_caps), OAuthPruner(self.oauth),
+            SafedropSweeper(self.safedrop),
+            MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval),
+            GoneSweeper(self.mail)))
         if self.shared_store:
             services.append(self.node_registry)
         if self.webhooks.sender is not None:
             services.append(self.webhooks.sender)
-            webhook_pruner = WebhookPruner(self.webhooks, self.clock)
-            webhook_pruner.leases = self.leases  # one node prunes the delivery log per period
-            services.append(webhook_pruner)
+            services.append(self._leased(WebhookPruner(self.webhooks, self.clock)))
         if self.verifier.settings.verify_domains:
             services.append(self.verifier)
         if self.certificate is not None:
             services.append(self.certificate)
         return services
+
+    def _leased(self, service: PeriodicService) -> PeriodicService:
+        """`service`, run on one node of those sharing the store per period."""
+        service.leases = self.leases
+        return service
 
     def listener_services(self, reactor: IReactorTCP) -> list[IService]:
         """Non-HTTP listeners: one per `config.smtp_endpoints`, all sharing one SMTP factory
