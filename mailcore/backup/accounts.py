@@ -44,6 +44,7 @@ from sqlalchemy import Connection, func, select
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailcore.config import ConfigError, unknown_key
 from mailcore.fetch.accounts import (
@@ -112,25 +113,17 @@ async def login_within(clock: IReactorTime, deadline: float | None,
     deadline but the command deadline's); past them the opening is cancelled (its
     connection closed) and FetchTimeout raised."""
     d = defer.Deferred.fromCoroutine(opening)
-    if deadline is None:
-        return await d
-    expired = False
+    if deadline is not None:
+        d.addTimeout(deadline, clock, onTimeoutCancel=_no_login_within)
+    return await d
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        d.cancel()
 
-    timer = clock.callLater(deadline, expire)
-    try:
-        return await d
-    except Exception:
-        if expired:  # cancelled, whatever the opening made of it (a connect: ConnectFailed)
-            raise FetchTimeout(f"no login within {deadline:g} s") from None
-        raise
-    finally:
-        if timer.active():
-            timer.cancel()
+def _no_login_within(result: Any, timeout: float) -> Any:
+    """`Deferred.addTimeout`'s answer for an opening cancelled at its deadline: whatever
+    the opening made of the cancel (a connect: ConnectFailed), FetchTimeout."""
+    if isinstance(result, Failure):
+        raise FetchTimeout(f"no login within {timeout:g} s")
+    return result
 
 
 class BackupError(Exception):
