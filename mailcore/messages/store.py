@@ -1295,13 +1295,11 @@ class MessageStore:
             parsed = await self.parse([f.raw for f in fetched])
         run = self.db.run_relaxed if relaxed else self.db.run
         items = list(zip(fetched, parsed, strict=True))
-        if also is None:
-            return await run("store_message_batch", thd_store_batch, where, items, self.now(),
-                             rescan)
 
         def txn(conn: Connection, now: datetime.datetime) -> StoreResult:
             stored = thd_store_batch(conn, where, items, now, rescan)
-            also(conn, stored)
+            if also is not None:
+                also(conn, stored)
             return stored
 
         return await run("store_message_batch", txn, self.now())
