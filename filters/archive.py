@@ -29,6 +29,7 @@ from itertools import pairwise
 # their signatures and fixed sizes. zipfile holds the same values (stringFileHeader,
 # sizeEndCentDir, ...) as module globals outside its __all__, undocumented and absent from
 # typeshed's stubs (mypy refuses them): names it may change, not an API to build on.
+# (ZIP_MAX_COMMENT, the one of them the stubs name, is used.)
 _LOCAL = b"PK\x03\x04"  # a local file header: 30 bytes, then its name and extra field
 _LOCAL_SIZE = 30
 _CENTRAL = b"PK\x01\x02"  # a central directory file header
