@@ -229,10 +229,7 @@ class Core:
             max_attachment_bytes=self.mailapi_settings.max_attachment_bytes,
             max_message_bytes=self.mailapi_settings.max_message_bytes,
             quota_bytes=self.mailapi_settings.mailbox_quota_bytes,
-            # SQLite: a post commits in the spool's group commit (its writers take turns on
-            # one lock, and a commit of its own cost an fsync); PostgreSQL groups
-            # concurrent commits itself, and a post's row locks would hold the queue's lane.
-            ride=self.spool.ride if self.db.is_sqlite else None,
+            ride=self.spool.ride if self.spool.takes_riders else None,
             caps=self.send_caps,
         )
         self.outbox = OutboxSender(self.db, self.clock, self.spool, leases=self.leases)

@@ -514,6 +514,14 @@ class Spool:
         self._kick()
         return chore.done
 
+    @property
+    def takes_riders(self) -> bool:
+        """Whether the API's small writes should ride the group commit (`ride`): on SQLite,
+        where writers take turns on one lock and a commit of their own costs an fsync;
+        PostgreSQL groups concurrent commits itself, and a rider's row locks (a send-cap
+        lock among them) would hold up the queue's lane and deadlock two nodes' groups."""
+        return self.db.is_sqlite
+
     def ride(self, name: str, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Run a small write `fn(conn, *args)` in the next group commit, in a savepoint of
         its own (its failure is its own: the group's messages still commit); with no group

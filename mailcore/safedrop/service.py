@@ -359,7 +359,7 @@ class SafedropService:
             return len(mails)
 
         try:
-            if self.db.is_sqlite:
+            if self.spool.takes_riders:
                 return await self.spool.ride("safedrop_send", txn)
             return await self.db.run("safedrop_send", txn)
         except SendCapped as e:
