@@ -49,9 +49,9 @@ from twisted.python.failure import Failure
 from mailcore.config import ConfigError, unknown_key
 from mailcore.fetch.accounts import (
     DEFAULT_PORTS,
-    MAILBOX_FIELDS,
     Account,
     Accounts,
+    moves_mailbox,
     validate,
 )
 from mailcore.fetch.engine import SyncEngine
@@ -353,7 +353,7 @@ class BackupAccounts:
             checked = {**fields, **validate(dict(fields), stored)}
         except AccountError as e:
             raise BackupError(e.message, e.field) from None
-        if any(checked.get(k, stored[k]) != stored[k] for k in MAILBOX_FIELDS):
+        if moves_mailbox(checked, current):
             await self.accounts.mailbox_taken(user_id, {**stored, **checked}, account_id)
         if any(k in checked and checked[k] != stored[k] for k in LOGIN_FIELDS if k in stored) \
                 or "password" in checked:

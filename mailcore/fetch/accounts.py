@@ -287,7 +287,7 @@ def thd_same_mailbox(conn: Connection, user_id: int, values: dict[str, Any],
         raise MailboxTaken(int(found), values["host"], values["port"], values["username"])
 
 
-def _moves_mailbox(changes: dict[str, Any], current: Account) -> bool:
+def moves_mailbox(changes: dict[str, Any], current: Account) -> bool:
     """Whether `changes` (checked columns) name another mailbox than `current` does: an
     account made before one per mailbox was asked for may share its mailbox with another,
     and may still be changed otherwise (its password, say)."""
@@ -388,7 +388,7 @@ class Accounts:
                 _lock_user(conn, user_id)
             current = thd_get_account(conn, user_id, account_id)
             clean = validate(values, current.__dict__)
-            if one_per_mailbox and _moves_mailbox(clean, current):
+            if one_per_mailbox and moves_mailbox(clean, current):
                 thd_same_mailbox(conn, user_id, {**current.__dict__, **clean}, account_id)
             if "password" in clean:
                 clean["password_enc"] = secrets.encrypt(clean.pop("password"))
