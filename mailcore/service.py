@@ -12,6 +12,8 @@ from __future__ import annotations
 import faulthandler
 import gc
 import signal
+import sys
+from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application import service
@@ -302,10 +304,24 @@ def makeService(options: DaemonOptions) -> service.MultiService:
 
 def enable_stack_dumps() -> None:
     """`kill -USR2` writes every thread's Python stack to stderr (faulthandler): what a
-    daemon that stopped answering, or takes long to shut down, is doing. The dump is written
-    by the signal handler itself, so it works while the reactor thread is stuck; the daemon
-    carries on. (SIGUSR1 is twistd's: it rotates the log.)"""
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    daemon that stopped answering, or takes long to shut down, is doing; the daemon carries
+    on. (SIGUSR1 is twistd's: it rotates the log.) Called in the main thread.
+
+    The dump is made by a Python signal handler, which Python runs in the main thread
+    between two bytecodes, holding the GIL, so no other thread changes its frames while
+    they are read. faulthandler's own handler (`faulthandler.register`) dumps inside the
+    C signal handler while the other threads run: it read frames they were popping and
+    killed the daemon with SIGSEGV, within a few signals under load (CPython gh-116008).
+    A reactor stuck in Python code (a loop, a wait on a lock, a blocking call) still
+    dumps at once, which is the hang this is for; one stuck in a C call that holds the GIL
+    dumps when that call returns.
+    """
+    stderr = sys.stderr.fileno()  # twistd replaces sys.stderr when its logging starts
+
+    def dump(signum: int, frame: FrameType | None) -> None:
+        faulthandler.dump_traceback(stderr, all_threads=True)
+
+    signal.signal(signal.SIGUSR2, dump)
 
 
 def settle_heap() -> None:

@@ -229,6 +229,64 @@ class DaemonLifecycleTests(DaemonTestCase):
         self.assertRegex(result.out, r"\n\s+mailcore\s+Mail gateway")
 
 
+# A process under load: three threads in deep recursion and one starting and ending threads,
+# so frames are pushed and popped all the time, and the main thread busy as a reactor is.
+_BUSY_PROCESS = """
+import threading
+from mailcore.service import enable_stack_dumps
+
+enable_stack_dumps()
+
+def deep(n):
+    return 0 if n == 0 else deep(n - 1) + 1
+
+def churn():
+    while True:
+        deep(200)
+
+def spawn():
+    while True:
+        thread = threading.Thread(target=deep, args=(50,))
+        thread.start()
+        thread.join()
+
+for _ in range(3):
+    threading.Thread(target=churn, daemon=True).start()
+threading.Thread(target=spawn, daemon=True).start()
+print("ready", flush=True)
+while True:
+    deep(100)
+"""
+
+
+class StackDumpTests(TestCase):
+    async def test_dumps_of_a_busy_process_never_kill_it(self) -> None:
+        """`kill -USR2` again and again while other threads run Python: every dump is
+        whole, the main thread's included, and the process lives on. (faulthandler's own
+        C-level handler read the frames of running threads and died of SIGSEGV within a
+        few signals here.)"""
+        process = ServerProcess(
+            [sys.executable, "-c", _BUSY_PROCESS], name="busy", env=_env(), grace=2.0
+        ).start()
+        self.addCleanup(process.stop)
+        reactor = get_reactor()
+        deadline = reactor.seconds() + 30
+        while "ready" not in process.stdout_path.read_text():
+            self.assertTrue(process.running(), process.log())
+            self.assertLess(reactor.seconds(), deadline, process.log())
+            await sleep(0.02)
+        for dumps in range(1, 31):
+            os.kill(process.pid, signal.SIGUSR2)
+            while process.stderr_path.read_text().count("Current thread") < dumps:
+                self.assertTrue(process.running(), f"died after {dumps - 1} dumps: {process.log()}")
+                self.assertLess(reactor.seconds(), deadline, process.log())
+                await sleep(0.01)
+        self.assertTrue(process.running(), process.log())
+        dump = process.stderr_path.read_text()
+        self.assertIn("in churn", dump)
+        self.assertIn('File "<string>"', dump)
+
+
 class DaemonRunDirTests(DaemonTestCase):
     async def test_a_relative_data_dir_is_the_one_where_it_was_started(self) -> None:
         """twistd changes to its --rundir after makeService: the services still use the
