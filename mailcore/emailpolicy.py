@@ -131,6 +131,20 @@ def header_breaks(name: str, value: str) -> bool:
         return True
 
 
+def header_as_written(name: str, value: str) -> bool:
+    """Whether `value`, set as header field `name` of a message we build, is read back as
+    it is written: no control character, and no RFC 2047 encoded word that the email package
+    (and a mail reader) would decode. A value taken from mail (a recipient's local part
+    spelling `=?utf-8?b?DQpCY2M6...?=`) would otherwise be refused (a line break once
+    decoded) or show what the word encodes rather than the address."""
+    if has_control(value):
+        return False
+    try:
+        return str(SMTP.header_factory(name, value)) == value
+    except Exception:
+        return False
+
+
 def filename_breaks(name: str) -> bool:
     """Whether an attachment named `name` would be refused by the policy we send with (its
     `filename` parameter decodes to a line break), or holds a control character itself."""

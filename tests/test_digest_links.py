@@ -5,16 +5,19 @@ releases)."""
 from __future__ import annotations
 
 import email
+import email.policy
 import re
 import stat
 import threading
 from typing import Any
 
+import sqlalchemy as sa
 from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailcore.gateway.quarantine import MAX_DIGEST_ITEMS, LinkSigner, ToKeep, render
+from mailcore.store.schema import domains
 from mailcore.workers import CpuPool
 from tests.support.pages import form_credentials
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
@@ -183,6 +186,113 @@ class DigestTests(TestCase):
         text = ann.get_payload(decode=True).decode()  # type: ignore[union-attr]
         text = text.replace("\r\n", "\n")
         self.assertTrue(text.startswith("Items:\n* first https://links.q.test/"), text)
+
+    async def keep_for(self, rcpt: str, subject: bytes, sender: str = "spammer@x.test"
+                       ) -> None:
+        """Quarantine a message with the raw Subject `subject` for `rcpt` at q.test (any
+        local part: a domain without an address list takes every one)."""
+        dom = self.gw.core.domains.lookup("q.test")
+        assert dom is not None
+        self.seq = getattr(self, "seq", 0) + 1
+        body = (b"From: s@x.test\r\nSubject: " + subject + b"\r\nMIME-Version: 1.0\r\n"
+                b"Content-Type: text/plain\r\n\r\n" + GTUBE + b"\r\n")
+        await self.gw.core.quarantine.keep(
+            [ToKeep(f"QHOSTILE{self.seq}", sender, rcpt, dom.id, "spam", "GTUBE")], body)
+
+    def assertWellFormed(self, raw: bytes) -> email.message.Message:
+        """`raw` parses under policy.strict, each line at most 998 octets, one To and one
+        Subject, no Bcc: a digest a spammer's text could not reshape."""
+        parsed = email.message_from_bytes(raw, policy=email.policy.strict)
+        self.assertLessEqual(max(len(line) for line in raw.split(b"\r\n")), 998)
+        self.assertEqual(parsed.defects, [])
+        for name in ("To", "Subject", "From", "Date", "Message-ID"):
+            self.assertEqual(len(parsed.get_all(name, [])), 1, name)
+        self.assertIsNone(parsed["Bcc"])
+        return parsed
+
+    async def test_an_address_that_decodes_to_a_line_break_stops_no_digest(self) -> None:
+        """A domain without an address list takes any local part: one that is an RFC 2047
+        word decoding to CR LF made the digest unbuildable (the Subject and To fields
+        holding it were refused), and the exception ended the run: every recipient after
+        it (this one sorts first) got no digest, run after run."""
+        poison = "=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?=@q.test"
+        await self.keep_for(poison, b"poisoned")
+        self.tick()
+        got = {tuple(r): raw for _s, r, raw in self.gw.delivered() if _s == ""}
+        self.assertEqual(set(got), {(poison,), ("ann@q.test",), ("joe@q.test",)})
+        for raw in got.values():
+            self.assertWellFormed(raw)
+        digest = email.message_from_bytes(got[(poison,)])
+        self.assertEqual((digest["To"], digest["Subject"]),
+                         ("undisclosed-recipients:;", "Quarantine summary: 1 new message(s)"))
+        self.assertIn(b"poisoned", digest.get_payload(decode=True))  # type: ignore[arg-type]
+        self.assertEqual(len(self.digests()), 3)
+        self.tick()
+        self.assertEqual(len(self.digests()), 3)  # digested once, like the others
+
+    async def test_an_address_spelling_an_encoded_word_is_not_decoded(self) -> None:
+        # "=?utf-8?q?Your_account_is_closed?=@q.test" was written "Your account is
+        # closed@q.test" in the digest's To and Subject.
+        spoof = "=?utf-8?q?Your_account_is_closed?=@q.test"
+        await self.keep_for(spoof, b"spoof")
+        self.tick()
+        [raw] = [raw for _s, r, raw in self.gw.delivered() if r == [spoof]]
+        digest = self.assertWellFormed(raw)
+        self.assertEqual((digest["To"], digest["Subject"]),
+                         ("undisclosed-recipients:;", "Quarantine summary: 1 new message(s)"))
+        self.assertNotIn(b"Your account", raw.split(b"\r\n\r\n")[0])
+
+    async def store_templates(self, **columns: str) -> None:
+        """Set q.test's digest columns in the store as they are (past the checks of
+        `domains.update`, as values stored before a check was added)."""
+        await self.gw.core.db.run(
+            "set_templates", lambda conn: conn.execute(
+                sa.update(domains).where(domains.c.name == "q.test").values(**columns)))
+
+    async def test_an_encoded_word_in_a_subject_template_is_the_owners_to_write(
+            self) -> None:
+        await self.gw.core.identity.set_plan(self.user.id, "agency")
+        await self.gw.core.domains.update("q.test", {
+            "resume_template_subject": "=?utf-8?q?R=C3=A9sum=C3=A9?= {count} for {email}"})
+        self.tick()
+        raw = dict((tuple(r), b) for _s, r, b in self.gw.delivered())[("ann@q.test",)]
+        ann = email.message_from_bytes(raw, policy=email.policy.default)
+        self.assertEqual(ann["Subject"], "R\u00e9sum\u00e9 2 for ann@q.test")
+
+    async def test_templates_that_decode_to_a_line_break_stop_no_digest(self) -> None:
+        # An agency domain's Subject template and Reply-To were checked for control
+        # characters only (as those stored then still are): an RFC 2047 word decoding to
+        # CR LF was refused by the email package, and that ended the run for every
+        # recipient after it.
+        await self.gw.core.identity.set_plan(self.user.id, "agency")
+        await self.store_templates(
+            resume_template_subject="=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?= {count}",
+            resume_reply_to="=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?=@q.test")
+        self.tick()
+        got = {tuple(r): raw for s, r, raw in self.gw.delivered() if s == ""}
+        self.assertEqual(set(got), {("ann@q.test",), ("joe@q.test",)})
+        ann = self.assertWellFormed(got[("ann@q.test",)])
+        self.assertEqual(ann["Subject"], "Quarantine summary: 2 new message(s)")
+        self.assertIsNone(ann["Reply-To"])
+
+    async def test_a_digest_that_cannot_be_built_stops_no_other(self) -> None:
+        service = self.gw.core.quarantine
+        build = service.digest_message
+
+        def fails_for_ann(items: Any, **kwargs: Any) -> bytes:
+            if items[0].email == "ann@q.test":
+                raise ValueError("unbuildable")
+            return build(items, **kwargs)
+
+        service.digest_message = fails_for_ann  # type: ignore[method-assign]
+        self.tick()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual([r for r, _m in self.digests()], [["joe@q.test"]])
+        service.digest_message = build  # type: ignore[method-assign]
+        self.assertEqual(await service.resume_digests(), 1)  # the run was left unfinished
+        self.gw.clock.advance(1)
+        self.assertEqual(sorted(r for r, _m in self.digests()),
+                         [["ann@q.test"], ["joe@q.test"]])
 
     async def release_link(self) -> tuple[str, str]:
         self.tick()

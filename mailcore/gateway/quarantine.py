@@ -32,6 +32,13 @@ substitution of `{name}`; anything else stays as written:
 - body (`resumeTemplateBody`): {email} {domain} {count} {items}
 - item (`resumeTemplateResume`, one per message, joined into {items}): {date} {mailfrom}
   {subject} {link} {ident} {email} {reason}
+The recipient's address and the Reply-To are written as spelt or not at all
+(`header_as_written`): a domain without an address list takes any local part, and one
+spelling an RFC 2047 word (`=?utf-8?b?DQpCY2M6...?=`) would be decoded. Such a digest goes
+`To: undisclosed-recipients:;`, and its Subject is `PLAIN_SUBJECT` if the template names
+{email}; so is a Subject that would hold a line break once decoded. A digest that cannot
+be built is logged and leaves the run unfinished (resumed later); it stops no other
+recipient's.
 
 ```toml
 [quarantine]
@@ -76,7 +83,7 @@ from twisted.logger import Logger
 
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number
-from mailcore.emailpolicy import SMTP
+from mailcore.emailpolicy import SMTP, header_as_written, header_breaks
 from mailcore.files import secret_key_file
 from mailcore.outages import log_failure
 from mailcore.periodic import InFlight
@@ -106,6 +113,11 @@ MAX_DIGEST_ITEMS = 200
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
 DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
+# The Subject of a digest whose own would not be read as written (the recipient's address,
+# taken as a domain without an address list takes any, spells an RFC 2047 word).
+PLAIN_SUBJECT = "Quarantine summary: {count} new message(s)"
+# The To of a digest whose recipient's address would not be read as written.
+NO_TO = "undisclosed-recipients:;"
 DEFAULT_BODY = (
     "Hello,\n\n"
     "{count} message(s) addressed to {email} were held in quarantine by the filters of\n"
@@ -828,8 +840,16 @@ class QuarantineService(Service):
                 continue  # the plan changed since sendResume was set
             build = functools.partial(self.digest_message, items, agency=plan.agency_options,
                                       more=more, at=self.clock.seconds())
-            message = await (self.cpu.run(build) if self.cpu is not None else
-                             defer.maybeDeferred(build))
+            try:
+                message = await (self.cpu.run(build) if self.cpu is not None else
+                                 defer.maybeDeferred(build))
+            except Exception:
+                # One recipient's digest (what its mail or its domain's templates hold)
+                # stops no other's: the run goes on, and is resumed for this one.
+                log.failure("building a quarantine digest for {email} failed",
+                            email=items[0].email)
+                complete = False
+                continue
             sender = self.settings.digest_sender
             envelope = Envelope(sender, (Recipient(items[0].email, domain_id),), kind="digest")
             # Marked digested in the transaction that queues the digest: a crash between
@@ -875,16 +895,25 @@ class QuarantineService(Service):
             lines.append(render(MORE_ITEMS, {"more": f"{more:,}", "domain": first.domain_name}))
         values = {"email": first.email, "domain": first.domain_name,
                   "count": str(len(items) + more)}
-        subject = render(custom(first.resume_template_subject) or DEFAULT_SUBJECT, values)
+        subject_template = custom(first.resume_template_subject) or DEFAULT_SUBJECT
+        subject = " ".join(render(subject_template, values).split())
         body = render(custom(first.resume_template_body) or DEFAULT_BODY,
                       {**values, "items": "\n".join(lines)})
+        # The recipient's address and the domain's Reply-To as written, or not at all: a
+        # value the email package reads otherwise (an RFC 2047 word in it is decoded) is
+        # refused when it decodes to a line break, or shows what its words encode. The
+        # Subject template is the owner's, RFC 2047 words included, unless they break it.
+        to_as_written = header_as_written("To", first.email)
+        if header_breaks("Subject", subject) or (
+                not to_as_written and "{email}" in subject_template):
+            subject = render(PLAIN_SUBJECT, values)
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.settings.digest_from or f"quarantine@{self.hostname}"
-        msg["To"] = first.email
+        msg["To"] = first.email if to_as_written else NO_TO
         reply_to = custom(first.resume_reply_to)
-        if reply_to:
+        if reply_to and header_as_written("Reply-To", reply_to):
             msg["Reply-To"] = reply_to
-        msg["Subject"] = " ".join(subject.split())
+        msg["Subject"] = subject
         msg["Date"] = email.utils.format_datetime(
             datetime.datetime.fromtimestamp(at, datetime.UTC))
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
