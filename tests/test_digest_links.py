@@ -16,7 +16,13 @@ from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from mailcore.gateway.quarantine import MAX_DIGEST_ITEMS, LinkSigner, ToKeep, render
+from mailcore.gateway.quarantine import (
+    MAX_DIGEST_ITEMS,
+    MAX_ITEM_SUBJECT,
+    LinkSigner,
+    ToKeep,
+    render,
+)
 from mailcore.store.schema import domains
 from mailcore.workers import CpuPool
 from tests.support.pages import form_credentials
@@ -103,6 +109,24 @@ class DigestTests(TestCase):
         later = self.digests()[2][1]
         self.assertEqual(later["Subject"],
                          "Quarantine summary for ann@q.test: 1 new message(s)")
+
+    async def test_long_subjects_are_cut_in_a_digest(self) -> None:
+        """A spammer's Subject may be as long as the header block a message keeps (64 KB):
+        MAX_DIGEST_ITEMS of them made a digest of 17 MB, which a next hop's size limit
+        refuses (the recipient never saw the digest), of lines longer than 998 octets."""
+        dom = self.gw.core.domains.lookup("q.test")
+        assert dom is not None
+        await self.gw.core.quarantine.keep(
+            [ToKeep(f"QLONG{n}", "spammer@x.test", "ann@q.test", dom.id, "spam", "GTUBE")
+             for n in range(MAX_DIGEST_ITEMS)], message("x" * 60_000, GTUBE))
+        self.tick()
+        ann = dict((tuple(r), raw) for _s, r, raw in self.gw.delivered())[("ann@q.test",)]
+        self.assertLess(len(ann), 500 * MAX_DIGEST_ITEMS)
+        text = email.message_from_bytes(ann).get_payload(decode=True).decode()  # type: ignore[union-attr]
+        line = "Subject: " + "x" * (MAX_ITEM_SUBJECT - 1) + "\u2026\r\n"
+        self.assertEqual(text.count(line), MAX_DIGEST_ITEMS)
+        self.assertEqual(len(LINK.findall(text)), MAX_DIGEST_ITEMS)
+        self.assertLessEqual(max(len(line) for line in ann.split(b"\r\n")), 998)
 
     async def test_one_digest_for_every_spelling_of_an_address(self) -> None:
         # Held for "ünal" composed, decomposed and in capitals (as senders spelled it): one

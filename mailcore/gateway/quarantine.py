@@ -32,6 +32,7 @@ substitution of `{name}`; anything else stays as written:
 - body (`resumeTemplateBody`): {email} {domain} {count} {items}
 - item (`resumeTemplateResume`, one per message, joined into {items}): {date} {mailfrom}
   {subject} {link} {ident} {email} {reason}
+  ({subject}: its first MAX_ITEM_SUBJECT characters, "…" when it is longer)
 The recipient's address and the Reply-To are written as spelt or not at all
 (`header_as_written`): a domain without an address list takes any local part, and one
 spelling an RFC 2047 word (`=?utf-8?b?DQpCY2M6...?=`) would be decoded. Such a digest goes
@@ -111,6 +112,10 @@ MAX_PAGE = 1000
 # 9 MB, 50,000 links built in 2 s.
 MAX_DIGEST_ITEMS = 200
 _DIGITS = re.compile(r"[0-9]{1,20}")
+# The most characters of a held message's Subject a digest item shows (its end cut, "…"):
+# a spammer's may be as long as the header block a message keeps (64 KB), and
+# MAX_DIGEST_ITEMS of those made a digest of 17 MB, more than a next hop takes.
+MAX_ITEM_SUBJECT = 200
 
 DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
 # The Subject of a digest whose own would not be read as written (the recipient's address,
@@ -259,6 +264,11 @@ def decoded_subject(body: bytes) -> str:
     except Exception:
         return ""
     return storable(replace_cc(" ".join(text.split())))
+
+
+def _cut(text: str, most: int) -> str:
+    """`text`, or its first `most` - 1 characters and "…" when it is longer."""
+    return text if len(text) <= most else text[: most - 1] + "\u2026"
 
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -888,7 +898,8 @@ class QuarantineService(Service):
         for row in items:
             lines.append(render(item_template, {
                 "date": rfc3339(row.created_at), "mailfrom": shown(row.mailfrom or "<>"),
-                "subject": shown(row.subject), "link": self.link(row.ident, hostname, at),
+                "subject": _cut(shown(row.subject), MAX_ITEM_SUBJECT),
+                "link": self.link(row.ident, hostname, at),
                 "ident": row.ident, "email": row.email, "reason": row.reason,
             }))
         if more:
