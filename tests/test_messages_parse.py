@@ -36,6 +36,16 @@ class HeaderDecodingTests(TestCase):
         self.assertEqual(decode_header_value("Hello\r\n  =?x-bogus?q?w=C3=B6rld?="),
                          "Hello  wörld")
 
+    def test_a_word_in_a_codec_that_is_no_text_encoding_is_read_as_text(self) -> None:
+        # codecs knows "hex", "zlib", "rot13", "uu" (bytes to bytes: str.decode refuses
+        # them) and "idna" (no errors="replace"): a sender's word labelled so raised, and
+        # the whole message was stored "unreadable", with its raw headers only.
+        for label in ("hex", "zlib", "rot13", "uu", "idna", "base64"):
+            self.assertEqual(decode_header_value(f"=?{label}?q?abc?= x"), "abc x", label)
+        parsed = parse_message(msg("Subject: =?hex?q?win?= a prize\nFrom: s@x.test"))
+        self.assertEqual((parsed.subject, parsed.sender, parsed.problems),
+                         ("win a prize", "s@x.test", []))
+
     def test_eight_bit_headers_as_utf8_or_cp1252(self) -> None:
         raw = b"Subject: r\xc3\xa9sum\xc3\xa9\r\nFrom: Fran\xe7ois <f@x.test>\r\n\r\nx\r\n"
         parsed = parse_message(raw)

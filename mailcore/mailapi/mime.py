@@ -419,10 +419,7 @@ def _body_text(raw: bytes, part: MIMEPart, span: tuple[int, int] | None, most: i
         # reads it (UTF-8, else Windows-1252) rather than dropping the text.
         data = whole.get_payload(decode=True)
         data = data if isinstance(data, bytes) else b""
-        try:
-            content = decode_bytes(data, str(part.get_param("charset", "")))
-        except LookupError:  # a codec that is no text encoding ("hex", "base64")
-            content = decode_bytes(data, None)
+        content = decode_bytes(data, str(part.get_param("charset", "")))
     if not isinstance(content, str):
         return "", False
     text = storable(content.replace("\r\n", "\n"))

@@ -129,17 +129,24 @@ def _codec(charset: str | None) -> str | None:
 
 
 def decode_bytes(data: bytes, charset: str | None) -> str:
-    """Bytes in a declared charset to str; unknown or ASCII labels try UTF-8, then cp1252."""
+    """Bytes in a declared charset to str; unknown or ASCII labels try UTF-8, then cp1252,
+    as do labels of codecs that are no text encoding ("hex", "zlib", "rot13": str.decode
+    refuses them) or that take no `errors="replace"` ("idna"). Never raises: the label is
+    the sender's, and one such encoded word in a Subject made the whole message
+    unreadable."""
     codec = _codec(charset)
-    if codec is None or codec == "ascii":
+    if codec is not None and codec != "ascii":
+        if codec == "iso8859-1":
+            # Mail labelled Latin-1 is very often Windows-1252 (curly quotes, euro sign).
+            codec = "windows-1252"
         try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return data.decode("windows-1252", errors="replace")
-    if codec == "iso8859-1":
-        # Mail labelled Latin-1 is very often Windows-1252 (curly quotes, euro sign).
-        codec = "windows-1252"
-    return data.decode(codec, errors="replace")
+            return data.decode(codec, errors="replace")
+        except (LookupError, UnicodeError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("windows-1252", errors="replace")
 
 
 _ESCAPED_8BIT = re.compile("[\udc80-\udcff]")
