@@ -40,6 +40,21 @@ class DecodedSubjectTests(TestCase):
                          "caf\u00e9 au lait")
 
 
+    def test_raw_utf8_and_odd_charsets_are_read(self) -> None:
+        # A Subject in raw UTF-8 (SMTPUTF8 mail, and much spam) was U+FFFD for each of its
+        # bytes; a word in a charset Python does not know, or holding a byte its charset
+        # does not, or in a codec that is no text encoding, lost the whole Subject.
+        for raw, text in [
+            ("Subject: r\u00e9sum\u00e9 \u2014 \u4f60\u597d".encode(),
+             "r\u00e9sum\u00e9 \u2014 \u4f60\u597d"),
+            (b"Subject: Fran\xe7ois", "Fran\u00e7ois"),
+            (b"Subject: =?x-unknown?q?hello?= world", "hello world"),
+            (b"Subject: =?utf-8?q?bad=FF?= byte", "bad\ufffd byte"),
+            (b"Subject: =?hex?q?win?= a prize", "win a prize"),
+        ]:
+            self.assertEqual(decoded_subject(raw + b"\r\n\r\nbody\r\n"), text, raw)
+
+
 class KeepTestsMixin(MixinBase):
     backend = ""
     timeout = 60

@@ -67,7 +67,6 @@ import secrets
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -86,6 +85,7 @@ from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number
 from mailcore.emailpolicy import SMTP, header_as_written, header_breaks
 from mailcore.files import secret_key_file
+from mailcore.messages.parse import decode_header_value
 from mailcore.outages import log_failure
 from mailcore.periodic import InFlight
 from mailcore.queue.model import header_block
@@ -250,17 +250,22 @@ def new_ident(when: datetime.datetime) -> str:
 
 
 def decoded_subject(body: bytes) -> str:
-    """The message's Subject, RFC 2047 words decoded; "" when absent or unreadable.
+    """The message's Subject, RFC 2047 words and raw 8-bit text decoded as the message
+    store decodes them (`decode_header_value`: UTF-8, else Windows-1252; a word in a charset
+    Python does not know, or holding bytes its charset does not, read all the same); ""
+    when absent or unreadable.
 
     It is one line of text for the quarantine's pages and digests and a column of the
     store: a control character an encoded word carried (NUL, which PostgreSQL refuses; ESC)
     becomes U+FFFD, as does a lone surrogate, so whatever the sender wrote can be kept."""
     try:
         headers = BytesHeaderParser().parsebytes(header_block(body))
-        raw = headers.get("Subject")
+        # As written (raw 8-bit bytes surrogate-escaped): compat32's get() makes a Header
+        # of them, whose text has U+FFFD for each byte of a UTF-8 Subject.
+        raw = next((v for k, v in headers.raw_items() if k.lower() == "subject"), None)
         if raw is None:
             return ""
-        text = str(make_header(decode_header(str(raw))))
+        text = decode_header_value(str(raw))
     except Exception:
         return ""
     return storable(replace_cc(" ".join(text.split())))
