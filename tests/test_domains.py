@@ -180,7 +180,10 @@ class DomainServiceTests(TestCase):
         await self.domains.add("example.com", alice, "mx.example.net")
         for bad in ("a,b@x.test", "a:b@x.test;", "<a@x.test>", "a\x1bb@x.test",
                     "a@x.test\x7f", "a b@x.test", "a(c)@x.test", "a@", "@x.test", "a@b@x.test",
-                    "a..b@x.test", "a@x_y.test", "Bob <b@x.test>", "x" * 65 + "@x.test"):
+                    "a..b@x.test", "a@x_y.test", "Bob <b@x.test>", "x" * 65 + "@x.test",
+                    # RFC 2047 words: a line break, or a name, once decoded.
+                    "=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?=@x.test",
+                    "=?utf-8?q?Support?=@x.test"):
             with self.subTest(bad=bad), self.assertRaises(DomainError) as cm:
                 await self.domains.update("example.com", {"resume_reply_to": bad})
             self.assertEqual(cm.exception.field, "resume_reply_to")
@@ -189,6 +192,19 @@ class DomainServiceTests(TestCase):
             with self.subTest(good=good):
                 stored = await self.domains.update("example.com", {"resume_reply_to": good})
                 self.assertEqual(stored.resume_reply_to, good.strip())
+
+    async def test_a_subject_template_that_decodes_to_a_line_break_is_refused(self) -> None:
+        # The digests' Subject: an RFC 2047 word decoding to CR LF was taken (only raw
+        # control characters were refused), and made every digest of the domain unbuildable.
+        alice = await self.user("alice")
+        await self.domains.add("example.com", alice, "mx.example.net")
+        for bad in ("=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?= {count}", "held\r\nBcc: x@y"):
+            with self.subTest(bad=bad), self.assertRaises(DomainError) as cm:
+                await self.domains.update("example.com", {"resume_template_subject": bad})
+            self.assertEqual(cm.exception.field, "resume_template_subject")
+        good = "=?utf-8?q?R=C3=A9sum=C3=A9?= {count} for {email}"
+        stored = await self.domains.update("example.com", {"resume_template_subject": good})
+        self.assertEqual(stored.resume_template_subject, good)
 
     async def test_update_changes_only_what_is_given(self) -> None:
         alice = await self.user("alice")

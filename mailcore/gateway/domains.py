@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.config import ConfigError, is_positive_number
+from mailcore.emailpolicy import header_as_written, header_breaks
 from mailcore.gateway.redirects import RedirectForbidden, RedirectPolicy
 from mailcore.outages import told
 from mailcore.periodic import PeriodicService
@@ -387,8 +388,9 @@ def _check_text(value: Any, field: str) -> str | None:
         raise DomainError(f"{field} is longer than 100000 characters.", field)
     # The digest's templates: its Subject is one header line (a control character there
     # would split or corrupt it), its body and item lines text someone reads.
-    if field == "resume_template_subject" and has_control(value):
-        raise DomainError(f"{field} may not hold control characters.", field)
+    if field == "resume_template_subject" and header_breaks("Subject", value):
+        raise DomainError(f"{field} may not hold control characters, nor RFC 2047 words "
+                          "that decode to them.", field)
     if has_control_multiline(value):
         raise DomainError(
             f"{field} may not hold control characters other than TAB, CR and LF.", field)
@@ -401,8 +403,10 @@ def _check_reply_to(value: str) -> str:
     local, _, domain = text.rpartition("@")
     bad = DomainError("resume_reply_to must be an e-mail address (local-part@domain).",
                       "resume_reply_to")
+    # Not an RFC 2047 word either ("=?utf-8?b?DQpCY2M6...?=@x.test" decodes to a line
+    # break): the field is written as spelt or left out of the digest.
     if (len(text) > 254 or has_control(text) or len(local.encode("utf-8")) > 64
-            or not _REPLY_LOCAL.fullmatch(local)):
+            or not _REPLY_LOCAL.fullmatch(local) or not header_as_written("Reply-To", text)):
         raise bad
     try:
         _to_ascii(domain, "resume_reply_to", "resume_reply_to")
