@@ -606,6 +606,9 @@ class RecipientFieldTests(TestCase):
             ("email=", "email"),
             ("email=not-an-address", "email"),
             ("email=a%40b.test%0D%0ABcc%3A+c%40d.test", "email"),
+            # A dot-atom spelling an RFC 2047 word that decodes to CR LF: the notification's
+            # To field could not be written, and the drop's send failed (500).
+            ("email=%3D%3Futf-8%3Fb%3FDQpCY2M6IGV2aWxAeC50ZXN0%3F%3D%40b.test", "email"),
             # What the Mail API refuses too (found by an audit: mail to loopback port 25).
             ("email=a%40localhost", "email"),
             ("email=a%40intranet", "email"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailcore.config import ConfigError, is_positive_number, refuse_unknown
-from mailcore.emailpolicy import header_breaks
+from mailcore.emailpolicy import header_as_written, header_breaks
 from mailcore.mailapi.addresses import normalise_address
 from mailcore.mailapi.errors import MailApiError
 from mailcore.smtp.address import PathError, parse_rcpt_to, relay_refusal
@@ -123,6 +123,10 @@ def check_email(value: str) -> str:
     except MailApiError:
         raise DropError("email", "Enter a valid email address (a fully qualified domain, "
                         "a dot-atom local part).") from None
+    if not header_as_written("To", str(mailbox)):
+        # A local part spelling an RFC 2047 word: the notification's To field would show
+        # what it decodes to, or (a line break) could not be written, failing the send.
+        raise DropError("email", "Enter a valid email address.")
     return str(mailbox)
 
 
