@@ -114,12 +114,12 @@ MAX_DIGEST_ITEMS = 200
 _DIGITS = re.compile(r"[0-9]{1,20}")
 # The most characters of a held message's Subject a digest item shows (its end cut, "…"):
 # a spammer's may be as long as the header block a message keeps (64 KB), and
-# MAX_DIGEST_ITEMS of those made a digest of 17 MB, more than a next hop takes.
+# MAX_DIGEST_ITEMS of those made a digest of 12.5 MB, more than many next hops take.
 MAX_ITEM_SUBJECT = 200
 
 DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
-# The Subject of a digest whose own would not be read as written (the recipient's address,
-# taken as a domain without an address list takes any, spells an RFC 2047 word).
+# The Subject of a digest whose own would decode to a line break, or names {email} when the
+# recipient's address (any, for a domain without an address list) spells an RFC 2047 word.
 PLAIN_SUBJECT = "Quarantine summary: {count} new message(s)"
 # The To of a digest whose recipient's address would not be read as written.
 NO_TO = "undisclosed-recipients:;"
