@@ -2,10 +2,11 @@
 different node ids, each on its own Database and thread pool) on one PostgreSQL and on one
 SQLite file, and each job is done once.
 
-Leased: named periodic jobs (quarantine digests, domain verification passes, the Mail API's
-file and gone sweeps, the OAuth and webhook log prunes, the credential, rate-bucket, API
-sends and safedrop sweeps) and the Mail API's outbox through `job_leases`, account syncs through
-`fetch_accounts.lease_owner`, webhook deliveries through their claim; a node that stalled
+Leased: named periodic jobs (quarantine digests and purges, domain verification passes, the
+Mail API's file and gone sweeps, the OAuth and webhook log prunes, the credential,
+rate-bucket, API sends and safedrop sweeps) and the Mail API's outbox through `job_leases`,
+account syncs through `fetch_accounts.lease_owner`, webhook deliveries through their
+claim; a node that stalled
 past its lease leaves the outcome of the node that took the work over (its late result is
 not recorded). Idempotent (checked here to stay right when two nodes run them at once, as
 they may when one's lease lapsed): the quarantine purge, the credential sweep, the safedrop
@@ -415,6 +416,38 @@ class SharedJobsMixin(DatabaseMixin):
         sent = await gather(qa.leased_digests(), qb.leased_digests())
         self.assertEqual(sorted(sent), [0, 1])
         self.assertEqual([e.recipients[0].address for _n, e in queued], ["bob@customer.test"])
+
+    async def test_the_quarantine_purge_runs_on_one_node_per_period(self) -> None:
+        """Of two nodes' quarantine services, each running its purge timer (started at
+        once, or half a period apart), one purges per `[quarantine] purge_interval`: each
+        node's purge deleted the same old rows at the same time."""
+        qa, qb, _queued, clock, _domain_id = await self.quarantines()
+        purged: list[str] = []
+        for node, name in ((qa, "node-a"), (qb, "node-b")):
+            async def purge(name: str = name) -> int:
+                purged.append(name)
+                return 0
+
+            node.purge = purge  # type: ignore[method-assign]
+            node.startService()
+            self.addCleanup(node.stopService)
+        interval = qa.settings.purge_interval
+
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+            await gather(qa._runs.wait(), qb._runs.wait())
+
+        await advance(0)  # their start: a digest run to resume, none to purge
+        self.assertEqual(purged, [])
+        await advance(interval)  # both timers fire
+        self.assertEqual(len(purged), 1)
+        await qb.stopService()  # node b restarts half a period later
+        await advance(interval / 2)
+        qb.startService()
+        for _ in range(4):  # a's timer, then b's within a's period, twice
+            await advance(interval / 2)
+        self.assertEqual(len(purged), 3)
+        self.assertEqual(purged[1:], ["node-a", "node-a"])
 
     async def test_purges_on_both_nodes_at_once_remove_each_old_message_once(self) -> None:
         qa, qb, _queued, clock, domain_id = await self.quarantines()

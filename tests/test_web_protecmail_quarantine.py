@@ -5,13 +5,16 @@ releasable after a crash before the queue committed it)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
+from mailcore.gateway import quarantine as quarantine_module
 from mailcore.gateway.quarantine import ALREADY, MISSING, RELEASED
 from mailcore.store.schema import quarantine
+from tests.support.db import engine_query_plans
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 
 
@@ -194,3 +197,29 @@ class QuarantineApiTests(TestCase):
         self.assertEqual(await service.purge(), 2)  # the three newest remain + bob's
         _, body = await self.get("/api/v1/quarantine/q.test/0/10")
         self.assertEqual(body["data"]["count"], 3)
+
+    async def test_the_purge_deletes_a_batch_a_transaction_through_its_index(self) -> None:
+        """The retention purge holds no long write transaction: PURGE_BATCH rows at most
+        each, found through ix_quarantine_created_at (no batch reads the whole table)."""
+        service = self.gw.core.quarantine
+        self.patch(quarantine_module, "PURGE_BATCH", 2)
+        batches: list[int] = []
+        db_run = service.db.run
+
+        def counted(n: int) -> int:
+            batches.append(n)
+            return n
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            d = db_run(name, *args, **kwargs)
+            return d.addCallback(counted) if name == "quarantine_purge" else d
+
+        self.patch(service.db, "run", run)
+        self.gw.clock.advance(30 * 86400 + 100)  # every one of the six held is old
+        with engine_query_plans(service.db.engine) as plans:
+            self.assertEqual(await service.purge(), 6)
+        self.assertEqual(batches, [2, 2, 2, 0])
+        self.assertTrue(plans)
+        self.assertEqual([p for p in plans if re.match(r"SCAN quarantine\b", p)], [])
+        _, body = await self.get("/api/v1/quarantine/q.test/0/10")
+        self.assertEqual(body["data"]["count"], 0)

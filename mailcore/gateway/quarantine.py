@@ -9,6 +9,10 @@ message (the accept's guard): only the request whose UPDATE changed the row queu
 the claim and the queued message commit together or not at all (a crash in between leaves
 the message releasable).
 
+Retention: every `purge_interval` seconds the messages held longer than `retention_days`
+are deleted, PURGE_BATCH rows a transaction, by one node of those sharing the store (the
+node that claims that period's run of the "quarantine_purge" job).
+
 Digests (seed 004's `sendResume`): every `digest_interval` seconds each recipient of a domain
 with `send_resume` (and a plan that allows it, re-checked when sending) gets one mail listing
 the messages quarantined for it since its last digest: the newest `MAX_DIGEST_ITEMS` (200) of
@@ -87,7 +91,7 @@ from mailcore.emailpolicy import SMTP, header_as_written, header_breaks
 from mailcore.files import secret_key_file
 from mailcore.messages.parse import decode_header_value
 from mailcore.outages import log_failure
-from mailcore.periodic import InFlight
+from mailcore.periodic import InFlight, delete_in_batches
 from mailcore.queue.model import header_block
 from mailcore.queue.spool import Withdrawn
 from mailcore.smtp.address import PathError, parse_mail_from
@@ -470,10 +474,12 @@ def _find_txn(conn: Connection, ident: str) -> Held | None:
     return _held(row) if row is not None else None
 
 
-def _purge_txn(conn: Connection, before: datetime.datetime) -> int:
-    return int(conn.execute(
-        quarantine.delete().where(quarantine.c.created_at < before)
-    ).rowcount)
+def _purge_txn(conn: Connection, before: datetime.datetime, batch: int) -> int:
+    """Blocking: delete up to `batch` rows held before `before` (ix_quarantine_created_at);
+    how many."""
+    ids = sa.select(quarantine.c.id).where(quarantine.c.created_at < before) \
+        .limit(batch).scalar_subquery()
+    return int(conn.execute(quarantine.delete().where(quarantine.c.id.in_(ids))).rowcount)
 
 
 def _undigested(domain_id: int, key: str) -> list[Any]:
@@ -620,6 +626,11 @@ def _finish_run_txn(conn: Connection, run_id: int, now: datetime.datetime) -> No
 DIGEST_JOB = "quarantine_digest"
 SEND_JOB = "quarantine_digest_send"
 SEND_HOLD = 600.0
+# The periodic job of the retention purge, and the rows it deletes a transaction: each
+# held message carries its body, so a batch is kept short (its locks, PostgreSQL's WAL,
+# SQLite's write lock that the queue's commits wait for).
+PURGE_JOB = "quarantine_purge"
+PURGE_BATCH = 500
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -652,8 +663,8 @@ class QuarantineService(Service):
         self._signer = signer if isinstance(signer, LinkSigner) else None
         self._key_path = signer if isinstance(signer, Path) else None
         self.spool = spool  # a Spool; set by the Core once the queue exists
-        # Nodes sharing the store: digests run once per period, on the node that claims the
-        # "quarantine_digest" job; the purge is an idempotent DELETE and runs on every node.
+        # Nodes sharing the store: digests and the retention purge each run once per
+        # period, on the node that claims the "quarantine_digest" or "quarantine_purge" job.
         self.leases = leases
         self._purge: LoopingCall | None = None
         self._digest: LoopingCall | None = None
@@ -767,12 +778,23 @@ class QuarantineService(Service):
     # -- retention -------------------------------------------------------------------------
 
     async def purge(self) -> int:
-        """Delete what is older than the retention period; returns how many rows."""
+        """Delete what is older than the retention period, PURGE_BATCH rows a transaction;
+        returns how many rows."""
         before = self.now() - datetime.timedelta(days=self.settings.retention_days)
-        n = int(await self.db.run("quarantine_purge", _purge_txn, before))
+        n = await delete_in_batches(self.db, "quarantine_purge", _purge_txn, before,
+                                    batch=PURGE_BATCH)
         if n:
             log.info("quarantine purge removed {n} message(s)", n=n)
         return n
+
+    async def leased_purge(self) -> int:
+        """This period's purge, run only by the node that claims this period's run of the
+        "quarantine_purge" job (any node when no leases are set): each node's purge would
+        delete the same rows at the same time. How many rows went (0 on the others)."""
+        if self.leases is not None and not await self.leases.claim_periodic(
+                PURGE_JOB, self.clock.seconds(), self.settings.purge_interval):
+            return 0
+        return await self.purge()
 
     # -- digests ---------------------------------------------------------------------------
 
@@ -962,7 +984,7 @@ class QuarantineService(Service):
 
     async def _sweep(self) -> None:
         try:
-            await self.purge()
+            await self.leased_purge()
         finally:
             await self.resume_digests()
 
