@@ -336,11 +336,12 @@ class Core:
             services.insert(0, ClockFollower(self.clock, self.db))
             if not self.db.is_sqlite:  # several nodes may share the store
                 services.insert(1, StuckSessionReaper(self.db, self.clock))
-        services.append(self.tokens)
+        # One node of those sharing the store runs each of the leased per period: each
+        # node's run would delete the same rows (and wait on the other's row locks), or
+        # sweep the same shared files. (The token sweep's rollovers are also made lazily,
+        # by any node's next charge of the tank.)
+        services.append(self._leased(self.tokens))
         services.append(self.backup_index)
-        # One node of those sharing the store runs each of these per period: each node's
-        # run would delete the same rows (and wait on the other's row locks), or sweep the
-        # same shared files.
         services.extend(self._leased(sweeper) for sweeper in (
             CredentialSweeper(self.identity, self.clock), BucketSweeper(self.rate_buckets),
             SendsSweeper(self.send_caps), OAuthPruner(self.oauth),

@@ -3,17 +3,18 @@ different node ids, each on its own Database and thread pool) on one PostgreSQL 
 SQLite file, and each job is done once.
 
 Leased: named periodic jobs (quarantine digests and purges, domain verification passes, the
-Mail API's file and gone sweeps, the OAuth and webhook log prunes, the credential,
+Mail API's file and gone sweeps, the OAuth and webhook log prunes, the token, credential,
 rate-bucket, API sends and safedrop sweeps) and the Mail API's outbox through `job_leases`,
 account syncs through `fetch_accounts.lease_owner`, webhook deliveries through their
 claim; a node that stalled
 past its lease leaves the outcome of the node that took the work over (its late result is
 not recorded). Idempotent (checked here to stay right when two nodes run them at once, as
 they may when one's lease lapsed): the quarantine purge, the credential sweep, the safedrop
-expiry sweep (one expiry notice per drop). Elsewhere: the token sweep's two-node test is
-`tests.test_tokens.*ConcurrencyTests`, migrates and restores' `tests.test_mailbox_jobs`, the
-queue's `tests.test_queue_leases` and `tests.test_gateway_cluster` (killed and paused
-nodes), the database clock the nodes' leases are judged by `tests.test_store_dbclock`."""
+expiry sweep (one expiry notice per drop). Elsewhere: the token sweep's rollovers and
+charges on two nodes are `tests.test_tokens.*ConcurrencyTests`, migrates and restores'
+`tests.test_mailbox_jobs`, the queue's `tests.test_queue_leases` and
+`tests.test_gateway_cluster` (killed and paused nodes), the database clock the nodes'
+leases are judged by `tests.test_store_dbclock`."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore import sendcaps
 from mailcore.billing.plans import Plans
+from mailcore.billing.tokens import TokenService, TokenSettings
 from mailcore.config import Config
 from mailcore.core import Core
 from mailcore.fetch.accounts import Account, Accounts, thd_claim_sync, thd_renew_syncs
@@ -55,7 +57,7 @@ from mailcore.mailapi.outbox import OUTBOX_LEASE, OUTBOX_POLL, OutboxSender
 from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.store import MessageStore
 from mailcore.oauth import OAuthPruner
-from mailcore.periodic import Sweeper
+from mailcore.periodic import PeriodicService
 from mailcore.queue.spool import Withdrawn
 from mailcore.ratelimits import SWEEP_INTERVAL, BucketSweeper
 from mailcore.safedrop.model import SafedropSettings
@@ -827,7 +829,15 @@ class SharedJobsMixin(DatabaseMixin):
         await self.one_node_per_period(SafedropSweeper, "safedrop", "sweep",
                                        period=SafedropSettings().sweep_interval)
 
-    async def one_node_per_period(self, kind: type[Sweeper[Any]], service: str, method: str,
+    async def test_the_token_sweep_runs_on_one_node_per_period(self) -> None:
+        """The token tanks' sweep (rollovers, the purge of old usage and charges) is run by
+        one node per `[tokens] rollover_interval`: each node's sweep locked and deleted the
+        same rows at the same time. (Any node's charge rolls a tank over lazily:
+        tests.test_tokens test_a_node_that_did_not_sweep_rolls_a_tank_over_as_it_charges.)"""
+        await self.one_node_per_period(TokenService, "tokens", "sweep",
+                                       period=TokenSettings().rollover_interval)
+
+    async def one_node_per_period(self, kind: type[PeriodicService], service: str, method: str,
                                   result: object = 0, period: float = 3600.0) -> None:
         """Of two nodes' Cores, one runs the `kind` sweep (the Core's `service`'s `method`,
         here answering `result`) each `period` seconds."""

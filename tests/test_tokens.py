@@ -5,6 +5,7 @@ overdraw or double rollover with two nodes writing at once (threaded SQLite, Pos
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -12,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailcore.billing import tokens as tokens_module
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import (
     EMPTY,
@@ -27,9 +29,10 @@ from mailcore.billing.tokens import (
 from mailcore.config import ConfigError
 from mailcore.identity import Identity, User
 from mailcore.store import Database
+from mailcore.store.leases import JobLeases
 from mailcore.store.schema import token_charges, token_tanks, token_usage
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin, synchronous_database
+from tests.support.db import DatabaseMixin, engine_query_plans, synchronous_database
 
 PLANS = Plans({"free": 1000, "standard": 5000, "agency": 20000})
 
@@ -297,6 +300,45 @@ class SweepTests(TestCase):
         self.assertEqual(await self.db.read("t", usage), [datetime.date(2024, 11, 22)])
 
 
+    async def test_the_purge_deletes_a_batch_a_transaction_through_its_indexes(self) -> None:
+        """The sweep's purge holds no long write transaction: PURGE_BATCH rows at most
+        each, found through ix_token_usage_day (migration 0065) and
+        ix_token_charges_charged_at (no batch reads a whole table)."""
+        alice = await new_user(self.db, self.clock)
+        bob = await new_user(self.db, self.clock, "bob")
+        for day in range(3):  # three days' usage and keyed charges of each
+            for user in (alice, bob):
+                await self.tokens.consume(user.id, 1, key=f"q{day}")
+            self.clock.advance(86400)
+        self.patch(tokens_module, "PURGE_BATCH", 2)
+        batches: list[tuple[str, int]] = []
+        db_run = self.db.run
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            def counted(n: int) -> int:
+                batches.append((name, n))
+                return n
+
+            d = db_run(name, *args, **kwargs)
+            return d.addCallback(counted) if name.startswith("purge_token") else d
+
+        self.patch(self.db, "run", run)
+        move(self.clock, "2025-03-01T00:00:00")  # past both retentions
+        with engine_query_plans(self.db.engine) as plans:
+            await self.tokens.sweep()
+        self.assertEqual(batches, [("purge_token_usage", 2)] * 3 + [("purge_token_usage", 0)]
+                         + [("purge_token_charges", 2)] * 3 + [("purge_token_charges", 0)])
+        self.assertTrue(plans)
+        self.assertEqual([p for p in plans if re.match(r"SCAN token_(usage|charges)\b", p)],
+                         [])
+
+        def left(conn: Connection) -> tuple[int, int]:
+            return (len(conn.execute(select(token_usage)).all()),
+                    len(conn.execute(select(token_charges)).all()))
+
+        self.assertEqual(await self.db.read("t", left), (0, 0))
+
+
 class SettingsTests(TestCase):
     def test_from_config(self) -> None:
         settings = TokenSettings.from_config({"when_empty": "allow", "rollover_interval": 60})
@@ -307,6 +349,11 @@ class SettingsTests(TestCase):
         ):
             with self.assertRaises(ConfigError, msg=section):
                 TokenSettings.from_config(section)
+
+
+async def ticked(tokens: TokenService) -> None:
+    """One tick of the sweep's timer on `tokens`, ended."""
+    await defer.maybeDeferred(tokens.leased_tick)
 
 
 class ConcurrencyMixin(DatabaseMixin):
@@ -351,6 +398,40 @@ class ConcurrencyMixin(DatabaseMixin):
         self.assertIn(sum(rolled), (0, 1))
         # November's 30 unused tokens moved to perm once; December's 60 minus 10 used.
         self.assertEqual(await b.tanks(user.id), Tanks(50, 70))
+
+
+    async def test_a_node_that_did_not_sweep_rolls_a_tank_over_as_it_charges(self) -> None:
+        """One node sweeps per period (the Core leases the sweep): node a swept just before
+        the month ended, so node b's sweep at the month's start is not its to run, and
+        its charges find the tank still in November. Each charge rolls it over first, once:
+        November's unused tokens move to perm, December's allowance is charged."""
+        a, b, user, clock = await self.two_nodes(Plans({"free": 60}))
+        a.leases, b.leases = JobLeases(a.db, "node-a"), JobLeases(b.db, "node-b")
+        self.assertEqual(await a.consume(user.id, 25), OK)
+        move(clock, "2024-11-30T23:58:00")
+        await ticked(a)
+        move(clock, "2024-12-01T00:00:05")
+        swept: list[int] = []
+        real_sweep = b.sweep
+
+        async def sweep() -> int:
+            swept.append(1)
+            return await real_sweep()
+
+        b.sweep = sweep  # type: ignore[method-assign]
+        await ticked(b)
+        self.assertEqual(swept, [])  # within node a's period: not b's to run
+
+        def period(conn: Connection) -> int:
+            return int(conn.execute(select(token_tanks.c.period)).scalar_one())
+
+        november = month_index(datetime.datetime(2024, 11, 1, tzinfo=datetime.UTC))
+        self.assertEqual(await b.db.read("period", period), november)
+        charges = [defer.Deferred.fromCoroutine((a if i % 2 else b).consume(user.id, 1))
+                   for i in range(6)]
+        self.assertEqual(await defer.gatherResults(charges), [OK] * 6)
+        self.assertEqual(await b.tanks(user.id), Tanks(54, 35))
+        self.assertEqual(await b.db.read("period", period), november + 1)
 
 
 class SQLiteConcurrencyTests(ConcurrencyMixin, TestCase):

@@ -9,8 +9,10 @@ constraints). Purchases (`mailcore.billing.invoices`) credit the permanent tank.
 Month start (UTC, from the injected clock): the unused monthly tokens move to the permanent
 tank and the monthly tank refills with the plan's allowance (`mailcore.billing.plans`). A tank row
 remembers the month it belongs to, so a rollover is applied once and only once whoever gets
-there first: the first charge, purchase or listing in the new month (lazily), or the
-periodic sweep of `TokenService` (every `[tokens] rollover_interval` seconds) on any node.
+there first: the first charge, purchase or listing in the new month (lazily, on any node),
+or the periodic sweep of `TokenService` (every `[tokens] rollover_interval` seconds, on one
+node of those sharing the store per period), which also purges old usage and charge
+records.
 When the daemon missed whole months, each missed month counts as one unused allowance.
 
 Filtering a message charges `n_recipients` tokens to the owner of each recipient domain,
@@ -65,6 +67,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    tuple_,
     update,
 )
 from twisted.internet import defer
@@ -75,7 +78,7 @@ from twisted.python.failure import Failure
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number, unknown_key
 from mailcore.outages import log_failure
-from mailcore.periodic import PeriodicService
+from mailcore.periodic import PeriodicService, delete_in_batches
 from mailcore.store import Database, errands
 from mailcore.store.schema import token_charges, token_tanks, token_usage, users
 
@@ -88,6 +91,8 @@ EMPTY: ConsumeResult = "empty"
 WHEN_EMPTY = ("defer", "allow")
 DAILY_AVERAGE_DAYS = 30
 ROLLOVER_BATCH = 500
+# Old usage and charge records deleted a transaction by the sweep's purge.
+PURGE_BATCH = 1000
 MAX_KEY_LENGTH = 128
 # Charges applied in one transaction at most (the rest wait for the next one).
 MAX_CHARGE_BATCH = 1000
@@ -519,19 +524,22 @@ def _rollover_batch_txn(
     return len(rows)
 
 
-def _purge_txn(
-    conn: Connection, now: datetime.datetime, usage_days: int, charge_days: int
-) -> None:
-    conn.execute(
-        delete(token_usage).where(
-            token_usage.c.day < now.date() - datetime.timedelta(days=usage_days)
-        )
-    )
-    conn.execute(
-        delete(token_charges).where(
-            token_charges.c.charged_at < now - datetime.timedelta(days=charge_days)
-        )
-    )
+def _purge_usage_txn(conn: Connection, before: datetime.date, batch: int) -> int:
+    """Blocking: delete up to `batch` per-day usage rows of days before `before`
+    (ix_token_usage_day); how many."""
+    u = token_usage.c
+    rows = select(u.user_id, u.day).where(u.day < before).limit(batch)
+    return int(conn.execute(
+        delete(token_usage).where(tuple_(u.user_id, u.day).in_(rows))).rowcount or 0)
+
+
+def _purge_charges_txn(conn: Connection, before: datetime.datetime, batch: int) -> int:
+    """Blocking: delete up to `batch` keyed charges made before `before`
+    (ix_token_charges_charged_at); how many."""
+    c = token_charges.c
+    rows = select(c.user_id, c.charge_key).where(c.charged_at < before).limit(batch)
+    return int(conn.execute(
+        delete(token_charges).where(tuple_(c.user_id, c.charge_key).in_(rows))).rowcount or 0)
 
 
 def _usage_sum_txn(conn: Connection, user_id: int, since: datetime.date) -> int:
@@ -551,13 +559,17 @@ class TokenService(PeriodicService):
 
     As a twisted Service it sweeps every `settings.rollover_interval` seconds on `clock`:
     opens a tank for users without one, rolls over tanks left in an earlier month, and
-    purges old usage and charge records. Without starting it (CLI, tests) every method
-    still works: rollovers then happen lazily. Every node sharing the store runs the sweep:
-    each step is idempotent (a tank is opened or rolled over once, under its row lock; the
-    purges are DELETEs), so two nodes sweeping at once change nothing twice.
+    purges old usage and charge records (PURGE_BATCH rows a transaction). Without starting
+    it (CLI, tests) every method still works: rollovers then happen lazily. The Core gives
+    it the store's job leases: one node of those sharing the store sweeps per period (each
+    node's sweep would lock and delete the same rows at the same time). The others need
+    none to charge: a charge, credit or listing on any node rolls its tank over itself if
+    no sweep did yet. Each step is idempotent all the same (a tank is opened or rolled over
+    once, under its row lock; the purges are DELETEs), should two nodes meet in one (a node
+    whose lease lapsed mid-sweep).
     """
 
-    name = "tokens"
+    name = "token-sweeper"
 
     def __init__(
         self,
@@ -600,13 +612,23 @@ class TokenService(PeriodicService):
             rolled += batch
             if batch < ROLLOVER_BATCH:
                 break
-        await self.db.run(
-            "purge_token_logs", _purge_txn, now,
-            self.settings.usage_retention_days, self.settings.charge_retention_days,
-        )
+        await self.purge(now)
         if rolled:
             log.info("rolled over {count} token tanks", count=rolled)
         return rolled
+
+    async def purge(self, now: datetime.datetime) -> tuple[int, int]:
+        """Delete the usage and charge records past their retention at `now`, PURGE_BATCH
+        rows a transaction; how many of each."""
+        usage = await delete_in_batches(
+            self.db, "purge_token_usage", _purge_usage_txn,
+            now.date() - datetime.timedelta(days=self.settings.usage_retention_days),
+            batch=PURGE_BATCH)
+        charges = await delete_in_batches(
+            self.db, "purge_token_charges", _purge_charges_txn,
+            now - datetime.timedelta(days=self.settings.charge_retention_days),
+            batch=PURGE_BATCH)
+        return usage, charges
 
     # -- charges and credits --------------------------------------------------------------
 

@@ -49,6 +49,7 @@ token_usage = Table(
     ),
     Column("day", Date, primary_key=True),
     Column("used", BigInteger, nullable=False, server_default="0"),
+    Index("ix_token_usage_day", "day"),  # the token sweep's purge (migration 0065)
 )
 
 # Charges made with an idempotency key (the pipeline passes the queue id): a message
