@@ -15,6 +15,7 @@ database (`migrated_copy=False`, `DatabaseMixin.migrated_copies`).
 from __future__ import annotations
 
 import atexit
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -233,21 +234,42 @@ class DatabaseMixin(MixinBase):
 
 @contextmanager
 def engine_query_plans(engine: Engine) -> Iterator[list[str]]:
-    """SQLite: within the block, the query plan steps of every SELECT and DELETE any
-    connection of `engine` runs (on whatever thread), each explained as it runs."""
+    """Within the block, the query plan steps of every SELECT and DELETE any connection of
+    `engine` runs (on whatever thread), each explained as it runs: SQLite's EXPLAIN QUERY
+    PLAN lines, or PostgreSQL's EXPLAIN lines as planned with sequential scans disabled (a
+    test's tables are too small for an index to be worth it otherwise), so that a step
+    still "Seq Scan on" a table means no index serves it. `full_scans` picks them."""
     plans: list[str] = []
+    postgresql = engine.dialect.name == "postgresql"
 
     def explain(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
                 executemany: bool) -> None:
-        if not executemany and statement.lstrip()[:6].upper() in ("SELECT", "DELETE"):
+        if executemany or statement.lstrip()[:6].upper() not in ("SELECT", "DELETE"):
+            return
+        if not postgresql:
             plans.extend(row[3] for row in cursor.connection.execute(
                 "EXPLAIN QUERY PLAN " + statement, parameters))
+            return
+        with cursor.connection.cursor() as explaining:
+            explaining.execute("SET enable_seqscan = off")
+            try:
+                explaining.execute("EXPLAIN " + statement, parameters)
+                plans.extend(row[0].strip() for row in explaining.fetchall())
+            finally:
+                explaining.execute("RESET enable_seqscan")
 
     event.listen(engine, "before_cursor_execute", explain)
     try:
         yield plans
     finally:
         event.remove(engine, "before_cursor_execute", explain)
+
+
+def full_scans(plans: list[str], *tables: str) -> list[str]:
+    """The steps of `plans` (engine_query_plans') that read the whole of one of `tables`."""
+    names = "|".join(tables)
+    return [p for p in plans
+            if re.match(rf"(SCAN|(->\s*)?Seq Scan on) ({names})\b", p)]
 
 
 def query_plans(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
