@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from mailcore.config import ConfigError, refuse_unknown
 from mailcore.identity.service import thd_get_user
-from mailcore.periodic import Sweeper
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store.database import Database
 from mailcore.store.sends import (
     SendVerdict,
@@ -60,8 +60,9 @@ DAY = 86400.0
 SPELL_QUIET = 3600.0
 # Users whose last refusal this node remembers, past which the quiet ones are forgotten.
 SPELLS_KEPT = 10_000
-# How often sends no window counts any more are deleted.
+# How often sends no window counts any more are deleted, and how many a transaction.
 SWEEP_INTERVAL = 600.0
+SWEEP_BATCH = 1000
 MAX_CAP = 1_000_000_000
 
 
@@ -179,17 +180,18 @@ class SendCaps:
                  quiet=SPELL_QUIET)
 
     async def sweep(self) -> int:
-        """Delete the sends no window counts any more (every one, with no cap on); how
-        many."""
+        """Delete the sends no window counts any more (every one, with no cap on),
+        SWEEP_BATCH a transaction; how many."""
         longest = max((w.seconds for w in self.windows), default=0.0)
-        return await self.db.run("api_sends_sweep", thd_sweep_sends,
-                                 self.clock.seconds() - longest)
+        return await delete_in_batches(self.db, "api_sends_sweep", thd_sweep_sends,
+                                       self.clock.seconds() - longest, batch=SWEEP_BATCH)
 
 
 class SendsSweeper(Sweeper[int]):
     """Deletes the sends no cap counts any more, every SWEEP_INTERVAL seconds (a user's
-    own are deleted by its next send; these are the users who stopped sending). Every node
-    may run it: the delete is idempotent."""
+    own are deleted by its next send; these are the users who stopped sending). The Core
+    gives it the store's job leases: one node of those sharing the store sweeps per period
+    (the delete is idempotent, should two meet in one)."""
 
     name = "api-sends-sweeper"
     failed = "sweeping the API sends no cap counts failed"

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
+from mailcore import sendcaps
 from mailcore.config import Config, ConfigError
 from mailcore.fetch.secrets import SecretBox
 from mailcore.mailapi.files import MailFiles
@@ -43,7 +44,13 @@ from mailcore.store.schema import (
 )
 from mailcore.store.sends import SendVerdict, Window, thd_take_sends
 from mailcore.workers import CpuPool
-from tests.support.db import DatabaseMixin, open_database, open_database_at
+from tests.support.db import (
+    DatabaseMixin,
+    engine_query_plans,
+    full_scans,
+    open_database,
+    open_database_at,
+)
 from tests.support.fetchenv import thd_make_user
 from tests.support.logs import logged, logged_at
 from tests.support.mailsink import add_hosted_mailbox
@@ -140,6 +147,37 @@ class StoreCapsMixin(DatabaseMixin):
         clock.advance(3600)
         self.assertEqual(await caps.sweep(), 1)
         self.assertEqual(await self.db.read("n", _count(api_sends)), 1)
+
+    async def test_the_sweep_deletes_a_batch_a_transaction_through_its_index(self) -> None:
+        """The sweep holds no long write transaction: SWEEP_BATCH sends at most each, found
+        through ix_api_sends_at (no batch reads the whole table)."""
+        clock = Clock()
+        clock.advance(T0)
+        caps = SendCaps(self.db, clock, SendCapSettings(user_recipients_per_hour=50,
+                                                        user_recipients_per_day=0),
+                        CollectorRegistry())
+        for at in (0, 1, 2, 3, 4, 3000):
+            await self.db.run("t", caps.thd_take, self.user, 1, T0 + at)
+        self.patch(sendcaps, "SWEEP_BATCH", 2)
+        batches: list[int] = []
+        db_run = self.db.run
+
+        def counted(n: int) -> int:
+            batches.append(n)
+            return n
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            d = db_run(name, *args, **kwargs)
+            return d.addCallback(counted) if name == "api_sends_sweep" else d
+
+        self.patch(self.db, "run", run)
+        clock.advance(3600 + 10)
+        with engine_query_plans(self.db.engine) as plans:
+            self.assertEqual(await caps.sweep(), 5)
+        self.assertEqual(batches, [2, 2, 1])
+        self.assertEqual(await self.db.read("n", _count(api_sends)), 1)
+        self.assertEqual(full_scans(plans, "api_sends"), [])
+        self.assertTrue([p for p in plans if "ix_api_sends_at" in p], plans)
 
 
 class SQLiteStoreCapsTests(StoreCapsMixin, TestCase):

@@ -127,7 +127,9 @@ def _wait(conn: Connection, user_id: int, now: float, window: Window, excess: in
     return max(1, math.ceil(leaves - now))
 
 
-def thd_sweep_sends(conn: Connection, before: float) -> int:
-    """Delete the sends made at or before `before` (no window counts them); how many."""
-    return int(conn.execute(delete(api_sends).where(_s.at <= before)).rowcount or 0)
+def thd_sweep_sends(conn: Connection, before: float, batch: int) -> int:
+    """Delete up to `batch` of the sends made at or before `before` (no window counts them;
+    ix_api_sends_at finds them); how many."""
+    ids = select(_s.id).where(_s.at <= before).limit(batch).scalar_subquery()
+    return int(conn.execute(delete(api_sends).where(_s.id.in_(ids))).rowcount or 0)
 
