@@ -266,7 +266,8 @@ def thd_mark_gone(
 
 def thd_created_since(conn: Connection, account_id: int, since: datetime.datetime) -> int:
     """How many copies of the account were stored at or after `since` (what a sync that
-    started then and was cut short had stored)."""
+    started then and was cut short had stored), read from ix_messages_account_created
+    alone: it runs in the write transaction that settles the sync."""
     return int(conn.execute(
         select(func.count()).select_from(messages)
         .where(messages.c.account_id == account_id, messages.c.created_at >= since)

@@ -122,6 +122,8 @@ messages = Table(
     # other mail (migration 0028; `messages.store._shape_terms`).
     Index("ix_messages_account_folder_date", "account_id", "folder", "date"),
     Index("ix_messages_account_date", "account_id", "date"),
+    # What a sync cut short had stored, counted as it is settled (migration 0065).
+    Index("ix_messages_account_created", "account_id", "created_at"),
     Index("ix_messages_thread_date", "thread_id", "date"),
     Index("ix_messages_user_folder_date", "user_id", "folder", "date"),
     Index("ix_messages_user_message_id", "user_id", "message_id"),
