@@ -6,15 +6,14 @@ Leased: named periodic jobs (quarantine digests and purges, domain verification 
 Mail API's file and gone sweeps, the OAuth and webhook log prunes, the token, credential,
 rate-bucket, API sends and safedrop sweeps) and the Mail API's outbox through `job_leases`,
 account syncs through `fetch_accounts.lease_owner`, webhook deliveries through their
-claim; a node that stalled
-past its lease leaves the outcome of the node that took the work over (its late result is
-not recorded). Idempotent (checked here to stay right when two nodes run them at once, as
-they may when one's lease lapsed): the quarantine purge, the credential sweep, the safedrop
-expiry sweep (one expiry notice per drop). Elsewhere: the token sweep's rollovers and
-charges on two nodes are `tests.test_tokens.*ConcurrencyTests`, migrates and restores'
-`tests.test_mailbox_jobs`, the queue's `tests.test_queue_leases` and
-`tests.test_gateway_cluster` (killed and paused nodes), the database clock the nodes'
-leases are judged by `tests.test_store_dbclock`."""
+claim; a node that stalled past its lease leaves the outcome of the node that took the
+work over (its late result is not recorded). Idempotent (checked here to stay right when
+two nodes run them at once, as they may when one's lease lapsed): the quarantine purge,
+the credential sweep, the safedrop expiry sweep (one expiry notice per drop). Elsewhere:
+the token sweep's rollovers and charges on two nodes are
+`tests.test_tokens.*ConcurrencyTests`, migrates and restores' `tests.test_mailbox_jobs`,
+the queue's `tests.test_queue_leases` and `tests.test_gateway_cluster` (killed and paused
+nodes), the database clock the nodes' leases are judged by `tests.test_store_dbclock`."""
 
 from __future__ import annotations
 
