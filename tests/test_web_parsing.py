@@ -322,8 +322,20 @@ class FormTests(TestCase):
 class QueryTests(TestCase):
     def test_query_comes_from_the_uri_only(self) -> None:
         req = request(b"access_token=body", "application/x-www-form-urlencoded",
-                      uri=b"/v1/accounts?type=imap&sort=email&sort=storage")
-        self.assertEqual(query_params(req), {"type": "imap", "sort": "storage"})
+                      uri=b"/v1/accounts?type=imap&sort=email&sort=email")
+        self.assertEqual(query_params(req), {"type": "imap", "sort": "email"})
+
+    def test_a_parameter_given_twice_with_other_values_is_a_400_when_read(self) -> None:
+        """The last value won (`sort=email&sort=storage` read as storage) unseen; now a
+        400 naming it once the route reads it, as a form's field given twice is. The
+        others are read as before, and the parameter is still seen to be present."""
+        params = query_params(request(uri=b"/v1/accounts?type=imap&sort=email&sort=storage"))
+        self.assertEqual((params["type"], "sort" in params, len(params)), ("imap", True, 2))
+        for read in (lambda: params["sort"], lambda: params.get("sort")):
+            e = self.assertRaises(ApiError, read)
+            self.assertEqual((e.status, e.fields), (400, {"sort": [
+                "The parameter is given more than once, with different values; it takes "
+                "one value."]}))
 
     def test_a_query_that_is_not_text_is_a_400_naming_the_parameter(self) -> None:
         for query, message in ((b"q=a%00b", NUL), (b"q=caf%E9", "The value is not valid UTF-8."),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -49,7 +49,7 @@ from mailcore.oauth import CLIENT_CHALLENGE, OAuthProvider, token_client
 from mailcore.oauth.provider import Reply as OAuthReply
 from web.api import ApiApp, is_head
 from web.auth import DROPMYEMAIL, AuthPolicy, CredentialResolver
-from web.dropmyemail_jobs import JobRoutes, refuse_unknown_fields
+from web.dropmyemail_jobs import JobRoutes, choice, refuse_unknown_fields
 from web.dropmyemail_jobs import install as install_job_routes
 from web.errors import ApiError, OAuthErrors
 from web.jsonstream import base64_of, stream_base64_member
@@ -166,13 +166,6 @@ def account_json(found: BackupAccount) -> dict[str, Any]:
         "msg_count": found.msg_count, "storage": found.storage,
         "created_at": iso(a.created_at), "updated_at": iso(a.updated_at),
     }
-
-
-def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
-    value = params.get(name, default) or default
-    if value not in allowed:
-        raise ApiError(400, f"{name} must be one of {', '.join(allowed)}.")
-    return value
 
 
 def _refused(e: BackupError) -> ApiError:
@@ -316,7 +309,7 @@ def message_json(m: MessageSummary) -> dict[str, Any]:
             "size": m.size}
 
 
-def window(params: dict[str, str]) -> Window:
+def window(params: Mapping[str, str]) -> Window:
     """page (from 1) and per_page (1 to 40) from the query; 400 otherwise."""
     values: dict[str, int] = {}
     for name, low, high, default in (("page", 1, 2**31, 1),
@@ -555,10 +548,10 @@ class DropmyemailApp(JobRoutes, ApiApp):
     async def list_accounts(self, request: IRequest) -> bytes:
         principal = await self.principal(request, "read")
         params = query_params(request)
-        kind = _choice(params, "type", ("all", "imap", "pop"), "all")
-        sort = _choice(params, "sort", ("email", "message_count", "storage", "created_at",
+        kind = choice(params, "type", ("all", "imap", "pop"), "all")
+        sort = choice(params, "sort", ("email", "message_count", "storage", "created_at",
                                         "updated_at"), "email")
-        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        direction = choice(params, "direction", ("asc", "desc"), "asc")
         try:
             found = await self.backup.list(principal.user.id, kind=kind, sort=sort,
                                            direction=direction)
@@ -683,8 +676,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
         principal = await self.principal(request, "email")
         params = query_params(request)
         page = window(params)
-        sort = _choice(params, "sort", ("name", "message_count"), "name")
-        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        sort = choice(params, "sort", ("name", "message_count"), "name")
+        direction = choice(params, "direction", ("asc", "desc"), "asc")
         user_id = principal.user.id
         try:
             found = await self.mail.mailboxes(user_id, account_id, sort=sort,
@@ -713,9 +706,9 @@ class DropmyemailApp(JobRoutes, ApiApp):
         principal = await self.principal(request, "email")
         params = query_params(request)
         page = window(params)
-        kind = _choice(params, "type", ("all", "has_attachments"), "all")
-        _choice(params, "sort", ("date",), "date")
-        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        kind = choice(params, "type", ("all", "has_attachments"), "all")
+        choice(params, "sort", ("date",), "date")
+        direction = choice(params, "direction", ("asc", "desc"), "asc")
         try:
             found = await self.mail.messages(
                 principal.user.id, account_id, mailbox_id,
@@ -791,8 +784,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
                 raise ApiError(400, "query is required.")
             if len(query) > 1000:
                 raise ApiError(400, "query is longer than 1000 characters.")
-        sort = _choice(params, "sort", ("date", "filename", "sender"), "date")
-        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        sort = choice(params, "sort", ("date", "filename", "sender"), "date")
+        direction = choice(params, "direction", ("asc", "desc"), "asc")
         try:
             found = await self.attachments.list(principal.user.id, account_id, query=query,
                                                 sort=sort, direction=direction, window=page)
@@ -899,8 +892,8 @@ class DropmyemailApp(JobRoutes, ApiApp):
         principal = await self.principal(request, "contact")
         params = query_params(request)
         page = window(params)
-        sort = _choice(params, "sort", ("name", "email"), "name")
-        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        sort = choice(params, "sort", ("name", "email"), "name")
+        direction = choice(params, "direction", ("asc", "desc"), "asc")
         try:
             found = await self.contacts.list(principal.user.id, account_id, sort=sort,
                                              direction=direction, window=page)

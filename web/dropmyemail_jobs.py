@@ -147,7 +147,8 @@ async def _job_text(jobs: BackupJobs, job: Job) -> AsyncIterator[bytes]:
     yield b"]}"
 
 
-def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+def choice(params: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    """Query parameter `name`, one of `allowed` (`default` when absent or empty); else 400."""
     value = params.get(name, default) or default
     if value not in allowed:
         raise ApiError(400, f"{name} must be one of {', '.join(allowed)}.")
@@ -191,8 +192,8 @@ class JobRoutes:
     async def _list(self, request: IRequest, account_id: int, kind: str) -> bytes:
         principal = await self.principal(request, "read")
         params = query_params(request)
-        sort = _choice(params, "sort", ("start_time", "end_time"), "start_time")
-        direction = _choice(params, "direction", ("asc", "desc"), "asc")
+        sort = choice(params, "sort", ("start_time", "end_time"), "start_time")
+        direction = choice(params, "direction", ("asc", "desc"), "asc")
         jobs = self._jobs()
         try:
             found = await jobs.list(principal.user.id, account_id, kind, sort=sort,

@@ -214,6 +214,15 @@ def error_schema_name(api: str) -> str:
     return f"{api}Error"
 
 
+def _bad_input(spec: RouteSpec, method: str, statuses: set[int]) -> str:
+    """The 400's description: bad input, with what of it the route's parameters and body
+    may be besides a bad value (web.parsing)."""
+    kinds = []
+    if spec.query:
+        kinds.append("a query parameter given twice with different values")
+    return _DEFAULT_ERRORS[400] + (f" ({'; '.join(kinds)}, among it)" if kinds else "")
+
+
 def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
     suffix = "" if index == 0 else f"_{index}"
     op: dict[str, Any] = {
@@ -262,7 +271,8 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
         if str(status) in responses:
             continue
         responses[str(status)] = {
-            "description": _DEFAULT_ERRORS.get(status, "Error"),
+            "description": (_bad_input(spec, method, error_statuses) if status == 400
+                            else _DEFAULT_ERRORS.get(status, "Error")),
             "content": {"application/json": {"schema": error_schema}},
         }
         if status == 429:

@@ -26,7 +26,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any
@@ -164,9 +164,37 @@ def is_json_type(media: str) -> bool:
     return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
 
 
-def query_params(request: IRequest) -> dict[str, str]:
-    """Query-string parameters of the URI only (never the body); the last value wins."""
-    return {name: values[-1] for name, values in query_lists(request).items()}
+class QueryParams(Mapping[str, str]):
+    """The query string's parameters, each read as one value. A parameter given more than
+    once with different values (`?limit=5&limit=500`, `?send&send=0`) is a 400 naming it
+    when it is read (`given_twice`), as a form's field or a JSON key is on the APIs that
+    take one value a field: keeping either would be a guess at what the client meant, and
+    no API's document defines a parameter that repeats. The same value twice is taken; a
+    parameter the route does not read is never looked at."""
+
+    def __init__(self, lists: Mapping[str, list[str]]) -> None:
+        self._lists = lists
+
+    def __getitem__(self, name: str) -> str:
+        values = self._lists[name]
+        if any(value != values[0] for value in values):
+            raise given_twice(name, "parameter")
+        return values[0]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._lists
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._lists)
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+
+def query_params(request: IRequest) -> QueryParams:
+    """Query-string parameters of the URI only (never the body), each one value
+    (QueryParams: one given twice with different values is a 400 when read)."""
+    return QueryParams(query_lists(request))
 
 
 def query_lists(request: IRequest) -> dict[str, list[str]]:
@@ -429,9 +457,10 @@ def parse_form(data: bytes, *, once: bool = False) -> dict[str, str]:
     return fields
 
 
-def given_twice(name: str) -> ApiError:
-    """The 400 for a field a form gives more than once with different values (`once`)."""
-    return field_error(name, "The field is given more than once, with different values; "
+def given_twice(name: str, what: str = "field") -> ApiError:
+    """The 400 for a field a form gives more than once with different values (`once`), or
+    (`what` "parameter") a query parameter (QueryParams)."""
+    return field_error(name, f"The {what} is given more than once, with different values; "
                        "it takes one value.")
 
 
