@@ -783,6 +783,34 @@ class SendTests(TestCase):
         self.assertEqual(status, 405, reply)
         self.assertEqual(len(self.f.spooled()), 2)
 
+    async def test_send_takes_a_boolean_and_refuses_anything_else(self) -> None:
+        """The seed sends with `?send` and writes booleans as 0 and 1: `?send=0` (or
+        false) asked for no send and was sent all the same (the parameter's presence was
+        read, not its value); a value that is no boolean, or `send` given twice with two
+        values, is a 400 naming it, nothing sent (found by the lead's audit)."""
+        bundle_id = await self.ready_bundle()
+        for no in ("0", "false", "no", "off", "FALSE"):
+            status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send={no}")
+            self.assertEqual((status, body["id"], body["subject"]),
+                             (200, bundle_id, "Q3 report"), no)
+        for bad in ("2", "maybe", "0x1", "send&send=0", "1&send=0"):
+            status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send={bad}")
+            self.assertEqual(status, 400, bad)
+            self.assertEqual(list(body["errors"]), ["send"], bad)
+            status, _, _ = await self.f.call("HEAD", f"/dropbundles/{bundle_id}?send={bad}")
+            self.assertEqual(status, 400, bad)
+        self.assertEqual(self.f.spooled(), [])
+        _, _, shown = await self.f.call("GET", f"/dropbundles/{bundle_id}/dropbundlerecipients")
+        status, _, _ = await self.f.call("PUT", f"/dropbundles/{bundle_id}", b"subject=still",
+                                         {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 200)  # not sent: it can be changed
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send=1&send=1")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual(len(self.f.spooled()), len(shown))
+        other = await self.ready_bundle()
+        status, _, body = await self.f.call("GET", f"/dropbundles/{other}?send=true")
+        self.assertEqual((status, body), (200, b"OK"))
+
     async def test_an_encoded_word_in_the_subject_adds_no_header_field(self) -> None:
         """The `email` package decodes RFC 2047 words in a Subject, and Python 3.11.7 wrote a
         decoded CR LF out as it is (CVE-2024-6923): this subject added Bcc and Content-Type

@@ -291,6 +291,18 @@ def recipient_changes(data: Mapping[str, Any], *, creating: bool) -> dict[str, A
     return collect_fields(checks)
 
 
+def send_asked(params: Mapping[str, str]) -> bool:
+    """Whether the query asks for the bundle to be sent: `send` present without a value, as
+    the seed writes it (`?send`), or a true boolean. A false one (`send=0`: the seed's
+    booleans are 0 and 1) shows the bundle; any other value is a 400 naming `send`, never
+    a guess that mails every recipient."""
+    if "send" not in params:
+        return False
+    if not params["send"].strip():
+        return True
+    return bool(bool_field(params, "send", required=True))
+
+
 def _checked(check: Callable[..., T], *args: Any) -> T:
     """`check(*args)`, a DropError of the model being the 400 of the field it names."""
     try:
@@ -505,7 +517,12 @@ class SafedropApp(ApiApp):
         "alone has more recipients than a cap. A HEAD with `?send` answers what the send "
         "would and sends nothing.",
         auth=SAFEDROP,
-        query={"send": {"type": "string", "description": "Present: send the bundle"}},
+        query={"send": {"type": "string",
+                        "description": "Present without a value (the seed's `?send`), or "
+                        "a true boolean (1, true, yes, on): send the bundle. A false one "
+                        "(0, false, no, off): show it, as without `send`. Any other "
+                        "value, or two different ones, is a 400 naming `send`, nothing "
+                        "sent"}},
         replies={200: Reply("The bundle (or `OK` after sending)", BUNDLE_SCHEMA,
                             alternatives={"text/plain": {"type": "string", "enum": ["OK"]}}),
                  429: Reply(
@@ -522,7 +539,7 @@ class SafedropApp(ApiApp):
     )
     async def show_bundle(self, request: IRequest, bundle_id: int) -> bytes:
         principal = await self.principal(request)
-        if "send" in query_params(request):
+        if send_asked(query_params(request)):
             # A HEAD answers what the send would, and sends nothing (is_head).
             if is_head(request):
                 await self._do(self.drops.check_send(principal.user.id, bundle_id))
