@@ -10,6 +10,7 @@ control character in a name, username, description or folder name is refused.
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 from typing import Any
 
@@ -17,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.identity import IdentityError
 from tests.support.oauth import access_token
-from tests.support.web import Web
+from tests.support.web import Web, Wire
 
 TOO_BIG = 2**63
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -145,6 +146,92 @@ class HostileInputTests(TestCase):
                            ("/v1/accounts?sort=email&sort=email", bearer)]:
             status, reply = await self.call("GET", path, headers=auth)
             self.assertEqual(status, 200, (path, reply))
+
+    async def test_a_body_with_a_content_encoding_is_refused_and_changes_nothing(
+            self) -> None:
+        """`Content-Encoding: gzip` on a body was not read: the compressed bytes were
+        parsed as JSON or a form (a 400 about bad JSON, or a form of one garbled field) or
+        stored as an upload's bytes. Now a 415 with `Accept-Encoding: identity` (RFC 9110
+        15.5.16, 12.5.3) in each API's shape, a 400 where the API answers a body of
+        another type so (the Mail API, safedrop, /oauth/token), and nothing is stored."""
+        _, headers, _ = await self.web.call(
+            "GET", "/auth", headers={"X-Auth-User": self.alice.email,
+                                     "X-Auth-Key": self.key["Api-Key"]})
+        drop = {"X-Auth-Token": headers["x-auth-token"][0]}
+        bearer = {"Authorization": f"Bearer {await self.oauth_token()}"}
+        mailapi = {"Auth-Key": self.token["Authorization"].split()[1]}
+        server = {"host": "imap.example.test", "username": "a", "password": "p"}
+        form = "application/x-www-form-urlencoded"
+        upload = (b"--B\r\nContent-Disposition: form-data; name=\"the_file\"; "
+                  b"filename=\"a.txt\"\r\n\r\nhello\r\n--B--\r\n")
+        status, _, bundle = await self.web.call("POST", "/dropbundles", data=b"subject=x",
+                                                headers={"Content-Type": form, **drop})
+        self.assertEqual(status, 200, bundle)
+        cases: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+            ("POST", "/api/imap-servers/", json.dumps(server).encode(),
+             json_headers(**self.token), 415, "detail"),
+            ("POST", "/api-token-auth/", b'{"username": "a", "password": "b"}',
+             json_headers(), 415, "detail"),
+            ("POST", "/api/v1/mail/", b'{"status": "draft", "subject": "x"}',
+             json_headers(**mailapi), 400, "message"),
+            ("PUT", "/api/v1/user", b'{"first_name": "Eve"}', json_headers(**self.key),
+             415, "msg"),
+            ("POST", "/v1/accounts", b'{"email": "a@example.test", "password": "p"}',
+             json_headers(**bearer), 415, "error_description"),
+            ("POST", "/oauth/token", b"grant_type=authorization_code&code=x",
+             {"Content-Type": form}, 400, "error_description"),
+            ("POST", "/dropbundles", b"subject=y", {"Content-Type": form, **drop}, 400,
+             "error"),
+        ]
+        # The uploads (multipart POSTs) through the daemon's site: StubTreq's plain Site
+        # parses a POST's multipart body itself and answers a bare 400 to one it cannot.
+        uploads = [
+            ("POST", "/api/v1/mail/", upload.replace(b"the_file", b"attachment"),
+             {"Content-Type": "multipart/form-data; boundary=B", **mailapi}, 400,
+             "message"),
+            ("POST", f"/dropbundles/{bundle['id']}/dropfiles", upload,
+             {"Content-Type": "multipart/form-data; boundary=B", **drop}, 400, "error"),
+        ]
+        for method, path, body, headers_, expected, key in cases + uploads:
+            for coding in ("gzip", "identity, br", "x-unknown"):
+                data = gzip.compress(body) if coding == "gzip" else body
+                sent = {**headers_, "Content-Encoding": coding}
+                if (method, path, body, headers_, expected, key) in uploads:
+                    status, headers, reply = self.on_the_wire(method, path, data, sent)
+                else:
+                    status, headers, reply = await self.web.call(method, path, data=data,
+                                                                 headers=sent)
+                self.assertEqual(status, expected, (path, coding, reply))
+                self.assertIn(f'Content-Encoding "{coding.replace("identity, ", "")}" is '
+                              "not supported", reply[key], path)
+                self.assertEqual(headers.get("accept-encoding"), ["identity"], path)
+        _, servers = await self.call("GET", "/api/imap-servers/", headers=self.token)
+        _, mail = await self.call("GET", "/api/v1/mail/", headers=mailapi)
+        _, user = await self.call("GET", "/api/v1/user", headers=self.key)
+        _, accounts = await self.call("GET", "/v1/accounts", headers=bearer)
+        _, bundles = await self.call("GET", "/dropbundles", headers=drop)
+        _, files = await self.call("GET", f"/dropbundles/{bundle['id']}/dropfiles",
+                                   headers=drop)
+        self.assertEqual((servers["count"], mail["count"], accounts, len(bundles), files),
+                         (0, 0, [], 1, []))
+        self.assertNotEqual(user["data"]["first_name"], "Eve")
+        # No coding ("identity") is the body as it is.
+        status, reply = await self.call(
+            "POST", "/dropbundles", data=b"subject=y",
+            headers={"Content-Type": form, "Content-Encoding": "identity", **drop})
+        self.assertEqual((status, reply["subject"]), (200, "y"))
+
+    def on_the_wire(self, method: str, path: str, body: bytes, headers: dict[str, str]
+                    ) -> tuple[int, dict[str, list[str]], Any]:
+        """One request through the daemon's own site (web.root.MailcoreSite)."""
+        wire = Wire.open(self.web)
+        self.addCleanup(wire.close)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        wire.send(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                  f"{head}\r\n".encode() + body)
+        [(status, found, reply)] = wire.responses()
+        return (int(status.split()[1]),
+                {k.decode(): [v.decode()] for k, v in found.items()}, json.loads(reply))
 
     async def oauth_token(self) -> str:
         token = await access_token(self.web.core.oauth, self.alice.id)

@@ -274,6 +274,21 @@ class FormTests(TestCase):
                 e = self.assertRaises(ApiError, read_fields, req, LIMIT)
                 self.assertEqual((e.status, list(e.fields or {})), (400, ["message"]), body)
 
+    def test_a_body_with_a_content_encoding_is_a_415(self) -> None:
+        body = b'{"subject": "hi"}'
+        for coding in ("gzip", "deflate, identity", "br"):
+            req = request(body, "application/json")
+            req.requestHeaders.setRawHeaders(b"content-encoding", [coding.encode()])
+            e = self.assertRaises(ApiError, read_fields, req, LIMIT)
+            self.assertEqual((e.status, e.headers), (415, {"Accept-Encoding": "identity"}))
+        for coding in ("identity", ""):
+            req = request(body, "application/json")
+            req.requestHeaders.setRawHeaders(b"content-encoding", [coding.encode()])
+            self.assertEqual(read_fields(req, LIMIT), {"subject": "hi"})
+        req = request(b"", "application/json")  # no body, nothing coded
+        req.requestHeaders.setRawHeaders(b"content-encoding", [b"gzip"])
+        self.assertEqual(read_fields(req, LIMIT), {})
+
     def test_a_body_without_its_closing_boundary_is_a_400(self) -> None:
         whole = b'--b1\r\nContent-Disposition: form-data; name="subject"\r\n\r\nSubject\r\n'
         for cut in (whole[:-3], whole, whole + b"--b1\r\n", whole + b"--b1"):

@@ -492,21 +492,23 @@ class DropmyemailApp(JobRoutes, ApiApp):
 
     def _token_body(self, request: IRequest) -> str:
         """The token request as the form body oauthlib reads (JSON is accepted too)."""
-        if media_type(request) == FORM_TYPE:
-            raw = read_body(request, self.settings.json_max_body)
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, "The form is not valid UTF-8.") from None
         try:
+            if media_type(request) == FORM_TYPE:
+                raw = read_body(request, self.settings.json_max_body)
+                try:
+                    return raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ApiError(400, "The form is not valid UTF-8.") from None
             fields: dict[str, Any] = read_fields(
                 request, self.settings.json_max_body, accept_multipart=False
             )
         except ApiError as e:
             if e.status != UNSUPPORTED_MEDIA_STATUS:
                 raise
-            # RFC 6749 5.2: a malformed token request is a 400 invalid_request.
-            raise ApiError(400, e.message, code="invalid_request") from None
+            # RFC 6749 5.2: a malformed token request (a body of another type, or coded:
+            # gzip) is a 400 invalid_request.
+            raise ApiError(400, e.message, code="invalid_request",
+                           headers=e.headers) from None
         for key, value in fields.items():
             if not isinstance(value, str):
                 raise ApiError(400, f"Parameter {key} must be a string.")

@@ -92,6 +92,7 @@ from web.pacing import paced
 from web.parsing import (
     FORM_TYPE,
     MULTIPART_TYPE,
+    body_file,
     bool_field,
     collect_fields,
     is_json_type,
@@ -617,9 +618,10 @@ class MailApiApp(ApiApp):
         """Read a POST or PUT body and `write` it: a multipart body's files are streamed to
         disk first (MailService.receive); when no mail is stored they are taken back."""
         files: list[StoredFile] = []
-        if media_type(request) == MULTIPART_TYPE and request.content is not None:
+        content = body_file(request)
+        if media_type(request) == MULTIPART_TYPE and content is not None:
             content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
-            received = await self.mail.receive(content_type, request.content,
+            received = await self.mail.receive(content_type, content,
                                                self.settings.json_max_body)
             data: dict[str, Any] = dict(received.fields)
             files = received.files

@@ -49,7 +49,8 @@ _DEFAULT_ERRORS = {
     409: "Conflicts with the state of the object",
     413: "Request body too large",
     415: "Unsupported media type: the body is not of a type the route reads (its "
-         "requestBody's)",
+         "requestBody's), or carries a Content-Encoding (gzip...): bodies are taken "
+         "uncoded, as Accept-Encoding says",
     429: "Rate limited",
     500: "Internal error",
     502: "A remote server failed",
@@ -220,6 +221,9 @@ def _bad_input(spec: RouteSpec, method: str, statuses: set[int]) -> str:
     kinds = []
     if spec.query:
         kinds.append("a query parameter given twice with different values")
+    if spec.body is not None and method not in ("GET", "HEAD", "DELETE") \
+            and 415 not in statuses:
+        kinds.append("a body of a type the route does not read, or with a Content-Encoding")
     return _DEFAULT_ERRORS[400] + (f" ({'; '.join(kinds)}, among it)" if kinds else "")
 
 
@@ -275,7 +279,11 @@ def _operation(spec: RouteSpec, method: str, index: int) -> dict[str, Any]:
                             else _DEFAULT_ERRORS.get(status, "Error")),
             "content": {"application/json": {"schema": error_schema}},
         }
-        if status == 429:
+        if status == 415:  # web.parsing.coded_body
+            responses[str(status)]["headers"] = {"Accept-Encoding": {
+                "description": "identity: the content codings a request body may carry "
+                               "(none)", "schema": {"type": "string"}}}
+        elif status == 429:
             responses[str(status)]["headers"] = {
                 name: {"description": text, "schema": {"type": "string"}}
                 for name, text in RATE_LIMIT_HEADERS.items()

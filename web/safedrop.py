@@ -62,6 +62,7 @@ from web.openapi import Reply, RouteTable
 from web.parsing import (
     FORM_TYPE,
     MULTIPART_TYPE,
+    body_file,
     bool_field,
     collect_fields,
     int_field,
@@ -673,7 +674,8 @@ class SafedropApp(ApiApp):
         if bundle.sent_at is not None:
             raise drop_error(DropSent())
         content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
-        if media_type(request) != MULTIPART_TYPE or request.content is None:
+        content = body_file(request)
+        if media_type(request) != MULTIPART_TYPE or content is None:
             raise ApiError(
                 400, "Send the file as multipart/form-data, in the field the_file.",
                 fields={"the_file": ["This field is required."]},
@@ -682,7 +684,7 @@ class SafedropApp(ApiApp):
         if refusal is not None:
             raise refusal
         found = await self._do(
-            self.drops.add_file(principal.user.id, bundle_id, content_type, request.content)
+            self.drops.add_file(principal.user.id, bundle_id, content_type, content)
         )
         return self.reply(request, file_json(found))
 
