@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import os
+import re
 import tempfile
 import threading
 import time
@@ -100,11 +101,35 @@ def multipart_events(
                                  max_segment_count=max_segment_count) as parser:
             while not parser.closed:
                 chunk = source.read(CHUNK)
-                yield from parser.parse(chunk)
+                for event in parser.parse(chunk):
+                    if isinstance(event, MultipartSegment):
+                        _one_value_parameters(event)
+                    yield event
                 if not chunk:
                     break
     except MultipartError as e:
         raise MalformedUpload(f"Malformed multipart body: {_parser_reason(e)}") from None
+
+
+# A `; name=value` parameter of a Content-Disposition: a quoted string or a token.
+_DISPOSITION_PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:\\.|[^\\"])*"|[^;]*)')
+
+
+def _one_value_parameters(segment: MultipartSegment) -> None:
+    """Refuse a part whose Content-Disposition gives a parameter twice with different
+    values (`filename="a.txt"; filename="b.exe"`, `name="to"; name="bcc"`): the parser
+    keeps the last, the email package the first, and a scanner or proxy in front may read
+    either, so the file stored, or the field it fills, would not be the one another reader
+    saw. As a field given twice is refused (web.parsing.given_twice)."""
+    seen: dict[str, str] = {}
+    disposition = segment.header("Content-Disposition", "")
+    for name, raw in _DISPOSITION_PARAMETER.findall(disposition):
+        key, value = name.lower(), raw.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if seen.setdefault(key, value) != value:
+            raise MalformedUpload(f"Malformed multipart body: a part's Content-Disposition "
+                                  f"gives {key} more than once, with different values.")
 
 
 def _parser_reason(error: MultipartError) -> str:

@@ -274,6 +274,22 @@ class FormTests(TestCase):
                 e = self.assertRaises(ApiError, read_fields, req, LIMIT)
                 self.assertEqual((e.status, list(e.fields or {})), (400, ["message"]), body)
 
+    def test_a_part_naming_its_field_twice_is_a_400(self) -> None:
+        # `name="subject"; name="message"`: the email package read the first (a PUT's
+        # subject changed) where the multipart parser, and safedrop's and the Mail API's
+        # uploads, read the last. Refused, as a field given twice is; the same name twice
+        # is taken.
+        body = (b'--b1\r\nContent-Disposition: form-data; name="subject"; name="message"'
+                b"\r\n\r\nhi\r\n--b1--\r\n")
+        e = self.assertRaises(ApiError, read_fields,
+                              request(body, "multipart/form-data; boundary=b1"), LIMIT)
+        self.assertEqual((e.status, e.message), (400, "Malformed multipart body: a part's "
+                         "Content-Disposition gives name more than once, with different "
+                         "values."))
+        same = body.replace(b'name="message"', b"name=subject")
+        self.assertEqual(read_fields(request(same, "multipart/form-data; boundary=b1"), LIMIT),
+                         {"subject": "hi"})
+
     def test_a_body_with_a_content_encoding_is_a_415(self) -> None:
         body = b'{"subject": "hi"}'
         for coding in ("gzip", "deflate, identity", "br"):

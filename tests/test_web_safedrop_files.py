@@ -296,6 +296,30 @@ class UploadTests(TestCase):
         self.assertEqual((status, reply["errors"]), (400, {"the_file": ["The file has no name."]}))
         self.assertEqual(len(f.file_rows()), 2)
 
+    async def test_a_file_name_given_twice_with_other_values_is_refused(self) -> None:
+        # `filename="report.pdf"; filename="run.exe"`: the multipart parser kept the last
+        # (stored as run.exe, 200) where the email package, and so a proxy or scanner
+        # reading the part with it, takes the first. A 400, nothing stored; the same name
+        # twice (quoted or not) is taken.
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+
+        def part(disposition: str) -> bytes:
+            return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
+                    "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
+
+        for disposition in ('name="the_file"; filename="report.pdf"; filename="run.exe"',
+                            'name="the_file"; filename=a.txt; FILENAME="b.txt"',
+                            'name="other"; name="the_file"; filename="a.txt"'):
+            status, reply = await f.upload(bundle_id, part(disposition))
+            self.assertEqual(status, 400, (disposition, reply))
+            self.assertIn("more than once, with different values", reply["error"])
+        self.assertEqual((f.file_rows(), f.stored()), ([], []))
+        status, reply = await f.upload(
+            bundle_id, part('name="the_file"; filename="a.txt"; filename=a.txt'))
+        self.assertEqual((status, reply["the_file"]), (200, "a.txt"))
+
     async def test_a_transfer_encoded_file_is_stored_decoded(self) -> None:
         # A part with Content-Transfer-Encoding (RFC 7578 4.7 says not to; some clients
         # do): its base64 text was stored as the file, with that size and hash, as the
