@@ -229,6 +229,30 @@ class CompletenessTests(TestCase):
             self.assertEqual(read - documented, set(), path)
         self.assertGreater(calls, 20)
 
+    async def test_integer_query_bounds_are_the_ones_the_routes_keep(self) -> None:
+        """Each integer query parameter documented with a maximum takes it and answers
+        one more with a 400 (Dropmyemail's `page` took up to 2^31 with no maximum
+        documented); IMAP2API's `page_size` and `page` say what DRF makes of other values."""
+        web = Web.build()
+        user = await web.user()
+        bearer = {"Authorization": f"Bearer {await access_token(web.core.oauth, user.id)}"}
+        _, _, doc = await web.call("GET", "/openapi.json")
+        params = {p["name"]: p["schema"] for p in
+                  doc["paths"]["/v1/accounts/{account_id}/contacts"]["get"]["parameters"]}
+        self.assertEqual((params["page"]["maximum"], params["per_page"]["maximum"]),
+                         (2**31, 40))
+        for name, schema in params.items():
+            if "maximum" not in schema:
+                continue
+            for value, expected in ((schema["maximum"], 404), (schema["maximum"] + 1, 400)):
+                status, _, body = await web.call(
+                    "GET", f"/v1/accounts/1/contacts?{name}={value}", headers=bearer)
+                self.assertEqual(status, expected, (name, value, body))
+        emails = {p["name"]: p["schema"] for p in
+                  doc["paths"]["/api/emails/"]["get"]["parameters"]}
+        self.assertIn("is the default", emails["page_size"]["description"])
+        self.assertIn('404 "Invalid page."', emails["page"]["description"])
+
     async def test_every_rate_limited_operation_documents_its_429(self) -> None:
         web = Web.build()
         _, _, doc = await web.call("GET", "/openapi.json")

@@ -181,8 +181,10 @@ def _not_found() -> ApiError:
     return ApiError(404, "No such account.")
 
 
+# The last page a list may be asked for (`page`); a window past the rows is empty.
+MAX_PAGE = 2**31
 PAGE_QUERY = {
-    "page": {"type": "integer", "minimum": 1, "default": 1},
+    "page": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 1},
     "per_page": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE, "default": 20},
 }
 MAILBOX = {
@@ -312,7 +314,7 @@ def message_json(m: MessageSummary) -> dict[str, Any]:
 def window(params: Mapping[str, str]) -> Window:
     """page (from 1) and per_page (1 to 40) from the query; 400 otherwise."""
     values: dict[str, int] = {}
-    for name, low, high, default in (("page", 1, 2**31, 1),
+    for name, low, high, default in (("page", 1, MAX_PAGE, 1),
                                      ("per_page", 1, MAX_PER_PAGE, 20)):
         text = params.get(name, "")
         if text == "":

@@ -215,8 +215,12 @@ def page_schema(item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 PAGE_QUERY: dict[str, dict[str, Any]] = {
-    "page": {"type": ["integer", "string"], "description": 'page number (or "last")'},
-    "page_size": {"type": "integer", "description": "default 50, at most 100"},
+    "page": {"type": ["integer", "string"], "description": 'page number from 1 (or "last"); '
+             'any other value, or a page past the end, is 404 "Invalid page." (as DRF '
+             "answers it)"},
+    "page_size": {"type": "integer", "description": "default 50, at most 100 (a larger one "
+                  "is 100); a value that is not a positive integer is the default, as DRF "
+                  "reads it"},
 }
 FILTER_QUERY: dict[str, dict[str, Any]] = {
     "q": {"type": "string", "description": "words in subject, sender, recipient or body"},
