@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -59,7 +59,7 @@ from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.safedrop.sms import SmsGateway
 from mailcore.sendcaps import SendCaps, SendCapSettings, SendsSweeper
-from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
+from mailcore.smtp.server import SMTPServerFactory, SMTPSettings, stress_gauge
 from mailcore.store import Database
 from mailcore.store.dbclock import ClockFollower, DatabaseTime
 from mailcore.store.leases import JobLeases
@@ -142,6 +142,8 @@ class Core:
     # The rate limits that guard secrets (logins, drop passwords and codes), in the store so
     # that they hold across nodes (mailcore.ratelimits).
     rate_buckets: SharedBuckets = field(init=False)
+    # /metrics' mailcore_smtp_stress, which the SMTP factory sets (one registration).
+    smtp_stress: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         self.certificate = None
@@ -149,6 +151,7 @@ class Core:
             self.certificate = CertificateReloader(self.tls_cert, self.tls_key, self.clock,
                                                    self.cpu)
         self.tls_listeners = TLSListeners(self.clock, self.cpu, self.certificate)
+        self.smtp_stress = stress_gauge(self.metrics)
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
         queue_settings = QueueSettings.from_config(self.config)
         self.leases = JobLeases(self.db, queue_settings.node_id)
@@ -389,7 +392,8 @@ class Core:
         sink = self.spool
         settings = SMTPSettings.from_config(self.config)
         factory = SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls,
-                                    room=self.mailbox_room(settings.max_message_size))
+                                    room=self.mailbox_room(settings.max_message_size),
+                                    stress_gauge=self.smtp_stress)
         if certificate is not None:
             certificate.serve(functools.partial(setattr, factory, "tls"))
         return factory

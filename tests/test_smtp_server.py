@@ -15,6 +15,7 @@ import socket
 import tracemalloc
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer, tcp
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
@@ -35,9 +36,10 @@ from mailcore.smtp.server import (
     SMTPServerFactory,
     received_header,
     received_protocol,
+    stress_gauge,
 )
 from tests.support.db import synchronous_database
-from tests.support.logs import logged_at
+from tests.support.logs import logged, logged_at
 from tests.support.smtpsession import (
     RecordingSink,
     SendBufferTransport,
@@ -1093,6 +1095,176 @@ class TimeoutTests(ServerTestCase):
         s.close()
         self.sink.release()
         self.assertEqual(len(self.sink.messages), 1)
+
+
+class StressTests(ServerTestCase):
+    """Postfix's stress mode: from 80 % of max_connections open sessions until fewer than
+    60 % are, the idle timeout is stress_idle_timeout (10 s) and max_errors and
+    max_junk_commands are 1, so that a slowloris (200 sessions each fed an octet every
+    299 s) cannot hold every slot for max_session_time."""
+
+    def crowd(self, factory: SMTPServerFactory, count: int) -> list[Session]:
+        """`count` sessions more, each from an address of its own, greeted."""
+        opened = []
+        for _ in range(count):
+            s = self.session(factory, client_ip=f"198.51.100.{len(self.sessions) + 1}")
+            self.assertEqual([g[:3] for g in s.greeting], ["220"])
+            opened.append(s)
+        return opened
+
+    def stressed_factory(self, **kwargs: Any) -> tuple[SMTPServerFactory, list[Session]]:
+        """A factory with max_connections=10 under stress: 8 sessions open, just greeted."""
+        factory = self.make_factory(max_connections=10, **kwargs)
+        crowd = self.crowd(factory, 8)
+        self.assertTrue(factory.stressed)
+        for s in crowd:
+            self.assertEqual(s.codes(b"EHLO a.example\r\n"), ["250"])
+        return factory, crowd
+
+    def test_a_slowloris_no_longer_holds_every_slot(self) -> None:
+        """10 addresses x 20 connections, each fed an octet every 299 s, held all 200 of
+        the default max_connections for max_session_time: a real MTA got 421 for an hour."""
+        factory = self.make_factory()
+        crowd = [self.session(factory, client_ip=f"198.51.100.{i // 20 + 1}")
+                 for i in range(200)]
+        self.assertEqual(factory.connections, 200)
+        for s in crowd:
+            self.assertEqual(s.send(b"E"), [])
+        refused = self.session(factory, client_ip="203.0.113.25")
+        self.assertEqual([g[:3] for g in refused.greeting], ["421"])
+        self.clock.advance(10)
+        for s in crowd:
+            self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+            s.close()  # (the client's side of the close)
+        mta = self.session(factory, client_ip="203.0.113.25")
+        self.assertEqual([g[:3] for g in mta.greeting], ["220"])
+        mta.hello()
+        self.assertEqual(mta.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.com>\r\n"
+                                   b"DATA\r\nx\r\n.\r\nQUIT\r\n"),
+                         ["250", "250", "354", "250", "221"])
+        self.assertFalse(factory.stressed)
+
+    def test_stress_begins_at_80_percent_and_ends_below_60(self) -> None:
+        registry = CollectorRegistry()
+        factory = self.make_factory(max_connections=10, stress_gauge=stress_gauge(registry))
+        warnings = logged_at(self, LogLevel.warn)
+        infos = logged(self, lambda e: e.get("log_level") == LogLevel.info
+                       and "stress" in e.get("log_format", ""))
+
+        def gauge() -> float | None:
+            return registry.get_sample_value("mailcore_smtp_stress")
+
+        crowd = self.crowd(factory, 7)
+        self.assertEqual((factory.stressed, gauge(), warnings), (False, 0, []))
+        crowd += self.crowd(factory, 1)
+        self.assertEqual((factory.stressed, gauge()), (True, 1))
+        self.assertEqual(warnings, [
+            "SMTP server under stress: 8 of [smtp] max_connections (10) sessions open; idle "
+            "timeout 10 s, 1 error(s) and 1 junk command(s) per session until fewer than 6 "
+            "are open"])
+        crowd += self.crowd(factory, 2)
+        self.clock.advance(5)
+        for s in crowd[:4]:  # down to 6, up to 7, down to 6: stress goes on, unlogged
+            s.close()
+        crowd += self.crowd(factory, 1)
+        crowd[-1].close()
+        self.assertEqual((factory.stressed, gauge(), len(warnings), infos), (True, 1, 1, []))
+        crowd[4].close()  # 5 open: below 60 %
+        self.assertEqual((factory.stressed, gauge()), (False, 0))
+        self.assertEqual(infos, ["SMTP server no longer under stress, after 5 s: 5 of [smtp] "
+                                 "max_connections (10) sessions open"])
+        self.assertEqual(len(warnings), 1)
+
+    def test_idle_sessions_are_cut_after_the_stress_timeout_from_their_last_input(
+            self) -> None:
+        factory = self.make_factory(max_connections=10)
+        crowd = self.crowd(factory, 7)
+        for s in crowd:
+            s.hello()
+        self.clock.advance(200)  # within idle_timeout (300)
+        self.assertEqual(crowd[0].codes(b"NOOP\r\n"), ["250"])
+        self.clock.advance(5)
+        [late] = self.crowd(factory, 1)  # the eighth session: stress
+        self.clock.advance(0)  # silent for 205 s, over 10: cut at once
+        for s in crowd[1:]:
+            self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+            self.assertTrue(s.closing)
+        self.clock.advance(4.5)  # crowd[0]'s NOOP came 9.5 s ago
+        self.assertFalse(crowd[0].closing)
+        self.clock.advance(0.5)
+        self.assertEqual(crowd[0].replies(),
+                         ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        self.clock.advance(4.5)  # the eighth came 9.5 s ago
+        self.assertFalse(late.closing)
+        self.clock.advance(0.5)
+        self.assertEqual(late.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+
+    def test_a_busy_sender_is_not_cut(self) -> None:
+        """Octets flowing in DATA keep a session, however long the message takes; a message
+        being committed is answered first, and the silence counts from our answer; a
+        sender that starts TLS greets again without that counting as junk."""
+        factory, crowd = self.stressed_factory(tls=object(), command_timeout=60)
+        s = crowd[0]
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.com>\r\n"
+                                 b"DATA\r\n"), ["250", "250", "354"])
+        for _ in range(30):
+            self.clock.advance(9)
+            self.assertEqual(s.send(b"x" * 500 + b"\r\n"), [])
+        self.assertFalse(s.closing)
+        self.sink.hold = True
+        self.assertEqual(s.send(b".\r\n"), [])
+        self.clock.advance(50)  # the spool takes its time: within command_timeout
+        self.assertFalse(s.closing)
+        self.sink.hold = False
+        self.sink.release()
+        self.assertEqual([r[:9] for r in s.replies()], ["250 2.0.0"])
+        self.assertEqual(self.sink.bodies, [(b"x" * 500 + b"\r\n") * 30])
+        self.clock.advance(9.5)
+        self.assertFalse(s.closing)
+        self.assertEqual(s.codes(b"RSET\r\n"), ["250"])  # counted afresh after a message
+        self.clock.advance(9.5)
+        self.assertFalse(s.closing)
+        self.clock.advance(0.5)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        # (the others, idle since their greeting, went 10 s after it)
+        self.assertTrue(all(other.closing for other in crowd))
+        transport = TLSStringTransport()
+        tls = self.session(factory, client_ip="203.0.113.9", transport=transport)
+        self.assertEqual(tls.codes(b"EHLO a.example\r\nSTARTTLS\r\n"), [])
+        self.assertTrue(transport.before_tls.endswith(b"220 2.0.0 Ready to start TLS\r\n"))
+        self.assertTrue(factory.stressed)
+        self.assertEqual(tls.codes(b"EHLO a.example\r\nMAIL FROM:<a@remote.test>\r\n"
+                                   b"RCPT TO:<u@example.com>\r\nDATA\r\nx\r\n.\r\n"),
+                         ["250", "250", "250", "354", "250"])
+
+    def test_under_stress_one_error_or_one_junk_command_ends_a_session(self) -> None:
+        _, crowd = self.stressed_factory()
+        self.assertEqual(crowd[0].send(b"MAIL FROM:<a@remote.test>\r\n"
+                                       b"RCPT TO:<u@elsewhere.test>\r\nNOOP\r\n"), [
+            "250 2.1.0 Ok", "550 5.7.1 <u@elsewhere.test>: Relaying denied",
+            "421 4.7.0 mx.gateway.test Error: too many errors"])
+        self.assertEqual(crowd[1].send(b"NOOP\r\nNOOP\r\n"), [  # (EHLO was the first)
+            "421 4.7.0 mx.gateway.test Error: too many junk commands"])
+        self.assertTrue(crowd[0].closing and crowd[1].closing)
+
+    def test_below_the_lower_threshold_the_usual_limits_come_back(self) -> None:
+        factory, crowd = self.stressed_factory()
+        for s in crowd[:3]:
+            s.close()
+        self.assertFalse(factory.stressed)
+        s = crowd[3]
+        self.assertEqual(s.codes(b"A\r\nB\r\nNOOP\r\nNOOP\r\n"), ["502", "502", "250", "250"])
+        self.clock.advance(299)  # the timer armed for 10 s finds 300 s again
+        self.assertFalse(s.closing)
+        self.clock.advance(1)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+
+    def test_stress_never_lengthens_the_idle_timeout(self) -> None:
+        _, crowd = self.stressed_factory(idle_timeout=5)
+        self.clock.advance(4.5)
+        self.assertFalse(crowd[0].closing)
+        self.clock.advance(0.5)
+        self.assertTrue(all(s.closing for s in crowd))
 
 
 class PipeliningTests(ServerTestCase):

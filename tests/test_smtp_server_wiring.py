@@ -51,6 +51,29 @@ class SettingsTests(TestCase):
                 with self.assertRaises(ConfigError):
                     SMTPSettings.from_config(Config(sections={"smtp": {key: value}}))
 
+    def test_the_stress_keys(self) -> None:
+        default = SMTPSettings.from_config(Config())
+        self.assertEqual((default.stress_idle_timeout, default.stress_max_errors,
+                          default.stress_max_junk_commands), (10, 1, 1))
+        settings = SMTPSettings.from_config(Config(sections={"smtp": {
+            "stress_idle_timeout": 2.5, "stress_max_errors": 3,
+            "stress_max_junk_commands": 100}}))
+        self.assertEqual((settings.stress_idle_timeout, settings.stress_max_errors,
+                          settings.stress_max_junk_commands), (2.5, 3, 100))
+        # Stress only shortens: more than the usual value is refused.
+        for table in ({"stress_idle_timeout": 0}, {"stress_idle_timeout": "10s"},
+                      {"stress_idle_timeout": 301}, {"stress_max_errors": 0},
+                      {"stress_max_errors": 1.5}, {"stress_max_errors": True},
+                      {"stress_max_junk_commands": -1}, {"stress_max_junk_commands": 101},
+                      {"idle_timeout": 30, "stress_idle_timeout": 31},
+                      {"max_errors": 5, "stress_max_errors": 6}):
+            with self.subTest(table=table):
+                with self.assertRaisesRegex(ConfigError, r"^\[smtp\] stress_"):
+                    SMTPSettings.from_config(Config(sections={"smtp": table}))
+        # an idle_timeout under the default stress_idle_timeout is no error: stress keeps it
+        # (StressTests.test_stress_never_lengthens_the_idle_timeout)
+        SMTPSettings.from_config(Config(sections={"smtp": {"idle_timeout": 5}}))
+
     def test_hop_limit_and_postmaster(self) -> None:
         default = SMTPSettings.from_config(Config(hostname="mx.example.net"))
         self.assertEqual((default.max_hops, default.postmaster_address),
@@ -116,6 +139,8 @@ class CoreWiringTests(TestCase):
         self.assertIsNotNone(factory.tls)
         self.assertEqual(factory.settings.hostname, "mx.example.net")
         self.assertIs(factory.sink, core.spool)
+        self.assertIs(factory.stress_gauge, core.smtp_stress)
+        self.assertEqual(core.metrics.get_sample_value("mailcore_smtp_stress"), 0)
 
     def test_without_a_certificate_no_starttls(self) -> None:
         core, _ = self.core(Config(), tls=False)

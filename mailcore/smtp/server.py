@@ -51,11 +51,13 @@ import datetime
 import email.utils
 import functools
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Gauge
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -111,6 +113,14 @@ MIN_STORED = 64
 # The first octets of each message that `[smtp] max_data_memory` never refuses (see
 # SMTPServerFactory.hold): sessions may hold max_connections times this beyond it.
 DATA_FREE = 1024 * 1024
+# Under stress (see SMTPServerFactory) from this share of `max_connections` open sessions,
+# until fewer than STRESS_LEAVE of it are open (hysteresis: stress does not flap on and off
+# as sessions come and go around one number).
+STRESS_ENTER = 0.8
+STRESS_LEAVE = 0.6
+# [smtp] keys that stand in, under stress, for the key beside them.
+_STRESS_KEYS = (("stress_idle_timeout", "idle_timeout"), ("stress_max_errors", "max_errors"),
+                ("stress_max_junk_commands", "max_junk_commands"))
 _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -214,8 +224,15 @@ class SMTPSettings:
       another transaction.
     - `max_junk_commands` (100, as Postfix's `smtpd_junk_command_limit`): commands that
       change nothing (NOOP, RSET, VRFY, HELP, HELO and EHLO, a recipient given again)
-      answered since the session began or since its last accepted message; one more is
-      answered 421 4.7.0 and the session ends.
+      answered since the session began, its STARTTLS (a new start: RFC 3207 4.2) or its
+      last accepted message; one more is answered 421 4.7.0 and the session ends.
+    - `stress_idle_timeout` (10), `stress_max_errors` (1), `stress_max_junk_commands` (1):
+      what `idle_timeout`, `max_errors` and `max_junk_commands` become while the server is
+      under stress, as Postfix's `smtpd_timeout = ${stress?{10}:{300}}`,
+      `smtpd_hard_error_limit = ${stress?{1}:{20}}` and `smtpd_junk_command_limit =
+      ${stress?{1}:{100}}` (STRESS_README): see `SMTPServerFactory`. Each is at most the
+      value it stands in for (a larger one configured is an error; the default is lowered
+      to it). Setting all three to their usual values turns stress off.
     - `max_line_length` (1000): longest DATA line, CRLF included, a dot doubled for
       transparency not counted (RFC 5321 4.5.3.1.6).
     - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
@@ -245,6 +262,9 @@ class SMTPSettings:
     max_session_time: float = 3600.0
     max_errors: int = 20
     max_junk_commands: int = 100
+    stress_idle_timeout: float = 10.0
+    stress_max_errors: int = 1
+    stress_max_junk_commands: int = 1
     max_line_length: int = 1000
     max_command_length: int = 512
     max_hops: int = DEFAULT_MAX_HOPS
@@ -271,6 +291,10 @@ class SMTPSettings:
             if not is_positive_number(value, integer=f.type in ("int", int)):
                 raise ConfigError(f"[smtp] {f.name} must be a positive number")
             values[f.name] = value
+        for stress, usual in _STRESS_KEYS:
+            # Stress only shortens: a longer timeout or a higher limit is a mistake.
+            if stress in values and values[stress] > values.get(usual, getattr(cls, usual)):
+                raise ConfigError(f"[smtp] {stress} must not be more than {usual}")
         settings = cls(**values)
         if settings.max_line_length < 80 or settings.max_command_length < 80:
             raise ConfigError("[smtp] line length limits must be at least 80")
@@ -539,14 +563,14 @@ class ESMTPServerProtocol(TwistedProtocol):
         """Refuse a command; too many refusals end the session."""
         self.reply(code, status, text)
         self._errors += 1
-        if self._errors >= self.settings.max_errors:
+        if self._errors >= self.factory.max_errors:
             self.shutdown("4.7.0", "Error: too many errors")
 
     def _junk(self) -> bool:
         """Count a command that changes nothing. One more than `max_junk_commands` since
         the last accepted message ends the session: say so (True), and answer nothing else."""
         self._junk_commands += 1
-        if self._junk_commands > self.settings.max_junk_commands:
+        if self._junk_commands > self.factory.max_junk_commands:
             self.shutdown("4.7.0", "Error: too many junk commands")
             return True
         return False
@@ -761,17 +785,18 @@ class ESMTPServerProtocol(TwistedProtocol):
         """When the session times out if nothing happens: `command_timeout` after a command
         began to wait on us, else `idle_timeout` after the client's last input (or our
         last answer), or the end of the session's time if sooner. While a command waits,
-        the idle timeout and the session's time do not run out."""
+        the idle timeout and the session's time do not run out. The idle timeout is the
+        factory's: shorter while the server is under stress."""
         if self._paused:
             return self._paused_at + self.settings.command_timeout
-        return min(self._last_activity + self.settings.idle_timeout, self._session_end)
+        return min(self._last_activity + self.factory.idle_timeout, self._session_end)
 
     def _arm_timer(self, now: float) -> None:
         """Schedule the one timer at the deadline, or sooner: at most the shorter of the two
         timeouts from now. A command that starts waiting later has its deadline at least
         `command_timeout` from now, so the timer is never late for it, and neither a
         command nor input has to move the timer (a callLater and a cancel per message)."""
-        step = min(self.settings.idle_timeout, self.settings.command_timeout)
+        step = min(self.factory.idle_timeout, self.settings.command_timeout)
         self._timer = self.clock.callLater(
             max(0.0, min(self._deadline(), now + step) - now), self._check_timeouts
         )
@@ -796,6 +821,16 @@ class ESMTPServerProtocol(TwistedProtocol):
                 self.shutdown("4.4.2", "Error: timeout exceeded")
             return
         self._arm_timer(now)
+
+    def timeouts_changed(self) -> None:
+        """The factory's idle timeout was shortened (stress): move the session's timer to
+        its new deadline, which may have passed (the session then ends on the reactor's
+        next turn, not inside the caller). A session without a timer is ending, or is in
+        `_check_timeouts`, which arms the next one with the new timeout."""
+        timer = self._timer
+        if self._open and timer is not None and timer.active():
+            timer.cancel()
+            self._arm_timer(self.clock.seconds())
 
     def _overdue(self, pending: defer.Deferred[None]) -> None:
         """A command waited on the store past `command_timeout`: cancel it. Its coroutine
@@ -884,6 +919,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self.tls = True
         self.helo = None
         self.esmtp = False
+        # A new start (RFC 3207 4.2): the EHLO it needs is not junk, under stress either.
+        self._junk_commands = 0
         self._reset_transaction()
 
     def do_NOOP(self, arg: str) -> None:
@@ -1274,6 +1311,14 @@ class ESMTPServerProtocol(TwistedProtocol):
                          recipients=[r.address for r in envelope.recipients], tls=envelope.tls)
 
 
+def stress_gauge(registry: CollectorRegistry) -> Gauge:
+    """The /metrics gauge of the inbound server's stress (see SMTPServerFactory)."""
+    return Gauge("mailcore_smtp_stress",
+                 "1 while the inbound SMTP server is under stress (its open sessions reached "
+                 "80 % of [smtp] max_connections, until below 60 %): shorter idle timeout, "
+                 "error and junk command limits", registry=registry)
+
+
 def _normalise_ip(host: str) -> str:
     """The client address as text; IPv4-mapped IPv6 addresses become plain IPv4."""
     if ":" not in host and host.count(".") == 3:
@@ -1306,7 +1351,22 @@ _VERBS: dict[str, Handler] = {
 
 
 class SMTPServerFactory(ServerFactory):
-    """Builds sessions and enforces the connection limits (total and per client address)."""
+    """Builds sessions and enforces the connection limits (total and per client address).
+
+    Stress (Postfix's, STRESS_README): while `max_connections` is nearly taken, sessions
+    that do nothing useful give their slots to those that do. From STRESS_ENTER (80 %) of
+    `max_connections` open sessions until fewer than STRESS_LEAVE (60 %) are, every
+    session, those open already included, has `stress_idle_timeout` (10 s) of silence
+    since its last input instead of `idle_timeout`, and `stress_max_errors` and
+    `stress_max_junk_commands` (1 each) stand in for `max_errors` and
+    `max_junk_commands`: a slowloris holding its sessions with an octet every few minutes
+    is cut within seconds, a sender whose octets keep coming (in DATA too) is not, and a
+    message being committed is answered first (a command waiting on us has
+    `command_timeout`). Each change is logged once, and /metrics shows it,
+    `mailcore_smtp_stress`. The sessions read the three values from the factory
+    (`idle_timeout`, `max_errors`, `max_junk_commands`), so stress costs them nothing per
+    command or octet.
+    """
 
     def __init__(
         self,
@@ -1317,6 +1377,7 @@ class SMTPServerFactory(ServerFactory):
         *,
         tls: Any = None,
         room: MailboxRoom | None = None,
+        stress_gauge: Gauge | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -1342,6 +1403,20 @@ class SMTPServerFactory(ServerFactory):
             settings.max_data_memory * settings.max_connections_per_ip
             // settings.max_connections)
         self.close_grace = CLOSE_GRACE
+        # Stress: the limits sessions read now, the admitted sessions (to shorten their
+        # timers when stress begins), and the open sessions at which it begins and below
+        # which it ends.
+        self.idle_timeout = settings.idle_timeout
+        self.max_errors = settings.max_errors
+        self.max_junk_commands = settings.max_junk_commands
+        self.stressed = False
+        self.stressed_since = 0.0
+        self.sessions: set[ESMTPServerProtocol] = set()
+        self.stress_at = max(1, math.ceil(settings.max_connections * STRESS_ENTER))
+        self.calm_below = max(1, math.ceil(settings.max_connections * STRESS_LEAVE))
+        self.stress_gauge = stress_gauge
+        if stress_gauge is not None:
+            stress_gauge.set(0)
 
     @property
     def connections(self) -> int:
@@ -1359,11 +1434,52 @@ class SMTPServerFactory(ServerFactory):
     def admit(self, session: ESMTPServerProtocol) -> str | None:
         """Count a new session in, or say why it must be refused (421)."""
         refusal = self.counter.admit(session.client_ip or None)
-        return None if refusal is None else f"Error: {refusal}"
+        if refusal is not None:
+            return f"Error: {refusal}"
+        self.sessions.add(session)
+        if self.counter.total >= self.stress_at and not self.stressed:
+            self._stress(True)
+        return None
 
     def release(self, session: ESMTPServerProtocol) -> None:
         """Count a finished session out."""
         self.counter.release(session.client_ip or None)
+        self.sessions.discard(session)
+        if self.stressed and self.counter.total < self.calm_below:
+            self._stress(False)
+
+    def _stress(self, on: bool) -> None:
+        """Enter or leave stress (see the class docstring): the limits the sessions read
+        change; on entering, every session's timer moves to its shortened deadline."""
+        settings = self.settings
+        self.stressed = on
+        now = self.clock.seconds()
+        if on:
+            self.stressed_since = now
+            self.idle_timeout = min(settings.stress_idle_timeout, settings.idle_timeout)
+            self.max_errors = min(settings.stress_max_errors, settings.max_errors)
+            self.max_junk_commands = min(settings.stress_max_junk_commands,
+                                         settings.max_junk_commands)
+            log.warn("SMTP server under stress: {open} of [smtp] max_connections ({max}) "
+                     "sessions open; idle timeout {idle:g} s, {errors} error(s) and "
+                     "{junk} junk command(s) per session until fewer than {calm} are open",
+                     open=self.counter.total, max=settings.max_connections,
+                     idle=self.idle_timeout, errors=self.max_errors,
+                     junk=self.max_junk_commands, calm=self.calm_below)
+            for session in list(self.sessions):
+                session.timeouts_changed()
+        else:
+            self.idle_timeout = settings.idle_timeout
+            self.max_errors = settings.max_errors
+            self.max_junk_commands = settings.max_junk_commands
+            # (The sessions' timers, armed for the short timeout, find their deadlines
+            # later when they fire and are armed again.)
+            log.info("SMTP server no longer under stress, after {duration:.0f} s: {open} of "
+                     "[smtp] max_connections ({max}) sessions open",
+                     duration=now - self.stressed_since, open=self.counter.total,
+                     max=settings.max_connections)
+        if self.stress_gauge is not None:
+            self.stress_gauge.set(1 if on else 0)
 
     def hold(self, address: str | None, held: int, more: int) -> bool:
         """Count `more` octets of a message that holds `held` already, from the client

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Gauge
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITLSTransport
@@ -200,7 +201,8 @@ def make_factory(
     clock: Clock,
     *,
     tls: Any = None,
+    stress_gauge: Gauge | None = None,
     **limits: Any,
 ) -> SMTPServerFactory:
     settings = SMTPSettings(hostname="mx.gateway.test", **limits)
-    return SMTPServerFactory(settings, domains, sink, clock, tls=tls)
+    return SMTPServerFactory(settings, domains, sink, clock, tls=tls, stress_gauge=stress_gauge)
