@@ -14,14 +14,16 @@ from collections.abc import Awaitable, Hashable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailcore.periodic import Sweeper
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store.database import Database
 from mailcore.store.rates import thd_available, thd_sweep, thd_take
 
 log = Logger()
 
-# How often the buckets full again (which hold nothing) are deleted.
+# How often the buckets full again (which hold nothing) are deleted, and how many a
+# transaction.
 SWEEP_INTERVAL = 600.0
+SWEEP_BATCH = 1000
 
 
 class SharedBuckets:
@@ -50,13 +52,16 @@ class SharedBuckets:
                                   self.clock.seconds())
 
     async def sweep(self) -> int:
-        """Delete the buckets full again (a missing one is full); how many."""
-        return await self.db.run("rate_sweep", thd_sweep, self.clock.seconds())
+        """Delete the buckets full again (a missing one is full), SWEEP_BATCH a
+        transaction; how many."""
+        return await delete_in_batches(self.db, "rate_sweep", thd_sweep, self.clock.seconds(),
+                                       batch=SWEEP_BATCH)
 
 
 class BucketSweeper(Sweeper[int]):
-    """Deletes the shared buckets that are full again, every SWEEP_INTERVAL seconds (every
-    node may run it: the delete is idempotent)."""
+    """Deletes the shared buckets that are full again, every SWEEP_INTERVAL seconds. The
+    Core gives it the store's job leases: one node of those sharing the store sweeps per
+    period (the delete is idempotent, should two meet in one)."""
 
     name = "rate-bucket-sweeper"
     failed = "sweeping the shared rate-limit buckets failed"

@@ -5,14 +5,17 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from mailcore import ratelimits
 from mailcore.ratelimits import SharedBuckets
 from mailcore.store.schema import rate_buckets
-from tests.support.db import DatabaseMixin
+from tests.support.db import DatabaseMixin, engine_query_plans, full_scans
 from web.ratelimit import Rate, RateLimiter, SharedRateLimiter
 
 
@@ -61,6 +64,38 @@ class SharedRatesMixin(DatabaseMixin):
         db = self.buckets.db
         self.assertEqual(await db.read("n", lambda c: c.execute(
             sa.select(sa.func.count()).select_from(rate_buckets)).scalar_one()), 0)
+
+    async def test_the_sweep_deletes_a_batch_a_transaction_through_its_index(self) -> None:
+        """The sweep holds no long write transaction: SWEEP_BATCH buckets at most each,
+        found through ix_rate_buckets_full_at (no batch reads the whole table)."""
+        clock, a, _ = await self.limiters(Rate(2, 60))
+        for key in ("k1", "k2", "k3", "k4", "k5"):
+            await a.take(key)
+        clock.advance(60)
+        await a.take("j")
+        await a.take("j")  # empty: not full again before the sweep
+        self.patch(ratelimits, "SWEEP_BATCH", 2)
+        db = self.buckets.db
+        batches: list[int] = []
+        db_run = db.run
+
+        def counted(n: int) -> int:
+            batches.append(n)
+            return n
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            d = db_run(name, *args, **kwargs)
+            return d.addCallback(counted) if name == "rate_sweep" else d
+
+        self.patch(db, "run", run)
+        with engine_query_plans(db.engine) as plans:
+            self.assertEqual(await self.buckets.sweep(), 5)
+        self.assertEqual(batches, [2, 2, 1])
+        self.assertEqual(await db.read("n", lambda c: c.execute(
+            sa.select(rate_buckets.c.name)).scalars().all()),
+            [SharedBuckets.bucket_name("login", "j")])
+        self.assertEqual(full_scans(plans, "rate_buckets"), [])
+        self.assertTrue([p for p in plans if "ix_rate_buckets_full_at" in p], plans)
 
 
 class SQLiteSharedRatesTests(SharedRatesMixin, TestCase):

@@ -41,9 +41,14 @@ def thd_available(conn: Connection, name: str, limit: int, period: float,
     return _refilled(row.tokens, row.at, now, limit, period)
 
 
-def thd_sweep(conn: Connection, now: float) -> int:
-    """Delete the buckets full again by `now` (a missing row is a full bucket); how many."""
-    return int(conn.execute(delete(rate_buckets).where(_b.full_at <= now)).rowcount or 0)
+def thd_sweep(conn: Connection, now: float, batch: int) -> int:
+    """Delete up to `batch` of the buckets full again by `now` (a missing row is a full
+    bucket; ix_rate_buckets_full_at finds them); how many. PostgreSQL locks each chosen row
+    and asks again whether it is full (FOR UPDATE), as a take may have drawn on it since:
+    a bucket in use is never reset to full."""
+    names = (select(_b.name).where(_b.full_at <= now).limit(batch).with_for_update()
+             .scalar_subquery())
+    return int(conn.execute(delete(rate_buckets).where(_b.name.in_(names))).rowcount or 0)
 
 
 def _insert_full(conn: Connection, name: str, limit: int, now: float) -> None:
