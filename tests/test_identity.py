@@ -15,10 +15,16 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.identity import Identity, IdentityError, User, passwords
 from mailcore.identity import secrets as creds
+from mailcore.identity import service as identity_service
 from mailcore.identity.service import EXPIRED_KEPT_SECONDS, RESOLVED_TTL, name_key, utc
 from mailcore.store.schema import credentials, users
 from mailcore.workers import CpuPool
-from tests.support.db import synchronous_database
+from tests.support.db import (
+    DatabaseMixin,
+    engine_query_plans,
+    full_scans,
+    synchronous_database,
+)
 
 START = 1_800_000_000.0  # 2027-01-15, an arbitrary fixed "now" for the Clock
 
@@ -787,3 +793,56 @@ class ResolvedSecretTests(IdentityTestCase):
         self.assertIsNotNone(await self.identity.resolve(token, ("token",)))
         self.assertIsNone(await self.identity.resolve(token, ("session",)))
         self.assertIsNone(await self.identity.resolve(token + "x", ("token",)))
+
+
+class PurgeMixin(DatabaseMixin):
+    """The purge of expired credentials on a migrated store of each backend."""
+
+    async def test_the_purge_deletes_a_batch_a_transaction_through_its_indexes(self) -> None:
+        """The purge holds no long write transaction: PURGE_BATCH credentials at most each,
+        the expired ones found through ix_credentials_expires_at and the idle login tokens
+        through ix_credentials_login_idle (migration 0066; no batch reads the whole
+        table)."""
+        db = await self.open_database()
+        clock = Clock()
+        clock.advance(START)
+        identity = Identity(db, clock, CpuPool.for_tests(), session_ttl=3600, login_idle=3600)
+        alice = await identity.create_user("alice", "alice@example.test", None)
+        for _ in range(3):
+            await identity.create_credential(alice.id, "session")
+            await identity.create_credential(alice.id, "token", login=True)
+        _, printed = await identity.create_credential(alice.id, "token")
+        clock.advance(3600 + EXPIRED_KEPT_SECONDS + 1)
+        _, fresh = await identity.create_credential(alice.id, "session")
+        _, used = await identity.create_credential(alice.id, "token", login=True)
+        self.patch(identity_service, "PURGE_BATCH", 2)
+        batches: list[tuple[str, int]] = []
+        db_run = db.run
+
+        def run(name: str, *args: Any, **kwargs: Any) -> Any:
+            def counted(n: int) -> int:
+                batches.append((name, n))
+                return n
+
+            d = db_run(name, *args, **kwargs)
+            return d.addCallback(counted) if name.startswith("purge_") else d
+
+        self.patch(db, "run", run)
+        with engine_query_plans(db.engine) as plans:
+            self.assertEqual(await identity.purge_expired(), 6)
+        self.assertEqual(batches, [("purge_expired_credentials", 2),
+                                   ("purge_expired_credentials", 1),
+                                   ("purge_idle_logins", 2), ("purge_idle_logins", 1)])
+        self.assertEqual({c.id for c in await identity.list_credentials(alice.id)},
+                         {printed.id, fresh.id, used.id})
+        self.assertEqual(full_scans(plans, "credentials"), [])
+        for index in ("ix_credentials_expires_at", "ix_credentials_login_idle"):
+            self.assertTrue([p for p in plans if index in p], plans)
+
+
+class SQLitePurgeTests(PurgeMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresPurgeTests(PurgeMixin, TestCase):
+    backend = "postgresql"

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from mailcore.gateway.domains import DomainError, normalise_host_name, thd_owner_changed
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
-from mailcore.periodic import Sweeper
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store import Database
 from mailcore.store.schema import credentials, oauth_codes, oauth_tokens, users
 from mailcore.text import has_control, has_surrogate, not_text
@@ -58,6 +58,8 @@ _USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}\Z")
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f-\x9f]{1,64}@[^@\s\x00-\x1f\x7f-\x9f]{1,253}\Z")
 # Expired credentials stay this long (for "expired" rather than "unknown" in logs).
 EXPIRED_KEPT_SECONDS = 86400.0
+# Expired credentials (and idle login tokens) the purge deletes a transaction.
+PURGE_BATCH = 1000
 # Safedrop sessions (X-Auth-Token) one user keeps: each GET /auth makes one (up to 20 a
 # second), each lives `session_ttl`; past this many, making one deletes the oldest.
 SESSIONS_KEPT = 1000
@@ -726,25 +728,16 @@ class Identity:
 
     async def purge_expired(self, grace: float = EXPIRED_KEPT_SECONDS) -> int:
         """Delete credentials (safedrop sessions, mostly) that expired more than `grace`
-        seconds ago, and login tokens unused `login_idle` seconds longer than that; how
-        many. Neither resolves, so this only keeps the table from growing with every
-        login."""
+        seconds ago, and login tokens unused `login_idle` seconds longer than that,
+        PURGE_BATCH a transaction; how many. Neither resolves, so this only keeps the table
+        from growing with every login."""
         cutoff = self.now() - datetime.timedelta(seconds=grace)
-        idle = self.login_idle
-
-        def txn(conn: Connection) -> int:
-            c = credentials.c
-            purged = int(conn.execute(
-                delete(credentials).where(c.expires_at.is_not(None), c.expires_at < cutoff)
-            ).rowcount or 0)
-            if idle is not None:
-                unused_since = cutoff - datetime.timedelta(seconds=idle)
-                purged += int(conn.execute(delete(credentials).where(
-                    c.login.is_(True), func.coalesce(c.last_used_at, c.created_at) < unused_since
-                )).rowcount or 0)
-            return purged
-
-        purged = await self.db.run("purge_expired_credentials", txn)
+        purged = await delete_in_batches(self.db, "purge_expired_credentials",
+                                         thd_purge_expired, cutoff, batch=PURGE_BATCH)
+        if self.login_idle is not None:
+            purged += await delete_in_batches(
+                self.db, "purge_idle_logins", thd_purge_idle_logins,
+                cutoff - datetime.timedelta(seconds=self.login_idle), batch=PURGE_BATCH)
         self.forget_resolved()
         return purged
 
@@ -884,9 +877,31 @@ def _touch(conn: Connection, credential_id: int | None, now: datetime.datetime) 
     )
 
 
+def thd_purge_expired(conn: Connection, before: datetime.datetime, batch: int) -> int:
+    """Delete up to `batch` credentials that expired before `before`
+    (ix_credentials_expires_at finds them); how many."""
+    c = credentials.c
+    ids = (select(c.id).where(c.expires_at.is_not(None), c.expires_at < before)
+           .limit(batch).with_for_update().scalar_subquery())
+    return int(conn.execute(delete(credentials).where(c.id.in_(ids))).rowcount or 0)
+
+
+def thd_purge_idle_logins(conn: Connection, before: datetime.datetime, batch: int) -> int:
+    """Delete up to `batch` login tokens last used (or, never used, made) before `before`
+    (ix_credentials_login_idle finds them); how many. PostgreSQL locks each chosen row
+    and asks again whether it is idle (FOR UPDATE), as a use may have been written since."""
+    c = credentials.c
+    ids = (select(c.id)
+           .where(c.login.is_(True), func.coalesce(c.last_used_at, c.created_at) < before)
+           .limit(batch).with_for_update().scalar_subquery())
+    return int(conn.execute(delete(credentials).where(c.id.in_(ids))).rowcount or 0)
+
+
 class CredentialSweeper(Sweeper[int]):
-    """Purges expired credentials every `every` seconds on `clock` (every node may run it:
-    the delete is idempotent). Failures are logged and tried again next time."""
+    """Purges expired credentials every `every` seconds on `clock`, PURGE_BATCH a
+    transaction. The Core gives it the store's job leases: one node of those sharing the
+    store purges per period (the delete is idempotent, should two meet in one). Failures
+    are logged and tried again next time."""
 
     name = "credential-sweeper"
     failed = "purging expired credentials failed"

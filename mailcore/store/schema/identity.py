@@ -1,4 +1,5 @@
-"""Identity tables: users and their credentials (migrations 0001, 0009, 0039, 0040, 0042)."""
+"""Identity tables: users and their credentials (migrations 0001, 0009, 0039, 0040, 0042,
+0066)."""
 
 from __future__ import annotations
 
@@ -76,5 +77,10 @@ credentials = Table(
     Index("ix_credentials_prefix", "prefix"),
     Index("ix_credentials_user_kind", "user_id", "kind"),
     Index("ix_credentials_parent_id", "parent_id"),
+    # (0066) For the purge (Identity.purge_expired): the expired ones, and the login tokens
+    # by their last use (or their making, never used).
+    Index("ix_credentials_expires_at", "expires_at"),
 )
+Index("ix_credentials_login_idle", credentials.c.login,
+      func.coalesce(credentials.c.last_used_at, credentials.c.created_at))
 
