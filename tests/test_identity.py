@@ -25,6 +25,7 @@ from tests.support.db import (
     full_scans,
     synchronous_database,
 )
+from tests.support.passwords import production_hashing
 
 START = 1_800_000_000.0  # 2027-01-15, an arbitrary fixed "now" for the Clock
 
@@ -239,6 +240,12 @@ class UserTests(IdentityTestCase):
 
 
 class PasswordTests(IdentityTestCase):
+    """With the production Argon2 parameters (the other tests hash with cheap ones)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        production_hashing(self)
+
     async def test_password_is_hashed_with_argon2id(self) -> None:
         alice = await self.user(password="correct horse")
 
