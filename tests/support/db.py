@@ -9,7 +9,9 @@ A migrated one is a copy of a store the migrations built once in this test proce
 SQLite file copied; PostgreSQL's CREATE DATABASE … TEMPLATE): the migrations cost each
 test some 0.45 s of CPU (SQLite) to build the same thing again. Its `open()` finds it at
 head, as a daemon finds its store. Tests of the migrations themselves run them on an empty
-database (`migrated_copy=False`, `DatabaseMixin.migrated_copies`).
+database (`migrated_copy=False`, `DatabaseMixin.migrated_copies`). A test of one migration
+starts at the revision before it from a copy too: of the migrated store taken down to that
+revision once per process and revision (`DatabaseMixin.open_database_before`).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def _copy_migrated_memory(engine: Engine) -> None:
             source.close()
 
 
-_templates: dict[str, str] = {}
+_templates: dict[tuple[str, str], str] = {}
 _templates_lock = defer.DeferredLock()
 
 
@@ -110,33 +112,61 @@ def _migrate_template_blocking(url: str) -> None:
         db.engine.dispose()
 
 
-async def _template(backend: str) -> str:
-    """This process's migrated database of `backend`, made by the migrations the first
-    time."""
+def _downgrade_template_blocking(url: str, revision: str) -> None:
+    """Take the database at `url` (a copy of the migrated template) down to `revision`,
+    then close every connection to it. Blocks."""
+    db = Database(url, None, synchronous=True)  # type: ignore[arg-type]
+    try:
+        downgrade_to(db.engine, revision)
+    finally:
+        db.engine.dispose()
+
+
+async def _template(backend: str, revision: str = "head") -> str:
+    """This process's database of `backend` at `revision`: at head, made by the migrations
+    the first time; at an older revision, a copy of that one taken down to it the first
+    time (as each migration test took its own copy down before)."""
+    head = None if revision == "head" else await _template(backend)
     await _templates_lock.acquire()
     try:
-        if backend not in _templates:
-            if backend == "sqlite":
-                directory = tempdir("mailcore-sqlite-template-")
-                atexit.register(shutil.rmtree, directory, True)
-                path = directory / "mailcore.sqlite"
-                await threads.deferToThread(_migrate_template_blocking, f"sqlite:///{path}")
-                _templates[backend] = str(path)
-            elif backend == "postgresql":
-                url = await create_template_database()
-                await threads.deferToThread(_migrate_template_blocking, url)
-                _templates[backend] = url
-            else:
-                raise ValueError(f"unknown backend {backend!r}")
-        return _templates[backend]
+        key = (backend, revision)
+        if key not in _templates:
+            _templates[key] = await _make_template(backend, head, revision)
+        return _templates[key]
     finally:
         _templates_lock.release()
 
 
-async def migrated_database_url(test: TestCase, backend: str) -> str:
-    """A URL of a database of `backend` at head that lives as long as `test`: a copy of
-    this process's migrated template."""
-    template = await _template(backend)
+async def _make_template(backend: str, head: str | None, revision: str) -> str:
+    """A template of `backend`: migrated from empty (no `head` yet), or a copy of `head`
+    taken down to `revision`. Its path (SQLite) or URL (PostgreSQL)."""
+    if backend == "sqlite":
+        directory = tempdir("mailcore-sqlite-template-")
+        atexit.register(shutil.rmtree, directory, True)
+        path = directory / "mailcore.sqlite"
+        url = f"sqlite:///{path}"
+        if head is None:
+            await threads.deferToThread(_migrate_template_blocking, url)
+        else:
+            await threads.deferToThread(shutil.copyfile, head, path)
+            await threads.deferToThread(_downgrade_template_blocking, url, revision)
+        return str(path)
+    if backend == "postgresql":
+        if head is None:
+            url = await create_template_database(len(_templates))
+            await threads.deferToThread(_migrate_template_blocking, url)
+        else:
+            url = await create_template_database(
+                len(_templates), template=make_url(head).database)
+            await threads.deferToThread(_downgrade_template_blocking, url, revision)
+        return url
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+async def migrated_database_url(test: TestCase, backend: str, revision: str = "head") -> str:
+    """A URL of a database of `backend` at `revision` that lives as long as `test`: a copy
+    of this process's template migrated to it."""
+    template = await _template(backend, revision)
     if backend == "postgresql":
         name = make_url(template).database
         return await create_test_database(test, template=name)
@@ -224,9 +254,12 @@ class DatabaseMixin(MixinBase):
 
     async def open_database_before(self, revision: str) -> Database:
         """A fresh database of this class's backend migrated to `revision` only (the one a
-        migration under test builds on)."""
-        db = await self.open_database()
-        await threads.deferToThread(downgrade_to, db.engine, revision)
+        migration under test builds on), its pool running: a copy of this process's
+        migrated store taken down to `revision` (once, not for each test)."""
+        url = await migrated_database_url(self, self.backend, revision)
+        db = Database(url, get_reactor(), max_threads=4)
+        self.addCleanup(db.close)
+        _start_pool(db)
         self.assertEqual(  # type: ignore[attr-defined]
             await threads.deferToThread(current_revision, db.engine), revision)
         return db

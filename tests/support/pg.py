@@ -186,13 +186,15 @@ async def create_test_database(test: TestCase, *, template: str | None = None) -
     return server.set(database=name).render_as_string(hide_password=False)
 
 
-async def create_template_database() -> str:
-    """A fresh empty database that lives as long as this process (dropped at exit on an
-    external server), as a URL string: for a template that `create_test_database` copies.
-    Whoever fills it must close every connection to it before it is copied."""
+async def create_template_database(number: int = 0, *, template: str | None = None) -> str:
+    """A fresh empty database (with `template`, a copy of that one) that lives as long as
+    this process (dropped at exit on an external server), as a URL string: for a template
+    that `create_test_database` copies. Whoever fills it must close every connection to it
+    before it is copied. `number` tells this process's templates apart."""
     server, external = await _server_url()
-    name = f"mc_template_{os.getpid()}"
-    await threads.deferToThread(_execute_blocking, server, f'CREATE DATABASE "{name}"')
+    name = f"mc_template_{os.getpid()}_{number}"
+    copy = f' TEMPLATE "{template}"' if template is not None else ""
+    await threads.deferToThread(_execute_blocking, server, f'CREATE DATABASE "{name}"{copy}')
     if external:
         atexit.register(_execute_blocking, server,
                         f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
