@@ -504,6 +504,25 @@ class WritingTests(MailApiTestCase):
                          ("text/plain", "attachment", "DATA"))
         self.assertEqual(len(part.keys()), 3)  # Content-Type, -Transfer-Encoding, -Disposition
 
+    async def test_an_address_spelling_an_encoded_word_keeps_the_mail_a_draft(self) -> None:
+        """An address written as an RFC 2047 word that decodes to a local part spelling one
+        (a valid dot-atom): the email package decodes that spelling again in the To or Cc
+        field, refusing it (CR LF: the send failed with a 500) or showing the text it
+        encodes as the address. It is refused as any invalid address, 400, kept a draft."""
+        for field, address in [
+            ("to", "=?utf-8?q?=3D=3Futf-8=3Fq=3F=3D0d=3D0aBcc:_evil@x.test=3F=3D?= @far.test"),
+            ("to", "=?utf-8?q?=3D=3Futf-8=3Fq=3F=3D0d=3D0abcc=3F=3D?= @far.test"),
+            ("cc", "=?utf-8?q?=3D=3Futf-8=3Fq=3F=3D0d=3D0abcc=3F=3D?= @far.test"),
+            ("bcc", "=?utf-8?q?=3D=3Futf-8=3Fq=3FYour=5Faccount=3F=3D?= @far.test"),
+            ("to", "=?utf-8?q?=3D=3Futf-8=3Fq=3FYour=5Faccount=3F=3D?= @far.test"),
+        ]:
+            values = {"status": "outbox", "to": JOE, "subject": "s", field: address}
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=values)
+            self.assertEqual((status, body["message"]),
+                             (400, "invalid to/from/cc/bcc/reply-to - stored email as draft"),
+                             (field, address))
+        self.assertEqual({(r.status, r.raw) for r in await self.rows()}, {("draft", None)})
+
     async def test_the_from_display_name_is_kept_and_sent(self) -> None:
         # `from: "Bob Smith <bob@…>"` was stored and sent as the bare address once sent:
         # the From header lost the name the client gave. It is kept as written (as `to`

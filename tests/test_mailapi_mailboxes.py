@@ -280,6 +280,10 @@ class MailboxServiceTests(TestCase):
             ("bob", "invalid", "not an email address"),
             ("bo b@hosted.test", "invalid", "dot-atom"),
             ("bob@hosted.test\r\nX: y", "invalid", "not an email address"),
+            # A dot-atom spelling an RFC 2047 word: mail sent from it could not be built
+            # (its From decodes to CR LF), or would show "Your account" as its address.
+            ("=?utf-8?q?=0d=0a?=@hosted.test", "invalid", "RFC 2047"),
+            ("=?utf-8?q?Your_account?=@hosted.test", "invalid", "RFC 2047"),
         ]:
             with self.assertRaises(MailApiError) as caught:
                 await service.add(address, bob.id)

@@ -4,6 +4,10 @@ An address is `local@domain` with a dot-atom local part and a fully qualified do
 `Name <local@domain>`, and a list may hold groups (`Team: a@x.test, b@x.test;`). CR, LF
 and every other control character are refused, as written or in an encoded word of a name,
 so that no value can add a header field to a message built from it (header injection).
+So is a local part spelling an RFC 2047 encoded word (`=?utf-8?q?=0d=0a?=@x.test`, a valid
+dot-atom; or one written as an encoded word that decodes to such a spelling): the `email`
+package decodes it in a To or From field, refusing the field (a line break) or showing
+the text it encodes instead of the address (`emailpolicy.header_as_written`).
 The message sent keeps the names and groups (`header_text`); its envelope, the bare
 addresses (`parse_address_list`).
 """
@@ -14,6 +18,7 @@ from email.errors import MessageDefect, ObsoleteHeaderDefect
 from email.headerregistry import Address, AddressHeader, Group, HeaderRegistry
 from functools import lru_cache
 
+from mailcore.emailpolicy import header_as_written
 from mailcore.gateway.domains import DomainError, normalise_domain, normalise_local_part
 from mailcore.mailapi.errors import INVALID, MailApiError
 from mailcore.text import has_control
@@ -34,9 +39,14 @@ def normalise_address(address: str, field: str = "address") -> str:
     if not at or not local or not domain:
         raise MailApiError(INVALID, f"{field}: {address!r} is not an email address.", field)
     try:
-        return f"{normalise_local_part(local)}@{normalise_domain(domain)}"
+        stored = f"{normalise_local_part(local)}@{normalise_domain(domain)}"
     except DomainError as e:
         raise MailApiError(INVALID, f"{field}: {e.message}", field) from None
+    if "=?" in stored and not header_as_written("To", stored):
+        # The address could not be written in a message's To or From as it is spelt.
+        raise MailApiError(INVALID, f"{field}: {address!r} is not an email address (its "
+                           "local part spells an RFC 2047 encoded word).", field)
+    return stored
 
 
 @lru_cache(maxsize=4096)
