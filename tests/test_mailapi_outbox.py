@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from mailcore.mailapi import MailApiError, MailboxService, outbox
 from mailcore.mailapi.errors import CONFLICT
@@ -188,6 +189,36 @@ class OutboxWakeUpTests(QueueTestCase):
         self.clock.advance(RETRY_AFTER)
         self.assertEqual((len(calls), self.queued()), (2, 1))
         self.assertEqual(self.connector.addresses(), ["r0@customer.test"])
+
+    async def test_a_stored_mail_whose_address_no_longer_parses_goes_back_to_the_drafts(
+            self) -> None:
+        """A row put in the outbox before the Mail API refused its address (a local part
+        spelling an RFC 2047 word, which the old rules took) cannot be given an envelope.
+        Its read failed every read of the outbox: no mailbox's mail went, retried every
+        RETRY_AFTER seconds for good. It goes back to the drafts, logged; the rest go."""
+        await MailboxService(self.db, self.clock).add(JOE, self.owner)
+        written = [await self.mail.create(self.owner, box, Edit("outbox", {
+            "to": f"r{n}@customer.test", "subject": f"n{n}"}))
+            for n, box in enumerate([BOB, BOB, JOE])]
+        self.assertEqual({w.outcome for w in written}, {Outcome.ENQUEUED})
+        stored = "=?utf-8?q?=3D=3Futf-8=3Fq=3FYour=5Faccount=3F=3D?= @customer.test"
+        await self.db.run("poison", lambda c: c.execute(update(mailapi_mail).where(
+            mailapi_mail.c.public_id == written[0].public_id).values(to_addrs=stored)))
+        with capturedLogs() as events:
+            self.sender.startService()
+            await self.sender.settled()
+        self.assertEqual(sorted(self.connector.addresses()),
+                         ["r1@customer.test", "r2@customer.test"])
+        rows = await self.db.read("rows", lambda c: c.execute(select(
+            mailapi_mail.c.public_id, mailapi_mail.c.status, mailapi_mail.c.raw,
+            mailapi_mail.c.queue_id).order_by(mailapi_mail.c.id)).all())
+        self.assertEqual([(r.status, r.raw is None, r.queue_id is None) for r in rows],
+                         [("draft", True, True), ("sent", False, False),
+                          ("sent", False, False)])
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn(f"outbox mail {written[0].public_id} cannot be sent", warning)
+        self.assertIn("back in the drafts", warning)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_a_mail_the_spool_took_before_a_crash_is_marked_not_sent_again(self) -> None:
         await self.mail.create(self.owner, BOB, Edit("outbox", {

@@ -252,7 +252,7 @@ def _thd_unsend(conn: Connection, author: int, box: int | None = None) -> int:
         where.append(m.mailbox_id.in_(select(_b.id).where(_b.owner_id != author)))
     else:
         where.append(m.mailbox_id == box)
-    return _thd_unsend_where(conn, where)
+    return thd_unsend_where(conn, where)
 
 
 def _thd_unsend_replying(conn: Connection, author: int, addresses: Collection[str]) -> int:
@@ -273,12 +273,12 @@ def _thd_unsend_replying(conn: Connection, author: int, addresses: Collection[st
             ids.append(row_id)
     going = 0
     for start in range(0, len(ids), 500):
-        going += _thd_unsend_where(conn, [m.id.in_(ids[start:start + 500]),
+        going += thd_unsend_where(conn, [m.id.in_(ids[start:start + 500]),
                                           m.status == OUTBOX])
     return going
 
 
-def _thd_unsend_where(conn: Connection, where: list[Any]) -> int:
+def thd_unsend_where(conn: Connection, where: list[Any]) -> int:
     """Blocking: the outbox mail `where` selects goes back to the drafts (see
     `_thd_unsend`); how many."""
     m = mailapi_mail.c

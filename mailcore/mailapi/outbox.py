@@ -38,6 +38,13 @@ user's mailbox), alone: the mailbox's other mail goes on meanwhile. A grantee wh
 (mailcore.mailapi.mailboxes). Every node looks at the outbox every
 OUTBOX_POLL seconds, so the mail goes within that once the user is enabled.
 
+A row whose addresses no longer parse (stored before a check the Mail API now makes, such
+as a local part spelling an RFC 2047 word: mailcore.mailapi.addresses) cannot be given an
+envelope: it goes back to the drafts, where its author sees it unsent and why (a warning is
+logged), and the outbox goes on with the mail after it. Read with the others, it failed the
+whole read, and every mailbox's outbox waited behind it, retried every RETRY_AFTER seconds
+for good.
+
 Nodes sharing the store send the outbox one at a time: a node claims the job lease
 "mailapi_outbox" (mailcore.store.leases) before it reads the rows it will send and again
 before each one, and gives it up when the outbox is empty. A node refused the lease leaves
@@ -59,6 +66,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailcore.mailapi.addresses import parse_address_list
+from mailcore.mailapi.errors import MailApiError
+from mailcore.mailapi.mailboxes import thd_unsend_where
 from mailcore.outages import log_failure
 from mailcore.queue.model import Result, thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
@@ -109,21 +118,32 @@ _AUTHOR_ENABLED = or_(_m.author_id.is_(None),
                       _m.author_id.in_(select(users.c.id).where(users.c.is_active.is_(True))))
 
 OutboxRow = tuple[int, int, str, Envelope, bytes, bool]
+# An outbox row that cannot be sent as stored: its id, its public id, and why.
+Unreadable = tuple[int, str, str]
 
 _RAWS = select(_m.id, _m.raw).where(_m.id.in_(bindparam("ids", expanding=True)))
 
 
 def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
                besides: Collection[int] = ()) -> list[OutboxRow]:
+    """Blocking: the outbox rows that entered it first (`thd_outbox_read`), those whose
+    addresses do not parse left out."""
+    return thd_outbox_read(conn, limit, mailbox=mailbox, besides=besides)[0]
+
+
+def thd_outbox_read(conn: Connection, limit: int, *, mailbox: int | None = None,
+                    besides: Collection[int] = ()) -> tuple[list[OutboxRow], list[Unreadable]]:
     """Blocking: the outbox rows that entered it first (of `mailbox` only; of mailboxes not
     in `besides`) as (row id, mailbox id, queue id, envelope, message, already in the
     queue): at most `limit` of them, and only as many as BATCH_BYTES of messages hold (the
     first one always). The messages are read once the rows are chosen by their sizes: a
     message is up to max_message_bytes of attachments, base64 (34 MiB at the defaults), and
     a batch of 200 read whole was several GB in memory. Mail of a disabled owner's mailbox
-    is left out: it waits."""
-    query = select(_m.id, _m.mailbox_id, _m.queue_id, _m.mail_from, _m.to_addrs, _m.cc_addrs,
-                   _m.bcc_addrs, func.coalesce(func.length(_m.raw), 0).label("size")) \
+    is left out: it waits. Second, the rows among them whose addresses do not parse (no
+    envelope can be made): (row id, public id, why)."""
+    query = select(_m.id, _m.public_id, _m.mailbox_id, _m.queue_id, _m.mail_from,
+                   _m.to_addrs, _m.cc_addrs, _m.bcc_addrs,
+                   func.coalesce(func.length(_m.raw), 0).label("size")) \
         .where(_m.status == OUTBOX, _m.mailbox_id.in_(_SENDING), _AUTHOR_ENABLED)
     if mailbox is not None:
         query = query.where(_m.mailbox_id == mailbox)
@@ -144,25 +164,31 @@ def thd_outbox(conn: Connection, limit: int, *, mailbox: int | None = None,
     queued = {r[0] for r in conn.execute(select(queue_messages.c.id).where(
         queue_messages.c.id.in_([row.queue_id for row in rows])))} if rows else set()
     out = []
+    unreadable: list[Unreadable] = []
     domain_ids: dict[str, int | None] = {}
     for row in rows:
         addresses: list[str] = []
-        for text, name in ((row.to_addrs, "to"), (row.cc_addrs, "cc"), (row.bcc_addrs, "bcc")):
-            for address in parse_address_list(text, name):
-                if address not in addresses:
-                    addresses.append(address)
+        try:
+            for text, name in ((row.to_addrs, "to"), (row.cc_addrs, "cc"),
+                               (row.bcc_addrs, "bcc")):
+                for address in parse_address_list(text, name):
+                    if address not in addresses:
+                        addresses.append(address)
+            # `from` as the client wrote it ("Bob Smith <bob@…>"; checked when it was sent).
+            [sender] = parse_address_list(row.mail_from, "from")
+        except (MailApiError, ValueError) as e:  # (ValueError: not one `from`)
+            unreadable.append((row.id, row.public_id, str(e)))
+            continue
         recipients = []
         for address in addresses:
             domain = address.rpartition("@")[2]
             if domain not in domain_ids:
                 domain_ids[domain] = thd_vouched_domain_for(conn, domain)
             recipients.append(Recipient(address, domain_ids[domain]))
-        # `from` as the client wrote it ("Bob Smith <bob@…>"; checked when it was sent).
-        [sender] = parse_address_list(row.mail_from, "from")
         envelope = Envelope(sender, tuple(recipients), kind="outbox")
         out.append((row.id, row.mailbox_id, row.queue_id, envelope, bytes(raws[row.id]),
                     row.queue_id in queued))
-    return out
+    return out, unreadable
 
 
 # Run for every mail sent: built once (see mailcore.mailapi.mail._ROW_BY_ID).
@@ -182,6 +208,12 @@ _TAKE = update(mailapi_mail) \
 _LAST_SENT = select(_m.queue_id).where(
     _m.status == SENT, _m.mailbox_id == bindparam("mailbox"), _m.outbox_seq.is_not(None)) \
     .order_by(_m.outbox_seq.desc()).limit(1)
+
+
+def thd_unsend_unreadable(conn: Connection, ids: Sequence[int]) -> int:
+    """Blocking: these outbox rows (whose addresses do not parse) go back to the drafts, as
+    mail the Mail API refuses to send stays one; how many were still in the outbox."""
+    return thd_unsend_where(conn, [_m.id.in_(list(ids)), _m.status == OUTBOX])
 
 
 def thd_untried(conn: Connection, queue_id: str) -> bool:
@@ -346,12 +378,27 @@ class OutboxSender(Service):
         """The oldest outbox rows (`thd_outbox`), read as of a claim of the lease (read
         again after a claim this needed); none when another node holds it."""
         held = self._held()
-        rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH, **which)
-        if rows and not held:
+        rows, unreadable = await self.db.read("mailapi_outbox", thd_outbox_read, BATCH,
+                                              **which)
+        if (rows or unreadable) and not held:
             if not await self._claim():
                 return []  # another node is sending the outbox
-            rows = await self.db.read("mailapi_outbox", thd_outbox, BATCH, **which)
+            rows, unreadable = await self.db.read("mailapi_outbox", thd_outbox_read, BATCH,
+                                                  **which)
+        if unreadable:
+            await self._unsend(unreadable)
+            if not rows:  # (a batch of them alone: the mail after them is read now)
+                return await self._rows(**which)
         return rows
+
+    async def _unsend(self, unreadable: Sequence[Unreadable]) -> None:
+        """Send these rows back to the drafts (they cannot be sent as stored), each logged:
+        the mail after them goes on."""
+        await self.db.run("mailapi_outbox_unreadable", thd_unsend_unreadable,
+                          [row_id for row_id, _, _ in unreadable])
+        for _, public_id, why in unreadable:
+            log.warn("outbox mail {public_id} cannot be sent ({why}); it is back in the "
+                     "drafts", public_id=public_id, why=why)
 
     async def _stream(self, mailbox: int, rows: list[OutboxRow]) -> None:
         """Send `mailbox`'s outbox, oldest first, until it is empty: once the queue has
