@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from mailcore.mailapi import RIGHTS, MailApiError, MailboxService
+from mailcore.mailapi.addresses import mailbox_key
 from mailcore.mailapi.delivery import LocalMailboxes
 from mailcore.mailapi.errors import CONFLICT
 from mailcore.mailapi.files import MailFiles
@@ -295,6 +296,29 @@ class MailboxServiceTests(TestCase):
         self.assertEqual(caught.exception.kind, "conflict")
         self.assertEqual([b.address for b in await service.list_all(bob.id)],
                          ["bob@hosted.test"])
+
+    async def test_a_mailbox_added_before_encoded_words_were_refused_is_still_used(
+            self) -> None:
+        # A mailbox added when its address (a local part spelling an RFC 2047 word) was
+        # still taken: the queue routes its mail by mailbox_key (it must not be routed as
+        # not hosted), and its owner and the operator still find it (to read its mail, to
+        # remove it); no new one is taken.
+        self.assertEqual(mailbox_key("=?utf-8?q?Hi?=@Hosted.test"), "=?utf-8?q?hi?=@hosted.test")
+        web = Web.build()
+        bob = await web.user("bob")
+        await web.core.domains.add("hosted.test", bob.id, "mx.hosted.test")
+        service = web.core.mailboxes
+        await service.add("bob@hosted.test", bob.id)
+        old = "=?utf-8?q?=0d=0a?=@hosted.test"
+        await web.core.db.run("before", lambda c: c.execute(
+            update(mailboxes).where(mailboxes.c.address == "bob@hosted.test")
+            .values(address=old)))
+        self.assertEqual(mailbox_key(old), old)
+        found = await service.find(old)
+        assert found is not None
+        self.assertEqual((await service.access(bob.id, old)).mailbox.id, found.id)
+        await service.set_quota(old, 10)
+        self.assertEqual(await service.remove(old), 0)
 
     async def test_a_hosted_domain_shows_as_such_in_the_protecmail_views(self) -> None:
         web = Web.build()

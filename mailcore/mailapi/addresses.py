@@ -32,16 +32,7 @@ _Parsed = tuple[tuple[str | None, tuple[tuple[str, str], ...]], ...]
 
 def normalise_address(address: str, field: str = "address") -> str:
     """`local@domain` in its stored form (lower case, A-label domain), or MailApiError."""
-    text = address.strip()
-    if has_control(text):
-        raise MailApiError(INVALID, f"{field}: {address!r} is not an email address.", field)
-    local, at, domain = text.rpartition("@")
-    if not at or not local or not domain:
-        raise MailApiError(INVALID, f"{field}: {address!r} is not an email address.", field)
-    try:
-        stored = f"{normalise_local_part(local)}@{normalise_domain(domain)}"
-    except DomainError as e:
-        raise MailApiError(INVALID, f"{field}: {e.message}", field) from None
+    stored = stored_form(address, field)
     if "=?" in stored and not header_as_written("To", stored):
         # The address could not be written in a message's To or From as it is spelt.
         raise MailApiError(INVALID, f"{field}: {address!r} is not an email address (its "
@@ -49,13 +40,31 @@ def normalise_address(address: str, field: str = "address") -> str:
     return stored
 
 
+def stored_form(address: str, field: str = "address") -> str:
+    """`local@domain` as `mailboxes.address` would store it, or MailApiError: what
+    normalise_address takes, and a local part spelling an RFC 2047 word besides. For finding
+    a mailbox (one added before such words were refused is still found), never for taking
+    a new address."""
+    text = address.strip()
+    if has_control(text):
+        raise MailApiError(INVALID, f"{field}: {address!r} is not an email address.", field)
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not domain:
+        raise MailApiError(INVALID, f"{field}: {address!r} is not an email address.", field)
+    try:
+        return f"{normalise_local_part(local)}@{normalise_domain(domain)}"
+    except DomainError as e:
+        raise MailApiError(INVALID, f"{field}: {e.message}", field) from None
+
+
 @lru_cache(maxsize=4096)
 def mailbox_key(address: str) -> str | None:
     """The stored form of a recipient address, as `mailboxes.address` keeps it
     (normalise_address), or None when no mailbox can have it. Cached: it is asked for every
-    recipient the queue routes."""
+    recipient the queue routes. A mailbox added before normalise_address refused a local
+    part spelling an RFC 2047 word still receives its mail."""
     try:
-        return normalise_address(address)
+        return stored_form(address, "address")
     except MailApiError:
         return None
 

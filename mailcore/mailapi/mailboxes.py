@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailcore.gateway.domains import thd_mailboxes_changed
 from mailcore.identity.service import thd_user_row_by_name
-from mailcore.mailapi.addresses import normalise_address, parse_address_list
+from mailcore.mailapi.addresses import normalise_address, parse_address_list, stored_form
 from mailcore.mailapi.counts import thd_use
 from mailcore.mailapi.errors import CONFLICT, DENIED, INVALID, NOT_FOUND, MailApiError
 from mailcore.messages.sql import dialect_insert
@@ -193,7 +193,7 @@ def thd_access(conn: Connection, user_id: int, address: str, *, hold: bool = Fal
     mailboxes raise NOT_FOUND. `hold`: the mailbox is kept from being deleted until the
     transaction ends (thd_mailbox), for a write that adds a row naming it."""
     try:
-        stored = normalise_address(address, "email")
+        stored = stored_form(address, "email")
     except MailApiError:
         raise _not_found(address) from None
     mailbox = thd_mailbox(conn, stored, hold=hold)
@@ -355,7 +355,7 @@ class MailboxService:
         if quota_bytes is not None and (isinstance(quota_bytes, bool) or quota_bytes < 0):
             raise MailApiError(INVALID, "a quota is a number of bytes (0: no limit)",
                                "quota_bytes")
-        stored = normalise_address(address)
+        stored = stored_form(address)
 
         def txn(conn: Connection) -> Mailbox:
             changed = conn.execute(update(mailboxes).where(_b.address == stored)
@@ -383,7 +383,7 @@ class MailboxService:
         """Delete the mailbox at `address` with its mail and grants, once its outbox is
         empty (OutboxNotEmpty while mail answered 202 waits in it); `force`: with that
         mail too, unsent. Returns how many mails of its outbox went unsent."""
-        stored = normalise_address(address)
+        stored = stored_form(address)
 
         def txn(conn: Connection) -> int:
             box = conn.execute(_BY_ADDRESS, {"address": stored}).first()
@@ -417,7 +417,7 @@ class MailboxService:
     async def find(self, address: str) -> Mailbox | None:
         """The mailbox at `address`, or None (also for a malformed address)."""
         try:
-            stored = normalise_address(address)
+            stored = stored_form(address)
         except MailApiError:
             return None
         return await self.db.read("mailapi_find_mailbox", thd_mailbox, stored)
