@@ -34,6 +34,7 @@ from mailcore.store.schema import (
     drop_recipients,
     queue_messages,
     queue_recipients,
+    users,
 )
 from mailcore.workers import CpuPool
 from tests.support.db import synchronous_database
@@ -837,6 +838,31 @@ class SendTests(TestCase):
             self.assertEqual(message["Subject"], "Secure drop from alice@example.test")
             self.assertEqual(message.get_content_type(), "text/plain")
             self.assertIn(f"Subject: {subject}", message.get_content())
+
+    async def test_a_sender_address_spelling_an_encoded_word_is_left_out_of_the_fields(
+            self) -> None:
+        """The owner's account email, stored before such addresses were refused, spells an
+        RFC 2047 word decoding to CR LF: the notification's Reply-To could not be written,
+        so the send failed (500) and so would every mail to that sender (receipts, replies,
+        the expiry summary). The address is left out of the header fields it would break
+        (shown in the text); a mail to it goes To undisclosed-recipients:;."""
+        old = "=?utf-8?q?=0d=0aBcc:_evil=40x.test?=@example.test"
+        bundle_id = await self.ready_bundle()
+        await self.f.web.core.db.run("old", lambda c: c.execute(sa.update(users).where(
+            users.c.email == "alice@example.test").values(email=old)))
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+        self.assertEqual((status, body), (200, b"OK"))
+        mails = self.f.spooled()
+        self.assertEqual(len(mails), 2)
+        for _, sender, rcpt, raw in mails:
+            self.assertEqual(sender, old)
+            message: Any = email.message_from_bytes(raw, policy=email.policy.default)
+            self.assertEqual((message["Subject"], message["To"], message["Reply-To"]),
+                             ("Secure drop: Q3 report", rcpt, None))
+            self.assertNotIn(b"Bcc", raw.partition(b"\r\n\r\n")[0])
+            self.assertIn(f"{old} has sent you a secure drop.", message.get_content())
+        self.assertEqual(service.addressed(old), "undisclosed-recipients:;")
+        self.assertEqual(service.addressed("ann@example.org"), "ann@example.org")
 
     async def test_a_subject_whose_encoded_words_decode_to_a_line_break_is_refused(
             self) -> None:
