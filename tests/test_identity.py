@@ -97,6 +97,16 @@ class UserTests(IdentityTestCase):
         user = await self.user("bob", email="  Bob.Smith@EXAMPLE.test ")
         self.assertEqual(user.email, "Bob.Smith@example.test")
 
+    async def test_an_email_spelling_an_encoded_word_is_refused(self) -> None:
+        # The operator's `mailcore user add`: mail naming the user (safedrop's notifications
+        # and receipts) could not be written (CR LF) or would show the text it encodes.
+        for email in ("=?utf-8?q?=0d=0aBcc:_evil=40x.test?=@example.test",
+                      "=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?=@example.test",
+                      "=?utf-8?q?Your_account_is_closed?=@example.test"):
+            await self.assertRefused("email", self.identity.create_user("eve", email))
+        user = await self.user("bob", email="a=?b@example.test")  # no word: as before
+        self.assertEqual(user.email, "a=?b@example.test")
+
     async def test_user_without_password(self) -> None:
         user = await self.user("nopw", password=None)
         self.assertIsNone(await self.identity.authenticate_password(user.username, ""))

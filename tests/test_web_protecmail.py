@@ -74,6 +74,13 @@ class UserTests(TestCase):
             ({"city": None}, "city must be a string"),
             ({"plan": "agency"}, "unknown field: plan"),
             ({"email": "not-an-address"}, "Enter a valid email address."),
+            # A local part spelling an RFC 2047 word (CR LF, or text): mail naming the
+            # user (safedrop's notifications and receipts) could not be written, or would
+            # show the text as the address.
+            ({"email": "=?utf-8?q?=0d=0aBcc:_evil=40x.test?=@example.test"},
+             "Enter a valid email address."),
+            ({"email": "=?utf-8?q?Your_account_is_closed?=@example.test"},
+             "Enter a valid email address."),
             ({"city": "x" * 200}, "too long"),
             ([SEED_EDIT], "Expected a JSON object"),
         ]:

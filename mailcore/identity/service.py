@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailcore.emailpolicy import header_as_written
 from mailcore.gateway.domains import DomainError, normalise_host_name, thd_owner_changed
 from mailcore.identity import passwords
 from mailcore.identity import secrets as creds
@@ -264,7 +265,8 @@ def _credential(row: Any) -> CredentialInfo:
 def normalise_email(email: str) -> str:
     """The address as stored: NFC, its domain in lower case and in A-labels when it is a
     valid host name, and its local part in lower case too when that is not ASCII (see
-    `name_key`: such an address must be stored as it is compared)."""
+    `name_key`: such an address must be stored as it is compared). A local part spelling an
+    RFC 2047 encoded word is refused (`header_as_written`)."""
     email = unicodedata.normalize("NFC", email.strip())
     if not _EMAIL.match(email):
         raise IdentityError("Enter a valid email address.", "email")
@@ -273,6 +275,11 @@ def normalise_email(email: str) -> str:
         local = local.lower()
     email = f"{local}@{_ascii_domain(domain) or domain.lower()}"
     if len(email) > _max_length("email"):
+        raise IdentityError("Enter a valid email address.", "email")
+    if "=?" in local and not header_as_written("To", email):
+        # A local part spelling an RFC 2047 word: mail to or naming the user (safedrop's
+        # notifications and receipts) would show what it decodes to, or (a line break)
+        # could not be written.
         raise IdentityError("Enter a valid email address.", "email")
     return email
 
