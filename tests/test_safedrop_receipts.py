@@ -108,6 +108,27 @@ class ReceiptQueueDownMixin:
             test.assertEqual(status, 200)
         test.assertEqual(await self.receipts(f), ["ann@example.org opened your drop."])
 
+    async def test_a_receipt_to_a_sender_address_spelling_an_encoded_word_is_sent(
+            self) -> None:
+        """The sender's account email, stored before such addresses were refused, spells an
+        RFC 2047 word decoding to CR LF: the receipt's To could not be written, so the
+        recipient's opening failed (500), every time. It goes To undisclosed-recipients:;,
+        the envelope naming the address."""
+        test: Any = self
+        f, [ann] = await self.drop("subject=S&email_receipt_when=2")
+        old = "=?utf-8?q?=0d=0aBcc:_evil=40x.test?=@example.test"
+        from mailcore.store.schema import queue_messages, queue_recipients, users
+        await self.write(f, "old", lambda c: c.execute(
+            sa.update(users).where(users.c.email == ALICE).values(email=old)))
+        status, _, _ = await Browser(f).get(ann)
+        test.assertEqual(status, 200)
+        [body] = await f.web.core.db.read("receipt", lambda c: [bytes(r[0]) for r in c.execute(
+            sa.select(queue_messages.c.body)
+            .join(queue_recipients, queue_recipients.c.message_id == queue_messages.c.id)
+            .where(queue_recipients.c.address == old))])
+        test.assertIn(b"\r\nTo: undisclosed-recipients:;\r\n", body)
+        test.assertEqual(_text(body), "ann@example.org opened your drop.")
+
     async def test_an_hourly_opening_whose_receipt_fails_is_told_at_the_next(self) -> None:
         """email_receipt_when=1 (at most one receipt an hour): the failed one does not
         count as told, so the next opening within the hour tells the sender."""
