@@ -145,6 +145,17 @@ def header_as_written(name: str, value: str) -> bool:
         return False
 
 
+# The To of a message we build for one recipient whose address would not be read as written.
+NO_TO = "undisclosed-recipients:;"
+
+
+def to_field(address: str) -> str:
+    """The To field of a message we build for `address` alone (the envelope names it): the
+    address as written, else NO_TO (`header_as_written`: one spelling an RFC 2047 word would
+    be refused, a line break once decoded, or show the text it encodes)."""
+    return address if header_as_written("To", address) else NO_TO
+
+
 def filename_breaks(name: str) -> bool:
     """Whether an attachment named `name` would be refused by the policy we send with (its
     `filename` parameter decodes to a line break), or holds a control character itself."""

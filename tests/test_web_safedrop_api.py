@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config
 from mailcore.core import Core
+from mailcore.emailpolicy import to_field
 from mailcore.queue import spool
 from mailcore.queue.spool import SpoolError
 from mailcore.safedrop import service
@@ -861,8 +862,8 @@ class SendTests(TestCase):
                              ("Secure drop: Q3 report", rcpt, None))
             self.assertNotIn(b"Bcc", raw.partition(b"\r\n\r\n")[0])
             self.assertIn(f"{old} has sent you a secure drop.", message.get_content())
-        self.assertEqual(service.addressed(old), "undisclosed-recipients:;")
-        self.assertEqual(service.addressed("ann@example.org"), "ann@example.org")
+        self.assertEqual(to_field(old), "undisclosed-recipients:;")
+        self.assertEqual(to_field("ann@example.org"), "ann@example.org")
 
     async def test_a_subject_whose_encoded_words_decode_to_a_line_break_is_refused(
             self) -> None:

@@ -87,7 +87,7 @@ from twisted.logger import Logger
 
 from mailcore.billing.plans import Plans
 from mailcore.config import ConfigError, is_positive_number
-from mailcore.emailpolicy import SMTP, header_as_written, header_breaks
+from mailcore.emailpolicy import SMTP, header_as_written, header_breaks, to_field
 from mailcore.files import secret_key_file
 from mailcore.messages.parse import decode_header_value
 from mailcore.outages import log_failure
@@ -125,8 +125,6 @@ DEFAULT_SUBJECT = "Quarantine summary for {email}: {count} new message(s)"
 # The Subject of a digest whose own would decode to a line break, or names {email} when the
 # recipient's address (any, for a domain without an address list) spells an RFC 2047 word.
 PLAIN_SUBJECT = "Quarantine summary: {count} new message(s)"
-# The To of a digest whose recipient's address would not be read as written.
-NO_TO = "undisclosed-recipients:;"
 DEFAULT_BODY = (
     "Hello,\n\n"
     "{count} message(s) addressed to {email} were held in quarantine by the filters of\n"
@@ -947,7 +945,7 @@ class QuarantineService(Service):
             subject = render(PLAIN_SUBJECT, values)
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.settings.digest_from or f"quarantine@{self.hostname}"
-        msg["To"] = first.email if to_as_written else NO_TO
+        msg["To"] = to_field(first.email)
         reply_to = custom(first.resume_reply_to)
         if reply_to and header_as_written("Reply-To", reply_to):
             msg["Reply-To"] = reply_to

@@ -31,7 +31,7 @@ from sqlalchemy import Connection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailcore.emailpolicy import SMTP, header_as_written, header_breaks
+from mailcore.emailpolicy import SMTP, header_as_written, header_breaks, to_field
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
@@ -100,18 +100,6 @@ def subject_line(prefix: str, subject: str) -> str:
     control character; the mail's text shows it as written)."""
     line = f"{prefix}: {subject}" if subject else prefix
     return prefix if header_breaks("Subject", line) else line
-
-
-# The To of a safedrop mail whose recipient's address would not be read as written.
-NO_TO = "undisclosed-recipients:;"
-
-
-def addressed(address: str) -> str:
-    """The To field of a safedrop mail to `address` (the envelope names it): the address as
-    written, else NO_TO. A sender's account email or a recipient stored before such
-    addresses were refused may spell an RFC 2047 word, which the email package decodes
-    (to a line break it refuses: the mail could not be built, and what queued it failed)."""
-    return address if header_as_written("To", address) else NO_TO
 
 
 def rfc3339(value: datetime.datetime) -> str:
@@ -432,7 +420,7 @@ class SafedropService:
         sent_by = header_as_written("Reply-To", sender)
         if sent_by:
             msg["Reply-To"] = sender
-        msg["To"] = addressed(recipient.email)
+        msg["To"] = to_field(recipient.email)
         msg["Subject"] = subject_line("Secure drop from " + sender if sent_by
                                       else "Secure drop", subject)
         msg["Date"] = email.utils.format_datetime(self.now())
@@ -710,7 +698,9 @@ class SafedropService:
         """A message from safedrop itself, dated `at`."""
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
-        msg["To"] = addressed(to)
+        # A sender's account email or a recipient stored before addresses spelling RFC 2047
+        # words were refused goes To undisclosed-recipients:; (the mail could not be built).
+        msg["To"] = to_field(to)
         msg["Subject"] = subject
         msg["Date"] = email.utils.format_datetime(
             datetime.datetime.fromtimestamp(at, datetime.UTC))
