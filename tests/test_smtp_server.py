@@ -1237,6 +1237,46 @@ class StressTests(ServerTestCase):
                                    b"RCPT TO:<u@example.com>\r\nDATA\r\nx\r\n.\r\n"),
                          ["250", "250", "250", "354", "250"])
 
+    def test_under_stress_octets_that_end_no_line_do_not_keep_a_session(self) -> None:
+        """Postfix's smtpd_per_record_deadline under stress: a slowloris dripping an octet
+        every 9 s kept all 200 slots for max_session_time, as each octet moved the 10 s;
+        the deadline now counts from the last complete line (or our answer), in DATA too,
+        while a sender streaming a big message in chunks goes on."""
+        factory = self.make_factory()
+        crowd = [self.session(factory, client_ip=f"198.51.100.{i // 20 + 1}")
+                 for i in range(200)]
+        self.assertTrue(factory.stressed)
+        for _ in range(2):
+            self.clock.advance(4.5)
+            for s in crowd:
+                self.assertEqual(s.send(b"E"), [])
+        self.clock.advance(1)  # 10 s after the greeting, 1 s after the last octet
+        for s in crowd:
+            self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+            s.close()
+        self.assertEqual(factory.connections, 0)
+        # In DATA: octets without a line end are not a record either.
+        factory, crowd = self.stressed_factory()
+        dripper, sender = crowd[0], crowd[1]
+        for s in (dripper, sender):
+            self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"
+                                     b"RCPT TO:<u@example.com>\r\nDATA\r\n"), ["250", "250", "354"])
+        line = b"y" * 998 + b"\r\n"
+        body = line * 2000  # ~2 MB, streamed in chunks of 1,400 octets over 100 s
+        chunks = [body[i:i + 1400] for i in range(0, len(body), 1400)]
+        for n, chunk in enumerate(chunks):
+            if n % 15 == 0:
+                self.clock.advance(1)
+                if n // 15 < 9:
+                    self.assertEqual(dripper.send(b"x"), [])  # every 1 s, no line end
+            self.assertEqual(sender.send(chunk), [])
+        self.assertTrue(dripper.closing)  # 10 s after DATA's 354
+        self.assertEqual(dripper.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        self.assertGreater(self.clock.seconds(), 100)
+        self.assertFalse(sender.closing)
+        self.assertEqual(sender.codes(b".\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [body])
+
     def test_under_stress_one_error_or_one_junk_command_ends_a_session(self) -> None:
         _, crowd = self.stressed_factory()
         self.assertEqual(crowd[0].send(b"MAIL FROM:<a@remote.test>\r\n"

@@ -230,9 +230,11 @@ class SMTPSettings:
       what `idle_timeout`, `max_errors` and `max_junk_commands` become while the server is
       under stress, as Postfix's `smtpd_timeout = ${stress?{10}:{300}}`,
       `smtpd_hard_error_limit = ${stress?{1}:{20}}` and `smtpd_junk_command_limit =
-      ${stress?{1}:{100}}` (STRESS_README): see `SMTPServerFactory`. Each is at most the
-      value it stands in for (a larger one configured is an error; the default is lowered
-      to it). Setting all three to their usual values turns stress off.
+      ${stress?{1}:{100}}` (STRESS_README), the idle timeout then counted from the last
+      complete command line, DATA chunk ending a line or answer, as Postfix's
+      `smtpd_per_record_deadline = ${stress?{yes}:{no}}`: see `SMTPServerFactory`. Each
+      is at most the value it stands in for (a larger one configured is an error; the
+      default is lowered to it). Setting all three to their usual values turns stress off.
     - `max_line_length` (1000): longest DATA line, CRLF included, a dot doubled for
       transparency not counted (RFC 5321 4.5.3.1.6).
     - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
@@ -472,8 +474,11 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._looping = False
         self._counts = _Counts()
         # The session's one timer (see _arm_timer): the idle and the command timeout, and
-        # the session's time.
+        # the session's time. _last_record is when the client last completed a record (a
+        # command line; in DATA a chunk that ends a line) or we last answered: under
+        # stress the idle timeout counts from it, not from the last octet.
         self._last_activity = 0.0
+        self._last_record = 0.0
         self._paused_at = 0.0
         self._session_end = 0.0  # max_session_time after the connection was admitted
         self._timer: IDelayedCall | None = None
@@ -503,7 +508,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             self.transport.registerProducer(self, True)  # type: ignore[union-attr]
             self._producing = True
         # else a TLS listener's handshake is still to come: see handshakeCompleted.
-        self._last_activity = now = self.clock.seconds()
+        self._last_activity = self._last_record = now = self.clock.seconds()
         self._session_end = now + self.settings.max_session_time
         self._arm_timer(now)
         self._write(f"220 {self.settings.hostname} ESMTP Mailcore\r\n")
@@ -634,7 +639,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._write_blocked = False
         if not self._open:
             return
-        self._last_activity = self.clock.seconds()
+        self._last_activity = self._last_record = self.clock.seconds()
         self._cork = []
         try:
             self._process()
@@ -722,6 +727,7 @@ class ESMTPServerProtocol(TwistedProtocol):
                 self._cork = []
 
     def _command(self, line: bytes) -> None:
+        self._last_record = self._last_activity  # (the time of the input that ended it)
         if b"\r" in line or b"\n" in line:
             self._error(500, "5.5.2", "Error: bare CR or LF in command")
             return
@@ -759,7 +765,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             self._end_session_time()
             return
         # We have answered: the client's silence counts from now.
-        self._last_activity = self.clock.seconds()
+        self._last_activity = self._last_record = self.clock.seconds()
         self._process()
         self._resume_reading()
 
@@ -786,10 +792,15 @@ class ESMTPServerProtocol(TwistedProtocol):
         began to wait on us, else `idle_timeout` after the client's last input (or our
         last answer), or the end of the session's time if sooner. While a command waits,
         the idle timeout and the session's time do not run out. The idle timeout is the
-        factory's: shorter while the server is under stress."""
+        factory's: shorter while the server is under stress, and then counted from the
+        client's last complete record (a command line, or in DATA a chunk that ends a
+        line) or our last answer, as Postfix's `smtpd_per_record_deadline` under stress:
+        octets that never end a line do not keep a session."""
         if self._paused:
             return self._paused_at + self.settings.command_timeout
-        return min(self._last_activity + self.factory.idle_timeout, self._session_end)
+        factory = self.factory
+        last = self._last_record if factory.stressed else self._last_activity
+        return min(last + factory.idle_timeout, self._session_end)
 
     def _arm_timer(self, now: float) -> None:
         """Schedule the one timer at the deadline, or sooner: at most the shorter of the two
@@ -1127,6 +1138,8 @@ class ESMTPServerProtocol(TwistedProtocol):
 
     def _feed_data(self, chunk: bytes) -> bytes | None:
         """Take message bytes; at CRLF.CRLF finish the message and return what follows."""
+        if b"\n" in chunk:  # (found within a line's length: no pass over the chunk)
+            self._last_record = self._last_activity  # it ends a line: see _deadline
         tail = self._tail
         boundary = (tail + chunk[:4]).find(END_OF_DATA)
         if 0 <= boundary < len(tail):
@@ -1356,16 +1369,18 @@ class SMTPServerFactory(ServerFactory):
     Stress (Postfix's, STRESS_README): while `max_connections` is nearly taken, sessions
     that do nothing useful give their slots to those that do. From STRESS_ENTER (80 %) of
     `max_connections` open sessions until fewer than STRESS_LEAVE (60 %) are, every
-    session, those open already included, has `stress_idle_timeout` (10 s) of silence
-    since its last input instead of `idle_timeout`, and `stress_max_errors` and
+    session, those open already included, has `stress_idle_timeout` (10 s) instead of
+    `idle_timeout`, counted not from its last octet but from its last complete record (a
+    command line, or in DATA a chunk that ends a line) or our last answer, as Postfix's
+    `smtpd_per_record_deadline` under stress; and `stress_max_errors` and
     `stress_max_junk_commands` (1 each) stand in for `max_errors` and
-    `max_junk_commands`: a slowloris holding its sessions with an octet every few minutes
-    is cut within seconds, a sender whose octets keep coming (in DATA too) is not, and a
-    message being committed is answered first (a command waiting on us has
+    `max_junk_commands`: a slowloris holding its sessions with an octet every few seconds
+    or minutes is cut within seconds, a sender whose lines keep coming (in DATA too) is
+    not, and a message being committed is answered first (a command waiting on us has
     `command_timeout`). Each change is logged once, and /metrics shows it,
     `mailcore_smtp_stress`. The sessions read the three values from the factory
     (`idle_timeout`, `max_errors`, `max_junk_commands`), so stress costs them nothing per
-    command or octet.
+    octet (an assignment per command line, and per DATA chunk that holds a line end).
     """
 
     def __init__(
