@@ -33,6 +33,7 @@ from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import count_received
 from mailcore.smtp.server import (
     RECIPIENT_OVERSHOOT,
+    STRESS_MIN_CONNECTIONS,
     SMTPServerFactory,
     received_header,
     received_protocol,
@@ -1174,6 +1175,31 @@ class StressTests(ServerTestCase):
         self.assertEqual(infos, ["SMTP server no longer under stress, after 5 s: 5 of [smtp] "
                                  "max_connections (10) sessions open"])
         self.assertEqual(len(warnings), 1)
+
+    def test_no_stress_with_few_connections(self) -> None:
+        """With max_connections 1 both thresholds were 1 (every session under stress, a
+        warning and an info line each connection), with 2 there was no hysteresis: below
+        STRESS_MIN_CONNECTIONS (10) there is no stress, and leaving it always takes at
+        least two sessions fewer than entering."""
+        logs = logged(self, lambda e: "stress" in e.get("log_format", ""))
+        for count in (1, 2, 9):
+            factory = self.make_factory(max_connections=count)
+            for _ in range(2):
+                crowd = self.crowd(factory, count)
+                self.assertFalse(factory.stressed)
+                s = crowd[-1]
+                self.assertEqual(s.codes(b"EHLO a.example\r\nNOOP\r\nNOOP\r\nX\r\nY\r\n"),
+                                 ["250", "250", "250", "502", "502"])
+                self.clock.advance(299)
+                self.assertFalse(s.closing)  # idle_timeout 300 s, not 10
+                self.clock.advance(1)
+                for s in crowd:
+                    s.close()
+        self.assertEqual(logs, [])
+        for count in range(STRESS_MIN_CONNECTIONS, 300):
+            factory = self.make_factory(max_connections=count)
+            self.assertLessEqual(factory.stress_at, count)
+            self.assertLessEqual(factory.calm_below, factory.stress_at - 1)
 
     def test_idle_sessions_are_cut_after_the_stress_timeout_from_their_last_input(
             self) -> None:

@@ -118,6 +118,10 @@ DATA_FREE = 1024 * 1024
 # as sessions come and go around one number).
 STRESS_ENTER = 0.8
 STRESS_LEAVE = 0.6
+# No stress below this `max_connections`: with so few slots the thresholds would be a
+# session or two apart (with 1, every session would be under stress), and stress would
+# begin and end with nearly every connection.
+STRESS_MIN_CONNECTIONS = 10
 # [smtp] keys that stand in, under stress, for the key beside them.
 _STRESS_KEYS = (("stress_idle_timeout", "idle_timeout"), ("stress_max_errors", "max_errors"),
                 ("stress_max_junk_commands", "max_junk_commands"))
@@ -1368,8 +1372,9 @@ class SMTPServerFactory(ServerFactory):
 
     Stress (Postfix's, STRESS_README): while `max_connections` is nearly taken, sessions
     that do nothing useful give their slots to those that do. From STRESS_ENTER (80 %) of
-    `max_connections` open sessions until fewer than STRESS_LEAVE (60 %) are, every
-    session, those open already included, has `stress_idle_timeout` (10 s) instead of
+    `max_connections` open sessions until fewer than STRESS_LEAVE (60 %) are (never with
+    a `max_connections` below STRESS_MIN_CONNECTIONS, 10), every session, those open
+    already included, has `stress_idle_timeout` (10 s) instead of
     `idle_timeout`, counted not from its last octet but from its last complete record (a
     command line, or in DATA a chunk that ends a line) or our last answer, as Postfix's
     `smtpd_per_record_deadline` under stress; and `stress_max_errors` and
@@ -1427,8 +1432,14 @@ class SMTPServerFactory(ServerFactory):
         self.stressed = False
         self.stressed_since = 0.0
         self.sessions: set[ESMTPServerProtocol] = set()
-        self.stress_at = max(1, math.ceil(settings.max_connections * STRESS_ENTER))
-        self.calm_below = max(1, math.ceil(settings.max_connections * STRESS_LEAVE))
+        # (Below STRESS_MIN_CONNECTIONS stress_at is past max_connections: never reached.
+        # Leaving takes at least two sessions fewer than entering: hysteresis.)
+        if settings.max_connections < STRESS_MIN_CONNECTIONS:
+            self.stress_at = settings.max_connections + 1
+        else:
+            self.stress_at = math.ceil(settings.max_connections * STRESS_ENTER)
+        self.calm_below = max(1, min(math.ceil(settings.max_connections * STRESS_LEAVE),
+                                     self.stress_at - 1))
         self.stress_gauge = stress_gauge
         if stress_gauge is not None:
             stress_gauge.set(0)
