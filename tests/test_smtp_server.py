@@ -1309,9 +1309,31 @@ class StressTests(ServerTestCase):
                                        b"RCPT TO:<u@elsewhere.test>\r\nNOOP\r\n"), [
             "250 2.1.0 Ok", "550 5.7.1 <u@elsewhere.test>: Relaying denied",
             "421 4.7.0 mx.gateway.test Error: too many errors"])
-        self.assertEqual(crowd[1].send(b"NOOP\r\nNOOP\r\n"), [  # (EHLO was the first)
-            "421 4.7.0 mx.gateway.test Error: too many junk commands"])
+        self.assertEqual(crowd[1].send(b"NOOP\r\nNOOP\r\n"), [  # (EHLO is not counted)
+            "250 2.0.0 Ok", "421 4.7.0 mx.gateway.test Error: too many junk commands"])
         self.assertTrue(crowd[0].closing and crowd[1].closing)
+
+    def test_under_stress_the_first_greeting_is_not_junk(self) -> None:
+        """EHLO then RSET before MAIL (as some MTAs send) ended a session under stress, as
+        stress_max_junk_commands (1) counted the EHLO; Postfix counts no HELO/EHLO. The
+        session's first greeting, and the first after STARTTLS, are not held against it
+        under stress; a second one, or any other junk command, still is."""
+        factory, crowd = self.stressed_factory(tls=object())  # each said EHLO
+        self.assertEqual(crowd[0].codes(b"RSET\r\nMAIL FROM:<a@remote.test>\r\n"
+                                        b"RCPT TO:<u@example.com>\r\nDATA\r\nx\r\n.\r\n"),
+                         ["250", "250", "250", "354", "250"])
+        self.assertEqual(crowd[1].codes(b"RSET\r\nNOOP\r\n"), ["250", "421"])
+        self.assertEqual(crowd[2].codes(b"HELO b.example\r\nEHLO c.example\r\n"),
+                         ["250", "421"])
+        transport = TLSStringTransport()
+        tls = self.session(factory, client_ip="203.0.113.9", transport=transport)
+        self.assertEqual(tls.codes(b"EHLO a.example\r\nSTARTTLS\r\n"), [])
+        self.assertEqual(tls.codes(b"EHLO a.example\r\nRSET\r\nNOOP\r\n"),
+                         ["250", "250", "421"])
+        # Out of stress the greeting counts, as before (JunkCommandTests).
+        plain = self.make_factory(max_junk_commands=1)
+        s = self.session(plain)
+        self.assertEqual(s.codes(b"EHLO a.example\r\nRSET\r\n"), ["250", "421"])
 
     def test_below_the_lower_threshold_the_usual_limits_come_back(self) -> None:
         factory, crowd = self.stressed_factory()

@@ -226,10 +226,12 @@ class SMTPSettings:
       `RECIPIENT_OVERSHOOT` (1,000, as Postfix's `smtpd_recipient_overshoot_limit`) of them:
       a sender that pipelines all its recipients expects 452s for the rest and sends them in
       another transaction.
-    - `max_junk_commands` (100, as Postfix's `smtpd_junk_command_limit`): commands that
-      change nothing (NOOP, RSET, VRFY, HELP, HELO and EHLO, a recipient given again)
-      answered since the session began, its STARTTLS (a new start: RFC 3207 4.2) or its
-      last accepted message; one more is answered 421 4.7.0 and the session ends.
+    - `max_junk_commands` (100, Postfix's `smtpd_junk_command_limit`, which counts NOOP,
+      VRFY, ETRN and RSET only): commands that change nothing (NOOP, RSET, VRFY, HELP,
+      HELO and EHLO, a recipient given again) answered since the session began, its
+      STARTTLS (a new start: RFC 3207 4.2) or its last accepted message; one more is
+      answered 421 4.7.0 and the session ends. Under stress the first HELO/EHLO since the
+      session began or its STARTTLS is not held against it (see `_junk`).
     - `stress_idle_timeout` (10), `stress_max_errors` (1), `stress_max_junk_commands` (1):
       what `idle_timeout`, `max_errors` and `max_junk_commands` become while the server is
       under stress, as Postfix's `smtpd_timeout = ${stress?{10}:{300}}`,
@@ -442,6 +444,9 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._admitted = False
         self._errors = 0
         self._junk_commands = 0  # since the session began or the last accepted message
+        # Whether that count holds the first HELO/EHLO since the session began or its
+        # STARTTLS (not held against it under stress: see _junk).
+        self._greeting_counted = False
         # Input not yet handled, from _pos on; _paused while a command's Deferred is pending,
         # _write_blocked while the transport holds too many unsent replies (the client does
         # not read them); _reading_paused while the socket is not read, for either reason.
@@ -575,11 +580,21 @@ class ESMTPServerProtocol(TwistedProtocol):
         if self._errors >= self.factory.max_errors:
             self.shutdown("4.7.0", "Error: too many errors")
 
-    def _junk(self) -> bool:
+    def _junk(self, greeting: bool = False) -> bool:
         """Count a command that changes nothing. One more than `max_junk_commands` since
-        the last accepted message ends the session: say so (True), and answer nothing else."""
+        the last accepted message ends the session: say so (True), and answer nothing else.
+        Under stress the session's first HELO/EHLO, or the first after STARTTLS
+        (`greeting`), is not held against it: with `stress_max_junk_commands` 1, EHLO then
+        RSET before MAIL (as some MTAs send) would end it. (Postfix counts no HELO/EHLO;
+        out of stress they count here, as before.)"""
         self._junk_commands += 1
-        if self._junk_commands > self.factory.max_junk_commands:
+        if greeting:
+            self._greeting_counted = True
+        factory = self.factory
+        limit = factory.max_junk_commands
+        if factory.stressed and self._greeting_counted:
+            limit += 1
+        if self._junk_commands > limit:
             self.shutdown("4.7.0", "Error: too many junk commands")
             return True
         return False
@@ -875,7 +890,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._greet(arg, esmtp=True)
 
     def _greet(self, arg: str, *, esmtp: bool) -> None:
-        if self._junk():
+        if self._junk(greeting=self.helo is None):
             return
         name = arg.strip()
         if not name:
@@ -934,8 +949,10 @@ class ESMTPServerProtocol(TwistedProtocol):
         self.tls = True
         self.helo = None
         self.esmtp = False
-        # A new start (RFC 3207 4.2): the EHLO it needs is not junk, under stress either.
+        # A new start (RFC 3207 4.2): the count begins again, and the EHLO it needs is not
+        # held against it under stress (see _junk).
         self._junk_commands = 0
+        self._greeting_counted = False
         self._reset_transaction()
 
     def do_NOOP(self, arg: str) -> None:
@@ -1323,6 +1340,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         self._junk_commands = 0  # as Postfix: a session that delivers mail is no junk
+        self._greeting_counted = False
         maillog.accepted(queue_id, client=envelope.client_ip, helo=envelope.helo,
                          mail_from=envelope.mail_from, size=len(data),
                          recipients=[r.address for r in envelope.recipients], tls=envelope.tls)
