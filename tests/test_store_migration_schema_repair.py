@@ -1,4 +1,5 @@
-"""Migration 0056: a store stamped past migrations it never ran gets what they made.
+"""Migration 0056: a store stamped past migrations it never ran gets what they made; and a
+store stamped with a retired revision id (RETIRED_REVISIONS) is upgraded.
 
 Released commits stamped stores `0048_fetch_folder_skipped` with 0048 revising 0041 (no
 0042, no 0046), and `0051_drop_secrets_removed` with 0051 revising 0048 (no 0049, no 0050);
@@ -120,6 +121,25 @@ def thd_domain_generation(conn: Connection, stamp: str | None) -> None:
     thd_make_user(conn, "alice")
 
 
+def thd_as_0065_token_usage_day(conn: Connection) -> None:
+    """Blocking: what 0065_token_usage_day (09a378d: ix_token_usage_day alone) did on
+    0064, and its stamp; a user as that code stored it."""
+    conn.execute(text("CREATE INDEX ix_token_usage_day ON token_usage (day)"))
+    thd_stamp(conn, "0065_token_usage_day")
+    thd_make_user(conn, "alice")
+
+
+def thd_indexes(conn: Connection, table: str) -> set[str]:
+    """The names of `table`'s indexes, those on an expression included (which SQLAlchemy's
+    inspector leaves out on SQLite)."""
+    if conn.dialect.name == "sqlite":
+        query = ("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = :t "
+                 "AND name NOT LIKE 'sqlite_autoindex%'")
+    else:
+        query = "SELECT indexname FROM pg_indexes WHERE tablename = :t AND indexname LIKE 'ix_%'"
+    return set(conn.execute(text(query), {"t": table}).scalars())
+
+
 def thd_columns(conn: Connection, table: str) -> set[str]:
     return {c["name"] for c in inspect(conn).get_columns(table)}
 
@@ -216,6 +236,22 @@ class SchemaRepairMigrationMixin(DatabaseMixin):
                                  lambda c: thd_as_0054_file_nodes(c, rate_buckets=True))
         self.assertIn("full_at", await db.read("c", thd_columns, "rate_buckets"))
         self.assertFalse(await db.read("t", lambda c: inspect(c).has_table("file_nodes")))
+
+    async def test_a_store_stamped_0065_token_usage_day_is_upgraded(self) -> None:
+        # Refused before: "the database schema is at revision 0065_token_usage_day, newer
+        # than this version of Mailcore knows" (112ff7a renamed it and added an index).
+        db = await self.upgraded("0064_webhook_prune_index", thd_as_0065_token_usage_day)
+        self.assertIn("ix_token_usage_day", await db.read("i", thd_indexes, "token_usage"))
+        self.assertIn("ix_messages_account_created",
+                      await db.read("i", thd_indexes, "messages"))
+        self.assertLessEqual({"ix_credentials_expires_at", "ix_credentials_login_idle"},
+                             await db.read("i", thd_indexes, "credentials"))
+        self.assertEqual(await db.read("u", lambda c: c.execute(
+            text("SELECT username FROM users")).scalar()), "alice")
+        fresh = await self.open_database()
+        for table in ("token_usage", "messages", "credentials"):
+            self.assertEqual(await db.read("i", thd_indexes, table),
+                             await fresh.read("i", thd_indexes, table))
 
     async def test_a_store_that_ran_every_migration_is_left_as_it_is(self) -> None:
         db = await self.open_database()

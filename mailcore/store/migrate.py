@@ -67,10 +67,14 @@ log = Logger()
 # A store stamped with one is restamped before it is upgraded: Alembic would otherwise take
 # it for a store of a newer Mailcore and nothing could upgrade it. 0054_file_nodes made
 # only the file_nodes table of 0052 (0056_schema_repair makes its rate_buckets).
+# 0065_token_usage_day (09a378d) made only ix_token_usage_day, one of the two indexes of
+# what is now 0065_purge_and_count_indexes: such a store is restamped 0064, and 0065 makes
+# the index it lacks (ix_token_usage_day only where it is missing).
 RETIRED_REVISIONS = {
     "0010_domain_generation": "0010_change_counters",  # once _replace_domain_generation ran
     "0054_file_nodes": "0052_file_nodes_rate_buckets",
     "0054_file_nodes_rate_buckets": "0052_file_nodes_rate_buckets",
+    "0065_token_usage_day": "0064_webhook_prune_index",
 }
 
 

@@ -13,12 +13,18 @@ as long (0.7 s for 300,000 messages in memory); with it the count reads the inde
 
 Upgrade: `ix_token_usage_day`, `ix_messages_account_created`. Downgrade: they go.
 
+A store migrated by 09a378d was stamped `0065_token_usage_day`, this revision's first id,
+when it made `ix_token_usage_day` alone: it is restamped 0064 (RETIRED_REVISIONS in
+mailcore/store/migrate.py) and comes here with that index, so the upgrade makes it only
+where it is missing.
+
 Revision ID: 0065_purge_and_count_indexes
 Revises: 0064_webhook_prune_index
 """
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0065_purge_and_count_indexes"
@@ -28,7 +34,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_token_usage_day", "token_usage", ["day"])
+    indexes = {i["name"] for i in sa.inspect(op.get_bind()).get_indexes("token_usage")}
+    if "ix_token_usage_day" not in indexes:  # (a store of 0065_token_usage_day has it)
+        op.create_index("ix_token_usage_day", "token_usage", ["day"])
     op.create_index("ix_messages_account_created", "messages", ["account_id", "created_at"])
 
 
