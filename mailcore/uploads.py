@@ -22,7 +22,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from multipart import (
+    MultipartError,
+    MultipartSegment,
+    PushMultipartParser,
+    content_disposition_unquote,
+    parse_options_header,
+)
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -111,25 +117,45 @@ def multipart_events(
         raise MalformedUpload(f"Malformed multipart body: {_parser_reason(e)}") from None
 
 
-# A `; name=value` parameter of a Content-Disposition: a quoted string or a token.
+# A `; name=value` parameter of a Content-Disposition as RFC 6266 and the email package
+# read it: any key, a quoted string or the rest up to the next `;`, spaces or tabs around.
 _DISPOSITION_PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:\\.|[^\\"])*"|[^;]*)')
+# The same as the multipart parser (2.0.1) reads it (its `_option`): a key of letters,
+# digits, `-` and `_`, spaces only around `=`, a quoted string or a token, found anywhere
+# after the first `;`, so inside another parameter's quoted value too.
+_PARSER_PARAMETER = re.compile(
+    r"""; *([a-zA-Z0-9-_]+) *= *("[^\\"]*"|[a-zA-Z0-9-!#$%&'*+.^_`|~]+|"(?:\\.|[^\\"])*")""")
 
 
 def _one_value_parameters(segment: MultipartSegment) -> None:
     """Refuse a part whose Content-Disposition gives a parameter twice with different
-    values (`filename="a.txt"; filename="b.exe"`, `name="to"; name="bcc"`): the parser
-    keeps the last, the email package the first, and a scanner or proxy in front may read
-    either, so the file stored, or the field it fills, would not be the one another reader
-    saw. As a field given twice is refused (web.parsing.given_twice)."""
-    seen: dict[str, str] = {}
+    values (`filename="a.txt"; filename="b.exe"`, `name="to"; name="bcc"`), or whose name
+    or filename the multipart parser reads otherwise than RFC 6266 does (`x.y="; filename=
+    b.exe"`: the parser skips a key with a `.` and finds the filename in its value). The
+    parser keeps the last of two, the email package the first, and a scanner or proxy in
+    front may read either, so the file stored, or the field it fills, would not be the one
+    another reader saw. As a field given twice is refused (web.parsing.given_twice)."""
     disposition = segment.header("Content-Disposition", "")
-    for name, raw in _DISPOSITION_PARAMETER.findall(disposition):
-        key, value = name.lower(), raw.strip()
-        if len(value) > 1 and value[0] == value[-1] == '"':
-            value = value[1:-1]
+    read = _parameters(_DISPOSITION_PARAMETER, disposition)
+    _parameters(_PARSER_PARAMETER, disposition)
+    for key, parsed in (("name", segment.name), ("filename", segment.filename)):
+        if read.get(key) != parsed:
+            raise MalformedUpload(f"Malformed multipart body: a part's Content-Disposition "
+                                  f"gives {key} in a way that parsers read differently.")
+
+
+def _parameters(pattern: re.Pattern[str], disposition: str) -> dict[str, str]:
+    """The parameters `pattern` finds after the disposition type, unquoted as the parser
+    unquotes them; MalformedUpload if one is given twice with different values."""
+    seen: dict[str, str] = {}
+    start = disposition.find(";")
+    for name, raw in pattern.findall(disposition, start) if start >= 0 else ():
+        key = name.lower()
+        value = content_disposition_unquote(raw.strip(), key == "filename")
         if seen.setdefault(key, value) != value:
             raise MalformedUpload(f"Malformed multipart body: a part's Content-Disposition "
                                   f"gives {key} more than once, with different values.")
+    return seen
 
 
 def _parser_reason(error: MultipartError) -> str:

@@ -286,6 +286,17 @@ class FormTests(TestCase):
         self.assertEqual((e.status, e.message), (400, "Malformed multipart body: a part's "
                          "Content-Disposition gives name more than once, with different "
                          "values."))
+        # A parameter the multipart parser skips (`x.y`) hid `; name=bcc` in its value: the
+        # parser read the field as bcc, the email package as to (the Mail API moved an
+        # address from to into bcc).
+        for hidden in (b'name="to"; x.y="; name=bcc"', b'name="to"; x=\t"; name=bcc"',
+                       b'x.y="; name=bcc"'):
+            e = self.assertRaises(ApiError, read_fields, request(
+                body.replace(b'name="subject"; name="message"', hidden),
+                "multipart/form-data; boundary=b1"), LIMIT)
+            self.assertEqual(e.status, 400, hidden)
+            self.assertRegex(e.message, "Malformed multipart body: a part's Content-Disposition "
+                             "gives name (more than once|in a way that parsers)")
         same = body.replace(b'name="message"', b"name=subject")
         self.assertEqual(read_fields(request(same, "multipart/form-data; boundary=b1"), LIMIT),
                          {"subject": "hi"})

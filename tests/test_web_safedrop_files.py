@@ -311,10 +311,17 @@ class UploadTests(TestCase):
 
         for disposition in ('name="the_file"; filename="report.pdf"; filename="run.exe"',
                             'name="the_file"; filename=a.txt; FILENAME="b.txt"',
-                            'name="other"; name="the_file"; filename="a.txt"'):
+                            'name="other"; name="the_file"; filename="a.txt"',
+                            # A key the parser does not take (a `.`, a tab before the
+                            # value) hid `; filename=run.exe` in its quoted value: the
+                            # parser skipped it and read run.exe, the email package a.pdf.
+                            'name="the_file"; filename="a.pdf"; x.y="; filename=run.exe"',
+                            'name="the_file"; filename="a.pdf"; x=\t"; filename=run.exe"',
+                            'name="the_file"; x.y="; filename=run.exe"'):
             status, reply = await f.upload(bundle_id, part(disposition))
             self.assertEqual(status, 400, (disposition, reply))
-            self.assertIn("more than once, with different values", reply["error"])
+            self.assertRegex(reply["error"], "more than once, with different values"
+                             "|in a way that parsers read differently")
         self.assertEqual((f.file_rows(), f.stored()), ([], []))
         status, reply = await f.upload(
             bundle_id, part('name="the_file"; filename="a.txt"; filename=a.txt'))
