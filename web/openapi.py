@@ -49,7 +49,8 @@ _DEFAULT_ERRORS = {
     409: "Conflicts with the state of the object",
     413: "Request body too large",
     415: "Unsupported media type: the body is not of a type the route reads (its "
-         "requestBody's), or carries a Content-Encoding (gzip...): bodies are taken "
+         "requestBody's), or carries a Content-Encoding that transforms it (gzip, br...): "
+         "bodies are taken "
          "uncoded, as Accept-Encoding says",
     429: "Rate limited",
     500: "Internal error",
@@ -223,7 +224,8 @@ def _bad_input(spec: RouteSpec, method: str, statuses: set[int]) -> str:
         kinds.append("a query parameter given twice with different values")
     if spec.body is not None and method not in ("GET", "HEAD", "DELETE") \
             and 415 not in statuses:
-        kinds.append("a body of a type the route does not read, or with a Content-Encoding")
+        kinds.append("a body of a type the route does not read, or with a Content-Encoding "
+                     "that transforms it (gzip, br...)")
     return _DEFAULT_ERRORS[400] + (f" ({'; '.join(kinds)}, among it)" if kinds else "")
 
 

@@ -225,9 +225,9 @@ def _escaped_problem(text: str) -> str | None:
 
 def body_file(request: IRequest) -> BinaryIO | None:
     """The request body as the file twisted.web spooled it to (None: no body), refused with
-    415 (`coded_body`) when it carries a Content-Encoding: every route reads or stores the
-    bytes as they came, so a gzip body would be parsed as JSON or a form (a misleading 400)
-    or stored as a file's bytes."""
+    415 (`coded_body`) when its Content-Encoding transforms it (gzip, br...): every route
+    reads or stores the bytes as they came, so a gzip body would be parsed as JSON or a form
+    (a misleading 400) or stored as a file's bytes."""
     content: BinaryIO | None = request.content
     if content is None:
         return None
@@ -241,11 +241,20 @@ def body_file(request: IRequest) -> BinaryIO | None:
     return content
 
 
+# The content codings that transform a body (RFC 9110 8.4.1, the IANA registry), which
+# nothing here decodes. Any other value is read as identity: clients send
+# `Content-Encoding: utf-8` (or UTF8, none, binary, 8bit) with a plain body, which the seed's
+# Django services ignored, and an IMAP2API client's login did so.
+TRANSFORMING_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "compress",
+                                  "x-compress", "zstd"})
+
+
 def _content_codings(request: IRequest) -> list[str]:
-    """The Content-Encoding codings of the request, "identity" (no coding) left out."""
+    """The Content-Encoding codings of the request that transform a body; any other value
+    (identity, a charset named by mistake) is no coding."""
     raw = request.requestHeaders.getRawHeaders(b"content-encoding") or []
     codings = (c.strip().lower() for h in raw for c in h.decode("latin-1").split(","))
-    return [c for c in codings if c and c != "identity"]
+    return [c for c in codings if c in TRANSFORMING_CODINGS]
 
 
 def coded_body(codings: list[str]) -> ApiError:
