@@ -178,9 +178,10 @@ class CompletenessTests(TestCase):
 
     async def test_every_query_parameter_a_route_reads_is_documented(self) -> None:
         """Each GET route is called with every API's credential, and the names it looks up
-        in its query string (web.parsing.query_params) are among its documented parameters
-        (`thread`, read and checked on /api/emails/threads/ too, was documented only on
-        /api/emails/). Credentials in the query are the security schemes' business."""
+        in its query string (web.parsing.query_params, the IMAP2API's drf_query) are among
+        its documented parameters (`thread`, read and checked on /api/emails/threads/ too,
+        was documented only on /api/emails/). Credentials in the query are the security
+        schemes' business."""
         web = Web.build()
         user = await web.user()
         api_key = await web.credential(user, "apikey")
@@ -212,9 +213,10 @@ class CompletenessTests(TestCase):
         def recorded(request: IRequest) -> dict[str, str]:
             return Recorded(query_params(request))
 
-        for module in (web_dropmyemail, web_dropmyemail_jobs, web_mailapi, web_safedrop,
-                       imap2api_app, imap2api_pages, imap2api_queries):
+        for module in (web_dropmyemail, web_dropmyemail_jobs, web_mailapi, web_safedrop):
             self.patch(module, "query_params", recorded)
+        for module in (imap2api_app, imap2api_pages, imap2api_queries):  # the DRF reading
+            self.patch(module, "drf_query", recorded)
         _, _, doc = await web.call("GET", "/openapi.json")
         calls = 0
         for path, item in doc["paths"].items():

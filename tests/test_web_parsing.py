@@ -382,6 +382,13 @@ class QueryTests(TestCase):
                 "The parameter is given more than once, with different values; it takes "
                 "one value."]}))
 
+    def test_last_wins_takes_a_parameters_last_value(self) -> None:
+        # The IMAP2API's reading (web.imap2api.queries.drf_query), as Django's QueryDict.get.
+        params = query_params(request(uri=b"/x?sort=email&type=imap&sort=storage"),
+                              last_wins=True)
+        self.assertEqual((params["sort"], params.get("type"), len(params)),
+                         ("storage", "imap", 2))
+
     def test_a_query_that_is_not_text_is_a_400_naming_the_parameter(self) -> None:
         for query, message in ((b"q=a%00b", NUL), (b"q=caf%E9", "The value is not valid UTF-8."),
                                (b"ok=1&q%00=1", NUL)):

@@ -220,7 +220,7 @@ def _bad_input(spec: RouteSpec, method: str, statuses: set[int]) -> str:
     """The 400's description: bad input, with what of it the route's parameters and body
     may be besides a bad value (web.parsing)."""
     kinds = []
-    if spec.query:
+    if spec.query and spec.api != "imap2api":  # it takes the last (queries.drf_query)
         kinds.append("a query parameter given twice with different values")
     if spec.body is not None and method not in ("GET", "HEAD", "DELETE") \
             and 415 not in statuses:

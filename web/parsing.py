@@ -166,17 +166,22 @@ def is_json_type(media: str) -> bool:
 
 class QueryParams(Mapping[str, str]):
     """The query string's parameters, each read as one value. A parameter given more than
-    once with different values (`?limit=5&limit=500`, `?send&send=0`) is a 400 naming it
+    once with different values (`?count=5&count=500`, `?send&send=0`) is a 400 naming it
     when it is read (`given_twice`), as a form's field or a JSON key is on the APIs that
     take one value a field: keeping either would be a guess at what the client meant, and
     no API's document defines a parameter that repeats. The same value twice is taken; a
-    parameter the route does not read is never looked at."""
+    parameter the route does not read is never looked at. With `last_wins` the last value
+    is taken instead, as Django's QueryDict.get does: the IMAP2API's (web.imap2api.queries),
+    whose clients the seed's Django REST framework service answered so."""
 
-    def __init__(self, lists: Mapping[str, list[str]]) -> None:
+    def __init__(self, lists: Mapping[str, list[str]], *, last_wins: bool = False) -> None:
         self._lists = lists
+        self._last_wins = last_wins
 
     def __getitem__(self, name: str) -> str:
         values = self._lists[name]
+        if self._last_wins:
+            return values[-1]
         if any(value != values[0] for value in values):
             raise given_twice(name, "parameter")
         return values[0]
@@ -191,10 +196,11 @@ class QueryParams(Mapping[str, str]):
         return len(self._lists)
 
 
-def query_params(request: IRequest) -> QueryParams:
+def query_params(request: IRequest, *, last_wins: bool = False) -> QueryParams:
     """Query-string parameters of the URI only (never the body), each one value
-    (QueryParams: one given twice with different values is a 400 when read)."""
-    return QueryParams(query_lists(request))
+    (QueryParams: one given twice with different values is a 400 when read, or with
+    `last_wins` its last value)."""
+    return QueryParams(query_lists(request), last_wins=last_wins)
 
 
 def query_lists(request: IRequest) -> dict[str, list[str]]:

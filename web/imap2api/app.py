@@ -42,7 +42,7 @@ from web.imap2api.inputs import (
     webhook_changes,
 )
 from web.imap2api.pages import list_page, paginate, request_base, request_path
-from web.imap2api.queries import message_query, search_terms, server_param
+from web.imap2api.queries import drf_query, message_query, search_terms, server_param
 from web.imap2api.schemas import (
     CREDENTIALS_SCHEMA,
     DELIVERIES_QUERY,
@@ -76,7 +76,7 @@ from web.imap2api.serializers import (
 from web.jsonstream import stream_json_array
 from web.login import PasswordLogin
 from web.openapi import Reply, RouteTable
-from web.parsing import FORM_TYPE, MULTIPART_TYPE, query_params
+from web.parsing import FORM_TYPE, MULTIPART_TYPE
 from web.ratelimit import RateLimiter, admit
 from web.replies import empty_reply, encoded_json_reply, set_headers
 from web.settings import WebSettings
@@ -282,7 +282,7 @@ class Imap2ApiApp(ApiApp):
         """`q` keeps the servers whose name, host or username holds each of its words
         (any case), as the seed's service searches them (DRF's SearchFilter)."""
         user_id = await self.user_id(request)
-        terms = [t.casefold() for t in search_terms(query_params(request))]
+        terms = [t.casefold() for t in search_terms(drf_query(request))]
         found = [a for a in await self.accounts.list_accounts(user_id, protocol="imap")
                  if _holds_each(terms, (a.name, a.host, a.username))]
         return self.reply(request, await paginate(request, list_page(found), server_json))
@@ -430,7 +430,7 @@ class Imap2ApiApp(ApiApp):
         (user, host and URL) is answered with them while that stamp stands, which the
         store checks in one short read instead of reading and writing the page again."""
         user_id = await self.user_id(request)
-        query = message_query(query_params(request))
+        query = message_query(drf_query(request))
         if threads:
             query = MessageQuery(**{**query.__dict__, "threads_only": True})
         key = (user_id, threads, request_base(request), request.uri)
@@ -642,7 +642,7 @@ class Imap2ApiApp(ApiApp):
     )
     async def list_deliveries(self, request: IRequest, webhook_id: int) -> bytes:
         user_id = await self.user_id(request)
-        status = query_params(request).get("status") or None
+        status = drf_query(request).get("status") or None
 
         async def fetch(offset: int, limit: int) -> StorePage[Delivery]:
             with refusals():

@@ -16,8 +16,7 @@ from twisted.web.iweb import IRequest
 
 from mailcore.messages import Page as StorePage
 from web.errors import ApiError
-from web.imap2api.queries import INVALID_PAGE, page_number, page_size
-from web.parsing import query_params
+from web.imap2api.queries import INVALID_PAGE, drf_query, page_number, page_size
 
 T = TypeVar("T")
 
@@ -65,7 +64,7 @@ async def paginate(
 ) -> dict[str, Any]:
     """A DRF page of what `fetch(offset, limit)` returns: its items as `show` shows them,
     or its `json` as it is."""
-    params = query_params(request)
+    params = drf_query(request)
     size = page_size(params)
     number = page_number(params)
     if number is None:  # "last": the count says which page that is
