@@ -300,6 +300,9 @@ class DigestTests(TestCase):
         self.assertIsNone(ann["Reply-To"])
 
     async def test_a_digest_that_cannot_be_built_stops_no_other(self) -> None:
+        # The digest that cannot be built is logged once and counts as done for the run,
+        # which finishes: resuming it (at start and at every purge sweep) rebuilt it and
+        # logged a traceback each time until the next run, which tries it again.
         service = self.gw.core.quarantine
         build = service.digest_message
 
@@ -312,11 +315,46 @@ class DigestTests(TestCase):
         self.tick()
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual([r for r, _m in self.digests()], [["joe@q.test"]])
+        self.assertEqual(await service.resume_digests(), 0)  # the run is finished
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
         service.digest_message = build  # type: ignore[method-assign]
-        self.assertEqual(await service.resume_digests(), 1)  # the run was left unfinished
+        self.tick()  # the next run
         self.gw.clock.advance(1)
         self.assertEqual(sorted(r for r, _m in self.digests()),
                          [["ann@q.test"], ["joe@q.test"]])
+
+    async def test_a_run_resumed_for_another_does_not_build_it_again(self) -> None:
+        # Joe's digest fails to be queued, so the run is resumed: ann's, which could not be
+        # built, is done for the run and is neither built nor logged again.
+        service = self.gw.core.quarantine
+        build, accept = service.digest_message, service.spool.accept
+        built: list[str] = []
+
+        def fails_for_ann(items: Any, **kwargs: Any) -> bytes:
+            built.append(items[0].email)
+            if items[0].email == "ann@q.test":
+                raise ValueError("unbuildable")
+            return build(items, **kwargs)
+
+        async def fails_once_for_joe(queue_id: str, envelope: Any, *args: Any,
+                                     **kwargs: Any) -> Any:
+            if envelope.recipients[0].address == "joe@q.test" and "joe" not in failed:
+                failed.append("joe")
+                raise OSError("disk full")
+            return await accept(queue_id, envelope, *args, **kwargs)
+
+        failed: list[str] = []
+        service.digest_message = fails_for_ann  # type: ignore[method-assign]
+        self.patch(service.spool, "accept", fails_once_for_joe)
+        self.tick()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(await service.resume_digests(), 1)  # joe's
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
+        self.assertEqual(built, ["ann@q.test", "joe@q.test", "joe@q.test"])
+        self.assertEqual(await service.resume_digests(), 0)  # finished
+        self.gw.clock.advance(1)
+        self.assertEqual([r for r, _m in self.digests()], [["joe@q.test"]])
 
     async def release_link(self) -> tuple[str, str]:
         self.tick()

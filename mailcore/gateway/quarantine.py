@@ -42,8 +42,8 @@ The recipient's address and the Reply-To are written as spelt or not at all
 spelling an RFC 2047 word (`=?utf-8?b?DQpCY2M6...?=`) would be decoded. Such a digest goes
 `To: undisclosed-recipients:;`, and its Subject is `PLAIN_SUBJECT` if the template names
 {email}; so is a Subject that would hold a line break once decoded. A digest that cannot
-be built is logged and leaves the run unfinished (resumed later); it stops no other
-recipient's.
+be built is logged once, with its recipient, and counts as done for that run (the next run
+tries again); it stops no other recipient's.
 
 ```toml
 [quarantine]
@@ -668,6 +668,9 @@ class QuarantineService(Service):
         self._digest: LoopingCall | None = None
         self._runs = InFlight()  # a purge or digest run a stop waits for
         self._sending = False  # a digest run is sending (one at a time in a process)
+        # The run (its start) and the recipients whose digest it could not build: done for
+        # it, not built and logged again when the run is resumed for another's sake.
+        self._unbuilt: tuple[datetime.datetime | None, set[tuple[int, str]]] = (None, set())
 
     def load_key(self) -> None:
         """Read or make the link key now (blocks: call before the reactor runs)."""
@@ -854,12 +857,18 @@ class QuarantineService(Service):
 
     async def _send(self, since: datetime.datetime | None) -> tuple[int, bool]:
         """The digests (of the recipients not served since `since`, when given): how many
-        were queued, and whether every one that was due was."""
+        were queued, and whether every one that was due was (one that cannot be built
+        counts as done: `_unbuilt`)."""
         recipients = await self.db.read("quarantine_digest_recipients",
                                         _digest_recipients_txn, since)
         sent, complete = 0, True
         renewed = self.clock.seconds()
+        if since is None or self._unbuilt[0] != since:
+            self._unbuilt = (since, set())
+        unbuilt = self._unbuilt[1]
         for domain_id, key in recipients:
+            if (domain_id, key) in unbuilt:
+                continue
             if self.leases is not None and since is not None:
                 now = self.clock.seconds()
                 if now - renewed > SEND_HOLD / 2:
@@ -880,10 +889,12 @@ class QuarantineService(Service):
                                  defer.maybeDeferred(build))
             except Exception:
                 # One recipient's digest (what its mail or its domain's templates hold)
-                # stops no other's: the run goes on, and is resumed for this one.
+                # stops no other's. It counts as done for this run: resuming the run (at
+                # start, at each purge sweep) would build it, fail and log again until the
+                # next run, which tries it again.
                 log.failure("building a quarantine digest for {email} failed",
                             email=items[0].email)
-                complete = False
+                unbuilt.add((domain_id, key))
                 continue
             sender = self.settings.digest_sender
             envelope = Envelope(sender, (Recipient(items[0].email, domain_id),), kind="digest")
