@@ -24,6 +24,7 @@ from tests.support.db import (
     engine_query_plans,
     full_scans,
     synchronous_database,
+    transaction_answers,
 )
 from tests.support.passwords import production_hashing
 
@@ -833,18 +834,7 @@ class PurgeMixin(DatabaseMixin):
         _, fresh = await identity.create_credential(alice.id, "session")
         _, used = await identity.create_credential(alice.id, "token", login=True)
         self.patch(identity_service, "PURGE_BATCH", 2)
-        batches: list[tuple[str, int]] = []
-        db_run = db.run
-
-        def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            def counted(n: int) -> int:
-                batches.append((name, n))
-                return n
-
-            d = db_run(name, *args, **kwargs)
-            return d.addCallback(counted) if name.startswith("purge_") else d
-
-        self.patch(db, "run", run)
+        batches = transaction_answers(self, db, lambda name: name.startswith("purge_"))
         with engine_query_plans(db.engine) as plans:
             self.assertEqual(await identity.purge_expired(), 6)
         self.assertEqual(batches, [("purge_expired_credentials", 2),

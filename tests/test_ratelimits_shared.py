@@ -5,8 +5,6 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import sqlalchemy as sa
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -15,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from mailcore import ratelimits
 from mailcore.ratelimits import SharedBuckets
 from mailcore.store.schema import rate_buckets
-from tests.support.db import DatabaseMixin, engine_query_plans, full_scans
+from tests.support.db import DatabaseMixin, engine_query_plans, full_scans, transaction_answers
 from web.ratelimit import Rate, RateLimiter, SharedRateLimiter
 
 
@@ -76,21 +74,10 @@ class SharedRatesMixin(DatabaseMixin):
         await a.take("j")  # empty: not full again before the sweep
         self.patch(ratelimits, "SWEEP_BATCH", 2)
         db = self.buckets.db
-        batches: list[int] = []
-        db_run = db.run
-
-        def counted(n: int) -> int:
-            batches.append(n)
-            return n
-
-        def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            d = db_run(name, *args, **kwargs)
-            return d.addCallback(counted) if name == "rate_sweep" else d
-
-        self.patch(db, "run", run)
+        batches = transaction_answers(self, db, "rate_sweep".__eq__)
         with engine_query_plans(db.engine) as plans:
             self.assertEqual(await self.buckets.sweep(), 5)
-        self.assertEqual(batches, [2, 2, 1])
+        self.assertEqual([n for _, n in batches], [2, 2, 1])
         self.assertEqual(await db.read("n", lambda c: c.execute(
             sa.select(rate_buckets.c.name)).scalars().all()),
             [SharedBuckets.bucket_name("login", "j")])

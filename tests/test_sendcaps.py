@@ -50,6 +50,7 @@ from tests.support.db import (
     full_scans,
     open_database,
     open_database_at,
+    transaction_answers,
 )
 from tests.support.fetchenv import thd_make_user
 from tests.support.logs import logged, logged_at
@@ -159,22 +160,11 @@ class StoreCapsMixin(DatabaseMixin):
         for at in (0, 1, 2, 3, 4, 3000):
             await self.db.run("t", caps.thd_take, self.user, 1, T0 + at)
         self.patch(sendcaps, "SWEEP_BATCH", 2)
-        batches: list[int] = []
-        db_run = self.db.run
-
-        def counted(n: int) -> int:
-            batches.append(n)
-            return n
-
-        def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            d = db_run(name, *args, **kwargs)
-            return d.addCallback(counted) if name == "api_sends_sweep" else d
-
-        self.patch(self.db, "run", run)
+        batches = transaction_answers(self, self.db, "api_sends_sweep".__eq__)
         clock.advance(3600 + 10)
         with engine_query_plans(self.db.engine) as plans:
             self.assertEqual(await caps.sweep(), 5)
-        self.assertEqual(batches, [2, 2, 1])
+        self.assertEqual([n for _, n in batches], [2, 2, 1])
         self.assertEqual(await self.db.read("n", _count(api_sends)), 1)
         self.assertEqual(full_scans(plans, "api_sends"), [])
         self.assertTrue([p for p in plans if "ix_api_sends_at" in p], plans)

@@ -36,6 +36,7 @@ from tests.support.db import (
     engine_query_plans,
     full_scans,
     synchronous_database,
+    transaction_answers,
 )
 
 PLANS = Plans({"free": 1000, "standard": 5000, "agency": 20000})
@@ -315,18 +316,7 @@ class SweepTests(TestCase):
                 await self.tokens.consume(user.id, 1, key=f"q{day}")
             self.clock.advance(86400)
         self.patch(tokens_module, "PURGE_BATCH", 2)
-        batches: list[tuple[str, int]] = []
-        db_run = self.db.run
-
-        def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            def counted(n: int) -> int:
-                batches.append((name, n))
-                return n
-
-            d = db_run(name, *args, **kwargs)
-            return d.addCallback(counted) if name.startswith("purge_token") else d
-
-        self.patch(self.db, "run", run)
+        batches = transaction_answers(self, self.db, lambda name: name.startswith("purge_token"))
         move(self.clock, "2025-03-01T00:00:00")  # past both retentions
         with engine_query_plans(self.db.engine) as plans:
             await self.tokens.sweep()

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from mailcore.gateway import quarantine as quarantine_module
 from mailcore.gateway.quarantine import ALREADY, MISSING, RELEASED
 from mailcore.store.schema import quarantine
-from tests.support.db import engine_query_plans, full_scans
+from tests.support.db import engine_query_plans, full_scans, transaction_answers
 from tests.support.quarantine import GTUBE, Gateway, message, stopper
 
 
@@ -202,22 +202,11 @@ class QuarantineApiTests(TestCase):
         each, found through ix_quarantine_created_at (no batch reads the whole table)."""
         service = self.gw.core.quarantine
         self.patch(quarantine_module, "PURGE_BATCH", 2)
-        batches: list[int] = []
-        db_run = service.db.run
-
-        def counted(n: int) -> int:
-            batches.append(n)
-            return n
-
-        def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            d = db_run(name, *args, **kwargs)
-            return d.addCallback(counted) if name == "quarantine_purge" else d
-
-        self.patch(service.db, "run", run)
+        batches = transaction_answers(self, service.db, "quarantine_purge".__eq__)
         self.gw.clock.advance(30 * 86400 + 100)  # every one of the six held is old
         with engine_query_plans(service.db.engine) as plans:
             self.assertEqual(await service.purge(), 6)
-        self.assertEqual(batches, [2, 2, 2, 0])
+        self.assertEqual([n for _, n in batches], [2, 2, 2, 0])
         self.assertEqual(full_scans(plans, "quarantine"), [])
         self.assertTrue([p for p in plans if "ix_quarantine_created_at" in p], plans)
         _, body = await self.get("/api/v1/quarantine/q.test/0/10")

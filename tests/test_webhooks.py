@@ -37,7 +37,7 @@ from mailcore.webhooks import (
 )
 from mailcore.webhooks import store as delivery_store
 from mailcore.webhooks.events import SWEEP_INTERVAL
-from tests.support.db import engine_query_plans
+from tests.support.db import engine_query_plans, transaction_answers
 from tests.support.imap2api import Client, Receiver, client, config, mail, store
 from tests.support.web import Web
 from tests.support.webhooks import sync_ended
@@ -699,25 +699,14 @@ class DeliveryTests(SenderTestCase):
                 next_attempt_at=later, created_at=0.0))
 
         await s.web.core.db.run("pending", pending)
-        prunes: list[int] = []
-        db_run = s.webhooks.db.run
-
-        def counted(n: int) -> int:
-            prunes.append(n)
-            return n
-
-        def run(name: str, *args: Any, **kwargs: Any) -> Any:
-            d = db_run(name, *args, **kwargs)
-            return d.addCallback(counted) if name == "prune_webhook_deliveries" else d
-
-        self.patch(s.webhooks.db, "run", run)
+        pruned = transaction_answers(self, s.webhooks.db, "prune_webhook_deliveries".__eq__)
         pruner = WebhookPruner(s.webhooks, s.web.clock)
         await pruner.tick()  # nothing old enough yet
-        self.assertEqual(prunes, [0])
+        self.assertEqual([n for _, n in pruned], [0])
         self.assertEqual(len(await s.log(hook.id)), 6)
         s.web.clock.advance(86400 + 1)
         await pruner.tick()
-        self.assertEqual(prunes, [0, 2, 2, 1])  # a transaction for each batch of 2
+        self.assertEqual([n for _, n in pruned], [0, 2, 2, 1])  # a transaction for each batch of 2
         self.assertEqual([d.status for d in await s.log(hook.id)], ["pending"])
 
     async def test_the_prune_reads_no_whole_table(self) -> None:

@@ -305,6 +305,25 @@ def full_scans(plans: list[str], *tables: str) -> list[str]:
             if re.match(rf"(SCAN|(->\s*)?Seq Scan on) ({names})\b", p)]
 
 
+def transaction_answers(test: TestCase, db: Database, wanted: Callable[[str], bool]
+                        ) -> list[tuple[str, Any]]:
+    """For the rest of `test`: (name, answer) of each transaction `db.run` runs whose name
+    `wanted` takes, in the order they answer (a batched delete's rows, batch by batch)."""
+    answers: list[tuple[str, Any]] = []
+    db_run = db.run
+
+    def run(name: str, *args: Any, **kwargs: Any) -> Any:
+        def answered(result: Any) -> Any:
+            answers.append((name, result))
+            return result
+
+        d = db_run(name, *args, **kwargs)
+        return d.addCallback(answered) if wanted(name) else d
+
+    test.patch(db, "run", run)
+    return answers
+
+
 def query_plans(conn: Connection, wanted: Callable[[str], bool], reads: Callable[[], Any]
                 ) -> list[list[str]]:
     """SQLite: run `reads` on `conn`; the query plan (its steps) of each statement it ran
