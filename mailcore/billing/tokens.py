@@ -524,22 +524,14 @@ def _rollover_batch_txn(
     return len(rows)
 
 
-def _purge_usage_txn(conn: Connection, before: datetime.date, batch: int) -> int:
-    """Blocking: delete up to `batch` per-day usage rows of days before `before`
-    (ix_token_usage_day); how many."""
-    u = token_usage.c
-    rows = select(u.user_id, u.day).where(u.day < before).limit(batch)
-    return int(conn.execute(
-        delete(token_usage).where(tuple_(u.user_id, u.day).in_(rows))).rowcount or 0)
-
-
-def _purge_charges_txn(conn: Connection, before: datetime.datetime, batch: int) -> int:
-    """Blocking: delete up to `batch` keyed charges made before `before`
-    (ix_token_charges_charged_at); how many."""
-    c = token_charges.c
-    rows = select(c.user_id, c.charge_key).where(c.charged_at < before).limit(batch)
-    return int(conn.execute(
-        delete(token_charges).where(tuple_(c.user_id, c.charge_key).in_(rows))).rowcount or 0)
+def _purge_before_txn(conn: Connection, table: Table, key: tuple[str, ...], when: str,
+                      before: datetime.date | datetime.datetime, batch: int) -> int:
+    """Blocking: delete up to `batch` rows of `table` (a purge of token_usage, by its
+    ix_token_usage_day, or of token_charges, by ix_token_charges_charged_at) whose `when`
+    is before `before`, naming them by their primary `key`; how many."""
+    columns = [table.c[name] for name in key]
+    rows = select(*columns).where(table.c[when] < before).limit(batch)
+    return int(conn.execute(delete(table).where(tuple_(*columns).in_(rows))).rowcount or 0)
 
 
 def _usage_sum_txn(conn: Connection, user_id: int, since: datetime.date) -> int:
@@ -621,11 +613,12 @@ class TokenService(PeriodicService):
         """Delete the usage and charge records past their retention at `now`, PURGE_BATCH
         rows a transaction; how many of each."""
         usage = await delete_in_batches(
-            self.db, "purge_token_usage", _purge_usage_txn,
-            now.date() - datetime.timedelta(days=self.settings.usage_retention_days),
+            self.db, "purge_token_usage", _purge_before_txn, token_usage, ("user_id", "day"),
+            "day", now.date() - datetime.timedelta(days=self.settings.usage_retention_days),
             batch=PURGE_BATCH)
         charges = await delete_in_batches(
-            self.db, "purge_token_charges", _purge_charges_txn,
+            self.db, "purge_token_charges", _purge_before_txn, token_charges,
+            ("user_id", "charge_key"), "charged_at",
             now - datetime.timedelta(days=self.settings.charge_retention_days),
             batch=PURGE_BATCH)
         return usage, charges
