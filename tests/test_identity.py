@@ -250,6 +250,30 @@ class UserTests(IdentityTestCase):
         self.assertEqual((unchanged.city, unchanged.zip), ("Paris", ""))
 
 
+    async def test_a_stored_email_refused_since_is_taken_back_unchanged(self) -> None:
+        """An email stored before its spelling was refused (a local part spelling an RFC
+        2047 word) does not make a profile edit that echoes it back a 400: a client PUTs
+        the whole profile, and the user could change no other field. A new such email is
+        still refused, and so is that spelling for another user."""
+        alice = await self.user()
+        bob = await self.user("bob")
+        stored = "=?utf-8?b?DQpCY2M6IGV2aWxAeC50ZXN0?=@example.test"
+
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.id == alice.id).values(email=stored))
+
+        await self.db.run("store_old_spelling", txn)
+        user = await self.identity.update_profile(alice.id, {"email": stored, "city": "Oslo"})
+        self.assertEqual((user.email, user.city), (stored, "Oslo"))
+        update_profile = self.identity.update_profile
+        await self.assertRefused("email", update_profile(
+            alice.id, {"email": "=?utf-8?q?other?=@example.test"}))
+        await self.assertRefused("email", update_profile(bob.id, {"email": stored}))
+        unchanged = await self.identity.get_user(bob.id)
+        assert unchanged is not None
+        self.assertEqual(unchanged.email, "bob@example.test")
+
+
 class PasswordTests(IdentityTestCase):
     """With the production Argon2 parameters (the other tests hash with cheap ones)."""
 

@@ -447,7 +447,9 @@ class Identity:
                 raise IdentityError(f"Unknown field: {key}.", key)
             if not isinstance(value, str):
                 raise IdentityError(f"Field {key} must be a string.", key)
-            values[key] = normalise_email(value) if key == "email" else value
+            values[key] = value
+        if "email" in values:
+            values["email"] = await self._profile_email(user_id, values["email"])
         _check_profile_values(values)
 
         def txn(conn: Connection) -> None:
@@ -468,6 +470,19 @@ class Identity:
         if user is None:
             raise IdentityError("No such user.")
         return user
+
+    async def _profile_email(self, user_id: int, email: str) -> str:
+        """`email` as a profile edit stores it (`normalise_email`), or as stored when it is
+        the user's stored email unchanged: a client echoes the whole profile back, and an
+        address stored before a spelling was refused (an RFC 2047 word in its local part)
+        must not make every edit of the user's other fields a 400."""
+        try:
+            return normalise_email(email)
+        except IdentityError:
+            user = await self.get_user(user_id)
+            if user is not None and user.email == email:
+                return email
+            raise
 
     async def set_password(self, user_id: int, password: str) -> None:
         """A new password. Everything handed out for the old one ends with it: the page
