@@ -110,6 +110,28 @@ class UploadGateTests(TestCase):
         [row] = self.f.file_rows()
         self.assertEqual(row.name, "big.bin")
 
+    async def test_a_coded_upload_is_answered_before_its_body(self) -> None:
+        """A body with a transforming Content-Encoding is refused once read
+        (web.parsing.body_file); the gate refuses it before, with the same reply (safedrop
+        answers a body it cannot read with 400), instead of reading up to max_file_size of
+        it to disk first. An anonymous one still gets its 401."""
+        headers = {"X-Auth-Token": self.f.token, "Content-Encoding": "gzip"}
+        self.channel.dataReceived(self.head(headers) + self.body[:4000])  # of 50,000
+        sent = await self.reply()
+        self.assertTrue(sent.startswith(b"HTTP/1.1 400 "), sent[:200])
+        self.assertIn(b'Content-Encoding \\"gzip\\" is not supported', sent)
+        self.assertIn(b"Accept-Encoding: identity", sent)
+        self.assertTrue(self.transport.disconnecting)  # the rest is never read
+        self.assertEqual(self.f.file_rows(), [])
+        transport = StringTransport()
+        channel = self.f.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        channel.dataReceived(self.head({"Content-Encoding": "gzip"}) + self.body[:100])
+        if channel.requests:
+            await channel.requests[-1].notifyFinish()
+        self.assertTrue(bytes(transport.value()).startswith(b"HTTP/1.1 401 "))
+
     async def test_while_the_gate_decides_nothing_is_read(self) -> None:
         asked: list[defer.Deferred[bool]] = []
 

@@ -237,7 +237,7 @@ def body_file(request: IRequest) -> BinaryIO | None:
     content: BinaryIO | None = request.content
     if content is None:
         return None
-    codings = _content_codings(request)
+    codings = content_codings(request)
     if codings:
         content.seek(0)
         empty = not content.read(1)
@@ -255,7 +255,7 @@ TRANSFORMING_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "compress",
                                   "x-compress", "zstd"})
 
 
-def _content_codings(request: IRequest) -> list[str]:
+def content_codings(request: IRequest) -> list[str]:
     """The Content-Encoding codings of the request that transform a body; any other value
     (identity, a charset named by mistake) is no coding."""
     raw = request.requestHeaders.getRawHeaders(b"content-encoding") or []

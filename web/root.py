@@ -51,6 +51,7 @@ from web.metrics import HttpMetrics
 from web.oauth_pages import OAuthPagesApp
 from web.openapi import document
 from web.pages import Pages, StaticApp
+from web.parsing import coded_body, content_codings
 from web.protecmail import ProtecmailApp
 from web.quarantine_page import QuarantinePageApp
 from web.ratelimit import Rate, RateLimiter, SharedRateLimiter
@@ -401,6 +402,10 @@ def upload_gate(resolver: CredentialResolver,
     refused here and the API itself then answers the request (401); what the admission
     refuses is answered with its reply (`upload_refusal`, see RootResource.render).
 
+    A body with a transforming Content-Encoding (gzip, ...) is refused here too, with the
+    415 (or the API's 400) web.parsing.body_file would answer once it was read: up to
+    `max_file_size` of it would be written to disk first.
+
     The answer comes within `timeout` seconds (`[web] reply_timeout`): past it, what the
     gate waits on (the store's credential lookup or the admission's reads: a frozen or hung
     database) is cancelled and the request is answered as web.deadline answers one, the
@@ -425,6 +430,10 @@ def upload_gate(resolver: CredentialResolver,
                 except ApiError:
                     return False
                 if principal is None:
+                    return False
+                codings = content_codings(request)
+                if codings:  # refused once read (web.parsing.body_file): not worth reading
+                    cast(Any, request).upload_refusal = coded_body(codings)
                     return False
                 if admission is None or not getattr(request, "over_max_body", True):
                     return True
