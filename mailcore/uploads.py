@@ -78,21 +78,28 @@ def form_boundary(content_type: str) -> str | None:
 
 
 def part_filename(segment: MultipartSegment) -> str | None:
-    """A part's file name: `filename`, or RFC 5987's `filename*` (charset'lang'%xx), which
-    RFC 7578 discourages but some clients send (urllib3 1.x, for a name that is not ASCII);
-    "" when a `filename*` cannot be decoded; None when the part is not a file."""
+    """A part's file name: RFC 5987's `filename*` (charset'lang'%xx), which RFC 7578
+    discourages but some clients send (urllib3 1.x, for a name that is not ASCII; .NET's
+    MultipartFormDataContent beside `filename` as an RFC 2047 word), else `filename`; ""
+    when a `filename*` alone cannot be decoded; None when the part is not a file. With both,
+    `filename*` is the name as RFC 6266 4.3 has recipients pick it, and as browsers do: a
+    proxy or scanner in front reading the one and us the other would not see the same file
+    (`filename="run.exe"; filename*=UTF-8''a.pdf` was stored as run.exe)."""
+    header = segment.header("Content-Disposition", "")
+    star = _parameters(_DISPOSITION_PARAMETER, header).get("filename*") \
+        if "filename*" in header else None
+    if star is not None:
+        holder = Message()
+        holder["Content-Disposition"] = f"attachment; filename*={star}"
+        try:
+            name = holder.get_filename()
+        except (UnicodeError, LookupError, ValueError):
+            name = None
+        if name:
+            return str(name)
     if segment.filename is not None:
         return str(segment.filename)
-    header = segment.header("Content-Disposition", "")
-    if "filename*" not in header:
-        return None
-    holder = Message()
-    holder["Content-Disposition"] = header
-    try:
-        name = holder.get_filename()
-    except (UnicodeError, LookupError, ValueError):
-        return ""
-    return "" if name is None else str(name)
+    return None if star is None else ""
 
 
 def multipart_events(

@@ -327,6 +327,29 @@ class UploadTests(TestCase):
             bundle_id, part('name="the_file"; filename="a.txt"; filename=a.txt'))
         self.assertEqual((status, reply["the_file"]), (200, "a.txt"))
 
+    async def test_filename_star_names_the_file_when_both_are_given(self) -> None:
+        # `filename="run.exe"; filename*=UTF-8''a.pdf` was stored as run.exe, where RFC 6266
+        # 4.3 has a recipient pick filename* (browsers, and a proxy or scanner reading it
+        # so, saw a.pdf). .NET's MultipartFormDataContent sends both for a name that is not
+        # ASCII, the plain one as an RFC 2047 word, which was stored as the name.
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+
+        def part(disposition: str) -> bytes:
+            return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
+                    "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
+
+        for disposition, stored in (
+                ('name="the_file"; filename="run.exe"; filename*=UTF-8\'\'a.pdf', "a.pdf"),
+                ("name=\"the_file\"; filename*=UTF-8''a.pdf; filename=\"run.exe\"", "a.pdf"),
+                ('name="the_file"; filename="=?utf-8?B?csOpc3Vtw6kucGRm?="; '
+                 "filename*=utf-8''r%C3%A9sum%C3%A9.pdf", "r\u00e9sum\u00e9.pdf"),
+                # A quoted value merely spelling filename* is a plain name.
+                ('name="the_file"; filename="filename*=x.txt"', "filename*=x.txt")):
+            status, reply = await f.upload(bundle_id, part(disposition))
+            self.assertEqual((status, reply.get("the_file")), (200, stored), disposition)
+
     async def test_a_transfer_encoded_file_is_stored_decoded(self) -> None:
         # A part with Content-Transfer-Encoding (RFC 7578 4.7 says not to; some clients
         # do): its base64 text was stored as the file, with that size and hash, as the
