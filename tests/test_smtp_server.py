@@ -1226,16 +1226,18 @@ class StressTests(ServerTestCase):
         self.assertEqual(late.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
 
     def test_a_busy_sender_is_not_cut(self) -> None:
-        """Octets flowing in DATA keep a session, however long the message takes; a message
-        being committed is answered first, and the silence counts from our answer; a
-        sender that starts TLS greets again without that counting as junk."""
+        """Octets flowing in DATA at stress_min_data_rate (500 a second) or more keep a
+        session, however long the message takes; a message being committed is answered
+        first, and the silence counts from our answer; a sender that starts TLS greets
+        again without that counting as junk."""
         factory, crowd = self.stressed_factory(tls=object(), command_timeout=60)
         s = crowd[0]
         self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.com>\r\n"
                                  b"DATA\r\n"), ["250", "250", "354"])
+        lines = (b"x" * 998 + b"\r\n") * 5  # 5,000 octets every 9 s: 556 a second
         for _ in range(30):
             self.clock.advance(9)
-            self.assertEqual(s.send(b"x" * 500 + b"\r\n"), [])
+            self.assertEqual(s.send(lines), [])
         self.assertFalse(s.closing)
         self.sink.hold = True
         self.assertEqual(s.send(b".\r\n"), [])
@@ -1244,7 +1246,7 @@ class StressTests(ServerTestCase):
         self.sink.hold = False
         self.sink.release()
         self.assertEqual([r[:9] for r in s.replies()], ["250 2.0.0"])
-        self.assertEqual(self.sink.bodies, [(b"x" * 500 + b"\r\n") * 30])
+        self.assertEqual(self.sink.bodies, [lines * 30])
         self.clock.advance(9.5)
         self.assertFalse(s.closing)
         self.assertEqual(s.codes(b"RSET\r\n"), ["250"])  # counted afresh after a message
@@ -1302,6 +1304,142 @@ class StressTests(ServerTestCase):
         self.assertFalse(sender.closing)
         self.assertEqual(sender.codes(b".\r\n"), ["250"])
         self.assertEqual(self.sink.bodies, [body])
+
+    def in_data(self, *sessions: Session) -> None:
+        for s in sessions:
+            self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.com>\r\n"
+                                     b"DATA\r\n"), ["250", "250", "354"])
+
+    def test_under_stress_a_line_every_9_s_in_data_no_longer_keeps_a_session(self) -> None:
+        """Postfix's smtpd_min_data_rate under stress: a client completing one DATA line
+        every 9 s (of 80 octets, or of one) made each line a record, and 200 of them held
+        every slot until max_session_time. In DATA the 10 s are now a budget that each
+        octet of the message refills by 1/500 s: the drippers are answered the stress
+        deadline's 421 10 s and 3/500 or 80/500 s after their 354, and a real MTA is served."""
+        factory = self.make_factory()
+        crowd = [self.session(factory, client_ip=f"198.51.100.{i // 20 + 1}")
+                 for i in range(200)]
+        self.assertTrue(factory.stressed)
+        for s in crowd:
+            self.assertEqual(s.codes(b"EHLO a.example\r\n"), ["250"])
+        self.in_data(*crowd)
+        short, long = crowd[::2], crowd[1::2]
+        self.clock.advance(9)
+        for s in short:
+            self.assertEqual(s.send(b"y\r\n"), [])
+        for s in long:
+            self.assertEqual(s.send(b"y" * 78 + b"\r\n"), [])
+        self.clock.advance(1)  # 10 s after the 354
+        self.assertFalse(any(s.closing for s in crowd))
+        self.clock.advance(0.01)  # 10.006 s: the 1-octet lines' budget is spent
+        for s in short:
+            self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        self.assertFalse(any(s.closing for s in long))
+        self.clock.advance(0.15)  # 10.16 s: the 80-octet lines' budget
+        for s in long:
+            self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        for s in crowd:
+            s.close()
+        mta = self.session(factory, client_ip="203.0.113.25")
+        self.assertEqual([g[:3] for g in mta.greeting], ["220"])
+        mta.hello()
+        self.in_data(mta)
+        self.assertEqual(mta.codes(b"x\r\n.\r\n"), ["250"])
+
+    def test_a_dripper_in_data_when_stress_begins_is_cut(self) -> None:
+        """Out of stress a line every 9 s in DATA goes on (idle_timeout counts from the
+        last octet, as before); once stress begins, its budget starts at its last read and
+        the next lines do not keep it."""
+        factory = self.make_factory(max_connections=10)
+        [dripper] = self.crowd(factory, 1)
+        dripper.hello()
+        self.in_data(dripper)
+        for _ in range(40):  # 360 s, over idle_timeout (300) in all
+            self.clock.advance(9)
+            self.assertEqual(dripper.send(b"y" * 78 + b"\r\n"), [])
+        self.assertFalse(dripper.closing)
+        self.clock.advance(1)
+        self.crowd(factory, 7)  # stress, 1 s after the dripper's last line
+        self.assertTrue(factory.stressed)
+        self.clock.advance(8)
+        self.assertEqual(dripper.send(b"y" * 78 + b"\r\n"), [])
+        self.clock.advance(1)  # 10 s after its last line before stress
+        self.assertFalse(dripper.closing)
+        self.clock.advance(0.17)  # and the 80/500 s its line since then gave it
+        self.assertEqual(dripper.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+
+    def test_under_stress_a_fast_sender_of_large_messages_is_unaffected(self) -> None:
+        _, crowd = self.stressed_factory()
+        s = crowd[0]
+        body = (b"z" * 998 + b"\r\n") * 1000  # 1 MB, in 1,400-octet reads, 14,000 a second
+        chunks = [body[i:i + 1400] for i in range(0, len(body), 1400)]
+        for _ in range(2):
+            self.in_data(s)
+            for n, chunk in enumerate(chunks):
+                if n % 10 == 0:
+                    self.clock.advance(1)
+                self.assertEqual(s.send(chunk), [])
+            self.assertEqual(s.codes(b".\r\n"), ["250"])
+        self.assertGreater(self.clock.seconds(), NOW + 140)
+        self.assertEqual(self.sink.bodies, [body, body])
+
+    def test_under_stress_bursts_and_pauses_go_on_at_the_rate_on_average(self) -> None:
+        """Bursts with pauses of up to 9 s averaging 548 octets a second go on for 10
+        minutes and the message is accepted; 2,900 octets every 7 s (414 a second) lose
+        1.2 s of budget a burst and are cut after the third, 27.4 s after the 354, as with
+        Postfix (each read takes its elapsed time from the budget and adds N/500 s, and
+        leaves at most 10 s)."""
+        _, crowd = self.stressed_factory()
+        bursty, slow = crowd[0], crowd[1]
+        self.in_data(bursty, slow)
+        line = b"b" * 98 + b"\r\n"
+        events = [(21 * cycle + at, bursty, lines) for cycle in range(28)
+                  for at, lines in ((9, 50), (12, 10), (20, 45), (21, 10))]
+        events += [(at, slow, 29) for at in (7, 14, 21, 28)]
+        events.sort(key=lambda e: e[0])
+        sent = b""
+        for at, s, lines in events:
+            if s is slow and at == 28:
+                self.clock.advance(27.39 - (self.clock.seconds() - NOW))
+                self.assertFalse(slow.closing)
+                self.clock.advance(0.02)
+                self.assertEqual(slow.replies(),
+                                 ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+                continue
+            self.clock.advance(at - (self.clock.seconds() - NOW))
+            self.assertEqual(s.send(line * lines), [])
+            if s is bursty:
+                sent += line * lines
+        self.assertGreater(self.clock.seconds(), NOW + 580)
+        self.assertFalse(bursty.closing)
+        self.assertEqual(bursty.codes(b".\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [sent])
+
+    def test_normal_mode_keeps_a_slow_sender(self) -> None:
+        """Out of stress the rate is no limit: a line every 9 s in DATA for 15 minutes goes
+        on (idle_timeout counts from the last octet) and is accepted."""
+        s = self.session()
+        s.hello()
+        self.in_data(s)
+        for _ in range(100):
+            self.clock.advance(9)
+            self.assertEqual(s.send(b"y\r\n"), [])
+        self.assertEqual(s.codes(b".\r\n"), ["250"])
+        self.assertFalse(self.factory.stressed)
+
+    def test_a_rate_of_0_counts_data_lines_as_records(self) -> None:
+        """stress_min_data_rate = 0 turns the rate off: under stress a line every 9 s in
+        DATA keeps its session, as a record (and octets that end no line do not)."""
+        _, crowd = self.stressed_factory(stress_min_data_rate=0)
+        lines, octets = crowd[0], crowd[1]
+        self.in_data(lines, octets)
+        for _ in range(10):
+            self.clock.advance(9)
+            self.assertEqual(lines.send(b"y\r\n"), [])
+            if not octets.closing:
+                self.assertEqual(octets.send(b"y"), [])
+        self.assertEqual(octets.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        self.assertEqual(lines.codes(b".\r\n"), ["250"])
 
     def test_under_stress_one_error_or_one_junk_command_ends_a_session(self) -> None:
         _, crowd = self.stressed_factory()

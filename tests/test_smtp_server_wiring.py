@@ -70,6 +70,18 @@ class SettingsTests(TestCase):
             with self.subTest(table=table):
                 with self.assertRaisesRegex(ConfigError, r"^\[smtp\] stress_"):
                     SMTPSettings.from_config(Config(sections={"smtp": table}))
+        # stress_min_data_rate: octets a second, a whole number; 0 turns it off
+        self.assertEqual(default.stress_min_data_rate, 500)
+        for value in (0, 2000):
+            settings = SMTPSettings.from_config(Config(sections={"smtp": {
+                "stress_min_data_rate": value}}))
+            self.assertEqual(settings.stress_min_data_rate, value)
+        for bad in (-1, 1.5, True, "500"):
+            with self.subTest(stress_min_data_rate=bad):
+                with self.assertRaisesRegex(ConfigError, r"stress_min_data_rate must be a "
+                                            r"positive number or 0"):
+                    SMTPSettings.from_config(Config(sections={"smtp": {
+                        "stress_min_data_rate": bad}}))
         # an idle_timeout under the default stress_idle_timeout is no error: stress keeps it
         # (StressTests.test_stress_never_lengthens_the_idle_timeout)
         SMTPSettings.from_config(Config(sections={"smtp": {"idle_timeout": 5}}))

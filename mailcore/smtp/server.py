@@ -125,6 +125,8 @@ STRESS_MIN_CONNECTIONS = 10
 # [smtp] keys that stand in, under stress, for the key beside them.
 _STRESS_KEYS = (("stress_idle_timeout", "idle_timeout"), ("stress_max_errors", "max_errors"),
                 ("stress_max_junk_commands", "max_junk_commands"))
+# [smtp] keys for which 0 means off.
+_ZERO_OK_KEYS = frozenset({"stress_min_data_rate"})
 _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -237,10 +239,18 @@ class SMTPSettings:
       under stress, as Postfix's `smtpd_timeout = ${stress?{10}:{300}}`,
       `smtpd_hard_error_limit = ${stress?{1}:{20}}` and `smtpd_junk_command_limit =
       ${stress?{1}:{100}}` (STRESS_README), the idle timeout then counted from the last
-      complete command line, DATA chunk ending a line or answer, as Postfix's
-      `smtpd_per_record_deadline = ${stress?{yes}:{no}}`: see `SMTPServerFactory`. Each
+      complete command line, DATA chunk ending a line (with `stress_min_data_rate` 0) or
+      answer, as Postfix's `smtpd_per_record_deadline = ${stress?{yes}:{no}}`: see
+      `SMTPServerFactory`. Each
       is at most the value it stands in for (a larger one configured is an error; the
       default is lowered to it). Setting all three to their usual values turns stress off.
+    - `stress_min_data_rate` (500 octets a second, as Postfix's `smtpd_min_data_rate`; 0
+      turns it off): under stress, inside DATA, the 10 s are a budget that runs down while
+      the client is silent and that each octet of the message it sends refills by
+      1/`stress_min_data_rate` s, never past `stress_idle_timeout` ahead (Postfix's
+      per-request deadline in DATA and BDAT): a sender slower than the rate on average, or
+      silent for `stress_idle_timeout`, is answered 421 4.4.2, however often its lines
+      come. Off, DATA's lines under stress count as records, as commands do.
     - `max_line_length` (1000): longest DATA line, CRLF included, a dot doubled for
       transparency not counted (RFC 5321 4.5.3.1.6).
     - `max_command_length` (512): longest command line, CRLF included (4.5.3.1.4).
@@ -273,6 +283,7 @@ class SMTPSettings:
     stress_idle_timeout: float = 10.0
     stress_max_errors: int = 1
     stress_max_junk_commands: int = 1
+    stress_min_data_rate: int = 500  # octets a second; 0: off
     max_line_length: int = 1000
     max_command_length: int = 512
     max_hops: int = DEFAULT_MAX_HOPS
@@ -296,8 +307,10 @@ class SMTPSettings:
             if f.name in ("hostname", "postmaster") or f.name not in section:
                 continue
             value = section[f.name]
-            if not is_positive_number(value, integer=f.type in ("int", int)):
-                raise ConfigError(f"[smtp] {f.name} must be a positive number")
+            zero_ok = f.name in _ZERO_OK_KEYS
+            if not is_positive_number(value, integer=f.type in ("int", int), zero_ok=zero_ok):
+                raise ConfigError(f"[smtp] {f.name} must be a positive number"
+                                  + (" or 0" if zero_ok else ""))
             values[f.name] = value
         for stress, usual in _STRESS_KEYS:
             # Stress only shortens: a longer timeout or a higher limit is a mistake.
@@ -488,6 +501,11 @@ class ESMTPServerProtocol(TwistedProtocol):
         # stress the idle timeout counts from it, not from the last octet.
         self._last_activity = 0.0
         self._last_record = 0.0
+        # Under stress in DATA, with a stress_min_data_rate: when the session times out
+        # unless more of the message comes, and how many of the message's octets
+        # (_data_len) have been counted towards it (see _data_deadline).
+        self._data_until = 0.0
+        self._metered = 0
         self._paused_at = 0.0
         self._session_end = 0.0  # max_session_time after the connection was admitted
         self._timer: IDelayedCall | None = None
@@ -814,12 +832,40 @@ class ESMTPServerProtocol(TwistedProtocol):
         factory's: shorter while the server is under stress, and then counted from the
         client's last complete record (a command line, or in DATA a chunk that ends a
         line) or our last answer, as Postfix's `smtpd_per_record_deadline` under stress:
-        octets that never end a line do not keep a session."""
+        octets that never end a line do not keep a session. Under stress in DATA, with a
+        `stress_min_data_rate`, the budget of `_data_deadline` stands in for the records:
+        the message's octets must come at that rate."""
         if self._paused:
             return self._paused_at + self.settings.command_timeout
         factory = self.factory
-        last = self._last_record if factory.stressed else self._last_activity
+        if not factory.stressed:
+            last = self._last_activity
+        elif self._in_data and self.settings.stress_min_data_rate:
+            return min(self._data_deadline(), self._session_end)
+        else:
+            last = self._last_record
         return min(last + factory.idle_timeout, self._session_end)
+
+    def _data_deadline(self) -> float:
+        """Under stress in DATA, Postfix's `smtpd_min_data_rate` (with its per-request
+        deadline): the idle timeout is a budget that runs down while the client is silent,
+        and that each message octet it sends adds 1/`stress_min_data_rate` s to, but never
+        past `idle_timeout` after its last read. A client that completes a line every 9 s
+        (a slowloris in DATA) gains a few milliseconds a line and is cut some 10 s after
+        its 354; one streaming its message faster than the rate is never cut.
+
+        The octets are counted here, when the session's timer looks (at most
+        `idle_timeout` apart), not at each read: the relay's DATA path does no more work
+        per chunk, under stress or not. So the credit of octets read between two looks is
+        capped at the later of their reads rather than at each one's own: a burst gains
+        as much as it would have, a little later; the average needed is the same."""
+        received = self._data_len
+        if received != self._metered:
+            credit = (received - self._metered) / self.settings.stress_min_data_rate
+            self._metered = received
+            self._data_until = min(self._data_until + credit,
+                                   self._last_activity + self.factory.idle_timeout)
+        return self._data_until
 
     def _arm_timer(self, now: float) -> None:
         """Schedule the one timer at the deadline, or sooner: at most the shorter of the two
@@ -856,7 +902,12 @@ class ESMTPServerProtocol(TwistedProtocol):
         """The factory's idle timeout was shortened (stress): move the session's timer to
         its new deadline, which may have passed (the session then ends on the reactor's
         next turn, not inside the caller). A session without a timer is ending, or is in
-        `_check_timeouts`, which arms the next one with the new timeout."""
+        `_check_timeouts`, which arms the next one with the new timeout. One in DATA
+        starts its budget (see `_data_deadline`) at its last read, with the octets it has
+        sent so far counted."""
+        if self._in_data:
+            self._data_until = self._last_activity + self.factory.idle_timeout
+            self._metered = self._data_len
         timer = self._timer
         if self._open and timer is not None and timer.active():
             timer.cancel()
@@ -1148,6 +1199,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._in_data = True
         self._body = bytearray()
         self._data_len = 0
+        self._data_until = self._last_record + self.factory.idle_timeout  # (our 354)
+        self._metered = 0
         self._tail = b"\r\n"  # DATA's own CRLF: a message may be just ".\r\n"
         self._overflow = False
         self._no_room = False
@@ -1394,16 +1447,20 @@ class SMTPServerFactory(ServerFactory):
     a `max_connections` below STRESS_MIN_CONNECTIONS, 10), every session, those open
     already included, has `stress_idle_timeout` (10 s) instead of
     `idle_timeout`, counted not from its last octet but from its last complete record (a
-    command line, or in DATA a chunk that ends a line) or our last answer, as Postfix's
-    `smtpd_per_record_deadline` under stress; and `stress_max_errors` and
-    `stress_max_junk_commands` (1 each) stand in for `max_errors` and
-    `max_junk_commands`: a slowloris holding its sessions with an octet every few seconds
-    or minutes is cut within seconds, a sender whose lines keep coming (in DATA too) is
-    not, and a message being committed is answered first (a command waiting on us has
-    `command_timeout`). Each change is logged once, and /metrics shows it,
-    `mailcore_smtp_stress`. The sessions read the three values from the factory
-    (`idle_timeout`, `max_errors`, `max_junk_commands`), so stress costs them nothing per
-    octet (an assignment per command line, and per DATA chunk that holds a line end).
+    command line, or in DATA with `stress_min_data_rate` 0 a chunk that ends a line) or
+    our last answer, as Postfix's `smtpd_per_record_deadline` under stress; in DATA,
+    instead, the message must come at
+    `stress_min_data_rate` (500 octets a second), as with Postfix's
+    `smtpd_min_data_rate`; and `stress_max_errors` and `stress_max_junk_commands` (1 each)
+    stand in for `max_errors` and `max_junk_commands`: a slowloris holding its sessions
+    with an octet every few seconds or minutes, or with a line every 9 s in DATA, is cut
+    within seconds, a sender whose commands and message keep coming is not, and a message
+    being committed is answered first (a command waiting on us has `command_timeout`).
+    Each change is logged once, and /metrics shows it, `mailcore_smtp_stress`. The
+    sessions read the three values from the factory (`idle_timeout`, `max_errors`,
+    `max_junk_commands`), so stress costs them nothing per octet (an assignment per
+    command line, and per DATA chunk that holds a line end; DATA's rate is counted when
+    a session's timer fires, not per chunk).
     """
 
     def __init__(
