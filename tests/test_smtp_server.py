@@ -1441,6 +1441,32 @@ class StressTests(ServerTestCase):
         self.assertEqual(octets.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
         self.assertEqual(lines.codes(b".\r\n"), ["250"])
 
+    def test_under_stress_recipients_over_the_limit_buy_no_time(self) -> None:
+        """RCPTs past max_recipients are answered 452 and, up to RECIPIENT_OVERSHOOT
+        (1,000) of them, count as no error: one every 9 s kept a session under stress for
+        9,000 s, past max_session_time. Under stress, after a transaction's first 452, they
+        no longer move the deadline; a sender pipelining its recipients is not affected."""
+        factory, crowd = self.stressed_factory(max_recipients=2)
+        s = crowd[0]
+        self.assertEqual(s.codes(b"MAIL FROM:<a@remote.test>\r\n"), ["250"])
+        for rcpt in (b"a", b"b", b"c", b"d"):
+            self.clock.advance(9)
+            self.assertFalse(s.closing)
+            self.assertEqual(s.codes(b"RCPT TO:<" + rcpt + b"@example.com>\r\n"),
+                             ["250"] if rcpt in (b"a", b"b") else ["452"])
+        self.clock.advance(0.9)  # 9.9 s after the first 452, 0.9 s after the second
+        self.assertFalse(s.closing)
+        self.clock.advance(0.1)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+        [pipelining] = self.crowd(factory, 1)
+        self.assertTrue(factory.stressed)
+        rcpts = b"".join(b"RCPT TO:<r%d@example.com>\r\n" % n for n in range(50))
+        self.assertEqual(pipelining.codes(b"EHLO a.example\r\nMAIL FROM:<a@remote.test>\r\n" + rcpts
+                                          + b"DATA\r\n"),
+                         ["250", "250", "250", "250"] + ["452"] * 48 + ["354"])
+        self.clock.advance(9)
+        self.assertEqual(pipelining.codes(b"x\r\n.\r\n"), ["250"])
+
     def test_under_stress_one_error_or_one_junk_command_ends_a_session(self) -> None:
         _, crowd = self.stressed_factory()
         self.assertEqual(crowd[0].send(b"MAIL FROM:<a@remote.test>\r\n"

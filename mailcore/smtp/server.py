@@ -227,7 +227,8 @@ class SMTPSettings:
       a recipient over `max_recipients` (452 4.5.3) counts as one once a message has had
       `RECIPIENT_OVERSHOOT` (1,000, as Postfix's `smtpd_recipient_overshoot_limit`) of them:
       a sender that pipelines all its recipients expects 452s for the rest and sends them in
-      another transaction.
+      another transaction. (Under stress those after the first 452 of a transaction do not
+      move `stress_idle_timeout`'s deadline: see `SMTPServerFactory`.)
     - `max_junk_commands` (100, Postfix's `smtpd_junk_command_limit`, which counts NOOP,
       VRFY, ETRN and RSET only): commands that change nothing (NOOP, RSET, VRFY, HELP,
       HELO and EHLO, a recipient given again) answered since the session began, its
@@ -476,6 +477,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._recipients: list[Recipient] = []
         self._seen: set[tuple[str, str]] = set()  # (local part, domain in lower case)
         self._overshoot = 0  # RCPTs of this transaction answered 452 (too many recipients)
+        self._overshoot_at = 0.0  # when its first one came (see do_RCPT)
         self._declared = 0  # the SIZE given at MAIL (0: none)
         # DATA: the octets received so far (one buffer: a client sending an octet per
         # segment would have us hold some 40 octets of list entry and bytes object per
@@ -1086,6 +1088,13 @@ class ESMTPServerProtocol(TwistedProtocol):
             # A sender that gives all its recipients at once (pipelining, as sendmail does)
             # expects 452s and sends the rest later: only far more than it may give is abuse.
             self._overshoot += 1
+            if self._overshoot == 1:
+                self._overshoot_at = self._last_record
+            elif self.factory.stressed:
+                # Under stress the 452s after the first buy no time (see _deadline): one
+                # every 9 s would keep the session for RECIPIENT_OVERSHOOT x 9 s, past
+                # max_session_time, while a pipelining sender's come all at once.
+                self._last_record = self._overshoot_at
             self._refuse("RCPT", 452, "4.5.3", "Error: too many recipients",
                          recipients=[str(mailbox)], error=self._overshoot > RECIPIENT_OVERSHOOT)
             return None
@@ -1448,7 +1457,8 @@ class SMTPServerFactory(ServerFactory):
     already included, has `stress_idle_timeout` (10 s) instead of
     `idle_timeout`, counted not from its last octet but from its last complete record (a
     command line, or in DATA with `stress_min_data_rate` 0 a chunk that ends a line) or
-    our last answer, as Postfix's `smtpd_per_record_deadline` under stress; in DATA,
+    our last answer, as Postfix's `smtpd_per_record_deadline` under stress (RCPTs
+    answered 452 for too many recipients, after the first, are no such record); in DATA,
     instead, the message must come at
     `stress_min_data_rate` (500 octets a second), as with Postfix's
     `smtpd_min_data_rate`; and `stress_max_errors` and `stress_max_junk_commands` (1 each)
