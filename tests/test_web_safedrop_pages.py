@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
+import hashlib
 import re
 from typing import Any
 
@@ -250,6 +251,43 @@ class PasswordAndDownloadTests(TestCase):
         status, _, page = await browser.get(self.ann)
         self.assertEqual(status, 410)
         self.assertIn(b"downloaded every file", page)
+
+    async def test_a_range_is_served_only_for_the_version_if_range_names(self) -> None:
+        """Each download carries the file's ETag (the SHA-256 of its bytes: a strong
+        validator, without which a browser restarts a broken download from the first
+        byte, under read_remove spending one more of its downloads). A Range whose
+        If-Range is that tag is served; one whose If-Range names anything else (another
+        tag, a weak one, a date: we give no Last-Modified) is for another version: the
+        file is served whole, 200, also where the range itself is unsatisfiable (RFC 9110
+        13.1.5), and counts as downloaded."""
+        browser = Browser(self.f)
+        await browser.post(self.ann, action="password", password="Open-Sesame-77")
+        _, _, page = await browser.get(self.ann)
+        first = re.findall(rb'action="' + self.ann.encode() + rb'/files/(\d+)"', page)[0]
+        path = f"{self.ann}/files/{first.decode()}"
+        tag = '"' + hashlib.sha256(b"0123456789").hexdigest() + '"'
+        status, headers, body = await browser.download(path, Range="bytes=0-3")
+        self.assertEqual((status, body, headers["etag"]), (206, b"0123", [tag]))
+        status, headers, body = await browser.download(path, Range="Bytes=4-5",
+                                                       **{"If-Range": tag})
+        self.assertEqual((status, body), (206, b"45"))
+        self.assertEqual(headers["content-range"], ["bytes 4-5/10"])
+        # A HEAD answers as a GET would, and counts nothing.
+        for other in ('"' + "0" * 64 + '"', "W/" + tag, "Mon, 07 Dec 2026 14:00:00 GMT"):
+            for wanted in ("bytes=6-", "bytes=10-"):
+                status, headers, _ = await browser._call(
+                    "HEAD", path, headers={"Range": wanted, "If-Range": other})
+                self.assertEqual(status, 200, (other, wanted))
+                self.assertEqual(headers["content-length"], ["10"])
+                self.assertNotIn("content-range", headers)
+                self.assertEqual(headers["etag"], [tag])
+        status, headers, body = await browser.download(
+            path, Range="bytes=6-", **{"If-Range": '"' + "0" * 64 + '"'})
+        self.assertEqual((status, body), (200, b"0123456789"))
+        self.assertNotIn("content-range", headers)
+        # Sent whole, it counts: under read_remove it does not start again.
+        status, _, _ = await browser.download(path)
+        self.assertEqual(status, 410)
 
     async def test_numbers_longer_than_python_converts_are_no_500(self) -> None:
         """A Range or a grant cookie with 5,000 digits (int() refuses more than 4,300): the
@@ -1174,6 +1212,9 @@ class HelperTests(TestCase):
         self.assertIs(byte_range(b"bytes=6-5", 10), False)
         self.assertIsNone(byte_range(b"bytes=0-1,3-4", 10))  # several: served whole
         self.assertIsNone(byte_range(b"items=0-1", 10))
+        # The range unit is case-insensitive (RFC 9110 14.1).
+        self.assertEqual(byte_range(b"Bytes=2-5", 10), (2, 5))
+        self.assertEqual(byte_range(b"BYTES=-3", 10), (7, 9))
         # Numbers longer than any offset are no range (int() of >4300 digits raised: a 500).
         self.assertIsNone(byte_range(b"bytes=" + b"9" * 5000 + b"-", 10))
         self.assertIsNone(byte_range(b"bytes=-" + b"9" * 5000, 10))

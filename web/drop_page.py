@@ -13,10 +13,12 @@ passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.
 Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
 file from disk in chunks read on a thread pool, with backpressure, as
 `application/octet-stream` with an RFC 6266 `filename*`, and honours a single byte Range
-(206, 416). A read_remove file self-destructs once downloaded, and link scanners (mail security
-gateways, chat previews) GET the addresses they see: so its download starts from a
-person's click only. The drop page has a button (a CSRF-checked POST to the file's
-address) per file; the POST sets a cookie for that file's address (`DOWNLOAD_COOKIE`,
+(206, 416), and If-Range against the file's ETag (the SHA-256 of its bytes: browsers
+resume a download only with a strong validator). A read_remove file self-destructs once
+downloaded, and link scanners (mail security gateways, chat previews) GET the addresses
+they see: so its download starts from a person's click only. The drop page has a button
+(a CSRF-checked POST to the file's address) per file; the POST sets a cookie for that
+file's address (`DOWNLOAD_COOKIE`,
 lasting mailcore.safedrop.access.DOWNLOAD_GRANT_SECONDS) and redirects (303) to it, and
 only a GET that carries the cookie downloads (and resumes). A GET without it downloads
 nothing and counts nothing: it is a page with the button (a Range without it, a browser
@@ -100,7 +102,7 @@ CHUNK = 64 * 1024
 MAX_COMMENT = 10_000
 # At most 19 digits a number (a 64-bit offset): longer is no range we serve, and int() of
 # more than 4300 digits raises.
-_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII | re.IGNORECASE)
 _MAX_RANGE_HEADER = 64
 SELF_DESTRUCTED = ("You have downloaded this file (or started all the downloads of it "
                    "allowed); it self-destructs and cannot be downloaded again.")
@@ -224,9 +226,32 @@ def byte_range(header: bytes | None, size: int) -> tuple[int, int] | bool | None
     return first, min(last, size - 1)
 
 
+def entity_tag(drop_file: DropFile) -> str:
+    """The file's strong entity tag (RFC 9110 8.8.3): the SHA-256 of its bytes, which never
+    change. A browser resumes a download that broke off only when its reply carried a strong
+    validator, and sends it back in If-Range; without one it starts again from the first
+    byte (under read_remove, one more of the downloads allowed)."""
+    return f'"{drop_file.sha256}"'
+
+
+def requested_range(request: IRequest, drop_file: DropFile) -> tuple[int, int] | bool | None:
+    """`byte_range` of the request's Range, unless an If-Range names another version of
+    the file: a tag other than ours, a weak one, or a date (we give no Last-Modified). Then
+    the Range is ignored and the file is served whole (RFC 9110 13.1.5: a client holding
+    the start of something else must not get the rest of this)."""
+    header = request.getHeader(b"range")
+    condition = request.getHeader(b"if-range")
+    if header is not None and condition is not None \
+            and condition.strip() != entity_tag(drop_file).encode("ascii"):
+        return None
+    return byte_range(header, drop_file.size)
+
+
 def file_reply(description: str) -> Reply:
     return Reply(description, {"type": "string", "format": "binary"},
-                 content_type="application/octet-stream")
+                 content_type="application/octet-stream",
+                 headers={"ETag": "The file's strong entity tag (the SHA-256 of its bytes), "
+                                  "for If-Range"})
 
 
 class DropPageApp(PageApp):
@@ -496,7 +521,7 @@ class DropPageApp(PageApp):
                 file=replace(drop_file, name=shown(drop_file.name)),
                 base=LINK_PATH + token, attempts=self.drops.settings.max_download_attempts)
         size = drop_file.size
-        wanted = byte_range(request.getHeader(b"range"), size)
+        wanted = requested_range(request, drop_file)
         if wanted is False:
             raise PageError(416, "Range not satisfiable", "The requested range is not "
                             "satisfiable.", headers={"Content-Range": f"bytes */{size}"})
@@ -620,6 +645,7 @@ class DropPageApp(PageApp):
         request.setHeader(b"Content-Disposition",
                           content_disposition(shown(drop_file.name)).encode("ascii"))
         request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"ETag", entity_tag(drop_file).encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Content-Security-Policy", b"default-src 'none'; sandbox")
