@@ -42,8 +42,12 @@ from web.drop_page import (
     byte_range,
     content_disposition,
 )
+from web.pages import SECURITY_HEADERS
 from web.ratelimit import RateLimiter
 
+# What every page and error page carries (web.pages.SECURITY_HEADERS).
+PAGE_HEADERS = {**SECURITY_HEADERS, "Content-Type": "text/html; charset=utf-8"}
+PAGE_HEADERS = {name.lower(): value for name, value in PAGE_HEADERS.items()}
 LINK = re.compile(r"https://localhost(/drop/[A-Za-z0-9_-]{43})")
 
 
@@ -307,6 +311,59 @@ class PasswordAndDownloadTests(TestCase):
         status, _, page = await Browser(self.f).get(f"{self.ann}/files/1")
         self.assertEqual(status, 403)
         self.assertNotIn(b"0123456789", page)
+
+    async def test_every_drop_page_and_error_page_carries_the_security_headers(
+            self) -> None:
+        """Each page of a link (a password prompt, the drop, the redirect after the
+        password) and each error page its routes answer (bad link, checks not passed,
+        unknown file, wrong method, bad or too large form, unsatisfiable range, refused
+        CSRF token) may not be framed, cached or leak its link in a Referer; a file is
+        served as bytes no browser runs or keeps."""
+        browser = Browser(self.f)
+        first = f"{self.ann}/files/1"
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        before = [
+            ("GET", self.ann, {}, None, 200),
+            ("GET", self.ann[:-3] + ("AAA" if not self.ann.endswith("AAA") else "BBB"), {},
+             None, 404),
+            ("GET", first, {}, None, 403),  # the password was not given in this browser
+            ("POST", self.ann, form, b"action=password&password=x", 403),  # no CSRF token
+        ]
+        after = [
+            ("GET", self.ann, {}, None, 200),
+            ("GET", f"{self.ann}/files/999", {}, None, 404),
+            ("GET", f"{self.ann}/files/x", {}, None, 404),
+            ("PUT", self.ann, {}, None, 405),
+            ("DELETE", first, {}, None, 405),
+            ("POST", self.ann, {"Content-Type": "application/json"}, b"{}", 400),
+            ("POST", self.ann, form, b"comment=" + b"x" * (70 * 1024), 413),
+        ]
+        for cases in (before, after):
+            for method, path, headers, data, status in cases:
+                got, reply, body = await browser._call(method, path, headers=headers,
+                                                       data=data, allow_redirects=False)
+                self.assertEqual(got, status, (method, path))
+                self.assertPageHeaders(reply, f"{method} {path}")
+                self.assertTrue(body.startswith(b"<!DOCTYPE html>"), (method, path))
+            if cases is before:
+                status, reply, _ = await browser.post(self.ann, action="password",
+                                                      password="Open-Sesame-77")
+                self.assertEqual(status, 303)
+                self.assertPageHeaders(reply, "the redirect after the password")
+        status, reply, _ = await browser.download(first, Range="bytes=10-")
+        self.assertEqual(status, 416)
+        self.assertPageHeaders(reply, "416")
+        status, reply, body = await browser.download(first, Range="bytes=0-1")
+        self.assertEqual((status, body), (206, b"01"))
+        for name, value in (("cache-control", "no-store"),
+                            ("x-content-type-options", "nosniff"),
+                            ("content-type", "application/octet-stream"),
+                            ("content-security-policy", "default-src 'none'; sandbox")):
+            self.assertEqual(reply.get(name), [value], name)
+
+    def assertPageHeaders(self, headers: dict[str, list[str]], what: str) -> None:
+        for name, value in PAGE_HEADERS.items():
+            self.assertEqual(headers.get(name), [value], f"{what}: {name}")
 
     async def test_password_guesses_are_throttled_per_link(self) -> None:
         browser = Browser(self.f)
