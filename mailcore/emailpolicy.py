@@ -22,7 +22,7 @@ from email.policy import EmailPolicy
 from functools import lru_cache
 from typing import Any, cast
 
-from mailcore.text import has_control
+from mailcore.text import has_bidi_control, has_control
 
 # What ends a line in a header field as a mail reader or SMTP server splits it (CR, LF), or
 # as the email package does when it folds (str.splitlines: VT, FF, FS-RS, NEL, U+2028-9), or
@@ -127,6 +127,17 @@ def header_breaks(name: str, value: str) -> bool:
         return True
     try:
         return has_control(str(SMTP.header_factory(name, value)))
+    except Exception:
+        return True
+
+
+def header_reorders(name: str, value: str) -> bool:
+    """Whether `value`, set as header field `name` of a message we build, holds a
+    bidirectional control (mailcore.text) once its RFC 2047 encoded words are decoded: a
+    mail reader would show the text after it reordered ("Pay <U+202E>fdp.exe" reads "Pay
+    exe.pdf"). A value `shown` holds none as it is written; one of its encoded words may."""
+    try:
+        return has_bidi_control(str(SMTP.header_factory(name, value)))
     except Exception:
         return True
 

@@ -840,6 +840,37 @@ class SendTests(TestCase):
             self.assertEqual(message.get_content_type(), "text/plain")
             self.assertIn(f"Subject: {subject}", message.get_content())
 
+    async def test_an_encoded_word_decoding_to_a_bidi_control_stays_out_of_the_subject(
+            self) -> None:
+        """A subject's bidirectional controls are taken (text the sender may write) and
+        shown without them, on the page and in the mails; but one inside an RFC 2047 word
+        reached the notification's Subject, which mail readers decode: "Pay
+        =?utf-8?q?=E2=80=AEfdp.exe?=" read "Pay exe.pdf" in the recipient's inbox (found
+        attacking the mails, session 46). Such a subject is left out of the Subject (the
+        text shows it as written); a word decoding to plain text stays, decoded."""
+        for subject, shown_as in (
+                ("Pay =?utf-8?q?=E2=80=AEfdp.exe?=", None),  # right-to-left override
+                ("Pay =?utf-8?b?" + base64.b64encode("\u2067fdp.exe".encode()).decode()
+                 + "?=", None),  # right-to-left isolate
+                ("=?utf-8?q?=E2=80=8F?= Pay", None),  # right-to-left mark
+                ("=?utf-8?q?caf=C3=A9?=", "caf\u00e9"),
+        ):
+            bundle_id = await self.ready_bundle("subject=" + quote(subject))
+            status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send")
+            self.assertEqual((status, body), (200, b"OK"), subject)
+            messages: list[Any] = [
+                email.message_from_bytes(raw, policy=email.policy.default)
+                for *_, raw in self.f.spooled()]
+            # This bundle's: the text shows the subject as written.
+            mine = [m for m in messages
+                    if f"Subject: {subject}" in m.get_content().splitlines()]
+            self.assertEqual(len(mine), 2, subject)
+            expected = "Secure drop from alice@example.test"
+            if shown_as is not None:
+                expected += ": " + shown_as
+            for message in mine:
+                self.assertEqual(message["Subject"], expected, subject)
+
     async def test_a_sender_address_spelling_an_encoded_word_is_left_out_of_the_fields(
             self) -> None:
         """The owner's account email, stored before such addresses were refused, spells an

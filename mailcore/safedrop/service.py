@@ -31,7 +31,13 @@ from sqlalchemy import Connection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailcore.emailpolicy import SMTP, header_as_written, header_breaks, to_field
+from mailcore.emailpolicy import (
+    SMTP,
+    header_as_written,
+    header_breaks,
+    header_reorders,
+    to_field,
+)
 from mailcore.fetch.secrets import SecretBox, SecretError
 from mailcore.files import secret_key_file
 from mailcore.identity.passwords import hash_password, verify_password
@@ -95,11 +101,15 @@ def new_link() -> tuple[str, bytes]:
 
 
 def subject_line(prefix: str, subject: str) -> str:
-    """The Subject of a safedrop mail: `prefix`, and the drop's subject after a colon unless
-    it would not stay one header field (its RFC 2047 encoded words decode to a line break or
-    control character; the mail's text shows it as written)."""
+    """The Subject of a safedrop mail: `prefix`, and the drop's subject (`shown`) after a
+    colon unless its RFC 2047 encoded words decode to what `shown` keeps out: a line break
+    or control character (it would not stay one header field) or a bidirectional control
+    (the subject, and a mail reader's text after it, would read otherwise). The mail's text
+    shows it as written."""
     line = f"{prefix}: {subject}" if subject else prefix
-    return prefix if header_breaks("Subject", line) else line
+    if header_breaks("Subject", line) or header_reorders("Subject", line):
+        return prefix
+    return line
 
 
 def rfc3339(value: datetime.datetime) -> str:
