@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from mailcore.identity.service import normalise_email
 from mailcore.safedrop.access import (
     CODE_FAILURES,
     CODE_LOCK_SECONDS,
@@ -27,7 +28,7 @@ from mailcore.safedrop.access import (
     PASSWORD_LOCK_SECONDS,
 )
 from mailcore.safedrop.service import SafedropSweeper, link_digest
-from mailcore.store.schema import drop_recipients
+from mailcore.store.schema import drop_recipients, users
 from mailcore.store.schema.safedrop import drop_download_attempts, drop_downloads
 from tests.support.pages import csrf_cookie, csrf_field
 from tests.support.pg import create_test_database
@@ -830,6 +831,54 @@ class BidiTests(TestCase):
         for m in (notice, receipt):
             self.assertNotIn("\u202e", m.as_string() + m["Subject"])
         self.assertNotIn("\u202e".encode(), page)
+
+
+    async def test_a_senders_address_is_shown_without_bidi_controls(self) -> None:
+        """A user may give their account an address holding a bidirectional control
+        (Protecmail's profile takes it: normalise_email refuses only controls), and the
+        drop's pages and mails showed it as it is: "<U+202E>" reordered the address and
+        the text after it on the password, code, drop and download pages, in the
+        notification's text and Subject and in the code's mail (found attacking the pages,
+        session 46). They show it without them; the notification has no Reply-To (a
+        reader would show it reordered) and a Subject without it."""
+        f = PageFixture()
+        await f.start(self)
+        spoof = "billing\u202egro.knab@example.test"
+        self.assertEqual(normalise_email(spoof), spoof)
+        await f.web.core.db.run("spoof", lambda c: c.execute(
+            sa.update(users).where(users.c.id == f.alice.id).values(email=spoof)))
+        [ann] = await f.sent_bundle(
+            "subject=Invoice&password=Open-Sesame-77&require_token_auth=1",
+            recipients=("ann%40example.org",), files=(("a.txt", b"A"),))
+        shown_as = "billinggro.knab@example.test"
+        [notice] = f.mails_to("ann@example.org")
+        self.assertEqual((notice["Subject"], notice["Reply-To"]), ("Secure drop: Invoice", None))
+        self.assertIn(f"{shown_as} has sent you a secure drop.", notice.get_content())
+        browser = Browser(f)
+        pages = [(await browser.get(ann))[2]]
+        status, _, _ = await browser.post(ann, action="password", password="Open-Sesame-77")
+        self.assertEqual(status, 303)
+        pages.append((await browser.get(ann))[2])  # the code's prompt
+        status, _, _ = await browser.post(ann, action="send_code")
+        self.assertEqual(status, 303)
+        [code_mail] = [m for m in f.mails_to("ann@example.org")
+                       if m["Subject"] == "Your safedrop code"]
+        self.assertIn(f"from {shown_as} is:", code_mail.get_content())
+        code = re.search(r"\b(\d{6})\b", code_mail.get_content()).group(1)  # type: ignore[union-attr]
+        status, _, _ = await browser.post(ann, action="code", code=code)
+        self.assertEqual(status, 303)
+        status, _, page = await browser.get(ann)
+        self.assertEqual(status, 200)
+        pages.append(page)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        status, _, page = await browser.get(f"{ann}/files/{fid.decode()}")  # its button
+        self.assertEqual(status, 200)
+        pages.append(page)
+        for page in pages:
+            self.assertIn(shown_as.encode(), page)
+            self.assertNotIn("\u202e".encode(), page)
+        for m in (notice, code_mail):
+            self.assertNotIn("\u202e", m.as_string())
 
 
 class ExpiryTests(TestCase):

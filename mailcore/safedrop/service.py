@@ -65,7 +65,7 @@ from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
 from mailcore.store.errands import Errand
-from mailcore.text import shown
+from mailcore.text import has_bidi_control, shown
 from mailcore.uploads import shielded
 from mailcore.workers import CpuPool
 
@@ -399,7 +399,7 @@ class SafedropService:
         """The mail that tells one recipient about a drop (no secret but its own link)."""
         expires = [d for d in (bundle.expiry_date, recipient.expires_at) if d is not None]
         lines = [
-            f"{sender} has sent you a secure drop.",
+            f"{shown(sender)} has sent you a secure drop.",
             "",
         ]
         subject = shown(bundle.subject)
@@ -426,8 +426,11 @@ class SafedropService:
         msg["From"] = self.settings.notify_from or f"safedrop@{self.hostname}"
         # The sender's address (its account's email) as written, or not at all: one stored
         # before such addresses were refused may spell an RFC 2047 word, which the email
-        # package decodes (to a line break it refuses: the send failed).
-        sent_by = header_as_written("Reply-To", sender)
+        # package decodes (to a line break it refuses: the send failed); and a user may
+        # give their account an address holding a bidirectional control (Protecmail's
+        # profile), which would have the recipient's mail reader show it, and the subject
+        # after it, reordered. The text shows it without them.
+        sent_by = header_as_written("Reply-To", sender) and not has_bidi_control(sender)
         if sent_by:
             msg["Reply-To"] = sender
         msg["To"] = to_field(recipient.email)
@@ -504,7 +507,8 @@ class SafedropService:
             except SmsError as e:
                 log.warn("safedrop code for recipient {recipient} goes by mail: {why}",
                          recipient=found.recipient.id, why=str(e))
-        body = (f"Your code to open the secure drop from {found.sender} is:\n\n    {code}\n\n"
+        body = (f"Your code to open the secure drop from {shown(found.sender)} is:\n\n"
+                f"    {code}\n\n"
                 f"It works once, until {rfc3339(expires)}.\n")
         await self._mail(found.recipient.email, "Your safedrop code", body)
         return True
