@@ -108,6 +108,20 @@ class UserTests(IdentityTestCase):
         user = await self.user("bob", email="a=?b@example.test")  # no word: as before
         self.assertEqual(user.email, "a=?b@example.test")
 
+    async def test_an_email_holding_a_bidi_control_is_refused(self) -> None:
+        # Found attacking safedrop's pages: a user's own profile edit (Protecmail) made
+        # "billing<U+202E>gro.knab@example.test", shown to a drop's recipients as the
+        # sender's address, read "billing" and the rest reversed.
+        bob = await self.user("bob", email="bob@example.test")
+        for email in ("billing\u202egro.knab@example.test", "a\u200fb@example.test",
+                      "ann@exa\u2067mple.test"):
+            await self.assertRefused("email", self.identity.create_user("eve", email))
+            await self.assertRefused("email", self.identity.update_profile(
+                bob.id, {"email": email}))
+        unchanged = await self.identity.get_user(bob.id)
+        assert unchanged is not None
+        self.assertEqual(unchanged.email, "bob@example.test")
+
     async def test_user_without_password(self) -> None:
         user = await self.user("nopw", password=None)
         self.assertIsNone(await self.identity.authenticate_password(user.username, ""))

@@ -33,7 +33,7 @@ from mailcore.identity import secrets as creds
 from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store import Database
 from mailcore.store.schema import credentials, oauth_codes, oauth_tokens, users
-from mailcore.text import has_control, has_surrogate, not_text
+from mailcore.text import has_bidi_control, has_control, has_surrogate, not_text
 from mailcore.workers import CpuPool
 
 log = Logger()
@@ -266,9 +266,11 @@ def normalise_email(email: str) -> str:
     """The address as stored: NFC, its domain in lower case and in A-labels when it is a
     valid host name, and its local part in lower case too when that is not ASCII (see
     `name_key`: such an address must be stored as it is compared). A local part spelling an
-    RFC 2047 encoded word is refused (`header_as_written`)."""
+    RFC 2047 encoded word is refused (`header_as_written`), and so is an address holding a
+    bidirectional control (mailcore.text: no address needs one, and safedrop's pages and
+    mails name the user to others, where it would read otherwise than it is)."""
     email = unicodedata.normalize("NFC", email.strip())
-    if not _EMAIL.match(email):
+    if not _EMAIL.match(email) or has_bidi_control(email):
         raise IdentityError("Enter a valid email address.", "email")
     local, _, domain = email.rpartition("@")
     if not local.isascii():
