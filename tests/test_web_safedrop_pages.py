@@ -909,6 +909,43 @@ class ExpiryTests(TestCase):
         self.assertEqual(status, 410)
 
 
+    async def test_a_download_under_way_when_the_sweep_deletes_the_files_ends_whole(
+            self) -> None:
+        """The drop expires while a download is streaming, and the sweep deletes its files
+        meanwhile: the download was sent from the file it opened, which keeps its bytes
+        until it is closed, so it ends with every byte its headers promised (not cut short
+        under a Content-Length it cannot meet), and nothing starts after."""
+        f = PageFixture()
+        await f.start(self)
+        data = bytes(range(256)) * (3 * CHUNK // 256)
+        [ann] = await f.sent_bundle(
+            "subject=Soon&expiry_date=2023-11-14T23%3A13%3A20Z",
+            recipients=("ann%40example.org",), files=(("report.pdf", data),))
+        _, _, page = await Browser(f).get(ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        drops = f.web.core.safedrop
+        run = drops.io.run
+        held = hold_reads(drops)
+        wire = Wire.open(f.web)
+        self.addCleanup(wire.close)
+        wire.send(granted_get(f, ann, fid))
+        held.pop(0).callback(None)  # the first chunk goes out; the next read waits
+        f.web.clock.advance(3600)
+        drops.io.run = run  # type: ignore[method-assign]
+        self.assertEqual(await drops.sweep(), 1)
+        self.assertEqual(f.stored_files(), [])
+        while held:
+            held.pop(0).callback(None)
+        head, _, body = wire.transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"200 OK", head.split(b"\r\n")[0])
+        self.assertEqual(body, data)
+        self.assertFalse(wire.transport.disconnecting)
+        status, _, page = await Browser(f).get(ann)
+        self.assertEqual(status, 410)
+        status, _, _ = await Browser(f).get(f"{ann}/files/{fid.decode()}")
+        self.assertEqual(status, 410)
+
+
 class DeadLinksTests(TestCase):
     """A sent bundle whose every recipient's link has ended (its own `valid_for` ran out,
     or under read_remove it has every file) serves nothing ever again (recipients cannot
