@@ -18,8 +18,8 @@ resume a download only with a strong validator). A read_remove file self-destruc
 downloaded, and link scanners (mail security gateways, chat previews) GET the addresses
 they see: so its download starts from a person's click only. The drop page has a button
 (a CSRF-checked POST to the file's address) per file; the POST sets a cookie for that
-file's address (`DOWNLOAD_COOKIE`,
-lasting mailcore.safedrop.access.DOWNLOAD_GRANT_SECONDS) and redirects (303) to it, and
+file's address (`DOWNLOAD_COOKIE`, lasting mailcore.safedrop.access.DOWNLOAD_GRANT_SECONDS)
+and redirects (303) to it, and
 only a GET that carries the cookie downloads (and resumes). A GET without it downloads
 nothing and counts nothing: it is a page with the button (a Range without it, a browser
 resuming after the cookie ran out, is a 403 page). A file counts as downloaded (receipts,
