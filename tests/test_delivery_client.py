@@ -83,6 +83,20 @@ class ReplyParsingTests(ClientTestBase):
         self.failureResultOf(d, SMTPClientError)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_a_code_of_digits_other_than_ascii_is_malformed(self) -> None:
+        """A reply code is three ASCII digits. Superscript ones passed str.isdigit and
+        raised out of dataReceived (int() refuses them); Arabic-Indic or fullwidth ones read
+        as 250."""
+        for code in ("\u00b250", "\u0662\u0665\u0660", "\uff12\uff15\uff10"):
+            with self.subTest(code=code):
+                self.setUp()
+                self.handshake()
+                d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+                self.server(f"{code} 2.1.0 ok\r\n".encode())
+                error = self.failureResultOf(d, SMTPClientError).value
+                self.assertIn("malformed reply", str(error))
+                self.assertTrue(self.transport.disconnecting)
+
     def test_parse_extensions_skips_the_greeting_line(self) -> None:
         reply = Reply(250, ("host says hi", "pipelining", "SIZE 10"))
         self.assertEqual(parse_extensions(reply), {"PIPELINING": "", "SIZE": "10"})

@@ -241,7 +241,9 @@ class SMTPClientProtocol(LineReceiver):
         if self.tls_started:
             self._lines_after_tls = True
         text = line.decode("utf-8", "replace")
-        if len(text) < 3 or not text[:3].isdigit():
+        if len(line) < 3 or not line[:3].isdigit():
+            # (bytes.isdigit is ASCII's 0-9 only: str.isdigit let "²50" through to an
+            # int() that raised out of dataReceived, and read "٢٥٠" as 250)
             self._fail_all(SMTPClientError(f"malformed reply: {text[:80]!r}"))
             self.abort()
             return
@@ -255,7 +257,7 @@ class SMTPClientProtocol(LineReceiver):
         self._lines.append(text[4:])
         if len(text) > 3 and text[3] == "-":
             return  # the reply's deadline stands: more lines do not extend it
-        reply = Reply(int(text[:3]), tuple(self._lines))
+        reply = Reply(int(line[:3]), tuple(self._lines))
         self._lines = []
         self._reply_bytes = 0
         w = self._waiting[0]
