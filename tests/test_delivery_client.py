@@ -702,6 +702,41 @@ class PacedBodyTests(ClientTestBase):
         self.server(b"250 queued\r\n")
         self.assertEqual(self.successResultOf(d).data, Reply(250, ("queued",)))
 
+    def test_a_success_before_the_end_of_the_data_stops_the_stream_and_defers(self) -> None:
+        """Between chunks the reactor reads: a 250 read then is no answer to an end the hop
+        has not seen. Before, it counted as the message's acceptance and the rest of the
+        stream (1.3 MB here) went on to the hop, which read it as commands."""
+        body = b"".join(b"line %07d of the message\r\n" % i for i in range(60_000))
+        d = self.start(body)
+        first = self.sent()
+        self.assertLess(len(first), len(body))
+        self.server(b"250 2.0.0 queued as 1234\r\n")
+        for _ in range(len(body) // TURN_BYTES + 1):
+            self.clock.advance(0)
+        self.assertEqual(self.sent(), b"")
+        reply = self.successResultOf(d).for_recipient(0)
+        self.assertFalse(reply.ok)
+        self.assertTrue(reply.temporary)
+        self.assertEqual(str(reply), "4.5.0 protocol error: 250 before the end of the data")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.session.usable)
+
+    def test_a_refusal_before_the_end_of_the_data_stands_and_stops_the_stream(self) -> None:
+        self.transport = _PausingTransport()
+        self.proto = SMTPClientProtocol(self.clock, timeout=30)
+        self.proto.makeConnection(self.transport)
+        self.session = SMTPSession(self.proto, helo_name="mx.test", data_timeout=60)
+        d = self.start((b"x" * 70 + b"\r\n") * (4 * WRITE_CHUNK // 72))
+        self.sent()
+        self.server(b"552 5.3.4 message too big\r\n")
+        producer = self.transport.producer
+        assert producer is not None
+        producer.resumeProducing()
+        self.assertEqual(self.sent(), b"")
+        reply = self.successResultOf(d).for_recipient(0)
+        self.assertEqual((reply.code, reply.permanent), (552, True))
+        self.assertTrue(self.transport.disconnecting)
+
     def test_the_stream_waits_while_the_transport_is_paused(self) -> None:
         self.transport = _PausingTransport()
         self.proto = SMTPClientProtocol(self.clock, timeout=30)

@@ -11,7 +11,9 @@ with: a success (MAIL 250, RCPT 250 or 251, DATA 354, the end of the data 2yz), 
 (4yz temporary, 5yz permanent), or anything else, which is the next hop breaking the
 protocol (a 250 to DATA: no body went out; a 354 to RCPT or after the body): that is a
 temporary failure of ours (`protocol_error`, "4.5.0 protocol error: …") and the session is
-dropped, as no later reply on it can be trusted.
+dropped, as no later reply on it can be trusted. A reply that comes while our DATA stream is
+still being written (the reactor reads between its chunks) stops the stream and drops the
+session: a refusal stands, a success is such a protocol error (`early_reply`).
 
 Usage: connect with `client_factory(...)` and make an `SMTPSession` of the protocol (as
 `mailcore.queue.connector` does); `handshake()` reads the greeting and says EHLO,
@@ -131,6 +133,16 @@ def protocol_error_reply(code: int, command: str) -> Reply:
     """Our temporary failure for a reply `command` does not allow (the peer's text is not
     quoted: `code` is three digits, `command` our own word)."""
     return Reply(451, (f"4.5.0 protocol error: {code} in reply to {command}",),
+                 protocol_error=True)
+
+
+def early_reply(reply: Reply) -> Reply:
+    """The outcome of a reply that came before the end of our DATA stream: a refusal
+    stands (a 552 or 421 cutting a message short is one); anything else is a protocol
+    error, as nothing can have accepted a message not all sent yet."""
+    if 400 <= reply.code < 600:
+        return reply
+    return Reply(451, (f"4.5.0 protocol error: {reply.code} before the end of the data",),
                  protocol_error=True)
 
 
@@ -549,7 +561,13 @@ class SMTPSession:
             result.data = Reply(503, ("5.5.1 no valid recipients",))
             return result
         wait = p.expect(self.data_timeout)
-        await write_paced(p, body)
+        if not await write_paced(p, body, wait) and wait.called:
+            # The next hop answered before our data ended: what it read as the end was not
+            # ours, and the rest of our data would be commands to it. The stream is stopped
+            # and the session dropped; a success there is no acceptance of our message.
+            result.data = early_reply(await wait)
+            self.abort()
+            return result
         final = judge(await wait, END_OK, "the end of the data")
         if final.protocol_error:
             return self._broken(result, final)
@@ -637,11 +655,18 @@ def data_stream(body: bytes) -> Iterator[bytes]:
     yield stuffer.finish()
 
 
-async def write_paced(protocol: SMTPClientProtocol, body: bytes) -> None:
+async def write_paced(protocol: SMTPClientProtocol, body: bytes,
+                      answered: defer.Deferred[Reply] | None = None) -> bool:
     """Write `body`'s DATA stream a chunk at a time, each when the transport has room for
     it (the stream's producer, a `mailcore.pacing.Pacer`). Written at once, a 53 MB
     message held the reactor for 300-480 ms (dot-stuffing it and handing it to the
-    transport, which then held a stuffed copy of it besides)."""
+    transport, which then held a stuffed copy of it besides).
+
+    Whether the whole stream was written: it stops when the connection goes, or when
+    `answered` (the wait for the reply to the end of the data) has fired before the end
+    was written. Between chunks the reactor reads, and a next hop's reply read then
+    counted as its answer to an end it had not seen, while the rest of the stream went
+    on to it as commands."""
     transport = protocol.transport
     pacer = Pacer()
     transport.registerProducer(pacer, True)  # type: ignore[union-attr]
@@ -653,10 +678,11 @@ async def write_paced(protocol: SMTPClientProtocol, body: bytes) -> None:
                 since_turn = 0
                 await deferLater(protocol.clock, 0)
             await pacer.ready()
-            if pacer.stopped or protocol.closing:
-                return
+            if pacer.stopped or protocol.closing or (answered is not None and answered.called):
+                return False
             protocol.write_raw(out)
             since_turn += len(out)
+        return True
     finally:
         transport.unregisterProducer()  # type: ignore[union-attr]
 
