@@ -182,6 +182,31 @@ class VerifiedTLSTests(TestCase):
         self.assertIn(b"STARTTLS", state.commands)
         await self.wait_state(db, "delivered")
 
+    async def test_an_ehlo_reply_injected_before_the_handshake_is_not_read_after_it(
+        self,
+    ) -> None:
+        """The CVE-2011-0411 class on our side: cleartext sent behind the 220 to STARTTLS,
+        in the same write, must not be read as the reply to the EHLO we say over TLS (it
+        would offer AUTH and drop PIPELINING, and the real reply would then answer MAIL:
+        the message deferred as a protocol error, or worse)."""
+        _q, db, state = await self.setup(require_tls=False, trusted=True,
+                                         policy="verify-if-offered", starttls="inject")
+        await self.wait_state(db, "delivered")
+        self.assertEqual(state.commands[:3], [b"EHLO mx.test", b"STARTTLS", b"EHLO mx.test"])
+        self.assertTrue(state.commands[3].startswith(b"MAIL FROM:<a@x.test>"))
+
+    async def test_verify_if_offered_refused_starttls_sends_nothing_in_clear(self) -> None:
+        """A hop (or a man in the middle) that offers STARTTLS and then answers it 454 gets
+        no MAIL in cleartext under verify-if-offered: the mail is deferred (4.7.5)."""
+        _q, db, state = await self.setup(require_tls=False, trusted=True,
+                                         policy="verify-if-offered", starttls="refuse")
+        await self.wait_state(db, "deferred")
+        self.assertEqual(state.messages, [])
+        self.assertNotIn(b"MAIL", b" ".join(state.commands))
+        error = await db.read("e", lambda c: c.execute(
+            select(queue_recipients.c.last_error)).scalar_one())
+        self.assertIn("4.7.5 TLS was offered and failed", error)
+
     async def test_a_certificate_with_a_malformed_name_is_refused(self) -> None:
         """Twisted's handshake check only logs a CertificateError (not a VerificationError)
         and lets the connection go on; our own check after the handshake refuses it."""

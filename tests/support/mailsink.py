@@ -95,7 +95,9 @@ class SinkState:
     messages: list[Received] = field(default_factory=list)
     rcpt_reply: Callable[[str], bytes | None] = lambda _addr: None
     data_reply: Callable[[Received], bytes | None] = lambda _msg: None
-    starttls: str | None = None  # None: not offered; "ok" | "refuse" | "broken"
+    # None: not offered; "ok" | "refuse" | "broken" | "inject" (an EHLO reply of its own
+    # sent in clear right behind the 220, in the same write, before the handshake)
+    starttls: str | None = None
     tls_context: Any = None
     pipelining: bool = True
     eight_bit: bool = True  # offer 8BITMIME
@@ -171,7 +173,9 @@ class SinkProtocol(LineReceiver):
                 self.transport.write(b"this is not a TLS record\r\n" * 4)  # type: ignore[union-attr]
                 self.transport.loseConnection()  # type: ignore[union-attr]
             else:
-                self.sendLine(b"220 2.0.0 Ready to start TLS")
+                injected = b"250-sink.test\r\n250 AUTH PLAIN\r\n" if mode == "inject" else b""
+                self.transport.write(  # type: ignore[union-attr]
+                    b"220 2.0.0 Ready to start TLS\r\n" + injected)
                 self.clearLineBuffer()
                 self._tls = True
                 self.transport.startTLS(self.state.tls_context)  # type: ignore[union-attr]
