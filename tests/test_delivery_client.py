@@ -296,6 +296,24 @@ class FailureTests(ClientTestBase):
         self.failureResultOf(d, ReplyTimeout)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_a_command_after_a_data_phase_times_out_on_its_own_timeout(self) -> None:
+        """The reply timer is one lazy DelayedCall: once moved to the data phase's deadline
+        (it fired during the phase), it went on to time the next command too, which then
+        waited until that deadline (t=89 here) instead of its own 30 s (t=61)."""
+        self.handshake()
+        first = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))
+        self.clock.advance(29)
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.clock.advance(2)  # (the call set for the group fires, and waits for the data's)
+        self.server(b"250 queued\r\n")
+        self.successResultOf(first)
+        self.sent()
+        second = defer.Deferred.fromCoroutine(self.session.send("a@x", ["d@c"], b"y\r\n"))
+        self.clock.advance(29.9)
+        self.assertNoResult(second)
+        self.clock.advance(0.1)
+        self.failureResultOf(second, ReplyTimeout)
+
     def test_data_gets_the_longer_timeout(self) -> None:
         self.handshake()
         d = defer.Deferred.fromCoroutine(self.session.send("a@x", ["b@c"], b"x\r\n"))

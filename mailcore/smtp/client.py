@@ -376,7 +376,8 @@ class SMTPClientProtocol(LineReceiver):
 
         One DelayedCall per connection, moved lazily: arming only records a deadline, and
         the call re-schedules itself when it fires early (a reply per command would
-        otherwise cost a callLater and a cancel each).
+        otherwise cost a callLater and a cancel each). A deadline earlier than the call
+        (a command's after the data phase's longer wait) moves the call back to it.
         """
         if not self._waiting:
             return
@@ -384,6 +385,9 @@ class SMTPClientProtocol(LineReceiver):
         self._deadline = self.clock.seconds() + seconds
         if self._timer is None:
             self._timer = self.clock.callLater(seconds, self._check_deadline)
+        elif self._timer.getTime() > self._deadline:
+            # Set for a longer wait (the data phase's): a shorter one must not wait for it.
+            self._timer.reset(seconds)
 
     def _check_deadline(self) -> None:
         self._timer = None
