@@ -16,6 +16,7 @@ from mailcore.smtp.client import (
     CLOSE_GRACE,
     MAX_REPLY_BYTES,
     MAX_REPLY_LINES,
+    QUIT_TIMEOUT,
     TURN_BYTES,
     WRITE_CHUNK,
     ConnectionLostError,
@@ -684,6 +685,21 @@ class CloseTests(ClientTestBase):
         self.clock.advance(1)
         self.assertEqual(aborted, [True])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_next_hop_that_never_answers_quit_is_dropped_after_quit_timeout(self) -> None:
+        """Not after command_timeout (30 s here, 300 by default): the connection's slots are
+        free QUIT_TIMEOUT after its last message whatever the hop does."""
+        aborted: list[bool] = []
+        self.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        self.handshake()
+        d = defer.Deferred.fromCoroutine(self.session.quit())
+        self.assertEqual(self.sent(), b"QUIT\r\n")
+        self.clock.advance(QUIT_TIMEOUT - 1)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.successResultOf(d)
+        self.assertEqual(aborted, [True])
+        self.assertFalse(self.session.usable)
 
     def test_a_connection_that_closes_leaves_no_timer(self) -> None:
         aborted = self.quit()

@@ -18,7 +18,8 @@ max_connections = 100        # connections to next hops open or opening, all hop
 messages_per_connection = 100  # messages sent over one connection before it QUITs
 connection_idle = 2.0        # an idle connection to a next hop is kept this long (0: not)
 connect_timeout = 30.0       # to connect to a next hop
-command_timeout = 300.0      # for each other reply of a next hop (its greeting too)
+command_timeout = 300.0      # for each other reply of a next hop (its greeting too; the
+                             # reply to QUIT is awaited 10 s at most)
 data_timeout = 600.0         # to send a message's data and read the reply to its end
 dead_hop_seconds = 60.0      # a hop that cannot be reached is not tried again for this long
                              # (at most min_backoff)

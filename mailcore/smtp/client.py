@@ -54,6 +54,9 @@ MAX_REPLY_BYTES = 65536
 # close_notify, which Twisted's TLS waits for before closing the socket) before the
 # connection is dropped.
 CLOSE_GRACE = 10.0
+# How long the reply to QUIT is awaited (a message's work is done by then: the connection
+# holds its slots only to be polite), not command_timeout.
+QUIT_TIMEOUT = 10.0
 
 
 class SMTPClientError(Exception):
@@ -594,11 +597,16 @@ class SMTPSession:
         return await wait
 
     async def quit(self) -> None:
-        """Say QUIT and close, whatever the server answers."""
+        """Say QUIT and close, whatever the server answers or within QUIT_TIMEOUT if it
+        answers nothing. Its reply was awaited for command_timeout (300 s): a next hop that
+        answered all else and not QUIT kept each connection's slots (`max_connections`, its
+        `hop_concurrency`) five minutes after its last message, so a few such hops (a
+        customer's redirect may be one) held them all. Postfix does not await it at all
+        (smtp_skip_quit_response)."""
         if self.protocol.closing:
             return
         try:
-            wait = self.protocol.expect()
+            wait = self.protocol.expect(min(QUIT_TIMEOUT, self.protocol.timeout))
             self.protocol.write_lines(b"QUIT")
             await wait
         except SMTPClientError:
