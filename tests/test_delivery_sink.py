@@ -279,6 +279,28 @@ class ByteExactTests(QueueOnReactor):
         await self.wait_until(delivered, seconds=5)
         self.assertGreaterEqual(q.metrics.deferred._value.get(), 1)
 
+    async def test_a_250_before_the_end_of_the_data_is_no_delivery(self) -> None:
+        """A hop that answers 250 after the first line of a 2 MB message's data and reads
+        the rest as commands: the message is deferred as a protocol error, not recorded as
+        delivered, and the session is dropped (before, the 250 was the delivery and every
+        line of the body went on to the hop as a command)."""
+        state = SinkState(early_reply=b"250 2.0.0 Ok: queued early")
+        port = self.listen_sink(state)
+        q, db, domain = await self.start_queue(port)
+        body = b"Subject: big\r\n\r\n" + b"".join(b"MAIL FROM:<x%07d@evil.test>\r\n" % i
+                                                   for i in range(70_000))
+        await self.accept(q, domain, "Q1", body)
+
+        async def deferred() -> bool:
+            return (await self.states(db)).get("Q1") == "deferred"
+
+        await self.wait_until(deferred)
+        error = await db.read("e", lambda c: c.execute(
+            select(queue_recipients.c.last_error)).scalar_one())
+        self.assertEqual(error, "4.5.0 protocol error: 250 before the end of the data")
+        self.assertEqual(state.messages, [])
+        self.assertLess(len(state.commands), 70_000)
+
     async def test_permanent_refusal_gives_one_well_formed_dsn(self) -> None:
         state = SinkState()
         state.rcpt_reply = lambda a: b"550 5.1.1 no such user" if a.startswith("x") else None

@@ -101,6 +101,10 @@ class SinkState:
     tls_context: Any = None
     pipelining: bool = True
     eight_bit: bool = True  # offer 8BITMIME
+    # Sent at the first line of a message's data instead of reading on to its end: the data
+    # mode ends there, and the rest is read as commands (a hop that took something for the
+    # end of the data, or lies).
+    early_reply: bytes | None = None
     connections: int = 0
     commands: list[bytes] = field(default_factory=list)
     arrived: list[defer.Deferred[None]] = field(default_factory=list)
@@ -132,6 +136,11 @@ class SinkProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         if self._in_data:
+            if self.state.early_reply is not None:
+                self._in_data = False
+                self._reset()
+                self.sendLine(self.state.early_reply)
+                return
             if line == b".":
                 self._in_data = False
                 data = b"".join(self._data)
