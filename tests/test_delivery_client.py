@@ -686,6 +686,15 @@ class CloseTests(ClientTestBase):
         self.assertEqual(aborted, [True])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_input_after_quit_is_not_kept(self) -> None:
+        """A closing connection still reads (over TLS, until the hop's close_notify, up to
+        CLOSE_GRACE); LineReceiver stops after one line of a read once the transport is
+        disconnecting, and kept the rest: 300 KB here, whatever the hop sent in all."""
+        self.quit()
+        for _ in range(5):
+            self.server(b"x\r\n" * 20_000)
+        self.assertEqual(self.proto.clearLineBuffer(), b"")
+
     def test_a_next_hop_that_never_answers_quit_is_dropped_after_quit_timeout(self) -> None:
         """Not after command_timeout (30 s here, 300 by default): the connection's slots are
         free QUIT_TIMEOUT after its last message whatever the hop does."""
@@ -814,3 +823,4 @@ class _PausingTransport(StringTransport):
         super().write(data)
         if self.producer is not None and len(self.value()) >= WRITE_CHUNK // 2:
             self.producer.pauseProducing()
+

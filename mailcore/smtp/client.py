@@ -249,9 +249,15 @@ class SMTPClientProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if not self._waiting:
             # Unsolicited (a 421 before closing, or a peer out of step): dropped with the
-            # connection, whose next command could only be answered by this.
+            # connection, whose next command could only be answered by this. On one we
+            # are closing, the rest of the input is dropped: over TLS reads go on until
+            # the hop's close_notify (up to CLOSE_GRACE), and LineReceiver, which stops
+            # after a line once the transport is disconnecting, kept all but one line of
+            # each read in its buffer (what a hop sent after QUIT piled up in memory).
             if not self.closing:
                 self.abort()
+            else:
+                self.clearLineBuffer()
             return
         if self.tls_started:
             self._lines_after_tls = True
