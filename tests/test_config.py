@@ -386,7 +386,8 @@ class TableTests(SynchronousTestCase):
                          "[fetch] tick must be a positive number")
 
     def test_safedrop_max_recipients_and_max_files_are_bounded_whole_numbers(self) -> None:
-        for key in ("max_recipients", "max_files", "max_concurrent_uploads"):
+        for key in ("max_recipients", "max_files", "max_concurrent_uploads",
+                    "max_bundles_per_user"):
             for value in (0, -1, 100_001, 2.5, True, "100"):
                 self.assertEqual(self.error({"safedrop": {key: value}}),
                                  f"[safedrop] {key} must be a whole number from 1 to 100000",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import email
 import email.policy
 import hashlib
@@ -271,6 +272,36 @@ class BundleFieldTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.f = SafedropFixture()
         await self.f.start(self)
+
+    async def test_a_user_has_at_most_max_bundles_per_user(self) -> None:
+        """An empty bundle costs no bytes of max_user_size and the seed has no DELETE, so
+        a script (or a stolen key) could make them without end: [safedrop]
+        max_bundles_per_user bounds those not yet removed; one more is the seed's 400,
+        nothing stored, and a removed one frees its place."""
+        safedrop = self.f.web.core.safedrop
+        self.assertEqual(safedrop.settings.max_bundles_per_user, 10_000)
+        safedrop.settings = dataclasses.replace(safedrop.settings, max_bundles_per_user=2)
+        first = await self.f.bundle()
+        await self.f.bundle()
+        status, reply = await self.f.form("POST", "/dropbundles", "subject=three")
+        self.assertEqual(status, 400, reply)
+        self.assertEqual(reply, {"error":
+                         "A user may have at most 2 drops not yet removed; a drop is removed "
+                         "when it expires, or deleted when it is never sent."})
+        self.assertEqual([r.subject for r in self.f.bundle_rows()], ["x", "x"])
+        # Another user's count is their own.
+        bob = await self.f.web.user("bob")
+        bob_token = await self.f.login("bob@example.test", await self.f.web.credential(bob))
+        status, _ = await self.f.form("POST", "/dropbundles", "subject=bob", token=bob_token)
+        self.assertEqual(status, 200)
+
+        def remove(conn: Any) -> None:
+            conn.execute(sa.update(drop_bundles).where(drop_bundles.c.id == first)
+                         .values(removed_at=datetime.datetime.now(datetime.UTC)))
+
+        await self.f.web.core.db.run("remove", remove)
+        status, reply = await self.f.form("POST", "/dropbundles", "subject=three")
+        self.assertEqual(status, 200, reply)
 
     async def test_every_field_in_form_multipart_and_json_reads_back_the_same(self) -> None:
         form = ("subject=S&message=M&secure_message=hush&expiry_date=2031-04-01T12%3A00%3A00"

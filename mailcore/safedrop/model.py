@@ -177,6 +177,7 @@ class SafedropSettings:
     max_user_size = 53687091200   # bytes of all files a user keeps, all bundles (50 GiB)
     max_recipients = 100          # recipients of one bundle (its send queues one mail each)
     max_files = 1000              # files of one bundle (each mail of its send lists them all)
+    max_bundles_per_user = 10000  # bundles one user has, not yet removed; 400 beyond
     max_concurrent_uploads = 4    # uploads one user has under way at once (per node); 429 beyond
     max_download_attempts = 3     # downloads of a read_remove file a recipient may start
     ```
@@ -192,6 +193,7 @@ class SafedropSettings:
     max_user_size: int = 50 * GIB
     max_recipients: int = 100
     max_files: int = 1000
+    max_bundles_per_user: int = 10_000
     max_concurrent_uploads: int = 4
     max_download_attempts: int = 3
 
@@ -212,7 +214,7 @@ class SafedropSettings:
                     raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
                 values[key] = float(v)
         for key in ("max_recipients", "max_files", "max_concurrent_uploads",
-                    "max_download_attempts"):
+                    "max_download_attempts", "max_bundles_per_user"):
             if key in section:
                 v = section[key]
                 if not is_positive_number(v, integer=True) or v > 100_000:

@@ -196,7 +196,7 @@ class SafedropService:
     async def create_bundle(self, owner_id: int, changes: Mapping[str, Any]) -> Bundle:
         values = {**BUNDLE_DEFAULTS, **await self._stored(changes), "created_at": self.now()}
         return await self.db.run("safedrop_create_bundle", store.create_bundle_txn, owner_id,
-                                 values)
+                                 values, self.settings.max_bundles_per_user)
 
     async def update_bundle(
         self, owner_id: int, bundle_id: int, changes: Mapping[str, Any]
