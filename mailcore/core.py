@@ -232,6 +232,7 @@ class Core:
             max_attachment_bytes=self.mailapi_settings.max_attachment_bytes,
             max_message_bytes=self.mailapi_settings.max_message_bytes,
             quota_bytes=self.mailapi_settings.mailbox_quota_bytes,
+            max_drafts=self.mailapi_settings.max_drafts_per_mailbox,
             ride=self.spool.ride if self.spool.takes_riders else None,
             caps=self.send_caps,
         )

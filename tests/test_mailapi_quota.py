@@ -189,6 +189,40 @@ class QuotaApiTests(MailApiTestCase):
         self.assertEqual(await self.used(), await self.sizes())
 
 
+class DraftCapTests(MailApiTestCase):
+    """`[mailapi] max_drafts_per_mailbox`: an empty draft takes no byte of the quota, so a
+    client could add them without end; a mailbox holds at most that many drafts."""
+
+    config = Config(sections={"fetch": {"allow_loopback": True},
+                              "mailapi": {"max_drafts_per_mailbox": 2}})
+
+    def test_the_setting(self) -> None:
+        self.assertEqual(MailApiSettings().max_drafts_per_mailbox, 10_000)
+        self.assertIsNone(MailApiSettings.from_config({"max_drafts_per_mailbox": 0})
+                          .max_drafts_per_mailbox)
+        for bad in (-1, True, "10", 1.5):
+            with self.assertRaises(ConfigError):
+                MailApiSettings.from_config({"max_drafts_per_mailbox": bad})
+
+    async def test_a_draft_past_the_cap_is_507_and_stores_nothing(self) -> None:
+        for _ in range(2):
+            status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
+            self.assertEqual(status, 201)
+        full = {"message": f"mailbox full: {BOB} holds 2 drafts, the most [mailapi] "
+                           "max_drafts_per_mailbox allows; send or delete some - email not "
+                           "saved"}
+        for mail in ({"status": "draft"}, {"status": "outbox", "to": JOE, "subject": "s"}):
+            status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=mail)
+            self.assertEqual((status, body), (507, full), mail)
+        rows = await self.rows()
+        self.assertEqual(len(rows), 2)
+        # A draft deleted frees its place.
+        status, _ = await self.as_("bob", "DELETE", f"/api/v1/mail/{rows[0].public_id}")
+        self.assertEqual(status, 202)
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
+        self.assertEqual(status, 201)
+
+
 class QuotaRaceMixin(DatabaseMixin):
     """Writes at once into one mailbox, on the store's thread pool (PostgreSQL: on
     connections of their own, truly at once)."""
@@ -221,6 +255,19 @@ class QuotaRaceMixin(DatabaseMixin):
             self.assertEqual(cast(MailApiError, failure.value).kind, QUOTA)
         self.assertEqual(len(refused), 8)
         self.assertEqual(await self.usage(), (4 * (2000 + len(BOX)),) * 2 + (4,))
+
+
+    async def test_drafts_at_once_never_pass_the_cap_together(self) -> None:
+        self.mail.max_drafts = 4
+        results = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(self.mail.create(self.bob, BOX, Edit("draft", {})))
+             for _ in range(12)], consumeErrors=True)
+        refused = [cast(Failure, r) for ok, r in results if not ok]
+        for failure in refused:
+            failure.trap(MailApiError)
+            self.assertEqual(cast(MailApiError, failure.value).kind, QUOTA)
+        self.assertEqual(len(refused), 8)
+        self.assertEqual((await self.usage())[2], 4)
 
 
 class SQLiteQuotaRaceTests(QuotaRaceMixin, TestCase):

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping
 from sqlalchemy import Connection, bindparam, func, or_, select, update
 
 from mailcore.mailapi.errors import QUOTA, MailApiError
-from mailcore.store.schema import mailboxes
+from mailcore.store.schema import mailapi_mail, mailboxes
+from mailcore.store.schema.mailapi import DRAFT
 
 _COUNT = update(mailboxes).where(mailboxes.c.id == bindparam("box")) \
     .values(mail_count=mailboxes.c.mail_count + bindparam("delta"))
@@ -39,6 +40,14 @@ _USE_WITHIN_OWN = _USE.where(or_(
     _b.quota_bytes.is_(None), _b.quota_bytes == 0,
     _b.used_bytes + bindparam("bytes") <= _b.quota_bytes))
 _QUOTA_OF = select(_b.quota_bytes).where(_b.id == bindparam("box"))
+# The mailbox's row, locked against another writer (PostgreSQL: FOR NO KEY UPDATE, which
+# takes turns with itself but not with the FOR KEY SHARE of thd_hold_mailbox).
+_LOCK_BOX = select(_b.id).where(_b.id == bindparam("box")).with_for_update(key_share=True)
+# Its drafts, counted up to :cap (ix_mailapi_mail_outbox: status, mailbox_id).
+_DRAFTS = select(func.count()).select_from(
+    select(mailapi_mail.c.id)
+    .where(mailapi_mail.c.status == DRAFT, mailapi_mail.c.mailbox_id == bindparam("box"))
+    .limit(bindparam("cap")).subquery())
 
 
 def effective_quota(own: int | None, configured: int | None) -> int | None:
@@ -92,3 +101,20 @@ def thd_charge(conn: Connection, mailbox_id: int, delta: int, quota: int | None,
         raise MailApiError(QUOTA, f"mailbox full: {address} has no room for {delta} more "
                            f"bytes (quota {effective_quota(own, quota)} bytes) - email not "
                            "saved")
+
+
+def thd_draft_room(conn: Connection, mailbox_id: int, max_drafts: int | None,
+                   address: str = "the mailbox") -> None:
+    """Blocking: QUOTA (the caller's transaction then stores nothing) when the mailbox
+    holds `max_drafts` drafts already (None: no limit). An empty draft takes no byte of the
+    quota, so without it a client could add drafts without end. The mailbox's row is
+    locked first, so that two writes at once count one after the other (SQLite's writers
+    take turns anyway)."""
+    if max_drafts is None:
+        return
+    conn.execute(_LOCK_BOX, {"box": mailbox_id})
+    if (conn.execute(_DRAFTS, {"box": mailbox_id, "cap": max_drafts}).scalar() or 0) \
+            >= max_drafts:
+        raise MailApiError(QUOTA, f"mailbox full: {address} holds {max_drafts} drafts, the "
+                           "most [mailapi] max_drafts_per_mailbox allows; send or delete "
+                           "some - email not saved")

@@ -63,7 +63,13 @@ from twisted.logger import Logger
 
 from mailcore.emailpolicy import header_breaks
 from mailcore.mailapi.addresses import display_name, parse_address_list
-from mailcore.mailapi.counts import mail_size, thd_charge, thd_count_mail, thd_use
+from mailcore.mailapi.counts import (
+    mail_size,
+    thd_charge,
+    thd_count_mail,
+    thd_draft_room,
+    thd_use,
+)
 from mailcore.mailapi.delivery import thd_new_public_id
 from mailcore.mailapi.errors import CONFLICT, DENIED, NOT_FOUND, MailApiError
 from mailcore.mailapi.files import (
@@ -341,6 +347,7 @@ class MailService:
                  io: CpuPool, *, max_attachment_bytes: int = 25 * 1024 * 1024,
                  max_message_bytes: int = 25 * 1024 * 1024,
                  quota_bytes: int | None = None,
+                 max_drafts: int | None = None,
                  ride: Callable[..., defer.Deferred[Any]] | None = None,
                  caps: SendCaps | None = None) -> None:
         self.db = db
@@ -351,6 +358,7 @@ class MailService:
         self.max_attachment_bytes = max_attachment_bytes
         self.max_message_bytes = max_message_bytes
         self.quota_bytes = quota_bytes  # bytes a mailbox's mail may take (None: no limit)
+        self.max_drafts = max_drafts  # drafts a mailbox may hold (None: no limit)
         # How a write commits in the spool's group commit (Spool.ride; see the module
         # docstring); None: in a transaction of its own.
         self.ride = ride
@@ -582,6 +590,8 @@ class MailService:
                                        "yours can keep this email")
                 if thd_hold_mailbox(conn, box):
                     break
+            # Every new mail is a draft until _thd_settle sends it.
+            thd_draft_room(conn, box, self.max_drafts, rights[box][0])
             size = mail_size(values, (f.size for f in edit.attachments))
             thd_charge(conn, box, size, self.quota_bytes, rights[box][0])
             key = conn.execute(_INSERT_MAIL, {

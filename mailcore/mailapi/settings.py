@@ -7,6 +7,7 @@ max_attachment_bytes = 26214400  # bytes per attachment of a mail (25 MiB)
 max_message_bytes = 26214400     # bytes of all the attachments of one mail (25 MiB)
 file_sweep_interval = 3600       # seconds between sweeps of files no mail names any more
 mailbox_quota_bytes = 1073741824 # bytes a mailbox's mail may take (1 GiB); 0: no limit
+max_drafts_per_mailbox = 10000   # drafts a mailbox may hold; 0: no limit
 ```
 
 An upload over either limit is refused with 413 and leaves nothing stored; so is one
@@ -24,6 +25,10 @@ refused at RCPT (552 5.2.2, RFC 3463 "mailbox full": mailcore.mailapi.room) or, 
 not fit after all, bounces 5.2.2; sending a draft is never refused for the message it builds
 (the mailbox may then pass its quota by that message, and takes no new mail until it is
 back under).
+
+`max_drafts_per_mailbox` bounds the drafts of one mailbox: an empty draft takes no byte of
+its quota. A new mail (every mail is stored as a draft before it is sent) in a mailbox that
+holds that many drafts is refused as a full one is (507, nothing stored).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class MailApiSettings:
     file_sweep_interval: float = 3600.0
     # None: no limit (0 in the file).
     mailbox_quota_bytes: int | None = 1024 * 1024 * 1024
+    # None: no limit (0 in the file).
+    max_drafts_per_mailbox: int | None = 10_000
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> MailApiSettings:
@@ -64,6 +71,12 @@ class MailApiSettings:
                 raise ConfigError("[mailapi] mailbox_quota_bytes must be a number of bytes "
                                   "(0: no limit)")
             values["mailbox_quota_bytes"] = v or None
+        if "max_drafts_per_mailbox" in section:
+            v = section["max_drafts_per_mailbox"]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError("[mailapi] max_drafts_per_mailbox must be a whole number "
+                                  "(0: no limit)")
+            values["max_drafts_per_mailbox"] = v or None
         if "file_sweep_interval" in section:
             v = section["file_sweep_interval"]
             if not is_positive_number(v):
