@@ -56,6 +56,14 @@ class HostRuleTests(TestCase):
         self.assertEqual(derive_host("a@example.org", "imap", settings), "in.example.org")
         self.assertEqual(derive_host("a@example.org", "pop", settings), "pop3.example.org")
 
+    def test_max_queued_jobs_per_user(self) -> None:
+        self.assertEqual(BackupSettings.from_section({}).max_queued_jobs_per_user, 100)
+        self.assertEqual(BackupSettings.from_section({"max_queued_jobs_per_user": 3})
+                         .max_queued_jobs_per_user, 3)
+        for bad in (0, -1, True, "3", 2.5):
+            with self.assertRaises(ConfigError):
+                BackupSettings.from_section({"max_queued_jobs_per_user": bad})
+
     def test_bad_providers_are_config_errors(self) -> None:
         for section in ({"providers": "x"}, {"providers": {"a.b": {"smtp": "x"}}},
                         {"colour": 1}):

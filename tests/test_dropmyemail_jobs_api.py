@@ -3,6 +3,7 @@ restore request may carry; lists and shows of jobs that dealt with many messages
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -104,6 +105,55 @@ class RestoreInputTests(JobsApiBase):
             await self.web.core.db.run("t", thd_cancel_job, body["id"],
                                       self.web.core.jobs.now())
         self.assertEqual(await self.jobs(), len(bodies))
+
+
+class QueuedJobCapTests(JobsApiBase):
+    """A migrate into another destination is not refused as one into the same is, and each
+    account may have its restore queued: a user could queue jobs without end (each holds
+    a row, a password, and runner time). [dropmyemail] max_queued_jobs_per_user bounds
+    those queued or running; one more is a 409 naming the cap, nothing stored."""
+
+    async def test_one_more_queued_job_is_a_409_and_stores_nothing(self) -> None:
+        jobs = self.web.core.jobs
+        self.assertEqual(jobs.settings.max_queued_jobs_per_user, 100)
+        jobs.settings = dataclasses.replace(jobs.settings, max_queued_jobs_per_user=2)
+        bases = [self.base]
+        for n in (2, 3):
+            account = await self.web.core.fetch.accounts.create(
+                self.alice.id, name=f"a{n}", email=f"a{n}@x.test", host="127.0.0.1",
+                port=993, use_ssl=True, password="pw")
+            bases.append(f"/v1/accounts/{account.id}")
+        made = []
+        for base in bases[:2]:
+            status, body = await self.call("POST", f"{base}/restores")
+            self.assertEqual(status, 201, body)
+            made.append(body["id"])
+        capped = {"error": "conflict",
+                  "error_description": "a user may have at most 2 migrates and restores "
+                                       "queued or running; wait for one to end"}
+        status, body = await self.call("POST", f"{bases[2]}/restores")
+        self.assertEqual((status, body), (409, capped))
+        # A migrate is refused before its login to the destination (none listens there).
+        status, body = await self.call("POST", f"{bases[2]}/migrates",
+                                       json={"email": "d@x.test", "password": "pw",
+                                             "host": "127.0.0.1", "port": 1, "ssl": True})
+        self.assertEqual((status, body), (409, capped))
+        self.assertEqual(await self.jobs(), 2)
+        # Another user's count is their own; a job that ended frees its place.
+        bob = await self.web.user("bob")
+        token = await access_token(self.web.core.oauth, bob.id)
+        account = await self.web.core.fetch.accounts.create(
+            bob.id, name="b", email="b@x.test", host="127.0.0.1", port=993, use_ssl=True,
+            password="pw")
+        status, _ = await self.call("POST", f"/v1/accounts/{account.id}/restores", token)
+        self.assertEqual(status, 201)
+        await self.web.core.db.run("t", thd_cancel_job, made[0], jobs.now())
+        status, body = await self.call("POST", f"{bases[2]}/restores")
+        self.assertEqual(status, 201, body)
+
+
+class QueuedJobCapPostgreSQLTests(QueuedJobCapTests):
+    postgres = True
 
 
 class JobIdTests(JobsApiBase):

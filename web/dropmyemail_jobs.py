@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Self
 from twisted.web.iweb import IRequest
 
 from mailcore.backup.accounts import BackupError, iso, login_check_deadline
-from mailcore.backup.jobs import JobConflict
+from mailcore.backup.jobs import JobConflict, JobLimitReached
 from mailcore.fetch.jobs import STATUSES, Job
 from web.auth import DROPMYEMAIL
 from web.errors import ApiError
@@ -259,7 +259,7 @@ class JobRoutes:
                                      deadline=login_check_deadline(self.settings.reply_timeout))
         except BackupError as e:
             raise ApiError(400, e.message, code="invalid_request") from None
-        except JobConflict as e:
+        except (JobConflict, JobLimitReached) as e:
             raise ApiError(409, e.message) from None
         if job is None:
             raise ApiError(404, "No such account.")
@@ -288,7 +288,7 @@ class JobRoutes:
             job = await self._jobs().restore(principal.user.id, account_id)
         except BackupError as e:
             raise ApiError(400, e.message, code="invalid_request") from None
-        except JobConflict as e:
+        except (JobConflict, JobLimitReached) as e:
             raise ApiError(409, e.message) from None
         if job is None:
             raise ApiError(404, "No such account.")
@@ -324,7 +324,9 @@ def install(routes: RouteTable) -> None:
         "destination are not copied again. Its end fires the webhook event "
         "migrate.completed. While a migrate of the account into the same destination "
         "(host, port, user) is queued or running, another is a 409; other jobs writing to that "
-        "mailbox (of any account) wait, queued, while one runs there.",
+        "mailbox (of any account) wait, queued, while one runs there. A user has at most "
+        "`[dropmyemail] max_queued_jobs_per_user` migrates and restores queued or running "
+        "(100): one more is a 409 naming the cap, and nothing is stored.",
         auth=DROPMYEMAIL, scope="write", body=MIGRATE_INPUT,
         body_types=("application/json", FORM_TYPE),
         replies={201: Reply("The migrate, queued", MIGRATE)}, errors=(400, 409, *errors),
@@ -353,7 +355,9 @@ def install(routes: RouteTable) -> None:
         "was deleted), exactly once; a restore of an intact account appends nothing. Its "
         "end fires the webhook event restore.completed. While a restore of the account is "
         "queued or running, another is a 409; other jobs writing to its mailbox (of any "
-        "account) wait, queued, while one runs there.",
+        "account) wait, queued, while one runs there. A user has at most `[dropmyemail] "
+        "max_queued_jobs_per_user` migrates and restores queued or running (100): one "
+        "more is a 409 naming the cap, and nothing is stored.",
         auth=DROPMYEMAIL, scope="write", body=RESTORE_INPUT,
         body_types=("application/json", FORM_TYPE),
         replies={201: Reply("The restore, queued", RESTORE)}, errors=(400, 409, *errors),

@@ -139,10 +139,14 @@ class BackupError(Exception):
 class BackupSettings:
     """`[dropmyemail]`: `providers` maps a mail domain to its server (a host name for both
     protocols, or `{imap = "…", pop = "…"}`); `allow_cleartext_login` (default false) lets
-    accounts log in to servers that offer neither TLS nor STARTTLS."""
+    accounts log in to servers that offer neither TLS nor STARTTLS; `max_queued_jobs_per_user`
+    (100) bounds the migrates and restores one user has queued or running at once (a
+    migrate into another destination is not refused as the same one is, so without it a
+    user could queue them without end)."""
 
     providers: dict[str, dict[str, str]] = field(default_factory=dict)
     allow_cleartext_login: bool = False
+    max_queued_jobs_per_user: int = 100
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> BackupSettings:
@@ -150,8 +154,12 @@ class BackupSettings:
         cleartext = section.get("allow_cleartext_login", False)
         if not isinstance(cleartext, bool):
             raise ConfigError("[dropmyemail] allow_cleartext_login must be true or false")
+        queued = section.get("max_queued_jobs_per_user", 100)
+        if isinstance(queued, bool) or not isinstance(queued, int) or queued < 1:
+            raise ConfigError("[dropmyemail] max_queued_jobs_per_user must be a positive "
+                              "integer")
         for key, value in section.items():
-            if key == "allow_cleartext_login":
+            if key in ("allow_cleartext_login", "max_queued_jobs_per_user"):
                 continue
             if key != "providers":
                 raise unknown_key("dropmyemail", key)
@@ -168,7 +176,7 @@ class BackupSettings:
                         "with imap and pop host names"
                     )
                 providers[str(domain).lower()] = dict(hosts)
-        return cls(providers, cleartext)
+        return cls(providers, cleartext, queued)
 
 
 def derive_host(email: str, protocol: str, settings: BackupSettings) -> str:

@@ -17,6 +17,11 @@ lock of BEGIN IMMEDIATE), so two requests at once cannot both pass it. Jobs of o
 accounts (or users) writing to the same mailbox (two accounts naming it, a migrate into an
 account that is restored) are not refused: the runner starts them one after the other
 (`mailcore.fetch.jobs.thd_mailbox_busy`).
+
+A user has at most `[dropmyemail] max_queued_jobs_per_user` migrates and restores queued or
+running at once: one more is JobLimitReached (409), nothing stored. The count and the insert
+are one transaction that first locks the user's row, so two requests at once (on nodes
+sharing PostgreSQL too) count one after the other.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from mailcore.fetch.jobs import (
     thd_message_id_chunk,
 )
 from mailcore.store import Database
-from mailcore.store.schema import fetch_accounts, mailbox_jobs
+from mailcore.store.schema import fetch_accounts, mailbox_jobs, users
 
 JOB_SORTS = ("start_time", "end_time")
 # How many of a job's message ids one read of the store gives.
@@ -64,6 +69,29 @@ class JobConflict(Exception):
         super().__init__(message)
         self.message = message
         self.job_id = job_id
+
+
+class JobLimitReached(Exception):
+    """The user has `[dropmyemail] max_queued_jobs_per_user` jobs queued or running (409)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def thd_job_room(conn: Connection, user_id: int, limit: int, *, lock: bool = True) -> None:
+    """Blocking: JobLimitReached when `user_id` has `limit` jobs queued or running, after
+    locking the user's row (FOR UPDATE, as webhooks and fetch accounts count: PostgreSQL's
+    READ COMMITTED would let two requests at once count the same rows; SQLite serialises
+    writers anyway). Without `lock`, for a check before work the create checks again."""
+    if lock:
+        conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+    j = mailbox_jobs.c
+    queued = conn.execute(select(func.count()).select_from(mailbox_jobs).where(
+        j.user_id == user_id, j.status.in_(ACTIVE))).scalar() or 0
+    if queued >= limit:
+        raise JobLimitReached(f"a user may have at most {limit} migrates and restores "
+                              "queued or running; wait for one to end")
 
 
 def thd_active_job(conn: Connection, values: dict[str, Any]) -> int | None:
@@ -156,9 +184,12 @@ class BackupJobs:
         await session.close_session()
 
     async def _create(self, values: dict[str, Any]) -> Job:
-        """A new queued job; JobConflict if one writing to the same mailbox is active."""
+        """A new queued job; JobConflict if one writing to the same mailbox is active,
+        JobLimitReached if the user has `max_queued_jobs_per_user` active."""
+        limit = self.settings.max_queued_jobs_per_user
 
         def txn(conn: Connection) -> Job | int:
+            thd_job_room(conn, values["user_id"], limit)
             active = thd_active_job(conn, values)
             if active is not None:
                 return active
@@ -184,6 +215,9 @@ class BackupJobs:
         if await self._account(user_id, account_id) is None:
             return None
         fields = self.destination(values)
+        # At the cap, no login to the destination for nothing (_create checks again).
+        await self.db.read("mailbox_job_room", thd_job_room, user_id,
+                           self.settings.max_queued_jobs_per_user, lock=False)
         await self.check_login(fields, deadline=deadline)
         now = self.now()
         return await self._create({
