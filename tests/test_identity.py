@@ -659,6 +659,20 @@ class CredentialTests(IdentityTestCase):
         self.assertIsNotNone(await self.identity.resolve(page, ("page",)))
         self.assertEqual(len(await self.identity.list_credentials(alice.id, "apikey")), 1)
 
+    async def test_a_user_keeps_the_newest_page_sessions(self) -> None:
+        # Each login on the OAuth pages makes a page session; they were kept until they
+        # expired (and a day more), however many a script logging in made.
+        alice = await self.user()
+        session, _ = await self.identity.create_credential(alice.id, "session")
+        with mock.patch("mailcore.identity.service.SESSIONS_KEPT", 3):
+            made = [await self.identity.create_credential(alice.id, "page")
+                    for _ in range(5)]
+        left = [c.id for c in await self.identity.list_credentials(alice.id, "page")]
+        self.assertEqual(left, [info.id for _, info in made[2:]])
+        self.assertIsNone(await self.identity.resolve(made[0][0], ("page",)))
+        self.assertIsNotNone(await self.identity.resolve(made[-1][0], ("page",)))
+        self.assertIsNotNone(await self.identity.resolve(session, ("session",)))
+
     async def test_a_session_ends_when_its_parent_key_is_revoked(self) -> None:
         alice = await self.user()
         key, key_info = await self.identity.create_credential(alice.id, "apikey")

@@ -62,7 +62,8 @@ EXPIRED_KEPT_SECONDS = 86400.0
 # Expired credentials (and idle login tokens) the purge deletes a transaction.
 PURGE_BATCH = 1000
 # Safedrop sessions (X-Auth-Token) one user keeps: each GET /auth makes one (up to 20 a
-# second), each lives `session_ttl`; past this many, making one deletes the oldest.
+# second), each lives `session_ttl`; past this many, making one deletes the oldest. As many
+# page sessions (each login on the OAuth pages makes one) are kept the same way.
 SESSIONS_KEPT = 1000
 # last_used_at is refreshed at most this often, so that reads do not become writes.
 _LAST_USED_GRANULARITY = 300
@@ -646,7 +647,8 @@ class Identity:
         made: it ends when the password changes, lives `login_ttl` seconds (unless `ttl` is
         given) and `login_idle` seconds unused, and the user keeps `logins_kept` of them:
         making one more removes the one unused the longest (`_thd_keep_used`); a user keeps
-        SESSIONS_KEPT safedrop sessions, making one more removes the oldest.
+        SESSIONS_KEPT safedrop sessions and as many page sessions (the OAuth pages' login),
+        making one more of either removes the oldest of its kind.
         `password_stamp` (the `User.password_stamp` of the user a password login found)
         refuses it with an IdentityError on "password" when the password has changed
         since: `set_password` ends what exists when it commits, and this makes sure a
@@ -698,8 +700,8 @@ class Identity:
             if login:
                 _thd_keep_used(conn, user_id, self.logins_kept, credentials.c.login.is_(True),
                                new_id)
-            elif kind == "session":
-                _thd_keep_newest(conn, user_id, SESSIONS_KEPT, credentials.c.kind == "session")
+            elif kind in ("session", "page"):
+                _thd_keep_newest(conn, user_id, SESSIONS_KEPT, credentials.c.kind == kind)
             row = conn.execute(select(credentials).where(credentials.c.id == new_id)).one()
             return _credential(row)
 
