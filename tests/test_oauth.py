@@ -4,12 +4,13 @@ seed's token reply, and a battery of RFC 6749 / RFC 9700 attacks, one test each.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 from typing import Any, cast
 from urllib.parse import quote, urlencode
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -417,6 +418,56 @@ class BatteryTests(Base):
         await self.client.token(scope="read")
         grants = await self.web.core.oauth.grants(self.alice.id)
         self.assertEqual([(g.app.uid, g.scopes) for g in grants], [(self.client.uid, ("read",))])
+
+
+class GrantCapTests(Base):
+    """Refresh tokens never expire, so each Allow exchanged for tokens added a live family
+    for ever: a user keeps [oauth] max_grants_per_user_app per app, the families used last
+    (as Google keeps 100 refresh tokens per account and client)."""
+
+    async def refresh(self, token: dict[str, Any]) -> tuple[int, Any]:
+        status, _, body = await self.client.exchange(
+            grant_type="refresh_token", refresh_token=token["refresh_token"])
+        if status == 200:
+            self.web.secrets.extend([body["access_token"], body["refresh_token"]])
+        return status, body
+
+    async def live(self) -> int:
+        def txn(conn: Any) -> int:
+            return int(conn.execute(select(func.count()).select_from(oauth_tokens)
+                                    .where(oauth_tokens.c.revoked_at.is_(None))).scalar())
+        return await self.web.core.db.read("t", txn)
+
+    async def test_one_more_grant_deletes_the_one_used_longest_ago(self) -> None:
+        oauth = self.web.core.oauth
+        self.assertEqual(oauth.settings.max_grants_per_user_app, 100)
+        oauth.settings = dataclasses.replace(oauth.settings, max_grants_per_user_app=2)
+        bob = await self.web.user("bob")
+        bobs = await Client(self.web, self.client.uid, self.client.secret, bob).token()
+        first, second = await self.client.token(), await self.client.token()
+        status, first = await self.refresh(first)  # used last now: second is the oldest
+        self.assertEqual(status, 200, first)
+        third = await self.client.token()
+        self.assertEqual(await self.who(second["access_token"]), 401)
+        status, body = await self.refresh(second)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        for kept in (first, third):
+            self.assertEqual(await self.who(kept["access_token"]), self.alice.id)
+        # Bob's grant to the same app is his own.
+        self.assertEqual(await self.who(bobs["access_token"]), bob.id)
+        self.assertEqual(await self.live(), 3)
+        # Twenty more: alice still has two.
+        for _ in range(20):
+            self.web.clock.advance(1)  # within the token endpoint's rate
+            await self.client.token()
+        self.assertEqual(await self.live(), 3)
+
+    def test_the_setting_is_read(self) -> None:
+        self.assertEqual(OAuthSettings.from_section({"max_grants_per_user_app": 5})
+                         .max_grants_per_user_app, 5)
+        for bad in (0, "5", True):
+            with self.assertRaises(ConfigError):
+                OAuthSettings.from_section({"max_grants_per_user_app": bad})
 
 
 class AppTests(Base):

@@ -156,7 +156,7 @@ class OAuthProvider:
 
     def _server(self, conn: Connection, now: datetime.datetime) -> WebApplicationServer:
         return WebApplicationServer(
-            StoreValidator(conn, now),
+            StoreValidator(conn, now, self.settings.max_grants_per_user_app),
             token_expires_in=self.settings.access_token_ttl,
             token_generator=lambda request: _random.token_hex(32),
         )

@@ -20,6 +20,11 @@ sees it used, a reuse. The app's row is held shared meanwhile, so that a user's 
 of the grant (which takes it exclusively) waits for a token being issued and is never
 overtaken by one. Marking a code used or a refresh token rotated is conditional, and a grant
 that finds it done already is `GrantLost` (invalid_grant, nothing issued).
+
+A user keeps at most `grants_kept` live grants (token families, each from one code) per app:
+a code exchanged for one more deletes the rows of the families used longest ago (by their
+newest token), as Google keeps 100 refresh tokens per account and client. Refresh tokens
+never expire, so without it every Allow exchanged added a live family for ever.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from urllib.parse import unquote
 
 from oauthlib.common import Request
 from oauthlib.oauth2 import RequestValidator
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from mailcore.identity import secrets as creds
 from mailcore.oauth.redirects import normal_redirect_uri
@@ -98,9 +103,11 @@ class Client:
 class StoreValidator(RequestValidator):  # type: ignore[misc]
     """oauthlib's questions answered from one open transaction `conn` at time `now`."""
 
-    def __init__(self, conn: Connection, now: datetime.datetime) -> None:
+    def __init__(self, conn: Connection, now: datetime.datetime,
+                 grants_kept: int | None = None) -> None:
         self.conn = conn
         self.now = now
+        self.grants_kept = grants_kept  # live grants a user keeps per app (None: all)
         self._apps: dict[str, Any] = {}
 
     # -- clients ------------------------------------------------------------------------
@@ -318,6 +325,8 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
                 expires_at=self.now + datetime.timedelta(seconds=int(token["expires_in"])),
             )
         )
+        if code is not None and self.grants_kept is not None:
+            self.keep_grants(request.client.id, int(request.user), self.grants_kept)
         if previous is not None:
             done = self.conn.execute(
                 update(oauth_tokens)
@@ -412,6 +421,25 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
             self.conn.execute(
                 select(users.c.id).where(users.c.id == user_id).with_for_update(read=True)
             )
+
+    def keep_grants(self, app_id: int, user_id: int, kept: int) -> None:
+        """Delete the rows of the user's live grants to the app (token families, by code)
+        but the `kept` whose newest token is newest: the one just issued is among them.
+        Their refresh tokens are then invalid_grant, as a pruned family's are. Two
+        exchanges at once may each miss the other's new family (PostgreSQL: neither sees
+        the other's uncommitted row), leaving one over for the next exchange to delete."""
+        t = oauth_tokens.c
+        mine = (t.app_id == app_id, t.user_id == user_id)
+        beyond = (
+            select(t.code_id)
+            .where(*mine, t.code_id.is_not(None), t.revoked_at.is_(None))
+            .group_by(t.code_id)
+            .order_by(func.max(t.id).desc())
+            .offset(kept)
+        )
+        stale = [row[0] for row in self.conn.execute(beyond)]
+        if stale:
+            self.conn.execute(delete(oauth_tokens).where(*mine, t.code_id.in_(stale)))
 
     def revoke_family(self, code_id: int) -> None:
         """Revoke every live token issued from code `code_id` (and their refreshes)."""
