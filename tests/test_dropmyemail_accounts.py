@@ -60,9 +60,12 @@ class HostRuleTests(TestCase):
         self.assertEqual(BackupSettings.from_section({}).max_queued_jobs_per_user, 100)
         self.assertEqual(BackupSettings.from_section({"max_queued_jobs_per_user": 3})
                          .max_queued_jobs_per_user, 3)
+        self.assertEqual(BackupSettings.from_section({"jobs_kept_per_account": 4})
+                         .jobs_kept_per_account, 4)
         for bad in (0, -1, True, "3", 2.5):
-            with self.assertRaises(ConfigError):
-                BackupSettings.from_section({"max_queued_jobs_per_user": bad})
+            for key in ("max_queued_jobs_per_user", "jobs_kept_per_account"):
+                with self.assertRaises(ConfigError):
+                    BackupSettings.from_section({key: bad})
 
     def test_bad_providers_are_config_errors(self) -> None:
         for section in ({"providers": "x"}, {"providers": {"a.b": {"smtp": "x"}}},

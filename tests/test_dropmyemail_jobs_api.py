@@ -152,6 +152,28 @@ class QueuedJobCapTests(JobsApiBase):
         self.assertEqual(status, 201, body)
 
 
+    async def test_an_account_keeps_its_newest_finished_jobs(self) -> None:
+        # A restore of an intact account ends at once, and every finished job was kept
+        # for ever (a migrate's with a row per message): [dropmyemail]
+        # jobs_kept_per_account bounds those of each kind.
+        jobs = self.web.core.jobs
+        self.assertEqual(jobs.settings.jobs_kept_per_account, 100)
+        jobs.settings = dataclasses.replace(jobs.settings, jobs_kept_per_account=2)
+        made = []
+        for _ in range(4):
+            status, body = await self.call("POST", f"{self.base}/restores")
+            self.assertEqual(status, 201, body)
+            made.append(body["id"])
+            await self.web.core.db.run("t", thd_cancel_job, body["id"], jobs.now())
+        status, body = await self.call("POST", f"{self.base}/restores")
+        self.assertEqual(status, 201, body)
+        status, listed = await self.call("GET", f"{self.base}/restores")
+        self.assertEqual(status, 200, listed)
+        # The two newest finished ones and the queued one.
+        self.assertEqual(sorted(j["id"] for j in listed), [*made[2:], body["id"]])
+        self.assertEqual(await self.jobs(), 3)
+
+
 class QueuedJobCapPostgreSQLTests(QueuedJobCapTests):
     postgres = True
 

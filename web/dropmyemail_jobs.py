@@ -295,6 +295,10 @@ class JobRoutes:
         return self.reply(request, restore_json(job), 201)
 
 
+KEPT_TEXT = ("An account keeps its newest `[dropmyemail] jobs_kept_per_account` (100) "
+             "finished jobs of each kind: a new job deletes the oldest beyond.")
+
+
 def install(routes: RouteTable) -> None:
     """Serve and document the migrate and restore routes on the Dropmyemail route table."""
     base = "/v1/accounts/<int:account_id>"
@@ -302,7 +306,8 @@ def install(routes: RouteTable) -> None:
     streamed = ("The reply is streamed: each job's message_ids are read and written a chunk "
                 "at a time.")
     routes.route(
-        f"{base}/migrates", "GET", summary="List an account's migrates", description=streamed,
+        f"{base}/migrates", "GET", summary="List an account's migrates",
+        description=f"{streamed} {KEPT_TEXT}",
         auth=DROPMYEMAIL, scope="read", query=JOB_QUERY,
         replies={200: Reply("The migrates", {"type": "array", "items": MIGRATE})},
         errors=errors,
@@ -332,7 +337,8 @@ def install(routes: RouteTable) -> None:
         replies={201: Reply("The migrate, queued", MIGRATE)}, errors=(400, 409, *errors),
     )(JobRoutes.create_migrate)
     routes.route(
-        f"{base}/restores", "GET", summary="List an account's restores", description=streamed,
+        f"{base}/restores", "GET", summary="List an account's restores",
+        description=f"{streamed} {KEPT_TEXT}",
         auth=DROPMYEMAIL, scope="read", query=JOB_QUERY,
         replies={200: Reply("The restores", {"type": "array", "items": RESTORE})},
         errors=errors,

@@ -142,11 +142,14 @@ class BackupSettings:
     accounts log in to servers that offer neither TLS nor STARTTLS; `max_queued_jobs_per_user`
     (100) bounds the migrates and restores one user has queued or running at once (a
     migrate into another destination is not refused as the same one is, so without it a
-    user could queue them without end)."""
+    user could queue them without end); `jobs_kept_per_account` (100) bounds the finished
+    migrates, and the finished restores, an account keeps (each a row, and a row per
+    message it dealt with): a new job deletes the oldest beyond."""
 
     providers: dict[str, dict[str, str]] = field(default_factory=dict)
     allow_cleartext_login: bool = False
     max_queued_jobs_per_user: int = 100
+    jobs_kept_per_account: int = 100
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> BackupSettings:
@@ -154,12 +157,15 @@ class BackupSettings:
         cleartext = section.get("allow_cleartext_login", False)
         if not isinstance(cleartext, bool):
             raise ConfigError("[dropmyemail] allow_cleartext_login must be true or false")
-        queued = section.get("max_queued_jobs_per_user", 100)
-        if isinstance(queued, bool) or not isinstance(queued, int) or queued < 1:
-            raise ConfigError("[dropmyemail] max_queued_jobs_per_user must be a positive "
-                              "integer")
+        counts = []
+        for name in ("max_queued_jobs_per_user", "jobs_kept_per_account"):
+            count = section.get(name, 100)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"[dropmyemail] {name} must be a positive integer")
+            counts.append(count)
         for key, value in section.items():
-            if key in ("allow_cleartext_login", "max_queued_jobs_per_user"):
+            if key in ("allow_cleartext_login", "max_queued_jobs_per_user",
+                       "jobs_kept_per_account"):
                 continue
             if key != "providers":
                 raise unknown_key("dropmyemail", key)
@@ -176,7 +182,7 @@ class BackupSettings:
                         "with imap and pop host names"
                     )
                 providers[str(domain).lower()] = dict(hosts)
-        return cls(providers, cleartext, queued)
+        return cls(providers, cleartext, *counts)
 
 
 def derive_host(email: str, protocol: str, settings: BackupSettings) -> str:

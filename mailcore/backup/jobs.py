@@ -21,7 +21,9 @@ account that is restored) are not refused: the runner starts them one after the 
 A user has at most `[dropmyemail] max_queued_jobs_per_user` migrates and restores queued or
 running at once: one more is JobLimitReached (409), nothing stored. The count and the insert
 are one transaction that first locks the user's row, so two requests at once (on nodes
-sharing PostgreSQL too) count one after the other.
+sharing PostgreSQL too) count one after the other. An account keeps its newest
+`jobs_kept_per_account` finished migrates, and as many finished restores: the transaction
+that makes a job deletes the oldest beyond (`thd_forget_old_jobs`), with their items.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import datetime
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, delete, func, select
 
 from mailcore.backup.accounts import (
     GOOGLE_REFUSAL,
@@ -47,6 +49,7 @@ from mailcore.fetch.errors import AccountError, AccountNotFound, FetchError
 from mailcore.fetch.imap import ServerSpec, open_session
 from mailcore.fetch.jobs import (
     ACTIVE,
+    STATUSES,
     Job,
     JobRunner,
     thd_create_job,
@@ -92,6 +95,21 @@ def thd_job_room(conn: Connection, user_id: int, limit: int, *, lock: bool = Tru
     if queued >= limit:
         raise JobLimitReached(f"a user may have at most {limit} migrates and restores "
                               "queued or running; wait for one to end")
+
+
+def thd_forget_old_jobs(conn: Connection, account_id: int, kind: str, kept: int) -> int:
+    """Blocking: delete the account's finished jobs of `kind` but the newest `kept` (their
+    items go with them: ON DELETE CASCADE); how many. Without it every restore of an
+    intact account, quick to end, left a row for ever, and every migrate a row per
+    message."""
+    j = mailbox_jobs.c
+    finished = (j.account_id == account_id, j.kind == kind,
+                j.status.in_([s for s in STATUSES if s not in ACTIVE]))
+    beyond = [row[0] for row in conn.execute(
+        select(j.id).where(*finished).order_by(j.id.desc()).offset(kept))]
+    if not beyond:
+        return 0
+    return int(conn.execute(delete(mailbox_jobs).where(j.id.in_(beyond))).rowcount or 0)
 
 
 def thd_active_job(conn: Connection, values: dict[str, Any]) -> int | None:
@@ -187,12 +205,14 @@ class BackupJobs:
         """A new queued job; JobConflict if one writing to the same mailbox is active,
         JobLimitReached if the user has `max_queued_jobs_per_user` active."""
         limit = self.settings.max_queued_jobs_per_user
+        kept = self.settings.jobs_kept_per_account
 
         def txn(conn: Connection) -> Job | int:
             thd_job_room(conn, values["user_id"], limit)
             active = thd_active_job(conn, values)
             if active is not None:
                 return active
+            thd_forget_old_jobs(conn, values["account_id"], values["kind"], kept)
             job = thd_get_job(conn, thd_create_job(conn, values))
             assert job is not None
             return job
