@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 from typing import Any, cast
+from unittest import mock
 from urllib.parse import quote, urlencode
 
 from sqlalchemy import delete, func, select, update
@@ -461,6 +462,29 @@ class GrantCapTests(Base):
             self.web.clock.advance(1)  # within the token endpoint's rate
             await self.client.token()
         self.assertEqual(await self.live(), 3)
+
+    async def test_a_user_keeps_the_newest_unused_codes(self) -> None:
+        # Each Allow made a code that lived a day past its five minutes (until the prune),
+        # however many a script allowing in a loop made.
+        used = await self.client.code()
+        status, _, _ = await self.client.exchange(
+            grant_type="authorization_code", code=used, redirect_uri=REDIRECT)
+        self.assertEqual(status, 200)
+        with mock.patch("mailcore.oauth.validator.CODES_KEPT", 3):
+            codes = [await self.client.code() for _ in range(5)]
+
+        def count(conn: Any) -> int:
+            return int(conn.execute(select(func.count()).select_from(oauth_codes)).scalar())
+
+        self.assertEqual(await self.web.core.db.read("t", count), 4)  # 3 unused, the used
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=codes[0], redirect_uri=REDIRECT)
+        self.assertEqual((status, body["error"]), (400, "invalid_grant"))
+        self.web.clock.advance(1)
+        status, _, body = await self.client.exchange(
+            grant_type="authorization_code", code=codes[-1], redirect_uri=REDIRECT)
+        self.assertEqual(status, 200, body)
+        self.web.secrets.extend([body["access_token"], body["refresh_token"]])
 
     def test_the_setting_is_read(self) -> None:
         self.assertEqual(OAuthSettings.from_section({"max_grants_per_user_app": 5})

@@ -46,6 +46,9 @@ from mailcore.oauth.settings import CODE_TTL
 from mailcore.store.schema import oauth_apps, oauth_codes, oauth_tokens, users
 from mailcore.text import not_text
 
+# Unused authorization codes a user keeps per app (a code lives CODE_TTL, 5 minutes: a
+# client waits on one at a time); making one more deletes the oldest.
+CODES_KEPT = 100
 # Every scope a token may carry (dropmyemail-v1.md); `read` implies the last three.
 SCOPES = ("read", "write", "email", "attachment", "contact")
 GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -228,6 +231,7 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
                 expires_at=self.now + datetime.timedelta(seconds=CODE_TTL),
             )
         )
+        self.keep_codes(row._mapping["id"], int(request.user))
 
     def _code(self, code: str, request: Request) -> Any:
         found = getattr(request, "mailcore_code", None)
@@ -421,6 +425,19 @@ class StoreValidator(RequestValidator):  # type: ignore[misc]
             self.conn.execute(
                 select(users.c.id).where(users.c.id == user_id).with_for_update(read=True)
             )
+
+    def keep_codes(self, app_id: int, user_id: int) -> None:
+        """Delete the user's unused codes for the app but the newest CODES_KEPT: each Allow
+        makes one, which lived a day past its 5 minutes before the prune took it, however
+        many a script allowing in a loop made. A deleted code is invalid_grant, as an
+        expired one; a used one is kept (a replay of it revokes its family)."""
+        c = oauth_codes.c
+        unused = (c.app_id == app_id, c.user_id == user_id, c.used_at.is_(None))
+        oldest_kept = self.conn.execute(
+            select(c.id).where(*unused).order_by(c.id.desc()).offset(CODES_KEPT - 1).limit(1)
+        ).scalar()
+        if oldest_kept is not None:
+            self.conn.execute(delete(oauth_codes).where(*unused, c.id < oldest_kept))
 
     def keep_grants(self, app_id: int, user_id: int, kept: int) -> None:
         """Delete the rows of the user's live grants to the app (token families, by code)
