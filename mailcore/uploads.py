@@ -86,8 +86,9 @@ def part_filename(segment: MultipartSegment) -> str | None:
     proxy or scanner in front reading the one and us the other would not see the same file
     (`filename="run.exe"; filename*=UTF-8''a.pdf` was stored as run.exe)."""
     header = segment.header("Content-Disposition", "")
+    # (parameter names are read without case, as RFC 6266 and browsers read them)
     star = _parameters(_DISPOSITION_PARAMETER, header).get("filename*") \
-        if "filename*" in header else None
+        if "filename*" in header.lower() else None
     if star is not None:
         holder = Message()
         holder["Content-Disposition"] = f"attachment; filename*={star}"

@@ -350,6 +350,25 @@ class UploadTests(TestCase):
             status, reply = await f.upload(bundle_id, part(disposition))
             self.assertEqual((status, reply.get("the_file")), (200, stored), disposition)
 
+    async def test_filename_star_is_found_whatever_its_case(self) -> None:
+        # Parameter names are case-insensitive (RFC 6266 4.1, RFC 9110 5.6.6), as browsers
+        # and the multipart parser read them: `Filename*=` beside filename="run.exe" was
+        # stored as run.exe (a proxy or scanner in front saw a.pdf), and `FILENAME*=` alone
+        # made the part no file at all.
+        f = FileFixture()
+        await f.start_with(self)
+        bundle_id = await f.bundle()
+
+        def part(disposition: str) -> bytes:
+            return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
+                    "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
+
+        for disposition in ('name="the_file"; filename="run.exe"; Filename*=UTF-8\'\'a.pdf',
+                            "name=\"the_file\"; FILENAME*=UTF-8''a.pdf; filename=\"run.exe\"",
+                            "name=\"the_file\"; FILENAME*=UTF-8''a.pdf"):
+            status, reply = await f.upload(bundle_id, part(disposition))
+            self.assertEqual((status, reply.get("the_file")), (200, "a.pdf"), disposition)
+
     async def test_a_transfer_encoded_file_is_stored_decoded(self) -> None:
         # A part with Content-Transfer-Encoding (RFC 7578 4.7 says not to; some clients
         # do): its base64 text was stored as the file, with that size and hash, as the
