@@ -1467,6 +1467,27 @@ class StressTests(ServerTestCase):
         self.clock.advance(9)
         self.assertEqual(pipelining.codes(b"x\r\n.\r\n"), ["250"])
 
+    def test_a_452_from_before_the_stress_does_not_cut_the_session_at_once(self) -> None:
+        """A transaction's first 452 came before the stress began, the next under it: the
+        deadline goes back to when the stress began, not to that first 452 (which cut the
+        session at once, however fast its commands came)."""
+        factory = self.make_factory(max_connections=10, max_recipients=1)
+        [s] = self.crowd(factory, 1)
+        self.assertEqual(s.codes(b"EHLO a.example\r\nMAIL FROM:<a@remote.test>\r\n"
+                                 b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"),
+                         ["250", "250", "250", "452"])
+        self.clock.advance(5)
+        self.crowd(factory, 7)
+        self.assertTrue(factory.stressed)
+        self.clock.advance(1)
+        self.assertEqual(s.codes(b"RCPT TO:<c@example.com>\r\n"), ["452"])
+        self.clock.advance(4)  # 10 s after the first 452: cut there before
+        self.assertFalse(s.closing)
+        self.clock.advance(4.9)  # 9.9 s after the stress began
+        self.assertFalse(s.closing)
+        self.clock.advance(0.1)
+        self.assertEqual(s.replies(), ["421 4.4.2 mx.gateway.test Error: timeout exceeded"])
+
     def test_under_stress_one_error_or_one_junk_command_ends_a_session(self) -> None:
         _, crowd = self.stressed_factory()
         self.assertEqual(crowd[0].send(b"MAIL FROM:<a@remote.test>\r\n"

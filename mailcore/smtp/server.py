@@ -244,7 +244,8 @@ class SMTPSettings:
       answer, as Postfix's `smtpd_per_record_deadline = ${stress?{yes}:{no}}`: see
       `SMTPServerFactory`. Each
       is at most the value it stands in for (a larger one configured is an error; the
-      default is lowered to it). Setting all three to their usual values turns stress off.
+      default is lowered to it). Setting all three to their usual values, and
+      `stress_min_data_rate` to 0, turns stress off.
     - `stress_min_data_rate` (500 octets a second, as Postfix's `smtpd_min_data_rate`; 0
       turns it off): under stress, inside DATA, the 10 s are a budget that runs down while
       the client is silent and that each octet of the message it sends refills by
@@ -1093,8 +1094,9 @@ class ESMTPServerProtocol(TwistedProtocol):
             elif self.factory.stressed:
                 # Under stress the 452s after the first buy no time (see _deadline): one
                 # every 9 s would keep the session for RECIPIENT_OVERSHOOT x 9 s, past
-                # max_session_time, while a pipelining sender's come all at once.
-                self._last_record = self._overshoot_at
+                # max_session_time, while a pipelining sender's come all at once. (Not
+                # before the stress began: a first 452 from before it buys what it began.)
+                self._last_record = max(self._overshoot_at, self.factory.stressed_since)
             self._refuse("RCPT", 452, "4.5.3", "Error: too many recipients",
                          recipients=[str(mailbox)], error=self._overshoot > RECIPIENT_OVERSHOOT)
             return None
