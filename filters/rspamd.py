@@ -18,7 +18,9 @@ a class built per request, a body producer on a cooperator, a pool that never ha
 connection to give back. `RspamdClient` takes any object with treq's `request` (tests give
 it StubTreq); with `OneShotHTTP` it asks `fetch` instead: one Deferred from the connection
 to the reply's (code, body), the envelope written as ready header lines, no response
-object, Headers or coroutine layer per scan.
+object, Headers or coroutine layer per scan. rspamd at an IP literal (the usual
+`127.0.0.1:11333`) is reached through `filters._net.DirectTCPEndpoint`: the connection a
+scan pays for is a socket the reactor watches, not connectTCP's connector and transport.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from filters._net import (
     RequestExchange,
     client_endpoint,
     deadline,
+    direct_endpoint,
     parse_address,
     run_exchange,
     with_deadline,
@@ -89,10 +92,14 @@ def make_http_client(
     max_reply: int = MAX_REPLY,
 ) -> tuple[OneShotHTTP, None]:
     """The daemon's HTTP client for rspamd at `address` (TLS, verified against the system's
-    trust roots, for an https URL); it holds no pool (see the module docstring)."""
-    endpoint = client_endpoint(reactor, address, connect_timeout)
+    trust roots, for an https URL); it holds no pool (see the module docstring). An IP
+    literal without TLS is reached through `filters._net.DirectTCPEndpoint`: a connection
+    per scan is then a socket and little more."""
     if tls:
-        endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+        endpoint = wrapClientTLS(optionsForClientTLS(address.host),
+                                 client_endpoint(reactor, address, connect_timeout))
+    else:
+        endpoint = direct_endpoint(reactor, address, connect_timeout)
     # Room for the status line and header fields above the body's own limit.
     return OneShotHTTP(endpoint, address, max_reply + 64 * 1024), None
 

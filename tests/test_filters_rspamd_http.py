@@ -1,10 +1,13 @@
 """The daemon's HTTP client for rspamd (OneShotHTTP): the one request it writes on a fresh
 connection and the replies it reads, fed raw bytes over a MemoryReactor and a
-StringTransport (the real rspamd is in tests/test_filters_rspamd.py)."""
+StringTransport (the real rspamd is in tests/test_filters_rspamd.py); and over
+DirectTCPEndpoint, the plain socket it asks rspamd at an IP literal through."""
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import sys
 from typing import Any
 
@@ -13,9 +16,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
-from filters._net import Address
+from filters import _net
+from filters._net import Address, DirectTCPEndpoint, DirectTransport
 from filters.interface import FilterError, FilterTimeout, ScanContext, Verdict
-from filters.rspamd import OneShotHTTP, RspamdClient
+from filters.rspamd import OneShotHTTP, RspamdClient, make_http_client
 
 REPLY = json.dumps({"action": "reject", "score": 15.5, "required_score": 15.0,
                     "symbols": {"GTUBE": {"score": 15.0}}}).encode()
@@ -196,3 +200,233 @@ class OneShotHTTPTests(TestCase):
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(REPLY)
                               + REPLY)
         self.assertTrue(self.successResultOf(d).spam)
+
+
+class Listener:
+    """A blocking loopback listener of the test's own: the rspamd end of a real socket."""
+
+    def __init__(self, test: TestCase) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(5)
+        self.port = self.sock.getsockname()[1]
+        test.addCleanup(self.sock.close)
+        self.test = test
+
+    def accept(self) -> socket.socket:
+        peer, _ = self.sock.accept()
+        peer.settimeout(5)
+        self.test.addCleanup(peer.close)
+        return peer
+
+
+def read_request(peer: socket.socket) -> bytes:
+    """One request with a Content-Length body, whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += peer.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += peer.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+class DirectConnectionTests(TestCase):
+    """rspamd at an IP literal is asked over DirectTCPEndpoint: a plain socket the reactor
+    watches (here a MemoryReactorClock, driven by hand), the other end a real loopback
+    listener of the test's own."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+
+    def client(self, port: int, timeout: float = 5.0) -> RspamdClient:
+        http, _pool = make_http_client(self.reactor, Address("127.0.0.1", port), timeout,
+                                       max_reply=4096)
+        return RspamdClient(http, self.reactor, url=f"http://127.0.0.1:{port}",
+                            timeout=timeout)
+
+    def transport(self) -> DirectTransport:
+        (transport,) = [r for r in self.reactor.readers if isinstance(r, DirectTransport)]
+        return transport
+
+    def read_all(self, transport: DirectTransport) -> None:
+        """What the reactor does while the socket is readable, until it is closed."""
+        for _ in range(100):
+            if transport.closed:
+                return
+            transport.doRead()
+        raise AssertionError("the connection was never closed")
+
+    def test_a_scan_is_a_socket_of_its_own_not_a_connector(self) -> None:
+        # Through connectTCP each scan built a connector, a client transport resolving its
+        # address, a connect timer and an endpoint's wrappers, and flushed an empty buffer
+        # in another reactor turn before the close: more CPU than the rest of the scan.
+        listener = Listener(self)
+        client = self.client(listener.port)
+        self.assertIsInstance(client.http.endpoint, DirectTCPEndpoint)
+        d = defer.Deferred.fromCoroutine(client.scan(MESSAGE, ScanContext(queue_id="Q1")))
+        self.assertEqual(self.reactor.tcpClients, [])
+        peer = listener.accept()
+        request = read_request(peer)  # written at once: the loopback connect is immediate
+        self.assertTrue(request.startswith(b"POST /checkv2 HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nQueue-Id: Q1\r\n", request)
+        self.assertTrue(request.endswith(b"\r\n\r\n" + MESSAGE))
+        transport = self.transport()
+        self.assertEqual(self.reactor.writers, set())  # all sent, nothing to watch for
+        peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                     % len(REPLY) + REPLY)
+        self.read_all(transport)
+        self.assertTrue(self.successResultOf(d).spam)
+        self.assertEqual(transport.sock.fileno(), -1)  # closed
+        self.assertEqual((self.reactor.readers, self.reactor.writers), (set(), set()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        peer.settimeout(5)
+        self.assertEqual(peer.recv(10), b"")  # our side closed it
+
+    def test_a_reply_cut_short_is_a_filter_error(self) -> None:
+        listener = Listener(self)
+        d = defer.Deferred.fromCoroutine(self.client(listener.port).scan(MESSAGE))
+        peer = listener.accept()
+        read_request(peer)
+        peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + REPLY[:20])
+        peer.close()
+        self.read_all(self.transport())
+        reason = self.failureResultOf(d, FilterError).value.reason
+        self.assertIn("connection closed in the middle of the body", reason)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_nothing_listening_is_cannot_reach(self) -> None:
+        listener = Listener(self)
+        port = listener.port
+        listener.sock.close()
+        d = defer.Deferred.fromCoroutine(self.client(port).scan(MESSAGE))
+        for connecting in list(self.reactor.writers):  # (if the refusal came later)
+            connecting.doWrite()
+        reason = self.failureResultOf(d, FilterError).value.reason
+        self.assertIn(f"cannot reach http://127.0.0.1:{port}", reason)
+        self.assertIn("refused", reason)
+        self.assertEqual((self.reactor.readers, self.reactor.writers), (set(), set()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_silent_rspamd_times_out_and_the_socket_is_closed(self) -> None:
+        listener = Listener(self)
+        d = defer.Deferred.fromCoroutine(self.client(listener.port).scan(MESSAGE))
+        peer = listener.accept()
+        read_request(peer)
+        transport = self.transport()
+        self.reactor.advance(5.0)
+        self.failureResultOf(d, FilterTimeout)
+        self.assertTrue(transport.closed)
+        self.assertEqual((self.reactor.readers, self.reactor.writers), (set(), set()))
+        self.reactor.advance(0)  # the protocol hears of the abort in the next turn
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(peer.recv(10), b"")
+
+    def test_a_connect_in_progress_waits_for_the_socket_to_be_writable(self) -> None:
+        sockets = self.pending_sockets()
+        d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
+        (connecting,) = self.reactor.writers
+        self.assertEqual(self.reactor.readers, set())
+        sockets[0].connected = True
+        connecting.doWrite()
+        self.assertIn(b"POST /checkv2 ", sockets[0].sent)
+        (transport,) = self.reactor.readers
+        self.assertIsInstance(transport, DirectTransport)
+        sockets[0].replies.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                  % len(REPLY) + REPLY)
+        transport.doRead()
+        self.assertTrue(self.successResultOf(d).spam)
+        self.assertTrue(sockets[0].closed)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # the connect timer too
+
+    def test_a_connect_that_never_completes_times_out(self) -> None:
+        sockets = self.pending_sockets()
+        d = defer.Deferred.fromCoroutine(self.client(11333, timeout=3.0).scan(MESSAGE))
+        self.reactor.advance(3.0)
+        # The connect timeout (Twisted's message), armed before the scan's deadline.
+        self.assertIn("timeout", self.failureResultOf(d, FilterError).value.reason)
+        self.assertTrue(sockets[0].closed)
+        self.assertEqual(self.reactor.writers, set())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_refusal_found_once_writable_is_cannot_reach(self) -> None:
+        sockets = self.pending_sockets()
+        d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
+        (connecting,) = self.reactor.writers
+        sockets[0].error = errno.ECONNREFUSED
+        connecting.doWrite()
+        self.assertIn("Connection refused", self.failureResultOf(d, FilterError).value.reason)
+        self.assertTrue(sockets[0].closed)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_request_the_socket_takes_in_parts_is_sent_whole_in_order(self) -> None:
+        sockets = self.pending_sockets(connected=True, send_at_most=7)
+        d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
+        (transport,) = self.reactor.writers
+        while transport in self.reactor.writers:
+            transport.doWrite()
+        self.assertTrue(sockets[0].sent.endswith(b"\r\n\r\n" + MESSAGE))
+        self.assertTrue(sockets[0].sent.startswith(b"POST /checkv2 HTTP/1.1\r\n"))
+        sockets[0].replies.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                  % len(REPLY) + REPLY)
+        transport.doRead()
+        self.assertTrue(self.successResultOf(d).spam)
+
+    def pending_sockets(self, *, connected: bool = False,
+                        send_at_most: int = 1 << 20) -> list[FakeSocket]:
+        """Sockets the endpoint makes from now on: FakeSockets, connecting until told."""
+        made: list[FakeSocket] = []
+
+        def make(*args: Any) -> FakeSocket:
+            made.append(FakeSocket(connected, send_at_most))
+            return made[-1]
+
+        self.patch(_net.socket, "socket", make)
+        return made
+
+
+class FakeSocket:
+    """A non-blocking socket whose connect is in progress until `connected` is set."""
+
+    def __init__(self, connected: bool, send_at_most: int) -> None:
+        self.connected = connected
+        self.send_at_most = send_at_most
+        self.error = 0
+        self.sent = b""
+        self.replies: list[bytes] = []
+        self.closed = False
+
+    def setblocking(self, flag: bool) -> None:
+        assert not flag
+
+    def connect_ex(self, address: Any) -> int:
+        return 0 if self.connected else errno.EINPROGRESS
+
+    def getpeername(self) -> Any:
+        if not self.connected:
+            raise OSError(errno.ENOTCONN, "not connected")
+        return ("127.0.0.1", 11333)
+
+    def getsockopt(self, level: int, name: int) -> int:
+        return self.error
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 99
+
+    def send(self, data: Any) -> int:
+        if not self.connected:
+            raise BlockingIOError()
+        part = bytes(data[:self.send_at_most])
+        self.sent += part
+        return len(part)
+
+    def recv(self, size: int) -> bytes:
+        if self.replies:
+            return self.replies.pop(0)
+        raise BlockingIOError()
+
+    def close(self) -> None:
+        self.closed = True
