@@ -218,6 +218,7 @@ class _Connecting:
             return
         self._stop()
         self.sock.close()
+        self.fd = -1  # (as DirectTransport._shut)
         self.done.errback(Failure(why))
 
     def _stop(self) -> None:
@@ -342,6 +343,9 @@ class DirectTransport:
         self.reactor.removeReader(self)
         self.reactor.removeWriter(self)
         self.sock.close()
+        # Its number may be a new socket's from now on: a late removeReader (the reactor
+        # tidying after an error) must not take that one's place in the reactor.
+        self.fd = -1
 
     def _close(self, reason: BaseException) -> None:
         if self.closed:

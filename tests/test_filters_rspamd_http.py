@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
@@ -281,6 +282,7 @@ class DirectConnectionTests(TestCase):
         self.read_all(transport)
         self.assertTrue(self.successResultOf(d).spam)
         self.assertEqual(transport.sock.fileno(), -1)  # closed
+        self.assertEqual(transport.fileno(), -1)
         self.assertEqual((self.reactor.readers, self.reactor.writers), (set(), set()))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         peer.settimeout(5)
@@ -345,10 +347,12 @@ class DirectConnectionTests(TestCase):
     def test_a_connect_that_never_completes_times_out(self) -> None:
         sockets = self.pending_sockets()
         d = defer.Deferred.fromCoroutine(self.client(11333, timeout=3.0).scan(MESSAGE))
+        (connecting,) = self.reactor.writers
         self.reactor.advance(3.0)
         # The connect timeout (Twisted's message), armed before the scan's deadline.
         self.assertIn("timeout", self.failureResultOf(d, FilterError).value.reason)
         self.assertTrue(sockets[0].closed)
+        self.assertEqual(connecting.fileno(), -1)
         self.assertEqual(self.reactor.writers, set())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -430,3 +434,29 @@ class FakeSocket:
 
     def close(self) -> None:
         self.closed = True
+
+
+class ClosedDescriptorTests(TestCase):
+    def test_a_late_remove_of_a_closed_connection_leaves_its_numbers_new_socket(self) -> None:
+        # The reactor finds a descriptor by its fileno(): once the socket is closed its
+        # number may be a new connection's, which a late removeReader of the old one (the
+        # reactor tidying after an error it caught) must leave registered. A reactor of
+        # the test's own, never run.
+        from twisted.internet.epollreactor import EPollReactor
+
+        reactor: Any = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        number = left.fileno()
+        old = DirectTransport(reactor, left, Protocol(), None)
+        old.loseConnection()
+        newcomer, other = socket.socketpair()
+        self.addCleanup(newcomer.close)
+        self.addCleanup(other.close)
+        self.assertEqual(newcomer.fileno(), number)  # the number is the new socket's
+        new = DirectTransport(reactor, newcomer, Protocol(), None)
+        reactor.removeReader(old)
+        self.assertIn(new, reactor.getReaders())
+        reactor.removeReader(new)
