@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import sqlalchemy as sa
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.state import thd_folder
 from mailcore.store.schema import mailapi_mail, mailboxes
 from tests.support.oauth import Client, register
 from tests.support.pages import csrf_cookie, csrf_field
@@ -386,3 +387,40 @@ class OwnershipTests(TestCase):
         problems += await self.alike("drop", "POST", "/oauth/revoke", "/oauth/revoke",
                                      revokes)  # type: ignore[arg-type]
         self.assertEqual(problems, [], "\n".join(problems))
+
+    async def test_alices_object_under_mallorys_own_is_not_found(self) -> None:
+        """A route naming a parent and its child: mallory's own parent (a bundle, an account,
+        a folder of it) with alice's child is answered as a child that exists nowhere, and
+        changes nothing."""
+        web, core = self.web, self.web.core
+        mallory = self.client.user
+        self.web.clock.advance(1)
+        status, _, bundle = await web.call("POST", "/dropbundles", headers={
+            **self.mallory["safedrop"], "Content-Type": FORM}, data=b"subject=mine")
+        assert status == 200, (status, bundle)
+        account = await core.fetch.accounts.create(
+            mallory.id, name="m", email="m@x.test", host="127.0.0.1", port=993,
+            use_ssl=True, password="pw")
+        folder = await core.db.run("folder", lambda c: thd_folder(c, account.id, "INBOX").id)
+        mine = {"safedrop": {"bundle_id": bundle["id"]},
+                "dropmyemail": {"account_id": account.id, "mailbox_id": folder}}
+        problems, asked = [], 0
+        for route, (app, method, rule) in sorted(
+                operations(self.estate).items(),
+                key=lambda item: (item[1][1] == "DELETE", item[0])):
+            names = [m.group("name") for m in _PLACEHOLDER.finditer(rule)]
+            if app not in mine or len(names) < 2:
+                continue
+            # Each split: the first `n` placeholders mallory's, the rest alice's.
+            for n in range(1, len(names)):
+                if not all(name in mine[app] for name in names[:n]):
+                    break
+                ours = {name: mine[app][name] for name in names[:n]}
+                query = QUERIES.get(rule, "")
+                body = self.bodies.get(route, ("application/json", b""))
+                asked += 1
+                problems += await self.alike(
+                    app, method, filled(rule, {**self.estate.ids[app], **ours}) + query,
+                    filled(rule, {**ABSENT, **ours}) + query, (body[1], body[1]), body[0])
+        self.assertEqual(problems, [], "\n".join(problems))
+        self.assertGreaterEqual(asked, 10)
