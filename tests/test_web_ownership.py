@@ -372,6 +372,30 @@ class OwnershipTests(TestCase):
             problems += await self.alike("mailapi", "POST", "/api/v1/mail/", "/api/v1/mail/",
                                          mails, "application/json",  # type: ignore[arg-type]
                                          stores=True)
+        # A mail's read-only keys (id, mailbox, attachments) naming alice's mail, on a new
+        # mail and on a PUT of mallory's own draft: they change nothing.
+        alices_mail = ids["mailapi"]["mail_id"]
+        keys = tuple(json.dumps({
+            "id": mail, "mailbox": box, "from": "mallory@m.test", "to": "x@far.test",
+            "status": "draft",
+            "attachments": [{"index": 1, "url": f"/api/v1/mail/{mail}/attachments/1"}],
+        }).encode() for mail, box in ((alices_mail, ids["mailapi"]["email"]),
+                                      (ABSENT["mail_id"], ABSENT["email"])))
+        problems += await self.alike("mailapi", "POST", "/api/v1/mail/", "/api/v1/mail/",
+                                     keys, "application/json",  # type: ignore[arg-type]
+                                     stores=True)
+        self.web.clock.advance(1)
+        code, _, draft = await self.web.call(
+            "POST", "/api/v1/mail/", headers=self.mallory["mailapi"],
+            json={"from": "mallory@m.test", "status": "draft"})
+        assert code == 201, (code, draft)
+        own = f"/api/v1/mail/{draft['id']}"
+        problems += await self.alike("mailapi", "PUT", own, own, keys,  # type: ignore[arg-type]
+                                     "application/json", stores=True)
+        self.web.clock.advance(1)
+        code, _, mine = await self.web.call("GET", own, headers=self.mallory["mailapi"])
+        self.assertEqual((code, mine["id"], mine["mailbox"], mine["attachments"]),
+                         (200, draft["id"], "mallory@m.test", []))
         # Kept as mallory's drafts, in her own mailbox: alice's holds nothing new.
         self.assertEqual(await core.db.read("alice's box", alices_box), before)
         # OAuth: deleting alice's app, revoking it (mallory never let it in), and revoking
