@@ -8,9 +8,13 @@ credential of each API. The routes are the Klein url_maps themselves: for every 
 placeholder and every method it serves, mallory's request for alice's object must be the
 API's not-found, answered exactly as for an id that exists nowhere (same status, same body:
 no existence oracle), and must change no row of the store (nothing of alice's changed,
-nothing stored for mallory). Every route without a placeholder that answers GET is read as
-mallory and must show nothing of alice's. A route added later fails here, named, until
-`BODIES`, the estate or `NOT_OWNER_SCOPED` says how to ask for it or why not.
+nothing stored for mallory); HEAD included, and a parent of mallory's own with a child of
+alice's. Every route without a placeholder that answers GET is read as mallory and must show
+nothing of alice's, and be what she reads in a store where alice has nothing. Ids in queries
+and bodies (a list's server filter, a cursor, a mail's from and read-only keys, an OAuth
+app's uid, a token to revoke) are answered as ids that exist nowhere. A route added later
+fails here, named, until `BODIES`, the estate or `NOT_OWNER_SCOPED` says how to ask for it
+or why not.
 """
 
 from __future__ import annotations
