@@ -490,6 +490,69 @@ class SchedulerTests(TestCase):
         self.assertEqual(self.successResultOf(second).account_id, self.ids[0])
 
 
+class PerUserSlotTests(TestCase):
+    """One user's accounts take at most `max_concurrent_per_user` of the engine's slots:
+    a user with many accounts, or with a server holding each sync up to the command
+    deadline, leaves the other slots to the other users."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.db = synchronous_database()
+        self.accounts = Accounts(self.db, self.clock, SecretBox.generate())
+        self.ids: dict[str, list[int]] = {}
+        for name, count in (("mallory", 5), ("bob", 1), ("carol", 1)):
+            user = self.successResultOf(self.db.run("make_user", thd_make_user, name))
+            self.ids[name] = [
+                self.successResultOf(defer.Deferred.fromCoroutine(self.accounts.create(
+                    user, **{**BASE, "username": f"{name}{i}"}))).id
+                for i in range(count)
+            ]
+        self.engine = FakeEngine(self.clock, self.accounts, FetchSettings(
+            sync_interval=600, jitter=0.1, max_concurrent=4, tick=30))
+
+    def release(self, account_id: int) -> None:
+        self.engine.gates[account_id].callback(None)
+
+    def test_one_users_accounts_leave_slots_to_the_others(self) -> None:
+        scheduler = FetchScheduler(self.engine)
+        scheduler.startService()
+        mallory, bob, carol = self.ids["mallory"], self.ids["bob"], self.ids["carol"]
+        # Before, mallory's first four took every slot: bob's and carol's waited for them.
+        self.assertEqual(self.engine.started, [*mallory[:2], *bob, *carol])
+        self.assertEqual(self.engine.running(), sorted([*mallory, *bob, *carol]))
+        self.release(bob[0])
+        self.release(carol[0])
+        self.assertEqual(self.engine.started, [*mallory[:2], *bob, *carol])  # mallory's wait
+        self.release(mallory[0])
+        self.assertEqual(self.engine.started[-1], mallory[2])
+        for account_id in mallory[1:]:
+            self.release(account_id)
+        self.assertEqual(self.engine.started, [*mallory[:2], *bob, *carol, *mallory[2:]])
+        self.assertEqual((self.engine.running(), self.engine._per_user), ([], {}))
+        scheduler.stopService()
+
+    def test_a_sync_asked_for_is_counted_with_its_owners(self) -> None:
+        """A sync asked for through an API (no owner given) is its owner's too; stopping
+        the engine cancels those waiting as those running."""
+        mallory, bob = self.ids["mallory"], self.ids["bob"]
+        syncs = [self.engine.sync(account_id) for account_id in [*mallory, *bob]]
+        self.assertEqual(self.engine.started, [*mallory[:2], *bob])
+        stopped = defer.Deferred.fromCoroutine(self.engine.stop())
+        self.successResultOf(stopped)
+        for d in syncs:
+            self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.engine.started, [*mallory[:2], *bob])
+        self.assertEqual((self.engine.running(), self.engine._per_user), ([], {}))
+
+    def test_the_bound_is_a_setting(self) -> None:
+        settings = FetchSettings.from_section({"max_concurrent_per_user": 3})
+        self.assertEqual((settings.max_concurrent, settings.max_concurrent_per_user), (4, 3))
+        self.assertEqual(FetchSettings().max_concurrent_per_user, 2)
+        with self.assertRaises(ConfigError):
+            FetchSettings.from_section({"max_concurrent_per_user": 0})
+
+
 class UndecryptablePasswordTests(TestCase):
     def test_sync_reports_a_password_the_key_cannot_open(self) -> None:
         clock = Clock()

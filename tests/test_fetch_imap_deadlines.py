@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import FetchTimeout
 from mailcore.fetch.imap import IMAPClient
-from tests.support.fetchenv import make_env
+from tests.support.fetchenv import make_env, thd_make_user
 from tests.support.reactor import get_reactor
 from tests.test_fetch_imap_hostile import (
     FakeIMAP,
@@ -204,3 +204,35 @@ class TricklingServerTests(TestCase):
             b"* 1 FETCH (UID 1 FLAGS ())", idle_timeout=60.0, command_timeout=1.5)
         self.assertEqual(result.status, "error")
         self.assertIn("answered no command for 1.5 s", result.problems())
+
+
+class SlotHoldingServerTests(TestCase):
+    """A user's servers that hold each sync up to the command deadline take at most
+    `max_concurrent_per_user` of the engine's slots: another user's account syncs
+    meanwhile instead of waiting for them."""
+
+    timeout = 30
+
+    async def test_another_users_sync_does_not_wait_for_a_hostile_server(self) -> None:
+        (hostile, hostile_port), (_honest, honest_port) = cleartext_servers(self, 2)
+        hostile.hooks["LIST"] = lambda conn, tag, rest: True  # never answered
+        env = await make_env(self, max_concurrent=2, max_concurrent_per_user=1,
+                             idle_timeout=60.0, command_timeout=3.0)
+        bob = await env.db.run("make_user", thd_make_user, "bob")
+        held = [await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=hostile_port, username=f"m{i}",
+            password="pw", allow_cleartext=True, start_tls=False) for i in range(2)]
+        mine = await env.accounts.create(
+            bob, host="127.0.0.1", port=honest_port, username="bob", password="pw",
+            allow_cleartext=True, start_tls=False)
+        hung = [env.engine.sync(account.id) for account in held]
+        result = await env.engine.sync(mine.id)
+        # Before, the two hostile syncs held both slots: bob's waited for the first to
+        # fail at its command deadline.
+        self.assertEqual((result.status, result.new_messages), ("success", 1))
+        self.assertEqual([d.called for d in hung], [False, False])
+        self.assertEqual(len(hostile.connections), 1)  # the second waits for the first
+        for d in hung:
+            outcome = await d
+            self.assertIn("answered no command for 3 s", outcome.problems() or "")
+        self.assertEqual(len(hostile.connections), 2)

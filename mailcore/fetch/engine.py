@@ -317,6 +317,10 @@ class SyncEngine:
         self.settings = settings or FetchSettings()
         self.tls_factory = tls_factory
         self._limit = defer.DeferredSemaphore(self.settings.max_concurrent)
+        # One semaphore per user with a sync waiting or running (max_concurrent_per_user):
+        # taken before the engine's, so a user's syncs beyond it wait holding no slot.
+        self._per_user: dict[int, defer.DeferredSemaphore] = {}
+        self._stopping = False
         self._running: dict[int, defer.Deferred[SyncResult]] = {}
         self._waiters: dict[int, list[defer.Deferred[SyncResult]]] = {}
         # Called once a sync's outcome is committed (not for a cancelled sync); what must
@@ -341,11 +345,15 @@ class SyncEngine:
         return sorted(self._running)
 
     def sync(
-        self, account_id: int, *, due_before: datetime.datetime | None = None
+        self, account_id: int, *, due_before: datetime.datetime | None = None,
+        user_id: int | None = None,
     ) -> defer.Deferred[SyncResult]:
         """Sync an account now (or join the sync already running); fires with the result.
         With `due_before` (the scheduler's due check) it syncs only if the account's last
-        attempt is not later than that when its lease is taken (else: "busy").
+        attempt is not later than that when its lease is taken (else: "busy"). At most
+        `max_concurrent_per_user` syncs of one user (`user_id`, the account's owner; looked
+        up when not given) take slots at once: the others wait for one of the user's to end,
+        holding none of the `max_concurrent`.
 
         Cancelling the returned Deferred of the sync that started it stops that sync: what
         was committed stays, and the account shows the sync as cancelled.
@@ -354,9 +362,7 @@ class SyncEngine:
             waiter: defer.Deferred[SyncResult] = defer.Deferred()
             self._waiters[account_id].append(waiter)
             return waiter
-        main = self._limit.run(
-            lambda: defer.Deferred.fromCoroutine(self._leased_sync(account_id, due_before))
-        )
+        main = defer.Deferred.fromCoroutine(self._queued(account_id, due_before, user_id))
         self._running[account_id] = main
         self._waiters[account_id] = []
 
@@ -372,6 +378,33 @@ class SyncEngine:
         main.addBoth(done)
         return main
 
+    async def _queued(self, account_id: int, due_before: datetime.datetime | None,
+                      user_id: int | None) -> SyncResult:
+        """`_leased_sync` once the user's semaphore, then the engine's, gives it a slot."""
+
+        def start() -> defer.Deferred[SyncResult]:
+            if self._stopping:  # a slot freed by a sync `stop` cancelled: not this one's
+                return defer.fail(defer.CancelledError())
+            return defer.Deferred.fromCoroutine(self._leased_sync(account_id, due_before))
+
+        def leased() -> defer.Deferred[SyncResult]:
+            return self._limit.run(start)
+
+        if user_id is None:
+            try:
+                user_id = await self.accounts.owner_of(account_id)
+            except AccountNotFound:
+                return await leased()  # _sync says so, as before
+        mine = self._per_user.get(user_id)
+        if mine is None:
+            mine = self._per_user[user_id] = defer.DeferredSemaphore(
+                self.settings.max_concurrent_per_user)
+        try:
+            return await mine.run(leased)
+        finally:
+            if mine.tokens == mine.limit and not mine.waiting:
+                self._per_user.pop(user_id, None)
+
     async def sync_now(self, account_id: int) -> SyncResult:
         """`sync` for callers that await."""
         return await self.sync(account_id)
@@ -379,13 +412,17 @@ class SyncEngine:
     async def stop(self) -> None:
         """Cancel every running sync and wait for them to record their state."""
         pending = list(self._running.values())
-        for d in pending:
-            d.cancel()
-        for d in pending:
-            try:
-                await d
-            except Exception as e:  # cancelled or failed: the account shows it
-                log.debug("sync ended on stop: {e!r}", e=e)
+        self._stopping = True  # a sync waiting for a slot starts no more
+        try:
+            for d in pending:
+                d.cancel()
+            for d in pending:
+                try:
+                    await d
+                except Exception as e:  # cancelled or failed: the account shows it
+                    log.debug("sync ended on stop: {e!r}", e=e)
+        finally:
+            self._stopping = False
 
     # -- leases ----------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ The scheduler looks for due accounts every `tick` seconds on the injected clock.
 due when its last attempt (`sync_started_at`, else `last_sync`) is older than its interval
 (the account's `sync_interval`, else the configured one) stretched by a per-attempt random
 jitter, so that accounts added together do not all hit their servers at the same second.
-The engine's semaphore bounds how many run at once; an account already syncing is skipped.
+The engine's semaphore bounds how many run at once, and how many of one user's (so that one
+user's accounts, or their server holding each sync long, leave slots to the others); an
+account already syncing is skipped.
 
 Every node runs a scheduler over the same accounts: a sync leases its account in the store
 first, and a scheduled one only while the account is still due (the check is made again in
@@ -121,7 +123,7 @@ class FetchScheduler(service.Service):
                 continue
             cutoff = self.due_before(account, now)
             self._jitter.pop(account.id, None)  # a fresh jitter for the next round
-            d = self.engine.sync(account.id, due_before=cutoff)
+            d = self.engine.sync(account.id, due_before=cutoff, user_id=account.user_id)
             d.addErrback(self._log_failure, account.id)
             started += 1
         return started

@@ -6,7 +6,8 @@ Every key, with its default (times in seconds, sizes in octets; more on each at 
 [fetch]
 sync_interval = 900.0        # each account is synced about this often (its own wins) ...
 jitter = 0.1                 # ... spread by this fraction either way
-max_concurrent = 4           # accounts synced at once
+max_concurrent = 4           # accounts synced at once ...
+max_concurrent_per_user = 2  # ... of them one user's (the user's others wait, taking none)
 tick = 30.0                  # how often the scheduler looks for accounts due
 max_message_bytes = 67108864 # the largest message fetched (an IMAP literal, a POP3 message)
 batch_messages = 1000        # messages per pipelined fetch, one store transaction ...
@@ -54,6 +55,10 @@ class FetchSettings:
     sync_interval: float = 900.0
     jitter: float = 0.1
     max_concurrent: int = 4
+    # Of them, at most this many of one user's accounts: a user's server that holds each
+    # sync up to command_timeout (or the same user's thousand accounts) keeps the others'
+    # accounts from syncing no more than this lets it. Below max_concurrent to mean anything.
+    max_concurrent_per_user: int = 2
     tick: float = 30.0
     # The biggest message we accept; an IMAP literal or POP3 message over it fails/skips.
     max_message_bytes: int = 64 * 1024 * 1024
