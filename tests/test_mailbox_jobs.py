@@ -34,8 +34,15 @@ from mailcore.fetch.jobs import (
     thd_get_job,
 )
 from mailcore.fetch.secrets import SecretBox, SecretError
+from mailcore.messages.sql import new_id
 from mailcore.store import Database
-from mailcore.store.schema import mailbox_jobs, users, webhook_deliveries, webhooks
+from mailcore.store.schema import (
+    fetch_accounts,
+    mailbox_jobs,
+    users,
+    webhook_deliveries,
+    webhooks,
+)
 from tests.support.db import DatabaseMixin
 from tests.support.fetchenv import thd_make_user
 
@@ -394,6 +401,62 @@ class JobRunnerMixin(DatabaseMixin):
         self.assertEqual((await self.job(a, restore)).status, "done")
         self.assertEqual(await b.tick(), 1)
         self.assertEqual(recorder.runs[-1], ("node-b", into))
+
+
+    async def test_one_users_jobs_leave_slots_to_the_others(self) -> None:
+        """A user's jobs take at most `max_per_user` of a node's slots: before, mallory's
+        first four restores (each of its own mailbox) took all four, and bob's waited for
+        them, hours if mallory's servers hold each run to the command deadline."""
+        recorder = Recorder()
+        a, _b, clock, first = await self.nodes(recorder)
+        db = a.db
+        mallory = (await self.job(a, first)).user_id
+        accounts = Accounts(db, clock, SecretBox(Fernet.generate_key()))
+        now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+
+        async def restore(owner: int, username: str) -> int:
+            account = await accounts.create(owner, host="127.0.0.1", port=143,
+                                            username=username, password="pw",
+                                            allow_cleartext=True)
+            return int(await db.run("job", thd_create_job, {
+                "kind": "restore", "user_id": owner, "account_id": account.id,
+                "status": "queued", "created_at": now, "updated_at": now}))
+
+        model = await restore(mallory, "m")
+
+        def many(conn: Connection) -> list[int]:
+            """150 more of hers, each of its own account (a mailbox of its own)."""
+            job = conn.execute(select(mailbox_jobs).where(mailbox_jobs.c.id == model)).one()
+            row = conn.execute(select(fetch_accounts).where(
+                fetch_accounts.c.id == job.account_id)).one()._asdict()
+            made = []
+            for i in range(150):
+                account = new_id(conn.execute(insert(fetch_accounts).values(
+                    {**{k: v for k, v in row.items() if k != "id"}, "username": f"m{i}"})))
+                made.append(thd_create_job(conn, {
+                    "kind": "restore", "user_id": mallory, "account_id": account,
+                    "status": "queued", "created_at": now, "updated_at": now}))
+            return made
+
+        hers = [first, model, *await db.run("many", many)]
+        bob = await db.run("bob", thd_make_user, "bob")
+        his = await restore(bob, "bob")
+        self.assertEqual(await a.tick(), 2)  # a hundred of hers looked at, none of his
+        self.assertEqual(await a.tick(), 1)  # hers no longer looked at: his is
+        self.assertEqual(sorted(a.running_jobs()), sorted([*hers[:2], his]))
+        self.assertEqual(await a.tick(), 0)
+        recorder.release[hers[0]].callback(None)
+        recorder.release[his].callback(None)
+        await a.wait(hers[0])
+        await a.wait(his)
+        self.assertEqual(await a.tick(), 1)
+        self.assertEqual(sorted(a.running_jobs()), sorted(hers[1:3]))  # one more of hers
+        self.assertEqual([job for _node, job in recorder.runs],
+                         [hers[0], hers[1], his, hers[2]])
+        for job_id in hers[1:3]:
+            recorder.release[job_id].callback(None)
+        await a.settle()
+        self.assertEqual(a._owners, {})
 
 
 class SQLiteJobRunnerTests(JobRunnerMixin, TestCase):

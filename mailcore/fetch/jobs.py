@@ -10,6 +10,11 @@ marked running when its node died resumes by itself: what it recorded stays, and
 had in flight are looked for at the destination before anything is sent again
 (`mailcore.fetch.migrate`).
 
+A node runs at most `JobSettings.max_concurrent` jobs at once, at most `max_per_user` of one
+user's: a user's further due jobs wait, queued, leaving the other slots to the other users'
+(a destination that holds each run up to the command deadline, retried eight times, held a
+slot for hours; four such jobs of one user held every slot).
+
 One job at a time writes to a mailbox (host, port, user: a migrate's destination, a
 restore's own account), whichever kind, account or user it is of: a due job waits, queued,
 while another writing there runs (its lease live), and starts at a later poll once that one
@@ -99,6 +104,10 @@ class JobSettings:
 
     poll: float = 5.0
     max_concurrent: int = 4
+    # Of them, at most this many of one user's on one node: a user's destinations that hold
+    # each run up to the command deadline (and its retries after), or the same user's many
+    # jobs, leave the other slots to the other users' jobs.
+    max_per_user: int = 2
     max_attempts: int = 8
     retry_base: float = 10.0
     retry_max: float = 600.0
@@ -406,6 +415,7 @@ class JobRunner(service.Service):
         self.metrics = metrics
         self.on_finished = on_finished
         self._running: dict[int, defer.Deferred[None]] = {}
+        self._owners: dict[int, int] = {}  # the user of each job running here
         self._claiming: set[int] = set()
         # Runs this node cancels because their user was disabled: queued again, not ended.
         self._pausing: set[int] = set()
@@ -486,29 +496,36 @@ class JobRunner(service.Service):
     # -- finding and claiming jobs ---------------------------------------------------------
 
     async def tick(self) -> int:
-        """Start every due job this node can claim (not waiting for them); how many."""
+        """Start every due job this node can claim (not waiting for them), at most
+        `max_per_user` of one user's running here at once; how many."""
         seconds = self.reactor.seconds()
+        full = sorted(self._full_users())
 
-        def due(conn: Connection) -> tuple[list[int], dict[tuple[str, str], int]]:
-            ids = [int(r[0]) for r in conn.execute(
-                select(mailbox_jobs.c.id)
+        def due(conn: Connection) -> tuple[list[tuple[int, int]], dict[tuple[str, str], int]]:
+            query = (
+                select(mailbox_jobs.c.id, mailbox_jobs.c.user_id)
                 .select_from(mailbox_jobs.join(users, users.c.id == mailbox_jobs.c.user_id))
                 .where(mailbox_jobs.c.status.in_(ACTIVE),
                        mailbox_jobs.c.next_attempt_at <= seconds,
                        users.c.is_active.is_(True))
-                .order_by(mailbox_jobs.c.id).limit(100)
-            )]
-            return ids, thd_counts(conn)
+            )
+            if full:  # their jobs would fill the hundred looked at, the others' never
+                query = query.where(mailbox_jobs.c.user_id.not_in(full))
+            found = [(int(r[0]), int(r[1]))
+                     for r in conn.execute(query.order_by(mailbox_jobs.c.id).limit(100))]
+            return found, thd_counts(conn)
 
-        ids, counts = await self.db.read("due_mailbox_jobs", due)
+        found, counts = await self.db.read("due_mailbox_jobs", due)
         if self.metrics is not None:
             self.metrics.counts(counts)
         started = 0
-        for job_id in ids:
+        for job_id, user_id in found:
             if self._stopping or len(self._running) >= self.settings.max_concurrent:
                 break
             if job_id in self._running or job_id in self._claiming:
                 continue
+            if user_id in self._full_users():
+                continue  # the user's others run here: a later poll
             self._claiming.add(job_id)  # this node's lease is renewable by this node
             try:
                 job = await self._claim(job_id)
@@ -519,6 +536,13 @@ class JobRunner(service.Service):
             self._start(job)
             started += 1
         return started
+
+    def _full_users(self) -> set[int]:
+        """The users with `max_per_user` jobs running (or being claimed) here."""
+        counts: dict[int, int] = {}
+        for user_id in self._owners.values():
+            counts[user_id] = counts.get(user_id, 0) + 1
+        return {u for u, n in counts.items() if n >= self.settings.max_per_user}
 
     async def _claim(self, job_id: int) -> Job | None:
         """Lease job `job_id` for this node and mark it running, if it is still due; the
@@ -551,11 +575,13 @@ class JobRunner(service.Service):
         return await self.db.run("claim_mailbox_job", txn)
 
     def _start(self, job: Job) -> None:
+        self._owners[job.id] = job.user_id
         d = defer.Deferred.fromCoroutine(self._run(job))
         self._running[job.id] = d
 
         def done(outcome: Any) -> None:
             self._running.pop(job.id, None)
+            self._owners.pop(job.id, None)
             if isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
                 log.failure("job {id} ended badly", outcome, id=job.id)
             if not self._stopping:
