@@ -4,7 +4,9 @@ We keep Twisted's line/literal reader and its tagged-command queue, and replace 
 unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4, 7, 8):
 
 - literals are bounded: a `{N}` over `max_literal` fails the session with LiteralTooLarge
-  before a byte of it is buffered, and the bytes received for one command are bounded too;
+  before a byte of it is buffered, and the bytes received for one command are bounded too
+  (each line counting LINE_COST more, for the object it is kept as), as are the FETCH
+  replies a UID FETCH takes;
 - STARTTLS discards whatever plaintext followed the server's OK, and CAPABILITY is asked
   again over TLS;
 - TLS is always verified (the caller passes a connection creator from mailcore.fetch.tls),
@@ -88,6 +90,13 @@ ARRIVING = 10_000
 # The most UIDs a UID SEARCH may answer (as POP3's MAX_MESSAGES bounds a mailbox): each is
 # parsed on the reactor and held, in a list and a set, by the sync.
 MAX_SEARCH = 1_000_000
+# What one line of a reply costs against a command's `max_reply_bytes` beyond its bytes:
+# Twisted's reader keeps each untagged line of a command as a bytes object in a list (about
+# 60 bytes more than the line in CPython). Counting bytes alone, 144 MB of "* a" lines
+# were 29 million objects: a gigabyte and two minutes of the reactor for one command.
+LINE_COST = 64
+# FETCH replies naming its UIDs a UID FETCH of a list takes beyond two a UID.
+LIST_SLACK = 100
 # Why a connection to an account's host is refused (after the host; which addresses it
 # resolved to are the operator's, never the user's: they would map internal names).
 REFUSAL = "is where this server does not connect"
@@ -679,7 +688,7 @@ class IMAPClient(imap4.IMAP4Client):
     def lineReceived(self, line: bytes) -> None:
         if self._dead:
             return
-        self._inflight += len(line) + 2
+        self._inflight += len(line) + 2 + LINE_COST
         if self._inflight > self.max_reply_bytes:
             self._fail(ProtocolFailed(
                 f"{self.host} sent more than {self.max_reply_bytes} bytes for one command"
@@ -1028,8 +1037,14 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         queueing several lists before awaiting). Both go on the bulk path when they can,
         whose reader parses each reply as it arrives: a list beside other lists, a set
         alone (it takes every FETCH reply while it is in flight). A set whose reply holds
-        more than `max_items` FETCH replies ends the session (ProtocolFailed)."""
+        more than `max_items` FETCH replies ends the session (ProtocolFailed), as does a list
+        on the bulk path given more than two replies a UID (and LIST_SLACK)."""
         uid_set = uids if isinstance(uids, bytes) else compress_set(uids)
+        if not isinstance(uids, bytes) and max_items is None:
+            # On the bulk path a list takes the replies naming its UIDs: each once, maybe a
+            # flag change told beside. One UID's reply sent again and again was kept each
+            # time (the bytes bound let 5 million small ones be a gigabyte of FetchItems).
+            max_items = 2 * len(uids) + LIST_SLACK
         args = uid_set + b" (" + items + b")"
         if modifiers:
             args += b" (" + modifiers + b")"
@@ -1037,7 +1052,7 @@ any case too (as INBOX when it is listed so, else as first listed). Only
             if self._bulk is None and self._bulk_possible():
                 return self._bulk_send(None, args, max_items)
         elif self._bulk_set is None and self._bulk_possible():
-            return self._bulk_send(uids, args)
+            return self._bulk_send(uids, args, max_items)
         d = self.send(b"UID FETCH", args)  # after the command(s) in flight, on Twisted's reader
 
         def parse(result: tuple[list[bytes], bytes]) -> list[FetchItem]:

@@ -1,0 +1,105 @@
+"""A server flooding a command with small replies holds memory in proportion to its bytes.
+
+A command's reply was bounded in bytes only (`IMAPClient.max_reply_bytes`, 144 MiB by
+default), but what the client keeps of it is objects: Twisted's reader keeps each untagged
+line of a command (a LIST, a CAPABILITY, an EXAMINE) in a list, and the bulk reader each
+FETCH reply naming a UID of a pipelined list. 144 MB of `* a` lines were 29 million bytes
+objects (a gigabyte, and two minutes of the reactor, for one command); the same FETCH reply
+of one UID sent again and again was a FetchItem each time. The unit tests drive a session
+over a StringTransport; the last one runs the whole engine against a loopback server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.errors import ProtocolFailed
+from mailcore.fetch.imap import LINE_COST, LIST_SLACK, IMAPClient
+from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_account, cleartext_servers
+
+
+def connected(**kw: Any) -> tuple[IMAPClient, StringTransport]:
+    client = IMAPClient(Clock(), host="fake", **kw)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"* OK ready\r\n")
+    return client, transport
+
+
+class UntaggedFloodTests(TestCase):
+    def test_each_line_kept_counts_beyond_its_bytes(self) -> None:
+        """100,000 lines `* a` are 500 kB: within a 1 MiB bound by their bytes, they were
+        all kept; each counts LINE_COST more, so the session ends at about 15,000."""
+        client, transport = connected(max_reply_bytes=1024 * 1024)
+        d = client.send(b"LIST", b'"" "*"')
+        chunk = b"* a\r\n" * 10_000
+        for _ in range(10):
+            client.dataReceived(chunk)
+        error = self.failureResultOf(d).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn("sent more than 1048576 bytes for one command", str(error))
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(client._inflight, 1024 * 1024 + 5 + LINE_COST)
+
+    def test_a_reply_of_honest_lines_is_read_whole(self) -> None:
+        """A LIST of 10,000 folders (the most a sync takes) is far within the default."""
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.list_all())
+        client.dataReceived(b"".join(b'* LIST () "/" "Folder %05d"\r\n' % i
+                                     for i in range(10_000)) + b"0001 OK listed\r\n")
+        self.assertEqual(len(self.successResultOf(d).folders), 10_000)
+
+
+class RepeatedFetchTests(TestCase):
+    def test_one_uids_reply_again_and_again_ends_the_session(self) -> None:
+        """A batch of one UID answered with its FETCH reply 1,000 times: before, a FetchItem
+        each time, as many as the bytes bound let in."""
+        client, transport = connected()
+        d = client.uid_fetch([7], b"UID FLAGS")
+        client.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n" * 1000)
+        error = self.failureResultOf(d).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn(f"more than {2 + LIST_SLACK} FETCH replies", str(error))
+        self.assertTrue(transport.disconnecting)
+
+    def test_twice_a_uid_is_taken(self) -> None:
+        """Each UID's reply and a flag change told beside it, for a pipelined batch: both
+        read, the last one's flags kept by the engine."""
+        client, _transport = connected()
+        d = client.uid_fetch([1, 2], b"UID FLAGS")
+        client.dataReceived(b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 FLAGS ())\r\n"
+                            b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n"
+                            b"* 2 FETCH (UID 2 FLAGS (\\Seen))\r\n0001 OK fetched\r\n")
+        self.assertEqual([(i.uid, i.flags) for i in self.successResultOf(d)],
+                         [(1, ()), (2, ()), (1, ("\\Seen",)), (2, ("\\Seen",))])
+
+
+class FloodingServerTests(TestCase):
+    """The engine against a server answering a body fetch with its one message's FETCH
+    reply repeated: the folder gets an error, and nothing is stored twice."""
+
+    timeout = 30
+
+    async def test_a_body_sent_again_and_again_is_a_folder_error(self) -> None:
+        body = b"Subject: hi\r\n\r\nhello\r\n"
+        one = b"* 1 FETCH (UID 1 FLAGS () RFC822.SIZE %d BODY[] {%d}\r\n%s)\r\n" % (
+            len(body), len(body), body)
+
+        def flood(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if b"BODY" not in rest:
+                return None
+            conn.transport.write(one * 5000 + tag + b" OK fetched\r\n")
+            return True
+
+        (factory, port), = cleartext_servers(self, 1)
+        factory.hooks["UID FETCH"] = flood
+        env, account = await cleartext_account(self, port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("error", 0))
+        self.assertIn(f"INBOX: 127.0.0.1:{port} sent more than {2 + LIST_SLACK} FETCH "
+                      "replies for one UID FETCH", result.problems() or "")
