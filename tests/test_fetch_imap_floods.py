@@ -16,10 +16,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.mail import imap4
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import ProtocolFailed
-from mailcore.fetch.imap import LINE_COST, LIST_SLACK, IMAPClient
+from mailcore.fetch.imap import LINE_COST, LIST_SLACK, MAX_CAPABILITY, IMAPClient
 from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_account, cleartext_servers
 
 
@@ -53,6 +54,62 @@ class UntaggedFloodTests(TestCase):
         client.dataReceived(b"".join(b'* LIST () "/" "Folder %05d"\r\n' % i
                                      for i in range(10_000)) + b"0001 OK listed\r\n")
         self.assertEqual(len(self.successResultOf(d).folders), 10_000)
+
+
+class CapabilityFloodTests(TestCase):
+    def words(self, n: int) -> bytes:
+        return b" ".join(b"X%06x" % i for i in range(n))
+
+    def test_a_greetings_capability_code_is_not_parsed(self) -> None:
+        """Twisted parsed the greeting's [CAPABILITY ...] into a dict (15 MB of words: 30 s
+        of the reactor and 1.8 GB); CAPABILITY is asked once logged in, so it is not read."""
+        parsed: list[bytes] = []
+        real = imap4.parseNestedParens
+        self.patch(imap4, "parseNestedParens",
+                   lambda s, *a: parsed.append(s) or real(s, *a))  # type: ignore[func-returns-value]
+        client = IMAPClient(Clock(), host="fake")
+        client.makeConnection(StringTransport())
+        client.dataReceived(b"* OK [CAPABILITY IMAP4rev1 " + self.words(20_000) + b"] hi\r\n")
+        self.successResultOf(client.greeted)
+        self.assertEqual((parsed, client._capCache, client.state), ([], None, "unauth"))
+
+        client = IMAPClient(Clock(), host="fake")
+        client.makeConnection(StringTransport())
+        client.dataReceived(b"* PREAUTH [CAPABILITY IMAP4rev1] logged in\r\n")
+        self.successResultOf(client.greeted)
+        self.assertEqual(client.state, "auth")
+
+    def test_untagged_lines_outside_any_command_are_not_parsed(self) -> None:
+        """Twisted's reader parsed each (with parseNestedParens) for a handler that drops
+        it: a 16 MiB line of words between two commands held the reactor as the greeting
+        did."""
+        client, _transport = connected()
+        parsed: list[bytes] = []
+        real = imap4.parseNestedParens
+        self.patch(imap4, "parseNestedParens",
+                   lambda s, *a: parsed.append(s) or real(s, *a))  # type: ignore[func-returns-value]
+        client.dataReceived(b"* OK (" + self.words(20_000) + b")\r\n+ go on\r\n")
+        self.assertEqual(parsed, [])
+        d = client.send(b"NOOP")
+        client.dataReceived(b"* 3 EXISTS\r\n0001 OK done\r\n")
+        self.assertEqual(self.successResultOf(d), ([b"3 EXISTS"], b"OK done"))
+
+    def test_a_capability_reply_over_64_kib_ends_the_session(self) -> None:
+        """Each word became a string in a set: 8 lines of 15 MB took 11 s and 670 MB."""
+        client, transport = connected()
+        d = defer.Deferred.fromCoroutine(client.ask_capabilities())
+        client.dataReceived(b"* CAPABILITY IMAP4rev1 " + self.words(10_000) + b"\r\n"
+                            b"0001 OK done\r\n")
+        error = self.failureResultOf(d).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn(f"sent a CAPABILITY reply longer than {MAX_CAPABILITY} bytes", str(error))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(client.capabilities, set())
+
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.ask_capabilities())
+        client.dataReceived(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n0001 OK done\r\n")
+        self.assertEqual(self.successResultOf(d), {"IMAP4REV1", "AUTH=PLAIN"})
 
 
 class RepeatedFetchTests(TestCase):

@@ -95,6 +95,9 @@ MAX_SEARCH = 1_000_000
 # 60 bytes more than the line in CPython). Counting bytes alone, 144 MB of "* a" lines
 # were 29 million objects: a gigabyte and two minutes of the reactor for one command.
 LINE_COST = 64
+# The longest CAPABILITY reply read (Dovecot's is 300 bytes): each word becomes a string
+# in a set, and 8 lines of 15 MB took 11 s and 670 MB.
+MAX_CAPABILITY = 64 * 1024
 # FETCH replies naming its UIDs a UID FETCH of a list takes beyond two a UID.
 LIST_SLACK = 100
 # Why a connection to an account's host is refused (after the host; which addresses it
@@ -730,6 +733,11 @@ class IMAPClient(imap4.IMAP4Client):
     def dispatchCommand(self, tag: bytes, rest: bytes) -> None:
         if self._dead:
             return
+        if self.state is None and tag == b"*":
+            # The greeting: its [CAPABILITY ...] code is not read (CAPABILITY is asked once
+            # logged in). Twisted parsed it into a dict: 15 MB of words held the reactor 30 s
+            # and took 1.8 GB.
+            rest = rest.split(None, 1)[0] + b" greeting"
         handler = (
             self.response_UNAUTH if self.state is None
             else getattr(self, "response_" + self.state.upper(), None)
@@ -742,6 +750,13 @@ class IMAPClient(imap4.IMAP4Client):
             self._fail(ProtocolFailed(
                 f"malformed reply from {self.host}: {_show(tag + b' ' + rest)}"
             ))
+
+    def _defaultHandler(self, tag: bytes, rest: bytes) -> None:
+        if tag in (b"*", b"+") and not self.waiting:
+            # Outside any command: nothing for a backup client. Twisted parsed it first (a
+            # 16 MiB line of words between two commands held the reactor as the greeting).
+            return
+        super()._defaultHandler(tag, rest)
 
     def serverGreeting(self, caps: Any) -> None:
         if not self.greeted.called:
@@ -815,6 +830,12 @@ class IMAPClient(imap4.IMAP4Client):
     async def ask_capabilities(self) -> set[str]:
         lines, _ = await self.send(b"CAPABILITY")
         caps: set[str] = set()
+        listed = [line for line in lines if line[:11].upper() == b"CAPABILITY "]
+        if sum(map(len, listed)) > MAX_CAPABILITY:
+            self._fail(ProtocolFailed(
+                f"{self.host} sent a CAPABILITY reply longer than {MAX_CAPABILITY} bytes"))
+            assert self.error is not None
+            raise self.error
         for line in lines:
             words = line.split()
             if words and words[0].upper() == b"CAPABILITY":
