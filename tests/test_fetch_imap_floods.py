@@ -11,8 +11,6 @@ over a StringTransport; the last one runs the whole engine against a loopback se
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,15 +19,12 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import ProtocolFailed
 from mailcore.fetch.imap import LINE_COST, LIST_SLACK, MAX_CAPABILITY, IMAPClient
-from tests.test_fetch_imap_hostile import FakeIMAP, cleartext_account, cleartext_servers
-
-
-def connected(**kw: Any) -> tuple[IMAPClient, StringTransport]:
-    client = IMAPClient(Clock(), host="fake", **kw)
-    transport = StringTransport()
-    client.makeConnection(transport)
-    client.dataReceived(b"* OK ready\r\n")
-    return client, transport
+from tests.test_fetch_imap_hostile import (
+    FakeIMAP,
+    cleartext_account,
+    cleartext_servers,
+)
+from tests.test_fetch_imap_hostile import connected_client as connected
 
 
 class UntaggedFloodTests(TestCase):
