@@ -4,14 +4,14 @@ the data directory: a mistake is one line on stderr and exit status 1."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from mailcore.startup import TABLES
-from tests.support.servers import CommandResult, run_command, tempdir_for
+from tests.support.cli import cli_command
+from tests.support.servers import CommandResult, tempdir_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,11 +31,8 @@ class CliConfigTests(TestCase):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.pop("MAILCORE_DEBUG", None)
-        return await run_command(
-            [sys.executable, "-m", "mailcore.cli", "--config", str(path),
-             "--data-dir", str(self.data_dir), *args],
-            env=env, cwd=self.base,
-        )
+        return await cli_command("--config", str(path), "--data-dir", str(self.data_dir),
+                                 *args, env=env, cwd=self.base)
 
     async def test_a_bad_table_is_one_line_before_anything_is_written(self) -> None:
         cases = [
@@ -68,8 +65,7 @@ class CliConfigTests(TestCase):
             (["--config", str(path)], "config key data_dir is empty: name a directory"),
             (["--data-dir", ""], "--data-dir is empty: name a directory"),
         ):
-            result = await run_command([sys.executable, "-m", "mailcore.cli", *args, "user",
-                                        "list"], env=env, cwd=self.base)
+            result = await cli_command(*args, "user", "list", env=env, cwd=self.base)
             self.assertEqual((result.status, result.out, result.err),
                              (1, "", f"mailcore: {message}\n"), args)
         self.assertEqual(sorted(p.name for p in self.base.iterdir()), [])

@@ -30,6 +30,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from mailcore.startup import TABLES
 from mailcore.store.engine import make_engine
 from mailcore.store.migrate import current_revision, head_revision
+from tests.support.cli import cli_command
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import (
@@ -314,13 +315,13 @@ class DaemonRunDirTests(DaemonTestCase):
 
 class DaemonServesApiTests(DaemonTestCase):
     async def test_ping_with_a_key_made_by_the_cli(self) -> None:
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
-        made = await run_command(
-            [*cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
+        cli = ("--data-dir", str(self.data_dir))
+        made = await cli_command(
+            *cli, "user", "add", "alice", "--email", "alice@example.test", "--password", "pw",
             env=_env(), cwd=self.base,
         )
         self.assertEqual(made.status, 0, made.err)
-        key = await run_command([*cli, "apikey", "create", "alice"], env=_env(), cwd=self.base)
+        key = await cli_command(*cli, "apikey", "create", "alice", env=_env(), cwd=self.base)
         self.assertEqual(key.status, 0, key.err)
         api_key = key.out.strip()
 
@@ -349,7 +350,7 @@ class DaemonServesApiTests(DaemonTestCase):
         await treq.content(response)
 
         # The key was used: `apikey list` now shows when.
-        listing = await run_command([*cli, "apikey", "list", "alice"], env=_env(), cwd=self.base)
+        listing = await cli_command(*cli, "apikey", "list", "alice", env=_env(), cwd=self.base)
         row = listing.out.splitlines()[1].split()
         self.assertEqual(len(row), 7, listing.out)  # prefix, label, created, last used, revoked
         self.assertEqual(row[-1], "no")
@@ -394,13 +395,13 @@ class DaemonInBackgroundTests(DaemonTestCase):
         migrations) kept a snapshot in the child, which then never saw what the CLI
         wrote (a domain added meanwhile was refused, 550 5.7.1 Relaying denied)."""
         await self.start_in_background()
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
+        cli = ("--data-dir", str(self.data_dir))
         for command in (
             ["user", "add", "alice", "--email", "alice@example.test", "--password", "pw"],
             ["domain", "add", "late.test", "--owner", "alice", "--redirect-to",
              "mx.late.invalid"],
         ):
-            done = await run_command([*cli, *command], env=_env(), cwd=self.base)
+            done = await cli_command(*cli, *command, env=_env(), cwd=self.base)
             self.assertEqual(done.status, 0, done.err)
 
         def rcpt() -> int:
@@ -529,8 +530,8 @@ class DaemonStartupMistakesTests(DaemonTestCase):
         """A store already at head is migrated without a write: a read-only one (here a
         SQLite file opened read-only; a read-only mount or file, a PostgreSQL standby) let
         the daemon start and answer, every write failing after (a 451 for every message)."""
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
-        result = await run_command([*cli, "user", "list"], env=_env(), cwd=self.base)
+        result = await cli_command("--data-dir", str(self.data_dir), "user", "list",
+                                   env=_env(), cwd=self.base)
         self.assertEqual(result.status, 0, result.err)
         path = self.data_dir / "mailcore.sqlite"
         line = await self.refused("--db", f"sqlite:///file:{path}?mode=ro&uri=true")
@@ -638,10 +639,10 @@ class DaemonStartupMistakesTests(DaemonTestCase):
     async def test_a_lost_password_key_is_refused(self) -> None:
         """A missing fetch.key was made anew without a word: every webhook delivery was then
         given up and every sync failed, one by one."""
-        cli = [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir)]
         for args in (["user", "add", "alice", "--email", "alice@example.test", "--password",
                       "pw"], ["webhook", "add", "alice", "https://hooks.example.test/in"]):
-            result = await run_command([*cli, *args], env=_env(), cwd=self.base)
+            result = await cli_command("--data-dir", str(self.data_dir), *args, env=_env(),
+                                       cwd=self.base)
             self.assertEqual(result.status, 0, result.err)
         key = self.data_dir / "fetch.key"
         key.unlink()

@@ -23,7 +23,6 @@ import os
 import shutil
 import smtplib
 import sqlite3
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,11 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from filters.builtin import EICAR, GTUBE
 from tests.support import filterd
+from tests.support.cli import cli_command
 from tests.support.filterd import attachment, message, multipart, text_part, zip_bytes
 from tests.support.mailsink import REPO, Daemon, Received, SinkFactory, SinkState
 from tests.support.reactor import get_reactor
-from tests.support.servers import free_port, run_command, sleep, tempdir, tempdir_for
+from tests.support.servers import free_port, sleep, tempdir, tempdir_for
 from tests.support.smtpsession import strip_received
 
 QUARANTINE_DOMAIN = "held.test"  # spamAction 0, virusAction 0
@@ -62,10 +62,8 @@ def _cli_env() -> dict[str, str]:
 
 async def cli(data_dir: Path, *args: str) -> str:
     """`python -m mailcore.cli --data-dir DIR ARGS`: its stdout; an error fails the test."""
-    result = await run_command(
-        [sys.executable, "-m", "mailcore.cli", "--data-dir", str(data_dir), *args],
-        env=_cli_env(), cwd=data_dir.parent, timeout=60,
-    )
+    result = await cli_command("--data-dir", str(data_dir), *args, env=_cli_env(),
+                               cwd=data_dir.parent, timeout=60)
     if result.status != 0:
         raise AssertionError(f"mailcore {' '.join(args)}: {result.out}{result.err}")
     return result.out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from mailcore.config import ConfigError
 from mailcore.identity import Identity, User
 from mailcore.store.schema import billing_counters
 from mailcore.workers import CpuPool
+from tests.support.cli import cli_command
 from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.servers import CommandResult, require_binary, run_command, tempdir_for
 from tests.test_tokens import clock_at
@@ -266,11 +266,8 @@ class TokensCliTests(TestCase):
         config = self.base / "mailcore.toml"
         config.write_text('[plans.standard]\nmonthly_tokens = 500\n'
                           '[billing]\nfirst_invoice_ref = 41\n')
-        return await run_command(
-            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.base / "var"),
-             "--config", str(config), *args],
-            env=env, cwd=self.base,
-        )
+        return await cli_command("--data-dir", str(self.base / "var"), "--config",
+                                 str(config), *args, env=env, cwd=self.base)
 
     async def test_buy_prints_the_ref_and_show_prints_the_tanks(self) -> None:
         result = await self.mc("user", "add", "john", "--email", "john@doe.com",

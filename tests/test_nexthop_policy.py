@@ -7,7 +7,6 @@ MemoryReactor."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,11 @@ from mailcore.queue.model import thd_show
 from mailcore.queue.nexthop import Listeners, NextHopPolicy, NextHopRefused, listener_address
 from mailcore.queue.routing import Hop
 from mailcore.queue.settings import QueueSettings
+from tests.support.cli import cli_command
 from tests.support.db import synchronous_database
 from tests.support.mailsink import done, envelope, thd_add_domain
 from tests.support.reactor import get_reactor
-from tests.support.servers import CommandResult, run_command, tempdir_for
+from tests.support.servers import CommandResult, tempdir_for
 from tests.support.web import Web
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,11 +408,8 @@ class CliTests(TestCase):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.pop("MAILCORE_DEBUG", None)
-        return await run_command(
-            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.base / "var"),
-             "-c", str(self.config), *args],
-            env=env, cwd=self.base,
-        )
+        return await cli_command("--data-dir", str(self.base / "var"), "-c",
+                                 str(self.config), *args, env=env, cwd=self.base)
 
     async def test_a_redirect_to_our_own_smtp_listener_is_refused(self) -> None:
         result = await self.mc("user", "add", "alice", "--email", "a@users.test",

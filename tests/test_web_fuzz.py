@@ -27,6 +27,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from tests.support.cli import cli_command
 from tests.support.reactor import get_reactor
 from tests.support.servers import run_command
 from tests.test_daemon import DaemonTestCase, _env
@@ -93,11 +94,8 @@ class HttpFuzzTests(DaemonTestCase):
 
     async def cli(self, *args: str) -> str:
         config = self.base / "mailcore.toml"
-        result = await run_command(
-            [sys.executable, "-m", "mailcore.cli", "--data-dir", str(self.data_dir),
-             "--config", str(config), *args],
-            env=_env(), cwd=self.base,
-        )
+        result = await cli_command("--data-dir", str(self.data_dir), "--config", str(config),
+                                   *args, env=_env(), cwd=self.base)
         self.assertEqual(result.status, 0, result.err)
         return result.out.strip()
 
