@@ -46,8 +46,9 @@ class MigrateKillNineTests(DovecotClassMixin, TestCase):
                 ca_pem: str) -> int:
         """Migrate the store, add the owner, the source account and a queued migrate
         (blocks; before the first start)."""
+        daemon.copy_migrated_store()
         db = Database(daemon.db_url, None, synchronous=True)  # type: ignore[arg-type]
-        db.migrate_blocking()
+        db.migrate_blocking()  # at head already when copied
         clock: Any = get_reactor()
         box = SecretBox(KEY.encode("ascii"))
         owner = done(db.run("owner", thd_make_user, "owner"))

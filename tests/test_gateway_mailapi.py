@@ -56,8 +56,9 @@ def prepare(daemon: Daemon, sink_port: int) -> dict[str, str]:
     sink; returns each user's Mail API token (blocks: before the daemon starts)."""
     from twisted.internet.task import Clock
 
+    daemon.copy_migrated_store()
     db = Database(daemon.db_url, None, synchronous=True)  # type: ignore[arg-type]
-    db.migrate_blocking()
+    db.migrate_blocking()  # at head already when copied
     clock = Clock()
     clock.advance(1_700_000_000)
     identity = Identity(db, clock, CpuPool.for_tests())

@@ -99,6 +99,7 @@ def _copy_migrated_memory(engine: Engine) -> None:
 
 _templates: dict[tuple[str, str], str] = {}
 _templates_lock = defer.DeferredLock()
+_sqlite_template_lock = threading.Lock()  # copy_migrated_sqlite_blocking's
 
 
 def _migrate_template_blocking(url: str) -> None:
@@ -161,6 +162,23 @@ async def _make_template(backend: str, head: str | None, revision: str) -> str:
             await threads.deferToThread(_downgrade_template_blocking, url, revision)
         return url
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def copy_migrated_sqlite_blocking(path: Any) -> None:
+    """Make `path` (no file yet) a copy of this process's migrated SQLite template, made by
+    the migrations the first time (blocks): the store of a real daemon's test, which the
+    migrations cost some 0.45 s of CPU to build again (each daemon's start at an empty store
+    did, or the test's own migrate_blocking). The daemon's start from an empty store is
+    test_daemon's, whose stores stay empty."""
+    key = ("sqlite", "head")
+    with _sqlite_template_lock:
+        if key not in _templates:
+            directory = tempdir("mailcore-sqlite-template-")
+            atexit.register(shutil.rmtree, directory, True)
+            template = directory / "mailcore.sqlite"
+            _migrate_template_blocking(f"sqlite:///{template}")
+            _templates[key] = str(template)
+    shutil.copyfile(_templates[key], path)
 
 
 async def migrated_database_url(test: TestCase, backend: str, revision: str = "head") -> str:

@@ -408,17 +408,32 @@ class Daemon:
 
     def prepare_blocking(self, domain: str, sink_port: int) -> int:
         """Migrate the store and add the served domain (before the first start; blocks)."""
+        self.copy_migrated_store()
         db = Database(self.db_url, None, synchronous=True)  # type: ignore[arg-type]
-        db.migrate_blocking()
+        db.migrate_blocking()  # at head already when copied
         domain_id = done(db.run("add", thd_add_domain, domain, "127.0.0.1", sink_port))
         db.engine.dispose()
         return int(domain_id)
+
+    def copy_migrated_store(self) -> None:
+        """A daemon's own SQLite store (the default `db_url`) not made yet is a copy of the
+        test process's migrated one (tests.support.db), not migrated from empty again by a
+        test's setup or the daemon's first start. Blocks."""
+        from tests.support.db import copy_migrated_sqlite_blocking
+
+        path = self.data_dir / "mailcore.sqlite"
+        if self.db_url == f"sqlite:///{path}" and not path.exists():
+            copy_migrated_sqlite_blocking(path)
+            path.chmod(0o600)  # as the daemon makes it (umask 077)
 
     async def start(self) -> None:
         import os
         import signal
 
         from tests.support.servers import ServerProcess
+
+        if self.runs == 0:
+            self.copy_migrated_store()
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
