@@ -74,6 +74,23 @@ class CapabilityFloodTests(TestCase):
         self.successResultOf(client.greeted)
         self.assertEqual(client.state, "auth")
 
+    def test_a_bye_greetings_text_is_kept(self) -> None:
+        """Only the greeting's [CAPABILITY ...] code is left unread: a server refusing us
+        with `* BYE <why>` still has its why in the session's error (the account's error),
+        where aa3dd15 made it "* BYE greeting"."""
+        client = IMAPClient(Clock(), host="fake")
+        client.makeConnection(StringTransport())
+        client.dataReceived(b"* BYE [UNAVAILABLE] Too many connections from your IP\r\n")
+        error = self.failureResultOf(client.greeted).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn("Too many connections from your IP", str(error))
+
+        client = IMAPClient(Clock(), host="fake")
+        client.makeConnection(StringTransport())
+        client.dataReceived(b"* OK [CAPABILITY IMAP4rev1 " + self.words(20_000) + b"] hi\r\n")
+        self.successResultOf(client.greeted)
+        self.assertEqual((client._capCache, client.state), (None, "unauth"))
+
     def test_untagged_lines_outside_any_command_are_not_parsed(self) -> None:
         """Twisted's reader parsed each (with parseNestedParens) for a handler that drops
         it: a 16 MiB line of words between two commands held the reactor as the greeting

@@ -733,6 +733,7 @@ class IMAPClient(imap4.IMAP4Client):
     def dispatchCommand(self, tag: bytes, rest: bytes) -> None:
         if self._dead:
             return
+        said = rest  # what an error shows: a BYE greeting's why (_show cuts it short)
         if self.state is None and tag == b"*":
             # The greeting: its [CAPABILITY ...] code is not read (CAPABILITY is asked once
             # logged in). Twisted parsed it into a dict: 15 MB of words held the reactor 30 s
@@ -748,7 +749,7 @@ class IMAPClient(imap4.IMAP4Client):
             handler(tag, rest)
         except Exception:
             self._fail(ProtocolFailed(
-                f"malformed reply from {self.host}: {_show(tag + b' ' + rest)}"
+                f"malformed reply from {self.host}: {_show(tag + b' ' + said)}"
             ))
 
     def _defaultHandler(self, tag: bytes, rest: bytes) -> None:
