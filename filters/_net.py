@@ -211,6 +211,14 @@ class _Connecting:
         self.endpoint._made(self.sock, self.factory).chainDeferred(self.done)
 
     def connectionLost(self, reason: Failure) -> None:
+        """From the reactor: an epoll reactor tells a connect that failed (EPOLLERR and
+        EPOLLHUP on a descriptor it does not read) so, never calling doWrite; the
+        socket's error says why (refused, unreachable), as doWrite reads it."""
+        code = 0 if self.done.called else self.sock.getsockopt(socket.SOL_SOCKET,
+                                                                socket.SO_ERROR)
+        if code:
+            self._fail(error.getConnectError((code, os.strerror(code))))
+            return
         self._fail(error.ConnectError(string=str(reason.value)))
 
     def _fail(self, why: Exception) -> None:

@@ -366,6 +366,32 @@ class DirectConnectionTests(TestCase):
         self.assertTrue(sockets[0].closed)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_a_refusal_the_epoll_reactor_reports_is_cannot_reach_refused(self) -> None:
+        """Linux tells an asynchronous refusal (a remote rspamd, or loopback where the
+        connect did not end within connect_ex) as EPOLLOUT|EPOLLERR|EPOLLHUP; on a
+        descriptor it does not read, Twisted's epoll reactor then calls connectionLost
+        (CONNECTION_LOST), never doWrite. The socket's error says why: "refused", as
+        connectTCP's transport (which reads while connecting) said, not "Connection was
+        lost in a non-clean fashion". Dispatched by an EPollReactor of the test's own."""
+        import select
+
+        from twisted.internet.epollreactor import EPollReactor
+
+        epoll: Any = EPollReactor()
+        self.addCleanup(epoll._poller.close)
+        self.addCleanup(epoll.waker.connectionLost, None)
+        sockets = self.pending_sockets()
+        d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
+        (connecting,) = self.reactor.writers
+        sockets[0].error = errno.ECONNREFUSED
+        epoll._doReadOrWrite(connecting, connecting.fileno(),
+                             select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP)
+        reason = self.failureResultOf(d, FilterError).value.reason
+        self.assertIn("cannot reach http://127.0.0.1:11333", reason)
+        self.assertIn("Connection refused", reason)
+        self.assertTrue(sockets[0].closed)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_a_request_the_socket_takes_in_parts_is_sent_whole_in_order(self) -> None:
         sockets = self.pending_sockets(connected=True, send_at_most=7)
         d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
