@@ -123,6 +123,26 @@ class CapabilityFloodTests(TestCase):
         client.dataReceived(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n0001 OK done\r\n")
         self.assertEqual(self.successResultOf(d), {"IMAP4REV1", "AUTH=PLAIN"})
 
+    def test_a_capability_line_of_any_spacing_is_bounded(self) -> None:
+        """The bound counted lines beginning "CAPABILITY " only, while the reader took any
+        whose first word (split on any white space) is CAPABILITY: "CAPABILITY<TAB>..."
+        put its 10,000 words in the set, unbounded."""
+        client, transport = connected()
+        d = defer.Deferred.fromCoroutine(client.ask_capabilities())
+        client.dataReceived(b"* CAPABILITY\tIMAP4rev1 " + self.words(10_000) + b"\r\n"
+                            b"0001 OK done\r\n")
+        error = self.failureResultOf(d).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertIn(f"sent a CAPABILITY reply longer than {MAX_CAPABILITY} bytes", str(error))
+        self.assertTrue(transport.disconnecting)
+
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.ask_capabilities())
+        client.dataReceived(b"* OK " + self.words(10_000) + b"\r\n"
+                            b"* CAPABILITY\tIMAP4rev1  AUTH=PLAIN\r\n* CAPABILITY\r\n"
+                            b"0001 OK done\r\n")
+        self.assertEqual(self.successResultOf(d), {"IMAP4REV1", "AUTH=PLAIN"})
+
 
 class RepeatedFetchTests(TestCase):
     def test_one_uids_reply_again_and_again_ends_the_session(self) -> None:

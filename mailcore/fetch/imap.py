@@ -831,16 +831,17 @@ class IMAPClient(imap4.IMAP4Client):
     async def ask_capabilities(self) -> set[str]:
         lines, _ = await self.send(b"CAPABILITY")
         caps: set[str] = set()
-        listed = [line for line in lines if line[:11].upper() == b"CAPABILITY "]
+        # The lines whose first word is CAPABILITY, whatever white space follows it; only
+        # they are split (a flood of other untagged lines is not made into words).
+        listed = [line for line in lines if line[:10].upper() == b"CAPABILITY"
+                  and (len(line) == 10 or line[10:11].isspace())]
         if sum(map(len, listed)) > MAX_CAPABILITY:
             self._fail(ProtocolFailed(
                 f"{self.host} sent a CAPABILITY reply longer than {MAX_CAPABILITY} bytes"))
             assert self.error is not None
             raise self.error
-        for line in lines:
-            words = line.split()
-            if words and words[0].upper() == b"CAPABILITY":
-                caps.update(w.decode("ascii", "replace").upper() for w in words[1:])
+        for line in listed:
+            caps.update(w.decode("ascii", "replace").upper() for w in line.split()[1:])
         if not caps:
             raise ProtocolFailed(f"{self.host} gave no CAPABILITY reply")
         self.capabilities = caps
