@@ -155,7 +155,10 @@ class DirectTCPEndpoint:
                      else IPv4Address("TCP", address.host, address.port))
 
     def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+        except OSError as e:  # no descriptor left (EMFILE): a failed connection, as Twisted's
+            return defer.fail(error.ConnectBindError(e.errno, e.strerror))
         sock.setblocking(False)
         code = sock.connect_ex(self.sockaddr)
         if code in (0, errno.EISCONN):

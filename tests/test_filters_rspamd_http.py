@@ -392,6 +392,21 @@ class DirectConnectionTests(TestCase):
         self.assertTrue(sockets[0].closed)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_no_descriptor_left_is_cannot_reach(self) -> None:
+        """A process out of descriptors (EMFILE: the moment many scans are in flight):
+        connectTCP's client said "Couldn't bind: 24" through the Deferred; socket() raised
+        out of DirectTCPEndpoint.connect instead, an OSError out of the scan that the
+        chain took for a filter's bug (its traceback logged each message)."""
+
+        def no_descriptor(*args: Any) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(_net.socket, "socket", no_descriptor)
+        d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
+        reason = self.failureResultOf(d, FilterError).value.reason
+        self.assertIn("cannot reach http://127.0.0.1:11333", reason)
+        self.assertIn("Too many open files", reason)
+
     def test_a_request_the_socket_takes_in_parts_is_sent_whole_in_order(self) -> None:
         sockets = self.pending_sockets(connected=True, send_at_most=7)
         d = defer.Deferred.fromCoroutine(self.client(11333).scan(MESSAGE))
