@@ -458,6 +458,46 @@ class JobRunnerMixin(DatabaseMixin):
         await a.settle()
         self.assertEqual(a._owners, {})
 
+    async def test_one_users_jobs_on_one_busy_mailbox_hide_no_one(self) -> None:
+        """Mallory's 151 restores of one account: one runs and the others wait for its
+        mailbox, so she never has max_per_user running; they are not looked at (before,
+        they were the hundred looked at every poll, a claim each, and bob's never ran)."""
+        recorder = Recorder()
+        a, _b, clock, first = await self.nodes(recorder)
+        db = a.db
+        mallory = (await self.job(a, first)).user_id
+        accounts = Accounts(db, clock, SecretBox(Fernet.generate_key()))
+        now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+
+        async def restore(owner: int, username: str) -> int:
+            account = await accounts.create(owner, host="127.0.0.1", port=143,
+                                            username=username, password="pw",
+                                            allow_cleartext=True)
+            return int(await db.run("job", thd_create_job, {
+                "kind": "restore", "user_id": owner, "account_id": account.id,
+                "status": "queued", "created_at": now, "updated_at": now}))
+
+        def many(conn: Connection) -> list[int]:
+            job = conn.execute(select(mailbox_jobs).where(mailbox_jobs.c.id == first)).one()
+            return [thd_create_job(conn, {
+                "kind": "restore", "user_id": mallory, "account_id": job.account_id,
+                "status": "queued", "created_at": now, "updated_at": now})
+                for _ in range(150)]
+
+        hers = [first, *await db.run("many", many)]
+        bob = await db.run("bob", thd_make_user, "bob")
+        his = await restore(bob, "bob")
+        self.assertEqual(await a.tick(), 1)  # hers, the hundred of hers looked at
+        self.assertEqual(await a.tick(), 1)  # his (before: 0, at every poll)
+        self.assertEqual(sorted(a.running_jobs()), sorted([first, his]))
+        recorder.release[first].callback(None)
+        await a.wait(first)
+        self.assertEqual(await a.tick(), 1)  # the next of hers, its mailbox free
+        self.assertEqual(sorted(a.running_jobs()), sorted([hers[1], his]))
+        for job_id in list(a.running_jobs()):
+            recorder.release[job_id].callback(None)
+        await a.stop()
+
 
 class SQLiteJobRunnerTests(JobRunnerMixin, TestCase):
     backend = "sqlite"

@@ -47,7 +47,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import Connection, case, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    case,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -228,10 +239,12 @@ def _leases(conn: Connection, job_ids: list[int], now: float) -> dict[int, str]:
     return {names[name]: owner for name, owner in rows}
 
 
-def _writes_to() -> tuple[Any, Any, Any]:
+def _writes_to(jobs: Any = mailbox_jobs, accounts: Any = fetch_accounts
+               ) -> tuple[Any, Any, Any]:
     """The mailbox (host, port, user) a job writes to, as columns of mailbox_jobs joined
-    with fetch_accounts: a migrate's destination, a restore's own account."""
-    j, a = mailbox_jobs.c, fetch_accounts.c
+    with fetch_accounts (or aliases of them): a migrate's destination, a restore's own
+    account."""
+    j, a = jobs.c, accounts.c
     restore = j.kind == "restore"
     return (func.lower(case((restore, a.host), else_=j.host)),
             case((restore, a.port), else_=j.port),
@@ -502,12 +515,32 @@ class JobRunner(service.Service):
         full = sorted(self._full_users())
 
         def due(conn: Connection) -> tuple[list[tuple[int, int]], dict[tuple[str, str], int]]:
+            # Jobs whose mailbox another job writing there holds (marked running, its
+            # lease live) are not looked at: they wait (`thd_mailbox_busy`, checked again
+            # when claiming), and one user's hundred waiting for one mailbox were the
+            # hundred looked at, every poll, a claim each, while that user never had
+            # max_per_user running and every later user's jobs waited unseen.
+            writing, its_account = mailbox_jobs.alias("writing"), fetch_accounts.alias("w_a")
+            host, port, username = _writes_to()
+            w_host, w_port, w_username = _writes_to(writing, its_account)
+            busy = exists(
+                select(writing.c.id)
+                .select_from(writing.outerjoin(
+                    its_account, its_account.c.id == writing.c.account_id))
+                .join(job_leases, job_leases.c.name  # lease_name(writing.id)
+                      == literal("mailbox-job-") + cast(writing.c.id, String))
+                .where(writing.c.status == "running", writing.c.id != mailbox_jobs.c.id,
+                       job_leases.c.until > seconds,
+                       w_host == host, w_port == port, w_username == username)
+            )
             query = (
                 select(mailbox_jobs.c.id, mailbox_jobs.c.user_id)
-                .select_from(mailbox_jobs.join(users, users.c.id == mailbox_jobs.c.user_id))
+                .select_from(mailbox_jobs.join(users, users.c.id == mailbox_jobs.c.user_id)
+                             .outerjoin(fetch_accounts,
+                                        fetch_accounts.c.id == mailbox_jobs.c.account_id))
                 .where(mailbox_jobs.c.status.in_(ACTIVE),
                        mailbox_jobs.c.next_attempt_at <= seconds,
-                       users.c.is_active.is_(True))
+                       users.c.is_active.is_(True), ~busy)
             )
             if full:  # their jobs would fill the hundred looked at, the others' never
                 query = query.where(mailbox_jobs.c.user_id.not_in(full))
