@@ -552,6 +552,20 @@ class PerUserSlotTests(TestCase):
         with self.assertRaises(ConfigError):
             FetchSettings.from_section({"max_concurrent_per_user": 0})
 
+    def test_unset_it_is_half_of_max_concurrent(self) -> None:
+        """An operator who raised max_concurrent (16, for a few users' many accounts) and
+        set no bound of one user's got 2 syncs at once for each, 8 x slower, unwarned (R3's
+        review of fc58564): unset, the bound is half of max_concurrent, at least 1."""
+        def bound(section: dict[str, int]) -> tuple[int, int]:
+            settings = FetchSettings.from_section(section)
+            return settings.max_concurrent, settings.max_concurrent_per_user
+
+        self.assertEqual(bound({"max_concurrent": 16}), (16, 8))
+        self.assertEqual(bound({"max_concurrent": 1}), (1, 1))
+        self.assertEqual(bound({"max_concurrent": 3}), (3, 1))
+        self.assertEqual(bound({}), (4, 2))
+        self.assertEqual(bound({"max_concurrent": 16, "max_concurrent_per_user": 3}), (16, 3))
+
 
 class UndecryptablePasswordTests(TestCase):
     def test_sync_reports_a_password_the_key_cannot_open(self) -> None:

@@ -7,7 +7,8 @@ Every key, with its default (times in seconds, sizes in octets; more on each at 
 sync_interval = 900.0        # each account is synced about this often (its own wins) ...
 jitter = 0.1                 # ... spread by this fraction either way
 max_concurrent = 4           # accounts synced at once ...
-max_concurrent_per_user = 2  # ... of them one user's (the user's others wait, taking none)
+max_concurrent_per_user = 2  # ... of them one user's (the user's others wait, taking none;
+                             # unset: half of max_concurrent, at least 1)
 tick = 30.0                  # how often the scheduler looks for accounts due
 max_message_bytes = 67108864 # the largest message fetched (an IMAP literal, a POP3 message)
 batch_messages = 1000        # messages per pipelined fetch, one store transaction ...
@@ -57,7 +58,9 @@ class FetchSettings:
     max_concurrent: int = 4
     # Of them, at most this many of one user's accounts: a user's server that holds each
     # sync up to command_timeout (or the same user's thousand accounts) keeps the others'
-    # accounts from syncing no more than this lets it. Below max_concurrent to mean anything.
+    # accounts from syncing no more than this lets it. Below max_concurrent to mean anything:
+    # unset, it is half of max_concurrent (at least 1), so an operator who raised that for a
+    # few users' many accounts keeps their syncs at once.
     max_concurrent_per_user: int = 2
     tick: float = 30.0
     # The biggest message we accept; an IMAP literal or POP3 message over it fails/skips.
@@ -117,6 +120,8 @@ class FetchSettings:
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ConfigError(f"[fetch] {key} must be of type {expected.__name__}")
             values[key] = value
+        if "max_concurrent_per_user" not in values and "max_concurrent" in values:
+            values["max_concurrent_per_user"] = max(1, values["max_concurrent"] // 2)
         settings = cls(**values)
         check_positive("fetch", settings, zero_ok=("jitter",))
         if not 0 <= settings.jitter < 1:
