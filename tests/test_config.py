@@ -25,6 +25,7 @@ from mailcore.config import (
     is_positive_number,
     load_toml,
 )
+from mailcore.safedrop.model import SafedropSettings
 from mailcore.startup import (
     LOCK_NAME,
     TABLES,
@@ -386,12 +387,20 @@ class TableTests(SynchronousTestCase):
                          "[fetch] tick must be a positive number")
 
     def test_safedrop_max_recipients_and_max_files_are_bounded_whole_numbers(self) -> None:
-        for key in ("max_recipients", "max_files", "max_concurrent_uploads",
-                    "max_bundles_per_user"):
+        for key in ("max_recipients", "max_files", "max_concurrent_uploads"):
             for value in (0, -1, 100_001, 2.5, True, "100"):
                 self.assertEqual(self.error({"safedrop": {key: value}}),
                                  f"[safedrop] {key} must be a whole number from 1 to 100000",
                                  value)
+
+    def test_safedrop_max_bundles_per_user_is_a_whole_number_0_for_no_limit(self) -> None:
+        for value in (-1, 100_001, 2.5, True, "100"):
+            self.assertEqual(self.error({"safedrop": {"max_bundles_per_user": value}}),
+                             "[safedrop] max_bundles_per_user must be a whole number from 0 "
+                             "(no limit) to 100000", value)
+        for value in (0, 1, 100_000):
+            self.assertEqual(SafedropSettings.from_config(
+                {"max_bundles_per_user": value}).max_bundles_per_user, value)
 
     def test_a_good_file_passes(self) -> None:
         check_tables(config_from_toml({

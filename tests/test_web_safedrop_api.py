@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
 import email
 import email.policy
 import hashlib
@@ -273,35 +272,60 @@ class BundleFieldTests(TestCase):
         self.f = SafedropFixture()
         await self.f.start(self)
 
-    async def test_a_user_has_at_most_max_bundles_per_user(self) -> None:
+    async def test_a_user_has_at_most_max_bundles_per_user_unsent(self) -> None:
         """An empty bundle costs no bytes of max_user_size and the seed has no DELETE, so
         a script (or a stolen key) could make them without end: [safedrop]
-        max_bundles_per_user bounds those not yet removed; one more is the seed's 400,
-        nothing stored, and a removed one frees its place."""
+        max_bundles_per_user bounds those not yet sent; one more is the seed's 400,
+        nothing stored; 0 is no limit."""
         safedrop = self.f.web.core.safedrop
         self.assertEqual(safedrop.settings.max_bundles_per_user, 10_000)
         safedrop.settings = dataclasses.replace(safedrop.settings, max_bundles_per_user=2)
-        first = await self.f.bundle()
+        await self.f.bundle()
         await self.f.bundle()
         status, reply = await self.f.form("POST", "/dropbundles", "subject=three")
         self.assertEqual(status, 400, reply)
         self.assertEqual(reply, {"error":
-                         "A user may have at most 2 drops not yet removed; a drop is removed "
-                         "when it expires, or deleted when it is never sent."})
+                         "A user may have at most 2 drops not yet sent; send one, or wait "
+                         "until an unsent one is deleted, unsent_max_age after it was made."})
         self.assertEqual([r.subject for r in self.f.bundle_rows()], ["x", "x"])
         # Another user's count is their own.
         bob = await self.f.web.user("bob")
         bob_token = await self.f.login("bob@example.test", await self.f.web.credential(bob))
         status, _ = await self.f.form("POST", "/dropbundles", "subject=bob", token=bob_token)
         self.assertEqual(status, 200)
-
-        def remove(conn: Any) -> None:
-            conn.execute(sa.update(drop_bundles).where(drop_bundles.c.id == first)
-                         .values(removed_at=datetime.datetime.now(datetime.UTC)))
-
-        await self.f.web.core.db.run("remove", remove)
+        safedrop.settings = dataclasses.replace(safedrop.settings, max_bundles_per_user=0)
         status, reply = await self.f.form("POST", "/dropbundles", "subject=three")
         self.assertEqual(status, 200, reply)
+
+    async def test_sent_drops_never_downloaded_do_not_lock_a_user_out(self) -> None:
+        """A sent drop with the defaults (no expiry, valid_for 0) whose recipient never
+        downloads is never removed, and there is no DELETE: were it counted, a user at the
+        cap would be locked out for good. Sent ones are bounded by the [limits] send caps
+        and do not count; a year on, a new drop is made."""
+        safedrop = self.f.web.core.safedrop
+        safedrop.settings = dataclasses.replace(safedrop.settings, max_bundles_per_user=1)
+        bundle_id = await self.f.bundle()
+        status, _ = await self.f.form(
+            "POST", f"/dropbundles/{bundle_id}/dropbundlerecipients", "email=x@example.org")
+        self.assertEqual(status, 200)
+        status, _, _ = await self.f.call(
+            "POST", f"/dropbundles/{bundle_id}/dropfiles", multipart_file("a.txt", b"hello"),
+            MULTIPART, via="Auth-Token")
+        self.assertEqual(status, 200)
+        status, _, body = await self.f.call("GET", f"/dropbundles/{bundle_id}?send",
+                                            via="Auth-Token")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.f.web.clock.advance(400 * 24 * 3600)
+        await safedrop.sweep()
+        [row] = self.f.bundle_rows()
+        self.assertIsNotNone(row.sent_at)
+        self.assertIsNone(row.removed_at)
+        self.f.token = await self.f.login("alice@example.test", self.f.key)
+        status, reply = await self.f.form("POST", "/dropbundles", "subject=next year")
+        self.assertEqual(status, 200, reply)
+        # The new one is unsent: it fills the cap.
+        status, reply = await self.f.form("POST", "/dropbundles", "subject=one more")
+        self.assertEqual(status, 400, reply)
 
     async def test_every_field_in_form_multipart_and_json_reads_back_the_same(self) -> None:
         form = ("subject=S&message=M&secure_message=hush&expiry_date=2031-04-01T12%3A00%3A00"

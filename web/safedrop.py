@@ -493,8 +493,8 @@ class SafedropApp(ApiApp):
         description="Defaults: read_remove=1, allow_comments=0, require_token_auth=0, "
         "email_receipt_when=4, no expiry. read_remove and allow_comments together are a 400. "
         "`password` and `secure_message` are write-only. A user has at most `[safedrop] "
-        "max_bundles_per_user` bundles not yet removed (10,000): one more is a 400 naming the "
-        "cap, and nothing is stored.",
+        "max_bundles_per_user` bundles not yet sent (10,000; 0: no limit): one more is a 400 "
+        "naming the cap, and nothing is stored.",
         auth=SAFEDROP,
         body=BUNDLE_BODY,
         body_types=INPUT_TYPES,

@@ -177,7 +177,7 @@ class SafedropSettings:
     max_user_size = 53687091200   # bytes of all files a user keeps, all bundles (50 GiB)
     max_recipients = 100          # recipients of one bundle (its send queues one mail each)
     max_files = 1000              # files of one bundle (each mail of its send lists them all)
-    max_bundles_per_user = 10000  # bundles one user has, not yet removed; 400 beyond
+    max_bundles_per_user = 10000  # bundles one user has not yet sent; 400 beyond; 0: no limit
     max_concurrent_uploads = 4    # uploads one user has under way at once (per node); 429 beyond
     max_download_attempts = 3     # downloads of a read_remove file a recipient may start
     ```
@@ -214,13 +214,19 @@ class SafedropSettings:
                     raise ConfigError(f"[safedrop] {key} must be a positive number of seconds")
                 values[key] = float(v)
         for key in ("max_recipients", "max_files", "max_concurrent_uploads",
-                    "max_download_attempts", "max_bundles_per_user"):
+                    "max_download_attempts"):
             if key in section:
                 v = section[key]
                 if not is_positive_number(v, integer=True) or v > 100_000:
                     raise ConfigError(f"[safedrop] {key} must be a whole number from 1 to "
                                       "100000")
                 values[key] = v
+        if "max_bundles_per_user" in section:
+            v = section["max_bundles_per_user"]
+            if not is_positive_number(v, zero_ok=True, integer=True) or v > 100_000:
+                raise ConfigError("[safedrop] max_bundles_per_user must be a whole number "
+                                  "from 0 (no limit) to 100000")
+            values["max_bundles_per_user"] = v
         for key in ("link_hostname", "notify_from", "sms_gateway"):
             if key in section:
                 v = section[key]

@@ -94,20 +94,27 @@ def _changeable_row_txn(conn: Connection, owner_id: int, bundle_id: int) -> Any:
 def create_bundle_txn(conn: Connection, owner_id: int, values: Mapping[str, Any],
                       max_bundles: int) -> Bundle:
     """A new bundle of `owner_id`; DropError (naming no field) when the owner already has
-    `max_bundles` not yet removed, sent or not (an empty one costs no bytes of
-    `max_user_size`). A removed one does not count: its files are gone, and it was sent,
-    so the send caps bound how many there are."""
+    `max_bundles` bundles not yet sent (0: no limit). An empty one costs no bytes of
+    `max_user_size` and the API has no DELETE, but an unsent bundle is deleted by the sweep
+    `unsent_max_age` after it was made. A sent one does not count: the `[limits]` send caps
+    bound how many there are, and one sent with no expiry that nobody downloads is never
+    removed, so counting it would lock its owner out for good."""
     _check_flags(values)
-    # The owner's row is locked first, so that concurrent creates for one user count one
-    # after another (PostgreSQL's READ COMMITTED would let each count the same rows; SQLite
-    # serialises writers anyway and ignores FOR UPDATE).
-    conn.execute(sa.select(users.c.id).where(users.c.id == owner_id).with_for_update())
-    held = conn.execute(sa.select(sa.func.count()).select_from(drop_bundles).where(
-        drop_bundles.c.owner_id == owner_id, drop_bundles.c.removed_at.is_(None))
-    ).scalar_one()
-    if held >= max_bundles:
-        raise DropError(None, f"A user may have at most {max_bundles} drops not yet removed; "
-                        "a drop is removed when it expires, or deleted when it is never sent.")
+    if max_bundles:
+        # The owner's row is locked first, so that concurrent creates for one user count
+        # one after another (PostgreSQL's READ COMMITTED would let each count the same
+        # rows; SQLite serialises writers anyway and ignores FOR UPDATE). FOR NO KEY
+        # UPDATE: it takes turns with itself, not with the inserts of rows naming the
+        # user (FOR KEY SHARE: sync batches, api_sends) that a FOR UPDATE would hold up.
+        conn.execute(sa.select(users.c.id).where(users.c.id == owner_id)
+                     .with_for_update(key_share=True))
+        unsent = conn.execute(sa.select(sa.func.count()).select_from(drop_bundles).where(
+            drop_bundles.c.owner_id == owner_id, drop_bundles.c.sent_at.is_(None),
+            drop_bundles.c.removed_at.is_(None))).scalar_one()
+        if unsent >= max_bundles:
+            raise DropError(None, f"A user may have at most {max_bundles} drops not yet "
+                            "sent; send one, or wait until an unsent one is deleted, "
+                            "unsent_max_age after it was made.")
     new_id = conn.execute(
         sa.insert(drop_bundles).values(owner_id=owner_id, **values)
     ).inserted_primary_key[0]  # type: ignore[index]
