@@ -211,7 +211,9 @@ class DraftCapTests(MailApiTestCase):
         full = {"message": f"mailbox full: {BOB} holds 2 drafts, the most [mailapi] "
                            "max_drafts_per_mailbox allows; send or delete some - email not "
                            "saved"}
-        for mail in ({"status": "draft"}, {"status": "outbox", "to": JOE, "subject": "s"}):
+        # A new draft, and a mail asked for the outbox that cannot go (no "to") and would
+        # stay a draft, are refused.
+        for mail in ({"status": "draft"}, {"status": "outbox", "subject": "no one"}):
             status, body = await self.as_("bob", "POST", "/api/v1/mail/", json=mail)
             self.assertEqual((status, body), (507, full), mail)
         rows = await self.rows()
@@ -221,6 +223,29 @@ class DraftCapTests(MailApiTestCase):
         self.assertEqual(status, 202)
         status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
         self.assertEqual(status, 201)
+
+    async def test_a_mailbox_full_of_drafts_still_sends_and_edits_its_drafts(self) -> None:
+        """A new mail sent at once never stays a draft: a mailbox holding the most drafts
+        still sends new mail, and an edit of a draft adds none."""
+        for _ in range(2):
+            status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
+            self.assertEqual(status, 201)
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/",
+                                      json={"status": "outbox", "to": JOE, "subject": "s"})
+        self.assertEqual(status, 202, body)
+        rows = await self.rows()
+        self.assertEqual([r.status for r in rows], ["draft", "draft", "outbox"])
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{rows[0].public_id}",
+                                      json={"subject": "edited"})
+        self.assertEqual(status, 200, body)
+        status, body = await self.as_("bob", "PUT", f"/api/v1/mail/{rows[1].public_id}",
+                                      json={"status": "outbox", "to": JOE})
+        self.assertEqual(status, 202, body)
+        self.assertEqual([r.status for r in await self.rows()], ["draft", "outbox", "outbox"])
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
+        self.assertEqual(status, 201)
+        status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
+        self.assertEqual(status, 507)
 
 
 class QuotaRaceMixin(DatabaseMixin):

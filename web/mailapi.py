@@ -27,8 +27,9 @@ MailService.receive, which streams the file parts to disk within the `[mailapi]`
 A write that would take its mailbox past its quota (its own, set by the operator, else
 `[mailapi] mailbox_quota_bytes`) stores nothing and
 answers 507 `{"message": "mailbox full: ..."}`; a mailbox shows its `used_bytes` and
-`quota_bytes`. So does a new mail in a mailbox holding `[mailapi] max_drafts_per_mailbox`
-drafts (an empty draft takes no byte of the quota).
+`quota_bytes`. So does a new mail kept as a draft in a mailbox holding `[mailapi]
+max_drafts_per_mailbox` drafts (an empty draft takes no byte of the quota); a mail sent at
+once, and an edit of a draft, are not refused by it.
 A send past the caller's `[limits]` cap on recipients (mailcore.sendcaps) keeps the mail a
 draft and answers 429 `{"message": "sending limit reached: ... - stored email as draft",
 "id": ...}` with Retry-After (400, no Retry-After, when the mail alone is over a cap).
@@ -595,8 +596,9 @@ class MailApiApp(ApiApp):
         summary="Create an email (a draft, or outbox to send it)",
         description="Fields are checked only for status outbox; mail that cannot be sent "
         "is kept as a draft and the reply says why (with its id). A mail past the "
-        "mailbox's quota, or in a mailbox that holds `[mailapi] max_drafts_per_mailbox` "
-        "drafts (10,000), is a 507 and nothing is stored. " + CAPPED_TEXT,
+        "mailbox's quota, or a new draft (one kept as a draft) in a mailbox that holds "
+        "`[mailapi] max_drafts_per_mailbox` drafts (10,000), is a 507 and nothing is "
+        "stored; a mail sent at once is not refused for the drafts. " + CAPPED_TEXT,
         auth=MAIL_API,
         body=MAIL_BODY,
         body_types=("application/json", FORM_TYPE, MULTIPART_TYPE),

@@ -103,18 +103,26 @@ def thd_charge(conn: Connection, mailbox_id: int, delta: int, quota: int | None,
                            "saved")
 
 
+def thd_lock_drafts(conn: Connection, mailbox_id: int, max_drafts: int | None) -> None:
+    """Blocking: lock the mailbox's row before a new mail is stored in it, so that two
+    writes at once count its drafts (thd_draft_room) one after the other (SQLite's writers
+    take turns anyway). Nothing with no limit."""
+    if max_drafts is not None:
+        conn.execute(_LOCK_BOX, {"box": mailbox_id})
+
+
 def thd_draft_room(conn: Connection, mailbox_id: int, max_drafts: int | None,
                    address: str = "the mailbox") -> None:
     """Blocking: QUOTA (the caller's transaction then stores nothing) when the mailbox
-    holds `max_drafts` drafts already (None: no limit). An empty draft takes no byte of the
-    quota, so without it a client could add drafts without end. The mailbox's row is
-    locked first, so that two writes at once count one after the other (SQLite's writers
-    take turns anyway)."""
+    holds more than `max_drafts` drafts (None: no limit), the new one counted: called
+    after a new mail is stored and settled, and only when it stayed a draft (a mail sent
+    at once adds none). An empty draft takes no byte of the quota, so without it a client
+    could add drafts without end. The caller locked the mailbox's row (thd_lock_drafts)
+    before storing the mail."""
     if max_drafts is None:
         return
-    conn.execute(_LOCK_BOX, {"box": mailbox_id})
-    if (conn.execute(_DRAFTS, {"box": mailbox_id, "cap": max_drafts}).scalar() or 0) \
-            >= max_drafts:
+    if (conn.execute(_DRAFTS, {"box": mailbox_id, "cap": max_drafts + 1}).scalar() or 0) \
+            > max_drafts:
         raise MailApiError(QUOTA, f"mailbox full: {address} holds {max_drafts} drafts, the "
                            "most [mailapi] max_drafts_per_mailbox allows; send or delete "
                            "some - email not saved")

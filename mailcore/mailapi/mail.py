@@ -68,6 +68,7 @@ from mailcore.mailapi.counts import (
     thd_charge,
     thd_count_mail,
     thd_draft_room,
+    thd_lock_drafts,
     thd_use,
 )
 from mailcore.mailapi.delivery import thd_new_public_id
@@ -590,8 +591,9 @@ class MailService:
                                        "yours can keep this email")
                 if thd_hold_mailbox(conn, box):
                     break
-            # Every new mail is a draft until _thd_settle sends it.
-            thd_draft_room(conn, box, self.max_drafts, rights[box][0])
+            # Drafts are counted once the mail is settled (below); the mailbox is locked
+            # first, so that two new mails at once count one after the other.
+            thd_lock_drafts(conn, box, self.max_drafts)
             size = mail_size(values, (f.size for f in edit.attachments))
             thd_charge(conn, box, size, self.quota_bytes, rights[box][0])
             key = conn.execute(_INSERT_MAIL, {
@@ -603,8 +605,13 @@ class MailService:
             thd_count_mail(conn, box, 1)
             _thd_insert_attachments(conn, key[0], edit.attachments)
             row = conn.execute(_ROW_BY_ID, {"row_id": key[0]}).one()
-            return self._thd_settle(conn, row, values, edit.status, rights, now, built,
-                                    user_id, sendable)
+            written = self._thd_settle(conn, row, values, edit.status, rights, now, built,
+                                       user_id, sendable)
+            if written.outcome != Outcome.ENQUEUED:
+                # It stayed a draft in `box` (asked for, or not sendable): one more draft.
+                # A mail sent at once adds none, so a mailbox full of drafts still sends.
+                thd_draft_room(conn, box, self.max_drafts, rights[box][0])
+            return written
 
         # A new mail's size is the request's: a small one is not read for before.
         large = _size(edit.values, (f.size for f in edit.attachments)) > BUILT_APART

@@ -27,8 +27,9 @@ not fit after all, bounces 5.2.2; sending a draft is never refused for the messa
 back under).
 
 `max_drafts_per_mailbox` bounds the drafts of one mailbox: an empty draft takes no byte of
-its quota. A new mail (every mail is stored as a draft before it is sent) in a mailbox that
-holds that many drafts is refused as a full one is (507, nothing stored).
+its quota. A new mail that stays a draft (asked for as one, or not sendable) in a mailbox
+that holds that many drafts is refused as a full one is (507, nothing stored); a new mail
+sent at once, and an edit of a draft, add no draft and are never refused by it.
 """
 
 from __future__ import annotations
