@@ -84,11 +84,14 @@ class JobLimitReached(Exception):
 
 def thd_job_room(conn: Connection, user_id: int, limit: int, *, lock: bool = True) -> None:
     """Blocking: JobLimitReached when `user_id` has `limit` jobs queued or running, after
-    locking the user's row (FOR UPDATE, as webhooks and fetch accounts count: PostgreSQL's
-    READ COMMITTED would let two requests at once count the same rows; SQLite serialises
-    writers anyway). Without `lock`, for a check before work the create checks again."""
+    locking the user's row (PostgreSQL's READ COMMITTED would let two requests at once
+    count the same rows; SQLite serialises writers anyway). FOR NO KEY UPDATE: it takes
+    turns with itself, not with inserts of rows naming the user (their FOR KEY SHARE: sync
+    batches, api_sends), which FOR UPDATE held up until the create committed. Without
+    `lock`, for a check before work the create checks again."""
     if lock:
-        conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+        conn.execute(select(users.c.id).where(users.c.id == user_id)
+                     .with_for_update(key_share=True))
     j = mailbox_jobs.c
     queued = conn.execute(select(func.count()).select_from(mailbox_jobs).where(
         j.user_id == user_id, j.status.in_(ACTIVE))).scalar() or 0
