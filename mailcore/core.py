@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
 from filters import FilterChain, build_chain
 from mailcore.backup import BackupAccounts, BackupIndexer, BackupMail, BackupSettings
-from mailcore.backup.jobs import BackupJobs, build_jobs
+from mailcore.backup.jobs import BackupJobs, OldJobsSweeper, build_jobs
 from mailcore.billing.invoices import BillingSettings, InvoiceService
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import ChargeBatcher, TokenService, TokenSettings
@@ -351,7 +351,7 @@ class Core:
             SendsSweeper(self.send_caps), OAuthPruner(self.oauth),
             SafedropSweeper(self.safedrop),
             MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval),
-            GoneSweeper(self.mail)))
+            GoneSweeper(self.mail), OldJobsSweeper(self.jobs, self.clock)))
         if self.shared_store:
             services.append(self.node_registry)
         if self.webhooks.sender is not None:

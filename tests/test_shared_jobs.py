@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore import sendcaps
+from mailcore.backup.jobs import FORGET_INTERVAL, OldJobsSweeper
 from mailcore.billing.plans import Plans
 from mailcore.billing.tokens import TokenService, TokenSettings
 from mailcore.config import Config
@@ -827,6 +828,12 @@ class SharedJobsMixin(DatabaseMixin):
         test_an_expired_drop_is_removed_and_summarised_by_one_node)."""
         await self.one_node_per_period(SafedropSweeper, "safedrop", "sweep",
                                        period=SafedropSettings().sweep_interval)
+
+    async def test_the_old_jobs_sweep_runs_on_one_node_per_period(self) -> None:
+        """The items of the migrates and restores past `[dropmyemail]
+        jobs_kept_per_account` are deleted by one node per FORGET_INTERVAL, in batches."""
+        await self.one_node_per_period(OldJobsSweeper, "jobs", "forget_old_jobs",
+                                       period=FORGET_INTERVAL)
 
     async def test_the_token_sweep_runs_on_one_node_per_period(self) -> None:
         """The token tanks' sweep (rollovers, the purge of old usage and charges) is run by

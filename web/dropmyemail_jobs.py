@@ -296,7 +296,8 @@ class JobRoutes:
 
 
 KEPT_TEXT = ("An account keeps its newest `[dropmyemail] jobs_kept_per_account` (100) "
-             "finished jobs of each kind: a new job deletes the oldest beyond.")
+             "finished jobs of each kind: a new job deletes the oldest beyond that name "
+             "no message, a sweep every 10 minutes the others.")
 
 
 def install(routes: RouteTable) -> None:

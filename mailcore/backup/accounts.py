@@ -144,7 +144,8 @@ class BackupSettings:
     migrate into another destination is not refused as the same one is, so without it a
     user could queue them without end); `jobs_kept_per_account` (100) bounds the finished
     migrates, and the finished restores, an account keeps (each a row, and a row per
-    message it dealt with): a new job deletes the oldest beyond."""
+    message it dealt with): a new job deletes the oldest beyond that have no such row,
+    and OldJobsSweeper (mailcore.backup.jobs) the others, a batch of rows a transaction."""
 
     providers: dict[str, dict[str, str]] = field(default_factory=dict)
     allow_cleartext_login: bool = False

@@ -23,16 +23,21 @@ running at once: one more is JobLimitReached (409), nothing stored. The count an
 are one transaction that first locks the user's row, so two requests at once (on nodes
 sharing PostgreSQL too) count one after the other. An account keeps its newest
 `jobs_kept_per_account` finished migrates, and as many finished restores: the transaction
-that makes a job deletes the oldest beyond (`thd_forget_old_jobs`), with their items.
+that makes a job deletes the oldest beyond that have no items (`thd_forget_old_jobs`), and
+OldJobsSweeper the others, FORGET_BATCH items a transaction (a migrate has an item per
+message: the cascade of one job's could hold SQLite's only write lock for seconds).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, delete, exists, func, select
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from mailcore.backup.accounts import (
     GOOGLE_REFUSAL,
@@ -57,12 +62,21 @@ from mailcore.fetch.jobs import (
     thd_list_jobs,
     thd_message_id_chunk,
 )
+from mailcore.periodic import Sweeper
 from mailcore.store import Database
-from mailcore.store.schema import fetch_accounts, mailbox_jobs, users
+from mailcore.store.schema import fetch_accounts, mailbox_job_items, mailbox_jobs, users
+
+log = Logger()
 
 JOB_SORTS = ("start_time", "end_time")
 # How many of a job's message ids one read of the store gives.
 MESSAGE_ID_CHUNK = 5000
+FINISHED = tuple(s for s in STATUSES if s not in ACTIVE)
+# OldJobsSweeper: seconds between its runs, items of an old job deleted a transaction (each
+# a short hold of SQLite's write lock), and old jobs looked up at a time.
+FORGET_INTERVAL = 600.0
+FORGET_BATCH = 2000
+FORGET_JOBS = 100
 
 
 class JobConflict(Exception):
@@ -100,19 +114,58 @@ def thd_job_room(conn: Connection, user_id: int, limit: int, *, lock: bool = Tru
                               "queued or running; wait for one to end")
 
 
-def thd_forget_old_jobs(conn: Connection, account_id: int, kind: str, kept: int) -> int:
-    """Blocking: delete the account's finished jobs of `kind` but the newest `kept` (their
-    items go with them: ON DELETE CASCADE); how many. Without it every restore of an
-    intact account, quick to end, left a row for ever, and every migrate a row per
-    message."""
+def _beyond_kept(kept: int) -> Any:
+    """The finished jobs of each account and kind but the newest `kept`: (id) rows."""
     j = mailbox_jobs.c
-    finished = (j.account_id == account_id, j.kind == kind,
-                j.status.in_([s for s in STATUSES if s not in ACTIVE]))
+    place = func.row_number().over(partition_by=(j.account_id, j.kind),
+                                   order_by=j.id.desc()).label("place")
+    ranked = select(j.id, place).where(j.status.in_(FINISHED)).subquery()
+    return select(ranked.c.id).where(ranked.c.place > kept)
+
+
+def thd_forget_old_jobs(conn: Connection, account_id: int, kind: str, kept: int) -> int:
+    """Blocking: delete the account's finished jobs of `kind` but the newest `kept` that
+    hold no item (a restore's, a migrate that copied nothing); how many. Without it every
+    restore of an intact account, quick to end, left a row for ever. It runs in the
+    create's transaction, which on SQLite holds the only write lock (the spool's group
+    commit waits on it), so it deletes no job with items: a migrate has one a message,
+    and their ON DELETE CASCADE took 0.63 s for 200,000. Those are left to
+    OldJobsSweeper (thd_forget_job_items), a batch a transaction."""
+    j = mailbox_jobs.c
+    i = mailbox_job_items.c
     beyond = [row[0] for row in conn.execute(
-        select(j.id).where(*finished).order_by(j.id.desc()).offset(kept))]
+        select(j.id).where(j.account_id == account_id, j.kind == kind,
+                           j.status.in_(FINISHED))
+        .order_by(j.id.desc()).offset(kept))]
     if not beyond:
         return 0
-    return int(conn.execute(delete(mailbox_jobs).where(j.id.in_(beyond))).rowcount or 0)
+    return int(conn.execute(delete(mailbox_jobs).where(
+        j.id.in_(beyond), ~exists().where(i.job_id == j.id))).rowcount or 0)
+
+
+def thd_jobs_beyond_kept(conn: Connection, kept: int, limit: int) -> list[int]:
+    """Blocking: up to `limit` ids (oldest first) of finished jobs beyond the newest `kept`
+    of their account and kind, whose items OldJobsSweeper deletes."""
+    found = _beyond_kept(kept).subquery()
+    return [int(row[0]) for row in conn.execute(
+        select(found.c.id).order_by(found.c.id).limit(limit))]
+
+
+def thd_forget_job_items(conn: Connection, job_id: int, batch: int) -> int:
+    """Blocking: delete up to `batch` items of the finished job `job_id` (by its primary
+    key's order), and the job itself once it has none left; how many items went."""
+    i = mailbox_job_items.c
+    j = mailbox_jobs.c
+    last = conn.execute(select(i.message_row_id).where(i.job_id == job_id)
+                        .order_by(i.message_row_id).offset(batch - 1).limit(1)).scalar()
+    items = delete(mailbox_job_items).where(i.job_id == job_id)
+    if last is not None:
+        items = items.where(i.message_row_id <= last)
+    gone = int(conn.execute(items).rowcount or 0)
+    if gone < batch:
+        conn.execute(delete(mailbox_jobs).where(
+            j.id == job_id, j.status.in_(FINISHED), ~exists().where(i.job_id == job_id)))
+    return gone
 
 
 def thd_active_job(conn: Connection, values: dict[str, Any]) -> int | None:
@@ -289,6 +342,27 @@ class BackupJobs:
                                   account_id=account_id, kind=kind,
                                   with_message_ids=with_message_ids)
 
+    async def forget_old_jobs(self, batch: int = FORGET_BATCH) -> int:
+        """Delete the finished jobs beyond each account's newest `jobs_kept_per_account` of
+        a kind with their items, `batch` items a transaction (the create deletes only
+        those without items: thd_forget_old_jobs); how many items went."""
+        kept = self.settings.jobs_kept_per_account
+        gone = 0
+        done: set[int] = set()
+        while True:
+            found = [job for job in await self.db.read(
+                "mailbox_jobs_beyond_kept", thd_jobs_beyond_kept, kept, FORGET_JOBS)
+                if job not in done]
+            if not found:
+                return gone
+            for job in found:
+                while True:
+                    n = await self.db.run("forget_old_job", thd_forget_job_items, job, batch)
+                    gone += n
+                    if n < batch:
+                        break
+                done.add(job)
+
     async def message_ids(self, job_id: int) -> AsyncIterator[Sequence[int]]:
         """The backed-up messages job `job_id` copied or found, in order, a chunk of
         `MESSAGE_ID_CHUNK` at a time, each read on its own: the store's read lane is never
@@ -324,3 +398,26 @@ def build_jobs(
     runner = JobRunner(reactor, db, node_id, copier.bodies(), metrics=metrics,
                        on_finished=finished)
     return runner, BackupJobs(db, fetch.accounts, fetch.engine, settings, runner)
+
+
+class OldJobsSweeper(Sweeper[int]):
+    """Deletes the finished migrates and restores beyond each account's newest `[dropmyemail]
+    jobs_kept_per_account` of a kind that hold items (a migrate's, one a message), every
+    FORGET_INTERVAL seconds, FORGET_BATCH items a transaction: a job's create deletes only
+    those with none, since its transaction holds SQLite's only write lock. The Core gives
+    it the store's job leases: one node of those sharing the store sweeps per period."""
+
+    name = "old-jobs-sweeper"
+    failed = "deleting old migrates and restores failed"
+
+    def __init__(self, jobs: BackupJobs, clock: IReactorTime,
+                 every: float = FORGET_INTERVAL) -> None:
+        super().__init__(clock, every)
+        self.jobs = jobs
+
+    def sweep(self) -> Awaitable[int]:
+        return defer.Deferred.fromCoroutine(self.jobs.forget_old_jobs())
+
+    def swept(self, gone: int) -> None:
+        if gone:
+            log.info("deleted {n} items of old migrates and restores", n=gone)
