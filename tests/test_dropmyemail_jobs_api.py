@@ -9,14 +9,23 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import OperationalError
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from mailcore.backup.jobs import FORGET_INTERVAL, OldJobsSweeper
+from mailcore.backup.jobs import FORGET_INTERVAL, OldJobsSweeper, thd_job_room
 from mailcore.config import Config
 from mailcore.fetch.jobs import thd_cancel_job, thd_create_job
-from mailcore.store.schema import mailbox_job_items, mailbox_jobs, message_blobs, messages
+from mailcore.safedrop.service import BUNDLE_DEFAULTS
+from mailcore.safedrop.store import create_bundle_txn
+from mailcore.store.schema import (
+    api_sends,
+    mailbox_job_items,
+    mailbox_jobs,
+    message_blobs,
+    messages,
+)
 from tests.support.db import transaction_answers
 from tests.support.oauth import access_token
 from tests.support.pg import create_test_database
@@ -244,6 +253,38 @@ class OldJobItemsPostgreSQLTests(OldJobItemsTests):
 
 class QueuedJobCapPostgreSQLTests(QueuedJobCapTests):
     postgres = True
+
+    def test_the_users_row_lock_lets_rows_naming_the_user_in(self) -> None:
+        """The create's lock of the user's row (thd_job_room) was FOR UPDATE, which on
+        PostgreSQL held up every insert of a row naming the user (its FOR KEY SHARE: sync
+        batches, api_sends) until the create committed. FOR NO KEY UPDATE lets them in,
+        and two creates still take turns. (Blocking calls on the test's thread: each
+        waits at most lock_timeout.)"""
+        engine = self.web.core.db.engine
+        with engine.begin() as creating:
+            thd_job_room(creating, self.alice.id, 100)
+            with engine.begin() as sending:
+                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
+                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
+                                                         recipients=1))
+            with self.assertRaises(OperationalError), engine.begin() as other:
+                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+                thd_job_room(other, self.alice.id, 100)
+
+    def test_the_safedrop_creates_lock_lets_rows_naming_the_user_in(self) -> None:
+        """The same for a safedrop bundle's create (create_bundle_txn, its
+        max_bundles_per_user count), which locks the same row."""
+        engine = self.web.core.db.engine
+        values = {**BUNDLE_DEFAULTS, "created_at": datetime.datetime.now(datetime.UTC)}
+        with engine.begin() as creating:
+            create_bundle_txn(creating, self.alice.id, values, 100)
+            with engine.begin() as sending:
+                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
+                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
+                                                         recipients=1))
+            with self.assertRaises(OperationalError), engine.begin() as other:
+                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+                create_bundle_txn(other, self.alice.id, values, 100)
 
 
 class JobIdTests(JobsApiBase):
