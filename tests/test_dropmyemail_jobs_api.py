@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.backup.jobs import FORGET_INTERVAL, OldJobsSweeper, thd_job_room
 from mailcore.config import Config
+from mailcore.fetch.accounts import _lock_user
 from mailcore.fetch.jobs import thd_cancel_job, thd_create_job
 from mailcore.safedrop.service import BUNDLE_DEFAULTS
 from mailcore.safedrop.store import create_bundle_txn
@@ -270,6 +271,21 @@ class QueuedJobCapPostgreSQLTests(QueuedJobCapTests):
             with self.assertRaises(OperationalError), engine.begin() as other:
                 other.execute(text("SET LOCAL lock_timeout = '200ms'"))
                 thd_job_room(other, self.alice.id, 100)
+
+    def test_the_fetch_accounts_lock_lets_rows_naming_the_user_in(self) -> None:
+        """The same for the creates and updates of fetch accounts (their
+        max_accounts_per_user count), which took FOR UPDATE of the user's row: a sync's
+        message batches for the user's other accounts waited for them."""
+        engine = self.web.core.db.engine
+        with engine.begin() as creating:
+            _lock_user(creating, self.alice.id)
+            with engine.begin() as sending:
+                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
+                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
+                                                         recipients=1))
+            with self.assertRaises(OperationalError), engine.begin() as other:
+                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+                _lock_user(other, self.alice.id)
 
     def test_the_safedrop_creates_lock_lets_rows_naming_the_user_in(self) -> None:
         """The same for a safedrop bundle's create (create_bundle_txn, its

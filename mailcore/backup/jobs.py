@@ -64,7 +64,8 @@ from mailcore.fetch.jobs import (
 )
 from mailcore.periodic import Sweeper
 from mailcore.store import Database
-from mailcore.store.schema import fetch_accounts, mailbox_job_items, mailbox_jobs, users
+from mailcore.store.owners import thd_lock_owner
+from mailcore.store.schema import fetch_accounts, mailbox_job_items, mailbox_jobs
 
 log = Logger()
 
@@ -104,8 +105,7 @@ def thd_job_room(conn: Connection, user_id: int, limit: int, *, lock: bool = Tru
     batches, api_sends), which FOR UPDATE held up until the create committed. Without
     `lock`, for a check before work the create checks again."""
     if lock:
-        conn.execute(select(users.c.id).where(users.c.id == user_id)
-                     .with_for_update(key_share=True))
+        thd_lock_owner(conn, user_id)
     j = mailbox_jobs.c
     queued = conn.execute(select(func.count()).select_from(mailbox_jobs).where(
         j.user_id == user_id, j.status.in_(ACTIVE))).scalar() or 0

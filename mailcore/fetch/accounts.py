@@ -37,6 +37,7 @@ from mailcore.fetch.tls import check_ca_pem, normalise_fingerprint
 from mailcore.messages.sql import new_id, utc
 from mailcore.messages.store import thd_delete_account_messages
 from mailcore.store import Database
+from mailcore.store.owners import thd_lock_owner
 from mailcore.store.schema import fetch_accounts, fetch_folders, messages, users
 from mailcore.text import breaks_line, has_control, has_surrogate
 
@@ -297,10 +298,8 @@ def moves_mailbox(changes: dict[str, Any], current: Account) -> bool:
 
 def _lock_user(conn: Connection, user_id: int) -> None:
     """Lock the user's row, so that the creates and updates of its accounts that check
-    something of its other accounts take turns (under PostgreSQL's READ COMMITTED each
-    would read the same rows and all write; SQLite serialises writers and ignores FOR
-    UPDATE)."""
-    conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+    something of its other accounts take turns (mailcore.store.owners)."""
+    thd_lock_owner(conn, user_id)
 
 
 class Accounts:

@@ -22,6 +22,7 @@ from mailcore.safedrop.model import (
     bundle_full,
     check_expiry,
 )
+from mailcore.store.owners import thd_lock_owner
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 
@@ -101,13 +102,7 @@ def create_bundle_txn(conn: Connection, owner_id: int, values: Mapping[str, Any]
     removed, so counting it would lock its owner out for good."""
     _check_flags(values)
     if max_bundles:
-        # The owner's row is locked first, so that concurrent creates for one user count
-        # one after another (PostgreSQL's READ COMMITTED would let each count the same
-        # rows; SQLite serialises writers anyway and ignores FOR UPDATE). FOR NO KEY
-        # UPDATE: it takes turns with itself, not with the inserts of rows naming the
-        # user (FOR KEY SHARE: sync batches, api_sends) that a FOR UPDATE would hold up.
-        conn.execute(sa.select(users.c.id).where(users.c.id == owner_id)
-                     .with_for_update(key_share=True))
+        thd_lock_owner(conn, owner_id)  # creates for one user count one after another
         unsent = conn.execute(sa.select(sa.func.count()).select_from(drop_bundles).where(
             drop_bundles.c.owner_id == owner_id, drop_bundles.c.sent_at.is_(None),
             drop_bundles.c.removed_at.is_(None))).scalar_one()

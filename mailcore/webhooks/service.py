@@ -22,7 +22,8 @@ from mailcore.messages.sql import new_id
 from mailcore.outages import log_failure
 from mailcore.periodic import delete_in_batches
 from mailcore.store import Database
-from mailcore.store.schema import users, webhook_deliveries, webhooks
+from mailcore.store.owners import thd_lock_owner
+from mailcore.store.schema import webhook_deliveries, webhooks
 from mailcore.webhooks import store as delivery_store
 from mailcore.webhooks.events import (
     account_scope,
@@ -91,10 +92,7 @@ class Webhooks:
         limit = self.settings.max_per_user
 
         def txn(conn: Connection) -> Webhook:
-            # The user's row is locked first, so that concurrent creates for one user count
-            # one after another (PostgreSQL's READ COMMITTED would let each count the same
-            # rows; SQLite serialises writers anyway and ignores FOR UPDATE).
-            conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+            thd_lock_owner(conn, user_id)  # creates for one user count one after another
             count = conn.execute(
                 select(func.count()).select_from(webhooks).where(webhooks.c.user_id == user_id)
             ).scalar() or 0
