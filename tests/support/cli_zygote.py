@@ -33,16 +33,34 @@ PRELOAD = ("mailcore.cli", "mailcore.startup", "mailcore.service", "mailcore.pri
            "mailcore.cli.secrets", "mailcore.cli.users", "mailcore.cli.webhooks")
 
 
-def preload() -> None:
+def preload() -> bool:
+    """Import the CLI's modules. False when the imports wrote on stderr (a warning, say):
+    a command's own imports would have written it on the command's stderr, where a test
+    sees it, so the children then run the command in a fresh interpreter (exec) instead,
+    and the zygote's log keeps what was written."""
     import importlib
+    import tempfile
 
-    for name in PRELOAD:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as said:
+        os.dup2(said.fileno(), 2)
         try:
-            importlib.import_module(name)
-        except Exception:  # noqa: S112 (the child imports it again and says why)
-            continue
+            for name in PRELOAD:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: S112 (the child imports it again and says why)
+                    continue
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        written = said.read()
+    os.write(2, written)
     if "twisted.internet.reactor" in sys.modules:  # would be shared by every child
         raise SystemExit("cli_zygote: a preloaded module installed the reactor")
+    return not written
 
 
 def serve(listener: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -113,9 +131,12 @@ def become(request: dict[str, Any], fds: list[int]) -> None:
 
 if __name__ == "__main__":
     _listener = socket.socket(fileno=int(sys.argv[1]))
-    preload()
+    _quiet = preload()
     _request, _fds = serve(_listener)
     _listener.close()  # the child's copy; the zygote keeps listening
     become(_request, _fds)
-    del _listener, _request, _fds
+    if not _quiet:  # as `python -m mailcore.cli` would be, imports and all
+        _argv = [sys.executable, "-m", "mailcore.cli", *_request["args"]]
+        os.execv(sys.executable, _argv)  # noqa: S606
+    del _listener, _request, _fds, _quiet
     runpy.run_module("mailcore.cli", run_name="__main__", alter_sys=True)
