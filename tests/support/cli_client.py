@@ -29,7 +29,8 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, "-m", "mailcore.cli", *args])  # noqa: S606
     how, _, number = conn.recv(64).decode().partition(" ")
     if how == "signal":
-        signal.signal(int(number), signal.SIG_DFL)
+        if int(number) != signal.SIGKILL:  # whose handler cannot be set, nor needs to be
+            signal.signal(int(number), signal.SIG_DFL)
         os.kill(os.getpid(), int(number))
     os._exit(int(number) if how == "exit" else 70)  # 70: the zygote went away (EX_SOFTWARE)
 
