@@ -14,7 +14,10 @@ same status; what it no longer does is import ~1,000 modules again (some 1.2 s o
 time, over 250 commands in the suite). There is a zygote per environment commands are given
 (what the interpreter reads at its start, PYTHONUNBUFFERED say, is then as the command's).
 With MAILCORE_TEST_ZYGOTE=0 in it, a command is started as `python -m mailcore.cli` itself
-(to rule the zygote out when a CLI test fails).
+(to rule the zygote out when a CLI test fails). One difference stays: the children of one
+zygote share its hash seed, so the order of a set of strings is the same in every command of
+a test process, where each `python -m` run had its own: a test that passes only in one
+order may be steady within a run and flaky across runs.
 """
 
 from __future__ import annotations

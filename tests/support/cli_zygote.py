@@ -72,11 +72,15 @@ def serve(listener: socket.socket) -> tuple[dict[str, Any], list[int]]:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     waiting: set[socket.socket] = set()  # accepted, request not read yet
     children: dict[int, socket.socket] = {}
+    abandoned: set[int] = set()  # killed (their clients went), not reaped yet
     while True:
+        watched = [c for pid, c in children.items() if pid not in abandoned]
         readable, _, _ = select.select(
-            [listener, wake_r, sys.stdin, *waiting, *children.values()], [], [])
+            [listener, wake_r, sys.stdin, *waiting, *watched], [], [])
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1):
-            os._exit(0)  # the test process is gone
+            for pid in children:  # the test process is gone: so are its commands
+                os.kill(pid, signal.SIGKILL)
+            os._exit(0)
         if wake_r in readable:
             os.read(wake_r, 4096)
             while children:
@@ -84,6 +88,7 @@ def serve(listener: socket.socket) -> tuple[dict[str, Any], list[int]]:
                 if pid == 0:
                     break
                 conn = children.pop(pid)
+                abandoned.discard(pid)
                 sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
                 how = f"signal {sig}" if sig else f"exit {os.WEXITSTATUS(status)}"
                 try:
@@ -92,8 +97,9 @@ def serve(listener: socket.socket) -> tuple[dict[str, Any], list[int]]:
                     pass
                 conn.close()
         for pid, conn in list(children.items()):
-            if conn in readable:  # its client went away before it ended
-                os.kill(pid, signal.SIGKILL)
+            if conn in readable and pid not in abandoned:  # its client went before it ended
+                os.kill(pid, signal.SIGKILL)  # once: its connection stays readable
+                abandoned.add(pid)
         if listener in readable:
             conn, _ = listener.accept()
             waiting.add(conn)
