@@ -165,7 +165,7 @@ class DirectTCPEndpoint:
             return self._made(sock, factory)
         if code not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             sock.close()
-            return defer.fail(error.getConnectError((code, os.strerror(code))))
+            return defer.fail(_connect_error(code))
         try:
             sock.getpeername()  # connected already (loopback): no waiting
         except OSError:
@@ -182,6 +182,11 @@ class DirectTCPEndpoint:
             return defer.fail()
         DirectTransport(self.reactor, sock, protocol, self.peer)
         return defer.succeed(protocol)
+
+
+def _connect_error(code: int) -> Exception:
+    """The connect error of errno `code`, as Twisted's connectTCP reports it."""
+    return error.getConnectError((code, os.strerror(code)))
 
 
 class _Connecting:
@@ -208,7 +213,7 @@ class _Connecting:
     def doWrite(self) -> None:
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self._fail(error.getConnectError((code, os.strerror(code))))
+            self._fail(_connect_error(code))
             return
         self._stop()
         self.endpoint._made(self.sock, self.factory).chainDeferred(self.done)
@@ -219,10 +224,8 @@ class _Connecting:
         socket's error says why (refused, unreachable), as doWrite reads it."""
         code = 0 if self.done.called else self.sock.getsockopt(socket.SOL_SOCKET,
                                                                 socket.SO_ERROR)
-        if code:
-            self._fail(error.getConnectError((code, os.strerror(code))))
-            return
-        self._fail(error.ConnectError(string=str(reason.value)))
+        self._fail(_connect_error(code) if code else error.ConnectError(
+            string=str(reason.value)))
 
     def _fail(self, why: Exception) -> None:
         if self.done.called:

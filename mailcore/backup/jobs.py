@@ -62,7 +62,7 @@ from mailcore.fetch.jobs import (
     thd_list_jobs,
     thd_message_id_chunk,
 )
-from mailcore.periodic import Sweeper
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store import Database
 from mailcore.store.owners import thd_lock_owner
 from mailcore.store.schema import fetch_accounts, mailbox_job_items, mailbox_jobs
@@ -356,11 +356,8 @@ class BackupJobs:
             if not found:
                 return gone
             for job in found:
-                while True:
-                    n = await self.db.run("forget_old_job", thd_forget_job_items, job, batch)
-                    gone += n
-                    if n < batch:
-                        break
+                gone += await delete_in_batches(self.db, "forget_old_job",
+                                                thd_forget_job_items, job, batch=batch)
                 done.add(job)
 
     async def message_ids(self, job_id: int) -> AsyncIterator[Sequence[int]]:
