@@ -125,10 +125,8 @@ def header_breaks(name: str, value: str) -> bool:
     character (CR, LF, TAB...) as it is or once its RFC 2047 encoded words are decoded."""
     if has_control(value):
         return True
-    try:
-        return has_control(str(SMTP.header_factory(name, value)))
-    except Exception:
-        return True
+    decoded = _decoded(name, value)
+    return decoded is None or has_control(decoded)
 
 
 def header_reorders(name: str, value: str) -> bool:
@@ -136,10 +134,17 @@ def header_reorders(name: str, value: str) -> bool:
     bidirectional control (mailcore.text) once its RFC 2047 encoded words are decoded: a
     mail reader would show the text after it reordered ("Pay <U+202E>fdp.exe" reads "Pay
     exe.pdf"). A value `shown` holds none as it is written; one of its encoded words may."""
+    decoded = _decoded(name, value)
+    return decoded is None or has_bidi_control(decoded)
+
+
+def _decoded(name: str, value: str) -> str | None:
+    """`value` as header field `name` reads once its RFC 2047 encoded words are decoded;
+    None when the email package cannot read it (a field we must not write)."""
     try:
-        return has_bidi_control(str(SMTP.header_factory(name, value)))
+        return str(SMTP.header_factory(name, value))
     except Exception:
-        return True
+        return None
 
 
 def header_as_written(name: str, value: str) -> bool:

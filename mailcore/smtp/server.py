@@ -242,10 +242,9 @@ class SMTPSettings:
       ${stress?{1}:{100}}` (STRESS_README), the idle timeout then counted from the last
       complete command line, DATA chunk ending a line (with `stress_min_data_rate` 0) or
       answer, as Postfix's `smtpd_per_record_deadline = ${stress?{yes}:{no}}`: see
-      `SMTPServerFactory`. Each
-      is at most the value it stands in for (a larger one configured is an error; the
-      default is lowered to it). Setting all three to their usual values, and
-      `stress_min_data_rate` to 0, turns stress off.
+      `SMTPServerFactory`. Each is at most the value it stands in for (a larger one
+      configured is an error; the default is lowered to it). Setting all three to their
+      usual values, and `stress_min_data_rate` to 0, turns stress off.
     - `stress_min_data_rate` (500 octets a second, as Postfix's `smtpd_min_data_rate`; 0
       turns it off): under stress, inside DATA, the 10 s are a budget that runs down while
       the client is silent and that each octet of the message it sends refills by
