@@ -16,10 +16,10 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.backup.jobs import FORGET_INTERVAL, OldJobsSweeper, thd_job_room
 from mailcore.config import Config
-from mailcore.fetch.accounts import _lock_user
 from mailcore.fetch.jobs import thd_cancel_job, thd_create_job
 from mailcore.safedrop.service import BUNDLE_DEFAULTS
 from mailcore.safedrop.store import create_bundle_txn
+from mailcore.store.owners import thd_lock_owner
 from mailcore.store.schema import (
     api_sends,
     mailbox_job_items,
@@ -32,6 +32,18 @@ from tests.support.oauth import access_token
 from tests.support.pg import create_test_database
 from tests.support.web import BASE, Web, traced_get
 
+
+def thd_backed_up(conn: Any, user_id: int, account_id: int, count: int,
+                  now: datetime.datetime) -> list[int]:
+    """Blocking: `count` backed-up messages of the account (INBOX, uids 1 to `count`, one
+    shared one-octet blob); their ids, in order."""
+    conn.execute(insert(message_blobs).values(sha256="0" * 64, size=1, raw=b"x",
+                                              created_at=now))
+    conn.execute(insert(messages), [dict(
+        user_id=user_id, account_id=account_id, folder="INBOX", uid=n, uidvalidity=1,
+        sha256="0" * 64, size=1, created_at=now, updated_at=now)
+        for n in range(1, count + 1)])
+    return sorted(conn.execute(select(messages.c.id)).scalars())
 
 class JobsApiBase(TestCase):
     postgres = False
@@ -200,13 +212,7 @@ class OldJobItemsTests(JobsApiBase):
         now = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
 
         def make(conn: Any) -> list[int]:
-            conn.execute(insert(message_blobs).values(sha256="0" * 64, size=1, raw=b"x",
-                                                      created_at=now))
-            conn.execute(insert(messages), [dict(
-                user_id=self.alice.id, account_id=account_id, folder="INBOX", uid=n,
-                uidvalidity=1, sha256="0" * 64, size=1, created_at=now, updated_at=now)
-                for n in range(1, 6)])
-            ids = sorted(conn.execute(select(messages.c.id)).scalars())
+            ids = thd_backed_up(conn, self.alice.id, account_id, 5, now)
             made = []
             # Oldest first: one without items, then three with five each.
             for items in (0, 5, 5, 5):
@@ -272,20 +278,21 @@ class QueuedJobCapPostgreSQLTests(QueuedJobCapTests):
                 other.execute(text("SET LOCAL lock_timeout = '200ms'"))
                 thd_job_room(other, self.alice.id, 100)
 
-    def test_the_fetch_accounts_lock_lets_rows_naming_the_user_in(self) -> None:
-        """The same for the creates and updates of fetch accounts (their
-        max_accounts_per_user count), which took FOR UPDATE of the user's row: a sync's
-        message batches for the user's other accounts waited for them."""
+    def test_the_owner_lock_lets_rows_naming_the_user_in(self) -> None:
+        """The same for mailcore.store.owners' lock itself, which the creates and updates
+        of fetch accounts (their max_accounts_per_user count) and of webhooks take: they
+        took FOR UPDATE of the user's row, and a sync's message batches for the user's
+        other accounts waited for them."""
         engine = self.web.core.db.engine
         with engine.begin() as creating:
-            _lock_user(creating, self.alice.id)
+            thd_lock_owner(creating, self.alice.id)
             with engine.begin() as sending:
                 sending.execute(text("SET LOCAL lock_timeout = '2s'"))
                 sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
                                                          recipients=1))
             with self.assertRaises(OperationalError), engine.begin() as other:
                 other.execute(text("SET LOCAL lock_timeout = '200ms'"))
-                _lock_user(other, self.alice.id)
+                thd_lock_owner(other, self.alice.id)
 
     def test_the_safedrop_creates_lock_lets_rows_naming_the_user_in(self) -> None:
         """The same for a safedrop bundle's create (create_bundle_txn, its
@@ -340,13 +347,7 @@ class ManyMessageIdsTests(JobsApiBase):
         now = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
 
         def txn(conn: Any) -> list[int]:
-            conn.execute(insert(message_blobs).values(sha256="0" * 64, size=1, raw=b"x",
-                                                      created_at=now))
-            conn.execute(insert(messages), [dict(
-                user_id=self.alice.id, account_id=account_id, folder="INBOX", uid=n,
-                uidvalidity=1, sha256="0" * 64, size=1, created_at=now, updated_at=now)
-                for n in range(1, self.MESSAGES + 1)])
-            ids = sorted(conn.execute(select(messages.c.id)).scalars())
+            ids = thd_backed_up(conn, self.alice.id, account_id, self.MESSAGES, now)
             jobs = []
             for kind in ("restore",) * (self.JOBS - 1) + ("migrate",):
                 job = thd_create_job(conn, dict(

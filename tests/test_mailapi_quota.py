@@ -268,30 +268,25 @@ class QuotaRaceMixin(DatabaseMixin):
             c.execute(select(func.coalesce(func.sum(mailapi_mail.c.size), 0))).scalar_one(),
             c.execute(select(func.count()).select_from(mailapi_mail)).scalar_one())))
 
-    async def test_writes_at_once_never_pass_the_quota_together(self) -> None:
-        body = "x" * 2000  # each draft takes 2000 + len(BOX) bytes: four fit, not five
+    async def twelve_drafts_at_once(self, fields: dict[str, str]) -> int:
+        """Twelve new drafts of `fields` at once; how many were refused (each a QUOTA)."""
         results = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(
-                self.mail.create(self.bob, BOX, Edit("draft", {"body": body})))
+            [defer.Deferred.fromCoroutine(self.mail.create(self.bob, BOX, Edit("draft", fields)))
              for _ in range(12)], consumeErrors=True)
         refused = [cast(Failure, r) for ok, r in results if not ok]
         for failure in refused:
             failure.trap(MailApiError)
             self.assertEqual(cast(MailApiError, failure.value).kind, QUOTA)
-        self.assertEqual(len(refused), 8)
-        self.assertEqual(await self.usage(), (4 * (2000 + len(BOX)),) * 2 + (4,))
+        return len(refused)
 
+    async def test_writes_at_once_never_pass_the_quota_together(self) -> None:
+        body = "x" * 2000  # each draft takes 2000 + len(BOX) bytes: four fit, not five
+        self.assertEqual(await self.twelve_drafts_at_once({"body": body}), 8)
+        self.assertEqual(await self.usage(), (4 * (2000 + len(BOX)),) * 2 + (4,))
 
     async def test_drafts_at_once_never_pass_the_cap_together(self) -> None:
         self.mail.max_drafts = 4
-        results = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(self.mail.create(self.bob, BOX, Edit("draft", {})))
-             for _ in range(12)], consumeErrors=True)
-        refused = [cast(Failure, r) for ok, r in results if not ok]
-        for failure in refused:
-            failure.trap(MailApiError)
-            self.assertEqual(cast(MailApiError, failure.value).kind, QUOTA)
-        self.assertEqual(len(refused), 8)
+        self.assertEqual(await self.twelve_drafts_at_once({}), 8)
         self.assertEqual((await self.usage())[2], 4)
 
 

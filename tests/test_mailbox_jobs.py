@@ -55,6 +55,17 @@ def gather(*ds: Any) -> defer.Deferred[list[Any]]:
         consumeErrors=True)
 
 
+
+async def queued_restore(db: Any, clock: Any, owner: int, username: str) -> int:
+    """A queued restore of a new account of `owner` (`username` on 127.0.0.1:143)."""
+    account = await Accounts(db, clock, SecretBox(Fernet.generate_key())).create(
+        owner, host="127.0.0.1", port=143, username=username, password="pw",
+        allow_cleartext=True)
+    now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+    return int(await db.run("job", thd_create_job, {
+        "kind": "restore", "user_id": owner, "account_id": account.id,
+        "status": "queued", "created_at": now, "updated_at": now}))
+
 class Recorder:
     """A job body that records which node ran which job and waits until released (or
     raises what the test set)."""
@@ -411,18 +422,9 @@ class JobRunnerMixin(DatabaseMixin):
         a, _b, clock, first = await self.nodes(recorder)
         db = a.db
         mallory = (await self.job(a, first)).user_id
-        accounts = Accounts(db, clock, SecretBox(Fernet.generate_key()))
         now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
 
-        async def restore(owner: int, username: str) -> int:
-            account = await accounts.create(owner, host="127.0.0.1", port=143,
-                                            username=username, password="pw",
-                                            allow_cleartext=True)
-            return int(await db.run("job", thd_create_job, {
-                "kind": "restore", "user_id": owner, "account_id": account.id,
-                "status": "queued", "created_at": now, "updated_at": now}))
-
-        model = await restore(mallory, "m")
+        model = await queued_restore(db, clock, mallory, "m")
 
         def many(conn: Connection) -> list[int]:
             """150 more of hers, each of its own account (a mailbox of its own)."""
@@ -440,7 +442,7 @@ class JobRunnerMixin(DatabaseMixin):
 
         hers = [first, model, *await db.run("many", many)]
         bob = await db.run("bob", thd_make_user, "bob")
-        his = await restore(bob, "bob")
+        his = await queued_restore(db, clock, bob, "bob")
         self.assertEqual(await a.tick(), 2)  # a hundred of hers looked at, none of his
         self.assertEqual(await a.tick(), 1)  # hers no longer looked at: his is
         self.assertEqual(sorted(a.running_jobs()), sorted([*hers[:2], his]))
@@ -466,16 +468,7 @@ class JobRunnerMixin(DatabaseMixin):
         a, _b, clock, first = await self.nodes(recorder)
         db = a.db
         mallory = (await self.job(a, first)).user_id
-        accounts = Accounts(db, clock, SecretBox(Fernet.generate_key()))
         now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
-
-        async def restore(owner: int, username: str) -> int:
-            account = await accounts.create(owner, host="127.0.0.1", port=143,
-                                            username=username, password="pw",
-                                            allow_cleartext=True)
-            return int(await db.run("job", thd_create_job, {
-                "kind": "restore", "user_id": owner, "account_id": account.id,
-                "status": "queued", "created_at": now, "updated_at": now}))
 
         def many(conn: Connection) -> list[int]:
             job = conn.execute(select(mailbox_jobs).where(mailbox_jobs.c.id == first)).one()
@@ -486,7 +479,7 @@ class JobRunnerMixin(DatabaseMixin):
 
         hers = [first, *await db.run("many", many)]
         bob = await db.run("bob", thd_make_user, "bob")
-        his = await restore(bob, "bob")
+        his = await queued_restore(db, clock, bob, "bob")
         self.assertEqual(await a.tick(), 1)  # hers, the hundred of hers looked at
         self.assertEqual(await a.tick(), 1)  # his (before: 0, at every poll)
         self.assertEqual(sorted(a.running_jobs()), sorted([first, his]))

@@ -33,6 +33,12 @@ from web.safedrop import UPLOAD_OVERHEAD, UPLOAD_PATH
 from web.settings import WebSettings
 
 
+def disposition_part(disposition: str) -> bytes:
+    """A multipart body of one part, "hello", whose Content-Disposition is form-data with
+    `disposition` (the boundary of MULTIPART)."""
+    return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
+            "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
+
 class _NeverCommits:
     """A spool whose commit never comes: the process is killed before it does."""
 
@@ -305,10 +311,6 @@ class UploadTests(TestCase):
         await f.start_with(self)
         bundle_id = await f.bundle()
 
-        def part(disposition: str) -> bytes:
-            return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
-                    "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
-
         for disposition in ('name="the_file"; filename="report.pdf"; filename="run.exe"',
                             'name="the_file"; filename=a.txt; FILENAME="b.txt"',
                             'name="other"; name="the_file"; filename="a.txt"',
@@ -318,13 +320,13 @@ class UploadTests(TestCase):
                             'name="the_file"; filename="a.pdf"; x.y="; filename=run.exe"',
                             'name="the_file"; filename="a.pdf"; x=\t"; filename=run.exe"',
                             'name="the_file"; x.y="; filename=run.exe"'):
-            status, reply = await f.upload(bundle_id, part(disposition))
+            status, reply = await f.upload(bundle_id, disposition_part(disposition))
             self.assertEqual(status, 400, (disposition, reply))
             self.assertRegex(reply["error"], "more than once, with different values"
                              "|in a way that parsers read differently")
         self.assertEqual((f.file_rows(), f.stored()), ([], []))
         status, reply = await f.upload(
-            bundle_id, part('name="the_file"; filename="a.txt"; filename=a.txt'))
+            bundle_id, disposition_part('name="the_file"; filename="a.txt"; filename=a.txt'))
         self.assertEqual((status, reply["the_file"]), (200, "a.txt"))
 
     async def test_filename_star_names_the_file_when_both_are_given(self) -> None:
@@ -336,10 +338,6 @@ class UploadTests(TestCase):
         await f.start_with(self)
         bundle_id = await f.bundle()
 
-        def part(disposition: str) -> bytes:
-            return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
-                    "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
-
         for disposition, stored in (
                 ('name="the_file"; filename="run.exe"; filename*=UTF-8\'\'a.pdf', "a.pdf"),
                 ("name=\"the_file\"; filename*=UTF-8''a.pdf; filename=\"run.exe\"", "a.pdf"),
@@ -347,7 +345,7 @@ class UploadTests(TestCase):
                  "filename*=utf-8''r%C3%A9sum%C3%A9.pdf", "r\u00e9sum\u00e9.pdf"),
                 # A quoted value merely spelling filename* is a plain name.
                 ('name="the_file"; filename="filename*=x.txt"', "filename*=x.txt")):
-            status, reply = await f.upload(bundle_id, part(disposition))
+            status, reply = await f.upload(bundle_id, disposition_part(disposition))
             self.assertEqual((status, reply.get("the_file")), (200, stored), disposition)
 
     async def test_filename_star_is_found_whatever_its_case(self) -> None:
@@ -359,14 +357,10 @@ class UploadTests(TestCase):
         await f.start_with(self)
         bundle_id = await f.bundle()
 
-        def part(disposition: str) -> bytes:
-            return (f"--def46f21fc67\r\ncontent-disposition: form-data; {disposition}\r\n"
-                    "Content-Type: text/plain\r\n\r\nhello\r\n--def46f21fc67--\r\n").encode()
-
         for disposition in ('name="the_file"; filename="run.exe"; Filename*=UTF-8\'\'a.pdf',
                             "name=\"the_file\"; FILENAME*=UTF-8''a.pdf; filename=\"run.exe\"",
                             "name=\"the_file\"; FILENAME*=UTF-8''a.pdf"):
-            status, reply = await f.upload(bundle_id, part(disposition))
+            status, reply = await f.upload(bundle_id, disposition_part(disposition))
             self.assertEqual((status, reply.get("the_file")), (200, "a.pdf"), disposition)
 
     async def test_a_transfer_encoded_file_is_stored_decoded(self) -> None:
