@@ -61,6 +61,15 @@ class JobsApiBase(TestCase):
             use_ssl=True, password="pw")
         self.base = f"/v1/accounts/{account.id}"
 
+    async def bobs_account(self) -> tuple[str, Any]:
+        """Another user, bob, his Dropmyemail token and an account of his."""
+        bob = await self.web.user("bob")
+        token = await access_token(self.web.core.oauth, bob.id)
+        account = await self.web.core.fetch.accounts.create(
+            bob.id, name="b", email="b@x.test", host="127.0.0.1", port=993, use_ssl=True,
+            password="pw")
+        return token, account
+
     async def call(self, method: str, path: str, token: str | None = None,
                    **kwargs: Any) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
@@ -164,11 +173,7 @@ class QueuedJobCapTests(JobsApiBase):
         self.assertEqual((status, body), (409, capped))
         self.assertEqual(await self.jobs(), 2)
         # Another user's count is their own; a job that ended frees its place.
-        bob = await self.web.user("bob")
-        token = await access_token(self.web.core.oauth, bob.id)
-        account = await self.web.core.fetch.accounts.create(
-            bob.id, name="b", email="b@x.test", host="127.0.0.1", port=993, use_ssl=True,
-            password="pw")
+        token, account = await self.bobs_account()
         status, _ = await self.call("POST", f"/v1/accounts/{account.id}/restores", token)
         self.assertEqual(status, 201)
         await self.web.core.db.run("t", thd_cancel_job, made[0], jobs.now())
@@ -320,11 +325,7 @@ class JobIdTests(JobsApiBase):
         self.assertEqual(status, 201, first)
         status, _ = await self.call("DELETE", self.base)
         self.assertEqual(status, 200)
-        bob = await self.web.user("bob")
-        token = await access_token(self.web.core.oauth, bob.id)
-        account = await self.web.core.fetch.accounts.create(
-            bob.id, name="b", email="b@x.test", host="127.0.0.1", port=993, use_ssl=True,
-            password="pw")
+        token, account = await self.bobs_account()
         status, theirs = await self.call("POST", f"/v1/accounts/{account.id}/restores", token)
         self.assertEqual(status, 201, theirs)
         self.assertNotEqual(theirs["id"], first["id"])
