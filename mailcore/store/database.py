@@ -63,6 +63,9 @@ RELAXED_CHECKPOINT_PAGES = 4 * SQLITE_CHECKPOINT_PAGES
 # PostgreSQL SQLSTATEs after which the whole transaction may simply run again.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 MAX_ATTEMPTS = 5
+# Logged (a warning) for a transaction that took over a second of wall time: how loaded
+# the machine is as much as what the transaction did.
+SLOW_TRANSACTION = "slow transaction {name}: {elapsed:.2f}s"
 
 
 class StoreError(Exception):
@@ -551,7 +554,7 @@ class Database:
                 result = once()
                 elapsed = time.monotonic() - started
                 if elapsed > 1.0:
-                    log.warn("slow transaction {name}: {elapsed:.2f}s", name=name, elapsed=elapsed)
+                    log.warn(SLOW_TRANSACTION, name=name, elapsed=elapsed)
                 self.outages.succeeded(write)
                 return result
             except DBAPIError as e:
