@@ -59,7 +59,8 @@ from mailcore.safedrop.model import SafedropSettings
 from mailcore.safedrop.service import SafedropService, SafedropSweeper
 from mailcore.safedrop.sms import SmsGateway
 from mailcore.sendcaps import SendCaps, SendCapSettings, SendsSweeper
-from mailcore.smtp.server import SMTPServerFactory, SMTPSettings, stress_gauge
+from mailcore.smtp.server import SMTPServerFactory, stress_gauge
+from mailcore.smtp.settings import SMTPSettings
 from mailcore.store import Database
 from mailcore.store.dbclock import ClockFollower, DatabaseTime
 from mailcore.store.leases import JobLeases

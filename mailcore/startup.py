@@ -79,7 +79,7 @@ def _settings(table: str, where: str, constructor: str) -> Reader:
 
 
 def _smtp(config: Config, reactor: Any) -> object:
-    from mailcore.smtp.server import SMTPSettings
+    from mailcore.smtp.settings import SMTPSettings
 
     _only_fields(config, "smtp", SMTPSettings)
     return SMTPSettings.from_config(config)

@@ -424,7 +424,7 @@ class TableTests(SynchronousTestCase):
 
 # Each table's settings dataclass: its float fields are the keys a TOML nan or inf can reach.
 _SETTINGS = {
-    "smtp": "mailcore.smtp.server:SMTPSettings",
+    "smtp": "mailcore.smtp.settings:SMTPSettings",
     "domains": "mailcore.gateway.domains:DomainSettings",
     "queue": "mailcore.queue.settings:QueueSettings",
     "quarantine": "mailcore.gateway.quarantine:QuarantineSettings",

@@ -35,8 +35,6 @@ from mailcore.smtp.server import (
     RECIPIENT_OVERSHOOT,
     STRESS_MIN_CONNECTIONS,
     SMTPServerFactory,
-    received_header,
-    received_protocol,
     stress_gauge,
 )
 from tests.support.db import synchronous_database
@@ -1668,33 +1666,6 @@ class StartTLSInjectionTests(ServerTestCase):
         s = self.session(self.make_factory(tls=object()), transport=TLSStringTransport())
         s.hello()
         self.assertEqual(s.codes(b"STARTTLS now\r\n"), ["501"])
-
-
-class ReceivedHeaderTests(TestCase):
-    def test_protocol_keywords_of_rfc_3848(self) -> None:
-        self.assertEqual(received_protocol(esmtp=False, tls=False), "SMTP")
-        self.assertEqual(received_protocol(esmtp=True, tls=False), "ESMTP")
-        self.assertEqual(received_protocol(esmtp=True, tls=True), "ESMTPS")
-        self.assertEqual(received_protocol(esmtp=True, tls=False, authenticated=True), "ESMTPA")
-        self.assertEqual(received_protocol(esmtp=True, tls=True, authenticated=True), "ESMTPSA")
-
-    def test_header_shapes(self) -> None:
-        one = (Recipient("u@example.com", 1),)
-        two = (Recipient("u@example.com", 1), Recipient("v@example.com", 1))
-        self.assertEqual(
-            received_header(helo="[192.0.2.9]", client_ip="2001:db8::9", hostname="mx.test",
-                            protocol="ESMTPS", queue_id="QID", recipients=one, when=NOW),
-            ("Received: from [192.0.2.9] ([IPv6:2001:db8::9])\r\n"
-             "\tby mx.test (Mailcore) with ESMTPS id QID\r\n"
-             f"\tfor <u@example.com>; {DATE}\r\n").encode(),
-        )
-        self.assertEqual(
-            received_header(helo="bad helo (x)", client_ip="192.0.2.9", hostname="mx.test",
-                            protocol="ESMTP", queue_id="QID", recipients=two, when=NOW),
-            ("Received: from unknown ([192.0.2.9])\r\n"
-             f"\tby mx.test (Mailcore) with ESMTP id QID; {DATE}\r\n").encode(),
-        )
-        self.assertEqual(DATE, "Sun, 15 Jun 2025 15:06:40 +0000")
 
 
 def looped(hops: int) -> bytes:

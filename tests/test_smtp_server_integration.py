@@ -30,7 +30,8 @@ from mailcore.queue.model import thd_load_bodies
 from mailcore.queue.settings import QueueSettings
 from mailcore.queue.spool import Spool
 from mailcore.smtp.envelope import Envelope
-from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
+from mailcore.smtp.server import SMTPServerFactory
+from mailcore.smtp.settings import SMTPSettings
 from mailcore.store import Database
 from mailcore.tls import server_context
 from mailcore.tlslisten import TLSListeners

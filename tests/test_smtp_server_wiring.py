@@ -11,7 +11,8 @@ from twisted.trial.unittest import TestCase
 from mailcore.config import Config, ConfigError
 from mailcore.core import Core
 from mailcore.gateway.quarantine import QuarantineSettings
-from mailcore.smtp.server import SMTPServerFactory, SMTPSettings
+from mailcore.smtp.server import SMTPServerFactory
+from mailcore.smtp.settings import SMTPSettings
 from tests.support.db import synchronous_database
 from tests.support.testca import shared_pki
 

@@ -26,7 +26,7 @@ from mailcore.queue.spool import (
     Spool,
     relaxed_twin,
 )
-from mailcore.smtp.server import SMTPSettings
+from mailcore.smtp.settings import SMTPSettings
 from mailcore.store import Database
 
 

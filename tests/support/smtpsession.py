@@ -17,7 +17,8 @@ from zope.interface import implementer
 from mailcore.gateway.domains import DomainService
 from mailcore.identity import Identity
 from mailcore.smtp.envelope import Envelope
-from mailcore.smtp.server import ESMTPServerProtocol, SMTPServerFactory, SMTPSettings
+from mailcore.smtp.server import ESMTPServerProtocol, SMTPServerFactory
+from mailcore.smtp.settings import SMTPSettings
 from mailcore.store import Database
 from mailcore.workers import CpuPool
 
