@@ -84,8 +84,8 @@ class ServerTestCase(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         if not self.sink.pending:  # (a commit still held counts its message)
             for s in self.sessions:  # every octet counted in max_data_memory let go
-                self.assertEqual(s.protocol.factory.buffered, 0)
-                self.assertEqual(s.protocol.factory.buffered_by, {})
+                self.assertEqual(s.protocol.factory.memory.buffered, 0)
+                self.assertEqual(s.protocol.factory.memory.buffered_by, {})
 
     def gate_directory(self) -> defer.Deferred[None]:
         """Make the directory unloaded, its next load waiting for the returned Deferred."""
@@ -669,70 +669,70 @@ class LimitTests(ServerTestCase):
         that would take them past max_data_memory is read to its end, not kept, and
         answered 452 4.3.1; its sender tries again later."""
         factory = self.make_factory(max_data_memory=1000)
-        factory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
+        factory.memory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
         line = b"x" * 98 + b"\r\n"
         first, second = self.session(factory), self.session(factory, client_ip="192.0.2.11")
         self.start(first)
         self.start(second)
         self.assertEqual(first.send(line * 6), [])
-        self.assertEqual(factory.buffered, 600)
+        self.assertEqual(factory.memory.buffered, 600)
         self.assertEqual(second.send(line * 3), [])
         self.assertEqual(second.send(line * 2), [])  # 1,100: past the limit, not kept
         self.assertEqual(len(second.protocol._body), 0)
-        self.assertEqual(factory.buffered, 600)
+        self.assertEqual(factory.memory.buffered, 600)
         self.assertEqual(second.send(b".\r\n"),
                          ["452 4.3.1 Error: insufficient system storage, try again later"])
         self.assertEqual(first.codes(b".\r\n"), ["250"])
-        self.assertEqual(factory.buffered, 0)
+        self.assertEqual(factory.memory.buffered, 0)
         self.start(second)
         self.assertEqual(second.codes(line * 9 + b".\r\n"), ["250"])
         self.assertEqual(self.sink.bodies, [line * 6, line * 9])
-        self.assertEqual(factory.buffered, 0)
+        self.assertEqual(factory.memory.buffered, 0)
 
     def test_a_message_counts_until_the_spool_has_committed_it(self) -> None:
         factory = self.make_factory(max_data_memory=1000)
-        factory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
+        factory.memory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
         line = b"x" * 98 + b"\r\n"
         self.sink.hold = True
         first, second = self.session(factory), self.session(factory, client_ip="192.0.2.11")
         self.start(first)
         self.assertEqual(first.codes(line * 6 + b".\r\n"), [])  # committing
-        self.assertEqual(factory.buffered, 600)
+        self.assertEqual(factory.memory.buffered, 600)
         self.start(second)
         self.assertEqual(second.codes(line * 5 + b".\r\n"), ["452"])
         self.sink.release()
         self.assertEqual(first.replies()[0][:3], "250")
-        self.assertEqual(factory.buffered, 0)
+        self.assertEqual(factory.memory.buffered, 0)
         self.sink.hold = False
         self.start(second)
         self.assertEqual(second.codes(line * 5 + b".\r\n"), ["250"])
 
     def test_a_message_cut_off_lets_its_octets_go(self) -> None:
         factory = self.make_factory(max_data_memory=1000)
-        factory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
+        factory.memory.data_free = 0  # (DATA_FREE: 1 MiB of each message always has room)
         line = b"x" * 98 + b"\r\n"
         s = self.session(factory)
         self.start(s)
         s.send(line * 7)
-        self.assertEqual(factory.buffered, 700)
+        self.assertEqual(factory.memory.buffered, 700)
         s.close()
-        self.assertEqual(factory.buffered, 0)
+        self.assertEqual(factory.memory.buffered, 0)
         s = self.session(factory)
         self.start(s)
         s.send(line * 7)
         self.clock.advance(301)  # idle_timeout: 421, the message dropped
         self.assertTrue(s.closing)
-        self.assertEqual(factory.buffered, 0)
+        self.assertEqual(factory.memory.buffered, 0)
 
     def test_the_first_octets_of_a_message_always_have_room(self) -> None:
         factory = self.make_factory(max_data_memory=1000)
-        factory.data_free = 300
+        factory.memory.data_free = 300
         line = b"x" * 98 + b"\r\n"
         large, small, other = (self.session(factory, client_ip=f"192.0.2.{i}")
                                for i in (11, 12, 13))
         self.start(large)
         large.send(line * 9)
-        self.assertEqual(factory.buffered, 900)
+        self.assertEqual(factory.memory.buffered, 900)
         self.start(small)
         self.assertEqual(small.codes(line * 2 + b".\r\n"), ["250"])  # within data_free
         self.start(other)
@@ -743,8 +743,8 @@ class LimitTests(ServerTestCase):
         # Its share: max_connections_per_ip / max_connections of the budget (300 here).
         factory = self.make_factory(max_data_memory=1000, max_message_size=200,
                                     max_connections=10, max_connections_per_ip=3)
-        factory.data_free = 0
-        self.assertEqual(factory.address_share, 300)
+        factory.memory.data_free = 0
+        self.assertEqual(factory.memory.address_share, 300)
         line = b"x" * 98 + b"\r\n"
         first, second = self.session(factory), self.session(factory)
         elsewhere = self.session(factory, client_ip="198.51.100.7")
@@ -753,7 +753,7 @@ class LimitTests(ServerTestCase):
         first.send(line * 2)
         self.assertEqual(second.codes(line * 2 + b".\r\n"), ["452"])
         self.assertEqual(elsewhere.codes(line * 2 + b".\r\n"), ["250"])
-        self.assertEqual(factory.buffered_by, {"192.0.2.10": 200})
+        self.assertEqual(factory.memory.buffered_by, {"192.0.2.10": 200})
         self.assertEqual(first.codes(b".\r\n"), ["250"])
 
     def test_size_limit_does_not_count_the_stuffed_dots(self) -> None:

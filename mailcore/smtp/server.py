@@ -82,6 +82,7 @@ from mailcore.smtp.address import (
     parse_rcpt_to,
     relay_refusal,
 )
+from mailcore.smtp.datamemory import DataMemory
 from mailcore.smtp.dotstuff import AcceptedBody, CRLFBody
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.hops import ReceivedCounter
@@ -108,9 +109,6 @@ RECIPIENT_OVERSHOOT = 1000
 # The fewest bytes a message received for a hosted mailbox takes there (our Received field
 # alone is longer): a mailbox with less room refuses mail that declares no SIZE.
 MIN_STORED = 64
-# The first octets of each message that `[smtp] max_data_memory` never refuses (see
-# SMTPServerFactory.hold): sessions may hold max_connections times this beyond it.
-DATA_FREE = 1024 * 1024
 # Under stress (see SMTPServerFactory) from this share of `max_connections` open sessions,
 # until fewer than STRESS_LEAVE of it are open (hysteresis: stress does not flap on and off
 # as sessions come and go around one number).
@@ -261,7 +259,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._tail = b""
         self._overflow = False
         self._no_room = False  # past the factory's max_data_memory: read, not kept
-        self._held = 0  # octets of _body counted in the factory's `buffered`
+        self._held = 0  # octets of _body counted in the factory's `memory`
         self._address: str | None = None  # the client address as max_data_memory counts it
         self._hops = ReceivedCounter(stuffed=True)
         self._looping = False
@@ -1043,7 +1041,7 @@ class ESMTPServerProtocol(TwistedProtocol):
                 self._looping = True
                 self._drop_body()
                 return
-        if not self.factory.hold(self._address, self._held, len(piece)):
+        if not self.factory.memory.hold(self._address, self._held, len(piece)):
             self._no_room = True
             self._drop_body()
             return
@@ -1051,9 +1049,9 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._body += piece
 
     def _drop_body(self) -> None:
-        """Let the message's octets go, and their count in the factory's `buffered`."""
+        """Let the message's octets go, and their count in the factory's `memory`."""
         self._body = bytearray()
-        self.factory.let_go(self._address, self._held)
+        self.factory.memory.let_go(self._address, self._held)
         self._held = 0
 
     def _trim(self, count: int) -> None:
@@ -1065,7 +1063,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         counts.stuffed -= 1  # that dot
         counts.cr -= self._body.count(b"\r", start)  # a CR whose LF was not stored
         released = min(self._held, len(self._body) - start)
-        self.factory.let_go(self._address, released)
+        self.factory.memory.let_go(self._address, released)
         self._held -= released
         del self._body[start:]
 
@@ -1082,7 +1080,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         addresses = [r.address for r in recipients]
 
         def refuse(code: int, status: str, text: str) -> None:
-            self.factory.let_go(self._address, held)
+            self.factory.memory.let_go(self._address, held)
             self._refuse("DATA", code, status, text, recipients=addresses, mail_from=mail_from)
 
         if overflow:
@@ -1141,11 +1139,11 @@ class ESMTPServerProtocol(TwistedProtocol):
     async def _queue(self, queue_id: str, envelope: Envelope, data: bytes,
                      held: int = 0) -> None:
         """Hand the message to the spool and answer; its `held` octets count in the
-        factory's `buffered` until then."""
+        factory's `memory` until then."""
         try:
             await self._commit(queue_id, envelope, data)
         finally:
-            self.factory.let_go(self._address, held)
+            self.factory.memory.let_go(self._address, held)
 
     async def _commit(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         sink = self.factory.sink
@@ -1267,16 +1265,7 @@ class SMTPServerFactory(ServerFactory):
                      address=str(self.postmaster))
         self.counter = ConnectionCounter(settings.max_connections,
                                          settings.max_connections_per_ip)
-        # Octets of DATA the sessions hold in memory now: from a message's first octet until
-        # the spool has committed it or it was refused (see `hold`), in all and by client
-        # address (as the connection caps count them).
-        self.buffered = 0
-        self.buffered_by: dict[str, int] = {}
-        self.data_free = DATA_FREE
-        self.address_share = max(
-            settings.max_message_size,
-            settings.max_data_memory * settings.max_connections_per_ip
-            // settings.max_connections)
+        self.memory = DataMemory(settings)  # the octets of DATA the sessions hold
         self.close_grace = CLOSE_GRACE
         # Stress: the limits sessions read now, the admitted sessions (to shorten their
         # timers when stress begins), and the open sessions at which it begins and below
@@ -1361,36 +1350,3 @@ class SMTPServerFactory(ServerFactory):
                      max=settings.max_connections)
         if self.stress_gauge is not None:
             self.stress_gauge.set(1 if on else 0)
-
-    def hold(self, address: str | None, held: int, more: int) -> bool:
-        """Count `more` octets of a message that holds `held` already, from the client
-        `address`; False (nothing counted) when there is no room for them.
-
-        A message's first `data_free` octets (DATA_FREE) always have room, so that the
-        usual small mail is never refused for memory, however much large mail is in
-        flight; past them, all sessions together hold at most `max_data_memory`, and one
-        client address at most `address_share` of it (the share its connections have of
-        `max_connections`, at least one message of `max_message_size`): a sender cannot
-        fill the budget alone from one address, and refuse everyone's large mail."""
-        if held + more > self.data_free:
-            if self.buffered + more > self.settings.max_data_memory:
-                return False
-            if address is not None and (
-                    self.buffered_by.get(address, 0) + more > self.address_share):
-                return False
-        self.buffered += more
-        if address is not None:
-            self.buffered_by[address] = self.buffered_by.get(address, 0) + more
-        return True
-
-    def let_go(self, address: str | None, count: int) -> None:
-        """Count out `count` octets `hold` counted in."""
-        if not count:
-            return
-        self.buffered -= count
-        if address is not None:
-            left = self.buffered_by.get(address, 0) - count
-            if left > 0:
-                self.buffered_by[address] = left
-            else:
-                self.buffered_by.pop(address, None)

@@ -2,8 +2,8 @@
 every key with its default) and the `postmaster` address it names, checked at start-up.
 
 The server that applies them is mailcore.smtp.server (its session `ESMTPServerProtocol`
-and its factory `SMTPServerFactory`, which holds the stress the `stress_` keys are for);
-the queue reads `max_hops` here too.
+and its factory `SMTPServerFactory`, which holds the stress the `stress_` keys are for),
+its memory for DATA mailcore.smtp.datamemory; the queue reads `max_hops` here too.
 """
 
 from __future__ import annotations
