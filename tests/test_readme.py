@@ -151,6 +151,21 @@ class ArchitectureTests(TestCase):
                 self.assertTrue(re.search(rf"`{path.stem}`", text), f"mailcore/{path.name}")
 
 
+    def test_imports_run_the_way_it_says(self) -> None:
+        """'Imports run one way ... `smtp/` imports nothing from `queue/`' (smtp/server.py
+        imported the spool's SpoolError until session 47)."""
+        self.assertIn("(`smtp/` imports nothing from `queue/`)", section("Architecture"))
+        for path in sorted((ROOT / "mailcore" / "smtp").glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [])
+                for name in names:
+                    self.assertFalse(name == "mailcore.queue"
+                                     or name.startswith("mailcore.queue."),
+                                     f"mailcore/smtp/{path.name} imports {name}")
+
+
 class CommandTableTests(TestCase):
     def test_every_admin_command_and_action_has_its_row(self) -> None:
         rows = table_rows(README, "`mailcore ")

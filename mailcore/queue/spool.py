@@ -70,6 +70,7 @@ from mailcore.smtp.dsn import Failure as DsnFailure
 from mailcore.smtp.dsn import build_dsn, should_bounce
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
+from mailcore.smtp.server import SpoolError
 from mailcore.store import Database, errands
 
 log = Logger()
@@ -96,10 +97,6 @@ _NOTHING_PAID: frozenset[int] = frozenset()
 
 # A result waiting for the store, and the journal file it was written to (or NOT_WRITTEN).
 _Entry = tuple[Result, int]
-
-
-class SpoolError(Exception):
-    """The message could not be committed; the SMTP server answers 451."""
 
 
 def _refused(failure: Failure) -> SpoolError:

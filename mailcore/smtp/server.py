@@ -74,7 +74,6 @@ from zope.interface import implementer
 from mailcore import maillog
 from mailcore.connlimits import ConnectionCounter, peer_key
 from mailcore.netwrite import close_now, write_now
-from mailcore.queue.spool import SpoolError
 from mailcore.smtp.address import (
     Mailbox,
     PathError,
@@ -122,6 +121,11 @@ _HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DE
 
 
 # -- what the server depends on --------------------------------------------------------
+
+
+class SpoolError(Exception):
+    """A `MessageSink` could not commit the message (it logs why itself); the server
+    answers 451."""
 
 
 class MessageSink(Protocol):
