@@ -14,10 +14,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from mailcore.safedrop import access, store
-from mailcore.safedrop.model import DropSent, TooLarge
+from mailcore.safedrop.model import DropError, DropSent, TooLarge
 from mailcore.store.schema.identity import users
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
-from tests.support.db import open_database
+from tests.support.db import DatabaseMixin, engine_query_plans, full_scans, open_database
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.test_web_safedrop_api import MULTIPART, SafedropFixture, multipart_file
@@ -228,3 +228,39 @@ class UploadsOfOneUserTests(TestCase):
         self.assertIsInstance(getattr(outcome[0], "value", outcome[0]), TooLarge)
         stored = await db.read("sum", store.user_stored_txn, ids["owner"])
         self.assertEqual(stored, 61)
+
+
+class UnsentCountMixin(DatabaseMixin):
+    async def test_the_cap_counts_the_unsent_bundles_through_their_own_index(self) -> None:
+        """`[safedrop] max_bundles_per_user` counts the owner's bundles not yet sent at each
+        create. Through ix_drop_bundles_owner (owner_id, id) alone, that count read an
+        index entry and a row of every bundle the owner ever sent: a million sent drops, a
+        million of each at every create. ix_drop_bundles_owner_unsent (migration 0067)
+        holds the unsent bundles only."""
+        db = await self.open_database()
+        ids = await db.run("bundle", _unsent_bundle_txn)
+
+        def sent_one(conn: Connection) -> None:
+            conn.execute(sa.insert(drop_bundles).values(
+                owner_id=ids["owner"], subject="sent", message="", email_receipt_when=4,
+                read_remove=False, allow_comments=False, require_token_auth=False,
+                created_at=NOW, sent_at=NOW))
+
+        await db.run("sent", sent_one)
+        values = {"subject": "s", "message": "", "email_receipt_when": 4,
+                  "read_remove": False, "allow_comments": False,
+                  "require_token_auth": False, "created_at": NOW}
+        with engine_query_plans(db.engine) as plans:
+            await db.run("create", store.create_bundle_txn, ids["owner"], values, 2)
+            with self.assertRaises(DropError):
+                await db.run("create", store.create_bundle_txn, ids["owner"], values, 2)
+        self.assertEqual(full_scans(plans, "drop_bundles"), [])
+        self.assertTrue([p for p in plans if "ix_drop_bundles_owner_unsent" in p], plans)
+
+
+class SQLiteUnsentCountTests(UnsentCountMixin, TestCase):
+    backend = "sqlite"
+
+
+class PostgresUnsentCountTests(UnsentCountMixin, TestCase):
+    backend = "postgresql"

@@ -92,6 +92,14 @@ def _changeable_row_txn(conn: Connection, owner_id: int, bundle_id: int) -> Any:
     return row
 
 
+def unsent_bundles_txn(conn: Connection, owner_id: int) -> int:
+    """How many bundles of `owner_id` are not yet sent (and not removed), read through
+    ix_drop_bundles_owner_unsent: however many the owner sent, they are not read."""
+    return int(conn.execute(sa.select(sa.func.count()).select_from(drop_bundles).where(
+        drop_bundles.c.owner_id == owner_id, drop_bundles.c.sent_at.is_(None),
+        drop_bundles.c.removed_at.is_(None))).scalar_one())
+
+
 def create_bundle_txn(conn: Connection, owner_id: int, values: Mapping[str, Any],
                       max_bundles: int) -> Bundle:
     """A new bundle of `owner_id`; DropError (naming no field) when the owner already has
@@ -103,10 +111,7 @@ def create_bundle_txn(conn: Connection, owner_id: int, values: Mapping[str, Any]
     _check_flags(values)
     if max_bundles:
         thd_lock_owner(conn, owner_id)  # creates for one user count one after another
-        unsent = conn.execute(sa.select(sa.func.count()).select_from(drop_bundles).where(
-            drop_bundles.c.owner_id == owner_id, drop_bundles.c.sent_at.is_(None),
-            drop_bundles.c.removed_at.is_(None))).scalar_one()
-        if unsent >= max_bundles:
+        if unsent_bundles_txn(conn, owner_id) >= max_bundles:
             raise DropError(None, f"A user may have at most {max_bundles} drops not yet "
                             "sent; send one, or wait until an unsent one is deleted, "
                             "unsent_max_age after it was made.")

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from mailcore.store.schema.meta import metadata
@@ -48,6 +49,10 @@ drop_bundles = Table(
     Column("removed_at", DateTime(timezone=True), nullable=True),
     Index("ix_drop_bundles_owner", "owner_id", "id"),
     Index("ix_drop_bundles_expiry", "expiry_date"),
+    # The owner's bundles not yet sent, which `[safedrop] max_bundles_per_user` counts at
+    # each create (`create_bundle_txn`), whatever the owner sent before (migration 0067).
+    Index("ix_drop_bundles_owner_unsent", "owner_id",
+          sqlite_where=text("sent_at IS NULL"), postgresql_where=text("sent_at IS NULL")),
 )
 
 drop_recipients = Table(
