@@ -1175,6 +1175,82 @@ async def one_file_link(f: PageFixture, data: bytes) -> tuple[str, str]:
     return ann, fid.decode()
 
 
+TAG = b'"' + hashlib.sha256(b"0123456789").hexdigest().encode() + b'"'
+OTHER_TAG = b'"' + b"0" * 64 + b'"'
+
+
+class HeadAsGetTests(TestCase):
+    """A HEAD of a file answers the status and headers its GET would, the bytes left out
+    (RFC 9110 9.3.2), Range and If-Range included: a 206 with the part's Content-Range and
+    Content-Length where the GET sends the part, a 416 where it is unsatisfiable, a 200 of
+    the whole where If-Range names another version or the Range is not one we take."""
+
+    def answer(self, request: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        """(status line, headers, what follows them) of one request on its own connection.
+        Left out of the headers: Date and X-Request-Id, which differ between any two
+        requests, and Transfer-Encoding, the framing of a body written without a
+        Content-Length (a page), which Twisted leaves out of a HEAD's answer as it sends
+        no body (RFC 9110 9.3.2 and RFC 9112 6.1 let it)."""
+        wire = Wire.open(self.f.web)
+        self.addCleanup(wire.close)
+        wire.send(request)
+        head, _, rest = wire.transport.value().partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(b":") for line in lines)}
+        for name in (b"date", b"x-request-id", b"transfer-encoding"):
+            headers.pop(name, None)
+        return status, headers, rest
+
+    async def check(self, fields: str, *, whole: list[bytes], after: bytes) -> None:
+        """HEAD then GET, for each Range and If-Range, of the one file (10 bytes) of a
+        bundle sent with `fields`: the parts, then `whole` (the requests served the whole
+        file, which under read_remove ends the link), then a plain one answered `after`."""
+        self.f = PageFixture()
+        await self.f.start(self)
+        drops = self.f.web.core.safedrop  # each GET of a part is one download started
+        drops.settings = dataclasses.replace(drops.settings, max_download_attempts=100)
+        [ann] = await self.f.sent_bundle(fields, recipients=("ann%40example.org",),
+                                         files=(("report.pdf", b"0123456789"),))
+        _, _, page = await Browser(self.f).get(ann)
+        [fid] = re.findall(rb'/files/(\d+)"', page)
+        data = b"0123456789"
+        cases = [
+            (b"Range: bytes=2-5\r\n", b"206", b"2345"),
+            (b"Range: bytes=-3\r\n", b"206", b"789"),
+            (b"Range: bytes=5-\r\n", b"206", b"56789"),
+            (b"Range: bytes=2-5\r\nIf-Range: " + TAG + b"\r\n", b"206", b"2345"),
+            (b"Range: bytes=10-\r\n", b"416", None),
+            (b"Range: bytes=-0\r\n", b"416", None),
+            *((sent, b"200", data) for sent in whole),
+            (b"", after, data if after == b"200" else None),
+        ]
+        for sent, code, body in cases:
+            get = granted_get(self.f, ann, fid, sent)
+            head_status, head_headers, head_rest = self.answer(b"HEAD" + get[3:])
+            get_status, get_headers, get_rest = self.answer(get)
+            self.assertEqual(get_status.split()[1], code, sent)
+            self.assertEqual((head_status, head_headers), (get_status, get_headers), sent)
+            self.assertEqual(head_rest, b"", sent)
+            if body is not None:
+                self.assertEqual(get_rest, body, sent)
+                self.assertEqual(get_headers[b"content-length"], str(len(body)).encode())
+            if code == b"206":
+                self.assertTrue(get_headers[b"content-range"].endswith(b"/10"), sent)
+
+    async def test_a_file_kept_after_its_download(self) -> None:
+        await self.check("subject=S&read_remove=0", whole=[
+            b"Range: bytes=0-1,4-5\r\n", b"Range: lines=1-2\r\n",
+            b"Range: bytes=10-\r\nIf-Range: " + OTHER_TAG + b"\r\n",
+            b"Range: bytes=2-5\r\nIf-Range: W/" + TAG + b"\r\n"], after=b"200")
+
+    async def test_a_read_remove_file_whose_button_was_pressed(self) -> None:
+        # A HEAD counts no download: the GETs of parts leave the file to download until
+        # one sends it whole; then HEAD and GET are the same 410.
+        await self.check("subject=S", whole=[
+            b"Range: bytes=10-\r\nIf-Range: " + OTHER_TAG + b"\r\n"], after=b"410")
+
+
 class GoneMidwayTests(TestCase):
     async def test_a_client_going_away_midway_logs_no_error_and_what_it_got_counts(
             self) -> None:
