@@ -1518,7 +1518,8 @@ class SmsGatewayTests(TestCase):
 
         f = PageFixture()
         await f.start(self)
-        f.web.core.safedrop.sms = SmsGateway("http://sms.example/send", StubTreq(Gateway()))
+        f.web.core.safedrop.sms = SmsGateway("http://sms.example/send", StubTreq(Gateway()),
+                                             f.web.clock)
         _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
         return f, posted, bob
 
@@ -1547,6 +1548,69 @@ class SmsGatewayTests(TestCase):
         self.assertEqual(len(posted), 1)
         self.assertEqual(len([m for m in f.mails_to("bob@example.net")
                               if m["Subject"] == "Your safedrop code"]), 1)
+
+    async def test_a_gateway_that_never_answers_sends_the_code_by_mail_in_time(
+            self) -> None:
+        """A gateway that takes the request and never answers held the code request until
+        `[web] reply_timeout` (120 s by default), with no deadline of its own. At
+        SMS_TIMEOUT the message fails, its request is cancelled, and the code goes by mail,
+        as with a gateway that refuses it."""
+        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsGateway
+
+        asked: defer.Deferred[None] = defer.Deferred()
+        cancelled: list[object] = []
+
+        class HungGateway:
+            def request(self, *_: Any, **__: Any) -> defer.Deferred[Any]:
+                asked.callback(None)
+                return defer.Deferred(cancelled.append)
+
+        f = PageFixture()
+        await f.start(self)
+        f.web.core.safedrop.sms = SmsGateway("http://sms.example/send", HungGateway(),
+                                             f.web.clock)
+        _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
+        browser = Browser(f)
+        await browser.get(bob)
+        posting = defer.Deferred.fromCoroutine(browser.post(bob, action="send_code"))
+        await asked
+        f.web.clock.advance(SMS_TIMEOUT - 1)
+        self.assertFalse(posting.called)
+        self.assertEqual(cancelled, [])
+        f.web.clock.advance(1)
+        browser.http.flush()  # the reply, written meanwhile, to the client
+        status, _, _ = await posting
+        self.assertEqual(status, 303)
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(len([m for m in f.mails_to("bob@example.net")
+                              if m["Subject"] == "Your safedrop code"]), 1)
+
+    def test_the_daemons_client_closes_a_connection_that_never_answers(self) -> None:
+        """The daemon's client (SmsGateway.over) on a connection the gateway accepted and
+        never answered: at SMS_TIMEOUT, SmsError and the connection closed, no timer
+        left."""
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsError, SmsGateway
+
+        reactor = MemoryReactorClock()
+        gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
+        sending = defer.Deferred.fromCoroutine(gateway.send("1555", "code"))
+        [(host, port, factory, _, _)] = reactor.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 8025))
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(transport)
+        self.assertIn(b"to=1555", transport.value())
+        reactor.advance(SMS_TIMEOUT - 1)
+        self.assertNoResult(sending)
+        reactor.advance(1)
+        failure = self.failureResultOf(sending, SmsError)
+        self.assertEqual(str(failure.value),
+                         f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     async def test_the_daemons_gateway_client_posts_over_a_real_socket(self) -> None:
         from twisted.web.resource import Resource

@@ -4,20 +4,39 @@
 with `to` (the recipient's number, international digits without "+") and `text`. Any 2xx
 answer counts as sent. The URL is the operator's, not a user's, so it is not held to a
 network policy. Without a gateway (the default) codes go by mail.
+
+A message that has had no whole answer SMS_TIMEOUT seconds after it started (connecting
+included: a gateway that takes the connection and never answers) is a failure, its
+connection closed: the recipient's code then goes by mail, as it does when the gateway
+refuses it, well before the request waits out `[web] reply_timeout`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+# Seconds one message may take in all (connect, send, read the answer), then SmsError.
+SMS_TIMEOUT = 15.0
 
 
 class SmsError(Exception):
     """The gateway did not take the message."""
+
+
+class _NoAnswer(Exception):
+    """The message had no whole answer within SMS_TIMEOUT."""
+
+
+def _no_answer(result: object, timeout: float) -> NoReturn:
+    """`Deferred.addTimeout`'s answer for a message cancelled at its deadline, whatever the
+    cancelled request failed with."""
+    raise _NoAnswer()
 
 
 @implementer(IBodyProducer)
@@ -43,11 +62,13 @@ class _Form:
 
 
 class SmsGateway:
-    """Sends text messages through one HTTP gateway with a treq-style client."""
+    """Sends text messages through one HTTP gateway with a treq-style client, each within
+    SMS_TIMEOUT seconds of `clock`."""
 
-    def __init__(self, url: str, http: Any) -> None:
+    def __init__(self, url: str, http: Any, clock: IReactorTime) -> None:
         self.url = url
         self.http = http
+        self.clock = clock
 
     @classmethod
     def over(cls, url: str, reactor: Any) -> SmsGateway:
@@ -55,20 +76,36 @@ class SmsGateway:
         from treq.client import HTTPClient
         from twisted.web.client import Agent, HTTPConnectionPool
 
-        agent = Agent(reactor, connectTimeout=30, pool=HTTPConnectionPool(reactor, False))
+        agent = Agent(reactor, connectTimeout=SMS_TIMEOUT,
+                      pool=HTTPConnectionPool(reactor, False))
         # Bodies are written by _Form at once, not by treq's default producer (which runs on
         # the global cooperator).
-        return cls(url, HTTPClient(agent, data_to_body_producer=_Form))
+        return cls(url, HTTPClient(agent, data_to_body_producer=_Form), reactor)
 
     async def send(self, to: str, text: str) -> None:
+        """Send `text` to the number `to`; SmsError when the gateway could not be reached,
+        did not answer in time (the request cancelled: its connection closes) or answered
+        anything but 2xx."""
         body = urlencode({"to": to, "text": text}).encode("utf-8")
+        posting = Deferred.fromCoroutine(self._post(body))
+        # Cancelled at the deadline, whatever the client makes of that (Agent: a
+        # ResponseNeverReceived).
+        posting.addTimeout(SMS_TIMEOUT, self.clock, onTimeoutCancel=_no_answer)
         try:
-            response = await self.http.request(
-                "POST", self.url, data=body,
-                headers={"Content-Type": "application/x-www-form-urlencoded"},
-            )
-            await response.content()
+            code = await posting
+        except _NoAnswer:
+            raise SmsError(f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s") \
+                from None
         except Exception as e:
             raise SmsError(f"the SMS gateway could not be reached: {e}") from None
-        if not 200 <= response.code < 300:
-            raise SmsError(f"the SMS gateway answered {response.code}")
+        if not 200 <= code < 300:
+            raise SmsError(f"the SMS gateway answered {code}")
+
+    async def _post(self, body: bytes) -> int:
+        """POST the form and read the whole answer; its status code."""
+        response = await self.http.request(
+            "POST", self.url, data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        await response.content()
+        return int(response.code)
