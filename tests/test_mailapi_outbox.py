@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from mailcore.mailapi import MailApiError, MailboxService, outbox
-from mailcore.mailapi.errors import CONFLICT
+from mailcore.mailapi.errors import CONFLICT, QUOTA
 from mailcore.mailapi.files import MailFiles
 from mailcore.mailapi.mail import Edit, MailService, Outcome
 from mailcore.mailapi.outbox import FIFO_POLL, RETRY_AFTER, OutboxSender, thd_outbox
@@ -221,6 +221,42 @@ class OutboxWakeUpTests(QueueTestCase):
         self.assertIn(f"outbox mail {written[0].public_id} cannot be sent", warning)
         self.assertIn("back in the drafts", warning)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_mail_back_in_the_drafts_is_kept_past_the_cap_and_counts_toward_it(
+            self) -> None:
+        """`[mailapi] max_drafts_per_mailbox` (here 1) with a draft stored: outbox mail
+        that cannot be sent goes back to the drafts all the same (it is the user's mail:
+        never refused, never lost), though the mailbox then holds more drafts than the cap.
+        It is a draft as any other: a new draft is refused until the mailbox is under the
+        cap again. (It already was: the cap counts the mailbox's rows in status draft, and
+        going back to the drafts, here or when a grantee loses allow_send, sets that
+        status: mailcore.mailapi.mailboxes.thd_unsend_where)."""
+        self.mail.max_drafts = 1
+        draft = await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "d"}))
+        self.assertEqual(draft.outcome, Outcome.SAVED)
+        posted = await self.mail.create(self.owner, BOB, Edit("outbox", {
+            "to": "r0@customer.test", "subject": "n0"}))
+        self.assertEqual(posted.outcome, Outcome.ENQUEUED)
+        stored = "=?utf-8?q?=3D=3Futf-8=3Fq=3FYour=5Faccount=3F=3D?= @customer.test"
+        await self.db.run("poison", lambda c: c.execute(update(mailapi_mail).where(
+            mailapi_mail.c.public_id == posted.public_id).values(to_addrs=stored)))
+        with capturedLogs():
+            self.sender.startService()
+            await self.sender.settled()
+        rows = await self.db.read("rows", lambda c: c.execute(select(
+            mailapi_mail.c.public_id, mailapi_mail.c.status).order_by(mailapi_mail.c.id)).all())
+        self.assertEqual([tuple(r) for r in rows],
+                         [(draft.public_id, "draft"), (posted.public_id, "draft")])
+        with self.assertRaises(MailApiError) as refused:
+            await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "more"}))
+        self.assertEqual(refused.exception.kind, QUOTA)
+        self.assertIn("holds 1 drafts", str(refused.exception))
+        await self.mail.delete(self.owner, draft.public_id)
+        with self.assertRaises(MailApiError):
+            await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "more"}))
+        await self.mail.delete(self.owner, posted.public_id)
+        more = await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "more"}))
+        self.assertEqual(more.outcome, Outcome.SAVED)
 
     async def test_a_mail_the_spool_took_before_a_crash_is_marked_not_sent_again(self) -> None:
         await self.mail.create(self.owner, BOB, Edit("outbox", {
