@@ -3,8 +3,9 @@
 A fake IMAP server (`ScriptedIMAP`) reads commands with their synchronising and
 non-synchronising literals over iosim, stores what it accepts, and lets each test script its
 answers: NO with and without codes, TRYCREATE, a cut in the middle of a literal, garbage
-APPENDUIDs, BAD, an untagged BYE, a "+" nobody asked for, tagged replies held back until a
-whole batch arrived (which only a pipelining client survives). Also the name and argument
+APPENDUIDs, BAD, an untagged BYE, a "+" nobody asked for, an OK instead of the "+" asked
+for, a "+" never sent, an untagged flood, tagged replies held back until a whole batch
+arrived (which only a pipelining client survives). Also the name and argument
 encodings (modified UTF-7, UTF-8, flags, INTERNALDATE) as pure functions.
 """
 
@@ -420,6 +421,53 @@ class InterruptionTests(TestCase):
         error = rig.fails(rig.writer.append(("INBOX",), [msg(i) for i in range(2)]),
                           AppendInterrupted)
         self.assertEqual(error.answered, [])
+
+    def test_an_ok_instead_of_the_continuation_is_not_believed(self) -> None:
+        """A server answering a synchronising literal's command OK instead of "+" never
+        had the message: it was counted as copied (a migrate recorded it done)."""
+        class Lying(ScriptedIMAP):
+            def dataReceived(self, data: bytes) -> None:
+                if data.endswith(b"}\r\n") and b" APPEND " in data and self.need is None:
+                    tag = data.split(b" ", 1)[0]
+                    self.send(tag + b" OK [APPENDUID 7 1] stored\r\n")
+                    return
+                super().dataReceived(data)
+
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS"), Lying)
+        error = rig.fails(rig.writer.append(("INBOX",), [msg(1), msg(2)]), AppendInterrupted)
+        self.assertEqual((error.answered, error.not_sent), ([], (0, 1)))
+        self.assertIn("fake answered OK to an APPEND before it had the message", str(error))
+        self.assertFalse(rig.session.alive())
+        self.assertEqual(rig.server.stored["INBOX"], [])
+
+    def test_a_continuation_never_sent_ends_at_the_command_deadline(self) -> None:
+        class Mute(ScriptedIMAP):
+            def dataReceived(self, data: bytes) -> None:
+                if b" APPEND " not in data:
+                    super().dataReceived(data)
+
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS"), Mute,
+                  session_options={"idle_timeout": 300, "command_timeout": 100})
+        d = rig.start(rig.writer.append(("INBOX",), [msg(1), msg(2)]))
+        rig.clock.advance(99)
+        rig.pump.flush()
+        self.assertNoResult(d)
+        rig.clock.advance(1)
+        rig.pump.flush()
+        error = self.failureResultOf(d, AppendInterrupted).value
+        self.assertEqual((error.answered, error.not_sent), ([], (0, 1)))
+        self.assertIn("answered no command for 100 s", str(error))
+
+    def test_an_untagged_flood_between_answers_is_bounded(self) -> None:
+        flood = b"* 1 RECENT\r\n" * 10_000
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+",
+                               before_reply={1: flood}),
+                  session_options={"max_reply_bytes": 64 * 1024})
+        error = rig.fails(rig.writer.append(("INBOX",), [msg(i) for i in range(3)]),
+                          AppendInterrupted)
+        self.assertEqual([r.uid for r in error.answered], [101])
+        self.assertIn("fake sent more than 65536 bytes for one command", str(error))
+        self.assertFalse(rig.session.alive())
 
     def test_nothing_sent_on_a_dead_session(self) -> None:
         rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"))

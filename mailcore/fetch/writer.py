@@ -17,7 +17,10 @@ that creates folders and APPENDs messages byte-exact with their flags and INTERN
   more. A NO is retryable unless its code says the message or the account cannot take it
   (OVERQUOTA, LIMIT, TOOBIG, NOPERM, CANNOT, PARSE...); BAD never is.
 - The connection dying in the middle of a batch raises AppendInterrupted with the answers
-  received for the leading messages; the rest may or may not be stored (`find` tells).
+  received for the leading messages; the rest may or may not be stored (`find` tells). A
+  tagged OK to an APPEND before its message went out (instead of a synchronising literal's
+  "+", or in the middle of a streamed one) is not believed: it ends the session the same
+  way, the message in `not_sent`.
 - A message over the server's APPENDLIMIT (RFC 7889) is refused without being sent.
   \\Recent and flags that are not valid atoms (spaces, brackets, 8-bit) are not sent; an
   INTERNALDATE keeps its UTC offset (naive = UTC), to the second.
@@ -482,12 +485,21 @@ class WriterSession(IMAPClient):
             cont, waiting.cont = waiting.cont, None
             cont.callback(True)
             return
-        cmd = self._appends.pop(tag, None)
+        cmd = self._appends.get(tag)
         if cmd is None:
             raise imap4.IllegalServerResponse(tag + b" " + rest)
         status = rest.split(None, 1)[0].upper() if rest.strip() else b""
         if status not in (b"OK", b"NO", b"BAD"):
             raise imap4.IllegalServerResponse(tag + b" " + rest)
+        if status == b"OK" and not cmd.sent:
+            # An OK to a command whose message never (fully) went out, e.g. instead of the
+            # "+" a synchronising literal waits for: the server cannot hold the message.
+            # Believed, it was counted as copied; the session ends, the message not sent.
+            self._fail(ProtocolFailed(
+                f"{self.host} answered OK to an APPEND before it had the message: "
+                f"{_text(rest)}"))
+            return
+        del self._appends[tag]
         if self.tags is not None:
             self.tags.pop(tag, None)
         self.in_flight -= 1
