@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import re
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -32,7 +33,8 @@ from mailcore.fetch.imap import (
     parse_fetch_lean,
 )
 from mailcore.fetch.jobs import TransientJobError
-from mailcore.fetch.migrate import MailboxCopier
+from mailcore.fetch.migrate import FolderPlan, MailboxCopier, Source
+from mailcore.fetch.restore import restore
 from tests.test_fetch_imap_hostile import failure_of
 
 BODIES = {7: b"Subject: a\r\n\r\none {3}\r\n)(\r\n", 8: b"Subject: \xe9\r\n\r\n\x00\xff",
@@ -334,6 +336,58 @@ class SetFetchTests(TestCase):
             else:
                 error = self.failureResultOf(d, TransientJobError).value
                 self.assertIn(f"more than {3 + _ARRIVING} FETCH replies", str(error))
+
+    def test_restore_takes_a_search_of_what_the_account_holds_and_a_margin(self) -> None:
+        """A restore's SEARCH ALL of a folder took up to MAX_SEARCH (a million) UIDs, each
+        parsed and held, whatever the folder's EXISTS said."""
+        client, transport = connected()
+        account = SimpleNamespace(
+            id=5, protocol="imap", host="fake", port=143, use_ssl=False, start_tls=False,
+            allow_cleartext=True, username="u", tls_ca_pem=None, tls_fingerprint=None)
+        copied: list[Any] = []
+
+        async def nothing(*args: Any, **kw: Any) -> None:
+            return None
+
+        async def credentials(account_id: int) -> tuple[Any, str]:
+            return account, "pw"
+
+        async def read(name: str, fn: Any, *args: Any) -> Any:
+            if name == "mailbox_job_folders":
+                return [FolderPlan(1, "Archive", ("Archive",), candidates=[Source(
+                    id=1, size=10, internal_date=None, message_id="", sha256="0" * 64,
+                    flags=(), uidvalidity=7, uid=1)])]
+            return {}
+
+        async def open_reader(spec: Any, creator: Any) -> IMAPClient:
+            return client
+
+        async def copy(*args: Any, **kw: Any) -> None:
+            copied.append(args)
+
+        copier = SimpleNamespace(
+            bring_backup_up_to_date=nothing, backup_synced=nothing, creator=lambda *a: None,
+            accounts=SimpleNamespace(credentials=credentials), db=SimpleNamespace(read=read),
+            open_reader=open_reader, copy=copy)
+        job = SimpleNamespace(id=9, account_id=5)
+        for extra, ok in ((_ARRIVING, True), (_ARRIVING + 1, False)):
+            client, transport = connected()
+            d = defer.Deferred.fromCoroutine(restore(cast(Any, copier), cast(Any, None),
+                                                     cast(Any, job)))
+            client.dataReceived(b'* LIST () "/" "Archive"\r\n0001 OK listed\r\n')
+            client.dataReceived(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n0002 OK done\r\n")
+            self.assertIn(b"0003 UID SEARCH ALL", transport.value())
+            client.dataReceived(b"* SEARCH " + b" ".join(
+                b"%d" % u for u in range(1, 4 + extra)) + b"\r\n0003 OK searched\r\n")
+            client.dataReceived(b"* BYE bye\r\n0004 OK bye\r\n")
+            if ok:
+                self.successResultOf(d)
+                self.assertEqual(len(copied), 1)
+            else:
+                error = self.failureResultOf(d, TransientJobError).value
+                self.assertEqual(str(error),
+                                 f"fake answered a SEARCH with more than {3 + _ARRIVING} UIDs")
+                self.assertEqual(len(copied), 1)  # not copied
 
 
 def feed_in_reads(receive: Any, data: bytes, size: int) -> float:

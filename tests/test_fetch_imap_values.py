@@ -9,6 +9,7 @@ against a scripted cleartext server on loopback, on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import random
+import tracemalloc
 from typing import Any
 
 from twisted.internet import defer
@@ -130,6 +131,30 @@ class NumberTests(TestCase):
         d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL", max_uids=10))
         client.dataReceived(b"* SEARCH 1 2 3 4\r\n0001 OK done\r\n")
         self.assertEqual(str(failure_of(d)), "fake answered a SEARCH with more than 3 UIDs")
+
+    def test_a_search_line_too_long_for_its_bound_fails_before_it_is_split(self) -> None:
+        """A line of a million UIDs answering a resume's SEARCH in a folder of three was
+        split into a million words twice (some 100 MB) before its count was checked."""
+        line = b"* SEARCH " + b" ".join(b"%d" % u for u in range(1, 1_000_001)) + b"\r\n"
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL", max_uids=3 + _ARRIVING))
+        data = line + b"0001 OK done\r\n"
+        tracemalloc.start()
+        try:
+            client.dataReceived(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(str(failure_of(d)),
+                         f"fake answered a SEARCH with more than {3 + _ARRIVING} UIDs")
+        self.assertLess(peak, 5 * len(line))  # three copies of the line; its words were 15
+        # A bound's worth of UIDs of ten digits, as a server may write them, is read.
+        many = b"* SEARCH " + b" ".join(b"%d" % u for u in range(4_000_000_000,
+                                                                  4_000_000_000 + 1003))
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL", max_uids=1003))
+        client.dataReceived(many + b" \r\n0001 OK done\r\n")
+        self.assertEqual(len(self.successResultOf(d)), 1003)
 
 
     def test_a_set_over_its_limit_fails_before_it_is_listed(self) -> None:

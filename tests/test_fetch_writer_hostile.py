@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch import writer as writer_module
 from mailcore.fetch.errors import FetchError, ProtocolFailed
-from mailcore.fetch.imap import compress_set
+from mailcore.fetch.imap import compress_set, expand_set
 from mailcore.fetch.writer import (
     Append,
     Appended,
@@ -662,6 +662,89 @@ class FolderNameTests(TestCase):
         creates = [a for n, a in rig.server.commands if n == b"CREATE"]
         self.assertEqual(creates, [b'"INBOX.&AMk-t&AOk-"', b'"INBOX.&AMk-t&AOk-.v1&ICQ-2"'])
         self.assertIn(("INBOX", "Été", "v1\u20242"), rig.run(rig.writer.folders()))
+
+
+class Searchable(ScriptedIMAP):
+    """A destination whose Archive holds `exists` messages of `size` bytes, each of other
+    bytes than the one looked for, and whose UID SEARCH answers `found` (raw)."""
+
+    exists = 3
+    size = 200
+    found = b"1 2 3"
+
+    def __init__(self, script: Script) -> None:
+        super().__init__(script)
+        self.bodies_fetched = 0
+
+    def do_EXAMINE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        self.send(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n%s OK [READ-ONLY] done\r\n"
+                  % (self.exists, tag))
+
+    def do_UID_SEARCH(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        self.send(b"* SEARCH " + self.found + b"\r\n" + tag + b" OK searched\r\n")
+
+    def do_UID_FETCH(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        uids = expand_set(args.split(b" ", 1)[0], 1_000_000)
+        out = []
+        for uid in uids:
+            if b"BODY.PEEK[]" in args:
+                self.bodies_fetched += 1
+                body = b"%08d" % uid + b"y" * (self.size - 8)
+                out.append(b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n"
+                           % (uid, uid, len(body), body))
+            else:
+                out.append(b'* %d FETCH (UID %d RFC822.SIZE %d INTERNALDATE '
+                           b'"01-Mar-2024 12:00:00 +0000")\r\n' % (uid, uid, self.size))
+        self.send(b"".join(out) + tag + b" OK fetched\r\n")
+
+
+class FindTests(TestCase):
+    def find(self, server_class: type[Searchable], message_id: str | None) -> Any:
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"), server_class)
+        d = rig.start(rig.writer.find(
+            ("Archive",), message_id=message_id, size=200,
+            internaldate=datetime.datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC),
+            sha256="0" * 64))
+        return rig, d
+
+    def test_a_search_naming_more_uids_than_the_folder_holds_fails_before_they_are_read(
+        self,
+    ) -> None:
+        """A destination answering a resume's SEARCH with a million UIDs had each listed,
+        its size fetched and each look-alike's body fetched, for every message looked for:
+        a resume unbounded in time and memory. What EXAMINE counted (and a margin for
+        mail arriving) bounds it, as a sync's SEARCH."""
+        class Flooding(Searchable):
+            found = b" ".join(b"%d" % u for u in range(1, 1_000_001))
+
+        for message_id in ("<m1@test>", None):
+            rig, d = self.find(Flooding, message_id)
+            error = self.failureResultOf(d, ProtocolFailed).value
+            self.assertEqual(str(error), f"fake answered a SEARCH with more than "
+                                         f"{3 + writer_module.ARRIVING} UIDs")
+            self.assertNotIn(b"UID FETCH", [n for n, _ in rig.server.commands])
+
+    def test_more_look_alikes_than_the_bound_fail_after_that_many_bodies(self) -> None:
+        class LookAlikes(Searchable):
+            exists = 500
+            found = b" ".join(b"%d" % u for u in range(1, 301))
+
+        for message_id in ("<m1@test>", None):
+            rig, d = self.find(LookAlikes, message_id)
+            error = self.failureResultOf(d, ProtocolFailed).value
+            self.assertIn(f"holds more than {writer_module.MAX_LOOKALIKES} messages in "
+                          "'Archive' that look like the one looked for", str(error))
+            self.assertEqual(rig.server.bodies_fetched, writer_module.MAX_LOOKALIKES)
+
+    def test_look_alikes_within_the_bound_are_compared(self) -> None:
+        class Few(Searchable):
+            found = b"1 2 3"
+
+        rig, d = self.find(Few, None)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(rig.server.bodies_fetched, 3)
+        rig, d = self.find(Few, "<m1@test>")  # no body has it: the lowest UID, as before
+        self.assertEqual(self.successResultOf(d), 1)
 
 
 class FolderCountTests(TestCase):

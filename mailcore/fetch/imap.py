@@ -1032,14 +1032,21 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         lines, _ = await self.send(b"UID SEARCH", criteria)
         uids: set[int] = set()
         for line in lines:
-            words = line.split()
+            words = line.split(None, 1)
             if not words or words[0].upper() != b"SEARCH":
                 continue
             # "(MODSEQ n)" (RFC 7162) ends the list; other words that are no number are
             # passed over. Read by whole lines: a loop of Python per word cost 3 us a UID.
             listed = line[len(words[0]):].split(b"(", 1)[0]
+            plain = _RE_DIGITS.fullmatch(listed) is not None
+            if plain and len(listed) > (max_uids - len(uids)) * 11 + 64:
+                # More bytes of numbers than that many UIDs of 10 digits and a space take:
+                # too many, known before the line is split (a 7 MB line of a million UIDs
+                # was 100 MB of words, for a folder of three messages).
+                raise ProtocolFailed(f"{self.host} answered a SEARCH with more than {max_uids} "
+                                     "UIDs")
             digits = listed.split()
-            if not _RE_DIGITS.fullmatch(listed):
+            if not plain:
                 digits = [w for w in digits if w.isdigit()]
             if len(uids) + len(digits) > max_uids:
                 raise ProtocolFailed(f"{self.host} answered a SEARCH with more than {max_uids} "

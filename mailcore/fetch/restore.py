@@ -17,7 +17,7 @@ from collections import defaultdict
 
 from sqlalchemy import Connection, select
 
-from mailcore.fetch.imap import ServerSpec
+from mailcore.fetch.imap import ARRIVING, ServerSpec
 from mailcore.fetch.jobs import Job, JobFailed, JobRunner
 from mailcore.fetch.migrate import MailboxCopier, Source, guarded, thd_backup_folders
 from mailcore.store.schema import mailbox_job_items, mailbox_jobs
@@ -78,7 +78,9 @@ async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
             if folder is None or not folder.selectable:
                 continue  # deleted: every message goes back, into the folder made again
             info = await guarded(reader.examine(folder.name))
-            uids = set(await guarded(reader.uid_search(b"ALL"))) if info.exists else set()
+            # At most the UIDs of what EXAMINE counted, and a margin for mail arriving.
+            uids = set(await guarded(reader.uid_search(
+                b"ALL", max_uids=info.exists + ARRIVING))) if info.exists else set()
 
             here = {(info.uidvalidity, uid) for uid in uids}
             claims = _claims(plan.candidates, before)

@@ -73,11 +73,13 @@ from zope.interface import implementer
 
 from mailcore.fetch.errors import ConnectFailed, FetchError, ProtocolFailed
 from mailcore.fetch.imap import (
+    ARRIVING,
     MAX_FOLDERS,
     IMAPClient,
     ServerSpec,
     compress_set,
     expand_set,
+    number,
     open_session,
     quote,
 )
@@ -104,6 +106,12 @@ PERMANENT_CODES = frozenset({
 
 # LITERAL- (RFC 7888): non-synchronising literals only up to this size.
 LITERAL_MINUS_MAX = 4096
+
+# The most look-alikes (same Message-ID and size, or same size and INTERNALDATE) `find`
+# fetches and hashes for one message without finding it: each is a UID FETCH of a whole
+# body. A copy already there is usually the first; a destination naming thousands of
+# look-alikes held a resume for hours, one body fetch each, for every message it looked for.
+MAX_LOOKALIKES = 100
 
 
 class BadFolderName(FetchError):
@@ -651,6 +659,7 @@ class MailboxWriter:
         self._lock = defer.DeferredLock()
         self._known: set[tuple[str, ...]] | None = None
         self._selected: bytes | None = None
+        self._exists = 0  # what the EXAMINE of _selected counted
         self.appendlimit: int | None = None
         for cap in self.capabilities:
             # Over 20 digits (beyond any size) is no limit; int() refuses over 4,300 digits.
@@ -966,7 +975,9 @@ class MailboxWriter:
         lowest UID). Without: SEARCH by size around the INTERNALDATE's day, then the same
         INTERNALDATE to the second, confirmed by fetching each body and comparing its
         SHA-256. UIDs in `exclude` (copies already accounted for, e.g. of an identical
-        earlier message) are never returned."""
+        earlier message) are never returned. A SEARCH answering more UIDs than the folder's
+        EXISTS and ARRIVING, or more than MAX_LOOKALIKES look-alikes compared that are not
+        this one, is a ProtocolFailed (a hostile destination: the copy fails, not hangs)."""
         mailbox = self.mailbox(path)
         async with self._lock:
             if not await self._examine(path, mailbox):
@@ -974,7 +985,7 @@ class MailboxWriter:
             s = self.session
             mid = (message_id or "").strip()
             if mid and mid.isascii() and not has_control(mid):
-                uids = await s.uid_search(b"HEADER Message-ID " + quote(mid.encode("ascii")))
+                uids = await self._search(b"HEADER Message-ID " + quote(mid.encode("ascii")))
                 uids = [u for u in uids if u not in exclude]
                 if not uids:
                     return None
@@ -982,9 +993,9 @@ class MailboxWriter:
                          if f.uid is not None and f.size == size and f.uid not in exclude]
                 candidates = sorted(f.uid for f in found if f.uid is not None)
                 if len(candidates) > 1:
-                    for uid in candidates:
-                        if await self._body_hash(uid) == sha256:
-                            return uid
+                    same = await self._first_of(candidates, sha256, path)
+                    if same is not None:
+                        return same
                 return candidates[0] if candidates else None
             criteria = b"SMALLER %d" % (size + 1)
             if size > 0:
@@ -994,7 +1005,7 @@ class MailboxWriter:
                                                       datetime.UTC).date()
                 lo, hi = day - datetime.timedelta(days=1), day + datetime.timedelta(days=2)
                 criteria += b" SINCE %s BEFORE %s" % (_search_date(lo), _search_date(hi))
-            uids = [u for u in await s.uid_search(criteria) if u not in exclude]
+            uids = [u for u in await self._search(criteria) if u not in exclude]
             if not uids:
                 return None
             want = None if internaldate is None else _second(internaldate)
@@ -1005,25 +1016,47 @@ class MailboxWriter:
                 and (want is None or (f.internal_date is not None
                                       and _second(f.internal_date) == want))
             )
-            for uid in candidates:
-                if await self._body_hash(uid) == sha256:
-                    return uid
-            return None
+            return await self._first_of(candidates, sha256, path)
 
     async def _examine(self, path: Sequence[str], mailbox: bytes) -> bool:
-        """EXAMINE the folder (once until the next append); False when it does not exist."""
+        """EXAMINE the folder (once until the next append); False when it does not exist.
+        Its EXISTS bounds what a SEARCH there may answer."""
         if self._selected == mailbox:
             return True
         try:
-            await self.session.send(b"EXAMINE", mailbox)
+            lines, _ = await self.session.send(b"EXAMINE", mailbox)
         except ProtocolFailed:
             if self.session.error is not None:
                 raise
             if self.destination_path(path) not in set(await self._folders()):
                 return False
             raise
-        self._selected = mailbox
+        exists = 0
+        for line in lines:
+            words = line.split(None, 2)
+            if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
+                exists = number(words[0], "EXISTS", lowest=0)
+        self._selected, self._exists = mailbox, exists
         return True
+
+    async def _search(self, criteria: bytes) -> list[int]:
+        """UID SEARCH in the folder EXAMINE'd: at most as many UIDs as it holds, and a
+        margin for mail arriving (ProtocolFailed beyond, before they are read)."""
+        return await self.session.uid_search(criteria, max_uids=self._exists + ARRIVING)
+
+    async def _first_of(self, uids: list[int], sha256: str, path: Sequence[str]
+                        ) -> int | None:
+        """The first of `uids` whose body has `sha256`; None when none has. More than
+        MAX_LOOKALIKES compared without a match is a ProtocolFailed."""
+        for n, uid in enumerate(uids):
+            if n == MAX_LOOKALIKES:
+                raise ProtocolFailed(
+                    f"{self.session.host} holds more than {MAX_LOOKALIKES} messages in "
+                    f"{'/'.join(path)!r} that look like the one looked for (same size and "
+                    "Message-ID or date) and are not it; not compared further")
+            if await self._body_hash(uid) == sha256:
+                return uid
+        return None
 
     async def _body_hash(self, uid: int) -> str | None:
         """The SHA-256 of message `uid`'s body: one over HASH_INLINE bytes on the CPU pool
