@@ -21,6 +21,11 @@ Exactly once, per (job, backed-up message), in `mailbox_job_items`:
    whose size and INTERNALDATE match one the destination already holds that no item of this
    job accounts for. A message found is recorded `present` (or `done` if it was in flight)
    and is not appended again.
+4. Each record holds the folder's UIDVALIDITY at the time (an APPENDUID naming another is
+   not taken: the message is recorded without a UID). On a restart, a folder a run copied
+   into that is gone or has another UIDVALIDITY (deleted and made again) is not the one
+   recorded: its recorded messages are looked for as in 3 and copied again if missing, at
+   worst a duplicate, never a message skipped.
 
 So a message counts as copied only after the server's OK, and never twice, whatever the
 moment the daemon dies. Transient failures (connection lost, timeouts, an APPEND answered NO
@@ -132,6 +137,7 @@ class FolderPlan:
 class ItemState:
     state: str
     dest_uid: int | None
+    dest_uidvalidity: int | None = None
 
 
 def folder_path(name: str, delimiter: str | None) -> tuple[str, ...]:
@@ -182,9 +188,10 @@ def thd_backup_folders(conn: Connection, account_id: int) -> list[FolderPlan]:
 def thd_item_states(conn: Connection, job_id: int) -> dict[int, ItemState]:
     """Blocking: what the job recorded of each message so far."""
     return {
-        int(r.message_row_id): ItemState(r.state, r.dest_uid)
+        int(r.message_row_id): ItemState(r.state, r.dest_uid, r.dest_uidvalidity)
         for r in conn.execute(
-            select(_i.message_row_id, _i.state, _i.dest_uid).where(_i.job_id == job_id)
+            select(_i.message_row_id, _i.state, _i.dest_uid, _i.dest_uidvalidity)
+            .where(_i.job_id == job_id)
         )
     }
 
@@ -392,10 +399,11 @@ class MailboxCopier:
 
         await self.db.run("mailbox_job_counts", txn)
 
-    async def _destination(self, reader: IMAPClient, mailbox: bytes
+    async def _destination(self, reader: IMAPClient, mailbox: bytes, *, listing: bool = True
                            ) -> tuple[int | None, list[tuple[int, int, Any]]]:
         """(UIDVALIDITY, [(uid, size, internaldate)]) of a destination folder (`mailbox`:
-        its argument as the writer names it, modified UTF-7)."""
+        its argument as the writer names it, modified UTF-7); the list empty unless
+        `listing`."""
         lines, _ = await guarded(reader.send(b"EXAMINE", mailbox))
         uidvalidity: int | None = None
         exists = 0
@@ -410,7 +418,7 @@ class MailboxCopier:
                                    else None)
         except FetchError as e:
             raise _classify(e) from None
-        if exists == 0:
+        if exists == 0 or not listing:
             return uidvalidity, []
         # One FETCH reply a message: those EXAMINE counted, and a margin for mail arriving.
         items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE",
@@ -423,11 +431,34 @@ class MailboxCopier:
                            existing: set[tuple[str, ...]]) -> None:
         todo = [s for s in plan.candidates
                 if s.id not in states or states[s.id].state == "inflight"]
-        if not todo:
+        # Copied (or found) by an earlier run, at a (UIDVALIDITY, UID) of the folder then.
+        placed = [s.id for s in plan.candidates if s.id in states
+                  and states[s.id].state != "inflight"
+                  and states[s.id].dest_uidvalidity is not None]
+        if not todo and not placed:
             return
         path = plan.path
         dest = writer.destination_path(path)
         exists = dest in existing or dest == ("INBOX",)
+        mailbox = encode_folder(path, writer.separator, utf8=False)
+        uidvalidity: int | None = None
+        if exists and placed:
+            uidvalidity, _ = await self._destination(reader, mailbox, listing=False)
+        # A folder gone, or made again (another UIDVALIDITY), since an earlier run put
+        # messages there: what that run recorded says nothing of what is there now. Those
+        # messages are looked for and copied again if missing (at worst a duplicate, never
+        # a message skipped), and their old UIDs stand for nothing.
+        again = {sid: states[sid].state for sid in placed
+                 if not exists or states[sid].dest_uidvalidity != uidvalidity}
+        if again:
+            log.warn("job {id}: {folder} at the destination is {what} since {n} of its "
+                     "messages were copied; they are looked for and copied again",
+                     id=job.id, folder=plan.name, n=len(again),
+                     what="another folder (its UIDVALIDITY changed)" if exists else "gone")
+            pending = {s.id for s in todo} | again.keys()
+            todo = [s for s in plan.candidates if s.id in pending]
+        if not todo:
+            return
         if not exists:
             try:
                 await writer.ensure_folder(path)
@@ -439,16 +470,16 @@ class MailboxCopier:
                 raise _classify(e) from None
             existing.add(dest)
         # What the destination holds that nothing of this plan accounts for.
-        uidvalidity: int | None = None
         index: Counter[tuple[int, Any]] = Counter()
         mine = {c.id for c in plan.candidates}
         used = {st.dest_uid for sid, st in states.items()
-                if st.dest_uid is not None and st.state != "inflight" and sid in mine}
+                if st.dest_uid is not None and st.state != "inflight" and sid in mine
+                and sid not in again}
         used |= plan.present_uids
-        if exists:
-            uidvalidity, held = await self._destination(
-                reader, encode_folder(path, writer.separator, utf8=False))
-            index = Counter((size, utc(date)) for uid, size, date in held if uid not in used)
+        # The folder's UIDVALIDITY (a new one's too): an APPENDUID naming another is not
+        # taken, and the next run sees whether the folder is still this one.
+        uidvalidity, held = await self._destination(reader, mailbox, listing=exists)
+        index = Counter((size, utc(date)) for uid, size, date in held if uid not in used)
         # Messages in flight at the last stop, and look-alikes of what is there: look first.
         found: list[tuple[int, str, int | None, int | None]] = []
         to_send: list[Source] = []
@@ -464,20 +495,23 @@ class MailboxCopier:
                     used.add(uid)
                     if index[source.key] > 0:
                         index[source.key] -= 1
-                    found.append((source.id, "done" if inflight else "present", uidvalidity,
-                                  uid))
+                    state = again.get(source.id) or ("done" if inflight else "present")
+                    found.append((source.id, state, uidvalidity, uid))
                     continue
             to_send.append(source)
-        in_flight = sum(1 for source in todo if source.id in states)
+        in_flight = sum(1 for source in todo if source.id in states and source.id not in again)
         if in_flight:
-            landed = sum(1 for f in found if f[1] == "done")
+            landed = sum(1 for f in found if f[1] == "done" and f[0] not in again)
             log.info("job {id}: {landed} of {n} messages in flight at its last stop "
                      "were at the destination already (not sent again) in {folder}",
                      id=job.id, landed=landed, n=in_flight, folder=plan.name)
         if found:
-            await self._record(runner, job, found,
-                               appended=sum(1 for f in found if f[1] == "done"))
-        await self._append_all(runner, job, writer, plan, to_send)
+            # One copied again and found is counted once, as before.
+            await self._record(
+                runner, job, found,
+                appended=sum(1 for f in found if f[1] == "done" and f[0] not in again),
+                handled=sum(1 for f in found if f[0] not in again))
+        await self._append_all(runner, job, writer, plan, to_send, uidvalidity, again)
 
     def _batches(self, sources: list[Source]) -> list[list[Source]]:
         """Batches in the folder's order; a message over `stream_bytes` is a batch alone."""
@@ -506,7 +540,10 @@ class MailboxCopier:
         return source.size > self.settings.stream_bytes
 
     async def _append_all(self, runner: JobRunner, job: Job, writer: MailboxWriter,
-                          plan: FolderPlan, sources: list[Source]) -> None:
+                          plan: FolderPlan, sources: list[Source], uidvalidity: int | None,
+                          again: dict[int, str]) -> None:
+        """Append `sources` in batches; `uidvalidity` is the folder's, `again` the prior
+        state of those an earlier run copied into a folder since gone or made again."""
         batches = self._batches(sources)
         if not batches:
             return
@@ -529,7 +566,8 @@ class MailboxCopier:
                 if n + 1 < len(batches):
                     reads.append(read(batches[n + 1]))  # read ahead while this one goes out
                 await self._mark_inflight(runner, job, batch)
-                await self._append_batch(runner, job, writer, plan, batch, bodies)
+                await self._append_batch(runner, job, writer, plan, batch, bodies,
+                                         uidvalidity, again)
         finally:
             for d in reads:
                 d.addErrback(lambda _f: None)
@@ -545,7 +583,8 @@ class MailboxCopier:
 
     async def _append_batch(self, runner: JobRunner, job: Job, writer: MailboxWriter,
                             plan: FolderPlan, batch: list[Source],
-                            bodies: dict[int, bytes | int]) -> None:
+                            bodies: dict[int, bytes | int], uidvalidity: int | None,
+                            again: dict[int, str]) -> None:
         sendable = [s for s in batch if s.id in bodies]  # a message deleted meanwhile: skip
         items = [self._item(s, bodies[s.id]) for s in sendable]
         interrupted: AppendInterrupted | None = None
@@ -555,10 +594,12 @@ class MailboxCopier:
             answers, interrupted = list(e.answered), e
         except FetchError as e:
             raise _classify(e) from None
-        written = [(s.id, "done", a.uidvalidity, a.uid)
+        written = [(s.id, "done", *self._place(job, plan, a, uidvalidity))
                    for s, a in zip(sendable, answers, strict=False) if a.ok]
         if written:
-            await self._record(runner, job, written, appended=len(written))
+            await self._record(runner, job, written,
+                               appended=sum(1 for w in written if again.get(w[0]) != "done"),
+                               handled=sum(1 for w in written if w[0] not in again))
         refused = [(s, a) for s, a in zip(sendable, answers, strict=False) if not a.ok]
         if refused:
             source, answer = refused[0]
@@ -575,6 +616,22 @@ class MailboxCopier:
         if len(answers) < len(sendable):
             raise TransientJobError("the destination answered fewer APPENDs than were sent")
 
+    @staticmethod
+    def _place(job: Job, plan: FolderPlan, answer: Appended, uidvalidity: int | None
+               ) -> tuple[int | None, int | None]:
+        """(UIDVALIDITY, UID) recorded for a message the destination took: the folder's
+        UIDVALIDITY, with the APPENDUID's UID only when it names that UIDVALIDITY (another is
+        a lying or broken server, or a folder made again meanwhile: no UID is better than
+        one of another folder)."""
+        if uidvalidity is None:
+            return answer.uidvalidity, answer.uid
+        if answer.uidvalidity is not None and answer.uidvalidity != uidvalidity:
+            log.warn("job {id}: the destination answered APPENDUID {got} in {folder}, whose "
+                     "UIDVALIDITY is {want}; its UID is not kept", id=job.id,
+                     got=answer.uidvalidity, folder=plan.name, want=uidvalidity)
+            return uidvalidity, None
+        return uidvalidity, answer.uid
+
     def _item(self, source: Source, body: bytes | int) -> Append:
         if isinstance(body, bytes):
             return Append(data=body, flags=source.flags, internaldate=source.internal_date)
@@ -584,14 +641,16 @@ class MailboxCopier:
 
     async def _record(self, runner: JobRunner, job: Job,
                       rows: list[tuple[int, str, int | None, int | None]],
-                      *, appended: int) -> None:
-        """Commit the messages the destination took (or held already)."""
+                      *, appended: int, handled: int | None = None) -> None:
+        """Commit the messages the destination took (or held already). `handled` of
+        them are dealt with for the first time (default: all), `appended` newly appended."""
         now = runner.now()
+        new = len(rows) if handled is None else handled
 
         def txn(conn: Connection) -> None:
             _upsert_items(conn, job.id, rows)
             conn.execute(update(mailbox_jobs).where(mailbox_jobs.c.id == job.id).values(
-                downloaded=mailbox_jobs.c.downloaded + len(rows),
+                downloaded=mailbox_jobs.c.downloaded + new,
                 appended=mailbox_jobs.c.appended + appended, updated_at=now))
 
         await self.db.run("mailbox_job_record", txn)
@@ -599,9 +658,9 @@ class MailboxCopier:
             kind = job.kind
             if appended:
                 self.metrics.messages.labels(kind=kind, outcome="appended").inc(appended)
-            if len(rows) - appended:
+            if new - appended > 0:
                 self.metrics.messages.labels(kind=kind, outcome="present").inc(
-                    len(rows) - appended)
+                    new - appended)
 
 
 class _FolderRefused(Exception):

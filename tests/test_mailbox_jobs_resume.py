@@ -1,0 +1,339 @@
+"""A migrate resumed against a destination whose folder changed under it, or that lies in its
+APPENDUIDs: what a run recorded of a folder is trusted only while the folder is the same
+(its UIDVALIDITY), so a folder deleted or made again between a run and its resume gets its
+messages back (at worst a duplicate, never a message skipped), and an APPENDUID naming
+another UIDVALIDITY than the folder's leaves no UID recorded.
+
+The destination is a fake IMAP server (tests.test_fetch_writer_hostile's command reader)
+over an in-memory loopback, the store a real database; `MailboxCopier.copy` runs as a job's
+run does."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+from cryptography.fernet import Fernet
+from sqlalchemy import Connection, insert, select
+from twisted.protocols.loopback import loopbackAsync
+from twisted.trial.unittest import TestCase
+
+from mailcore.fetch.accounts import Accounts
+from mailcore.fetch.imap import IMAPClient, ServerSpec
+from mailcore.fetch.jobs import TransientJobError, thd_create_job
+from mailcore.fetch.migrate import MailboxCopier, thd_backup_folders
+from mailcore.fetch.secrets import SecretBox
+from mailcore.fetch.settings import FetchSettings
+from mailcore.fetch.writer import MailboxWriter, WriterSession, writer_for
+from mailcore.messages.sql import new_id
+from mailcore.store import Database
+from mailcore.store.schema import (
+    fetch_folders,
+    mailbox_job_items,
+    mailbox_jobs,
+    message_blobs,
+    messages,
+)
+from tests.support.db import DatabaseMixin
+from tests.support.fetchenv import thd_make_user
+from tests.support.reactor import get_reactor
+from tests.test_fetch_writer_hostile import Msg, Script, ScriptedIMAP, unquote
+
+UTC = datetime.UTC
+FOLDERS = {"INBOX": 3, "Archive": 4, "Later": 2}
+
+
+@dataclass
+class Box:
+    uidvalidity: int
+    messages: dict[int, Msg] = field(default_factory=dict)
+    next_uid: int = 1
+
+
+@dataclass
+class Destination:
+    """The account the fake serves, shared by its sessions."""
+
+    boxes: dict[str, Box] = field(default_factory=lambda: {"INBOX": Box(1)})
+    validities: int = 1
+    # Folder -> a tagged reply refusing every APPEND there.
+    refuse: dict[str, bytes] = field(default_factory=dict)
+    # The UIDVALIDITY every APPENDUID names (None: the folder's).
+    appenduid_validity: int | None = None
+    # Every session's commands: (name, arguments).
+    commands: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def make(self, name: str) -> None:
+        self.validities += 1
+        self.boxes[name] = Box(self.validities * 1000)
+
+    def bodies(self, name: str) -> list[bytes]:
+        return sorted(m.data for m in self.boxes[name].messages.values())
+
+
+class FakeDestination(ScriptedIMAP):
+    def __init__(self, dest: Destination) -> None:
+        super().__init__(Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+", folders=[],
+                                append_reply=self.appended))
+        self.dest = dest
+        self.box: Box | None = None
+
+    def command(self, parts: list[bytes]) -> None:
+        super().command(parts)
+        self.dest.commands.append(self.commands[-1])
+
+    def do_LIST(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        if args == b'"" ""':
+            self.send(b'* LIST (\\Noselect) "/" ""\r\n')
+        else:
+            for name in self.dest.boxes:
+                self.send(b'* LIST () "/" "' + name.encode() + b'"\r\n')
+        self.send(tag + b" OK listed\r\n")
+
+    def do_CREATE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        self.dest.make(unquote(args))
+        self.send(tag + b" OK created\r\n")
+
+    def do_EXAMINE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        self.box = self.dest.boxes.get(unquote(args))
+        if self.box is None:
+            self.send(tag + b" NO [NONEXISTENT] no such folder\r\n")
+            return
+        self.send(b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] v\r\n%s OK [READ-ONLY] done\r\n"
+                  % (len(self.box.messages), self.box.uidvalidity, tag))
+
+    def do_UID_SEARCH(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        assert self.box is not None
+        uids = sorted(self.box.messages)
+        m = re.match(rb'HEADER Message-ID "(.*)"$', args)
+        if m:
+            uids = [u for u in uids
+                    if b"Message-ID: " + m.group(1) + b"\r\n" in self.box.messages[u].data]
+        self.send(b"* SEARCH " + b" ".join(b"%d" % u for u in uids) + b"\r\n"
+                  + tag + b" OK searched\r\n")
+
+    def do_UID_FETCH(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        assert self.box is not None
+        wanted, _, items = args.partition(b" ")
+        if wanted == b"1:*":
+            uids = sorted(self.box.messages)
+        else:
+            uids = [int(u) for u in wanted.split(b",") if b":" not in u]
+            for lo, hi in (u.split(b":") for u in wanted.split(b",") if b":" in u):
+                uids += range(int(lo), int(hi) + 1)
+        out = []
+        for uid in uids:
+            msg = self.box.messages.get(uid)
+            if msg is None:
+                continue
+            if b"BODY.PEEK[]" in items:
+                out.append(b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n"
+                           % (uid, uid, len(msg.data), msg.data))
+            else:
+                out.append(b'* %d FETCH (UID %d RFC822.SIZE %d INTERNALDATE "%s")\r\n'
+                           % (uid, uid, len(msg.data), msg.date or b""))
+        self.send(b"".join(out) + tag + b" OK fetched\r\n")
+
+    def appended(self, number: int, name: str, msgs: list[Msg]) -> bytes | None:
+        if name in self.dest.refuse:
+            return self.dest.refuse[name]
+        box = self.dest.boxes.get(name)
+        if box is None:
+            return b"NO [TRYCREATE] no such folder"
+        uids = []
+        for msg in msgs:
+            box.messages[box.next_uid] = msg
+            uids.append(box.next_uid)
+            box.next_uid += 1
+        validity = self.dest.appenduid_validity or box.uidvalidity
+        return b"OK [APPENDUID %d %d] appended" % (validity, uids[0])
+
+
+class Copier(MailboxCopier):
+    """Sessions to the fake destination instead of the network."""
+
+    dest: Destination
+
+    async def connect(self, session: IMAPClient) -> None:
+        loopbackAsync(FakeDestination(self.dest), session)
+        await session.ask_capabilities()
+
+    async def open_reader(self, spec: ServerSpec, creator: Any) -> IMAPClient:
+        session = IMAPClient(get_reactor(), host="fake", command_timeout=60)
+        await self.connect(session)
+        return session
+
+    async def open_writer(self, spec: ServerSpec, creator: Any) -> MailboxWriter:
+        session = WriterSession(get_reactor(), host="fake", command_timeout=60)
+        await self.connect(session)
+        return await writer_for(session)
+
+
+def body(folder: str, n: int) -> bytes:
+    return (f"Message-ID: <{folder}.{n}@source.test>\r\nSubject: {folder} {n}\r\n\r\n"
+            + "x" * (100 + n)).encode()
+
+
+def thd_backed_up(conn: Connection, user_id: int, account_id: int) -> None:
+    """Blocking: the account's backup: FOLDERS, each message of its own bytes."""
+    now = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+    for folder, count in FOLDERS.items():
+        folder_id = new_id(conn.execute(insert(fetch_folders).values(
+            account_id=account_id, name=folder, delimiter="/")))
+        for n in range(1, count + 1):
+            raw = body(folder, n)
+            sha = hashlib.sha256(raw).hexdigest()
+            conn.execute(insert(message_blobs).values(sha256=sha, size=len(raw), raw=raw,
+                                                      created_at=now))
+            conn.execute(insert(messages).values(
+                user_id=user_id, account_id=account_id, folder_id=folder_id, folder=folder,
+                uid=n, uidvalidity=1, sha256=sha, size=len(raw), flags="\\Seen",
+                message_id=f"<{folder}.{n}@source.test>",
+                internal_date=now + datetime.timedelta(hours=n), created_at=now,
+                updated_at=now))
+
+
+class ResumeMixin(DatabaseMixin):
+    timeout = 60
+
+    async def copier(self) -> tuple[Copier, Any, Any]:
+        """A copier to a new Destination, a run's stand-in and the migrate job."""
+        db: Database = await self.open_database()
+        reactor = get_reactor()
+        owner = await db.run("owner", thd_make_user, "owner")
+        account = await Accounts(db, reactor, SecretBox(Fernet.generate_key())).create(
+            owner, host="127.0.0.1", port=143, username="u", password="pw",
+            allow_cleartext=True)
+        await db.run("backup", thd_backed_up, owner, account.id)
+        now = datetime.datetime.now(UTC)
+        job_id = await db.run("job", thd_create_job, {
+            "kind": "migrate", "user_id": owner, "account_id": account.id,
+            "status": "running", "created_at": now, "updated_at": now,
+            "host": "127.0.0.1", "port": 143, "username": "d"})
+        engine = SimpleNamespace(settings=FetchSettings(), reactor=reactor,
+                                 store=SimpleNamespace(cpu=None))
+        copier = Copier(db, cast(Any, None), cast(Any, engine), cast(Any, None))
+        copier.dest = Destination()
+        runner = SimpleNamespace(now=lambda: datetime.datetime.now(UTC), reactor=reactor,
+                                 check_txn=lambda conn, job_id, seconds: None)
+        job = SimpleNamespace(id=job_id, kind="migrate", account_id=account.id)
+        return copier, runner, job
+
+    async def one_run(self, copier: Copier, runner: Any, job: Any) -> None:
+        """One run of the job's copy (as `MailboxCopier.migrate` after its sync)."""
+        plans = await copier.db.read("plans", thd_backup_folders, job.account_id)
+        spec = ServerSpec(host="127.0.0.1", port=143, use_ssl=False, start_tls=False,
+                          allow_cleartext=True, username="d", password="pw")
+        await copier.copy(cast(Any, runner), cast(Any, job), spec, None, plans)
+
+    async def items(self, copier: Copier, job: Any) -> dict[str, list[tuple[Any, ...]]]:
+        """Folder -> the job's (state, dest UIDVALIDITY, dest UID) of its messages."""
+        def txn(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
+            out: dict[str, list[tuple[Any, ...]]] = {}
+            for r in conn.execute(
+                select(messages.c.folder, mailbox_job_items.c.state,
+                       mailbox_job_items.c.dest_uidvalidity, mailbox_job_items.c.dest_uid)
+                .select_from(mailbox_job_items.join(
+                    messages, messages.c.id == mailbox_job_items.c.message_row_id))
+                .where(mailbox_job_items.c.job_id == job.id)
+                .order_by(messages.c.folder, messages.c.uid)
+            ):
+                out.setdefault(r.folder, []).append((r.state, r.dest_uidvalidity, r.dest_uid))
+            return out
+
+        return await copier.db.read("items", txn)
+
+    async def counts(self, copier: Copier, job: Any) -> tuple[int, int]:
+        def txn(conn: Connection) -> tuple[int, int]:
+            row = conn.execute(select(mailbox_jobs.c.downloaded, mailbox_jobs.c.appended)
+                               .where(mailbox_jobs.c.id == job.id)).one()
+            return int(row.downloaded), int(row.appended)
+
+        return await copier.db.read("counts", txn)
+
+    def assert_copied(self, dest: Destination) -> None:
+        for folder, count in FOLDERS.items():
+            self.assertEqual(dest.bodies(folder),
+                             sorted(body(folder, n) for n in range(1, count + 1)), folder)
+
+    async def stopped_after_archive(self) -> tuple[Copier, Any, Any]:
+        """A job whose first run copied INBOX and Archive, then stopped at Later (the
+        destination refusing it for now)."""
+        copier, runner, job = await self.copier()
+        copier.dest.refuse["Later"] = b"NO [SERVERBUG] try later"
+        with self.assertRaises(TransientJobError):
+            await self.one_run(copier, runner, job)
+        del copier.dest.refuse["Later"]
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+        return copier, runner, job
+
+    async def test_a_folder_made_again_before_the_resume_gets_its_messages_back(
+        self,
+    ) -> None:
+        """Archive deleted and made again at the destination between the runs (another
+        UIDVALIDITY, empty): the resume took what the first run recorded as copied there
+        and skipped its messages, lost to the migrate for good."""
+        copier, runner, job = await self.stopped_after_archive()
+        old = copier.dest.boxes["Archive"].uidvalidity
+        copier.dest.make("Archive")
+        copier.dest.boxes["Archive"].messages[1] = Msg(b"\\Seen", b"01-Mar-2024 13:00:00 "
+                                                       b"+0000", body("Archive", 1))
+        copier.dest.boxes["Archive"].next_uid = 2
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)  # the one there found, not sent again
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        self.assertNotEqual(validity, old)
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_folder_deleted_before_the_resume_is_made_again_and_filled(
+        self,
+    ) -> None:
+        copier, runner, job = await self.stopped_after_archive()
+        del copier.dest.boxes["Archive"]
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_folder_unchanged_is_not_looked_at_again(self) -> None:
+        copier, runner, job = await self.stopped_after_archive()
+        copier.dest.commands.clear()
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        # One EXAMINE of each folder copied before (its UIDVALIDITY), nothing searched
+        # there; Later's two messages in flight at the stop are looked for, as before.
+        examined = [a for n, a in copier.dest.commands if n == b"EXAMINE"]
+        self.assertEqual(sorted(examined), [b'"Archive"', b'"INBOX"', b'"Later"', b'"Later"'])
+        searched = [a for n, a in copier.dest.commands if n == b"UID SEARCH"]
+        self.assertEqual(searched, [b'HEADER Message-ID "<Later.1@source.test>"',
+                                    b'HEADER Message-ID "<Later.2@source.test>"'])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_an_appenduid_of_another_uidvalidity_records_no_uid(self) -> None:
+        """An APPENDUID naming a UIDVALIDITY other than the folder's was recorded as where
+        the message is, and its UID used to rule out what a resume looks for."""
+        copier, runner, job = await self.copier()
+        copier.dest.appenduid_validity = 424242
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        items = await self.items(copier, job)
+        for folder in FOLDERS:
+            validity = copier.dest.boxes[folder].uidvalidity
+            self.assertEqual(items[folder], [("done", validity, None)] * FOLDERS[folder])
+
+
+class SQLiteResumeTests(ResumeMixin, TestCase):
+    pass
+
+
+class PostgresResumeTests(ResumeMixin, TestCase):
+    backend = "postgresql"
+
