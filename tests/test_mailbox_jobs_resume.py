@@ -303,6 +303,23 @@ class ResumeMixin(DatabaseMixin):
                          [("done", validity, uid) for uid in (1, 2, 3, 4)])
         self.assertEqual(await self.counts(copier, job), (9, 9))
 
+    async def test_a_job_with_everything_copied_still_checks_its_folders(self) -> None:
+        """A job run again once every message was recorded (a migrate whose backup sync
+        failed is retried from it) returned before opening the destination: a folder
+        made again meanwhile stayed empty."""
+        copier, runner, job = await self.copier()
+        await self.one_run(copier, runner, job)
+        copier.dest.make("Later")
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+        copier.dest.commands.clear()
+        await self.one_run(copier, runner, job)
+        # Run again, unchanged: one EXAMINE a folder, nothing sent.
+        self.assertEqual(sorted(a for n, a in copier.dest.commands if n == b"EXAMINE"),
+                         [b'"Archive"', b'"INBOX"', b'"Later"'])
+        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
+
     async def test_a_folder_unchanged_is_not_looked_at_again(self) -> None:
         copier, runner, job = await self.stopped_after_archive()
         copier.dest.commands.clear()

@@ -363,7 +363,9 @@ class MailboxCopier:
         handled, appended = await self.db.read("mailbox_job_progress", thd_progress, job.id)
         await self._set_counts(job.id, messages=total, restore_size=size,
                                downloaded=handled, appended=appended)
+        # Nothing to copy, and nothing recorded whose folder could have changed since.
         if all(s.id in states and states[s.id].state != "inflight"
+               and states[s.id].dest_uidvalidity is None
                for p in plans for s in p.candidates):
             return
         own_reader = reader is None
