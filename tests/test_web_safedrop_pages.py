@@ -1612,6 +1612,34 @@ class SmsGatewayTests(TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_the_daemons_client_closes_a_connection_whose_answer_never_ends(self) -> None:
+        """A gateway that sends its status and headers, then not the whole body: at
+        SMS_TIMEOUT, SmsError and the connection closed, as when it sends nothing (treq's
+        reading of a body cannot be cancelled: the connection stayed open, for as long as
+        the gateway kept it)."""
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsError, SmsGateway
+
+        reactor = MemoryReactorClock()
+        gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
+        sending = defer.Deferred.fromCoroutine(gateway.send("1555", "code"))
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nque")
+        reactor.advance(SMS_TIMEOUT - 1)
+        self.assertNoResult(sending)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(1)
+        failure = self.failureResultOf(sending, SmsError)
+        self.assertEqual(str(failure.value),
+                         f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
     async def test_the_daemons_gateway_client_posts_over_a_real_socket(self) -> None:
         from twisted.web.resource import Resource
         from twisted.web.server import Site

@@ -18,6 +18,10 @@ from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -59,6 +63,31 @@ class _Form:
 
     def stopProducing(self) -> None:
         """Written at once: nothing to stop."""
+
+
+class _Answer(Protocol):
+    """Reads a gateway's answer body to its end, keeping none of it: `done` fires then.
+    Cancelling `done` (the deadline) closes the connection, which cancelling treq's
+    `content()` does not (it has no canceller: a gateway that sent its headers and not the
+    whole body kept the connection open for as long as it liked)."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[None] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """The body says nothing we use: only its end counts."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:  # cancelled at the deadline
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
 
 
 class SmsGateway:
@@ -106,6 +135,9 @@ class SmsGateway:
         response = await self.http.request(
             "POST", self.url, data=body,
             headers={"Content-Type": "application/x-www-form-urlencoded"},
+            unbuffered=True,  # the body is read (and dropped) by _Answer, not kept
         )
-        await response.content()
+        answer = _Answer()
+        response.deliverBody(answer)
+        await answer.done
         return int(response.code)
