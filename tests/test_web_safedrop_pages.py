@@ -1585,6 +1585,53 @@ class SmsGatewayTests(TestCase):
         self.assertEqual(len([m for m in f.mails_to("bob@example.net")
                               if m["Subject"] == "Your safedrop code"]), 1)
 
+    async def test_a_client_that_leaves_while_the_gateway_works_gets_no_code_by_mail(
+            self) -> None:
+        """The code's request, its client gone while the gateway has the text message: the
+        message is cancelled with the request, and that is no failure of the gateway's,
+        so the code does not go by mail. It went: the cancel reached SmsGateway.send as a
+        CancelledError, which it made an SmsError, and send_code mailed the code, so that
+        anyone holding the link could have a recipient's code that should go by text
+        message sent to the mailbox instead, by closing the connection at once."""
+        from twisted.web.client import ResponseNeverReceived
+
+        from mailcore.safedrop.sms import SmsGateway
+
+        asked: defer.Deferred[None] = defer.Deferred()
+        cancelled: list[object] = []
+
+        class HungGateway:
+            def request(self, *_: Any, **__: Any) -> defer.Deferred[Any]:
+                asked.callback(None)
+                return defer.Deferred(cancelled.append)
+
+        f = PageFixture()
+        await f.start(self)
+        drops = f.web.core.safedrop
+        drops.sms = SmsGateway("http://sms.example/send", HungGateway(), f.web.clock)
+        send_code = drops.send_code
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        async def watched(found: Any) -> bool:
+            try:
+                return await send_code(found)
+            finally:
+                ended.callback(None)
+
+        drops.send_code = watched  # type: ignore[method-assign]
+        _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
+        browser = Browser(f)
+        await browser.get(bob)
+        posting = defer.Deferred.fromCoroutine(browser.post(bob, action="send_code"))
+        posting.addErrback(lambda failure: failure.trap(ResponseNeverReceived))
+        await asked
+        posting.cancel()  # the client closes its connection
+        browser.http.flush()
+        await ended
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual([m for m in f.mails_to("bob@example.net")
+                          if m["Subject"] == "Your safedrop code"], [])
+
     def test_the_daemons_client_closes_a_connection_that_never_answers(self) -> None:
         """The daemon's client (SmsGateway.over) on a connection the gateway accepted and
         never answered: at SMS_TIMEOUT, SmsError and the connection closed, no timer
@@ -1611,6 +1658,32 @@ class SmsGatewayTests(TestCase):
                          f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_the_daemons_client_cancelled_by_its_caller_raises_cancelled(self) -> None:
+        """The daemon's client cancelled by its caller (the code's request, its client
+        gone), connecting or waiting for the answer: CancelledError, not the SmsError that
+        sends the code by mail (Agent fails the request with ConnectingCancelledError or
+        ResponseNeverReceived, as at the deadline), the connection closed, no timer
+        left."""
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from mailcore.safedrop.sms import SmsGateway
+
+        for connected in (False, True):
+            reactor = MemoryReactorClock()
+            gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
+            sending = defer.Deferred.fromCoroutine(gateway.send("1555", "code"))
+            [(_, _, factory, _, _)] = reactor.tcpClients
+            transport = StringTransport()
+            if connected:
+                protocol = factory.buildProtocol(None)
+                assert protocol is not None
+                protocol.makeConnection(transport)
+            reactor.advance(1)
+            sending.cancel()
+            self.failureResultOf(sending, defer.CancelledError)
+            self.assertEqual(transport.disconnecting, connected)
+            self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_the_daemons_client_closes_a_connection_whose_answer_never_ends(self) -> None:
         """A gateway that sends its status and headers, then not the whole body: at

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 from urllib.parse import urlencode
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -114,18 +114,32 @@ class SmsGateway:
     async def send(self, to: str, text: str) -> None:
         """Send `text` to the number `to`; SmsError when the gateway could not be reached,
         did not answer in time (the request cancelled: its connection closes) or answered
-        anything but 2xx."""
+        anything but 2xx. Cancelled by the caller (its client left), the request is
+        cancelled too and CancelledError raised: that is no failure of the gateway's, for
+        which a caller would send the code another way."""
         body = urlencode({"to": to, "text": text}).encode("utf-8")
         posting = Deferred.fromCoroutine(self._post(body))
         # Cancelled at the deadline, whatever the client makes of that (Agent: a
         # ResponseNeverReceived).
         posting.addTimeout(SMS_TIMEOUT, self.clock, onTimeoutCancel=_no_answer)
+        # The caller's cancel, told apart: the client makes of it what it makes of the
+        # deadline's (Agent: ResponseNeverReceived, or ConnectingCancelledError).
+        gave_up: list[bool] = []
+
+        def give_up(_: Deferred[int]) -> None:
+            gave_up.append(True)
+            posting.cancel()
+
+        waiting: Deferred[int] = Deferred(give_up)
+        posting.chainDeferred(waiting)
         try:
-            code = await posting
+            code = await waiting
         except _NoAnswer:
             raise SmsError(f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s") \
                 from None
         except Exception as e:
+            if gave_up:
+                raise CancelledError() from None
             raise SmsError(f"the SMS gateway could not be reached: {e}") from None
         if not 200 <= code < 300:
             raise SmsError(f"the SMS gateway answered {code}")
