@@ -556,16 +556,19 @@ class DaemonStartupMistakesTests(DaemonTestCase):
 
     async def test_a_database_server_that_never_answers(self) -> None:
         """A server that takes the TCP connection and says nothing (hung, stopped): the
-        start hung for ever with nothing said. Now libpq's connect_timeout ends it."""
+        start hung for ever with nothing said. Now libpq's connect_timeout ends it.
+
+        The URL names a short connect_timeout so the test does not wait out the daemon's
+        10 s default (twice: 20 s); that the default is given to every connection the URL
+        names none for is tests.test_store_engine's."""
         mute = socket.socket()
         self.addCleanup(mute.close)
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)  # never accepted: the kernel completes the handshake, no one answers
         port = mute.getsockname()[1]
-        line = await self.refused("--db", f"postgresql+psycopg://mc@127.0.0.1:{port}/mc")
-        self.assertTrue(line.startswith(
-            f"mailcore: cannot open the database postgresql+psycopg://mc@127.0.0.1:{port}/mc: "
-        ), line)
+        url = f"postgresql+psycopg://mc@127.0.0.1:{port}/mc?connect_timeout=2"
+        line = await self.refused("--db", url)
+        self.assertTrue(line.startswith(f"mailcore: cannot open the database {url}: "), line)
         self.assertIn("timeout", line)
 
     async def test_port_in_use(self) -> None:
