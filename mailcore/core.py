@@ -340,7 +340,8 @@ class Core:
         if isinstance(self.clock, DatabaseTime):  # the daemon's (mailcore.service)
             services.insert(0, ClockFollower(self.clock, self.db))
             if not self.db.is_sqlite:  # several nodes may share the store
-                services.insert(1, StuckSessionReaper(self.db, self.clock))
+                services.insert(1, StuckSessionReaper(
+                    self.db, self.clock, silent=self.db.idle_in_transaction_timeout))
         # One node of those sharing the store runs each of the leased per period: each
         # node's run would delete the same rows (and wait on the other's row locks), or
         # sweep the same shared files. (The token sweep's rollovers are also made lazily,

@@ -210,7 +210,8 @@ def build_core(config: Config, reactor: IReactorCore, *, check_secrets: bool = F
     store = StoreSettings.from_config(config.section("store"))
     node = QueueSettings.from_config(config).node_id if named else ""
     db = Database(config.database_url, reactor,  # type: ignore[arg-type]
-                  max_threads=store.threads, read_threads=store.read_threads, node=node)
+                  max_threads=store.threads, read_threads=store.read_threads, node=node,
+                  idle_in_transaction_timeout=store.idle_in_transaction_timeout)
     db.migrate_blocking()
     if writable:
         check_writable(db.engine, db.engine.url.render_as_string(hide_password=True))

@@ -17,6 +17,7 @@ from mailcore.config import Config, ConfigError, config_from_toml
 from mailcore.service import OrderedMultiService, build_core
 from mailcore.startup import check_tables
 from mailcore.store.settings import StoreSettings
+from mailcore.store.stuck import StuckSessionReaper
 from tests.support.logs import logged_at
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
@@ -40,6 +41,15 @@ class StoreSettingsTests(SynchronousTestCase):
             self.assertEqual(self.error({key: value}),
                              f"[store] {key} must be a whole number from 1 to 64", (key, value))
         self.assertEqual(self.error({"pool": 3}), "[store] unknown key: pool")
+
+    def test_idle_in_transaction_timeout_is_a_number_of_seconds_from_1(self) -> None:
+        self.assertEqual(StoreSettings.from_config({}).idle_in_transaction_timeout, 30.0)
+        self.assertEqual(StoreSettings.from_config(
+            {"idle_in_transaction_timeout": 3}).idle_in_transaction_timeout, 3.0)
+        for value in (0, 0.5, -1, "30", True, float("nan"), float("inf")):
+            self.assertEqual(self.error({"idle_in_transaction_timeout": value}),
+                             "[store] idle_in_transaction_timeout must be a number of "
+                             "seconds, at least 1", value)
 
     def test_stop_timeout_is_a_positive_number_of_seconds(self) -> None:
         self.assertEqual(StoreSettings.from_config({}).stop_timeout, 60.0)
@@ -106,7 +116,7 @@ class BoundedStopTests(SynchronousTestCase):
 
 
 class BuiltStoreTests(TestCase):
-    async def build(self, store: dict[str, int], db_url: str | None = None) -> Any:
+    async def build(self, store: dict[str, float], db_url: str | None = None) -> Any:
         data_dir = Path(tempdir_for(self, "mailcore-store-")) / "var"
         # build_core adds 077 to the process umask, as the daemon does at start-up: the
         # tests after this one in the same process get the umask they had back (left at
@@ -117,6 +127,7 @@ class BuiltStoreTests(TestCase):
         self.addCleanup(core.cpu.stop)
         await core.db.open()
         self.addCleanup(core.db.close)
+        self.core = core
         return core.db
 
     async def test_the_daemons_store_has_the_threads_set(self) -> None:
@@ -131,6 +142,32 @@ class BuiltStoreTests(TestCase):
         db = await self.build({"threads": 6}, await create_test_database(self))
         assert db._pool is not None and db._read_pool is not None
         self.assertEqual((db._pool.max, db._read_pool.max, db.engine.pool.size()), (6, 2, 9))
+
+    async def test_postgresql_ends_a_transaction_idle_past_the_timeout_set(self) -> None:
+        """[store] idle_in_transaction_timeout is every session's
+        idle_in_transaction_session_timeout and the stuck session reaper's bound (before,
+        30 s whatever the operator's need: the two-node SIGSTOP test waited it out)."""
+        db = await self.build({"idle_in_transaction_timeout": 2.5},
+                              await create_test_database(self))
+
+        def timeout(conn: Any) -> str:
+            return str(conn.exec_driver_sql(
+                "SELECT current_setting('idle_in_transaction_session_timeout')").scalar_one())
+
+        self.assertEqual(await db.read("timeout", timeout), "2500ms")
+        self.assertEqual(await db.run("timeout", timeout), "2500ms")
+        reapers = [s for s in self.core.background_services()
+                   if isinstance(s, StuckSessionReaper)]
+        self.assertEqual([(r.silent, r.interval()) for r in reapers], [(2.5, 2.5)])
+
+    async def test_postgresql_idle_in_transaction_timeout_is_30_s_unless_told(self) -> None:
+        db = await self.build({}, await create_test_database(self))
+        self.assertEqual(await db.read("timeout", lambda conn: conn.exec_driver_sql(
+            "SELECT current_setting('idle_in_transaction_session_timeout')").scalar_one()),
+            "30s")
+        reapers = [s for s in self.core.background_services()
+                   if isinstance(s, StuckSessionReaper)]
+        self.assertEqual([(r.silent, r.interval()) for r in reapers], [(30.0, 10.0)])
 
     async def test_sqlite_reads_on_one_thread_unless_told(self) -> None:
         db = await self.build({})

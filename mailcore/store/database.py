@@ -33,7 +33,13 @@ from twisted.python.threadpool import ThreadPool
 
 from mailcore.outages import StoreOutages, told
 from mailcore.store import errands
-from mailcore.store.engine import SQLITE_CHECKPOINT_PAGES, WRITE_INTENT, is_sqlite, make_engine
+from mailcore.store.engine import (
+    PG_IDLE_IN_TRANSACTION_MS,
+    SQLITE_CHECKPOINT_PAGES,
+    WRITE_INTENT,
+    is_sqlite,
+    make_engine,
+)
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -179,8 +185,12 @@ class Database:
         read_threads: int | None = None,
         synchronous: bool = False,
         node: str = "",
+        idle_in_transaction_timeout: float = PG_IDLE_IN_TRANSACTION_MS / 1000,
     ) -> None:
         self.url = url
+        # PostgreSQL: how long a transaction may wait on this node ([store]
+        # idle_in_transaction_timeout; also mailcore.store.stuck's bound).
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout
         self.is_sqlite = is_sqlite(url)
         self._reactor = reactor
         self._synchronous = synchronous
@@ -195,7 +205,8 @@ class Database:
         self.engine: Engine = make_engine(
             # A connection for each shared thread, one held by each thread of the read
             # lane, one spare.
-            url, pool_size=max_threads + read_threads + 1, node=node)
+            url, pool_size=max_threads + read_threads + 1, node=node,
+            idle_in_transaction_ms=round(idle_in_transaction_timeout * 1000))
         self._pool: ThreadPool | None = None
         self._read_pool: ThreadPool | None = None
         if not synchronous:

@@ -2,7 +2,8 @@
 
 PostgreSQL sessions run in UTC (`_configure_postgresql`), whatever the server's TimeZone,
 without JIT compilation and without parallel workers, named `APPLICATION_NAME` (and the
-node), and a transaction left idle for `PG_IDLE_IN_TRANSACTION_MS` ends its session (one
+node), and a transaction left idle for `PG_IDLE_IN_TRANSACTION_MS` (or the `[store]
+idle_in_transaction_timeout` given to `make_engine`) ends its session (one
 whose client stopped in the middle of a statement is ended by mailcore.store.stuck). A new
 connection gives up after `PG_CONNECT_TIMEOUT`, and one over TCP whose server falls silent
 after about a minute (`PG_TCP_SETTINGS`); a URL's own parameters win.
@@ -155,9 +156,11 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, node: str = "",
+                idle_in_transaction_ms: int = PG_IDLE_IN_TRANSACTION_MS) -> Engine:
     """An engine for `url`; SQLite gets WAL, FULL sync and explicit transactions, PostgreSQL
-    sessions in UTC, named `APPLICATION_NAME` and `node`."""
+    sessions in UTC, named `APPLICATION_NAME` and `node`, ended when idle in a transaction
+    for `idle_in_transaction_ms`."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         name = f"{APPLICATION_NAME} {node}" if node else APPLICATION_NAME
@@ -174,7 +177,7 @@ def make_engine(url: str, *, pool_size: int = 5, node: str = "") -> Engine:
             url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, future=True,
             connect_args=connect_args,
         )
-        _configure_postgresql(engine)
+        _configure_postgresql(engine, idle_in_transaction_ms)
         return engine
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
@@ -200,7 +203,7 @@ def _unix_socket_only(parsed: URL) -> bool:
     return all(h.startswith(("/", "@")) for h in hosts.split(",") if h)
 
 
-def _configure_postgresql(engine: Engine) -> None:
+def _configure_postgresql(engine: Engine, idle_in_transaction_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # The session in UTC, whatever the server's TimeZone (or the URL's options) says:
@@ -224,7 +227,7 @@ def _configure_postgresql(engine: Engine) -> None:
         cursor.execute("SET TIME ZONE 'UTC'")
         cursor.execute("SET jit = off")
         cursor.execute("SET max_parallel_workers_per_gather = 0")
-        cursor.execute(f"SET idle_in_transaction_session_timeout = {PG_IDLE_IN_TRANSACTION_MS}")
+        cursor.execute(f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction_ms)}")
         cursor.close()
         dbapi_connection.commit()
 

@@ -6,6 +6,8 @@ threads = 4         # writes and long reads (backups, searches, sweeps)
 read_threads = 2    # the lane of short reads (list pages, lookups); default 1 on SQLite
 stop_timeout = 60   # seconds the daemon's stop (SIGTERM) waits for its services, which
                     # wait on the store; then it exits without closing it (see below)
+idle_in_transaction_timeout = 30  # PostgreSQL: seconds a transaction may wait on its node
+                                  # before its session is ended (see below)
 ```
 
 Every thread holds a database connection while it works, and each thread of the read lane
@@ -25,6 +27,14 @@ Past it the daemon logs what it gave up and exits with its pool threads still wa
 nothing acknowledged is lost (a 250 or a 201 came after its commit; the results journal
 replays delivery results at the next start, and leases run out), and a message whose
 commit was under way is answered nothing, so its client sends it again.
+
+`idle_in_transaction_timeout` bounds how long a node stopped in the middle of a transaction
+(a frozen VM, SIGSTOP) holds the row locks the other nodes sharing a PostgreSQL wait for:
+PostgreSQL's `idle_in_transaction_session_timeout` on every connection, and the silence
+after which mailcore.store.stuck ends a session stopped in the middle of a statement. Our
+transactions run from first statement to commit with milliseconds between statements; a
+shorter bound stops the other nodes' mail acceptance for less time, a longer one suits a
+host whose threads may be held off the CPU for longer.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ class StoreSettings:
     threads: int = 4
     read_threads: int | None = None  # None: 1 on SQLite, 2 on PostgreSQL
     stop_timeout: float = 60.0
+    idle_in_transaction_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> StoreSettings:
@@ -59,4 +70,10 @@ class StoreSettings:
             if not is_positive_number(section["stop_timeout"]):
                 raise ConfigError("[store] stop_timeout must be a positive number")
             values["stop_timeout"] = float(section["stop_timeout"])
+        if "idle_in_transaction_timeout" in section:
+            v = section["idle_in_transaction_timeout"]
+            if not is_positive_number(v) or v < 1:
+                raise ConfigError("[store] idle_in_transaction_timeout must be a number of "
+                                  "seconds, at least 1")
+            values["idle_in_transaction_timeout"] = float(v)
         return cls(**values)

@@ -13,13 +13,14 @@ that timeout nor `statement_timeout` ends it. One such stop held every node's ma
 acceptance for as long as the node stayed stopped (the two-node test that stops a node
 with SIGSTOP timed out so, once in many runs).
 
-So every node looks, every `CHECK_INTERVAL` seconds, for sessions of Mailcore
-(`application_name` starting with `APPLICATION_NAME`) inside a transaction, waiting on their
-client (pg_stat_activity's wait event type `Client`) for at least `SILENT_SECONDS`, that
-block another session, and ends them (pg_terminate_backend: their transactions roll back,
-and nothing in them had been acknowledged). Our transactions run on pool threads from first
-statement to commit, milliseconds apart: a live node's session never waits on it that
-long. Sessions of other programs (an operator's psql) are never ended. On every node, not
+So every node looks, every `CHECK_INTERVAL` seconds (every `silent`, when shorter), for
+sessions of Mailcore (`application_name` starting with `APPLICATION_NAME`) inside a
+transaction, waiting on their client (pg_stat_activity's wait event type `Client`) for at
+least `silent` seconds (`[store] idle_in_transaction_timeout`, `SILENT_SECONDS` unless set),
+that block another session, and ends them (pg_terminate_backend: their transactions roll
+back, and nothing in them had been acknowledged). Our transactions run on pool threads
+from first statement to commit, milliseconds apart: a live node's session never waits on
+it that long. Sessions of other programs (an operator's psql) are never ended. On every node, not
 leased: the node holding the lease could be the stopped one.
 """
 
@@ -104,7 +105,8 @@ class StuckSessionReaper(PeriodicService):
         self.silent = silent
 
     def interval(self) -> float:
-        return CHECK_INTERVAL
+        # A bound shorter than the interval would be waited out a whole interval late.
+        return min(CHECK_INTERVAL, self.silent)
 
     def tick(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._check())
