@@ -89,7 +89,10 @@ class MailApiGatewayTests(TestCase):
         sink_port = listener.getHost().port
         # One connection to the hop, so that the order of arrival is the queue's order.
         # 200 posts at once in a test, past the per-user rate a person never reaches.
-        self.daemon = Daemon(tempdir_for(self), queue={"hop_concurrency": 1},
+        # Mail accepted before the queue has started is left to its sweeper, within
+        # poll_interval: 0.5 s, not the 5 s default.
+        self.daemon = Daemon(tempdir_for(self), queue={"hop_concurrency": 1,
+                                                       "poll_interval": 0.5},
                              web={"mailapi_user_rate": "1000/second"})
         self.tokens = prepare(self.daemon, sink_port)
         await self.daemon.start()
