@@ -123,6 +123,37 @@ def http_refusal(verdict: SendVerdict) -> tuple[int, str, dict[str, str]]:
     return 429, describe(verdict), {"Retry-After": str(verdict.retry_after)}
 
 
+class Spells:
+    """The users in a spell of refusals on this node (each node keeps its own): a user's
+    refusal starts one, to be logged, unless its last came less than SPELL_QUIET seconds
+    before. At most SPELLS_KEPT users are remembered past their spell's end."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        # User id -> when this node last refused it (the spell it logged goes on).
+        self._last: dict[int, float] = {}
+
+    def starts(self, user_id: int) -> bool:
+        """Record a refusal of `user_id` now: whether it starts a spell (log it)."""
+        now = self.clock.seconds()
+        last = self._last.get(user_id)
+        self._last[user_id] = now
+        if last is not None and now - last < SPELL_QUIET:
+            return False
+        if len(self._last) > SPELLS_KEPT:
+            self._last = {u: t for u, t in self._last.items() if now - t < SPELL_QUIET}
+        return True
+
+
+async def user_named(db: Database, user_id: int) -> str:
+    """A user as a warning names it: "name <email>", or "gone" (deleted, or unread)."""
+    try:
+        user = await db.read("get_user", thd_get_user, user_id)
+    except Exception:
+        user = None
+    return "gone" if user is None else f"{user.username} <{user.email}>"
+
+
 class SendCaps:
     """The caps of `[limits]` over the store, for the services that send a user's mail."""
 
@@ -137,8 +168,7 @@ class SendCaps:
             "Sends of a user's API mail (Mail API outbox, safedrop bundles) refused by a "
             "[limits] cap on recipients, by API and window", ["api", "window"],
             registry=registry)
-        # User id -> when this node last refused it (the spell it logged goes on).
-        self._refused: dict[int, float] = {}
+        self.spells = Spells(clock)
 
     def thd_hold(self, conn: Connection, user_id: int) -> None:
         """Blocking, first in a transaction that may send for `user_id`: take the user's
@@ -161,23 +191,12 @@ class SendCaps:
         spell is logged as a warning."""
         window = verdict.window
         self.refusals.labels(api=api, window=window.name if window else "").inc()
-        now = self.clock.seconds()
-        last = self._refused.get(user_id)
-        self._refused[user_id] = now
-        if last is not None and now - last < SPELL_QUIET:
+        if not self.spells.starts(user_id):
             return
-        if len(self._refused) > SPELLS_KEPT:
-            self._refused = {u: t for u, t in self._refused.items()
-                             if now - t < SPELL_QUIET}
-        try:
-            user = await self.db.read("get_user", thd_get_user, user_id)
-        except Exception:
-            user = None
-        name = None if user is None else f"{user.username} <{user.email}>"
         log.warn("user {user_id} ({name}) reached its cap on mail the APIs send: {why} "
                  "({api}); its next refusals are not logged until {quiet:g} s pass without "
-                 "one", user_id=user_id, name=name or "gone", why=describe(verdict), api=api,
-                 quiet=SPELL_QUIET)
+                 "one", user_id=user_id, name=await user_named(self.db, user_id),
+                 why=describe(verdict), api=api, quiet=SPELL_QUIET)
 
     async def sweep(self) -> int:
         """Delete the sends no window counts any more (every one, with no cap on),
