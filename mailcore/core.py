@@ -217,7 +217,7 @@ class Core:
             hostname=self.config.hostname,
             sms=SmsGateway.over(drop_settings.sms_gateway, self.clock)
             if drop_settings.sms_gateway else None,
-            caps=self.send_caps,
+            caps=self.send_caps, registry=self.metrics,
         )
         # Hosted mailboxes: the queue stores their mail here instead of relaying it.
         self.hosted = hosted = HostedAddresses(self.db, self.clock)

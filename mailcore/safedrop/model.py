@@ -180,6 +180,7 @@ class SafedropSettings:
     max_bundles_per_user = 10000  # bundles one user has not yet sent; 400 beyond; 0: no limit
     max_concurrent_uploads = 4    # uploads one user has under way at once (per node); 429 beyond
     max_download_attempts = 3     # downloads of a read_remove file a recipient may start
+    max_sms_per_user_per_day = 200  # code texts for one user's drops a day; 0: no cap
     ```
     """
 
@@ -196,6 +197,7 @@ class SafedropSettings:
     max_bundles_per_user: int = 10_000
     max_concurrent_uploads: int = 4
     max_download_attempts: int = 3
+    max_sms_per_user_per_day: int = 200
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
@@ -221,12 +223,13 @@ class SafedropSettings:
                     raise ConfigError(f"[safedrop] {key} must be a whole number from 1 to "
                                       "100000")
                 values[key] = v
-        if "max_bundles_per_user" in section:
-            v = section["max_bundles_per_user"]
-            if not is_positive_number(v, zero_ok=True, integer=True) or v > 100_000:
-                raise ConfigError("[safedrop] max_bundles_per_user must be a whole number "
-                                  "from 0 (no limit) to 100000")
-            values["max_bundles_per_user"] = v
+        for key in ("max_bundles_per_user", "max_sms_per_user_per_day"):
+            if key in section:
+                v = section[key]
+                if not is_positive_number(v, zero_ok=True, integer=True) or v > 100_000:
+                    raise ConfigError(f"[safedrop] {key} must be a whole number from 0 "
+                                      "(no limit) to 100000")
+                values[key] = v
         for key in ("link_hostname", "notify_from", "sms_gateway"):
             if key in section:
                 v = section[key]

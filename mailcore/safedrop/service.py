@@ -27,6 +27,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Connection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -46,6 +47,7 @@ from mailcore.mailapi.addresses import mailbox_key
 from mailcore.periodic import Sweeper
 from mailcore.queue.model import thd_vouched_domain_for
 from mailcore.queue.spool import Spool, Withdrawn
+from mailcore.ratelimits import SharedBuckets
 from mailcore.safedrop import access as side
 from mailcore.safedrop import store
 from mailcore.safedrop.access import Access, Grants
@@ -60,7 +62,7 @@ from mailcore.safedrop.model import (
     bundle_full,
 )
 from mailcore.safedrop.sms import SmsError, SmsGateway
-from mailcore.sendcaps import SendCapped, SendCaps
+from mailcore.sendcaps import SPELL_QUIET, SendCapped, SendCaps, Spells, user_named
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.smtp.queueid import new_queue_id
 from mailcore.store import Database
@@ -87,6 +89,10 @@ LINK_PATH = "/drop/"
 # Bundles read at once by `SafedropService.bundles` (each message up to 100,000 characters:
 # a batch is a few megabytes at most).
 BUNDLES_BATCH = 32
+# The shared buckets (mailcore.ratelimits) of the texts sent for each owner's drops, and
+# the period of `[safedrop] max_sms_per_user_per_day`.
+SMS_LIMIT = "safedrop-sms"
+SMS_PERIOD = 86400.0
 
 
 # The stored digest of a link token (any text has one: a token that is not ours matches no
@@ -144,6 +150,7 @@ class SafedropService:
         io: CpuPool | None = None,
         sms: SmsGateway | None = None,
         caps: SendCaps | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -159,6 +166,14 @@ class SafedropService:
         self.sms = sms
         # The caps on the recipients of a user's mail ([limits]; None: no cap).
         self.caps = caps
+        # The texts sent for each owner's drops, counted in the store (every node sharing
+        # it takes from one bucket): `[safedrop] max_sms_per_user_per_day`.
+        self.sms_sent = SharedBuckets(db, clock)
+        self.sms_capped = Counter(
+            "mailcore_safedrop_sms_capped",
+            "One-time codes mailed, not texted, as their drop's owner had reached "
+            "[safedrop] max_sms_per_user_per_day", registry=registry)
+        self._sms_spells = Spells(clock)
         self._key_path = data_dir / "safedrop.key"
         self._grants: Grants | None = None
 
@@ -490,8 +505,9 @@ class SafedropService:
 
     async def send_code(self, found: Access) -> bool:
         """Send the recipient a fresh one-time code (valid CODE_SECONDS): by text message
-        when it has a number and a gateway is configured, else (or if the gateway fails)
-        by mail. False (nothing sent) while too many wrong codes lock the link."""
+        when it has a number and a gateway is configured, else (or if the gateway fails,
+        or the drop's owner reached its cap on texts: `_may_text`) by mail. False (nothing
+        sent) while too many wrong codes lock the link."""
         code = f"{secrets.randbelow(10**6):06d}"
         now = self.now()
         expires = now + datetime.timedelta(seconds=side.CODE_SECONDS)
@@ -499,7 +515,8 @@ class SafedropService:
                                  self.grants.code_digest(found.recipient.id, code), expires,
                                  now):
             return False
-        if self.sms is not None and found.recipient.telephone:
+        if self.sms is not None and found.recipient.telephone \
+                and await self._may_text(found):
             try:
                 await self.sms.send(found.recipient.telephone,
                                     f"Your safedrop code: {code} (works once, 10 minutes)")
@@ -512,6 +529,27 @@ class SafedropService:
                 f"It works once, until {rfc3339(expires)}.\n")
         await self._mail(found.recipient.email, "Your safedrop code", body)
         return True
+
+    async def _may_text(self, found: Access) -> bool:
+        """Whether a text for the drop fits its owner's `[safedrop] max_sms_per_user_per_day`
+        (N at once, then one more every day/N seconds), counting it if it does: every text
+        handed to the gateway counts, whatever it answers. Past it the code goes by mail,
+        the refusal is counted in /metrics, and the first of the owner's spell logged."""
+        cap = self.settings.max_sms_per_user_per_day
+        if cap == 0:
+            return True
+        owner_id = found.bundle.owner_id
+        allowed, _ = await self.sms_sent.take(SMS_LIMIT, owner_id, cap, SMS_PERIOD)
+        if allowed:
+            return True
+        self.sms_capped.inc()
+        if self._sms_spells.starts(owner_id):
+            log.warn("user {user_id} ({name}) reached its cap on safedrop text messages "
+                     "([safedrop] max_sms_per_user_per_day = {cap}): its drops' codes go by "
+                     "mail; its next are not logged until {quiet:g} s pass without one",
+                     user_id=owner_id, name=await user_named(self.db, owner_id), cap=cap,
+                     quiet=SPELL_QUIET)
+        return False
 
     async def check_code(self, found: Access, code: str) -> str:
         """side.CODE_OK, CODE_WRONG (anything but six digits too, which counts as no

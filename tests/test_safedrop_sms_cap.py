@@ -1,0 +1,158 @@
+"""`[safedrop] max_sms_per_user_per_day`: the one-time codes texted for one user's drops are
+capped, counted in the store (the nodes sharing it count one total); past the cap a code
+goes by mail, the refusal is counted in /metrics and the first of a spell logged."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from treq.testing import StubTreq
+from twisted.logger import LogLevel
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+
+from mailcore.safedrop.access import Access
+from mailcore.safedrop.service import SMS_PERIOD, SafedropService
+from mailcore.safedrop.sms import SmsGateway
+from mailcore.sendcaps import SPELL_QUIET
+from tests.support.db import synchronous_database
+from tests.support.logs import logged_at
+from tests.support.pg import create_test_database
+from tests.test_web_safedrop_pages import PageFixture
+
+CAPPED = "mailcore_safedrop_sms_capped_total"
+
+
+class Gateway(Resource):
+    """An SMS gateway answering `status` to every message; the numbers it was given."""
+
+    isLeaf = True
+
+    def __init__(self, status: int = 200) -> None:
+        super().__init__()
+        self.status = status
+        self.texted: list[str] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        self.texted.append(request.args[b"to"][0].decode())
+        request.setResponseCode(self.status)
+        return b"ok"
+
+
+class SmsCapTests(TestCase):
+    """On SQLite; SmsCapOnPostgresTests runs them on PostgreSQL."""
+
+    on_postgres = False
+
+    async def start(self, cap: int, status: int = 200) -> Access:
+        """Alice's drop sent to bob (who has a telephone) with require_token_auth, her
+        texts capped at `cap` a day, through a gateway answering `status`: bob's link."""
+        self.db_url = await create_test_database(self) if self.on_postgres else None
+        self.f = f = PageFixture()
+        await f.start(self, self.db_url)
+        self.drops = drops = f.web.core.safedrop
+        drops.settings = dataclasses.replace(drops.settings, max_sms_per_user_per_day=cap)
+        self.gateway = Gateway(status)
+        drops.sms = SmsGateway("http://sms.example/send", StubTreq(self.gateway), f.web.clock)
+        _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
+        return await drops.open_link(bob.removeprefix("/drop/"))
+
+    def node(self, registry: CollectorRegistry) -> SafedropService:
+        """Another node's drop service (its metrics in `registry`), on the same store (on
+        PostgreSQL, through a connection of its own), with the same settings and
+        gateway."""
+        core = self.f.web.core
+        db = core.db
+        if self.db_url is not None:
+            db = synchronous_database(self.db_url)
+            self.addCleanup(db.close)
+        drops = SafedropService(
+            db, core.clock, core.cpu, core.fetch.secrets, core.spool,
+            self.drops.settings, data_dir=core.config.data_dir,
+            files_dir=core.config.files_root, hostname=core.config.hostname,
+            sms=SmsGateway("http://sms.example/send", StubTreq(self.gateway), core.clock),
+            registry=registry)
+        drops.prepare()
+        return drops
+
+    def mailed(self) -> int:
+        """How many codes went to bob by mail."""
+        return len([m for m in self.f.mails_to("bob@example.net")
+                    if m["Subject"] == "Your safedrop code"])
+
+    def capped(self) -> float | None:
+        return self.f.web.core.metrics.get_sample_value(CAPPED)
+
+    async def test_past_the_cap_codes_go_by_mail_counted_and_logged_once(self) -> None:
+        warnings = logged_at(self, LogLevel.warn)
+        bob = await self.start(cap=2)
+        for _ in range(4):
+            self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(self.gateway.texted, ["442077394252"] * 2)
+        self.assertEqual(self.mailed(), 2)
+        self.assertEqual(self.capped(), 2)
+        alice = self.f.alice
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(f"user {alice.id} (alice <alice@example.test>) reached its cap on "
+                      "safedrop text messages ([safedrop] max_sms_per_user_per_day = 2): its "
+                      "drops' codes go by mail", warnings[0])
+        # The bucket gives one text back every day/2; the spell ended (SPELL_QUIET passed
+        # without a refusal), so the next refusal is logged again.
+        self.assertLess(SPELL_QUIET, SMS_PERIOD / 2)
+        self.f.web.clock.advance(SMS_PERIOD / 2)
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(len(self.gateway.texted), 3)
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual((len(self.gateway.texted), self.mailed(), self.capped()), (3, 3, 3))
+        self.assertEqual(len(warnings), 2, warnings)
+
+    async def test_the_nodes_sharing_the_store_count_one_total(self) -> None:
+        bob = await self.start(cap=2)
+        registry = CollectorRegistry()
+        other = self.node(registry)
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertTrue(await other.send_code(bob))
+        self.assertTrue(await other.send_code(bob))
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(len(self.gateway.texted), 2)
+        self.assertEqual(self.mailed(), 2)
+        # Each node counts and logs its own refusals.
+        self.assertEqual(self.capped(), 1)
+        self.assertEqual(registry.get_sample_value(CAPPED), 1)
+
+    async def test_every_text_handed_to_the_gateway_counts_whatever_it_answers(
+            self) -> None:
+        bob = await self.start(cap=2, status=503)
+        for _ in range(3):
+            self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(len(self.gateway.texted), 2)
+        self.assertEqual(self.mailed(), 3)
+        self.assertEqual(self.capped(), 1)
+
+    async def test_a_code_by_mail_takes_nothing_from_the_cap(self) -> None:
+        bob = await self.start(cap=1)
+        self.drops.sms = None
+        self.assertTrue(await self.drops.send_code(bob))
+        self.drops.sms = SmsGateway("http://sms.example/send", StubTreq(self.gateway),
+                                    self.f.web.clock)
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual((len(self.gateway.texted), self.mailed(), self.capped()), (1, 1, 0))
+
+    async def test_0_is_no_cap(self) -> None:
+        warnings = logged_at(self, LogLevel.warn)
+        bob = await self.start(cap=0)
+        for _ in range(5):
+            self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(len(self.gateway.texted), 5)
+        self.assertEqual(self.mailed(), 0)
+        self.assertEqual(self.capped(), 0)
+        self.assertEqual(warnings, [])
+
+
+class SmsCapOnPostgresTests(SmsCapTests):
+    """The same on PostgreSQL, the other node on a connection of its own."""
+
+    on_postgres = True
+    timeout = 120
