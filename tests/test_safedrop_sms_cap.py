@@ -20,7 +20,7 @@ from mailcore.sendcaps import SPELL_QUIET
 from tests.support.db import synchronous_database
 from tests.support.logs import logged_at
 from tests.support.pg import create_test_database
-from tests.test_web_safedrop_pages import PageFixture
+from tests.test_web_safedrop_pages import LINK, PageFixture
 
 CAPPED = "mailcore_safedrop_sms_capped_total"
 
@@ -121,6 +121,23 @@ class SmsCapTests(TestCase):
         # Each node counts and logs its own refusals.
         self.assertEqual(self.capped(), 1)
         self.assertEqual(registry.get_sample_value(CAPPED), 1)
+
+    async def test_each_owner_has_a_cap_of_its_own(self) -> None:
+        bob = await self.start(cap=1)
+        f = self.f
+        carol = await f.web.user("carol")
+        f.token = await f.login("carol@example.test", await f.web.credential(carol))
+        await f.sent_bundle("subject=Other&require_token_auth=1",
+                            recipients=("dan%40example.net&telephone=12025550123",))
+        [notification] = f.mails_to("dan@example.net")
+        dan = LINK.search(notification.get_content())
+        assert dan is not None
+        dans = await self.drops.open_link(dan.group(1).removeprefix("/drop/"))
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertTrue(await self.drops.send_code(bob))
+        self.assertTrue(await self.drops.send_code(dans))
+        self.assertEqual(self.gateway.texted, ["442077394252", "12025550123"])
+        self.assertEqual(self.mailed(), 1)
 
     async def test_every_text_handed_to_the_gateway_counts_whatever_it_answers(
             self) -> None:
