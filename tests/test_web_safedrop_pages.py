@@ -49,6 +49,11 @@ from web.ratelimit import RateLimiter
 PAGE_HEADERS = {**SECURITY_HEADERS, "Content-Type": "text/html; charset=utf-8"}
 PAGE_HEADERS = {name.lower(): value for name, value in PAGE_HEADERS.items()}
 LINK = re.compile(r"https://localhost(/drop/[A-Za-z0-9_-]{43})")
+# What the code step says of a code it sent by text message, and of one the gateway failed
+# to send, which went by mail.
+TEXTED = b"We sent a one-time code to your phone by text message"
+MAILED_INSTEAD = (b"We sent a one-time code to bob@example.net (the text message could not "
+                  b"be sent, so it came by email)")
 
 
 class Browser:
@@ -1523,15 +1528,29 @@ class SmsGatewayTests(TestCase):
         _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
         return f, posted, bob
 
+    async def assertPageSays(self, browser: Browser, headers: dict[str, list[str]],
+                             notice: bytes) -> None:
+        """The page the code request's 303 leads to says `notice` of the way the code went,
+        and not the other way's; so does the page of a wrong code posted from it."""
+        [location] = headers["location"]
+        other = MAILED_INSTEAD if notice == TEXTED else TEXTED
+        for expected, (status, _, page) in [
+                (200, await browser.get(location)),
+                (403, await browser.post(location, action="code", code="x"))]:
+            self.assertEqual(status, expected)
+            self.assertIn(notice, page)
+            self.assertNotIn(other, page)
+
     async def test_a_recipient_with_a_number_gets_the_code_by_text_message(self) -> None:
         f, posted, bob = await self.start(200)
         browser = Browser(f)
         status, _, page = await browser.get(bob)
         self.assertIn(b"to your phone by text message", page)
-        status, _, _ = await browser.post(bob, action="send_code")
+        status, headers, _ = await browser.post(bob, action="send_code")
         self.assertEqual(status, 303)
         self.assertEqual(len(posted), 1)
         self.assertEqual(posted[0]["to"], "442077394252")
+        await self.assertPageSays(browser, headers, TEXTED)
         match = re.search(r"\b(\d{6})\b", posted[0]["text"])
         assert match is not None
         self.assertEqual([m for m in f.mails_to("bob@example.net")
@@ -1543,11 +1562,30 @@ class SmsGatewayTests(TestCase):
 
     async def test_a_failing_gateway_falls_back_to_mail(self) -> None:
         f, posted, bob = await self.start(503)
-        status, _, _ = await Browser(f).post(bob, action="send_code")
+        browser = Browser(f)
+        status, headers, _ = await browser.post(bob, action="send_code")
         self.assertEqual(status, 303)
         self.assertEqual(len(posted), 1)
         self.assertEqual(len([m for m in f.mails_to("bob@example.net")
                               if m["Subject"] == "Your safedrop code"]), 1)
+        await self.assertPageSays(browser, headers, MAILED_INSTEAD)
+
+    async def test_without_a_gateway_the_page_never_says_a_text_message_went(self) -> None:
+        """The way the code went is the 303's `sent`, which only the person editing their
+        own address could change: `sent=sms` says nothing of a text message where none can
+        go (no gateway)."""
+        f = PageFixture()
+        await f.start(self)
+        _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
+        browser = Browser(f)
+        status, headers, _ = await browser.post(bob, action="send_code")
+        self.assertEqual(status, 303)
+        self.assertEqual(headers["location"], [bob + "?sent=mail"])
+        for query in ("?sent=mail", "?sent=sms", ""):
+            _, _, page = await browser.get(bob + query)
+            self.assertIn(b"We sent a one-time code to bob@example.net (text messages are not "
+                          b"set up here, so it comes by email)", page, query)
+            self.assertNotIn(b"by text message", page, query)
 
     async def test_a_gateway_that_never_answers_sends_the_code_by_mail_in_time(
             self) -> None:
@@ -1579,11 +1617,12 @@ class SmsGatewayTests(TestCase):
         self.assertEqual(cancelled, [])
         f.web.clock.advance(1)
         browser.http.flush()  # the reply, written meanwhile, to the client
-        status, _, _ = await posting
+        status, headers, _ = await posting
         self.assertEqual(status, 303)
         self.assertEqual(len(cancelled), 1)
         self.assertEqual(len([m for m in f.mails_to("bob@example.net")
                               if m["Subject"] == "Your safedrop code"]), 1)
+        await self.assertPageSays(browser, headers, MAILED_INSTEAD)
 
     async def test_a_client_that_leaves_while_the_gateway_works_gets_no_code_by_mail(
             self) -> None:
@@ -1612,7 +1651,7 @@ class SmsGatewayTests(TestCase):
         send_code = drops.send_code
         ended: defer.Deferred[None] = defer.Deferred()
 
-        async def watched(found: Any) -> bool:
+        async def watched(found: Any) -> str | None:
             try:
                 return await send_code(found)
             finally:

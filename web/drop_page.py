@@ -8,7 +8,10 @@ per-link rates are kept in the store, mailcore.ratelimits, so every node counts 
 one-time codes do: mailcore.safedrop.access.Lockout), then with
 require_token_auth a one-time code sent to the recipient: by text message through
 `[safedrop] sms_gateway` when it has a telephone number and a gateway is configured, else by
-mail (the page says which). The checks
+mail (the page says which: the redirect after a new code names the way it went, `?sent=sms`
+or `?sent=mail`, so a code the gateway failed to send is said to have come by mail; only the
+recipient editing that address changes what their page says, and `sms` is believed only
+where a text message can go). The checks
 passed are kept in a signed cookie scoped to the link's path (mailcore.safedrop.access).
 Then the message, the secure message and the files: `/drop/{token}/files/{id}` streams a
 file from disk in chunks read on a thread pool, with backpressure, as
@@ -63,6 +66,8 @@ from mailcore.safedrop.access import (
 )
 from mailcore.safedrop.model import DropFile
 from mailcore.safedrop.service import (
+    CODE_BY_MAIL,
+    CODE_BY_SMS,
     LINK_PATH,
     SafedropService,
     link_digest,
@@ -70,6 +75,7 @@ from mailcore.safedrop.service import (
 )
 from mailcore.text import has_control_multiline, shown
 from web.api import is_head
+from web.errors import ApiError
 from web.openapi import Reply, RouteTable
 from web.pacing import paced
 from web.pages import (
@@ -82,6 +88,7 @@ from web.pages import (
     redirect,
     set_cookie,
 )
+from web.parsing import query_lists
 from web.ratelimit import Limiter, Rate, SharedRateLimiter
 from web.replies import content_disposition
 from web.settings import WebSettings
@@ -104,6 +111,12 @@ MAX_COMMENT = 10_000
 # more than 4300 digits raises.
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII | re.IGNORECASE)
 _MAX_RANGE_HEADER = 64
+# The query of the redirect after a new code: the way it went (CODE_BY_SMS, CODE_BY_MAIL).
+SENT_QUERY = {"sent": {"type": "string",
+                       "description": f"`{CODE_BY_SMS}` or `{CODE_BY_MAIL}`: the way the code "
+                                      "last asked for went (the redirect after it names it), "
+                                      "which the code step says; any other value is taken "
+                                      "as none"}}
 SELF_DESTRUCTED = ("You have downloaded this file (or started all the downloads of it "
                    "allowed); it self-destructs and cannot be downloaded again.")
 
@@ -187,6 +200,19 @@ def _waiting_for(running: defer.Deferred[None]) -> defer.Deferred[None]:
 
     running.addBoth(settle)
     return waiter
+
+
+def sent_by(request: IRequest) -> str | None:
+    """The way the code last asked for went, as the redirect after it says (`sent`, in the
+    address, so also on the forms posted from that page); None without it or for anything
+    else, which the page takes as no word of it."""
+    try:
+        values = query_lists(request).get("sent", [])
+    except ApiError:  # a query string that is not text
+        return None
+    if len(set(values)) == 1 and values[0] in (CODE_BY_SMS, CODE_BY_MAIL):
+        return values[0]
+    return None
 
 
 def invalid() -> PageError:
@@ -320,9 +346,11 @@ class DropPageApp(PageApp):
             return CHECK_CODE
         return None
 
-    def _see_other(self, request: IRequest, token: str) -> bytes:
+    def _see_other(self, request: IRequest, token: str, sent: str | None = None) -> bytes:
+        """Back to the drop (`sent`: naming the way the code just asked for went)."""
+        location = LINK_PATH + token + ("" if sent is None else f"?sent={sent}")
         request.setResponseCode(http.SEE_OTHER)
-        request.setHeader(b"Location", (LINK_PATH + token).encode("ascii"))
+        request.setHeader(b"Location", location.encode("ascii"))
         return self.pages.message(request, 303, "Continue", "Continue to the drop.")
 
     def _step(self, request: IRequest, found: Access, step: str, status: int = 200,
@@ -335,13 +363,19 @@ class DropPageApp(PageApp):
                                      sender=found.sender, error=error, locked=locked,
                                      csrf_bind=self._csrf_bind(request, found))
         locked = self._locked(request, found.code_locked_until)
+        by_sms = self.drops.by_sms(found)
+        # What the pending code's notice says: the way the redirect after it named; without
+        # it, the way codes go here. A text message only where one can go.
+        sent = sent_by(request)
         return self.pages.render(
             request, "drop_code.html", 429 if locked else status, title=title,
             sender=found.sender, csrf_bind=self._csrf_bind(request, found),
             email=found.recipient.email, pending=found.code_pending, error=error,
             locked=locked,
-            by_sms=self.drops.by_sms(found),
-            by_mail_instead=bool(found.recipient.telephone) and not self.drops.by_sms(found),
+            by_sms=by_sms,
+            by_mail_instead=bool(found.recipient.telephone) and not by_sms,
+            sent_by_sms=by_sms and sent != CODE_BY_MAIL,
+            sms_failed=by_sms and sent == CODE_BY_MAIL,
         )
 
     def _locked(self, request: IRequest, until: datetime.datetime | None) -> str | None:
@@ -376,6 +410,7 @@ class DropPageApp(PageApp):
         "/drop/<token>",
         "GET",
         summary="A recipient's drop: password or code prompt, then its contents",
+        query=SENT_QUERY,
         replies=page_replies({
             200: "HTML page: the next check (password, code) or the drop's contents",
             403: "HTML page: the drop's sender is disabled for now",
@@ -407,9 +442,11 @@ class DropPageApp(PageApp):
             "comment": {"type": "string"},
         }, required=["action"]),
         body_types=("application/x-www-form-urlencoded",),
+        query=SENT_QUERY,  # the forms post to the page's own address
         replies=page_replies({
             200: "HTML page: the reply was sent",
-            303: "Redirect back to the drop (a check was passed or a code sent)",
+            303: "Redirect back to the drop (a check was passed or a code sent: then "
+                 "with `sent`, the way the code went)",
             403: "HTML page: wrong password or code, or the drop's sender is disabled",
             404: "HTML page: the link is not valid",
             410: "HTML page: the drop expired or was removed",
@@ -452,9 +489,10 @@ class DropPageApp(PageApp):
                     request, found, CHECK_CODE, 429,
                     "A code was sent a moment ago: use the latest one, or ask for another "
                     f"in {decision.retry_after} seconds.")
-            if not await self.drops.send_code(found):
+            sent = await self.drops.send_code(found)
+            if sent is None:
                 return self._step(request, await self._open(token), CHECK_CODE)
-            return self._see_other(request, token)
+            return self._see_other(request, token, sent)
         if action == "code" and step == CHECK_CODE:
             code = fields.get("code")
             checked = await self.drops.check_code(found, code) if isinstance(code, str) \

@@ -86,6 +86,9 @@ BUNDLE_DEFAULTS: dict[str, Any] = {
 SECRET_FIELDS = ("secure_message", "password")
 RECIPIENT_DEFAULTS: dict[str, Any] = {"telephone": "", "valid_for": 0}
 LINK_PATH = "/drop/"
+# The ways a one-time code goes (`SafedropService.send_code`).
+CODE_BY_SMS = "sms"
+CODE_BY_MAIL = "mail"
 # Bundles read at once by `SafedropService.bundles` (each message up to 100,000 characters:
 # a batch is a few megabytes at most).
 BUNDLES_BATCH = 32
@@ -503,24 +506,25 @@ class SafedropService:
         """Whether this recipient's codes go by text message (a number and a gateway)."""
         return bool(found.recipient.telephone) and self.sms is not None
 
-    async def send_code(self, found: Access) -> bool:
+    async def send_code(self, found: Access) -> str | None:
         """Send the recipient a fresh one-time code (valid CODE_SECONDS): by text message
         when it has a number and a gateway is configured, else (or if the gateway fails,
-        or the drop's owner reached its cap on texts: `_may_text`) by mail. False (nothing
-        sent) while too many wrong codes lock the link."""
+        or the drop's owner reached its cap on texts: `_may_text`) by mail. The way it went
+        (CODE_BY_SMS, CODE_BY_MAIL), for the page to say; None (nothing sent) while too many
+        wrong codes lock the link."""
         code = f"{secrets.randbelow(10**6):06d}"
         now = self.now()
         expires = now + datetime.timedelta(seconds=side.CODE_SECONDS)
         if not await self.db.run("safedrop_set_code", side.set_code_txn, found.recipient.id,
                                  self.grants.code_digest(found.recipient.id, code), expires,
                                  now):
-            return False
+            return None
         if self.sms is not None and found.recipient.telephone \
                 and await self._may_text(found):
             try:
                 await self.sms.send(found.recipient.telephone,
                                     f"Your safedrop code: {code} (works once, 10 minutes)")
-                return True
+                return CODE_BY_SMS
             except SmsError as e:
                 log.warn("safedrop code for recipient {recipient} goes by mail: {why}",
                          recipient=found.recipient.id, why=str(e))
@@ -528,7 +532,7 @@ class SafedropService:
                 f"    {code}\n\n"
                 f"It works once, until {rfc3339(expires)}.\n")
         await self._mail(found.recipient.email, "Your safedrop code", body)
-        return True
+        return CODE_BY_MAIL
 
     async def _may_text(self, found: Access) -> bool:
         """Whether a text for the drop fits its owner's `[safedrop] max_sms_per_user_per_day`
