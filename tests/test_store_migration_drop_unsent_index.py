@@ -1,6 +1,7 @@
 """Migration 0067: `ix_drop_bundles_owner_unsent`, the index `[safedrop]
 max_bundles_per_user` counts a user's unsent bundles through, comes on the way up and goes
-on the way down, every bundle kept, on SQLite and on PostgreSQL."""
+on the way down, every bundle kept, on SQLite and on PostgreSQL; it is partial, of the
+bundles not sent only."""
 
 from __future__ import annotations
 
@@ -38,8 +39,22 @@ def thd_indexes(conn: Connection) -> set[str]:
     return {i["name"] or "" for i in inspect(conn).get_indexes("drop_bundles")}
 
 
+def thd_index_definition(conn: Connection) -> str:
+    """The index as the database keeps it: SQLite's CREATE INDEX in sqlite_master,
+    PostgreSQL's pg_indexes.indexdef."""
+    if conn.dialect.name == "sqlite":
+        query = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :name"
+    else:
+        query = ("SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() "
+                 "AND indexname = :name")
+    return str(conn.execute(sa.text(query), {"name": INDEX}).scalar_one())
+
+
 class DropUnsentIndexMigrationMixin(DatabaseMixin):
     timeout = 120
+    # How the backend's definition of the index ends: its column and its partial predicate
+    # (an index of every bundle would be found by its name, and used by the count too).
+    definition_ends: str
 
     async def test_the_index_serves_the_count_after_the_upgrade_and_goes_on_the_way_down(
             self) -> None:
@@ -48,6 +63,8 @@ class DropUnsentIndexMigrationMixin(DatabaseMixin):
         self.assertNotIn(INDEX, await db.read("indexes", thd_indexes))
         await threads.deferToThread(db.migrate_blocking)
         self.assertIn(INDEX, await db.read("indexes", thd_indexes))
+        definition = await db.read("index definition", thd_index_definition)
+        self.assertTrue(definition.endswith(self.definition_ends), definition)
         with engine_query_plans(db.engine) as plans:
             self.assertEqual(await db.read("unsent", unsent_bundles_txn, owner), 2)
         self.assertTrue([p for p in plans if INDEX in p], plans)
@@ -60,7 +77,9 @@ class DropUnsentIndexMigrationMixin(DatabaseMixin):
 
 class SQLiteDropUnsentIndexMigrationTests(DropUnsentIndexMigrationMixin, TestCase):
     backend = "sqlite"
+    definition_ends = "(owner_id) WHERE sent_at IS NULL"
 
 
 class PostgresDropUnsentIndexMigrationTests(DropUnsentIndexMigrationMixin, TestCase):
     backend = "postgresql"
+    definition_ends = " USING btree (owner_id) WHERE (sent_at IS NULL)"
