@@ -250,10 +250,14 @@ class OutboxWakeUpTests(QueueTestCase):
         with self.assertRaises(MailApiError) as refused:
             await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "more"}))
         self.assertEqual(refused.exception.kind, QUOTA)
-        self.assertIn("holds 1 drafts", str(refused.exception))
+        self.assertIn("holds 2 drafts, and [mailapi] max_drafts_per_mailbox allows 1;",
+                      str(refused.exception))
         await self.mail.delete(self.owner, draft.public_id)
-        with self.assertRaises(MailApiError):
+        with self.assertRaises(MailApiError) as refused:
             await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "more"}))
+        self.assertEqual(refused.exception.kind, QUOTA)
+        self.assertIn("holds 1 draft, and [mailapi] max_drafts_per_mailbox allows 1;",
+                      str(refused.exception))
         await self.mail.delete(self.owner, posted.public_id)
         more = await self.mail.create(self.owner, BOB, Edit("draft", {"subject": "more"}))
         self.assertEqual(more.outcome, Outcome.SAVED)

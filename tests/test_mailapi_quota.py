@@ -208,9 +208,9 @@ class DraftCapTests(MailApiTestCase):
         for _ in range(2):
             status, _ = await self.as_("bob", "POST", "/api/v1/mail/", json={"status": "draft"})
             self.assertEqual(status, 201)
-        full = {"message": f"mailbox full: {BOB} holds 2 drafts, the most [mailapi] "
-                           "max_drafts_per_mailbox allows; send or delete some - email not "
-                           "saved"}
+        full = {"message": f"mailbox full: {BOB} holds 2 drafts, and [mailapi] "
+                           "max_drafts_per_mailbox allows 2; send or delete drafts - email "
+                           "not saved"}
         # A new draft, and a mail asked for the outbox that cannot go (no "to") and would
         # stay a draft, are refused.
         for mail in ({"status": "draft"}, {"status": "outbox", "subject": "no one"}):

@@ -48,6 +48,9 @@ _DRAFTS = select(func.count()).select_from(
     select(mailapi_mail.c.id)
     .where(mailapi_mail.c.status == DRAFT, mailapi_mail.c.mailbox_id == bindparam("box"))
     .limit(bindparam("cap")).subquery())
+# All of them, for the refusal to say.
+_ALL_DRAFTS = select(func.count()).select_from(mailapi_mail) \
+    .where(mailapi_mail.c.status == DRAFT, mailapi_mail.c.mailbox_id == bindparam("box"))
 
 
 def effective_quota(own: int | None, configured: int | None) -> int | None:
@@ -122,7 +125,11 @@ def thd_draft_room(conn: Connection, mailbox_id: int, max_drafts: int | None,
     if max_drafts is None:
         return
     if (conn.execute(_DRAFTS, {"box": mailbox_id, "cap": max_drafts + 1}).scalar() or 0) \
-            > max_drafts:
-        raise MailApiError(QUOTA, f"mailbox full: {address} holds {max_drafts} drafts, the "
-                           "most [mailapi] max_drafts_per_mailbox allows; send or delete "
-                           "some - email not saved")
+            <= max_drafts:
+        return
+    # Counted whole, to say how many the mailbox holds (mail sent back to the drafts is
+    # kept past the cap), without the new one, which the refusal takes back.
+    held = (conn.execute(_ALL_DRAFTS, {"box": mailbox_id}).scalar() or 0) - 1
+    raise MailApiError(QUOTA, f"mailbox full: {address} holds {held} "
+                       f"draft{'' if held == 1 else 's'}, and [mailapi] max_drafts_per_mailbox "
+                       f"allows {max_drafts}; send or delete drafts - email not saved")
