@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
 from mailcore.safedrop.access import Access
-from mailcore.safedrop.service import SMS_PERIOD, SafedropService
+from mailcore.safedrop.service import CODE_BY_MAIL, CODE_BY_SMS, SMS_PERIOD, SafedropService
 from mailcore.safedrop.sms import SmsGateway
 from mailcore.sendcaps import SPELL_QUIET
 from tests.support.db import synchronous_database
@@ -88,8 +88,8 @@ class SmsCapTests(TestCase):
     async def test_past_the_cap_codes_go_by_mail_counted_and_logged_once(self) -> None:
         warnings = logged_at(self, LogLevel.warn)
         bob = await self.start(cap=2)
-        for _ in range(4):
-            self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual([await self.drops.send_code(bob) for _ in range(4)],
+                         [CODE_BY_SMS, CODE_BY_SMS, CODE_BY_MAIL, CODE_BY_MAIL])
         self.assertEqual(self.gateway.texted, ["442077394252"] * 2)
         self.assertEqual(self.mailed(), 2)
         self.assertEqual(self.capped(), 2)
@@ -102,9 +102,9 @@ class SmsCapTests(TestCase):
         # without a refusal), so the next refusal is logged again.
         self.assertLess(SPELL_QUIET, SMS_PERIOD / 2)
         self.f.web.clock.advance(SMS_PERIOD / 2)
-        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(await self.drops.send_code(bob), CODE_BY_SMS)
         self.assertEqual(len(self.gateway.texted), 3)
-        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(await self.drops.send_code(bob), CODE_BY_MAIL)
         self.assertEqual((len(self.gateway.texted), self.mailed(), self.capped()), (3, 3, 3))
         self.assertEqual(len(warnings), 2, warnings)
 
@@ -112,10 +112,9 @@ class SmsCapTests(TestCase):
         bob = await self.start(cap=2)
         registry = CollectorRegistry()
         other = self.node(registry)
-        self.assertTrue(await self.drops.send_code(bob))
-        self.assertTrue(await other.send_code(bob))
-        self.assertTrue(await other.send_code(bob))
-        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual([await self.drops.send_code(bob), await other.send_code(bob),
+                          await other.send_code(bob), await self.drops.send_code(bob)],
+                         [CODE_BY_SMS, CODE_BY_SMS, CODE_BY_MAIL, CODE_BY_MAIL])
         self.assertEqual(len(self.gateway.texted), 2)
         self.assertEqual(self.mailed(), 2)
         # Each node counts and logs its own refusals.
@@ -133,17 +132,17 @@ class SmsCapTests(TestCase):
         dan = LINK.search(notification.get_content())
         assert dan is not None
         dans = await self.drops.open_link(dan.group(1).removeprefix("/drop/"))
-        self.assertTrue(await self.drops.send_code(bob))
-        self.assertTrue(await self.drops.send_code(bob))
-        self.assertTrue(await self.drops.send_code(dans))
+        self.assertEqual([await self.drops.send_code(bob), await self.drops.send_code(bob),
+                          await self.drops.send_code(dans)],
+                         [CODE_BY_SMS, CODE_BY_MAIL, CODE_BY_SMS])
         self.assertEqual(self.gateway.texted, ["442077394252", "12025550123"])
         self.assertEqual(self.mailed(), 1)
 
     async def test_every_text_handed_to_the_gateway_counts_whatever_it_answers(
             self) -> None:
         bob = await self.start(cap=2, status=503)
-        for _ in range(3):
-            self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual([await self.drops.send_code(bob) for _ in range(3)],
+                         [CODE_BY_MAIL] * 3)
         self.assertEqual(len(self.gateway.texted), 2)
         self.assertEqual(self.mailed(), 3)
         self.assertEqual(self.capped(), 1)
@@ -151,17 +150,17 @@ class SmsCapTests(TestCase):
     async def test_a_code_by_mail_takes_nothing_from_the_cap(self) -> None:
         bob = await self.start(cap=1)
         self.drops.sms = None
-        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(await self.drops.send_code(bob), CODE_BY_MAIL)
         self.drops.sms = SmsGateway("http://sms.example/send", StubTreq(self.gateway),
                                     self.f.web.clock)
-        self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual(await self.drops.send_code(bob), CODE_BY_SMS)
         self.assertEqual((len(self.gateway.texted), self.mailed(), self.capped()), (1, 1, 0))
 
     async def test_0_is_no_cap(self) -> None:
         warnings = logged_at(self, LogLevel.warn)
         bob = await self.start(cap=0)
-        for _ in range(5):
-            self.assertTrue(await self.drops.send_code(bob))
+        self.assertEqual([await self.drops.send_code(bob) for _ in range(5)],
+                         [CODE_BY_SMS] * 5)
         self.assertEqual(len(self.gateway.texted), 5)
         self.assertEqual(self.mailed(), 0)
         self.assertEqual(self.capped(), 0)
