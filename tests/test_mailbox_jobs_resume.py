@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.accounts import Accounts
 from mailcore.fetch.imap import IMAPClient, ServerSpec
-from mailcore.fetch.jobs import TransientJobError, thd_create_job
+from mailcore.fetch.jobs import JobFailed, TransientJobError, thd_create_job
 from mailcore.fetch.migrate import MailboxCopier, thd_backup_folders
 from mailcore.fetch.secrets import SecretBox
 from mailcore.fetch.settings import FetchSettings
@@ -178,10 +178,12 @@ def body(folder: str, n: int) -> bytes:
             + "x" * (100 + n)).encode()
 
 
-def thd_backed_up(conn: Connection, user_id: int, account_id: int) -> None:
-    """Blocking: the account's backup: FOLDERS, each message of its own bytes."""
+def thd_backed_up(conn: Connection, user_id: int, account_id: int,
+                  folders: dict[str, int] = FOLDERS) -> None:
+    """Blocking: the account's backup: `folders` (name -> messages), each message of its
+    own bytes."""
     now = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
-    for folder, count in FOLDERS.items():
+    for folder, count in folders.items():
         folder_id = new_id(conn.execute(insert(fetch_folders).values(
             account_id=account_id, name=folder, delimiter="/")))
         for n in range(1, count + 1):
@@ -220,7 +222,8 @@ class ResumeMixin(DatabaseMixin):
         copier.dest = Destination()
         runner = SimpleNamespace(now=lambda: datetime.datetime.now(UTC), reactor=reactor,
                                  check_txn=lambda conn, job_id, seconds: None)
-        job = SimpleNamespace(id=job_id, kind="migrate", account_id=account.id)
+        job = SimpleNamespace(id=job_id, kind="migrate", account_id=account.id,
+                              user_id=owner)
         return copier, runner, job
 
     async def one_run(self, copier: Copier, runner: Any, job: Any) -> None:
@@ -345,6 +348,22 @@ class ResumeMixin(DatabaseMixin):
         for folder in FOLDERS:
             validity = copier.dest.boxes[folder].uidvalidity
             self.assertEqual(items[folder], [("done", validity, None)] * FOLDERS[folder])
+
+
+    async def test_a_folder_name_no_command_can_carry_is_refused_alone(self) -> None:
+        """A backed-up folder whose name holds a control character (a source may list
+        one, e.g. "&AAE-") raised BadFolderName out of the copy before any folder after it:
+        the job failed as an internal error, Later never copied."""
+        copier, runner, job = await self.copier()
+        await copier.db.run("backup", thd_backed_up, job.user_id, job.account_id,
+                            {"Bad\x01": 1})
+        with self.assertRaises(JobFailed) as caught:
+            await self.one_run(copier, runner, job)
+        self.assertIn("cannot take the folder 'Bad\\x01' (folder name 'Bad\\x01' holds a "
+                      "control character", str(caught.exception))
+        self.assertIn("every other folder was copied", str(caught.exception))
+        self.assert_copied(copier.dest)
+        self.assertEqual(await self.counts(copier, job), (9, 9))
 
 
 class SQLiteResumeTests(ResumeMixin, TestCase):

@@ -440,9 +440,14 @@ class MailboxCopier:
         if not todo and not placed:
             return
         path = plan.path
-        dest = writer.destination_path(path)
+        try:
+            dest = writer.destination_path(path)
+            mailbox = encode_folder(path, writer.separator, utf8=False)
+        except BadFolderName as e:
+            # A name no command can carry (a control character a source listed): this
+            # folder alone is refused, the others are copied.
+            raise _FolderRefused(str(e)) from None
         exists = dest in existing or dest == ("INBOX",)
-        mailbox = encode_folder(path, writer.separator, utf8=False)
         uidvalidity: int | None = None
         if exists and placed:
             uidvalidity, _ = await self._destination(reader, mailbox, listing=False)
