@@ -66,6 +66,9 @@ class Destination:
     appenduid_validity: int | None = None
     # Every session's commands: (name, arguments).
     commands: list[tuple[bytes, bytes]] = field(default_factory=list)
+    separator: bytes = b"/"
+    # The NAMESPACE reply (None: no NAMESPACE capability).
+    namespace: bytes | None = None
 
     def make(self, name: str) -> None:
         self.validities += 1
@@ -77,8 +80,9 @@ class Destination:
 
 class FakeDestination(ScriptedIMAP):
     def __init__(self, dest: Destination) -> None:
-        super().__init__(Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+", folders=[],
-                                append_reply=self.appended))
+        super().__init__(Script(
+            capabilities="IMAP4rev1 UIDPLUS LITERAL+" + " NAMESPACE" * bool(dest.namespace),
+            folders=[], append_reply=self.appended, namespace=dest.namespace or b""))
         self.dest = dest
         self.box: Box | None = None
 
@@ -87,11 +91,12 @@ class FakeDestination(ScriptedIMAP):
         self.dest.commands.append(self.commands[-1])
 
     def do_LIST(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
+        sep = b'"' + self.dest.separator + b'"'
         if args == b'"" ""':
-            self.send(b'* LIST (\\Noselect) "/" ""\r\n')
+            self.send(b"* LIST (\\Noselect) " + sep + b' ""\r\n')
         else:
             for name in self.dest.boxes:
-                self.send(b'* LIST () "/" "' + name.encode() + b'"\r\n')
+                self.send(b"* LIST () " + sep + b' "' + name.encode() + b'"\r\n')
         self.send(tag + b" OK listed\r\n")
 
     def do_CREATE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
@@ -364,6 +369,26 @@ class ResumeMixin(DatabaseMixin):
         self.assertIn("every other folder was copied", str(caught.exception))
         self.assert_copied(copier.dest)
         self.assertEqual(await self.counts(copier, job), (9, 9))
+
+
+    async def test_folders_inside_a_namespace_prefix_are_examined_there(self) -> None:
+        """On a destination whose folders live under "INBOX." (Courier, Cyrus) the copy
+        EXAMINEd "Archive" where the writer had made and filled "INBOX.Archive": the
+        destination answered NO, and every run of the job failed."""
+        copier, runner, job = await self.copier()
+        copier.dest.separator = b"."
+        copier.dest.namespace = b'(("INBOX." ".")) NIL NIL'
+        await self.one_run(copier, runner, job)
+        self.assertEqual(sorted(copier.dest.boxes), ["INBOX", "INBOX.Archive", "INBOX.Later"])
+        for folder in ("Archive", "Later"):
+            self.assertEqual(copier.dest.bodies("INBOX." + folder),
+                             sorted(body(folder, n) for n in range(1, FOLDERS[folder] + 1)))
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+        copier.dest.commands.clear()
+        await self.one_run(copier, runner, job)  # run again: each folder checked, unchanged
+        self.assertEqual(sorted(a for n, a in copier.dest.commands if n == b"EXAMINE"),
+                         [b'"INBOX"', b'"INBOX.Archive"', b'"INBOX.Later"'])
+        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
 
 
 class SQLiteResumeTests(ResumeMixin, TestCase):

@@ -442,7 +442,9 @@ class MailboxCopier:
         path = plan.path
         try:
             dest = writer.destination_path(path)
-            mailbox = encode_folder(path, writer.separator, utf8=False)
+            # As the reader names it (modified UTF-7, no ENABLE), inside the personal
+            # namespace as the writer made it (dest: "INBOX.Archive" on Courier, Cyrus).
+            mailbox = encode_folder(dest, writer.separator, utf8=False)
         except BadFolderName as e:
             # A name no command can carry (a control character a source listed): this
             # folder alone is refused, the others are copied.
