@@ -299,6 +299,21 @@ class ResumeMixin(DatabaseMixin):
                          [("done", validity, uid) for uid in (1, 2, 3, 4)])
         self.assertEqual(await self.counts(copier, job), (9, 9))
 
+    async def test_a_folder_made_again_that_takes_nothing_counts_nothing_there(
+        self,
+    ) -> None:
+        """Archive made again and its copies refused for good (over quota): the job failed
+        still counting Archive's 4 messages downloaded and appended, none of them there."""
+        copier, runner, job = await self.stopped_after_archive()
+        copier.dest.make("Archive")
+        copier.dest.refuse["Archive"] = b"NO [OVERQUOTA] mailbox full"
+        with self.assertRaises(JobFailed):
+            await self.one_run(copier, runner, job)
+        self.assertEqual(copier.dest.bodies("Archive"), [])
+        self.assertEqual([s for s, _v, _u in (await self.items(copier, job))["Archive"]],
+                         ["inflight"] * 4)
+        self.assertEqual(await self.counts(copier, job), (3, 3))
+
     async def test_a_folder_deleted_before_the_resume_is_made_again_and_filled(
         self,
     ) -> None:

@@ -574,26 +574,34 @@ class MailboxCopier:
                 bodies = await reads.pop(0)
                 if n + 1 < len(batches):
                     reads.append(read(batches[n + 1]))  # read ahead while this one goes out
-                await self._mark_inflight(runner, job, batch)
+                await self._mark_inflight(runner, job, batch, again)
                 await self._append_batch(runner, job, writer, plan, batch, bodies,
-                                         uidvalidity, again)
+                                         uidvalidity)
         finally:
             for d in reads:
                 d.addErrback(lambda _f: None)
 
-    async def _mark_inflight(self, runner: JobRunner, job: Job, batch: list[Source]) -> None:
+    async def _mark_inflight(self, runner: JobRunner, job: Job, batch: list[Source],
+                             again: dict[int, str]) -> None:
         seconds = runner.reactor.seconds()
+        # Counted when an earlier run copied them into a folder since gone or made again:
+        # no longer, until the destination takes them again (a run that ends before, e.g.
+        # refused for good, counts only what is there).
+        was = [again[s.id] for s in batch if s.id in again]
 
         def txn(conn: Connection) -> None:
             runner.check_txn(conn, job.id, seconds)
             _upsert_items(conn, job.id, [(s.id, "inflight", None, None) for s in batch])
+            if was:
+                conn.execute(update(mailbox_jobs).where(mailbox_jobs.c.id == job.id).values(
+                    downloaded=mailbox_jobs.c.downloaded - len(was),
+                    appended=mailbox_jobs.c.appended - was.count("done")))
 
         await self.db.run("mailbox_job_inflight", txn)
 
     async def _append_batch(self, runner: JobRunner, job: Job, writer: MailboxWriter,
                             plan: FolderPlan, batch: list[Source],
-                            bodies: dict[int, bytes | int], uidvalidity: int | None,
-                            again: dict[int, str]) -> None:
+                            bodies: dict[int, bytes | int], uidvalidity: int | None) -> None:
         sendable = [s for s in batch if s.id in bodies]  # a message deleted meanwhile: skip
         items = [self._item(s, bodies[s.id]) for s in sendable]
         interrupted: AppendInterrupted | None = None
@@ -606,9 +614,7 @@ class MailboxCopier:
         written = [(s.id, "done", *self._place(job, plan, a, uidvalidity))
                    for s, a in zip(sendable, answers, strict=False) if a.ok]
         if written:
-            await self._record(runner, job, written,
-                               appended=sum(1 for w in written if again.get(w[0]) != "done"),
-                               handled=sum(1 for w in written if w[0] not in again))
+            await self._record(runner, job, written, appended=len(written))
         refused = [(s, a) for s, a in zip(sendable, answers, strict=False) if not a.ok]
         if refused:
             source, answer = refused[0]
