@@ -21,6 +21,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import TestCase
 
@@ -45,6 +46,7 @@ from mailcore.fetch.writer import (
     mutf7_encode,
     writer_for,
 )
+from tests.support.logs import logged_at
 
 UTC = datetime.UTC
 _LITERAL = re.compile(rb"\{(\d+)(\+?)\}$")
@@ -724,17 +726,27 @@ class FindTests(TestCase):
                                          f"{3 + writer_module.ARRIVING} UIDs")
             self.assertNotIn(b"UID FETCH", [n for n, _ in rig.server.commands])
 
-    def test_more_look_alikes_than_the_bound_fail_after_that_many_bodies(self) -> None:
+    def test_more_look_alikes_than_the_bound_stop_the_comparing_not_the_copy(self) -> None:
+        """Past MAX_LOOKALIKES bodies compared, find was a ProtocolFailed and the job failed,
+        though an honest folder can hold that many (messages without Message-ID or date
+        are searched by size alone). It now stops comparing, with a warning: without a
+        Message-ID the message is not there (sent again, at worst a duplicate); with one
+        it is the lowest UID, as when none of fewer look-alikes is it."""
         class LookAlikes(Searchable):
             exists = 500
             found = b" ".join(b"%d" % u for u in range(1, 301))
 
-        for message_id in ("<m1@test>", None):
+        warnings = logged_at(self, LogLevel.warn)
+        for message_id, found in (("<m1@test>", 1), (None, None)):
             rig, d = self.find(LookAlikes, message_id)
-            error = self.failureResultOf(d, ProtocolFailed).value
-            self.assertIn(f"holds more than {writer_module.MAX_LOOKALIKES} messages in "
-                          "'Archive' that look like the one looked for", str(error))
+            self.assertEqual(self.successResultOf(d), found)
             self.assertEqual(rig.server.bodies_fetched, writer_module.MAX_LOOKALIKES)
+        self.assertEqual(len(warnings), 2)
+        self.assertIn(f"fake holds more than {writer_module.MAX_LOOKALIKES} messages in "
+                      "'Archive' that look like one looked for", warnings[0])
+        self.assertIn("taken as the lowest UID of them", warnings[0])
+        self.assertIn("taken as not there: it is sent again, at worst a duplicate",
+                      warnings[1])
 
     def test_look_alikes_within_the_bound_are_compared(self) -> None:
         class Few(Searchable):

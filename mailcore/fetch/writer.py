@@ -111,6 +111,7 @@ LITERAL_MINUS_MAX = 4096
 # fetches and hashes for one message without finding it: each is a UID FETCH of a whole
 # body. A copy already there is usually the first; a destination naming thousands of
 # look-alikes held a resume for hours, one body fetch each, for every message it looked for.
+# Beyond it `find` stops comparing (a warning): an honest folder can hold that many.
 MAX_LOOKALIKES = 100
 
 
@@ -976,8 +977,10 @@ class MailboxWriter:
         INTERNALDATE to the second, confirmed by fetching each body and comparing its
         SHA-256. UIDs in `exclude` (copies already accounted for, e.g. of an identical
         earlier message) are never returned. A SEARCH answering more UIDs than the folder's
-        EXISTS and ARRIVING, or more than MAX_LOOKALIKES look-alikes compared that are not
-        this one, is a ProtocolFailed (a hostile destination: the copy fails, not hangs)."""
+        EXISTS and ARRIVING is a ProtocolFailed (a hostile destination: the copy fails, not
+        hangs). At most MAX_LOOKALIKES look-alikes are compared: beyond, without a
+        Message-ID the message is taken as not there (a warning; sent again, at worst a
+        duplicate), with one as the lowest UID, as when none compared is it."""
         mailbox = self.mailbox(path)
         async with self._lock:
             if not await self._examine(path, mailbox):
@@ -993,7 +996,9 @@ class MailboxWriter:
                          if f.uid is not None and f.size == size and f.uid not in exclude]
                 candidates = sorted(f.uid for f in found if f.uid is not None)
                 if len(candidates) > 1:
-                    same = await self._first_of(candidates, sha256, path)
+                    same = await self._first_of(
+                        candidates, sha256, path,
+                        "taken as the lowest UID of them (same Message-ID and size)")
                     if same is not None:
                         return same
                 return candidates[0] if candidates else None
@@ -1016,7 +1021,9 @@ class MailboxWriter:
                 and (want is None or (f.internal_date is not None
                                       and _second(f.internal_date) == want))
             )
-            return await self._first_of(candidates, sha256, path)
+            return await self._first_of(
+                candidates, sha256, path,
+                "taken as not there: it is sent again, at worst a duplicate")
 
     async def _examine(self, path: Sequence[str], mailbox: bytes) -> bool:
         """EXAMINE the folder (once until the next append); False when it does not exist.
@@ -1044,16 +1051,19 @@ class MailboxWriter:
         margin for mail arriving (ProtocolFailed beyond, before they are read)."""
         return await self.session.uid_search(criteria, max_uids=self._exists + ARRIVING)
 
-    async def _first_of(self, uids: list[int], sha256: str, path: Sequence[str]
-                        ) -> int | None:
-        """The first of `uids` whose body has `sha256`; None when none has. More than
-        MAX_LOOKALIKES compared without a match is a ProtocolFailed."""
+    async def _first_of(self, uids: list[int], sha256: str, path: Sequence[str],
+                        otherwise: str) -> int | None:
+        """The first of `uids` whose body has `sha256`; None when none has, or when the
+        first MAX_LOOKALIKES are not it (an honest folder can hold that many: messages
+        without Message-ID or date are searched by size alone). That is logged as a
+        warning saying what the caller does `otherwise`."""
         for n, uid in enumerate(uids):
             if n == MAX_LOOKALIKES:
-                raise ProtocolFailed(
-                    f"{self.session.host} holds more than {MAX_LOOKALIKES} messages in "
-                    f"{'/'.join(path)!r} that look like the one looked for (same size and "
-                    "Message-ID or date) and are not it; not compared further")
+                log.warn("{host} holds more than {n} messages in {folder!r} that look like "
+                         "one looked for (same size and Message-ID or date) and are not it; "
+                         "not compared further, {otherwise}", host=self.session.host,
+                         n=MAX_LOOKALIKES, folder="/".join(path), otherwise=otherwise)
+                return None
             if await self._body_hash(uid) == sha256:
                 return uid
         return None
