@@ -233,6 +233,14 @@ def size_replies(first: int, last: int) -> bytes:
                     b'+0000")\r\n' % (n, n, n * 10) for n in range(first, last + 1))
 
 
+async def destination(copier: MailboxCopier, client: IMAPClient
+                      ) -> tuple[int | None, list[tuple[int, int, Any]]]:
+    """(UIDVALIDITY, what it holds) of the destination's Archive, as a migrate reads them."""
+    opened = await copier._examine(client, b"Archive")
+    assert opened is not None
+    return opened[0], await copier._held(client, opened[1])
+
+
 class SetFetchTests(TestCase):
     """A UID FETCH of a set (b"1:*") goes on the bulk path too: its replies were all parsed
     by Twisted's nested-list reader in the one callback of the tagged OK (about 90 us a
@@ -317,7 +325,7 @@ class SetFetchTests(TestCase):
         ]
         for examined, what in cases:
             client, transport = connected()
-            d = defer.Deferred.fromCoroutine(copier._destination(client, b"Archive"))
+            d = defer.Deferred.fromCoroutine(destination(copier, client))
             client.dataReceived(examined + b"0001 OK done\r\n")
             error = self.failureResultOf(d, TransientJobError).value
             self.assertIn(f"the server sent {what}", str(error))
@@ -327,7 +335,7 @@ class SetFetchTests(TestCase):
         copier = MailboxCopier(*[cast(Any, None)] * 4)
         for extra, ok in ((_ARRIVING, True), (_ARRIVING + 1, False)):
             client, _transport = connected()
-            d = defer.Deferred.fromCoroutine(copier._destination(client, b"Archive"))
+            d = defer.Deferred.fromCoroutine(destination(copier, client))
             client.dataReceived(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n0001 OK done\r\n")
             client.dataReceived(size_replies(1, 3 + extra) + b"0002 OK done\r\n")
             if ok:

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from cryptography.fernet import Fernet
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, delete, insert, select
 from twisted.protocols.loopback import loopbackAsync
 from twisted.trial.unittest import TestCase
 
@@ -69,6 +69,12 @@ class Destination:
     separator: bytes = b"/"
     # The NAMESPACE reply (None: no NAMESPACE capability).
     namespace: bytes | None = None
+    # Names listed \Noselect (deleted while they had subfolders): no box, EXAMINE refused.
+    noselect: set[str] = field(default_factory=set)
+    # Folder -> a tagged reply refusing its CREATE.
+    refuse_create: dict[str, bytes] = field(default_factory=dict)
+    # Folders deleted right after a LIST of every folder named them (by another client).
+    gone_after_list: set[str] = field(default_factory=set)
 
     def make(self, name: str) -> None:
         self.validities += 1
@@ -97,14 +103,28 @@ class FakeDestination(ScriptedIMAP):
         else:
             for name in self.dest.boxes:
                 self.send(b"* LIST () " + sep + b' "' + name.encode() + b'"\r\n')
+            for name in self.dest.noselect:
+                self.send(b"* LIST (\\Noselect \\HasChildren) " + sep + b' "'
+                          + name.encode() + b'"\r\n')
+            for name in self.dest.gone_after_list:
+                del self.dest.boxes[name]
+            self.dest.gone_after_list.clear()
         self.send(tag + b" OK listed\r\n")
 
     def do_CREATE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
-        self.dest.make(unquote(args))
+        name = unquote(args)
+        if name in self.dest.refuse_create:
+            self.send(tag + b" " + self.dest.refuse_create[name] + b"\r\n")
+            return
+        self.dest.noselect.discard(name)
+        self.dest.make(name)
         self.send(tag + b" OK created\r\n")
 
     def do_EXAMINE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
         self.box = self.dest.boxes.get(unquote(args))
+        if unquote(args) in self.dest.noselect:
+            self.send(tag + b" NO Mailbox isn't selectable\r\n")
+            return
         if self.box is None:
             self.send(tag + b" NO [NONEXISTENT] no such folder\r\n")
             return
@@ -324,6 +344,83 @@ class ResumeMixin(DatabaseMixin):
         validity = copier.dest.boxes["Archive"].uidvalidity
         self.assertEqual((await self.items(copier, job))["Archive"],
                          [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_folder_deleted_with_subfolders_is_made_again_and_filled(
+        self,
+    ) -> None:
+        """Archive deleted at the destination while it had a subfolder stays listed
+        \\Noselect (RFC 3501 6.3.4): the resume EXAMINEd it, was refused, and failed as
+        for now; every run the same, Later never copied. It is now gone: CREATEd over the
+        \\Noselect name and filled again."""
+        copier, runner, job = await self.stopped_after_archive()
+        del copier.dest.boxes["Archive"]
+        copier.dest.noselect.add("Archive")
+        copier.dest.commands.clear()
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        self.assertNotIn((b"EXAMINE", b'"Archive"'), copier.dest.commands[:5])
+        self.assertIn((b"CREATE", b'"Archive"'), copier.dest.commands)
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_noselect_folder_that_cannot_be_made_is_refused_alone(self) -> None:
+        """Archive listed \\Noselect and its CREATE refused: that folder alone is refused
+        (the job fails naming it once the others are copied), Later is copied."""
+        copier, runner, job = await self.stopped_after_archive()
+        del copier.dest.boxes["Archive"]
+        copier.dest.noselect.add("Archive")
+        copier.dest.refuse_create["Archive"] = b"NO [ALREADYEXISTS] Mailbox already exists"
+        with self.assertRaises(JobFailed) as caught:
+            await self.one_run(copier, runner, job)
+        self.assertIn("cannot take the folder 'Archive' (cannot create folder 'Archive' "
+                      "(listed \\Noselect)", str(caught.exception))
+        self.assertIn("[ALREADYEXISTS]", str(caught.exception))
+        self.assertEqual(copier.dest.bodies("Later"), [body("Later", 1), body("Later", 2)])
+        # Not there, not counted: looked for once Archive can be opened again.
+        self.assertEqual([s for s, _v, _u in (await self.items(copier, job))["Archive"]],
+                         ["inflight"] * 4)
+        self.assertEqual(await self.counts(copier, job), (5, 5))
+
+    async def test_a_folder_examine_says_does_not_exist_is_made_again(self) -> None:
+        """Archive deleted by another client after the run's LIST: its EXAMINE answered NO
+        [NONEXISTENT] and the job failed as for now. It is gone: LISTed again, made and
+        filled again."""
+        copier, runner, job = await self.stopped_after_archive()
+        copier.dest.gone_after_list.add("Archive")
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_folder_with_copied_and_new_messages_is_examined_once(self) -> None:
+        """Archive with two messages copied and two not yet: EXAMINEd twice, once for its
+        UIDVALIDITY and once to list what it holds. One answer serves both."""
+        copier, runner, job = await self.copier()
+        await self.one_run(copier, runner, job)
+        box = copier.dest.boxes["Archive"]
+        later = [r for r in box.messages.values() if r.data in (body("Archive", 3),
+                                                                 body("Archive", 4))]
+        for uid in (3, 4):
+            del box.messages[uid]
+
+        def forget(conn: Connection) -> None:
+            ids = select(messages.c.id).where(messages.c.folder == "Archive",
+                                              messages.c.uid.in_((3, 4)))
+            conn.execute(delete(mailbox_job_items).where(
+                mailbox_job_items.c.message_row_id.in_(ids)))
+
+        await copier.db.run("forget", forget)
+        self.assertEqual(len(later), 2)
+        copier.dest.commands.clear()
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        self.assertEqual([a for n, a in copier.dest.commands if n == b"EXAMINE"].count(
+            b'"Archive"'), 1)
         self.assertEqual(await self.counts(copier, job), (9, 9))
 
     async def test_a_job_with_everything_copied_still_checks_its_folders(self) -> None:

@@ -20,19 +20,24 @@ Exactly once, per (job, backed-up message), in `mailbox_job_items`:
    (`MailboxWriter.find`: Message-ID, else size, date and a body hash); so is every message
    whose size and INTERNALDATE match one the destination already holds that no item of this
    job accounts for. A message found is recorded `present` (or `done` if it was in flight)
-   and is not appended again.
+   and is not appended again. Past MAX_LOOKALIKES look-alikes compared without a Message-ID,
+   a message is taken as not there (a warning): sent again, at worst a duplicate.
 4. Each record holds the folder's UIDVALIDITY at the time (an APPENDUID naming another is
    not taken: the message is recorded without a UID). On a restart, a folder a run copied
-   into that is gone or has another UIDVALIDITY (deleted and made again) is not the one
-   recorded: its recorded messages are looked for as in 3 and copied again if missing, at
-   worst a duplicate, never a message skipped.
+   into that is gone (no longer listed, listed \\Noselect as one deleted while it had
+   subfolders, or its EXAMINE answered NO [NONEXISTENT]) or has another UIDVALIDITY
+   (deleted and made again) is not the one recorded: it is made if needed, and its recorded
+   messages are looked for as in 3 and copied again if missing, at worst a duplicate, never
+   a message skipped. Each folder is EXAMINEd once a run for this (and once more after it
+   is made).
 
 So a message counts as copied only after the server's OK, and never twice, whatever the
 moment the daemon dies. Transient failures (connection lost, timeouts, an APPEND answered NO
 that the server says may succeed later) put the job back in the queue with a backoff; a
 refused message, a refused login or a certificate that does not verify fail it with a reason.
 A folder the destination will never take (its CREATE refused with a permanent code, e.g.
-CANNOT) is passed over: the other folders are copied, then the job fails naming it.
+CANNOT; or, listed but not to be opened, refused at all) is passed over: the other folders
+are copied, then the job fails naming it.
 
 Memory is bounded per message: a batch holds messages up to `JobSettings.stream_bytes`
 (1 MiB) read whole; a larger message is a batch alone, APPENDed as a `Streamed` source that
@@ -81,6 +86,7 @@ from mailcore.fetch.writer import (
     Streamed,
     encode_folder,
     open_writer,
+    refusal_codes,
     refused_for_good,
 )
 from mailcore.messages.sql import dialect_insert, utc
@@ -401,12 +407,17 @@ class MailboxCopier:
 
         await self.db.run("mailbox_job_counts", txn)
 
-    async def _destination(self, reader: IMAPClient, mailbox: bytes, *, listing: bool = True
-                           ) -> tuple[int | None, list[tuple[int, int, Any]]]:
-        """(UIDVALIDITY, [(uid, size, internaldate)]) of a destination folder (`mailbox`:
-        its argument as the writer names it, modified UTF-7); the list empty unless
-        `listing`."""
-        lines, _ = await guarded(reader.send(b"EXAMINE", mailbox))
+    async def _examine(self, reader: IMAPClient, mailbox: bytes
+                       ) -> tuple[int | None, int] | None:
+        """(UIDVALIDITY, EXISTS) of a destination folder (`mailbox`: its argument as the
+        writer names it, modified UTF-7), left selected for `_held`; None when the server
+        says it does not exist (NO [NONEXISTENT], RFC 5530, on a live session)."""
+        try:
+            lines, _ = await reader.send(b"EXAMINE", mailbox)
+        except FetchError as e:
+            if reader.error is None and "NONEXISTENT" in refusal_codes(e):
+                return None
+            raise _classify(e) from None
         uidvalidity: int | None = None
         exists = 0
         try:
@@ -420,13 +431,17 @@ class MailboxCopier:
                                    else None)
         except FetchError as e:
             raise _classify(e) from None
-        if exists == 0 or not listing:
-            return uidvalidity, []
+        return uidvalidity, exists
+
+    async def _held(self, reader: IMAPClient, exists: int) -> list[tuple[int, int, Any]]:
+        """[(uid, size, internaldate)] of the folder `_examine` left selected, which counted
+        `exists` messages."""
+        if exists == 0:
+            return []
         # One FETCH reply a message: those EXAMINE counted, and a margin for mail arriving.
         items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE",
                                                max_items=exists + ARRIVING))
-        return uidvalidity, [(i.uid, i.size or 0, i.internal_date) for i in items
-                             if i.uid is not None]
+        return [(i.uid, i.size or 0, i.internal_date) for i in items if i.uid is not None]
 
     async def _copy_folder(self, runner: JobRunner, job: Job, writer: MailboxWriter,
                            reader: IMAPClient, plan: FolderPlan, states: dict[int, ItemState],
@@ -449,10 +464,15 @@ class MailboxCopier:
             # A name no command can carry (a control character a source listed): this
             # folder alone is refused, the others are copied.
             raise _FolderRefused(str(e)) from None
-        exists = dest in existing or dest == ("INBOX",)
-        uidvalidity: int | None = None
-        if exists and placed:
-            uidvalidity, _ = await self._destination(reader, mailbox, listing=False)
+        listed = dest in existing or dest == ("INBOX",)
+        # Listed \Noselect (deleted while it had subfolders, RFC 3501 6.3.4) or answered
+        # NO [NONEXISTENT]: gone, as a folder no longer listed. Its EXAMINE (once a run)
+        # gives the UIDVALIDITY and EXISTS that what is there is listed by.
+        opened = None
+        if listed and dest not in writer.noselect:
+            opened = await self._examine(reader, mailbox)
+        exists = opened is not None
+        uidvalidity = opened[0] if opened is not None else None
         # A folder gone, or made again (another UIDVALIDITY), since an earlier run put
         # messages there: what that run recorded says nothing of what is there now. Those
         # messages are looked for and copied again if missing (at worst a duplicate, never
@@ -470,14 +490,30 @@ class MailboxCopier:
             return
         if not exists:
             try:
-                await writer.ensure_folder(path)
+                # Listed but not to be opened: LISTed again, CREATEd over a \Noselect.
+                await writer.ensure_folder(path, fresh=listed)
             except FetchError as e:
+                # Refused for good; or, listed and not to be opened, refused at all: a
+                # rerun meets the same name it can neither open nor make.
                 if isinstance(e, BadFolderName) or (
-                    writer.session.error is None and refused_for_good(e)
+                    writer.session.error is None and (listed or refused_for_good(e))
                 ):
+                    await self._uncount(runner, job, plan, again)
                     raise _FolderRefused(str(e)) from None
                 raise _classify(e) from None
             existing.add(dest)
+            # The folder's UIDVALIDITY (a new one's): an APPENDUID naming another is not
+            # taken, and the next run sees whether the folder is still this one.
+            opened = await self._examine(reader, mailbox)
+            if opened is None:
+                if listed:
+                    await self._uncount(runner, job, plan, again)
+                    raise _FolderRefused("the destination lists it but says it does not "
+                                         "exist, and it cannot be made")
+                raise TransientJobError(f"{'/'.join(path)!r} is not at the destination "
+                                        "right after it was made")
+            # Mail there already (someone made it meanwhile): looked for as in one listed.
+            uidvalidity, exists = opened[0], opened[1] > 0
         # What the destination holds that nothing of this plan accounts for.
         index: Counter[tuple[int, Any]] = Counter()
         mine = {c.id for c in plan.candidates}
@@ -485,9 +521,8 @@ class MailboxCopier:
                 if st.dest_uid is not None and st.state != "inflight" and sid in mine
                 and sid not in again}
         used |= plan.present_uids
-        # The folder's UIDVALIDITY (a new one's too): an APPENDUID naming another is not
-        # taken, and the next run sees whether the folder is still this one.
-        uidvalidity, held = await self._destination(reader, mailbox, listing=exists)
+        assert opened is not None
+        held = await self._held(reader, opened[1])  # in the folder EXAMINEd last
         index = Counter((size, utc(date)) for uid, size, date in held if uid not in used)
         # Messages in flight at the last stop, and look-alikes of what is there: look first.
         found: list[tuple[int, str, int | None, int | None]] = []
@@ -521,6 +556,14 @@ class MailboxCopier:
                 appended=sum(1 for f in found if f[1] == "done" and f[0] not in again),
                 handled=sum(1 for f in found if f[0] not in again))
         await self._append_all(runner, job, writer, plan, to_send, uidvalidity, again)
+
+    async def _uncount(self, runner: JobRunner, job: Job, plan: FolderPlan,
+                       again: dict[int, str]) -> None:
+        """The messages an earlier run copied into a folder gone since, which this run
+        cannot make: in flight again (looked for when it is back), no longer counted."""
+        if again:
+            await self._mark_inflight(
+                runner, job, [s for s in plan.candidates if s.id in again], again)
 
     def _batches(self, sources: list[Source]) -> list[list[Source]]:
         """Batches in the folder's order; a message over `stream_bytes` is a batch alone."""

@@ -349,10 +349,15 @@ def _message_prefix(item: Append) -> bytes:
     return out
 
 
+def refusal_codes(e: Exception) -> set[str]:
+    """The response codes (RFC 5530: CANNOT, NONEXISTENT...) a refusal's text names."""
+    return set(re.findall(r"\[([A-Z-]+)", str(e)))
+
+
 def refused_for_good(e: Exception) -> bool:
     """Whether a refusal's text names a response code of PERMANENT_CODES (RFC 5530:
     CANNOT, NOPERM, OVERQUOTA...), which trying again later does not change."""
-    return bool(set(re.findall(r"\[([A-Z-]+)", str(e))) & PERMANENT_CODES)
+    return bool(refusal_codes(e) & PERMANENT_CODES)
 
 
 def _text(data: bytes, limit: int = 200) -> str:
@@ -659,6 +664,9 @@ class MailboxWriter:
         self.window = window
         self._lock = defer.DeferredLock()
         self._known: set[tuple[str, ...]] | None = None
+        # The folders the last LIST named \Noselect: hierarchy levels that hold no mail,
+        # and a folder deleted while it had subfolders (RFC 3501 6.3.4), which stays listed.
+        self.noselect: set[tuple[str, ...]] = set()
         self._selected: bytes | None = None
         self._exists = 0  # what the EXAMINE of _selected counted
         self.appendlimit: int | None = None
@@ -744,6 +752,7 @@ class MailboxWriter:
             # Each costs the reactor a parse; a folder not read would be made again.
             raise ProtocolFailed(f"{self.session.host} lists more than {MAX_FOLDERS} folders")
         out: list[tuple[str, ...]] = []
+        noselect: set[tuple[str, ...]] = set()
         for line in lines:
             tokens = self._list_tokens(line)
             if tokens is None:
@@ -758,14 +767,20 @@ class MailboxWriter:
                 continue  # a name no path of ours can be: nothing we could write to
             if path:
                 out.append(path)
-        self._known = set(out)
+                if b"\\NOSELECT" in flags:
+                    noselect.add(path)
+        self._known, self.noselect = set(out), noselect
         return out
 
-    async def ensure_folder(self, path: tuple[str, ...]) -> None:
+    async def ensure_folder(self, path: tuple[str, ...], *, fresh: bool = False) -> None:
         """CREATE the folder and any missing parent (and SUBSCRIBE what was created, so mail
-        clients show it); nothing when it exists."""
+        clients show it); nothing when it exists. A folder listed \\Noselect is CREATEd
+        (a parent may stay one). `fresh`: LIST the folders again first (one was found
+        gone since)."""
         self.mailbox(path)
         async with self._lock:
+            if fresh:
+                self._known = None
             await self._ensure(path)
 
     async def _ensure(self, path: Sequence[str]) -> None:
@@ -773,7 +788,11 @@ class MailboxWriter:
         known = self._known if self._known is not None else set(await self._folders())
         for depth in range(1, len(target) + 1):
             level = target[:depth]
-            if level in known or level == ("INBOX",) or level == self.prefix[:depth]:
+            # The folder itself must take mail; a parent that holds none is a parent.
+            unusable = depth == len(target) and level in self.noselect
+            if (level in known and not unusable) or level == ("INBOX",) or (
+                level == self.prefix[:depth]
+            ):
                 continue
             arg = self.mailbox(level)
             try:
@@ -781,12 +800,16 @@ class MailboxWriter:
             except ProtocolFailed as e:
                 if self.session.error is not None:
                     raise
-                if level not in set(await self._folders()):
+                if level not in set(await self._folders()) or (
+                    unusable and level in self.noselect
+                ):
+                    what = " (listed \\Noselect)" if unusable else ""
                     raise ProtocolFailed(
-                        f"cannot create folder {'/'.join(level)!r}: {e}") from None
+                        f"cannot create folder {'/'.join(level)!r}{what}: {e}") from None
                 known = self._known or known
                 continue
             known.add(level)
+            self.noselect.discard(level)
             try:
                 await self.session.send(b"SUBSCRIBE", arg)
             except ProtocolFailed:
