@@ -388,6 +388,24 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         self.assertEqual(landed, Counter({e: n for e, n in source.items()
                                           if e[0] != "Archive"}))
 
+    async def test_a_folder_deleted_with_subfolders_at_the_destination_is_filled_again(
+        self,
+    ) -> None:
+        """Dovecot still lists a folder deleted while it had subfolders (\\HasChildren, not
+        \\Noselect) and answers its EXAMINE with a plain NO: a migrate into that mailbox
+        failed on the EXAMINE as for now, every run until the job failed."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 3, "Archive": 2, "Archive/2023": 2}, tag="parent")
+        source = await mailbox(server, s.source)
+        destination = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, destination)
+        self.assertEqual((job["status"], job["appended"]), ("done", 7), job)
+        server.doveadm_run("mailbox", "delete", "-u", destination, "Archive")
+        again = await self.migrate(s, destination)
+        self.assertEqual((again["status"], again["downloaded"], again["appended"]),
+                         ("done", 7, 2), again)
+        self.assertEqual(await mailbox(server, destination), source)
+
     async def test_jobs_asked_twice_at_once_write_each_message_once(self) -> None:
         """Two restores (or two migrates into one mailbox) asked at once ran at once: each
         found the same messages missing and each appended them, 300 deleted messages came

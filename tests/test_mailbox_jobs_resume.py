@@ -69,8 +69,12 @@ class Destination:
     separator: bytes = b"/"
     # The NAMESPACE reply (None: no NAMESPACE capability).
     namespace: bytes | None = None
-    # Names listed \Noselect (deleted while they had subfolders): no box, EXAMINE refused.
+    # Names deleted while they had subfolders: listed with `noselect_flags` (RFC 3501:
+    # \Noselect; Dovecot: \HasChildren alone), no box, EXAMINE refused.
     noselect: set[str] = field(default_factory=set)
+    noselect_flags: bytes = b"\\Noselect \\HasChildren"
+    # Folder -> a tagged reply refusing its EXAMINE.
+    refuse_examine: dict[str, bytes] = field(default_factory=dict)
     # Folder -> a tagged reply refusing its CREATE.
     refuse_create: dict[str, bytes] = field(default_factory=dict)
     # Folders deleted right after a LIST of every folder named them (by another client).
@@ -104,7 +108,7 @@ class FakeDestination(ScriptedIMAP):
             for name in self.dest.boxes:
                 self.send(b"* LIST () " + sep + b' "' + name.encode() + b'"\r\n')
             for name in self.dest.noselect:
-                self.send(b"* LIST (\\Noselect \\HasChildren) " + sep + b' "'
+                self.send(b"* LIST (" + self.dest.noselect_flags + b") " + sep + b' "'
                           + name.encode() + b'"\r\n')
             for name in self.dest.gone_after_list:
                 del self.dest.boxes[name]
@@ -123,7 +127,10 @@ class FakeDestination(ScriptedIMAP):
     def do_EXAMINE(self, tag: bytes, args: bytes, parts: list[bytes]) -> None:
         self.box = self.dest.boxes.get(unquote(args))
         if unquote(args) in self.dest.noselect:
-            self.send(tag + b" NO Mailbox isn't selectable\r\n")
+            self.send(tag + b" NO Mailbox doesn't exist: " + unquote(args).encode() + b"\r\n")
+            return
+        if unquote(args) in self.dest.refuse_examine:
+            self.send(tag + b" " + self.dest.refuse_examine[unquote(args)] + b"\r\n")
             return
         if self.box is None:
             self.send(tag + b" NO [NONEXISTENT] no such folder\r\n")
@@ -365,6 +372,34 @@ class ResumeMixin(DatabaseMixin):
         self.assertEqual((await self.items(copier, job))["Archive"],
                          [("done", validity, uid) for uid in (1, 2, 3, 4)])
         self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_folder_deleted_with_subfolders_on_dovecot_is_made_again_and_filled(
+        self,
+    ) -> None:
+        """Dovecot lists a folder deleted while it had subfolders as \\HasChildren alone and
+        answers its EXAMINE with a plain NO: the resume failed as for now, every run."""
+        copier, runner, job = await self.stopped_after_archive()
+        del copier.dest.boxes["Archive"]
+        copier.dest.noselect.add("Archive")
+        copier.dest.noselect_flags = b"\\HasChildren"
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
+    async def test_a_folder_not_to_be_opened_for_now_is_retried(self) -> None:
+        """An EXAMINE refused with a code that says for now (UNAVAILABLE, INUSE,
+        SERVERBUG) is a transient failure of the job: nothing CREATEd, nothing sent."""
+        copier, runner, job = await self.stopped_after_archive()
+        copier.dest.refuse_examine["Archive"] = b"NO [UNAVAILABLE] try later"
+        copier.dest.commands.clear()
+        with self.assertRaises(TransientJobError):
+            await self.one_run(copier, runner, job)
+        self.assertNotIn(b"CREATE", [n for n, _ in copier.dest.commands])
+        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
 
     async def test_a_noselect_folder_that_cannot_be_made_is_refused_alone(self) -> None:
         """Archive listed \\Noselect and its CREATE refused: that folder alone is refused

@@ -24,12 +24,12 @@ Exactly once, per (job, backed-up message), in `mailbox_job_items`:
    a message is taken as not there (a warning): sent again, at worst a duplicate.
 4. Each record holds the folder's UIDVALIDITY at the time (an APPENDUID naming another is
    not taken: the message is recorded without a UID). On a restart, a folder a run copied
-   into that is gone (no longer listed, listed \\Noselect as one deleted while it had
-   subfolders, or its EXAMINE answered NO [NONEXISTENT]) or has another UIDVALIDITY
-   (deleted and made again) is not the one recorded: it is made if needed, and its recorded
-   messages are looked for as in 3 and copied again if missing, at worst a duplicate, never
-   a message skipped. Each folder is EXAMINEd once a run for this (and once more after it
-   is made).
+   into that is gone (no longer listed; or still listed, \\Noselect or not, as one deleted
+   while it had subfolders, and its EXAMINE refused other than for now: NO [NONEXISTENT],
+   Dovecot's plain NO) or has another UIDVALIDITY (deleted and made again) is not the one
+   recorded: it is made if needed, and its recorded messages are looked for as in 3 and
+   copied again if missing, at worst a duplicate, never a message skipped. Each folder is
+   EXAMINEd once a run for this (and once more after it is made).
 
 So a message counts as copied only after the server's OK, and never twice, whatever the
 moment the daemon dies. Transient failures (connection lost, timeouts, an APPEND answered NO
@@ -257,6 +257,9 @@ def thd_progress(conn: Connection, job_id: int) -> tuple[int, int]:
 
 
 TRANSIENT = (ConnectFailed, FetchTimeout)
+# Codes (RFC 5530) of a folder's EXAMINE refused for now: any other refusal of a listed
+# folder is taken as the folder gone.
+_LATER = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
 FATAL = (AuthFailed, TLSFailed, CleartextRefused)
 
 
@@ -411,11 +414,13 @@ class MailboxCopier:
                        ) -> tuple[int | None, int] | None:
         """(UIDVALIDITY, EXISTS) of a destination folder (`mailbox`: its argument as the
         writer names it, modified UTF-7), left selected for `_held`; None when the server
-        says it does not exist (NO [NONEXISTENT], RFC 5530, on a live session)."""
+        refuses to open it (on a live session) other than for now (_LATER): NO
+        [NONEXISTENT] (RFC 5530), or Dovecot's plain NO for a folder deleted while it had
+        subfolders, which it still lists."""
         try:
             lines, _ = await reader.send(b"EXAMINE", mailbox)
         except FetchError as e:
-            if reader.error is None and "NONEXISTENT" in refusal_codes(e):
+            if reader.error is None and not refusal_codes(e) & _LATER:
                 return None
             raise _classify(e) from None
         uidvalidity: int | None = None
@@ -465,9 +470,10 @@ class MailboxCopier:
             # folder alone is refused, the others are copied.
             raise _FolderRefused(str(e)) from None
         listed = dest in existing or dest == ("INBOX",)
-        # Listed \Noselect (deleted while it had subfolders, RFC 3501 6.3.4) or answered
-        # NO [NONEXISTENT]: gone, as a folder no longer listed. Its EXAMINE (once a run)
-        # gives the UIDVALIDITY and EXISTS that what is there is listed by.
+        # Listed \Noselect (deleted while it had subfolders, RFC 3501 6.3.4) or its
+        # EXAMINE refused (NO [NONEXISTENT]; Dovecot lists such a folder and answers NO):
+        # gone, as a folder no longer listed. Its EXAMINE (once a run) gives the
+        # UIDVALIDITY and EXISTS that what is there is listed by.
         opened = None
         if listed and dest not in writer.noselect:
             opened = await self._examine(reader, mailbox)
@@ -490,8 +496,8 @@ class MailboxCopier:
             return
         if not exists:
             try:
-                # Listed but not to be opened: LISTed again, CREATEd over a \Noselect.
-                await writer.ensure_folder(path, fresh=listed)
+                # Listed but not to be opened: LISTed again, CREATEd over the name.
+                await writer.ensure_folder(path, reopen=listed)
             except FetchError as e:
                 # Refused for good; or, listed and not to be opened, refused at all: a
                 # rerun meets the same name it can neither open nor make.
@@ -508,8 +514,8 @@ class MailboxCopier:
             if opened is None:
                 if listed:
                     await self._uncount(runner, job, plan, again)
-                    raise _FolderRefused("the destination lists it but says it does not "
-                                         "exist, and it cannot be made")
+                    raise _FolderRefused("the destination lists it but will not open it, "
+                                         "nor make it again")
                 raise TransientJobError(f"{'/'.join(path)!r} is not at the destination "
                                         "right after it was made")
             # Mail there already (someone made it meanwhile): looked for as in one listed.

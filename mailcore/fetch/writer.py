@@ -772,15 +772,18 @@ class MailboxWriter:
         self._known, self.noselect = set(out), noselect
         return out
 
-    async def ensure_folder(self, path: tuple[str, ...], *, fresh: bool = False) -> None:
+    async def ensure_folder(self, path: tuple[str, ...], *, reopen: bool = False) -> None:
         """CREATE the folder and any missing parent (and SUBSCRIBE what was created, so mail
         clients show it); nothing when it exists. A folder listed \\Noselect is CREATEd
-        (a parent may stay one). `fresh`: LIST the folders again first (one was found
-        gone since)."""
+        (a parent may stay one). `reopen`: the folder was found not to be opened: LIST
+        again, and CREATE it even if listed (a refusal then, the name still listed, is
+        not an error: opening it says)."""
+        target = self.destination_path(path)
         self.mailbox(path)
         async with self._lock:
-            if fresh:
-                self._known = None
+            if reopen:
+                await self._folders()
+                self.noselect.add(target)
             await self._ensure(path)
 
     async def _ensure(self, path: Sequence[str]) -> None:
