@@ -31,11 +31,12 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch.errors import FetchError
 from mailcore.fetch.imap import ServerSpec, open_session
 from mailcore.fetch.jobs import JobSettings
 from mailcore.fetch.settings import FetchSettings
 from mailcore.fetch.tls import client_tls
-from mailcore.fetch.writer import mutf7_encode
+from mailcore.fetch.writer import mutf7_encode, refused_as_gone
 from mailcore.store.schema import (
     fetch_accounts,
     fetch_folders,
@@ -132,7 +133,12 @@ async def mailbox(server: DovecotServer, user: str, port: int | None = None) -> 
         for folder in await session.list_folders():
             if not folder.selectable:
                 continue
-            info = await session.examine(folder.name)
+            try:
+                info = await session.examine(folder.name)
+            except FetchError as e:  # listed, deleted while it had subfolders
+                if refused_as_gone(session, e):
+                    continue
+                raise
             if not info.exists:
                 continue
             for item in await session.uid_fetch(b"1:*", b"UID FLAGS INTERNALDATE BODY.PEEK[]"):
@@ -405,6 +411,42 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
         self.assertEqual((again["status"], again["downloaded"], again["appended"]),
                          ("done", 7, 2), again)
         self.assertEqual(await mailbox(server, destination), source)
+
+    async def test_an_account_with_a_folder_deleted_with_subfolders_is_backed_up_and_restored(
+        self,
+    ) -> None:
+        """Dovecot still lists a folder deleted while it had subfolders (\\HasChildren, not
+        \\Noselect) and answers its EXAMINE with a plain NO: every backup sync of such an
+        account failed on it, and a restore retried on it until it failed."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 3, "Archive": 2, "Archive/2023": 2}, tag="gone")
+        server.doveadm_run("mailbox", "delete", "-u", s.source, "Archive")
+        left = await mailbox(server, s.source)
+        self.assertEqual(Counter(e[0] for e in left), {"INBOX": 3, "Archive/2023": 2})
+        server.expunge(s.source, "Archive/2023", "1")
+
+        result = await s.api.core.fetch.engine.sync(s.account_id)
+        self.assertEqual((result.status, result.problems()), ("success", None))
+        self.assertEqual(result.folders["Archive"].error, None)
+        # Nothing failed, for the account nor for a folder.
+        self.assertEqual(await s.api.core.db.read("errors", lambda c: (
+            c.execute(select(fetch_accounts.c.sync_status, fetch_accounts.c.sync_error)
+                      .where(fetch_accounts.c.id == s.account_id)).one()._tuple(),
+            c.execute(select(fetch_folders.c.sync_error)
+                      .where(fetch_folders.c.account_id == s.account_id)).scalars().all(),
+        )), (("success", None), [None, None, None]))
+
+        status, job = await bearer(s.api, s.token, "POST",
+                                   f"/v1/accounts/{s.account_id}/restores")
+        self.assertEqual(status, 201, job)
+        job = await self.finished(s, "restore", job["id"])
+        # Archive's two come back (the folder made again), and the one expunged from 2023.
+        self.assertEqual((job["status"], job["messages"], job["appended"]), ("done", 3, 3),
+                         job)
+        restored = await mailbox(server, s.source)
+        self.assertEqual(Counter(e[0] for e in restored),
+                         {"INBOX": 3, "Archive": 2, "Archive/2023": 2})
+        self.assertEqual(sum(restored.values()), len(set(restored)))
 
     async def test_jobs_asked_twice_at_once_write_each_message_once(self) -> None:
         """Two restores (or two migrates into one mailbox) asked at once ran at once: each

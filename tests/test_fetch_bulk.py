@@ -348,38 +348,12 @@ class SetFetchTests(TestCase):
     def test_restore_takes_a_search_of_what_the_account_holds_and_a_margin(self) -> None:
         """A restore's SEARCH ALL of a folder took up to MAX_SEARCH (a million) UIDs, each
         parsed and held, whatever the folder's EXISTS said."""
-        client, transport = connected()
-        account = SimpleNamespace(
-            id=5, protocol="imap", host="fake", port=143, use_ssl=False, start_tls=False,
-            allow_cleartext=True, username="u", tls_ca_pem=None, tls_fingerprint=None)
+        clients: list[IMAPClient] = []
         copied: list[Any] = []
-
-        async def nothing(*args: Any, **kw: Any) -> None:
-            return None
-
-        async def credentials(account_id: int) -> tuple[Any, str]:
-            return account, "pw"
-
-        async def read(name: str, fn: Any, *args: Any) -> Any:
-            if name == "mailbox_job_folders":
-                return [FolderPlan(1, "Archive", ("Archive",), candidates=[Source(
-                    id=1, size=10, internal_date=None, message_id="", sha256="0" * 64,
-                    flags=(), uidvalidity=7, uid=1)])]
-            return {}
-
-        async def open_reader(spec: Any, creator: Any) -> IMAPClient:
-            return client
-
-        async def copy(*args: Any, **kw: Any) -> None:
-            copied.append(args)
-
-        copier = SimpleNamespace(
-            bring_backup_up_to_date=nothing, backup_synced=nothing, creator=lambda *a: None,
-            accounts=SimpleNamespace(credentials=credentials), db=SimpleNamespace(read=read),
-            open_reader=open_reader, copy=copy)
-        job = SimpleNamespace(id=9, account_id=5)
+        copier, job = restore_job(clients, copied)
         for extra, ok in ((_ARRIVING, True), (_ARRIVING + 1, False)):
             client, transport = connected()
+            clients.append(client)
             d = defer.Deferred.fromCoroutine(restore(cast(Any, copier), cast(Any, None),
                                                      cast(Any, job)))
             client.dataReceived(b'* LIST () "/" "Archive"\r\n0001 OK listed\r\n')
@@ -396,6 +370,71 @@ class SetFetchTests(TestCase):
                 self.assertEqual(str(error),
                                  f"fake answered a SEARCH with more than {3 + _ARRIVING} UIDs")
                 self.assertEqual(len(copied), 1)  # not copied
+
+    def test_restore_takes_a_listed_folder_dovecot_will_not_open_as_gone(self) -> None:
+        """Dovecot lists a folder deleted while it had subfolders (\\HasChildren, not
+        \\Noselect) and answers its EXAMINE a plain NO: the restore failed on it as for now,
+        every run until the job failed. It is gone: every message goes back. A NO for now
+        (UNAVAILABLE) or a BAD is still an error."""
+        clients: list[IMAPClient] = []
+        copied: list[Any] = []
+        copier, job = restore_job(clients, copied)
+        for answer, gone in ((b"NO Mailbox doesn't exist: Archive", True),
+                             (b"NO [NONEXISTENT] no such folder", True),
+                             (b"NO [UNAVAILABLE] try later", False),
+                             (b"BAD Mailbox doesn't exist", False)):
+            client, transport = connected()
+            clients.append(client)
+            copied.clear()
+            d = defer.Deferred.fromCoroutine(restore(cast(Any, copier), cast(Any, None),
+                                                     cast(Any, job)))
+            client.dataReceived(b'* LIST (\\HasChildren) "/" "Archive"\r\n'
+                                b'* LIST () "/" "Archive/2023"\r\n0001 OK listed\r\n')
+            self.assertIn(b'0002 EXAMINE "Archive"', transport.value())
+            client.dataReceived(b"0002 " + answer + b"\r\n")
+            client.dataReceived(b"* BYE bye\r\n0003 OK bye\r\n")
+            if gone:
+                self.successResultOf(d)
+                (plans,) = [args[4] for args in copied]
+                self.assertEqual([len(plan.candidates) for plan in plans], [1], answer)
+            else:
+                error = self.failureResultOf(d, TransientJobError).value
+                self.assertIn("EXAMINE refused by fake", str(error))
+                self.assertEqual(copied, [], answer)
+
+
+def restore_job(clients: list[IMAPClient], copied: list[Any]) -> tuple[Any, Any]:
+    """A copier whose restore reads an account of one backed-up folder, Archive (one message,
+    UIDVALIDITY 7, UID 1), through the last of `clients`, and whose copies are put in
+    `copied` (their arguments); and the job."""
+    account = SimpleNamespace(
+        id=5, protocol="imap", host="fake", port=143, use_ssl=False, start_tls=False,
+        allow_cleartext=True, username="u", tls_ca_pem=None, tls_fingerprint=None)
+
+    async def nothing(*args: Any, **kw: Any) -> None:
+        return None
+
+    async def credentials(account_id: int) -> tuple[Any, str]:
+        return account, "pw"
+
+    async def read(name: str, fn: Any, *args: Any) -> Any:
+        if name == "mailbox_job_folders":
+            return [FolderPlan(1, "Archive", ("Archive",), candidates=[Source(
+                id=1, size=10, internal_date=None, message_id="", sha256="0" * 64,
+                flags=(), uidvalidity=7, uid=1)])]
+        return {}
+
+    async def open_reader(spec: Any, creator: Any) -> IMAPClient:
+        return clients[-1]
+
+    async def copy(*args: Any, **kw: Any) -> None:
+        copied.append(args)
+
+    copier = SimpleNamespace(
+        bring_backup_up_to_date=nothing, backup_synced=nothing, creator=lambda *a: None,
+        accounts=SimpleNamespace(credentials=credentials), db=SimpleNamespace(read=read),
+        open_reader=open_reader, copy=copy)
+    return copier, SimpleNamespace(id=9, account_id=5)
 
 
 def feed_in_reads(receive: Any, data: bytes, size: int) -> float:

@@ -759,3 +759,62 @@ class UidBeyondUidnextTests(TestCase):
         self.assertEqual(len(fetched), 2, fetched)  # the lie is not fetched a second time
         last = await env.engine.sync(account.id)
         self.assertEqual((last.status, last.new_messages), ("success", 0), last.problems())
+
+
+class ListedButNotOpenedTests(TestCase):
+    """Dovecot lists a folder deleted while it had subfolders as (\\HasChildren), not
+    \\Noselect, and answers its EXAMINE a plain NO: the sync recorded that as the folder's
+    error, so every backup of such an account failed (and a migrate or restore with it)."""
+
+    timeout = 30
+
+    async def sync_twice(self, answer: bytes) -> tuple[Any, Any, Any, int, int]:
+        """Two syncs of an account listing INBOX, Archive (its EXAMINE answered `answer`)
+        and Archive/2023: their results, the env, the account id and the server's port."""
+        (factory, port), = cleartext_servers(self, 1)
+
+        def listing(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b'* LIST () "/" INBOX\r\n* LIST (\\HasChildren) "/" Archive\r\n'
+                                 b'* LIST (\\HasNoChildren) "/" Archive/2023\r\n'
+                                 + tag + b" OK listed\r\n")
+            return True
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if rest.split()[1].strip(b'"') != b"Archive":
+                return None
+            conn.transport.write(tag + b" " + answer + b"\r\n")
+            return True
+
+        factory.hooks.update({"LIST": listing, "EXAMINE": examine})
+        env, account = await cleartext_account(self, port)
+        first = await env.engine.sync(account.id)
+        again = await env.engine.sync(account.id)
+        return first, again, env, account.id, port
+
+    async def archive_error(self, env: FetchEnv) -> str | None:
+        return await env.db.read("folder", lambda c: c.execute(
+            select(fetch_folders.c.sync_error).where(fetch_folders.c.name == "Archive")
+        ).scalar_one())
+
+    async def test_a_folder_listed_but_refused_with_a_plain_no_is_passed_over(self) -> None:
+        for answer in (b"NO Mailbox doesn't exist: Archive", b"NO [NONEXISTENT] gone"):
+            first, again, env, account_id, _port = await self.sync_twice(answer)
+            self.assertEqual((first.status, first.new_messages, first.problems()),
+                             ("success", 2, None), answer)
+            self.assertEqual((again.status, again.new_messages, again.problems()),
+                             ("success", 0, None), answer)
+            self.assertEqual([r.error for r in first.folders.values()], [None] * 3)
+            self.assertEqual(list(await env.copies(account_id, "Archive/2023")), [1])
+            self.assertEqual(list(await env.copies(account_id, "Archive")), [])
+            self.assertIsNone(await self.archive_error(env))
+
+    async def test_a_refusal_for_now_or_a_bad_is_still_the_folders_error(self) -> None:
+        for answer in (b"NO [UNAVAILABLE] try later", b"NO [INUSE] busy",
+                       b"BAD Mailbox doesn't exist"):
+            first, again, env, account_id, port = await self.sync_twice(answer)
+            said = answer.split(b" ", 1)[1].decode()
+            for result in (first, again):
+                self.assertEqual((result.status, result.problems()), (
+                    "error", f"Archive: EXAMINE refused by 127.0.0.1:{port}: {said}"))
+            self.assertEqual(list(await env.copies(account_id, "Archive/2023")), [1])
+            self.assertIsNotNone(await self.archive_error(env))

@@ -4,7 +4,9 @@ IMAP: the folders the last sync opened are EXAMINEd first and LIST runs after th
 the new folders and those gone (a resync with nothing new is one EXAMINE per folder and a LIST).
 Per folder: EXAMINE (with CONDSTORE/QRESYNC when offered), find the UIDs we do not hold
 (server-side SEARCH with the account's limits), learn their sizes, then fetch them in
-pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE. The batches
+pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE (a listed
+folder whose EXAMINE is refused other than for now, as Dovecot answers for one deleted while
+it had subfolders, holds no mail: passed over as a \\Noselect one, `refused_as_gone`). The batches
 flow through three stages at once: `pipeline_depth` fetches on the wire, each fetched batch
 parsed on the CPU pool as soon as it arrives, and one batch at a time stored. Each batch is
 committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
@@ -83,6 +85,7 @@ from mailcore.fetch.state import (
     thd_upsert_folders,
 )
 from mailcore.fetch.tls import client_tls
+from mailcore.fetch.writer import refused_as_gone
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from mailcore.messages.parse import ParsedMessage, parse_messages
 from mailcore.messages.store import MessageStore, pop_size_changed
@@ -721,7 +724,20 @@ class SyncEngine:
         while True:
             try:
                 if info is None:
-                    info = await self._open_folder(session, account, state, progress)
+                    try:
+                        info = await self._open_folder(session, account, state, progress)
+                    except FetchError as e:
+                        if not refused_as_gone(session, e):
+                            raise
+                        # Listed but holding no mail (Dovecot lists a folder deleted while
+                        # it had subfolders and answers its EXAMINE NO): passed over as a
+                        # \Noselect one is.
+                        log.info("account {account}: folder {folder!r} is listed but not "
+                                 "to be opened ({e}); passed over", account=account.id,
+                                 folder=state.name, e=e)
+                        await self.db.run("set_fetch_folder_error", thd_set_folder_error,
+                                          state.id, None)
+                        return session
                 await self._sync_imap_folder(session, account, state, info, result,
                                              folder_result, progress, oversized)
             except _BodyTooLarge as e:

@@ -33,6 +33,14 @@ class ProtocolFailed(FetchError):
     """The server said something we cannot accept (malformed, refused, or over a bound)."""
 
 
+class CommandRefused(ProtocolFailed):
+    """The server answered a command NO or BAD (`status`)."""
+
+    def __init__(self, message: str, status: str = "NO") -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class LiteralTooLarge(ProtocolFailed):
     """The server announced a literal over the configured bound; `uid` is the UID of the
     FETCH reply it belongs to, when that reply named its UID before the literal."""

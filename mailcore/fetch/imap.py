@@ -54,6 +54,7 @@ from mailcore.fetch.bulk import (
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
+    CommandRefused,
     CommandTimeout,
     ConnectFailed,
     FetchError,
@@ -489,6 +490,7 @@ class IMAPClient(imap4.IMAP4Client):
         self.greeted: defer.Deferred[None] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.error: FetchError | None = None
+        self._last_tagged = b""  # the status of the last tagged answer
         self.capabilities: set[str] = set()
         self.max_literal = max_literal
         self.max_reply_bytes = max_reply_bytes or (max_literal * 2 + MAX_LINE)
@@ -757,6 +759,10 @@ class IMAPClient(imap4.IMAP4Client):
             # Outside any command: nothing for a backup client. Twisted parsed it first (a
             # 16 MiB line of words between two commands held the reactor as the greeting).
             return
+        if tag not in (b"*", b"+"):
+            # A command's tagged answer: NO and BAD are both an IMAP4Exception, told apart
+            # by what `send` raises.
+            self._last_tagged = rest.split(None, 1)[0].upper() if rest.strip() else b""
         super()._defaultHandler(tag, rest)
 
     def serverGreeting(self, caps: Any) -> None:
@@ -822,7 +828,8 @@ class IMAPClient(imap4.IMAP4Client):
             if f.check(imap4.IMAP4Exception):
                 said = f.value.args[0] if f.value is not None and f.value.args else b""
                 text = _show(said) if isinstance(said, bytes) else str(said)
-                raise ProtocolFailed(f"{name.decode()} refused by {self.host}: {text}")
+                raise CommandRefused(f"{name.decode()} refused by {self.host}: {text}",
+                                     "BAD" if self._last_tagged == b"BAD" else "NO")
             return f
 
         d.addErrback(refused)

@@ -86,7 +86,7 @@ from mailcore.fetch.writer import (
     Streamed,
     encode_folder,
     open_writer,
-    refusal_codes,
+    refused_as_gone,
     refused_for_good,
 )
 from mailcore.messages.sql import dialect_insert, utc
@@ -257,9 +257,6 @@ def thd_progress(conn: Connection, job_id: int) -> tuple[int, int]:
 
 
 TRANSIENT = (ConnectFailed, FetchTimeout)
-# Codes (RFC 5530) of a folder's EXAMINE refused for now: any other refusal of a listed
-# folder is taken as the folder gone.
-_LATER = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
 FATAL = (AuthFailed, TLSFailed, CleartextRefused)
 
 
@@ -414,13 +411,13 @@ class MailboxCopier:
                        ) -> tuple[int | None, int] | None:
         """(UIDVALIDITY, EXISTS) of a destination folder (`mailbox`: its argument as the
         writer names it, modified UTF-7), left selected for `_held`; None when the server
-        refuses to open it (on a live session) other than for now (_LATER): NO
+        refuses to open it (on a live session) other than for now (`refused_as_gone`): NO
         [NONEXISTENT] (RFC 5530), or Dovecot's plain NO for a folder deleted while it had
         subfolders, which it still lists."""
         try:
             lines, _ = await reader.send(b"EXAMINE", mailbox)
         except FetchError as e:
-            if reader.error is None and not refusal_codes(e) & _LATER:
+            if refused_as_gone(reader, e):
                 return None
             raise _classify(e) from None
         uidvalidity: int | None = None

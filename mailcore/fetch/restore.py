@@ -3,7 +3,9 @@
 The job brings the backup up to date (one sync; when it fails, what is backed up is restored
 all the same, then the job is retried from the sync by the runner's rules, as a migrate is:
 `MailboxCopier.backup_synced`), then reads the account as it is now: for
-each backed-up folder, whether it still exists, its UIDVALIDITY and its UIDs. A backed-up
+each backed-up folder, whether it still exists, its UIDVALIDITY and its UIDs (one listed but
+whose EXAMINE is refused other than for now, as Dovecot answers for a folder deleted while it
+had subfolders, is gone: `refused_as_gone`). A backed-up
 message is still there when its (UIDVALIDITY, UID) is, or when an earlier restore of this
 account put it back at a (UIDVALIDITY, UID) that is still there and that no message of other
 bytes is said to hold (an APPENDUID that named another message's place). Every other one is
@@ -16,11 +18,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 from sqlalchemy import Connection, select
+from twisted.logger import Logger
 
+from mailcore.fetch.errors import FetchError
 from mailcore.fetch.imap import ARRIVING, ServerSpec
 from mailcore.fetch.jobs import Job, JobFailed, JobRunner
-from mailcore.fetch.migrate import MailboxCopier, Source, guarded, thd_backup_folders
+from mailcore.fetch.migrate import MailboxCopier, Source, _classify, guarded, thd_backup_folders
+from mailcore.fetch.writer import refused_as_gone
 from mailcore.store.schema import mailbox_job_items, mailbox_jobs
+
+log = Logger()
 
 _i = mailbox_job_items.c
 _j = mailbox_jobs.c
@@ -77,7 +84,16 @@ async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
             folder = remote.get(key)
             if folder is None or not folder.selectable:
                 continue  # deleted: every message goes back, into the folder made again
-            info = await guarded(reader.examine(folder.name))
+            try:
+                info = await reader.examine(folder.name)
+            except FetchError as e:
+                if not refused_as_gone(reader, e):
+                    raise _classify(e) from None
+                # Listed but not to be opened (Dovecot: deleted while it had subfolders):
+                # as a \Noselect one, every message goes back.
+                log.info("restore {job}: folder {folder!r} is listed but not to be opened "
+                         "({e}); its messages go back", job=job.id, folder=folder.name, e=e)
+                continue
             # At most the UIDs of what EXAMINE counted, and a margin for mail arriving.
             uids = set(await guarded(reader.uid_search(
                 b"ALL", max_uids=info.exists + ARRIVING))) if info.exists else set()

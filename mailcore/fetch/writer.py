@@ -71,7 +71,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailcore.fetch.errors import ConnectFailed, FetchError, ProtocolFailed
+from mailcore.fetch.errors import CommandRefused, ConnectFailed, FetchError, ProtocolFailed
 from mailcore.fetch.imap import (
     ARRIVING,
     MAX_FOLDERS,
@@ -103,6 +103,10 @@ PERMANENT_CODES = frozenset({
     "CLIENTBUG", "AUTHORIZATIONFAILED", "PRIVACYREQUIRED", "EXPIRED", "NONEXISTENT",
     "BADCHARSET", "BADURL", "TRYCREATE",
 })
+
+# Codes (RFC 5530) of a folder's EXAMINE or SELECT refused for now: any other NO to it is
+# taken as the folder holding no mail (`refused_as_gone`).
+LATER_CODES = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
 
 # LITERAL- (RFC 7888): non-synchronising literals only up to this size.
 LITERAL_MINUS_MAX = 4096
@@ -358,6 +362,16 @@ def refused_for_good(e: Exception) -> bool:
     """Whether a refusal's text names a response code of PERMANENT_CODES (RFC 5530:
     CANNOT, NOPERM, OVERQUOTA...), which trying again later does not change."""
     return bool(refusal_codes(e) & PERMANENT_CODES)
+
+
+def refused_as_gone(session: IMAPClient, e: Exception) -> bool:
+    """Whether `e`, the EXAMINE or SELECT of a listed folder refused, says the folder is
+    gone (holds no mail): a NO on a live session whose code is not one of LATER_CODES: NO
+    [NONEXISTENT] (RFC 5530), or Dovecot's plain NO for a folder deleted while it had
+    subfolders, which it still lists (\\HasChildren, not \\Noselect). A BAD, a session
+    lost or a code for now is an error."""
+    return (session.error is None and isinstance(e, CommandRefused) and e.status == "NO"
+            and not refusal_codes(e) & LATER_CODES)
 
 
 def _text(data: bytes, limit: int = 200) -> str:
