@@ -401,6 +401,19 @@ class ResumeMixin(DatabaseMixin):
         self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
         self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
 
+    async def test_a_folder_whose_examine_is_answered_bad_is_retried(self) -> None:
+        """A BAD does not say the folder is gone (the session told it from a NO by its
+        text alone, so it was taken as a plain NO, and the job failed on a CREATE over the
+        name): a transient failure, nothing CREATEd or sent."""
+        copier, runner, job = await self.stopped_after_archive()
+        copier.dest.refuse_examine["Archive"] = b"BAD Mailbox doesn't exist"
+        copier.dest.commands.clear()
+        with self.assertRaises(TransientJobError):
+            await self.one_run(copier, runner, job)
+        self.assertNotIn(b"CREATE", [n for n, _ in copier.dest.commands])
+        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+
     async def test_a_noselect_folder_that_cannot_be_made_is_refused_alone(self) -> None:
         """Archive listed \\Noselect and its CREATE refused: that folder alone is refused
         (the job fails naming it once the others are copied), Later is copied."""
