@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -75,6 +75,8 @@ class Destination:
     noselect_flags: bytes = b"\\Noselect \\HasChildren"
     # Folder -> a tagged reply refusing its EXAMINE.
     refuse_examine: dict[str, bytes] = field(default_factory=dict)
+    # Folders of refuse_examine refused once only (a refusal for a moment).
+    refuse_examine_once: set[str] = field(default_factory=set)
     # Folder -> a tagged reply refusing its CREATE.
     refuse_create: dict[str, bytes] = field(default_factory=dict)
     # Folders deleted right after a LIST of every folder named them (by another client).
@@ -131,6 +133,8 @@ class FakeDestination(ScriptedIMAP):
             return
         if unquote(args) in self.dest.refuse_examine:
             self.send(tag + b" " + self.dest.refuse_examine[unquote(args)] + b"\r\n")
+            if unquote(args) in self.dest.refuse_examine_once:
+                del self.dest.refuse_examine[unquote(args)]
             return
         if self.box is None:
             self.send(tag + b" NO [NONEXISTENT] no such folder\r\n")
@@ -413,6 +417,29 @@ class ResumeMixin(DatabaseMixin):
         self.assertNotIn(b"CREATE", [n for n, _ in copier.dest.commands])
         self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
         self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+
+    async def test_a_folder_refused_a_moment_and_still_there_is_not_filled_again(
+        self,
+    ) -> None:
+        """Archive's EXAMINE refused once with a NO naming no code (Office 365's "Server
+        Unavailable"), its CREATE then refused as it exists, and it opens under the
+        UIDVALIDITY recorded, every recorded UID in it: it was there all along. Its 4
+        messages were taken as gone and looked for again, and the destination had rewritten
+        them (another size, as Exchange and Gmail do): each was appended a second time."""
+        copier, runner, job = await self.stopped_after_archive()
+        archive = copier.dest.boxes["Archive"]
+        validity = archive.uidvalidity
+        for uid, msg in list(archive.messages.items()):
+            archive.messages[uid] = replace(msg, data=b"X-Stored: yes\r\n" + msg.data)
+        copier.dest.refuse_examine["Archive"] = b"NO Server Unavailable. 15"
+        copier.dest.refuse_examine_once.add("Archive")
+        copier.dest.refuse_create["Archive"] = b"NO [ALREADYEXISTS] Mailbox already exists"
+        await self.one_run(copier, runner, job)
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+        self.assertEqual(copier.dest.bodies("Later"), sorted(body("Later", n) for n in (1, 2)))
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
 
     async def test_a_noselect_folder_that_cannot_be_made_is_refused_alone(self) -> None:
         """Archive listed \\Noselect and its CREATE refused: that folder alone is refused

@@ -472,6 +472,7 @@ class MailboxCopier:
         # gone, as a folder no longer listed. Its EXAMINE (once a run) gives the
         # UIDVALIDITY and EXISTS that what is there is listed by.
         opened = None
+        held: list[tuple[int, int, Any]] | None = None
         if listed and dest not in writer.noselect:
             opened = await self._examine(reader, mailbox)
         exists = opened is not None
@@ -517,6 +518,23 @@ class MailboxCopier:
                                         "right after it was made")
             # Mail there already (someone made it meanwhile): looked for as in one listed.
             uidvalidity, exists = opened[0], opened[1] > 0
+            if listed and again:
+                # Refused a moment ago, open now: a message recorded under this UIDVALIDITY
+                # whose UID it still holds is the one copied (UIDs are never reused within a
+                # UIDVALIDITY), not looked for again (a destination that rewrote it, or one
+                # of many look-alikes, would be sent again: a duplicate each).
+                held = await self._held(reader, opened[1])
+                uids = {uid for uid, _, _ in held}
+                kept = {sid for sid in again if states[sid].dest_uidvalidity == uidvalidity
+                        and states[sid].dest_uid in uids}
+                if kept:
+                    log.info("job {id}: {folder} at the destination opens again with {n} of "
+                             "its copied messages still there; they are not sent again",
+                             id=job.id, folder=plan.name, n=len(kept))
+                    again = {sid: st for sid, st in again.items() if sid not in kept}
+                    todo = [s for s in todo if s.id not in kept]
+                    if not todo:
+                        return
         # What the destination holds that nothing of this plan accounts for.
         index: Counter[tuple[int, Any]] = Counter()
         mine = {c.id for c in plan.candidates}
@@ -525,7 +543,8 @@ class MailboxCopier:
                 and sid not in again}
         used |= plan.present_uids
         assert opened is not None
-        held = await self._held(reader, opened[1])  # in the folder EXAMINEd last
+        if held is None:
+            held = await self._held(reader, opened[1])  # in the folder EXAMINEd last
         index = Counter((size, utc(date)) for uid, size, date in held if uid not in used)
         # Messages in flight at the last stop, and look-alikes of what is there: look first.
         found: list[tuple[int, str, int | None, int | None]] = []
