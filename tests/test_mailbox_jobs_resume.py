@@ -459,6 +459,23 @@ class ResumeMixin(DatabaseMixin):
                          ["inflight"] * 4)
         self.assertEqual(await self.counts(copier, job), (5, 5))
 
+    async def test_a_noselect_folder_not_to_be_made_for_now_is_retried(self) -> None:
+        """Archive listed \\Noselect and its CREATE refused with a code that says for now
+        (UNAVAILABLE): a transient failure of the job, retried, not the folder refused for
+        good (a failed job, ended) with its messages uncounted."""
+        copier, runner, job = await self.stopped_after_archive()
+        del copier.dest.boxes["Archive"]
+        copier.dest.noselect.add("Archive")
+        copier.dest.refuse_create["Archive"] = b"NO [UNAVAILABLE] try later"
+        with self.assertRaises(TransientJobError):
+            await self.one_run(copier, runner, job)
+        self.assertEqual([s for s, _v, _u in (await self.items(copier, job))["Archive"]],
+                         ["done"] * 4)
+        del copier.dest.refuse_create["Archive"]
+        await self.one_run(copier, runner, job)
+        self.assert_copied(copier.dest)
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
     async def test_a_folder_examine_says_does_not_exist_is_made_again(self) -> None:
         """Archive deleted by another client after the run's LIST: its EXAMINE answered NO
         [NONEXISTENT] and the job failed as for now. It is gone: LISTed again, made and

@@ -497,10 +497,11 @@ class MailboxCopier:
                 # Listed but not to be opened: LISTed again, CREATEd over the name.
                 await writer.ensure_folder(path, reopen=listed)
             except FetchError as e:
-                # Refused for good; or, listed and not to be opened, refused at all: a
-                # rerun meets the same name it can neither open nor make.
+                # Refused for good; or, listed and not to be opened, refused other than
+                # for now (_LATER): a rerun meets the same name it can neither open nor make.
                 if isinstance(e, BadFolderName) or (
-                    writer.session.error is None and (listed or refused_for_good(e))
+                    writer.session.error is None and (
+                        refused_for_good(e) or (listed and not refusal_codes(e) & _LATER))
                 ):
                     await self._uncount(runner, job, plan, again)
                     raise _FolderRefused(str(e)) from None
