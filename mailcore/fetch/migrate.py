@@ -78,6 +78,7 @@ from mailcore.fetch.jobs import (
 )
 from mailcore.fetch.secrets import SecretBox
 from mailcore.fetch.writer import (
+    LATER_CODES,
     Append,
     Appended,
     AppendInterrupted,
@@ -86,6 +87,7 @@ from mailcore.fetch.writer import (
     Streamed,
     encode_folder,
     open_writer,
+    refusal_codes,
     refused_as_gone,
     refused_for_good,
 )
@@ -498,10 +500,10 @@ class MailboxCopier:
                 await writer.ensure_folder(path, reopen=listed)
             except FetchError as e:
                 # Refused for good; or, listed and not to be opened, refused other than
-                # for now (_LATER): a rerun meets the same name it can neither open nor make.
+                # for now (LATER_CODES): a rerun meets the same name it can neither open nor make.
                 if isinstance(e, BadFolderName) or (
                     writer.session.error is None and (
-                        refused_for_good(e) or (listed and not refusal_codes(e) & _LATER))
+                        refused_for_good(e) or (listed and not refusal_codes(e) & LATER_CODES))
                 ):
                     await self._uncount(runner, job, plan, again)
                     raise _FolderRefused(str(e)) from None
