@@ -24,7 +24,7 @@ from mailcore.fetch.errors import FetchError
 from mailcore.fetch.imap import ARRIVING, ServerSpec
 from mailcore.fetch.jobs import Job, JobFailed, JobRunner
 from mailcore.fetch.migrate import MailboxCopier, Source, _classify, guarded, thd_backup_folders
-from mailcore.fetch.writer import refused_as_gone
+from mailcore.fetch.writer import refusal_codes, refused_as_gone
 from mailcore.store.schema import mailbox_job_items, mailbox_jobs
 
 log = Logger()
@@ -87,7 +87,13 @@ async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
             try:
                 info = await reader.examine(folder.name)
             except FetchError as e:
-                if not refused_as_gone(reader, e):
+                # Gone only where the NO says so (NONEXISTENT), or where it is Dovecot's
+                # plain NO for a folder deleted while it had subfolders (listed
+                # \HasChildren): every backed-up message of a folder taken as gone goes
+                # back without a look at what it holds, so a plain NO of a folder that is
+                # there (Office 365's "Server Unavailable") would put each in twice.
+                if not refused_as_gone(reader, e) or not (
+                        "NONEXISTENT" in refusal_codes(e) or "\\HASCHILDREN" in folder.flags):
                     raise _classify(e) from None
                 # Listed but not to be opened (Dovecot: deleted while it had subfolders):
                 # as a \Noselect one, every message goes back.
