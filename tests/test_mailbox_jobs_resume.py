@@ -441,6 +441,29 @@ class ResumeMixin(DatabaseMixin):
                          [("done", validity, uid) for uid in (1, 2, 3, 4)])
         self.assertEqual(await self.counts(copier, job), (9, 9))
 
+    async def test_a_folder_refused_twice_and_there_is_retried_counts_kept(self) -> None:
+        """Archive's EXAMINE refused with a NO naming no code, its CREATE refused as it
+        exists, and its EXAMINE refused again: it may be there with its 4 messages (Office
+        365 says "Server Unavailable" for a moment). The run is tried again later, nothing
+        uncounted or marked in flight; refused alone, the job ended for good (R7)."""
+        copier, runner, job = await self.stopped_after_archive()
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        before = await self.counts(copier, job)
+        copier.dest.refuse_examine["Archive"] = b"NO Server Unavailable. 15"
+        copier.dest.refuse_create["Archive"] = b"NO [ALREADYEXISTS] Mailbox already exists"
+        with self.assertRaises(TransientJobError) as caught:
+            await self.one_run(copier, runner, job)
+        self.assertIn("lists it but will not open it", str(caught.exception))
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), before)
+        # Open again: nothing of Archive is sent a second time.
+        del copier.dest.refuse_examine["Archive"]
+        await self.one_run(copier, runner, job)
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+        self.assertEqual(copier.dest.bodies("Later"), sorted(body("Later", n) for n in (1, 2)))
+
     async def test_a_noselect_folder_that_cannot_be_made_is_refused_alone(self) -> None:
         """Archive listed \\Noselect and its CREATE refused: that folder alone is refused
         (the job fails naming it once the others are copied), Later is copied."""

@@ -513,12 +513,15 @@ class MailboxCopier:
             # taken, and the next run sees whether the folder is still this one.
             opened = await self._examine(reader, mailbox)
             if opened is None:
-                if listed:
-                    await self._uncount(runner, job, plan, again)
-                    raise _FolderRefused("the destination lists it but will not open it, "
-                                         "nor make it again")
-                raise TransientJobError(f"{'/'.join(path)!r} is not at the destination "
-                                        "right after it was made")
+                # Listed, its EXAMINE refused again after a CREATE that failed or said
+                # nothing: a NO naming no code may be for a moment (Office 365's "Server
+                # Unavailable"), and the folder with what was copied into it may be there.
+                # Tried again later, the counts left as they are: refusing it for good
+                # would end the job, and a new job would send again what it cannot tell
+                # apart (a destination that rewrites messages).
+                what = ("lists it but will not open it, nor make it again" if listed
+                        else "does not have it right after it was made")
+                raise TransientJobError(f"the destination {what}: {'/'.join(path)!r}")
             # Mail there already (someone made it meanwhile): looked for as in one listed.
             uidvalidity, exists = opened[0], opened[1] > 0
             if listed and again:
