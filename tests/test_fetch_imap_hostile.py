@@ -809,8 +809,10 @@ class ListedButNotOpenedTests(TestCase):
             self.assertIsNone(await self.archive_error(env))
 
     async def test_a_refusal_for_now_or_a_bad_is_still_the_folders_error(self) -> None:
+        # NOPERM too: a folder the login may not read is not one that holds no mail, and a
+        # backup passing it over would say nothing of the mail it leaves out.
         for answer in (b"NO [UNAVAILABLE] try later", b"NO [INUSE] busy",
-                       b"BAD Mailbox doesn't exist"):
+                       b"BAD Mailbox doesn't exist", b"NO [NOPERM] not yours to read"):
             first, again, env, account_id, port = await self.sync_twice(answer)
             said = answer.split(b" ", 1)[1].decode()
             for result in (first, again):

@@ -85,7 +85,7 @@ from mailcore.fetch.state import (
     thd_upsert_folders,
 )
 from mailcore.fetch.tls import client_tls
-from mailcore.fetch.writer import refused_as_gone
+from mailcore.fetch.writer import refusal_codes, refused_as_gone
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from mailcore.messages.parse import ParsedMessage, parse_messages
 from mailcore.messages.store import MessageStore, pop_size_changed
@@ -727,7 +727,11 @@ class SyncEngine:
                     try:
                         info = await self._open_folder(session, account, state, progress)
                     except FetchError as e:
-                        if not refused_as_gone(session, e):
+                        # A NO naming any code but NONEXISTENT (NOPERM: the login may not
+                        # read it) stays the folder's error: passed over, what it holds
+                        # would be left out of the backup without a word.
+                        if not refused_as_gone(session, e) \
+                                or refusal_codes(e) - {"NONEXISTENT"}:
                             raise
                         # Listed but holding no mail (Dovecot lists a folder deleted while
                         # it had subfolders and answers its EXAMINE NO): passed over as a
