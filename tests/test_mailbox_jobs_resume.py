@@ -299,6 +299,14 @@ class ResumeMixin(DatabaseMixin):
             self.assertEqual(dest.bodies(folder),
                              sorted(body(folder, n) for n in range(1, count + 1)), folder)
 
+    async def assert_archive_done_in_its_folder_now(self, copier: Copier, job: Any) -> None:
+        """Archive's 4 items done under the UIDVALIDITY its folder has now, and the job's
+        counts 9 and 9: each message counted once."""
+        validity = copier.dest.boxes["Archive"].uidvalidity
+        self.assertEqual((await self.items(copier, job))["Archive"],
+                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
+        self.assertEqual(await self.counts(copier, job), (9, 9))
+
     async def stopped_after_archive(self) -> tuple[Copier, Any, Any]:
         """A job whose first run copied INBOX and Archive, then stopped at Later (the
         destination refusing it for now)."""
@@ -352,10 +360,7 @@ class ResumeMixin(DatabaseMixin):
         del copier.dest.boxes["Archive"]
         await self.one_run(copier, runner, job)
         self.assert_copied(copier.dest)
-        validity = copier.dest.boxes["Archive"].uidvalidity
-        self.assertEqual((await self.items(copier, job))["Archive"],
-                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
-        self.assertEqual(await self.counts(copier, job), (9, 9))
+        await self.assert_archive_done_in_its_folder_now(copier, job)
 
     async def test_a_folder_deleted_with_subfolders_is_made_again_and_filled(
         self,
@@ -372,10 +377,7 @@ class ResumeMixin(DatabaseMixin):
         self.assert_copied(copier.dest)
         self.assertNotIn((b"EXAMINE", b'"Archive"'), copier.dest.commands[:5])
         self.assertIn((b"CREATE", b'"Archive"'), copier.dest.commands)
-        validity = copier.dest.boxes["Archive"].uidvalidity
-        self.assertEqual((await self.items(copier, job))["Archive"],
-                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
-        self.assertEqual(await self.counts(copier, job), (9, 9))
+        await self.assert_archive_done_in_its_folder_now(copier, job)
 
     async def test_a_folder_deleted_with_subfolders_on_dovecot_is_made_again_and_filled(
         self,
@@ -388,10 +390,7 @@ class ResumeMixin(DatabaseMixin):
         copier.dest.noselect_flags = b"\\HasChildren"
         await self.one_run(copier, runner, job)
         self.assert_copied(copier.dest)
-        validity = copier.dest.boxes["Archive"].uidvalidity
-        self.assertEqual((await self.items(copier, job))["Archive"],
-                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
-        self.assertEqual(await self.counts(copier, job), (9, 9))
+        await self.assert_archive_done_in_its_folder_now(copier, job)
 
     async def test_a_folder_not_to_be_opened_for_now_is_retried(self) -> None:
         """An EXAMINE refused with a code that says for now (UNAVAILABLE, INUSE,
@@ -507,10 +506,7 @@ class ResumeMixin(DatabaseMixin):
         copier.dest.gone_after_list.add("Archive")
         await self.one_run(copier, runner, job)
         self.assert_copied(copier.dest)
-        validity = copier.dest.boxes["Archive"].uidvalidity
-        self.assertEqual((await self.items(copier, job))["Archive"],
-                         [("done", validity, uid) for uid in (1, 2, 3, 4)])
-        self.assertEqual(await self.counts(copier, job), (9, 9))
+        await self.assert_archive_done_in_its_folder_now(copier, job)
 
     async def test_a_folder_with_copied_and_new_messages_is_examined_once(self) -> None:
         """Archive with two messages copied and two not yet: EXAMINEd twice, once for its

@@ -1505,6 +1505,19 @@ class SecretsNeverShownTests(TestCase):
                             self.assertNotIn(secret, text, table)
 
 
+
+class HungGateway:
+    """An SMS gateway (treq's request) that takes the request and never answers: `asked`
+    fires once it has it; `cancelled` holds each cancel of it."""
+
+    def __init__(self) -> None:
+        self.asked: defer.Deferred[None] = defer.Deferred()
+        self.cancelled: list[object] = []
+
+    def request(self, *_: Any, **__: Any) -> defer.Deferred[Any]:
+        self.asked.callback(None)
+        return defer.Deferred(self.cancelled.append)
+
 class SmsGatewayTests(TestCase):
     async def start(self, status: int) -> tuple[PageFixture, list[dict[str, str]], str]:
         from twisted.web.resource import Resource
@@ -1595,31 +1608,23 @@ class SmsGatewayTests(TestCase):
         as with a gateway that refuses it."""
         from mailcore.safedrop.sms import SMS_TIMEOUT, SmsGateway
 
-        asked: defer.Deferred[None] = defer.Deferred()
-        cancelled: list[object] = []
-
-        class HungGateway:
-            def request(self, *_: Any, **__: Any) -> defer.Deferred[Any]:
-                asked.callback(None)
-                return defer.Deferred(cancelled.append)
-
+        gateway = HungGateway()
         f = PageFixture()
         await f.start(self)
-        f.web.core.safedrop.sms = SmsGateway("http://sms.example/send", HungGateway(),
-                                             f.web.clock)
+        f.web.core.safedrop.sms = SmsGateway("http://sms.example/send", gateway, f.web.clock)
         _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
         browser = Browser(f)
         await browser.get(bob)
         posting = defer.Deferred.fromCoroutine(browser.post(bob, action="send_code"))
-        await asked
+        await gateway.asked
         f.web.clock.advance(SMS_TIMEOUT - 1)
         self.assertFalse(posting.called)
-        self.assertEqual(cancelled, [])
+        self.assertEqual(gateway.cancelled, [])
         f.web.clock.advance(1)
         browser.http.flush()  # the reply, written meanwhile, to the client
         status, headers, _ = await posting
         self.assertEqual(status, 303)
-        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(len(gateway.cancelled), 1)
         self.assertEqual(len([m for m in f.mails_to("bob@example.net")
                               if m["Subject"] == "Your safedrop code"]), 1)
         await self.assertPageSays(browser, headers, MAILED_INSTEAD)
@@ -1636,18 +1641,11 @@ class SmsGatewayTests(TestCase):
 
         from mailcore.safedrop.sms import SmsGateway
 
-        asked: defer.Deferred[None] = defer.Deferred()
-        cancelled: list[object] = []
-
-        class HungGateway:
-            def request(self, *_: Any, **__: Any) -> defer.Deferred[Any]:
-                asked.callback(None)
-                return defer.Deferred(cancelled.append)
-
+        gateway = HungGateway()
         f = PageFixture()
         await f.start(self)
         drops = f.web.core.safedrop
-        drops.sms = SmsGateway("http://sms.example/send", HungGateway(), f.web.clock)
+        drops.sms = SmsGateway("http://sms.example/send", gateway, f.web.clock)
         send_code = drops.send_code
         ended: defer.Deferred[None] = defer.Deferred()
 
@@ -1663,11 +1661,11 @@ class SmsGatewayTests(TestCase):
         await browser.get(bob)
         posting = defer.Deferred.fromCoroutine(browser.post(bob, action="send_code"))
         posting.addErrback(lambda failure: failure.trap(ResponseNeverReceived))
-        await asked
+        await gateway.asked
         posting.cancel()  # the client closes its connection
         browser.http.flush()
         await ended
-        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(len(gateway.cancelled), 1)
         self.assertEqual([m for m in f.mails_to("bob@example.net")
                           if m["Subject"] == "Your safedrop code"], [])
 
