@@ -748,6 +748,50 @@ class FindTests(TestCase):
         self.assertIn("taken as not there: it is sent again, at worst a duplicate",
                       warnings[1])
 
+    def test_look_alikes_past_the_folder_budget_are_not_compared_again_this_run(
+            self) -> None:
+        """MAX_LOOKALIKES bounded the bodies compared per message only: a destination
+        naming 100 look-alikes for each message of a resume cost 100 body fetches and a
+        warning each. Past the bound once in a folder, or past MAX_LOOKALIKE_FETCHES bodies
+        compared there, no body of that folder is fetched again by this writer (this run):
+        each message is decided as past the bound, with one warning for the folder. Another
+        folder has its own budget."""
+        class LookAlikes(Searchable):
+            exists = 500
+            found = b" ".join(b"%d" % u for u in range(1, 301))
+
+        class Many(Searchable):  # each message within the bound, many messages
+            exists = 500
+            found = b" ".join(b"%d" % u for u in range(1, 61))
+
+        date = datetime.datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+        def find(rig: Rig, folder: str, message_id: str | None) -> Any:
+            return rig.run(rig.writer.find((folder,), message_id=message_id, size=200,
+                                           internaldate=date, sha256="0" * 64))
+
+        warnings = logged_at(self, LogLevel.warn)
+        rig: Any = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"), LookAlikes)
+        for i in range(20):
+            self.assertIsNone(find(rig, "Archive", None))
+            self.assertEqual(find(rig, "Archive", f"<m{i}@test>"), 1)  # the lowest UID
+        self.assertEqual(rig.server.bodies_fetched, writer_module.MAX_LOOKALIKES)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("not compared further in that folder this run", warnings[0])
+        self.assertIsNone(find(rig, "Other", None))  # its own budget
+        self.assertEqual(rig.server.bodies_fetched, 2 * writer_module.MAX_LOOKALIKES)
+        self.assertEqual(len(warnings), 2)
+
+        del warnings[:]
+        rig = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"), Many)
+        for i in range(40):
+            self.assertIsNone(find(rig, "Archive", None))
+            self.assertEqual(find(rig, "Archive", f"<m{i}@test>"), 1)
+        self.assertEqual(rig.server.bodies_fetched, writer_module.MAX_LOOKALIKE_FETCHES)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(f"({writer_module.MAX_LOOKALIKE_FETCHES} bodies compared there)",
+                      warnings[0])
+
     def test_look_alikes_within_the_bound_are_compared(self) -> None:
         class Few(Searchable):
             found = b"1 2 3"

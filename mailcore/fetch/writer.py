@@ -117,6 +117,12 @@ LITERAL_MINUS_MAX = 4096
 # look-alikes held a resume for hours, one body fetch each, for every message it looked for.
 # Beyond it `find` stops comparing (a warning): an honest folder can hold that many.
 MAX_LOOKALIKES = 100
+# The most bodies `find` fetches to compare look-alikes in one folder over a writer's life
+# (one run). Past it, or past MAX_LOOKALIKES for one message, no body of that folder is
+# compared again (one warning): each message looked for there is decided as one past the
+# bound, without fetching. A destination naming 100 look-alikes for every message of a
+# resume cost 100 body fetches (and a warning) each.
+MAX_LOOKALIKE_FETCHES = 10 * MAX_LOOKALIKES
 
 
 class BadFolderName(FetchError):
@@ -683,6 +689,8 @@ class MailboxWriter:
         self.noselect: set[tuple[str, ...]] = set()
         self._selected: bytes | None = None
         self._exists = 0  # what the EXAMINE of _selected counted
+        # Per folder: the bodies `find` fetched to compare look-alikes (None: no more).
+        self._compared: dict[bytes, int | None] = {}
         self.appendlimit: int | None = None
         for cap in self.capabilities:
             # Over 20 digits (beyond any size) is no limit; int() refuses over 4,300 digits.
@@ -1020,7 +1028,9 @@ class MailboxWriter:
         EXISTS and ARRIVING is a ProtocolFailed (a hostile destination: the copy fails, not
         hangs). At most MAX_LOOKALIKES look-alikes are compared: beyond, without a
         Message-ID the message is taken as not there (a warning; sent again, at worst a
-        duplicate), with one as the lowest UID, as when none compared is it."""
+        duplicate), with one as the lowest UID, as when none compared is it. Once that
+        happened in the folder, or MAX_LOOKALIKE_FETCHES bodies were compared there, every
+        message with look-alikes there is decided so without fetching."""
         mailbox = self.mailbox(path)
         async with self._lock:
             if not await self._examine(path, mailbox):
@@ -1095,15 +1105,25 @@ class MailboxWriter:
                         otherwise: str) -> int | None:
         """The first of `uids` whose body has `sha256`; None when none has, or when the
         first MAX_LOOKALIKES are not it (an honest folder can hold that many: messages
-        without Message-ID or date are searched by size alone). That is logged as a
-        warning saying what the caller does `otherwise`."""
+        without Message-ID or date are searched by size alone), or when the folder's budget
+        (MAX_LOOKALIKE_FETCHES) is spent. The first of those in a folder stops its
+        comparing for good, with a warning saying what the caller does `otherwise`."""
+        mailbox = self.mailbox(path)
         for n, uid in enumerate(uids):
-            if n == MAX_LOOKALIKES:
-                log.warn("{host} holds more than {n} messages in {folder!r} that look like "
-                         "one looked for (same size and Message-ID or date) and are not it; "
-                         "not compared further, {otherwise}", host=self.session.host,
-                         n=MAX_LOOKALIKES, folder="/".join(path), otherwise=otherwise)
+            fetched = self._compared.setdefault(mailbox, 0)
+            if fetched is None:
                 return None
+            if n == MAX_LOOKALIKES or fetched >= MAX_LOOKALIKE_FETCHES:
+                self._compared[mailbox] = None
+                what = (f"more than {MAX_LOOKALIKES} messages" if n == MAX_LOOKALIKES
+                        else "messages")
+                log.warn("{host} holds {what} in {folder!r} that look like one looked for "
+                         "(same size and Message-ID or date) and are not it ({fetched} "
+                         "bodies compared there); not compared further in that folder this "
+                         "run, {otherwise}", host=self.session.host, what=what,
+                         folder="/".join(path), fetched=fetched, otherwise=otherwise)
+                return None
+            self._compared[mailbox] = fetched + 1
             if await self._body_hash(uid) == sha256:
                 return uid
         return None
