@@ -118,10 +118,10 @@ LITERAL_MINUS_MAX = 4096
 # Beyond it `find` stops comparing (a warning): an honest folder can hold that many.
 MAX_LOOKALIKES = 100
 # The most bodies `find` fetches to compare look-alikes in one folder over a writer's life
-# (one run). Past it, or past MAX_LOOKALIKES for one message, no body of that folder is
-# compared again (one warning): each message looked for there is decided as one past the
-# bound, without fetching. A destination naming 100 look-alikes for every message of a
-# resume cost 100 body fetches (and a warning) each.
+# (one run). Past it no body of that folder is compared again (one warning): each message
+# looked for there is decided as one past MAX_LOOKALIKES, without fetching. A destination
+# naming 100 look-alikes for every message of a resume cost 100 body fetches (and a
+# warning) each.
 MAX_LOOKALIKE_FETCHES = 10 * MAX_LOOKALIKES
 
 
@@ -1028,9 +1028,9 @@ class MailboxWriter:
         EXISTS and ARRIVING is a ProtocolFailed (a hostile destination: the copy fails, not
         hangs). At most MAX_LOOKALIKES look-alikes are compared: beyond, without a
         Message-ID the message is taken as not there (a warning; sent again, at worst a
-        duplicate), with one as the lowest UID, as when none compared is it. Once that
-        happened in the folder, or MAX_LOOKALIKE_FETCHES bodies were compared there, every
-        message with look-alikes there is decided so without fetching."""
+        duplicate), with one as the lowest UID, as when none compared is it. Once
+        MAX_LOOKALIKE_FETCHES bodies were compared in the folder, every message with
+        look-alikes there is decided so without fetching."""
         mailbox = self.mailbox(path)
         async with self._lock:
             if not await self._examine(path, mailbox):
@@ -1106,22 +1106,29 @@ class MailboxWriter:
         """The first of `uids` whose body has `sha256`; None when none has, or when the
         first MAX_LOOKALIKES are not it (an honest folder can hold that many: messages
         without Message-ID or date are searched by size alone), or when the folder's budget
-        (MAX_LOOKALIKE_FETCHES) is spent. The first of those in a folder stops its
-        comparing for good, with a warning saying what the caller does `otherwise`."""
+        (MAX_LOOKALIKE_FETCHES) is spent, which stops its comparing for the run; each is
+        logged as a warning saying what the caller does `otherwise` (the budget once)."""
         mailbox = self.mailbox(path)
         for n, uid in enumerate(uids):
             fetched = self._compared.setdefault(mailbox, 0)
             if fetched is None:
                 return None
-            if n == MAX_LOOKALIKES or fetched >= MAX_LOOKALIKE_FETCHES:
+            if fetched >= MAX_LOOKALIKE_FETCHES:
                 self._compared[mailbox] = None
-                what = (f"more than {MAX_LOOKALIKES} messages" if n == MAX_LOOKALIKES
-                        else "messages")
-                log.warn("{host} holds {what} in {folder!r} that look like one looked for "
-                         "(same size and Message-ID or date) and are not it ({fetched} "
-                         "bodies compared there); not compared further in that folder this "
-                         "run, {otherwise}", host=self.session.host, what=what,
+                log.warn("{host} holds messages in {folder!r} that look like those looked "
+                         "for (same size and Message-ID or date) and are not them "
+                         "({fetched} bodies compared there); not compared further in that "
+                         "folder this run, {otherwise}", host=self.session.host,
                          folder="/".join(path), fetched=fetched, otherwise=otherwise)
+                return None
+            if n == MAX_LOOKALIKES:
+                # This message alone: an honest folder can hold that many look-alikes of
+                # one (same-size notifications without Message-ID), and its other messages
+                # are still compared, within the folder's budget.
+                log.warn("{host} holds more than {n} messages in {folder!r} that look like "
+                         "one looked for (same size and Message-ID or date) and are not it; "
+                         "not compared further, {otherwise}", host=self.session.host,
+                         n=MAX_LOOKALIKES, folder="/".join(path), otherwise=otherwise)
                 return None
             self._compared[mailbox] = fetched + 1
             if await self._body_hash(uid) == sha256:
