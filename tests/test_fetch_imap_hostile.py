@@ -768,13 +768,15 @@ class ListedButNotOpenedTests(TestCase):
 
     timeout = 30
 
-    async def sync_twice(self, answer: bytes) -> tuple[Any, Any, Any, int, int]:
-        """Two syncs of an account listing INBOX, Archive (its EXAMINE answered `answer`)
-        and Archive/2023: their results, the env, the account id and the server's port."""
+    async def sync_twice(self, answer: bytes, flags: bytes = b"\\HasChildren"
+                         ) -> tuple[Any, Any, Any, int, int]:
+        """Two syncs of an account listing INBOX, Archive (listed with `flags`, its EXAMINE
+        answered `answer`) and Archive/2023: their results, the env, the account id and the
+        server's port."""
         (factory, port), = cleartext_servers(self, 1)
 
         def listing(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            conn.transport.write(b'* LIST () "/" INBOX\r\n* LIST (\\HasChildren) "/" Archive\r\n'
+            conn.transport.write(b'* LIST () "/" INBOX\r\n* LIST (' + flags + b') "/" Archive\r\n'
                                  b'* LIST (\\HasNoChildren) "/" Archive/2023\r\n'
                                  + tag + b" OK listed\r\n")
             return True
@@ -807,6 +809,23 @@ class ListedButNotOpenedTests(TestCase):
             self.assertEqual(list(await env.copies(account_id, "Archive/2023")), [1])
             self.assertEqual(list(await env.copies(account_id, "Archive")), [])
             self.assertIsNone(await self.archive_error(env))
+
+    async def test_a_plain_no_of_a_folder_without_children_is_still_its_error(
+            self) -> None:
+        # Office 365 answers a momentary "NO Server Unavailable. 15", naming no code: passed
+        # over, the sync was a success without the folder's new mail, and a migrate after
+        # it ended done. Only Dovecot's case, a folder listed \HasChildren, is passed over.
+        for flags in (b"\\HasNoChildren", b""):
+            first, again, env, _account_id, port = await self.sync_twice(
+                b"NO Server Unavailable. 15", flags)
+            for result in (first, again):
+                self.assertEqual((result.status, result.problems()), (
+                    "error", f"Archive: EXAMINE refused by 127.0.0.1:{port}: Server "
+                    "Unavailable. 15"), flags)
+            self.assertIsNotNone(await self.archive_error(env))
+        # NONEXISTENT says so whatever the flags.
+        first, _, env, _, _ = await self.sync_twice(b"NO [NONEXISTENT] gone", b"")
+        self.assertEqual((first.status, first.problems()), ("success", None))
 
     async def test_a_refusal_for_now_or_a_bad_is_still_the_folders_error(self) -> None:
         # NOPERM too: a folder the login may not read is not one that holds no mail, and a

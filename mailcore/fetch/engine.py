@@ -701,9 +701,9 @@ class SyncEngine:
                 result.folders[name] = FolderResult(error="folder not found on the server")
             for folder in chosen:
                 if folder.name not in opened:
-                    session = await self._sync_guarded(session, account, password,
-                                                       states[folder.name], None, result,
-                                                       progress)
+                    session = await self._sync_guarded(
+                        session, account, password, states[folder.name], None, result,
+                        progress, with_children="\\HASCHILDREN" in folder.flags)
         finally:
             await session.close_session()
 
@@ -716,9 +716,13 @@ class SyncEngine:
         info: SelectInfo | None,
         result: SyncResult,
         progress: list[int],
+        *,
+        with_children: bool = False,
     ) -> IMAPClient:
         """Sync one folder (EXAMINEd unless `info` says it is open), its failure recorded as
-        the folder's error; the session to go on with (a new one when this one died)."""
+        the folder's error; the session to go on with (a new one when this one died).
+        `with_children`: the LIST just run named it \\HasChildren, so a plain NO to its
+        EXAMINE is Dovecot's for a folder deleted with subfolders (passed over)."""
         folder_result = result.folders.setdefault(state.name, FolderResult())
         oversized = _Oversized()
         while True:
@@ -729,9 +733,13 @@ class SyncEngine:
                     except FetchError as e:
                         # A NO naming any code but NONEXISTENT (NOPERM: the login may not
                         # read it) stays the folder's error: passed over, what it holds
-                        # would be left out of the backup without a word.
-                        if not refused_as_gone(session, e) \
-                                or refusal_codes(e) - {"NONEXISTENT"}:
+                        # would be left out of the backup without a word. So does a plain
+                        # NO of a folder not listed \HasChildren (Office 365's momentary
+                        # "Server Unavailable", INBOX included): a sync passing it over is
+                        # a success, and a migrate after it ends done without its new mail.
+                        codes = refusal_codes(e)
+                        if not refused_as_gone(session, e) or codes - {"NONEXISTENT"} \
+                                or not (codes or with_children):
                             raise
                         # Listed but holding no mail (Dovecot lists a folder deleted while
                         # it had subfolders and answers its EXAMINE NO): passed over as a
