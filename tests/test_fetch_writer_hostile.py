@@ -12,6 +12,7 @@ encodings (modified UTF-7, UTF-8, flags, INTERNALDATE) as pure functions.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import re
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -795,6 +796,28 @@ class FindTests(TestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn(f"({writer_module.MAX_LOOKALIKE_FETCHES} bodies compared there)",
                       warnings[0])
+
+    def test_bodies_found_the_same_do_not_spend_the_folders_budget(self) -> None:
+        """A second migrate to the same mailbox looks for each message without a Message-ID
+        there, one body fetched each, and finds it. Counted against MAX_LOOKALIKE_FETCHES,
+        those matches spent the budget of a folder of 1,000 such messages, and every later
+        one was taken as not there without comparing: sent again, a duplicate each. Only
+        bodies compared that are not it count."""
+        class One(Searchable):  # the message looked for is there, at UID 1
+            exists = 2000
+            found = b"1"
+
+        body = b"%08d" % 1 + b"y" * (One.size - 8)
+        rig: Any = Rig(self, Script(capabilities="IMAP4rev1 UIDPLUS LITERAL+"), One)
+        warnings = logged_at(self, LogLevel.warn)
+        times = writer_module.MAX_LOOKALIKE_FETCHES + 5
+        for _ in range(times):
+            self.assertEqual(rig.run(rig.writer.find(
+                ("Archive",), message_id=None, size=One.size,
+                internaldate=datetime.datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC),
+                sha256=hashlib.sha256(body).hexdigest())), 1)
+        self.assertEqual(rig.server.bodies_fetched, times)
+        self.assertEqual(warnings, [])
 
     def test_look_alikes_within_the_bound_are_compared(self) -> None:
         class Few(Searchable):

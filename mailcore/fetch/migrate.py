@@ -22,9 +22,9 @@ Exactly once, per (job, backed-up message), in `mailbox_job_items`:
    job accounts for. A message found is recorded `present` (or `done` if it was in flight)
    and is not appended again. Past MAX_LOOKALIKES look-alikes compared without a Message-ID,
    a message is taken as not there (a warning): sent again, at worst a duplicate; past
-   MAX_LOOKALIKE_FETCHES bodies compared in the folder, the rest of the run takes every
-   message with look-alikes there so without comparing (the writer, one a run, keeps the
-   count per folder; one warning a folder).
+   MAX_LOOKALIKE_FETCHES bodies compared in the folder that were not it (a match is not
+   counted), the rest of the run takes every message with look-alikes there so without
+   comparing (the writer, one a run, keeps the count per folder; one warning a folder).
 4. Each record holds the folder's UIDVALIDITY at the time (an APPENDUID naming another is
    not taken: the message is recorded without a UID). On a restart, a folder a run copied
    into that is gone (no longer listed; or still listed, \\Noselect or not, as one deleted

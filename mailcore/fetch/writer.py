@@ -118,7 +118,8 @@ LITERAL_MINUS_MAX = 4096
 # Beyond it `find` stops comparing (a warning): an honest folder can hold that many.
 MAX_LOOKALIKES = 100
 # The most bodies `find` fetches to compare look-alikes in one folder over a writer's life
-# (one run). Past it no body of that folder is compared again (one warning): each message
+# (one run) that are not the message looked for (a body found the same is not counted).
+# Past it no body of that folder is compared again (one warning): each message
 # looked for there is decided as one past MAX_LOOKALIKES, without fetching. A destination
 # naming 100 look-alikes for every message of a resume cost 100 body fetches (and a
 # warning) each.
@@ -1130,9 +1131,11 @@ class MailboxWriter:
                          "not compared further, {otherwise}", host=self.session.host,
                          n=MAX_LOOKALIKES, folder="/".join(path), otherwise=otherwise)
                 return None
-            self._compared[mailbox] = fetched + 1
             if await self._body_hash(uid) == sha256:
+                # A match is no look-alike: only bodies that are not it spend the budget
+                # (a second migrate finds each message without a Message-ID so).
                 return uid
+            self._compared[mailbox] = fetched + 1
         return None
 
     async def _body_hash(self, uid: int) -> str | None:
