@@ -387,12 +387,20 @@ class MailboxCopier:
             writer = await self.open_writer(spec, creator)
             existing = {tuple(p) for p in await guarded(writer.folders())}
             cannot: list[str] = []
+            later: list[str] = []
             for plan in plans:
                 try:
                     await self._copy_folder(runner, job, writer, reader, plan, states,
                                             existing)
                 except _FolderRefused as e:
                     cannot.append(f"{'/'.join(plan.path)!r} ({e})")
+                except _FolderLater as e:
+                    # The session is alive: the other folders are copied meanwhile (one
+                    # never opening would otherwise hold back every folder after it).
+                    later.append(str(e))
+            if later:
+                raise TransientJobError("; ".join(later + [
+                    f"cannot take {c}" for c in cannot]) + "; every other folder was copied")
             if cannot:
                 raise JobFailed(f"the destination cannot take the folder{'s' * (len(cannot) > 1)} "
                                 f"{', '.join(cannot)}; every other folder was copied")
@@ -524,7 +532,7 @@ class MailboxCopier:
                 # apart (a destination that rewrites messages).
                 what = ("lists it but will not open it, nor make it again" if listed
                         else "does not have it right after it was made")
-                raise TransientJobError(f"the destination {what}: {'/'.join(path)!r}")
+                raise _FolderLater(f"the destination {what}: {'/'.join(path)!r}")
             # Mail there already (someone made it meanwhile): looked for as in one listed.
             uidvalidity, exists = opened[0], opened[1] > 0
             if listed and again:
@@ -755,6 +763,11 @@ class MailboxCopier:
 class _FolderRefused(Exception):
     """A folder the destination will never take: its CREATE refused with a code that says
     so, or a name no command can carry (BadFolderName)."""
+
+
+class _FolderLater(Exception):
+    """A folder the destination lists but will not open for now, on a live session: tried
+    again in the job's next run, once the other folders were copied."""
 
 
 def _classify(e: FetchError) -> Exception:
