@@ -768,21 +768,22 @@ class ListedButNotOpenedTests(TestCase):
 
     timeout = 30
 
-    async def sync_twice(self, answer: bytes, flags: bytes = b"\\HasChildren"
-                         ) -> tuple[Any, Any, Any, int, int]:
-        """Two syncs of an account listing INBOX, Archive (listed with `flags`, its EXAMINE
-        answered `answer`) and Archive/2023: their results, the env, the account id and the
-        server's port."""
+    async def sync_twice(self, answer: bytes, flags: bytes = b"\\HasChildren",
+                         refused: bytes = b"Archive") -> tuple[Any, Any, Any, int, int]:
+        """Two syncs of an account listing INBOX (with `flags` too), Archive (listed with
+        `flags`) and Archive/2023, the EXAMINE of `refused` answered `answer`: their
+        results, the env, the account id and the server's port."""
         (factory, port), = cleartext_servers(self, 1)
 
         def listing(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            conn.transport.write(b'* LIST () "/" INBOX\r\n* LIST (' + flags + b') "/" Archive\r\n'
+            conn.transport.write(b'* LIST (' + flags + b') "/" INBOX\r\n'
+                                 b'* LIST (' + flags + b') "/" Archive\r\n'
                                  b'* LIST (\\HasNoChildren) "/" Archive/2023\r\n'
                                  + tag + b" OK listed\r\n")
             return True
 
         def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
-            if rest.split()[1].strip(b'"') != b"Archive":
+            if rest.split()[1].strip(b'"') != refused:
                 return None
             conn.transport.write(tag + b" " + answer + b"\r\n")
             return True
@@ -823,6 +824,14 @@ class ListedButNotOpenedTests(TestCase):
                     "error", f"Archive: EXAMINE refused by 127.0.0.1:{port}: Server "
                     "Unavailable. 15"), flags)
             self.assertIsNotNone(await self.archive_error(env))
+        # INBOX is never deleted: its plain NO is an error, children or not (Office 365
+        # lists an INBOX with subfolders \HasChildren).
+        first, again, _, _, port = await self.sync_twice(b"NO Server Unavailable. 15",
+                                                         refused=b"INBOX")
+        for result in (first, again):
+            self.assertEqual((result.status, result.problems()), (
+                "error", f"INBOX: EXAMINE refused by 127.0.0.1:{port}: Server "
+                "Unavailable. 15"))
         # NONEXISTENT says so whatever the flags.
         first, _, env, _, _ = await self.sync_twice(b"NO [NONEXISTENT] gone", b"")
         self.assertEqual((first.status, first.problems()), ("success", None))

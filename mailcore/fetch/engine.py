@@ -737,9 +737,11 @@ class SyncEngine:
                         # NO of a folder not listed \HasChildren (Office 365's momentary
                         # "Server Unavailable", INBOX included): a sync passing it over is
                         # a success, and a migrate after it ends done without its new mail.
+                        # INBOX is never deleted: its refusal is always an error.
                         codes = refusal_codes(e)
                         if not refused_as_gone(session, e) or codes - {"NONEXISTENT"} \
-                                or not (codes or with_children):
+                                or not (codes or with_children) \
+                                or state.name.upper() == "INBOX":
                             raise
                         # Listed but holding no mail (Dovecot lists a folder deleted while
                         # it had subfolders and answers its EXAMINE NO): passed over as a
