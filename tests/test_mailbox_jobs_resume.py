@@ -307,6 +307,18 @@ class ResumeMixin(DatabaseMixin):
                          [("done", validity, uid) for uid in (1, 2, 3, 4)])
         self.assertEqual(await self.counts(copier, job), (9, 9))
 
+    async def assert_examine_refusal_retried(self, answer: bytes) -> None:
+        """Archive's EXAMINE answered `answer` at the resume: a transient failure of the
+        job, nothing CREATEd or sent, Archive's 4 messages as they were."""
+        copier, runner, job = await self.stopped_after_archive()
+        copier.dest.refuse_examine["Archive"] = answer
+        copier.dest.commands.clear()
+        with self.assertRaises(TransientJobError):
+            await self.one_run(copier, runner, job)
+        self.assertNotIn(b"CREATE", [n for n, _ in copier.dest.commands])
+        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
+        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+
     async def stopped_after_archive(self) -> tuple[Copier, Any, Any]:
         """A job whose first run copied INBOX and Archive, then stopped at Later (the
         destination refusing it for now)."""
@@ -395,27 +407,13 @@ class ResumeMixin(DatabaseMixin):
     async def test_a_folder_not_to_be_opened_for_now_is_retried(self) -> None:
         """An EXAMINE refused with a code that says for now (UNAVAILABLE, INUSE,
         SERVERBUG) is a transient failure of the job: nothing CREATEd, nothing sent."""
-        copier, runner, job = await self.stopped_after_archive()
-        copier.dest.refuse_examine["Archive"] = b"NO [UNAVAILABLE] try later"
-        copier.dest.commands.clear()
-        with self.assertRaises(TransientJobError):
-            await self.one_run(copier, runner, job)
-        self.assertNotIn(b"CREATE", [n for n, _ in copier.dest.commands])
-        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
-        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+        await self.assert_examine_refusal_retried(b"NO [UNAVAILABLE] try later")
 
     async def test_a_folder_whose_examine_is_answered_bad_is_retried(self) -> None:
         """A BAD does not say the folder is gone (the session told it from a NO by its
         text alone, so it was taken as a plain NO, and the job failed on a CREATE over the
         name): a transient failure, nothing CREATEd or sent."""
-        copier, runner, job = await self.stopped_after_archive()
-        copier.dest.refuse_examine["Archive"] = b"BAD Mailbox doesn't exist"
-        copier.dest.commands.clear()
-        with self.assertRaises(TransientJobError):
-            await self.one_run(copier, runner, job)
-        self.assertNotIn(b"CREATE", [n for n, _ in copier.dest.commands])
-        self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
-        self.assertEqual(len(copier.dest.boxes["Archive"].messages), 4)
+        await self.assert_examine_refusal_retried(b"BAD Mailbox doesn't exist")
 
     async def test_a_folder_refused_a_moment_and_still_there_is_not_filled_again(
         self,

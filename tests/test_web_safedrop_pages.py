@@ -1669,13 +1669,25 @@ class SmsGatewayTests(TestCase):
         self.assertEqual([m for m in f.mails_to("bob@example.net")
                           if m["Subject"] == "Your safedrop code"], [])
 
+    def assert_given_up(self, sending: defer.Deferred[Any], transport: Any,
+                        reactor: Any) -> None:
+        """The daemon's client gave the message up at SMS_TIMEOUT: SmsError, its connection
+        closed, no timer left."""
+        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsError
+
+        failure = self.failureResultOf(sending, SmsError)
+        self.assertEqual(str(failure.value),
+                         f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
     def test_the_daemons_client_closes_a_connection_that_never_answers(self) -> None:
         """The daemon's client (SmsGateway.over) on a connection the gateway accepted and
         never answered: at SMS_TIMEOUT, SmsError and the connection closed, no timer
         left."""
         from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsError, SmsGateway
+        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsGateway
 
         reactor = MemoryReactorClock()
         gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
@@ -1690,11 +1702,7 @@ class SmsGatewayTests(TestCase):
         reactor.advance(SMS_TIMEOUT - 1)
         self.assertNoResult(sending)
         reactor.advance(1)
-        failure = self.failureResultOf(sending, SmsError)
-        self.assertEqual(str(failure.value),
-                         f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s")
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assert_given_up(sending, transport, reactor)
 
     def test_the_daemons_client_cancelled_by_its_caller_raises_cancelled(self) -> None:
         """The daemon's client cancelled by its caller (the code's request, its client
@@ -1729,7 +1737,7 @@ class SmsGatewayTests(TestCase):
         the gateway kept it)."""
         from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsError, SmsGateway
+        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsGateway
 
         reactor = MemoryReactorClock()
         gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
@@ -1744,11 +1752,7 @@ class SmsGatewayTests(TestCase):
         self.assertNoResult(sending)
         self.assertFalse(transport.disconnecting)
         reactor.advance(1)
-        failure = self.failureResultOf(sending, SmsError)
-        self.assertEqual(str(failure.value),
-                         f"the SMS gateway did not answer within {SMS_TIMEOUT:g} s")
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assert_given_up(sending, transport, reactor)
 
     async def test_the_daemons_gateway_client_posts_over_a_real_socket(self) -> None:
         from twisted.web.resource import Resource
