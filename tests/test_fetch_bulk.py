@@ -375,7 +375,9 @@ class SetFetchTests(TestCase):
         """Dovecot lists a folder deleted while it had subfolders (\\HasChildren, not
         \\Noselect) and answers its EXAMINE a plain NO: the restore failed on it as for now,
         every run until the job failed. It is gone: every message goes back. A NO for now
-        (UNAVAILABLE) or a BAD is still an error."""
+        (UNAVAILABLE), one naming another code (NOPERM: a folder there the login may not
+        read, children or not, taken as gone had each message put in twice) or a BAD is
+        still an error."""
         clients: list[IMAPClient] = []
         copied: list[Any] = []
         copier, job = restore_job(clients, copied)
@@ -386,6 +388,7 @@ class SetFetchTests(TestCase):
                                     (b"NO [NONEXISTENT] no such folder", b"\\HasChildren", True),
                                     (b"NO [NONEXISTENT] no such folder", b"", True),
                                     (b"NO Server Unavailable. 15", b"\\HasNoChildren", False),
+                                    (b"NO [NOPERM] not yours", b"\\HasChildren", False),
                                     (b"NO [UNAVAILABLE] try later", b"\\HasChildren", False),
                                     (b"BAD Mailbox doesn't exist", b"\\HasChildren", False)):
             client, transport = connected()

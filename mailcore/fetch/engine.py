@@ -5,8 +5,9 @@ the new folders and those gone (a resync with nothing new is one EXAMINE per fol
 Per folder: EXAMINE (with CONDSTORE/QRESYNC when offered), find the UIDs we do not hold
 (server-side SEARCH with the account's limits), learn their sizes, then fetch them in
 pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE (a listed
-folder whose EXAMINE is refused other than for now, as Dovecot answers for one deleted while
-it had subfolders, holds no mail: passed over as a \\Noselect one, `refused_as_gone`). The batches
+folder whose EXAMINE is refused NO [NONEXISTENT], or a plain NO as Dovecot answers for one
+deleted while it had subfolders, holds no mail: passed over as a \\Noselect one,
+`refused_as_deleted`). The batches
 flow through three stages at once: `pipeline_depth` fetches on the wire, each fetched batch
 parsed on the CPU pool as soon as it arrives, and one batch at a time stored. Each batch is
 committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
@@ -85,7 +86,7 @@ from mailcore.fetch.state import (
     thd_upsert_folders,
 )
 from mailcore.fetch.tls import client_tls
-from mailcore.fetch.writer import refusal_codes, refused_as_gone
+from mailcore.fetch.writer import refused_as_deleted
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from mailcore.messages.parse import ParsedMessage, parse_messages
 from mailcore.messages.store import MessageStore, pop_size_changed
@@ -731,17 +732,11 @@ class SyncEngine:
                     try:
                         info = await self._open_folder(session, account, state, progress)
                     except FetchError as e:
-                        # A NO naming any code but NONEXISTENT (NOPERM: the login may not
-                        # read it) stays the folder's error: passed over, what it holds
-                        # would be left out of the backup without a word. So does a plain
-                        # NO of a folder not listed \HasChildren (Office 365's momentary
-                        # "Server Unavailable", INBOX included): a sync passing it over is
-                        # a success, and a migrate after it ends done without its new mail.
-                        # INBOX is never deleted: its refusal is always an error.
-                        codes = refusal_codes(e)
-                        if not refused_as_gone(session, e) or codes - {"NONEXISTENT"} \
-                                or not (codes or with_children) \
-                                or state.name.upper() == "INBOX":
+                        # Any other refusal stays the folder's error: passed over, what
+                        # it holds would be left out of the backup without a word (a sync
+                        # passing it over is a success, and a migrate after it ends done
+                        # without its new mail).
+                        if not refused_as_deleted(session, e, state.name, with_children):
                             raise
                         # Listed but holding no mail (Dovecot lists a folder deleted while
                         # it had subfolders and answers its EXAMINE NO): passed over as a

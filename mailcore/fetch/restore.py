@@ -4,8 +4,8 @@ The job brings the backup up to date (one sync; when it fails, what is backed up
 all the same, then the job is retried from the sync by the runner's rules, as a migrate is:
 `MailboxCopier.backup_synced`), then reads the account as it is now: for
 each backed-up folder, whether it still exists, its UIDVALIDITY and its UIDs (one listed but
-whose EXAMINE is refused other than for now, as Dovecot answers for a folder deleted while it
-had subfolders, is gone: `refused_as_gone`). A backed-up
+whose EXAMINE is refused NO [NONEXISTENT], or a plain NO as Dovecot answers for a folder
+deleted while it had subfolders, is gone: `refused_as_deleted`). A backed-up
 message is still there when its (UIDVALIDITY, UID) is, or when an earlier restore of this
 account put it back at a (UIDVALIDITY, UID) that is still there and that no message of other
 bytes is said to hold (an APPENDUID that named another message's place). Every other one is
@@ -24,7 +24,7 @@ from mailcore.fetch.errors import FetchError
 from mailcore.fetch.imap import ARRIVING, ServerSpec
 from mailcore.fetch.jobs import Job, JobFailed, JobRunner
 from mailcore.fetch.migrate import MailboxCopier, Source, _classify, guarded, thd_backup_folders
-from mailcore.fetch.writer import refusal_codes, refused_as_gone
+from mailcore.fetch.writer import refused_as_deleted
 from mailcore.store.schema import mailbox_job_items, mailbox_jobs
 
 log = Logger()
@@ -87,13 +87,11 @@ async def restore(copier: MailboxCopier, runner: JobRunner, job: Job) -> None:
             try:
                 info = await reader.examine(folder.name)
             except FetchError as e:
-                # Gone only where the NO says so (NONEXISTENT), or where it is Dovecot's
-                # plain NO for a folder deleted while it had subfolders (listed
-                # \HasChildren): every backed-up message of a folder taken as gone goes
-                # back without a look at what it holds, so a plain NO of a folder that is
-                # there (Office 365's "Server Unavailable") would put each in twice.
-                if not refused_as_gone(reader, e) or not (
-                        "NONEXISTENT" in refusal_codes(e) or "\\HASCHILDREN" in folder.flags):
+                # Every backed-up message of a folder taken as gone goes back without a
+                # look at what it holds: any other refusal of a folder that is there
+                # (Office 365's "Server Unavailable", NOPERM) would put each in twice.
+                if not refused_as_deleted(reader, e, folder.name,
+                                          "\\HASCHILDREN" in folder.flags):
                     raise _classify(e) from None
                 # Listed but not to be opened (Dovecot: deleted while it had subfolders):
                 # as a \Noselect one, every message goes back.

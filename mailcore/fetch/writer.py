@@ -381,6 +381,20 @@ def refused_as_gone(session: IMAPClient, e: Exception) -> bool:
             and not refusal_codes(e) & LATER_CODES)
 
 
+def refused_as_deleted(session: IMAPClient, e: Exception, name: str,
+                       with_children: bool) -> bool:
+    """Whether `e`, the EXAMINE of folder `name` refused, says the folder holds no mail for
+    a reader that would pass it over or put back all it held without a look: NO
+    [NONEXISTENT], or a plain NO of a folder listed \\HasChildren (`with_children`: Dovecot's
+    for one deleted while it had subfolders). Any other code (NOPERM: the login may not read
+    it) or a plain NO of a folder without children (Office 365's momentary "Server
+    Unavailable") says nothing of what it holds; nor does any refusal of INBOX, which is
+    never deleted."""
+    codes = refusal_codes(e)
+    return (refused_as_gone(session, e) and name.upper() != "INBOX"
+            and (codes == {"NONEXISTENT"} or (not codes and with_children)))
+
+
 def _text(data: bytes, limit: int = 200) -> str:
     text = data[:limit].decode("utf-8", "replace")
     return "".join(c if c.isprintable() else "?" for c in text) + (
