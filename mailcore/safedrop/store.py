@@ -275,12 +275,10 @@ def add_file_txn(
     used = upload_room_txn(conn, owner_id, bundle_id, max_files)
     if used + int(values["size"]) > max_bundle_size:  # another upload took the room
         raise bundle_full()
-    # The user's uploads are recorded in turn (its row held, PostgreSQL; SQLite's writers
-    # take turns), each counting the bytes of those before it, whatever their bundle: two at
-    # once to two bundles must not both fit in the room one of them leaves. FOR NO KEY
-    # UPDATE: rows referring to the user (a new bundle, a session) are not held up.
-    conn.execute(sa.select(users.c.id).where(users.c.id == owner_id)
-                 .with_for_update(key_share=True))
+    # The user's uploads are recorded in turn (its row held: mailcore.store.owners), each
+    # counting the bytes of those before it, whatever their bundle: two at once to two
+    # bundles must not both fit in the room one of them leaves.
+    thd_lock_owner(conn, owner_id)
     if user_stored_txn(conn, owner_id) + int(values["size"]) > max_user_size:
         raise user_full(max_user_size)
     new_id = conn.execute(
