@@ -55,9 +55,13 @@ class SmsCapTests(TestCase):
         self.drops = drops = f.web.core.safedrop
         drops.settings = dataclasses.replace(drops.settings, max_sms_per_user_per_day=cap)
         self.gateway = Gateway(status)
-        drops.sms = SmsGateway("http://sms.example/send", StubTreq(self.gateway), f.web.clock)
+        drops.sms = self.texting()
         _, bob = await f.sent_bundle("subject=Deal&require_token_auth=1")
         return await drops.open_link(bob.removeprefix("/drop/"))
+
+    def texting(self) -> SmsGateway:
+        """A client of `self.gateway`, on the test's clock."""
+        return SmsGateway("http://sms.example/send", StubTreq(self.gateway), self.f.web.clock)
 
     def node(self, registry: CollectorRegistry) -> SafedropService:
         """Another node's drop service (its metrics in `registry`), on the same store (on
@@ -72,7 +76,7 @@ class SmsCapTests(TestCase):
             db, core.clock, core.cpu, core.fetch.secrets, core.spool,
             self.drops.settings, data_dir=core.config.data_dir,
             files_dir=core.config.files_root, hostname=core.config.hostname,
-            sms=SmsGateway("http://sms.example/send", StubTreq(self.gateway), core.clock),
+            sms=self.texting(),
             registry=registry)
         drops.prepare()
         return drops
@@ -151,8 +155,7 @@ class SmsCapTests(TestCase):
         bob = await self.start(cap=1)
         self.drops.sms = None
         self.assertEqual(await self.drops.send_code(bob), CODE_BY_MAIL)
-        self.drops.sms = SmsGateway("http://sms.example/send", StubTreq(self.gateway),
-                                    self.f.web.clock)
+        self.drops.sms = self.texting()
         self.assertEqual(await self.drops.send_code(bob), CODE_BY_SMS)
         self.assertEqual((len(self.gateway.texted), self.mailed(), self.capped()), (1, 1, 0))
 
