@@ -1681,23 +1681,36 @@ class SmsGatewayTests(TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
-    def test_the_daemons_client_closes_a_connection_that_never_answers(self) -> None:
-        """The daemon's client (SmsGateway.over) on a connection the gateway accepted and
-        never answered: at SMS_TIMEOUT, SmsError and the connection closed, no timer
-        left."""
+    def daemons_client(self, connected: bool = True) -> tuple[Any, defer.Deferred[None],
+                                                               Any, Any]:
+        """The daemon's client (SmsGateway.over) on a MemoryReactorClock, sending a code to
+        1555: the reactor, the sending, the transport of its one connection and, when the
+        gateway `connected`, its protocol (else None)."""
         from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsGateway
+        from mailcore.safedrop.sms import SmsGateway
 
         reactor = MemoryReactorClock()
         gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
         sending = defer.Deferred.fromCoroutine(gateway.send("1555", "code"))
-        [(host, port, factory, _, _)] = reactor.tcpClients
-        self.assertEqual((host, port), ("127.0.0.1", 8025))
+        [(_, _, factory, _, _)] = reactor.tcpClients
         transport = StringTransport()
-        protocol = factory.buildProtocol(None)
-        assert protocol is not None
-        protocol.makeConnection(transport)
+        protocol = None
+        if connected:
+            protocol = factory.buildProtocol(None)
+            assert protocol is not None
+            protocol.makeConnection(transport)
+        return reactor, sending, transport, protocol
+
+    def test_the_daemons_client_closes_a_connection_that_never_answers(self) -> None:
+        """The daemon's client (SmsGateway.over) on a connection the gateway accepted and
+        never answered: at SMS_TIMEOUT, SmsError and the connection closed, no timer
+        left."""
+        from mailcore.safedrop.sms import SMS_TIMEOUT
+
+        reactor, sending, transport, _ = self.daemons_client()
+        [(host, port, _, _, _)] = reactor.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 8025))
         self.assertIn(b"to=1555", transport.value())
         reactor.advance(SMS_TIMEOUT - 1)
         self.assertNoResult(sending)
@@ -1710,20 +1723,8 @@ class SmsGatewayTests(TestCase):
         sends the code by mail (Agent fails the request with ConnectingCancelledError or
         ResponseNeverReceived, as at the deadline), the connection closed, no timer
         left."""
-        from twisted.internet.testing import MemoryReactorClock, StringTransport
-
-        from mailcore.safedrop.sms import SmsGateway
-
         for connected in (False, True):
-            reactor = MemoryReactorClock()
-            gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
-            sending = defer.Deferred.fromCoroutine(gateway.send("1555", "code"))
-            [(_, _, factory, _, _)] = reactor.tcpClients
-            transport = StringTransport()
-            if connected:
-                protocol = factory.buildProtocol(None)
-                assert protocol is not None
-                protocol.makeConnection(transport)
+            reactor, sending, transport, _ = self.daemons_client(connected)
             reactor.advance(1)
             sending.cancel()
             self.failureResultOf(sending, defer.CancelledError)
@@ -1735,18 +1736,9 @@ class SmsGatewayTests(TestCase):
         SMS_TIMEOUT, SmsError and the connection closed, as when it sends nothing (treq's
         reading of a body cannot be cancelled: the connection stayed open, for as long as
         the gateway kept it)."""
-        from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from mailcore.safedrop.sms import SMS_TIMEOUT
 
-        from mailcore.safedrop.sms import SMS_TIMEOUT, SmsGateway
-
-        reactor = MemoryReactorClock()
-        gateway = SmsGateway.over("http://127.0.0.1:8025/send", reactor)
-        sending = defer.Deferred.fromCoroutine(gateway.send("1555", "code"))
-        [(_, _, factory, _, _)] = reactor.tcpClients
-        transport = StringTransport()
-        protocol = factory.buildProtocol(None)
-        assert protocol is not None
-        protocol.makeConnection(transport)
+        reactor, sending, transport, protocol = self.daemons_client()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nque")
         reactor.advance(SMS_TIMEOUT - 1)
         self.assertNoResult(sending)
