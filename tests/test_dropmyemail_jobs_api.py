@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, insert, select, text
@@ -44,6 +45,7 @@ def thd_backed_up(conn: Any, user_id: int, account_id: int, count: int,
         sha256="0" * 64, size=1, created_at=now, updated_at=now)
         for n in range(1, count + 1)])
     return sorted(conn.execute(select(messages.c.id)).scalars())
+
 
 class JobsApiBase(TestCase):
     postgres = False
@@ -266,53 +268,43 @@ class OldJobItemsPostgreSQLTests(OldJobItemsTests):
 class QueuedJobCapPostgreSQLTests(QueuedJobCapTests):
     postgres = True
 
+    def assert_lets_rows_naming_the_user_in(self, lock: Callable[[Any], object]) -> None:
+        """`lock(conn)` (a create's lock of alice's row) lets an insert of a row naming her
+        in at once, and holds up another `lock` of hers (at most 200 ms: it fails)."""
+        engine = self.web.core.db.engine
+        with engine.begin() as creating:
+            lock(creating)
+            with engine.begin() as sending:
+                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
+                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
+                                                         recipients=1))
+            with self.assertRaises(OperationalError), engine.begin() as other:
+                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+                lock(other)
+
     def test_the_users_row_lock_lets_rows_naming_the_user_in(self) -> None:
         """The create's lock of the user's row (thd_job_room) was FOR UPDATE, which on
         PostgreSQL held up every insert of a row naming the user (its FOR KEY SHARE: sync
         batches, api_sends) until the create committed. FOR NO KEY UPDATE lets them in,
         and two creates still take turns. (Blocking calls on the test's thread: each
         waits at most lock_timeout.)"""
-        engine = self.web.core.db.engine
-        with engine.begin() as creating:
-            thd_job_room(creating, self.alice.id, 100)
-            with engine.begin() as sending:
-                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
-                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
-                                                         recipients=1))
-            with self.assertRaises(OperationalError), engine.begin() as other:
-                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
-                thd_job_room(other, self.alice.id, 100)
+        self.assert_lets_rows_naming_the_user_in(
+            lambda conn: thd_job_room(conn, self.alice.id, 100))
 
     def test_the_owner_lock_lets_rows_naming_the_user_in(self) -> None:
         """The same for mailcore.store.owners' lock itself, which the creates and updates
         of fetch accounts (their max_accounts_per_user count) and of webhooks take: they
         took FOR UPDATE of the user's row, and a sync's message batches for the user's
         other accounts waited for them."""
-        engine = self.web.core.db.engine
-        with engine.begin() as creating:
-            thd_lock_owner(creating, self.alice.id)
-            with engine.begin() as sending:
-                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
-                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
-                                                         recipients=1))
-            with self.assertRaises(OperationalError), engine.begin() as other:
-                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
-                thd_lock_owner(other, self.alice.id)
+        self.assert_lets_rows_naming_the_user_in(
+            lambda conn: thd_lock_owner(conn, self.alice.id))
 
     def test_the_safedrop_creates_lock_lets_rows_naming_the_user_in(self) -> None:
         """The same for a safedrop bundle's create (create_bundle_txn, its
         max_bundles_per_user count), which locks the same row."""
-        engine = self.web.core.db.engine
         values = {**BUNDLE_DEFAULTS, "created_at": datetime.datetime.now(datetime.UTC)}
-        with engine.begin() as creating:
-            create_bundle_txn(creating, self.alice.id, values, 100)
-            with engine.begin() as sending:
-                sending.execute(text("SET LOCAL lock_timeout = '2s'"))
-                sending.execute(insert(api_sends).values(user_id=self.alice.id, at=0.0,
-                                                         recipients=1))
-            with self.assertRaises(OperationalError), engine.begin() as other:
-                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
-                create_bundle_txn(other, self.alice.id, values, 100)
+        self.assert_lets_rows_naming_the_user_in(
+            lambda conn: create_bundle_txn(conn, self.alice.id, values, 100))
 
 
 class JobIdTests(JobsApiBase):
