@@ -156,12 +156,10 @@ def thd_forget_job_items(conn: Connection, job_id: int, batch: int) -> int:
     key's order), and the job itself once it has none left; how many items went."""
     i = mailbox_job_items.c
     j = mailbox_jobs.c
-    last = conn.execute(select(i.message_row_id).where(i.job_id == job_id)
-                        .order_by(i.message_row_id).offset(batch - 1).limit(1)).scalar()
-    items = delete(mailbox_job_items).where(i.job_id == job_id)
-    if last is not None:
-        items = items.where(i.message_row_id <= last)
-    gone = int(conn.execute(items).rowcount or 0)
+    first = select(i.message_row_id).where(i.job_id == job_id) \
+        .order_by(i.message_row_id).limit(batch).scalar_subquery()
+    gone = int(conn.execute(delete(mailbox_job_items).where(
+        i.job_id == job_id, i.message_row_id.in_(first))).rowcount or 0)
     if gone < batch:
         conn.execute(delete(mailbox_jobs).where(
             j.id == job_id, j.status.in_(FINISHED), ~exists().where(i.job_id == job_id)))
