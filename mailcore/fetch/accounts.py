@@ -296,12 +296,6 @@ def moves_mailbox(changes: dict[str, Any], current: Account) -> bool:
                for key in MAILBOX_FIELDS)
 
 
-def _lock_user(conn: Connection, user_id: int) -> None:
-    """Lock the user's row, so that the creates and updates of its accounts that check
-    something of its other accounts take turns (mailcore.store.owners)."""
-    thd_lock_owner(conn, user_id)
-
-
 class Accounts:
     """Create, read, update and delete fetch accounts; keep their sync status."""
 
@@ -343,7 +337,7 @@ class Accounts:
         def txn(conn: Connection) -> Account:
             # The user's row is locked first, so that concurrent creates for one user count
             # (and look for the mailbox) one after another.
-            _lock_user(conn, user_id)
+            thd_lock_owner(conn, user_id)
             thd_check_room(conn, user_id, limit)
             if one_per_mailbox:
                 thd_same_mailbox(conn, user_id, clean)
@@ -384,7 +378,7 @@ class Accounts:
 
         def txn(conn: Connection) -> Account:
             if one_per_mailbox:
-                _lock_user(conn, user_id)
+                thd_lock_owner(conn, user_id)
             current = thd_get_account(conn, user_id, account_id)
             clean = validate(values, current.__dict__)
             if one_per_mailbox and moves_mailbox(clean, current):

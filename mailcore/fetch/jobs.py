@@ -176,8 +176,11 @@ _JOB_COLUMNS = [f.name for f in fields(Job) if f.name not in ("lease_owner", "me
 _TIMES = {"created_at", "start_time", "end_time", "updated_at"}
 
 
+LEASE_PREFIX = "mailbox-job-"  # a job's lease is this and its id, in Python and in SQL
+
+
 def lease_name(job_id: int) -> str:
-    return f"mailbox-job-{job_id}"
+    return f"{LEASE_PREFIX}{job_id}"
 
 
 def _job(row: Any, *, lease_owner: str | None = None,
@@ -527,8 +530,8 @@ class JobRunner(service.Service):
                 select(writing.c.id)
                 .select_from(writing.outerjoin(
                     its_account, its_account.c.id == writing.c.account_id))
-                .join(job_leases, job_leases.c.name  # lease_name(writing.id)
-                      == literal("mailbox-job-") + cast(writing.c.id, String))
+                .join(job_leases, job_leases.c.name
+                      == literal(LEASE_PREFIX) + cast(writing.c.id, String))
                 .where(writing.c.status == "running", writing.c.id != mailbox_jobs.c.id,
                        job_leases.c.until > seconds,
                        w_host == host, w_port == port, w_username == username)
