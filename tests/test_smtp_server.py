@@ -372,7 +372,8 @@ class SequenceTests(ServerTestCase):
 
 class JunkCommandTests(ServerTestCase):
     """Commands that change nothing are answered `max_junk_commands` times (Postfix's
-    smtpd_junk_command_limit), counted afresh after each accepted message."""
+    smtpd_junk_command_limit), counted afresh after each accepted message but not after
+    STARTTLS."""
 
     def test_a_flood_of_commands_that_change_nothing_ends_the_session(self) -> None:
         s = self.session()
@@ -409,6 +410,25 @@ class JunkCommandTests(ServerTestCase):
                                  b"RCPT TO:<u@example.com>\r\nDATA\r\nx\0\r\n.\r\n"
                                  b"NOOP\r\nNOOP\r\nNOOP\r\n"),
                          ["250", "250", "250", "354", "554", "250", "250", "421"])
+
+    def test_starttls_does_not_start_the_counts_again(self) -> None:
+        """STARTTLS set the junk count back to 0, so a client got the limit's worth of
+        junk in the clear and as much again over TLS. RFC 3207 4.2 resets the greeting
+        and the transaction, not the server's counts (nor does Postfix): junk commands and
+        errors from before STARTTLS still count after it."""
+        factory = self.make_factory(tls=object(), max_junk_commands=3, max_errors=2)
+        s = self.session(factory, transport=TLSStringTransport())
+        self.assertEqual(s.codes(b"NOOP\r\nHELP\r\nEHLO a.example\r\n"),
+                         ["250", "214", "250"])
+        s.send(b"STARTTLS\r\n")
+        self.assertEqual(s.send(b"NOOP\r\n"),
+                         ["421 4.7.0 mx.gateway.test Error: too many junk commands"])
+        s = self.session(factory, transport=TLSStringTransport())
+        self.assertEqual(s.codes(b"EHLO a.example\r\nBOGUS\r\n"), ["250", "502"])
+        s.send(b"STARTTLS\r\n")
+        self.assertEqual(s.send(b"EHLO a.example\r\nBOGUS\r\n")[-2:],
+                         ["502 5.5.2 Error: command not recognized",
+                          "421 4.7.0 mx.gateway.test Error: too many errors"])
 
 
 class RelayTests(ServerTestCase):
@@ -1513,6 +1533,10 @@ class StressTests(ServerTestCase):
         self.assertEqual(tls.codes(b"EHLO a.example\r\nSTARTTLS\r\n"), [])
         self.assertEqual(tls.codes(b"EHLO a.example\r\nRSET\r\nNOOP\r\n"),
                          ["250", "250", "421"])
+        # A junk command before STARTTLS still counts after it.
+        tls = self.session(factory, client_ip="203.0.113.10", transport=TLSStringTransport())
+        self.assertEqual(tls.codes(b"EHLO a.example\r\nNOOP\r\nSTARTTLS\r\n"), [])
+        self.assertEqual(tls.codes(b"EHLO a.example\r\nNOOP\r\n"), ["250", "421"])
         # Out of stress the greeting counts, as before (JunkCommandTests).
         plain = self.make_factory(max_junk_commands=1)
         s = self.session(plain)

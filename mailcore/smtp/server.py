@@ -228,10 +228,15 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._open = False
         self._admitted = False
         self._errors = 0
-        self._junk_commands = 0  # since the session began or the last accepted message
-        # Whether that count holds the first HELO/EHLO since the session began or its
-        # STARTTLS (not held against it under stress: see _junk).
+        # Since the session began or the last accepted message: a STARTTLS does not reset
+        # it (nor _errors), as Postfix's does not, else a client could spend the limit
+        # once in the clear and once more over TLS.
+        self._junk_commands = 0
+        # Whether the first HELO/EHLO since the session began or its STARTTLS has been
+        # counted, and how many such greetings that count holds (at most one per start:
+        # not held against it under stress, see _junk).
         self._greeting_counted = False
+        self._greetings = 0
         # Input not yet handled, from _pos on; _paused while a command's Deferred is pending,
         # _write_blocked while the transport holds too many unsent replies (the client does
         # not read them); _reading_paused while the socket is not read, for either reason.
@@ -373,18 +378,19 @@ class ESMTPServerProtocol(TwistedProtocol):
 
     def _junk(self, greeting: bool = False) -> bool:
         """Count a command that changes nothing. One more than `max_junk_commands` since
-        the last accepted message ends the session: say so (True), and answer nothing else.
-        Under stress the session's first HELO/EHLO, or the first after STARTTLS
-        (`greeting`), is not held against it: with `stress_max_junk_commands` 1, EHLO then
-        RSET before MAIL (as some MTAs send) would end it. (Postfix counts no HELO/EHLO;
-        out of stress they count here, as before.)"""
+        the session began or the last accepted message ends the session: say so (True),
+        and answer nothing else. Under stress the session's first HELO/EHLO, and the first
+        after STARTTLS (`greeting`), are not held against it: with
+        `stress_max_junk_commands` 1, EHLO then RSET before MAIL (as some MTAs send) would
+        end it. (Postfix counts no HELO/EHLO; out of stress they count here, as before.)"""
         self._junk_commands += 1
-        if greeting:
+        if greeting and not self._greeting_counted:
             self._greeting_counted = True
+            self._greetings += 1
         factory = self.factory
         limit = factory.max_junk_commands
-        if factory.stressed and self._greeting_counted:
-            limit += 1
+        if factory.stressed:
+            limit += self._greetings
         if self._junk_commands > limit:
             self.shutdown("4.7.0", "Error: too many junk commands")
             return True
@@ -771,11 +777,11 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._flush()
         self.transport.startTLS(self.factory.tls)  # type: ignore[union-attr]
         self.tls = True
+        # A new start (RFC 3207 4.2): the client's greeting and the transaction are
+        # forgotten, and the EHLO it needs is not held against it under stress (see
+        # _junk). The session's counts of errors and junk commands go on (see __init__).
         self.helo = None
         self.esmtp = False
-        # A new start (RFC 3207 4.2): the count begins again, and the EHLO it needs is not
-        # held against it under stress (see _junk).
-        self._junk_commands = 0
         self._greeting_counted = False
         self._reset_transaction()
 
@@ -1174,7 +1180,7 @@ class ESMTPServerProtocol(TwistedProtocol):
             return
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         self._junk_commands = 0  # as Postfix: a session that delivers mail is no junk
-        self._greeting_counted = False
+        self._greetings = 0
         maillog.accepted(queue_id, client=envelope.client_ip, helo=envelope.helo,
                          mail_from=envelope.mail_from, size=len(data),
                          recipients=[r.address for r in envelope.recipients], tls=envelope.tls)

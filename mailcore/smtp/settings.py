@@ -71,11 +71,11 @@ class SMTPSettings:
       move `stress_idle_timeout`'s deadline: see `SMTPServerFactory`.)
     - `max_junk_commands` (100, Postfix's `smtpd_junk_command_limit`, which counts NOOP,
       VRFY, ETRN and RSET only): commands that change nothing (NOOP, RSET, VRFY, HELP,
-      HELO and EHLO, a recipient given again) answered since the session began, its
-      STARTTLS (a new start: RFC 3207 4.2) or its last accepted message; one more is
-      answered 421 4.7.0 and the session ends. Under stress the first HELO/EHLO since the
-      session began or its STARTTLS is not held against it (see
-      `ESMTPServerProtocol._junk`).
+      HELO and EHLO, a recipient given again) answered since the session began or its
+      last accepted message (not since its STARTTLS: RFC 3207 4.2 resets the greeting and
+      the transaction, not this count, nor does Postfix); one more is answered 421 4.7.0
+      and the session ends. Under stress the session's first HELO/EHLO, and the first
+      after its STARTTLS, are not held against it (see `ESMTPServerProtocol._junk`).
     - `stress_idle_timeout` (10), `stress_max_errors` (1), `stress_max_junk_commands` (1):
       what `idle_timeout`, `max_errors` and `max_junk_commands` become while the server is
       under stress, as Postfix's `smtpd_timeout = ${stress?{10}:{300}}`,
