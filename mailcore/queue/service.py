@@ -3,7 +3,9 @@
 On start the node applies the results its previous run left in the results journal, then
 releases leases left under its own id by that run (it has nothing in flight yet), and only
 then starts taking work: accepts committed meanwhile stay unleased and the first sweep, at
-once, claims them with everything else that is due. A LoopingCall on the
+once, claims them with everything else that is due; those still waiting for their commit
+then are leased to the runner as it starts (`Spool.lease_waiting`), since they would commit
+behind that first claim and wait for the next sweep. A LoopingCall on the
 injected clock sweeps every `poll_interval` (and sooner when the runner frees room after a
 full claim), renews this node's leases every third of `lease_seconds`, refreshes the
 queue-depth gauge, prunes the delivered log and (every ten minutes) finishes messages left
@@ -161,8 +163,10 @@ class QueueService(Service):
         if not self.running:
             return
         # Only now may the spool lease new work to this node: an earlier lease would have
-        # been released just above and then claimed a second time.
+        # been released just above and then claimed a second time. Accepts still waiting
+        # for their commit are leased too: they would commit after the first sweep's claim.
         self.runner.start()
+        self.spool.lease_waiting()
         self._sweep_loop = task.LoopingCall(self._tracked, self._tick)
         self._sweep_loop.clock = self.clock
         self._sweep_loop.start(self.settings.poll_interval, now=True).addErrback(

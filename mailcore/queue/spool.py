@@ -471,6 +471,25 @@ class Spool:
                 self._wake.notify()
         self._kick()
         await item.done
+        return item.leased  # (leased since, if the runner started meanwhile: lease_waiting)
+
+    def lease_waiting(self) -> int:
+        """The runner has just started (the node's recovery is done): lease to it the
+        messages whose accepts came before and still wait for their commit, as far as it
+        has room. Committed unleased, behind the first sweep's claim in the lane, they
+        would wait for the next sweep, `poll_interval` later; leased, they are handed to
+        the runner when they commit. Returns how many."""
+        consumer = self.consumer
+        if consumer is None:
+            return 0
+        leased = 0
+        # Under the lock: an accept in `_pending` has not been taken into a group, whose
+        # transaction reads `leased` on the stream's thread.
+        with self._wake:
+            for item in self._pending:
+                if not item.leased and consumer.reserve(len(item.envelope.recipients)):
+                    item.leased = True
+                    leased += 1
         return leased
 
     def _withdraw(self, item: _Pending) -> None:
