@@ -9,14 +9,14 @@ Limits that only pace load (per user requests a second) stay in each process's m
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Hashable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.store.database import Database
-from mailcore.store.rates import thd_available, thd_sweep, thd_take
+from mailcore.store.rates import thd_available, thd_sweep, thd_take, thd_take_all
 
 log = Logger()
 
@@ -44,6 +44,17 @@ class SharedBuckets:
         seconds): whether it had them, and what it holds now."""
         return await self.db.run("rate_take", thd_take, self.bucket_name(limit, key), count,
                                  period, cost, self.clock.seconds())
+
+    async def take_all(self, takes: Sequence[tuple[str, Hashable, int, float]],
+                       cost: int = 1) -> int | None:
+        """Take `cost` from the bucket of each (limit, key, count, period) of `takes`, in
+        one transaction and only if every one has them: None when they had, else the index
+        of the first that had not (nothing is taken from any: a take refused by a later
+        bucket spends none of an earlier one's). Give them in one order at every call."""
+        buckets = [(self.bucket_name(limit, key), count, period)
+                   for limit, key, count, period in takes]
+        return await self.db.run("rate_take_all", thd_take_all, buckets, cost,
+                                 self.clock.seconds())
 
     async def available(self, limit: str, key: Hashable, count: int, period: float) -> float:
         """What the bucket of `key` under `limit` holds now (nothing is taken)."""

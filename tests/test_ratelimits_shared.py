@@ -50,6 +50,23 @@ class SharedRatesMixin(DatabaseMixin):
             defer.Deferred.fromCoroutine(node.take("k")) for node in (a, b) * 10])
         self.assertEqual(sum(d.allowed for d in decisions), 5)
 
+    async def test_take_all_takes_from_every_bucket_or_from_none(self) -> None:
+        """take_all takes from each bucket only when every one has a token: a take the
+        second bucket refuses spends none of the first's; it names the first that had
+        none."""
+        clock, _, _ = await self.limiters(Rate(3, 60))
+        buckets = self.buckets
+        link, owner = ("link", 7, 2, 60.0), ("owner", 1, 3, 360.0)
+        self.assertIsNone(await buckets.take_all([link, owner]))
+        self.assertIsNone(await buckets.take_all([link, owner]))
+        self.assertEqual(await buckets.take_all([link, owner]), 0)  # the link has none left
+        self.assertEqual(await buckets.available("owner", 1, 3, 360), 1)  # nor took one
+        await buckets.take("owner", 1, 3, 360)
+        clock.advance(30)  # one back in the link's bucket, a quarter in the owner's
+        self.assertEqual(await buckets.take_all([link, owner]), 1)
+        self.assertEqual(await buckets.available("link", 7, 2, 60), 1)  # not spent on it
+        self.assertIsNone(await buckets.take_all([]))
+
     async def test_buckets_full_again_are_swept(self) -> None:
         clock, a, _ = await self.limiters(Rate(2, 60))
         await a.take("k")

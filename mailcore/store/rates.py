@@ -4,6 +4,8 @@ takes from a bucket, holding its row, so that N nodes allow what one does. Block
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import Connection, delete, insert, select, update
 
 from mailcore.store.schema import rate_buckets
@@ -19,17 +21,46 @@ def thd_take(conn: Connection, name: str, limit: int, period: float, cost: int,
              now: float) -> tuple[bool, float]:
     """Take `cost` tokens from bucket `name` (`limit` per `period` seconds, full when new)
     if it has them: whether it had, and what it holds now."""
-    _insert_full(conn, name, limit, now)
-    row = conn.execute(select(_b.tokens, _b.at).where(_b.name == name)
-                       .with_for_update()).one()
-    tokens = _refilled(row.tokens, row.at, now, limit, period)
+    tokens = _held(conn, name, limit, period, now)
     allowed = tokens >= cost
     if allowed:
         tokens -= cost
+    _keep(conn, name, limit, period, tokens, now)
+    return allowed, tokens
+
+
+def thd_take_all(conn: Connection, buckets: Sequence[tuple[str, int, float]], cost: int,
+                 now: float) -> int | None:
+    """Take `cost` tokens from each of `buckets` (name, limit, period) if every one has
+    them: None when they had, else the index of the first that had not, and nothing is
+    taken from any. Their rows are locked in the order given: callers keep one order (a
+    deadlock with the sweep, which locks rows in its own, is retried)."""
+    held = []
+    for i, (name, limit, period) in enumerate(buckets):
+        tokens = _held(conn, name, limit, period, now)
+        if tokens < cost:
+            return i
+        held.append((name, limit, period, tokens - cost))
+    for name, limit, period, tokens in held:
+        _keep(conn, name, limit, period, tokens, now)
+    return None
+
+
+def _held(conn: Connection, name: str, limit: int, period: float, now: float) -> float:
+    """What bucket `name` holds at `now`, its row (made full if missing) locked until the
+    transaction ends."""
+    _insert_full(conn, name, limit, now)
+    row = conn.execute(select(_b.tokens, _b.at).where(_b.name == name)
+                       .with_for_update()).one()
+    return _refilled(row.tokens, row.at, now, limit, period)
+
+
+def _keep(conn: Connection, name: str, limit: int, period: float, tokens: float,
+          now: float) -> None:
+    """Bucket `name` holds `tokens` at `now` (full again when its refill reaches `limit`)."""
     full_at = now + (limit - tokens) * period / limit
     conn.execute(update(rate_buckets).where(_b.name == name)
                  .values(tokens=tokens, at=now, full_at=full_at))
-    return allowed, tokens
 
 
 def thd_available(conn: Connection, name: str, limit: int, period: float,
