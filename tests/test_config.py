@@ -402,15 +402,18 @@ class TableTests(SynchronousTestCase):
             self.assertEqual(SafedropSettings.from_config(
                 {"max_bundles_per_user": value}).max_bundles_per_user, value)
 
-    def test_safedrop_max_sms_per_user_per_day_is_a_whole_number_0_for_no_cap(self) -> None:
-        self.assertEqual(SafedropSettings().max_sms_per_user_per_day, 200)
-        for value in (-1, 100_001, 2.5, True, "100"):
-            self.assertEqual(self.error({"safedrop": {"max_sms_per_user_per_day": value}}),
-                             "[safedrop] max_sms_per_user_per_day must be a whole number "
-                             "from 0 (no limit) to 100000", value)
-        for value in (0, 1, 100_000):
-            self.assertEqual(SafedropSettings.from_config(
-                {"max_sms_per_user_per_day": value}).max_sms_per_user_per_day, value)
+    def test_safedrop_sms_caps_are_whole_numbers_0_for_no_cap(self) -> None:
+        defaults = SafedropSettings()
+        self.assertEqual((defaults.max_sms_per_user_per_day, defaults.max_sms_per_link_per_day),
+                         (200, 10))
+        for key in ("max_sms_per_user_per_day", "max_sms_per_link_per_day"):
+            for value in (-1, 100_001, 2.5, True, "100"):
+                self.assertEqual(self.error({"safedrop": {key: value}}),
+                                 f"[safedrop] {key} must be a whole number from 0 (no limit) "
+                                 "to 100000", value)
+            for value in (0, 1, 100_000):
+                self.assertEqual(getattr(SafedropSettings.from_config({key: value}), key),
+                                 value)
 
     def test_a_good_file_passes(self) -> None:
         check_tables(config_from_toml({

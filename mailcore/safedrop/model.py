@@ -181,6 +181,7 @@ class SafedropSettings:
     max_concurrent_uploads = 4    # uploads one user has under way at once (per node); 429 beyond
     max_download_attempts = 3     # downloads of a read_remove file a recipient may start
     max_sms_per_user_per_day = 200  # code texts for one user's drops a day; 0: no cap
+    max_sms_per_link_per_day = 10   # code texts for one recipient's link a day; 0: no cap
     ```
     """
 
@@ -198,6 +199,7 @@ class SafedropSettings:
     max_concurrent_uploads: int = 4
     max_download_attempts: int = 3
     max_sms_per_user_per_day: int = 200
+    max_sms_per_link_per_day: int = 10
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> SafedropSettings:
@@ -223,7 +225,8 @@ class SafedropSettings:
                     raise ConfigError(f"[safedrop] {key} must be a whole number from 1 to "
                                       "100000")
                 values[key] = v
-        for key in ("max_bundles_per_user", "max_sms_per_user_per_day"):
+        for key in ("max_bundles_per_user", "max_sms_per_user_per_day",
+                    "max_sms_per_link_per_day"):
             if key in section:
                 v = section[key]
                 if not is_positive_number(v, zero_ok=True, integer=True) or v > 100_000:

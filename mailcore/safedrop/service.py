@@ -92,9 +92,11 @@ CODE_BY_MAIL = "mail"
 # Bundles read at once by `SafedropService.bundles` (each message up to 100,000 characters:
 # a batch is a few megabytes at most).
 BUNDLES_BATCH = 32
-# The shared buckets (mailcore.ratelimits) of the texts sent for each owner's drops, and
-# the period of `[safedrop] max_sms_per_user_per_day`.
+# The shared buckets (mailcore.ratelimits) of the texts sent for each owner's drops and for
+# each recipient's link, and the period of `[safedrop] max_sms_per_user_per_day` and
+# `max_sms_per_link_per_day`.
 SMS_LIMIT = "safedrop-sms"
+SMS_LINK_LIMIT = "safedrop-sms-link"
 SMS_PERIOD = 86400.0
 
 
@@ -169,14 +171,20 @@ class SafedropService:
         self.sms = sms
         # The caps on the recipients of a user's mail ([limits]; None: no cap).
         self.caps = caps
-        # The texts sent for each owner's drops, counted in the store (every node sharing
-        # it takes from one bucket): `[safedrop] max_sms_per_user_per_day`.
+        # The texts sent for each owner's drops and for each recipient's link, counted in
+        # the store (every node sharing it takes from one bucket): `[safedrop]
+        # max_sms_per_user_per_day` and `max_sms_per_link_per_day`.
         self.sms_sent = SharedBuckets(db, clock)
         self.sms_capped = Counter(
             "mailcore_safedrop_sms_capped",
-            "One-time codes mailed, not texted, as their drop's owner had reached "
-            "[safedrop] max_sms_per_user_per_day", registry=registry)
+            "One-time codes mailed, not texted, past a cap on texts: cap=\"link\", the "
+            "recipient's link had reached [safedrop] max_sms_per_link_per_day; cap=\"user\", "
+            "the drop's owner max_sms_per_user_per_day", ["cap"], registry=registry)
+        for cap in ("link", "user"):
+            self.sms_capped.labels(cap=cap)
+        # The owners, and the recipients (by id), in a spell of refusals.
         self._sms_spells = Spells(clock)
+        self._link_spells = Spells(clock)
         self._key_path = data_dir / "safedrop.key"
         self._grants: Grants | None = None
 
@@ -509,9 +517,9 @@ class SafedropService:
     async def send_code(self, found: Access) -> str | None:
         """Send the recipient a fresh one-time code (valid CODE_SECONDS): by text message
         when it has a number and a gateway is configured, else (or if the gateway fails,
-        or the drop's owner reached its cap on texts: `_may_text`) by mail. The way it went
-        (CODE_BY_SMS, CODE_BY_MAIL), for the page to say; None (nothing sent) while too many
-        wrong codes lock the link."""
+        or the link or the drop's owner reached its cap on texts: `_may_text`) by mail.
+        The way it went (CODE_BY_SMS, CODE_BY_MAIL), for the page to say; None (nothing
+        sent) while too many wrong codes lock the link."""
         code = f"{secrets.randbelow(10**6):06d}"
         now = self.now()
         expires = now + datetime.timedelta(seconds=side.CODE_SECONDS)
@@ -535,23 +543,42 @@ class SafedropService:
         return CODE_BY_MAIL
 
     async def _may_text(self, found: Access) -> bool:
-        """Whether a text for the drop fits its owner's `[safedrop] max_sms_per_user_per_day`
-        (N at once, then one more every day/N seconds), counting it if it does: every text
-        handed to the gateway counts, whatever it answers. Past it the code goes by mail,
-        the refusal is counted in /metrics, and the first of the owner's spell logged."""
-        cap = self.settings.max_sms_per_user_per_day
-        if cap == 0:
+        """Whether a text for the drop fits its recipient link's `[safedrop]
+        max_sms_per_link_per_day` and its owner's `max_sms_per_user_per_day` (each N at
+        once, then one more every day/N seconds), counting it against both if it does, in
+        one transaction: every text handed to the gateway counts, whatever it answers. The
+        link's cap is asked first, and a text refused by either is counted by neither, so
+        a link holder past its own cap spends none of the owner's texts (the owner's other
+        recipients still get theirs). Past a cap the code goes by mail, the refusal is
+        counted in /metrics by cap, and the first of the link's or owner's spell logged."""
+        link_cap = self.settings.max_sms_per_link_per_day
+        user_cap = self.settings.max_sms_per_user_per_day
+        recipient_id, owner_id = found.recipient.id, found.bundle.owner_id
+        takes: list[tuple[str, int, int, float]] = []
+        if link_cap:
+            takes.append((SMS_LINK_LIMIT, recipient_id, link_cap, SMS_PERIOD))
+        if user_cap:
+            takes.append((SMS_LIMIT, owner_id, user_cap, SMS_PERIOD))
+        refused = await self.sms_sent.take_all(takes) if takes else None
+        if refused is None:
             return True
-        owner_id = found.bundle.owner_id
-        allowed, _ = await self.sms_sent.take(SMS_LIMIT, owner_id, cap, SMS_PERIOD)
-        if allowed:
-            return True
-        self.sms_capped.inc()
+        if takes[refused][0] == SMS_LINK_LIMIT:
+            self.sms_capped.labels(cap="link").inc()
+            if self._link_spells.starts(recipient_id):
+                log.warn("the link of safedrop recipient {recipient} (bundle {bundle} of user "
+                         "{user_id} ({name})) reached its cap on text messages ([safedrop] "
+                         "max_sms_per_link_per_day = {cap}): its codes go by mail; its next "
+                         "are not logged until {quiet:g} s pass without one",
+                         recipient=recipient_id, bundle=found.bundle.id, user_id=owner_id,
+                         name=await user_named(self.db, owner_id), cap=link_cap,
+                         quiet=SPELL_QUIET)
+            return False
+        self.sms_capped.labels(cap="user").inc()
         if self._sms_spells.starts(owner_id):
             log.warn("user {user_id} ({name}) reached its cap on safedrop text messages "
                      "([safedrop] max_sms_per_user_per_day = {cap}): its drops' codes go by "
                      "mail; its next are not logged until {quiet:g} s pass without one",
-                     user_id=owner_id, name=await user_named(self.db, owner_id), cap=cap,
+                     user_id=owner_id, name=await user_named(self.db, owner_id), cap=user_cap,
                      quiet=SPELL_QUIET)
         return False
 
