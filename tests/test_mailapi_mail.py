@@ -1335,6 +1335,36 @@ class GrantMatrixTests(MailApiTestCase):
         self.assertEqual((await self.as_("joe", "DELETE", f"/api/v1/mail/{row.public_id}"))[0],
                          202)
 
+    async def test_a_draft_leaves_its_mailbox_only_with_allow_delete_there(self) -> None:
+        # Sent from another mailbox, a draft moves there: joe, who may read and send from
+        # bob's mailbox but not delete in it, took bob's own draft out of bob's reach by
+        # sending it from joe's mailbox (bob then read 404, listed nothing).
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "draft", "from": BOB, "subject": "bob's own"})
+        self.assertEqual(status, 201)
+        path = f"/api/v1/mail/{body['id']}"
+        await self.grant(BOB, "joe", allow_read=True, allow_send=True)
+        self.assertEqual(await self.as_("joe", "PUT", path, json={
+            "status": "outbox", "from": JOE, "to": "x@far.test"}),
+            (401, {"message": "unauthorized from/reply-to - stored email as draft",
+                   "id": body["id"]}))
+        status, mail = await self.as_("bob", "GET", path)
+        self.assertEqual((status, mail["mailbox"], mail["status"], mail["from"]),
+                         (200, BOB, "draft", JOE))
+        self.assertEqual(await self.mail_counts(), {BOB: 1, JOE: 0})
+        # From bob's own mailbox it goes, and stays there.
+        self.assertEqual((await self.as_("joe", "PUT", path, json={"from": BOB}))[0], 200)
+        self.assertEqual((await self.as_("joe", "PUT", path, json={"status": "outbox"}))[0],
+                         202)
+        self.assertEqual(await self.mail_counts(), {BOB: 1, JOE: 0})
+        # With allow_delete there, a draft may leave it as a delete would take it.
+        status, body = await self.as_("bob", "POST", "/api/v1/mail/", json={
+            "status": "draft", "from": BOB, "subject": "another"})
+        await self.grant(BOB, "joe", allow_delete=True)
+        self.assertEqual((await self.as_("joe", "PUT", f"/api/v1/mail/{body['id']}", json={
+            "status": "outbox", "from": JOE, "to": "x@far.test"}))[0], 202)
+        self.assertEqual(await self.mail_counts(), {BOB: 1, JOE: 1})
+
     async def test_allow_modify_and_no_more_than_held(self) -> None:
         path = f"/api/v1/mailboxes/{BOB}/access/eve"
         self.assertEqual((await self.as_("joe", "PUT", path, json={"allow_read": True}))[0],

@@ -3,11 +3,12 @@ mailcore.mailapi.listing), reading, drafts, the outbox, deleting.
 
 Who may do what follows the mailbox's rights (mailcore.mailapi.mailboxes): reading needs
 `allow_read`, writing as a `from` needs `allow_send`, a `reply-to` needs `allow_reply_to`
-on that address, deleting needs `allow_delete`. Mail the caller may not read answers as
-unknown, so a draft is kept in a mailbox the caller may read and send from (its `from`'s
-when the caller holds both there, else its own): one written from a mailbox where it holds
-only `allow_send` would be out of its reach at once. A caller with no such mailbox can send
-mail, but not keep a draft.
+on that address, deleting needs `allow_delete`, and so does sending a draft from another
+mailbox than its own (it leaves its mailbox for that one). Mail the caller may not read
+answers as unknown, so a draft is kept in a mailbox the caller may read and send from (its
+`from`'s when the caller holds both there, else its own): one written from a mailbox where
+it holds only `allow_send` would be out of its reach at once. A caller with no such mailbox
+can send mail, but not keep a draft.
 
 A client's mail is always stored: what cannot be sent (no `to`, a bad address, a header
 field with a line break, a `from` or `reply-to` the caller may not use, a `from` or
@@ -772,6 +773,10 @@ class MailService:
         sender = thd_mailbox(conn, checked["from"], hold=True)
         if sender is None:  # deleted since its rights were read: the mail stays a draft
             return Written(Outcome.UNAUTHORIZED, public_id)
+        if sender.id != row.mailbox_id and not _may_take_out(rights, row.mailbox_id):
+            # Sent from another mailbox, it would leave its own (below): a grantee without
+            # allow_delete there would take the owner's draft out of the owner's reach.
+            return Written(Outcome.UNAUTHORIZED, public_id)
         if self.caps is not None:
             # Counted last, when nothing else keeps it a draft; each distinct address once,
             # as the envelope has it (mailcore.mailapi.outbox).
@@ -915,6 +920,14 @@ def _thd_served(conn: Connection, sendable: Sendable) -> Sendable:
         if conn.execute(_SERVED_FROM, {"address": address}).first() is None:
             return Outcome.UNAUTHORIZED
     return sendable
+
+
+def _may_take_out(rights: Holdings, box: int) -> bool:
+    """Whether mail may leave the mailbox `box` by the caller's hand (sent from another
+    mailbox, where it is then kept): as deleting it there, `allow_delete` (the owner holds
+    it)."""
+    held = rights.get(box)
+    return held is not None and held.rights.allow_delete
 
 
 def _default_from(rights: Holdings, user_email: str) -> str | None:
