@@ -3,7 +3,8 @@
 Covers the protocol (EHLO, sequencing, limits, timeouts), the open-relay and smuggling
 batteries, pipelining order while checks wait on Deferreds (pitfall 5), STARTTLS input
 discarding (pitfall 2), bare CR/LF refusal (pitfall 6), byte-exactness and the Received
-header, the hop limit (mail loops), NUL refusal and `RCPT TO:<postmaster>`.
+header, the hop limit (mail loops), NUL refusal, a first line folded into our Received
+field, and `RCPT TO:<postmaster>`.
 """
 
 from __future__ import annotations
@@ -1797,6 +1798,38 @@ class NulTests(ServerTestCase):
         self.start(s)
         self.assertEqual(s.codes(b"clean\r\n.\r\n"), ["250"])
         self.assertEqual(self.sink.bodies, [b"clean\r\n"])
+
+
+class FoldedFirstLineTests(ServerTestCase):
+    """A message cannot begin with a continuation line: behind our Received field it would
+    become part of it (the client's text in our trace), so it is refused whole."""
+
+    def test_a_first_line_beginning_with_white_space_is_refused(self) -> None:
+        for wire in (b"\tby trusted.example with ESMTPSA\r\nSubject: a\r\n\r\nb\r\n.\r\n",
+                     b" for <ceo@example.com>\r\nSubject: a\r\n\r\nb\r\n.\r\n",
+                     b". (the dot is stuffing)\r\nSubject: a\r\n\r\nb\r\n.\r\n",
+                     b" \r\n.\r\n"):
+            for chunked in (False, True):
+                with self.subTest(wire=wire, chunked=chunked):
+                    s = self.session()
+                    self.start(s)
+                    replies: list[str] = []
+                    for piece in ([wire[i:i + 1] for i in range(len(wire))] if chunked
+                                  else [wire]):
+                        replies += s.send(piece)
+                    self.assertEqual(replies, ["554 5.6.0 Error: message begins with a folded "
+                                               "line (white space); message refused"])
+                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+                    s.close()
+        self.assertEqual(self.sink.messages, [])
+
+    def test_folded_fields_and_a_first_line_with_a_dot_pass(self) -> None:
+        s = self.session()
+        self.start(s)
+        self.assertEqual(s.codes(b"Subject: a\r\n\tb\r\n\r\n c\r\n.\r\n"), ["250"])
+        self.start(s)
+        self.assertEqual(s.codes(b".. x\r\n.\r\n"), ["250"])
+        self.assertEqual(self.sink.bodies, [b"Subject: a\r\n\tb\r\n\r\n c\r\n", b". x\r\n"])
 
 
 class PostmasterTests(ServerTestCase):

@@ -20,6 +20,11 @@ not inherit (see shared/notes/twisted-pitfalls.md):
   text has none (RFC 5322 3.5; RFC 2045 2.7 and 2.8 allow none in 7bit or 8bit data, and
   we do not offer BINARYMIME). It is refused rather than stripped, so that what we pass on
   is what the sender sent, or nothing;
+- a message whose first line begins with a space or a tab is refused as a whole
+  (554 5.6.0): a header section cannot begin with a continuation line (RFC 5322 2.2.3),
+  and behind the Received field we prepend it would become part of that field, the
+  client's text in our trace (a forged `by`, `for` or date). Refused rather than
+  repaired, as a NUL is;
 - a message that would leave us with more than `max_hops` Received header fields (ours
   included) is refused at the end of DATA with 554 5.4.6 Too many hops: it is looping (see
   `mailcore.smtp.hops`). The fields are counted as the header section streams in, and
@@ -1118,6 +1123,8 @@ class ESMTPServerProtocol(TwistedProtocol):
             # Pitfall 6: a bare CR or LF could end the message early at a next hop.
             refuse(550, "5.5.2", "Error: bare CR or LF in message data; message refused")
             return
+        # The message's first octet, its dot-stuffing undone (RFC 5321 4.5.2).
+        first = body[1:2] if body[:1] == b"." else body[:1]
         data = b"".join([header, body])  # (the header: CRLF-terminated lines, no dot)
         del body
         stuffed = counts.stuffed > 0
@@ -1131,6 +1138,12 @@ class ESMTPServerProtocol(TwistedProtocol):
         if counts.nul:
             # Not text (RFC 5322 3.5): refused rather than stripped (module docstring).
             refuse(554, "5.6.0", "Error: NUL character in message data; message refused")
+            return
+        if first in (b" ", b"\t"):
+            # A header section cannot begin with a continuation line (RFC 5322 2.2.3): it
+            # would fold into our Received field, which would then carry the client's text.
+            refuse(554, "5.6.0", "Error: message begins with a folded line (white space); "
+                                 "message refused")
             return
         if stuffed:
             data = CRLFBody(data)  # checked: no bare CR or LF
