@@ -1832,6 +1832,62 @@ class FoldedFirstLineTests(ServerTestCase):
         self.assertEqual(self.sink.bodies, [b"Subject: a\r\n\tb\r\n\r\n c\r\n", b". x\r\n"])
 
 
+class FixedRoom:
+    """A MailboxRoom whose answers the test sets (address -> room; None: plenty)."""
+
+    def __init__(self, rooms: dict[str, int]) -> None:
+        self.rooms = rooms
+
+    async def room(self, address: str) -> int | None:
+        return self.rooms.get(address)
+
+
+class RoomAtDataTests(ServerTestCase):
+    """A SIZE is the client's word: a message larger than the room left in every one of its
+    recipients' mailboxes is refused at the end of DATA, as at RCPT (552 5.2.2), rather than
+    accepted to bounce at delivery, to a sender who may be forged."""
+
+    BIG = b"Subject: big\r\n\r\n" + b"x" * 600 + b"\r\n.\r\n"
+
+    def send_big(self, rooms: dict[str, int], *rcpts: str) -> list[str]:
+        """Declare SIZE=100 to `rcpts` (each answered 250), then send some 700 octets."""
+        self.rooms = FixedRoom(rooms)
+        factory = self.make_factory()
+        factory.room = self.rooms
+        s = self.session(factory)
+        s.hello()
+        wire = b"MAIL FROM:<x@remote.test> SIZE=100\r\n" + b"".join(
+            b"RCPT TO:<%s>\r\n" % rcpt.encode() for rcpt in rcpts) + b"DATA\r\n"
+        self.assertEqual(s.codes(wire), ["250"] * (len(rcpts) + 1) + ["354"])
+        replies = s.send(self.BIG)
+        self.assertEqual(s.codes(b"NOOP\r\n"), ["250"])  # the session goes on
+        return replies
+
+    def test_a_message_that_fits_no_recipients_mailbox_is_refused(self) -> None:
+        [reply] = self.send_big({"a@example.com": 500, "b@example.com": 400},
+                                "a@example.com", "b@example.com")
+        self.assertRegex(reply, r"^552 5\.2\.2 Error: mailbox full \(no room for the \d+ "
+                                r"octets of the message\); message refused$")
+        self.assertEqual(self.sink.messages, [])
+
+    def test_a_message_that_fits_one_recipients_mailbox_is_accepted(self) -> None:
+        for rooms in ({"a@example.com": 500, "b@example.com": 2000},  # fits b's
+                      {"a@example.com": 500}):  # b's room is not short
+            with self.subTest(rooms=rooms):
+                [reply] = self.send_big(rooms, "a@example.com", "b@example.com")
+                self.assertTrue(reply.startswith("250 2.0.0 Ok: queued as "), reply)
+
+    def test_the_room_is_asked_again_at_the_end_of_data(self) -> None:
+        self.rooms = FixedRoom({"a@example.com": 500})
+        factory = self.make_factory()
+        factory.room = self.rooms
+        s = self.session(factory)
+        self.start(s, "a@example.com")
+        self.rooms.rooms["a@example.com"] = 5000  # mail deleted meanwhile
+        self.assertEqual(s.codes(self.BIG), ["250"])
+        self.assertEqual(len(self.sink.messages), 1)
+
+
 class PostmasterTests(ServerTestCase):
     """RFC 5321 4.5.1: `RCPT TO:<postmaster>` is accepted and goes to `[smtp] postmaster`."""
 

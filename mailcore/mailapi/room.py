@@ -2,7 +2,8 @@
 
 Mail for a mailbox that cannot take it is refused at RCPT (552 5.2.2 "mailbox full",
 mailcore.smtp.server), where the sender's own server tells its user, rather than accepted
-and bounced later (a DSN to a sender that may be forged: backscatter). The later check at
+and bounced later (a DSN to a sender that may be forged: backscatter); a message larger
+than its SIZE said is asked about again at the end of DATA. The later check at
 delivery (mailcore.mailapi.delivery) stays: it is the one that counts, for the message
 whose bytes pass the quota.
 

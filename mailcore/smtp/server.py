@@ -34,7 +34,10 @@ not inherit (see shared/notes/twisted-pitfalls.md):
   factory's `MailboxRoom`, cached) is less than the SIZE the client declared at MAIL, or
   than MIN_STORED when it declared none. Permanent, as the bounce at delivery of a message
   that does not fit is (mailcore.mailapi.delivery): the sender's server tells its user at
-  once, and nothing here sends a DSN to a sender who may be forged;
+  once, and nothing here sends a DSN to a sender who may be forged. A SIZE is the client's
+  word: when every recipient is such a mailbox and the message, once received, is larger
+  than the room each has left (asked again then), it is refused at the end of DATA with
+  the same 552 5.2.2, rather than accepted to bounce at delivery;
 - `RCPT TO:<postmaster>` (no domain) is always accepted (RFC 5321 4.5.1) and its mail goes
   to the `postmaster` address: to that domain's next hop when we serve it, else routed like
   a bounce to a foreign sender (the `[queue] relayhost`, or the domain's MX). Only that one
@@ -260,6 +263,8 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._overshoot = 0  # RCPTs of this transaction answered 452 (too many recipients)
         self._overshoot_at = 0.0  # when its first one came (see do_RCPT)
         self._declared = 0  # the SIZE given at MAIL (0: none)
+        # The recipients whose room (a nearly full hosted mailbox's) was known at RCPT.
+        self._short_of_room: set[str] = set()
         # DATA: the octets received so far (one buffer: a client sending an octet per
         # segment would have us hold some 40 octets of list entry and bytes object per
         # octet), their count, the last 4 octets (to find the end marker across chunk
@@ -717,6 +722,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         self._seen = set()
         self._overshoot = 0
         self._declared = 0
+        self._short_of_room = set()
 
     def do_HELO(self, arg: str) -> None:
         self._greet(arg, esmtp=False)
@@ -951,6 +957,8 @@ class ESMTPServerProtocol(TwistedProtocol):
                          f"<{address}>: Recipient address rejected: mailbox full",
                          recipients=[address])
             return
+        if room is not None:
+            self._short_of_room.add(address)
         self._add_recipient(address, domain_id)
 
     def _add_postmaster(self) -> None:
@@ -1091,6 +1099,7 @@ class ESMTPServerProtocol(TwistedProtocol):
         looping = self._looping
         counts = self._counts
         mail_from, recipients = self._mail_from or "", tuple(self._recipients)
+        short_of_room = self._short_of_room
         self._reset_transaction()
         addresses = [r.address for r in recipients]
 
@@ -1157,16 +1166,38 @@ class ESMTPServerProtocol(TwistedProtocol):
             helo=self.helo or "",
             tls=self.tls,
         )
-        self._wait(defer.Deferred.fromCoroutine(self._queue(queue_id, envelope, data, held)))
+        # Only when every recipient's room was known at RCPT can it fit none of them.
+        check_room = all(r.address in short_of_room for r in recipients)
+        self._wait(defer.Deferred.fromCoroutine(
+            self._queue(queue_id, envelope, data, held, check_room=check_room)))
 
     async def _queue(self, queue_id: str, envelope: Envelope, data: bytes,
-                     held: int = 0) -> None:
+                     held: int = 0, *, check_room: bool = False) -> None:
         """Hand the message to the spool and answer; its `held` octets count in the
-        factory's `memory` until then."""
+        factory's `memory` until then. With `check_room`, first refuse it if it fits in
+        none of its recipients' mailboxes."""
         try:
+            if check_room and not await self._fits_somewhere(envelope, len(data)):
+                self._refuse("DATA", 552, "5.2.2", "Error: mailbox full (no room for the "
+                             f"{len(data)} octets of the message); message refused",
+                             recipients=[r.address for r in envelope.recipients],
+                             mail_from=envelope.mail_from)
+                return
             await self._commit(queue_id, envelope, data)
         finally:
             self.factory.memory.let_go(self._address, held)
+
+    async def _fits_somewhere(self, envelope: Envelope, size: int) -> bool:
+        """Whether one of the recipients' mailboxes has room for `size` octets now (or may
+        have: its room is no longer known to be short), as their delivery will ask."""
+        room = self.factory.room
+        if room is None:
+            return True
+        for recipient in envelope.recipients:
+            left = await room.room(recipient.address)
+            if left is None or left >= size:
+                return True
+        return False
 
     async def _commit(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         sink = self.factory.sink
