@@ -1,5 +1,6 @@
 """The Received header field the inbound server prepends: its shapes (one recipient or
-several, an IPv6 client, a HELO name that is no domain) and RFC 3848's protocol keywords."""
+several, an IPv6 client, a HELO name that is no domain nor IP literal) and RFC 3848's
+protocol keywords."""
 
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ class ReceivedHeaderTests(TestCase):
              f"\tby mx.test (Mailcore) with ESMTP id QID; {DATE}\r\n").encode(),
         )
         self.assertEqual(DATE, "Sun, 15 Jun 2025 15:06:40 +0000")
+
+    def test_a_helo_literal_that_is_no_ip_address_is_unknown(self) -> None:
+        """RFC 5321's general literal allows "(" and ";": one would open a comment hiding
+        the rest of our field (the client's address, our "by"), the other end its tokens."""
+        def source(helo: str) -> str:
+            header = received_header(helo=helo, client_ip="192.0.2.9", hostname="mx.test",
+                                     protocol="ESMTP", queue_id="QID", recipients=(),
+                                     when=NOW)
+            return header.decode().split("\r\n")[0]
+
+        for helo in ("[x(]", "[192.0.2.1);by.trusted.example]", "[IPv6:fe80::1%(x]",
+                     "[tag:content]", "[]", "[999.0.2.1]"):
+            with self.subTest(helo=helo):
+                self.assertEqual(source(helo), "Received: from unknown ([192.0.2.9])")
+        for helo in ("[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:::1]"):
+            with self.subTest(helo=helo):
+                self.assertEqual(source(helo), f"Received: from {helo} ([192.0.2.9])")

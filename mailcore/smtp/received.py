@@ -16,8 +16,30 @@ from mailcore.smtp.envelope import Recipient
 
 _HELO_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"|\[[\x21-\x5a\x5e-\x7e]+\]"
 )
+
+
+def _helo_name(helo: str) -> str:
+    """The client's HELO name as our Received field shows it: a domain, or an IPv4 or IPv6
+    address literal; anything else is "unknown". A literal is checked as an address, not
+    as RFC 5321's general form (any of "();" and more between the brackets): "[x(]" would
+    open a comment (RFC 5322 3.2.2) that hid the rest of our field, the client's address
+    and our "by" with it, and a ";" would end its tokens early."""
+    if len(helo) > 255:
+        return "unknown"
+    if helo.startswith("[") and helo.endswith("]"):
+        inner = helo[1:-1]
+        if "%" in inner:  # (an IPv6 scope, which ipaddress takes with any text after it)
+            return "unknown"
+        try:
+            if inner[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(inner[5:])
+            else:
+                ipaddress.IPv4Address(inner)
+        except ValueError:
+            return "unknown"
+        return helo
+    return helo if _HELO_DOMAIN.fullmatch(helo) else "unknown"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -55,9 +77,9 @@ def received_header(
     """The trace header we prepend (RFC 5321 4.4), folded, CRLF-terminated, ASCII.
 
     `for <rcpt>` only when there is a single recipient, so as not to disclose the others.
-    A HELO name that is not a domain or an address literal is written as "unknown".
+    A HELO name that is not a domain or an IP address literal is written as "unknown".
     """
-    name = helo if _HELO_DOMAIN.fullmatch(helo) and len(helo) <= 255 else "unknown"
+    name = _helo_name(helo)
     literal = _ip_literal(client_ip)
     source = f"from {name} ({literal})" if literal else f"from {name}"
     date = _rfc5322_date(int(when))
