@@ -345,6 +345,21 @@ class SetFetchTests(TestCase):
                 error = self.failureResultOf(d, TransientJobError).value
                 self.assertIn(f"more than {3 + _ARRIVING} FETCH replies", str(error))
 
+    def test_migrate_refuses_a_destination_folder_of_more_messages_than_a_folder_may_hold(
+        self,
+    ) -> None:
+        """An EXISTS near 2^32 bounded the destination's `UID FETCH 1:*` by the bytes bound
+        alone (144 MB: millions of FetchItems); the job now ends before it is sent."""
+        copier = MailboxCopier(*[cast(Any, None)] * 4)
+        client, transport = connected()
+        d = defer.Deferred.fromCoroutine(destination(copier, client))
+        client.dataReceived(b"* 4294967295 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n"
+                            b"0001 OK done\r\n")
+        error = self.failureResultOf(d, TransientJobError).value
+        self.assertIn("fake says Archive holds 4294967295 messages, more than the "
+                      f"{imap.MAX_EXISTS} a folder may hold", str(error))
+        self.assertNotIn(b"UID FETCH", transport.value())
+
     def test_restore_takes_a_search_of_what_the_account_holds_and_a_margin(self) -> None:
         """A restore's SEARCH ALL of a folder took up to MAX_SEARCH (a million) UIDs, each
         parsed and held, whatever the folder's EXISTS said."""

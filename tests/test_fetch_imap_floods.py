@@ -18,7 +18,15 @@ from twisted.mail import imap4
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.errors import ProtocolFailed
-from mailcore.fetch.imap import LINE_COST, LIST_SLACK, MAX_CAPABILITY, IMAPClient
+from mailcore.fetch.imap import (
+    ARRIVING,
+    LINE_COST,
+    LIST_SLACK,
+    MAX_CAPABILITY,
+    MAX_EXISTS,
+    IMAPClient,
+    SelectInfo,
+)
 from tests.test_fetch_imap_hostile import (
     FakeIMAP,
     cleartext_account,
@@ -191,3 +199,94 @@ class FloodingServerTests(TestCase):
         self.assertEqual((result.status, result.new_messages), ("error", 0))
         self.assertIn(f"INBOX: 127.0.0.1:{port} sent more than {2 + LIST_SLACK} FETCH "
                       "replies for one UID FETCH", result.problems() or "")
+
+
+class LyingExistsTests(TestCase):
+    """Every bound on the FETCH replies of one command over a folder is its EXISTS and
+    ARRIVING: an EXISTS near 2^32 let a UID FETCH of a set keep as many FetchItems as the
+    bytes bound let in (5 million small ones of FLAGS, over a gigabyte)."""
+
+    def examine(self, exists: int) -> defer.Deferred[SelectInfo]:
+        client, self.transport = connected()
+        d = defer.Deferred.fromCoroutine(client.examine("INBOX"))
+        client.dataReceived(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+                            b"0001 OK [READ-ONLY] done\r\n" % exists)
+        return d
+
+    def test_an_exists_over_the_ceiling_is_refused_naming_it(self) -> None:
+        error = self.failureResultOf(self.examine(2**32 - 1)).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertEqual(str(error), f"fake says 'INBOX' holds 4294967295 messages, more "
+                                     f"than the {MAX_EXISTS} a folder may hold")
+
+    def test_a_folder_of_the_ceiling_is_taken(self) -> None:
+        self.assertEqual(self.successResultOf(self.examine(MAX_EXISTS)).exists, MAX_EXISTS)
+
+
+class LyingExistsSyncTests(TestCase):
+    """The engine against a server lying about a folder's EXISTS: the folder gets an error
+    naming the lie, nothing wrong is stored, and the next honest sync works."""
+
+    timeout = 30
+
+    async def test_an_absurd_exists_is_a_folder_error(self) -> None:
+        def lying(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.sendLine(b"* 4294967295 EXISTS")
+            conn.sendLine(b"* OK [UIDVALIDITY 7] ok")
+            conn.sendLine(tag + b" OK [READ-ONLY] done")
+            return True
+
+        (factory, port), = cleartext_servers(self, 1)
+        factory.hooks["EXAMINE"] = lying
+        env, account = await cleartext_account(self, port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("error", 0))
+        self.assertIn(f"INBOX: 127.0.0.1:{port} says 'INBOX' holds 4294967295 messages, more "
+                      f"than the {MAX_EXISTS} a folder may hold", result.problems() or "")
+        self.assertFalse([line for _tls, line in factory.received if b"FETCH" in line])
+        del factory.hooks["EXAMINE"]
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 1))
+
+    async def test_flags_of_more_messages_than_exists_and_asked_end_the_folder(self) -> None:
+        """A CONDSTORE resync asks the flags of UIDs 1:1 (the highest held) of a folder
+        whose EXISTS says 5 million: the replies are one a message at most of those asked
+        for, and ARRIVING more; before, 5 million and ARRIVING."""
+        modseq = [5]
+        floods: list[int] = []
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.sendLine(b"* %d EXISTS" % (5_000_000 if floods else 1))
+            conn.sendLine(b"* OK [UIDVALIDITY 7] ok")
+            conn.sendLine(b"* OK [UIDNEXT 2] ok")
+            conn.sendLine(b"* OK [HIGHESTMODSEQ %d] ok" % modseq[0])
+            conn.sendLine(tag + b" OK [READ-ONLY] done")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
+            if b"CHANGEDSINCE" not in rest:
+                return None
+            floods.append(1)
+            conn.transport.write(b"".join(b"* %d FETCH (UID %d FLAGS (\\Deleted))\r\n" % (n, n)
+                                          for n in range(1, ARRIVING + 3))
+                                 + tag + b" OK fetched\r\n")
+            return True
+
+        (factory, port), = cleartext_servers(self, 1)
+        factory.caps += b" CONDSTORE"
+        factory.hooks["EXAMINE"] = examine
+        env, account = await cleartext_account(self, port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 1))
+        floods.append(0)  # EXISTS lies from now on
+        factory.hooks["UID FETCH"] = fetch
+        modseq[0] = 6
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "error")
+        self.assertIn(f"INBOX: 127.0.0.1:{port} sent more than {1 + ARRIVING} FETCH replies "
+                      "for one UID FETCH", result.problems() or "")
+        self.assertEqual(await env.copies(account.id, "INBOX"), {1: ("", True)})
+        floods.clear()
+        del factory.hooks["UID FETCH"]
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.problems()), ("success", None))

@@ -865,7 +865,9 @@ class SyncEngine:
                 items = await session.uid_fetch(
                     b"1:%d" % max_uid, b"UID FLAGS",
                     b"" if went_back else b"CHANGEDSINCE %d" % (state.highestmodseq or 0),
-                    max_items=info.exists + ARRIVING,
+                    # A message a reply at most: those EXAMINE counted, none of them above
+                    # the highest UID asked for, and a margin for mail arriving.
+                    max_items=min(info.exists, max_uid) + ARRIVING,
                 )
                 changes.update({i.uid: i.flags for i in items
                                 if i.uid is not None and i.flags is not None})

@@ -91,6 +91,11 @@ ARRIVING = 10_000
 # The most UIDs a UID SEARCH may answer (as POP3's MAX_MESSAGES bounds a mailbox): each is
 # parsed on the reactor and held, in a list and a set, by the sync.
 MAX_SEARCH = 1_000_000
+# The most messages a folder's EXISTS may count (RFC 3501 lets it say up to 2^32 - 1): more
+# is a ProtocolFailed naming the claim. Every bound on the FETCH replies one command over a
+# folder takes (a set's `max_items`, QRESYNC's changes) is its EXISTS and ARRIVING: an
+# EXISTS near 2^32 let them be as many as the bytes bound let in, 5 million small ones.
+MAX_EXISTS = 10_000_000
 # What one line of a reply costs against a command's `max_reply_bytes` beyond its bytes:
 # Twisted's reader keeps each untagged line of a command as a bytes object in a list (about
 # 60 bytes more than the line in CPython). Counting bytes alone, 144 MB of "* a" lines
@@ -300,6 +305,16 @@ def compress_set(numbers: list[int]) -> bytes:
         ranges.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
         i = j + 1
     return ",".join(ranges).encode("ascii")
+
+
+def exists_count(value: bytes, host: str, folder: str) -> int:
+    """The messages an EXISTS reply counts in `folder` (as an error shows it): from 0 to
+    MAX_EXISTS, else ProtocolFailed naming the server's claim."""
+    count = number(value, "EXISTS", lowest=0)
+    if count > MAX_EXISTS:
+        raise ProtocolFailed(f"{host} says {folder} holds {count} messages, more than the "
+                             f"{MAX_EXISTS} a folder may hold")
+    return count
 
 
 def number(value: bytes, what: str, *, lowest: int = 1, highest: int = MAX_NUMBER) -> int:
@@ -998,7 +1013,7 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         fetches: list[bytes] = []
         for line in lines:
             if m := _RE_EXISTS.match(line):
-                info.exists = number(m.group(1), "EXISTS", lowest=0)
+                info.exists = exists_count(m.group(1), self.host, repr(name))
             elif m := _RE_CODE.match(line):
                 key = m.group(1).upper()
                 # 0 is kept for UIDVALIDITY and UIDNEXT, as before (a UID is never 0).

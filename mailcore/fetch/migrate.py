@@ -70,7 +70,14 @@ from mailcore.fetch.errors import (
     FetchTimeout,
     TLSFailed,
 )
-from mailcore.fetch.imap import ARRIVING, IMAPClient, ServerSpec, number, open_session
+from mailcore.fetch.imap import (
+    ARRIVING,
+    IMAPClient,
+    ServerSpec,
+    exists_count,
+    number,
+    open_session,
+)
 from mailcore.fetch.jobs import (
     Job,
     JobFailed,
@@ -439,7 +446,8 @@ class MailboxCopier:
             for line in lines:
                 words = line.split()
                 if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
-                    exists = number(words[0], "EXISTS", lowest=0)
+                    exists = exists_count(words[0], reader.host,
+                                          mailbox.decode("ascii", "replace"))
                 elif line.upper().startswith(b"OK [UIDVALIDITY ") and len(words) >= 3:
                     value = words[2].rstrip(b"]")
                     uidvalidity = (number(value, "UIDVALIDITY", lowest=0) if value.isdigit()

@@ -78,8 +78,8 @@ from mailcore.fetch.imap import (
     IMAPClient,
     ServerSpec,
     compress_set,
+    exists_count,
     expand_set,
-    number,
     open_session,
     quote,
 )
@@ -1107,7 +1107,8 @@ class MailboxWriter:
         for line in lines:
             words = line.split(None, 2)
             if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
-                exists = number(words[0], "EXISTS", lowest=0)
+                exists = exists_count(words[0], self.session.host,
+                                      mailbox.decode("ascii", "replace"))
         self._selected, self._exists = mailbox, exists
         return True
 
