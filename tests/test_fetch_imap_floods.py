@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.mail import imap4
 from twisted.trial.unittest import TestCase
 
+from mailcore.fetch import imap
 from mailcore.fetch.errors import ProtocolFailed
 from mailcore.fetch.imap import (
     ARRIVING,
@@ -24,6 +25,7 @@ from mailcore.fetch.imap import (
     LIST_SLACK,
     MAX_CAPABILITY,
     MAX_EXISTS,
+    MAX_FLAG_SETS,
     IMAPClient,
     SelectInfo,
 )
@@ -221,6 +223,24 @@ class LyingExistsTests(TestCase):
 
     def test_a_folder_of_the_ceiling_is_taken(self) -> None:
         self.assertEqual(self.successResultOf(self.examine(MAX_EXISTS)).exists, MAX_EXISTS)
+
+    def test_messages_with_the_same_flags_share_them(self) -> None:
+        """A folder's messages carry a few sets of flags: each set is kept once (a tuple and
+        strings a message were about 100 of its 250 bytes); a long one is not shared."""
+        client, _transport = connected()
+        d = client.uid_fetch(b"1:*", b"UID FLAGS")
+        long = b" ".join(b"$Label%03d" % i for i in range(30))
+        client.dataReceived(b"".join(b"* %d FETCH (UID %d FLAGS (\\Seen $Work))\r\n" % (n, n)
+                                     for n in (1, 2))
+                            + b"* 3 FETCH (UID 3 FLAGS (%s))\r\n" % long
+                            + b"* 4 FETCH (UID 4 FLAGS (%s))\r\n" % long
+                            + b"0001 OK done\r\n")
+        one, two, three, four = self.successResultOf(d)
+        self.assertEqual(one.flags, ("\\Seen", "$Work"))
+        self.assertIs(one.flags, two.flags)
+        self.assertEqual(three.flags, four.flags)
+        self.assertIsNot(three.flags, four.flags)
+        self.assertLessEqual(len(imap._FLAG_SETS), MAX_FLAG_SETS)
 
 
 class LyingExistsSyncTests(TestCase):

@@ -191,7 +191,7 @@ class SelectInfo:
     changed_flags: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FetchItem:
     """One FETCH reply."""
 
@@ -408,6 +408,16 @@ def parse_fetch(line: bytes) -> FetchItem:
     return _fetch_item(int(tokens[0]), values)
 
 
+# The flags of messages, each set kept once however many messages carry it (a folder's
+# messages share a few: (), (\\Seen,), ...): each was a tuple and strings of its own, about
+# 100 bytes a message of a UID FETCH of FLAGS over a whole folder. The first MAX_FLAG_SETS
+# sets seen of at most SHARED_FLAGS_CHARS characters are shared (a megabyte or two in all);
+# any other is kept per message, as before.
+MAX_FLAG_SETS = 4096
+SHARED_FLAGS_CHARS = 200
+_FLAG_SETS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
 def _flags(values: list[Any]) -> tuple[str, ...]:
     """The flags of a FETCH reply that we keep. \\Recent belongs to one session, not to the
     message. A flag holding a control character (NUL, which PostgreSQL refuses) or white
@@ -419,7 +429,10 @@ def _flags(values: list[Any]) -> tuple[str, ...]:
         flag = value.decode("utf-8", "replace")
         if flag.split() == [flag] and not has_cc(flag):
             kept.append(flag)
-    return tuple(kept)
+    flags = tuple(kept)
+    if len(_FLAG_SETS) < MAX_FLAG_SETS and sum(map(len, flags)) <= SHARED_FLAGS_CHARS:
+        return _FLAG_SETS.setdefault(flags, flags)
+    return _FLAG_SETS.get(flags, flags)
 
 
 def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
