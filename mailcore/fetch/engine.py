@@ -72,6 +72,7 @@ from mailcore.fetch.state import (
     FolderState,
     thd_created_since,
     thd_folder,
+    thd_held_uids,
     thd_known_folders,
     thd_mark_gone,
     thd_mark_stale,
@@ -100,6 +101,8 @@ _Parsed = tuple[list[FetchedMessage], list[ParsedMessage]]
 TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
+# The UIDs held of a folder read at once for a CONDSTORE resync of their flags.
+_HELD_PAGE = 50_000
 _BODY_ITEMS = b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
 # A fetched batch of at least this many messages is parsed in a CPU worker process.
 _PROCESS_PARSE_MIN = 50
@@ -862,15 +865,9 @@ class SyncEngine:
                 qresync is None and condstore and state.highestmodseq
                 and info.highestmodseq != state.highestmodseq
             )):
-                items = await session.uid_fetch(
-                    b"1:%d" % max_uid, b"UID FLAGS",
-                    b"" if went_back else b"CHANGEDSINCE %d" % (state.highestmodseq or 0),
-                    # A message a reply at most: those EXAMINE counted, none of them above
-                    # the highest UID asked for, and a margin for mail arriving.
-                    max_items=min(info.exists, max_uid) + ARRIVING,
-                )
-                changes.update({i.uid: i.flags for i in items
-                                if i.uid is not None and i.flags is not None})
+                changes.update(await self._held_flags(
+                    session, state.id, uidvalidity, max_uid,
+                    b"" if went_back else b"CHANGEDSINCE %d" % (state.highestmodseq or 0)))
             if changes:
                 folder_result.flags_updated = await self.db.run(
                     "update_fetch_flags", thd_update_flags, state.id, uidvalidity, changes, now
@@ -975,6 +972,35 @@ class SyncEngine:
             uidvalidity=uidvalidity, uidnext=info.uidnext, highestmodseq=info.highestmodseq,
             now=self.now(), error=error, skipped_uids=list(skipped),
         )
+
+    async def _held_flags(self, session: IMAPClient, folder_id: int, uidvalidity: int,
+                          max_uid: int, modifiers: bytes) -> dict[int, tuple[str, ...]]:
+        """The flags the server gives the messages we hold of the folder up to `max_uid`
+        (those changed since a mod-sequence, when `modifiers` say CHANGEDSINCE), by UID.
+        They are asked for by lists of the UIDs we hold, read a page at a time: each list
+        takes at most two replies a UID, and a reply naming a UID we do not hold is not
+        kept. Asked as `1:max_uid`, the replies were bounded by the folder's EXISTS alone
+        (millions, when it lies), each kept, then an UPDATE of its own."""
+        changes: dict[int, tuple[str, ...]] = {}
+        after = 0
+        while True:
+            page = await self.db.read("fetch_held_uids", thd_held_uids, folder_id,
+                                      uidvalidity, after, max_uid, _HELD_PAGE)
+            if not page:
+                return changes
+            held = set(page)
+            asked = [session.uid_fetch(page[i : i + _SIZE_CHUNK], b"UID FLAGS", modifiers)
+                     for i in range(0, len(page), _SIZE_CHUNK)]  # pipelined
+            try:
+                for answer in asked:
+                    changes.update((item.uid, item.flags) for item in await answer
+                                   if item.uid in held and item.flags is not None)
+            finally:
+                for answer in asked:
+                    _swallow(answer)
+            if len(page) < _HELD_PAGE:
+                return changes
+            after = page[-1]
 
     async def _note_skipped(self, state: FolderState, uidvalidity: int,
                             skipped: dict[int, str]) -> None:

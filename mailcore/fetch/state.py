@@ -144,6 +144,18 @@ def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int,
     return set(conn.execute(query).scalars())
 
 
+def thd_held_uids(conn: Connection, folder_id: int, uidvalidity: int, after: int,
+                  highest: int, limit: int) -> list[int]:
+    """The UIDs we hold of (folder, uidvalidity) above `after` and up to `highest`, in
+    order, the first `limit` of them: the folder read a page at a time."""
+    return list(conn.execute(
+        select(messages.c.uid).where(messages.c.folder_id == folder_id)
+        .where(messages.c.uidvalidity == uidvalidity)
+        .where(messages.c.uid > after).where(messages.c.uid <= highest)
+        .order_by(messages.c.uid).limit(limit)
+    ).scalars())
+
+
 def thd_stored_uidls(conn: Connection, folder_id: int) -> dict[str, int | None]:
     """The UIDLs we hold of a POP3 folder, with the size LIST gave each when it was fetched
     (None: fetched before sizes were kept, or LIST left it out)."""
