@@ -6,7 +6,7 @@ unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4
 - literals are bounded: a `{N}` over `max_literal` fails the session with LiteralTooLarge
   before a byte of it is buffered, and the bytes received for one command are bounded too
   (each line counting LINE_COST more, for the object it is kept as), as are the FETCH
-  replies a UID FETCH takes;
+  replies a UID FETCH takes, and an EXISTS (which bounds them) counts at most MAX_EXISTS;
 - STARTTLS discards whatever plaintext followed the server's OK, and CAPABILITY is asked
   again over TLS;
 - TLS is always verified (the caller passes a connection creator from mailcore.fetch.tls),
@@ -94,7 +94,8 @@ MAX_SEARCH = 1_000_000
 # The most messages a folder's EXISTS may count (RFC 3501 lets it say up to 2^32 - 1): more
 # is a ProtocolFailed naming the claim. Every bound on the FETCH replies one command over a
 # folder takes (a set's `max_items`, QRESYNC's changes) is its EXISTS and ARRIVING: an
-# EXISTS near 2^32 let them be as many as the bytes bound let in, 5 million small ones.
+# EXISTS near 2^32 let them be as many as the bytes bound let in: 3.4 million small ones
+# of FLAGS, a gigabyte.
 MAX_EXISTS = 10_000_000
 # What one line of a reply costs against a command's `max_reply_bytes` beyond its bytes:
 # Twisted's reader keeps each untagged line of a command as a bytes object in a list (about
