@@ -176,6 +176,20 @@ class ReleasePageTests(TestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.released(), 1)
 
+    async def test_a_csrf_token_in_the_query_string_releases_nothing(self) -> None:
+        # A token in an address ends up in logs, Referers and link scanners' fetches: only
+        # the form's body carries it, and a GET with one is the page, nothing released.
+        cookie, token = await self.page(self.browser())
+        query = f"{self.path}?csrf_token={token}"
+        for method, form in [("POST", {}), ("POST", {"csrf_token": ""}), ("GET", None)]:
+            status, _headers, _body = await fetch(
+                self.browser(), method, query, headers={"Cookie": f"mc_csrf={cookie}"},
+                data=form)
+            self.assertEqual(status, 403 if method == "POST" else 200, (method, form))
+        self.assertEqual(self.released(), 0)
+        self.assertEqual(await self.post(cookie, token), 200)
+        self.assertEqual(self.released(), 1)
+
     async def test_a_disabled_owners_message_stays_held_until_it_is_enabled(self) -> None:
         # `mailcore user disable`: nothing of the account is delivered, and a link of an
         # earlier digest released its mail all the same.
