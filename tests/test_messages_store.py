@@ -650,6 +650,46 @@ class StoreTestsMixin(DatabaseMixin):
             self.assertEqual([m.id for m in page.items], newest_first[::-1][:2])
 
 
+    async def test_a_pop3_accounts_mail_is_left_out_through_indexes(self) -> None:
+        """`without_pop` (the IMAP2API's reads) leaves a POP3 account's mail out of every
+        read, and reads no table whole for it: with no such account, one look-up by the
+        user's accounts index; with one, the lists go on down the user's indexes."""
+        store, user, small, newest_first = await self.small_account_beside_a_big_one()
+        every = MessageQuery(limit=500)
+        self.assertEqual((await store.list_messages(user, every)).count, 305)
+        with engine_query_plans(self.db.engine) as plans:
+            page = await store.list_messages(user, MessageQuery(without_pop=True))
+        self.assertEqual(page.count, 305)
+        self.assertEqual(full_scans(plans, "messages", "fetch_accounts", "message_counts"), [])
+
+        def to_pop(conn: Connection) -> None:
+            conn.execute(fetch_accounts.update().where(fetch_accounts.c.id == small)
+                         .values(protocol="pop"))
+
+        await self.db.run("to_pop", to_pop)
+        shown = [m.id for m in (await store.list_messages(user, every)).items
+                 if m.id not in newest_first]
+        with engine_query_plans(self.db.engine) as plans:
+            for query in (MessageQuery(without_pop=True), MessageQuery(without_pop=True,
+                                                                        ordering="date"),
+                          MessageQuery(without_pop=True, offset=250, limit=100),
+                          MessageQuery(without_pop=True, threads_only=True, limit=500),
+                          MessageQuery(without_pop=True, folder="INBOX", limit=500),
+                          MessageQuery(without_pop=True, q="old"),
+                          MessageQuery(without_pop=True, account_id=small)):
+                page = await store.list_messages(user, query)
+                expected = 0 if query.q or query.account_id else 300
+                self.assertEqual(page.count, expected, query)
+                self.assertFalse({m.id for m in page.items} & set(newest_first), query)
+            self.assertEqual((await store.statistics(user, without_pop=True)).total_emails,
+                             300)
+            self.assertEqual(await store.folder_names(user, small, without_pop=True), [])
+            with self.assertRaises(MessageNotFound):
+                await store.message_and_thread(user, newest_first[0], without_pop=True)
+            detail, _ = await store.message_and_thread(user, shown[0], without_pop=True)
+        self.assertEqual(detail.summary.id, shown[0])
+        self.assertEqual(full_scans(plans, "messages", "fetch_accounts", "message_counts"), [])
+
     async def test_what_a_cut_short_sync_stored_is_counted_from_an_index(self) -> None:
         """An interrupted sync is settled (FetchEngine.thd_settle_interrupted) by a write
         transaction that counts the messages the account stored since the sync began:

@@ -598,6 +598,103 @@ class OwnershipTests(TestCase):
         self.assertEqual(status, 404)
 
 
+class PopMailTests(TestCase):
+    """The IMAP2API shows the mail of the user's IMAP accounts only: a POP3 account (made
+    through Dropmyemail) is no imap-server of it (404), so its mail would be e-mails whose
+    `imap_server` names an id the same API says does not exist."""
+
+    timeout = 240
+
+    async def prepare(self, url: str | None = None) -> tuple[Web, Client, dict[str, Any]]:
+        web = Web.build(config(), url=url)
+        if url is not None:
+            self.addCleanup(web.core.db.close)
+        alice = await client(web)
+        server = await alice.ok("POST", "/api/imap-servers/", 201, json=GMAIL)
+        pop = await web.core.fetch.accounts.create(
+            alice.user.id, protocol="pop", host="pop.example.test", username="u", password="p",
+        )
+        ids: dict[str, Any] = {"server": server["id"], "pop": pop.id}
+        ids["imap"] = await store(web, alice.user.id, [
+            mail(1, subject="Plan", body="The budget plan."),
+            mail(3, subject="Lunch", body="Budget lunch?", day=datetime.date(2024, 11, 3)),
+        ], account_id=server["id"])
+        ids["sent"] = await store(web, alice.user.id, [mail(4, subject="Sent note")],
+                                  folder="Sent", account_id=server["id"])
+        # A reply to the IMAP account's "Plan", fetched by POP3: same thread.
+        ids["popped"] = await store(web, alice.user.id, [
+            mail(2, subject="Re: Plan", body="Budget agreed.", reply_to=1,
+                 day=datetime.date(2024, 11, 2)),
+            mail(5, subject="Pop only", day=datetime.date(2024, 11, 5)),
+        ], folder="PopBox", account_id=pop.id)
+        return web, alice, ids
+
+    async def check_no_email_of_a_pop3_account_is_shown(self, url: str | None) -> None:
+        _, alice, ids = await self.prepare(url)
+        shown = sorted(ids["imap"] + ids["sent"])
+        popped = ids["popped"]
+        for query in ("", "?ordering=subject", "?page_size=1&page=2", "?folder=INBOX",
+                      "?date_from=2024-11-01", "?has_attachments=false"):
+            body = await alice.ok("GET", "/api/emails/" + query)
+            self.assertEqual(body["count"], len(shown) if "folder" not in query else 2, query)
+            for email in body["results"]:
+                self.assertIn(email["id"], shown, query)
+                await alice.ok("GET", f"/api/imap-servers/{email['imap_server']}/")
+        everything = await alice.ok("GET", "/api/emails/?page_size=100")
+        self.assertEqual(sorted(e["id"] for e in everything["results"]), shown)
+        self.assertEqual((await alice.ok("GET", f"/api/emails/?imap_server={ids['pop']}")),
+                         {"count": 0, "next": None, "previous": None, "results": []})
+        self.assertEqual((await alice.ok("GET", "/api/emails/?folder=PopBox"))["count"], 0)
+        found = await alice.ok("GET", "/api/emails/?q=budget")
+        self.assertEqual(sorted(e["id"] for e in found["results"]), ids["imap"])
+        self.assertEqual((await alice.ok("GET", "/api/emails/?q=agreed"))["count"], 0)
+        for path in ("/api/emails/threads/", "/api/emails/?thread=true"):
+            threads = await alice.ok("GET", path)
+            self.assertEqual(sorted(e["id"] for e in threads["results"]), shown, path)
+            self.assertEqual(threads["count"], 3, path)
+
+        self.assertEqual(await alice.ok("GET", "/api/emails/folders/"), ["INBOX", "Sent"])
+        self.assertEqual(await alice.ok("GET", f"/api/emails/folders/?imap_server={ids['pop']}"),
+                         [])
+        statistics = await alice.ok("GET", "/api/emails/statistics/")
+        self.assertEqual(statistics, {"total_emails": 3, "total_threads": 3,
+                                      "folders": {"INBOX": 2, "Sent": 1}})
+        self.assertEqual(
+            await alice.ok("GET", f"/api/emails/statistics/?imap_server={ids['pop']}"),
+            {"total_emails": 0, "total_threads": 0, "folders": {}})
+
+        for row_id in popped:
+            for path in (f"/api/emails/{row_id}/", f"/api/emails/{row_id}/thread/"):
+                status, _, body = await alice.call("GET", path)
+                self.assertEqual((status, body), (404, {"detail": "Not found."}), path)
+        plan = ids["imap"][0]
+        detail = await alice.ok("GET", f"/api/emails/{plan}/")
+        self.assertEqual((detail["thread_emails"], detail["thread_count"]), ([], 1))
+        self.assertEqual({e["thread_count"] for e in everything["results"]}, {1})
+        thread = await alice.ok("GET", f"/api/emails/{plan}/thread/")
+        self.assertEqual([e["id"] for e in thread], [plan])
+
+    async def test_no_email_of_a_pop3_account_is_shown(self) -> None:
+        await self.check_no_email_of_a_pop3_account_is_shown(None)
+
+    async def test_no_email_of_a_pop3_account_is_shown_on_postgresql(self) -> None:
+        await self.check_no_email_of_a_pop3_account_is_shown(await create_test_database(self))
+
+    async def test_an_account_turned_to_pop3_takes_its_mail_out_of_a_kept_page(self) -> None:
+        # Dropmyemail's PUT may turn an account from IMAP to POP3 (dropmyemail-v1.md); the
+        # change moves no message, so a page kept for the user's change stamp must not be
+        # served again.
+        web, alice, ids = await self.prepare()
+        before = await alice.ok("GET", "/api/emails/")
+        self.assertEqual(before["count"], 3)
+        self.assertEqual(await alice.ok("GET", "/api/emails/"), before)  # the kept page
+        await web.core.fetch.accounts.update(alice.user.id, ids["server"], protocol="pop",
+                                             host="pop.example.test", password="p")
+        self.assertEqual(await alice.ok("GET", "/api/emails/"),
+                         {"count": 0, "next": None, "previous": None, "results": []})
+        self.assertEqual((await alice.ok("GET", "/api/emails/statistics/"))["total_emails"], 0)
+
+
 class SearchAndFilterTests(TestCase):
     async def prepare(self) -> tuple[Web, Client, dict[str, int]]:
         web, alice = await setup()

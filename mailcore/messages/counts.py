@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Select, and_, bindparam, case, func, select
@@ -24,35 +24,41 @@ V = TypeVar("V")
 
 
 def thd_folder_totals(
-    conn: Connection, user_id: int, account_id: int | None = None
+    conn: Connection, user_id: int, account_id: int | None = None,
+    hidden: Collection[int] = (),
 ) -> dict[str, int]:
-    """Messages per folder name (folders holding none left out), in no particular order."""
+    """Messages per folder name (folders holding none left out), in no particular order;
+    the messages of the `hidden` accounts are not counted."""
     q = (
         select(message_counts.c.folder, func.sum(message_counts.c.total))
         .where(message_counts.c.user_id == user_id)
         .where(message_counts.c.total > 0)
         .group_by(message_counts.c.folder)
     )
-    if account_id is not None:
-        q = q.where(message_counts.c.account_key == account_id)
+    q = q.where(*_of(account_id, None, hidden))
     return {folder: int(n) for folder, n in conn.execute(q)}
 
 
-def _of(account_id: int | None, folder: str | None) -> list[ColumnElement[bool]]:
-    """`message_counts` rows of this account and folder (None: any)."""
+def _of(account_id: int | None, folder: str | None, hidden: Collection[int] = ()
+        ) -> list[ColumnElement[bool]]:
+    """`message_counts` rows of this account and folder (None: any), but the `hidden`
+    accounts'."""
     c = message_counts.c
     return [cond for cond in (
         c.account_key == account_id if account_id is not None else None,
         c.folder == folder if folder is not None else None,
+        c.account_key.not_in(sorted(hidden)) if hidden else None,
     ) if cond is not None]
 
 
 def thd_message_total(
-    conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
+    conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None,
+    hidden: Collection[int] = (),
 ) -> int:
-    """How many messages the user holds (in this account, in this folder)."""
+    """How many messages the user holds (in this account, in this folder), but those of
+    the `hidden` accounts."""
     q = select(func.coalesce(func.sum(message_counts.c.total), 0)).where(
-        message_counts.c.user_id == user_id, *_of(account_id, folder)
+        message_counts.c.user_id == user_id, *_of(account_id, folder, hidden)
     )
     return int(conn.execute(q).scalar() or 0)
 
@@ -100,19 +106,23 @@ def _unthreaded(conn: Connection, user_id: int, account_id: int | None) -> int:
     return int(conn.execute(q).scalar() or 0)
 
 
-def thd_thread_total(conn: Connection, user_id: int, account_id: int | None = None) -> int | None:
+def thd_thread_total(conn: Connection, user_id: int, account_id: int | None = None,
+                     hidden: Collection[int] = ()) -> int | None:
     """How many threads the user's messages (of this account) form; None when only counting
-    rows can tell (an account's threads while other accounts hold messages too)."""
-    if account_id is not None:
+    rows can tell (an account's threads while other accounts hold messages too, or while
+    one of the `hidden` accounts, whose messages are left out, holds some)."""
+    if account_id is not None or hidden:
         keys = set(conn.execute(
             select(message_counts.c.account_key)
             .where(message_counts.c.user_id == user_id)
             .where(message_counts.c.total > 0)
             .distinct()
         ).scalars())
-        if account_id not in keys:
+        if account_id is not None and (account_id not in keys or account_id in hidden):
             return 0
-        if keys != {account_id}:
+        if account_id is not None and keys != {account_id}:
+            return None
+        if keys & set(hidden):
             return None
     threads = conn.execute(
         select(message_thread_totals.c.threads).where(message_thread_totals.c.user_id == user_id)

@@ -56,6 +56,9 @@ class MessageQuery:
 
     `date_from`/`date_to` are inclusive calendar days (UTC). `threads_only` keeps one row per
     thread: the first (oldest) message of it among those matching the filters.
+    `without_pop` leaves out the mail of the user's POP3 accounts (the IMAP2API's, whose
+    imap-servers are the IMAP accounts only); the store reads which accounts those are into
+    `hidden_accounts` (those holding mail) in the transaction that reads the page.
     """
 
     q: str | None = None
@@ -70,6 +73,8 @@ class MessageQuery:
     ordering: str = "-date"
     offset: int = 0
     limit: int = 50
+    without_pop: bool = False
+    hidden_accounts: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

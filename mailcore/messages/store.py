@@ -8,6 +8,7 @@ A batch stored twice changes nothing: a rerun after a crash gives exactly the so
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -90,6 +91,7 @@ from mailcore.store.chunks import KEY_CHUNK, found_keys, key_chunks, rows_for
 from mailcore.store.engine import ilike, like_pattern
 from mailcore.store.prepared import Prepared
 from mailcore.store.schema import (
+    fetch_accounts,
     fetch_folders,
     message_attachments,
     message_blobs,
@@ -98,6 +100,7 @@ from mailcore.store.schema import (
     messages,
     threads,
 )
+from mailcore.store.schema.messages import message_counts
 from mailcore.store.schema.types import UTCDateTime, sqlite_time
 from mailcore.workers import CpuPool
 
@@ -582,6 +585,32 @@ def _day_after(day: datetime.date) -> datetime.datetime:
     return _day_start(day + datetime.timedelta(days=1))
 
 
+# The user's POP3 accounts that hold mail (see `thd_hidden_accounts`).
+_POP_ACCOUNTS_WITH_MAIL = (
+    select(fetch_accounts.c.id)
+    .where(fetch_accounts.c.user_id == bindparam("user_id"),
+           fetch_accounts.c.protocol != "imap")
+    .where(exists().where(message_counts.c.user_id == bindparam("user_id"),
+                          message_counts.c.account_key == fetch_accounts.c.id,
+                          message_counts.c.total > 0))
+    .order_by(fetch_accounts.c.id)
+)
+
+
+def thd_hidden_accounts(conn: Connection, user_id: int) -> tuple[int, ...]:
+    """The user's POP3 accounts that hold mail, whose mail the IMAP2API leaves out
+    (`MessageQuery.without_pop`): it lists only the IMAP accounts as its imap-servers, so
+    an e-mail of a POP3 account would name in `imap_server` an id the same API answers
+    404 for. Read by the user's accounts index and the kept counts' key; a user with no
+    such account (nearly all) keeps every quick way of the reads."""
+    return tuple(conn.execute(_POP_ACCOUNTS_WITH_MAIL, {"user_id": user_id}).scalars())
+
+
+def _visible(table: Any, hidden: Sequence[int]) -> ColumnElement[bool]:
+    """Rows of `table` (`messages` or an alias of it) outside the `hidden` accounts."""
+    return or_(table.c.account_id.is_(None), table.c.account_id.not_in(list(hidden)))
+
+
 # The filters of a query, as WHERE terms with named parameters (`_filter_values` gives
 # them): a list page's statement is then built once per shape of query and reused, its
 # SQLAlchemy cache key memoised, instead of built and keyed anew on every request.
@@ -659,6 +688,8 @@ def _filters(
     all: 15 ms for a word in 200 of them, 150 ms for one in 2,000, against 1 and 5 ms
     through the matches)."""
     conds = _shape_terms(_filter_shape(query), table.c, by_match)
+    if query.hidden_accounts:
+        conds.append(_visible(table, query.hidden_accounts))
     if query.q:
         conds.append(match_clause(dialect, table.c.id, query.q))
     return conds
@@ -724,6 +755,20 @@ def _thread_counts(conn: Connection, thread_ids: set[int]) -> dict[int, int]:
     return {tid: int(n) for tid, n in rows}
 
 
+def _visible_thread_counts(conn: Connection, user_id: int, thread_ids: set[int],
+                           hidden: Sequence[int]) -> dict[int, int]:
+    """Messages per thread outside the `hidden` accounts (the kept counts count them all),
+    counted through the threads' index."""
+    if not thread_ids:
+        return {}
+    rows = conn.execute(
+        select(messages.c.thread_id, func.count())
+        .where(messages.c.thread_id.in_(sorted(thread_ids)),
+               messages.c.user_id + 0 == user_id, _visible(messages, hidden))
+        .group_by(messages.c.thread_id))
+    return {tid: int(n) for tid, n in rows}
+
+
 def _first_of_thread(
     dialect: str, user_id: int, query: MessageQuery
 ) -> ColumnElement[bool]:
@@ -761,17 +806,19 @@ def _total(conn: Connection, user_id: int, query: MessageQuery,
            stamp: int | None) -> int:
     """The count of the query: from the kept counts, else from `cache` while the user's
     change `stamp` stands (None: the query's rows can change without it), else counted."""
+    hidden = query.hidden_accounts
     if _counted(query):
         if not query.threads_only:
-            return thd_message_total(conn, user_id, query.account_id, query.folder)
+            return thd_message_total(conn, user_id, query.account_id, query.folder, hidden)
         if query.folder is None:
-            total = thd_thread_total(conn, user_id, query.account_id)
+            total = thd_thread_total(conn, user_id, query.account_id, hidden)
             if total is not None:
                 return total
     if cache is None or stamp is None:
         return count_rows()
     key = (user_id, query.q, query.folder, query.account_id, query.date_from,
-           query.date_to, query.has_attachments, query.threads_only)
+           query.date_to, query.has_attachments, query.threads_only) + \
+        ((hidden,) if hidden else ())
     cached = cache.get(key, stamp)
     if cached is not None:
         return cached
@@ -825,13 +872,31 @@ def thd_list_messages(
     always, a later one when it can be planned from the stamp and count the list was last
     read at, which the statement then finds unchanged (else the page is read again).
     """
+    if query.without_pop:
+        query = dataclasses.replace(query, without_pop=False,
+                                    hidden_accounts=thd_hidden_accounts(conn, user_id))
+    if not query.hidden_accounts:
+        return _thd_list_messages(conn, user_id, query, cache, marks, unless, as_json)
+    # An account's protocol changes without the change stamp (a Dropmyemail PUT): a page
+    # kept with it would show what is hidden now, or hide what is not. The counts are
+    # kept by the set of hidden accounts too (`_total`); the marks are not.
+    page = _thd_list_messages(conn, user_id, query, cache, None, None, False)
+    return dataclasses.replace(page, stamp=None)
+
+
+def _thd_list_messages(
+    conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None,
+    marks: PageMarks | None, unless: int | None, as_json: bool,
+) -> Page[MessageSummary]:
+    """`thd_list_messages` once its hidden accounts are read."""
     dialect = conn.dialect.name
     by_match = bool(query.q)
     values = _filter_values(user_id, query)
     ordering = query.ordering.strip()
-    # A plain list (no words, no thread grouping) reads through statements built once per
-    # shape of query; the others are built for the request.
-    shape = None if query.q or query.threads_only else _filter_shape(query)
+    # A plain list (no words, no thread grouping, no hidden accounts) reads through
+    # statements built once per shape of query; the others are built for the request.
+    shape = None if query.q or query.threads_only or query.hidden_accounts \
+        else _filter_shape(query)
 
     def where(by_match: bool) -> list[ColumnElement[bool]]:
         conds = _filters(dialect, user_id, query, by_match=by_match)
@@ -843,7 +908,7 @@ def thd_list_messages(
     # matches in the full-text table alone (migration 0024).
     tsq = pg_tsquery(query.q) if dialect == "postgresql" and query.q \
         and not query.threads_only and ordering in ("-date", "date") \
-        and not _filter_shape(query) else None
+        and not _filter_shape(query) and not query.hidden_accounts else None
     if tsq is not None:
         values["tsq"] = tsq
 
@@ -909,7 +974,10 @@ def thd_list_messages(
     rows = _page_rows(conn, statement, {**values, "skip": skip, "n": n}, one_row)
     if reverse:
         rows.reverse()
-    return _page_of_rows(rows, count, stamp, offset, marks, marks_key)
+    sizes = _visible_thread_counts(
+        conn, user_id, {r[_THREAD_ID_AT] for r in rows if r[_THREAD_ID_AT] is not None},
+        query.hidden_accounts) if query.hidden_accounts else None
+    return _page_of_rows(rows, count, stamp, offset, marks, marks_key, sizes)
 
 
 def _page_with_known_total(
@@ -986,18 +1054,20 @@ def _json_page(dialect: str, row: Sequence[Any] | None, count: int, stamp: int |
 
 
 def _page_of_rows(rows: Sequence[Any], count: int, stamp: int | None, offset: int,
-                  marks: PageMarks | None, marks_key: tuple[Any, ...] | None
-                  ) -> Page[MessageSummary]:
+                  marks: PageMarks | None, marks_key: tuple[Any, ...] | None,
+                  sizes: dict[int, int] | None = None) -> Page[MessageSummary]:
     """The page of `rows` (`_PAGE_COLUMNS`, in the list's order, from `offset` on), its
-    first and last rows remembered in `marks` under `marks_key` at `stamp`."""
+    first and last rows remembered in `marks` under `marks_key` at `stamp`; `sizes`, the
+    thread sizes to show, else those the rows carry."""
     if marks is not None and marks_key is not None and stamp is not None and rows \
             and rows[0][_DATE_AT] is not None and rows[-1][_DATE_AT] is not None:
         marks.remember(marks_key, stamp, count, {
             offset: (rows[0][_DATE_AT], rows[0][0]),
             offset + len(rows) - 1: (rows[-1][_DATE_AT], rows[-1][0]),
         })
-    sizes = {r[_THREAD_ID_AT]: r[_SUMMARY_WIDTH] for r in rows
-             if r[_SUMMARY_WIDTH] is not None}
+    if sizes is None:
+        sizes = {r[_THREAD_ID_AT]: r[_SUMMARY_WIDTH] for r in rows
+                 if r[_SUMMARY_WIDTH] is not None}
     return Page(count=count, items=[_summary(r, sizes) for r in rows], stamp=stamp)
 
 
@@ -1193,16 +1263,23 @@ _DETAILS = select(
 _ATTACHMENTS_OF = select(*_ATTACHMENT_COLUMNS).select_from(_ATTACHMENT_JOIN) \
     .where(message_attachments.c.message_row_id.in_(bindparam("ids", expanding=True))) \
     .order_by(message_attachments.c.id)
-_THREAD_OF = select(messages.c.thread_id).where(
+_THREAD_OF = select(messages.c.thread_id, messages.c.account_id).where(
     messages.c.user_id == bindparam("user_id"), messages.c.id == bindparam("row_id"))
 
 
-def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int]) -> list[MessageDetail]:
-    """Full details of the user's messages with these row ids (missing ids left out)."""
+def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int],
+                     hidden: Sequence[int] = ()) -> list[MessageDetail]:
+    """Full details of the user's messages with these row ids (missing ids, and those of
+    the `hidden` accounts, left out)."""
     if not ids:
         return []
     rows = conn.execute(_DETAILS, {"user_id": user_id, "ids": list(ids)}).all()
-    counts = _thread_counts(conn, {r.thread_id for r in rows if r.thread_id is not None})
+    threads_of = {r.thread_id for r in rows if r.thread_id is not None}
+    if hidden:
+        rows = [r for r in rows if r.account_id not in hidden]
+        counts = _visible_thread_counts(conn, user_id, threads_of, hidden)
+    else:
+        counts = _thread_counts(conn, threads_of)
     attachments: dict[int, list[AttachmentSummary]] = {}
     found = [r.id for r in rows]
     for a in conn.execute(_ATTACHMENTS_OF, {"ids": found}) if found else ():
@@ -1228,20 +1305,23 @@ def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int]) -> list
     return [by_id[i] for i in ids if i in by_id]
 
 
-def thd_thread_ids(conn: Connection, user_id: int, row_id: int) -> list[int]:
-    """Row ids of every message in the thread of `row_id`, oldest first."""
-    thread_id = conn.execute(_THREAD_OF, {"user_id": user_id, "row_id": row_id}).first()
-    if thread_id is None:
+def thd_thread_ids(conn: Connection, user_id: int, row_id: int,
+                   hidden: Sequence[int] = ()) -> list[int]:
+    """Row ids of every message in the thread of `row_id`, oldest first; those of the
+    `hidden` accounts left out (`row_id` itself one of them: MessageNotFound)."""
+    found = conn.execute(_THREAD_OF, {"user_id": user_id, "row_id": row_id}).first()
+    if found is None or found.account_id in hidden:
         raise MessageNotFound(row_id)
-    if thread_id[0] is None:
+    if found.thread_id is None:
         return [row_id]
-    return list(conn.execute(_THREAD_ROWS, {"user_id": user_id, "thread_id": thread_id[0]})
-                .scalars())
+    rows = conn.execute(_THREAD_ROWS, {"user_id": user_id, "thread_id": found.thread_id})
+    return [r.id for r in rows if r.account_id not in hidden]
 
 
-# A thread's row ids, oldest first, found by the terms of a list filtered by thread_id
-# (through the thread's index).
-_THREAD_ROWS = (select(messages.c.id).where(*_shape_terms(("thread_id",), messages.c))
+# A thread's row ids (and accounts), oldest first, found by the terms of a list filtered
+# by thread_id (through the thread's index).
+_THREAD_ROWS = (select(messages.c.id, messages.c.account_id)
+                .where(*_shape_terms(("thread_id",), messages.c))
                 .order_by(messages.c.date.asc(), messages.c.id.asc()))
 
 
@@ -1360,33 +1440,48 @@ class MessageStore:
         return found[0]
 
     async def message_and_thread(
-        self, user_id: int, row_id: int
+        self, user_id: int, row_id: int, *, without_pop: bool = False
     ) -> tuple[MessageDetail, list[int]]:
         """A message and the row ids of every message of its thread, oldest first (itself
-        included), read in one transaction; the others' details come from `details_of`."""
+        included), read in one transaction; the others' details come from `details_of`.
+        `without_pop`: as `MessageQuery.without_pop` (a POP3 account's message is not
+        found)."""
 
         def txn(conn: Connection) -> tuple[MessageDetail, list[int]]:
-            ids = thd_thread_ids(conn, user_id, row_id)
-            found = thd_get_messages(conn, user_id, [row_id])
+            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
+            ids = thd_thread_ids(conn, user_id, row_id, hidden)
+            found = thd_get_messages(conn, user_id, [row_id], hidden)
             if not found:
                 raise MessageNotFound(row_id)
             return found[0], ids
 
         return await self.db.read("get_message_with_thread", txn)
 
-    async def thread_ids(self, user_id: int, row_id: int) -> list[int]:
+    async def thread_ids(self, user_id: int, row_id: int, *, without_pop: bool = False
+                         ) -> list[int]:
         """The row ids of every message of the thread `row_id` belongs to, oldest first
-        (itself included)."""
-        return await self.db.read("get_thread", thd_thread_ids, user_id, row_id)
+        (itself included); `without_pop`: as `message_and_thread`'s."""
 
-    async def details_of(self, user_id: int, ids: Sequence[int]
+        def txn(conn: Connection) -> list[int]:
+            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
+            return thd_thread_ids(conn, user_id, row_id, hidden)
+
+        return await self.db.read("get_thread", txn)
+
+    async def details_of(self, user_id: int, ids: Sequence[int], *, without_pop: bool = False
                          ) -> AsyncGenerator[MessageDetail]:
         """The details of the user's messages `ids`, in that order, read DETAILS_BATCH at a
         time (a thread may hold thousands, their bodies hundreds of megabytes: a reply
         writes them as they come instead of holding them all); those deleted meanwhile are
-        left out."""
+        left out, and with `without_pop` those of a POP3 account (one turned from IMAP
+        meanwhile)."""
+
+        def batch(conn: Connection, some: Sequence[int]) -> list[MessageDetail]:
+            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
+            return thd_get_messages(conn, user_id, some, hidden)
+
         for start in range(0, len(ids), DETAILS_BATCH):
-            for detail in await self.db.read("get_thread_batch", thd_get_messages, user_id,
+            for detail in await self.db.read("get_thread_batch", batch,
                                              ids[start:start + DETAILS_BATCH]):
                 yield detail
 
@@ -1408,11 +1503,14 @@ class MessageStore:
             raise MessageNotFound(row_id)
         return bytes(raw)
 
-    async def folder_names(self, user_id: int, account_id: int | None = None) -> list[str]:
-        """Distinct folder names the user has messages in, sorted (seed 001 /folders/)."""
+    async def folder_names(self, user_id: int, account_id: int | None = None, *,
+                           without_pop: bool = False) -> list[str]:
+        """Distinct folder names the user has messages in, sorted (seed 001 /folders/);
+        `without_pop`: as `MessageQuery.without_pop`."""
 
         def txn(conn: Connection) -> list[str]:
-            return sorted(thd_folder_totals(conn, user_id, account_id))
+            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
+            return sorted(thd_folder_totals(conn, user_id, account_id, hidden))
 
         return await self.db.read("list_folder_names", txn)
 
@@ -1460,15 +1558,22 @@ class MessageStore:
 
         return await self.db.read("list_mailboxes", txn)
 
-    async def statistics(self, user_id: int, account_id: int | None = None) -> Statistics:
-        """Totals of messages and threads, and messages per folder (seed 001)."""
+    async def statistics(self, user_id: int, account_id: int | None = None, *,
+                         without_pop: bool = False) -> Statistics:
+        """Totals of messages and threads, and messages per folder (seed 001);
+        `without_pop`: as `MessageQuery.without_pop`."""
 
         def txn(conn: Connection) -> Statistics:
-            counts = thd_folder_totals(conn, user_id, account_id)
+            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
+            counts = thd_folder_totals(conn, user_id, account_id, hidden)
             folders = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-            total_threads = thd_thread_total(conn, user_id, account_id)
-            if total_threads is None:  # one account's threads among several: count them
-                conds = [messages.c.user_id == user_id, messages.c.account_id == account_id]
+            total_threads = thd_thread_total(conn, user_id, account_id, hidden)
+            if total_threads is None:  # some accounts' threads among others': count them
+                conds = [messages.c.user_id == user_id]
+                if account_id is not None:
+                    conds.append(messages.c.account_id == account_id)
+                if hidden:
+                    conds.append(_visible(messages, hidden))
                 total_threads = int(conn.execute(
                     select(func.count(func.distinct(
                         case((messages.c.thread_id.is_(None), -messages.c.id),

@@ -9,6 +9,9 @@ Served at `/api-token-auth/` (also `/api/v1/api-token-auth/`) and under both `/a
 - `emails/` (filters `q`, `folder`, `imap_server`, `date_from`, `date_to`, `thread`,
   `has_attachments`, `ordering`), `emails/{id}/` with `thread_emails`, `emails/{id}/thread/`,
   `emails/threads/`, `emails/folders/`, `emails/statistics/`.
+  Only the mail of the user's IMAP accounts: a POP3 account (a Dropmyemail one) is no
+  imap-server here, so its mail is left out of all of them (`MessageQuery.without_pop`)
+  and its syncs tell the webhooks nothing.
 - `webhooks/` and `webhooks/{id}/` (the seed's webhooks, given an API here), and
   `webhooks/{id}/deliveries/`, the delivery log. See mailcore.webhooks for the events and
   the signature.

@@ -495,7 +495,8 @@ class Imap2ApiApp(ApiApp):
     )
     async def list_folders(self, request: IRequest) -> bytes:
         user_id = await self.user_id(request)
-        names = await self.messages.folder_names(user_id, server_param(request))
+        names = await self.messages.folder_names(user_id, server_param(request),
+                                                 without_pop=True)
         return self.reply(request, names)
 
     @routes.route(
@@ -509,7 +510,8 @@ class Imap2ApiApp(ApiApp):
     )
     async def statistics(self, request: IRequest) -> bytes:
         user_id = await self.user_id(request)
-        stats = await self.messages.statistics(user_id, server_param(request))
+        stats = await self.messages.statistics(user_id, server_param(request),
+                                               without_pop=True)
         return self.reply(request, statistics_json(stats))
 
     @routes.route(
@@ -523,12 +525,13 @@ class Imap2ApiApp(ApiApp):
     async def get_email(self, request: IRequest, email_id: int) -> bytes:
         user_id = await self.user_id(request)
         with refusals():
-            detail, thread = await self.messages.message_and_thread(user_id, email_id)
+            detail, thread = await self.messages.message_and_thread(user_id, email_id,
+                                                                      without_pop=True)
         # Written as read, a batch of the thread's e-mails at a time (see web.jsonstream).
         others = [row_id for row_id in thread if row_id != email_id]
-        await stream_json_array(
-            request, _thread_emails(self.messages.details_of(user_id, others)),
-            email_detail_head(detail), "thread_emails")
+        emails = self.messages.details_of(user_id, others, without_pop=True)
+        await stream_json_array(request, _thread_emails(emails), email_detail_head(detail),
+                                "thread_emails")
         return b""
 
     @routes.route(
@@ -542,9 +545,9 @@ class Imap2ApiApp(ApiApp):
     async def get_thread(self, request: IRequest, email_id: int) -> bytes:
         user_id = await self.user_id(request)
         with refusals():
-            thread = await self.messages.thread_ids(user_id, email_id)
-        await stream_json_array(request,
-                                _thread_emails(self.messages.details_of(user_id, thread)))
+            thread = await self.messages.thread_ids(user_id, email_id, without_pop=True)
+        emails = self.messages.details_of(user_id, thread, without_pop=True)
+        await stream_json_array(request, _thread_emails(emails))
         return b""
 
     # -- webhooks ----------------------------------------------------------------------------

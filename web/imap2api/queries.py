@@ -80,7 +80,8 @@ def server_param(request: IRequest) -> int | None:
 
 
 def message_query(params: Mapping[str, str]) -> MessageQuery:
-    """The filters and ordering of an emails list request (without the page window)."""
+    """The filters and ordering of an emails list request (without the page window), over
+    the mail of the user's IMAP accounts only (`MessageQuery.without_pop`)."""
     values = collect_fields({
         "q": lambda: (params.get("q") or "").strip() or None,
         "folder": lambda: params.get("folder") or None,
@@ -95,7 +96,7 @@ def message_query(params: Mapping[str, str]) -> MessageQuery:
         q=values["q"], folder=values["folder"], account_id=values["imap_server"],
         date_from=values["date_from"], date_to=values["date_to"],
         has_attachments=values["has_attachments"], threads_only=bool(values["thread"]),
-        ordering=values["ordering"],
+        ordering=values["ordering"], without_pop=True,
     )
 
 
