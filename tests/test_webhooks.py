@@ -197,15 +197,15 @@ class Setup:
     async def log(self, webhook_id: int) -> list[Any]:
         return list((await self.webhooks.deliveries(self.alice.user.id, webhook_id)).items)
 
-    async def synced(self, batches: list[list[bytes]]) -> SyncResult:
+    async def synced(self, batches: list[list[bytes]], protocol: str = "imap") -> SyncResult:
         """What a sync of a new account of alice's commits: each batch stored in a
         transaction that also runs the engine's recorders, then its outcome recorded with
         them. Its listeners are not called: the test does (or, for a crash, does not)."""
         core = self.web.core
         engine = core.fetch.engine
         account = await core.fetch.accounts.create(
-            self.alice.user.id, host="127.0.0.1", port=143, username="u", password="pw",
-            allow_cleartext=True)
+            self.alice.user.id, protocol=protocol, host="127.0.0.1", port=143, username="u",
+            password="pw", allow_cleartext=True)
         where = Location(user_id=self.alice.user.id, account_id=account.id, folder_id=None,
                          folder="INBOX")
         result = self.result(account.id)
@@ -316,6 +316,44 @@ class EnqueueTests(SenderTestCase):
                                                         new_message_ids=ids))
         self.assertEqual((deleted, queued), ([gone.id], 2))
         self.assertEqual([d.event for d in await s.log(kept.id)], ["email.new", "email.new"])
+
+    async def test_a_pop3_accounts_sync_tells_nothing(self) -> None:
+        # The webhooks are the IMAP2API's, which lists the IMAP accounts only: a POP3
+        # account's (a Dropmyemail one's) events named in `imap_server` an id that API
+        # answers 404 for, and its e-mails, which its lists leave out.
+        s = await self.setup()
+        s.sender.stopService()
+        uid = s.alice.user.id
+        await s.webhooks.create(uid, url=HOOK)
+        imap = await s.synced([[mail(1)]])
+        popped = await s.synced([[mail(2, reply_to=1), mail(3)]], protocol="pop")
+        self.assertEqual(len(popped.new_message_ids), 2)
+        for result in (imap, popped):
+            for listener in s.web.core.fetch.engine.listeners:
+                self.assertIsNone(listener(result))
+        await s.webhooks.settle()
+        told = await s.told()
+        self.assertEqual(sorted(event for event, _ in told),
+                         ["email.new", "sync.completed", "thread.updated"])
+        self.assertEqual({data["imap_server"] for _, data in told}, {imap.account_id})
+        [entry] = next(data["threads"] for event, data in told if event == "thread.updated")
+        # The thread holds the POP3 reply too: its size and newest e-mail are the IMAP's.
+        self.assertEqual((entry["thread_count"], entry["latest_email"]["id"]),
+                         (1, imap.new_message_ids[0]))
+
+    async def test_events_of_an_account_turned_to_pop3_before_they_are_told_are_dropped(
+            self) -> None:
+        s = await self.setup()
+        s.sender.stopService()
+        uid = s.alice.user.id
+        await s.webhooks.create(uid, url=HOOK)
+        result = await s.synced([[mail(1)]])
+        await s.web.core.fetch.accounts.update(uid, result.account_id, protocol="pop",
+                                               host="pop.example.test", password="p")
+        for listener in s.web.core.fetch.engine.listeners:
+            self.assertIsNone(listener(result))
+        await s.webhooks.settle()
+        self.assertEqual(await s.told(), [])
 
     async def test_no_webhook_means_no_rows_and_a_failed_sync_is_reported(self) -> None:
         s = await self.setup()

@@ -16,7 +16,8 @@ held across a sync's worth of e-mails. The events are told when the sync ends
 (`Webhooks.on_sync`), and what is left (a crash, a store error, a sync cancelled by a stop,
 a node that died mid-sync) by the sender's sweep: at its start, then every `SWEEP_INTERVAL`
 seconds, for the accounts no sync runs on (`thd_not_syncing`: a live sync tells its own at
-its end, its e-mails in as few deliveries as they fill).
+its end, its e-mails in as few deliveries as they fill). A POP3 account's syncs have none:
+the webhooks are the IMAP2API's, which shows only the IMAP accounts and their mail.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, exists, select
 
 from mailcore.fetch.engine import SyncResult
 from mailcore.messages.sql import insert_rows
-from mailcore.messages.store import thd_get_messages
+from mailcore.messages.store import thd_get_messages, thd_hidden_accounts
 from mailcore.store.schema import fetch_accounts, webhook_events
 from mailcore.webhooks.model import BATCH
 from mailcore.webhooks.payload import email_json, iso
@@ -48,13 +49,23 @@ def _wanted(conn: Connection, user_id: int) -> set[str]:
     return {event for hook in thd_subscribers(conn, user_id) for event in hook.events}
 
 
+def _of_pop(conn: Connection, account_id: int) -> bool:
+    """Whether the account is a POP3 one: the webhooks are the IMAP2API's, whose
+    imap-servers are the IMAP accounts only, so its events would name in `imap_server` an
+    id that API answers 404 for (as its e-mail lists leave that mail out)."""
+    protocol = conn.execute(select(_f.protocol).where(_f.id == account_id)).scalar()
+    return protocol is not None and protocol != "imap"
+
+
 def thd_record_batch(conn: Connection, user_id: int, account_id: int,
                      created: Sequence[int], thread_ids: Collection[int], now: float) -> None:
     """Blocking, in the transaction that stores a sync's batch: its new e-mails and their
     threads as pending events, for the events the user's webhooks want."""
     if not created:
         return
-    wanted = _wanted(conn, user_id)
+    wanted = _wanted(conn, user_id) & {"email.new", "thread.updated"}
+    if not wanted or _of_pop(conn, account_id):
+        return
     rows = []
     if "email.new" in wanted:
         rows += [{"user_id": user_id, "account_id": account_id, "event": "email.new",
@@ -78,7 +89,8 @@ def sync_completed_data(result: SyncResult) -> dict[str, Any]:
 def thd_record_outcome(conn: Connection, result: SyncResult, now: float) -> None:
     """Blocking, in the transaction that records a sync's outcome: its sync.completed as a
     pending event, if a webhook of the user wants it."""
-    if "sync.completed" in _wanted(conn, result.user_id):
+    if "sync.completed" in _wanted(conn, result.user_id) \
+            and not _of_pop(conn, result.account_id):
         insert_rows(conn, webhook_events, [{
             "user_id": result.user_id, "account_id": result.account_id,
             "event": "sync.completed", "ref_id": None,
@@ -136,15 +148,17 @@ def thd_tell(conn: Connection, scope: ColumnElement[bool], created: datetime.dat
         refs = [r.ref_id for r in rows]
     conn.execute(delete(webhook_events).where(_e.id.in_(taken)))
     user_id, account = first.user_id, first.account_id
+    if _of_pop(conn, account):  # turned from IMAP since they were recorded: not told
+        return 0, True
     data: dict[str, Any] | None
     if first.event == "sync.completed":
         data = json.loads(first.data)
     elif first.event == "email.new":
-        found = thd_get_messages(conn, user_id, refs)
+        found = thd_get_messages(conn, user_id, refs, thd_hidden_accounts(conn, user_id))
         data = {"imap_server": account, "emails": [email_json(d.summary) for d in found]
                 } if found else None
     else:
-        entries = _thread_entries(conn, user_id, refs)
+        entries = _thread_entries(conn, user_id, refs, thd_hidden_accounts(conn, user_id))
         data = {"imap_server": account, "threads": entries} if entries else None
     if data is None:  # its e-mails or threads were deleted meanwhile
         return 0, True

@@ -147,21 +147,24 @@ def thd_prune(conn: Connection, before: float, batch: int = PRUNE_BATCH) -> int:
     return int(conn.execute(delete(webhook_deliveries).where(d.id.in_(ids))).rowcount or 0)
 
 
-def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int]) -> list[
-        dict[str, Any]]:
-    """thread.updated entries: each thread's size and its newest e-mail."""
+def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int],
+                    hidden: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """thread.updated entries: each thread's size and its newest e-mail, not one of the
+    `hidden` accounts' (`thd_hidden_accounts`)."""
     rows = conn.execute(
-        select(messages.c.id, messages.c.thread_id, messages.c.date)
+        select(messages.c.id, messages.c.thread_id, messages.c.date, messages.c.account_id)
         .where(messages.c.user_id == user_id)
         .where(messages.c.thread_id.in_(list(thread_ids)))
     ).all()
     newest: dict[int, tuple[Any, int]] = {}
     for r in rows:
+        if r.account_id in hidden:
+            continue
         key = (utc(r.date) or datetime.datetime.min.replace(tzinfo=datetime.UTC), r.id)
         if r.thread_id not in newest or key > newest[r.thread_id]:
             newest[r.thread_id] = key
     latest = {d.summary.id: d.summary for d in thd_get_messages(
-        conn, user_id, [k[1] for k in newest.values()]
+        conn, user_id, [k[1] for k in newest.values()], hidden
     )}
     out = []
     for tid in thread_ids:
