@@ -689,6 +689,10 @@ class StoreTestsMixin(DatabaseMixin):
             detail, _ = await store.message_and_thread(user, shown[0], without_pop=True)
         self.assertEqual(detail.summary.id, shown[0])
         self.assertEqual(full_scans(plans, "messages", "fetch_accounts", "message_counts"), [])
+        for _ in range(2):  # the second time from the marks the first one left
+            paged = [m.id for offset in range(0, 300, 40) for m in (await store.list_messages(
+                user, MessageQuery(without_pop=True, offset=offset, limit=40))).items]
+            self.assertEqual(paged, shown)
 
     async def test_what_a_cut_short_sync_stored_is_counted_from_an_index(self) -> None:
         """An interrupted sync is settled (FetchEngine.thd_settle_interrupted) by a write

@@ -585,8 +585,9 @@ def _day_after(day: datetime.date) -> datetime.datetime:
     return _day_start(day + datetime.timedelta(days=1))
 
 
-# The user's POP3 accounts that hold mail (see `thd_hidden_accounts`).
-_POP_ACCOUNTS_WITH_MAIL = (
+# The user's POP3 accounts that hold mail (see `thd_hidden_accounts`), compiled once:
+# every IMAP2API read runs it.
+_POP_ACCOUNTS_WITH_MAIL = Prepared(
     select(fetch_accounts.c.id)
     .where(fetch_accounts.c.user_id == bindparam("user_id"),
            fetch_accounts.c.protocol != "imap")
@@ -603,7 +604,7 @@ def thd_hidden_accounts(conn: Connection, user_id: int) -> tuple[int, ...]:
     an e-mail of a POP3 account would name in `imap_server` an id the same API answers
     404 for. Read by the user's accounts index and the kept counts' key; a user with no
     such account (nearly all) keeps every quick way of the reads."""
-    return tuple(conn.execute(_POP_ACCOUNTS_WITH_MAIL, {"user_id": user_id}).scalars())
+    return tuple(row[0] for row in _POP_ACCOUNTS_WITH_MAIL.rows(conn, {"user_id": user_id}))
 
 
 def _visible(table: Any, hidden: Sequence[int]) -> ColumnElement[bool]:
@@ -878,9 +879,9 @@ def thd_list_messages(
     if not query.hidden_accounts:
         return _thd_list_messages(conn, user_id, query, cache, marks, unless, as_json)
     # An account's protocol changes without the change stamp (a Dropmyemail PUT): a page
-    # kept with it would show what is hidden now, or hide what is not. The counts are
-    # kept by the set of hidden accounts too (`_total`); the marks are not.
-    page = _thd_list_messages(conn, user_id, query, cache, None, None, False)
+    # kept with it would show what is hidden now, or hide what is not. The counts and the
+    # marks are kept by the set of hidden accounts too (`_total`, `marks_key`).
+    page = _thd_list_messages(conn, user_id, query, cache, marks, None, False)
     return dataclasses.replace(page, stamp=None)
 
 
@@ -922,9 +923,11 @@ def _thd_list_messages(
     marks_key: tuple[Any, ...] | None = None
     if keyset:
         marks_key = (user_id, query.q, query.folder, query.account_id, query.date_from,
-                     query.date_to, query.has_attachments, ordering)
+                     query.date_to, query.has_attachments, ordering) + \
+            ((query.hidden_accounts,) if query.hidden_accounts else ())
     offset, limit = max(query.offset, 0), max(query.limit, 0)
-    counted = keyset and _counted(query)
+    # (thd_total_and_stamp counts the hidden accounts' messages: `_total` does not.)
+    counted = keyset and _counted(query) and not query.hidden_accounts
     if counted and shape is not None and unless is None and limit > 0 \
             and (dialect == "postgresql" or as_json):
         # The count, the stamp and the rows in one statement (PostgreSQL: one round trip
