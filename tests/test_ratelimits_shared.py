@@ -12,6 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore import ratelimits
 from mailcore.ratelimits import SharedBuckets
+from mailcore.store import rates as store_rates
 from mailcore.store.schema import rate_buckets
 from tests.support.db import DatabaseMixin, engine_query_plans, full_scans, transaction_answers
 from web.ratelimit import Rate, RateLimiter, SharedRateLimiter
@@ -79,6 +80,32 @@ class SharedRatesMixin(DatabaseMixin):
         db = self.buckets.db
         self.assertEqual(await db.read("n", lambda c: c.execute(
             sa.select(sa.func.count()).select_from(rate_buckets)).scalar_one()), 0)
+
+    async def test_a_bucket_swept_under_a_take_is_taken_as_full(self) -> None:
+        """The sweep may delete a bucket full again between a take's insert of its row
+        (nothing: it was there) and its lock of it (PostgreSQL: the lock waited for the
+        sweep's commit, then found no row). A missing bucket is full: the take and
+        take_all take from it, rather than failing with NoResultFound."""
+        clock, a, _ = await self.limiters(Rate(2, 60))
+        buckets = self.buckets
+        await a.take("k")
+        await buckets.take_all([("owner", 1, 2, 60.0)])
+        clock.advance(60)  # both full again: the sweep may delete them
+        insert = store_rates._insert_full
+        swept: list[str] = []
+
+        def insert_then_swept(conn: sa.Connection, name: str, limit: int, now: float) -> None:
+            insert(conn, name, limit, now)
+            if name not in swept:  # the sweep's delete lands just after it
+                swept.append(name)
+                conn.execute(sa.delete(rate_buckets).where(rate_buckets.c.name == name))
+
+        self.patch(store_rates, "_insert_full", insert_then_swept)
+        self.assertTrue((await a.take("k")).allowed)
+        self.assertEqual(await a.available("k"), 1)
+        self.assertIsNone(await buckets.take_all([("owner", 1, 2, 60.0)]))
+        self.assertEqual(await buckets.available("owner", 1, 2, 60), 1)
+        self.assertEqual(len(swept), 2)
 
     async def test_the_sweep_deletes_a_batch_a_transaction_through_its_index(self) -> None:
         """The sweep holds no long write transaction: SWEEP_BATCH buckets at most each,

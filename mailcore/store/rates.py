@@ -5,8 +5,9 @@ takes from a bucket, holding its row, so that N nodes allow what one does. Block
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Row, delete, insert, select, update
 
 from mailcore.store.schema import rate_buckets
 
@@ -50,9 +51,23 @@ def _held(conn: Connection, name: str, limit: int, period: float, now: float) ->
     """What bucket `name` holds at `now`, its row (made full if missing) locked until the
     transaction ends."""
     _insert_full(conn, name, limit, now)
-    row = conn.execute(select(_b.tokens, _b.at).where(_b.name == name)
-                       .with_for_update()).one()
+    row = _locked(conn, name)
+    if row is None:
+        # The sweep deleted it (full again) between the two statements: on PostgreSQL the
+        # insert found the row the sweep had locked, and the lock waited for its delete's
+        # commit. A missing bucket is full: made again (the row is this transaction's, or
+        # another take's made since, which the sweep would have to delete again).
+        _insert_full(conn, name, limit, now)
+        row = _locked(conn, name)
+        if row is None:  # pragma: no cover - swept twice under one take
+            raise RuntimeError(f"rate bucket {name} was swept twice while taken")
     return _refilled(row.tokens, row.at, now, limit, period)
+
+
+def _locked(conn: Connection, name: str) -> Row[Any, Any] | None:
+    """Bucket `name`'s row (tokens, at), locked until the transaction ends; None if none."""
+    return conn.execute(select(_b.tokens, _b.at).where(_b.name == name)
+                        .with_for_update()).first()
 
 
 def _keep(conn: Connection, name: str, limit: int, period: float, tokens: float,
