@@ -135,3 +135,25 @@ class SQLiteSharedRatesTests(SharedRatesMixin, TestCase):
 
 class PostgresSharedRatesTests(SharedRatesMixin, TestCase):
     backend = "postgresql"
+
+    async def test_the_sweep_passes_over_a_bucket_a_take_holds(self) -> None:
+        """A take_all holds its first bucket's row while it asks for the next; the sweep
+        locked the buckets full again in its own order, so it could hold the next while it
+        waited for the first: deadlocked until PostgreSQL cancelled one of them (after its
+        deadlock_timeout, 1 s). It passes over the rows a take holds instead, and sweeps
+        the others. (Blocking calls on the test's thread: each waits at most
+        lock_timeout.)"""
+        clock, a, _ = await self.limiters(Rate(2, 60))
+        await a.take("held")
+        await a.take("idle")
+        clock.advance(60)  # both full again
+        now = clock.seconds()
+        engine = self.buckets.db.engine
+        held = SharedBuckets.bucket_name("login", "held")
+        with engine.begin() as taking:
+            self.assertIsNone(store_rates.thd_take_all(taking, [(held, 2, 60.0)], 1, now))
+            with engine.begin() as sweeping:
+                sweeping.execute(sa.text("SET LOCAL lock_timeout = '200ms'"))
+                self.assertEqual(store_rates.thd_sweep(sweeping, now, 1000), 1)
+        self.assertEqual(await self.buckets.db.read("n", lambda c: c.execute(
+            sa.select(rate_buckets.c.name)).scalars().all()), [held])

@@ -34,8 +34,8 @@ def thd_take_all(conn: Connection, buckets: Sequence[tuple[str, int, float]], co
                  now: float) -> int | None:
     """Take `cost` tokens from each of `buckets` (name, limit, period) if every one has
     them: None when they had, else the index of the first that had not, and nothing is
-    taken from any. Their rows are locked in the order given: callers keep one order (a
-    deadlock with the sweep, which locks rows in its own, is retried)."""
+    taken from any. Their rows are locked in the order given: callers keep one order (the
+    sweep passes over rows a take holds: `thd_sweep`)."""
     held = []
     for i, (name, limit, period) in enumerate(buckets):
         tokens = _held(conn, name, limit, period, now)
@@ -91,9 +91,12 @@ def thd_sweep(conn: Connection, now: float, batch: int) -> int:
     """Delete up to `batch` of the buckets full again by `now` (a missing row is a full
     bucket; ix_rate_buckets_full_at finds them); how many. PostgreSQL locks each chosen row
     and asks again whether it is full (FOR UPDATE), as a take may have drawn on it since:
-    a bucket in use is never reset to full."""
-    names = (select(_b.name).where(_b.full_at <= now).limit(batch).with_for_update()
-             .scalar_subquery())
+    a bucket in use is never reset to full. It passes over the rows a take holds (SKIP
+    LOCKED: the next sweep finds them, if still full): a take_all holds one bucket's row
+    while it asks for the next, which the sweep, locking in its own order, could hold
+    while it waited for the first (a deadlock, until PostgreSQL cancelled one of them)."""
+    names = (select(_b.name).where(_b.full_at <= now).limit(batch)
+             .with_for_update(skip_locked=True).scalar_subquery())
     return int(conn.execute(delete(rate_buckets).where(_b.name.in_(names))).rowcount or 0)
 
 
