@@ -143,6 +143,46 @@ class Connector:
         raise NotImplementedError
 
 
+async def open_host(connector: Connector, hop: Hop, *,
+                    cleartext: bool = False) -> tuple[SMTPSession, bool]:
+    """A session with `hop` (one host), after STARTTLS as its policy says, and whether an
+    opportunistic STARTTLS failed on the way (it was retried once in cleartext: pitfall 9,
+    never QUIT-and-defer forever). `cleartext`: a 'may' hop is not asked for STARTTLS.
+    A function of its own so that whatever else talks to next hops opens its sessions
+    as delivery does."""
+    session = await connector.connect(hop)
+    offered = "STARTTLS" in session.extensions
+    if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
+        why = "is required" if hop.tls == "verify" else "was offered"
+        if not offered:
+            session.abort()
+            raise SMTPClientError("4.7.5 TLS is required but the server offers no STARTTLS")
+        try:
+            await session.starttls(connector.tls_creator(hop, verify=True))
+            connector.check_peer(session, hop)
+        except SMTPClientError as e:  # TLSFailed, or no reply to the STARTTLS itself
+            session.abort()
+            raise SMTPClientError(f"4.7.5 TLS {why} and failed: {e}") from e
+        except defer.CancelledError:
+            session.abort()
+            raise
+        except Exception as e:
+            session.abort()
+            raise SMTPClientError(
+                f"4.7.5 TLS {why} and the certificate does not name {hop.host}: {e}"
+            ) from e
+        return session, False
+    if hop.tls == "may" and offered and not cleartext:
+        try:
+            await session.starttls(connector.tls_creator(hop, verify=False))
+        except TLSFailed as e:
+            session.abort()
+            log.info("STARTTLS to {hop} failed ({error}); delivering in cleartext",
+                     hop=hop.label, error=str(e))
+            return await connector.connect(hop), True
+    return session, False
+
+
 class LocalStore(Protocol):
     """Writes a message into hosted mailboxes.
 
@@ -1250,42 +1290,12 @@ class QueueRunner:
         raise first
 
     async def _open_host(self, hq: HopQueue, hop: Hop) -> SMTPSession:
-        """Connect to `hop` (one host of hq's), and STARTTLS as its policy says;
-        opportunistic TLS that fails is retried once in cleartext (pitfall 9: never
-        QUIT-and-defer forever)."""
-        session = await self.connector.connect(hop)
-        offered = "STARTTLS" in session.extensions
-        if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
-            why = "is required" if hop.tls == "verify" else "was offered"
-            if not offered:
-                session.abort()
-                raise SMTPClientError("4.7.5 TLS is required but the server offers no STARTTLS")
-            try:
-                await session.starttls(self.connector.tls_creator(hop, verify=True))
-                self.connector.check_peer(session, hop)
-            except SMTPClientError as e:  # TLSFailed, or no reply to the STARTTLS itself
-                session.abort()
-                raise SMTPClientError(f"4.7.5 TLS {why} and failed: {e}") from e
-            except defer.CancelledError:
-                session.abort()
-                raise
-            except Exception as e:
-                session.abort()
-                raise SMTPClientError(
-                    f"4.7.5 TLS {why} and the certificate does not name {hop.host}: {e}"
-                ) from e
-            return session
-        if hop.tls == "may" and offered:
-            if hq.cleartext_until > self.clock.seconds():
-                return session
-            try:
-                await session.starttls(self.connector.tls_creator(hop, verify=False))
-            except TLSFailed as e:
-                session.abort()
-                log.info("STARTTLS to {hop} failed ({error}); delivering in cleartext",
-                         hop=hop.label, error=str(e))
-                hq.cleartext_until = self.clock.seconds() + CLEARTEXT_AFTER_TLS_FAILURE
-                session = await self.connector.connect(hop)
+        """Connect to `hop` (one host of hq's) as `open_host` does, in cleartext at once
+        while an opportunistic STARTTLS to it failed lately."""
+        session, tls_failed = await open_host(
+            self.connector, hop, cleartext=hq.cleartext_until > self.clock.seconds())
+        if tls_failed:
+            hq.cleartext_until = self.clock.seconds() + CLEARTEXT_AFTER_TLS_FAILURE
         return session
 
     async def _worker(self, hq: HopQueue) -> None:
