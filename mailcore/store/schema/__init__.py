@@ -44,6 +44,7 @@ from mailcore.store.schema.queue import queue_messages, queue_recipients
 from mailcore.store.schema.rates import rate_buckets
 from mailcore.store.schema.safedrop import drop_bundles, drop_files, drop_recipients
 from mailcore.store.schema.sends import api_sends
+from mailcore.store.schema.verdicts import recipient_verdicts
 from mailcore.store.schema.webhooks import webhook_deliveries, webhook_events, webhooks
 
 __all__ = [
@@ -85,6 +86,7 @@ __all__ = [
     "queue_messages",
     "queue_recipients",
     "rate_buckets",
+    "recipient_verdicts",
     "threads",
     "token_charges",
     "token_tanks",

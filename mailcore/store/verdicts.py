@@ -1,0 +1,46 @@
+"""Blocking reads and writes of `recipient_verdicts`: the next hops' answers about their
+recipients (see mailcore.store.schema.verdicts), for mailcore.gateway.callout."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, delete, select
+
+from mailcore.store.schema import recipient_verdicts
+
+_v = recipient_verdicts.c
+
+
+def thd_read_verdict(conn: Connection, address: str, now: float) -> tuple[bool, str] | None:
+    """Whether `address` (lower case) was deliverable and the reply that said so, while
+    that answer holds at `now`; None when there is none."""
+    row = conn.execute(
+        select(_v.deliverable, _v.reply).where(_v.address == address, _v.expires_at > now)
+    ).first()
+    return None if row is None else (bool(row.deliverable), row.reply)
+
+
+def thd_write_verdict(conn: Connection, address: str, deliverable: bool, reply: str,
+                      expires_at: float) -> None:
+    """Keep the answer about `address` (lower case) until `expires_at`, in place of any
+    older one (another node's written at the same moment included: no error)."""
+    values = {"address": address, "deliverable": deliverable, "reply": reply,
+              "expires_at": expires_at}
+    changed = {"deliverable": deliverable, "reply": reply, "expires_at": expires_at}
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        conn.execute(pg_insert(recipient_verdicts).values(**values)
+                     .on_conflict_do_update(index_elements=["address"], set_=changed))
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        conn.execute(sqlite_insert(recipient_verdicts).values(**values)
+                     .on_conflict_do_update(index_elements=["address"], set_=changed))
+
+
+def thd_sweep_verdicts(conn: Connection, now: float, batch: int) -> int:
+    """Delete up to `batch` of the answers expired by `now`; how many."""
+    addresses = (select(_v.address).where(_v.expires_at <= now).limit(batch)
+                 .scalar_subquery())
+    return int(conn.execute(
+        delete(recipient_verdicts).where(_v.address.in_(addresses))).rowcount or 0)
