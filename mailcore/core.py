@@ -26,6 +26,7 @@ from mailcore.config import Config
 from mailcore.deletion import UserDeletion
 from mailcore.fetch import FetchServices, build_fetch
 from mailcore.fetch.jobs import JobRunner
+from mailcore.gateway.callout import RecipientVerifier, VerdictSweeper
 from mailcore.gateway.domains import DomainService, DomainSettings
 from mailcore.gateway.filtering import (
     ChainService,
@@ -145,6 +146,9 @@ class Core:
     rate_buckets: SharedBuckets = field(init=False)
     # /metrics' mailcore_smtp_stress, which the SMTP factory sets (one registration).
     smtp_stress: Gauge = field(init=False)
+    # Recipient verification at the next hop ([smtp] verify_recipients; None when off),
+    # which the SMTP factory asks at RCPT and whose expired answers a sweeper deletes.
+    recipient_verifier: RecipientVerifier | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.certificate = None
@@ -153,6 +157,7 @@ class Core:
                                                    self.cpu)
         self.tls_listeners = TLSListeners(self.clock, self.cpu, self.certificate)
         self.smtp_stress = stress_gauge(self.metrics)
+        self.recipient_verifier = None
         domain_settings = DomainSettings.from_config(self.config.section("domains"))
         queue_settings = QueueSettings.from_config(self.config)
         self.leases = JobLeases(self.db, queue_settings.node_id)
@@ -223,6 +228,10 @@ class Core:
         self.hosted = hosted = HostedAddresses(self.db, self.clock)
         mail_files = MailFiles(self.config.files_root / "mailapi")
         self.queue.runner.router.local = hosted
+        if SMTPSettings.from_config(self.config).verify_recipients:
+            self.recipient_verifier = RecipientVerifier(
+                SMTPSettings.from_config(self.config), self.db, self.clock, self.domains,
+                self.queue.runner.router, self.queue.runner.connector, registry=self.metrics)
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.queue.runner.local_store = LocalMailboxes(
             mail_files, self.cpu, quota_bytes=self.mailapi_settings.mailbox_quota_bytes)
@@ -354,6 +363,8 @@ class Core:
             SafedropSweeper(self.safedrop),
             MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval),
             GoneSweeper(self.mail), OldJobsSweeper(self.jobs, self.clock)))
+        if self.recipient_verifier is not None:
+            services.append(self._leased(VerdictSweeper(self.recipient_verifier)))
         if self.shared_store:
             services.append(self.node_registry)
         if self.webhooks.sender is not None:
@@ -396,6 +407,7 @@ class Core:
         settings = SMTPSettings.from_config(self.config)
         factory = SMTPServerFactory(settings, self.domains, sink, self.clock, tls=tls,
                                     room=self.mailbox_room(settings.max_message_size),
+                                    verifier=self.recipient_verifier,
                                     stress_gauge=self.smtp_stress)
         if certificate is not None:
             certificate.serve(functools.partial(setattr, factory, "tls"))

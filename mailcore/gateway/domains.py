@@ -883,6 +883,14 @@ class DomainService(PeriodicService):
         allowed = self._addresses.get(found.id)
         return not allowed or local in allowed or local == "postmaster"
 
+    def verifiable(self, domain_name: str) -> bool:
+        """Whether the recipients of `domain_name` are verified at its next hop when
+        `[smtp] verify_recipients` is on (mailcore.gateway.callout): served, relayed (a hosted
+        domain's mailboxes are its list) and without an address list (a list is the
+        answer)."""
+        found = self.lookup(domain_name)
+        return found is not None and not found.hosted and not self._addresses.get(found.id)
+
     def suspended(self, domain_name: str) -> bool:
         """Whether the served domain `domain_name` belongs to a disabled user (its mail is
         refused for now, 4xx, until the user is enabled)."""

@@ -148,8 +148,8 @@ async def open_host(connector: Connector, hop: Hop, *,
     """A session with `hop` (one host), after STARTTLS as its policy says, and whether an
     opportunistic STARTTLS failed on the way (it was retried once in cleartext: pitfall 9,
     never QUIT-and-defer forever). `cleartext`: a 'may' hop is not asked for STARTTLS.
-    A function of its own so that whatever else talks to next hops opens its sessions
-    as delivery does."""
+    The queue's delivery and the SMTP server's recipient verification
+    (mailcore.gateway.callout) both open their sessions here."""
     session = await connector.connect(hop)
     offered = "STARTTLS" in session.extensions
     if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):

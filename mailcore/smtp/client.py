@@ -602,6 +602,33 @@ class SMTPSession:
         self.protocol.write_lines(line)
         return await wait
 
+    async def probe(self, recipient: str) -> Reply:
+        """Whether the next hop takes mail for `recipient` (recipient verification,
+        mailcore.gateway.callout): MAIL FROM:<> and RCPT TO:<recipient>, then RSET; no DATA
+        is ever sent. The RCPT's reply (judged, so a stray code is a protocol error and
+        the session is dropped); SMTPClientError when MAIL FROM:<> itself is refused, which
+        says nothing of the recipient."""
+        if _unsafe(recipient):
+            return Reply(553, ("5.1.3 recipient address holds a control character; not sent",))
+        if self.in_transaction:
+            if judge(await self._command(b"RSET"), RSET_OK, "RSET").protocol_error:
+                self.abort()
+                raise ProtocolError("RSET: protocol error")
+        self.in_transaction = True
+        mail = judge(await self._command(b"MAIL FROM:<>"), MAIL_OK, "MAIL")
+        if not mail.ok:
+            if mail.protocol_error:
+                self.abort()
+            raise SMTPClientError(f"MAIL FROM:<>: {mail}", code=mail.code)
+        reply = judge(await self._command(b"RCPT TO:<" + recipient.encode("utf-8") + b">"),
+                      RCPT_OK, "RCPT")
+        if reply.protocol_error:
+            self.abort()
+            return reply
+        if (await self._command(b"RSET")).code == 250:
+            self.in_transaction = False
+        return reply
+
     async def quit(self) -> None:
         """Say QUIT and close, whatever the server answers or within QUIT_TIMEOUT if it
         answers nothing. Its reply was awaited for command_timeout (300 s): a next hop that

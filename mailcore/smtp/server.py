@@ -44,6 +44,13 @@ not inherit (see shared/notes/twisted-pitfalls.md):
   configured address can be reached this way, so it opens no relay. Mail to postmaster@
   a hosted domain that has no postmaster mailbox goes there too (it would only bounce).
 
+- with `[smtp] verify_recipients` on, a RCPT for a served, relayed domain that has no
+  address list is accepted only when the domain's next hop takes it, asked at once
+  (mailcore.gateway.callout: MAIL FROM:<> and RCPT TO, never DATA; answers kept in the
+  store): its refusal is our 550 5.1.1 with its reply, no answer is accepted (or, with
+  `verify_unreachable = "defer"`, 450 4.1.1), so that we do not accept what can only
+  bounce to a sender who may be forged.
+
 Recipients are checked against a `RecipientDirectory` (the DomainService's in-memory
 snapshot: no SQL per RCPT) and accepted messages go to a `MessageSink` (the spool), whose
 `accept` returns only once the message is durably committed; only then do we say 250. A
@@ -60,7 +67,7 @@ import ipaddress
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge
 from twisted.internet import defer
@@ -97,6 +104,9 @@ from mailcore.smtp.queueid import new_queue_id
 from mailcore.smtp.received import received_header, received_protocol
 from mailcore.smtp.settings import SMTPSettings, postmaster_mailbox
 from mailcore.text import has_cc
+
+if TYPE_CHECKING:  # the verifier opens sessions as the queue does, and the queue needs us
+    from mailcore.gateway.callout import RecipientVerifier, Verdict
 
 log = Logger()
 
@@ -936,30 +946,54 @@ class ESMTPServerProtocol(TwistedProtocol):
                 mailbox.domain):
             self._add_postmaster()  # a hosted domain without a postmaster mailbox
             return None
-        if self.factory.room is not None:
-            return defer.Deferred.fromCoroutine(self._rcpt_with_room(address, domain.id))
+        verifier = self.factory.verifier
+        verify = verifier is not None and verifier.wanted(mailbox.local_part, mailbox.domain)
+        if self.factory.room is not None or verify:
+            return defer.Deferred.fromCoroutine(self._rcpt_checked(address, domain.id, verify))
         self._add_recipient(address, domain.id)
         return None
 
-    async def _rcpt_with_room(self, address: str, domain_id: int) -> None:
+    async def _rcpt_checked(self, address: str, domain_id: int, verify: bool) -> None:
         """A recipient of a served domain: accepted unless it is a hosted mailbox (of a
-        hosted or a relayed domain) without room for the message (see the module
-        docstring)."""
-        assert self.factory.room is not None
+        hosted or a relayed domain) without room for the message, or (`verify`) its next
+        hop refuses it (see the module docstring)."""
+        room: int | None = None
         try:
-            room = await self.factory.room.room(address)
+            if self.factory.room is not None:
+                room = await self.factory.room.room(address)
+                if room is not None and room < max(self._declared, MIN_STORED):
+                    self._refuse("RCPT", 552, "5.2.2",
+                                 f"<{address}>: Recipient address rejected: mailbox full",
+                                 recipients=[address])
+                    return
+            if verify:
+                assert self.factory.verifier is not None
+                verdict = await self.factory.verifier.verify(address, domain_id)
         except defer.CancelledError:  # command_timeout: the store did not answer
             self._refuse("RCPT", 451, "4.3.0", f"<{address}>: Temporary lookup failure",
                          recipients=[address])
             return
-        if room is not None and room < max(self._declared, MIN_STORED):
-            self._refuse("RCPT", 552, "5.2.2",
-                         f"<{address}>: Recipient address rejected: mailbox full",
-                         recipients=[address])
+        if verify and not self._verified(address, verdict):
             return
         if room is not None:
             self._short_of_room.add(address)
         self._add_recipient(address, domain_id)
+
+    def _verified(self, address: str, verdict: Verdict) -> bool:
+        """Whether a recipient stands after its next hop's `verdict`; if not, it is refused
+        (550 5.1.1 when the next hop refused it; 450 4.1.1 when it gave no answer and
+        `verify_unreachable` is "defer")."""
+        if verdict.undeliverable:
+            self._refuse("RCPT", 550, "5.1.1",
+                         f"<{address}>: Recipient address rejected: undeliverable address "
+                         f"({verdict.reply})", recipients=[address])
+            return False
+        if verdict.unknown and self.settings.verify_unreachable == "defer":
+            self._refuse("RCPT", 450, "4.1.1",
+                         f"<{address}>: Recipient address rejected: unverified address "
+                         f"({verdict.reply})", recipients=[address])
+            return False
+        return True
 
     def _add_postmaster(self) -> None:
         """Accept the operator's postmaster (`[smtp] postmaster`) as the recipient: in a
@@ -1304,6 +1338,7 @@ class SMTPServerFactory(ServerFactory):
         *,
         tls: Any = None,
         room: MailboxRoom | None = None,
+        verifier: RecipientVerifier | None = None,
         stress_gauge: Gauge | None = None,
     ) -> None:
         self.settings = settings
@@ -1312,6 +1347,7 @@ class SMTPServerFactory(ServerFactory):
         self.clock = clock
         self.tls = tls  # an IOpenSSLContextFactory (CertificateOptions) for STARTTLS, or None
         self.room = room  # the room hosted mailboxes have left (None: not checked at RCPT)
+        self.verifier = verifier  # asks next hops about recipients (None: they are not)
         self.postmaster = postmaster_mailbox(settings)  # where <postmaster> goes
         if "." not in self.postmaster.domain:
             log.warn("mail to <postmaster> goes to {address}, which has no next hop: set "

@@ -20,6 +20,10 @@ _STRESS_KEYS = (("stress_idle_timeout", "idle_timeout"), ("stress_max_errors", "
                 ("stress_max_junk_commands", "max_junk_commands"))
 # [smtp] keys for which 0 means off.
 _ZERO_OK_KEYS = frozenset({"stress_min_data_rate"})
+# [smtp] keys that are no numbers.
+_NOT_NUMBERS = frozenset({"hostname", "postmaster", "verify_recipients", "verify_unreachable"})
+# What `verify_unreachable` may say.
+VERIFY_UNREACHABLE = ("accept", "defer")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,24 @@ class SMTPSettings:
       ends as a bounce to its sender (a warning is logged at start-up). Set `postmaster`,
       or a `hostname` whose mail reaches you.
 
+    - `verify_recipients` (false): recipient verification at the next hop ("SMTP callout",
+      Postfix's `reject_unverified_recipient`), for the served domains that have no
+      address list (every local part is otherwise accepted, and what the next hop later
+      refuses bounces to a sender who is usually forged: backscatter, which gets the
+      gateway blocklisted). At RCPT the domain's next hop is asked, as the queue reaches
+      it (its route and TLS policy), with MAIL FROM:<> and RCPT TO, then RSET and QUIT
+      (never DATA); its 5xx is our 550 5.1.1 with its reply. Answers are kept in the store
+      for every node (see mailcore.gateway.callout).
+    - `verify_unreachable` ("accept"): what a RCPT gets when the next hop gives no answer
+      (unreachable, 4xx, past `verify_timeout`): "accept" takes the mail (the gateway holds
+      it while the customer's server is down), "defer" answers 450 4.1.1.
+    - `verify_timeout` (10): seconds one verification may take in all, connection and TLS
+      included (the client waits at RCPT); then `verify_unreachable` decides.
+    - `verify_positive_ttl` (604800, 7 days), `verify_negative_ttl` (10800, 3 hours): how
+      long an address the next hop took, or refused, is answered from the store.
+    - `verify_hop_concurrency` (4): verifications open to one next hop at once; more wait
+      (within `verify_timeout`).
+
     The host name in the greeting and in Received headers is the top-level `hostname`; it
     may hold no space or control character, so that no SMTP line can be split by it.
     """
@@ -130,6 +152,12 @@ class SMTPSettings:
     max_command_length: int = 512
     max_hops: int = DEFAULT_MAX_HOPS
     postmaster: str = ""  # "" is postmaster@hostname
+    verify_recipients: bool = False
+    verify_unreachable: str = "accept"  # or "defer" (450)
+    verify_timeout: float = 10.0
+    verify_positive_ttl: float = 604_800.0
+    verify_negative_ttl: float = 10_800.0
+    verify_hop_concurrency: int = 4
 
     @classmethod
     def from_config(cls, config: Config) -> SMTPSettings:
@@ -145,8 +173,17 @@ class SMTPSettings:
             if not isinstance(section["postmaster"], str):
                 raise ConfigError("[smtp] postmaster must be a string")
             values["postmaster"] = section["postmaster"]
+        if "verify_recipients" in section:
+            if not isinstance(section["verify_recipients"], bool):
+                raise ConfigError("[smtp] verify_recipients must be true or false")
+            values["verify_recipients"] = section["verify_recipients"]
+        if "verify_unreachable" in section:
+            if section["verify_unreachable"] not in VERIFY_UNREACHABLE:
+                raise ConfigError("[smtp] verify_unreachable must be one of "
+                                  + ", ".join(VERIFY_UNREACHABLE))
+            values["verify_unreachable"] = section["verify_unreachable"]
         for f in fields(cls):
-            if f.name in ("hostname", "postmaster") or f.name not in section:
+            if f.name in _NOT_NUMBERS or f.name not in section:
                 continue
             value = section[f.name]
             zero_ok = f.name in _ZERO_OK_KEYS

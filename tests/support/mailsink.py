@@ -363,6 +363,13 @@ def envelope(sender: str, *rcpts: tuple[str, int | None], kind: str = "relay") -
 # -- a real daemon, and a sender that records what got a 250 ---------------------------------
 
 
+def toml_value(value: Any) -> str:
+    """`value` as TOML writes it (a bool is `true`/`false`, not Python's `True`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def twistd_binary() -> str:
     import sys
     from pathlib import Path
@@ -393,14 +400,14 @@ class Daemon:
         # an empty tank lets it through: a free plan's tank would run dry in these runs.
         # The next hops (sinks) listen on 127.0.0.1, which the operator must allow.
         lines = ["[smtp]", "max_connections = 1000", "max_connections_per_ip = 1000",
-                 *(f"{key} = {value!r}" for key, value in (smtp or {}).items()), "",
+                 *(f"{key} = {toml_value(value)}" for key, value in (smtp or {}).items()), "",
                  "[tokens]", 'when_empty = "allow"', "", "[queue]", "allow_loopback = true"]
         for section, values in (("queue", queue), ("web", web), ("mailapi", mailapi),
                                 ("store", store)):
             if section != "queue" and values:
                 lines += ["", f"[{section}]"]
             for key, value in (values or {}).items():
-                lines.append(f"{key} = {value!r}" if not isinstance(value, str) else
+                lines.append(f"{key} = {toml_value(value)}" if not isinstance(value, str) else
                              f'{key} = "{value}"')
         self.config = directory / "mailcore.toml"
         self.config.write_text("\n".join(lines) + "\n")

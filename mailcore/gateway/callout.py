@@ -1,0 +1,260 @@
+"""Recipient verification at the next hop ("SMTP callout"), against backscatter.
+
+A served domain without an address list accepts every local part; what its next hop later
+refuses bounces to the envelope sender, who is usually forged when the mail is spam, and
+the gateway becomes a backscatter source (and is blocklisted). With `[smtp]
+verify_recipients` on, the SMTP server asks the domain's next hop at RCPT whether it takes
+the address, as Postfix's `reject_unverified_recipient` does (ADDRESS_VERIFICATION_README):
+a session opened as the queue opens its own (`mailcore.queue.runner.open_host`: the
+domain's route from the queue's Router, its TLS policy, the next-hop address policy), then
+MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
+(`SMTPSession.probe`).
+
+- A 2xx is `DELIVERABLE`, a 5xx `UNDELIVERABLE` (the server answers 550 5.1.1 with the next
+  hop's reply); both are kept in the store (`recipient_verdicts`, shared by the nodes of
+  one PostgreSQL), keyed by the lower-cased address, for `verify_positive_ttl` (days) and
+  `verify_negative_ttl` (hours), and swept once expired (`VerdictSweeper`).
+- Anything else (no connection, a 4xx, a refused MAIL FROM:<>, past `verify_timeout` in
+  all, the hop's concurrency bound included) is `UNKNOWN`, not kept: `verify_unreachable`
+  decides (accept, the default: the gateway holds mail while the customer's server is
+  down; or 450 4.1.1).
+- Only the domains `DomainService.verifiable` names are asked for: served, relayed (a
+  hosted domain's mailboxes are its list) and without an address list (a list is the
+  answer). postmaster@ is always accepted (RFC 5321 4.5.1) and never asked about; a hosted
+  mailbox of a relayed domain routes LOCAL and is deliverable without a probe.
+- RCPTs for one address while its probe runs wait for that probe (one per node); at most
+  `verify_hop_concurrency` probes go to one next hop at once.
+
+Metrics: `mailcore_smtp_verify_probes_total{result}` and
+`mailcore_smtp_verify_cache_hits_total{result}`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailcore.periodic import Sweeper, delete_in_batches
+from mailcore.queue.routing import LOCAL, Hop
+from mailcore.queue.runner import Connector, open_host
+from mailcore.smtp.client import SMTPSession
+from mailcore.smtp.settings import SMTPSettings
+from mailcore.store import Database
+from mailcore.store.verdicts import thd_read_verdict, thd_sweep_verdicts, thd_write_verdict
+
+log = Logger()
+
+DELIVERABLE = "deliverable"
+UNDELIVERABLE = "undeliverable"
+UNKNOWN = "unknown"
+
+# How often expired answers are swept, and how many rows a transaction deletes.
+SWEEP_INTERVAL = 3600.0
+SWEEP_BATCH = 1000
+# The most of the next hop's reply kept and quoted in our 550.
+MAX_REPLY = 400
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the next hop said of an address: DELIVERABLE, UNDELIVERABLE or UNKNOWN, and
+    its reply (or why there is none)."""
+
+    result: str
+    reply: str
+
+    @property
+    def undeliverable(self) -> bool:
+        return self.result == UNDELIVERABLE
+
+    @property
+    def unknown(self) -> bool:
+        return self.result == UNKNOWN
+
+
+# A relayed domain's address that is a hosted mailbox here (mailcore.queue.routing.LOCAL).
+HOSTED = Verdict(DELIVERABLE, "a hosted mailbox")
+
+
+class VerifiableDomains(Protocol):
+    """Which domains' recipients are verified (the DomainService)."""
+
+    def verifiable(self, domain_name: str) -> bool: ...
+
+
+class HopRouter(Protocol):
+    """The queue's Router: a served domain's next hop."""
+
+    async def route(self, domain_id: int | None, address: str, kind: str = "relay") -> Hop: ...
+
+
+def verify_metrics(registry: CollectorRegistry | None) -> tuple[Counter, Counter]:
+    """The probes made and the answers read from the store, by result."""
+    probes = Counter("mailcore_smtp_verify_probes",
+                     "Recipient verifications asked of a next hop, by result",
+                     ["result"], registry=registry)
+    hits = Counter("mailcore_smtp_verify_cache_hits",
+                   "Recipient verifications answered from the store, by result",
+                   ["result"], registry=registry)
+    return probes, hits
+
+
+class RecipientVerifier:
+    """Asks served domains' next hops about their recipients (see the module docstring)."""
+
+    def __init__(self, settings: SMTPSettings, db: Database, clock: IReactorTime,
+                 domains: VerifiableDomains, router: HopRouter, connector: Connector, *,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.domains = domains
+        self.router = router
+        self.connector = connector
+        self.probes, self.hits = verify_metrics(registry)
+        # Lower-cased address -> the RCPTs waiting for its verification now.
+        self._waiting: dict[str, list[defer.Deferred[Verdict]]] = {}
+        # Next hop -> its bound on concurrent probes.
+        self._hops: dict[Hop, defer.DeferredSemaphore] = {}
+
+    def wanted(self, local_part: str, domain_name: str) -> bool:
+        """Whether a RCPT for this address is verified: never postmaster (always accepted),
+        only for the domains `verifiable` names."""
+        return local_part.lower() != "postmaster" and self.domains.verifiable(domain_name)
+
+    def verify(self, address: str, domain_id: int) -> defer.Deferred[Verdict]:
+        """What the next hop of `domain_id` says of `address`, from the store or by a probe
+        shared with the other RCPTs for it meanwhile. Never fails; cancelling it (the
+        server's command_timeout) leaves the others' probe running."""
+        key = address.lower()
+        waiters = self._waiting.get(key)
+        first = waiters is None
+        if waiters is None:
+            waiters = self._waiting[key] = []
+        shared = waiters
+
+        def cancel(d: defer.Deferred[Verdict]) -> None:
+            if d in shared:
+                shared.remove(d)
+
+        waiter: defer.Deferred[Verdict] = defer.Deferred(cancel)
+        waiters.append(waiter)
+        if first:
+            done = defer.Deferred.fromCoroutine(self._verify(key, address, domain_id))
+            done.addBoth(self._answer, key)
+        return waiter
+
+    def _answer(self, result: Verdict | Failure, key: str) -> None:
+        waiters = self._waiting.pop(key, [])
+        if isinstance(result, Failure):  # not expected: _verify catches what it can
+            log.failure("recipient verification failed", result)
+            result = Verdict(UNKNOWN, "internal error")
+        for waiter in waiters:
+            waiter.callback(result)
+
+    async def _verify(self, key: str, address: str, domain_id: int) -> Verdict:
+        try:
+            known = await self.db.read("verdict_read", thd_read_verdict, key,
+                                       self.clock.seconds())
+        except Exception:
+            log.failure("reading a recipient verdict failed; asking the next hop")
+            known = None
+        if known is not None:
+            verdict = Verdict(DELIVERABLE if known[0] else UNDELIVERABLE, known[1])
+            self.hits.labels(verdict.result).inc()
+            return verdict
+        asking = defer.Deferred.fromCoroutine(self._probe(address, domain_id))
+        asking.addTimeout(self.settings.verify_timeout, self.clock)
+        try:
+            verdict = await asking
+        except defer.TimeoutError:
+            verdict = Verdict(UNKNOWN, f"no answer in {self.settings.verify_timeout:g} s")
+        except Exception as e:
+            verdict = Verdict(UNKNOWN, quoted(str(e) or type(e).__name__))
+        if verdict is HOSTED:  # no probe; not kept, for the mailbox may go
+            return verdict
+        self.probes.labels(verdict.result).inc()
+        if verdict.result != UNKNOWN:
+            ttl = (self.settings.verify_positive_ttl if verdict.result == DELIVERABLE
+                   else self.settings.verify_negative_ttl)
+            try:
+                await self.db.run("verdict_write", thd_write_verdict, key,
+                                  verdict.result == DELIVERABLE, quoted(verdict.reply),
+                                  self.clock.seconds() + ttl)
+            except Exception:
+                log.failure("keeping a recipient verdict failed")
+        return verdict
+
+    async def _probe(self, address: str, domain_id: int) -> Verdict:
+        """One probe of the domain's next hop, within its concurrency bound."""
+        hop = await self.router.route(domain_id, address)
+        if hop == LOCAL:
+            return HOSTED
+        bound = self._hops.get(hop)
+        if bound is None:
+            bound = self._hops[hop] = defer.DeferredSemaphore(
+                self.settings.verify_hop_concurrency)
+        await bound.acquire()
+        try:
+            return await self._ask(hop, address)
+        finally:
+            bound.release()
+            if not bound.waiting and bound.tokens == bound.limit:
+                self._hops.pop(hop, None)
+
+    async def _ask(self, hop: Hop, address: str) -> Verdict:
+        session: SMTPSession | None = None
+        try:
+            session, _ = await open_host(self.connector, hop)
+            reply = await session.probe(address)
+        except BaseException:
+            if session is not None:
+                session.abort()
+            raise
+        # The answer is in: the QUIT (awaited up to QUIT_TIMEOUT) is not counted in
+        # verify_timeout, nor the RCPT held for it.
+        quitting = defer.Deferred.fromCoroutine(session.quit())
+        quitting.addErrback(lambda f: log.failure("QUIT after a recipient probe failed", f))
+        text = quoted(str(reply))
+        if reply.ok:
+            return Verdict(DELIVERABLE, text)
+        if reply.permanent and not reply.protocol_error:
+            return Verdict(UNDELIVERABLE, text)
+        return Verdict(UNKNOWN, text)
+
+    def sweep(self) -> defer.Deferred[int]:
+        """Delete the expired answers, SWEEP_BATCH a transaction; how many."""
+        return defer.Deferred.fromCoroutine(delete_in_batches(
+            self.db, "verdict_sweep", thd_sweep_verdicts, self.clock.seconds(),
+            batch=SWEEP_BATCH))
+
+
+def quoted(reply: str) -> str:
+    """The next hop's reply as our RCPT reply may quote it: printable ASCII only (its other
+    characters become "?": nothing of it can end or split our reply line), at most
+    MAX_REPLY characters."""
+    return _UNPRINTABLE.sub("?", reply[:MAX_REPLY])
+
+
+class VerdictSweeper(Sweeper[int]):
+    """Deletes the expired recipient verdicts every SWEEP_INTERVAL seconds (on one node of
+    those sharing the store: the Core gives it the job leases)."""
+
+    name = "recipient-verdict-sweeper"
+    failed = "sweeping the recipient verdicts failed"
+
+    def __init__(self, verifier: RecipientVerifier, every: float = SWEEP_INTERVAL) -> None:
+        super().__init__(verifier.clock, every)
+        self.verifier = verifier
+
+    def sweep(self) -> Awaitable[int]:
+        return self.verifier.sweep()

@@ -1,0 +1,327 @@
+"""Recipient verification at the next hop (`[smtp] verify_recipients`,
+mailcore.gateway.callout): the SMTP server asks a served domain's next hop at RCPT, over the
+queue's own client, with MAIL FROM:<> and RCPT TO, never DATA. The next hop is our test
+sink joined to the client in memory (iosim); time is a Clock; the store is SQLite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy import insert
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import TestCase
+
+from mailcore.config import Config, ConfigError
+from mailcore.gateway.callout import (
+    DELIVERABLE,
+    UNDELIVERABLE,
+    UNKNOWN,
+    RecipientVerifier,
+    VerdictSweeper,
+)
+from mailcore.gateway.domains import DomainService
+from mailcore.mailapi.delivery import HostedAddresses
+from mailcore.queue.routing import Hop, Router
+from mailcore.queue.runner import Connector
+from mailcore.queue.settings import QueueSettings
+from mailcore.smtp.client import SMTPClientProtocol, SMTPSession
+from mailcore.smtp.server import SMTPServerFactory
+from mailcore.smtp.settings import SMTPSettings
+from mailcore.store.schema import mailboxes, recipient_verdicts
+from tests.support.db import synchronous_database
+from tests.support.mailsink import SinkProtocol, SinkState
+from tests.support.smtpsession import RecordingSink, Session, served_domains
+
+NOW = 1_750_000_000.0
+
+
+class SinkConnector(Connector):
+    """Connections to the test sink, in memory: each is a real SMTPClientProtocol joined to
+    a SinkProtocol by iosim, pumped by `flush()`. `down`: connections are refused; `stall`:
+    they never open."""
+
+    def __init__(self, clock: Clock, state: SinkState) -> None:
+        self.clock = clock
+        self.state = state
+        self.pumps: list[iosim.IOPump] = []
+        self.connects: list[Hop] = []
+        self.down = False
+        self.stall = False
+
+    def connect(self, hop: Hop) -> defer.Deferred[SMTPSession]:
+        self.connects.append(hop)
+        if self.down:
+            return defer.fail(ConnectionRefusedError("Connection refused"))
+        if self.stall:
+            return defer.Deferred()
+        server = SinkProtocol(self.state)
+        client = SMTPClientProtocol(self.clock, 30.0)
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client), greet=False)
+        self.pumps.append(pump)
+        session = SMTPSession(client, helo_name="mx.gateway.test", data_timeout=60.0)
+        return defer.Deferred.fromCoroutine(self._handshake(session))
+
+    async def _handshake(self, session: SMTPSession) -> SMTPSession:
+        await session.handshake()
+        return session
+
+    def tls_creator(self, hop: Hop, verify: bool) -> Any:  # pragma: no cover - no STARTTLS
+        raise AssertionError("the sink offers no STARTTLS")
+
+    def check_peer(self, session: SMTPSession, hop: Hop) -> None:  # pragma: no cover
+        raise AssertionError("the sink offers no STARTTLS")
+
+    def flush(self) -> None:
+        for _ in range(10):
+            for pump in self.pumps:
+                pump.flush()
+
+
+class CalloutTestCase(TestCase):
+    """example.com (no address list: verified) and listed.example (john, postmaster), both
+    relayed to mx.example.net; its sink refuses nobody@ and answers later@ 451."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.db = synchronous_database()
+        self.domains: DomainService = await served_domains(self.db, self.clock)
+        self.state = SinkState(rcpt_reply=self.rcpt_reply)
+        self.connector = SinkConnector(self.clock, self.state)
+        self.registry = CollectorRegistry()
+        self.sink = RecordingSink()
+        self.sessions: list[Session] = []
+        self.addCleanup(self.no_timers_left)
+
+    @staticmethod
+    def rcpt_reply(address: str) -> bytes | None:
+        if address.lower().startswith("nobody@"):
+            return b"550 5.1.1 <" + address.encode() + b">: no such user here"
+        if address.startswith("odd@"):
+            return "550 5.1.1 caf\u00e9 \x01gone".encode()
+        if address.startswith("later@"):
+            return b"451 4.3.0 try again later"
+        return None
+
+    def make_factory(self, local: HostedAddresses | None = None,
+                     **settings: Any) -> SMTPServerFactory:
+        smtp = SMTPSettings(hostname="mx.gateway.test", verify_recipients=True, **settings)
+        router = Router(self.db, self.clock, QueueSettings(node_id="node-a"), local=local)
+        self.registry = CollectorRegistry()
+        self.verifier = RecipientVerifier(smtp, self.db, self.clock, self.domains, router,
+                                          self.connector, registry=self.registry)
+        return SMTPServerFactory(smtp, self.domains, self.sink, self.clock,
+                                 verifier=self.verifier)
+
+    def no_timers_left(self) -> None:
+        for s in self.sessions:
+            s.close()
+        self.connector.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def session(self, factory: SMTPServerFactory) -> Session:
+        s = Session(factory)
+        self.sessions.append(s)
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<someone@remote.test>\r\n"), ["250"])
+        return s
+
+    def rcpt(self, s: Session, address: str) -> list[str]:
+        """RCPT TO:<address>, the probe carried through, and the server's reply."""
+        replies = s.send(f"RCPT TO:<{address}>\r\n".encode())
+        self.connector.flush()
+        return replies + s.replies()
+
+    def metric(self, name: str, result: str) -> float:
+        value = self.registry.get_sample_value(f"mailcore_smtp_verify_{name}_total",
+                                               {"result": result})
+        return value or 0.0
+
+    def stored(self) -> list[tuple[str, bool, float]]:
+        def txn(conn: Any) -> list[tuple[str, bool, float]]:
+            rows = conn.execute(recipient_verdicts.select().order_by("address")).all()
+            return [(r.address, r.deliverable, r.expires_at) for r in rows]
+
+        return self.successResultOf(self.db.run("read", txn))
+
+
+class VerificationTests(CalloutTestCase):
+    def test_an_address_the_next_hop_takes_is_accepted_and_no_data_is_sent(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.state.commands, [
+            b"EHLO mx.gateway.test", b"MAIL FROM:<>", b"RCPT TO:<user@example.com>",
+            b"RSET", b"QUIT"])
+        self.assertEqual([h.label for h in self.connector.connects], ["mx.example.net:25"])
+        self.assertEqual(self.state.messages, [])
+        self.assertEqual(self.metric("probes", DELIVERABLE), 1)
+        self.assertEqual(self.stored(), [("user@example.com", True, NOW + 604_800)])
+        # The message itself is queued as usual.
+        self.assertEqual(s.codes(b"DATA\r\nSubject: hi\r\n\r\nhi\r\n.\r\n"), ["354", "250"])
+        self.assertEqual(len(self.sink.messages), 1)
+
+    def test_an_address_the_next_hop_refuses_is_refused_550(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "nobody@example.com"), [
+            "550 5.1.1 <nobody@example.com>: Recipient address rejected: undeliverable "
+            "address (550 5.1.1 <nobody@example.com>: no such user here)"])
+        self.assertEqual(self.metric("probes", UNDELIVERABLE), 1)
+        self.assertEqual(self.stored(), [("nobody@example.com", False, NOW + 10_800)])
+        self.assertNotIn(b"DATA", self.state.commands)
+        self.assertEqual(s.codes(b"DATA\r\n"), ["554"])  # no recipient stands
+
+    def test_only_printable_ascii_of_the_next_hops_reply_is_quoted(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "odd@example.com"), [
+            "550 5.1.1 <odd@example.com>: Recipient address rejected: undeliverable address "
+            "(550 5.1.1 caf? ?gone)"])
+
+    def test_no_answer_accepts_by_default(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "later@example.com"), ["250 2.1.5 Ok"])  # a 4xx
+        self.connector.down = True
+        self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.metric("probes", UNKNOWN), 2)
+        self.assertEqual(self.stored(), [])  # no answer is kept
+
+    def test_no_answer_is_450_when_verify_unreachable_is_defer(self) -> None:
+        s = self.session(self.make_factory(verify_unreachable="defer"))
+        self.assertEqual(self.rcpt(s, "later@example.com"), [
+            "450 4.1.1 <later@example.com>: Recipient address rejected: unverified address "
+            "(451 4.3.0 try again later)"])
+        self.connector.down = True
+        [reply] = self.rcpt(s, "user@example.com")
+        self.assertTrue(reply.startswith("450 4.1.1 <user@example.com>: Recipient address "
+                                         "rejected: unverified address ("), reply)
+
+    def test_a_next_hop_that_does_not_answer_in_verify_timeout_is_no_answer(self) -> None:
+        for unreachable, expected in (("accept", "250"), ("defer", "450")):
+            with self.subTest(unreachable=unreachable):
+                self.connector.stall = True
+                s = self.session(self.make_factory(verify_unreachable=unreachable,
+                                                   verify_timeout=10.0))
+                self.assertEqual(self.rcpt(s, "user@example.com"), [])  # waiting
+                self.clock.advance(9.9)
+                self.assertEqual(s.replies(), [])
+                self.clock.advance(0.1)
+                [reply] = s.replies()
+                self.assertEqual(reply[:3], expected, reply)
+
+    def test_an_answer_is_kept_and_shared_without_another_probe(self) -> None:
+        factory = self.make_factory()
+        s = self.session(factory)
+        self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")
+        self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
+        # Another session (as on another node: the answers are in the store), any case.
+        self.make_factory()  # a verifier of its own, nothing in memory
+        other = self.session(SMTPServerFactory(factory.settings, self.domains, self.sink,
+                                               self.clock, verifier=self.verifier))
+        [refused] = self.rcpt(other, "NoBody@Example.com")
+        self.assertTrue(refused.startswith("550 5.1.1 <NoBody@Example.com>: Recipient address "
+                                           "rejected: undeliverable address (550 5.1.1 "
+                                           "<nobody@example.com>: no such user here)"),
+                        refused)
+        self.assertEqual(self.rcpt(other, "User@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(len(self.connector.connects), 2)
+        self.assertEqual(self.metric("cache_hits", UNDELIVERABLE), 1)
+        self.assertEqual(self.metric("cache_hits", DELIVERABLE), 1)
+
+    def test_an_answer_expires(self) -> None:
+        s = self.session(self.make_factory(verify_negative_ttl=3600.0,
+                                           verify_positive_ttl=10_800.0))
+        factory = s.protocol.factory
+        self.rcpt(s, "nobody@example.com")
+        self.rcpt(s, "user@example.com")
+        self.clock.advance(3600)  # the refusal's hour is up, the acceptance holds
+        s = self.session(factory)
+        self.rcpt(s, "nobody@example.com")
+        self.rcpt(s, "user@example.com")
+        self.assertEqual(len(self.connector.connects), 3)
+        # The sweep deletes what expired, and only that.
+        self.clock.advance(3600)
+        self.assertEqual(self.successResultOf(self.verifier.sweep()), 1)
+        self.assertEqual(self.stored(), [("user@example.com", True, NOW + 10_800)])
+
+    def test_the_sweeper_sweeps(self) -> None:
+        self.make_factory(verify_negative_ttl=60.0)
+        s = self.session(SMTPServerFactory(self.verifier.settings, self.domains, self.sink,
+                                           self.clock, verifier=self.verifier))
+        self.rcpt(s, "nobody@example.com")
+        sweeper = VerdictSweeper(self.verifier, every=100.0)
+        sweeper.startService()
+        self.assertEqual(len(self.stored()), 1)  # not expired at the first tick
+        self.clock.advance(100)
+        self.assertEqual(self.stored(), [])
+        self.successResultOf(defer.maybeDeferred(sweeper.stopService))
+
+    def test_concurrent_rcpts_for_one_address_share_one_probe(self) -> None:
+        factory = self.make_factory()
+        sessions = [self.session(factory) for _ in range(3)]
+        for s, address in zip(sessions, ("user@example.com", "USER@example.com",
+                                         "user@EXAMPLE.com"), strict=True):
+            self.assertEqual(s.send(f"RCPT TO:<{address}>\r\n".encode()), [])
+        self.connector.flush()
+        self.assertEqual([s.replies() for s in sessions], [["250 2.1.5 Ok"]] * 3)
+        self.assertEqual(len(self.connector.connects), 1)
+        self.assertEqual(self.metric("probes", DELIVERABLE), 1)
+
+    def test_probes_to_one_next_hop_are_bounded(self) -> None:
+        factory = self.make_factory(verify_hop_concurrency=2)
+        self.connector.stall = True
+        sessions = [self.session(factory) for _ in range(3)]
+        for i, s in enumerate(sessions):
+            s.send(f"RCPT TO:<user{i}@example.com>\r\n".encode())
+        self.assertEqual(len(self.connector.connects), 2)  # the third waits its turn
+        self.clock.advance(10)  # all three out of time: the waiting one too
+        self.assertEqual([s.replies() for s in sessions], [["250 2.1.5 Ok"]] * 3)
+        self.assertEqual(self.verifier._hops, {})  # nothing held for the hop
+
+    def test_only_served_relayed_domains_without_a_list_are_probed(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "john@listed.example"), ["250 2.1.5 Ok"])  # listed
+        self.assertEqual(self.rcpt(s, "jane@listed.example")[0][:3], "550")  # not listed
+        self.assertEqual(self.rcpt(s, "victim@elsewhere.test")[0][:3], "550")  # not served
+        self.assertEqual(self.rcpt(s, "Postmaster@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.rcpt(s, "<postmaster>".strip("<>")), ["250 2.1.5 Ok"])
+        self.assertEqual(self.connector.connects, [])
+
+    def test_a_hosted_mailbox_of_a_relayed_domain_is_not_probed_nor_kept(self) -> None:
+        domain = self.domains.lookup("example.com")
+        assert domain is not None
+        self.successResultOf(self.db.run("box", lambda conn: conn.execute(
+            insert(mailboxes).values(address="box@example.com", owner_id=domain.owner_id,
+                                     created_at=1.0, domain_id=domain.id))))
+        s = self.session(self.make_factory(local=HostedAddresses(self.db, self.clock)))
+        self.assertEqual(self.rcpt(s, "box@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual((self.connector.connects, self.stored()), ([], []))
+
+    def test_off_by_default_nothing_is_probed(self) -> None:
+        self.assertFalse(SMTPSettings().verify_recipients)
+        factory = SMTPServerFactory(SMTPSettings(hostname="mx.gateway.test"), self.domains,
+                                    self.sink, self.clock)
+        self.assertIsNone(factory.verifier)
+        s = self.session(factory)
+        self.assertEqual(self.rcpt(s, "nobody@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.connector.connects, [])
+
+
+class SettingsTests(TestCase):
+    def test_the_verify_keys_are_read_and_checked(self) -> None:
+        config = Config(sections={"smtp": {
+            "verify_recipients": True, "verify_unreachable": "defer", "verify_timeout": 5,
+            "verify_positive_ttl": 86400, "verify_negative_ttl": 600,
+            "verify_hop_concurrency": 2}})
+        settings = SMTPSettings.from_config(config)
+        self.assertEqual((settings.verify_recipients, settings.verify_unreachable,
+                          settings.verify_timeout, settings.verify_positive_ttl,
+                          settings.verify_negative_ttl, settings.verify_hop_concurrency),
+                         (True, "defer", 5, 86400, 600, 2))
+        for key, value in (("verify_recipients", "yes"), ("verify_unreachable", "450"),
+                           ("verify_timeout", 0), ("verify_hop_concurrency", 1.5)):
+            with self.subTest(key=key):
+                with self.assertRaises(ConfigError):
+                    SMTPSettings.from_config(Config(sections={"smtp": {key: value}}))
