@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config, ConfigError
 from mailcore.core import Core
+from mailcore.gateway.callout import VerdictSweeper
 from mailcore.gateway.quarantine import QuarantineSettings
 from mailcore.smtp.server import SMTPServerFactory
 from mailcore.smtp.settings import SMTPSettings
@@ -170,6 +171,26 @@ class CoreWiringTests(TestCase):
         self.assertEqual([c.getTime() for c in reactor.getDelayedCalls()], [0.25])
         core.domains.stopService()
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_recipient_verification_is_wired_only_when_on(self) -> None:
+        core, _ = self.core(Config(), tls=False)
+        self.assertIsNone(core.recipient_verifier)
+        self.assertIsNone(core.smtp_factory().verifier)
+        self.assertFalse([s for s in core.background_services()
+                          if isinstance(s, VerdictSweeper)])
+        core, _ = self.core(Config(sections={"smtp": {"verify_recipients": True}}), tls=False)
+        verifier = core.recipient_verifier
+        assert verifier is not None
+        self.assertIs(core.smtp_factory().verifier, verifier)
+        self.assertIs(verifier.router, core.queue.runner.router)  # delivery's own routes
+        self.assertIs(verifier.connector, core.queue.runner.connector)
+        self.assertIs(verifier.domains, core.domains)
+        [sweeper] = [s for s in core.background_services() if isinstance(s, VerdictSweeper)]
+        self.assertIs(sweeper.verifier, verifier)
+        self.assertIsNotNone(sweeper.leases)  # one node sweeps per period
+        verifier.probes.labels("deliverable").inc()  # on the daemon's /metrics
+        self.assertEqual(core.metrics.get_sample_value(
+            "mailcore_smtp_verify_probes_total", {"result": "deliverable"}), 1)
 
     def test_bad_domains_settings_are_one_line_naming_the_key(self) -> None:
         for section, key in (({"refresh_interval": 0}, "refresh_interval"),
