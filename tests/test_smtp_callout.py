@@ -105,6 +105,8 @@ class CalloutTestCase(TestCase):
             return "550 5.1.1 caf\u00e9 \x01gone".encode()
         if address.startswith("later@"):
             return b"451 4.3.0 try again later"
+        if address.startswith("long"):
+            return b"550 5.1.1 " + b"x" * 600
         return None
 
     def make_factory(self, local: HostedAddresses | None = None,
@@ -179,6 +181,16 @@ class VerificationTests(CalloutTestCase):
         self.assertEqual(self.rcpt(s, "odd@example.com"), [
             "550 5.1.1 <odd@example.com>: Recipient address rejected: undeliverable address "
             "(550 5.1.1 caf? ?gone)"])
+
+    def test_the_reply_quoting_the_next_hop_stays_within_512_octets(self) -> None:
+        s = self.session(self.make_factory())
+        address = "long" + "l" * 60 + "@example.com"
+        [reply] = self.rcpt(s, address)
+        self.assertTrue(reply.startswith(f"550 5.1.1 <{address}>: Recipient address "
+                                         "rejected: undeliverable address (550 5.1.1 xxx"),
+                        reply)
+        # The longest address (64 + 1 + 255 octets) would still fit.
+        self.assertLessEqual(len(reply) + 2 + (320 - len(address)), 512)
 
     def test_no_answer_accepts_by_default(self) -> None:
         s = self.session(self.make_factory())

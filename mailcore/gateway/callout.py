@@ -59,8 +59,10 @@ UNKNOWN = "unknown"
 # How often expired answers are swept, and how many rows a transaction deletes.
 SWEEP_INTERVAL = 3600.0
 SWEEP_BATCH = 1000
-# The most of the next hop's reply kept and quoted in our 550.
-MAX_REPLY = 400
+# The most of the next hop's reply kept and quoted in our 550: with the longest address
+# (320 octets) and our own words, the line stays within SMTP's 512 octets (RFC 5321
+# 4.5.3.1.5), which strict clients enforce.
+MAX_REPLY = 120
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
