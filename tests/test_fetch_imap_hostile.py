@@ -769,11 +769,14 @@ class ListedButNotOpenedTests(TestCase):
     timeout = 30
 
     async def sync_twice(self, answer: bytes, flags: bytes = b"\\HasChildren",
-                         refused: bytes = b"Archive") -> tuple[Any, Any, Any, int, int]:
+                         refused: bytes = b"Archive", *, first_too: bool = True,
+                         ) -> tuple[Any, Any, Any, int, int]:
         """Two syncs of an account listing INBOX (with `flags` too), Archive (listed with
-        `flags`) and Archive/2023, the EXAMINE of `refused` answered `answer`: their
-        results, the env, the account id and the server's port."""
+        `flags`) and Archive/2023, the EXAMINE of `refused` answered `answer` (in the second
+        only, unless `first_too`): their results, the env, the account id and the server's
+        port."""
         (factory, port), = cleartext_servers(self, 1)
+        refusing = [first_too]
 
         def listing(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
             conn.transport.write(b'* LIST (' + flags + b') "/" INBOX\r\n'
@@ -783,7 +786,7 @@ class ListedButNotOpenedTests(TestCase):
             return True
 
         def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool | None:
-            if rest.split()[1].strip(b'"') != refused:
+            if not refusing[0] or rest.split()[1].strip(b'"') != refused:
                 return None
             conn.transport.write(tag + b" " + answer + b"\r\n")
             return True
@@ -791,6 +794,7 @@ class ListedButNotOpenedTests(TestCase):
         factory.hooks.update({"LIST": listing, "EXAMINE": examine})
         env, account = await cleartext_account(self, port)
         first = await env.engine.sync(account.id)
+        refusing[0] = True
         again = await env.engine.sync(account.id)
         return first, again, env, account.id, port
 
@@ -807,9 +811,28 @@ class ListedButNotOpenedTests(TestCase):
             self.assertEqual((again.status, again.new_messages, again.problems()),
                              ("success", 0, None), answer)
             self.assertEqual([r.error for r in first.folders.values()], [None] * 3)
+            self.assertEqual((first.unsure(), again.unsure()), ({}, {}))  # never opened
             self.assertEqual(list(await env.copies(account_id, "Archive/2023")), [1])
             self.assertEqual(list(await env.copies(account_id, "Archive")), [])
             self.assertIsNone(await self.archive_error(env))
+
+    async def test_a_plain_no_of_a_folder_opened_before_is_passed_over_unsure(self) -> None:
+        # Dovecot's answer for a folder deleted while it had subfolders, or Office 365's
+        # "Server Unavailable" for a moment: the sync cannot tell them apart. Passed over (a
+        # backup is a success), the result says so: a migrate taking it as deleted ended
+        # done without the mail that came into the folder since the sync that opened it.
+        first, again, env, account_id, port = await self.sync_twice(
+            b"NO Server Unavailable. 15", first_too=False)
+        self.assertEqual((first.status, first.new_messages, first.unsure()),
+                         ("success", 3, {}))
+        self.assertEqual((again.status, again.problems(), again.unsure()), ("success", None, {
+            "Archive": f"EXAMINE refused by 127.0.0.1:{port}: Server Unavailable. 15"}))
+        self.assertEqual(list(await env.copies(account_id, "Archive")), [1])
+        self.assertIsNone(await self.archive_error(env))
+        # NONEXISTENT says the folder is gone.
+        _, again, _, _, _ = await self.sync_twice(b"NO [NONEXISTENT] gone", first_too=False)
+        self.assertEqual((again.status, again.problems(), again.unsure()),
+                         ("success", None, {}))
 
     async def test_a_plain_no_of_a_folder_without_children_is_still_its_error(
             self) -> None:

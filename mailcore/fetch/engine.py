@@ -7,7 +7,8 @@ Per folder: EXAMINE (with CONDSTORE/QRESYNC when offered), find the UIDs we do n
 pipelined UID FETCH batches of BODY.PEEK[], FLAGS, INTERNALDATE and RFC822.SIZE (a listed
 folder whose EXAMINE is refused NO [NONEXISTENT], or a plain NO as Dovecot answers for one
 deleted while it had subfolders, holds no mail: passed over as a \\Noselect one,
-`refused_as_deleted`). The batches
+`refused_as_deleted`; the result names such a plain NO of a folder an earlier sync opened,
+`FolderResult.unsure`, which may be a refusal for a moment too). The batches
 flow through three stages at once: `pipeline_depth` fetches on the wire, each fetched batch
 parsed on the CPU pool as soon as it arrives, and one batch at a time stored. Each batch is
 committed with its (folder, uidvalidity, uid) in one transaction and batches commit in UID
@@ -87,7 +88,7 @@ from mailcore.fetch.state import (
     thd_upsert_folders,
 )
 from mailcore.fetch.tls import client_tls
-from mailcore.fetch.writer import refused_as_deleted
+from mailcore.fetch.writer import refusal_codes, refused_as_deleted
 from mailcore.messages.models import FetchedMessage, Location, StoreResult
 from mailcore.messages.parse import ParsedMessage, parse_messages
 from mailcore.messages.store import MessageStore, pop_size_changed
@@ -154,6 +155,12 @@ class FolderResult:
     skipped: list[str] = field(default_factory=list)
     flags_updated: int = 0
     error: str | None = None
+    # Passed over on a plain NO to its EXAMINE (listed \HasChildren: `refused_as_deleted`)
+    # though an earlier sync opened it: the refusal. Dovecot's answer for a folder deleted
+    # while it had subfolders, or one for a moment (Office 365's "Server Unavailable"),
+    # which the sync cannot tell apart: a migrate does not end done on it the first time
+    # (`mailcore.fetch.migrate.MailboxCopier.bring_backup_up_to_date`).
+    unsure: str | None = None
 
 
 @dataclass
@@ -195,6 +202,11 @@ class SyncResult:
         parts = [self.error] if self.error else []
         parts += [f"{name}: {fr.error}" for name, fr in self.folders.items() if fr.error]
         return "; ".join(parts) if parts else None
+
+    def unsure(self) -> dict[str, str]:
+        """The folders passed over that the sync cannot tell deleted (`FolderResult.unsure`),
+        with their refusals."""
+        return {name: fr.unsure for name, fr in self.folders.items() if fr.unsure}
 
 
 def imap_date(day: datetime.date) -> str:
@@ -726,7 +738,8 @@ class SyncEngine:
         """Sync one folder (EXAMINEd unless `info` says it is open), its failure recorded as
         the folder's error; the session to go on with (a new one when this one died).
         `with_children`: the LIST just run named it \\HasChildren, so a plain NO to its
-        EXAMINE is Dovecot's for a folder deleted with subfolders (passed over)."""
+        EXAMINE is Dovecot's for a folder deleted with subfolders (passed over; `unsure`
+        when an earlier sync opened it, for it may also be a refusal for a moment)."""
         folder_result = result.folders.setdefault(state.name, FolderResult())
         oversized = _Oversized()
         while True:
@@ -747,6 +760,8 @@ class SyncEngine:
                         log.info("account {account}: folder {folder!r} is listed but not "
                                  "to be opened ({e}); passed over", account=account.id,
                                  folder=state.name, e=e)
+                        if state.uidvalidity is not None and not refusal_codes(e):
+                            folder_result.unsure = str(e)
                         await self.db.run("set_fetch_folder_error", thd_set_folder_error,
                                           state.id, None)
                         return session
