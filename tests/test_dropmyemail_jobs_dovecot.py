@@ -10,7 +10,9 @@ make one job and a 409; a restored account is backed up, then migrated, once. A 
 over quota fails the job with the server's reason, and every message the job counts as
 copied is there; a destination whose connection
 is cut in the middle of the APPENDs (a proxy that drops it twice) is retried, and in the end
-holds every message once. Messages over 1 MiB go streamed from the store: a 24 MiB one lands
+holds every message once. A folder with subfolders whose EXAMINE a source refuses for a
+moment is migrated with its new mail, after a retry; one deleted there for good ends done
+after one too. Messages over 1 MiB go streamed from the store: a 24 MiB one lands
 byte-exact while Python's traced memory peaks at a few MiB (about three copies, over 70 MiB,
 when it is read whole), and a cut in the middle of one is retried and lands once. Bad input is
 a 4xx in the OAuth shape; another user's ids are 404.
@@ -448,6 +450,48 @@ class JobsAgainstDovecotTests(DovecotClassMixin, TestCase):
                          {"INBOX": 3, "Archive": 2, "Archive/2023": 2})
         self.assertEqual(sum(restored.values()), len(set(restored)))
 
+    async def test_a_folder_refused_for_a_moment_is_migrated_with_its_new_mail(self) -> None:
+        """A folder listed \\HasChildren that an earlier sync opened, its EXAMINE answered a
+        plain NO (Office 365's momentary "Server Unavailable"; Dovecot's for a folder
+        deleted while it had subfolders): the migrate's sync passed it over and the job
+        ended done without the mail that had come into it since the last sync. The job is
+        retried and its next sync gets that mail; a folder deleted with subfolders for good
+        is passed over again by that sync and the job ends done."""
+        server = await self.dovecot()
+        s = await self.setup({"INBOX": 3, "Archive": 2, "Archive/2023": 2}, tag="moment")
+        server.add_messages(s.source, "Archive",
+                            [make_message(100 + n, "moment").raw for n in range(2)])
+        source = await mailbox(server, s.source)
+        self.assertEqual(Counter(e[0] for e in source),
+                         {"INBOX": 3, "Archive": 4, "Archive/2023": 2})
+        # Both EXAMINEs of Archive in the first sync (the one of a folder synced before,
+        # and the one after LIST) are refused.
+        proxy = RefusingProxy(server.imap, b"Archive", b"NO Server Unavailable. 15", times=2)
+        listening = get_reactor().listenTCP(0, proxy, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+
+        def through_proxy(conn: Connection) -> None:
+            # In cleartext, for the proxy to read the commands.
+            conn.execute(update(fetch_accounts).where(fetch_accounts.c.id == s.account_id)
+                         .values(port=listening.getHost().port, use_ssl=False,
+                                 start_tls=False, allow_cleartext=True))
+
+        await s.api.core.db.run("through_proxy", through_proxy)
+        destination = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, destination)
+        self.assertEqual(proxy.times, 0)
+        self.assertEqual((job["status"], job["attempts"], job["downloaded"], job["appended"]),
+                         ("done", 2, 9, 9), job)
+        self.assertEqual(await mailbox(server, destination), source)
+
+        # Deleted for good: Dovecot answers the same NO at every sync.
+        server.doveadm_run("mailbox", "delete", "-u", s.source, "Archive")
+        other = f"{server.new_user()}@example.test"
+        job = await self.migrate(s, other)
+        self.assertEqual((job["status"], job["attempts"], job["downloaded"], job["appended"]),
+                         ("done", 2, 9, 9), job)
+        self.assertEqual(await mailbox(server, other), source)  # what was backed up
+
     async def test_jobs_asked_twice_at_once_write_each_message_once(self) -> None:
         """Two restores (or two migrates into one mailbox) asked at once ran at once: each
         found the same messages missing and each appended them, 300 deleted messages came
@@ -735,6 +779,57 @@ class QuotaDestinationTests(DovecotClassMixin, TestCase):
         self.assertEqual(sum(landed.values()), job["appended"])
         self.assertEqual(job["downloaded"], job["appended"])
         self.assertLess(job["appended"], 60)
+
+
+class RefusingProxy(protocol.Factory):
+    """A TCP proxy to 127.0.0.1:`port` that answers the EXAMINE of `folder` itself with
+    `answer`, `times` times in all; every other line passes untouched, but for STARTTLS
+    left out of the server's capabilities (the proxy reads the commands in cleartext)."""
+
+    def __init__(self, port: int, folder: bytes, answer: bytes, *, times: int) -> None:
+        self.port = port
+        self.folder = folder
+        self.answer = answer
+        self.times = times
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        proxy = _Refusing()
+        proxy.factory = self  # type: ignore[assignment]
+        return proxy
+
+
+class _NoStartTLS(portforward.ProxyClient):
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data.replace(b" STARTTLS", b""))
+
+
+class _NoStartTLSFactory(portforward.ProxyClientFactory):
+    protocol = _NoStartTLS
+
+
+class _Refusing(portforward.ProxyServer):
+    pending = b""
+
+    def connectionMade(self) -> None:
+        mine: Any = self.transport
+        mine.pauseProducing()
+        client = _NoStartTLSFactory()
+        client.setServer(self)
+        get_reactor().connectTCP("127.0.0.1", self.factory.port, client)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        owner: RefusingProxy = self.factory  # type: ignore[assignment]
+        self.pending += data
+        while b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            words = line.split()
+            if (owner.times > 0 and len(words) >= 3 and words[1].upper() == b"EXAMINE"
+                    and words[2].strip(b'"') == owner.folder):
+                owner.times -= 1
+                mine: Any = self.transport
+                mine.write(words[0] + b" " + owner.answer + b"\r\n")
+                continue
+            super().dataReceived(line + b"\n")
 
 
 class CuttingProxy(protocol.Factory):

@@ -2,7 +2,10 @@
 
 A migrate first brings the account's backup up to date (a sync, once per job; when it fails,
 what is backed up is copied all the same, then the job is retried from the sync by the
-runner's rules, its reason saying why, and ends failed if it never succeeds), then copies
+runner's rules, its reason saying why, and ends failed if it never succeeds; a sync that
+passed over a folder an earlier sync opened, listed with subfolders and refused a plain NO
+(Dovecot's folder deleted while it had subfolders, or a refusal for a moment), counts as one
+that failed, once: the next run's sync takes such a folder as deleted), then copies
 every backed-up message into the destination, folder by folder (the folder is made there when
 missing, named as in the backup, hierarchy mapped to the destination's separator), with its
 flags and INTERNALDATE. A restore (`mailcore.fetch.restore`) plans which messages are no
@@ -269,6 +272,9 @@ def thd_progress(conn: Connection, job_id: int) -> tuple[int, int]:
 
 
 TRANSIENT = (ConnectFailed, FetchTimeout)
+# The phase of a migrate whose last backup sync passed over a folder it could not tell
+# deleted (`MailboxCopier.bring_backup_up_to_date`): its next run syncs again first.
+RECHECK = "recheck"
 FATAL = (AuthFailed, TLSFailed, CleartextRefused)
 
 
@@ -315,31 +321,55 @@ class MailboxCopier:
 
     # -- the migrate body ------------------------------------------------------------------
 
-    async def bring_backup_up_to_date(self, runner: JobRunner, job: Job) -> None:
-        """Sync the account once per run of the job that finds it in its "backup" phase (a
-        job resumed in its copy does not again; `backup_synced` puts it back)."""
-        if job.phase != "backup":
-            return
+    async def bring_backup_up_to_date(self, runner: JobRunner, job: Job, *,
+                                      doubting: bool = False) -> str | None:
+        """Sync the account once per run of the job that finds it in its "backup" or
+        "recheck" phase (a job resumed in its copy does not again; `backup_synced` puts it
+        back). `doubting` (a migrate): a folder the sync passed over that it cannot tell
+        deleted (`SyncResult.unsure`: Dovecot's plain NO for a folder deleted while it had
+        subfolders, or Office 365's "Server Unavailable" for a moment, the folder's new mail
+        then not backed up) is not taken as deleted the first time: the job goes to its
+        "recheck" phase, and what is returned (why) has `backup_synced` retry it. The sync
+        of its next run, passing such folders over again, takes them as deleted."""
+        if job.phase not in ("backup", RECHECK):
+            return None
         result = await self.engine.sync(job.account_id)
         if result.status == BUSY:
             raise TransientJobError("the account's backup is being updated on another node")
         if not result.ok:
             log.info("job {id}: the backup sync before the copy failed ({why}); copying "
                      "what is backed up", id=job.id, why=result.problems())
-        await self._set_phase(runner, job, "copy")
+        unsure = result.unsure() if doubting else {}
+        doubt = None
+        if unsure and job.phase == RECHECK:
+            log.info("job {id}: the backup sync passed over {folders} again, listed but not "
+                     "to be opened; taken as deleted", id=job.id, folders=sorted(unsure))
+        elif unsure:
+            doubt = ("the backup sync passed over " + ", ".join(
+                f"{name!r} ({why})" for name, why in sorted(unsure.items()))
+                + ", listed with subfolders and opened by an earlier sync: deleted, or "
+                "refused for a moment (its new mail not backed up); synced again, and taken "
+                "as deleted if passed over again")
+        await self._set_phase(runner, job, RECHECK if doubt else "copy")
+        return doubt
 
-    async def backup_synced(self, runner: JobRunner, job: Job) -> None:
+    async def backup_synced(self, runner: JobRunner, job: Job,
+                            doubt: str | None = None) -> None:
         """After the copy: if the account's last sync failed (the job's own, unless one ran
         since), the job goes back to its backup phase and is retried by the runner's rules,
         its reason saying why, and ends failed when they are spent. What was backed up is
         copied meanwhile: a source gone for good still has its backup migrated. A restore
-        (`mailcore.fetch.restore`) ends the same way."""
+        (`mailcore.fetch.restore`) ends the same way. So does a migrate whose sync passed
+        over a folder it could not tell deleted (`doubt`, from `bring_backup_up_to_date`),
+        left in its "recheck" phase."""
         account = await self.accounts.get(job.user_id, job.account_id)
-        if account.sync_status != "error":
-            return
-        await self._set_phase(runner, job, "backup")
-        raise TransientJobError(f"the backup sync before the copy failed "
-                                f"({account.sync_error}); what was backed up is copied")
+        if account.sync_status == "error":
+            await self._set_phase(runner, job, RECHECK if doubt else "backup")
+            raise TransientJobError(f"the backup sync before the copy failed "
+                                    f"({account.sync_error}); what was backed up is copied"
+                                    + (f"; {doubt}" if doubt else ""))
+        if doubt:
+            raise TransientJobError(f"{doubt}; what was backed up is copied")
 
     async def _set_phase(self, runner: JobRunner, job: Job, phase: str) -> None:
         now = runner.now()
@@ -351,7 +381,7 @@ class MailboxCopier:
         await self.db.run("mailbox_job_phase", txn)
 
     async def migrate(self, runner: JobRunner, job: Job) -> None:
-        await self.bring_backup_up_to_date(runner, job)
+        doubt = await self.bring_backup_up_to_date(runner, job, doubting=True)
 
         def secret(conn: Connection) -> bytes | None:
             return conn.execute(select(mailbox_jobs.c.password_enc)
@@ -366,7 +396,7 @@ class MailboxCopier:
         plans = await self.db.read("mailbox_job_folders", thd_backup_folders, job.account_id)
         await self.copy(runner, job, spec,
                         self.creator(job.host, job.tls_ca_pem, job.tls_fingerprint), plans)
-        await self.backup_synced(runner, job)
+        await self.backup_synced(runner, job, doubt)
 
     # -- shared by migrate and restore -------------------------------------------------------
 

@@ -8,7 +8,9 @@ login here, the password only as ciphertext (`password_enc`, the fetch engine's 
 the CA or certificate fingerprint to trust for it when not the system's (as accounts do).
 `downloaded` counts the messages dealt with so far, `messages` the messages the job has to
 deal with, `appended` those it actually wrote (the rest were found there already),
-`restore_size` their bytes. `phase` is backup (bring the backup up to date first) or copy.
+`restore_size` their bytes. `phase` is backup (bring the backup up to date first), copy, or
+recheck (a migrate whose last sync passed over a folder it could not tell deleted: synced
+again first, `mailcore.fetch.migrate.MailboxCopier.bring_backup_up_to_date`).
 `next_attempt_at` (epoch seconds) delays a retry after a transient failure. Which node runs a
 job is leased in `job_leases` under the name `mailbox-job-<id>`.
 
