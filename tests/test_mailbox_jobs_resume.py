@@ -23,6 +23,7 @@ from twisted.protocols.loopback import loopbackAsync
 from twisted.trial.unittest import TestCase
 
 from mailcore.fetch.accounts import Accounts
+from mailcore.fetch.engine import FolderResult, SyncResult
 from mailcore.fetch.imap import IMAPClient, ServerSpec
 from mailcore.fetch.jobs import JobFailed, TransientJobError, thd_create_job
 from mailcore.fetch.migrate import MailboxCopier, thd_backup_folders
@@ -614,6 +615,72 @@ class ResumeMixin(DatabaseMixin):
         self.assertEqual(sorted(a for n, a in copier.dest.commands if n == b"EXAMINE"),
                          [b'"INBOX"', b'"INBOX.Archive"', b'"INBOX.Later"'])
         self.assertNotIn(b"APPEND", [n for n, _ in copier.dest.commands])
+
+    async def test_a_sync_passing_over_a_folder_it_opened_is_not_trusted_at_once(
+        self,
+    ) -> None:
+        """A sync passed over Archive, which an earlier sync opened, on a plain NO
+        (`SyncResult.unsure`: Dovecot's folder deleted with subfolders, or Office 365's
+        "Server Unavailable" for a moment): the migrate took it as deleted and ended done
+        without Archive's new mail. The job is retried in its "recheck" phase, kept through
+        a failed sync and a resume after a crash in the copy, whose sync takes Archive as
+        deleted when it passes it over again. A restore does not doubt."""
+        copier, runner, job = await self.copier()
+        refusal = "EXAMINE refused by source.test:143: Server Unavailable. 15"
+        status = SimpleNamespace(sync_status="success", sync_error=None)
+        synced: list[SyncResult] = []
+
+        async def sync(account_id: int) -> SyncResult:
+            return synced.pop(0)
+
+        async def account(user_id: int, account_id: int) -> Any:
+            return status
+
+        cast(Any, copier.engine).sync = sync
+        copier.accounts = cast(Any, SimpleNamespace(get=account))
+
+        def passing_over(unsure: str | None) -> SyncResult:
+            result = SyncResult(account_id=job.account_id, user_id=job.user_id,
+                                started_at=datetime.datetime.now(UTC), status="success")
+            result.folders["Archive"] = FolderResult(unsure=unsure)
+            return result
+
+        async def phase() -> str:
+            return await copier.db.read("phase", lambda c: c.execute(
+                select(mailbox_jobs.c.phase).where(mailbox_jobs.c.id == job.id)).scalar_one())
+
+        job.phase = "backup"
+        synced.append(passing_over(refusal))
+        doubt = await copier.bring_backup_up_to_date(runner, job, doubting=True)
+        assert doubt is not None
+        self.assertIn(f"'Archive' ({refusal})", doubt)
+        self.assertEqual(await phase(), "recheck")
+        with self.assertRaises(TransientJobError) as raised:
+            await copier.backup_synced(runner, job, doubt)
+        self.assertIn(doubt, str(raised.exception))
+        self.assertEqual(await phase(), "recheck")
+        # The account's sync failed too: still "recheck", the reason saying both.
+        status.sync_status, status.sync_error = "error", "INBOX: connection lost"
+        with self.assertRaises(TransientJobError) as raised:
+            await copier.backup_synced(runner, job, doubt)
+        self.assertIn("connection lost", str(raised.exception))
+        self.assertIn(doubt, str(raised.exception))
+        self.assertEqual(await phase(), "recheck")
+        status.sync_status, status.sync_error = "success", None
+        # The next run (or one resumed after a crash in its copy) syncs again, and Archive
+        # passed over again is taken as deleted: the job ends done.
+        job.phase = "recheck"
+        synced.append(passing_over(refusal))
+        self.assertIsNone(await copier.bring_backup_up_to_date(runner, job, doubting=True))
+        self.assertEqual(await phase(), "copy")
+        await copier.backup_synced(runner, job, None)
+        # Nor is a folder passed over that no earlier sync opened, nor any for a restore.
+        for unsure, doubting in ((None, True), (refusal, False)):
+            job.phase = "backup"
+            synced.append(passing_over(unsure))
+            self.assertIsNone(await copier.bring_backup_up_to_date(runner, job,
+                                                                   doubting=doubting))
+            self.assertEqual(await phase(), "copy")
 
 
 class SQLiteResumeTests(ResumeMixin, TestCase):
