@@ -30,6 +30,7 @@ from mailcore.fetch.imap import (
     MAX_FLAG_SETS,
     IMAPClient,
     SelectInfo,
+    expand_set,
 )
 from mailcore.fetch.state import thd_update_flags
 from tests.test_fetch_imap_hostile import (
@@ -246,6 +247,58 @@ class LyingExistsTests(TestCase):
         self.assertLessEqual(len(imap._FLAG_SETS), MAX_FLAG_SETS)
 
 
+class ChangedFlagsFloodTests(TestCase):
+    """The flags a QRESYNC EXAMINE says changed (RFC 7162 3.2.5.1) were taken up to the
+    folder's EXISTS and ARRIVING, whatever their UID: each line kept, then parsed, then a
+    change kept, then an UPDATE; 10 million with an EXISTS within MAX_EXISTS, as many as the
+    reply's bytes let in (1.6 million small ones). Only the UIDs up to the highest held are
+    kept, MAX_CHANGED_FLAGS of them at most, each named twice at most (and LIST_SLACK)."""
+
+    def examine(self, *fetches: bytes, exists: int = 5_000_000,
+                held: int = 10) -> defer.Deferred[SelectInfo]:
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.examine("INBOX", qresync=(7, 5), held=held))
+        client.dataReceived(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n" % exists)
+        for i in range(0, len(fetches), 10_000):
+            client.dataReceived(b"".join(b"* 1 FETCH (%s)\r\n" % f
+                                         for f in fetches[i : i + 10_000]))
+        client.dataReceived(b"0001 OK [READ-ONLY] done\r\n")
+        return d
+
+    def test_flags_of_uids_above_the_highest_held_are_not_kept(self) -> None:
+        fetches = [b"UID %d FLAGS (\\Deleted)" % uid for uid in range(11, 100_011)]
+        info = self.successResultOf(self.examine(*fetches, b"UID 4 FLAGS (\\Seen)"))
+        self.assertEqual(info.changed_flags, {4: ("\\Seen",)})
+        self.assertFalse(info.flags_beyond)
+
+    def test_past_the_changes_kept_none_is_and_the_engine_is_told(self) -> None:
+        self.patch(imap, "MAX_CHANGED_FLAGS", 2)
+        fetches = [b"UID %d FLAGS (\\Seen)" % uid for uid in (1, 2, 3)]
+        info = self.successResultOf(self.examine(*fetches[:2]))
+        self.assertEqual((info.changed_flags, info.flags_beyond),
+                         ({1: ("\\Seen",), 2: ("\\Seen",)}, False))
+        info = self.successResultOf(self.examine(*fetches))
+        self.assertEqual((info.changed_flags, info.flags_beyond), ({}, True))
+
+    def test_the_same_uid_again_and_again_fails(self) -> None:
+        fetch = b"UID 4 FLAGS (\\Seen)"
+        info = self.successResultOf(self.examine(*[fetch] * (2 + LIST_SLACK)))
+        self.assertEqual(info.changed_flags, {4: ("\\Seen",)})
+        error = self.failureResultOf(self.examine(*[fetch] * 200_000)).value
+        self.assertIsInstance(error, ProtocolFailed)
+        self.assertEqual(str(error), f"fake sent {3 + LIST_SLACK} FETCH replies for 1 UIDs "
+                                     f"to one EXAMINE, more than two a UID and {LIST_SLACK}")
+
+    def test_past_exists_and_arriving_none_is_parsed(self) -> None:
+        """The EXISTS seen bounds the replies parsed; the whole EXISTS, the replies taken."""
+        self.patch(imap, "ARRIVING", 1)
+        fetches = [b"UID %d FLAGS (\\Seen)" % uid for uid in (1, 2, 3)]
+        info = self.successResultOf(self.examine(*fetches[:2], exists=1))
+        self.assertEqual(len(info.changed_flags), 2)
+        error = self.failureResultOf(self.examine(*fetches, exists=1)).value
+        self.assertEqual(str(error), "fake sent more than 2 FETCH replies to one EXAMINE")
+
+
 class LyingExistsSyncTests(TestCase):
     """The engine against a server lying about a folder's EXISTS: the folder gets an error
     naming the lie, nothing wrong is stored, and the next honest sync works."""
@@ -317,3 +370,95 @@ class LyingExistsSyncTests(TestCase):
         asked = [line for _tls, line in factory.received if b"CHANGEDSINCE" in line]
         self.assertEqual([line.split(b" ", 1)[1] for line in asked],
                          [b"UID FETCH 1 (UID FLAGS) (CHANGEDSINCE 5)"])
+
+
+class ChangedFlagsSyncTests(TestCase):
+    """The engine against a QRESYNC server whose EXAMINE tells flag changes of UIDs it does
+    not hold: they are neither kept nor written; past MAX_CHANGED_FLAGS the flags of the
+    UIDs held are asked for; one UID told again and again is a folder error."""
+
+    timeout = 30
+
+    async def test_only_the_changes_of_messages_held_are_written(self) -> None:
+        modseq = [5]
+        told: list[bytes] = []
+        kept: list[list[int]] = []
+
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* 5000000 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+                                 b"* OK [UIDNEXT 4] ok\r\n* OK [HIGHESTMODSEQ %d] ok\r\n"
+                                 % modseq[0] + b"".join(told) + tag + b" OK done\r\n")
+            return True
+
+        def enable(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* ENABLED QRESYNC\r\n" + tag + b" OK enabled\r\n")
+            return True
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* SEARCH 1 3\r\n" + tag + b" OK searched\r\n")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            body = b"Subject: hi\r\n\r\nhello\r\n"
+            for uid in expand_set(rest.split(b" ")[2], 10):
+                if b"CHANGEDSINCE" in rest:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS (\\Answered))\r\n"
+                                         % (uid, uid))
+                elif b"BODY" in rest:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
+                                         % (uid, uid, len(body), body))
+                else:
+                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
+                                         % (uid, uid, len(body)))
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        def counting(conn: Any, folder_id: int, uidvalidity: int,
+                     flags: dict[int, tuple[str, ...]], now: Any) -> int:
+            kept.append(sorted(flags))
+            return thd_update_flags(conn, folder_id, uidvalidity, flags, now)
+
+        self.patch(engine, "thd_update_flags", counting)
+        (factory, port), = cleartext_servers(self, 1)
+        factory.caps += b" CONDSTORE ENABLE QRESYNC"
+        factory.hooks.update({"EXAMINE": examine, "ENABLE": enable, "UID SEARCH": search,
+                              "UID FETCH": fetch})
+        env, account = await cleartext_account(self, port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 2))
+
+        # UID 2 (below the highest held, not held) and 4 to 20,003 (above it) were kept
+        # and written beside UID 1: 20,001 changes, an UPDATE each.
+        modseq[0] = 6
+        told[:] = [b"* 1 FETCH (UID %d FLAGS (\\Deleted))\r\n" % uid
+                   for uid in (2, *range(4, 20_004))] + [b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n"]
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(kept, [[1]])
+        self.assertEqual(result.folders["INBOX"].flags_updated, 1)
+        self.assertEqual(await env.copies(account.id, "INBOX"),
+                         {1: ("\\Seen", True), 3: ("", True)})
+        self.assertFalse([line for _tls, line in factory.received if b"CHANGEDSINCE" in line])
+
+        # More changes than an EXAMINE keeps: the flags of the UIDs held are asked for.
+        self.patch(imap, "MAX_CHANGED_FLAGS", 1)
+        modseq[0] = 7
+        told[:] = [b"* 1 FETCH (UID %d FLAGS (\\Flagged))\r\n" % uid for uid in (1, 2, 3)]
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        self.assertEqual(kept[1:], [[1, 3]])
+        self.assertEqual(await env.copies(account.id, "INBOX"),
+                         {1: ("\\Answered", True), 3: ("\\Answered", True)})
+        asked = [line for _tls, line in factory.received if b"CHANGEDSINCE" in line]
+        self.assertEqual([line.split(b" ", 1)[1] for line in asked],
+                         [b"UID FETCH 1,3 (UID FLAGS) (CHANGEDSINCE 6)"])
+
+        # UID 1 told again and again: a folder error, nothing written.
+        modseq[0] = 8
+        told[:] = [b"* 1 FETCH (UID 1 FLAGS ())\r\n"] * 50_000
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "error")
+        self.assertIn(f"INBOX: 127.0.0.1:{port} sent {3 + LIST_SLACK} FETCH replies for 1 "
+                      f"UIDs to one EXAMINE, more than two a UID and {LIST_SLACK}",
+                      result.problems() or "")
+        self.assertEqual(len(kept), 2)

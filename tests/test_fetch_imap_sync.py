@@ -138,9 +138,9 @@ class IMAPSyncTests(DovecotClassMixin, TestCase):
         original = IMAPClient.send
 
         def recording(client: IMAPClient, name: bytes, args: bytes | None = None,
-                      continuation: Any = None) -> Any:
+                      continuation: Any = None, **kw: Any) -> Any:
             sent.append((name, (args or b"").split(b" ")[0].strip(b'"')))
-            return original(client, name, args, continuation)
+            return original(client, name, args, continuation, **kw)
 
         self.patch(IMAPClient, "send", recording)
         return sent

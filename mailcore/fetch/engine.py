@@ -870,13 +870,16 @@ class SyncEngine:
         max_uid = await self.db.read("fetch_max_uid", thd_max_uid, state.id, uidvalidity,
                                      info.uidnext)
         if not rescan:
-            changes = dict(info.changed_flags)
+            # The flags QRESYNC said changed, of the UIDs we hold (those of others changed
+            # no row, each an UPDATE all the same).
+            changes = await self._held_only(state.id, uidvalidity, info.changed_flags)
             # A HIGHESTMODSEQ lower than the one we saw (RFC 7162 3.1.2.1 says never while
             # UIDVALIDITY stays; a server restored from a backup of its own): the changes
             # since ours were not asked for, and ours may never come again: every flag.
             went_back = info.highestmodseq is not None and state.highestmodseq is not None \
                 and info.highestmodseq < state.highestmodseq
-            if max_uid and (went_back or (
+            # QRESYNC told more changes than an EXAMINE keeps: they are asked for too.
+            if max_uid and (went_back or info.flags_beyond or (
                 qresync is None and condstore and state.highestmodseq
                 and info.highestmodseq != state.highestmodseq
             )):
@@ -1016,6 +1019,16 @@ class SyncEngine:
             if len(page) < _HELD_PAGE:
                 return changes
             after = page[-1]
+
+    async def _held_only(self, folder_id: int, uidvalidity: int,
+                         flags: dict[int, tuple[str, ...]]) -> dict[int, tuple[str, ...]]:
+        """`flags` of the UIDs we hold of the folder, looked up by lists of _SIZE_CHUNK."""
+        uids = list(flags)
+        held: set[int] = set()
+        for i in range(0, len(uids), _SIZE_CHUNK):
+            held |= await self.db.read("fetch_stored_uids", thd_stored_uids, folder_id,
+                                       uidvalidity, uids[i : i + _SIZE_CHUNK])
+        return {uid: flags[uid] for uid in uids if uid in held}
 
     async def _note_skipped(self, state: FolderState, uidvalidity: int,
                             skipped: dict[int, str]) -> None:

@@ -7,6 +7,8 @@ unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4
   before a byte of it is buffered, and the bytes received for one command are bounded too
   (each line counting LINE_COST more, for the object it is kept as), as are the FETCH
   replies a UID FETCH takes, and an EXISTS (which bounds them) counts at most MAX_EXISTS;
+  a QRESYNC EXAMINE's flag changes are read as they arrive, and kept only for UIDs up to
+  the highest held, each once, at most MAX_CHANGED_FLAGS of them;
 - STARTTLS discards whatever plaintext followed the server's OK, and CAPABILITY is asked
   again over TLS;
 - TLS is always verified (the caller passes a connection creator from mailcore.fetch.tls),
@@ -107,6 +109,10 @@ LINE_COST = 64
 MAX_CAPABILITY = 64 * 1024
 # FETCH replies naming its UIDs a UID FETCH of a list takes beyond two a UID.
 LIST_SLACK = 100
+# The most flag changes a QRESYNC EXAMINE keeps (of UIDs up to the highest we hold): past
+# them none is kept, and the engine asks the flags of the UIDs it holds instead (a few
+# megabytes; a lying server's millions were each kept, then an UPDATE of their own).
+MAX_CHANGED_FLAGS = 50_000
 # Why a connection to an account's host is refused (after the host; which addresses it
 # resolved to are the operator's, never the user's: they would map internal names).
 REFUSAL = "is where this server does not connect"
@@ -190,6 +196,9 @@ class SelectInfo:
     highestmodseq: int | None = None
     vanished: list[int] = field(default_factory=list)
     changed_flags: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # QRESYNC told more flag changes than an EXAMINE keeps: `changed_flags` is empty, and
+    # the flags of the messages held are to be asked for.
+    flags_beyond: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +230,8 @@ _RE_RANGE = re.compile(rb"([^,:]*)(?::([^,]*))?(?:,|$)")
 # At most this many UIDs are taken from the VANISHED replies of one EXAMINE.
 MAX_VANISHED = 10_000_000
 _RE_FETCH = re.compile(rb"^\d+ FETCH ", re.IGNORECASE)
+# A FETCH reply whose first item is its UID (as Dovecot's are): the UID.
+_RE_FETCH_UID = re.compile(rb"^\d+ FETCH \(UID (\d+)[ )]", re.IGNORECASE)
 _RE_DIGITS = re.compile(rb"[\d ]*")
 _RE_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
 
@@ -461,6 +472,66 @@ def parse_fetch_lean(reply: Reply) -> FetchItem:
     if found is not None:
         return _fetch_item(found.seq, found.values)
     return parse_fetch(reply.joined()[2:])
+
+
+class _ChangedFlags(list[bytes]):
+    """The untagged lines of a QRESYNC EXAMINE, as Twisted's reader appends them, but for
+    its FETCH replies (RFC 7162 3.2.5.1), each read as it arrives instead of kept: only
+    the flags of UIDs up to `held` (the highest we hold) are kept, each UID once, at most
+    `limit` of them (past that none is, and `beyond` says so). The replies are counted;
+    past the EXISTS seen and ARRIVING none is parsed (about 0.1 ms each), and one naming a
+    UID kept, past two a UID and LIST_SLACK, is a ProtocolFailed (`failure`). All of them
+    were kept as lines, then parsed, then kept as changes whatever their UID: as many as
+    the reply's bytes bound let in (1.6 million small ones), each then an UPDATE."""
+
+    def __init__(self, host: str, held: int, limit: int) -> None:
+        super().__init__()
+        self.host, self.held, self.limit = host, held, limit
+        self.flags: dict[int, tuple[str, ...]] = {}
+        self.exists = 0
+        self.fetches = 0  # FETCH replies
+        self.naming = 0  # those naming a UID kept
+        self.beyond = False
+        self.failure: ProtocolFailed | None = None
+
+    def append(self, line: bytes) -> None:
+        if not _RE_FETCH.match(line):
+            if m := _RE_EXISTS.match(line):
+                try:
+                    self.exists = exists_count(m.group(1), self.host, "")
+                except ProtocolFailed:
+                    pass  # named by examine, which reads this line again
+            super().append(line)
+            return
+        self.fetches += 1
+        if self.beyond or self.failure is not None:
+            return
+        if self.fetches > self.exists + ARRIVING:  # an error when the EXAMINE is over
+            self._drop()
+            return
+        if (m := _RE_FETCH_UID.match(line)) and len(m.group(1)) <= 10 \
+                and int(m.group(1)) > self.held:
+            return  # not a message we hold, seen without parsing the reply (20 us)
+        try:
+            item = (parse_fetch(line) if b"\r\n" in line  # a literal inline
+                    else parse_fetch_lean(Reply([b"* " + line])))
+        except ProtocolFailed as e:
+            self.failure = e
+            return
+        if item.uid is None or item.flags is None or item.uid > self.held:
+            return  # not a message we hold
+        self.flags[item.uid] = item.flags
+        self.naming += 1
+        if self.naming > 2 * len(self.flags) + LIST_SLACK:
+            self.failure = ProtocolFailed(
+                f"{self.host} sent {self.naming} FETCH replies for {len(self.flags)} UIDs "
+                f"to one EXAMINE, more than two a UID and {LIST_SLACK}")
+        elif len(self.flags) > self.limit:
+            self._drop()
+
+    def _drop(self) -> None:
+        self.beyond = True
+        self.flags = {}
 
 
 class _Pipelined(imap4.Command):
@@ -844,14 +915,16 @@ class IMAPClient(imap4.IMAP4Client):
 
     # -- commands ------------------------------------------------------------------------
 
-    def send(self, name: bytes, args: bytes | None = None,
-             continuation: Any = None) -> defer.Deferred[tuple[list[bytes], bytes]]:
-        """Queue a command; the Deferred fires with (untagged lines, tagged line)."""
+    def send(self, name: bytes, args: bytes | None = None, continuation: Any = None, *,
+             lines: list[bytes] | None = None) -> defer.Deferred[tuple[list[bytes], bytes]]:
+        """Queue a command; the Deferred fires with (untagged lines, tagged line). The
+        lines are appended to `lines` when given (one reading some as they arrive)."""
         if self._dead or self.tags is None:
             return defer.fail(self.error or ConnectFailed(f"connection to {self.host} closed"))
-        d: defer.Deferred[tuple[list[bytes], bytes]] = self.sendCommand(
-            _RawCommand(name, args, (), continuation)
-        )
+        cmd = _RawCommand(name, args, (), continuation)
+        if lines is not None:
+            cmd.lines = lines
+        d: defer.Deferred[tuple[list[bytes], bytes]] = self.sendCommand(cmd)
 
         def refused(f: Failure) -> Failure:
             if f.check(imap4.IMAP4Exception):
@@ -1013,18 +1086,20 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         self, name: str, *, condstore: bool = False,
         qresync: tuple[int, int] | None = None, held: int = 0,
     ) -> SelectInfo:
-        """EXAMINE a folder (read-only: nothing we do changes it). VANISHED is read only
-        when `qresync` was asked for (RFC 7162), and only its UIDs up to `held` (the highest
-        UID we hold of the folder under qresync's UIDVALIDITY)."""
+        """EXAMINE a folder (read-only: nothing we do changes it). VANISHED and the flags
+        changed are read only when `qresync` was asked for (RFC 7162), and only for UIDs up
+        to `held` (the highest UID we hold of the folder under qresync's UIDVALIDITY): of
+        the flags, at most MAX_CHANGED_FLAGS UIDs' (else `flags_beyond`)."""
         args = mailbox_arg(name)
+        changed = None
         if qresync is not None:
             args += b" (QRESYNC (%d %d))" % qresync
+            changed = _ChangedFlags(self.host, held, MAX_CHANGED_FLAGS)
         elif condstore:
             args += b" (CONDSTORE)"
-        lines, _ = await self.send(b"EXAMINE", args)
+        lines, _ = await self.send(b"EXAMINE", args, lines=changed)
         info = SelectInfo()
         vanished: set[int] = set()
-        fetches: list[bytes] = []
         for line in lines:
             if m := _RE_EXISTS.match(line):
                 info.exists = exists_count(m.group(1), self.host, repr(name))
@@ -1042,19 +1117,15 @@ any case too (as INBOX when it is listed so, else as first listed). Only
                 vanished.update(expand_vanished(m.group(1), held))
                 if len(vanished) > MAX_VANISHED:
                     raise ProtocolFailed(f"VANISHED names more than {MAX_VANISHED} UIDs")
-            elif qresync is not None and _RE_FETCH.match(line):
-                fetches.append(line)
-        # The flags QRESYNC says changed (RFC 7162 3.2.5.1), one FETCH a message at most:
-        # counted before any is parsed (about 0.1 ms each by Twisted's parser), and read
-        # by the lean one where they can be. Unasked for, they are not read.
-        if len(fetches) > info.exists + ARRIVING:
-            raise ProtocolFailed(f"{self.host} sent more than {info.exists + ARRIVING} FETCH "
-                                 "replies to one EXAMINE")
-        for line in fetches:
-            item = (parse_fetch(line) if b"\r\n" in line  # a literal inline
-                    else parse_fetch_lean(Reply([b"* " + line])))
-            if item.uid is not None and item.flags is not None:
-                info.changed_flags[item.uid] = item.flags
+        if changed is not None:
+            # The flags QRESYNC says changed (RFC 7162 3.2.5.1), one FETCH a message at
+            # most, read as they came (_ChangedFlags). Unasked for, they are not read.
+            if changed.fetches > info.exists + ARRIVING:
+                raise ProtocolFailed(f"{self.host} sent more than {info.exists + ARRIVING} "
+                                     "FETCH replies to one EXAMINE")
+            if changed.failure is not None:
+                raise changed.failure
+            info.changed_flags, info.flags_beyond = changed.flags, changed.beyond
         if info.uidvalidity is None:
             raise ProtocolFailed(f"{self.host} gave no UIDVALIDITY for {name!r}")
         info.vanished = sorted(vanished)
