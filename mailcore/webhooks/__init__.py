@@ -8,7 +8,9 @@ operations), `client` (the guarded HTTP client) and `sender` (the background sen
 Events (seed 001 lists the first three: "email sync completion, new email arrival, thread
 updates"; the last two are Dropmyemail's jobs):
 
-- `sync.completed`: every finished sync of an account, success or error. `data`:
+- `sync.completed`: every finished sync of an IMAP account, success or error (a POP3
+  account's syncs tell no event: the webhooks are the IMAP2API's, which shows only the IMAP
+  accounts and their mail; `mailcore.webhooks.events`). `data`:
   `imap_server`, `status`, `error`, `new_messages`, `started_at`, `finished_at`. A sync
   whose process died is told once a scheduler shows it failed (`mailcore.fetch.scheduler`):
   `status` "error", `error` "the sync was interrupted: ...", `new_messages` what it stored,
