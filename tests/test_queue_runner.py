@@ -22,7 +22,7 @@ from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.client import ReplyTimeout
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.mailsink import done, envelope, thd_add_domain
+from tests.support.mailsink import FakeSession, done, envelope, thd_add_domain
 from tests.support.queuetest import BODY, QueueTestCase
 
 HOP = Hop("10.0.0.1", 2525)  # with the default TLS policy, as the router gives it
@@ -445,6 +445,22 @@ class TLSFallbackTests(RunnerTestBase):
         self.connector.offer_starttls = True
         await self.accept("Q1", "b@customer.test")
         self.assertTrue(self.connector.delivered[0][4])
+
+    async def test_a_failed_starttls_is_remembered_when_the_cleartext_retry_fails(
+        self
+    ) -> None:
+        """The hour in cleartext begins at the failed STARTTLS, not once the cleartext
+        connection is had: a hop that refuses that one too is not asked for STARTTLS again
+        (and failed again) at every attempt of that hour."""
+        self.connector.offer_starttls = True
+        self.connector.starttls_fails = True
+        pending = self.connector.pending["10.0.0.1"] = []
+        await self.accept("Q1", "b@customer.test")
+        hop = Hop("10.0.0.1", 2525, "may")
+        pending.pop().callback(FakeSession(self.connector, hop))  # STARTTLS fails
+        pending.pop().errback(ConnectionRefusedError("Connection refused"))
+        self.assertEqual(self.rows()["b@customer.test"][0], "deferred")
+        self.assertGreater(self.runner.hops[hop].cleartext_until, self.clock.seconds())
 
 
 class DefaultTLSPolicyTests(RunnerTestBase):

@@ -216,7 +216,7 @@ class RecipientVerifier:
     async def _ask(self, hop: Hop, address: str) -> Verdict:
         session: SMTPSession | None = None
         try:
-            session, _ = await open_host(self.connector, hop)
+            session = await open_host(self.connector, hop)
             reply = await session.probe(address)
         except BaseException:
             if session is not None:

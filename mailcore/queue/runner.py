@@ -143,11 +143,12 @@ class Connector:
         raise NotImplementedError
 
 
-async def open_host(connector: Connector, hop: Hop, *,
-                    cleartext: bool = False) -> tuple[SMTPSession, bool]:
-    """A session with `hop` (one host), after STARTTLS as its policy says, and whether an
-    opportunistic STARTTLS failed on the way (it was retried once in cleartext: pitfall 9,
-    never QUIT-and-defer forever). `cleartext`: a 'may' hop is not asked for STARTTLS.
+async def open_host(connector: Connector, hop: Hop, *, cleartext: bool = False,
+                    tls_failed: Callable[[], None] | None = None) -> SMTPSession:
+    """A session with `hop` (one host), after STARTTLS as its policy says; an opportunistic
+    STARTTLS that fails is retried once in cleartext (pitfall 9, never QUIT-and-defer
+    forever), `tls_failed` told first (before the new connection, which may fail too).
+    `cleartext`: a 'may' hop is not asked for STARTTLS.
     The queue's delivery and the SMTP server's recipient verification
     (mailcore.gateway.callout) both open their sessions here."""
     session = await connector.connect(hop)
@@ -171,7 +172,7 @@ async def open_host(connector: Connector, hop: Hop, *,
             raise SMTPClientError(
                 f"4.7.5 TLS {why} and the certificate does not name {hop.host}: {e}"
             ) from e
-        return session, False
+        return session
     if hop.tls == "may" and offered and not cleartext:
         try:
             await session.starttls(connector.tls_creator(hop, verify=False))
@@ -179,8 +180,10 @@ async def open_host(connector: Connector, hop: Hop, *,
             session.abort()
             log.info("STARTTLS to {hop} failed ({error}); delivering in cleartext",
                      hop=hop.label, error=str(e))
-            return await connector.connect(hop), True
-    return session, False
+            if tls_failed is not None:
+                tls_failed()
+            return await connector.connect(hop)
+    return session
 
 
 class LocalStore(Protocol):
@@ -1292,11 +1295,12 @@ class QueueRunner:
     async def _open_host(self, hq: HopQueue, hop: Hop) -> SMTPSession:
         """Connect to `hop` (one host of hq's) as `open_host` does, in cleartext at once
         while an opportunistic STARTTLS to it failed lately."""
-        session, tls_failed = await open_host(
-            self.connector, hop, cleartext=hq.cleartext_until > self.clock.seconds())
-        if tls_failed:
+        def tls_failed() -> None:
             hq.cleartext_until = self.clock.seconds() + CLEARTEXT_AFTER_TLS_FAILURE
-        return session
+
+        return await open_host(self.connector, hop,
+                               cleartext=hq.cleartext_until > self.clock.seconds(),
+                               tls_failed=tls_failed)
 
     async def _worker(self, hq: HopQueue) -> None:
         """One connection: open it, deliver jobs until idle or the per-connection cap."""
