@@ -17,12 +17,12 @@ from mailcore.queue.model import NewMessage, thd_insert_messages, thd_show
 from mailcore.queue.pipeline import Action, Decision, Pipeline, PipelineMessage
 from mailcore.queue.retry import backoff, next_attempt
 from mailcore.queue.routing import Hop
-from mailcore.queue.runner import describe
+from mailcore.queue.runner import describe, open_host
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.client import ReplyTimeout
 from mailcore.smtp.dotstuff import AcceptedBody
 from mailcore.store.schema import queue_messages, queue_recipients
-from tests.support.mailsink import FakeSession, done, envelope, thd_add_domain
+from tests.support.mailsink import FakeSession, ScriptedConnector, done, envelope, thd_add_domain
 from tests.support.queuetest import BODY, QueueTestCase
 
 HOP = Hop("10.0.0.1", 2525)  # with the default TLS policy, as the router gives it
@@ -461,6 +461,27 @@ class TLSFallbackTests(RunnerTestBase):
         pending.pop().errback(ConnectionRefusedError("Connection refused"))
         self.assertEqual(self.rows()["b@customer.test"][0], "deferred")
         self.assertGreater(self.runner.hops[hop].cleartext_until, self.clock.seconds())
+
+
+class OpenHostTests(TestCase):
+    async def test_a_cancelled_opportunistic_starttls_drops_its_connection(self) -> None:
+        """Cancelled in an opportunistic STARTTLS (recipient verification's verify_timeout,
+        a stop), the connection is dropped, not left open until the hop closes it."""
+        connector = ScriptedConnector()
+        connector.offer_starttls = True
+        hop = Hop("10.0.0.1", 2525, "may")
+        session = FakeSession(connector, hop)
+        stalled: defer.Deferred[None] = defer.Deferred()
+
+        async def starttls(creator: Any) -> None:
+            await stalled
+
+        session.starttls = starttls  # type: ignore[method-assign]
+        connector.connect = lambda hop: defer.succeed(session)  # type: ignore[method-assign]
+        opening = defer.Deferred.fromCoroutine(open_host(connector, hop))
+        opening.cancel()
+        self.failureResultOf(opening, defer.CancelledError)
+        self.assertFalse(session.usable)  # aborted
 
 
 class DefaultTLSPolicyTests(RunnerTestBase):

@@ -183,6 +183,9 @@ async def open_host(connector: Connector, hop: Hop, *, cleartext: bool = False,
             if tls_failed is not None:
                 tls_failed()
             return await connector.connect(hop)
+        except BaseException:  # cancelled (verify_timeout, a stop): not left open
+            session.abort()
+            raise
     return session
 
 
