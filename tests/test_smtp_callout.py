@@ -105,6 +105,8 @@ class CalloutTestCase(TestCase):
             return "550 5.1.1 caf\u00e9 \x01gone".encode()
         if address.startswith("later@"):
             return b"451 4.3.0 try again later"
+        if address.startswith("Victim@"):  # a next hop that tells Victim from victim
+            return b"550 5.1.1 no such user (local parts are case-sensitive here)"
         if address.startswith("long"):
             return b"550 5.1.1 " + b"x" * 600
         return None
@@ -228,19 +230,39 @@ class VerificationTests(CalloutTestCase):
         s = self.session(factory)
         self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")
         self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
-        # Another session (as on another node: the answers are in the store), any case.
+        # Another session (as on another node: the answers are in the store), any case of
+        # the domain.
         self.make_factory()  # a verifier of its own, nothing in memory
         other = self.session(SMTPServerFactory(factory.settings, self.domains, self.sink,
                                                self.clock, verifier=self.verifier))
-        [refused] = self.rcpt(other, "NoBody@Example.com")
-        self.assertTrue(refused.startswith("550 5.1.1 <NoBody@Example.com>: Recipient address "
+        [refused] = self.rcpt(other, "nobody@Example.com")
+        self.assertTrue(refused.startswith("550 5.1.1 <nobody@Example.com>: Recipient address "
                                            "rejected: undeliverable address (550 5.1.1 "
                                            "<nobody@example.com>: no such user here)"),
                         refused)
-        self.assertEqual(self.rcpt(other, "User@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.rcpt(other, "user@EXAMPLE.COM"), ["250 2.1.5 Ok"])
         self.assertEqual(len(self.connector.connects), 2)
         self.assertEqual(self.metric("cache_hits", UNDELIVERABLE), 1)
         self.assertEqual(self.metric("cache_hits", DELIVERABLE), 1)
+
+    def test_an_answer_is_kept_for_the_local_part_as_written(self) -> None:
+        """RFC 5321 2.4: a local part is the next hop's to compare, with or without case,
+        as _add_recipient keeps Bob and bob apart. A refusal of Victim@ (by a next hop
+        that tells them apart), kept by lower-cased address, had every RCPT for victim@
+        refused 550 for verify_negative_ttl; and a RCPT for victim@ while Victim@'s probe
+        ran got its answer."""
+        factory = self.make_factory()
+        first, second = self.session(factory), self.session(factory)
+        self.assertEqual(first.send(b"RCPT TO:<Victim@example.com>\r\n"), [])
+        self.assertEqual(second.send(b"RCPT TO:<victim@example.com>\r\n"), [])
+        self.connector.flush()
+        self.assertEqual(first.replies()[0][:3], "550")
+        self.assertEqual(second.replies(), ["250 2.1.5 Ok"])
+        self.assertEqual(self.rcpt(self.session(factory), "victim@EXAMPLE.com"),
+                         ["250 2.1.5 Ok"])  # the domain is compared without case
+        self.assertEqual(len(self.connector.connects), 2)
+        self.assertEqual(self.stored(), [("Victim@example.com", False, NOW + 10_800),
+                                         ("victim@example.com", True, NOW + 604_800)])
 
     def test_an_answer_expires(self) -> None:
         s = self.session(self.make_factory(verify_negative_ttl=3600.0,
@@ -273,7 +295,7 @@ class VerificationTests(CalloutTestCase):
     def test_concurrent_rcpts_for_one_address_share_one_probe(self) -> None:
         factory = self.make_factory()
         sessions = [self.session(factory) for _ in range(3)]
-        for s, address in zip(sessions, ("user@example.com", "USER@example.com",
+        for s, address in zip(sessions, ("user@example.com", "user@Example.com",
                                          "user@EXAMPLE.com"), strict=True):
             self.assertEqual(s.send(f"RCPT TO:<{address}>\r\n".encode()), [])
         self.connector.flush()

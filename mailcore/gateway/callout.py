@@ -12,8 +12,9 @@ MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
 
 - A 2xx is `DELIVERABLE`, a 5xx `UNDELIVERABLE` (the server answers 550 5.1.1 with the next
   hop's reply); both are kept in the store (`recipient_verdicts`, shared by the nodes of
-  one PostgreSQL), keyed by the lower-cased address, for `verify_positive_ttl` (days) and
-  `verify_negative_ttl` (hours), and swept once expired (`VerdictSweeper`).
+  one PostgreSQL), keyed by the address with its domain lower-cased (`verdict_key`), for
+  `verify_positive_ttl` (days) and `verify_negative_ttl` (hours), and swept once expired
+  (`VerdictSweeper`).
 - Anything else (no connection, a 4xx, a refused MAIL FROM:<>, past `verify_timeout` in
   all, the hop's concurrency bound included) is `UNKNOWN`, not kept: `verify_unreachable`
   decides (accept, the default: the gateway holds mail while the customer's server is
@@ -123,7 +124,7 @@ class RecipientVerifier:
         self.router = router
         self.connector = connector
         self.probes, self.hits = verify_metrics(registry)
-        # Lower-cased address -> the RCPTs waiting for its verification now.
+        # verdict_key(address) -> the RCPTs waiting for its verification now.
         self._waiting: dict[str, list[defer.Deferred[Verdict]]] = {}
         # Next hop -> its bound on concurrent probes.
         self._hops: dict[Hop, defer.DeferredSemaphore] = {}
@@ -137,7 +138,7 @@ class RecipientVerifier:
         """What the next hop of `domain_id` says of `address`, from the store or by a probe
         shared with the other RCPTs for it meanwhile. Never fails; cancelling it (the
         server's command_timeout) leaves the others' probe running."""
-        key = address.lower()
+        key = verdict_key(address)
         waiters = self._waiting.get(key)
         first = waiters is None
         if waiters is None:
@@ -238,6 +239,15 @@ class RecipientVerifier:
         return defer.Deferred.fromCoroutine(delete_in_batches(
             self.db, "verdict_sweep", thd_sweep_verdicts, self.clock.seconds(),
             batch=SWEEP_BATCH))
+
+
+def verdict_key(address: str) -> str:
+    """The address an answer is kept and shared under: its domain lower-cased, its local
+    part as written, for the next hop may tell Bob from bob (RFC 5321 2.4, as the SMTP
+    server's _add_recipient keeps them apart): its refusal of Bob@ is no answer about
+    bob@, which anyone could otherwise have refused for verify_negative_ttl."""
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
 
 
 def quoted(reply: str) -> str:

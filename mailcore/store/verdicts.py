@@ -11,7 +11,7 @@ _v = recipient_verdicts.c
 
 
 def thd_read_verdict(conn: Connection, address: str, now: float) -> tuple[bool, str] | None:
-    """Whether `address` (lower case) was deliverable and the reply that said so, while
+    """Whether `address` (its domain lower-cased) was deliverable and the reply that said so, while
     that answer holds at `now`; None when there is none."""
     row = conn.execute(
         select(_v.deliverable, _v.reply).where(_v.address == address, _v.expires_at > now)
@@ -21,7 +21,7 @@ def thd_read_verdict(conn: Connection, address: str, now: float) -> tuple[bool, 
 
 def thd_write_verdict(conn: Connection, address: str, deliverable: bool, reply: str,
                       expires_at: float) -> None:
-    """Keep the answer about `address` (lower case) until `expires_at`, in place of any
+    """Keep the answer about `address` (its domain lower-cased) until `expires_at`, in place of any
     older one (another node's written at the same moment included: no error)."""
     values = {"address": address, "deliverable": deliverable, "reply": reply,
               "expires_at": expires_at}

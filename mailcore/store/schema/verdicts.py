@@ -3,9 +3,10 @@ shared by the nodes of one store: the SMTP server's recipient verification
 (mailcore.gateway.callout) asks a domain's next hop once per address and period, not once per
 node or per RCPT.
 
-One row per address (`address`, lower case): whether the next hop took it (`deliverable`),
-its reply (`reply`, for the 550 we give a refused one), and `expires_at` (epoch seconds): a
-row past it is no answer and is swept (ix_recipient_verdicts_expires_at finds them)."""
+One row per address (`address`, its domain lower-cased: a local part is case-sensitive):
+whether the next hop took it (`deliverable`), its reply (`reply`, for the 550 we give a
+refused one), and `expires_at` (epoch seconds): a row past it is no answer and is swept
+(ix_recipient_verdicts_expires_at finds them)."""
 
 from sqlalchemy import Boolean, Column, Float, Index, String, Table
 
