@@ -359,3 +359,15 @@ class SettingsTests(TestCase):
             with self.subTest(key=key):
                 with self.assertRaises(ConfigError):
                     SMTPSettings.from_config(Config(sections={"smtp": {key: value}}))
+
+    def test_verify_timeout_must_be_less_than_command_timeout(self) -> None:
+        """Else the RCPT waiting for the next hop is answered 451 4.3.0 at command_timeout,
+        and verify_unreachable = "accept" never accepts."""
+        smtp = {"verify_recipients": True, "verify_timeout": 30, "command_timeout": 30}
+        with self.assertRaisesRegex(ConfigError, "verify_timeout must be less than "
+                                                 "command_timeout"):
+            SMTPSettings.from_config(Config(sections={"smtp": smtp}))
+        # Off, it is not checked: a short command_timeout of old stays valid.
+        smtp["verify_recipients"] = False
+        self.assertEqual(SMTPSettings.from_config(Config(sections={"smtp": smtp}))
+                         .verify_timeout, 30)

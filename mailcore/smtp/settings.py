@@ -123,7 +123,8 @@ class SMTPSettings:
       (unreachable, 4xx, past `verify_timeout`): "accept" takes the mail (the gateway holds
       it while the customer's server is down), "defer" answers 450 4.1.1.
     - `verify_timeout` (10): seconds one verification may take in all, connection and TLS
-      included (the client waits at RCPT); then `verify_unreachable` decides.
+      included (the client waits at RCPT); then `verify_unreachable` decides. Less than
+      `command_timeout`, which would otherwise answer the RCPT 451 first.
     - `verify_positive_ttl` (604800, 7 days), `verify_negative_ttl` (10800, 3 hours): how
       long an address the next hop took, or refused, is answered from the store.
     - `verify_hop_concurrency` (4): verifications open to one next hop at once; more wait
@@ -196,6 +197,10 @@ class SMTPSettings:
             if stress in values and values[stress] > values.get(usual, getattr(cls, usual)):
                 raise ConfigError(f"[smtp] {stress} must not be more than {usual}")
         settings = cls(**values)
+        if settings.verify_recipients and settings.verify_timeout >= settings.command_timeout:
+            # The RCPT would be answered 451 at command_timeout first, whatever
+            # verify_unreachable says.
+            raise ConfigError("[smtp] verify_timeout must be less than command_timeout")
         if settings.max_line_length < 80 or settings.max_command_length < 80:
             raise ConfigError("[smtp] line length limits must be at least 80")
         try:
